@@ -1,0 +1,1 @@
+"""iSCSI front end: sans-IO protocol core (PDU codec, negotiation, login, CHAP)."""

@@ -1,0 +1,758 @@
+"""iSCSI PDU codec (RFC 7143 §11): Basic Header Segment parse and build.
+
+Every PDU type is an immutable NamedTuple with ``encode()`` (header bytes:
+BHS plus any AHS) and a decoder reached through :func:`decode_pdu`.  Headers
+are built apart from their data segment so a sender can hand
+``[header, header digest, data, padding, data digest]`` to ``sendmsg`` without
+concatenating.  All but the SCSI Command share one precompiled layout: four
+bytes, TotalAHSLength/DataSegmentLength as one word, eight bytes (LUN, ISID...),
+then eight words.  Malformed input raises :class:`PDUError` and nothing else.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import NamedTuple
+
+# Opcodes, initiator to target.
+NOP_OUT = 0x00
+SCSI_COMMAND = 0x01
+TASK_MGMT_REQUEST = 0x02
+LOGIN_REQUEST = 0x03
+TEXT_REQUEST = 0x04
+DATA_OUT = 0x05
+LOGOUT_REQUEST = 0x06
+SNACK = 0x10
+# Opcodes, target to initiator.
+NOP_IN = 0x20
+SCSI_RESPONSE = 0x21
+TASK_MGMT_RESPONSE = 0x22
+LOGIN_RESPONSE = 0x23
+TEXT_RESPONSE = 0x24
+DATA_IN = 0x25
+LOGOUT_RESPONSE = 0x26
+R2T_OPCODE = 0x31
+ASYNC_MESSAGE = 0x32
+REJECT = 0x3F
+
+BHS_LEN = 48
+RESERVED_TAG = 0xFFFFFFFF
+LUN0 = bytes(8)
+
+# Reject reasons (§11.17.1).
+REJECT_DATA_DIGEST_ERROR = 0x02
+REJECT_SNACK_REJECT = 0x03
+REJECT_PROTOCOL_ERROR = 0x04
+REJECT_COMMAND_NOT_SUPPORTED = 0x05
+REJECT_IMMEDIATE_COMMAND_REJECT = 0x06
+REJECT_TASK_IN_PROGRESS = 0x07
+REJECT_INVALID_DATA_ACK = 0x08
+REJECT_INVALID_PDU_FIELD = 0x09
+REJECT_OUT_OF_RESOURCES = 0x0A
+REJECT_NEGOTIATION_RESET = 0x0B
+REJECT_WAITING_FOR_LOGOUT = 0x0C
+
+# Task management functions (§11.5.1) and responses (§11.6.1).
+TMF_ABORT_TASK = 1
+TMF_ABORT_TASK_SET = 2
+TMF_CLEAR_ACA = 3
+TMF_CLEAR_TASK_SET = 4
+TMF_LOGICAL_UNIT_RESET = 5
+TMF_TARGET_WARM_RESET = 6
+TMF_TARGET_COLD_RESET = 7
+TMF_TASK_REASSIGN = 8
+TMF_RESP_COMPLETE = 0
+TMF_RESP_NO_TASK = 1
+TMF_RESP_NO_LUN = 2
+TMF_RESP_TASK_ALLEGIANT = 3
+TMF_RESP_NO_REASSIGN = 4
+TMF_RESP_NOT_SUPPORTED = 5
+TMF_RESP_AUTH_FAILED = 6
+TMF_RESP_REJECTED = 255
+
+# Task attributes in the SCSI Command (§11.3.1).
+ATTR_UNTAGGED = 0
+ATTR_SIMPLE = 1
+ATTR_ORDERED = 2
+ATTR_HEAD_OF_QUEUE = 3
+ATTR_ACA = 4
+
+# Login stages (§11.12.3).
+STAGE_SECURITY = 0
+STAGE_OPERATIONAL = 1
+STAGE_FULL_FEATURE = 3
+
+# Async events (§11.9.1).
+ASYNC_SCSI_EVENT = 0
+ASYNC_LOGOUT_REQUEST = 1
+ASYNC_DROP_CONNECTION = 2
+ASYNC_DROP_ALL_CONNECTIONS = 3
+ASYNC_RENEGOTIATE = 4
+ASYNC_VENDOR = 255
+
+# AHS types (§11.2.2).
+AHS_EXTENDED_CDB = 1
+AHS_BIDI_READ_LENGTH = 2
+
+_I = 0x40  # immediate bit in byte 0
+_F = 0x80  # final bit in byte 1
+_C = 0x40  # continue bit (Login, Text)
+_OPMASK = 0x3F
+
+_GEN = struct.Struct(">BBBBI8sIIIIIIII")  # every PDU but the SCSI Command
+_CMD = struct.Struct(">BBxxI8sIIII16s")
+_BHS = struct.Struct(">BBxxI")
+_AHS_HDR = struct.Struct(">HBx")
+_U32 = struct.Struct(">I")
+_U16 = struct.Struct(">H")
+
+
+class PDUError(Exception):
+    """A PDU or text segment that cannot be decoded.  ``reject_reason`` is
+    the Reject reason code a connection should answer with."""
+
+    def __init__(self, reason: str, reject_reason: int = REJECT_PROTOCOL_ERROR):
+        super().__init__(reason)
+        self.reason = reason
+        self.reject_reason = reject_reason
+
+
+class BHS(NamedTuple):
+    """What every BHS says about itself: enough to read the rest of the PDU."""
+
+    opcode: int
+    immediate: bool
+    final: bool
+    ahs_length: int  # bytes (TotalAHSLength * 4)
+    data_length: int  # DataSegmentLength, without padding
+
+    def remaining(self, header_digest: bool, data_digest: bool) -> int:
+        """Bytes still to read after the 48-byte BHS for this PDU."""
+        n = self.ahs_length + (4 if header_digest else 0)
+        if self.data_length:
+            n += (self.data_length + 3) & ~3
+            if data_digest:
+                n += 4
+        return n
+
+
+def parse_bhs(buf) -> BHS:
+    """Read the generic BHS fields from the first 48 bytes of ``buf``."""
+    if len(buf) < BHS_LEN:
+        raise PDUError("short BHS")
+    b0, b1, word = _BHS.unpack_from(buf)
+    return BHS(b0 & _OPMASK, bool(b0 & _I), bool(b1 & _F), (word >> 24) * 4, word & 0xFFFFFF)
+
+
+def _word1(ahs_len: int, data_length: int) -> int:
+    if not 0 <= data_length <= 0xFFFFFF:
+        raise PDUError("DataSegmentLength out of range")
+    return (ahs_len >> 2) << 24 | data_length
+
+
+def _op(opcode: int, immediate: bool) -> int:
+    return opcode | _I if immediate else opcode
+
+
+# --- LUN -------------------------------------------------------------------
+
+def lun_to_int(lun: bytes) -> int | None:
+    """LUN number for peripheral (00b) or flat (01b) single-level addressing,
+    or None for any other form, which no logical unit of ours can have."""
+    b0 = lun[0]
+    if any(lun[2:8]):
+        return None
+    method = b0 >> 6
+    if method == 0:
+        return None if b0 else lun[1]
+    if method == 1:
+        return (b0 & 0x3F) << 8 | lun[1]
+    return None
+
+
+def int_to_lun(n: int) -> bytes:
+    """8-byte LUN: peripheral addressing below 256 (as Linux does), flat above."""
+    if n < 256:
+        return bytes((0, n)) + bytes(6)
+    if n < 0x4000:
+        return bytes((0x40 | n >> 8, n & 0xFF)) + bytes(6)
+    raise ValueError("LUN beyond flat addressing")
+
+
+# --- helpers for data segments ----------------------------------------------
+
+def sense_segment(sense: bytes) -> bytes:
+    """Data segment carrying sense data: SenseLength then the sense bytes."""
+    return _U16.pack(len(sense)) + sense
+
+
+def decode_sense_segment(data) -> bytes:
+    """Sense bytes from a SCSI Response or Async Message data segment."""
+    if len(data) < 2:
+        raise PDUError("sense segment too short")
+    (n,) = _U16.unpack_from(data)
+    if n + 2 > len(data):
+        raise PDUError("SenseLength beyond data segment")
+    return bytes(data[2:2 + n])
+
+
+def residual(expected: int, transferred: int) -> tuple[int, bool, bool]:
+    """(residual count, overflow, underflow) for a command that expected
+    ``expected`` bytes and whose device wanted to move ``transferred``."""
+    if transferred > expected:
+        return transferred - expected, True, False
+    if transferred < expected:
+        return expected - transferred, False, True
+    return 0, False, False
+
+
+# --- initiator PDUs ----------------------------------------------------------
+
+class NopOut(NamedTuple):
+    itt: int
+    ttt: int = RESERVED_TAG
+    cmd_sn: int = 0
+    exp_stat_sn: int = 0
+    lun: bytes = LUN0
+    immediate: bool = False
+    data_length: int = 0
+    OPCODE = NOP_OUT
+
+    def encode(self) -> bytes:
+        return _GEN.pack(_op(NOP_OUT, self.immediate), _F, 0, 0, _word1(0, self.data_length),
+                         self.lun, self.itt, self.ttt, self.cmd_sn, self.exp_stat_sn, 0, 0, 0, 0)
+
+
+class ScsiCommand(NamedTuple):
+    itt: int
+    lun: bytes
+    cdb: bytes  # 16 bytes from the BHS, plus any Extended CDB AHS bytes
+    expected_length: int
+    cmd_sn: int
+    exp_stat_sn: int
+    read: bool = False
+    write: bool = False
+    attr: int = ATTR_SIMPLE
+    final: bool = True
+    immediate: bool = False
+    bidi_read_length: int | None = None
+    data_length: int = 0
+    OPCODE = SCSI_COMMAND
+
+    def encode(self) -> bytes:
+        cdb = self.cdb
+        ahs = b""
+        if len(cdb) > 16:
+            ext = cdb[16:]
+            ahs = _AHS_HDR.pack(len(ext) + 1, AHS_EXTENDED_CDB) + ext + bytes(-len(ext) & 3)
+            cdb = cdb[:16]
+        if self.bidi_read_length is not None:
+            ahs += _AHS_HDR.pack(5, AHS_BIDI_READ_LENGTH) + _U32.pack(self.bidi_read_length)
+        b1 = (_F if self.final else 0) | (0x40 if self.read else 0) | (0x20 if self.write else 0) | self.attr
+        return _CMD.pack(_op(SCSI_COMMAND, self.immediate), b1, _word1(len(ahs), self.data_length),
+                         self.lun, self.itt, self.expected_length, self.cmd_sn, self.exp_stat_sn,
+                         cdb.ljust(16, b"\0")) + ahs
+
+
+class TaskMgmtRequest(NamedTuple):
+    itt: int
+    function: int
+    lun: bytes = LUN0
+    rtt: int = RESERVED_TAG
+    cmd_sn: int = 0
+    exp_stat_sn: int = 0
+    ref_cmd_sn: int = 0
+    exp_data_sn: int = 0
+    immediate: bool = True
+    OPCODE = TASK_MGMT_REQUEST
+
+    def encode(self) -> bytes:
+        return _GEN.pack(_op(TASK_MGMT_REQUEST, self.immediate), _F | self.function, 0, 0, 0,
+                         self.lun, self.itt, self.rtt, self.cmd_sn, self.exp_stat_sn,
+                         self.ref_cmd_sn, self.exp_data_sn, 0, 0)
+
+
+class LoginRequest(NamedTuple):
+    itt: int
+    isid: bytes
+    tsih: int = 0
+    cid: int = 0
+    cmd_sn: int = 0
+    exp_stat_sn: int = 0
+    csg: int = STAGE_SECURITY
+    nsg: int = STAGE_SECURITY
+    transit: bool = False
+    cont: bool = False
+    version_max: int = 0
+    version_min: int = 0
+    data_length: int = 0
+    OPCODE = LOGIN_REQUEST
+
+    def encode(self) -> bytes:
+        b1 = (_F if self.transit else 0) | (_C if self.cont else 0) | self.csg << 2 | self.nsg
+        return _GEN.pack(LOGIN_REQUEST | _I, b1, self.version_max, self.version_min,
+                         _word1(0, self.data_length), self.isid + _U16.pack(self.tsih), self.itt,
+                         self.cid << 16, self.cmd_sn, self.exp_stat_sn, 0, 0, 0, 0)
+
+
+class TextRequest(NamedTuple):
+    itt: int
+    ttt: int = RESERVED_TAG
+    cmd_sn: int = 0
+    exp_stat_sn: int = 0
+    final: bool = True
+    cont: bool = False
+    lun: bytes = LUN0
+    immediate: bool = False
+    data_length: int = 0
+    OPCODE = TEXT_REQUEST
+
+    def encode(self) -> bytes:
+        b1 = (_F if self.final else 0) | (_C if self.cont else 0)
+        return _GEN.pack(_op(TEXT_REQUEST, self.immediate), b1, 0, 0, _word1(0, self.data_length),
+                         self.lun, self.itt, self.ttt, self.cmd_sn, self.exp_stat_sn, 0, 0, 0, 0)
+
+
+class DataOut(NamedTuple):
+    itt: int
+    ttt: int
+    data_sn: int
+    buffer_offset: int
+    final: bool = True
+    exp_stat_sn: int = 0
+    lun: bytes = LUN0
+    data_length: int = 0
+    OPCODE = DATA_OUT
+
+    def encode(self) -> bytes:
+        return _GEN.pack(DATA_OUT, _F if self.final else 0, 0, 0, _word1(0, self.data_length),
+                         self.lun, self.itt, self.ttt, 0, self.exp_stat_sn, 0,
+                         self.data_sn, self.buffer_offset, 0)
+
+
+class LogoutRequest(NamedTuple):
+    itt: int
+    reason: int = 0  # 0 close session, 1 close connection, 2 remove for recovery
+    cid: int = 0
+    cmd_sn: int = 0
+    exp_stat_sn: int = 0
+    immediate: bool = False
+    OPCODE = LOGOUT_REQUEST
+
+    def encode(self) -> bytes:
+        return _GEN.pack(_op(LOGOUT_REQUEST, self.immediate), _F | self.reason, 0, 0, 0, LUN0,
+                         self.itt, self.cid << 16, self.cmd_sn, self.exp_stat_sn, 0, 0, 0, 0)
+
+
+class Snack(NamedTuple):
+    itt: int
+    snack_type: int  # 0 Data/R2T, 1 status, 2 DataACK, 3 R-Data
+    ttt: int = RESERVED_TAG  # TTT for DataACK, SNACK Tag for R-Data
+    exp_stat_sn: int = 0
+    beg_run: int = 0
+    run_length: int = 0
+    lun: bytes = LUN0
+    OPCODE = SNACK
+
+    def encode(self) -> bytes:
+        return _GEN.pack(SNACK, _F | self.snack_type, 0, 0, 0, self.lun, self.itt, self.ttt, 0,
+                         self.exp_stat_sn, 0, self.beg_run, self.run_length, 0)
+
+
+# --- target PDUs -------------------------------------------------------------
+
+class NopIn(NamedTuple):
+    itt: int
+    ttt: int
+    stat_sn: int
+    exp_cmd_sn: int
+    max_cmd_sn: int
+    lun: bytes = LUN0
+    data_length: int = 0
+    OPCODE = NOP_IN
+
+    def encode(self) -> bytes:
+        return _GEN.pack(NOP_IN, _F, 0, 0, _word1(0, self.data_length), self.lun, self.itt,
+                         self.ttt, self.stat_sn, self.exp_cmd_sn, self.max_cmd_sn, 0, 0, 0)
+
+
+class ScsiResponse(NamedTuple):
+    itt: int
+    status: int
+    stat_sn: int
+    exp_cmd_sn: int
+    max_cmd_sn: int
+    response: int = 0  # 0 command completed at target, 1 target failure
+    exp_data_sn: int = 0
+    residual_count: int = 0
+    overflow: bool = False
+    underflow: bool = False
+    bidi_residual_count: int = 0
+    bidi_overflow: bool = False
+    bidi_underflow: bool = False
+    snack_tag: int = 0
+    data_length: int = 0  # len(sense_segment(sense)) or 0
+    OPCODE = SCSI_RESPONSE
+
+    def encode(self) -> bytes:
+        b1 = (_F | (0x10 if self.bidi_overflow else 0) | (0x08 if self.bidi_underflow else 0)
+              | (0x04 if self.overflow else 0) | (0x02 if self.underflow else 0))
+        return _GEN.pack(SCSI_RESPONSE, b1, self.response, self.status,
+                         _word1(0, self.data_length), LUN0, self.itt, self.snack_tag,
+                         self.stat_sn, self.exp_cmd_sn, self.max_cmd_sn, self.exp_data_sn,
+                         self.bidi_residual_count, self.residual_count)
+
+
+class TaskMgmtResponse(NamedTuple):
+    itt: int
+    response: int
+    stat_sn: int
+    exp_cmd_sn: int
+    max_cmd_sn: int
+    OPCODE = TASK_MGMT_RESPONSE
+
+    def encode(self) -> bytes:
+        return _GEN.pack(TASK_MGMT_RESPONSE, _F, self.response, 0, 0, LUN0, self.itt, 0,
+                         self.stat_sn, self.exp_cmd_sn, self.max_cmd_sn, 0, 0, 0)
+
+
+class LoginResponse(NamedTuple):
+    itt: int
+    isid: bytes
+    tsih: int
+    stat_sn: int
+    exp_cmd_sn: int
+    max_cmd_sn: int
+    csg: int
+    nsg: int
+    transit: bool = False
+    cont: bool = False
+    status_class: int = 0
+    status_detail: int = 0
+    version_max: int = 0
+    version_active: int = 0
+    data_length: int = 0
+    OPCODE = LOGIN_RESPONSE
+
+    def encode(self) -> bytes:
+        b1 = (_F if self.transit else 0) | (_C if self.cont else 0) | self.csg << 2 | self.nsg
+        return _GEN.pack(LOGIN_RESPONSE, b1, self.version_max, self.version_active,
+                         _word1(0, self.data_length), self.isid + _U16.pack(self.tsih),
+                         self.itt, 0, self.stat_sn, self.exp_cmd_sn, self.max_cmd_sn,
+                         self.status_class << 24 | self.status_detail << 16, 0, 0)
+
+
+class TextResponse(NamedTuple):
+    itt: int
+    ttt: int
+    stat_sn: int
+    exp_cmd_sn: int
+    max_cmd_sn: int
+    final: bool = True
+    cont: bool = False
+    lun: bytes = LUN0
+    data_length: int = 0
+    OPCODE = TEXT_RESPONSE
+
+    def encode(self) -> bytes:
+        b1 = (_F if self.final else 0) | (_C if self.cont else 0)
+        return _GEN.pack(TEXT_RESPONSE, b1, 0, 0, _word1(0, self.data_length), self.lun,
+                         self.itt, self.ttt, self.stat_sn, self.exp_cmd_sn, self.max_cmd_sn,
+                         0, 0, 0)
+
+
+class DataIn(NamedTuple):
+    itt: int
+    data_sn: int
+    buffer_offset: int
+    exp_cmd_sn: int
+    max_cmd_sn: int
+    final: bool = False
+    status: int | None = None  # set (S bit) only on the last PDU when it carries status
+    stat_sn: int = 0
+    residual_count: int = 0
+    overflow: bool = False
+    underflow: bool = False
+    ack: bool = False
+    ttt: int = RESERVED_TAG
+    lun: bytes = LUN0
+    data_length: int = 0
+    OPCODE = DATA_IN
+
+    def encode(self) -> bytes:
+        status = self.status
+        b1 = ((_F if self.final else 0) | (0x40 if self.ack else 0)
+              | (0x04 if self.overflow else 0) | (0x02 if self.underflow else 0)
+              | (0 if status is None else 0x01))
+        return _GEN.pack(DATA_IN, b1, 0, status or 0, _word1(0, self.data_length), self.lun,
+                         self.itt, self.ttt, self.stat_sn, self.exp_cmd_sn, self.max_cmd_sn,
+                         self.data_sn, self.buffer_offset, self.residual_count)
+
+
+class LogoutResponse(NamedTuple):
+    itt: int
+    response: int
+    stat_sn: int
+    exp_cmd_sn: int
+    max_cmd_sn: int
+    time2wait: int = 0
+    time2retain: int = 0
+    OPCODE = LOGOUT_RESPONSE
+
+    def encode(self) -> bytes:
+        return _GEN.pack(LOGOUT_RESPONSE, _F, self.response, 0, 0, LUN0, self.itt, 0,
+                         self.stat_sn, self.exp_cmd_sn, self.max_cmd_sn, 0,
+                         self.time2wait << 16 | self.time2retain, 0)
+
+
+class R2T(NamedTuple):
+    itt: int
+    ttt: int
+    stat_sn: int
+    exp_cmd_sn: int
+    max_cmd_sn: int
+    r2t_sn: int
+    buffer_offset: int
+    desired_length: int
+    lun: bytes = LUN0
+    OPCODE = R2T_OPCODE
+
+    def encode(self) -> bytes:
+        return _GEN.pack(R2T_OPCODE, _F, 0, 0, 0, self.lun, self.itt, self.ttt, self.stat_sn,
+                         self.exp_cmd_sn, self.max_cmd_sn, self.r2t_sn, self.buffer_offset,
+                         self.desired_length)
+
+
+class AsyncMessage(NamedTuple):
+    event: int
+    stat_sn: int
+    exp_cmd_sn: int
+    max_cmd_sn: int
+    lun: bytes = LUN0
+    vcode: int = 0
+    parameter1: int = 0
+    parameter2: int = 0
+    parameter3: int = 0
+    data_length: int = 0  # event 0: len(sense_segment(sense))
+    OPCODE = ASYNC_MESSAGE
+
+    def encode(self) -> bytes:
+        return _GEN.pack(ASYNC_MESSAGE, _F, 0, 0, _word1(0, self.data_length), self.lun,
+                         RESERVED_TAG, 0, self.stat_sn, self.exp_cmd_sn, self.max_cmd_sn,
+                         self.event << 24 | self.vcode << 16 | self.parameter1,
+                         self.parameter2 << 16 | self.parameter3, 0)
+
+
+class Reject(NamedTuple):
+    reason: int
+    stat_sn: int
+    exp_cmd_sn: int
+    max_cmd_sn: int
+    data_sn: int = 0
+    data_length: int = BHS_LEN  # the data segment is the rejected header
+    OPCODE = REJECT
+
+    def encode(self) -> bytes:
+        return _GEN.pack(REJECT, _F, self.reason, 0, _word1(0, self.data_length), LUN0,
+                         RESERVED_TAG, 0, self.stat_sn, self.exp_cmd_sn, self.max_cmd_sn,
+                         self.data_sn, 0, 0)
+
+
+PDU = (NopOut | ScsiCommand | TaskMgmtRequest | LoginRequest | TextRequest | DataOut
+       | LogoutRequest | Snack | NopIn | ScsiResponse | TaskMgmtResponse | LoginResponse
+       | TextResponse | DataIn | LogoutResponse | R2T | AsyncMessage | Reject)
+
+
+# --- decoders ----------------------------------------------------------------
+
+def _dec_nop_out(g, ahs):
+    return NopOut(g[6], g[7], g[8], g[9], g[5], bool(g[0] & _I), g[4] & 0xFFFFFF)
+
+
+def _parse_ahs(ahs) -> tuple[bytes, int | None]:
+    """(extra CDB bytes, bidi read length) from a SCSI Command's AHS."""
+    ext, bidi, pos, end = b"", None, 0, len(ahs)
+    while pos < end:
+        if end - pos < 4:
+            raise PDUError("truncated AHS", REJECT_INVALID_PDU_FIELD)
+        length, kind = _AHS_HDR.unpack_from(ahs, pos)
+        if length == 0 or pos + 3 + length > end:
+            raise PDUError("AHSLength beyond TotalAHSLength", REJECT_INVALID_PDU_FIELD)
+        if kind == AHS_EXTENDED_CDB and not ext:
+            ext = bytes(ahs[pos + 4:pos + 3 + length])
+        elif kind == AHS_BIDI_READ_LENGTH and length == 5 and bidi is None:
+            (bidi,) = _U32.unpack_from(ahs, pos + 4)
+        else:
+            raise PDUError("unsupported or repeated AHS", REJECT_INVALID_PDU_FIELD)
+        pos += (3 + length + 3) & ~3
+    return ext, bidi
+
+
+def _dec_scsi_command(buf, ahs):
+    b0, b1, w, lun, itt, edtl, cmd_sn, exp_stat_sn, cdb = _CMD.unpack_from(buf)
+    bidi = None
+    if ahs:
+        ext, bidi = _parse_ahs(ahs)
+        cdb += ext
+    return ScsiCommand(itt, lun, cdb, edtl, cmd_sn, exp_stat_sn, bool(b1 & 0x40),
+                       bool(b1 & 0x20), b1 & 0x07, bool(b1 & _F), bool(b0 & _I), bidi,
+                       w & 0xFFFFFF)
+
+
+def _dec_tmf_request(g, ahs):
+    return TaskMgmtRequest(g[6], g[1] & 0x7F, g[5], g[7], g[8], g[9], g[10], g[11],
+                           bool(g[0] & _I))
+
+
+def _dec_login_request(g, ahs):
+    b1, isid = g[1], g[5]
+    return LoginRequest(g[6], isid[:6], isid[6] << 8 | isid[7], g[7] >> 16, g[8], g[9],
+                        b1 >> 2 & 3, b1 & 3, bool(b1 & _F), bool(b1 & _C), g[2], g[3],
+                        g[4] & 0xFFFFFF)
+
+
+def _dec_text_request(g, ahs):
+    b1 = g[1]
+    return TextRequest(g[6], g[7], g[8], g[9], bool(b1 & _F), bool(b1 & _C), g[5],
+                       bool(g[0] & _I), g[4] & 0xFFFFFF)
+
+
+def _dec_data_out(g, ahs):
+    return DataOut(g[6], g[7], g[11], g[12], bool(g[1] & _F), g[9], g[5], g[4] & 0xFFFFFF)
+
+
+def _dec_logout_request(g, ahs):
+    return LogoutRequest(g[6], g[1] & 0x7F, g[7] >> 16, g[8], g[9], bool(g[0] & _I))
+
+
+def _dec_snack(g, ahs):
+    return Snack(g[6], g[1] & 0x0F, g[7], g[9], g[11], g[12], g[5])
+
+
+def _dec_nop_in(g, ahs):
+    return NopIn(g[6], g[7], g[8], g[9], g[10], g[5], g[4] & 0xFFFFFF)
+
+
+def _dec_scsi_response(g, ahs):
+    b1 = g[1]
+    return ScsiResponse(g[6], g[3], g[8], g[9], g[10], g[2], g[11], g[13], bool(b1 & 0x04),
+                        bool(b1 & 0x02), g[12], bool(b1 & 0x10), bool(b1 & 0x08), g[7],
+                        g[4] & 0xFFFFFF)
+
+
+def _dec_tmf_response(g, ahs):
+    return TaskMgmtResponse(g[6], g[2], g[8], g[9], g[10])
+
+
+def _dec_login_response(g, ahs):
+    b1, isid = g[1], g[5]
+    return LoginResponse(g[6], isid[:6], isid[6] << 8 | isid[7], g[8], g[9], g[10],
+                         b1 >> 2 & 3, b1 & 3, bool(b1 & _F), bool(b1 & _C), g[11] >> 24,
+                         g[11] >> 16 & 0xFF, g[2], g[3], g[4] & 0xFFFFFF)
+
+
+def _dec_text_response(g, ahs):
+    b1 = g[1]
+    return TextResponse(g[6], g[7], g[8], g[9], g[10], bool(b1 & _F), bool(b1 & _C), g[5],
+                        g[4] & 0xFFFFFF)
+
+
+def _dec_data_in(g, ahs):
+    b1 = g[1]
+    return DataIn(g[6], g[11], g[12], g[9], g[10], bool(b1 & _F), g[3] if b1 & 0x01 else None,
+                  g[8], g[13], bool(b1 & 0x04), bool(b1 & 0x02), bool(b1 & 0x40), g[7], g[5],
+                  g[4] & 0xFFFFFF)
+
+
+def _dec_logout_response(g, ahs):
+    return LogoutResponse(g[6], g[2], g[8], g[9], g[10], g[12] >> 16, g[12] & 0xFFFF)
+
+
+def _dec_r2t(g, ahs):
+    return R2T(g[6], g[7], g[8], g[9], g[10], g[11], g[12], g[13], g[5])
+
+
+def _dec_async(g, ahs):
+    w36, w40 = g[11], g[12]
+    return AsyncMessage(w36 >> 24, g[8], g[9], g[10], g[5], w36 >> 16 & 0xFF, w36 & 0xFFFF,
+                        w40 >> 16, w40 & 0xFFFF, g[4] & 0xFFFFFF)
+
+
+def _dec_reject(g, ahs):
+    return Reject(g[2], g[8], g[9], g[10], g[11], g[4] & 0xFFFFFF)
+
+
+_DECODERS = {
+    NOP_OUT: _dec_nop_out,
+    TASK_MGMT_REQUEST: _dec_tmf_request,
+    LOGIN_REQUEST: _dec_login_request,
+    TEXT_REQUEST: _dec_text_request,
+    DATA_OUT: _dec_data_out,
+    LOGOUT_REQUEST: _dec_logout_request,
+    SNACK: _dec_snack,
+    NOP_IN: _dec_nop_in,
+    SCSI_RESPONSE: _dec_scsi_response,
+    TASK_MGMT_RESPONSE: _dec_tmf_response,
+    LOGIN_RESPONSE: _dec_login_response,
+    TEXT_RESPONSE: _dec_text_response,
+    DATA_IN: _dec_data_in,
+    LOGOUT_RESPONSE: _dec_logout_response,
+    R2T_OPCODE: _dec_r2t,
+    ASYNC_MESSAGE: _dec_async,
+    REJECT: _dec_reject,
+}
+_unpack_gen = _GEN.unpack_from
+INITIATOR_OPCODES = frozenset(
+    (NOP_OUT, SCSI_COMMAND, TASK_MGMT_REQUEST, LOGIN_REQUEST, TEXT_REQUEST, DATA_OUT,
+     LOGOUT_REQUEST, SNACK))
+
+
+def decode_pdu(header, ahs=b"") -> PDU:
+    """Typed PDU from a 48-byte BHS and its AHS (``ahs`` must be exactly
+    TotalAHSLength*4 bytes).  Only the SCSI Command may carry AHS."""
+    if len(header) != BHS_LEN:
+        raise PDUError("BHS must be 48 bytes")
+    opcode = header[0] & _OPMASK
+    if header[4] * 4 != len(ahs):
+        raise PDUError("AHS length does not match TotalAHSLength")
+    if opcode == SCSI_COMMAND:
+        return _dec_scsi_command(header, ahs)
+    dec = _DECODERS.get(opcode)
+    if dec is None:
+        raise PDUError(f"reserved opcode 0x{opcode:02x}", REJECT_COMMAND_NOT_SUPPORTED)
+    if ahs:
+        raise PDUError("AHS on a PDU that takes none", REJECT_INVALID_PDU_FIELD)
+    return dec(_unpack_gen(header), ahs)
+
+
+# --- text segments (§6.1) ----------------------------------------------------
+
+MAX_KEY_LEN = 63
+MAX_VALUE_LEN = 8192
+_KEY_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789.-+@_")
+
+
+def decode_text(data) -> list[tuple[str, str]]:
+    """key=value pairs from a Login/Text data segment (NUL-terminated
+    entries; padding NULs are tolerated)."""
+    pairs = []
+    for entry in bytes(data).split(b"\0"):
+        if not entry:
+            continue
+        key, eq, value = entry.partition(b"=")
+        if not eq:
+            raise PDUError("text entry without '='")
+        if not key or len(key) > MAX_KEY_LEN or not _KEY_CHARS.issuperset(key):
+            raise PDUError("invalid key name")
+        if len(value) > MAX_VALUE_LEN:
+            raise PDUError("value too long")
+        try:
+            pairs.append((key.decode("ascii"), value.decode("utf-8")))
+        except UnicodeDecodeError:
+            raise PDUError("value is not UTF-8") from None
+    return pairs
+
+
+def encode_text(pairs) -> bytes:
+    """Data segment for ``pairs``: each ``key=value`` followed by a NUL."""
+    return b"".join(f"{k}={v}\0".encode() for k, v in pairs)
