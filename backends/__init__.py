@@ -1,0 +1,43 @@
+"""Storage behind a logical unit: one small interface, one module per kind.
+
+A backend knows bytes and offsets, nothing of SCSI. Calls are blocking and
+may be slow (a disk, a network store); the STML runs them off its event loop
+unless `inline` says a call is cheap enough to run in place (RAM).
+"""
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+
+class BackendError(Exception):
+    """The backing store failed; the STML turns this into MEDIUM ERROR sense."""
+
+
+class Backend(Protocol):
+    inline: bool        # True when calls never block (the STML may call them on its loop)
+    can_discard: bool   # discard() frees space (thin provisioning)
+    can_resize: bool
+
+    def size(self) -> int: ...
+    def read_into(self, offset: int, buf: memoryview) -> None: ...
+    def write_from(self, offset: int, bufs: Sequence[memoryview], sync: bool) -> None: ...
+    def flush(self) -> None: ...
+    def discard(self, offset: int, length: int) -> None: ...
+    def resize(self, size: int) -> None: ...
+    def close(self) -> None: ...
+
+
+def open_backend(kind: str, size: int | None = None, path: str | None = None,
+                 readonly: bool = False) -> Backend:
+    """Open a backend by kind name ("file" or "ram")."""
+    if kind == "ram":
+        from backends.ram import RamBackend
+        if not size:
+            raise ValueError("ram backend needs a size")
+        return RamBackend(size)
+    if kind == "file":
+        from backends.file import FileBackend
+        if not path:
+            raise ValueError("file backend needs a path")
+        return FileBackend(path, size, readonly)
+    raise ValueError(f"unknown backend kind {kind!r} (known: file, ram)")

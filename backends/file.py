@@ -1,0 +1,117 @@
+"""File backend: a regular file or a block device, with positioned I/O."""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import os
+import stat
+import struct
+from typing import Sequence
+
+from backends import BackendError
+
+_BLKGETSIZE64 = 0x80081272
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_IOV_MAX = 1024
+
+
+class FileBackend:
+    """Blocking calls; the STML runs them in worker threads."""
+
+    inline = False
+    can_resize = True
+
+    def __init__(self, path: str, size: int | None = None, readonly: bool = False) -> None:
+        self.path = path
+        exists = os.path.exists(path)
+        if not exists and not size:
+            raise BackendError(f"{path}: does not exist and no size was given to create it")
+        flags = (os.O_RDONLY if readonly else os.O_RDWR | os.O_CREAT) | os.O_CLOEXEC
+        try:
+            self._fd = os.open(path, flags, 0o600)
+        except OSError as e:
+            raise BackendError(f"{path}: {e.strerror}") from None
+        st = os.fstat(self._fd)
+        self._blockdev = stat.S_ISBLK(st.st_mode)
+        if not self._blockdev and not stat.S_ISREG(st.st_mode):
+            os.close(self._fd)
+            raise BackendError(f"{path}: not a regular file or block device")
+        if not exists or (size and not self._blockdev and st.st_size == 0):
+            os.ftruncate(self._fd, size)  # sparse: no blocks allocated until written
+        self.can_discard = not self._blockdev and not readonly
+        self.can_resize = not self._blockdev and not readonly
+
+    def size(self) -> int:
+        if self._blockdev:
+            buf = fcntl.ioctl(self._fd, _BLKGETSIZE64, b"\0" * 8)
+            return struct.unpack("Q", buf)[0]
+        return os.fstat(self._fd).st_size
+
+    def read_into(self, offset: int, buf: memoryview) -> None:
+        done = 0
+        while done < len(buf):
+            n = os.preadv(self._fd, [buf[done:]], offset + done)
+            if n <= 0:  # past the end of a file shrunk under us: zeros
+                buf[done:] = bytes(len(buf) - done)
+                return
+            done += n
+
+    def write_from(self, offset: int, bufs: Sequence[memoryview], sync: bool) -> None:
+        views = [memoryview(b).cast("B") for b in bufs]
+        for i in range(0, len(views), _IOV_MAX):
+            chunk = views[i:i + _IOV_MAX]
+            total = sum(len(v) for v in chunk)
+            while total:
+                n = os.pwritev(self._fd, chunk, offset)
+                offset += n
+                total -= n
+                if total:  # short write: drop what was written and go on
+                    chunk = _advance(chunk, n)
+        if sync:
+            os.fdatasync(self._fd)
+
+    def flush(self) -> None:
+        os.fsync(self._fd)
+
+    def discard(self, offset: int, length: int) -> None:
+        """Punch a hole: the range reads back as zeros and frees its blocks."""
+        try:
+            _fallocate(self._fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            self.write_from(offset, [memoryview(bytes(length))], sync=False)
+
+    def resize(self, size: int) -> None:
+        os.ftruncate(self._fd, size)
+
+    def allocated(self) -> int:
+        return os.fstat(self._fd).st_blocks * 512
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+def _advance(views: list[memoryview], n: int) -> list[memoryview]:
+    out = []
+    for v in views:
+        if n >= len(v):
+            n -= len(v)
+            continue
+        out.append(v[n:])
+        n = 0
+    return out
+
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """os has no fallocate(2) with mode flags; hole punching needs them."""
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))

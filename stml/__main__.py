@@ -1,0 +1,3 @@
+from stml.cli import main
+
+main(prog_name="python -m stml")

@@ -1,0 +1,392 @@
+"""The STML <-> front end contract (version 1.0). Front ends import this module only.
+
+Transport: ZeroMQ. The STML binds a ROUTER socket; each front end connects a
+DEALER socket whose routing id names it. A message is a multipart message:
+frame 0 is a msgpack map (the header), any further frames are raw bulk data
+(never inside msgpack, so they move without copies). Every header has "op".
+
+Front end -> STML
+-----------------
+register_target_front_end  {op, version: [major, minor], kind: str, name: str,
+                            heartbeat_ms: int, aen: bool}
+    Announce a front end. The STML answers `detect`, or `detect` with "error"
+    when the major version differs (the front end must not go on).
+deregister_target_front_end {op}
+    Orderly goodbye: the STML releases every nexus of this front end.
+register_nexus   {op, nexus: int, initiator: str, target: str, tpg: int}
+    A new I_T nexus (iSCSI: a session; initiator is "IQN,i,0xISID").
+    `nexus` is chosen by the front end, unique within it. Answered by
+    `nexus_ready` {op, nexus, error?}.
+scsi_release     {op, nexus: int}
+    The nexus is gone: free its state and abort its tasks (I_T nexus loss).
+rx_cmnd          {op, tag: int, nexus: int, lun: int, cdb: bytes, attr: int,
+                  dir: int, len: int, unsol: int}  + frames: immediate data
+    A new SCSI command. `tag` is the front end's task id (unique among its
+    live tasks), `attr` a TaskAttr, `dir` a DataDir bit set, `len` the
+    initiator's expected data transfer length, `unsol` how many bytes of
+    write data arrive without `rdy_to_xfer` (immediate + unsolicited).
+scsi_rx_data     {op, tag, offset: int}  + frames: write data at offset
+    Write data: unsolicited data, or data that `rdy_to_xfer` asked for.
+rx_task_mgmt_fn  {op, tag, nexus, fn: int, lun: int, ref: int|None}
+    A task management function (TMF); `ref` is the tag of the task for
+    ABORT TASK / QUERY TASK.
+scsi_target_done {op, tags: [int]}
+    Responses delivered to the initiator (batched); ends the tasks'
+    accounting in the STML.
+heartbeat        {op}
+
+STML -> front end
+-----------------
+detect           {op, version, stml: str, targets: [Target], limits: {...},
+                  heartbeat_ms, error?: str}
+    Target = {name, alias, luns: [Lun], access: {acl: [iqn], chap: {...}|None,
+    mutual: {...}|None}}; Lun = {lun, block_size, blocks, ro, removable}.
+    Sent again, unasked, when targets or LUNs change.
+nexus_ready      {op, nexus, error?: str}
+release          {op, reason: str}
+    The STML is going away or no longer knows this front end: register again.
+rdy_to_xfer      {op, tag, offset: int, length: int}
+    Send this much write data now (iSCSI: R2Ts).
+xmit_response    {op, tag, status: int, sense: bytes|None, resid: int}
+                 + frames: read data
+    The command is done. resid > 0: underflow, resid < 0: overflow (bytes).
+task_mgmt_fn_done {op, tag, response: int}
+    Sent only after every task the TMF affects is gone (aborted tasks get
+    no xmit_response at all).
+report_aen       {op, nexus: int|None, lun: int, sense: bytes}
+    An asynchronous event (a unit attention) for front ends that said aen.
+heartbeat        {op}
+"""
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+import msgpack
+import zmq
+import zmq.asyncio
+
+CONTRACT_VERSION = (1, 0)
+log = logging.getLogger("stml.api")
+
+
+class Op(enum.StrEnum):
+    # front end -> STML
+    REGISTER = "register_target_front_end"
+    DEREGISTER = "deregister_target_front_end"
+    REGISTER_NEXUS = "register_nexus"
+    RELEASE_NEXUS = "scsi_release"
+    RX_CMND = "rx_cmnd"
+    RX_DATA = "scsi_rx_data"
+    RX_TMF = "rx_task_mgmt_fn"
+    DONE = "scsi_target_done"
+    HEARTBEAT = "heartbeat"
+    # STML -> front end
+    DETECT = "detect"
+    NEXUS_READY = "nexus_ready"
+    RELEASE = "release"
+    RDY_TO_XFER = "rdy_to_xfer"
+    XMIT_RESPONSE = "xmit_response"
+    TMF_DONE = "task_mgmt_fn_done"
+    REPORT_AEN = "report_aen"
+
+
+class DataDir(enum.IntFlag):
+    NONE = 0
+    WRITE = 1   # initiator -> target
+    READ = 2    # target -> initiator
+
+
+class TaskAttr(enum.IntEnum):
+    SIMPLE = 0
+    ORDERED = 1
+    HEAD_OF_QUEUE = 2
+    ACA = 3
+
+
+class Tmf(enum.IntEnum):
+    """Task management functions (values follow iSCSI's TMF function codes)."""
+    ABORT_TASK = 1
+    ABORT_TASK_SET = 2
+    CLEAR_ACA = 3
+    CLEAR_TASK_SET = 4
+    LUN_RESET = 5
+    TARGET_WARM_RESET = 6
+    TARGET_COLD_RESET = 7
+    TASK_REASSIGN = 8
+    QUERY_TASK = 9
+    QUERY_TASK_SET = 10
+    I_T_NEXUS_RESET = 11
+    QUERY_ASYNC_EVENT = 12
+
+
+class TmfResponse(enum.IntEnum):
+    """TMF service responses (values follow iSCSI's TMF response codes)."""
+    COMPLETE = 0
+    NO_TASK = 1
+    NO_LUN = 2
+    TASK_ALLEGIANT = 3
+    NO_REASSIGN = 4
+    NOT_SUPPORTED = 5
+    REJECTED = 255
+    SUCCEEDED = 6   # QUERY TASK/TASK SET/ASYNC EVENT: "function succeeded"
+
+
+def pack(header: dict[str, Any]) -> bytes:
+    return msgpack.packb(header, use_bin_type=True)
+
+
+def unpack(frame: bytes | memoryview) -> dict[str, Any]:
+    """Decode a header; raises ValueError for anything that is not a map with an op."""
+    try:
+        header = msgpack.unpackb(frame, raw=False, strict_map_key=False)
+    except Exception as e:  # msgpack raises several unrelated types
+        raise ValueError(f"undecodable header: {e}") from None
+    if not isinstance(header, dict) or not isinstance(header.get("op"), str):
+        raise ValueError("header is not a map with an 'op'")
+    return header
+
+
+def version_compatible(version: Any) -> str | None:
+    """None when a front end's contract version can talk to us, else the reason."""
+    if (not isinstance(version, (list, tuple)) or len(version) != 2
+            or not all(isinstance(v, int) for v in version)):
+        return "missing or malformed contract version"
+    if version[0] != CONTRACT_VERSION[0]:
+        return (f"contract version {version[0]}.{version[1]} is not compatible with "
+                f"the STML's {CONTRACT_VERSION[0]}.{CONTRACT_VERSION[1]} (major differs)")
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Lun:
+    lun: int
+    block_size: int
+    blocks: int
+    ro: bool = False
+    removable: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    name: str
+    luns: tuple[Lun, ...]
+    alias: str = ""
+    access: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Detect:
+    """What the STML offers a front end, decoded from a `detect` message."""
+    stml: str
+    targets: tuple[Target, ...]
+    limits: dict[str, Any]
+
+    @classmethod
+    def from_header(cls, h: dict[str, Any]) -> Detect:
+        targets = tuple(
+            Target(t["name"], tuple(Lun(**lun) for lun in t["luns"]), t.get("alias", ""),
+                   t.get("access") or {})
+            for t in h.get("targets", ()))
+        return cls(h.get("stml", ""), targets, h.get("limits", {}))
+
+    def target(self, name: str) -> Target | None:
+        return next((t for t in self.targets if t.name == name), None)
+
+
+class FrontEndHandler(Protocol):
+    """What a front end implements to receive STML calls (all on the event loop)."""
+
+    def detect(self, detect: Detect) -> None: ...
+    def nexus_ready(self, nexus: int, error: str | None) -> None: ...
+    def rdy_to_xfer(self, tag: int, offset: int, length: int) -> None: ...
+    def xmit_response(self, tag: int, status: int, sense: bytes | None, resid: int,
+                      data: list[zmq.Frame]) -> None: ...
+    def task_mgmt_fn_done(self, tag: int, response: int) -> None: ...
+    def report_aen(self, nexus: int | None, lun: int, sense: bytes) -> None: ...
+    def link_lost(self) -> None: ...
+
+
+class RegistrationRefused(Exception):
+    """The STML refused this front end (e.g. incompatible contract version)."""
+
+
+class FrontEndLink:
+    """A front end's end of the contract: connect, register, heartbeat, and
+    re-register by itself when the STML restarts or forgets us.
+
+    Calls toward the STML are plain methods that queue a message; STML calls
+    arrive on `handler`. Nexuses registered through the link are registered
+    again after a reconnect, so sessions survive an STML restart.
+    """
+
+    def __init__(self, endpoint: str, kind: str, handler: FrontEndHandler, *,
+                 name: str | None = None, heartbeat_ms: int = 1000, aen: bool = True,
+                 version: tuple[int, int] = CONTRACT_VERSION,
+                 context: zmq.asyncio.Context | None = None,
+                 curve: dict[str, bytes] | None = None) -> None:
+        self.endpoint = endpoint
+        self.kind = kind
+        self.name = name or f"{kind}-{os.uname().nodename}-{os.getpid()}"
+        self.handler = handler
+        self.heartbeat = heartbeat_ms / 1000
+        self.aen = aen
+        self.version = version
+        self.ctx = context or zmq.asyncio.Context.instance()
+        self.curve = curve
+        self.connected = asyncio.Event()
+        self.detect_info: Detect | None = None
+        self.nexuses: dict[int, dict[str, Any]] = {}
+        self._sock: zmq.asyncio.Socket | None = None
+        self._last_rx = 0.0
+        self._last_tx = 0.0
+        self._task: asyncio.Task | None = None
+        self._timer: asyncio.Task | None = None
+        self._dispatch: dict[str, Callable[[dict[str, Any], list], None]] = {
+            Op.DETECT: self._on_detect,
+            Op.NEXUS_READY: lambda h, f: handler.nexus_ready(h["nexus"], h.get("error")),
+            Op.RELEASE: self._on_release,
+            Op.RDY_TO_XFER: lambda h, f: handler.rdy_to_xfer(h["tag"], h["offset"], h["length"]),
+            Op.XMIT_RESPONSE: lambda h, f: handler.xmit_response(
+                h["tag"], h["status"], h.get("sense"), h.get("resid", 0), f),
+            Op.TMF_DONE: lambda h, f: handler.task_mgmt_fn_done(h["tag"], h["response"]),
+            Op.REPORT_AEN: lambda h, f: handler.report_aen(h.get("nexus"), h["lun"], h["sense"]),
+            Op.HEARTBEAT: lambda h, f: None,
+        }
+
+    # -- calls toward the STML ------------------------------------------------
+    def send(self, header: dict[str, Any], data: list | tuple = ()) -> None:
+        """Queue one message (never blocks; ZeroMQ buffers while disconnected)."""
+        if self._sock is None:
+            return
+        self._last_tx = time.monotonic()
+        if data:
+            self._sock.send_multipart([pack(header), *data], copy=False)
+        else:
+            self._sock.send(pack(header))
+
+    def register_nexus(self, nexus: int, initiator: str, target: str, tpg: int) -> None:
+        info = {"initiator": initiator, "target": target, "tpg": tpg}
+        self.nexuses[nexus] = info
+        self.send({"op": Op.REGISTER_NEXUS, "nexus": nexus, **info})
+
+    def scsi_release(self, nexus: int) -> None:
+        if self.nexuses.pop(nexus, None) is not None:
+            self.send({"op": Op.RELEASE_NEXUS, "nexus": nexus})
+
+    def rx_cmnd(self, tag: int, nexus: int, lun: int, cdb: bytes, attr: int, direction: int,
+                length: int, unsol: int = 0, data: list | tuple = ()) -> None:
+        self.send({"op": Op.RX_CMND, "tag": tag, "nexus": nexus, "lun": lun, "cdb": cdb,
+                   "attr": attr, "dir": direction, "len": length, "unsol": unsol}, data)
+
+    def scsi_rx_data(self, tag: int, offset: int, data: list | tuple) -> None:
+        self.send({"op": Op.RX_DATA, "tag": tag, "offset": offset}, data)
+
+    def rx_task_mgmt_fn(self, tag: int, nexus: int, fn: int, lun: int, ref: int | None) -> None:
+        self.send({"op": Op.RX_TMF, "tag": tag, "nexus": nexus, "fn": fn, "lun": lun, "ref": ref})
+
+    def scsi_target_done(self, tags: list[int]) -> None:
+        self.send({"op": Op.DONE, "tags": tags})
+
+    # -- the link's life ------------------------------------------------------
+    def _open(self) -> None:
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.ROUTING_ID, f"{self.name}-{uuid.uuid4().hex[:8]}".encode())
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        if self.curve:
+            sock.curve_secretkey = self.curve["secret"]
+            sock.curve_publickey = self.curve["public"]
+            sock.curve_serverkey = self.curve["server"]
+        sock.connect(self.endpoint)
+        self._sock = sock
+
+    def _register(self) -> None:
+        self.send({"op": Op.REGISTER, "version": list(self.version), "kind": self.kind,
+                   "name": self.name, "heartbeat_ms": int(self.heartbeat * 1000),
+                   "aen": self.aen})
+
+    def start(self) -> asyncio.Task:
+        """Connect and register; the link then runs until close()."""
+        self._open()
+        self._register()
+        self._task = asyncio.create_task(self._run())
+        self._timer = asyncio.create_task(self._heartbeats())
+        return self._task
+
+    async def wait_ready(self, timeout: float) -> Detect:
+        """Wait for `detect`; raises RegistrationRefused or TimeoutError."""
+        done, _ = await asyncio.wait([asyncio.ensure_future(self.connected.wait()), self._task],
+                                     timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        if self._task in done:
+            self._task.result()  # raises why the link ended
+        if not self.connected.is_set():
+            raise TimeoutError(f"no answer from the STML at {self.endpoint}")
+        return self.detect_info
+
+    async def _run(self) -> None:
+        sock = self._sock
+        while True:
+            frames = await sock.recv_multipart(copy=False)
+            self._last_rx = time.monotonic()
+            try:
+                header = unpack(frames[0].buffer)
+                handler = self._dispatch[header["op"]]
+            except (ValueError, KeyError):
+                log.warning("ignoring malformed message from the STML")
+                continue
+            handler(header, frames[1:])
+
+    async def _heartbeats(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat / 2)
+            now = time.monotonic()
+            if self.connected.is_set() and now - self._last_rx > 3 * self.heartbeat:
+                log.warning("STML at %s silent for %.1fs: link lost, re-registering",
+                            self.endpoint, now - self._last_rx)
+                self._lost()
+            if not self.connected.is_set():
+                self._register()
+            elif now - self._last_tx >= self.heartbeat:
+                self.send({"op": Op.HEARTBEAT})
+
+    def _lost(self) -> None:
+        self.connected.clear()
+        self.handler.link_lost()
+
+    def _on_detect(self, header: dict[str, Any], frames: list) -> None:
+        if header.get("error"):
+            raise RegistrationRefused(header["error"])
+        was_connected = self.connected.is_set()
+        self.detect_info = Detect.from_header(header)
+        self.connected.set()
+        if not was_connected:
+            for nexus, info in self.nexuses.items():
+                self.send({"op": Op.REGISTER_NEXUS, "nexus": nexus, **info})
+        self.handler.detect(self.detect_info)
+
+    def _on_release(self, header: dict[str, Any], frames: list) -> None:
+        log.info("STML released us (%s); registering again", header.get("reason"))
+        if self.connected.is_set():
+            self._lost()
+        self._register()
+
+    async def close(self) -> None:
+        """Deregister (best effort) and stop."""
+        if self._sock is None:
+            return
+        if self.connected.is_set():
+            self.send({"op": Op.DEREGISTER})
+        for t in (self._task, self._timer):
+            t.cancel()
+        await asyncio.gather(self._task, self._timer, return_exceptions=True)
+        self._sock.close(linger=200)
+        self._sock = None
+        self.connected.clear()

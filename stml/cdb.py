@@ -1,0 +1,74 @@
+"""CDB decoding helpers: pure functions over the CDB bytes."""
+from __future__ import annotations
+
+import struct
+
+from stml.sense import CheckCondition, FieldPointer, ILLEGAL_REQUEST, INVALID_FIELD_IN_CDB
+
+_U16 = struct.Struct(">H")
+_U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
+
+# CDB length by group code (opcode >> 5): SPC-4 4.2.5.1
+GROUP_LEN = {0: 6, 1: 10, 2: 10, 4: 16, 5: 12}
+
+
+def cdb_length(opcode: int) -> int | None:
+    """Length of a CDB from its opcode's group code; None for reserved/vendor groups."""
+    return GROUP_LEN.get(opcode >> 5)
+
+
+def u16(cdb: bytes, off: int) -> int:
+    return _U16.unpack_from(cdb, off)[0]
+
+
+def u24(cdb: bytes, off: int) -> int:
+    return int.from_bytes(cdb[off:off + 3], "big")
+
+
+def u32(cdb: bytes, off: int) -> int:
+    return _U32.unpack_from(cdb, off)[0]
+
+
+def u64(cdb: bytes, off: int) -> int:
+    return _U64.unpack_from(cdb, off)[0]
+
+
+def lba_len(cdb: bytes) -> tuple[int, int]:
+    """(LBA, number of blocks) of a READ/WRITE/VERIFY-style CDB of any size."""
+    n = len(cdb)
+    if n == 6:
+        lba = ((cdb[1] & 0x1F) << 16) | u16(cdb, 2)
+        return lba, cdb[4] or 256  # SBC: READ(6)/WRITE(6) length 0 means 256
+    if n == 10:
+        return u32(cdb, 2), u16(cdb, 7)
+    if n == 12:
+        return u32(cdb, 2), u32(cdb, 6)
+    if n == 16:
+        return u64(cdb, 2), u32(cdb, 10)
+    raise CheckCondition(ILLEGAL_REQUEST, INVALID_FIELD_IN_CDB, FieldPointer(0))
+
+
+def check_usage(cdb: bytes, usage: bytes) -> None:
+    """Every bit set in the CDB must be allowed by the opcode's usage mask
+    (the same mask REPORT SUPPORTED OPERATION CODES returns)."""
+    for i in range(1, min(len(cdb), len(usage))):
+        bad = cdb[i] & ~usage[i]
+        if bad:
+            raise CheckCondition(ILLEGAL_REQUEST, INVALID_FIELD_IN_CDB,
+                                 FieldPointer(i, bad.bit_length() - 1))
+
+
+def encode_lun(lun: int) -> bytes:
+    """SAM LUN structure: peripheral device addressing below 256, flat space above."""
+    if lun < 256:
+        return bytes([0, lun]) + bytes(6)
+    return bytes([0x40 | (lun >> 8), lun & 0xFF]) + bytes(6)
+
+
+def decode_lun(raw: bytes) -> int:
+    """LUN number from an 8-byte SAM LUN (peripheral or flat addressing)."""
+    method = raw[0] >> 6
+    if method in (0, 1):
+        return ((raw[0] & 0x3F) << 8) | raw[1]
+    return 0xFFFF  # an addressing method we do not serve: reported as no such LUN

@@ -1,0 +1,57 @@
+"""The STML process's command line (`python -m stml`, `scsi-target stml`)."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from typing import Any, Callable
+
+import click
+
+from stml.config import Config, ConfigError, load
+
+
+def config_options(f: Callable) -> Callable:
+    """The flags every process that reads the config shares."""
+    for opt in reversed([
+        click.option("--config", "config_path", type=click.Path(dir_okay=False),
+                     help="TOML config file (targets, LUNs, portals, STML endpoint)."),
+        click.option("--data-dir", type=click.Path(file_okay=False),
+                     help="Where default disks, sockets and state live (default: XDG data dir)."),
+        click.option("--iqn", help="Name of the target the --lun flags define."),
+        click.option("--lun", "luns", multiple=True, metavar="SPEC",
+                     help="LUN spec, repeatable: ram:256MiB, file:PATH, file:PATH,size=1GiB[,ro][,removable]."),
+        click.option("--stml-endpoint", help="ZeroMQ endpoint of the STML (ipc://PATH or tcp://HOST:PORT)."),
+        click.option("--log-level", default="info", show_default=True,
+                     type=click.Choice(["debug", "info", "warning", "error"])),
+    ]):
+        f = opt(f)
+    return f
+
+
+def load_or_exit(config_path: str | None, data_dir: str | None, iqn: str | None,
+                 luns: tuple[str, ...], stml_endpoint: str | None, portals: tuple[str, ...] = ()) -> Config:
+    try:
+        return load(config_path, data_dir, iqn, luns, stml_endpoint, portals)
+    except ConfigError as e:
+        click.echo(f"scsi-target: config error: {e}", err=True)
+        sys.exit(2)
+
+
+def setup_logging(level: str, name: str) -> None:
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                        format=f"%(asctime)s {name}[%(process)d] %(levelname)s %(name)s: %(message)s")
+
+
+@click.command("stml")
+@config_options
+def main(log_level: str, **kw: Any) -> None:
+    """Run the STML alone: it owns the LUNs and waits for front ends."""
+    setup_logging(log_level, "stml")
+    config = load_or_exit(**kw)
+    from stml.server import run_stml
+    try:
+        asyncio.run(run_stml(config))
+    except ConfigError as e:
+        click.echo(f"scsi-target: config error: {e}", err=True)
+        sys.exit(2)

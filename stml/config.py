@@ -1,0 +1,241 @@
+"""Configuration: a TOML file and command-line LUN specs, validated into one
+Config. Every error names the field it is about, in one line."""
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from stml.lu import LunOptions
+
+DEFAULT_IQN = "iqn.2026-11.org.scsi-target:disk0"
+DEFAULT_SIZE = 1 << 30
+DEFAULT_PORTAL = "127.0.0.1:3260"
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "kb": 1000, "m": 1 << 20, "mib": 1 << 20,
+          "mb": 10**6, "g": 1 << 30, "gib": 1 << 30, "gb": 10**9, "t": 1 << 40, "tib": 1 << 40,
+          "tb": 10**12}
+_IQN = re.compile(r"^(iqn\.\d{4}-\d{2}\.[^\s,]+|eui\.[0-9A-Fa-f]{16}|naa\.[0-9A-Fa-f]{16,32})$")
+
+
+class ConfigError(ValueError):
+    """A bad config value; str() is the one line a user sees."""
+
+    def __init__(self, where: str, problem: str) -> None:
+        super().__init__(f"{where}: {problem}")
+
+
+def parse_size(value: Any, where: str) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        n = value
+    else:
+        m = re.fullmatch(r"\s*(\d+)\s*([A-Za-z]*)\s*", str(value))
+        if not m or m.group(2).lower() not in _UNITS:
+            raise ConfigError(where, f"{value!r} is not a size (examples: 64MiB, 1GiB, 1048576)")
+        n = int(m.group(1)) * _UNITS[m.group(2).lower()]
+    if n <= 0:
+        raise ConfigError(where, "size must be positive")
+    return n
+
+
+@dataclass
+class LunConfig:
+    lun: int
+    options: LunOptions
+
+
+@dataclass
+class TargetConfig:
+    name: str
+    luns: list[LunConfig]
+    alias: str = ""
+    acl: list[str] = field(default_factory=list)
+    chap: dict[str, str] | None = None
+    mutual_chap: dict[str, str] | None = None
+
+    def access(self) -> dict[str, Any]:
+        """Transport-facing access rules, as the contract's `detect` carries them."""
+        return {"acl": self.acl, "chap": self.chap, "mutual": self.mutual_chap}
+
+
+@dataclass
+class Config:
+    data_dir: Path
+    targets: list[TargetConfig]
+    stml_endpoint: str
+    portals: list[str]
+    discovery_chap: dict[str, str] | None = None
+    path: Path | None = None
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(base) / "scsi-target"
+
+
+def default_endpoint(data_dir: Path) -> str:
+    return f"ipc://{data_dir / 'stml.sock'}"
+
+
+def _bool(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(where, f"{value!r} is not true or false")
+    return value
+
+
+def lun_options(raw: dict[str, Any], where: str, data_dir: Path) -> LunOptions:
+    """Validate one LUN's settings (from TOML or a parsed spec)."""
+    known = {"lun", "backend", "path", "size", "ro", "removable", "block_size", "write_cache", "thin"}
+    for key in raw:
+        if key not in known:
+            raise ConfigError(f"{where}.{key}", f"unknown setting (known: {', '.join(sorted(known))})")
+    kind = raw.get("backend")
+    if kind not in ("file", "ram"):
+        raise ConfigError(f"{where}.backend", f"{kind!r} is not a backend (file, ram)")
+    size = parse_size(raw["size"], f"{where}.size") if "size" in raw else None
+    path = raw.get("path")
+    if kind == "ram" and size is None:
+        raise ConfigError(f"{where}.size", "a ram LUN needs a size")
+    if kind == "file":
+        if not path or not isinstance(path, str):
+            raise ConfigError(f"{where}.path", "a file LUN needs a path")
+        path = str(data_dir / path) if not os.path.isabs(path) else path
+        if size is None and not os.path.exists(path):
+            raise ConfigError(f"{where}.path", f"{path} does not exist; give a size to create it")
+    bs = raw.get("block_size", 512)
+    if bs not in (512, 4096):
+        raise ConfigError(f"{where}.block_size", f"{bs!r} is not 512 or 4096")
+    if size is not None and size % bs:
+        raise ConfigError(f"{where}.size", f"{size} is not a multiple of the block size {bs}")
+    return LunOptions(kind=kind, size=size, path=path,
+                      ro=_bool(raw.get("ro", False), f"{where}.ro"),
+                      removable=_bool(raw.get("removable", False), f"{where}.removable"),
+                      block_size=bs,
+                      write_cache=_bool(raw.get("write_cache", False), f"{where}.write_cache"),
+                      thin=_bool(raw.get("thin", True), f"{where}.thin"))
+
+
+def parse_lun_spec(spec: str, where: str = "--lun") -> dict[str, Any]:
+    """`ram:256MiB`, `file:PATH`, `file:PATH,size=1GiB,ro,removable,block_size=4096`."""
+    kind, sep, rest = spec.partition(":")
+    if not sep or not rest:
+        raise ConfigError(where, f"{spec!r} is not KIND:ARG[,OPTION...] (e.g. ram:64MiB, file:disk.img,size=1GiB)")
+    first, *opts = rest.split(",")
+    raw: dict[str, Any] = {"backend": kind}
+    if kind == "ram":
+        raw["size"] = first
+    elif kind == "file":
+        raw["path"] = first
+    else:
+        raise ConfigError(where, f"{kind!r} is not a backend (file, ram)")
+    flags = {"ro", "removable", "write_cache", "thin", "thick"}
+    for opt in opts:
+        key, eq, value = opt.partition("=")
+        key = {"bs": "block_size", "wc": "write_cache"}.get(key, key)
+        if not eq:
+            if key not in flags:
+                raise ConfigError(where, f"unknown option {opt!r} in {spec!r}")
+            raw["thin" if key == "thick" else key] = key != "thick"
+        elif key == "size":
+            raw["size"] = value
+        elif key == "block_size":
+            if not value.isdigit():
+                raise ConfigError(where, f"block_size {value!r} is not a number")
+            raw["block_size"] = int(value)
+        else:
+            raise ConfigError(where, f"unknown option {key!r} in {spec!r}")
+    return raw
+
+
+def _check_iqn(name: Any, where: str) -> str:
+    if not isinstance(name, str) or not _IQN.match(name):
+        raise ConfigError(where, f"{name!r} is not an iSCSI name (iqn.YYYY-MM.reversed.domain[:id])")
+    return name.lower()
+
+
+def _chap(raw: Any, where: str) -> dict[str, str] | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or set(raw) != {"user", "secret"}:
+        raise ConfigError(where, "needs exactly `user` and `secret`")
+    if not isinstance(raw["secret"], str) or not 12 <= len(raw["secret"].encode()) <= 255:
+        raise ConfigError(f"{where}.secret", "must be 12 to 255 bytes (RFC 7143 12.1.3)")
+    return {"user": str(raw["user"]), "secret": raw["secret"]}
+
+
+def load(config_path: str | None = None, data_dir: str | None = None, iqn: str | None = None,
+         luns: tuple[str, ...] = (), endpoint: str | None = None,
+         portals: tuple[str, ...] = ()) -> Config:
+    """The effective config: the file (if any), overridden by command-line flags,
+    with defaults for what neither says."""
+    raw: dict[str, Any] = {}
+    path = None
+    if config_path:
+        path = Path(config_path)
+        try:
+            raw = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(str(path), "no such file") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(str(path), f"not valid TOML: {e}") from None
+    known = {"data_dir", "stml_endpoint", "portals", "target", "discovery_chap"}
+    for key in raw:
+        if key not in known:
+            raise ConfigError(key, f"unknown setting (known: {', '.join(sorted(known))})")
+    ddir = Path(data_dir or raw.get("data_dir") or default_data_dir()).expanduser().absolute()
+    targets: list[TargetConfig] = []
+    for i, t in enumerate(raw.get("target", [])):
+        where = f"target[{i}]"
+        name = _check_iqn(t.get("name"), f"{where}.name")
+        tl = []
+        for j, lr in enumerate(t.get("lun", [])):
+            lwhere = f"{where}.lun[{j}]"
+            number = lr.get("lun", j)
+            if not isinstance(number, int) or not 0 <= number < 16384:
+                raise ConfigError(f"{lwhere}.lun", f"{number!r} is not a LUN number (0-16383)")
+            tl.append(LunConfig(number, lun_options(lr, lwhere, ddir)))
+        acl = t.get("acl", [])
+        if not isinstance(acl, list):
+            raise ConfigError(f"{where}.acl", "must be a list of initiator names")
+        targets.append(TargetConfig(name, tl, str(t.get("alias", "")),
+                                    [_check_iqn(a, f"{where}.acl") for a in acl],
+                                    _chap(t.get("chap"), f"{where}.chap"),
+                                    _chap(t.get("mutual_chap"), f"{where}.mutual_chap")))
+    if iqn or luns or not targets:
+        name = _check_iqn(iqn or (targets[0].name if targets else DEFAULT_IQN), "--iqn")
+        specs = luns or (f"file:{ddir / 'disk0.img'},size={DEFAULT_SIZE}",)
+        tl = [LunConfig(n, lun_options(parse_lun_spec(s), f"--lun {s}", ddir)) for n, s in enumerate(specs)]
+        existing = next((t for t in targets if t.name == name), None)
+        if existing:
+            existing.luns = tl
+        else:
+            targets.insert(0, TargetConfig(name, tl))
+    names = [t.name for t in targets]
+    for t in targets:
+        if names.count(t.name) > 1:
+            raise ConfigError("target", f"{t.name} is defined twice")
+        numbers = [lc.lun for lc in t.luns]
+        if len(set(numbers)) != len(numbers):
+            raise ConfigError(f"target {t.name}", "a LUN number is used twice")
+    ep = endpoint or raw.get("stml_endpoint") or default_endpoint(ddir)
+    if not re.match(r"^(ipc|tcp)://.+", ep):
+        raise ConfigError("stml_endpoint", f"{ep!r} is not ipc://PATH or tcp://HOST:PORT")
+    plist = list(portals) or raw.get("portals") or [DEFAULT_PORTAL]
+    for p in plist:
+        parse_portal(p)
+    return Config(ddir, targets, ep, plist, _chap(raw.get("discovery_chap"), "discovery_chap"), path)
+
+
+def parse_portal(value: str) -> tuple[str, int]:
+    """HOST:PORT, [V6ADDR]:PORT or HOST (port 3260). Never split IPv6 on ':'."""
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\](?::(\d+))?|([^:\[\]]+)(?::(\d+))?", value.strip())
+    if not m:
+        raise ConfigError("portal", f"{value!r} is not HOST:PORT or [IPv6]:PORT")
+    host = m.group(1) or m.group(3)
+    port = int(m.group(2) or m.group(4) or 3260)
+    if not 0 <= port <= 65535:
+        raise ConfigError("portal", f"port {port} out of range")
+    return host, port

@@ -1,0 +1,478 @@
+"""The STML's state and command engine, independent of sockets.
+
+It keeps the registries the reference design names (device templates, front
+ends, their I_T nexuses, targets and their logical units), runs every SCSI
+command through the same steps (LUN lookup, opcode entry, CDB check, unit
+attention, data collection, task-set ordering, handler, response) and runs
+task management. Messages leave through the `send` callable it is given, so
+the process shell (stml.server) owns the socket.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from backends import BackendError
+from stml.api import CONTRACT_VERSION, DataDir, Op, Tmf, TmfResponse, version_compatible
+from stml.cdb import check_usage
+from stml.disk import DiskTemplate, OpEntry, standard_inquiry
+from stml.lu import LogicalUnit
+from stml.sense import (
+    ABORTED_COMMAND, CHECK_CONDITION, GOOD, HARDWARE_ERROR, ILLEGAL_REQUEST,
+    INTERNAL_TARGET_FAILURE, INVALID_FIELD_IN_CDB, LOGICAL_UNIT_NOT_SUPPORTED, MEDIUM_ERROR,
+    NO_ADDITIONAL_SENSE, NO_SENSE, POWER_ON_RESET, UNIT_ATTENTION, UNRECOVERED_READ_ERROR,
+    WRITE_ERROR, DATA_PHASE_ERROR, CheckCondition, StatusError, build_sense,
+)
+
+log = logging.getLogger("stml")
+
+Send = Callable[[bytes, dict[str, Any], list], None]
+
+BUS_DEVICE_RESET = (0x29, 0x03)
+I_T_NEXUS_LOSS = (0x29, 0x07)
+COMMANDS_CLEARED_BY_ANOTHER = (0x2F, 0x00)
+NEXUS_UNKNOWN = (0x08, 0x00)   # LOGICAL UNIT COMMUNICATION FAILURE
+
+
+@dataclass(eq=False)
+class Nexus:
+    fe: FrontEnd
+    id: int
+    initiator: str
+    target: str
+    tpg: int
+
+    @property
+    def key(self) -> str:
+        """I_T nexus identity: initiator port and target port, stable across
+        front ends and restarts, so per-nexus state can be keyed by it."""
+        return f"{self.initiator}|{self.target},t,{self.tpg}"
+
+
+@dataclass(eq=False)
+class FrontEnd:
+    ident: bytes
+    name: str
+    kind: str
+    aen: bool
+    heartbeat: float
+    last_seen: float
+    nexuses: dict[int, Nexus] = field(default_factory=dict)
+    tasks: dict[int, Task] = field(default_factory=dict)
+
+
+class Task:
+    """One SCSI command inside the STML, from rx_cmnd to xmit_response."""
+
+    __slots__ = ("emulator", "fe", "tag", "nexus", "lun", "lu", "cdb", "attr", "direction",
+                 "exp_len", "unsol", "data_out", "received", "need", "data_ready", "runner", "seq")
+
+    def __init__(self, emulator: Emulator, fe: FrontEnd, h: dict[str, Any], nexus: Nexus,
+                 imm: list) -> None:
+        self.emulator = emulator
+        self.fe = fe
+        self.tag: int = h["tag"]
+        self.nexus = nexus
+        self.lun: int = h["lun"]
+        self.lu: LogicalUnit | None = None
+        self.cdb: bytes = h["cdb"]
+        self.attr: int = h.get("attr", 0)
+        self.direction: int = h.get("dir", 0)
+        self.exp_len: int = h.get("len", 0)
+        self.unsol: int = h.get("unsol", 0)
+        self.data_out: list[memoryview] = [f.buffer for f in imm]
+        self.received = sum(len(b) for b in self.data_out)
+        self.need = 0
+        self.data_ready: asyncio.Future | None = None
+        self.runner: asyncio.Task | None = None
+        self.seq = 0
+
+    async def io(self, fn: Callable, *args: Any) -> Any:
+        """Run a backend call: in place when it cannot block, else in a worker
+        thread. An abort waits for a started call rather than abandoning it,
+        so no write lands after the abort is reported."""
+        if self.lu.backend.inline:
+            return fn(*args)
+        fut = asyncio.get_running_loop().run_in_executor(self.emulator.executor, fn, *args)
+        try:
+            return await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            await asyncio.wait([fut])
+            raise
+
+    def add_data(self, offset: int, frames: list) -> None:
+        if offset != self.received:  # front ends deliver write data in order
+            raise CheckCondition(ABORTED_COMMAND, DATA_PHASE_ERROR)
+        for f in frames:
+            buf = f.buffer
+            self.data_out.append(buf)
+            self.received += len(buf)
+        if self.data_ready is not None and self.received >= self.need and not self.data_ready.done():
+            self.data_ready.set_result(None)
+
+
+@dataclass
+class Target:
+    name: str
+    luns: dict[int, LogicalUnit]
+    alias: str = ""
+    access: dict[str, Any] = field(default_factory=dict)
+
+
+class Emulator:
+    """Registries and the command engine."""
+
+    def __init__(self, targets: list[Target], send: Send, executor: Executor, *,
+                 name: str = "stml", heartbeat_ms: int = 1000, max_transfer: int = 8 << 20,
+                 queue_depth: int = 128) -> None:
+        self.targets = {t.name: t for t in targets}
+        self.send = send
+        self.executor = executor
+        self.name = name
+        self.heartbeat = heartbeat_ms / 1000
+        self.max_transfer = max_transfer
+        self.queue_depth = queue_depth
+        self.templates: dict[str, Any] = {}
+        self.front_ends: dict[bytes, FrontEnd] = {}
+        self.seen_nexus_keys: set[str] = set()
+        self.register_target_template(DiskTemplate())
+        self._ops: dict[str, Callable[[FrontEnd, dict[str, Any], list], None]] = {
+            Op.DEREGISTER: self._deregister,
+            Op.REGISTER_NEXUS: self._register_nexus,
+            Op.RELEASE_NEXUS: self._scsi_release,
+            Op.RX_CMND: self._rx_cmnd,
+            Op.RX_DATA: self._scsi_rx_data,
+            Op.RX_TMF: self._rx_task_mgmt_fn,
+            Op.DONE: lambda fe, h, f: None,
+            Op.HEARTBEAT: lambda fe, h, f: None,
+        }
+
+    # ------------------------------------------------------------ templates
+    def register_target_template(self, template: Any) -> None:
+        self.templates[template.name] = template
+
+    def deregister_target_template(self, name: str) -> None:
+        self.templates.pop(name, None)
+
+    # ------------------------------------------------------------ inventory
+    def luns_of(self, target: str) -> list[int]:
+        t = self.targets.get(target)
+        return list(t.luns) if t else []
+
+    def lookup_lu(self, target: str, lun: int) -> LogicalUnit | None:
+        t = self.targets.get(target)
+        return t.luns.get(lun) if t else None
+
+    def detect_header(self) -> dict[str, Any]:
+        return {
+            "op": Op.DETECT, "version": list(CONTRACT_VERSION), "stml": self.name,
+            "heartbeat_ms": int(self.heartbeat * 1000),
+            "limits": {"max_transfer": self.max_transfer, "queue_depth": self.queue_depth},
+            "targets": [{"name": t.name, "alias": t.alias, "access": t.access,
+                         "luns": [lu.describe() for lu in t.luns.values()]}
+                        for t in self.targets.values()],
+        }
+
+    # ------------------------------------------------------------ dispatch
+    def handle(self, ident: bytes, header: dict[str, Any], frames: list) -> None:
+        """One message from a front end. Never raises: bad input is logged."""
+        op = header["op"]
+        fe = self.front_ends.get(ident)
+        try:
+            if op == Op.REGISTER:
+                self._register(ident, header)
+                return
+            if fe is None:
+                self.send(ident, {"op": Op.RELEASE, "reason": "unknown front end: register first"}, [])
+                return
+            fe.last_seen = time.monotonic()
+            handler = self._ops.get(op)
+            if handler is None:
+                log.warning("front end %s sent unknown op %r: ignored", fe.name, op)
+                return
+            handler(fe, header, frames)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            who = fe.name if fe else ident.hex()
+            log.warning("malformed %r from %s refused: %s: %s", op, who, type(e).__name__, e)
+
+    def _register(self, ident: bytes, h: dict[str, Any]) -> None:
+        reason = version_compatible(h.get("version"))
+        if reason:
+            log.warning("front end %r refused: %s", h.get("name"), reason)
+            self.send(ident, {"op": Op.DETECT, "version": list(CONTRACT_VERSION), "error": reason}, [])
+            return
+        if ident in self.front_ends:
+            self.release_front_end(self.front_ends[ident], "registered again")
+        fe = FrontEnd(ident, str(h.get("name", "?")), str(h.get("kind", "?")), bool(h.get("aen")),
+                      max(0.05, int(h.get("heartbeat_ms", 1000)) / 1000), time.monotonic())
+        self.front_ends[ident] = fe
+        log.info("front end %s (%s) registered", fe.name, fe.kind)
+        self.send(ident, self.detect_header(), [])
+
+    def _deregister(self, fe: FrontEnd, h: dict[str, Any], frames: list) -> None:
+        self.release_front_end(fe, "deregistered")
+
+    def release_front_end(self, fe: FrontEnd, why: str) -> None:
+        """Forget a front end: its nexuses go and their tasks are aborted."""
+        log.info("releasing front end %s: %s", fe.name, why)
+        self.front_ends.pop(fe.ident, None)
+        for nexus in list(fe.nexuses.values()):
+            self._drop_nexus(nexus)
+
+    def check_liveness(self) -> None:
+        """Release front ends silent for three of their heartbeat intervals."""
+        now = time.monotonic()
+        for fe in list(self.front_ends.values()):
+            if now - fe.last_seen > 3 * max(fe.heartbeat, self.heartbeat):
+                self.release_front_end(fe, f"silent for {now - fe.last_seen:.1f}s")
+            else:
+                self.send(fe.ident, {"op": Op.HEARTBEAT}, [])
+
+    def shutdown(self) -> None:
+        for fe in list(self.front_ends.values()):
+            self.send(fe.ident, {"op": Op.RELEASE, "reason": "STML shutting down"}, [])
+
+    # ------------------------------------------------------------ nexuses
+    def _register_nexus(self, fe: FrontEnd, h: dict[str, Any], frames: list) -> None:
+        nexus = Nexus(fe, int(h["nexus"]), str(h["initiator"]), str(h["target"]), int(h["tpg"]))
+        if nexus.target not in self.targets:
+            self.send(fe.ident, {"op": Op.NEXUS_READY, "nexus": nexus.id,
+                                 "error": f"no target {nexus.target}"}, [])
+            return
+        old = fe.nexuses.get(nexus.id)
+        if old:
+            self._drop_nexus(old)
+        fe.nexuses[nexus.id] = nexus
+        if nexus.key not in self.seen_nexus_keys:
+            self.seen_nexus_keys.add(nexus.key)
+            for lu in self.targets[nexus.target].luns.values():
+                lu.add_ua(POWER_ON_RESET, [nexus.key])
+        self.send(fe.ident, {"op": Op.NEXUS_READY, "nexus": nexus.id}, [])
+
+    def _scsi_release(self, fe: FrontEnd, h: dict[str, Any], frames: list) -> None:
+        nexus = fe.nexuses.get(h["nexus"])
+        if nexus:
+            self._drop_nexus(nexus)
+
+    def _drop_nexus(self, nexus: Nexus) -> None:
+        nexus.fe.nexuses.pop(nexus.id, None)
+        for task in [t for t in nexus.fe.tasks.values() if t.nexus is nexus]:
+            self._abort(task)
+
+    # ------------------------------------------------------------ commands
+    def _rx_cmnd(self, fe: FrontEnd, h: dict[str, Any], frames: list) -> None:
+        nexus = fe.nexuses.get(h["nexus"])
+        tag = h["tag"]
+        if nexus is None:
+            self.respond(fe, tag, CHECK_CONDITION, build_sense(ABORTED_COMMAND, NEXUS_UNKNOWN), 0)
+            return
+        if not isinstance(h["cdb"], bytes) or not h["cdb"]:
+            raise ValueError("cdb must be non-empty bytes")
+        task = Task(self, fe, h, nexus, frames)
+        fe.tasks[tag] = task
+        task.runner = asyncio.get_running_loop().create_task(self._execute(task))
+
+    def _scsi_rx_data(self, fe: FrontEnd, h: dict[str, Any], frames: list) -> None:
+        task = fe.tasks.get(h["tag"])
+        if task is None:
+            return  # data for a task already answered (e.g. failed before its data): dropped
+        try:
+            task.add_data(h["offset"], frames)
+        except CheckCondition as e:
+            if task.data_ready is not None and not task.data_ready.done():
+                task.data_ready.set_exception(e)
+
+    async def _execute(self, task: Task) -> None:
+        status, sense, data = GOOD, None, None
+        descriptor = False
+        try:
+            lu = task.lu = self.lookup_lu(task.nexus.target, task.lun)
+            if lu is None:
+                data = await self._no_such_lun(task)
+            else:
+                descriptor = lu.mode.d_sense
+                entry = lu.template.lookup(task.cdb)
+                check_usage(task.cdb, entry.usage)
+                if not entry.ua_exempt:
+                    ua = lu.take_ua(task.nexus)
+                    if ua:
+                        raise CheckCondition(UNIT_ATTENTION, ua)
+                lu.task_set.add(task)
+                try:
+                    if entry.check:
+                        entry.check(task)
+                    if entry.out_len:
+                        await self._collect(task, entry)
+                    await lu.task_set.enter(task)
+                    data = await entry.handler(task)
+                finally:
+                    lu.task_set.remove(task)
+        except asyncio.CancelledError:
+            self._forget(task)
+            return  # aborted: an aborted task sends no status
+        except CheckCondition as e:
+            status, sense = e.status, e.sense(descriptor)
+        except StatusError as e:
+            status = e.status
+        except (BackendError, OSError) as e:
+            log.error("backend error on %s LUN %d: %s", task.nexus.target, task.lun, e)
+            asc = UNRECOVERED_READ_ERROR if task.direction & DataDir.READ else WRITE_ERROR
+            status, sense = CHECK_CONDITION, build_sense(MEDIUM_ERROR, asc, descriptor)
+        except Exception:
+            log.exception("internal error on CDB %s", task.cdb.hex())
+            status = CHECK_CONDITION
+            sense = build_sense(HARDWARE_ERROR, INTERNAL_TARGET_FAILURE, descriptor)
+        self._forget(task)
+        self._complete(task, status, sense, data)
+
+    async def _no_such_lun(self, task: Task) -> bytes | None:
+        """What a command to a LUN that does not exist gets (SPC-4 4.6.2)."""
+        op = task.cdb[0]
+        if op == 0x12 and not task.cdb[1] & 1:
+            return standard_inquiry(None)[:int.from_bytes(task.cdb[3:5], "big")]
+        if op == 0x03:
+            return build_sense(ILLEGAL_REQUEST, LOGICAL_UNIT_NOT_SUPPORTED, bool(task.cdb[1] & 1))
+        if op == 0xA0:  # REPORT LUNS answers through any LUN, existing or not
+            entry = self.templates["disk"].lookup(task.cdb)
+            check_usage(task.cdb, entry.usage)
+            return await entry.handler(task)
+        raise CheckCondition(ILLEGAL_REQUEST, LOGICAL_UNIT_NOT_SUPPORTED)
+
+    async def _collect(self, task: Task, entry: OpEntry) -> None:
+        """Gather the write data the command needs, asking for what was not sent
+        unsolicited."""
+        need = entry.out_len(task)
+        if need > task.exp_len:
+            # the initiator will not send all the CDB asks for: refuse before any data moves
+            raise CheckCondition(ILLEGAL_REQUEST, INVALID_FIELD_IN_CDB)
+        if need > self.max_transfer:
+            raise CheckCondition(ILLEGAL_REQUEST, INVALID_FIELD_IN_CDB)
+        task.need = need
+        if task.received < need:
+            task.data_ready = asyncio.get_running_loop().create_future()
+            start = max(task.unsol, task.received)
+            if start < need:
+                self.send(task.fe.ident, {"op": Op.RDY_TO_XFER, "tag": task.tag,
+                                          "offset": start, "length": need - start}, [])
+            await task.data_ready
+        if task.received > need:
+            task.data_out = _trim(task.data_out, need)
+
+    def _forget(self, task: Task) -> None:
+        if task.fe.tasks.get(task.tag) is task:
+            del task.fe.tasks[task.tag]
+
+    def _complete(self, task: Task, status: int, sense: bytes | None, data: Any) -> None:
+        exp = task.exp_len
+        frames: list = []
+        resid = exp
+        if data is not None and task.direction & DataDir.READ:
+            n = len(data)
+            if n > exp:
+                data = memoryview(data)[:exp]
+                resid = exp - n
+            else:
+                resid = exp - n
+            if exp and n:
+                frames = [data]
+        elif task.need:
+            resid = exp - task.need
+        self.respond(task.fe, task.tag, status, sense, resid, frames)
+
+    def respond(self, fe: FrontEnd, tag: int, status: int, sense: bytes | None, resid: int,
+                frames: list = ()) -> None:
+        self.send(fe.ident, {"op": Op.XMIT_RESPONSE, "tag": tag, "status": status,
+                             "sense": sense, "resid": resid}, list(frames))
+
+    # ------------------------------------------------------------ task management
+    def _abort(self, task: Task) -> asyncio.Task | None:
+        runner = task.runner
+        if runner is not None and not runner.done():
+            runner.cancel()
+        return runner
+
+    def _rx_task_mgmt_fn(self, fe: FrontEnd, h: dict[str, Any], frames: list) -> None:
+        nexus = fe.nexuses.get(h["nexus"])
+        tag = h["tag"]
+        if nexus is None:
+            self._tmf_done(fe, tag, TmfResponse.REJECTED)
+            return
+        asyncio.get_running_loop().create_task(
+            self._task_mgmt(fe, tag, nexus, int(h["fn"]), int(h.get("lun") or 0), h.get("ref")))
+
+    def _tmf_done(self, fe: FrontEnd, tag: int, response: int) -> None:
+        self.send(fe.ident, {"op": Op.TMF_DONE, "tag": tag, "response": response}, [])
+
+    def _tasks_where(self, pred: Callable[[Task], bool]) -> list[Task]:
+        return [t for fe in self.front_ends.values() for t in fe.tasks.values() if pred(t)]
+
+    def _all_nexus_keys(self, target: str) -> list[str]:
+        return [n.key for fe in self.front_ends.values() for n in fe.nexuses.values()
+                if n.target == target]
+
+    async def _task_mgmt(self, fe: FrontEnd, tag: int, nexus: Nexus, fn: int, lun: int,
+                         ref: int | None) -> None:
+        target = nexus.target
+        lu = self.lookup_lu(target, lun)
+        response = TmfResponse.COMPLETE
+        victims: list[Task] = []
+        if fn in (Tmf.ABORT_TASK, Tmf.QUERY_TASK):
+            task = fe.tasks.get(ref) if ref is not None else None
+            if task is not None and task.nexus is not nexus:
+                task = None
+            if fn == Tmf.QUERY_TASK:
+                response = TmfResponse.SUCCEEDED if task else TmfResponse.COMPLETE
+            elif task is None:
+                response = TmfResponse.NO_TASK
+            else:
+                victims = [task]
+        elif fn in (Tmf.ABORT_TASK_SET, Tmf.CLEAR_TASK_SET, Tmf.LUN_RESET, Tmf.QUERY_TASK_SET,
+                    Tmf.QUERY_ASYNC_EVENT):
+            if lu is None:
+                response = TmfResponse.NO_LUN
+            elif fn == Tmf.QUERY_TASK_SET:
+                mine = self._tasks_where(lambda t: t.nexus is nexus and t.lun == lun and t.tag != tag)
+                response = TmfResponse.SUCCEEDED if mine else TmfResponse.COMPLETE
+            elif fn == Tmf.QUERY_ASYNC_EVENT:
+                pending = lu.unit_attentions.get(nexus.key)
+                response = TmfResponse.SUCCEEDED if pending else TmfResponse.COMPLETE
+            elif fn == Tmf.ABORT_TASK_SET:
+                victims = self._tasks_where(lambda t: t.nexus is nexus and t.lun == lun)
+            else:
+                victims = self._tasks_where(lambda t: t.nexus.target == target and t.lun == lun)
+                others = self._all_nexus_keys(target)
+                if fn == Tmf.LUN_RESET:
+                    lu.add_ua(BUS_DEVICE_RESET, others, exclude=nexus.key)
+                else:
+                    lu.add_ua(COMMANDS_CLEARED_BY_ANOTHER,
+                              [t.nexus.key for t in victims], exclude=nexus.key)
+        elif fn in (Tmf.TARGET_WARM_RESET, Tmf.TARGET_COLD_RESET):
+            victims = self._tasks_where(lambda t: t.nexus.target == target)
+            others = self._all_nexus_keys(target)
+            for each in self.targets[target].luns.values():
+                each.add_ua(POWER_ON_RESET, others, exclude=nexus.key)
+        elif fn == Tmf.I_T_NEXUS_RESET:
+            victims = self._tasks_where(lambda t: t.nexus is nexus)
+            for each in self.targets[target].luns.values():
+                each.add_ua(I_T_NEXUS_LOSS, [nexus.key])
+        else:
+            response = TmfResponse.NOT_SUPPORTED
+        runners = [r for r in (self._abort(t) for t in victims) if r is not None]
+        if runners:
+            await asyncio.gather(*runners, return_exceptions=True)
+        self._tmf_done(fe, tag, response)
+
+
+def _trim(bufs: list[memoryview], n: int) -> list[memoryview]:
+    out, total = [], 0
+    for b in bufs:
+        if total + len(b) >= n:
+            out.append(b[:n - total])
+            break
+        out.append(b)
+        total += len(b)
+    return out

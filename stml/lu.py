@@ -1,0 +1,141 @@
+"""Logical units and their task sets."""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from stml.api import TaskAttr
+
+if TYPE_CHECKING:
+    from backends import Backend
+    from stml.emulator import Nexus, Task
+
+VENDOR = "SCSITGT"
+PRODUCT = "PY-STML DISK"
+REVISION = "0001"
+IEEE_COMPANY_ID = 0x5CA510  # vendor-specific identifiers are derived under this id
+
+
+@dataclass
+class LunOptions:
+    """What a LUN spec/config says about one logical unit."""
+    kind: str                    # backend kind: "file" or "ram"
+    size: int | None = None      # bytes; for file: create size, None = the file's size
+    path: str | None = None
+    ro: bool = False
+    removable: bool = False
+    block_size: int = 512
+    write_cache: bool = False    # WCE default: write-through, every write durable at GOOD
+    thin: bool = True
+
+
+@dataclass
+class ModeState:
+    """Current values of the changeable mode page fields."""
+    wce: bool = False
+    d_sense: bool = False
+
+
+class TaskSet:
+    """SAM-5 task ordering for one LU: SIMPLE tasks run together, an ORDERED
+    task waits for every older task and holds back every newer one, HEAD OF
+    QUEUE runs at once."""
+
+    def __init__(self) -> None:
+        self.tasks: dict[int, Task] = {}   # insertion order = arrival order
+        self._ordered = 0
+        self._waiters: list[tuple[Task, asyncio.Future]] = []
+        self._seq = 0
+
+    def add(self, task: Task) -> None:
+        self._seq += 1
+        task.seq = self._seq
+        self.tasks[task.seq] = task
+        if task.attr == TaskAttr.ORDERED:
+            self._ordered += 1
+
+    def remove(self, task: Task) -> None:
+        if self.tasks.pop(task.seq, None) is None:
+            return
+        if task.attr == TaskAttr.ORDERED:
+            self._ordered -= 1
+        if self._waiters:
+            self._wake()
+
+    def _may_run(self, task: Task) -> bool:
+        if task.attr == TaskAttr.HEAD_OF_QUEUE:
+            return True
+        for other in self.tasks.values():
+            if other.seq >= task.seq:
+                return True
+            if other.attr == TaskAttr.HEAD_OF_QUEUE:
+                continue
+            if task.attr == TaskAttr.ORDERED or other.attr == TaskAttr.ORDERED:
+                return False
+        return True
+
+    async def enter(self, task: Task) -> None:
+        """Return when the task may execute."""
+        if (self._ordered == 0 and task.attr != TaskAttr.ORDERED) or self._may_run(task):
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append((task, fut))
+        await fut
+
+    def _wake(self) -> None:
+        still = []
+        for task, fut in self._waiters:
+            if fut.done():
+                continue
+            if self._may_run(task):
+                fut.set_result(None)
+            else:
+                still.append((task, fut))
+        self._waiters = still
+
+
+@dataclass
+class LogicalUnit:
+    target: str
+    lun: int
+    backend: Backend
+    options: LunOptions
+    template: Any
+    mode: ModeState = field(default_factory=ModeState)
+    task_set: TaskSet = field(default_factory=TaskSet)
+    unit_attentions: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
+    started: bool = True
+
+    def __post_init__(self) -> None:
+        self.mode.wce = self.options.write_cache
+        digest = hashlib.sha256(f"{self.target}/{self.lun}".encode()).digest()
+        # NAA 6 (IEEE registered extended): company id, then 100 bits derived from the
+        # target name and LUN number, so the identifier survives restarts unchanged
+        tail = int.from_bytes(digest[:13], "big") >> 4
+        self.naa = ((0x6 << 124) | (IEEE_COMPANY_ID << 100) | tail).to_bytes(16, "big")
+        self.serial = digest[:8].hex()
+        self.block_size = self.options.block_size
+
+    @property
+    def blocks(self) -> int:
+        return self.backend.size() // self.block_size
+
+    def describe(self) -> dict[str, Any]:
+        """The LUN as the contract's `detect` presents it."""
+        return {"lun": self.lun, "block_size": self.block_size, "blocks": self.blocks,
+                "ro": self.options.ro, "removable": self.options.removable}
+
+    def add_ua(self, asc_ascq: tuple[int, int], nexus_keys: list[str], exclude: str | None = None) -> None:
+        for key in nexus_keys:
+            if key != exclude:
+                pending = self.unit_attentions.setdefault(key, [])
+                if asc_ascq not in pending:
+                    pending.append(asc_ascq)
+
+    def take_ua(self, nexus: Nexus) -> tuple[int, int] | None:
+        pending = self.unit_attentions.get(nexus.key)
+        if pending:
+            return pending.pop(0)
+        return None

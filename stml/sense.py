@@ -1,0 +1,141 @@
+"""Sense data (SPC-4 4.4) and the exceptions that carry it out of handlers.
+
+A handler raises CheckCondition; the STML turns it into sense bytes in the
+format the LUN's control mode page asks for (fixed or descriptor).
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+# status codes (SAM-5)
+GOOD = 0x00
+CHECK_CONDITION = 0x02
+CONDITION_MET = 0x04
+BUSY = 0x08
+RESERVATION_CONFLICT = 0x18
+TASK_SET_FULL = 0x28
+ACA_ACTIVE = 0x30
+TASK_ABORTED = 0x40
+
+# sense keys
+NO_SENSE = 0x0
+RECOVERED_ERROR = 0x1
+NOT_READY = 0x2
+MEDIUM_ERROR = 0x3
+HARDWARE_ERROR = 0x4
+ILLEGAL_REQUEST = 0x5
+UNIT_ATTENTION = 0x6
+DATA_PROTECT = 0x7
+ABORTED_COMMAND = 0xB
+MISCOMPARE = 0xE
+
+# (asc, ascq) pairs, by name, so handlers read like the standard
+INVALID_COMMAND_OPERATION_CODE = (0x20, 0x00)
+LBA_OUT_OF_RANGE = (0x21, 0x00)
+INVALID_FIELD_IN_CDB = (0x24, 0x00)
+LOGICAL_UNIT_NOT_SUPPORTED = (0x25, 0x00)
+INVALID_FIELD_IN_PARAMETER_LIST = (0x26, 0x00)
+PARAMETER_LIST_LENGTH_ERROR = (0x1A, 0x00)
+WRITE_PROTECTED = (0x27, 0x00)
+POWER_ON_RESET = (0x29, 0x00)
+MODE_PARAMETERS_CHANGED = (0x2A, 0x01)
+CAPACITY_DATA_CHANGED = (0x2A, 0x09)
+REPORTED_LUNS_DATA_CHANGED = (0x3F, 0x0E)
+SAVING_PARAMETERS_NOT_SUPPORTED = (0x39, 0x00)
+MEDIUM_NOT_PRESENT = (0x3A, 0x00)
+NOT_READY_INIT_REQUIRED = (0x04, 0x02)
+UNRECOVERED_READ_ERROR = (0x11, 0x00)
+WRITE_ERROR = (0x0C, 0x00)
+MISCOMPARE_DURING_VERIFY = (0x1D, 0x00)
+INTERNAL_TARGET_FAILURE = (0x44, 0x00)
+NO_ADDITIONAL_SENSE = (0x00, 0x00)
+DATA_PHASE_ERROR = (0x4B, 0x00)
+
+
+@dataclass(frozen=True, slots=True)
+class FieldPointer:
+    """Sense-key-specific field pointer: which byte (and bit) of the CDB or
+    parameter list is wrong."""
+    byte: int
+    bit: int | None = None
+    in_cdb: bool = True
+
+
+class StatusError(Exception):
+    """Ends a command with a status other than GOOD and no sense."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"status 0x{status:02x}")
+        self.status = status
+
+
+class CheckCondition(StatusError):
+    """Ends a command with CHECK CONDITION and this sense."""
+
+    def __init__(self, key: int, asc_ascq: tuple[int, int], field: FieldPointer | None = None,
+                 info: int | None = None) -> None:
+        super().__init__(CHECK_CONDITION)
+        self.key = key
+        self.asc, self.ascq = asc_ascq
+        self.field = field
+        self.info = info
+
+    def __repr__(self) -> str:
+        return f"CheckCondition({self.key:#x}/{self.asc:#04x}/{self.ascq:#04x})"
+
+    def sense(self, descriptor: bool = False) -> bytes:
+        return build_sense(self.key, (self.asc, self.ascq), descriptor, self.field, self.info)
+
+
+def invalid_field(byte: int, bit: int | None = None) -> CheckCondition:
+    """INVALID FIELD IN CDB pointing at the offending byte/bit."""
+    return CheckCondition(ILLEGAL_REQUEST, INVALID_FIELD_IN_CDB, FieldPointer(byte, bit))
+
+
+def invalid_param(byte: int, bit: int | None = None) -> CheckCondition:
+    return CheckCondition(ILLEGAL_REQUEST, INVALID_FIELD_IN_PARAMETER_LIST,
+                          FieldPointer(byte, bit, in_cdb=False))
+
+
+def _sks(field: FieldPointer) -> bytes:
+    b0 = 0x80 | (0x40 if field.in_cdb else 0)
+    if field.bit is not None:
+        b0 |= 0x08 | (field.bit & 7)
+    return bytes([b0]) + struct.pack(">H", field.byte)
+
+
+def build_sense(key: int, asc_ascq: tuple[int, int], descriptor: bool = False,
+                field: FieldPointer | None = None, info: int | None = None) -> bytes:
+    """Current-error sense data, fixed (0x70) or descriptor (0x72) format."""
+    asc, ascq = asc_ascq
+    if descriptor:
+        descs = b""
+        if info is not None:
+            descs += bytes([0x00, 0x0A, 0x80, 0]) + struct.pack(">Q", info)
+        if field is not None:
+            descs += bytes([0x02, 0x06, 0, 0]) + _sks(field) + b"\0"
+        return bytes([0x72, key & 0xF, asc, ascq, 0, 0, 0, len(descs)]) + descs
+    sense = bytearray(18)
+    sense[0] = 0x70
+    sense[2] = key & 0xF
+    if info is not None:
+        sense[0] |= 0x80  # VALID: INFORMATION holds the LBA / offset
+        sense[3:7] = struct.pack(">I", info & 0xFFFFFFFF)
+    sense[7] = 10
+    sense[12], sense[13] = asc, ascq
+    if field is not None:
+        sense[15:18] = _sks(field)
+    return bytes(sense)
+
+
+def parse_sense(sense: bytes) -> tuple[int, int, int]:
+    """(key, asc, ascq) of fixed or descriptor sense; used by clients and tests."""
+    if len(sense) < 3:
+        raise ValueError("sense data too short")
+    code = sense[0] & 0x7F
+    if code in (0x72, 0x73):
+        return sense[1] & 0xF, sense[2], sense[3]
+    if code in (0x70, 0x71):
+        return sense[2] & 0xF, sense[12] if len(sense) > 12 else 0, sense[13] if len(sense) > 13 else 0
+    raise ValueError(f"unknown sense response code {code:#x}")
