@@ -1,0 +1,1 @@
+"""The scsi-target command line: composes the STML and front-end processes."""

@@ -1,0 +1,291 @@
+"""`scsi-target`: one command for every process and for local SCSI access.
+
+This package sits above the others: it starts the STML and the front ends
+as processes (`run`), or one of them alone, and drives the loopback client.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from stml.cli import config_options, load_or_exit, main as stml_main
+from stml.config import default_data_dir, default_endpoint, load, ConfigError
+
+CHUNK = 1 << 20  # copy-in/out transfer size
+DEPTH = 4        # commands in flight during copies
+
+
+@click.group()
+@click.version_option(package_name="scsi-target")
+def main() -> None:
+    """A user-space SCSI target: the STML (SCSI logic) and its front ends
+    (iSCSI over TCP, local loopback) as separate processes."""
+
+
+main.add_command(stml_main, "stml")
+
+
+# ------------------------------------------------------------------ run
+
+def _config_args(kw: dict[str, Any]) -> list[str]:
+    args = []
+    for flag, key in (("--config", "config_path"), ("--data-dir", "data_dir"), ("--iqn", "iqn"),
+                      ("--stml-endpoint", "stml_endpoint")):
+        if kw.get(key):
+            args += [flag, str(kw[key])]
+    for spec in kw.get("luns", ()):
+        args += ["--lun", spec]
+    return args
+
+
+class Supervisor:
+    """Starts child processes, restarts one that dies, stops all on a signal."""
+
+    def __init__(self, children: dict[str, list[str]]) -> None:
+        self.children = children
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.stopping = False
+
+    def start(self, name: str) -> None:
+        self.procs[name] = subprocess.Popen(self.children[name])
+
+    def stop(self, *_: Any) -> None:
+        self.stopping = True
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
+        for name in self.children:
+            self.start(name)
+        restarts: dict[str, list[float]] = {n: [] for n in self.children}
+        status = 0
+        while not self.stopping:
+            time.sleep(0.2)
+            for name, proc in list(self.procs.items()):
+                rc = proc.poll()
+                if rc is None or self.stopping:
+                    continue
+                if rc == 2:  # a config error: restarting cannot help
+                    click.echo(f"scsi-target: {name} refused its configuration; stopping", err=True)
+                    self.stopping, status = True, 2
+                    break
+                recent = [t for t in restarts[name] if time.monotonic() - t < 60]
+                if len(recent) >= 5:
+                    click.echo(f"scsi-target: {name} keeps failing (exit {rc}); stopping", err=True)
+                    self.stopping, status = True, 1
+                    break
+                click.echo(f"scsi-target: {name} exited with {rc}; restarting", err=True)
+                restarts[name] = recent + [time.monotonic()]
+                self.start(name)
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for proc in self.procs.values():
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        return status
+
+
+@main.command()
+@config_options
+@click.option("--portal", "portals", multiple=True, metavar="HOST:PORT",
+              help="iSCSI portal to listen on, repeatable (default 127.0.0.1:3260).")
+@click.option("--no-iscsi", is_flag=True, help="Run the STML alone, without the iSCSI front end.")
+def run(log_level: str, portals: tuple[str, ...], no_iscsi: bool, **kw: Any) -> None:
+    """Run the STML and the iSCSI front end under one supervisor (Ctrl-C stops all)."""
+    config = load_or_exit(portals=portals, **kw)
+    base = _config_args(kw) + ["--log-level", log_level]
+    children = {"stml": [sys.executable, "-m", "stml", *base]}
+    if not no_iscsi:
+        tcp = [sys.executable, "-m", "fetd_tcp", "--stml", config.stml_endpoint, "--log-level", log_level]
+        for p in config.portals:
+            tcp += ["--portal", p]
+        children["fetd_tcp"] = tcp
+    for t in config.targets:
+        for lc in t.luns:
+            o = lc.options
+            where = o.path if o.kind == "file" else f"{o.size} bytes of RAM"
+            click.echo(f"target {t.name} LUN {lc.lun}: {o.kind} {where}{' (read-only)' if o.ro else ''}")
+    click.echo(f"STML endpoint: {config.stml_endpoint}")
+    if not no_iscsi:
+        click.echo("iSCSI portals: " + ", ".join(config.portals))
+    sys.exit(Supervisor(children).run())
+
+
+# ------------------------------------------------------------------ loop
+
+def _endpoint(config_path: str | None, data_dir: str | None, stml: str | None) -> str:
+    if stml:
+        return stml
+    if config_path:
+        try:
+            return load(config_path, data_dir).stml_endpoint
+        except ConfigError as e:
+            click.echo(f"scsi-target: config error: {e}", err=True)
+            sys.exit(2)
+    return default_endpoint(Path(data_dir).absolute() if data_dir else default_data_dir())
+
+
+@main.group()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Find the STML from this config.")
+@click.option("--data-dir", type=click.Path(file_okay=False), help="Find the STML of this data dir.")
+@click.option("--stml", help="STML endpoint (ipc://PATH or tcp://HOST:PORT).")
+@click.option("--target", help="Target name (default: the first).")
+@click.option("--lun", type=int, default=0, show_default=True)
+@click.option("--timeout", type=float, default=30.0, show_default=True)
+@click.pass_context
+def loop(ctx: click.Context, config_path: str | None, data_dir: str | None, stml: str | None,
+         target: str | None, lun: int, timeout: float) -> None:
+    """Issue SCSI commands to a LUN through the loopback front end."""
+    from fetd_loopback import LoopbackClient
+    client = LoopbackClient(_endpoint(config_path, data_dir, stml), target, timeout=timeout)
+    try:
+        client.open()
+    except (TimeoutError, LookupError, ConnectionError) as e:
+        click.echo(f"scsi-target loop: {e}", err=True)
+        sys.exit(1)
+    ctx.call_on_close(client.close)
+    ctx.obj = (client, lun)
+
+
+def _scsi(fn: Any, *args: Any) -> Any:
+    from fetd_loopback import ScsiError
+    try:
+        return fn(*args)
+    except ScsiError as e:
+        click.echo(f"scsi-target loop: {e}", err=True)
+        sys.exit(1)
+
+
+@loop.command()
+@click.pass_obj
+def inquiry(obj: Any) -> None:
+    """Print the LUN's identity (standard INQUIRY, serial number, NAA id)."""
+    client, lun = obj
+    std = _scsi(client.inquiry, lun)
+    serial = _scsi(client.inquiry, lun, 0x80)
+    devid = _scsi(client.inquiry, lun, 0x83)
+    click.echo(f"vendor:   {std[8:16].decode().strip()}")
+    click.echo(f"product:  {std[16:32].decode().strip()}")
+    click.echo(f"revision: {std[32:36].decode().strip()}")
+    click.echo(f"type:     0x{std[0] & 0x1F:02x}{' removable' if std[1] & 0x80 else ''}")
+    click.echo(f"serial:   {serial[4:4 + serial[3]].decode()}")
+    pos = 4
+    while pos + 4 <= len(devid):
+        dlen = devid[pos + 3]
+        if devid[pos + 1] & 0x0F == 3:
+            click.echo(f"naa:      0x{devid[pos + 4:pos + 4 + dlen].hex()}")
+        pos += 4 + dlen
+
+
+@loop.command()
+@click.pass_obj
+def capacity(obj: Any) -> None:
+    """Print the LUN's size."""
+    client, lun = obj
+    blocks, bs = _scsi(client.capacity, lun)
+    click.echo(f"blocks: {blocks}\nblock size: {bs}\nbytes: {blocks * bs} ({blocks * bs / 2**20:.1f} MiB)")
+
+
+@loop.command()
+@click.argument("lba", type=int)
+@click.argument("count", type=int)
+@click.option("--out", type=click.File("wb"), help="Write the data here instead of a hex dump.")
+@click.pass_obj
+def read(obj: Any, lba: int, count: int, out: Any) -> None:
+    """Read COUNT blocks at LBA."""
+    client, lun = obj
+    _, bs = _scsi(client.capacity, lun)
+    data = _scsi(client.read, lun, lba, count, bs)
+    if out:
+        out.write(data)
+    else:
+        for off in range(0, len(data), 16):
+            click.echo(f"{off:08x}  {data[off:off + 16].hex(' ')}")
+
+
+@loop.command()
+@click.argument("lba", type=int)
+@click.argument("source", type=click.File("rb"))
+@click.pass_obj
+def write(obj: Any, lba: int, source: Any) -> None:
+    """Write SOURCE's bytes at LBA (the last block is padded with zeros)."""
+    client, lun = obj
+    _, bs = _scsi(client.capacity, lun)
+    data = source.read()
+    data += bytes(-len(data) % bs)
+    _scsi(client.write, lun, lba, data, bs)
+    click.echo(f"wrote {len(data) // bs} blocks at LBA {lba}")
+
+
+def _copy(client: Any, total: int, submit: Any, finish: Any, label: str) -> None:
+    """Move `total` bytes in CHUNK pieces with DEPTH commands in flight;
+    `finish` sees each piece's result in order."""
+    from collections import deque
+    inflight: deque = deque()
+
+    def retire() -> None:
+        off, n, fut = inflight.popleft()
+        result = _scsi(lambda: fut.result(client.timeout).check())
+        finish(off, n, result)
+        bar.update(n)
+
+    with click.progressbar(length=total, label=label, file=sys.stderr) as bar:
+        for off in range(0, total, CHUNK):
+            n = min(CHUNK, total - off)
+            inflight.append((off, n, submit(off, n)))
+            if len(inflight) >= DEPTH:
+                retire()
+        while inflight:
+            retire()
+
+
+@loop.command("copy-in")
+@click.argument("image", type=click.Path(exists=True, dir_okay=False))
+@click.pass_obj
+def copy_in(obj: Any, image: str) -> None:
+    """Write a whole image file into the LUN, from LBA 0."""
+    client, lun = obj
+    blocks, bs = _scsi(client.capacity, lun)
+    size = os.path.getsize(image)
+    if size > blocks * bs:
+        click.echo(f"scsi-target loop: {image} ({size} bytes) is larger than the LUN ({blocks * bs})", err=True)
+        sys.exit(1)
+    with open(image, "rb") as f:
+        def submit(off: int, n: int) -> Any:
+            data = f.read(n)
+            data += bytes(-len(data) % bs)
+            cdb = struct.pack(">BBQIBB", 0x8A, 0, off // bs, len(data) // bs, 0, 0)
+            return client.submit(lun, cdb, data_out=data)
+        _copy(client, size, submit, lambda off, n, r: None, "copy-in")
+    _scsi(client.synchronize_cache, lun)
+    click.echo(f"copied {size} bytes into LUN {lun}")
+
+
+@loop.command("copy-out")
+@click.argument("image", type=click.Path(dir_okay=False))
+@click.option("--size", type=int, help="Bytes to copy (default: the whole LUN).")
+@click.pass_obj
+def copy_out(obj: Any, image: str, size: int | None) -> None:
+    """Read the LUN (or its first --size bytes) into an image file."""
+    client, lun = obj
+    blocks, bs = _scsi(client.capacity, lun)
+    total = min(size, blocks * bs) if size else blocks * bs
+    with open(image, "wb") as f:
+        def submit(off: int, n: int) -> Any:
+            nb = -(-n // bs)
+            cdb = struct.pack(">BBQIBB", 0x88, 0, off // bs, nb, 0, 0)
+            return client.submit(lun, cdb, data_in=nb * bs)
+        _copy(client, total, submit, lambda off, n, r: f.write(r.data[:n]), "copy-out")
+    click.echo(f"copied {total} bytes out of LUN {lun}")
