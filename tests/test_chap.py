@@ -90,7 +90,7 @@ def test_wrong_secret_and_user():
 
 def test_no_acceptable_algorithm():
     with pytest.raises(ChapError):
-        TargetChap(Credentials("u", SECRET)).offer("6,99")
+        TargetChap(Credentials("u", SECRET), allowed=(7,)).offer("6,99,x")
 
 
 def test_mutual():
