@@ -16,6 +16,7 @@ from typing import Any
 
 import click
 
+from fetd_tcp.cli import main as fetd_tcp_main
 from stml.cli import config_options, load_or_exit, main as stml_main
 from stml.config import default_data_dir, default_endpoint, load, ConfigError
 
@@ -31,6 +32,7 @@ def main() -> None:
 
 
 main.add_command(stml_main, "stml")
+main.add_command(fetd_tcp_main, "fetd-tcp")
 
 
 # ------------------------------------------------------------------ run

@@ -50,9 +50,9 @@ rdy_to_xfer      {op, tag, offset: int, length: int}
 xmit_response    {op, tag, status: int, sense: bytes|None, resid: int}
                  + frames: read data
     The command is done. resid > 0: underflow, resid < 0: overflow (bytes).
-task_mgmt_fn_done {op, tag, response: int}
-    Sent only after every task the TMF affects is gone (aborted tasks get
-    no xmit_response at all).
+task_mgmt_fn_done {op, tag, response: int, aborted: [int]}
+    Sent only after every task the TMF affects is gone; `aborted` lists
+    their tags (aborted tasks get no xmit_response at all).
 report_aen       {op, nexus: int|None, lun: int, sense: bytes}
     An asynchronous event (a unit attention) for front ends that said aen.
 heartbeat        {op}
@@ -208,7 +208,7 @@ class FrontEndHandler(Protocol):
     def rdy_to_xfer(self, tag: int, offset: int, length: int) -> None: ...
     def xmit_response(self, tag: int, status: int, sense: bytes | None, resid: int,
                       data: list[zmq.Frame]) -> None: ...
-    def task_mgmt_fn_done(self, tag: int, response: int) -> None: ...
+    def task_mgmt_fn_done(self, tag: int, response: int, aborted: list[int]) -> None: ...
     def report_aen(self, nexus: int | None, lun: int, sense: bytes) -> None: ...
     def link_lost(self) -> None: ...
 
@@ -255,7 +255,8 @@ class FrontEndLink:
             Op.RDY_TO_XFER: lambda h, f: handler.rdy_to_xfer(h["tag"], h["offset"], h["length"]),
             Op.XMIT_RESPONSE: lambda h, f: handler.xmit_response(
                 h["tag"], h["status"], h.get("sense"), h.get("resid", 0), f),
-            Op.TMF_DONE: lambda h, f: handler.task_mgmt_fn_done(h["tag"], h["response"]),
+            Op.TMF_DONE: lambda h, f: handler.task_mgmt_fn_done(h["tag"], h["response"],
+                                                                h.get("aborted", [])),
             Op.REPORT_AEN: lambda h, f: handler.report_aen(h.get("nexus"), h["lun"], h["sense"]),
             Op.HEARTBEAT: lambda h, f: None,
         }

@@ -18,6 +18,15 @@ def cdb_length(opcode: int) -> int | None:
     return GROUP_LEN.get(opcode >> 5)
 
 
+def trim_cdb(cdb: bytes) -> bytes:
+    """The CDB without transport padding (iSCSI always carries 16 bytes), so
+    handlers can tell READ(10) from READ(16) by length."""
+    n = cdb_length(cdb[0])
+    if n is None and cdb[0] == 0x7F and len(cdb) > 7:  # variable length CDB
+        n = cdb[7] + 8
+    return cdb[:n] if n is not None and len(cdb) > n else cdb
+
+
 def u16(cdb: bytes, off: int) -> int:
     return _U16.unpack_from(cdb, off)[0]
 

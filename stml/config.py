@@ -224,18 +224,6 @@ def load(config_path: str | None = None, data_dir: str | None = None, iqn: str |
     if not re.match(r"^(ipc|tcp)://.+", ep):
         raise ConfigError("stml_endpoint", f"{ep!r} is not ipc://PATH or tcp://HOST:PORT")
     plist = list(portals) or raw.get("portals") or [DEFAULT_PORTAL]
-    for p in plist:
-        parse_portal(p)
+    if not isinstance(plist, list) or not all(isinstance(p, str) for p in plist):
+        raise ConfigError("portals", "must be a list of \"HOST:PORT\" strings")
     return Config(ddir, targets, ep, plist, _chap(raw.get("discovery_chap"), "discovery_chap"), path)
-
-
-def parse_portal(value: str) -> tuple[str, int]:
-    """HOST:PORT, [V6ADDR]:PORT or HOST (port 3260). Never split IPv6 on ':'."""
-    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\](?::(\d+))?|([^:\[\]]+)(?::(\d+))?", value.strip())
-    if not m:
-        raise ConfigError("portal", f"{value!r} is not HOST:PORT or [IPv6]:PORT")
-    host = m.group(1) or m.group(3)
-    port = int(m.group(2) or m.group(4) or 3260)
-    if not 0 <= port <= 65535:
-        raise ConfigError("portal", f"port {port} out of range")
-    return host, port

@@ -114,9 +114,7 @@ async def read_capacity10(task: Task) -> bytes:
 async def read_capacity16(task: Task) -> bytes:
     lu = task.lu
     alloc = u32(task.cdb, 10)
-    lbpme = 0x80 if lu.backend.can_discard and lu.options.thin else 0
-    lbprz = 0x40 if lbpme else 0
-    data = struct.pack(">QIBBH", lu.blocks - 1, lu.block_size, 0, 0, (lbpme | lbprz) << 8) + bytes(16)
+    data = struct.pack(">QIBBH", lu.blocks - 1, lu.block_size, 0, 0, 0) + bytes(16)
     return data[:alloc]
 
 

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from backends import BackendError
 from stml.api import CONTRACT_VERSION, DataDir, Op, Tmf, TmfResponse, version_compatible
-from stml.cdb import check_usage
+from stml.cdb import check_usage, trim_cdb
 from stml.disk import DiskTemplate, OpEntry, standard_inquiry
 from stml.lu import LogicalUnit
 from stml.sense import (
@@ -79,7 +79,7 @@ class Task:
         self.nexus = nexus
         self.lun: int = h["lun"]
         self.lu: LogicalUnit | None = None
-        self.cdb: bytes = h["cdb"]
+        self.cdb: bytes = trim_cdb(h["cdb"])
         self.attr: int = h.get("attr", 0)
         self.direction: int = h.get("dir", 0)
         self.exp_len: int = h.get("len", 0)
@@ -138,7 +138,6 @@ class Emulator:
         self.queue_depth = queue_depth
         self.templates: dict[str, Any] = {}
         self.front_ends: dict[bytes, FrontEnd] = {}
-        self.seen_nexus_keys: set[str] = set()
         self.register_target_template(DiskTemplate())
         self._ops: dict[str, Callable[[FrontEnd, dict[str, Any], list], None]] = {
             Op.DEREGISTER: self._deregister,
@@ -247,10 +246,6 @@ class Emulator:
         if old:
             self._drop_nexus(old)
         fe.nexuses[nexus.id] = nexus
-        if nexus.key not in self.seen_nexus_keys:
-            self.seen_nexus_keys.add(nexus.key)
-            for lu in self.targets[nexus.target].luns.values():
-                lu.add_ua(POWER_ON_RESET, [nexus.key])
         self.send(fe.ident, {"op": Op.NEXUS_READY, "nexus": nexus.id}, [])
 
     def _scsi_release(self, fe: FrontEnd, h: dict[str, Any], frames: list) -> None:
@@ -316,6 +311,8 @@ class Emulator:
             return  # aborted: an aborted task sends no status
         except CheckCondition as e:
             status, sense = e.status, e.sense(descriptor)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("CDB %s on %s LUN %d: %r", task.cdb.hex(), task.nexus.target, task.lun, e)
         except StatusError as e:
             status = e.status
         except (BackendError, OSError) as e:
@@ -404,8 +401,9 @@ class Emulator:
         asyncio.get_running_loop().create_task(
             self._task_mgmt(fe, tag, nexus, int(h["fn"]), int(h.get("lun") or 0), h.get("ref")))
 
-    def _tmf_done(self, fe: FrontEnd, tag: int, response: int) -> None:
-        self.send(fe.ident, {"op": Op.TMF_DONE, "tag": tag, "response": response}, [])
+    def _tmf_done(self, fe: FrontEnd, tag: int, response: int, aborted: list[int] = ()) -> None:
+        self.send(fe.ident, {"op": Op.TMF_DONE, "tag": tag, "response": response,
+                             "aborted": list(aborted)}, [])
 
     def _tasks_where(self, pred: Callable[[Task], bool]) -> list[Task]:
         return [t for fe in self.front_ends.values() for t in fe.tasks.values() if pred(t)]
@@ -464,7 +462,7 @@ class Emulator:
         runners = [r for r in (self._abort(t) for t in victims) if r is not None]
         if runners:
             await asyncio.gather(*runners, return_exceptions=True)
-        self._tmf_done(fe, tag, response)
+        self._tmf_done(fe, tag, response, [t.tag for t in victims if t.fe is fe])
 
 
 def _trim(bufs: list[memoryview], n: int) -> list[memoryview]:

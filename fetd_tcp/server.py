@@ -1,0 +1,357 @@
+"""The iSCSI front end process: asyncio portals around the sans-IO cores,
+and the STML link (stml.api, the only STML module a front end uses)."""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import secrets
+import signal
+import socket
+from typing import Any
+
+from fetd_tcp import pdu as P
+from fetd_tcp.digest import DIGEST_LEN, digest, padding
+from fetd_tcp.keys import TargetKeys
+from fetd_tcp import login as L
+from fetd_tcp.chap import Credentials
+from fetd_tcp.session import Connection, Session, Tags, Task
+from stml.api import Detect, FrontEndLink
+
+log = logging.getLogger("fetd_tcp")
+
+LOGIN_TIMEOUT = 15.0     # a connection must finish login within this
+NOP_INTERVAL = 10.0      # idle connections are pinged this often; unanswered twice -> dropped
+CMD_WINDOW = 128         # MaxCmdSN - ExpCmdSN + 1, capped by the STML's queue depth
+
+
+class PortalSpec:
+    def __init__(self, host: str, port: int, tpgt: int) -> None:
+        self.host, self.port, self.tpgt = host, port, tpgt
+
+
+class IscsiFrontEnd:
+    """The front end: STML calls arrive here and are routed to connections."""
+
+    def __init__(self, stml_endpoint: str, portals: list[PortalSpec], keys: TargetKeys | None = None,
+                 discovery_chap: dict[str, str] | None = None) -> None:
+        self.portals = portals
+        self.keys = keys or TargetKeys()
+        self.discovery_chap = discovery_chap
+        self.link = FrontEndLink(stml_endpoint, "iscsi", self)
+        self.tags = Tags()
+        self.sessions: dict[int, Session] = {}           # TSIH -> session
+        self.nexus_ids = itertools.count(1)
+        self.tsihs = itertools.count(1)
+        self.detect_info: Detect | None = None
+        self.servers: list[asyncio.AbstractServer] = []
+        self.writers: set[Any] = set()
+
+    # ------------------------------------------------------------ STML -> us
+    def detect(self, detect: Detect) -> None:
+        self.detect_info = detect
+        log.info("STML %s offers %d target(s)", detect.stml, len(detect.targets))
+
+    def nexus_ready(self, nexus: int, error: str | None) -> None:
+        if error:
+            log.warning("STML refused nexus %d: %s", nexus, error)
+
+    def rdy_to_xfer(self, tag: int, offset: int, length: int) -> None:
+        task = self.tags.tasks.get(tag)
+        if task is not None:
+            task.conn.rdy_to_xfer(task, offset, length)
+
+    def xmit_response(self, tag: int, status: int, sense: bytes | None, resid: int, data: list) -> None:
+        task = self.tags.tasks.pop(tag, None)
+        if task is None:
+            return
+        if not data:
+            buf = None
+        elif len(data) == 1:
+            buf = data[0].buffer
+        else:
+            buf = memoryview(b"".join(f.buffer for f in data))
+        task.conn.xmit_response(task, status, sense, resid, buf)
+
+    def task_mgmt_fn_done(self, tag: int, response: int, aborted: list[int]) -> None:
+        tasks = [t for t in (self.tags.tasks.pop(a, None) for a in aborted) if t is not None]
+        entry = self.tags.tmfs.pop(tag, None)
+        if entry is not None:
+            conn, itt, fn = entry
+            conn.task_mgmt_fn_done(itt, fn, response, tasks)
+
+    def report_aen(self, nexus: int | None, lun: int, sense: bytes) -> None:
+        for s in self.sessions.values():
+            if nexus is None or s.nexus == nexus:
+                for conn in s.connections.values():
+                    conn.async_event(P.ASYNC_SCSI_EVENT, P.int_to_lun(lun), sense)
+                    break
+
+    def link_lost(self) -> None:
+        """The STML is gone: every task in flight is lost, so every session ends;
+        initiators log in again once the STML is back."""
+        log.warning("STML link lost: closing %d session(s)", len(self.sessions))
+        for s in list(self.sessions.values()):
+            for conn in list(s.connections.values()):
+                conn.close()
+
+    # ------------------------------------------------------------ targets for login
+    def target_configs(self) -> tuple[L.TargetConfig, ...]:
+        """The STML's targets with their access rules, as the login machine wants them."""
+        if self.detect_info is None:
+            return ()
+        return tuple(L.TargetConfig(t.name, t.alias, frozenset(t.access.get("acl") or ()),
+                                    _creds(t.access.get("chap")), _creds(t.access.get("mutual")))
+                     for t in self.detect_info.targets)
+
+    def portal_addresses(self) -> dict[int, list[tuple[str, int]]]:
+        out: dict[int, list[tuple[str, int]]] = {}
+        for p in self.portals:
+            out.setdefault(p.tpgt, []).append((p.host, p.port))
+        return out
+
+    def text(self, conn: Connection, pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        """Text requests in full feature phase: SendTargets; other keys are not
+        renegotiated."""
+        answer: list[tuple[str, str]] = []
+        for key, value in pairs:
+            if key == "SendTargets":
+                answer += L.send_targets(value, conn.session.initiator, self.target_configs(),
+                                         self.portal_addresses(), conn.local_addr,
+                                         discovery=conn.session.discovery,
+                                         session_target=conn.session.target)
+            else:
+                answer.append((key, "NotUnderstood"))
+        return answer
+
+    # ------------------------------------------------------------ portals
+    async def start(self) -> None:
+        self.link.start()
+        for p in self.portals:
+            server = await asyncio.start_server(
+                lambda r, w, p=p: self._connection(r, w, p), p.host, p.port,
+                reuse_address=True, limit=1 << 20)
+            self.servers.append(server)
+            for sock in server.sockets:
+                addr = sock.getsockname()
+                p.port = addr[1]
+                host = f"[{addr[0]}]" if ":" in addr[0] else addr[0]
+                print(f"fetd_tcp: listening on {host}:{addr[1]} (tpgt {p.tpgt})", flush=True)
+
+    async def stop(self) -> None:
+        for s in list(self.sessions.values()):
+            for conn in list(s.connections.values()):
+                conn.async_event(P.ASYNC_LOGOUT_REQUEST, param3=2)
+        for server in self.servers:
+            server.close()
+        await asyncio.sleep(0.2 if self.sessions else 0)
+        for w in list(self.writers):
+            w.close()
+        await self.link.close()
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                          portal: PortalSpec) -> None:
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        peer = writer.get_extra_info("peername")
+        local = writer.get_extra_info("sockname")
+        self.writers.add(writer)
+        conn: Connection | None = None
+        try:
+            result = await asyncio.wait_for(self._login(reader, writer, portal, local), LOGIN_TIMEOUT)
+            if result is None:
+                return
+            conn = result
+            conn.local_addr = (local[0], local[1])
+            await self._full_feature(reader, writer, conn)
+        except (asyncio.IncompleteReadError, ConnectionError, TimeoutError, asyncio.TimeoutError):
+            pass
+        except P.PDUError as e:
+            log.info("connection from %s dropped: %s", peer, e)
+        finally:
+            self.writers.discard(writer)
+            if conn is not None:
+                self._drop_connection(conn)
+            writer.close()
+
+    async def _read_pdu(self, reader: asyncio.StreamReader, hd: bool, dd: bool,
+                        max_data: int) -> tuple[Any, bytes, bytes]:
+        """(decoded PDU, data segment, raw header). Raises PDUError on digest or
+        framing errors, after which the stream cannot be trusted."""
+        header = await reader.readexactly(P.BHS_LEN)
+        bhs = P.parse_bhs(header)
+        if bhs.data_length > max_data:
+            raise P.PDUError(f"data segment of {bhs.data_length} bytes exceeds {max_data}")
+        rest = await reader.readexactly(bhs.remaining(hd, dd)) if bhs.remaining(hd, dd) else b""
+        mv = memoryview(rest)
+        ahs = mv[:bhs.ahs_length]
+        pos = bhs.ahs_length
+        if hd:
+            if mv[pos:pos + DIGEST_LEN] != digest(header, ahs):
+                raise P.PDUError("header digest error")
+            pos += DIGEST_LEN
+        data = mv[pos:pos + bhs.data_length]
+        if dd and bhs.data_length:
+            end = pos + bhs.data_length + len(padding(bhs.data_length))
+            if mv[end:end + DIGEST_LEN] != digest(mv[pos:end]):
+                raise P.PDUError("data digest error", P.REJECT_DATA_DIGEST_ERROR)
+        return P.decode_pdu(header, ahs), data, header
+
+    def _writer_out(self, writer: asyncio.StreamWriter, conn_params: Any) -> Any:
+        hd, dd = conn_params.header_digest, conn_params.data_digest
+
+        def out(pdu: Any, data: bytes | memoryview) -> None:
+            hdr = pdu.encode()
+            parts = [hdr]
+            if hd:
+                parts.append(digest(hdr))
+            if len(data):
+                parts.append(data)
+                pad = padding(len(data))
+                if pad:
+                    parts.append(pad)
+                if dd:
+                    parts.append(digest(data, pad))
+            writer.writelines(parts)
+        return out
+
+    async def _login(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     portal: PortalSpec, local: Any) -> Connection | None:
+        limits = self.detect_info.limits if self.detect_info else {}
+        config = L.LoginConfig(self.target_configs(), portal.tpgt, self.keys,
+                               _creds(self.discovery_chap), cmd_window=self._window(limits))
+        machine = L.LoginMachine(config, secrets.randbits(32))
+        while True:
+            pdu, data, _ = await self._read_pdu(reader, False, False, L.MAX_LOGIN_TEXT)
+            if not isinstance(pdu, P.LoginRequest):
+                return None  # anything but Login before full feature phase ends the connection
+            step = machine.receive(pdu, bytes(data))
+            if isinstance(step, L.Decide):
+                step = self._decide(machine, step.outcome)
+            writer.write(step.header)
+            if step.data:
+                writer.write(step.data + padding(len(step.data)))
+            await writer.drain()
+            if isinstance(step, L.Fail):
+                log.info("login from %s failed: %s", pdu.isid.hex(), step.reason)
+                return None
+            if isinstance(step, L.Complete):
+                return self._admit(step.outcome, writer, local, portal.tpgt)
+
+    def _decide(self, machine: L.LoginMachine, o: L.LoginOutcome) -> L.Complete | L.Fail:
+        """The session side of a finished negotiation: a new session gets a
+        TSIH; a connection joining one must name a live session of this
+        initiator and stay within MaxConnections."""
+        if o.tsih == 0:
+            return machine.accept(self._allocate_tsih())
+        s = self.sessions.get(o.tsih)
+        if s is None or s.initiator != o.initiator_name or s.isid != o.isid:
+            return machine.refuse(L.SESSION_DOES_NOT_EXIST, "no such session to join")
+        if o.cid not in s.connections and len(s.connections) >= s.params.max_connections:
+            return machine.refuse(L.TOO_MANY_CONNECTIONS, "MaxConnections reached")
+        return machine.accept(o.tsih)
+
+    @staticmethod
+    def _window(limits: dict[str, Any]) -> int:
+        return min(CMD_WINDOW, int(limits.get("queue_depth", CMD_WINDOW)))
+
+    def _allocate_tsih(self) -> int:
+        while True:
+            tsih = next(self.tsihs) & 0xFFFF
+            if tsih and tsih not in self.sessions:
+                return tsih
+
+    def _admit(self, o: L.LoginOutcome, writer: asyncio.StreamWriter, local: Any,
+               tpgt: int) -> Connection:
+        """Create or join the session a finished login names."""
+        session = self.sessions.get(o.tsih)
+        discovery = o.session_type == "Discovery"
+        target = o.target.name if o.target else ""
+        if session is None:
+            for old in [s for s in self.sessions.values()
+                        if s.initiator == o.initiator_name and s.isid == o.isid and s.target == target]:
+                log.info("session reinstatement: closing old session TSIH %d", old.tsih)
+                for c in list(old.connections.values()):
+                    c.close()
+                self._end_session(old)
+            limits = self.detect_info.limits if self.detect_info else {}
+            session = Session(o.tsih, o.isid, o.initiator_name, target, tpgt, o.session,
+                              next(self.nexus_ids), o.cmd_sn, self._window(limits), discovery=discovery)
+            self.sessions[o.tsih] = session
+            if not discovery:
+                self.link.register_nexus(session.nexus, session.initiator_port, target, tpgt)
+        old_conn = session.connections.get(o.cid)
+        if old_conn is not None:
+            old_conn.close()
+        conn = Connection(session, o.cid, o.connection, o.stat_sn,
+                          self._writer_out(writer, o.connection), self.link, self.tags,
+                          writer.close, self.text)
+        session.connections[o.cid] = conn
+        return conn
+
+    async def _full_feature(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                            conn: Connection) -> None:
+        p = conn.params
+        pinger = asyncio.create_task(self._pinger(conn))
+        try:
+            while not conn.closing:
+                try:
+                    pdu, data, header = await self._read_pdu(
+                        reader, p.header_digest, p.data_digest, p.max_recv_data_segment_length)
+                except P.PDUError as e:
+                    if e.reject_reason == P.REJECT_DATA_DIGEST_ERROR:
+                        conn.reject(e.reject_reason, b"\0" * P.BHS_LEN)
+                    raise
+                conn.idle = False
+                try:
+                    conn.receive(pdu, data)
+                except P.PDUError as e:
+                    conn.reject(e.reject_reason, header)
+                if writer.transport.get_write_buffer_size() > (4 << 20):
+                    await writer.drain()
+        finally:
+            pinger.cancel()
+
+    async def _pinger(self, conn: Connection) -> None:
+        conn.idle = True
+        while True:
+            await asyncio.sleep(NOP_INTERVAL)
+            if conn.idle and not conn.ping():
+                log.info("initiator %s did not answer NOP-In: dropping connection", conn.session.initiator)
+                conn.close()
+                return
+            conn.idle = True
+
+    def _drop_connection(self, conn: Connection) -> None:
+        s = conn.session
+        if s.connections.get(conn.cid) is conn:
+            del s.connections[conn.cid]
+        for task in [t for t in s.itts.values() if t.conn is conn]:
+            s.itts.pop(task.itt, None)
+        if not s.connections:
+            self._end_session(s)
+
+    def _end_session(self, s: Session) -> None:
+        if self.sessions.get(s.tsih) is s:
+            del self.sessions[s.tsih]
+            for tag in [tag for tag, t in self.tags.tasks.items() if t.conn.session is s]:
+                del self.tags.tasks[tag]
+            if not s.discovery:
+                self.link.scsi_release(s.nexus)
+
+
+def _creds(raw: dict[str, str] | None) -> Credentials | None:
+    return Credentials(raw["user"], raw["secret"]) if raw else None
+
+
+async def run_fetd_tcp(stml_endpoint: str, portals: list[PortalSpec],
+                       discovery_chap: dict[str, str] | None = None) -> None:
+    fe = IscsiFrontEnd(stml_endpoint, portals, discovery_chap=discovery_chap)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await fe.start()
+    await stop.wait()
+    await fe.stop()
