@@ -64,7 +64,7 @@ class Tags:
 
 class Task:
     __slots__ = ("conn", "itt", "tag", "lun", "edtl", "write", "unsol_end", "next_offset",
-                 "r2t_sn", "data_sn", "bursts", "r2ts")
+                 "r2t_sn", "data_sn", "bursts", "r2ts", "unsol_data_sn", "failed")
 
     def __init__(self, conn: Connection, itt: int, tag: int, lun: bytes, edtl: int, write: bool) -> None:
         self.conn = conn
@@ -78,7 +78,9 @@ class Task:
         self.r2t_sn = 0
         self.data_sn = 0            # Data-In PDUs sent
         self.bursts: list[tuple[int, int]] = []        # solicited ranges not yet asked for
-        self.r2ts: dict[int, tuple[int, int]] = {}      # TTT -> (offset, end) outstanding
+        self.r2ts: dict[int, list[int]] = {}   # TTT -> [offset, end, next DataSN] outstanding
+        self.unsol_data_sn = 0
+        self.failed = False         # its data went wrong; the STML has been told
 
 
 @dataclass(eq=False)
@@ -213,21 +215,25 @@ class Connection:
 
     def _data_out(self, d: P.DataOut, data: Any) -> None:
         task = self.session.itts.get(d.itt)
-        if task is None or not task.write:
-            log.debug("Data-Out for unknown ITT 0x%x: discarded", d.itt)
+        if task is None or not task.write or task.failed:
+            log.debug("Data-Out for unknown or failed ITT 0x%x: discarded", d.itt)
             return
         end = d.buffer_offset + len(data)
         if d.ttt == P.RESERVED_TAG:
-            if end > task.unsol_end:
-                self.reject(P.REJECT_PROTOCOL_ERROR, d.encode())
-                return
+            ok = end <= task.unsol_end and d.data_sn == task.unsol_data_sn
+            task.unsol_data_sn += 1
         else:
             burst = task.r2ts.get(d.ttt)
-            if burst is None or d.buffer_offset < burst[0] or end > burst[1]:
-                self.reject(P.REJECT_INVALID_PDU_FIELD, d.encode())
-                return
-        if d.buffer_offset != task.next_offset:
-            self.reject(P.REJECT_INVALID_PDU_FIELD, d.encode())  # DataPDUInOrder=Yes
+            ok = (burst is not None and burst[0] <= d.buffer_offset and end <= burst[1]
+                  and d.data_sn == burst[2])
+            if burst is not None:
+                burst[2] += 1
+        if not ok or d.buffer_offset != task.next_offset:  # DataPDUInOrder=Yes
+            # the command fails (the STML answers CHECK CONDITION); the session lives on
+            task.failed = True
+            task.bursts.clear()
+            self.link.scsi_rx_data(task.tag, d.buffer_offset, (),
+                                   error=f"DataSN {d.data_sn} / offset {d.buffer_offset} out of sequence")
             return
         task.next_offset = end
         if len(data):
@@ -252,7 +258,7 @@ class Connection:
         while task.bursts and len(task.r2ts) < limit:
             start, end = task.bursts.pop(0)
             ttt = next(self.ttts) & 0x7FFFFFFF
-            task.r2ts[ttt] = (start, end)
+            task.r2ts[ttt] = [start, end, 0]
             exp, mx = self._sns()
             self.out(P.R2T(task.itt, ttt, self.stat_sn, exp, mx, task.r2t_sn, start, end - start,
                            task.lun), b"")

@@ -25,8 +25,10 @@ rx_cmnd          {op, tag: int, nexus: int, lun: int, cdb: bytes, attr: int,
     live tasks), `attr` a TaskAttr, `dir` a DataDir bit set, `len` the
     initiator's expected data transfer length, `unsol` how many bytes of
     write data arrive without `rdy_to_xfer` (immediate + unsolicited).
-scsi_rx_data     {op, tag, offset: int}  + frames: write data at offset
+scsi_rx_data     {op, tag, offset: int, error?: str}  + frames: write data at offset
     Write data: unsolicited data, or data that `rdy_to_xfer` asked for.
+    With `error`, the transport could not deliver the data (e.g. an iSCSI
+    DataSN error): the STML ends the command with ABORTED COMMAND.
 rx_task_mgmt_fn  {op, tag, nexus, fn: int, lun: int, ref: int|None}
     A task management function (TMF); `ref` is the tag of the task for
     ABORT TASK / QUERY TASK.
@@ -286,8 +288,11 @@ class FrontEndLink:
         self.send({"op": Op.RX_CMND, "tag": tag, "nexus": nexus, "lun": lun, "cdb": cdb,
                    "attr": attr, "dir": direction, "len": length, "unsol": unsol}, data)
 
-    def scsi_rx_data(self, tag: int, offset: int, data: list | tuple) -> None:
-        self.send({"op": Op.RX_DATA, "tag": tag, "offset": offset}, data)
+    def scsi_rx_data(self, tag: int, offset: int, data: list | tuple, error: str | None = None) -> None:
+        header = {"op": Op.RX_DATA, "tag": tag, "offset": offset}
+        if error:
+            header["error"] = error
+        self.send(header, data)
 
     def rx_task_mgmt_fn(self, tag: int, nexus: int, fn: int, lun: int, ref: int | None) -> None:
         self.send({"op": Op.RX_TMF, "tag": tag, "nexus": nexus, "fn": fn, "lun": lun, "ref": ref})

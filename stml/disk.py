@@ -41,6 +41,7 @@ class OpEntry:
     sa: int | None = None                 # service action (byte 1, low 5 bits)
     ua_exempt: bool = False               # runs despite a pending unit attention
     conflicts: bool = True                # subject to reservation conflicts
+    partial: bool = False                 # may run on less data than the CDB asks for
 
 
 def _u(*b: int) -> bytes:
@@ -69,6 +70,17 @@ def write_check(task: Task) -> None:
     check_range(task.lu, *lba_len(task.cdb))
 
 
+def trim_views(bufs: list[memoryview], n: int) -> list[memoryview]:
+    out, total = [], 0
+    for b in bufs:
+        if total + len(b) >= n:
+            out.append(b[:n - total])
+            break
+        out.append(b)
+        total += len(b)
+    return out
+
+
 def _fua(cdb: bytes) -> bool:
     return len(cdb) > 6 and bool(cdb[1] & 0x08)
 
@@ -86,11 +98,16 @@ async def read(task: Task) -> bytearray:
 
 
 async def write(task: Task) -> None:
+    """Writes the whole blocks received: an initiator that sends less than the
+    CDB says (iSCSI expected length too small) writes only those."""
     lu = task.lu
     lba, blocks = lba_len(task.cdb)
+    blocks = min(blocks, task.want // lu.block_size)
     if blocks:
         sync = _fua(task.cdb) or not lu.mode.wce
-        await task.io(lu.backend.write_from, lba * lu.block_size, task.data_out, sync)
+        data = task.data_out if task.want == blocks * lu.block_size else \
+            trim_views(task.data_out, blocks * lu.block_size)
+        await task.io(lu.backend.write_from, lba * lu.block_size, data, sync)
 
 
 async def synchronize_cache(task: Task) -> None:
@@ -295,7 +312,7 @@ OPCODES: list[OpEntry] = [
     OpEntry(0x03, "REQUEST SENSE", _u(0x03, 0x01, 0, 0, 0xFF, 0), request_sense, DataDir.READ,
             ua_exempt=True, conflicts=False),
     OpEntry(0x08, "READ(6)", _u(0x08, 0x1F, 0xFF, 0xFF, 0xFF, 0), read, DataDir.READ),
-    OpEntry(0x0A, "WRITE(6)", _u(0x0A, 0x1F, 0xFF, 0xFF, 0xFF, 0), write, DataDir.WRITE, rw_out_len, write_check),
+    OpEntry(0x0A, "WRITE(6)", _u(0x0A, 0x1F, 0xFF, 0xFF, 0xFF, 0), write, DataDir.WRITE, rw_out_len, write_check, partial=True),
     OpEntry(0x12, "INQUIRY", _u(0x12, 0x01, 0xFF, 0xFF, 0xFF, 0), inquiry, DataDir.READ,
             ua_exempt=True, conflicts=False),
     OpEntry(0x1A, "MODE SENSE(6)", _u(0x1A, 0x08, 0xFF, 0xFF, 0xFF, 0), mode_sense, DataDir.READ),
@@ -305,20 +322,20 @@ OPCODES: list[OpEntry] = [
     OpEntry(0x28, "READ(10)", _u(0x28, _RW_USE | 0x04, 0xFF, 0xFF, 0xFF, 0xFF, 0x3F, 0xFF, 0xFF, 0),
             read, DataDir.READ),
     OpEntry(0x2A, "WRITE(10)", _u(0x2A, _RW_USE, 0xFF, 0xFF, 0xFF, 0xFF, 0x3F, 0xFF, 0xFF, 0),
-            write, DataDir.WRITE, rw_out_len, write_check),
+            write, DataDir.WRITE, rw_out_len, write_check, partial=True),
     OpEntry(0x35, "SYNCHRONIZE CACHE(10)", _u(0x35, 0x06, 0xFF, 0xFF, 0xFF, 0xFF, 0x3F, 0xFF, 0xFF, 0),
             synchronize_cache),
     OpEntry(0x5A, "MODE SENSE(10)", _u(0x5A, 0x18, 0xFF, 0xFF, 0, 0, 0, 0xFF, 0xFF, 0),
             mode_sense, DataDir.READ),
     OpEntry(0x88, "READ(16)", _u(0x88, _RW_USE | 0x04, *[0xFF] * 12, 0x3F, 0), read, DataDir.READ),
-    OpEntry(0x8A, "WRITE(16)", _u(0x8A, _RW_USE, *[0xFF] * 12, 0x3F, 0), write, DataDir.WRITE, rw_out_len, write_check),
+    OpEntry(0x8A, "WRITE(16)", _u(0x8A, _RW_USE, *[0xFF] * 12, 0x3F, 0), write, DataDir.WRITE, rw_out_len, write_check, partial=True),
     OpEntry(0x91, "SYNCHRONIZE CACHE(16)", _u(0x91, 0x06, *[0xFF] * 12, 0x3F, 0), synchronize_cache),
     OpEntry(0x9E, "READ CAPACITY(16)", _u(0x9E, 0x1F, *[0xFF] * 12, 0x01, 0), read_capacity16,
             DataDir.READ, sa=0x10, conflicts=False),
     OpEntry(0xA0, "REPORT LUNS", _u(0xA0, 0, 0xFF, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0),
             report_luns, DataDir.READ, ua_exempt=True, conflicts=False),
     OpEntry(0xA8, "READ(12)", _u(0xA8, _RW_USE | 0x04, *[0xFF] * 8, 0x3F, 0), read, DataDir.READ),
-    OpEntry(0xAA, "WRITE(12)", _u(0xAA, _RW_USE, *[0xFF] * 8, 0x3F, 0), write, DataDir.WRITE, rw_out_len, write_check),
+    OpEntry(0xAA, "WRITE(12)", _u(0xAA, _RW_USE, *[0xFF] * 8, 0x3F, 0), write, DataDir.WRITE, rw_out_len, write_check, partial=True),
 ]
 
 

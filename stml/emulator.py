@@ -19,7 +19,7 @@ from typing import Any, Callable
 from backends import BackendError
 from stml.api import CONTRACT_VERSION, DataDir, Op, Tmf, TmfResponse, version_compatible
 from stml.cdb import check_usage, trim_cdb
-from stml.disk import DiskTemplate, OpEntry, standard_inquiry
+from stml.disk import DiskTemplate, OpEntry, standard_inquiry, trim_views
 from stml.lu import LogicalUnit
 from stml.sense import (
     ABORTED_COMMAND, CHECK_CONDITION, GOOD, HARDWARE_ERROR, ILLEGAL_REQUEST,
@@ -69,7 +69,8 @@ class Task:
     """One SCSI command inside the STML, from rx_cmnd to xmit_response."""
 
     __slots__ = ("emulator", "fe", "tag", "nexus", "lun", "lu", "cdb", "attr", "direction",
-                 "exp_len", "unsol", "data_out", "received", "need", "data_ready", "runner", "seq")
+                 "exp_len", "unsol", "data_out", "received", "need", "want", "data_ready", "data_error",
+                 "runner", "seq")
 
     def __init__(self, emulator: Emulator, fe: FrontEnd, h: dict[str, Any], nexus: Nexus,
                  imm: list) -> None:
@@ -86,8 +87,10 @@ class Task:
         self.unsol: int = h.get("unsol", 0)
         self.data_out: list[memoryview] = [f.buffer for f in imm]
         self.received = sum(len(b) for b in self.data_out)
-        self.need = 0
+        self.need = 0     # bytes the CDB asks the initiator for
+        self.want = 0     # bytes this task will collect (less when the initiator sends less)
         self.data_ready: asyncio.Future | None = None
+        self.data_error: CheckCondition | None = None
         self.runner: asyncio.Task | None = None
         self.seq = 0
 
@@ -106,13 +109,21 @@ class Task:
 
     def add_data(self, offset: int, frames: list) -> None:
         if offset != self.received:  # front ends deliver write data in order
-            raise CheckCondition(ABORTED_COMMAND, DATA_PHASE_ERROR)
+            self.fail_data(CheckCondition(ABORTED_COMMAND, DATA_PHASE_ERROR))
+            return
         for f in frames:
             buf = f.buffer
             self.data_out.append(buf)
             self.received += len(buf)
-        if self.data_ready is not None and self.received >= self.need and not self.data_ready.done():
+        if self.data_ready is not None and self.received >= self.want and not self.data_ready.done():
             self.data_ready.set_result(None)
+
+    def fail_data(self, error: CheckCondition) -> None:
+        """The write data cannot arrive whole: the command fails with `error`
+        whether or not it is already waiting for the data."""
+        self.data_error = error
+        if self.data_ready is not None and not self.data_ready.done():
+            self.data_ready.set_exception(error)
 
 
 @dataclass
@@ -275,11 +286,11 @@ class Emulator:
         task = fe.tasks.get(h["tag"])
         if task is None:
             return  # data for a task already answered (e.g. failed before its data): dropped
-        try:
+        if h.get("error"):
+            log.info("front end %s could not deliver data for task %d: %s", fe.name, task.tag, h["error"])
+            task.fail_data(CheckCondition(ABORTED_COMMAND, DATA_PHASE_ERROR))
+        else:
             task.add_data(h["offset"], frames)
-        except CheckCondition as e:
-            if task.data_ready is not None and not task.data_ready.done():
-                task.data_ready.set_exception(e)
 
     async def _execute(self, task: Task) -> None:
         status, sense, data = GOOD, None, None
@@ -342,13 +353,17 @@ class Emulator:
     async def _collect(self, task: Task, entry: OpEntry) -> None:
         """Gather the write data the command needs, asking for what was not sent
         unsolicited."""
-        need = entry.out_len(task)
-        if need > task.exp_len:
-            # the initiator will not send all the CDB asks for: refuse before any data moves
-            raise CheckCondition(ILLEGAL_REQUEST, INVALID_FIELD_IN_CDB)
+        need = task.need = entry.out_len(task)
         if need > self.max_transfer:
             raise CheckCondition(ILLEGAL_REQUEST, INVALID_FIELD_IN_CDB)
-        task.need = need
+        if need > task.exp_len:
+            if not entry.partial:
+                # the initiator will not send what the CDB asks for: refuse before data moves
+                raise CheckCondition(ILLEGAL_REQUEST, INVALID_FIELD_IN_CDB)
+            need = task.exp_len  # SAM: only what the initiator sends is transferred (overflow)
+        task.want = need
+        if task.data_error is not None:
+            raise task.data_error
         if task.received < need:
             task.data_ready = asyncio.get_running_loop().create_future()
             start = max(task.unsol, task.received)
@@ -357,7 +372,7 @@ class Emulator:
                                           "offset": start, "length": need - start}, [])
             await task.data_ready
         if task.received > need:
-            task.data_out = _trim(task.data_out, need)
+            task.data_out = trim_views(task.data_out, need)
 
     def _forget(self, task: Task) -> None:
         if task.fe.tasks.get(task.tag) is task:
@@ -369,11 +384,9 @@ class Emulator:
         resid = exp
         if data is not None and task.direction & DataDir.READ:
             n = len(data)
+            resid = exp - n
             if n > exp:
                 data = memoryview(data)[:exp]
-                resid = exp - n
-            else:
-                resid = exp - n
             if exp and n:
                 frames = [data]
         elif task.need:
@@ -463,14 +476,3 @@ class Emulator:
         if runners:
             await asyncio.gather(*runners, return_exceptions=True)
         self._tmf_done(fe, tag, response, [t.tag for t in victims if t.fe is fe])
-
-
-def _trim(bufs: list[memoryview], n: int) -> list[memoryview]:
-    out, total = [], 0
-    for b in bufs:
-        if total + len(b) >= n:
-            out.append(b[:n - total])
-            break
-        out.append(b)
-        total += len(b)
-    return out
