@@ -33,11 +33,9 @@ class PortalSpec:
 class IscsiFrontEnd:
     """The front end: STML calls arrive here and are routed to connections."""
 
-    def __init__(self, stml_endpoint: str, portals: list[PortalSpec], keys: TargetKeys | None = None,
-                 discovery_chap: dict[str, str] | None = None) -> None:
+    def __init__(self, stml_endpoint: str, portals: list[PortalSpec], keys: TargetKeys | None = None) -> None:
         self.portals = portals
         self.keys = keys or TargetKeys()
-        self.discovery_chap = discovery_chap
         self.link = FrontEndLink(stml_endpoint, "iscsi", self)
         self.tags = Tags()
         self.sessions: dict[int, Session] = {}           # TSIH -> session
@@ -219,8 +217,9 @@ class IscsiFrontEnd:
     async def _login(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                      portal: PortalSpec, local: Any) -> Connection | None:
         limits = self.detect_info.limits if self.detect_info else {}
+        discovery = self.detect_info.discovery if self.detect_info else {}
         config = L.LoginConfig(self.target_configs(), portal.tpgt, self.keys,
-                               _creds(self.discovery_chap), cmd_window=self._window(limits))
+                               _creds(discovery.get("chap")), cmd_window=self._window(limits))
         machine = L.LoginMachine(config, secrets.randbits(32))
         while True:
             pdu, data, _ = await self._read_pdu(reader, False, False, L.MAX_LOGIN_TEXT)
@@ -345,9 +344,8 @@ def _creds(raw: dict[str, str] | None) -> Credentials | None:
     return Credentials(raw["user"], raw["secret"]) if raw else None
 
 
-async def run_fetd_tcp(stml_endpoint: str, portals: list[PortalSpec],
-                       discovery_chap: dict[str, str] | None = None) -> None:
-    fe = IscsiFrontEnd(stml_endpoint, portals, discovery_chap=discovery_chap)
+async def run_fetd_tcp(stml_endpoint: str, portals: list[PortalSpec]) -> None:
+    fe = IscsiFrontEnd(stml_endpoint, portals)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -40,7 +40,7 @@ heartbeat        {op}
 STML -> front end
 -----------------
 detect           {op, version, stml: str, targets: [Target], limits: {...},
-                  heartbeat_ms, error?: str}
+                  discovery: {chap: {...}|None}, heartbeat_ms, error?: str}
     Target = {name, alias, luns: [Lun], access: {acl: [iqn], chap: {...}|None,
     mutual: {...}|None}}; Lun = {lun, block_size, blocks, ro, removable}.
     Sent again, unasked, when targets or LUNs change.
@@ -189,6 +189,7 @@ class Detect:
     stml: str
     targets: tuple[Target, ...]
     limits: dict[str, Any]
+    discovery: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_header(cls, h: dict[str, Any]) -> Detect:
@@ -196,7 +197,7 @@ class Detect:
             Target(t["name"], tuple(Lun(**lun) for lun in t["luns"]), t.get("alias", ""),
                    t.get("access") or {})
             for t in h.get("targets", ()))
-        return cls(h.get("stml", ""), targets, h.get("limits", {}))
+        return cls(h.get("stml", ""), targets, h.get("limits", {}), h.get("discovery") or {})
 
     def target(self, name: str) -> Target | None:
         return next((t for t in self.targets if t.name == name), None)

@@ -139,7 +139,7 @@ class Emulator:
 
     def __init__(self, targets: list[Target], send: Send, executor: Executor, *,
                  name: str = "stml", heartbeat_ms: int = 1000, max_transfer: int = 8 << 20,
-                 queue_depth: int = 128) -> None:
+                 queue_depth: int = 128, discovery: dict[str, Any] | None = None) -> None:
         self.targets = {t.name: t for t in targets}
         self.send = send
         self.executor = executor
@@ -147,6 +147,7 @@ class Emulator:
         self.heartbeat = heartbeat_ms / 1000
         self.max_transfer = max_transfer
         self.queue_depth = queue_depth
+        self.discovery = discovery or {}
         self.templates: dict[str, Any] = {}
         self.front_ends: dict[bytes, FrontEnd] = {}
         self.register_target_template(DiskTemplate())
@@ -182,6 +183,7 @@ class Emulator:
             "op": Op.DETECT, "version": list(CONTRACT_VERSION), "stml": self.name,
             "heartbeat_ms": int(self.heartbeat * 1000),
             "limits": {"max_transfer": self.max_transfer, "queue_depth": self.queue_depth},
+            "discovery": self.discovery,
             "targets": [{"name": t.name, "alias": t.alias, "access": t.access,
                          "luns": [lu.describe() for lu in t.luns.values()]}
                         for t in self.targets.values()],

@@ -50,7 +50,8 @@ class StmlServer:
         self.sock.setsockopt(zmq.SNDHWM, 0)
         self.sock.setsockopt(zmq.RCVHWM, 0)
         self.executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="backend")
-        self.emulator = Emulator([], self._send, self.executor, heartbeat_ms=heartbeat_ms)
+        self.emulator = Emulator([], self._send, self.executor, heartbeat_ms=heartbeat_ms,
+                                 discovery={"chap": config.discovery_chap})
         for t in build_targets(config, self.emulator.templates):
             self.emulator.targets[t.name] = t
         self._lock_fd: int | None = None

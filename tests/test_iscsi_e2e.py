@@ -14,6 +14,7 @@ pytestmark = pytest.mark.skipif(not shutil.which("iscsi-ls"), reason="libiscsi-b
 
 SECRET = "initiator-secret-1"
 TSECRET = "target-secret-22"
+DSECRET = "discovery-secret-3"
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +83,8 @@ def chap_target(tmp_path_factory):
     d = tmp_path_factory.mktemp("chap")
     cfg = d / "target.toml"
     cfg.write_text(textwrap.dedent(f"""
+        discovery_chap = {{ user = "disc", secret = "{DSECRET}" }}
+
         [[target]]
         name = "{IQN}"
         chap = {{ user = "alice", secret = "{SECRET}" }}
@@ -122,18 +125,25 @@ def test_chap_mutual(chap_target):
     assert bad.returncode != 0
 
 
+def test_discovery_chap(chap_target):
+    t = chap_target
+    assert run(["iscsi-ls", f"iscsi://{t.portal}"], check=False).returncode != 0
+    out = run(["iscsi-ls", f"iscsi://disc%{DSECRET}@{t.portal}"]).stdout
+    assert f"Target:{IQN}" in out
+
+
 def test_chap_secret_never_logged(chap_target):
     run(["iscsi-inq", chap_target.url(auth="alice%wrong-secret-123@")], check=False)
     log = chap_target.log()
-    assert SECRET not in log and TSECRET not in log
+    assert SECRET not in log and TSECRET not in log and DSECRET not in log
 
 
 def test_acl_limits_login_and_discovery(chap_target):
     t = chap_target
     acl_iqn = "iqn.2026-11.org.scsi-target:acl"
-    listed = run(["iscsi-ls", "-s", "-i", "iqn.2026-11.org.example:other", f"iscsi://{t.portal}"],
-                 check=False).stdout
-    assert acl_iqn not in listed
+    listed = run(["iscsi-ls", "-i", "iqn.2026-11.org.example:other",
+                  f"iscsi://disc%{DSECRET}@{t.portal}"]).stdout
+    assert IQN in listed and acl_iqn not in listed
     denied = run(["iscsi-inq", "-i", "iqn.2026-11.org.example:other", t.url(iqn=acl_iqn)], check=False)
     assert denied.returncode != 0
     allowed = run(["iscsi-inq", "-i", "iqn.2026-11.org.example:allowed", t.url(iqn=acl_iqn)]).stdout
