@@ -1,4 +1,4 @@
 """The loopback front end: local programs issue SCSI commands to the STML."""
-from fetd_loopback.client import LinkLost, LoopbackClient, ScsiError, ScsiResult
+from fetd_loopback.client import LinkLost, LoopbackClient, ScsiError, ScsiResult, TaskAborted
 
-__all__ = ["LinkLost", "LoopbackClient", "ScsiError", "ScsiResult"]
+__all__ = ["LinkLost", "LoopbackClient", "ScsiError", "ScsiResult", "TaskAborted"]

@@ -26,6 +26,10 @@ class LinkLost(ConnectionError):
     """The STML went away with this command in flight; its outcome is unknown."""
 
 
+class TaskAborted(Exception):
+    """The command was aborted by task management and has no status."""
+
+
 class ScsiError(Exception):
     """A command ended with a status other than GOOD."""
 
@@ -217,7 +221,9 @@ class LoopbackClient:
         payload = b"".join(f.buffer for f in data) if len(data) != 1 else data[0].bytes
         pending.future.set_result(ScsiResult(status, sense, payload, resid))
 
-    def task_mgmt_fn_done(self, tag: int, response: int) -> None:
+    def task_mgmt_fn_done(self, tag: int, response: int, aborted: list[int]) -> None:
+        for t in aborted:
+            self._fail(t, TaskAborted(f"task {t} aborted by task management"))
         fut = self._tmfs.pop(tag, None)
         if fut is not None:
             fut.set_result(response)
