@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Callable
 
@@ -174,6 +175,8 @@ def client_factory() -> Callable[..., LoopbackClient]:
 
     def make(endpoint: str, **kw) -> LoopbackClient:
         kw.setdefault("timeout", 10)
+        # a fresh initiator port per client: a fresh I_T nexus, never one left by another test
+        kw.setdefault("initiator", f"iqn.2026-01.org.scsi-target.test:{uuid.uuid4().hex[:12]}")
         c = LoopbackClient(endpoint, **kw)
         c.open()
         clients.append(c)
