@@ -72,7 +72,6 @@ from typing import Any, Callable, Protocol
 
 import msgpack
 import zmq
-import zmq.asyncio
 
 CONTRACT_VERSION = (1, 0)
 log = logging.getLogger("stml.api")
@@ -232,7 +231,7 @@ class FrontEndLink:
     def __init__(self, endpoint: str, kind: str, handler: FrontEndHandler, *,
                  name: str | None = None, heartbeat_ms: int = 1000, aen: bool = True,
                  version: tuple[int, int] = CONTRACT_VERSION,
-                 context: zmq.asyncio.Context | None = None,
+                 context: zmq.Context | None = None,
                  curve: dict[str, bytes] | None = None) -> None:
         self.endpoint = endpoint
         self.kind = kind
@@ -241,15 +240,15 @@ class FrontEndLink:
         self.heartbeat = heartbeat_ms / 1000
         self.aen = aen
         self.version = version
-        self.ctx = context or zmq.asyncio.Context.instance()
+        self.ctx = context or zmq.Context.instance()
         self.curve = curve
         self.connected = asyncio.Event()
         self.detect_info: Detect | None = None
         self.nexuses: dict[int, dict[str, Any]] = {}
-        self._sock: zmq.asyncio.Socket | None = None
+        self._channel: Channel | None = None
         self._last_rx = 0.0
         self._last_tx = 0.0
-        self._task: asyncio.Task | None = None
+        self._ended: asyncio.Future | None = None
         self._timer: asyncio.Task | None = None
         self._dispatch: dict[str, Callable[[dict[str, Any], list], None]] = {
             Op.DETECT: self._on_detect,
@@ -267,13 +266,10 @@ class FrontEndLink:
     # -- calls toward the STML ------------------------------------------------
     def send(self, header: dict[str, Any], data: list | tuple = ()) -> None:
         """Queue one message (never blocks; ZeroMQ buffers while disconnected)."""
-        if self._sock is None:
+        if self._channel is None:
             return
         self._last_tx = time.monotonic()
-        if data:
-            self._sock.send_multipart([pack(header), *data], copy=False)
-        else:
-            self._sock.send(pack(header))
+        self._channel.send([pack(header), *data])
 
     def register_nexus(self, nexus: int, initiator: str, target: str, tpg: int) -> None:
         info = {"initiator": initiator, "target": target, "tpg": tpg}
@@ -313,43 +309,44 @@ class FrontEndLink:
             sock.curve_publickey = self.curve["public"]
             sock.curve_serverkey = self.curve["server"]
         sock.connect(self.endpoint)
-        self._sock = sock
+        self._channel = Channel(sock, self._on_message)
 
     def _register(self) -> None:
         self.send({"op": Op.REGISTER, "version": list(self.version), "kind": self.kind,
                    "name": self.name, "heartbeat_ms": int(self.heartbeat * 1000),
                    "aen": self.aen})
 
-    def start(self) -> asyncio.Task:
+    def start(self) -> None:
         """Connect and register; the link then runs until close()."""
+        self._ended = asyncio.get_running_loop().create_future()
         self._open()
         self._register()
-        self._task = asyncio.create_task(self._run())
         self._timer = asyncio.create_task(self._heartbeats())
-        return self._task
 
     async def wait_ready(self, timeout: float) -> Detect:
         """Wait for `detect`; raises RegistrationRefused or TimeoutError."""
-        done, _ = await asyncio.wait([asyncio.ensure_future(self.connected.wait()), self._task],
-                                     timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        if self._task in done:
-            self._task.result()  # raises why the link ended
+        ready = asyncio.ensure_future(self.connected.wait())
+        await asyncio.wait([ready, self._ended], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        ready.cancel()
+        if self._ended.done():
+            self._ended.result()  # raises why the link ended
         if not self.connected.is_set():
             raise TimeoutError(f"no answer from the STML at {self.endpoint}")
         return self.detect_info
 
-    async def _run(self) -> None:
-        sock = self._sock
-        while True:
-            frames = await sock.recv_multipart(copy=False)
-            self._last_rx = time.monotonic()
-            try:
-                header = unpack(frames[0].buffer)
-                handler = self._dispatch[header["op"]]
-            except (ValueError, KeyError):
-                log.warning("ignoring malformed message from the STML")
-                continue
+    def _on_message(self, frames: list[zmq.Frame]) -> None:
+        self._last_rx = time.monotonic()
+        try:
+            header = unpack(frames[0].buffer)
+            handler = self._dispatch[header["op"]]
+        except (ValueError, KeyError):
+            log.warning("ignoring malformed message from the STML")
+            return
+        try:
             handler(header, frames[1:])
+        except RegistrationRefused as e:
+            if not self._ended.done():
+                self._ended.set_exception(e)
 
     async def _heartbeats(self) -> None:
         while True:
@@ -387,13 +384,57 @@ class FrontEndLink:
 
     async def close(self) -> None:
         """Deregister (best effort) and stop."""
-        if self._sock is None:
+        if self._channel is None:
             return
         if self.connected.is_set():
             self.send({"op": Op.DEREGISTER})
-        for t in (self._task, self._timer):
-            t.cancel()
-        await asyncio.gather(self._task, self._timer, return_exceptions=True)
-        self._sock.close(linger=200)
-        self._sock = None
+        self._timer.cancel()
+        await asyncio.gather(self._timer, return_exceptions=True)
+        self._channel.close(linger_ms=200)
+        self._channel = None
         self.connected.clear()
+
+
+class Channel:
+    """A ZeroMQ socket on the asyncio loop, without zmq.asyncio's futures.
+
+    The socket's FD wakes the loop and every queued message is handled at
+    once; the FD is edge-triggered, so a drain is also scheduled after sends
+    (a send may consume the edge). Small messages are copied into ZeroMQ,
+    large data frames are handed over without a copy.
+    """
+
+    ZERO_COPY = 64 << 10
+
+    def __init__(self, sock: zmq.Socket, on_message: Callable[[list[zmq.Frame]], None]) -> None:
+        self.sock = sock
+        self.on_message = on_message
+        self._loop = asyncio.get_running_loop()
+        self._fd = sock.getsockopt(zmq.FD)
+        self._scheduled = False
+        self._loop.add_reader(self._fd, self._drain)
+        self._loop.call_soon(self._drain)
+
+    def send(self, frames: list) -> None:
+        copy = all(len(f) < self.ZERO_COPY for f in frames[1:])
+        self.sock.send_multipart(frames, copy=copy)
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self._drain)
+
+    def _drain(self) -> None:
+        self._scheduled = False
+        sock = self.sock
+        while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                self.on_message(frames)
+            except Exception:  # one bad message must not stop the link
+                log.exception("error handling a message")
+
+    def close(self, linger_ms: int = 0) -> None:
+        self._loop.remove_reader(self._fd)
+        self.sock.close(linger=linger_ms)

@@ -11,10 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import zmq
-import zmq.asyncio
 
 from backends import BackendError, open_backend
-from stml.api import pack, unpack
+from stml.api import Channel, pack, unpack
 from stml.config import Config, ConfigError
 from stml.emulator import Emulator, Target
 from stml.lu import LogicalUnit
@@ -44,7 +43,7 @@ class StmlServer:
     def __init__(self, config: Config, heartbeat_ms: int = 1000) -> None:
         self.config = config
         self.endpoint = config.stml_endpoint
-        self.ctx = zmq.asyncio.Context()
+        self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.SNDHWM, 0)
@@ -57,7 +56,7 @@ class StmlServer:
         self._lock_fd: int | None = None
 
     def _send(self, ident: bytes, header: dict[str, Any], frames: list) -> None:
-        self.sock.send_multipart([ident, pack(header), *frames], copy=False)
+        self.channel.send([ident, pack(header), *frames])
 
     def _bind(self) -> None:
         if self.endpoint.startswith("ipc://"):
@@ -80,31 +79,28 @@ class StmlServer:
         log.info("STML serving %d target(s), %d LUN(s) on %s", len(self.emulator.targets), luns,
                  self.endpoint)
         print(f"stml: listening on {self.endpoint}", flush=True)
-        receiver = asyncio.create_task(self._receive())
+        self.channel = Channel(self.sock, self._receive)
         beats = asyncio.create_task(self._liveness())
         await stop.wait()
         self.emulator.shutdown()
-        receiver.cancel()
         beats.cancel()
         await asyncio.sleep(0.05)  # let the release messages leave
-        self.sock.close(linger=100)
+        self.channel.close(linger_ms=100)
         self.executor.shutdown(wait=True)
         for t in self.emulator.targets.values():
             for lu in t.luns.values():
                 lu.backend.flush()
                 lu.backend.close()
 
-    async def _receive(self) -> None:
-        while True:
-            frames = await self.sock.recv_multipart(copy=False)
-            if len(frames) < 2:
-                continue
-            try:
-                header = unpack(frames[1].buffer)
-            except ValueError as e:
-                log.warning("refused a message from %s: %s", frames[0].bytes.hex(), e)
-                continue
-            self.emulator.handle(frames[0].bytes, header, frames[2:])
+    def _receive(self, frames: list[zmq.Frame]) -> None:
+        if len(frames) < 2:
+            return
+        try:
+            header = unpack(frames[1].buffer)
+        except ValueError as e:
+            log.warning("refused a message from %s: %s", frames[0].bytes.hex(), e)
+            return
+        self.emulator.handle(frames[0].bytes, header, frames[2:])
 
     async def _liveness(self) -> None:
         while True:
