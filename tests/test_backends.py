@@ -1,0 +1,231 @@
+"""Storage backends: RAM pages and files, through the Backend interface."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from backends import BackendError, open_backend
+from backends.file import FileBackend
+from backends.ram import PAGE, RamBackend
+
+
+def read(backend, offset: int, n: int) -> bytes:
+    buf = bytearray(n)
+    backend.read_into(offset, memoryview(buf))
+    return bytes(buf)
+
+
+@pytest.fixture(params=["ram", "file"])
+def backend(request, tmp_path):
+    size = 4 * PAGE
+    b = RamBackend(size) if request.param == "ram" else FileBackend(str(tmp_path / "d.img"), size)
+    yield b
+    b.close()
+
+
+# ---------------------------------------------------------------- both kinds
+
+def test_unwritten_reads_zeros(backend):
+    assert backend.size() == 4 * PAGE
+    assert read(backend, 0, 4096) == bytes(4096)
+    assert read(backend, 4 * PAGE - 512, 512) == bytes(512)
+
+
+@pytest.mark.parametrize("offset", [0, 512, PAGE - 100, 2 * PAGE, 4 * PAGE - 1024])
+def test_write_read_at_edges(backend, offset):
+    data = os.urandom(1024)
+    backend.write_from(offset, [memoryview(data)], sync=False)
+    assert read(backend, offset, 1024) == data
+    # neighbours untouched
+    if offset:
+        assert read(backend, offset - 16, 16) == bytes(16)
+    if offset + 1024 < backend.size():
+        assert read(backend, offset + 1024, 16) == bytes(16)
+
+
+def test_multi_buffer_write_is_contiguous(backend):
+    parts = [os.urandom(n) for n in (512, 1, 4095, PAGE, 7)]
+    bufs = [memoryview(parts[0]), memoryview(bytearray(parts[1])), memoryview(parts[2]),
+            memoryview(parts[3]), memoryview(parts[4])]
+    offset = PAGE - 300
+    backend.write_from(offset, bufs, sync=True)
+    assert read(backend, offset, sum(map(len, parts))) == b"".join(parts)
+
+
+def test_many_buffers(backend):
+    parts = [os.urandom(512) for _ in range(1500)]   # more than IOV_MAX iovecs
+    backend.write_from(4096, [memoryview(p) for p in parts], sync=False)
+    assert read(backend, 4096, 1500 * 512) == b"".join(parts)
+
+
+def test_discard_zeroes_the_range(backend):
+    data = os.urandom(3 * PAGE)
+    backend.write_from(0, [memoryview(data)], sync=True)
+    backend.discard(PAGE // 2, PAGE * 2)
+    got = read(backend, 0, 3 * PAGE)
+    assert got[:PAGE // 2] == data[:PAGE // 2]
+    assert got[PAGE // 2:PAGE // 2 + 2 * PAGE] == bytes(2 * PAGE)
+    assert got[PAGE // 2 + 2 * PAGE:] == data[PAGE // 2 + 2 * PAGE:]
+    assert backend.size() == 4 * PAGE
+
+
+def test_resize(backend):
+    data = os.urandom(PAGE)
+    backend.write_from(2 * PAGE, [memoryview(data)], sync=False)
+    backend.resize(2 * PAGE + 4096)
+    assert backend.size() == 2 * PAGE + 4096
+    assert read(backend, 2 * PAGE, 4096) == data[:4096]
+    backend.resize(4 * PAGE)
+    assert backend.size() == 4 * PAGE
+    # what was cut off does not come back
+    assert read(backend, 2 * PAGE + 4096, PAGE - 4096) == bytes(PAGE - 4096)
+    assert read(backend, 2 * PAGE, 4096) == data[:4096]
+
+
+# ---------------------------------------------------------------- RAM
+
+def test_ram_pages_allocated_on_write_and_freed_by_discard():
+    b = RamBackend(8 * PAGE)
+    assert b.allocated() == 0
+    read(b, 0, PAGE)                      # reading allocates nothing
+    assert b.allocated() == 0
+    b.write_from(PAGE - 10, [memoryview(b"\x01" * 20)], sync=False)
+    assert b.allocated() == 2 * PAGE      # the write straddles two pages
+    b.write_from(3 * PAGE, [memoryview(b"x" * (2 * PAGE))], sync=False)
+    assert b.allocated() == 4 * PAGE
+    b.discard(3 * PAGE, 2 * PAGE)         # whole pages: freed
+    assert b.allocated() == 2 * PAGE
+    b.discard(PAGE - 10, 5)               # part of a page still holding data: zeroed, kept
+    assert b.allocated() == 2 * PAGE
+    assert read(b, PAGE - 10, 20) == bytes(5) + b"\x01" * 15
+    b.resize(PAGE)                        # shrinking frees the pages beyond
+    assert b.allocated() == PAGE
+    assert b.inline and b.can_discard and b.can_resize
+
+
+# ---------------------------------------------------------------- file
+
+def test_missing_file_is_created_sparse(tmp_path):
+    path = tmp_path / "new.img"
+    b = FileBackend(str(path), 64 << 20)
+    try:
+        st = os.stat(path)
+        assert st.st_size == 64 << 20 == b.size()
+        assert st.st_blocks * 512 < 1 << 20
+        assert b.allocated() < 1 << 20
+        assert not b.inline
+    finally:
+        b.close()
+
+
+def test_missing_file_without_size_is_refused(tmp_path):
+    with pytest.raises(BackendError, match="does not exist"):
+        FileBackend(str(tmp_path / "nope.img"))
+    assert not (tmp_path / "nope.img").exists()
+
+
+def test_existing_file_keeps_its_size_and_data(tmp_path):
+    path = tmp_path / "old.img"
+    content = os.urandom(8192)
+    path.write_bytes(content)
+    b = FileBackend(str(path), 1 << 20)
+    try:
+        assert b.size() == 8192
+        assert read(b, 0, 8192) == content
+    finally:
+        b.close()
+
+
+def test_empty_existing_file_is_grown_to_size(tmp_path):
+    path = tmp_path / "empty.img"
+    path.write_bytes(b"")
+    b = FileBackend(str(path), 1 << 20)
+    b.close()
+    assert os.path.getsize(path) == 1 << 20
+
+
+def test_file_reads_past_end_as_zeros(tmp_path):
+    path = tmp_path / "short.img"
+    path.write_bytes(b"\xff" * 1024)
+    b = FileBackend(str(path))
+    try:
+        assert read(b, 512, 1024) == b"\xff" * 512 + bytes(512)
+    finally:
+        b.close()
+
+
+def test_file_discard_punches_a_hole(tmp_path):
+    path = tmp_path / "thin.img"
+    b = FileBackend(str(path), 16 << 20)
+    try:
+        data = os.urandom(4 << 20)
+        b.write_from(4 << 20, [memoryview(data)], sync=True)
+        before = os.stat(path).st_blocks
+        assert before * 512 >= 4 << 20
+        b.discard(4 << 20, 4 << 20)
+        after = os.stat(path).st_blocks
+        assert after < before
+        assert after * 512 <= before * 512 - (3 << 20)
+        assert read(b, 4 << 20, 4 << 20) == bytes(4 << 20)
+        assert b.size() == 16 << 20
+        assert b.can_discard and b.can_resize
+    finally:
+        b.close()
+
+
+def test_file_data_is_in_the_file(tmp_path):
+    path = tmp_path / "plain.img"
+    b = FileBackend(str(path), 1 << 20)
+    data = os.urandom(4096)
+    b.write_from(12345, [memoryview(data)], sync=True)
+    b.flush()
+    b.close()
+    with open(path, "rb") as f:
+        f.seek(12345)
+        assert f.read(4096) == data
+
+
+def test_readonly_file_refuses_writes(tmp_path):
+    path = tmp_path / "ro.img"
+    content = os.urandom(4096)
+    path.write_bytes(content)
+    b = FileBackend(str(path), readonly=True)
+    try:
+        assert not b.can_discard and not b.can_resize
+        with pytest.raises((OSError, BackendError)):
+            b.write_from(0, [memoryview(bytes(512))], sync=False)
+        assert read(b, 0, 4096) == content
+    finally:
+        b.close()
+    assert path.read_bytes() == content
+
+
+def test_readonly_missing_file_is_not_created(tmp_path):
+    path = tmp_path / "absent.img"
+    with pytest.raises(BackendError):
+        FileBackend(str(path), 1 << 20, readonly=True)
+    assert not path.exists()
+
+
+def test_directory_is_refused(tmp_path):
+    with pytest.raises(BackendError):
+        FileBackend(str(tmp_path), readonly=True)
+    with pytest.raises(BackendError):
+        FileBackend(str(tmp_path))
+
+
+# ---------------------------------------------------------------- open_backend
+
+def test_open_backend(tmp_path):
+    r = open_backend("ram", 1 << 20)
+    assert isinstance(r, RamBackend) and r.size() == 1 << 20
+    f = open_backend("file", 1 << 20, str(tmp_path / "x.img"))
+    assert isinstance(f, FileBackend) and f.size() == 1 << 20
+    f.close()
+    with pytest.raises(ValueError):
+        open_backend("ram")
+    with pytest.raises(ValueError):
+        open_backend("file", 1 << 20)
+    with pytest.raises(ValueError, match="floppy"):
+        open_backend("floppy", 1 << 20)
