@@ -1,0 +1,289 @@
+"""stml.config: TOML files and --lun specs; every error names its field."""
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from fetd_tcp.cli import PortalError, parse_portal
+from stml.config import DEFAULT_IQN, ConfigError, load, parse_lun_spec, parse_size
+
+IQN_A = "iqn.2026-01.org.example:a"
+IQN_B = "iqn.2026-01.org.example:b"
+
+
+def write_toml(tmp_path: Path, text: str) -> str:
+    p = tmp_path / "target.toml"
+    p.write_text(textwrap.dedent(text))
+    return str(p)
+
+
+def load_toml(tmp_path: Path, text: str, **kw):
+    return load(write_toml(tmp_path, text), data_dir=str(tmp_path / "data"), **kw)
+
+
+def error_of(tmp_path: Path, text: str, **kw) -> str:
+    with pytest.raises(ConfigError) as e:
+        load_toml(tmp_path, text, **kw)
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+GOOD = f"""
+    stml_endpoint = "ipc:///tmp/x/stml.sock"
+    portals = ["127.0.0.1:3260", "[::1]:3261"]
+
+    [[target]]
+    name = "{IQN_A}"
+    alias = "first"
+    acl = ["iqn.2026-01.org.example:init1"]
+    chap = {{ user = "u", secret = "twelve-chars" }}
+
+    [[target.lun]]
+    backend = "ram"
+    size = "64MiB"
+
+    [[target.lun]]
+    lun = 5
+    backend = "file"
+    path = "disk5.img"
+    size = "1GiB"
+    ro = true
+    block_size = 4096
+
+    [[target]]
+    name = "{IQN_B}"
+
+    [[target.lun]]
+    backend = "ram"
+    size = 1048576
+    removable = true
+    write_cache = true
+"""
+
+
+def test_good_config(tmp_path):
+    c = load_toml(tmp_path, GOOD)
+    assert c.stml_endpoint == "ipc:///tmp/x/stml.sock"
+    assert c.portals == ["127.0.0.1:3260", "[::1]:3261"]
+    assert c.data_dir == (tmp_path / "data").absolute()
+    assert [t.name for t in c.targets] == [IQN_A, IQN_B]
+    a, b = c.targets
+    assert a.alias == "first"
+    assert a.acl == ["iqn.2026-01.org.example:init1"]
+    assert a.chap == {"user": "u", "secret": "twelve-chars"}
+    assert a.access() == {"acl": a.acl, "chap": a.chap, "mutual": None}
+    assert [lc.lun for lc in a.luns] == [0, 5]
+    ram, f = a.luns[0].options, a.luns[1].options
+    assert (ram.kind, ram.size, ram.block_size, ram.ro) == ("ram", 64 << 20, 512, False)
+    assert (f.kind, f.size, f.block_size, f.ro) == ("file", 1 << 30, 4096, True)
+    assert f.path == str(c.data_dir / "disk5.img")
+    o = b.luns[0].options
+    assert (o.size, o.removable, o.write_cache) == (1 << 20, True, True)
+
+
+def test_defaults_without_config(tmp_path):
+    c = load(None, str(tmp_path))
+    assert [t.name for t in c.targets] == [DEFAULT_IQN]
+    o = c.targets[0].luns[0].options
+    assert o.kind == "file" and o.path == str(tmp_path / "disk0.img") and o.size == 1 << 30
+    assert c.stml_endpoint == f"ipc://{tmp_path / 'stml.sock'}"
+
+
+def test_command_line_luns(tmp_path):
+    c = load(None, str(tmp_path), luns=("ram:64MiB", "file:/abs/x.img,size=2GiB,ro,bs=4096"))
+    t = c.targets[0]
+    assert t.name == DEFAULT_IQN
+    assert [lc.lun for lc in t.luns] == [0, 1]
+    o = t.luns[1].options
+    assert (o.path, o.size, o.ro, o.block_size) == ("/abs/x.img", 2 << 30, True, 4096)
+
+
+def test_flags_override_file_target(tmp_path):
+    c = load_toml(tmp_path, GOOD, iqn=IQN_B, luns=("ram:2MiB",))
+    b = next(t for t in c.targets if t.name == IQN_B)
+    assert [lc.options.size for lc in b.luns] == [2 << 20]
+    assert len(c.targets) == 2
+
+
+@pytest.mark.parametrize("value,expect", [
+    (512, 512), ("4096", 4096), ("64MiB", 64 << 20), ("1 GiB", 1 << 30), ("2G", 2 << 30),
+    ("10MB", 10 * 10**6), ("1TiB", 1 << 40), ("8k", 8192),
+])
+def test_parse_size(value, expect):
+    assert parse_size(value, "x") == expect
+
+
+@pytest.mark.parametrize("value", ["12XB", "", "-5", "1.5GiB", 0, "MiB"])
+def test_parse_size_rejects(value):
+    with pytest.raises(ConfigError, match="where.size"):
+        parse_size(value, "where.size")
+
+
+# ---------------------------------------------------------------- each bad field
+
+def _one_lun(extra: str, name: str = IQN_A) -> str:
+    return f"""
+        [[target]]
+        name = "{name}"
+        [[target.lun]]
+        {extra}
+    """
+
+
+@pytest.mark.parametrize("lun,field", [
+    ('backend = "ram"\nsize = "12XB"', "target[0].lun[0].size"),
+    ('backend = "ram"\nsize = "1000"', "target[0].lun[0].size"),          # not a multiple of 512
+    ('backend = "ram"\nsize = "1MiB"\nblock_size = 1024', "target[0].lun[0].block_size"),
+    ('backend = "ram"\nsize = "1MiB"\ncolour = "red"', "target[0].lun[0].colour"),
+    ('backend = "floppy"\nsize = "1MiB"', "target[0].lun[0].backend"),
+    ('backend = "ram"', "target[0].lun[0].size"),
+    ('backend = "file"\nsize = "1MiB"', "target[0].lun[0].path"),
+    ('backend = "file"\npath = "never-made.img"', "target[0].lun[0].path"),
+    ('backend = "ram"\nsize = "1MiB"\nro = "yes"', "target[0].lun[0].ro"),
+    ('backend = "ram"\nsize = "1MiB"\nlun = -1', "target[0].lun[0].lun"),
+    ('backend = "ram"\nsize = "1MiB"\nlun = 16384', "target[0].lun[0].lun"),
+])
+def test_bad_lun_fields(tmp_path, lun, field):
+    assert error_of(tmp_path, _one_lun(lun)).startswith(field + ":")
+
+
+@pytest.mark.parametrize("name", ["disk0", "iqn.2026.org.x", "iqn.2026-01.org.example:a b", "eui.123"])
+def test_bad_iqn(tmp_path, name):
+    msg = error_of(tmp_path, _one_lun('backend = "ram"\nsize = "1MiB"', name=name))
+    assert msg.startswith("target[0].name:")
+
+
+def test_good_iqn_forms(tmp_path):
+    for name in ("eui.0123456789ABCDEF", "naa.0123456789abcdef", "iqn.2001-04.com.example:storage.x"):
+        c = load_toml(tmp_path, _one_lun('backend = "ram"\nsize = "1MiB"', name=name))
+        assert c.targets[0].name == name.lower()
+
+
+def test_duplicate_target(tmp_path):
+    text = _one_lun('backend = "ram"\nsize = "1MiB"') + _one_lun('backend = "ram"\nsize = "1MiB"')
+    msg = error_of(tmp_path, text)
+    assert msg.startswith("target:") and IQN_A in msg
+
+
+def test_duplicate_lun_number(tmp_path):
+    text = f"""
+        [[target]]
+        name = "{IQN_A}"
+        [[target.lun]]
+        backend = "ram"
+        size = "1MiB"
+        lun = 3
+        [[target.lun]]
+        backend = "ram"
+        size = "1MiB"
+        lun = 3
+    """
+    msg = error_of(tmp_path, text)
+    assert IQN_A in msg and "LUN number" in msg
+
+
+@pytest.mark.parametrize("key", ["chap", "mutual_chap"])
+def test_short_chap_secret(tmp_path, key):
+    text = f"""
+        [[target]]
+        name = "{IQN_A}"
+        {key} = {{ user = "u", secret = "short" }}
+        [[target.lun]]
+        backend = "ram"
+        size = "1MiB"
+    """
+    assert error_of(tmp_path, text).startswith(f"target[0].{key}.secret:")
+
+
+def test_chap_needs_user_and_secret(tmp_path):
+    text = f"""
+        discovery_chap = {{ secret = "twelve-chars" }}
+    """
+    assert error_of(tmp_path, text).startswith("discovery_chap:")
+
+
+def test_unknown_top_level_key(tmp_path):
+    assert error_of(tmp_path, 'colour = "red"\n').startswith("colour:")
+
+
+def test_unknown_target_key(tmp_path):
+    # a misspelt target setting (here `chapp`) must not be silently ignored:
+    # the target would run without the CHAP it was meant to require
+    text = f"""
+        [[target]]
+        name = "{IQN_A}"
+        chapp = {{ user = "u", secret = "twelve-chars" }}
+        [[target.lun]]
+        backend = "ram"
+        size = "1MiB"
+    """
+    assert error_of(tmp_path, text).startswith("target[0].chapp:")
+
+
+def test_bad_acl_entry(tmp_path):
+    text = f"""
+        [[target]]
+        name = "{IQN_A}"
+        acl = ["not-an-iqn"]
+        [[target.lun]]
+        backend = "ram"
+        size = "1MiB"
+    """
+    assert error_of(tmp_path, text).startswith("target[0].acl:")
+
+
+def test_bad_endpoint_and_portals(tmp_path):
+    assert error_of(tmp_path, 'stml_endpoint = "http://x"\n').startswith("stml_endpoint:")
+    assert error_of(tmp_path, 'portals = "127.0.0.1:3260"\n').startswith("portals:")
+
+
+def test_bad_toml_and_missing_file(tmp_path):
+    p = write_toml(tmp_path, "[[target]\nname=")
+    with pytest.raises(ConfigError) as e:
+        load(p, str(tmp_path))
+    assert str(e.value).startswith(p) and "TOML" in str(e.value)
+    with pytest.raises(ConfigError, match="no such file"):
+        load(str(tmp_path / "none.toml"), str(tmp_path))
+
+
+@pytest.mark.parametrize("spec,needle", [
+    ("ram:12XB", "size"), ("floppy:1", "floppy"), ("ram", "KIND:ARG"), ("ram:1MiB,fast", "fast"),
+    ("ram:1MiB,bs=big", "block_size"), ("ram:1MiB,bs=1024", "block_size"), ("file:", "KIND:ARG"),
+    ("ram:1MiB,colour=red", "colour"),
+])
+def test_bad_lun_spec(tmp_path, spec, needle):
+    with pytest.raises(ConfigError) as e:
+        load(None, str(tmp_path), luns=(spec,))
+    msg = str(e.value)
+    assert msg.startswith("--lun") and needle in msg
+
+
+def test_parse_lun_spec_options():
+    assert parse_lun_spec("file:a.img,size=1GiB,ro,removable,thick,wc,bs=4096") == {
+        "backend": "file", "path": "a.img", "size": "1GiB", "ro": True, "removable": True,
+        "thin": False, "write_cache": True, "block_size": 4096}
+
+
+# ---------------------------------------------------------------- portals
+
+@pytest.mark.parametrize("value,expect", [
+    ("127.0.0.1:3260", ("127.0.0.1", 3260, 1)),
+    ("10.1.2.3:3261,7", ("10.1.2.3", 3261, 7)),
+    ("[::1]:3260", ("::1", 3260, 1)),
+    ("[fe80::1%eth0]:3262,2", ("fe80::1%eth0", 3262, 2)),
+    ("[::]", ("::", 3260, 1)),
+    ("storage.example.com", ("storage.example.com", 3260, 1)),
+    ("0.0.0.0", ("0.0.0.0", 3260, 1)),
+])
+def test_parse_portal(value, expect):
+    assert parse_portal(value) == expect
+
+
+@pytest.mark.parametrize("value", ["", "::1:3260", "[::1", "host:port", "host:99999",
+                                   "host:3260,0", "host:3260,70000", "a:1:2", "[::1]:"])
+def test_parse_portal_rejects(value):
+    with pytest.raises(PortalError):
+        parse_portal(value)
