@@ -88,6 +88,37 @@ class FileBackend:
     def resize(self, size: int) -> None:
         os.ftruncate(self._fd, size)
 
+    def mapped_extents(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
+        """(offset, length, mapped) runs from SEEK_DATA/SEEK_HOLE; a block device
+        or a file system without them reports everything mapped."""
+        end = offset + length
+        if self._blockdev:
+            return [(offset, length, True)]
+        runs: list[tuple[int, int, bool]] = []
+        pos = offset
+        try:
+            while pos < end:
+                try:
+                    data = os.lseek(self._fd, pos, os.SEEK_DATA)
+                except OSError as e:
+                    if e.errno != errno.ENXIO:
+                        raise
+                    data = end          # no data after pos: a hole to the end
+                data = min(data, end)
+                if data > pos:
+                    runs.append((pos, data - pos, False))
+                    pos = data
+                    if pos >= end:
+                        break
+                hole = min(os.lseek(self._fd, pos, os.SEEK_HOLE), end)
+                runs.append((pos, hole - pos, True))
+                pos = hole
+        except OSError as e:
+            if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+            return [(offset, length, True)]
+        return runs
+
     def allocated(self) -> int:
         return os.fstat(self._fd).st_blocks * 512
 

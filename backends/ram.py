@@ -59,11 +59,26 @@ class RamBackend:
                 del self._pages[idx]
             else:
                 page[in_page:in_page + n] = bytes(n)
+                if page.count(0) == PAGE:
+                    del self._pages[idx]   # nothing left in the page: free it
 
     def resize(self, size: int) -> None:
         if size < self._size:
             self.discard(size, self._size - size)
         self._size = size
+
+    def mapped_extents(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
+        """(offset, length, mapped) runs covering [offset, offset+length): a page
+        is mapped from its first write until a discard frees it whole."""
+        runs: list[tuple[int, int, bool]] = []
+        for idx, in_page, n, pos in self._spans(offset, length):
+            mapped = idx in self._pages
+            if runs and runs[-1][2] == mapped:
+                o, l, m = runs[-1]
+                runs[-1] = (o, l + n, m)
+            else:
+                runs.append((offset + pos, n, mapped))
+        return runs
 
     def allocated(self) -> int:
         """Bytes of RAM held (for thin-provisioning accounting)."""

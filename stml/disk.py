@@ -1,342 +1,173 @@
-"""The disk (SBC) device template: an opcode table and its handlers.
+"""The disk (SBC) device template: an opcode table and its lookup.
 
 Each OpEntry carries what the STML needs to treat the command generically:
 its CDB usage mask (CDB validation and REPORT SUPPORTED OPERATION CODES come
 from it), its data direction and how many bytes it expects from the
-initiator, whether it is exempt from unit attentions, and its handler.
-Handlers are coroutines taking the Task and returning read data (or None);
-errors are raised as CheckCondition.
+initiator, whether it is exempt from unit attentions, whether it needs the
+medium, and its handler. Handlers are coroutines taking the Task and
+returning read data (or None); errors are raised as CheckCondition. The
+handlers live in stml.spc, stml.sbc, stml.modepages and stml.xcopy.
 """
 from __future__ import annotations
 
-import struct
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Awaitable, Callable
+import dataclasses
+from typing import TYPE_CHECKING
 
 from stml.api import DataDir
-from stml.cdb import encode_lun, lba_len, u16, u32
-from stml.lu import PRODUCT, REVISION, VENDOR
+from stml.modepages import mode_select, mode_select_out_len, mode_sense
+from stml.ops import OpEntry, _u, read_check, rw_out_len, trim_views, write_check
+from stml.sbc import (
+    atomic_check, atomic_out_len, caw_check, caw_out_len, compare_and_write, get_lba_status,
+    orwrite, prefetch, prefetch_check, read, read_capacity10, read_capacity16, read_defect_data,
+    sanitize, sanitize_check, sanitize_out_len, start_stop_unit, synchronize_cache, unmap,
+    unmap_check, unmap_out_len, verify, verify_check, verify_out_len, write, write_and_verify,
+    write_atomic, write_same, write_verify_check, ws_check, ws_out_len,
+)
 from stml.sense import (
-    DATA_PROTECT, ILLEGAL_REQUEST, INVALID_COMMAND_OPERATION_CODE, LBA_OUT_OF_RANGE,
-    NO_ADDITIONAL_SENSE, NO_SENSE, SAVING_PARAMETERS_NOT_SUPPORTED, UNIT_ATTENTION,
-    WRITE_PROTECTED, CheckCondition, build_sense, invalid_field,
+    ILLEGAL_REQUEST, INVALID_COMMAND_OPERATION_CODE, MEDIUM_NOT_PRESENT, NOT_READY, CheckCondition,
+    invalid_field,
+)
+from stml.spc import (
+    inquiry, log_sense, prevent_allow, report_luns, report_supported_opcodes,
+    report_supported_tmfs, request_sense, standard_inquiry, test_unit_ready,
+)
+from stml.xcopy import (
+    extended_copy, xcopy_check, xcopy_out_len, receive_copy_results,
 )
 
 if TYPE_CHECKING:
     from stml.emulator import Task
-    from stml.lu import LogicalUnit
 
-Handler = Callable[["Task"], Awaitable["bytes | bytearray | memoryview | None"]]
+__all__ = ["DiskTemplate", "OpEntry", "OPCODES", "standard_inquiry", "trim_views"]
 
-
-@dataclass(frozen=True, slots=True)
-class OpEntry:
-    opcode: int
-    name: str
-    usage: bytes                          # CDB usage data: allowed bits per byte
-    handler: Handler
-    direction: DataDir = DataDir.NONE
-    out_len: Callable[["Task"], int] | None = None   # bytes the initiator sends
-    check: Callable[["Task"], None] | None = None     # checks to pass before data moves
-    sa: int | None = None                 # service action (byte 1, low 5 bits)
-    ua_exempt: bool = False               # runs despite a pending unit attention
-    conflicts: bool = True                # subject to reservation conflicts
-    partial: bool = False                 # may run on less data than the CDB asks for
+R, W = DataDir.READ, DataDir.WRITE
+_RW_USE = 0x18   # DPO, FUA; RDPROTECT/WRPROTECT must be zero (no protection information)
+_L4, _L8 = (0xFF,) * 4, (0xFF,) * 8
 
 
-def _u(*b: int) -> bytes:
-    return bytes(b)
-
-
-# ---------------------------------------------------------------- helpers
-
-def check_range(lu: LogicalUnit, lba: int, blocks: int) -> None:
-    if lba + blocks > lu.blocks:
-        raise CheckCondition(ILLEGAL_REQUEST, LBA_OUT_OF_RANGE)
-
-
-def check_writable(lu: LogicalUnit) -> None:
-    if lu.options.ro:
-        raise CheckCondition(DATA_PROTECT, WRITE_PROTECTED)
-
-
-def rw_out_len(task: Task) -> int:
-    return lba_len(task.cdb)[1] * task.lu.block_size
-
-
-def write_check(task: Task) -> None:
-    """A write that will fail must fail before its data is transferred."""
-    check_writable(task.lu)
-    check_range(task.lu, *lba_len(task.cdb))
-
-
-def trim_views(bufs: list[memoryview], n: int) -> list[memoryview]:
-    out, total = [], 0
-    for b in bufs:
-        if total + len(b) >= n:
-            out.append(b[:n - total])
-            break
-        out.append(b)
-        total += len(b)
-    return out
-
-
-def _fua(cdb: bytes) -> bool:
-    return len(cdb) > 6 and bool(cdb[1] & 0x08)
-
-
-# ---------------------------------------------------------------- SBC
-
-async def read(task: Task) -> bytearray:
-    lu = task.lu
-    lba, blocks = lba_len(task.cdb)
-    check_range(lu, lba, blocks)
-    buf = bytearray(blocks * lu.block_size)
-    if buf:
-        await task.io(lu.backend.read_into, lba * lu.block_size, memoryview(buf))
-    return buf
-
-
-async def write(task: Task) -> None:
-    """Writes the whole blocks received: an initiator that sends less than the
-    CDB says (iSCSI expected length too small) writes only those."""
-    lu = task.lu
-    lba, blocks = lba_len(task.cdb)
-    blocks = min(blocks, task.want // lu.block_size)
-    if blocks:
-        sync = _fua(task.cdb) or not lu.mode.wce
-        data = task.data_out if task.want == blocks * lu.block_size else \
-            trim_views(task.data_out, blocks * lu.block_size)
-        await task.io(lu.backend.write_from, lba * lu.block_size, data, sync)
-
-
-async def synchronize_cache(task: Task) -> None:
-    cdb = task.cdb
-    if len(cdb) == 10:
-        lba, blocks = u32(cdb, 2), u16(cdb, 7)
+def _rw(op: int, name: str, size: int, handler, direction, use1: int, **kw) -> OpEntry:
+    """A READ/WRITE/VERIFY-shaped CDB: LBA and length in the standard places."""
+    if size == 10:
+        usage = _u(op, use1, *_L4, 0x3F, 0xFF, 0xFF, 0)
+    elif size == 12:
+        usage = _u(op, use1, *_L4, *_L4, 0x3F, 0)
     else:
-        lba, blocks = struct.unpack_from(">QI", cdb, 2)
-    check_range(task.lu, lba, blocks)
-    await task.io(task.lu.backend.flush)
+        usage = _u(op, use1, *_L8, *_L4, 0x3F, 0)
+    return OpEntry(op, name, usage, handler, direction, medium=True, **kw)
 
 
-async def read_capacity10(task: Task) -> bytes:
-    cdb = task.cdb
-    if not cdb[8] & 1 and u32(cdb, 2):
-        raise invalid_field(2)  # an LBA without PMI is an error (SBC-4 5.20.2)
-    last = task.lu.blocks - 1
-    return struct.pack(">II", min(last, 0xFFFFFFFF), task.lu.block_size)
+def _reads(op: int, size: int) -> OpEntry:
+    return _rw(op, f"READ({size})", size, read, R, _RW_USE | 0x04, check=read_check)
 
 
-async def read_capacity16(task: Task) -> bytes:
-    lu = task.lu
-    alloc = u32(task.cdb, 10)
-    data = struct.pack(">QIBBH", lu.blocks - 1, lu.block_size, 0, 0, 0) + bytes(16)
-    return data[:alloc]
+def _writes(op: int, size: int) -> OpEntry:
+    return _rw(op, f"WRITE({size})", size, write, W, _RW_USE, out_len=rw_out_len,
+               check=write_check, partial=True)
 
 
-async def start_stop_unit(task: Task) -> None:
-    cdb = task.cdb
-    power_condition = cdb[4] >> 4
-    if power_condition:
-        return  # power conditions are accepted and have no effect on this device
-    start, loej = cdb[4] & 1, cdb[4] & 2
-    if loej and not task.lu.options.removable:
-        raise invalid_field(4, 1)
-    if not start and not cdb[4] & 0x04:  # NO_FLUSH clear: stopping flushes the cache
-        await task.io(task.lu.backend.flush)
-    task.lu.started = bool(start)
+def _verifies(op: int, size: int) -> OpEntry:
+    return _rw(op, f"VERIFY({size})", size, verify, W, 0x16, out_len=verify_out_len,
+               check=verify_check)
 
 
-async def test_unit_ready(task: Task) -> None:
-    return None
+def _write_verifies(op: int, size: int) -> OpEntry:
+    return _rw(op, f"WRITE AND VERIFY({size})", size, write_and_verify, W, 0x16,
+               out_len=rw_out_len, check=write_verify_check)
 
 
-# ---------------------------------------------------------------- SPC
-
-def _ascii(s: str, n: int) -> bytes:
-    return s.encode().ljust(n)[:n]
-
-
-def standard_inquiry(lu: LogicalUnit | None) -> bytes:
-    """Standard INQUIRY data; with no LU, the 'no logical unit here' form."""
-    data = bytearray(66)
-    if lu is None:
-        data[0] = 0x7F  # peripheral qualifier 3, device type 0x1F
-    else:
-        data[1] = 0x80 if lu.options.removable else 0
-    data[2] = 0x06  # SPC-4
-    data[3] = 0x12  # HiSup, response data format 2
-    data[4] = len(data) - 5
-    data[7] = 0x02  # CmdQue
-    data[8:16] = _ascii(VENDOR, 8)
-    data[16:32] = _ascii(PRODUCT, 16)
-    data[32:36] = _ascii(REVISION, 4)
-    struct.pack_into(">4H", data, 58, 0x00A0, 0x0460, 0x04C0, 0x0960)  # SAM-5 SPC-4 SBC-3 iSCSI
-    return bytes(data)
-
-
-def vpd_supported(lu: LogicalUnit, task: Task) -> bytes:
-    pages = bytes(sorted(VPD_PAGES))
-    return bytes([0, 0x00, 0, len(pages)]) + pages
-
-
-def vpd_serial(lu: LogicalUnit, task: Task) -> bytes:
-    s = lu.serial.encode()
-    return bytes([0, 0x80, 0, len(s)]) + s
-
-
-def vpd_device_id(lu: LogicalUnit, task: Task) -> bytes:
-    naa = bytes([0x01, 0x03, 0x00, len(lu.naa)]) + lu.naa
-    t10 = _ascii(VENDOR, 8) + lu.serial.encode()
-    t10 = bytes([0x02, 0x01, 0x00, len(t10)]) + t10
-    body = naa + t10
-    return bytes([0, 0x83]) + struct.pack(">H", len(body)) + body
-
-
-VPD_PAGES: dict[int, Callable[["LogicalUnit", "Task"], bytes]] = {
-    0x00: vpd_supported,
-    0x80: vpd_serial,
-    0x83: vpd_device_id,
-}
-
-
-async def inquiry(task: Task) -> bytes:
-    cdb = task.cdb
-    alloc = u16(cdb, 3)
-    evpd, page = cdb[1] & 1, cdb[2]
-    if not evpd:
-        if page:
-            raise invalid_field(2)
-        return standard_inquiry(task.lu)[:alloc]
-    build = VPD_PAGES.get(page)
-    if build is None:
-        raise invalid_field(2)
-    return build(task.lu, task)[:alloc]
-
-
-async def report_luns(task: Task) -> bytes:
-    cdb = task.cdb
-    if cdb[2] not in (0x00, 0x01, 0x02):
-        raise invalid_field(2)
-    alloc = u32(cdb, 6)
-    if alloc < 16:
-        raise invalid_field(6)
-    luns = task.emulator.luns_of(task.nexus.target)
-    body = b"".join(encode_lun(n) for n in sorted(luns)) if cdb[2] != 0x01 else b""
-    return (struct.pack(">I", len(body)) + bytes(4) + body)[:alloc]
-
-
-async def request_sense(task: Task) -> bytes:
-    """Autosense is always on, so only a pending unit attention or NO SENSE remains."""
-    desc = bool(task.cdb[1] & 1)
-    ua = task.lu.take_ua(task.nexus) if task.lu else None
-    if ua:
-        sense = build_sense(UNIT_ATTENTION, ua, desc)
-    else:
-        sense = build_sense(NO_SENSE, NO_ADDITIONAL_SENSE, desc)
-    return sense[:task.cdb[4]]
-
-
-# ---- MODE SENSE: each page is (builder of current values, changeable mask)
-
-def _caching_page(lu: LogicalUnit, pc: int) -> bytes:
-    page = bytearray(20)
-    page[0], page[1] = 0x08, 18
-    if pc == 1:
-        page[2] = 0x04           # WCE is changeable
-    elif pc == 2:
-        page[2] = 0x04 if lu.options.write_cache else 0
-    else:
-        page[2] = 0x04 if lu.mode.wce else 0
-    return bytes(page)
-
-
-def _control_page(lu: LogicalUnit, pc: int) -> bytes:
-    page = bytearray(12)
-    page[0], page[1] = 0x0A, 10
-    if pc == 1:
-        page[2] = 0x04           # D_SENSE is changeable
-        return bytes(page)
-    page[2] = 0x04 if (lu.mode.d_sense and pc == 0) else 0
-    page[3] = 0x10               # QUEUE ALGORITHM MODIFIER 1: unrestricted reordering
-    page[8:10] = b"\xff\xff"     # busy timeout: unlimited
-    return bytes(page)
-
-
-MODE_PAGES: dict[int, Callable[["LogicalUnit", int], bytes]] = {
-    0x08: _caching_page,
-    0x0A: _control_page,
-}
-
-
-def _mode_pages(lu: LogicalUnit, page: int, subpage: int, pc: int) -> bytes:
-    if pc == 3:
-        raise CheckCondition(ILLEGAL_REQUEST, SAVING_PARAMETERS_NOT_SUPPORTED)
-    if page == 0x3F:
-        if subpage not in (0x00, 0xFF):
-            raise invalid_field(3)
-        return b"".join(MODE_PAGES[p](lu, pc) for p in sorted(MODE_PAGES))
-    if subpage or page not in MODE_PAGES:
-        raise invalid_field(2 if page not in MODE_PAGES else 3)
-    return MODE_PAGES[page](lu, pc)
-
-
-def _block_descriptor(lu: LogicalUnit) -> bytes:
-    return struct.pack(">I", min(lu.blocks, 0xFFFFFFFF)) + b"\0" + lu.block_size.to_bytes(3, "big")
-
-
-async def mode_sense(task: Task) -> bytes:
-    cdb, lu = task.cdb, task.lu
-    six = len(cdb) == 6
-    dbd = cdb[1] & 0x08
-    pc, page, subpage = cdb[2] >> 6, cdb[2] & 0x3F, cdb[3]
-    pages = _mode_pages(lu, page, subpage, pc)
-    bd = b"" if dbd else _block_descriptor(lu)
-    dev_specific = (0x80 if lu.options.ro else 0) | 0x10  # WP, DPOFUA
-    if six:
-        alloc = cdb[4]
-        header = bytes([3 + len(bd) + len(pages), 0, dev_specific, len(bd)])
-    else:
-        alloc = u16(cdb, 7)
-        header = struct.pack(">HBBBBH", 6 + len(bd) + len(pages), 0, dev_specific, 0, 0, len(bd))
-    return (header + bd + pages)[:alloc]
-
-
-# ---------------------------------------------------------------- the table
-
-_RW_USE = 0x18  # DPO, FUA; RDPROTECT/WRPROTECT must be zero (no protection information)
+_MAINT_IN = 0xA3
 
 OPCODES: list[OpEntry] = [
-    OpEntry(0x00, "TEST UNIT READY", _u(0x00, 0, 0, 0, 0, 0), test_unit_ready),
-    OpEntry(0x03, "REQUEST SENSE", _u(0x03, 0x01, 0, 0, 0xFF, 0), request_sense, DataDir.READ,
+    OpEntry(0x00, "TEST UNIT READY", _u(0x00, 0, 0, 0, 0, 0), test_unit_ready, medium=True),
+    OpEntry(0x03, "REQUEST SENSE", _u(0x03, 0x01, 0, 0, 0xFF, 0), request_sense, R,
             ua_exempt=True, conflicts=False),
-    OpEntry(0x08, "READ(6)", _u(0x08, 0x1F, 0xFF, 0xFF, 0xFF, 0), read, DataDir.READ),
-    OpEntry(0x0A, "WRITE(6)", _u(0x0A, 0x1F, 0xFF, 0xFF, 0xFF, 0), write, DataDir.WRITE, rw_out_len, write_check, partial=True),
-    OpEntry(0x12, "INQUIRY", _u(0x12, 0x01, 0xFF, 0xFF, 0xFF, 0), inquiry, DataDir.READ,
+    OpEntry(0x08, "READ(6)", _u(0x08, 0x1F, 0xFF, 0xFF, 0xFF, 0), read, R, check=read_check, medium=True),
+    OpEntry(0x0A, "WRITE(6)", _u(0x0A, 0x1F, 0xFF, 0xFF, 0xFF, 0), write, W, rw_out_len, write_check,
+            partial=True, medium=True),
+    OpEntry(0x12, "INQUIRY", _u(0x12, 0x01, 0xFF, 0xFF, 0xFF, 0), inquiry, R,
             ua_exempt=True, conflicts=False),
-    OpEntry(0x1A, "MODE SENSE(6)", _u(0x1A, 0x08, 0xFF, 0xFF, 0xFF, 0), mode_sense, DataDir.READ),
+    OpEntry(0x15, "MODE SELECT(6)", _u(0x15, 0x11, 0, 0, 0xFF, 0), mode_select, W, mode_select_out_len),
+    OpEntry(0x1A, "MODE SENSE(6)", _u(0x1A, 0x08, 0xFF, 0xFF, 0xFF, 0), mode_sense, R),
     OpEntry(0x1B, "START STOP UNIT", _u(0x1B, 0x01, 0, 0x0F, 0xF7, 0), start_stop_unit),
-    OpEntry(0x25, "READ CAPACITY(10)", _u(0x25, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0, 0x01, 0),
-            read_capacity10, DataDir.READ, conflicts=False),
-    OpEntry(0x28, "READ(10)", _u(0x28, _RW_USE | 0x04, 0xFF, 0xFF, 0xFF, 0xFF, 0x3F, 0xFF, 0xFF, 0),
-            read, DataDir.READ),
-    OpEntry(0x2A, "WRITE(10)", _u(0x2A, _RW_USE, 0xFF, 0xFF, 0xFF, 0xFF, 0x3F, 0xFF, 0xFF, 0),
-            write, DataDir.WRITE, rw_out_len, write_check, partial=True),
-    OpEntry(0x35, "SYNCHRONIZE CACHE(10)", _u(0x35, 0x06, 0xFF, 0xFF, 0xFF, 0xFF, 0x3F, 0xFF, 0xFF, 0),
-            synchronize_cache),
-    OpEntry(0x5A, "MODE SENSE(10)", _u(0x5A, 0x18, 0xFF, 0xFF, 0, 0, 0, 0xFF, 0xFF, 0),
-            mode_sense, DataDir.READ),
-    OpEntry(0x88, "READ(16)", _u(0x88, _RW_USE | 0x04, *[0xFF] * 12, 0x3F, 0), read, DataDir.READ),
-    OpEntry(0x8A, "WRITE(16)", _u(0x8A, _RW_USE, *[0xFF] * 12, 0x3F, 0), write, DataDir.WRITE, rw_out_len, write_check, partial=True),
-    OpEntry(0x91, "SYNCHRONIZE CACHE(16)", _u(0x91, 0x06, *[0xFF] * 12, 0x3F, 0), synchronize_cache),
-    OpEntry(0x9E, "READ CAPACITY(16)", _u(0x9E, 0x1F, *[0xFF] * 12, 0x01, 0), read_capacity16,
-            DataDir.READ, sa=0x10, conflicts=False),
-    OpEntry(0xA0, "REPORT LUNS", _u(0xA0, 0, 0xFF, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0),
-            report_luns, DataDir.READ, ua_exempt=True, conflicts=False),
-    OpEntry(0xA8, "READ(12)", _u(0xA8, _RW_USE | 0x04, *[0xFF] * 8, 0x3F, 0), read, DataDir.READ),
-    OpEntry(0xAA, "WRITE(12)", _u(0xAA, _RW_USE, *[0xFF] * 8, 0x3F, 0), write, DataDir.WRITE, rw_out_len, write_check, partial=True),
+    OpEntry(0x1E, "PREVENT ALLOW MEDIUM REMOVAL", _u(0x1E, 0, 0, 0, 0x03, 0), prevent_allow),
+    OpEntry(0x25, "READ CAPACITY(10)", _u(0x25, 0, *_L4, 0, 0, 0x01, 0),
+            read_capacity10, R, conflicts=False, medium=True),
+    _reads(0x28, 10),
+    _writes(0x2A, 10),
+    _write_verifies(0x2E, 10),
+    _verifies(0x2F, 10),
+    OpEntry(0x34, "PRE-FETCH(10)", _u(0x34, 0x02, *_L4, 0x3F, 0xFF, 0xFF, 0), prefetch,
+            check=prefetch_check, medium=True),
+    OpEntry(0x35, "SYNCHRONIZE CACHE(10)", _u(0x35, 0x06, *_L4, 0x3F, 0xFF, 0xFF, 0),
+            synchronize_cache, medium=True),
+    OpEntry(0x37, "READ DEFECT DATA(10)", _u(0x37, 0, 0x1F, 0, 0, 0, 0, 0xFF, 0xFF, 0),
+            read_defect_data, R, medium=True),
+    OpEntry(0x41, "WRITE SAME(10)", _u(0x41, 0x18, *_L4, 0x3F, 0xFF, 0xFF, 0), write_same, W,
+            ws_out_len, ws_check, medium=True, timeout=120),
+    OpEntry(0x42, "UNMAP", _u(0x42, 0x01, 0, 0, 0, 0, 0x3F, 0xFF, 0xFF, 0), unmap, W,
+            unmap_out_len, unmap_check, medium=True),
+    *[OpEntry(0x48, f"SANITIZE/{name}", _u(0x48, 0x20 | 0x1F, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0), sanitize,
+              W, sanitize_out_len, sanitize_check, sa=sa, medium=True, timeout=3600)
+      for sa, name in ((0x01, "OVERWRITE"), (0x02, "BLOCK ERASE"), (0x03, "CRYPTOGRAPHIC ERASE"),
+                       (0x1F, "EXIT FAILURE MODE"))],
+    OpEntry(0x4D, "LOG SENSE", _u(0x4D, 0, 0xFF, 0xFF, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0), log_sense, R),
+    OpEntry(0x55, "MODE SELECT(10)", _u(0x55, 0x11, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0), mode_select, W,
+            mode_select_out_len),
+    OpEntry(0x5A, "MODE SENSE(10)", _u(0x5A, 0x18, 0xFF, 0xFF, 0, 0, 0, 0xFF, 0xFF, 0), mode_sense, R),
+    OpEntry(0x83, "EXTENDED COPY(LID1)", _u(0x83, 0x1F, 0, 0, 0, 0, 0, 0, 0, 0, *_L4, 0, 0),
+            extended_copy, W, xcopy_out_len, xcopy_check, sa=0x00, timeout=600),
+    OpEntry(0x84, "RECEIVE COPY STATUS(LID1)", _u(0x84, 0x1F, 0xFF, 0, 0, 0, 0, 0, 0, 0, *_L4, 0, 0),
+            receive_copy_results, R, sa=0x00),
+    OpEntry(0x84, "RECEIVE COPY OPERATING PARAMETERS", _u(0x84, 0x1F, 0, 0, 0, 0, 0, 0, 0, 0, *_L4, 0, 0),
+            receive_copy_results, R, sa=0x03),
+    _reads(0x88, 16),
+    OpEntry(0x89, "COMPARE AND WRITE", _u(0x89, _RW_USE, *_L8, 0, 0, 0, 0xFF, 0x3F, 0),
+            compare_and_write, W, caw_out_len, caw_check, medium=True),
+    _writes(0x8A, 16),
+    _rw(0x8B, "ORWRITE(16)", 16, orwrite, W, _RW_USE, out_len=rw_out_len, check=write_check),
+    _write_verifies(0x8E, 16),
+    _verifies(0x8F, 16),
+    OpEntry(0x90, "PRE-FETCH(16)", _u(0x90, 0x02, *_L8, *_L4, 0x3F, 0), prefetch,
+            check=prefetch_check, medium=True),
+    OpEntry(0x91, "SYNCHRONIZE CACHE(16)", _u(0x91, 0x06, *_L8, *_L4, 0x3F, 0), synchronize_cache,
+            medium=True),
+    OpEntry(0x93, "WRITE SAME(16)", _u(0x93, 0x19, *_L8, *_L4, 0x3F, 0), write_same, W,
+            ws_out_len, ws_check, medium=True, timeout=120),
+    OpEntry(0x9C, "WRITE ATOMIC(16)", _u(0x9C, _RW_USE, *_L8, 0xFF, 0xFF, 0xFF, 0xFF, 0x3F, 0),
+            write_atomic, W, atomic_out_len, atomic_check, medium=True),
+    OpEntry(0x9E, "READ CAPACITY(16)", _u(0x9E, 0x1F, *_L8, *_L4, 0x01, 0), read_capacity16,
+            R, sa=0x10, conflicts=False, medium=True),
+    OpEntry(0x9E, "GET LBA STATUS", _u(0x9E, 0x1F, *_L8, *_L4, 0, 0), get_lba_status,
+            R, sa=0x12, medium=True),
+    OpEntry(0xA0, "REPORT LUNS", _u(0xA0, 0, 0xFF, 0, 0, 0, *_L4, 0, 0),
+            report_luns, R, ua_exempt=True, conflicts=False),
+    OpEntry(_MAINT_IN, "REPORT SUPPORTED OPERATION CODES",
+            _u(_MAINT_IN, 0x1F, 0x87, 0xFF, 0xFF, 0xFF, *_L4, 0, 0),
+            report_supported_opcodes, R, sa=0x0C, conflicts=False),
+    OpEntry(_MAINT_IN, "REPORT SUPPORTED TASK MANAGEMENT FUNCTIONS",
+            _u(_MAINT_IN, 0x1F, 0x80, 0, 0, 0, *_L4, 0, 0),
+            report_supported_tmfs, R, sa=0x0D, conflicts=False),
+    _reads(0xA8, 12),
+    _writes(0xAA, 12),
+    _write_verifies(0xAE, 12),
+    _verifies(0xAF, 12),
+    OpEntry(0xB7, "READ DEFECT DATA(12)", _u(0xB7, 0x1F, 0, 0, 0, 0, *_L4, 0, 0),
+            read_defect_data, R, medium=True),
 ]
+
+
+def _with_medium_check(e: OpEntry) -> OpEntry:
+    """Commands that touch the medium report NOT READY while it is ejected;
+    the check runs after unit attentions, like every entry check."""
+    inner = e.check
+
+    def check(task: Task) -> None:
+        if not task.lu.medium_present:
+            raise CheckCondition(NOT_READY, MEDIUM_NOT_PRESENT)
+        if inner is not None:
+            inner(task)
+
+    return dataclasses.replace(e, check=check)
 
 
 class DiskTemplate:
@@ -346,8 +177,11 @@ class DiskTemplate:
     peripheral_type = 0x00
 
     def __init__(self, entries: list[OpEntry] = OPCODES) -> None:
+        self.entries = list(entries)     # as REPORT SUPPORTED OPERATION CODES lists them
         self.by_opcode: dict[int, OpEntry | dict[int, OpEntry]] = {}
         for e in entries:
+            if e.medium:
+                e = _with_medium_check(e)
             if e.sa is None:
                 self.by_opcode[e.opcode] = e
             else:

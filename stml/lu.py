@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from stml.api import TaskAttr
+from stml.locks import WriteGate
 
 if TYPE_CHECKING:
     from backends import Backend
@@ -107,6 +108,11 @@ class LogicalUnit:
     task_set: TaskSet = field(default_factory=TaskSet)
     unit_attentions: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
     started: bool = True
+    medium_present: bool = True                 # removable media: loaded or ejected
+    prevent: set[str] = field(default_factory=set)   # nexus keys preventing medium removal
+    write_gate: WriteGate = field(default_factory=WriteGate)   # COMPARE AND WRITE atomicity
+    copy_results: dict[tuple[str, int], dict[str, Any]] = field(default_factory=dict)  # EXTENDED COPY
+    sanitize_failed: bool = False               # a SANITIZE failed: medium unusable until exit
 
     def __post_init__(self) -> None:
         self.mode.wce = self.options.write_cache

@@ -1,0 +1,109 @@
+"""What every command module of the disk template shares: the OpEntry row
+type and the small checks handlers run (range, write protection, transfer
+limits, data-out buffers)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Awaitable, Callable
+
+from stml.api import DataDir
+from stml.cdb import lba_len
+from stml.sense import (
+    DATA_PROTECT, ILLEGAL_REQUEST, LBA_OUT_OF_RANGE, PARAMETER_LIST_LENGTH_ERROR,
+    WRITE_PROTECTED, CheckCondition, invalid_field,
+)
+
+if TYPE_CHECKING:
+    from stml.emulator import Task
+    from stml.lu import LogicalUnit
+
+Handler = Callable[["Task"], Awaitable["bytes | bytearray | memoryview | None"]]
+
+
+@dataclass(frozen=True, slots=True)
+class OpEntry:
+    opcode: int
+    name: str
+    usage: bytes                          # CDB usage data: allowed bits per byte
+    handler: Handler
+    direction: DataDir = DataDir.NONE
+    out_len: Callable[["Task"], int] | None = None   # bytes the initiator sends
+    check: Callable[["Task"], None] | None = None     # checks to pass before data moves
+    sa: int | None = None                 # service action (byte 1, low 5 bits)
+    ua_exempt: bool = False               # runs despite a pending unit attention
+    conflicts: bool = True                # subject to reservation conflicts
+    partial: bool = False                 # may run on less data than the CDB asks for
+    medium: bool = False                  # needs a started unit with its medium loaded
+    timeout: int = 30                     # nominal timeout (s) for REPORT SUPPORTED OPCODES
+
+
+def _u(*b: int) -> bytes:
+    return bytes(b)
+
+
+# where the transfer length field of each CDB size lives (for field pointers)
+LEN_FIELD = {6: 4, 10: 7, 12: 6, 16: 10}
+
+
+def max_blocks(task: Task) -> int:
+    """The STML's maximum transfer in logical blocks (VPD 0xB0)."""
+    return task.emulator.max_transfer // task.lu.block_size
+
+
+def check_range(lu: LogicalUnit, lba: int, blocks: int) -> None:
+    if lba + blocks > lu.blocks or lba >= (1 << 64):
+        raise CheckCondition(ILLEGAL_REQUEST, LBA_OUT_OF_RANGE)
+
+
+def check_writable(lu: LogicalUnit) -> None:
+    if lu.options.ro:
+        raise CheckCondition(DATA_PROTECT, WRITE_PROTECTED)
+
+
+def check_xfer(task: Task, blocks: int) -> None:
+    if blocks > max_blocks(task):
+        raise invalid_field(LEN_FIELD.get(len(task.cdb), 0))
+
+
+def rw_out_len(task: Task) -> int:
+    return lba_len(task.cdb)[1] * task.lu.block_size
+
+
+def read_check(task: Task) -> None:
+    lba, blocks = lba_len(task.cdb)
+    check_range(task.lu, lba, blocks)
+    check_xfer(task, blocks)
+
+
+def write_check(task: Task) -> None:
+    """A write that will fail must fail before its data is transferred."""
+    check_writable(task.lu)
+    lba, blocks = lba_len(task.cdb)
+    check_range(task.lu, lba, blocks)
+    check_xfer(task, blocks)
+
+
+def trim_views(bufs: list[memoryview], n: int) -> list[memoryview]:
+    out, total = [], 0
+    for b in bufs:
+        if total + len(b) >= n:
+            out.append(b[:n - total])
+            break
+        out.append(b)
+        total += len(b)
+    return out
+
+
+def data_bytes(task: Task) -> bytes:
+    """The whole data-out buffer as one bytes object (parameter lists, compares)."""
+    if len(task.data_out) == 1:
+        return bytes(task.data_out[0])
+    return b"".join(bytes(b) for b in task.data_out)
+
+
+def fua(cdb: bytes) -> bool:
+    return len(cdb) > 6 and bool(cdb[1] & 0x08)
+
+
+def param_len_error() -> CheckCondition:
+    return CheckCondition(ILLEGAL_REQUEST, PARAMETER_LIST_LENGTH_ERROR)

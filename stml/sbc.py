@@ -1,0 +1,476 @@
+"""SBC-4 commands of the disk template: reads and writes, VERIFY, WRITE AND
+VERIFY, COMPARE AND WRITE, ORWRITE, WRITE SAME, UNMAP, GET LBA STATUS,
+PRE-FETCH, READ DEFECT DATA, WRITE ATOMIC, SANITIZE, READ CAPACITY,
+SYNCHRONIZE CACHE, START STOP UNIT.
+
+Every write enters the LU's write gate shared; commands whose read and write
+must not be split by another write (COMPARE AND WRITE, ORWRITE, WRITE ATOMIC)
+enter it exclusive.
+"""
+from __future__ import annotations
+
+import struct
+from typing import TYPE_CHECKING
+
+from stml.cdb import lba_len, u16, u32, u64
+from stml.ops import (
+    check_range, check_writable, check_xfer, data_bytes, fua, max_blocks, param_len_error,
+    trim_views,
+)
+from stml.sense import (
+    ILLEGAL_REQUEST, MEDIUM_REMOVAL_PREVENTED, MISCOMPARE, MISCOMPARE_DURING_VERIFY, CheckCondition, invalid_field,
+    invalid_param,
+)
+from stml.spc import (
+    MAX_COMPARE_AND_WRITE, MAX_UNMAP_DESCRIPTORS, MAX_UNMAP_LBA_COUNT, MAX_WRITE_SAME,
+    removal_prevented, thin,
+)
+
+if TYPE_CHECKING:
+    from stml.emulator import Task
+    from stml.lu import LogicalUnit
+
+_CHUNK = 1 << 20
+
+
+def _sync(task: Task) -> bool:
+    return fua(task.cdb) or not task.lu.mode.wce
+
+
+async def read_blocks(task: Task, lba: int, blocks: int) -> bytearray:
+    lu = task.lu
+    buf = bytearray(blocks * lu.block_size)
+    if buf:
+        await task.io(lu.backend.read_into, lba * lu.block_size, memoryview(buf))
+    return buf
+
+
+async def write_blocks(task: Task, lba: int, bufs: list, sync: bool) -> None:
+    """A write outside any exclusive section: enters the write gate shared."""
+    lu = task.lu
+    async with lu.write_gate.shared():
+        await task.io(lu.backend.write_from, lba * lu.block_size, bufs, sync)
+
+
+def _miscompare(offset: int) -> CheckCondition:
+    return CheckCondition(MISCOMPARE, MISCOMPARE_DURING_VERIFY, info=offset)
+
+
+def _first_difference(a: bytes | bytearray, b: bytes | bytearray) -> int | None:
+    if a == b:
+        return None
+    lo, hi = 0, len(a)
+    # narrow by halves, comparing slices at C speed
+    while hi - lo > 64:
+        mid = (lo + hi) // 2
+        if a[lo:mid] != b[lo:mid]:
+            hi = mid
+        else:
+            lo = mid
+    for i in range(lo, hi):
+        if a[i] != b[i]:
+            return i
+    return None
+
+
+# ---------------------------------------------------------------- READ / WRITE
+
+async def read(task: Task) -> bytearray:
+    lba, blocks = lba_len(task.cdb)
+    check_range(task.lu, lba, blocks)
+    return await read_blocks(task, lba, blocks)
+
+
+async def write(task: Task) -> None:
+    """Writes the whole blocks received: an initiator that sends less than the
+    CDB says (iSCSI expected length too small) writes only those."""
+    lu = task.lu
+    lba, blocks = lba_len(task.cdb)
+    blocks = min(blocks, task.want // lu.block_size)
+    if blocks:
+        data = task.data_out if task.want == blocks * lu.block_size else \
+            trim_views(task.data_out, blocks * lu.block_size)
+        await write_blocks(task, lba, data, _sync(task))
+
+
+async def synchronize_cache(task: Task) -> None:
+    cdb = task.cdb
+    if len(cdb) == 10:
+        lba, blocks = u32(cdb, 2), u16(cdb, 7)
+    else:
+        lba, blocks = struct.unpack_from(">QI", cdb, 2)
+    check_range(task.lu, lba, blocks)
+    await task.io(task.lu.backend.flush)
+
+
+async def read_capacity10(task: Task) -> bytes:
+    cdb = task.cdb
+    if not cdb[8] & 1 and u32(cdb, 2):
+        raise invalid_field(2)  # an LBA without PMI is an error (SBC-4 5.20.2)
+    last = task.lu.blocks - 1
+    return struct.pack(">II", min(last, 0xFFFFFFFF), task.lu.block_size)
+
+
+async def read_capacity16(task: Task) -> bytes:
+    lu = task.lu
+    alloc = u32(task.cdb, 10)
+    lbp = 0xC0 if thin(lu) else 0     # LBPME, LBPRZ (as VPD 0xB2 says)
+    data = struct.pack(">QIBBH", lu.blocks - 1, lu.block_size, 0, 0, lbp << 8) + bytes(16)
+    return data[:alloc]
+
+
+async def start_stop_unit(task: Task) -> None:
+    cdb, lu = task.cdb, task.lu
+    power_condition = cdb[4] >> 4
+    if power_condition:
+        return  # power conditions are accepted and have no effect on this device
+    start, loej = cdb[4] & 1, cdb[4] & 2
+    if loej and not lu.options.removable:
+        raise invalid_field(4, 1)
+    if loej:
+        if start:
+            lu.medium_present = True
+        else:
+            if removal_prevented(task):
+                raise CheckCondition(ILLEGAL_REQUEST, MEDIUM_REMOVAL_PREVENTED)
+            await task.io(lu.backend.flush)
+            lu.medium_present = False
+    elif not start and not cdb[4] & 0x04:  # NO_FLUSH clear: stopping flushes the cache
+        await task.io(lu.backend.flush)
+    lu.started = bool(start)
+
+
+# ---------------------------------------------------------------- VERIFY
+
+def _bytchk(cdb: bytes) -> int:
+    return (cdb[1] >> 1) & 0x03
+
+
+def verify_out_len(task: Task) -> int:
+    _, blocks = lba_len(task.cdb)
+    b = _bytchk(task.cdb)
+    if b == 1:
+        return blocks * task.lu.block_size
+    if b == 3:
+        return task.lu.block_size if blocks else 0
+    return 0
+
+
+def verify_check(task: Task) -> None:
+    b = _bytchk(task.cdb)
+    if b == 2:
+        raise invalid_field(1, 2)
+    lba, blocks = lba_len(task.cdb)
+    check_range(task.lu, lba, blocks)
+    if b == 1:
+        check_xfer(task, blocks)
+
+
+async def verify(task: Task) -> None:
+    lba, blocks = lba_len(task.cdb)
+    if not blocks:
+        return
+    b = _bytchk(task.cdb)
+    have = await read_blocks(task, lba, blocks)
+    if b == 0:
+        return  # the medium reads back: verified
+    data = data_bytes(task)
+    if b == 3:
+        data = data * blocks
+    off = _first_difference(have, data)
+    if off is not None:
+        raise _miscompare(off)
+
+
+def write_verify_check(task: Task) -> None:
+    if _bytchk(task.cdb) & 0x02:
+        raise invalid_field(1, 2)
+    check_writable(task.lu)
+    lba, blocks = lba_len(task.cdb)
+    check_range(task.lu, lba, blocks)
+    check_xfer(task, blocks)
+
+
+async def write_and_verify(task: Task) -> None:
+    lu = task.lu
+    lba, blocks = lba_len(task.cdb)
+    if not blocks:
+        return
+    await write_blocks(task, lba, task.data_out, True)
+    if _bytchk(task.cdb):
+        have = await read_blocks(task, lba, blocks)
+        off = _first_difference(have, data_bytes(task))
+        if off is not None:
+            raise _miscompare(off)
+
+
+# ---------------------------------------------------------------- COMPARE AND WRITE, ORWRITE
+
+def caw_out_len(task: Task) -> int:
+    return 2 * task.cdb[13] * task.lu.block_size
+
+
+def caw_check(task: Task) -> None:
+    check_writable(task.lu)
+    n = task.cdb[13]
+    if n > MAX_COMPARE_AND_WRITE:
+        raise invalid_field(13)
+    check_range(task.lu, u64(task.cdb, 2), n)
+    if task.exp_len != caw_out_len(task):
+        raise invalid_field(13)   # the data-out buffer must hold exactly verify + write data
+
+
+async def compare_and_write(task: Task) -> None:
+    lu = task.lu
+    lba, n = u64(task.cdb, 2), task.cdb[13]
+    if not n:
+        return
+    size = n * lu.block_size
+    data = data_bytes(task)
+    async with lu.write_gate.exclusive():
+        have = await read_blocks(task, lba, n)
+        off = _first_difference(have, data[:size])
+        if off is not None:
+            raise _miscompare(off)
+        await task.io(lu.backend.write_from, lba * lu.block_size,
+                      [memoryview(data)[size:2 * size]], _sync(task))
+
+
+async def orwrite(task: Task) -> None:
+    lu = task.lu
+    lba, blocks = lba_len(task.cdb)
+    if not blocks:
+        return
+    data = data_bytes(task)
+    async with lu.write_gate.exclusive():
+        have = await read_blocks(task, lba, blocks)
+        merged = (int.from_bytes(have, "little") | int.from_bytes(data, "little")).to_bytes(len(have), "little")
+        await task.io(lu.backend.write_from, lba * lu.block_size, [memoryview(merged)], _sync(task))
+
+
+# ---------------------------------------------------------------- PRE-FETCH, READ DEFECT DATA
+
+def prefetch_check(task: Task) -> None:
+    check_range(task.lu, *lba_len(task.cdb))
+
+
+async def prefetch(task: Task) -> None:
+    return None   # nothing to stage: GOOD (the cache may not hold it all)
+
+
+async def read_defect_data(task: Task) -> bytes:
+    cdb = task.cdb
+    fmt = cdb[2] & 0x07 if len(cdb) == 10 else cdb[1] & 0x07
+    if len(cdb) == 10:
+        alloc = u16(cdb, 7)
+        flags = cdb[2] & 0x18
+        data = bytes([0, flags | fmt, 0, 0])
+    else:
+        alloc = u32(cdb, 6)
+        flags = cdb[1] & 0x18
+        data = bytes([0, flags | fmt]) + bytes(6)
+    return data[:alloc]   # no defects: an empty list of the format asked for
+
+
+# ---------------------------------------------------------------- WRITE SAME, UNMAP
+
+def _ws_fields(task: Task) -> tuple[int, int, int]:
+    cdb = task.cdb
+    if len(cdb) == 10:
+        return u32(cdb, 2), u16(cdb, 7), cdb[1]
+    return u64(cdb, 2), u32(cdb, 10), cdb[1]
+
+
+def _ws_blocks(task: Task) -> tuple[int, int]:
+    """(LBA, blocks); zero blocks means every block to the end (WSNZ is 0)."""
+    lba, n, _ = _ws_fields(task)
+    if n == 0:
+        n = max(0, task.lu.blocks - lba)
+    return lba, n
+
+
+def ws_out_len(task: Task) -> int:
+    ndob = len(task.cdb) == 16 and task.cdb[1] & 0x01
+    return 0 if ndob else task.lu.block_size
+
+
+def ws_check(task: Task) -> None:
+    lu = task.lu
+    lba, n, flags = _ws_fields(task)
+    if flags & 0x10:
+        raise invalid_field(1, 4)       # ANCHOR: anchored state not supported (ANC_SUP 0)
+    check_writable(lu)
+    check_range(lu, lba, n)
+    if lba >= lu.blocks and n == 0:
+        check_range(lu, lba, 1)
+    lba, n = _ws_blocks(task)
+    if n > MAX_WRITE_SAME:
+        raise invalid_field(7 if len(task.cdb) == 10 else 10)
+    if task.exp_len != ws_out_len(task):
+        raise invalid_field(1, 0) if ws_out_len(task) == 0 else invalid_field(7 if len(task.cdb) == 10 else 10)
+
+
+async def _discard(task: Task, lba: int, blocks: int) -> None:
+    lu = task.lu
+    async with lu.write_gate.shared():
+        await task.io(lu.backend.discard, lba * lu.block_size, blocks * lu.block_size)
+
+
+async def write_same(task: Task) -> None:
+    lu = task.lu
+    lba, n = _ws_blocks(task)
+    if not n:
+        return
+    flags = task.cdb[1]
+    ndob = len(task.cdb) == 16 and flags & 0x01
+    block = bytes(lu.block_size) if ndob else data_bytes(task)
+    zero = block.count(0) == len(block)
+    if flags & 0x08 and zero and thin(lu):
+        await _discard(task, lba, n)   # LBPRZ: unmapped blocks read back as these zeros
+        return
+    if zero and thin(lu) and ndob:
+        await _discard(task, lba, n)
+        return
+    per = max(1, _CHUNK // lu.block_size)
+    chunk = block * min(per, n)
+    done = 0
+    while done < n:
+        k = min(per, n - done)
+        await write_blocks(task, lba + done, [memoryview(chunk)[:k * lu.block_size]], False)
+        done += k
+    if _sync(task):
+        await task.io(lu.backend.flush)
+
+
+def unmap_out_len(task: Task) -> int:
+    return u16(task.cdb, 7)
+
+
+def unmap_check(task: Task) -> None:
+    if task.cdb[1] & 0x01:
+        raise invalid_field(1, 0)       # ANCHOR
+    check_writable(task.lu)
+
+
+async def unmap(task: Task) -> None:
+    lu = task.lu
+    plen = u16(task.cdb, 7)
+    if plen == 0:
+        return
+    if plen < 8:
+        raise param_len_error()
+    data = data_bytes(task)
+    if len(data) < 8:
+        raise param_len_error()
+    bddl = min(u16(data, 2), len(data) - 8) // 16 * 16   # a partial descriptor is ignored
+    count = bddl // 16
+    if count > MAX_UNMAP_DESCRIPTORS:
+        raise invalid_param(2)
+    ranges = []
+    for i in range(count):
+        off = 8 + 16 * i
+        lba, n = u64(data, off), u32(data, off + 8)
+        if n > MAX_UNMAP_LBA_COUNT:
+            raise invalid_param(off + 8)
+        check_range(lu, lba, n)
+        ranges.append((lba, n))
+    if not thin(lu):
+        return   # fully provisioned: nothing to give back
+    for lba, n in ranges:
+        if n:
+            await _discard(task, lba, n)
+
+
+# ---------------------------------------------------------------- GET LBA STATUS
+
+async def get_lba_status(task: Task) -> bytes:
+    lu = task.lu
+    lba, alloc = u64(task.cdb, 2), u32(task.cdb, 10)
+    if lba >= lu.blocks:
+        check_range(lu, lba, 1)
+    bs = lu.block_size
+    want = max(0, (alloc - 8) // 16)
+    span = min(lu.blocks - lba, 1 << 24)
+    extents = getattr(lu.backend, "mapped_extents", None)
+    if extents is None:
+        runs = [(lba * bs, span * bs, True)]
+    else:
+        runs = await task.io(extents, lba * bs, span * bs)
+    descs = bytearray()
+    for off, length, mapped in runs[:max(want, 1)]:
+        first = off // bs
+        last = (off + length + bs - 1) // bs
+        descs += struct.pack(">QIB3x", first, last - first, 0 if mapped else 1)
+    return (struct.pack(">I4x", len(descs) + 4) + descs)[:alloc]
+
+
+# ---------------------------------------------------------------- WRITE ATOMIC(16)
+
+def atomic_out_len(task: Task) -> int:
+    return u16(task.cdb, 12) * task.lu.block_size
+
+
+def atomic_check(task: Task) -> None:
+    check_writable(task.lu)
+    lba, n = u64(task.cdb, 2), u16(task.cdb, 12)
+    if u16(task.cdb, 10):
+        raise invalid_field(10)         # ATOMIC BOUNDARY: no boundary support
+    check_range(task.lu, lba, n)
+    if n > max_blocks(task):
+        raise invalid_field(12)
+
+
+async def write_atomic(task: Task) -> None:
+    lu = task.lu
+    lba, n = u64(task.cdb, 2), u16(task.cdb, 12)
+    if not n:
+        return
+    data = data_bytes(task)   # one buffer: a single write call lands it whole
+    async with lu.write_gate.exclusive():
+        await task.io(lu.backend.write_from, lba * lu.block_size, [memoryview(data)], _sync(task))
+
+
+# ---------------------------------------------------------------- SANITIZE
+
+def sanitize_out_len(task: Task) -> int:
+    return u16(task.cdb, 7)
+
+
+def sanitize_check(task: Task) -> None:
+    sa = task.cdb[1] & 0x1F
+    plen = u16(task.cdb, 7)
+    if sa not in (0x01, 0x02, 0x03, 0x1F):
+        raise invalid_field(1, 4)
+    if sa != 0x01 and plen:
+        raise invalid_field(7)
+    if sa == 0x01 and plen == 0:
+        raise invalid_field(7)
+    if sa == 0x01 and (plen < 5 or plen > task.lu.block_size + 4):
+        raise invalid_field(7)
+    if sa != 0x1F:
+        check_writable(task.lu)
+
+
+async def sanitize(task: Task) -> None:
+    lu = task.lu
+    sa = task.cdb[1] & 0x1F
+    if sa == 0x1F:
+        lu.sanitize_failed = False
+        return
+    if sa == 0x01:
+        data = data_bytes(task)
+        plen = u16(data, 2)
+        if data[0] & 0x60 or plen == 0 or plen > lu.block_size or plen + 4 != len(data):
+            raise invalid_param(2)
+        pattern = data[4:4 + plen]
+        block = (pattern * (lu.block_size // plen + 1))[:lu.block_size]
+        if data[0] & 0x80:
+            block = bytes(b ^ 0xFF for b in block)
+        per = max(1, _CHUNK // lu.block_size)
+        chunk = memoryview(block * per)
+        for start in range(0, lu.blocks, per):
+            k = min(per, lu.blocks - start)
+            await write_blocks(task, start, [chunk[:k * lu.block_size]], False)
+    else:   # block erase; crypto erase has no key to drop, so it erases too
+        await _discard(task, 0, lu.blocks)
+    await task.io(lu.backend.flush)

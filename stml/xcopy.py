@@ -1,0 +1,184 @@
+"""EXTENDED COPY (LID1) and RECEIVE COPY RESULTS (SPC-4 6.4, 6.18).
+
+The copy manager copies block to block between any logical units of this
+STML: copy targets are named by identification CSCD descriptors (0xE4)
+carrying the NAA designator VPD page 0x83 reports. Segments are block to
+block (0x02). Results are kept per I_T nexus and list identifier.
+"""
+from __future__ import annotations
+
+import asyncio
+import struct
+from typing import TYPE_CHECKING, Any, Callable
+
+from stml.cdb import u16, u32, u64
+from stml.ops import data_bytes, param_len_error
+from stml.sense import (
+    COPY_ABORTED, DATA_PROTECT, ILLEGAL_REQUEST, LBA_OUT_OF_RANGE, OPERATION_IN_PROGRESS,
+    TOO_MANY_SEGMENT_DESCRIPTORS, TOO_MANY_TARGET_DESCRIPTORS, UNREACHABLE_COPY_TARGET,
+    UNSUPPORTED_SEGMENT_DESCRIPTOR_TYPE, UNSUPPORTED_TARGET_DESCRIPTOR_TYPE, WRITE_PROTECTED,
+    CheckCondition, invalid_field, invalid_param,
+)
+
+if TYPE_CHECKING:
+    from stml.emulator import Task
+    from stml.lu import LogicalUnit
+
+MAX_CSCD = 8
+MAX_SEGMENTS = 8
+MAX_DESCRIPTOR_LIST = 1024
+MAX_SEGMENT_BYTES = 64 << 20
+MAX_INLINE = 0
+CSCD_LEN = 32
+B2B_LEN = 28
+_CHUNK = 1 << 20
+IMPLEMENTED = bytes([0x02, 0xE4])   # block->block segments, identification CSCD descriptors
+
+
+def xcopy_out_len(task: Task) -> int:
+    return u32(task.cdb, 10)
+
+
+def xcopy_check(task: Task) -> None:
+    return None
+
+
+async def _io(task: Task, lu: LogicalUnit, fn: Callable, *args: Any) -> Any:
+    """A backend call on any LU (the copy's source or destination)."""
+    if lu.backend.inline:
+        return fn(*args)
+    return await asyncio.get_running_loop().run_in_executor(task.emulator.executor, fn, *args)
+
+
+def _find_lu(task: Task, designator: bytes) -> LogicalUnit | None:
+    for target in task.emulator.targets.values():
+        for lu in target.luns.values():
+            if lu.naa == designator:
+                return lu
+    return None
+
+
+def _parse_cscd(task: Task, d: bytes, off: int) -> LogicalUnit:
+    if d[0] != 0xE4:
+        raise CheckCondition(ILLEGAL_REQUEST, UNSUPPORTED_TARGET_DESCRIPTOR_TYPE)
+    if d[1] & 0x1F not in (0x00,):
+        raise invalid_param(off + 1)             # only block devices
+    code_set, dtype = d[4] & 0x0F, d[5] & 0x0F
+    assoc = (d[5] >> 4) & 0x03
+    length = d[7]
+    if dtype != 0x03 or code_set != 0x01 or assoc != 0 or length != 16:
+        raise invalid_param(off + 5)
+    lu = _find_lu(task, bytes(d[8:24]))
+    if lu is None:
+        raise CheckCondition(COPY_ABORTED, UNREACHABLE_COPY_TARGET)
+    block = int.from_bytes(d[29:32], "big")
+    if block != lu.block_size:
+        raise invalid_param(off + 29)
+    return lu
+
+
+async def extended_copy(task: Task) -> None:
+    plen = u32(task.cdb, 10)
+    if plen == 0:
+        return
+    data = data_bytes(task)
+    if len(data) < 16:
+        raise param_len_error()
+    list_id, usage = data[0], (data[1] >> 3) & 0x03
+    cscd_len, seg_len, inline_len = u16(data, 2), u32(data, 8), u32(data, 12)
+    if usage == 0x03 and list_id:
+        raise invalid_param(0)
+    if 16 + cscd_len + seg_len + inline_len > len(data):
+        raise param_len_error()
+    if cscd_len + seg_len > MAX_DESCRIPTOR_LIST:
+        raise param_len_error()
+    if inline_len > MAX_INLINE:
+        raise invalid_param(12)
+    if cscd_len % CSCD_LEN:
+        raise param_len_error()
+    if cscd_len // CSCD_LEN > MAX_CSCD:
+        raise CheckCondition(ILLEGAL_REQUEST, TOO_MANY_TARGET_DESCRIPTORS)
+    key = (task.nexus.key, list_id)
+    results = task.lu.copy_results
+    if usage != 0x03 and results.get(key, {}).get("status") == 0:
+        raise CheckCondition(ILLEGAL_REQUEST, OPERATION_IN_PROGRESS)
+    # descriptors: all parsed and checked before any block moves
+    lus = []
+    for i in range(cscd_len // CSCD_LEN):
+        off = 16 + i * CSCD_LEN
+        lus.append(_parse_cscd(task, data[off:off + CSCD_LEN], off))
+    segments = []
+    pos, end = 16 + cscd_len, 16 + cscd_len + seg_len
+    while pos < end:
+        if pos + 4 > end:
+            raise param_len_error()
+        kind, dlen = data[pos], u16(data, pos + 2)
+        if kind != 0x02:
+            raise CheckCondition(ILLEGAL_REQUEST, UNSUPPORTED_SEGMENT_DESCRIPTOR_TYPE)
+        if dlen != B2B_LEN - 4:
+            raise invalid_param(pos + 2)
+        if pos + B2B_LEN > end:
+            raise param_len_error()
+        if len(segments) >= MAX_SEGMENTS:
+            raise CheckCondition(ILLEGAL_REQUEST, TOO_MANY_SEGMENT_DESCRIPTORS)
+        src, dst = u16(data, pos + 4), u16(data, pos + 6)
+        if src >= len(lus):
+            raise invalid_param(pos + 4)
+        if dst >= len(lus):
+            raise invalid_param(pos + 6)
+        blocks, slba, dlba = u16(data, pos + 10), u64(data, pos + 12), u64(data, pos + 20)
+        if blocks * lus[src].block_size > MAX_SEGMENT_BYTES:
+            raise invalid_param(pos + 10)
+        segments.append((lus[src], lus[dst], blocks, slba, dlba))
+        pos += B2B_LEN
+    state: dict[str, Any] = {"status": 0, "segments": 0, "bytes": 0}
+    if usage != 0x03:
+        results[key] = state
+    try:
+        for src, dst, blocks, slba, dlba in segments:
+            if slba + blocks > src.blocks or dlba + blocks > dst.blocks:
+                raise CheckCondition(COPY_ABORTED, LBA_OUT_OF_RANGE)
+            if dst.options.ro:
+                raise CheckCondition(DATA_PROTECT, WRITE_PROTECTED)
+            await _copy(task, src, dst, blocks, slba, dlba, state)
+            state["segments"] += 1
+    except CheckCondition:
+        state["status"] = 2
+        raise
+    state["status"] = 1
+
+
+async def _copy(task: Task, src: LogicalUnit, dst: LogicalUnit, blocks: int, slba: int,
+                dlba: int, state: dict[str, Any]) -> None:
+    bs = src.block_size
+    per = max(1, _CHUNK // bs)
+    done = 0
+    while done < blocks:
+        n = min(per, blocks - done)
+        buf = bytearray(n * bs)
+        await _io(task, src, src.backend.read_into, (slba + done) * bs, memoryview(buf))
+        async with dst.write_gate.shared():
+            await _io(task, dst, dst.backend.write_from, (dlba + done) * bs, [memoryview(buf)],
+                      not dst.mode.wce)
+        done += n
+        state["bytes"] += n * bs
+
+
+async def receive_copy_results(task: Task) -> bytes:
+    cdb = task.cdb
+    sa, alloc = cdb[1] & 0x1F, u32(cdb, 10)
+    if sa == 0x03:
+        body = bytearray(44)
+        struct.pack_into(">HHIIIII", body, 4, MAX_CSCD, MAX_SEGMENTS, MAX_DESCRIPTOR_LIST,
+                         MAX_SEGMENT_BYTES, MAX_INLINE, 0, 0)
+        struct.pack_into(">H", body, 30, 1)         # total concurrent copies
+        body[32] = 1                                # maximum concurrent copies
+        body[33] = 9                                # data segment granularity: 512 bytes (log2)
+        body[39] = len(IMPLEMENTED)
+        body += IMPLEMENTED
+        return (struct.pack(">I", len(body)) + bytes(body))[:alloc]
+    state = task.lu.copy_results.get((task.nexus.key, cdb[2]))
+    if state is None:
+        raise invalid_field(2)
+    out = struct.pack(">IBHBI", 8, state["status"], state["segments"], 0, state["bytes"])
+    return out[:alloc]
