@@ -1,0 +1,212 @@
+"""The scsi-target command line, as a user runs it: real processes only."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fetd_loopback import LoopbackClient
+
+from conftest import LISTENING, short_dir, stop_pid, wait_for_line
+
+_SCRIPT = Path(sys.executable).parent / "scsi-target"
+CLI = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "scsi_target"]
+
+
+def children_of(pid: int) -> list[int]:
+    """PIDs whose parent is `pid`, from /proc."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        if int(fields[1]) == pid:
+            out.append(int(entry))
+    return out
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+def cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+
+
+class Run:
+    def __init__(self, proc: subprocess.Popen, out: Path, data_dir: Path, endpoint: str) -> None:
+        self.proc, self.out, self.data_dir, self.endpoint = proc, out, data_dir, endpoint
+
+
+def start_run(d: Path):
+    """`scsi-target run --no-iscsi --data-dir D --lun ram:64MiB`, stopped by PID afterwards."""
+    out = d / "run.out"
+    with open(out, "wb") as f:
+        proc = subprocess.Popen([*CLI, "run", "--no-iscsi", "--data-dir", str(d), "--lun", "ram:64MiB"],
+                                stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    kids: list[int] = []
+    try:
+        m = wait_for_line(out, LISTENING, proc)
+        kids = children_of(proc.pid)
+        yield Run(proc, out, d, m.group(1))
+    finally:
+        kids = kids or children_of(proc.pid)
+        stop_pid(proc)
+        for pid in kids:  # never leave the STML child behind, even if `run` misbehaved
+            if pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def run(tmp_short):
+    """A `run` of this test's own."""
+    yield from start_run(tmp_short())
+
+
+@pytest.fixture(scope="module")
+def shared_run():
+    """One `run` for the tests that only talk to it (each uses its own LBAs)."""
+    d = short_dir()
+    try:
+        yield from start_run(Path(d))
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_run_prints_its_plan(shared_run):
+    text = shared_run.out.read_text()
+    assert "LUN 0: ram 67108864 bytes of RAM" in text
+    assert f"STML endpoint: ipc://{shared_run.data_dir / 'stml.sock'}" in text
+    assert shared_run.endpoint == f"ipc://{shared_run.data_dir / 'stml.sock'}"
+    assert "iSCSI portals" not in text
+
+
+def test_copy_in_copy_out_round_trip(shared_run, tmp_short):
+    d = tmp_short()
+    src, dst = d / "random.bin", d / "out.bin"
+    data = os.urandom((3 << 20) + 1000)   # not a whole number of blocks or chunks
+    src.write_bytes(data)
+    r = cli("loop", "--data-dir", str(shared_run.data_dir), "copy-in", str(src))
+    assert r.returncode == 0, r.stderr
+    assert f"copied {len(data)} bytes into LUN 0" in r.stdout
+    r = cli("loop", "--data-dir", str(shared_run.data_dir), "copy-out", str(dst), "--size", str(len(data)))
+    assert r.returncode == 0, r.stderr
+    assert dst.read_bytes() == data
+    # the padding of the last block was written as zeros
+    with LoopbackClient(shared_run.endpoint, timeout=10) as c:
+        tail = c.read(0, len(data) // 512, 1)
+    assert tail == data[len(data) // 512 * 512:] + bytes(512 - len(data) % 512)
+
+
+def test_loop_inquiry(shared_run):
+    r = cli("loop", "--data-dir", str(shared_run.data_dir), "inquiry")
+    assert r.returncode == 0, r.stderr
+    fields = dict(re.findall(r"^(\w+):\s+(.*)$", r.stdout, re.M))
+    assert fields["vendor"] == "SCSITGT"
+    assert fields["product"] == "PY-STML DISK"
+    assert fields["revision"] == "0001"
+    assert fields["type"] == "0x00"
+    assert re.fullmatch(r"[0-9a-f]{16}", fields["serial"])
+    assert re.fullmatch(r"0x6[0-9a-f]{31}", fields["naa"])
+
+
+def test_loop_capacity(shared_run):
+    r = cli("loop", "--stml", shared_run.endpoint, "capacity")
+    assert r.returncode == 0, r.stderr
+    assert "blocks: 131072" in r.stdout.splitlines()
+    assert "block size: 512" in r.stdout.splitlines()
+    assert "bytes: 67108864 (64.0 MiB)" in r.stdout
+
+
+def test_loop_write_then_read(shared_run, tmp_short):
+    d = tmp_short()
+    src, back = d / "in.bin", d / "back.bin"
+    data = os.urandom(1000)
+    src.write_bytes(data)
+    r = cli("loop", "--data-dir", str(shared_run.data_dir), "write", "100000", str(src))
+    assert r.returncode == 0, r.stderr
+    assert "wrote 2 blocks at LBA 100000" in r.stdout
+    r = cli("loop", "--data-dir", str(shared_run.data_dir), "read", "100000", "2", "--out", str(back))
+    assert r.returncode == 0, r.stderr
+    assert back.read_bytes() == data + bytes(24)
+    r = cli("loop", "--data-dir", str(shared_run.data_dir), "read", "100000", "1")
+    assert r.stdout.splitlines()[0] == "00000000  " + data[:16].hex(" ")
+
+
+def test_loop_read_out_of_range_fails(shared_run):
+    r = cli("loop", "--data-dir", str(shared_run.data_dir), "read", "131071", "2")
+    assert r.returncode == 1
+    assert "0x21/0x00" in r.stderr
+
+
+def test_loop_without_stml(tmp_short):
+    d = tmp_short()
+    r = cli("loop", "--data-dir", str(d), "--timeout", "1", "capacity")
+    assert r.returncode == 1
+    assert r.stderr.startswith("scsi-target loop:")
+
+
+def test_sigterm_stops_run_and_its_stml(run):
+    kids = children_of(run.proc.pid)
+    assert len(kids) == 1
+    stml_pid = kids[0]
+    assert "-m stml" in " ".join(Path(f"/proc/{stml_pid}/cmdline").read_text().split("\0"))
+    os.kill(run.proc.pid, signal.SIGTERM)
+    assert run.proc.wait(15) == 0
+    deadline = time.monotonic() + 10
+    while pid_alive(stml_pid):
+        assert time.monotonic() < deadline, "the STML child outlived `scsi-target run`"
+        time.sleep(0.05)
+    # and nothing answers on its endpoint any more
+    with pytest.raises((TimeoutError, ConnectionError)):
+        LoopbackClient(run.endpoint, timeout=1).open()
+
+
+@pytest.mark.parametrize("command,spec,field", [
+    (["run", "--no-iscsi"], "ram:12XB", "size"),
+    (["run", "--no-iscsi"], "floppy:1", "floppy"),
+    (["stml"], "ram:1MiB,bs=1024", "block_size"),
+    (["stml"], "floppy:1", "floppy"),
+])
+def test_bad_lun_spec_exits_2_with_one_line(tmp_short, command, spec, field):
+    d = tmp_short()
+    r = cli(*command, "--data-dir", str(d), "--lun", spec, timeout=20)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("scsi-target: config error: --lun")
+    assert field in lines[0]
+    assert not (d / "stml.sock").exists()
+
+
+def test_stml_module_bad_lun(tmp_short):
+    d = tmp_short()
+    r = subprocess.run([sys.executable, "-m", "stml", "--data-dir", str(d), "--lun", "ram:12XB"],
+                       capture_output=True, text=True, timeout=20)
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "size" in r.stderr
+
+
+def test_second_stml_on_same_endpoint_is_refused(shared_run):
+    r = cli("stml", "--data-dir", str(shared_run.data_dir), "--lun", "ram:1MiB", timeout=20)
+    assert r.returncode == 2
+    assert "another STML" in r.stderr
+    # the first one still serves
+    with LoopbackClient(shared_run.endpoint, timeout=10) as c:
+        assert c.capacity(0) == (131072, 512)
