@@ -23,6 +23,7 @@ log = logging.getLogger("fetd_tcp")
 LOGIN_TIMEOUT = 15.0     # a connection must finish login within this
 NOP_INTERVAL = 10.0      # idle connections are pinged this often; unanswered twice -> dropped
 CMD_WINDOW = 128         # MaxCmdSN - ExpCmdSN + 1, capped by the STML's queue depth
+MAX_CONNECTIONS = 4     # connections per session we accept (MC/S)
 
 
 class PortalSpec:
@@ -35,7 +36,7 @@ class IscsiFrontEnd:
 
     def __init__(self, stml_endpoint: str, portals: list[PortalSpec], keys: TargetKeys | None = None) -> None:
         self.portals = portals
-        self.keys = keys or TargetKeys()
+        self.keys = keys or TargetKeys(max_connections=MAX_CONNECTIONS)
         self.link = FrontEndLink(stml_endpoint, "iscsi", self)
         self.tags = Tags()
         self.sessions: dict[int, Session] = {}           # TSIH -> session
@@ -47,6 +48,8 @@ class IscsiFrontEnd:
 
     # ------------------------------------------------------------ STML -> us
     def detect(self, detect: Detect) -> None:
+        if self.detect_info is None:
+            print(f"fetd_tcp: attached to STML at {self.link.endpoint}", flush=True)
         self.detect_info = detect
         log.info("STML %s offers %d target(s)", detect.stml, len(detect.targets))
 
@@ -216,6 +219,13 @@ class IscsiFrontEnd:
 
     async def _login(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                      portal: PortalSpec, local: Any) -> Connection | None:
+        if not self.link.connected.is_set():
+            pdu, _, _ = await self._read_pdu(reader, False, False, L.MAX_LOGIN_TEXT)
+            if isinstance(pdu, P.LoginRequest):  # 0x0301 service unavailable: try again later
+                log.info("login refused: no STML attached")
+                writer.write(P.LoginResponse(pdu.itt, pdu.isid, 0, 0, pdu.cmd_sn, pdu.cmd_sn, pdu.csg,
+                                             pdu.nsg, status_class=3, status_detail=1).encode())
+            return None
         limits = self.detect_info.limits if self.detect_info else {}
         discovery = self.detect_info.discovery if self.detect_info else {}
         config = L.LoginConfig(self.target_configs(), portal.tpgt, self.keys,

@@ -87,15 +87,15 @@ class Supervisor:
                 click.echo(f"scsi-target: {name} exited with {rc}; restarting", err=True)
                 restarts[name] = recent + [time.monotonic()]
                 self.start(name)
-        for proc in self.procs.values():
+        # front ends first (they ask initiators to log out), the STML last
+        for proc in reversed(list(self.procs.values())):
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        for proc in self.procs.values():
-            try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
         return status
 
 

@@ -8,7 +8,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 IQN = "iqn.2026-11.org.scsi-target:disk0"
@@ -31,6 +30,7 @@ class Target:
         self.lines: list[str] = []
         self.portals: list[str] = []
         self._ready = threading.Event()
+        self._attached = False
         self._expected = len(portals)
         threading.Thread(target=self._pump, daemon=True).start()
         if not self._ready.wait(20):
@@ -46,9 +46,9 @@ class Target:
                 m = re.match(r"fetd_tcp: listening on (\S+)", line)
                 if m:
                     self.portals.append(m.group(1))
-                    if len(self.portals) >= self._expected:
-                        time.sleep(0.3)  # let the front end register with the STML
-                        self._ready.set()
+                self._attached = self._attached or line.startswith("fetd_tcp: attached to STML")
+                if self._attached and len(self.portals) >= self._expected:
+                    self._ready.set()
 
     @property
     def portal(self) -> str:

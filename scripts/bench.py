@@ -1,0 +1,238 @@
+#!/usr/bin/env python3
+"""Benchmark this target against tgtd, in the same run, with the same initiator.
+
+    scripts/bench.py [--compare-tgtd] [--runs 5] [--scale 1.0] [--out bench.json]
+    scripts/bench.py --loopback        # the STML alone, through the loopback front end
+
+Both targets get an equivalent LUN: a 1 GiB file in /dev/shm (same backing
+kind and size). Workloads run through qemu-img bench (qemu's iSCSI driver,
+libiscsi), alternating A B A B so drift on a shared machine cancels out; the
+table shows medians of per-round ratios to tgtd. Nothing is installed:
+`apt-get install tgt qemu-utils qemu-block-extra` first. A PNG chart is
+written when matplotlib is importable.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+IQN = "iqn.2026-11.org.scsi-target:disk0"
+TGT_IQN = "iqn.2026-11.org.scsi-target:bench-tgtd"
+SIZE = 1 << 30
+
+# name, qemu-img bench arguments, I/O count at scale 1.0 (about two seconds on tgtd)
+WORKLOADS = [
+    ("4k-read-qd1", ["-d", "1", "-s", "4k"], 20000),
+    ("4k-read-qd16", ["-d", "16", "-s", "4k"], 100000),
+    ("4k-write-qd16", ["-d", "16", "-s", "4k", "-w"], 100000),
+    ("64k-read-qd8", ["-d", "8", "-s", "64k"], 40000),
+    ("1m-seqread-qd8", ["-d", "8", "-s", "1M"], 2500),
+    ("1m-seqwrite-qd8", ["-d", "8", "-s", "1M", "-w"], 2000),
+]
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Ours:
+    name = "scsi-target"
+
+    def __init__(self, work: Path) -> None:
+        self.port = free_port()
+        self.img = Path("/dev/shm") / f"bench-ours-{os.getpid()}.img"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "scsi_target", "run", "--data-dir", str(work / "ours"),
+             "--lun", f"file:{self.img},size={SIZE}", "--portal", f"127.0.0.1:{self.port}",
+             "--log-level", "warning"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        for line in self.proc.stdout:
+            if line.startswith("fetd_tcp: attached"):
+                break
+        else:
+            raise RuntimeError("scsi-target did not start")
+        self.url = f"iscsi://127.0.0.1:{self.port}/{IQN}/0"
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.img.unlink(missing_ok=True)
+
+
+class Tgtd:
+    name = "tgtd"
+
+    def __init__(self, work: Path) -> None:
+        self.port, self.ctl = free_port(), free_port()
+        self.img = Path("/dev/shm") / f"bench-tgtd-{os.getpid()}.img"
+        with open(self.img, "wb") as f:
+            f.truncate(SIZE)
+        self.proc = subprocess.Popen(["tgtd", "-f", "-C", str(self.ctl), "--iscsi",
+                                      f"portal=127.0.0.1:{self.port}"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        adm = ["tgtadm", "-C", str(self.ctl), "--lld", "iscsi"]
+        for _ in range(50):
+            if subprocess.run(adm + ["--op", "show", "--mode", "target"], capture_output=True).returncode == 0:
+                break
+            time.sleep(0.1)
+        for args in (["--op", "new", "--mode", "target", "--tid", "1", "-T", TGT_IQN],
+                     ["--op", "new", "--mode", "logicalunit", "--tid", "1", "--lun", "1", "-b", str(self.img)],
+                     ["--op", "bind", "--mode", "target", "--tid", "1", "-I", "ALL"]):
+            subprocess.run(adm + args, check=True, capture_output=True)
+        self.url = f"iscsi://127.0.0.1:{self.port}/{TGT_IQN}/1"
+
+    def stop(self) -> None:
+        self.proc.kill()  # tgtd ignores SIGTERM
+        self.proc.wait()
+        self.img.unlink(missing_ok=True)
+
+
+def qemu_bench(url: str, args: list[str], count: int) -> float:
+    """Seconds for `count` I/Os."""
+    p = subprocess.run(["qemu-img", "bench", "-f", "raw", "-c", str(count), *args, url],
+                       capture_output=True, text=True, timeout=600)
+    m = re.search(r"Run completed in ([0-9.]+) seconds", p.stdout)
+    if p.returncode != 0 or not m:
+        raise RuntimeError(f"qemu-img bench failed on {url}: {p.stdout}{p.stderr}")
+    return float(m.group(1))
+
+
+def size_of(args: list[str]) -> int:
+    s = args[args.index("-s") + 1]
+    return int(s[:-1]) * {"k": 1024, "M": 1 << 20}[s[-1]]
+
+
+def run_iscsi(args: argparse.Namespace) -> dict:
+    work = Path(tempfile.mkdtemp(prefix="bench"))
+    targets = [Ours(work)]
+    if args.compare_tgtd:
+        if not shutil.which("tgtd"):
+            sys.exit("bench: tgtd not found (apt-get install tgt)")
+        targets.append(Tgtd(work))
+    results: dict = {"workloads": {}, "runs": args.runs}
+    try:
+        for name, wargs, count in WORKLOADS:
+            n = max(100, int(count * args.scale))
+            per: dict[str, list[float]] = {t.name: [] for t in targets}
+            for _ in range(args.runs):  # A B A B: each round measures both
+                for t in targets:
+                    secs = qemu_bench(t.url, wargs, n)
+                    per[t.name].append(n / secs)
+            row = {t: {"iops": statistics.median(v), "mbps": statistics.median(v) * size_of(wargs) / 1e6,
+                       "samples": v} for t, v in per.items()}
+            if args.compare_tgtd:
+                ratios = [a / b for a, b in zip(per["scsi-target"], per["tgtd"])]
+                row["ratio"] = statistics.median(ratios)
+            results["workloads"][name] = row
+            print_row(name, row, args.compare_tgtd)
+    finally:
+        for t in targets:
+            t.stop()
+    return results
+
+
+def run_loopback(args: argparse.Namespace) -> dict:
+    """The STML alone: the loopback client keeps QD commands in flight."""
+    import struct
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from fetd_loopback import LoopbackClient
+    work = Path(tempfile.mkdtemp(prefix="bench"))
+    proc = subprocess.Popen([sys.executable, "-m", "stml", "--data-dir", str(work), "--lun", "ram:1GiB",
+                             "--log-level", "warning"], stdout=subprocess.PIPE, text=True)
+    proc.stdout.readline()
+    results: dict = {"workloads": {}, "mode": "loopback"}
+    try:
+        with LoopbackClient(f"ipc://{work}/stml.sock") as c:
+            for name, wargs, count in WORKLOADS:
+                bs, qd, write = size_of(wargs), int(wargs[wargs.index("-d") + 1]), "-w" in wargs
+                n = max(100, int(count * args.scale / 4))
+                blocks = bs // 512
+                payload = os.urandom(bs)
+                t0 = time.perf_counter()
+                inflight = []
+                for i in range(n):
+                    lba = (i * blocks) % ((SIZE // 512) - blocks)
+                    op = 0x8A if write else 0x88
+                    cdb = struct.pack(">BBQIBB", op, 0, lba, blocks, 0, 0)
+                    inflight.append(c.submit(0, cdb, data_out=payload if write else b"",
+                                             data_in=0 if write else bs))
+                    if len(inflight) >= qd:
+                        inflight.pop(0).result().check()
+                for f in inflight:
+                    f.result().check()
+                iops = n / (time.perf_counter() - t0)
+                row = {"scsi-target": {"iops": iops, "mbps": iops * bs / 1e6}}
+                results["workloads"][name] = row
+                print_row(name, row, False)
+    finally:
+        proc.terminate()
+        proc.wait()
+    return results
+
+
+def print_row(name: str, row: dict, ratio: bool) -> None:
+    ours = row["scsi-target"]
+    line = f"{name:18s} {ours['iops']:10.0f} IOPS {ours['mbps']:9.1f} MB/s"
+    if ratio:
+        t = row["tgtd"]
+        line += f" | tgtd {t['iops']:10.0f} IOPS {t['mbps']:9.1f} MB/s | ratio {row['ratio']:.2f}"
+    print(line, flush=True)
+
+
+def chart(results: dict, path: Path) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("bench: matplotlib not installed; no chart written")
+        return
+    names = list(results["workloads"])
+    ratios = [results["workloads"][n].get("ratio", 0) for n in names]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.bar(names, ratios, color="#4a7ab5")
+    ax.axhline(1.0, color="grey", linestyle="--", linewidth=1)
+    ax.set_ylabel("scsi-target / tgtd (median of rounds)")
+    ax.set_title("Throughput relative to tgtd, same machine, same run")
+    plt.xticks(rotation=20, ha="right")
+    fig.tight_layout()
+    fig.savefig(path)
+    print(f"chart: {path}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--compare-tgtd", action="store_true", help="also run tgtd and print ratios")
+    ap.add_argument("--loopback", action="store_true", help="measure the STML alone (no TCP)")
+    ap.add_argument("--runs", type=int, default=5, help="rounds per workload (median is reported)")
+    ap.add_argument("--scale", type=float, default=1.0, help="multiply I/O counts (0.01 = smoke run)")
+    ap.add_argument("--out", default="bench.json", help="JSON results (and a .png beside it)")
+    args = ap.parse_args()
+    if not shutil.which("qemu-img") and not args.loopback:
+        sys.exit("bench: qemu-img not found (apt-get install qemu-utils qemu-block-extra)")
+    results = run_loopback(args) if args.loopback else run_iscsi(args)
+    out = Path(args.out)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"results: {out}")
+    if args.compare_tgtd:
+        chart(results, out.with_suffix(".png"))
+
+
+if __name__ == "__main__":
+    main()

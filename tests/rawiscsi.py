@@ -1,0 +1,145 @@
+"""A minimal blocking iSCSI initiator built on fetd_tcp.pdu, for tests that need
+PDU-level control (several connections per session, NOP, logout, bad input)."""
+from __future__ import annotations
+
+import os
+import socket
+import struct
+from typing import Any
+
+from fetd_tcp import pdu as P
+
+
+class RawInitiator:
+    def __init__(self, host: str, port: int, initiator: str = "iqn.2026-11.org.test:raw",
+                 isid: bytes | None = None, timeout: float = 10.0) -> None:
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.initiator = initiator
+        self.isid = isid or b"\x80" + os.urandom(5)
+        self.itt = 0
+        self.cmd_sn = 1
+        self.exp_stat_sn = 0
+        self.tsih = 0
+        self.max_cmd_sn = 0
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def _next_itt(self) -> int:
+        self.itt += 1
+        return self.itt
+
+    def send(self, pdu: Any, data: bytes = b"") -> None:
+        self.sock.sendall(pdu.encode() + data + bytes(-len(data) % 4))
+
+    def recv(self) -> tuple[Any, bytes]:
+        header = self._exact(P.BHS_LEN)
+        bhs = P.parse_bhs(header)
+        rest = self._exact(bhs.remaining(False, False)) if bhs.remaining(False, False) else b""
+        ahs = rest[:bhs.ahs_length]
+        data = rest[bhs.ahs_length:bhs.ahs_length + bhs.data_length]
+        pdu = P.decode_pdu(header, ahs)
+        if hasattr(pdu, "stat_sn") and not isinstance(pdu, (P.R2T,)):
+            if getattr(pdu, "status", 0) is not None or not isinstance(pdu, P.DataIn):
+                self.exp_stat_sn = (pdu.stat_sn + 1) & 0xFFFFFFFF
+        if hasattr(pdu, "max_cmd_sn"):
+            self.max_cmd_sn = pdu.max_cmd_sn
+        return pdu, data
+
+    def _exact(self, n: int) -> bytes:
+        buf = bytearray()
+        while len(buf) < n:
+            chunk = self.sock.recv(n - len(buf))
+            if not chunk:
+                raise ConnectionError("connection closed by target")
+            buf += chunk
+        return bytes(buf)
+
+    def login(self, target: str | None, session_type: str = "Normal", tsih: int = 0, cid: int = 0,
+              extra: list[tuple[str, str]] = ()) -> P.LoginResponse:
+        """One-PDU login straight to full feature phase (no authentication)."""
+        pairs = [("InitiatorName", self.initiator), ("SessionType", session_type),
+                 ("AuthMethod", "None")]
+        if target:
+            pairs.append(("TargetName", target))
+        pairs += list(extra)
+        data = P.encode_text(pairs)
+        req = P.LoginRequest(self._next_itt(), self.isid, tsih, cid, self.cmd_sn, self.exp_stat_sn,
+                             csg=P.STAGE_SECURITY, nsg=P.STAGE_OPERATIONAL, transit=True,
+                             data_length=len(data))
+        self.send(req, data)
+        resp, rdata = self.recv()
+        self.login_keys = dict(P.decode_text(rdata)) if rdata else {}
+        while resp.status_class == 0 and resp.nsg != P.STAGE_FULL_FEATURE:
+            stage = resp.nsg if resp.transit else resp.csg
+            body = P.encode_text([])
+            req = P.LoginRequest(self._next_itt(), self.isid, tsih, cid, self.cmd_sn, self.exp_stat_sn,
+                                 csg=stage, nsg=P.STAGE_FULL_FEATURE, transit=True, data_length=0)
+            self.send(req, body)
+            resp, rdata = self.recv()
+            self.login_keys.update(P.decode_text(rdata) if rdata else [])
+        self.tsih = resp.tsih
+        return resp
+
+    def command(self, cdb: bytes, lun: int = 0, read: int = 0, write: bytes = b"",
+                immediate_data: bool = True) -> tuple[int, bytes, bytes]:
+        """(status, sense, read data) of one SCSI command; answers R2Ts."""
+        itt = self._next_itt()
+        imm = write if immediate_data else b""
+        cmd = P.ScsiCommand(itt, P.int_to_lun(lun), cdb.ljust(16, b"\0"), read or len(write),
+                            self.cmd_sn, self.exp_stat_sn, read=bool(read), write=bool(write),
+                            data_length=len(imm))
+        self.cmd_sn += 1
+        self.send(cmd, imm)
+        data = bytearray()
+        while True:
+            pdu, seg = self.recv()
+            if isinstance(pdu, P.R2T):
+                chunk = write[pdu.buffer_offset:pdu.buffer_offset + pdu.desired_length]
+                self.send(P.DataOut(itt, pdu.ttt, 0, pdu.buffer_offset, True, self.exp_stat_sn,
+                                    P.int_to_lun(lun), len(chunk)), chunk)
+            elif isinstance(pdu, P.DataIn):
+                data[pdu.buffer_offset:pdu.buffer_offset + len(seg)] = seg
+                if pdu.status is not None:
+                    return pdu.status, b"", bytes(data)
+            elif isinstance(pdu, P.ScsiResponse):
+                sense = P.decode_sense_segment(seg) if seg else b""
+                return pdu.status, sense, bytes(data)
+            elif isinstance(pdu, P.NopIn) and pdu.itt == P.RESERVED_TAG:
+                self.send(P.NopOut(P.RESERVED_TAG, pdu.ttt, self.cmd_sn, self.exp_stat_sn, immediate=True))
+
+    def read16(self, lba: int, blocks: int, lun: int = 0) -> bytes:
+        status, sense, data = self.command(struct.pack(">BBQIBB", 0x88, 0, lba, blocks, 0, 0),
+                                           lun, read=blocks * 512)
+        assert status == 0, (status, sense)
+        return data
+
+    def write16(self, lba: int, data: bytes, lun: int = 0, immediate_data: bool = True) -> None:
+        cdb = struct.pack(">BBQIBB", 0x8A, 0, lba, len(data) // 512, 0, 0)
+        status, sense, _ = self.command(cdb, lun, write=data, immediate_data=immediate_data)
+        assert status == 0, (status, sense)
+
+    def nop(self, payload: bytes = b"") -> tuple[Any, bytes]:
+        itt = self._next_itt()
+        self.send(P.NopOut(itt, P.RESERVED_TAG, self.cmd_sn, self.exp_stat_sn, immediate=True,
+                           data_length=len(payload)), payload)
+        return self.recv()
+
+    def text(self, pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        data = P.encode_text(pairs)
+        out = bytearray()
+        ttt = P.RESERVED_TAG
+        while True:
+            self.send(P.TextRequest(self._next_itt(), ttt, self.cmd_sn, self.exp_stat_sn,
+                                    immediate=True, data_length=len(data)), data)
+            pdu, seg = self.recv()
+            out += seg
+            if pdu.final:
+                return P.decode_text(bytes(out))
+            ttt, data = pdu.ttt, b""
+
+    def logout(self, reason: int = 0, cid: int = 0) -> P.LogoutResponse:
+        self.send(P.LogoutRequest(self._next_itt(), reason, cid, self.cmd_sn, self.exp_stat_sn))
+        self.cmd_sn += 1
+        pdu, _ = self.recv()
+        return pdu

@@ -1,0 +1,126 @@
+"""Session-level iSCSI behaviour, driven PDU by PDU with a raw initiator."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import time
+
+import pytest
+
+from fetd_tcp import pdu as P
+from rawiscsi import RawInitiator
+from targetproc import IQN, Target, run
+
+
+def _hostport(portal: str) -> tuple[str, int]:
+    host, _, port = portal.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+@pytest.fixture(scope="module")
+def target():
+    with Target("--lun", "ram:16MiB") as t:
+        yield t
+
+
+def test_two_connections_in_one_session(target):
+    host, port = _hostport(target.portal)
+    a = RawInitiator(host, port)
+    resp = a.login(IQN, extra=[("MaxConnections", "2")])
+    assert resp.status_class == 0 and resp.tsih != 0
+    assert a.login_keys.get("MaxConnections") == "2"
+    b = RawInitiator(host, port, isid=a.isid)
+    b.cmd_sn = a.cmd_sn
+    resp_b = b.login(IQN, tsih=resp.tsih, cid=1, extra=[("MaxConnections", "2")])
+    assert resp_b.status_class == 0 and resp_b.tsih == resp.tsih
+    data = os.urandom(8192)
+    a.write16(100, data)
+    b.cmd_sn = a.cmd_sn            # one CmdSN space for the whole session
+    assert b.read16(100, 16) == data
+    a.cmd_sn = b.cmd_sn
+    lo = b.logout(reason=1, cid=1)   # close just this connection
+    assert lo.response == 0
+    a.cmd_sn = b.cmd_sn
+    assert a.read16(100, 16) == data  # the session lives on its other connection
+    a.close()
+    b.close()
+
+
+def test_joining_a_missing_session_fails(target):
+    host, port = _hostport(target.portal)
+    r = RawInitiator(host, port)
+    resp = r.login(IQN, tsih=0x7777, cid=1)
+    assert (resp.status_class, resp.status_detail) == (2, 0x0A)   # session does not exist
+    r.close()
+
+
+def test_session_reinstatement_closes_the_old_session(target):
+    host, port = _hostport(target.portal)
+    old = RawInitiator(host, port)
+    old.login(IQN)
+    new = RawInitiator(host, port, isid=old.isid)
+    resp = new.login(IQN)
+    assert resp.status_class == 0
+    with pytest.raises((ConnectionError, OSError)):
+        old.nop(b"x")
+        old.recv()
+    assert new.read16(0, 1) == new.read16(0, 1)
+    new.close()
+
+
+def test_nop_out_is_echoed(target):
+    host, port = _hostport(target.portal)
+    r = RawInitiator(host, port)
+    r.login(IQN)
+    pdu, data = r.nop(b"ping-payload")
+    assert isinstance(pdu, P.NopIn) and pdu.itt == r.itt and data == b"ping-payload"
+    r.close()
+
+
+def test_discovery_session_refuses_scsi(target):
+    host, port = _hostport(target.portal)
+    r = RawInitiator(host, port)
+    r.login(None, session_type="Discovery")
+    pairs = r.text([("SendTargets", "All")])
+    assert ("TargetName", IQN) in pairs
+    r.send(P.ScsiCommand(99, P.int_to_lun(0), bytes(16), 0, r.cmd_sn, r.exp_stat_sn))
+    pdu, data = r.recv()
+    assert isinstance(pdu, P.Reject) and pdu.reason == P.REJECT_PROTOCOL_ERROR
+    r.close()
+
+
+def test_wildcard_portal_reports_the_address_used():
+    with Target("--lun", "ram:4MiB", portals=("0.0.0.0:0",)) as t:
+        port = _hostport(t.portal)[1]
+        r = RawInitiator("127.0.0.1", port)
+        r.login(None, session_type="Discovery")
+        pairs = r.text([("SendTargets", "All")])
+        assert ("TargetAddress", f"127.0.0.1:{port},1") in pairs
+        r.close()
+
+
+@pytest.mark.skipif(not shutil.which("iscsi-inq"), reason="libiscsi-bin is not installed")
+def test_ipv6_portal():
+    with Target("--lun", "ram:4MiB", portals=("[::1]:0",)) as t:
+        assert t.portal.startswith("[::1]:")
+        out = run(["iscsi-inq", f"iscsi://{t.portal}/{IQN}/0"]).stdout
+        assert "Vendor:SCSITGT" in out
+        r = RawInitiator("::1", _hostport(t.portal)[1])
+        r.login(None, session_type="Discovery")
+        assert ("TargetAddress", f"{t.portal},1") in r.text([("SendTargets", "All")])
+        r.close()
+
+
+def test_shutdown_asks_initiators_to_log_out():
+    t = Target("--lun", "ram:4MiB")
+    try:
+        host, port = _hostport(t.portal)
+        r = RawInitiator(host, port)
+        r.login(IQN)
+        os.kill(t.proc.pid, signal.SIGTERM)
+        pdu, _ = r.recv()
+        assert isinstance(pdu, P.AsyncMessage) and pdu.event == P.ASYNC_LOGOUT_REQUEST
+        r.close()
+    finally:
+        t.stop()
