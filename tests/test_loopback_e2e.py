@@ -366,10 +366,13 @@ def test_mode_sense10_all_pages(client):
     assert struct.unpack_from(">H", d)[0] == len(d) - 2
     bdl = struct.unpack_from(">H", d, 6)[0]
     assert bdl == 8
-    assert list(_pages(d[8 + bdl:])) == [0x08, 0x0A]
+    codes = list(_pages(d[8 + bdl:]))
+    assert {0x08, 0x0A} <= set(codes) and codes == sorted(codes)
     r = mode_sense10(client, 0x3F, dbd=True)
     assert struct.unpack_from(">H", r.data, 6)[0] == 0
-    assert list(_pages(r.data[8:])) == [0x08, 0x0A]
+    assert list(_pages(r.data[8:])) == codes
+    pages = _pages(r.data[8:])
+    assert pages[0x08][1] == 18 and pages[0x0A][1] == 10
 
 
 def test_mode_sense_changeable_and_default_values(stml_factory, client_factory):
@@ -392,6 +395,41 @@ def test_mode_sense_errors(client):
     r = mode_sense6(client, 0x19)                      # a page we do not have
     assert sense_of(r) == (0x05, 0x24, 0x00)
     assert r.sense[16:18] == b"\x00\x02"
+
+
+def test_mode_select_d_sense_gives_descriptor_sense(stml_factory, client_factory):
+    stml = stml_factory("ram:1MiB")
+    client = client_factory(stml.endpoint)
+    other = client_factory(stml.endpoint)
+    settle(client)
+    settle(other)
+    r = client.execute(0, bytes([0x02]) + bytes(5))
+    assert r.sense[0] == 0x70                          # fixed format by default
+    ctrl = bytearray(_pages(mode_sense10(client, 0x0A, dbd=True).data[8:])[0x0A])
+    ctrl[2] |= 0x04                                    # D_SENSE
+    params = bytes(8) + bytes(ctrl)
+    cdb = bytes([0x55, 0x10, 0, 0, 0, 0, 0]) + struct.pack(">H", len(params)) + b"\0"
+    r = client.execute(0, cdb, data_out=params)
+    assert r.status == GOOD, r.describe()
+    assert _pages(mode_sense10(client, 0x0A, dbd=True).data[8:])[0x0A][2] & 0x04
+    r = client.execute(0, bytes([0x02]) + bytes(5))
+    assert r.sense[0] == 0x72                          # descriptor format now
+    assert parse_sense(r.sense) == (0x05, 0x20, 0x00)
+    r = client.execute(0, bytes([0x12, 1, 0x99, 0, 255, 0]), data_in=255)
+    assert r.sense[0] == 0x72 and parse_sense(r.sense) == (0x05, 0x24, 0x00)
+    # the other nexus is told the mode parameters changed
+    seen = []
+    for _ in range(4):
+        r = other.execute(0, bytes(6))
+        if r.status == GOOD:
+            break
+        seen.append(parse_sense(r.sense))
+    assert (0x06, 0x2A, 0x01) in seen
+    # a change that is not changeable is refused: QUEUE ALGORITHM MODIFIER
+    ctrl[3] ^= 0xF0
+    params = bytes(8) + bytes(ctrl)
+    r = client.execute(0, cdb, data_out=params)
+    assert r.status == CHECK and parse_sense(r.sense) == (0x05, 0x26, 0x00)
 
 
 # ---------------------------------------------------------------- SBC housekeeping
