@@ -177,6 +177,8 @@ class DiskTemplate:
     peripheral_type = 0x00
 
     def __init__(self, entries: list[OpEntry] = OPCODES) -> None:
+        from stml import alua, pr  # reservations and ALUA add their rows (imported here: no cycle)
+        entries = [*entries, *pr.OPCODES, *alua.OPCODES]
         self.entries = list(entries)     # as REPORT SUPPORTED OPERATION CODES lists them
         self.by_opcode: dict[int, OpEntry | dict[int, OpEntry]] = {}
         for e in entries:

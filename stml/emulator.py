@@ -14,10 +14,12 @@ import logging
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 from backends import BackendError
-from stml.api import CONTRACT_VERSION, DataDir, Op, Tmf, TmfResponse, version_compatible
+from stml import pr
+from stml.api import CONTRACT_VERSION, DataDir, Op, TaskAttr, Tmf, TmfResponse, version_compatible
 from stml.cdb import check_usage, trim_cdb
 from stml.disk import DiskTemplate, OpEntry, standard_inquiry, trim_views
 from stml.lu import LogicalUnit
@@ -25,7 +27,8 @@ from stml.sense import (
     ABORTED_COMMAND, CHECK_CONDITION, GOOD, HARDWARE_ERROR, ILLEGAL_REQUEST,
     INTERNAL_TARGET_FAILURE, INVALID_FIELD_IN_CDB, LOGICAL_UNIT_NOT_SUPPORTED, MEDIUM_ERROR,
     NO_ADDITIONAL_SENSE, NO_SENSE, POWER_ON_RESET, UNIT_ATTENTION, UNRECOVERED_READ_ERROR,
-    WRITE_ERROR, DATA_PHASE_ERROR, CheckCondition, StatusError, build_sense,
+    WRITE_ERROR, DATA_PHASE_ERROR, BUSY, RESERVATION_CONFLICT, TASK_ABORTED, TASK_SET_FULL,
+    CheckCondition, StatusError, build_sense,
 )
 
 log = logging.getLogger("stml")
@@ -36,6 +39,10 @@ BUS_DEVICE_RESET = (0x29, 0x03)
 I_T_NEXUS_LOSS = (0x29, 0x07)
 COMMANDS_CLEARED_BY_ANOTHER = (0x2F, 0x00)
 NEXUS_UNKNOWN = (0x08, 0x00)   # LOGICAL UNIT COMMUNICATION FAILURE
+INVALID_MESSAGE_ERROR = (0x49, 0x00)
+# UA_INTLCK_CTRL 11b: the status a command ended with becomes a unit attention
+PREVIOUS_STATUS_UA = {BUSY: (0x2C, 0x07), TASK_SET_FULL: (0x2C, 0x08),
+                      RESERVATION_CONFLICT: (0x2C, 0x09)}
 
 
 @dataclass(eq=False)
@@ -70,7 +77,7 @@ class Task:
 
     __slots__ = ("emulator", "fe", "tag", "nexus", "lun", "lu", "cdb", "attr", "direction",
                  "exp_len", "unsol", "data_out", "received", "need", "want", "data_ready", "data_error",
-                 "runner", "seq")
+                 "runner", "seq", "abort_status")
 
     def __init__(self, emulator: Emulator, fe: FrontEnd, h: dict[str, Any], nexus: Nexus,
                  imm: list) -> None:
@@ -93,6 +100,7 @@ class Task:
         self.data_error: CheckCondition | None = None
         self.runner: asyncio.Task | None = None
         self.seq = 0
+        self.abort_status: int | None = None   # TASK ABORTED when another nexus aborted it (TAS)
 
     async def io(self, fn: Callable, *args: Any) -> Any:
         """Run a backend call: in place when it cannot block, else in a worker
@@ -139,8 +147,12 @@ class Emulator:
 
     def __init__(self, targets: list[Target], send: Send, executor: Executor, *,
                  name: str = "stml", heartbeat_ms: int = 1000, max_transfer: int = 8 << 20,
-                 queue_depth: int = 128, discovery: dict[str, Any] | None = None) -> None:
+                 queue_depth: int = 128, discovery: dict[str, Any] | None = None,
+                 data_dir: Path | str | None = None, portal_groups: list[int] = ()) -> None:
         self.targets = {t.name: t for t in targets}
+        self.data_dir = Path(data_dir) if data_dir is not None else None
+        self.configured_tpgs = set(portal_groups)   # portal group tags the config names
+        self._seen_tpgs: dict[str, set[int]] = {}    # target -> tags nexuses came through
         self.send = send
         self.executor = executor
         self.name = name
@@ -161,6 +173,22 @@ class Emulator:
             Op.DONE: lambda fe, h, f: None,
             Op.HEARTBEAT: lambda fe, h, f: None,
         }
+
+    def restore_reservations(self) -> None:
+        """Load every LU's persistent reservations kept with APTPL (call once the
+        targets are in place). A file that cannot be used raises ConfigError."""
+        from stml.config import ConfigError
+        for t in self.targets.values():
+            for lu in t.luns.values():
+                st = pr.state(lu)
+                if self.data_dir is None:
+                    continue
+                try:
+                    st.load(pr.state_path(self.data_dir, t.name, lu.lun))
+                except pr.PrStoreError as e:
+                    raise ConfigError("persistent reservations", str(e)) from None
+                if st.regs:
+                    log.info("restored %d registration(s) on %s LUN %d", len(st.regs), t.name, lu.lun)
 
     # ------------------------------------------------------------ templates
     def register_target_template(self, template: Any) -> None:
@@ -259,7 +287,12 @@ class Emulator:
         if old:
             self._drop_nexus(old)
         fe.nexuses[nexus.id] = nexus
+        self._seen_tpgs.setdefault(nexus.target, set()).add(nexus.tpg)
         self.send(fe.ident, {"op": Op.NEXUS_READY, "nexus": nexus.id}, [])
+
+    def portal_groups(self, target: str) -> set[int]:
+        """Target port groups (portal group tags) of a target, for ALUA."""
+        return self.configured_tpgs | self._seen_tpgs.get(target, set())
 
     def _scsi_release(self, fe: FrontEnd, h: dict[str, Any], frames: list) -> None:
         nexus = fe.nexuses.get(h["nexus"])
@@ -267,9 +300,17 @@ class Emulator:
             self._drop_nexus(nexus)
 
     def _drop_nexus(self, nexus: Nexus) -> None:
+        """I_T nexus loss: its tasks are aborted and its SPC-2 reservations released."""
         nexus.fe.nexuses.pop(nexus.id, None)
         for task in [t for t in nexus.fe.tasks.values() if t.nexus is nexus]:
             self._abort(task)
+        if not self._nexuses_with_key(nexus.key):
+            t = self.targets.get(nexus.target)
+            for lu in (t.luns.values() if t else ()):
+                pr.state(lu).drop_spc2(nexus.key)
+
+    def _nexuses_with_key(self, key: str) -> list[Nexus]:
+        return [n for fe in self.front_ends.values() for n in fe.nexuses.values() if n.key == key]
 
     # ------------------------------------------------------------ commands
     def _rx_cmnd(self, fe: FrontEnd, h: dict[str, Any], frames: list) -> None:
@@ -303,12 +344,17 @@ class Emulator:
                 data = await self._no_such_lun(task)
             else:
                 descriptor = lu.mode.d_sense
+                if task.attr == TaskAttr.ACA:
+                    raise CheckCondition(ILLEGAL_REQUEST, INVALID_MESSAGE_ERROR)  # no ACA (NACA=0)
                 entry = lu.template.lookup(task.cdb)
                 check_usage(task.cdb, entry.usage)
                 if not entry.ua_exempt:
-                    ua = lu.take_ua(task.nexus)
+                    ua = self._pending_ua(lu, task.nexus)
                     if ua:
                         raise CheckCondition(UNIT_ATTENTION, ua)
+                if len(lu.task_set.tasks) >= self.queue_depth:
+                    raise StatusError(TASK_SET_FULL)
+                self._check_reservation(lu, task, entry)
                 lu.task_set.add(task)
                 try:
                     if entry.check:
@@ -316,18 +362,25 @@ class Emulator:
                     if entry.out_len:
                         await self._collect(task, entry)
                     await lu.task_set.enter(task)
+                    self._check_reservation(lu, task, entry)  # it may have changed while queued
                     data = await entry.handler(task)
                 finally:
                     lu.task_set.remove(task)
         except asyncio.CancelledError:
             self._forget(task)
-            return  # aborted: an aborted task sends no status
+            if task.abort_status is not None and task.fe.ident in self.front_ends:
+                # aborted by another I_T nexus (TAS=1): TASK ABORTED status
+                self.respond(task.fe, task.tag, task.abort_status, None, task.exp_len)
+            return  # aborted by its own nexus: an aborted task sends no status
         except CheckCondition as e:
             status, sense = e.status, e.sense(descriptor)
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("CDB %s on %s LUN %d: %r", task.cdb.hex(), task.nexus.target, task.lun, e)
         except StatusError as e:
             status = e.status
+            if task.lu is not None and status in PREVIOUS_STATUS_UA \
+                    and getattr(task.lu.mode, "ua_intlck_ctrl", 0) == 3:
+                self.establish_ua(task.lu, PREVIOUS_STATUS_UA[status], [task.nexus.key])
         except (BackendError, OSError) as e:
             log.error("backend error on %s LUN %d: %s", task.nexus.target, task.lun, e)
             asc = UNRECOVERED_READ_ERROR if task.direction & DataDir.READ else WRITE_ERROR
@@ -338,6 +391,64 @@ class Emulator:
             sense = build_sense(HARDWARE_ERROR, INTERNAL_TARGET_FAILURE, descriptor)
         self._forget(task)
         self._complete(task, status, sense, data)
+
+    @staticmethod
+    def _pending_ua(lu: LogicalUnit, nexus: Nexus) -> tuple[int, int] | None:
+        """The unit attention to report; with the control mode page's UA
+        interlock (UA_INTLCK_CTRL 10b/11b) it stays until REQUEST SENSE."""
+        if getattr(lu.mode, "ua_intlck_ctrl", 0) & 0x2:
+            pending = lu.unit_attentions.get(nexus.key)
+            return pending[0] if pending else None
+        return lu.take_ua(nexus)
+
+    @staticmethod
+    def _check_reservation(lu: LogicalUnit, task: Task, entry: OpEntry) -> None:
+        if entry.conflicts and pr.state(lu).conflicts(task.nexus, task.cdb):
+            raise StatusError(RESERVATION_CONFLICT)
+
+    # ------------------------------------------------------------ unit attentions
+    def nexus_by_key(self, key: str) -> list[Nexus]:
+        return self._nexuses_with_key(key)
+
+    def establish_ua(self, lu: LogicalUnit, asc_ascq: tuple[int, int], keys: list[str],
+                     exclude: str | None = None) -> None:
+        """Establish a unit attention for these I_T nexuses, and report it
+        asynchronously to the front ends that asked for events (it stays
+        pending: the initiator still sees it on its next command)."""
+        keys = [k for k in dict.fromkeys(keys) if k != exclude]
+        lu.add_ua(asc_ascq, keys)
+        sense = None
+        for key in keys:
+            for n in self._nexuses_with_key(key):
+                if n.fe.aen and n.target == lu.target:
+                    sense = sense or build_sense(UNIT_ATTENTION, asc_ascq, lu.mode.d_sense)
+                    self.send(n.fe.ident, {"op": Op.REPORT_AEN, "nexus": n.id, "lun": lu.lun,
+                                           "sense": sense}, [])
+
+    def _reg_nexus_keys(self, lu: LogicalUnit, who: pr.Registration | str) -> list[str]:
+        if isinstance(who, str):
+            return [who]
+        keys = [n.key for fe in self.front_ends.values() for n in fe.nexuses.values()
+                if who.matches(n)]
+        exact = who.nexus_key()
+        if exact and exact not in keys:
+            keys.append(exact)
+        return keys
+
+    async def apply_pr_effects(self, task: Task, effects: pr.Effects) -> None:
+        """Unit attentions of a PERSISTENT RESERVE OUT, and the tasks PREEMPT
+        AND ABORT aborts (it completes only once they are gone)."""
+        lu = task.lu
+        for who, asc in effects.ua:
+            self.establish_ua(lu, asc, self._reg_nexus_keys(lu, who), exclude=task.nexus.key)
+        if not effects.aborted:
+            return
+        keys = {k for r in effects.aborted for k in self._reg_nexus_keys(lu, r)}
+        keys.discard(task.nexus.key)
+        victims = self._tasks_where(lambda t: t is not task and t.lu is lu and t.nexus.key in keys)
+        runners = [r for r in (self._abort(t, TASK_ABORTED) for t in victims) if r is not None]
+        if runners:
+            await asyncio.wait(runners)
 
     async def _no_such_lun(self, task: Task) -> bytes | None:
         """What a command to a LUN that does not exist gets (SPC-4 4.6.2)."""
@@ -401,9 +512,12 @@ class Emulator:
                              "sense": sense, "resid": resid}, list(frames))
 
     # ------------------------------------------------------------ task management
-    def _abort(self, task: Task) -> asyncio.Task | None:
+    def _abort(self, task: Task, status: int | None = None) -> asyncio.Task | None:
+        """Abort a task; with a status (TASK ABORTED) it reports that status
+        instead of vanishing (tasks aborted by another I_T nexus, TAS=1)."""
         runner = task.runner
         if runner is not None and not runner.done():
+            task.abort_status = status
             runner.cancel()
         return runner
 
@@ -429,13 +543,19 @@ class Emulator:
 
     async def _task_mgmt(self, fe: FrontEnd, tag: int, nexus: Nexus, fn: int, lun: int,
                          ref: int | None) -> None:
+        """Run one TMF. Tasks of the issuing I_T nexus that it aborts vanish
+        (listed in `aborted`); tasks of other nexuses end with TASK ABORTED
+        (TAS=1) and their nexuses get the unit attention SAM-5 names. The
+        response leaves only after every affected task is gone."""
         target = nexus.target
         lu = self.lookup_lu(target, lun)
         response = TmfResponse.COMPLETE
         victims: list[Task] = []
+        lun_scoped = (Tmf.ABORT_TASK_SET, Tmf.CLEAR_TASK_SET, Tmf.LUN_RESET, Tmf.QUERY_TASK_SET,
+                      Tmf.QUERY_ASYNC_EVENT, Tmf.CLEAR_ACA)
         if fn in (Tmf.ABORT_TASK, Tmf.QUERY_TASK):
             task = fe.tasks.get(ref) if ref is not None else None
-            if task is not None and task.nexus is not nexus:
+            if task is not None and (task.nexus is not nexus or task.lun != lun):
                 task = None
             if fn == Tmf.QUERY_TASK:
                 response = TmfResponse.SUCCEEDED if task else TmfResponse.COMPLETE
@@ -443,38 +563,41 @@ class Emulator:
                 response = TmfResponse.NO_TASK
             else:
                 victims = [task]
-        elif fn in (Tmf.ABORT_TASK_SET, Tmf.CLEAR_TASK_SET, Tmf.LUN_RESET, Tmf.QUERY_TASK_SET,
-                    Tmf.QUERY_ASYNC_EVENT):
-            if lu is None:
-                response = TmfResponse.NO_LUN
-            elif fn == Tmf.QUERY_TASK_SET:
-                mine = self._tasks_where(lambda t: t.nexus is nexus and t.lun == lun and t.tag != tag)
-                response = TmfResponse.SUCCEEDED if mine else TmfResponse.COMPLETE
-            elif fn == Tmf.QUERY_ASYNC_EVENT:
-                pending = lu.unit_attentions.get(nexus.key)
-                response = TmfResponse.SUCCEEDED if pending else TmfResponse.COMPLETE
-            elif fn == Tmf.ABORT_TASK_SET:
-                victims = self._tasks_where(lambda t: t.nexus is nexus and t.lun == lun)
-            else:
-                victims = self._tasks_where(lambda t: t.nexus.target == target and t.lun == lun)
-                others = self._all_nexus_keys(target)
-                if fn == Tmf.LUN_RESET:
-                    lu.add_ua(BUS_DEVICE_RESET, others, exclude=nexus.key)
-                else:
-                    lu.add_ua(COMMANDS_CLEARED_BY_ANOTHER,
+        elif fn in lun_scoped and lu is None:
+            response = TmfResponse.NO_LUN
+        elif fn == Tmf.QUERY_TASK_SET:
+            mine = self._tasks_where(lambda t: t.nexus is nexus and t.lun == lun)
+            response = TmfResponse.SUCCEEDED if mine else TmfResponse.COMPLETE
+        elif fn == Tmf.QUERY_ASYNC_EVENT:
+            pending = lu.unit_attentions.get(nexus.key)
+            response = TmfResponse.SUCCEEDED if pending else TmfResponse.COMPLETE
+        elif fn == Tmf.CLEAR_ACA:
+            pass   # NACA is not supported, so no ACA condition ever exists to clear
+        elif fn == Tmf.ABORT_TASK_SET:
+            victims = self._tasks_where(lambda t: t.nexus is nexus and t.lun == lun)
+        elif fn == Tmf.CLEAR_TASK_SET:
+            victims = self._tasks_where(lambda t: t.nexus.target == target and t.lun == lun)
+            self.establish_ua(lu, COMMANDS_CLEARED_BY_ANOTHER,
                               [t.nexus.key for t in victims], exclude=nexus.key)
+        elif fn == Tmf.LUN_RESET:
+            victims = self._tasks_where(lambda t: t.nexus.target == target and t.lun == lun)
+            pr.state(lu).drop_spc2()
+            self.establish_ua(lu, BUS_DEVICE_RESET, self._all_nexus_keys(target))
         elif fn in (Tmf.TARGET_WARM_RESET, Tmf.TARGET_COLD_RESET):
             victims = self._tasks_where(lambda t: t.nexus.target == target)
-            others = self._all_nexus_keys(target)
+            keys = self._all_nexus_keys(target)
             for each in self.targets[target].luns.values():
-                each.add_ua(POWER_ON_RESET, others, exclude=nexus.key)
+                pr.state(each).drop_spc2()
+                self.establish_ua(each, POWER_ON_RESET, keys)
         elif fn == Tmf.I_T_NEXUS_RESET:
             victims = self._tasks_where(lambda t: t.nexus is nexus)
             for each in self.targets[target].luns.values():
-                each.add_ua(I_T_NEXUS_LOSS, [nexus.key])
+                pr.state(each).drop_spc2(nexus.key)
+                self.establish_ua(each, I_T_NEXUS_LOSS, [nexus.key])
         else:
             response = TmfResponse.NOT_SUPPORTED
-        runners = [r for r in (self._abort(t) for t in victims) if r is not None]
+        runners = [r for r in (self._abort(t, None if t.nexus is nexus else TASK_ABORTED)
+                               for t in victims) if r is not None]
         if runners:
-            await asyncio.gather(*runners, return_exceptions=True)
-        self._tmf_done(fe, tag, response, [t.tag for t in victims if t.fe is fe])
+            await asyncio.wait(runners)
+        self._tmf_done(fe, tag, response, [t.tag for t in victims if t.nexus is nexus])

@@ -5,6 +5,7 @@ import asyncio
 import fcntl
 import logging
 import os
+import re
 import signal
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -39,6 +40,15 @@ def build_targets(config: Config, templates: dict[str, Any]) -> list[Target]:
     return targets
 
 
+def portal_groups(config: Config) -> list[int]:
+    """Portal group tags of the configured portals ("HOST:PORT[,TPGT]", default 1)."""
+    tags = set()
+    for p in config.portals:
+        m = re.search(r",(\d+)$", p)
+        tags.add(int(m.group(1)) if m else 1)
+    return sorted(tags)
+
+
 class StmlServer:
     def __init__(self, config: Config, heartbeat_ms: int = 1000) -> None:
         self.config = config
@@ -50,9 +60,11 @@ class StmlServer:
         self.sock.setsockopt(zmq.RCVHWM, 0)
         self.executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="backend")
         self.emulator = Emulator([], self._send, self.executor, heartbeat_ms=heartbeat_ms,
-                                 discovery={"chap": config.discovery_chap})
+                                 discovery={"chap": config.discovery_chap},
+                                 data_dir=config.data_dir, portal_groups=portal_groups(config))
         for t in build_targets(config, self.emulator.templates):
             self.emulator.targets[t.name] = t
+        self.emulator.restore_reservations()   # APTPL state kept under the data dir
         self._lock_fd: int | None = None
 
     def _send(self, ident: bytes, header: dict[str, Any], frames: list) -> None:

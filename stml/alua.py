@@ -1,0 +1,94 @@
+"""Asymmetric logical unit access (SPC-4 5.16), implicit only.
+
+Every portal group tag of a target is one target port group, and its
+relative target port identifier is the tag too (stml.spc reports both in
+VPD page 0x83), so the ids are stable across restarts. Every group is
+active/optimized: the point is that multipath stacks (dm-multipath with
+scsi_dh_alua, ESXi's VMW_SATP_ALUA) see one device with several paths.
+REPORT TARGET PORT GROUPS answers from the groups the STML knows: those its
+config names and those any front end has registered a nexus through. SET
+TARGET PORT GROUPS is accepted for groups that exist (nothing changes).
+"""
+from __future__ import annotations
+
+import struct
+from typing import TYPE_CHECKING
+
+from stml.api import DataDir
+from stml.cdb import u32
+from stml.sense import (
+    ILLEGAL_REQUEST, PARAMETER_LIST_LENGTH_ERROR, CheckCondition, invalid_field, invalid_param,
+)
+
+try:  # the opcode row type moved to stml.ops with the command-set split
+    from stml.ops import OpEntry
+except ImportError:  # pragma: no cover
+    from stml.disk import OpEntry  # type: ignore[no-redef]
+
+if TYPE_CHECKING:
+    from stml.emulator import Task
+
+ACTIVE_OPTIMIZED = 0x0
+STATUS_IMPLICIT = 0x02
+SUPPORTED_STATES = 0x01    # AO_SUP only: every port group is active/optimized
+IMPLICIT_TRANSITION_TIME = 0
+
+
+def port_groups(task: Task) -> list[int]:
+    """The target port groups of the task's target, in ascending order."""
+    groups = set(task.emulator.portal_groups(task.nexus.target))
+    groups.add(task.nexus.tpg)
+    return sorted(groups)
+
+
+def descriptor(tpg: int) -> bytes:
+    """One target port group descriptor with its single target port."""
+    return struct.pack(">BBHBBBB", 0x80 | ACTIVE_OPTIMIZED, SUPPORTED_STATES, tpg, 0,
+                       STATUS_IMPLICIT, 0, 1) + struct.pack(">HH", 0, tpg)
+
+
+async def report_target_port_groups(task: Task) -> bytes:
+    cdb = task.cdb
+    fmt = cdb[1] >> 5
+    if fmt not in (0, 1):
+        raise invalid_field(1, 7)
+    alloc = u32(cdb, 6)
+    body = b"".join(descriptor(g) for g in port_groups(task))
+    if fmt == 1:   # extended header: format type 1, implicit transition time
+        out = struct.pack(">IBBH", len(body) + 4, 0x10, IMPLICIT_TRANSITION_TIME, 0) + body
+    else:
+        out = struct.pack(">I", len(body)) + body
+    return out[:alloc]
+
+
+def set_tpg_out_len(task: Task) -> int:
+    return u32(task.cdb, 6)
+
+
+def set_tpg_check(task: Task) -> None:
+    n = u32(task.cdb, 6)
+    if n and (n < 4 or (n - 4) % 4 or n > 4 + 4 * 1024):
+        raise CheckCondition(ILLEGAL_REQUEST, PARAMETER_LIST_LENGTH_ERROR)
+
+
+async def set_target_port_groups(task: Task) -> None:
+    """Accepted when every descriptor names a group that exists and a state
+    this device can be in; the groups stay active/optimized."""
+    data = b"".join(bytes(b) for b in task.data_out)
+    groups = set(port_groups(task))
+    for off in range(4, len(data) - 3, 4):
+        state, tpg = data[off] & 0x0F, struct.unpack_from(">H", data, off + 2)[0]
+        if state > 0x3:
+            raise invalid_param(off, 3)
+        if tpg not in groups:
+            raise invalid_param(off + 2)
+
+
+OPCODES: list[OpEntry] = [
+    OpEntry(0xA3, "REPORT TARGET PORT GROUPS",
+            bytes([0xA3, 0xFF, 0, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0]),
+            report_target_port_groups, DataDir.READ, sa=0x0A, conflicts=False),
+    OpEntry(0xA4, "SET TARGET PORT GROUPS",
+            bytes([0xA4, 0x1F, 0, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0]),
+            set_target_port_groups, DataDir.WRITE, set_tpg_out_len, set_tpg_check, sa=0x0A),
+]
