@@ -527,8 +527,18 @@ class Emulator:
         if nexus is None:
             self._tmf_done(fe, tag, TmfResponse.REJECTED)
             return
-        asyncio.get_running_loop().create_task(
-            self._task_mgmt(fe, tag, nexus, int(h["fn"]), int(h.get("lun") or 0), h.get("ref")))
+        # decided now, in arrival order; only the wait for the aborted tasks is deferred
+        response, victims, runners = self._task_mgmt(fe, tag, nexus, int(h["fn"]),
+                                                     int(h.get("lun") or 0), h.get("ref"))
+        mine = [t.tag for t in victims if t.nexus is nexus]
+        if not runners:
+            self._tmf_done(fe, tag, response, mine)
+            return
+
+        async def finish() -> None:
+            await asyncio.wait(runners)
+            self._tmf_done(fe, tag, response, mine)
+        asyncio.get_running_loop().create_task(finish())
 
     def _tmf_done(self, fe: FrontEnd, tag: int, response: int, aborted: list[int] = ()) -> None:
         self.send(fe.ident, {"op": Op.TMF_DONE, "tag": tag, "response": response,
@@ -541,8 +551,8 @@ class Emulator:
         return [n.key for fe in self.front_ends.values() for n in fe.nexuses.values()
                 if n.target == target]
 
-    async def _task_mgmt(self, fe: FrontEnd, tag: int, nexus: Nexus, fn: int, lun: int,
-                         ref: int | None) -> None:
+    def _task_mgmt(self, fe: FrontEnd, tag: int, nexus: Nexus, fn: int, lun: int,
+                   ref: int | None) -> tuple[int, list[Task], list[asyncio.Task]]:
         """Run one TMF. Tasks of the issuing I_T nexus that it aborts vanish
         (listed in `aborted`); tasks of other nexuses end with TASK ABORTED
         (TAS=1) and their nexuses get the unit attention SAM-5 names. The
@@ -598,6 +608,4 @@ class Emulator:
             response = TmfResponse.NOT_SUPPORTED
         runners = [r for r in (self._abort(t, None if t.nexus is nexus else TASK_ABORTED)
                                for t in victims) if r is not None]
-        if runners:
-            await asyncio.wait(runners)
-        self._tmf_done(fe, tag, response, [t.tag for t in victims if t.nexus is nexus])
+        return response, victims, runners
