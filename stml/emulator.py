@@ -324,6 +324,17 @@ class Emulator:
         task = Task(self, fe, h, nexus, frames)
         fe.tasks[tag] = task
         task.runner = asyncio.get_running_loop().create_task(self._execute(task))
+        task.runner.add_done_callback(lambda runner, task=task: self._runner_done(task, runner))
+
+    def _runner_done(self, task: Task, runner: asyncio.Task) -> None:
+        """An aborted task is forgotten whether or not it had started running;
+        one aborted by another I_T nexus reports TASK ABORTED (TAS=1), one
+        aborted by its own nexus sends no status at all."""
+        if not runner.cancelled():
+            return
+        self._forget(task)
+        if task.abort_status is not None and self.front_ends.get(task.fe.ident) is task.fe:
+            self.respond(task.fe, task.tag, task.abort_status, None, task.exp_len)
 
     def _scsi_rx_data(self, fe: FrontEnd, h: dict[str, Any], frames: list) -> None:
         task = fe.tasks.get(h["tag"])
@@ -367,11 +378,7 @@ class Emulator:
                 finally:
                     lu.task_set.remove(task)
         except asyncio.CancelledError:
-            self._forget(task)
-            if task.abort_status is not None and task.fe.ident in self.front_ends:
-                # aborted by another I_T nexus (TAS=1): TASK ABORTED status
-                self.respond(task.fe, task.tag, task.abort_status, None, task.exp_len)
-            return  # aborted by its own nexus: an aborted task sends no status
+            raise  # aborted: _runner_done forgets it (and answers TASK ABORTED under TAS)
         except CheckCondition as e:
             status, sense = e.status, e.sense(descriptor)
             if log.isEnabledFor(logging.DEBUG):

@@ -40,9 +40,9 @@ class ModeState:
 
 
 class TaskSet:
-    """SAM-5 task ordering for one LU: SIMPLE tasks run together, an ORDERED
-    task waits for every older task and holds back every newer one, HEAD OF
-    QUEUE runs at once."""
+    """SAM-5 task ordering for one LU (8.6): HEAD OF QUEUE runs at once; an
+    ORDERED task waits for every older task; a SIMPLE task waits for older
+    ORDERED and HEAD OF QUEUE tasks, and runs alongside other SIMPLE tasks."""
 
     def __init__(self) -> None:
         self.tasks: dict[int, Task] = {}   # insertion order = arrival order
@@ -54,13 +54,13 @@ class TaskSet:
         self._seq += 1
         task.seq = self._seq
         self.tasks[task.seq] = task
-        if task.attr == TaskAttr.ORDERED:
+        if task.attr in (TaskAttr.ORDERED, TaskAttr.HEAD_OF_QUEUE):
             self._ordered += 1
 
     def remove(self, task: Task) -> None:
         if self.tasks.pop(task.seq, None) is None:
             return
-        if task.attr == TaskAttr.ORDERED:
+        if task.attr in (TaskAttr.ORDERED, TaskAttr.HEAD_OF_QUEUE):
             self._ordered -= 1
         if self._waiters:
             self._wake()
@@ -71,9 +71,7 @@ class TaskSet:
         for other in self.tasks.values():
             if other.seq >= task.seq:
                 return True
-            if other.attr == TaskAttr.HEAD_OF_QUEUE:
-                continue
-            if task.attr == TaskAttr.ORDERED or other.attr == TaskAttr.ORDERED:
+            if task.attr == TaskAttr.ORDERED or other.attr != TaskAttr.SIMPLE:
                 return False
         return True
 
