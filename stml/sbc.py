@@ -22,7 +22,7 @@ from stml.sense import (
     invalid_param,
 )
 from stml.spc import (
-    MAX_COMPARE_AND_WRITE, MAX_UNMAP_DESCRIPTORS, MAX_UNMAP_LBA_COUNT, MAX_WRITE_SAME,
+    MAX_COMPARE_AND_WRITE, MAX_UNMAP_DESCRIPTORS, MAX_UNMAP_LBA_COUNT, max_write_same,
     removal_prevented, thin,
 )
 
@@ -304,7 +304,7 @@ def ws_check(task: Task) -> None:
     if lba >= lu.blocks and n == 0:
         check_range(lu, lba, 1)
     lba, n = _ws_blocks(task)
-    if n > MAX_WRITE_SAME:
+    if n > max_write_same(task):
         raise invalid_field(7 if len(task.cdb) == 10 else 10)
     if task.exp_len != ws_out_len(task):
         raise invalid_field(1, 0) if ws_out_len(task) == 0 else invalid_field(7 if len(task.cdb) == 10 else 10)
@@ -324,11 +324,9 @@ async def write_same(task: Task) -> None:
     flags = task.cdb[1]
     ndob = len(task.cdb) == 16 and flags & 0x01
     block = bytes(lu.block_size) if ndob else data_bytes(task)
-    zero = block.count(0) == len(block)
-    if flags & 0x08 and zero and thin(lu):
-        await _discard(task, lba, n)   # LBPRZ: unmapped blocks read back as these zeros
-        return
-    if zero and thin(lu) and ndob:
+    if thin(lu) and (flags & 0x08 or (ndob and block.count(0) == len(block))):
+        # UNMAP: deallocate whatever the data (SBC-4 5.50: the unmap request wins);
+        # LBPRZ says the blocks then read back as zeros
         await _discard(task, lba, n)
         return
     per = max(1, _CHUNK // lu.block_size)

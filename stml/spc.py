@@ -21,7 +21,6 @@ if TYPE_CHECKING:
 # limits this template advertises in VPD 0xB0 (logical blocks unless noted)
 MAX_UNMAP_LBA_COUNT = 1 << 20
 MAX_UNMAP_DESCRIPTORS = 256
-MAX_WRITE_SAME = 1 << 20
 MAX_COMPARE_AND_WRITE = 255
 
 
@@ -29,6 +28,12 @@ def thin(lu: LogicalUnit) -> bool:
     """Logical block provisioning management is enabled: a thin LUN whose
     backend can give space back."""
     return bool(lu.options.thin and getattr(lu.backend, "can_discard", False) and not lu.options.ro)
+
+
+def max_write_same(task: Task) -> int:
+    """WRITE SAME is held to the maximum transfer length: initiators (libiscsi's
+    suite among them) size writes of the same range by it."""
+    return max_blocks(task)
 
 
 def unmap_granularity(lu: LogicalUnit) -> int:
@@ -126,7 +131,7 @@ def vpd_block_limits(lu: LogicalUnit, task: Task) -> bytes:
         struct.pack_into(">I", body, 20, MAX_UNMAP_DESCRIPTORS)
         struct.pack_into(">I", body, 24, unmap_granularity(lu))
         struct.pack_into(">I", body, 28, 0x80000000)            # UGAVALID, alignment 0
-    struct.pack_into(">Q", body, 32, MAX_WRITE_SAME)
+    struct.pack_into(">Q", body, 32, max_write_same(task))
     struct.pack_into(">I", body, 40, mb)                        # maximum atomic transfer length
     # atomic alignment 0, granularity 0, no atomic boundary support
     return _vpd(0xB0, bytes(body))

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from stml.cdb import u16, u32, u64
 from stml.ops import data_bytes, param_len_error
 from stml.sense import (
-    COPY_ABORTED, DATA_PROTECT, ILLEGAL_REQUEST, LBA_OUT_OF_RANGE, OPERATION_IN_PROGRESS,
+    COPY_ABORTED, DATA_PROTECT, ILLEGAL_REQUEST, NO_ADDITIONAL_SENSE, OPERATION_IN_PROGRESS,
     TOO_MANY_SEGMENT_DESCRIPTORS, TOO_MANY_TARGET_DESCRIPTORS, UNREACHABLE_COPY_TARGET,
     UNSUPPORTED_SEGMENT_DESCRIPTOR_TYPE, UNSUPPORTED_TARGET_DESCRIPTOR_TYPE, WRITE_PROTECTED,
     CheckCondition, invalid_field, invalid_param,
@@ -122,10 +122,8 @@ async def extended_copy(task: Task) -> None:
         if len(segments) >= MAX_SEGMENTS:
             raise CheckCondition(ILLEGAL_REQUEST, TOO_MANY_SEGMENT_DESCRIPTORS)
         src, dst = u16(data, pos + 4), u16(data, pos + 6)
-        if src >= len(lus):
-            raise invalid_param(pos + 4)
-        if dst >= len(lus):
-            raise invalid_param(pos + 6)
+        if src >= len(lus) or dst >= len(lus):
+            raise CheckCondition(COPY_ABORTED, UNREACHABLE_COPY_TARGET)   # no such CSCD
         blocks, slba, dlba = u16(data, pos + 10), u64(data, pos + 12), u64(data, pos + 20)
         if blocks * lus[src].block_size > MAX_SEGMENT_BYTES:
             raise invalid_param(pos + 10)
@@ -137,7 +135,7 @@ async def extended_copy(task: Task) -> None:
     try:
         for src, dst, blocks, slba, dlba in segments:
             if slba + blocks > src.blocks or dlba + blocks > dst.blocks:
-                raise CheckCondition(COPY_ABORTED, LBA_OUT_OF_RANGE)
+                raise CheckCondition(COPY_ABORTED, NO_ADDITIONAL_SENSE)   # segment beyond a copy target
             if dst.options.ro:
                 raise CheckCondition(DATA_PROTECT, WRITE_PROTECTED)
             await _copy(task, src, dst, blocks, slba, dlba, state)
