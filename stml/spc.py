@@ -53,7 +53,7 @@ def standard_inquiry(lu: LogicalUnit | None) -> bytes:
         data[0] = 0x7F  # peripheral qualifier 3, device type 0x1F
     else:
         data[1] = 0x80 if lu.options.removable else 0
-        data[5] = 0x08  # 3PC: EXTENDED COPY
+        data[5] = 0x08 | 0x10  # 3PC: EXTENDED COPY; TPGS 01b: implicit ALUA (stml.alua)
     data[2] = 0x06  # SPC-4
     data[3] = 0x12  # HiSup, response data format 2
     data[4] = len(data) - 5
@@ -88,7 +88,9 @@ def _name_string(s: str) -> bytes:
 
 
 def relative_port(task: Task) -> int:
-    return task.nexus.tpg or 1
+    """The portal group tag is the relative target port identifier (as stml.alua
+    reports it); tag 0 would be the reserved identifier 0, so it maps to 0x10000-1."""
+    return task.nexus.tpg or 0xFFFF
 
 
 def lu_designators(lu: LogicalUnit) -> bytes:

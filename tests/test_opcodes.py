@@ -6,7 +6,7 @@ import struct
 
 import pytest
 
-from stml.disk import OPCODES
+from stml.disk import DiskTemplate
 from stml.lu import LunOptions
 from stml.sense import CHECK_CONDITION, GOOD, ILLEGAL_REQUEST
 from test_sbc_harness import Harness, run
@@ -18,6 +18,9 @@ def _base(e) -> bytearray:
     if e.sa is not None:
         cdb[1] = e.sa
     return cdb
+
+
+OPCODES = DiskTemplate().entries   # this module's rows and those reservations/ALUA add
 
 
 @pytest.mark.parametrize("entry", OPCODES, ids=lambda e: e.name)
