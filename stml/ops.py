@@ -50,6 +50,15 @@ def max_blocks(task: Task) -> int:
     return task.emulator.max_transfer // task.lu.block_size
 
 
+def lbppbe(lu: LogicalUnit) -> int:
+    """LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT: 4 KiB physical blocks unless
+    the LUN says otherwise (RAM pages and file system blocks are 4 KiB or more)."""
+    exp = getattr(lu.options, "physical_block_exp", None)
+    if exp is None:
+        exp = max(0, (4096 // lu.block_size).bit_length() - 1)
+    return exp
+
+
 def check_range(lu: LogicalUnit, lba: int, blocks: int) -> None:
     if lba + blocks > lu.blocks or lba >= (1 << 64):
         raise CheckCondition(ILLEGAL_REQUEST, LBA_OUT_OF_RANGE)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from stml.cdb import lba_len, u16, u32, u64
 from stml.ops import (
-    check_range, check_writable, check_xfer, data_bytes, fua, max_blocks, param_len_error,
+    check_range, check_writable, check_xfer, data_bytes, fua, lbppbe, max_blocks, param_len_error,
     trim_views,
 )
 from stml.sense import (
@@ -81,15 +81,19 @@ async def read(task: Task) -> bytearray:
     return await read_blocks(task, lba, blocks)
 
 
-async def write(task: Task) -> None:
-    """Writes the whole blocks received: an initiator that sends less than the
-    CDB says (iSCSI expected length too small) writes only those."""
-    lu = task.lu
+def received_blocks(task: Task) -> tuple[int, int, list[memoryview]]:
+    """(LBA, blocks, data) of the whole blocks received: an initiator that sends
+    less than the CDB says (iSCSI expected length too small) writes only those."""
+    bs = task.lu.block_size
     lba, blocks = lba_len(task.cdb)
-    blocks = min(blocks, task.want // lu.block_size)
+    blocks = min(blocks, task.want // bs)
+    data = task.data_out if task.want == blocks * bs else trim_views(task.data_out, blocks * bs)
+    return lba, blocks, data
+
+
+async def write(task: Task) -> None:
+    lba, blocks, data = received_blocks(task)
     if blocks:
-        data = task.data_out if task.want == blocks * lu.block_size else \
-            trim_views(task.data_out, blocks * lu.block_size)
         await write_blocks(task, lba, data, _sync(task))
 
 
@@ -115,7 +119,7 @@ async def read_capacity16(task: Task) -> bytes:
     lu = task.lu
     alloc = u32(task.cdb, 10)
     lbp = 0xC0 if thin(lu) else 0     # LBPME, LBPRZ (as VPD 0xB2 says)
-    data = struct.pack(">QIBBH", lu.blocks - 1, lu.block_size, 0, 0, lbp << 8) + bytes(16)
+    data = struct.pack(">QIBBH", lu.blocks - 1, lu.block_size, 0, lbppbe(lu), lbp << 8) + bytes(16)
     return data[:alloc]
 
 
@@ -192,14 +196,13 @@ def write_verify_check(task: Task) -> None:
 
 
 async def write_and_verify(task: Task) -> None:
-    lu = task.lu
-    lba, blocks = lba_len(task.cdb)
+    lba, blocks, data = received_blocks(task)
     if not blocks:
         return
-    await write_blocks(task, lba, task.data_out, True)
+    await write_blocks(task, lba, data, True)
     if _bytchk(task.cdb):
         have = await read_blocks(task, lba, blocks)
-        off = _first_difference(have, data_bytes(task))
+        off = _first_difference(have, b"".join(data))
         if off is not None:
             raise _miscompare(off)
 

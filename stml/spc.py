@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Callable
 
 from stml.cdb import encode_lun, u16, u32
 from stml.lu import PRODUCT, REVISION, VENDOR
-from stml.ops import max_blocks
+from stml.ops import lbppbe, max_blocks
 from stml.sense import (
     NO_ADDITIONAL_SENSE, NO_SENSE, UNIT_ATTENTION, build_sense, invalid_field,
 )
@@ -37,7 +37,8 @@ def max_write_same(task: Task) -> int:
 
 
 def unmap_granularity(lu: LogicalUnit) -> int:
-    return max(1, getattr(lu.backend, "discard_granularity", lu.block_size) // lu.block_size)
+    size = getattr(lu.backend, "discard_granularity", 4096)
+    return max(1 << lbppbe(lu), size // lu.block_size)
 
 
 def _ascii(s: str, n: int) -> bytes:
@@ -124,7 +125,7 @@ def vpd_block_limits(lu: LogicalUnit, task: Task) -> bytes:
     mb = max_blocks(task)
     lbp = thin(lu)
     body[1] = MAX_COMPARE_AND_WRITE
-    struct.pack_into(">H", body, 2, 1)                          # optimal transfer granularity
+    struct.pack_into(">H", body, 2, 1 << lbppbe(lu))            # optimal transfer granularity
     struct.pack_into(">I", body, 4, mb)                         # maximum transfer length
     struct.pack_into(">I", body, 8, min(mb, (1 << 20) // lu.block_size))  # optimal transfer length
     struct.pack_into(">I", body, 12, mb)                        # maximum prefetch length
