@@ -30,7 +30,7 @@ class LunOptions:
     block_size: int = 512
     write_cache: bool = False    # WCE default: write-through, every write durable at GOOD
     thin: bool = True
-    physical_block_exp: int | None = None   # logical blocks per physical block (log2); None: 4 KiB physical
+    physical_block_exp: int | None = None   # logical blocks per physical block (log2); None: 0
 
 
 @dataclass

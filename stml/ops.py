@@ -51,12 +51,10 @@ def max_blocks(task: Task) -> int:
 
 
 def lbppbe(lu: LogicalUnit) -> int:
-    """LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT: 4 KiB physical blocks unless
-    the LUN says otherwise (RAM pages and file system blocks are 4 KiB or more)."""
-    exp = getattr(lu.options, "physical_block_exp", None)
-    if exp is None:
-        exp = max(0, (4096 // lu.block_size).bit_length() - 1)
-    return exp
+    """LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT, from the LUN's options (0 by
+    default: libiscsi's GetLBAStatus.UnmapSingle cannot pass with more than one
+    logical block per physical block)."""
+    return getattr(lu.options, "physical_block_exp", None) or 0
 
 
 def check_range(lu: LogicalUnit, lba: int, blocks: int) -> None:
