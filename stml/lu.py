@@ -96,6 +96,10 @@ class TaskSet:
         self._waiters = still
 
 
+_RESET_UAS = {(0x29, 0x00), (0x29, 0x01), (0x29, 0x02), (0x29, 0x03)}
+_NEXUS_LOSS = (0x29, 0x07)
+
+
 @dataclass
 class LogicalUnit:
     target: str
@@ -133,6 +137,10 @@ class LogicalUnit:
                 "ro": self.options.ro, "removable": self.options.removable}
 
     def add_ua(self, asc_ascq: tuple[int, int], nexus_keys: list[str], exclude: str | None = None) -> None:
+        if asc_ascq in _RESET_UAS:      # power on, target/LUN reset: PREVENT state goes (SBC-4 5.15)
+            self.prevent.clear()
+        elif asc_ascq == _NEXUS_LOSS:   # I_T nexus loss: that nexus's PREVENT goes
+            self.prevent.difference_update(nexus_keys)
         for key in nexus_keys:
             if key != exclude:
                 pending = self.unit_attentions.setdefault(key, [])

@@ -132,11 +132,11 @@ async def start_stop_unit(task: Task) -> None:
     if loej and not lu.options.removable:
         raise invalid_field(4, 1)
     if loej:
+        if removal_prevented(task):   # neither eject nor load while prevented
+            raise CheckCondition(ILLEGAL_REQUEST, MEDIUM_REMOVAL_PREVENTED)
         if start:
             lu.medium_present = True
         else:
-            if removal_prevented(task):
-                raise CheckCondition(ILLEGAL_REQUEST, MEDIUM_REMOVAL_PREVENTED)
             await task.io(lu.backend.flush)
             lu.medium_present = False
     elif not start and not cdb[4] & 0x04:  # NO_FLUSH clear: stopping flushes the cache
