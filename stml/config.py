@@ -187,8 +187,12 @@ def load(config_path: str | None = None, data_dir: str | None = None, iqn: str |
             raise ConfigError(key, f"unknown setting (known: {', '.join(sorted(known))})")
     ddir = Path(data_dir or raw.get("data_dir") or default_data_dir()).expanduser().absolute()
     targets: list[TargetConfig] = []
+    target_keys = {"name", "alias", "acl", "chap", "mutual_chap", "lun"}
     for i, t in enumerate(raw.get("target", [])):
         where = f"target[{i}]"
+        for key in t:
+            if key not in target_keys:
+                raise ConfigError(f"{where}.{key}", f"unknown setting (known: {', '.join(sorted(target_keys))})")
         name = _check_iqn(t.get("name"), f"{where}.name")
         tl = []
         for j, lr in enumerate(t.get("lun", [])):

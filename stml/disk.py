@@ -72,7 +72,7 @@ def _verifies(op: int, size: int) -> OpEntry:
 
 def _write_verifies(op: int, size: int) -> OpEntry:
     return _rw(op, f"WRITE AND VERIFY({size})", size, write_and_verify, W, 0x16,
-               out_len=rw_out_len, check=write_verify_check)
+               out_len=rw_out_len, check=write_verify_check, partial=True)
 
 
 _MAINT_IN = 0xA3

@@ -245,8 +245,11 @@ class Emulator:
             log.warning("front end %r refused: %s", h.get("name"), reason)
             self.send(ident, {"op": Op.DETECT, "version": list(CONTRACT_VERSION), "error": reason}, [])
             return
-        if ident in self.front_ends:
-            self.release_front_end(self.front_ends[ident], "registered again")
+        known = self.front_ends.get(ident)
+        if known is not None:  # a repeated registration (e.g. queued retries): same state
+            known.last_seen = time.monotonic()
+            self.send(ident, self.detect_header(), [])
+            return
         fe = FrontEnd(ident, str(h.get("name", "?")), str(h.get("kind", "?")), bool(h.get("aen")),
                       max(0.05, int(h.get("heartbeat_ms", 1000)) / 1000), time.monotonic())
         self.front_ends[ident] = fe
@@ -321,6 +324,15 @@ class Emulator:
             return
         if not isinstance(h["cdb"], bytes) or not h["cdb"]:
             raise ValueError("cdb must be non-empty bytes")
+        if not isinstance(tag, int):
+            raise ValueError("tag must be an integer")
+        for key in ("lun", "attr", "dir", "len", "unsol"):
+            value = h.get(key, 0)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                log.warning("front end %s: rx_cmnd %s=%r refused", fe.name, key, value)
+                asc = LOGICAL_UNIT_NOT_SUPPORTED if key == "lun" else INVALID_FIELD_IN_CDB
+                self.respond(fe, tag, CHECK_CONDITION, build_sense(ILLEGAL_REQUEST, asc), 0)
+                return
         task = Task(self, fe, h, nexus, frames)
         fe.tasks[tag] = task
         task.runner = asyncio.get_running_loop().create_task(self._execute(task))

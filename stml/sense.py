@@ -127,9 +127,9 @@ def build_sense(key: int, asc_ascq: tuple[int, int], descriptor: bool = False,
     sense = bytearray(18)
     sense[0] = 0x70
     sense[2] = key & 0xF
-    if info is not None:
+    if info is not None and info <= 0xFFFFFFFF:  # larger values need descriptor format
         sense[0] |= 0x80  # VALID: INFORMATION holds the LBA / offset
-        sense[3:7] = struct.pack(">I", info & 0xFFFFFFFF)
+        sense[3:7] = struct.pack(">I", info)
     sense[7] = 10
     sense[12], sense[13] = asc, ascq
     if field is not None:

@@ -91,7 +91,7 @@ class StmlServer:
         log.info("STML serving %d target(s), %d LUN(s) on %s", len(self.emulator.targets), luns,
                  self.endpoint)
         print(f"stml: listening on {self.endpoint}", flush=True)
-        self.channel = Channel(self.sock, self._receive)
+        self.channel = Channel(self.sock, self._receive, routed=True)
         beats = asyncio.create_task(self._liveness())
         await stop.wait()
         self.emulator.shutdown()

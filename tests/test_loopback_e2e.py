@@ -78,10 +78,9 @@ def client(shared_stml, client_factory):
 
 # ---------------------------------------------------------------- unit attention
 
-def test_first_command_on_new_nexus_gets_power_on_unit_attention(client):
-    r = client.execute(0, bytes(6))
-    assert r.status == CHECK, "a new I_T nexus must first see POWER ON, RESET OCCURRED"
-    assert parse_sense(r.sense) == (0x06, 0x29, 0x00)
+def test_first_command_on_new_nexus_has_no_unit_attention(client):
+    """As in LIO, a new I_T nexus starts without POWER ON, RESET OCCURRED (qemu's
+    iSCSI driver does not retry its first MODE SENSE after one; see README)."""
     r = client.execute(0, bytes(6))
     assert r.status == GOOD and r.sense is None
 
