@@ -38,6 +38,7 @@ class ModeState:
     """Current values of the changeable mode page fields."""
     wce: bool = False
     d_sense: bool = False
+    swp: bool = False            # control page software write protect
 
 
 class TaskSet:

@@ -11,7 +11,7 @@ import struct
 from typing import TYPE_CHECKING, Callable
 
 from stml.cdb import u16
-from stml.ops import data_bytes, param_len_error
+from stml.ops import data_bytes, param_len_error, write_protected
 from stml.sense import MODE_PARAMETERS_CHANGED, invalid_field, invalid_param
 
 if TYPE_CHECKING:
@@ -46,8 +46,10 @@ def _control(lu: LogicalUnit, pc: int) -> bytes:
     page[0], page[1] = 0x0A, 10
     if pc == CHANGEABLE:
         page[2] = 0x04           # D_SENSE is changeable
+        page[4] = 0x08           # SWP is changeable
         return bytes(page)
     page[2] = 0x04 if (lu.mode.d_sense and pc == CURRENT) else 0
+    page[4] = 0x08 if (lu.mode.swp and pc == CURRENT) else 0
     page[3] = 0x10               # QUEUE ALGORITHM MODIFIER 1: unrestricted reordering
     page[8:10] = b"\xff\xff"     # busy timeout: unlimited
     return bytes(page)
@@ -74,6 +76,7 @@ def _apply(lu: LogicalUnit, code: int, page: bytes) -> None:
         lu.mode.wce = bool(page[2] & 0x04)
     elif code == 0x0A:
         lu.mode.d_sense = bool(page[2] & 0x04)
+        lu.mode.swp = bool(page[4] & 0x08)
 
 
 def mode_pages(lu: LogicalUnit, page: int, subpage: int, pc: int) -> bytes:
@@ -102,7 +105,7 @@ async def mode_sense(task: Task) -> bytes:
     pc, page, subpage = cdb[2] >> 6, cdb[2] & 0x3F, cdb[3]
     pages = mode_pages(lu, page, subpage, pc)
     bd = b"" if dbd else _block_descriptor(lu, llbaa)
-    dev_specific = (0x80 if lu.options.ro else 0) | 0x10  # WP, DPOFUA
+    dev_specific = (0x80 if write_protected(lu) else 0) | 0x10  # WP, DPOFUA
     if six:
         alloc = cdb[4]
         header = bytes([3 + len(bd) + len(pages), 0, dev_specific, len(bd)])

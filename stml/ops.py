@@ -10,7 +10,7 @@ from stml.api import DataDir
 from stml.cdb import lba_len
 from stml.sense import (
     DATA_PROTECT, ILLEGAL_REQUEST, LBA_OUT_OF_RANGE, PARAMETER_LIST_LENGTH_ERROR,
-    WRITE_PROTECTED, CheckCondition, invalid_field,
+    SOFTWARE_WRITE_PROTECTED, WRITE_PROTECTED, CheckCondition, invalid_field,
 )
 
 if TYPE_CHECKING:
@@ -62,9 +62,15 @@ def check_range(lu: LogicalUnit, lba: int, blocks: int) -> None:
         raise CheckCondition(ILLEGAL_REQUEST, LBA_OUT_OF_RANGE)
 
 
+def write_protected(lu: LogicalUnit) -> bool:
+    return lu.options.ro or lu.mode.swp
+
+
 def check_writable(lu: LogicalUnit) -> None:
     if lu.options.ro:
         raise CheckCondition(DATA_PROTECT, WRITE_PROTECTED)
+    if lu.mode.swp:
+        raise CheckCondition(DATA_PROTECT, SOFTWARE_WRITE_PROTECTED)
 
 
 def check_xfer(task: Task, blocks: int) -> None:

@@ -461,6 +461,8 @@ async def sanitize(task: Task) -> None:
     if sa == 0x01:
         data = data_bytes(task)
         plen = u16(data, 2)
+        if not data[0] & 0x1F:
+            raise invalid_field(7)          # OVERWRITE COUNT 0
         if data[0] & 0x60 or plen == 0 or plen > lu.block_size or plen + 4 != len(data):
             raise invalid_param(2)
         pattern = data[4:4 + plen]

@@ -143,6 +143,7 @@ def vpd_block_limits(lu: LogicalUnit, task: Task) -> bytes:
 def vpd_block_characteristics(lu: LogicalUnit, task: Task) -> bytes:
     body = bytearray(0x3C)
     struct.pack_into(">H", body, 0, 1)   # non-rotating medium
+    body[3] = 0x40 | 0x10                # WABEREQ, WACEREQ 01b: reads after an erase succeed
     return _vpd(0xB1, bytes(body))
 
 

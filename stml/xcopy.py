@@ -12,11 +12,11 @@ import struct
 from typing import TYPE_CHECKING, Any, Callable
 
 from stml.cdb import u16, u32, u64
-from stml.ops import data_bytes, param_len_error
+from stml.ops import check_writable, data_bytes, param_len_error
 from stml.sense import (
-    COPY_ABORTED, DATA_PROTECT, ILLEGAL_REQUEST, NO_ADDITIONAL_SENSE, OPERATION_IN_PROGRESS,
+    COPY_ABORTED, ILLEGAL_REQUEST, NO_ADDITIONAL_SENSE, OPERATION_IN_PROGRESS,
     TOO_MANY_SEGMENT_DESCRIPTORS, TOO_MANY_TARGET_DESCRIPTORS, UNREACHABLE_COPY_TARGET,
-    UNSUPPORTED_SEGMENT_DESCRIPTOR_TYPE, UNSUPPORTED_TARGET_DESCRIPTOR_TYPE, WRITE_PROTECTED,
+    UNSUPPORTED_SEGMENT_DESCRIPTOR_TYPE, UNSUPPORTED_TARGET_DESCRIPTOR_TYPE,
     CheckCondition, invalid_field, invalid_param,
 )
 
@@ -136,8 +136,7 @@ async def extended_copy(task: Task) -> None:
         for src, dst, blocks, slba, dlba in segments:
             if slba + blocks > src.blocks or dlba + blocks > dst.blocks:
                 raise CheckCondition(COPY_ABORTED, NO_ADDITIONAL_SENSE)   # segment beyond a copy target
-            if dst.options.ro:
-                raise CheckCondition(DATA_PROTECT, WRITE_PROTECTED)
+            check_writable(dst)
             await _copy(task, src, dst, blocks, slba, dlba, state)
             state["segments"] += 1
     except CheckCondition:
