@@ -24,7 +24,8 @@ from stml.sbc import (
     write_atomic, write_same, write_verify_check, ws_check, ws_out_len,
 )
 from stml.sense import (
-    ILLEGAL_REQUEST, INVALID_COMMAND_OPERATION_CODE, MEDIUM_NOT_PRESENT, NOT_READY, CheckCondition,
+    ILLEGAL_REQUEST, INVALID_COMMAND_OPERATION_CODE, MEDIUM_NOT_PRESENT, NOT_READY,
+    SANITIZE_IN_PROGRESS, CheckCondition,
     invalid_field,
 )
 from stml.spc import (
@@ -88,7 +89,8 @@ OPCODES: list[OpEntry] = [
             ua_exempt=True, conflicts=False),
     OpEntry(0x15, "MODE SELECT(6)", _u(0x15, 0x11, 0, 0, 0xFF, 0), mode_select, W, mode_select_out_len),
     OpEntry(0x1A, "MODE SENSE(6)", _u(0x1A, 0x08, 0xFF, 0xFF, 0xFF, 0), mode_sense, R),
-    OpEntry(0x1B, "START STOP UNIT", _u(0x1B, 0x01, 0, 0x0F, 0xF7, 0), start_stop_unit),
+    OpEntry(0x1B, "START STOP UNIT", _u(0x1B, 0x01, 0, 0x0F, 0xF7, 0), start_stop_unit,
+            check=lambda task: _not_sanitizing(task)),
     OpEntry(0x1E, "PREVENT ALLOW MEDIUM REMOVAL", _u(0x1E, 0, 0, 0, 0x03, 0), prevent_allow),
     OpEntry(0x25, "READ CAPACITY(10)", _u(0x25, 0, *_L4, 0, 0, 0x01, 0),
             read_capacity10, R, conflicts=False, medium=True),
@@ -156,6 +158,11 @@ OPCODES: list[OpEntry] = [
 ]
 
 
+def _not_sanitizing(task: Task) -> None:
+    if task.lu.sanitizing:
+        raise CheckCondition(NOT_READY, SANITIZE_IN_PROGRESS)
+
+
 def _with_medium_check(e: OpEntry) -> OpEntry:
     """Commands that touch the medium report NOT READY while it is ejected;
     the check runs after unit attentions, like every entry check."""
@@ -164,6 +171,8 @@ def _with_medium_check(e: OpEntry) -> OpEntry:
     def check(task: Task) -> None:
         if not task.lu.medium_present:
             raise CheckCondition(NOT_READY, MEDIUM_NOT_PRESENT)
+        if task.lu.sanitizing and e.opcode != 0x48:
+            raise CheckCondition(NOT_READY, SANITIZE_IN_PROGRESS)
         if inner is not None:
             inner(task)
 

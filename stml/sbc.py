@@ -9,6 +9,7 @@ enter it exclusive.
 """
 from __future__ import annotations
 
+import asyncio
 import struct
 from typing import TYPE_CHECKING
 
@@ -453,11 +454,15 @@ def sanitize_check(task: Task) -> None:
 
 
 async def sanitize(task: Task) -> None:
+    """OVERWRITE, BLOCK ERASE, CRYPTOGRAPHIC ERASE (there is no key to drop, so it
+    erases the blocks too), EXIT FAILURE MODE. With IMMED the command returns
+    at once and the medium reports SANITIZE IN PROGRESS until it is done; a
+    sanitize survives aborts and resets, as SBC-4 asks."""
     lu = task.lu
     sa = task.cdb[1] & 0x1F
     if sa == 0x1F:
-        lu.sanitize_failed = False
         return
+    block = None
     if sa == 0x01:
         data = data_bytes(task)
         plen = u16(data, 2)
@@ -469,11 +474,25 @@ async def sanitize(task: Task) -> None:
         block = (pattern * (lu.block_size // plen + 1))[:lu.block_size]
         if data[0] & 0x80:
             block = bytes(b ^ 0xFF for b in block)
-        per = max(1, _CHUNK // lu.block_size)
-        chunk = memoryview(block * per)
-        for start in range(0, lu.blocks, per):
-            k = min(per, lu.blocks - start)
-            await write_blocks(task, start, [chunk[:k * lu.block_size]], False)
-    else:   # block erase; crypto erase has no key to drop, so it erases too
-        await _discard(task, 0, lu.blocks)
-    await task.io(lu.backend.flush)
+    lu.sanitizing = True
+    work = _sanitize(task, block)
+    if task.cdb[1] & 0x80:
+        asyncio.get_running_loop().create_task(work)
+    else:
+        await asyncio.shield(work)
+
+
+async def _sanitize(task: Task, block: bytes | None) -> None:
+    lu = task.lu
+    try:
+        if block is not None:
+            per = max(1, _CHUNK // lu.block_size)
+            chunk = memoryview(block * per)
+            for start in range(0, lu.blocks, per):
+                k = min(per, lu.blocks - start)
+                await write_blocks(task, start, [chunk[:k * lu.block_size]], False)
+        else:
+            await _discard(task, 0, lu.blocks)
+        await task.io(lu.backend.flush)
+    finally:
+        lu.sanitizing = False
