@@ -171,6 +171,6 @@ async def mode_select(task: Task) -> None:
         before = MODE_PAGES[code](lu, CURRENT)
         _apply(lu, code, new)
         changed |= MODE_PAGES[code](lu, CURRENT) != before
-    if changed:
-        lu.add_ua(MODE_PARAMETERS_CHANGED, task.emulator._all_nexus_keys(lu.target),
-                  exclude=task.nexus.key)
+    if changed:   # every other I_T nexus hears of it (and an AEN where asked for)
+        task.emulator.establish_ua(lu, MODE_PARAMETERS_CHANGED,
+                                   task.emulator._all_nexus_keys(lu.target), exclude=task.nexus.key)
