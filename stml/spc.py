@@ -316,3 +316,68 @@ def removal_prevented(task: Task) -> bool:
     live = set(task.emulator._all_nexus_keys(lu.target))
     lu.prevent &= live
     return bool(lu.prevent)
+
+
+# ---- READ BUFFER / WRITE BUFFER: one data buffer (id 0), also the echo buffer
+
+BUFFER_SIZE = 64 << 10
+ECHO_SIZE = 4096
+
+
+def _u24(b: bytes, off: int) -> int:
+    return int.from_bytes(b[off:off + 3], "big")
+
+
+def write_buffer_out_len(task: Task) -> int:
+    return _u24(task.cdb, 6)
+
+
+def write_buffer_check(task: Task) -> None:
+    cdb = task.cdb
+    mode, buf_id, offset, length = cdb[1] & 0x1F, cdb[2], _u24(cdb, 3), _u24(cdb, 6)
+    if mode not in (0x02, 0x0A):
+        raise invalid_field(1, 4)
+    if mode == 0x0A:
+        if buf_id or offset:
+            raise invalid_field(2 if buf_id else 3)
+        if length > ECHO_SIZE:
+            raise invalid_field(6)
+        return
+    if buf_id:
+        raise invalid_field(2)
+    if offset + length > BUFFER_SIZE:
+        raise invalid_field(3 if offset > BUFFER_SIZE else 6)
+
+
+async def write_buffer(task: Task) -> None:
+    cdb, lu = task.cdb, task.lu
+    mode, offset = cdb[1] & 0x1F, _u24(cdb, 3)
+    data = b"".join(bytes(b) for b in task.data_out)
+    if mode == 0x0A:
+        offset = 0                      # the echo buffer is the data buffer's start
+    if len(lu.buffer) < offset + len(data):
+        lu.buffer.extend(bytes(offset + len(data) - len(lu.buffer)))
+    lu.buffer[offset:offset + len(data)] = data
+
+
+async def read_buffer(task: Task) -> bytes:
+    cdb, lu = task.cdb, task.lu
+    mode, buf_id, offset, alloc = cdb[1] & 0x1F, cdb[2], _u24(cdb, 3), _u24(cdb, 6)
+    if mode == 0x03:                    # descriptor: offset boundary 0 (byte), capacity
+        if buf_id:
+            raise invalid_field(2)
+        return (bytes([0]) + BUFFER_SIZE.to_bytes(3, "big"))[:alloc]
+    if mode == 0x0B:                    # echo buffer descriptor
+        return (bytes([0, 0]) + struct.pack(">H", ECHO_SIZE))[:alloc]
+    if mode == 0x0A:
+        if buf_id or offset:
+            raise invalid_field(2 if buf_id else 3)
+        return bytes(lu.buffer[:ECHO_SIZE].ljust(min(alloc, ECHO_SIZE), b"\0"))[:alloc]
+    if mode != 0x02:
+        raise invalid_field(1, 4)
+    if buf_id:
+        raise invalid_field(2)
+    if offset > BUFFER_SIZE:
+        raise invalid_field(3)
+    data = bytes(lu.buffer[offset:offset + alloc])
+    return data.ljust(min(alloc, BUFFER_SIZE - offset), b"\0")
