@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import secrets
 import signal
 import socket
@@ -199,24 +200,6 @@ class IscsiFrontEnd:
                 raise P.PDUError("data digest error", P.REJECT_DATA_DIGEST_ERROR)
         return P.decode_pdu(header, ahs), data, header
 
-    def _writer_out(self, writer: asyncio.StreamWriter, conn_params: Any) -> Any:
-        hd, dd = conn_params.header_digest, conn_params.data_digest
-
-        def out(pdu: Any, data: bytes | memoryview) -> None:
-            hdr = pdu.encode()
-            parts = [hdr]
-            if hd:
-                parts.append(digest(hdr))
-            if len(data):
-                parts.append(data)
-                pad = padding(len(data))
-                if pad:
-                    parts.append(pad)
-                if dd:
-                    parts.append(digest(data, pad))
-            writer.writelines(parts)
-        return out
-
     async def _login(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                      portal: PortalSpec, local: Any) -> Connection | None:
         if not self.link.connected.is_set():
@@ -293,9 +276,9 @@ class IscsiFrontEnd:
         old_conn = session.connections.get(o.cid)
         if old_conn is not None:
             old_conn.close()
-        conn = Connection(session, o.cid, o.connection, o.stat_sn,
-                          self._writer_out(writer, o.connection), self.link, self.tags,
-                          writer.close, self.text)
+        out = PduWriter(writer, o.connection)
+        conn = Connection(session, o.cid, o.connection, o.stat_sn, out, self.link, self.tags,
+                          out.close, self.text)
         session.connections[o.cid] = conn
         return conn
 
