@@ -333,6 +333,78 @@ class IscsiFrontEnd:
                 self.link.scsi_release(s.nexus)
 
 
+class PduWriter:
+    """A connection's output: the PDUs produced during one loop iteration leave
+    in one writev (header, digest, data, padding as separate buffers: read data
+    is not copied), and only what the socket does not take goes through the
+    transport's buffer, which also keeps the order once it holds anything."""
+
+    IOV_MAX = 1024
+
+    def __init__(self, writer: asyncio.StreamWriter, params: Any) -> None:
+        self.transport = writer.transport
+        self.fd = writer.get_extra_info("socket").fileno()
+        self.hd, self.dd = params.header_digest, params.data_digest
+        self.parts: list = []
+        self.scheduled = False
+        self.loop = asyncio.get_running_loop()
+
+    def __call__(self, pdu: Any, data: bytes | memoryview) -> None:
+        hdr = pdu.encode()
+        parts = self.parts
+        parts.append(hdr)
+        if self.hd:
+            parts.append(digest(hdr))
+        if len(data):
+            parts.append(data)
+            pad = padding(len(data))
+            if pad:
+                parts.append(pad)
+            if self.dd:
+                parts.append(digest(data, pad))
+        if not self.scheduled:
+            self.scheduled = True
+            self.loop.call_soon(self.flush)
+
+    def close(self) -> None:
+        """Send what is pending (e.g. a Logout Response), then close."""
+        self.flush()
+        self.transport.close()
+
+    def flush(self) -> None:
+        self.scheduled = False
+        parts, self.parts = self.parts, []
+        if not parts or self.transport.is_closing():
+            return
+        if self.transport.get_write_buffer_size() == 0:
+            try:
+                while parts:
+                    chunk = parts[:self.IOV_MAX]
+                    n = os.writev(self.fd, chunk)
+                    parts = _advance(parts, n)
+                    if n < sum(len(c) for c in chunk):
+                        break  # the socket is full: the transport takes the rest
+            except BlockingIOError:
+                pass
+            except OSError:
+                self.transport.close()
+                return
+        if parts:
+            self.transport.write(b"".join(parts))
+
+
+def _advance(parts: list, n: int) -> list:
+    """The buffers left after the first n bytes of `parts` were sent."""
+    i = 0
+    while i < len(parts) and n >= len(parts[i]):
+        n -= len(parts[i])
+        i += 1
+    rest = parts[i:]
+    if n and rest:
+        rest[0] = memoryview(rest[0])[n:]
+    return rest
+
+
 def _creds(raw: dict[str, str] | None) -> Credentials | None:
     return Credentials(raw["user"], raw["secret"]) if raw else None
 
