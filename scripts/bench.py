@@ -79,7 +79,8 @@ class Tgtd:
     name = "tgtd"
 
     def __init__(self, work: Path) -> None:
-        self.port, self.ctl = free_port(), free_port()
+        self.port = free_port()
+        self.ctl = 3000 + os.getpid() % 2000   # tgtd's control "port" is a small socket index
         self.img = Path("/dev/shm") / f"bench-tgtd-{os.getpid()}.img"
         with open(self.img, "wb") as f:
             f.truncate(SIZE)
