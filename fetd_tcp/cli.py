@@ -29,11 +29,18 @@ def parse_portal(value: str) -> tuple[str, int, int]:
 @click.option("--stml", "stml_endpoint", required=True, help="STML endpoint (ipc://PATH or tcp://HOST:PORT).")
 @click.option("--portal", "portals", multiple=True, metavar="HOST:PORT[,TPGT]",
               help="Portal to listen on, repeatable (default 127.0.0.1:3260; TPGT default 1).")
+@click.option("--stml-key", type=click.Path(dir_okay=False),
+              help="The STML's public key file (CURVE over tcp://; from `scsi-target keys generate`).")
+@click.option("--key", "own_key", type=click.Path(dir_okay=False),
+              help="This front end's key pair (NAME.key_secret, or NAME.key next to it).")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
-def main(stml_endpoint: str, portals: tuple[str, ...], log_level: str) -> None:
-    """Run the iSCSI front end alone, attached to a running STML."""
+def main(stml_endpoint: str, portals: tuple[str, ...], stml_key: str | None, own_key: str | None,
+         log_level: str) -> None:
+    """Run the iSCSI front end alone, attached to a running STML (on this host,
+    or on another one over tcp:// with CURVE keys)."""
     from fetd_tcp.server import PortalSpec, run_fetd_tcp
+    from stml.api import curve_client_keys
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s fetd_tcp[%(process)d] %(levelname)s %(name)s: %(message)s")
     try:
@@ -41,8 +48,18 @@ def main(stml_endpoint: str, portals: tuple[str, ...], log_level: str) -> None:
     except PortalError as e:
         click.echo(f"scsi-target: config error: {e}", err=True)
         sys.exit(2)
+    curve = None
+    if stml_key or own_key:
+        if not (stml_key and own_key):
+            click.echo("scsi-target: config error: --stml-key and --key go together", err=True)
+            sys.exit(2)
+        try:
+            curve = curve_client_keys(own_key, stml_key)
+        except ValueError as e:
+            click.echo(f"scsi-target: config error: {e}", err=True)
+            sys.exit(2)
     try:
-        asyncio.run(run_fetd_tcp(stml_endpoint, specs))
+        asyncio.run(run_fetd_tcp(stml_endpoint, specs, curve))
     except OSError as e:
         click.echo(f"scsi-target: fetd-tcp: cannot listen: {e}", err=True)
         sys.exit(2)

@@ -35,10 +35,11 @@ class PortalSpec:
 class IscsiFrontEnd:
     """The front end: STML calls arrive here and are routed to connections."""
 
-    def __init__(self, stml_endpoint: str, portals: list[PortalSpec], keys: TargetKeys | None = None) -> None:
+    def __init__(self, stml_endpoint: str, portals: list[PortalSpec], keys: TargetKeys | None = None,
+                 curve: dict[str, bytes] | None = None) -> None:
         self.portals = portals
         self.keys = keys or TargetKeys(max_connections=MAX_CONNECTIONS)
-        self.link = FrontEndLink(stml_endpoint, "iscsi", self)
+        self.link = FrontEndLink(stml_endpoint, "iscsi", self, curve=curve)
         self.tags = Tags()
         self.sessions: dict[int, Session] = {}           # TSIH -> session
         self.nexus_ids = itertools.count(1)
@@ -409,8 +410,9 @@ def _creds(raw: dict[str, str] | None) -> Credentials | None:
     return Credentials(raw["user"], raw["secret"]) if raw else None
 
 
-async def run_fetd_tcp(stml_endpoint: str, portals: list[PortalSpec]) -> None:
-    fe = IscsiFrontEnd(stml_endpoint, portals)
+async def run_fetd_tcp(stml_endpoint: str, portals: list[PortalSpec],
+                       curve: dict[str, bytes] | None = None) -> None:
+    fe = IscsiFrontEnd(stml_endpoint, portals, curve=curve)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

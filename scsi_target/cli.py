@@ -17,7 +17,7 @@ from typing import Any
 import click
 
 from fetd_tcp.cli import main as fetd_tcp_main
-from stml.cli import config_options, load_or_exit, main as stml_main
+from stml.cli import apply_stml_options, config_options, load_or_exit, main as stml_main, stml_options
 from stml.config import default_data_dir, default_endpoint, load, ConfigError
 
 CHUNK = 1 << 20  # copy-in/out transfer size
@@ -33,6 +33,10 @@ def main() -> None:
 
 main.add_command(stml_main, "stml")
 main.add_command(fetd_tcp_main, "fetd-tcp")
+from scsi_target.keys import keys as _keys  # noqa: E402  (verbs defined in their own modules)
+from scsi_target.mgmt import register as _register_mgmt  # noqa: E402
+main.add_command(_keys, "keys")
+_register_mgmt(main)
 
 
 # ------------------------------------------------------------------ run
@@ -101,13 +105,22 @@ class Supervisor:
 
 @main.command()
 @config_options
+@stml_options
 @click.option("--portal", "portals", multiple=True, metavar="HOST:PORT",
               help="iSCSI portal to listen on, repeatable (default 127.0.0.1:3260).")
 @click.option("--no-iscsi", is_flag=True, help="Run the STML alone, without the iSCSI front end.")
-def run(log_level: str, portals: tuple[str, ...], no_iscsi: bool, **kw: Any) -> None:
+def run(log_level: str, portals: tuple[str, ...], no_iscsi: bool, listen: tuple[str, ...],
+        insecure: bool, metrics: str | None, **kw: Any) -> None:
     """Run the STML and the iSCSI front end under one supervisor (Ctrl-C stops all)."""
     config = load_or_exit(portals=portals, **kw)
+    apply_stml_options(config, listen, insecure, metrics)
     base = _config_args(kw) + ["--log-level", log_level]
+    for ep in listen:
+        base += ["--listen", ep]
+    if insecure:
+        base.append("--insecure")
+    if metrics:
+        base += ["--metrics", metrics]
     children = {"stml": [sys.executable, "-m", "stml", *base]}
     if not no_iscsi:
         tcp = [sys.executable, "-m", "fetd_tcp", "--stml", config.stml_endpoint, "--log-level", log_level]

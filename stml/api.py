@@ -63,6 +63,22 @@ task_mgmt_fn_done {op, tag, response: int, aborted: [int]}
 report_aen       {op, nexus: int|None, lun: int, sense: bytes}
     An asynchronous event (a unit attention) for front ends that said aen.
 heartbeat        {op}
+
+Management (any peer the endpoint admits -> STML; no registration needed)
+-------------------------------------------------------------------------
+mgmt             {op, id: int, cmd: str, args: {...}}
+    A management request (stml.mgmt): cmd is one of status, target_list,
+    target_add {name, alias?}, target_remove {name, force?}, lun_list {target?},
+    lun_add {spec, target?, lun?}, lun_remove {lun, target?},
+    lun_resize {lun, size, target?}, portal_list, acl_add|acl_remove
+    {initiator, target?}, chap_set {target?, user?, secret?, mutual?},
+    session_list, frontend_list.
+mgmt_reply       {op, id, ok: bool, result?: any, error?: str}
+    STML -> the requester. Changes are hot (front ends get `detect` again,
+    nexuses the unit attentions SPC names) and saved to the config file.
+
+Security: ipc:// endpoints are guarded by file permissions; tcp:// endpoints
+use ZeroMQ CURVE (the STML's key pair; a ZAP allow list of peer public keys).
 """
 from __future__ import annotations
 
@@ -207,6 +223,30 @@ class Detect:
         return next((t for t in self.targets if t.name == name), None)
 
 
+def load_key_file(path: str, secret: bool = False) -> tuple[bytes, bytes | None]:
+    """(public, secret) Z85 keys from a ZeroMQ certificate file as `scsi-target
+    keys generate` writes them (NAME.key public, NAME.key_secret both). With
+    `secret`, a public file's NAME.key_secret sibling is read instead.
+    Raises ValueError with a one-line reason."""
+    from zmq.auth import load_certificate
+    if secret and not path.endswith("_secret") and os.path.exists(path + "_secret"):
+        path += "_secret"
+    try:
+        public, secret_key = load_certificate(path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable key file ({e})") from None
+    if secret and not secret_key:
+        raise ValueError(f"{path}: holds no secret key (give the .key_secret file)")
+    return public, secret_key
+
+
+def curve_client_keys(own_key_file: str, server_key_file: str) -> dict[str, bytes]:
+    """The `curve` argument of FrontEndLink: our key pair and the STML's public key."""
+    public, secret = load_key_file(own_key_file, secret=True)
+    server, _ = load_key_file(server_key_file)
+    return {"public": public, "secret": secret, "server": server}
+
+
 class FrontEndHandler(Protocol):
     """What a front end implements to receive STML calls (all on the event loop)."""
 
@@ -313,8 +353,48 @@ class FrontEndLink:
             sock.curve_secretkey = self.curve["secret"]
             sock.curve_publickey = self.curve["public"]
             sock.curve_serverkey = self.curve["server"]
+            self._watch_handshake(sock)
         sock.connect(self.endpoint)
         self._channel = Channel(sock, self._on_message)
+
+    def _watch_handshake(self, sock: zmq.Socket) -> None:
+        """CURVE: an STML that refuses our key ends the connection for good (and
+        a DEALER without a connection would block on send), so the refusal is
+        logged, the socket closed, and a new one tried every few seconds (the
+        key may be added to the STML's allow list meanwhile)."""
+        failed = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                  | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+        mon = sock.get_monitor_socket(failed)
+        loop = asyncio.get_running_loop()
+        fd = mon.getsockopt(zmq.FD)
+
+        def on_event() -> None:
+            from zmq.utils.monitor import recv_monitor_message
+            while mon.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                event = recv_monitor_message(mon)
+                if not event["event"] & failed or self._channel is None or self._channel.sock is not sock:
+                    continue
+                how = "refused our key" if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH \
+                    else "failed the CURVE handshake (wrong server key?)"
+                log.error("the STML at %s %s; retrying in 5s", self.endpoint, how)
+                loop.remove_reader(fd)
+                channel, self._channel = self._channel, None
+                channel._out.clear()      # nothing may reach a send that would block
+                loop.remove_reader(channel._fd)
+                mon.close(linger=0)
+                loop.call_later(1, sock.close, 0)   # after callbacks already queued for it
+                if self.connected.is_set():
+                    self._lost()
+                loop.call_later(5, self._reopen)
+                return
+
+        loop.add_reader(fd, on_event)
+        loop.call_soon(on_event)
+
+    def _reopen(self) -> None:
+        if self._channel is None and self._timer is not None and not self._timer.done():
+            self._open()
+            self._register()
 
     def _register(self) -> None:
         self.send({"op": Op.REGISTER, "version": list(self.version), "kind": self.kind,

@@ -43,12 +43,36 @@ def setup_logging(level: str, name: str) -> None:
                         format=f"%(asctime)s {name}[%(process)d] %(levelname)s %(name)s: %(message)s")
 
 
+def stml_options(f: Callable) -> Callable:
+    """Flags of the STML process beyond the config file's."""
+    for opt in reversed([
+        click.option("--listen", multiple=True, metavar="ENDPOINT",
+                     help="Another endpoint to bind, repeatable (tcp://HOST:PORT for remote front ends)."),
+        click.option("--insecure", is_flag=True,
+                     help="Allow a plain-TCP STML endpoint on a non-loopback address (no CURVE)."),
+        click.option("--metrics", metavar="HOST:PORT", help="Serve Prometheus metrics here."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def apply_stml_options(config: Config, listen: tuple[str, ...] = (), insecure: bool = False,
+                       metrics: str | None = None) -> None:
+    for ep in listen:
+        if ep not in config.stml.listen:
+            config.stml.listen.append(ep)
+    config.stml.insecure = config.stml.insecure or insecure
+    config.stml.metrics = metrics or config.stml.metrics
+
+
 @click.command("stml")
 @config_options
-def main(log_level: str, **kw: Any) -> None:
+@stml_options
+def main(log_level: str, listen: tuple[str, ...], insecure: bool, metrics: str | None, **kw: Any) -> None:
     """Run the STML alone: it owns the LUNs and waits for front ends."""
     setup_logging(log_level, "stml")
     config = load_or_exit(**kw)
+    apply_stml_options(config, listen, insecure, metrics)
     from stml.server import run_stml
     try:
         asyncio.run(run_stml(config))

@@ -2,6 +2,7 @@
 Config. Every error names the field it is about, in one line."""
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import tomllib
@@ -69,6 +70,24 @@ class Config:
     portals: list[str]
     discovery_chap: dict[str, str] | None = None
     path: Path | None = None
+    stml: StmlSettings = field(default_factory=lambda: StmlSettings())
+    isns: str | None = None          # "HOST:PORT" of an iSNS server the front ends register with
+    raw: dict[str, Any] = field(default_factory=dict)   # the file as loaded (management edits it)
+    digest: str | None = None        # sha256 of the file as loaded: hand edits since are detected
+
+
+@dataclass
+class StmlSettings:
+    """The `[stml]` table: extra endpoints and how remote peers are admitted."""
+    listen: list[str] = field(default_factory=list)      # more endpoints to bind (tcp:// for remote)
+    curve_secret_key_file: str | None = None             # the STML's CURVE key pair (secret file)
+    allowed_front_ends: list[str] = field(default_factory=list)   # Z85 public keys or key files
+    insecure: bool = False           # allow plain TCP on a non-loopback address
+    heartbeat_ms: int = 1000
+    metrics: str | None = None       # "HOST:PORT": serve Prometheus metrics there
+
+    def endpoints(self, main: str) -> list[str]:
+        return [main] + [e for e in self.listen if e != main]
 
 
 def default_data_dir() -> Path:
@@ -174,14 +193,15 @@ def load(config_path: str | None = None, data_dir: str | None = None, iqn: str |
     raw: dict[str, Any] = {}
     path = None
     if config_path:
-        path = Path(config_path)
+        path = Path(config_path).absolute()
         try:
-            raw = tomllib.loads(path.read_text())
+            text = path.read_text()
+            raw = tomllib.loads(text)
         except FileNotFoundError:
             raise ConfigError(str(path), "no such file") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(str(path), f"not valid TOML: {e}") from None
-    known = {"data_dir", "stml_endpoint", "portals", "target", "discovery_chap"}
+    known = {"data_dir", "stml_endpoint", "portals", "target", "discovery_chap", "stml", "isns"}
     for key in raw:
         if key not in known:
             raise ConfigError(key, f"unknown setting (known: {', '.join(sorted(known))})")
@@ -230,4 +250,57 @@ def load(config_path: str | None = None, data_dir: str | None = None, iqn: str |
     plist = list(portals) or raw.get("portals") or [DEFAULT_PORTAL]
     if not isinstance(plist, list) or not all(isinstance(p, str) for p in plist):
         raise ConfigError("portals", "must be a list of \"HOST:PORT\" strings")
-    return Config(ddir, targets, ep, plist, _chap(raw.get("discovery_chap"), "discovery_chap"), path)
+    isns = raw.get("isns")
+    if isns is not None and (not isinstance(isns, str) or not re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[^:\[\]]+)(:\d+)?", isns)):
+        raise ConfigError("isns", f"{isns!r} is not \"HOST:PORT\"")
+    return Config(ddir, targets, ep, plist, _chap(raw.get("discovery_chap"), "discovery_chap"), path,
+                  stml_settings(raw.get("stml", {}), path), isns, raw,
+                  file_digest(path) if path else None)
+
+
+def file_digest(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except FileNotFoundError:
+        return None
+
+
+def _key_path(value: str, config_path: Path | None) -> str:
+    """Key files named relative to the config file's directory."""
+    if os.path.isabs(value) or config_path is None:
+        return os.path.abspath(value)
+    return str(config_path.parent / value)
+
+
+def is_z85_key(value: str) -> bool:
+    return len(value) == 40 and not os.path.sep in value and not value.endswith((".key", ".key_secret"))
+
+
+def stml_settings(raw: Any, config_path: Path | None) -> StmlSettings:
+    if not isinstance(raw, dict):
+        raise ConfigError("stml", "must be a table")
+    known = {"listen", "curve_secret_key_file", "allowed_front_ends", "insecure", "heartbeat_ms", "metrics"}
+    for key in raw:
+        if key not in known:
+            raise ConfigError(f"stml.{key}", f"unknown setting (known: {', '.join(sorted(known))})")
+    listen = raw.get("listen", [])
+    if not isinstance(listen, list) or not all(isinstance(e, str) and re.match(r"^(ipc|tcp)://.+", e)
+                                               for e in listen):
+        raise ConfigError("stml.listen", "must be a list of ipc://PATH or tcp://HOST:PORT endpoints")
+    secret = raw.get("curve_secret_key_file")
+    if secret is not None:
+        if not isinstance(secret, str):
+            raise ConfigError("stml.curve_secret_key_file", "must be a file name")
+        secret = _key_path(secret, config_path)
+    allowed = raw.get("allowed_front_ends", [])
+    if not isinstance(allowed, list) or not all(isinstance(a, str) for a in allowed):
+        raise ConfigError("stml.allowed_front_ends", "must be a list of public keys (Z85) or key files")
+    allowed = [a if is_z85_key(a) else _key_path(a, config_path) for a in allowed]
+    hb = raw.get("heartbeat_ms", 1000)
+    if not isinstance(hb, int) or not 50 <= hb <= 60000:
+        raise ConfigError("stml.heartbeat_ms", f"{hb!r} is not a number of milliseconds (50-60000)")
+    metrics = raw.get("metrics")
+    if metrics is not None and not isinstance(metrics, str):
+        raise ConfigError("stml.metrics", "must be \"HOST:PORT\"")
+    return StmlSettings(listen, secret, allowed, _bool(raw.get("insecure", False), "stml.insecure"),
+                        hb, metrics)

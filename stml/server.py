@@ -5,6 +5,7 @@ import asyncio
 import fcntl
 import logging
 import os
+import ipaddress
 import re
 import signal
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +19,7 @@ from stml.api import Channel, pack, unpack
 from stml.config import Config, ConfigError
 from stml.emulator import Emulator, Target
 from stml.lu import LogicalUnit
+from stml.metrics import Metrics
 
 log = logging.getLogger("stml")
 
@@ -49,10 +51,41 @@ def portal_groups(config: Config) -> list[int]:
     return sorted(tags)
 
 
+def _is_loopback(endpoint: str) -> bool:
+    host = endpoint[len("tcp://"):].rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False   # a name or an interface: treat as reachable from elsewhere
+
+
+class CurveAllowList:
+    """ZAP credentials: the front-end (and management) public keys the config lists."""
+
+    def __init__(self, keys: dict[bytes, str]) -> None:
+        self.keys = keys   # Z85 public key -> where the config names it
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        if key in self.keys:
+            log.info("CURVE key %s (%s) admitted", key.decode(), self.keys[key])
+            return True
+        log.warning("refused a peer with unknown CURVE key %s: not in [stml] allowed_front_ends",
+                    key.decode())
+        return False
+
+
 class StmlServer:
-    def __init__(self, config: Config, heartbeat_ms: int = 1000) -> None:
+    def __init__(self, config: Config, heartbeat_ms: int | None = None) -> None:
         self.config = config
         self.endpoint = config.stml_endpoint
+        self.endpoints = config.stml.endpoints(config.stml_endpoint)
+        if heartbeat_ms is None:
+            heartbeat_ms = config.stml.heartbeat_ms
+        self.metrics = Metrics()
+        self.auth = None
+        self.exporter = None
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -68,36 +101,103 @@ class StmlServer:
         self._lock_fd: int | None = None
 
     def _send(self, ident: bytes, header: dict[str, Any], frames: list) -> None:
+        op = header["op"]
+        if op == "xmit_response":
+            self.metrics.xmit_response(ident, header)
+        elif op == "task_mgmt_fn_done" and header.get("aborted"):
+            self.metrics.aborted(ident, header["aborted"])
         self.channel.send([ident, pack(header), *frames])
 
     def _bind(self) -> None:
-        if self.endpoint.startswith("ipc://"):
-            path = Path(self.endpoint[6:])
+        """Bind every endpoint: ipc:// ones plain (file permissions guard them),
+        then tcp:// ones with CURVE when a key is configured. Plain TCP on an
+        address other than loopback is refused unless `insecure` is set."""
+        eps = sorted(self.endpoints, key=lambda e: e.startswith("tcp://"))
+        for ep in eps:
+            if ep.startswith("tcp://") and self.auth is None:
+                self._secure_tcp(ep)
+            self._bind_one(ep)
+
+    def _secure_tcp(self, ep: str) -> None:
+        s = self.config.stml
+        if not s.curve_secret_key_file:
+            if not _is_loopback(ep) and not s.insecure:
+                raise ConfigError("stml_endpoint", f"{ep} is plain TCP on a non-loopback address: "
+                                  "configure [stml] curve_secret_key_file and allowed_front_ends, "
+                                  "or pass --insecure")
+            if not _is_loopback(ep):
+                log.warning("serving %s WITHOUT encryption or authentication (--insecure)", ep)
+            return
+        from zmq.auth.thread import ThreadAuthenticator
+        from stml.api import load_key_file
+        from stml.config import is_z85_key
+        try:
+            public, secret = load_key_file(s.curve_secret_key_file, secret=True)
+            allowed: dict[bytes, str] = {}
+            for a in s.allowed_front_ends:
+                key = a.encode() if is_z85_key(a) else load_key_file(a)[0]
+                allowed[key] = a if not is_z85_key(a) else "listed key"
+        except ValueError as e:
+            raise ConfigError("stml", str(e)) from None
+        if not allowed:
+            log.warning("[stml] allowed_front_ends is empty: no remote front end can connect")
+        self.auth = ThreadAuthenticator(self.ctx, log=logging.getLogger("stml.zap"))
+        self.auth.start()
+        self.auth.configure_curve_callback("*", CurveAllowList(allowed))
+        self.sock.curve_secretkey = secret
+        self.sock.curve_publickey = public
+        self.sock.curve_server = True
+        log.info("CURVE on TCP endpoints: STML public key %s, %d allowed key(s)",
+                 public.decode(), len(allowed))
+
+    def _bind_one(self, endpoint: str) -> None:
+        if endpoint.startswith("ipc://"):
+            path = Path(endpoint[6:])
             path.parent.mkdir(parents=True, exist_ok=True)
             # one STML per socket path: binding would silently steal a live one's socket
             self._lock_fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
             try:
                 fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise ConfigError("stml_endpoint", f"another STML is already serving {self.endpoint}") from None
+                raise ConfigError("stml_endpoint", f"another STML is already serving {endpoint}") from None
         try:
-            self.sock.bind(self.endpoint)
+            self.sock.bind(endpoint)
         except zmq.ZMQError as e:
-            raise ConfigError("stml_endpoint", f"cannot bind {self.endpoint}: {e}") from None
+            raise ConfigError("stml_endpoint", f"cannot bind {endpoint}: {e}") from None
 
     async def serve(self, stop: asyncio.Event) -> None:
-        self._bind()
+        try:
+            self._bind()
+        except ConfigError:
+            if self.auth is not None:
+                self.auth.stop()
+            raise
         luns = sum(len(t.luns) for t in self.emulator.targets.values())
         log.info("STML serving %d target(s), %d LUN(s) on %s", len(self.emulator.targets), luns,
-                 self.endpoint)
-        print(f"stml: listening on {self.endpoint}", flush=True)
+                 ", ".join(self.endpoints))
+        for ep in self.endpoints:
+            print(f"stml: listening on {ep}", flush=True)
+        from stml.mgmt import Management
+        self.mgmt = Management(self)
         self.channel = Channel(self.sock, self._receive, routed=True)
+        if self.config.stml.metrics:
+            from stml.metrics import PrometheusExporter
+            self.exporter = PrometheusExporter(self.metrics, self.emulator, asyncio.get_running_loop())
+            try:
+                self.exporter.start(self.config.stml.metrics)
+            except (OSError, ValueError) as e:
+                raise ConfigError("metrics", f"cannot serve {self.config.stml.metrics}: {e}") from None
+            print(f"stml: metrics on http://{self.config.stml.metrics}/metrics", flush=True)
         beats = asyncio.create_task(self._liveness())
         await stop.wait()
         self.emulator.shutdown()
         beats.cancel()
         await asyncio.sleep(0.05)  # let the release messages leave
         self.channel.close(linger_ms=100)
+        if self.exporter is not None:
+            self.exporter.stop()
+        if self.auth is not None:
+            self.auth.stop()
         self.executor.shutdown(wait=True)
         for t in self.emulator.targets.values():
             for lu in t.luns.values():
@@ -112,12 +212,24 @@ class StmlServer:
         except ValueError as e:
             log.warning("refused a message from %s: %s", frames[0].bytes.hex(), e)
             return
-        self.emulator.handle(frames[0].bytes, header, frames[2:])
+        ident = frames[0].bytes
+        op = header["op"]
+        if op == "rx_cmnd":
+            self.metrics.rx_cmnd(ident, header, self.emulator.front_ends.get(ident))
+        elif op == "mgmt":
+            self.mgmt.handle(ident, header)
+            return
+        elif op == "deregister_target_front_end":
+            self.metrics.front_end_gone(ident)
+        self.emulator.handle(ident, header, frames[2:])
 
     async def _liveness(self) -> None:
         while True:
             await asyncio.sleep(self.emulator.heartbeat)
             self.emulator.check_liveness()
+            for ident in [i for i in self.metrics.front_ends if i not in self.emulator.front_ends]:
+                self.metrics.front_end_gone(ident)
+                del self.metrics.front_ends[ident]
 
 
 async def run_stml(config: Config) -> None:

@@ -1,0 +1,63 @@
+"""`scsi-target keys`: CURVE key pairs for the STML and its remote peers."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+import zmq
+
+
+def write_key_pair(directory: str | Path, name: str) -> tuple[Path, Path, str]:
+    """Write NAME.key (public) and NAME.key_secret (mode 0600) in ZeroMQ's
+    certificate format; return both paths and the public key (Z85)."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    public, secret = zmq.curve_keypair()
+    pub_path, sec_path = d / f"{name}.key", d / f"{name}.key_secret"
+    for path in (pub_path, sec_path):
+        if path.exists():
+            raise FileExistsError(f"{path} exists: not overwriting a key")
+    head = "#   ZeroMQ CURVE key written by scsi-target keys generate\n"
+    body = f'metadata\ncurve\n    public-key = "{public.decode()}"\n'
+    fd = os.open(sec_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(head + "#   SECRET: keep this file private\n" + body
+                + f'    secret-key = "{secret.decode()}"\n')
+    with open(pub_path, "w") as f:
+        f.write(head + body)
+    return pub_path, sec_path, public.decode()
+
+
+@click.group()
+def keys() -> None:
+    """CURVE key pairs: the STML has one, and so does each remote front end or
+    management client; the STML lists the public keys it accepts."""
+
+
+@keys.command()
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--name", default="", help="File name stem (default: the host name).")
+def generate(directory: str, name: str) -> None:
+    """Write a key pair in DIRECTORY: NAME.key (public) and NAME.key_secret (0600)."""
+    name = name or os.uname().nodename
+    try:
+        pub, sec, public = write_key_pair(directory, name)
+    except (FileExistsError, OSError) as e:
+        click.echo(f"scsi-target keys: {e}", err=True)
+        sys.exit(1)
+    click.echo(f"public key: {public}\npublic file: {pub}\nsecret file: {sec}")
+
+
+@keys.command()
+@click.argument("key_file", type=click.Path(dir_okay=False, exists=True))
+def show(key_file: str) -> None:
+    """Print the public key of a key file."""
+    from stml.api import load_key_file
+    try:
+        public, _ = load_key_file(key_file)
+    except ValueError as e:
+        click.echo(f"scsi-target keys: {e}", err=True)
+        sys.exit(1)
+    click.echo(public.decode())
