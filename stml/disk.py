@@ -29,9 +29,8 @@ from stml.sense import (
     invalid_field,
 )
 from stml.spc import (
-    inquiry, log_sense, prevent_allow, read_buffer, report_luns, report_supported_opcodes,
-    report_supported_tmfs, request_sense, standard_inquiry, test_unit_ready, write_buffer,
-    write_buffer_check, write_buffer_out_len,
+    inquiry, log_sense, prevent_allow, report_luns, report_supported_opcodes,
+    report_supported_tmfs, request_sense, standard_inquiry, test_unit_ready,
 )
 from stml.xcopy import (
     extended_copy, xcopy_check, xcopy_out_len, receive_copy_results,
@@ -105,10 +104,6 @@ OPCODES: list[OpEntry] = [
             synchronize_cache, medium=True),
     OpEntry(0x37, "READ DEFECT DATA(10)", _u(0x37, 0, 0x1F, 0, 0, 0, 0, 0xFF, 0xFF, 0),
             read_defect_data, R, medium=True),
-    OpEntry(0x3B, "WRITE BUFFER", _u(0x3B, 0x1F, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0),
-            write_buffer, W, write_buffer_out_len, write_buffer_check),
-    OpEntry(0x3C, "READ BUFFER", _u(0x3C, 0x1F, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0),
-            read_buffer, R),
     OpEntry(0x41, "WRITE SAME(10)", _u(0x41, 0x18, *_L4, 0x3F, 0xFF, 0xFF, 0), write_same, W,
             ws_out_len, ws_check, medium=True, timeout=120),
     OpEntry(0x42, "UNMAP", _u(0x42, 0x01, 0, 0, 0, 0, 0x3F, 0xFF, 0xFF, 0), unmap, W,

@@ -116,7 +116,6 @@ class LogicalUnit:
     prevent: set[str] = field(default_factory=set)   # nexus keys preventing medium removal
     write_gate: WriteGate = field(default_factory=WriteGate)   # COMPARE AND WRITE atomicity
     copy_results: dict[tuple[str, int], dict[str, Any]] = field(default_factory=dict)  # EXTENDED COPY
-    buffer: bytearray = field(default_factory=bytearray)   # READ/WRITE BUFFER data and echo buffer
     sanitizing: bool = False                    # a SANITIZE is under way: the medium is NOT READY
 
     def __post_init__(self) -> None:

@@ -154,18 +154,3 @@ def test_write_gate_exclusive_waits_for_shared_and_blocks_new():
         await asyncio.gather(t1, t2, t3)
         assert order == ["a+", "a-", "X+", "X-", "b+", "b-"]
     run(go())
-
-
-def test_write_then_read_buffer():
-    async def go():
-        h = Harness()
-        data = bytes(range(200))
-        wb = bytes([0x3B, 0x02, 0, 0, 0, 16]) + len(data).to_bytes(3, "big") + b"\0"
-        assert (await h.cmd(wb, data)).status == GOOD
-        rb = bytes([0x3C, 0x02, 0, 0, 0, 16]) + len(data).to_bytes(3, "big") + b"\0"
-        assert (await h.cmd(rb)).data == data
-        r = await h.cmd(bytes([0x3C, 0x03, 0, 0, 0, 0, 0, 0, 4, 0]))
-        assert int.from_bytes(r.data[1:4], "big") == 64 << 10
-        r = await h.cmd(bytes([0x3B, 0x02, 1, 0, 0, 0, 0, 0, 4, 0]), bytes(4))
-        assert r.key_asc == (ILLEGAL_REQUEST, 0x24, 0) and r.field == (2, None)
-    run(go())
