@@ -1,8 +1,8 @@
 """MODE SENSE / MODE SELECT (6 and 10) and the mode pages of the disk template.
 
 Each page has a builder that returns the page for a page control value
-(0 current, 1 changeable mask, 2 default, 3 saved). Nothing is savable, so
-saved values are the defaults. MODE SELECT accepts a page when every bit
+(0 current, 1 changeable mask, 2 default). Nothing is savable, so asking
+for saved values gets SAVING PARAMETERS NOT SUPPORTED. MODE SELECT accepts a page when every bit
 that differs from the current value is changeable, then applies it.
 """
 from __future__ import annotations
@@ -12,7 +12,10 @@ from typing import TYPE_CHECKING, Callable
 
 from stml.cdb import u16
 from stml.ops import data_bytes, param_len_error, write_protected
-from stml.sense import MODE_PARAMETERS_CHANGED, invalid_field, invalid_param
+from stml.sense import (
+    ILLEGAL_REQUEST, MODE_PARAMETERS_CHANGED, SAVING_PARAMETERS_NOT_SUPPORTED, CheckCondition,
+    invalid_field, invalid_param,
+)
 
 if TYPE_CHECKING:
     from stml.emulator import Task
@@ -34,7 +37,7 @@ def _caching(lu: LogicalUnit, pc: int) -> bytes:
     page[0], page[1] = 0x08, 18
     if pc == CHANGEABLE:
         page[2] = 0x04           # WCE is changeable
-    elif pc in (DEFAULT, SAVED):
+    elif pc == DEFAULT:
         page[2] = 0x04 if lu.options.write_cache else 0
     else:
         page[2] = 0x04 if lu.mode.wce else 0
@@ -80,6 +83,8 @@ def _apply(lu: LogicalUnit, code: int, page: bytes) -> None:
 
 
 def mode_pages(lu: LogicalUnit, page: int, subpage: int, pc: int) -> bytes:
+    if pc == SAVED:   # no page is savable (SPC-4 6.11: saved values not implemented)
+        raise CheckCondition(ILLEGAL_REQUEST, SAVING_PARAMETERS_NOT_SUPPORTED)
     if page == 0x3F:
         if subpage not in (0x00, 0xFF):
             raise invalid_field(3)

@@ -112,7 +112,9 @@ def test_log_sense_and_mode_pages():
         assert r.status == GOOD and r.data[:4] == bytes([0, 0, 0, 1]) and r.data[4] == 0
         r = await h.cmd(bytes([0x4D, 0, 0x0D, 0, 0, 0, 0, 0, 255, 0]))
         assert r.key_asc == (ILLEGAL_REQUEST, 0x24, 0)
-        for pc in range(4):
+        r = await h.cmd(bytes([0x5A, 0x08, (3 << 6) | 0x3F, 0, 0, 0, 0, 0x10, 0, 0]))
+        assert r.key_asc == (ILLEGAL_REQUEST, 0x39, 0)
+        for pc in range(3):
             r = await h.cmd(bytes([0x5A, 0x08, (pc << 6) | 0x3F, 0, 0, 0, 0, 0x10, 0, 0]))
             assert r.status == GOOD
             pages, pos = [], 8
