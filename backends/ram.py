@@ -48,6 +48,14 @@ class RamBackend:
                 page[in_page:in_page + n] = mv[pos:pos + n]
             offset += len(mv)
 
+    def read_nowait(self, offset: int, buf: memoryview) -> bool:
+        self.read_into(offset, buf)
+        return True
+
+    def write_nowait(self, offset: int, bufs: Sequence[memoryview], sync: bool) -> bool:
+        self.write_from(offset, bufs, sync)
+        return True
+
     def flush(self) -> None:
         pass
 

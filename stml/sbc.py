@@ -41,7 +41,7 @@ def _sync(task: Task) -> bool:
 async def read_blocks(task: Task, lba: int, blocks: int) -> bytearray:
     lu = task.lu
     buf = bytearray(blocks * lu.block_size)
-    if buf:
+    if buf and not lu.backend.read_nowait(lba * lu.block_size, memoryview(buf)):
         await task.io(lu.backend.read_into, lba * lu.block_size, memoryview(buf))
     return buf
 
@@ -50,7 +50,8 @@ async def write_blocks(task: Task, lba: int, bufs: list, sync: bool) -> None:
     """A write outside any exclusive section: enters the write gate shared."""
     lu = task.lu
     async with lu.write_gate.shared():
-        await task.io(lu.backend.write_from, lba * lu.block_size, bufs, sync)
+        if not lu.backend.write_nowait(lba * lu.block_size, bufs, sync):
+            await task.io(lu.backend.write_from, lba * lu.block_size, bufs, sync)
 
 
 def _miscompare(offset: int) -> CheckCondition:
