@@ -16,6 +16,7 @@ from fetd_tcp.digest import DIGEST_LEN, digest, padding
 from fetd_tcp.keys import TargetKeys
 from fetd_tcp import login as L
 from fetd_tcp.chap import Credentials
+from fetd_tcp.limits import Limits
 from fetd_tcp.session import Connection, Session, Tags, Task
 from stml.api import Detect, FrontEndLink
 
@@ -47,6 +48,8 @@ class IscsiFrontEnd:
         self.detect_info: Detect | None = None
         self.servers: list[asyncio.AbstractServer] = []
         self.writers: set[Any] = set()
+        self.limits = Limits.from_env()
+        self.open_conns: dict[Any, int] = {}             # portal / peer host -> open connections
 
     # ------------------------------------------------------------ STML -> us
     def detect(self, detect: Detect) -> None:
@@ -159,10 +162,18 @@ class IscsiFrontEnd:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         peer = writer.get_extra_info("peername")
         local = writer.get_extra_info("sockname")
+        host = ("host", peer[0] if peer else None)
+        lim, counts = self.limits, self.open_conns
+        if counts.get(portal, 0) >= lim.max_conn_per_portal or counts.get(host, 0) >= lim.max_conn_per_host:
+            log.warning("connection from %s refused: too many connections", peer)
+            writer.close()
+            return
+        counts[portal] = counts.get(portal, 0) + 1
+        counts[host] = counts.get(host, 0) + 1
         self.writers.add(writer)
         conn: Connection | None = None
         try:
-            result = await asyncio.wait_for(self._login(reader, writer, portal, local), LOGIN_TIMEOUT)
+            result = await asyncio.wait_for(self._login(reader, writer, portal, local), lim.login_timeout)
             if result is None:
                 return
             conn = result
@@ -172,7 +183,13 @@ class IscsiFrontEnd:
             pass
         except P.PDUError as e:
             log.info("connection from %s dropped: %s", peer, e)
+        except Exception:   # a bug must cost one connection, never the front end
+            log.exception("connection from %s dropped on an internal error", peer)
         finally:
+            for key in (portal, host):
+                counts[key] -= 1
+                if not counts[key]:
+                    del counts[key]
             self.writers.discard(writer)
             if conn is not None:
                 self._drop_connection(conn)
@@ -237,6 +254,11 @@ class IscsiFrontEnd:
         TSIH; a connection joining one must name a live session of this
         initiator and stay within MaxConnections."""
         if o.tsih == 0:
+            if o.session_type == "Normal" and o.target is not None and sum(
+                    1 for s in self.sessions.values()
+                    if s.target == o.target.name and (s.initiator, s.isid) != (o.initiator_name, o.isid)
+            ) >= self.limits.max_sessions_per_target:
+                return machine.refuse(L.OUT_OF_RESOURCES, "too many sessions on this target")
             return machine.accept(self._allocate_tsih())
         s = self.sessions.get(o.tsih)
         if s is None or s.initiator != o.initiator_name or s.isid != o.isid:

@@ -394,6 +394,8 @@ class Connection:
                                 data_length=len(chunk)), chunk)
 
     def _logout(self, lo: P.LogoutRequest, data: Any) -> None:
+        if lo.reason > 2:
+            raise P.PDUError(f"reserved logout reason {lo.reason}", P.REJECT_INVALID_PDU_FIELD)
         exp, mx = self._sns()
         response = 0
         if lo.reason == 2:

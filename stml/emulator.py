@@ -488,11 +488,13 @@ class Emulator:
         need = task.need = entry.out_len(task)
         if need > self.max_transfer:
             raise CheckCondition(ILLEGAL_REQUEST, INVALID_FIELD_IN_CDB)
-        if need > task.exp_len:
+        # a front end that declared no data-out direction sends no write data
+        exp_out = task.exp_len if task.direction & DataDir.WRITE else 0
+        if need > exp_out:
             if not entry.partial:
                 # the initiator will not send what the CDB asks for: refuse before data moves
                 raise CheckCondition(ILLEGAL_REQUEST, INVALID_FIELD_IN_CDB)
-            need = task.exp_len  # SAM: only what the initiator sends is transferred (overflow)
+            need = exp_out  # SAM: only what the initiator sends is transferred (overflow)
         task.want = need
         if task.data_error is not None:
             raise task.data_error

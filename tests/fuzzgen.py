@@ -1,0 +1,407 @@
+"""Generators and single-case runners shared by the fuzz tests (tests/test_fuzz_*.py)
+and the long runner (scripts/fuzz.py). Each `run_*` function takes one generated
+case and raises AssertionError (or an unexpected exception) on a finding."""
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+from hypothesis import strategies as st
+
+from fetd_tcp import login as L
+from fetd_tcp import pdu as P
+from fetd_tcp.chap import Credentials, Secret
+from fetd_tcp.keys import ConnectionParams, SessionParams
+from fetd_tcp.session import Connection, Session, Tags
+
+TNAME = "iqn.2026-11.org.scsi-target:disk0"
+INAME = "iqn.2026-11.org.test:fuzz"
+
+# ---------------------------------------------------------------- PDU bytes
+
+INITIATOR_OPS = sorted(P.INITIATOR_OPCODES)
+
+
+def valid_pdus() -> st.SearchStrategy[bytes]:
+    """Well-formed initiator PDUs (header + padded data) to mutate."""
+    u32 = st.integers(0, 0xFFFFFFFF)
+    lun = st.sampled_from([P.LUN0, P.int_to_lun(1), P.int_to_lun(300), b"\xff" * 8])
+    data = st.binary(max_size=600)
+
+    def cmd(itt, l, cdb, edtl, sn, r, w, attr, d):
+        return P.ScsiCommand(itt, l, cdb.ljust(16, b"\0"), edtl, sn, 0, read=r, write=w, attr=attr,
+                             data_length=len(d)).encode(), d
+
+    def nop(itt, sn, d):
+        return P.NopOut(itt, P.RESERVED_TAG, sn, 0, immediate=True, data_length=len(d)).encode(), d
+
+    def dout(itt, ttt, dsn, off, d):
+        return P.DataOut(itt, ttt, dsn, off, True, 0, P.LUN0, len(d)).encode(), d
+
+    def text(itt, sn, d):
+        return P.TextRequest(itt, P.RESERVED_TAG, sn, 0, immediate=True, data_length=len(d)).encode(), d
+
+    def login(itt, csg, nsg, t, c, d):
+        return P.LoginRequest(itt, b"\x80" + bytes(5), 0, 0, 1, 0, csg=csg, nsg=nsg, transit=t, cont=c,
+                              data_length=len(d)).encode(), d
+
+    def tmf(itt, fn, rtt, sn):
+        return P.TaskMgmtRequest(itt, fn, P.LUN0, rtt, sn, 0, sn, 0, immediate=True).encode(), b""
+
+    def logout(itt, reason, cid, sn):
+        return P.LogoutRequest(itt, reason, cid, sn, 0).encode(), b""
+
+    small = st.integers(0, 8)
+    parts = st.one_of(
+        st.builds(cmd, small, lun, st.binary(max_size=16), st.integers(0, 1 << 20), small,
+                  st.booleans(), st.booleans(), st.integers(0, 7), data),
+        st.builds(nop, small, small, data),
+        st.builds(dout, small, st.sampled_from([P.RESERVED_TAG, 1, 2]), small, st.integers(0, 4096), data),
+        st.builds(text, small, small, st.one_of(data, text_segments())),
+        st.builds(login, small, st.integers(0, 3), st.integers(0, 3), st.booleans(), st.booleans(),
+                  st.one_of(data, text_segments())),
+        st.builds(tmf, small, st.integers(0, 127), u32, small),
+        st.builds(logout, small, st.integers(0, 127), st.integers(0, 0xFFFF), small),
+    )
+    return parts.map(lambda hd: hd[0] + hd[1] + bytes(-len(hd[1]) % 4))
+
+
+@st.composite
+def mutated_pdu(draw: Any) -> bytes:
+    """A valid PDU with bytes flipped, header fields overwritten or the length lied about."""
+    buf = bytearray(draw(valid_pdus()))
+    for _ in range(draw(st.integers(0, 4))):
+        kind = draw(st.integers(0, 5))
+        if len(buf) < P.BHS_LEN:
+            buf += bytes(P.BHS_LEN - len(buf))
+        if kind == 0:       # flip a byte of the BHS
+            i = draw(st.integers(0, P.BHS_LEN - 1))
+            buf[i] = draw(st.integers(0, 255))
+        elif kind == 1:     # lie about DataSegmentLength
+            buf[5:8] = draw(st.integers(0, 0xFFFFFF)).to_bytes(3, "big")
+        elif kind == 2:     # lie about TotalAHSLength
+            buf[4] = draw(st.integers(0, 255))
+        elif kind == 3:     # random opcode
+            buf[0] = (buf[0] & 0xC0) | draw(st.integers(0, 0x3F))
+        elif kind == 4:     # truncate or extend
+            n = draw(st.integers(0, len(buf) + 64))
+            buf = (buf + draw(st.binary(min_size=64, max_size=64)))[:n]
+        else:               # flip a byte anywhere
+            if buf:
+                buf[draw(st.integers(0, len(buf) - 1))] ^= draw(st.integers(1, 255))
+    return bytes(buf)
+
+
+def text_segments() -> st.SearchStrategy[bytes]:
+    """Login/Text data: real keys with odd values, duplicates, junk, non-UTF-8."""
+    keys = st.sampled_from(["InitiatorName", "TargetName", "SessionType", "AuthMethod", "HeaderDigest",
+                            "DataDigest", "MaxRecvDataSegmentLength", "MaxBurstLength", "FirstBurstLength",
+                            "InitialR2T", "ImmediateData", "MaxConnections", "MaxOutstandingR2T",
+                            "ErrorRecoveryLevel", "DefaultTime2Wait", "DefaultTime2Retain", "CHAP_A",
+                            "CHAP_N", "CHAP_R", "CHAP_I", "CHAP_C", "SendTargets", "X-foo", "IFMarker",
+                            "OFMarker", "DataPDUInOrder", "TargetAlias", "TargetPortalGroupTag"])
+    values = st.one_of(st.sampled_from(["", "None", "CHAP", "Yes", "No", "0", "1", "-1", "4294967296",
+                                        "512", "16777215", "16777216", "CRC32C,None", "Normal", "Discovery",
+                                        "All", TNAME, INAME, "5", "0x00", "0b", "Reject", "NotUnderstood",
+                                        "Irrelevant", "x" * 300]),
+                       st.text(max_size=20), st.integers(-2, 1 << 33).map(str))
+    entry = st.one_of(st.tuples(keys, values).map(lambda kv: f"{kv[0]}={kv[1]}".encode()),
+                      st.binary(max_size=20),
+                      st.sampled_from([b"=x", b"noequals", b"K=\xff\xfe", b"\xc3=1", b"A" * 70 + b"=1"]))
+    return st.lists(entry, max_size=12).map(lambda es: b"\0".join(es) + b"\0")
+
+
+def run_decode(buf: bytes) -> None:
+    """The codec: only PDUError may come out."""
+    try:
+        bhs = P.parse_bhs(buf)
+        ahs = buf[P.BHS_LEN:P.BHS_LEN + bhs.ahs_length]
+        pdu = P.decode_pdu(buf[:P.BHS_LEN], ahs)
+        data = buf[P.BHS_LEN + bhs.ahs_length:P.BHS_LEN + bhs.ahs_length + bhs.data_length]
+        if isinstance(pdu, (P.LoginRequest, P.TextRequest)):
+            P.decode_text(data)
+        if isinstance(pdu, (P.ScsiResponse, P.AsyncMessage)):
+            P.decode_sense_segment(data)
+        P.decode_pdu(pdu.encode()[:P.BHS_LEN], pdu.encode()[P.BHS_LEN:]) if hasattr(pdu, "encode") else None
+    except P.PDUError:
+        pass
+
+
+def run_text(buf: bytes) -> None:
+    try:
+        pairs = P.decode_text(buf)
+    except P.PDUError:
+        return
+    assert P.decode_text(P.encode_text(pairs)) == pairs
+
+
+# ---------------------------------------------------------------- login machine
+
+def login_config() -> L.LoginConfig:
+    creds = Credentials("user", Secret("a-secret-of-16by"))
+    return L.LoginConfig((L.TargetConfig(TNAME), L.TargetConfig(TNAME + "x", chap=creds,
+                                                                 mutual_chap=Credentials("t", Secret("target-secret-16")))),
+                         discovery_chap=None)
+
+
+def split_pdus(stream: list[bytes]) -> list[tuple[Any, bytes]]:
+    out = []
+    for buf in stream:
+        try:
+            bhs = P.parse_bhs(buf)
+            pdu = P.decode_pdu(buf[:P.BHS_LEN], buf[P.BHS_LEN:P.BHS_LEN + bhs.ahs_length])
+        except P.PDUError:
+            continue
+        start = P.BHS_LEN + bhs.ahs_length
+        out.append((pdu, buf[start:start + bhs.data_length]))
+    return out
+
+
+def run_login(stream: list[bytes]) -> None:
+    """A LoginMachine fed decoded Login Requests: it answers Send/Decide/Fail, never raises."""
+    m = L.LoginMachine(login_config(), 1234, random=lambda n: bytes(n))
+    for pdu, data in split_pdus(stream):
+        if not isinstance(pdu, P.LoginRequest):
+            continue
+        step = m.receive(pdu, data)
+        assert isinstance(step, (L.Send, L.Decide, L.Fail)), step
+        if isinstance(step, L.Decide):
+            step = m.accept(1)
+            assert isinstance(step, L.Complete)
+        P.parse_bhs(step.header)
+        if isinstance(step, L.Fail):
+            return
+
+
+def login_stream() -> st.SearchStrategy[list[bytes]]:
+    """Plausible login conversations (real first request) followed by mutated ones."""
+    first = st.sampled_from([
+        [("InitiatorName", INAME), ("SessionType", "Normal"), ("TargetName", TNAME), ("AuthMethod", "None")],
+        [("InitiatorName", INAME), ("SessionType", "Discovery"), ("AuthMethod", "None,CHAP")],
+        [("InitiatorName", INAME), ("TargetName", TNAME + "x"), ("AuthMethod", "CHAP")],
+    ])
+
+    def build(pairs, extra, csg, nsg, t):
+        d = P.encode_text(pairs) + extra
+        return P.LoginRequest(1, b"\x80" + bytes(5), 0, 0, 1, 0, csg=csg, nsg=nsg, transit=t,
+                              data_length=len(d)).encode() + d + bytes(-len(d) % 4)
+
+    head = st.builds(build, first, st.one_of(st.just(b""), text_segments()), st.integers(0, 1),
+                     st.sampled_from([1, 3]), st.booleans())
+    return st.tuples(head, st.lists(st.one_of(mutated_pdu(), valid_pdus()), max_size=6)).map(
+        lambda t: [t[0], *t[1]])
+
+
+# ---------------------------------------------------------------- full feature connection
+
+class FakeLink:
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def __getattr__(self, name: str) -> Any:
+        def call(*a: Any, **kw: Any) -> None:
+            self.calls.append((name, a, kw))
+        return call
+
+
+def make_connection(discovery: bool = False) -> tuple[Connection, list, FakeLink]:
+    out: list = []
+    link = FakeLink()
+    sp = SessionParams(immediate_data=True, initial_r2t=False, first_burst_length=4096,
+                       max_burst_length=8192) if "initial_r2t" in SessionParams.__dataclass_fields__ \
+        else SessionParams()
+    session = Session(1, b"\x80" + bytes(5), INAME, TNAME, 1, sp, 1, 1, 16, discovery=discovery)
+    conn = Connection(session, 0, ConnectionParams(), 0, lambda p, d: out.append((p, bytes(d))), link,
+                      Tags(), lambda: None, lambda c, pairs: [(k, "NotUnderstood") for k, _ in pairs])
+    session.connections[0] = conn
+    return conn, out, link
+
+
+def run_connection(stream: list[bytes], discovery: bool = False) -> None:
+    """session.Connection fed any decodable PDU: PDUError (answered by Reject) is the only
+    exception; every PDU it emits encodes; the queue of out-of-order commands stays within
+    the window."""
+    conn, out, link = make_connection(discovery)
+    for pdu, data in split_pdus(stream):
+        try:
+            conn.receive(pdu, data)
+        except P.PDUError:
+            pass
+        # answer whatever the STML was asked, as a real STML might
+        for name, a, kw in link.calls:
+            if name == "rx_cmnd":
+                task = conn.tags.tasks.get(a[0])
+                if task is not None and task.write and a[6] < a[7] + 1 and len(conn.session.itts) % 2:
+                    conn.rdy_to_xfer(task, 0, min(task.edtl, 1 << 16))
+                elif task is not None and len(conn.session.itts) % 3 == 0:
+                    conn.tags.tasks.pop(a[0], None)
+                    conn.xmit_response(task, 0, None, 0, memoryview(bytes(min(task.edtl, 9000))))
+            elif name == "rx_task_mgmt_fn":
+                entry = conn.tags.tmfs.pop(a[0], None)
+                if entry:
+                    entry[0].task_mgmt_fn_done(entry[1], entry[2], 0, [])
+        link.calls.clear()
+        assert len(conn.session.queued) <= conn.session.window
+    if discovery:
+        assert not any(p.__class__ is P.R2T or p.__class__ is P.DataIn for p, _ in out)
+    for p, d in out:
+        P.parse_bhs(p.encode())
+
+
+def conn_stream() -> st.SearchStrategy[list[bytes]]:
+    return st.lists(st.one_of(valid_pdus(), mutated_pdu()), min_size=1, max_size=12)
+
+
+# ---------------------------------------------------------------- CDBs
+
+CDB_LEN = {0: 6, 1: 10, 2: 10, 3: 16, 4: 16, 5: 12, 6: 0, 7: 0}
+DATA_OUT_OPS = {0x04, 0x07, 0x0A, 0x15, 0x1D, 0x2A, 0x2E, 0x3B, 0x41, 0x42, 0x55, 0x83, 0x89, 0x8A, 0x8E,
+                0x93, 0x9F, 0xA4, 0xAA, 0xAE, 0x5F, 0x3F, 0xA3, 0x8C, 0x8D, 0x9D, 0xB6, 0x39, 0x3D, 0x3A,
+                0x7F, 0x4C, 0x5C, 0x48}
+
+
+@st.composite
+def random_cdb(draw: Any) -> tuple[bytes, bytes, int]:
+    """(CDB, parameter list, data-in length): any opcode, random fields, small transfer lengths
+    most of the time so the LUN is not asked to move gigabytes."""
+    op = draw(st.integers(0, 255))
+    n = CDB_LEN[op >> 5] or draw(st.sampled_from([6, 10, 12, 16, 32]))
+    body = bytearray(draw(st.binary(min_size=n - 1, max_size=n - 1)))
+    if draw(st.booleans()) and n >= 10:   # keep LBA and length small and plausible
+        if n == 10:
+            body[1:5] = draw(st.integers(0, 200)).to_bytes(4, "big")
+            body[6:8] = draw(st.integers(0, 16)).to_bytes(2, "big")
+        elif n == 16:
+            body[1:9] = draw(st.integers(0, 200)).to_bytes(8, "big")
+            body[9:13] = draw(st.integers(0, 16)).to_bytes(4, "big")
+    cdb = bytes([op]) + bytes(body)
+    data_out = b""
+    if op in DATA_OUT_OPS or draw(st.integers(0, 9)) == 0:
+        data_out = draw(st.one_of(st.binary(max_size=600), st.binary(min_size=512, max_size=512),
+                                  st.integers(1, 16).map(lambda k: bytes(512 * k))))
+    data_in = 0 if data_out else draw(st.sampled_from([0, 36, 255, 512, 4096, 65536]))
+    return cdb, data_out, data_in
+
+
+# ---------------------------------------------------------------- ZeroMQ messages
+
+def zmq_messages() -> st.SearchStrategy[list[bytes]]:
+    """Malformed contract messages: msgpack of the wrong shape, wrong types, unknown ops,
+    wrong versions, raw junk, extra frames."""
+    import msgpack
+    ops = st.sampled_from(["register_target_front_end", "deregister_target_front_end", "rx_cmnd",
+                           "scsi_rx_data", "rx_task_mgmt_fn", "scsi_release", "register_nexus",
+                           "scsi_target_done", "heartbeat", "detect", "nonsense", "", "xmit_response"])
+    leaf = st.one_of(st.none(), st.booleans(), st.integers(-(1 << 63), (1 << 64) - 1), st.floats(),
+                     st.text(max_size=10), st.binary(max_size=20))
+    values = st.recursive(leaf, lambda c: st.one_of(st.lists(c, max_size=4),
+                                                    st.dictionaries(st.text(max_size=5), c, max_size=4)),
+                          max_leaves=8)
+    fields = st.sampled_from(["op", "version", "kind", "name", "heartbeat_ms", "tag", "nexus", "lun", "cdb",
+                              "attr", "dir", "len", "unsol", "offset", "fn", "ref", "initiator", "target",
+                              "tpg", "error", "aen", "v"])
+    header = st.builds(lambda op, extra: {"op": op, **extra}, st.one_of(ops, leaf),
+                       st.dictionaries(fields, values, max_size=8))
+    packed = header.map(lambda h: msgpack.packb(h, use_bin_type=True))
+    frame0 = st.one_of(packed, packed, st.binary(max_size=40),
+                       values.map(lambda v: msgpack.packb(v, use_bin_type=True)))
+    return st.tuples(frame0, st.lists(st.binary(max_size=64), max_size=3)).map(lambda t: [t[0], *t[1]])
+
+
+# ---------------------------------------------------------------- runners against an STML
+
+STATUSES = {0x00, 0x02, 0x04, 0x08, 0x18, 0x22, 0x28, 0x30, 0x40}
+
+
+def run_cdb(client: Any, case: tuple[bytes, bytes, int], lun: int) -> None:
+    """One random command through the loopback front end: it gets a SCSI status in time."""
+    cdb, data_out, data_in = case
+    result = client.submit(lun, cdb, data_out, data_in).result(20)
+    assert result.status in STATUSES, (cdb.hex(), result)
+    if result.status == 0x02:
+        assert result.sense and len(result.sense) >= 8, (cdb.hex(), result)
+    assert len(result.data) <= data_in, (cdb.hex(), len(result.data), data_in)
+
+
+class ZmqPoker:
+    """A DEALER socket that throws frames at the STML and drains whatever comes back."""
+
+    def __init__(self, endpoint: str) -> None:
+        import uuid
+
+        import zmq
+        self.zmq = zmq
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.ROUTING_ID, f"fuzz-{uuid.uuid4().hex[:8]}".encode())
+        self.sock.connect(endpoint)
+
+    def send(self, frames: list[bytes]) -> None:
+        self.sock.send_multipart(frames)
+
+    def drain(self) -> int:
+        n = 0
+        while self.sock.poll(0):
+            self.sock.recv_multipart()
+            n += 1
+        return n
+
+    def close(self) -> None:
+        self.sock.close(0)
+        self.ctx.term()
+
+
+def run_zmq(poker: ZmqPoker, frames: list[bytes]) -> None:
+    poker.send(frames)
+    poker.drain()
+
+
+# ---------------------------------------------------------------- live target helpers
+
+def host_port(portal: str) -> tuple[str, int]:
+    host, _, port = portal.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def raw_exchange(portal: str, prefix: Any, payload: list[bytes], timeout: float = 5.0) -> None:
+    """Open a connection, optionally log in (prefix(initiator) does it), throw `payload` at it,
+    half-close and read until the target closes; the target must close or answer, not hang."""
+    import socket
+
+    from rawiscsi import RawInitiator
+    ini = RawInitiator(*host_port(portal), timeout=timeout)
+    try:
+        if prefix is not None:
+            prefix(ini)
+        try:
+            for buf in payload:
+                ini.sock.sendall(buf)
+            ini.sock.shutdown(socket.SHUT_WR)
+            while ini.sock.recv(65536):
+                pass
+        except OSError as e:   # reset or already closed by the target: fine; a timeout is not
+            assert not isinstance(e, TimeoutError), "the target neither answered nor closed"
+
+    finally:
+        ini.close()
+
+
+def healthy_io(portal: str, iqn: str = TNAME, lun: int = 0) -> None:
+    """A separate, well-behaved session still reads and writes correctly."""
+    import os
+
+    from rawiscsi import RawInitiator
+    ini = RawInitiator(*host_port(portal))
+    try:
+        resp = ini.login(iqn)
+        assert resp.status_class == 0, resp
+        ini.command(bytes(6))   # TEST UNIT READY clears any unit attention
+        data = os.urandom(4096)
+        lba = int.from_bytes(os.urandom(2), "big") % 8000
+        ini.write16(lba, data, lun)
+        assert ini.read16(lba, 8, lun) == data
+        ini.write16(lba, data[::-1], lun, immediate_data=False)
+        assert ini.read16(lba, 8, lun) == data[::-1]
+    finally:
+        ini.close()
