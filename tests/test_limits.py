@@ -1,0 +1,180 @@
+"""Resource limits of the iSCSI front end (fetd_tcp/limits.py): login timeout, connections
+per initiator address, sessions per target, the CmdSN window and FirstBurstLength."""
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import time
+
+import pytest
+
+from fetd_tcp import login as L
+from fetd_tcp import pdu as P
+from fetd_tcp.limits import LimitError, Limits
+from rawiscsi import RawInitiator
+from targetproc import IQN, Target
+
+import fuzzgen as G
+
+ENV = {"SCSI_TARGET_LOGIN_TIMEOUT": "1", "SCSI_TARGET_MAX_CONN_PER_HOST": "4",
+       "SCSI_TARGET_MAX_SESSIONS_PER_TARGET": "2"}
+
+
+@pytest.fixture(scope="module")
+def target():
+    saved = {k: os.environ.get(k) for k in ENV}
+    os.environ.update(ENV)
+    try:
+        t = Target("--lun", "ram:16MiB")
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    yield t
+    t.stop()
+
+
+def _closed_within(sock: socket.socket, seconds: float) -> float:
+    """Seconds until the target closed `sock` (reads EOF or a reset)."""
+    t0 = time.monotonic()
+    sock.settimeout(seconds)
+    try:
+        while sock.recv(4096):
+            pass
+    except ConnectionResetError:
+        pass
+    return time.monotonic() - t0
+
+
+def _wait_sessions_gone() -> None:
+    time.sleep(0.3)   # the target notices closed sockets at once; leave it a moment
+
+
+def test_limits_from_env():
+    assert Limits.from_env({}) == Limits()
+    assert Limits.from_env({"SCSI_TARGET_LOGIN_TIMEOUT": "2.5"}).login_timeout == 2.5
+    for bad in ("x", "0", "-1"):
+        with pytest.raises(LimitError, match="SCSI_TARGET_MAX_CONN_PER_HOST"):
+            Limits.from_env({"SCSI_TARGET_MAX_CONN_PER_HOST": bad})
+
+
+def test_silent_connection_is_dropped(target):
+    s = socket.create_connection(G.host_port(target.portal))
+    assert _closed_within(s, 6) < 4
+    s.close()
+
+
+def test_one_byte_a_second_is_dropped(target):
+    s = socket.create_connection(G.host_port(target.portal))
+    req = P.LoginRequest(1, b"\x80" + bytes(5), 0, 0, 1, 0, csg=0, nsg=1, transit=True).encode()
+    t0 = time.monotonic()
+    with pytest.raises(OSError):
+        for b in req:
+            s.send(bytes([b]))
+            time.sleep(0.25)
+            if time.monotonic() - t0 > 8:
+                pytest.fail("a slow login was never dropped")
+        s.settimeout(5)
+        assert s.recv(1) == b""
+        raise ConnectionError("closed")
+    assert time.monotonic() - t0 < 5
+    s.close()
+
+
+def test_connections_per_initiator_address(target):
+    _wait_sessions_gone()
+    host, port = G.host_port(target.portal)
+    idle = [socket.create_connection((host, port)) for _ in range(4)]
+    try:
+        time.sleep(0.2)
+        extra = socket.create_connection((host, port))
+        assert _closed_within(extra, 3) < 1       # refused at once
+        extra.close()
+    finally:
+        for s in idle:
+            s.close()
+    _wait_sessions_gone()
+    G.healthy_io(target.portal)                    # the slots are free again
+    assert "too many connections" in target.log()
+
+
+def test_sessions_per_target(target):
+    _wait_sessions_gone()
+    host, port = G.host_port(target.portal)
+    a, b, c = (RawInitiator(host, port) for _ in range(3))
+    try:
+        assert a.login(IQN).status_class == 0
+        assert b.login(IQN).status_class == 0
+        r = c.login(IQN)
+        assert (r.status_class << 8 | r.status_detail) == L.OUT_OF_RESOURCES
+        # reinstating an existing session (same ISID) is not a new session
+        d = RawInitiator(host, port, isid=a.isid)
+        assert d.login(IQN).status_class == 0
+        d.close()
+    finally:
+        for i in (a, b, c):
+            i.close()
+    _wait_sessions_gone()
+
+
+def _read_lba(ini: RawInitiator, lba: int) -> bytes:
+    return ini.read16(lba, 1)
+
+
+def test_commands_beyond_max_cmd_sn_are_not_executed(target):
+    _wait_sessions_gone()
+    ini = RawInitiator(*G.host_port(target.portal))
+    try:
+        assert ini.login(IQN).status_class == 0
+        ini.command(bytes(6))
+        before = _read_lba(ini, 50)
+        beyond = (ini.max_cmd_sn + 1) & 0xFFFFFFFF
+        cdb = struct.pack(">BBQIBB", 0x8A, 0, 50, 1, 0, 0).ljust(16, b"\0")
+        ini.send(P.ScsiCommand(0x777, P.LUN0, cdb, 512, beyond, ini.exp_stat_sn, write=True,
+                               data_length=512), b"\xEE" * 512)
+        # fill the window up to MaxCmdSN with harmless commands: the one beyond stays dead
+        while ini.cmd_sn != beyond:
+            ini.command(bytes(6))
+        pdu, _ = ini.nop()
+        assert isinstance(pdu, P.NopIn)
+        ini.cmd_sn = beyond    # the target discarded it, so this CmdSN is free again
+        assert _read_lba(ini, 50) == before
+    finally:
+        ini.close()
+
+
+def test_unsolicited_data_is_bounded_by_first_burst_length(target):
+    _wait_sessions_gone()
+    ini = RawInitiator(*G.host_port(target.portal))
+    try:
+        r = ini.login(IQN, extra=[("InitialR2T", "No"), ("ImmediateData", "Yes"),
+                                  ("FirstBurstLength", "4096"), ("MaxBurstLength", "65536"),
+                                  ("MaxRecvDataSegmentLength", "65536")])
+        assert r.status_class == 0
+        fbl = int(ini.login_keys.get("FirstBurstLength", 4096))
+        assert fbl == 4096
+        ini.command(bytes(6))
+        cdb = struct.pack(">BBQIBB", 0x8A, 0, 60, 32, 0, 0).ljust(16, b"\0")
+        # immediate data beyond FirstBurstLength: Reject
+        ini.send(P.ScsiCommand(0x900, P.LUN0, cdb, 16384, ini.cmd_sn, ini.exp_stat_sn, write=True,
+                               final=False, data_length=8192), bytes(8192))
+        pdu, _ = ini.recv()
+        assert isinstance(pdu, P.Reject)
+        ini.cmd_sn += 1          # a rejected command still consumed its CmdSN
+        # unsolicited Data-Out past FirstBurstLength: the command fails, the session lives
+        ini.send(P.ScsiCommand(0x901, P.LUN0, cdb, 16384, ini.cmd_sn, ini.exp_stat_sn, write=True,
+                               final=False, data_length=4096), bytes(4096))
+        ini.cmd_sn += 1
+        ini.send(P.DataOut(0x901, P.RESERVED_TAG, 0, 4096, True, ini.exp_stat_sn, P.LUN0, 8192), bytes(8192))
+        while True:
+            pdu, _ = ini.recv()
+            if isinstance(pdu, P.ScsiResponse):
+                assert pdu.status == 0x02
+                break
+        G.healthy_io(target.portal)
+        assert ini.nop()[0].__class__ is P.NopIn
+    finally:
+        ini.close()
