@@ -116,7 +116,7 @@ class Metrics:
                 c = self.sessions.get((fe.ident, n.id))
                 sessions.append({"front_end": fe.name, "nexus": n.id, "initiator": n.initiator,
                                  "target": n.target, "tpg": n.tpg, **(c.as_dict() if c else empty())})
-        live = {(fe.ident, n.id) for fe in emulator.front_ends.values() for n in fe.nexuses}
+        live = {(fe.ident, n) for fe in emulator.front_ends.values() for n in fe.nexuses}
         for key in [k for k in self.sessions if k not in live]:   # forget gone sessions
             del self.sessions[key]
         return {"stml": emulator.name, "uptime_s": round(time.time() - self.started, 1),

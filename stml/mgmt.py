@@ -249,7 +249,8 @@ class Management:
         t.luns[number] = lu
         self._redetect()
         for other in t.luns.values():
-            self._ua(other, REPORTED_LUNS_CHANGED, t.name)
+            if other is not lu:   # the new LUN was never seen: nothing about it changed
+                self._ua(other, REPORTED_LUNS_CHANGED, t.name)
         entry = {"lun": number, **{k: v for k, v in raw_lun.items()}}
         saved = self._persist(lambda raw: self._raw_target(raw, t.name).setdefault("lun", []).append(entry))
         return {"target": t.name, "lun": number, "size": lu.blocks * lu.block_size, "saved": saved}

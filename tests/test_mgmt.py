@@ -1,0 +1,167 @@
+"""Live management of a running target (`scsi-target lun add|resize ...`):
+a connected session sees the change after the unit attention, the config
+file holds it, a restart keeps it, and hand edits are never overwritten."""
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from rawiscsi import RawInitiator
+from targetproc import Target, run
+
+IQN = "iqn.2026-11.org.scsi-target:mgmt"
+CHECK_CONDITION = 2
+
+
+def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    p = subprocess.run([sys.executable, "-m", "scsi_target", *args], capture_output=True, text=True,
+                       timeout=60)
+    if check and p.returncode:
+        raise AssertionError(f"scsi-target {' '.join(args)} exited {p.returncode}:\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+def mgmt(data_dir: str, *args: str) -> dict | list:
+    return json.loads(cli(*args, "--data-dir", data_dir, "--json").stdout)
+
+
+def ua_of(sense: bytes) -> tuple[int, int, int]:
+    """(sense key, ASC, ASCQ) of fixed or descriptor sense data."""
+    if sense[0] & 0x7F in (0x72, 0x73):
+        return sense[1] & 0xF, sense[2], sense[3]
+    return sense[2] & 0xF, sense[12], sense[13]
+
+
+def tur(ini: RawInitiator, lun: int) -> tuple[int, bytes]:
+    status, sense, _ = ini.command(bytes(6), lun)
+    return status, sense
+
+
+def report_luns(ini: RawInitiator) -> list[int]:
+    status, sense, data = ini.command(struct.pack(">BBBBBBIBB", 0xA0, 0, 0, 0, 0, 0, 4096, 0, 0),
+                                      0, read=4096)
+    assert status == 0, sense
+    n = struct.unpack(">I", data[:4])[0] // 8
+    return [struct.unpack(">H", data[8 + 8 * i:10 + 8 * i])[0] & 0x3FFF for i in range(n)]
+
+
+def capacity(ini: RawInitiator, lun: int) -> int:
+    status, sense, data = ini.command(struct.pack(">BBQIBB", 0x9E, 0x10, 0, 32, 0, 0), lun, read=32)
+    assert status == 0, sense
+    last, bs = struct.unpack(">QI", data[:12])
+    return (last + 1) * bs
+
+
+@pytest.fixture
+def config(tmp_path):
+    cfg = tmp_path / "target.toml"
+    cfg.write_text(f'[[target]]\nname = "{IQN}"\n\n[[target.lun]]\nbackend = "file"\n'
+                   f'path = "lun0.img"\nsize = "16MiB"\n')
+    return cfg
+
+
+def test_lun_add_and_resize_live(config, tmp_path):
+    t = Target(config=str(config))
+    try:
+        host, port = t.portal.rsplit(":", 1)
+        ini = RawInitiator(host, int(port), initiator="iqn.2026-11.org.test:mgmt")
+        ini.login(IQN)
+        assert tur(ini, 0)[0] == 0
+        assert report_luns(ini) == [0]
+
+        added = mgmt(t.data_dir, "lun", "add", "--target", IQN, "ram:8MiB")
+        assert added["lun"] == 1 and "saved" in added["saved"]
+        status, sense = tur(ini, 0)
+        assert status == CHECK_CONDITION and ua_of(sense) == (6, 0x3F, 0x0E)   # REPORTED LUNS DATA HAS CHANGED
+        assert report_luns(ini) == [0, 1]
+        assert capacity(ini, 1) == 8 << 20
+
+        resized = mgmt(t.data_dir, "lun", "resize", "--target", IQN, "0", "32MiB")
+        assert resized["size"] == 32 << 20
+        status, sense = tur(ini, 0)
+        assert status == CHECK_CONDITION and ua_of(sense) == (6, 0x2A, 0x09)   # CAPACITY DATA HAS CHANGED
+        assert capacity(ini, 0) == 32 << 20
+        ini.write16(0, b"\x5a" * 4096, lun=1)
+        assert ini.read16(0, 8, lun=1) == b"\x5a" * 4096
+        ini.close()
+
+        # the table output reads well too
+        table = cli("lun", "list", "--data-dir", t.data_dir).stdout
+        assert "32.0MiB" in table and "8.0MiB" in table and "BACKEND" in table
+
+        saved = tomllib.loads(config.read_text())
+        luns = saved["target"][0]["lun"]
+        assert luns[0]["size"] == 32 << 20 and luns[1] == {"lun": 1, "backend": "ram", "size": "8MiB"}
+        assert "OK" in cli("config", "check", "--config", str(config)).stdout
+    finally:
+        t.stop()
+
+    # a restart keeps both changes
+    t = Target(config=str(config), data_dir=t.data_dir)
+    try:
+        luns = {x["lun"]: x for x in mgmt(t.data_dir, "lun", "list")}
+        assert luns[0]["size"] == 32 << 20 and luns[1]["size"] == 8 << 20
+        out = run(["iscsi-readcapacity16", t.url(0, IQN)]).stdout
+        assert str(32 << 20) in out or f"Last LBA:{(32 << 20) // 512 - 1}" in out.replace(" ", "")
+
+        # an edit by hand since load is not overwritten
+        config.write_text(config.read_text() + "# edited by hand\n")
+        p = cli("lun", "add", "--data-dir", t.data_dir, "ram:4MiB", check=False)
+        assert p.returncode == 1 and "edited since the STML loaded it" in p.stderr
+        assert 2 not in {x["lun"] for x in mgmt(t.data_dir, "lun", "list")}
+        assert config.read_text().endswith("# edited by hand\n")
+    finally:
+        t.stop()
+
+
+def test_targets_acl_chap_sessions(config, tmp_path):
+    t = Target(config=str(config))
+    try:
+        d = t.data_dir
+        other = "iqn.2026-11.org.scsi-target:second"
+        mgmt(d, "target", "add", other, "--alias", "second one")
+        mgmt(d, "lun", "add", "--target", other, "ram:4MiB")
+        names = {x["name"]: x for x in mgmt(d, "target", "list")}
+        assert names[other]["luns"] == 1 and names[other]["alias"] == "second one"
+        # the front end learned the new target: discovery and login work at once
+        out = run(["iscsi-inq", t.url(0, other)]).stdout
+        assert "DIRECT_ACCESS" in out
+
+        acl = mgmt(d, "acl", "add", "--target", other, "iqn.2026-11.org.test:allowed")
+        assert acl["acl"] == ["iqn.2026-11.org.test:allowed"]
+        p = run(["iscsi-inq", t.url(0, other)], check=False)
+        assert p.returncode != 0          # libiscsi's default initiator name is not in the ACL
+        mgmt(d, "acl", "remove", "--target", other, "iqn.2026-11.org.test:allowed")
+        p = cli("chap", "set", "--data-dir", d, "--target", other, "--user", "u", "--secret", "short",
+                check=False)
+        assert p.returncode == 1 and "12 to 255 bytes" in p.stderr
+        mgmt(d, "chap", "set", "--target", other, "--user", "u", "--secret", "twelve-bytes-secret")
+        assert run(["iscsi-inq", t.url(0, other)], check=False).returncode != 0
+        assert run(["iscsi-inq", t.url(0, other, auth="u%twelve-bytes-secret@")]).returncode == 0
+        mgmt(d, "chap", "set", "--target", other)
+
+        host, port = t.portal.rsplit(":", 1)
+        ini = RawInitiator(host, int(port), initiator="iqn.2026-11.org.test:lister")
+        ini.login(other)
+        sessions = mgmt(d, "session", "list")
+        assert any(s["initiator"].startswith("iqn.2026-11.org.test:lister") for s in sessions)
+        fes = mgmt(d, "frontend", "list")
+        assert [f["kind"] for f in fes] == ["iscsi"]
+        assert mgmt(d, "portal", "list")
+        p = cli("target", "remove", "--data-dir", d, other, check=False)
+        assert p.returncode == 1 and "--force" in p.stderr
+        ini.close()
+
+        saved = tomllib.loads(config.read_text())
+        second = next(x for x in saved["target"] if x["name"] == other)
+        assert second["alias"] == "second one" and "chap" not in second and "acl" not in second
+        cli("target", "remove", "--data-dir", d, other, "--force")
+        assert other not in tomllib.loads(config.read_text()).get("target", [{}])[-1].get("name", "")
+    finally:
+        t.stop()
