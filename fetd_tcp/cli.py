@@ -33,10 +33,11 @@ def parse_portal(value: str) -> tuple[str, int, int]:
               help="The STML's public key file (CURVE over tcp://; from `scsi-target keys generate`).")
 @click.option("--key", "own_key", type=click.Path(dir_okay=False),
               help="This front end's key pair (NAME.key_secret, or NAME.key next to it).")
+@click.option("--isns", metavar="HOST:PORT", help="Register targets and portals with this iSNS server.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 def main(stml_endpoint: str, portals: tuple[str, ...], stml_key: str | None, own_key: str | None,
-         log_level: str) -> None:
+         isns: str | None, log_level: str) -> None:
     """Run the iSCSI front end alone, attached to a running STML (on this host,
     or on another one over tcp:// with CURVE keys)."""
     from fetd_tcp.server import PortalSpec, run_fetd_tcp
@@ -59,7 +60,7 @@ def main(stml_endpoint: str, portals: tuple[str, ...], stml_key: str | None, own
             click.echo(f"scsi-target: config error: {e}", err=True)
             sys.exit(2)
     try:
-        asyncio.run(run_fetd_tcp(stml_endpoint, specs, curve))
+        asyncio.run(run_fetd_tcp(stml_endpoint, specs, curve, isns))
     except OSError as e:
         click.echo(f"scsi-target: fetd-tcp: cannot listen: {e}", err=True)
         sys.exit(2)

@@ -37,10 +37,14 @@ class IscsiFrontEnd:
     """The front end: STML calls arrive here and are routed to connections."""
 
     def __init__(self, stml_endpoint: str, portals: list[PortalSpec], keys: TargetKeys | None = None,
-                 curve: dict[str, bytes] | None = None) -> None:
+                 curve: dict[str, bytes] | None = None, isns: str | None = None) -> None:
         self.portals = portals
         self.keys = keys or TargetKeys(max_connections=MAX_CONNECTIONS)
         self.link = FrontEndLink(stml_endpoint, "iscsi", self, curve=curve)
+        self.isns = None
+        if isns:
+            from fetd_tcp.isns import IsnsClient
+            self.isns = IsnsClient(isns, f"{self.link.name}")
         self.tags = Tags()
         self.sessions: dict[int, Session] = {}           # TSIH -> session
         self.nexus_ids = itertools.count(1)
@@ -57,6 +61,14 @@ class IscsiFrontEnd:
             print(f"fetd_tcp: attached to STML at {self.link.endpoint}", flush=True)
         self.detect_info = detect
         log.info("STML %s offers %d target(s)", detect.stml, len(detect.targets))
+        if self.isns is not None:
+            self._isns_update()
+
+    def _isns_update(self) -> None:
+        """Tell the iSNS server our targets and portals (after every detect)."""
+        from fetd_tcp.isns import Portal
+        targets = [(t.name, t.alias) for t in self.detect_info.targets] if self.detect_info else []
+        self.isns.update(targets, [Portal(p.host, p.port, p.tpgt) for p in self.portals])
 
     def nexus_ready(self, nexus: int, error: str | None) -> None:
         if error:
@@ -153,6 +165,8 @@ class IscsiFrontEnd:
         await asyncio.sleep(0.2 if self.sessions else 0)
         for w in list(self.writers):
             w.close()
+        if self.isns is not None:
+            await self.isns.close()
         await self.link.close()
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
@@ -433,8 +447,8 @@ def _creds(raw: dict[str, str] | None) -> Credentials | None:
 
 
 async def run_fetd_tcp(stml_endpoint: str, portals: list[PortalSpec],
-                       curve: dict[str, bytes] | None = None) -> None:
-    fe = IscsiFrontEnd(stml_endpoint, portals, curve=curve)
+                       curve: dict[str, bytes] | None = None, isns: str | None = None) -> None:
+    fe = IscsiFrontEnd(stml_endpoint, portals, curve=curve, isns=isns)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -126,6 +126,8 @@ def run(log_level: str, portals: tuple[str, ...], no_iscsi: bool, listen: tuple[
         tcp = [sys.executable, "-m", "fetd_tcp", "--stml", config.stml_endpoint, "--log-level", log_level]
         for p in config.portals:
             tcp += ["--portal", p]
+        if config.isns:
+            tcp += ["--isns", config.isns]
         children["fetd_tcp"] = tcp
     for t in config.targets:
         for lc in t.luns:

@@ -1,0 +1,198 @@
+"""An iSNS client (RFC 4171): fetd_tcp registers its targets and portals.
+
+One network entity per front end holds a storage node per target and a
+portal per listening address, with portal groups tying them together.
+DevAttrReg (with the replace flag) runs on start, whenever the STML's
+targets change (every `detect`) and every `period` seconds (re-registration
+instead of an ESI listener: the server sees us as long as we live); DevDereg
+removes the entity on shutdown. Encoding is sans-IO (`encode_*`, `decode_*`);
+`IsnsClient` is the asyncio shell.
+"""
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import socket
+import struct
+from dataclasses import dataclass
+
+log = logging.getLogger("fetd_tcp.isns")
+
+VERSION = 1
+DEV_ATTR_REG, DEV_ATTR_QRY, DEV_DEREG = 0x0001, 0x0002, 0x0004
+RESPONSE = 0x8000
+FLAG_CLIENT, FLAG_REPLACE, FLAG_LAST, FLAG_FIRST = 0x8000, 0x1000, 0x0800, 0x0400
+
+# attribute tags (RFC 4171 6.1)
+DELIMITER = 0
+ENTITY_ID, ENTITY_PROTOCOL, REGISTRATION_PERIOD = 1, 2, 6
+PORTAL_IP, PORTAL_PORT = 16, 17
+ISCSI_NAME, ISCSI_NODE_TYPE, ISCSI_ALIAS = 32, 33, 34
+PG_ISCSI_NAME, PG_PORTAL_IP, PG_PORTAL_PORT, PG_TAG = 48, 49, 50, 51
+PROTOCOL_ISCSI = 2
+NODE_TARGET = 1
+
+
+@dataclass(frozen=True)
+class Portal:
+    host: str
+    port: int
+    tpgt: int
+
+
+def _attr(tag: int, value: bytes) -> bytes:
+    value += bytes(-len(value) % 4)
+    return struct.pack(">II", tag, len(value)) + value
+
+
+def _str(tag: int, s: str) -> bytes:
+    b = s.encode() + b"\0"          # NULL-terminated, padded to 4 bytes
+    return _attr(tag, b)
+
+
+def _u32(tag: int, n: int) -> bytes:
+    return _attr(tag, struct.pack(">I", n))
+
+
+def _ip(tag: int, host: str) -> bytes:
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        addr = ipaddress.ip_address(socket.gethostbyname(host))
+    if addr.version == 4:
+        addr = ipaddress.IPv6Address(f"::ffff:{addr}")
+    return _attr(tag, addr.packed)
+
+
+def pdu(function: int, xid: int, payload: bytes, flags: int = 0) -> bytes:
+    return struct.pack(">HHHHHH", VERSION, function, len(payload), FLAG_CLIENT | FLAG_FIRST | FLAG_LAST | flags,
+                       xid, 0) + payload
+
+
+def encode_register(entity: str, targets: list[tuple[str, str]], portals: list[Portal], xid: int,
+                    period: int) -> bytes:
+    """DevAttrReg (replace) of the whole entity: targets are (name, alias)."""
+    source = targets[0][0] if targets else entity
+    body = _str(ISCSI_NAME, source) + _str(ENTITY_ID, entity) + _attr(DELIMITER, b"")
+    body += _str(ENTITY_ID, entity) + _u32(ENTITY_PROTOCOL, PROTOCOL_ISCSI)
+    body += _u32(REGISTRATION_PERIOD, period)
+    for p in portals:
+        body += _ip(PORTAL_IP, p.host) + _u32(PORTAL_PORT, p.port)
+    for name, alias in targets:
+        body += _str(ISCSI_NAME, name) + _u32(ISCSI_NODE_TYPE, NODE_TARGET)
+        if alias:
+            body += _str(ISCSI_ALIAS, alias)
+    for name, _ in targets:
+        for p in portals:
+            body += (_str(PG_ISCSI_NAME, name) + _ip(PG_PORTAL_IP, p.host)
+                     + _u32(PG_PORTAL_PORT, p.port) + _u32(PG_TAG, p.tpgt))
+    return pdu(DEV_ATTR_REG, xid, body, FLAG_REPLACE)
+
+
+def encode_deregister(entity: str, source: str, xid: int) -> bytes:
+    body = _str(ISCSI_NAME, source) + _attr(DELIMITER, b"") + _str(ENTITY_ID, entity)
+    return pdu(DEV_DEREG, xid, body)
+
+
+def decode_response(header: bytes, payload: bytes) -> tuple[int, int, int]:
+    """(function, transaction id, status code) of a server response."""
+    _, function, _, _, xid, _ = struct.unpack(">HHHHHH", header)
+    status = struct.unpack(">I", payload[:4])[0] if len(payload) >= 4 else -1
+    return function, xid, status
+
+
+class IsnsError(Exception):
+    pass
+
+
+class IsnsClient:
+    def __init__(self, server: str, entity: str, period: int = 60, timeout: float = 5.0) -> None:
+        host, _, port = server.rpartition(":")
+        if not host:
+            host, port = server, "3205"
+        self.host, self.port = host.strip("[]"), int(port)
+        self.entity = entity
+        self.period = period
+        self.timeout = timeout
+        self.targets: list[tuple[str, str]] = []
+        self.portals: list[Portal] = []
+        self.registered_source: str | None = None
+        self._xid = 0
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    def update(self, targets: list[tuple[str, str]], portals: list[Portal]) -> None:
+        """Register (again) with these targets and portals, soon."""
+        self.targets, self.portals = list(targets), list(portals)
+        self._wake.set()
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            self._wake.clear()
+            try:
+                if self.targets:
+                    await self._register()
+                elif self.registered_source:
+                    await self._deregister()
+            except (OSError, asyncio.TimeoutError, IsnsError) as e:
+                log.warning("iSNS server %s:%d: %s; retrying in 5s", self.host, self.port, e)
+                try:
+                    await asyncio.wait_for(self._wake.wait(), 5)
+                except asyncio.TimeoutError:
+                    pass
+                continue
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.period / 2)
+            except asyncio.TimeoutError:
+                pass
+
+    def _next_xid(self) -> int:
+        self._xid = (self._xid + 1) & 0xFFFF
+        return self._xid
+
+    async def _exchange(self, message: bytes) -> int:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.port), self.timeout)
+        try:
+            writer.write(message)
+            await writer.drain()
+            header = await asyncio.wait_for(reader.readexactly(12), self.timeout)
+            length = struct.unpack(">H", header[4:6])[0]
+            payload = await asyncio.wait_for(reader.readexactly(length), self.timeout)
+        finally:
+            writer.close()
+        function, _, status = decode_response(header, payload)
+        if not function & RESPONSE:
+            raise IsnsError(f"unexpected function 0x{function:04x} from the server")
+        return status
+
+    async def _register(self) -> None:
+        if self.registered_source and self.registered_source not in [n for n, _ in self.targets]:
+            await self._deregister()   # the entity's source node went away: start afresh
+        status = await self._exchange(encode_register(self.entity, self.targets, self.portals,
+                                                      self._next_xid(), self.period))
+        if status:
+            raise IsnsError(f"DevAttrReg refused (status {status})")
+        if self.registered_source is None:
+            log.info("registered %d target(s), %d portal(s) with iSNS server %s:%d as %s",
+                     len(self.targets), len(self.portals), self.host, self.port, self.entity)
+        self.registered_source = self.targets[0][0]
+
+    async def _deregister(self) -> None:
+        source, self.registered_source = self.registered_source, None
+        status = await self._exchange(encode_deregister(self.entity, source, self._next_xid()))
+        if status:
+            raise IsnsError(f"DevDereg refused (status {status})")
+        log.info("deregistered %s from iSNS server %s:%d", self.entity, self.host, self.port)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self.registered_source:
+            try:
+                await self._deregister()
+            except (OSError, asyncio.TimeoutError, IsnsError) as e:
+                log.warning("iSNS deregistration failed: %s", e)

@@ -1,0 +1,90 @@
+"""iSNS (RFC 4171) with open-isns's server started on loopback by the test:
+`isnsadm --query` shows the target and its portal while fetd_tcp runs, a target
+added live shows up, and after shutdown nothing is left."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from targetproc import Target
+
+IQN = "iqn.2026-11.org.scsi-target:isns"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def isnsd(tmp_path):
+    if not (shutil.which("isnsd") and shutil.which("isnsadm")):
+        pytest.skip("open-isns-server / open-isns-utils are not installed")
+    port = free_port()
+    d = tmp_path / "isns"
+    d.mkdir()
+    (d / "isnsd.conf").write_text(
+        f"SourceName = isns.server.test\nBindAddress = 127.0.0.1:{port}\nPIDFile = {d}/isnsd.pid\n"
+        f"ControlSocket = {d}/control\nSecurity = 0\nAuthKeyFile = {d}/auth_key\n"
+        f"RegistrationPeriod = 0\nDefaultDiscoveryDomain = 1\n")
+    (d / "client.conf").write_text(f"SourceName = iqn.2026-11.org.test:isns-query\n"
+                                   f"ServerAddress = 127.0.0.1:{port}\nSecurity = 0\n")
+    subprocess.run(["isnsd", "-c", str(d / "isnsd.conf"), "-4"], check=True, timeout=30)
+    deadline = time.monotonic() + 10
+    while not (d / "isnsd.pid").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    pid = int((d / "isnsd.pid").read_text().split()[0])
+    yield port, d / "client.conf"
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+
+
+def query(client_conf: Path, *args: str) -> str:
+    p = subprocess.run(["isnsadm", "-c", str(client_conf), *args], capture_output=True, text=True,
+                       timeout=30)
+    return p.stdout + p.stderr
+
+
+def wait_for(client_conf: Path, args: tuple[str, ...], needle: str, present: bool = True) -> str:
+    deadline = time.monotonic() + 15
+    while True:
+        out = query(client_conf, *args)
+        if (needle in out) == present or time.monotonic() > deadline:
+            return out
+        time.sleep(0.2)
+
+
+def test_isns_registration_and_deregistration(isnsd, tmp_path):
+    port, client = isnsd
+    cfg = tmp_path / "t.toml"
+    cfg.write_text(f'isns = "127.0.0.1:{port}"\n[[target]]\nname = "{IQN}"\n'
+                   f'[[target.lun]]\nbackend = "ram"\nsize = "8MiB"\n')
+    t = Target(config=str(cfg))
+    try:
+        out = wait_for(client, ("--query", f"iscsi-name={IQN}"), IQN)
+        assert IQN in out and "Target" in out, out
+        host, tport = t.portal.rsplit(":", 1)
+        portals = wait_for(client, ("--list", "portals"), f"{tport}/tcp")
+        assert f"Portal IP address = {host}" in portals and f"{tport}/tcp" in portals, portals
+
+        other = "iqn.2026-11.org.scsi-target:isns-two"
+        subprocess.run([sys.executable, "-m", "scsi_target", "target", "add", other,
+                        "--data-dir", t.data_dir], check=True, capture_output=True, timeout=60)
+        out = wait_for(client, ("--query", "iscsi-node-type=Target"), other)
+        assert other in out and IQN in out, out
+    finally:
+        t.stop()
+    out = wait_for(client, ("--query", "iscsi-node-type=Target"), IQN, present=False)
+    assert IQN not in out, out
+    assert f"{t.portal.rsplit(':', 1)[1]}/tcp" not in query(client, "--list", "portals")
