@@ -185,6 +185,22 @@ def _chap(raw: Any, where: str) -> dict[str, str] | None:
     return {"user": str(raw["user"]), "secret": raw["secret"]}
 
 
+def _warn_if_secrets_readable(path: Path, raw: dict[str, Any]) -> None:
+    """A config holding CHAP secrets that group or others can read draws a warning."""
+    targets = raw.get("target") if isinstance(raw.get("target"), list) else []
+    secret = "discovery_chap" in raw or any(
+        isinstance(t, dict) and ("chap" in t or "mutual_chap" in t) for t in targets)
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return
+    if secret and mode & 0o044:
+        import sys
+        print(f"scsi-target: warning: {path} holds CHAP secrets and is readable by "
+              f"{'group and others' if mode & 0o044 == 0o044 else 'group' if mode & 0o040 else 'others'}"
+              f" (mode {mode & 0o777:03o}); chmod 600 it", file=sys.stderr, flush=True)
+
+
 def load(config_path: str | None = None, data_dir: str | None = None, iqn: str | None = None,
          luns: tuple[str, ...] = (), endpoint: str | None = None,
          portals: tuple[str, ...] = ()) -> Config:
@@ -201,6 +217,7 @@ def load(config_path: str | None = None, data_dir: str | None = None, iqn: str |
             raise ConfigError(str(path), "no such file") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(str(path), f"not valid TOML: {e}") from None
+        _warn_if_secrets_readable(path, raw)
     known = {"data_dir", "stml_endpoint", "portals", "target", "discovery_chap", "stml", "isns"}
     for key in raw:
         if key not in known:

@@ -178,3 +178,29 @@ def test_unsolicited_data_is_bounded_by_first_burst_length(target):
         assert ini.nop()[0].__class__ is P.NopIn
     finally:
         ini.close()
+
+
+# ---------------------------------------------------------------- security
+
+def test_world_readable_config_with_secrets_draws_a_warning(tmp_path, capfd):
+    from stml.config import load
+    cfg = tmp_path / "s.toml"
+    cfg.write_text(f'[[target]]\nname = "{IQN}"\nchap = {{user = "u", secret = "0123456789abcdef"}}\n'
+                   '[[target.lun]]\nbackend = "ram"\nsize = "4MiB"\n')
+    cfg.chmod(0o644)
+    load(str(cfg), str(tmp_path))
+    err = capfd.readouterr().err
+    assert "holds CHAP secrets" in err and "chmod 600" in err
+    assert "0123456789abcdef" not in err              # the secret itself is never shown
+    cfg.chmod(0o600)
+    load(str(cfg), str(tmp_path))
+    assert "warning" not in capfd.readouterr().err
+
+
+def test_short_chap_secret_is_refused(tmp_path):
+    from stml.config import ConfigError, load
+    cfg = tmp_path / "s.toml"
+    cfg.write_text(f'[[target]]\nname = "{IQN}"\nchap = {{user = "u", secret = "short"}}\n')
+    cfg.chmod(0o600)
+    with pytest.raises(ConfigError, match="12 to 255 bytes"):
+        load(str(cfg), str(tmp_path))
