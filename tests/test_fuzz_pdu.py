@@ -100,7 +100,7 @@ def test_live_full_feature_phase(live):
     def normal(ini):
         assert ini.login(IQN).status_class == 0
 
-    @settings(LIVE, max_examples=600)
+    @settings(LIVE, max_examples=400)
     @given(G.conn_stream())
     def run(stream):
         G.raw_exchange(live.portal, normal, stream)
