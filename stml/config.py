@@ -107,7 +107,8 @@ def _bool(value: Any, where: str) -> bool:
 
 def lun_options(raw: dict[str, Any], where: str, data_dir: Path) -> LunOptions:
     """Validate one LUN's settings (from TOML or a parsed spec)."""
-    known = {"lun", "backend", "path", "size", "ro", "removable", "block_size", "write_cache", "thin"}
+    known = {"lun", "backend", "path", "size", "ro", "removable", "block_size", "write_cache", "thin",
+             "physical_block_exp"}
     for key in raw:
         if key not in known:
             raise ConfigError(f"{where}.{key}", f"unknown setting (known: {', '.join(sorted(known))})")
@@ -129,12 +130,16 @@ def lun_options(raw: dict[str, Any], where: str, data_dir: Path) -> LunOptions:
         raise ConfigError(f"{where}.block_size", f"{bs!r} is not 512 or 4096")
     if size is not None and size % bs:
         raise ConfigError(f"{where}.size", f"{size} is not a multiple of the block size {bs}")
+    pbe = raw.get("physical_block_exp", 0)
+    if not isinstance(pbe, int) or isinstance(pbe, bool) or not 0 <= pbe <= 15:
+        raise ConfigError(f"{where}.physical_block_exp", f"{pbe!r} is not 0-15 (log2 of logical blocks per physical block)")
     return LunOptions(kind=kind, size=size, path=path,
                       ro=_bool(raw.get("ro", False), f"{where}.ro"),
                       removable=_bool(raw.get("removable", False), f"{where}.removable"),
                       block_size=bs,
                       write_cache=_bool(raw.get("write_cache", False), f"{where}.write_cache"),
-                      thin=_bool(raw.get("thin", True), f"{where}.thin"))
+                      thin=_bool(raw.get("thin", True), f"{where}.thin"),
+                      physical_block_exp=pbe)
 
 
 def parse_lun_spec(spec: str, where: str = "--lun") -> dict[str, Any]:
@@ -160,10 +165,10 @@ def parse_lun_spec(spec: str, where: str = "--lun") -> dict[str, Any]:
             raw["thin" if key == "thick" else key] = key != "thick"
         elif key == "size":
             raw["size"] = value
-        elif key == "block_size":
+        elif key in ("block_size", "physical_block_exp"):
             if not value.isdigit():
-                raise ConfigError(where, f"block_size {value!r} is not a number")
-            raw["block_size"] = int(value)
+                raise ConfigError(where, f"{key} {value!r} is not a number")
+            raw[key] = int(value)
         else:
             raise ConfigError(where, f"unknown option {key!r} in {spec!r}")
     return raw

@@ -311,6 +311,9 @@ class Emulator:
             t = self.targets.get(nexus.target)
             for lu in (t.luns.values() if t else ()):
                 pr.state(lu).drop_spc2(nexus.key)
+                # unit attentions belong to the I_T nexus: they end with it, and a
+                # nexus made again later starts without them
+                lu.unit_attentions.pop(nexus.key, None)
 
     def _nexuses_with_key(self, key: str) -> list[Nexus]:
         return [n for fe in self.front_ends.values() for n in fe.nexuses.values() if n.key == key]
