@@ -1,0 +1,39 @@
+"""A seconds-long run of scripts/bench.py: it starts, measures every workload and
+writes its JSON. Numbers are not asserted (performance is measured, not tested)."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.skipif(not shutil.which("qemu-img"), reason="qemu-utils is not installed")
+def test_bench_smoke(tmp_path):
+    out = tmp_path / "bench.json"
+    args = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--runs", "1", "--scale", "0.002",
+            "--out", str(out)]
+    if shutil.which("tgtd"):
+        args.append("--compare-tgtd")
+    p = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    results = json.loads(out.read_text())["workloads"]
+    assert set(results) == {"4k-read-qd1", "4k-read-qd16", "4k-write-qd16", "64k-read-qd8",
+                            "1m-seqread-qd8", "1m-seqwrite-qd8"}
+    for row in results.values():
+        assert row["scsi-target"]["iops"] > 0
+        if shutil.which("tgtd"):
+            assert row["ratio"] > 0
+
+
+def test_bench_loopback_smoke(tmp_path):
+    out = tmp_path / "loop.json"
+    p = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--loopback", "--scale", "0.002",
+                        "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert all(r["scsi-target"]["iops"] > 0 for r in json.loads(out.read_text())["workloads"].values())
