@@ -44,9 +44,11 @@ def main(stml_endpoint: str, portals: tuple[str, ...], stml_key: str | None, own
     from stml.api import curve_client_keys
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s fetd_tcp[%(process)d] %(levelname)s %(name)s: %(message)s")
+    from fetd_tcp.limits import LimitError, Limits
     try:
         specs = [PortalSpec(*parse_portal(p)) for p in portals or ("127.0.0.1:3260",)]
-    except PortalError as e:
+        Limits.from_env()
+    except (PortalError, LimitError) as e:
         click.echo(f"scsi-target: config error: {e}", err=True)
         sys.exit(2)
     curve = None
