@@ -79,6 +79,8 @@ class CurveAllowList:
 class StmlServer:
     def __init__(self, config: Config, heartbeat_ms: int | None = None) -> None:
         self.config = config
+        # the default data dir does not exist on a fresh machine: disks are created in it
+        config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.endpoint = config.stml_endpoint
         self.endpoints = config.stml.endpoints(config.stml_endpoint)
         if heartbeat_ms is None:

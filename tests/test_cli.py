@@ -210,3 +210,26 @@ def test_second_stml_on_same_endpoint_is_refused(shared_run):
     # the first one still serves
     with LoopbackClient(shared_run.endpoint, timeout=10) as c:
         assert c.capacity(0) == (131072, 512)
+
+
+def test_run_with_no_arguments_creates_its_data_dir(tmp_path):
+    """The README's first command on a fresh machine: no flags at all, no data
+    directory yet. Only HOME is redirected (and the portal, to stay off 3260)."""
+    env = dict(os.environ, HOME=str(tmp_path / "home"))
+    env.pop("XDG_DATA_HOME", None)
+    proc = subprocess.Popen([sys.executable, "-m", "scsi_target", "run", "--portal", "127.0.0.1:0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+    try:
+        attached = False
+        for line in proc.stdout:
+            if line.startswith("fetd_tcp: attached"):
+                attached = True
+                break
+        assert attached
+        disk = tmp_path / "home" / ".local" / "share" / "scsi-target" / "disk0.img"
+        assert disk.stat().st_size == 1 << 30
+        assert disk.stat().st_blocks == 0  # sparse
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(20)
