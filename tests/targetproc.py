@@ -87,43 +87,14 @@ def run(cmd: list[str], timeout: float = 120, check: bool = True) -> subprocess.
     return p
 
 
-def cunit_verdicts(text: str) -> dict[str, str]:
-    """Per-test verdict of an `iscsi-test-cu -v` run, by CUnit's own final word
-    ("passed" / "FAILED"), plus "skipped" when the test said [SKIPPED] and passed.
-    Tests that expect a command to fail print "[FAILED] ..." lines and still pass,
-    so the verdict is the word CUnit prints last for the test, not any line."""
-    verdicts: dict[str, str] = {}
-    suite = test = None
-    body: list[str] = []
+def _load_conformance():
+    """scripts/conformance.py holds the one parser of iscsi-test-cu output."""
+    import importlib.util
+    path = Path(__file__).resolve().parent.parent / "scripts" / "conformance.py"
+    spec = importlib.util.spec_from_file_location("conformance", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
-    def close() -> None:
-        if test is None:
-            return
-        final, skipped = "failed", False   # no verdict at all: the tool crashed
-        for line in body:
-            m = re.match(r"\s*(passed|FAILED)\b", line)
-            if m:
-                final = m.group(1).lower()
-                break   # text after the verdict belongs to the next test's setup
-            skipped = skipped or "[SKIPPED]" in line
-        verdicts[f"{suite}.{test}"] = "skipped" if final == "passed" and skipped else final
 
-    for line in text.splitlines():
-        m = re.match(r"^Suite: (\S+)", line)
-        if m:
-            close()
-            suite, test, body = m.group(1), None, []
-            continue
-        m = re.match(r"^  Test: (\S+) \.\.\.(.*)$", line)
-        if m:
-            close()
-            test, body = m.group(1), [m.group(2)]
-            continue
-        if line.startswith("Run Summary"):
-            close()
-            test, body = None, []
-            continue
-        if test is not None:
-            body.append(line)
-    close()
-    return verdicts
+cunit_verdicts = _load_conformance().verdicts
