@@ -71,7 +71,12 @@ class Ours:
         try:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+            pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # whatever the supervisor left behind
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
         self.img.unlink(missing_ok=True)
 
 
