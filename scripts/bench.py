@@ -23,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -64,6 +65,8 @@ class Ours:
                 break
         else:
             raise RuntimeError("scsi-target did not start")
+        # keep reading its output so a chatty target never blocks on a full pipe
+        threading.Thread(target=self.proc.stdout.read, daemon=True).start()
         self.url = f"iscsi://127.0.0.1:{self.port}/{IQN}/0"
 
     def stop(self) -> None:

@@ -22,6 +22,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 IQN = "iqn.2026-11.org.scsi-target:disk0"
@@ -99,6 +100,8 @@ def start_target(work: Path) -> tuple[subprocess.Popen, int, int]:
             break
     else:
         raise RuntimeError("the target did not start")
+    # keep reading its output so a chatty target never blocks on a full pipe
+    threading.Thread(target=proc.stdout.read, daemon=True).start()
     return proc, p1, p2
 
 
