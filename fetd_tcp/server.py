@@ -310,6 +310,9 @@ class IscsiFrontEnd:
             self.sessions[o.tsih] = session
             if not discovery:
                 self.link.register_nexus(session.nexus, session.initiator_port, target, tpgt)
+        log.info("login: %s 0x%s -> %s tpgt %d, TSIH %d CID %d (%s)", o.initiator_name, o.isid.hex(),
+                 target or "discovery", tpgt, o.tsih, o.cid, "new session" if len(session.connections) == 0
+                 else "joins session")
         old_conn = session.connections.get(o.cid)
         if old_conn is not None:
             old_conn.close()

@@ -290,6 +290,7 @@ class Emulator:
         if old:
             self._drop_nexus(old)
         fe.nexuses[nexus.id] = nexus
+        log.debug("nexus %d of %s: %s", nexus.id, fe.name, nexus.key)
         self._seen_tpgs.setdefault(nexus.target, set()).add(nexus.tpg)
         self.send(fe.ident, {"op": Op.NEXUS_READY, "nexus": nexus.id}, [])
 
@@ -397,7 +398,7 @@ class Emulator:
         except CheckCondition as e:
             status, sense = e.status, e.sense(descriptor)
             if log.isEnabledFor(logging.DEBUG):
-                log.debug("CDB %s on %s LUN %d: %r", task.cdb.hex(), task.nexus.target, task.lun, e)
+                log.debug("CDB %s from %s LUN %d: %r", task.cdb.hex(), task.nexus.key, task.lun, e)
         except StatusError as e:
             status = e.status
             if task.lu is not None and status in PREVIOUS_STATUS_UA \
@@ -438,6 +439,7 @@ class Emulator:
         asynchronously to the front ends that asked for events (it stays
         pending: the initiator still sees it on its next command)."""
         keys = [k for k in dict.fromkeys(keys) if k != exclude]
+        log.debug("unit attention %02x/%02x on %s LUN %d for %s", *asc_ascq, lu.target, lu.lun, keys)
         lu.add_ua(asc_ascq, keys)
         sense = None
         for key in keys:

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-# Known failures, each explained in the README's Conformance section; the test
-# fails on any other failure, and also when a known one starts passing (so the
-# list cannot go stale).
-KNOWN_FAILURES = {"PreventAllow.2ITNexuses"}
+# Known failures (none today), each to be explained in the README's Conformance
+# section; the test fails on any other failure, and also when a known one starts
+# passing (so the list cannot go stale).
+KNOWN_FAILURES: set[str] = set()
 
 
 @pytest.mark.skipif(not shutil.which("iscsi-test-cu"), reason="libiscsi-bin is not installed")
