@@ -41,7 +41,7 @@ def main(stml_endpoint: str, portals: tuple[str, ...], stml_key: str | None, own
     """Run the iSCSI front end alone, attached to a running STML (on this host,
     or on another one over tcp:// with CURVE keys)."""
     from fetd_tcp.server import PortalSpec, run_fetd_tcp
-    from stml.api import curve_client_keys
+    from stml.api import curve_client_keys, run_loop
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s fetd_tcp[%(process)d] %(levelname)s %(name)s: %(message)s")
     from fetd_tcp.limits import LimitError, Limits
@@ -62,7 +62,7 @@ def main(stml_endpoint: str, portals: tuple[str, ...], stml_key: str | None, own
             click.echo(f"scsi-target: config error: {e}", err=True)
             sys.exit(2)
     try:
-        asyncio.run(run_fetd_tcp(stml_endpoint, specs, curve, isns))
+        run_loop(run_fetd_tcp(stml_endpoint, specs, curve, isns))
     except OSError as e:
         click.echo(f"scsi-target: fetd-tcp: cannot listen: {e}", err=True)
         sys.exit(2)

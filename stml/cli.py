@@ -73,9 +73,10 @@ def main(log_level: str, listen: tuple[str, ...], insecure: bool, metrics: str |
     setup_logging(log_level, "stml")
     config = load_or_exit(**kw)
     apply_stml_options(config, listen, insecure, metrics)
+    from stml.api import run_loop
     from stml.server import run_stml
     try:
-        asyncio.run(run_stml(config))
+        run_loop(run_stml(config))
     except ConfigError as e:
         click.echo(f"scsi-target: config error: {e}", err=True)
         sys.exit(2)
