@@ -21,10 +21,21 @@ def write_key_pair(directory: str | Path, name: str) -> tuple[Path, Path, str]:
             raise FileExistsError(f"{path} exists: not overwriting a key")
     head = "#   ZeroMQ CURVE key written by scsi-target keys generate\n"
     body = f'metadata\ncurve\n    public-key = "{public.decode()}"\n'
-    fd = os.open(sec_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(head + "#   SECRET: keep this file private\n" + body
-                + f'    secret-key = "{secret.decode()}"\n')
+    # the secret is written to a fresh 0600 file (O_EXCL: never a stale file or a
+    # symlink), made durable, then linked in place: never half-written, never
+    # readable by others, and link() refuses to replace a key that appeared meanwhile
+    tmp = d / f".{name}.key_secret.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)       # whatever the umask
+        with os.fdopen(fd, "w") as f:
+            f.write(head + "#   SECRET: keep this file private\n" + body
+                    + f'    secret-key = "{secret.decode()}"\n')
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(tmp, sec_path)
+    finally:
+        os.unlink(tmp)
     with open(pub_path, "w") as f:
         f.write(head + body)
     return pub_path, sec_path, public.decode()

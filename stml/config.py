@@ -190,11 +190,16 @@ def _chap(raw: Any, where: str) -> dict[str, str] | None:
     return {"user": str(raw["user"]), "secret": raw["secret"]}
 
 
+def holds_secrets(raw: dict[str, Any]) -> bool:
+    """Whether a config's TOML holds CHAP secrets (it must then be mode 0600)."""
+    targets = raw.get("target") if isinstance(raw.get("target"), list) else []
+    return "discovery_chap" in raw or any(
+        isinstance(t, dict) and ("chap" in t or "mutual_chap" in t) for t in targets)
+
+
 def _warn_if_secrets_readable(path: Path, raw: dict[str, Any]) -> None:
     """A config holding CHAP secrets that group or others can read draws a warning."""
-    targets = raw.get("target") if isinstance(raw.get("target"), list) else []
-    secret = "discovery_chap" in raw or any(
-        isinstance(t, dict) and ("chap" in t or "mutual_chap" in t) for t in targets)
+    secret = holds_secrets(raw)
     try:
         mode = path.stat().st_mode
     except OSError:

@@ -15,11 +15,12 @@ import hashlib
 import logging
 import os
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 from backends import BackendError, open_backend
-from stml.config import (ConfigError, _chap, _check_iqn, file_digest, lun_options, parse_lun_spec,
-                         parse_size)
+from stml.config import (ConfigError, _chap, _check_iqn, file_digest, holds_secrets, lun_options,
+                         parse_lun_spec, parse_size)
 from stml.emulator import Target
 from stml.lu import LogicalUnit
 
@@ -32,6 +33,40 @@ INQUIRY_DATA_CHANGED = (0x3F, 0x03)
 
 class MgmtError(Exception):
     """A refused management request; str() is what the user sees."""
+
+
+def atomic_write(path: Path, data: bytes, secret: bool) -> None:
+    """Replace `path` with `data` atomically. The temporary file is created afresh
+    (O_EXCL: never a stale file or a symlink) with mode 0600, so secrets are never
+    readable by others, not even for a moment; it then takes the old file's mode,
+    without group/other bits when `data` holds secrets. A new file stays 0600."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        os.unlink(tmp)          # left by a crash: O_EXCL below must create it anew
+    except FileNotFoundError:
+        pass
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            mode = path.stat().st_mode & 0o777
+        except FileNotFoundError:
+            mode = 0o600
+        os.fchmod(fd, mode & 0o700 if secret else mode)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    os.close(fd)
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
 
 
 class Management:
@@ -130,23 +165,7 @@ class Management:
         raw = copy.deepcopy(self.config.raw)
         change(raw)
         text = tomli_w.dumps(raw)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, text.encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
-            os.chmod(tmp, path.stat().st_mode & 0o777)
-        except FileNotFoundError:
-            pass
-        os.replace(tmp, path)
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        atomic_write(path, text.encode(), holds_secrets(raw))
         self.config.raw = raw
         self.config.digest = hashlib.sha256(text.encode()).hexdigest()
         return f"saved to {path}"

@@ -1,0 +1,133 @@
+"""Files holding secrets are created 0600 and written atomically: CURVE secret key files
+(`scsi-target keys generate`) and config files the management interface rewrites."""
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from scsi_target.keys import write_key_pair
+from stml.mgmt import atomic_write
+from targetproc import Target
+
+IQN = "iqn.2026-11.org.scsi-target:secrets"
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.lstat().st_mode)
+
+
+@pytest.fixture
+def umask():
+    def set_(m: int) -> None:
+        os.umask(m)
+    old = os.umask(0)
+    os.umask(old)
+    yield set_
+    os.umask(old)
+
+
+def _watch_writes(monkeypatch) -> list[int]:
+    """Modes of the files being written, seen by fd at each write and fsync (i.e. while
+    the data is going in, before the rename)."""
+    seen: list[int] = []
+    real_write, real_fsync = os.write, os.fsync
+
+    def write(fd, data):
+        seen.append(stat.S_IMODE(os.fstat(fd).st_mode))
+        return real_write(fd, data)
+
+    def fsync(fd):
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            seen.append(stat.S_IMODE(os.fstat(fd).st_mode))
+        return real_fsync(fd)
+    monkeypatch.setattr(os, "write", write)
+    monkeypatch.setattr(os, "fsync", fsync)
+    return seen
+
+
+@pytest.mark.parametrize("mask", [0, 0o022, 0o277])
+def test_key_secret_file_is_0600_from_creation(tmp_path, umask, monkeypatch, mask):
+    umask(mask)
+    seen = _watch_writes(monkeypatch)
+    pub, sec, public = write_key_pair(tmp_path / "keys", "node")
+    assert mode(sec) == 0o600
+    assert "secret-key" in sec.read_text() and "secret-key" not in pub.read_text()
+    assert seen and all(m & 0o077 == 0 for m in seen), [oct(m) for m in seen]
+    assert sorted(p.name for p in (tmp_path / "keys").iterdir()) == ["node.key", "node.key_secret"]
+    with pytest.raises(FileExistsError):
+        write_key_pair(tmp_path / "keys", "node")
+    assert sec.read_text().count(public) == 1       # the existing key was not touched
+
+
+def test_key_secret_file_refuses_to_replace_one_made_meanwhile(tmp_path, monkeypatch):
+    d = tmp_path / "keys"
+    real_link = os.link
+
+    def link(src, dst):
+        Path(dst).write_text("someone else's key\n")   # appears between the check and the link
+        return real_link(src, dst)
+    monkeypatch.setattr(os, "link", link)
+    with pytest.raises(FileExistsError):
+        write_key_pair(d, "node")
+    assert (d / "node.key_secret").read_text() == "someone else's key\n"
+    assert not [p for p in d.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_atomic_write_modes(tmp_path, umask, monkeypatch):
+    umask(0)
+    seen = _watch_writes(monkeypatch)
+    new = tmp_path / "new.toml"
+    atomic_write(new, b"a = 1\n", secret=False)
+    assert mode(new) == 0o600                              # a new file: 0600
+    assert seen and all(m == 0o600 for m in seen)
+    plain = tmp_path / "plain.toml"
+    plain.write_text("a = 0\n")
+    plain.chmod(0o644)
+    atomic_write(plain, b"a = 1\n", secret=False)
+    assert mode(plain) == 0o644 and plain.read_text() == "a = 1\n"   # no secrets: mode kept
+    seen.clear()
+    atomic_write(plain, b"s = 1\n", secret=True)
+    assert mode(plain) == 0o600                            # secrets: group/others lose access
+    assert seen and all(m & 0o077 == 0 for m in seen)
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_atomic_write_does_not_follow_a_planted_temporary(tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_text("untouched\n")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("a = 0\n")
+    cfg.chmod(0o600)
+    planted = tmp_path / f".c.toml.{os.getpid()}.tmp"
+    planted.symlink_to(victim)
+    atomic_write(cfg, b"s = 1\n", secret=True)
+    assert victim.read_text() == "untouched\n"
+    assert cfg.read_text() == "s = 1\n" and not cfg.is_symlink() and mode(cfg) == 0o600
+
+
+def test_management_writes_a_config_with_secrets_0600(tmp_path):
+    cfg = tmp_path / "target.toml"
+    cfg.write_text(f'[[target]]\nname = "{IQN}"\n\n[[target.lun]]\nbackend = "ram"\nsize = "4MiB"\n')
+    cfg.chmod(0o644)
+    t = Target(config=str(cfg))
+    try:
+        def mgmt(*args: str) -> None:
+            p = subprocess.run([sys.executable, "-m", "scsi_target", *args, "--data-dir", t.data_dir,
+                                "--json"], capture_output=True, text=True, timeout=60)
+            assert p.returncode == 0, p.stderr
+            json.loads(p.stdout)
+        mgmt("acl", "add", "--target", IQN, "iqn.2026-11.org.test:a")
+        assert mode(cfg) == 0o644                        # no secrets yet: the mode is the user's
+        mgmt("chap", "set", "--target", IQN, "--user", "u", "--secret", "twelve-bytes-secret")
+        assert mode(cfg) == 0o600
+        assert tomllib.loads(cfg.read_text())["target"][0]["chap"]["user"] == "u"
+        assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    finally:
+        t.stop()
