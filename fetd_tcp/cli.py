@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import sys
 
 import click
@@ -15,20 +14,18 @@ class PortalError(ValueError):
 
 def parse_portal(value: str) -> tuple[str, int, int]:
     """HOST:PORT[,TPGT], [V6ADDR]:PORT[,TPGT] or HOST: never split IPv6 on ':'."""
-    m = re.fullmatch(r"(?:\[([0-9A-Fa-f:.%\w]+)\]|([^:\[\],]+))(?::(\d+))?(?:,(\d+))?", value.strip())
-    if not m:
-        raise PortalError(f"portal {value!r} is not HOST:PORT[,TPGT] or [IPv6]:PORT[,TPGT]")
-    port = int(m.group(3) or 3260)
-    tpgt = int(m.group(4) or 1)
-    if port > 65535 or not 1 <= tpgt <= 65535:
-        raise PortalError(f"portal {value!r}: port or TPGT out of range")
-    return m.group(1) or m.group(2), port, tpgt
+    from stml.api import parse_portal as parse
+    try:
+        return parse(value)
+    except ValueError as e:
+        raise PortalError(str(e)) from None
 
 
 @click.command("fetd-tcp")
 @click.option("--stml", "stml_endpoint", required=True, help="STML endpoint (ipc://PATH or tcp://HOST:PORT).")
 @click.option("--portal", "portals", multiple=True, metavar="HOST:PORT[,TPGT]",
-              help="Portal to listen on, repeatable (default 127.0.0.1:3260; TPGT default 1).")
+              help="Portal to listen on, repeatable (TPGT default 1). Without it the front end "
+                   "listens on the STML's portal list and follows `portal add|remove`.")
 @click.option("--stml-key", type=click.Path(dir_okay=False),
               help="The STML's public key file (CURVE over tcp://; from `scsi-target keys generate`).")
 @click.option("--key", "own_key", type=click.Path(dir_okay=False),
@@ -46,7 +43,7 @@ def main(stml_endpoint: str, portals: tuple[str, ...], stml_key: str | None, own
                         format="%(asctime)s fetd_tcp[%(process)d] %(levelname)s %(name)s: %(message)s")
     from fetd_tcp.limits import LimitError, Limits
     try:
-        specs = [PortalSpec(*parse_portal(p)) for p in portals or ("127.0.0.1:3260",)]
+        specs = [PortalSpec(*parse_portal(p)) for p in portals]
         Limits.from_env()
     except (PortalError, LimitError) as e:
         click.echo(f"scsi-target: config error: {e}", err=True)

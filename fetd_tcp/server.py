@@ -31,6 +31,7 @@ MAX_CONNECTIONS = 4     # connections per session we accept (MC/S)
 class PortalSpec:
     def __init__(self, host: str, port: int, tpgt: int) -> None:
         self.host, self.port, self.tpgt = host, port, tpgt
+        self.requested = (host, port, tpgt)   # as configured (port may be 0: any free port)
 
 
 class IscsiFrontEnd:
@@ -38,7 +39,10 @@ class IscsiFrontEnd:
 
     def __init__(self, stml_endpoint: str, portals: list[PortalSpec], keys: TargetKeys | None = None,
                  curve: dict[str, bytes] | None = None, isns: str | None = None) -> None:
-        self.portals = portals
+        self.portals = portals          # listening now
+        self.follow_stml = not portals  # no portals of our own: listen on the STML's list (detect)
+        self._wanted: tuple[tuple[str, int, int], ...] = ()
+        self._syncing: asyncio.Task | None = None
         self.keys = keys or TargetKeys(max_connections=MAX_CONNECTIONS)
         self.link = FrontEndLink(stml_endpoint, "iscsi", self, curve=curve)
         self.isns = None
@@ -50,7 +54,7 @@ class IscsiFrontEnd:
         self.nexus_ids = itertools.count(1)
         self.tsihs = itertools.count(1)
         self.detect_info: Detect | None = None
-        self.servers: list[asyncio.AbstractServer] = []
+        self.servers: dict[PortalSpec, asyncio.AbstractServer] = {}
         self.writers: set[Any] = set()
         self.limits = Limits.from_env()
         self.open_conns: dict[Any, int] = {}             # portal / peer host -> open connections
@@ -61,8 +65,50 @@ class IscsiFrontEnd:
             print(f"fetd_tcp: attached to STML at {self.link.endpoint}", flush=True)
         self.detect_info = detect
         log.info("STML %s offers %d target(s)", detect.stml, len(detect.targets))
+        if self.follow_stml and (detect.portals != self._wanted or self._syncing is None):
+            self._wanted = detect.portals
+            if self._syncing is None or self._syncing.done():
+                self._syncing = asyncio.get_running_loop().create_task(self._sync_portals())
         if self.isns is not None:
             self._isns_update()
+
+    async def _sync_portals(self) -> None:
+        """Open and close listeners until they match the STML's portal list
+        (existing connections on a closed portal go on until they end)."""
+        while True:
+            wanted = self._wanted
+            for p in [p for p in self.portals if p.requested not in wanted]:
+                server = self.servers.pop(p, None)
+                if server is not None:
+                    server.close()
+                self.portals.remove(p)
+                print(f"fetd_tcp: stopped listening on {_hostport(p.host, p.port)} (tpgt {p.tpgt})",
+                      flush=True)
+            have = {p.requested for p in self.portals}
+            for key in wanted:
+                if key not in have:
+                    try:
+                        await self._listen(PortalSpec(*key))
+                    except OSError as e:
+                        log.error("cannot listen on %s (tpgt %d): %s", _hostport(*key[:2]), key[2], e)
+            if self._wanted is wanted:
+                break
+        if self.isns is not None:
+            self._isns_update()
+
+    def drop_nexus(self, nexus: int, reason: str) -> None:
+        """The STML ended this nexus (management `session drop`): tell the
+        initiator every connection is being dropped, close them, end the session."""
+        for s in [s for s in self.sessions.values() if s.nexus == nexus and not s.discovery]:
+            log.info("session TSIH %d of %s 0x%s dropped: %s", s.tsih, s.initiator, s.isid.hex(),
+                     reason or "by the STML")
+            conns = list(s.connections.values())
+            if conns:
+                conns[0].async_event(P.ASYNC_DROP_ALL_CONNECTIONS)   # Time2Wait/Time2Retain 0
+            for conn in conns:
+                conn.closing = True
+                conn.close()
+            self._end_session(s)
 
     def _isns_update(self) -> None:
         """Tell the iSNS server our targets and portals (after every detect)."""
@@ -145,22 +191,28 @@ class IscsiFrontEnd:
     # ------------------------------------------------------------ portals
     async def start(self) -> None:
         self.link.start()
-        for p in self.portals:
-            server = await asyncio.start_server(
-                lambda r, w, p=p: self._connection(r, w, p), p.host, p.port,
-                reuse_address=True, limit=1 << 20)
-            self.servers.append(server)
-            for sock in server.sockets:
-                addr = sock.getsockname()
-                p.port = addr[1]
-                host = f"[{addr[0]}]" if ":" in addr[0] else addr[0]
-                print(f"fetd_tcp: listening on {host}:{addr[1]} (tpgt {p.tpgt})", flush=True)
+        own, self.portals = self.portals, []
+        for p in own:
+            await self._listen(p)
+
+    async def _listen(self, p: PortalSpec) -> None:
+        server = await asyncio.start_server(
+            lambda r, w, p=p: self._connection(r, w, p), p.host, p.port,
+            reuse_address=True, limit=1 << 20)
+        self.servers[p] = server
+        self.portals.append(p)
+        for sock in server.sockets:
+            addr = sock.getsockname()
+            p.port = addr[1]
+            print(f"fetd_tcp: listening on {_hostport(addr[0], addr[1])} (tpgt {p.tpgt})", flush=True)
 
     async def stop(self) -> None:
         for s in list(self.sessions.values()):
             for conn in list(s.connections.values()):
                 conn.async_event(P.ASYNC_LOGOUT_REQUEST, param3=2)
-        for server in self.servers:
+        if self._syncing is not None:
+            self._syncing.cancel()
+        for server in self.servers.values():
             server.close()
         await asyncio.sleep(0.2 if self.sessions else 0)
         for w in list(self.writers):
@@ -443,6 +495,10 @@ def _advance(parts: list, n: int) -> list:
     if n and rest:
         rest[0] = memoryview(rest[0])[n:]
     return rest
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _creds(raw: dict[str, str] | None) -> Credentials | None:

@@ -115,6 +115,8 @@ def run(log_level: str, portals: tuple[str, ...], no_iscsi: bool, listen: tuple[
     config = load_or_exit(portals=portals, **kw)
     apply_stml_options(config, listen, insecure, metrics)
     base = _config_args(kw) + ["--log-level", log_level]
+    for p in portals:   # the STML keeps the portal list; fetd_tcp follows it (detect)
+        base += ["--portal", p]
     for ep in listen:
         base += ["--listen", ep]
     if insecure:
@@ -124,8 +126,6 @@ def run(log_level: str, portals: tuple[str, ...], no_iscsi: bool, listen: tuple[
     children = {"stml": [sys.executable, "-m", "stml", *base]}
     if not no_iscsi:
         tcp = [sys.executable, "-m", "fetd_tcp", "--stml", config.stml_endpoint, "--log-level", log_level]
-        for p in config.portals:
-            tcp += ["--portal", p]
         if config.isns:
             tcp += ["--isns", config.isns]
         children["fetd_tcp"] = tcp

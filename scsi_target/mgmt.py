@@ -212,13 +212,29 @@ def lun_resize(number: int, size: str, target_name: str | None, **kw: Any) -> No
 
 @click.group()
 def portal() -> None:
-    """iSCSI portals the config names."""
+    """iSCSI portals of the STML's list (front ends started without --portal follow it)."""
 
 
 @portal.command("list")
 @mgmt_options
 def portal_list(**kw: Any) -> None:
-    show(kw, _call(kw, "portal_list"), ["portal"])
+    show(kw, _call(kw, "portal_list"), ["portal", "host", "port", "tpgt"])
+
+
+@portal.command("add")
+@click.argument("portal_spec", metavar="HOST:PORT[,TPGT]")
+@mgmt_options
+def portal_add(portal_spec: str, **kw: Any) -> None:
+    """Listen on another portal (TPGT default 1; [V6ADDR]:PORT for IPv6)."""
+    show(kw, _call(kw, "portal_add", portal=portal_spec), ["portal", "tpgt", "saved"])
+
+
+@portal.command("remove")
+@click.argument("portal_spec", metavar="HOST:PORT[,TPGT]")
+@mgmt_options
+def portal_remove(portal_spec: str, **kw: Any) -> None:
+    """Stop listening on a portal (its open sessions go on until they end)."""
+    show(kw, _call(kw, "portal_remove", portal=portal_spec), ["portal", "saved"])
 
 
 @click.group()
@@ -270,6 +286,17 @@ SESSION_COLUMNS = ["front_end", "nexus", "initiator", "target", "tpg", "commands
 @mgmt_options
 def session_list(**kw: Any) -> None:
     show(kw, _call(kw, "session_list"), SESSION_COLUMNS)
+
+
+@session.command("drop")
+@click.argument("nexus", type=int)
+@click.option("--front-end", "front_end", help="The front end's name (when NEXUS is on several).")
+@mgmt_options
+def session_drop(nexus: int, front_end: str | None, **kw: Any) -> None:
+    """End session NEXUS (the NEXUS column of `session list`): its commands are
+    aborted and the front end closes its connections."""
+    show(kw, _call(kw, "session_drop", nexus=nexus, front_end=front_end),
+         ["front_end", "nexus", "initiator", "target"])
 
 
 @click.group()

@@ -1,4 +1,4 @@
-"""The STML <-> front end contract (version 1.0). Front ends import this module only.
+"""The STML <-> front end contract (version 1.1). Front ends import this module only.
 
 Transport: ZeroMQ. The STML binds a ROUTER socket; each front end connects a
 DEALER socket whose routing id names it. A message is a multipart message:
@@ -45,10 +45,16 @@ heartbeat        {op}
 STML -> front end
 -----------------
 detect           {op, version, stml: str, targets: [Target], limits: {...},
-                  discovery: {chap: {...}|None}, heartbeat_ms, error?: str}
+                  discovery: {chap: {...}|None}, heartbeat_ms,
+                  portals: [{host: str, port: int, tpgt: int}], error?: str}
     Target = {name, alias, luns: [Lun], access: {acl: [iqn], chap: {...}|None,
     mutual: {...}|None}}; Lun = {lun, block_size, blocks, ro, removable}.
-    Sent again, unasked, when targets or LUNs change.
+    `portals` (1.1) is the STML's configured portal list (`portal add|remove`
+    change it): an iSCSI front end started without portals of its own listens
+    on exactly these, opening and closing listeners as the list changes; one
+    started with its own portals (e.g. on another host) keeps those and
+    ignores the list. Port 0 means any free port.
+    Sent again, unasked, when targets, LUNs or portals change.
 nexus_ready      {op, nexus, error?: str}
 release          {op, reason: str}
     The STML is going away or no longer knows this front end: register again.
@@ -62,6 +68,11 @@ task_mgmt_fn_done {op, tag, response: int, aborted: [int]}
     their tags (aborted tasks get no xmit_response at all).
 report_aen       {op, nexus: int|None, lun: int, sense: bytes}
     An asynchronous event (a unit attention) for front ends that said aen.
+drop_nexus       {op, nexus: int, reason: str}     (1.1)
+    End this I_T nexus (management `session drop`): the front end ends the
+    session (iSCSI: an Async Message "dropping all connections", then the
+    connections close) and sends `scsi_release`. The STML has already
+    released the nexus when it sends this (its tasks are aborted).
 heartbeat        {op}
 
 Management (any peer the endpoint admits -> STML; no registration needed)
@@ -72,7 +83,8 @@ mgmt             {op, id: int, cmd: str, args: {...}}
     lun_add {spec, target?, lun?}, lun_remove {lun, target?},
     lun_resize {lun, size, target?}, portal_list, acl_add|acl_remove
     {initiator, target?}, chap_set {target?, user?, secret?, mutual?},
-    session_list, frontend_list.
+    portal_add {portal}, portal_remove {portal} (portal: "HOST:PORT[,TPGT]"),
+    session_list, session_drop {nexus, front_end?}, frontend_list.
 mgmt_reply       {op, id, ok: bool, result?: any, error?: str}
     STML -> the requester. Changes are hot (front ends get `detect` again,
     nexuses the unit attentions SPC names) and saved to the config file.
@@ -94,7 +106,7 @@ from typing import Any, Callable, Protocol
 import msgpack
 import zmq
 
-CONTRACT_VERSION = (1, 0)
+CONTRACT_VERSION = (1, 1)
 log = logging.getLogger("stml.api")
 
 
@@ -117,6 +129,7 @@ class Op(enum.StrEnum):
     XMIT_RESPONSE = "xmit_response"
     TMF_DONE = "task_mgmt_fn_done"
     REPORT_AEN = "report_aen"
+    DROP_NEXUS = "drop_nexus"
 
 
 class DataDir(enum.IntFlag):
@@ -210,6 +223,7 @@ class Detect:
     targets: tuple[Target, ...]
     limits: dict[str, Any]
     discovery: dict[str, Any] = field(default_factory=dict)
+    portals: tuple[tuple[str, int, int], ...] = ()   # (host, port, tpgt) the STML's config names
 
     @classmethod
     def from_header(cls, h: dict[str, Any]) -> Detect:
@@ -217,10 +231,26 @@ class Detect:
             Target(t["name"], tuple(Lun(**lun) for lun in t["luns"]), t.get("alias", ""),
                    t.get("access") or {})
             for t in h.get("targets", ()))
-        return cls(h.get("stml", ""), targets, h.get("limits", {}), h.get("discovery") or {})
+        portals = tuple((str(p["host"]), int(p["port"]), int(p.get("tpgt", 1)))
+                        for p in h.get("portals") or ())
+        return cls(h.get("stml", ""), targets, h.get("limits", {}), h.get("discovery") or {}, portals)
 
     def target(self, name: str) -> Target | None:
         return next((t for t in self.targets if t.name == name), None)
+
+
+def parse_portal(value: str) -> tuple[str, int, int]:
+    """(host, port, tpgt) of "HOST:PORT[,TPGT]", "[V6ADDR]:PORT[,TPGT]" or "HOST"
+    (port 3260, TPGT 1); IPv6 is never split on ':'. Raises ValueError."""
+    import re
+    m = re.fullmatch(r"(?:\[([0-9A-Fa-f:.%\w]+)\]|([^:\[\],]+))(?::(\d+))?(?:,(\d+))?", value.strip())
+    if not m:
+        raise ValueError(f"portal {value!r} is not HOST:PORT[,TPGT] or [IPv6]:PORT[,TPGT]")
+    port = int(m.group(3) or 3260)
+    tpgt = int(m.group(4) or 1)
+    if port > 65535 or not 1 <= tpgt <= 65535:
+        raise ValueError(f"portal {value!r}: port or TPGT out of range")
+    return m.group(1) or m.group(2), port, tpgt
 
 
 def load_key_file(path: str, secret: bool = False) -> tuple[bytes, bytes | None]:
@@ -258,6 +288,8 @@ class FrontEndHandler(Protocol):
     def task_mgmt_fn_done(self, tag: int, response: int, aborted: list[int]) -> None: ...
     def report_aen(self, nexus: int | None, lun: int, sense: bytes) -> None: ...
     def link_lost(self) -> None: ...
+    # optional (1.1): end a nexus the STML dropped; without it the link just releases it
+    # def drop_nexus(self, nexus: int, reason: str) -> None: ...
 
 
 class RegistrationRefused(Exception):
@@ -306,6 +338,7 @@ class FrontEndLink:
                                                                 h.get("aborted", [])),
             Op.REPORT_AEN: lambda h, f: handler.report_aen(h.get("nexus"), h["lun"], h["sense"]),
             Op.HEARTBEAT: lambda h, f: None,
+            Op.DROP_NEXUS: self._on_drop_nexus,
         }
 
     # -- calls toward the STML ------------------------------------------------
@@ -460,6 +493,13 @@ class FrontEndLink:
             for nexus, info in self.nexuses.items():
                 self.send({"op": Op.REGISTER_NEXUS, "nexus": nexus, **info})
         self.handler.detect(self.detect_info)
+
+    def _on_drop_nexus(self, header: dict[str, Any], frames: list) -> None:
+        nexus = header["nexus"]
+        drop = getattr(self.handler, "drop_nexus", None)
+        if drop is not None:
+            drop(nexus, str(header.get("reason", "")))
+        self.scsi_release(nexus)   # no-op when the handler already released it
 
     def _on_release(self, header: dict[str, Any], frames: list) -> None:
         log.info("STML released us (%s); registering again", header.get("reason"))

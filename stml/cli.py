@@ -68,6 +68,9 @@ def apply_stml_options(config: Config, listen: tuple[str, ...] = (), insecure: b
 @click.command("stml")
 @config_options
 @stml_options
+@click.option("--portal", "portals", multiple=True, metavar="HOST:PORT[,TPGT]",
+              help="iSCSI portal for front ends that follow the STML's list, repeatable "
+                   "(replaces the config's `portals` for this run).")
 def main(log_level: str, listen: tuple[str, ...], insecure: bool, metrics: str | None, **kw: Any) -> None:
     """Run the STML alone: it owns the LUNs and waits for front ends."""
     setup_logging(log_level, "stml")

@@ -277,6 +277,12 @@ def load(config_path: str | None = None, data_dir: str | None = None, iqn: str |
     plist = list(portals) or raw.get("portals") or [DEFAULT_PORTAL]
     if not isinstance(plist, list) or not all(isinstance(p, str) for p in plist):
         raise ConfigError("portals", "must be a list of \"HOST:PORT\" strings")
+    from stml.api import parse_portal
+    for p in plist:
+        try:
+            parse_portal(p)
+        except ValueError as e:
+            raise ConfigError("portals", str(e)) from None
     isns = raw.get("isns")
     if isns is not None and (not isinstance(isns, str) or not re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[^:\[\]]+)(:\d+)?", isns)):
         raise ConfigError("isns", f"{isns!r} is not \"HOST:PORT\"")

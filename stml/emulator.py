@@ -152,6 +152,7 @@ class Emulator:
         self.targets = {t.name: t for t in targets}
         self.data_dir = Path(data_dir) if data_dir is not None else None
         self.configured_tpgs = set(portal_groups)   # portal group tags the config names
+        self.portals: list[dict[str, Any]] = []      # {host, port, tpgt}: sent in detect
         self._seen_tpgs: dict[str, set[int]] = {}    # target -> tags nexuses came through
         self.send = send
         self.executor = executor
@@ -211,7 +212,7 @@ class Emulator:
             "op": Op.DETECT, "version": list(CONTRACT_VERSION), "stml": self.name,
             "heartbeat_ms": int(self.heartbeat * 1000),
             "limits": {"max_transfer": self.max_transfer, "queue_depth": self.queue_depth},
-            "discovery": self.discovery,
+            "discovery": self.discovery, "portals": self.portals,
             "targets": [{"name": t.name, "alias": t.alias, "access": t.access,
                          "luns": [lu.describe() for lu in t.luns.values()]}
                         for t in self.targets.values()],

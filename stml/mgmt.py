@@ -79,9 +79,10 @@ class Management:
             "status": self.status, "target_list": self.target_list, "target_add": self.target_add,
             "target_remove": self.target_remove, "lun_list": self.lun_list, "lun_add": self.lun_add,
             "lun_remove": self.lun_remove, "lun_resize": self.lun_resize,
-            "portal_list": self.portal_list, "acl_add": self.acl_add, "acl_remove": self.acl_remove,
+            "portal_list": self.portal_list, "portal_add": self.portal_add,
+            "portal_remove": self.portal_remove, "acl_add": self.acl_add, "acl_remove": self.acl_remove,
             "chap_set": self.chap_set, "session_list": self.session_list,
-            "frontend_list": self.frontend_list,
+            "session_drop": self.session_drop, "frontend_list": self.frontend_list,
         }
 
     # ------------------------------------------------------------ transport
@@ -204,13 +205,70 @@ class Management:
                 for t in ts for lu in t.luns.values()]
 
     async def portal_list(self) -> list[dict[str, Any]]:
-        return [{"portal": p} for p in self.config.portals]
+        from stml.api import parse_portal
+        return [dict(zip(("host", "port", "tpgt"), parse_portal(p)), portal=p) for p in self.config.portals]
 
     async def session_list(self) -> list[dict[str, Any]]:
         return self.server.metrics.snapshot(self.em)["sessions"]
 
     async def frontend_list(self) -> list[dict[str, Any]]:
         return self.server.metrics.snapshot(self.em)["front_ends"]
+
+    # ------------------------------------------------------------ portals
+    def _set_portals(self, portals: list[str]) -> str:
+        """The STML's portal list changes: front ends that follow it open or close
+        listeners (detect), ALUA learns the portal groups, the file keeps it."""
+        from stml.server import portal_entries, portal_groups
+        self._check_file()
+        self.config.portals = portals
+        self.em.portals = portal_entries(portals)
+        self.em.configured_tpgs = set(portal_groups(self.config))
+        self._redetect()
+        return self._persist(lambda raw: raw.__setitem__("portals", list(portals)))
+
+    async def portal_add(self, portal: str) -> dict[str, Any]:
+        from stml.api import parse_portal
+        try:
+            host, port, tpgt = parse_portal(str(portal))
+        except ValueError as e:
+            raise MgmtError(str(e)) from None
+        for p in self.config.portals:
+            h, pt, t = parse_portal(p)
+            if (h, pt) == (host, port) and port != 0:
+                raise MgmtError(f"portal {p} already listens on {portal.split(',')[0]}")
+        saved = self._set_portals([*self.config.portals, portal])
+        return {"portal": portal, "host": host, "port": port, "tpgt": tpgt, "saved": saved}
+
+    async def portal_remove(self, portal: str) -> dict[str, Any]:
+        from stml.api import parse_portal
+        try:
+            key = parse_portal(str(portal))
+        except ValueError as e:
+            raise MgmtError(str(e)) from None
+        # "HOST:PORT" names the portal whatever its TPGT; "HOST:PORT,TPGT" must match it
+        matches = [p for p in self.config.portals if parse_portal(p)[:2] == key[:2]
+                   and ("," not in portal or parse_portal(p)[2] == key[2])]
+        if not matches:
+            raise MgmtError(f"no portal {portal} (portals: {', '.join(self.config.portals) or 'none'})")
+        saved = self._set_portals([p for p in self.config.portals if p not in matches])
+        return {"portal": matches[0], "saved": saved}
+
+    # ------------------------------------------------------------ sessions
+    async def session_drop(self, nexus: int, front_end: str | None = None) -> dict[str, Any]:
+        """End one I_T nexus: the STML releases it (its tasks are aborted) and
+        tells the owning front end to end the session (contract: drop_nexus)."""
+        found = [n for fe in self.em.front_ends.values() for n in fe.nexuses.values()
+                 if n.id == int(nexus) and front_end in (None, fe.name)]
+        if not found:
+            raise MgmtError(f"no session {nexus}" + (f" on front end {front_end}" if front_end else "")
+                            + " (see `session list`)")
+        if len(found) > 1:
+            raise MgmtError(f"session {nexus} exists on several front ends "
+                            f"({', '.join(n.fe.name for n in found)}): give --front-end")
+        n = found[0]
+        self.em.send(n.fe.ident, {"op": "drop_nexus", "nexus": n.id, "reason": "dropped by management"}, [])
+        self.em._drop_nexus(n)
+        return {"front_end": n.fe.name, "nexus": n.id, "initiator": n.initiator, "target": n.target}
 
     # ------------------------------------------------------------ targets
     async def target_add(self, name: str, alias: str = "") -> dict[str, Any]:

@@ -51,6 +51,12 @@ def portal_groups(config: Config) -> list[int]:
     return sorted(tags)
 
 
+def portal_entries(portals: list[str]) -> list[dict[str, Any]]:
+    """The `portals` field of detect: {host, port, tpgt} per configured portal."""
+    from stml.api import parse_portal
+    return [dict(zip(("host", "port", "tpgt"), parse_portal(p))) for p in portals]
+
+
 def _is_loopback(endpoint: str) -> bool:
     host = endpoint[len("tcp://"):].rpartition(":")[0].strip("[]")
     if host == "localhost":
@@ -97,6 +103,7 @@ class StmlServer:
         self.emulator = Emulator([], self._send, self.executor, heartbeat_ms=heartbeat_ms,
                                  discovery={"chap": config.discovery_chap},
                                  data_dir=config.data_dir, portal_groups=portal_groups(config))
+        self.emulator.portals = portal_entries(config.portals)
         for t in build_targets(config, self.emulator.templates):
             self.emulator.targets[t.name] = t
         self.emulator.restore_reservations()   # APTPL state kept under the data dir

@@ -17,7 +17,7 @@ class Target:
     """`scsi-target run` on an ephemeral loopback port, in its own process group."""
 
     def __init__(self, *args: str, data_dir: str | None = None, portals: tuple[str, ...] = ("127.0.0.1:0",),
-                 config: str | None = None) -> None:
+                 config: str | None = None, expect_portals: int | None = None) -> None:
         self.data_dir = data_dir or tempfile.mkdtemp(prefix="st", dir="/tmp")
         cmd = [sys.executable, "-m", "scsi_target", "run", "--data-dir", self.data_dir, *args]
         if config:
@@ -31,7 +31,7 @@ class Target:
         self.portals: list[str] = []
         self._ready = threading.Event()
         self._attached = False
-        self._expected = len(portals)
+        self._expected = len(portals) if expect_portals is None else expect_portals
         threading.Thread(target=self._pump, daemon=True).start()
         if not self._ready.wait(20):
             self.stop()

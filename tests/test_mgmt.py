@@ -165,3 +165,121 @@ def test_targets_acl_chap_sessions(config, tmp_path):
         assert other not in tomllib.loads(config.read_text()).get("target", [{}])[-1].get("name", "")
     finally:
         t.stop()
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_line(t: Target, text: str, timeout: float = 15) -> None:
+    import time
+    deadline = time.monotonic() + timeout
+    while not any(text in line for line in t.lines):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {text!r} in the target's output:\n{t.log()}")
+        time.sleep(0.05)
+
+
+def _send_targets(port: int) -> list[str]:
+    ini = RawInitiator("127.0.0.1", port, initiator="iqn.2026-11.org.test:disc")
+    try:
+        assert ini.login(None, session_type="Discovery").status_class == 0
+        return [v for k, v in ini.text([("SendTargets", "All")]) if k == "TargetAddress"]
+    finally:
+        ini.close()
+
+
+def _refused(port: int) -> bool:
+    import socket
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def test_portal_add_remove_live(tmp_path):
+    """`portal add|remove` on a running target: fetd_tcp (started without --portal,
+    as `run` starts it) opens and closes listeners; discovery lists the new
+    TargetAddress; the config keeps the list across a restart."""
+    cfg = tmp_path / "target.toml"
+    cfg.write_text(f'portals = ["127.0.0.1:0"]\n\n[[target]]\nname = "{IQN}"\n\n'
+                   f'[[target.lun]]\nbackend = "ram"\nsize = "8MiB"\n')
+    t = Target(config=str(cfg), portals=(), expect_portals=1)
+    p1, p2 = _free_port(), _free_port()
+    try:
+        d = t.data_dir
+        first = int(t.portal.rsplit(":", 1)[1])
+        added = mgmt(d, "portal", "add", f"127.0.0.1:{p1},2")
+        assert added["tpgt"] == 2 and "saved" in added["saved"]
+        _wait_line(t, f"fetd_tcp: listening on 127.0.0.1:{p1} (tpgt 2)")
+        assert f"127.0.0.1:{p1},2" in _send_targets(p1)          # the new portal answers discovery
+        assert f"127.0.0.1:{p1},2" in _send_targets(first)       # and the old one lists it
+        assert "DIRECT_ACCESS" in run(["iscsi-inq", f"iscsi://127.0.0.1:{p1}/{IQN}/0"]).stdout
+        assert [x["tpgt"] for x in mgmt(d, "portal", "list")] == [1, 2]
+        assert tomllib.loads(cfg.read_text())["portals"] == ["127.0.0.1:0", f"127.0.0.1:{p1},2"]
+        p = cli("portal", "add", "--data-dir", d, f"127.0.0.1:{p1}", check=False)
+        assert p.returncode == 1 and "already" in p.stderr
+
+        # a session on the portal outlives its removal; new connections are refused
+        ini = RawInitiator("127.0.0.1", p1, initiator="iqn.2026-11.org.test:stay")
+        ini.login(IQN)
+        mgmt(d, "portal", "remove", f"127.0.0.1:{p1}")
+        _wait_line(t, f"fetd_tcp: stopped listening on 127.0.0.1:{p1}")
+        assert _refused(p1)
+        assert tur(ini, 0)[0] in (0, CHECK_CONDITION)
+        ini.close()
+        assert f"127.0.0.1:{p1},2" not in _send_targets(first)
+        assert tomllib.loads(cfg.read_text())["portals"] == ["127.0.0.1:0"]
+        p = cli("portal", "remove", "--data-dir", d, f"127.0.0.1:{p1}", check=False)
+        assert p.returncode == 1 and "no portal" in p.stderr
+        mgmt(d, "portal", "add", f"127.0.0.1:{p2}")
+        _wait_line(t, f"fetd_tcp: listening on 127.0.0.1:{p2} (tpgt 1)")
+    finally:
+        t.stop()
+
+    t = Target(config=str(cfg), data_dir=t.data_dir, portals=(), expect_portals=2)
+    try:
+        assert f"127.0.0.1:{p2}" in t.portals
+        assert f"127.0.0.1:{p2},1" in _send_targets(p2)
+        assert _refused(p1)
+    finally:
+        t.stop()
+
+
+def test_session_drop(config):
+    """`session drop`: the front end sends an Async Message (drop all connections),
+    closes the connection, and the session is gone from `session list`."""
+    t = Target(config=str(config))
+    try:
+        d = t.data_dir
+        host, port = t.portal.rsplit(":", 1)
+        ini = RawInitiator(host, int(port), initiator="iqn.2026-11.org.test:victim")
+        ini.login(IQN)
+        keep = RawInitiator(host, int(port), initiator="iqn.2026-11.org.test:keeper")
+        keep.login(IQN)
+        sessions = mgmt(d, "session", "list")
+        victim = next(s for s in sessions if s["initiator"].startswith("iqn.2026-11.org.test:victim"))
+        dropped = mgmt(d, "session", "drop", str(victim["nexus"]))
+        assert dropped["nexus"] == victim["nexus"] and dropped["target"] == IQN
+
+        from fetd_tcp import pdu as P
+        msg, _ = ini.recv()
+        assert isinstance(msg, P.AsyncMessage) and msg.event == P.ASYNC_DROP_ALL_CONNECTIONS
+        with pytest.raises((ConnectionError, OSError)):
+            ini.recv()
+        ini.close()
+        left = [s["initiator"] for s in mgmt(d, "session", "list")]
+        assert not any(i.startswith("iqn.2026-11.org.test:victim") for i in left)
+        assert any(i.startswith("iqn.2026-11.org.test:keeper") for i in left)
+        assert tur(keep, 0)[0] == 0          # the other session is untouched
+        keep.close()
+
+        p = cli("session", "drop", "--data-dir", d, "9999", check=False)
+        assert p.returncode == 1 and "no session 9999" in p.stderr
+        assert "session drop" in t.log() or "dropped" in t.log()
+    finally:
+        t.stop()
