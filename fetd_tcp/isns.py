@@ -3,9 +3,12 @@
 One network entity per front end holds a storage node per target and a
 portal per listening address, with portal groups tying them together.
 DevAttrReg (with the replace flag) runs on start, whenever the STML's
-targets change (every `detect`) and every `period` seconds (re-registration
-instead of an ESI listener: the server sees us as long as we live); DevDereg
-removes the entity on shutdown. Encoding is sans-IO (`encode_*`, `decode_*`);
+targets or portals change (every `detect`) and every `period` / 2 seconds;
+each portal names an ESI port where the client answers the server's Entity
+Status Inquiries (RFC 4171 5.6.5.13: ESIRsp echoes the ESI's attributes), so
+a server that uses ESI (open-isns) drops a front end that stopped answering
+after its ESI retries, and the periodic re-registration keeps us listed with
+servers that do not; DevDereg removes the entity on shutdown. Encoding is sans-IO (`encode_*`, `decode_*`);
 `IsnsClient` is the asyncio shell.
 """
 from __future__ import annotations
@@ -20,14 +23,14 @@ from dataclasses import dataclass
 log = logging.getLogger("fetd_tcp.isns")
 
 VERSION = 1
-DEV_ATTR_REG, DEV_ATTR_QRY, DEV_DEREG = 0x0001, 0x0002, 0x0004
+DEV_ATTR_REG, DEV_ATTR_QRY, DEV_DEREG, ESI = 0x0001, 0x0002, 0x0004, 0x000D
 RESPONSE = 0x8000
 FLAG_CLIENT, FLAG_REPLACE, FLAG_LAST, FLAG_FIRST = 0x8000, 0x1000, 0x0800, 0x0400
 
 # attribute tags (RFC 4171 6.1)
 DELIMITER = 0
 ENTITY_ID, ENTITY_PROTOCOL, REGISTRATION_PERIOD = 1, 2, 6
-PORTAL_IP, PORTAL_PORT = 16, 17
+PORTAL_IP, PORTAL_PORT, ESI_INTERVAL, ESI_PORT = 16, 17, 19, 20
 ISCSI_NAME, ISCSI_NODE_TYPE, ISCSI_ALIAS = 32, 33, 34
 PG_ISCSI_NAME, PG_PORTAL_IP, PG_PORTAL_PORT, PG_TAG = 48, 49, 50, 51
 PROTOCOL_ISCSI = 2
@@ -71,14 +74,17 @@ def pdu(function: int, xid: int, payload: bytes, flags: int = 0) -> bytes:
 
 
 def encode_register(entity: str, targets: list[tuple[str, str]], portals: list[Portal], xid: int,
-                    period: int) -> bytes:
-    """DevAttrReg (replace) of the whole entity: targets are (name, alias)."""
+                    period: int, esi_port: int | None = None, esi_interval: int = 0) -> bytes:
+    """DevAttrReg (replace) of the whole entity: targets are (name, alias); with
+    `esi_port`, every portal asks for ESI there every `esi_interval` seconds."""
     source = targets[0][0] if targets else entity
     body = _str(ISCSI_NAME, source) + _str(ENTITY_ID, entity) + _attr(DELIMITER, b"")
     body += _str(ENTITY_ID, entity) + _u32(ENTITY_PROTOCOL, PROTOCOL_ISCSI)
     body += _u32(REGISTRATION_PERIOD, period)
     for p in portals:
         body += _ip(PORTAL_IP, p.host) + _u32(PORTAL_PORT, p.port)
+        if esi_port:
+            body += _u32(ESI_INTERVAL, esi_interval) + _u32(ESI_PORT, esi_port)
     for name, alias in targets:
         body += _str(ISCSI_NAME, name) + _u32(ISCSI_NODE_TYPE, NODE_TARGET)
         if alias:
@@ -95,6 +101,15 @@ def encode_deregister(entity: str, source: str, xid: int) -> bytes:
     return pdu(DEV_DEREG, xid, body)
 
 
+def encode_esi_response(header: bytes, payload: bytes) -> bytes | None:
+    """ESIRsp to a server's ESI: status 0 and the ESI's own attributes (entity,
+    portal) echoed; None for any other message."""
+    _, function, _, _, xid, _ = struct.unpack(">HHHHHH", header)
+    if function != ESI:
+        return None
+    return pdu(ESI | RESPONSE, xid, struct.pack(">I", 0) + payload)
+
+
 def decode_response(header: bytes, payload: bytes) -> tuple[int, int, int]:
     """(function, transaction id, status code) of a server response."""
     _, function, _, _, xid, _ = struct.unpack(">HHHHHH", header)
@@ -107,7 +122,8 @@ class IsnsError(Exception):
 
 
 class IsnsClient:
-    def __init__(self, server: str, entity: str, period: int = 60, timeout: float = 5.0) -> None:
+    def __init__(self, server: str, entity: str, period: int = 60, timeout: float = 5.0,
+                 esi: bool = True, esi_interval: int = 5) -> None:
         host, _, port = server.rpartition(":")
         if not host:
             host, port = server, "3205"
@@ -121,6 +137,11 @@ class IsnsClient:
         self._xid = 0
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self.esi = esi
+        self.esi_interval = esi_interval   # asked for; the server raises it to its minimum (open-isns: 60 s)
+        self.esi_port: int | None = None
+        self.esi_answered = 0
+        self._esi_server: asyncio.AbstractServer | None = None
 
     def update(self, targets: list[tuple[str, str]], portals: list[Portal]) -> None:
         """Register (again) with these targets and portals, soon."""
@@ -129,7 +150,42 @@ class IsnsClient:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run())
 
+    async def _start_esi(self) -> None:
+        """Listen for ESI on one port of every address (dual-stack where possible)."""
+        self.esi = False   # once: without a port we rely on re-registration
+        try:
+            try:
+                sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+                sock.bind(("::", 0))
+            except OSError:
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                sock.bind(("0.0.0.0", 0))
+            self._esi_server = await asyncio.start_server(self._on_esi, sock=sock)
+            self.esi_port = sock.getsockname()[1]
+            log.info("answering iSNS ESI on port %d", self.esi_port)
+        except OSError as e:
+            log.warning("no ESI port (%s): relying on re-registration", e)
+
+    async def _on_esi(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                header = await reader.readexactly(12)
+                payload = await reader.readexactly(struct.unpack(">H", header[4:6])[0])
+                answer = encode_esi_response(header, payload)
+                if answer is None:
+                    break
+                writer.write(answer)
+                await writer.drain()
+                self.esi_answered += 1
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
     async def _run(self) -> None:
+        if self.esi:
+            await self._start_esi()
         while True:
             self._wake.clear()
             try:
@@ -172,7 +228,8 @@ class IsnsClient:
         if self.registered_source and self.registered_source not in [n for n, _ in self.targets]:
             await self._deregister()   # the entity's source node went away: start afresh
         status = await self._exchange(encode_register(self.entity, self.targets, self.portals,
-                                                      self._next_xid(), self.period))
+                                                      self._next_xid(), self.period, self.esi_port,
+                                                      self.esi_interval))
         if status:
             raise IsnsError(f"DevAttrReg refused (status {status})")
         if self.registered_source is None:
@@ -191,6 +248,8 @@ class IsnsClient:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        if self._esi_server is not None:
+            self._esi_server.close()
         if self.registered_source:
             try:
                 await self._deregister()

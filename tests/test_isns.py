@@ -26,7 +26,7 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def isnsd(tmp_path):
+def isnsd(tmp_path, request):
     if not (shutil.which("isnsd") and shutil.which("isnsadm")):
         pytest.skip("open-isns-server / open-isns-utils are not installed")
     port = free_port()
@@ -35,7 +35,8 @@ def isnsd(tmp_path):
     (d / "isnsd.conf").write_text(
         f"SourceName = isns.server.test\nBindAddress = 127.0.0.1:{port}\nPIDFile = {d}/isnsd.pid\n"
         f"ControlSocket = {d}/control\nSecurity = 0\nAuthKeyFile = {d}/auth_key\n"
-        f"RegistrationPeriod = 0\nDefaultDiscoveryDomain = 1\n")
+        + (getattr(request, "param", None) or "RegistrationPeriod = 0\n")
+        + "DefaultDiscoveryDomain = 1\n")
     (d / "client.conf").write_text(f"SourceName = iqn.2026-11.org.test:isns-query\n"
                                    f"ServerAddress = 127.0.0.1:{port}\nSecurity = 0\n")
     subprocess.run(["isnsd", "-c", str(d / "isnsd.conf"), "-4"], check=True, timeout=30)
@@ -88,3 +89,43 @@ def test_isns_registration_and_deregistration(isnsd, tmp_path):
     out = wait_for(client, ("--query", "iscsi-node-type=Target"), IQN, present=False)
     assert IQN not in out, out
     assert f"{t.portal.rsplit(':', 1)[1]}/tcp" not in query(client, "--list", "portals")
+
+
+def _fetd_tcp_pid(supervisor: int) -> int:
+    for p in Path("/proc").iterdir():
+        try:
+            if (p.name.isdigit() and int((p / "stat").read_text().rsplit(")", 1)[1].split()[1]) == supervisor
+                    and b"fetd_tcp" in (p / "cmdline").read_bytes()):
+                return int(p.name)
+        except OSError:
+            continue
+    raise AssertionError("no fetd_tcp child")
+
+
+ESI_SERVER = "RegistrationPeriod = 3600\nESIMinInterval = 1\nESIMaxInterval = 60\nESIRetries = 2\n"
+
+
+@pytest.mark.parametrize("isnsd", [ESI_SERVER], indirect=True)
+def test_isns_esi(isnsd, tmp_path):
+    """The server sends ESI every 5 s (the interval fetd_tcp asks for; this server's
+    minimum is 1 s): fetd_tcp answers, so it stays listed (an unanswered ESI drops
+    the entity after two retries); a front end that stops answering (SIGSTOP)
+    is dropped by the server long before its registration would expire."""
+    port, client = isnsd
+    cfg = tmp_path / "t.toml"
+    cfg.write_text(f'isns = "127.0.0.1:{port}"\n[[target]]\nname = "{IQN}"\n'
+                   f'[[target.lun]]\nbackend = "ram"\nsize = "8MiB"\n')
+    t = Target(config=str(cfg))
+    fetd = _fetd_tcp_pid(t.proc.pid)
+    try:
+        assert IQN in wait_for(client, ("--query", f"iscsi-name={IQN}"), IQN)
+        time.sleep(12)                   # two ESI rounds or more, all answered
+        assert IQN in query(client, "--query", f"iscsi-name={IQN}")
+        os.kill(fetd, signal.SIGSTOP)    # alive but silent: ESI goes unanswered
+        try:
+            out = wait_for(client, ("--query", f"iscsi-name={IQN}"), IQN, present=False)   # <= 15 s
+            assert IQN not in out, out
+        finally:
+            os.kill(fetd, signal.SIGCONT)
+    finally:
+        t.stop()
