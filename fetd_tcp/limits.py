@@ -6,11 +6,23 @@ them on to fetd_tcp):
     SCSI_TARGET_MAX_CONN_PER_PORTAL     TCP connections open on one portal (1024)
     SCSI_TARGET_MAX_CONN_PER_HOST       TCP connections from one initiator address (128)
     SCSI_TARGET_MAX_SESSIONS_PER_TARGET normal sessions logged in to one target (256)
+    SCSI_TARGET_MAX_WRITE_BUFFER        bytes of write data per connection (64 MiB)
 
-Outstanding commands are bounded by the CmdSN window (MaxCmdSN), and a task's write
-data by the negotiated FirstBurstLength (unsolicited) and R2Ts (solicited), so the
-write data one session can make the front end hold is at most
-window * (FirstBurstLength + MaxBurstLength * MaxOutstandingR2T).
+Write data buffer. fetd_tcp hands write data to the STML link at once, but the link's
+ZeroMQ queue is unbounded (SNDHWM=0), and the CmdSN window slides as commands arrive,
+not as they complete; so a stalled STML and a fast initiator could make fetd_tcp hold
+any amount. Each connection therefore counts the write data it has handed over or
+solicited (immediate and unsolicited data as each command arrives, solicited data as
+each R2T goes out) until the STML answers the task (xmit_response, or an abort). Past
+SCSI_TARGET_MAX_WRITE_BUFFER:
+  - R2Ts wait, except for the oldest task waiting for them (so one task always
+    completes and frees its data: no deadlock), and go out as answers free room;
+  - MaxCmdSN stops advancing, so the window closes as commands arrive; commands
+    beyond it are discarded unread (RFC 7143 3.2.2.1), and an immediate write gets
+    TASK SET FULL.
+The write data one connection can make fetd_tcp hold is thus at most
+MAX_WRITE_BUFFER + window * FirstBurstLength + the oldest task's transfer length
+(window <= 128, FirstBurstLength <= 64 KiB, a transfer <= the STML's max_transfer).
 """
 from __future__ import annotations
 
@@ -20,7 +32,8 @@ from typing import Mapping
 
 PREFIX = "SCSI_TARGET_"
 _ENV = {"login_timeout": "LOGIN_TIMEOUT", "max_conn_per_portal": "MAX_CONN_PER_PORTAL",
-        "max_conn_per_host": "MAX_CONN_PER_HOST", "max_sessions_per_target": "MAX_SESSIONS_PER_TARGET"}
+        "max_conn_per_host": "MAX_CONN_PER_HOST", "max_sessions_per_target": "MAX_SESSIONS_PER_TARGET",
+        "max_write_buffer": "MAX_WRITE_BUFFER"}
 
 
 class LimitError(ValueError):
@@ -33,6 +46,7 @@ class Limits:
     max_conn_per_portal: int = 1024
     max_conn_per_host: int = 128
     max_sessions_per_target: int = 256
+    max_write_buffer: int = 64 << 20
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Limits:

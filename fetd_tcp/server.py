@@ -370,7 +370,7 @@ class IscsiFrontEnd:
             old_conn.close()
         out = PduWriter(writer, o.connection)
         conn = Connection(session, o.cid, o.connection, o.stat_sn, out, self.link, self.tags,
-                          out.close, self.text)
+                          out.close, self.text, write_limit=self.limits.max_write_buffer)
         session.connections[o.cid] = conn
         return conn
 

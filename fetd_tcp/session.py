@@ -19,6 +19,8 @@ from fetd_tcp import pdu as P
 from fetd_tcp.keys import ConnectionParams, SessionParams
 from stml.api import DataDir, TaskAttr
 
+TASK_SET_FULL = 0x28
+
 log = logging.getLogger("fetd_tcp")
 
 SN_MOD = 1 << 32
@@ -66,7 +68,7 @@ class Tags:
 
 class Task:
     __slots__ = ("conn", "itt", "tag", "lun", "edtl", "write", "unsol_end", "next_offset",
-                 "r2t_sn", "data_sn", "bursts", "r2ts", "unsol_data_sn", "failed")
+                 "r2t_sn", "data_sn", "bursts", "r2ts", "unsol_data_sn", "failed", "held")
 
     def __init__(self, conn: Connection, itt: int, tag: int, lun: bytes, edtl: int, write: bool) -> None:
         self.conn = conn
@@ -83,6 +85,7 @@ class Task:
         self.r2ts: dict[int, list[int]] = {}   # TTT -> [offset, end, next DataSN] outstanding
         self.unsol_data_sn = 0
         self.failed = False         # its data went wrong; the STML has been told
+        self.held = 0               # write data counted against conn.write_limit until answered
 
 
 @dataclass(eq=False)
@@ -100,10 +103,19 @@ class Session:
     connections: dict[int, Connection] = field(default_factory=dict)
     itts: dict[int, Task] = field(default_factory=dict)
     queued: dict[int, tuple[Connection, Any, Any]] = field(default_factory=dict)  # CmdSN -> PDU
+    last_max: int = -1      # MaxCmdSN as last computed; held there while writes are over their bound
 
     @property
     def max_cmd_sn(self) -> int:
-        return (self.exp_cmd_sn + self.window - 1) % SN_MOD
+        """ExpCmdSN + window - 1; but while a connection holds more write data than its
+        bound (Connection.write_limit) MaxCmdSN stays put, so the window closes as
+        commands arrive and reopens as the STML answers them."""
+        if self.last_max >= 0:
+            for c in self.connections.values():
+                if c.write_held >= c.write_limit:
+                    return self.last_max
+        self.last_max = (self.exp_cmd_sn + self.window - 1) % SN_MOD
+        return self.last_max
 
     @property
     def initiator_port(self) -> str:
@@ -116,7 +128,8 @@ class Connection:
 
     def __init__(self, session: Session, cid: int, params: ConnectionParams, stat_sn: int,
                  out: Out, link: Link, tags: Tags, close: Callable[[], None],
-                 text: Callable[[Connection, list[tuple[str, str]]], list[tuple[str, str]]]) -> None:
+                 text: Callable[[Connection, list[tuple[str, str]]], list[tuple[str, str]]],
+                 write_limit: int = 64 << 20) -> None:
         self.session = session
         self.cid = cid
         self.params = params
@@ -132,6 +145,11 @@ class Connection:
         self.idle = True                 # no PDU since the last NOP interval
         self.local_addr: tuple[str, int] | None = None   # where the initiator reached us
         self.ping_ttt: int | None = None
+        # write data handed (or solicited) for the STML and not yet answered: past
+        # write_limit, R2Ts wait (but the oldest task waiting for them) and MaxCmdSN stops
+        self.write_held = 0
+        self.write_limit = write_limit
+        self.waiting: dict[Task, None] = {}   # tasks with bursts not yet solicited, oldest first
         self._dispatch: dict[type, Callable[[Any, Any], None]] = {
             P.ScsiCommand: self._ordered, P.TaskMgmtRequest: self._ordered,
             P.TextRequest: self._ordered, P.LogoutRequest: self._ordered,
@@ -173,7 +191,7 @@ class Connection:
             self._run[type(pdu)](pdu, data)
             return
         sn = pdu.cmd_sn
-        if sn == s.exp_cmd_sn:
+        if sn == s.exp_cmd_sn and sn_le(sn, s.max_cmd_sn):
             s.exp_cmd_sn = (sn + 1) % SN_MOD
             self._run[type(pdu)](pdu, data)
             while s.queued and s.exp_cmd_sn in s.queued:
@@ -200,6 +218,11 @@ class Connection:
                                or len(data) > s.params.first_burst_length)):
             self.reject(P.REJECT_PROTOCOL_ERROR, cmd.encode())
             return
+        if cmd.immediate and cmd.write and self.write_held >= self.write_limit:
+            # immediate commands bypass the CmdSN window: refuse a write while over the bound
+            exp, mx = self._sns()
+            self.out(P.ScsiResponse(cmd.itt, TASK_SET_FULL, self._next_stat_sn(), exp, mx), b"")
+            return
         tag = self.tags.new()
         task = Task(self, cmd.itt, tag, cmd.lun, cmd.expected_length, cmd.write)
         s.itts[cmd.itt] = task
@@ -210,6 +233,9 @@ class Connection:
             unsol = min(s.params.first_burst_length, cmd.expected_length)
         task.unsol_end = unsol
         task.next_offset = len(data)
+        if unsol:
+            task.held = unsol
+            self.write_held += unsol
         lun = P.lun_to_int(cmd.lun)
         self.link.rx_cmnd(tag, s.nexus, 0xFFFF if lun is None else lun, bytes(cmd.cdb),
                           ATTRS.get(cmd.attr, 0), direction,
@@ -234,6 +260,7 @@ class Connection:
             # the command fails (the STML answers CHECK CONDITION); the session lives on
             task.failed = True
             task.bursts.clear()
+            self.waiting.pop(task, None)
             self.link.scsi_rx_data(task.tag, d.buffer_offset, (),
                                    error=f"DataSN {d.data_sn} / offset {d.buffer_offset} out of sequence")
             return
@@ -243,6 +270,8 @@ class Connection:
         if d.ttt != P.RESERVED_TAG and end == task.r2ts[d.ttt][1]:
             del task.r2ts[d.ttt]
             self._send_r2ts(task)
+            if self.waiting and not task.bursts:
+                self._resume_r2ts()     # the next oldest task may go past the bound now
 
     # ------------------------------------------------------------ from the STML
     def rdy_to_xfer(self, task: Task, offset: int, length: int) -> None:
@@ -253,24 +282,64 @@ class Connection:
             n = min(mbl, end - offset)
             task.bursts.append((offset, offset + n))
             offset += n
+        if task.bursts:
+            self.waiting[task] = None
         self._send_r2ts(task)
 
     def _send_r2ts(self, task: Task) -> None:
+        """R2Ts within MaxOutstandingR2T and write_limit; those past the bound wait for
+        _resume_r2ts (when the STML answers a task), but see _may_exceed."""
         limit = self.session.params.max_outstanding_r2t
         while task.bursts and len(task.r2ts) < limit:
-            start, end = task.bursts.pop(0)
+            start, end = task.bursts[0]
+            if self.write_held + end - start > self.write_limit and not self._may_exceed(task):
+                return
+            task.bursts.pop(0)
+            task.held += end - start
+            self.write_held += end - start
             ttt = next(self.ttts) & 0x7FFFFFFF
             task.r2ts[ttt] = [start, end, 0]
             exp, mx = self._sns()
             self.out(P.R2T(task.itt, ttt, self.stat_sn, exp, mx, task.r2t_sn, start, end - start,
                            task.lun), b"")
             task.r2t_sn += 1
+        if not task.bursts:
+            self.waiting.pop(task, None)
+
+    def _may_exceed(self, task: Task) -> bool:
+        """Past the bound, the oldest task waiting for R2Ts still gets them when no older
+        task holds write data: every task holding data is then newer and may wait for it
+        (ORDERED), so withholding could deadlock. Otherwise an older task will complete
+        by itself and free room. This lets at most one task's transfer past the bound."""
+        if next(iter(self.waiting)) is not task:
+            return False
+        for t in self.session.itts.values():
+            if t.held and t.tag < task.tag and t.conn is self and t not in self.waiting:
+                return False
+        return True
+
+    def _resume_r2ts(self) -> None:
+        for task in list(self.waiting):
+            self._send_r2ts(task)
+
+    def release(self, task: Task) -> None:
+        """The STML answered (or aborted) the task: its write data no longer counts."""
+        if task.held:
+            self.write_held -= task.held
+            task.held = 0
+        if task.bursts:
+            task.bursts.clear()
+        if self.waiting:
+            self.waiting.pop(task, None)
+            self._resume_r2ts()
 
     def xmit_response(self, task: Task, status: int, sense: bytes | None, resid: int,
                       data: memoryview | None) -> None:
         """Data-In PDUs and the status; the status rides in the last Data-In
         when there is no sense to send (phase collapse)."""
         self.session.itts.pop(task.itt, None)
+        if task.held or self.waiting:
+            self.release(task)
         count, over, under = abs(resid), resid < 0, resid > 0
         if data is not None and len(data):
             collapse = status == 0 and not sense
@@ -350,6 +419,7 @@ class Connection:
     def task_mgmt_fn_done(self, itt: int, fn: int, response: int, aborted: list[Task]) -> None:
         for task in aborted:
             task.conn.session.itts.pop(task.itt, None)
+            task.conn.release(task)
         exp, mx = self._sns()
         self.out(P.TaskMgmtResponse(itt, response if response <= 255 else P.TMF_RESP_REJECTED,
                                     self._next_stat_sn(), exp, mx), b"")
