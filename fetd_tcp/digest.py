@@ -29,23 +29,9 @@ def digest(*bufs) -> bytes:
     return crc32c(*bufs).to_bytes(4, "little")
 
 
-def pad_len(length: int) -> int:
-    """Bytes of zero padding that bring ``length`` to a 4-byte boundary."""
-    return -length & 3
-
-
 def padding(length: int) -> bytes:
     """The zero padding that follows a segment of ``length`` bytes."""
     return _PADS[length & 3]
-
-
-def segment_trailer(data, data_digest: bool) -> tuple[bytes, bytes]:
-    """(padding, digest) to send after a data segment; the digest covers the
-    padding too, and is ``b""`` when DataDigest=None or the segment is empty."""
-    pad = _PADS[len(data) & 3]
-    if not data_digest or not len(data):
-        return pad, b""
-    return pad, digest(data, pad)
 
 
 def check(expected: bytes | memoryview, bufs: Iterable) -> bool:

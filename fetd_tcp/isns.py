@@ -140,7 +140,6 @@ class IsnsClient:
         self.esi = esi
         self.esi_interval = esi_interval   # asked for; the server raises it to its minimum (open-isns: 60 s)
         self.esi_port: int | None = None
-        self.esi_answered = 0
         self._esi_server: asyncio.AbstractServer | None = None
 
     def update(self, targets: list[tuple[str, str]], portals: list[Portal]) -> None:
@@ -177,7 +176,6 @@ class IsnsClient:
                     break
                 writer.write(answer)
                 await writer.drain()
-                self.esi_answered += 1
         except (OSError, asyncio.IncompleteReadError):
             pass
         finally:

@@ -17,7 +17,7 @@ from fetd_tcp.keys import TargetKeys
 from fetd_tcp import login as L
 from fetd_tcp.chap import Credentials
 from fetd_tcp.limits import Limits
-from fetd_tcp.session import Connection, Session, Tags, Task
+from fetd_tcp.session import Connection, Session, Tags
 from stml.api import Detect, FrontEndLink
 
 log = logging.getLogger("fetd_tcp")
@@ -291,7 +291,8 @@ class IscsiFrontEnd:
             if isinstance(pdu, P.LoginRequest):  # 0x0301 service unavailable: try again later
                 log.info("login refused: no STML attached")
                 writer.write(P.LoginResponse(pdu.itt, pdu.isid, 0, 0, pdu.cmd_sn, pdu.cmd_sn, pdu.csg,
-                                             pdu.nsg, status_class=3, status_detail=1).encode())
+                                             pdu.nsg, status_class=L.SERVICE_UNAVAILABLE >> 8,
+                                             status_detail=L.SERVICE_UNAVAILABLE & 0xFF).encode())
             return None
         limits = self.detect_info.limits if self.detect_info else {}
         discovery = self.detect_info.discovery if self.detect_info else {}

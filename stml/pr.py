@@ -30,8 +30,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 from stml.api import DataDir
 from stml.cdb import u16, u32
 from stml.sense import (
-    ILLEGAL_REQUEST, INVALID_FIELD_IN_CDB, INVALID_FIELD_IN_PARAMETER_LIST,
-    PARAMETER_LIST_LENGTH_ERROR, RESERVATION_CONFLICT, CheckCondition, FieldPointer,
+    ILLEGAL_REQUEST, PARAMETER_LIST_LENGTH_ERROR, RESERVATION_CONFLICT, CheckCondition,
     StatusError, invalid_field, invalid_param,
 )
 
@@ -639,7 +638,6 @@ def prout_out_len(task: Task) -> int:
 
 def prout_check(task: Task) -> None:
     cdb = task.cdb
-    sa = cdb[1] & 0x1F
     plen = u32(cdb, 5)
     if plen < 24 or plen > 1 << 16:
         raise CheckCondition(ILLEGAL_REQUEST, PARAMETER_LIST_LENGTH_ERROR)

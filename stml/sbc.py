@@ -29,7 +29,6 @@ from stml.spc import (
 
 if TYPE_CHECKING:
     from stml.emulator import Task
-    from stml.lu import LogicalUnit
 
 _CHUNK = 1 << 20
 

@@ -3,7 +3,6 @@ and the long runner (scripts/fuzz.py). Each `run_*` function takes one generated
 case and raises AssertionError (or an unexpected exception) on a finding."""
 from __future__ import annotations
 
-import struct
 from typing import Any
 
 from hypothesis import strategies as st

@@ -3,7 +3,6 @@ through fetd_loopback, and malformed ZeroMQ contract messages straight at its so
 Every command gets a status in time; the STML never dies and keeps serving."""
 from __future__ import annotations
 
-import struct
 
 import pytest
 from hypothesis import HealthCheck, given, settings

@@ -11,7 +11,6 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
 
 from fetd_tcp import pdu as P
 from rawiscsi import RawInitiator

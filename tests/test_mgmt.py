@@ -8,7 +8,6 @@ import struct
 import subprocess
 import sys
 import tomllib
-from pathlib import Path
 
 import pytest
 
