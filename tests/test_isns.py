@@ -39,16 +39,20 @@ def isnsd(tmp_path, request):
         + "DefaultDiscoveryDomain = 1\n")
     (d / "client.conf").write_text(f"SourceName = iqn.2026-11.org.test:isns-query\n"
                                    f"ServerAddress = 127.0.0.1:{port}\nSecurity = 0\n")
-    subprocess.run(["isnsd", "-c", str(d / "isnsd.conf"), "-4"], check=True, timeout=30)
+    # in the foreground (-f), so the PID we hold is the server's own: a daemonised
+    # isnsd forks after writing its pid file and would outlive the test
+    proc = subprocess.Popen(["isnsd", "-c", str(d / "isnsd.conf"), "-4", "-f"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 10
     while not (d / "isnsd.pid").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
-    pid = int((d / "isnsd.pid").read_text().split()[0])
     yield port, d / "client.conf"
+    proc.terminate()
     try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        pass
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def query(client_conf: Path, *args: str) -> str:
