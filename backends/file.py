@@ -43,11 +43,18 @@ class FileBackend:
         if not exists or (size and not self._blockdev and st.st_size == 0):
             os.ftruncate(self._fd, size)  # sparse: no blocks allocated until written
         self._in_memory = _fs_type(self._fd) in _MEMORY_FS
+        self._size = self._measure()
         self._nowait_reads = True
         self.can_discard = not self._blockdev and not readonly
         self.can_resize = not self._blockdev and not readonly
 
     def size(self) -> int:
+        """Measured at open and on resize() (every command checks its LBA range,
+        and a system call per command cost 17% of the STML's time at 4 KiB);
+        like LIO, a backing store grown behind our back takes `lun resize`."""
+        return self._size
+
+    def _measure(self) -> int:
         if self._blockdev:
             buf = fcntl.ioctl(self._fd, _BLKGETSIZE64, b"\0" * 8)
             return struct.unpack("Q", buf)[0]
@@ -113,6 +120,7 @@ class FileBackend:
 
     def resize(self, size: int) -> None:
         os.ftruncate(self._fd, size)
+        self._size = self._measure()
 
     def mapped_extents(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
         """(offset, length, mapped) runs from SEEK_DATA/SEEK_HOLE; a block device

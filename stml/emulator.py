@@ -10,6 +10,7 @@ the process shell (stml.server) owns the socket.
 from __future__ import annotations
 
 import asyncio
+import collections.abc
 import logging
 import time
 from concurrent.futures import Executor
@@ -132,6 +133,45 @@ class Task:
         self.data_error = error
         if self.data_ready is not None and not self.data_ready.done():
             self.data_ready.set_exception(error)
+
+
+def start_eagerly(coro: collections.abc.Coroutine) -> asyncio.Task | None:
+    """Run a coroutine at once up to its first wait, like Python 3.12's eager
+    tasks: None when it finished (a read from memory, a command refused by its
+    checks), else the Task that finishes it. Most commands never wait, and a
+    Task per command cost a tenth of the STML's time at 4 KiB."""
+    try:
+        waiting_on = coro.send(None)
+    except StopIteration:
+        return None
+    return asyncio.get_running_loop().create_task(_Started(coro, waiting_on))
+
+
+class _Started(collections.abc.Coroutine):
+    """A suspended coroutine, for a Task to finish: the Task's first step gets
+    the future the coroutine already waits on; a cancellation before that
+    step is thrown into the coroutine, so its cleanup runs."""
+
+    __slots__ = ("_coro", "_first")
+
+    def __init__(self, coro: collections.abc.Coroutine, waiting_on: Any) -> None:
+        self._coro = coro
+        self._first: list = [waiting_on]
+
+    def send(self, value: Any) -> Any:
+        if self._first:
+            return self._first.pop()
+        return self._coro.send(value)
+
+    def throw(self, *exc: Any) -> Any:
+        self._first.clear()
+        return self._coro.throw(*exc)
+
+    def close(self) -> None:
+        self._coro.close()
+
+    def __await__(self) -> Any:
+        return self._coro.__await__()
 
 
 @dataclass
@@ -340,8 +380,9 @@ class Emulator:
                 return
         task = Task(self, fe, h, nexus, frames)
         fe.tasks[tag] = task
-        task.runner = asyncio.get_running_loop().create_task(self._execute(task))
-        task.runner.add_done_callback(lambda runner, task=task: self._runner_done(task, runner))
+        task.runner = start_eagerly(self._execute(task))
+        if task.runner is not None:
+            task.runner.add_done_callback(lambda runner, task=task: self._runner_done(task, runner))
 
     def _runner_done(self, task: Task, runner: asyncio.Task) -> None:
         """An aborted task is forgotten whether or not it had started running;
