@@ -218,7 +218,7 @@ class LoopbackClient:
         pending = self._pending.pop(tag, None)
         if pending is None:
             return
-        payload = b"".join(f.buffer for f in data) if len(data) != 1 else data[0].bytes
+        payload = bytes(data[0]) if len(data) == 1 else b"".join(data)
         pending.future.set_result(ScsiResult(status, sense, payload, resid))
 
     def task_mgmt_fn_done(self, tag: int, response: int, aborted: list[int]) -> None:

@@ -132,9 +132,9 @@ class IscsiFrontEnd:
         if not data:
             buf = None
         elif len(data) == 1:
-            buf = data[0].buffer
+            buf = memoryview(data[0])
         else:
-            buf = memoryview(b"".join(f.buffer for f in data))
+            buf = memoryview(b"".join(data))
         task.conn.xmit_response(task, status, sense, resid, buf)
 
     def task_mgmt_fn_done(self, tag: int, response: int, aborted: list[int]) -> None:

@@ -10,6 +10,14 @@ travel as one ZeroMQ message: a header {op: "batch", n: [frames of each
 message]} followed by each message's frames (header first). Receivers split
 it and handle the messages in order.
 
+Same host: beside each ipc://PATH endpoint the STML also listens on a Unix
+stream socket, PATH.stream, that carries the same messages, each as a
+little-endian u32 frame count, a u32 length per frame, then the frames. A
+front end given ipc://PATH uses it when it exists: every ZeroMQ message
+crosses an I/O thread on each side, four thread wake-ups per command that
+cost more than the command itself on small I/O. ZeroMQ stays the carrier
+for tcp:// (remote front ends, CURVE) and for any peer that prefers it.
+
 Front end -> STML
 -----------------
 register_target_front_end  {op, version: [major, minor], kind: str, name: str,
@@ -98,6 +106,8 @@ import asyncio
 import enum
 import logging
 import os
+import socket
+import struct
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -377,6 +387,35 @@ class FrontEndLink:
 
     # -- the link's life ------------------------------------------------------
     def _open(self) -> None:
+        """Connect: the stream socket beside an ipc:// endpoint when the STML
+        offers one, else ZeroMQ. Until the STML is there (neither file exists,
+        or the stream refuses) there is no channel and `_heartbeats` retries."""
+        stream = stream_path(self.endpoint)
+        if stream is not None:
+            if os.path.exists(stream):
+                self._open_stream(stream)
+                return
+            if not os.path.exists(self.endpoint[len("ipc://"):]):
+                return
+        self._open_zmq()
+
+    def _open_stream(self, path: str) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(path)
+        except OSError as e:
+            sock.close()
+            log.debug("STML stream socket %s: %s", path, e)
+            return
+        self._channel = StreamChannel(sock, self._on_message, self._stream_closed)
+
+    def _stream_closed(self) -> None:
+        self._channel = None
+        if self.connected.is_set():
+            log.warning("STML at %s closed the link: re-registering", self.endpoint)
+            self._lost()
+
+    def _open_zmq(self) -> None:
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTING_ID, f"{self.name}-{uuid.uuid4().hex[:8]}".encode())
@@ -452,10 +491,10 @@ class FrontEndLink:
             raise TimeoutError(f"no answer from the STML at {self.endpoint}")
         return self.detect_info
 
-    def _on_message(self, frames: list[zmq.Frame]) -> None:
+    def _on_message(self, frames: list) -> None:
         self._last_rx = time.monotonic()
         try:
-            header = unpack(frames[0].buffer)
+            header = unpack(frames[0])
             handler = self._dispatch[header["op"]]
         except (ValueError, KeyError):
             log.warning("ignoring malformed message from the STML")
@@ -469,6 +508,8 @@ class FrontEndLink:
     async def _heartbeats(self) -> None:
         while True:
             await asyncio.sleep(self.heartbeat / 2)
+            if self._channel is None and stream_path(self.endpoint):
+                self._open()
             now = time.monotonic()
             if self.connected.is_set() and now - self._last_rx > 3 * self.heartbeat:
                 log.warning("STML at %s silent for %.1fs: link lost, re-registering",
@@ -540,7 +581,8 @@ class Channel:
     ZeroMQ message: a `batch` header listing how many frames each carries,
     then each message's frames. Under load this turns many wake-ups of
     ZeroMQ's I/O thread and of the peer into one; at QD1 it costs nothing.
-    `routed` sockets (ROUTER) carry the peer's identity as frame 0.
+    `routed` sockets (ROUTER) carry the peer's identity as frame 0 (bytes);
+    the other frames are delivered as memoryviews.
     """
 
     ZERO_COPY = 64 << 10
@@ -582,9 +624,11 @@ class Channel:
         sock = self.sock
         while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = [f.buffer for f in sock.recv_multipart(zmq.NOBLOCK, copy=False)]
             except zmq.Again:
                 return
+            if self.routed:
+                frames[0] = frames[0].tobytes()
             try:
                 self._deliver(frames)
             except Exception:  # one bad message must not stop the link
@@ -593,7 +637,7 @@ class Channel:
     def _deliver(self, frames: list) -> None:
         head = frames[:1] if self.routed else []
         body = frames[1:] if self.routed else frames
-        counts = _batch_counts(body[0].buffer) if body else None
+        counts = _batch_counts(body[0]) if body else None
         if counts is None:
             self.on_message(frames)
             return
@@ -621,3 +665,193 @@ def _batch_counts(frame: memoryview) -> list[int] | None:
     if not isinstance(counts, list) or not all(isinstance(c, int) and c > 0 for c in counts):
         raise ValueError("malformed batch header")
     return counts
+
+
+def stream_path(endpoint: str) -> str | None:
+    """The Unix stream socket beside an ipc:// endpoint (see the module doc)."""
+    return endpoint[len("ipc://"):] + ".stream" if endpoint.startswith("ipc://") else None
+
+
+_IOV_MAX = 1024
+
+
+class StreamChannel:
+    """One peer's messages on a Unix stream socket: the same-host carrier.
+
+    The same interface as Channel (send a message's frames; `on_message`
+    gets them). Messages queued in one loop iteration leave in one sendmsg,
+    so batching needs no header here. Frames from 64 KiB up are received
+    straight into a buffer of their own and delivered as memoryviews (no
+    copy); smaller ones are copied out of a staging buffer as bytes. A peer
+    that breaks the framing, or closes, ends the channel (`on_closed`).
+    """
+
+    BIG = 64 << 10
+    MAX_FRAMES = 4096
+    MAX_FRAME = 1 << 30
+
+    def __init__(self, sock: socket.socket, on_message: Callable[[list], None],
+                 on_closed: Callable[[], None]) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self.on_message = on_message
+        self.on_closed = on_closed
+        self.closed = False
+        self._loop = asyncio.get_running_loop()
+        self._fd = sock.fileno()
+        self._out: list = []
+        self._flush_scheduled = False
+        self._waiting = False          # the socket is full: its writability resumes the flush
+        self._buf = memoryview(bytearray(self.BIG))
+        self._start = self._end = 0    # unparsed bytes in _buf
+        self._lengths: list[int] = []  # the current message's frames still to come, last first
+        self._frames: list = []        # its frames received so far
+        self._big: memoryview | None = None   # a big frame being received in place
+        self._big_pos = 0
+        self._loop.add_reader(self._fd, self._on_readable)
+
+    def send(self, frames: list) -> None:
+        """Queue a message (header, data...) for this loop iteration."""
+        if self.closed:
+            return
+        self._out.append(struct.pack(f"<{len(frames) + 1}I", len(frames), *map(len, frames)))
+        self._out += frames
+        if not self._flush_scheduled and not self._waiting:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        out = self._out
+        while out and not self.closed:
+            try:
+                _consume(out, self.sock.sendmsg(out[:_IOV_MAX]))
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                self._close()
+                return
+        if out and not self._waiting and not self.closed:
+            self._waiting = True
+            self._loop.add_writer(self._fd, self._flush)
+        elif not out and self._waiting:
+            self._waiting = False
+            self._loop.remove_writer(self._fd)
+
+    def _on_readable(self) -> None:
+        try:
+            if self._big is not None:
+                n = self.sock.recv_into(self._big[self._big_pos:])
+            else:
+                if self._start == self._end:
+                    self._start = self._end = 0
+                elif self._end == len(self._buf):   # make room: move the unparsed tail down
+                    rest = self._end - self._start
+                    self._buf[:rest] = self._buf[self._start:self._end]
+                    self._start, self._end = 0, rest
+                n = self.sock.recv_into(self._buf[self._end:])
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            n = 0
+        if n == 0:
+            self._close()
+            return
+        try:
+            if self._big is None:
+                self._end += n
+            else:
+                self._big_pos += n
+                if self._big_pos < len(self._big):
+                    return
+                big, self._big = self._big, None
+                self._frame(big)
+            self._parse()
+        except ValueError as e:
+            log.error("closing a stream link: %s", e)
+            self._close()
+
+    def _parse(self) -> None:
+        buf = self._buf
+        while not self.closed:
+            start, avail = self._start, self._end - self._start
+            if not self._lengths:
+                if avail < 4:
+                    return
+                count = int.from_bytes(buf[start:start + 4], "little")
+                if not 0 < count <= self.MAX_FRAMES:
+                    raise ValueError(f"a message of {count} frames")
+                if avail < 4 + 4 * count:
+                    return
+                lengths = struct.unpack_from(f"<{count}I", buf, start + 4)
+                if max(lengths) > self.MAX_FRAME:
+                    raise ValueError(f"a frame of {max(lengths)} bytes")
+                self._lengths = list(reversed(lengths))
+                start = self._start = start + 4 + 4 * count
+                avail -= 4 + 4 * count
+            size = self._lengths[-1]
+            if size >= self.BIG:    # its own buffer: what is here now, then receive into it
+                frame = memoryview(bytearray(size))
+                take = min(size, avail)
+                frame[:take] = buf[start:start + take]
+                self._start += take
+                self._lengths.pop()
+                if take < size:
+                    self._big, self._big_pos = frame, take
+                    return
+            elif avail >= size:
+                frame = buf[start:start + size].tobytes()
+                self._start += size
+                self._lengths.pop()
+            else:
+                return
+            self._frame(frame)
+
+    def _frame(self, frame: Any) -> None:
+        self._frames.append(frame)
+        if self._lengths:
+            return
+        frames, self._frames = self._frames, []
+        try:
+            self.on_message(frames)
+        except Exception:  # one bad message must not stop the link
+            log.exception("error handling a message")
+
+    def _close(self, notify: bool = True) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._loop.remove_reader(self._fd)
+        if self._waiting:
+            self._loop.remove_writer(self._fd)
+        self.sock.close()
+        self._out.clear()
+        if notify:
+            self.on_closed()
+
+    def close(self, linger_ms: int = 0) -> None:
+        """Send what is queued (waiting up to linger_ms), then close."""
+        if self.closed:
+            return
+        self._loop.remove_reader(self._fd)
+        if self._out and linger_ms:
+            self.sock.settimeout(linger_ms / 1000)
+            try:
+                while self._out:
+                    _consume(self._out, self.sock.sendmsg(self._out[:_IOV_MAX]))
+            except OSError:
+                pass
+        self._close(notify=False)
+
+
+def _consume(bufs: list, n: int) -> None:
+    """Drop the first n bytes of a list of buffers, in place."""
+    done = 0
+    for b in bufs:
+        if n < len(b):
+            break
+        n -= len(b)
+        done += 1
+    del bufs[:done]
+    if n:
+        bufs[0] = memoryview(bufs[0]).cast("B")[n:]

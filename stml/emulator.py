@@ -93,7 +93,7 @@ class Task:
         self.direction: int = h.get("dir", 0)
         self.exp_len: int = h.get("len", 0)
         self.unsol: int = h.get("unsol", 0)
-        self.data_out: list[memoryview] = [f.buffer for f in imm]
+        self.data_out: list[memoryview] = [memoryview(f) for f in imm]
         self.received = sum(len(b) for b in self.data_out)
         self.need = 0     # bytes the CDB asks the initiator for
         self.want = 0     # bytes this task will collect (less when the initiator sends less)
@@ -121,7 +121,7 @@ class Task:
             self.fail_data(CheckCondition(ABORTED_COMMAND, DATA_PHASE_ERROR))
             return
         for f in frames:
-            buf = f.buffer
+            buf = memoryview(f)
             self.data_out.append(buf)
             self.received += len(buf)
         if self.data_ready is not None and self.received >= self.want and not self.data_ready.done():

@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
+import itertools
 import logging
 import os
 import ipaddress
 import re
 import signal
+import socket
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -15,7 +18,7 @@ from typing import Any
 import zmq
 
 from backends import BackendError, open_backend
-from stml.api import Channel, pack, unpack
+from stml.api import Channel, Op, StreamChannel, pack, stream_path, unpack
 from stml.config import Config, ConfigError
 from stml.emulator import Emulator, Target
 from stml.lu import LogicalUnit
@@ -108,6 +111,9 @@ class StmlServer:
             self.emulator.targets[t.name] = t
         self.emulator.restore_reservations()   # APTPL state kept under the data dir
         self._lock_fd: int | None = None
+        self.listeners: list[socket.socket] = []         # same-host stream sockets
+        self.streams: dict[bytes, StreamChannel] = {}    # their connections, by front-end ident
+        self._stream_ids = itertools.count(1)
 
     def _send(self, ident: bytes, header: dict[str, Any], frames: list) -> None:
         op = header["op"]
@@ -115,7 +121,11 @@ class StmlServer:
             self.metrics.xmit_response(ident, header)
         elif op == "task_mgmt_fn_done" and header.get("aborted"):
             self.metrics.aborted(ident, header["aborted"])
-        self.channel.send([ident, pack(header), *frames])
+        stream = self.streams.get(ident)
+        if stream is not None:
+            stream.send([pack(header), *frames])
+        else:
+            self.channel.send([ident, pack(header), *frames])
 
     def _bind(self) -> None:
         """Bind every endpoint: ipc:// ones plain (file permissions guard them),
@@ -169,10 +179,48 @@ class StmlServer:
                 fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise ConfigError("stml_endpoint", f"another STML is already serving {endpoint}") from None
+            self._bind_stream(stream_path(endpoint))   # first: front ends seeing ipc only take ZeroMQ
         try:
             self.sock.bind(endpoint)
         except zmq.ZMQError as e:
             raise ConfigError("stml_endpoint", f"cannot bind {endpoint}: {e}") from None
+
+    def _bind_stream(self, path: str) -> None:
+        """The same-host carrier beside an ipc:// endpoint (stml.api)."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)   # a dead STML's: we hold the endpoint's lock
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            listener.bind(path)
+        except OSError as e:   # e.g. a path too long for a Unix socket
+            listener.close()
+            log.warning("no stream socket at %s (%s): same-host front ends use ZeroMQ", path, e)
+            return
+        listener.listen(128)
+        listener.setblocking(False)
+        self.listeners.append(listener)
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:   # e.g. out of file descriptors: the front end retries
+                log.warning("stream socket: %s", e)
+                return
+            ident = b"stream-%d" % next(self._stream_ids)
+            self.streams[ident] = StreamChannel(
+                conn, lambda frames, ident=ident: self._receive([ident, *frames]),
+                lambda ident=ident: self._stream_closed(ident))
+
+    def _stream_closed(self, ident: bytes) -> None:
+        """A closed stream is a front end gone for good (it reconnects as a
+        new one): its nexuses are released now, not after heartbeats."""
+        del self.streams[ident]
+        if ident in self.emulator.front_ends:
+            log.info("front end %s closed its stream", self.emulator.front_ends[ident].name)
+            self._receive([ident, pack({"op": Op.DEREGISTER})])
 
     async def serve(self, stop: asyncio.Event) -> None:
         try:
@@ -189,6 +237,9 @@ class StmlServer:
         from stml.mgmt import Management
         self.mgmt = Management(self)
         self.channel = Channel(self.sock, self._receive, routed=True)
+        loop = asyncio.get_running_loop()
+        for listener in self.listeners:
+            loop.add_reader(listener.fileno(), self._accept, listener)
         if self.config.stml.metrics:
             from stml.metrics import PrometheusExporter
             self.exporter = PrometheusExporter(self.metrics, self.emulator, asyncio.get_running_loop())
@@ -203,6 +254,13 @@ class StmlServer:
         beats.cancel()
         await asyncio.sleep(0.05)  # let the release messages leave
         self.channel.close(linger_ms=100)
+        for listener in self.listeners:
+            loop.remove_reader(listener.fileno())
+            with contextlib.suppress(OSError):
+                os.unlink(listener.getsockname())
+            listener.close()
+        for stream in list(self.streams.values()):
+            stream.close(linger_ms=100)
         if self.exporter is not None:
             self.exporter.stop()
         if self.auth is not None:
@@ -213,15 +271,16 @@ class StmlServer:
                 lu.backend.flush()
                 lu.backend.close()
 
-    def _receive(self, frames: list[zmq.Frame]) -> None:
+    def _receive(self, frames: list) -> None:
+        """[ident, header, data...] from either carrier."""
         if len(frames) < 2:
             return
+        ident = frames[0]
         try:
-            header = unpack(frames[1].buffer)
+            header = unpack(frames[1])
         except ValueError as e:
-            log.warning("refused a message from %s: %s", frames[0].bytes.hex(), e)
+            log.warning("refused a message from %s: %s", ident.hex(), e)
             return
-        ident = frames[0].bytes
         op = header["op"]
         if op == "rx_cmnd":
             self.metrics.rx_cmnd(ident, header, self.emulator.front_ends.get(ident))

@@ -17,11 +17,6 @@ from stml.sense import parse_sense
 TARGET = "iqn.2026-11.org.test:disk"
 
 
-class _Frame:
-    def __init__(self, data: bytes) -> None:
-        self.buffer = memoryview(data)
-
-
 @dataclass
 class Result:
     status: int
@@ -69,7 +64,7 @@ class Harness:
             data = self.outdata[h["tag"]][h["offset"]:h["offset"] + h["length"]]
             asyncio.get_running_loop().call_soon(
                 self.emulator.handle, b"fe",
-                {"op": Op.RX_DATA, "tag": h["tag"], "offset": h["offset"]}, [_Frame(data)])
+                {"op": Op.RX_DATA, "tag": h["tag"], "offset": h["offset"]}, [memoryview(data)])
         elif h["op"] == Op.XMIT_RESPONSE:
             fut = self.pending.pop(h["tag"])
             data = b"".join(bytes(f) for f in frames)
