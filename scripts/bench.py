@@ -5,7 +5,10 @@
     scripts/bench.py --loopback        # the STML alone, through the loopback front end
 
 Both targets get an equivalent LUN: a 1 GiB file in /dev/shm (same backing
-kind and size). Workloads run through qemu-img bench (qemu's iSCSI driver,
+kind and size), filled with data first, and ours thick (no logical block
+provisioning, as tgtd): on a thin LUN qemu asks GET LBA STATUS before reads
+of 32 KiB and more and returns zeros for unmapped ranges without reading,
+which would measure nothing. Workloads run through qemu-img bench (qemu's iSCSI driver,
 libiscsi), alternating A B A B so drift on a shared machine cancels out; the
 table shows medians of per-round ratios to tgtd. Nothing is installed:
 `apt-get install tgt qemu-utils qemu-block-extra` first. A PNG chart is
@@ -42,6 +45,15 @@ WORKLOADS = [
 ]
 
 
+def filled_image(path: Path) -> Path:
+    """A SIZE-byte image holding non-zero data, so reads move real pages."""
+    chunk = os.urandom(1 << 20)
+    with open(path, "wb") as f:
+        for _ in range(SIZE >> 20):
+            f.write(chunk)
+    return path
+
+
 def free_port() -> int:
     import socket
     with socket.socket() as s:
@@ -54,10 +66,10 @@ class Ours:
 
     def __init__(self, work: Path) -> None:
         self.port = free_port()
-        self.img = Path("/dev/shm") / f"bench-ours-{os.getpid()}.img"
+        self.img = filled_image(Path("/dev/shm") / f"bench-ours-{os.getpid()}.img")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "scsi_target", "run", "--data-dir", str(work / "ours"),
-             "--lun", f"file:{self.img},size={SIZE}", "--portal", f"127.0.0.1:{self.port}",
+             "--lun", f"file:{self.img},thick", "--portal", f"127.0.0.1:{self.port}",
              "--log-level", "warning"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
         for line in self.proc.stdout:
@@ -89,9 +101,7 @@ class Tgtd:
     def __init__(self, work: Path) -> None:
         self.port = free_port()
         self.ctl = 3000 + os.getpid() % 2000   # tgtd's control "port" is a small socket index
-        self.img = Path("/dev/shm") / f"bench-tgtd-{os.getpid()}.img"
-        with open(self.img, "wb") as f:
-            f.truncate(SIZE)
+        self.img = filled_image(Path("/dev/shm") / f"bench-tgtd-{os.getpid()}.img")
         self.proc = subprocess.Popen(["tgtd", "-f", "-C", str(self.ctl), "--iscsi",
                                       f"portal=127.0.0.1:{self.port}"],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -18,7 +18,7 @@ from typing import Any
 import zmq
 
 from backends import BackendError, open_backend
-from stml.api import Channel, Op, StreamChannel, pack, stream_path, unpack
+from stml.api import BufferPool, Channel, Op, StreamChannel, pack, stream_path, unpack
 from stml.config import Config, ConfigError
 from stml.emulator import Emulator, Target
 from stml.lu import LogicalUnit
@@ -114,6 +114,7 @@ class StmlServer:
         self.listeners: list[socket.socket] = []         # same-host stream sockets
         self.streams: dict[bytes, StreamChannel] = {}    # their connections, by front-end ident
         self._stream_ids = itertools.count(1)
+        self.pool = BufferPool()    # big write-data frames, shared by every stream
 
     def _send(self, ident: bytes, header: dict[str, Any], frames: list) -> None:
         op = header["op"]
@@ -212,7 +213,7 @@ class StmlServer:
             ident = b"stream-%d" % next(self._stream_ids)
             self.streams[ident] = StreamChannel(
                 conn, lambda frames, ident=ident: self._receive([ident, *frames]),
-                lambda ident=ident: self._stream_closed(ident))
+                lambda ident=ident: self._stream_closed(ident), self.pool)
 
     def _stream_closed(self, ident: bytes) -> None:
         """A closed stream is a front end gone for good (it reconnects as a

@@ -1,0 +1,687 @@
+"""The same-host carrier (stml.api.StreamChannel) and its use by the STML and
+front ends.
+
+Unit tests drive a real StreamChannel on a Unix socketpair inside a real
+asyncio loop; the other end is either another StreamChannel or a raw socket
+speaking the wire format as the contract documents it (encoded and decoded
+here, independently of the code under test). End-to-end tests run a real STML
+process (tests/conftest.py fixtures) and fetd_loopback clients.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import random
+import socket
+import stat
+import struct
+import threading
+import time
+import uuid
+from typing import Any, Awaitable, Callable, Iterable, Iterator, Sequence
+
+import pytest
+
+from stml.api import CONTRACT_VERSION, Channel, StreamChannel, _consume, pack, stream_path, unpack
+
+BIG = StreamChannel.BIG
+MiB = 1 << 20
+
+
+# ---------------------------------------------------------------- helpers
+
+def wire(frames: Sequence[bytes | memoryview]) -> bytes:
+    """One message as the contract documents it: u32 count, u32 lengths, frames (LE)."""
+    head = struct.pack(f"<{len(frames) + 1}I", len(frames), *(len(f) for f in frames))
+    return head + b"".join(frames)
+
+
+def decode(data: bytes) -> list[list[bytes]]:
+    """Split a complete wire byte string into messages (the inverse of `wire`)."""
+    out, pos = [], 0
+    while pos < len(data):
+        (count,) = struct.unpack_from("<I", data, pos)
+        lengths = struct.unpack_from(f"<{count}I", data, pos + 4)
+        pos += 4 + 4 * count
+        msg = []
+        for n in lengths:
+            msg.append(data[pos:pos + n])
+            pos += n
+        out.append(msg)
+    assert pos == len(data), "trailing partial message"
+    return out
+
+
+def pair() -> tuple[socket.socket, socket.socket]:
+    return socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+
+
+def sample_messages(seed: int = 1234) -> list[list[bytes]]:
+    """Messages covering every framing case: empty frames, small ones, frames
+    either side of the 64 KiB zero-copy threshold, a 3 MiB one, many frames."""
+    rng = random.Random(seed)
+    return [
+        [b"h0"],
+        [b"h1", b""],
+        [b"", b"x"],
+        [b"h3", rng.randbytes(100), b"", rng.randbytes(BIG - 1), rng.randbytes(BIG), rng.randbytes(BIG + 1)],
+        [b"h4", rng.randbytes(70_000), rng.randbytes(3 * MiB), b"tail"],
+        [b"h5", *(rng.randbytes(rng.randrange(0, 300)) for _ in range(50))],
+        [b"h6", *([b""] * 20)],
+    ]
+
+
+class Sink:
+    """Records what a StreamChannel delivers and how often it reports a close."""
+
+    def __init__(self) -> None:
+        self.messages: list[list[Any]] = []
+        self.closed = 0
+
+    def on_message(self, frames: list) -> None:
+        self.messages.append(frames)
+
+    def on_closed(self) -> None:
+        self.closed += 1
+
+    def channel(self, sock: socket.socket) -> StreamChannel:
+        return StreamChannel(sock, self.on_message, self.on_closed)
+
+    def as_bytes(self) -> list[list[bytes]]:
+        return [[bytes(f) for f in m] for m in self.messages]
+
+
+async def wait_until(cond: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+    """Poll `cond` while the loop runs, failing after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.001)
+
+
+async def spin(n: int = 2) -> None:
+    """Let the loop run n iterations (enough for a call_soon flush and a read)."""
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
+def run(main: Callable[[], Awaitable[Any]]) -> Any:
+    """asyncio.run(main()), failing if any callback raised into the loop (the
+    loop swallows those; the channel must not produce any)."""
+    errors: list[dict[str, Any]] = []
+
+    async def guarded() -> Any:
+        asyncio.get_running_loop().set_exception_handler(lambda loop, ctx: errors.append(ctx))
+        return await main()
+
+    result = asyncio.run(guarded())
+    assert not errors, f"exceptions escaped into the event loop: {errors}"
+    return result
+
+
+def chunks(data: bytes, sizes: Iterable[int]) -> Iterator[bytes]:
+    pos, sizes = 0, iter(sizes)
+    while pos < len(data):
+        n = next(sizes)
+        yield data[pos:pos + n]
+        pos += n
+
+
+async def feed(sock: socket.socket, data: bytes, sizes: Iterable[int]) -> None:
+    """Write raw bytes in the given chunk sizes, letting the receiver read each
+    chunk on its own before the next is written."""
+    loop = asyncio.get_running_loop()
+    sock.setblocking(False)
+    for piece in chunks(data, sizes):
+        await loop.sock_sendall(sock, piece)
+        await spin()
+
+
+class RawReader(threading.Thread):
+    """Reads a socket in its own thread until EOF or `expect` bytes, hashing
+    what arrives (64 MiB need not be held twice); `delay`/`pause` make it slow."""
+
+    def __init__(self, sock: socket.socket, expect: int | None = None, delay: float = 0.0,
+                 pause: float = 0.0, keep: bool = False) -> None:
+        super().__init__(daemon=True)
+        self.sock, self.expect, self.delay, self.pause, self.keep = sock, expect, delay, pause, keep
+        self.sha = hashlib.sha256()
+        self.count = 0
+        self.data = bytearray()
+        self.eof = False
+
+    def run(self) -> None:
+        self.sock.setblocking(True)
+        self.sock.settimeout(30)
+        time.sleep(self.delay)
+        while self.expect is None or self.count < self.expect:
+            piece = self.sock.recv(64 << 10)
+            if not piece:
+                self.eof = True
+                return
+            self.sha.update(piece)
+            self.count += len(piece)
+            if self.keep:
+                self.data += piece
+            if self.pause:
+                time.sleep(self.pause)
+
+
+def wire_digest(messages: Iterable[Sequence[bytes | memoryview]]) -> tuple[str, int]:
+    sha, total = hashlib.sha256(), 0
+    for m in messages:
+        head = struct.pack(f"<{len(m) + 1}I", len(m), *(len(f) for f in m))
+        for piece in (head, *m):
+            sha.update(piece)
+            total += len(piece)
+    return sha.hexdigest(), total
+
+
+# ---------------------------------------------------------------- round trip
+
+def test_round_trip_both_directions_keeps_frames_and_order() -> None:
+    """Every framing case crosses intact, in order, both ways at once (the
+    receiver echoes each message back while more are still arriving)."""
+    messages = sample_messages()
+
+    async def main() -> None:
+        a, b = pair()
+        back = Sink()
+        tx = back.channel(a)
+        rx = Sink()
+        peer: StreamChannel
+
+        def echo(frames: list) -> None:
+            rx.on_message(frames)
+            peer.send(frames)
+
+        peer = StreamChannel(b, echo, rx.on_closed)
+        for m in messages:
+            tx.send(m)
+        await wait_until(lambda: len(back.messages) == len(messages), what="the echoes")
+        assert rx.as_bytes() == messages
+        assert back.as_bytes() == messages
+        assert rx.closed == back.closed == 0
+        tx.close()
+        peer.close()
+
+    run(main)
+
+
+def test_many_messages_in_one_iteration_leave_together_in_wire_format() -> None:
+    """Messages queued in one loop iteration are not written until the loop
+    runs, then leave in order, encoded exactly as the contract documents
+    (more buffers than one sendmsg takes: 2000 messages of three frames)."""
+    messages = [[pack({"op": "m", "i": i}), i.to_bytes(4, "little"), b"" if i % 3 else b"z" * (i % 50)]
+                for i in range(2000)]
+    expected = b"".join(wire(m) for m in messages)
+
+    async def main() -> None:
+        a, b = pair()
+        tx = Sink().channel(a)
+        b.setblocking(False)
+        for m in messages:
+            tx.send(m)
+        with pytest.raises(BlockingIOError):   # queued, not written, until the loop runs
+            b.recv(1)
+        got = bytearray()
+
+        def more() -> bool:
+            try:
+                got.extend(b.recv(1 << 20))
+            except BlockingIOError:
+                pass
+            return len(got) >= len(expected)
+
+        await wait_until(more, what="all bytes")
+        assert bytes(got) == expected
+        assert decode(bytes(got)) == messages
+        tx.close()
+        b.close()
+
+    run(main)
+
+
+def test_max_frames_is_accepted() -> None:
+    """A message of exactly MAX_FRAMES frames is legal."""
+    msg = [b"h", *(bytes([i % 256]) * (i % 3) for i in range(StreamChannel.MAX_FRAMES - 1))]
+
+    async def main() -> None:
+        a, b = pair()
+        rx = Sink()
+        tx, rxc = Sink().channel(a), rx.channel(b)
+        tx.send(msg)
+        tx.send([b"after"])
+        await wait_until(lambda: len(rx.messages) == 2)
+        assert rx.as_bytes() == [msg, [b"after"]]
+        assert rx.closed == 0
+        tx.close()
+        rxc.close()
+
+    run(main)
+
+
+# ---------------------------------------------------------------- framing robustness
+
+def check_delivered(sink: Sink, messages: list[list[bytes]]) -> None:
+    """Same bytes; frames from BIG up arrive as memoryviews (received in place),
+    smaller ones as bytes (copied out of the staging buffer, which is reused)."""
+    assert sink.as_bytes() == messages
+    for m in sink.messages:
+        for f in m:
+            if len(f) >= BIG:
+                assert isinstance(f, memoryview), type(f)
+            else:
+                assert isinstance(f, bytes), type(f)
+    assert sink.closed == 0
+
+
+def test_wire_bytes_one_at_a_time() -> None:
+    """Every parser state survives a read that ends anywhere: one byte per read,
+    across headers, empty frames and a frame just over the in-place threshold."""
+    rng = random.Random(5)
+    messages = [[b"a"], [b"h", b"", b"abc"], [b"big", rng.randbytes(BIG + 3), b"t"], [b"", b""], [b"end"]]
+    data = b"".join(wire(m) for m in messages)
+
+    async def main() -> None:
+        a, b = pair()
+        rx = Sink()
+        ch = rx.channel(b)
+        await feed(a, data, iter(lambda: 1, None))
+        await wait_until(lambda: len(rx.messages) == len(messages))
+        check_delivered(rx, messages)
+        ch.close()
+        a.close()
+
+    run(main)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_wire_bytes_in_random_chunks(seed: int) -> None:
+    """Reads of random sizes (fixed seeds) split headers, small and big frames
+    at arbitrary points, including the staging buffer's end."""
+    messages = sample_messages(seed) * 2
+    data = b"".join(wire(m) for m in messages)
+    rng = random.Random(seed)
+    sizes = iter(lambda: rng.choice([1, 2, 3, 4, 5, 7, 13, 4093, BIG - 1, BIG + 7, 100_000, MiB]), None)
+
+    async def main() -> None:
+        a, b = pair()
+        rx = Sink()
+        ch = rx.channel(b)
+        await feed(a, data, sizes)
+        await wait_until(lambda: len(rx.messages) == len(messages))
+        check_delivered(rx, messages)
+        ch.close()
+        a.close()
+
+    run(main)
+
+
+def test_a_failing_handler_does_not_stop_the_channel() -> None:
+    """One message whose handler raises is logged; the next ones still arrive."""
+
+    async def main() -> None:
+        a, b = pair()
+        seen: list[bytes] = []
+        closed: list[int] = []
+
+        def on_message(frames: list) -> None:
+            seen.append(bytes(frames[0]))
+            if frames[0] == b"bad":
+                raise RuntimeError("handler bug")
+
+        ch = StreamChannel(b, on_message, lambda: closed.append(1))
+        tx = Sink().channel(a)
+        for h in (b"one", b"bad", b"two"):
+            tx.send([h])
+        await wait_until(lambda: len(seen) == 3)
+        assert seen == [b"one", b"bad", b"two"]
+        assert not closed and not ch.closed
+        tx.close()
+        ch.close()
+
+    run(main)
+
+
+# ---------------------------------------------------------------- bad framing and closes
+
+@pytest.mark.parametrize("bad", [
+    struct.pack("<I", 0),
+    struct.pack("<I", StreamChannel.MAX_FRAMES + 1),
+    struct.pack("<2I", 1, StreamChannel.MAX_FRAME + 1),
+    struct.pack("<3I", 2, 5, StreamChannel.MAX_FRAME + 1),
+], ids=["no-frames", "too-many-frames", "frame-too-long", "second-frame-too-long"])
+def test_bad_framing_closes_the_channel(bad: bytes) -> None:
+    """A peer that breaks the framing is cut off: messages before it arrive,
+    on_closed is called once, the socket is closed, nothing after it is parsed."""
+
+    async def main() -> None:
+        a, b = pair()
+        rx = Sink()
+        ch = rx.channel(b)
+        a.sendall(wire([b"good"]) + bad + wire([b"never"]))
+        await wait_until(lambda: rx.closed > 0, what="on_closed")
+        await spin(5)
+        assert rx.closed == 1
+        assert ch.closed
+        assert rx.as_bytes() == [[b"good"]]
+        a.settimeout(5)
+        assert a.recv(1) == b"", "the channel's socket is still open"
+        ch.send([b"ignored"])      # sending on a closed channel is a no-op
+        await spin()
+        a.close()
+
+    run(main)
+
+
+@pytest.mark.parametrize("cut", [0, 2, 9, 12, 20, 40], ids=lambda c: f"after-{c}-bytes")
+def test_peer_eof_calls_on_closed_once(cut: int) -> None:
+    """EOF between messages or inside one (header, small frame, big frame) is
+    reported once; the partial message is not delivered."""
+    partial = wire([b"h", b"12345678", bytes(BIG)])[:cut] if cut else b""
+
+    async def main() -> None:
+        a, b = pair()
+        rx = Sink()
+        ch = rx.channel(b)
+        a.sendall(wire([b"whole"]) + partial)
+        await wait_until(lambda: len(rx.messages) == 1)
+        a.close()
+        await wait_until(lambda: rx.closed > 0, what="on_closed")
+        await spin(5)
+        assert rx.closed == 1 and ch.closed
+        assert rx.as_bytes() == [[b"whole"]]
+
+    run(main)
+
+
+def test_peer_eof_inside_a_big_frame() -> None:
+    """EOF while a big frame is being received in place ends the channel too."""
+
+    async def main() -> None:
+        a, b = pair()
+        rx = Sink()
+        ch = rx.channel(b)
+        a.setblocking(False)
+        await feed(a, wire([b"h", bytes(3 * MiB)])[:2 * MiB], iter(lambda: 256 << 10, None))
+        a.close()
+        await wait_until(lambda: rx.closed > 0, what="on_closed")
+        await spin(5)
+        assert rx.closed == 1 and ch.closed and rx.messages == []
+
+    run(main)
+
+
+def test_write_error_closes_and_reports_once() -> None:
+    """A peer that stopped reading (shutdown SHUT_RD: EPIPE on write, no EOF to
+    read) makes the next flush close the channel and call on_closed once."""
+
+    async def main() -> None:
+        a, b = pair()
+        rx = Sink()
+        ch = rx.channel(a)
+        b.shutdown(socket.SHUT_RD)
+        ch.send([b"x"])
+        await wait_until(lambda: rx.closed > 0, what="on_closed")
+        ch.send([b"y"])
+        await spin(5)
+        assert rx.closed == 1 and ch.closed
+        b.close()
+
+    run(main)
+
+
+def test_local_close_is_not_reported_as_the_peers() -> None:
+    """close() ends the channel without calling on_closed (that callback means
+    the peer went away), and the peer sees EOF."""
+
+    async def main() -> None:
+        a, b = pair()
+        rx = Sink()
+        ch = rx.channel(a)
+        ch.close()
+        ch.close()
+        await spin(5)
+        assert ch.closed and rx.closed == 0
+        b.settimeout(5)
+        assert b.recv(1) == b""
+        b.close()
+
+    run(main)
+
+
+# ---------------------------------------------------------------- back-pressure
+
+def test_back_pressure_with_a_slow_reader() -> None:
+    """64 MiB queued at once (1 MiB memoryview frames) against a reader that
+    starts late and reads slowly: the rest waits for writability, and every
+    byte arrives in order once the reader catches up."""
+    base = random.Random(9).randbytes(MiB + 64 * 4096)
+    view = memoryview(base)
+    messages = [[pack({"op": "m", "i": i}), *(view[(4 * i + k) * 4096:(4 * i + k) * 4096 + MiB] for k in range(4))]
+                for i in range(16)]
+    digest, total = wire_digest(messages)
+
+    async def main() -> None:
+        a, b = pair()
+        tx = Sink()
+        ch = tx.channel(a)
+        reader = RawReader(b, expect=total, delay=0.05, pause=0.0002)
+        reader.start()
+        for m in messages:
+            ch.send(m)
+        await spin()
+        # the socket filled up: the rest now waits for writability (add_writer)
+        assert ch._waiting, "64 MiB fit in the socket buffer? the back-pressure path was not taken"
+        await wait_until(lambda: not reader.is_alive(), timeout=60, what="the reader")
+        assert reader.count == total and reader.sha.hexdigest() == digest
+        await wait_until(lambda: not ch._waiting, what="the writer to be removed")
+        assert tx.closed == 0
+        ch.close()
+        b.close()
+
+    run(main)
+
+
+def test_back_pressure_between_two_channels() -> None:
+    """A StreamChannel receiving 64 MiB (in-place big frames) from another one
+    that is blocked most of the time gets every frame intact."""
+    rng = random.Random(11)
+    blocks = [rng.randbytes(MiB) for _ in range(8)]
+    messages = [[pack({"i": i}), blocks[i % 8], blocks[(i * 3) % 8]] for i in range(32)]
+
+    async def main() -> None:
+        a, b = pair()
+        rx = Sink()
+        tx, rxc = Sink().channel(a), rx.channel(b)
+        for m in messages:
+            tx.send(m)
+        await wait_until(lambda: len(rx.messages) == len(messages), timeout=60)
+        assert rx.as_bytes() == messages
+        tx.close()
+        rxc.close()
+
+    run(main)
+
+
+CONSUME_BUFS: list[Any] = [b"ab", memoryview(b"cde"), b"", bytearray(b"f"), b"", memoryview(b"xghij")[1:], b"k"]
+CONSUME_ALL = b"".join(bytes(x) for x in CONSUME_BUFS)
+
+
+@pytest.mark.parametrize("n", range(len(CONSUME_ALL) + 1))
+def test_consume_drops_exactly_n_bytes(n: int) -> None:
+    """_consume(bufs, n) leaves exactly the bytes after the first n, in place,
+    at frame boundaries (around empty frames too) and inside frames."""
+    bufs = list(CONSUME_BUFS)
+    same = bufs
+    _consume(bufs, n)
+    assert bufs is same
+    assert b"".join(bytes(x) for x in bufs) == CONSUME_ALL[n:]
+    assert b"".join(bytes(x) for x in CONSUME_BUFS) == CONSUME_ALL   # the inputs are untouched
+
+
+def test_consume_in_random_steps() -> None:
+    """Partial writes one after another (a cut inside an already cut buffer)."""
+    rng = random.Random(3)
+    for _ in range(200):
+        bufs = [rng.randbytes(rng.randrange(0, 20)) if rng.random() < 0.5
+                else memoryview(rng.randbytes(rng.randrange(0, 20))) for _ in range(rng.randrange(1, 8))]
+        rest = b"".join(bytes(x) for x in bufs)
+        while rest:
+            n = rng.randrange(0, len(rest) + 1)
+            _consume(bufs, n)
+            rest = rest[n:]
+            assert b"".join(bytes(x) for x in bufs) == rest
+
+
+# ---------------------------------------------------------------- close(linger_ms)
+
+def test_close_with_linger_sends_what_is_queued() -> None:
+    """close(linger_ms) right after send (nothing flushed yet, 8 MiB: more than
+    the socket holds) delivers every queued byte, then EOF."""
+    rng = random.Random(21)
+    messages = [[b"first", rng.randbytes(8 * MiB)], [b"last"]]
+    expected = b"".join(wire(m) for m in messages)
+
+    async def main() -> None:
+        a, b = pair()
+        rx = Sink()
+        ch = rx.channel(a)
+        reader = RawReader(b, keep=True)
+        reader.start()
+        for m in messages:
+            ch.send(m)
+        ch.close(linger_ms=10_000)
+        assert ch.closed and rx.closed == 0
+        await wait_until(lambda: not reader.is_alive(), what="the reader")
+        assert reader.eof and bytes(reader.data) == expected
+
+    run(main)
+
+
+def test_close_with_linger_while_waiting_for_writability() -> None:
+    """close(linger_ms) when part of a message already left and the rest waits
+    on add_writer still sends the rest."""
+    rng = random.Random(22)
+    messages = [[b"first", rng.randbytes(8 * MiB)], [b"last"]]
+    expected = b"".join(wire(m) for m in messages)
+
+    async def main() -> None:
+        a, b = pair()
+        ch = Sink().channel(a)
+        for m in messages:
+            ch.send(m)
+        await spin()
+        assert ch._waiting
+        reader = RawReader(b, keep=True)
+        reader.start()
+        ch.close(linger_ms=10_000)
+        await wait_until(lambda: not reader.is_alive(), what="the reader")
+        assert reader.eof and bytes(reader.data) == expected
+
+    run(main)
+
+
+def test_close_with_linger_gives_up_on_a_peer_that_never_reads() -> None:
+    """A peer that reads nothing does not hold close() much past linger_ms."""
+
+    async def main() -> None:
+        a, b = pair()
+        ch = Sink().channel(a)
+        ch.send([b"h", bytes(8 * MiB)])
+        t0 = time.monotonic()
+        ch.close(linger_ms=100)
+        assert time.monotonic() - t0 < 2
+        assert ch.closed
+        b.close()
+
+    run(main)
+
+
+# ---------------------------------------------------------------- end to end
+
+def open_front_end(path: str, name: str) -> Callable[[], Awaitable[tuple[StreamChannel, Sink]]]:
+    """A minimal front end on the STML's stream socket (raw contract messages)."""
+
+    async def connect() -> tuple[StreamChannel, Sink]:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(path)
+        sink = Sink()
+        ch = sink.channel(sock)
+        ch.send([pack({"op": "register_target_front_end", "version": list(CONTRACT_VERSION),
+                       "kind": "test", "name": name, "heartbeat_ms": 60_000, "aen": False})])
+        return ch, sink
+
+    return connect
+
+
+def test_stml_serves_the_stream_and_removes_it_on_stop(stml, client_factory) -> None:
+    """PATH.stream exists while the STML runs, a loopback client takes it and
+    does I/O over it (big frames both ways), and the file goes with the STML."""
+    path = stream_path(stml.endpoint)
+    assert path == stml.endpoint[len("ipc://"):] + ".stream"
+    assert stat.S_ISSOCK(os.stat(path).st_mode)
+    c = client_factory(stml.endpoint)
+    assert isinstance(c._link._channel, StreamChannel)
+    data = random.Random(31).randbytes(256 << 10)
+    c.write(0, 2048, data)
+    assert c.read(0, 2048, len(data) // 512) == data
+    c.write(0, 8, b"\x5a" * 4096)
+    assert c.read(0, 8, 8) == b"\x5a" * 4096
+    name = c._link.name
+    c.close()
+    stml.wait_log(f"releasing front end {name}: deregistered", timeout=5)
+    stml.stop()
+    assert not os.path.exists(path), "the STML left its stream socket behind"
+
+
+def test_stml_answers_on_the_stream_and_releases_a_front_end_that_drops_it(stml) -> None:
+    """A front end that closes its stream without deregistering is released at
+    once ("closed its stream"), not after missed heartbeats."""
+    name = f"streamtest-{uuid.uuid4().hex[:8]}"
+    connect = open_front_end(stream_path(stml.endpoint), name)
+
+    async def main() -> None:
+        ch, sink = await connect()
+        await wait_until(lambda: bool(sink.messages), what="detect")
+        header = unpack(sink.messages[0][0])
+        assert header["op"] == "detect" and not header.get("error"), header
+        assert header["targets"], header
+        ch.close()
+
+    run(main)
+    text = stml.wait_log(f"releasing front end {name}: deregistered", timeout=5)
+    assert f"front end {name} closed its stream" in text
+    assert stml.alive()
+
+
+def test_loopback_client_whose_stream_breaks_is_released_and_reconnects(stml, client_factory) -> None:
+    """Cutting a loopback client's stream: the STML logs that the front end
+    closed its stream and releases it; the client reconnects over the stream
+    by itself and its I/O works again."""
+    c = client_factory(stml.endpoint)
+    c.write(0, 64, b"\x11" * 512)
+    old = c._link._channel
+    name = c._link.name
+    c._loop.call_soon_threadsafe(old.sock.shutdown, socket.SHUT_RDWR)
+    text = stml.wait_log(f"front end {name} closed its stream", timeout=5)
+    assert f"releasing front end {name}: deregistered" in text
+    c.write(0, 65, b"\x22" * 512)
+    assert c.read(0, 64, 2) == b"\x11" * 512 + b"\x22" * 512
+    assert isinstance(c._link._channel, StreamChannel) and c._link._channel is not old
+
+
+def test_client_falls_back_to_zeromq_without_the_stream_file(stml, client_factory) -> None:
+    """With only the ipc socket there (no PATH.stream), a front end uses
+    ZeroMQ and works as before."""
+    path = stream_path(stml.endpoint)
+    os.unlink(path)
+    c = client_factory(stml.endpoint)
+    assert type(c._link._channel) is Channel
+    data = random.Random(41).randbytes(128 << 10)
+    c.write(0, 4096, data)
+    assert c.read(0, 4096, len(data) // 512) == data
+    assert f"front end {c._link.name} (loopback) registered" in stml.log()
