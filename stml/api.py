@@ -103,8 +103,10 @@ use ZeroMQ CURVE (the STML's key pair; a ZAP allow list of peer public keys).
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import enum
 import logging
+import mmap
 import os
 import socket
 import struct
@@ -681,6 +683,8 @@ def stream_path(endpoint: str) -> str | None:
 
 
 _IOV_MAX = 1024
+_SHARED = 0x80000000   # a frame length with this bit: the frame is (offset, length) in the shared region
+_CONTROL_REGION, _CONTROL_FREE = 1, 2
 
 
 class StreamChannel:
@@ -690,11 +694,17 @@ class StreamChannel:
     gets them). Messages queued in one loop iteration leave in one sendmsg,
     so batching needs no header here; the answers to what one read brought
     leave as soon as that read is handled, without waiting for the next
-    iteration. Frames from 64 KiB up are received
-    straight into a buffer of their own (from `pool`) and delivered as
-    memoryviews (no copy); smaller ones are copied out of a staging buffer as
-    bytes. A peer
-    that breaks the framing, or closes, ends the channel (`on_closed`).
+    iteration. Frames from 64 KiB up are received straight into a buffer of
+    their own (from `pool`) and delivered as memoryviews (no copy); smaller
+    ones are copied out of a staging buffer as bytes.
+
+    Read data skips the socket: the side that owns a `SharedRegion` (the
+    STML) passes its memory to the peer (a memfd, over SCM_RIGHTS, in a
+    control message: frame count 0, kind, then u32 values) and sends frames
+    taken from it as (offset, length) references; the peer delivers them as
+    read-only views of the same memory, valid until the end of that loop
+    iteration, and then hands the slots back (control message "free").
+    A peer that breaks the framing, or closes, ends the channel (`on_closed`).
     """
 
     BIG = 64 << 10
@@ -702,12 +712,14 @@ class StreamChannel:
     MAX_FRAME = 1 << 30
 
     def __init__(self, sock: socket.socket, on_message: Callable[[list], None],
-                 on_closed: Callable[[], None], pool: BufferPool | None = None) -> None:
+                 on_closed: Callable[[], None], pool: BufferPool | None = None,
+                 region: SharedRegion | None = None) -> None:
         sock.setblocking(False)
         self.sock = sock
-        self.pool = pool or BufferPool()
         self.on_message = on_message
         self.on_closed = on_closed
+        self.pool = pool or BufferPool()
+        self.region = region            # ours, lent to the peer
         self.closed = False
         self._loop = asyncio.get_running_loop()
         self._fd = sock.fileno()
@@ -721,14 +733,38 @@ class StreamChannel:
         self._frames: list = []        # its frames received so far
         self._big: memoryview | None = None   # a big frame being received in place
         self._big_pos = 0
+        self._peer_region: memoryview | None = None   # the peer's region, mapped read-only
+        self._fds: list[int] = []       # descriptors received, not yet claimed
+        self._to_free: list[int] = []   # peer slots delivered this iteration
+        self._free_scheduled = False
+        self._freed: list[int] = []     # peer slots to hand back with the next flush
+        self._free_timer: asyncio.TimerHandle | None = None
         self._loop.add_reader(self._fd, self._on_readable)
+        if region is not None:   # the peer gets the region first; the descriptor is then its own
+            try:
+                sock.sendmsg([struct.pack("<4I", 0, _CONTROL_REGION, 1, region.size)],
+                             [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", region.fd))])
+            except OSError:
+                self.region = None
+            region.close()
 
     def send(self, frames: list) -> None:
         """Queue a message (header, data...) for this loop iteration."""
         if self.closed:
             return
-        self._out.append(struct.pack(f"<{len(frames) + 1}I", len(frames), *map(len, frames)))
+        region = self.region
+        if region is not None and any(type(f) is memoryview and id(f.obj) in region.slots for f in frames):
+            frames = [region.lend(f) if type(f) is memoryview and id(f.obj) in region.slots else f
+                      for f in frames]
+            lengths = [_SHARED | f[1] if type(f) is tuple else len(f) for f in frames]
+            frames = [struct.pack("<2I", *f) if type(f) is tuple else f for f in frames]
+        else:
+            lengths = map(len, frames)
+        self._out.append(struct.pack(f"<{len(frames) + 1}I", len(frames), *lengths))
         self._out += frames
+        self._schedule()
+
+    def _schedule(self) -> None:
         if not self._flush_scheduled and not self._waiting and not self._dispatching:
             self._flush_scheduled = True
             self._loop.call_soon(self.flush)
@@ -736,6 +772,13 @@ class StreamChannel:
     def flush(self) -> None:
         self._flush_scheduled = False
         out = self._out
+        if self._freed:
+            out.append(struct.pack(f"<{3 + len(self._freed)}I", 0, _CONTROL_FREE, len(self._freed),
+                                      *self._freed))
+            self._freed.clear()
+        if self._free_timer is not None:
+            self._free_timer.cancel()
+            self._free_timer = None
         while out and not self.closed:
             try:
                 _consume(out, self.sock.sendmsg(out[:_IOV_MAX]))
@@ -762,7 +805,12 @@ class StreamChannel:
                     rest = self._end - self._start
                     self._buf[:rest] = self._buf[self._start:self._end]
                     self._start, self._end = 0, rest
-                n = self.sock.recv_into(self._buf[self._end:])
+                if self._peer_region is None and self.region is None:   # a region may come
+                    n, anc, _, _ = self.sock.recvmsg_into([self._buf[self._end:]],
+                                                          socket.CMSG_SPACE(struct.calcsize("i")))
+                    self._take_fds(anc)
+                else:
+                    n = self.sock.recv_into(self._buf[self._end:])
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
@@ -789,6 +837,12 @@ class StreamChannel:
         if self._out and not self._flush_scheduled and not self._waiting:
             self.flush()
 
+    def _take_fds(self, ancillary: list) -> None:
+        for level, kind, data in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                n = len(data) // struct.calcsize("i")
+                self._fds += struct.unpack(f"{n}i", data[:n * struct.calcsize("i")])
+
     def _parse(self) -> None:
         buf = self._buf
         while not self.closed:
@@ -797,18 +851,28 @@ class StreamChannel:
                 if avail < 4:
                     return
                 count = int.from_bytes(buf[start:start + 4], "little")
-                if not 0 < count <= self.MAX_FRAMES:
+                if count == 0:
+                    if not self._control(start, avail):
+                        return
+                    continue
+                if count > self.MAX_FRAMES:
                     raise ValueError(f"a message of {count} frames")
                 if avail < 4 + 4 * count:
                     return
                 lengths = struct.unpack_from(f"<{count}I", buf, start + 4)
-                if max(lengths) > self.MAX_FRAME:
+                if max(n & ~_SHARED for n in lengths) > self.MAX_FRAME:
                     raise ValueError(f"a frame of {max(lengths)} bytes")
                 self._lengths = list(reversed(lengths))
                 start = self._start = start + 4 + 4 * count
                 avail -= 4 + 4 * count
             size = self._lengths[-1]
-            if size >= self.BIG:    # its own buffer: what is here now, then receive into it
+            if size & _SHARED:
+                if avail < 8:
+                    return
+                frame = self._shared_frame(*struct.unpack_from("<2I", buf, start))
+                self._start += 8
+                self._lengths.pop()
+            elif size >= self.BIG:    # its own buffer: what is here now, then receive into it
                 frame = memoryview(self.pool.get(size))
                 take = min(size, avail)
                 frame[:take] = buf[start:start + take]
@@ -825,6 +889,48 @@ class StreamChannel:
                 return
             self._frame(frame)
 
+    def _control(self, start: int, avail: int) -> bool:
+        """A control message (frame count 0): False until it is all here."""
+        if avail < 12:
+            return False
+        kind, n = struct.unpack_from("<2I", self._buf, start + 4)
+        if n > self.MAX_FRAMES:
+            raise ValueError(f"a control message of {n} values")
+        if avail < 12 + 4 * n:
+            return False
+        values = struct.unpack_from(f"<{n}I", self._buf, start + 12)
+        self._start = start + 12 + 4 * n
+        if kind == _CONTROL_REGION and n == 1 and self.region is None and self._fds:
+            fd = self._fds.pop(0)
+            try:
+                self._peer_region = memoryview(mmap.mmap(fd, values[0], prot=mmap.PROT_READ))
+            except (OSError, ValueError) as e:
+                raise ValueError(f"cannot map the peer's region: {e}") from None
+            finally:
+                os.close(fd)
+        elif kind == _CONTROL_FREE and self.region is not None:
+            self.region.free(values)
+        else:
+            raise ValueError(f"unexpected control message {kind}")
+        return True
+
+    def _shared_frame(self, offset: int, length: int) -> memoryview:
+        region = self._peer_region
+        if region is None or offset + length > len(region):
+            raise ValueError("a reference outside the shared region")
+        self._to_free.append(offset)
+        return region[offset:offset + length]
+
+    def _free_slots(self) -> None:
+        """The slots delivered last iteration are no longer used: they go
+        back with the next message we send (a wake-up of the peer of their
+        own would cost more than the copy they saved), or after 1 ms."""
+        self._free_scheduled = False
+        self._freed += self._to_free
+        self._to_free.clear()
+        if self._free_timer is None and not self.closed:
+            self._free_timer = self._loop.call_later(0.001, self.flush)
+
     def _frame(self, frame: Any) -> None:
         self._frames.append(frame)
         if self._lengths:
@@ -834,6 +940,10 @@ class StreamChannel:
             self.on_message(frames)
         except Exception:  # one bad message must not stop the link
             log.exception("error handling a message")
+        if self._to_free and not self._free_scheduled:
+            # queued after whatever the handler queued (e.g. the writes sending the data)
+            self._free_scheduled = True
+            self._loop.call_soon(self._free_slots)
 
     def _close(self, notify: bool = True) -> None:
         if self.closed:
@@ -844,6 +954,11 @@ class StreamChannel:
             self._loop.remove_writer(self._fd)
         self.sock.close()
         self._out.clear()
+        if self._free_timer is not None:
+            self._free_timer.cancel()
+        for fd in self._fds:
+            os.close(fd)
+        self._fds.clear()
         if notify:
             self.on_closed()
 
@@ -860,6 +975,61 @@ class StreamChannel:
             except OSError:
                 pass
         self._close(notify=False)
+
+
+class SharedRegion:
+    """Memory the STML reads data into and a same-host front end sends from.
+
+    A memfd of `size` bytes, carved into slots by size class (powers of two
+    from 64 KiB). A slot is a ctypes array over the mapping, so every view
+    of it holds a reference to it: it is free again when nothing but this
+    region refers to it (CPython's reference count tells, as in BufferPool)
+    and the peer has handed it back. Bounded: when no slot fits, `get`
+    returns None and the caller uses ordinary memory (the data then travels
+    through the socket).
+    """
+
+    MIN_SLOT = 64 << 10
+
+    def __init__(self, size: int = 64 << 20) -> None:
+        self.size = size
+        self.fd = os.memfd_create("scsi-target-read-data", os.MFD_CLOEXEC)
+        os.ftruncate(self.fd, size)
+        self._map = mmap.mmap(self.fd, size)
+        self._base = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
+        self._top = 0
+        self._by_class: dict[int, list] = {}
+        self.slots: dict[int, int] = {}    # id(slot) -> offset (slots live as long as the region)
+        self._lent: dict[int, Any] = {}               # offset -> slot, until the peer frees it
+
+    def get(self, size: int) -> memoryview | None:
+        """A writable view of `size` bytes in a free slot, or None."""
+        cls = max(self.MIN_SLOT, 1 << (size - 1).bit_length())
+        slots = self._by_class.setdefault(cls, [])
+        for slot in slots:
+            if sys.getrefcount(slot) == 3:   # the list, `slot`, getrefcount's argument
+                return memoryview(slot).cast("B")[:size]
+        if self._top + cls > self.size:
+            return None
+        slot = (ctypes.c_char * cls).from_buffer(self._map, self._top)
+        slots.append(slot)
+        self.slots[id(slot)] = self._top
+        self._top += cls
+        return memoryview(slot).cast("B")[:size]
+
+    def lend(self, view: memoryview) -> tuple[int, int]:
+        """(offset, length) of a view of one of our slots, now lent to the peer."""
+        offset = ctypes.addressof(ctypes.c_char.from_buffer(view)) - self._base
+        self._lent[offset] = view.obj
+        return offset, len(view)
+
+    def free(self, offsets: tuple[int, ...]) -> None:
+        for offset in offsets:
+            self._lent.pop(offset, None)
+
+    def close(self) -> None:
+        """Release the descriptor (the mapping goes with the last view of it)."""
+        os.close(self.fd)
 
 
 def _consume(bufs: list, n: int) -> None:

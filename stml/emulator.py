@@ -196,6 +196,9 @@ class Emulator:
         self._seen_tpgs: dict[str, set[int]] = {}    # target -> tags nexuses came through
         self.send = send
         self.executor = executor
+        # memory read data is read into, per front end: the process shell may
+        # hand out memory the front end shares (stml.server, same-host carrier)
+        self.read_buffer: Callable[[bytes, int], Any] = lambda ident, size: bytearray(size)
         self.name = name
         self.heartbeat = heartbeat_ms / 1000
         self.max_transfer = max_transfer

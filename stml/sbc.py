@@ -37,10 +37,13 @@ def _sync(task: Task) -> bool:
     return fua(task.cdb) or not task.lu.mode.wce
 
 
-async def read_blocks(task: Task, lba: int, blocks: int) -> bytearray:
+async def read_blocks(task: Task, lba: int, blocks: int, response: bool = False) -> bytearray | memoryview:
+    """Read into new memory; `response`: memory that goes back to the front
+    end as read data (maybe shared with it, so it is never copied)."""
     lu = task.lu
-    buf = bytearray(blocks * lu.block_size)
-    if buf and not lu.backend.read_nowait(lba * lu.block_size, memoryview(buf)):
+    size = blocks * lu.block_size
+    buf = task.emulator.read_buffer(task.fe.ident, size) if response else bytearray(size)
+    if size and not lu.backend.read_nowait(lba * lu.block_size, memoryview(buf)):
         await task.io(lu.backend.read_into, lba * lu.block_size, memoryview(buf))
     return buf
 
@@ -76,10 +79,10 @@ def _first_difference(a: bytes | bytearray, b: bytes | bytearray) -> int | None:
 
 # ---------------------------------------------------------------- READ / WRITE
 
-async def read(task: Task) -> bytearray:
+async def read(task: Task) -> bytearray | memoryview:
     lba, blocks = lba_len(task.cdb)
     check_range(task.lu, lba, blocks)
-    return await read_blocks(task, lba, blocks)
+    return await read_blocks(task, lba, blocks, response=True)
 
 
 def received_blocks(task: Task) -> tuple[int, int, list[memoryview]]:
