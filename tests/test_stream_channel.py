@@ -23,7 +23,8 @@ from typing import Any, Awaitable, Callable, Iterable, Iterator, Sequence
 
 import pytest
 
-from stml.api import CONTRACT_VERSION, Channel, StreamChannel, _consume, pack, stream_path, unpack
+from stml.api import (CONTRACT_VERSION, Channel, SharedRegion, StreamChannel, _consume, pack,
+                      stream_path, unpack)
 
 BIG = StreamChannel.BIG
 MiB = 1 << 20
@@ -348,15 +349,23 @@ def test_a_failing_handler_does_not_stop_the_channel() -> None:
 
 # ---------------------------------------------------------------- bad framing and closes
 
+SHARED = 0x80000000   # a frame length with this bit: (offset, length) in the peer's region
+
+
 @pytest.mark.parametrize("bad", [
-    struct.pack("<I", 0),
     struct.pack("<I", StreamChannel.MAX_FRAMES + 1),
     struct.pack("<2I", 1, StreamChannel.MAX_FRAME + 1),
     struct.pack("<3I", 2, 5, StreamChannel.MAX_FRAME + 1),
-], ids=["no-frames", "too-many-frames", "frame-too-long", "second-frame-too-long"])
+    struct.pack("<3I", 0, 99, 0),
+    struct.pack("<3I", 0, 2, StreamChannel.MAX_FRAMES + 1),
+    struct.pack("<4I", 0, 1, 1, 4096),
+    struct.pack("<3I", 2, 1, SHARED | 8) + b"h" + struct.pack("<2I", 0, 8),
+], ids=["too-many-frames", "frame-too-long", "second-frame-too-long", "unknown-control",
+        "control-too-long", "region-without-descriptor", "shared-frame-without-region"])
 def test_bad_framing_closes_the_channel(bad: bytes) -> None:
     """A peer that breaks the framing is cut off: messages before it arrive,
-    on_closed is called once, the socket is closed, nothing after it is parsed."""
+    on_closed is called once, the socket is closed, nothing after it is parsed.
+    (A frame count of 0 starts a control message: its kind must be known.)"""
 
     async def main() -> None:
         a, b = pair()
@@ -453,6 +462,66 @@ def test_local_close_is_not_reported_as_the_peers() -> None:
     run(main)
 
 
+def test_flush_sends_now() -> None:
+    """flush() writes what is queued at once, without waiting for the loop."""
+
+    async def main() -> None:
+        a, b = pair()
+        ch = Sink().channel(a)
+        ch.send([b"now", b"x" * 100])
+        ch.flush()
+        b.setblocking(False)
+        assert b.recv(1 << 16) == wire([b"now", b"x" * 100])
+        ch.close()
+        b.close()
+
+    run(main)
+
+
+# ---------------------------------------------------------------- shared region
+
+def test_shared_region_frames_arrive_as_read_only_views_and_come_back() -> None:
+    """Frames taken from the sender's SharedRegion reach the peer as read-only
+    views of the same memory with the same bytes (ordinary frames beside them
+    as usual); a lent slot is not handed out again until the peer frees it,
+    which it does by itself shortly after delivering it."""
+    rng = random.Random(51)
+    payloads = [rng.randbytes(n) for n in (100_000, 64 << 10, 3 * MiB)]
+
+    async def main() -> None:
+        a, b = pair()
+        region = SharedRegion(8 * MiB)
+        tx = StreamChannel(a, Sink().on_message, lambda: None, region=region)
+        got: list[list[bytes]] = []
+        kinds: list[list[tuple[type, bool]]] = []
+
+        def on_message(frames: list) -> None:   # the views are only valid during this call
+            got.append([bytes(f) for f in frames])
+            kinds.append([(type(f), isinstance(f, memoryview) and f.readonly) for f in frames])
+
+        rx = StreamChannel(b, on_message, lambda: None)
+        lent = []
+        for data in payloads:
+            view = region.get(len(data))
+            assert view is not None
+            view[:] = data
+            lent.append(id(view.obj))   # ids: a reference would keep the slot busy
+            tx.send([b"h", view, b"small"])
+        del view
+        await wait_until(lambda: len(got) == len(payloads), what="the shared frames")
+        assert got == [[b"h", data, b"small"] for data in payloads]
+        assert all(k[1] == (memoryview, True) for k in kinds), kinds
+        # while the peer may still use them, lent slots are not reused
+        again = region.get(len(payloads[0]))
+        assert again is not None and id(again.obj) not in lent
+        del again
+        await wait_until(lambda: not region._lent, what="the peer to hand the slots back")
+        tx.close()
+        rx.close()
+
+    run(main)
+
+
 # ---------------------------------------------------------------- back-pressure
 
 def test_back_pressure_with_a_slow_reader() -> None:
@@ -520,6 +589,8 @@ def test_consume_drops_exactly_n_bytes(n: int) -> None:
     _consume(bufs, n)
     assert bufs is same
     assert b"".join(bytes(x) for x in bufs) == CONSUME_ALL[n:]
+    # nothing left means no buffers left: _flush would spin on zero-byte sendmsgs
+    assert bool(bufs) == (n < len(CONSUME_ALL))
     assert b"".join(bytes(x) for x in CONSUME_BUFS) == CONSUME_ALL   # the inputs are untouched
 
 
@@ -535,6 +606,7 @@ def test_consume_in_random_steps() -> None:
             _consume(bufs, n)
             rest = rest[n:]
             assert b"".join(bytes(x) for x in bufs) == rest
+            assert bool(bufs) == bool(rest)
 
 
 # ---------------------------------------------------------------- close(linger_ms)
