@@ -419,6 +419,16 @@ class FrontEndLink:
             return
         self._channel = StreamChannel(sock, self._on_message, self._stream_closed)
 
+    def _reopen_stream(self) -> None:
+        """Not registered with a same-host STML: connect again, over the stream
+        when it is there (after a restart the STML's stale ipc file may have
+        led us to ZeroMQ while the stream was not yet back)."""
+        if isinstance(self._channel, Channel) and os.path.exists(stream_path(self.endpoint)):
+            self._channel.close()
+            self._channel = None
+        if self._channel is None:
+            self._open()
+
     def _stream_closed(self) -> None:
         self._channel = None
         if self.connected.is_set():
@@ -518,8 +528,8 @@ class FrontEndLink:
     async def _heartbeats(self) -> None:
         while True:
             await asyncio.sleep(self.heartbeat / 2)
-            if self._channel is None and stream_path(self.endpoint):
-                self._open()
+            if stream_path(self.endpoint) and not self.connected.is_set():
+                self._reopen_stream()
             now = time.monotonic()
             if self.connected.is_set() and now - self._last_rx > 3 * self.heartbeat:
                 log.warning("STML at %s silent for %.1fs: link lost, re-registering",
@@ -963,17 +973,18 @@ class StreamChannel:
             self.on_closed()
 
     def close(self, linger_ms: int = 0) -> None:
-        """Send what is queued (waiting up to linger_ms), then close."""
+        """Send what is queued, waiting at most linger_ms in all (0: drop it,
+        as ZeroMQ's linger does), then close."""
         if self.closed:
             return
         self._loop.remove_reader(self._fd)
-        if self._out and linger_ms:
-            self.sock.settimeout(linger_ms / 1000)
-            try:
-                while self._out:
-                    _consume(self._out, self.sock.sendmsg(self._out[:_IOV_MAX]))
-            except OSError:
-                pass
+        deadline = time.monotonic() + linger_ms / 1000
+        try:
+            while self._out and (left := deadline - time.monotonic()) > 0:
+                self.sock.settimeout(left)
+                _consume(self._out, self.sock.sendmsg(self._out[:_IOV_MAX]))
+        except OSError:
+            pass
         self._close(notify=False)
 
 

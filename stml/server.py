@@ -211,7 +211,8 @@ class StmlServer:
             except OSError as e:   # e.g. out of file descriptors: the front end retries
                 log.warning("stream socket: %s", e)
                 return
-            ident = b"stream-%d" % next(self._stream_ids)
+            # a leading zero byte: ZeroMQ peers cannot choose such a routing id
+            ident = b"\0stream-%d" % next(self._stream_ids)
             try:
                 region = SharedRegion()
             except OSError as e:   # no memfd: read data goes through the socket
