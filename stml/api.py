@@ -97,8 +97,9 @@ mgmt_reply       {op, id, ok: bool, result?: any, error?: str}
     STML -> the requester. Changes are hot (front ends get `detect` again,
     nexuses the unit attentions SPC names) and saved to the config file.
 
-Security: ipc:// endpoints are guarded by file permissions; tcp:// endpoints
-use ZeroMQ CURVE (the STML's key pair; a ZAP allow list of peer public keys).
+Security: ipc:// endpoints (and the stream socket beside each) are guarded
+by file permissions; tcp:// endpoints use ZeroMQ CURVE (the STML's key pair;
+a ZAP allow list of peer public keys).
 """
 from __future__ import annotations
 
