@@ -298,12 +298,17 @@ class FrontEndHandler(Protocol):
     def nexus_ready(self, nexus: int, error: str | None) -> None: ...
     def rdy_to_xfer(self, tag: int, offset: int, length: int) -> None: ...
     def xmit_response(self, tag: int, status: int, sense: bytes | None, resid: int,
-                      data: list[zmq.Frame]) -> None: ...
+                      data: list) -> None: ...
+    # `data`: buffers (bytes or memoryviews), valid until the end of this loop
+    # iteration (they may be shared memory the STML takes back): send or copy them.
     def task_mgmt_fn_done(self, tag: int, response: int, aborted: list[int]) -> None: ...
     def report_aen(self, nexus: int | None, lun: int, sense: bytes) -> None: ...
     def link_lost(self) -> None: ...
     # optional (1.1): end a nexus the STML dropped; without it the link just releases it
     # def drop_nexus(self, nexus: int, reason: str) -> None: ...
+    # optional: everything one read from the STML brought has been delivered: a
+    # front end may send its output now rather than at the end of the iteration
+    # def messages_handled(self) -> None: ...
 
 
 class RegistrationRefused(Exception):
@@ -418,7 +423,8 @@ class FrontEndLink:
             sock.close()
             log.debug("STML stream socket %s: %s", path, e)
             return
-        self._channel = StreamChannel(sock, self._on_message, self._stream_closed)
+        self._channel = StreamChannel(sock, self._on_message, self._stream_closed,
+                                      on_dispatched=getattr(self.handler, "messages_handled", None))
 
     def _reopen_stream(self) -> None:
         """Not registered with a same-host STML: connect again, over the stream
@@ -724,11 +730,13 @@ class StreamChannel:
 
     def __init__(self, sock: socket.socket, on_message: Callable[[list], None],
                  on_closed: Callable[[], None], pool: BufferPool | None = None,
-                 region: SharedRegion | None = None) -> None:
+                 region: SharedRegion | None = None,
+                 on_dispatched: Callable[[], None] | None = None) -> None:
         sock.setblocking(False)
         self.sock = sock
         self.on_message = on_message
         self.on_closed = on_closed
+        self.on_dispatched = on_dispatched   # after the messages of one read
         self.pool = pool or BufferPool()
         self.region = region            # ours, lent to the peer
         self.closed = False
@@ -845,6 +853,8 @@ class StreamChannel:
             self._close()
         finally:
             self._dispatching = False
+        if self.on_dispatched is not None and not self.closed:
+            self.on_dispatched()
         if self._out and not self._flush_scheduled and not self._waiting:
             self.flush()
 
