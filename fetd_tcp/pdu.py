@@ -12,7 +12,9 @@ then eight words.  Malformed input raises :class:`PDUError` and nothing else.
 from __future__ import annotations
 
 import struct
-from typing import NamedTuple
+from typing import Callable, Iterator, NamedTuple
+
+from fetd_tcp.digest import DIGEST_LEN, digest
 
 # Opcodes, initiator to target.
 NOP_OUT = 0x00
@@ -756,3 +758,158 @@ def decode_text(data) -> list[tuple[str, str]]:
 def encode_text(pairs) -> bytes:
     """Data segment for ``pairs``: each ``key=value`` followed by a NUL."""
     return b"".join(f"{k}={v}\0".encode() for k, v in pairs)
+
+
+# --- receive framing ------------------------------------------------------------
+
+_WORD1 = struct.Struct(">4xI")   # TotalAHSLength and DataSegmentLength, as one word
+_MAX_AHS = 255 * 4
+
+
+class PduFramer:
+    """The receive side of a connection in full feature phase, without I/O:
+    bytes go in, whole PDUs come out, with the checks of RFC 7143 §11.1 (a
+    data segment within ``max_data``, header and data digests when
+    negotiated).
+
+    Made for a buffered protocol (``recv_into``)::
+
+        buf = framer.get_buffer()          # where the next bytes go
+        framer.received(sock.recv_into(buf))
+        while (item := framer.next()) is not None:
+            pdu, data, header = item       # decoded PDU, data segment, 48-byte BHS
+
+    Small PDUs are parsed in a staging buffer that is reused, so their data
+    segments are copied out (``bytes``). A data segment of ``big`` bytes or
+    more gets a buffer of its own from ``alloc`` (its padding and data digest
+    included), and ``get_buffer`` returns the part of it still to come, so
+    the socket writes it in place: it is delivered as a memoryview of that
+    buffer, which the framer never touches again. Everything ``next``
+    returns thus stays valid for as long as the caller keeps it.
+
+    ``next`` raises :class:`PDUError` for a segment longer than ``max_data``,
+    a digest error (``REJECT_DATA_DIGEST_ERROR`` for the data digest) or a
+    PDU that does not decode; the stream cannot be trusted after that.
+    """
+
+    BIG = 64 << 10
+    STAGE = 128 << 10
+
+    def __init__(self, header_digest: bool, data_digest: bool, max_data: int,
+                 alloc: Callable[[int], bytearray] = bytearray, big: int = BIG,
+                 stage: int = STAGE) -> None:
+        self.hd = DIGEST_LEN if header_digest else 0
+        self.dd = data_digest
+        self.max_data = max_data
+        self.alloc = alloc
+        self.big = big
+        # a staged PDU is smaller than this; a partial one left at the end of
+        # the buffer is moved down, and still leaves room for another
+        largest = BHS_LEN + _MAX_AHS + DIGEST_LEN + big + 3 + DIGEST_LEN
+        self._buf = memoryview(bytearray(max(stage, 2 * largest)))
+        self._low = len(self._buf) - largest      # move down once the free room is below this
+        self._start = self._end = 0               # unparsed bytes in _buf
+        self._seg: memoryview | None = None       # a big data segment received in place
+        self._seg_pos = 0
+        self._head: tuple[bytes, bytes, int] = (b"", b"", 0)   # its BHS, AHS, DataSegmentLength
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet returned as (part of) a PDU."""
+        return self._end - self._start + (self._seg_pos if self._seg is not None else 0)
+
+    def get_buffer(self) -> memoryview:
+        """Where the next received bytes go (never empty)."""
+        if self._seg is not None:
+            return self._seg[self._seg_pos:]
+        buf = self._buf
+        if self._start == self._end:
+            self._start = self._end = 0
+        elif self._end > self._low:
+            rest = self._end - self._start
+            buf[:rest] = buf[self._start:self._end]
+            self._start, self._end = 0, rest
+        return buf[self._end:]
+
+    def received(self, n: int) -> None:
+        """``n`` bytes were written at the start of the last ``get_buffer()``."""
+        if self._seg is not None:
+            self._seg_pos += n
+        else:
+            self._end += n
+
+    def feed(self, data) -> Iterator[tuple[PDU, bytes | memoryview, bytes]]:
+        """Take ``data`` (e.g. bytes read before this framer existed) and
+        yield the PDUs it completes, as ``next`` returns them (an error is
+        raised where it is met, after the PDUs before it)."""
+        mv = memoryview(data).cast("B")
+        while True:
+            while (item := self.next()) is not None:
+                yield item
+            if not mv:
+                return
+            buf = self.get_buffer()
+            n = min(len(buf), len(mv))
+            buf[:n] = mv[:n]
+            mv = mv[n:]
+            self.received(n)
+
+    def next(self) -> tuple[PDU, bytes | memoryview, bytes] | None:
+        """The next complete PDU as (PDU, data segment, BHS), or None."""
+        if self._seg is not None:
+            if self._seg_pos < len(self._seg):
+                return None
+            return self._segment_done()
+        buf, start = self._buf, self._start
+        avail = self._end - start
+        if avail < BHS_LEN:
+            return None
+        (word,) = _WORD1.unpack_from(buf, start)
+        ahs_len, length = (word >> 24) * 4, word & 0xFFFFFF
+        if length > self.max_data:
+            raise PDUError(f"data segment of {length} bytes exceeds {self.max_data}")
+        pos = start + BHS_LEN + ahs_len + self.hd          # where the data segment starts
+        padded = (length + 3) & ~3
+        end = pos + padded + (DIGEST_LEN if self.dd and length else 0)
+        if length >= self.big:
+            if avail < pos - start:
+                return None
+            header, ahs = self._header(start, ahs_len)
+            size = end - pos
+            seg = memoryview(self.alloc(size))[:size]
+            take = min(self._end - pos, size)
+            seg[:take] = buf[pos:pos + take]
+            self._start = pos + take
+            self._seg, self._seg_pos, self._head = seg, take, (header, ahs, length)
+            if take < size:
+                return None
+            return self._segment_done()
+        if avail < end - start:
+            return None
+        header, ahs = self._header(start, ahs_len)
+        data = b""
+        if length:
+            data = buf[pos:pos + length].tobytes()
+            if self.dd and buf[pos + padded:end] != digest(buf[pos:pos + padded]):
+                raise PDUError("data digest error", REJECT_DATA_DIGEST_ERROR)
+        self._start = end
+        return decode_pdu(header, ahs), data, header
+
+    def _header(self, start: int, ahs_len: int) -> tuple[bytes, bytes]:
+        buf = self._buf
+        header = buf[start:start + BHS_LEN].tobytes()
+        ahs = buf[start + BHS_LEN:start + BHS_LEN + ahs_len].tobytes() if ahs_len else b""
+        if self.hd:
+            at = start + BHS_LEN + ahs_len
+            if buf[at:at + DIGEST_LEN] != digest(header, ahs):
+                raise PDUError("header digest error")
+        return header, ahs
+
+    def _segment_done(self) -> tuple[PDU, memoryview, bytes]:
+        seg, (header, ahs, length) = self._seg, self._head
+        self._seg, self._head = None, (b"", b"", 0)
+        if self.dd:
+            padded = (length + 3) & ~3
+            if seg[padded:padded + DIGEST_LEN] != digest(seg[:padded]):
+                raise PDUError("data digest error", REJECT_DATA_DIGEST_ERROR)
+        return decode_pdu(header, ahs), seg[:length], header

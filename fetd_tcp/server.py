@@ -3,13 +3,14 @@ and the STML link (stml.api, the only STML module a front end uses)."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import os
 import secrets
 import signal
 import socket
-from typing import Any
+from typing import Any, Iterator
 
 from fetd_tcp import pdu as P
 from fetd_tcp.digest import DIGEST_LEN, digest, padding
@@ -18,7 +19,7 @@ from fetd_tcp import login as L
 from fetd_tcp.chap import Credentials
 from fetd_tcp.limits import Limits
 from fetd_tcp.session import Connection, Session, Tags
-from stml.api import Detect, FrontEndLink
+from stml.api import BufferPool, Detect, FrontEndLink
 
 log = logging.getLogger("fetd_tcp")
 
@@ -26,6 +27,7 @@ LOGIN_TIMEOUT = 15.0     # a connection must finish login within this
 NOP_INTERVAL = 10.0      # idle connections are pinged this often; unanswered twice -> dropped
 CMD_WINDOW = 128         # MaxCmdSN - ExpCmdSN + 1, capped by the STML's queue depth
 MAX_CONNECTIONS = 4     # connections per session we accept (MC/S)
+WRITE_BACKLOG = 4 << 20  # past this much unsent output, a connection stops reading until it drains
 
 
 class PortalSpec:
@@ -58,6 +60,7 @@ class IscsiFrontEnd:
         self.writers: set[Any] = set()
         self.limits = Limits.from_env()
         self.open_conns: dict[Any, int] = {}             # portal / peer host -> open connections
+        self.pool = BufferPool()                         # receive buffers for big data segments
 
     # ------------------------------------------------------------ STML -> us
     def detect(self, detect: Detect) -> None:
@@ -377,24 +380,14 @@ class IscsiFrontEnd:
 
     async def _full_feature(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                             conn: Connection) -> None:
-        p = conn.params
+        """Full feature phase: the connection's transport is handed from the
+        login's StreamReader to a ConnectionProtocol, which handles PDUs as
+        they arrive; this waits for the connection to end."""
+        proto = ConnectionProtocol(conn, self.link, writer.transport, self.pool.get)
         pinger = asyncio.create_task(self._pinger(conn))
         try:
-            while not conn.closing:
-                try:
-                    pdu, data, header = await self._read_pdu(
-                        reader, p.header_digest, p.data_digest, p.max_recv_data_segment_length)
-                except P.PDUError as e:
-                    if e.reject_reason == P.REJECT_DATA_DIGEST_ERROR:
-                        conn.reject(e.reject_reason, b"\0" * P.BHS_LEN)
-                    raise
-                conn.idle = False
-                try:
-                    conn.receive(pdu, data)
-                except P.PDUError as e:
-                    conn.reject(e.reject_reason, header)
-                if writer.transport.get_write_buffer_size() > (4 << 20):
-                    await writer.drain()
+            proto.take_over(reader)
+            await proto.done
         finally:
             pinger.cancel()
 
@@ -424,6 +417,131 @@ class IscsiFrontEnd:
                 del self.tags.tasks[tag]
             if not s.discovery:
                 self.link.scsi_release(s.nexus)
+
+
+class ConnectionProtocol(asyncio.BufferedProtocol):
+    """A connection's input in full feature phase, as a buffered protocol.
+
+    Every read is framed in place (fetd_tcp.pdu.PduFramer: big data segments
+    are received straight into a buffer of their own) and every complete PDU
+    it holds goes to `conn.receive` in order, within the read's callback (no
+    task wake-up per PDU); then what those PDUs queued for the STML leaves at
+    once (`link.flush`). `done` ends with the connection: a result when it
+    closes (EOF, Logout), an exception for a framing or digest error
+    (PDUError: after a data digest error a Reject goes out first) or a bug.
+    A PDU the session refuses (PDUError from `receive`) gets a Reject and the
+    connection goes on. While more than WRITE_BACKLOG bytes wait in the
+    transport, reading stops until it drains (as `drain()` did)."""
+
+    def __init__(self, conn: Connection, link: Any, transport: asyncio.Transport,
+                 alloc: Any = bytearray) -> None:
+        p = conn.params
+        self.conn, self.link, self.transport = conn, link, transport
+        self.framer = P.PduFramer(p.header_digest, p.data_digest, p.max_recv_data_segment_length, alloc)
+        self.done: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.write_paused = False   # the transport's buffer is over its high-water mark
+        self.read_paused = False    # we paused reading until it is under its low-water mark
+
+    def take_over(self, reader: asyncio.StreamReader) -> None:
+        """Become the transport's protocol after login. What the StreamReader
+        already holds (an initiator may send its first commands right behind
+        the last Login Request) is handled first."""
+        buffered = reader._buffer           # no public way to take it without awaiting
+        pending = bytes(buffered)
+        buffered.clear()
+        self.transport.set_protocol(self)
+        self.transport.resume_reading()     # the StreamReader may have paused it
+        if pending:
+            self._run(self.framer.feed(pending))
+        if self.conn.closing:
+            self._end(None)
+        if reader.at_eof() or reader.exception() is not None:
+            self._end(None)                 # the initiator closed during login: as IncompleteReadError
+
+    # -- asyncio.BufferedProtocol
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.framer.get_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.framer.received(nbytes)
+        if not self.done.done():
+            self._run()
+
+    def eof_received(self) -> None:
+        return None     # the transport closes: connection_lost ends `done`
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._end(exc)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.read_paused and not self.done.done():
+            self.read_paused = False
+            self._run()
+            if not self.read_paused:
+                self.transport.resume_reading()
+
+    # -- input
+    def _run(self, feed: Iterator | None = None) -> None:
+        """Handle every complete PDU the framer holds (or `feed` yields), in
+        order, until the connection closes or its output backs up."""
+        conn, transport = self.conn, self.transport
+        source = self.framer.next if feed is None else functools.partial(next, feed, None)
+        handled = False
+        try:
+            while not conn.closing and not transport.is_closing():
+                try:
+                    item = source()
+                except P.PDUError as e:
+                    if e.reject_reason == P.REJECT_DATA_DIGEST_ERROR:
+                        conn.reject(e.reject_reason, b"\0" * P.BHS_LEN)
+                    raise
+                if item is None:
+                    break
+                pdu, data, header = item
+                conn.idle = False
+                handled = True
+                try:
+                    conn.receive(pdu, data)
+                except P.PDUError as e:
+                    conn.reject(e.reject_reason, header)
+                if feed is None and self.write_paused and transport.get_write_buffer_size() > WRITE_BACKLOG:
+                    self.read_paused = True
+                    transport.pause_reading()
+                    break
+            else:
+                if conn.closing:        # Logout: the connection ends here, as the read loop did
+                    self._end(None)
+        except Exception as e:          # PDUError, or a bug: it costs this connection only
+            self._fail(e)
+        finally:
+            if handled:
+                try:
+                    self.link.flush()
+                except Exception:
+                    log.exception("STML link flush failed")
+
+    def _fail(self, exc: Exception) -> None:
+        """The stream cannot be trusted (or we broke): send what is pending
+        (a Reject for a data digest error), close, and end with `exc`."""
+        try:
+            out = self.conn.out
+            if isinstance(out, PduWriter):
+                out.flush()
+        finally:
+            self.transport.close()
+            self._end(exc)
+
+    def _end(self, exc: BaseException | None) -> None:
+        if self.done.done():
+            return
+        if exc is None:
+            self.done.set_result(None)
+        else:
+            self.done.set_exception(exc)
 
 
 class PduWriter:
