@@ -66,7 +66,7 @@ class Ours:
 
     def __init__(self, work: Path) -> None:
         self.port = free_port()
-        self.img = filled_image(Path("/dev/shm") / f"bench-ours-{os.getpid()}.img")
+        self.img = filled_image(Path("/dev/shm") / f"bench-ours-{os.getpid()}-{self.port}.img")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "scsi_target", "run", "--data-dir", str(work / "ours"),
              "--lun", f"file:{self.img},thick", "--portal", f"127.0.0.1:{self.port}",
