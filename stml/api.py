@@ -590,8 +590,11 @@ class FrontEndLink:
 
 def run_loop(main: Any) -> Any:
     """asyncio.run, on uvloop when it is installed (a faster event loop for both
-    the STML and front ends; optional: `pip install uvloop`)."""
+    the STML and front ends; optional: `pip install uvloop`), unless
+    SCSI_TARGET_LOOP=asyncio asks for the standard one."""
     try:
+        if os.environ.get("SCSI_TARGET_LOOP") == "asyncio":
+            raise ImportError
         import uvloop
     except ImportError:
         return asyncio.run(main)
