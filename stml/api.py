@@ -404,14 +404,16 @@ class FrontEndLink:
     # -- the link's life ------------------------------------------------------
     def _open(self) -> None:
         """Connect: the stream socket beside an ipc:// endpoint when the STML
-        offers one, else ZeroMQ. Until the STML is there (neither file exists,
-        or the stream refuses) there is no channel and `_heartbeats` retries."""
+        offers one, else ZeroMQ. Until a same-host STML is there (no stream,
+        and nothing listening on the ipc file, which a stopped STML leaves
+        behind) there is no channel and `_heartbeats` retries, so a restarted
+        STML is found on its stream (it binds that first)."""
         stream = stream_path(self.endpoint)
         if stream is not None:
             if os.path.exists(stream):
                 self._open_stream(stream)
                 return
-            if not os.path.exists(self.endpoint[len("ipc://"):]):
+            if not _listening(self.endpoint[len("ipc://"):]):
                 return
         self._open_zmq()
 
@@ -695,6 +697,19 @@ def _batch_counts(frame: memoryview) -> list[int] | None:
     if not isinstance(counts, list) or not all(isinstance(c, int) and c > 0 for c in counts):
         raise ValueError("malformed batch header")
     return counts
+
+
+def _listening(path: str) -> bool:
+    """Something accepts connections on this Unix socket path (a plain
+    connect, closed at once: ZeroMQ drops a peer that never greets it)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
 
 
 def stream_path(endpoint: str) -> str | None:

@@ -796,10 +796,6 @@ def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
         time.sleep(0.02)
 
 
-@pytest.mark.xfail(reason="the fix in f0da7f2 does not hold: during the downtime the client's ZeroMQ "
-                   "DEALER queues its registrations; the restarted STML binds the stream, then the "
-                   "ipc socket, the DEALER reconnects and registers, and FrontEndLink._heartbeats "
-                   "only goes back to the stream while not registered, so it stays on ZeroMQ")
 def test_loopback_client_is_back_on_the_stream_after_a_graceful_restart(stml, client_factory) -> None:
     """SIGTERM, then the STML starts again on the same endpoint and data dir: a
     connected loopback client registers again and ends up on the stream, not
@@ -818,9 +814,12 @@ def test_loopback_client_is_back_on_the_stream_after_a_graceful_restart(stml, cl
         stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         stale.bind(ipc)
         stale.close()
-    # the downtime lasts until the client has tried again (every 0.5 s): with
-    # only the ipc file there, that takes it to ZeroMQ
-    wait_for(lambda: type(link._channel) is Channel, 5, "the client to try ZeroMQ meanwhile")
+    # the client retries every 0.5 s meanwhile: a stale ipc file (nothing
+    # listening) must not take it to ZeroMQ, where it would stay
+    deadline = time.monotonic() + 1.5
+    while time.monotonic() < deadline:
+        assert type(link._channel) is not Channel, "went to ZeroMQ on a stale ipc file"
+        time.sleep(0.05)
     stml.start()
     # heartbeat_ms 1000: the link retries every 0.5 s; allow a few seconds
     try:
