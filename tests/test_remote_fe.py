@@ -179,8 +179,9 @@ def test_remote_front_end_over_curve(netns, keys, tmp_path):
         # kill -9 of the front end during I/O: the STML releases it within its
         # heartbeat window; a restarted front end serves the LUN again and the
         # acknowledged data is intact
-        io = subprocess.Popen(netns.exec(netns.fe_ns) + ["qemu-io", "-f", "raw", "-c",
-                                                         "write -P 0x3c 8M 56M", url],
+        # the same 56 MiB twenty times over: still writing when the kill comes
+        passes = ["-c", "write -P 0x3c 8M 56M"] * 20
+        io = subprocess.Popen(netns.exec(netns.fe_ns) + ["qemu-io", "-f", "raw", *passes, url],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         time.sleep(0.3)
         assert io.poll() is None, "the I/O ended before the kill: make it longer"
