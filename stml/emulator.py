@@ -33,6 +33,7 @@ from stml.sense import (
 )
 
 log = logging.getLogger("stml")
+_READ, _WRITE = int(DataDir.READ), int(DataDir.WRITE)   # plain ints: IntFlag operators are slow
 
 Send = Callable[[bytes, dict[str, Any], list], None]
 
@@ -451,7 +452,7 @@ class Emulator:
                 self.establish_ua(task.lu, PREVIOUS_STATUS_UA[status], [task.nexus.key])
         except (BackendError, OSError) as e:
             log.error("backend error on %s LUN %d: %s", task.nexus.target, task.lun, e)
-            asc = UNRECOVERED_READ_ERROR if task.direction & DataDir.READ else WRITE_ERROR
+            asc = UNRECOVERED_READ_ERROR if task.direction & _READ else WRITE_ERROR
             status, sense = CHECK_CONDITION, build_sense(MEDIUM_ERROR, asc, descriptor)
         except Exception:
             log.exception("internal error on CDB %s", task.cdb.hex())
@@ -539,7 +540,7 @@ class Emulator:
         if need > self.max_transfer:
             raise CheckCondition(ILLEGAL_REQUEST, INVALID_FIELD_IN_CDB)
         # a front end that declared no data-out direction sends no write data
-        exp_out = task.exp_len if task.direction & DataDir.WRITE else 0
+        exp_out = task.exp_len if task.direction & _WRITE else 0
         if need > exp_out:
             if not entry.partial:
                 # the initiator will not send what the CDB asks for: refuse before data moves
@@ -566,7 +567,7 @@ class Emulator:
         exp = task.exp_len
         frames: list = []
         resid = exp
-        if data is not None and task.direction & DataDir.READ:
+        if data is not None and task.direction & _READ:
             n = len(data)
             resid = exp - n
             if n > exp:

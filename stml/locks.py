@@ -23,6 +23,11 @@ class WriteGate:
             self._cond = asyncio.Condition()
         return self._cond
 
+    @property
+    def exclusive_pending(self) -> bool:
+        """An exclusive section holds the gate or waits for it."""
+        return self._exclusive or self._waiting_exclusive > 0
+
     @asynccontextmanager
     async def shared(self) -> AsyncIterator[None]:
         if not self._exclusive and not self._waiting_exclusive:

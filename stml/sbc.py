@@ -49,8 +49,12 @@ async def read_blocks(task: Task, lba: int, blocks: int, response: bool = False)
 
 
 async def write_blocks(task: Task, lba: int, bufs: list, sync: bool) -> None:
-    """A write outside any exclusive section: enters the write gate shared."""
+    """A write outside any exclusive section: enters the write gate shared. A
+    write done in place while no exclusive section runs or waits cannot
+    interleave with one (nothing else runs meanwhile), so it skips the gate."""
     lu = task.lu
+    if not lu.write_gate.exclusive_pending and lu.backend.write_nowait(lba * lu.block_size, bufs, sync):
+        return
     async with lu.write_gate.shared():
         if not lu.backend.write_nowait(lba * lu.block_size, bufs, sync):
             await task.io(lu.backend.write_from, lba * lu.block_size, bufs, sync)
