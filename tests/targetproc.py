@@ -17,7 +17,8 @@ class Target:
     """`scsi-target run` on an ephemeral loopback port, in its own process group."""
 
     def __init__(self, *args: str, data_dir: str | None = None, portals: tuple[str, ...] = ("127.0.0.1:0",),
-                 config: str | None = None, expect_portals: int | None = None) -> None:
+                 config: str | None = None, expect_portals: int | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.data_dir = data_dir or tempfile.mkdtemp(prefix="st", dir="/tmp")
         cmd = [sys.executable, "-m", "scsi_target", "run", "--data-dir", self.data_dir, *args]
         if config:
@@ -26,7 +27,7 @@ class Target:
             cmd += ["--portal", p]
         self.log_path = Path(self.data_dir) / "target.log"
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     start_new_session=True)
+                                     start_new_session=True, env={**os.environ, **(env or {})})
         self.lines: list[str] = []
         self.portals: list[str] = []
         self._ready = threading.Event()

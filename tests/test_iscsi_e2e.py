@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -54,6 +56,27 @@ def test_qemu_img_convert_and_compare(target, tmp_path):
     run(["qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(src), target.url()])
     out = run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(src), target.url()]).stdout
     assert "Images are identical" in out
+
+
+def test_standard_event_loop(tmp_path):
+    """SCSI_TARGET_LOOP=asyncio: every process runs on asyncio's own loop
+    instead of uvloop, and the data path (shared read memory included) works."""
+    if not shutil.which("qemu-img"):
+        pytest.skip("qemu-utils is not installed")
+    t = Target("--lun", "ram:32MiB", env={"SCSI_TARGET_LOOP": "asyncio"})
+    try:
+        src = tmp_path / "src.img"
+        src.write_bytes(os.urandom(32 << 20))
+        run(["qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(src), t.url()])
+        out = run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(src), t.url()]).stdout
+        assert "Images are identical" in out
+        children = subprocess.run(["pgrep", "-P", str(t.proc.pid)], capture_output=True,
+                                  text=True).stdout.split()
+        assert len(children) == 2   # the STML and fetd_tcp
+        for pid in children:
+            assert "uvloop" not in Path(f"/proc/{pid}/maps").read_text(), pid
+    finally:
+        t.stop()
 
 
 def test_qemu_img_segment_crossing_pattern(target, tmp_path):
