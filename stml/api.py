@@ -790,7 +790,8 @@ class StreamChannel:
         if self.closed:
             return
         region = self.region
-        if region is not None and any(type(f) is memoryview and id(f.obj) in region.slots for f in frames):
+        if region is not None and len(frames) > 1 and any(
+                type(f) is memoryview and id(f.obj) in region.slots for f in frames):
             frames = [region.lend(f) if type(f) is memoryview and id(f.obj) in region.slots else f
                       for f in frames]
             lengths = [_SHARED | f[1] if type(f) is tuple else len(f) for f in frames]
