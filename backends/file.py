@@ -70,6 +70,10 @@ class FileBackend:
             done += n
 
     def write_from(self, offset: int, bufs: Sequence[memoryview], sync: bool) -> None:
+        if len(bufs) <= _IOV_MAX and os.pwritev(self._fd, bufs, offset) == sum(map(len, bufs)):
+            if sync:   # the usual case: one system call wrote it all
+                os.fdatasync(self._fd)
+            return
         views = [memoryview(b).cast("B") for b in bufs]
         for i in range(0, len(views), _IOV_MAX):
             chunk = views[i:i + _IOV_MAX]
