@@ -565,6 +565,7 @@ class PduWriter:
         self.fd = writer.get_extra_info("socket").fileno()
         self.hd, self.dd = params.header_digest, params.data_digest
         self.parts: list = []
+        self.size = 0               # bytes in parts
         self.scheduled = False
         self.loop = asyncio.get_running_loop()
 
@@ -572,15 +573,21 @@ class PduWriter:
         hdr = pdu.encode()
         parts = self.parts
         parts.append(hdr)
+        size = len(hdr)
         if self.hd:
             parts.append(digest(hdr))
-        if len(data):
+            size += DIGEST_LEN
+        n = len(data)
+        if n:
             parts.append(data)
-            pad = padding(len(data))
+            pad = padding(n)
+            size += n + len(pad)
             if pad:
                 parts.append(pad)
             if self.dd:
                 parts.append(digest(data, pad))
+                size += DIGEST_LEN
+        self.size += size
         if not self.scheduled:
             self.scheduled = True
             self.pending.add(self)
@@ -595,6 +602,7 @@ class PduWriter:
         self.scheduled = False
         self.pending.discard(self)
         parts, self.parts = self.parts, []
+        size, self.size = self.size, 0
         if not parts or self.transport.is_closing():
             return
         if self.transport.get_write_buffer_size() == 0:
@@ -602,6 +610,9 @@ class PduWriter:
                 while parts:
                     chunk = parts[:self.IOV_MAX]
                     n = os.writev(self.fd, chunk)
+                    size -= n
+                    if not size:
+                        return  # all sent (the usual case): no walk over the buffers
                     parts = _advance(parts, n)
                     if n < sum(len(c) for c in chunk):
                         break  # the socket is full: the transport takes the rest

@@ -39,7 +39,7 @@ def sn_lt(a: int, b: int) -> bool:
 
 
 def sn_le(a: int, b: int) -> bool:
-    return a == b or sn_lt(a, b)
+    return ((b - a) % SN_MOD) < (1 << 31)   # sn_lt or equal, in one test (per command)
 
 
 class Link(Protocol):
@@ -58,12 +58,9 @@ class Tags:
     because ITTs are only unique within one session."""
 
     def __init__(self) -> None:
-        self._next = itertools.count(1)
+        self.new: Callable[[], int] = itertools.count(1).__next__   # a C call per command
         self.tasks: dict[int, Task] = {}
         self.tmfs: dict[int, tuple[Connection, int, int]] = {}  # tag -> (conn, itt, function)
-
-    def new(self) -> int:
-        return next(self._next)
 
 
 class Task:
@@ -207,39 +204,41 @@ class Connection:
     # ------------------------------------------------------------ SCSI commands
     def _scsi_command(self, cmd: P.ScsiCommand, data: Any) -> None:
         s = self.session
+        itt, edtl, write, n = cmd.itt, cmd.expected_length, cmd.write, len(data)
         if s.discovery:
             self.reject(P.REJECT_PROTOCOL_ERROR, cmd.encode())  # no SCSI in discovery sessions
             return
-        if cmd.itt in s.itts:
+        if itt in s.itts:
             self.reject(P.REJECT_TASK_IN_PROGRESS, cmd.encode())
             return
-        if len(data) > self.params.max_recv_data_segment_length or (
-                len(data) and (not cmd.write or not s.params.immediate_data or len(data) > cmd.expected_length
-                               or len(data) > s.params.first_burst_length)):
+        if n and (n > self.params.max_recv_data_segment_length or not write
+                  or not s.params.immediate_data or n > edtl or n > s.params.first_burst_length):
             self.reject(P.REJECT_PROTOCOL_ERROR, cmd.encode())
             return
-        if cmd.immediate and cmd.write and self.write_held >= self.write_limit:
+        if write and cmd.immediate and self.write_held >= self.write_limit:
             # immediate commands bypass the CmdSN window: refuse a write while over the bound
             exp, mx = self._sns()
-            self.out(P.ScsiResponse(cmd.itt, TASK_SET_FULL, self._next_stat_sn(), exp, mx), b"")
+            self.out(P.ScsiResponse(itt, TASK_SET_FULL, self._next_stat_sn(), exp, mx), b"")
             return
-        tag = self.tags.new()
-        task = Task(self, cmd.itt, tag, cmd.lun, cmd.expected_length, cmd.write)
-        s.itts[cmd.itt] = task
-        self.tags.tasks[tag] = task
-        direction = (_WRITE if cmd.write else 0) | (_READ if cmd.read else 0)
-        unsol = len(data)
-        if cmd.write and not cmd.final and not s.params.initial_r2t:
-            unsol = min(s.params.first_burst_length, cmd.expected_length)
-        task.unsol_end = unsol
-        task.next_offset = len(data)
-        if unsol:
-            task.held = unsol
-            self.write_held += unsol
+        tags = self.tags
+        tag = tags.new()
+        task = Task(self, itt, tag, cmd.lun, edtl, write)
+        s.itts[itt] = task
+        tags.tasks[tag] = task
+        unsol = n
+        if write:
+            direction = (_WRITE | _READ) if cmd.read else _WRITE
+            if not cmd.final and not s.params.initial_r2t:
+                unsol = min(s.params.first_burst_length, edtl)
+            if unsol:
+                task.unsol_end = task.held = unsol
+                task.next_offset = n
+                self.write_held += unsol
+        else:
+            direction = _READ if cmd.read else 0
         lun = P.lun_to_int(cmd.lun)
         self.link.rx_cmnd(tag, s.nexus, 0xFFFF if lun is None else lun, bytes(cmd.cdb),
-                          ATTRS.get(cmd.attr, 0), direction,
-                          cmd.expected_length, unsol, [data] if len(data) else ())
+                          ATTRS.get(cmd.attr, 0), direction, edtl, unsol, [data] if n else ())
 
     def _data_out(self, d: P.DataOut, data: Any) -> None:
         task = self.session.itts.get(d.itt)
@@ -337,7 +336,8 @@ class Connection:
                       data: memoryview | None) -> None:
         """Data-In PDUs and the status; the status rides in the last Data-In
         when there is no sense to send (phase collapse)."""
-        self.session.itts.pop(task.itt, None)
+        s = self.session
+        s.itts.pop(task.itt, None)
         if task.held or self.waiting:
             self.release(task)
         count, over, under = abs(resid), resid < 0, resid > 0
@@ -346,33 +346,38 @@ class Connection:
             self._data_in(task, data, status if collapse else None, count, over, under)
             if collapse:
                 return
-        exp, mx = self._sns()
         seg = P.sense_segment(sense) if sense else b""
-        self.out(P.ScsiResponse(task.itt, status, self._next_stat_sn(), exp, mx,
-                                exp_data_sn=task.data_sn + task.r2t_sn, residual_count=count,
-                                overflow=over, underflow=under, data_length=len(seg)), seg)
+        # every field positional (keywords cost a NamedTuple about twice as much, per command):
+        # response 0, ExpDataSN, residual, no bidi residual, SNACK Tag 0, DataSegmentLength
+        self.out(P.ScsiResponse(task.itt, status, self._next_stat_sn(), s.exp_cmd_sn, s.max_cmd_sn,
+                                0, task.data_sn + task.r2t_sn, count, over, under, 0, False, False,
+                                0, len(seg)), seg)
 
     def _data_in(self, task: Task, data: memoryview, status: int | None, count: int,
                  over: bool, under: bool) -> None:
+        """Data-In PDUs of at most MaxSendDataSegmentLength bytes, F set at the
+        end of each MaxBurstLength sequence; ``status`` (unless None) rides in
+        the last one. Nothing here moves ExpCmdSN or MaxCmdSN, so they are
+        read once."""
+        s = self.session
         seg_max = self.params.max_send_data_segment_length
-        burst = self.session.params.max_burst_length
+        burst = s.params.max_burst_length
+        itt, lun, exp, mx = task.itt, task.lun, s.exp_cmd_sn, s.max_cmd_sn
         total = len(data)
         offset = 0
         while offset < total:
-            n = min(seg_max, total - offset, burst - offset % burst)
-            last = offset + n == total
-            end_of_seq = last or (offset + n) % burst == 0
-            exp, mx = self._sns()
-            with_status = last and status is not None
-            self.out(P.DataIn(task.itt, task.data_sn, offset, exp, mx, final=end_of_seq,
-                              status=status if with_status else None,
-                              stat_sn=self._next_stat_sn() if with_status else 0,
-                              residual_count=count if with_status else 0,
-                              overflow=over and with_status, underflow=under and with_status,
-                              lun=task.lun, data_length=n),
-                     data[offset:offset + n])
+            end = min(offset + seg_max, total, offset - offset % burst + burst)
+            # positional, as in xmit_response: ... final, status, StatSN, residual (count,
+            # overflow, underflow), A bit, TTT, LUN, DataSegmentLength
+            if end == total and status is not None:
+                pdu = P.DataIn(itt, task.data_sn, offset, exp, mx, True, status, self._next_stat_sn(),
+                               count, over, under, False, P.RESERVED_TAG, lun, end - offset)
+            else:
+                pdu = P.DataIn(itt, task.data_sn, offset, exp, mx, end == total or end % burst == 0,
+                               None, 0, 0, False, False, False, P.RESERVED_TAG, lun, end - offset)
+            self.out(pdu, data if end - offset == total else data[offset:end])
             task.data_sn += 1
-            offset += n
+            offset = end
 
     # ------------------------------------------------------------ task management
     def _task_mgmt(self, t: P.TaskMgmtRequest, data: Any) -> None:

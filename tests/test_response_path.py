@@ -1,0 +1,137 @@
+"""The per-command response path, sans-IO: Data-In splitting with phase-collapsed
+status, the SCSI Response after sense, and PduWriter's send of a batch (whole or
+partly taken by the socket)."""
+from __future__ import annotations
+
+import asyncio
+import socket
+
+from fetd_tcp import pdu as P
+from fetd_tcp.digest import digest, padding
+from fetd_tcp.keys import ConnectionParams, SessionParams
+from fetd_tcp.server import PduWriter
+from fetd_tcp.session import Connection, Session, Tags
+
+import fuzzgen as G
+
+READ16 = bytes([0x88]) + bytes(15)
+
+
+def _conn(seg_max: int, burst: int) -> tuple[Connection, list, G.FakeLink]:
+    out: list = []
+    link = G.FakeLink()
+    session = Session(1, b"\x80" + bytes(5), G.INAME, G.TNAME, 1,
+                      SessionParams(max_burst_length=burst), 1, 1, 16)
+    conn = Connection(session, 0, ConnectionParams(max_send_data_segment_length=seg_max), 7,
+                      lambda p, d: out.append((p, bytes(d))), link, Tags(), lambda: None,
+                      lambda c, pairs: [])
+    session.connections[0] = conn
+    return conn, out, link
+
+
+def _read(conn: Connection, link: G.FakeLink, itt: int, length: int):
+    lun = P.int_to_lun(3)
+    conn.receive(P.ScsiCommand(itt, lun, READ16, length, conn.session.exp_cmd_sn, 0, read=True), b"")
+    name, a, _ = link.calls[-1]
+    assert name == "rx_cmnd" and a[2] == 3 and a[5] == 2   # LUN 3, DataDir READ
+    return conn.tags.tasks.pop(a[0])
+
+
+def test_data_in_split_at_segment_and_burst_with_collapsed_status():
+    conn, out, link = _conn(seg_max=3000, burst=8192)
+    task = _read(conn, link, 5, 24000)
+    data = bytes(range(256)) * 79                     # 20224 bytes: 3776 short of 24000
+    conn.xmit_response(task, 0, None, 3776, memoryview(data))
+    assert [type(p) for p, _ in out] == [P.DataIn] * 8
+    assert [(p.buffer_offset, p.data_length, p.final) for p, _ in out] == [
+        (0, 3000, False), (3000, 3000, False), (6000, 2192, True),
+        (8192, 3000, False), (11192, 3000, False), (14192, 2192, True),
+        (16384, 3000, False), (19384, 840, True)]
+    assert b"".join(d for _, d in out) == data
+    assert [p.data_sn for p, _ in out] == list(range(8))
+    assert all(p.itt == 5 and p.lun == P.int_to_lun(3) and p.ttt == P.RESERVED_TAG for p, _ in out)
+    assert all(p.status is None and p.stat_sn == 0 and p.residual_count == 0 for p, _ in out[:-1])
+    last = out[-1][0]
+    assert (last.status, last.stat_sn, last.residual_count, last.underflow, last.overflow) == \
+        (0, 7, 3776, True, False)
+    assert conn.stat_sn == 8 and (last.exp_cmd_sn, last.max_cmd_sn) == (2, 17)
+    assert P.decode_pdu(last.encode()) == last
+
+
+def test_sense_goes_in_a_scsi_response_after_the_data():
+    conn, out, link = _conn(seg_max=8192, burst=262144)
+    task = _read(conn, link, 9, 4096)
+    sense = bytes([0x70, 0, 3]) + bytes(15)
+    conn.xmit_response(task, 2, sense, -512, memoryview(bytes(4096)))
+    (d, _), (r, seg) = out
+    assert isinstance(d, P.DataIn) and d.final and d.status is None and d.data_length == 4096
+    assert isinstance(r, P.ScsiResponse)
+    assert (r.itt, r.status, r.stat_sn, r.exp_data_sn, r.residual_count, r.overflow, r.underflow) == \
+        (9, 2, 7, 1, 512, True, False)
+    assert P.decode_sense_segment(seg) == sense and r.data_length == len(seg)
+    assert P.decode_pdu(r.encode()) == r
+
+
+class _Transport:
+    """What PduWriter uses of an asyncio transport: a buffer it may write into."""
+
+    def __init__(self) -> None:
+        self.buffered = bytearray()
+
+    def get_write_buffer_size(self) -> int:
+        return len(self.buffered)
+
+    def is_closing(self) -> bool:
+        return False
+
+    def write(self, data: bytes) -> None:
+        self.buffered += data
+
+
+class _Writer:
+    def __init__(self, sock: socket.socket) -> None:
+        self.transport, self.sock = _Transport(), sock
+
+    def get_extra_info(self, name: str) -> socket.socket:
+        return self.sock
+
+
+def _send(pdus: list[tuple[object, bytes]], sndbuf: int) -> tuple[bytes, int]:
+    """(bytes on the wire, of which through the transport's buffer) for ``pdus``
+    sent by one flush, with data digests."""
+    a, b = socket.socketpair()
+    try:
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+        a.setblocking(False)
+        b.setblocking(False)
+        writer = _Writer(a)
+
+        async def run() -> None:
+            w = PduWriter(writer, ConnectionParams(data_digest=True))
+            for pdu, data in pdus:
+                w(pdu, memoryview(data))
+            w.flush()
+        asyncio.run(run())
+        got = bytearray()
+        try:
+            while chunk := b.recv(1 << 20):
+                got += chunk
+        except BlockingIOError:
+            pass
+        return bytes(got + writer.transport.buffered), len(writer.transport.buffered)
+    finally:
+        a.close()
+        b.close()
+
+
+def _wire(pdus: list[tuple[object, bytes]]) -> bytes:
+    return b"".join(pdu.encode() + data + padding(len(data)) + digest(data, padding(len(data)))
+                    for pdu, data in pdus)
+
+
+def test_pdu_writer_sends_a_batch_whole_or_partly_through_the_transport():
+    pdus = [(P.DataIn(i, 0, 0, 1, 2, True, 0, i, data_length=n), bytes([i]) * n)
+            for i, n in enumerate((4096, 1, 70000, 3, 200000))]
+    assert _send(pdus[:2], 1 << 20) == (_wire(pdus[:2]), 0)     # the socket takes it all
+    wire, buffered = _send(pdus, 4096)                           # part of it; the transport the rest
+    assert wire == _wire(pdus) and 0 < buffered < len(wire)
