@@ -1,124 +1,210 @@
 """Per LUN, per session (I_T nexus) and per front end counters, kept where
 the STML's messages pass (rx_cmnd in, xmit_response out), so the command
-engine does not change. Per command: one dict insert and pop, a few integer
-additions and one slot of a ring of recent latencies; nothing is formatted
-or logged. Percentiles are computed only when someone asks (status, a
-Prometheus scrape)."""
+engine does not change.
+
+Commands are many and reports (status, a Prometheus scrape) are rare, so a
+command updates one set of counters, that of its (front end, session, LUN)
+triple, usually the only one its session has: one dict insert and pop, two
+clock reads, a few integer additions and a slot of the latency ring. Reports
+add the sets up per LUN, per session and per front end; commands in flight
+are counted from the table of unfinished commands, and latency percentiles
+come from the sets' samples merged by when the commands ended. Nothing is
+formatted or logged per command."""
 from __future__ import annotations
 
-import logging
+import collections
+import heapq
 import threading
 import time
+from collections import defaultdict
+from collections.abc import Container, Iterator
+from itertools import chain, islice
+from time import monotonic
 from typing import Any
 
-log = logging.getLogger("stml.metrics")
-
-RING = 1024          # recent latencies kept per counter set
+RING = 1024          # recent latencies kept per set (a power of two)
 READ, WRITE = 2, 1   # DataDir bits of rx_cmnd's "dir"
 QUANTILES = (0.5, 0.9, 0.99)
 
 
 class Counters:
-    __slots__ = ("commands", "read_bytes", "write_bytes", "errors", "inflight", "ring", "pos")
+    """What the commands of one session to one LUN did. The labels say where
+    a report adds them up: `fe` (a front-end ident), `session` ((ident, nexus
+    id)) and `lun` ((target, LUN)); a forgotten session's or front end's set
+    keeps counting for the rest with that label None."""
 
-    def __init__(self) -> None:
-        self.commands = self.read_bytes = self.write_bytes = self.errors = self.inflight = 0
-        self.ring = [0.0] * RING
-        self.pos = 0
+    __slots__ = ("fe", "session", "lun", "commands", "read_bytes", "write_bytes", "errors",
+                 "latency", "ended")
 
-    def percentiles(self) -> dict[str, float]:
-        """Latency percentiles (microseconds) of the last RING commands."""
-        n = min(self.pos, RING)
-        if not n:
-            return {f"p{int(q * 100)}": 0.0 for q in QUANTILES}
-        recent = sorted(self.ring[:n])
-        return {f"p{int(q * 100)}": round(recent[min(n - 1, int(q * n))] * 1e6, 1) for q in QUANTILES}
+    def __init__(self, fe: bytes | None, session: tuple[bytes, int] | None, lun: tuple[str, Any]) -> None:
+        self.fe, self.session, self.lun = fe, session, lun
+        self.commands = self.read_bytes = self.write_bytes = self.errors = 0
+        self.latency = [0.0] * RING   # command n's latency at n % RING,
+        self.ended = [0.0] * RING     # and when it ended: sets merge by recency
 
-    def as_dict(self) -> dict[str, Any]:
-        return {"commands": self.commands, "read_bytes": self.read_bytes,
-                "write_bytes": self.write_bytes, "errors": self.errors, "in_flight": self.inflight,
-                "latency_us": self.percentiles()}
+    def recent(self) -> Iterator[tuple[float, float]]:
+        """(ended, latency) of the last RING commands, newest first (lazily:
+        merging many sets reads only the samples it keeps)."""
+        n, i = min(self.commands, RING), self.commands % RING
+        order = chain(range(i - 1, -1, -1), range(n - 1, i - 1, -1))
+        return ((self.ended[j], self.latency[j]) for j in order)
+
+    def add(self, other: Counters) -> None:
+        """Take another set's counts in; the latency ring keeps the most
+        recent RING samples of both, oldest where the next one goes."""
+        recent = newest([self, other])
+        self.commands += other.commands
+        self.read_bytes += other.read_bytes
+        self.write_bytes += other.write_bytes
+        self.errors += other.errors
+        start = self.commands - len(recent)
+        for i, (ended, latency) in enumerate(reversed(recent), start):
+            self.ended[i % RING], self.latency[i % RING] = ended, latency
+
+
+def newest(sets: list[Counters]) -> list[tuple[float, float]]:
+    """(ended, latency) of the last RING commands of these sets, newest first."""
+    return list(islice(heapq.merge(*(c.recent() for c in sets), reverse=True), RING))
+
+
+def percentiles(sets: list[Counters]) -> dict[str, float]:
+    """Latency percentiles (microseconds) of the last RING commands of these sets."""
+    if len(sets) == 1:
+        recent = sets[0].latency[:min(sets[0].commands, RING)]
+    else:
+        recent = [latency for _, latency in newest(sets)]
+    n = len(recent)
+    if not n:
+        return {f"p{int(q * 100)}": 0.0 for q in QUANTILES}
+    recent.sort()
+    return {f"p{int(q * 100)}": round(recent[min(n - 1, int(q * n))] * 1e6, 1) for q in QUANTILES}
+
+
+def report(sets: list[Counters], in_flight: collections.Counter) -> dict[str, Any]:
+    """The counters of a LUN, session or front end: the sum of its sets."""
+    return {"commands": sum(c.commands for c in sets), "read_bytes": sum(c.read_bytes for c in sets),
+            "write_bytes": sum(c.write_bytes for c in sets), "errors": sum(c.errors for c in sets),
+            "in_flight": sum(in_flight[c] for c in sets), "latency_us": percentiles(sets)}
 
 
 class Metrics:
     def __init__(self) -> None:
-        self.luns: dict[tuple[str, int], Counters] = {}
-        self.sessions: dict[tuple[bytes, int], Counters] = {}
-        self.front_ends: dict[bytes, Counters] = {}
-        self._inflight: dict[tuple[bytes, int], tuple] = {}
+        self._live: dict[tuple[Any, Any], Counters] = {}    # (Nexus, LUN) -> its set
+        # (ident or None, (target, LUN)) -> the counts of forgotten sessions
+        self._forgotten: dict[tuple[bytes | None, tuple[str, Any]], Counters] = {}
+        self._inflight: dict[tuple[bytes, int], tuple] = {}  # (ident, tag) -> (start, dir, len, set)
         self.started = time.time()
 
     def rx_cmnd(self, ident: bytes, h: dict[str, Any], fe: Any) -> None:
         nexus = fe.nexuses.get(h.get("nexus")) if fe is not None else None
         if nexus is None:
             return
-        lun_key = (nexus.target, h.get("lun"))
-        sets = (self.luns.get(lun_key) or self.luns.setdefault(lun_key, Counters()),
-                self.sessions.get((ident, nexus.id)) or self.sessions.setdefault((ident, nexus.id), Counters()),
-                self.front_ends.get(ident) or self.front_ends.setdefault(ident, Counters()))
-        for c in sets:
-            c.inflight += 1
-        old = self._inflight.get((ident, h["tag"]))
-        if old is not None:   # a tag reused without a response (aborted): that one is over
-            self._end(old, None, 0)
-        self._inflight[(ident, h["tag"])] = (time.monotonic(), h.get("dir", 0), h.get("len", 0), sets)
+        c = self._live.get((nexus, h.get("lun"))) or self._new_set(ident, nexus, h.get("lun"))
+        key = (ident, h["tag"])
+        if key in self._inflight:   # a tag reused without a response (aborted): that one is over
+            self.xmit_response(ident, {"tag": key[1], "status": None})
+        self._inflight[key] = (monotonic(), h.get("dir", 0), h.get("len", 0), c)
+
+    def _new_set(self, ident: bytes, nexus: Any, lun: Any) -> Counters:
+        """Sets are keyed by the Nexus object: a nexus id registered again
+        (maybe for another target) gets a set of its own."""
+        c = self._live[(nexus, lun)] = Counters(ident, (ident, nexus.id), (nexus.target, lun))
+        return c
 
     def xmit_response(self, ident: bytes, h: dict[str, Any]) -> None:
+        """A command ends (status None: it ended without a response)."""
         entry = self._inflight.pop((ident, h.get("tag")), None)
-        if entry is not None:
-            self._end(entry, h.get("status", 0), h.get("resid", 0))
+        if entry is None:
+            return
+        start, direction, length, c = entry
+        now = monotonic()
+        i = c.commands % RING
+        c.latency[i] = now - start
+        c.ended[i] = now
+        c.commands += 1
+        if h.get("status", 0) != 0:
+            c.errors += 1
+        elif direction & READ:
+            resid = h.get("resid", 0)
+            c.read_bytes += length - resid if resid > 0 else length
+        elif direction & WRITE:
+            resid = h.get("resid", 0)
+            c.write_bytes += length - resid if resid > 0 else length
 
     def aborted(self, ident: bytes, tags: list[int]) -> None:
         for tag in tags:
-            entry = self._inflight.pop((ident, tag), None)
-            if entry is not None:
-                self._end(entry, None, 0)
+            self.xmit_response(ident, {"tag": tag, "status": None})
 
     def front_end_gone(self, ident: bytes) -> None:
         for key in [k for k in self._inflight if k[0] == ident]:
-            self._end(self._inflight.pop(key), None, 0)
+            self.xmit_response(ident, {"tag": key[1], "status": None})
 
-    @staticmethod
-    def _end(entry: tuple, status: int | None, resid: int) -> None:
-        t0, direction, length, sets = entry
-        latency = time.monotonic() - t0
-        moved = length - resid if resid > 0 else length
-        for c in sets:
-            c.inflight -= 1
-            c.commands += 1
-            if status != 0:
-                c.errors += 1
-            elif direction & READ:
-                c.read_bytes += moved
-            elif direction & WRITE:
-                c.write_bytes += moved
-            c.ring[c.pos & (RING - 1)] = latency
-            c.pos += 1
+    # ------------------------------------------------------------ forgetting
+    def _retire(self, c: Counters) -> None:
+        """A set whose session is forgotten: its counts stay with its LUN (and
+        its front end, unless that is gone too), in one set per such pair."""
+        c.session = None
+        into = self._forgotten.setdefault((c.fe, c.lun), c)
+        if into is c:
+            return
+        into.add(c)
+        for key, entry in self._inflight.items():   # its commands in flight end there
+            if entry[3] is c:
+                self._inflight[key] = (*entry[:3], into)
+
+    def forget_sessions(self, live: set[tuple[bytes, int]]) -> None:
+        """Sessions ((ident, nexus id)) not in `live` lose their counters."""
+        for key in [k for k, c in self._live.items() if c.session not in live]:
+            self._retire(self._live.pop(key))
+
+    def forget_front_ends(self, live: Container[bytes]) -> None:
+        """Front ends not in `live` (idents): their commands in flight are over
+        and their counters go. Their LUNs keep the counts; their sessions keep
+        theirs until a report forgets the sessions."""
+        gone = {c.fe for c in chain(self._live.values(), self._forgotten.values())
+                if c.fe is not None and c.fe not in live}
+        for ident in gone:
+            self.front_end_gone(ident)
+        for c in self._live.values():
+            if c.fe in gone:
+                c.fe = None
+        for key in [k for k in self._forgotten if k[0] in gone]:
+            c = self._forgotten.pop(key)
+            c.fe = None
+            self._retire(c)
 
     # ------------------------------------------------------------ reports
+    def _by_scope(self) -> tuple[dict, dict, dict, collections.Counter]:
+        """Every set, grouped per LUN, per session and per front end, and how
+        many commands each set has in flight."""
+        luns, sessions, fes = defaultdict(list), defaultdict(list), defaultdict(list)
+        for c in chain(self._live.values(), self._forgotten.values()):
+            luns[c.lun].append(c)
+            if c.session is not None:
+                sessions[c.session].append(c)
+            if c.fe is not None:
+                fes[c.fe].append(c)
+        return luns, sessions, fes, collections.Counter(entry[3] for entry in self._inflight.values())
+
     def snapshot(self, emulator: Any) -> dict[str, Any]:
         """Status of everything the STML serves, with counters (JSON-ready)."""
-        empty = Counters().as_dict
+        self.forget_sessions({(fe.ident, n) for fe in emulator.front_ends.values() for n in fe.nexuses})
+        by_lun, by_session, by_fe, in_flight = self._by_scope()
         luns = []
         for t in list(emulator.targets.values()):
             for lu in list(t.luns.values()):
-                c = self.luns.get((t.name, lu.lun))
                 luns.append({"target": t.name, "lun": lu.lun, "blocks": lu.blocks,
                              "block_size": lu.block_size, "backend": lu.options.kind,
-                             "path": lu.options.path, **(c.as_dict() if c else empty())})
+                             "path": lu.options.path, **report(by_lun.get((t.name, lu.lun), []), in_flight)})
         sessions, fes = [], []
         for fe in list(emulator.front_ends.values()):
-            c = self.front_ends.get(fe.ident)
             fes.append({"name": fe.name, "kind": fe.kind, "nexuses": len(fe.nexuses),
                         "last_seen_s": round(time.monotonic() - fe.last_seen, 2),
-                        **(c.as_dict() if c else empty())})
+                        **report(by_fe.get(fe.ident, []), in_flight)})
             for n in list(fe.nexuses.values()):
-                c = self.sessions.get((fe.ident, n.id))
                 sessions.append({"front_end": fe.name, "nexus": n.id, "initiator": n.initiator,
-                                 "target": n.target, "tpg": n.tpg, **(c.as_dict() if c else empty())})
-        live = {(fe.ident, n) for fe in emulator.front_ends.values() for n in fe.nexuses}
-        for key in [k for k in self.sessions if k not in live]:   # forget gone sessions
-            del self.sessions[key]
+                                 "target": n.target, "tpg": n.tpg,
+                                 **report(by_session.get((fe.ident, n.id), []), in_flight)})
         return {"stml": emulator.name, "uptime_s": round(time.time() - self.started, 1),
                 "luns": luns, "sessions": sessions, "front_ends": fes}
 

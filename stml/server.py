@@ -314,9 +314,7 @@ class StmlServer:
         while True:
             await asyncio.sleep(self.emulator.heartbeat)
             self.emulator.check_liveness()
-            for ident in [i for i in self.metrics.front_ends if i not in self.emulator.front_ends]:
-                self.metrics.front_end_gone(ident)
-                del self.metrics.front_ends[ident]
+            self.metrics.forget_front_ends(self.emulator.front_ends)
 
 
 async def run_stml(config: Config) -> None:

@@ -57,3 +57,174 @@ def test_status_counters_and_prometheus():
         assert "scsi_target_session_commands_total" in text
         assert 'scsi_target_front_end_latency_seconds{front_end=' in text
         ini.close()
+
+
+# ---------------------------------------------------------------- Metrics alone
+# A command updates only the set of its (front end, session, LUN); reports add
+# the sets up. These drive Metrics as stml/server.py does, with a fake clock.
+
+import types
+
+import pytest
+
+from stml import metrics as metrics_mod
+from stml.emulator import FrontEnd, Nexus
+
+READ, WRITE = 2, 1
+
+
+class FakeEmulator:
+    def __init__(self, targets: dict[str, int]) -> None:
+        self.name = "stml"
+        self.front_ends: dict[bytes, FrontEnd] = {}
+        opts = types.SimpleNamespace(kind="ram", path=None)
+        self.targets = {name: types.SimpleNamespace(name=name, luns={
+            i: types.SimpleNamespace(lun=i, blocks=8, block_size=512, options=opts) for i in range(n)})
+            for name, n in targets.items()}
+
+    def front_end(self, ident: bytes, name: str) -> FrontEnd:
+        fe = self.front_ends[ident] = FrontEnd(ident, name, "iscsi", True, 1.0, 0.0)
+        return fe
+
+    def nexus(self, fe: FrontEnd, nid: int, initiator: str, target: str) -> Nexus:
+        n = fe.nexuses[nid] = Nexus(fe, nid, initiator, target, 1)
+        return n
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    """metrics' monotonic clock, moved by hand."""
+    now = types.SimpleNamespace(t=100.0)
+    monkeypatch.setattr(metrics_mod, "monotonic", lambda: now.t)
+    return now
+
+
+def command(m, em, clock, fe, nexus: int, lun: int, tag: int, direction: int, length: int,
+            latency: float, status: int = 0, resid: int = 0) -> None:
+    m.rx_cmnd(fe.ident, {"op": "rx_cmnd", "tag": tag, "nexus": nexus, "lun": lun, "dir": direction,
+                         "len": length}, em.front_ends.get(fe.ident))
+    clock.t += latency
+    m.xmit_response(fe.ident, {"op": "xmit_response", "tag": tag, "status": status, "resid": resid})
+
+
+def rows(snap: dict) -> tuple[dict, dict, dict]:
+    return ({(r["target"], r["lun"]): r for r in snap["luns"]},
+            {(r["front_end"], r["nexus"]): r for r in snap["sessions"]},
+            {r["name"]: r for r in snap["front_ends"]})
+
+
+def test_sets_add_up_per_lun_session_and_front_end(clock):
+    em = FakeEmulator({"tA": 2, "tB": 1})
+    fe1, fe2 = em.front_end(b"fe-1", "one"), em.front_end(b"fe-2", "two")
+    em.nexus(fe1, 1, "ini-a", "tA")   # session a: LUNs 0 and 1 of tA
+    em.nexus(fe2, 1, "ini-b", "tA")   # session b, another front end, same id: LUN 0 of tA
+    em.nexus(fe2, 2, "ini-c", "tB")   # session c: tB
+    m = metrics_mod.Metrics()
+    tag = iter(range(1000))
+    for _ in range(3):
+        command(m, em, clock, fe1, 1, 0, next(tag), WRITE, 4096, 100e-6)
+        command(m, em, clock, fe1, 1, 1, next(tag), READ, 8192, 200e-6)
+        command(m, em, clock, fe2, 1, 0, next(tag), READ, 512, 300e-6, resid=512)   # nothing moved
+        command(m, em, clock, fe2, 2, 0, next(tag), WRITE, 1024, 400e-6)
+    command(m, em, clock, fe2, 1, 0, next(tag), READ, 512, 50e-6, status=2)        # an error
+    m.rx_cmnd(fe1.ident, {"tag": 999, "nexus": 1, "lun": 1, "dir": READ, "len": 4096}, fe1)   # in flight
+    m.rx_cmnd(fe1.ident, {"tag": 998, "nexus": 7, "lun": 0, "dir": READ, "len": 4096}, fe1)   # no such nexus
+    luns, sessions, fes = rows(m.snapshot(em))
+
+    def counts(r):
+        return r["commands"], r["read_bytes"], r["write_bytes"], r["errors"], r["in_flight"]
+    assert counts(luns["tA", 0]) == (7, 0, 3 * 4096, 1, 0)
+    assert counts(luns["tA", 1]) == (3, 3 * 8192, 0, 0, 1)
+    assert counts(luns["tB", 0]) == (3, 0, 3 * 1024, 0, 0)
+    assert counts(sessions["one", 1]) == (6, 3 * 8192, 3 * 4096, 0, 1)
+    assert counts(sessions["two", 1]) == (4, 0, 0, 1, 0)
+    assert counts(sessions["two", 2]) == (3, 0, 3 * 1024, 0, 0)
+    assert counts(fes["one"]) == (6, 3 * 8192, 3 * 4096, 0, 1)
+    assert counts(fes["two"]) == (7, 0, 3 * 1024, 1, 0)
+    # percentiles of exactly the scope's commands, whichever sets they are in
+    assert luns["tA", 0]["latency_us"] == {"p50": 100.0, "p90": 300.0, "p99": 300.0}
+    assert luns["tA", 1]["latency_us"] == {"p50": 200.0, "p90": 200.0, "p99": 200.0}
+    assert sessions["one", 1]["latency_us"] == {"p50": 200.0, "p90": 200.0, "p99": 200.0}
+    assert sessions["two", 1]["latency_us"] == {"p50": 300.0, "p90": 300.0, "p99": 300.0}
+    assert fes["two"]["latency_us"] == {"p50": 300.0, "p90": 400.0, "p99": 400.0}
+
+
+def test_latency_is_that_of_the_last_ring_commands_across_sets(clock):
+    """Two sessions on one LUN: the LUN's percentiles are those of its last
+    RING commands, though each session keeps RING samples of its own."""
+    em = FakeEmulator({"t": 1})
+    fe = em.front_end(b"fe", "fe")
+    em.nexus(fe, 1, "ini-slow", "t")
+    em.nexus(fe, 2, "ini-fast", "t")
+    m = metrics_mod.Metrics()
+    ring = metrics_mod.RING
+    for tag in range(ring):
+        command(m, em, clock, fe, 1, 0, tag, READ, 512, 5e-3)
+    for tag in range(ring // 2):
+        command(m, em, clock, fe, 2, 0, tag, READ, 512, 1e-4)
+    luns, sessions, fes = rows(m.snapshot(em))
+    for r in (luns["t", 0], fes["fe"]):
+        assert r["commands"] == ring + ring // 2
+        assert r["latency_us"] == {"p50": 5000.0, "p90": 5000.0, "p99": 5000.0}
+    for tag in range(10):   # now the fast ones are more than half of the last RING
+        command(m, em, clock, fe, 2, 0, tag, READ, 512, 1e-4)
+    luns, sessions, fes = rows(m.snapshot(em))
+    assert luns["t", 0]["latency_us"] == {"p50": 100.0, "p90": 5000.0, "p99": 5000.0}
+    assert sessions["fe", 1]["latency_us"]["p50"] == 5000.0
+    assert sessions["fe", 2]["latency_us"]["p99"] == 100.0
+
+
+def test_forgotten_sessions_and_front_ends_keep_their_lun_counts(clock):
+    em = FakeEmulator({"t": 1})
+    fe1, fe2 = em.front_end(b"fe-1", "one"), em.front_end(b"fe-2", "two")
+    em.nexus(fe1, 1, "ini-a", "t")
+    em.nexus(fe1, 2, "ini-b", "t")
+    em.nexus(fe2, 1, "ini-c", "t")
+    m = metrics_mod.Metrics()
+    command(m, em, clock, fe1, 1, 0, 1, WRITE, 4096, 1e-3)
+    command(m, em, clock, fe1, 2, 0, 2, WRITE, 4096, 2e-3)
+    command(m, em, clock, fe2, 1, 0, 3, READ, 4096, 3e-3)
+    m.rx_cmnd(fe1.ident, {"tag": 4, "nexus": 2, "lun": 0, "dir": WRITE, "len": 512}, fe1)
+    del fe1.nexuses[2]                       # session b ends with a command in flight
+    luns, sessions, fes = rows(m.snapshot(em))
+    assert ("one", 2) not in sessions and sessions["one", 1]["commands"] == 1
+    assert fes["one"]["commands"] == 2 and fes["one"]["in_flight"] == 1
+    assert luns["t", 0]["commands"] == 3 and luns["t", 0]["in_flight"] == 1
+    clock.t += 1e-3
+    m.xmit_response(fe1.ident, {"tag": 4, "status": 0, "resid": 0})   # still counts for LUN and front end
+    em.nexus(fe1, 2, "ini-b", "t")           # the id again: a session starting from zero
+    luns, sessions, fes = rows(m.snapshot(em))
+    assert sessions["one", 2]["commands"] == 0
+    assert fes["one"]["commands"] == 3 and fes["one"]["write_bytes"] == 2 * 4096 + 512
+    assert luns["t", 0]["commands"] == 4 and luns["t", 0]["in_flight"] == 0
+    assert luns["t", 0]["latency_us"]["p99"] == 3000.0
+
+    m.rx_cmnd(fe2.ident, {"tag": 5, "nexus": 1, "lun": 0, "dir": READ, "len": 512}, fe2)
+    del em.front_ends[fe2.ident]             # front end two is gone, a command in flight
+    m.forget_front_ends(em.front_ends)
+    luns, sessions, fes = rows(m.snapshot(em))
+    assert list(fes) == ["one"] and ("two", 1) not in sessions
+    lun = luns["t", 0]
+    assert (lun["commands"], lun["errors"], lun["in_flight"], lun["read_bytes"]) == (5, 1, 0, 4096)
+    em.front_end(b"fe-2", "two")             # back with the same ident: counters from zero
+    em.nexus(em.front_ends[b"fe-2"], 1, "ini-c", "t")
+    command(m, em, clock, em.front_ends[b"fe-2"], 1, 0, 6, READ, 512, 1e-3)
+    luns, sessions, fes = rows(m.snapshot(em))
+    assert fes["two"]["commands"] == 1 and sessions["two", 1]["commands"] == 1
+    assert luns["t", 0]["commands"] == 6
+
+
+def test_aborted_and_reused_tags_end_as_errors(clock):
+    em = FakeEmulator({"t": 1})
+    fe = em.front_end(b"fe", "fe")
+    em.nexus(fe, 1, "ini", "t")
+    m = metrics_mod.Metrics()
+    for tag in (1, 2, 3):
+        m.rx_cmnd(fe.ident, {"tag": tag, "nexus": 1, "lun": 0, "dir": READ, "len": 512}, fe)
+    m.aborted(fe.ident, [1, 9])
+    m.rx_cmnd(fe.ident, {"tag": 2, "nexus": 1, "lun": 0, "dir": READ, "len": 512}, fe)   # 2 reused
+    (lun,), = rows(m.snapshot(em))[0].values(),
+    assert (lun["commands"], lun["errors"], lun["in_flight"]) == (2, 2, 2)
+    m.front_end_gone(fe.ident)
+    (lun,), = rows(m.snapshot(em))[0].values(),
+    assert (lun["commands"], lun["errors"], lun["in_flight"], lun["read_bytes"]) == (4, 4, 0, 0)
