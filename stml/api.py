@@ -106,6 +106,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import enum
+import functools
 import logging
 import mmap
 import os
@@ -718,6 +719,15 @@ def stream_path(endpoint: str) -> str | None:
 
 
 _IOV_MAX = 1024
+_U32 = struct.Struct("<I")
+_REF = struct.Struct("<2I")      # a shared frame on the wire: offset, length
+
+
+@functools.lru_cache(maxsize=64)
+def _u32s(count: int) -> struct.Struct:
+    return struct.Struct(f"<{count}I")
+
+
 _SHARED = 0x80000000   # a frame length with this bit: the frame is (offset, length) in the shared region
 _CONTROL_REGION, _CONTROL_FREE = 1, 2
 
@@ -766,7 +776,8 @@ class StreamChannel:
         self._dispatching = False      # handling what a read brought: send() need not schedule
         self._buf = memoryview(bytearray(self.BIG))
         self._start = self._end = 0    # unparsed bytes in _buf
-        self._lengths: list[int] = []  # the current message's frames still to come, last first
+        self._lengths: tuple[int, ...] = ()   # the frame lengths of the message being received
+        self._next = 0                 # index of its next frame
         self._frames: list = []        # its frames received so far
         self._big: memoryview | None = None   # a big frame being received in place
         self._big_pos = 0
@@ -795,10 +806,10 @@ class StreamChannel:
             frames = [region.lend(f) if type(f) is memoryview and id(f.obj) in region.slots else f
                       for f in frames]
             lengths = [_SHARED | f[1] if type(f) is tuple else len(f) for f in frames]
-            frames = [struct.pack("<2I", *f) if type(f) is tuple else f for f in frames]
+            frames = [_REF.pack(*f) if type(f) is tuple else f for f in frames]
         else:
             lengths = map(len, frames)
-        self._out.append(struct.pack(f"<{len(frames) + 1}I", len(frames), *lengths))
+        self._out.append(_u32s(len(frames) + 1).pack(len(frames), *lengths))
         self._out += frames
         self._schedule()
 
@@ -887,10 +898,10 @@ class StreamChannel:
         buf = self._buf
         while not self.closed:
             start, avail = self._start, self._end - self._start
-            if not self._lengths:
+            if self._next == len(self._lengths):
                 if avail < 4:
                     return
-                count = int.from_bytes(buf[start:start + 4], "little")
+                count = _U32.unpack_from(buf, start)[0]
                 if count == 0:
                     if not self._control(start, avail):
                         return
@@ -899,32 +910,32 @@ class StreamChannel:
                     raise ValueError(f"a message of {count} frames")
                 if avail < 4 + 4 * count:
                     return
-                lengths = struct.unpack_from(f"<{count}I", buf, start + 4)
-                if max(n & ~_SHARED for n in lengths) > self.MAX_FRAME:
-                    raise ValueError(f"a frame of {max(lengths)} bytes")
-                self._lengths = list(reversed(lengths))
+                self._lengths = _u32s(count).unpack_from(buf, start + 4)
+                self._next = 0
                 start = self._start = start + 4 + 4 * count
                 avail -= 4 + 4 * count
-            size = self._lengths[-1]
+            size = self._lengths[self._next]
             if size & _SHARED:
                 if avail < 8:
                     return
-                frame = self._shared_frame(*struct.unpack_from("<2I", buf, start))
+                frame = self._shared_frame(*_REF.unpack_from(buf, start))
                 self._start += 8
-                self._lengths.pop()
+                self._next += 1
             elif size >= self.BIG:    # its own buffer: what is here now, then receive into it
+                if size > self.MAX_FRAME:
+                    raise ValueError(f"a frame of {size} bytes")
                 frame = memoryview(self.pool.get(size))
                 take = min(size, avail)
                 frame[:take] = buf[start:start + take]
                 self._start += take
-                self._lengths.pop()
+                self._next += 1
                 if take < size:
                     self._big, self._big_pos = frame, take
                     return
             elif avail >= size:
                 frame = buf[start:start + size].tobytes()
                 self._start += size
-                self._lengths.pop()
+                self._next += 1
             else:
                 return
             self._frame(frame)
@@ -973,7 +984,7 @@ class StreamChannel:
 
     def _frame(self, frame: Any) -> None:
         self._frames.append(frame)
-        if self._lengths:
+        if self._next < len(self._lengths):
             return
         frames, self._frames = self._frames, []
         try:
