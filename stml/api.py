@@ -16,7 +16,11 @@ little-endian u32 frame count, a u32 length per frame, then the frames. A
 front end given ipc://PATH uses it when it exists: every ZeroMQ message
 crosses an I/O thread on each side, four thread wake-ups per command that
 cost more than the command itself on small I/O. ZeroMQ stays the carrier
-for tcp:// (remote front ends, CURVE) and for any peer that prefers it.
+for tcp:// (remote front ends, CURVE) and for any peer that prefers it. On
+the stream, read data of 32 KiB and more does not cross the socket: the STML
+shares a memfd region with the front end (SCM_RIGHTS) and sends (offset,
+length) references into it, which the front end hands back once sent
+(StreamChannel documents the control messages that carry this).
 
 Front end -> STML
 -----------------
