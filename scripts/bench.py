@@ -72,8 +72,12 @@ class Ours:
              "--lun", f"file:{self.img},thick", "--portal", f"127.0.0.1:{self.port}",
              "--log-level", "warning"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        # ready once attached to the STML and listening (the listener opens after attaching)
+        attached = listening = False
         for line in self.proc.stdout:
-            if line.startswith("fetd_tcp: attached"):
+            attached = attached or line.startswith("fetd_tcp: attached")
+            listening = listening or line.startswith("fetd_tcp: listening on")
+            if attached and listening:
                 break
         else:
             raise RuntimeError("scsi-target did not start")

@@ -164,6 +164,7 @@ def test_remote_front_end_over_curve(netns, keys, tmp_path):
         stml.wait_line(rf"stml: listening on tcp://{re.escape(netns.stml_ip)}")
         fe = fetd("fe.key_secret", "fe1.log")
         fe.wait_line(r"fetd_tcp: attached to STML")
+        fe.wait_line(r"fetd_tcp: listening on")
 
         # an initiator in the front end's namespace writes and reads through it
         r = qemu_io("write -P 0xa5 0 4M", "read -P 0xa5 0 4M")
@@ -193,6 +194,7 @@ def test_remote_front_end_over_curve(netns, keys, tmp_path):
         assert m
         fe2 = fetd("fe.key_secret", "fe2.log")
         fe2.wait_line(r"fetd_tcp: attached to STML")
+        fe2.wait_line(r"fetd_tcp: listening on")
         # the initiator that was writing reconnects (libiscsi) and finishes its writes
         out = io.communicate(timeout=90)[0].decode(errors="replace")
         assert io.returncode == 0 and "wrote" in out, out
