@@ -433,16 +433,6 @@ class FrontEndLink:
         self._channel = StreamChannel(sock, self._on_message, self._stream_closed,
                                       on_dispatched=getattr(self.handler, "messages_handled", None))
 
-    def _reopen_stream(self) -> None:
-        """Not registered with a same-host STML: connect again, over the stream
-        when it is there (after a restart the STML's stale ipc file may have
-        led us to ZeroMQ while the stream was not yet back)."""
-        if isinstance(self._channel, Channel) and os.path.exists(stream_path(self.endpoint)):
-            self._channel.close()
-            self._channel = None
-        if self._channel is None:
-            self._open()
-
     def _stream_closed(self) -> None:
         self._channel = None
         if self.connected.is_set():
@@ -542,8 +532,8 @@ class FrontEndLink:
     async def _heartbeats(self) -> None:
         while True:
             await asyncio.sleep(self.heartbeat / 2)
-            if stream_path(self.endpoint) and not self.connected.is_set():
-                self._reopen_stream()
+            if self._channel is None and stream_path(self.endpoint):
+                self._open()
             now = time.monotonic()
             if self.connected.is_set() and now - self._last_rx > 3 * self.heartbeat:
                 log.warning("STML at %s silent for %.1fs: link lost, re-registering",
@@ -805,12 +795,17 @@ class StreamChannel:
         if self.closed:
             return
         region = self.region
-        if region is not None and len(frames) > 1 and any(
-                type(f) is memoryview and id(f.obj) in region.slots for f in frames):
-            frames = [region.lend(f) if type(f) is memoryview and id(f.obj) in region.slots else f
-                      for f in frames]
-            lengths = [_SHARED | f[1] if type(f) is tuple else len(f) for f in frames]
-            frames = [_REF.pack(*f) if type(f) is tuple else f for f in frames]
+        if region is not None and len(frames) > 1:   # data frames may be slots of our region
+            lengths, wire = [], []
+            for f in frames:
+                if type(f) is memoryview and id(f.obj) in region.slots:
+                    offset, length = region.lend(f)
+                    lengths.append(_SHARED | length)
+                    wire.append(_REF.pack(offset, length))
+                else:
+                    lengths.append(len(f))
+                    wire.append(f)
+            frames = wire
         else:
             lengths = map(len, frames)
         self._out.append(_u32s(len(frames) + 1).pack(len(frames), *lengths))
