@@ -192,8 +192,14 @@ class TmfResponse(enum.IntEnum):
     SUCCEEDED = 6   # QUERY TASK/TASK SET/ASYNC EVENT: "function succeeded"
 
 
+# One Packer for every header: msgpack.packb makes a Packer (and its buffer) per
+# call, half the cost of packing a command's header. Shared by threads safely:
+# pack() runs whole under the GIL (headers hold no type that calls Python code).
+_PACKER = msgpack.Packer(use_bin_type=True)
+
+
 def pack(header: dict[str, Any]) -> bytes:
-    return msgpack.packb(header, use_bin_type=True)
+    return _PACKER.pack(header)
 
 
 def unpack(frame: bytes | memoryview) -> dict[str, Any]:
@@ -829,7 +835,12 @@ class StreamChannel:
             self._free_timer = None
         while out and not self.closed:
             try:
-                _consume(out, self.sock.sendmsg(out[:_IOV_MAX]))
+                chunk = out[:_IOV_MAX]
+                n = self.sock.sendmsg(chunk)
+                if n == sum(map(len, chunk)):   # all of it (the usual case): no walk in Python
+                    del out[:len(chunk)]
+                else:
+                    _consume(out, n)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:
@@ -909,10 +920,19 @@ class StreamChannel:
                     raise ValueError(f"a message of {count} frames")
                 if avail < 4 + 4 * count:
                     return
-                self._lengths = _u32s(count).unpack_from(buf, start + 4)
-                self._next = 0
-                start = self._start = start + 4 + 4 * count
+                lengths = _u32s(count).unpack_from(buf, start + 4)
+                start += 4 + 4 * count
                 avail -= 4 + 4 * count
+                if max(lengths) < self.BIG and sum(lengths) <= avail:
+                    # all here, and nothing shared or big (the usual message): no state kept
+                    frames = []
+                    for size in lengths:
+                        frames.append(buf[start:start + size].tobytes())
+                        start += size
+                    self._start = start
+                    self._deliver(frames)
+                    continue
+                self._lengths, self._next, self._start = lengths, 0, start
             size = self._lengths[self._next]
             if size & _SHARED:
                 if avail < 8:
@@ -986,6 +1006,9 @@ class StreamChannel:
         if self._next < len(self._lengths):
             return
         frames, self._frames = self._frames, []
+        self._deliver(frames)
+
+    def _deliver(self, frames: list) -> None:
         try:
             self.on_message(frames)
         except Exception:  # one bad message must not stop the link

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections.abc
+import functools
 import logging
 import time
 from concurrent.futures import Executor
@@ -36,6 +37,7 @@ log = logging.getLogger("stml")
 _READ, _WRITE = int(DataDir.READ), int(DataDir.WRITE)   # plain ints: IntFlag operators are slow
 
 Send = Callable[[bytes, dict[str, Any], list], None]
+_COUNT_FIELDS = ("lun", "attr", "dir", "len", "unsol")   # rx_cmnd fields: non-negative ints
 
 BUS_DEVICE_RESET = (0x29, 0x03)
 I_T_NEXUS_LOSS = (0x29, 0x07)
@@ -55,7 +57,7 @@ class Nexus:
     target: str
     tpg: int
 
-    @property
+    @functools.cached_property
     def key(self) -> str:
         """I_T nexus identity: initiator port and target port, stable across
         front ends and restarts, so per-nexus state can be keyed by it."""
@@ -94,8 +96,8 @@ class Task:
         self.direction: int = h.get("dir", 0)
         self.exp_len: int = h.get("len", 0)
         self.unsol: int = h.get("unsol", 0)
-        self.data_out: list[memoryview] = [memoryview(f) for f in imm]
-        self.received = sum(len(b) for b in self.data_out)
+        self.data_out: list[memoryview] = [memoryview(f) for f in imm] if imm else []
+        self.received = sum(map(len, self.data_out)) if imm else 0
         self.need = 0     # bytes the CDB asks the initiator for
         self.want = 0     # bytes this task will collect (less when the initiator sends less)
         self.data_ready: asyncio.Future | None = None
@@ -375,9 +377,9 @@ class Emulator:
             raise ValueError("cdb must be non-empty bytes")
         if not isinstance(tag, int):
             raise ValueError("tag must be an integer")
-        for key in ("lun", "attr", "dir", "len", "unsol"):
+        for key in _COUNT_FIELDS:
             value = h.get(key, 0)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            if type(value) is not int or value < 0:   # (not bool, an int subclass)
                 log.warning("front end %s: rx_cmnd %s=%r refused", fe.name, key, value)
                 asc = LOGICAL_UNIT_NOT_SUPPORTED if key == "lun" else INVALID_FIELD_IN_CDB
                 self.respond(fe, tag, CHECK_CONDITION, build_sense(ILLEGAL_REQUEST, asc), 0)
@@ -434,8 +436,8 @@ class Emulator:
                         entry.check(task)
                     if entry.out_len:
                         await self._collect(task, entry)
-                    await lu.task_set.enter(task)
-                    self._check_reservation(lu, task, entry)  # it may have changed while queued
+                    if await lu.task_set.enter(task) or entry.out_len:
+                        self._check_reservation(lu, task, entry)  # it may have changed meanwhile
                     data = await entry.handler(task)
                 finally:
                     lu.task_set.remove(task)

@@ -77,13 +77,14 @@ class TaskSet:
                 return False
         return True
 
-    async def enter(self, task: Task) -> None:
-        """Return when the task may execute."""
+    async def enter(self, task: Task) -> bool:
+        """Return when the task may execute: True when it had to wait."""
         if (self._ordered == 0 and task.attr != TaskAttr.ORDERED) or self._may_run(task):
-            return
+            return False
         fut = asyncio.get_running_loop().create_future()
         self._waiters.append((task, fut))
         await fut
+        return True
 
     def _wake(self) -> None:
         still = []
