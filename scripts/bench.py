@@ -74,13 +74,16 @@ class Ours:
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
         # ready once attached to the STML and listening (the listener opens after attaching)
         attached = listening = False
+        said = []
         for line in self.proc.stdout:
+            said.append(line)
             attached = attached or line.startswith("fetd_tcp: attached")
             listening = listening or line.startswith("fetd_tcp: listening on")
             if attached and listening:
                 break
         else:
-            raise RuntimeError("scsi-target did not start")
+            self.stop()   # nothing left behind: no process, no image in /dev/shm
+            raise RuntimeError("scsi-target did not start:\n" + "".join(said[-20:]))
         # keep reading its output so a chatty target never blocks on a full pipe
         threading.Thread(target=self.proc.stdout.read, daemon=True).start()
         self.url = f"iscsi://127.0.0.1:{self.port}/{IQN}/0"
