@@ -830,9 +830,6 @@ class StreamChannel:
             out.append(struct.pack(f"<{3 + len(self._freed)}I", 0, _CONTROL_FREE, len(self._freed),
                                       *self._freed))
             self._freed.clear()
-        if self._free_timer is not None:
-            self._free_timer.cancel()
-            self._free_timer = None
         while out and not self.closed:
             try:
                 chunk = out[:_IOV_MAX]
@@ -999,7 +996,15 @@ class StreamChannel:
         self._freed += self._to_free
         self._to_free.clear()
         if self._free_timer is None and not self.closed:
-            self._free_timer = self._loop.call_later(0.001, self.flush)
+            # one timer at a time, left running when a message takes the slots first:
+            # at most one firing per millisecond instead of a timer made and cancelled
+            # every loop iteration
+            self._free_timer = self._loop.call_later(0.001, self._free_timeout)
+
+    def _free_timeout(self) -> None:
+        self._free_timer = None
+        if self._freed:
+            self.flush()
 
     def _frame(self, frame: Any) -> None:
         self._frames.append(frame)
