@@ -1,0 +1,221 @@
+#!/usr/bin/env python3
+"""Python cost per command of the three hot paths, without an initiator.
+
+    scripts/pathcost.py [--count 20000] [--size 4096]
+    scripts/pathcost.py --instructions     # instructions per command, under valgrind
+
+- stml: READ(10) rx_cmnd messages through the STML's receive path (header
+  unpacked, the command's checks, the backend read, xmit_response packed);
+  the stream to the front end is a stub.
+- fetd: SCSI Command PDUs framed and handled by fetd_tcp, rx_cmnd packed,
+  xmit_response (packed here, as the STML would) dispatched, the Data-In
+  PDU encoded; sixteen commands per read, as at QD16.
+- carrier: messages (header and `size` bytes) over StreamChannel on a Unix
+  socket pair, sixteen at a time: send, parse, deliver.
+
+Time per command moves by 10-20% between runs on a shared machine. The
+instruction count (valgrind's callgrind, `apt-get install valgrind`) does
+not: each path runs twice with different counts and the difference is
+divided, so start-up cancels. Kernel work (system calls, copies) is not in
+it; bench.py measures the whole.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from stml.api import StreamChannel, pack, unpack  # noqa: E402
+
+QD = 16
+
+
+def read10(lba: int, blocks: int) -> bytes:
+    return bytes([0x28, 0]) + lba.to_bytes(4, "big") + b"\0" + blocks.to_bytes(2, "big") + b"\0"
+
+
+async def stml_path(count: int, size: int) -> float:
+    from stml import config
+    from stml.api import SharedRegion
+    from stml.server import StmlServer
+    # in memory when possible, as bench.py's LUNs: the backend read is then a page-cache copy
+    work = Path(tempfile.mkdtemp(prefix="pathcost", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
+    img = work / "lun.img"
+    with open(img, "wb") as f:
+        f.truncate(1 << 30)
+    server = StmlServer(config.load(data_dir=str(work / "data"), luns=(f"file:{img},thick",)))
+    ident = b"\0stream-1"
+    replies: list = []
+
+    class Stream:   # what StmlServer needs of a StreamChannel
+        region = SharedRegion()
+
+        def send(self, frames: list) -> None:
+            replies.append(frames)
+
+    server.streams[ident] = Stream()
+    server._receive([ident, pack({"op": "register_target_front_end", "name": "pathcost",
+                                  "kind": "bench", "version": [1, 0]})])
+    target = next(iter(server.emulator.targets))
+    server._receive([ident, pack({"op": "register_nexus", "nexus": 1, "initiator": "iqn.x",
+                                  "target": target, "tpg": 1})])
+    blocks = size // 512
+    messages = [[ident, pack({"op": "rx_cmnd", "tag": tag, "nexus": 1, "lun": 0,
+                              "cdb": read10(tag * blocks % (1 << 20), blocks),
+                              "attr": 0, "dir": 2, "len": size, "unsol": 0})]
+                for tag in range(count + 1)]
+    server._receive(messages.pop())        # takes the power-on unit attention
+    replies.clear()
+    start = time.perf_counter()
+    for m in messages:
+        server._receive(m)
+        if len(replies) >= QD:
+            replies.clear()                # the slots of shared read data are free again
+    took = time.perf_counter() - start
+    replies.clear()
+    server._receive([ident, pack({"op": "rx_cmnd", "tag": count + 1, "nexus": 1, "lun": 0,
+                                  "cdb": read10(0, blocks), "attr": 0, "dir": 2, "len": size})])
+    header, data = replies[0]
+    assert unpack(header)["status"] == 0 and len(data) == size, "the reads succeed"
+    server.sock.close(linger=0)   # else the context waits on the unbound socket at exit
+    server.ctx.term()
+    server.executor.shutdown()
+    shutil.rmtree(work)
+    return took
+
+
+async def fetd_path(count: int, size: int) -> float:
+    from fetd_tcp import pdu as P
+    from fetd_tcp.keys import ConnectionParams, SessionParams
+    from fetd_tcp.server import ConnectionProtocol, IscsiFrontEnd
+    from fetd_tcp.session import Connection, Session
+    fe = IscsiFrontEnd("ipc:///nonexistent/pathcost", [])
+    to_stml: list = []
+    sent = [0]
+
+    class Channel:   # what FrontEndLink needs of a carrier
+        def send(self, frames: list) -> None:
+            to_stml.append(frames)
+
+        def flush(self) -> None:
+            pass
+
+    class Transport:
+        def is_closing(self) -> bool:
+            return False
+
+        def get_write_buffer_size(self) -> int:
+            return 0
+
+    def out(pdu: object, data: object) -> None:
+        pdu.encode()
+        sent[0] += 1
+
+    fe.link._channel = Channel()
+    session = Session(1, b"\x80" + bytes(5), "iqn.x", "iqn.t", 1,
+                      SessionParams(max_burst_length=1 << 20), 1, 1, 128)
+    params = ConnectionParams(max_send_data_segment_length=1 << 18,
+                              max_recv_data_segment_length=1 << 18)
+    conn = Connection(session, 0, params, 7, out, fe.link, fe.tags, lambda: None,
+                      lambda c, pairs: [])
+    session.connections[0] = conn
+    proto = ConnectionProtocol(conn, fe.link, Transport())
+    data = memoryview(bytearray(size))
+    blocks = size // 512
+    reads = []
+    for first in range(0, count - count % QD, QD):
+        reads.append(b"".join(
+            P.ScsiCommand(itt, P.int_to_lun(0), read10(itt * blocks % (1 << 20), blocks), size,
+                          itt + 1, 0, read=True).encode() for itt in range(first, first + QD)))
+    start = time.perf_counter()
+    for raw in reads:
+        buf = proto.get_buffer(len(raw))
+        buf[:len(raw)] = raw
+        proto.buffer_updated(len(raw))
+        commands, to_stml[:] = to_stml[:], []
+        for frames in commands:
+            tag = unpack(frames[0])["tag"]
+            fe.link._on_message([pack({"op": "xmit_response", "tag": tag, "status": 0,
+                                       "sense": None, "resid": 0}), data])
+        fe.messages_handled()
+    took = time.perf_counter() - start
+    assert sent[0] == len(reads) * QD, "every command got its Data-In"
+    return took
+
+
+async def carrier_path(count: int, size: int) -> float:
+    import socket
+    loop = asyncio.get_running_loop()
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    state: dict = {"got": 0, "batch": None}
+
+    def on_message(frames: list) -> None:
+        state["got"] += 1
+        if state["got"] % QD == 0:
+            state["batch"].set_result(None)
+
+    sender = StreamChannel(a, lambda frames: None, lambda: None)
+    receiver = StreamChannel(b, on_message, lambda: None)
+    header = pack({"op": "rx_cmnd", "tag": 1234, "nexus": 1, "lun": 0, "cdb": read10(0, 8),
+                   "attr": 0, "dir": 1, "len": size, "unsol": size})
+    data = bytes(size)
+    start = time.perf_counter()
+    for _ in range(count // QD):
+        state["batch"] = loop.create_future()
+        for _ in range(QD):
+            sender.send([header, data])
+        await state["batch"]
+    took = time.perf_counter() - start
+    sender.close()
+    receiver.close()
+    return took
+
+
+PATHS: dict[str, Callable] = {"stml": stml_path, "fetd": fetd_path, "carrier": carrier_path}
+
+
+def instructions(path: str, size: int) -> float:
+    """Instructions per command: callgrind at two counts, the difference divided."""
+    counts = []
+    for n in (QD * 32, QD * 160):
+        p = subprocess.run(["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
+                            sys.executable, __file__, "--path", path, "--count", str(n),
+                            "--size", str(size)], capture_output=True, text=True, timeout=600)
+        m = re.search(r"Collected : (\d+)", p.stderr)
+        if p.returncode != 0 or not m:
+            raise RuntimeError(f"callgrind failed on {path}: {p.stderr[-2000:]}")
+        counts.append(int(m.group(1)))
+    return (counts[1] - counts[0]) / (QD * 128)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--count", type=int, default=20000, help="commands per path")
+    ap.add_argument("--size", type=int, default=4096, help="bytes per command (a multiple of 512)")
+    ap.add_argument("--path", choices=sorted(PATHS), help="only this path")
+    ap.add_argument("--instructions", action="store_true", help="count instructions (valgrind)")
+    args = ap.parse_args()
+    if args.size % 512 or args.count < QD:
+        ap.error(f"--size must be a multiple of 512 and --count at least {QD}")
+    for name in [args.path] if args.path else list(PATHS):
+        if args.instructions:
+            print(f"{name:8s} {instructions(name, args.size):9.0f} instructions per command", flush=True)
+        else:
+            took = asyncio.run(PATHS[name](args.count, args.size))
+            n = args.count - args.count % QD
+            print(f"{name:8s} {took / n * 1e6:7.2f} us per command", flush=True)
+
+
+if __name__ == "__main__":
+    main()
