@@ -322,6 +322,26 @@ def test_ordered_and_head_of_queue_ordering():
     asyncio.run(run())
 
 
+def test_reservation_taken_while_a_task_waits_is_checked_when_it_enters():
+    """A task that waited in the task set is checked for reservations again when
+    it enters (one that did not wait was checked a moment ago and is not)."""
+    async def run() -> None:
+        rec, sent = Recorder(), []
+        emu = ordering_emulator(rec, sent)
+        cmd(emu, 1, "ORD_", TaskAttr.ORDERED, nexus=1)
+        cmd(emu, 2, "S1__", TaskAttr.SIMPLE, nexus=1)
+        await settle()
+        assert rec.started == ["ORD_"]                   # S1 waits behind the ORDERED task
+        lu = emu.targets[T].luns[0]
+        pr.state(lu).reserve6(emu.front_ends[b"fe"].nexuses[2])   # RESERVE(6) by the other nexus
+        rec.gates["ORD_"].set()
+        await settle()
+        assert rec.started == ["ORD_"]                   # S1 never ran
+        resp = [(h["tag"], h["status"]) for h in sent if h["op"] == Op.XMIT_RESPONSE]
+        assert resp == [(1, 0), (2, RESERVATION_CONFLICT)]
+    asyncio.run(run())
+
+
 def test_lun_reset_aborts_everyone_tas_and_ua():
     async def run() -> None:
         rec, sent = Recorder(), []
