@@ -43,18 +43,18 @@ def u64(cdb: bytes, off: int) -> int:
     return _U64.unpack_from(cdb, off)[0]
 
 
+# (LBA, number of blocks) of READ/WRITE/VERIFY-style CDBs of 10, 12 and 16 bytes
+_LBA_LEN = {10: struct.Struct(">2xIxH"), 12: struct.Struct(">2xII"), 16: struct.Struct(">2xQI")}
+
+
 def lba_len(cdb: bytes) -> tuple[int, int]:
     """(LBA, number of blocks) of a READ/WRITE/VERIFY-style CDB of any size."""
-    n = len(cdb)
-    if n == 6:
+    fields = _LBA_LEN.get(len(cdb))
+    if fields is not None:
+        return fields.unpack_from(cdb)
+    if len(cdb) == 6:
         lba = ((cdb[1] & 0x1F) << 16) | u16(cdb, 2)
         return lba, cdb[4] or 256  # SBC: READ(6)/WRITE(6) length 0 means 256
-    if n == 10:
-        return u32(cdb, 2), u16(cdb, 7)
-    if n == 12:
-        return u32(cdb, 2), u32(cdb, 6)
-    if n == 16:
-        return u64(cdb, 2), u32(cdb, 10)
     raise CheckCondition(ILLEGAL_REQUEST, INVALID_FIELD_IN_CDB, FieldPointer(0))
 
 
