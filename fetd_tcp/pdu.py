@@ -107,7 +107,9 @@ _BHS = struct.Struct(">BBxxI")
 _AHS_HDR = struct.Struct(">HBx")
 _U32 = struct.Struct(">I")
 _U16 = struct.Struct(">H")
-_new = tuple.__new__   # builds a NamedTuple from all its fields without a Python-level call
+# a PDU NamedTuple from all its fields, in order, without the Python-level __new__
+# (about a fiftieth of fetd_tcp's instructions per read command): for the hot paths
+new_pdu = tuple.__new__
 
 
 class PDUError(Exception):
@@ -600,7 +602,7 @@ def _dec_scsi_command(buf, ahs):
         ext, bidi = _parse_ahs(ahs)
         cdb += ext
     # every field is given, so the NamedTuple's Python-level __new__ can be skipped (per command)
-    return _new(ScsiCommand, (itt, lun, cdb, edtl, cmd_sn, exp_stat_sn, (b1 & 0x40) != 0,
+    return new_pdu(ScsiCommand, (itt, lun, cdb, edtl, cmd_sn, exp_stat_sn, (b1 & 0x40) != 0,
                               (b1 & 0x20) != 0, b1 & 0x07, (b1 & _F) != 0, (b0 & _I) != 0, bidi,
                               w & 0xFFFFFF))
 
@@ -624,7 +626,7 @@ def _dec_text_request(g, ahs):
 
 
 def _dec_data_out(g, ahs):
-    return _new(DataOut, (g[6], g[7], g[11], g[12], (g[1] & _F) != 0, g[9], g[5], g[4] & 0xFFFFFF))
+    return new_pdu(DataOut, (g[6], g[7], g[11], g[12], (g[1] & _F) != 0, g[9], g[5], g[4] & 0xFFFFFF))
 
 
 def _dec_logout_request(g, ahs):

@@ -347,11 +347,11 @@ class Connection:
             if collapse:
                 return
         seg = P.sense_segment(sense) if sense else b""
-        # every field positional (keywords cost a NamedTuple about twice as much, per command):
+        # every field, in order (P.new_pdu: no Python-level __new__, per command):
         # response 0, ExpDataSN, residual, no bidi residual, SNACK Tag 0, DataSegmentLength
-        self.out(P.ScsiResponse(task.itt, status, self._next_stat_sn(), s.exp_cmd_sn, s.max_cmd_sn,
-                                0, task.data_sn + task.r2t_sn, count, over, under, 0, False, False,
-                                0, len(seg)), seg)
+        self.out(P.new_pdu(P.ScsiResponse, (task.itt, status, self._next_stat_sn(), s.exp_cmd_sn,
+                                            s.max_cmd_sn, 0, task.data_sn + task.r2t_sn, count,
+                                            over, under, 0, False, False, 0, len(seg))), seg)
 
     def _data_in(self, task: Task, data: memoryview, status: int | None, count: int,
                  over: bool, under: bool) -> None:
@@ -367,14 +367,16 @@ class Connection:
         offset = 0
         while offset < total:
             end = min(offset + seg_max, total, offset - offset % burst + burst)
-            # positional, as in xmit_response: ... final, status, StatSN, residual (count,
+            # every field, as in xmit_response: ... final, status, StatSN, residual (count,
             # overflow, underflow), A bit, TTT, LUN, DataSegmentLength
             if end == total and status is not None:
-                pdu = P.DataIn(itt, task.data_sn, offset, exp, mx, True, status, self._next_stat_sn(),
-                               count, over, under, False, P.RESERVED_TAG, lun, end - offset)
+                pdu = P.new_pdu(P.DataIn, (itt, task.data_sn, offset, exp, mx, True, status,
+                                           self._next_stat_sn(), count, over, under, False,
+                                           P.RESERVED_TAG, lun, end - offset))
             else:
-                pdu = P.DataIn(itt, task.data_sn, offset, exp, mx, end == total or end % burst == 0,
-                               None, 0, 0, False, False, False, P.RESERVED_TAG, lun, end - offset)
+                pdu = P.new_pdu(P.DataIn, (itt, task.data_sn, offset, exp, mx,
+                                           end == total or end % burst == 0, None, 0, 0, False,
+                                           False, False, P.RESERVED_TAG, lun, end - offset))
             self.out(pdu, data if end - offset == total else data[offset:end])
             task.data_sn += 1
             offset = end
