@@ -816,9 +816,6 @@ class StreamChannel:
             lengths = map(len, frames)
         self._out.append(_u32s(len(frames) + 1).pack(len(frames), *lengths))
         self._out += frames
-        self._schedule()
-
-    def _schedule(self) -> None:
         if not self._flush_scheduled and not self._waiting and not self._dispatching:
             self._flush_scheduled = True
             self._loop.call_soon(self.flush)
