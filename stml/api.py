@@ -1082,8 +1082,7 @@ class SharedRegion:
         """A writable view of `size` bytes in a free slot, or None."""
         cls = max(self.MIN_SLOT, 1 << (size - 1).bit_length())
         slots = self._by_class.setdefault(cls, [])
-        if (i := _first_unused(slots)) is not None:
-            slot = slots[i]
+        if (slot := _take_unused(slots)) is not None:
             return memoryview(slot).cast("B")[:size]
         if self._top + cls > self.size:
             return None
@@ -1108,16 +1107,17 @@ class SharedRegion:
         os.close(self.fd)
 
 
-def _first_unused(objs: list) -> int | None:
-    """The index of the first object of `objs` that only the list refers to
-    (CPython's reference count tells), moved to the end of the list: kept
-    in the order they were handed out, the next one is usually free at the
-    front (a scan from the front of a fixed order looked at 6.5 of 16 slots
-    per 64 KiB read)."""
+def _take_unused(objs: list) -> Any:
+    """The first object of `objs` that only the list refers to (CPython's
+    reference count tells), or None; it moves to the end of the list, so
+    the list stays in the order they were handed out and the next one is
+    usually free at the front (a scan from the front of a fixed order looked
+    at 6.5 of 16 slots per 64 KiB read)."""
     for i in range(len(objs)):
         if sys.getrefcount(objs[i]) == 2:   # the list and getrefcount's argument
-            objs.append(objs.pop(i))
-            return len(objs) - 1
+            obj = objs.pop(i)
+            objs.append(obj)
+            return obj
     return None
 
 
@@ -1153,8 +1153,8 @@ class BufferPool:
 
     def get(self, size: int) -> bytearray:
         bufs = self._by_size.setdefault(size, [])
-        if (i := _first_unused(bufs)) is not None:
-            return bufs[i]
+        if (buf := _take_unused(bufs)) is not None:
+            return buf
         buf = bytearray(size)
         if self.kept + size <= self.limit:
             bufs.append(buf)
