@@ -83,19 +83,20 @@ class Task:
                  "exp_len", "unsol", "data_out", "received", "need", "want", "data_ready", "data_error",
                  "runner", "seq", "abort_status")
 
-    def __init__(self, emulator: Emulator, fe: FrontEnd, h: dict[str, Any], nexus: Nexus,
+    def __init__(self, emulator: Emulator, fe: FrontEnd, nexus: Nexus, tag: int, lun: int,
+                 cdb: bytes, attr: int, direction: int, exp_len: int, unsol: int,
                  imm: list) -> None:
         self.emulator = emulator
         self.fe = fe
-        self.tag: int = h["tag"]
+        self.tag = tag
         self.nexus = nexus
-        self.lun: int = h["lun"]
+        self.lun = lun
         self.lu: LogicalUnit | None = None
-        self.cdb: bytes = trim_cdb(h["cdb"])
-        self.attr: int = h.get("attr", 0)
-        self.direction: int = h.get("dir", 0)
-        self.exp_len: int = h.get("len", 0)
-        self.unsol: int = h.get("unsol", 0)
+        self.cdb: bytes = trim_cdb(cdb)
+        self.attr = attr
+        self.direction = direction
+        self.exp_len = exp_len
+        self.unsol = unsol
         self.data_out: list[memoryview] = [memoryview(f) for f in imm] if imm else []
         self.received = sum(map(len, self.data_out)) if imm else 0
         self.need = 0     # bytes the CDB asks the initiator for
@@ -373,22 +374,33 @@ class Emulator:
         if nexus is None:
             self.respond(fe, tag, CHECK_CONDITION, build_sense(ABORTED_COMMAND, NEXUS_UNKNOWN), 0)
             return
-        if not isinstance(h["cdb"], bytes) or not h["cdb"]:
+        cdb = h["cdb"]
+        if not isinstance(cdb, bytes) or not cdb:
             raise ValueError("cdb must be non-empty bytes")
         if not isinstance(tag, int):
             raise ValueError("tag must be an integer")
-        for key in _COUNT_FIELDS:
-            value = h.get(key, 0)
-            if type(value) is not int or value < 0:   # (not bool, an int subclass)
-                log.warning("front end %s: rx_cmnd %s=%r refused", fe.name, key, value)
-                asc = LOGICAL_UNIT_NOT_SUPPORTED if key == "lun" else INVALID_FIELD_IN_CDB
-                self.respond(fe, tag, CHECK_CONDITION, build_sense(ILLEGAL_REQUEST, asc), 0)
-                return
-        task = Task(self, fe, h, nexus, frames)
+        lun, attr, direction, exp_len, unsol = (
+            h["lun"], h.get("attr", 0), h.get("dir", 0), h.get("len", 0), h.get("unsol", 0))
+        # non-negative ints (not bool, an int subclass), in one test for the usual case
+        if not (type(lun) is int is type(attr) is type(direction) is type(exp_len) is type(unsol)) \
+                or (lun | attr | direction | exp_len | unsol) < 0:
+            self._refuse_counts(fe, tag, h)
+            return
+        task = Task(self, fe, nexus, tag, lun, cdb, attr, direction, exp_len, unsol, frames)
         fe.tasks[tag] = task
         task.runner = start_eagerly(self._execute(task))
         if task.runner is not None:
             task.runner.add_done_callback(lambda runner, task=task: self._runner_done(task, runner))
+
+    def _refuse_counts(self, fe: FrontEnd, tag: int, h: dict[str, Any]) -> None:
+        """The rx_cmnd field that is not a non-negative int, refused with its sense."""
+        for key in _COUNT_FIELDS:
+            value = h.get(key, 0)
+            if type(value) is not int or value < 0:
+                log.warning("front end %s: rx_cmnd %s=%r refused", fe.name, key, value)
+                asc = LOGICAL_UNIT_NOT_SUPPORTED if key == "lun" else INVALID_FIELD_IN_CDB
+                self.respond(fe, tag, CHECK_CONDITION, build_sense(ILLEGAL_REQUEST, asc), 0)
+                return
 
     def _runner_done(self, task: Task, runner: asyncio.Task) -> None:
         """An aborted task is forgotten whether or not it had started running;
@@ -414,7 +426,8 @@ class Emulator:
         status, sense, data = GOOD, None, None
         descriptor = False
         try:
-            lu = task.lu = self.lookup_lu(task.nexus.target, task.lun)
+            t = self.targets.get(task.nexus.target)
+            lu = task.lu = t.luns.get(task.lun) if t else None
             if lu is None:
                 data = await self._no_such_lun(task)
             else:
@@ -423,7 +436,7 @@ class Emulator:
                     raise CheckCondition(ILLEGAL_REQUEST, INVALID_MESSAGE_ERROR)  # no ACA (NACA=0)
                 entry = lu.template.lookup(task.cdb)
                 check_usage(task.cdb, entry.usage)
-                if not entry.ua_exempt:
+                if lu.unit_attentions and not entry.ua_exempt:
                     ua = self._pending_ua(lu, task.nexus)
                     if ua:
                         raise CheckCondition(UNIT_ATTENTION, ua)
@@ -434,10 +447,12 @@ class Emulator:
                 try:
                     if entry.check:
                         entry.check(task)
-                    if entry.out_len:
-                        await self._collect(task, entry)
-                    if await lu.task_set.enter(task) or entry.out_len:
-                        self._check_reservation(lu, task, entry)  # it may have changed meanwhile
+                    waited = entry.out_len is not None and await self._collect(task, entry)
+                    if await lu.task_set.enter(task) or waited:
+                        # the LU may have changed meanwhile (reservations, size, protection)
+                        self._check_reservation(lu, task, entry)
+                        if entry.check:
+                            entry.check(task)
                     data = await entry.handler(task)
                 finally:
                     lu.task_set.remove(task)
@@ -474,7 +489,7 @@ class Emulator:
 
     @staticmethod
     def _check_reservation(lu: LogicalUnit, task: Task, entry: OpEntry) -> None:
-        if entry.conflicts and pr.state(lu).conflicts(task.nexus, task.cdb):
+        if entry.conflicts and lu.pr is not None and lu.pr.conflicts(task.nexus, task.cdb):
             raise StatusError(RESERVATION_CONFLICT)
 
     # ------------------------------------------------------------ unit attentions
@@ -535,9 +550,9 @@ class Emulator:
             return await entry.handler(task)
         raise CheckCondition(ILLEGAL_REQUEST, LOGICAL_UNIT_NOT_SUPPORTED)
 
-    async def _collect(self, task: Task, entry: OpEntry) -> None:
+    async def _collect(self, task: Task, entry: OpEntry) -> bool:
         """Gather the write data the command needs, asking for what was not sent
-        unsolicited."""
+        unsolicited: True when it had to wait for some."""
         need = task.need = entry.out_len(task)
         if need > self.max_transfer:
             raise CheckCondition(ILLEGAL_REQUEST, INVALID_FIELD_IN_CDB)
@@ -558,8 +573,12 @@ class Emulator:
                 self.send(task.fe.ident, {"op": Op.RDY_TO_XFER, "tag": task.tag,
                                           "offset": start, "length": need - start}, [])
             await task.data_ready
+            waited = True
+        else:
+            waited = False
         if task.received > need:
             task.data_out = trim_views(task.data_out, need)
+        return waited
 
     def _forget(self, task: Task) -> None:
         if task.fe.tasks.get(task.tag) is task:

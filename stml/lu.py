@@ -118,6 +118,7 @@ class LogicalUnit:
     write_gate: WriteGate = field(default_factory=WriteGate)   # COMPARE AND WRITE atomicity
     copy_results: dict[tuple[str, int], dict[str, Any]] = field(default_factory=dict)  # EXTENDED COPY
     sanitizing: bool = False                    # a SANITIZE is under way: the medium is NOT READY
+    pr: Any = None                              # reservation state: stml.pr.state() makes it
 
     def __post_init__(self) -> None:
         self.mode.wce = self.options.write_cache

@@ -74,7 +74,8 @@ def check_writable(lu: LogicalUnit) -> None:
 
 
 def check_xfer(task: Task, blocks: int) -> None:
-    if blocks > max_blocks(task):
+    """At most max_blocks(task) blocks (compared in bytes: one call less per command)."""
+    if blocks * task.lu.block_size > task.emulator.max_transfer:
         raise invalid_field(LEN_FIELD.get(len(task.cdb), 0))
 
 

@@ -597,7 +597,7 @@ def parse_prout(sa: int, data: bytes, plen: int) -> PrParams:
 
 def state(lu: LogicalUnit) -> PrState:
     """The LU's reservation state (made on first use)."""
-    st = getattr(lu, "pr", None)
+    st = lu.pr
     if st is None:
         st = PrState(lu.target, lu.lun)
         lu.pr = st

@@ -84,8 +84,7 @@ def _first_difference(a: bytes | bytearray, b: bytes | bytearray) -> int | None:
 # ---------------------------------------------------------------- READ / WRITE
 
 async def read(task: Task) -> bytearray | memoryview:
-    lba, blocks = lba_len(task.cdb)
-    check_range(task.lu, lba, blocks)
+    lba, blocks = lba_len(task.cdb)   # read_check checked them
     return await read_blocks(task, lba, blocks, response=True)
 
 
