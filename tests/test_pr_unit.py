@@ -270,9 +270,9 @@ class Recorder:
 
 
 def ordering_emulator(rec: Recorder, sent: list) -> Emulator:
-    from stml.disk import DiskTemplate
+    from stml.disk import OPCODES, DiskTemplate
     entry = OpEntry(0xC0, "VENDOR WAIT", bytes([0xC0, 0, 0xFF, 0xFF, 0xFF, 0xFF]), rec.handler)
-    template = DiskTemplate([entry])
+    template = DiskTemplate([entry, *OPCODES])
     lu = LogicalUnit(T, 0, open_backend("ram", 1 << 20, None, False), LunOptions(kind="ram", size=1 << 20),
                      template)
     emu = Emulator([Target(T, {0: lu})], lambda ident, h, f: sent.append(h),
@@ -339,6 +339,31 @@ def test_reservation_taken_while_a_task_waits_is_checked_when_it_enters():
         assert rec.started == ["ORD_"]                   # S1 never ran
         resp = [(h["tag"], h["status"]) for h in sent if h["op"] == Op.XMIT_RESPONSE]
         assert resp == [(1, 0), (2, RESERVATION_CONFLICT)]
+    asyncio.run(run())
+
+
+def test_a_read_that_waited_is_checked_against_the_lun_as_it_is_when_it_enters():
+    """A READ behind an ORDERED task passed its range check on arrival; the LUN
+    shrank while it waited: it ends LBA OUT OF RANGE, not with made-up data."""
+    async def run() -> None:
+        rec, sent = Recorder(), []
+        emu = ordering_emulator(rec, sent)
+        emu.handle(b"fe", {"op": Op.RX_CMND, "tag": 9, "nexus": 1, "lun": 0, "cdb": TUR,
+                           "attr": 0, "dir": 0, "len": 0, "unsol": 0}, [])   # takes the power-on UA
+        cmd(emu, 1, "ORD_", TaskAttr.ORDERED)
+        last = (1 << 20) // 512 - 1
+        emu.handle(b"fe", {"op": Op.RX_CMND, "tag": 2, "nexus": 1, "lun": 0, "attr": 0, "dir": 2,
+                           "cdb": bytes([0x28, 0]) + last.to_bytes(4, "big") + bytes([0, 0, 1, 0]),
+                           "len": 512, "unsol": 0}, [])
+        await settle()
+        assert [h["tag"] for h in sent if h["op"] == Op.XMIT_RESPONSE] == [9]   # the READ waits
+        emu.targets[T].luns[0].backend.resize(1 << 19)
+        rec.gates["ORD_"].set()
+        await settle()
+        resp = {h["tag"]: h for h in sent if h["op"] == Op.XMIT_RESPONSE}
+        assert resp[1]["status"] == 0
+        assert resp[2]["status"] == 2 and resp[2]["sense"][2] & 0x0F == 0x05   # ILLEGAL REQUEST
+        assert resp[2]["sense"][12:14] == bytes([0x21, 0x00])                  # LBA OUT OF RANGE
     asyncio.run(run())
 
 
