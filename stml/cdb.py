@@ -31,10 +31,6 @@ def u16(cdb: bytes, off: int) -> int:
     return _U16.unpack_from(cdb, off)[0]
 
 
-def u24(cdb: bytes, off: int) -> int:
-    return int.from_bytes(cdb[off:off + 3], "big")
-
-
 def u32(cdb: bytes, off: int) -> int:
     return _U32.unpack_from(cdb, off)[0]
 
