@@ -7,6 +7,8 @@
 - stml: READ(10) rx_cmnd messages through the STML's receive path (header
   unpacked, the command's checks, the backend read, xmit_response packed);
   the stream to the front end is a stub.
+- stml-write: the same for WRITE(10) with its data sent along (immediate
+  data, as qemu sends 4 KiB writes), written to the backend.
 - fetd: SCSI Command PDUs framed and handled by fetd_tcp, rx_cmnd packed,
   xmit_response (packed here, as the STML would) dispatched, the Data-In
   PDU encoded; sixteen commands per read, as at QD16.
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import os
 import re
 import shutil
@@ -41,11 +44,11 @@ from stml.api import StreamChannel, pack, unpack  # noqa: E402
 QD = 16
 
 
-def read10(lba: int, blocks: int) -> bytes:
-    return bytes([0x28, 0]) + lba.to_bytes(4, "big") + b"\0" + blocks.to_bytes(2, "big") + b"\0"
+def read10(lba: int, blocks: int, opcode: int = 0x28) -> bytes:
+    return bytes([opcode, 0]) + lba.to_bytes(4, "big") + b"\0" + blocks.to_bytes(2, "big") + b"\0"
 
 
-async def stml_path(count: int, size: int) -> float:
+async def stml_path(count: int, size: int, write: bool = False) -> float:
     from stml import config
     from stml.api import SharedRegion
     from stml.server import StmlServer
@@ -71,9 +74,11 @@ async def stml_path(count: int, size: int) -> float:
     server._receive([ident, pack({"op": "register_nexus", "nexus": 1, "initiator": "iqn.x",
                                   "target": target, "tpg": 1})])
     blocks = size // 512
+    payload = [bytes(size)] if write else []
     messages = [[ident, pack({"op": "rx_cmnd", "tag": tag, "nexus": 1, "lun": 0,
-                              "cdb": read10(tag * blocks % (1 << 20), blocks),
-                              "attr": 0, "dir": 2, "len": size, "unsol": 0})]
+                              "cdb": read10(tag * blocks % (1 << 20), blocks, 0x2A if write else 0x28),
+                              "attr": 0, "dir": 1 if write else 2, "len": size,
+                              "unsol": size if write else 0}), *payload]
                 for tag in range(count + 1)]
     server._receive(messages.pop())        # takes the power-on unit attention
     replies.clear()
@@ -81,12 +86,13 @@ async def stml_path(count: int, size: int) -> float:
     for m in messages:
         server._receive(m)
         if len(replies) >= QD:
+            assert unpack(replies[-1][0])["status"] == 0, "the commands succeed"
             replies.clear()                # the slots of shared read data are free again
     took = time.perf_counter() - start
     replies.clear()
     server._receive([ident, pack({"op": "rx_cmnd", "tag": count + 1, "nexus": 1, "lun": 0,
                                   "cdb": read10(0, blocks), "attr": 0, "dir": 2, "len": size})])
-    header, data = replies[0]
+    header, data = replies[-1]
     assert unpack(header)["status"] == 0 and len(data) == size, "the reads succeed"
     server.sock.close(linger=0)   # else the context waits on the unbound socket at exit
     server.ctx.term()
@@ -182,7 +188,8 @@ async def carrier_path(count: int, size: int) -> float:
     return took
 
 
-PATHS: dict[str, Callable] = {"stml": stml_path, "fetd": fetd_path, "carrier": carrier_path}
+PATHS: dict[str, Callable] = {"stml": stml_path, "stml-write": functools.partial(stml_path, write=True),
+                              "fetd": fetd_path, "carrier": carrier_path}
 
 
 def instructions(path: str, size: int) -> float:
@@ -210,11 +217,11 @@ def main() -> None:
         ap.error(f"--size must be a multiple of 512 and --count at least {QD}")
     for name in [args.path] if args.path else list(PATHS):
         if args.instructions:
-            print(f"{name:8s} {instructions(name, args.size):9.0f} instructions per command", flush=True)
+            print(f"{name:10s} {instructions(name, args.size):9.0f} instructions per command", flush=True)
         else:
             took = asyncio.run(PATHS[name](args.count, args.size))
             n = args.count - args.count % QD
-            print(f"{name:8s} {took / n * 1e6:7.2f} us per command", flush=True)
+            print(f"{name:10s} {took / n * 1e6:7.2f} us per command", flush=True)
 
 
 if __name__ == "__main__":
