@@ -44,7 +44,8 @@ from stml.api import StreamChannel, pack, unpack  # noqa: E402
 QD = 16
 
 
-def read10(lba: int, blocks: int, opcode: int = 0x28) -> bytes:
+def cdb10(opcode: int, lba: int, blocks: int) -> bytes:
+    """READ(10) (0x28) or WRITE(10) (0x2A)."""
     return bytes([opcode, 0]) + lba.to_bytes(4, "big") + b"\0" + blocks.to_bytes(2, "big") + b"\0"
 
 
@@ -76,7 +77,7 @@ async def stml_path(count: int, size: int, write: bool = False) -> float:
     blocks = size // 512
     payload = [bytes(size)] if write else []
     messages = [[ident, pack({"op": "rx_cmnd", "tag": tag, "nexus": 1, "lun": 0,
-                              "cdb": read10(tag * blocks % (1 << 20), blocks, 0x2A if write else 0x28),
+                              "cdb": cdb10(0x2A if write else 0x28, tag * blocks % (1 << 20), blocks),
                               "attr": 0, "dir": 1 if write else 2, "len": size,
                               "unsol": size if write else 0}), *payload]
                 for tag in range(count + 1)]
@@ -91,7 +92,7 @@ async def stml_path(count: int, size: int, write: bool = False) -> float:
     took = time.perf_counter() - start
     replies.clear()
     server._receive([ident, pack({"op": "rx_cmnd", "tag": count + 1, "nexus": 1, "lun": 0,
-                                  "cdb": read10(0, blocks), "attr": 0, "dir": 2, "len": size})])
+                                  "cdb": cdb10(0x28, 0, blocks), "attr": 0, "dir": 2, "len": size})])
     header, data = replies[-1]
     assert unpack(header)["status"] == 0 and len(data) == size, "the reads succeed"
     server.sock.close(linger=0)   # else the context waits on the unbound socket at exit
@@ -142,7 +143,7 @@ async def fetd_path(count: int, size: int) -> float:
     reads = []
     for first in range(0, count - count % QD, QD):
         reads.append(b"".join(
-            P.ScsiCommand(itt, P.int_to_lun(0), read10(itt * blocks % (1 << 20), blocks), size,
+            P.ScsiCommand(itt, P.int_to_lun(0), cdb10(0x28, itt * blocks % (1 << 20), blocks), size,
                           itt + 1, 0, read=True).encode() for itt in range(first, first + QD)))
     start = time.perf_counter()
     for raw in reads:
@@ -173,7 +174,7 @@ async def carrier_path(count: int, size: int) -> float:
 
     sender = StreamChannel(a, lambda frames: None, lambda: None)
     receiver = StreamChannel(b, on_message, lambda: None)
-    header = pack({"op": "rx_cmnd", "tag": 1234, "nexus": 1, "lun": 0, "cdb": read10(0, 8),
+    header = pack({"op": "rx_cmnd", "tag": 1234, "nexus": 1, "lun": 0, "cdb": cdb10(0x28, 0, 8),
                    "attr": 0, "dir": 1, "len": size, "unsol": size})
     data = bytes(size)
     start = time.perf_counter()

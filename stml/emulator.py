@@ -426,8 +426,7 @@ class Emulator:
         status, sense, data = GOOD, None, None
         descriptor = False
         try:
-            t = self.targets.get(task.nexus.target)
-            lu = task.lu = t.luns.get(task.lun) if t else None
+            lu = task.lu = self.lookup_lu(task.nexus.target, task.lun)
             if lu is None:
                 data = await self._no_such_lun(task)
             else:

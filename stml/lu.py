@@ -12,6 +12,7 @@ from stml.locks import WriteGate
 if TYPE_CHECKING:
     from backends import Backend
     from stml.emulator import Nexus, Task
+    from stml.pr import PrState
 
 VENDOR = "SCSITGT"
 PRODUCT = "PY-STML DISK"
@@ -118,7 +119,7 @@ class LogicalUnit:
     write_gate: WriteGate = field(default_factory=WriteGate)   # COMPARE AND WRITE atomicity
     copy_results: dict[tuple[str, int], dict[str, Any]] = field(default_factory=dict)  # EXTENDED COPY
     sanitizing: bool = False                    # a SANITIZE is under way: the medium is NOT READY
-    pr: Any = None                              # reservation state: stml.pr.state() makes it
+    pr: PrState | None = None                   # reservation state: stml.pr.state() makes it
 
     def __post_init__(self) -> None:
         self.mode.wce = self.options.write_cache

@@ -74,8 +74,7 @@ def check_writable(lu: LogicalUnit) -> None:
 
 
 def check_xfer(task: Task, blocks: int) -> None:
-    """At most max_blocks(task) blocks (compared in bytes: one call less per command)."""
-    if blocks * task.lu.block_size > task.emulator.max_transfer:
+    if blocks > max_blocks(task):
         raise invalid_field(LEN_FIELD.get(len(task.cdb), 0))
 
 
