@@ -3,6 +3,7 @@
 
     scripts/bench.py [--compare-tgtd] [--runs 5] [--scale 1.0] [--out bench.json]
     scripts/bench.py --loopback        # the STML alone, through the loopback front end
+    scripts/bench.py --compare-tgtd --cpu   # also CPU and sleeps per I/O, per process
 
 Both targets get an equivalent LUN: a 1 GiB file in /dev/shm (same backing
 kind and size), filled with data first, and ours thick (no logical block
@@ -129,6 +130,43 @@ class Tgtd:
         self.img.unlink(missing_ok=True)
 
 
+def processes(t: Ours | Tgtd) -> dict[str, int]:
+    """The target's processes by name: tgtd, or our STML and front ends (the
+    session our supervisor leads, named by the module each one runs)."""
+    if isinstance(t, Tgtd):
+        return {"tgtd": t.proc.pid}
+    found = {}
+    for entry in os.listdir("/proc"):
+        try:
+            if not entry.isdigit() or os.getpgid(int(entry)) != t.proc.pid or int(entry) == t.proc.pid:
+                continue
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue   # gone meanwhile
+        found[argv[argv.index(b"-m") + 1].decode() if b"-m" in argv else entry] = int(entry)
+    return found
+
+
+def usage(pid: int) -> tuple[float, float, int]:
+    """CPU seconds in user space and in the kernel (all threads) and how
+    often its threads went to sleep (voluntary context switches)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    hz = os.sysconf("SC_CLK_TCK")
+    sleeps = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        for line in Path(f"/proc/{pid}/task/{tid}/status").read_text().splitlines():
+            if line.startswith("voluntary_ctxt_switches"):
+                sleeps += int(line.split()[1])
+    return int(fields[11]) / hz, int(fields[12]) / hz, sleeps
+
+
+def per_io(before: dict[str, tuple], after: dict[str, tuple], count: int) -> dict[str, dict]:
+    return {name: {"user_us": (after[name][0] - b[0]) / count * 1e6,
+                   "system_us": (after[name][1] - b[1]) / count * 1e6,
+                   "sleeps": (after[name][2] - b[2]) / count}
+            for name, b in before.items() if name in after}
+
+
 def qemu_bench(url: str, args: list[str], count: int) -> float:
     """Seconds for `count` I/Os."""
     p = subprocess.run(["qemu-img", "bench", "-f", "raw", "-c", str(count), *args, url],
@@ -156,17 +194,28 @@ def run_iscsi(args: argparse.Namespace) -> dict:
         for name, wargs, count in WORKLOADS:
             n = max(100, int(count * args.scale))
             per: dict[str, list[float]] = {t.name: [] for t in targets}
+            cpu: dict[str, list[dict]] = {t.name: [] for t in targets}
             for _ in range(args.runs):  # A B A B: each round measures both
                 for t in targets:
+                    pids = processes(t) if args.cpu else {}
+                    before = {name: usage(pid) for name, pid in pids.items()}
                     secs = qemu_bench(t.url, wargs, n)
                     per[t.name].append(n / secs)
+                    if args.cpu:
+                        cpu[t.name].append(per_io(before, {name: usage(pid) for name, pid in pids.items()}, n))
             row = {t: {"iops": statistics.median(v), "mbps": statistics.median(v) * size_of(wargs) / 1e6,
                        "samples": v} for t, v in per.items()}
+            if args.cpu:
+                for t, rounds in cpu.items():
+                    row[t]["cpu"] = {name: {k: statistics.median(r[name][k] for r in rounds) for k in rounds[0][name]}
+                                     for name in rounds[0]}
             if args.compare_tgtd:
                 ratios = [a / b for a, b in zip(per["scsi-target"], per["tgtd"])]
                 row["ratio"] = statistics.median(ratios)
             results["workloads"][name] = row
             print_row(name, row, args.compare_tgtd)
+            if args.cpu:
+                print_cpu(row)
     finally:
         for t in targets:
             t.stop()
@@ -221,6 +270,13 @@ def print_row(name: str, row: dict, ratio: bool) -> None:
     print(line, flush=True)
 
 
+def print_cpu(row: dict) -> None:
+    """Per process: CPU per I/O in user space + in the kernel, and sleeps per I/O."""
+    parts = [f"{name} {c['user_us']:.0f}+{c['system_us']:.0f} us, {c['sleeps']:.2f} sleeps"
+             for t in row.values() if isinstance(t, dict) for name, c in t.get("cpu", {}).items()]
+    print(f"{'':18s} per I/O: " + "; ".join(parts), flush=True)
+
+
 def chart(results: dict, path: Path) -> None:
     try:
         import matplotlib
@@ -249,6 +305,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5, help="rounds per workload (median is reported)")
     ap.add_argument("--scale", type=float, default=1.0, help="multiply I/O counts (0.01 = smoke run)")
     ap.add_argument("--out", default="bench.json", help="JSON results (and a .png beside it)")
+    ap.add_argument("--cpu", action="store_true",
+                    help="also CPU (user + kernel) and sleeps per I/O of each target process, from /proc")
     args = ap.parse_args()
     if not shutil.which("qemu-img") and not args.loopback:
         sys.exit("bench: qemu-img not found (apt-get install qemu-utils qemu-block-extra)")

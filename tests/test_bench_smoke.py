@@ -1,5 +1,5 @@
-"""A seconds-long run of scripts/bench.py: it starts, measures every workload and
-writes its JSON. Numbers are not asserted (performance is measured, not tested)."""
+"""A seconds-long run of scripts/bench.py: it starts, measures every workload
+(and, with --cpu, each target process's CPU and sleeps per I/O) and writes its JSON. Numbers are not asserted (performance is measured, not tested)."""
 from __future__ import annotations
 
 import json
@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_bench_smoke(tmp_path):
     out = tmp_path / "bench.json"
     args = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--runs", "1", "--scale", "0.002",
-            "--out", str(out)]
+            "--cpu", "--out", str(out)]
     if shutil.which("tgtd"):
         args.append("--compare-tgtd")
     p = subprocess.run(args, capture_output=True, text=True, timeout=300)
@@ -27,8 +27,13 @@ def test_bench_smoke(tmp_path):
                             "1m-seqread-qd8", "1m-seqwrite-qd8"}
     for row in results.values():
         assert row["scsi-target"]["iops"] > 0
+        # --cpu found both of our processes (the supervisor itself is left out)
+        assert set(row["scsi-target"]["cpu"]) == {"stml", "fetd_tcp"}
+        for use in row["scsi-target"]["cpu"].values():
+            assert set(use) == {"user_us", "system_us", "sleeps"} and min(use.values()) >= 0
         if shutil.which("tgtd"):
             assert row["ratio"] > 0
+            assert set(row["tgtd"]["cpu"]) == {"tgtd"}
 
 
 def test_bench_loopback_smoke(tmp_path):
