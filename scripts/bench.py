@@ -161,10 +161,11 @@ def usage(pid: int) -> tuple[float, float, int]:
 
 
 def per_io(before: dict[str, tuple], after: dict[str, tuple], count: int) -> dict[str, dict]:
+    """What each process spent on one I/O of a run, from usage() before and after."""
     return {name: {"user_us": (after[name][0] - b[0]) / count * 1e6,
                    "system_us": (after[name][1] - b[1]) / count * 1e6,
                    "sleeps": (after[name][2] - b[2]) / count}
-            for name, b in before.items() if name in after}
+            for name, b in before.items()}
 
 
 def qemu_bench(url: str, args: list[str], count: int) -> float:

@@ -1,5 +1,6 @@
 """A seconds-long run of scripts/bench.py: it starts, measures every workload
-(and, with --cpu, each target process's CPU and sleeps per I/O) and writes its JSON. Numbers are not asserted (performance is measured, not tested)."""
+(and, with --cpu, each target process's CPU and sleeps per I/O) and writes its
+JSON. Numbers are not asserted (performance is measured, not tested)."""
 from __future__ import annotations
 
 import json
