@@ -13,7 +13,7 @@ which would measure nothing. Workloads run through qemu-img bench (qemu's iSCSI 
 libiscsi), alternating A B A B so drift on a shared machine cancels out; the
 table shows medians of per-round ratios to tgtd. Nothing is installed:
 `apt-get install tgt qemu-utils qemu-block-extra` first. A PNG chart is
-written when matplotlib is importable.
+written when matplotlib is importable (`pip install -e '.[bench]'`).
 """
 from __future__ import annotations
 
@@ -44,6 +44,10 @@ WORKLOADS = [
     ("1m-seqread-qd8", ["-d", "8", "-s", "1M"], 2500),
     ("1m-seqwrite-qd8", ["-d", "8", "-s", "1M", "-w"], 2000),
 ]
+
+# the ratio each workload should reach (issue 7); at QD1 a ratio of 0.5 is a latency of 2x tgtd's
+GOALS = {"4k-read-qd1": 0.5, "4k-read-qd16": 0.5, "4k-write-qd16": 0.5, "64k-read-qd8": 0.8,
+         "1m-seqread-qd8": 1.0, "1m-seqwrite-qd8": 1.0}
 
 
 def filled_image(path: Path) -> Path:
@@ -268,6 +272,7 @@ def print_row(name: str, row: dict, ratio: bool) -> None:
     if ratio:
         t = row["tgtd"]
         line += f" | tgtd {t['iops']:10.0f} IOPS {t['mbps']:9.1f} MB/s | ratio {row['ratio']:.2f}"
+        line += " (goal met)" if row["ratio"] >= GOALS[name] else f" (goal {GOALS[name]})"
     print(line, flush=True)
 
 
@@ -288,9 +293,13 @@ def chart(results: dict, path: Path) -> None:
         return
     names = list(results["workloads"])
     ratios = [results["workloads"][n].get("ratio", 0) for n in names]
+    goals = [GOALS[n] for n in names]
     fig, ax = plt.subplots(figsize=(8, 4))
-    ax.bar(names, ratios, color="#4a7ab5")
+    bars = ax.bar(names, ratios, color=["#4a7ab5" if r >= g else "#d08a3c" for r, g in zip(ratios, goals)])
+    ax.hlines(goals, [b.get_x() for b in bars], [b.get_x() + b.get_width() for b in bars],
+              colors="black", linewidth=2, label="goal")
     ax.axhline(1.0, color="grey", linestyle="--", linewidth=1)
+    ax.legend(loc="upper left")
     ax.set_ylabel("scsi-target / tgtd (median of rounds)")
     ax.set_title("Throughput relative to tgtd, same machine, same run")
     plt.xticks(rotation=20, ha="right")

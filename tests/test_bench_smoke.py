@@ -35,6 +35,8 @@ def test_bench_smoke(tmp_path):
         if shutil.which("tgtd"):
             assert row["ratio"] > 0
             assert set(row["tgtd"]["cpu"]) == {"tgtd"}
+    if shutil.which("tgtd"):   # the chart of the ratios, beside the JSON
+        assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_bench_loopback_smoke(tmp_path):
