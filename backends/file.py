@@ -40,7 +40,8 @@ class FileBackend:
         if not self._blockdev and not stat.S_ISREG(st.st_mode):
             os.close(self._fd)
             raise BackendError(f"{path}: not a regular file or block device")
-        if not exists or (size and not self._blockdev and st.st_size == 0):
+        # (a missing file always has a size: checked above)
+        if size and (not exists or (not self._blockdev and st.st_size == 0)):
             os.ftruncate(self._fd, size)  # sparse: no blocks allocated until written
         self._in_memory = _fs_type(self._fd) in _MEMORY_FS
         self._size = self._measure()

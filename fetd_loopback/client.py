@@ -144,7 +144,7 @@ class LoopbackClient:
 
     @property
     def luns(self) -> list[int]:
-        t = self.info.target(self.target_name) if self.info else None
+        t = self.info.target(self.target_name) if self.info and self.target_name is not None else None
         return [lun.lun for lun in t.luns] if t else []
 
     # ---------------------------------------------------------------- commands
@@ -165,13 +165,15 @@ class LoopbackClient:
 
     async def _send_when_linked(self, tag: int, lun: int, cdb: bytes, attr: int, direction: int,
                                 length: int) -> None:
-        if not self._link.connected.is_set():
+        link = self._link
+        assert link is not None   # commands are sent once open() made the link
+        if not link.connected.is_set():
             try:
-                await asyncio.wait_for(self._link.connected.wait(), self.timeout)
+                await asyncio.wait_for(link.connected.wait(), self.timeout)
             except TimeoutError:
                 self._fail(tag, LinkLost(f"no STML at {self.endpoint}"))
                 return
-        self._link.rx_cmnd(tag, 1, lun, cdb, attr, direction, length)
+        link.rx_cmnd(tag, 1, lun, cdb, attr, direction, length)
 
     def _fail(self, tag: int, exc: Exception) -> None:
         pending = self._pending.pop(tag, None)
@@ -194,6 +196,7 @@ class LoopbackClient:
         tag = next(self._tags)
         fut: concurrent.futures.Future = concurrent.futures.Future()
         self._tmfs[tag] = fut
+        assert self._link is not None   # as in _send_when_linked
         self._loop.call_soon_threadsafe(self._link.rx_task_mgmt_fn, tag, 1, int(fn), lun, ref)
         return fut.result(self.timeout)
 
@@ -212,6 +215,7 @@ class LoopbackClient:
     def rdy_to_xfer(self, tag: int, offset: int, length: int) -> None:
         pending = self._pending.get(tag)
         if pending is not None:
+            assert self._link is not None   # the link asks for the data
             self._link.scsi_rx_data(tag, offset, [pending.data_out[offset:offset + length]])
 
     def xmit_response(self, tag: int, status: int, sense: bytes | None, resid: int, data: list) -> None:

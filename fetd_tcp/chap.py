@@ -168,5 +168,7 @@ class TargetChap:
             raise ChapError("reflected CHAP challenge")
         if hmac.compare_digest(self._target.secret.reveal(), self._initiator.secret.reveal()):
             raise ChapError("mutual CHAP secrets must differ")
-        answer = response(self.algorithm, int(chap_i), self._target.secret, challenge)
+        algorithm = self.algorithm
+        assert algorithm is not None   # check() refuses a response before our challenge
+        answer = response(algorithm, int(chap_i), self._target.secret, challenge)
         return [("CHAP_N", self._target.user), ("CHAP_R", encode_binary(answer))]

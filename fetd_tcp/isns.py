@@ -237,6 +237,7 @@ class IsnsClient:
 
     async def _deregister(self) -> None:
         source, self.registered_source = self.registered_source, None
+        assert source is not None   # every caller checks that something is registered
         status = await self._exchange(encode_deregister(self.entity, source, self._next_xid()))
         if status:
             raise IsnsError(f"DevDereg refused (status {status})")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 
 class Kind(Enum):
@@ -259,16 +260,18 @@ class Negotiator:
         self.leading = leading
         self.auth_methods = auth_methods
         self.discovery = False
-        self.results: dict[str, object] = {}
-        self.declared: dict[str, str] = {}  # the initiator's declarative values
+        self.results: dict[str, Any] = {}   # as each key's kind has it: bool, int or str
+        self.declared: dict[str, Any] = {}  # the initiator's declarative values (str, or int)
         self._seen: set[str] = set()
-        self._offered: dict[str, object] = {}  # our offers awaiting an answer
+        self._offered: dict[str, Any] = {}  # our offers awaiting an answer (as _our_value)
         self._declared_ours = False
 
     def _our_value(self, key: Key):
         if key.name == "AuthMethod":
             return self.auth_methods
-        return getattr(self.ours, key.attr)
+        attr = key.attr
+        assert attr is not None   # every negotiated key has its field in TargetKeys
+        return getattr(self.ours, attr)
 
     def _irrelevant(self, key: Key) -> bool:
         if (key.discovery_irrelevant and self.discovery) or (key.leading_only and not self.leading):
@@ -394,7 +397,7 @@ _ORDER = {name: i for i, name in enumerate(KEYS)}
 
 def _params(cls, results: dict[str, object]):
     names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{KEYS[k].attr: v for k, v in results.items() if KEYS[k].attr in names})
+    return cls(**{attr: v for k, v in results.items() if (attr := KEYS[k].attr) in names})
 
 
 __all__ = ["KEYS", "Key", "Kind", "Stage", "Scope", "Sender", "TargetKeys", "SessionParams",

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, fields
-from typing import Mapping
+from typing import Any, Mapping
 
 PREFIX = "SCSI_TARGET_"
 _ENV = {"login_timeout": "LOGIN_TIMEOUT", "max_conn_per_portal": "MAX_CONN_PER_PORTAL",
@@ -50,7 +50,7 @@ class Limits:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Limits:
-        kw: dict[str, float | int] = {}
+        kw: dict[str, Any] = {}   # float or int, as each field's type
         for f in fields(cls):
             name = PREFIX + _ENV[f.name]
             raw = env.get(name)

@@ -162,7 +162,9 @@ class LoginMachine:
     def accept(self, tsih: int) -> Complete:
         """Finish a login that ended in :class:`Decide`; ``tsih`` is the
         session's (new or existing) TSIH."""
-        req, pairs, nsg = self._pending
+        pending = self._pending
+        assert pending is not None, "accept() without a Decide"
+        req, pairs, nsg = pending
         self._pending = None
         self._finished = True
         header, data = self._response(req, pairs, transit=True, nsg=nsg, tsih=tsih)
@@ -171,7 +173,9 @@ class LoginMachine:
 
     def refuse(self, status: int, reason: str = "") -> Fail:
         """End a login that ended in :class:`Decide` with a failure status."""
-        req = self._pending[0]
+        pending = self._pending
+        assert pending is not None, "refuse() without a Decide"
+        req = pending[0]
         self._pending = None
         return self._fail(req, status, reason or f"refused with status 0x{status:04x}")
 
@@ -193,15 +197,19 @@ class LoginMachine:
         first = self._neg is None
         if first:
             self._start(req, pairs)
+        neg = self._neg
+        assert neg is not None   # made by _start
         stage = _STAGE[req.csg]
         try:
-            answers = self._neg.negotiate(pairs, stage)
+            answers = neg.negotiate(pairs, stage)
         except NegotiationError as e:
             raise _Failure(INITIATOR_ERROR, str(e)) from None
         if first and self._session_type == "Normal":
             answers.append(("TargetPortalGroupTag", str(self.config.portal_group_tag)))
-            if self._target.alias:
-                answers.append(("TargetAlias", self._target.alias))
+            target = self._target
+            assert target is not None   # _start found it, or the login failed
+            if target.alias:
+                answers.append(("TargetAlias", target.alias))
         if req.csg == pdu.STAGE_SECURITY:
             answers += self._security(dict(pairs))
         return self._advance(req, answers)
@@ -261,7 +269,9 @@ class LoginMachine:
 
     def _security(self, keys: Mapping[str, str]) -> list[tuple[str, str]]:
         """AuthMethod result and the CHAP exchange."""
-        method = self._neg.results.get("AuthMethod")
+        neg = self._neg
+        assert neg is not None   # made by _start, before any stage is handled
+        method = neg.results.get("AuthMethod")
         if "AuthMethod" in keys and method is None:
             raise _Failure(AUTHENTICATION_FAILURE, "no acceptable AuthMethod")
         if method == "None":
@@ -275,7 +285,9 @@ class LoginMachine:
             if self._chap is None:
                 if "CHAP_A" not in keys:
                     raise ChapError("expected CHAP_A")
-                self._chap = TargetChap(self._creds, self._mutual, self.config.chap_algorithms,
+                creds = self._creds
+                assert creds is not None   # AuthMethod=CHAP is agreed only with credentials
+                self._chap = TargetChap(creds, self._mutual, self.config.chap_algorithms,
                                         self._random)
                 return self._chap.offer(keys["CHAP_A"])
             if self._auth_done:
@@ -288,13 +300,15 @@ class LoginMachine:
 
     def _advance(self, req: LoginRequest, answers: list) -> Send | Decide:
         """Apply the transit rules and build the response or the decision."""
+        neg = self._neg
+        assert neg is not None   # made by _start
         if req.transit and (req.csg, req.nsg) not in _TRANSITIONS:
             raise _Failure(INITIATOR_ERROR, "illegal stage transition")
         if req.csg == pdu.STAGE_OPERATIONAL and self._auth_required and not self._auth_done:
             raise _Failure(AUTHENTICATION_FAILURE, "authentication required")
         transit, nsg = req.transit, req.nsg
         if req.csg == pdu.STAGE_SECURITY and transit and not self._auth_done:
-            started = "AuthMethod" in self._neg.results
+            started = "AuthMethod" in neg.results
             if self._auth_required and not started:
                 raise _Failure(AUTHENTICATION_FAILURE, "authentication required")
             if started:
@@ -302,8 +316,8 @@ class LoginMachine:
             else:
                 self._auth_done = True  # nothing offered, nothing required
         if req.csg == pdu.STAGE_OPERATIONAL or (transit and nsg == pdu.STAGE_FULL_FEATURE):
-            answers += self._neg.offers()
-            if self._neg.awaiting_answers and transit:
+            answers += neg.offers()
+            if neg.awaiting_answers and transit:
                 if req.csg == pdu.STAGE_SECURITY:
                     nsg = pdu.STAGE_OPERATIONAL  # the initiator answers our offers there
                 else:
@@ -336,6 +350,7 @@ class LoginMachine:
 
     def _outcome(self, req: LoginRequest) -> LoginOutcome:
         neg = self._neg
+        assert neg is not None   # made by _start
         return LoginOutcome(
             session_type=self._session_type,
             initiator_name=neg.declared.get("InitiatorName", ""),
@@ -374,6 +389,7 @@ def send_targets(value: str, initiator_name: str, targets: Iterable[TargetConfig
     honoured only in a discovery session; an empty value names the session's
     own target.  Wildcard-bound portals report ``local_addr``, the address
     the connection arrived on."""
+    wanted: tuple[str, ...] | None
     if value == "All":
         wanted = None if discovery else ()
     elif value:

@@ -222,7 +222,6 @@ class NopOut(NamedTuple):
     lun: bytes = LUN0
     immediate: bool = False
     data_length: int = 0
-    OPCODE = NOP_OUT
 
     def encode(self) -> bytes:
         return _GEN.pack(_op(NOP_OUT, self.immediate), _F, 0, 0, _word1(0, self.data_length),
@@ -243,7 +242,6 @@ class ScsiCommand(NamedTuple):
     immediate: bool = False
     bidi_read_length: int | None = None
     data_length: int = 0
-    OPCODE = SCSI_COMMAND
 
     def encode(self) -> bytes:
         cdb = self.cdb
@@ -270,7 +268,6 @@ class TaskMgmtRequest(NamedTuple):
     ref_cmd_sn: int = 0
     exp_data_sn: int = 0
     immediate: bool = True
-    OPCODE = TASK_MGMT_REQUEST
 
     def encode(self) -> bytes:
         return _GEN.pack(_op(TASK_MGMT_REQUEST, self.immediate), _F | self.function, 0, 0, 0,
@@ -292,7 +289,6 @@ class LoginRequest(NamedTuple):
     version_max: int = 0
     version_min: int = 0
     data_length: int = 0
-    OPCODE = LOGIN_REQUEST
 
     def encode(self) -> bytes:
         b1 = (_F if self.transit else 0) | (_C if self.cont else 0) | self.csg << 2 | self.nsg
@@ -311,7 +307,6 @@ class TextRequest(NamedTuple):
     lun: bytes = LUN0
     immediate: bool = False
     data_length: int = 0
-    OPCODE = TEXT_REQUEST
 
     def encode(self) -> bytes:
         b1 = (_F if self.final else 0) | (_C if self.cont else 0)
@@ -328,7 +323,6 @@ class DataOut(NamedTuple):
     exp_stat_sn: int = 0
     lun: bytes = LUN0
     data_length: int = 0
-    OPCODE = DATA_OUT
 
     def encode(self) -> bytes:
         return _GEN.pack(DATA_OUT, _F if self.final else 0, 0, 0, _word1(0, self.data_length),
@@ -343,7 +337,6 @@ class LogoutRequest(NamedTuple):
     cmd_sn: int = 0
     exp_stat_sn: int = 0
     immediate: bool = False
-    OPCODE = LOGOUT_REQUEST
 
     def encode(self) -> bytes:
         return _GEN.pack(_op(LOGOUT_REQUEST, self.immediate), _F | self.reason, 0, 0, 0, LUN0,
@@ -358,7 +351,6 @@ class Snack(NamedTuple):
     beg_run: int = 0
     run_length: int = 0
     lun: bytes = LUN0
-    OPCODE = SNACK
 
     def encode(self) -> bytes:
         return _GEN.pack(SNACK, _F | self.snack_type, 0, 0, 0, self.lun, self.itt, self.ttt, 0,
@@ -375,7 +367,6 @@ class NopIn(NamedTuple):
     max_cmd_sn: int
     lun: bytes = LUN0
     data_length: int = 0
-    OPCODE = NOP_IN
 
     def encode(self) -> bytes:
         return _GEN.pack(NOP_IN, _F, 0, 0, _word1(0, self.data_length), self.lun, self.itt,
@@ -398,7 +389,6 @@ class ScsiResponse(NamedTuple):
     bidi_underflow: bool = False
     snack_tag: int = 0
     data_length: int = 0  # len(sense_segment(sense)) or 0
-    OPCODE = SCSI_RESPONSE
 
     def encode(self) -> bytes:
         (itt, status, stat_sn, exp_cmd_sn, max_cmd_sn, response, exp_data_sn, residual_count,
@@ -417,7 +407,6 @@ class TaskMgmtResponse(NamedTuple):
     stat_sn: int
     exp_cmd_sn: int
     max_cmd_sn: int
-    OPCODE = TASK_MGMT_RESPONSE
 
     def encode(self) -> bytes:
         return _GEN.pack(TASK_MGMT_RESPONSE, _F, self.response, 0, 0, LUN0, self.itt, 0,
@@ -440,7 +429,6 @@ class LoginResponse(NamedTuple):
     version_max: int = 0
     version_active: int = 0
     data_length: int = 0
-    OPCODE = LOGIN_RESPONSE
 
     def encode(self) -> bytes:
         b1 = (_F if self.transit else 0) | (_C if self.cont else 0) | self.csg << 2 | self.nsg
@@ -460,7 +448,6 @@ class TextResponse(NamedTuple):
     cont: bool = False
     lun: bytes = LUN0
     data_length: int = 0
-    OPCODE = TEXT_RESPONSE
 
     def encode(self) -> bytes:
         b1 = (_F if self.final else 0) | (_C if self.cont else 0)
@@ -485,7 +472,6 @@ class DataIn(NamedTuple):
     ttt: int = RESERVED_TAG
     lun: bytes = LUN0
     data_length: int = 0
-    OPCODE = DATA_IN
 
     def encode(self) -> bytes:
         (itt, data_sn, buffer_offset, exp_cmd_sn, max_cmd_sn, final, status, stat_sn,
@@ -504,7 +490,6 @@ class LogoutResponse(NamedTuple):
     max_cmd_sn: int
     time2wait: int = 0
     time2retain: int = 0
-    OPCODE = LOGOUT_RESPONSE
 
     def encode(self) -> bytes:
         return _GEN.pack(LOGOUT_RESPONSE, _F, self.response, 0, 0, LUN0, self.itt, 0,
@@ -522,7 +507,6 @@ class R2T(NamedTuple):
     buffer_offset: int
     desired_length: int
     lun: bytes = LUN0
-    OPCODE = R2T_OPCODE
 
     def encode(self) -> bytes:
         return _GEN.pack(R2T_OPCODE, _F, 0, 0, 0, self.lun, self.itt, self.ttt, self.stat_sn,
@@ -541,7 +525,6 @@ class AsyncMessage(NamedTuple):
     parameter2: int = 0
     parameter3: int = 0
     data_length: int = 0  # event 0: len(sense_segment(sense))
-    OPCODE = ASYNC_MESSAGE
 
     def encode(self) -> bytes:
         return _GEN.pack(ASYNC_MESSAGE, _F, 0, 0, _word1(0, self.data_length), self.lun,
@@ -557,7 +540,6 @@ class Reject(NamedTuple):
     max_cmd_sn: int
     data_sn: int = 0
     data_length: int = BHS_LEN  # the data segment is the rejected header
-    OPCODE = REJECT
 
     def encode(self) -> bytes:
         return _GEN.pack(REJECT, _F, self.reason, 0, _word1(0, self.data_length), LUN0,
@@ -568,6 +550,16 @@ class Reject(NamedTuple):
 PDU = (NopOut | ScsiCommand | TaskMgmtRequest | LoginRequest | TextRequest | DataOut
        | LogoutRequest | Snack | NopIn | ScsiResponse | TaskMgmtResponse | LoginResponse
        | TextResponse | DataIn | LogoutResponse | R2T | AsyncMessage | Reject)
+
+# each PDU type's opcode (what its encode() writes; _DECODERS maps the other way)
+OPCODES: dict[type, int] = {
+    NopOut: NOP_OUT, ScsiCommand: SCSI_COMMAND, TaskMgmtRequest: TASK_MGMT_REQUEST,
+    LoginRequest: LOGIN_REQUEST, TextRequest: TEXT_REQUEST, DataOut: DATA_OUT,
+    LogoutRequest: LOGOUT_REQUEST, Snack: SNACK, NopIn: NOP_IN, ScsiResponse: SCSI_RESPONSE,
+    TaskMgmtResponse: TASK_MGMT_RESPONSE, LoginResponse: LOGIN_RESPONSE,
+    TextResponse: TEXT_RESPONSE, DataIn: DATA_IN, LogoutResponse: LOGOUT_RESPONSE,
+    R2T: R2T_OPCODE, AsyncMessage: ASYNC_MESSAGE, Reject: REJECT,
+}
 
 
 # --- decoders ----------------------------------------------------------------
@@ -913,6 +905,7 @@ class PduFramer:
 
     def _segment_done(self) -> tuple[PDU, memoryview, bytes]:
         seg, (header, ahs, length) = self._seg, self._head
+        assert seg is not None   # called only once a big segment has been received
         self._seg, self._head = None, (b"", b"", 0)
         if self.dd:
             padded = (length + 3) & ~3

@@ -10,13 +10,13 @@ import os
 import secrets
 import signal
 import socket
-from typing import Any, Iterator
+from typing import Any, Iterator, cast
 
 from fetd_tcp import pdu as P
 from fetd_tcp.digest import DIGEST_LEN, digest, padding
 from fetd_tcp.keys import TargetKeys
 from fetd_tcp import login as L
-from fetd_tcp.chap import Credentials
+from fetd_tcp.chap import Credentials, Secret
 from fetd_tcp.limits import Limits
 from fetd_tcp.session import Connection, Session, Tags
 from stml.api import BufferPool, Detect, FrontEndLink
@@ -117,8 +117,10 @@ class IscsiFrontEnd:
     def _isns_update(self) -> None:
         """Tell the iSNS server our targets and portals (after every detect)."""
         from fetd_tcp.isns import Portal
+        isns = self.isns
+        assert isns is not None   # callers check that iSNS is configured
         targets = [(t.name, t.alias) for t in self.detect_info.targets] if self.detect_info else []
-        self.isns.update(targets, [Portal(p.host, p.port, p.tpgt) for p in self.portals])
+        isns.update(targets, [Portal(p.host, p.port, p.tpgt) for p in self.portals])
 
     def nexus_ready(self, nexus: int, error: str | None) -> None:
         if error:
@@ -188,10 +190,12 @@ class IscsiFrontEnd:
         """Text requests in full feature phase: SendTargets; other keys are not
         renegotiated."""
         answer: list[tuple[str, str]] = []
+        local_addr = conn.local_addr
+        assert local_addr is not None   # set before the full feature phase starts
         for key, value in pairs:
             if key == "SendTargets":
                 answer += L.send_targets(value, conn.session.initiator, self.target_configs(),
-                                         self.portal_addresses(), conn.local_addr,
+                                         self.portal_addresses(), local_addr,
                                          discovery=conn.session.discovery,
                                          session_target=conn.session.target)
             else:
@@ -207,7 +211,7 @@ class IscsiFrontEnd:
 
     async def _listen(self, p: PortalSpec) -> None:
         server = await asyncio.start_server(
-            lambda r, w, p=p: self._connection(r, w, p), p.host, p.port,
+            lambda r, w: self._connection(r, w, p), p.host, p.port,
             reuse_address=True, limit=1 << 20)
         self.servers[p] = server
         self.portals.append(p)
@@ -272,7 +276,7 @@ class IscsiFrontEnd:
             writer.close()
 
     async def _read_pdu(self, reader: asyncio.StreamReader, hd: bool, dd: bool,
-                        max_data: int) -> tuple[Any, bytes, bytes]:
+                        max_data: int) -> tuple[P.PDU, memoryview, bytes]:
         """(decoded PDU, data segment, raw header). Raises PDUError on digest or
         framing errors, after which the stream cannot be trusted."""
         header = await reader.readexactly(P.BHS_LEN)
@@ -313,7 +317,7 @@ class IscsiFrontEnd:
             pdu, data, _ = await self._read_pdu(reader, False, False, L.MAX_LOGIN_TEXT)
             if not isinstance(pdu, P.LoginRequest):
                 return None  # anything but Login before full feature phase ends the connection
-            step = machine.receive(pdu, bytes(data))
+            step: L.Send | L.Decide | L.Complete | L.Fail = machine.receive(pdu, bytes(data))
             if isinstance(step, L.Decide):
                 step = self._decide(machine, step.outcome)
             writer.write(step.header)
@@ -390,7 +394,10 @@ class IscsiFrontEnd:
         """Full feature phase: the connection's transport is handed from the
         login's StreamReader to a ConnectionProtocol, which handles PDUs as
         they arrive; this waits for the connection to end."""
-        proto = ConnectionProtocol(conn, self.link, writer.transport, self.pool.get)
+        # typeshed types StreamWriter.transport as a WriteTransport, but a TCP connection's
+        # reads too (not checkable: uvloop's TCPTransport is no asyncio.Transport subclass)
+        transport = cast(asyncio.Transport, writer.transport)
+        proto = ConnectionProtocol(conn, self.link, transport, self.pool.get)
         pinger = asyncio.create_task(self._pinger(conn))
         try:
             proto.take_over(reader)
@@ -453,7 +460,8 @@ class ConnectionProtocol(asyncio.BufferedProtocol):
         """Become the transport's protocol after login. What the StreamReader
         already holds (an initiator may send its first commands right behind
         the last Login Request) is handled first."""
-        buffered = reader._buffer           # no public way to take it without awaiting
+        # no public way to take it without awaiting; private, so not in typeshed
+        buffered = reader._buffer  # type: ignore[attr-defined]
         pending = bytes(buffered)
         buffered.clear()
         self.transport.set_protocol(self)
@@ -642,7 +650,7 @@ def _hostport(host: str, port: int) -> str:
 
 
 def _creds(raw: dict[str, str] | None) -> Credentials | None:
-    return Credentials(raw["user"], raw["secret"]) if raw else None
+    return Credentials(raw["user"], Secret(raw["secret"])) if raw else None
 
 
 async def run_fetd_tcp(stml_endpoint: str, portals: list[PortalSpec],

@@ -25,7 +25,7 @@ class MgmtClient:
         from stml.api import pack, unpack
         if self.endpoint.startswith("ipc://") and not os.path.exists(self.endpoint[6:]):
             raise ConnectionError(f"no STML is serving {self.endpoint}")
-        ctx = zmq.Context.instance()
+        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         if self.curve:

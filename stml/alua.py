@@ -16,14 +16,10 @@ from typing import TYPE_CHECKING
 
 from stml.api import DataDir
 from stml.cdb import u32
+from stml.ops import OpEntry
 from stml.sense import (
     ILLEGAL_REQUEST, PARAMETER_LIST_LENGTH_ERROR, CheckCondition, invalid_field, invalid_param,
 )
-
-try:  # the opcode row type moved to stml.ops with the command-set split
-    from stml.ops import OpEntry
-except ImportError:  # pragma: no cover
-    from stml.disk import OpEntry  # type: ignore[no-redef]
 
 if TYPE_CHECKING:
     from stml.emulator import Task

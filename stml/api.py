@@ -298,6 +298,7 @@ def load_key_file(path: str, secret: bool = False) -> tuple[bytes, bytes | None]
 def curve_client_keys(own_key_file: str, server_key_file: str) -> dict[str, bytes]:
     """The `curve` argument of FrontEndLink: our key pair and the STML's public key."""
     public, secret = load_key_file(own_key_file, secret=True)
+    assert secret is not None   # load_key_file raises when a secret is asked for and absent
     server, _ = load_key_file(server_key_file)
     return {"public": public, "secret": secret, "server": server}
 
@@ -352,7 +353,7 @@ class FrontEndLink:
         self.connected = asyncio.Event()
         self.detect_info: Detect | None = None
         self.nexuses: dict[int, dict[str, Any]] = {}
-        self._channel: Channel | None = None
+        self._channel: Channel | StreamChannel | None = None
         self._last_rx = 0.0
         self._last_tx = 0.0
         self._ended: asyncio.Future | None = None
@@ -468,11 +469,12 @@ class FrontEndLink:
                   | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
         mon = sock.get_monitor_socket(failed)
         loop = asyncio.get_running_loop()
-        fd = mon.getsockopt(zmq.FD)
+        fd = mon.fileno()
 
         def on_event() -> None:
             from zmq.utils.monitor import recv_monitor_message
-            while mon.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            # EVENTS is an int option; pyzmq types every getsockopt as int | bytes
+            while mon.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # type: ignore[operator, arg-type]
                 event = recv_monitor_message(mon)
                 if not event["event"] & failed or self._channel is None or self._channel.sock is not sock:
                     continue
@@ -512,13 +514,16 @@ class FrontEndLink:
 
     async def wait_ready(self, timeout: float) -> Detect:
         """Wait for `detect`; raises RegistrationRefused or TimeoutError."""
+        ended = self._ended
+        assert ended is not None   # start() comes first
         ready = asyncio.ensure_future(self.connected.wait())
-        await asyncio.wait([ready, self._ended], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait([ready, ended], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         ready.cancel()
-        if self._ended.done():
-            self._ended.result()  # raises why the link ended
+        if ended.done():
+            ended.result()  # raises why the link ended
         if not self.connected.is_set():
             raise TimeoutError(f"no answer from the STML at {self.endpoint}")
+        assert self.detect_info is not None   # _on_detect sets it before `connected`
         return self.detect_info
 
     def _on_message(self, frames: list) -> None:
@@ -532,8 +537,10 @@ class FrontEndLink:
         try:
             handler(header, frames[1:])
         except RegistrationRefused as e:
-            if not self._ended.done():
-                self._ended.set_exception(e)
+            ended = self._ended
+            assert ended is not None   # messages come only after start()
+            if not ended.done():
+                ended.set_exception(e)
 
     async def _heartbeats(self) -> None:
         while True:
@@ -584,6 +591,7 @@ class FrontEndLink:
             return
         if self.connected.is_set():
             self.send({"op": Op.DEREGISTER})
+        assert self._timer is not None   # a channel is opened only by start() and the timer's retries
         self._timer.cancel()
         await asyncio.gather(self._timer, return_exceptions=True)
         self._channel.close(linger_ms=200)
@@ -625,7 +633,7 @@ class Channel:
         self.on_message = on_message
         self.routed = routed
         self._loop = asyncio.get_running_loop()
-        self._fd = sock.getsockopt(zmq.FD)
+        self._fd = sock.fileno()
         self._out: dict[bytes, list[list]] = {}
         self._flush_scheduled = False
         self._loop.add_reader(self._fd, self._drain)
@@ -655,9 +663,11 @@ class Channel:
 
     def _drain(self) -> None:
         sock = self.sock
-        while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        # EVENTS is an int option; pyzmq types every getsockopt as int | bytes
+        while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # type: ignore[operator, arg-type]
             try:
-                frames = [f.buffer for f in sock.recv_multipart(zmq.NOBLOCK, copy=False)]
+                # memoryviews; a routed socket's frame 0 becomes the peer's identity (bytes)
+                frames: list[Any] = [f.buffer for f in sock.recv_multipart(zmq.NOBLOCK, copy=False)]
             except zmq.Again:
                 return
             if self.routed:
@@ -801,6 +811,7 @@ class StreamChannel:
         if self.closed:
             return
         region = self.region
+        lengths: list[int] | map[int]
         if region is not None and len(frames) > 1:   # data frames may be slots of our region
             lengths, wire = [], []
             for f in frames:
@@ -900,6 +911,7 @@ class StreamChannel:
 
     def _parse(self) -> None:
         buf = self._buf
+        frame: memoryview | bytes
         while not self.closed:
             start, avail = self._start, self._end - self._start
             if self._next == len(self._lengths):

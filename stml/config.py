@@ -192,7 +192,9 @@ def _chap(raw: Any, where: str) -> dict[str, str] | None:
 
 def holds_secrets(raw: dict[str, Any]) -> bool:
     """Whether a config's TOML holds CHAP secrets (it must then be mode 0600)."""
-    targets = raw.get("target") if isinstance(raw.get("target"), list) else []
+    targets = raw.get("target")
+    if not isinstance(targets, list):
+        targets = []
     return "discovery_chap" in raw or any(
         isinstance(t, dict) and ("chap" in t or "mutual_chap" in t) for t in targets)
 

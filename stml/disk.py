@@ -159,7 +159,9 @@ OPCODES: list[OpEntry] = [
 
 
 def _not_sanitizing(task: Task) -> None:
-    if task.lu.sanitizing:
+    lu = task.lu
+    assert lu is not None   # entry checks run only on an existing LU
+    if lu.sanitizing:
         raise CheckCondition(NOT_READY, SANITIZE_IN_PROGRESS)
 
 
@@ -169,9 +171,11 @@ def _with_medium_check(e: OpEntry) -> OpEntry:
     inner = e.check
 
     def check(task: Task) -> None:
-        if not task.lu.medium_present:
+        lu = task.lu
+        assert lu is not None   # as in _not_sanitizing
+        if not lu.medium_present:
             raise CheckCondition(NOT_READY, MEDIUM_NOT_PRESENT)
-        if task.lu.sanitizing and e.opcode != 0x48:
+        if lu.sanitizing and e.opcode != 0x48:
             raise CheckCondition(NOT_READY, SANITIZE_IN_PROGRESS)
         if inner is not None:
             inner(task)

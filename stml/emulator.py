@@ -111,7 +111,9 @@ class Task:
         """Run a backend call: in place when it cannot block, else in a worker
         thread. An abort waits for a started call rather than abandoning it,
         so no write lands after the abort is reported."""
-        if self.lu.backend.inline:
+        lu = self.lu
+        assert lu is not None   # only commands to an existing LU do I/O
+        if lu.backend.inline:
             return fn(*args)
         fut = asyncio.get_running_loop().run_in_executor(self.emulator.executor, fn, *args)
         try:
@@ -192,7 +194,8 @@ class Emulator:
     def __init__(self, targets: list[Target], send: Send, executor: Executor, *,
                  name: str = "stml", heartbeat_ms: int = 1000, max_transfer: int = 8 << 20,
                  queue_depth: int = 128, discovery: dict[str, Any] | None = None,
-                 data_dir: Path | str | None = None, portal_groups: list[int] = ()) -> None:
+                 data_dir: Path | str | None = None,
+                 portal_groups: collections.abc.Iterable[int] = ()) -> None:
         self.targets = {t.name: t for t in targets}
         self.data_dir = Path(data_dir) if data_dir is not None else None
         self.configured_tpgs = set(portal_groups)   # portal group tags the config names
@@ -390,7 +393,7 @@ class Emulator:
         fe.tasks[tag] = task
         task.runner = start_eagerly(self._execute(task))
         if task.runner is not None:
-            task.runner.add_done_callback(lambda runner, task=task: self._runner_done(task, runner))
+            task.runner.add_done_callback(functools.partial(self._runner_done, task))
 
     def _refuse_counts(self, fe: FrontEnd, tag: int, h: dict[str, Any]) -> None:
         """The rx_cmnd field that is not a non-negative int, refused with its sense."""
@@ -525,6 +528,7 @@ class Emulator:
         """Unit attentions of a PERSISTENT RESERVE OUT, and the tasks PREEMPT
         AND ABORT aborts (it completes only once they are gone)."""
         lu = task.lu
+        assert lu is not None   # PERSISTENT RESERVE OUT runs only on an existing LU
         for who, asc in effects.ua:
             self.establish_ua(lu, asc, self._reg_nexus_keys(lu, who), exclude=task.nexus.key)
         if not effects.aborted:
@@ -552,7 +556,9 @@ class Emulator:
     async def _collect(self, task: Task, entry: OpEntry) -> bool:
         """Gather the write data the command needs, asking for what was not sent
         unsolicited: True when it had to wait for some."""
-        need = task.need = entry.out_len(task)
+        out_len = entry.out_len
+        assert out_len is not None   # _execute collects only for commands with write data
+        need = task.need = out_len(task)
         if need > self.max_transfer:
             raise CheckCondition(ILLEGAL_REQUEST, INVALID_FIELD_IN_CDB)
         # a front end that declared no data-out direction sends no write data
@@ -599,7 +605,7 @@ class Emulator:
         self.respond(task.fe, task.tag, status, sense, resid, frames)
 
     def respond(self, fe: FrontEnd, tag: int, status: int, sense: bytes | None, resid: int,
-                frames: list = ()) -> None:
+                frames: collections.abc.Iterable = ()) -> None:
         self.send(fe.ident, {"op": Op.XMIT_RESPONSE, "tag": tag, "status": status,
                              "sense": sense, "resid": resid}, list(frames))
 
@@ -632,7 +638,8 @@ class Emulator:
             self._tmf_done(fe, tag, response, mine)
         asyncio.get_running_loop().create_task(finish())
 
-    def _tmf_done(self, fe: FrontEnd, tag: int, response: int, aborted: list[int] = ()) -> None:
+    def _tmf_done(self, fe: FrontEnd, tag: int, response: int,
+                  aborted: collections.abc.Iterable[int] = ()) -> None:
         self.send(fe.ident, {"op": Op.TMF_DONE, "tag": tag, "response": response,
                              "aborted": list(aborted)}, [])
 
@@ -671,6 +678,7 @@ class Emulator:
             mine = self._tasks_where(lambda t: t.nexus is nexus and t.lun == lun)
             response = TmfResponse.SUCCEEDED if mine else TmfResponse.COMPLETE
         elif fn == Tmf.QUERY_ASYNC_EVENT:
+            assert lu is not None   # a LUN-scoped TMF to no LU got NO_LUN above
             pending = lu.unit_attentions.get(nexus.key)
             response = TmfResponse.SUCCEEDED if pending else TmfResponse.COMPLETE
         elif fn == Tmf.CLEAR_ACA:
@@ -678,10 +686,12 @@ class Emulator:
         elif fn == Tmf.ABORT_TASK_SET:
             victims = self._tasks_where(lambda t: t.nexus is nexus and t.lun == lun)
         elif fn == Tmf.CLEAR_TASK_SET:
+            assert lu is not None
             victims = self._tasks_where(lambda t: t.nexus.target == target and t.lun == lun)
             self.establish_ua(lu, COMMANDS_CLEARED_BY_ANOTHER,
                               [t.nexus.key for t in victims], exclude=nexus.key)
         elif fn == Tmf.LUN_RESET:
+            assert lu is not None
             victims = self._tasks_where(lambda t: t.nexus.target == target and t.lun == lun)
             pr.state(lu).drop_spc2()
             self.establish_ua(lu, BUS_DEVICE_RESET, self._all_nexus_keys(target))

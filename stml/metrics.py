@@ -113,7 +113,7 @@ class Metrics:
 
     def xmit_response(self, ident: bytes, h: dict[str, Any]) -> None:
         """A command ends (status None: it ended without a response)."""
-        entry = self._inflight.pop((ident, h.get("tag")), None)
+        entry = self._inflight.pop((ident, h["tag"]), None)
         if entry is None:
             return
         start, direction, length, c = entry
@@ -249,7 +249,7 @@ class PrometheusExporter:
                    lambda r: [r["front_end"], r["initiator"], r["target"]]),
                   ("front_end", ["front_end", "kind"], snap["front_ends"], lambda r: [r["name"], r["kind"]]))
         for scope, labels, rows, values in scopes:
-            fams = {
+            fams: dict[str, CounterMetricFamily | GaugeMetricFamily] = {
                 "commands": CounterMetricFamily(f"scsi_target_{scope}_commands", f"SCSI commands completed per {scope}", labels=labels),
                 "read_bytes": CounterMetricFamily(f"scsi_target_{scope}_read_bytes", f"bytes read per {scope}", labels=labels),
                 "write_bytes": CounterMetricFamily(f"scsi_target_{scope}_write_bytes", f"bytes written per {scope}", labels=labels),

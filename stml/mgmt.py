@@ -109,7 +109,7 @@ class Management:
         except Exception as e:  # a management call must never take the STML down
             log.exception("management command %s failed", cmd)
             reply = {"op": "mgmt_reply", "id": rid, "ok": False, "error": f"internal error: {e}"}
-        if reply["ok"] and cmd not in ("status",) and not cmd.endswith("_list"):
+        if reply["ok"] and isinstance(cmd, str) and cmd not in ("status",) and not cmd.endswith("_list"):
             log.info("management: %s %s", cmd, {k: v for k, v in (h.get("args") or {}).items()
                                                  if k != "secret"})
         self.server._send(ident, reply, [])
@@ -350,7 +350,11 @@ class Management:
         deadline = time.monotonic() + 60
         while lu.task_set.tasks and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
-        await self._in_thread(lambda: (lu.backend.flush(), lu.backend.close()))
+        def flush_and_close() -> None:
+            lu.backend.flush()
+            lu.backend.close()
+
+        await self._in_thread(flush_and_close)
 
     async def lun_resize(self, lun: int, size: Any, target: str | None = None) -> dict[str, Any]:
         t, lu = self._lu(target, lun)

@@ -104,6 +104,7 @@ def _block_descriptor(lu: LogicalUnit, long: bool) -> bytes:
 
 async def mode_sense(task: Task) -> bytes:
     cdb, lu = task.cdb, task.lu
+    assert lu is not None   # MODE SENSE runs only on an existing LU
     six = len(cdb) == 6
     dbd = cdb[1] & 0x08
     llbaa = not six and bool(cdb[1] & 0x10)
@@ -127,6 +128,7 @@ def mode_select_out_len(task: Task) -> int:
 
 async def mode_select(task: Task) -> None:
     cdb, lu = task.cdb, task.lu
+    assert lu is not None   # MODE SELECT runs only on an existing LU
     six = len(cdb) == 6
     if cdb[1] & 0x01:
         raise invalid_field(1, 0)      # SP: nothing is savable

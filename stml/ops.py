@@ -47,7 +47,9 @@ LEN_FIELD = {6: 4, 10: 7, 12: 6, 16: 10}
 
 def max_blocks(task: Task) -> int:
     """The STML's maximum transfer in logical blocks (VPD 0xB0)."""
-    return task.emulator.max_transfer // task.lu.block_size
+    lu = task.lu
+    assert lu is not None   # asked only by commands to an existing LU
+    return task.emulator.max_transfer // lu.block_size
 
 
 def lbppbe(lu: LogicalUnit) -> int:
@@ -79,20 +81,26 @@ def check_xfer(task: Task, blocks: int) -> None:
 
 
 def rw_out_len(task: Task) -> int:
-    return lba_len(task.cdb)[1] * task.lu.block_size
+    lu = task.lu
+    assert lu is not None   # the emulator runs a command's checks only on an existing LU
+    return lba_len(task.cdb)[1] * lu.block_size
 
 
 def read_check(task: Task) -> None:
+    lu = task.lu
+    assert lu is not None   # as in rw_out_len
     lba, blocks = lba_len(task.cdb)
-    check_range(task.lu, lba, blocks)
+    check_range(lu, lba, blocks)
     check_xfer(task, blocks)
 
 
 def write_check(task: Task) -> None:
     """A write that will fail must fail before its data is transferred."""
-    check_writable(task.lu)
+    lu = task.lu
+    assert lu is not None   # as in rw_out_len
+    check_writable(lu)
     lba, blocks = lba_len(task.cdb)
-    check_range(task.lu, lba, blocks)
+    check_range(lu, lba, blocks)
     check_xfer(task, blocks)
 
 

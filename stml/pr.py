@@ -29,15 +29,11 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 from stml.api import DataDir
 from stml.cdb import u16, u32
+from stml.ops import OpEntry
 from stml.sense import (
     ILLEGAL_REQUEST, PARAMETER_LIST_LENGTH_ERROR, RESERVATION_CONFLICT, CheckCondition,
     StatusError, invalid_field, invalid_param,
 )
-
-try:  # the opcode row type moved to stml.ops with the command-set split
-    from stml.ops import OpEntry
-except ImportError:  # pragma: no cover
-    from stml.disk import OpEntry  # type: ignore[no-redef]
 
 if TYPE_CHECKING:
     from stml.emulator import Task
@@ -420,7 +416,11 @@ class PrState:
     def read_reservation(self) -> bytes:
         if self.type is None:
             return struct.pack(">II", self.generation, 0)
-        key = 0 if self.type in ALL_REGISTRANTS else self.holder.key
+        if self.type in ALL_REGISTRANTS:
+            key = 0
+        else:
+            assert self.holder is not None   # every reservation of one holder names it
+            key = self.holder.key
         return struct.pack(">IIQIBBH", self.generation, 16, key, 0, 0, self.type & 0xF, 0)
 
     @staticmethod
@@ -431,11 +431,12 @@ class PrState:
 
     def read_full_status(self) -> bytes:
         out = bytearray()
+        rtype = self.type & 0xF if self.type is not None else 0   # the TYPE field of holders
         for r in self.regs:
             holder = self.type is not None and (self.type in ALL_REGISTRANTS or self.holder is r)
             tid = transport_id(r.initiator)
             out += struct.pack(">QIBBIHI", r.key, 0, (0x02 if r.tpg is None else 0) | (1 if holder else 0),
-                               (self.type & 0xF) if holder else 0, 0, r.tpg or 0, len(tid))
+                               rtype if holder else 0, 0, r.tpg or 0, len(tid))
             out += tid
         return struct.pack(">II", self.generation, len(out)) + bytes(out)
 
@@ -612,19 +613,24 @@ async def reserve(task: Task) -> None:
     cdb = task.cdb
     if len(cdb) == 10 and cdb[1] & 0x12:
         raise invalid_field(1, 4)   # third-party reservations are not supported
-    state(task.lu).reserve6(task.nexus)
+    lu = task.lu
+    assert lu is not None   # reservation commands run only on an existing LU
+    state(lu).reserve6(task.nexus)
 
 
 async def release(task: Task) -> None:
     cdb = task.cdb
     if len(cdb) == 10 and cdb[1] & 0x12:
         raise invalid_field(1, 4)
-    state(task.lu).release6(task.nexus)
+    lu = task.lu
+    assert lu is not None   # as in reserve
+    state(lu).release6(task.nexus)
 
 
 async def prin(task: Task) -> bytes:
-    cdb = task.cdb
-    st = state(task.lu)
+    cdb, lu = task.cdb, task.lu
+    assert lu is not None   # as in reserve
+    st = state(lu)
     sa = cdb[1] & 0x1F
     alloc = u16(cdb, 7)
     body = {READ_KEYS: st.read_keys, READ_RESERVATION: st.read_reservation,
@@ -645,6 +651,7 @@ def prout_check(task: Task) -> None:
 
 async def prout(task: Task) -> None:
     cdb, lu = task.cdb, task.lu
+    assert lu is not None   # as in reserve
     sa = cdb[1] & 0x1F
     scope, rtype = cdb[2] >> 4, cdb[2] & 0x0F
     plen = u32(cdb, 5)

@@ -13,7 +13,7 @@ import signal
 import socket
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
@@ -23,6 +23,11 @@ from stml.config import Config, ConfigError
 from stml.emulator import Emulator, Target
 from stml.lu import LogicalUnit
 from stml.metrics import Metrics
+
+if TYPE_CHECKING:
+    from zmq.auth.thread import ThreadAuthenticator
+
+    from stml.metrics import PrometheusExporter
 
 log = logging.getLogger("stml")
 
@@ -95,8 +100,8 @@ class StmlServer:
         if heartbeat_ms is None:
             heartbeat_ms = config.stml.heartbeat_ms
         self.metrics = Metrics()
-        self.auth = None
-        self.exporter = None
+        self.auth: ThreadAuthenticator | None = None
+        self.exporter: PrometheusExporter | None = None
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -181,7 +186,9 @@ class StmlServer:
                 fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise ConfigError("stml_endpoint", f"another STML is already serving {endpoint}") from None
-            self._bind_stream(stream_path(endpoint))   # first: front ends seeing ipc only take ZeroMQ
+            stream = stream_path(endpoint)
+            assert stream is not None   # an ipc:// endpoint has one
+            self._bind_stream(stream)   # first: front ends seeing ipc only take ZeroMQ
         try:
             self.sock.bind(endpoint)
         except zmq.ZMQError as e:
@@ -218,9 +225,14 @@ class StmlServer:
             except OSError as e:   # no memfd: read data goes through the socket
                 log.warning("no shared memory for a stream front end: %s", e)
                 region = None
-            self.streams[ident] = StreamChannel(
-                conn, lambda frames, ident=ident: self._receive([ident, *frames]),
-                lambda ident=ident: self._stream_closed(ident), self.pool, region)
+
+            def on_message(frames: list, ident: bytes = ident) -> None:
+                self._receive([ident, *frames])
+
+            def on_closed(ident: bytes = ident) -> None:
+                self._stream_closed(ident)
+
+            self.streams[ident] = StreamChannel(conn, on_message, on_closed, self.pool, region)
 
     def _read_buffer(self, ident: bytes, size: int) -> bytearray | memoryview:
         """Read data of 32 KiB and more for a same-host front end goes into

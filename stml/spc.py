@@ -177,7 +177,9 @@ async def inquiry(task: Task) -> bytes:
     build = VPD_PAGES.get(page)
     if build is None:
         raise invalid_field(2)
-    return build(task.lu, task)[:alloc]
+    lu = task.lu
+    assert lu is not None   # a LUN with no LU gets standard INQUIRY data only (Emulator._no_such_lun)
+    return build(lu, task)[:alloc]
 
 
 # ---------------------------------------------------------------- misc SPC
@@ -216,7 +218,9 @@ def _timeouts(e: OpEntry) -> bytes:
 
 
 def _entries(task: Task) -> list[OpEntry]:
-    return sorted(task.lu.template.entries, key=lambda e: (e.opcode, e.sa or 0))
+    lu = task.lu
+    assert lu is not None   # REPORT SUPPORTED OPERATION CODES runs only on an existing LU
+    return sorted(lu.template.entries, key=lambda e: (e.opcode, e.sa or 0))
 
 
 async def report_supported_opcodes(task: Task) -> bytes:
@@ -253,10 +257,10 @@ async def report_supported_opcodes(task: Task) -> bytes:
     usage = bytearray(e.usage)
     if e.sa is not None:
         usage[1] = (usage[1] & 0xE0) | e.sa if len(usage) > 1 else usage[1]
-    out = bytes([0, (0x80 if rctd else 0) | 0x03]) + struct.pack(">H", len(usage)) + bytes(usage)
+    one_command = bytes([0, (0x80 if rctd else 0) | 0x03]) + struct.pack(">H", len(usage)) + bytes(usage)
     if rctd:
-        out += _timeouts(e)
-    return out[:alloc]
+        one_command += _timeouts(e)
+    return one_command[:alloc]
 
 
 async def report_supported_tmfs(task: Task) -> bytes:
@@ -297,6 +301,7 @@ async def log_sense(task: Task) -> bytes:
 
 async def prevent_allow(task: Task) -> None:
     lu = task.lu
+    assert lu is not None   # PREVENT ALLOW MEDIUM REMOVAL runs only on an existing LU
     prevent = task.cdb[4] & 0x03
     if prevent in (2, 3):
         raise invalid_field(4, 1)   # persistent prevent: media changers only
@@ -311,6 +316,7 @@ async def prevent_allow(task: Task) -> None:
 def removal_prevented(task: Task) -> bool:
     """Prevent states of nexuses that no longer exist do not count."""
     lu = task.lu
+    assert lu is not None   # asked by START STOP UNIT, which runs only on an existing LU
     if not lu.prevent:
         return False
     live = set(task.emulator._all_nexus_keys(lu.target))

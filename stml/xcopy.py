@@ -99,7 +99,9 @@ async def extended_copy(task: Task) -> None:
     if cscd_len // CSCD_LEN > MAX_CSCD:
         raise CheckCondition(ILLEGAL_REQUEST, TOO_MANY_TARGET_DESCRIPTORS)
     key = (task.nexus.key, list_id)
-    results = task.lu.copy_results
+    lu = task.lu
+    assert lu is not None   # EXTENDED COPY runs only on an existing LU
+    results = lu.copy_results
     if usage != 0x03 and results.get(key, {}).get("status") == 0:
         raise CheckCondition(ILLEGAL_REQUEST, OPERATION_IN_PROGRESS)
     # descriptors: all parsed and checked before any block moves
@@ -107,7 +109,7 @@ async def extended_copy(task: Task) -> None:
     for i in range(cscd_len // CSCD_LEN):
         off = 16 + i * CSCD_LEN
         lus.append(_parse_cscd(task, data[off:off + CSCD_LEN], off))
-    segments = []
+    segments: list[tuple[LogicalUnit, LogicalUnit, int, int, int]] = []
     pos, end = 16 + cscd_len, 16 + cscd_len + seg_len
     while pos < end:
         if pos + 4 > end:
@@ -121,13 +123,13 @@ async def extended_copy(task: Task) -> None:
             raise param_len_error()
         if len(segments) >= MAX_SEGMENTS:
             raise CheckCondition(ILLEGAL_REQUEST, TOO_MANY_SEGMENT_DESCRIPTORS)
-        src, dst = u16(data, pos + 4), u16(data, pos + 6)
-        if src >= len(lus) or dst >= len(lus):
+        src_i, dst_i = u16(data, pos + 4), u16(data, pos + 6)   # CSCD descriptor indexes
+        if src_i >= len(lus) or dst_i >= len(lus):
             raise CheckCondition(COPY_ABORTED, UNREACHABLE_COPY_TARGET)   # no such CSCD
         blocks, slba, dlba = u16(data, pos + 10), u64(data, pos + 12), u64(data, pos + 20)
-        if blocks * lus[src].block_size > MAX_SEGMENT_BYTES:
+        if blocks * lus[src_i].block_size > MAX_SEGMENT_BYTES:
             raise invalid_param(pos + 10)
-        segments.append((lus[src], lus[dst], blocks, slba, dlba))
+        segments.append((lus[src_i], lus[dst_i], blocks, slba, dlba))
         pos += B2B_LEN
     state: dict[str, Any] = {"status": 0, "segments": 0, "bytes": 0}
     if usage != 0x03:
@@ -174,7 +176,9 @@ async def receive_copy_results(task: Task) -> bytes:
         body[39] = len(IMPLEMENTED)
         body += IMPLEMENTED
         return (struct.pack(">I", len(body)) + bytes(body))[:alloc]
-    state = task.lu.copy_results.get((task.nexus.key, cdb[2]))
+    lu = task.lu
+    assert lu is not None   # RECEIVE COPY RESULTS runs only on an existing LU
+    state = lu.copy_results.get((task.nexus.key, cdb[2]))
     if state is None:
         raise invalid_field(2)
     out = struct.pack(">IBHBI", 8, state["status"], state["segments"], 0, state["bytes"])

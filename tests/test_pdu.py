@@ -69,14 +69,15 @@ def test_round_trip(p):
     assert len(hdr) % 4 == 0
     bhs, ahs = split(hdr)
     info = pdu.parse_bhs(bhs)
-    assert info.opcode == p.OPCODE
+    assert info.opcode == pdu.OPCODES[type(p)]
     assert info.ahs_length == len(ahs)
     assert info.data_length == getattr(p, "data_length", 0)
     assert pdu.decode_pdu(memoryview(bhs), ahs) == p
 
 
 def test_every_opcode_has_a_sample():
-    assert {p.OPCODE for p in SAMPLES} == set(pdu._DECODERS) | {pdu.SCSI_COMMAND}
+    assert {pdu.OPCODES[type(p)] for p in SAMPLES} == set(pdu._DECODERS) | {pdu.SCSI_COMMAND}
+    assert set(pdu.OPCODES) == {type(p) for p in SAMPLES}
 
 
 def test_scsi_command_layout():
