@@ -426,7 +426,8 @@ class Emulator:
             task.add_data(h["offset"], frames)
 
     async def _execute(self, task: Task) -> None:
-        status, sense, data = GOOD, None, None
+        status, sense = GOOD, None
+        data: bytes | bytearray | memoryview | None = None   # what a handler returns
         descriptor = False
         try:
             lu = task.lu = self.lookup_lu(task.nexus.target, task.lun)
