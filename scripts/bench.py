@@ -34,6 +34,7 @@ from pathlib import Path
 IQN = "iqn.2026-11.org.scsi-target:disk0"
 TGT_IQN = "iqn.2026-11.org.scsi-target:bench-tgtd"
 SIZE = 1 << 30
+ROOT = Path(__file__).resolve().parent.parent   # the tree measured: our processes start from it
 
 # name, qemu-img bench arguments, I/O count at scale 1.0 (about two seconds on tgtd)
 WORKLOADS = [
@@ -76,7 +77,7 @@ class Ours:
             [sys.executable, "-m", "scsi_target", "run", "--data-dir", str(work / "ours"),
              "--lun", f"file:{self.img},thick", "--portal", f"127.0.0.1:{self.port}",
              "--log-level", "warning"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, cwd=ROOT)
         # ready once attached to the STML and listening (the listener opens after attaching)
         attached = listening = False
         said = []
@@ -230,11 +231,11 @@ def run_iscsi(args: argparse.Namespace) -> dict:
 def run_loopback(args: argparse.Namespace) -> dict:
     """The STML alone: the loopback client keeps QD commands in flight."""
     import struct
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    sys.path.insert(0, str(ROOT))
     from fetd_loopback import LoopbackClient
     work = Path(tempfile.mkdtemp(prefix="bench"))
     proc = subprocess.Popen([sys.executable, "-m", "stml", "--data-dir", str(work), "--lun", "ram:1GiB",
-                             "--log-level", "warning"], stdout=subprocess.PIPE, text=True)
+                             "--log-level", "warning"], stdout=subprocess.PIPE, text=True, cwd=ROOT)
     proc.stdout.readline()
     results: dict = {"workloads": {}, "mode": "loopback"}
     try:
