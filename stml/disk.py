@@ -160,7 +160,7 @@ OPCODES: list[OpEntry] = [
 
 def _not_sanitizing(task: Task) -> None:
     lu = task.lu
-    assert lu is not None   # entry checks run only on an existing LU
+    assert lu is not None   # see ops.unit()
     if lu.sanitizing:
         raise CheckCondition(NOT_READY, SANITIZE_IN_PROGRESS)
 
@@ -172,7 +172,7 @@ def _with_medium_check(e: OpEntry) -> OpEntry:
 
     def check(task: Task) -> None:
         lu = task.lu
-        assert lu is not None   # as in _not_sanitizing
+        assert lu is not None   # per command: see ops.unit()
         if not lu.medium_present:
             raise CheckCondition(NOT_READY, MEDIUM_NOT_PRESENT)
         if lu.sanitizing and e.opcode != 0x48:

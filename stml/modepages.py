@@ -11,7 +11,7 @@ import struct
 from typing import TYPE_CHECKING, Callable
 
 from stml.cdb import u16
-from stml.ops import data_bytes, param_len_error, write_protected
+from stml.ops import data_bytes, param_len_error, unit, write_protected
 from stml.sense import (
     ILLEGAL_REQUEST, MODE_PARAMETERS_CHANGED, SAVING_PARAMETERS_NOT_SUPPORTED, CheckCondition,
     invalid_field, invalid_param,
@@ -103,8 +103,7 @@ def _block_descriptor(lu: LogicalUnit, long: bool) -> bytes:
 
 
 async def mode_sense(task: Task) -> bytes:
-    cdb, lu = task.cdb, task.lu
-    assert lu is not None   # MODE SENSE runs only on an existing LU
+    cdb, lu = task.cdb, unit(task)
     six = len(cdb) == 6
     dbd = cdb[1] & 0x08
     llbaa = not six and bool(cdb[1] & 0x10)
@@ -127,8 +126,7 @@ def mode_select_out_len(task: Task) -> int:
 
 
 async def mode_select(task: Task) -> None:
-    cdb, lu = task.cdb, task.lu
-    assert lu is not None   # MODE SELECT runs only on an existing LU
+    cdb, lu = task.cdb, unit(task)
     six = len(cdb) == 6
     if cdb[1] & 0x01:
         raise invalid_field(1, 0)      # SP: nothing is savable

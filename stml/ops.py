@@ -45,10 +45,20 @@ def _u(*b: int) -> bytes:
 LEN_FIELD = {6: 4, 10: 7, 12: 6, 16: 10}
 
 
+def unit(task: Task) -> LogicalUnit:
+    """The task's LU. The emulator runs an opcode-table entry (its checks and
+    handler) only when the LUN has one, so this holds for every entry; the
+    checks and block helpers run on every READ and WRITE narrow `task.lu` in
+    place instead of calling this."""
+    lu = task.lu
+    assert lu is not None
+    return lu
+
+
 def max_blocks(task: Task) -> int:
     """The STML's maximum transfer in logical blocks (VPD 0xB0)."""
     lu = task.lu
-    assert lu is not None   # asked only by commands to an existing LU
+    assert lu is not None   # per command (check_xfer): see unit()
     return task.emulator.max_transfer // lu.block_size
 
 
@@ -82,13 +92,13 @@ def check_xfer(task: Task, blocks: int) -> None:
 
 def rw_out_len(task: Task) -> int:
     lu = task.lu
-    assert lu is not None   # the emulator runs a command's checks only on an existing LU
+    assert lu is not None   # per command: see unit()
     return lba_len(task.cdb)[1] * lu.block_size
 
 
 def read_check(task: Task) -> None:
     lu = task.lu
-    assert lu is not None   # as in rw_out_len
+    assert lu is not None   # per command: see unit()
     lba, blocks = lba_len(task.cdb)
     check_range(lu, lba, blocks)
     check_xfer(task, blocks)
@@ -97,7 +107,7 @@ def read_check(task: Task) -> None:
 def write_check(task: Task) -> None:
     """A write that will fail must fail before its data is transferred."""
     lu = task.lu
-    assert lu is not None   # as in rw_out_len
+    assert lu is not None   # per command: see unit()
     check_writable(lu)
     lba, blocks = lba_len(task.cdb)
     check_range(lu, lba, blocks)

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 from stml.api import DataDir
 from stml.cdb import u16, u32
-from stml.ops import OpEntry
+from stml.ops import OpEntry, unit
 from stml.sense import (
     ILLEGAL_REQUEST, PARAMETER_LIST_LENGTH_ERROR, RESERVATION_CONFLICT, CheckCondition,
     StatusError, invalid_field, invalid_param,
@@ -613,23 +613,18 @@ async def reserve(task: Task) -> None:
     cdb = task.cdb
     if len(cdb) == 10 and cdb[1] & 0x12:
         raise invalid_field(1, 4)   # third-party reservations are not supported
-    lu = task.lu
-    assert lu is not None   # reservation commands run only on an existing LU
-    state(lu).reserve6(task.nexus)
+    state(unit(task)).reserve6(task.nexus)
 
 
 async def release(task: Task) -> None:
     cdb = task.cdb
     if len(cdb) == 10 and cdb[1] & 0x12:
         raise invalid_field(1, 4)
-    lu = task.lu
-    assert lu is not None   # as in reserve
-    state(lu).release6(task.nexus)
+    state(unit(task)).release6(task.nexus)
 
 
 async def prin(task: Task) -> bytes:
-    cdb, lu = task.cdb, task.lu
-    assert lu is not None   # as in reserve
+    cdb, lu = task.cdb, unit(task)
     st = state(lu)
     sa = cdb[1] & 0x1F
     alloc = u16(cdb, 7)
@@ -650,8 +645,7 @@ def prout_check(task: Task) -> None:
 
 
 async def prout(task: Task) -> None:
-    cdb, lu = task.cdb, task.lu
-    assert lu is not None   # as in reserve
+    cdb, lu = task.cdb, unit(task)
     sa = cdb[1] & 0x1F
     scope, rtype = cdb[2] >> 4, cdb[2] & 0x0F
     plen = u32(cdb, 5)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from stml.cdb import lba_len, u16, u32, u64
 from stml.ops import (
     check_range, check_writable, check_xfer, data_bytes, fua, lbppbe, max_blocks, param_len_error,
-    trim_views,
+    trim_views, unit,
 )
 from stml.sense import (
     ILLEGAL_REQUEST, MEDIUM_REMOVAL_PREVENTED, MISCOMPARE, MISCOMPARE_DURING_VERIFY, CheckCondition, invalid_field,
@@ -29,23 +29,13 @@ from stml.spc import (
 
 if TYPE_CHECKING:
     from stml.emulator import Task
-    from stml.lu import LogicalUnit
 
 _CHUNK = 1 << 20
 
 
-def _lu(task: Task) -> LogicalUnit:
-    """The task's LU: the opcode table runs these commands only on an existing
-    LU. The block I/O helpers, on the READ/WRITE path, narrow it in place
-    instead, which saves the call."""
-    lu = task.lu
-    assert lu is not None
-    return lu
-
-
 def _sync(task: Task) -> bool:
     lu = task.lu
-    assert lu is not None
+    assert lu is not None   # per command: see ops.unit()
     return fua(task.cdb) or not lu.mode.wce
 
 
@@ -53,7 +43,7 @@ async def read_blocks(task: Task, lba: int, blocks: int, response: bool = False)
     """Read into new memory; `response`: memory that goes back to the front
     end as read data (maybe shared with it, so it is never copied)."""
     lu = task.lu
-    assert lu is not None
+    assert lu is not None   # per command: see ops.unit()
     size = blocks * lu.block_size
     buf = task.emulator.read_buffer(task.fe.ident, size) if response else bytearray(size)
     if size and not lu.backend.read_nowait(lba * lu.block_size, memoryview(buf)):
@@ -66,7 +56,7 @@ async def write_blocks(task: Task, lba: int, bufs: list, sync: bool) -> None:
     write done in place while no exclusive section runs or waits cannot
     interleave with one (nothing else runs meanwhile), so it skips the gate."""
     lu = task.lu
-    assert lu is not None
+    assert lu is not None   # per command: see ops.unit()
     if not lu.write_gate.exclusive_pending and lu.backend.write_nowait(lba * lu.block_size, bufs, sync):
         return
     async with lu.write_gate.shared():
@@ -106,7 +96,7 @@ def received_blocks(task: Task) -> tuple[int, int, list[memoryview]]:
     """(LBA, blocks, data) of the whole blocks received: an initiator that sends
     less than the CDB says (iSCSI expected length too small) writes only those."""
     lu = task.lu
-    assert lu is not None
+    assert lu is not None   # per command: see ops.unit()
     bs = lu.block_size
     lba, blocks = lba_len(task.cdb)
     blocks = min(blocks, task.want // bs)
@@ -126,7 +116,7 @@ async def synchronize_cache(task: Task) -> None:
         lba, blocks = u32(cdb, 2), u16(cdb, 7)
     else:
         lba, blocks = struct.unpack_from(">QI", cdb, 2)
-    lu = _lu(task)
+    lu = unit(task)
     check_range(lu, lba, blocks)
     await task.io(lu.backend.flush)
 
@@ -135,13 +125,13 @@ async def read_capacity10(task: Task) -> bytes:
     cdb = task.cdb
     if not cdb[8] & 1 and u32(cdb, 2):
         raise invalid_field(2)  # an LBA without PMI is an error (SBC-4 5.20.2)
-    lu = _lu(task)
+    lu = unit(task)
     last = lu.blocks - 1
     return struct.pack(">II", min(last, 0xFFFFFFFF), lu.block_size)
 
 
 async def read_capacity16(task: Task) -> bytes:
-    lu = _lu(task)
+    lu = unit(task)
     alloc = u32(task.cdb, 10)
     lbp = 0xC0 if thin(lu) else 0     # LBPME, LBPRZ (as VPD 0xB2 says)
     data = struct.pack(">QIBBH", lu.blocks - 1, lu.block_size, 0, lbppbe(lu), lbp << 8) + bytes(16)
@@ -149,7 +139,7 @@ async def read_capacity16(task: Task) -> bytes:
 
 
 async def start_stop_unit(task: Task) -> None:
-    cdb, lu = task.cdb, _lu(task)
+    cdb, lu = task.cdb, unit(task)
     power_condition = cdb[4] >> 4
     if power_condition:
         return  # power conditions are accepted and have no effect on this device
@@ -179,9 +169,9 @@ def verify_out_len(task: Task) -> int:
     _, blocks = lba_len(task.cdb)
     b = _bytchk(task.cdb)
     if b == 1:
-        return blocks * _lu(task).block_size
+        return blocks * unit(task).block_size
     if b == 3:
-        return _lu(task).block_size if blocks else 0
+        return unit(task).block_size if blocks else 0
     return 0
 
 
@@ -190,7 +180,7 @@ def verify_check(task: Task) -> None:
     if b == 2:
         raise invalid_field(1, 2)
     lba, blocks = lba_len(task.cdb)
-    check_range(_lu(task), lba, blocks)
+    check_range(unit(task), lba, blocks)
     if b == 1:
         check_xfer(task, blocks)
 
@@ -214,7 +204,7 @@ async def verify(task: Task) -> None:
 def write_verify_check(task: Task) -> None:
     if _bytchk(task.cdb) & 0x02:
         raise invalid_field(1, 2)
-    lu = _lu(task)
+    lu = unit(task)
     check_writable(lu)
     lba, blocks = lba_len(task.cdb)
     check_range(lu, lba, blocks)
@@ -236,11 +226,11 @@ async def write_and_verify(task: Task) -> None:
 # ---------------------------------------------------------------- COMPARE AND WRITE, ORWRITE
 
 def caw_out_len(task: Task) -> int:
-    return 2 * task.cdb[13] * _lu(task).block_size
+    return 2 * task.cdb[13] * unit(task).block_size
 
 
 def caw_check(task: Task) -> None:
-    lu = _lu(task)
+    lu = unit(task)
     check_writable(lu)
     n = task.cdb[13]
     if n > MAX_COMPARE_AND_WRITE:
@@ -251,7 +241,7 @@ def caw_check(task: Task) -> None:
 
 
 async def compare_and_write(task: Task) -> None:
-    lu = _lu(task)
+    lu = unit(task)
     lba, n = u64(task.cdb, 2), task.cdb[13]
     if not n:
         return
@@ -267,7 +257,7 @@ async def compare_and_write(task: Task) -> None:
 
 
 async def orwrite(task: Task) -> None:
-    lu = _lu(task)
+    lu = unit(task)
     lba, blocks = lba_len(task.cdb)
     if not blocks:
         return
@@ -281,7 +271,7 @@ async def orwrite(task: Task) -> None:
 # ---------------------------------------------------------------- PRE-FETCH, READ DEFECT DATA
 
 def prefetch_check(task: Task) -> None:
-    check_range(_lu(task), *lba_len(task.cdb))
+    check_range(unit(task), *lba_len(task.cdb))
 
 
 async def prefetch(task: Task) -> None:
@@ -315,17 +305,17 @@ def _ws_blocks(task: Task) -> tuple[int, int]:
     """(LBA, blocks); zero blocks means every block to the end (WSNZ is 0)."""
     lba, n, _ = _ws_fields(task)
     if n == 0:
-        n = max(0, _lu(task).blocks - lba)
+        n = max(0, unit(task).blocks - lba)
     return lba, n
 
 
 def ws_out_len(task: Task) -> int:
     ndob = len(task.cdb) == 16 and task.cdb[1] & 0x01
-    return 0 if ndob else _lu(task).block_size
+    return 0 if ndob else unit(task).block_size
 
 
 def ws_check(task: Task) -> None:
-    lu = _lu(task)
+    lu = unit(task)
     lba, n, flags = _ws_fields(task)
     if flags & 0x10:
         raise invalid_field(1, 4)       # ANCHOR: anchored state not supported (ANC_SUP 0)
@@ -342,13 +332,13 @@ def ws_check(task: Task) -> None:
 
 async def _discard(task: Task, lba: int, blocks: int) -> None:
     lu = task.lu
-    assert lu is not None
+    assert lu is not None   # per command: see ops.unit()
     async with lu.write_gate.shared():
         await task.io(lu.backend.discard, lba * lu.block_size, blocks * lu.block_size)
 
 
 async def write_same(task: Task) -> None:
-    lu = _lu(task)
+    lu = unit(task)
     lba, n = _ws_blocks(task)
     if not n:
         return
@@ -378,11 +368,11 @@ def unmap_out_len(task: Task) -> int:
 def unmap_check(task: Task) -> None:
     if task.cdb[1] & 0x01:
         raise invalid_field(1, 0)       # ANCHOR
-    check_writable(_lu(task))
+    check_writable(unit(task))
 
 
 async def unmap(task: Task) -> None:
-    lu = _lu(task)
+    lu = unit(task)
     plen = u16(task.cdb, 7)
     if plen == 0:
         return
@@ -413,7 +403,7 @@ async def unmap(task: Task) -> None:
 # ---------------------------------------------------------------- GET LBA STATUS
 
 async def get_lba_status(task: Task) -> bytes:
-    lu = _lu(task)
+    lu = unit(task)
     lba, alloc = u64(task.cdb, 2), u32(task.cdb, 10)
     if lba >= lu.blocks:
         check_range(lu, lba, 1)
@@ -436,11 +426,11 @@ async def get_lba_status(task: Task) -> bytes:
 # ---------------------------------------------------------------- WRITE ATOMIC(16)
 
 def atomic_out_len(task: Task) -> int:
-    return u16(task.cdb, 12) * _lu(task).block_size
+    return u16(task.cdb, 12) * unit(task).block_size
 
 
 def atomic_check(task: Task) -> None:
-    lu = _lu(task)
+    lu = unit(task)
     check_writable(lu)
     lba, n = u64(task.cdb, 2), u16(task.cdb, 12)
     if u16(task.cdb, 10):
@@ -451,7 +441,7 @@ def atomic_check(task: Task) -> None:
 
 
 async def write_atomic(task: Task) -> None:
-    lu = _lu(task)
+    lu = unit(task)
     lba, n = u64(task.cdb, 2), u16(task.cdb, 12)
     if not n:
         return
@@ -467,7 +457,7 @@ def sanitize_out_len(task: Task) -> int:
 
 
 def sanitize_check(task: Task) -> None:
-    lu = _lu(task)
+    lu = unit(task)
     sa = task.cdb[1] & 0x1F
     plen = u16(task.cdb, 7)
     if sa not in (0x01, 0x02, 0x03, 0x1F):
@@ -487,7 +477,7 @@ async def sanitize(task: Task) -> None:
     erases the blocks too), EXIT FAILURE MODE. With IMMED the command returns
     at once and the medium reports SANITIZE IN PROGRESS until it is done; a
     sanitize survives aborts and resets, as SBC-4 asks."""
-    lu = _lu(task)
+    lu = unit(task)
     sa = task.cdb[1] & 0x1F
     if sa == 0x1F:
         return
@@ -512,7 +502,7 @@ async def sanitize(task: Task) -> None:
 
 
 async def _sanitize(task: Task, block: bytes | None) -> None:
-    lu = _lu(task)
+    lu = unit(task)
     try:
         if block is not None:
             per = max(1, _CHUNK // lu.block_size)

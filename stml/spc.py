@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Callable
 
 from stml.cdb import encode_lun, u16, u32
 from stml.lu import PRODUCT, REVISION, VENDOR
-from stml.ops import lbppbe, max_blocks
+from stml.ops import lbppbe, max_blocks, unit
 from stml.sense import (
     NO_ADDITIONAL_SENSE, NO_SENSE, UNIT_ATTENTION, build_sense, invalid_field,
 )
@@ -177,9 +177,7 @@ async def inquiry(task: Task) -> bytes:
     build = VPD_PAGES.get(page)
     if build is None:
         raise invalid_field(2)
-    lu = task.lu
-    assert lu is not None   # a LUN with no LU gets standard INQUIRY data only (Emulator._no_such_lun)
-    return build(lu, task)[:alloc]
+    return build(unit(task), task)[:alloc]
 
 
 # ---------------------------------------------------------------- misc SPC
@@ -218,9 +216,7 @@ def _timeouts(e: OpEntry) -> bytes:
 
 
 def _entries(task: Task) -> list[OpEntry]:
-    lu = task.lu
-    assert lu is not None   # REPORT SUPPORTED OPERATION CODES runs only on an existing LU
-    return sorted(lu.template.entries, key=lambda e: (e.opcode, e.sa or 0))
+    return sorted(unit(task).template.entries, key=lambda e: (e.opcode, e.sa or 0))
 
 
 async def report_supported_opcodes(task: Task) -> bytes:
@@ -300,8 +296,7 @@ async def log_sense(task: Task) -> bytes:
 # ---- PREVENT ALLOW MEDIUM REMOVAL
 
 async def prevent_allow(task: Task) -> None:
-    lu = task.lu
-    assert lu is not None   # PREVENT ALLOW MEDIUM REMOVAL runs only on an existing LU
+    lu = unit(task)
     prevent = task.cdb[4] & 0x03
     if prevent in (2, 3):
         raise invalid_field(4, 1)   # persistent prevent: media changers only
@@ -315,8 +310,7 @@ async def prevent_allow(task: Task) -> None:
 
 def removal_prevented(task: Task) -> bool:
     """Prevent states of nexuses that no longer exist do not count."""
-    lu = task.lu
-    assert lu is not None   # asked by START STOP UNIT, which runs only on an existing LU
+    lu = unit(task)
     if not lu.prevent:
         return False
     live = set(task.emulator._all_nexus_keys(lu.target))

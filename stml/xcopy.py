@@ -12,7 +12,7 @@ import struct
 from typing import TYPE_CHECKING, Any, Callable
 
 from stml.cdb import u16, u32, u64
-from stml.ops import check_writable, data_bytes, param_len_error
+from stml.ops import check_writable, data_bytes, param_len_error, unit
 from stml.sense import (
     COPY_ABORTED, ILLEGAL_REQUEST, NO_ADDITIONAL_SENSE, OPERATION_IN_PROGRESS,
     TOO_MANY_SEGMENT_DESCRIPTORS, TOO_MANY_TARGET_DESCRIPTORS, UNREACHABLE_COPY_TARGET,
@@ -99,9 +99,7 @@ async def extended_copy(task: Task) -> None:
     if cscd_len // CSCD_LEN > MAX_CSCD:
         raise CheckCondition(ILLEGAL_REQUEST, TOO_MANY_TARGET_DESCRIPTORS)
     key = (task.nexus.key, list_id)
-    lu = task.lu
-    assert lu is not None   # EXTENDED COPY runs only on an existing LU
-    results = lu.copy_results
+    results = unit(task).copy_results
     if usage != 0x03 and results.get(key, {}).get("status") == 0:
         raise CheckCondition(ILLEGAL_REQUEST, OPERATION_IN_PROGRESS)
     # descriptors: all parsed and checked before any block moves
@@ -176,9 +174,7 @@ async def receive_copy_results(task: Task) -> bytes:
         body[39] = len(IMPLEMENTED)
         body += IMPLEMENTED
         return (struct.pack(">I", len(body)) + bytes(body))[:alloc]
-    lu = task.lu
-    assert lu is not None   # RECEIVE COPY RESULTS runs only on an existing LU
-    state = lu.copy_results.get((task.nexus.key, cdb[2]))
+    state = unit(task).copy_results.get((task.nexus.key, cdb[2]))
     if state is None:
         raise invalid_field(2)
     out = struct.pack(">IBHBI", 8, state["status"], state["segments"], 0, state["bytes"])
