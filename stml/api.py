@@ -749,7 +749,8 @@ class StreamChannel:
     gets them). Messages queued in one loop iteration leave in one sendmsg,
     so batching needs no header here; the answers to what one read brought
     leave as soon as that read is handled, without waiting for the next
-    iteration. Frames from 64 KiB up are received straight into a buffer of
+    iteration, and every BATCH messages while it is handled, so the peer
+    starts on the first ones while we work on the rest. Frames from 64 KiB up are received straight into a buffer of
     their own (from `pool`) and delivered as memoryviews (no copy); smaller
     ones are copied out of a staging buffer as bytes.
 
@@ -765,6 +766,11 @@ class StreamChannel:
     BIG = 64 << 10
     MAX_FRAMES = 4096
     MAX_FRAME = 1 << 30
+    # Messages that leave together at most while a batch is handled: under
+    # load the two processes then overlap on the CPUs instead of taking turns
+    # over 20-30 commands a read (README, Performance: 4 KiB write QD16 +0.06
+    # to +0.10 of tgtd in four A/B runs; 2, 3, 6 and 8 did no better).
+    BATCH = 4
 
     def __init__(self, sock: socket.socket, on_message: Callable[[list], None],
                  on_closed: Callable[[], None], pool: BufferPool | None = None,
@@ -781,6 +787,7 @@ class StreamChannel:
         self._loop = asyncio.get_running_loop()
         self._fd = sock.fileno()
         self._out: list = []
+        self._queued = 0               # messages in _out
         self._flush_scheduled = False
         self._waiting = False          # the socket is full: its writability resumes the flush
         self._dispatching = False      # handling what a read brought: send() need not schedule
@@ -827,12 +834,20 @@ class StreamChannel:
             lengths = map(len, frames)
         self._out.append(_u32s(len(frames) + 1).pack(len(frames), *lengths))
         self._out += frames
+        self._queued += 1
+        if self._queued >= self.BATCH and not self._waiting:
+            self.flush(inline=True)
+            return
         if not self._flush_scheduled and not self._waiting and not self._dispatching:
             self._flush_scheduled = True
             self._loop.call_soon(self.flush)
 
-    def flush(self) -> None:
+    def flush(self, inline: bool = False) -> None:
+        """Send what is queued. `inline`: called from send(), inside some
+        handler's stack, so a broken socket is left to the writability
+        callback to close rather than pulling the link from under the handler."""
         self._flush_scheduled = False
+        self._queued = 0
         out = self._out
         if self._freed:
             out.append(struct.pack(f"<{3 + len(self._freed)}I", 0, _CONTROL_FREE, len(self._freed),
@@ -849,6 +864,8 @@ class StreamChannel:
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:
+                if inline:
+                    break
                 self._close()
                 return
         if out and not self._waiting and not self.closed:

@@ -213,10 +213,10 @@ def test_round_trip_both_directions_keeps_frames_and_order() -> None:
     run(main)
 
 
-def test_many_messages_in_one_iteration_leave_together_in_wire_format() -> None:
-    """Messages queued in one loop iteration are not written until the loop
-    runs, then leave in order, encoded exactly as the contract documents
-    (more buffers than one sendmsg takes: 2000 messages of three frames)."""
+def test_many_messages_in_one_iteration_leave_in_order_in_wire_format() -> None:
+    """Messages queued in one loop iteration leave in order, encoded exactly
+    as the contract documents (more buffers than one sendmsg takes: 2000
+    messages of three frames)."""
     messages = [[pack({"op": "m", "i": i}), i.to_bytes(4, "little"), b"" if i % 3 else b"z" * (i % 50)]
                 for i in range(2000)]
     expected = b"".join(wire(m) for m in messages)
@@ -227,8 +227,6 @@ def test_many_messages_in_one_iteration_leave_together_in_wire_format() -> None:
         b.setblocking(False)
         for m in messages:
             tx.send(m)
-        with pytest.raises(BlockingIOError):   # queued, not written, until the loop runs
-            b.recv(1)
         got = bytearray()
 
         def more() -> bool:
@@ -242,6 +240,56 @@ def test_many_messages_in_one_iteration_leave_together_in_wire_format() -> None:
         assert bytes(got) == expected
         assert decode(bytes(got)) == messages
         tx.close()
+        b.close()
+
+    run(main)
+
+
+def test_messages_leave_a_batch_at_a_time_and_the_rest_when_the_loop_runs() -> None:
+    """Up to BATCH messages wait for the loop; the BATCH-th sends them all at
+    once (the peer starts on them while we queue more); what is left over
+    leaves when the loop runs."""
+    batch = StreamChannel.BATCH
+    messages = [[pack({"op": "m", "i": i})] for i in range(batch + 1)]
+
+    async def main() -> None:
+        a, b = pair()
+        tx = Sink().channel(a)
+        b.setblocking(False)
+        for m in messages[:batch - 1]:
+            tx.send(m)
+        with pytest.raises(BlockingIOError):
+            b.recv(1)
+        tx.send(messages[batch - 1])
+        first = b"".join(wire(m) for m in messages[:batch])
+        assert b.recv(1 << 16) == first
+        tx.send(messages[batch])
+        with pytest.raises(BlockingIOError):
+            b.recv(1)
+        await spin(2)
+        assert b.recv(1 << 16) == wire(messages[batch])
+        tx.close()
+        b.close()
+
+    run(main)
+
+
+def test_a_write_error_in_a_full_batch_closes_from_the_loop() -> None:
+    """The BATCH-th send() writes at once, inside whatever handler called it:
+    a broken socket there does not close the channel under that handler;
+    the loop closes it right after, and on_closed runs once."""
+
+    async def main() -> None:
+        a, b = pair()
+        rx = Sink()
+        ch = rx.channel(a)
+        b.shutdown(socket.SHUT_RD)
+        for i in range(StreamChannel.BATCH * 3):
+            ch.send([b"x"])
+            assert not ch.closed and rx.closed == 0
+        await wait_until(lambda: rx.closed > 0, what="on_closed")
+        await spin(5)
+        assert rx.closed == 1 and ch.closed
         b.close()
 
     run(main)
