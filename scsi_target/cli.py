@@ -5,6 +5,7 @@ as processes (`run`), or one of them alone, and drives the loopback client.
 """
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import struct
@@ -52,16 +53,46 @@ def _config_args(kw: dict[str, Any]) -> list[str]:
     return args
 
 
-class Supervisor:
-    """Starts child processes, restarts one that dies, stops all on a signal."""
+def cpu_split(names: list[str], allowed: set[int]) -> dict[str, set[int]]:
+    """Disjoint sets of the CPUs we may use, one per child, in order: the STML
+    and a front end then never take turns on one CPU while the other idles
+    (README, Performance: 4 KiB QD16 and 64 KiB +0.05 to +0.12 of tgtd on two
+    vCPUs). Nothing to split for one child or fewer CPUs than children."""
+    cpus = sorted(allowed)
+    if len(names) < 2 or len(cpus) < len(names):
+        return {}
+    share = len(cpus) // len(names)
+    return {name: set(cpus[i * share:(i + 1) * share] if i < len(names) - 1 else cpus[i * share:])
+            for i, name in enumerate(names)}
 
-    def __init__(self, children: dict[str, list[str]]) -> None:
+
+def cpu_list(cpus: set[int]) -> str:
+    """As Linux writes CPU sets (Cpus_allowed_list): 0-3,8."""
+    runs: list[list[int]] = []
+    for c in sorted(cpus):
+        if runs and c == runs[-1][1] + 1:
+            runs[-1][1] = c
+        else:
+            runs.append([c, c])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+class Supervisor:
+    """Starts child processes (each on its CPU set, if given), restarts one
+    that dies, stops all on a signal."""
+
+    def __init__(self, children: dict[str, list[str]], cpus: dict[str, set[int]] | None = None) -> None:
         self.children = children
+        self.cpus = cpus or {}
         self.procs: dict[str, subprocess.Popen] = {}
         self.stopping = False
 
     def start(self, name: str) -> None:
-        self.procs[name] = subprocess.Popen(self.children[name])
+        cpus = self.cpus.get(name)
+        # set in the child before it runs anything, so its threads inherit the set
+        # (the supervisor has no threads of its own, as preexec_fn requires)
+        pin = None if cpus is None else functools.partial(os.sched_setaffinity, 0, cpus)
+        self.procs[name] = subprocess.Popen(self.children[name], preexec_fn=pin)
 
     def stop(self, *_: Any) -> None:
         self.stopping = True
@@ -109,7 +140,10 @@ class Supervisor:
 @click.option("--portal", "portals", multiple=True, metavar="HOST:PORT",
               help="iSCSI portal to listen on, repeatable (default 127.0.0.1:3260).")
 @click.option("--no-iscsi", is_flag=True, help="Run the STML alone, without the iSCSI front end.")
-def run(log_level: str, portals: tuple[str, ...], no_iscsi: bool, listen: tuple[str, ...],
+@click.option("--cpu-affinity", type=click.Choice(["split", "none"]), default="split", show_default=True,
+              help="split: the STML and the front end each on their own share of the CPUs this "
+                   "command may use (taskset narrows them); none: wherever the scheduler puts them.")
+def run(log_level: str, portals: tuple[str, ...], no_iscsi: bool, cpu_affinity: str, listen: tuple[str, ...],
         insecure: bool, metrics: str | None, **kw: Any) -> None:
     """Run the STML and the iSCSI front end under one supervisor (Ctrl-C stops all)."""
     config = load_or_exit(portals=portals, **kw)
@@ -137,7 +171,10 @@ def run(log_level: str, portals: tuple[str, ...], no_iscsi: bool, listen: tuple[
     click.echo(f"STML endpoint: {config.stml_endpoint}")
     if not no_iscsi:
         click.echo("iSCSI portals: " + ", ".join(config.portals))
-    sys.exit(Supervisor(children).run())
+    cpus = cpu_split(list(children), os.sched_getaffinity(0)) if cpu_affinity == "split" else {}
+    if cpus:
+        click.echo("CPUs: " + ", ".join(f"{name} {cpu_list(c)}" for name, c in cpus.items()))
+    sys.exit(Supervisor(children, cpus).run())
 
 
 # ------------------------------------------------------------------ loop

@@ -233,3 +233,75 @@ def test_run_with_no_arguments_creates_its_data_dir(tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(20)
+
+
+# ------------------------------------------------------------------ CPU affinity
+
+@pytest.mark.parametrize("allowed, expected", [
+    ({0}, {}),                                          # fewer CPUs than children: no pinning
+    ({0, 1}, {"stml": {0}, "fetd_tcp": {1}}),
+    ({2, 5, 7}, {"stml": {2}, "fetd_tcp": {5, 7}}),     # the last child takes the remainder
+    (set(range(8)), {"stml": {0, 1, 2, 3}, "fetd_tcp": {4, 5, 6, 7}}),
+])
+def test_cpu_split_gives_disjoint_shares(allowed, expected):
+    from scsi_target.cli import cpu_split
+    assert cpu_split(["stml", "fetd_tcp"], allowed) == expected
+
+
+def test_cpu_split_leaves_a_lone_child_alone():
+    from scsi_target.cli import cpu_split
+    assert cpu_split(["stml"], set(range(4))) == {}
+
+
+@pytest.mark.parametrize("cpus, text", [({0}, "0"), ({0, 1, 2, 3}, "0-3"), ({0, 1, 3, 8, 9}, "0-1,3,8-9")])
+def test_cpu_list_is_written_as_linux_does(cpus, text):
+    from scsi_target.cli import cpu_list
+    assert cpu_list(cpus) == text
+
+
+def _allowed(pid: int) -> list[str]:
+    """Cpus_allowed_list of every thread of `pid`."""
+    out = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        status = Path(f"/proc/{pid}/task/{tid}/status").read_text()
+        out.append(re.search(r"^Cpus_allowed_list:\s*(\S+)", status, re.M).group(1))
+    return out
+
+
+def _cpus(text: str) -> set[int]:
+    """A Cpus_allowed_list ("0-3,8") as a set."""
+    out: set[int] = set()
+    for part in text.split(","):
+        a, _, b = part.partition("-")
+        out.update(range(int(a), int(b or a) + 1))
+    return out
+
+
+def _children_by_module(pid: int) -> dict[str, int]:
+    found = {}
+    for child in children_of(pid):
+        argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+        found[argv[argv.index(b"-m") + 1].decode()] = child
+    return found
+
+
+@pytest.mark.parametrize("mode", ["split", "none"])
+def test_run_places_the_stml_and_the_front_end_on_their_own_cpus(mode):
+    """The default splits the CPUs `run` may use between the STML and fetd_tcp
+    (every thread of each, set before it started) and says so; `none` leaves
+    both on all of them."""
+    from scsi_target.cli import cpu_list
+    from targetproc import Target
+    allowed = cpu_list(os.sched_getaffinity(0))
+    with Target("--lun", "ram:16MiB", "--cpu-affinity", mode) as t:
+        kids = _children_by_module(t.proc.pid)
+        stml, fetd = _allowed(kids["stml"]), _allowed(kids["fetd_tcp"])
+        assert len(stml) > 1   # its ZeroMQ threads, which must inherit the set
+        if mode == "split" and len(os.sched_getaffinity(0)) >= 2:
+            assert len(set(stml)) == 1 and len(set(fetd)) == 1
+            assert f"CPUs: stml {stml[0]}, fetd_tcp {fetd[0]}\n" in t.log()
+            s, f = _cpus(stml[0]), _cpus(fetd[0])
+            assert s and f and not s & f and s | f == os.sched_getaffinity(0)
+        else:
+            assert set(stml) == set(fetd) == {allowed}
+            assert "CPUs:" not in t.log()
