@@ -768,8 +768,8 @@ class StreamChannel:
     MAX_FRAME = 1 << 30
     # Messages that leave together at most while a batch is handled: under
     # load the two processes then overlap on the CPUs instead of taking turns
-    # over 20-30 commands a read (README, Performance: 4 KiB write QD16 +0.06
-    # to +0.10 of tgtd in four A/B runs; 2, 3, 6 and 8 did no better).
+    # over 20-30 commands a read (README, Performance: with the CPU split of
+    # `run`, 4 KiB QD16 0.46-0.48 -> 0.65-0.70 of tgtd; 2, 3, 6, 8 no better).
     BATCH = 4
 
     def __init__(self, sock: socket.socket, on_message: Callable[[list], None],
