@@ -22,6 +22,8 @@ from stml.cli import apply_stml_options, config_options, load_or_exit, main as s
 from stml.config import default_data_dir, default_endpoint, load, ConfigError
 
 CHUNK = 1 << 20  # copy-in/out transfer size
+POLL_US = 200    # the STML's busy-poll window when it has CPUs of its own: a QD1 round trip
+                 # through the front end and the initiator takes 100-150 us on a 2-vCPU VM
 DEPTH = 4        # commands in flight during copies
 
 
@@ -144,10 +146,14 @@ class Supervisor:
               help="split: the STML and the front end each on their own share of the CPUs this "
                    "command may use (taskset narrows them); none: wherever the scheduler puts them.")
 def run(log_level: str, portals: tuple[str, ...], no_iscsi: bool, cpu_affinity: str, listen: tuple[str, ...],
-        insecure: bool, metrics: str | None, **kw: Any) -> None:
+        insecure: bool, metrics: str | None, poll_us: int | None, **kw: Any) -> None:
     """Run the STML and the iSCSI front end under one supervisor (Ctrl-C stops all)."""
     config = load_or_exit(portals=portals, **kw)
-    apply_stml_options(config, listen, insecure, metrics)
+    apply_stml_options(config, listen, insecure, metrics, poll_us)
+    names = ["stml"] if no_iscsi else ["stml", "fetd_tcp"]
+    cpus = cpu_split(names, os.sched_getaffinity(0)) if cpu_affinity == "split" else {}
+    if config.stml.poll_us is None and cpus:
+        poll_us = POLL_US   # the STML has CPUs of its own: polling them costs the front end nothing
     base = _config_args(kw) + ["--log-level", log_level]
     for p in portals:   # the STML keeps the portal list; fetd_tcp follows it (detect)
         base += ["--portal", p]
@@ -157,6 +163,8 @@ def run(log_level: str, portals: tuple[str, ...], no_iscsi: bool, cpu_affinity: 
         base.append("--insecure")
     if metrics:
         base += ["--metrics", metrics]
+    if poll_us is not None:
+        base += ["--poll-us", str(poll_us)]
     children = {"stml": [sys.executable, "-m", "stml", *base]}
     if not no_iscsi:
         tcp = [sys.executable, "-m", "fetd_tcp", "--stml", config.stml_endpoint, "--log-level", log_level]
@@ -171,9 +179,9 @@ def run(log_level: str, portals: tuple[str, ...], no_iscsi: bool, cpu_affinity: 
     click.echo(f"STML endpoint: {config.stml_endpoint}")
     if not no_iscsi:
         click.echo("iSCSI portals: " + ", ".join(config.portals))
-    cpus = cpu_split(list(children), os.sched_getaffinity(0)) if cpu_affinity == "split" else {}
     if cpus:
-        click.echo("CPUs: " + ", ".join(f"{name} {cpu_list(c)}" for name, c in cpus.items()))
+        click.echo("CPUs: " + ", ".join(f"{name} {cpu_list(c)}" for name, c in cpus.items())
+                   + (f"; the STML polls {poll_us} us before sleeping" if poll_us else ""))
     sys.exit(Supervisor(children, cpus).run())
 
 

@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 import click
 
-from stml.config import Config, ConfigError, load
+from stml.config import MAX_POLL_US, Config, ConfigError, load
 
 
 def config_options(f: Callable) -> Callable:
@@ -50,18 +50,23 @@ def stml_options(f: Callable) -> Callable:
         click.option("--insecure", is_flag=True,
                      help="Allow a plain-TCP STML endpoint on a non-loopback address (no CURVE)."),
         click.option("--metrics", metavar="HOST:PORT", help="Serve Prometheus metrics here."),
+        click.option("--poll-us", type=click.IntRange(0, MAX_POLL_US), metavar="US",
+                     help="After traffic, poll for this long before sleeping (0: never; default 0, "
+                          "or 200 under `run` when it gave the STML CPUs of its own)."),
     ]):
         f = opt(f)
     return f
 
 
 def apply_stml_options(config: Config, listen: tuple[str, ...] = (), insecure: bool = False,
-                       metrics: str | None = None) -> None:
+                       metrics: str | None = None, poll_us: int | None = None) -> None:
     for ep in listen:
         if ep not in config.stml.listen:
             config.stml.listen.append(ep)
     config.stml.insecure = config.stml.insecure or insecure
     config.stml.metrics = metrics or config.stml.metrics
+    if poll_us is not None:
+        config.stml.poll_us = poll_us
 
 
 @click.command("stml")
@@ -70,11 +75,12 @@ def apply_stml_options(config: Config, listen: tuple[str, ...] = (), insecure: b
 @click.option("--portal", "portals", multiple=True, metavar="HOST:PORT[,TPGT]",
               help="iSCSI portal for front ends that follow the STML's list, repeatable "
                    "(replaces the config's `portals` for this run).")
-def main(log_level: str, listen: tuple[str, ...], insecure: bool, metrics: str | None, **kw: Any) -> None:
+def main(log_level: str, listen: tuple[str, ...], insecure: bool, metrics: str | None, poll_us: int | None,
+         **kw: Any) -> None:
     """Run the STML alone: it owns the LUNs and waits for front ends."""
     setup_logging(log_level, "stml")
     config = load_or_exit(**kw)
-    apply_stml_options(config, listen, insecure, metrics)
+    apply_stml_options(config, listen, insecure, metrics, poll_us)
     from stml.api import run_loop
     from stml.server import run_stml
     try:

@@ -76,6 +76,9 @@ class Config:
     digest: str | None = None        # sha256 of the file as loaded: hand edits since are detected
 
 
+MAX_POLL_US = 10_000
+
+
 @dataclass
 class StmlSettings:
     """The `[stml]` table: extra endpoints and how remote peers are admitted."""
@@ -85,6 +88,7 @@ class StmlSettings:
     insecure: bool = False           # allow plain TCP on a non-loopback address
     heartbeat_ms: int = 1000
     metrics: str | None = None       # "HOST:PORT": serve Prometheus metrics there
+    poll_us: int | None = None       # busy-poll window; None: 0 alone, `run` picks it when it split the CPUs
 
     def endpoints(self, main: str) -> list[str]:
         return [main] + [e for e in self.listen if e != main]
@@ -314,7 +318,8 @@ def is_z85_key(value: str) -> bool:
 def stml_settings(raw: Any, config_path: Path | None) -> StmlSettings:
     if not isinstance(raw, dict):
         raise ConfigError("stml", "must be a table")
-    known = {"listen", "curve_secret_key_file", "allowed_front_ends", "insecure", "heartbeat_ms", "metrics"}
+    known = {"listen", "curve_secret_key_file", "allowed_front_ends", "insecure", "heartbeat_ms", "metrics",
+             "poll_us"}
     for key in raw:
         if key not in known:
             raise ConfigError(f"stml.{key}", f"unknown setting (known: {', '.join(sorted(known))})")
@@ -337,5 +342,9 @@ def stml_settings(raw: Any, config_path: Path | None) -> StmlSettings:
     metrics = raw.get("metrics")
     if metrics is not None and not isinstance(metrics, str):
         raise ConfigError("stml.metrics", "must be \"HOST:PORT\"")
+    poll_us = raw.get("poll_us")
+    if poll_us is not None and (not isinstance(poll_us, int) or isinstance(poll_us, bool)
+                                or not 0 <= poll_us <= MAX_POLL_US):
+        raise ConfigError("stml.poll_us", f"{poll_us!r} is not a number of microseconds (0-{MAX_POLL_US})")
     return StmlSettings(listen, secret, allowed, _bool(raw.get("insecure", False), "stml.insecure"),
-                        hb, metrics)
+                        hb, metrics, poll_us)

@@ -297,11 +297,56 @@ def test_run_places_the_stml_and_the_front_end_on_their_own_cpus(mode):
         kids = _children_by_module(t.proc.pid)
         stml, fetd = _allowed(kids["stml"]), _allowed(kids["fetd_tcp"])
         assert len(stml) > 1   # its ZeroMQ threads, which must inherit the set
+        stml_argv = Path(f"/proc/{kids['stml']}/cmdline").read_bytes().split(b"\0")
         if mode == "split" and len(os.sched_getaffinity(0)) >= 2:
             assert len(set(stml)) == 1 and len(set(fetd)) == 1
-            assert f"CPUs: stml {stml[0]}, fetd_tcp {fetd[0]}\n" in t.log()
+            assert (f"CPUs: stml {stml[0]}, fetd_tcp {fetd[0]}; the STML polls 200 us before sleeping\n"
+                    in t.log())
             s, f = _cpus(stml[0]), _cpus(fetd[0])
             assert s and f and not s & f and s | f == os.sched_getaffinity(0)
+            assert stml_argv[stml_argv.index(b"--poll-us") + 1] == b"200"   # on CPUs of its own
         else:
             assert set(stml) == set(fetd) == {allowed}
             assert "CPUs:" not in t.log()
+            assert b"--poll-us" not in stml_argv   # sharing CPUs with the front end: it sleeps at once
+
+
+def test_run_passes_an_explicit_poll_window_on():
+    from targetproc import Target
+    with Target("--lun", "ram:16MiB", "--poll-us", "0") as t:
+        argv = Path(f"/proc/{_children_by_module(t.proc.pid)['stml']}/cmdline").read_bytes().split(b"\0")
+        assert argv[argv.index(b"--poll-us") + 1] == b"0"
+        assert "polls" not in t.log()
+
+
+def test_busy_poll_keeps_the_loop_turning_for_its_window_then_lets_it_sleep():
+    """After touch() the loop runs its zero-timeout turns (counted by a
+    callback that re-queues itself only while the poller spins) until the
+    window has passed since the last touch, and not after."""
+    import asyncio
+    from stml.server import BusyPoll
+
+    async def main() -> None:
+        poll = BusyPoll(0.02)
+        turns = 0
+        start = time.monotonic()
+
+        def count() -> None:
+            nonlocal turns
+            turns += 1
+            if poll.spinning:
+                asyncio.get_running_loop().call_soon(count)
+
+        poll.touch()
+        asyncio.get_running_loop().call_soon(count)
+        await asyncio.sleep(0.01)
+        poll.touch()                      # more traffic: the window starts again
+        while poll.spinning:
+            await asyncio.sleep(0)
+        assert time.monotonic() - start >= 0.03
+        assert turns > 100                # it kept the loop busy, not asleep
+        done = turns
+        await asyncio.sleep(0.05)
+        assert turns <= done + 1 and not poll.spinning
+
+    asyncio.run(main())

@@ -240,6 +240,16 @@ def test_bad_endpoint_and_portals(tmp_path):
     assert error_of(tmp_path, 'portals = "127.0.0.1:3260"\n').startswith("portals:")
 
 
+@pytest.mark.parametrize("value", ["-1", "10001", "true", '"200"', "1.5"])
+def test_bad_poll_window(tmp_path, value):
+    assert error_of(tmp_path, f"[stml]\npoll_us = {value}\n").startswith("stml.poll_us:")
+
+
+def test_poll_window_from_the_file_and_unset_by_default(tmp_path):
+    assert load(write_toml(tmp_path, "[stml]\npoll_us = 0\n"), str(tmp_path)).stml.poll_us == 0
+    assert load(None, str(tmp_path)).stml.poll_us is None   # `run` decides
+
+
 def test_bad_toml_and_missing_file(tmp_path):
     p = write_toml(tmp_path, "[[target]\nname=")
     with pytest.raises(ConfigError) as e:
