@@ -153,7 +153,8 @@ def run(log_level: str, portals: tuple[str, ...], no_iscsi: bool, cpu_affinity: 
     names = ["stml"] if no_iscsi else ["stml", "fetd_tcp"]
     cpus = cpu_split(names, os.sched_getaffinity(0)) if cpu_affinity == "split" else {}
     if config.stml.poll_us is None and cpus:
-        poll_us = POLL_US   # the STML has CPUs of its own: polling them costs the front end nothing
+        config.stml.poll_us = POLL_US   # the STML has CPUs of its own: polling them costs the front end nothing
+    poll_us = config.stml.poll_us
     base = _config_args(kw) + ["--log-level", log_level]
     for p in portals:   # the STML keeps the portal list; fetd_tcp follows it (detect)
         base += ["--portal", p]

@@ -750,9 +750,10 @@ class StreamChannel:
     so batching needs no header here; the answers to what one read brought
     leave as soon as that read is handled, without waiting for the next
     iteration, and every BATCH messages while it is handled, so the peer
-    starts on the first ones while we work on the rest. Frames from 64 KiB up are received straight into a buffer of
-    their own (from `pool`) and delivered as memoryviews (no copy); smaller
-    ones are copied out of a staging buffer as bytes.
+    starts on the first ones while we work on the rest. Frames from 64 KiB
+    up are received straight into a buffer of their own (from `pool`) and
+    delivered as memoryviews (no copy); smaller ones are copied out of a
+    staging buffer as bytes.
 
     Read data skips the socket: the side that owns a `SharedRegion` (the
     STML) passes its memory to the peer (a memfd, over SCM_RIGHTS, in a

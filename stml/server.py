@@ -97,7 +97,7 @@ class BusyPoll:
     with a zero timeout) for `window` seconds before it may sleep. The next
     command then finds the STML awake instead of waking a halted CPU, which
     on a VM without halt polling goes through the hypervisor (README,
-    Performance: 4 KiB QD1 0.43 -> 0.69 of tgtd). It spends CPU the STML
+    Performance: 4 KiB QD1 0.45 -> 0.70 of tgtd). It spends CPU the STML
     would leave idle, so it pays only on CPUs the front end does not share:
     `run` turns it on when it split them (polling on a shared CPU made QD1
     worse)."""
