@@ -79,6 +79,13 @@ def cpu_list(cpus: set[int]) -> str:
     return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
+def _pin(cpus: set[int]) -> None:
+    try:
+        os.sched_setaffinity(0, cpus)
+    except OSError:   # a CPU taken away meanwhile (hotplug, cpuset): run unpinned rather than not at all
+        pass
+
+
 class Supervisor:
     """Starts child processes (each on its CPU set, if given), restarts one
     that dies, stops all on a signal."""
@@ -93,7 +100,7 @@ class Supervisor:
         cpus = self.cpus.get(name)
         # set in the child before it runs anything, so its threads inherit the set
         # (the supervisor has no threads of its own, as preexec_fn requires)
-        pin = None if cpus is None else functools.partial(os.sched_setaffinity, 0, cpus)
+        pin = None if cpus is None else functools.partial(_pin, cpus)
         self.procs[name] = subprocess.Popen(self.children[name], preexec_fn=pin)
 
     def stop(self, *_: Any) -> None:

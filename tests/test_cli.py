@@ -350,3 +350,13 @@ def test_busy_poll_keeps_the_loop_turning_for_its_window_then_lets_it_sleep():
         assert turns <= done + 1 and not poll.spinning
 
     asyncio.run(main())
+
+
+def test_a_cpu_set_that_cannot_be_applied_still_starts_the_child(tmp_path):
+    """A share naming a CPU that is not there (taken away between the split
+    and the start): the child runs unpinned instead of the supervisor failing."""
+    from scsi_target.cli import Supervisor
+    sup = Supervisor({"child": [sys.executable, "-c", "import os; print(sorted(os.sched_getaffinity(0)))"]},
+                     {"child": {100000}})
+    sup.start("child")
+    assert sup.procs["child"].wait(20) == 0
