@@ -794,7 +794,7 @@ class PduFramer:
     STAGE = 128 << 10
 
     def __init__(self, header_digest: bool, data_digest: bool, max_data: int,
-                 alloc: Callable[[int], bytearray] = bytearray, big: int = BIG,
+                 alloc: Callable[[int], bytearray | memoryview] = bytearray, big: int = BIG,
                  stage: int = STAGE) -> None:
         self.hd = DIGEST_LEN if header_digest else 0
         self.dd = data_digest

@@ -60,7 +60,7 @@ class IscsiFrontEnd:
         self.writers: set[Any] = set()
         self.limits = Limits.from_env()
         self.open_conns: dict[Any, int] = {}             # portal / peer host -> open connections
-        self.pool = BufferPool()                         # receive buffers for big data segments
+        self.pool = BufferPool()          # big data segments the STML's shared memory cannot take
         self.pending_output: set[PduWriter] = set()      # writers with PDUs not yet sent
 
     # ------------------------------------------------------------ STML -> us
@@ -397,13 +397,20 @@ class IscsiFrontEnd:
         # typeshed types StreamWriter.transport as a WriteTransport, but a TCP connection's
         # reads too (not checkable: uvloop's TCPTransport is no asyncio.Transport subclass)
         transport = cast(asyncio.Transport, writer.transport)
-        proto = ConnectionProtocol(conn, self.link, transport, self.pool.get)
+        proto = ConnectionProtocol(conn, self.link, transport, self._segment_buffer)
         pinger = asyncio.create_task(self._pinger(conn))
         try:
             proto.take_over(reader)
             await proto.done
         finally:
             pinger.cancel()
+
+    def _segment_buffer(self, size: int) -> bytearray | memoryview:
+        """Where a big data segment (write data) is received: memory shared with
+        a same-host STML when it has room (the data then never crosses the
+        STML's socket), else a reused buffer."""
+        view = self.link.shared_buffer(size)
+        return view if view is not None else self.pool.get(size)
 
     async def _pinger(self, conn: Connection) -> None:
         conn.idle = True

@@ -1,4 +1,4 @@
-"""The STML <-> front end contract (version 1.1). Front ends import this module only.
+"""The STML <-> front end contract (version 1.2). Front ends import this module only.
 
 Transport: ZeroMQ. The STML binds a ROUTER socket; each front end connects a
 DEALER socket whose routing id names it. A message is a multipart message:
@@ -17,10 +17,14 @@ front end given ipc://PATH uses it when it exists: every ZeroMQ message
 crosses an I/O thread on each side, four thread wake-ups per command that
 cost more than the command itself on small I/O. ZeroMQ stays the carrier
 for tcp:// (remote front ends, CURVE) and for any peer that prefers it. On
-the stream, read data of 32 KiB and more does not cross the socket: the STML
-shares a memfd region with the front end (SCM_RIGHTS) and sends (offset,
-length) references into it, which the front end hands back once sent
-(StreamChannel documents the control messages that carry this).
+the stream, bulk data does not cross the socket: each side shares a memfd
+region with the other (SCM_RIGHTS) and sends (offset, length) references
+into it: the STML its read data of 32 KiB and more, which the front end
+hands back once sent; a front end its write data received in segments of
+64 KiB and more, which the STML hands back once the command no longer uses
+it (StreamChannel documents the control messages that carry this). The
+front end's region is new in 1.2; a 1.1 STML closes a stream that brings
+one, so a same-host front end comes from the same install as its STML.
 
 Front end -> STML
 -----------------
@@ -125,7 +129,7 @@ from typing import Any, Callable, Protocol
 import msgpack
 import zmq
 
-CONTRACT_VERSION = (1, 1)
+CONTRACT_VERSION = (1, 2)
 log = logging.getLogger("stml.api")
 
 
@@ -437,8 +441,23 @@ class FrontEndLink:
             sock.close()
             log.debug("STML stream socket %s: %s", path, e)
             return
-        self._channel = StreamChannel(sock, self._on_message, self._stream_closed,
+        try:
+            region: SharedRegion | None = SharedRegion(name="scsi-target-write-data")
+        except OSError as e:   # no memfd: write data goes through the socket
+            log.warning("no shared memory for write data: %s", e)
+            region = None
+        self._channel = StreamChannel(sock, self._on_message, self._stream_closed, region=region,
                                       on_dispatched=getattr(self.handler, "messages_handled", None))
+
+    def shared_buffer(self, size: int) -> memoryview | None:
+        """Memory for `size` bytes of write data that reaches a same-host STML
+        without crossing the socket (sent as a data frame of rx_cmnd or
+        scsi_rx_data), or None: use ordinary memory. The STML hands it back
+        once its command is done with it."""
+        channel = self._channel
+        if isinstance(channel, StreamChannel) and channel.region is not None:
+            return channel.region.get(size)
+        return None
 
     def _stream_closed(self) -> None:
         self._channel = None
@@ -755,12 +774,18 @@ class StreamChannel:
     delivered as memoryviews (no copy); smaller ones are copied out of a
     staging buffer as bytes.
 
-    Read data skips the socket: the side that owns a `SharedRegion` (the
-    STML) passes its memory to the peer (a memfd, over SCM_RIGHTS, in a
-    control message: frame count 0, kind, then u32 values) and sends frames
-    taken from it as (offset, length) references; the peer delivers them as
-    read-only views of the same memory, valid until the end of that loop
-    iteration, and then hands the slots back (control message "free").
+    Bulk data skips the socket: a side that owns a `SharedRegion` (the
+    STML for read data, a front end for write data) passes its memory to the
+    peer (a memfd, over SCM_RIGHTS, in a control message: frame count 0,
+    kind, then u32 values) and sends frames taken from it as (offset,
+    length) references; the peer delivers them as read-only views of the
+    same memory and hands the slots back (control message "free", naming
+    offsets in the receiver's own region). When: without `keep_shared`,
+    after the loop iteration that delivered them (a front end sends read
+    data at once); with it, once nothing refers to the frame any more (the
+    STML keeps write data until its command is done; CPython's reference
+    count tells, as in BufferPool), checked whenever we send and every
+    millisecond while any are kept.
     A peer that breaks the framing, or closes, ends the channel (`on_closed`).
     """
 
@@ -776,7 +801,8 @@ class StreamChannel:
     def __init__(self, sock: socket.socket, on_message: Callable[[list], None],
                  on_closed: Callable[[], None], pool: BufferPool | None = None,
                  region: SharedRegion | None = None,
-                 on_dispatched: Callable[[], None] | None = None) -> None:
+                 on_dispatched: Callable[[], None] | None = None,
+                 keep_shared: bool = False) -> None:
         sock.setblocking(False)
         self.sock = sock
         self.on_message = on_message
@@ -799,7 +825,10 @@ class StreamChannel:
         self._frames: list = []        # its frames received so far
         self._big: memoryview | None = None   # a big frame being received in place
         self._big_pos = 0
-        self._peer_region: memoryview | None = None   # the peer's region, mapped read-only
+        self._peer_region: memoryview | None = None   # the peer's region, mapped
+        self.keep_shared = keep_shared
+        self._kept: list[tuple[Any, int]] = []   # (frame's memory, offset): peer slots maybe in use
+        self._kept_delay = 0.001
         self._fds: list[int] = []       # descriptors received, not yet claimed
         self._to_free: list[int] = []   # peer slots delivered this iteration
         self._free_scheduled = False
@@ -850,6 +879,8 @@ class StreamChannel:
         self._flush_scheduled = False
         self._queued = 0
         out = self._out
+        if self._kept:
+            self._release_kept()
         if self._freed:
             out.append(struct.pack(f"<{3 + len(self._freed)}I", 0, _CONTROL_FREE, len(self._freed),
                                       *self._freed))
@@ -887,7 +918,7 @@ class StreamChannel:
                     rest = self._end - self._start
                     self._buf[:rest] = self._buf[self._start:self._end]
                     self._start, self._end = 0, rest
-                if self._peer_region is None and self.region is None:   # a region may come
+                if self._peer_region is None:   # a region may come
                     n, anc, _, _ = self.sock.recvmsg_into([self._buf[self._end:]],
                                                           socket.CMSG_SPACE(struct.calcsize("i")))
                     self._take_fds(anc)
@@ -994,10 +1025,13 @@ class StreamChannel:
             return False
         values = struct.unpack_from(f"<{n}I", self._buf, start + 12)
         self._start = start + 12 + 4 * n
-        if kind == _CONTROL_REGION and n == 1 and self.region is None and self._fds:
+        if kind == _CONTROL_REGION and n == 1 and self._peer_region is None and self._fds:
             fd = self._fds.pop(0)
+            # kept frames are ctypes arrays over the mapping, which needs it writable;
+            # what the consumers get is read-only either way
+            prot = mmap.PROT_READ | mmap.PROT_WRITE if self.keep_shared else mmap.PROT_READ
             try:
-                self._peer_region = memoryview(mmap.mmap(fd, values[0], prot=mmap.PROT_READ))
+                self._peer_region = memoryview(mmap.mmap(fd, values[0], prot=prot))
             except (OSError, ValueError) as e:
                 raise ValueError(f"cannot map the peer's region: {e}") from None
             finally:
@@ -1012,8 +1046,22 @@ class StreamChannel:
         region = self._peer_region
         if region is None or offset + length > len(region):
             raise ValueError("a reference outside the shared region")
+        if self.keep_shared:   # memory of its own, so its reference count tells when it is unused
+            memory = (ctypes.c_char * length).from_buffer(region, offset)
+            self._kept.append((memory, offset))
+            return memoryview(memory).cast("B").toreadonly()
         self._to_free.append(offset)
         return region[offset:offset + length]
+
+    def _release_kept(self) -> None:
+        """Kept peer slots that nothing uses any more go back with the next flush."""
+        still = []
+        for entry in self._kept:
+            if sys.getrefcount(entry[0]) > 2:   # the tuple and getrefcount's argument
+                still.append(entry)
+            else:
+                self._freed.append(entry[1])
+        self._kept = still
 
     def _free_slots(self) -> None:
         """The slots delivered last iteration are no longer used: they go
@@ -1030,8 +1078,15 @@ class StreamChannel:
 
     def _free_timeout(self) -> None:
         self._free_timer = None
+        if self._kept:
+            self._release_kept()
         if self._freed:
             self.flush()
+        if self._kept and not self.closed:
+            # a frame kept long (a write waiting for the rest of its data): look
+            # again less and less often, at most a second apart
+            self._kept_delay = min(2 * self._kept_delay, 1.0)
+            self._free_timer = self._loop.call_later(self._kept_delay, self._free_timeout)
 
     def _frame(self, frame: Any) -> None:
         self._frames.append(frame)
@@ -1049,6 +1104,9 @@ class StreamChannel:
             # queued after whatever the handler queued (e.g. the writes sending the data)
             self._free_scheduled = True
             self._loop.call_soon(self._free_slots)
+        elif self._kept and self._free_timer is None:
+            self._kept_delay = 0.001
+            self._free_timer = self._loop.call_later(0.001, self._free_timeout)
 
     def _close(self, notify: bool = True) -> None:
         if self.closed:
@@ -1084,7 +1142,9 @@ class StreamChannel:
 
 
 class SharedRegion:
-    """Memory the STML reads data into and a same-host front end sends from.
+    """Memory one side of a stream fills and lends to the other: the STML reads
+    data into it for a same-host front end to send, a front end receives write
+    data into it for the STML to write.
 
     A memfd of `size` bytes, carved into slots by size class (powers of two
     from 64 KiB). A slot is a ctypes array over the mapping, so every view
@@ -1097,9 +1157,9 @@ class SharedRegion:
 
     MIN_SLOT = 64 << 10
 
-    def __init__(self, size: int = 64 << 20) -> None:
+    def __init__(self, size: int = 64 << 20, name: str = "scsi-target-read-data") -> None:
         self.size = size
-        self.fd = os.memfd_create("scsi-target-read-data", os.MFD_CLOEXEC)
+        self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
         os.ftruncate(self.fd, size)
         self._map = mmap.mmap(self.fd, size)
         self._base = ctypes.addressof(ctypes.c_char.from_buffer(self._map))

@@ -266,8 +266,10 @@ class StmlServer:
             def on_closed(ident: bytes = ident) -> None:
                 self._stream_closed(ident)
 
+            # keep_shared: a front end's write data stays in its memory until the command is done
             self.streams[ident] = StreamChannel(conn, on_message, on_closed, self.pool, region,
-                                                self.poll.touch if self.poll else None)
+                                                self.poll.touch if self.poll else None,
+                                                keep_shared=True)
 
     def _read_buffer(self, ident: bytes, size: int) -> bytearray | memoryview:
         """Read data of 32 KiB and more for a same-host front end goes into

@@ -81,6 +81,31 @@ class Target:
         self.stop()
 
 
+def children_of(pid: int) -> list[int]:
+    """PIDs whose parent is `pid`, from /proc."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        if int(fields[1]) == pid:
+            out.append(int(entry))
+    return out
+
+
+def children_by_module(pid: int) -> dict[str, int]:
+    """The children of `pid` by the module each one runs (`python -m NAME`)."""
+    found = {}
+    for child in children_of(pid):
+        argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+        found[argv[argv.index(b"-m") + 1].decode()] = child
+    return found
+
+
 def run(cmd: list[str], timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if check and p.returncode != 0:

@@ -15,25 +15,10 @@ import pytest
 from fetd_loopback import LoopbackClient
 
 from conftest import LISTENING, short_dir, stop_pid, wait_for_line
+from targetproc import children_by_module, children_of
 
 _SCRIPT = Path(sys.executable).parent / "scsi-target"
 CLI = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "scsi_target"]
-
-
-def children_of(pid: int) -> list[int]:
-    """PIDs whose parent is `pid`, from /proc."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        if int(fields[1]) == pid:
-            out.append(int(entry))
-    return out
 
 
 def pid_alive(pid: int) -> bool:
@@ -277,14 +262,6 @@ def _cpus(text: str) -> set[int]:
     return out
 
 
-def _children_by_module(pid: int) -> dict[str, int]:
-    found = {}
-    for child in children_of(pid):
-        argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
-        found[argv[argv.index(b"-m") + 1].decode()] = child
-    return found
-
-
 @pytest.mark.parametrize("mode", ["split", "none"])
 def test_run_places_the_stml_and_the_front_end_on_their_own_cpus(mode):
     """The default splits the CPUs `run` may use between the STML and fetd_tcp
@@ -294,7 +271,7 @@ def test_run_places_the_stml_and_the_front_end_on_their_own_cpus(mode):
     from targetproc import Target
     allowed = cpu_list(os.sched_getaffinity(0))
     with Target("--lun", "ram:16MiB", "--cpu-affinity", mode) as t:
-        kids = _children_by_module(t.proc.pid)
+        kids = children_by_module(t.proc.pid)
         stml, fetd = _allowed(kids["stml"]), _allowed(kids["fetd_tcp"])
         assert len(stml) > 1   # its ZeroMQ threads, which must inherit the set
         stml_argv = Path(f"/proc/{kids['stml']}/cmdline").read_bytes().split(b"\0")
@@ -314,7 +291,7 @@ def test_run_places_the_stml_and_the_front_end_on_their_own_cpus(mode):
 def test_run_passes_an_explicit_poll_window_on():
     from targetproc import Target
     with Target("--lun", "ram:16MiB", "--poll-us", "0") as t:
-        argv = Path(f"/proc/{_children_by_module(t.proc.pid)['stml']}/cmdline").read_bytes().split(b"\0")
+        argv = Path(f"/proc/{children_by_module(t.proc.pid)['stml']}/cmdline").read_bytes().split(b"\0")
         assert argv[argv.index(b"--poll-us") + 1] == b"0"
         assert "polls" not in t.log()
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from targetproc import IQN, Target, cunit_verdicts, run
+from targetproc import IQN, Target, children_by_module, cunit_verdicts, run
 
 pytestmark = pytest.mark.skipif(not shutil.which("iscsi-ls"), reason="libiscsi-bin is not installed")
 
@@ -56,6 +56,24 @@ def test_qemu_img_convert_and_compare(target, tmp_path):
     run(["qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(src), target.url()])
     out = run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(src), target.url()]).stdout
     assert "Images are identical" in out
+
+
+def test_bulk_data_crosses_to_the_stml_in_shared_memory(target, tmp_path):
+    """Same host: fetd_tcp receives big write segments into memory it lends the
+    STML, and sends read data from memory the STML lends it; each process maps
+    the other's memfd, and what qemu writes that way reads back intact."""
+    if not shutil.which("qemu-img"):
+        pytest.skip("qemu-utils is not installed")
+    src = tmp_path / "src.img"
+    src.write_bytes(os.urandom(16 << 20))
+    run(["qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(src), target.url(1)])
+    out = run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(src), target.url(1)]).stdout
+    assert "Images are identical" in out
+    kids = children_by_module(target.proc.pid)
+    for name in ("stml", "fetd_tcp"):
+        maps = Path(f"/proc/{kids[name]}/maps").read_text()
+        assert "/memfd:scsi-target-write-data" in maps, name
+        assert "/memfd:scsi-target-read-data" in maps, name
 
 
 def test_standard_event_loop(tmp_path):

@@ -572,6 +572,68 @@ def test_shared_region_frames_arrive_as_read_only_views_and_come_back() -> None:
     run(main)
 
 
+def test_kept_shared_frames_stay_valid_until_unused_and_regions_go_both_ways() -> None:
+    """Both sides lend a region (the STML its read data, a front end its write
+    data). A receiver that keeps shared frames (the STML: write data stays
+    with its command) gets read-only views that stay valid after the loop
+    iteration that delivered them, and hands each slot back only once
+    nothing refers to its frame, a slice of it included; the owner then
+    hands the slot out again."""
+    rng = random.Random(52)
+    writes = [rng.randbytes(n) for n in (64 << 10, 256 << 10, MiB)]
+    read = rng.randbytes(128 << 10)
+
+    async def main() -> None:
+        a, b = pair()
+        fe_region, stml_region = SharedRegion(8 * MiB), SharedRegion(8 * MiB)
+        fe_got: list[list[bytes]] = []
+        kept: list[list[Any]] = []
+        fe = StreamChannel(a, lambda frames: fe_got.append([bytes(f) for f in frames]), lambda: None,
+                           region=fe_region)
+        stml = StreamChannel(b, kept.append, lambda: None, region=stml_region, keep_shared=True)
+        slots = []
+        for data in writes:
+            view = fe_region.get(len(data))
+            assert view is not None
+            view[:] = data
+            slots.append(id(view.obj))
+            fe.send([b"h", view])
+        del view
+        await wait_until(lambda: len(kept) == len(writes), what="the write data")
+        await asyncio.sleep(0.05)          # many iterations, the release timer's included
+        assert [bytes(m[1]) for m in kept] == writes
+        assert all(m[1].readonly for m in kept)
+        with pytest.raises(TypeError):
+            m = kept[0][1]
+            m[0] = 0
+        del m
+        assert len(fe_region._lent) == len(writes), "slots came back while the STML holds them"
+        tail = kept[2][1][100:]            # a slice keeps its frame in use
+        kept.clear()
+        await wait_until(lambda: len(fe_region._lent) == 1, what="the unused slots")
+        stml.send([b"answer"])             # frees also ride on what the STML sends anyway
+        await wait_until(lambda: len(fe_got) == 1, what="the answer")
+        assert bytes(tail) == writes[2][100:] and len(fe_region._lent) == 1
+        del tail
+        await wait_until(lambda: not fe_region._lent, what="the last slot")
+        again = fe_region.get(len(writes[0]))
+        assert again is not None and id(again.obj) == slots[0]
+        del again
+        # the other way at the same time: read data lent by the STML arrives whole
+        rview = stml_region.get(len(read))
+        assert rview is not None
+        rview[:] = read
+        stml.send([b"r", rview])
+        del rview
+        await wait_until(lambda: len(fe_got) == 2, what="the read data")
+        assert fe_got[1] == [b"r", read]
+        await wait_until(lambda: not stml_region._lent, what="the read slot")
+        fe.close()
+        stml.close()
+
+    run(main)
+
+
 # ---------------------------------------------------------------- back-pressure
 
 def test_back_pressure_with_a_slow_reader() -> None:
