@@ -114,6 +114,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import enum
+import fcntl
 import functools
 import logging
 import mmap
@@ -1031,6 +1032,10 @@ class StreamChannel:
             # what the consumers get is read-only either way
             prot = mmap.PROT_READ | mmap.PROT_WRITE if self.keep_shared else mmap.PROT_READ
             try:
+                # a region that could shrink under the mapping would kill us (SIGBUS) on
+                # access; one smaller than announced, mmap refuses
+                if not fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK:
+                    raise ValueError("it is not sealed against shrinking")
                 self._peer_region = memoryview(mmap.mmap(fd, values[0], prot=prot))
             except (OSError, ValueError) as e:
                 raise ValueError(f"cannot map the peer's region: {e}") from None
@@ -1153,14 +1158,16 @@ class SharedRegion:
     and the peer has handed it back. Bounded: when no slot fits, `get`
     returns None and the caller uses ordinary memory (the data then travels
     through the socket).
+    The size is sealed: the peer maps it only when it cannot shrink.
     """
 
     MIN_SLOT = 64 << 10
 
     def __init__(self, size: int = 64 << 20, name: str = "scsi-target-read-data") -> None:
         self.size = size
-        self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        self.fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         os.ftruncate(self.fd, size)
+        fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
         self._map = mmap.mmap(self.fd, size)
         self._base = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
         self._top = 0

@@ -10,6 +10,7 @@ process (tests/conftest.py fixtures) and fetd_loopback clients.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import hashlib
 import os
 import random
@@ -568,6 +569,32 @@ def test_shared_region_frames_arrive_as_read_only_views_and_come_back() -> None:
         await wait_until(lambda: not region._lent, what="the peer to hand the slots back")
         tx.close()
         rx.close()
+
+    run(main)
+
+
+@pytest.mark.parametrize("keep", [False, True], ids=["front-end", "stml"])
+@pytest.mark.parametrize("flaw", ["unsealed", "smaller-than-announced"])
+def test_a_region_that_could_fault_the_mapping_is_refused(flaw: str, keep: bool) -> None:
+    """A region the peer could shrink under our mapping (no F_SEAL_SHRINK), or
+    one smaller than it says, would kill the process that touches it
+    (SIGBUS): the channel refuses it and closes instead; the process lives."""
+
+    async def main() -> None:
+        a, b = pair()
+        rx = Sink()
+        ch = StreamChannel(b, rx.on_message, rx.on_closed, keep_shared=keep)
+        fd = os.memfd_create("test-region", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        os.ftruncate(fd, MiB if flaw == "unsealed" else MiB // 2)
+        if flaw != "unsealed":
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+        a.sendmsg([wire([b"before"]) + struct.pack("<4I", 0, 1, 1, MiB)],
+                  [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))])
+        os.close(fd)
+        a.sendall(struct.pack("<3I", 2, 1, SHARED | 8) + b"h" + struct.pack("<2I", 0, 8))
+        await wait_until(lambda: rx.closed > 0, what="on_closed")
+        assert ch.closed and rx.as_bytes() == [[b"before"]]
+        a.close()
 
     run(main)
 
