@@ -1066,6 +1066,8 @@ class StreamChannel:
                 still.append(entry)
             else:
                 self._freed.append(entry[1])
+        if len(still) < len(self._kept):
+            self._kept_delay = 0.001   # they move: the timer need not back off
         self._kept = still
 
     def _free_slots(self) -> None:
@@ -1088,10 +1090,10 @@ class StreamChannel:
         if self._freed:
             self.flush()
         if self._kept and not self.closed:
-            # a frame kept long (a write waiting for the rest of its data): look
-            # again less and less often, at most a second apart
-            self._kept_delay = min(2 * self._kept_delay, 1.0)
+            # frames kept long (writes waiting for the rest of their data): look again
+            # less and less often while none come free (_release_kept starts over)
             self._free_timer = self._loop.call_later(self._kept_delay, self._free_timeout)
+            self._kept_delay = min(2 * self._kept_delay, 1.0)
 
     def _frame(self, frame: Any) -> None:
         self._frames.append(frame)

@@ -409,6 +409,7 @@ class Emulator:
         """An aborted task is forgotten whether or not it had started running;
         one aborted by another I_T nexus reports TASK ABORTED (TAS=1), one
         aborted by its own nexus sends no status at all."""
+        task.runner = None   # the cancellation's traceback refers back to the task
         if not runner.cancelled():
             return
         self._forget(task)
@@ -587,8 +588,12 @@ class Emulator:
         return waited
 
     def _forget(self, task: Task) -> None:
+        """The task is over: its tag is free, and its write data (maybe a front
+        end's shared memory) is let go now, not when the collector breaks a
+        cycle through an exception that refers to the task."""
         if task.fe.tasks.get(task.tag) is task:
             del task.fe.tasks[task.tag]
+        task.data_out = []
 
     def _complete(self, task: Task, status: int, sense: bytes | None, data: Any) -> None:
         exp = task.exp_len

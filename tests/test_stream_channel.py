@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import gc
 import hashlib
 import os
 import random
@@ -20,13 +21,19 @@ import struct
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Awaitable, Callable, Iterable, Iterator, Sequence
 
 import pytest
 import zmq
 
-from stml.api import (CONTRACT_VERSION, Channel, SharedRegion, StreamChannel, _consume, pack,
-                      stream_path, unpack)
+from backends.ram import RamBackend
+from stml.api import (CONTRACT_VERSION, Channel, DataDir, Op, SharedRegion, StreamChannel, Tmf,
+                      _consume, pack, stream_path, unpack)
+from stml.disk import OPCODES, DiskTemplate
+from stml.emulator import Emulator, Target
+from stml.lu import LogicalUnit, LunOptions
+from stml.sense import CHECK_CONDITION
 
 BIG = StreamChannel.BIG
 MiB = 1 << 20
@@ -659,6 +666,77 @@ def test_kept_shared_frames_stay_valid_until_unused_and_regions_go_both_ways() -
         stml.close()
 
     run(main)
+
+
+class _SlowRam(RamBackend):
+    """A RAM LU whose writes go to a worker thread and take a while, so a
+    command can be aborted in the middle of one."""
+
+    inline = False
+
+    def write_nowait(self, offset: int, bufs: Sequence[memoryview], sync: bool) -> bool:
+        return False
+
+    def write_from(self, offset: int, bufs: Sequence[memoryview], sync: bool) -> None:
+        time.sleep(0.2)
+        super().write_from(offset, bufs, sync)
+
+
+@pytest.mark.parametrize("end", ["done", "data-error", "aborted-during-its-write"])
+def test_the_stml_hands_write_data_back_when_its_command_ends(end: str) -> None:
+    """Write data a front end lends (immediate data in its shared region) goes
+    back as soon as the command ends however it ends, without waiting for
+    the cycle collector (disabled here): a failed or aborted command's
+    exception refers back to its task."""
+    target = "iqn.2026-12.test:slots"
+    n = 128 << 10
+
+    async def main() -> None:
+        a, b = pair()
+        region = SharedRegion(8 * MiB, name="test-write-data")
+        answers: list[dict] = []
+        fe = StreamChannel(a, lambda frames: answers.append(unpack(frames[0])), lambda: None,
+                           region=region)
+        executor = ThreadPoolExecutor(1)
+        lu = LogicalUnit(target, 0, _SlowRam(8 * MiB), LunOptions(kind="ram", size=8 * MiB),
+                         DiskTemplate(OPCODES))
+        channels: list[StreamChannel] = []
+        em = Emulator([Target(target, {0: lu})],
+                      lambda ident, h, frames: channels[0].send([pack(h), *frames]), executor)
+        channels.append(StreamChannel(b, lambda frames: em.handle(b"fe", unpack(frames[0]), frames[1:]),
+                                      lambda: None, keep_shared=True))
+        fe.send([pack({"op": Op.REGISTER, "version": list(CONTRACT_VERSION), "kind": "test",
+                       "name": "t", "heartbeat_ms": 1000, "aen": False})])
+        fe.send([pack({"op": Op.REGISTER_NEXUS, "nexus": 1, "initiator": "iqn.i,i,0x1",
+                       "target": target, "tpg": 1})])
+        length = 2 * n if end == "data-error" else n    # data-error: half of it never comes
+        view = region.get(n)
+        assert view is not None
+        view[:] = b"w" * n
+        cdb = struct.pack(">BBIBHB", 0x2A, 0, 0, 0, length // 512, 0)
+        fe.send([pack({"op": Op.RX_CMND, "tag": 1, "nexus": 1, "lun": 0, "cdb": cdb, "attr": 0,
+                       "dir": int(DataDir.WRITE), "len": length, "unsol": n}), view])
+        del view
+        await wait_until(lambda: len(region._lent) == 1, what="the slot lent")
+        await asyncio.sleep(0.05)
+        if end == "data-error":
+            fe.send([pack({"op": Op.RX_DATA, "tag": 1, "offset": n, "error": "DataSN out of order"})])
+        elif end == "aborted-during-its-write":
+            fe.send([pack({"op": Op.RX_TMF, "tag": 2, "nexus": 1, "fn": int(Tmf.ABORT_TASK),
+                           "lun": 0, "ref": 1})])
+        await wait_until(lambda: answers and answers[-1]["op"] in (Op.XMIT_RESPONSE, Op.TMF_DONE),
+                         what="the command's end")
+        assert answers[-1].get("status", 0) == (CHECK_CONDITION if end == "data-error" else 0)
+        await wait_until(lambda: not region._lent, timeout=0.5, what="the slot back")
+        fe.close()
+        channels[0].close()
+        executor.shutdown()
+
+    gc.disable()
+    try:
+        run(main)
+    finally:
+        gc.enable()
 
 
 # ---------------------------------------------------------------- back-pressure
