@@ -55,50 +55,52 @@ async def stml_path(count: int, size: int, write: bool = False) -> float:
     from stml.server import StmlServer
     # in memory when possible, as bench.py's LUNs: the backend read is then a page-cache copy
     work = Path(tempfile.mkdtemp(prefix="pathcost", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
-    img = work / "lun.img"
-    with open(img, "wb") as f:
-        f.truncate(1 << 30)
-    server = StmlServer(config.load(data_dir=str(work / "data"), luns=(f"file:{img},thick",)))
-    ident = b"\0stream-1"
-    replies: list = []
+    try:
+        img = work / "lun.img"
+        with open(img, "wb") as f:
+            f.truncate(1 << 30)
+        server = StmlServer(config.load(data_dir=str(work / "data"), luns=(f"file:{img},thick",)))
+        ident = b"\0stream-1"
+        replies: list = []
 
-    class Stream:   # what StmlServer needs of a StreamChannel
-        region = SharedRegion()
+        class Stream:   # what StmlServer needs of a StreamChannel
+            region = SharedRegion()
 
-        def send(self, frames: list) -> None:
-            replies.append(frames)
+            def send(self, frames: list) -> None:
+                replies.append(frames)
 
-    server.streams[ident] = Stream()
-    server._receive([ident, pack({"op": "register_target_front_end", "name": "pathcost",
-                                  "kind": "bench", "version": [1, 0]})])
-    target = next(iter(server.emulator.targets))
-    server._receive([ident, pack({"op": "register_nexus", "nexus": 1, "initiator": "iqn.x",
-                                  "target": target, "tpg": 1})])
-    blocks = size // 512
-    payload = [bytes(size)] if write else []
-    messages = [[ident, pack({"op": "rx_cmnd", "tag": tag, "nexus": 1, "lun": 0,
-                              "cdb": cdb10(0x2A if write else 0x28, tag * blocks % (1 << 20), blocks),
-                              "attr": 0, "dir": 1 if write else 2, "len": size,
-                              "unsol": size if write else 0}), *payload]
-                for tag in range(count + 1)]
-    server._receive(messages.pop())        # takes the power-on unit attention
-    replies.clear()
-    start = time.perf_counter()
-    for m in messages:
-        server._receive(m)
-        if len(replies) >= QD:
-            assert unpack(replies[-1][0])["status"] == 0, "the commands succeed"
-            replies.clear()                # the slots of shared read data are free again
-    took = time.perf_counter() - start
-    replies.clear()
-    server._receive([ident, pack({"op": "rx_cmnd", "tag": count + 1, "nexus": 1, "lun": 0,
-                                  "cdb": cdb10(0x28, 0, blocks), "attr": 0, "dir": 2, "len": size})])
-    header, data = replies[-1]
-    assert unpack(header)["status"] == 0 and len(data) == size, "the reads succeed"
-    server.sock.close(linger=0)   # else the context waits on the unbound socket at exit
-    server.ctx.term()
-    server.executor.shutdown()
-    shutil.rmtree(work)
+        server.streams[ident] = Stream()
+        server._receive([ident, pack({"op": "register_target_front_end", "name": "pathcost",
+                                      "kind": "bench", "version": [1, 0]})])
+        target = next(iter(server.emulator.targets))
+        server._receive([ident, pack({"op": "register_nexus", "nexus": 1, "initiator": "iqn.x",
+                                      "target": target, "tpg": 1})])
+        blocks = size // 512
+        payload = [bytes(size)] if write else []
+        messages = [[ident, pack({"op": "rx_cmnd", "tag": tag, "nexus": 1, "lun": 0,
+                                  "cdb": cdb10(0x2A if write else 0x28, tag * blocks % (1 << 20), blocks),
+                                  "attr": 0, "dir": 1 if write else 2, "len": size,
+                                  "unsol": size if write else 0}), *payload]
+                    for tag in range(count + 1)]
+        server._receive(messages.pop())        # takes the power-on unit attention
+        replies.clear()
+        start = time.perf_counter()
+        for m in messages:
+            server._receive(m)
+            if len(replies) >= QD:
+                assert unpack(replies[-1][0])["status"] == 0, "the commands succeed"
+                replies.clear()                # the slots of shared read data are free again
+        took = time.perf_counter() - start
+        replies.clear()
+        server._receive([ident, pack({"op": "rx_cmnd", "tag": count + 1, "nexus": 1, "lun": 0,
+                                      "cdb": cdb10(0x28, 0, blocks), "attr": 0, "dir": 2, "len": size})])
+        header, data = replies[-1]
+        assert unpack(header)["status"] == 0 and len(data) == size, "the reads succeed"
+        server.sock.close(linger=0)   # else the context waits on the unbound socket at exit
+        server.ctx.term()
+        server.executor.shutdown()
+    finally:   # a failed run leaves no 1 GiB file in /dev/shm behind
+        shutil.rmtree(work, ignore_errors=True)
     return took
 
 

@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,21 @@ def test_every_path_runs_and_reports_time(size):
 def test_bad_arguments_are_refused_in_one_line():
     p = subprocess.run([sys.executable, str(SCRIPT), "--size", "1000"], capture_output=True, text=True)
     assert p.returncode == 2 and "--size must be a multiple of 512" in p.stderr
+
+
+def test_a_failed_run_leaves_no_lun_file_behind():
+    """The STML path works on a 1 GiB file in /dev/shm: a run that fails (here:
+    zero-length reads, which bring no data to check) still removes it."""
+    import asyncio
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("pathcost", SCRIPT)
+    pathcost = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pathcost)
+    shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+    before = set(shm.glob("pathcost*"))
+    with pytest.raises(ValueError):
+        asyncio.run(pathcost.stml_path(4, 0))
+    assert set(shm.glob("pathcost*")) == before
 
 
 @pytest.mark.skipif(not shutil.which("valgrind"), reason="valgrind is not installed")
