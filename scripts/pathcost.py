@@ -55,6 +55,7 @@ async def stml_path(count: int, size: int, write: bool = False) -> float:
     from stml.server import StmlServer
     # in memory when possible, as bench.py's LUNs: the backend read is then a page-cache copy
     work = Path(tempfile.mkdtemp(prefix="pathcost", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
+    server: StmlServer | None = None
     try:
         img = work / "lun.img"
         with open(img, "wb") as f:
@@ -96,10 +97,11 @@ async def stml_path(count: int, size: int, write: bool = False) -> float:
                                       "cdb": cdb10(0x28, 0, blocks), "attr": 0, "dir": 2, "len": size})])
         header, data = replies[-1]
         assert unpack(header)["status"] == 0 and len(data) == size, "the reads succeed"
-        server.sock.close(linger=0)   # else the context waits on the unbound socket at exit
-        server.ctx.term()
-        server.executor.shutdown()
-    finally:   # a failed run leaves no 1 GiB file in /dev/shm behind
+    finally:   # a failed run too: no 1 GiB file left in /dev/shm, no context left to hang at exit
+        if server is not None:
+            server.sock.close(linger=0)   # else the context waits on the unbound socket
+            server.ctx.term()
+            server.executor.shutdown()
         shutil.rmtree(work, ignore_errors=True)
     return took
 

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -35,18 +36,28 @@ def test_bad_arguments_are_refused_in_one_line():
     assert p.returncode == 2 and "--size must be a multiple of 512" in p.stderr
 
 
-def test_a_failed_run_leaves_no_lun_file_behind():
-    """The STML path works on a 1 GiB file in /dev/shm: a run that fails (here:
-    zero-length reads, which bring no data to check) still removes it."""
-    import asyncio
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("pathcost", SCRIPT)
-    pathcost = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(pathcost)
+def test_a_failed_run_cleans_up():
+    """The STML path works on a 1 GiB file in /dev/shm and a ZeroMQ context: a
+    run that fails (here: zero-length reads, which bring no data to check)
+    still removes the file and ends. In a process of its own, with a
+    timeout: a context left with an open socket once hung this suite's
+    process when the collector reached it."""
+    code = textwrap.dedent(f"""
+        import asyncio, gc, importlib.util, sys
+        spec = importlib.util.spec_from_file_location("pathcost", {str(SCRIPT)!r})
+        pathcost = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(pathcost)
+        try:
+            asyncio.run(pathcost.stml_path(4, 0))
+        except ValueError:
+            gc.collect()
+            sys.exit(3)
+    """)
     shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
     before = set(shm.glob("pathcost*"))
-    with pytest.raises(ValueError):
-        asyncio.run(pathcost.stml_path(4, 0))
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                       cwd=SCRIPT.parent.parent)
+    assert p.returncode == 3, p.stdout + p.stderr
     assert set(shm.glob("pathcost*")) == before
 
 
