@@ -785,8 +785,8 @@ class StreamChannel:
     after the loop iteration that delivered them (a front end sends read
     data at once); with it, once nothing refers to the frame any more (the
     STML keeps write data until its command is done; CPython's reference
-    count tells, as in BufferPool), checked whenever we send and every
-    millisecond while any are kept.
+    count tells, as in BufferPool), checked whenever we send and from a
+    timer that starts at 1 ms and backs off while none come free.
     A peer that breaks the framing, or closes, ends the channel (`on_closed`).
     """
 
@@ -1113,7 +1113,7 @@ class StreamChannel:
             self._loop.call_soon(self._free_slots)
         elif self._kept and self._free_timer is None:
             self._kept_delay = 0.001
-            self._free_timer = self._loop.call_later(0.001, self._free_timeout)
+            self._free_timer = self._loop.call_later(self._kept_delay, self._free_timeout)
 
     def _close(self, notify: bool = True) -> None:
         if self.closed:
