@@ -37,9 +37,9 @@ def main(stml_endpoint: str, portals: tuple[str, ...], stml_key: str | None, own
     """Run the iSCSI front end alone, attached to a running STML (on this host,
     or on another one over tcp:// with CURVE keys)."""
     from fetd_tcp.server import PortalSpec, run_fetd_tcp
+    from scsi_runtime.logs import setup_logging
     from stml.api import curve_client_keys, run_loop
-    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s fetd_tcp[%(process)d] %(levelname)s %(name)s: %(message)s")
+    setup_logging(log_level, "fetd_tcp")
     from fetd_tcp.limits import LimitError, Limits
     try:
         specs = [PortalSpec(*parse_portal(p)) for p in portals]

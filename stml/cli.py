@@ -7,6 +7,7 @@ from typing import Any, Callable
 
 import click
 
+from scsi_runtime.logs import setup_logging
 from stml.config import MAX_POLL_US, Config, ConfigError, load
 
 
@@ -35,11 +36,6 @@ def load_or_exit(config_path: str | None, data_dir: str | None, iqn: str | None,
     except ConfigError as e:
         click.echo(f"scsi-target: config error: {e}", err=True)
         sys.exit(2)
-
-
-def setup_logging(level: str, name: str) -> None:
-    logging.basicConfig(level=level.upper(), stream=sys.stderr,
-                        format=f"%(asctime)s {name}[%(process)d] %(levelname)s %(name)s: %(message)s")
 
 
 def stml_options(f: Callable) -> Callable:
