@@ -197,7 +197,7 @@ async def report_luns(task: Task) -> bytes:
 async def request_sense(task: Task) -> bytes:
     """Autosense is always on, so only a pending unit attention or NO SENSE remains."""
     desc = bool(task.cdb[1] & 1)
-    ua = task.lu.take_ua(task.nexus) if task.lu else None
+    ua = task.emulator.take_ua(task.lu, task.nexus) if task.lu else None
     if ua:
         sense = build_sense(UNIT_ATTENTION, ua, desc)
     else:
