@@ -234,3 +234,42 @@ def test_aborted_and_reused_tags_end_as_errors(clock):
     m.front_end_gone(fe.ident)
     (lun,), = rows(m.snapshot(em))[0].values(),
     assert (lun["commands"], lun["errors"], lun["in_flight"], lun["read_bytes"]) == (4, 4, 0, 0)
+
+
+# ---------------------------------------------------------------- bounded sets, real STML
+
+def test_counter_sets_exist_only_for_real_lus_and_live_sessions(stml_factory, client_factory):
+    """TEST UNIT READYs to 2,000 absent LUNs make no set each (they share one
+    of their session's), and a session's sets go when it ends; its counts stay
+    with the LUN (issue 18: ~16 KB per absent LUN and session before)."""
+    import time
+
+    from scsi_target.mgmt import MgmtClient
+    stml = stml_factory("ram:16MiB", "ram:16MiB")
+    mgmt = MgmtClient(stml.endpoint)
+    a = client_factory(stml.endpoint, initiator="iqn.2026-11.org.test:absent-luns")
+    b = client_factory(stml.endpoint, initiator="iqn.2026-11.org.test:bystander")
+    for lun in range(2, 2002):
+        r = a.execute(lun, bytes(6))
+        assert r.status == 2 and r.asc_ascq == (0x25, 0x00)    # LOGICAL UNIT NOT SUPPORTED
+    assert b.execute(1, bytes(6)).status == 0
+    snap = mgmt.call("status")
+    assert snap["counter_sets"] == 2            # a's one set for absent LUNs, b's for LUN 1
+    (sa,) = [s for s in snap["sessions"] if s["initiator"] == a.initiator]
+    assert (sa["commands"], sa["errors"]) == (2000, 2000)
+
+    for i in range(5):                          # sessions come and go: their sets go with them
+        c = client_factory(stml.endpoint, initiator=f"iqn.2026-11.org.test:passing-{i}")
+        assert c.execute(0, bytes(6)).status == 0
+        c.close()
+    a.close()
+    deadline = time.monotonic() + 15
+    while True:
+        snap = mgmt.call("status")
+        if len(snap["front_ends"]) == 1 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    # b's set, and one per LUN (absent ones: one) for the counts of gone front ends
+    assert snap["counter_sets"] == 3
+    lun0 = next(r for r in snap["luns"] if r["lun"] == 0)
+    assert lun0["commands"] == 5 and lun0["errors"] == 0
