@@ -303,6 +303,8 @@ async def prevent_allow(task: Task) -> None:
     if not lu.options.removable:
         return
     if prevent:
+        # nexuses that ended keep no entry: the set stays within the live ones
+        lu.prevent = {k for k in lu.prevent if task.emulator.nexus_by_key(k)}
         lu.prevent.add(task.nexus.key)
     else:
         lu.prevent.discard(task.nexus.key)
