@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import collections.abc
-from collections.abc import Container, Iterable, Iterator
 import functools
 import logging
 import time
+from collections.abc import Container, Iterable, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -195,6 +195,15 @@ class Target:
 FANOUT_STEP = 4096
 
 
+@dataclass
+class _Resets:
+    """The target resets of one target: how many were asked for, how many a
+    finished fan-out covers, and the lock that runs fan-outs one at a time."""
+    asked: int = 0
+    covered: int = 0
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
 class Emulator:
     """Registries and the command engine."""
 
@@ -227,9 +236,7 @@ class Emulator:
         self._target_keys: dict[str, dict[str, None]] = {}
         self._ua_luns: dict[str, set[LogicalUnit]] = {}   # nexus key -> LUs holding UAs for it
         self.spc2_luns: set[LogicalUnit] = set()          # LUs an SPC-2 RESERVE was taken on
-        # target resets: requests made and covered, per target, and the lock
-        # that runs their fan-outs one at a time (a burst costs two, not one each)
-        self._resets: dict[str, tuple[int, int, asyncio.Lock]] = {}
+        self._resets: dict[str, _Resets] = {}   # per target (a burst costs two fan-outs)
         # told when a nexus ends (with the tags of the tasks it took along)
         # and when a front end does: stml.server frees their metrics then
         self.on_nexus_gone: Callable[[Nexus, list[int]], None] = lambda nexus, tags: None
@@ -772,15 +779,15 @@ class Emulator:
         """POWER ON, RESET for every nexus on every LU, after a target reset.
         Fan-outs run one at a time per target, and one that starts covers the
         resets asked for before it: a burst of resets costs two fan-outs."""
-        asked, done, lock = self._resets.get(t.name) or (0, 0, asyncio.Lock())
-        mine = asked + 1
-        self._resets[t.name] = (mine, done, lock)
-        async with lock:
-            asked, done, _ = self._resets[t.name]
-            if done >= mine:
+        resets = self._resets.setdefault(t.name, _Resets())
+        resets.asked += 1
+        mine = resets.asked
+        async with resets.lock:
+            if resets.covered >= mine:
                 return   # a fan-out that began after this reset covered it
+            upto = resets.asked
             await self._fan_out_ua(t, POWER_ON_RESET, self._all_nexus_keys(t.name))
-            self._resets[t.name] = (self._resets[t.name][0], asked, lock)
+            resets.covered = upto
 
     def _task_mgmt(self, fe: FrontEnd, tag: int, nexus: Nexus, fn: int, lun: int, ref: int | None
                    ) -> tuple[int, list[Task], list[asyncio.Task], Coroutine[Any, Any, None] | None]:
