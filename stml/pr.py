@@ -556,12 +556,6 @@ class PrState:
             raise PrStoreError(f"persistent reservations file {path} is unusable "
                                f"({type(e).__name__}: {e}); move it away to start without it") from None
 
-    def save(self) -> None:
-        """Persist now, in the calling thread (see `persisted` for the event loop)."""
-        if self.path is not None:
-            self.stored = _write_state(self.path, self.to_json() if self.aptpl else None)
-            self.saves += 1
-
     async def persisted(self) -> None:
         """Return once the state as it is now is on disk: when APTPL asks for
         it, else with no file left. One writer per LU, in the saver thread;

@@ -238,14 +238,14 @@ def test_aptpl_file_round_trip_and_corrupt_file(tmp_path):
     register(st, A, 0x1234, aptpl=True)
     register(st, B, 0x5678, aptpl=True)
     st.prout(B, pr.RESERVE, 0, pr.EARO, P(rk=0x5678))
-    st.save()
+    asyncio.run(st.persisted())
     assert json.loads(path.read_text())["reservation"]["type"] == pr.EARO
     again = pr.PrState(T, 0)
     again.load(path)
     assert again.read_full_status(0xFFFF) == st.read_full_status(0xFFFF)
     assert again.is_holder(B) and again.conflicts(C, READ10)
     register(again, A, 0x1234, aptpl=False)       # the last REGISTER says no: the file goes
-    again.save()
+    asyncio.run(again.persisted())
     assert not path.exists()
     path.write_text('{"version": 1, "target": "')
     with pytest.raises(pr.PrStoreError) as e:
