@@ -285,3 +285,47 @@ def test_aptpl_saves_run_in_their_thread_and_coalesce(tmp_path, monkeypatch):
     asyncio.run(run())
     assert writes == [("pr-save_0", 1), ("pr-save_0", 10)]
     assert len(json.loads(pr.state_path(tmp_path, T, 0).read_text())["registrations"]) == 10
+
+
+def test_pr_effects_match_registrations_to_sessions_by_name(monkeypatch):
+    """CLEAR of 1,000 registrations with 200 sessions logged in: registrations
+    are matched only against sessions of their own name (it was every
+    registration against every session: 200,000 matches), and one UA is
+    stored per live registrant, none for the ports that never logged in."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from backends import open_backend
+    from stml.api import Op
+    from stml.emulator import Emulator, Target
+    from stml.lu import LogicalUnit, LunOptions
+    sent: list = []
+    lu = LogicalUnit(T, 0, open_backend("ram", 1 << 20, None, False), LunOptions(kind="ram", size=1 << 20),
+                     None)
+    emu = Emulator([Target(T, {0: lu})], lambda ident, h, f: sent.append(h), ThreadPoolExecutor(1))
+    lu.template = emu.templates["disk"]
+    emu.handle(b"fe", {"op": Op.REGISTER, "version": [1, 0], "kind": "test", "name": "t",
+                       "heartbeat_ms": 1000, "aen": False}, [])
+    for n in range(1, 201):
+        emu.handle(b"fe", {"op": Op.REGISTER_NEXUS, "nexus": n, "initiator": f"{NAME}:s{n}",
+                           "target": T, "tpg": 1}, [])
+    st = pr.state(lu)
+    for n in range(2, 201):     # 199 live registrants, and 800 ports that never log in
+        st.prout(pr.Port(f"{NAME}:s{n}", T, 1), pr.REGISTER, 0, 0, pr.PrParams(sark=n))
+    st.prout(pr.Port(f"{NAME}:s1", T, 1), pr.REGISTER, 0, 0, pr.PrParams(
+        sark=1, spec_i_pt=True, transport_ids=[f"{NAME}:gone{i},i,0x23d0000000{i % 256:02x}" for i in range(800)]))
+    assert len(st.regs) == 1000
+    matches = []
+    real = pr.Registration.matches
+    monkeypatch.setattr(pr.Registration, "matches", lambda self, n: matches.append(1) or real(self, n))
+    cdb, params = prout(CLEAR, rk=1)
+
+    async def run() -> None:
+        emu.handle(b"fe", {"op": Op.RX_CMND, "tag": 1, "nexus": 1, "lun": 0, "cdb": cdb, "attr": 0,
+                           "dir": 1, "len": len(params), "unsol": len(params)}, [params])
+        while not [h for h in sent if h["op"] == Op.XMIT_RESPONSE]:
+            await asyncio.sleep(0)
+    asyncio.run(run())
+    (resp,) = [h for h in sent if h["op"] == Op.XMIT_RESPONSE]
+    assert resp["status"] == GOOD and st.regs == []
+    assert len(matches) <= 1000 + 200
+    assert len(lu.unit_attentions) == 199 and f"{NAME}:s1|{T},t,1" not in lu.unit_attentions
