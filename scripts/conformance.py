@@ -89,7 +89,10 @@ def free_port() -> int:
 
 def start_target(work: Path) -> tuple[subprocess.Popen, int, int]:
     p1, p2 = free_port(), free_port()
-    cmd = [sys.executable, "-m", "scsi_target", "run", "--data-dir", str(work),
+    # the suites send TARGET WARM/COLD RESET, which a target refuses unless allowed
+    config = work / "conformance.toml"
+    config.write_text(f'[[target]]\nname = "{IQN}"\ntarget_reset = true\n')
+    cmd = [sys.executable, "-m", "scsi_target", "run", "--data-dir", str(work), "--config", str(config),
            "--lun", "ram:128MiB", "--lun", "ram:16MiB,ro", "--lun", "ram:16MiB,removable",
            "--lun", "ram:16MiB,physical_block_exp=3",
            "--portal", f"127.0.0.1:{p1}", "--portal", f"127.0.0.1:{p2},2", "--log-level", "warning"]

@@ -28,6 +28,7 @@ ACTIVE_OPTIMIZED = 0x0
 STATUS_IMPLICIT = 0x02
 SUPPORTED_STATES = 0x01    # AO_SUP only: every port group is active/optimized
 IMPLICIT_TRANSITION_TIME = 0
+DESCRIPTOR = 12            # bytes of a target port group descriptor with one port
 
 
 def port_groups(task: Task) -> list[int]:
@@ -49,11 +50,15 @@ async def report_target_port_groups(task: Task) -> bytes:
     if fmt not in (0, 1):
         raise invalid_field(1, 7)
     alloc = u32(cdb, 6)
-    body = b"".join(descriptor(g) for g in port_groups(task))
+    groups = port_groups(task)
+    header = 8 if fmt == 1 else 4
+    # the descriptors the allocation length can hold; RETURN DATA LENGTH counts them all
+    body = b"".join(descriptor(g) for g in groups[:max(0, alloc - header + DESCRIPTOR - 1) // DESCRIPTOR])
+    length = DESCRIPTOR * len(groups)
     if fmt == 1:   # extended header: format type 1, implicit transition time
-        out = struct.pack(">IBBH", len(body) + 4, 0x10, IMPLICIT_TRANSITION_TIME, 0) + body
+        out = struct.pack(">IBBH", length + 4, 0x10, IMPLICIT_TRANSITION_TIME, 0) + body
     else:
-        out = struct.pack(">I", len(body)) + body
+        out = struct.pack(">I", length) + body
     return out[:alloc]
 
 

@@ -193,8 +193,9 @@ class TmfResponse(enum.IntEnum):
     TASK_ALLEGIANT = 3
     NO_REASSIGN = 4
     NOT_SUPPORTED = 5
+    NOT_AUTHORIZED = 6   # "function authorization failed": e.g. a target reset the target refuses
+    SUCCEEDED = 7   # QUERY TASK/TASK SET/ASYNC EVENT: "function succeeded" (RFC 7144)
     REJECTED = 255
-    SUCCEEDED = 6   # QUERY TASK/TASK SET/ASYNC EVENT: "function succeeded"
 
 
 # One Packer for every header: msgpack.packb makes a Packer (and its buffer) per

@@ -56,6 +56,9 @@ class TargetConfig:
     acl: list[str] = field(default_factory=list)
     chap: dict[str, str] | None = None
     mutual_chap: dict[str, str] | None = None
+    # TARGET WARM/COLD RESET from its initiators: off by default, since one
+    # initiator's reset aborts every initiator's commands (docs/decisions/0140)
+    target_reset: bool = False
 
     def access(self) -> dict[str, Any]:
         """Transport-facing access rules, as the contract's `detect` carries them."""
@@ -240,7 +243,7 @@ def load(config_path: str | None = None, data_dir: str | None = None, iqn: str |
             raise ConfigError(key, f"unknown setting (known: {', '.join(sorted(known))})")
     ddir = Path(data_dir or raw.get("data_dir") or default_data_dir()).expanduser().absolute()
     targets: list[TargetConfig] = []
-    target_keys = {"name", "alias", "acl", "chap", "mutual_chap", "lun"}
+    target_keys = {"name", "alias", "acl", "chap", "mutual_chap", "lun", "target_reset"}
     for i, t in enumerate(raw.get("target", [])):
         where = f"target[{i}]"
         for key in t:
@@ -260,7 +263,8 @@ def load(config_path: str | None = None, data_dir: str | None = None, iqn: str |
         targets.append(TargetConfig(name, tl, str(t.get("alias", "")),
                                     [_check_iqn(a, f"{where}.acl") for a in acl],
                                     _chap(t.get("chap"), f"{where}.chap"),
-                                    _chap(t.get("mutual_chap"), f"{where}.mutual_chap")))
+                                    _chap(t.get("mutual_chap"), f"{where}.mutual_chap"),
+                                    _bool(t.get("target_reset", False), f"{where}.target_reset")))
     if iqn or luns or not targets:
         name = _check_iqn(iqn or (targets[0].name if targets else DEFAULT_IQN), "--iqn")
         specs = luns or (f"file:{ddir / 'disk0.img'},size={DEFAULT_SIZE}",)

@@ -14,10 +14,11 @@ import collections.abc
 import functools
 import logging
 import time
+from collections.abc import Container, Iterable, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Coroutine
 
 from backends import BackendError
 from stml import pr
@@ -186,6 +187,21 @@ class Target:
     luns: dict[int, LogicalUnit]
     alias: str = ""
     access: dict[str, Any] = field(default_factory=dict)
+    target_reset: bool = False   # TARGET WARM/COLD RESET allowed (config `target_reset`)
+
+
+# unit attentions a fan-out over a target's LUs establishes between two turns
+# of the event loop (TARGET RESET, I_T NEXUS RESET)
+FANOUT_STEP = 4096
+
+
+@dataclass
+class _Resets:
+    """The target resets of one target: how many were asked for, how many a
+    finished fan-out covers, and the lock that runs fan-outs one at a time."""
+    asked: int = 0
+    covered: int = 0
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 class Emulator:
@@ -213,6 +229,18 @@ class Emulator:
         self.discovery = discovery or {}
         self.templates: dict[str, Any] = {}
         self.front_ends: dict[bytes, FrontEnd] = {}
+        # live nexuses by key, and the keys of each target's live nexuses (in
+        # order of arrival): unit attentions, AENs and PR effects look nexuses
+        # up here instead of scanning every front end's
+        self._keyed: dict[str, list[Nexus]] = {}
+        self._target_keys: dict[str, dict[str, None]] = {}
+        self._ua_luns: dict[str, set[LogicalUnit]] = {}   # nexus key -> LUs holding UAs for it
+        self.spc2_luns: set[LogicalUnit] = set()          # LUs an SPC-2 RESERVE was taken on
+        self._resets: dict[str, _Resets] = {}   # per target (a burst costs two fan-outs)
+        # told when a nexus ends (with the tags of the tasks it took along)
+        # and when a front end does: stml.server frees their metrics then
+        self.on_nexus_gone: Callable[[Nexus, list[int]], None] = lambda nexus, tags: None
+        self.on_front_end_gone: Callable[[bytes], None] = lambda ident: None
         self.register_target_template(DiskTemplate())
         self._ops: dict[str, Callable[[FrontEnd, dict[str, Any], list], None]] = {
             Op.DEREGISTER: self._deregister,
@@ -314,8 +342,12 @@ class Emulator:
         """Forget a front end: its nexuses go and their tasks are aborted."""
         log.info("releasing front end %s: %s", fe.name, why)
         self.front_ends.pop(fe.ident, None)
+        tasks: dict[int, list[Task]] = {}   # one pass over its tasks, not one per nexus
+        for task in fe.tasks.values():
+            tasks.setdefault(id(task.nexus), []).append(task)
         for nexus in list(fe.nexuses.values()):
-            self._drop_nexus(nexus)
+            self._drop_nexus(nexus, tasks.get(id(nexus), []))
+        self.on_front_end_gone(fe.ident)
 
     def check_liveness(self) -> None:
         """Release front ends silent for three of their heartbeat intervals."""
@@ -341,6 +373,8 @@ class Emulator:
         if old:
             self._drop_nexus(old)
         fe.nexuses[nexus.id] = nexus
+        self._keyed.setdefault(nexus.key, []).append(nexus)
+        self._target_keys.setdefault(nexus.target, {})[nexus.key] = None
         log.debug("nexus %d of %s: %s", nexus.id, fe.name, nexus.key)
         self._seen_tpgs.setdefault(nexus.target, set()).add(nexus.tpg)
         self.send(fe.ident, {"op": Op.NEXUS_READY, "nexus": nexus.id}, [])
@@ -354,21 +388,38 @@ class Emulator:
         if nexus:
             self._drop_nexus(nexus)
 
-    def _drop_nexus(self, nexus: Nexus) -> None:
-        """I_T nexus loss: its tasks are aborted and its SPC-2 reservations released."""
-        nexus.fe.nexuses.pop(nexus.id, None)
-        for task in [t for t in nexus.fe.tasks.values() if t.nexus is nexus]:
+    def _drop_nexus(self, nexus: Nexus, tasks: list[Task] | None = None) -> None:
+        """I_T nexus loss: its tasks (`tasks`, else found among its front end's)
+        are aborted and its SPC-2 reservations released. The work is that of
+        this nexus's own state, whatever the number of LUs and sessions."""
+        if nexus.fe.nexuses.get(nexus.id) is nexus:
+            del nexus.fe.nexuses[nexus.id]
+        if tasks is None:
+            tasks = [t for t in nexus.fe.tasks.values() if t.nexus is nexus]
+        for task in tasks:
             self._abort(task)
-        if not self._nexuses_with_key(nexus.key):
-            t = self.targets.get(nexus.target)
-            for lu in (t.luns.values() if t else ()):
-                pr.state(lu).drop_spc2(nexus.key)
-                # unit attentions belong to the I_T nexus: they end with it, and a
-                # nexus made again later starts without them
-                lu.unit_attentions.pop(nexus.key, None)
+        self.on_nexus_gone(nexus, [t.tag for t in tasks])
+        key = nexus.key
+        same = self._keyed.get(key, [])
+        if nexus in same:
+            same.remove(nexus)
+        if same:
+            return
+        self._keyed.pop(key, None)
+        self._target_keys.get(nexus.target, {}).pop(key, None)
+        for lu in list(self.spc2_luns):   # those with an SPC-2 reservation, not every LU
+            st = lu.pr
+            if st is not None:
+                st.drop_spc2(key)
+            if st is None or st.spc2 is None:
+                self.spc2_luns.discard(lu)
+        # unit attentions belong to the I_T nexus: they end with it, and a nexus
+        # made again later starts without them
+        for lu in self._ua_luns.pop(key, ()):
+            lu.unit_attentions.pop(key, None)
 
     def _nexuses_with_key(self, key: str) -> list[Nexus]:
-        return [n for fe in self.front_ends.values() for n in fe.nexuses.values() if n.key == key]
+        return self._keyed.get(key, [])
 
     # ------------------------------------------------------------ commands
     def _rx_cmnd(self, fe: FrontEnd, h: dict[str, Any], frames: list) -> None:
@@ -482,14 +533,13 @@ class Emulator:
         self._forget(task)
         self._complete(task, status, sense, data)
 
-    @staticmethod
-    def _pending_ua(lu: LogicalUnit, nexus: Nexus) -> tuple[int, int] | None:
+    def _pending_ua(self, lu: LogicalUnit, nexus: Nexus) -> tuple[int, int] | None:
         """The unit attention to report; with the control mode page's UA
         interlock (UA_INTLCK_CTRL 10b/11b) it stays until REQUEST SENSE."""
         if getattr(lu.mode, "ua_intlck_ctrl", 0) & 0x2:
             pending = lu.unit_attentions.get(nexus.key)
             return pending[0] if pending else None
-        return lu.take_ua(nexus)
+        return self.take_ua(lu, nexus)
 
     @staticmethod
     def _check_reservation(lu: LogicalUnit, task: Task, entry: OpEntry) -> None:
@@ -500,47 +550,99 @@ class Emulator:
     def nexus_by_key(self, key: str) -> list[Nexus]:
         return self._nexuses_with_key(key)
 
-    def establish_ua(self, lu: LogicalUnit, asc_ascq: tuple[int, int], keys: list[str],
-                     exclude: str | None = None) -> None:
+    def establish_ua(self, lu: LogicalUnit, asc_ascq: tuple[int, int], keys: Iterable[str],
+                     exclude: str | None = None, offline: Container[str] = (),
+                     aen: bool = True) -> None:
         """Establish a unit attention for these I_T nexuses, and report it
         asynchronously to the front ends that asked for events (it stays
-        pending: the initiator still sees it on its next command)."""
-        keys = [k for k in dict.fromkeys(keys) if k != exclude]
-        log.debug("unit attention %02x/%02x on %s LUN %d for %s", *asc_ascq, lu.target, lu.lun, keys)
-        lu.add_ua(asc_ascq, keys)
+        pending: the initiator still sees it on its next command). Only
+        nexuses that exist get one, and those `offline` names (a registration
+        of one I_T nexus that is not logged in: it hears of the change when it
+        comes back), so what an initiator can make the LU store is bounded by
+        the sessions and the registrations. `aen` False: no events (a fan-out
+        over many LUs sends them for one)."""
+        keyed = self._keyed
+        keys = [k for k in dict.fromkeys(keys) if k != exclude and (k in keyed or k in offline)]
+        if not keys:
+            return
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("unit attention %02x/%02x on %s LUN %d for %d nexus(es)", *asc_ascq, lu.target,
+                      lu.lun, len(keys))
+        stored = lu.add_ua(asc_ascq, keys)
+        for key in stored:
+            self._ua_luns.setdefault(key, set()).add(lu)
+        if not aen:
+            return
         sense = None
         for key in keys:
-            for n in self._nexuses_with_key(key):
+            for n in keyed.get(key, ()):
                 if n.fe.aen and n.target == lu.target:
                     sense = sense or build_sense(UNIT_ATTENTION, asc_ascq, lu.mode.d_sense)
                     self.send(n.fe.ident, {"op": Op.REPORT_AEN, "nexus": n.id, "lun": lu.lun,
                                            "sense": sense}, [])
 
-    def _reg_nexus_keys(self, lu: LogicalUnit, who: pr.Registration | str) -> list[str]:
-        if isinstance(who, str):
-            return [who]
-        keys = [n.key for fe in self.front_ends.values() for n in fe.nexuses.values()
-                if who.matches(n)]
-        exact = who.nexus_key()
-        if exact and exact not in keys:
-            keys.append(exact)
-        return keys
+    def take_ua(self, lu: LogicalUnit, nexus: Nexus) -> tuple[int, int] | None:
+        """Report (and clear) the nexus's oldest unit attention on the LU."""
+        ua = lu.take_ua(nexus)
+        if ua is not None and nexus.key not in lu.unit_attentions:
+            luns = self._ua_luns.get(nexus.key)
+            if luns is not None:
+                luns.discard(lu)
+                if not luns:
+                    del self._ua_luns[nexus.key]
+        return ua
 
     async def apply_pr_effects(self, task: Task, effects: pr.Effects) -> None:
         """Unit attentions of a PERSISTENT RESERVE OUT, and the tasks PREEMPT
-        AND ABORT aborts (it completes only once they are gone)."""
+        AND ABORT aborts (it completes only once they are gone). Registrations
+        are matched against the target's live nexuses grouped by initiator
+        name once, so the work is linear in registrations plus sessions."""
         lu = task.lu
         assert lu is not None   # PERSISTENT RESERVE OUT runs only on an existing LU
+        st = pr.state(lu)
+        by_name: dict[str, list[Nexus]] = {}
+        for key in self._target_keys.get(lu.target, {}):
+            for n in self._keyed[key]:
+                by_name.setdefault(pr.name_key(n.initiator), []).append(n)
+
+        def nexus_keys(who: pr.Registration) -> Iterator[str]:
+            for n in by_name.get(pr.name_key(who.initiator), ()):
+                if who.matches(n):
+                    yield n.key
+
+        # keys of single I_T nexuses still registered may hold a UA while logged out
+        held = {k for k in (r.nexus_key() for r in st.regs) if k is not None}
+        by_asc: dict[tuple[int, int], dict[str, None]] = {}
         for who, asc in effects.ua:
-            self.establish_ua(lu, asc, self._reg_nexus_keys(lu, who), exclude=task.nexus.key)
+            keys = by_asc.setdefault(asc, {})
+            if isinstance(who, str):
+                keys[who] = None
+                continue
+            keys.update(dict.fromkeys(nexus_keys(who)))
+            exact = who.nexus_key()
+            if exact is not None:
+                keys[exact] = None
+        for asc, keys in by_asc.items():
+            self.establish_ua(lu, asc, keys, exclude=task.nexus.key, offline=held)
+        self._forget_offline_uas(lu, held)
         if not effects.aborted:
             return
-        keys = {k for r in effects.aborted for k in self._reg_nexus_keys(lu, r)}
-        keys.discard(task.nexus.key)
-        victims = self._tasks_where(lambda t: t is not task and t.lu is lu and t.nexus.key in keys)
+        victim_keys = {k for r in effects.aborted for k in nexus_keys(r)}
+        victim_keys.discard(task.nexus.key)
+        victims = [t for t in lu.task_set.tasks.values() if t is not task and t.nexus.key in victim_keys]
         runners = [r for r in (self._abort(t, TASK_ABORTED) for t in victims) if r is not None]
         if runners:
             await asyncio.wait(runners)
+
+    def _forget_offline_uas(self, lu: LogicalUnit, held: set[str]) -> None:
+        """Unit attentions kept for logged-out nexuses go with their registration."""
+        for key in [k for k in lu.unit_attentions if k not in self._keyed and k not in held]:
+            del lu.unit_attentions[key]
+            luns = self._ua_luns.get(key)
+            if luns is not None:
+                luns.discard(lu)
+                if not luns:
+                    del self._ua_luns[key]
 
     async def _no_such_lun(self, task: Task) -> bytes | None:
         """What a command to a LUN that does not exist gets (SPC-4 4.6.2)."""
@@ -628,19 +730,23 @@ class Emulator:
     def _rx_task_mgmt_fn(self, fe: FrontEnd, h: dict[str, Any], frames: list) -> None:
         nexus = fe.nexuses.get(h["nexus"])
         tag = h["tag"]
-        if nexus is None:
+        if nexus is None or nexus.target not in self.targets:
             self._tmf_done(fe, tag, TmfResponse.REJECTED)
             return
-        # decided now, in arrival order; only the wait for the aborted tasks is deferred
-        response, victims, runners = self._task_mgmt(fe, tag, nexus, int(h["fn"]),
-                                                     int(h.get("lun") or 0), h.get("ref"))
+        # decided now, in arrival order; only the wait for the aborted tasks
+        # (and a fan-out of unit attentions over many LUs) is deferred
+        response, victims, runners, fanout = self._task_mgmt(fe, tag, nexus, int(h["fn"]),
+                                                             int(h.get("lun") or 0), h.get("ref"))
         mine = [t.tag for t in victims if t.nexus is nexus]
-        if not runners:
+        if not runners and fanout is None:
             self._tmf_done(fe, tag, response, mine)
             return
 
         async def finish() -> None:
-            await asyncio.wait(runners)
+            if fanout is not None:
+                await fanout
+            if runners:
+                await asyncio.wait(runners)
             self._tmf_done(fe, tag, response, mine)
         asyncio.get_running_loop().create_task(finish())
 
@@ -649,23 +755,55 @@ class Emulator:
         self.send(fe.ident, {"op": Op.TMF_DONE, "tag": tag, "response": response,
                              "aborted": list(aborted)}, [])
 
-    def _tasks_where(self, pred: Callable[[Task], bool]) -> list[Task]:
-        return [t for fe in self.front_ends.values() for t in fe.tasks.values() if pred(t)]
-
     def _all_nexus_keys(self, target: str) -> list[str]:
-        return [n.key for fe in self.front_ends.values() for n in fe.nexuses.values()
-                if n.target == target]
+        return list(self._target_keys.get(target, ()))
 
-    def _task_mgmt(self, fe: FrontEnd, tag: int, nexus: Nexus, fn: int, lun: int,
-                   ref: int | None) -> tuple[int, list[Task], list[asyncio.Task]]:
+    @staticmethod
+    def _target_tasks(t: Target) -> list[Task]:
+        """The tasks of a target's LUs: every unfinished one is in its LU's task set."""
+        return [task for lu in t.luns.values() for task in lu.task_set.tasks.values()]
+
+    async def _fan_out_ua(self, t: Target, asc_ascq: tuple[int, int], keys: list[str]) -> None:
+        """Establish a unit attention on every LU of a target, FANOUT_STEP at a
+        time between turns of the event loop, with asynchronous events sent
+        for the first LU only (one per nexus, not one per LU and nexus)."""
+        budget = FANOUT_STEP
+        for i, lu in enumerate(list(t.luns.values())):
+            self.establish_ua(lu, asc_ascq, keys, aen=i == 0)
+            budget -= len(keys) + 1
+            if budget <= 0:
+                budget = FANOUT_STEP
+                await asyncio.sleep(0)
+
+    async def _target_reset_uas(self, t: Target) -> None:
+        """POWER ON, RESET for every nexus on every LU, after a target reset.
+        Fan-outs run one at a time per target, and one that starts covers the
+        resets asked for before it: a burst of resets costs two fan-outs."""
+        resets = self._resets.setdefault(t.name, _Resets())
+        resets.asked += 1
+        mine = resets.asked
+        async with resets.lock:
+            if resets.covered >= mine:
+                return   # a fan-out that began after this reset covered it
+            upto = resets.asked
+            await self._fan_out_ua(t, POWER_ON_RESET, self._all_nexus_keys(t.name))
+            resets.covered = upto
+
+    def _task_mgmt(self, fe: FrontEnd, tag: int, nexus: Nexus, fn: int, lun: int, ref: int | None
+                   ) -> tuple[int, list[Task], list[asyncio.Task], Coroutine[Any, Any, None] | None]:
         """Run one TMF. Tasks of the issuing I_T nexus that it aborts vanish
         (listed in `aborted`); tasks of other nexuses end with TASK ABORTED
         (TAS=1) and their nexuses get the unit attention SAM-5 names. The
-        response leaves only after every affected task is gone."""
+        response leaves only after every affected task is gone (and, for the
+        resets of a whole target or nexus, once the unit attentions are set).
+        Tasks are found in the task sets of the LUs concerned, not among every
+        front end's: the cost is that of the LUs and tasks the TMF touches."""
         target = nexus.target
-        lu = self.lookup_lu(target, lun)
+        t = self.targets[target]
+        lu = t.luns.get(lun)
         response = TmfResponse.COMPLETE
         victims: list[Task] = []
+        fanout: Coroutine[Any, Any, None] | None = None
         lun_scoped = (Tmf.ABORT_TASK_SET, Tmf.CLEAR_TASK_SET, Tmf.LUN_RESET, Tmf.QUERY_TASK_SET,
                       Tmf.QUERY_ASYNC_EVENT, Tmf.CLEAR_ACA)
         if fn in (Tmf.ABORT_TASK, Tmf.QUERY_TASK):
@@ -681,39 +819,49 @@ class Emulator:
         elif fn in lun_scoped and lu is None:
             response = TmfResponse.NO_LUN
         elif fn == Tmf.QUERY_TASK_SET:
-            mine = self._tasks_where(lambda t: t.nexus is nexus and t.lun == lun)
+            assert lu is not None   # a LUN-scoped TMF to no LU got NO_LUN above
+            mine = any(x.nexus is nexus for x in lu.task_set.tasks.values())
             response = TmfResponse.SUCCEEDED if mine else TmfResponse.COMPLETE
         elif fn == Tmf.QUERY_ASYNC_EVENT:
-            assert lu is not None   # a LUN-scoped TMF to no LU got NO_LUN above
+            assert lu is not None
             pending = lu.unit_attentions.get(nexus.key)
             response = TmfResponse.SUCCEEDED if pending else TmfResponse.COMPLETE
         elif fn == Tmf.CLEAR_ACA:
             pass   # NACA is not supported, so no ACA condition ever exists to clear
         elif fn == Tmf.ABORT_TASK_SET:
-            victims = self._tasks_where(lambda t: t.nexus is nexus and t.lun == lun)
+            assert lu is not None
+            victims = [x for x in lu.task_set.tasks.values() if x.nexus is nexus]
         elif fn == Tmf.CLEAR_TASK_SET:
             assert lu is not None
-            victims = self._tasks_where(lambda t: t.nexus.target == target and t.lun == lun)
+            victims = list(lu.task_set.tasks.values())
             self.establish_ua(lu, COMMANDS_CLEARED_BY_ANOTHER,
-                              [t.nexus.key for t in victims], exclude=nexus.key)
+                              [x.nexus.key for x in victims], exclude=nexus.key)
         elif fn == Tmf.LUN_RESET:
             assert lu is not None
-            victims = self._tasks_where(lambda t: t.nexus.target == target and t.lun == lun)
+            victims = list(lu.task_set.tasks.values())
             pr.state(lu).drop_spc2()
             self.establish_ua(lu, BUS_DEVICE_RESET, self._all_nexus_keys(target))
         elif fn in (Tmf.TARGET_WARM_RESET, Tmf.TARGET_COLD_RESET):
-            victims = self._tasks_where(lambda t: t.nexus.target == target)
-            keys = self._all_nexus_keys(target)
-            for each in self.targets[target].luns.values():
-                pr.state(each).drop_spc2()
-                self.establish_ua(each, POWER_ON_RESET, keys)
+            if not t.target_reset:
+                # one initiator's reset would abort every initiator's tasks on every
+                # LU: refused unless the target allows it (as LIO's node ACLs do)
+                log.info("%s refused: target resets are off for %s (target_reset)",
+                         Tmf(fn).name, target)
+                response = TmfResponse.NOT_AUTHORIZED
+            else:
+                victims = self._target_tasks(t)
+                for each in t.luns.values():
+                    if each.pr is not None:
+                        each.pr.drop_spc2()
+                fanout = self._target_reset_uas(t)
         elif fn == Tmf.I_T_NEXUS_RESET:
-            victims = self._tasks_where(lambda t: t.nexus is nexus)
-            for each in self.targets[target].luns.values():
-                pr.state(each).drop_spc2(nexus.key)
-                self.establish_ua(each, I_T_NEXUS_LOSS, [nexus.key])
+            victims = [x for x in self._target_tasks(t) if x.nexus is nexus]
+            for each in list(self.spc2_luns):
+                if each.pr is not None and each.target == target:
+                    each.pr.drop_spc2(nexus.key)
+            fanout = self._fan_out_ua(t, I_T_NEXUS_LOSS, [nexus.key])
         else:
             response = TmfResponse.NOT_SUPPORTED
-        runners = [r for r in (self._abort(t, None if t.nexus is nexus else TASK_ABORTED)
-                               for t in victims) if r is not None]
-        return response, victims, runners
+        runners = [r for r in (self._abort(x, None if x.nexus is nexus else TASK_ABORTED)
+                               for x in victims) if r is not None]
+        return response, victims, runners, fanout

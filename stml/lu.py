@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -13,6 +14,8 @@ if TYPE_CHECKING:
     from backends import Backend
     from stml.emulator import Nexus, Task
     from stml.pr import PrState
+
+log = logging.getLogger("stml")
 
 VENDOR = "SCSITGT"
 PRODUCT = "PY-STML DISK"
@@ -101,9 +104,13 @@ class TaskSet:
 
 _RESET_UAS = {(0x29, 0x00), (0x29, 0x01), (0x29, 0x02), (0x29, 0x03)}
 _NEXUS_LOSS = (0x29, 0x07)
+# I_T nexuses one LU keeps unit attentions for. The emulator stores them only
+# for nexuses that exist and registrations of one I_T nexus (at most 1024), so
+# this is a last line, far above what a front end's session limits allow
+MAX_UA_NEXUSES = 16384
 
 
-@dataclass
+@dataclass(eq=False)   # one object per LU: compared and hashed by identity
 class LogicalUnit:
     target: str
     lun: int
@@ -140,19 +147,39 @@ class LogicalUnit:
         return {"lun": self.lun, "block_size": self.block_size, "blocks": self.blocks,
                 "ro": self.options.ro, "removable": self.options.removable}
 
-    def add_ua(self, asc_ascq: tuple[int, int], nexus_keys: list[str], exclude: str | None = None) -> None:
+    def add_ua(self, asc_ascq: tuple[int, int], nexus_keys: list[str],
+               exclude: str | None = None) -> list[str]:
+        """Queue a unit attention for these nexuses (once each: a condition
+        already pending is not queued twice, so a nexus's queue holds at most
+        one of each kind). Returns the keys it is now pending for; past
+        MAX_UA_NEXUSES nexuses, new ones are refused with a warning."""
         if asc_ascq in _RESET_UAS:      # power on, target/LUN reset: PREVENT state goes (SBC-4 5.15)
             self.prevent.clear()
         elif asc_ascq == _NEXUS_LOSS:   # I_T nexus loss: that nexus's PREVENT goes
             self.prevent.difference_update(nexus_keys)
+        uas = self.unit_attentions
+        stored = []
         for key in nexus_keys:
-            if key != exclude:
-                pending = self.unit_attentions.setdefault(key, [])
-                if asc_ascq not in pending:
-                    pending.append(asc_ascq)
+            if key == exclude:
+                continue
+            pending = uas.get(key)
+            if pending is None:
+                if len(uas) >= MAX_UA_NEXUSES:
+                    log.warning("%s LUN %d: unit attentions pending for %d nexuses already; "
+                                "%02x/%02x not kept for more", self.target, self.lun, len(uas), *asc_ascq)
+                    break
+                pending = uas[key] = []
+            if asc_ascq not in pending:
+                pending.append(asc_ascq)
+            stored.append(key)
+        return stored
 
     def take_ua(self, nexus: Nexus) -> tuple[int, int] | None:
+        """The nexus's oldest pending unit attention, now reported (cleared)."""
         pending = self.unit_attentions.get(nexus.key)
-        if pending:
-            return pending.pop(0)
-        return None
+        if not pending:
+            return None
+        ua = pending.pop(0)
+        if not pending:
+            del self.unit_attentions[nexus.key]   # an empty queue keeps no entry
+        return ua

@@ -17,7 +17,7 @@ import heapq
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Container, Iterator
+from collections.abc import Callable, Iterator
 from itertools import chain, islice
 from time import monotonic
 from typing import Any
@@ -29,18 +29,22 @@ QUANTILES = (0.5, 0.9, 0.99)
 
 class Counters:
     """What the commands of one session to one LUN did. The labels say where
-    a report adds them up: `fe` (a front-end ident), `session` ((ident, nexus
-    id)) and `lun` ((target, LUN)); a forgotten session's or front end's set
-    keeps counting for the rest with that label None."""
+    a report adds them up: `fe` (a front-end ident) and `lun` ((target,
+    LUN), LUN None for commands to LUNs that do not exist); a set whose
+    session ended is added into its front end's set for the LUN (`into`),
+    and that one, when the front end ends, into the LUN's set of gone front
+    ends. The latency ring grows with the commands up to RING samples, so a
+    set costs memory in proportion to what its session did."""
 
-    __slots__ = ("fe", "session", "lun", "commands", "read_bytes", "write_bytes", "errors",
-                 "latency", "ended")
+    __slots__ = ("fe", "lun", "commands", "read_bytes", "write_bytes", "errors",
+                 "latency", "ended", "into")
 
-    def __init__(self, fe: bytes | None, session: tuple[bytes, int] | None, lun: tuple[str, Any]) -> None:
-        self.fe, self.session, self.lun = fe, session, lun
+    def __init__(self, fe: bytes | None, lun: tuple[str, Any]) -> None:
+        self.fe, self.lun = fe, lun
         self.commands = self.read_bytes = self.write_bytes = self.errors = 0
-        self.latency = [0.0] * RING   # command n's latency at n % RING,
-        self.ended = [0.0] * RING     # and when it ended: sets merge by recency
+        self.latency: list[float] = []   # command n's latency at n % RING,
+        self.ended: list[float] = []     # and when it ended: sets merge by recency
+        self.into: Counters | None = None   # retired: where its counts went
 
     def recent(self) -> Iterator[tuple[float, float]]:
         """(ended, latency) of the last RING commands, newest first (lazily:
@@ -57,9 +61,18 @@ class Counters:
         self.read_bytes += other.read_bytes
         self.write_bytes += other.write_bytes
         self.errors += other.errors
-        start = self.commands - len(recent)
-        for i, (ended, latency) in enumerate(reversed(recent), start):
+        n = len(recent)
+        size = RING if n == RING else self.commands   # fewer than RING samples: fewer commands
+        self.latency, self.ended = [0.0] * size, [0.0] * size
+        for i, (ended, latency) in enumerate(reversed(recent), self.commands - n):
             self.ended[i % RING], self.latency[i % RING] = ended, latency
+
+    def final(self) -> Counters:
+        """The set its counts live in now."""
+        c = self
+        while c.into is not None:
+            c = c.into
+        return c
 
 
 def newest(sets: list[Counters]) -> list[tuple[float, float]]:
@@ -88,27 +101,50 @@ def report(sets: list[Counters], in_flight: collections.Counter) -> dict[str, An
 
 
 class Metrics:
-    def __init__(self) -> None:
-        self._live: dict[tuple[Any, Any], Counters] = {}    # (Nexus, LUN) -> its set
-        # (ident or None, (target, LUN)) -> the counts of forgotten sessions
-        self._forgotten: dict[tuple[bytes | None, tuple[str, Any]], Counters] = {}
+    """The counter sets: one per live session and LU it sent commands to (one
+    more for its commands to LUNs that do not exist), and per front end and LU
+    the counts of its ended sessions. A command to an absent LUN costs no set
+    of its own, and sets go when their session ends (`nexus_gone`, told by the
+    emulator), so their number is bounded by sessions x real LUs."""
+
+    def __init__(self, lookup_lu: Callable[[str, int], Any]) -> None:
+        self.lookup_lu = lookup_lu   # (target, LUN) -> the LU, or None
+        self._live: dict[Any, dict[int | None, Counters]] = {}   # Nexus -> LUN -> its set
+        # front-end ident (None: front ends gone) -> (target, LUN) -> counts of ended sessions
+        self._forgotten: dict[bytes | None, dict[tuple[str, Any], Counters]] = {}
         self._inflight: dict[tuple[bytes, int], tuple] = {}  # (ident, tag) -> (start, dir, len, set)
         self.started = time.time()
 
     def rx_cmnd(self, ident: bytes, h: dict[str, Any], fe: Any) -> None:
-        nexus = fe.nexuses.get(h.get("nexus")) if fe is not None else None
+        nid, lun, tag = h.get("nexus"), h.get("lun"), h.get("tag")
+        if fe is None or type(nid) is not int or type(tag) is not int:
+            return   # the emulator refuses it
+        nexus = fe.nexuses.get(nid)
         if nexus is None:
             return
-        c = self._live.get((nexus, h.get("lun"))) or self._new_set(ident, nexus, h.get("lun"))
-        key = (ident, h["tag"])
+        if type(lun) is not int:
+            lun = None
+        sets = self._live.get(nexus)
+        if sets is None:
+            sets = self._live[nexus] = {}
+        c = sets.get(lun)
+        if c is None:
+            c = self._new_set(ident, nexus, lun, sets)
+        key = (ident, tag)
         if key in self._inflight:   # a tag reused without a response (aborted): that one is over
             self.xmit_response(ident, {"tag": key[1], "status": None})
         self._inflight[key] = (monotonic(), h.get("dir", 0), h.get("len", 0), c)
 
-    def _new_set(self, ident: bytes, nexus: Any, lun: Any) -> Counters:
+    def _new_set(self, ident: bytes, nexus: Any, lun: Any, sets: dict[int | None, Counters]) -> Counters:
         """Sets are keyed by the Nexus object: a nexus id registered again
-        (maybe for another target) gets a set of its own."""
-        c = self._live[(nexus, lun)] = Counters(ident, (ident, nexus.id), (nexus.target, lun))
+        (maybe for another target) gets a set of its own. Commands to a LUN
+        with no LU share the session's one set for absent LUNs."""
+        if lun is None or self.lookup_lu(nexus.target, lun) is None:
+            lun = None
+            c = sets.get(None)
+            if c is not None:
+                return c
+        c = sets[lun] = Counters(ident, (nexus.target, lun))
         return c
 
     def xmit_response(self, ident: bytes, h: dict[str, Any]) -> None:
@@ -117,10 +153,16 @@ class Metrics:
         if entry is None:
             return
         start, direction, length, c = entry
+        if c.into is not None:
+            c = c.final()
         now = monotonic()
         i = c.commands % RING
-        c.latency[i] = now - start
-        c.ended[i] = now
+        if i == len(c.latency):   # the ring is still growing
+            c.latency.append(now - start)
+            c.ended.append(now)
+        else:
+            c.latency[i] = now - start
+            c.ended[i] = now
         c.commands += 1
         if h.get("status", 0) != 0:
             c.errors += 1
@@ -135,78 +177,67 @@ class Metrics:
         for tag in tags:
             self.xmit_response(ident, {"tag": tag, "status": None})
 
-    def front_end_gone(self, ident: bytes) -> None:
-        for key in [k for k in self._inflight if k[0] == ident]:
-            self.xmit_response(ident, {"tag": key[1], "status": None})
-
     # ------------------------------------------------------------ forgetting
     def _retire(self, c: Counters) -> None:
-        """A set whose session is forgotten: its counts stay with its LUN (and
-        its front end, unless that is gone too), in one set per such pair."""
-        c.session = None
-        into = self._forgotten.setdefault((c.fe, c.lun), c)
-        if into is c:
-            return
-        into.add(c)
-        for key, entry in self._inflight.items():   # its commands in flight end there
-            if entry[3] is c:
-                self._inflight[key] = (*entry[:3], into)
+        """A set whose session (or front end) ended: its counts stay with its
+        LUN and front end (or, with the front end gone, with the LUN alone),
+        in one set per such pair; commands still in flight follow `into`."""
+        into = self._forgotten.setdefault(c.fe, {}).setdefault(c.lun, c)
+        if into is not c:
+            into.add(c)
+            c.into = into
 
-    def forget_sessions(self, live: set[tuple[bytes, int]]) -> None:
-        """Sessions ((ident, nexus id)) not in `live` lose their counters."""
-        for key in [k for k, c in self._live.items() if c.session not in live]:
-            self._retire(self._live.pop(key))
+    def nexus_gone(self, nexus: Any, tags: list[int]) -> None:
+        """A session ended, taking these tasks along: its sets go."""
+        self.aborted(nexus.fe.ident, tags)
+        for c in self._live.pop(nexus, {}).values():
+            self._retire(c)
 
-    def forget_front_ends(self, live: Container[bytes]) -> None:
-        """Front ends not in `live` (idents): their commands in flight are over
-        and their counters go. Their LUNs keep the counts; their sessions keep
-        theirs until a report forgets the sessions."""
-        gone = {c.fe for c in chain(self._live.values(), self._forgotten.values())
-                if c.fe is not None and c.fe not in live}
-        for ident in gone:
-            self.front_end_gone(ident)
-        for c in self._live.values():
-            if c.fe in gone:
-                c.fe = None
-        for key in [k for k in self._forgotten if k[0] in gone]:
-            c = self._forgotten.pop(key)
+    def front_end_gone(self, ident: bytes) -> None:
+        """A front end ended (its sessions already did): its commands in flight
+        are over, and its sets are added into those of gone front ends."""
+        for key in [k for k in self._inflight if k[0] == ident]:
+            self.xmit_response(ident, {"tag": key[1], "status": None})
+        for c in self._forgotten.pop(ident, {}).values():
             c.fe = None
             self._retire(c)
 
-    # ------------------------------------------------------------ reports
-    def _by_scope(self) -> tuple[dict, dict, dict, collections.Counter]:
-        """Every set, grouped per LUN, per session and per front end, and how
-        many commands each set has in flight."""
-        luns, sessions, fes = defaultdict(list), defaultdict(list), defaultdict(list)
-        for c in chain(self._live.values(), self._forgotten.values()):
-            luns[c.lun].append(c)
-            if c.session is not None:
-                sessions[c.session].append(c)
-            if c.fe is not None:
-                fes[c.fe].append(c)
-        return luns, sessions, fes, collections.Counter(entry[3] for entry in self._inflight.values())
+    def sets(self) -> int:
+        """How many counter sets exist (status reports it: it must stay bounded)."""
+        return sum(map(len, self._live.values())) + sum(map(len, self._forgotten.values()))
 
+    # ------------------------------------------------------------ reports
     def snapshot(self, emulator: Any) -> dict[str, Any]:
         """Status of everything the STML serves, with counters (JSON-ready)."""
-        self.forget_sessions({(fe.ident, n) for fe in emulator.front_ends.values() for n in fe.nexuses})
-        by_lun, by_session, by_fe, in_flight = self._by_scope()
+        in_flight = collections.Counter(entry[3].final() for entry in self._inflight.values())
+        by_lun: dict[tuple[str, Any], list[Counters]] = defaultdict(list)
+        for c in chain(*(s.values() for s in self._live.values()),
+                       *(s.values() for s in self._forgotten.values())):
+            by_lun[c.lun].append(c)
         luns = []
         for t in list(emulator.targets.values()):
             for lu in list(t.luns.values()):
+                st = lu.pr
                 luns.append({"target": t.name, "lun": lu.lun, "blocks": lu.blocks,
                              "block_size": lu.block_size, "backend": lu.options.kind,
-                             "path": lu.options.path, **report(by_lun.get((t.name, lu.lun), []), in_flight)})
+                             "path": lu.options.path,
+                             "registrations": len(st.regs) if st is not None else 0,
+                             "pr_saves": st.saves if st is not None else 0,
+                             "unit_attentions": len(lu.unit_attentions),
+                             **report(by_lun.get((t.name, lu.lun), []), in_flight)})
         sessions, fes = [], []
         for fe in list(emulator.front_ends.values()):
+            fe_sets = list(self._forgotten.get(fe.ident, {}).values())
+            for n in list(fe.nexuses.values()):
+                mine = list(self._live.get(n, {}).values())
+                fe_sets += mine
+                sessions.append({"front_end": fe.name, "nexus": n.id, "initiator": n.initiator,
+                                 "target": n.target, "tpg": n.tpg, **report(mine, in_flight)})
             fes.append({"name": fe.name, "kind": fe.kind, "nexuses": len(fe.nexuses),
                         "last_seen_s": round(time.monotonic() - fe.last_seen, 2),
-                        **report(by_fe.get(fe.ident, []), in_flight)})
-            for n in list(fe.nexuses.values()):
-                sessions.append({"front_end": fe.name, "nexus": n.id, "initiator": n.initiator,
-                                 "target": n.target, "tpg": n.tpg,
-                                 **report(by_session.get((fe.ident, n.id), []), in_flight)})
+                        **report(fe_sets, in_flight)})
         return {"stml": emulator.name, "uptime_s": round(time.time() - self.started, 1),
-                "luns": luns, "sessions": sessions, "front_ends": fes}
+                "counter_sets": self.sets(), "luns": luns, "sessions": sessions, "front_ends": fes}
 
 
 class PrometheusExporter:

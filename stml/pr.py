@@ -15,17 +15,29 @@ tag, the relative target port identifier), or every target port (ALL_TG_PT).
 APTPL: when the last REGISTER / REGISTER AND MOVE asked for it, the state is
 written to `<data_dir>/pr/<target>_<lun>.json` (write, fsync, rename, fsync
 of the directory) after every change, and read back at start. A file that
-cannot be read back refuses the start with a one-line error.
+cannot be read back refuses the start with a one-line error. The writes run
+in a thread of their own, one per LU at a time, each covering every change
+made before it began: a PERSISTENT RESERVE OUT answers GOOD once a write
+that covers it is on disk, and a burst of them costs a few writes, not one
+each, and no fsync on the event loop.
+
+Costs: a parameter list is validated whole (lengths, names, the count
+against MAX_REGISTRATIONS) before anything changes, in time linear in its
+length; READ KEYS and READ FULL STATUS build only what the allocation length
+can hold; registrations are found through an index by initiator name.
 """
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
 import os
 import re
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from stml.api import DataDir
 from stml.cdb import u16, u32
@@ -60,6 +72,9 @@ INSUFFICIENT_REGISTRATION_RESOURCES = (0x55, 0x04)
 
 ISCSI_PROTOCOL = 0x5
 MAX_REGISTRATIONS = 1024
+MAX_NAME = 223          # bytes of an iSCSI name (RFC 7143 6.1)
+# the longest iSCSI TransportID body: a name, ",i,0x", 12 ISID digits, NUL, padded to 4
+MAX_TID_LENGTH = MAX_NAME + 5 + 12 + 1 + 3
 
 # Commands a non-holder may still run under a Write Exclusive reservation:
 # the ones that do not change the medium or the logical unit's state.
@@ -79,6 +94,12 @@ class PrStoreError(Exception):
 
 def _name(initiator: str) -> str:
     return initiator.split(",i,", 1)[0]
+
+
+def name_key(initiator: str) -> str:
+    """The initiator name of a port or bare name, lowercased: what registrations
+    and nexuses are indexed by (names compare without case)."""
+    return _name(initiator).lower()
 
 
 def initiator_matches(registered: str, port: str) -> bool:
@@ -104,6 +125,11 @@ class Registration:
         if self.tpg is None or ",i," not in self.initiator:
             return None
         return f"{self.initiator}|{self.target},t,{self.tpg}"
+
+    @functools.cached_property
+    def tid_length(self) -> int:
+        """Bytes of its TransportID (READ FULL STATUS sizes its answer without building it)."""
+        return 4 + _tid_body_length(self.initiator)
 
     def to_json(self) -> dict[str, Any]:
         return {"key": self.key, "initiator": self.initiator, "target": self.target, "tpg": self.tpg}
@@ -160,11 +186,27 @@ class PrState:
         self.aptpl = False
         self.spc2: str | None = None          # nexus key holding an SPC-2 reservation
         self.path: Path | None = None         # APTPL file
+        self._index: dict[str, list[Registration]] | None = None   # by name_key, in regs order
+        self.changes = 0                      # changes to persist (APTPL), and how many are written
+        self.written = 0
+        self.saves = 0                        # files written or removed (status shows it)
+        self.stored = False                   # the file exists
+        self._writer: asyncio.Task | None = None
+        self._waiters: list[tuple[int, asyncio.Future]] = []
 
     # ---------------------------------------------------------------- queries
+    def _changed(self) -> None:
+        """The registration list changed: the index is made again on next use."""
+        self._index = None
+
     def reg_of(self, n: Any) -> Registration | None:
+        index = self._index
+        if index is None:
+            index = self._index = {}
+            for r in self.regs:
+                index.setdefault(name_key(r.initiator), []).append(r)
         exact = None
-        for r in self.regs:
+        for r in index.get(name_key(n.initiator), ()):
             if r.matches(n):
                 if r.tpg is not None and ",i," in r.initiator:
                     return r
@@ -221,6 +263,7 @@ class PrState:
         """Unregister r; a reservation it held goes with it (or, for all
         registrants, with the last registrant)."""
         self.regs.remove(r)
+        self._changed()
         if self.type is None:
             return
         if self.type in ALL_REGISTRANTS:
@@ -261,14 +304,24 @@ class PrState:
                 raise conflict()
             if p.sark == 0:
                 return effects   # unregistering what is not registered: nothing changes
-            new = [Registration(p.sark, n.initiator, n.target, None if p.all_tg_pt else n.tpg)]
+            tpg = None if p.all_tg_pt else n.tpg
+            new = [Registration(p.sark, n.initiator, n.target, tpg)]
+            # one pass with a set of the names already there: linear in the list,
+            # refused at the first registration past the cap, before any change
+            seen = {r.initiator for r in self.regs if r.target == n.target}
+            seen.add(n.initiator)
+            full = len(self.regs) + 1 > MAX_REGISTRATIONS
             for tid in p.transport_ids:
-                if any(r.initiator == tid and r.target == n.target for r in self.regs + new):
-                    continue
-                new.append(Registration(p.sark, tid, n.target, None if p.all_tg_pt else n.tpg))
-            if len(self.regs) + len(new) > MAX_REGISTRATIONS:
+                if full:
+                    break
+                if tid not in seen:
+                    seen.add(tid)
+                    full = len(self.regs) + len(new) >= MAX_REGISTRATIONS
+                    new.append(Registration(p.sark, tid, n.target, tpg))
+            if full:
                 raise CheckCondition(ILLEGAL_REQUEST, INSUFFICIENT_REGISTRATION_RESOURCES)
             self.regs.extend(new)
+            self._changed()
         else:
             if sa == REGISTER and p.rk != reg.key:
                 raise conflict()
@@ -324,6 +377,7 @@ class PrState:
         effects = Effects()
         self._others(n, RESERVATIONS_PREEMPTED, effects)
         self.regs.clear()
+        self._changed()
         self._release_reservation()
         self.generation += 1
         return effects
@@ -333,12 +387,17 @@ class PrState:
         effects = Effects()
         abort = sa == PREEMPT_AND_ABORT
 
-        def remove_keyed(key: int, keep_issuer: bool = True) -> list[Registration]:
-            gone = [r for r in self.regs if r.key == key and not (keep_issuer and r is mine)]
-            for r in gone:
-                self.regs.remove(r)
-                effects.ua.append((r, REGISTRATIONS_PREEMPTED))
+        def remove(gone: list[Registration]) -> list[Registration]:
+            """Unregister these, in one pass over the list (not one per registration)."""
+            if gone:
+                going = set(map(id, gone))
+                self.regs = [r for r in self.regs if id(r) not in going]
+                self._changed()
+                effects.ua.extend((r, REGISTRATIONS_PREEMPTED) for r in gone)
             return gone
+
+        def remove_keyed(key: int) -> list[Registration]:
+            return remove([r for r in self.regs if r.key == key and r is not mine])
 
         if self.type is None:
             # no reservation: remove the registrations SARK names
@@ -348,10 +407,7 @@ class PrState:
         elif self.type in ALL_REGISTRANTS:
             if p.sark == 0:
                 self._check_type(scope, rtype)
-                gone = [r for r in self.regs if r is not mine]
-                for r in gone:
-                    self.regs.remove(r)
-                    effects.ua.append((r, REGISTRATIONS_PREEMPTED))
+                gone = remove([r for r in self.regs if r is not mine])
                 self.type, self.holder = rtype, (None if rtype in ALL_REGISTRANTS else mine)
             else:
                 if not any(r.key == p.sark for r in self.regs):
@@ -396,22 +452,28 @@ class PrState:
             raise invalid_param(24)
         reg = self.reg_of(dest)
         if reg is None:
+            if len(self.regs) >= MAX_REGISTRATIONS:
+                raise CheckCondition(ILLEGAL_REQUEST, INSUFFICIENT_REGISTRATION_RESOURCES)
             reg = Registration(p.sark, dest.initiator, dest.target, dest.tpg)
             self.regs.append(reg)
+            self._changed()
         else:
             reg.key = p.sark
         self.type, self.holder = rtype, reg
         effects = Effects()
         if p.unreg:
             self.regs.remove(mine)
+            self._changed()
         self.aptpl = p.aptpl
         self.generation += 1
         return effects
 
     # ---------------------------------------------------------------- PRIN
-    def read_keys(self) -> bytes:
-        keys = b"".join(struct.pack(">Q", r.key) for r in self.regs)
-        return struct.pack(">II", self.generation, len(keys)) + keys
+    def read_keys(self, alloc: int) -> bytes:
+        """The keys that `alloc` bytes can hold; ADDITIONAL LENGTH counts them all."""
+        room = max(0, alloc - 8 + 7) // 8
+        keys = b"".join(struct.pack(">Q", r.key) for r in self.regs[:room])
+        return struct.pack(">II", self.generation, 8 * len(self.regs)) + keys
 
     def read_reservation(self) -> bytes:
         if self.type is None:
@@ -429,16 +491,21 @@ class PrState:
         mask = 0x80 | 0x40 | 0x20 | 0x08 | 0x02
         return struct.pack(">HBBBBH", 8, 0x08 | 0x04 | 0x01, 0x80 | 0x10, mask, 0x01, 0)
 
-    def read_full_status(self) -> bytes:
-        out = bytearray()
+    def read_full_status(self, alloc: int) -> bytes:
+        """The descriptors that `alloc` bytes can hold (the last maybe cut);
+        ADDITIONAL LENGTH is that of them all, from their sizes alone."""
+        total = sum(24 + r.tid_length for r in self.regs)
+        out = bytearray(struct.pack(">II", self.generation, total))
         rtype = self.type & 0xF if self.type is not None else 0   # the TYPE field of holders
         for r in self.regs:
+            if len(out) >= alloc:
+                break
             holder = self.type is not None and (self.type in ALL_REGISTRANTS or self.holder is r)
             tid = transport_id(r.initiator)
             out += struct.pack(">QIBBIHI", r.key, 0, (0x02 if r.tpg is None else 0) | (1 if holder else 0),
                                rtype if holder else 0, 0, r.tpg or 0, len(tid))
             out += tid
-        return struct.pack(">II", self.generation, len(out)) + bytes(out)
+        return bytes(out)
 
     # ---------------------------------------------------------------- APTPL
     def to_json(self) -> dict[str, Any]:
@@ -471,7 +538,10 @@ class PrState:
                 holder = regs[int(res["holder"])]
         if not isinstance(doc["generation"], int):
             raise ValueError("bad generation")
+        if len(regs) > MAX_REGISTRATIONS:
+            raise ValueError(f"{len(regs)} registrations, more than {MAX_REGISTRATIONS}")
         self.regs, self.type, self.holder = regs, rtype, holder
+        self._changed()
         self.generation = doc["generation"]
         self.aptpl = True
 
@@ -479,33 +549,89 @@ class PrState:
         self.path = path
         if not path.exists():
             return
+        self.stored = True
         try:
             self.load_json(json.loads(path.read_text()))
         except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
             raise PrStoreError(f"persistent reservations file {path} is unusable "
                                f"({type(e).__name__}: {e}); move it away to start without it") from None
 
-    def save(self) -> None:
-        """Persist when APTPL asks for it (atomically); forget the file otherwise."""
-        path = self.path
-        if path is None:
-            return
-        if not self.aptpl:
-            if path.exists():
-                path.unlink()
-                _fsync_dir(path.parent)
-            return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        data = json.dumps(self.to_json(), indent=1).encode()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    async def persisted(self) -> None:
+        """Return once the state as it is now is on disk: when APTPL asks for
+        it, else with no file left. One writer per LU, in the saver thread;
+        each write takes every change made before it began, so a burst of
+        PERSISTENT RESERVE OUTs waits for one or two writes between them.
+        A write that fails raises OSError in every command it covered."""
+        if self.path is None or not (self.aptpl or self.stored or self._writer):
+            return   # nothing on disk, nothing to put there
+        self.changes += 1
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append((self.changes, fut))
+        if self._writer is None:
+            self._writer = asyncio.get_running_loop().create_task(self._write_changes())
+        await fut
+
+    async def _write_changes(self) -> None:
+        loop = asyncio.get_running_loop()
         try:
-            os.write(fd, data)
-            os.fsync(fd)
+            while self.written < self.changes:
+                upto = self.changes
+                doc = self.to_json() if self.aptpl else None   # taken here: the loop owns the state
+                assert self.path is not None   # persisted() starts a writer only with a file
+                error: OSError | None = None
+                try:
+                    self.stored = await loop.run_in_executor(_saver(), _write_state, self.path, doc)
+                    self.saves += 1
+                except OSError as e:
+                    error = e
+                self.written = upto
+                still = []
+                for n, fut in self._waiters:
+                    if n > upto:
+                        still.append((n, fut))
+                    elif not fut.done():
+                        if error is None:
+                            fut.set_result(None)
+                        else:
+                            fut.set_exception(OSError(error.errno, f"saving reservations: {error}"))
+                self._waiters = still
         finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
+            self._writer = None
+
+
+_SAVER: ThreadPoolExecutor | None = None
+
+
+def _saver() -> ThreadPoolExecutor:
+    """The thread APTPL files are written in: not the backends' pool, where a
+    save would wait behind (and hold up) medium I/O."""
+    global _SAVER
+    if _SAVER is None:
+        _SAVER = ThreadPoolExecutor(1, thread_name_prefix="pr-save")
+    return _SAVER
+
+
+def _write_state(path: Path, doc: dict[str, Any] | None) -> bool:
+    """Write the document atomically (write, fsync, rename, fsync of the
+    directory); None: remove the file, if any. Whether a file is left."""
+    if doc is None:
+        if path.exists():
+            path.unlink()
+            _fsync_dir(path.parent)
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    data = memoryview(json.dumps(doc, indent=1).encode())
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        while data:
+            data = data[os.write(fd, data):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    return True
 
 
 def _fsync_dir(d: Path) -> None:
@@ -526,15 +652,19 @@ def state_path(data_dir: Path, target: str, lun: int) -> Path:
 def transport_id(initiator: str) -> bytes:
     """An iSCSI TransportID (SPC-4 7.6.4.6): format 01b with an ISID, else 00b."""
     fmt = 0x40 if ",i," in initiator else 0x00
-    name = initiator.encode() + b"\0"
-    name += bytes(-len(name) % 4)
-    if len(name) < 20:
-        name += bytes(20 - len(name))
+    name = initiator.encode()
+    name += bytes(_tid_body_length(initiator) - len(name))
     return bytes([fmt | ISCSI_PROTOCOL, 0]) + struct.pack(">H", len(name)) + name
 
 
+_PORT_NAME = re.compile(r"([^,]+),i,0x([0-9a-f]{1,12})", re.I)
+
+
 def parse_transport_ids(data: bytes, base: int) -> list[str]:
-    """Decode a list of iSCSI TransportIDs; `base` is their offset in the parameter list."""
+    """Decode a list of iSCSI TransportIDs; `base` is their offset in the
+    parameter list. Each is checked as it is read (format, a length no longer
+    than the longest iSCSI port name needs, a name of at most 223 bytes, an
+    ISID of hex digits), so a bad list costs one pass and changes nothing."""
     out, off = [], 0
     while off < len(data):
         if len(data) - off < 4:
@@ -543,7 +673,7 @@ def parse_transport_ids(data: bytes, base: int) -> list[str]:
         if b0 & 0x0F != ISCSI_PROTOCOL or b0 >> 6 not in (0, 1):
             raise invalid_param(base + off)
         n = u16(data, off + 2)
-        if n % 4 or off + 4 + n > len(data):
+        if n % 4 or n > MAX_TID_LENGTH or off + 4 + n > len(data):
             raise invalid_param(base + off + 2)
         raw = bytes(data[off + 4:off + 4 + n]).split(b"\0", 1)[0]
         try:
@@ -551,15 +681,21 @@ def parse_transport_ids(data: bytes, base: int) -> list[str]:
         except UnicodeDecodeError:
             raise invalid_param(base + off + 4) from None
         if b0 >> 6 == 1:
-            if ",i,0x" not in name.lower():
+            m = _PORT_NAME.fullmatch(name)
+            if m is None or len(m.group(1).encode()) > MAX_NAME:
                 raise invalid_param(base + off + 4)
-            iqn, isid = re.split(r",i,", name, 1, flags=re.I)
-            name = f"{iqn},i,{isid.lower()}"
-        elif not name or "," in name:
+            name = f"{m.group(1)},i,0x{m.group(2).lower().zfill(12)}"
+        elif not name or "," in name or len(raw) > MAX_NAME:
             raise invalid_param(base + off + 4)
         out.append(name)
         off += 4 + n
     return out
+
+
+def _tid_body_length(initiator: str) -> int:
+    """The ADDITIONAL LENGTH `transport_id` gives this name."""
+    n = len(initiator.encode()) + 1
+    return max(20, n + -n % 4)
 
 
 def parse_prout(sa: int, data: bytes, plen: int) -> PrParams:
@@ -613,7 +749,9 @@ async def reserve(task: Task) -> None:
     cdb = task.cdb
     if len(cdb) == 10 and cdb[1] & 0x12:
         raise invalid_field(1, 4)   # third-party reservations are not supported
-    state(unit(task)).reserve6(task.nexus)
+    lu = unit(task)
+    state(lu).reserve6(task.nexus)
+    task.emulator.spc2_luns.add(lu)   # so that the holder's nexus loss finds it
 
 
 async def release(task: Task) -> None:
@@ -628,9 +766,17 @@ async def prin(task: Task) -> bytes:
     st = state(lu)
     sa = cdb[1] & 0x1F
     alloc = u16(cdb, 7)
-    body = {READ_KEYS: st.read_keys, READ_RESERVATION: st.read_reservation,
-            REPORT_CAPABILITIES: st.report_capabilities, READ_FULL_STATUS: st.read_full_status}[sa]()
-    return body[:alloc]
+    return _PRIN[sa](st, alloc)[:alloc]
+
+
+# what each service action answers, given the allocation length (the lists
+# that grow with registrations stop where it does)
+_PRIN: dict[int, Callable[[PrState, int], bytes]] = {
+    READ_KEYS: PrState.read_keys,
+    READ_RESERVATION: lambda st, alloc: st.read_reservation(),
+    REPORT_CAPABILITIES: lambda st, alloc: st.report_capabilities(),
+    READ_FULL_STATUS: PrState.read_full_status,
+}
 
 
 def prout_out_len(task: Task) -> int:
@@ -657,8 +803,8 @@ async def prout(task: Task) -> None:
     if sa in (REGISTER, REGISTER_IGNORE, REGISTER_AND_MOVE) and params.aptpl and st.path is None:
         raise invalid_param(20 if sa != REGISTER_AND_MOVE else 17, 0)   # nowhere to persist
     effects = st.prout(task.nexus, sa, scope, rtype, params)
-    st.save()
     await task.emulator.apply_pr_effects(task, effects)
+    await st.persisted()   # GOOD only once the change is on disk (APTPL)
 
 
 def _prin_entry(sa: int, name: str) -> OpEntry:

@@ -47,7 +47,7 @@ def build_targets(config: Config, templates: dict[str, Any]) -> list[Target]:
             if backend.size() < o.block_size:
                 raise ConfigError(f"target {t.name} LUN {lc.lun}", "backing store smaller than one block")
             luns[lc.lun] = LogicalUnit(t.name, lc.lun, backend, o, templates["disk"])
-        targets.append(Target(t.name, luns, t.alias, t.access()))
+        targets.append(Target(t.name, luns, t.alias, t.access(), t.target_reset))
     return targets
 
 
@@ -131,7 +131,6 @@ class StmlServer:
         self.endpoints = config.stml.endpoints(config.stml_endpoint)
         if heartbeat_ms is None:
             heartbeat_ms = config.stml.heartbeat_ms
-        self.metrics = Metrics()
         self.auth: ThreadAuthenticator | None = None
         self.exporter: PrometheusExporter | None = None
         self.ctx = zmq.Context()
@@ -144,6 +143,11 @@ class StmlServer:
                                  discovery={"chap": config.discovery_chap},
                                  data_dir=config.data_dir, portal_groups=portal_groups(config))
         self.emulator.portals = portal_entries(config.portals)
+        # counters exist for real LUs and live sessions only: made on a session's
+        # first command to an LU, freed when the session or its front end ends
+        self.metrics = Metrics(self.emulator.lookup_lu)
+        self.emulator.on_nexus_gone = self.metrics.nexus_gone
+        self.emulator.on_front_end_gone = self.metrics.front_end_gone
         for t in build_targets(config, self.emulator.templates):
             self.emulator.targets[t.name] = t
         self.emulator.restore_reservations()   # APTPL state kept under the data dir
@@ -355,15 +359,12 @@ class StmlServer:
         elif op == "mgmt":
             self.mgmt.handle(ident, header)
             return
-        elif op == "deregister_target_front_end":
-            self.metrics.front_end_gone(ident)
         self.emulator.handle(ident, header, frames[2:])
 
     async def _liveness(self) -> None:
         while True:
             await asyncio.sleep(self.emulator.heartbeat)
             self.emulator.check_liveness()
-            self.metrics.forget_front_ends(self.emulator.front_ends)
 
 
 async def run_stml(config: Config) -> None:

@@ -197,7 +197,7 @@ async def report_luns(task: Task) -> bytes:
 async def request_sense(task: Task) -> bytes:
     """Autosense is always on, so only a pending unit attention or NO SENSE remains."""
     desc = bool(task.cdb[1] & 1)
-    ua = task.lu.take_ua(task.nexus) if task.lu else None
+    ua = task.emulator.take_ua(task.lu, task.nexus) if task.lu else None
     if ua:
         sense = build_sense(UNIT_ATTENTION, ua, desc)
     else:
@@ -303,6 +303,8 @@ async def prevent_allow(task: Task) -> None:
     if not lu.options.removable:
         return
     if prevent:
+        # nexuses that ended keep no entry: the set stays within the live ones
+        lu.prevent = {k for k in lu.prevent if task.emulator.nexus_by_key(k)}
         lu.prevent.add(task.nexus.key)
     else:
         lu.prevent.discard(task.nexus.key)

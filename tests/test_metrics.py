@@ -79,7 +79,8 @@ class FakeEmulator:
         self.front_ends: dict[bytes, FrontEnd] = {}
         opts = types.SimpleNamespace(kind="ram", path=None)
         self.targets = {name: types.SimpleNamespace(name=name, luns={
-            i: types.SimpleNamespace(lun=i, blocks=8, block_size=512, options=opts) for i in range(n)})
+            i: types.SimpleNamespace(lun=i, blocks=8, block_size=512, options=opts, pr=None,
+                                     unit_attentions={}) for i in range(n)})
             for name, n in targets.items()}
 
     def front_end(self, ident: bytes, name: str) -> FrontEnd:
@@ -89,6 +90,10 @@ class FakeEmulator:
     def nexus(self, fe: FrontEnd, nid: int, initiator: str, target: str) -> Nexus:
         n = fe.nexuses[nid] = Nexus(fe, nid, initiator, target, 1)
         return n
+
+    def lookup_lu(self, target: str, lun: int):
+        t = self.targets.get(target)
+        return t.luns.get(lun) if t else None
 
 
 @pytest.fixture
@@ -119,7 +124,7 @@ def test_sets_add_up_per_lun_session_and_front_end(clock):
     em.nexus(fe1, 1, "ini-a", "tA")   # session a: LUNs 0 and 1 of tA
     em.nexus(fe2, 1, "ini-b", "tA")   # session b, another front end, same id: LUN 0 of tA
     em.nexus(fe2, 2, "ini-c", "tB")   # session c: tB
-    m = metrics_mod.Metrics()
+    m = metrics_mod.Metrics(em.lookup_lu)
     tag = iter(range(1000))
     for _ in range(3):
         command(m, em, clock, fe1, 1, 0, next(tag), WRITE, 4096, 100e-6)
@@ -156,7 +161,7 @@ def test_latency_is_that_of_the_last_ring_commands_across_sets(clock):
     fe = em.front_end(b"fe", "fe")
     em.nexus(fe, 1, "ini-slow", "t")
     em.nexus(fe, 2, "ini-fast", "t")
-    m = metrics_mod.Metrics()
+    m = metrics_mod.Metrics(em.lookup_lu)
     ring = metrics_mod.RING
     for tag in range(ring):
         command(m, em, clock, fe, 1, 0, tag, READ, 512, 5e-3)
@@ -180,12 +185,12 @@ def test_forgotten_sessions_and_front_ends_keep_their_lun_counts(clock):
     em.nexus(fe1, 1, "ini-a", "t")
     em.nexus(fe1, 2, "ini-b", "t")
     em.nexus(fe2, 1, "ini-c", "t")
-    m = metrics_mod.Metrics()
+    m = metrics_mod.Metrics(em.lookup_lu)
     command(m, em, clock, fe1, 1, 0, 1, WRITE, 4096, 1e-3)
     command(m, em, clock, fe1, 2, 0, 2, WRITE, 4096, 2e-3)
     command(m, em, clock, fe2, 1, 0, 3, READ, 4096, 3e-3)
     m.rx_cmnd(fe1.ident, {"tag": 4, "nexus": 2, "lun": 0, "dir": WRITE, "len": 512}, fe1)
-    del fe1.nexuses[2]                       # session b ends with a command in flight
+    m.nexus_gone(fe1.nexuses.pop(2), [])     # session b ends with a command in flight
     luns, sessions, fes = rows(m.snapshot(em))
     assert ("one", 2) not in sessions and sessions["one", 1]["commands"] == 1
     assert fes["one"]["commands"] == 2 and fes["one"]["in_flight"] == 1
@@ -201,7 +206,8 @@ def test_forgotten_sessions_and_front_ends_keep_their_lun_counts(clock):
 
     m.rx_cmnd(fe2.ident, {"tag": 5, "nexus": 1, "lun": 0, "dir": READ, "len": 512}, fe2)
     del em.front_ends[fe2.ident]             # front end two is gone, a command in flight
-    m.forget_front_ends(em.front_ends)
+    m.nexus_gone(fe2.nexuses.pop(1), [])
+    m.front_end_gone(fe2.ident)
     luns, sessions, fes = rows(m.snapshot(em))
     assert list(fes) == ["one"] and ("two", 1) not in sessions
     lun = luns["t", 0]
@@ -218,7 +224,7 @@ def test_aborted_and_reused_tags_end_as_errors(clock):
     em = FakeEmulator({"t": 1})
     fe = em.front_end(b"fe", "fe")
     em.nexus(fe, 1, "ini", "t")
-    m = metrics_mod.Metrics()
+    m = metrics_mod.Metrics(em.lookup_lu)
     for tag in (1, 2, 3):
         m.rx_cmnd(fe.ident, {"tag": tag, "nexus": 1, "lun": 0, "dir": READ, "len": 512}, fe)
     m.aborted(fe.ident, [1, 9])
@@ -228,3 +234,42 @@ def test_aborted_and_reused_tags_end_as_errors(clock):
     m.front_end_gone(fe.ident)
     (lun,), = rows(m.snapshot(em))[0].values(),
     assert (lun["commands"], lun["errors"], lun["in_flight"], lun["read_bytes"]) == (4, 4, 0, 0)
+
+
+# ---------------------------------------------------------------- bounded sets, real STML
+
+def test_counter_sets_exist_only_for_real_lus_and_live_sessions(stml_factory, client_factory):
+    """TEST UNIT READYs to 2,000 absent LUNs make no set each (they share one
+    of their session's), and a session's sets go when it ends; its counts stay
+    with the LUN (issue 18: ~16 KB per absent LUN and session before)."""
+    import time
+
+    from scsi_target.mgmt import MgmtClient
+    stml = stml_factory("ram:16MiB", "ram:16MiB")
+    mgmt = MgmtClient(stml.endpoint)
+    a = client_factory(stml.endpoint, initiator="iqn.2026-11.org.test:absent-luns")
+    b = client_factory(stml.endpoint, initiator="iqn.2026-11.org.test:bystander")
+    for lun in range(2, 2002):
+        r = a.execute(lun, bytes(6))
+        assert r.status == 2 and r.asc_ascq == (0x25, 0x00)    # LOGICAL UNIT NOT SUPPORTED
+    assert b.execute(1, bytes(6)).status == 0
+    snap = mgmt.call("status")
+    assert snap["counter_sets"] == 2            # a's one set for absent LUNs, b's for LUN 1
+    (sa,) = [s for s in snap["sessions"] if s["initiator"] == a.initiator]
+    assert (sa["commands"], sa["errors"]) == (2000, 2000)
+
+    for i in range(5):                          # sessions come and go: their sets go with them
+        c = client_factory(stml.endpoint, initiator=f"iqn.2026-11.org.test:passing-{i}")
+        assert c.execute(0, bytes(6)).status == 0
+        c.close()
+    a.close()
+    deadline = time.monotonic() + 15
+    while True:
+        snap = mgmt.call("status")
+        if len(snap["front_ends"]) == 1 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    # b's set, and one per LUN (absent ones: one) for the counts of gone front ends
+    assert snap["counter_sets"] == 3
+    lun0 = next(r for r in snap["luns"] if r["lun"] == 0)
+    assert lun0["commands"] == 5 and lun0["errors"] == 0

@@ -56,7 +56,7 @@ def test_register_rules_and_generation(st):
     st.prout(A, pr.REGISTER, 0, 0, P(sark=0))                          # unregister nothing: no-op
     assert st.generation == 0
     st.prout(A, pr.REGISTER, 0, 0, P(sark=0xA))
-    assert st.generation == 1 and st.read_keys() == struct.pack(">IIQ", 1, 8, 0xA)
+    assert st.generation == 1 and st.read_keys(0xFFFF) == struct.pack(">IIQ", 1, 8, 0xA)
     assert conflicted(st.prout, A, pr.REGISTER, 0, 0, P(rk=0xB, sark=0xC))  # wrong key
     st.prout(A, pr.REGISTER, 0, 0, P(rk=0xA, sark=0xC))                 # change key
     register(st, A, 0xD)                                                  # ignore existing key
@@ -69,7 +69,7 @@ def test_register_rules_and_generation(st):
 def test_all_tg_pt_registers_every_target_port(st):
     register(st, A, 7, all_tg_pt=True)
     assert st.reg_of(A) is st.reg_of(A2) is not None
-    assert st.read_full_status()[8 + 12] & 0x02   # ALL_TG_PT reported
+    assert st.read_full_status(0xFFFF)[8 + 12] & 0x02   # ALL_TG_PT reported
 
 
 def test_spec_i_pt_registers_named_ports(st):
@@ -201,7 +201,7 @@ def test_report_capabilities_and_read_full_status(st):
     assert caps[4] == 0xEA and caps[5] == 0x01          # all six types
     register(st, A, 1)
     st.prout(A, pr.RESERVE, 0, pr.WE, P(rk=1))
-    full = st.read_full_status()
+    full = st.read_full_status(0xFFFF)
     gen, n = struct.unpack_from(">II", full)
     key, _, flags, scope_type, _, rel = struct.unpack_from(">QIBBIH", full, 8)
     assert (key, flags & 1, scope_type, rel) == (1, 1, pr.WE, 1)
@@ -238,14 +238,14 @@ def test_aptpl_file_round_trip_and_corrupt_file(tmp_path):
     register(st, A, 0x1234, aptpl=True)
     register(st, B, 0x5678, aptpl=True)
     st.prout(B, pr.RESERVE, 0, pr.EARO, P(rk=0x5678))
-    st.save()
+    asyncio.run(st.persisted())
     assert json.loads(path.read_text())["reservation"]["type"] == pr.EARO
     again = pr.PrState(T, 0)
     again.load(path)
-    assert again.read_full_status() == st.read_full_status()
+    assert again.read_full_status(0xFFFF) == st.read_full_status(0xFFFF)
     assert again.is_holder(B) and again.conflicts(C, READ10)
     register(again, A, 0x1234, aptpl=False)       # the last REGISTER says no: the file goes
-    again.save()
+    asyncio.run(again.persisted())
     assert not path.exists()
     path.write_text('{"version": 1, "target": "')
     with pytest.raises(pr.PrStoreError) as e:

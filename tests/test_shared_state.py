@@ -394,11 +394,14 @@ CUNIT_SUITES = ["SCSI.Reserve6", "SCSI.PrinReadKeys", "SCSI.PrinServiceactionRan
 
 
 @pytest.mark.skipif(shutil.which("iscsi-test-cu") is None, reason="libiscsi-bin not installed")
-def test_conformance_reservations_multipath_tmf():
+def test_conformance_reservations_multipath_tmf(tmp_path):
     """libiscsi's suites with the second portal group as the multipath URL: every
-    test passes by CUnit's own verdict, none skipped for lack of support."""
+    test passes by CUnit's own verdict, none skipped for lack of support (the
+    target allows target resets, which Reserve6's reset tests send)."""
     from targetproc import cunit_verdicts, run
-    with Target("--lun", "ram:64MiB", portals=("127.0.0.1:0", "127.0.0.1:0,2")) as t:
+    config = tmp_path / "target.toml"
+    config.write_text(f'[[target]]\nname = "{IQN}"\ntarget_reset = true\n')
+    with Target("--lun", "ram:64MiB", portals=("127.0.0.1:0", "127.0.0.1:0,2"), config=str(config)) as t:
         urls = [f"iscsi://{p}/{IQN}/0" for p in t.portals]
         verdicts = {}
         for suite in CUNIT_SUITES:
