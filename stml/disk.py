@@ -107,7 +107,7 @@ OPCODES: list[OpEntry] = [
             ws_out_len, ws_check, medium=True, timeout=120),
     OpEntry(0x42, "UNMAP", _u(0x42, 0x01, 0, 0, 0, 0, 0x3F, 0xFF, 0xFF, 0), unmap, W,
             unmap_out_len, unmap_check, medium=True),
-    *[OpEntry(0x48, f"SANITIZE/{name}", _u(0x48, 0x20 | 0x1F, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0), sanitize,
+    *[OpEntry(0x48, f"SANITIZE/{name}", _u(0x48, 0x80 | 0x20 | 0x1F, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0), sanitize,
               W, sanitize_out_len, sanitize_check, sa=sa, medium=True, timeout=3600)
       for sa, name in ((0x01, "OVERWRITE"), (0x02, "BLOCK ERASE"), (0x03, "CRYPTOGRAPHIC ERASE"),
                        (0x1F, "EXIT FAILURE MODE"))],
