@@ -448,7 +448,9 @@ async def unmap(task: Task) -> None:
         ranges.append((lba, n))
     if not thin(lu):
         return   # fully provisioned: nothing to give back
-    for lba, n in ranges:
+    for i, (lba, n) in enumerate(ranges):
+        if i:
+            await next_chunk()   # 256 partial pages of RAM are 256 page scans
         if n:
             await _discard(task, lba, n)
 
