@@ -23,8 +23,8 @@ from stml.ops import (
     param_len_error, trim_views, unit,
 )
 from stml.sense import (
-    ILLEGAL_REQUEST, MEDIUM_REMOVAL_PREVENTED, MISCOMPARE, MISCOMPARE_DURING_VERIFY, CheckCondition, invalid_field,
-    invalid_param,
+    ABORTED_COMMAND, ILLEGAL_REQUEST, MEDIUM_REMOVAL_PREVENTED, MISCOMPARE, MISCOMPARE_DURING_VERIFY,
+    NO_ADDITIONAL_SENSE, CheckCondition, invalid_field, invalid_param,
 )
 from stml.spc import (
     MAX_COMPARE_AND_WRITE, MAX_LBA_STATUS_DESCRIPTORS, MAX_UNMAP_DESCRIPTORS, MAX_UNMAP_LBA_COUNT,
@@ -549,12 +549,16 @@ async def sanitize(task: Task) -> None:
         block = (pattern * (lu.block_size // plen + 1))[:lu.block_size]
         if data[0] & 0x80:
             block = bytes(b ^ 0xFF for b in block)
-    immed = bool(task.cdb[1] & 0x80)
     job = lu.start_job(_sanitize(task, lu, block))
-    if immed:
+    if task.cdb[1] & 0x80:   # IMMED
         job.add_done_callback(lambda done: _log_failure(lu, done))
-    else:
+        return
+    try:
         await asyncio.shield(job)
+    except asyncio.CancelledError:
+        if not job.cancelled():
+            raise   # this command was aborted: the job goes on
+        raise CheckCondition(ABORTED_COMMAND, NO_ADDITIONAL_SENSE) from None   # the LU went
 
 
 def _log_failure(lu: LogicalUnit, job: asyncio.Task) -> None:

@@ -266,6 +266,12 @@ def test_sanitize_is_one_tracked_job_with_progress():
         await lu.stop_jobs()                               # the LUN goes: the job stops
         assert not lu.sanitizing and lu.job.cancelled()
         assert (await h.cmd(bytes(6), alloc=0)).status == GOOD
+        # without IMMED the command waits for the job, and ends when the job is stopped
+        waiting = asyncio.ensure_future(h.cmd(bytes([0x48, 0x02]) + bytes(8), alloc=0))
+        while not lu.sanitizing:
+            await asyncio.sleep(0)
+        await lu.stop_jobs()
+        assert (await waiting).key_asc == (0xB, 0, 0)      # ABORTED COMMAND
         # to the end: every chunk deallocated, the medium ready again
         lu.backend.write_from(5 * PAGE, [memoryview(b"q")], False)
         assert (await h.cmd(erase, alloc=0)).status == GOOD
