@@ -549,7 +549,7 @@ async def sanitize(task: Task) -> None:
         block = (pattern * (lu.block_size // plen + 1))[:lu.block_size]
         if data[0] & 0x80:
             block = bytes(b ^ 0xFF for b in block)
-    job = lu.start_job(_sanitize(task, lu, block))
+    job = lu.start_job(_sanitize(task, lu, block))   # the entry check, run again after any wait, saw none
     if task.cdb[1] & 0x80:   # IMMED
         job.add_done_callback(lambda done: _log_failure(lu, done))
         return

@@ -67,7 +67,11 @@ class FairWorkers:
             self.running[key] = held = self.running.get(key, 0) + 1
             if key in self.waiting and held < self.per_key:
                 self._turns[key] = None       # its next call waits for the others' turns
-            inner = asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+            try:
+                inner = asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+            except RuntimeError as e:   # the executor was shut down (the STML is stopping)
+                inner = asyncio.get_running_loop().create_future()
+                inner.set_exception(e)
             inner.add_done_callback(functools.partial(self._finished, key, fut))
 
     def _finished(self, key: Hashable, fut: asyncio.Future, done: asyncio.Future) -> None:
