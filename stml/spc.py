@@ -194,9 +194,10 @@ async def report_luns(task: Task) -> bytes:
     alloc = u32(cdb, 6)
     if alloc < 16:
         raise invalid_field(6)
-    luns = task.emulator.luns_of(task.nexus.target)
-    body = b"".join(encode_lun(n) for n in sorted(luns)) if cdb[2] != 0x01 else b""
-    return (struct.pack(">I", len(body)) + bytes(4) + body)[:alloc]
+    luns = sorted(task.emulator.luns_of(task.nexus.target)) if cdb[2] != 0x01 else []
+    shown = luns[:-(-(alloc - 8) // 8)]   # only the entries the allocation length holds are built
+    body = b"".join(encode_lun(n) for n in shown)
+    return (struct.pack(">I", 8 * len(luns)) + bytes(4) + body)[:alloc]
 
 
 def sanitize_in_progress(lu: LogicalUnit) -> CheckCondition:

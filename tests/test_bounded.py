@@ -479,3 +479,23 @@ def test_an_id_names_one_lu(tmp_path):
     with pytest.raises(ConfigError, match=f"target {OTHER} LUN 0 id: {ident} is already the id of "
                                           f"target {TARGET} LUN 0"):
         load(str(cfg), data_dir=str(tmp_path))
+
+
+# ---------------------------------------------------------------- REPORT LUNS
+
+def test_report_luns_builds_only_what_the_allocation_length_holds(monkeypatch):
+    import stml.spc as spc
+    async def go():
+        h = Harness()
+        lus = h.emulator.targets[TARGET].luns
+        for n in range(1, 4000):
+            lus[n] = lus[0]                          # 4,000 LUN numbers (the list is what counts)
+        encoded = Counter(spc.encode_lun)
+        monkeypatch.setattr(spc, "encode_lun", encoded)
+        r = await h.cmd(bytes([0xA0, 0, 0, 0, 0, 0]) + struct.pack(">I", 8 + 8 * 10 + 4) + bytes(2),
+                        alloc=8 + 8 * 10 + 4)
+        assert r.status == GOOD and len(r.data) == 8 + 8 * 10 + 4
+        assert struct.unpack_from(">I", r.data)[0] == 8 * 4000       # the whole list's length
+        assert r.data[8:16] == bytes(8) and r.data[16:18] == bytes([0, 1])
+        assert encoded.calls == 11
+    run(go())
