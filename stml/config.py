@@ -19,6 +19,7 @@ DEFAULT_PORTAL = "127.0.0.1:3260"
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "kb": 1000, "m": 1 << 20, "mib": 1 << 20,
           "mb": 10**6, "g": 1 << 30, "gib": 1 << 30, "gb": 10**9, "t": 1 << 40, "tib": 1 << 40,
           "tb": 10**12}
+_LU_ID = re.compile(r"[0-9A-Fa-f]{32}")
 _IQN = re.compile(r"^(iqn\.\d{4}-\d{2}\.[^\s,]+|eui\.[0-9A-Fa-f]{16}|naa\.[0-9A-Fa-f]{16,32})$")
 
 
@@ -115,7 +116,7 @@ def _bool(value: Any, where: str) -> bool:
 def lun_options(raw: dict[str, Any], where: str, data_dir: Path) -> LunOptions:
     """Validate one LUN's settings (from TOML or a parsed spec)."""
     known = {"lun", "backend", "path", "size", "ro", "removable", "block_size", "write_cache", "thin",
-             "physical_block_exp"}
+             "physical_block_exp", "id"}
     for key in raw:
         if key not in known:
             raise ConfigError(f"{where}.{key}", f"unknown setting (known: {', '.join(sorted(known))})")
@@ -140,13 +141,16 @@ def lun_options(raw: dict[str, Any], where: str, data_dir: Path) -> LunOptions:
     pbe = raw.get("physical_block_exp", 0)
     if not isinstance(pbe, int) or isinstance(pbe, bool) or not 0 <= pbe <= 15:
         raise ConfigError(f"{where}.physical_block_exp", f"{pbe!r} is not 0-15 (log2 of logical blocks per physical block)")
+    ident = raw.get("id")
+    if ident is not None and (not isinstance(ident, str) or not _LU_ID.fullmatch(ident)):
+        raise ConfigError(f"{where}.id", f"{ident!r} is not 32 hexadecimal digits (the LU's identity)")
     return LunOptions(kind=kind, size=size, path=path,
                       ro=_bool(raw.get("ro", False), f"{where}.ro"),
                       removable=_bool(raw.get("removable", False), f"{where}.removable"),
                       block_size=bs,
                       write_cache=_bool(raw.get("write_cache", False), f"{where}.write_cache"),
                       thin=_bool(raw.get("thin", True), f"{where}.thin"),
-                      physical_block_exp=pbe)
+                      physical_block_exp=pbe, id=ident.lower() if ident else None)
 
 
 def parse_lun_spec(spec: str, where: str = "--lun") -> dict[str, Any]:
@@ -281,6 +285,16 @@ def load(config_path: str | None = None, data_dir: str | None = None, iqn: str |
         numbers = [lc.lun for lc in t.luns]
         if len(set(numbers)) != len(numbers):
             raise ConfigError(f"target {t.name}", "a LUN number is used twice")
+    owners: dict[str, str] = {}
+    for t in targets:
+        for lc in t.luns:
+            ident = lc.options.id
+            if ident is None:
+                continue
+            if ident in owners:
+                raise ConfigError(f"target {t.name} LUN {lc.lun} id",
+                                  f"{ident} is already the id of {owners[ident]} (an id names one LU)")
+            owners[ident] = f"target {t.name} LUN {lc.lun}"
     ep = endpoint or raw.get("stml_endpoint") or default_endpoint(ddir)
     if not re.match(r"^(ipc|tcp)://.+", ep):
         raise ConfigError("stml_endpoint", f"{ep!r} is not ipc://PATH or tcp://HOST:PORT")

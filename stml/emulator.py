@@ -33,6 +33,7 @@ from stml.sense import (
     WRITE_ERROR, DATA_PHASE_ERROR, BUSY, RESERVATION_CONFLICT, TASK_ABORTED, TASK_SET_FULL,
     CheckCondition, StatusError, build_sense,
 )
+from stml.workers import FairWorkers
 
 log = logging.getLogger("stml")
 _READ, _WRITE = int(DataDir.READ), int(DataDir.WRITE)   # plain ints: IntFlag operators are slow
@@ -109,18 +110,25 @@ class Task:
         self.abort_status: int | None = None   # TASK ABORTED when another nexus aborted it (TAS)
 
     async def io(self, fn: Callable, *args: Any) -> Any:
-        """Run a backend call: in place when it cannot block, else in a worker
-        thread. An abort waits for a started call rather than abandoning it,
-        so no write lands after the abort is reported."""
+        """Run a backend call of the task's LU (see io_on)."""
         lu = self.lu
         assert lu is not None   # only commands to an existing LU do I/O
+        return await self.io_on(lu, fn, *args)
+
+    async def io_on(self, lu: LogicalUnit, fn: Callable, *args: Any) -> Any:
+        """Run a backend call of `lu`: in place when it cannot block, else in a
+        worker thread when the LU's turn comes (stml.workers). An abort drops
+        a call that has not started and waits for a started one rather than
+        abandoning it, so no write lands after the abort is reported."""
         if lu.backend.inline:
             return fn(*args)
-        fut = asyncio.get_running_loop().run_in_executor(self.emulator.executor, fn, *args)
+        workers = self.emulator.workers
+        fut = workers.run(id(lu), fn, *args)
         try:
             return await asyncio.shield(fut)
         except asyncio.CancelledError:
-            await asyncio.wait([fut])
+            if not workers.drop(fut):
+                await asyncio.wait([fut])
             raise
 
     def add_data(self, offset: int, frames: list) -> None:
@@ -211,7 +219,8 @@ class Emulator:
                  name: str = "stml", heartbeat_ms: int = 1000, max_transfer: int = 8 << 20,
                  queue_depth: int = 128, discovery: dict[str, Any] | None = None,
                  data_dir: Path | str | None = None,
-                 portal_groups: collections.abc.Iterable[int] = ()) -> None:
+                 portal_groups: collections.abc.Iterable[int] = (),
+                 threads: int = 8) -> None:
         self.targets = {t.name: t for t in targets}
         self.data_dir = Path(data_dir) if data_dir is not None else None
         self.configured_tpgs = set(portal_groups)   # portal group tags the config names
@@ -219,6 +228,8 @@ class Emulator:
         self._seen_tpgs: dict[str, set[int]] = {}    # target -> tags nexuses came through
         self.send = send
         self.executor = executor
+        # an LU holds at most half the threads: one LU's slow calls never stall the others
+        self.workers = FairWorkers(executor, threads, max(1, threads // 2))
         # memory read data is read into, per front end: the process shell may
         # hand out memory the front end shares (stml.server, same-host carrier)
         self.read_buffer: Callable[[bytes, int], Any] = lambda ident, size: bytearray(size)
@@ -406,6 +417,9 @@ class Emulator:
         if same:
             return
         self._keyed.pop(key, None)
+        t = self.targets.get(nexus.target)
+        for lu in (t.luns.values() if t else ()):   # copy results end with the nexus (SPC-4 6.23)
+            lu.copy_results.drop(key)
         self._target_keys.get(nexus.target, {}).pop(key, None)
         for lu in list(self.spc2_luns):   # those with an SPC-2 reservation, not every LU
             st = lu.pr

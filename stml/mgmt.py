@@ -14,6 +14,7 @@ import copy
 import hashlib
 import logging
 import os
+import secrets
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -305,6 +306,8 @@ class Management:
     async def lun_add(self, spec: str, target: str | None = None, lun: int | None = None) -> dict[str, Any]:
         t = self._target(target)
         raw_lun = parse_lun_spec(spec, "lun spec")
+        # a new LU's identity (its NAA and serial): random, and saved with it
+        raw_lun["id"] = secrets.token_hex(16)
         number = int(lun) if lun is not None else next(n for n in range(16384) if n not in t.luns)
         if not 0 <= number < 16384:
             raise MgmtError(f"{number} is not a LUN number (0-16383)")
@@ -347,6 +350,7 @@ class Management:
         return {"target": t.name, "lun": lu.lun, "saved": self._persist(change)}
 
     async def _close_when_idle(self, lu: LogicalUnit) -> None:
+        await lu.stop_jobs()   # a background SANITIZE ends with its LUN
         deadline = time.monotonic() + 60
         while lu.task_set.tasks and time.monotonic() < deadline:
             await asyncio.sleep(0.1)

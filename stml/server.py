@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from stml.metrics import PrometheusExporter
 
 log = logging.getLogger("stml")
+WORKER_THREADS = 8   # threads for blocking backend calls, shared fairly among LUs
 
 
 def build_targets(config: Config, templates: dict[str, Any]) -> list[Target]:
@@ -138,8 +139,10 @@ class StmlServer:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.SNDHWM, 0)
         self.sock.setsockopt(zmq.RCVHWM, 0)
-        self.executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="backend")
+        # one thread more than the LUs share (stml.workers): management's calls never wait for them
+        self.executor = ThreadPoolExecutor(max_workers=WORKER_THREADS + 1, thread_name_prefix="backend")
         self.emulator = Emulator([], self._send, self.executor, heartbeat_ms=heartbeat_ms,
+                                 threads=WORKER_THREADS,
                                  discovery={"chap": config.discovery_chap},
                                  data_dir=config.data_dir, portal_groups=portal_groups(config))
         self.emulator.portals = portal_entries(config.portals)
@@ -337,6 +340,10 @@ class StmlServer:
             self.exporter.stop()
         if self.auth is not None:
             self.auth.stop()
+        # background jobs (SANITIZE) end with the STML: each waits only for the
+        # backend call it has under way, so SIGTERM still stops it promptly
+        await asyncio.gather(*(lu.stop_jobs() for t in self.emulator.targets.values()
+                               for lu in t.luns.values()))
         self.executor.shutdown(wait=True)
         for t in self.emulator.targets.values():
             for lu in t.luns.values():

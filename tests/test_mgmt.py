@@ -4,6 +4,7 @@ file holds it, a restart keeps it, and hand edits are never overwritten."""
 from __future__ import annotations
 
 import json
+import re
 import struct
 import subprocess
 import sys
@@ -50,6 +51,15 @@ def report_luns(ini: RawInitiator) -> list[int]:
     return [struct.unpack(">H", data[8 + 8 * i:10 + 8 * i])[0] & 0x3FFF for i in range(n)]
 
 
+def unit_serial(ini: RawInitiator, lun: int) -> str:
+    """PRODUCT SERIAL NUMBER (VPD 0x80), after any unit attention."""
+    for _ in range(3):
+        status, sense, data = ini.command(bytes([0x12, 1, 0x80, 0, 255, 0]), lun, read=255)
+        if status == 0:
+            return data[4:4 + data[3]].decode()
+    raise AssertionError(f"INQUIRY VPD 0x80 failed: {sense.hex()}")
+
+
 def capacity(ini: RawInitiator, lun: int) -> int:
     status, sense, data = ini.command(struct.pack(">BBQIBB", 0x9E, 0x10, 0, 32, 0, 0), lun, read=32)
     assert status == 0, sense
@@ -88,6 +98,7 @@ def test_lun_add_and_resize_live(config, tmp_path):
         assert capacity(ini, 0) == 32 << 20
         ini.write16(0, b"\x5a" * 4096, lun=1)
         assert ini.read16(0, 8, lun=1) == b"\x5a" * 4096
+        serial = unit_serial(ini, 1)
         ini.close()
 
         # the table output reads well too
@@ -96,7 +107,9 @@ def test_lun_add_and_resize_live(config, tmp_path):
 
         saved = tomllib.loads(config.read_text())
         luns = saved["target"][0]["lun"]
+        lu_id = luns[1].pop("id")   # the added LU's random identity, saved with it
         assert luns[0]["size"] == 32 << 20 and luns[1] == {"lun": 1, "backend": "ram", "size": "8MiB"}
+        assert re.fullmatch(r"[0-9a-f]{32}", lu_id) and serial == lu_id[:16]
         assert "OK" in cli("config", "check", "--config", str(config)).stdout
     finally:
         t.stop()
@@ -108,6 +121,10 @@ def test_lun_add_and_resize_live(config, tmp_path):
         assert luns[0]["size"] == 32 << 20 and luns[1]["size"] == 8 << 20
         out = run(["iscsi-readcapacity16", t.url(0, IQN)]).stdout
         assert str(32 << 20) in out or f"Last LBA:{(32 << 20) // 512 - 1}" in out.replace(" ", "")
+        ini = RawInitiator(host, int(t.portal.rsplit(":", 1)[1]), initiator="iqn.2026-11.org.test:mgmt")
+        ini.login(IQN)
+        assert unit_serial(ini, 1) == serial   # the same identity after the restart
+        ini.close()
 
         # an edit by hand since load is not overwritten
         config.write_text(config.read_text() + "# edited by hand\n")
