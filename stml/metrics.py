@@ -200,7 +200,10 @@ class Metrics:
         for fe in list(emulator.front_ends.values()):
             fes.append({"name": fe.name, "kind": fe.kind, "nexuses": len(fe.nexuses),
                         "last_seen_s": round(time.monotonic() - fe.last_seen, 2),
-                        **report(by_fe.get(fe.ident, []), in_flight)})
+                        **report(by_fe.get(fe.ident, []), in_flight),
+                        # what the front end buffers, as its last heartbeat said (contract 1.3)
+                        "buffered_bytes": fe.usage.get("used"), "buffer_limit_bytes": fe.usage.get("limit"),
+                        "buffers": fe.usage})
             for n in list(fe.nexuses.values()):
                 sessions.append({"front_end": fe.name, "nexus": n.id, "initiator": n.initiator,
                                  "target": n.target, "tpg": n.tpg,

@@ -1,0 +1,249 @@
+"""The front end's memory budget for buffered data, without I/O.
+
+Everything fetd_tcp holds because an initiator asked for it is counted here,
+by the connection it belongs to (an Account) and by kind:
+
+    read   read data a command may still bring (its transfer, reserved when
+           the command is admitted, until the STML answers it)
+    write  write data reserved for a command: immediate and unsolicited data
+           when the command arrives, solicited data when R2Ts are granted,
+           until the STML answers it
+    ooo    data of PDUs waiting for an earlier CmdSN
+    text   a Text request being continued, a Text response being continued
+    out    PDUs queued toward a socket that has not taken them yet
+
+Why reserve rather than count what is held: read data arrives from the STML
+whether or not there is room, so the only way never to hold more than the
+limit is to admit a command only when its whole transfer fits. Past the limit
+the connection pushes back instead of growing: TASK SET FULL for a command
+that does not fit, R2Ts held back (`wait`), its CmdSN window held shut.
+
+Fairness: every account is guaranteed `reserve` bytes that no other account
+can take (an account is opened only when its guarantee fits), so one
+initiator filling the budget still leaves every other connection room for a
+command of that size. Formally: accounts * reserve + the sum over accounts of
+max(0, held - reserve) stays within `limit`.
+
+Progress: R2T grants wait in a queue ordered by task tag (the order the STML
+saw the tasks). A task may wait in the STML for an older one (ORDERED), so
+when nothing older than the first waiter holds any reservation it is granted
+even past the limit: without that, newer tasks holding the budget could wait
+forever for it. At most one such grant is outstanding at a time (it then
+holds the oldest reservation), so the budget is exceeded by at most one
+task's transfer.
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+from typing import Callable
+
+KINDS = ("read", "write", "ooo", "text", "out")
+RESERVE = 128 << 10   # guaranteed to every connection: a 64 KiB read or write always fits
+
+
+class Grant:
+    """A reservation waiting for room (`Budget.wait`); `cancel` withdraws it."""
+
+    __slots__ = ("account", "kind", "n", "tag", "on_grant", "live")
+
+    def __init__(self, account: Account, kind: str, n: int, tag: int, on_grant: Callable[[], None]) -> None:
+        self.account, self.kind, self.n, self.tag, self.on_grant = account, kind, n, tag, on_grant
+        self.live = True
+
+    def cancel(self) -> None:
+        if self.live:
+            self.live = False
+            self.account.budget._waiting_live -= 1
+
+
+class Account:
+    """What one connection holds, by kind, and by task tag for reservations."""
+
+    __slots__ = ("budget", "held", "kinds", "tags", "closed")
+
+    def __init__(self, budget: Budget) -> None:
+        self.budget = budget
+        self.held = 0
+        self.kinds = dict.fromkeys(KINDS, 0)
+        self.tags: dict[int, int] = {}   # task tag -> bytes reserved for it
+        self.closed = False
+
+    def fits(self, n: int) -> bool:
+        """Could `n` more bytes be taken now without passing the limit?"""
+        b, r = self.budget, self.budget.reserve
+        grow = max(0, self.held + n - r) - max(0, self.held - r)
+        return b.accounts * r + b.excess + grow <= b.limit
+
+    def take(self, kind: str, n: int, tag: int | None = None, force: bool = False) -> bool:
+        """Count `n` bytes of `kind` (for task `tag`): False, and nothing counted,
+        when they do not fit (unless `force`: for what is already in memory)."""
+        if self.closed or n <= 0:
+            return not self.closed
+        if not force and not self.fits(n):
+            return False
+        b, r = self.budget, self.budget.reserve
+        b.excess += max(0, self.held + n - r) - max(0, self.held - r)
+        self.held += n
+        self.kinds[kind] += n
+        b.used += n
+        b.kinds[kind] += n
+        if b.used > b.peak:
+            b.peak = b.used
+        if tag is not None:
+            if tag not in self.tags:
+                b._hold(tag)
+            self.tags[tag] = self.tags.get(tag, 0) + n
+        return True
+
+    def give(self, kind: str, n: int, tag: int | None = None) -> None:
+        """`n` bytes of `kind` (of task `tag`) are no longer held."""
+        if self.closed or n <= 0:
+            return
+        n = min(n, self.kinds[kind])
+        b, r = self.budget, self.budget.reserve
+        b.excess += max(0, self.held - n - r) - max(0, self.held - r)
+        self.held -= n
+        self.kinds[kind] -= n
+        b.used -= n
+        b.kinds[kind] -= n
+        if tag is not None and tag in self.tags:
+            left = self.tags[tag] - n
+            if left > 0:
+                self.tags[tag] = left
+            else:
+                del self.tags[tag]
+                b._holding.discard(tag)
+        if b._waiting_live:
+            b._pump()
+
+    def set(self, kind: str, n: int) -> None:
+        """`kind` is now `n` bytes (what a sample of a socket's buffer says)."""
+        now = self.kinds[kind]
+        if n > now:
+            self.take(kind, n - now, force=True)
+        elif n < now:
+            self.give(kind, now - n)
+
+    def close(self) -> None:
+        """The connection is gone: everything it held is free, its guarantee too."""
+        if self.closed:
+            return
+        b, r = self.budget, self.budget.reserve
+        b.excess -= max(0, self.held - r)
+        b.used -= self.held
+        for kind, n in self.kinds.items():
+            b.kinds[kind] -= n
+        for tag in self.tags:
+            b._holding.discard(tag)
+        self.tags.clear()
+        self.held = 0
+        self.closed = True
+        b.accounts -= 1
+        if b._waiting_live:
+            b._pump()
+
+
+class Budget:
+    """The limit shared by every connection of the front end."""
+
+    def __init__(self, limit: int, reserve: int = RESERVE) -> None:
+        self.limit = limit
+        self.reserve = min(reserve, limit)
+        self.accounts = 0
+        self.excess = 0              # sum over accounts of max(0, held - reserve)
+        self.used = 0
+        self.peak = 0
+        self.kinds = dict.fromkeys(KINDS, 0)
+        self._holding: set[int] = set()   # tags holding a reservation
+        self._holders: list[int] = []     # the same tags as a heap (stale entries dropped lazily)
+        self._waiting: list[tuple[int, int, Grant]] = []   # (tag, seq, grant) heap
+        self._waiting_live = 0
+        self._seq = itertools.count()
+        self._pumping = False
+        self._again = False
+
+    def open(self) -> Account | None:
+        """An account for a new connection, or None when its guarantee does not fit."""
+        if (self.accounts + 1) * self.reserve + self.excess > self.limit:
+            return None
+        self.accounts += 1
+        return Account(self)
+
+    def take_now(self, account: Account, kind: str, n: int, tag: int) -> bool:
+        """Reserve at once when nobody waits before us and it fits (the usual
+        case, without a Grant)."""
+        return not self._waiting_live and account.take(kind, n, tag)
+
+    def wait(self, account: Account, kind: str, n: int, tag: int, on_grant: Callable[[], None]) -> Grant:
+        """Reserve `n` bytes for task `tag` when there is room: `on_grant()` is
+        called once they are taken (at once when they fit now)."""
+        grant = Grant(account, kind, n, tag, on_grant)
+        heapq.heappush(self._waiting, (tag, next(self._seq), grant))
+        self._waiting_live += 1
+        self._pump()
+        return grant
+
+    def report(self) -> dict[str, int]:
+        """What `scsi-target status` shows (sent with the front end's heartbeats)."""
+        return {"limit": self.limit, "used": self.used, "peak": self.peak,
+                "connections": self.accounts, **self.kinds}
+
+    # -- internals -----------------------------------------------------------
+    def _hold(self, tag: int) -> None:
+        self._holding.add(tag)
+        heapq.heappush(self._holders, tag)
+        if len(self._holders) > 2 * len(self._holding) + 64:   # stale entries: rebuild
+            self._holders = list(self._holding)
+            heapq.heapify(self._holders)
+
+    def _oldest_holder(self) -> int | None:
+        heap = self._holders
+        while heap and heap[0] not in self._holding:
+            heapq.heappop(heap)
+        return heap[0] if heap else None
+
+    def _pump(self) -> None:
+        """Grant waiting reservations in tag order while they fit (or while
+        nothing older holds a reservation: see the module docstring)."""
+        if self._pumping:
+            self._again = True
+            return
+        self._pumping = True
+        try:
+            again = True
+            while again:
+                self._again = False
+                self._grant_ready()
+                again = self._again
+            if len(self._waiting) > 2 * self._waiting_live + 64:   # cancelled entries: rebuild
+                self._waiting = [w for w in self._waiting if w[2].live]
+                heapq.heapify(self._waiting)
+        finally:
+            self._pumping = False
+
+    def _grant_ready(self) -> None:
+        heap = self._waiting
+        while heap:
+            tag, _, grant = heap[0]
+            if not grant.live or grant.account.closed:
+                heapq.heappop(heap)
+                if grant.live:
+                    grant.cancel()
+                continue
+            oldest = self._oldest_holder()
+            if not grant.account.fits(grant.n) and oldest is not None and oldest < tag:
+                return
+            heapq.heappop(heap)
+            grant.live = False
+            self._waiting_live -= 1
+            grant.account.take(grant.kind, grant.n, tag=tag, force=True)
+            grant.on_grant()
+
+
+def unlimited() -> Account:
+    """An account of a budget of its own without a limit (a Connection made
+    without one: tests and tools that drive the sans-IO core)."""
+    account = Budget(1 << 62).open()
+    assert account is not None   # the first account of an empty budget always fits
+    return account
