@@ -70,8 +70,11 @@ class Account:
         self.closed = False
 
     def fits(self, n: int) -> bool:
-        """Could `n` more bytes be taken now without passing the limit?"""
+        """Could `n` more bytes be taken now without passing the limit? Within
+        the account's guaranteed share always (whatever others forced in)."""
         b, r = self.budget, self.budget.reserve
+        if self.held + n <= r:
+            return True
         grow = max(0, self.held + n - r) - max(0, self.held - r)
         return b.accounts * r + b.excess + grow <= b.limit
 
