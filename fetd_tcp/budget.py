@@ -120,6 +120,25 @@ class Account:
         if b._waiting_live:
             b._pump()
 
+    def move(self, src: str, dst: str, n: int, tag: int) -> None:
+        """`n` bytes reserved as `src` for task `tag` are now held as `dst` (read data
+        that arrived: it is output now); beyond the reservation they are taken."""
+        moved = min(n, self.kinds[src], self.tags.get(tag, 0))
+        if moved:
+            self.kinds[src] -= moved
+            self.kinds[dst] += moved
+            b = self.budget
+            b.kinds[src] -= moved
+            b.kinds[dst] += moved
+            left = self.tags[tag] - moved
+            if left > 0:
+                self.tags[tag] = left
+            else:
+                del self.tags[tag]
+                b._holding.discard(tag)
+        if n > moved:
+            self.take(dst, n - moved, force=True)
+
     def set(self, kind: str, n: int) -> None:
         """`kind` is now `n` bytes (what a sample of a socket's buffer says)."""
         now = self.kinds[kind]

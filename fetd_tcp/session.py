@@ -464,7 +464,8 @@ class Connection:
         s.itts.pop(task.itt, None)
         n = len(data) if data is not None else 0
         if n:
-            self.account.take("out", n, force=True)
+            self.account.move("read", "out", n, task.tag)
+            task.res_read = max(0, task.res_read - n)
         if task.held or task.res_read or task.res_write or task.grant is not None or self.waiting:
             self.release(task)
         count, over, under = abs(resid), resid < 0, resid > 0
