@@ -308,3 +308,41 @@ def test_repeated_failures_log_a_bounded_number_of_lines():
         bad = log.count("could not deliver data")
         assert 1 <= refused <= 10 and 1 <= bad <= 10, (refused, bad)
         assert "Traceback" not in log
+
+
+# ---------------------------------------------------------------- iSNS ESI port
+
+def test_esi_connections_are_few_and_short():
+    """The ESI port listens on every address: beyond ESI_MAX_CONNECTIONS a connection
+    is closed at once, and a silent one is closed after esi_idle."""
+    import asyncio
+
+    from fetd_tcp import isns
+
+    async def read(r: asyncio.StreamReader, n: int = -1) -> bytes:
+        try:
+            return await asyncio.wait_for(r.read(n), 10)
+        except ConnectionResetError:
+            return b""              # closed with our ESI unread
+
+    async def main() -> None:
+        client = isns.IsnsClient("127.0.0.1:9", "iqn.2026-11.org.test:entity", esi_idle=0.5)
+        await client._start_esi()
+        assert client.esi_port and client._esi_server
+        try:
+            conns = [await asyncio.open_connection("127.0.0.1", client.esi_port)
+                     for _ in range(isns.ESI_MAX_CONNECTIONS + 2)]
+            esi = struct.pack(">HHHHHH", isns.VERSION, isns.ESI, 0, 0, 7, 0)
+            for _, w in conns:
+                w.write(esi)
+            answers = [await read(r, 12) for r, _ in conns]
+            assert [len(a) == 12 for a in answers].count(True) == isns.ESI_MAX_CONNECTIONS
+            assert answers.count(b"") == 2
+            for r, w in conns:          # the ones answered fall silent: closed after esi_idle
+                await read(r)
+                w.close()
+            assert client._esi_open == 0
+        finally:
+            client._esi_server.close()
+
+    asyncio.run(main())
