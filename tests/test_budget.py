@@ -266,3 +266,48 @@ def test_a_continued_text_request_is_acknowledged_and_bounded():
                                data_length=6), b"SendTa")
     conn.receive(P.TextRequest(2, out[-1][0].ttt, 1, 0, immediate=True, data_length=10), b"rgets=All\0")
     assert calls == [[("SendTargets", "All")]] and out[-1][0].final
+
+
+def test_the_books_balance_once_every_command_is_answered():
+    """Reads, writes of every kind, a failed transfer, an aborted task, a gap in CmdSN,
+    a NOP echo and a Text exchange: once all are answered (and the output sent) the
+    connection holds nothing."""
+    conn, out, link = _conn(seg=512, text=lambda c, pairs: [("TargetName", "t" * 4000)])
+    acct = conn.account
+    sn = iter(range(1, 1000))
+    conn.receive(_cmd(1, next(sn), _read(0, 64), 32768, read=True), b"")
+    conn.receive(_cmd(2, next(sn), _write(0, 8), 4096, bytes(4096), write=True), bytes(4096))
+    conn.receive(_cmd(3, next(sn), _write(8, 256), 131072, bytes(8192), write=True, final=False),
+                 bytes(8192))                                     # immediate + unsolicited follow
+    conn.receive(P.DataOut(3, P.RESERVED_TAG, 0, 8192, True, 0, P.LUN0, 8192), bytes(8192))
+    conn.receive(_cmd(4, next(sn), _write(300, 64), 32768, write=True), b"")
+    conn.receive(_cmd(5, next(sn), _write(400, 64), 32768, write=True), b"")
+    gap = next(sn)
+    conn.receive(_cmd(6, next(sn), _write(500, 8), 4096, bytes(4096), write=True), bytes(4096))
+    conn.receive(P.NopOut(7, P.RESERVED_TAG, 0, 0, immediate=True, data_length=100), bytes(100))
+    conn.receive(P.TextRequest(8, P.RESERVED_TAG, 0, 0, immediate=True, data_length=16), b"SendTargets=All\0")
+    conn.receive(_cmd(9, gap, bytes(6), 0), b"")                 # fills the gap: 6 runs
+    tasks = {t.itt: t for t in conn.tags.tasks.values()}
+    conn.rdy_to_xfer(tasks[3], 16384, 131072 - 16384)
+    conn.rdy_to_xfer(tasks[4], 0, 32768)
+    conn.rdy_to_xfer(tasks[5], 0, 32768)
+    r2t = next(p for p, _ in out if isinstance(p, P.R2T) and p.itt == 4)
+    conn.receive(P.DataOut(4, r2t.ttt, 0, 0, True, 0, P.LUN0, 32768), bytes(32768))
+    r2t = next(p for p, _ in out if isinstance(p, P.R2T) and p.itt == 5)
+    conn.receive(P.DataOut(5, r2t.ttt, 5, 4096, True, 0, P.LUN0, 512), bytes(512))   # out of sequence
+    assert acct.held > 0
+    for itt, data in ((1, memoryview(bytes(32768))), (2, None), (4, None), (5, None), (6, None), (9, None)):
+        task = tasks[itt]
+        conn.tags.tasks.pop(task.tag)
+        conn.xmit_response(task, 0 if itt != 5 else 2, None, 0, data)
+    conn.task_mgmt_fn_done(0, P.TMF_ABORT_TASK, 0, [tasks[3]])     # task 3 aborted
+    conn.session.tmfs += 1                                          # (it was never counted)
+    text = [p for p, _ in out if isinstance(p, P.TextResponse)]
+    assert not text[-1].final and acct.kinds["text"] > 0
+    while not text[-1].final:
+        conn.receive(P.TextRequest(8, text[-1].ttt, 0, 0, immediate=True), b"")
+        text.append(out[-1][0])
+    assert not conn.session.itts and not conn.waiting
+    acct.set("out", 0)                                              # the writer sent it all
+    assert acct.held == 0 and all(v == 0 for v in acct.kinds.values()) and not acct.tags
+    assert acct.budget.used == 0 and acct.budget._oldest_holder() is None
