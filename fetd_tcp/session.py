@@ -127,7 +127,7 @@ class Session:
         """A window of `window` commands the STML has not answered: ExpCmdSN +
         window - 1 - tasks in flight, so MaxCmdSN advances as commands complete
         (the task table stays within the window). While a connection is over one
-        of its bounds (Connection.over_bound) it stays put. Never lower than it
+        of its bounds (write_limit, read_limit) it stays put. Never lower than it
         was: the initiator may already send up to it."""
         last = self.last_max
         if last >= 0:
