@@ -26,14 +26,17 @@ max(0, held - reserve) stays within `limit`.
 
 Progress: R2T grants wait in a queue ordered by task tag (the order the STML
 saw the tasks). A task may wait in the STML for an older one (ORDERED), so
-when nothing older than the first waiter holds any reservation it is granted
-even past the limit: without that, newer tasks holding the budget could wait
-forever for it. At most one such grant is outstanding at a time (it then
-holds the oldest reservation), so the budget is exceeded by at most one
-task's transfer.
+when no write older than the first waiter is in flight (`hold`: from its
+admission to its answer) it is granted even past the limit: without that,
+newer tasks holding the budget could wait forever for it. Reads are not
+counted there: an older read finishes without more room, so granting past it
+only comes sooner. At most one such grant is outstanding at a time (it is then
+the oldest write in flight), so the budget is exceeded by at most one task's
+transfer.
 """
 from __future__ import annotations
 
+import collections
 import heapq
 import itertools
 from typing import Callable
@@ -58,84 +61,75 @@ class Grant:
 
 
 class Account:
-    """What one connection holds, by kind, and by task tag for reservations."""
+    """What one connection holds, by kind."""
 
-    __slots__ = ("budget", "held", "kinds", "tags", "closed")
+    __slots__ = ("budget", "held", "kinds", "closed")
 
     def __init__(self, budget: Budget) -> None:
         self.budget = budget
         self.held = 0
         self.kinds = dict.fromkeys(KINDS, 0)
-        self.tags: dict[int, int] = {}   # task tag -> bytes reserved for it
         self.closed = False
 
     def fits(self, n: int) -> bool:
         """Could `n` more bytes be taken now without passing the limit? Within
         the account's guaranteed share always (whatever others forced in)."""
-        b, r = self.budget, self.budget.reserve
-        if self.held + n <= r:
+        b = self.budget
+        r, held = b.reserve, self.held
+        if held + n <= r:
             return True
-        grow = max(0, self.held + n - r) - max(0, self.held - r)
+        grow = held + n - r - (held - r if held > r else 0)
         return b.accounts * r + b.excess + grow <= b.limit
 
-    def take(self, kind: str, n: int, tag: int | None = None, force: bool = False) -> bool:
-        """Count `n` bytes of `kind` (for task `tag`): False, and nothing counted,
-        when they do not fit (unless `force`: for what is already in memory)."""
+    def take(self, kind: str, n: int, force: bool = False) -> bool:
+        """Count `n` bytes of `kind`: False, and nothing counted, when they do not
+        fit (unless `force`: for what is already in memory). Per command: kept lean."""
         if self.closed or n <= 0:
             return not self.closed
-        if not force and not self.fits(n):
-            return False
-        b, r = self.budget, self.budget.reserve
-        b.excess += max(0, self.held + n - r) - max(0, self.held - r)
-        self.held += n
+        b = self.budget
+        r, held = b.reserve, self.held
+        new = held + n
+        if new > r:
+            grow = new - r - (held - r if held > r else 0)
+            if not force and b.accounts * r + b.excess + grow > b.limit:
+                return False
+            b.excess += grow
+        self.held = new
         self.kinds[kind] += n
         b.used += n
         b.kinds[kind] += n
         if b.used > b.peak:
             b.peak = b.used
-        if tag is not None:
-            if tag not in self.tags:
-                b._hold(tag)
-            self.tags[tag] = self.tags.get(tag, 0) + n
         return True
 
-    def give(self, kind: str, n: int, tag: int | None = None) -> None:
-        """`n` bytes of `kind` (of task `tag`) are no longer held."""
+    def give(self, kind: str, n: int) -> None:
+        """`n` bytes of `kind` are no longer held."""
         if self.closed or n <= 0:
             return
-        n = min(n, self.kinds[kind])
-        b, r = self.budget, self.budget.reserve
-        b.excess += max(0, self.held - n - r) - max(0, self.held - r)
-        self.held -= n
-        self.kinds[kind] -= n
+        kinds = self.kinds
+        if n > kinds[kind]:
+            n = kinds[kind]
+        b = self.budget
+        r, held = b.reserve, self.held
+        if held > r:
+            b.excess -= held - r - (held - n - r if held - n > r else 0)
+        self.held = held - n
+        kinds[kind] -= n
         b.used -= n
         b.kinds[kind] -= n
-        if tag is not None and tag in self.tags:
-            left = self.tags[tag] - n
-            if left > 0:
-                self.tags[tag] = left
-            else:
-                del self.tags[tag]
-                b._holding.discard(tag)
         if b._waiting_live:
             b._pump()
 
-    def move(self, src: str, dst: str, n: int, tag: int) -> None:
-        """`n` bytes reserved as `src` for task `tag` are now held as `dst` (read data
-        that arrived: it is output now); beyond the reservation they are taken."""
-        moved = min(n, self.kinds[src], self.tags.get(tag, 0))
-        if moved:
+    def move(self, src: str, dst: str, n: int, reserved: int) -> None:
+        """`n` bytes held as `src` (up to `reserved` of them) are now held as `dst`:
+        read data that arrived is output now; beyond its reservation it is taken."""
+        moved = min(n, reserved, self.kinds[src])
+        if moved > 0 and not self.closed:
             self.kinds[src] -= moved
             self.kinds[dst] += moved
             b = self.budget
             b.kinds[src] -= moved
             b.kinds[dst] += moved
-            left = self.tags[tag] - moved
-            if left > 0:
-                self.tags[tag] = left
-            else:
-                del self.tags[tag]
-                b._holding.discard(tag)
         if n > moved:
             self.take(dst, n - moved, force=True)
 
@@ -156,9 +150,6 @@ class Account:
         b.used -= self.held
         for kind, n in self.kinds.items():
             b.kinds[kind] -= n
-        for tag in self.tags:
-            b._holding.discard(tag)
-        self.tags.clear()
         self.held = 0
         self.closed = True
         b.accounts -= 1
@@ -177,8 +168,11 @@ class Budget:
         self.used = 0
         self.peak = 0
         self.kinds = dict.fromkeys(KINDS, 0)
-        self._holding: set[int] = set()   # tags holding a reservation
-        self._holders: list[int] = []     # the same tags as a heap (stale entries dropped lazily)
+        # writes in flight, and the same in tag order (tags grow, and a write is entered
+        # when it is admitted; gone ones leave the deque lazily)
+        self._holders: set[int] = set()
+        self._order: collections.deque[int] = collections.deque()
+        self._compact_at = 64
         self._waiting: list[tuple[int, int, Grant]] = []   # (tag, seq, grant) heap
         self._waiting_live = 0
         self._seq = itertools.count()
@@ -192,10 +186,26 @@ class Budget:
         self.accounts += 1
         return Account(self)
 
-    def take_now(self, account: Account, kind: str, n: int, tag: int) -> bool:
+    def hold(self, tag: int) -> None:
+        """Write `tag` (the newest task so far) is in flight: it holds, or will
+        hold, a reservation."""
+        self._holders.add(tag)
+        order = self._order
+        order.append(tag)
+        if len(order) > self._compact_at:   # gone ones behind a long-lived one
+            self._order = collections.deque(t for t in order if t in self._holders)
+            self._compact_at = 2 * len(self._order) + 64
+
+    def unhold(self, tag: int) -> None:
+        """Write `tag` is over (answered or aborted)."""
+        self._holders.discard(tag)
+        if self._waiting_live:
+            self._pump()
+
+    def take_now(self, account: Account, kind: str, n: int) -> bool:
         """Reserve at once when nobody waits before us and it fits (the usual
         case, without a Grant)."""
-        return not self._waiting_live and account.take(kind, n, tag)
+        return not self._waiting_live and account.take(kind, n)
 
     def wait(self, account: Account, kind: str, n: int, tag: int, on_grant: Callable[[], None]) -> Grant:
         """Reserve `n` bytes for task `tag` when there is room: `on_grant()` is
@@ -212,18 +222,11 @@ class Budget:
                 "connections": self.accounts, **self.kinds}
 
     # -- internals -----------------------------------------------------------
-    def _hold(self, tag: int) -> None:
-        self._holding.add(tag)
-        heapq.heappush(self._holders, tag)
-        if len(self._holders) > 2 * len(self._holding) + 64:   # stale entries: rebuild
-            self._holders = list(self._holding)
-            heapq.heapify(self._holders)
-
     def _oldest_holder(self) -> int | None:
-        heap = self._holders
-        while heap and heap[0] not in self._holding:
-            heapq.heappop(heap)
-        return heap[0] if heap else None
+        order, holders = self._order, self._holders
+        while order and order[0] not in holders:
+            order.popleft()
+        return order[0] if order else None
 
     def _pump(self) -> None:
         """Grant waiting reservations in tag order while they fit (or while
@@ -259,7 +262,7 @@ class Budget:
             heapq.heappop(heap)
             grant.live = False
             self._waiting_live -= 1
-            grant.account.take(grant.kind, grant.n, tag=tag, force=True)
+            grant.account.take(grant.kind, grant.n, force=True)
             grant.on_grant()
 
 

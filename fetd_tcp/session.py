@@ -131,11 +131,12 @@ class Session:
         was: the initiator may already send up to it."""
         last = self.last_max
         if last >= 0:
-            for c in self.connections.values():
-                if c.write_held >= c.write_limit or c.read_held >= c.read_limit:
+            for c in self.connections.values():   # (per command: no calls)
+                kinds = c.account.kinds
+                if c.write_held >= c.write_limit or kinds["read"] + kinds["out"] >= c.read_limit:
                     return last
         new = (self.exp_cmd_sn + self.window - 1 - len(self.itts)) % SN_MOD
-        if last < 0 or sn_lt(last, new):
+        if last < 0 or 0 < (new - last) % SN_MOD < (1 << 31):
             self.last_max = new
         return self.last_max
 
@@ -179,8 +180,10 @@ class Connection:
         # read data reserved for commands and output not yet taken by the socket: past
         # read_limit, reads get TASK SET FULL and MaxCmdSN stops (a non-reading initiator)
         self.read_limit = read_limit
-        # every byte the connection makes us hold, in the front end's budget
+        # every byte the connection makes us hold, in the front end's budget; its output
+        # ("out") is counted only when there is one: its writer samples the socket then
         self.account = account if account is not None else unlimited()
+        self.count_out = account is not None
         self._dispatch: dict[type, Callable[[Any, Any], None]] = {
             P.ScsiCommand: self._ordered, P.TaskMgmtRequest: self._ordered,
             P.TextRequest: self._ordered, P.LogoutRequest: self._ordered,
@@ -222,7 +225,8 @@ class Connection:
             self._run[type(pdu)](pdu, data)
             return
         sn = pdu.cmd_sn
-        if sn == s.exp_cmd_sn and sn_le(sn, s.max_cmd_sn):
+        # within MaxCmdSN as last advertised (it never goes back: no need to compute it again)
+        if sn == s.exp_cmd_sn and ((s.last_max - sn) % SN_MOD < (1 << 31) or sn_le(sn, s.max_cmd_sn)):
             s.exp_cmd_sn = (sn + 1) % SN_MOD
             self._run[type(pdu)](pdu, data)
             while s.queued and s.exp_cmd_sn in s.queued:
@@ -272,14 +276,6 @@ class Connection:
         kinds = self.account.kinds
         return kinds["read"] + kinds["out"]
 
-    def _read_reserve(self, edtl: int) -> int:
-        """What a command reading up to `edtl` bytes may make us hold: its data
-        (never more than the STML's largest transfer), a header per Data-In PDU
-        and a status with sense."""
-        n = min(edtl, self.session.max_transfer)
-        pdus = n // self.params.max_send_data_segment_length + n // self.session.params.max_burst_length
-        return n + (pdus + 2) * _PDU_OVERHEAD
-
     # ------------------------------------------------------------ SCSI commands
     def _scsi_command(self, cmd: P.ScsiCommand, data: Any) -> None:
         """A command goes to the STML only when what it may make us hold fits:
@@ -300,18 +296,26 @@ class Connection:
         unsol = n
         if write and not cmd.final and not s.params.initial_r2t:
             unsol = min(s.params.first_burst_length, edtl)
-        need = self._read_reserve(edtl) if cmd.read and edtl else 0
-        account = self.account
+        need = 0
+        if cmd.read and edtl:
+            need = min(edtl, s.max_transfer)    # its data, a header per Data-In, a status
+            need += (need // self.params.max_send_data_segment_length
+                     + need // s.params.max_burst_length + 2) * _PDU_OVERHEAD
+            kinds = self.account.kinds
+            read_held = kinds["read"] + kinds["out"]
         if ((write and cmd.immediate and self.write_held >= self.write_limit)
-                or (need and self.read_held and self.read_held + need > self.read_limit)
-                or ((unsol or need) and not account.fits(unsol + need))):
+                or (need and read_held and read_held + need > self.read_limit)):
             # immediate writes bypass the window that holds other writes back; a read
-            # past read_limit (unless it is the connection's only one); or no room
+            # past read_limit (unless it is the connection's only one)
             self._task_set_full(itt)
             return
         if cmd.immediate and len(s.itts) >= s.window:
             # immediate commands bypass the CmdSN window, not the bound on tasks in flight
             self.reject(P.REJECT_IMMEDIATE_COMMAND_REJECT, cmd.encode())
+            return
+        account = self.account
+        if (unsol or need) and not account.take("write" if unsol else "read", unsol + need):
+            self._task_set_full(itt)    # no room in the budget
             return
         tags = self.tags
         tag = tags.new()
@@ -324,12 +328,14 @@ class Connection:
                 task.unsol_end = task.held = task.res_write = unsol
                 task.next_offset = n
                 self.write_held += unsol
-                account.take("write", unsol, tag, force=True)
+                if need:   # taken with the write data above, as "write": now apart
+                    account.move("write", "read", need, need)
         else:
             direction = _READ if cmd.read else 0
         if need:
             task.res_read = need
-            account.take("read", need, tag, force=True)
+        if write:
+            account.budget.hold(tag)   # its R2Ts may wait for room: Budget's progress rule
         lun = P.lun_to_int(cmd.lun)
         self.link.rx_cmnd(tag, s.nexus, 0xFFFF if lun is None else lun, bytes(cmd.cdb),
                           ATTRS.get(cmd.attr, 0), direction, edtl, unsol, [data] if n else ())
@@ -377,7 +383,7 @@ class Connection:
         task.bursts.append([offset, end])
         self.waiting[task] = None
         n, account = end - offset, self.account
-        if account.budget.take_now(account, "write", n, task.tag):
+        if account.budget.take_now(account, "write", n):
             self._granted(task, n)
             return
         grant = account.budget.wait(account, "write", n, task.tag,
@@ -444,13 +450,15 @@ class Connection:
         if task.grant is not None:
             task.grant.cancel()
             task.grant = None
-        if task.res_read or task.res_write:
-            account = self.account
-            if task.res_read:
-                account.give("read", task.res_read, task.tag)
-            if task.res_write:
-                account.give("write", task.res_write, task.tag)
-            task.res_read = task.res_write = 0
+        account = self.account
+        if task.res_read:
+            account.give("read", task.res_read)
+            task.res_read = 0
+        if task.res_write:
+            account.give("write", task.res_write)
+            task.res_write = 0
+        if task.write:   # as _scsi_command held it
+            account.budget.unhold(task.tag)
         if self.waiting:
             self.waiting.pop(task, None)
             self._resume_r2ts()
@@ -463,11 +471,14 @@ class Connection:
         s = self.session
         s.itts.pop(task.itt, None)
         n = len(data) if data is not None else 0
-        if n:
-            self.account.move("read", "out", n, task.tag)
+        if n and self.count_out:
+            self.account.move("read", "out", n, task.res_read)
             task.res_read = max(0, task.res_read - n)
-        if task.held or task.res_read or task.res_write or task.grant is not None or self.waiting:
+        if task.write or self.waiting:
             self.release(task)
+        elif task.res_read:            # a read: only its reservation (per command: no call)
+            self.account.give("read", task.res_read)
+            task.res_read = 0
         count, over, under = abs(resid), resid < 0, resid > 0
         if n:
             assert data is not None   # n is its length
@@ -577,7 +588,7 @@ class Connection:
             if n.ttt == self.ping_ttt:
                 self.ping_ttt = None  # the initiator answered our ping
             return
-        if len(data) and not self.account.take("out", len(data)):
+        if len(data) and self.count_out and not self.account.take("out", len(data)):
             self.reject(P.REJECT_OUT_OF_RESOURCES, n.encode())   # no room for the echo
             return
         exp, mx = self._sns()
