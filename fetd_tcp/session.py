@@ -269,13 +269,6 @@ class Connection:
         exp, mx = self._sns()
         self.out(P.ScsiResponse(itt, TASK_SET_FULL, self._next_stat_sn(), exp, mx), b"")
 
-    @property
-    def read_held(self) -> int:
-        """Read data reserved for this connection's commands, and output its socket
-        has not taken yet (read_limit bounds both)."""
-        kinds = self.account.kinds
-        return kinds["read"] + kinds["out"]
-
     # ------------------------------------------------------------ SCSI commands
     def _scsi_command(self, cmd: P.ScsiCommand, data: Any) -> None:
         """A command goes to the STML only when what it may make us hold fits:
@@ -296,13 +289,13 @@ class Connection:
         unsol = n
         if write and not cmd.final and not s.params.initial_r2t:
             unsol = min(s.params.first_burst_length, edtl)
-        need = 0
+        need = read_held = 0
         if cmd.read and edtl:
             need = min(edtl, s.max_transfer)    # its data, a header per Data-In, a status
             need += (need // self.params.max_send_data_segment_length
                      + need // s.params.max_burst_length + 2) * _PDU_OVERHEAD
             kinds = self.account.kinds
-            read_held = kinds["read"] + kinds["out"]
+            read_held = kinds["read"] + kinds["out"]   # reserved, and output not yet sent
         if ((write and cmd.immediate and self.write_held >= self.write_limit)
                 or (need and read_held and read_held + need > self.read_limit)):
             # immediate writes bypass the window that holds other writes back; a read
