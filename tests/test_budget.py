@@ -332,3 +332,14 @@ def test_the_books_balance_once_every_command_is_answered():
     acct.set("out", 0)                                              # the writer sent it all
     assert acct.held == 0 and all(v == 0 for v in acct.kinds.values())
     assert acct.budget.used == 0 and acct.budget._oldest_holder() is None
+
+
+def test_limits_from_env_read_buffer_and_budget():
+    import pytest
+
+    from fetd_tcp.limits import MIN_BUFFERED, LimitError, Limits
+    assert Limits().max_buffered == 256 * MIB and Limits().max_read_buffer == 64 * MIB
+    got = Limits.from_env({"SCSI_TARGET_MAX_BUFFERED": str(32 * MIB), "SCSI_TARGET_MAX_READ_BUFFER": "1048576"})
+    assert got.max_buffered == 32 * MIB and got.max_read_buffer == MIB
+    with pytest.raises(LimitError, match="SCSI_TARGET_MAX_BUFFERED"):
+        Limits.from_env({"SCSI_TARGET_MAX_BUFFERED": str(MIN_BUFFERED - 1)})
