@@ -203,9 +203,12 @@ class Budget:
             self._pump()
 
     def take_now(self, account: Account, kind: str, n: int) -> bool:
-        """Reserve at once when nobody waits before us and it fits (the usual
-        case, without a Grant)."""
-        return not self._waiting_live and account.take(kind, n)
+        """Reserve at once when it fits and nobody waits before us (the usual
+        case, without a Grant), or when it fits in the account's guaranteed
+        share: that takes nothing anyone waits for."""
+        if self._waiting_live and account.held + n > self.reserve:
+            return False
+        return account.take(kind, n)
 
     def wait(self, account: Account, kind: str, n: int, tag: int, on_grant: Callable[[], None]) -> Grant:
         """Reserve `n` bytes for task `tag` when there is room: `on_grant()` is

@@ -67,6 +67,20 @@ def test_grants_wait_in_tag_order_and_come_as_room_frees():
     assert got == [3, 4, 5] and b.used == 3 * RESERVE
 
 
+def test_a_grant_within_the_guaranteed_share_does_not_queue_behind_others():
+    b = Budget(4 * RESERVE)
+    hog, other = b.open(), b.open()
+    assert hog and other
+    b.hold(1)
+    hog.take("write", 3 * RESERVE)
+    got: list[int] = []
+    b.hold(2)
+    b.wait(hog, "write", RESERVE, 2, lambda: got.append(2))    # the hog waits for more
+    assert got == []
+    assert b.take_now(other, "write", RESERVE // 2)            # the other's share: at once
+    assert not b.take_now(other, "write", RESERVE)             # past it: behind the hog
+
+
 def test_the_oldest_waiter_passes_when_only_newer_tasks_hold_the_budget():
     """Newer tasks holding the budget may be waiting (ORDERED) for the oldest
     one: withholding its data would deadlock, so it goes past the limit, and
