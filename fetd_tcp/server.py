@@ -13,12 +13,13 @@ import socket
 from typing import Any, Iterator, cast
 
 from fetd_tcp import pdu as P
+from fetd_tcp.budget import Account, Budget
 from fetd_tcp.digest import DIGEST_LEN, digest, padding
 from fetd_tcp.keys import TargetKeys
 from fetd_tcp import login as L
 from fetd_tcp.chap import Credentials, Secret
 from fetd_tcp.limits import Limits
-from fetd_tcp.session import Connection, Session, Tags
+from fetd_tcp.session import MAX_TEXT_RESPONSE, Connection, Session, Tags
 from stml.api import BufferPool, Detect, FrontEndLink
 
 log = logging.getLogger("fetd_tcp")
@@ -28,6 +29,11 @@ NOP_INTERVAL = 10.0      # idle connections are pinged this often; unanswered tw
 CMD_WINDOW = 128         # MaxCmdSN - ExpCmdSN + 1, capped by the STML's queue depth
 MAX_CONNECTIONS = 4     # connections per session we accept (MC/S)
 WRITE_BACKLOG = 4 << 20  # past this much unsent output, a connection stops reading until it drains
+CLOSE_LINGER = 5.0       # a closed connection's unsent output is dropped after this (peer not reading)
+# the login phase reads with a StreamReader, which buffers up to twice its limit before it
+# stops reading: enough for the largest login PDU, so a connection that has not logged in
+# cannot make us hold megabytes
+LOGIN_READ_LIMIT = L.MAX_LOGIN_TEXT + 1024
 
 
 class PortalSpec:
@@ -53,12 +59,16 @@ class IscsiFrontEnd:
             self.isns = IsnsClient(isns, f"{self.link.name}")
         self.tags = Tags()
         self.sessions: dict[int, Session] = {}           # TSIH -> session
+        self.by_nexus: dict[int, Session] = {}           # nexus -> normal session
+        self.by_name: dict[tuple[str, bytes, str], Session] = {}   # (initiator, ISID, target) -> session
+        self.per_target: dict[str, int] = {}             # target -> normal sessions
         self.nexus_ids = itertools.count(1)
         self.tsihs = itertools.count(1)
         self.detect_info: Detect | None = None
         self.servers: dict[PortalSpec, asyncio.AbstractServer] = {}
         self.writers: set[Any] = set()
         self.limits = Limits.from_env()
+        self.budget = Budget(self.limits.max_buffered)   # every byte a connection makes us hold
         self.open_conns: dict[Any, int] = {}             # portal / peer host -> open connections
         self.pool = BufferPool()          # big data segments the STML's shared memory cannot take
         self.pending_output: set[PduWriter] = set()      # writers with PDUs not yet sent
@@ -103,7 +113,8 @@ class IscsiFrontEnd:
     def drop_nexus(self, nexus: int, reason: str) -> None:
         """The STML ended this nexus (management `session drop`): tell the
         initiator every connection is being dropped, close them, end the session."""
-        for s in [s for s in self.sessions.values() if s.nexus == nexus and not s.discovery]:
+        s = self.by_nexus.get(nexus)
+        if s is not None:
             log.info("session TSIH %d of %s 0x%s dropped: %s", s.tsih, s.initiator, s.isid.hex(),
                      reason or "by the STML")
             conns = list(s.connections.values())
@@ -151,11 +162,15 @@ class IscsiFrontEnd:
             conn.task_mgmt_fn_done(itt, fn, response, tasks)
 
     def report_aen(self, nexus: int | None, lun: int, sense: bytes) -> None:
-        for s in self.sessions.values():
-            if nexus is None or s.nexus == nexus:
-                for conn in s.connections.values():
-                    conn.async_event(P.ASYNC_SCSI_EVENT, P.int_to_lun(lun), sense)
-                    break
+        sessions = self.by_nexus.values() if nexus is None else filter(None, [self.by_nexus.get(nexus)])
+        for s in sessions:
+            for conn in s.connections.values():
+                conn.async_event(P.ASYNC_SCSI_EVENT, P.int_to_lun(lun), sense)
+                break
+
+    def usage(self) -> dict[str, int]:
+        """Our buffered data, for the STML's `status` (sent with heartbeats)."""
+        return self.budget.report()
 
     def messages_handled(self) -> None:
         """What the STML sent in one read is handled: send the responses now,
@@ -187,17 +202,23 @@ class IscsiFrontEnd:
         return out
 
     def text(self, conn: Connection, pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
-        """Text requests in full feature phase: SendTargets; other keys are not
-        renegotiated."""
+        """Text requests in full feature phase: SendTargets (each key comes once:
+        the session refuses repeats); other keys are not renegotiated. An answer
+        is at most MAX_TEXT_RESPONSE bytes: whole targets that fit."""
         answer: list[tuple[str, str]] = []
         local_addr = conn.local_addr
         assert local_addr is not None   # set before the full feature phase starts
+        room = MAX_TEXT_RESPONSE - sum(len(k) + 15 for k, v in pairs if k != "SendTargets")
         for key, value in pairs:
             if key == "SendTargets":
-                answer += L.send_targets(value, conn.session.initiator, self.target_configs(),
-                                         self.portal_addresses(), local_addr,
-                                         discovery=conn.session.discovery,
-                                         session_target=conn.session.target)
+                found, cut = L.fit_targets(L.send_targets(
+                    value, conn.session.initiator, self.target_configs(), self.portal_addresses(),
+                    local_addr, discovery=conn.session.discovery,
+                    session_target=conn.session.target), room)
+                if cut:
+                    log.warning("SendTargets answer cut to %d bytes: %d target(s) left out",
+                                MAX_TEXT_RESPONSE, cut)
+                answer += found
             else:
                 answer.append((key, "NotUnderstood"))
         return answer
@@ -212,7 +233,7 @@ class IscsiFrontEnd:
     async def _listen(self, p: PortalSpec) -> None:
         server = await asyncio.start_server(
             lambda r, w: self._connection(r, w, p), p.host, p.port,
-            reuse_address=True, limit=1 << 20)
+            reuse_address=True, limit=LOGIN_READ_LIMIT)
         self.servers[p] = server
         self.portals.append(p)
         for sock in server.sockets:
@@ -318,27 +339,37 @@ class IscsiFrontEnd:
             if not isinstance(pdu, P.LoginRequest):
                 return None  # anything but Login before full feature phase ends the connection
             step: L.Send | L.Decide | L.Complete | L.Fail = machine.receive(pdu, bytes(data))
+            account: Account | None = None
             if isinstance(step, L.Decide):
-                step = self._decide(machine, step.outcome)
-            writer.write(step.header)
-            if step.data:
-                writer.write(step.data + padding(len(step.data)))
-            await writer.drain()
-            if isinstance(step, L.Fail):
-                log.info("login from %s failed: %s", pdu.isid.hex(), step.reason)
-                return None
-            if isinstance(step, L.Complete):
-                return self._admit(step.outcome, writer, local, portal.tpgt)
+                # every connection is guaranteed a share of the buffer budget: none left, no login
+                account = self.budget.open()
+                step = self._decide(machine, step.outcome) if account is not None else \
+                    machine.refuse(L.OUT_OF_RESOURCES, "buffer budget full")
+            try:
+                writer.write(step.header)
+                if step.data:
+                    writer.write(step.data + padding(len(step.data)))
+                await writer.drain()
+                if isinstance(step, L.Fail):
+                    log.info("login from %s failed: %s", pdu.isid.hex(), step.reason)
+                    return None
+                if isinstance(step, L.Complete):
+                    assert account is not None   # a Complete follows a Decide
+                    conn = self._admit(step.outcome, writer, local, portal.tpgt, account)
+                    account = None               # the connection's now
+                    return conn
+            finally:
+                if account is not None:
+                    account.close()
 
     def _decide(self, machine: L.LoginMachine, o: L.LoginOutcome) -> L.Complete | L.Fail:
         """The session side of a finished negotiation: a new session gets a
         TSIH; a connection joining one must name a live session of this
         initiator and stay within MaxConnections."""
         if o.tsih == 0:
-            if o.session_type == "Normal" and o.target is not None and sum(
-                    1 for s in self.sessions.values()
-                    if s.target == o.target.name and (s.initiator, s.isid) != (o.initiator_name, o.isid)
-            ) >= self.limits.max_sessions_per_target:
+            if o.session_type == "Normal" and o.target is not None \
+                    and self.per_target.get(o.target.name, 0) >= self.limits.max_sessions_per_target \
+                    and (o.initiator_name, o.isid, o.target.name) not in self.by_name:   # reinstatement
                 return machine.refuse(L.OUT_OF_RESOURCES, "too many sessions on this target")
             return machine.accept(self._allocate_tsih())
         s = self.sessions.get(o.tsih)
@@ -359,23 +390,27 @@ class IscsiFrontEnd:
                 return tsih
 
     def _admit(self, o: L.LoginOutcome, writer: asyncio.StreamWriter, local: Any,
-               tpgt: int) -> Connection:
+               tpgt: int, account: Account) -> Connection:
         """Create or join the session a finished login names."""
         session = self.sessions.get(o.tsih)
         discovery = o.session_type == "Discovery"
         target = o.target.name if o.target else ""
         if session is None:
-            for old in [s for s in self.sessions.values()
-                        if s.initiator == o.initiator_name and s.isid == o.isid and s.target == target]:
+            old = self.by_name.get((o.initiator_name, o.isid, target))
+            if old is not None:
                 log.info("session reinstatement: closing old session TSIH %d", old.tsih)
                 for c in list(old.connections.values()):
                     c.close()
                 self._end_session(old)
             limits = self.detect_info.limits if self.detect_info else {}
             session = Session(o.tsih, o.isid, o.initiator_name, target, tpgt, o.session,
-                              next(self.nexus_ids), o.cmd_sn, self._window(limits), discovery=discovery)
+                              next(self.nexus_ids), o.cmd_sn, self._window(limits), discovery=discovery,
+                              max_transfer=int(limits.get("max_transfer", 8 << 20)))
             self.sessions[o.tsih] = session
+            self.by_name[(o.initiator_name, o.isid, target)] = session
             if not discovery:
+                self.by_nexus[session.nexus] = session
+                self.per_target[target] = self.per_target.get(target, 0) + 1
                 self.link.register_nexus(session.nexus, session.initiator_port, target, tpgt)
         log.info("login: %s 0x%s -> %s tpgt %d, TSIH %d CID %d (%s)", o.initiator_name, o.isid.hex(),
                  target or "discovery", tpgt, o.tsih, o.cid, "new session" if len(session.connections) == 0
@@ -383,9 +418,10 @@ class IscsiFrontEnd:
         old_conn = session.connections.get(o.cid)
         if old_conn is not None:
             old_conn.close()
-        out = PduWriter(writer, o.connection, self.pending_output)
+        out = PduWriter(writer, o.connection, self.pending_output, account)
         conn = Connection(session, o.cid, o.connection, o.stat_sn, out, self.link, self.tags,
-                          out.close, self.text, write_limit=self.limits.max_write_buffer)
+                          out.close, self.text, write_limit=self.limits.max_write_buffer,
+                          read_limit=self.limits.max_read_buffer, account=account)
         session.connections[o.cid] = conn
         return conn
 
@@ -423,20 +459,37 @@ class IscsiFrontEnd:
             conn.idle = True
 
     def _drop_connection(self, conn: Connection) -> None:
+        """The connection is over: its tasks are forgotten (ErrorRecoveryLevel 0:
+        nothing moves them to another connection) and what it held leaves the
+        budget (its unsent output once the socket is gone: PduWriter.retire)."""
         s = conn.session
         if s.connections.get(conn.cid) is conn:
             del s.connections[conn.cid]
         for task in [t for t in s.itts.values() if t.conn is conn]:
             s.itts.pop(task.itt, None)
+            self.tags.tasks.pop(task.tag, None)
+            conn.release(task)
         if not s.connections:
             self._end_session(s)
+        if isinstance(conn.out, PduWriter):
+            conn.out.retire()
 
     def _end_session(self, s: Session) -> None:
+        """Forget a session (work in proportion to its own tasks, not to all)."""
         if self.sessions.get(s.tsih) is s:
             del self.sessions[s.tsih]
-            for tag in [tag for tag, t in self.tags.tasks.items() if t.conn.session is s]:
-                del self.tags.tasks[tag]
+            key = (s.initiator, s.isid, s.target)
+            if self.by_name.get(key) is s:
+                del self.by_name[key]
+            for task in s.itts.values():
+                self.tags.tasks.pop(task.tag, None)
             if not s.discovery:
+                self.by_nexus.pop(s.nexus, None)
+                left = self.per_target.get(s.target, 1) - 1
+                if left:
+                    self.per_target[s.target] = left
+                else:
+                    self.per_target.pop(s.target, None)
                 self.link.scsi_release(s.nexus)
 
 
@@ -500,6 +553,10 @@ class ConnectionProtocol(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        out = self.conn.out
+        if isinstance(out, PduWriter):
+            out.resample()
+            self.conn.window_update()
         if self.read_paused and not self.done.done():
             self.read_paused = False
             self._run()
@@ -570,12 +627,16 @@ class PduWriter:
     """A connection's output: the PDUs produced during one loop iteration leave
     in one writev (header, digest, data, padding as separate buffers: read data
     is not copied), and only what the socket does not take goes through the
-    transport's buffer, which also keeps the order once it holds anything."""
+    transport's buffer, which also keeps the order once it holds anything.
+    What that buffer holds counts in the connection's `account` as "out": it is
+    sampled after every flush and whenever the buffer drains (`resample`)."""
 
     IOV_MAX = 1024
 
-    def __init__(self, writer: asyncio.StreamWriter, params: Any, pending: set | None = None) -> None:
+    def __init__(self, writer: asyncio.StreamWriter, params: Any, pending: set | None = None,
+                 account: Account | None = None) -> None:
         self.pending = pending if pending is not None else set()   # writers with output queued
+        self.account = account
         self.transport = writer.transport
         self.fd = writer.get_extra_info("socket").fileno()
         self.hd, self.dd = params.header_digest, params.data_digest
@@ -613,6 +674,29 @@ class PduWriter:
         self.flush()
         self.transport.close()
 
+    def retire(self) -> None:
+        """The connection is over: close, and once the transport has nothing
+        left to send (or after CLOSE_LINGER, when the peer does not read: its
+        output is then dropped) the connection's account closes."""
+        self.close()
+        if self.transport.get_write_buffer_size() == 0:
+            self._release()
+        else:
+            self.loop.call_later(CLOSE_LINGER, self._abort)
+
+    def _abort(self) -> None:
+        self.transport.abort()
+        self._release()
+
+    def _release(self) -> None:
+        if self.account is not None:
+            self.account.close()
+
+    def resample(self) -> None:
+        """The transport's buffer shrank (it drained): count what it still holds."""
+        if self.account is not None:
+            self.account.set("out", self.transport.get_write_buffer_size() + self.size)
+
     def flush(self) -> None:
         self.scheduled = False
         self.pending.discard(self)
@@ -620,6 +704,13 @@ class PduWriter:
         size, self.size = self.size, 0
         if not parts or self.transport.is_closing():
             return
+        try:
+            self._send(parts, size)
+        finally:
+            if self.account is not None:
+                self.account.set("out", self.transport.get_write_buffer_size())
+
+    def _send(self, parts: list, size: int) -> None:
         if self.transport.get_write_buffer_size() == 0:
             try:
                 while parts:

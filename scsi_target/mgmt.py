@@ -305,7 +305,7 @@ def frontend() -> None:
 
 
 FE_COLUMNS = ["name", "kind", "nexuses", "last_seen_s", "commands", "read_bytes", "write_bytes",
-              "errors", "in_flight", "latency_us"]
+              "errors", "in_flight", "latency_us", "buffered_bytes", "buffer_limit_bytes"]
 
 
 @frontend.command("list")

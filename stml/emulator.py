@@ -22,7 +22,8 @@ from typing import Any, Callable, Coroutine
 
 from backends import BackendError
 from stml import pr
-from stml.api import CONTRACT_VERSION, DataDir, Op, TaskAttr, Tmf, TmfResponse, version_compatible
+from stml.api import (CONTRACT_VERSION, MAX_NAME_LEN, MAX_PORT_NAME_LEN, DataDir, Op, TaskAttr, Tmf,
+                      TmfResponse, version_compatible)
 from stml.cdb import check_usage, trim_cdb
 from stml.disk import DiskTemplate, OpEntry, standard_inquiry, trim_views
 from stml.lu import LogicalUnit
@@ -76,6 +77,7 @@ class FrontEnd:
     last_seen: float
     nexuses: dict[int, Nexus] = field(default_factory=dict)
     tasks: dict[int, Task] = field(default_factory=dict)
+    usage: dict[str, int] = field(default_factory=dict)   # what it buffers (heartbeat, 1.3)
 
 
 class Task:
@@ -261,7 +263,7 @@ class Emulator:
             Op.RX_DATA: self._scsi_rx_data,
             Op.RX_TMF: self._rx_task_mgmt_fn,
             Op.DONE: lambda fe, h, f: None,
-            Op.HEARTBEAT: lambda fe, h, f: None,
+            Op.HEARTBEAT: self._heartbeat,
         }
 
     def restore_reservations(self) -> None:
@@ -373,9 +375,20 @@ class Emulator:
         for fe in list(self.front_ends.values()):
             self.send(fe.ident, {"op": Op.RELEASE, "reason": "STML shutting down"}, [])
 
+    @staticmethod
+    def _heartbeat(fe: FrontEnd, h: dict[str, Any], frames: list) -> None:
+        usage = h.get("usage")
+        if isinstance(usage, dict):   # a few named counters, nothing else is kept
+            fe.usage = {str(k)[:32]: v for k, v in list(usage.items())[:16]
+                        if type(v) is int and v >= 0}
+
     # ------------------------------------------------------------ nexuses
     def _register_nexus(self, fe: FrontEnd, h: dict[str, Any], frames: list) -> None:
         nexus = Nexus(fe, int(h["nexus"]), str(h["initiator"]), str(h["target"]), int(h["tpg"]))
+        if len(nexus.target.encode()) > MAX_NAME_LEN or len(nexus.initiator.encode()) > MAX_PORT_NAME_LEN:
+            self.send(fe.ident, {"op": Op.NEXUS_READY, "nexus": nexus.id,
+                                 "error": f"initiator or target name longer than {MAX_NAME_LEN} bytes"}, [])
+            return
         if nexus.target not in self.targets:
             self.send(fe.ident, {"op": Op.NEXUS_READY, "nexus": nexus.id,
                                  "error": f"no target {nexus.target}"}, [])
