@@ -384,13 +384,37 @@ def chart(results: dict, path: Path) -> None:
     print(f"chart: {path}")
 
 
+def commit() -> str:
+    """The measured tree's commit, marked when it has uncommitted changes."""
+    def git(*a: str) -> str:
+        p = subprocess.run(["git", "-C", str(ROOT), *a], capture_output=True, text=True)
+        return p.stdout.strip() if p.returncode == 0 else ""
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    return head + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def machine() -> dict:
+    """What the numbers depend on: CPUs, their model, the idle driver's halt polling."""
+    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                  if line.startswith("model name")), "?")
+    halt = Path("/sys/module/haltpoll/parameters/guest_halt_poll_ns")
+    return {"cpus": os.cpu_count(), "model": model,
+            "guest_halt_poll_ns": halt.read_text().strip() if halt.exists() else None}
+
+
+def default_out(args: argparse.Namespace, results: dict) -> Path:
+    kind = "-thin" if args.thin else "-loopback" if args.loopback else ""
+    return ROOT / "docs" / "perf" / f"{results['date']}-{results['commit']}{kind}.json"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--compare-tgtd", action="store_true", help="also run tgtd and print ratios")
     ap.add_argument("--loopback", action="store_true", help="measure the STML alone (no TCP)")
     ap.add_argument("--runs", type=int, default=5, help="rounds per workload (median is reported)")
     ap.add_argument("--scale", type=float, default=1.0, help="multiply I/O counts (0.01 = smoke run)")
-    ap.add_argument("--out", default="bench.json", help="JSON results (and a .png beside it)")
+    ap.add_argument("--out", help="JSON results (and a .png beside it); default "
+                                  "docs/perf/DATE-COMMIT[-thin|-loopback].json in the tree measured")
     ap.add_argument("--thin", action="store_true",
                     help="the default thin LUN: a sparse file fragmented by scattered 4 KiB writes, "
                          "then 64 KiB reads (instead of the thick workloads)")
@@ -402,7 +426,10 @@ def main() -> None:
     if not shutil.which("qemu-img") and not args.loopback:
         sys.exit("bench: qemu-img not found (apt-get install qemu-utils qemu-block-extra)")
     results = run_loopback(args) if args.loopback else run_iscsi(args)
-    out = Path(args.out)
+    results["commit"], results["date"] = commit(), time.strftime("%Y-%m-%d")
+    results["machine"] = machine()
+    out = Path(args.out) if args.out else default_out(args, results)
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
     print(f"results: {out}")
     if args.compare_tgtd:
