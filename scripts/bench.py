@@ -4,12 +4,19 @@
     scripts/bench.py [--compare-tgtd] [--runs 5] [--scale 1.0] [--out bench.json]
     scripts/bench.py --loopback        # the STML alone, through the loopback front end
     scripts/bench.py --compare-tgtd --cpu   # also CPU and sleeps per I/O, per process
+    scripts/bench.py --compare-tgtd --thin  # the default thin LUN, fragmented first
 
 Both targets get an equivalent LUN: a 1 GiB file in /dev/shm (same backing
 kind and size), filled with data first, and ours thick (no logical block
 provisioning, as tgtd): on a thin LUN qemu asks GET LBA STATUS before reads
 of 32 KiB and more and returns zeros for unmapped ranges without reading,
-which would measure nothing. Workloads run through qemu-img bench (qemu's iSCSI driver,
+which would measure nothing. `--thin` measures what that leaves out, the
+default thin LUN as a VM leaves it: a sparse file on disk (beside the
+default data dir's kind of file system), fragmented by 50,000 scattered
+4 KiB writes through the target, then read in 64 KiB pieces, which qemu
+precedes with GET LBA STATUS; tgtd gets the same sparse file with its thin
+provisioning turned on (it answers GET LBA STATUS from SEEK_DATA/SEEK_HOLE
+too) and the same writes. Workloads run through qemu-img bench (qemu's iSCSI driver,
 libiscsi), alternating A B A B so drift on a shared machine cancels out; the
 table shows medians of per-round ratios to tgtd. Nothing is installed:
 `apt-get install tgt qemu-utils qemu-block-extra` first. A PNG chart is
@@ -46,9 +53,15 @@ WORKLOADS = [
     ("1m-seqwrite-qd8", ["-d", "8", "-s", "1M", "-w"], 2000),
 ]
 
-# the ratio each workload should reach (issue 7); at QD1 a ratio of 0.5 is a latency of 2x tgtd's
+# the default thin LUN after a VM's scattered writes (--thin): 4 KiB writes every 20 KiB
+FRAGMENT = ["-w", "-d", "16", "-s", "4k", "-S", "20k"]
+FRAGMENT_WRITES = 50000
+THIN_WORKLOADS = [("64k-read-qd8-thin", ["-d", "8", "-s", "64k"], 20000)]
+
+# the ratio each workload should reach (issue 7; the thin one: issue 25); at QD1 a ratio of
+# 0.5 is a latency of 2x tgtd's
 GOALS = {"4k-read-qd1": 0.5, "4k-read-qd16": 0.5, "4k-write-qd16": 0.5, "64k-read-qd8": 0.8,
-         "1m-seqread-qd8": 1.0, "1m-seqwrite-qd8": 1.0}
+         "1m-seqread-qd8": 1.0, "1m-seqwrite-qd8": 1.0, "64k-read-qd8-thin": 0.8}
 
 
 def filled_image(path: Path) -> Path:
@@ -58,6 +71,30 @@ def filled_image(path: Path) -> Path:
         for _ in range(SIZE >> 20):
             f.write(chunk)
     return path
+
+
+def sparse_image(directory: Path, name: str) -> Path:
+    """A SIZE-byte file with no blocks allocated, as the default LUN starts."""
+    path = directory / name
+    with open(path, "wb") as f:
+        f.truncate(SIZE)
+    return path
+
+
+def extents(path: Path) -> int:
+    """Data extents of a sparse file (how fragmented the writes left it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        n, pos, end = 0, 0, os.fstat(fd).st_size
+        while pos < end:
+            try:
+                pos = os.lseek(fd, os.lseek(fd, pos, os.SEEK_DATA), os.SEEK_HOLE)
+            except OSError:
+                break   # no data after pos
+            n += 1
+        return n
+    finally:
+        os.close(fd)
 
 
 def free_port() -> int:
@@ -70,12 +107,13 @@ def free_port() -> int:
 class Ours:
     name = "scsi-target"
 
-    def __init__(self, work: Path) -> None:
+    def __init__(self, work: Path, img: Path, thin: bool) -> None:
         self.port = free_port()
-        self.img = filled_image(Path("/dev/shm") / f"bench-ours-{os.getpid()}-{self.port}.img")
+        self.img = img
+        lun = f"file:{self.img}" + ("" if thin else ",thick")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "scsi_target", "run", "--data-dir", str(work / "ours"),
-             "--lun", f"file:{self.img},thick", "--portal", f"127.0.0.1:{self.port}",
+             "--lun", lun, "--portal", f"127.0.0.1:{self.port}",
              "--log-level", "warning"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, cwd=ROOT)
         # ready once attached to the STML and listening (the listener opens after attaching)
@@ -111,10 +149,10 @@ class Ours:
 class Tgtd:
     name = "tgtd"
 
-    def __init__(self, work: Path) -> None:
+    def __init__(self, work: Path, img: Path, thin: bool) -> None:
         self.port = free_port()
         self.ctl = 3000 + os.getpid() % 2000   # tgtd's control "port" is a small socket index
-        self.img = filled_image(Path("/dev/shm") / f"bench-tgtd-{os.getpid()}.img")
+        self.img = img
         self.proc = subprocess.Popen(["tgtd", "-f", "-C", str(self.ctl), "--iscsi",
                                       f"portal=127.0.0.1:{self.port}"],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -125,6 +163,8 @@ class Tgtd:
             time.sleep(0.1)
         for args in (["--op", "new", "--mode", "target", "--tid", "1", "-T", TGT_IQN],
                      ["--op", "new", "--mode", "logicalunit", "--tid", "1", "--lun", "1", "-b", str(self.img)],
+                     *([["--op", "update", "--mode", "logicalunit", "--tid", "1", "--lun", "1",
+                         "--params", "thin_provisioning=1"]] if thin else []),
                      ["--op", "bind", "--mode", "target", "--tid", "1", "-I", "ALL"]):
             subprocess.run(adm + args, check=True, capture_output=True)
         self.url = f"iscsi://127.0.0.1:{self.port}/{TGT_IQN}/1"
@@ -188,16 +228,50 @@ def size_of(args: list[str]) -> int:
     return int(s[:-1]) * {"k": 1024, "M": 1 << 20}[s[-1]]
 
 
-def run_iscsi(args: argparse.Namespace) -> dict:
-    work = Path(tempfile.mkdtemp(prefix="bench"))
-    targets = [Ours(work)]
+def start_targets(args: argparse.Namespace, work: Path) -> list[Ours | Tgtd]:
+    """Our target, and tgtd with --compare-tgtd, each on an equal LUN: a filled
+    1 GiB file in /dev/shm (ours thick), or with --thin a sparse one on disk."""
+    kinds: list[type[Ours] | type[Tgtd]] = [Ours]
     if args.compare_tgtd:
         if not shutil.which("tgtd"):
             sys.exit("bench: tgtd not found (apt-get install tgt)")
-        targets.append(Tgtd(work))
-    results: dict = {"workloads": {}, "runs": args.runs}
+        kinds.append(Tgtd)
+    targets: list[Ours | Tgtd] = []
     try:
-        for name, wargs, count in WORKLOADS:
+        for kind in kinds:
+            name = f"bench-{kind.__name__.lower()}-{os.getpid()}.img"
+            img = sparse_image(work, name) if args.thin else filled_image(Path("/dev/shm") / name)
+            try:
+                targets.append(kind(work, img, args.thin))
+            except BaseException:
+                img.unlink(missing_ok=True)
+                raise
+    except BaseException:
+        for t in targets:
+            t.stop()
+        raise
+    return targets
+
+
+def fragment(targets: list[Ours | Tgtd], args: argparse.Namespace, results: dict) -> None:
+    """The same scattered 4 KiB writes through each target; how many extents they left."""
+    n = max(100, int(FRAGMENT_WRITES * args.scale))
+    results["fragment"] = {"writes": n, "args": FRAGMENT}
+    for t in targets:
+        qemu_bench(t.url, FRAGMENT, n)
+        results["fragment"][t.name] = {"extents": extents(t.img)}
+    print("fragmented: " + ", ".join(f"{t.name} {results['fragment'][t.name]['extents']} extents"
+                                     for t in targets), flush=True)
+
+
+def run_iscsi(args: argparse.Namespace) -> dict:
+    work = Path(tempfile.mkdtemp(prefix="bench", dir=args.thin_dir if args.thin else None))
+    targets = start_targets(args, work)
+    results: dict = {"workloads": {}, "runs": args.runs, "lun": "thin" if args.thin else "thick"}
+    try:
+        if args.thin:
+            fragment(targets, args, results)
+        for name, wargs, count in (THIN_WORKLOADS if args.thin else WORKLOADS):
             n = max(100, int(count * args.scale))
             per: dict[str, list[float]] = {t.name: [] for t in targets}
             cpu: dict[str, list[dict]] = {t.name: [] for t in targets}
@@ -225,6 +299,7 @@ def run_iscsi(args: argparse.Namespace) -> dict:
     finally:
         for t in targets:
             t.stop()
+        shutil.rmtree(work, ignore_errors=True)
     return results
 
 
@@ -309,20 +384,52 @@ def chart(results: dict, path: Path) -> None:
     print(f"chart: {path}")
 
 
+def commit() -> str:
+    """The measured tree's commit, marked when it has uncommitted changes."""
+    def git(*a: str) -> str:
+        p = subprocess.run(["git", "-C", str(ROOT), *a], capture_output=True, text=True)
+        return p.stdout.strip() if p.returncode == 0 else ""
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    return head + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def machine() -> dict:
+    """What the numbers depend on: CPUs, their model, the idle driver's halt polling."""
+    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                  if line.startswith("model name")), "?")
+    halt = Path("/sys/module/haltpoll/parameters/guest_halt_poll_ns")
+    return {"cpus": os.cpu_count(), "model": model,
+            "guest_halt_poll_ns": halt.read_text().strip() if halt.exists() else None}
+
+
+def default_out(args: argparse.Namespace, results: dict) -> Path:
+    kind = "-thin" if args.thin else "-loopback" if args.loopback else ""
+    return ROOT / "docs" / "perf" / f"{results['date']}-{results['commit']}{kind}.json"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--compare-tgtd", action="store_true", help="also run tgtd and print ratios")
     ap.add_argument("--loopback", action="store_true", help="measure the STML alone (no TCP)")
     ap.add_argument("--runs", type=int, default=5, help="rounds per workload (median is reported)")
     ap.add_argument("--scale", type=float, default=1.0, help="multiply I/O counts (0.01 = smoke run)")
-    ap.add_argument("--out", default="bench.json", help="JSON results (and a .png beside it)")
+    ap.add_argument("--out", help="JSON results (and a .png beside it); default "
+                                  "docs/perf/DATE-COMMIT[-thin|-loopback].json in the tree measured")
+    ap.add_argument("--thin", action="store_true",
+                    help="the default thin LUN: a sparse file fragmented by scattered 4 KiB writes, "
+                         "then 64 KiB reads (instead of the thick workloads)")
+    ap.add_argument("--thin-dir", default="/var/tmp",
+                    help="where --thin keeps its sparse files (a disk file system, as the data dir)")
     ap.add_argument("--cpu", action="store_true",
                     help="also CPU (user + kernel) and sleeps per I/O of each target process, from /proc")
     args = ap.parse_args()
     if not shutil.which("qemu-img") and not args.loopback:
         sys.exit("bench: qemu-img not found (apt-get install qemu-utils qemu-block-extra)")
     results = run_loopback(args) if args.loopback else run_iscsi(args)
-    out = Path(args.out)
+    results["commit"], results["date"] = commit(), time.strftime("%Y-%m-%d")
+    results["machine"] = machine()
+    out = Path(args.out) if args.out else default_out(args, results)
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
     print(f"results: {out}")
     if args.compare_tgtd:
