@@ -57,6 +57,12 @@ scsi_target_done {op, tags: [int]}
     Responses delivered to the initiator (batched); ends the tasks'
     accounting in the STML.
 heartbeat        {op}
+portal_state     {op, follows: bool, portals: [{host, port, tpgt, listening: bool,
+                  bound_port?: int, error?: str}]}
+    (optional) An iSCSI front end that follows the STML's portal list says,
+    after each change of it, which portals it listens on and why not the
+    others; `portal add` waits for it, `portal list` and `status` show it.
+    An STML that does not know it logs and ignores it.
 
 STML -> front end
 -----------------
@@ -145,6 +151,7 @@ class Op(enum.StrEnum):
     RX_TMF = "rx_task_mgmt_fn"
     DONE = "scsi_target_done"
     HEARTBEAT = "heartbeat"
+    PORTAL_STATE = "portal_state"
     # STML -> front end
     DETECT = "detect"
     NEXUS_READY = "nexus_ready"

@@ -2,9 +2,11 @@
 Config. Every error names the field it is about, in one line."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import re
+import secrets
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,7 +114,7 @@ def _bool(value: Any, where: str) -> bool:
 def lun_options(raw: dict[str, Any], where: str, data_dir: Path) -> LunOptions:
     """Validate one LUN's settings (from TOML or a parsed spec)."""
     known = {"lun", "backend", "path", "size", "ro", "removable", "block_size", "write_cache", "thin",
-             "physical_block_exp"}
+             "physical_block_exp", "id"}
     for key in raw:
         if key not in known:
             raise ConfigError(f"{where}.{key}", f"unknown setting (known: {', '.join(sorted(known))})")
@@ -129,6 +131,10 @@ def lun_options(raw: dict[str, Any], where: str, data_dir: Path) -> LunOptions:
         path = str(data_dir / path) if not os.path.isabs(path) else path
         if size is None and not os.path.exists(path):
             raise ConfigError(f"{where}.path", f"{path} does not exist; give a size to create it")
+        parent = Path(path).parent
+        # the data dir itself is created at start; any other directory must be there already
+        if not os.path.exists(path) and parent != data_dir and not parent.is_dir():
+            raise ConfigError(f"{where}.path", f"directory {parent} does not exist")
     bs = raw.get("block_size", 512)
     if bs not in (512, 4096):
         raise ConfigError(f"{where}.block_size", f"{bs!r} is not 512 or 4096")
@@ -137,13 +143,24 @@ def lun_options(raw: dict[str, Any], where: str, data_dir: Path) -> LunOptions:
     pbe = raw.get("physical_block_exp", 0)
     if not isinstance(pbe, int) or isinstance(pbe, bool) or not 0 <= pbe <= 15:
         raise ConfigError(f"{where}.physical_block_exp", f"{pbe!r} is not 0-15 (log2 of logical blocks per physical block)")
-    return LunOptions(kind=kind, size=size, path=path,
+    extra: dict[str, Any] = {}
+    if "id" in raw:
+        lun_id = raw["id"]
+        if not isinstance(lun_id, str) or not re.fullmatch(r"[0-9a-fA-F]{32}", lun_id):
+            raise ConfigError(f"{where}.id", f"{lun_id!r} is not 32 hex digits")
+        if _has_field("id"):    # the LU's identity; kept in the file either way
+            extra["id"] = lun_id.lower()
+    return LunOptions(**extra, kind=kind, size=size, path=path,
                       ro=_bool(raw.get("ro", False), f"{where}.ro"),
                       removable=_bool(raw.get("removable", False), f"{where}.removable"),
                       block_size=bs,
                       write_cache=_bool(raw.get("write_cache", False), f"{where}.write_cache"),
                       thin=_bool(raw.get("thin", True), f"{where}.thin"),
-                      physical_block_exp=pbe)
+                      physical_block_exp=pbe or None)
+
+
+def _has_field(name: str) -> bool:
+    return any(f.name == name for f in dataclasses.fields(LunOptions))
 
 
 def parse_lun_spec(spec: str, where: str = "--lun") -> dict[str, Any]:
@@ -348,3 +365,83 @@ def stml_settings(raw: Any, config_path: Path | None) -> StmlSettings:
         raise ConfigError("stml.poll_us", f"{poll_us!r} is not a number of microseconds (0-{MAX_POLL_US})")
     return StmlSettings(listen, secret, allowed, _bool(raw.get("insecure", False), "stml.insecure"),
                         hb, metrics, poll_us)
+
+
+class StartupError(ConfigError):
+    """The data dir or a file the start needs cannot be used: one line, exit 2."""
+
+
+def load_or_create(config_path: str | None = None, data_dir: str | None = None, iqn: str | None = None,
+                   luns: tuple[str, ...] = (), endpoint: str | None = None,
+                   portals: tuple[str, ...] = ()) -> Config:
+    """The config a starting STML serves, whose file always exists: --config,
+    else DATA_DIR/scsi-target.toml. A missing file is written with what this
+    start runs (the built-in default, or what the flags say), each LUN with an
+    identity of its own. Once a file defines targets it wins: --iqn/--lun must
+    agree with it, so a restart with the same command line works, and anything
+    else is refused with a pointer to `lun add` (docs/decisions/0200)."""
+    from stml.persist import CONFIG_NAME, save
+    if config_path is None:
+        ddir = Path(data_dir).expanduser().absolute() if data_dir else default_data_dir()
+        path = ddir / CONFIG_NAME
+    else:
+        path = Path(config_path).expanduser().absolute()
+    if path.exists():
+        config = load(str(path), data_dir, None, (), endpoint, portals)
+        if not (iqn or luns):
+            return config
+        if not config.raw.get("target"):    # the file names no target: the flags define them
+            return load(str(path), data_dir, iqn, luns, endpoint, portals)
+        _check_flags_agree(config, iqn, luns)
+        return config
+    config = load(None, data_dir, iqn, luns, endpoint, portals)
+    config.path = path
+    if _has_field("id"):
+        for t in config.targets:
+            for lc in t.luns:
+                if not getattr(lc.options, "id", None):
+                    setattr(lc.options, "id", secrets.token_hex(16))
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        save(config, path)
+    except OSError as e:
+        raise StartupError(f"cannot write {path}", e.strerror or str(e)) from None
+    return load(str(path), data_dir, None, (), endpoint, portals)
+
+
+def describe_lun(o: LunOptions | None) -> str:
+    if o is None:
+        return "none"
+    from stml.persist import size_text
+    what = f"{o.kind} {size_text(o.size) if o.size else ''}".rstrip() if o.kind == "ram" else f"file {o.path}"
+    return what + (" (read-only)" if o.ro else "")
+
+
+def _same_lun(flag: LunOptions, have: LunOptions) -> bool:
+    """A --lun that repeats what the file says (its identity aside)."""
+    for f in dataclasses.fields(LunOptions):
+        a, b = getattr(flag, f.name), getattr(have, f.name)
+        if f.name == "id" or a == b:
+            continue
+        if f.name == "size" and a is None:
+            continue
+        if f.name == "size" and b is None and have.path and os.path.exists(have.path):
+            if os.path.getsize(have.path) == a:
+                continue
+        return False
+    return True
+
+
+def _check_flags_agree(config: Config, iqn: str | None, luns: tuple[str, ...]) -> None:
+    name = _check_iqn(iqn, "--iqn") if iqn else config.targets[0].name
+    t = next((t for t in config.targets if t.name == name), None)
+    if t is None:
+        raise ConfigError("--iqn", f"{name} is not a target of {config.path}, which defines the targets "
+                          f"once it exists: add it with `scsi-target target add {name}`")
+    have = {lc.lun: lc.options for lc in t.luns}
+    for n, spec in enumerate(luns):
+        o = lun_options(parse_lun_spec(spec), f"--lun {spec}", config.data_dir)
+        if n not in have or not _same_lun(o, have[n]):
+            raise ConfigError(f"--lun {spec}", f"{config.path} already defines the LUNs (LUN {n} of {name}: "
+                              f"{describe_lun(have.get(n))}); start without --lun to serve it, or change "
+                              f"LUNs with `scsi-target lun add|remove|resize`")
