@@ -146,12 +146,10 @@ class Supervisor:
     def _line(self, child: Child, text: str) -> None:
         m = MARKER.match(text)
         message = m.group(2) if m else text
-        # the STML's "listening on" is said by its log line already ("STML serving ... on ...")
-        if not (child.name == "stml" and message.startswith("listening on")):
-            record = logging.LogRecord(child.name, logging.INFO, "", 0, message, None, None)
-            record.process = child.proc.pid
-            self.out.write(formatter(child.name, self.log_format).format(record) + "\n")
-            self.out.flush()
+        record = logging.LogRecord(child.name, logging.INFO, "", 0, message, None, None)
+        record.process = child.proc.pid
+        self.out.write(formatter(child.name, self.log_format).format(record) + "\n")
+        self.out.flush()
         self.on_line(child.name, message)
 
     # ------------------------------------------------------------ life

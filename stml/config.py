@@ -131,10 +131,6 @@ def lun_options(raw: dict[str, Any], where: str, data_dir: Path) -> LunOptions:
         path = str(data_dir / path) if not os.path.isabs(path) else path
         if size is None and not os.path.exists(path):
             raise ConfigError(f"{where}.path", f"{path} does not exist; give a size to create it")
-        parent = Path(path).parent
-        # the data dir itself is created at start; any other directory must be there already
-        if not os.path.exists(path) and parent != data_dir and not parent.is_dir():
-            raise ConfigError(f"{where}.path", f"directory {parent} does not exist")
     bs = raw.get("block_size", 512)
     if bs not in (512, 4096):
         raise ConfigError(f"{where}.block_size", f"{bs!r} is not 512 or 4096")

@@ -44,10 +44,11 @@ class Target:
                 self.lines.append(line)
                 log.write(line)
                 log.flush()
-                m = re.match(r"fetd_tcp: listening on (\S+)", line)
+                # the children's lines, as `run` relays them in its log format
+                m = re.search(r"fetd_tcp: listening on (\S+)", line)
                 if m:
                     self.portals.append(m.group(1))
-                self._attached = self._attached or line.startswith("fetd_tcp: attached to STML")
+                self._attached = self._attached or "fetd_tcp: attached to STML" in line
                 if self._attached and len(self.portals) >= self._expected:
                     self._ready.set()
 
