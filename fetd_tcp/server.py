@@ -102,10 +102,10 @@ class IscsiFrontEnd:
                         self.portal_errors.pop(key, None)
                     except OSError as e:
                         where = f"{_hostport(*key[:2])} (tpgt {key[2]})"
-                        self.portal_errors[key] = e.strerror or str(e)
+                        self.portal_errors[key] = os.strerror(e.errno) if e.errno else str(e)
                         log.error("cannot listen on %s: %s", where, self.portal_errors[key])
                         if not self.synced and self.failed is not None and not self.failed.done():
-                            self.failed.set_exception(OSError(e.errno, f"{where}: {e.strerror or e}"))
+                            self.failed.set_exception(OSError(e.errno, f"{where}: {self.portal_errors[key]}"))
             if self._wanted is wanted:
                 break
         self.synced = True

@@ -510,10 +510,10 @@ class Progress:
         return f"{human(self.done)} of {human(self.total)}, {human(rate)}/s"
 
 
-def _copy(client: Any, total: int, submit: Any, finish: Any, label: str) -> int:
+def _copy(client: Any, total: int, submit: Any, finish: Any, label: str) -> float:
     """Move `total` bytes in CHUNK pieces with DEPTH commands in flight;
-    `finish` sees each piece's result in order. Returns the bytes done; an
-    interrupt prints how far it got and exits 130."""
+    `finish` sees each piece's result in order. Returns the seconds it took;
+    an interrupt prints how far it got and exits 130."""
     from collections import deque
     inflight: deque = deque()
     progress = Progress(total, label)
@@ -540,7 +540,7 @@ def _copy(client: Any, total: int, submit: Any, finish: Any, label: str) -> int:
                    f"({progress.text()}); bytes 0-{progress.done - 1 if progress.done else 0} are done",
                    err=True)
         sys.exit(130)
-    return progress.done
+    return time.monotonic() - progress.start
 
 
 @loop.command("copy-in")
@@ -560,9 +560,10 @@ def copy_in(image: str, **kw: Any) -> None:
             data += bytes(-len(data) % bs)
             cdb = struct.pack(">BBQIBB", 0x8A, 0, off // bs, len(data) // bs, 0, 0)
             return client.submit(lun, cdb, data_out=data)
-        _copy(client, size, submit, lambda off, n, r: None, "copy-in")
+        took = _copy(client, size, submit, lambda off, n, r: None, "copy-in")
     _scsi(client.synchronize_cache, lun)
-    click.echo(f"copied {size} bytes into LUN {lun}")
+    click.echo(f"copied {size} bytes ({human(size)}) into LUN {lun} in {took:.1f} s "
+               f"({human(size / max(took, 1e-6))}/s)")
 
 
 @loop.command("copy-out")
@@ -579,8 +580,9 @@ def copy_out(image: str, size: int | None, **kw: Any) -> None:
             nb = -(-n // bs)
             cdb = struct.pack(">BBQIBB", 0x88, 0, off // bs, nb, 0, 0)
             return client.submit(lun, cdb, data_in=nb * bs)
-        _copy(client, total, submit, lambda off, n, r: f.write(r.data[:n]), "copy-out")
-    click.echo(f"copied {total} bytes out of LUN {lun}")
+        took = _copy(client, total, submit, lambda off, n, r: f.write(r.data[:n]), "copy-out")
+    click.echo(f"copied {total} bytes ({human(total)}) out of LUN {lun} in {took:.1f} s "
+               f"({human(total / max(took, 1e-6))}/s)")
 
 
 # ------------------------------------------------------------------ scripts and shells

@@ -49,7 +49,7 @@ class Target:
                 if m:
                     self.portals.append(m.group(1))
                 self._attached = self._attached or "fetd_tcp: attached to STML" in line
-                if self._attached and len(self.portals) >= self._expected:
+                if self._attached and len(self.portals) >= self._expected or line.startswith("Ready. "):
                     self._ready.set()
 
     @property

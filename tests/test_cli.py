@@ -93,7 +93,7 @@ def test_copy_in_copy_out_round_trip(shared_run, tmp_short):
     src.write_bytes(data)
     r = cli("loop", "--data-dir", str(shared_run.data_dir), "copy-in", str(src))
     assert r.returncode == 0, r.stderr
-    assert f"copied {len(data)} bytes into LUN 0" in r.stdout
+    assert f"copied {len(data)} bytes (3.0 MiB) into LUN 0 in " in r.stdout
     r = cli("loop", "--data-dir", str(shared_run.data_dir), "copy-out", str(dst), "--size", str(len(data)))
     assert r.returncode == 0, r.stderr
     assert dst.read_bytes() == data
