@@ -274,7 +274,8 @@ def load(config_path: str | None = None, data_dir: str | None = None, iqn: str |
                                     [_check_iqn(a, f"{where}.acl") for a in acl],
                                     _chap(t.get("chap"), f"{where}.chap"),
                                     _chap(t.get("mutual_chap"), f"{where}.mutual_chap")))
-    if iqn or luns or not targets:
+    # no `target` at all: the built-in default; `target = []` (every target removed) is a choice
+    if iqn or luns or (not targets and "target" not in raw):
         name = _check_iqn(iqn or (targets[0].name if targets else DEFAULT_IQN), "--iqn")
         specs = luns or (f"file:{ddir / 'disk0.img'},size={DEFAULT_SIZE}",)
         tl = [LunConfig(n, lun_options(parse_lun_spec(s), f"--lun {s}", ddir)) for n, s in enumerate(specs)]
@@ -293,7 +294,8 @@ def load(config_path: str | None = None, data_dir: str | None = None, iqn: str |
     ep = endpoint or raw.get("stml_endpoint") or default_endpoint(ddir)
     if not re.match(r"^(ipc|tcp)://.+", ep):
         raise ConfigError("stml_endpoint", f"{ep!r} is not ipc://PATH or tcp://HOST:PORT")
-    plist = list(portals) or raw.get("portals") or [DEFAULT_PORTAL]
+    # an empty list is a choice (no portal: `portal remove` of the last one), not a gap
+    plist = list(portals) or (raw["portals"] if "portals" in raw else [DEFAULT_PORTAL])
     if not isinstance(plist, list) or not all(isinstance(p, str) for p in plist):
         raise ConfigError("portals", "must be a list of \"HOST:PORT\" strings")
     from stml.api import parse_portal

@@ -15,9 +15,10 @@ import dataclasses
 import hashlib
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import tomlkit
+from tomlkit.items import AoT
 
 from stml.config import Config, ConfigError, LunConfig, TargetConfig, holds_secrets, parse_size
 from stml.lu import LunOptions
@@ -130,31 +131,57 @@ def _lun_number(entry: Any, index: int) -> Any:
     return _plain(entry.get("lun", index))
 
 
-def _sync_luns(table: Any, luns: list[LunConfig], data_dir: Path) -> None:
-    aot = table.get("lun")
-    if aot is None:
-        if not luns:
-            return
-        aot = tomlkit.aot()
-        table["lun"] = aot
-    by_number = {lc.lun: lc for lc in luns}
-    kept: set[int] = set()
-    numbers = [_lun_number(e, i) for i, e in enumerate(aot)]
-    for i in reversed(range(len(aot))):
-        if numbers[i] not in by_number or numbers[i] in kept:
-            del aot[i]
-            numbers.pop(i)
+def _sync_aot(container: Any, key: str, wanted: dict[Any, Any], ident: Callable[[Any, int], Any],
+              sync: Callable[[Any, Any], None], empty: Any) -> None:
+    """Make the array of tables `container[key]` hold one entry per item of
+    `wanted` (by identity), editing kept entries in place and appending new
+    ones. tomlkit turns an emptied array of tables into an inline array that
+    cannot take tables again, so an array that would be emptied is replaced
+    by a fresh one (or by `empty`, when nothing is wanted: None drops the key)."""
+    aot = container.get(key)
+    if aot is not None and not isinstance(aot, AoT):   # e.g. `target = []`
+        del container[key]
+        aot = None
+    kept: dict[Any, Any] = {}
+    if aot is not None:
+        idents = [ident(e, i) for i, e in enumerate(aot)]
+        keep = [i for i, x in enumerate(idents) if x in wanted and idents.index(x) == i]
+        if not keep:
+            del container[key]
+            aot = None
         else:
-            kept.add(numbers[i])
-    for i, entry in enumerate(aot):
-        if "lun" not in entry:      # removals shift the positions implicit numbers come from
-            entry["lun"] = numbers[i]
-        _sync_keys(entry, lun_table(by_number[numbers[i]], data_dir), data_dir)
-    for lc in luns:
-        if lc.lun not in kept:
+            for i in reversed(range(len(aot))):
+                if i not in keep:
+                    del aot[i]
+            for i, entry in zip(keep, aot):
+                kept[idents[i]] = entry
+    for x, entry in kept.items():
+        sync(entry, wanted[x])
+    new = []
+    for x, item in wanted.items():
+        if x not in kept:
             entry = _new_table()
-            _sync_keys(entry, lun_table(lc, data_dir), data_dir)
+            sync(entry, item)
+            new.append(entry)
+    if aot is None:
+        if new:
+            fresh = tomlkit.aot()
+            for entry in new:
+                fresh.append(entry)
+            container[key] = fresh
+        elif empty is not None:
+            container[key] = empty
+    else:
+        for entry in new:
             aot.append(entry)
+
+
+def _sync_luns(table: Any, luns: list[LunConfig], data_dir: Path) -> None:
+    def sync(entry: Any, lc: LunConfig) -> None:
+        if "lun" not in entry:      # removals shift the positions implicit numbers come from
+            entry["lun"] = lc.lun
+        _sync_keys(entry, lun_table(lc, data_dir), data_dir)
+    _sync_aot(table, "lun", {lc.lun: lc for lc in luns}, _lun_number, sync, None)
 
 
 def sync_document(doc: Any, config: Config) -> None:
@@ -163,29 +190,15 @@ def sync_document(doc: Any, config: Config) -> None:
     if portals is None or _plain(portals) != config.portals:
         doc["portals"] = list(config.portals)
     _sync_keys(doc, {"discovery_chap": (config.discovery_chap, None)}, config.data_dir)
-    aot = doc.get("target")
-    if aot is None:
-        aot = tomlkit.aot()
-        doc["target"] = aot
-    by_name = {t.name: t for t in config.targets}
-    kept: set[str] = set()
-    for i in reversed(range(len(aot))):
-        name = str(_plain(aot[i].get("name", ""))).lower()
-        if name not in by_name or name in kept:
-            del aot[i]
-        else:
-            kept.add(name)
-    for entry in aot:
-        tc = by_name[str(_plain(entry["name"])).lower()]
+
+    def sync(entry: Any, tc: TargetConfig) -> None:
+        if "name" not in entry:
+            entry["name"] = tc.name
         _sync_keys(entry, target_table(tc), config.data_dir)
         _sync_luns(entry, tc.luns, config.data_dir)
-    for tc in config.targets:
-        if tc.name not in kept:
-            entry = _new_table()
-            entry["name"] = tc.name
-            _sync_keys(entry, target_table(tc), config.data_dir)
-            _sync_luns(entry, tc.luns, config.data_dir)
-            aot.append(entry)
+    # no targets is written as `target = []`: without the key the built-in default would serve
+    _sync_aot(doc, "target", {t.name: t for t in config.targets},
+              lambda e, i: str(_plain(e.get("name", ""))).lower(), sync, tomlkit.array())
 
 
 def render(config: Config, doc: Any | None = None) -> str:
