@@ -100,8 +100,10 @@ WIDTH = 100   # what `status` and `ls` fit in, unless --wide
 
 
 def _human(n: Any) -> str:
-    if not isinstance(n, (int, float)) or isinstance(n, bool) or n < 1024:
+    if not isinstance(n, (int, float)) or isinstance(n, bool):
         return str(n)
+    if n < 1024:
+        return f"{n:.0f}"
     for unit in ("KiB", "MiB", "GiB", "TiB"):
         n /= 1024
         if n < 1024:
@@ -392,15 +394,17 @@ def render_status(snap: dict[str, Any], wide: bool) -> str:
     portals = snap.get("portals") or []
     rated = "iops/s" in (snap["luns"][0] if snap["luns"] else {})
     rates = ["iops/s", "read/s", "write/s"] if rated else []
-    lun_cols = ["target", "lun", "size", "backend", *rates, "errors", "in_flight", "latency_us"]
-    ses_cols = ["initiator", "target", "tpg", *rates, "errors", "latency_us"]
-    fe_cols = ["name", "kind", "nexuses", *rates, "errors"]
+    totals = ["read_bytes", "write_bytes", "errors"]
+    lun_cols = ["target", "lun", "size", "backend", *rates, *totals, "latency_us"]
+    ses_cols = ["initiator", "target", "tpg", *rates, *totals, "latency_us"]
+    fe_cols = ["name", "kind", "nexuses", *rates, *totals]
     if wide:
         lun_cols = ["target", "lun", "size", "backend", "path", *rates, "commands", "read_bytes",
                     "write_bytes", "errors", "in_flight", "latency_us"]
         ses_cols = SESSION_COLUMNS + rates
         fe_cols = FE_COLUMNS + rates
-    heads = {"latency_us": "lat p50/90/99 us", "in_flight": "queued", "iops/s": "iops"}
+    heads = {"latency_us": "lat us", "in_flight": "queued", "iops/s": "iops", "read_bytes": "read",
+             "write_bytes": "written", "errors": "err"}
     out = head + [table(portals, ["portal", "tpgt", "state"], "\nPortals", width)]
     out.append(table(snap["luns"], lun_cols, "\nLUNs", width, heads))
     out.append(table(snap["sessions"], ses_cols, "\nSessions", width, heads))
@@ -415,8 +419,9 @@ def render_status(snap: dict[str, Any], wide: bool) -> str:
               help="Seconds between the two samples rates come from (0: counters only, at once).")
 @click.option("--wide", is_flag=True, help="Every column, whatever the width.")
 def status(watch: bool, interval: float, wide: bool, **kw: Any) -> None:
-    """The STML's portals, LUNs, sessions and front ends, with sizes and rates
-    (iops, bytes/s over --interval; latency: p50/p90/p99 of recent commands)."""
+    """The STML's portals, LUNs, sessions and front ends, with sizes, rates
+    (iops, bytes/s over --interval), totals read and written, errors and
+    latency (LAT US: p50/p90/p99 of recent commands, in microseconds)."""
     snap = _call(kw, "status")
     while True:
         if interval > 0:
