@@ -24,8 +24,8 @@ import click
 from fetd_tcp.cli import main as fetd_tcp_main
 from scsi_target.supervise import Supervisor, sd_notify
 from stml.cli import apply_stml_options, config_exit, config_options, load_or_exit, main as stml_main, stml_options
-from stml.config import (Config, ConfigError, StartupError, default_data_dir, default_endpoint, load,
-                         parse_size)
+from stml.config import (Config, ConfigError, StartupError, check_lun_paths, default_data_dir,
+                         default_endpoint, load, parse_size)
 
 CHUNK = 1 << 20  # copy-in/out transfer size
 POLL_US = 200    # the STML's busy-poll window when it has CPUs of its own: a QD1 round trip
@@ -287,6 +287,7 @@ def run(log_level: str, log_format: str, portals: tuple[str, ...], no_iscsi: boo
         config = load_or_exit(portals=portals, **kw)
         check_data_dir(config.data_dir)
         lock = lock_data_dir(config.data_dir)   # held until we exit, however we exit
+        check_lun_paths(config)
         if not no_iscsi:
             check_portals(config.portals)
     except ConfigError as e:
@@ -317,8 +318,9 @@ def run(log_level: str, log_format: str, portals: tuple[str, ...], no_iscsi: boo
             tcp += ["--isns", config.isns]
         children["fetd_tcp"] = tcp
     plan = Plan(config, cpus, poll_us, not no_iscsi)
-    status = Supervisor(children, cpus, log_format, plan.line).run()
-    logging.getLogger("scsi-target").info("stopped" if status == 0 else f"stopped (exit {status})")
+    status = Supervisor(children, cpus, log_format, plan.line, lambda: plan.printed).run()
+    if plan.printed or status != 2:   # a child that could not start said why, in its one line
+        logging.getLogger("scsi-target").info("stopped" if status == 0 else f"stopped (exit {status})")
     os.close(lock)
     sys.exit(status)
 

@@ -523,6 +523,13 @@ def config_show(file_only: bool, **kw: Any) -> None:
         else:
             click.echo(text.rstrip())
         return
+    from scsi_target.cli import NotRunning, _endpoint, require_running
+    try:
+        require_running(_endpoint(kw.get("config_path"), kw.get("data_dir"), kw.get("stml")))
+    except NotRunning as e:
+        click.echo(f"scsi-target: {e}; the file on disk follows", err=True)
+        config_show.callback(file_only=True, **kw)   # type: ignore[misc]
+        return
     r = _call(kw, "config_show")
     if kw.get("as_json"):
         import tomllib

@@ -82,7 +82,8 @@ class Supervisor:
     stdout, restarts one that dies, stops all on a signal."""
 
     def __init__(self, children: dict[str, list[str]], cpus: dict[str, set[int]] | None = None,
-                 log_format: str = "text", on_line: Callable[[str, str], None] | None = None) -> None:
+                 log_format: str = "text", on_line: Callable[[str, str], None] | None = None,
+                 ready: Callable[[], bool] = lambda: True) -> None:
         self.children = children
         self.cpus = cpus or {}
         self.procs: dict[str, subprocess.Popen] = {}
@@ -91,6 +92,7 @@ class Supervisor:
         self.reload = False
         self.log_format = log_format
         self.on_line = on_line or (lambda name, text: None)
+        self.ready = ready       # whether the children served (before: their own error line is all)
         self.sel = selectors.DefaultSelector()
         self.libc = ctypes.CDLL(None, use_errno=True)
         self.out: IO[str] = sys.stderr
@@ -175,7 +177,8 @@ class Supervisor:
                     continue
                 self.pump(0)     # its last words first
                 if rc == 2:  # a config or startup error: restarting cannot help
-                    log.error("%s could not start as configured; stopping", name)
+                    if self.ready():
+                        log.error("%s refused its configuration; stopping", name)
                     self.stopping, status = True, 2
                     break
                 recent = [t for t in restarts[name] if time.monotonic() - t < 60]

@@ -394,6 +394,7 @@ def load_or_create(config_path: str | None = None, data_dir: str | None = None, 
         return config
     config = load(None, data_dir, iqn, luns, endpoint, portals)
     config.path = path
+    check_lun_paths(config)     # a first start that cannot serve writes no file
     if _has_field("id"):
         for t in config.targets:
             for lc in t.luns:
@@ -405,6 +406,19 @@ def load_or_create(config_path: str | None = None, data_dir: str | None = None, 
     except OSError as e:
         raise StartupError(f"cannot write {path}", e.strerror or str(e)) from None
     return load(str(path), data_dir, None, (), endpoint, portals)
+
+
+def check_lun_paths(config: Config) -> None:
+    """A file LUN to be created needs its directory: said before anything
+    starts, in one line, rather than by the STML once it runs."""
+    for t in config.targets:
+        for lc in t.luns:
+            o = lc.options
+            if o.kind == "file" and o.path and not os.path.exists(o.path):
+                parent = Path(o.path).parent
+                if parent != config.data_dir and not parent.is_dir():
+                    raise StartupError(f"target {t.name} LUN {lc.lun}",
+                                       f"cannot create {o.path}: directory {parent} does not exist")
 
 
 def describe_lun(o: LunOptions | None) -> str:

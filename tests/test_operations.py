@@ -593,3 +593,35 @@ def test_the_unit_file_verifies_and_matches_the_packaged_one(tmp_path):
         return
     p = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
+
+
+def test_a_missing_lun_directory_is_one_line_before_any_banner(ddir):
+    p = cli("run", "--data-dir", ddir, "--lun", f"file:{ddir}/no/such/dir/x.img,size=1MiB",
+            "--portal", "127.0.0.1:0", timeout=30)
+    assert (p.returncode, p.stdout) == (2, "")
+    assert p.stderr == (f"scsi-target: target {IQN} LUN 0: cannot create {ddir}/no/such/dir/x.img: "
+                        f"directory {ddir}/no/such/dir does not exist\n")
+    assert not (Path(ddir) / "scsi-target.toml").exists()    # nothing half-configured is kept
+
+
+def test_an_interrupted_copy_says_how_far_it_got(ddir, tmp_path):
+    image = tmp_path / "big.img"
+    with open(image, "wb") as f:
+        f.truncate(1 << 30)
+    with Target("--no-iscsi", "--lun", "ram:1GiB", data_dir=ddir, portals=(), expect_portals=0):
+        copy = subprocess.Popen([*CLI, "loop", "copy-in", str(image), "--data-dir", ddir],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            sessions = MgmtClient(f"ipc://{ddir}/stml.sock")
+            deadline = time.monotonic() + 20
+            while not any(s["commands"] for s in sessions.call("session_list")):
+                assert time.monotonic() < deadline and copy.poll() is None
+                time.sleep(0.05)
+            copy.send_signal(signal.SIGINT)
+            out, err = copy.communicate(timeout=30)
+        finally:
+            stop_pid(copy)
+    assert copy.returncode == 130, err
+    m = re.search(r"copy-in interrupted after (\d+) of 1073741824 bytes \(.* MiB of 1 GiB, .*/s\); "
+                  r"bytes 0-(\d+) are done", err)
+    assert m and 0 < int(m.group(1)) < 1 << 30 and int(m.group(2)) == int(m.group(1)) - 1, err
