@@ -79,6 +79,8 @@ class IscsiFrontEnd:
             self._wanted = detect.portals
             if self._syncing is None or self._syncing.done():
                 self._syncing = asyncio.get_running_loop().create_task(self._sync_portals())
+        elif self.follow_stml and self._syncing is not None and self._syncing.done():
+            self._report_portals()    # e.g. a restarted STML: it has not heard from us yet
         if self.isns is not None:
             self._isns_update()
 

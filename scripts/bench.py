@@ -78,14 +78,11 @@ class Ours:
              "--lun", f"file:{self.img},thick", "--portal", f"127.0.0.1:{self.port}",
              "--log-level", "warning"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, cwd=ROOT)
-        # ready once attached to the STML and listening (the listener opens after attaching)
-        attached = listening = False
+        # ready once `run` says so: attached to the STML and listening
         said = []
         for line in self.proc.stdout:
             said.append(line)
-            attached = attached or line.startswith("fetd_tcp: attached")
-            listening = listening or line.startswith("fetd_tcp: listening on")
-            if attached and listening:
+            if line.startswith("Ready. "):
                 break
         else:
             self.stop()   # nothing left behind: no process, no image in /dev/shm

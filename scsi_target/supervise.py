@@ -148,10 +148,11 @@ class Supervisor:
     def _line(self, child: Child, text: str) -> None:
         m = MARKER.match(text)
         message = m.group(2) if m else text
-        record = logging.LogRecord(child.name, logging.INFO, "", 0, message, None, None)
-        record.process = child.proc.pid
-        self.out.write(formatter(child.name, self.log_format).format(record) + "\n")
-        self.out.flush()
+        if logging.getLogger().isEnabledFor(logging.INFO):    # --log-level applies to them too
+            record = logging.LogRecord(child.name, logging.INFO, "", 0, message, None, None)
+            record.process = child.proc.pid
+            self.out.write(formatter(child.name, self.log_format).format(record) + "\n")
+            self.out.flush()
         self.on_line(child.name, message)
 
     # ------------------------------------------------------------ life

@@ -625,3 +625,19 @@ def test_an_interrupted_copy_says_how_far_it_got(ddir, tmp_path):
     m = re.search(r"copy-in interrupted after (\d+) of 1073741824 bytes \(.* MiB of 1 GiB, .*/s\); "
                   r"bytes 0-(\d+) are done", err)
     assert m and 0 < int(m.group(1)) < 1 << 30 and int(m.group(2)) == int(m.group(1)) - 1, err
+
+
+def test_a_restarted_stml_learns_the_listener_states_again(ddir):
+    """The front end reports its listeners to an STML that restarted (it
+    re-registers; its portals did not change), so wait-ready and `portal
+    list` see them."""
+    with Target("--lun", "ram:4MiB", data_dir=ddir) as t:
+        stml = children_by_module(t.proc.pid)["stml"]
+        os.kill(stml, signal.SIGKILL)
+        assert wait_gone([stml], 10) == []
+        deadline = time.monotonic() + 30
+        while children_by_module(t.proc.pid).get("stml") in (None, stml):
+            assert time.monotonic() < deadline, t.log()
+            time.sleep(0.05)
+        assert ok("wait-ready", "--data-dir", ddir, "--timeout", "30").startswith("ready")
+        assert [x["state"].split()[0] for x in mgmt(ddir, "portal", "list")] == ["listening"]
