@@ -140,7 +140,8 @@ def processes(t: Ours | Tgtd) -> dict[str, int]:
     found = {}
     for entry in os.listdir("/proc"):
         try:
-            if not entry.isdigit() or os.getpgid(int(entry)) != t.proc.pid or int(entry) == t.proc.pid:
+            # the session, not the process group: run puts its children in groups of their own
+            if not entry.isdigit() or os.getsid(int(entry)) != t.proc.pid or int(entry) == t.proc.pid:
                 continue
             argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
         except OSError:
