@@ -87,9 +87,10 @@ def _same(key: str, old: Any, new: Any, data_dir: Path) -> bool:
             return parse_size(old, key) == parse_size(new, key)
         if key == "path":
             return os.path.join(data_dir, str(old)) == os.path.join(data_dir, str(new))
-        if key in ("name", "acl"):
-            return str(old).lower() == str(new).lower() if key == "name" else \
-                [str(a).lower() for a in old] == [str(a).lower() for a in new]
+        if key == "name":
+            return str(old).lower() == str(new).lower()
+        if key == "acl":
+            return [str(a).lower() for a in old] == [str(a).lower() for a in new]
     except (ConfigError, TypeError):
         return False
     return False
@@ -209,14 +210,16 @@ def render(config: Config, doc: Any | None = None) -> str:
     return tomlkit.dumps(doc)
 
 
-def new_document(config: Config) -> Any:
-    """A fresh file: the header, and the settings a first start was given
-    that live outside the running model (data dir, STML endpoint)."""
+def new_document(config: Config, path: Path | None = None) -> Any:
+    """A fresh file (at `path`, default the config's own): the header, and
+    the settings outside the running model a start needs to find the same
+    target again (the data dir, when the file is not in it; the endpoint)."""
     doc = tomlkit.document()
     for line in HEADER.splitlines():
         doc.add(tomlkit.comment(line.lstrip("# ")))
     doc.add(tomlkit.nl())
-    if config.path is not None and config.path.parent != config.data_dir:
+    path = path or config.path
+    if path is not None and path.parent != config.data_dir:
         doc["data_dir"] = str(config.data_dir)
     if config.stml_endpoint != f"ipc://{config.data_dir / 'stml.sock'}":
         doc["stml_endpoint"] = config.stml_endpoint
@@ -282,7 +285,7 @@ def save(config: Config, path: Path | None = None) -> Path:
     text_now = _read_text(target)
     if own and text_now is not None and config.digest is not None and digest(text_now) != config.digest:
         raise EditedError(f"{target} was edited since the STML loaded it")
-    doc = tomlkit.parse(text_now) if text_now is not None else new_document(config)
+    doc = tomlkit.parse(text_now) if text_now is not None else new_document(config, target)
     sync_document(doc, config)
     text = tomlkit.dumps(doc)
     atomic_write(target, text.encode(), holds_secrets(doc.unwrap()))

@@ -641,3 +641,22 @@ def test_a_restarted_stml_learns_the_listener_states_again(ddir):
             time.sleep(0.05)
         assert ok("wait-ready", "--data-dir", ddir, "--timeout", "30").startswith("ready")
         assert [x["state"].split()[0] for x in mgmt(ddir, "portal", "list")] == ["listening"]
+
+
+def test_config_show_and_save_to_another_file(ddir, tmp_path):
+    with Target("--lun", "ram:8MiB", data_dir=ddir):
+        mgmt(ddir, "lun", "add", f"file:{ddir}/b.img,size=4MiB")
+        shown = ok("config", "show", "--data-dir", ddir)
+        assert shown.rstrip() == (Path(ddir) / "scsi-target.toml").read_text().rstrip()
+        copy = tmp_path / "copy.toml"
+        assert mgmt(ddir, "config", "save", str(copy))["path"] == str(copy)
+        before = mgmt(ddir, "lun", "list")
+    saved = tomllib.loads(copy.read_text())
+    assert saved["data_dir"] == ddir       # the copy finds the same data dir
+    other = short_dir()
+    try:
+        with Target(config=str(copy), data_dir=other):
+            assert [(x["lun"], x["backend"], x["size"]) for x in mgmt(other, "lun", "list")] == \
+                [(x["lun"], x["backend"], x["size"]) for x in before]
+    finally:
+        shutil.rmtree(other, ignore_errors=True)
