@@ -11,6 +11,7 @@ succeed as configured).
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import socket
 import struct
@@ -22,6 +23,7 @@ from typing import Any, Callable
 import click
 
 from fetd_tcp.cli import main as fetd_tcp_main
+from scsi_runtime.logs import setup_logging
 from scsi_target.supervise import Supervisor, sd_notify
 from stml.cli import apply_stml_options, config_exit, config_options, load_or_exit, main as stml_main, stml_options
 from stml.config import (Config, ConfigError, StartupError, check_lun_paths, default_data_dir,
@@ -205,6 +207,14 @@ def lun_size(o: Any) -> int | None:
         return None
 
 
+def url_host(portal: str) -> str:
+    """A portal as initiators reach it: a wildcard address names this host."""
+    host, _, port = portal.rpartition(":")
+    if host in ("0.0.0.0", "[::]", "::"):
+        host = socket.getfqdn()
+    return f"{host}:{port}"
+
+
 class Plan:
     """What run is about to serve; the banner once it serves it."""
 
@@ -236,7 +246,7 @@ class Plan:
         luns = sum(len(t.luns) for t in c.targets)
         out = [f"scsi-target: serving {len(c.targets)} target(s), {luns} LUN(s); "
                f"data dir {c.data_dir}, config {c.path}"]
-        portal = self.listening[0] if self.listening else None
+        portal = url_host(self.listening[0]) if self.listening else None
         for t in c.targets:
             out.append(f"  target {t.name}" + (f" ({t.alias})" if t.alias else ""))
             for lc in t.luns:
@@ -262,8 +272,9 @@ class Plan:
 @main.command()
 @config_options
 @stml_options
-@click.option("--portal", "portals", multiple=True, metavar="HOST:PORT",
-              help="iSCSI portal to listen on, repeatable (default 127.0.0.1:3260).")
+@click.option("--portal", "portals", multiple=True, metavar="HOST:PORT[,TPGT]",
+              help="iSCSI portal to listen on, repeatable (default: the config's, else "
+                   "127.0.0.1:3260); replaces the config's list, and a save keeps it.")
 @click.option("--no-iscsi", is_flag=True, help="Run the STML alone, without the iSCSI front end.")
 @click.option("--cpu-affinity", type=click.Choice(["split", "none"]), default="split", show_default=True,
               help="split: the STML and the front end each on their own share of the CPUs this "
@@ -275,9 +286,6 @@ def run(log_level: str, log_format: str, portals: tuple[str, ...], no_iscsi: boo
     Without --config it serves DATA_DIR/scsi-target.toml, written on first
     start from --iqn/--lun (or the built-in default) and saved on every
     change; once it exists, --lun/--iqn may only repeat what it says."""
-    import logging
-
-    from scsi_runtime.logs import setup_logging
     setup_logging(log_level, "run", log_format)
     kw = inherited(kw)
     try:

@@ -385,9 +385,8 @@ def _uptime(s: float) -> str:
 
 def render_status(snap: dict[str, Any], wide: bool) -> str:
     width = None if wide else WIDTH
-    sizes = snap.get("lun_sizes", {})
     for r in snap["luns"]:
-        r["size"] = sizes.get(f"{r['target']}/{r['lun']}", r.get("blocks", 0) * r.get("block_size", 0))
+        r["size"] = r["blocks"] * r["block_size"]
     head = [f"STML {snap['stml']} up {_uptime(snap['uptime_s'])}; data dir {snap.get('data_dir', '-')}",
             f"config {snap['config'] or '(none)'}; endpoint {', '.join(snap['endpoints'])}"]
     head = [squeeze(h, WIDTH) if not wide else h for h in head]
@@ -446,7 +445,6 @@ def render_tree(targets: list[dict[str, Any]], snap: dict[str, Any], wide: bool)
     """targets -> portal groups -> LUNs -> ACLs -> sessions, as targetcli's `ls`."""
     lines: list[str] = []
     luns = snap["luns"]
-    sizes = snap.get("lun_sizes", {})
     portals = snap.get("portals") or []
 
     def add(depth: int, text: str) -> None:
@@ -467,7 +465,7 @@ def render_tree(targets: list[dict[str, Any]], snap: dict[str, Any], wide: bool)
         add(2, "luns")
         for r in luns:
             if r["target"] == name:
-                size = sizes.get(f"{name}/{r['lun']}", r["blocks"] * r["block_size"])
+                size = r["blocks"] * r["block_size"]
                 where = r.get("path") or "RAM"
                 add(3, f"lun {r['lun']} [{_human(size)}, {r['backend']}, {where}]")
         acl = t.get("acl") or []

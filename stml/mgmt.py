@@ -179,8 +179,6 @@ class Management:
         snap["data_dir"] = str(self.config.data_dir)
         snap["targets"] = len(self.em.targets)
         snap["portals"] = await self.portal_list()
-        snap["lun_sizes"] = {f"{t.name}/{lu.lun}": lu.blocks * lu.block_size
-                             for t in self.em.targets.values() for lu in t.luns.values()}
         return snap
 
     async def target_list(self) -> list[dict[str, Any]]:
