@@ -61,6 +61,5 @@ def main(stml_endpoint: str, portals: tuple[str, ...], stml_key: str | None, own
     try:
         run_loop(run_fetd_tcp(stml_endpoint, specs, curve, isns))
     except OSError as e:
-        click.echo(f"scsi-target: fetd-tcp: cannot listen on {e.strerror or e}" if e.strerror and ":" in e.strerror
-                   else f"scsi-target: fetd-tcp: cannot listen: {e}", err=True)
+        click.echo(f"scsi-target: fetd-tcp: cannot listen on {e.strerror or e}", err=True)
         sys.exit(2)

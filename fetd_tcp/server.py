@@ -232,7 +232,11 @@ class IscsiFrontEnd:
         self.link.start()
         own, self.portals = self.portals, []
         for p in own:
-            await self._listen(p)
+            try:
+                await self._listen(p)
+            except OSError as e:   # as for the STML's list: "HOST:PORT (tpgt N): reason"
+                raise OSError(e.errno, f"{_hostport(p.host, p.port)} (tpgt {p.tpgt}): "
+                              f"{os.strerror(e.errno) if e.errno else e}") from None
 
     async def _listen(self, p: PortalSpec) -> None:
         server = await asyncio.start_server(
