@@ -660,3 +660,14 @@ def test_config_show_and_save_to_another_file(ddir, tmp_path):
                 [(x["lun"], x["backend"], x["size"]) for x in before]
     finally:
         shutil.rmtree(other, ignore_errors=True)
+
+
+def test_service_install_writes_the_unit(tmp_path):
+    """`service install` with an account that exists and --no-enable: the unit
+    for this installation, nothing started."""
+    p = cli("service", "install", "--user", "root", "--data-dir", "/srv/scsi-target-test",
+            "--unit-dir", str(tmp_path), "--no-enable")
+    assert p.returncode == 0, p.stderr
+    unit = (tmp_path / "scsi-target.service").read_text()
+    assert "\nUser=root\n" in unit and "run --data-dir /srv/scsi-target-test\n" in unit
+    assert "\nReadWritePaths=/srv/scsi-target-test\n" in unit and "StateDirectory" not in unit
