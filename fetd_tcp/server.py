@@ -455,6 +455,10 @@ class IscsiFrontEnd:
 
     def _drop_connection(self, conn: Connection) -> None:
         s = conn.session
+        # `closing` is set by a Logout, or by drop_nexus, which has ended the session already
+        if conn.closing and self.sessions.get(s.tsih) is s:
+            log.info("logout: %s 0x%s -> %s via %s, TSIH %d CID %d", s.initiator, s.isid.hex(),
+                     s.target or "discovery", self.session_portals.get(s.tsih, "?"), s.tsih, conn.cid)
         if s.connections.get(conn.cid) is conn:
             del s.connections[conn.cid]
         for task in [t for t in s.itts.values() if t.conn is conn]:
@@ -558,10 +562,6 @@ class ConnectionProtocol(asyncio.BufferedProtocol):
                     break
                 pdu, data, header = item
                 conn.idle = False
-                if type(pdu) is P.LogoutRequest:
-                    s = conn.session
-                    log.info("logout: %s 0x%s -> %s, TSIH %d CID %d (reason %d)", s.initiator, s.isid.hex(),
-                             s.target or "discovery", s.tsih, conn.cid, pdu.reason)
                 handled = True
                 try:
                     conn.receive(pdu, data)

@@ -546,9 +546,9 @@ def _copy(client: Any, total: int, submit: Any, finish: Any, label: str) -> floa
             while inflight:
                 retire()
     except KeyboardInterrupt:
+        done = f"bytes 0-{progress.done - 1} are done" if progress.done else "no byte is done yet"
         click.echo(f"\nscsi-target loop: {label} interrupted after {progress.done} of {total} bytes "
-                   f"({progress.text()}); bytes 0-{progress.done - 1 if progress.done else 0} are done",
-                   err=True)
+                   f"({progress.text()}); {done}", err=True)
         sys.exit(130)
     return time.monotonic() - progress.start
 

@@ -614,9 +614,10 @@ def test_an_interrupted_copy_says_how_far_it_got(ddir, tmp_path):
         try:
             sessions = MgmtClient(f"ipc://{ddir}/stml.sock")
             deadline = time.monotonic() + 20
-            while not any(s["commands"] for s in sessions.call("session_list")):
+            # 64 MiB written: with 4 MiB in flight at most, the copy has seen 60 MiB through
+            while not any(s["write_bytes"] >= 64 << 20 for s in sessions.call("session_list")):
                 assert time.monotonic() < deadline and copy.poll() is None
-                time.sleep(0.05)
+                time.sleep(0.02)
             copy.send_signal(signal.SIGINT)
             out, err = copy.communicate(timeout=30)
         finally:
