@@ -102,8 +102,12 @@ def children_by_module(pid: int) -> dict[str, int]:
     """The children of `pid` by the module each one runs (`python -m NAME`)."""
     found = {}
     for child in children_of(pid):
-        argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
-        found[argv[argv.index(b"-m") + 1].decode()] = child
+        try:
+            argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue    # gone meanwhile
+        if b"-m" in argv:   # not a zombie not yet reaped, nor a child between fork and exec
+            found[argv[argv.index(b"-m") + 1].decode()] = child
     return found
 
 
