@@ -106,13 +106,9 @@ class Management:
         return t
 
     def _tc(self, name: str) -> TargetConfig:
-        """The running configuration's entry of a live target."""
-        for tc in self.config.targets:
-            if tc.name == name:
-                return tc
-        tc = TargetConfig(name, [])   # cannot happen: every live target has one; keep them in step
-        self.config.targets.append(tc)
-        return tc
+        """The running configuration's entry of a live target (every one has
+        one: the emulator's targets are built from it and changed with it)."""
+        return next(tc for tc in self.config.targets if tc.name == name)
 
     def _lu(self, target: str | None, lun: int) -> tuple[Target, LogicalUnit]:
         t = self._target(target)
