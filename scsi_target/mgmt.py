@@ -154,8 +154,8 @@ def _fmt(col: str, v: Any) -> str:
         return f"{v:.0f}"
     if isinstance(v, list):
         return ",".join(map(str, v)) or "-"
-    if isinstance(v, dict):
-        return "/".join(f"{x:g}" for x in v.values())
+    if isinstance(v, dict):   # latency percentiles, in whole microseconds
+        return "/".join(f"{x:.0f}" for x in v.values())
     return str(v)
 
 
@@ -405,8 +405,18 @@ def render_status(snap: dict[str, Any], wide: bool) -> str:
     heads = {"latency_us": "lat us", "in_flight": "queued", "iops/s": "iops", "read_bytes": "read",
              "write_bytes": "written", "errors": "err"}
     out = head + [table(portals, ["portal", "tpgt", "state"], "\nPortals", width)]
-    out.append(table(snap["luns"], lun_cols, "\nLUNs", width, heads))
-    out.append(table(snap["sessions"], ses_cols, "\nSessions", width, heads))
+    if wide:
+        out.append(table(snap["luns"], lun_cols, "\nLUNs", width, heads))
+        out.append(table(snap["sessions"], ses_cols, "\nSessions", width, heads))
+    else:   # a heading per target: its name once, in full, rather than squeezed on every row
+        names = list(dict.fromkeys([r["target"] for r in snap["luns"]] + [r["target"] for r in snap["sessions"]]))
+        for name in names or ["-"]:
+            out.append(f"\nTarget {name}")
+            luns = [r for r in snap["luns"] if r["target"] == name]
+            sessions = [r for r in snap["sessions"] if r["target"] == name]
+            out.append(table(luns, [c for c in lun_cols if c != "target"], "LUNs", width, heads))
+            if sessions:
+                out.append(table(sessions, [c for c in ses_cols if c != "target"], "Sessions", width, heads))
     out.append(table(snap["front_ends"], fe_cols, "\nFront ends", width, heads))
     return "\n".join(out)
 
