@@ -13,9 +13,9 @@ import click
 UNIT = """\
 # scsi-target: a user-space SCSI target (iSCSI). Written by `scsi-target service unit`.
 # Readiness is signalled (Type=notify); `systemctl reload` re-reads the config (SIGHUP).
+# Operating it: docs/operations.md in the source tree.
 [Unit]
 Description=scsi-target user-space SCSI target (iSCSI)
-Documentation=https://github.com/scsi-target/scsi-target/blob/main/docs/operations.md
 After=network-online.target
 Wants=network-online.target
 
@@ -30,7 +30,6 @@ Restart=on-failure
 RestartPreventExitStatus=2
 User={user}
 Group={user}
-DynamicUser=no
 StateDirectory={state_dir}
 StateDirectoryMode=0700
 # port 3260 is below 1024: the one privilege the target needs
@@ -40,14 +39,13 @@ NoNewPrivileges=yes
 ProtectSystem=strict
 ProtectHome=yes
 PrivateTmp=yes
-PrivateDevices=no
+# backing files outside the data dir need ReadWritePaths=; block devices also the user in group disk
 ProtectKernelTunables=yes
 ProtectKernelModules=yes
 ProtectControlGroups=yes
 RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6
 RestrictNamespaces=yes
 LockPersonality=yes
-MemoryDenyWriteExecute=no
 SystemCallArchitectures=native
 UMask=0077
 
