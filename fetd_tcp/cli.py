@@ -1,7 +1,6 @@
 """The iSCSI front end's command line (`python -m fetd_tcp`, `scsi-target fetd-tcp`)."""
 from __future__ import annotations
 
-import logging
 import sys
 
 import click

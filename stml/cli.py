@@ -1,7 +1,6 @@
 """The STML process's command line (`python -m stml`, `scsi-target stml`)."""
 from __future__ import annotations
 
-import logging
 import sys
 from typing import Any, Callable, NoReturn
 

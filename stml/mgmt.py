@@ -4,8 +4,10 @@ A management client connects to the STML's endpoint like a front end (over
 TCP, with a CURVE key the STML lists) and sends {op: "mgmt", id, cmd, args};
 the answer is {op: "mgmt_reply", id, ok, result | error}. Changes apply to
 the running STML at once (front ends get a new `detect`, initiators the unit
-attentions SPC names) and are written to the config file atomically; a file
-edited by hand since the STML loaded it is not overwritten.
+attentions SPC names), then the whole running configuration is saved to the
+config file (stml.persist: atomically, keeping its comments); a file edited
+by hand since the STML loaded it is not overwritten (`config_reload` applies
+the edit, and SIGHUP does the same).
 """
 from __future__ import annotations
 
@@ -23,9 +25,7 @@ from stml.config import (Config, ConfigError, LunConfig, TargetConfig, _chap, _c
                          file_digest, load, lun_options, parse_lun_spec, parse_size)
 from stml.emulator import Target
 from stml.lu import LogicalUnit, LunOptions
-from stml.persist import EditedError, atomic_write, read_document, render, save
-
-__all__ = ["Management", "MgmtError", "atomic_write"]
+from stml.persist import EditedError, read_document, render, save
 
 log = logging.getLogger("stml.mgmt")
 

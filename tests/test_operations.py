@@ -18,7 +18,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import StmlProcess, short_dir, stop_pid, wait_for_line
@@ -221,9 +221,9 @@ def served(endpoint: str) -> tuple:
 
 
 @pytest.mark.parametrize("with_config", [False, True])
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=6, deadline=None)
 @given(steps=st.lists(op, min_size=1, max_size=10))
-def test_any_sequence_of_changes_survives_a_restart(with_config, steps, tmp_path):
+def test_any_sequence_of_changes_survives_a_restart(with_config, steps):
     """Property: after any sequence of live changes, a restart (with no LUN
     flags) serves the same targets, LUNs, ACLs, CHAP, portals, and the data
     of every file LUN."""
