@@ -413,7 +413,7 @@ class StmlServer:
             self.metrics.forget_front_ends(self.emulator.front_ends)
 
 
-STOP_GRACE = 5.0   # after SIGTERM, a busy STML gets this long to stop cleanly
+STOP_GRACE = 3.0   # after SIGTERM, a busy STML gets this long to stop cleanly
 
 
 class StopGuard:
@@ -439,9 +439,10 @@ class StopGuard:
         sig = signal.sigwait(self.SIGNALS)
         self.loop.call_soon_threadsafe(self.stop.set)
         if not self.done.wait(self.grace):
-            log.error("still busy %gs after %s: exiting without a clean stop", self.grace,
-                      signal.Signals(sig).name)
-            logging.shutdown()
+            # no logging call: the blocked thread may hold a handler's lock
+            with contextlib.suppress(OSError):
+                os.write(2, f"stml: still busy {self.grace:g}s after {signal.Signals(sig).name}: "
+                            f"exiting without a clean stop\n".encode())
             os._exit(1)
 
 
