@@ -38,7 +38,7 @@ class MgmtError(Exception):
     """A refused management request; str() is what the user sees."""
 
 
-PORTAL_WAIT = 8.0   # how long `portal add` waits for the front ends to say whether they listen (under the client's 10 s)
+PORTAL_WAIT = 8.0   # `portal add` waits this long for the listeners' report (clients wait 10 s)
 
 
 class Management:
