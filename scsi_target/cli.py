@@ -641,3 +641,43 @@ def completion(shell: str) -> None:
 
 from scsi_target.service import service as _service  # noqa: E402
 main.add_command(_service, "service")
+
+
+# one line per verb in `--help` listings: a docstring's first sentence can be
+# too long for them, and click then cuts it off with "..."
+SHORT_HELP = {
+    "stml": "Run the STML alone (it owns the LUNs).",
+    "fetd-tcp": "Run the iSCSI front end alone, attached to an STML.",
+    "keys": "CURVE key pairs for remote front ends and clients.",
+    "keys generate": "Write a key pair: NAME.key and NAME.key_secret.",
+    "target add": "Add a target (then LUNs with `lun add`).",
+    "lun": "Logical units (changes are live and saved).",
+    "lun add": "Add a LUN from a spec (ram:64MiB, file:PATH, ...).",
+    "portal": "iSCSI portals the front end listens on.",
+    "portal add": "Listen on another portal: HOST:PORT[,TPGT].",
+    "portal remove": "Stop listening on a portal.",
+    "acl": "Initiators allowed to log in (empty: any).",
+    "acl add": "Allow an initiator, by its IQN, to log in.",
+    "chap set": "Require CHAP, or turn it off.",
+    "session drop": "End a session, by its NEXUS number.",
+    "status": "Portals, LUNs, sessions and front ends, with rates.",
+    "ls": "The running configuration as a tree.",
+    "config": "Show, diff, save, reload or check the configuration.",
+    "config show": "Print the running configuration.",
+    "config save": "Save the running configuration (or a copy of it).",
+    "config diff": "Show how the file differs from what runs.",
+    "config reload": "Apply an edited file live (as SIGHUP does).",
+    "config check": "Validate a config file (no target needed).",
+    "run": "Run the target: the STML and the iSCSI front end.",
+    "loop inquiry": "Print the LUN's identity (INQUIRY, serial, NAA).",
+    "loop write": "Write a file's bytes at an LBA.",
+    "wait-ready": "Wait until the target serves (for scripts).",
+    "service install": "Create the user, install, enable and start the unit.",
+    "completion": "Print the completion script for bash, zsh or fish.",
+}
+for _path, _text in SHORT_HELP.items():
+    _cmd: click.Command = main
+    for _word in _path.split():
+        assert isinstance(_cmd, click.Group)
+        _cmd = _cmd.commands[_word]
+    _cmd.short_help = _text

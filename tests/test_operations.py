@@ -570,6 +570,9 @@ def test_every_verb_has_help_and_completion_scripts_print():
         return out
     missing = [path for path, cmd in walk(main, "scsi-target") if not (cmd.help or "").strip()]
     assert missing == []
+    # and each one's line in a listing is whole, not cut off with "..." (80 columns)
+    cut = [path for path, cmd in walk(main, "scsi-target")[1:] if cmd.get_short_help_str(60).endswith("...")]
+    assert cut == []
     assert "Exit codes" in ok("--help")
     for shell, needle in (("bash", "complete -o nosort -F"), ("zsh", "compdef"), ("fish", "complete")):
         assert needle in ok("completion", shell)
