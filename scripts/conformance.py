@@ -98,13 +98,10 @@ def start_target(work: Path) -> tuple[subprocess.Popen, int, int]:
            "--portal", f"127.0.0.1:{p1}", "--portal", f"127.0.0.1:{p2},2", "--log-level", "warning"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
-    # ready once attached to the STML and listening on both portals (the
-    # listeners open after attaching: a login before that is refused)
-    attached, listening = False, 0
+    # ready once `run` says so: attached to the STML and listening on both
+    # portals (the listeners open after attaching: a login before that is refused)
     for line in proc.stdout:
-        attached = attached or line.startswith("fetd_tcp: attached")
-        listening += line.startswith("fetd_tcp: listening on")
-        if attached and listening == 2:
+        if line.startswith("Ready. "):
             break
     else:
         raise RuntimeError("the target did not start")
