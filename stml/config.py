@@ -152,7 +152,7 @@ def lun_options(raw: dict[str, Any], where: str, data_dir: Path) -> LunOptions:
                       block_size=bs,
                       write_cache=_bool(raw.get("write_cache", False), f"{where}.write_cache"),
                       thin=_bool(raw.get("thin", True), f"{where}.thin"),
-                      physical_block_exp=pbe, id=ident.lower() if ident else None)
+                      physical_block_exp=pbe or None, id=ident.lower() if ident else None)
 
 
 def parse_lun_spec(spec: str, where: str = "--lun") -> dict[str, Any]:
