@@ -1,0 +1,138 @@
+"""A real QEMU guest (Debian's cloud kernel, virtio_scsi) on fetd_vhost.
+
+One boot does it all: the guest partitions the disk, makes an ext4 file
+system, writes files, syncs, unmounts, checks it with e2fsck, and reads the
+files back (caches dropped) against their checksums; the host then reads
+the same LUN through the iSCSI front end and finds the same files with the
+same checksums. While the guest runs, `scsi-target lun add` makes a second
+LUN appear in it (the rescan event) and `lun resize` reaches it as a new
+capacity (the parameter-change event). Runs under TCG when KVM does not work.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from support import guest as G
+from support.vhost_master import VhostProcess
+from targetproc import Target, run
+
+pytestmark = pytest.mark.guest
+
+IQN = "iqn.2026-11.org.scsi-target:vhost"
+MEMORY_MB = 256
+
+SCRIPT = r"""
+fail() { echo "@@ FAIL $*"; exit 1; }
+waitfor() { i=0; while [ ! -e "$1" ] && [ $i -lt $2 ]; do sleep 0.1; i=$((i+1)); done; [ -e "$1" ]; }
+waitfor /sys/block/sda 600 || fail no sda
+echo "@@ DISK $(cat /sys/block/sda/size) $(cat /sys/block/sda/device/vendor)"
+printf 'o\nn\np\n1\n\n\nw\n' | fdisk /dev/sda >/tmp/fdisk 2>&1
+waitfor /dev/sda1 100 || fail no partition
+/usr/sbin/mke2fs -q -F -t ext4 /dev/sda1 || fail mke2fs
+mount -t ext4 /dev/sda1 /mnt || fail mount
+dd if=/dev/urandom of=/mnt/big bs=1M count=6 2>/dev/null || fail dd big
+dd if=/dev/urandom of=/mnt/small bs=4k count=3 2>/dev/null || fail dd small
+mkdir /mnt/dir
+for n in 1 2 3 4 5 6 7 8; do echo "file $n $(date +%s%N)" > /mnt/dir/f$n; done
+sync
+(cd /mnt && sha256sum big small dir/f1 dir/f8) > /tmp/sums
+umount /mnt || fail umount
+/usr/sbin/e2fsck -fn /dev/sda1 >/tmp/fsck 2>&1; echo "@@ FSCK $?"
+echo 3 > /proc/sys/vm/drop_caches
+mount -o ro -t ext4 /dev/sda1 /mnt || fail remount
+(cd /mnt && sha256sum -c /tmp/sums >/dev/null 2>&1); echo "@@ VERIFY $?"
+umount /mnt
+while read sum name; do echo "@@ SUM $name $sum"; done < /tmp/sums
+echo "@@ WAIT-HOTPLUG"
+waitfor /sys/block/sdb 1800 || fail no sdb after lun add
+echo "@@ HOTPLUG $(cat /sys/block/sdb/size)"
+old=$(cat /sys/block/sdb/size)
+echo "@@ WAIT-RESIZE"
+i=0; while [ "$(cat /sys/block/sdb/size)" = "$old" ] && [ $i -lt 1800 ]; do sleep 0.1; i=$((i+1)); done
+echo "@@ RESIZED $(cat /sys/block/sdb/size)"
+"""
+
+
+def mgmt(data_dir: str, *args: str) -> dict:
+    p = subprocess.run([sys.executable, "-m", "scsi_target", *args, "--data-dir", data_dir, "--json"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    return json.loads(p.stdout)
+
+
+def partition(image: bytes) -> bytes:
+    """The first primary partition of an MBR disk image."""
+    assert image[510:512] == b"\x55\xaa", "no partition table"
+    start, count = struct.unpack_from("<II", image, 0x1BE + 8)
+    return image[start * 512:(start + count) * 512]
+
+
+@pytest.fixture(scope="module")
+def booted(tmp_path_factory):
+    try:
+        k = G.kernel()
+        rd = G.initramfs(k, SCRIPT)
+        accel = G.accelerator(k)
+    except G.GuestUnavailable as e:
+        pytest.skip(str(e))
+    tmp = tmp_path_factory.mktemp("vhost")
+    cfg = tmp / "target.toml"
+    cfg.write_text(f'[[target]]\nname = "{IQN}"\n\n[[target.lun]]\nbackend = "ram"\nsize = "64MiB"\n')
+    target = Target(config=str(cfg))
+    sock = os.path.join(target.data_dir, "vm.sock")
+    fe = VhostProcess(f"ipc://{target.data_dir}/stml.sock", sock, IQN, target.data_dir)
+    vm = None
+    try:
+        fe.wait_for("attached to STML")
+        vm = G.Guest(k, rd, accel=accel, memory_mb=MEMORY_MB,
+                     args=G.vhost_scsi_args(sock, MEMORY_MB)).start()
+        yield target, fe, vm
+    finally:
+        if vm is not None:
+            vm.stop()
+        fe.stop()
+        target.stop()
+
+
+def test_guest_file_system_cycle(booted):
+    target, fe, vm = booted
+    blocks, vendor = vm.wait("DISK").split()
+    assert int(blocks) == (64 << 20) // 512 and vendor == "SCSITGT"
+    assert vm.wait("FSCK") == "0"
+    assert vm.wait("VERIFY") == "0"
+    vm.wait("WAIT-HOTPLUG")
+    sums = dict(v.split() for k, v in vm.marks() if k == "SUM")
+    assert set(sums) == {"big", "small", "dir/f1", "dir/f8"}
+
+    # the same bytes through the iSCSI front end, read on the host
+    raw = Path(target.data_dir) / "lun0.raw"
+    run(["qemu-img", "convert", "-O", "raw", target.url(0, IQN), str(raw)])
+    part = Path(target.data_dir) / "part1.img"
+    part.write_bytes(partition(raw.read_bytes()))
+    assert run(["e2fsck", "-fn", str(part)], check=False).returncode == 0
+    for name, digest in sums.items():
+        data = subprocess.run(["debugfs", "-R", f"cat /{name}", str(part)], capture_output=True,
+                              timeout=60).stdout
+        assert hashlib.sha256(data).hexdigest() == digest, name
+
+
+def test_lun_add_and_resize_reach_the_running_guest(booted):
+    target, fe, vm = booted
+    vm.wait("WAIT-HOTPLUG")
+    added = mgmt(target.data_dir, "lun", "add", "--target", IQN, "ram:8MiB")
+    assert added["lun"] == 1
+    assert int(vm.wait("HOTPLUG", timeout=240)) == (8 << 20) // 512
+    vm.wait("WAIT-RESIZE")
+    mgmt(target.data_dir, "lun", "resize", "--target", IQN, "1", "24MiB")
+    assert int(vm.wait("RESIZED", timeout=240)) == (24 << 20) // 512
+    assert vm.wait("EXIT") == "0"
+    assert vm.wait_exit(120) == 0
+    assert fe.alive()
