@@ -294,9 +294,12 @@ class Session:
         except (OSError, ValueError) as e:
             raise _Refused(f"cannot map guest memory: {e}") from None
         self.memory = memory
-        for ring in self.rings:
+        for ring in self.rings:   # rings move to the new mappings; one that no longer fits stops
             if ring.desc_addr:
-                self._attach(ring)
+                try:
+                    self._attach(ring)
+                except _Refused as e:
+                    log.warning("vhost-user: %s", e)
         return None
 
     def _attach(self, ring: Virtqueue) -> None:

@@ -383,14 +383,13 @@ class VhostMaster:
             q.publish()
         return head, resp
 
-    def event_buffers(self, n: int) -> list[int]:
-        """Give the device n event buffers: their gpas, by head."""
+    def event_buffers(self, n: int) -> dict[int, int]:
+        """Give the device n event buffers: {head: gpa}."""
         q = self.queues[1]
-        out = []
+        out = {}
         for _ in range(n):
             buf = self.ram.alloc(EVENT.size)
-            q.add([(buf, EVENT.size, True)])
-            out.append(buf)
+            out[q.add([(buf, EVENT.size, True)])] = buf
         q.publish()
         return out
 
