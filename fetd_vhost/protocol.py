@@ -115,10 +115,10 @@ class Framer:
             return HEADER.size - len(self._buf)
         return self._header[2] - len(self._buf)
 
-    def feed(self, data: bytes, fds: list[int] = ()) -> Message | None:  # type: ignore[assignment]
+    def feed(self, data: bytes, fds: list[int] | None = None) -> Message | None:
         """Take bytes read (at most want()) and the descriptors that came with
         them; the message once it is whole. Raises ProtocolError."""
-        self._fds += fds
+        self._fds += fds or ()
         if len(self._fds) > MAX_FDS:
             self.close()
             raise ProtocolError(f"more than {MAX_FDS} descriptors with one message")

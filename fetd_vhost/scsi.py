@@ -248,7 +248,7 @@ class VirtioScsiDevice:
             except ChainError as e:
                 self.stats.bad_chains += 1
                 self._on_error(str(e))
-                self._refuse_chain(ring, e.head)   # type: ignore[attr-defined]
+                self._refuse_chain(ring, e.head)
                 continue
             except RingError as e:
                 self.stats.broken_rings += 1
@@ -491,7 +491,7 @@ class VirtioScsiDevice:
                 chain = ring.pop()
             except ChainError as e:
                 self._on_error(str(e))
-                self._refuse_chain(ring, e.head)   # type: ignore[attr-defined]
+                self._refuse_chain(ring, e.head)
                 continue
             except RingError as e:
                 self._on_error(str(e))

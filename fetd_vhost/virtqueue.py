@@ -43,6 +43,10 @@ def full_barrier() -> None:
 class ChainError(Exception):
     """A descriptor chain that breaks the rules (its head is still valid)."""
 
+    def __init__(self, message: str, head: int = -1) -> None:
+        super().__init__(message)
+        self.head = head
+
 
 class RingError(Exception):
     """The ring itself is corrupt: the queue cannot go on."""
@@ -143,9 +147,7 @@ class Virtqueue:
         try:
             return self._walk(head)
         except (BadAddress, ChainError) as e:
-            err = ChainError(f"queue {self.index}: descriptor chain {head}: {e}")
-            err.head = head   # type: ignore[attr-defined]
-            raise err from None
+            raise ChainError(f"queue {self.index}: descriptor chain {head}: {e}", head) from None
 
     def _walk(self, head: int) -> Chain:
         mem = self._mem
