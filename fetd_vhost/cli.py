@@ -2,7 +2,10 @@
 `scsi-target fetd-vhost`)."""
 from __future__ import annotations
 
+import os
 import sys
+from dataclasses import dataclass
+from typing import Any
 
 import click
 
@@ -41,3 +44,76 @@ def main(socket_path: str, target: str, stml_endpoint: str, initiator: str | Non
     except OSError as e:
         click.echo(f"scsi-target: fetd-vhost: cannot listen on {socket_path}: {e}", err=True)
         sys.exit(2)
+
+
+# ------------------------------------------------------------------ `scsi-target run --vhost`
+
+@dataclass(frozen=True)
+class VhostSpec:
+    socket: str
+    target: str | None = None
+    initiator: str | None = None
+
+
+def parse_vhost(value: str, where: str = "--vhost") -> VhostSpec:
+    """PATH[,target=IQN][,initiator=NAME]. Raises ValueError."""
+    path, *opts = value.split(",")
+    if not path:
+        raise ValueError(f"{where}: {value!r} names no socket path")
+    kw: dict[str, str] = {}
+    for opt in opts:
+        key, eq, val = opt.partition("=")
+        if not eq or key not in ("target", "initiator") or not val:
+            raise ValueError(f"{where}: {opt!r} is not target=IQN or initiator=NAME")
+        kw[key] = val
+    return VhostSpec(path, **kw)
+
+
+def vhost_specs(config: Any, flags: tuple[str, ...]) -> list[VhostSpec]:
+    """The VM sockets to serve: --vhost flags, then the config file's [[vhost]]
+    tables ({socket, target?, initiator?}). Raises ValueError."""
+    specs = [parse_vhost(f) for f in flags]
+    tables = config.raw.get("vhost", [])
+    if not isinstance(tables, list):
+        raise ValueError("vhost: must be [[vhost]] tables")
+    for i, t in enumerate(tables):
+        where = f"vhost[{i}]"
+        if not isinstance(t, dict) or not isinstance(t.get("socket"), str) \
+                or set(t) - {"socket", "target", "initiator"} \
+                or not all(isinstance(t.get(k, ""), str) for k in ("target", "initiator")):
+            raise ValueError(f"{where}: needs socket = PATH, and may have target and initiator (strings)")
+        socket = t["socket"]
+        if config.path is not None and not os.path.isabs(socket):
+            socket = str(config.path.parent / socket)
+        specs.append(VhostSpec(socket, t.get("target"), t.get("initiator")))
+    names = {t.name for t in config.targets}
+    for s in specs:
+        if s.target is not None and s.target not in names:
+            raise ValueError(f"vhost socket {s.socket}: no target {s.target}")
+    if len({s.socket for s in specs}) != len(specs):
+        raise ValueError("vhost: a socket path is used twice")
+    return specs
+
+
+vhost_option = click.option(
+    "--vhost", "vhost", multiple=True, metavar="PATH[,target=IQN]",
+    help="Also serve a VM on this vhost-user-scsi socket (repeatable; default target: the first).")
+
+
+def vhost_children(config: Any, flags: tuple[str, ...], log_level: str) -> dict[str, list[str]]:
+    """`scsi-target run`'s fetd_vhost children, one per socket (exits 2 on a bad setting)."""
+    try:
+        specs = vhost_specs(config, flags)
+    except ValueError as e:
+        click.echo(f"scsi-target: config error: {e}", err=True)
+        sys.exit(2)
+    children = {}
+    for i, s in enumerate(specs):
+        target = s.target or config.targets[0].name
+        argv = [sys.executable, "-m", "fetd_vhost", "--socket", s.socket, "--target", target,
+                "--stml", config.stml_endpoint, "--log-level", log_level]
+        if s.initiator:
+            argv += ["--initiator", s.initiator]
+        children[f"fetd_vhost{i}" if i else "fetd_vhost"] = argv
+        click.echo(f"vhost-user-scsi socket: {s.socket} (target {target})")
+    return children

@@ -18,6 +18,7 @@ from typing import Any
 import click
 
 from fetd_tcp.cli import main as fetd_tcp_main
+from fetd_vhost.cli import main as fetd_vhost_main, vhost_children, vhost_option
 from stml.cli import apply_stml_options, config_options, load_or_exit, main as stml_main, stml_options
 from stml.config import default_data_dir, default_endpoint, load, ConfigError
 
@@ -36,6 +37,7 @@ def main() -> None:
 
 main.add_command(stml_main, "stml")
 main.add_command(fetd_tcp_main, "fetd-tcp")
+main.add_command(fetd_vhost_main, "fetd-vhost")
 from scsi_target.keys import keys as _keys  # noqa: E402  (verbs defined in their own modules)
 from scsi_target.mgmt import register as _register_mgmt  # noqa: E402
 main.add_command(_keys, "keys")
@@ -152,8 +154,9 @@ class Supervisor:
 @click.option("--cpu-affinity", type=click.Choice(["split", "none"]), default="split", show_default=True,
               help="split: the STML and the front end each on their own share of the CPUs this "
                    "command may use (taskset narrows them); none: wherever the scheduler puts them.")
+@vhost_option
 def run(log_level: str, portals: tuple[str, ...], no_iscsi: bool, cpu_affinity: str, listen: tuple[str, ...],
-        insecure: bool, metrics: str | None, poll_us: int | None, **kw: Any) -> None:
+        insecure: bool, metrics: str | None, poll_us: int | None, vhost: tuple[str, ...], **kw: Any) -> None:
     """Run the STML and the iSCSI front end under one supervisor (Ctrl-C stops all)."""
     config = load_or_exit(portals=portals, **kw)
     apply_stml_options(config, listen, insecure, metrics, poll_us)
@@ -179,6 +182,7 @@ def run(log_level: str, portals: tuple[str, ...], no_iscsi: bool, cpu_affinity: 
         if config.isns:
             tcp += ["--isns", config.isns]
         children["fetd_tcp"] = tcp
+    children.update(vhost_children(config, vhost, log_level))
     for t in config.targets:
         for lc in t.luns:
             o = lc.options

@@ -11,6 +11,8 @@ capacity (the parameter-change event). Runs under TCG when KVM does not work.
 from __future__ import annotations
 
 import hashlib
+import shutil
+import time
 import json
 import os
 import struct
@@ -21,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from support import guest as G
-from support.vhost_master import VhostProcess
+from conftest import short_dir
 from targetproc import Target, run
 
 pytestmark = pytest.mark.guest
@@ -68,6 +70,14 @@ def mgmt(data_dir: str, *args: str) -> dict:
     return json.loads(p.stdout)
 
 
+def wait_until(cond, what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        time.sleep(0.05)
+
+
 def partition(image: bytes) -> bytes:
     """The first primary partition of an MBR disk image."""
     assert image[510:512] == b"\x55\xaa", "no partition table"
@@ -84,26 +94,27 @@ def booted(tmp_path_factory):
     except G.GuestUnavailable as e:
         pytest.skip(str(e))
     tmp = tmp_path_factory.mktemp("vhost")
+    sock = os.path.join(short_dir(), "vm.sock")
     cfg = tmp / "target.toml"
-    cfg.write_text(f'[[target]]\nname = "{IQN}"\n\n[[target.lun]]\nbackend = "ram"\nsize = "64MiB"\n')
+    # `scsi-target run` starts fetd_vhost beside fetd_tcp for the [[vhost]] table
+    cfg.write_text(f'[[target]]\nname = "{IQN}"\n\n[[target.lun]]\nbackend = "ram"\nsize = "64MiB"\n\n'
+                   f'[[vhost]]\nsocket = "{sock}"\n')
     target = Target(config=str(cfg))
-    sock = os.path.join(target.data_dir, "vm.sock")
-    fe = VhostProcess(f"ipc://{target.data_dir}/stml.sock", sock, IQN, target.data_dir)
     vm = None
     try:
-        fe.wait_for("attached to STML")
+        wait_until(lambda: "fetd_vhost: attached to STML" in target.log(), "fetd_vhost attached")
         vm = G.Guest(k, rd, accel=accel, memory_mb=MEMORY_MB,
                      args=G.vhost_scsi_args(sock, MEMORY_MB)).start()
-        yield target, fe, vm
+        yield target, vm
     finally:
         if vm is not None:
             vm.stop()
-        fe.stop()
         target.stop()
+        shutil.rmtree(os.path.dirname(sock), ignore_errors=True)
 
 
 def test_guest_file_system_cycle(booted):
-    target, fe, vm = booted
+    target, vm = booted
     blocks, vendor = vm.wait("DISK").split()
     assert int(blocks) == (64 << 20) // 512 and vendor == "SCSITGT"
     assert vm.wait("FSCK") == "0"
@@ -125,7 +136,7 @@ def test_guest_file_system_cycle(booted):
 
 
 def test_lun_add_and_resize_reach_the_running_guest(booted):
-    target, fe, vm = booted
+    target, vm = booted
     vm.wait("WAIT-HOTPLUG")
     added = mgmt(target.data_dir, "lun", "add", "--target", IQN, "ram:8MiB")
     assert added["lun"] == 1
@@ -135,4 +146,4 @@ def test_lun_add_and_resize_reach_the_running_guest(booted):
     assert int(vm.wait("RESIZED", timeout=240)) == (24 << 20) // 512
     assert vm.wait("EXIT") == "0"
     assert vm.wait_exit(120) == 0
-    assert fe.alive()
+    assert "fetd_vhost: VM disconnected" in target.log() and "exited" not in target.log()

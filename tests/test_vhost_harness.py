@@ -450,3 +450,37 @@ def test_a_restarted_front_end_serves_a_new_vm_at_once(stml, vhost, masters):
     m2 = masters(fe2)
     m2.start()
     assert m2.run(m2.queues[2], read10(9, 1), data_in=512).data == blocks(9, 1)
+
+
+# ---------------------------------------------------------------- scsi-target run --vhost
+
+def test_run_starts_a_vhost_front_end_beside_iscsi(tmp_short):
+    from targetproc import Target
+    sock = str(tmp_short() / "vm.sock")
+    t = Target("--lun", "ram:16MiB", "--vhost", f"{sock},target={IQN}")
+    try:
+        deadline = time.monotonic() + 30
+        while "fetd_vhost: attached to STML" not in t.log():
+            assert time.monotonic() < deadline, t.log()
+            time.sleep(0.05)
+        m = VhostMaster(sock)
+        try:
+            m.start()
+            r = m.run(m.queues[2], inquiry(36), data_in=36)
+            assert (r.response, r.status) == (OK, GOOD)
+        finally:
+            m.close()
+    finally:
+        t.stop()
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("/tmp/x.sock,target=iqn.2026-11.org.nowhere:t", "no target iqn.2026-11.org.nowhere:t"),
+    ("/tmp/x.sock,colour=blue", "is not target=IQN or initiator=NAME"),
+])
+def test_run_refuses_a_bad_vhost_flag(tmp_short, flag, message):
+    import subprocess
+    import sys
+    p = subprocess.run([sys.executable, "-m", "scsi_target", "run", "--data-dir", str(tmp_short()),
+                        "--lun", "ram:1MiB", "--vhost", flag], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and message in p.stderr
