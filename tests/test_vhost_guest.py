@@ -10,49 +10,29 @@ capacity (the parameter-change event). Runs under TCG when KVM does not work.
 """
 from __future__ import annotations
 
-import hashlib
-import shutil
-import time
 import json
 import os
-import struct
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from support import guest as G
 from conftest import short_dir
-from targetproc import Target, run
+from targetproc import Target
 
 pytestmark = pytest.mark.guest
 
 IQN = "iqn.2026-11.org.scsi-target:vhost"
 MEMORY_MB = 256
 
-SCRIPT = r"""
-fail() { echo "@@ FAIL $*"; exit 1; }
-waitfor() { i=0; while [ ! -e "$1" ] && [ $i -lt $2 ]; do sleep 0.1; i=$((i+1)); done; [ -e "$1" ]; }
+SCRIPT = G.FS_CYCLE + r"""
 waitfor /sys/block/sda 600 || fail no sda
 echo "@@ DISK $(cat /sys/block/sda/size) $(cat /sys/block/sda/device/vendor)"
-printf 'o\nn\np\n1\n\n\nw\n' | fdisk /dev/sda >/tmp/fdisk 2>&1
-waitfor /dev/sda1 100 || fail no partition
-/usr/sbin/mke2fs -q -F -t ext4 /dev/sda1 || fail mke2fs
-mount -t ext4 /dev/sda1 /mnt || fail mount
-dd if=/dev/urandom of=/mnt/big bs=1M count=6 2>/dev/null || fail dd big
-dd if=/dev/urandom of=/mnt/small bs=4k count=3 2>/dev/null || fail dd small
-mkdir /mnt/dir
-for n in 1 2 3 4 5 6 7 8; do echo "file $n $(date +%s%N)" > /mnt/dir/f$n; done
-sync
-(cd /mnt && sha256sum big small dir/f1 dir/f8) > /tmp/sums
-umount /mnt || fail umount
-/usr/sbin/e2fsck -fn /dev/sda1 >/tmp/fsck 2>&1; echo "@@ FSCK $?"
-echo 3 > /proc/sys/vm/drop_caches
-mount -o ro -t ext4 /dev/sda1 /mnt || fail remount
-(cd /mnt && sha256sum -c /tmp/sums >/dev/null 2>&1); echo "@@ VERIFY $?"
-umount /mnt
-while read sum name; do echo "@@ SUM $name $sum"; done < /tmp/sums
+fs_cycle sda A
 echo "@@ WAIT-HOTPLUG"
 waitfor /sys/block/sdb 1800 || fail no sdb after lun add
 echo "@@ HOTPLUG $(cat /sys/block/sdb/size)"
@@ -76,13 +56,6 @@ def wait_until(cond, what: str, timeout: float = 30) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(what)
         time.sleep(0.05)
-
-
-def partition(image: bytes) -> bytes:
-    """The first primary partition of an MBR disk image."""
-    assert image[510:512] == b"\x55\xaa", "no partition table"
-    start, count = struct.unpack_from("<II", image, 0x1BE + 8)
-    return image[start * 512:(start + count) * 512]
 
 
 @pytest.fixture(scope="module")
@@ -117,22 +90,13 @@ def test_guest_file_system_cycle(booted):
     target, vm = booted
     blocks, vendor = vm.wait("DISK").split()
     assert int(blocks) == (64 << 20) // 512 and vendor == "SCSITGT"
-    assert vm.wait("FSCK") == "0"
-    assert vm.wait("VERIFY") == "0"
+    assert vm.wait("A-FSCK") == "0"
+    assert vm.wait("A-VERIFY") == "0"
     vm.wait("WAIT-HOTPLUG")
-    sums = dict(v.split() for k, v in vm.marks() if k == "SUM")
+    sums = G.cycle_sums(vm, "A")
     assert set(sums) == {"big", "small", "dir/f1", "dir/f8"}
-
     # the same bytes through the iSCSI front end, read on the host
-    raw = Path(target.data_dir) / "lun0.raw"
-    run(["qemu-img", "convert", "-O", "raw", target.url(0, IQN), str(raw)])
-    part = Path(target.data_dir) / "part1.img"
-    part.write_bytes(partition(raw.read_bytes()))
-    assert run(["e2fsck", "-fn", str(part)], check=False).returncode == 0
-    for name, digest in sums.items():
-        data = subprocess.run(["debugfs", "-R", f"cat /{name}", str(part)], capture_output=True,
-                              timeout=60).stdout
-        assert hashlib.sha256(data).hexdigest() == digest, name
+    G.check_sums_over_iscsi(target.url(0, IQN), sums, Path(target.data_dir))
 
 
 def test_lun_add_and_resize_reach_the_running_guest(booted):

@@ -375,3 +375,61 @@ def clean_cache(keep: int = 8) -> None:
     images = sorted(glob.glob(str(cache_dir() / "initramfs-*.cpio")), key=os.path.getmtime)
     for old in images[:-keep]:
         os.unlink(old)
+
+
+# ------------------------------------------------------------------ a file system cycle
+
+FS_CYCLE = r"""
+fail() { echo "@@ FAIL $*"; exit 1; }
+waitfor() { i=0; while [ ! -e "$1" ] && [ $i -lt $2 ]; do sleep 0.1; i=$((i+1)); done; [ -e "$1" ]; }
+# fs_cycle DISK TAG: partition, mke2fs, mount, write, sync, umount, e2fsck, verify
+fs_cycle() {
+    d=$1; t=$2
+    printf 'o\nn\np\n1\n\n\nw\n' | fdisk /dev/$d >/tmp/fdisk.$t 2>&1
+    waitfor /dev/${d}1 100 || fail $t no partition
+    /usr/sbin/mke2fs -q -F -t ext4 /dev/${d}1 || fail $t mke2fs
+    mount -t ext4 /dev/${d}1 /mnt || fail $t mount
+    dd if=/dev/urandom of=/mnt/big bs=1M count=6 2>/dev/null || fail $t dd big
+    dd if=/dev/urandom of=/mnt/small bs=4k count=3 2>/dev/null || fail $t dd small
+    mkdir /mnt/dir
+    for n in 1 2 3 4 5 6 7 8; do echo "file $n $t $(date +%s%N)" > /mnt/dir/f$n; done
+    sync
+    (cd /mnt && sha256sum big small dir/f1 dir/f8) > /tmp/sums.$t
+    umount /mnt || fail $t umount
+    /usr/sbin/e2fsck -fn /dev/${d}1 >/tmp/fsck.$t 2>&1; echo "@@ $t-FSCK $?"
+    echo 3 > /proc/sys/vm/drop_caches
+    mount -o ro -t ext4 /dev/${d}1 /mnt || fail $t remount
+    (cd /mnt && sha256sum -c /tmp/sums.$t >/dev/null 2>&1); echo "@@ $t-VERIFY $?"
+    umount /mnt
+    while read sum name; do echo "@@ $t-SUM $name $sum"; done < /tmp/sums.$t
+}
+"""
+
+
+def cycle_sums(g: Guest, tag: str) -> dict[str, str]:
+    """{file: sha256} the guest's fs_cycle reported under `tag`."""
+    return dict(v.split() for k, v in g.marks() if k == f"{tag}-SUM")
+
+
+def check_sums_over_iscsi(source: str, sums: dict[str, str], workdir: Path) -> None:
+    """Read a LUN through iSCSI (qemu-img: an iscsi:// URL, or --image-opts
+    options when they start with "driver="), and check that its first partition
+    passes e2fsck and holds the files with these checksums (debugfs, no mount)."""
+    raw = workdir / "lun.raw"
+    src = ["--image-opts", source] if source.startswith("driver=") else [source]
+    p = subprocess.run(["qemu-img", "convert", *src, "-O", "raw", str(raw)], capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    image = raw.read_bytes()
+    assert image[510:512] == b"\x55\xaa", "no partition table"
+    start, count = int.from_bytes(image[0x1C6:0x1CA], "little"), int.from_bytes(image[0x1CA:0x1CE], "little")
+    part = workdir / "part1.img"
+    part.write_bytes(image[start * 512:(start + count) * 512])
+    fsck = subprocess.run(["e2fsck", "-fn", str(part)], capture_output=True, text=True, timeout=300)
+    assert fsck.returncode == 0, fsck.stdout
+    for name, digest in sums.items():
+        data = subprocess.run(["debugfs", "-R", f"cat /{name}", str(part)], capture_output=True,
+                              timeout=120).stdout
+        assert hashlib.sha256(data).hexdigest() == digest, name
+    raw.unlink()
+    part.unlink()
