@@ -160,6 +160,8 @@ class Connection:
     def _process(self, ring: Virtqueue) -> None:
         if not self.closed:
             self.device.process(ring)
+            # the commands a kick brought leave now, not at the end of the loop iteration
+            self.fe.link.flush()
             self.fe.schedule_signals()
 
     def signal(self) -> None:
