@@ -77,7 +77,7 @@ class Connection:
         self.device.rings = self.session.rings
         self.watched: dict[int, int] = {}        # ring index -> kick fd we read
         self.closed = False
-        self.nexus_ready = False
+        self.rescan = False          # the guest was let in: tell it to scan once the nexus is ready
         sock.setblocking(False)
         self.loop.add_reader(sock.fileno(), self._readable)
 
@@ -265,21 +265,25 @@ class VhostFrontEnd:
 
     def _register(self, conn: Connection) -> None:
         """Register the VM's nexus when the STML has our target and lets us in;
-        while it does not, every request gets BAD_TARGET (the guest sees no disk)."""
+        while it does not, every request gets BAD_TARGET (the guest sees no
+        disk). Being let in or out later reaches the guest as events: a rescan
+        of the target, or the removal of its LUNs."""
         target = self.detect_info.target(self.target_name) if self.detect_info else None
-        refused = self._refusal(target)
+        refused, was = self._refusal(target), self.refused
         conn.device.refused = refused
+        self.refused = refused
         if refused is not None:
-            if refused != self.refused:
+            if refused != was:
                 log.error("%s: the VM sees no disk", refused)
-            self.refused = refused
             if conn.nexus in self.link.nexuses:
                 conn.device.fail_all(S.BAD_TARGET)
                 self.link.scsi_release(conn.nexus)
+                for lun in sorted(self.luns or ()):
+                    conn.device.lun_removed(lun)
             conn.set_online(True)
             return
-        self.refused = None
         if conn.nexus not in self.link.nexuses and self.link.connected.is_set():
+            conn.rescan = conn.rescan or was is not None
             conn.set_online(False)
             self.link.register_nexus(conn.nexus, self.initiator, self.target_name, 1)
 
@@ -288,8 +292,8 @@ class VhostFrontEnd:
             return None
         if target is None:
             return f"the STML has no target {self.target_name}"
-        acl = target.access.get("acl") or ()
-        if acl and self.initiator not in acl:
+        acl = [a.lower() for a in target.access.get("acl") or ()]
+        if acl and self.initiator.lower() not in acl:
             return f"initiator {self.initiator} is not in the ACL of {self.target_name}"
         return None
 
@@ -337,6 +341,10 @@ class VhostFrontEnd:
             log.error("the STML refused the VM's nexus: %s", error)
             conn.device.refused = error
         conn.set_online(True)
+        if conn.rescan and not error:
+            conn.rescan = False
+            conn.device.lun_added(0)    # LUN 0: the guest scans the whole target
+            self.schedule_signals()
 
     def rdy_to_xfer(self, tag: int, offset: int, length: int) -> None:
         if self.conn is not None:

@@ -484,3 +484,27 @@ def test_run_refuses_a_bad_vhost_flag(tmp_short, flag, message):
     p = subprocess.run([sys.executable, "-m", "scsi_target", "run", "--data-dir", str(tmp_short()),
                         "--lun", "ram:1MiB", "--vhost", flag], capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and message in p.stderr
+
+
+def test_acl_keeps_a_vm_out_until_management_lets_it_in(stml_factory, tmp_short, vhost, masters):
+    cfg = tmp_short() / "target.toml"
+    cfg.write_text(f'[[target]]\nname = "{IQN}"\nacl = ["iqn.2026-11.org.example:someone-else"]\n'
+                   '[[target.lun]]\nbackend = "ram"\nsize = "8MiB"\n')
+    stml = stml_factory(extra=("--config", str(cfg)))
+    fe = vhost(stml.endpoint)
+    m = masters(fe)
+    m.start()
+    q, evq = m.queues[2], m.queues[1]
+    bufs = m.event_buffers(4)
+    assert m.run(q, inquiry(36), data_in=36).response == BAD_TARGET
+    fe.wait_for("VM connected")
+    initiator = fe.output().split("VM connected (initiator ")[1].split(")")[0]
+    MgmtClient(stml.endpoint).call("acl_add", initiator=initiator)
+    (head, _), = evq.wait_used(1)
+    assert m.read_event(bufs[head]) == (1, bytes([1, 0, 0, 0]) + bytes(4), 1)   # RESCAN the target
+    clear_ua(m, q)
+    assert m.run(q, inquiry(36), data_in=36).status == GOOD
+    MgmtClient(stml.endpoint).call("acl_remove", initiator=initiator)
+    (head, _), = evq.wait_used(1)
+    assert m.read_event(bufs[head]) == (1, bytes([1, 0, 0, 0]) + bytes(4), 2)   # LUN 0 REMOVED
+    assert m.run(q, inquiry(36), data_in=36).response == BAD_TARGET
