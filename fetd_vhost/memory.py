@@ -25,7 +25,7 @@ class RegionSpec:
 
 
 class Region:
-    __slots__ = ("spec", "view", "_map")
+    __slots__ = ("spec", "view", "_map", "gpa", "gpa_end")
 
     def __init__(self, spec: RegionSpec, fd: int) -> None:
         """Map `spec` of `fd` (the caller closes fd). Raises OSError or
@@ -40,6 +40,7 @@ class Region:
                               mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
         self.view = memoryview(self._map)[spec.offset - start:]
         self.spec = spec
+        self.gpa, self.gpa_end = spec.gpa, spec.gpa + spec.size
 
 
 class GuestMemory:
@@ -53,6 +54,7 @@ class GuestMemory:
         self.by_uva = sorted(regions, key=lambda r: r.spec.uva)
         self._gpa_starts = [r.spec.gpa for r in self.by_gpa]
         self._uva_starts = [r.spec.uva for r in self.by_uva]
+        self._last = self.by_gpa[0] if self.by_gpa else None   # where the last buffer was
 
     @staticmethod
     def _find(regions: list[Region], starts: list[int], addr: int, key: str) -> tuple[Region, int]:
@@ -75,6 +77,10 @@ class GuestMemory:
         """Views covering the guest-physical range [addr, addr+length): more
         than one when it crosses into an adjacent region. Raises BadAddress
         for any byte outside the table."""
+        r = self._last
+        if r is not None and r.gpa <= addr and addr + length <= r.gpa_end and length >= 0:
+            off = addr - r.gpa    # the usual case: where the previous buffer was
+            return [r.view[off:off + length]]
         if length < 0 or addr < 0 or addr + length > 1 << 64:
             raise BadAddress(f"range 0x{addr:x}+{length} wraps")
         views = []
@@ -82,6 +88,7 @@ class GuestMemory:
             r, off = self._find(self.by_gpa, self._gpa_starts, addr, "gpa")
             n = min(length, r.spec.size - off)
             views.append(r.view[off:off + n])
+            self._last = r
             addr += n
             length -= n
         return views

@@ -152,10 +152,21 @@ class Buffers:
     def write(self, offset: int, data: bytes | memoryview) -> int:
         """Copy `data` in at `offset`, clipped to the buffers: bytes written."""
         data = memoryview(data).cast("B")
-        done = 0
-        for v in self.slices(offset, len(data)):
-            v[:] = data[done:done + len(v)]
-            done += len(v)
+        n, done = len(data), 0
+        for v in self.views:
+            size = len(v)
+            if offset >= size:
+                offset -= size
+                continue
+            take = min(size - offset, n - done)
+            if take == size:
+                v[:] = data[done:done + take]
+            else:
+                v[offset:offset + take] = data[done:done + take]
+            offset = 0
+            done += take
+            if done == n:
+                break
         return done
 
 

@@ -155,32 +155,32 @@ class Virtqueue:
         assert mem is not None and table is not None
         size = self.num
         chain = Chain(head)
+        readable, writable = chain.readable, chain.writable
         i = head
         steps = 0
-        in_indirect = False
+        descs: list[tuple[int, int, int, int]] | None = None   # an indirect table, read at once
         while True:
             if i >= size:
                 raise ChainError(f"next index {i} outside a table of {size}")
             steps += 1
             if steps > size:
                 raise ChainError("chain longer than its table (a loop?)")
-            addr, length, flags, nxt = _DESC.unpack_from(table, 16 * i)
+            addr, length, flags, nxt = descs[i] if descs is not None else _DESC.unpack_from(table, 16 * i)
             if flags & DESC_F_INDIRECT:
-                if in_indirect or not self.indirect:
+                if descs is not None or not self.indirect:
                     raise ChainError("indirect descriptor not allowed here")
                 if flags & DESC_F_NEXT or length % 16 or not 16 <= length <= 16 * MAX_INDIRECT:
                     raise ChainError(f"bad indirect table ({length} bytes, flags {flags:#x})")
-                table = mem.gpa_contiguous(addr, length)
-                size = length // 16
-                i, steps, in_indirect = 0, 0, True
+                descs = list(_DESC.iter_unpack(mem.gpa_contiguous(addr, length)))
+                size = len(descs)
+                i, steps = 0, 0
                 continue
-            views = mem.gpa(addr, length)
             if flags & DESC_F_WRITE:
-                chain.writable += views
-            elif chain.writable:
+                writable += mem.gpa(addr, length)
+            elif writable:
                 raise ChainError("a device-readable buffer after a device-writable one")
             else:
-                chain.readable += views
+                readable += mem.gpa(addr, length)
             if not flags & DESC_F_NEXT:
                 return chain
             i = nxt
