@@ -418,7 +418,7 @@ def run_vhost(args: argparse.Namespace) -> dict:
             raise RuntimeError("scsi-target did not start:\n" + "".join(said[-20:]))
         threading.Thread(target=proc.stdout.read, daemon=True).start()
         memory = 256
-        vm = G.Guest(k, rd, accel=accel, memory_mb=memory, args=[
+        vm = G.Guest(k, rd, accel=accel, memory_mb=memory, log_path=work / "console.log", args=[
             *G.vhost_scsi_args(str(sock), memory),
             "-drive", f"file={qemu_img},format=raw,if=none,id=d0",
             "-device", "virtio-scsi-pci,id=vs0", "-device", "scsi-hd,drive=d0,bus=vs0.0"]).start()

@@ -27,16 +27,19 @@ SECRET, TSECRET = "guest-secret-0123", "target-secret-4567"
 PLAIN_BLOCKS, SECURE_BLOCKS = (48 << 20) // 512, (40 << 20) // 512
 
 
-def script(port: int) -> str:
-    login = "iscsistart -i {ini} -t {tgt} -g 1 -a 10.0.2.2 -p {port}".format
+def script() -> str:
+    """The guest's part; the target's port comes on the kernel command line
+    (st_port=N), so the initramfs is the same in every run."""
+    login = "iscsistart -i {ini} -t {tgt} -g 1 -a 10.0.2.2 -p $port".format
     return G.FS_CYCLE + textwrap.dedent(f"""
+        port=$(sed -n 's/.*st_port=\\([0-9]*\\).*/\\1/p' /proc/cmdline)
         ip link set lo up
         ip link set eth0 up || fail no eth0
         ip addr add 10.0.2.15/24 dev eth0
         mkdir -p /etc/iscsi /var/lib/iscsi /run/lock/iscsi
-        {login(ini=INITIATOR, tgt=PLAIN, port=port)} >/tmp/login.plain 2>&1
+        {login(ini=INITIATOR, tgt=PLAIN)} >/tmp/login.plain 2>&1
         echo "@@ LOGIN-PLAIN $?"
-        {login(ini=INITIATOR, tgt=SECURE, port=port)} -u alice -w {SECRET} -U tgt -W {TSECRET} \\
+        {login(ini=INITIATOR, tgt=SECURE)} -u alice -w {SECRET} -U tgt -W {TSECRET} \\
             -P node.conn[0].iscsi.HeaderDigest=CRC32C -P node.conn[0].iscsi.DataDigest=CRC32C \\
             >/tmp/login.secure 2>&1
         echo "@@ LOGIN-SECURE $?"
@@ -60,7 +63,8 @@ def script(port: int) -> str:
 def run_guest(tmp_path_factory):
     try:
         k = G.kernel()
-        G.initramfs(k, "true\n", modules=G.NET_MODULES, binaries=("/usr/sbin/iscsistart",))
+        rd = G.initramfs(k, script(), modules=(*G.NET_MODULES, "sd_mod"),
+                         binaries=("/usr/sbin/iscsistart", "/usr/sbin/mke2fs", "/usr/sbin/e2fsck"))
         accel = G.accelerator(k)
     except G.GuestUnavailable as e:
         pytest.skip(str(e))
@@ -87,9 +91,7 @@ def run_guest(tmp_path_factory):
     vm = None
     try:
         port = int(target.portal.rsplit(":", 1)[1])
-        rd = G.initramfs(k, script(port), modules=(*G.NET_MODULES, "sd_mod"),
-                         binaries=("/usr/sbin/iscsistart", "/usr/sbin/mke2fs", "/usr/sbin/e2fsck"))
-        vm = G.Guest(k, rd, accel=accel, memory_mb=256,
+        vm = G.Guest(k, rd, accel=accel, memory_mb=256, append=f"st_port={port}", log_path=d / "console.log",
                      args=["-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0"]).start()
         vm.wait("EXIT", timeout=400)
         yield target, vm, d

@@ -76,7 +76,7 @@ def booted(tmp_path_factory):
     vm = None
     try:
         wait_until(lambda: "fetd_vhost: attached to STML" in target.log(), "fetd_vhost attached")
-        vm = G.Guest(k, rd, accel=accel, memory_mb=MEMORY_MB,
+        vm = G.Guest(k, rd, accel=accel, memory_mb=MEMORY_MB, log_path=tmp / "console.log",
                      args=G.vhost_scsi_args(sock, MEMORY_MB)).start()
         yield target, vm
     finally:

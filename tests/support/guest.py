@@ -251,6 +251,7 @@ def initramfs(k: Kernel, script: str, modules: tuple[str, ...] = BLOCK_MODULES,
     tmp = path.with_suffix(".tmp")
     tmp.write_bytes(c.close())
     tmp.rename(path)
+    clean_cache()
     return path
 
 
@@ -299,6 +300,7 @@ class Guest:
     accel: str = "tcg"
     memory_mb: int = 256
     args: list[str] = field(default_factory=list)
+    append: str = ""       # more kernel command line (a script reads /proc/cmdline)
     log_path: Path | None = None
     proc: subprocess.Popen | None = None
 
@@ -307,7 +309,7 @@ class Guest:
                 "-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio",
                 "-monitor", "none", "-no-reboot",
                 "-kernel", str(self.kernel.vmlinuz), "-initrd", str(self.initrd),
-                "-append", "console=ttyS0 panic=-1 loglevel=4 rdinit=/init",
+                "-append", f"console=ttyS0 panic=-1 loglevel=4 rdinit=/init {self.append}".strip(),
                 *self.args]
 
     def start(self) -> Guest:
@@ -371,7 +373,8 @@ def vhost_scsi_args(socket_path: str, memory_mb: int, num_queues: int = 1) -> li
 
 
 def clean_cache(keep: int = 8) -> None:
-    """Drop all but the newest initramfs images (each is a few MiB)."""
+    """Drop all but the newest initramfs images (each is a few MiB): scripts
+    that differ per run (the benchmark's) would otherwise pile up."""
     images = sorted(glob.glob(str(cache_dir() / "initramfs-*.cpio")), key=os.path.getmtime)
     for old in images[:-keep]:
         os.unlink(old)
