@@ -27,7 +27,7 @@ from fetd_vhost.virtqueue import Virtqueue
 
 log = logging.getLogger("fetd_vhost")
 
-MAX_QUEUES = 2 + 16        # control, event and up to 16 request queues
+MAX_QUEUES = 2 + 64        # control, event and up to 64 request queues (num_queues)
 FEATURES = bits(Feature.VERSION_1, Feature.INDIRECT_DESC, Feature.EVENT_IDX,
                 Feature.SCSI_HOTPLUG, Feature.SCSI_CHANGE)
 PROTOCOL_FEATURES = bits(ProtocolFeature.MQ, ProtocolFeature.REPLY_ACK)

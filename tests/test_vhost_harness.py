@@ -508,3 +508,22 @@ def test_acl_keeps_a_vm_out_until_management_lets_it_in(stml_factory, tmp_short,
     (head, _), = evq.wait_used(1)
     assert m.read_event(bufs[head]) == (1, bytes([1, 0, 0, 0]) + bytes(4), 2)   # LUN 0 REMOVED
     assert m.run(q, inquiry(36), data_in=36).response == BAD_TARGET
+
+
+def test_session_drop_resets_the_vm_and_it_comes_back_as_a_new_nexus(gated, vhost, masters):
+    g = gated()
+    fe = vhost(g.endpoint)
+    m = masters(fe)
+    m.start()
+    q = m.queues[2]
+    cmd = m.submit(q, gate_cdb("DRP1"))
+    g.wait_started("DRP1")
+    mgmt = MgmtClient(g.endpoint)
+    (session,) = mgmt.call("session_list")
+    mgmt.call("session_drop", nexus=session["nexus"])
+    (head, n), = q.wait_used(1)
+    assert head == cmd.head and cmd.result(n).response == RESET
+    clear_ua(m, q)
+    assert m.run(q, inquiry(36), data_in=36).status == GOOD
+    (again,) = mgmt.call("session_list")
+    assert again["nexus"] != session["nexus"] and again["initiator"] == session["initiator"]
