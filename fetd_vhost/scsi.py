@@ -13,7 +13,7 @@ import enum
 import itertools
 import logging
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Protocol
 
 from stml.api import DataDir, TaskAttr, Tmf, TmfResponse
@@ -30,7 +30,7 @@ TMF_REQ = struct.Struct("<II8sQ")                   # virtio_scsi_ctrl_tmf_req
 AN_REQ = struct.Struct("<I8sI")                     # virtio_scsi_ctrl_an_req
 AN_RESP = struct.Struct("<IB")
 EVENT = struct.Struct("<I8sI")                      # virtio_scsi_event
-CONTROL_Q, EVENT_Q, FIRST_REQUEST_Q = 0, 1, 2
+CONTROL_Q, EVENT_Q = 0, 1            # then the request queues
 SHARED_MIN = 64 << 10     # write data from this size goes through the STML's shared memory
 
 
@@ -199,17 +199,6 @@ class TmfRequest:
     fn: Tmf
 
 
-@dataclass
-class Stats:
-    commands: int = 0
-    bad_chains: int = 0
-    broken_rings: int = 0
-    events: int = 0
-    events_missed: int = 0
-    tmfs: int = 0
-    notes: list[str] = field(default_factory=list)
-
-
 class VirtioScsiDevice:
     """One guest's virtio-scsi device: one I_T nexus to one target."""
 
@@ -218,7 +207,6 @@ class VirtioScsiDevice:
         self.port = port
         self.target_id = target_id
         self.rings: list[Virtqueue] = []      # the session's, by index
-        self.features = 0
         self.hotplug = self.param_change = False
         self.online = False        # link up and nexus ready: requests may be taken
         self.refused: str | None = None   # the nexus was refused: no LUN is reachable
@@ -228,7 +216,6 @@ class VirtioScsiDevice:
         self.by_guest_tag: dict[tuple[int, int], int] = {}
         self.events_missed = False
         self.to_signal: set[int] = set()
-        self.stats = Stats()
         self._tags = itertools.count(1)
         self._stop_waiters: dict[int, Callable[[], None]] = {}
         self._in_flight: dict[int, int] = {}   # ring index -> requests taken and not answered
@@ -236,7 +223,6 @@ class VirtioScsiDevice:
 
     # ---------------------------------------------------------------- rings
     def set_features(self, features: int) -> None:
-        self.features = features
         self.hotplug = bool(features >> 1 & 1)
         self.param_change = bool(features >> 2 & 1)
 
@@ -257,12 +243,10 @@ class VirtioScsiDevice:
                         continue
                     return
             except ChainError as e:
-                self.stats.bad_chains += 1
                 self._on_error(str(e))
                 self._refuse_chain(ring, e.head)
                 continue
             except RingError as e:
-                self.stats.broken_rings += 1
                 self._on_error(f"{e}: the queue stops until the guest resets the device")
                 return
             handle(ring, chain)
@@ -326,7 +310,6 @@ class VirtioScsiDevice:
         if (data_out and data_in) or attr > TaskAttr.ACA:
             self._finish(req, S.FAILURE)   # bidirectional commands need VIRTIO_SCSI_F_INOUT
             return
-        self.stats.commands += 1
         req.lun = where[1]
         req.length = data_out or data_in
         direction = DataDir.WRITE if data_out else DataDir.READ if data_in else DataDir.NONE
@@ -387,7 +370,6 @@ class VirtioScsiDevice:
     def _fail_short(self, ring: Virtqueue, head: int, inb: Buffers, at: int) -> None:
         """A request whose buffers cannot hold its header or response:
         FAILURE in the response byte at `at` if even that fits, else nothing."""
-        self.stats.bad_chains += 1
         written = 0
         if inb.size > at:
             inb.write(at, bytes([S.FAILURE]))
@@ -430,7 +412,6 @@ class VirtioScsiDevice:
             return
         _, subtype, raw_lun, guest_tag = TMF_REQ.unpack(out.read(0, TMF_REQ.size))
         self._take(ring)
-        self.stats.tmfs += 1
         where = decode_lun(raw_lun)
         fn = TMF_FUNCTIONS.get(subtype)
         if where is None or where[0] != self.target_id or self.refused is not None:
@@ -516,10 +497,8 @@ class VirtioScsiDevice:
             flag = EVENTS_MISSED if self.events_missed else 0
             inb.write(0, EVENT.pack(event | flag, raw_lun, reason))
             self.events_missed = False
-            self.stats.events += 1
             ring.push(chain.head, EVENT.size)
             self.to_signal.add(ring.index)
             return
         if event != Event.NO_EVENT:
             self.events_missed = True
-            self.stats.events_missed += 1
