@@ -327,3 +327,17 @@ def test_any_message_sequence_is_answered_or_refused(messages):
             continue
         assert reply is None or reply[:4] == struct.pack("<I", request)
     s.close()
+
+
+def test_fetd_vhost_imports_only_the_contract_from_stml():
+    import ast
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent / "fetd_vhost"
+    seen = set()
+    for path in root.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                seen.add(node.module)
+            elif isinstance(node, ast.Import):
+                seen.update(a.name for a in node.names)
+    assert {m for m in seen if m == "stml" or m.startswith("stml.")} == {"stml.api"}
