@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -22,7 +23,7 @@ import pytest
 
 from support import guest as G
 from conftest import short_dir
-from targetproc import Target
+from targetproc import Target, children_by_module
 
 pytestmark = pytest.mark.guest
 
@@ -40,6 +41,18 @@ old=$(cat /sys/block/sdb/size)
 echo "@@ WAIT-RESIZE"
 i=0; while [ "$(cat /sys/block/sdb/size)" = "$old" ] && [ $i -lt 1800 ]; do sleep 0.1; i=$((i+1)); done
 echo "@@ RESIZED $(cat /sys/block/sdb/size)"
+mount -t ext4 /dev/sda1 /mnt || fail mount for the restart
+echo "@@ WAIT-RESTART"
+i=0; while [ $i -lt 48 ]; do
+    dd if=/dev/urandom of=/mnt/during bs=1M count=1 seek=$i conv=notrunc 2>/dev/null || fail dd during
+    sync; i=$((i+1)); done
+(cd /mnt && sha256sum during) > /tmp/sums.R
+umount /mnt || fail umount after the restart
+echo 3 > /proc/sys/vm/drop_caches
+mount -o ro -t ext4 /dev/sda1 /mnt || fail remount after the restart
+(cd /mnt && sha256sum -c /tmp/sums.R >/dev/null 2>&1); echo "@@ R-VERIFY $?"
+umount /mnt
+while read sum name; do echo "@@ R-SUM $name $sum"; done < /tmp/sums.R
 """
 
 
@@ -70,8 +83,9 @@ def booted(tmp_path_factory):
     sock = os.path.join(short_dir(), "vm.sock")
     cfg = tmp / "target.toml"
     # `scsi-target run` starts fetd_vhost beside fetd_tcp for the [[vhost]] table
-    cfg.write_text(f'[[target]]\nname = "{IQN}"\n\n[[target.lun]]\nbackend = "ram"\nsize = "64MiB"\n\n'
-                   f'[[vhost]]\nsocket = "{sock}"\n')
+    # a file LUN: its data outlives an STML restart
+    cfg.write_text(f'[[target]]\nname = "{IQN}"\n\n[[target.lun]]\nbackend = "file"\npath = "lun0.img"\n'
+                   f'size = "64MiB"\n\n[[vhost]]\nsocket = "{sock}"\n')
     target = Target(config=str(cfg))
     vm = None
     try:
@@ -84,6 +98,7 @@ def booted(tmp_path_factory):
             vm.stop()
         target.stop()
         shutil.rmtree(os.path.dirname(sock), ignore_errors=True)
+        shutil.rmtree(target.data_dir, ignore_errors=True)
 
 
 def test_guest_file_system_cycle(booted):
@@ -108,6 +123,22 @@ def test_lun_add_and_resize_reach_the_running_guest(booted):
     vm.wait("WAIT-RESIZE")
     mgmt(target.data_dir, "lun", "resize", "--target", IQN, "1", "24MiB")
     assert int(vm.wait("RESIZED", timeout=240)) == (24 << 20) // 512
+
+
+def test_the_guest_writes_through_an_stml_restart(booted):
+    """The STML is killed while the guest writes and syncs; the supervisor
+    restarts it, fetd_vhost registers again, commands in flight are retried
+    (BUSY) and the rest wait in the rings: every write lands."""
+    target, vm = booted
+    vm.wait("WAIT-RESTART")
+    procs = children_by_module(target.proc.pid)
+    os.kill(procs["stml"], signal.SIGKILL)
+    assert vm.wait("R-VERIFY", timeout=300) == "0"
     assert vm.wait("EXIT") == "0"
     assert vm.wait_exit(120) == 0
-    assert "fetd_vhost: VM disconnected" in target.log() and "exited" not in target.log()
+    log = target.log()
+    assert "stml exited with" in log and "fetd_vhost exited" not in log
+    assert children_by_module(target.proc.pid)["fetd_vhost"] == procs["fetd_vhost"]
+    assert "fetd_vhost: VM disconnected" in log
+    # what the guest wrote while the STML restarted, read on the host through iSCSI
+    G.check_sums_over_iscsi(target.url(0, IQN), G.cycle_sums(vm, "R"), Path(target.data_dir))
