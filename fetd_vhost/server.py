@@ -16,6 +16,7 @@ import os
 import re
 import signal
 import socket
+import stat
 import struct
 from typing import Any, Callable
 
@@ -214,7 +215,9 @@ class VhostFrontEnd:
         """Bind the socket, readable and writable by our user only (0600):
         whoever can connect can read and write the target's LUNs."""
         path = self.socket_path
-        if os.path.exists(path):
+        if os.path.lexists(path):
+            if not stat.S_ISSOCK(os.lstat(path).st_mode):
+                raise OSError(f"{path} exists and is not a socket")
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 probe.connect(path)

@@ -527,3 +527,14 @@ def test_session_drop_resets_the_vm_and_it_comes_back_as_a_new_nexus(gated, vhos
     assert m.run(q, inquiry(36), data_in=36).status == GOOD
     (again,) = mgmt.call("session_list")
     assert again["nexus"] != session["nexus"] and again["initiator"] == session["initiator"]
+
+
+def test_the_socket_path_is_never_a_file_we_remove(stml, tmp_short):
+    import subprocess
+    import sys
+    path = tmp_short() / "precious.txt"
+    path.write_text("keep me")
+    p = subprocess.run([sys.executable, "-m", "fetd_vhost", "--socket", str(path), "--target", IQN,
+                        "--stml", stml.endpoint], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "exists and is not a socket" in p.stderr
+    assert path.read_text() == "keep me"
