@@ -32,6 +32,7 @@ MAX_QUEUES = 2 + 64        # control, event and up to 64 request queues (num_que
 FEATURES = bits(Feature.VERSION_1, Feature.INDIRECT_DESC, Feature.EVENT_IDX,
                 Feature.SCSI_HOTPLUG, Feature.SCSI_CHANGE)
 PROTOCOL_FEATURES = bits(ProtocolFeature.MQ, ProtocolFeature.REPLY_ACK)
+REPLY_TIMEOUT = 5.0
 _FD_SPACE = socket.CMSG_SPACE(MAX_FDS * struct.calcsize("i"))
 
 
@@ -118,8 +119,9 @@ class Connection:
         if self.closed:
             return
         try:
-            # replies are small and the master waits for each: the socket has room
-            self.sock.setblocking(True)
+            # replies are small and the master waits for each: the socket has room,
+            # and a master that stops reading loses its connection, not our loop
+            self.sock.settimeout(REPLY_TIMEOUT)
             self.sock.sendall(reply)
         except OSError as e:
             log.warning("vhost-user reply lost: %s", e)
