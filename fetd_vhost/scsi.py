@@ -14,7 +14,7 @@ import itertools
 import logging
 import struct
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable, Iterator, Protocol
 
 from stml.api import DataDir, TaskAttr, Tmf, TmfResponse
 
@@ -203,7 +203,8 @@ class VirtioScsiDevice:
     """One guest's virtio-scsi device: one I_T nexus to one target."""
 
     def __init__(self, port: ScsiPort, target_id: int = 0,
-                 on_error: Callable[[str], None] | None = None) -> None:
+                 on_error: Callable[[str], None] | None = None,
+                 tags: Iterator[int] | None = None) -> None:
         self.port = port
         self.target_id = target_id
         self.rings: list[Virtqueue] = []      # the session's, by index
@@ -216,7 +217,9 @@ class VirtioScsiDevice:
         self.by_guest_tag: dict[tuple[int, int], int] = {}
         self.events_missed = False
         self.to_signal: set[int] = set()
-        self._tags = itertools.count(1)
+        # the contract's tags are unique in the front end, not per VM: a late answer
+        # for a VM that left must not match a request of the next one
+        self._tags = tags if tags is not None else itertools.count(1)
         self._stop_waiters: dict[int, Callable[[], None]] = {}
         self._in_flight: dict[int, int] = {}   # ring index -> requests taken and not answered
         self._on_error = on_error or (lambda msg: log.warning("%s", msg))

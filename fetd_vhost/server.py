@@ -74,7 +74,7 @@ class Connection:
         self.nexus = nexus
         self.loop = asyncio.get_running_loop()
         self.framer = Framer()
-        self.device = VirtioScsiDevice(_Port(fe.link, nexus), on_error=fe.guest_error)
+        self.device = VirtioScsiDevice(_Port(fe.link, nexus), on_error=fe.guest_error, tags=fe.tags)
         self.session = Session(FEATURES, PROTOCOL_FEATURES, MAX_QUEUES, self, self.send)
         self.device.rings = self.session.rings
         self.watched: dict[int, int] = {}        # ring index -> kick fd we read
@@ -209,6 +209,7 @@ class VhostFrontEnd:
         self.detect_info: Detect | None = None
         self.luns: set[int] | None = None   # the target's LUNs as last seen
         self._nexus_ids = itertools.count(1)
+        self.tags = itertools.count(1)      # task tags, unique across the VMs this process serves
         self._signals_scheduled = False
         self.refused: str | None = None
 
