@@ -243,7 +243,8 @@ def load(config_path: str | None = None, data_dir: str | None = None, iqn: str |
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(str(path), f"not valid TOML: {e}") from None
         _warn_if_secrets_readable(path, raw)
-    known = {"data_dir", "stml_endpoint", "portals", "target", "discovery_chap", "stml", "isns"}
+    known = {"data_dir", "stml_endpoint", "portals", "target", "discovery_chap", "stml", "isns",
+             "vhost"}   # [[vhost]]: VM sockets `run` serves (fetd_vhost.cli checks them)
     for key in raw:
         if key not in known:
             raise ConfigError(key, f"unknown setting (known: {', '.join(sorted(known))})")

@@ -1,0 +1,3 @@
+"""Reusable test machinery: a vhost-user master in Python (vhost_master), a
+real STML in-process with a gate opcode (gated_stml), and the guest builder
+and QEMU runner for guest tests (guest)."""
