@@ -26,6 +26,7 @@ log = logging.getLogger("fetd_tcp")
 
 LOGIN_TIMEOUT = 15.0     # a connection must finish login within this
 NOP_INTERVAL = 10.0      # idle connections are pinged this often; unanswered twice -> dropped
+DATAOUT_CHECK = 2.5      # ERL >= 1: a burst with no Data-Out for 1-2 of these is asked for again
 CMD_WINDOW = 128         # MaxCmdSN - ExpCmdSN + 1, capped by the STML's queue depth
 MAX_CONNECTIONS = 4     # connections per session we accept (MC/S)
 WRITE_BACKLOG = 4 << 20  # past this much unsent output, a connection stops reading until it drains
@@ -159,7 +160,12 @@ class IscsiFrontEnd:
         entry = self.tags.tmfs.pop(tag, None)
         if entry is not None:
             conn, itt, fn = entry
-            conn.task_mgmt_fn_done(itt, fn, response, tasks)
+            if conn is None:        # our own ABORT TASK of a task whose Time2Retain ran out
+                for task in tasks:
+                    task.conn.session.itts.pop(task.itt, None)
+                    task.conn.release(task)
+            else:
+                conn.task_mgmt_fn_done(itt, fn, response, tasks)
 
     def report_aen(self, nexus: int | None, lun: int, sense: bytes) -> None:
         sessions = self.by_nexus.values() if nexus is None else filter(None, [self.by_nexus.get(nexus)])
@@ -192,7 +198,9 @@ class IscsiFrontEnd:
         if self.detect_info is None:
             return ()
         return tuple(L.TargetConfig(t.name, t.alias, frozenset(t.access.get("acl") or ()),
-                                    _creds(t.access.get("chap")), _creds(t.access.get("mutual")))
+                                    _creds(t.access.get("chap")), _creds(t.access.get("mutual")),
+                                    int(t.access.get("erl") or 0),
+                                    int(t.access.get("cmdsn_depth") or CMD_WINDOW))
                      for t in self.detect_info.targets)
 
     def portal_addresses(self) -> dict[int, list[tuple[str, int]]]:
@@ -403,8 +411,11 @@ class IscsiFrontEnd:
                     c.close()
                 self._end_session(old)
             limits = self.detect_info.limits if self.detect_info else {}
+            window = self._window(limits)
+            if o.target is not None:
+                window = min(window, o.target.cmdsn_depth)
             session = Session(o.tsih, o.isid, o.initiator_name, target, tpgt, o.session,
-                              next(self.nexus_ids), o.cmd_sn, self._window(limits), discovery=discovery,
+                              next(self.nexus_ids), o.cmd_sn, window, discovery=discovery,
                               max_transfer=int(limits.get("max_transfer", 8 << 20)))
             self.sessions[o.tsih] = session
             self.by_name[(o.initiator_name, o.isid, target)] = session
@@ -417,11 +428,19 @@ class IscsiFrontEnd:
                  else "joins session")
         old_conn = session.connections.get(o.cid)
         if old_conn is not None:
+            # connection reinstatement: the old one ends now (at ERL 2 its tasks wait for
+            # TASK REASSIGN), its responses acknowledged as the new login says
+            old_conn.acknowledge(o.exp_stat_sn)
             old_conn.close()
+            self._drop_connection(old_conn)
+        failed = session.failed.get(o.cid)
+        if failed is not None:
+            failed.acknowledge(o.exp_stat_sn)
         out = PduWriter(writer, o.connection, self.pending_output, account)
         conn = Connection(session, o.cid, o.connection, o.stat_sn, out, self.link, self.tags,
                           out.close, self.text, write_limit=self.limits.max_write_buffer,
                           read_limit=self.limits.max_read_buffer, account=account)
+        conn.on_failed = self._fail_connection
         session.connections[o.cid] = conn
         return conn
 
@@ -449,9 +468,19 @@ class IscsiFrontEnd:
         return view if view is not None else self.pool.get(size)
 
     async def _pinger(self, conn: Connection) -> None:
+        """NOP-In pings every NOP_INTERVAL; at ERL >= 1 a look at stalled write
+        bursts every DATAOUT_CHECK too."""
         conn.idle = True
+        step = DATAOUT_CHECK if conn.erl else NOP_INTERVAL
+        waited = 0.0
         while True:
-            await asyncio.sleep(NOP_INTERVAL)
+            await asyncio.sleep(step)
+            if conn.erl:
+                conn.check_stalled()
+            waited += step
+            if waited < NOP_INTERVAL:
+                continue
+            waited = 0.0
             if conn.idle and not conn.ping():
                 log.info("initiator %s did not answer NOP-In: dropping connection", conn.session.initiator)
                 conn.close()
@@ -459,20 +488,80 @@ class IscsiFrontEnd:
             conn.idle = True
 
     def _drop_connection(self, conn: Connection) -> None:
-        """The connection is over: its tasks are forgotten (ErrorRecoveryLevel 0:
+        """The connection is over: its tasks are forgotten (ErrorRecoveryLevel < 2:
         nothing moves them to another connection) and what it held leaves the
-        budget (its unsent output once the socket is gone: PduWriter.retire)."""
+        budget (its unsent output once the socket is gone: PduWriter.retire).
+        At ERL 2 a connection that failed (no Logout ended it) keeps its tasks
+        for a TASK REASSIGN until Time2Wait + Time2Retain pass, and its session
+        lives on without connections as long (RFC 7143 6.3.5, 7.2.2)."""
         s = conn.session
+        writer = conn.send
+        if conn.gone:
+            return      # already dropped (a reinstatement got there first)
+        conn.gone = True
         if s.connections.get(conn.cid) is conn:
             del s.connections[conn.cid]
+        if s.erl >= 2 and not conn.closing and not s.discovery:
+            self._fail_connection(conn)
+            if isinstance(writer, PduWriter):
+                writer.retire(release=False)
+            return
         for task in [t for t in s.itts.values() if t.conn is conn]:
             s.itts.pop(task.itt, None)
             self.tags.tasks.pop(task.tag, None)
             conn.release(task)
-        if not s.connections:
+        for task in [t for t in s.kept.values() if t.conn is conn]:
+            conn._forget(task)
+        if not s.connections and not s.failed:
             self._end_session(s)
-        if isinstance(conn.out, PduWriter):
-            conn.out.retire()
+        else:
+            self._window_update(s)
+        if isinstance(writer, PduWriter):
+            writer.retire()
+
+    def _fail_connection(self, conn: Connection) -> None:
+        """ERL 2: keep the connection's tasks for Time2Wait + Time2Retain."""
+        s = conn.session
+        if s.connections.get(conn.cid) is conn:
+            del s.connections[conn.cid]
+        if conn.failed:
+            return
+        conn.fail()
+        delay = s.params.default_time2wait + s.params.default_time2retain
+        log.info("connection CID %d of TSIH %d failed: %d task(s) kept for %d s", conn.cid, s.tsih,
+                 len(conn.orphans()), delay)
+        asyncio.get_running_loop().call_later(delay, self._expire, conn)
+
+    def _expire(self, conn: Connection) -> None:
+        """Time2Wait + Time2Retain passed: tasks nobody reassigned are dropped
+        (aborted in the STML), then the session too if it has no connection."""
+        s = conn.session
+        if conn.account.closed:
+            return     # every task was reassigned
+        running = conn.expire()
+        if running:
+            log.info("Time2Retain expired on CID %d of TSIH %d: %d task(s) aborted", conn.cid,
+                     s.tsih, len(running))
+        for task in running:
+            tag = self.tags.new()
+            self.tags.tmfs[tag] = (None, 0, P.TMF_ABORT_TASK)
+            lun = P.lun_to_int(task.lun)
+            self.link.rx_task_mgmt_fn(tag, s.nexus, P.TMF_ABORT_TASK, 0xFFFF if lun is None else lun,
+                                      task.tag)
+        if running:
+            self.link.flush()
+        conn.account.close()
+        if not s.connections and not s.failed:
+            self._end_session(s)
+        else:
+            self._window_update(s)
+
+    @staticmethod
+    def _window_update(s: Session) -> None:
+        """Tasks went without a response: a window held shut may be open now."""
+        for conn in s.connections.values():
+            conn.window_update()
+            break
 
     def _end_session(self, s: Session) -> None:
         """Forget a session (work in proportion to its own tasks, not to all)."""
@@ -553,7 +642,7 @@ class ConnectionProtocol(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self.write_paused = False
-        out = self.conn.out
+        out = self.conn.send
         if isinstance(out, PduWriter):
             out.resample()
             self.conn.window_update()
@@ -574,9 +663,16 @@ class ConnectionProtocol(asyncio.BufferedProtocol):
             while not conn.closing and not transport.is_closing():
                 try:
                     item = source()
-                except P.PDUError as e:
+                except P.DigestError as e:
+                    if conn.erl and e.header is not None:   # the PDU goes, the stream goes on
+                        conn.data_digest_error(e.header)
+                        handled = True
+                        continue
+                    if conn.erl and conn.bad_headers == 0:  # dropped; sequence numbers tell
+                        conn.bad_headers += 1
+                        continue
                     if e.reject_reason == P.REJECT_DATA_DIGEST_ERROR:
-                        conn.reject(e.reject_reason, b"\0" * P.BHS_LEN)
+                        conn.reject(e.reject_reason, e.header or b"\0" * P.BHS_LEN)
                     raise
                 if item is None:
                     break
@@ -607,7 +703,7 @@ class ConnectionProtocol(asyncio.BufferedProtocol):
         """The stream cannot be trusted (or we broke): send what is pending
         (a Reject for a data digest error), close, and end with `exc`."""
         try:
-            out = self.conn.out
+            out = self.conn.send
             if isinstance(out, PduWriter):
                 out.flush()
         finally:
@@ -674,10 +770,13 @@ class PduWriter:
         self.flush()
         self.transport.close()
 
-    def retire(self) -> None:
+    def retire(self, release: bool = True) -> None:
         """The connection is over: close, and once the transport has nothing
         left to send (or after CLOSE_LINGER, when the peer does not read: its
-        output is then dropped) the connection's account closes."""
+        output is then dropped) the connection's account closes (unless not
+        `release`: ERL 2 keeps it for the tasks a TASK REASSIGN may claim)."""
+        if not release:
+            self.account = None
         self.close()
         if self.transport.get_write_buffer_size() == 0:
             self._release()
