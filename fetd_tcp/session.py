@@ -820,12 +820,9 @@ class Connection:
         exp, mx = self._sns()
         self.out(P.TaskMgmtResponse(itt, response if response <= 255 else P.TMF_RESP_REJECTED,
                                     self._next_stat_sn(), exp, mx), b"")
-        if fn in (P.TMF_TARGET_COLD_RESET, P.TMF_I_T_NEXUS_RESET) and response == P.TMF_RESP_COMPLETE:
-            # a cold reset ends the connections (RFC 7143 11.5.1), an I_T nexus reset
-            # the session's (RFC 7144 4.2): the initiator logs in again
-            for conn in list(self.session.connections.values()):
-                conn.closing = True
-                conn.close()
+        if fn == P.TMF_TARGET_COLD_RESET and response == P.TMF_RESP_COMPLETE:
+            self.close()   # a cold reset ends the connections (RFC 7143 11.5.1)
+        # (an I_T NEXUS RESET leaves the session: the unit attention it sets is for it)
 
     def _reassign(self, t: P.TaskMgmtRequest) -> None:
         """TASK REASSIGN (RFC 7143 11.5.1, 7.2.2): a task of a failed connection
