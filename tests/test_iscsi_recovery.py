@@ -206,3 +206,159 @@ def test_outstanding_commands_never_exceed_the_window(target):
         want = blocks[cmd.itt] if i < WINDOW else bytes(512)
         assert read_all(ini, 100 + i, 1) == want
     ini.close()
+
+
+# ---------------------------------------------------------------- ERL 1: digest errors
+
+DIGESTS = [("HeaderDigest", "CRC32C"), ("DataDigest", "CRC32C"), ("ErrorRecoveryLevel", "1")]
+
+
+def test_a_command_with_a_data_digest_error_is_rejected_and_retried(target):
+    """The damaged command is discarded with a Reject that carries its header;
+    its CmdSN is not taken, so the read sent behind it waits; the retry (same
+    ITT and CmdSN) runs, then the read, which sees the retry's data."""
+    ini = connect(target, ERL1, DIGESTS)
+    assert ini.hd and ini.dd
+    data = os.urandom(4096)
+    cmd = write_cmd(ini, 20, 8, data)
+    ini.send(cmd, data, bad_data=True)
+    rej, hdr = expect(ini, P.Reject)
+    assert rej.reason == P.REJECT_DATA_DIGEST_ERROR and hdr == cmd.encode()
+    read = read_cmd(ini, 20, 8)
+    ini.send(read)                                  # CmdSN after the hole: waits for it
+    ini.send(cmd, data)                             # the retry plugs the hole
+    resp, _ = expect(ini, P.ScsiResponse)
+    assert (resp.itt, resp.status) == (cmd.itt, 0)
+    got = bytearray()
+    while True:
+        pdu, seg = expect(ini, P.DataIn)
+        assert pdu.itt == read.itt
+        got += seg
+        if pdu.status is not None:
+            break
+    assert bytes(got) == data and pdu.status == 0
+    ini.close()
+
+
+def _write_with_r2t(ini: RawInitiator, lba: int, data: bytes) -> tuple[P.ScsiCommand, P.R2T]:
+    cmd = write_cmd(ini, lba, len(data) // 512)
+    ini.send(cmd)
+    r2t, _ = expect(ini, P.R2T)
+    assert (r2t.itt, r2t.r2t_sn, r2t.buffer_offset, r2t.desired_length) == (cmd.itt, 0, 0, len(data))
+    return cmd, r2t
+
+
+@pytest.mark.parametrize("damage", ["data", "header"])
+def test_lost_data_out_is_asked_for_again_by_a_recovery_r2t(target, damage):
+    """Four Data-Out PDUs answer one R2T; the second is damaged (its data: a
+    Reject with its header; its header: dropped unseen, the gap in offsets
+    shows it). A recovery R2T (the next R2TSN, a new TTT) asks for everything
+    from the lost PDU on; the data read back is whole."""
+    ini = connect(target, ERL1, DIGESTS + [("InitialR2T", "Yes"), ("ImmediateData", "No")])
+    data = os.urandom(16384)
+    cmd, r2t = _write_with_r2t(ini, 40, data)
+    data_out(ini, r2t, data, 4096, **({"bad": 1} if damage == "data" else {"bad_header": 1}))
+    if damage == "data":
+        rej, hdr = expect(ini, P.Reject)
+        assert rej.reason == P.REJECT_DATA_DIGEST_ERROR
+        assert P.decode_pdu(hdr)._replace(exp_stat_sn=0) == P.DataOut(cmd.itt, r2t.ttt, 1, 4096, False, 0,
+                                                                      P.LUN0, 4096)
+    again, _ = expect(ini, P.R2T)
+    assert (again.itt, again.r2t_sn, again.buffer_offset, again.desired_length) == (cmd.itt, 1, 4096, 12288)
+    assert again.ttt != r2t.ttt
+    data_out(ini, again, data, 4096)
+    resp, _ = expect(ini, P.ScsiResponse)
+    assert (resp.itt, resp.status, resp.exp_data_sn) == (cmd.itt, 0, 2)   # two R2Ts
+    assert read_all(ini, 40, 32) == data
+    ini.close()
+
+
+# ---------------------------------------------------------------- ERL 1: SNACK
+
+def _read_pdus(ini: RawInitiator, cmd: P.ScsiCommand) -> list[tuple[P.DataIn, bytes]]:
+    out = []
+    while True:
+        pdu, seg = expect(ini, P.DataIn)
+        assert pdu.itt == cmd.itt
+        out.append((pdu, seg))
+        if pdu.status is not None:
+            return out
+
+
+def test_a_dropped_data_in_is_sent_again_on_snack(target):
+    """A 16 KiB read in four Data-In PDUs; the initiator loses DataSN 1 and,
+    before acknowledging the status, asks for it by a Data SNACK: the same PDU
+    (DataSN, offset, length) comes again. A status SNACK brings the status
+    again with its StatSN; once ExpStatSN acknowledges it, there is nothing
+    left to ask for."""
+    ini = connect(target, ERL1, DIGESTS + [("MaxRecvDataSegmentLength", "4096")])
+    data = os.urandom(16384)
+    ini.write16(60, data)
+    ini.track_stat_sn = False                       # a hole: the status is not acknowledged
+    cmd = read_cmd(ini, 60, 32)
+    ini.send(cmd)
+    pdus = _read_pdus(ini, cmd)
+    assert [(p.data_sn, p.buffer_offset, len(d)) for p, d in pdus] == [
+        (0, 0, 4096), (1, 4096, 4096), (2, 8192, 4096), (3, 12288, 4096)]
+    lost = pdus.pop(1)
+    status_sn = pdus[-1][0].stat_sn
+    ini.send(P.Snack(cmd.itt, 0, exp_stat_sn=ini.exp_stat_sn, beg_run=1, run_length=1))
+    again, seg = expect(ini, P.DataIn)
+    assert (again.itt, again.data_sn, again.buffer_offset, seg) == (cmd.itt, 1, 4096, lost[1])
+    got = bytearray(16384)
+    for p, d in pdus + [(again, seg)]:
+        got[p.buffer_offset:p.buffer_offset + len(d)] = d
+    assert bytes(got) == data
+    ini.send(P.Snack(0, 1, exp_stat_sn=ini.exp_stat_sn, beg_run=status_sn, run_length=1))
+    st, seg = expect(ini, P.DataIn)                 # the status rode in the last Data-In
+    assert (st.itt, st.stat_sn, st.status, st.data_sn, seg) == (cmd.itt, status_sn, 0, 3, data[12288:])
+    ini.exp_stat_sn = (status_sn + 1) & 0xFFFFFFFF  # now acknowledged
+    ini.track_stat_sn = True
+    ini.send(P.Snack(cmd.itt, 0, exp_stat_sn=ini.exp_stat_sn, beg_run=1, run_length=1))
+    rej, _ = expect(ini, P.Reject)
+    assert rej.reason == P.REJECT_SNACK_REJECT
+    ini.close()
+
+
+def test_a_dropped_r2t_is_sent_again_on_snack(target):
+    ini = connect(target, ERL1, DIGESTS + [("InitialR2T", "Yes"), ("ImmediateData", "No")])
+    data = os.urandom(8192)
+    cmd, lost = _write_with_r2t(ini, 80, data)      # the initiator never saw it
+    ini.send(P.Snack(cmd.itt, 0, exp_stat_sn=ini.exp_stat_sn, beg_run=0, run_length=1))
+    r2t, _ = expect(ini, P.R2T)
+    assert r2t._replace(stat_sn=0) == lost._replace(stat_sn=0)   # the same R2T: TTT, R2TSN, range
+    data_out(ini, r2t, data, 4096)
+    resp, _ = expect(ini, P.ScsiResponse)
+    assert (resp.itt, resp.status) == (cmd.itt, 0)
+    assert read_all(ini, 80, 16) == data
+    ini.close()
+
+
+def test_data_ack_covers_data_in_up_to_its_begrun(target):
+    """Past one burst, the Data-In ending each burst has the A bit and a TTT:
+    a DataACK with that TTT acknowledges the data before BegRun, which can no
+    longer be asked for; a DataACK with a TTT of nothing is refused."""
+    ini = connect(target, ERL1, [("ErrorRecoveryLevel", "1"), ("MaxBurstLength", "8192"),
+                                 ("FirstBurstLength", "8192"), ("MaxRecvDataSegmentLength", "8192")])
+    data = os.urandom(24576)
+    ini.write16(90, data, immediate_data=False)
+    ini.track_stat_sn = False
+    cmd = read_cmd(ini, 90, 48)
+    ini.send(cmd)
+    pdus = _read_pdus(ini, cmd)
+    assert [(p.data_sn, p.final, p.ack) for p, _ in pdus] == [(0, True, True), (1, True, True),
+                                                                 (2, True, False)]
+    assert b"".join(d for _, d in pdus) == data
+    ttt = pdus[0][0].ttt
+    assert ttt != P.RESERVED_TAG and pdus[1][0].ttt == ttt
+    ini.send(P.Snack(cmd.itt, 2, ttt=ttt, exp_stat_sn=ini.exp_stat_sn, beg_run=2, lun=P.LUN0))
+    ini.send(P.Snack(cmd.itt, 0, exp_stat_sn=ini.exp_stat_sn, beg_run=0, run_length=1))
+    rej, hdr = expect(ini, P.Reject)                # DataSN 0 is acknowledged: not again
+    assert rej.reason == P.REJECT_SNACK_REJECT and P.decode_pdu(hdr).beg_run == 0
+    ini.send(P.Snack(cmd.itt, 0, exp_stat_sn=ini.exp_stat_sn, beg_run=2, run_length=1))
+    again, seg = expect(ini, P.DataIn)
+    assert (again.data_sn, again.buffer_offset, seg) == (2, 16384, data[16384:])
+    ini.send(P.Snack(cmd.itt, 2, ttt=0x12345, exp_stat_sn=ini.exp_stat_sn, beg_run=3))
+    rej, _ = expect(ini, P.Reject)
+    assert rej.reason == P.REJECT_INVALID_DATA_ACK
+    ini.close()
