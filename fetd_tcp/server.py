@@ -162,8 +162,12 @@ class IscsiFrontEnd:
             conn, itt, fn = entry
             if conn is None:        # our own ABORT TASK of a task whose Time2Retain ran out
                 for task in tasks:
-                    task.conn.session.itts.pop(task.itt, None)
-                    task.conn.release(task)
+                    old = task.conn
+                    old.session.itts.pop(task.itt, None)
+                    old.release(task)
+                    old.aborting -= 1
+                    if not old.aborting:    # the last of them: the window is open now
+                        self._window_update(old.session)
             else:
                 conn.task_mgmt_fn_done(itt, fn, response, tasks)
 
@@ -539,6 +543,7 @@ class IscsiFrontEnd:
         if conn.account.closed:
             return     # every task was reassigned
         running = conn.expire()
+        conn.aborting = len(running)
         if running:
             log.info("Time2Retain expired on CID %d of TSIH %d: %d task(s) aborted", conn.cid,
                      s.tsih, len(running))
@@ -553,7 +558,7 @@ class IscsiFrontEnd:
         conn.account.close()
         if not s.connections and not s.failed:
             self._end_session(s)
-        else:
+        elif not running:
             self._window_update(s)
 
     @staticmethod

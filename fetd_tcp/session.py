@@ -233,6 +233,7 @@ class Connection:
         self.exp_stat_sn = stat_sn      # the initiator's acknowledgement so far
         self.failed = False             # ERL 2: dead, its tasks wait for TASK REASSIGN
         self.gone = False               # the front end has dropped it
+        self.aborting = 0               # its expired tasks the STML is still aborting
         self.bad_headers = 0            # header digest errors in a row
         # the front end's part when a connection fails at ERL 2 (times Time2Retain)
         self.on_failed: Callable[[Connection], None] = lambda conn: None

@@ -18,6 +18,7 @@ ERL1 = "iqn.2026-11.org.scsi-target:erl1"
 ERL2 = "iqn.2026-11.org.scsi-target:erl2"
 NARROW = "iqn.2026-11.org.scsi-target:narrow"    # a window of 8 commands
 WINDOW = 8
+ERL2_WINDOW = 4
 CHECK_CONDITION = 0x02
 
 CONFIG = f"""
@@ -37,6 +38,7 @@ size = "8MiB"
 [[target]]
 name = "{ERL2}"
 error_recovery_level = 2
+cmdsn_depth = {ERL2_WINDOW}
 [[target.lun]]
 backend = "ram"
 size = "8MiB"
@@ -362,3 +364,101 @@ def test_data_ack_covers_data_in_up_to_its_begrun(target):
     rej, _ = expect(ini, P.Reject)
     assert rej.reason == P.REJECT_INVALID_DATA_ACK
     ini.close()
+
+
+# ---------------------------------------------------------------- ERL 2: connection recovery
+
+ERL2_KEYS = [("ErrorRecoveryLevel", "2"), ("InitialR2T", "Yes"), ("ImmediateData", "No"),
+             ("MaxRecvDataSegmentLength", "4096"), ("MaxConnections", "2")]
+
+
+def test_tasks_of_a_killed_connection_are_reassigned_with_their_data_intact(target):
+    """A write that got half its data and a read whose Data-In was mostly lost
+    when the connection dies. A new connection of the session (the same CID:
+    connection reinstatement) reassigns both: the read's Data-In come again
+    from ExpDataSN with its status on a new StatSN, the write's missing half is
+    asked for by an R2T; the data read back is whole."""
+    ini = connect(target, ERL2, ERL2_KEYS)
+    assert ini.login_keys["ErrorRecoveryLevel"] == "2"
+    rdata, wdata = os.urandom(16384), os.urandom(8192)
+    ini.write16(200, rdata, immediate_data=False)
+    ini.track_stat_sn = False                       # nothing after this is acknowledged
+    write = write_cmd(ini, 300, 16)
+    ini.send(write)
+    r2t, _ = expect(ini, P.R2T)
+    first = P.R2T(r2t.itt, r2t.ttt, 0, 0, 0, 0, 0, 4096)
+    data_out(ini, first._replace(desired_length=4096), wdata, 4096)   # half of it
+    read = read_cmd(ini, 200, 32)
+    ini.send(read)
+    got, _ = expect(ini, P.DataIn)                  # DataSN 0 arrives; the rest is lost
+    assert (got.itt, got.data_sn) == (read.itt, 0)
+    ini.kill()
+
+    new = RawInitiator(*_hostport(target.portal), isid=ini.isid)
+    new.cmd_sn, new.exp_stat_sn = ini.cmd_sn, ini.exp_stat_sn
+    resp = new.login(ERL2, tsih=ini.tsih, cid=0, extra=ERL2_KEYS)
+    assert resp.status_class == 0 and resp.tsih == ini.tsih
+    sn = resp.stat_sn
+    tmf = new.tmf(P.TMF_TASK_REASSIGN, rtt=read.itt, exp_data_sn=1)
+    assert (tmf.response, tmf.stat_sn) == (P.TMF_RESP_COMPLETE, sn + 1)
+    buf = bytearray(16384)
+    buf[:4096] = rdata[:4096]
+    pdus = _read_pdus(new, read)
+    assert [(p.data_sn, p.buffer_offset) for p, _ in pdus] == [(1, 4096), (2, 8192), (3, 12288)]
+    for p, d in pdus:
+        buf[p.buffer_offset:p.buffer_offset + len(d)] = d
+    assert bytes(buf) == rdata and pdus[-1][0].status == 0 and pdus[-1][0].stat_sn == sn + 2
+
+    tmf = new.tmf(P.TMF_TASK_REASSIGN, rtt=write.itt)
+    assert (tmf.response, tmf.stat_sn) == (P.TMF_RESP_COMPLETE, sn + 3)
+    again, _ = expect(new, P.R2T)
+    assert (again.itt, again.r2t_sn, again.buffer_offset, again.desired_length) == (write.itt, 1, 4096, 4096)
+    data_out(new, again, wdata, 4096)
+    st, _ = expect(new, P.ScsiResponse)
+    assert (st.itt, st.status, st.stat_sn) == (write.itt, 0, sn + 4)
+    new.track_stat_sn = True
+    new.exp_stat_sn = sn + 5
+    assert read_all(new, 300, 16) == wdata
+    # a task that is not orphaned is still allegiant; one that does not exist is not there
+    assert new.tmf(P.TMF_TASK_REASSIGN, rtt=0x5555).response == P.TMF_RESP_NO_TASK
+    new.close()
+
+
+def test_reassign_is_refused_below_level_2(target):
+    ini = connect(target, ERL1, [("ErrorRecoveryLevel", "1")])
+    assert ini.tmf(P.TMF_TASK_REASSIGN, rtt=1).response == P.TMF_RESP_NO_REASSIGN
+    ini.close()
+
+
+@pytest.mark.slow
+def test_tasks_nobody_reassigns_are_dropped_when_time2retain_expires(target):
+    """Two connections; the one with every command of the window outstanding
+    dies. Until Time2Wait + Time2Retain pass the window stays shut; then the
+    tasks are dropped (aborted: their data is never written), a NOP-In tells
+    the other connection the window is open, and a reassign finds nothing."""
+    keys = ERL2_KEYS + [("DefaultTime2Retain", "1"), ("DefaultTime2Wait", "0")]
+    a = connect(target, ERL2, keys)
+    assert a.login_keys["DefaultTime2Retain"] == "1"
+    b = RawInitiator(*_hostport(target.portal), isid=a.isid)
+    b.cmd_sn = a.cmd_sn
+    assert b.login(ERL2, tsih=a.tsih, cid=1, extra=keys).status_class == 0
+    cmds = []
+    for i in range(ERL2_WINDOW):
+        cmd = write_cmd(a, 400 + i, 1)
+        a.send(cmd)
+        cmds.append(cmd)
+    for _ in cmds:
+        expect(a, P.R2T)
+    shut = a.cmd_sn - 1
+    a.kill()
+    nop, _ = expect(b, P.NopIn)                    # after Time2Wait + Time2Retain
+    while nop.ttt != P.RESERVED_TAG:               # (answer pings meanwhile)
+        b.send(P.NopOut(P.RESERVED_TAG, nop.ttt, b.cmd_sn, b.exp_stat_sn, immediate=True))
+        nop, _ = expect(b, P.NopIn)
+    assert nop.itt == P.RESERVED_TAG and nop.max_cmd_sn == shut + ERL2_WINDOW
+    b.cmd_sn = a.cmd_sn
+    for cmd in cmds:
+        assert b.tmf(P.TMF_TASK_REASSIGN, rtt=cmd.itt).response == P.TMF_RESP_NO_TASK
+    for i in range(ERL2_WINDOW):
+        assert read_all(b, 400 + i, 1) == bytes(512)
+    b.close()
