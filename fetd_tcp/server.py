@@ -55,6 +55,7 @@ class IscsiFrontEnd:
         self.keys = keys or TargetKeys(max_connections=MAX_CONNECTIONS)
         self.link = FrontEndLink(stml_endpoint, "iscsi", self, curve=curve)
         self.isns = None
+        self.slp: Any = None     # the SLP service agent's driver (fetd_tcp.slpd), when `slp` is on
         if isns:
             from fetd_tcp.isns import IsnsClient
             self.isns = IsnsClient(isns, f"{self.link.name}")
@@ -86,6 +87,39 @@ class IscsiFrontEnd:
                 self._syncing = asyncio.get_running_loop().create_task(self._sync_portals())
         if self.isns is not None:
             self._isns_update()
+        self._slp_update()
+
+    def _slp_update(self) -> None:
+        """Start, stop or update the SLP service agent as the STML's `slp`
+        setting, targets and our portals say (after every detect and portal change)."""
+        info = self.detect_info
+        scopes = info.discovery.get("slp") if info is not None else None
+        if not scopes or info is None:
+            if self.slp is not None:
+                self.slp.close()
+                self.slp = None
+            return
+        from fetd_tcp import slp, slpd
+        if self.slp is not None and self.slp.agent.scope_text != ",".join(scopes):
+            self.slp.close()
+            self.slp = None
+        targets = [slp.Target(t.name, t.alias, tuple(t.access.get("acl") or ()),
+                              (t.access.get("chap") or {}).get("user")) for t in info.targets]
+        portals = [(p.host, p.port, p.tpgt) for p in self.portals]
+        if self.slp is None:
+            agent = slp.ServiceAgent(list(scopes))
+            agent.update(targets, portals)
+            driver = slpd.SlpDriver(agent, list(info.discovery.get("slp_da") or ()),
+                                    int(os.environ.get("SCSI_TARGET_SLP_PORT", slp.SLP_PORT)))
+            try:
+                driver.start()
+            except OSError as e:
+                log.error("SLP service agent not started: %s", e)
+                return
+            self.slp = driver
+        else:
+            self.slp.agent.update(targets, portals)
+            self.slp.update()
 
     async def _sync_portals(self) -> None:
         """Open and close listeners until they match the STML's portal list
@@ -110,6 +144,7 @@ class IscsiFrontEnd:
                 break
         if self.isns is not None:
             self._isns_update()
+        self._slp_update()
 
     def drop_nexus(self, nexus: int, reason: str) -> None:
         """The STML ended this nexus (management `session drop`): tell the
@@ -266,6 +301,8 @@ class IscsiFrontEnd:
             w.close()
         if self.isns is not None:
             await self.isns.close()
+        if self.slp is not None:
+            self.slp.close()     # deregisters from directory agents
         await self.link.close()
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
