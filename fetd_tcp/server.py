@@ -20,7 +20,7 @@ from fetd_tcp import login as L
 from fetd_tcp.chap import Credentials, Secret
 from fetd_tcp.limits import Limits
 from fetd_tcp.session import MAX_TEXT_RESPONSE, Connection, Session, Tags
-from stml.api import BufferPool, Detect, FrontEndLink
+from stml.api import BufferPool, Detect, FrontEndLink, Op
 
 log = logging.getLogger("fetd_tcp")
 
@@ -74,6 +74,12 @@ class IscsiFrontEnd:
         self.open_conns: dict[Any, int] = {}             # portal / peer host -> open connections
         self.pool = BufferPool()          # big data segments the STML's shared memory cannot take
         self.pending_output: set[PduWriter] = set()      # writers with PDUs not yet sent
+        self.portal_errors: dict[tuple[str, int, int], str] = {}   # wanted portals we could not open
+        self.synced = False               # the STML's portal list was applied once
+        # set (with the OSError) when a portal of the STML's list cannot be opened at start:
+        # a listener that cannot exist makes the start fail, it is not only logged
+        self.failed: asyncio.Future | None = None
+        self.session_portals: dict[int, str] = {}        # TSIH -> the portal it logged in through
 
     # ------------------------------------------------------------ STML -> us
     def detect(self, detect: Detect) -> None:
@@ -85,6 +91,8 @@ class IscsiFrontEnd:
             self._wanted = detect.portals
             if self._syncing is None or self._syncing.done():
                 self._syncing = asyncio.get_running_loop().create_task(self._sync_portals())
+        elif self.follow_stml and self._syncing is not None and self._syncing.done():
+            self._report_portals()    # e.g. a restarted STML: it has not heard from us yet
         if self.isns is not None:
             self._isns_update()
         self._slp_update()
@@ -138,13 +146,29 @@ class IscsiFrontEnd:
                 if key not in have:
                     try:
                         await self._listen(PortalSpec(*key))
+                        self.portal_errors.pop(key, None)
                     except OSError as e:
-                        log.error("cannot listen on %s (tpgt %d): %s", _hostport(*key[:2]), key[2], e)
+                        where = f"{_hostport(*key[:2])} (tpgt {key[2]})"
+                        self.portal_errors[key] = os.strerror(e.errno) if e.errno else str(e)
+                        log.error("cannot listen on %s: %s", where, self.portal_errors[key])
+                        if not self.synced and self.failed is not None and not self.failed.done():
+                            self.failed.set_exception(OSError(e.errno, f"{where}: {self.portal_errors[key]}"))
             if self._wanted is wanted:
                 break
+        self.synced = True
+        self._report_portals()
         if self.isns is not None:
             self._isns_update()
         self._slp_update()
+
+    def _report_portals(self) -> None:
+        """Tell the STML which portals of its list we listen on (contract: portal_state)."""
+        states: list[dict[str, Any]] = [
+            {"host": p.requested[0], "port": p.requested[1], "tpgt": p.tpgt, "listening": True,
+             "bound_port": p.port} for p in self.portals]
+        states += [{"host": k[0], "port": k[1], "tpgt": k[2], "listening": False, "error": err}
+                   for k, err in self.portal_errors.items() if k in self._wanted]
+        self.link.send({"op": Op.PORTAL_STATE, "follows": True, "portals": states})
 
     def drop_nexus(self, nexus: int, reason: str) -> None:
         """The STML ended this nexus (management `session drop`): tell the
@@ -226,7 +250,7 @@ class IscsiFrontEnd:
     def link_lost(self) -> None:
         """The STML is gone: every task in flight is lost, so every session ends;
         initiators log in again once the STML is back."""
-        log.warning("STML link lost: closing %d session(s)", len(self.sessions))
+        (log.warning if self.sessions else log.info)("STML link lost: closing %d session(s)", len(self.sessions))
         for s in list(self.sessions.values()):
             for conn in list(s.connections.values()):
                 conn.close()
@@ -272,10 +296,15 @@ class IscsiFrontEnd:
 
     # ------------------------------------------------------------ portals
     async def start(self) -> None:
+        self.failed = asyncio.get_running_loop().create_future()
         self.link.start()
         own, self.portals = self.portals, []
         for p in own:
-            await self._listen(p)
+            try:
+                await self._listen(p)
+            except OSError as e:   # as for the STML's list: "HOST:PORT (tpgt N): reason"
+                raise OSError(e.errno, f"{_hostport(p.host, p.port)} (tpgt {p.tpgt}): "
+                              f"{os.strerror(e.errno) if e.errno else e}") from None
 
     async def _listen(self, p: PortalSpec) -> None:
         server = await asyncio.start_server(
@@ -464,9 +493,11 @@ class IscsiFrontEnd:
                 self.by_nexus[session.nexus] = session
                 self.per_target[target] = self.per_target.get(target, 0) + 1
                 self.link.register_nexus(session.nexus, session.initiator_port, target, tpgt)
-        log.info("login: %s 0x%s -> %s tpgt %d, TSIH %d CID %d (%s)", o.initiator_name, o.isid.hex(),
-                 target or "discovery", tpgt, o.tsih, o.cid, "new session" if len(session.connections) == 0
-                 else "joins session")
+        portal = _hostport(str(local[0]), int(local[1])) if local else "?"
+        self.session_portals.setdefault(o.tsih, portal)
+        log.info("login: %s 0x%s -> %s via %s tpgt %d, TSIH %d CID %d (%s)", o.initiator_name, o.isid.hex(),
+                 target or "discovery", portal, tpgt, o.tsih, o.cid,
+                 "new session" if len(session.connections) == 0 else "joins session")
         old_conn = session.connections.get(o.cid)
         if old_conn is not None:
             # connection reinstatement: the old one ends now (at ERL 2 its tasks wait for
@@ -540,6 +571,10 @@ class IscsiFrontEnd:
         if conn.gone:
             return      # already dropped (a reinstatement got there first)
         conn.gone = True
+        # `closing` is set by a Logout, or by drop_nexus, which has ended the session already
+        if conn.closing and self.sessions.get(s.tsih) is s:
+            log.info("logout: %s 0x%s -> %s via %s, TSIH %d CID %d", s.initiator, s.isid.hex(),
+                     s.target or "discovery", self.session_portals.get(s.tsih, "?"), s.tsih, conn.cid)
         if s.connections.get(conn.cid) is conn:
             del s.connections[conn.cid]
         if s.erl >= 2 and not conn.closing and not s.discovery:
@@ -609,6 +644,8 @@ class IscsiFrontEnd:
         """Forget a session (work in proportion to its own tasks, not to all)."""
         if self.sessions.get(s.tsih) is s:
             del self.sessions[s.tsih]
+            log.info("session ended: %s 0x%s -> %s via %s, TSIH %d", s.initiator, s.isid.hex(),
+                     s.target or "discovery", self.session_portals.pop(s.tsih, "?"), s.tsih)
             key = (s.initiator, s.isid, s.target)
             if self.by_name.get(key) is s:
                 del self.by_name[key]
@@ -899,6 +936,12 @@ async def run_fetd_tcp(stml_endpoint: str, portals: list[PortalSpec],
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: None)   # a reload is the STML's business
     await fe.start()
-    await stop.wait()
+    assert fe.failed is not None   # start() made it
+    stopped = asyncio.ensure_future(stop.wait())
+    await asyncio.wait([stopped, fe.failed], return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
     await fe.stop()
+    if fe.failed.done():
+        fe.failed.result()       # raises the OSError: exit 2 (fetd_tcp.cli)

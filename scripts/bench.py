@@ -116,14 +116,11 @@ class Ours:
              "--lun", lun, "--portal", f"127.0.0.1:{self.port}",
              "--log-level", "warning"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, cwd=ROOT)
-        # ready once attached to the STML and listening (the listener opens after attaching)
-        attached = listening = False
+        # ready once `run` says so: attached to the STML and listening
         said = []
         for line in self.proc.stdout:
             said.append(line)
-            attached = attached or line.startswith("fetd_tcp: attached")
-            listening = listening or line.startswith("fetd_tcp: listening on")
-            if attached and listening:
+            if line.startswith("Ready. "):
                 break
         else:
             self.stop()   # nothing left behind: no process, no image in /dev/shm
@@ -183,7 +180,8 @@ def processes(t: Ours | Tgtd) -> dict[str, int]:
     found = {}
     for entry in os.listdir("/proc"):
         try:
-            if not entry.isdigit() or os.getpgid(int(entry)) != t.proc.pid or int(entry) == t.proc.pid:
+            # the session, not the process group: run puts its children in groups of their own
+            if not entry.isdigit() or os.getsid(int(entry)) != t.proc.pid or int(entry) == t.proc.pid:
                 continue
             argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
         except OSError:

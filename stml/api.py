@@ -61,6 +61,12 @@ heartbeat        {op, usage?: {str: int}}
     `usage` (1.3): what the front end buffers (bytes: limit, used, peak, and
     by kind), shown by `status`; a front end that sends it sends a heartbeat
     every interval, busy or not, so the figures stay fresh.
+portal_state     {op, follows: bool, portals: [{host, port, tpgt, listening: bool,
+                  bound_port?: int, error?: str}]}
+    (optional) An iSCSI front end that follows the STML's portal list says,
+    after each change of it, which portals it listens on and why not the
+    others; `portal add` waits for it, `portal list` and `status` show it.
+    An STML that does not know it logs and ignores it.
 
 STML -> front end
 -----------------
@@ -153,6 +159,7 @@ class Op(enum.StrEnum):
     RX_TMF = "rx_task_mgmt_fn"
     DONE = "scsi_target_done"
     HEARTBEAT = "heartbeat"
+    PORTAL_STATE = "portal_state"
     # STML -> front end
     DETECT = "detect"
     NEXUS_READY = "nexus_ready"

@@ -108,7 +108,8 @@ def test_lun_add_and_resize_live(config, tmp_path):
         saved = tomllib.loads(config.read_text())
         luns = saved["target"][0]["lun"]
         lu_id = luns[1].pop("id")   # the added LU's random identity, saved with it
-        assert luns[0]["size"] == 32 << 20 and luns[1] == {"lun": 1, "backend": "ram", "size": "8MiB"}
+        # the size the resize saved, as a person writes it; the new LUN in full
+        assert luns[0]["size"] == "32MiB" and luns[1] == {"lun": 1, "backend": "ram", "size": "8MiB"}
         assert re.fullmatch(r"[0-9a-f]{32}", lu_id) and serial == lu_id[:16]
         assert "OK" in cli("config", "check", "--config", str(config)).stdout
     finally:
@@ -129,7 +130,7 @@ def test_lun_add_and_resize_live(config, tmp_path):
         # an edit by hand since load is not overwritten
         config.write_text(config.read_text() + "# edited by hand\n")
         p = cli("lun", "add", "--data-dir", t.data_dir, "ram:4MiB", check=False)
-        assert p.returncode == 1 and "edited since the STML loaded it" in p.stderr
+        assert p.returncode == 2 and "edited since the STML loaded it" in p.stderr
         assert 2 not in {x["lun"] for x in mgmt(t.data_dir, "lun", "list")}
         assert config.read_text().endswith("# edited by hand\n")
     finally:
@@ -156,7 +157,7 @@ def test_targets_acl_chap_sessions(config, tmp_path):
         mgmt(d, "acl", "remove", "--target", other, "iqn.2026-11.org.test:allowed")
         p = cli("chap", "set", "--data-dir", d, "--target", other, "--user", "u", "--secret", "short",
                 check=False)
-        assert p.returncode == 1 and "12 to 255 bytes" in p.stderr
+        assert p.returncode == 2 and "12 to 255 bytes" in p.stderr
         mgmt(d, "chap", "set", "--target", other, "--user", "u", "--secret", "twelve-bytes-secret")
         assert run(["iscsi-inq", t.url(0, other)], check=False).returncode != 0
         assert run(["iscsi-inq", t.url(0, other, auth="u%twelve-bytes-secret@")]).returncode == 0
@@ -171,7 +172,7 @@ def test_targets_acl_chap_sessions(config, tmp_path):
         assert [f["kind"] for f in fes] == ["iscsi"]
         assert mgmt(d, "portal", "list")
         p = cli("target", "remove", "--data-dir", d, other, check=False)
-        assert p.returncode == 1 and "--force" in p.stderr
+        assert p.returncode == 2 and "--force" in p.stderr
         ini.close()
 
         saved = tomllib.loads(config.read_text())
@@ -238,7 +239,7 @@ def test_portal_add_remove_live(tmp_path):
         assert [x["tpgt"] for x in mgmt(d, "portal", "list")] == [1, 2]
         assert tomllib.loads(cfg.read_text())["portals"] == ["127.0.0.1:0", f"127.0.0.1:{p1},2"]
         p = cli("portal", "add", "--data-dir", d, f"127.0.0.1:{p1}", check=False)
-        assert p.returncode == 1 and "already" in p.stderr
+        assert p.returncode == 2 and "already" in p.stderr
 
         # a session on the portal outlives its removal; new connections are refused
         ini = RawInitiator("127.0.0.1", p1, initiator="iqn.2026-11.org.test:stay")
@@ -251,7 +252,7 @@ def test_portal_add_remove_live(tmp_path):
         assert f"127.0.0.1:{p1},2" not in _send_targets(first)
         assert tomllib.loads(cfg.read_text())["portals"] == ["127.0.0.1:0"]
         p = cli("portal", "remove", "--data-dir", d, f"127.0.0.1:{p1}", check=False)
-        assert p.returncode == 1 and "no portal" in p.stderr
+        assert p.returncode == 2 and "no portal" in p.stderr
         mgmt(d, "portal", "add", f"127.0.0.1:{p2}")
         _wait_line(t, f"fetd_tcp: listening on 127.0.0.1:{p2} (tpgt 1)")
     finally:
@@ -295,7 +296,7 @@ def test_session_drop(config):
         keep.close()
 
         p = cli("session", "drop", "--data-dir", d, "9999", check=False)
-        assert p.returncode == 1 and "no session 9999" in p.stderr
+        assert p.returncode == 2 and "no session 9999" in p.stderr
         assert "session drop" in t.log() or "dropped" in t.log()
     finally:
         t.stop()
