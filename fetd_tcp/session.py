@@ -888,17 +888,17 @@ class Connection:
                 del s.failed[self.cid]
             self.account.close()
 
-    def fail(self) -> bool:
+    def fail(self) -> None:
         """ERL 2: the connection died (not by a Logout that closes it): its tasks
-        wait for a TASK REASSIGN on another connection until expire(). True
-        when there are such tasks (the caller then times Time2Wait + Time2Retain)."""
+        wait for a TASK REASSIGN on another connection until expire() (the
+        caller times Time2Wait + Time2Retain). An earlier failed connection of
+        the same CID gives way."""
         self.failed = True
         s = self.session
         old = s.failed.get(self.cid)
         if old is not None and old is not self:
             old.expire()
         s.failed[self.cid] = self
-        return True
 
     def expire(self) -> list[Task]:
         """Time2Wait + Time2Retain passed: the tasks no one reassigned are dropped
