@@ -891,14 +891,10 @@ class Connection:
     def fail(self) -> None:
         """ERL 2: the connection died (not by a Logout that closes it): its tasks
         wait for a TASK REASSIGN on another connection until expire() (the
-        caller times Time2Wait + Time2Retain). An earlier failed connection of
-        the same CID gives way."""
+        caller times Time2Wait + Time2Retain; an earlier failed connection of
+        the same CID keeps its own timer)."""
         self.failed = True
-        s = self.session
-        old = s.failed.get(self.cid)
-        if old is not None and old is not self:
-            old.expire()
-        s.failed[self.cid] = self
+        self.session.failed[self.cid] = self
 
     def expire(self) -> list[Task]:
         """Time2Wait + Time2Retain passed: the tasks no one reassigned are dropped
