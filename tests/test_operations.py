@@ -18,6 +18,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import tomlkit
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -25,6 +26,7 @@ from conftest import StmlProcess, short_dir, stop_pid, wait_for_line
 from fetd_loopback import LoopbackClient
 from rawiscsi import RawInitiator
 from scsi_target.mgmt import MgmtClient
+from stml.api import Tmf, TmfResponse
 from targetproc import IQN, Target, children_by_module, run
 
 CLI = [sys.executable, "-m", "scsi_target"]
@@ -302,6 +304,119 @@ def test_sighup_and_config_reload_apply_a_hand_edit_and_orphan_nothing(ddir):
         pids = list(kids.values())
     assert t.proc.returncode == 0
     assert wait_gone(pids, 10) == []
+
+
+def _edit(cfg: Path, change) -> None:
+    """A hand edit of the config file (tomlkit keeps the rest as it was)."""
+    doc = tomlkit.parse(cfg.read_text())
+    change(doc)
+    cfg.write_text(tomlkit.dumps(doc))
+
+
+def _target_table(doc, name: str):
+    return next(t for t in doc["target"] if t["name"] == name)
+
+
+ADDED = "iqn.2026-11.org.test:added"
+
+
+def test_reload_applies_target_reset_and_a_save_keeps_it(ddir):
+    """target_reset edited by hand (on a target, and on a target the reload
+    adds) is applied live, and the next save writes it back, not the default."""
+    with Target("--no-iscsi", "--lun", "ram:4MiB", data_dir=ddir, portals=(), expect_portals=0):
+        endpoint = f"ipc://{ddir}/stml.sock"
+        with LoopbackClient(endpoint, IQN, timeout=10) as c:
+            assert c.task_mgmt(Tmf.TARGET_WARM_RESET) == TmfResponse.NOT_AUTHORIZED   # the default
+        cfg = Path(ddir) / "scsi-target.toml"
+
+        def edit(doc):
+            _target_table(doc, IQN)["target_reset"] = True
+            added = tomlkit.table()
+            added.update({"name": ADDED, "target_reset": True})
+            lun = tomlkit.table()
+            lun.update({"backend": "ram", "size": "1MiB"})
+            added["lun"] = tomlkit.aot()
+            added["lun"].append(lun)
+            doc["target"].append(added)
+        _edit(cfg, edit)
+        r = mgmt(ddir, "config", "reload")
+        assert f"target {IQN} target_reset" in r["applied"] and r["not_applied"] == []
+        for name in (IQN, ADDED):
+            with LoopbackClient(endpoint, name, timeout=10) as c:
+                assert c.task_mgmt(Tmf.TARGET_WARM_RESET) == TmfResponse.COMPLETE, name
+        mgmt(ddir, "acl", "add", INITIATORS[0])                 # a change: the whole file is saved
+        saved = tomllib.loads(cfg.read_text())
+        assert [t.get("target_reset") for t in saved["target"]] == [True, True]
+
+
+def test_edits_a_reload_cannot_apply_survive_later_saves(ddir):
+    """What `config reload` reports as not applied (a LUN setting that needs a
+    restart, a hand-added LUN whose backend cannot open, the removal of a
+    target with sessions) stays in the file through later changes, until a
+    restart applies it; `config save --force` gives the file the running
+    configuration instead."""
+    with Target("--no-iscsi", "--lun", f"file:{ddir}/a.img,size=4MiB", data_dir=ddir, portals=(),
+                expect_portals=0):
+        endpoint = f"ipc://{ddir}/stml.sock"
+        mgmt(ddir, "target", "add", ADDED)
+        mgmt(ddir, "lun", "add", "--target", ADDED, "ram:1MiB")
+        cfg = Path(ddir) / "scsi-target.toml"
+        with LoopbackClient(endpoint, ADDED, timeout=10):       # a session on ADDED
+            def edit(doc):
+                first = _target_table(doc, IQN)
+                first["lun"][0]["block_size"] = 4096                  # needs a restart
+                lun = tomlkit.table()
+                lun.update({"lun": 1, "backend": "file", "path": "no/such/dir/b.img", "size": "1MiB"})
+                first["lun"].append(lun)                              # cannot open
+                del doc["target"][1]                                  # has a session
+            _edit(cfg, edit)
+            r = mgmt(ddir, "config", "reload")
+            assert r["applied"] == [] and len(r["not_applied"]) == 3, r
+            mgmt(ddir, "acl", "add", INITIATORS[0])             # a change, saved
+        saved = tomllib.loads(cfg.read_text())
+        assert [t["name"] for t in saved["target"]] == [IQN]
+        luns = saved["target"][0]["lun"]
+        assert luns[0]["block_size"] == 4096 and luns[1]["path"] == "no/such/dir/b.img"
+        assert saved["target"][0]["acl"] == [INITIATORS[0]]
+        # the suggested forced command works, and the file stays as edited
+        mgmt(ddir, "target", "remove", "--force", ADDED)
+        assert tomllib.loads(cfg.read_text())["target"][0]["lun"][0]["block_size"] == 4096
+        mgmt(ddir, "config", "save", "--force")
+        luns = tomllib.loads(cfg.read_text())["target"][0]["lun"]
+        assert [x["lun"] for x in luns] == [0] and "block_size" not in luns[0]
+
+
+def test_a_change_that_cannot_be_saved_exits_1(ddir):
+    """A save that fails (here: the temporary file's name is taken by a
+    directory) leaves the change live but answers exit 1 and says so; a later
+    save records it."""
+    with Target("--no-iscsi", "--lun", "ram:4MiB", data_dir=ddir, portals=(), expect_portals=0) as t:
+        stml = children_by_module(t.proc.pid)["stml"]
+        blocker = Path(ddir) / f".scsi-target.toml.{stml}.tmp"
+        (blocker / "x").mkdir(parents=True)
+        p = cli("acl", "add", "--data-dir", ddir, INITIATORS[0])
+        assert p.returncode == 1, p
+        assert p.stderr.startswith("scsi-target: acl add: applied, but NOT saved to ")
+        assert p.stderr.count("\n") == 1 and "config save" in p.stderr
+        assert mgmt(ddir, "target", "list")[0]["acl"] == [INITIATORS[0]]
+        shutil.rmtree(blocker)
+        mgmt(ddir, "config", "save")
+        assert tomllib.loads((Path(ddir) / "scsi-target.toml").read_text())["target"][0]["acl"] == \
+            [INITIATORS[0]]
+
+
+def test_run_takes_the_data_dir_lock_before_it_writes_the_config(ddir):
+    """Two first starts on one data dir: the one that does not get the lock
+    writes nothing (it would replace the other's file, ids and all)."""
+    import fcntl
+    fd = os.open(Path(ddir) / "run.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        p = cli("run", "--data-dir", ddir, "--lun", "ram:4MiB", "--portal", "127.0.0.1:0", timeout=30)
+    finally:
+        os.close(fd)
+    assert p.returncode == 2 and "another target is running in it" in p.stderr
+    assert not (Path(ddir) / "scsi-target.toml").exists()
 
 
 # ------------------------------------------------------------------ no orphans
