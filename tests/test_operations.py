@@ -10,6 +10,7 @@ import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import textwrap
@@ -168,6 +169,60 @@ def test_hand_comments_survive_a_save(ddir, tmp_path):
     added = saved["target"][0]["lun"][1]
     assert re.fullmatch(r"[0-9a-f]{32}", added.pop("id"))
     assert added == {"lun": 1, "backend": "ram", "size": "4MiB"}
+
+
+# ------------------------------------------------------------------ what an initiator sees of an LU
+
+def pr_register(c: LoopbackClient, lun: int, key: int) -> None:
+    """PERSISTENT RESERVE OUT, REGISTER with APTPL: kept across restarts."""
+    params = struct.pack(">QQIBBH", 0, key, 0, 0x01, 0, 0)
+    c._retry_ua(lun, bytes([0x5F, 0, 0, 0, 0]) + struct.pack(">I", len(params)) + b"\0", data_out=params)
+
+
+def read_keys(c: LoopbackClient, lun: int) -> list[int]:
+    """PERSISTENT RESERVE IN, READ KEYS."""
+    data = c._retry_ua(lun, bytes([0x5E, 0, 0, 0, 0, 0, 0]) + struct.pack(">H", 1024) + b"\0",
+                       data_in=1024).data
+    n = struct.unpack_from(">I", data, 4)[0] // 8
+    return sorted(struct.unpack_from(">Q", data, 8 + 8 * i)[0] for i in range(n))
+
+
+def identity(c: LoopbackClient, lun: int) -> tuple[str, str]:
+    """(unit serial from VPD 0x80, NAA designator from VPD 0x83)."""
+    serial = c.inquiry(lun, 0x80)
+    devid = c.inquiry(lun, 0x83)
+    pos, naa = 4, ""
+    while pos + 4 <= len(devid):
+        n = devid[pos + 3]
+        if devid[pos + 1] & 0x0F == 3:
+            naa = devid[pos + 4:pos + 4 + n].hex()
+        pos += 4 + n
+    return serial[4:4 + serial[3]].decode(), naa
+
+
+def test_aptpl_state_belongs_to_the_lu_not_to_its_number(stml_factory):
+    """APTPL registrations are kept by LU identity: removing a LUN removes
+    its file, the LU added later under its number starts with none, and a
+    LUN added live takes APTPL (it used to refuse it until a restart)."""
+    p = stml_factory("ram:4MiB", "ram:4MiB")
+    m = MgmtClient(p.endpoint)
+    m.call("lun_add", spec="ram:4MiB")
+    with LoopbackClient(p.endpoint, timeout=10) as c:
+        for lun in (0, 1, 2):
+            pr_register(c, lun, 0xB0 + lun)
+    ids = {x["lun"]: x["id"] for x in tomllib.loads((p.data_dir / "scsi-target.toml").read_text())
+           ["target"][0]["lun"]}
+    state = p.data_dir / "pr" / f"{ids[1]}.json"
+    assert json.loads(state.read_text())["registrations"][0]["key"] == 0xB1
+    m.call("lun_remove", lun=1)
+    deadline = time.monotonic() + 20
+    while state.exists():                  # removed once the LU's tasks are done
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    m.call("lun_add", spec="ram:4MiB", lun=1)
+    p.restart()
+    with LoopbackClient(p.endpoint, timeout=10) as c:
+        assert [read_keys(c, lun) for lun in (0, 1, 2)] == [[0xB0], [], [0xB2]]
 
 
 # ------------------------------------------------------------------ any sequence of changes
@@ -589,6 +644,31 @@ def test_readiness_reaches_systemd_and_wait_ready(ddir, tmp_path):
             assert ok("wait-ready", "--data-dir", ddir, "--timeout", "10") == f"ready: ipc://{ddir}/stml.sock\n"
     p = cli("wait-ready", "--data-dir", ddir, "--timeout", "0.5")
     assert p.returncode == 1 and p.stderr.startswith("scsi-target: not ready after 0.5s: no target is running")
+
+
+def test_wait_ready_with_no_portals(ddir):
+    """`portals = []`: ready once the iSCSI front end is attached, as run says."""
+    (Path(ddir) / "scsi-target.toml").write_text(
+        f'portals = []\n\n[[target]]\nname = "{IQN}"\n\n[[target.lun]]\nbackend = "ram"\nsize = "4MiB"\n')
+    with Target(data_dir=ddir, portals=(), expect_portals=0):
+        assert ok("wait-ready", "--data-dir", ddir, "--timeout", "10") == f"ready: ipc://{ddir}/stml.sock\n"
+
+
+def test_a_malformed_portal_report_does_not_break_portal_list(stml_factory):
+    """A front end's portal_state entry without host/port/tpgt is no match,
+    not an internal error of `portal list` and `status`."""
+    p = stml_factory("ram:4MiB")
+    m = MgmtClient(p.endpoint)
+    with LoopbackClient(p.endpoint, timeout=10) as c:
+        assert c._link is not None
+        c._loop.call_soon_threadsafe(c._link.send, {"op": "portal_state", "follows": True,
+                                                    "portals": [{"listening": True}]})
+        deadline = time.monotonic() + 20
+        while (portals := m.call("portal_list"))[0]["state"] == "no front end":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert [x["state"] for x in portals] == ["opening"]
+        assert m.call("status")["portals"] == portals
 
 
 def test_banner_logs_and_a_clean_stop(ddir):
