@@ -20,11 +20,11 @@ from pathlib import Path
 
 import pytest
 import tomlkit
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from conftest import StmlProcess, short_dir, stop_pid, wait_for_line
-from fetd_loopback import LoopbackClient
+from fetd_loopback import LoopbackClient, ScsiError
 from rawiscsi import RawInitiator
 from scsi_target.mgmt import MgmtClient
 from stml.api import Tmf, TmfResponse
@@ -233,7 +233,8 @@ INITIATORS = ["iqn.1994-05.com.redhat:one", "iqn.1994-05.com.redhat:two"]
 op = st.one_of(
     st.tuples(st.just("target_add"), st.integers(1, 2)),
     st.tuples(st.just("target_remove"), st.integers(0, 2)),
-    st.tuples(st.just("lun_add"), st.integers(0, 2), st.sampled_from(["ram", "file"]), st.integers(1, 4)),
+    st.tuples(st.just("lun_add"), st.integers(0, 2), st.sampled_from(["ram", "file"]), st.integers(1, 4),
+              st.none() | st.integers(0, 2)),
     st.tuples(st.just("lun_remove"), st.integers(0, 2), st.integers(0, 2)),
     st.tuples(st.just("lun_resize"), st.integers(0, 2), st.integers(0, 2), st.integers(1, 6)),
     st.tuples(st.just("acl_add"), st.integers(0, 2), st.integers(0, 1)),
@@ -241,21 +242,39 @@ op = st.one_of(
     st.tuples(st.just("chap_set"), st.integers(0, 2), st.booleans()),
     st.tuples(st.just("portal_add"), st.integers(2, 4)),
     st.tuples(st.just("portal_remove"), st.integers(1, 4)),
+    st.tuples(st.just("pr_register"), st.integers(0, 2), st.integers(0, 2)),
+    st.tuples(st.just("target_reset"), st.integers(0, 2), st.booleans()),
 )
 
 
-def apply(client: MgmtClient, names: list[str], step: tuple, serial: list[int]) -> None:
-    """One management change; a refusal (no such target, LUN taken, ...) is part of the game."""
+def apply(client: MgmtClient, names: list[str], step: tuple, serial: list[int], cfg: Path) -> None:
+    """One change; a refusal (no such target, LUN taken, ...) is part of the game.
+    pr_register registers a key with APTPL; target_reset edits the file by hand
+    and reloads it (no verb sets it)."""
     kind, *a = step
     args: dict = {}
-    if kind == "target_add":
+    serial[0] += 1
+    if kind == "pr_register":
+        try:
+            with LoopbackClient(client.endpoint, names[a[0]], timeout=10) as c:
+                pr_register(c, a[1], 0x1000 + serial[0])
+        except (LookupError, ScsiError):
+            pass
+        return
+    if kind == "target_reset":
+        def edit(doc):
+            for t in doc.get("target", []):
+                if t["name"] == names[a[0]]:
+                    t["target_reset"] = a[1]
+        _edit(cfg, edit)
+        kind = "config_reload"
+    elif kind == "target_add":
         args = {"name": names[a[0]]}
     elif kind == "target_remove":
         args = {"name": names[a[0]], "force": True}
     elif kind == "lun_add":
-        serial[0] += 1
         spec = f"ram:{a[2]}MiB" if a[1] == "ram" else f"file:f{serial[0]}.img,size={a[2]}MiB"
-        args = {"target": names[a[0]], "spec": spec}
+        args = {"target": names[a[0]], "spec": spec, "lun": a[3]}
     elif kind == "lun_remove":
         args = {"target": names[a[0]], "lun": a[1]}
     elif kind == "lun_resize":
@@ -273,25 +292,41 @@ def apply(client: MgmtClient, names: list[str], step: tuple, serial: list[int]) 
 
 
 def served(endpoint: str) -> tuple:
-    """What the STML serves: targets with their access rules, LUNs, portals."""
+    """What the STML serves: targets with their access rules and whether they
+    take a target reset, LUNs with their identity (serial, NAA) and APTPL
+    registrations, portals."""
     c = MgmtClient(endpoint)
     targets = sorted((t["name"], t["alias"], tuple(t["acl"]), t["chap"]) for t in c.call("target_list"))
     luns = sorted((x["target"], x["lun"], x["backend"], x["size"], x["path"], x["ro"], x["block_size"])
                   for x in c.call("lun_list"))
-    return targets, luns, [p["portal"] for p in c.call("portal_list")]
+    seen = []
+    for name, *_ in targets:
+        with LoopbackClient(endpoint, name, timeout=10) as lc:
+            for target, lun, *_ in luns:
+                if target == name:
+                    seen.append((name, lun, identity(lc, lun), read_keys(lc, lun)))
+            seen.append((name, "target reset", TmfResponse(lc.task_mgmt(Tmf.TARGET_WARM_RESET)).name))
+    return targets, luns, seen, [p["portal"] for p in c.call("portal_list")]
 
 
+# the review's cases, always run: a removed LUN's number reused after APTPL
+# registrations (the new LU must not inherit them), and target_reset set by a
+# reload (applied live, as a restart applies it)
+@example(steps=[("pr_register", 0, 0), ("lun_remove", 0, 0), ("lun_add", 0, "ram", 1, 0)])
+@example(steps=[("target_reset", 0, True)])
 @pytest.mark.parametrize("with_config", [False, True])
 @settings(max_examples=6, deadline=None)
 @given(steps=st.lists(op, min_size=1, max_size=10))
 def test_any_sequence_of_changes_survives_a_restart(with_config, steps):
     """Property: after any sequence of live changes, a restart (with no LUN
-    flags) serves the same targets, LUNs, ACLs, CHAP, portals, and the data
-    of every file LUN."""
+    flags) serves the same targets, LUNs (their identity and registrations
+    too), ACLs, CHAP, target reset settings, portals, and the data of every
+    file LUN."""
     d = Path(short_dir())
     extra: tuple[str, ...] = ()
     luns: tuple[str, ...] = ("file:disk0.img,size=4MiB",)
     first = IQN
+    cfg = d / "scsi-target.toml"
     if with_config:
         cfg = d / "elsewhere.toml"
         first = "iqn.2026-11.org.test:configured"
@@ -305,7 +340,7 @@ def test_any_sequence_of_changes_survives_a_restart(with_config, steps):
         client = MgmtClient(p.endpoint)
         serial = [0]
         for step in steps:
-            apply(client, names, step, serial)
+            apply(client, names, step, serial, cfg)
         before = served(p.endpoint)
         marks = {}
         for target, lun, backend, *_ in before[1]:
@@ -847,22 +882,29 @@ def test_a_restarted_stml_learns_the_listener_states_again(ddir):
 
 
 def test_config_show_and_save_to_another_file(ddir, tmp_path):
+    """`config save FILE` writes a copy that finds the same data dir by itself
+    and serves the same LUs from it: their files (data), sizes, paths and
+    identities (a copy carries the LUs' ids)."""
+    endpoint = f"ipc://{ddir}/stml.sock"
+    mark = os.urandom(512)
     with Target("--lun", "ram:8MiB", data_dir=ddir):
-        mgmt(ddir, "lun", "add", f"file:{ddir}/b.img,size=4MiB")
+        mgmt(ddir, "lun", "add", "file:b.img,size=4MiB")       # relative to the data dir
         shown = ok("config", "show", "--data-dir", ddir)
         assert shown.rstrip() == (Path(ddir) / "scsi-target.toml").read_text().rstrip()
         copy = tmp_path / "copy.toml"
         assert mgmt(ddir, "config", "save", str(copy))["path"] == str(copy)
         before = mgmt(ddir, "lun", "list")
+        with LoopbackClient(endpoint, timeout=10) as c:
+            c.write(1, 3, mark)
+            ids = [identity(c, lun) for lun in (0, 1)]
     saved = tomllib.loads(copy.read_text())
-    assert saved["data_dir"] == ddir       # the copy finds the same data dir
-    other = short_dir()
-    try:
-        with Target(config=str(copy), data_dir=other):
-            assert [(x["lun"], x["backend"], x["size"]) for x in mgmt(other, "lun", "list")] == \
-                [(x["lun"], x["backend"], x["size"]) for x in before]
-    finally:
-        shutil.rmtree(other, ignore_errors=True)
+    assert saved["data_dir"] == ddir and saved["target"][0]["lun"][1]["path"] == "b.img"
+    assert f"endpoint {endpoint}" in ok("config", "check", "--config", str(copy))   # no --data-dir
+    with Target(config=str(copy), data_dir=ddir):
+        assert mgmt(ddir, "lun", "list") == before
+        with LoopbackClient(endpoint, timeout=10) as c:
+            assert c.read(1, 3, 1) == mark
+            assert [identity(c, lun) for lun in (0, 1)] == ids
 
 
 def test_service_install_writes_the_unit(tmp_path):
