@@ -7,7 +7,9 @@ the running STML at once (front ends get a new `detect`, initiators the unit
 attentions SPC names), then the whole running configuration is saved to the
 config file (stml.persist: atomically, keeping its comments); a file edited
 by hand since the STML loaded it is not overwritten (`config_reload` applies
-the edit, and SIGHUP does the same).
+the edit, and SIGHUP does the same; what it cannot apply stays in the file
+through later saves). A change whose save fails stays live and its result
+carries `save_error` (the CLI exits 1: docs/decisions/0232).
 """
 from __future__ import annotations
 

@@ -8,6 +8,8 @@ is saved without a change here. It is written by editing the parsed file in
 place with tomlkit: keys that did not change keep their spelling ("16MiB"
 stays "16MiB"), comments and key order survive, and keys this module does
 not model (data_dir, [stml], a key a newer version added) are left alone.
+While the file holds edits a reload could not apply, a save keeps them
+(merge3, docs/decisions/0231).
 """
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ TransportID of format 00b) and a target port (target name and portal group
 tag, the relative target port identifier), or every target port (ALL_TG_PT).
 
 APTPL: when the last REGISTER / REGISTER AND MOVE asked for it, the state is
-written to `<data_dir>/pr/<id>.json` (the LU's identity; see state_path)
+written to `<data_dir>/pr/<id>_<lun>.json` (the LU's identity; see state_path)
 (write, fsync, rename, fsync of the directory) after every change, read back
 at start or when the LU is added, and removed with the LU. A file that
 cannot be read back refuses the start with a one-line error. The writes run
@@ -651,15 +651,17 @@ def _fsync_dir(d: Path) -> None:
 
 
 def state_path(data_dir: Path, target: str, lun: int, ident: str | None = None) -> Path:
-    """Where an LU's APTPL state is kept: named by its identity (`id`), so an LU
-    added later under a removed LU's number never inherits its registrations.
-    An LU with the legacy identity (no `id`, or the one a LUN that existed
-    before ids was given) is the LU the old name `<target>_<lun>` meant."""
+    """Where an LU's APTPL state is kept: `<id>_<lun>.json`, named by its
+    identity (`id`), so an LU added later under a removed LU's number never
+    inherits its registrations (the number stays in the name, as in the
+    file: what `ls pr/` shows). An LU with the legacy identity (no `id`, or
+    the one a LUN that existed before ids was given) is the LU the old name
+    `<target>_<lun>.json` meant."""
     from stml.lu import legacy_id
     if ident is None or ident == legacy_id(target, lun):
         safe = re.sub(r"[^A-Za-z0-9._-]", "_", target)
         return Path(data_dir) / "pr" / f"{safe}_{lun}.json"
-    return Path(data_dir) / "pr" / f"{ident}.json"
+    return Path(data_dir) / "pr" / f"{ident}_{lun}.json"
 
 
 # ---------------------------------------------------------------- TransportIDs

@@ -212,7 +212,7 @@ def test_aptpl_state_belongs_to_the_lu_not_to_its_number(stml_factory):
             pr_register(c, lun, 0xB0 + lun)
     ids = {x["lun"]: x["id"] for x in tomllib.loads((p.data_dir / "scsi-target.toml").read_text())
            ["target"][0]["lun"]}
-    state = p.data_dir / "pr" / f"{ids[1]}.json"
+    state = p.data_dir / "pr" / f"{ids[1]}_1.json"
     assert json.loads(state.read_text())["registrations"][0]["key"] == 0xB1
     m.call("lun_remove", lun=1)
     deadline = time.monotonic() + 20
