@@ -248,8 +248,9 @@ class Management:
         except EditedError as e:
             raise MgmtError(f"{e}: `config reload` applies the edit, `config save --force` "
                             f"overwrites it, `config diff` shows it") from None
-        except OSError as e:
-            raise MgmtError(f"cannot write {target}: {e.strerror or e}") from None
+        except OSError as e:    # an I/O error, not a refusal: the client exits 1
+            self._save_error = f"cannot write {target}: {e.strerror or e}"
+            return {"saved": f"NOT saved to {target}", "path": str(target)}
         return {"saved": f"saved to {target}", "path": str(target)}
 
     async def config_diff(self) -> dict[str, Any]:

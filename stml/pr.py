@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from stml.api import DataDir
 from stml.cdb import u16, u32
+from stml.lu import legacy_id
 from stml.ops import OpEntry, unit
 from stml.sense import (
     ILLEGAL_REQUEST, PARAMETER_LIST_LENGTH_ERROR, RESERVATION_CONFLICT, CheckCondition,
@@ -657,7 +658,6 @@ def state_path(data_dir: Path, target: str, lun: int, ident: str | None = None) 
     file: what `ls pr/` shows). An LU with the legacy identity (no `id`, or
     the one a LUN that existed before ids was given) is the LU the old name
     `<target>_<lun>.json` meant."""
-    from stml.lu import legacy_id
     if ident is None or ident == legacy_id(target, lun):
         safe = re.sub(r"[^A-Za-z0-9._-]", "_", target)
         return Path(data_dir) / "pr" / f"{safe}_{lun}.json"

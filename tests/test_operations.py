@@ -489,6 +489,9 @@ def test_a_change_that_cannot_be_saved_exits_1(ddir):
         assert p.stderr.startswith("scsi-target: acl add: applied, but NOT saved to ")
         assert p.stderr.count("\n") == 1 and "config save" in p.stderr
         assert mgmt(ddir, "target", "list")[0]["acl"] == [INITIATORS[0]]
+        p = cli("config", "save", "--data-dir", ddir)          # an I/O error, not a refusal
+        assert (p.returncode, p.stderr) == (1, f"scsi-target: config save: cannot write "
+                                               f"{ddir}/scsi-target.toml: Is a directory\n")
         shutil.rmtree(blocker)
         mgmt(ddir, "config", "save")
         assert tomllib.loads((Path(ddir) / "scsi-target.toml").read_text())["target"][0]["acl"] == \
