@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from backends import BackendError, open_backend
+from stml import pr
 from stml.config import (Config, ConfigError, LunConfig, TargetConfig, _chap, _check_iqn,
                          file_digest, load, lun_options, parse_lun_spec, parse_size)
-from stml import pr
 from stml.emulator import Target
 from stml.lu import LogicalUnit, LunOptions
 from stml.persist import EditedError, hold, model, read_document, render, save

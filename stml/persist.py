@@ -25,6 +25,7 @@ from tomlkit.items import AoT
 
 from stml.config import CONFIG_NAME, Config, ConfigError, LunConfig, TargetConfig, holds_secrets, parse_size
 from stml.lu import LunOptions
+
 HEADER = """\
 # scsi-target configuration. `scsi-target run` wrote it on first start, and every
 # management change (lun add, acl add, portal add, ...) saves the whole running
@@ -32,6 +33,7 @@ HEADER = """\
 # Apply an edit to the running target with `scsi-target config reload` (or SIGHUP).
 """
 
+Tree = dict[Any, Any]   # the file's shape: tables by key, leaves (value, default) as _sync_keys takes them
 _LUN_KEYS = {"kind": "backend"}          # LunOptions field -> TOML key, where they differ
 _UNITS = ((1 << 40, "TiB"), (1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB"))
 
@@ -184,9 +186,6 @@ def _sync_luns(table: Any, luns: dict[int, Tree], data_dir: Path) -> None:
             entry["lun"] = lun["lun"][0]
         _sync_keys(entry, lun, data_dir)
     _sync_aot(table, "lun", luns, _lun_number, sync, None)
-
-
-Tree = dict[Any, Any]   # the file's shape: tables by key, leaves (value, default) as _sync_keys takes them
 
 
 def model(config: Config) -> Tree:

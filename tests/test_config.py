@@ -341,3 +341,19 @@ def test_the_data_dirs_own_file_names_that_data_dir(tmp_path):
         other.parent.mkdir(exist_ok=True)
         save(first, other)
         assert load(str(other)).data_dir == d
+
+
+def test_a_save_merges_what_a_reload_left_unapplied():
+    """merge3(base, file, running): the file's value where running did not
+    change since the reload (an absent key or table included), else running's."""
+    from stml.persist import merge3
+    base = {"portals": ["a"], "target": {"t": {"acl": [], "lun": {0: {"bs": 512}}}, "gone": {"x": 1}}}
+    file = {"portals": ["a"], "target": {"t": {"acl": [], "lun": {0: {"bs": 4096}, 1: {"bs": 512}}}}}
+    assert merge3(base, file, base) == file                      # nothing changed since: the file
+    running = {"portals": ["a", "b"], "target": {"t": {"acl": ["i"], "lun": {0: {"bs": 512}}},
+                                                 "gone": {"x": 1}, "new": {"x": 2}}}
+    assert merge3(base, file, running) == {
+        "portals": ["a", "b"],
+        "target": {"t": {"acl": ["i"], "lun": {0: {"bs": 4096}, 1: {"bs": 512}}}, "new": {"x": 2}}}
+    del running["target"]["t"]                                   # removed since: removed
+    assert "t" not in merge3(base, file, running)["target"]

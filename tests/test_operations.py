@@ -171,7 +171,18 @@ def test_hand_comments_survive_a_save(ddir, tmp_path):
     assert added == {"lun": 1, "backend": "ram", "size": "4MiB"}
 
 
-# ------------------------------------------------------------------ what an initiator sees of an LU
+# ------------------------------------------------------------------ hand edits, and what an initiator sees
+
+def _edit(cfg: Path, change) -> None:
+    """A hand edit of the config file (tomlkit keeps the rest as it was)."""
+    doc = tomlkit.parse(cfg.read_text())
+    change(doc)
+    cfg.write_text(tomlkit.dumps(doc))
+
+
+def _target_table(doc, name: str):
+    return next(t for t in doc["target"] if t["name"] == name)
+
 
 def pr_register(c: LoopbackClient, lun: int, key: int) -> None:
     """PERSISTENT RESERVE OUT, REGISTER with APTPL: kept across restarts."""
@@ -394,17 +405,6 @@ def test_sighup_and_config_reload_apply_a_hand_edit_and_orphan_nothing(ddir):
         pids = list(kids.values())
     assert t.proc.returncode == 0
     assert wait_gone(pids, 10) == []
-
-
-def _edit(cfg: Path, change) -> None:
-    """A hand edit of the config file (tomlkit keeps the rest as it was)."""
-    doc = tomlkit.parse(cfg.read_text())
-    change(doc)
-    cfg.write_text(tomlkit.dumps(doc))
-
-
-def _target_table(doc, name: str):
-    return next(t for t in doc["target"] if t["name"] == name)
 
 
 ADDED = "iqn.2026-11.org.test:added"
