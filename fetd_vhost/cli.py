@@ -24,7 +24,10 @@ import click
               type=click.Choice(["debug", "info", "warning", "error"]))
 def main(socket_path: str, target: str, stml_endpoint: str, initiator: str | None,
          stml_key: str | None, own_key: str | None, log_level: str) -> None:
-    """Serve a target's LUNs to one QEMU virtual machine over vhost-user-scsi."""
+    """Serve a target's LUNs to a QEMU VM (vhost-user-scsi).
+
+    One process per VM: it creates the socket QEMU's vhost-user-scsi-pci
+    device connects to, and the VM sees the target's LUNs as its disks."""
     from fetd_vhost.server import run_fetd_vhost
     from scsi_runtime.logs import setup_logging
     from stml.api import curve_client_keys, run_loop

@@ -27,7 +27,7 @@ from fetd_vhost.cli import main as fetd_vhost_main, vhost_children, vhost_option
 from scsi_runtime.logs import setup_logging
 from scsi_target.supervise import Supervisor, sd_notify
 from stml.cli import apply_stml_options, config_exit, config_options, load_or_exit, main as stml_main, stml_options
-from stml.config import (Config, ConfigError, StartupError, check_lun_paths, default_data_dir,
+from stml.config import (Config, ConfigError, StartupError, check_lun_paths, data_dir_of, default_data_dir,
                          default_endpoint, load, parse_size)
 
 CHUNK = 1 << 20  # copy-in/out transfer size
@@ -293,12 +293,12 @@ def run(log_level: str, log_format: str, portals: tuple[str, ...], no_iscsi: boo
     setup_logging(log_level, "run", log_format)
     kw = inherited(kw)
     try:
-        if not kw.get("config_path"):
-            check_data_dir(Path(kw["data_dir"]).expanduser().absolute() if kw.get("data_dir")
-                           else default_data_dir())
+        ddir = data_dir_of(kw.get("config_path"), kw.get("data_dir"))
+        check_data_dir(ddir)
+        # held until we exit, however we exit; taken before a first start writes
+        # the config, so of two first starts only one writes it
+        lock = lock_data_dir(ddir)
         config = load_or_exit(portals=portals, **kw)
-        check_data_dir(config.data_dir)
-        lock = lock_data_dir(config.data_dir)   # held until we exit, however we exit
         check_lun_paths(config)
         if not no_iscsi:
             check_portals(config.portals)
@@ -620,10 +620,14 @@ def wait_ready(timeout: float, iscsi: bool, **kw: Any) -> None:
             require_running(endpoint)
             snap = MgmtClient(endpoint, timeout=max(0.2, min(2.0, deadline - time.monotonic()))).call("status")
             portals = snap.get("portals") or []
-            if not iscsi or (portals and all(p["state"].startswith("listening") for p in portals)):
+            # no portal (`portals = []`): ready once an iSCSI front end is attached, as `run` says
+            iscsi_fe = any(fe.get("kind") == "iscsi" for fe in snap.get("front_ends") or [])
+            if not iscsi or (all(str(p.get("state")).startswith("listening") for p in portals)
+                             and (portals or iscsi_fe)):
                 click.echo(f"ready: {endpoint}")
                 return
-            why = "portals: " + ", ".join(f"{p['portal']} {p['state']}" for p in portals)
+            why = ("portals: " + ", ".join(f"{p.get('portal')} {p.get('state')}" for p in portals)
+                   if portals else "no iSCSI front end attached")
         except (NotRunning, TimeoutError, ConnectionError) as e:
             why = str(e)
         except RuntimeError as e:

@@ -12,13 +12,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stml.lu import LunOptions
+from stml.lu import LunOptions, legacy_id
 
 DEFAULT_IQN = "iqn.2026-11.org.scsi-target:disk0"
 DEFAULT_SIZE = 1 << 30
 DEFAULT_PORTAL = "127.0.0.1:3260"
 DEFAULT_CMDSN_DEPTH = 128   # commands a session may have outstanding (LIO: 64), the STML's queue depth
 MAX_CMDSN_DEPTH = 512       # as LIO's default_cmdsn_depth allows
+CONFIG_NAME = "scsi-target.toml"    # the config file a data dir owns (it sits in it)
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "kb": 1000, "m": 1 << 20, "mib": 1 << 20,
           "mb": 10**6, "g": 1 << 30, "gib": 1 << 30, "gb": 10**9, "t": 1 << 40, "tib": 1 << 40,
@@ -90,6 +91,9 @@ class Config:
     slp_da: list[str] = field(default_factory=list)   # directory agents ("HOST[:PORT]") to register with
     raw: dict[str, Any] = field(default_factory=dict)   # the file as loaded (management edits it)
     digest: str | None = None        # sha256 of the file as loaded: hand edits since are detected
+    # while the file holds edits a reload could not apply: the running and the
+    # file's configuration then, in the file's shape (stml.persist.hold)
+    held: tuple[dict[Any, Any], dict[Any, Any]] | None = None
 
     def discovery(self) -> dict[str, Any]:
         """Discovery settings for the front ends, as `detect` carries them."""
@@ -263,7 +267,7 @@ def load(config_path: str | None = None, data_dir: str | None = None, iqn: str |
     for key in raw:
         if key not in known:
             raise ConfigError(key, f"unknown setting (known: {', '.join(sorted(known))})")
-    ddir = Path(data_dir or raw.get("data_dir") or default_data_dir()).expanduser().absolute()
+    ddir = Path(data_dir or raw.get("data_dir") or _own_data_dir(path)).expanduser().absolute()
     targets: list[TargetConfig] = []
     target_keys = {"name", "alias", "acl", "chap", "mutual_chap", "lun", "target_reset",
                    "error_recovery_level", "cmdsn_depth"}
@@ -365,6 +369,24 @@ def _int_in(value: Any, lo: int, hi: int, where: str) -> int:
     return value
 
 
+def _own_data_dir(path: Path | None) -> Path:
+    """A data dir's own file (CONFIG_NAME) leaves `data_dir` out, so the dir can
+    move: it names the directory it sits in. Other files default to the XDG dir."""
+    if path is not None and path.name == CONFIG_NAME:
+        return path.parent
+    return default_data_dir()
+
+
+def data_dir_of(config_path: str | None, data_dir: str | None) -> Path:
+    """The data dir a start with these flags serves, known before its config
+    file is written (`run` locks it first)."""
+    if data_dir:
+        return Path(data_dir).expanduser().absolute()
+    if config_path and os.path.exists(config_path):
+        return load(config_path).data_dir
+    return default_data_dir()
+
+
 def file_digest(path: Path) -> str | None:
     try:
         return hashlib.sha256(path.read_bytes()).hexdigest()
@@ -431,7 +453,7 @@ def load_or_create(config_path: str | None = None, data_dir: str | None = None, 
     identity of its own. Once a file defines targets it wins: --iqn/--lun must
     agree with it, so a restart with the same command line works, and anything
     else is refused with a pointer to `lun add` (docs/decisions/0200)."""
-    from stml.persist import CONFIG_NAME, save
+    from stml.persist import save
     if config_path is None:
         ddir = Path(data_dir).expanduser().absolute() if data_dir else default_data_dir()
         path = ddir / CONFIG_NAME
@@ -448,16 +470,29 @@ def load_or_create(config_path: str | None = None, data_dir: str | None = None, 
     config = load(None, data_dir, iqn, luns, endpoint, portals)
     config.path = path
     check_lun_paths(config)     # a first start that cannot serve writes no file
-    for t in config.targets:        # LUNs first served now: an identity of their own
+    for t in config.targets:
         for lc in t.luns:
             if not lc.options.id:
-                lc.options.id = secrets.token_hex(16)
+                lc.options.id = first_identity(config.data_dir, t.name, lc)
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         save(config, path)
     except OSError as e:
         raise StartupError(f"cannot write {path}", e.strerror or str(e)) from None
     return load(str(path), data_dir, None, (), endpoint, portals)
+
+
+def first_identity(data_dir: Path, target: str, lc: LunConfig) -> str:
+    """The id a LUN's first save gives it. A LUN served before this data dir had
+    a config file (its backing file exists, or its persistent reservations
+    file does) keeps the identity its NAA and serial came from (legacy_id):
+    an upgrade must not rename disks that multipath and udev know. A LUN
+    first served now gets a random one (docs/decisions/0230)."""
+    from stml.pr import state_path
+    o = lc.options
+    existed = (o.kind == "file" and o.path is not None and os.path.exists(o.path)) \
+        or state_path(data_dir, target, lc.lun).exists()
+    return legacy_id(target, lc.lun) if existed else secrets.token_hex(16)
 
 
 def check_lun_paths(config: Config) -> None:

@@ -276,7 +276,7 @@ class Emulator:
                 if self.data_dir is None:
                     continue
                 try:
-                    st.load(pr.state_path(self.data_dir, t.name, lu.lun))
+                    st.load(pr.state_path(self.data_dir, t.name, lu.lun, lu.options.id))
                 except pr.PrStoreError as e:
                     raise ConfigError("persistent reservations", str(e)) from None
                 if st.regs:

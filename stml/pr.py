@@ -13,8 +13,9 @@ TransportID of format 00b) and a target port (target name and portal group
 tag, the relative target port identifier), or every target port (ALL_TG_PT).
 
 APTPL: when the last REGISTER / REGISTER AND MOVE asked for it, the state is
-written to `<data_dir>/pr/<target>_<lun>.json` (write, fsync, rename, fsync
-of the directory) after every change, and read back at start. A file that
+written to `<data_dir>/pr/<id>_<lun>.json` (the LU's identity; see state_path)
+(write, fsync, rename, fsync of the directory) after every change, read back
+at start or when the LU is added, and removed with the LU. A file that
 cannot be read back refuses the start with a one-line error. The writes run
 in a thread of their own, one per LU at a time, each covering every change
 made before it began: a PERSISTENT RESERVE OUT answers GOOD once a write
@@ -41,6 +42,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from stml.api import DataDir
 from stml.cdb import u16, u32
+from stml.lu import legacy_id
 from stml.ops import OpEntry, unit
 from stml.sense import (
     ILLEGAL_REQUEST, PARAMETER_LIST_LENGTH_ERROR, RESERVATION_CONFLICT, CheckCondition,
@@ -556,6 +558,13 @@ class PrState:
             raise PrStoreError(f"persistent reservations file {path} is unusable "
                                f"({type(e).__name__}: {e}); move it away to start without it") from None
 
+    async def forget(self) -> None:
+        """The LU is removed: its APTPL file goes (once a write in progress is
+        done), and nothing writes one again."""
+        self.aptpl = False
+        await self.persisted()
+        self.path = None
+
     async def persisted(self) -> None:
         """Return once the state as it is now is on disk: when APTPL asks for
         it, else with no file left. One writer per LU, in the saver thread;
@@ -642,9 +651,17 @@ def _fsync_dir(d: Path) -> None:
         os.close(fd)
 
 
-def state_path(data_dir: Path, target: str, lun: int) -> Path:
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", target)
-    return Path(data_dir) / "pr" / f"{safe}_{lun}.json"
+def state_path(data_dir: Path, target: str, lun: int, ident: str | None = None) -> Path:
+    """Where an LU's APTPL state is kept: `<id>_<lun>.json`, named by its
+    identity (`id`), so an LU added later under a removed LU's number never
+    inherits its registrations (the number stays in the name, as in the
+    file: what `ls pr/` shows). An LU with the legacy identity (no `id`, or
+    the one a LUN that existed before ids was given) is the LU the old name
+    `<target>_<lun>.json` meant."""
+    if ident is None or ident == legacy_id(target, lun):
+        safe = re.sub(r"[^A-Za-z0-9._-]", "_", target)
+        return Path(data_dir) / "pr" / f"{safe}_{lun}.json"
+    return Path(data_dir) / "pr" / f"{ident}_{lun}.json"
 
 
 # ---------------------------------------------------------------- TransportIDs
