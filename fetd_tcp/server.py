@@ -206,6 +206,8 @@ class IscsiFrontEnd:
         """The STML is gone: every task in flight is lost, so every session ends;
         initiators log in again once the STML is back."""
         (log.warning if self.sessions else log.info)("STML link lost: closing %d session(s)", len(self.sessions))
+        # nor will it answer the TMFs it was given: their entries (each holds its connection) go too
+        self.tags.tmfs.clear()
         for s in list(self.sessions.values()):
             for conn in list(s.connections.values()):
                 conn.close()

@@ -346,3 +346,22 @@ def test_esi_connections_are_few_and_short():
             client._esi_server.close()
 
     asyncio.run(main())
+
+
+# ---------------------------------------------------------------- STML link lost
+
+def test_task_management_entries_go_when_the_stml_link_is_lost():
+    """A TMF the STML never answers (its link is gone) must not keep its entry,
+    and the connection it holds, for the life of the front end."""
+    from fetd_tcp.server import IscsiFrontEnd
+    fe = IscsiFrontEnd("ipc:///nonexistent/stml", [])
+    conn, out, link = G.make_connection()
+    closed: list = []
+    conn.close = lambda: closed.append(conn)
+    conn.tags = fe.tags
+    fe.sessions[conn.session.tsih] = conn.session
+    conn.receive(P.TaskMgmtRequest(7, P.TMF_LOGICAL_UNIT_RESET, P.LUN0, P.RESERVED_TAG, 1, 0,
+                                   immediate=True), b"")
+    assert [c[0] for c in link.calls] == ["rx_task_mgmt_fn"] and len(fe.tags.tmfs) == 1
+    fe.link_lost()
+    assert fe.tags.tmfs == {} and closed == [conn]
