@@ -310,6 +310,30 @@ def test_repeated_failures_log_a_bounded_number_of_lines():
         assert "Traceback" not in log
 
 
+def test_audit_lines_are_not_lost_to_the_rate_limit():
+    """Logins, logouts and session ends are audit lines: every one of 15 sessions of
+    one initiator is logged (as ordinary lines, the template's burst would keep 10)."""
+    with bounded_target() as t:
+        host, port = G.host_port(t.portal)
+        who = "iqn.2026-11.org.test:audited"
+        n = 15
+        for _ in range(n):
+            ini = RawInitiator(host, port, initiator=who)
+            assert ini.login(IQN).status_class == 0
+            assert ini.logout().response == 0
+            ini.close()
+        kinds = ("login: ", "logout: ", "session ended: ")
+        deadline = time.monotonic() + 30
+        while True:      # fetd_tcp's lines reach the log through the supervisor
+            log = t.log()
+            counts = [log.count(kind + who) for kind in kinds]
+            if counts == [n] * 3 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert counts == [n] * 3, counts
+        assert "suppressed" not in log
+
+
 # ---------------------------------------------------------------- iSNS ESI port
 
 def test_esi_connections_are_few_and_short():
