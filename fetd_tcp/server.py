@@ -374,8 +374,9 @@ class IscsiFrontEnd:
             step: L.Send | L.Decide | L.Complete | L.Fail = machine.receive(pdu, bytes(data))
             account: Account | None = None
             if isinstance(step, L.Decide):
-                # every connection is guaranteed a share of the buffer budget: none left, no login
-                account = self.budget.open()
+                # every connection is guaranteed a share of the buffer budget: none left, no
+                # login; what it holds beyond counts toward its initiator's fair share
+                account = self.budget.open(step.outcome.initiator_name)
                 step = self._decide(machine, step.outcome) if account is not None else \
                     machine.refuse(L.OUT_OF_RESOURCES, "buffer budget full")
             try:
