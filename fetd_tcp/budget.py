@@ -26,7 +26,7 @@ Fairness, at three levels:
   `room` = limit - max(accounts, shares) * reserve, so excess can never take
   the last shares and keep initiators from logging in;
 - an initiator (the owner of its connections' accounts) may hold at most half
-  of the room its others leave it: excess + owner's excess + 2 * grow <= room,
+  of the room the other initiators leave it: excess + its excess + 2 * grow <= room,
   whatever number of connections it opens. One initiator alone gets half the
   room; a second one then still finds a quarter of it for itself. An owner
   that holds no excess may take one reservation as long as it fits the room,
