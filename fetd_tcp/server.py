@@ -20,6 +20,7 @@ from fetd_tcp import login as L
 from fetd_tcp.chap import Credentials, Secret
 from fetd_tcp.limits import Limits
 from fetd_tcp.session import MAX_TEXT_RESPONSE, Connection, Session, Tags
+from scsi_runtime.logs import audit
 from stml.api import BufferPool, Detect, FrontEndLink, Op
 
 log = logging.getLogger("fetd_tcp")
@@ -79,7 +80,8 @@ class IscsiFrontEnd:
         # set (with the OSError) when a portal of the STML's list cannot be opened at start:
         # a listener that cannot exist makes the start fail, it is not only logged
         self.failed: asyncio.Future | None = None
-        self.session_portals: dict[int, str] = {}        # TSIH -> the portal it logged in through
+        # TSIH -> the portal it logged in through, and the initiator's address (audit lines)
+        self.session_portals: dict[int, tuple[str, str]] = {}
 
     # ------------------------------------------------------------ STML -> us
     def detect(self, detect: Detect) -> None:
@@ -251,6 +253,8 @@ class IscsiFrontEnd:
         """The STML is gone: every task in flight is lost, so every session ends;
         initiators log in again once the STML is back."""
         (log.warning if self.sessions else log.info)("STML link lost: closing %d session(s)", len(self.sessions))
+        # nor will it answer the TMFs it was given: their entries (each holds its connection) go too
+        self.tags.tmfs.clear()
         for s in list(self.sessions.values()):
             for conn in list(s.connections.values()):
                 conn.close()
@@ -419,8 +423,9 @@ class IscsiFrontEnd:
             step: L.Send | L.Decide | L.Complete | L.Fail = machine.receive(pdu, bytes(data))
             account: Account | None = None
             if isinstance(step, L.Decide):
-                # every connection is guaranteed a share of the buffer budget: none left, no login
-                account = self.budget.open()
+                # every connection is guaranteed a share of the buffer budget: none left, no
+                # login; what it holds beyond counts toward its initiator's fair share
+                account = self.budget.open(step.outcome.initiator_name)
                 step = self._decide(machine, step.outcome) if account is not None else \
                     machine.refuse(L.OUT_OF_RESOURCES, "buffer budget full")
             try:
@@ -494,10 +499,12 @@ class IscsiFrontEnd:
                 self.per_target[target] = self.per_target.get(target, 0) + 1
                 self.link.register_nexus(session.nexus, session.initiator_port, target, tpgt)
         portal = _hostport(str(local[0]), int(local[1])) if local else "?"
-        self.session_portals.setdefault(o.tsih, portal)
+        peer = writer.get_extra_info("peername")
+        self.session_portals.setdefault(o.tsih, (portal, str(peer[0]) if peer else "?"))
         log.info("login: %s 0x%s -> %s via %s tpgt %d, TSIH %d CID %d (%s)", o.initiator_name, o.isid.hex(),
                  target or "discovery", portal, tpgt, o.tsih, o.cid,
-                 "new session" if len(session.connections) == 0 else "joins session")
+                 "new session" if len(session.connections) == 0 else "joins session",
+                 extra=audit(self.session_portals[o.tsih][1]))
         old_conn = session.connections.get(o.cid)
         if old_conn is not None:
             # connection reinstatement: the old one ends now (at ERL 2 its tasks wait for
@@ -573,8 +580,9 @@ class IscsiFrontEnd:
         conn.gone = True
         # `closing` is set by a Logout, or by drop_nexus, which has ended the session already
         if conn.closing and self.sessions.get(s.tsih) is s:
+            portal, peer = self.session_portals.get(s.tsih, ("?", "?"))
             log.info("logout: %s 0x%s -> %s via %s, TSIH %d CID %d", s.initiator, s.isid.hex(),
-                     s.target or "discovery", self.session_portals.get(s.tsih, "?"), s.tsih, conn.cid)
+                     s.target or "discovery", portal, s.tsih, conn.cid, extra=audit(peer))
         if s.connections.get(conn.cid) is conn:
             del s.connections[conn.cid]
         if s.erl >= 2 and not conn.closing and not s.discovery:
@@ -644,8 +652,9 @@ class IscsiFrontEnd:
         """Forget a session (work in proportion to its own tasks, not to all)."""
         if self.sessions.get(s.tsih) is s:
             del self.sessions[s.tsih]
+            portal, peer = self.session_portals.pop(s.tsih, ("?", "?"))
             log.info("session ended: %s 0x%s -> %s via %s, TSIH %d", s.initiator, s.isid.hex(),
-                     s.target or "discovery", self.session_portals.pop(s.tsih, "?"), s.tsih)
+                     s.target or "discovery", portal, s.tsih, extra=audit(peer))
             key = (s.initiator, s.isid, s.target)
             if self.by_name.get(key) is s:
                 del self.by_name[key]

@@ -248,6 +248,7 @@ class Emulator:
         self._keyed: dict[str, list[Nexus]] = {}
         self._target_keys: dict[str, dict[str, None]] = {}
         self._ua_luns: dict[str, set[LogicalUnit]] = {}   # nexus key -> LUs holding UAs for it
+        self._copy_luns: dict[str, set[LogicalUnit]] = {}  # nexus key -> LUs holding its copy results
         self.spc2_luns: set[LogicalUnit] = set()          # LUs an SPC-2 RESERVE was taken on
         self._resets: dict[str, _Resets] = {}   # per target (a burst costs two fan-outs)
         # told when a nexus ends (with the tags of the tasks it took along)
@@ -430,8 +431,7 @@ class Emulator:
         if same:
             return
         self._keyed.pop(key, None)
-        t = self.targets.get(nexus.target)
-        for lu in (t.luns.values() if t else ()):   # copy results end with the nexus (SPC-4 6.23)
+        for lu in self._copy_luns.pop(key, ()):   # copy results end with the nexus (SPC-4 6.23)
             lu.copy_results.drop(key)
         self._target_keys.get(nexus.target, {}).pop(key, None)
         for lu in list(self.spc2_luns):   # those with an SPC-2 reservation, not every LU
@@ -444,6 +444,12 @@ class Emulator:
         # made again later starts without them
         for lu in self._ua_luns.pop(key, ()):
             lu.unit_attentions.pop(key, None)
+
+    def keep_copy_results(self, lu: LogicalUnit, key: str, list_id: int, state: dict[str, Any]) -> None:
+        """Store an EXTENDED COPY's results on `lu`, indexed by nexus key so that
+        nexus loss visits only the LUs that hold some (not every LU of the target)."""
+        lu.copy_results.put(key, list_id, state)
+        self._copy_luns.setdefault(key, set()).add(lu)
 
     def _nexuses_with_key(self, key: str) -> list[Nexus]:
         return self._keyed.get(key, [])

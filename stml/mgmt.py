@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from backends import BackendError, open_backend
+from scsi_runtime.logs import audit
 from stml import pr
 from stml.config import (Config, ConfigError, LunConfig, TargetConfig, _chap, _check_iqn,
                          file_digest, load, lun_options, parse_lun_spec, parse_size)
@@ -99,7 +100,7 @@ class Management:
             reply = {"op": "mgmt_reply", "id": rid, "ok": False, "error": f"internal error: {e}"}
         if reply["ok"] and isinstance(cmd, str) and cmd != "status" and not cmd.endswith(("_list", "_show", "_diff")):
             log.info("management: %s %s", cmd, {k: v for k, v in (h.get("args") or {}).items()
-                                                 if k != "secret"})
+                                                 if k != "secret"}, extra=audit())
         self.server._send(ident, reply, [])
 
     # ------------------------------------------------------------ helpers
