@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 IQN = "iqn.2026-11.org.scsi-target:disk0"
@@ -62,6 +63,15 @@ class Target:
 
     def log(self) -> str:
         return "".join(self.lines)
+
+    def wait_log(self, needle: str, timeout: float = 20.0) -> str:
+        """The log once it holds `needle` (the banner follows readiness)."""
+        deadline = time.monotonic() + timeout
+        while needle not in self.log():
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise AssertionError(f"{needle!r} not in the target's log:\n{self.log()}")
+            time.sleep(0.05)
+        return self.log()
 
     def stop(self) -> None:
         if self.proc.poll() is None:
