@@ -12,6 +12,7 @@ class RamBackend:
     inline = True
     can_discard = True
     can_resize = True
+    aio = None          # blocking calls only (see Backend.aio)
     discard_granularity = PAGE   # only whole pages are given back
 
     def __init__(self, size: int) -> None:

@@ -182,7 +182,7 @@ def run(log_level: str, portals: tuple[str, ...], no_iscsi: bool, cpu_affinity: 
     for t in config.targets:
         for lc in t.luns:
             o = lc.options
-            where = o.path if o.kind == "file" else f"{o.size} bytes of RAM"
+            where = o.path if o.kind in ("file", "rbd") else f"{o.size} bytes of RAM"
             click.echo(f"target {t.name} LUN {lc.lun}: {o.kind} {where}{' (read-only)' if o.ro else ''}")
     click.echo(f"STML endpoint: {config.stml_endpoint}")
     if not no_iscsi:

@@ -115,13 +115,13 @@ def _bool(value: Any, where: str) -> bool:
 def lun_options(raw: dict[str, Any], where: str, data_dir: Path) -> LunOptions:
     """Validate one LUN's settings (from TOML or a parsed spec)."""
     known = {"lun", "backend", "path", "size", "ro", "removable", "block_size", "write_cache", "thin",
-             "physical_block_exp"}
+             "physical_block_exp", *_CEPH_KEYS}
     for key in raw:
         if key not in known:
             raise ConfigError(f"{where}.{key}", f"unknown setting (known: {', '.join(sorted(known))})")
     kind = raw.get("backend")
-    if kind not in ("file", "ram"):
-        raise ConfigError(f"{where}.backend", f"{kind!r} is not a backend (file, ram)")
+    if kind not in ("file", "ram", "rbd"):
+        raise ConfigError(f"{where}.backend", f"{kind!r} is not a backend (file, ram, rbd)")
     size = parse_size(raw["size"], f"{where}.size") if "size" in raw else None
     path = raw.get("path")
     if kind == "ram" and size is None:
@@ -132,6 +132,9 @@ def lun_options(raw: dict[str, Any], where: str, data_dir: Path) -> LunOptions:
         path = str(data_dir / path) if not os.path.isabs(path) else path
         if size is None and not os.path.exists(path):
             raise ConfigError(f"{where}.path", f"{path} does not exist; give a size to create it")
+    ceph = _ceph_options(raw, kind, where)
+    if kind == "rbd" and (not isinstance(path, str) or not re.fullmatch(r"[^/\s]+(/[^/\s]+){1,2}", path)):
+        raise ConfigError(f"{where}.path", f"{path!r} is not POOL/IMAGE or POOL/NAMESPACE/IMAGE")
     bs = raw.get("block_size", 512)
     if bs not in (512, 4096):
         raise ConfigError(f"{where}.block_size", f"{bs!r} is not 512 or 4096")
@@ -146,11 +149,28 @@ def lun_options(raw: dict[str, Any], where: str, data_dir: Path) -> LunOptions:
                       block_size=bs,
                       write_cache=_bool(raw.get("write_cache", False), f"{where}.write_cache"),
                       thin=_bool(raw.get("thin", True), f"{where}.thin"),
-                      physical_block_exp=pbe)
+                      physical_block_exp=pbe, ceph=ceph)
+
+
+# an rbd LUN's connection settings: TOML key -> what open_backend calls it
+_CEPH_KEYS = {"ceph_conf": "conf", "ceph_user": "user", "ceph_keyring": "keyring"}
+
+
+def _ceph_options(raw: dict[str, Any], kind: str, where: str) -> dict[str, str] | None:
+    given = {k: raw[k] for k in _CEPH_KEYS if k in raw}
+    if kind != "rbd":
+        if given:
+            raise ConfigError(f"{where}.{next(iter(given))}", "only an rbd LUN connects to Ceph")
+        return None
+    for key, value in given.items():
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{where}.{key}", f"{value!r} is not a name or a path")
+    return {_CEPH_KEYS[k]: v for k, v in given.items()}
 
 
 def parse_lun_spec(spec: str, where: str = "--lun") -> dict[str, Any]:
-    """`ram:256MiB`, `file:PATH`, `file:PATH,size=1GiB,ro,removable,block_size=4096`."""
+    """`ram:256MiB`, `file:PATH`, `file:PATH,size=1GiB,ro,removable,block_size=4096`,
+    `rbd:POOL/IMAGE[,conf=PATH,id=USER,keyring=PATH]`."""
     kind, sep, rest = spec.partition(":")
     if not sep or not rest:
         raise ConfigError(where, f"{spec!r} is not KIND:ARG[,OPTION...] (e.g. ram:64MiB, file:disk.img,size=1GiB)")
@@ -158,10 +178,10 @@ def parse_lun_spec(spec: str, where: str = "--lun") -> dict[str, Any]:
     raw: dict[str, Any] = {"backend": kind}
     if kind == "ram":
         raw["size"] = first
-    elif kind == "file":
+    elif kind in ("file", "rbd"):
         raw["path"] = first
     else:
-        raise ConfigError(where, f"{kind!r} is not a backend (file, ram)")
+        raise ConfigError(where, f"{kind!r} is not a backend (file, ram, rbd)")
     flags = {"ro", "removable", "write_cache", "thin", "thick"}
     for opt in opts:
         key, eq, value = opt.partition("=")
@@ -172,6 +192,8 @@ def parse_lun_spec(spec: str, where: str = "--lun") -> dict[str, Any]:
             raw["thin" if key == "thick" else key] = key != "thick"
         elif key == "size":
             raw["size"] = value
+        elif kind == "rbd" and key in ("conf", "id", "keyring"):
+            raw[{"conf": "ceph_conf", "id": "ceph_user", "keyring": "ceph_keyring"}[key]] = value
         elif key in ("block_size", "physical_block_exp"):
             if not value.isdigit():
                 raise ConfigError(where, f"{key} {value!r} is not a number")

@@ -114,9 +114,16 @@ class Task:
         so no write lands after the abort is reported."""
         lu = self.lu
         assert lu is not None   # only commands to an existing LU do I/O
-        if lu.backend.inline:
+        backend = lu.backend
+        if backend.inline:
             return fn(*args)
-        fut = asyncio.get_running_loop().run_in_executor(self.emulator.executor, fn, *args)
+        # a backend's aio twin of the call (same name) starts it at once and
+        # leaves it in flight, instead of holding a worker thread until it ends
+        twin = getattr(backend.aio, fn.__name__, None) if backend.aio is not None else None
+        if twin is not None:
+            fut = twin(*args)
+        else:
+            fut = asyncio.get_running_loop().run_in_executor(self.emulator.executor, fn, *args)
         try:
             return await asyncio.shield(fut)
         except asyncio.CancelledError:

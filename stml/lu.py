@@ -26,15 +26,16 @@ IEEE_COMPANY_ID = 0x5CA510  # vendor-specific identifiers are derived under this
 @dataclass
 class LunOptions:
     """What a LUN spec/config says about one logical unit."""
-    kind: str                    # backend kind: "file" or "ram"
+    kind: str                    # backend kind: "file", "ram" or "rbd"
     size: int | None = None      # bytes; for file: create size, None = the file's size
-    path: str | None = None
+    path: str | None = None      # file: its path; rbd: POOL/IMAGE
     ro: bool = False
     removable: bool = False
     block_size: int = 512
     write_cache: bool = False    # WCE default: write-through, every write durable at GOOD
     thin: bool = True
     physical_block_exp: int | None = None   # logical blocks per physical block (log2); None: 0
+    ceph: dict[str, str] | None = None    # rbd: conf, user, keyring (what librados connects with)
 
 
 @dataclass
@@ -131,6 +132,11 @@ class LogicalUnit:
     def __post_init__(self) -> None:
         self.mode.wce = self.options.write_cache
         digest = hashlib.sha256(f"{self.target}/{self.lun}".encode()).digest()
+        # a backend every gateway opens alike (RBD) names the LU itself, so all
+        # of them present one identity (docs/decisions/0400-rbd-gateways.md)
+        own = getattr(self.backend, "identity", None)
+        if own is not None:
+            digest = own + digest[len(own):]
         # NAA 6 (IEEE registered extended): company id, then 100 bits derived from the
         # target name and LUN number, so the identifier survives restarts unchanged
         tail = int.from_bytes(digest[:13], "big") >> 4

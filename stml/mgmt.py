@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import hashlib
 import logging
 import os
@@ -311,12 +312,13 @@ class Management:
         if number in t.luns:
             raise MgmtError(f"target {t.name} already has LUN {number}")
         opts = lun_options(raw_lun, f"LUN {number}", self.config.data_dir)
-        if opts.kind == "file" and any(lu.options.path == opts.path for x in self.em.targets.values()
-                                       for lu in x.luns.values()):
+        if opts.kind in ("file", "rbd") and any(lu.options.kind == opts.kind and lu.options.path == opts.path
+                                                for x in self.em.targets.values() for lu in x.luns.values()):
             raise MgmtError(f"{opts.path} already backs a LUN")
         self._check_file()
         try:
-            backend = await self._in_thread(open_backend, opts.kind, opts.size, opts.path, opts.ro)
+            backend = await self._in_thread(functools.partial(open_backend, opts.kind, opts.size, opts.path,
+                                                              opts.ro, **(opts.ceph or {})))
         except (BackendError, ValueError, OSError) as e:
             raise MgmtError(f"cannot open the backend: {e}") from None
         if backend.size() < opts.block_size:

@@ -41,7 +41,7 @@ def build_targets(config: Config, templates: dict[str, Any]) -> list[Target]:
         for lc in t.luns:
             o = lc.options
             try:
-                backend = open_backend(o.kind, o.size, o.path, o.ro)
+                backend = open_backend(o.kind, o.size, o.path, o.ro, **(o.ceph or {}))
             except (BackendError, ValueError, OSError) as e:
                 raise ConfigError(f"target {t.name} LUN {lc.lun}", str(e)) from None
             if backend.size() < o.block_size:

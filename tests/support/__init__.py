@@ -1,0 +1,1 @@
+"""Helpers tests share that start real outside services (a throwaway Ceph)."""
