@@ -470,7 +470,7 @@ class Image:
         while True:
             n = rbd.rbd_poll_io_events(self.handle, self._comps, self.POLL_BATCH)
             for i in range(max(n, 0)):
-                comp = self._comps[i]
+                comp = self._comps[i] or 0
                 out.append((comp, int(rbd.rbd_aio_get_return_value(comp))))
                 rbd.rbd_aio_release(comp)
             if n < self.POLL_BATCH:

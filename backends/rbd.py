@@ -19,6 +19,7 @@ import errno
 import hashlib
 import json
 import os
+import threading
 from typing import Any, Callable, Sequence
 
 from backends import BackendError
@@ -101,8 +102,8 @@ class RbdBackend:
         return Image(ioctx, self.name)
 
     def reopen(self) -> None:
-        """A new client and image handle (after this one was fenced): blocking."""
-        self.aio.detach()
+        """A new client and image handle (after this one was fenced): blocking;
+        aio.detach() first, on the loop."""
         self._close_handles()
         self._open(None)
         self.fenced = False
@@ -261,15 +262,22 @@ class PrStore:
         self.where = f"metadata {PR_KEY} of image {backend.spec}"
 
     def read(self) -> Any:
-        text = self.backend._call(self.backend.image.metadata_get, PR_KEY)
+        text = self._do(self.backend.image.metadata_get, PR_KEY)
         return None if text is None else json.loads(text)
 
     def write(self, doc: Any) -> bool:
         if doc is None:
-            self.backend._call(self.backend.image.metadata_remove, PR_KEY)
+            self._do(self.backend.image.metadata_remove, PR_KEY)
             return False
-        self.backend._call(self.backend.image.metadata_set, PR_KEY, json.dumps(doc, separators=(",", ":")))
+        self._do(self.backend.image.metadata_set, PR_KEY, json.dumps(doc, separators=(",", ":")))
         return True
+
+    def _do(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """OSError on failure, as the reservation saver expects of a store."""
+        try:
+            return self.backend._call(fn, *args)
+        except BackendError as e:
+            raise OSError(errno.EIO, str(e)) from None
 
 
 class RbdAio:
@@ -292,9 +300,20 @@ class RbdAio:
         return loop
 
     def detach(self) -> None:
-        """Stop collecting (the image closes): what is still pending fails."""
-        if self._loop is not None and self._fd >= 0:
-            self._loop.remove_reader(self._fd)
+        """Stop collecting (the image closes): what is still pending fails.
+        From another thread (management closing a LUN) it runs on the loop."""
+        loop = self._loop
+        if loop is not None and not _on(loop):
+            done = threading.Event()
+
+            def there() -> None:
+                self.detach()
+                done.set()
+            loop.call_soon_threadsafe(there)
+            done.wait(5)
+            return
+        if loop is not None and self._fd >= 0:
+            loop.remove_reader(self._fd)
         for fut, pin, _ in self._pending.values():
             pin.release()
             if not fut.done():
@@ -365,3 +384,11 @@ class RbdAio:
             return self._submit(pin, 0, "write_zeroes", offset, length, COMP,
                                 WRITE_ZEROES_FLAG_THICK_PROVISION, 0)
         return self._submit(pin, 0, "writesame", offset, length, pin.address(block), len(block), COMP, 0)
+
+
+def _on(loop: asyncio.AbstractEventLoop) -> bool:
+    """Whether this thread runs `loop`."""
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False

@@ -176,6 +176,7 @@ def run(log_level: str, portals: tuple[str, ...], no_iscsi: bool, cpu_affinity: 
     children = {"stml": [sys.executable, "-m", "stml", *base]}
     if not no_iscsi:
         tcp = [sys.executable, "-m", "fetd_tcp", "--stml", config.stml_endpoint, "--log-level", log_level]
+        tcp += _gateway_args(config)
         if config.isns:
             tcp += ["--isns", config.isns]
         children["fetd_tcp"] = tcp
@@ -191,6 +192,20 @@ def run(log_level: str, portals: tuple[str, ...], no_iscsi: bool, cpu_affinity: 
         click.echo("CPUs: " + ", ".join(f"{name} {cpu_list(c)}" for name, c in cpus.items())
                    + (f"; the STML polls {poll_us} us before sleeping" if poll_us else ""))
     sys.exit(Supervisor(children, cpus).run())
+
+
+def _gateway_args(config: Any) -> list[str]:
+    """A gateway's front end (stml.gateway) also lists the other gateways'
+    STMLs, and listens on this host's portals whichever STML serves."""
+    s = config.stml
+    if not s.peers:
+        return []
+    args = [a for peer in s.peers for a in ("--stml", peer)]
+    args += [a for p in config.portals for a in ("--portal", p)]
+    if s.front_end_key and s.curve_secret_key_file:
+        public = s.curve_secret_key_file.removesuffix("_secret")
+        args += ["--key", s.front_end_key, "--stml-key", public]
+    return args
 
 
 # ------------------------------------------------------------------ loop

@@ -92,6 +92,11 @@ class StmlSettings:
     heartbeat_ms: int = 1000
     metrics: str | None = None       # "HOST:PORT": serve Prometheus metrics there
     poll_us: int | None = None       # busy-poll window; None: 0 alone, `run` picks it when it split the CPUs
+    # gateways sharing RBD images (stml.gateway): the other gateways' STML
+    # endpoints, which this host's front end also lists, and the key pair it
+    # proves itself with to them (their STMLs share this one's key pair)
+    peers: list[str] = field(default_factory=list)
+    front_end_key: str | None = None
 
     def endpoints(self, main: str) -> list[str]:
         return [main] + [e for e in self.listen if e != main]
@@ -303,6 +308,10 @@ def load(config_path: str | None = None, data_dir: str | None = None, iqn: str |
         numbers = [lc.lun for lc in t.luns]
         if len(set(numbers)) != len(numbers):
             raise ConfigError(f"target {t.name}", "a LUN number is used twice")
+    images = [lc.options.path for t in targets for lc in t.luns if lc.options.kind == "rbd"]
+    for image in images:
+        if images.count(image) > 1:   # two handles in one STML would contend for its lock
+            raise ConfigError("target", f"rbd image {image} backs two LUNs")
     ep = endpoint or raw.get("stml_endpoint") or default_endpoint(ddir)
     if not re.match(r"^(ipc|tcp)://.+", ep):
         raise ConfigError("stml_endpoint", f"{ep!r} is not ipc://PATH or tcp://HOST:PORT")
@@ -345,7 +354,7 @@ def stml_settings(raw: Any, config_path: Path | None) -> StmlSettings:
     if not isinstance(raw, dict):
         raise ConfigError("stml", "must be a table")
     known = {"listen", "curve_secret_key_file", "allowed_front_ends", "insecure", "heartbeat_ms", "metrics",
-             "poll_us"}
+             "poll_us", "peers", "front_end_key"}
     for key in raw:
         if key not in known:
             raise ConfigError(f"stml.{key}", f"unknown setting (known: {', '.join(sorted(known))})")
@@ -372,5 +381,13 @@ def stml_settings(raw: Any, config_path: Path | None) -> StmlSettings:
     if poll_us is not None and (not isinstance(poll_us, int) or isinstance(poll_us, bool)
                                 or not 0 <= poll_us <= MAX_POLL_US):
         raise ConfigError("stml.poll_us", f"{poll_us!r} is not a number of microseconds (0-{MAX_POLL_US})")
+    peers = raw.get("peers", [])
+    if not isinstance(peers, list) or not all(isinstance(e, str) and re.match(r"^tcp://.+", e) for e in peers):
+        raise ConfigError("stml.peers", "must be a list of the other gateways' tcp://HOST:PORT STML endpoints")
+    fe_key = raw.get("front_end_key")
+    if fe_key is not None:
+        if not isinstance(fe_key, str):
+            raise ConfigError("stml.front_end_key", "must be a key file")
+        fe_key = _key_path(fe_key, config_path)
     return StmlSettings(listen, secret, allowed, _bool(raw.get("insecure", False), "stml.insecure"),
-                        hb, metrics, poll_us)
+                        hb, metrics, poll_us, peers, fe_key)

@@ -190,6 +190,7 @@ class Management:
         snap["endpoints"] = self.server.endpoints
         snap["config"] = str(self.config.path) if self.config.path else None
         snap["targets"] = len(self.em.targets)
+        snap["gateway"] = await self.server.gateway.status()
         return snap
 
     async def target_list(self) -> list[dict[str, Any]]:
@@ -325,6 +326,12 @@ class Management:
             backend.close()
             raise MgmtError("backing store smaller than one block")
         lu = LogicalUnit(t.name, number, backend, opts, self.em.templates["disk"])
+        if getattr(backend, "lock_acquire", None) is not None:
+            try:   # shared storage: served once this gateway holds its lock
+                await self.server.gateway.adopt(lu)
+            except BackendError as e:
+                await self._in_thread(backend.close)
+                raise MgmtError(f"cannot serve {opts.path}: {e}") from None
         t.luns[number] = lu
         self._redetect()
         for other in t.luns.values():
