@@ -329,6 +329,10 @@ def status(**kw: Any) -> None:
                                     "write_bytes", "errors", "in_flight", "latency_us"], "\nLUNs"))
     click.echo(table(snap["sessions"], SESSION_COLUMNS, "\nSessions"))
     click.echo(table(snap["front_ends"], FE_COLUMNS, "\nFront ends"))
+    gw = snap.get("gateway")
+    if gw and gw["role"] != "standalone":   # RBD LUNs: this STML's role and who holds each lock
+        click.echo(f"\nGateway: {gw['role']} for {gw['for_s']}s, {gw['takeovers']} takeover(s)")
+        click.echo(table(gw["images"], ["target", "lun", "image", "lock_owner", "mine"]))
 
 
 @click.group()
