@@ -29,8 +29,10 @@ EBLOCKLISTED = errno.ESHUTDOWN   # what librados returns to a client on the OSD 
 
 # what every gateway's client sets, whatever ceph.conf says (docs/decisions/0400)
 CLIENT_OPTIONS = {
-    # no client-side write-back cache: a write completes once the OSDs have it,
-    # so GOOD is never early; SYNCHRONIZE CACHE and FUA still flush
+    # no client cache: a write completes once the OSDs have it, so GOOD is never
+    # early (Pacific's default write-around cache acknowledges writes at once,
+    # and its write-through mode blocks the submitting thread in aio calls);
+    # SYNCHRONIZE CACHE and FUA still flush
     "rbd_cache": "false",
     # a discard of less than the discard granularity zeroes its range instead
     # of being skipped: unmapped blocks read back as zeros (LBPRZ)
@@ -445,18 +447,21 @@ class Image:
             self.fd = fd
         return self.fd
 
-    def submit(self, name: str, *args: Any) -> int:
-        """Start one aio call, `rbd_aio_NAME(image, *args)` with COMP in `args`
-        where the call takes its completion; the completion's address (what
-        poll() reports it by). A call that cannot start releases it."""
+    def completion(self) -> int:
+        """A new completion (its address) for start(): poll() reports it by it."""
         comp = c_void_p()
         _check(self._rbd.rbd_aio_create_completion(None, None, byref(comp)), "rbd_aio_create_completion")
+        assert comp.value is not None
+        return comp.value
+
+    def start(self, name: str, comp: int, *args: Any) -> None:
+        """Start one aio call, `rbd_aio_NAME(image, *args)` with COMP in `args`
+        where the call takes its completion. A call that cannot start releases
+        the completion and raises."""
         ret = getattr(self._rbd, f"rbd_aio_{name}")(self.handle, *(comp if a is COMP else a for a in args))
         if ret < 0:
             self._rbd.rbd_aio_release(comp)
             raise CephError(-ret, f"rbd_aio_{name}: {os.strerror(-ret)}")
-        assert comp.value is not None
-        return comp.value
 
     def poll(self) -> list[tuple[int, int]]:
         """(completion address, return value) of every finished aio call; each

@@ -324,8 +324,10 @@ class RbdAio:
     def _submit(self, pin: Pinned, length: int, name: str, *args: Any) -> asyncio.Future:
         """Start `rbd_aio_NAME`; `length`: the bytes a read must report (writes report 0)."""
         loop = self._attach()
+        image = self.backend.image
+        comp = image.completion()
         try:
-            comp = self.backend.image.submit(name, *args)
+            image.start(name, comp, *args)
         except CephError as e:
             pin.release()
             if e.errno == EBLOCKLISTED:

@@ -158,7 +158,10 @@ def run(log_level: str, portals: tuple[str, ...], no_iscsi: bool, cpu_affinity: 
     config = load_or_exit(portals=portals, **kw)
     apply_stml_options(config, listen, insecure, metrics, poll_us)
     names = ["stml"] if no_iscsi else ["stml", "fetd_tcp"]
-    cpus = cpu_split(names, os.sched_getaffinity(0)) if cpu_affinity == "split" else {}
+    # librbd's threads run in the STML: pinned to its share they would queue
+    # behind its event loop (and its polling), so RBD LUNs leave the CPUs whole
+    rbd = any(lc.options.kind == "rbd" for t in config.targets for lc in t.luns)
+    cpus = cpu_split(names, os.sched_getaffinity(0)) if cpu_affinity == "split" and not rbd else {}
     if config.stml.poll_us is None and cpus:
         config.stml.poll_us = POLL_US   # the STML has CPUs of its own: polling them costs the front end nothing
     poll_us = config.stml.poll_us
