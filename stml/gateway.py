@@ -48,6 +48,7 @@ class Gateway:
         self._sizes: dict[LogicalUnit, int] = {}
         self._task: asyncio.Task | None = None
         self._wake = asyncio.Event()
+        self._let_go = False   # stood down: the locks go (in _run, before any new attempt)
 
     def shared(self) -> list[LogicalUnit]:
         """The LUs on storage other gateways share (RBD), in a fixed order."""
@@ -88,8 +89,13 @@ class Gateway:
 
     # ------------------------------------------------------------ the loop
     async def _run(self) -> None:
+        """The one place that takes and lets go of locks (in worker threads,
+        one call at a time: a backend is never reopened twice at once)."""
         while True:
             try:
+                if self._let_go:
+                    self._let_go = False
+                    await self._call(self._release_all, self.shared())
                 if self.role == STANDBY:
                     await self._take_over()
                 elif self.role == ACTIVE:
@@ -103,6 +109,11 @@ class Gateway:
                 await asyncio.wait_for(self._wake.wait(), TRY_EVERY)
             except asyncio.TimeoutError:
                 pass
+
+    @staticmethod
+    def _backends(lus: list[LogicalUnit]) -> list[Any]:
+        """The LUs' backends, as the RBD backend they are (stml knows no backend class)."""
+        return [lu.backend for lu in lus]
 
     @staticmethod
     def _acquire_all(lus: list[LogicalUnit]) -> None:
@@ -131,13 +142,13 @@ class Gateway:
             return
         try:
             await self._call(self._acquire_all, lus)
-            docs = await self._call(lambda: [(lu.backend.pr_store(), lu.backend.pr_store().read())  # type: ignore[attr-defined]
-                                             for lu in lus])
+            stores = [backend.pr_store() for backend in self._backends(lus)]
+            docs = await self._call(lambda: [store.read() for store in stores])
         except (BackendError, OSError) as e:
             log.debug("gateway: not taking over yet: %s", e)
             return
         try:
-            for lu, (store, doc) in zip(lus, docs):
+            for lu, store, doc in zip(lus, stores, docs):
                 lu.pr = None   # whatever this STML knew is stale: the images say
                 pr.state(lu).restore(store, doc)
                 lu.unit_attentions.clear()
@@ -187,10 +198,9 @@ class Gateway:
         for fe in list(self.em.front_ends.values()):
             self.em.send(fe.ident, {"op": Op.RELEASE, "reason": why}, [])
             self.em.release_front_end(fe, why)
-        lus = self.shared()
-        for lu in lus:
+        for lu in self.shared():
             lu.backend.aio.detach()   # on the loop: what is pending fails now
-        asyncio.get_running_loop().run_in_executor(self.executor, self._release_all, lus)
+        self._let_go = True
         self._wake.set()
 
     async def adopt(self, lu: LogicalUnit) -> None:
