@@ -16,6 +16,7 @@ _BLKGETSIZE64 = 0x80081272
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _IOV_MAX = 1024
+_ZEROS = memoryview(bytes(1 << 20))   # what a discard writes where no hole can be punched
 
 
 class FileBackend:
@@ -47,6 +48,7 @@ class FileBackend:
         self._in_memory = _fs_type(self._fd) in _MEMORY_FS
         self._size = self._measure()
         self._nowait_reads = True
+        self.dirty = False            # written since the last flush, not yet durable
         self.can_discard = not self._blockdev and not readonly
         self.can_resize = not self._blockdev and not readonly
 
@@ -73,8 +75,7 @@ class FileBackend:
 
     def write_from(self, offset: int, bufs: Sequence[memoryview], sync: bool) -> None:
         if len(bufs) <= _IOV_MAX and os.pwritev(self._fd, bufs, offset) == sum(map(len, bufs)):
-            if sync:   # the usual case: one system call wrote it all
-                os.fdatasync(self._fd)
+            self._written(sync)   # the usual case: one system call wrote it all
             return
         views = [memoryview(b).cast("B") for b in bufs]
         for i in range(0, len(views), _IOV_MAX):
@@ -86,8 +87,27 @@ class FileBackend:
                 total -= n
                 if total:  # short write: drop what was written and go on
                     chunk = _advance(chunk, n)
+        self._written(sync)
+
+    def _written(self, sync: bool) -> None:
+        """After a write: make it durable now, or remember that a flush must.
+        Nothing on a memory file system is ever made more durable by a sync."""
         if sync:
+            self._datasync()
+        elif not self._in_memory:
+            self.dirty = True
+
+    def _datasync(self) -> None:
+        """fdatasync; `dirty` is cleared first, so a write that lands meanwhile
+        leaves it set (its data may miss this sync) and the next flush syncs it."""
+        if self._in_memory:
+            return
+        self.dirty = False
+        try:
             os.fdatasync(self._fd)
+        except OSError:
+            self.dirty = True
+            raise
 
     def read_nowait(self, offset: int, buf: memoryview) -> bool:
         """Read at once when that cannot wait for a device: always on a memory
@@ -113,31 +133,43 @@ class FileBackend:
         return True
 
     def flush(self) -> None:
-        os.fsync(self._fd)
+        """Make every acknowledged write durable: nothing to do when none is
+        pending (write-through LUNs sync each write), else fdatasync, which
+        skips the metadata (times) that fsync would also write."""
+        if self.dirty:
+            self._datasync()
 
     def discard(self, offset: int, length: int) -> None:
-        """Punch a hole: the range reads back as zeros and frees its blocks."""
+        """Punch a hole: the range reads back as zeros and frees its blocks.
+        Where holes cannot be punched, zeros are written a chunk at a time."""
         try:
             _fallocate(self._fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
         except OSError as e:
             if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
                 raise
-            self.write_from(offset, [memoryview(bytes(length))], sync=False)
+            end = offset + length
+            while offset < end:
+                n = min(len(_ZEROS), end - offset)
+                self.write_from(offset, [_ZEROS[:n]], sync=False)
+                offset += n
+            return
+        self._written(sync=False)
 
     def resize(self, size: int) -> None:
         os.ftruncate(self._fd, size)
         self._size = self._measure()
 
-    def mapped_extents(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
-        """(offset, length, mapped) runs from SEEK_DATA/SEEK_HOLE; a block device
-        or a file system without them reports everything mapped."""
+    def mapped_extents(self, offset: int, length: int, limit: int) -> list[tuple[int, int, bool]]:
+        """(offset, length, mapped) runs from SEEK_DATA/SEEK_HOLE, at most `limit`
+        (two lseeks per pair of runs, however fragmented the file); a block
+        device or a file system without them reports everything mapped."""
         end = offset + length
         if self._blockdev:
             return [(offset, length, True)]
         runs: list[tuple[int, int, bool]] = []
         pos = offset
         try:
-            while pos < end:
+            while pos < end and len(runs) < limit:
                 try:
                     data = os.lseek(self._fd, pos, os.SEEK_DATA)
                 except OSError as e:
@@ -148,7 +180,7 @@ class FileBackend:
                 if data > pos:
                     runs.append((pos, data - pos, False))
                     pos = data
-                    if pos >= end:
+                    if pos >= end or len(runs) >= limit:
                         break
                 hole = min(os.lseek(self._fd, pos, os.SEEK_HOLE), end)
                 runs.append((pos, hole - pos, True))

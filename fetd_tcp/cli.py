@@ -1,7 +1,6 @@
 """The iSCSI front end's command line (`python -m fetd_tcp`, `scsi-target fetd-tcp`)."""
 from __future__ import annotations
 
-import logging
 import sys
 
 import click
@@ -34,14 +33,15 @@ def parse_portal(value: str) -> tuple[str, int, int]:
 @click.option("--isns", metavar="HOST:PORT", help="Register targets and portals with this iSNS server.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--log-format", default="text", show_default=True, type=click.Choice(["text", "json"]))
 def main(stml_endpoints: tuple[str, ...], portals: tuple[str, ...], stml_key: str | None, own_key: str | None,
-         isns: str | None, log_level: str) -> None:
+         isns: str | None, log_level: str, log_format: str) -> None:
     """Run the iSCSI front end alone, attached to a running STML (on this host,
     or on another one over tcp:// with CURVE keys)."""
     from fetd_tcp.server import PortalSpec, run_fetd_tcp
     from scsi_runtime.logs import setup_logging
     from stml.api import curve_client_keys, run_loop
-    setup_logging(log_level, "fetd_tcp")
+    setup_logging(log_level, "fetd_tcp", log_format)
     from fetd_tcp.limits import LimitError, Limits
     try:
         specs = [PortalSpec(*parse_portal(p)) for p in portals]
@@ -62,5 +62,5 @@ def main(stml_endpoints: tuple[str, ...], portals: tuple[str, ...], stml_key: st
     try:
         run_loop(run_fetd_tcp(list(stml_endpoints), specs, curve, isns))
     except OSError as e:
-        click.echo(f"scsi-target: fetd-tcp: cannot listen: {e}", err=True)
+        click.echo(f"scsi-target: fetd-tcp: cannot listen on {e.strerror or e}", err=True)
         sys.exit(2)

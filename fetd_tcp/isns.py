@@ -35,6 +35,10 @@ ISCSI_NAME, ISCSI_NODE_TYPE, ISCSI_ALIAS = 32, 33, 34
 PG_ISCSI_NAME, PG_PORTAL_IP, PG_PORTAL_PORT, PG_TAG = 48, 49, 50, 51
 PROTOCOL_ISCSI = 2
 NODE_TARGET = 1
+# the ESI port listens on every address: anyone may connect, so connections are few and
+# short (an iSNS server sends one ESI at a time and waits for the answer)
+ESI_MAX_CONNECTIONS = 4
+ESI_IDLE = 30.0     # seconds an ESI connection may stay silent
 
 
 @dataclass(frozen=True)
@@ -123,7 +127,7 @@ class IsnsError(Exception):
 
 class IsnsClient:
     def __init__(self, server: str, entity: str, period: int = 60, timeout: float = 5.0,
-                 esi: bool = True, esi_interval: int = 5) -> None:
+                 esi: bool = True, esi_interval: int = 5, esi_idle: float = ESI_IDLE) -> None:
         host, _, port = server.rpartition(":")
         if not host:
             host, port = server, "3205"
@@ -140,6 +144,8 @@ class IsnsClient:
         self.esi = esi
         self.esi_interval = esi_interval   # asked for; the server raises it to its minimum (open-isns: 60 s)
         self.esi_port: int | None = None
+        self.esi_idle = esi_idle
+        self._esi_open = 0          # ESI connections now
         self._esi_server: asyncio.AbstractServer | None = None
 
     def update(self, targets: list[tuple[str, str]], portals: list[Portal]) -> None:
@@ -167,18 +173,28 @@ class IsnsClient:
             log.warning("no ESI port (%s): relying on re-registration", e)
 
     async def _on_esi(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Answer ESIs on one connection: at most ESI_MAX_CONNECTIONS at once, each
+        closed when silent for esi_idle seconds (or on anything but an ESI)."""
+        if self._esi_open >= ESI_MAX_CONNECTIONS:
+            log.warning("ESI connection from %s refused: %d already open",
+                        writer.get_extra_info("peername"), ESI_MAX_CONNECTIONS)
+            writer.close()
+            return
+        self._esi_open += 1
         try:
             while True:
-                header = await reader.readexactly(12)
-                payload = await reader.readexactly(struct.unpack(">H", header[4:6])[0])
+                header = await asyncio.wait_for(reader.readexactly(12), self.esi_idle)
+                payload = await asyncio.wait_for(
+                    reader.readexactly(struct.unpack(">H", header[4:6])[0]), self.esi_idle)
                 answer = encode_esi_response(header, payload)
                 if answer is None:
                     break
                 writer.write(answer)
-                await writer.drain()
-        except (OSError, asyncio.IncompleteReadError):
+                await asyncio.wait_for(writer.drain(), self.esi_idle)
+        except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError):
             pass
         finally:
+            self._esi_open -= 1
             writer.close()
 
     async def _run(self) -> None:

@@ -7,6 +7,8 @@ them on to fetd_tcp):
     SCSI_TARGET_MAX_CONN_PER_HOST       TCP connections from one initiator address (128)
     SCSI_TARGET_MAX_SESSIONS_PER_TARGET normal sessions logged in to one target (256)
     SCSI_TARGET_MAX_WRITE_BUFFER        bytes of write data per connection (64 MiB)
+    SCSI_TARGET_MAX_READ_BUFFER         bytes of read data and unsent output per connection (64 MiB)
+    SCSI_TARGET_MAX_BUFFERED            bytes fetd_tcp buffers for all connections together (256 MiB)
 
 Write data buffer. fetd_tcp hands write data to the STML link at once, but the link's
 ZeroMQ queue is unbounded (SNDHWM=0), and the CmdSN window slides as commands arrive,
@@ -23,6 +25,19 @@ SCSI_TARGET_MAX_WRITE_BUFFER:
 The write data one connection can make fetd_tcp hold is thus at most
 MAX_WRITE_BUFFER + window * FirstBurstLength + the oldest task's transfer length
 (window <= 128, FirstBurstLength <= 64 KiB, a transfer <= the STML's max_transfer).
+
+Read data buffer. Read data arrives from the STML whether or not the initiator reads
+its socket, so a read command reserves its transfer when it arrives; its data then
+counts until the socket takes it. Past SCSI_TARGET_MAX_READ_BUFFER (reserved plus
+unsent) a read gets TASK SET FULL, unless it is the connection's only one, and MaxCmdSN
+stops advancing; a connection whose output keeps backing up also stops being read.
+
+All of it together. SCSI_TARGET_MAX_BUFFERED bounds what every connection makes fetd_tcp
+hold: read and write data as above, PDUs waiting for an earlier CmdSN, Text requests
+and answers being continued, unsent output (fetd_tcp/budget.py). Each connection is
+guaranteed a share (budget.RESERVE) that the others cannot take, so a login is refused
+(Out of resources) when no share is left; past the budget commands get TASK SET FULL
+and R2Ts wait. `scsi-target status` shows what is held (front end "buffered").
 """
 from __future__ import annotations
 
@@ -30,10 +45,14 @@ import os
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
+from fetd_tcp.budget import RESERVE
+
 PREFIX = "SCSI_TARGET_"
+MIN_BUFFERED = 8 * RESERVE   # room for a few connections' guaranteed shares
 _ENV = {"login_timeout": "LOGIN_TIMEOUT", "max_conn_per_portal": "MAX_CONN_PER_PORTAL",
         "max_conn_per_host": "MAX_CONN_PER_HOST", "max_sessions_per_target": "MAX_SESSIONS_PER_TARGET",
-        "max_write_buffer": "MAX_WRITE_BUFFER"}
+        "max_write_buffer": "MAX_WRITE_BUFFER", "max_read_buffer": "MAX_READ_BUFFER",
+        "max_buffered": "MAX_BUFFERED"}
 
 
 class LimitError(ValueError):
@@ -47,6 +66,8 @@ class Limits:
     max_conn_per_host: int = 128
     max_sessions_per_target: int = 256
     max_write_buffer: int = 64 << 20
+    max_read_buffer: int = 64 << 20
+    max_buffered: int = 256 << 20
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Limits:
@@ -63,4 +84,7 @@ class Limits:
             if value <= 0:
                 raise LimitError(f"{name}: must be positive")
             kw[f.name] = value
-        return cls(**kw)
+        limits = cls(**kw)
+        if limits.max_buffered < MIN_BUFFERED:
+            raise LimitError(f"{PREFIX}MAX_BUFFERED: at least {MIN_BUFFERED} bytes")
+        return limits

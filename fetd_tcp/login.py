@@ -24,6 +24,7 @@ from .chap import ChapError, Credentials, TargetChap
 from .keys import (ConnectionParams, NegotiationError, Negotiator, SessionParams, Stage,
                    TargetKeys)
 from .pdu import LoginRequest, LoginResponse, PDUError
+from stml.api import MAX_NAME_LEN
 
 # Status-Class << 8 | Status-Detail (§11.13.5).
 SUCCESS = 0x0000
@@ -243,6 +244,8 @@ class LoginMachine:
         initiator = keys.get("InitiatorName")
         if not initiator:
             raise _Failure(MISSING_PARAMETER, "InitiatorName missing")
+        if len(initiator.encode()) > MAX_NAME_LEN:   # it flows into logs, metrics and keys
+            raise _Failure(INITIATOR_ERROR, f"InitiatorName longer than {MAX_NAME_LEN} bytes")
         self._session_type = keys.get("SessionType", "Normal")
         if self._session_type not in ("Normal", "Discovery"):
             raise _Failure(SESSION_TYPE_NOT_SUPPORTED, "unknown SessionType")
@@ -409,3 +412,22 @@ def send_targets(value: str, initiator_name: str, targets: Iterable[TargetConfig
                     host = local_addr[0]
                 out.append(("TargetAddress", format_address(host, port, tpgt)))
     return out
+
+
+def fit_targets(pairs: Sequence[tuple[str, str]], max_bytes: int) -> tuple[list[tuple[str, str]], int]:
+    """The leading targets of a SendTargets answer (each TargetName with its
+    TargetAddress lines) whose text fits in `max_bytes`, and how many targets
+    were left out: an answer has a bound whatever the configuration holds."""
+    groups: list[list[tuple[str, str]]] = []
+    for pair in pairs:
+        if pair[0] == "TargetName" or not groups:
+            groups.append([])
+        groups[-1].append(pair)
+    out: list[tuple[str, str]] = []
+    size = 0
+    for i, group in enumerate(groups):
+        size += sum(len(k) + len(v.encode()) + 2 for k, v in group)
+        if size > max_bytes:
+            return out, len(groups) - i
+        out += group
+    return out, 0

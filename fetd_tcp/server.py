@@ -13,13 +13,14 @@ import socket
 from typing import Any, Iterator, cast
 
 from fetd_tcp import pdu as P
+from fetd_tcp.budget import Account, Budget
 from fetd_tcp.digest import DIGEST_LEN, digest, padding
 from fetd_tcp.keys import TargetKeys
 from fetd_tcp import login as L
 from fetd_tcp.chap import Credentials, Secret
 from fetd_tcp.limits import Limits
-from fetd_tcp.session import Connection, Session, Tags
-from stml.api import BufferPool, Detect, FrontEndLink
+from fetd_tcp.session import MAX_TEXT_RESPONSE, Connection, Session, Tags
+from stml.api import BufferPool, Detect, FrontEndLink, Op
 
 log = logging.getLogger("fetd_tcp")
 
@@ -28,6 +29,11 @@ NOP_INTERVAL = 10.0      # idle connections are pinged this often; unanswered tw
 CMD_WINDOW = 128         # MaxCmdSN - ExpCmdSN + 1, capped by the STML's queue depth
 MAX_CONNECTIONS = 4     # connections per session we accept (MC/S)
 WRITE_BACKLOG = 4 << 20  # past this much unsent output, a connection stops reading until it drains
+CLOSE_LINGER = 5.0       # a closed connection's unsent output is dropped after this (peer not reading)
+# the login phase reads with a StreamReader, which buffers up to twice its limit before it
+# stops reading: enough for the largest login PDU, so a connection that has not logged in
+# cannot make us hold megabytes
+LOGIN_READ_LIMIT = L.MAX_LOGIN_TEXT + 1024
 
 
 class PortalSpec:
@@ -53,15 +59,25 @@ class IscsiFrontEnd:
             self.isns = IsnsClient(isns, f"{self.link.name}")
         self.tags = Tags()
         self.sessions: dict[int, Session] = {}           # TSIH -> session
+        self.by_nexus: dict[int, Session] = {}           # nexus -> normal session
+        self.by_name: dict[tuple[str, bytes, str], Session] = {}   # (initiator, ISID, target) -> session
+        self.per_target: dict[str, int] = {}             # target -> normal sessions
         self.nexus_ids = itertools.count(1)
         self.tsihs = itertools.count(1)
         self.detect_info: Detect | None = None
         self.servers: dict[PortalSpec, asyncio.AbstractServer] = {}
         self.writers: set[Any] = set()
         self.limits = Limits.from_env()
+        self.budget = Budget(self.limits.max_buffered)   # every byte a connection makes us hold
         self.open_conns: dict[Any, int] = {}             # portal / peer host -> open connections
         self.pool = BufferPool()          # big data segments the STML's shared memory cannot take
         self.pending_output: set[PduWriter] = set()      # writers with PDUs not yet sent
+        self.portal_errors: dict[tuple[str, int, int], str] = {}   # wanted portals we could not open
+        self.synced = False               # the STML's portal list was applied once
+        # set (with the OSError) when a portal of the STML's list cannot be opened at start:
+        # a listener that cannot exist makes the start fail, it is not only logged
+        self.failed: asyncio.Future | None = None
+        self.session_portals: dict[int, str] = {}        # TSIH -> the portal it logged in through
 
     # ------------------------------------------------------------ STML -> us
     def detect(self, detect: Detect) -> None:
@@ -73,6 +89,8 @@ class IscsiFrontEnd:
             self._wanted = detect.portals
             if self._syncing is None or self._syncing.done():
                 self._syncing = asyncio.get_running_loop().create_task(self._sync_portals())
+        elif self.follow_stml and self._syncing is not None and self._syncing.done():
+            self._report_portals()    # e.g. a restarted STML: it has not heard from us yet
         if self.isns is not None:
             self._isns_update()
 
@@ -93,17 +111,34 @@ class IscsiFrontEnd:
                 if key not in have:
                     try:
                         await self._listen(PortalSpec(*key))
+                        self.portal_errors.pop(key, None)
                     except OSError as e:
-                        log.error("cannot listen on %s (tpgt %d): %s", _hostport(*key[:2]), key[2], e)
+                        where = f"{_hostport(*key[:2])} (tpgt {key[2]})"
+                        self.portal_errors[key] = os.strerror(e.errno) if e.errno else str(e)
+                        log.error("cannot listen on %s: %s", where, self.portal_errors[key])
+                        if not self.synced and self.failed is not None and not self.failed.done():
+                            self.failed.set_exception(OSError(e.errno, f"{where}: {self.portal_errors[key]}"))
             if self._wanted is wanted:
                 break
+        self.synced = True
+        self._report_portals()
         if self.isns is not None:
             self._isns_update()
+
+    def _report_portals(self) -> None:
+        """Tell the STML which portals of its list we listen on (contract: portal_state)."""
+        states: list[dict[str, Any]] = [
+            {"host": p.requested[0], "port": p.requested[1], "tpgt": p.tpgt, "listening": True,
+             "bound_port": p.port} for p in self.portals]
+        states += [{"host": k[0], "port": k[1], "tpgt": k[2], "listening": False, "error": err}
+                   for k, err in self.portal_errors.items() if k in self._wanted]
+        self.link.send({"op": Op.PORTAL_STATE, "follows": True, "portals": states})
 
     def drop_nexus(self, nexus: int, reason: str) -> None:
         """The STML ended this nexus (management `session drop`): tell the
         initiator every connection is being dropped, close them, end the session."""
-        for s in [s for s in self.sessions.values() if s.nexus == nexus and not s.discovery]:
+        s = self.by_nexus.get(nexus)
+        if s is not None:
             log.info("session TSIH %d of %s 0x%s dropped: %s", s.tsih, s.initiator, s.isid.hex(),
                      reason or "by the STML")
             conns = list(s.connections.values())
@@ -151,11 +186,15 @@ class IscsiFrontEnd:
             conn.task_mgmt_fn_done(itt, fn, response, tasks)
 
     def report_aen(self, nexus: int | None, lun: int, sense: bytes) -> None:
-        for s in self.sessions.values():
-            if nexus is None or s.nexus == nexus:
-                for conn in s.connections.values():
-                    conn.async_event(P.ASYNC_SCSI_EVENT, P.int_to_lun(lun), sense)
-                    break
+        sessions = self.by_nexus.values() if nexus is None else filter(None, [self.by_nexus.get(nexus)])
+        for s in sessions:
+            for conn in s.connections.values():
+                conn.async_event(P.ASYNC_SCSI_EVENT, P.int_to_lun(lun), sense)
+                break
+
+    def usage(self) -> dict[str, int]:
+        """Our buffered data, for the STML's `status` (sent with heartbeats)."""
+        return self.budget.report()
 
     def messages_handled(self) -> None:
         """What the STML sent in one read is handled: send the responses now,
@@ -166,7 +205,7 @@ class IscsiFrontEnd:
     def link_lost(self) -> None:
         """The STML is gone: every task in flight is lost, so every session ends;
         initiators log in again once the STML is back."""
-        log.warning("STML link lost: closing %d session(s)", len(self.sessions))
+        (log.warning if self.sessions else log.info)("STML link lost: closing %d session(s)", len(self.sessions))
         for s in list(self.sessions.values()):
             for conn in list(s.connections.values()):
                 conn.close()
@@ -187,32 +226,43 @@ class IscsiFrontEnd:
         return out
 
     def text(self, conn: Connection, pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
-        """Text requests in full feature phase: SendTargets; other keys are not
-        renegotiated."""
+        """Text requests in full feature phase: SendTargets (each key comes once:
+        the session refuses repeats); other keys are not renegotiated. An answer
+        is at most MAX_TEXT_RESPONSE bytes: whole targets that fit."""
         answer: list[tuple[str, str]] = []
         local_addr = conn.local_addr
         assert local_addr is not None   # set before the full feature phase starts
+        room = MAX_TEXT_RESPONSE - sum(len(k) + 15 for k, v in pairs if k != "SendTargets")
         for key, value in pairs:
             if key == "SendTargets":
-                answer += L.send_targets(value, conn.session.initiator, self.target_configs(),
-                                         self.portal_addresses(), local_addr,
-                                         discovery=conn.session.discovery,
-                                         session_target=conn.session.target)
+                found, cut = L.fit_targets(L.send_targets(
+                    value, conn.session.initiator, self.target_configs(), self.portal_addresses(),
+                    local_addr, discovery=conn.session.discovery,
+                    session_target=conn.session.target), room)
+                if cut:
+                    log.warning("SendTargets answer cut to %d bytes: %d target(s) left out",
+                                MAX_TEXT_RESPONSE, cut)
+                answer += found
             else:
                 answer.append((key, "NotUnderstood"))
         return answer
 
     # ------------------------------------------------------------ portals
     async def start(self) -> None:
+        self.failed = asyncio.get_running_loop().create_future()
         self.link.start()
         own, self.portals = self.portals, []
         for p in own:
-            await self._listen(p)
+            try:
+                await self._listen(p)
+            except OSError as e:   # as for the STML's list: "HOST:PORT (tpgt N): reason"
+                raise OSError(e.errno, f"{_hostport(p.host, p.port)} (tpgt {p.tpgt}): "
+                              f"{os.strerror(e.errno) if e.errno else e}") from None
 
     async def _listen(self, p: PortalSpec) -> None:
         server = await asyncio.start_server(
             lambda r, w: self._connection(r, w, p), p.host, p.port,
-            reuse_address=True, limit=1 << 20)
+            reuse_address=True, limit=LOGIN_READ_LIMIT)
         self.servers[p] = server
         self.portals.append(p)
         for sock in server.sockets:
@@ -318,27 +368,37 @@ class IscsiFrontEnd:
             if not isinstance(pdu, P.LoginRequest):
                 return None  # anything but Login before full feature phase ends the connection
             step: L.Send | L.Decide | L.Complete | L.Fail = machine.receive(pdu, bytes(data))
+            account: Account | None = None
             if isinstance(step, L.Decide):
-                step = self._decide(machine, step.outcome)
-            writer.write(step.header)
-            if step.data:
-                writer.write(step.data + padding(len(step.data)))
-            await writer.drain()
-            if isinstance(step, L.Fail):
-                log.info("login from %s failed: %s", pdu.isid.hex(), step.reason)
-                return None
-            if isinstance(step, L.Complete):
-                return self._admit(step.outcome, writer, local, portal.tpgt)
+                # every connection is guaranteed a share of the buffer budget: none left, no login
+                account = self.budget.open()
+                step = self._decide(machine, step.outcome) if account is not None else \
+                    machine.refuse(L.OUT_OF_RESOURCES, "buffer budget full")
+            try:
+                writer.write(step.header)
+                if step.data:
+                    writer.write(step.data + padding(len(step.data)))
+                await writer.drain()
+                if isinstance(step, L.Fail):
+                    log.info("login from %s failed: %s", pdu.isid.hex(), step.reason)
+                    return None
+                if isinstance(step, L.Complete):
+                    assert account is not None   # a Complete follows a Decide
+                    conn = self._admit(step.outcome, writer, local, portal.tpgt, account)
+                    account = None               # the connection's now
+                    return conn
+            finally:
+                if account is not None:
+                    account.close()
 
     def _decide(self, machine: L.LoginMachine, o: L.LoginOutcome) -> L.Complete | L.Fail:
         """The session side of a finished negotiation: a new session gets a
         TSIH; a connection joining one must name a live session of this
         initiator and stay within MaxConnections."""
         if o.tsih == 0:
-            if o.session_type == "Normal" and o.target is not None and sum(
-                    1 for s in self.sessions.values()
-                    if s.target == o.target.name and (s.initiator, s.isid) != (o.initiator_name, o.isid)
-            ) >= self.limits.max_sessions_per_target:
+            if o.session_type == "Normal" and o.target is not None \
+                    and self.per_target.get(o.target.name, 0) >= self.limits.max_sessions_per_target \
+                    and (o.initiator_name, o.isid, o.target.name) not in self.by_name:   # reinstatement
                 return machine.refuse(L.OUT_OF_RESOURCES, "too many sessions on this target")
             return machine.accept(self._allocate_tsih())
         s = self.sessions.get(o.tsih)
@@ -359,33 +419,40 @@ class IscsiFrontEnd:
                 return tsih
 
     def _admit(self, o: L.LoginOutcome, writer: asyncio.StreamWriter, local: Any,
-               tpgt: int) -> Connection:
+               tpgt: int, account: Account) -> Connection:
         """Create or join the session a finished login names."""
         session = self.sessions.get(o.tsih)
         discovery = o.session_type == "Discovery"
         target = o.target.name if o.target else ""
         if session is None:
-            for old in [s for s in self.sessions.values()
-                        if s.initiator == o.initiator_name and s.isid == o.isid and s.target == target]:
+            old = self.by_name.get((o.initiator_name, o.isid, target))
+            if old is not None:
                 log.info("session reinstatement: closing old session TSIH %d", old.tsih)
                 for c in list(old.connections.values()):
                     c.close()
                 self._end_session(old)
             limits = self.detect_info.limits if self.detect_info else {}
             session = Session(o.tsih, o.isid, o.initiator_name, target, tpgt, o.session,
-                              next(self.nexus_ids), o.cmd_sn, self._window(limits), discovery=discovery)
+                              next(self.nexus_ids), o.cmd_sn, self._window(limits), discovery=discovery,
+                              max_transfer=int(limits.get("max_transfer", 8 << 20)))
             self.sessions[o.tsih] = session
+            self.by_name[(o.initiator_name, o.isid, target)] = session
             if not discovery:
+                self.by_nexus[session.nexus] = session
+                self.per_target[target] = self.per_target.get(target, 0) + 1
                 self.link.register_nexus(session.nexus, session.initiator_port, target, tpgt)
-        log.info("login: %s 0x%s -> %s tpgt %d, TSIH %d CID %d (%s)", o.initiator_name, o.isid.hex(),
-                 target or "discovery", tpgt, o.tsih, o.cid, "new session" if len(session.connections) == 0
-                 else "joins session")
+        portal = _hostport(str(local[0]), int(local[1])) if local else "?"
+        self.session_portals.setdefault(o.tsih, portal)
+        log.info("login: %s 0x%s -> %s via %s tpgt %d, TSIH %d CID %d (%s)", o.initiator_name, o.isid.hex(),
+                 target or "discovery", portal, tpgt, o.tsih, o.cid,
+                 "new session" if len(session.connections) == 0 else "joins session")
         old_conn = session.connections.get(o.cid)
         if old_conn is not None:
             old_conn.close()
-        out = PduWriter(writer, o.connection, self.pending_output)
+        out = PduWriter(writer, o.connection, self.pending_output, account)
         conn = Connection(session, o.cid, o.connection, o.stat_sn, out, self.link, self.tags,
-                          out.close, self.text, write_limit=self.limits.max_write_buffer)
+                          out.close, self.text, write_limit=self.limits.max_write_buffer,
+                          read_limit=self.limits.max_read_buffer, account=account)
         session.connections[o.cid] = conn
         return conn
 
@@ -423,20 +490,43 @@ class IscsiFrontEnd:
             conn.idle = True
 
     def _drop_connection(self, conn: Connection) -> None:
+        """The connection is over: its tasks are forgotten (ErrorRecoveryLevel 0:
+        nothing moves them to another connection) and what it held leaves the
+        budget (its unsent output once the socket is gone: PduWriter.retire)."""
         s = conn.session
+        # `closing` is set by a Logout, or by drop_nexus, which has ended the session already
+        if conn.closing and self.sessions.get(s.tsih) is s:
+            log.info("logout: %s 0x%s -> %s via %s, TSIH %d CID %d", s.initiator, s.isid.hex(),
+                     s.target or "discovery", self.session_portals.get(s.tsih, "?"), s.tsih, conn.cid)
         if s.connections.get(conn.cid) is conn:
             del s.connections[conn.cid]
         for task in [t for t in s.itts.values() if t.conn is conn]:
             s.itts.pop(task.itt, None)
+            self.tags.tasks.pop(task.tag, None)
+            conn.release(task)
         if not s.connections:
             self._end_session(s)
+        if isinstance(conn.out, PduWriter):
+            conn.out.retire()
 
     def _end_session(self, s: Session) -> None:
+        """Forget a session (work in proportion to its own tasks, not to all)."""
         if self.sessions.get(s.tsih) is s:
             del self.sessions[s.tsih]
-            for tag in [tag for tag, t in self.tags.tasks.items() if t.conn.session is s]:
-                del self.tags.tasks[tag]
+            log.info("session ended: %s 0x%s -> %s via %s, TSIH %d", s.initiator, s.isid.hex(),
+                     s.target or "discovery", self.session_portals.pop(s.tsih, "?"), s.tsih)
+            key = (s.initiator, s.isid, s.target)
+            if self.by_name.get(key) is s:
+                del self.by_name[key]
+            for task in s.itts.values():
+                self.tags.tasks.pop(task.tag, None)
             if not s.discovery:
+                self.by_nexus.pop(s.nexus, None)
+                left = self.per_target.get(s.target, 1) - 1
+                if left:
+                    self.per_target[s.target] = left
+                else:
+                    self.per_target.pop(s.target, None)
                 self.link.scsi_release(s.nexus)
 
 
@@ -500,6 +590,10 @@ class ConnectionProtocol(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        out = self.conn.out
+        if isinstance(out, PduWriter):
+            out.resample()
+            self.conn.window_update()
         if self.read_paused and not self.done.done():
             self.read_paused = False
             self._run()
@@ -570,12 +664,16 @@ class PduWriter:
     """A connection's output: the PDUs produced during one loop iteration leave
     in one writev (header, digest, data, padding as separate buffers: read data
     is not copied), and only what the socket does not take goes through the
-    transport's buffer, which also keeps the order once it holds anything."""
+    transport's buffer, which also keeps the order once it holds anything.
+    What that buffer holds counts in the connection's `account` as "out": it is
+    sampled after every flush and whenever the buffer drains (`resample`)."""
 
     IOV_MAX = 1024
 
-    def __init__(self, writer: asyncio.StreamWriter, params: Any, pending: set | None = None) -> None:
+    def __init__(self, writer: asyncio.StreamWriter, params: Any, pending: set | None = None,
+                 account: Account | None = None) -> None:
         self.pending = pending if pending is not None else set()   # writers with output queued
+        self.account = account
         self.transport = writer.transport
         self.fd = writer.get_extra_info("socket").fileno()
         self.hd, self.dd = params.header_digest, params.data_digest
@@ -613,6 +711,29 @@ class PduWriter:
         self.flush()
         self.transport.close()
 
+    def retire(self) -> None:
+        """The connection is over: close, and once the transport has nothing
+        left to send (or after CLOSE_LINGER, when the peer does not read: its
+        output is then dropped) the connection's account closes."""
+        self.close()
+        if self.transport.get_write_buffer_size() == 0:
+            self._release()
+        else:
+            self.loop.call_later(CLOSE_LINGER, self._abort)
+
+    def _abort(self) -> None:
+        self.transport.abort()
+        self._release()
+
+    def _release(self) -> None:
+        if self.account is not None:
+            self.account.close()
+
+    def resample(self) -> None:
+        """The transport's buffer shrank (it drained): count what it still holds."""
+        if self.account is not None:
+            self.account.set("out", self.transport.get_write_buffer_size() + self.size)
+
     def flush(self) -> None:
         self.scheduled = False
         self.pending.discard(self)
@@ -620,6 +741,13 @@ class PduWriter:
         size, self.size = self.size, 0
         if not parts or self.transport.is_closing():
             return
+        try:
+            self._send(parts, size)
+        finally:
+            if self.account is not None:
+                self.account.set("out", self.transport.get_write_buffer_size())
+
+    def _send(self, parts: list, size: int) -> None:
         if self.transport.get_write_buffer_size() == 0:
             try:
                 while parts:
@@ -667,6 +795,12 @@ async def run_fetd_tcp(stml_endpoint: str | list[str], portals: list[PortalSpec]
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: None)   # a reload is the STML's business
     await fe.start()
-    await stop.wait()
+    assert fe.failed is not None   # start() made it
+    stopped = asyncio.ensure_future(stop.wait())
+    await asyncio.wait([stopped, fe.failed], return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
     await fe.stop()
+    if fe.failed.done():
+        fe.failed.result()       # raises the OSError: exit 2 (fetd_tcp.cli)

@@ -4,13 +4,20 @@
     scripts/bench.py [--compare-tgtd] [--runs 5] [--scale 1.0] [--out bench.json]
     scripts/bench.py --loopback        # the STML alone, through the loopback front end
     scripts/bench.py --compare-tgtd --cpu   # also CPU and sleeps per I/O, per process
-    scripts/bench.py --rbd --compare-tgtd   # RBD images: ours against tgtd's bs_rbd (tgt-rbd)
+    scripts/bench.py --compare-tgtd --thin  # the default thin LUN, fragmented first
+    scripts/bench.py --compare-tgtd --rbd   # RBD images: ours against tgtd's bs_rbd (tgt-rbd)
 
 Both targets get an equivalent LUN: a 1 GiB file in /dev/shm (same backing
 kind and size), filled with data first, and ours thick (no logical block
 provisioning, as tgtd): on a thin LUN qemu asks GET LBA STATUS before reads
 of 32 KiB and more and returns zeros for unmapped ranges without reading,
-which would measure nothing. Workloads run through qemu-img bench (qemu's iSCSI driver,
+which would measure nothing. `--thin` measures what that leaves out, the
+default thin LUN as a VM leaves it: a sparse file on disk (beside the
+default data dir's kind of file system), fragmented by 50,000 scattered
+4 KiB writes through the target, then read in 64 KiB pieces, which qemu
+precedes with GET LBA STATUS; tgtd gets the same sparse file with its thin
+provisioning turned on (it answers GET LBA STATUS from SEEK_DATA/SEEK_HOLE
+too) and the same writes. Workloads run through qemu-img bench (qemu's iSCSI driver,
 libiscsi), alternating A B A B so drift on a shared machine cancels out; the
 table shows medians of per-round ratios to tgtd. Nothing is installed:
 `apt-get install tgt qemu-utils qemu-block-extra` first. A PNG chart is
@@ -53,9 +60,15 @@ WORKLOADS = [
     ("1m-seqwrite-qd8", ["-d", "8", "-s", "1M", "-w"], 2000),
 ]
 
-# the ratio each workload should reach (issue 7); at QD1 a ratio of 0.5 is a latency of 2x tgtd's
+# the default thin LUN after a VM's scattered writes (--thin): 4 KiB writes every 20 KiB
+FRAGMENT = ["-w", "-d", "16", "-s", "4k", "-S", "20k"]
+FRAGMENT_WRITES = 50000
+THIN_WORKLOADS = [("64k-read-qd8-thin", ["-d", "8", "-s", "64k"], 20000)]
+
+# the ratio each workload should reach (issue 7; the thin one: issue 25); at QD1 a ratio of
+# 0.5 is a latency of 2x tgtd's
 GOALS = {"4k-read-qd1": 0.5, "4k-read-qd16": 0.5, "4k-write-qd16": 0.5, "64k-read-qd8": 0.8,
-         "1m-seqread-qd8": 1.0, "1m-seqwrite-qd8": 1.0}
+         "1m-seqread-qd8": 1.0, "1m-seqwrite-qd8": 1.0, "64k-read-qd8-thin": 0.8}
 
 
 # --rbd: issue 23's goals, smaller images (a memstore OSD keeps them in RAM) and fewer
@@ -111,6 +124,30 @@ class RbdImages:
             self.cluster.stop()
 
 
+def sparse_image(directory: Path, name: str) -> Path:
+    """A SIZE-byte file with no blocks allocated, as the default LUN starts."""
+    path = directory / name
+    with open(path, "wb") as f:
+        f.truncate(SIZE)
+    return path
+
+
+def extents(path: Path) -> int:
+    """Data extents of a sparse file (how fragmented the writes left it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        n, pos, end = 0, 0, os.fstat(fd).st_size
+        while pos < end:
+            try:
+                pos = os.lseek(fd, os.lseek(fd, pos, os.SEEK_DATA), os.SEEK_HOLE)
+            except OSError:
+                break   # no data after pos
+            n += 1
+        return n
+    finally:
+        os.close(fd)
+
+
 def free_port() -> int:
     import socket
     with socket.socket() as s:
@@ -121,28 +158,24 @@ def free_port() -> int:
 class Ours:
     name = "scsi-target"
 
-    def __init__(self, work: Path, rbd: RbdImages | None = None) -> None:
+    def __init__(self, work: Path, img: Path | None, thin: bool, rbd: RbdImages | None = None) -> None:
         self.port = free_port()
-        self.img: Path | None = None
-        if rbd is None:
-            self.img = filled_image(Path("/dev/shm") / f"bench-ours-{os.getpid()}-{self.port}.img")
-            lun = f"file:{self.img},thick"
-        else:
+        self.img = img
+        if rbd is not None:
             keyring = f",keyring={rbd.keyring}" if rbd.keyring else ""
             lun = f"rbd:{rbd.image('bench-ours')},conf={rbd.conf}{keyring},thick"
+        else:
+            lun = f"file:{self.img}" + ("" if thin else ",thick")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "scsi_target", "run", "--data-dir", str(work / "ours"),
              "--lun", lun, "--portal", f"127.0.0.1:{self.port}",
              "--log-level", "warning"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, cwd=ROOT)
-        # ready once attached to the STML and listening (the listener opens after attaching)
-        attached = listening = False
+        # ready once `run` says so: attached to the STML and listening
         said = []
         for line in self.proc.stdout:
             said.append(line)
-            attached = attached or line.startswith("fetd_tcp: attached")
-            listening = listening or line.startswith("fetd_tcp: listening on")
-            if attached and listening:
+            if line.startswith("Ready. "):
                 break
         else:
             self.stop()   # nothing left behind: no process, no image in /dev/shm
@@ -169,15 +202,13 @@ class Ours:
 class Tgtd:
     name = "tgtd"
 
-    def __init__(self, work: Path, rbd: RbdImages | None = None) -> None:
+    def __init__(self, work: Path, img: Path | None, thin: bool, rbd: RbdImages | None = None) -> None:
         self.port = free_port()
         self.ctl = 3000 + os.getpid() % 2000   # tgtd's control "port" is a small socket index
-        self.img: Path | None = None
-        if rbd is None:
-            self.img = filled_image(Path("/dev/shm") / f"bench-tgtd-{os.getpid()}.img")
-            lun = ["-b", str(self.img)]
-        else:   # tgt-rbd's backing store; the keyring comes from the conf
-            lun = ["--bstype", "rbd", "-b", rbd.image("bench-tgtd"), "--bsopts", f"conf={rbd.conf}"]
+        self.img = img
+        # tgt-rbd's backing store (its keyring from the conf), or the file
+        lun = (["--bstype", "rbd", "-b", rbd.image("bench-tgtd"), "--bsopts", f"conf={rbd.conf}"]
+               if rbd is not None else ["-b", str(self.img)])
         self.proc = subprocess.Popen(["tgtd", "-f", "-C", str(self.ctl), "--iscsi",
                                       f"portal=127.0.0.1:{self.port}"],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -188,6 +219,8 @@ class Tgtd:
             time.sleep(0.1)
         for args in (["--op", "new", "--mode", "target", "--tid", "1", "-T", TGT_IQN],
                      ["--op", "new", "--mode", "logicalunit", "--tid", "1", "--lun", "1", *lun],
+                     *([["--op", "update", "--mode", "logicalunit", "--tid", "1", "--lun", "1",
+                         "--params", "thin_provisioning=1"]] if thin else []),
                      ["--op", "bind", "--mode", "target", "--tid", "1", "-I", "ALL"]):
             subprocess.run(adm + args, check=True, capture_output=True)
         self.url = f"iscsi://127.0.0.1:{self.port}/{TGT_IQN}/1"
@@ -207,7 +240,8 @@ def processes(t: Ours | Tgtd) -> dict[str, int]:
     found = {}
     for entry in os.listdir("/proc"):
         try:
-            if not entry.isdigit() or os.getpgid(int(entry)) != t.proc.pid or int(entry) == t.proc.pid:
+            # the session, not the process group: run puts its children in groups of their own
+            if not entry.isdigit() or os.getsid(int(entry)) != t.proc.pid or int(entry) == t.proc.pid:
                 continue
             argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
         except OSError:
@@ -252,22 +286,64 @@ def size_of(args: list[str]) -> int:
     return int(s[:-1]) * {"k": 1024, "M": 1 << 20}[s[-1]]
 
 
+def start_targets(args: argparse.Namespace, work: Path, rbd: RbdImages | None = None) -> list[Ours | Tgtd]:
+    """Our target, and tgtd with --compare-tgtd, each on an equal LUN: a filled
+    1 GiB file in /dev/shm (ours thick), with --thin a sparse one on disk, with
+    --rbd a filled RBD image."""
+    kinds: list[type[Ours] | type[Tgtd]] = [Ours]
+    if args.compare_tgtd:
+        if not shutil.which("tgtd"):
+            sys.exit("bench: tgtd not found (apt-get install tgt)")
+        kinds.append(Tgtd)
+    targets: list[Ours | Tgtd] = []
+    try:
+        for kind in kinds:
+            if rbd is not None:
+                targets.append(kind(work, None, False, rbd))
+                continue
+            name = f"bench-{kind.__name__.lower()}-{os.getpid()}.img"
+            img = sparse_image(work, name) if args.thin else filled_image(Path("/dev/shm") / name)
+            try:
+                targets.append(kind(work, img, args.thin))
+            except BaseException:
+                img.unlink(missing_ok=True)
+                raise
+    except BaseException:
+        for t in targets:
+            t.stop()
+        raise
+    return targets
+
+
+def fragment(targets: list[Ours | Tgtd], args: argparse.Namespace, results: dict) -> None:
+    """The same scattered 4 KiB writes through each target; how many extents they left."""
+    n = max(100, int(FRAGMENT_WRITES * args.scale))
+    results["fragment"] = {"writes": n, "args": FRAGMENT}
+    for t in targets:
+        qemu_bench(t.url, FRAGMENT, n)
+        results["fragment"][t.name] = {"extents": extents(t.img)}
+    print("fragmented: " + ", ".join(f"{t.name} {results['fragment'][t.name]['extents']} extents"
+                                     for t in targets), flush=True)
+
+
 def run_iscsi(args: argparse.Namespace) -> dict:
-    work = Path(tempfile.mkdtemp(prefix="bench"))
-    if args.compare_tgtd and not shutil.which("tgtd"):
-        sys.exit("bench: tgtd not found (apt-get install tgt)")
+    work = Path(tempfile.mkdtemp(prefix="bench", dir=args.thin_dir if args.thin else None))
     if args.rbd and args.compare_tgtd and not Path("/usr/lib/tgt/backing-store/bs_rbd.so").exists():
         sys.exit("bench: tgtd has no rbd backing store (apt-get install tgt-rbd)")
     rbd = RbdImages(args.ceph_conf, args.ceph_keyring) if args.rbd else None
-    targets: list[Ours | Tgtd] = []
-    results: dict = {"workloads": {}, "runs": args.runs}
-    if args.rbd:
-        results["mode"] = "rbd"
     try:
-        targets.append(Ours(work, rbd))
-        if args.compare_tgtd:
-            targets.append(Tgtd(work, rbd))
-        for name, wargs, count in WORKLOADS:
+        targets = start_targets(args, work, rbd)
+    except BaseException:
+        if rbd is not None:
+            rbd.close()
+        raise
+    results: dict = {"workloads": {}, "runs": args.runs,
+                     "lun": "rbd" if args.rbd else "thin" if args.thin else "thick"}
+    goals = RBD_GOALS if args.rbd else GOALS
+    try:
+        if args.thin:
+            fragment(targets, args, results)
+        for name, wargs, count in (THIN_WORKLOADS if args.thin else WORKLOADS):
             n = max(100, int(count * args.scale * (RBD_SCALE if args.rbd else 1)))
             per: dict[str, list[float]] = {t.name: [] for t in targets}
             cpu: dict[str, list[dict]] = {t.name: [] for t in targets}
@@ -289,12 +365,13 @@ def run_iscsi(args: argparse.Namespace) -> dict:
                 ratios = [a / b for a, b in zip(per["scsi-target"], per["tgtd"])]
                 row["ratio"] = statistics.median(ratios)
             results["workloads"][name] = row
-            print_row(name, row, args.compare_tgtd, RBD_GOALS if args.rbd else GOALS)
+            print_row(name, row, args.compare_tgtd, goals)
             if args.cpu:
                 print_cpu(row)
     finally:
         for t in targets:
             t.stop()
+        shutil.rmtree(work, ignore_errors=True)
         if rbd is not None:
             rbd.close()
     return results
@@ -367,7 +444,7 @@ def chart(results: dict, path: Path) -> None:
         return
     names = list(results["workloads"])
     ratios = [results["workloads"][n].get("ratio", 0) for n in names]
-    table = RBD_GOALS if results.get("mode") == "rbd" else GOALS
+    table = RBD_GOALS if results.get("lun") == "rbd" else GOALS
     goals = [table.get(n, 0) for n in names]
     fig, ax = plt.subplots(figsize=(8, 4))
     bars = ax.bar(names, ratios, color=["#4a7ab5" if r >= g else "#d08a3c" for r, g in zip(ratios, goals)])
@@ -383,13 +460,42 @@ def chart(results: dict, path: Path) -> None:
     print(f"chart: {path}")
 
 
+def commit() -> str:
+    """The measured tree's commit, marked when it has uncommitted changes."""
+    def git(*a: str) -> str:
+        p = subprocess.run(["git", "-C", str(ROOT), *a], capture_output=True, text=True)
+        return p.stdout.strip() if p.returncode == 0 else ""
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    return head + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def machine() -> dict:
+    """What the numbers depend on: CPUs, their model, the idle driver's halt polling."""
+    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                  if line.startswith("model name")), "?")
+    halt = Path("/sys/module/haltpoll/parameters/guest_halt_poll_ns")
+    return {"cpus": os.cpu_count(), "model": model,
+            "guest_halt_poll_ns": halt.read_text().strip() if halt.exists() else None}
+
+
+def default_out(args: argparse.Namespace, results: dict) -> Path:
+    kind = "-thin" if args.thin else "-loopback" if args.loopback else "-rbd" if args.rbd else ""
+    return ROOT / "docs" / "perf" / f"{results['date']}-{results['commit']}{kind}.json"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--compare-tgtd", action="store_true", help="also run tgtd and print ratios")
     ap.add_argument("--loopback", action="store_true", help="measure the STML alone (no TCP)")
     ap.add_argument("--runs", type=int, default=5, help="rounds per workload (median is reported)")
     ap.add_argument("--scale", type=float, default=1.0, help="multiply I/O counts (0.01 = smoke run)")
-    ap.add_argument("--out", default="bench.json", help="JSON results (and a .png beside it)")
+    ap.add_argument("--out", help="JSON results (and a .png beside it); default "
+                                  "docs/perf/DATE-COMMIT[-thin|-loopback|-rbd].json in the tree measured")
+    ap.add_argument("--thin", action="store_true",
+                    help="the default thin LUN: a sparse file fragmented by scattered 4 KiB writes, "
+                         "then 64 KiB reads (instead of the thick workloads)")
+    ap.add_argument("--thin-dir", default="/var/tmp",
+                    help="where --thin keeps its sparse files (a disk file system, as the data dir)")
     ap.add_argument("--cpu", action="store_true",
                     help="also CPU (user + kernel) and sleeps per I/O of each target process, from /proc")
     ap.add_argument("--rbd", action="store_true", help="RBD images instead of files (see above)")
@@ -399,7 +505,10 @@ def main() -> None:
     if not shutil.which("qemu-img") and not args.loopback:
         sys.exit("bench: qemu-img not found (apt-get install qemu-utils qemu-block-extra)")
     results = run_loopback(args) if args.loopback else run_iscsi(args)
-    out = Path(args.out)
+    results["commit"], results["date"] = commit(), time.strftime("%Y-%m-%d")
+    results["machine"] = machine()
+    out = Path(args.out) if args.out else default_out(args, results)
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
     print(f"results: {out}")
     if args.compare_tgtd:

@@ -25,6 +25,8 @@ import tempfile
 import threading
 from pathlib import Path
 
+import tomlkit
+
 IQN = "iqn.2026-11.org.scsi-target:disk0"
 LUN_RO, LUN_REMOVABLE, LUN_4K_PHYSICAL = 1, 2, 3
 # suites whose tests need a LUN with a property LUN 0 does not have
@@ -89,22 +91,22 @@ def free_port() -> int:
 
 def start_target(work: Path) -> tuple[subprocess.Popen, int, int]:
     p1, p2 = free_port(), free_port()
-    # the suites send TARGET WARM/COLD RESET, which a target refuses unless allowed
+    # the suites send TARGET WARM/COLD RESET, which a target refuses unless allowed; a
+    # config file that names the target names its LUNs too
     config = work / "conformance.toml"
-    config.write_text(f'[[target]]\nname = "{IQN}"\ntarget_reset = true\n')
+    luns = [{"size": "128MiB"}, {"size": "16MiB", "ro": True}, {"size": "16MiB", "removable": True},
+            {"size": "16MiB", "physical_block_exp": 3}]
+    config.write_text(tomlkit.dumps({"target": [{
+        "name": IQN, "target_reset": True,
+        "lun": [{"lun": n, "backend": "ram", **lun} for n, lun in enumerate(luns)]}]}))
     cmd = [sys.executable, "-m", "scsi_target", "run", "--data-dir", str(work), "--config", str(config),
-           "--lun", "ram:128MiB", "--lun", "ram:16MiB,ro", "--lun", "ram:16MiB,removable",
-           "--lun", "ram:16MiB,physical_block_exp=3",
            "--portal", f"127.0.0.1:{p1}", "--portal", f"127.0.0.1:{p2},2", "--log-level", "warning"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
-    # ready once attached to the STML and listening on both portals (the
-    # listeners open after attaching: a login before that is refused)
-    attached, listening = False, 0
+    # ready once `run` says so: attached to the STML and listening on both
+    # portals (the listeners open after attaching: a login before that is refused)
     for line in proc.stdout:
-        attached = attached or line.startswith("fetd_tcp: attached")
-        listening += line.startswith("fetd_tcp: listening on")
-        if attached and listening == 2:
+        if line.startswith("Ready. "):
             break
     else:
         raise RuntimeError("the target did not start")

@@ -4,12 +4,18 @@
     python scripts/fuzz.py --cases 100000 --seed 8 [--only codec,login,...]
 
 Targets: codec, text, login, connection (sans-IO, in process); cdb (random CDBs through
-fetd_loopback into a private STML); zmq (malformed contract messages to that STML).
+fetd_loopback into a private STML); zmq (malformed contract messages to that STML);
+abuse (resource abuse: legal commands with the largest lengths, counts and ranges their
+fields allow, against a 1 GiB thin file LUN and a RAM LUN; the STML's RSS must stay under
+a bound no request field moves, and each command must finish within 2 s plus 1 s per
+20 MB it may legitimately move; SANITIZE, whose work is the medium, is exempt from the
+time bound). `abuse` is not in the default set: --only abuse.
 The case budget is split between the chosen targets; the count actually run is printed.
 Exit status 1 on any finding (hypothesis prints the shrunk case)."""
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -24,6 +30,7 @@ import fuzzgen as G  # noqa: E402
 
 PURE = ("codec", "text", "login", "connection")
 LIVE = ("cdb", "zmq")
+ABUSE_LUNS = {0: (1 << 30) // 512, 1: (32 << 20) // 512}
 
 
 def main() -> int:
@@ -41,7 +48,9 @@ def main() -> int:
         counter = [0]
         if name in LIVE and stml is None:
             stml = _start_stml()
-        fn = _target(name, counter, stml)
+        if name == "abuse":
+            abuse_stml = _start_abuse_stml()
+        fn = _target(name, counter, abuse_stml if name == "abuse" else stml)
         run = seed(args.seed)(settings(max_examples=per, deadline=None, database=None,
                                        suppress_health_check=list(HealthCheck))(fn))
         t0 = time.monotonic()
@@ -51,7 +60,12 @@ def main() -> int:
             print(f"{name}: FAILED: {type(e).__name__}: {e}", flush=True)
             failed = True
         counts[name] = counter[0]
+        if hasattr(fn, "report"):
+            fn.report()
         print(f"{name}: {counter[0]} cases in {time.monotonic() - t0:.0f}s", flush=True)
+        if name == "abuse":
+            abuse_stml.stop()
+            shutil.rmtree(abuse_stml.data_dir, ignore_errors=True)
     if stml is not None:
         stml.stop()
     print(f"total: {sum(counts.values())} cases, seed {args.seed}, {'FAILED' if failed else 'no findings'}")
@@ -61,6 +75,12 @@ def main() -> int:
 def _start_stml():
     from conftest import StmlProcess, short_dir
     return StmlProcess(Path(short_dir()), ("ram:16MiB", "ram:4MiB")).start()
+
+
+def _start_abuse_stml():
+    from conftest import StmlProcess, short_dir
+    d = Path(short_dir())
+    return StmlProcess(d, (f"file:{d}/big.img,size=1GiB", "ram:32MiB")).start()
 
 
 def _target(name: str, counter: list, stml) -> object:
@@ -99,6 +119,27 @@ def _target(name: str, counter: list, stml) -> object:
         def f(frames):
             counter[0] += 1
             G.run_zmq(fe, frames)
+    elif name == "abuse":
+        from fetd_loopback import LoopbackClient
+        client = LoopbackClient(stml.endpoint, timeout=120, initiator="iqn.2026-11.org.test:fuzz-abuse").open()
+        limit = G.rss(stml.pid) + (32 << 20) + (128 << 20)
+        slowest = [0.0, None]
+
+        @given(st.sampled_from(sorted(ABUSE_LUNS)).flatmap(
+            lambda lun: st.tuples(st.just(lun), G.abusive_cdb(ABUSE_LUNS[lun]))))
+        def f(drawn):
+            lun, case = drawn
+            counter[0] += 1
+            t0 = time.monotonic()
+            G.run_abuse(client, case, lun, stml.pid, limit)
+            took = time.monotonic() - t0
+            kind, legit = case[0], case[4]
+            if legit >= 0:
+                assert took <= 2 + legit / 20e6, (kind, case[1].hex(), took)
+                if took > slowest[0]:
+                    slowest[:] = [took, kind]
+        f.report = lambda: print(f"abuse: slowest bounded command {slowest[1]} {slowest[0]:.2f}s, "
+                                 f"STML RSS {G.rss(stml.pid) >> 20} MiB (limit {limit >> 20} MiB)")
     else:
         raise SystemExit(f"unknown target {name!r}")
     return f

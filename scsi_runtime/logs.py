@@ -3,6 +3,7 @@ so that one misbehaving initiator cannot flood the log (a traceback per
 failing command, a line per bad PDU or refused connection)."""
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
@@ -50,11 +51,34 @@ class RateLimit(logging.Filter):
         return False
 
 
-def setup_logging(level: str, name: str) -> None:
+TEXT_FORMAT = "%(asctime)s {name}[%(process)d] %(levelname)s %(name)s: %(message)s"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, for log collectors: the text format's fields
+    under stable keys."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"time": self.formatTime(record), "process": self.name, "pid": record.process,
+               "level": record.levelname, "logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def formatter(name: str, fmt: str = "text") -> logging.Formatter:
+    """The one log format of every process (`run` relays its children's lines in it too)."""
+    return JsonFormatter(name) if fmt == "json" else logging.Formatter(TEXT_FORMAT.format(name=name))
+
+
+def setup_logging(level: str, name: str, fmt: str = "text") -> None:
     """One format for every process: time, process name and PID, level, logger."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(
-        f"%(asctime)s {name}[%(process)d] %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(formatter(name, fmt))
     handler.addFilter(RateLimit())
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -2,36 +2,90 @@
 
 This package sits above the others: it starts the STML and the front ends
 as processes (`run`), or one of them alone, and drives the loopback client.
+
+Exit codes: 0 success; 1 a runtime failure (no target running, a SCSI
+command failed, an I/O error); 2 bad input or a refusal (a bad flag or
+config value, a management request the STML refused, a start that cannot
+succeed as configured).
 """
 from __future__ import annotations
 
-import functools
+import fcntl
+import logging
 import os
-import signal
+import socket
 import struct
-import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import click
 
 from fetd_tcp.cli import main as fetd_tcp_main
-from stml.cli import apply_stml_options, config_options, load_or_exit, main as stml_main, stml_options
-from stml.config import default_data_dir, default_endpoint, load, ConfigError
+from scsi_runtime.logs import setup_logging
+from scsi_target.supervise import Supervisor, sd_notify
+from stml.cli import apply_stml_options, config_exit, config_options, load_or_exit, main as stml_main, stml_options
+from stml.config import (Config, ConfigError, StartupError, check_lun_paths, default_data_dir,
+                         default_endpoint, load, parse_size)
 
 CHUNK = 1 << 20  # copy-in/out transfer size
 POLL_US = 200    # the STML's busy-poll window when it has CPUs of its own: a QD1 round trip
                  # through the front end and the initiator takes 100-150 us on a 2-vCPU VM
 DEPTH = 4        # commands in flight during copies
+CONTEXT = {"max_content_width": 100, "help_option_names": ["-h", "--help"]}
+
+__all__ = ["Supervisor", "cpu_list", "cpu_split", "main"]
 
 
-@click.group()
+class Size(click.ParamType):
+    """A size as LUN specs take it: 64MiB, 1GiB, 1048576."""
+    name = "size"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int:
+        try:
+            return value if isinstance(value, int) else parse_size(value, "size")
+        except ConfigError:
+            self.fail(f"{value!r} is not a size (examples: 64MiB, 1GiB, 1048576)", param, ctx)
+
+
+SIZE = Size()
+
+
+def where_options(f: Callable) -> Callable:
+    """How a client finds the STML; accepted before the verb (on `scsi-target`)
+    and after it alike."""
+    for opt in reversed([
+        click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Find the STML from this config."),
+        click.option("--data-dir", type=click.Path(file_okay=False), help="Find the STML of this data dir."),
+        click.option("--stml", help="STML endpoint (ipc://PATH or tcp://HOST:PORT)."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def inherited(kw: dict[str, Any]) -> dict[str, Any]:
+    """A verb's options, with what was given before the verb filling the gaps."""
+    ctx = click.get_current_context(silent=True)
+    root = ctx.find_root().obj if ctx is not None else None
+    for key, value in (root or {}).items():
+        if kw.get(key) is None and value is not None:
+            kw[key] = value
+    return kw
+
+
+@click.group(context_settings=CONTEXT)
 @click.version_option(package_name="scsi-target")
-def main() -> None:
+@where_options
+@click.pass_context
+def main(ctx: click.Context, config_path: str | None, data_dir: str | None, stml: str | None) -> None:
     """A user-space SCSI target: the STML (SCSI logic) and its front ends
-    (iSCSI over TCP, local loopback) as separate processes."""
+    (iSCSI over TCP, local loopback) as separate processes.
+
+    Start with `scsi-target run`; manage the running target with the other
+    verbs (`ls`, `status`, `lun add`, ...). Exit codes: 0 success, 1 runtime
+    failure, 2 bad input or a refused request."""
+    ctx.obj = {"config_path": config_path, "data_dir": data_dir, "stml": stml}
 
 
 main.add_command(stml_main, "stml")
@@ -79,83 +133,174 @@ def cpu_list(cpus: set[int]) -> str:
     return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
-def _pin(cpus: set[int]) -> None:
+def human(n: int | float) -> str:
+    """1073741824 -> "1 GiB", 1536 -> "1.5 KiB": sizes as people read them."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if float(n).is_integer() else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} PiB"
+
+
+# ------------------------------------------------------------------ run: before anything starts
+
+def check_data_dir(ddir: Path) -> None:
+    """The data dir exists (made if not) and takes files: else one line, exit 2."""
     try:
-        os.sched_setaffinity(0, cpus)
-    except OSError:   # a CPU taken away meanwhile (hotplug, cpuset): run unpinned rather than not at all
-        pass
+        ddir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        probe = ddir / f".write-test.{os.getpid()}"
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise StartupError(f"data dir {ddir}", f"not usable: {e.strerror or e}") from None
 
 
-class Supervisor:
-    """Starts child processes (each on its CPU set, if given), restarts one
-    that dies, stops all on a signal."""
+def lock_data_dir(ddir: Path) -> int:
+    """One `run` per data dir: a lock held for our lifetime (closed on exec,
+    so children do not inherit it; released by the kernel however we die)."""
+    path = ddir / "run.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        other = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        raise StartupError(f"data dir {ddir}", f"another target is running in it"
+                           f"{f' (pid {other})' if other else ''}: stop it first, or use another "
+                           f"--data-dir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
-    def __init__(self, children: dict[str, list[str]], cpus: dict[str, set[int]] | None = None) -> None:
-        self.children = children
-        self.cpus = cpus or {}
-        self.procs: dict[str, subprocess.Popen] = {}
-        self.stopping = False
 
-    def start(self, name: str) -> None:
-        cpus = self.cpus.get(name)
-        # set in the child before it runs anything, so its threads inherit the set
-        # (the supervisor has no threads of its own, as preexec_fn requires)
-        pin = None if cpus is None else functools.partial(_pin, cpus)
-        self.procs[name] = subprocess.Popen(self.children[name], preexec_fn=pin)
-
-    def stop(self, *_: Any) -> None:
-        self.stopping = True
-
-    def run(self) -> int:
-        signal.signal(signal.SIGTERM, self.stop)
-        signal.signal(signal.SIGINT, self.stop)
-        for name in self.children:
-            self.start(name)
-        restarts: dict[str, list[float]] = {n: [] for n in self.children}
-        status = 0
-        while not self.stopping:
-            time.sleep(0.2)
-            for name, proc in list(self.procs.items()):
-                rc = proc.poll()
-                if rc is None or self.stopping:
-                    continue
-                if rc == 2:  # a config error: restarting cannot help
-                    click.echo(f"scsi-target: {name} refused its configuration; stopping", err=True)
-                    self.stopping, status = True, 2
-                    break
-                recent = [t for t in restarts[name] if time.monotonic() - t < 60]
-                if len(recent) >= 5:
-                    click.echo(f"scsi-target: {name} keeps failing (exit {rc}); stopping", err=True)
-                    self.stopping, status = True, 1
-                    break
-                click.echo(f"scsi-target: {name} exited with {rc}; restarting", err=True)
-                restarts[name] = recent + [time.monotonic()]
-                self.start(name)
-        # front ends first (they ask initiators to log out), the STML last
-        for proc in reversed(list(self.procs.values())):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
+def check_portals(portals: list[str]) -> None:
+    """Every portal with a fixed port can be listened on (as asyncio will:
+    SO_REUSEADDR), so a taken port stops the start here, before any banner;
+    fetd_tcp exits 2 too if it loses a race for one."""
+    from stml.api import parse_portal
+    for p in portals:
+        host, port, _ = parse_portal(p)
+        if port == 0:
+            continue
+        try:
+            infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        except socket.gaierror as e:
+            raise StartupError(f"portal {p}", f"cannot resolve {host}: {e.strerror}") from None
+        for family, kind, proto, _, addr in infos:
+            with socket.socket(family, kind, proto) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-        return status
+                    s.bind(addr)
+                except OSError as e:
+                    raise StartupError(f"portal {p}", f"cannot listen: {e.strerror}"
+                                       + (" (another iSCSI target? `ss -ltnp` shows who)"
+                                          if e.errno == 98 else "")) from None
+
+
+def lun_size(o: Any) -> int | None:
+    if o.size:
+        return int(o.size)
+    try:
+        return os.path.getsize(o.path) if o.path else None
+    except OSError:
+        return None
+
+
+def url_host(portal: str) -> str:
+    """A portal as initiators reach it: a wildcard address names this host."""
+    host, _, port = portal.rpartition(":")
+    if host in ("0.0.0.0", "[::]", "::"):
+        host = socket.getfqdn()
+    return f"{host}:{port}"
+
+
+class Plan:
+    """What run is about to serve; the banner once it serves it."""
+
+    def __init__(self, config: Config, cpus: dict[str, set[int]], poll_us: int | None, iscsi: bool) -> None:
+        self.config, self.cpus, self.poll_us, self.iscsi = config, cpus, poll_us, iscsi
+        self.stml_ready = False
+        self.attached = not iscsi
+        self.listening: list[str] = []
+        self.printed = False
+
+    def line(self, name: str, text: str) -> None:
+        """A child's machine-readable line (supervise.MARKER)."""
+        if name == "stml" and text.startswith("listening on"):
+            self.stml_ready = True
+        elif name == "fetd_tcp" and text.startswith("attached to STML"):
+            self.attached = True
+        elif name == "fetd_tcp" and text.startswith("listening on "):
+            self.listening.append(text.split()[2])
+        if not self.printed and self.ready():
+            self.printed = True
+            self.banner()
+
+    def ready(self) -> bool:
+        return self.stml_ready and self.attached and (
+            not self.iscsi or len(self.listening) >= len(self.config.portals))
+
+    def banner(self) -> None:
+        c = self.config
+        luns = sum(len(t.luns) for t in c.targets)
+        out = [f"scsi-target: serving {len(c.targets)} target(s), {luns} LUN(s); "
+               f"data dir {c.data_dir}, config {c.path}"]
+        portal = url_host(self.listening[0]) if self.listening else None
+        for t in c.targets:
+            out.append(f"  target {t.name}" + (f" ({t.alias})" if t.alias else ""))
+            for lc in t.luns:
+                o = lc.options
+                size = lun_size(o)
+                what = "RAM" if o.kind == "ram" else f"{o.kind} {o.path}"
+                out.append(f"    LUN {lc.lun}: {human(size) if size else '?'} {what}"
+                           f"{' (read-only)' if o.ro else ''}")
+                if portal:
+                    out.append(f"      iscsi://{portal}/{t.name}/{lc.lun}")
+        if self.iscsi:
+            out.append("  iSCSI portals: " + ", ".join(self.listening))
+        out.append(f"  STML endpoint: {c.stml_endpoint}")
+        if self.cpus:
+            out.append("CPUs: " + ", ".join(f"{name} {cpu_list(cs)}" for name, cs in self.cpus.items())
+                       + (f"; the STML polls {self.poll_us} us before sleeping" if self.poll_us else ""))
+        dd = f" --data-dir {c.data_dir}" if c.data_dir != default_data_dir() else ""
+        out.append(f"Ready. Manage it with `scsi-target ls{dd}`; Ctrl-C (or kill -TERM {os.getpid()}) stops it.")
+        click.echo("\n".join(out))
+        sd_notify(f"READY=1\nSTATUS=serving {luns} LUN(s)\nMAINPID={os.getpid()}")
 
 
 @main.command()
 @config_options
 @stml_options
-@click.option("--portal", "portals", multiple=True, metavar="HOST:PORT",
-              help="iSCSI portal to listen on, repeatable (default 127.0.0.1:3260).")
+@click.option("--portal", "portals", multiple=True, metavar="HOST:PORT[,TPGT]",
+              help="iSCSI portal to listen on, repeatable (default: the config's, else "
+                   "127.0.0.1:3260); replaces the config's list, and a save keeps it.")
 @click.option("--no-iscsi", is_flag=True, help="Run the STML alone, without the iSCSI front end.")
 @click.option("--cpu-affinity", type=click.Choice(["split", "none"]), default="split", show_default=True,
               help="split: the STML and the front end each on their own share of the CPUs this "
                    "command may use (taskset narrows them); none: wherever the scheduler puts them.")
-def run(log_level: str, portals: tuple[str, ...], no_iscsi: bool, cpu_affinity: str, listen: tuple[str, ...],
-        insecure: bool, metrics: str | None, poll_us: int | None, **kw: Any) -> None:
-    """Run the STML and the iSCSI front end under one supervisor (Ctrl-C stops all)."""
-    config = load_or_exit(portals=portals, **kw)
+def run(log_level: str, log_format: str, portals: tuple[str, ...], no_iscsi: bool, cpu_affinity: str,
+        listen: tuple[str, ...], insecure: bool, metrics: str | None, poll_us: int | None, **kw: Any) -> None:
+    """Run the target: the STML and the iSCSI front end (Ctrl-C stops all).
+
+    Without --config it serves DATA_DIR/scsi-target.toml, written on first
+    start from --iqn/--lun (or the built-in default) and saved on every
+    change; once it exists, --lun/--iqn may only repeat what it says."""
+    setup_logging(log_level, "run", log_format)
+    kw = inherited(kw)
+    try:
+        if not kw.get("config_path"):
+            check_data_dir(Path(kw["data_dir"]).expanduser().absolute() if kw.get("data_dir")
+                           else default_data_dir())
+        config = load_or_exit(portals=portals, **kw)
+        check_data_dir(config.data_dir)
+        lock = lock_data_dir(config.data_dir)   # held until we exit, however we exit
+        check_lun_paths(config)
+        if not no_iscsi:
+            check_portals(config.portals)
+    except ConfigError as e:
+        config_exit(e)
+    kw["config_path"] = str(config.path)     # the children serve the very file resolved here
     apply_stml_options(config, listen, insecure, metrics, poll_us)
     names = ["stml"] if no_iscsi else ["stml", "fetd_tcp"]
     # librbd's threads run in the STML: pinned to its share they would queue
@@ -165,7 +310,8 @@ def run(log_level: str, portals: tuple[str, ...], no_iscsi: bool, cpu_affinity: 
     if config.stml.poll_us is None and cpus:
         config.stml.poll_us = POLL_US   # the STML has CPUs of its own: polling them costs the front end nothing
     poll_us = config.stml.poll_us
-    base = _config_args(kw) + ["--log-level", log_level]
+    logs = ["--log-level", log_level, "--log-format", log_format]
+    base = _config_args(kw) + logs
     for p in portals:   # the STML keeps the portal list; fetd_tcp follows it (detect)
         base += ["--portal", p]
     for ep in listen:
@@ -178,23 +324,17 @@ def run(log_level: str, portals: tuple[str, ...], no_iscsi: bool, cpu_affinity: 
         base += ["--poll-us", str(poll_us)]
     children = {"stml": [sys.executable, "-m", "stml", *base]}
     if not no_iscsi:
-        tcp = [sys.executable, "-m", "fetd_tcp", "--stml", config.stml_endpoint, "--log-level", log_level]
+        tcp = [sys.executable, "-m", "fetd_tcp", "--stml", config.stml_endpoint, *logs]
         tcp += _gateway_args(config)
         if config.isns:
             tcp += ["--isns", config.isns]
         children["fetd_tcp"] = tcp
-    for t in config.targets:
-        for lc in t.luns:
-            o = lc.options
-            where = o.path if o.kind in ("file", "rbd") else f"{o.size} bytes of RAM"
-            click.echo(f"target {t.name} LUN {lc.lun}: {o.kind} {where}{' (read-only)' if o.ro else ''}")
-    click.echo(f"STML endpoint: {config.stml_endpoint}")
-    if not no_iscsi:
-        click.echo("iSCSI portals: " + ", ".join(config.portals))
-    if cpus:
-        click.echo("CPUs: " + ", ".join(f"{name} {cpu_list(c)}" for name, c in cpus.items())
-                   + (f"; the STML polls {poll_us} us before sleeping" if poll_us else ""))
-    sys.exit(Supervisor(children, cpus).run())
+    plan = Plan(config, cpus, poll_us, not no_iscsi)
+    status = Supervisor(children, cpus, log_format, plan.line, lambda: plan.printed).run()
+    if plan.printed or status != 2:   # a child that could not start said why, in its one line
+        logging.getLogger("scsi-target").info("stopped" if status == 0 else f"stopped (exit {status})")
+    os.close(lock)
+    sys.exit(status)
 
 
 def _gateway_args(config: Any) -> list[str]:
@@ -211,7 +351,7 @@ def _gateway_args(config: Any) -> list[str]:
     return args
 
 
-# ------------------------------------------------------------------ loop
+# ------------------------------------------------------------------ finding the STML
 
 def _endpoint(config_path: str | None, data_dir: str | None, stml: str | None) -> str:
     if stml:
@@ -225,26 +365,85 @@ def _endpoint(config_path: str | None, data_dir: str | None, stml: str | None) -
     return default_endpoint(Path(data_dir).absolute() if data_dir else default_data_dir())
 
 
+PROBE_TIMEOUT = 0.5   # a live STML accepts a connection at once
+
+
+class NotRunning(ConnectionError):
+    """No STML serves the endpoint: say so in one line, at once."""
+
+
+def require_running(endpoint: str) -> None:
+    """A connect attempt with a short timeout, before any ZeroMQ socket: a
+    stale ipc socket file (a target stopped by SIGKILL, or a Ctrl-C'd one's
+    leftovers) refuses it at once, instead of a 10-30 s wait for an answer
+    that cannot come. The lock beside it (`stml.sock.lock`) keeps two STMLs
+    from serving one endpoint; this tells whether one does."""
+    if endpoint.startswith("ipc://"):
+        path = endpoint[len("ipc://"):]
+        ddir = os.path.dirname(path)
+        hint = (f"no target is running in {ddir} (started with: scsi-target run --data-dir {ddir})"
+                if os.path.basename(path) == "stml.sock" else f"no STML is serving {endpoint}")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(PROBE_TIMEOUT)
+            try:
+                s.connect(path)
+            except (FileNotFoundError, ConnectionRefusedError, TimeoutError, OSError):
+                raise NotRunning(hint) from None
+        return
+    host, _, port = endpoint[len("tcp://"):].rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=PROBE_TIMEOUT * 2).close()
+    except (OSError, ValueError) as e:
+        raise NotRunning(f"no STML answers at {endpoint}: {e}") from None
+
+
+# ------------------------------------------------------------------ loop
+
+def loop_options(f: Callable) -> Callable:
+    """The loopback verbs take these before or after the verb (`loop
+    --data-dir D capacity` and `loop capacity --data-dir D`)."""
+    for opt in reversed([
+        click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Find the STML from this config."),
+        click.option("--data-dir", type=click.Path(file_okay=False), help="Find the STML of this data dir."),
+        click.option("--stml", help="STML endpoint (ipc://PATH or tcp://HOST:PORT)."),
+        click.option("--target", help="Target name (default: the first)."),
+        click.option("--lun", type=int, help="LUN number (default 0)."),
+        click.option("--timeout", type=float, help="Seconds to wait for an answer (default 30)."),
+    ]):
+        f = opt(f)
+    return f
+
+
 @main.group()
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Find the STML from this config.")
-@click.option("--data-dir", type=click.Path(file_okay=False), help="Find the STML of this data dir.")
-@click.option("--stml", help="STML endpoint (ipc://PATH or tcp://HOST:PORT).")
-@click.option("--target", help="Target name (default: the first).")
-@click.option("--lun", type=int, default=0, show_default=True)
-@click.option("--timeout", type=float, default=30.0, show_default=True)
+@loop_options
 @click.pass_context
-def loop(ctx: click.Context, config_path: str | None, data_dir: str | None, stml: str | None,
-         target: str | None, lun: int, timeout: float) -> None:
+def loop(ctx: click.Context, **kw: Any) -> None:
     """Issue SCSI commands to a LUN through the loopback front end."""
+    ctx.obj = kw
+
+
+def _client(kw: dict[str, Any]) -> tuple[Any, int]:
+    """The loopback client the verb's options (or the group's, or the root's) name."""
+    ctx = click.get_current_context()
+    group = ctx.parent.obj if ctx.parent is not None and isinstance(ctx.parent.obj, dict) else {}
+    opts = {k: v if v is not None else group.get(k) for k, v in kw.items()}
+    opts = inherited(opts)
     from fetd_loopback import LoopbackClient
-    client = LoopbackClient(_endpoint(config_path, data_dir, stml), target, timeout=timeout)
+    endpoint = _endpoint(opts.get("config_path"), opts.get("data_dir"), opts.get("stml"))
+    try:
+        require_running(endpoint)
+    except NotRunning as e:
+        click.echo(f"scsi-target loop: {e}", err=True)
+        sys.exit(1)
+    client = LoopbackClient(endpoint, opts.get("target"),
+                            timeout=opts["timeout"] if opts.get("timeout") is not None else 30.0)
     try:
         client.open()
     except (TimeoutError, LookupError, ConnectionError) as e:
-        click.echo(f"scsi-target loop: {e}", err=True)
+        click.echo(f"scsi-target loop: {e or type(e).__name__}", err=True)
         sys.exit(1)
     ctx.call_on_close(client.close)
-    ctx.obj = (client, lun)
+    return client, opts["lun"] if opts.get("lun") is not None else 0
 
 
 def _scsi(fn: Any, *args: Any) -> Any:
@@ -252,15 +451,25 @@ def _scsi(fn: Any, *args: Any) -> Any:
     try:
         return fn(*args)
     except ScsiError as e:
-        click.echo(f"scsi-target loop: {e}", err=True)
+        click.echo(f"scsi-target loop: {sense_line(e.result)}", err=True)
         sys.exit(1)
 
 
+def sense_line(result: Any) -> str:
+    """A failed command, decoded (key, ASC/ASCQ text) and raw."""
+    from scsi_target.sensetext import describe
+    if result.sense:
+        key = result.sense_key
+        asc, ascq = result.asc_ascq
+        return f"status 0x{result.status:02x}, {describe(key, asc, ascq)}"
+    return result.describe()
+
+
 @loop.command()
-@click.pass_obj
-def inquiry(obj: Any) -> None:
+@loop_options
+def inquiry(**kw: Any) -> None:
     """Print the LUN's identity (standard INQUIRY, serial number, NAA id)."""
-    client, lun = obj
+    client, lun = _client(kw)
     std = _scsi(client.inquiry, lun)
     serial = _scsi(client.inquiry, lun, 0x80)
     devid = _scsi(client.inquiry, lun, 0x83)
@@ -278,10 +487,10 @@ def inquiry(obj: Any) -> None:
 
 
 @loop.command()
-@click.pass_obj
-def capacity(obj: Any) -> None:
+@loop_options
+def capacity(**kw: Any) -> None:
     """Print the LUN's size."""
-    client, lun = obj
+    client, lun = _client(kw)
     blocks, bs = _scsi(client.capacity, lun)
     click.echo(f"blocks: {blocks}\nblock size: {bs}\nbytes: {blocks * bs} ({blocks * bs / 2**20:.1f} MiB)")
 
@@ -290,10 +499,10 @@ def capacity(obj: Any) -> None:
 @click.argument("lba", type=int)
 @click.argument("count", type=int)
 @click.option("--out", type=click.File("wb"), help="Write the data here instead of a hex dump.")
-@click.pass_obj
-def read(obj: Any, lba: int, count: int, out: Any) -> None:
+@loop_options
+def read(lba: int, count: int, out: Any, **kw: Any) -> None:
     """Read COUNT blocks at LBA."""
-    client, lun = obj
+    client, lun = _client(kw)
     _, bs = _scsi(client.capacity, lun)
     data = _scsi(client.read, lun, lba, count, bs)
     if out:
@@ -306,10 +515,10 @@ def read(obj: Any, lba: int, count: int, out: Any) -> None:
 @loop.command()
 @click.argument("lba", type=int)
 @click.argument("source", type=click.File("rb"))
-@click.pass_obj
-def write(obj: Any, lba: int, source: Any) -> None:
+@loop_options
+def write(lba: int, source: Any, **kw: Any) -> None:
     """Write SOURCE's bytes at LBA (the last block is padded with zeros)."""
-    client, lun = obj
+    client, lun = _client(kw)
     _, bs = _scsi(client.capacity, lun)
     data = source.read()
     data += bytes(-len(data) % bs)
@@ -317,57 +526,81 @@ def write(obj: Any, lba: int, source: Any) -> None:
     click.echo(f"wrote {len(data) // bs} blocks at LBA {lba}")
 
 
-def _copy(client: Any, total: int, submit: Any, finish: Any, label: str) -> None:
+class Progress:
+    """Bytes done, rate and ETA, on stderr; how far a copy got when it stops."""
+
+    def __init__(self, total: int, label: str) -> None:
+        self.total, self.label, self.done = total, label, 0
+        self.start = time.monotonic()
+
+    def text(self, _: Any = None) -> str:
+        rate = self.done / max(time.monotonic() - self.start, 1e-6)
+        return f"{human(self.done)} of {human(self.total)}, {human(rate)}/s"
+
+
+def _copy(client: Any, total: int, submit: Any, finish: Any, label: str) -> float:
     """Move `total` bytes in CHUNK pieces with DEPTH commands in flight;
-    `finish` sees each piece's result in order."""
+    `finish` sees each piece's result in order. Returns the seconds it took;
+    an interrupt prints how far it got and exits 130."""
     from collections import deque
     inflight: deque = deque()
+    progress = Progress(total, label)
 
     def retire() -> None:
         off, n, fut = inflight.popleft()
         result = _scsi(lambda: fut.result(client.timeout).check())
         finish(off, n, result)
+        progress.done += n
         bar.update(n)
 
-    with click.progressbar(length=total, label=label, file=sys.stderr) as bar:
-        for off in range(0, total, CHUNK):
-            n = min(CHUNK, total - off)
-            inflight.append((off, n, submit(off, n)))
-            if len(inflight) >= DEPTH:
+    try:
+        with click.progressbar(length=total, label=label, file=sys.stderr, show_eta=True,
+                               item_show_func=progress.text) as bar:
+            for off in range(0, total, CHUNK):
+                n = min(CHUNK, total - off)
+                inflight.append((off, n, submit(off, n)))
+                if len(inflight) >= DEPTH:
+                    retire()
+            while inflight:
                 retire()
-        while inflight:
-            retire()
+    except KeyboardInterrupt:
+        done = f"bytes 0-{progress.done - 1} are done" if progress.done else "no byte is done yet"
+        click.echo(f"\nscsi-target loop: {label} interrupted after {progress.done} of {total} bytes "
+                   f"({progress.text()}); {done}", err=True)
+        sys.exit(130)
+    return time.monotonic() - progress.start
 
 
 @loop.command("copy-in")
 @click.argument("image", type=click.Path(exists=True, dir_okay=False))
-@click.pass_obj
-def copy_in(obj: Any, image: str) -> None:
+@loop_options
+def copy_in(image: str, **kw: Any) -> None:
     """Write a whole image file into the LUN, from LBA 0."""
-    client, lun = obj
+    client, lun = _client(kw)
     blocks, bs = _scsi(client.capacity, lun)
     size = os.path.getsize(image)
     if size > blocks * bs:
         click.echo(f"scsi-target loop: {image} ({size} bytes) is larger than the LUN ({blocks * bs})", err=True)
-        sys.exit(1)
+        sys.exit(2)
     with open(image, "rb") as f:
         def submit(off: int, n: int) -> Any:
             data = f.read(n)
             data += bytes(-len(data) % bs)
             cdb = struct.pack(">BBQIBB", 0x8A, 0, off // bs, len(data) // bs, 0, 0)
             return client.submit(lun, cdb, data_out=data)
-        _copy(client, size, submit, lambda off, n, r: None, "copy-in")
+        took = _copy(client, size, submit, lambda off, n, r: None, "copy-in")
     _scsi(client.synchronize_cache, lun)
-    click.echo(f"copied {size} bytes into LUN {lun}")
+    click.echo(f"copied {size} bytes ({human(size)}) into LUN {lun} in {took:.1f} s "
+               f"({human(size / max(took, 1e-6))}/s)")
 
 
 @loop.command("copy-out")
 @click.argument("image", type=click.Path(dir_okay=False))
-@click.option("--size", type=int, help="Bytes to copy (default: the whole LUN).")
-@click.pass_obj
-def copy_out(obj: Any, image: str, size: int | None) -> None:
+@click.option("--size", type=SIZE, help="Bytes to copy, e.g. 32MiB (default: the whole LUN).")
+@loop_options
+def copy_out(image: str, size: int | None, **kw: Any) -> None:
     """Read the LUN (or its first --size bytes) into an image file."""
-    client, lun = obj
+    client, lun = _client(kw)
     blocks, bs = _scsi(client.capacity, lun)
     total = min(size, blocks * bs) if size else blocks * bs
     with open(image, "wb") as f:
@@ -375,5 +608,94 @@ def copy_out(obj: Any, image: str, size: int | None) -> None:
             nb = -(-n // bs)
             cdb = struct.pack(">BBQIBB", 0x88, 0, off // bs, nb, 0, 0)
             return client.submit(lun, cdb, data_in=nb * bs)
-        _copy(client, total, submit, lambda off, n, r: f.write(r.data[:n]), "copy-out")
-    click.echo(f"copied {total} bytes out of LUN {lun}")
+        took = _copy(client, total, submit, lambda off, n, r: f.write(r.data[:n]), "copy-out")
+    click.echo(f"copied {total} bytes ({human(total)}) out of LUN {lun} in {took:.1f} s "
+               f"({human(total / max(took, 1e-6))}/s)")
+
+
+# ------------------------------------------------------------------ scripts and shells
+
+@main.command("wait-ready")
+@where_options
+@click.option("--timeout", type=float, default=30.0, show_default=True, help="Seconds to wait at most.")
+@click.option("--iscsi/--no-iscsi", default=True, show_default=True,
+              help="Also wait for an iSCSI front end listening on every portal.")
+def wait_ready(timeout: float, iscsi: bool, **kw: Any) -> None:
+    """Wait until the target serves (for scripts: `run &` then `wait-ready`).
+    Exit 0 when ready, 1 on timeout."""
+    from scsi_target.mgmt import MgmtClient
+    kw = inherited(kw)
+    endpoint = _endpoint(kw.get("config_path"), kw.get("data_dir"), kw.get("stml"))
+    deadline = time.monotonic() + timeout
+    why = "not started"
+    while True:
+        try:
+            require_running(endpoint)
+            snap = MgmtClient(endpoint, timeout=max(0.2, min(2.0, deadline - time.monotonic()))).call("status")
+            portals = snap.get("portals") or []
+            if not iscsi or (portals and all(p["state"].startswith("listening") for p in portals)):
+                click.echo(f"ready: {endpoint}")
+                return
+            why = "portals: " + ", ".join(f"{p['portal']} {p['state']}" for p in portals)
+        except (NotRunning, TimeoutError, ConnectionError) as e:
+            why = str(e)
+        except RuntimeError as e:
+            why = str(e)
+        if time.monotonic() >= deadline:
+            click.echo(f"scsi-target: not ready after {timeout:g}s: {why}", err=True)
+            sys.exit(1)
+        time.sleep(0.1)
+
+
+@main.command()
+@click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
+def completion(shell: str) -> None:
+    """Print the shell completion script, e.g. `eval "$(scsi-target completion bash)"`."""
+    from click.shell_completion import get_completion_class
+    cls = get_completion_class(shell)
+    assert cls is not None   # click ships all three
+    click.echo(cls(main, {}, "scsi-target", "_SCSI_TARGET_COMPLETE").source())
+
+
+from scsi_target.service import service as _service  # noqa: E402
+main.add_command(_service, "service")
+
+
+# one line per verb in `--help` listings: a docstring's first sentence can be
+# too long for them, and click then cuts it off with "..."
+SHORT_HELP = {
+    "stml": "Run the STML alone (it owns the LUNs).",
+    "fetd-tcp": "Run the iSCSI front end alone, attached to an STML.",
+    "keys": "CURVE key pairs for remote front ends and clients.",
+    "keys generate": "Write a key pair: NAME.key and NAME.key_secret.",
+    "target add": "Add a target (then LUNs with `lun add`).",
+    "lun": "Logical units (changes are live and saved).",
+    "lun add": "Add a LUN from a spec (ram:64MiB, file:PATH, ...).",
+    "portal": "iSCSI portals the front end listens on.",
+    "portal add": "Listen on another portal: HOST:PORT[,TPGT].",
+    "portal remove": "Stop listening on a portal.",
+    "acl": "Initiators allowed to log in (empty: any).",
+    "acl add": "Allow an initiator, by its IQN, to log in.",
+    "chap set": "Require CHAP, or turn it off.",
+    "session drop": "End a session, by its NEXUS number.",
+    "status": "Portals, LUNs, sessions and front ends, with rates.",
+    "ls": "The running configuration as a tree.",
+    "config": "Show, diff, save, reload or check the configuration.",
+    "config show": "Print the running configuration.",
+    "config save": "Save the running configuration (or a copy of it).",
+    "config diff": "Show how the file differs from what runs.",
+    "config reload": "Apply an edited file live (as SIGHUP does).",
+    "config check": "Validate a config file (no target needed).",
+    "run": "Run the target: the STML and the iSCSI front end.",
+    "loop inquiry": "Print the LUN's identity (INQUIRY, serial, NAA).",
+    "loop write": "Write a file's bytes at an LBA.",
+    "wait-ready": "Wait until the target serves (for scripts).",
+    "service install": "Create the user, install, enable and start the unit.",
+    "completion": "Print the completion script for bash, zsh or fish.",
+}
+for _path, _text in SHORT_HELP.items():
+    _cmd: click.Command = main
+    for _word in _path.split():
+        assert isinstance(_cmd, click.Group)
+        _cmd = _cmd.commands[_word]
+    _cmd.short_help = _text

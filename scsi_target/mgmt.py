@@ -1,12 +1,14 @@
 """Management verbs: talk to a running STML over its endpoint (the contract's
 `mgmt` family) and print a table, or JSON with --json. The STML is found like
-`scsi-target loop` finds it: --stml ENDPOINT, --config FILE or --data-dir."""
+`scsi-target loop` finds it: --stml ENDPOINT, --config FILE or --data-dir,
+given before the verb or after it. A refusal exits 2, a target that is not
+running or does not answer exits 1."""
 from __future__ import annotations
 
 import itertools
 import json
-import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,9 +24,9 @@ class MgmtClient:
         self.ids = itertools.count(1)
 
     def call(self, cmd: str, **args: Any) -> Any:
+        from scsi_target.cli import require_running
         from stml.api import pack, unpack
-        if self.endpoint.startswith("ipc://") and not os.path.exists(self.endpoint[6:]):
-            raise ConnectionError(f"no STML is serving {self.endpoint}")
+        require_running(self.endpoint)      # a stale socket is answered at once
         ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
@@ -39,8 +41,8 @@ class MgmtClient:
                             "args": {k: v for k, v in args.items() if v is not None}}))
             while True:
                 if not sock.poll(int(self.timeout * 1000)):
-                    raise TimeoutError(f"no answer from the STML at {self.endpoint} "
-                                       f"(not running, or it does not accept our key)")
+                    raise TimeoutError(f"no answer from the STML at {self.endpoint} in {self.timeout:g}s"
+                                       + (" (does it accept our key?)" if self.curve else " (busy or stuck)"))
                 h = unpack(sock.recv_multipart()[0])
                 if h.get("op") == "mgmt_reply" and h.get("id") == rid:
                     break
@@ -58,7 +60,8 @@ def _endpoint(config_path: str | None, data_dir: str | None, stml: str | None) -
 
 def mgmt_options(f: Callable) -> Callable:
     for opt in reversed([
-        click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Find the STML from this config."),
+        click.option("--config", "config_path", type=click.Path(dir_okay=False),
+                     help="Find the STML from this config."),
         click.option("--data-dir", type=click.Path(file_okay=False), help="Find the STML of this data dir."),
         click.option("--stml", help="STML endpoint (ipc://PATH or tcp://HOST:PORT)."),
         click.option("--stml-key", type=click.Path(dir_okay=False), help="The STML's public key file (tcp://)."),
@@ -71,6 +74,8 @@ def mgmt_options(f: Callable) -> Callable:
 
 
 def _call(kw: dict[str, Any], cmd: str, **args: Any) -> Any:
+    from scsi_target.cli import inherited
+    kw = inherited(kw)
     curve = None
     if kw.get("stml_key") or kw.get("own_key"):
         from stml.api import curve_client_keys
@@ -88,12 +93,17 @@ def _call(kw: dict[str, Any], cmd: str, **args: Any) -> Any:
         sys.exit(1)
     except RuntimeError as e:
         click.echo(f"scsi-target: {cmd.replace('_', ' ')} refused: {e}", err=True)
-        sys.exit(1)
+        sys.exit(2)
+
+
+WIDTH = 100   # what `status` and `ls` fit in, unless --wide
 
 
 def _human(n: Any) -> str:
-    if not isinstance(n, int) or n < 1024:
+    if not isinstance(n, (int, float)) or isinstance(n, bool):
         return str(n)
+    if n < 1024:
+        return f"{n:.0f}"
     for unit in ("KiB", "MiB", "GiB", "TiB"):
         n /= 1024
         if n < 1024:
@@ -101,16 +111,34 @@ def _human(n: Any) -> str:
     return f"{n:.1f}PiB"
 
 
-def table(rows: list[dict[str, Any]], columns: list[str], title: str | None = None) -> str:
-    if title:
-        out = [title]
-    else:
-        out = []
+def squeeze(text: str, width: int) -> str:
+    """Shorten in the middle, where long names (IQNs, paths) differ least."""
+    if len(text) <= width:
+        return text
+    if width < 5:
+        return text[:width]
+    keep = width - 1
+    return text[:keep // 2] + "~" + text[len(text) - (keep - keep // 2):]
+
+
+def table(rows: list[dict[str, Any]], columns: list[str], title: str | None = None,
+          width: int | None = None, headers: dict[str, str] | None = None) -> str:
+    """Rows as aligned columns; with `width`, the widest columns are squeezed
+    until a line fits it."""
+    out = [title] if title else []
     if not rows:
         return "\n".join(out + ["(none)"])
+    heads = [(headers or {}).get(c, c).upper() for c in columns]
     cells = [[_fmt(c, r.get(c)) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    out.append("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths)).rstrip())
+    widths = [max(len(h), *(len(row[i]) for row in cells)) for i, h in enumerate(heads)]
+    if width is not None:
+        while sum(widths) + 2 * (len(widths) - 1) > width:
+            i = max(range(len(widths)), key=lambda k: widths[k])
+            if widths[i] <= max(8, len(heads[i])):
+                break
+            widths[i] -= 1
+        cells = [[squeeze(v, w) for v, w in zip(row, widths)] for row in cells]
+    out.append("  ".join(h.ljust(w) for h, w in zip(heads, widths)).rstrip())
     out += ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in cells]
     return "\n".join(out)
 
@@ -118,14 +146,16 @@ def table(rows: list[dict[str, Any]], columns: list[str], title: str | None = No
 def _fmt(col: str, v: Any) -> str:
     if v is None:
         return "-"
-    if col.endswith(("bytes", "size")) and col != "block_size":
+    if col.endswith(("bytes", "size", "/s")) and col != "block_size":
         return _human(v)
     if isinstance(v, bool):
         return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.0f}"
     if isinstance(v, list):
         return ",".join(map(str, v)) or "-"
-    if isinstance(v, dict):
-        return "/".join(f"{x:g}" for x in v.values())
+    if isinstance(v, dict):   # latency percentiles, in whole microseconds
+        return "/".join(f"{x:.0f}" for x in v.values())
     return str(v)
 
 
@@ -142,20 +172,22 @@ def show(kw: dict[str, Any], result: Any, columns: list[str] | None = None) -> N
 
 @click.group()
 def target() -> None:
-    """Targets of the running STML."""
+    """Targets of the running STML (add, remove, list)."""
 
 
 @target.command("list")
 @mgmt_options
 def target_list(**kw: Any) -> None:
+    """List the targets with their LUN and session counts."""
     show(kw, _call(kw, "target_list"), ["name", "alias", "luns", "sessions", "acl", "chap"])
 
 
 @target.command("add")
 @click.argument("name")
-@click.option("--alias", default="")
+@click.option("--alias", default="", help="A human name sent to initiators (TargetAlias).")
 @mgmt_options
 def target_add(name: str, alias: str, **kw: Any) -> None:
+    """Add a target NAME (an iqn.YYYY-MM.reversed.domain:id); add LUNs with `lun add`."""
     show(kw, _call(kw, "target_add", name=name, alias=alias))
 
 
@@ -164,21 +196,23 @@ def target_add(name: str, alias: str, **kw: Any) -> None:
 @click.option("--force", is_flag=True, help="Drop its sessions.")
 @mgmt_options
 def target_remove(name: str, force: bool, **kw: Any) -> None:
+    """Remove a target and its LUNs (their backing files stay)."""
     show(kw, _call(kw, "target_remove", name=name, force=force))
 
 
 @click.group()
 def lun() -> None:
-    """Logical units of the running STML (changes are hot and saved)."""
+    """Logical units of the running STML (changes are live and saved)."""
 
 
 LUN_COLUMNS = ["target", "lun", "backend", "size", "block_size", "ro", "path"]
 
 
 @lun.command("list")
-@click.option("--target", "target_name")
+@click.option("--target", "target_name", help="Only this target's LUNs.")
 @mgmt_options
 def lun_list(target_name: str | None, **kw: Any) -> None:
+    """List the LUNs with size, backend and path."""
     show(kw, _call(kw, "lun_list", target=target_name), LUN_COLUMNS)
 
 
@@ -194,20 +228,22 @@ def lun_add(spec: str, target_name: str | None, number: int | None, **kw: Any) -
 
 @lun.command("remove")
 @click.argument("number", type=int)
-@click.option("--target", "target_name")
+@click.option("--target", "target_name", help="Target name (default: the first).")
 @mgmt_options
 def lun_remove(number: int, target_name: str | None, **kw: Any) -> None:
+    """Remove LUN NUMBER (its backing file stays)."""
     show(kw, _call(kw, "lun_remove", lun=number, target=target_name))
 
 
 @lun.command("resize")
 @click.argument("number", type=int)
 @click.argument("size")
-@click.option("--target", "target_name")
+@click.option("--target", "target_name", help="Target name (default: the first).")
+@click.option("--force", is_flag=True, help="Allow shrinking (the data past the new end is lost).")
 @mgmt_options
-def lun_resize(number: int, size: str, target_name: str | None, **kw: Any) -> None:
+def lun_resize(number: int, size: str, target_name: str | None, force: bool, **kw: Any) -> None:
     """Resize LUN NUMBER to SIZE (e.g. 2GiB); initiators get CAPACITY DATA HAS CHANGED."""
-    show(kw, _call(kw, "lun_resize", lun=number, size=size, target=target_name))
+    show(kw, _call(kw, "lun_resize", lun=number, size=size, target=target_name, force=force or None))
 
 
 @click.group()
@@ -218,14 +254,15 @@ def portal() -> None:
 @portal.command("list")
 @mgmt_options
 def portal_list(**kw: Any) -> None:
-    show(kw, _call(kw, "portal_list"), ["portal", "host", "port", "tpgt"])
+    """List the portals and whether the front end listens on each."""
+    show(kw, _call(kw, "portal_list"), ["portal", "host", "port", "tpgt", "state"])
 
 
 @portal.command("add")
 @click.argument("portal_spec", metavar="HOST:PORT[,TPGT]")
 @mgmt_options
 def portal_add(portal_spec: str, **kw: Any) -> None:
-    """Listen on another portal (TPGT default 1; [V6ADDR]:PORT for IPv6)."""
+    """Listen on another portal (TPGT default 1; [V6ADDR]:PORT for IPv6); refused if it cannot be opened."""
     show(kw, _call(kw, "portal_add", portal=portal_spec), ["portal", "tpgt", "saved"])
 
 
@@ -244,17 +281,19 @@ def acl() -> None:
 
 @acl.command("add")
 @click.argument("initiator")
-@click.option("--target", "target_name")
+@click.option("--target", "target_name", help="Target name (default: the first).")
 @mgmt_options
 def acl_add(initiator: str, target_name: str | None, **kw: Any) -> None:
+    """Allow INITIATOR (its IQN) to log in; once the ACL has an entry, others are refused."""
     show(kw, _call(kw, "acl_add", initiator=initiator, target=target_name))
 
 
 @acl.command("remove")
 @click.argument("initiator")
-@click.option("--target", "target_name")
+@click.option("--target", "target_name", help="Target name (default: the first).")
 @mgmt_options
 def acl_remove(initiator: str, target_name: str | None, **kw: Any) -> None:
+    """Take INITIATOR out of the ACL."""
     show(kw, _call(kw, "acl_remove", initiator=initiator, target=target_name))
 
 
@@ -264,12 +303,13 @@ def chap() -> None:
 
 
 @chap.command("set")
-@click.option("--target", "target_name")
-@click.option("--user")
+@click.option("--target", "target_name", help="Target name (default: the first).")
+@click.option("--user", help="The CHAP user name.")
 @click.option("--secret", help="12 to 255 bytes; omit --user and --secret to turn CHAP off.")
 @click.option("--mutual", is_flag=True, help="Set the target's own (mutual CHAP) credentials.")
 @mgmt_options
 def chap_set(target_name: str | None, user: str | None, secret: str | None, mutual: bool, **kw: Any) -> None:
+    """Require CHAP (--user and --secret), or turn it off (neither)."""
     show(kw, _call(kw, "chap_set", target=target_name, user=user, secret=secret, mutual=mutual))
 
 
@@ -285,6 +325,7 @@ SESSION_COLUMNS = ["front_end", "nexus", "initiator", "target", "tpg", "commands
 @session.command("list")
 @mgmt_options
 def session_list(**kw: Any) -> None:
+    """List the sessions with their counters."""
     show(kw, _call(kw, "session_list"), SESSION_COLUMNS)
 
 
@@ -305,52 +346,254 @@ def frontend() -> None:
 
 
 FE_COLUMNS = ["name", "kind", "nexuses", "last_seen_s", "commands", "read_bytes", "write_bytes",
-              "errors", "in_flight", "latency_us"]
+              "errors", "in_flight", "latency_us", "buffered_bytes", "buffer_limit_bytes"]
 
 
 @frontend.command("list")
 @mgmt_options
 def frontend_list(**kw: Any) -> None:
+    """List the front ends with their counters."""
     show(kw, _call(kw, "frontend_list"), FE_COLUMNS)
+
+
+# ------------------------------------------------------------------ status and ls
+
+RATE_KEYS = ("commands", "read_bytes", "write_bytes")
+
+
+def with_rates(before: dict[str, Any], after: dict[str, Any], seconds: float) -> dict[str, Any]:
+    """Per-second rates of the counters between two snapshots, per row."""
+    def key(scope: str, r: dict[str, Any]) -> Any:
+        return (r.get("target"), r.get("lun")) if scope == "luns" else \
+            (r.get("front_end"), r.get("nexus")) if scope == "sessions" else r.get("name")
+    for scope in ("luns", "sessions", "front_ends"):
+        old = {key(scope, r): r for r in before.get(scope, [])}
+        for r in after.get(scope, []):
+            o = old.get(key(scope, r))
+            for k in RATE_KEYS:
+                if o is not None and seconds > 0:
+                    r[f"{k.replace('_bytes', '').replace('commands', 'iops')}/s"] = \
+                        max(0, r.get(k, 0) - o.get(k, 0)) / seconds
+    return after
+
+
+def _uptime(s: float) -> str:
+    s = int(s)
+    return f"{s // 86400}d{s % 86400 // 3600}h" if s >= 86400 else \
+        f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def render_status(snap: dict[str, Any], wide: bool) -> str:
+    width = None if wide else WIDTH
+    for r in snap["luns"]:
+        r["size"] = r["blocks"] * r["block_size"]
+    head = [f"STML {snap['stml']} up {_uptime(snap['uptime_s'])}; data dir {snap.get('data_dir', '-')}",
+            f"config {snap['config'] or '(none)'}; endpoint {', '.join(snap['endpoints'])}"]
+    head = [squeeze(h, WIDTH) if not wide else h for h in head]
+    portals = snap.get("portals") or []
+    rated = "iops/s" in (snap["luns"][0] if snap["luns"] else {})
+    rates = ["iops/s", "read/s", "write/s"] if rated else []
+    totals = ["read_bytes", "write_bytes", "errors"]
+    lun_cols = ["target", "lun", "size", "backend", *rates, *totals, "latency_us"]
+    ses_cols = ["initiator", "target", "tpg", *rates, *totals, "latency_us"]
+    fe_cols = ["name", "kind", "nexuses", *rates, *totals]
+    if wide:
+        lun_cols = ["target", "lun", "size", "backend", "path", *rates, "commands", "read_bytes",
+                    "write_bytes", "errors", "in_flight", "latency_us"]
+        ses_cols = SESSION_COLUMNS + rates
+        fe_cols = FE_COLUMNS + rates
+    heads = {"latency_us": "lat us", "in_flight": "queued", "iops/s": "iops", "read_bytes": "read",
+             "write_bytes": "written", "errors": "err"}
+    out = head + [table(portals, ["portal", "tpgt", "state"], "\nPortals", width)]
+    if wide:
+        out.append(table(snap["luns"], lun_cols, "\nLUNs", width, heads))
+        out.append(table(snap["sessions"], ses_cols, "\nSessions", width, heads))
+    else:   # a heading per target: its name once, in full, rather than squeezed on every row
+        names = list(dict.fromkeys([r["target"] for r in snap["luns"]] + [r["target"] for r in snap["sessions"]]))
+        for name in names or ["-"]:
+            out.append(f"\nTarget {name}")
+            luns = [r for r in snap["luns"] if r["target"] == name]
+            sessions = [r for r in snap["sessions"] if r["target"] == name]
+            out.append(table(luns, [c for c in lun_cols if c != "target"], "LUNs", width, heads))
+            if sessions:
+                out.append(table(sessions, [c for c in ses_cols if c != "target"], "Sessions", width, heads))
+    out.append(table(snap["front_ends"], fe_cols, "\nFront ends", width, heads))
+    gw = snap.get("gateway")
+    if gw and gw["role"] != "standalone":   # RBD LUNs: this STML's role and who holds each lock
+        out.append(f"\nGateway: {gw['role']} for {gw['for_s']}s, {gw['takeovers']} takeover(s)")
+        out.append(table(gw["images"], ["target", "lun", "image", "lock_owner", "mine"], None, width))
+    return "\n".join(out)
 
 
 @click.command()
 @mgmt_options
-def status(**kw: Any) -> None:
-    """The STML's LUNs, sessions and front ends with their counters
-    (latency_us: p50/p90/p99 of recent commands)."""
+@click.option("--watch", is_flag=True, help="Refresh every --interval seconds until Ctrl-C.")
+@click.option("--interval", type=float, default=1.0, show_default=True,
+              help="Seconds between the two samples rates come from (0: counters only, at once).")
+@click.option("--wide", is_flag=True, help="Every column, whatever the width.")
+def status(watch: bool, interval: float, wide: bool, **kw: Any) -> None:
+    """The STML's portals, LUNs, sessions and front ends, with sizes, rates
+    (iops, bytes/s over --interval), totals read and written, errors and
+    latency (LAT US: p50/p90/p99 of recent commands, in microseconds)."""
+    snap = _call(kw, "status")
+    while True:
+        if interval > 0:
+            t0 = time.monotonic()
+            time.sleep(interval)
+            nxt = _call(kw, "status")
+            snap = with_rates(snap, nxt, time.monotonic() - t0)
+        if kw.get("as_json"):
+            click.echo(json.dumps(snap, indent=2, sort_keys=True))
+        else:
+            if watch:
+                click.clear()
+            click.echo(render_status(snap, wide))
+        if not watch:
+            return
+        if interval <= 0:
+            time.sleep(1.0)
+            snap = _call(kw, "status")
+
+
+def render_tree(targets: list[dict[str, Any]], snap: dict[str, Any], wide: bool) -> str:
+    """targets -> portal groups -> LUNs -> ACLs -> sessions, as targetcli's `ls`."""
+    lines: list[str] = []
+    luns = snap["luns"]
+    portals = snap.get("portals") or []
+
+    def add(depth: int, text: str) -> None:
+        line = "  " * depth + "o- " + text
+        lines.append(line if wide else squeeze(line, WIDTH))
+
+    add(0, f"/ (STML {snap['stml']}, data dir {snap.get('data_dir', '-')})")
+    for t in targets:
+        name = t["name"]
+        add(1, f"{name}" + (f" ({t['alias']})" if t.get("alias") else "")
+            + f" [{t['luns']} LUN(s), {t['sessions']} session(s)]")
+        add(2, "tpgs")
+        for tag in sorted({p["tpgt"] for p in portals}):
+            add(3, f"tpg {tag}")
+            for p in portals:
+                if p["tpgt"] == tag:
+                    add(4, f"{p['host']}:{p['port']} [{p['state']}]")
+        add(2, "luns")
+        for r in luns:
+            if r["target"] == name:
+                size = r["blocks"] * r["block_size"]
+                where = r.get("path") or "RAM"
+                add(3, f"lun {r['lun']} [{_human(size)}, {r['backend']}, {where}]")
+        acl = t.get("acl") or []
+        add(2, "acls" + ("" if acl else " [empty: any initiator may log in]"))
+        for a in acl:
+            add(3, a)
+        add(2, f"chap [{'on' if t.get('chap') else 'off'}]")
+        ses = [s for s in snap["sessions"] if s["target"] == name]
+        add(2, "sessions")
+        for s in ses:
+            add(3, f"{s['initiator']} [nexus {s['nexus']}, tpg {s['tpg']}, {s['front_end']}]")
+    return "\n".join(lines)
+
+
+@click.command("ls")
+@mgmt_options
+@click.option("--wide", is_flag=True, help="Do not shorten long names to fit 100 columns.")
+def ls(wide: bool, **kw: Any) -> None:
+    """The running configuration as a tree: targets, portal groups, LUNs
+    (size, backend, path), ACLs and sessions."""
+    targets = _call(kw, "target_list")
     snap = _call(kw, "status")
     if kw.get("as_json"):
-        click.echo(json.dumps(snap, indent=2, sort_keys=True))
+        click.echo(json.dumps({"targets": targets, "status": snap}, indent=2, sort_keys=True))
         return
-    click.echo(f"STML {snap['stml']} up {snap['uptime_s']}s on {', '.join(snap['endpoints'])}"
-               f"; config {snap['config'] or '(none)'}")
-    click.echo(table(snap["luns"], ["target", "lun", "backend", "blocks", "commands", "read_bytes",
-                                    "write_bytes", "errors", "in_flight", "latency_us"], "\nLUNs"))
-    click.echo(table(snap["sessions"], SESSION_COLUMNS, "\nSessions"))
-    click.echo(table(snap["front_ends"], FE_COLUMNS, "\nFront ends"))
-    gw = snap.get("gateway")
-    if gw and gw["role"] != "standalone":   # RBD LUNs: this STML's role and who holds each lock
-        click.echo(f"\nGateway: {gw['role']} for {gw['for_s']}s, {gw['takeovers']} takeover(s)")
-        click.echo(table(gw["images"], ["target", "lun", "image", "lock_owner", "mine"]))
+    click.echo(render_tree(targets, snap, wide))
 
+
+# ------------------------------------------------------------------ config
 
 @click.group()
 def config() -> None:
-    """The config file: print it or validate it (no STML needed)."""
+    """The configuration: the running one (show, diff, save, reload) and files (check)."""
 
 
 @config.command("show")
-@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False, exists=True))
-@click.option("--json", "as_json", is_flag=True)
-def config_show(config_path: str, as_json: bool) -> None:
-    """Print the config file as the STML reads it."""
-    import tomllib
-    text = Path(config_path).read_text()
-    if as_json:
-        click.echo(json.dumps(tomllib.loads(text), indent=2))
+@mgmt_options
+@click.option("--file", "file_only", is_flag=True, help="Print the file as it is on disk instead.")
+def config_show(file_only: bool, **kw: Any) -> None:
+    """Print the running configuration, as a save would write it (with the file's comments)."""
+    from scsi_target.cli import inherited
+    kw = inherited(kw)
+    if file_only:
+        path = kw.get("config_path") or str(_data_dir(kw) / "scsi-target.toml")
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            click.echo(f"scsi-target: {path}: {e.strerror}", err=True)
+            sys.exit(1)
+        if kw.get("as_json"):
+            import tomllib
+            click.echo(json.dumps(tomllib.loads(text), indent=2))
+        else:
+            click.echo(text.rstrip())
+        return
+    from scsi_target.cli import NotRunning, _endpoint, require_running
+    try:
+        require_running(_endpoint(kw.get("config_path"), kw.get("data_dir"), kw.get("stml")))
+    except NotRunning as e:
+        click.echo(f"scsi-target: {e}; the file on disk follows", err=True)
+        config_show.callback(file_only=True, **kw)   # type: ignore[misc]
+        return
+    r = _call(kw, "config_show")
+    if kw.get("as_json"):
+        import tomllib
+        click.echo(json.dumps(tomllib.loads(r["text"]), indent=2))
     else:
-        click.echo(text.rstrip())
+        click.echo(r["text"].rstrip())
+
+
+def _data_dir(kw: dict[str, Any]) -> Path:
+    from stml.config import default_data_dir
+    return Path(kw["data_dir"]).absolute() if kw.get("data_dir") else default_data_dir()
+
+
+@config.command("save")
+@click.argument("file", required=False, type=click.Path(dir_okay=False))
+@click.option("--force", is_flag=True, help="Overwrite the config file even if it was edited by hand.")
+@mgmt_options
+def config_save(file: str | None, force: bool, **kw: Any) -> None:
+    """Save the running configuration to its file (every change already does), or to FILE."""
+    r = _call(kw, "config_save", path=str(Path(file).absolute()) if file else None, force=force or None)
+    show(kw, r, ["saved"])
+
+
+@config.command("diff")
+@mgmt_options
+def config_diff(**kw: Any) -> None:
+    """Show how the file on disk differs from the running configuration
+    (exit 0: the same, 1: they differ)."""
+    r = _call(kw, "config_diff")
+    if kw.get("as_json"):
+        click.echo(json.dumps(r, indent=2, sort_keys=True))
+    elif r["same"]:
+        click.echo(f"{r['path']} holds the running configuration")
+    else:
+        click.echo(r["diff"].rstrip())
+    sys.exit(0 if r["same"] else 1)
+
+
+@config.command("reload")
+@mgmt_options
+def config_reload(**kw: Any) -> None:
+    """Apply the hand-edited file to the running target (as SIGHUP does); say
+    what needs a restart or a forced command instead."""
+    r = _call(kw, "config_reload")
+    if kw.get("as_json"):
+        click.echo(json.dumps(r, indent=2, sort_keys=True))
+        return
+    click.echo(f"reloaded {r['path']}: {len(r['applied'])} change(s) applied")
+    for line in r["applied"]:
+        click.echo(f"  applied: {line}")
+    for line in r["not_applied"]:
+        click.echo(f"  NOT applied: {line}")
 
 
 @config.command("check")
@@ -369,5 +612,5 @@ def config_check(config_path: str) -> None:
 
 
 def register(main: click.Group) -> None:
-    for cmd in (target, lun, portal, acl, chap, session, frontend, status, config):
+    for cmd in (target, lun, portal, acl, chap, session, frontend, status, ls, config):
         main.add_command(cmd)

@@ -1,4 +1,4 @@
-"""The STML <-> front end contract (version 1.2). Front ends import this module only.
+"""The STML <-> front end contract (version 1.3). Front ends import this module only.
 
 Transport: ZeroMQ. The STML binds a ROUTER socket; each front end connects a
 DEALER socket whose routing id names it. A message is a multipart message:
@@ -37,7 +37,8 @@ deregister_target_front_end {op}
 register_nexus   {op, nexus: int, initiator: str, target: str, tpg: int}
     A new I_T nexus (iSCSI: a session; initiator is "IQN,i,0xISID").
     `nexus` is chosen by the front end, unique within it. Answered by
-    `nexus_ready` {op, nexus, error?}.
+    `nexus_ready` {op, nexus, error?}. A target name over MAX_NAME_LEN (223)
+    bytes, or an initiator over MAX_PORT_NAME_LEN, is refused (error).
 scsi_release     {op, nexus: int}
     The nexus is gone: free its state and abort its tasks (I_T nexus loss).
 rx_cmnd          {op, tag: int, nexus: int, lun: int, cdb: bytes, attr: int,
@@ -56,7 +57,16 @@ rx_task_mgmt_fn  {op, tag, nexus, fn: int, lun: int, ref: int|None}
 scsi_target_done {op, tags: [int]}
     Responses delivered to the initiator (batched); ends the tasks'
     accounting in the STML.
-heartbeat        {op}
+heartbeat        {op, usage?: {str: int}}
+    `usage` (1.3): what the front end buffers (bytes: limit, used, peak, and
+    by kind), shown by `status`; a front end that sends it sends a heartbeat
+    every interval, busy or not, so the figures stay fresh.
+portal_state     {op, follows: bool, portals: [{host, port, tpgt, listening: bool,
+                  bound_port?: int, error?: str}]}
+    (optional) An iSCSI front end that follows the STML's portal list says,
+    after each change of it, which portals it listens on and why not the
+    others; `portal add` waits for it, `portal list` and `status` show it.
+    An STML that does not know it logs and ignores it.
 
 STML -> front end
 -----------------
@@ -130,7 +140,11 @@ from typing import Any, Callable, Protocol, Sequence
 import msgpack
 import zmq
 
-CONTRACT_VERSION = (1, 2)
+CONTRACT_VERSION = (1, 3)
+# an iSCSI name is at most 223 bytes (RFC 7143 4.2.7.1): initiator and target names
+# in register_nexus are held to it (an initiator port name adds ",i,0x" and 12 hex digits)
+MAX_NAME_LEN = 223
+MAX_PORT_NAME_LEN = MAX_NAME_LEN + len(",i,0x") + 12
 log = logging.getLogger("stml.api")
 
 
@@ -145,6 +159,7 @@ class Op(enum.StrEnum):
     RX_TMF = "rx_task_mgmt_fn"
     DONE = "scsi_target_done"
     HEARTBEAT = "heartbeat"
+    PORTAL_STATE = "portal_state"
     # STML -> front end
     DETECT = "detect"
     NEXUS_READY = "nexus_ready"
@@ -327,6 +342,8 @@ class FrontEndHandler(Protocol):
     # optional: everything one read from the STML brought has been delivered: a
     # front end may send its output now rather than at the end of the iteration
     # def messages_handled(self) -> None: ...
+    # optional (1.3): what it buffers, sent with every heartbeat for `status`
+    # def usage(self) -> dict[str, int]: ...
 
 
 class RegistrationRefused(Exception):
@@ -368,6 +385,7 @@ class FrontEndLink:
         self._channel: Channel | StreamChannel | None = None
         self._last_rx = 0.0
         self._last_tx = 0.0
+        self._last_usage = 0.0
         self._ended: asyncio.Future | None = None
         self._timer: asyncio.Task | None = None
         self._monitor: tuple[zmq.Socket, int] | None = None   # the CURVE handshake watch
@@ -584,8 +602,12 @@ class FrontEndLink:
                 self._next_endpoint()
             elif not self.connected.is_set() and now - self._trying_since > 3 * self.heartbeat:
                 self._next_endpoint()   # no answer from this one: another may serve
+            usage = getattr(self.handler, "usage", None)
             if not self.connected.is_set():
                 self._register()
+            elif usage is not None and now - self._last_usage >= self.heartbeat:
+                self._last_usage = now
+                self.send({"op": Op.HEARTBEAT, "usage": usage()})
             elif now - self._last_tx >= self.heartbeat:
                 self.send({"op": Op.HEARTBEAT})
 

@@ -1,14 +1,13 @@
 """The STML process's command line (`python -m stml`, `scsi-target stml`)."""
 from __future__ import annotations
 
-import logging
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 import click
 
 from scsi_runtime.logs import setup_logging
-from stml.config import MAX_POLL_US, Config, ConfigError, load
+from stml.config import MAX_POLL_US, Config, ConfigError, StartupError, load_or_create
 
 
 def config_options(f: Callable) -> Callable:
@@ -24,18 +23,27 @@ def config_options(f: Callable) -> Callable:
         click.option("--stml-endpoint", help="ZeroMQ endpoint of the STML (ipc://PATH or tcp://HOST:PORT)."),
         click.option("--log-level", default="info", show_default=True,
                      type=click.Choice(["debug", "info", "warning", "error"])),
+        click.option("--log-format", default="text", show_default=True, type=click.Choice(["text", "json"]),
+                     help="text: one line per record; json: one JSON object per line."),
     ]):
         f = opt(f)
     return f
 
 
+def config_exit(e: ConfigError) -> NoReturn:
+    """A start that cannot succeed as configured: one line, exit 2."""
+    click.echo(f"scsi-target: {'' if isinstance(e, StartupError) else 'config error: '}{e}", err=True)
+    sys.exit(2)
+
+
 def load_or_exit(config_path: str | None, data_dir: str | None, iqn: str | None,
                  luns: tuple[str, ...], stml_endpoint: str | None, portals: tuple[str, ...] = ()) -> Config:
+    """The config this start serves; its file is written first if it is new
+    (stml.config.load_or_create)."""
     try:
-        return load(config_path, data_dir, iqn, luns, stml_endpoint, portals)
+        return load_or_create(config_path, data_dir, iqn, luns, stml_endpoint, portals)
     except ConfigError as e:
-        click.echo(f"scsi-target: config error: {e}", err=True)
-        sys.exit(2)
+        config_exit(e)
 
 
 def stml_options(f: Callable) -> Callable:
@@ -71,10 +79,10 @@ def apply_stml_options(config: Config, listen: tuple[str, ...] = (), insecure: b
 @click.option("--portal", "portals", multiple=True, metavar="HOST:PORT[,TPGT]",
               help="iSCSI portal for front ends that follow the STML's list, repeatable "
                    "(replaces the config's `portals` for this run).")
-def main(log_level: str, listen: tuple[str, ...], insecure: bool, metrics: str | None, poll_us: int | None,
-         **kw: Any) -> None:
+def main(log_level: str, log_format: str, listen: tuple[str, ...], insecure: bool, metrics: str | None,
+         poll_us: int | None, **kw: Any) -> None:
     """Run the STML alone: it owns the LUNs and waits for front ends."""
-    setup_logging(log_level, "stml")
+    setup_logging(log_level, "stml", log_format)
     config = load_or_exit(**kw)
     apply_stml_options(config, listen, insecure, metrics, poll_us)
     from stml.api import run_loop
@@ -82,5 +90,4 @@ def main(log_level: str, listen: tuple[str, ...], insecure: bool, metrics: str |
     try:
         run_loop(run_stml(config))
     except ConfigError as e:
-        click.echo(f"scsi-target: config error: {e}", err=True)
-        sys.exit(2)
+        config_exit(e)

@@ -2,9 +2,11 @@
 Config. Every error names the field it is about, in one line."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import re
+import secrets
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +21,7 @@ DEFAULT_PORTAL = "127.0.0.1:3260"
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "kb": 1000, "m": 1 << 20, "mib": 1 << 20,
           "mb": 10**6, "g": 1 << 30, "gib": 1 << 30, "gb": 10**9, "t": 1 << 40, "tib": 1 << 40,
           "tb": 10**12}
+_LU_ID = re.compile(r"[0-9A-Fa-f]{32}")
 _IQN = re.compile(r"^(iqn\.\d{4}-\d{2}\.[^\s,]+|eui\.[0-9A-Fa-f]{16}|naa\.[0-9A-Fa-f]{16,32})$")
 
 
@@ -120,7 +123,7 @@ def _bool(value: Any, where: str) -> bool:
 def lun_options(raw: dict[str, Any], where: str, data_dir: Path) -> LunOptions:
     """Validate one LUN's settings (from TOML or a parsed spec)."""
     known = {"lun", "backend", "path", "size", "ro", "removable", "block_size", "write_cache", "thin",
-             "physical_block_exp", *_CEPH_KEYS}
+             "physical_block_exp", "id", *_CEPH_KEYS}
     for key in raw:
         if key not in known:
             raise ConfigError(f"{where}.{key}", f"unknown setting (known: {', '.join(sorted(known))})")
@@ -148,29 +151,30 @@ def lun_options(raw: dict[str, Any], where: str, data_dir: Path) -> LunOptions:
     pbe = raw.get("physical_block_exp", 0)
     if not isinstance(pbe, int) or isinstance(pbe, bool) or not 0 <= pbe <= 15:
         raise ConfigError(f"{where}.physical_block_exp", f"{pbe!r} is not 0-15 (log2 of logical blocks per physical block)")
+    ident = raw.get("id")
+    if ident is not None and (not isinstance(ident, str) or not _LU_ID.fullmatch(ident)):
+        raise ConfigError(f"{where}.id", f"{ident!r} is not 32 hexadecimal digits (the LU's identity)")
     return LunOptions(kind=kind, size=size, path=path,
                       ro=_bool(raw.get("ro", False), f"{where}.ro"),
                       removable=_bool(raw.get("removable", False), f"{where}.removable"),
                       block_size=bs,
                       write_cache=_bool(raw.get("write_cache", False), f"{where}.write_cache"),
                       thin=_bool(raw.get("thin", True), f"{where}.thin"),
-                      physical_block_exp=pbe, ceph=ceph)
+                      physical_block_exp=pbe, id=ident.lower() if ident else None, **ceph)
 
 
-# an rbd LUN's connection settings: TOML key -> what open_backend calls it
-_CEPH_KEYS = {"ceph_conf": "conf", "ceph_user": "user", "ceph_keyring": "keyring"}
+# an rbd LUN's connection settings (LunOptions fields of the same names)
+_CEPH_KEYS = ("ceph_conf", "ceph_user", "ceph_keyring")
 
 
-def _ceph_options(raw: dict[str, Any], kind: str, where: str) -> dict[str, str] | None:
+def _ceph_options(raw: dict[str, Any], kind: str, where: str) -> dict[str, str]:
     given = {k: raw[k] for k in _CEPH_KEYS if k in raw}
-    if kind != "rbd":
-        if given:
-            raise ConfigError(f"{where}.{next(iter(given))}", "only an rbd LUN connects to Ceph")
-        return None
+    if kind != "rbd" and given:
+        raise ConfigError(f"{where}.{next(iter(given))}", "only an rbd LUN connects to Ceph")
     for key, value in given.items():
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{where}.{key}", f"{value!r} is not a name or a path")
-    return {_CEPH_KEYS[k]: v for k, v in given.items()}
+    return given
 
 
 def parse_lun_spec(spec: str, where: str = "--lun") -> dict[str, Any]:
@@ -292,7 +296,8 @@ def load(config_path: str | None = None, data_dir: str | None = None, iqn: str |
                                     _chap(t.get("chap"), f"{where}.chap"),
                                     _chap(t.get("mutual_chap"), f"{where}.mutual_chap"),
                                     _bool(t.get("target_reset", False), f"{where}.target_reset")))
-    if iqn or luns or not targets:
+    # no `target` at all: the built-in default; `target = []` (every target removed) is a choice
+    if iqn or luns or (not targets and "target" not in raw):
         name = _check_iqn(iqn or (targets[0].name if targets else DEFAULT_IQN), "--iqn")
         specs = luns or (f"file:{ddir / 'disk0.img'},size={DEFAULT_SIZE}",)
         tl = [LunConfig(n, lun_options(parse_lun_spec(s), f"--lun {s}", ddir)) for n, s in enumerate(specs)]
@@ -312,10 +317,21 @@ def load(config_path: str | None = None, data_dir: str | None = None, iqn: str |
     for image in images:
         if images.count(image) > 1:   # two handles in one STML would contend for its lock
             raise ConfigError("target", f"rbd image {image} backs two LUNs")
+    owners: dict[str, str] = {}
+    for t in targets:
+        for lc in t.luns:
+            ident = lc.options.id
+            if ident is None:
+                continue
+            if ident in owners:
+                raise ConfigError(f"target {t.name} LUN {lc.lun} id",
+                                  f"{ident} is already the id of {owners[ident]} (an id names one LU)")
+            owners[ident] = f"target {t.name} LUN {lc.lun}"
     ep = endpoint or raw.get("stml_endpoint") or default_endpoint(ddir)
     if not re.match(r"^(ipc|tcp)://.+", ep):
         raise ConfigError("stml_endpoint", f"{ep!r} is not ipc://PATH or tcp://HOST:PORT")
-    plist = list(portals) or raw.get("portals") or [DEFAULT_PORTAL]
+    # an empty list is a choice (no portal: `portal remove` of the last one), not a gap
+    plist = list(portals) or (raw["portals"] if "portals" in raw else [DEFAULT_PORTAL])
     if not isinstance(plist, list) or not all(isinstance(p, str) for p in plist):
         raise ConfigError("portals", "must be a list of \"HOST:PORT\" strings")
     from stml.api import parse_portal
@@ -391,3 +407,96 @@ def stml_settings(raw: Any, config_path: Path | None) -> StmlSettings:
         fe_key = _key_path(fe_key, config_path)
     return StmlSettings(listen, secret, allowed, _bool(raw.get("insecure", False), "stml.insecure"),
                         hb, metrics, poll_us, peers, fe_key)
+
+
+class StartupError(ConfigError):
+    """The data dir or a file the start needs cannot be used: one line, exit 2."""
+
+
+def load_or_create(config_path: str | None = None, data_dir: str | None = None, iqn: str | None = None,
+                   luns: tuple[str, ...] = (), endpoint: str | None = None,
+                   portals: tuple[str, ...] = ()) -> Config:
+    """The config a starting STML serves, whose file always exists: --config,
+    else DATA_DIR/scsi-target.toml. A missing file is written with what this
+    start runs (the built-in default, or what the flags say), each LUN with an
+    identity of its own. Once a file defines targets it wins: --iqn/--lun must
+    agree with it, so a restart with the same command line works, and anything
+    else is refused with a pointer to `lun add` (docs/decisions/0200)."""
+    from stml.persist import CONFIG_NAME, save
+    if config_path is None:
+        ddir = Path(data_dir).expanduser().absolute() if data_dir else default_data_dir()
+        path = ddir / CONFIG_NAME
+    else:
+        path = Path(config_path).expanduser().absolute()
+    if path.exists():
+        config = load(str(path), data_dir, None, (), endpoint, portals)
+        if not (iqn or luns):
+            return config
+        if not config.raw.get("target"):    # the file names no target: the flags define them
+            return load(str(path), data_dir, iqn, luns, endpoint, portals)
+        _check_flags_agree(config, iqn, luns)
+        return config
+    config = load(None, data_dir, iqn, luns, endpoint, portals)
+    config.path = path
+    check_lun_paths(config)     # a first start that cannot serve writes no file
+    for t in config.targets:        # LUNs first served now: an identity of their own
+        for lc in t.luns:           # (an RBD LU's is its image's: the same on every gateway)
+            if not lc.options.id and lc.options.kind != "rbd":
+                lc.options.id = secrets.token_hex(16)
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        save(config, path)
+    except OSError as e:
+        raise StartupError(f"cannot write {path}", e.strerror or str(e)) from None
+    return load(str(path), data_dir, None, (), endpoint, portals)
+
+
+def check_lun_paths(config: Config) -> None:
+    """A file LUN to be created needs its directory: said before anything
+    starts, in one line, rather than by the STML once it runs."""
+    for t in config.targets:
+        for lc in t.luns:
+            o = lc.options
+            if o.kind == "file" and o.path and not os.path.exists(o.path):
+                parent = Path(o.path).parent
+                if parent != config.data_dir and not parent.is_dir():
+                    raise StartupError(f"target {t.name} LUN {lc.lun}",
+                                       f"cannot create {o.path}: directory {parent} does not exist")
+
+
+def describe_lun(o: LunOptions | None) -> str:
+    if o is None:
+        return "none"
+    from stml.persist import size_text
+    what = f"{o.kind} {size_text(o.size) if o.size else ''}".rstrip() if o.kind == "ram" else f"{o.kind} {o.path}"
+    return what + (" (read-only)" if o.ro else "")
+
+
+def _same_lun(flag: LunOptions, have: LunOptions) -> bool:
+    """A --lun that repeats what the file says (its identity aside)."""
+    for f in dataclasses.fields(LunOptions):
+        a, b = getattr(flag, f.name), getattr(have, f.name)
+        if f.name == "id" or a == b:
+            continue
+        if f.name == "size" and a is None:
+            continue
+        if f.name == "size" and b is None and have.path and os.path.exists(have.path):
+            if os.path.getsize(have.path) == a:
+                continue
+        return False
+    return True
+
+
+def _check_flags_agree(config: Config, iqn: str | None, luns: tuple[str, ...]) -> None:
+    name = _check_iqn(iqn, "--iqn") if iqn else config.targets[0].name
+    t = next((t for t in config.targets if t.name == name), None)
+    if t is None:
+        raise ConfigError("--iqn", f"{name} is not a target of {config.path}, which defines the targets "
+                          f"once it exists: add it with `scsi-target target add {name}`")
+    have = {lc.lun: lc.options for lc in t.luns}
+    for n, spec in enumerate(luns):
+        o = lun_options(parse_lun_spec(spec), f"--lun {spec}", config.data_dir)
+        if n not in have or not _same_lun(o, have[n]):
+            raise ConfigError(f"--lun {spec}", f"{config.path} already defines the LUNs (LUN {n} of {name}: "
+                              f"{describe_lun(have.get(n))}); start without --lun to serve it, or change "
+                              f"LUNs with `scsi-target lun add|remove|resize`")

@@ -24,13 +24,12 @@ from stml.sbc import (
     write_atomic, write_same, write_verify_check, ws_check, ws_out_len,
 )
 from stml.sense import (
-    ILLEGAL_REQUEST, INVALID_COMMAND_OPERATION_CODE, MEDIUM_NOT_PRESENT, NOT_READY,
-    SANITIZE_IN_PROGRESS, CheckCondition,
+    ILLEGAL_REQUEST, INVALID_COMMAND_OPERATION_CODE, MEDIUM_NOT_PRESENT, NOT_READY, CheckCondition,
     invalid_field,
 )
 from stml.spc import (
     inquiry, log_sense, prevent_allow, report_luns, report_supported_opcodes,
-    report_supported_tmfs, request_sense, standard_inquiry, test_unit_ready,
+    report_supported_tmfs, request_sense, sanitize_in_progress, standard_inquiry, test_unit_ready,
 )
 from stml.xcopy import (
     extended_copy, xcopy_check, xcopy_out_len, receive_copy_results,
@@ -108,7 +107,7 @@ OPCODES: list[OpEntry] = [
             ws_out_len, ws_check, medium=True, timeout=120),
     OpEntry(0x42, "UNMAP", _u(0x42, 0x01, 0, 0, 0, 0, 0x3F, 0xFF, 0xFF, 0), unmap, W,
             unmap_out_len, unmap_check, medium=True),
-    *[OpEntry(0x48, f"SANITIZE/{name}", _u(0x48, 0x20 | 0x1F, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0), sanitize,
+    *[OpEntry(0x48, f"SANITIZE/{name}", _u(0x48, 0x80 | 0x20 | 0x1F, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0), sanitize,
               W, sanitize_out_len, sanitize_check, sa=sa, medium=True, timeout=3600)
       for sa, name in ((0x01, "OVERWRITE"), (0x02, "BLOCK ERASE"), (0x03, "CRYPTOGRAPHIC ERASE"),
                        (0x1F, "EXIT FAILURE MODE"))],
@@ -162,7 +161,7 @@ def _not_sanitizing(task: Task) -> None:
     lu = task.lu
     assert lu is not None   # see ops.unit()
     if lu.sanitizing:
-        raise CheckCondition(NOT_READY, SANITIZE_IN_PROGRESS)
+        raise sanitize_in_progress(lu)
 
 
 def _with_medium_check(e: OpEntry) -> OpEntry:
@@ -175,8 +174,8 @@ def _with_medium_check(e: OpEntry) -> OpEntry:
         assert lu is not None   # per command: see ops.unit()
         if not lu.medium_present:
             raise CheckCondition(NOT_READY, MEDIUM_NOT_PRESENT)
-        if lu.sanitizing and e.opcode != 0x48:
-            raise CheckCondition(NOT_READY, SANITIZE_IN_PROGRESS)
+        if lu.sanitizing:   # SANITIZE too: one at a time
+            raise sanitize_in_progress(lu)
         if inner is not None:
             inner(task)
 

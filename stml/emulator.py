@@ -22,7 +22,8 @@ from typing import Any, Callable, Coroutine
 
 from backends import BackendError
 from stml import pr
-from stml.api import CONTRACT_VERSION, DataDir, Op, TaskAttr, Tmf, TmfResponse, version_compatible
+from stml.api import (CONTRACT_VERSION, MAX_NAME_LEN, MAX_PORT_NAME_LEN, DataDir, Op, TaskAttr, Tmf,
+                      TmfResponse, version_compatible)
 from stml.cdb import check_usage, trim_cdb
 from stml.disk import DiskTemplate, OpEntry, standard_inquiry, trim_views
 from stml.lu import LogicalUnit
@@ -33,6 +34,7 @@ from stml.sense import (
     WRITE_ERROR, DATA_PHASE_ERROR, BUSY, RESERVATION_CONFLICT, TASK_ABORTED, TASK_SET_FULL,
     CheckCondition, StatusError, build_sense,
 )
+from stml.workers import FairWorkers
 
 log = logging.getLogger("stml")
 _READ, _WRITE = int(DataDir.READ), int(DataDir.WRITE)   # plain ints: IntFlag operators are slow
@@ -75,6 +77,7 @@ class FrontEnd:
     last_seen: float
     nexuses: dict[int, Nexus] = field(default_factory=dict)
     tasks: dict[int, Task] = field(default_factory=dict)
+    usage: dict[str, int] = field(default_factory=dict)   # what it buffers (heartbeat, 1.3)
 
 
 class Task:
@@ -109,25 +112,29 @@ class Task:
         self.abort_status: int | None = None   # TASK ABORTED when another nexus aborted it (TAS)
 
     async def io(self, fn: Callable, *args: Any) -> Any:
-        """Run a backend call: in place when it cannot block, else in a worker
-        thread. An abort waits for a started call rather than abandoning it,
-        so no write lands after the abort is reported."""
+        """Run a backend call of the task's LU (see io_on)."""
         lu = self.lu
         assert lu is not None   # only commands to an existing LU do I/O
+        return await self.io_on(lu, fn, *args)
+
+    async def io_on(self, lu: LogicalUnit, fn: Callable, *args: Any) -> Any:
+        """Run a backend call of `lu`: in place when it cannot block, started at
+        once when the backend has an aio twin of it (same name: it stays in
+        flight without holding a thread), else in a worker thread when the
+        LU's turn comes (stml.workers). An abort drops a call that has not
+        started and waits for a started one rather than abandoning it, so no
+        write lands after the abort is reported."""
         backend = lu.backend
         if backend.inline:
             return fn(*args)
-        # a backend's aio twin of the call (same name) starts it at once and
-        # leaves it in flight, instead of holding a worker thread until it ends
+        workers = self.emulator.workers
         twin = getattr(backend.aio, fn.__name__, None) if backend.aio is not None else None
-        if twin is not None:
-            fut = twin(*args)
-        else:
-            fut = asyncio.get_running_loop().run_in_executor(self.emulator.executor, fn, *args)
+        fut = twin(*args) if twin is not None else workers.run(id(lu), fn, *args)
         try:
             return await asyncio.shield(fut)
         except asyncio.CancelledError:
-            await asyncio.wait([fut])
+            if not workers.drop(fut):
+                await asyncio.wait([fut])
             raise
 
     def add_data(self, offset: int, frames: list) -> None:
@@ -218,7 +225,8 @@ class Emulator:
                  name: str = "stml", heartbeat_ms: int = 1000, max_transfer: int = 8 << 20,
                  queue_depth: int = 128, discovery: dict[str, Any] | None = None,
                  data_dir: Path | str | None = None,
-                 portal_groups: collections.abc.Iterable[int] = ()) -> None:
+                 portal_groups: collections.abc.Iterable[int] = (),
+                 threads: int = 8) -> None:
         self.targets = {t.name: t for t in targets}
         self.data_dir = Path(data_dir) if data_dir is not None else None
         self.configured_tpgs = set(portal_groups)   # portal group tags the config names
@@ -229,6 +237,8 @@ class Emulator:
         self._seen_tpgs: dict[str, set[int]] = {}    # target -> tags nexuses came through
         self.send = send
         self.executor = executor
+        # an LU holds at most half the threads: one LU's slow calls never stall the others
+        self.workers = FairWorkers(executor, threads, max(1, threads // 2))
         # memory read data is read into, per front end: the process shell may
         # hand out memory the front end shares (stml.server, same-host carrier)
         self.read_buffer: Callable[[bytes, int], Any] = lambda ident, size: bytearray(size)
@@ -263,7 +273,7 @@ class Emulator:
             Op.RX_DATA: self._scsi_rx_data,
             Op.RX_TMF: self._rx_task_mgmt_fn,
             Op.DONE: lambda fe, h, f: None,
-            Op.HEARTBEAT: lambda fe, h, f: None,
+            Op.HEARTBEAT: self._heartbeat,
         }
 
     def restore_reservations(self) -> None:
@@ -381,9 +391,20 @@ class Emulator:
         for fe in list(self.front_ends.values()):
             self.send(fe.ident, {"op": Op.RELEASE, "reason": "STML shutting down"}, [])
 
+    @staticmethod
+    def _heartbeat(fe: FrontEnd, h: dict[str, Any], frames: list) -> None:
+        usage = h.get("usage")
+        if isinstance(usage, dict):   # a few named counters, nothing else is kept
+            fe.usage = {str(k)[:32]: v for k, v in list(usage.items())[:16]
+                        if type(v) is int and v >= 0}
+
     # ------------------------------------------------------------ nexuses
     def _register_nexus(self, fe: FrontEnd, h: dict[str, Any], frames: list) -> None:
         nexus = Nexus(fe, int(h["nexus"]), str(h["initiator"]), str(h["target"]), int(h["tpg"]))
+        if len(nexus.target.encode()) > MAX_NAME_LEN or len(nexus.initiator.encode()) > MAX_PORT_NAME_LEN:
+            self.send(fe.ident, {"op": Op.NEXUS_READY, "nexus": nexus.id,
+                                 "error": f"initiator or target name longer than {MAX_NAME_LEN} bytes"}, [])
+            return
         if nexus.target not in self.targets:
             self.send(fe.ident, {"op": Op.NEXUS_READY, "nexus": nexus.id,
                                  "error": f"no target {nexus.target}"}, [])
@@ -425,6 +446,9 @@ class Emulator:
         if same:
             return
         self._keyed.pop(key, None)
+        t = self.targets.get(nexus.target)
+        for lu in (t.luns.values() if t else ()):   # copy results end with the nexus (SPC-4 6.23)
+            lu.copy_results.drop(key)
         self._target_keys.get(nexus.target, {}).pop(key, None)
         for lu in list(self.spc2_luns):   # those with an SPC-2 reservation, not every LU
             st = lu.pr

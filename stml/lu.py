@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Coroutine
 
 from stml.api import TaskAttr
 from stml.locks import WriteGate
@@ -35,7 +36,34 @@ class LunOptions:
     write_cache: bool = False    # WCE default: write-through, every write durable at GOOD
     thin: bool = True
     physical_block_exp: int | None = None   # logical blocks per physical block (log2); None: 0
-    ceph: dict[str, str] | None = None    # rbd: conf, user, keyring (what librados connects with)
+    id: str | None = None        # 32 hex digits: the LU's identity (designators); None: legacy_id()
+    # rbd: how librados reaches the cluster (None: ceph.conf's defaults, client.admin)
+    ceph_conf: str | None = None
+    ceph_user: str | None = None
+    ceph_keyring: str | None = None
+
+    def backend_options(self) -> dict[str, str]:
+        """What open_backend takes besides kind, size, path and ro."""
+        return {k: v for k, v in (("conf", self.ceph_conf), ("user", self.ceph_user),
+                                  ("keyring", self.ceph_keyring)) if v}
+
+
+def legacy_id(target: str, lun: int) -> str:
+    """The identity of a LUN whose config has no `id` (configs older than it):
+    the hash its designators were derived from before, so they stay the same."""
+    return hashlib.sha256(f"{target}/{lun}".encode()).digest()[:16].hex()
+
+
+def naa_designator(ident: bytes) -> bytes:
+    """NAA 6 (IEEE registered extended): the company id, then 100 bits of the
+    LU's 16-byte identity."""
+    tail = int.from_bytes(ident[:13], "big") >> 4
+    return ((0x6 << 124) | (IEEE_COMPANY_ID << 100) | tail).to_bytes(16, "big")
+
+
+def unit_serial(ident: bytes) -> str:
+    """PRODUCT SERIAL NUMBER (VPD 0x80): 16 hex digits of the identity."""
+    return ident[:8].hex()
 
 
 @dataclass
@@ -103,6 +131,34 @@ class TaskSet:
         self._waiters = still
 
 
+class CopyResults:
+    """What RECEIVE COPY STATUS reports, per I_T nexus and list identifier.
+    Bounded: a nexus keeps its last PER_NEXUS lists, and its entries go with
+    the nexus (I_T nexus loss discards them, SPC-4 6.23)."""
+
+    PER_NEXUS = 16
+
+    def __init__(self) -> None:
+        self._by_nexus: dict[str, collections.OrderedDict[int, dict[str, Any]]] = {}
+
+    def get(self, key: str, list_id: int) -> dict[str, Any] | None:
+        lists = self._by_nexus.get(key)
+        return lists.get(list_id) if lists is not None else None
+
+    def put(self, key: str, list_id: int, state: dict[str, Any]) -> None:
+        lists = self._by_nexus.setdefault(key, collections.OrderedDict())
+        lists.pop(list_id, None)
+        lists[list_id] = state
+        while len(lists) > self.PER_NEXUS:
+            lists.popitem(last=False)
+
+    def drop(self, key: str) -> None:
+        self._by_nexus.pop(key, None)
+
+    def __len__(self) -> int:
+        return sum(map(len, self._by_nexus.values()))
+
+
 _RESET_UAS = {(0x29, 0x00), (0x29, 0x01), (0x29, 0x02), (0x29, 0x03)}
 _NEXUS_LOSS = (0x29, 0x07)
 # I_T nexuses one LU keeps unit attentions for. The emulator stores them only
@@ -125,24 +181,44 @@ class LogicalUnit:
     medium_present: bool = True                 # removable media: loaded or ejected
     prevent: set[str] = field(default_factory=set)   # nexus keys preventing medium removal
     write_gate: WriteGate = field(default_factory=WriteGate)   # COMPARE AND WRITE atomicity
-    copy_results: dict[tuple[str, int], dict[str, Any]] = field(default_factory=dict)  # EXTENDED COPY
-    sanitizing: bool = False                    # a SANITIZE is under way: the medium is NOT READY
+    copy_results: CopyResults = field(default_factory=CopyResults)   # EXTENDED COPY
+    copies: int = 0                             # EXTENDED COPY commands running (max 1)
+    job: asyncio.Task | None = None             # a SANITIZE's work, maybe after its command returned
+    progress: tuple[int, int] = (0, 1)          # how far the job got: (done, total)
     pr: PrState | None = None                   # reservation state: stml.pr.state() makes it
 
     def __post_init__(self) -> None:
         self.mode.wce = self.options.write_cache
-        digest = hashlib.sha256(f"{self.target}/{self.lun}".encode()).digest()
-        # a backend every gateway opens alike (RBD) names the LU itself, so all
-        # of them present one identity (docs/decisions/0400-rbd-gateways.md)
+        # the designators come from the LU's identity, not from its (public)
+        # target name and number; they survive restarts because the config keeps
+        # it. Without one, a backend every gateway opens alike (RBD) names the LU
+        # itself, so all of them present one identity (docs/decisions/0400)
         own = getattr(self.backend, "identity", None)
-        if own is not None:
-            digest = own + digest[len(own):]
-        # NAA 6 (IEEE registered extended): company id, then 100 bits derived from the
-        # target name and LUN number, so the identifier survives restarts unchanged
-        tail = int.from_bytes(digest[:13], "big") >> 4
-        self.naa = ((0x6 << 124) | (IEEE_COMPANY_ID << 100) | tail).to_bytes(16, "big")
-        self.serial = digest[:8].hex()
+        ident = bytes.fromhex(self.options.id) if self.options.id else \
+            own if own is not None else bytes.fromhex(legacy_id(self.target, self.lun))
+        self.naa = naa_designator(ident)
+        self.serial = unit_serial(ident)
         self.block_size = self.options.block_size
+
+    @property
+    def sanitizing(self) -> bool:
+        """A SANITIZE is under way: the medium is NOT READY."""
+        return self.job is not None and not self.job.done()
+
+    def start_job(self, work: Coroutine[Any, Any, None]) -> asyncio.Task:
+        """Run the LU's one background job (callers check `sanitizing` first)."""
+        assert not self.sanitizing
+        self.progress = (0, 1)
+        self.job = asyncio.get_running_loop().create_task(work)
+        return self.job
+
+    async def stop_jobs(self) -> None:
+        """The LU goes (LUN removed, STML stopping): its job is cancelled; this
+        returns once the job's backend call under way has ended."""
+        job = self.job
+        if job is not None and not job.done():
+            job.cancel()
+            await asyncio.wait([job])
 
     @property
     def blocks(self) -> int:

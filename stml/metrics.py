@@ -235,7 +235,10 @@ class Metrics:
                                  "target": n.target, "tpg": n.tpg, **report(mine, in_flight)})
             fes.append({"name": fe.name, "kind": fe.kind, "nexuses": len(fe.nexuses),
                         "last_seen_s": round(time.monotonic() - fe.last_seen, 2),
-                        **report(fe_sets, in_flight)})
+                        **report(fe_sets, in_flight),
+                        # what the front end buffers, as its last heartbeat said (contract 1.3)
+                        "buffered_bytes": fe.usage.get("used"), "buffer_limit_bytes": fe.usage.get("limit"),
+                        "buffers": fe.usage})
         return {"stml": emulator.name, "uptime_s": round(time.time() - self.started, 1),
                 "counter_sets": self.sets(), "luns": luns, "sessions": sessions, "front_ends": fes}
 

@@ -4,26 +4,29 @@ A management client connects to the STML's endpoint like a front end (over
 TCP, with a CURVE key the STML lists) and sends {op: "mgmt", id, cmd, args};
 the answer is {op: "mgmt_reply", id, ok, result | error}. Changes apply to
 the running STML at once (front ends get a new `detect`, initiators the unit
-attentions SPC names) and are written to the config file atomically; a file
-edited by hand since the STML loaded it is not overwritten.
+attentions SPC names), then the whole running configuration is saved to the
+config file (stml.persist: atomically, keeping its comments); a file edited
+by hand since the STML loaded it is not overwritten (`config_reload` applies
+the edit, and SIGHUP does the same).
 """
 from __future__ import annotations
 
 import asyncio
-import copy
+import contextlib
+import difflib
 import functools
-import hashlib
 import logging
-import os
+import secrets
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from backends import BackendError, open_backend
-from stml.config import (ConfigError, _chap, _check_iqn, file_digest, holds_secrets, lun_options,
-                         parse_lun_spec, parse_size)
+from stml.config import (Config, ConfigError, LunConfig, TargetConfig, _chap, _check_iqn,
+                         file_digest, load, lun_options, parse_lun_spec, parse_size)
 from stml.emulator import Target
-from stml.lu import LogicalUnit
+from stml.lu import LogicalUnit, LunOptions
+from stml.persist import EditedError, read_document, render, save
 
 log = logging.getLogger("stml.mgmt")
 
@@ -36,46 +39,21 @@ class MgmtError(Exception):
     """A refused management request; str() is what the user sees."""
 
 
-def atomic_write(path: Path, data: bytes, secret: bool) -> None:
-    """Replace `path` with `data` atomically. The temporary file is created afresh
-    (O_EXCL: never a stale file or a symlink) with mode 0600, so secrets are never
-    readable by others, not even for a moment; it then takes the old file's mode,
-    without group/other bits when `data` holds secrets. A new file stays 0600."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        os.unlink(tmp)          # left by a crash: O_EXCL below must create it anew
-    except FileNotFoundError:
-        pass
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        try:
-            mode = path.stat().st_mode & 0o777
-        except FileNotFoundError:
-            mode = 0o600
-        os.fchmod(fd, mode & 0o700 if secret else mode)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        os.unlink(tmp)
-        raise
-    os.close(fd)
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+PORTAL_WAIT = 8.0   # `portal add` waits this long for the listeners' report (clients wait 10 s)
 
 
 class Management:
+    """The management commands. Each change is applied live and to the running
+    configuration (self.config, the Config model: its targets, LUNs and
+    portals are kept in step with the emulator), then the whole running
+    configuration is saved (stml.persist)."""
+
     def __init__(self, server: Any) -> None:
         self.server = server
         self.em = server.emulator
-        self.config = server.config
+        self.config: Config = server.config
         self._lock = asyncio.Lock()   # one change at a time (config file writes in order)
+        self._batch = False           # a reload: the file is the source, nothing is saved
         self._cmds: dict[str, Callable] = {
             "status": self.status, "target_list": self.target_list, "target_add": self.target_add,
             "target_remove": self.target_remove, "lun_list": self.lun_list, "lun_add": self.lun_add,
@@ -84,6 +62,8 @@ class Management:
             "portal_remove": self.portal_remove, "acl_add": self.acl_add, "acl_remove": self.acl_remove,
             "chap_set": self.chap_set, "session_list": self.session_list,
             "session_drop": self.session_drop, "frontend_list": self.frontend_list,
+            "config_show": self.config_show, "config_save": self.config_save,
+            "config_diff": self.config_diff, "config_reload": self.config_reload,
         }
 
     # ------------------------------------------------------------ transport
@@ -110,7 +90,7 @@ class Management:
         except Exception as e:  # a management call must never take the STML down
             log.exception("management command %s failed", cmd)
             reply = {"op": "mgmt_reply", "id": rid, "ok": False, "error": f"internal error: {e}"}
-        if reply["ok"] and isinstance(cmd, str) and cmd not in ("status",) and not cmd.endswith("_list"):
+        if reply["ok"] and isinstance(cmd, str) and cmd != "status" and not cmd.endswith(("_list", "_show", "_diff")):
             log.info("management: %s %s", cmd, {k: v for k, v in (h.get("args") or {}).items()
                                                  if k != "secret"})
         self.server._send(ident, reply, [])
@@ -125,6 +105,11 @@ class Management:
         if t is None:
             raise MgmtError(f"no target {name} (targets: {', '.join(self.em.targets) or 'none'})")
         return t
+
+    def _tc(self, name: str) -> TargetConfig:
+        """The running configuration's entry of a live target (every one has
+        one: the emulator's targets are built from it and changed with it)."""
+        return next(tc for tc in self.config.targets if tc.name == name)
 
     def _lu(self, target: str | None, lun: int) -> tuple[Target, LogicalUnit]:
         t = self._target(target)
@@ -149,48 +134,49 @@ class Management:
             self.em.establish_ua(lu, asc, keys)
 
     def _check_file(self) -> None:
-        """Refuse when the config file changed on disk since it was loaded."""
+        """Refuse a change when the file changed on disk since it was loaded or
+        saved: saving would lose the edit. `config reload` applies it."""
         path = self.config.path
-        if path is None:
+        if path is None or self._batch:
             return
         if file_digest(path) != self.config.digest:
-            raise MgmtError(f"{path} was edited since the STML loaded it: refusing to overwrite it "
-                            f"(restart the STML to load the edit, or undo it)")
+            raise MgmtError(f"{path} was edited since the STML loaded it: apply the edit with "
+                            f"`scsi-target config reload` (see `config diff`), then retry")
 
-    def _persist(self, change: Callable[[dict[str, Any]], None]) -> str:
-        """Apply `change` to the file's TOML and write it atomically."""
-        import tomli_w
+    def _persist(self) -> str:
+        """Save the whole running configuration (after a live change)."""
         path = self.config.path
+        if self._batch:
+            return "applied from the file"
         if path is None:
-            return "not saved: the STML runs without --config"
-        self._check_file()
-        raw = copy.deepcopy(self.config.raw)
-        change(raw)
-        text = tomli_w.dumps(raw)
-        atomic_write(path, text.encode(), holds_secrets(raw))
-        self.config.raw = raw
-        self.config.digest = hashlib.sha256(text.encode()).hexdigest()
+            return "not saved: the STML has no config file"
+        try:
+            save(self.config)
+        except (OSError, EditedError) as e:
+            log.error("the change is live but was not saved to %s: %s", path, e)
+            return f"NOT saved to {path}: {e}"
         return f"saved to {path}"
-
-    @staticmethod
-    def _raw_target(raw: dict[str, Any], name: str) -> dict[str, Any]:
-        for t in raw.setdefault("target", []):
-            if str(t.get("name", "")).lower() == name:
-                return t
-        t = {"name": name}
-        raw["target"].append(t)
-        return t
 
     async def _in_thread(self, fn: Callable, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.em.executor, fn, *args)
+
+    @contextlib.contextmanager
+    def _batched(self) -> Iterator[None]:
+        self._batch = True
+        try:
+            yield
+        finally:
+            self._batch = False
 
     # ------------------------------------------------------------ reads
     async def status(self) -> dict[str, Any]:
         snap = self.server.metrics.snapshot(self.em)
         snap["endpoints"] = self.server.endpoints
         snap["config"] = str(self.config.path) if self.config.path else None
+        snap["data_dir"] = str(self.config.data_dir)
         snap["targets"] = len(self.em.targets)
         snap["gateway"] = await self.server.gateway.status()
+        snap["portals"] = await self.portal_list()
         return snap
 
     async def target_list(self) -> list[dict[str, Any]]:
@@ -207,14 +193,164 @@ class Management:
                 for t in ts for lu in t.luns.values()]
 
     async def portal_list(self) -> list[dict[str, Any]]:
+        """The configured portals, each with what the front ends that follow
+        the list report about its listener."""
         from stml.api import parse_portal
-        return [dict(zip(("host", "port", "tpgt"), parse_portal(p)), portal=p) for p in self.config.portals]
+        out = []
+        reports = self.server.portal_reports()
+        for p in self.config.portals:
+            key = parse_portal(p)
+            states = [r for rep in reports for r in rep if (r["host"], r["port"], r["tpgt"]) == key]
+            if not reports:
+                state = "no front end"
+            elif states and all(r.get("listening") for r in states):
+                bound = sorted({str(r.get("bound_port", key[1])) for r in states})
+                state = "listening" + (f" on port {','.join(bound)}" if key[1] == 0 else "")
+            elif states:
+                state = "error: " + "; ".join(str(r.get("error")) for r in states if not r.get("listening"))
+            else:
+                state = "opening"
+            out.append(dict(zip(("host", "port", "tpgt"), key), portal=p, state=state))
+        return out
 
     async def session_list(self) -> list[dict[str, Any]]:
         return self.server.metrics.snapshot(self.em)["sessions"]
 
     async def frontend_list(self) -> list[dict[str, Any]]:
         return self.server.metrics.snapshot(self.em)["front_ends"]
+
+    # ------------------------------------------------------------ the config file
+    async def config_show(self) -> dict[str, Any]:
+        """The running configuration, written into the file's text (its comments)."""
+        path = self.config.path
+        doc = read_document(path) if path is not None else None
+        return {"path": str(path) if path else None, "text": render(self.config, doc)}
+
+    async def config_save(self, path: str | None = None, force: bool = False) -> dict[str, Any]:
+        """Save the running configuration to its file, or to `path`. `force`
+        overwrites a file edited by hand since it was loaded."""
+        target = Path(path).absolute() if path else self.config.path
+        if target is None:
+            raise MgmtError("the STML has no config file: give a file name")
+        if force and target == self.config.path:
+            self.config.digest = file_digest(target)
+        try:
+            save(self.config, target)
+        except EditedError as e:
+            raise MgmtError(f"{e}: `config reload` applies the edit, `config save --force` "
+                            f"overwrites it, `config diff` shows it") from None
+        except OSError as e:
+            raise MgmtError(f"cannot write {target}: {e.strerror or e}") from None
+        return {"saved": f"saved to {target}", "path": str(target)}
+
+    async def config_diff(self) -> dict[str, Any]:
+        """What differs between the file on disk and the running configuration
+        (as a unified diff from the file to what a save would write)."""
+        path = self.config.path
+        if path is None:
+            raise MgmtError("the STML has no config file")
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            text = ""
+        running = render(self.config, read_document(path) if text else None)
+        diff = "".join(difflib.unified_diff(text.splitlines(True), running.splitlines(True),
+                                            f"{path} (file)", "running configuration"))
+        return {"path": str(path), "same": not diff, "diff": diff,
+                "edited": file_digest(path) != self.config.digest}
+
+    async def config_reload(self) -> dict[str, Any]:
+        """Apply the file to the running STML where that can be done live; say
+        what needs a restart (or a forced command) instead."""
+        path = self.config.path
+        if path is None:
+            raise MgmtError("the STML has no config file to reload")
+        new = load(str(path), str(self.config.data_dir), None, (), self.config.stml_endpoint, ())
+        applied: list[str] = []
+        pending: list[str] = []
+        with self._batched():
+            await self._reload(new, applied, pending)
+        self.config.digest = new.digest
+        self.config.raw = new.raw
+        for line in applied:
+            log.info("reload: %s", line)
+        for line in pending:
+            log.warning("reload: not applied: %s", line)
+        return {"path": str(path), "applied": applied, "not_applied": pending}
+
+    async def reload_on_signal(self) -> None:
+        """SIGHUP: a reload, logged (there is no one to answer)."""
+        async with self._lock:
+            try:
+                r = await self.config_reload()
+            except (MgmtError, ConfigError) as e:
+                log.error("reload refused: %s", e)
+                return
+        log.info("reloaded %s: %d change(s) applied, %d not", r["path"], len(r["applied"]),
+                 len(r["not_applied"]))
+
+    async def _reload(self, new: Config, applied: list[str], pending: list[str]) -> None:
+        old = self.config
+        for key in ("data_dir", "stml_endpoint", "stml", "isns"):
+            if old.raw.get(key) != new.raw.get(key):
+                pending.append(f"`{key}` changed: restart to apply it")
+        if new.discovery_chap != old.discovery_chap:
+            old.discovery_chap = new.discovery_chap
+            self.em.discovery = {**self.em.discovery, "chap": new.discovery_chap}
+            self._redetect()
+            applied.append("discovery_chap")
+        if new.portals != old.portals:
+            self._set_portals(new.portals)
+            applied.append(f"portals: {', '.join(new.portals)}")
+        wanted = {t.name: t for t in new.targets}
+        for name in [n for n in self.em.targets if n not in wanted]:
+            if self._nexus_keys(name):
+                pending.append(f"target {name} has sessions: `scsi-target target remove --force {name}` "
+                               f"removes it")
+                continue
+            await self.target_remove(name)
+            applied.append(f"target {name} removed")
+        for tc in new.targets:
+            if tc.name not in self.em.targets:
+                await self.target_add(tc.name, tc.alias)
+                applied.append(f"target {tc.name} added")
+            await self._reload_target(tc, applied, pending)
+
+    async def _reload_target(self, want: TargetConfig, applied: list[str], pending: list[str]) -> None:
+        t = self.em.targets[want.name]
+        have = self._tc(t.name)
+        if want.alias != have.alias:
+            t.alias = have.alias = want.alias
+            self._redetect()
+            applied.append(f"target {t.name} alias")
+        for key, access in (("acl", "acl"), ("chap", "chap"), ("mutual_chap", "mutual")):
+            if getattr(want, key) != getattr(have, key):
+                self._set_access(t, access, getattr(want, key))
+                applied.append(f"target {t.name} {key}")
+        luns = {lc.lun: lc.options for lc in want.luns}
+        for number in [n for n in t.luns if n not in luns]:
+            await self.lun_remove(number, t.name)
+            applied.append(f"target {t.name} LUN {number} removed")
+        for number, o in luns.items():
+            lu = t.luns.get(number)
+            if lu is None:
+                try:
+                    await self._add_lun(t, number, o)
+                except MgmtError as e:
+                    pending.append(f"target {t.name} LUN {number}: {e}")
+                    continue
+                applied.append(f"target {t.name} LUN {number} added")
+                continue
+            size = o.size if o.size is not None else lu.blocks * lu.block_size
+            if _differs_beyond_size(o, lu.options):
+                pending.append(f"target {t.name} LUN {number}: settings other than its size changed: "
+                               f"restart to apply them (or remove and add the LUN)")
+            elif size != lu.blocks * lu.block_size:
+                try:
+                    await self.lun_resize(number, size, t.name, force=False)
+                    applied.append(f"target {t.name} LUN {number} resized to {size} bytes")
+                except MgmtError as e:
+                    pending.append(f"target {t.name} LUN {number}: {e}")
 
     # ------------------------------------------------------------ portals
     def _set_portals(self, portals: list[str]) -> str:
@@ -226,19 +362,36 @@ class Management:
         self.em.portals = portal_entries(portals)
         self.em.configured_tpgs = set(portal_groups(self.config))
         self._redetect()
-        return self._persist(lambda raw: raw.__setitem__("portals", list(portals)))
+        return self._persist()
 
     async def portal_add(self, portal: str) -> dict[str, Any]:
+        """Add a portal; the reply waits for the front ends that follow the list
+        to say whether they could listen on it, and a portal none can open is
+        taken back out and refused."""
         from stml.api import parse_portal
         try:
-            host, port, tpgt = parse_portal(str(portal))
+            host, port, tpgt = key = parse_portal(str(portal))
         except ValueError as e:
             raise MgmtError(str(e)) from None
         for p in self.config.portals:
             h, pt, t = parse_portal(p)
             if (h, pt) == (host, port) and port != 0:
                 raise MgmtError(f"portal {p} already listens on {portal.split(',')[0]}")
-        saved = self._set_portals([*self.config.portals, portal])
+        self._check_file()
+        before = list(self.config.portals)
+        self.config.portals = [*before, portal]
+        from stml.server import portal_entries, portal_groups
+        self.em.portals = portal_entries(self.config.portals)
+        self.em.configured_tpgs = set(portal_groups(self.config))
+        self._redetect()
+        errors = await self.server.wait_portal(key, PORTAL_WAIT)
+        if errors:   # taken back out, unsaved
+            self.config.portals = before
+            self.em.portals = portal_entries(before)
+            self.em.configured_tpgs = set(portal_groups(self.config))
+            self._redetect()
+            raise MgmtError(f"cannot listen on {portal}: {'; '.join(errors)}")
+        saved = self._persist()
         return {"portal": portal, "host": host, "port": port, "tpgt": tpgt, "saved": saved}
 
     async def portal_remove(self, portal: str) -> dict[str, Any]:
@@ -280,10 +433,9 @@ class Management:
         self._check_file()
         t = Target(name, {}, alias, {"acl": [], "chap": None, "mutual": None})
         self.em.targets[name] = t
+        self.config.targets.append(TargetConfig(name, [], alias))
         self._redetect()
-        saved = self._persist(lambda raw: self._raw_target(raw, name).update(
-            {"alias": alias} if alias else {}))
-        return {"target": name, "saved": saved}
+        return {"target": name, "saved": self._persist()}
 
     async def target_remove(self, name: str, force: bool = False) -> dict[str, Any]:
         t = self._target(name)
@@ -295,31 +447,37 @@ class Management:
             for n in [n for n in fe.nexuses.values() if n.target == t.name]:
                 self.em._drop_nexus(n)
         del self.em.targets[t.name]
+        self.config.targets = [tc for tc in self.config.targets if tc.name != t.name]
         self._redetect()
         for lu in t.luns.values():
             asyncio.get_running_loop().create_task(self._close_when_idle(lu))
-
-        def change(raw: dict[str, Any]) -> None:
-            raw["target"] = [x for x in raw.get("target", []) if str(x.get("name", "")).lower() != t.name]
-        return {"target": t.name, "saved": self._persist(change)}
+        return {"target": t.name, "saved": self._persist()}
 
     # ------------------------------------------------------------ LUNs
     async def lun_add(self, spec: str, target: str | None = None, lun: int | None = None) -> dict[str, Any]:
         t = self._target(target)
         raw_lun = parse_lun_spec(spec, "lun spec")
+        # a new LU's identity (its NAA and serial): random, and saved with it; an
+        # RBD LU's is its image's, the same on every gateway (docs/decisions/0400)
+        if raw_lun["backend"] != "rbd":
+            raw_lun["id"] = secrets.token_hex(16)
         number = int(lun) if lun is not None else next(n for n in range(16384) if n not in t.luns)
         if not 0 <= number < 16384:
             raise MgmtError(f"{number} is not a LUN number (0-16383)")
         if number in t.luns:
             raise MgmtError(f"target {t.name} already has LUN {number}")
         opts = lun_options(raw_lun, f"LUN {number}", self.config.data_dir)
+        self._check_file()
+        lu = await self._add_lun(t, number, opts)
+        return {"target": t.name, "lun": number, "size": lu.blocks * lu.block_size, "saved": self._persist()}
+
+    async def _add_lun(self, t: Target, number: int, opts: LunOptions) -> LogicalUnit:
         if opts.kind in ("file", "rbd") and any(lu.options.kind == opts.kind and lu.options.path == opts.path
                                                 for x in self.em.targets.values() for lu in x.luns.values()):
             raise MgmtError(f"{opts.path} already backs a LUN")
-        self._check_file()
         try:
             backend = await self._in_thread(functools.partial(open_backend, opts.kind, opts.size, opts.path,
-                                                              opts.ro, **(opts.ceph or {})))
+                                                              opts.ro, **opts.backend_options()))
         except (BackendError, ValueError, OSError) as e:
             raise MgmtError(f"cannot open the backend: {e}") from None
         if backend.size() < opts.block_size:
@@ -333,80 +491,69 @@ class Management:
                 await self._in_thread(backend.close)
                 raise MgmtError(f"cannot serve {opts.path}: {e}") from None
         t.luns[number] = lu
+        self._tc(t.name).luns.append(LunConfig(number, opts))
         self._redetect()
         for other in t.luns.values():
             if other is not lu:   # the new LUN was never seen: nothing about it changed
                 self._ua(other, REPORTED_LUNS_CHANGED, t.name)
-        entry = {"lun": number, **{k: v for k, v in raw_lun.items()}}
-        saved = self._persist(lambda raw: self._raw_target(raw, t.name).setdefault("lun", []).append(entry))
-        return {"target": t.name, "lun": number, "size": lu.blocks * lu.block_size, "saved": saved}
+        return lu
 
     async def lun_remove(self, lun: int, target: str | None = None) -> dict[str, Any]:
         t, lu = self._lu(target, lun)
         self._check_file()
         del t.luns[lu.lun]
+        tc = self._tc(t.name)
+        tc.luns = [lc for lc in tc.luns if lc.lun != lu.lun]
         self._redetect()
         for other in t.luns.values():
             self._ua(other, REPORTED_LUNS_CHANGED, t.name)
         asyncio.get_running_loop().create_task(self._close_when_idle(lu))
-
-        def change(raw: dict[str, Any]) -> None:
-            rt = self._raw_target(raw, t.name)
-            rt["lun"] = [x for i, x in enumerate(rt.get("lun", [])) if x.get("lun", i) != lu.lun]
-        return {"target": t.name, "lun": lu.lun, "saved": self._persist(change)}
+        return {"target": t.name, "lun": lu.lun, "saved": self._persist()}
 
     async def _close_when_idle(self, lu: LogicalUnit) -> None:
+        await lu.stop_jobs()   # a background SANITIZE ends with its LUN
         deadline = time.monotonic() + 60
         while lu.task_set.tasks and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
+
         def flush_and_close() -> None:
             lu.backend.flush()
             lu.backend.close()
 
         await self._in_thread(flush_and_close)
 
-    async def lun_resize(self, lun: int, size: Any, target: str | None = None) -> dict[str, Any]:
+    async def lun_resize(self, lun: int, size: Any, target: str | None = None,
+                         force: bool = False) -> dict[str, Any]:
+        """Grow a LUN, or shrink it with `force` (the data past the new end is lost)."""
         t, lu = self._lu(target, lun)
         nbytes = parse_size(size, "size")
         if nbytes % lu.block_size:
             raise MgmtError(f"{nbytes} is not a multiple of the block size {lu.block_size}")
         if not getattr(lu.backend, "can_resize", False):
             raise MgmtError(f"the backend of {t.name} LUN {lu.lun} cannot be resized")
-        self._check_file()
         old = lu.blocks * lu.block_size
+        if nbytes < old and not force:
+            raise MgmtError(f"shrinking {t.name} LUN {lu.lun} from {old} to {nbytes} bytes loses the data "
+                            f"past the new end: pass --force")
+        self._check_file()
         try:
             await self._in_thread(lu.backend.resize, nbytes)
         except (BackendError, OSError) as e:
             raise MgmtError(f"resize failed: {e}") from None
+        lu.options.size = nbytes   # the running configuration's LunOptions (shared with its LunConfig)
         self._redetect()
         self._ua(lu, CAPACITY_CHANGED, t.name)
-
-        def change(raw: dict[str, Any]) -> None:
-            rt = self._raw_target(raw, t.name)
-            luns = rt.setdefault("lun", [])
-            for i, x in enumerate(luns):
-                if x.get("lun", i) == lu.lun:
-                    x["size"] = nbytes
-                    return
-            o = lu.options   # a LUN the file does not describe (it came from --lun)
-            luns.append({"lun": lu.lun, "backend": o.kind, "size": nbytes,
-                         **({"path": o.path} if o.path else {})})
-        return {"target": t.name, "lun": lu.lun, "old_size": old, "size": nbytes,
-                "saved": self._persist(change)}
+        return {"target": t.name, "lun": lu.lun, "old_size": old, "size": nbytes, "saved": self._persist()}
 
     # ------------------------------------------------------------ access
-    def _set_access(self, t: Target, key: str, value: Any, raw_key: str, raw_value: Any) -> str:
+    def _set_access(self, t: Target, key: str, value: Any) -> str:
+        """key: the detect/access name (acl, chap, mutual); the running
+        configuration's field is named as the file names it."""
         self._check_file()
         t.access = {**t.access, key: value}
+        setattr(self._tc(t.name), {"mutual": "mutual_chap"}.get(key, key), value)
         self._redetect()
-
-        def change(raw: dict[str, Any]) -> None:
-            rt = self._raw_target(raw, t.name)
-            if raw_value is None:
-                rt.pop(raw_key, None)
-            else:
-                rt[raw_key] = raw_value
-        return self._persist(change)
+        return self._persist()
 
     async def acl_add(self, initiator: str, target: str | None = None) -> dict[str, Any]:
         t = self._target(target)
@@ -415,7 +562,7 @@ class Management:
         if name in acl:
             raise MgmtError(f"{name} is already in the ACL of {t.name}")
         acl.append(name)
-        return {"target": t.name, "acl": acl, "saved": self._set_access(t, "acl", acl, "acl", acl)}
+        return {"target": t.name, "acl": acl, "saved": self._set_access(t, "acl", acl)}
 
     async def acl_remove(self, initiator: str, target: str | None = None) -> dict[str, Any]:
         t = self._target(target)
@@ -423,8 +570,7 @@ class Management:
         if initiator.lower() not in acl:
             raise MgmtError(f"{initiator} is not in the ACL of {t.name}")
         acl.remove(initiator.lower())
-        return {"target": t.name, "acl": acl,
-                "saved": self._set_access(t, "acl", acl, "acl", acl or None)}
+        return {"target": t.name, "acl": acl, "saved": self._set_access(t, "acl", acl)}
 
     async def chap_set(self, target: str | None = None, user: str | None = None,
                        secret: str | None = None, mutual: bool = False) -> dict[str, Any]:
@@ -433,7 +579,14 @@ class Management:
         if (user is None) != (secret is None):
             raise MgmtError("give both --user and --secret, or neither to turn CHAP off")
         creds = _chap({"user": user, "secret": secret}, "chap") if user is not None else None
-        key, raw_key = ("mutual", "mutual_chap") if mutual else ("chap", "chap")
-        saved = self._set_access(t, key, creds, raw_key, creds)
+        saved = self._set_access(t, "mutual" if mutual else "chap", creds)
         return {"target": t.name, "chap" if not mutual else "mutual_chap": "set" if creds else "off",
                 "saved": saved}
+
+
+def _differs_beyond_size(a: LunOptions, b: LunOptions) -> bool:
+    """Whether two LUN settings differ in more than the size (and the identity
+    a file without one leaves to the legacy value)."""
+    import dataclasses
+    return any(getattr(a, f.name) != getattr(b, f.name) for f in dataclasses.fields(LunOptions)
+               if f.name not in ("size", "id"))

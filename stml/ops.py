@@ -3,6 +3,7 @@ type and the small checks handlers run (range, write protection, transfer
 limits, data-out buffers)."""
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Awaitable, Callable
 
@@ -39,6 +40,17 @@ class OpEntry:
 
 def _u(*b: int) -> bytes:
     return bytes(b)
+
+
+# data a command reads, writes or compares per step of work over a range
+CHUNK = 1 << 20
+
+
+async def next_chunk() -> None:
+    """A turn of the event loop between two chunks of one command: calls to a
+    RAM or tmpfs backend run in place and never wait, so without it a command
+    would hold the loop (and every other initiator) for its whole range."""
+    await asyncio.sleep(0)
 
 
 # where the transfer length field of each CDB size lives (for field pointers)

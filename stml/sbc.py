@@ -6,31 +6,47 @@ SYNCHRONIZE CACHE, START STOP UNIT.
 Every write enters the LU's write gate shared; commands whose read and write
 must not be split by another write (COMPARE AND WRITE, ORWRITE, WRITE ATOMIC)
 enter it exclusive.
+
+Work over a range goes in chunks (CHUNK bytes of data, _DISCARD_CHUNK of
+deallocation) with a turn of the event loop between them (ops.next_chunk).
 """
 from __future__ import annotations
 
 import asyncio
+import logging
 import struct
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from stml.cdb import lba_len, u16, u32, u64
 from stml.ops import (
-    check_range, check_writable, check_xfer, data_bytes, fua, lbppbe, max_blocks, param_len_error,
-    trim_views, unit,
+    CHUNK, check_range, check_writable, check_xfer, data_bytes, fua, lbppbe, max_blocks, next_chunk,
+    param_len_error, trim_views, unit,
 )
 from stml.sense import (
-    ILLEGAL_REQUEST, MEDIUM_REMOVAL_PREVENTED, MISCOMPARE, MISCOMPARE_DURING_VERIFY, CheckCondition, invalid_field,
-    invalid_param,
+    ABORTED_COMMAND, ILLEGAL_REQUEST, MEDIUM_REMOVAL_PREVENTED, MISCOMPARE, MISCOMPARE_DURING_VERIFY,
+    NO_ADDITIONAL_SENSE, CheckCondition, invalid_field, invalid_param,
 )
 from stml.spc import (
-    MAX_COMPARE_AND_WRITE, MAX_UNMAP_DESCRIPTORS, MAX_UNMAP_LBA_COUNT, max_write_same,
-    removal_prevented, thin,
+    MAX_COMPARE_AND_WRITE, MAX_LBA_STATUS_DESCRIPTORS, MAX_UNMAP_DESCRIPTORS, MAX_UNMAP_LBA_COUNT,
+    max_write_same, removal_prevented, thin,
 )
 
 if TYPE_CHECKING:
     from stml.emulator import Task
+    from stml.lu import LogicalUnit
 
-_CHUNK = 1 << 20
+log = logging.getLogger("stml")
+
+_DISCARD_CHUNK = 64 << 20   # deallocated per step (RAM: 64 pages freed)
+
+
+async def _flush(task: Task) -> None:
+    """Make the LU's acknowledged writes durable; nothing to do (and no thread
+    to wake) when none is pending."""
+    lu = task.lu
+    assert lu is not None   # per command: see ops.unit()
+    if lu.backend.dirty:
+        await task.io(lu.backend.flush)
 
 
 def _sync(task: Task) -> bool:
@@ -116,9 +132,8 @@ async def synchronize_cache(task: Task) -> None:
         lba, blocks = u32(cdb, 2), u16(cdb, 7)
     else:
         lba, blocks = struct.unpack_from(">QI", cdb, 2)
-    lu = unit(task)
-    check_range(lu, lba, blocks)
-    await task.io(lu.backend.flush)
+    check_range(unit(task), lba, blocks)
+    await _flush(task)
 
 
 async def read_capacity10(task: Task) -> bytes:
@@ -152,10 +167,10 @@ async def start_stop_unit(task: Task) -> None:
         if start:
             lu.medium_present = True
         else:
-            await task.io(lu.backend.flush)
+            await _flush(task)
             lu.medium_present = False
     elif not start and not cdb[4] & 0x04:  # NO_FLUSH clear: stopping flushes the cache
-        await task.io(lu.backend.flush)
+        await _flush(task)
     lu.started = bool(start)
 
 
@@ -176,29 +191,52 @@ def verify_out_len(task: Task) -> int:
 
 
 def verify_check(task: Task) -> None:
+    """BYTCHK 01b and 11b compare data: held to the MAXIMUM TRANSFER LENGTH
+    that VPD 0xB0 advertises (docs/decisions/0101). BYTCHK 00b reads nothing,
+    so any range of the LUN is fine."""
     b = _bytchk(task.cdb)
     if b == 2:
         raise invalid_field(1, 2)
     lba, blocks = lba_len(task.cdb)
     check_range(unit(task), lba, blocks)
-    if b == 1:
+    if b:
         check_xfer(task, blocks)
 
 
 async def verify(task: Task) -> None:
+    """BYTCHK 00b: the range check was the verification (there is no medium
+    defect to find by reading, and a read of the whole LUN would cost memory
+    and time in proportion to it). 01b compares the data sent, 11b the one
+    block sent against every block of the range."""
     lba, blocks = lba_len(task.cdb)
-    if not blocks:
-        return
     b = _bytchk(task.cdb)
-    have = await read_blocks(task, lba, blocks)
-    if b == 0:
-        return  # the medium reads back: verified
-    data = data_bytes(task)
-    if b == 3:
-        data = data * blocks
-    off = _first_difference(have, data)
-    if off is not None:
-        raise _miscompare(off)
+    if not blocks or b == 0:
+        return
+    data = memoryview(data_bytes(task))
+    if b == 1:
+        await _compare(task, lba, blocks, lambda start, n: data[start:start + n])
+        return
+    lu = unit(task)
+    pattern = memoryview(bytes(data) * max(1, CHUNK // lu.block_size))
+    await _compare(task, lba, blocks, lambda start, n: pattern[:n])
+
+
+async def _compare(task: Task, lba: int, blocks: int,
+                   expected: Callable[[int, int], memoryview]) -> None:
+    """Read the range a chunk at a time and compare each chunk with
+    expected(byte offset in the range, length): MISCOMPARE at the first
+    difference, with its offset in the range."""
+    lu = unit(task)
+    bs = lu.block_size
+    per = max(1, CHUNK // bs)
+    for done in range(0, blocks, per):
+        if done:
+            await next_chunk()
+        k = min(per, blocks - done)
+        have = await read_blocks(task, lba + done, k)
+        off = _first_difference(have, expected(done * bs, k * bs))
+        if off is not None:
+            raise _miscompare(done * bs + off)
 
 
 def write_verify_check(task: Task) -> None:
@@ -217,10 +255,8 @@ async def write_and_verify(task: Task) -> None:
         return
     await write_blocks(task, lba, data, True)
     if _bytchk(task.cdb):
-        have = await read_blocks(task, lba, blocks)
-        off = _first_difference(have, b"".join(data))
-        if off is not None:
-            raise _miscompare(off)
+        sent = memoryview(b"".join(data))
+        await _compare(task, lba, blocks, lambda start, n: sent[start:start + n])
 
 
 # ---------------------------------------------------------------- COMPARE AND WRITE, ORWRITE
@@ -264,15 +300,24 @@ async def compare_and_write(task: Task) -> None:
 
 
 async def orwrite(task: Task) -> None:
+    """Read, OR and write back a chunk at a time (no other write enters
+    meanwhile), so the merge never holds the loop for the whole transfer."""
     lu = unit(task)
     lba, blocks = lba_len(task.cdb)
     if not blocks:
         return
-    data = data_bytes(task)
+    data = memoryview(data_bytes(task))
+    bs = lu.block_size
+    per = max(1, CHUNK // bs)
     async with lu.write_gate.exclusive():
-        have = await read_blocks(task, lba, blocks)
-        merged = (int.from_bytes(have, "little") | int.from_bytes(data, "little")).to_bytes(len(have), "little")
-        await task.io(lu.backend.write_from, lba * lu.block_size, [memoryview(merged)], _sync(task))
+        for done in range(0, blocks, per):
+            if done:
+                await next_chunk()
+            k = min(per, blocks - done)
+            have = await read_blocks(task, lba + done, k)
+            mine = data[done * bs:(done + k) * bs]
+            merged = (int.from_bytes(have, "little") | int.from_bytes(mine, "little")).to_bytes(k * bs, "little")
+            await task.io(lu.backend.write_from, (lba + done) * bs, [memoryview(merged)], _sync(task))
 
 
 # ---------------------------------------------------------------- PRE-FETCH, READ DEFECT DATA
@@ -340,8 +385,14 @@ def ws_check(task: Task) -> None:
 async def _discard(task: Task, lba: int, blocks: int) -> None:
     lu = task.lu
     assert lu is not None   # per command: see ops.unit()
+    bs = lu.block_size
+    per = max(1, _DISCARD_CHUNK // bs)
     async with lu.write_gate.shared():
-        await task.io(lu.backend.discard, lba * lu.block_size, blocks * lu.block_size)
+        for done in range(0, blocks, per):
+            if done:
+                await next_chunk()
+            k = min(per, blocks - done)
+            await task.io(lu.backend.discard, (lba + done) * bs, k * bs)
 
 
 async def write_same(task: Task) -> None:
@@ -362,15 +413,15 @@ async def write_same(task: Task) -> None:
         async with lu.write_gate.shared():
             await task.io(same, lba * lu.block_size, n * lu.block_size, block, _sync(task))
         return
-    per = max(1, _CHUNK // lu.block_size)
-    chunk = block * min(per, n)
-    done = 0
-    while done < n:
+    per = max(1, CHUNK // lu.block_size)
+    chunk = memoryview(block * min(per, n))
+    for done in range(0, n, per):
+        if done:
+            await next_chunk()
         k = min(per, n - done)
-        await write_blocks(task, lba + done, [memoryview(chunk)[:k * lu.block_size]], False)
-        done += k
+        await write_blocks(task, lba + done, [chunk[:k * lu.block_size]], False)
     if _sync(task):
-        await task.io(lu.backend.flush)
+        await _flush(task)
 
 
 def unmap_out_len(task: Task) -> int:
@@ -398,16 +449,20 @@ async def unmap(task: Task) -> None:
     if count > MAX_UNMAP_DESCRIPTORS:
         raise invalid_param(2)
     ranges = []
+    total = 0   # MAXIMUM UNMAP LBA COUNT (VPD 0xB0) bounds the whole command (SBC-4 5.31)
     for i in range(count):
         off = 8 + 16 * i
         lba, n = u64(data, off), u32(data, off + 8)
-        if n > MAX_UNMAP_LBA_COUNT:
+        total += n
+        if total > MAX_UNMAP_LBA_COUNT:
             raise invalid_param(off + 8)
         check_range(lu, lba, n)
         ranges.append((lba, n))
     if not thin(lu):
         return   # fully provisioned: nothing to give back
-    for lba, n in ranges:
+    for i, (lba, n) in enumerate(ranges):
+        if i:
+            await next_chunk()   # 256 partial pages of RAM are 256 page scans
         if n:
             await _discard(task, lba, n)
 
@@ -420,15 +475,14 @@ async def get_lba_status(task: Task) -> bytes:
     if lba >= lu.blocks:
         check_range(lu, lba, 1)
     bs = lu.block_size
-    want = max(0, (alloc - 8) // 16)
+    # as many descriptors as the allocation length holds (at least one, for the
+    # header), and no more than the limit: fewer than would cover the rest of
+    # the LUN is a legal answer (SBC-4 5.7), and the backend stops there
+    want = min(max(1, (alloc - 8) // 16), MAX_LBA_STATUS_DESCRIPTORS)
     span = min(lu.blocks - lba, 1 << 24)
-    extents = getattr(lu.backend, "mapped_extents", None)
-    if extents is None:
-        runs = [(lba * bs, span * bs, True)]
-    else:
-        runs = await task.io(extents, lba * bs, span * bs)
+    runs = await task.io(lu.backend.mapped_extents, lba * bs, span * bs, want)
     descs = bytearray()
-    for off, length, mapped in runs[:max(want, 1)]:
+    for off, length, mapped in runs:
         first = off // bs
         last = (off + length + bs - 1) // bs
         descs += struct.pack(">QIB3x", first, last - first, 0 if mapped else 1)
@@ -486,9 +540,11 @@ def sanitize_check(task: Task) -> None:
 
 async def sanitize(task: Task) -> None:
     """OVERWRITE, BLOCK ERASE, CRYPTOGRAPHIC ERASE (there is no key to drop, so it
-    erases the blocks too), EXIT FAILURE MODE. With IMMED the command returns
-    at once and the medium reports SANITIZE IN PROGRESS until it is done; a
-    sanitize survives aborts and resets, as SBC-4 asks."""
+    erases the blocks too), EXIT FAILURE MODE. The work is a job of the LU
+    (one at a time: the medium is NOT READY, SANITIZE IN PROGRESS meanwhile,
+    for SANITIZE too). With IMMED the command returns at once; without, it
+    waits for the job, which survives aborts and resets, as SBC-4 asks. The
+    job goes when the LUN or the STML does (LogicalUnit.stop_jobs)."""
     lu = unit(task)
     sa = task.cdb[1] & 0x1F
     if sa == 0x1F:
@@ -505,25 +561,38 @@ async def sanitize(task: Task) -> None:
         block = (pattern * (lu.block_size // plen + 1))[:lu.block_size]
         if data[0] & 0x80:
             block = bytes(b ^ 0xFF for b in block)
-    lu.sanitizing = True
-    work = _sanitize(task, block)
-    if task.cdb[1] & 0x80:
-        asyncio.get_running_loop().create_task(work)
-    else:
-        await asyncio.shield(work)
-
-
-async def _sanitize(task: Task, block: bytes | None) -> None:
-    lu = unit(task)
+    job = lu.start_job(_sanitize(task, lu, block))   # the entry check, run again after any wait, saw none
+    if task.cdb[1] & 0x80:   # IMMED
+        job.add_done_callback(lambda done: _log_failure(lu, done))
+        return
     try:
-        if block is not None:
-            per = max(1, _CHUNK // lu.block_size)
-            chunk = memoryview(block * per)
-            for start in range(0, lu.blocks, per):
-                k = min(per, lu.blocks - start)
-                await write_blocks(task, start, [chunk[:k * lu.block_size]], False)
+        await asyncio.shield(job)
+    except asyncio.CancelledError:
+        if not job.cancelled():
+            raise   # this command was aborted: the job goes on
+        raise CheckCondition(ABORTED_COMMAND, NO_ADDITIONAL_SENSE) from None   # the LU went
+
+
+def _log_failure(lu: LogicalUnit, job: asyncio.Task) -> None:
+    """A background sanitize that failed: said once, in the log (the command
+    that started it has long returned)."""
+    if not job.cancelled() and job.exception() is not None:
+        log.error("SANITIZE of %s LUN %d failed: %s", lu.target, lu.lun, job.exception())
+
+
+async def _sanitize(task: Task, lu: LogicalUnit, block: bytes | None) -> None:
+    """Overwrite (`block` in every block) or deallocate the whole LUN, a
+    chunk at a time; lu.progress says how far it got (REQUEST SENSE)."""
+    total = lu.blocks
+    per = max(1, (CHUNK if block is not None else _DISCARD_CHUNK) // lu.block_size)
+    chunk = memoryview(block * per) if block is not None else None
+    for start in range(0, total, per):
+        lu.progress = (start, total)
+        if start:
+            await next_chunk()
+        k = min(per, total - start)
+        if chunk is not None:
+            await write_blocks(task, start, [chunk[:k * lu.block_size]], False)
         else:
-            await _discard(task, 0, lu.blocks)
-        await task.io(lu.backend.flush)
-    finally:
-        lu.sanitizing = False
+            await _discard(task, start, k)
+    await _flush(task)

@@ -56,6 +56,8 @@ NO_ADDITIONAL_SENSE = (0x00, 0x00)
 DATA_PHASE_ERROR = (0x4B, 0x00)
 MEDIUM_REMOVAL_PREVENTED = (0x53, 0x02)
 UNREACHABLE_COPY_TARGET = (0x08, 0x04)
+COPY_TARGET_DEVICE_NOT_REACHABLE = (0x0D, 0x02)
+INSUFFICIENT_RESOURCES = (0x55, 0x03)
 TOO_MANY_TARGET_DESCRIPTORS = (0x26, 0x06)
 UNSUPPORTED_TARGET_DESCRIPTOR_TYPE = (0x26, 0x07)
 TOO_MANY_SEGMENT_DESCRIPTORS = (0x26, 0x08)
@@ -84,18 +86,20 @@ class CheckCondition(StatusError):
     """Ends a command with CHECK CONDITION and this sense."""
 
     def __init__(self, key: int, asc_ascq: tuple[int, int], field: FieldPointer | None = None,
-                 info: int | None = None) -> None:
+                 info: int | None = None, progress: int | None = None) -> None:
         super().__init__(CHECK_CONDITION)
         self.key = key
         self.asc, self.ascq = asc_ascq
         self.field = field
         self.info = info
+        self.progress = progress
 
     def __repr__(self) -> str:
         return f"CheckCondition({self.key:#x}/{self.asc:#04x}/{self.ascq:#04x})"
 
     def sense(self, descriptor: bool = False) -> bytes:
-        return build_sense(self.key, (self.asc, self.ascq), descriptor, self.field, self.info)
+        return build_sense(self.key, (self.asc, self.ascq), descriptor, self.field, self.info,
+                           self.progress)
 
 
 def invalid_field(byte: int, bit: int | None = None) -> CheckCondition:
@@ -115,16 +119,24 @@ def _sks(field: FieldPointer) -> bytes:
     return bytes([b0]) + struct.pack(">H", field.byte)
 
 
+def _progress(fraction: int) -> bytes:
+    """Sense-key-specific progress indication: done, in 65536ths."""
+    return bytes([0x80]) + struct.pack(">H", min(fraction, 0xFFFF))
+
+
 def build_sense(key: int, asc_ascq: tuple[int, int], descriptor: bool = False,
-                field: FieldPointer | None = None, info: int | None = None) -> bytes:
-    """Current-error sense data, fixed (0x70) or descriptor (0x72) format."""
+                field: FieldPointer | None = None, info: int | None = None,
+                progress: int | None = None) -> bytes:
+    """Current-error sense data, fixed (0x70) or descriptor (0x72) format;
+    the sense-key-specific bytes hold a field pointer or a progress indication."""
     asc, ascq = asc_ascq
+    sks = _sks(field) if field is not None else _progress(progress) if progress is not None else None
     if descriptor:
         descs = b""
         if info is not None:
             descs += bytes([0x00, 0x0A, 0x80, 0]) + struct.pack(">Q", info)
-        if field is not None:
-            descs += bytes([0x02, 0x06, 0, 0]) + _sks(field) + b"\0"
+        if sks is not None:
+            descs += bytes([0x02, 0x06, 0, 0]) + sks + b"\0"
         return bytes([0x72, key & 0xF, asc, ascq, 0, 0, 0, len(descs)]) + descs
     sense = bytearray(18)
     sense[0] = 0x70
@@ -134,8 +146,8 @@ def build_sense(key: int, asc_ascq: tuple[int, int], descriptor: bool = False,
         sense[3:7] = struct.pack(">I", info)
     sense[7] = 10
     sense[12], sense[13] = asc, ascq
-    if field is not None:
-        sense[15:18] = _sks(field)
+    if sks is not None:
+        sense[15:18] = sks
     return bytes(sense)
 
 

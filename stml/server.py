@@ -11,6 +11,7 @@ import ipaddress
 import re
 import signal
 import socket
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,7 +21,7 @@ import zmq
 
 from backends import BackendError, open_backend
 from stml.api import BufferPool, Channel, Op, SharedRegion, StreamChannel, pack, stream_path, unpack
-from stml.config import Config, ConfigError
+from stml.config import Config, ConfigError, StartupError
 from stml.emulator import Emulator, Target
 from stml.lu import LogicalUnit
 from stml.metrics import Metrics
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from stml.metrics import PrometheusExporter
 
 log = logging.getLogger("stml")
+WORKER_THREADS = 8   # threads for blocking backend calls, shared fairly among LUs
 
 
 def build_targets(config: Config, templates: dict[str, Any]) -> list[Target]:
@@ -41,7 +43,7 @@ def build_targets(config: Config, templates: dict[str, Any]) -> list[Target]:
         for lc in t.luns:
             o = lc.options
             try:
-                backend = open_backend(o.kind, o.size, o.path, o.ro, **(o.ceph or {}))
+                backend = open_backend(o.kind, o.size, o.path, o.ro, **o.backend_options())
             except (BackendError, ValueError, OSError) as e:
                 raise ConfigError(f"target {t.name} LUN {lc.lun}", str(e)) from None
             if backend.size() < o.block_size:
@@ -126,7 +128,10 @@ class StmlServer:
     def __init__(self, config: Config, heartbeat_ms: int | None = None) -> None:
         self.config = config
         # the default data dir does not exist on a fresh machine: disks are created in it
-        config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as e:
+            raise StartupError(f"data dir {config.data_dir}", e.strerror or str(e)) from None
         self.endpoint = config.stml_endpoint
         self.endpoints = config.stml.endpoints(config.stml_endpoint)
         if heartbeat_ms is None:
@@ -138,8 +143,10 @@ class StmlServer:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.SNDHWM, 0)
         self.sock.setsockopt(zmq.RCVHWM, 0)
-        self.executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="backend")
+        # one thread more than the LUs share (stml.workers): management's calls never wait for them
+        self.executor = ThreadPoolExecutor(max_workers=WORKER_THREADS + 1, thread_name_prefix="backend")
         self.emulator = Emulator([], self._send, self.executor, heartbeat_ms=heartbeat_ms,
+                                 threads=WORKER_THREADS,
                                  discovery={"chap": config.discovery_chap},
                                  data_dir=config.data_dir, portal_groups=portal_groups(config))
         self.emulator.portals = portal_entries(config.portals)
@@ -161,6 +168,9 @@ class StmlServer:
         self.pool = BufferPool()    # big write-data frames, shared by every stream
         poll_us = config.stml.poll_us
         self.poll = BusyPoll(poll_us / 1e6) if poll_us else None
+        # what each front end that follows the portal list says about its listeners
+        self._portal_states: dict[bytes, list[dict[str, Any]]] = {}
+        self._portal_news: asyncio.Event | None = None
 
     def _send(self, ident: bytes, header: dict[str, Any], frames: list) -> None:
         op = header["op"]
@@ -219,13 +229,17 @@ class StmlServer:
     def _bind_one(self, endpoint: str) -> None:
         if endpoint.startswith("ipc://"):
             path = Path(endpoint[6:])
-            path.parent.mkdir(parents=True, exist_ok=True)
             # one STML per socket path: binding would silently steal a live one's socket
-            self._lock_fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self._lock_fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            except OSError as e:
+                raise StartupError(f"stml_endpoint {endpoint}", e.strerror or str(e)) from None
             try:
                 fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise ConfigError("stml_endpoint", f"another STML is already serving {endpoint}") from None
+                raise StartupError("stml_endpoint", f"another STML is already serving {endpoint} "
+                                   f"(another target is running in {path.parent})") from None
             stream = stream_path(endpoint)
             assert stream is not None   # an ipc:// endpoint has one
             self._bind_stream(stream)   # first: front ends seeing ipc only take ZeroMQ
@@ -341,6 +355,10 @@ class StmlServer:
             self.exporter.stop()
         if self.auth is not None:
             self.auth.stop()
+        # background jobs (SANITIZE) end with the STML: each waits only for the
+        # backend call it has under way, so SIGTERM still stops it promptly
+        await asyncio.gather(*(lu.stop_jobs() for t in self.emulator.targets.values()
+                               for lu in t.luns.values()))
         self.executor.shutdown(wait=True)
         for t in self.emulator.targets.values():
             for lu in t.luns.values():
@@ -363,7 +381,43 @@ class StmlServer:
         elif op == "mgmt":
             self.mgmt.handle(ident, header)
             return
+        elif op == Op.PORTAL_STATE:
+            self._portal_state(ident, header)
+            return
         self.emulator.handle(ident, header, frames[2:])
+
+    def _portal_state(self, ident: bytes, header: dict[str, Any]) -> None:
+        """A front end that follows the portal list says which it listens on."""
+        portals = header.get("portals")
+        if not isinstance(portals, list) or not header.get("follows"):
+            self._portal_states.pop(ident, None)
+        else:
+            self._portal_states[ident] = [p for p in portals if isinstance(p, dict)][:1024]
+        if self._portal_news is not None:
+            self._portal_news.set()
+
+    def portal_reports(self) -> list[list[dict[str, Any]]]:
+        """The reports of the front ends registered now."""
+        for ident in [i for i in self._portal_states if i not in self.emulator.front_ends]:
+            del self._portal_states[ident]
+        return list(self._portal_states.values())
+
+    async def wait_portal(self, key: tuple[str, int, int], timeout: float) -> list[str]:
+        """After a portal was added: wait until every following front end has
+        reported on it; its errors ([] when all listen, or none follows)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            reports = self.portal_reports()
+            states = [[r for r in rep if (r.get("host"), r.get("port"), r.get("tpgt")) == key]
+                      for rep in reports]
+            if all(states):
+                return [str(r.get("error")) for st in states for r in st if not r.get("listening")]
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return [f"no answer from {len([s for s in states if not s])} front end(s) in {timeout:g}s"]
+            self._portal_news = asyncio.Event()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._portal_news.wait(), left)
 
     async def _liveness(self) -> None:
         while True:
@@ -371,9 +425,52 @@ class StmlServer:
             self.emulator.check_liveness()
 
 
+STOP_GRACE = 3.0   # after SIGTERM, a busy STML gets this long to stop cleanly
+
+
+class StopGuard:
+    """SIGTERM and SIGINT stop the STML within STOP_GRACE seconds however busy
+    its loop is. The signals are blocked in every thread and taken by a thread
+    of their own (so it must start before any other thread exists): it asks
+    the loop to stop and, if the loop has not finished by the deadline, ends
+    the process. Acknowledged writes are already with the kernel, so nothing
+    acknowledged is lost; what a forced exit skips is the goodbye to the
+    front ends and the removal of the socket files, which the next start and
+    every client recognise as stale."""
+
+    SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+    def __init__(self, stop: asyncio.Event, grace: float = STOP_GRACE) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.stop, self.grace = stop, grace
+        self.done = threading.Event()
+        signal.pthread_sigmask(signal.SIG_BLOCK, self.SIGNALS)
+        threading.Thread(target=self._wait, name="stop-guard", daemon=True).start()
+
+    def _wait(self) -> None:
+        sig = signal.sigwait(self.SIGNALS)
+        self.loop.call_soon_threadsafe(self.stop.set)
+        if not self.done.wait(self.grace):
+            # no logging call: the blocked thread may hold a handler's lock
+            with contextlib.suppress(OSError):
+                os.write(2, f"stml: still busy {self.grace:g}s after {signal.Signals(sig).name}: "
+                            f"exiting without a clean stop\n".encode())
+            os._exit(1)
+
+
 async def run_stml(config: Config) -> None:
     stop = asyncio.Event()
+    guard = StopGuard(stop)
+    server = StmlServer(config)
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await StmlServer(config).serve(stop)
+
+    def reload() -> None:
+        mgmt = getattr(server, "mgmt", None)
+        if mgmt is not None:   # SIGHUP before the STML serves: nothing to reload yet
+            loop.create_task(mgmt.reload_on_signal())
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
+    try:
+        await server.serve(stop)
+    finally:
+        guard.done.set()

@@ -10,7 +10,8 @@ from stml.cdb import encode_lun, u16, u32
 from stml.lu import PRODUCT, REVISION, VENDOR
 from stml.ops import lbppbe, max_blocks, unit
 from stml.sense import (
-    NO_ADDITIONAL_SENSE, NO_SENSE, UNIT_ATTENTION, build_sense, invalid_field,
+    NO_ADDITIONAL_SENSE, NO_SENSE, NOT_READY, SANITIZE_IN_PROGRESS, UNIT_ATTENTION, CheckCondition,
+    build_sense, invalid_field,
 )
 
 if TYPE_CHECKING:
@@ -18,10 +19,14 @@ if TYPE_CHECKING:
     from stml.lu import LogicalUnit
     from stml.ops import OpEntry
 
-# limits this template advertises in VPD 0xB0 (logical blocks unless noted)
+# limits this template advertises in VPD 0xB0 (logical blocks unless noted) and
+# enforces: UNMAP's block count is a total over the command's descriptors
 MAX_UNMAP_LBA_COUNT = 1 << 20
 MAX_UNMAP_DESCRIPTORS = 256
 MAX_COMPARE_AND_WRITE = 255
+# GET LBA STATUS answers with at most this many descriptors (16 KiB), however
+# large the allocation length: fewer than the rest of the LUN needs is legal
+MAX_LBA_STATUS_DESCRIPTORS = 1024
 
 
 def thin(lu: LogicalUnit) -> bool:
@@ -189,17 +194,28 @@ async def report_luns(task: Task) -> bytes:
     alloc = u32(cdb, 6)
     if alloc < 16:
         raise invalid_field(6)
-    luns = task.emulator.luns_of(task.nexus.target)
-    body = b"".join(encode_lun(n) for n in sorted(luns)) if cdb[2] != 0x01 else b""
-    return (struct.pack(">I", len(body)) + bytes(4) + body)[:alloc]
+    luns = sorted(task.emulator.luns_of(task.nexus.target)) if cdb[2] != 0x01 else []
+    shown = luns[:-(-(alloc - 8) // 8)]   # only the entries the allocation length holds are built
+    body = b"".join(encode_lun(n) for n in shown)
+    return (struct.pack(">I", 8 * len(luns)) + bytes(4) + body)[:alloc]
+
+
+def sanitize_in_progress(lu: LogicalUnit) -> CheckCondition:
+    """NOT READY, SANITIZE IN PROGRESS, with how far it got (SBC-4 4.11)."""
+    done, total = lu.progress
+    return CheckCondition(NOT_READY, SANITIZE_IN_PROGRESS, progress=(done << 16) // max(total, 1))
 
 
 async def request_sense(task: Task) -> bytes:
-    """Autosense is always on, so only a pending unit attention or NO SENSE remains."""
+    """Autosense is always on, so what remains is a pending unit attention, a
+    sanitize under way (with its progress), or NO SENSE."""
     desc = bool(task.cdb[1] & 1)
-    ua = task.emulator.take_ua(task.lu, task.nexus) if task.lu else None
+    lu = task.lu
+    ua = task.emulator.take_ua(lu, task.nexus) if lu else None
     if ua:
         sense = build_sense(UNIT_ATTENTION, ua, desc)
+    elif lu is not None and lu.sanitizing:
+        sense = sanitize_in_progress(lu).sense(desc)
     else:
         sense = build_sense(NO_SENSE, NO_ADDITIONAL_SENSE, desc)
     return sense[:task.cdb[4]]

@@ -1,23 +1,27 @@
 """EXTENDED COPY (LID1) and RECEIVE COPY RESULTS (SPC-4 6.4, 6.18).
 
-The copy manager copies block to block between any logical units of this
-STML: copy targets are named by identification CSCD descriptors (0xE4)
-carrying the NAA designator VPD page 0x83 reports. Segments are block to
+The copy manager copies block to block between logical units that the I_T
+nexus of the command may access: the LUs of its own target, named by
+identification CSCD descriptors (0xE4) carrying the NAA designator VPD page
+0x83 reports. A designator of any other target's LU is unknown here
+(COPY ABORTED, UNREACHABLE COPY TARGET): an initiator reaches nothing its
+target does not grant it (the class of CVE-2020-28374). Every chunk is read
+and written as that nexus: a reservation that would refuse it a READ of the
+source or a WRITE of the destination aborts the copy. Segments are block to
 block (0x02). Results are kept per I_T nexus and list identifier.
 """
 from __future__ import annotations
 
-import asyncio
 import struct
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from stml.cdb import u16, u32, u64
-from stml.ops import check_writable, data_bytes, param_len_error, unit
+from stml.ops import CHUNK, check_writable, data_bytes, next_chunk, param_len_error, unit
 from stml.sense import (
-    COPY_ABORTED, ILLEGAL_REQUEST, NO_ADDITIONAL_SENSE, OPERATION_IN_PROGRESS,
-    TOO_MANY_SEGMENT_DESCRIPTORS, TOO_MANY_TARGET_DESCRIPTORS, UNREACHABLE_COPY_TARGET,
-    UNSUPPORTED_SEGMENT_DESCRIPTOR_TYPE, UNSUPPORTED_TARGET_DESCRIPTOR_TYPE,
-    CheckCondition, invalid_field, invalid_param,
+    COPY_ABORTED, COPY_TARGET_DEVICE_NOT_REACHABLE, ILLEGAL_REQUEST, INSUFFICIENT_RESOURCES,
+    NO_ADDITIONAL_SENSE, OPERATION_IN_PROGRESS, TOO_MANY_SEGMENT_DESCRIPTORS,
+    TOO_MANY_TARGET_DESCRIPTORS, UNREACHABLE_COPY_TARGET, UNSUPPORTED_SEGMENT_DESCRIPTOR_TYPE,
+    UNSUPPORTED_TARGET_DESCRIPTOR_TYPE, CheckCondition, invalid_field, invalid_param,
 )
 
 if TYPE_CHECKING:
@@ -29,10 +33,14 @@ MAX_SEGMENTS = 8
 MAX_DESCRIPTOR_LIST = 1024
 MAX_SEGMENT_BYTES = 64 << 20
 MAX_INLINE = 0
+MAX_CONCURRENT = 1       # EXTENDED COPY commands one LU runs at a time (as advertised)
+# the longest parameter list RECEIVE COPY OPERATING PARAMETERS allows: header,
+# descriptors, inline data; a longer one is refused before it is transferred
+MAX_PARAM_LIST = 16 + MAX_DESCRIPTOR_LIST + MAX_INLINE
 CSCD_LEN = 32
 B2B_LEN = 28
-_CHUNK = 1 << 20
 IMPLEMENTED = bytes([0x02, 0xE4])   # block->block segments, identification CSCD descriptors
+_READ16, _WRITE16 = bytes([0x88]) + bytes(15), bytes([0x8A]) + bytes(15)   # as reservations see a copy
 
 
 def xcopy_out_len(task: Task) -> int:
@@ -40,22 +48,26 @@ def xcopy_out_len(task: Task) -> int:
 
 
 def xcopy_check(task: Task) -> None:
-    return None
-
-
-async def _io(task: Task, lu: LogicalUnit, fn: Callable, *args: Any) -> Any:
-    """A backend call on any LU (the copy's source or destination)."""
-    if lu.backend.inline:
-        return fn(*args)
-    return await asyncio.get_running_loop().run_in_executor(task.emulator.executor, fn, *args)
+    if u32(task.cdb, 10) > MAX_PARAM_LIST:
+        raise param_len_error()
 
 
 def _find_lu(task: Task, designator: bytes) -> LogicalUnit | None:
-    for target in task.emulator.targets.values():
-        for lu in target.luns.values():
-            if lu.naa == designator:
-                return lu
+    """The LU of the nexus's own target with this NAA designator."""
+    target = task.emulator.targets.get(task.nexus.target)
+    for lu in (target.luns.values() if target else ()):
+        if lu.naa == designator:
+            return lu
     return None
+
+
+def _reach(task: Task, lu: LogicalUnit, cdb: bytes) -> None:
+    """Before each chunk: the copy target is still an LU of the target, with
+    its medium ready, and its reservations let this nexus read (or write) it;
+    else COPY ABORTED, COPY TARGET DEVICE NOT REACHABLE (as LIO answers)."""
+    if (task.emulator.lookup_lu(task.nexus.target, lu.lun) is not lu or not lu.medium_present
+            or lu.sanitizing or (lu.pr is not None and lu.pr.conflicts(task.nexus, cdb))):
+        raise CheckCondition(COPY_ABORTED, COPY_TARGET_DEVICE_NOT_REACHABLE)
 
 
 def _parse_cscd(task: Task, d: bytes, off: int) -> LogicalUnit:
@@ -98,10 +110,13 @@ async def extended_copy(task: Task) -> None:
         raise param_len_error()
     if cscd_len // CSCD_LEN > MAX_CSCD:
         raise CheckCondition(ILLEGAL_REQUEST, TOO_MANY_TARGET_DESCRIPTORS)
-    key = (task.nexus.key, list_id)
-    results = unit(task).copy_results
-    if usage != 0x03 and results.get(key, {}).get("status") == 0:
+    manager = unit(task)
+    results = manager.copy_results
+    key = task.nexus.key
+    if usage != 0x03 and (results.get(key, list_id) or {}).get("status") == 0:
         raise CheckCondition(ILLEGAL_REQUEST, OPERATION_IN_PROGRESS)
+    if manager.copies >= MAX_CONCURRENT:
+        raise CheckCondition(ILLEGAL_REQUEST, INSUFFICIENT_RESOURCES)
     # descriptors: all parsed and checked before any block moves
     lus = []
     for i in range(cscd_len // CSCD_LEN):
@@ -131,7 +146,8 @@ async def extended_copy(task: Task) -> None:
         pos += B2B_LEN
     state: dict[str, Any] = {"status": 0, "segments": 0, "bytes": 0}
     if usage != 0x03:
-        results[key] = state
+        results.put(key, list_id, state)
+    manager.copies += 1
     try:
         for src, dst, blocks, slba, dlba in segments:
             if slba + blocks > src.blocks or dlba + blocks > dst.blocks:
@@ -139,25 +155,31 @@ async def extended_copy(task: Task) -> None:
             check_writable(dst)
             await _copy(task, src, dst, blocks, slba, dlba, state)
             state["segments"] += 1
-    except CheckCondition:
+    except BaseException:   # refused, failed or aborted: the list id is free again
         state["status"] = 2
         raise
+    finally:
+        manager.copies -= 1
     state["status"] = 1
 
 
 async def _copy(task: Task, src: LogicalUnit, dst: LogicalUnit, blocks: int, slba: int,
                 dlba: int, state: dict[str, Any]) -> None:
+    """One segment, a chunk at a time through one buffer, with a turn of the
+    loop between chunks (a RAM copy would otherwise hold it for 64 MiB)."""
     bs = src.block_size
-    per = max(1, _CHUNK // bs)
-    done = 0
-    while done < blocks:
+    per = max(1, CHUNK // bs)
+    buf = memoryview(bytearray(min(per, blocks) * bs))
+    for done in range(0, blocks, per):
+        if done:
+            await next_chunk()
         n = min(per, blocks - done)
-        buf = bytearray(n * bs)
-        await _io(task, src, src.backend.read_into, (slba + done) * bs, memoryview(buf))
+        view = buf[:n * bs]
+        _reach(task, src, _READ16)
+        await task.io_on(src, src.backend.read_into, (slba + done) * bs, view)
+        _reach(task, dst, _WRITE16)
         async with dst.write_gate.shared():
-            await _io(task, dst, dst.backend.write_from, (dlba + done) * bs, [memoryview(buf)],
-                      not dst.mode.wce)
-        done += n
+            await task.io_on(dst, dst.backend.write_from, (dlba + done) * bs, [view], not dst.mode.wce)
         state["bytes"] += n * bs
 
 
@@ -168,13 +190,13 @@ async def receive_copy_results(task: Task) -> bytes:
         body = bytearray(44)
         struct.pack_into(">HHIIIII", body, 4, MAX_CSCD, MAX_SEGMENTS, MAX_DESCRIPTOR_LIST,
                          MAX_SEGMENT_BYTES, MAX_INLINE, 0, 0)
-        struct.pack_into(">H", body, 30, 1)         # total concurrent copies
-        body[32] = 1                                # maximum concurrent copies
+        struct.pack_into(">H", body, 30, MAX_CONCURRENT)   # total concurrent copies
+        body[32] = MAX_CONCURRENT                          # maximum concurrent copies
         body[33] = 9                                # data segment granularity: 512 bytes (log2)
         body[39] = len(IMPLEMENTED)
         body += IMPLEMENTED
         return (struct.pack(">I", len(body)) + bytes(body))[:alloc]
-    state = unit(task).copy_results.get((task.nexus.key, cdb[2]))
+    state = unit(task).copy_results.get(task.nexus.key, cdb[2])
     if state is None:
         raise invalid_field(2)
     out = struct.pack(">IBHBI", 8, state["status"], state["segments"], 0, state["bytes"])

@@ -3,6 +3,7 @@ and the long runner (scripts/fuzz.py). Each `run_*` function takes one generated
 case and raises AssertionError (or an unexpected exception) on a finding."""
 from __future__ import annotations
 
+import struct
 from typing import Any
 
 from hypothesis import strategies as st
@@ -404,3 +405,156 @@ def healthy_io(portal: str, iqn: str = TNAME, lun: int = 0) -> None:
         assert ini.read16(lba, 8, lun) == data[::-1]
     finally:
         ini.close()
+
+
+# ---------------------------------------------------------------- resource abuse
+
+# what an abusive request may legitimately cost: the STML's maximum transfer (VPD B0)
+ABUSE_MAX_TRANSFER = 8 << 20
+ABUSE_DATA_CAP = 1 << 20   # what the fuzz client itself sends or accepts per command
+
+
+def _iscsi_transport_id(name: bytes) -> bytes:
+    """An iSCSI TransportID (format 0): protocol 5, the name NUL-terminated and padded."""
+    raw = name + b"\0" + bytes(-(len(name) + 1) % 4)
+    return bytes([0x05, 0]) + len(raw).to_bytes(2, "big") + raw
+
+
+@st.composite
+def abusive_cdb(draw: Any, blocks: int) -> tuple[str, bytes, bytes, int, int]:
+    """(kind, CDB, parameter list, data-in length, bytes the request may
+    legitimately move): legal commands with the largest lengths, counts and
+    ranges their fields allow - up to the whole LUN of `blocks` 512-byte
+    blocks - the requests that once cost work proportional to a LUN or to a
+    field rather than to what they ask for."""
+    lba = draw(st.one_of(st.just(0), st.just(0), st.integers(0, blocks - 1), st.just(blocks - 1),
+                         st.integers(0, (1 << 64) - 1)))
+    # the rest of the LUN (the largest legal range), the field's maximum, or anything
+    big32 = st.one_of(st.just(max(0, min(blocks - lba, 0xFFFFFFFF))), st.just(max(0, min(blocks - lba, 0xFFFFFFFF))),
+                      st.just(0xFFFFFFFF), st.integers(0, 0xFFFFFFFF))
+    kind = draw(st.sampled_from([
+        "verify", "get_lba_status", "unmap", "write_same", "xcopy", "pr_register_spec_i_pt",
+        "pr_read_full_status", "report_luns", "read", "write", "sanitize", "sync_cache",
+        "compare_and_write", "mode_sense", "inquiry_vpd", "report_opcodes", "copy_params",
+        "prefetch", "read_defect", "orwrite", "write_atomic"]))
+    data_out, data_in, legit = b"", 0, 0
+    if kind == "verify":
+        bytchk = draw(st.sampled_from([0, 1, 3]))
+        n = draw(big32)
+        cdb = struct.pack(">BBQIBB", 0x8F, bytchk << 1, lba, n, 0, 0)
+        if bytchk:
+            data_out = bytes(min(ABUSE_DATA_CAP, 512 if bytchk == 3 else n * 512))
+        legit = min(n * 512, ABUSE_MAX_TRANSFER)
+    elif kind == "get_lba_status":
+        alloc = draw(big32)
+        cdb = struct.pack(">BBQIBB", 0x9E, 0x12, lba, alloc, 0, 0)
+        data_in = legit = min(alloc, ABUSE_DATA_CAP)
+    elif kind == "unmap":
+        count = draw(st.integers(0, 4095))
+        descs = b"".join(struct.pack(">QI4x", draw(st.integers(0, 1 << 23)), draw(big32))
+                         for _ in range(min(count, 8))) * (count // 8 + 1)
+        descs = descs[:16 * count]
+        data_out = struct.pack(">HH4x", len(descs) + 6, len(descs)) + descs
+        cdb = struct.pack(">BB4xBHB", 0x42, 0, 0, len(data_out), 0)
+        legit = len(data_out)
+    elif kind == "write_same":
+        flags = draw(st.sampled_from([0x00, 0x08, 0x01, 0x09]))
+        n = draw(st.one_of(st.just(0), big32))
+        cdb = struct.pack(">BBQIBB", 0x93, flags, lba, n, 0, 0)
+        data_out = b"" if flags & 0x01 else bytes([0xA5]) * 512
+        legit = min(n * 512, ABUSE_MAX_TRANSFER) if n else ABUSE_MAX_TRANSFER
+    elif kind == "xcopy":
+        plen = draw(big32)
+        body = draw(st.binary(min_size=16, max_size=4096))
+        data_out = body[:min(plen, ABUSE_DATA_CAP)]
+        cdb = struct.pack(">BB8xIBB", 0x83, 0, plen, 0, 0)
+        legit = 64 << 20   # one segment may copy this much (RECEIVE COPY OPERATING PARAMETERS)
+    elif kind == "pr_register_spec_i_pt":
+        count = draw(st.integers(1, 3000))
+        name_len = draw(st.sampled_from([20, 223, 224, 4000]))
+        tids = b"".join(_iscsi_transport_id(b"iqn.2026-11.org.abuse:" + str(i).encode().rjust(name_len, b"x"))
+                        for i in range(count))[:ABUSE_DATA_CAP]
+        data_out = struct.pack(">QQ4xBxHI", 0, draw(st.integers(1, 1 << 63)), 0x08, 0, len(tids)) + tids
+        cdb = struct.pack(">BBBxxIB", 0x5F, 0x00, 0, len(data_out), 0)
+        legit = len(data_out)
+    elif kind == "pr_read_full_status":
+        alloc = draw(st.integers(0, 0xFFFF))
+        cdb = struct.pack(">BB5xHB", 0x5E, 0x03, alloc, 0)
+        data_in = legit = alloc
+    elif kind == "report_luns":
+        alloc = draw(big32)
+        cdb = struct.pack(">BxB3xIxB", 0xA0, 0, alloc, 0)
+        data_in = legit = min(alloc, ABUSE_DATA_CAP)
+    elif kind in ("read", "write", "orwrite"):
+        n = draw(big32)
+        op = {"read": 0x88, "write": 0x8A, "orwrite": 0x8B}[kind]
+        cdb = struct.pack(">BBQIBB", op, 0, lba, n, 0, 0)
+        if kind == "read":
+            data_in = min(n * 512, ABUSE_DATA_CAP)
+        else:
+            data_out = bytes(min(n * 512, ABUSE_DATA_CAP))
+        legit = min(n * 512, ABUSE_MAX_TRANSFER)
+    elif kind == "sanitize":
+        immed = draw(st.sampled_from([0x80, 0x00]))
+        sa = draw(st.sampled_from([0x01, 0x02, 0x03]))
+        data_out = struct.pack(">BxH", 0x01, 4) + b"\xde\xad\xbe\xef" if sa == 0x01 else b""
+        cdb = struct.pack(">BB5xHB", 0x48, immed | sa, len(data_out), 0)
+        legit = -1   # SANITIZE is the one command whose work is the whole medium by definition
+    elif kind == "sync_cache":
+        cdb = struct.pack(">BBQIBB", 0x91, 0, 0, 0, 0, 0)
+        legit = ABUSE_MAX_TRANSFER
+    elif kind == "compare_and_write":
+        n = draw(st.integers(0, 255))
+        cdb = struct.pack(">BBQ3xBBB", 0x89, 0, lba, n, 0, 0)
+        data_out = bytes(2 * n * 512)
+        legit = len(data_out)
+    elif kind == "mode_sense":
+        alloc = draw(st.integers(0, 0xFFFF))
+        cdb = struct.pack(">BBBB3xHB", 0x5A, 0, 0x3F, 0xFF, alloc, 0)
+        data_in = legit = alloc
+    elif kind == "inquiry_vpd":
+        alloc = draw(st.integers(0, 0xFFFF))
+        cdb = struct.pack(">BBBHB", 0x12, 1, draw(st.sampled_from([0x00, 0x80, 0x83, 0xB0, 0xB2])), alloc, 0)
+        data_in = legit = alloc
+    elif kind == "report_opcodes":
+        alloc = draw(big32)
+        cdb = struct.pack(">BBBBHIBB", 0xA3, 0x0C, 0x80, 0, 0, alloc, 0, 0)
+        data_in = legit = min(alloc, ABUSE_DATA_CAP)
+    elif kind == "copy_params":
+        alloc = draw(big32)
+        cdb = struct.pack(">BB8xIBB", 0x84, 0x03, alloc, 0, 0)
+        data_in = legit = min(alloc, ABUSE_DATA_CAP)
+    elif kind == "prefetch":
+        n = draw(big32)
+        cdb = struct.pack(">BBQIBB", 0x90, 0, lba, n, 0, 0)
+        legit = ABUSE_MAX_TRANSFER
+    elif kind == "read_defect":
+        alloc = draw(big32)
+        cdb = struct.pack(">BBxxxxIBB", 0xB7, 0x1F, alloc, 0, 0)
+        data_in = legit = min(alloc, ABUSE_DATA_CAP)
+    else:  # write_atomic
+        n = draw(st.integers(0, 0xFFFF))
+        cdb = struct.pack(">BBQHHBB", 0x9C, 0, lba, 0, n, 0, 0)
+        data_out = bytes(min(n * 512, ABUSE_DATA_CAP))
+        legit = min(n * 512, ABUSE_MAX_TRANSFER)
+    return kind, cdb, data_out, data_in, legit
+
+
+def rss(pid: int) -> int:
+    """Resident set size of a process, in bytes."""
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise ValueError(f"no VmRSS for {pid}")
+
+
+def run_abuse(client: Any, case: tuple[str, bytes, bytes, int, int], lun: int, pid: int,
+              rss_limit: int) -> None:
+    """One abusive command: a SCSI status in time, and the STML's memory stays
+    under a limit that does not grow with the fields of the request."""
+    kind, cdb, data_out, data_in, _ = case
+    result = client.submit(lun, cdb, data_out, data_in).result(60)
+    assert result.status in STATUSES, (kind, cdb.hex(), result)
+    assert len(result.data) <= data_in, (kind, cdb.hex(), len(result.data), data_in)
+    used = rss(pid)
+    assert used <= rss_limit, (kind, cdb.hex(), used, rss_limit)

@@ -12,8 +12,14 @@ from fetd_tcp import pdu as P
 
 class RawInitiator:
     def __init__(self, host: str, port: int, initiator: str = "iqn.2026-11.org.test:raw",
-                 isid: bytes | None = None, timeout: float = 10.0) -> None:
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+                 isid: bytes | None = None, timeout: float = 10.0, rcvbuf: int | None = None) -> None:
+        if rcvbuf is None:
+            self.sock = socket.create_connection((host, port), timeout=timeout)
+        else:   # a small receive window: what the target sends piles up on its side
+            self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            self.sock.settimeout(timeout)
+            self.sock.connect((host, port))
         self.initiator = initiator
         self.isid = isid or b"\x80" + os.urandom(5)
         self.itt = 0

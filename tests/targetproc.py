@@ -44,11 +44,12 @@ class Target:
                 self.lines.append(line)
                 log.write(line)
                 log.flush()
-                m = re.match(r"fetd_tcp: listening on (\S+)", line)
+                # the children's lines, as `run` relays them in its log format
+                m = re.search(r"fetd_tcp: listening on (\S+)", line)
                 if m:
                     self.portals.append(m.group(1))
-                self._attached = self._attached or line.startswith("fetd_tcp: attached to STML")
-                if self._attached and len(self.portals) >= self._expected:
+                self._attached = self._attached or "fetd_tcp: attached to STML" in line
+                if self._attached and len(self.portals) >= self._expected or line.startswith("Ready. "):
                     self._ready.set()
 
     @property
@@ -101,8 +102,12 @@ def children_by_module(pid: int) -> dict[str, int]:
     """The children of `pid` by the module each one runs (`python -m NAME`)."""
     found = {}
     for child in children_of(pid):
-        argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
-        found[argv[argv.index(b"-m") + 1].decode()] = child
+        try:
+            argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue    # gone meanwhile
+        if b"-m" in argv:   # not a zombie not yet reaped, nor a child between fork and exec
+            found[argv[argv.index(b"-m") + 1].decode()] = child
     return found
 
 

@@ -45,3 +45,25 @@ def test_bench_loopback_smoke(tmp_path):
                         "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout + p.stderr
     assert all(r["scsi-target"]["iops"] > 0 for r in json.loads(out.read_text())["workloads"].values())
+
+
+@pytest.mark.skipif(not shutil.which("qemu-img"), reason="qemu-utils is not installed")
+def test_bench_thin_smoke(tmp_path):
+    """--thin: both targets get a sparse file, the same scattered writes leave
+    them equally fragmented, then the 64 KiB reads run."""
+    out = tmp_path / "thin.json"
+    args = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--thin", "--thin-dir", str(tmp_path),
+            "--runs", "1", "--scale", "0.002", "--out", str(out)]
+    if shutil.which("tgtd"):
+        args.append("--compare-tgtd")
+    p = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    results = json.loads(out.read_text())
+    assert results["lun"] == "thin"
+    assert set(results["workloads"]) == {"64k-read-qd8-thin"}
+    assert results["workloads"]["64k-read-qd8-thin"]["scsi-target"]["iops"] > 0
+    # 100 writes 20 KiB apart: one extent each, on both targets' files
+    assert results["fragment"]["scsi-target"]["extents"] == 100
+    if shutil.which("tgtd"):
+        assert results["fragment"]["tgtd"]["extents"] == 100
+    assert not list(tmp_path.glob("bench*/*.img"))   # the sparse files are removed

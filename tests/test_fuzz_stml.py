@@ -70,3 +70,40 @@ def test_malformed_contract_messages(fuzz_stml, client_factory):
         poker.close()
     _healthy(fuzz_stml, client_factory)
     assert "Traceback" not in fuzz_stml.log(), fuzz_stml.log()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def abuse_stml():
+    """A 1 GiB thin file LUN (whole-LUN work would show as a GiB of memory) and a RAM LUN."""
+    from conftest import StmlProcess, short_dir
+    from pathlib import Path
+    d = Path(short_dir())
+    p = StmlProcess(d, (f"file:{d}/big.img,size=1GiB", "ram:32MiB"))
+    p.start()
+    yield p
+    p.stop()
+    import shutil
+    shutil.rmtree(d, ignore_errors=True)
+
+
+LUN_BLOCKS = {0: (1 << 30) // 512, 1: (32 << 20) // 512}
+
+
+def test_resource_abuse(abuse_stml, client_factory):
+    """Legal commands with the largest lengths and counts their fields allow:
+    each gets a status and the STML's memory stays bounded by what any one
+    request may legitimately hold, never by the LUN's size or the field's value."""
+    c = client_factory(abuse_stml.endpoint, timeout=60)
+    limit = G.rss(abuse_stml.pid) + (32 << 20) + (128 << 20)
+
+    @settings(max_examples=150, derandomize=True, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(st.integers(0, 1).flatmap(lambda lun: st.tuples(st.just(lun), G.abusive_cdb(LUN_BLOCKS[lun]))))
+    def run(drawn):
+        lun, case = drawn
+        if case[0] == "sanitize":
+            lun = 1   # SANITIZE overwrites the whole medium by definition: only the RAM LUN here
+        G.run_abuse(c, case, lun, abuse_stml.pid, limit)
+
+    run()
+    _healthy(abuse_stml, client_factory)

@@ -19,8 +19,8 @@ def test_rbd_lun_spec_and_its_settings(tmp_path):
     raw = parse_lun_spec("rbd:pool/ns/img,conf=/etc/ceph/c.conf,id=gw,keyring=/k,size=1GiB,thick")
     o = lun_options(raw, "lun", tmp_path)
     assert (o.kind, o.path, o.size, o.thin) == ("rbd", "pool/ns/img", 1 << 30, False)
-    assert o.ceph == {"conf": "/etc/ceph/c.conf", "user": "gw", "keyring": "/k"}
-    assert lun_options(parse_lun_spec("rbd:rbd/img"), "lun", tmp_path).ceph == {}
+    assert o.backend_options() == {"conf": "/etc/ceph/c.conf", "user": "gw", "keyring": "/k"}
+    assert lun_options(parse_lun_spec("rbd:rbd/img"), "lun", tmp_path).backend_options() == {}
 
 
 @pytest.mark.parametrize("text, where", [

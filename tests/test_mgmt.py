@@ -4,6 +4,7 @@ file holds it, a restart keeps it, and hand edits are never overwritten."""
 from __future__ import annotations
 
 import json
+import re
 import struct
 import subprocess
 import sys
@@ -50,6 +51,15 @@ def report_luns(ini: RawInitiator) -> list[int]:
     return [struct.unpack(">H", data[8 + 8 * i:10 + 8 * i])[0] & 0x3FFF for i in range(n)]
 
 
+def unit_serial(ini: RawInitiator, lun: int) -> str:
+    """PRODUCT SERIAL NUMBER (VPD 0x80), after any unit attention."""
+    for _ in range(3):
+        status, sense, data = ini.command(bytes([0x12, 1, 0x80, 0, 255, 0]), lun, read=255)
+        if status == 0:
+            return data[4:4 + data[3]].decode()
+    raise AssertionError(f"INQUIRY VPD 0x80 failed: {sense.hex()}")
+
+
 def capacity(ini: RawInitiator, lun: int) -> int:
     status, sense, data = ini.command(struct.pack(">BBQIBB", 0x9E, 0x10, 0, 32, 0, 0), lun, read=32)
     assert status == 0, sense
@@ -88,6 +98,7 @@ def test_lun_add_and_resize_live(config, tmp_path):
         assert capacity(ini, 0) == 32 << 20
         ini.write16(0, b"\x5a" * 4096, lun=1)
         assert ini.read16(0, 8, lun=1) == b"\x5a" * 4096
+        serial = unit_serial(ini, 1)
         ini.close()
 
         # the table output reads well too
@@ -96,7 +107,10 @@ def test_lun_add_and_resize_live(config, tmp_path):
 
         saved = tomllib.loads(config.read_text())
         luns = saved["target"][0]["lun"]
-        assert luns[0]["size"] == 32 << 20 and luns[1] == {"lun": 1, "backend": "ram", "size": "8MiB"}
+        lu_id = luns[1].pop("id")   # the added LU's random identity, saved with it
+        # the size the resize saved, as a person writes it; the new LUN in full
+        assert luns[0]["size"] == "32MiB" and luns[1] == {"lun": 1, "backend": "ram", "size": "8MiB"}
+        assert re.fullmatch(r"[0-9a-f]{32}", lu_id) and serial == lu_id[:16]
         assert "OK" in cli("config", "check", "--config", str(config)).stdout
     finally:
         t.stop()
@@ -108,11 +122,15 @@ def test_lun_add_and_resize_live(config, tmp_path):
         assert luns[0]["size"] == 32 << 20 and luns[1]["size"] == 8 << 20
         out = run(["iscsi-readcapacity16", t.url(0, IQN)]).stdout
         assert str(32 << 20) in out or f"Last LBA:{(32 << 20) // 512 - 1}" in out.replace(" ", "")
+        ini = RawInitiator(host, int(t.portal.rsplit(":", 1)[1]), initiator="iqn.2026-11.org.test:mgmt")
+        ini.login(IQN)
+        assert unit_serial(ini, 1) == serial   # the same identity after the restart
+        ini.close()
 
         # an edit by hand since load is not overwritten
         config.write_text(config.read_text() + "# edited by hand\n")
         p = cli("lun", "add", "--data-dir", t.data_dir, "ram:4MiB", check=False)
-        assert p.returncode == 1 and "edited since the STML loaded it" in p.stderr
+        assert p.returncode == 2 and "edited since the STML loaded it" in p.stderr
         assert 2 not in {x["lun"] for x in mgmt(t.data_dir, "lun", "list")}
         assert config.read_text().endswith("# edited by hand\n")
     finally:
@@ -139,7 +157,7 @@ def test_targets_acl_chap_sessions(config, tmp_path):
         mgmt(d, "acl", "remove", "--target", other, "iqn.2026-11.org.test:allowed")
         p = cli("chap", "set", "--data-dir", d, "--target", other, "--user", "u", "--secret", "short",
                 check=False)
-        assert p.returncode == 1 and "12 to 255 bytes" in p.stderr
+        assert p.returncode == 2 and "12 to 255 bytes" in p.stderr
         mgmt(d, "chap", "set", "--target", other, "--user", "u", "--secret", "twelve-bytes-secret")
         assert run(["iscsi-inq", t.url(0, other)], check=False).returncode != 0
         assert run(["iscsi-inq", t.url(0, other, auth="u%twelve-bytes-secret@")]).returncode == 0
@@ -154,7 +172,7 @@ def test_targets_acl_chap_sessions(config, tmp_path):
         assert [f["kind"] for f in fes] == ["iscsi"]
         assert mgmt(d, "portal", "list")
         p = cli("target", "remove", "--data-dir", d, other, check=False)
-        assert p.returncode == 1 and "--force" in p.stderr
+        assert p.returncode == 2 and "--force" in p.stderr
         ini.close()
 
         saved = tomllib.loads(config.read_text())
@@ -221,7 +239,7 @@ def test_portal_add_remove_live(tmp_path):
         assert [x["tpgt"] for x in mgmt(d, "portal", "list")] == [1, 2]
         assert tomllib.loads(cfg.read_text())["portals"] == ["127.0.0.1:0", f"127.0.0.1:{p1},2"]
         p = cli("portal", "add", "--data-dir", d, f"127.0.0.1:{p1}", check=False)
-        assert p.returncode == 1 and "already" in p.stderr
+        assert p.returncode == 2 and "already" in p.stderr
 
         # a session on the portal outlives its removal; new connections are refused
         ini = RawInitiator("127.0.0.1", p1, initiator="iqn.2026-11.org.test:stay")
@@ -234,7 +252,7 @@ def test_portal_add_remove_live(tmp_path):
         assert f"127.0.0.1:{p1},2" not in _send_targets(first)
         assert tomllib.loads(cfg.read_text())["portals"] == ["127.0.0.1:0"]
         p = cli("portal", "remove", "--data-dir", d, f"127.0.0.1:{p1}", check=False)
-        assert p.returncode == 1 and "no portal" in p.stderr
+        assert p.returncode == 2 and "no portal" in p.stderr
         mgmt(d, "portal", "add", f"127.0.0.1:{p2}")
         _wait_line(t, f"fetd_tcp: listening on 127.0.0.1:{p2} (tpgt 1)")
     finally:
@@ -278,7 +296,7 @@ def test_session_drop(config):
         keep.close()
 
         p = cli("session", "drop", "--data-dir", d, "9999", check=False)
-        assert p.returncode == 1 and "no session 9999" in p.stderr
+        assert p.returncode == 2 and "no session 9999" in p.stderr
         assert "session drop" in t.log() or "dropped" in t.log()
     finally:
         t.stop()

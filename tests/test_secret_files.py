@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from scsi_target.keys import write_key_pair
-from stml.mgmt import atomic_write
+from stml.persist import atomic_write
 from targetproc import Target
 
 IQN = "iqn.2026-11.org.scsi-target:secrets"

@@ -107,13 +107,13 @@ def test_unmap_parameter_checks():
 def test_ram_and_file_extents(tmp_path):
     ram = RamBackend(4 * PAGE)
     ram.write_from(PAGE, [memoryview(b"x" * 10)], False)
-    assert ram.mapped_extents(0, 4 * PAGE) == [(0, PAGE, False), (PAGE, PAGE, True), (2 * PAGE, 2 * PAGE, False)]
+    assert ram.mapped_extents(0, 4 * PAGE, 16) == [(0, PAGE, False), (PAGE, PAGE, True), (2 * PAGE, 2 * PAGE, False)]
     ram.discard(PAGE, 10)
     assert ram.allocated() == 0
     f = FileBackend(str(tmp_path / "disk.img"), 8 << 20)
     f.write_from(1 << 20, [memoryview(b"y" * 65536)], False)
-    runs = f.mapped_extents(0, 8 << 20)
+    runs = f.mapped_extents(0, 8 << 20, 16)
     assert any(m for _, _, m in runs) and sum(n for _, n, _ in runs) == 8 << 20
     f.discard(1 << 20, 65536)
-    assert not any(m for _, _, m in f.mapped_extents(0, 8 << 20))
+    assert not any(m for _, _, m in f.mapped_extents(0, 8 << 20, 16))
     f.close()

@@ -200,9 +200,10 @@ def test_max_cmd_sn_stops_while_over_the_bound():
     assert resp and resp[0].status == 0x28             # an immediate write: TASK SET FULL
     task = next(t for t in conn.tags.tasks.values() if t.itt == 1)
     conn.tags.tasks.pop(task.tag)
-    conn.xmit_response(task, 0, None, 0, None)         # answered: the window opens again
-    last = [p for p, _ in out if isinstance(p, P.ScsiResponse)][-1]
-    assert last.itt == 1 and last.max_cmd_sn == (s.exp_cmd_sn + s.window - 1) % (1 << 32)
+    conn.xmit_response(task, 0, None, 0, None)         # answered: the window opens again,
+    last = [p for p, _ in out if isinstance(p, P.ScsiResponse)][-1]   # by the commands answered
+    assert last.itt == 1 and last.max_cmd_sn == (s.exp_cmd_sn + s.window - 1 - len(s.itts)) % (1 << 32)
+    assert last.max_cmd_sn == mx + 1
     _write(conn, 99, mx + 1, 512, bytes(512))
     assert 99 in s.itts and conn.write_held == 512
 

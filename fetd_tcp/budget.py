@@ -1,0 +1,277 @@
+"""The front end's memory budget for buffered data, without I/O.
+
+Everything fetd_tcp holds because an initiator asked for it is counted here,
+by the connection it belongs to (an Account) and by kind:
+
+    read   read data a command may still bring (its transfer, reserved when
+           the command is admitted, until the STML answers it)
+    write  write data reserved for a command: immediate and unsolicited data
+           when the command arrives, solicited data when R2Ts are granted,
+           until the STML answers it
+    ooo    data of PDUs waiting for an earlier CmdSN
+    text   a Text request being continued, a Text response being continued
+    out    PDUs queued toward a socket that has not taken them yet
+
+Why reserve rather than count what is held: read data arrives from the STML
+whether or not there is room, so the only way never to hold more than the
+limit is to admit a command only when its whole transfer fits. Past the limit
+the connection pushes back instead of growing: TASK SET FULL for a command
+that does not fit, R2Ts held back (`wait`), its CmdSN window held shut.
+
+Fairness: every account is guaranteed `reserve` bytes that no other account
+can take (an account is opened only when its guarantee fits), so one
+initiator filling the budget still leaves every other connection room for a
+command of that size. Formally: accounts * reserve + the sum over accounts of
+max(0, held - reserve) stays within `limit`.
+
+Progress: R2T grants wait in a queue ordered by task tag (the order the STML
+saw the tasks). A task may wait in the STML for an older one (ORDERED), so
+when no write older than the first waiter is in flight (`hold`: from its
+admission to its answer) it is granted even past the limit: without that,
+newer tasks holding the budget could wait forever for it. Reads are not
+counted there: an older read finishes without more room, so granting past it
+only comes sooner. At most one such grant is outstanding at a time (it is then
+the oldest write in flight), so the budget is exceeded by at most one task's
+transfer.
+"""
+from __future__ import annotations
+
+import collections
+import heapq
+import itertools
+from typing import Callable
+
+KINDS = ("read", "write", "ooo", "text", "out")
+RESERVE = 128 << 10   # guaranteed to every connection: a 64 KiB read or write always fits
+
+
+class Grant:
+    """A reservation waiting for room (`Budget.wait`); `cancel` withdraws it."""
+
+    __slots__ = ("account", "kind", "n", "tag", "on_grant", "live")
+
+    def __init__(self, account: Account, kind: str, n: int, tag: int, on_grant: Callable[[], None]) -> None:
+        self.account, self.kind, self.n, self.tag, self.on_grant = account, kind, n, tag, on_grant
+        self.live = True
+
+    def cancel(self) -> None:
+        if self.live:
+            self.live = False
+            self.account.budget._waiting_live -= 1
+
+
+class Account:
+    """What one connection holds, by kind."""
+
+    __slots__ = ("budget", "held", "kinds", "closed")
+
+    def __init__(self, budget: Budget) -> None:
+        self.budget = budget
+        self.held = 0
+        self.kinds = dict.fromkeys(KINDS, 0)
+        self.closed = False
+
+    def fits(self, n: int) -> bool:
+        """Could `n` more bytes be taken now without passing the limit? Within
+        the account's guaranteed share always (whatever others forced in)."""
+        b = self.budget
+        r, held = b.reserve, self.held
+        if held + n <= r:
+            return True
+        grow = held + n - r - (held - r if held > r else 0)
+        return b.accounts * r + b.excess + grow <= b.limit
+
+    def take(self, kind: str, n: int, force: bool = False) -> bool:
+        """Count `n` bytes of `kind`: False, and nothing counted, when they do not
+        fit (unless `force`: for what is already in memory). Per command: kept lean."""
+        if self.closed or n <= 0:
+            return not self.closed
+        b = self.budget
+        r, held = b.reserve, self.held
+        new = held + n
+        if new > r:
+            grow = new - r - (held - r if held > r else 0)
+            if not force and b.accounts * r + b.excess + grow > b.limit:
+                return False
+            b.excess += grow
+        self.held = new
+        self.kinds[kind] += n
+        b.used += n
+        b.kinds[kind] += n
+        if b.used > b.peak:
+            b.peak = b.used
+        return True
+
+    def give(self, kind: str, n: int) -> None:
+        """`n` bytes of `kind` are no longer held."""
+        if self.closed or n <= 0:
+            return
+        kinds = self.kinds
+        if n > kinds[kind]:
+            n = kinds[kind]
+        b = self.budget
+        r, held = b.reserve, self.held
+        if held > r:
+            b.excess -= held - r - (held - n - r if held - n > r else 0)
+        self.held = held - n
+        kinds[kind] -= n
+        b.used -= n
+        b.kinds[kind] -= n
+        if b._waiting_live:
+            b._pump()
+
+    def move(self, src: str, dst: str, n: int, reserved: int) -> None:
+        """`n` bytes held as `src` (up to `reserved` of them) are now held as `dst`:
+        read data that arrived is output now; beyond its reservation it is taken."""
+        moved = min(n, reserved, self.kinds[src])
+        if moved > 0 and not self.closed:
+            self.kinds[src] -= moved
+            self.kinds[dst] += moved
+            b = self.budget
+            b.kinds[src] -= moved
+            b.kinds[dst] += moved
+        if n > moved:
+            self.take(dst, n - moved, force=True)
+
+    def set(self, kind: str, n: int) -> None:
+        """`kind` is now `n` bytes (what a sample of a socket's buffer says)."""
+        now = self.kinds[kind]
+        if n > now:
+            self.take(kind, n - now, force=True)
+        elif n < now:
+            self.give(kind, now - n)
+
+    def close(self) -> None:
+        """The connection is gone: everything it held is free, its guarantee too."""
+        if self.closed:
+            return
+        b, r = self.budget, self.budget.reserve
+        b.excess -= max(0, self.held - r)
+        b.used -= self.held
+        for kind, n in self.kinds.items():
+            b.kinds[kind] -= n
+        self.held = 0
+        self.closed = True
+        b.accounts -= 1
+        if b._waiting_live:
+            b._pump()
+
+
+class Budget:
+    """The limit shared by every connection of the front end."""
+
+    def __init__(self, limit: int, reserve: int = RESERVE) -> None:
+        self.limit = limit
+        self.reserve = min(reserve, limit)
+        self.accounts = 0
+        self.excess = 0              # sum over accounts of max(0, held - reserve)
+        self.used = 0
+        self.peak = 0
+        self.kinds = dict.fromkeys(KINDS, 0)
+        # writes in flight, and the same in tag order (tags grow, and a write is entered
+        # when it is admitted; gone ones leave the deque lazily)
+        self._holders: set[int] = set()
+        self._order: collections.deque[int] = collections.deque()
+        self._compact_at = 64
+        self._waiting: list[tuple[int, int, Grant]] = []   # (tag, seq, grant) heap
+        self._waiting_live = 0
+        self._seq = itertools.count()
+        self._pumping = False
+        self._again = False
+
+    def open(self) -> Account | None:
+        """An account for a new connection, or None when its guarantee does not fit."""
+        if (self.accounts + 1) * self.reserve + self.excess > self.limit:
+            return None
+        self.accounts += 1
+        return Account(self)
+
+    def hold(self, tag: int) -> None:
+        """Write `tag` (the newest task so far) is in flight: it holds, or will
+        hold, a reservation."""
+        self._holders.add(tag)
+        order = self._order
+        order.append(tag)
+        if len(order) > self._compact_at:   # gone ones behind a long-lived one
+            self._order = collections.deque(t for t in order if t in self._holders)
+            self._compact_at = 2 * len(self._order) + 64
+
+    def unhold(self, tag: int) -> None:
+        """Write `tag` is over (answered or aborted)."""
+        self._holders.discard(tag)
+        if self._waiting_live:
+            self._pump()
+
+    def take_now(self, account: Account, kind: str, n: int) -> bool:
+        """Reserve at once when it fits and nobody waits before us (the usual
+        case, without a Grant), or when it fits in the account's guaranteed
+        share: that takes nothing anyone waits for."""
+        if self._waiting_live and account.held + n > self.reserve:
+            return False
+        return account.take(kind, n)
+
+    def wait(self, account: Account, kind: str, n: int, tag: int, on_grant: Callable[[], None]) -> Grant:
+        """Reserve `n` bytes for task `tag` when there is room: `on_grant()` is
+        called once they are taken (at once when they fit now)."""
+        grant = Grant(account, kind, n, tag, on_grant)
+        heapq.heappush(self._waiting, (tag, next(self._seq), grant))
+        self._waiting_live += 1
+        self._pump()
+        return grant
+
+    def report(self) -> dict[str, int]:
+        """What `scsi-target status` shows (sent with the front end's heartbeats)."""
+        return {"limit": self.limit, "used": self.used, "peak": self.peak,
+                "connections": self.accounts, **self.kinds}
+
+    # -- internals -----------------------------------------------------------
+    def _oldest_holder(self) -> int | None:
+        order, holders = self._order, self._holders
+        while order and order[0] not in holders:
+            order.popleft()
+        return order[0] if order else None
+
+    def _pump(self) -> None:
+        """Grant waiting reservations in tag order while they fit (or while
+        nothing older holds a reservation: see the module docstring)."""
+        if self._pumping:
+            self._again = True
+            return
+        self._pumping = True
+        try:
+            again = True
+            while again:
+                self._again = False
+                self._grant_ready()
+                again = self._again
+            if len(self._waiting) > 2 * self._waiting_live + 64:   # cancelled entries: rebuild
+                self._waiting = [w for w in self._waiting if w[2].live]
+                heapq.heapify(self._waiting)
+        finally:
+            self._pumping = False
+
+    def _grant_ready(self) -> None:
+        heap = self._waiting
+        while heap:
+            tag, _, grant = heap[0]
+            if not grant.live or grant.account.closed:
+                heapq.heappop(heap)
+                if grant.live:
+                    grant.cancel()
+                continue
+            oldest = self._oldest_holder()
+            if not grant.account.fits(grant.n) and oldest is not None and oldest < tag:
+                return
+            heapq.heappop(heap)
+            grant.live = False
+            self._waiting_live -= 1
+            grant.account.take(grant.kind, grant.n, force=True)
+            grant.on_grant()
+
+
+def unlimited() -> Account:
+    """An account of a budget of its own without a limit (a Connection made
+    without one: tests and tools that drive the sans-IO core)."""
+    account = Budget(1 << 62).open()
+    assert account is not None   # the first account of an empty budget always fits
+    return account

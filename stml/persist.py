@@ -1,0 +1,305 @@
+"""The running configuration as TOML: what every save writes, and how it goes
+into the file without losing what an administrator wrote there.
+
+A save always records the whole running configuration (portals, every
+target with its settings, every LUN), built generically from the Config
+model's dataclass fields, so a setting added to TargetConfig or LunOptions
+is saved without a change here. It is written by editing the parsed file in
+place with tomlkit: keys that did not change keep their spelling ("16MiB"
+stays "16MiB"), comments and key order survive, and keys this module does
+not model (data_dir, [stml], a key a newer version added) are left alone.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import tomlkit
+from tomlkit.items import AoT
+
+from stml.config import Config, ConfigError, LunConfig, TargetConfig, holds_secrets, parse_size
+from stml.lu import LunOptions
+
+CONFIG_NAME = "scsi-target.toml"    # the config file a data dir owns
+HEADER = """\
+# scsi-target configuration. `scsi-target run` wrote it on first start, and every
+# management change (lun add, acl add, portal add, ...) saves the whole running
+# configuration here. Edit it by hand if you like: comments and key order are kept.
+# Apply an edit to the running target with `scsi-target config reload` (or SIGHUP).
+"""
+
+_LUN_KEYS = {"kind": "backend"}          # LunOptions field -> TOML key, where they differ
+_UNITS = ((1 << 40, "TiB"), (1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB"))
+
+
+def size_text(n: int) -> str | int:
+    """64 MiB as "64MiB": what a person would have written."""
+    for unit, name in _UNITS:
+        if n % unit == 0:
+            return f"{n // unit}{name}"
+    return n
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def _rel(path: str, data_dir: Path) -> str:
+    """Paths under the data dir are written relative to it (it can move)."""
+    try:
+        return str(Path(path).relative_to(data_dir))
+    except ValueError:
+        return path
+
+
+def lun_table(lc: LunConfig, data_dir: Path) -> dict[str, tuple[Any, Any]]:
+    """key -> (running value, default) of one LUN; None: the key is absent."""
+    out: dict[str, tuple[Any, Any]] = {"lun": (lc.lun, dataclasses.MISSING)}
+    for f in dataclasses.fields(LunOptions):
+        v = getattr(lc.options, f.name)
+        if f.name == "path" and v:
+            v = _rel(v, data_dir)
+        elif f.name == "size" and v:
+            v = size_text(v)
+        out[_LUN_KEYS.get(f.name, f.name)] = (v, _default(f))
+    return out
+
+
+def target_table(tc: TargetConfig) -> dict[str, tuple[Any, Any]]:
+    """key -> (running value, default) of one target, LUNs aside."""
+    return {f.name: (getattr(tc, f.name), _default(f)) for f in dataclasses.fields(TargetConfig)
+            if f.name != "luns"}
+
+
+def _same(key: str, old: Any, new: Any, data_dir: Path) -> bool:
+    """Whether the file's value means the running one ("16MiB" == 16777216)."""
+    if old == new:
+        return True
+    try:
+        if key == "size":
+            return parse_size(old, key) == parse_size(new, key)
+        if key == "path":
+            return os.path.join(data_dir, str(old)) == os.path.join(data_dir, str(new))
+        if key == "name":
+            return str(old).lower() == str(new).lower()
+        if key == "acl":
+            return [str(a).lower() for a in old] == [str(a).lower() for a in new]
+    except (ConfigError, TypeError):
+        return False
+    return False
+
+
+def _item(v: Any) -> Any:
+    """Tables inside a [[target]] are written inline: a `[target.chap]` header
+    placed after the LUN tables would not read well."""
+    if isinstance(v, dict):
+        t = tomlkit.inline_table()
+        t.update(v)
+        return t
+    return v
+
+
+def _new_table() -> Any:
+    """A table to append to an array of tables, a blank line before it."""
+    t = tomlkit.table()
+    t.trivia.indent = "\n"
+    return t
+
+
+def _sync_keys(table: Any, want: dict[str, tuple[Any, Any]], data_dir: Path) -> None:
+    for key, (v, default) in want.items():
+        present = key in table
+        if v is None or (default is not dataclasses.MISSING and v == default):
+            # the default applies: an explicit `ro = false` stays, a stale value goes
+            if present and not _same(key, _plain(table[key]), v if v is not None else default, data_dir):
+                del table[key]
+        elif not present or not _same(key, _plain(table[key]), v, data_dir):
+            table[key] = _item(v)
+
+
+def _plain(item: Any) -> Any:
+    return item.unwrap() if hasattr(item, "unwrap") else item
+
+
+def _lun_number(entry: Any, index: int) -> Any:
+    return _plain(entry.get("lun", index))
+
+
+def _sync_aot(container: Any, key: str, wanted: dict[Any, Any], ident: Callable[[Any, int], Any],
+              sync: Callable[[Any, Any], None], empty: Any) -> None:
+    """Make the array of tables `container[key]` hold one entry per item of
+    `wanted` (by identity), editing kept entries in place and appending new
+    ones. tomlkit turns an emptied array of tables into an inline array that
+    cannot take tables again, so an array that would be emptied is replaced
+    by a fresh one (or by `empty`, when nothing is wanted: None drops the key)."""
+    aot = container.get(key)
+    if aot is not None and not isinstance(aot, AoT):   # e.g. `target = []`
+        del container[key]
+        aot = None
+    kept: dict[Any, Any] = {}
+    if aot is not None:
+        idents = [ident(e, i) for i, e in enumerate(aot)]
+        keep = [i for i, x in enumerate(idents) if x in wanted and idents.index(x) == i]
+        if not keep:
+            del container[key]
+            aot = None
+        else:
+            for i in reversed(range(len(aot))):
+                if i not in keep:
+                    del aot[i]
+            for i, entry in zip(keep, aot):
+                kept[idents[i]] = entry
+    for x, entry in kept.items():
+        sync(entry, wanted[x])
+    new = []
+    for x, item in wanted.items():
+        if x not in kept:
+            entry = _new_table()
+            sync(entry, item)
+            new.append(entry)
+    if aot is None:
+        if new:
+            fresh = tomlkit.aot()
+            for entry in new:
+                fresh.append(entry)
+            container[key] = fresh
+        elif empty is not None:
+            container[key] = empty
+    else:
+        for entry in new:
+            aot.append(entry)
+
+
+def _sync_luns(table: Any, luns: list[LunConfig], data_dir: Path) -> None:
+    def sync(entry: Any, lc: LunConfig) -> None:
+        if "lun" not in entry:      # removals shift the positions implicit numbers come from
+            entry["lun"] = lc.lun
+        _sync_keys(entry, lun_table(lc, data_dir), data_dir)
+    _sync_aot(table, "lun", {lc.lun: lc for lc in luns}, _lun_number, sync, None)
+
+
+def sync_document(doc: Any, config: Config) -> None:
+    """Make `doc` (a parsed file) say what `config` runs, editing it in place."""
+    portals = doc.get("portals")
+    if portals is None or _plain(portals) != config.portals:
+        doc["portals"] = list(config.portals)
+    _sync_keys(doc, {"discovery_chap": (config.discovery_chap, None)}, config.data_dir)
+
+    def sync(entry: Any, tc: TargetConfig) -> None:
+        if "name" not in entry:
+            entry["name"] = tc.name
+        _sync_keys(entry, target_table(tc), config.data_dir)
+        _sync_luns(entry, tc.luns, config.data_dir)
+    # no targets is written as `target = []`: without the key the built-in default would serve
+    _sync_aot(doc, "target", {t.name: t for t in config.targets},
+              lambda e, i: str(_plain(e.get("name", ""))).lower(), sync, tomlkit.array())
+
+
+def render(config: Config, doc: Any | None = None) -> str:
+    """The running configuration as the file would hold it (`config show`):
+    written into a copy of `doc` when given, else into a fresh document."""
+    doc = tomlkit.parse(tomlkit.dumps(doc)) if doc is not None else new_document(config)
+    sync_document(doc, config)
+    return tomlkit.dumps(doc)
+
+
+def new_document(config: Config, path: Path | None = None) -> Any:
+    """A fresh file (at `path`, default the config's own): the header, and
+    the settings outside the running model a start needs to find the same
+    target again (the data dir, when the file is not in it; the endpoint)."""
+    doc = tomlkit.document()
+    for line in HEADER.splitlines():
+        doc.add(tomlkit.comment(line.lstrip("# ")))
+    doc.add(tomlkit.nl())
+    path = path or config.path
+    if path is not None and path.parent != config.data_dir:
+        doc["data_dir"] = str(config.data_dir)
+    if config.stml_endpoint != f"ipc://{config.data_dir / 'stml.sock'}":
+        doc["stml_endpoint"] = config.stml_endpoint
+    doc["portals"] = list(config.portals)
+    return doc
+
+
+def read_document(path: Path) -> Any:
+    try:
+        return tomlkit.parse(path.read_text())
+    except FileNotFoundError:
+        return None
+    except tomlkit.exceptions.ParseError as e:
+        raise ConfigError(str(path), f"not valid TOML: {e}") from None
+
+
+def atomic_write(path: Path, data: bytes, secret: bool) -> None:
+    """Replace `path` with `data` atomically. The temporary file is created afresh
+    (O_EXCL: never a stale file or a symlink) with mode 0600, so secrets are never
+    readable by others, not even for a moment; it then takes the old file's mode,
+    without group/other bits when `data` holds secrets. A new file stays 0600."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        os.unlink(tmp)          # left by a crash: O_EXCL below must create it anew
+    except FileNotFoundError:
+        pass
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            mode = path.stat().st_mode & 0o777
+        except FileNotFoundError:
+            mode = 0o600
+        os.fchmod(fd, mode & 0o700 if secret else mode)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    os.close(fd)
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+class EditedError(Exception):
+    """The file changed on disk since it was loaded or last saved."""
+
+
+def save(config: Config, path: Path | None = None) -> Path:
+    """Write the whole running configuration to `path` (default: the config's
+    own file), atomically, keeping the file's comments. The config's own file
+    is not overwritten when it was edited by hand since it was loaded or last
+    saved: the edit would be lost (EditedError; `config reload` applies it)."""
+    target = path or config.path
+    assert target is not None   # callers pass a path when the config has none
+    own = config.path is not None and target == config.path
+    text_now = _read_text(target)
+    if own and text_now is not None and config.digest is not None and digest(text_now) != config.digest:
+        raise EditedError(f"{target} was edited since the STML loaded it")
+    doc = tomlkit.parse(text_now) if text_now is not None else new_document(config, target)
+    sync_document(doc, config)
+    text = tomlkit.dumps(doc)
+    atomic_write(target, text.encode(), holds_secrets(doc.unwrap()))
+    if own:
+        config.digest = digest(text)
+    return target
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return None
+
+
+def digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()

@@ -1,0 +1,501 @@
+"""Bounded work per request, at the level of backends and handlers (issue 18):
+costs are counted (lseeks, binary searches, backend calls and their sizes,
+loop turns, threads held), never timed. The same findings are also sent
+through real front ends in test_bounded_e2e.py."""
+from __future__ import annotations
+
+import asyncio
+import errno
+import hashlib
+import os
+import struct
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+import backends.file as file_mod
+import backends.ram as ram_mod
+from backends.file import FileBackend
+from backends.ram import PAGE, RamBackend
+from stml.config import ConfigError, lun_options
+from stml.emulator import Target
+from stml.lu import IEEE_COMPANY_ID, LogicalUnit, LunOptions
+from stml.sense import CHECK_CONDITION, GOOD, ILLEGAL_REQUEST, parse_sense
+from stml.workers import FairWorkers
+from test_sbc_harness import TARGET, Harness, run
+
+BS = 512
+MAX_XFER = (8 << 20) // BS   # the harness STML's maximum transfer, in blocks
+
+
+def _read16(lba: int, n: int) -> bytes:
+    return struct.pack(">BBQIBB", 0x88, 0, lba, n, 0, 0)
+
+
+def _write16(lba: int, n: int) -> bytes:
+    return struct.pack(">BBQIBB", 0x8A, 0, lba, n, 0, 0)
+
+
+def _verify16(lba: int, n: int, bytchk: int) -> bytes:
+    return struct.pack(">BBQIBB", 0x8F, bytchk << 1, lba, n, 0, 0)
+
+
+def _gls(lba: int, alloc: int) -> bytes:
+    return bytes([0x9E, 0x12]) + struct.pack(">QI", lba, alloc) + bytes(2)
+
+
+def _unmap(*ranges: tuple[int, int]) -> tuple[bytes, bytes]:
+    descs = b"".join(struct.pack(">QI4x", lba, n) for lba, n in ranges)
+    data = struct.pack(">HH4x", 6 + len(descs), len(descs)) + descs
+    return bytes([0x42, 0, 0, 0, 0, 0, 0]) + struct.pack(">H", len(data)) + b"\0", data
+
+
+def _fragment(path: str, extents: int) -> None:
+    """A sparse file with `extents` separate 4 KiB data extents, a hole between each."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.ftruncate(fd, extents * 8192 + (1 << 20))
+        for i in range(extents):
+            os.pwrite(fd, b"\xAB" * 4096, i * 8192)
+    finally:
+        os.close(fd)
+
+
+class Counter:
+    """Wraps a function and counts its calls (and their sizes, if asked)."""
+
+    def __init__(self, fn, size=None) -> None:
+        self.fn, self.size, self.calls, self.sizes = fn, size, 0, []
+
+    def __call__(self, *args, **kw):
+        self.calls += 1
+        if self.size:
+            self.sizes.append(self.size(*args, **kw))
+        return self.fn(*args, **kw)
+
+
+# ---------------------------------------------------------------- GET LBA STATUS: backends
+
+def test_file_extent_walk_stops_at_the_limit(tmp_path, monkeypatch):
+    path = str(tmp_path / "frag.img")
+    _fragment(path, 2000)
+    f = FileBackend(path)
+    seeks = Counter(os.lseek)
+    monkeypatch.setattr(file_mod.os, "lseek", seeks)
+    whole = f.mapped_extents(0, f.size(), 1 << 20)
+    assert len(whole) == 4000 and seeks.calls >= 3999   # what an unbounded walk costs
+    for limit in (1, 2, 10):
+        seeks.calls = 0
+        runs = f.mapped_extents(0, f.size(), limit)
+        assert runs == whole[:limit]
+        assert seeks.calls <= limit + 1
+    f.close()
+
+
+def test_ram_extent_walk_is_bounded_by_runs_not_pages(monkeypatch):
+    ram = RamBackend(1 << 40)    # a million pages, none allocated
+    for idx in (5, 6, 7, 100, 1 << 19):
+        ram.write_from(idx * PAGE, [memoryview(b"x")], False)
+    searches = Counter(ram_mod.bisect_left)
+    monkeypatch.setattr(ram_mod, "bisect_left", searches)
+    runs = ram.mapped_extents(0, 1 << 40, 1000)
+    assert runs == [(0, 5 * PAGE, False), (5 * PAGE, 3 * PAGE, True), (8 * PAGE, 92 * PAGE, False),
+                    (100 * PAGE, PAGE, True), (101 * PAGE, ((1 << 19) - 101) * PAGE, False),
+                    ((1 << 19) * PAGE, PAGE, True), (((1 << 19) + 1) * PAGE, (1 << 40) - ((1 << 19) + 1) * PAGE, False)]
+    assert searches.calls == len(runs)
+    searches.calls = 0
+    assert ram.mapped_extents(5 * PAGE + 7, 1 << 30, 1) == [(5 * PAGE + 7, 3 * PAGE - 7, True)]
+    assert searches.calls == 1
+
+
+def test_ram_discard_visits_allocated_pages_only(monkeypatch):
+    ram = RamBackend(1 << 40)
+    ram.write_from(3 * PAGE, [memoryview(b"y" * 10)], False)
+    spans = Counter(ram._spans)
+    monkeypatch.setattr(ram, "_spans", spans)
+    ram.discard(0, 1 << 40)
+    assert spans.calls == 0 and ram.allocated() == 0
+    assert ram.mapped_extents(0, 1 << 40, 4) == [(0, 1 << 40, False)]
+
+
+def test_get_lba_status_asks_the_backend_for_the_descriptors_it_returns():
+    async def go():
+        h = Harness([LunOptions("ram", size=64 * PAGE)])
+        backend = h.lu().backend
+        for i in range(0, 64, 2):                  # 32 mapped pages, 32 holes between
+            backend.write_from(i * PAGE, [memoryview(b"z")], False)
+        calls = []
+        real = backend.mapped_extents
+        backend.mapped_extents = lambda off, length, limit: calls.append(limit) or real(off, length, limit)
+        r = await h.cmd(_gls(0, 8 + 16))
+        assert r.status == GOOD and calls == [1]
+        n = struct.unpack_from(">I", r.data)[0]
+        assert n == 4 + 16 and struct.unpack_from(">QIB", r.data, 8)[2] == 0   # mapped
+        r = await h.cmd(_gls(0, 8 + 16 * 5))
+        assert calls[-1] == 5 and struct.unpack_from(">I", r.data)[0] == 4 + 16 * 5
+        r = await h.cmd(_gls(0, 1 << 30))          # a huge allocation length: capped
+        assert calls[-1] == 1024
+    run(go())
+
+
+# ---------------------------------------------------------------- VERIFY
+
+def test_verify_bytchk0_reads_nothing_and_bytchk3_is_held_to_the_transfer_limit():
+    async def go():
+        h = Harness([LunOptions("ram", size=64 << 20)])
+        lu = h.lu()
+        reads = Counter(lu.backend.read_into, size=lambda off, buf: len(buf))
+        lu.backend.read_into = reads
+        r = await h.cmd(_verify16(0, lu.blocks, 0), alloc=0)     # the whole LUN
+        assert r.status == GOOD and reads.calls == 0
+        r = await h.cmd(_verify16(lu.blocks - 1, 2, 0), alloc=0)
+        assert r.key_asc == (ILLEGAL_REQUEST, 0x21, 0)           # still a range check
+        r = await h.cmd(_verify16(0, MAX_XFER + 1, 3), bytes(BS))
+        assert r.key_asc == (ILLEGAL_REQUEST, 0x24, 0) and r.field == (10, None)
+        assert reads.calls == 0
+        # within the limit: compared a chunk at a time, the miscompare where it is
+        await h.cmd(_write16(0, MAX_XFER), b"\x11" * MAX_XFER * BS)
+        await h.cmd(_write16(5000, 1), b"\x22" * BS)
+        r = await h.cmd(_verify16(0, MAX_XFER, 3), b"\x11" * BS)
+        assert r.key_asc == (0xE, 0x1D, 0) and struct.unpack_from(">I", r.sense, 3)[0] == 5000 * BS
+        assert reads.sizes and max(reads.sizes) <= 1 << 20
+        r = await h.cmd(_verify16(0, 4000, 3), b"\x11" * BS)
+        assert r.status == GOOD
+        data = b"\x11" * 5000 * BS + b"\x22" * BS
+        r = await h.cmd(_verify16(0, 5001, 1), data)
+        assert r.status == GOOD
+    run(go())
+
+
+# ---------------------------------------------------------------- UNMAP, WRITE SAME
+
+def test_unmap_lba_count_is_a_total_checked_before_any_discard():
+    async def go():
+        h = Harness([LunOptions("ram", size=1 << 30)])
+        lu = h.lu()
+        await h.cmd(_write16(0, 8), b"\x33" * 8 * BS)
+        discards = Counter(lu.backend.discard)
+        lu.backend.discard = discards
+        half = (1 << 20) // 2 + 1                  # two descriptors within the per-descriptor value
+        cdb, data = _unmap((0, half), (half, half))
+        r = await h.cmd(cdb, data)
+        assert r.key_asc == (ILLEGAL_REQUEST, 0x26, 0) and r.field == (8 + 16 + 8, None)
+        assert discards.calls == 0
+        assert (await h.cmd(_read16(0, 8))).data == b"\x33" * 8 * BS
+        cdb, data = _unmap((0, 1 << 19), (1 << 19, 1 << 19))   # exactly the limit
+        assert (await h.cmd(cdb, data)).status == GOOD
+        assert (await h.cmd(_read16(0, 8))).data == bytes(8 * BS)
+    run(go())
+
+
+def test_file_discard_fallback_writes_zeros_in_bounded_chunks(tmp_path, monkeypatch):
+    f = FileBackend(str(tmp_path / "d.img"), 8 << 20)
+    f.write_from(0, [memoryview(b"\x44" * (8 << 20))], False)
+
+    def unsupported(*args):
+        raise OSError(errno.EOPNOTSUPP, "no holes here")
+    monkeypatch.setattr(file_mod, "_fallocate", unsupported)
+    writes = Counter(f.write_from, size=lambda off, bufs, sync: sum(map(len, bufs)))
+    f.write_from = writes
+    f.discard(4096, (8 << 20) - 8192)
+    assert sum(writes.sizes) == (8 << 20) - 8192 and max(writes.sizes) <= 1 << 20
+    buf = bytearray(8 << 20)
+    f.read_into(0, memoryview(buf))
+    assert buf[:4096] == b"\x44" * 4096 and buf[-4096:] == b"\x44" * 4096
+    assert not any(memoryview(buf)[4096:-4096])
+    f.close()
+
+
+def test_write_same_is_held_to_its_limit_and_goes_in_chunks():
+    async def go():
+        h = Harness([LunOptions("ram", size=64 << 20, thin=False)])
+        lu = h.lu()
+        for ws in (bytes([0x93, 0]) + struct.pack(">QI", 0, 0) + bytes(2),            # 0: to the end
+                   bytes([0x93, 0]) + struct.pack(">QI", 0, MAX_XFER + 1) + bytes(2),
+                   bytes([0x41, 0, 0, 0, 0, 0, 0]) + struct.pack(">H", 0) + b"\0"):
+            r = await h.cmd(ws, b"\x55" * BS)
+            assert r.key_asc == (ILLEGAL_REQUEST, 0x24, 0), ws.hex()
+        writes = Counter(lu.backend.write_from, size=lambda off, bufs, sync: sum(map(len, bufs)))
+        lu.backend.write_from = writes
+        lu.backend.write_nowait = lambda off, bufs, sync: writes(off, bufs, sync) or True
+        ticks = await _ticking(h.cmd(bytes([0x93, 0]) + struct.pack(">QI", lu.blocks - MAX_XFER, 0) + bytes(2),
+                                     b"\x55" * BS))
+        assert sum(writes.sizes) == 8 << 20 and max(writes.sizes) <= 1 << 20
+        assert ticks >= len(writes.sizes) - 1      # the loop turned between chunks
+        assert (await h.cmd(_read16(lu.blocks - 1, 1))).data == b"\x55" * BS
+    run(go())
+
+
+async def _ticking(coro) -> int:
+    """Run `coro` while counting the event loop's turns beside it."""
+    ticks = 0
+    done = False
+
+    async def tick():
+        nonlocal ticks
+        while not done:
+            ticks += 1
+            await asyncio.sleep(0)
+    ticker = asyncio.ensure_future(tick())
+    try:
+        r = await coro
+        assert r.status == GOOD, r
+    finally:
+        done = True
+        await ticker
+    return ticks
+
+
+# ---------------------------------------------------------------- SANITIZE
+
+def test_sanitize_is_one_tracked_job_with_progress():
+    async def go():
+        h = Harness([LunOptions("ram", size=16 << 30)])   # 256 discard chunks
+        lu = h.lu()
+        erase = bytes([0x48, 0x80 | 0x02, 0, 0, 0, 0, 0, 0, 0, 0])   # BLOCK ERASE, IMMED
+        assert (await h.cmd(erase, alloc=0)).status == GOOD
+        assert lu.sanitizing
+        r = await h.cmd(erase, alloc=0)                    # one at a time
+        assert r.key_asc == (0x2, 0x04, 0x1B)
+        r = await h.cmd(bytes(6), alloc=0)
+        assert r.key_asc == (0x2, 0x04, 0x1B)
+        r = await h.cmd(bytes([0x03, 0, 0, 0, 18, 0]), alloc=18)   # REQUEST SENSE: progress
+        assert r.status == GOOD and parse_sense(r.data) == (0x2, 0x04, 0x1B)
+        assert r.data[15] & 0x80 and 0 < struct.unpack_from(">H", r.data, 16)[0] < 0x10000
+        await lu.stop_jobs()                               # the LUN goes: the job stops
+        assert not lu.sanitizing and lu.job.cancelled()
+        assert (await h.cmd(bytes(6), alloc=0)).status == GOOD
+        # without IMMED the command waits for the job, and ends when the job is stopped
+        waiting = asyncio.ensure_future(h.cmd(bytes([0x48, 0x02]) + bytes(8), alloc=0))
+        while not lu.sanitizing:
+            await asyncio.sleep(0)
+        await lu.stop_jobs()
+        assert (await waiting).key_asc == (0xB, 0, 0)      # ABORTED COMMAND
+        # to the end: every chunk deallocated, the medium ready again
+        lu.backend.write_from(5 * PAGE, [memoryview(b"q")], False)
+        assert (await h.cmd(erase, alloc=0)).status == GOOD
+        await asyncio.wait([lu.job])
+        assert lu.backend.allocated() == 0 and not lu.sanitizing
+    run(go())
+
+
+# ---------------------------------------------------------------- SYNCHRONIZE CACHE
+
+def test_flush_syncs_only_what_was_left_unsynced(tmp_path, monkeypatch):
+    syncs = Counter(os.fdatasync)
+    monkeypatch.setattr(file_mod.os, "fdatasync", syncs)
+    monkeypatch.setattr(file_mod.os, "fsync", lambda fd: pytest.fail("fsync: fdatasync suffices"))
+    f = FileBackend(str(tmp_path / "d.img"), 1 << 20)    # /tmp here: a disk file system
+    assert f._in_memory is False
+    f.flush()
+    assert syncs.calls == 0 and not f.dirty
+    f.write_from(0, [memoryview(b"a" * 512)], sync=True)   # write-through: synced with the write
+    assert syncs.calls == 1 and not f.dirty
+    f.flush()
+    assert syncs.calls == 1
+    f.write_from(0, [memoryview(b"b" * 512)], sync=False)  # write-back: the flush owes a sync
+    assert f.dirty
+    f.flush()
+    f.flush()
+    assert syncs.calls == 2 and not f.dirty
+    f.discard(0, 4096)
+    f.flush()
+    assert syncs.calls == 3
+    f.close()
+
+
+# ---------------------------------------------------------------- worker threads
+
+def test_one_lu_cannot_hold_every_worker_thread():
+    async def go():
+        executor = ThreadPoolExecutor(8)
+        pool = FairWorkers(executor, threads=8, per_key=4)
+        gate = threading.Event()
+        slow = [pool.run("A", gate.wait) for _ in range(12)]
+        await asyncio.sleep(0)
+        assert pool.running == {"A": 4} and pool.busy == 4
+        quick = [pool.run("B", lambda i=i: i) for i in range(20)]
+        assert await asyncio.gather(*quick) == list(range(20))   # B runs while A is stuck
+        assert not any(f.done() for f in slow)
+        # a call not yet started can be dropped; a started one cannot
+        assert pool.drop(slow[-1]) and slow[-1].cancelled()
+        assert not pool.drop(slow[0])
+        gate.set()
+        await asyncio.gather(*slow[:-1])
+        assert pool.busy == 0 and pool.running == {} and pool.waiting == {}
+        executor.shutdown()
+    run(go())
+
+
+def test_free_threads_go_round_robin_among_lus():
+    async def go():
+        executor = ThreadPoolExecutor(2)
+        pool = FairWorkers(executor, threads=2, per_key=2)
+        gate = threading.Event()
+        order: list[str] = []
+        hold = [pool.run("A", gate.wait), pool.run("A", gate.wait)]
+        calls = [pool.run(k, order.append, k) for k in ("A", "A", "A", "B", "C", "B")]
+        gate.set()
+        await asyncio.gather(*hold, *calls)
+        assert order.index("B") < order.index("A", 1) and order.index("C") < order.index("A", 2)
+        executor.shutdown()
+    run(go())
+
+
+# ---------------------------------------------------------------- EXTENDED COPY
+
+OTHER = "iqn.2026-11.org.test:other"
+
+
+def _cscd(naa: bytes) -> bytes:
+    d = bytearray(32)
+    d[0] = 0xE4
+    d[4:8] = bytes([0x01, 0x03, 0x00, 16])
+    d[8:24] = naa
+    d[29:32] = BS.to_bytes(3, "big")
+    return bytes(d)
+
+
+def _xcopy(cscds: list[bytes], segs: list[tuple[int, int, int, int, int]], list_id: int = 1) -> tuple[bytes, bytes]:
+    c = b"".join(cscds)
+    s = b"".join(struct.pack(">BBHHHHHQQ", 0x02, 0, 24, *seg[:2], 0, *seg[2:]) for seg in segs)
+    data = struct.pack(">BBH4xII", list_id, 0, len(c), len(s), 0) + c + s
+    return bytes([0x83, 0]) + bytes(8) + struct.pack(">I", len(data)) + bytes(2), data
+
+
+def _with_other_target(h: Harness) -> LogicalUnit:
+    other = LogicalUnit(OTHER, 0, RamBackend(4 << 20), LunOptions("ram", size=4 << 20),
+                        h.emulator.templates["disk"])
+    h.emulator.targets[OTHER] = Target(OTHER, {0: other})
+    other.backend.write_from(0, [memoryview(b"\x77" * 4096)], False)
+    return other
+
+
+def test_extended_copy_reaches_only_the_nexus_target():
+    async def go():
+        h = Harness([LunOptions("ram", size=4 << 20)])
+        other = _with_other_target(h)
+        mine = h.lu().naa
+        await h.cmd(_write16(0, 8), b"\x11" * 4096)
+        for segs in ([(1, 0, 8, 0, 0)], [(0, 1, 8, 0, 0)]):          # from B, into B
+            cdb, data = _xcopy([_cscd(mine), _cscd(other.naa)], segs)
+            r = await h.cmd(cdb, data)
+            assert r.key_asc == (0xA, 0x08, 0x04)                   # COPY ABORTED, UNREACHABLE COPY TARGET
+        buf = bytearray(4096)
+        other.backend.read_into(0, memoryview(buf))
+        assert buf == b"\x77" * 4096
+        assert (await h.cmd(_read16(0, 8))).data == b"\x11" * 4096
+    run(go())
+
+
+def test_extended_copy_honours_reservations_of_its_copy_targets():
+    async def go():
+        h = Harness([LunOptions("ram", size=4 << 20), LunOptions("ram", size=4 << 20)])
+        h.nexus(2, "iqn.init:two")
+        src, dst = h.lu(0), h.lu(1)
+        await h.cmd(_write16(0, 8), b"\x12" * 4096)
+        assert (await h.cmd(bytes([0x16, 0, 0, 0, 0, 0]), alloc=0, lun=1, nexus=2)).status == GOOD
+        cdb, data = _xcopy([_cscd(src.naa), _cscd(dst.naa)], [(0, 1, 8, 0, 0)])
+        r = await h.cmd(cdb, data)                                     # sent to LUN 0, writes LUN 1
+        assert r.key_asc == (0xA, 0x0D, 0x02)                          # COPY TARGET DEVICE NOT REACHABLE
+        assert (await h.cmd(_read16(0, 8), lun=1, nexus=2)).data == bytes(4096)
+        assert (await h.cmd(bytes([0x17, 0, 0, 0, 0, 0]), alloc=0, lun=1, nexus=2)).status == GOOD
+        assert (await h.cmd(cdb, data)).status == GOOD
+        assert (await h.cmd(_read16(0, 8), lun=1)).data == b"\x12" * 4096
+    run(go())
+
+
+def test_extended_copy_limits_and_bounded_results():
+    async def go():
+        h = Harness([LunOptions("ram", size=256 << 20)])
+        lu = h.lu()
+        naa = lu.naa
+        # a parameter list longer than the operating parameters allow: refused before transfer
+        asked = []
+        send = h.emulator.send
+        h.emulator.send = lambda ident, hd, frames: (asked.append(hd["op"]), send(ident, hd, frames))
+        cdb = bytes([0x83, 0]) + bytes(8) + struct.pack(">I", 8 << 20) + bytes(2)
+        r = await h.cmd(cdb, bytes(8 << 20))
+        assert r.key_asc == (ILLEGAL_REQUEST, 0x1A, 0) and "rdy_to_xfer" not in asked
+        # one copy at a time (as RECEIVE COPY OPERATING PARAMETERS says)
+        big, small = _xcopy([_cscd(naa)], [(0, 0, 0xFFFF, 0, 0x10000)], list_id=1), \
+            _xcopy([_cscd(naa)], [(0, 0, 1, 0, 1)], list_id=2)
+        first = asyncio.ensure_future(h.cmd(*big))
+        while not lu.copies:
+            await asyncio.sleep(0)
+        r = await h.cmd(*small)
+        assert r.key_asc == (ILLEGAL_REQUEST, 0x55, 0x03)
+        assert (await first).status == GOOD and lu.copies == 0
+        assert (await h.cmd(*small)).status == GOOD
+        # results: bounded per nexus, and gone with the nexus
+        for list_id in range(3, 40):
+            assert (await h.cmd(*_xcopy([_cscd(naa)], [(0, 0, 1, 0, 1)], list_id=list_id))).status == GOOD
+        assert len(lu.copy_results) == lu.copy_results.PER_NEXUS
+        status = lambda list_id: h.cmd(bytes([0x84, 0, list_id]) + bytes(7) + struct.pack(">I", 64) + bytes(2))
+        assert (await status(39)).status == GOOD and (await status(3)).key_asc == (ILLEGAL_REQUEST, 0x24, 0)
+        h.emulator.handle(b"fe", {"op": "scsi_release", "nexus": 1}, [])
+        assert len(lu.copy_results) == 0
+    run(go())
+
+
+def test_extended_copy_on_ram_turns_the_loop_between_chunks():
+    async def go():
+        h = Harness([LunOptions("ram", size=128 << 20)])
+        naa = h.lu().naa
+        cdb, data = _xcopy([_cscd(naa)], [(0, 0, 0xFFFF, 0, 0x10000)])   # 32 MiB in one segment
+        assert await _ticking(h.cmd(cdb, data)) >= 31
+    run(go())
+
+
+# ---------------------------------------------------------------- LU identity
+
+def test_lu_identity_from_config_and_the_legacy_one():
+    disk = Harness().emulator.templates["disk"]
+    legacy = LogicalUnit("iqn.2026-11.org.test:t", 3, RamBackend(1 << 20), LunOptions("ram", size=1 << 20), disk)
+    digest = hashlib.sha256(b"iqn.2026-11.org.test:t/3").digest()   # what designators were before ids
+    tail = int.from_bytes(digest[:13], "big") >> 4
+    assert legacy.naa == ((0x6 << 124) | (IEEE_COMPANY_ID << 100) | tail).to_bytes(16, "big")
+    assert legacy.serial == digest[:8].hex()
+    ident = "00112233445566778899aabbccddeeff"
+    opts = lun_options({"backend": "ram", "size": "1MiB", "id": ident.upper()}, "target[0].lun[0]", "/tmp")
+    assert opts.id == ident
+    named = LogicalUnit("iqn.2026-11.org.test:t", 3, RamBackend(1 << 20), opts, disk)
+    assert named.serial == ident[:16] and named.naa != legacy.naa
+    assert named.naa[0] >> 4 == 6 and named.naa.hex()[7:] == f"{int(ident[:26], 16) >> 4:025x}"
+    for bad in ("xyz", 12, "00" * 15, "00" * 17):
+        with pytest.raises(ConfigError, match=r"^target\[0\]\.lun\[0\]\.id: .*32 hexadecimal digits"):
+            lun_options({"backend": "ram", "size": "1MiB", "id": bad}, "target[0].lun[0]", "/tmp")
+
+
+def test_an_id_names_one_lu(tmp_path):
+    from stml.config import load
+    cfg = tmp_path / "t.toml"
+    ident = "ab" * 16
+    cfg.write_text(f'[[target]]\nname = "{TARGET}"\n'
+                   f'[[target.lun]]\nbackend = "ram"\nsize = "1MiB"\nid = "{ident}"\n'
+                   f'[[target]]\nname = "{OTHER}"\n'
+                   f'[[target.lun]]\nbackend = "ram"\nsize = "1MiB"\nid = "{ident}"\n')
+    with pytest.raises(ConfigError, match=f"target {OTHER} LUN 0 id: {ident} is already the id of "
+                                          f"target {TARGET} LUN 0"):
+        load(str(cfg), data_dir=str(tmp_path))
+
+
+# ---------------------------------------------------------------- REPORT LUNS
+
+def test_report_luns_builds_only_what_the_allocation_length_holds(monkeypatch):
+    import stml.spc as spc
+    async def go():
+        h = Harness()
+        lus = h.emulator.targets[TARGET].luns
+        for n in range(1, 4000):
+            lus[n] = lus[0]                          # 4,000 LUN numbers (the list is what counts)
+        encoded = Counter(spc.encode_lun)
+        monkeypatch.setattr(spc, "encode_lun", encoded)
+        r = await h.cmd(bytes([0xA0, 0, 0, 0, 0, 0]) + struct.pack(">I", 8 + 8 * 10 + 4) + bytes(2),
+                        alloc=8 + 8 * 10 + 4)
+        assert r.status == GOOD and len(r.data) == 8 + 8 * 10 + 4
+        assert struct.unpack_from(">I", r.data)[0] == 8 * 4000       # the whole list's length
+        assert r.data[8:16] == bytes(8) and r.data[16:18] == bytes([0, 1])
+        assert encoded.calls == 11
+    run(go())

@@ -1,0 +1,677 @@
+"""Operating the target day to day (issue 19), through real processes: the
+config a data dir owns and every save of the whole running configuration,
+reload, startup failures in one line, no orphans, readiness, and CLI output
+that fits a terminal."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import StmlProcess, short_dir, stop_pid, wait_for_line
+from fetd_loopback import LoopbackClient
+from rawiscsi import RawInitiator
+from scsi_target.mgmt import MgmtClient
+from targetproc import IQN, Target, children_by_module, run
+
+CLI = [sys.executable, "-m", "scsi_target"]
+
+
+def cli(*args: str, timeout: float = 60, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL, env=env)
+
+
+def ok(*args: str) -> str:
+    p = cli(*args)
+    assert p.returncode == 0, f"{args} exited {p.returncode}:\n{p.stdout}\n{p.stderr}"
+    return p.stdout
+
+
+def mgmt(data_dir: str, *args: str):
+    return json.loads(ok(*args, "--data-dir", data_dir, "--json"))
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+def wait_gone(pids: list[int], timeout: float) -> list[int]:
+    """The PIDs still alive after `timeout` (checked in /proc until then)."""
+    deadline = time.monotonic() + timeout
+    while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return [p for p in pids if pid_alive(p)]
+
+
+def kill_all(pids: list[int]) -> None:
+    for p in pids:
+        if pid_alive(p):
+            os.kill(p, signal.SIGKILL)
+
+
+@pytest.fixture
+def ddir():
+    d = short_dir()
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+# ------------------------------------------------------------------ the data dir owns a config file
+
+def test_a_lun_added_live_is_served_after_a_restart_without_flags(ddir):
+    """run --data-dir D --lun ram:64MiB; lun add file:...; run --data-dir D
+    (no LUN flags) serves both, with the file LUN's data."""
+    with Target("--lun", "ram:64MiB", data_dir=ddir) as t:
+        cfg = Path(ddir) / "scsi-target.toml"
+        assert tomllib.loads(cfg.read_text())["target"][0]["lun"][0]["size"] == "64MiB"
+        added = mgmt(ddir, "lun", "add", f"file:{ddir}/second.img,size=16MiB")
+        assert added["lun"] == 1 and added["saved"] == f"saved to {cfg}"
+        with LoopbackClient(f"ipc://{ddir}/stml.sock", timeout=10) as c:
+            c.write(1, 7, b"\x5a" * 512)
+    with Target(data_dir=ddir) as t:
+        luns = {x["lun"]: x for x in mgmt(ddir, "lun", "list")}
+        assert (luns[0]["backend"], luns[0]["size"]) == ("ram", 64 << 20)
+        assert (luns[1]["backend"], luns[1]["size"], luns[1]["path"]) == ("file", 16 << 20, f"{ddir}/second.img")
+        with LoopbackClient(f"ipc://{ddir}/stml.sock", timeout=10) as c:
+            assert c.read(1, 7, 1) == b"\x5a" * 512
+        out = run(["iscsi-readcapacity16", t.url(1)]).stdout
+        assert "Total size:16777216" in out
+
+
+def test_lun_flags_that_disagree_with_the_file_are_refused(ddir):
+    with Target("--lun", "ram:16MiB", data_dir=ddir):
+        pass
+    p = cli("run", "--data-dir", ddir, "--lun", "ram:32MiB", "--portal", "127.0.0.1:0")
+    assert p.returncode == 2 and p.stdout == ""
+    assert p.stderr.count("\n") == 1
+    assert "already defines the LUNs" in p.stderr and "lun add" in p.stderr
+    # the same flags again are a plain restart
+    with Target("--lun", "ram:16MiB", data_dir=ddir):
+        assert [x["size"] for x in mgmt(ddir, "lun", "list")] == [16 << 20]
+
+
+def test_run_config_new_file_is_written(ddir, tmp_path):
+    """`run --config new.toml` on a file that does not exist yet writes it."""
+    cfg = tmp_path / "new.toml"
+    with Target("--lun", "ram:8MiB", config=str(cfg), data_dir=ddir):
+        saved = tomllib.loads(cfg.read_text())
+        assert saved["data_dir"] == ddir
+        assert saved["target"][0]["lun"] == [{"lun": 0, "backend": "ram", "size": "8MiB"}]
+
+
+def test_a_minimal_config_keeps_the_default_lun_through_a_save(ddir, tmp_path):
+    """The issue's first finding: a config naming only data_dir and portals
+    serves the built-in default; a `lun add` must save it too, not only LUN 1."""
+    cfg = tmp_path / "min.toml"
+    cfg.write_text(f'data_dir = "{ddir}"\nportals = ["127.0.0.1:0"]\n')
+    t = Target(config=str(cfg), data_dir=ddir, portals=())
+    try:
+        mgmt(ddir, "lun", "add", "ram:8MiB")
+        before = mgmt(ddir, "lun", "list")
+    finally:
+        t.stop()
+    saved = tomllib.loads(cfg.read_text())
+    assert [x["lun"] for x in saved["target"][0]["lun"]] == [0, 1]
+    with Target(config=str(cfg), data_dir=ddir, portals=()):
+        assert mgmt(ddir, "lun", "list") == before
+
+
+COMMENTED = """\
+# the storage box's target: edited by hand, keep these notes
+portals = ["127.0.0.1:0"]   # loopback only for now
+
+[[target]]
+name = "{iqn}"   # the one database target
+alias = "db"
+
+# LUN 0 holds the database
+[[target.lun]]
+backend = "file"
+path = "db.img"   # relative to the data dir
+size = "16MiB"
+"""
+
+
+def test_hand_comments_survive_a_save(ddir, tmp_path):
+    cfg = tmp_path / "target.toml"
+    cfg.write_text(COMMENTED.format(iqn=IQN))
+    with Target(config=str(cfg), data_dir=ddir, portals=()):
+        mgmt(ddir, "lun", "add", "ram:4MiB")
+        mgmt(ddir, "acl", "add", "iqn.1994-05.com.redhat:client1")
+    text = cfg.read_text()
+    for line in COMMENTED.format(iqn=IQN).splitlines():
+        assert line in text          # every comment, and every line as it was spelled
+    saved = tomllib.loads(text)
+    assert saved["target"][0]["acl"] == ["iqn.1994-05.com.redhat:client1"]
+    assert saved["target"][0]["lun"][1] == {"lun": 1, "backend": "ram", "size": "4MiB"}
+
+
+# ------------------------------------------------------------------ any sequence of changes
+
+OTHERS = ["iqn.2026-11.org.test:alpha", "iqn.2026-11.org.test:beta"]
+INITIATORS = ["iqn.1994-05.com.redhat:one", "iqn.1994-05.com.redhat:two"]
+
+op = st.one_of(
+    st.tuples(st.just("target_add"), st.integers(1, 2)),
+    st.tuples(st.just("target_remove"), st.integers(0, 2)),
+    st.tuples(st.just("lun_add"), st.integers(0, 2), st.sampled_from(["ram", "file"]), st.integers(1, 4)),
+    st.tuples(st.just("lun_remove"), st.integers(0, 2), st.integers(0, 2)),
+    st.tuples(st.just("lun_resize"), st.integers(0, 2), st.integers(0, 2), st.integers(1, 6)),
+    st.tuples(st.just("acl_add"), st.integers(0, 2), st.integers(0, 1)),
+    st.tuples(st.just("acl_remove"), st.integers(0, 2), st.integers(0, 1)),
+    st.tuples(st.just("chap_set"), st.integers(0, 2), st.booleans()),
+    st.tuples(st.just("portal_add"), st.integers(2, 4)),
+    st.tuples(st.just("portal_remove"), st.integers(1, 4)),
+)
+
+
+def apply(client: MgmtClient, names: list[str], step: tuple, serial: list[int]) -> None:
+    """One management change; a refusal (no such target, LUN taken, ...) is part of the game."""
+    kind, *a = step
+    args: dict = {}
+    if kind == "target_add":
+        args = {"name": names[a[0]]}
+    elif kind == "target_remove":
+        args = {"name": names[a[0]], "force": True}
+    elif kind == "lun_add":
+        serial[0] += 1
+        spec = f"ram:{a[2]}MiB" if a[1] == "ram" else f"file:f{serial[0]}.img,size={a[2]}MiB"
+        args = {"target": names[a[0]], "spec": spec}
+    elif kind == "lun_remove":
+        args = {"target": names[a[0]], "lun": a[1]}
+    elif kind == "lun_resize":
+        args = {"target": names[a[0]], "lun": a[1], "size": f"{a[2]}MiB", "force": True}
+    elif kind in ("acl_add", "acl_remove"):
+        args = {"target": names[a[0]], "initiator": INITIATORS[a[1]]}
+    elif kind == "chap_set":
+        args = {"target": names[a[0]], **({"user": "u", "secret": "twelve-bytes-secret"} if a[1] else {})}
+    elif kind in ("portal_add", "portal_remove"):
+        args = {"portal": f"127.0.0.{a[0]}:3260"}
+    try:
+        client.call(kind, **args)
+    except RuntimeError:
+        pass
+
+
+def served(endpoint: str) -> tuple:
+    """What the STML serves: targets with their access rules, LUNs, portals."""
+    c = MgmtClient(endpoint)
+    targets = sorted((t["name"], t["alias"], tuple(t["acl"]), t["chap"]) for t in c.call("target_list"))
+    luns = sorted((x["target"], x["lun"], x["backend"], x["size"], x["path"], x["ro"], x["block_size"])
+                  for x in c.call("lun_list"))
+    return targets, luns, [p["portal"] for p in c.call("portal_list")]
+
+
+@pytest.mark.parametrize("with_config", [False, True])
+@settings(max_examples=6, deadline=None)
+@given(steps=st.lists(op, min_size=1, max_size=10))
+def test_any_sequence_of_changes_survives_a_restart(with_config, steps):
+    """Property: after any sequence of live changes, a restart (with no LUN
+    flags) serves the same targets, LUNs, ACLs, CHAP, portals, and the data
+    of every file LUN."""
+    d = Path(short_dir())
+    extra: tuple[str, ...] = ()
+    luns: tuple[str, ...] = ("file:disk0.img,size=4MiB",)
+    first = IQN
+    if with_config:
+        cfg = d / "elsewhere.toml"
+        first = "iqn.2026-11.org.test:configured"
+        cfg.write_text(f'# hand written\n[[target]]\nname = "{first}"\n\n[[target.lun]]\n'
+                       f'backend = "ram"\nsize = "4MiB"\n')
+        extra, luns = ("--config", str(cfg)), ()
+    p = StmlProcess(d, luns, extra)
+    try:
+        p.start()
+        names = [first, *OTHERS]
+        client = MgmtClient(p.endpoint)
+        serial = [0]
+        for step in steps:
+            apply(client, names, step, serial)
+        before = served(p.endpoint)
+        marks = {}
+        for target, lun, backend, *_ in before[1]:
+            if backend == "file":
+                with LoopbackClient(p.endpoint, target, timeout=10) as c:
+                    marks[(target, lun)] = os.urandom(512)
+                    c.write(lun, 0, marks[(target, lun)])
+        p.luns = ()          # restart as `run --data-dir D` would: no LUN flags
+        p.restart()
+        assert served(p.endpoint) == before
+        for (target, lun), data in marks.items():
+            with LoopbackClient(p.endpoint, target, timeout=10) as c:
+                assert c.read(lun, 0, 1) == data
+        if with_config:
+            assert (d / "elsewhere.toml").read_text().startswith("# hand written\n")
+    finally:
+        p.stop()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+# ------------------------------------------------------------------ reload
+
+def test_sighup_and_config_reload_apply_a_hand_edit_and_orphan_nothing(ddir):
+    with Target("--lun", "ram:8MiB", data_dir=ddir) as t:
+        kids = children_by_module(t.proc.pid)
+        cfg = Path(ddir) / "scsi-target.toml"
+        text = cfg.read_text()
+        # a blocked change: the file was edited since it was loaded
+        cfg.write_text(text + '\n[[target.lun]]\nlun = 3\nbackend = "ram"\nsize = "2MiB"\n')
+        p = cli("lun", "add", "--data-dir", ddir, "ram:1MiB")
+        assert p.returncode == 2 and "config reload" in p.stderr
+        diff = cli("config", "diff", "--data-dir", ddir)
+        assert diff.returncode == 1 and '-lun = 3' in diff.stdout
+        os.kill(t.proc.pid, signal.SIGHUP)
+        deadline = time.monotonic() + 15
+        while 3 not in [x["lun"] for x in mgmt(ddir, "lun", "list")]:
+            assert time.monotonic() < deadline, t.log()
+            time.sleep(0.1)
+        assert t.proc.poll() is None and children_by_module(t.proc.pid) == kids   # nothing restarted
+        assert "reloading the configuration (SIGHUP)" in t.log()
+        # the change that was blocked goes through now, and the file keeps the edit
+        mgmt(ddir, "lun", "add", "ram:1MiB")
+        assert [x["lun"] for x in tomllib.loads(cfg.read_text())["target"][0]["lun"]] == [0, 3, 1]
+        # `config reload` tells what it applied and what needs a restart
+        edited = cfg.read_text().replace('size = "2MiB"', 'size = "4MiB"').replace(
+            "portals = ", 'isns = "127.0.0.1:3205"\nportals = ')
+        cfg.write_text(edited)
+        r = mgmt(ddir, "config", "reload")
+        assert any("LUN 3 resized" in x for x in r["applied"])
+        assert any("isns" in x for x in r["not_applied"])
+        pids = list(kids.values())
+    assert t.proc.returncode == 0
+    assert wait_gone(pids, 10) == []
+
+
+# ------------------------------------------------------------------ no orphans
+
+def test_sigkill_of_run_during_a_long_command_leaves_no_process(ddir, tmp_path):
+    image = tmp_path / "big.img"
+    with open(image, "wb") as f:
+        f.truncate(1 << 30)          # sparse: the copy is long, the file costs nothing
+    t = Target("--lun", "ram:1GiB", data_dir=ddir)
+    kids = list(children_by_module(t.proc.pid).values())
+    copy = subprocess.Popen([*CLI, "loop", "copy-in", str(image), "--data-dir", ddir],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        sessions = MgmtClient(f"ipc://{ddir}/stml.sock")
+        while not any(s["commands"] for s in sessions.call("session_list")):
+            assert time.monotonic() < deadline and copy.poll() is None
+            time.sleep(0.05)
+        assert copy.poll() is None           # mid-command
+        os.kill(t.proc.pid, signal.SIGKILL)
+        assert wait_gone(kids, 5) == []
+    finally:
+        kill_all(kids)
+        stop_pid(copy)
+        t.stop()
+
+
+def test_a_busy_stml_stops_within_its_grace_after_sigterm(tmp_path):
+    """StopGuard: the loop is busy (blocked, as by long work on it); SIGTERM
+    still ends the process once the grace has passed."""
+    script = textwrap.dedent("""
+        import asyncio, time
+        from stml.server import StopGuard
+        async def main():
+            StopGuard(asyncio.Event(), grace=0.5)
+            print("busy", flush=True)
+            time.sleep(120)          # the loop never gets to run the stop
+        asyncio.run(main())
+    """)
+    out = tmp_path / "out"
+    with open(out, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-c", script], stdout=f, stderr=subprocess.STDOUT)
+    try:
+        wait_for_line(out, re.compile("busy"), proc)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 1
+        assert "exiting without a clean stop" in out.read_text()
+    finally:
+        stop_pid(proc)
+
+
+# ------------------------------------------------------------------ failing fast
+
+def test_a_stale_socket_gets_one_line_at_once(ddir):
+    t2 = Target("--no-iscsi", "--lun", "ram:4MiB", data_dir=ddir, portals=(), expect_portals=0)
+    kids = list(children_by_module(t2.proc.pid).values())
+    for pid in [t2.proc.pid, *kids]:
+        os.kill(pid, signal.SIGKILL)   # no clean stop: the socket files stay behind
+    assert wait_gone(kids, 10) == []
+    t2.stop()
+    assert (Path(ddir) / "stml.sock").exists()
+    want = f"no target is running in {ddir} (started with: scsi-target run --data-dir {ddir})"
+    for args, prefix in ((["status"], "scsi-target"), (["loop", "capacity"], "scsi-target loop")):
+        p = cli(*args, "--data-dir", ddir, timeout=10)
+        assert (p.returncode, p.stderr) == (1, f"{prefix}: {want}\n")
+
+
+def test_a_stale_socket_is_known_without_a_zeromq_round_trip(ddir, monkeypatch):
+    """What makes the answer fast: a connect attempt on the socket file,
+    before any ZeroMQ socket that would wait for an answer."""
+    import zmq
+    from scsi_target.cli import NotRunning
+    path = Path(ddir) / "stml.sock"
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(path))      # bound, never listening: as a dead STML leaves it
+    def no_zmq(*a, **k):
+        raise AssertionError("a ZeroMQ context was made")
+    monkeypatch.setattr(zmq.Context, "instance", no_zmq)
+    with pytest.raises(NotRunning, match="no target is running in"):
+        MgmtClient(f"ipc://{path}", timeout=30).call("status")
+
+
+def _listening_socket() -> socket.socket:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen()
+    return s
+
+
+def test_an_unbindable_portal_makes_run_exit_2_before_any_banner(ddir):
+    with _listening_socket() as taken:
+        port = taken.getsockname()[1]
+        p = cli("run", "--data-dir", ddir, "--lun", "ram:4MiB", "--portal", f"127.0.0.1:{port}", timeout=30)
+    assert p.returncode == 2
+    assert p.stdout == ""
+    assert p.stderr.strip().splitlines() == [
+        f"scsi-target: portal 127.0.0.1:{port}: cannot listen: Address already in use "
+        f"(another iSCSI target? `ss -ltnp` shows who)"]
+
+
+def test_a_front_end_that_cannot_open_the_stml_portal_exits_2(ddir):
+    """fetd_tcp following the STML's list: a portal taken at start is an error,
+    not a log line (the race `run`'s own check cannot see)."""
+    with _listening_socket() as taken:
+        port = taken.getsockname()[1]
+        stml = StmlProcess(Path(ddir), ("ram:4MiB",), ("--portal", f"127.0.0.1:{port}")).start()
+        try:
+            p = subprocess.run([sys.executable, "-m", "fetd_tcp", "--stml", stml.endpoint],
+                               capture_output=True, text=True, timeout=60)
+        finally:
+            stml.stop()
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines()[-1] == (
+        f"scsi-target: fetd-tcp: cannot listen on 127.0.0.1:{port} (tpgt 1): Address already in use")
+
+
+def test_portal_add_of_a_taken_port_is_refused_and_status_shows_listeners(ddir):
+    with Target("--lun", "ram:4MiB", data_dir=ddir) as t, _listening_socket() as taken:
+        port = taken.getsockname()[1]
+        p = cli("portal", "add", "--data-dir", ddir, f"127.0.0.1:{port}")
+        assert p.returncode == 2
+        assert p.stderr == (f"scsi-target: portal add refused: cannot listen on 127.0.0.1:{port}: "
+                            f"Address already in use\n")
+        portals = mgmt(ddir, "portal", "list")
+        assert [(x["portal"], x["state"]) for x in portals] == [
+            ("127.0.0.1:0", f"listening on port {t.portal.rsplit(':', 1)[1]}")]
+        assert "127.0.0.1:0" in ok("status", "--data-dir", ddir, "--interval", "0")
+        assert tomllib.loads((Path(ddir) / "scsi-target.toml").read_text())["portals"] == ["127.0.0.1:0"]
+
+
+def test_a_data_dir_that_cannot_be_written_is_one_line_and_exit_2(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    p = cli("run", "--data-dir", str(blocker / "data"), "--portal", "127.0.0.1:0", timeout=30)
+    assert (p.returncode, p.stdout) == (2, "")
+    assert p.stderr == f"scsi-target: data dir {blocker / 'data'}: not usable: Not a directory\n"
+    d = tmp_path / "immutable"
+    d.mkdir()
+    if subprocess.run(["chattr", "+i", str(d)], capture_output=True).returncode:
+        pytest.skip("chattr +i is not available here")
+    try:
+        for verb in (["run", "--portal", "127.0.0.1:0"], ["stml"]):
+            p = cli(*verb, "--data-dir", str(d), "--lun", "ram:4MiB", timeout=30)
+            assert p.returncode == 2 and p.stdout == ""
+            assert p.stderr.count("\n") == 1 and "Traceback" not in p.stderr, p.stderr
+            assert str(d) in p.stderr and "Operation not permitted" in p.stderr
+    finally:
+        subprocess.run(["chattr", "-i", str(d)])
+
+
+def test_a_second_run_on_one_data_dir_is_refused(ddir):
+    with Target("--lun", "ram:4MiB", data_dir=ddir) as t:
+        p = cli("run", "--data-dir", ddir, "--portal", "127.0.0.1:0", timeout=30)
+        assert p.returncode == 2 and p.stdout == ""
+        assert p.stderr == (f"scsi-target: data dir {ddir}: another target is running in it "
+                            f"(pid {t.proc.pid}): stop it first, or use another --data-dir\n")
+        assert mgmt(ddir, "lun", "list")       # the first one still serves
+
+
+# ------------------------------------------------------------------ startup, logs, readiness
+
+def test_readiness_reaches_systemd_and_wait_ready(ddir, tmp_path):
+    sock_path = tmp_path / "notify"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(str(sock_path))
+        notify.settimeout(30)
+        with Target("--lun", "ram:4MiB", data_dir=ddir, env={"NOTIFY_SOCKET": str(sock_path)}) as t:
+            msg = notify.recv(4096).decode()
+            assert "READY=1" in msg.splitlines() and f"MAINPID={t.proc.pid}" in msg
+            assert ok("wait-ready", "--data-dir", ddir, "--timeout", "10") == f"ready: ipc://{ddir}/stml.sock\n"
+    p = cli("wait-ready", "--data-dir", ddir, "--timeout", "0.5")
+    assert p.returncode == 1 and p.stderr.startswith("scsi-target: not ready after 0.5s: no target is running")
+
+
+def test_banner_logs_and_a_clean_stop(ddir):
+    with Target("--lun", "ram:64MiB", data_dir=ddir) as t:
+        url = t.url(0)
+        assert "DIRECT_ACCESS" in run(["iscsi-inq", url]).stdout
+        banner = t.log()
+        assert "LUN 0: 64 MiB RAM" in banner and f"      {url}\n" in banner and "Ctrl-C" in banner
+        deadline = time.monotonic() + 10
+        while "session ended" not in t.log():
+            assert time.monotonic() < deadline, t.log()
+            time.sleep(0.05)
+        port = t.portal
+        t.proc.send_signal(signal.SIGINT)      # as Ctrl-C: to run alone (its children have their own group)
+        assert t.proc.wait(20) == 0
+    text = t.log()
+    login = next(x for x in text.splitlines() if "login: iqn" in x and IQN in x)
+    assert f"via {port}" in login
+    assert re.search(rf"logout: iqn\S+ 0x[0-9a-f]+ -> {IQN}", text)
+    assert re.search(rf"session ended: iqn\S+ 0x[0-9a-f]+ -> {IQN} via {port}", text)
+    after = text[text.index("session ended"):]
+    assert after.count("stopped") == 1 and "WARNING" not in after and "link lost" not in after
+    # one format: every line but the banner is a timestamped log line
+    banner_lines = {line for line in text.splitlines() if not re.match(r"\d{4}-\d\d-\d\d \d", line)}
+    assert all(line.startswith(("scsi-target: serving", "  ", "CPUs:", "Ready.")) for line in banner_lines), \
+        banner_lines
+
+
+def test_json_log_format(ddir):
+    with Target("--lun", "ram:4MiB", "--log-format", "json", data_dir=ddir) as t:
+        pass
+    records = [json.loads(line) for line in t.log().splitlines() if line.startswith("{")]
+    assert {r["process"] for r in records} >= {"stml", "fetd_tcp", "run"}
+    assert any(r["message"].startswith("listening on") and r["process"] == "fetd_tcp" for r in records)
+
+
+# ------------------------------------------------------------------ the CLI
+
+LONG_TARGET = "iqn.2026-11.com.example.storage-cluster-01:database-primary-volume"
+LONG_INITIATOR = "iqn.1994-05.com.redhat:a3f5e1c8b9d2-db-replica-host-17"
+
+
+def test_ls_and_status_fit_100_columns_with_realistic_names(ddir):
+    os.makedirs(f"{ddir}/volumes")
+    with Target("--iqn", LONG_TARGET, "--lun", f"file:{ddir}/volumes/primary-database-volume.img,size=16MiB",
+                "--lun", "ram:8MiB", data_dir=ddir) as t:
+        host, port = t.portal.rsplit(":", 1)
+        ini = RawInitiator(host, int(port), initiator=LONG_INITIATOR)
+        try:
+            ini.login(LONG_TARGET)
+            mgmt(ddir, "acl", "add", LONG_INITIATOR)
+            for args in (["ls"], ["status", "--interval", "0.2"]):
+                out = ok(*args, "--data-dir", ddir)
+                assert max(len(line) for line in out.splitlines()) <= 100, out
+                wide = ok(*args, "--data-dir", ddir, "--wide")
+                assert LONG_INITIATOR in wide and LONG_TARGET in wide
+            tree = ok("ls", "--data-dir", ddir)
+            for needle in ("o- tpgs", "o- luns", "lun 0 [16.0MiB, file,", "lun 1 [8.0MiB, ram, RAM]",
+                           "o- acls", "o- sessions", "[listening on port"):
+                assert needle in tree, tree
+            status = ok("status", "--data-dir", ddir, "--interval", "0.2")
+            assert "16.0MiB" in status and "IOPS" in status and "READ/S" in status
+        finally:
+            ini.close()
+
+
+def test_lun_resize_to_a_smaller_size_needs_force(ddir):
+    with Target("--lun", "ram:16MiB", data_dir=ddir):
+        p = cli("lun", "resize", "--data-dir", ddir, "0", "8MiB")
+        assert p.returncode == 2 and "--force" in p.stderr
+        assert mgmt(ddir, "lun", "list")[0]["size"] == 16 << 20
+        assert mgmt(ddir, "lun", "resize", "0", "8MiB", "--force")["size"] == 8 << 20
+
+
+def test_options_after_the_verb_and_sizes_everywhere(ddir, tmp_path):
+    with Target("--no-iscsi", "--lun", "ram:64MiB", data_dir=ddir, portals=(), expect_portals=0):
+        assert "blocks: 131072" in ok("--data-dir", ddir, "loop", "capacity")     # before the group
+        assert "blocks: 131072" in ok("loop", "capacity", "--data-dir", ddir)     # after the verb
+        assert json.loads(ok("--data-dir", ddir, "lun", "list", "--json"))[0]["lun"] == 0
+        out = tmp_path / "part.img"
+        p = cli("loop", "copy-out", str(out), "--size", "32MiB", "--data-dir", ddir)
+        assert p.returncode == 0, p.stderr
+        assert out.stat().st_size == 32 << 20
+        assert p.stdout.startswith(f"copied {32 << 20} bytes (32 MiB) out of LUN 0 in ")   # and the rate
+        p = cli("loop", "copy-out", str(out), "--size", "12XB", "--data-dir", ddir)
+        assert p.returncode == 2 and "is not a size" in p.stderr
+
+
+def test_every_verb_has_help_and_completion_scripts_print():
+    import click
+    from scsi_target.cli import main
+
+    def walk(cmd: click.Command, path: str) -> list[tuple[str, click.Command]]:
+        out = [(path, cmd)]
+        if isinstance(cmd, click.Group):
+            for name, sub in cmd.commands.items():
+                out += walk(sub, f"{path} {name}")
+        return out
+    missing = [path for path, cmd in walk(main, "scsi-target") if not (cmd.help or "").strip()]
+    assert missing == []
+    # and each one's line in a listing is whole, not cut off with "..." (80 columns)
+    cut = [path for path, cmd in walk(main, "scsi-target")[1:] if cmd.get_short_help_str(60).endswith("...")]
+    assert cut == []
+    assert "Exit codes" in ok("--help")
+    for shell, needle in (("bash", "complete -o nosort -F"), ("zsh", "compdef"), ("fish", "complete")):
+        assert needle in ok("completion", shell)
+
+
+def test_the_unit_file_verifies_and_matches_the_packaged_one(tmp_path):
+    from scsi_target.service import unit_text
+    packaged = Path(__file__).resolve().parent.parent / "packaging" / "scsi-target.service"
+    assert packaged.read_text() == unit_text()
+    assert ok("service", "unit", "--defaults") == unit_text()
+    for key in ("Type=notify", "User=scsi-target", "AmbientCapabilities=CAP_NET_BIND_SERVICE",
+                "NoNewPrivileges=yes", "ProtectSystem=strict", "ExecReload=/bin/kill -HUP $MAINPID"):
+        assert f"\n{key}\n" in packaged.read_text()
+    unit = tmp_path / "scsi-target.service"
+    unit.write_text(unit_text(f"{sys.executable} -m scsi_target"))
+    if shutil.which("systemd-analyze") is None:
+        import configparser
+        parser = configparser.ConfigParser(strict=False, interpolation=None)
+        parser.read_string(unit.read_text())
+        assert parser["Service"]["Type"] == "notify"
+        return
+    p = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+
+
+def test_a_missing_lun_directory_is_one_line_before_any_banner(ddir):
+    p = cli("run", "--data-dir", ddir, "--lun", f"file:{ddir}/no/such/dir/x.img,size=1MiB",
+            "--portal", "127.0.0.1:0", timeout=30)
+    assert (p.returncode, p.stdout) == (2, "")
+    assert p.stderr == (f"scsi-target: target {IQN} LUN 0: cannot create {ddir}/no/such/dir/x.img: "
+                        f"directory {ddir}/no/such/dir does not exist\n")
+    assert not (Path(ddir) / "scsi-target.toml").exists()    # nothing half-configured is kept
+
+
+def test_an_interrupted_copy_says_how_far_it_got(ddir, tmp_path):
+    image = tmp_path / "big.img"
+    with open(image, "wb") as f:
+        f.truncate(1 << 30)
+    with Target("--no-iscsi", "--lun", "ram:1GiB", data_dir=ddir, portals=(), expect_portals=0):
+        copy = subprocess.Popen([*CLI, "loop", "copy-in", str(image), "--data-dir", ddir],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            sessions = MgmtClient(f"ipc://{ddir}/stml.sock")
+            deadline = time.monotonic() + 20
+            # 64 MiB written: with 4 MiB in flight at most, the copy has seen 60 MiB through
+            while not any(s["write_bytes"] >= 64 << 20 for s in sessions.call("session_list")):
+                assert time.monotonic() < deadline and copy.poll() is None
+                time.sleep(0.02)
+            copy.send_signal(signal.SIGINT)
+            out, err = copy.communicate(timeout=30)
+        finally:
+            stop_pid(copy)
+    assert copy.returncode == 130, err
+    m = re.search(r"copy-in interrupted after (\d+) of 1073741824 bytes \(.* MiB of 1 GiB, .*/s\); "
+                  r"bytes 0-(\d+) are done", err)
+    assert m and 0 < int(m.group(1)) < 1 << 30 and int(m.group(2)) == int(m.group(1)) - 1, err
+
+
+def test_a_restarted_stml_learns_the_listener_states_again(ddir):
+    """The front end reports its listeners to an STML that restarted (it
+    re-registers; its portals did not change), so wait-ready and `portal
+    list` see them."""
+    with Target("--lun", "ram:4MiB", data_dir=ddir) as t:
+        stml = children_by_module(t.proc.pid)["stml"]
+        os.kill(stml, signal.SIGKILL)
+        assert wait_gone([stml], 10) == []
+        deadline = time.monotonic() + 30
+        while children_by_module(t.proc.pid).get("stml") in (None, stml):
+            assert time.monotonic() < deadline, t.log()
+            time.sleep(0.05)
+        assert ok("wait-ready", "--data-dir", ddir, "--timeout", "30").startswith("ready")
+        assert [x["state"].split()[0] for x in mgmt(ddir, "portal", "list")] == ["listening"]
+
+
+def test_config_show_and_save_to_another_file(ddir, tmp_path):
+    with Target("--lun", "ram:8MiB", data_dir=ddir):
+        mgmt(ddir, "lun", "add", f"file:{ddir}/b.img,size=4MiB")
+        shown = ok("config", "show", "--data-dir", ddir)
+        assert shown.rstrip() == (Path(ddir) / "scsi-target.toml").read_text().rstrip()
+        copy = tmp_path / "copy.toml"
+        assert mgmt(ddir, "config", "save", str(copy))["path"] == str(copy)
+        before = mgmt(ddir, "lun", "list")
+    saved = tomllib.loads(copy.read_text())
+    assert saved["data_dir"] == ddir       # the copy finds the same data dir
+    other = short_dir()
+    try:
+        with Target(config=str(copy), data_dir=other):
+            assert [(x["lun"], x["backend"], x["size"]) for x in mgmt(other, "lun", "list")] == \
+                [(x["lun"], x["backend"], x["size"]) for x in before]
+    finally:
+        shutil.rmtree(other, ignore_errors=True)
+
+
+def test_service_install_writes_the_unit(tmp_path):
+    """`service install` with an account that exists and --no-enable: the unit
+    for this installation, nothing started."""
+    p = cli("service", "install", "--user", "root", "--data-dir", "/srv/scsi-target-test",
+            "--unit-dir", str(tmp_path), "--no-enable")
+    assert p.returncode == 0, p.stderr
+    unit = (tmp_path / "scsi-target.service").read_text()
+    assert "\nUser=root\n" in unit and "run --data-dir /srv/scsi-target-test\n" in unit
+    assert "\nReadWritePaths=/srv/scsi-target-test\n" in unit and "StateDirectory" not in unit
