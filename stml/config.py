@@ -160,7 +160,7 @@ def lun_options(raw: dict[str, Any], where: str, data_dir: Path) -> LunOptions:
                       block_size=bs,
                       write_cache=_bool(raw.get("write_cache", False), f"{where}.write_cache"),
                       thin=_bool(raw.get("thin", True), f"{where}.thin"),
-                      physical_block_exp=pbe, id=ident.lower() if ident else None, **ceph)
+                      physical_block_exp=pbe or None, id=ident.lower() if ident else None, **ceph)
 
 
 # an rbd LUN's connection settings (LunOptions fields of the same names)
