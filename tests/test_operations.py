@@ -114,7 +114,9 @@ def test_run_config_new_file_is_written(ddir, tmp_path):
     with Target("--lun", "ram:8MiB", config=str(cfg), data_dir=ddir):
         saved = tomllib.loads(cfg.read_text())
         assert saved["data_dir"] == ddir
-        assert saved["target"][0]["lun"] == [{"lun": 0, "backend": "ram", "size": "8MiB"}]
+        lun = saved["target"][0]["lun"]
+        assert re.fullmatch(r"[0-9a-f]{32}", lun[0].pop("id"))   # a new LU's identity, saved with it
+        assert lun == [{"lun": 0, "backend": "ram", "size": "8MiB"}]
 
 
 def test_a_minimal_config_keeps_the_default_lun_through_a_save(ddir, tmp_path):
@@ -161,7 +163,9 @@ def test_hand_comments_survive_a_save(ddir, tmp_path):
         assert line in text          # every comment, and every line as it was spelled
     saved = tomllib.loads(text)
     assert saved["target"][0]["acl"] == ["iqn.1994-05.com.redhat:client1"]
-    assert saved["target"][0]["lun"][1] == {"lun": 1, "backend": "ram", "size": "4MiB"}
+    added = saved["target"][0]["lun"][1]
+    assert re.fullmatch(r"[0-9a-f]{32}", added.pop("id"))
+    assert added == {"lun": 1, "backend": "ram", "size": "4MiB"}
 
 
 # ------------------------------------------------------------------ any sequence of changes
