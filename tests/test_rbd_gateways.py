@@ -28,7 +28,7 @@ pytestmark = pytest.mark.slow
 
 MIB = 1 << 20
 RESERVATION_CONFLICT = 0x18
-WE, EA = 0x1, 0x3
+WE = 0x1   # Write Exclusive
 
 
 @pytest.fixture(scope="module")

@@ -1,12 +1,11 @@
 """A throwaway single-node Ceph for tests: one monitor, one manager and one
 memstore OSD in a private directory with its own ceph.conf, on one address
-(127.0.0.1, or one inside a network namespace the caller made). Every daemon
+(127.0.0.1, or the address of a bridge the caller made). Every daemon
 is started in the foreground and stopped by its PID. See
 /work/shared/notes/ceph.md for the settings and timings this follows.
 """
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import socket
@@ -39,13 +38,9 @@ class Cluster:
 
     POOL = "rbd"
 
-    def __init__(self, host: str = "127.0.0.1", port: int | None = None, netns: str | None = None,
-                 mgr: bool = True, memstore_bytes: int = 3 << 30,
-                 watch_timeout: int = 5) -> None:
+    def __init__(self, host: str = "127.0.0.1", memstore_bytes: int = 3 << 30, watch_timeout: int = 5) -> None:
         self.host = host
-        self.port = port or free_port(host)
-        self.netns = netns
-        self.mgr = mgr
+        self.port = free_port(host)
         self.dir = Path(tempfile.mkdtemp(prefix="ceph", dir="/tmp"))
         self.conf = self.dir / "ceph.conf"
         self.keyring = self.dir / "keyring"
@@ -55,22 +50,17 @@ class Cluster:
         self.watch_timeout = watch_timeout
 
     # ------------------------------------------------------------ commands
-    def _prefix(self) -> list[str]:
-        return ["ip", "netns", "exec", self.netns] if self.netns else []
-
-    def run(self, *argv: str, timeout: float = 60, check: bool = True) -> str:
-        """Run a Ceph tool against this cluster (inside its namespace); its stdout."""
-        cmd = [*self._prefix(), *argv]
-        if argv[0] in ("ceph", "rbd", "rados"):
-            cmd[len(self._prefix()) + 1:1 + len(self._prefix())] = ["-c", str(self.conf)]
+    def run(self, tool: str, *argv: str, timeout: float = 60) -> str:
+        """Run a Ceph tool (ceph, rbd, rados) against this cluster; its stdout."""
+        cmd = [tool, "-c", str(self.conf), *argv]
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-        if check and p.returncode != 0:
+        if p.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} exited {p.returncode}: {p.stderr.strip()}")
         return p.stdout
 
     def _spawn(self, name: str, *argv: str) -> None:
         log = open(self.dir / f"{name}.out", "wb")
-        self.procs[name] = subprocess.Popen([*self._prefix(), *argv, "-f", "-c", str(self.conf)],
+        self.procs[name] = subprocess.Popen([*argv, "-f", "-c", str(self.conf)],
                                             stdout=log, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL)
         log.close()
@@ -138,7 +128,7 @@ mgr initial modules =
         subprocess.run(["monmaptool", "--create", "--addv", "a", f"[v2:{self.host}:{self.port}]",
                         "--fsid", self.fsid, str(d / "monmap")], check=True, capture_output=True)
         (d / "mon.a").mkdir()
-        subprocess.run([*self._prefix(), "ceph-mon", "-c", str(self.conf), "--mkfs", "-i", "a",
+        subprocess.run(["ceph-mon", "-c", str(self.conf), "--mkfs", "-i", "a",
                         "--monmap", str(d / "monmap"), "--keyring", str(self.keyring)],
                        check=True, capture_output=True)
         self._spawn("mon", "ceph-mon", "-i", "a")
@@ -146,12 +136,11 @@ mgr initial modules =
         osd_dir.mkdir()
         shutil.copy(self.keyring, osd_dir / "keyring")
         self.run("ceph", "osd", "new", osd_uuid, "0")
-        subprocess.run([*self._prefix(), "ceph-osd", "-c", str(self.conf), "-i", "0", "--mkfs",
+        subprocess.run(["ceph-osd", "-c", str(self.conf), "-i", "0", "--mkfs",
                         "--osd-uuid", osd_uuid], check=True, capture_output=True)
         self._spawn("osd", "ceph-osd", "-i", "0")
-        if self.mgr:
-            (d / "mgr.x").mkdir()
-            self._spawn("mgr", "ceph-mgr", "-i", "x")
+        (d / "mgr.x").mkdir()
+        self._spawn("mgr", "ceph-mgr", "-i", "x")
         self.run("ceph", "osd", "pool", "create", self.POOL, "8", "8")
         self.run("rbd", "pool", "init", self.POOL)
         self.wait_writable()
@@ -195,12 +184,3 @@ mgr initial modules =
     def spec(self, image: str) -> str:
         """The LUN spec of an image of this cluster."""
         return f"rbd:{image},conf={self.conf},keyring={self.keyring}"
-
-    def blocklist(self) -> str:
-        return self.run("ceph", "osd", "blocklist", "ls")
-
-    def __enter__(self) -> Cluster:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
