@@ -12,15 +12,17 @@ import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
 from support import ceph
-from targetproc import IQN, Target, cunit_verdicts, run
+from targetproc import IQN, Target, run
 
 pytestmark = pytest.mark.slow
 
 MIB = 1 << 20
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -64,20 +66,16 @@ def test_qemu_img_round_trip_and_the_image_holds_the_bytes(cluster, image, tmp_p
 
 
 def test_scsi_family_passes_on_an_rbd_lun(cluster, image, tmp_path):
-    """libiscsi's SCSI family, with a second portal group as the multipath
-    URL, as scripts/conformance.py runs it on a RAM LUN: no failures."""
-    config = tmp_path / "cu.toml"
-    config.write_text(f'[[target]]\nname = "{IQN}"\ntarget_reset = true\n')
-    with Target("--lun", cluster.spec(image), "--config", str(config), "--cpu-affinity", "none",
-                "--log-level", "warning", portals=("127.0.0.1:0", "127.0.0.1:0,2")) as t:
-        urls = [f"iscsi://{p}/{IQN}/0" for p in t.portals]
-        p = subprocess.run(["iscsi-test-cu", "-d", "-v", "-t", "SCSI", *urls], capture_output=True,
-                           text=True, timeout=1500)
-    verdicts = cunit_verdicts(p.stdout)
+    """The conformance runner's SCSI family (libiscsi, two portal groups as the
+    multipath pair, SANITIZE one by one) with LUN 0 on RBD: no failures."""
+    out = tmp_path / "verdicts.json"
+    p = subprocess.run([sys.executable, str(ROOT / "scripts" / "conformance.py"), "--families", "SCSI",
+                        "--lun0", cluster.spec(image), "--json", str(out)],
+                       capture_output=True, text=True, timeout=2400)
+    verdicts = json.loads(out.read_text())
     failed = sorted(name for name, v in verdicts.items() if v == "failed")
-    assert len(verdicts) > 150, p.stdout[-3000:]
-    assert not failed, f"failed on RBD: {failed}"
-    assert sum(v == "passed" for v in verdicts.values()) > 150
+    assert not failed, f"failed on RBD: {failed}\n{p.stdout[-3000:]}"
+    assert p.returncode == 0 and sum(v == "passed" for v in verdicts.values()) > 150, p.stdout[-3000:]
 
 
 def test_compare_and_write_reports_the_first_difference(cluster, image, stml_factory, client_factory):
