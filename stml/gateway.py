@@ -75,6 +75,8 @@ class Gateway:
         """Hear of the LU's image changing (a resize) and of its client being fenced."""
         loop = asyncio.get_running_loop()
         backend: Any = lu.backend
+        shared = set(self.shared())
+        self._sizes = {other: n for other, n in self._sizes.items() if other in shared}   # LUNs removed
         self._sizes[lu] = backend.size()
         backend.on_change = lambda: loop.call_soon_threadsafe(self._changed, lu)
         backend.on_fenced = lambda: self.step_down(f"fenced on image {backend.spec}")
