@@ -11,6 +11,8 @@ by the connection it belongs to (an Account) and by kind:
     ooo    data of PDUs waiting for an earlier CmdSN
     text   a Text request being continued, a Text response being continued
     out    PDUs queued toward a socket that has not taken them yet
+    keep   ErrorRecoveryLevel >= 1: read data and responses kept until the
+           initiator acknowledges them (a SNACK or TASK REASSIGN may ask again)
 
 Why reserve rather than count what is held: read data arrives from the STML
 whether or not there is room, so the only way never to hold more than the
@@ -41,7 +43,7 @@ import heapq
 import itertools
 from typing import Callable
 
-KINDS = ("read", "write", "ooo", "text", "out")
+KINDS = ("read", "write", "ooo", "text", "out", "keep")
 RESERVE = 128 << 10   # guaranteed to every connection: a 64 KiB read or write always fits
 
 

@@ -26,6 +26,7 @@ log = logging.getLogger("fetd_tcp")
 
 LOGIN_TIMEOUT = 15.0     # a connection must finish login within this
 NOP_INTERVAL = 10.0      # idle connections are pinged this often; unanswered twice -> dropped
+DATAOUT_CHECK = 2.5      # ERL >= 1: a burst with no Data-Out for 1-2 of these is asked for again
 CMD_WINDOW = 128         # MaxCmdSN - ExpCmdSN + 1, capped by the STML's queue depth
 MAX_CONNECTIONS = 4     # connections per session we accept (MC/S)
 WRITE_BACKLOG = 4 << 20  # past this much unsent output, a connection stops reading until it drains
@@ -54,6 +55,7 @@ class IscsiFrontEnd:
         self.keys = keys or TargetKeys(max_connections=MAX_CONNECTIONS)
         self.link = FrontEndLink(stml_endpoint, "iscsi", self, curve=curve)
         self.isns = None
+        self.slp: Any = None     # the SLP service agent's driver (fetd_tcp.slpd), when `slp` is on
         if isns:
             from fetd_tcp.isns import IsnsClient
             self.isns = IsnsClient(isns, f"{self.link.name}")
@@ -93,6 +95,39 @@ class IscsiFrontEnd:
             self._report_portals()    # e.g. a restarted STML: it has not heard from us yet
         if self.isns is not None:
             self._isns_update()
+        self._slp_update()
+
+    def _slp_update(self) -> None:
+        """Start, stop or update the SLP service agent as the STML's `slp`
+        setting, targets and our portals say (after every detect and portal change)."""
+        info = self.detect_info
+        scopes = info.discovery.get("slp") if info is not None else None
+        if not scopes or info is None:
+            if self.slp is not None:
+                self.slp.close()
+                self.slp = None
+            return
+        from fetd_tcp import slp, slpd
+        if self.slp is not None and self.slp.agent.scope_text != ",".join(scopes):
+            self.slp.close()
+            self.slp = None
+        targets = [slp.Target(t.name, t.alias, tuple(t.access.get("acl") or ()),
+                              (t.access.get("chap") or {}).get("user")) for t in info.targets]
+        portals = [(p.host, p.port, p.tpgt) for p in self.portals]
+        if self.slp is None:
+            agent = slp.ServiceAgent(list(scopes))
+            agent.update(targets, portals)
+            driver = slpd.SlpDriver(agent, list(info.discovery.get("slp_da") or ()),
+                                    int(os.environ.get("SCSI_TARGET_SLP_PORT", slp.SLP_PORT)))
+            try:
+                driver.start()
+            except OSError as e:
+                log.error("SLP service agent not started: %s", e)
+                return
+            self.slp = driver
+        else:
+            self.slp.agent.update(targets, portals)
+            self.slp.update()
 
     async def _sync_portals(self) -> None:
         """Open and close listeners until they match the STML's portal list
@@ -124,6 +159,7 @@ class IscsiFrontEnd:
         self._report_portals()
         if self.isns is not None:
             self._isns_update()
+        self._slp_update()
 
     def _report_portals(self) -> None:
         """Tell the STML which portals of its list we listen on (contract: portal_state)."""
@@ -183,7 +219,16 @@ class IscsiFrontEnd:
         entry = self.tags.tmfs.pop(tag, None)
         if entry is not None:
             conn, itt, fn = entry
-            conn.task_mgmt_fn_done(itt, fn, response, tasks)
+            if conn is None:        # our own ABORT TASK of a task whose Time2Retain ran out
+                for task in tasks:
+                    old = task.conn
+                    old.session.itts.pop(task.itt, None)
+                    old.release(task)
+                    old.aborting -= 1
+                    if not old.aborting:    # the last of them: the window is open now
+                        self._window_update(old.session)
+            else:
+                conn.task_mgmt_fn_done(itt, fn, response, tasks)
 
     def report_aen(self, nexus: int | None, lun: int, sense: bytes) -> None:
         sessions = self.by_nexus.values() if nexus is None else filter(None, [self.by_nexus.get(nexus)])
@@ -216,7 +261,9 @@ class IscsiFrontEnd:
         if self.detect_info is None:
             return ()
         return tuple(L.TargetConfig(t.name, t.alias, frozenset(t.access.get("acl") or ()),
-                                    _creds(t.access.get("chap")), _creds(t.access.get("mutual")))
+                                    _creds(t.access.get("chap")), _creds(t.access.get("mutual")),
+                                    int(t.access.get("erl") or 0),
+                                    int(t.access.get("cmdsn_depth") or CMD_WINDOW))
                      for t in self.detect_info.targets)
 
     def portal_addresses(self) -> dict[int, list[tuple[str, int]]]:
@@ -283,6 +330,8 @@ class IscsiFrontEnd:
             w.close()
         if self.isns is not None:
             await self.isns.close()
+        if self.slp is not None:
+            self.slp.close()     # deregisters from directory agents
         await self.link.close()
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
@@ -432,8 +481,11 @@ class IscsiFrontEnd:
                     c.close()
                 self._end_session(old)
             limits = self.detect_info.limits if self.detect_info else {}
+            window = self._window(limits)
+            if o.target is not None:
+                window = min(window, o.target.cmdsn_depth)
             session = Session(o.tsih, o.isid, o.initiator_name, target, tpgt, o.session,
-                              next(self.nexus_ids), o.cmd_sn, self._window(limits), discovery=discovery,
+                              next(self.nexus_ids), o.cmd_sn, window, discovery=discovery,
                               max_transfer=int(limits.get("max_transfer", 8 << 20)))
             self.sessions[o.tsih] = session
             self.by_name[(o.initiator_name, o.isid, target)] = session
@@ -448,11 +500,19 @@ class IscsiFrontEnd:
                  "new session" if len(session.connections) == 0 else "joins session")
         old_conn = session.connections.get(o.cid)
         if old_conn is not None:
+            # connection reinstatement: the old one ends now (at ERL 2 its tasks wait for
+            # TASK REASSIGN), its responses acknowledged as the new login says
+            old_conn.acknowledge(o.exp_stat_sn)
             old_conn.close()
+            self._drop_connection(old_conn)
+        failed = session.failed.get(o.cid)
+        if failed is not None:
+            failed.acknowledge(o.exp_stat_sn)
         out = PduWriter(writer, o.connection, self.pending_output, account)
         conn = Connection(session, o.cid, o.connection, o.stat_sn, out, self.link, self.tags,
                           out.close, self.text, write_limit=self.limits.max_write_buffer,
                           read_limit=self.limits.max_read_buffer, account=account)
+        conn.on_failed = self._fail_connection
         session.connections[o.cid] = conn
         return conn
 
@@ -480,9 +540,19 @@ class IscsiFrontEnd:
         return view if view is not None else self.pool.get(size)
 
     async def _pinger(self, conn: Connection) -> None:
+        """NOP-In pings every NOP_INTERVAL; at ERL >= 1 a look at stalled write
+        bursts every DATAOUT_CHECK too."""
         conn.idle = True
+        step = DATAOUT_CHECK if conn.erl else NOP_INTERVAL
+        waited = 0.0
         while True:
-            await asyncio.sleep(NOP_INTERVAL)
+            await asyncio.sleep(step)
+            if conn.erl:
+                conn.check_stalled()
+            waited += step
+            if waited < NOP_INTERVAL:
+                continue
+            waited = 0.0
             if conn.idle and not conn.ping():
                 log.info("initiator %s did not answer NOP-In: dropping connection", conn.session.initiator)
                 conn.close()
@@ -490,24 +560,85 @@ class IscsiFrontEnd:
             conn.idle = True
 
     def _drop_connection(self, conn: Connection) -> None:
-        """The connection is over: its tasks are forgotten (ErrorRecoveryLevel 0:
+        """The connection is over: its tasks are forgotten (ErrorRecoveryLevel < 2:
         nothing moves them to another connection) and what it held leaves the
-        budget (its unsent output once the socket is gone: PduWriter.retire)."""
+        budget (its unsent output once the socket is gone: PduWriter.retire).
+        At ERL 2 a connection that failed (no Logout ended it) keeps its tasks
+        for a TASK REASSIGN until Time2Wait + Time2Retain pass, and its session
+        lives on without connections as long (RFC 7143 6.3.5, 7.2.2)."""
         s = conn.session
+        writer = conn.send
+        if conn.gone:
+            return      # already dropped (a reinstatement got there first)
+        conn.gone = True
         # `closing` is set by a Logout, or by drop_nexus, which has ended the session already
         if conn.closing and self.sessions.get(s.tsih) is s:
             log.info("logout: %s 0x%s -> %s via %s, TSIH %d CID %d", s.initiator, s.isid.hex(),
                      s.target or "discovery", self.session_portals.get(s.tsih, "?"), s.tsih, conn.cid)
         if s.connections.get(conn.cid) is conn:
             del s.connections[conn.cid]
+        if s.erl >= 2 and not conn.closing and not s.discovery:
+            self._fail_connection(conn)
+            if isinstance(writer, PduWriter):
+                writer.retire(release=False)
+            return
         for task in [t for t in s.itts.values() if t.conn is conn]:
             s.itts.pop(task.itt, None)
             self.tags.tasks.pop(task.tag, None)
             conn.release(task)
-        if not s.connections:
+        for task in [t for t in s.kept.values() if t.conn is conn]:
+            conn._forget(task)
+        if not s.connections and not s.failed:
             self._end_session(s)
-        if isinstance(conn.out, PduWriter):
-            conn.out.retire()
+        else:
+            self._window_update(s)
+        if isinstance(writer, PduWriter):
+            writer.retire()
+
+    def _fail_connection(self, conn: Connection) -> None:
+        """ERL 2: keep the connection's tasks for Time2Wait + Time2Retain."""
+        s = conn.session
+        if s.connections.get(conn.cid) is conn:
+            del s.connections[conn.cid]
+        if conn.failed:
+            return
+        conn.fail()
+        delay = s.params.default_time2wait + s.params.default_time2retain
+        log.info("connection CID %d of TSIH %d failed: %d task(s) kept for %d s", conn.cid, s.tsih,
+                 len(conn.orphans()), delay)
+        asyncio.get_running_loop().call_later(delay, self._expire, conn)
+
+    def _expire(self, conn: Connection) -> None:
+        """Time2Wait + Time2Retain passed: tasks nobody reassigned are dropped
+        (aborted in the STML), then the session too if it has no connection."""
+        s = conn.session
+        if conn.account.closed:
+            return     # every task was reassigned
+        running = conn.expire()
+        conn.aborting = len(running)
+        if running:
+            log.info("Time2Retain expired on CID %d of TSIH %d: %d task(s) aborted", conn.cid,
+                     s.tsih, len(running))
+        for task in running:
+            tag = self.tags.new()
+            self.tags.tmfs[tag] = (None, 0, P.TMF_ABORT_TASK)
+            lun = P.lun_to_int(task.lun)
+            self.link.rx_task_mgmt_fn(tag, s.nexus, P.TMF_ABORT_TASK, 0xFFFF if lun is None else lun,
+                                      task.tag)
+        if running:
+            self.link.flush()
+        conn.account.close()
+        if not s.connections and not s.failed:
+            self._end_session(s)
+        elif not running:
+            self._window_update(s)
+
+    @staticmethod
+    def _window_update(s: Session) -> None:
+        """Tasks went without a response: a window held shut may be open now."""
+        for conn in s.connections.values():
+            conn.window_update()
+            break
 
     def _end_session(self, s: Session) -> None:
         """Forget a session (work in proportion to its own tasks, not to all)."""
@@ -590,7 +721,7 @@ class ConnectionProtocol(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self.write_paused = False
-        out = self.conn.out
+        out = self.conn.send
         if isinstance(out, PduWriter):
             out.resample()
             self.conn.window_update()
@@ -611,9 +742,16 @@ class ConnectionProtocol(asyncio.BufferedProtocol):
             while not conn.closing and not transport.is_closing():
                 try:
                     item = source()
-                except P.PDUError as e:
+                except P.DigestError as e:
+                    if conn.erl and e.header is not None:   # the PDU goes, the stream goes on
+                        conn.data_digest_error(e.header)
+                        handled = True
+                        continue
+                    if conn.erl and conn.bad_headers == 0:  # dropped; sequence numbers tell
+                        conn.bad_headers += 1
+                        continue
                     if e.reject_reason == P.REJECT_DATA_DIGEST_ERROR:
-                        conn.reject(e.reject_reason, b"\0" * P.BHS_LEN)
+                        conn.reject(e.reject_reason, e.header or b"\0" * P.BHS_LEN)
                     raise
                 if item is None:
                     break
@@ -644,7 +782,7 @@ class ConnectionProtocol(asyncio.BufferedProtocol):
         """The stream cannot be trusted (or we broke): send what is pending
         (a Reject for a data digest error), close, and end with `exc`."""
         try:
-            out = self.conn.out
+            out = self.conn.send
             if isinstance(out, PduWriter):
                 out.flush()
         finally:
@@ -711,10 +849,13 @@ class PduWriter:
         self.flush()
         self.transport.close()
 
-    def retire(self) -> None:
+    def retire(self, release: bool = True) -> None:
         """The connection is over: close, and once the transport has nothing
         left to send (or after CLOSE_LINGER, when the peer does not read: its
-        output is then dropped) the connection's account closes."""
+        output is then dropped) the connection's account closes (unless not
+        `release`: ERL 2 keeps it for the tasks a TASK REASSIGN may claim)."""
+        if not release:
+            self.account = None
         self.close()
         if self.transport.get_write_buffer_size() == 0:
             self._release()

@@ -6,6 +6,7 @@
     scripts/bench.py --compare-tgtd --cpu   # also CPU and sleeps per I/O, per process
     scripts/bench.py --compare-tgtd --thin  # the default thin LUN, fragmented first
     scripts/bench.py --compare-tgtd --rbd   # RBD images: ours against tgtd's bs_rbd (tgt-rbd)
+    scripts/bench.py --vhost           # a Linux guest: fetd_vhost against QEMU's own virtio-scsi
 
 Both targets get an equivalent LUN: a 1 GiB file in /dev/shm (same backing
 kind and size), filled with data first, and ours thick (no logical block
@@ -28,6 +29,16 @@ for us again), ours through librbd (backends/rbd.py), tgtd's through its
 rbd backing store (`apt-get install tgt-rbd`), on the cluster --ceph-conf
 names or else on a throwaway single-node one (tests/support/ceph.py, which
 needs ceph-mon ceph-osd ceph-mgr). The goals are issue 23's.
+
+`--vhost` boots one Linux guest (tests/support/guest.py: Debian's cloud
+kernel, a busybox initramfs; KVM when it works, else TCG) with two disks
+of the same kind, a filled file in /dev/shm each: one on fetd_vhost
+(vhost-user-scsi-pci), one on QEMU's own virtio-scsi-pci + scsi-hd. In the
+guest, scripts/guestio.c (built static with cc) runs sequential 1 MiB
+O_DIRECT reads and writes and 4 KiB random reads, one I/O at a time, on
+each disk in turn (A B, then B A); the table shows medians of per-round
+ratios. Needs qemu-system-x86, busybox-static and a C compiler with a
+static libc (gcc, libc6-dev).
 """
 from __future__ import annotations
 
@@ -416,6 +427,108 @@ def run_loopback(args: argparse.Namespace) -> dict:
     return results
 
 
+# --vhost: name, guestio mode, block size, I/O count at scale 1.0; each disk is VHOST_SIZE
+VHOST_SIZE = 256 << 20
+VHOST_WORKLOADS = [
+    ("1m-seqread", "seqread", 1 << 20, 256),
+    ("1m-seqwrite", "seqwrite", 1 << 20, 256),
+    ("4k-randread", "randread", 4096, 4000),
+]
+VHOST_GOALS = {"1m-seqread": 0.9, "1m-seqwrite": 0.9, "4k-randread": 0.7}   # issue 21
+
+
+def guestio(work: Path) -> bytes:
+    """scripts/guestio.c built static (it runs in the guest's initramfs)."""
+    cc = shutil.which("cc")
+    if cc is None:
+        sys.exit("bench: --vhost needs a C compiler (apt-get install gcc libc6-dev)")
+    out = work / "guestio"
+    p = subprocess.run([cc, "-O2", "-static", "-o", str(out), str(ROOT / "scripts" / "guestio.c")],
+                       capture_output=True, text=True)
+    if p.returncode:
+        sys.exit(f"bench: cannot build guestio: {p.stderr.strip()}")
+    return out.read_bytes()
+
+
+def vhost_script(runs: int, scale: float) -> str:
+    lines = ["for d in /sys/block/sd*; do case $(cat $d/device/vendor) in",
+             "  SCSITGT*) ours=${d##*/};; QEMU*) qemu=${d##*/};; esac; done",
+             'echo "@@ DISKS $ours $qemu"']
+    for r in range(runs):
+        for name, mode, bs, count in VHOST_WORKLOADS:
+            n = max(4, int(count * scale))
+            order = ("ours", "qemu") if r % 2 == 0 else ("qemu", "ours")
+            for who in order:
+                lines.append(f'echo "@@ R{r}-{name}-{who} $(guestio /dev/${who} {mode} {bs} {n})"')
+    return "\n".join(lines) + "\n"
+
+
+def run_vhost(args: argparse.Namespace) -> dict:
+    """One guest, two disks: fetd_vhost and QEMU's own virtio-scsi, in turns."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from support import guest as G
+    work = Path(tempfile.mkdtemp(prefix="bench"))
+    ours_img = Path("/dev/shm") / f"bench-vhost-ours-{os.getpid()}.img"
+    qemu_img = Path("/dev/shm") / f"bench-vhost-qemu-{os.getpid()}.img"
+    proc = vm = None
+    try:
+        k = G.kernel()
+        accel = G.accelerator(k)
+        rd = G.initramfs(k, vhost_script(args.runs, args.scale), files={"usr/bin/guestio": guestio(work)},
+                         binaries=())
+        filled_image(ours_img, VHOST_SIZE)
+        filled_image(qemu_img, VHOST_SIZE)
+        sock = work / "vm.sock"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "scsi_target", "run", "--data-dir", str(work / "ours"),
+             "--lun", f"file:{ours_img},thick", "--no-iscsi", "--vhost", str(sock), "--log-level", "warning"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, cwd=ROOT)
+        said = []
+        for line in proc.stdout:
+            said.append(line)
+            if line.startswith("fetd_vhost: attached"):
+                break
+        else:
+            raise RuntimeError("scsi-target did not start:\n" + "".join(said[-20:]))
+        threading.Thread(target=proc.stdout.read, daemon=True).start()
+        memory = 256
+        vm = G.Guest(k, rd, accel=accel, memory_mb=memory, log_path=work / "console.log", args=[
+            *G.vhost_scsi_args(str(sock), memory),
+            "-drive", f"file={qemu_img},format=raw,if=none,id=d0",
+            "-device", "virtio-scsi-pci,id=vs0", "-device", "scsi-hd,drive=d0,bus=vs0.0"]).start()
+        print(f"guest: {k.version}, {accel.upper()}", flush=True)
+        vm.wait("EXIT", timeout=3600)
+        marks = dict(vm.marks())
+        if len((marks.get("DISKS") or "").split()) != 2:
+            raise RuntimeError("the guest did not see both disks:\n" + vm.console()[-3000:])
+    finally:
+        if vm is not None:
+            vm.stop()
+        if proc is not None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait()
+        ours_img.unlink(missing_ok=True)
+        qemu_img.unlink(missing_ok=True)
+        shutil.rmtree(work, ignore_errors=True)
+    results: dict = {"workloads": {}, "runs": args.runs, "mode": "vhost", "accel": accel,
+                     "guest_kernel": k.version, "disk_bytes": VHOST_SIZE}
+    for name, _, bs, _ in VHOST_WORKLOADS:
+        per: dict[str, list[float]] = {"scsi-target": [], "qemu": []}
+        for r in range(args.runs):
+            per["scsi-target"].append(float(marks[f"R{r}-{name}-ours"].split()[0]))
+            per["qemu"].append(float(marks[f"R{r}-{name}-qemu"].split()[0]))
+        row: dict = {t: {"iops": statistics.median(v), "mbps": statistics.median(v) * bs / 1e6, "samples": v}
+                     for t, v in per.items()}
+        row["ratio"] = statistics.median(a / b for a, b in zip(per["scsi-target"], per["qemu"]))
+        results["workloads"][name] = row
+        q = row["qemu"]
+        goal = VHOST_GOALS[name]
+        print(f"{name:18s} {row['scsi-target']['iops']:10.0f} IOPS {row['scsi-target']['mbps']:9.1f} MB/s"
+              f" | qemu {q['iops']:10.0f} IOPS {q['mbps']:9.1f} MB/s | ratio {row['ratio']:.2f}"
+              + (" (goal met)" if row["ratio"] >= goal else f" (goal {goal})"), flush=True)
+    return results
+
+
 def print_row(name: str, row: dict, ratio: bool, goals: dict[str, float] = GOALS) -> None:
     ours = row["scsi-target"]
     line = f"{name:18s} {ours['iops']:10.0f} IOPS {ours['mbps']:9.1f} MB/s"
@@ -479,7 +592,8 @@ def machine() -> dict:
 
 
 def default_out(args: argparse.Namespace, results: dict) -> Path:
-    kind = "-thin" if args.thin else "-loopback" if args.loopback else "-rbd" if args.rbd else ""
+    kind = ("-thin" if args.thin else "-loopback" if args.loopback else "-vhost" if args.vhost
+            else "-rbd" if args.rbd else "")
     return ROOT / "docs" / "perf" / f"{results['date']}-{results['commit']}{kind}.json"
 
 
@@ -490,7 +604,9 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5, help="rounds per workload (median is reported)")
     ap.add_argument("--scale", type=float, default=1.0, help="multiply I/O counts (0.01 = smoke run)")
     ap.add_argument("--out", help="JSON results (and a .png beside it); default "
-                                  "docs/perf/DATE-COMMIT[-thin|-loopback|-rbd].json in the tree measured")
+                                  "docs/perf/DATE-COMMIT[-thin|-loopback|-vhost|-rbd].json in the tree measured")
+    ap.add_argument("--vhost", action="store_true",
+                    help="a Linux guest: fetd_vhost against QEMU's own virtio-scsi (see above)")
     ap.add_argument("--thin", action="store_true",
                     help="the default thin LUN: a sparse file fragmented by scattered 4 KiB writes, "
                          "then 64 KiB reads (instead of the thick workloads)")
@@ -502,9 +618,12 @@ def main() -> None:
     ap.add_argument("--ceph-conf", help="--rbd: this cluster's ceph.conf instead of a throwaway cluster")
     ap.add_argument("--ceph-keyring", help="--rbd: the keyring for --ceph-conf, if it does not name one")
     args = ap.parse_args()
-    if not shutil.which("qemu-img") and not args.loopback:
+    if not shutil.which("qemu-img") and not args.loopback and not args.vhost:
         sys.exit("bench: qemu-img not found (apt-get install qemu-utils qemu-block-extra)")
-    results = run_loopback(args) if args.loopback else run_iscsi(args)
+    if args.vhost:
+        results = run_vhost(args)
+    else:
+        results = run_loopback(args) if args.loopback else run_iscsi(args)
     results["commit"], results["date"] = commit(), time.strftime("%Y-%m-%d")
     results["machine"] = machine()
     out = Path(args.out) if args.out else default_out(args, results)

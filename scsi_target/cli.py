@@ -23,6 +23,7 @@ from typing import Any, Callable
 import click
 
 from fetd_tcp.cli import main as fetd_tcp_main
+from fetd_vhost.cli import main as fetd_vhost_main, vhost_children, vhost_option
 from scsi_runtime.logs import setup_logging
 from scsi_target.supervise import Supervisor, sd_notify
 from stml.cli import apply_stml_options, config_exit, config_options, load_or_exit, main as stml_main, stml_options
@@ -90,6 +91,7 @@ def main(ctx: click.Context, config_path: str | None, data_dir: str | None, stml
 
 main.add_command(stml_main, "stml")
 main.add_command(fetd_tcp_main, "fetd-tcp")
+main.add_command(fetd_vhost_main, "fetd-vhost")
 from scsi_target.keys import keys as _keys  # noqa: E402  (verbs defined in their own modules)
 from scsi_target.mgmt import register as _register_mgmt  # noqa: E402
 main.add_command(_keys, "keys")
@@ -279,8 +281,10 @@ class Plan:
 @click.option("--cpu-affinity", type=click.Choice(["split", "none"]), default="split", show_default=True,
               help="split: the STML and the front end each on their own share of the CPUs this "
                    "command may use (taskset narrows them); none: wherever the scheduler puts them.")
+@vhost_option
 def run(log_level: str, log_format: str, portals: tuple[str, ...], no_iscsi: bool, cpu_affinity: str,
-        listen: tuple[str, ...], insecure: bool, metrics: str | None, poll_us: int | None, **kw: Any) -> None:
+        listen: tuple[str, ...], insecure: bool, metrics: str | None, poll_us: int | None,
+        vhost: tuple[str, ...], **kw: Any) -> None:
     """Run the target: the STML and the iSCSI front end (Ctrl-C stops all).
 
     Without --config it serves DATA_DIR/scsi-target.toml, written on first
@@ -329,6 +333,7 @@ def run(log_level: str, log_format: str, portals: tuple[str, ...], no_iscsi: boo
         if config.isns:
             tcp += ["--isns", config.isns]
         children["fetd_tcp"] = tcp
+    children.update(vhost_children(config, vhost, log_level))
     plan = Plan(config, cpus, poll_us, not no_iscsi)
     status = Supervisor(children, cpus, log_format, plan.line, lambda: plan.printed).run()
     if plan.printed or status != 2:   # a child that could not start said why, in its one line

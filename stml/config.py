@@ -17,6 +17,8 @@ from stml.lu import LunOptions
 DEFAULT_IQN = "iqn.2026-11.org.scsi-target:disk0"
 DEFAULT_SIZE = 1 << 30
 DEFAULT_PORTAL = "127.0.0.1:3260"
+DEFAULT_CMDSN_DEPTH = 128   # commands a session may have outstanding (LIO: 64), the STML's queue depth
+MAX_CMDSN_DEPTH = 512       # as LIO's default_cmdsn_depth allows
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "kb": 1000, "m": 1 << 20, "mib": 1 << 20,
           "mb": 10**6, "g": 1 << 30, "gib": 1 << 30, "gb": 10**9, "t": 1 << 40, "tib": 1 << 40,
@@ -62,10 +64,16 @@ class TargetConfig:
     # TARGET WARM/COLD RESET from its initiators: off by default, since one
     # initiator's reset aborts every initiator's commands (docs/decisions/0140)
     target_reset: bool = False
+    # iSCSI: the highest ErrorRecoveryLevel its sessions may negotiate (0: session
+    # recovery only, the default; docs/decisions/0500) and its CmdSN window
+    error_recovery_level: int = 0
+    cmdsn_depth: int = DEFAULT_CMDSN_DEPTH
 
     def access(self) -> dict[str, Any]:
-        """Transport-facing access rules, as the contract's `detect` carries them."""
-        return {"acl": self.acl, "chap": self.chap, "mutual": self.mutual_chap}
+        """Transport-facing access rules, as the contract's `detect` carries them
+        (with the iSCSI session settings a front end applies at login)."""
+        return {"acl": self.acl, "chap": self.chap, "mutual": self.mutual_chap,
+                "erl": self.error_recovery_level, "cmdsn_depth": self.cmdsn_depth}
 
 
 @dataclass
@@ -78,8 +86,14 @@ class Config:
     path: Path | None = None
     stml: StmlSettings = field(default_factory=lambda: StmlSettings())
     isns: str | None = None          # "HOST:PORT" of an iSNS server the front ends register with
+    slp: list[str] | None = None     # SLP scopes the iSCSI front end answers in; None: no SLP
+    slp_da: list[str] = field(default_factory=list)   # directory agents ("HOST[:PORT]") to register with
     raw: dict[str, Any] = field(default_factory=dict)   # the file as loaded (management edits it)
     digest: str | None = None        # sha256 of the file as loaded: hand edits since are detected
+
+    def discovery(self) -> dict[str, Any]:
+        """Discovery settings for the front ends, as `detect` carries them."""
+        return {"chap": self.discovery_chap, "slp": self.slp, "slp_da": self.slp_da}
 
 
 MAX_POLL_US = 10_000
@@ -268,13 +282,16 @@ def load(config_path: str | None = None, data_dir: str | None = None, iqn: str |
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(str(path), f"not valid TOML: {e}") from None
         _warn_if_secrets_readable(path, raw)
-    known = {"data_dir", "stml_endpoint", "portals", "target", "discovery_chap", "stml", "isns"}
+    known = {"data_dir", "stml_endpoint", "portals", "target", "discovery_chap", "stml", "isns",
+             "slp", "slp_da",
+             "vhost"}   # [[vhost]]: VM sockets `run` serves (fetd_vhost.cli checks them)
     for key in raw:
         if key not in known:
             raise ConfigError(key, f"unknown setting (known: {', '.join(sorted(known))})")
     ddir = Path(data_dir or raw.get("data_dir") or default_data_dir()).expanduser().absolute()
     targets: list[TargetConfig] = []
-    target_keys = {"name", "alias", "acl", "chap", "mutual_chap", "lun", "target_reset"}
+    target_keys = {"name", "alias", "acl", "chap", "mutual_chap", "lun", "target_reset",
+                   "error_recovery_level", "cmdsn_depth"}
     for i, t in enumerate(raw.get("target", [])):
         where = f"target[{i}]"
         for key in t:
@@ -295,7 +312,11 @@ def load(config_path: str | None = None, data_dir: str | None = None, iqn: str |
                                     [_check_iqn(a, f"{where}.acl") for a in acl],
                                     _chap(t.get("chap"), f"{where}.chap"),
                                     _chap(t.get("mutual_chap"), f"{where}.mutual_chap"),
-                                    _bool(t.get("target_reset", False), f"{where}.target_reset")))
+                                    _bool(t.get("target_reset", False), f"{where}.target_reset"),
+                                    _int_in(t.get("error_recovery_level", 0), 0, 2,
+                                            f"{where}.error_recovery_level"),
+                                    _int_in(t.get("cmdsn_depth", DEFAULT_CMDSN_DEPTH), 1,
+                                            MAX_CMDSN_DEPTH, f"{where}.cmdsn_depth")))
     # no `target` at all: the built-in default; `target = []` (every target removed) is a choice
     if iqn or luns or (not targets and "target" not in raw):
         name = _check_iqn(iqn or (targets[0].name if targets else DEFAULT_IQN), "--iqn")
@@ -343,9 +364,34 @@ def load(config_path: str | None = None, data_dir: str | None = None, iqn: str |
     isns = raw.get("isns")
     if isns is not None and (not isinstance(isns, str) or not re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[^:\[\]]+)(:\d+)?", isns)):
         raise ConfigError("isns", f"{isns!r} is not \"HOST:PORT\"")
+    slp_da = raw.get("slp_da", [])
+    if not isinstance(slp_da, list) or not all(
+            isinstance(d, str) and re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[^:\[\]]+)(:\d+)?", d) for d in slp_da):
+        raise ConfigError("slp_da", "must be a list of \"HOST[:PORT]\" directory agents")
     return Config(ddir, targets, ep, plist, _chap(raw.get("discovery_chap"), "discovery_chap"), path,
-                  stml_settings(raw.get("stml", {}), path), isns, raw,
+                  stml_settings(raw.get("stml", {}), path), isns, _slp(raw.get("slp")), slp_da, raw,
                   file_digest(path) if path else None)
+
+
+_SLP_SCOPE = re.compile(r"[^(),\\!<=>~;*+\x00-\x1f]{1,255}")   # RFC 2608 2.1: no reserved characters
+
+
+def _slp(raw: Any) -> list[str] | None:
+    """`slp = true` (scope DEFAULT), `false`, or a list of scopes."""
+    if raw is None or raw is False:
+        return None
+    if raw is True:
+        return ["DEFAULT"]
+    if not isinstance(raw, list) or not raw or not all(isinstance(x, str) and _SLP_SCOPE.fullmatch(x)
+                                                       for x in raw):
+        raise ConfigError("slp", f"{raw!r} is not true, false or a list of SLP scope names")
+    return list(raw)
+
+
+def _int_in(value: Any, lo: int, hi: int, where: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise ConfigError(where, f"{value!r} is not a whole number from {lo} to {hi}")
+    return value
 
 
 def file_digest(path: Path) -> str | None:

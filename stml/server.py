@@ -147,7 +147,7 @@ class StmlServer:
         self.executor = ThreadPoolExecutor(max_workers=WORKER_THREADS + 1, thread_name_prefix="backend")
         self.emulator = Emulator([], self._send, self.executor, heartbeat_ms=heartbeat_ms,
                                  threads=WORKER_THREADS,
-                                 discovery={"chap": config.discovery_chap},
+                                 discovery=config.discovery(),
                                  data_dir=config.data_dir, portal_groups=portal_groups(config))
         self.emulator.portals = portal_entries(config.portals)
         # counters exist for real LUs and live sessions only: made on a session's

@@ -18,9 +18,10 @@ class Target:
 
     def __init__(self, *args: str, data_dir: str | None = None, portals: tuple[str, ...] = ("127.0.0.1:0",),
                  config: str | None = None, expect_portals: int | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, wrap: tuple[str, ...] = ()) -> None:
         self.data_dir = data_dir or tempfile.mkdtemp(prefix="st", dir="/tmp")
-        cmd = [sys.executable, "-m", "scsi_target", "run", "--data-dir", self.data_dir, *args]
+        # `wrap`: a command that runs it, e.g. ("ip", "netns", "exec", NS): it execs, so the PID stays
+        cmd = [*wrap, sys.executable, "-m", "scsi_target", "run", "--data-dir", self.data_dir, *args]
         if config:
             cmd += ["--config", config]
         for p in portals:

@@ -74,7 +74,7 @@ def test_good_config(tmp_path):
     assert a.alias == "first"
     assert a.acl == ["iqn.2026-01.org.example:init1"]
     assert a.chap == {"user": "u", "secret": "twelve-chars"}
-    assert a.access() == {"acl": a.acl, "chap": a.chap, "mutual": None}
+    assert a.access() == {"acl": a.acl, "chap": a.chap, "mutual": None, "erl": 0, "cmdsn_depth": 128}
     assert [lc.lun for lc in a.luns] == [0, 5]
     ram, f = a.luns[0].options, a.luns[1].options
     assert (ram.kind, ram.size, ram.block_size, ram.ro) == ("ram", 64 << 20, 512, False)

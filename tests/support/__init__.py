@@ -1,1 +1,4 @@
-"""Helpers tests share that start real outside services (a throwaway Ceph)."""
+"""Reusable test machinery: a vhost-user master in Python (vhost_master), a
+real STML in-process with a gate opcode (gated_stml), the guest builder and
+QEMU runner for guest tests (guest), a throwaway Ceph (ceph) and gateway
+hosts in network namespaces (gateways)."""
