@@ -237,10 +237,12 @@ def test_failover_loses_nothing_and_the_old_gateway_writes_nothing(pair):
         log[i * 8] = data
     # everything of A dies, with a write on its way (it may or may not land: not in the log)
     w.send_write(64 * 8, os.urandom(4096))
+    mark = len(b.log())
     a.kill()
-    # the writer goes on through B once B has taken over
+    # the writer goes on through B once B has taken over and B's front end uses it
+    active = b.wait_for(r"stml: gateway active", timeout=90, since=mark).end()
+    b.wait_for(r"front end \S+ \(iscsi\) registered", timeout=60, since=active)
     w.login(b, timeout=90)
-    b.wait_for(r"stml: gateway active")
     assert w.keys() == [0xABCD] and w.reservation() == (0xABCD, WE)
     for i in range(65, 129):
         data = os.urandom(4096)
@@ -251,8 +253,10 @@ def test_failover_loses_nothing_and_the_old_gateway_writes_nothing(pair):
     other.login(b)
     assert other.write(0, bytes(4096)) == RESERVATION_CONFLICT
     # A restarted is a standby: its portal leads to B, which holds the lock
+    mark = len(b.log())
     a.start().ready()
     a.wait_for(r"STML at ipc://\S+ is a standby")
+    b.wait_for(r"front end \S+ \(iscsi\) registered", since=mark)   # A's front end, at B
     other.login(a)
     assert other.write(8, bytes(4096)) == RESERVATION_CONFLICT
     assert other.read(8, 8) == log[8]
@@ -277,10 +281,12 @@ def test_a_cut_off_gateway_cannot_land_its_write_after_the_takeover(net, pair):
     w = Initiator("slow-path")
     w.login(a)
     assert w.write(1600, old) == 0
+    mark = len(b.log())
     net.throttle(a.ns, "8kbit")           # 16 KiB take 16 s to leave
     try:
         w.send_write(1600, stale)
-        b.wait_for(r"stml: gateway active", timeout=90)
+        active = b.wait_for(r"stml: gateway active", timeout=90, since=mark).end()
+        b.wait_for(r"front end \S+ \(iscsi\) registered", timeout=60, since=active)
         other = Initiator("fast-path")
         other.login(b)
         assert other.write(1600, new) == 0

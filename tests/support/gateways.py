@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -154,10 +155,11 @@ ceph_keyring = "{keyring}"
     def log(self) -> str:
         return "".join(self.lines)
 
-    def wait_for(self, pattern: str, timeout: float = 30) -> re.Match:
+    def wait_for(self, pattern: str, timeout: float = 30, since: int = 0) -> re.Match:
+        """The first match of `pattern` in the output from offset `since` on."""
         deadline = time.monotonic() + timeout
         while True:
-            m = re.search(pattern, self.log())
+            m = re.compile(pattern).search(self.log(), since)
             if m:
                 return m
             if self.proc is None or self.proc.poll() is not None or time.monotonic() > deadline:
@@ -170,28 +172,39 @@ ceph_keyring = "{keyring}"
         self.wait_for(r"fetd_tcp: attached to STML", timeout)
         return self
 
-    def signal(self, sig: int) -> None:
-        """To every process of this gateway (its own process group)."""
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, sig)
+    def processes(self) -> list[int]:
+        """Every process of this gateway: its session (`run` gives each child a
+        process group of its own, in the session it leads)."""
+        if self.proc is None:
+            return []
+        found = []
+        for entry in os.listdir("/proc"):
+            try:
+                if entry.isdigit() and os.getsid(int(entry)) == self.proc.pid:
+                    found.append(int(entry))
+            except OSError:
+                continue   # gone meanwhile
+        return found
 
     def kill(self) -> None:
-        """SIGKILL everything of this gateway at once."""
-        if self.proc is None:
-            return
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait(10)
+        """SIGKILL everything of this gateway at once: nothing of it says goodbye."""
+        for pid in self.processes():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if self.proc is not None:
+            self.proc.wait(10)
 
     def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                pass
-        self.kill()
+        """SIGTERM `run` (it stops its children), SIGKILL what is left; the
+        gateway's directory goes."""
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)
+                try:
+                    self.proc.wait(15)
+                except subprocess.TimeoutExpired:
+                    pass
+            self.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
