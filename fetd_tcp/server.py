@@ -47,7 +47,7 @@ class PortalSpec:
 class IscsiFrontEnd:
     """The front end: STML calls arrive here and are routed to connections."""
 
-    def __init__(self, stml_endpoint: str, portals: list[PortalSpec], keys: TargetKeys | None = None,
+    def __init__(self, stml_endpoint: str | list[str], portals: list[PortalSpec], keys: TargetKeys | None = None,
                  curve: dict[str, bytes] | None = None, isns: str | None = None) -> None:
         self.portals = portals          # listening now
         self.follow_stml = not portals  # no portals of our own: listen on the STML's list (detect)
@@ -938,7 +938,7 @@ def _creds(raw: dict[str, str] | None) -> Credentials | None:
     return Credentials(raw["user"], Secret(raw["secret"])) if raw else None
 
 
-async def run_fetd_tcp(stml_endpoint: str, portals: list[PortalSpec],
+async def run_fetd_tcp(stml_endpoint: str | list[str], portals: list[PortalSpec],
                        curve: dict[str, bytes] | None = None, isns: str | None = None) -> None:
     fe = IscsiFrontEnd(stml_endpoint, portals, curve=curve, isns=isns)
     stop = asyncio.Event()

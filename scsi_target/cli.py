@@ -254,7 +254,7 @@ class Plan:
             for lc in t.luns:
                 o = lc.options
                 size = lun_size(o)
-                what = "RAM" if o.kind == "ram" else f"file {o.path}"
+                what = "RAM" if o.kind == "ram" else f"{o.kind} {o.path}"
                 out.append(f"    LUN {lc.lun}: {human(size) if size else '?'} {what}"
                            f"{' (read-only)' if o.ro else ''}")
                 if portal:
@@ -307,7 +307,10 @@ def run(log_level: str, log_format: str, portals: tuple[str, ...], no_iscsi: boo
     kw["config_path"] = str(config.path)     # the children serve the very file resolved here
     apply_stml_options(config, listen, insecure, metrics, poll_us)
     names = ["stml"] if no_iscsi else ["stml", "fetd_tcp"]
-    cpus = cpu_split(names, os.sched_getaffinity(0)) if cpu_affinity == "split" else {}
+    # librbd's threads run in the STML: pinned to its share they would queue
+    # behind its event loop (and its polling), so RBD LUNs leave the CPUs whole
+    rbd = any(lc.options.kind == "rbd" for t in config.targets for lc in t.luns)
+    cpus = cpu_split(names, os.sched_getaffinity(0)) if cpu_affinity == "split" and not rbd else {}
     if config.stml.poll_us is None and cpus:
         config.stml.poll_us = POLL_US   # the STML has CPUs of its own: polling them costs the front end nothing
     poll_us = config.stml.poll_us
@@ -326,6 +329,7 @@ def run(log_level: str, log_format: str, portals: tuple[str, ...], no_iscsi: boo
     children = {"stml": [sys.executable, "-m", "stml", *base]}
     if not no_iscsi:
         tcp = [sys.executable, "-m", "fetd_tcp", "--stml", config.stml_endpoint, *logs]
+        tcp += _gateway_args(config)
         if config.isns:
             tcp += ["--isns", config.isns]
         children["fetd_tcp"] = tcp
@@ -336,6 +340,20 @@ def run(log_level: str, log_format: str, portals: tuple[str, ...], no_iscsi: boo
         logging.getLogger("scsi-target").info("stopped" if status == 0 else f"stopped (exit {status})")
     os.close(lock)
     sys.exit(status)
+
+
+def _gateway_args(config: Any) -> list[str]:
+    """A gateway's front end (stml.gateway) also lists the other gateways'
+    STMLs, and listens on this host's portals whichever STML serves."""
+    s = config.stml
+    if not s.peers:
+        return []
+    args = [a for peer in s.peers for a in ("--stml", peer)]
+    args += [a for p in config.portals for a in ("--portal", p)]
+    if s.front_end_key and s.curve_secret_key_file:
+        public = s.curve_secret_key_file.removesuffix("_secret")
+        args += ["--key", s.front_end_key, "--stml-key", public]
+    return args
 
 
 # ------------------------------------------------------------------ finding the STML

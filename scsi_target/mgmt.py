@@ -424,6 +424,10 @@ def render_status(snap: dict[str, Any], wide: bool) -> str:
             if sessions:
                 out.append(table(sessions, [c for c in ses_cols if c != "target"], "Sessions", width, heads))
     out.append(table(snap["front_ends"], fe_cols, "\nFront ends", width, heads))
+    gw = snap.get("gateway")
+    if gw and gw["role"] != "standalone":   # RBD LUNs: this STML's role and who holds each lock
+        out.append(f"\nGateway: {gw['role']} for {gw['for_s']}s, {gw['takeovers']} takeover(s)")
+        out.append(table(gw["images"], ["target", "lun", "image", "lock_owner", "mine"], None, width))
     return "\n".join(out)
 
 

@@ -135,7 +135,7 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, Sequence
 
 import msgpack
 import zmq
@@ -357,14 +357,20 @@ class FrontEndLink:
     Calls toward the STML are plain methods that queue a message; STML calls
     arrive on `handler`. Nexuses registered through the link are registered
     again after a reconnect, so sessions survive an STML restart.
+
+    Given several endpoints (the STMLs of gateways sharing storage, one of
+    them serving), the link moves on to the next when one answers that it is
+    a standby, or stays silent: it ends up with the one that serves.
     """
 
-    def __init__(self, endpoint: str, kind: str, handler: FrontEndHandler, *,
+    def __init__(self, endpoint: str | Sequence[str], kind: str, handler: FrontEndHandler, *,
                  name: str | None = None, heartbeat_ms: int = 1000, aen: bool = True,
                  version: tuple[int, int] = CONTRACT_VERSION,
                  context: zmq.Context | None = None,
                  curve: dict[str, bytes] | None = None) -> None:
-        self.endpoint = endpoint
+        self.endpoints = [endpoint] if isinstance(endpoint, str) else list(endpoint)
+        self.endpoint = self.endpoints[0]
+        self._trying_since = time.monotonic()   # when the link began asking self.endpoint
         self.kind = kind
         self.name = name or f"{kind}-{os.uname().nodename}-{os.getpid()}"
         self.handler = handler
@@ -382,6 +388,7 @@ class FrontEndLink:
         self._last_usage = 0.0
         self._ended: asyncio.Future | None = None
         self._timer: asyncio.Task | None = None
+        self._monitor: tuple[zmq.Socket, int] | None = None   # the CURVE handshake watch
         self._dispatch: dict[str, Callable[[dict[str, Any], list], None]] = {
             Op.DETECT: self._on_detect,
             Op.NEXUS_READY: lambda h, f: handler.nexus_ready(h["nexus"], h.get("error")),
@@ -509,6 +516,7 @@ class FrontEndLink:
         mon = sock.get_monitor_socket(failed)
         loop = asyncio.get_running_loop()
         fd = mon.fileno()
+        self._monitor = (mon, fd)
 
         def on_event() -> None:
             from zmq.utils.monitor import recv_monitor_message
@@ -591,6 +599,9 @@ class FrontEndLink:
                 log.warning("STML at %s silent for %.1fs: link lost, re-registering",
                             self.endpoint, now - self._last_rx)
                 self._lost()
+                self._next_endpoint()
+            elif not self.connected.is_set() and now - self._trying_since > 3 * self.heartbeat:
+                self._next_endpoint()   # no answer from this one: another may serve
             usage = getattr(self.handler, "usage", None)
             if not self.connected.is_set():
                 self._register()
@@ -604,7 +615,31 @@ class FrontEndLink:
         self.connected.clear()
         self.handler.link_lost()
 
+    def _next_endpoint(self) -> None:
+        """Ask the next STML of the list (nothing changes with one)."""
+        self._trying_since = time.monotonic()
+        if len(self.endpoints) < 2:
+            return
+        if self._monitor is not None:
+            mon, fd = self._monitor
+            asyncio.get_running_loop().remove_reader(fd)
+            mon.close(linger=0)
+            self._monitor = None
+        if self._channel is not None:
+            self._channel.close(linger_ms=0)
+            self._channel = None
+        self.endpoint = self.endpoints[(self.endpoints.index(self.endpoint) + 1) % len(self.endpoints)]
+        self._open()
+
     def _on_detect(self, header: dict[str, Any], frames: list) -> None:
+        if header.get("standby"):
+            # a gateway that does not serve now: ask the next one, or this one
+            # again at the next heartbeat (it may take over meanwhile)
+            log.info("STML at %s is a standby (%s)", self.endpoint, header.get("error"))
+            if self.connected.is_set():
+                self._lost()
+            self._next_endpoint()
+            return
         if header.get("error"):
             raise RegistrationRefused(header["error"])
         was_connected = self.connected.is_set()

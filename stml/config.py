@@ -113,6 +113,11 @@ class StmlSettings:
     heartbeat_ms: int = 1000
     metrics: str | None = None       # "HOST:PORT": serve Prometheus metrics there
     poll_us: int | None = None       # busy-poll window; None: 0 alone, `run` picks it when it split the CPUs
+    # gateways sharing RBD images (stml.gateway): the other gateways' STML
+    # endpoints, which this host's front end also lists, and the key pair it
+    # proves itself with to them (their STMLs share this one's key pair)
+    peers: list[str] = field(default_factory=list)
+    front_end_key: str | None = None
 
     def endpoints(self, main: str) -> list[str]:
         return [main] + [e for e in self.listen if e != main]
@@ -136,13 +141,13 @@ def _bool(value: Any, where: str) -> bool:
 def lun_options(raw: dict[str, Any], where: str, data_dir: Path) -> LunOptions:
     """Validate one LUN's settings (from TOML or a parsed spec)."""
     known = {"lun", "backend", "path", "size", "ro", "removable", "block_size", "write_cache", "thin",
-             "physical_block_exp", "id"}
+             "physical_block_exp", "id", *_CEPH_KEYS}
     for key in raw:
         if key not in known:
             raise ConfigError(f"{where}.{key}", f"unknown setting (known: {', '.join(sorted(known))})")
     kind = raw.get("backend")
-    if kind not in ("file", "ram"):
-        raise ConfigError(f"{where}.backend", f"{kind!r} is not a backend (file, ram)")
+    if kind not in ("file", "ram", "rbd"):
+        raise ConfigError(f"{where}.backend", f"{kind!r} is not a backend (file, ram, rbd)")
     size = parse_size(raw["size"], f"{where}.size") if "size" in raw else None
     path = raw.get("path")
     if kind == "ram" and size is None:
@@ -153,6 +158,9 @@ def lun_options(raw: dict[str, Any], where: str, data_dir: Path) -> LunOptions:
         path = str(data_dir / path) if not os.path.isabs(path) else path
         if size is None and not os.path.exists(path):
             raise ConfigError(f"{where}.path", f"{path} does not exist; give a size to create it")
+    ceph = _ceph_options(raw, kind, where)
+    if kind == "rbd" and (not isinstance(path, str) or not re.fullmatch(r"[^/\s]+(/[^/\s]+){1,2}", path)):
+        raise ConfigError(f"{where}.path", f"{path!r} is not POOL/IMAGE or POOL/NAMESPACE/IMAGE")
     bs = raw.get("block_size", 512)
     if bs not in (512, 4096):
         raise ConfigError(f"{where}.block_size", f"{bs!r} is not 512 or 4096")
@@ -170,11 +178,26 @@ def lun_options(raw: dict[str, Any], where: str, data_dir: Path) -> LunOptions:
                       block_size=bs,
                       write_cache=_bool(raw.get("write_cache", False), f"{where}.write_cache"),
                       thin=_bool(raw.get("thin", True), f"{where}.thin"),
-                      physical_block_exp=pbe or None, id=ident.lower() if ident else None)
+                      physical_block_exp=pbe or None, id=ident.lower() if ident else None, **ceph)
+
+
+# an rbd LUN's connection settings (LunOptions fields of the same names)
+_CEPH_KEYS = ("ceph_conf", "ceph_user", "ceph_keyring")
+
+
+def _ceph_options(raw: dict[str, Any], kind: str, where: str) -> dict[str, str]:
+    given = {k: raw[k] for k in _CEPH_KEYS if k in raw}
+    if kind != "rbd" and given:
+        raise ConfigError(f"{where}.{next(iter(given))}", "only an rbd LUN connects to Ceph")
+    for key, value in given.items():
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{where}.{key}", f"{value!r} is not a name or a path")
+    return given
 
 
 def parse_lun_spec(spec: str, where: str = "--lun") -> dict[str, Any]:
-    """`ram:256MiB`, `file:PATH`, `file:PATH,size=1GiB,ro,removable,block_size=4096`."""
+    """`ram:256MiB`, `file:PATH`, `file:PATH,size=1GiB,ro,removable,block_size=4096`,
+    `rbd:POOL/IMAGE[,conf=PATH,id=USER,keyring=PATH]`."""
     kind, sep, rest = spec.partition(":")
     if not sep or not rest:
         raise ConfigError(where, f"{spec!r} is not KIND:ARG[,OPTION...] (e.g. ram:64MiB, file:disk.img,size=1GiB)")
@@ -182,10 +205,10 @@ def parse_lun_spec(spec: str, where: str = "--lun") -> dict[str, Any]:
     raw: dict[str, Any] = {"backend": kind}
     if kind == "ram":
         raw["size"] = first
-    elif kind == "file":
+    elif kind in ("file", "rbd"):
         raw["path"] = first
     else:
-        raise ConfigError(where, f"{kind!r} is not a backend (file, ram)")
+        raise ConfigError(where, f"{kind!r} is not a backend (file, ram, rbd)")
     flags = {"ro", "removable", "write_cache", "thin", "thick"}
     for opt in opts:
         key, eq, value = opt.partition("=")
@@ -196,6 +219,8 @@ def parse_lun_spec(spec: str, where: str = "--lun") -> dict[str, Any]:
             raw["thin" if key == "thick" else key] = key != "thick"
         elif key == "size":
             raw["size"] = value
+        elif kind == "rbd" and key in ("conf", "id", "keyring"):
+            raw[{"conf": "ceph_conf", "id": "ceph_user", "keyring": "ceph_keyring"}[key]] = value
         elif key in ("block_size", "physical_block_exp"):
             if not value.isdigit():
                 raise ConfigError(where, f"{key} {value!r} is not a number")
@@ -313,6 +338,10 @@ def load(config_path: str | None = None, data_dir: str | None = None, iqn: str |
         numbers = [lc.lun for lc in t.luns]
         if len(set(numbers)) != len(numbers):
             raise ConfigError(f"target {t.name}", "a LUN number is used twice")
+    images = [lc.options.path for t in targets for lc in t.luns if lc.options.kind == "rbd"]
+    for image in images:
+        if images.count(image) > 1:   # two handles in one STML would contend for its lock
+            raise ConfigError("target", f"rbd image {image} backs two LUNs")
     owners: dict[str, str] = {}
     for t in targets:
         for lc in t.luns:
@@ -409,7 +438,7 @@ def stml_settings(raw: Any, config_path: Path | None) -> StmlSettings:
     if not isinstance(raw, dict):
         raise ConfigError("stml", "must be a table")
     known = {"listen", "curve_secret_key_file", "allowed_front_ends", "insecure", "heartbeat_ms", "metrics",
-             "poll_us"}
+             "poll_us", "peers", "front_end_key"}
     for key in raw:
         if key not in known:
             raise ConfigError(f"stml.{key}", f"unknown setting (known: {', '.join(sorted(known))})")
@@ -436,8 +465,16 @@ def stml_settings(raw: Any, config_path: Path | None) -> StmlSettings:
     if poll_us is not None and (not isinstance(poll_us, int) or isinstance(poll_us, bool)
                                 or not 0 <= poll_us <= MAX_POLL_US):
         raise ConfigError("stml.poll_us", f"{poll_us!r} is not a number of microseconds (0-{MAX_POLL_US})")
+    peers = raw.get("peers", [])
+    if not isinstance(peers, list) or not all(isinstance(e, str) and re.match(r"^tcp://.+", e) for e in peers):
+        raise ConfigError("stml.peers", "must be a list of the other gateways' tcp://HOST:PORT STML endpoints")
+    fe_key = raw.get("front_end_key")
+    if fe_key is not None:
+        if not isinstance(fe_key, str):
+            raise ConfigError("stml.front_end_key", "must be a key file")
+        fe_key = _key_path(fe_key, config_path)
     return StmlSettings(listen, secret, allowed, _bool(raw.get("insecure", False), "stml.insecure"),
-                        hb, metrics, poll_us)
+                        hb, metrics, poll_us, peers, fe_key)
 
 
 class StartupError(ConfigError):
@@ -470,9 +507,9 @@ def load_or_create(config_path: str | None = None, data_dir: str | None = None, 
     config = load(None, data_dir, iqn, luns, endpoint, portals)
     config.path = path
     check_lun_paths(config)     # a first start that cannot serve writes no file
-    for t in config.targets:
-        for lc in t.luns:
-            if not lc.options.id:
+    for t in config.targets:        # LUNs first served now: an identity of their own
+        for lc in t.luns:           # (an RBD LU's is its image's: the same on every gateway)
+            if not lc.options.id and lc.options.kind != "rbd":
                 lc.options.id = first_identity(config.data_dir, t.name, lc)
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -512,7 +549,7 @@ def describe_lun(o: LunOptions | None) -> str:
     if o is None:
         return "none"
     from stml.persist import size_text
-    what = f"{o.kind} {size_text(o.size) if o.size else ''}".rstrip() if o.kind == "ram" else f"file {o.path}"
+    what = f"{o.kind} {size_text(o.size) if o.size else ''}".rstrip() if o.kind == "ram" else f"{o.kind} {o.path}"
     return what + (" (read-only)" if o.ro else "")
 
 

@@ -118,14 +118,18 @@ class Task:
         return await self.io_on(lu, fn, *args)
 
     async def io_on(self, lu: LogicalUnit, fn: Callable, *args: Any) -> Any:
-        """Run a backend call of `lu`: in place when it cannot block, else in a
-        worker thread when the LU's turn comes (stml.workers). An abort drops
-        a call that has not started and waits for a started one rather than
-        abandoning it, so no write lands after the abort is reported."""
-        if lu.backend.inline:
+        """Run a backend call of `lu`: in place when it cannot block, started at
+        once when the backend has an aio twin of it (same name: it stays in
+        flight without holding a thread), else in a worker thread when the
+        LU's turn comes (stml.workers). An abort drops a call that has not
+        started and waits for a started one rather than abandoning it, so no
+        write lands after the abort is reported."""
+        backend = lu.backend
+        if backend.inline:
             return fn(*args)
         workers = self.emulator.workers
-        fut = workers.run(id(lu), fn, *args)
+        twin = getattr(backend.aio, fn.__name__, None) if backend.aio is not None else None
+        fut = twin(*args) if twin is not None else workers.run(id(lu), fn, *args)
         try:
             return await asyncio.shield(fut)
         except asyncio.CancelledError:
@@ -226,6 +230,9 @@ class Emulator:
         self.targets = {t.name: t for t in targets}
         self.data_dir = Path(data_dir) if data_dir is not None else None
         self.configured_tpgs = set(portal_groups)   # portal group tags the config names
+        # the port groups of this host's own portals when it is a gateway
+        # (stml.alua: optimized; the others' front ends reach it over the network)
+        self.local_tpgs: set[int] | None = None
         self.portals: list[dict[str, Any]] = []      # {host, port, tpgt}: sent in detect
         self._seen_tpgs: dict[str, set[int]] = {}    # target -> tags nexuses came through
         self.send = send
@@ -255,6 +262,9 @@ class Emulator:
         # and when a front end does: stml.server frees their metrics then
         self.on_nexus_gone: Callable[[Nexus, list[int]], None] = lambda nexus, tags: None
         self.on_front_end_gone: Callable[[bytes], None] = lambda ident: None
+        # why front ends are refused while this STML is a standby gateway
+        # (stml.gateway): they then ask another STML; None: serving
+        self.standby: str | None = None
         self.register_target_template(DiskTemplate())
         self._ops: dict[str, Callable[[FrontEnd, dict[str, Any], list], None]] = {
             Op.DEREGISTER: self._deregister,
@@ -273,6 +283,8 @@ class Emulator:
         from stml.config import ConfigError
         for t in self.targets.values():
             for lu in t.luns.values():
+                if getattr(lu.backend, "pr_store", None) is not None:
+                    continue   # shared storage: stml.gateway restores it when it takes over
                 st = pr.state(lu)
                 if self.data_dir is None:
                     continue
@@ -337,6 +349,10 @@ class Emulator:
         if reason:
             log.warning("front end %r refused: %s", h.get("name"), reason)
             self.send(ident, {"op": Op.DETECT, "version": list(CONTRACT_VERSION), "error": reason}, [])
+            return
+        if self.standby is not None:
+            self.send(ident, {"op": Op.DETECT, "version": list(CONTRACT_VERSION), "error": self.standby,
+                              "standby": True}, [])
             return
         known = self.front_ends.get(ident)
         if known is not None:  # a repeated registration (e.g. queued retries): same state

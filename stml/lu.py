@@ -27,9 +27,9 @@ IEEE_COMPANY_ID = 0x5CA510  # vendor-specific identifiers are derived under this
 @dataclass
 class LunOptions:
     """What a LUN spec/config says about one logical unit."""
-    kind: str                    # backend kind: "file" or "ram"
+    kind: str                    # backend kind: "file", "ram" or "rbd"
     size: int | None = None      # bytes; for file: create size, None = the file's size
-    path: str | None = None
+    path: str | None = None      # file: its path; rbd: POOL/IMAGE
     ro: bool = False
     removable: bool = False
     block_size: int = 512
@@ -37,6 +37,15 @@ class LunOptions:
     thin: bool = True
     physical_block_exp: int | None = None   # logical blocks per physical block (log2); None: 0
     id: str | None = None        # 32 hex digits: the LU's identity (designators); None: legacy_id()
+    # rbd: how librados reaches the cluster (None: ceph.conf's defaults, client.admin)
+    ceph_conf: str | None = None
+    ceph_user: str | None = None
+    ceph_keyring: str | None = None
+
+    def backend_options(self) -> dict[str, str]:
+        """What open_backend takes besides kind, size, path and ro."""
+        return {k: v for k, v in (("conf", self.ceph_conf), ("user", self.ceph_user),
+                                  ("keyring", self.ceph_keyring)) if v}
 
 
 def legacy_id(target: str, lun: int) -> str:
@@ -181,8 +190,12 @@ class LogicalUnit:
     def __post_init__(self) -> None:
         self.mode.wce = self.options.write_cache
         # the designators come from the LU's identity, not from its (public)
-        # target name and number; they survive restarts because the config keeps it
-        ident = bytes.fromhex(self.options.id or legacy_id(self.target, self.lun))
+        # target name and number; they survive restarts because the config keeps
+        # it. Without one, a backend every gateway opens alike (RBD) names the LU
+        # itself, so all of them present one identity (docs/decisions/0400)
+        own = getattr(self.backend, "identity", None)
+        ident = bytes.fromhex(self.options.id) if self.options.id else \
+            own if own is not None else bytes.fromhex(legacy_id(self.target, self.lun))
         self.naa = naa_designator(ident)
         self.serial = unit_serial(ident)
         self.block_size = self.options.block_size

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import dataclasses
 import difflib
+import functools
 import logging
 import secrets
 import time
@@ -185,6 +186,7 @@ class Management:
         snap["config"] = str(self.config.path) if self.config.path else None
         snap["data_dir"] = str(self.config.data_dir)
         snap["targets"] = len(self.em.targets)
+        snap["gateway"] = await self.server.gateway.status()
         snap["portals"] = await self.portal_list()
         return snap
 
@@ -471,8 +473,10 @@ class Management:
     async def lun_add(self, spec: str, target: str | None = None, lun: int | None = None) -> dict[str, Any]:
         t = self._target(target)
         raw_lun = parse_lun_spec(spec, "lun spec")
-        # a new LU's identity (its NAA and serial): random, and saved with it
-        raw_lun["id"] = secrets.token_hex(16)
+        # a new LU's identity (its NAA and serial): random, and saved with it; an
+        # RBD LU's is its image's, the same on every gateway (docs/decisions/0400)
+        if raw_lun["backend"] != "rbd":
+            raw_lun["id"] = secrets.token_hex(16)
         number = int(lun) if lun is not None else next(n for n in range(16384) if n not in t.luns)
         if not 0 <= number < 16384:
             raise MgmtError(f"{number} is not a LUN number (0-16383)")
@@ -484,18 +488,25 @@ class Management:
         return {"target": t.name, "lun": number, "size": lu.blocks * lu.block_size, "saved": self._persist()}
 
     async def _add_lun(self, t: Target, number: int, opts: LunOptions) -> LogicalUnit:
-        if opts.kind == "file" and any(lu.options.path == opts.path for x in self.em.targets.values()
-                                       for lu in x.luns.values()):
+        if opts.kind in ("file", "rbd") and any(lu.options.kind == opts.kind and lu.options.path == opts.path
+                                                for x in self.em.targets.values() for lu in x.luns.values()):
             raise MgmtError(f"{opts.path} already backs a LUN")
         try:
-            backend = await self._in_thread(open_backend, opts.kind, opts.size, opts.path, opts.ro)
+            backend = await self._in_thread(functools.partial(open_backend, opts.kind, opts.size, opts.path,
+                                                              opts.ro, **opts.backend_options()))
         except (BackendError, ValueError, OSError) as e:
             raise MgmtError(f"cannot open the backend: {e}") from None
         if backend.size() < opts.block_size:
             backend.close()
             raise MgmtError("backing store smaller than one block")
         lu = LogicalUnit(t.name, number, backend, opts, self.em.templates["disk"])
-        if self.em.data_dir is not None:   # where APTPL keeps this LU's reservations
+        if getattr(backend, "lock_acquire", None) is not None:
+            try:   # shared storage: served once this gateway holds its lock
+                await self.server.gateway.adopt(lu)
+            except BackendError as e:
+                await self._in_thread(backend.close)
+                raise MgmtError(f"cannot serve {opts.path}: {e}") from None
+        elif self.em.data_dir is not None:   # where APTPL keeps this LU's reservations
             try:
                 pr.state(lu).load(pr.state_path(self.em.data_dir, t.name, number, opts.id))
             except pr.PrStoreError as e:
