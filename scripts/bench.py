@@ -486,7 +486,7 @@ def run_vhost(args: argparse.Namespace) -> dict:
         said = []
         for line in proc.stdout:
             said.append(line)
-            if line.startswith("fetd_vhost: attached"):
+            if line.startswith("Ready. "):   # run's banner: the vhost socket listens, attached
                 break
         else:
             raise RuntimeError("scsi-target did not start:\n" + "".join(said[-20:]))

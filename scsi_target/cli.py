@@ -220,11 +220,14 @@ def url_host(portal: str) -> str:
 class Plan:
     """What run is about to serve; the banner once it serves it."""
 
-    def __init__(self, config: Config, cpus: dict[str, set[int]], poll_us: int | None, iscsi: bool) -> None:
+    def __init__(self, config: Config, cpus: dict[str, set[int]], poll_us: int | None, iscsi: bool,
+                 vhosts: tuple[str, ...] = ()) -> None:
         self.config, self.cpus, self.poll_us, self.iscsi = config, cpus, poll_us, iscsi
         self.stml_ready = False
         self.attached = not iscsi
         self.listening: list[str] = []
+        self.vhosts_waiting = set(vhosts)   # fetd_vhost children not yet listening and attached
+        self.vhost_state: dict[str, set[str]] = {}
         self.printed = False
 
     def line(self, name: str, text: str) -> None:
@@ -235,12 +238,17 @@ class Plan:
             self.attached = True
         elif name == "fetd_tcp" and text.startswith("listening on "):
             self.listening.append(text.split()[2])
+        elif name in self.vhosts_waiting and text.startswith(("listening on", "attached to STML")):
+            seen = self.vhost_state.setdefault(name, set())
+            seen.add(text.split()[0])
+            if seen == {"listening", "attached"}:
+                self.vhosts_waiting.discard(name)
         if not self.printed and self.ready():
             self.printed = True
             self.banner()
 
     def ready(self) -> bool:
-        return self.stml_ready and self.attached and (
+        return self.stml_ready and self.attached and not self.vhosts_waiting and (
             not self.iscsi or len(self.listening) >= len(self.config.portals))
 
     def banner(self) -> None:
@@ -333,8 +341,9 @@ def run(log_level: str, log_format: str, portals: tuple[str, ...], no_iscsi: boo
         if config.isns:
             tcp += ["--isns", config.isns]
         children["fetd_tcp"] = tcp
-    children.update(vhost_children(config, vhost, log_level))
-    plan = Plan(config, cpus, poll_us, not no_iscsi)
+    vhosts = vhost_children(config, vhost, log_level)
+    children.update(vhosts)
+    plan = Plan(config, cpus, poll_us, not no_iscsi, tuple(vhosts))
     status = Supervisor(children, cpus, log_format, plan.line, lambda: plan.printed).run()
     if plan.printed or status != 2:   # a child that could not start said why, in its one line
         logging.getLogger("scsi-target").info("stopped" if status == 0 else f"stopped (exit {status})")
