@@ -186,6 +186,11 @@ class Bus:
         self._wake: simpy.Event | None = None
         env.process(self._arbiter())
 
+    @property
+    def now(self) -> int:
+        """Simulated time in picoseconds (every delay is whole picoseconds)."""
+        return int(self.env.now)
+
     def attach(self, device: Device) -> None:
         if not 0 <= device.id < self.width:
             raise ValueError(f"ID {device.id} is not on a {self.width}-bit bus (0-{self.width - 1})")
@@ -196,7 +201,7 @@ class Bus:
     def request(self, device: Device) -> None:
         """The device wants the bus (again): it arbitrates at the next chance."""
         if device.id not in self.requests:
-            self.requests[device.id] = self.env.now
+            self.requests[device.id] = self.now
             if self._wake is not None and not self._wake.triggered:
                 self._wake.succeed()
 
@@ -207,9 +212,9 @@ class Bus:
             while not self.requests:
                 self._wake = env.event()
                 yield self._wake
-            begin = max(env.now, self._free_at + T.FREE_TO_ARBITRATION)
-            if begin > env.now:
-                yield env.timeout(begin - env.now)
+            begin = max(self.now, self._free_at + T.FREE_TO_ARBITRATION)
+            if begin > self.now:
+                yield env.timeout(begin - self.now)
             if not any(self.devices[i].may_arbitrate() for i in self.requests):
                 # everyone with work waits for IDs that stopped arbitrating: nobody asserts
                 # BSY within a bus set delay, and the waiting devices clear their fairness
@@ -218,7 +223,7 @@ class Bus:
                 for i in self.requests:
                     self.devices[i].register.clear()
                 continue
-            begin = env.now
+            begin = self.now
             yield env.timeout(T.ARBITRATION_DELAY)
             # those that asked within a bus set delay of the start assert BSY and their ID
             window = begin + T.BUS_SET_DELAY
@@ -227,14 +232,14 @@ class Bus:
             winner = max(contenders, key=T.priority)
             yield env.timeout(T.BUS_CLEAR_DELAY + T.BUS_SETTLE_DELAY)
             self.phase_time[Phase.BUS_FREE] += begin - self._free_at
-            self.phase_time[Phase.ARBITRATION] += env.now - begin
+            self.phase_time[Phase.ARBITRATION] += self.now - begin
             self._fairness(contenders, winner)
             if self.arbitrations is not None:
                 self.arbitrations.append(Arbitration(begin, tuple(sorted(contenders)), winner))
             device = self.devices[winner]
-            device.waits.append(env.now - self.requests.pop(winner))
+            device.waits.append(self.now - self.requests.pop(winner))
             yield from device.connect()
-            self._free_at = env.now
+            self._free_at = self.now
             if device.has_work():
                 self.request(device)
 
@@ -262,7 +267,7 @@ class Bus:
 
     def hold(self, conn: Connection, phase: Phase, what: bytes | int, duration: int) -> SimGen:
         """The bus spends `duration` in `phase` for this connection."""
-        conn.phases.append((phase, self.env.now, what))
+        conn.phases.append((phase, self.now, what))
         yield self.env.timeout(duration)
         self.phase_time[phase] += duration
 
@@ -343,7 +348,7 @@ class Initiator(Device):
     def issue(self, cmd: Command) -> None:
         if not 0 <= cmd.lun <= MAX_LUN:
             raise ValueError(f"LUN {cmd.lun} does not fit the IDENTIFY message (0-{MAX_LUN})")
-        cmd.issued = self.bus.env.now
+        cmd.issued = self.bus.now
         self.unsent.append(cmd)
         self.bus.request(self)
 
@@ -351,7 +356,7 @@ class Initiator(Device):
         return bool(self.unsent)
 
     def finish(self, cmd: Command) -> None:
-        cmd.done = self.bus.env.now
+        cmd.done = self.bus.now
         self.completed.append(cmd)
         self.on_done(cmd)
 
@@ -374,5 +379,5 @@ class Initiator(Device):
             yield from bus.info(conn, Phase.MESSAGE_IN, bytes([SAVE_DATA_POINTER, DISCONNECT]))
         else:
             yield from bus.info(conn, Phase.MESSAGE_IN, bytes([DISCONNECT]))
-        cmd.sent = bus.env.now
+        cmd.sent = bus.now
         target.accept(cmd)
