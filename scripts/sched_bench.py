@@ -257,7 +257,7 @@ def chart(results: dict, path: Path) -> None:
     lat.legend()
     iops.set_xticks(range(len(POLICIES)), POLICIES)
     iops.set_ylabel("QD64 initiator IOPS")
-    fig.suptitle("one LUN, 4 KiB random reads: QD1 initiator beside a QD64 one")
+    fig.suptitle(f"one LUN: QD1 initiator (4 KiB reads) beside a QD64 one ({results['deep_kib']} KiB reads)")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

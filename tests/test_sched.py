@@ -382,3 +382,35 @@ def test_fair_lun_serves_two_initiators(stml_factory, client_factory, tmp_short)
         assert a.read(0, i * 8, 8) == bytes([i + 1]) * 4096
     for i in range(0, 48, 8):
         assert b.read(0, 1024 + i * 8, 8) == bytes([0xB0 + i // 8]) * 4096
+
+
+def test_fair_lun_survives_aborts_of_waiting_tasks(stml_factory, client_factory, tmp_short):
+    """LUN RESET and ABORT TASK SET while many tasks wait in the fair policy's
+    queues: every command ends (GOOD or aborted), and the LU serves on."""
+    import concurrent.futures
+    import struct
+
+    from fetd_loopback.client import TaskAborted
+    from stml.api import Tmf, TmfResponse
+    img = tmp_short() / "lun.img"
+    stml = stml_factory(f"file:{img},size=8MiB,scheduler=fair")
+    a, b = client_factory(stml.endpoint), client_factory(stml.endpoint)
+    a.capacity()
+    b.capacity()
+    for fn, who in ((Tmf.ABORT_TASK_SET, a), (Tmf.LUN_RESET, b)):
+        futures = [c.submit(0, struct.pack(">BBQIBB", 0x8A, 0, i * 64, 64, 0, 0), data_out=bytes(32768))
+                   for i in range(32) for c in (a, b)]
+        assert who.task_mgmt(fn, 0) == TmfResponse.COMPLETE
+        for f in futures:
+            try:
+                f.result(30).check()
+            except TaskAborted:
+                pass
+            except concurrent.futures.TimeoutError:
+                raise AssertionError("a command never ended") from None
+            except Exception as e:   # the other nexus's tasks after a LUN RESET: a unit attention or TASK ABORTED
+                assert "status" in str(e)
+    for c in (a, b):
+        c.write(0, 8, bytes([7]) * 4096)
+        assert c.read(0, 8, 8) == bytes([7]) * 4096
+    assert stml.alive()
