@@ -59,7 +59,7 @@ def scenario_from_dict(raw: dict[str, Any]) -> Scenario:
     duration_ms, async_ns, seed, description;
     target = {id, fair, service_us, media_mb_s, slots};
     [[initiator]] id, fair, name, queue_depth, blocks, read_fraction,
-    region_start, region_blocks, sequential, attr (simple|ordered|head_of_queue), think_us.
+    region_start, region_blocks, sequential, attr (simple|ordered|head_of_queue), think_us, lun.
     """
     def get(table: dict[str, Any], key: str, kind: type | tuple[type, ...], default: Any, where: str) -> Any:
         value = table.get(key, default)
@@ -87,9 +87,10 @@ def scenario_from_dict(raw: dict[str, Any]) -> Scenario:
                      region_start=get(i, "region_start", int, -1, where),
                      region_blocks=get(i, "region_blocks", int, 0, where),
                      sequential=get(i, "sequential", bool, False, where), attr=_ATTRS[attr],
-                     think=int(float(get(i, "think_us", (int, float), 0, where)) * T.US))
+                     think=int(float(get(i, "think_us", (int, float), 0, where)) * T.US),
+                     lun=get(i, "lun", int, 0, where))
         specs.append(InitiatorSpec(get(i, "id", int, None, where), w, get(i, "fair", bool, False, where),
-                                   i.get("name")))
+                                   get(i, "name", (str, type(None)), None, where)))
     if not specs:
         raise ValueError("initiator: a scenario needs at least one")
     return Scenario(get(raw, "name", str, "scenario", ""), specs, get(raw, "width", int, 8, ""),

@@ -5,7 +5,7 @@ import random
 import struct
 from dataclasses import dataclass
 
-from fetd_spi.bus import Command, Initiator, SimGen
+from fetd_spi.bus import MAX_LUN, Command, Initiator, SimGen
 from stml.api import TaskAttr
 
 READ_10, WRITE_10 = 0x28, 0x2A
@@ -41,6 +41,8 @@ class Workload:
     lun: int = 0
 
     def check(self) -> None:
+        if not 0 <= self.lun <= MAX_LUN:
+            raise ValueError(f"LUN {self.lun} does not fit the IDENTIFY message (0-{MAX_LUN})")
         if not 1 <= self.queue_depth <= 256:
             raise ValueError(f"queue depth {self.queue_depth} is not 1-256 (a queue tag is one byte)")
         if not 1 <= self.blocks <= min(self.region_blocks, 0xFFFF):

@@ -311,6 +311,8 @@ def test_scenarios_are_checked_and_reproducible():
             scenario_from_dict({**raw, **bad})
     with pytest.raises(ValueError, match="attr"):
         scenario_from_dict({**raw, "initiator": [{"id": 1, "attr": "aca"}]})
+    with pytest.raises(ValueError, match="LUN 8"):
+        scenario_from_dict({**raw, "initiator": [{"id": 1, "lun": 8}]}).initiators[0].workload.check()
 
 
 def test_fetd_spi_imports_only_the_contract_from_stml():

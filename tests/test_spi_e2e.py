@@ -84,10 +84,9 @@ def test_acl_refuses_unknown_initiators(tmp_path):
     cfg = tmp_path / "t.toml"
     cfg.write_text(f'[[target]]\nname = "{IQN}"\nacl = ["iqn.2026-11.org.test:someone-else"]\n'
                    f'[[target.lun]]\nbackend = "ram"\nsize = "4MiB"\n')
-    with Target(config=str(cfg), data_dir=str(tmp_path)) as t:
+    with Target(config=str(cfg), data_dir=str(tmp_path)):
         with pytest.raises(PermissionError, match="not in the ACL"):
             run(writers(), f"ipc://{tmp_path / 'stml.sock'}")
-        del t
 
 
 def test_spi_sim_scenarios(tmp_path):
