@@ -162,7 +162,7 @@ def lun_options(raw: dict[str, Any], where: str, data_dir: Path) -> LunOptions:
     if ident is not None and (not isinstance(ident, str) or not _LU_ID.fullmatch(ident)):
         raise ConfigError(f"{where}.id", f"{ident!r} is not 32 hexadecimal digits (the LU's identity)")
     scheduler = raw.get("scheduler", DEFAULT_POLICY)
-    if scheduler not in POLICIES:
+    if not isinstance(scheduler, str) or scheduler not in POLICIES:
         raise ConfigError(f"{where}.scheduler", f"{scheduler!r} is not a task scheduling policy "
                           f"({', '.join(POLICIES)})")
     return LunOptions(kind=kind, size=size, path=path,

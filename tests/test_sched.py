@@ -339,7 +339,7 @@ def test_scheduler_setting_is_validated_and_saved(tmp_path):
 
     spec = config.load(None, str(tmp_path), luns=("ram:1MiB,scheduler=fair",))
     assert spec.targets[0].luns[0].options.scheduler == "fair"
-    for bad in ('scheduler = "round-robin"', "scheduler = 3"):
+    for bad in ('scheduler = "round-robin"', "scheduler = 3", 'scheduler = ["fair"]'):
         src.write_text(textwrap.dedent(f"""
             [[target]]
             name = "iqn.2026-01.org.example:a"
