@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from stml.lu import LunOptions, legacy_id
+from stml.sched import DEFAULT_POLICY, POLICIES
 
 DEFAULT_IQN = "iqn.2026-11.org.scsi-target:disk0"
 DEFAULT_SIZE = 1 << 30
@@ -141,7 +142,7 @@ def _bool(value: Any, where: str) -> bool:
 def lun_options(raw: dict[str, Any], where: str, data_dir: Path) -> LunOptions:
     """Validate one LUN's settings (from TOML or a parsed spec)."""
     known = {"lun", "backend", "path", "size", "ro", "removable", "block_size", "write_cache", "thin",
-             "physical_block_exp", "id", *_CEPH_KEYS}
+             "physical_block_exp", "id", "scheduler", *_CEPH_KEYS}
     for key in raw:
         if key not in known:
             raise ConfigError(f"{where}.{key}", f"unknown setting (known: {', '.join(sorted(known))})")
@@ -172,13 +173,18 @@ def lun_options(raw: dict[str, Any], where: str, data_dir: Path) -> LunOptions:
     ident = raw.get("id")
     if ident is not None and (not isinstance(ident, str) or not _LU_ID.fullmatch(ident)):
         raise ConfigError(f"{where}.id", f"{ident!r} is not 32 hexadecimal digits (the LU's identity)")
+    scheduler = raw.get("scheduler", DEFAULT_POLICY)
+    if not isinstance(scheduler, str) or scheduler not in POLICIES:
+        raise ConfigError(f"{where}.scheduler", f"{scheduler!r} is not a task scheduling policy "
+                          f"({', '.join(POLICIES)})")
     return LunOptions(kind=kind, size=size, path=path,
                       ro=_bool(raw.get("ro", False), f"{where}.ro"),
                       removable=_bool(raw.get("removable", False), f"{where}.removable"),
                       block_size=bs,
                       write_cache=_bool(raw.get("write_cache", False), f"{where}.write_cache"),
                       thin=_bool(raw.get("thin", True), f"{where}.thin"),
-                      physical_block_exp=pbe or None, id=ident.lower() if ident else None, **ceph)
+                      physical_block_exp=pbe or None, id=ident.lower() if ident else None,
+                      scheduler=scheduler, **ceph)
 
 
 # an rbd LUN's connection settings (LunOptions fields of the same names)
@@ -197,7 +203,7 @@ def _ceph_options(raw: dict[str, Any], kind: str, where: str) -> dict[str, str]:
 
 def parse_lun_spec(spec: str, where: str = "--lun") -> dict[str, Any]:
     """`ram:256MiB`, `file:PATH`, `file:PATH,size=1GiB,ro,removable,block_size=4096`,
-    `rbd:POOL/IMAGE[,conf=PATH,id=USER,keyring=PATH]`."""
+    `...,scheduler=fair`, `rbd:POOL/IMAGE[,conf=PATH,id=USER,keyring=PATH]`."""
     kind, sep, rest = spec.partition(":")
     if not sep or not rest:
         raise ConfigError(where, f"{spec!r} is not KIND:ARG[,OPTION...] (e.g. ram:64MiB, file:disk.img,size=1GiB)")
@@ -217,8 +223,8 @@ def parse_lun_spec(spec: str, where: str = "--lun") -> dict[str, Any]:
             if key not in flags:
                 raise ConfigError(where, f"unknown option {opt!r} in {spec!r}")
             raw["thin" if key == "thick" else key] = key != "thick"
-        elif key == "size":
-            raw["size"] = value
+        elif key in ("size", "scheduler"):
+            raw[key] = value
         elif kind == "rbd" and key in ("conf", "id", "keyring"):
             raw[{"conf": "ceph_conf", "id": "ceph_user", "keyring": "ceph_keyring"}[key]] = value
         elif key in ("block_size", "physical_block_exp"):
