@@ -19,6 +19,7 @@ from fetd_tcp.keys import TargetKeys
 from fetd_tcp import login as L
 from fetd_tcp.chap import Credentials, Secret
 from fetd_tcp.limits import Limits
+from fetd_tcp.retain import Retained, retention
 from fetd_tcp.session import MAX_TEXT_RESPONSE, Connection, Session, Tags
 from scsi_runtime.logs import audit
 from stml.api import BufferPool, Detect, FrontEndLink, Op
@@ -82,6 +83,12 @@ class IscsiFrontEnd:
         self.failed: asyncio.Future | None = None
         # TSIH -> the portal it logged in through, and the initiator's address (audit lines)
         self.session_portals: dict[int, tuple[str, str]] = {}
+        # ERL 2: failed connections kept for TASK REASSIGN, within a cap per host, each
+        # with the timer that expires it; our own ABORT TASKs of their tasks, by tag
+        self.retained: Retained[Connection] = Retained(self.limits.max_failed_per_host,
+                                                       lambda c: not c.account.closed)
+        self.expiry: dict[Connection, asyncio.TimerHandle] = {}
+        self.expiring: dict[int, Connection] = {}
 
     # ------------------------------------------------------------ STML -> us
     def detect(self, detect: Detect) -> None:
@@ -218,18 +225,20 @@ class IscsiFrontEnd:
 
     def task_mgmt_fn_done(self, tag: int, response: int, aborted: list[int]) -> None:
         tasks = [t for t in (self.tags.tasks.pop(a, None) for a in aborted) if t is not None]
+        failed = self.expiring.pop(tag, None)
+        if failed is not None:      # our own ABORT TASK of a task whose Time2Retain ran out
+            for task in tasks:
+                task.conn.session.itts.pop(task.itt, None)
+                task.conn.release(task)
+            # counted per answer, aborted or not (the task may have completed first)
+            failed.aborting -= 1
+            if not failed.aborting:     # the last of them: the window is open now
+                self._window_update(failed.session)
+            return
         entry = self.tags.tmfs.pop(tag, None)
         if entry is not None:
             conn, itt, fn = entry
-            if conn is None:        # our own ABORT TASK of a task whose Time2Retain ran out
-                for task in tasks:
-                    old = task.conn
-                    old.session.itts.pop(task.itt, None)
-                    old.release(task)
-                    old.aborting -= 1
-                    if not old.aborting:    # the last of them: the window is open now
-                        self._window_update(old.session)
-            else:
+            if conn is not None:
                 conn.task_mgmt_fn_done(itt, fn, response, tasks)
 
     def report_aen(self, nexus: int | None, lun: int, sense: bytes) -> None:
@@ -255,6 +264,7 @@ class IscsiFrontEnd:
         (log.warning if self.sessions else log.info)("STML link lost: closing %d session(s)", len(self.sessions))
         # nor will it answer the TMFs it was given: their entries (each holds its connection) go too
         self.tags.tmfs.clear()
+        self.expiring.clear()
         for s in list(self.sessions.values()):
             for conn in list(s.connections.values()):
                 conn.close()
@@ -585,7 +595,9 @@ class IscsiFrontEnd:
                      s.target or "discovery", portal, s.tsih, conn.cid, extra=audit(peer))
         if s.connections.get(conn.cid) is conn:
             del s.connections[conn.cid]
-        if s.erl >= 2 and not conn.closing and not s.discovery:
+        # (with the STML gone its tasks are gone too: nothing is left to reassign)
+        if s.erl >= 2 and not conn.closing and not s.discovery and self.link.connected.is_set() \
+                and (conn.failed or conn.orphans()):
             self._fail_connection(conn)
             if isinstance(writer, PduWriter):
                 writer.retire(release=False)
@@ -604,21 +616,39 @@ class IscsiFrontEnd:
             writer.retire()
 
     def _fail_connection(self, conn: Connection) -> None:
-        """ERL 2: keep the connection's tasks for Time2Wait + Time2Retain."""
+        """ERL 2: a connection that failed with tasks keeps them, and its budget
+        share, for a TASK REASSIGN for Time2Wait + Time2Retain but at most
+        max_retain seconds; a session keeps at most MaxConnections failed
+        connections and a host max_failed_per_host (fetd_tcp.retain): past
+        either, the oldest is expired now. One with no task keeps nothing: it
+        is dropped as at level 0 (_drop_connection)."""
         s = conn.session
+        if conn.failed or not conn.orphans():
+            return
         if s.connections.get(conn.cid) is conn:
             del s.connections[conn.cid]
-        if conn.failed:
-            return
         conn.fail()
-        delay = s.params.default_time2wait + s.params.default_time2retain
-        log.info("connection CID %d of TSIH %d failed: %d task(s) kept for %d s", conn.cid, s.tsih,
+        delay = retention(s.params.default_time2wait, s.params.default_time2retain, self.limits.max_retain)
+        log.info("connection CID %d of TSIH %d failed: %d task(s) kept for %g s", conn.cid, s.tsih,
                  len(conn.orphans()), delay)
-        asyncio.get_running_loop().call_later(delay, self._expire, conn)
+        self.expiry[conn] = asyncio.get_running_loop().call_later(delay, self._expire, conn)
+        out = conn.send
+        over = self.retained.keep(conn, out.host if isinstance(out, PduWriter) else "")
+        others = [c for c in s.failed.values() if c is not conn]
+        over += others[:len(s.failed) - max(1, s.params.max_connections)]
+        for old in over:
+            log.info("CID %d of TSIH %d: more failed connections than kept: its tasks are dropped",
+                     old.cid, old.session.tsih)
+            self._expire(old)
 
     def _expire(self, conn: Connection) -> None:
-        """Time2Wait + Time2Retain passed: tasks nobody reassigned are dropped
-        (aborted in the STML), then the session too if it has no connection."""
+        """Time2Wait + Time2Retain passed (or a newer failed connection took the
+        place): tasks nobody reassigned are dropped (aborted in the STML), then
+        the session too if it has no connection."""
+        self.retained.forget(conn)
+        timer = self.expiry.pop(conn, None)
+        if timer is not None:
+            timer.cancel()
         s = conn.session
         if conn.account.closed:
             return     # every task was reassigned
@@ -629,7 +659,7 @@ class IscsiFrontEnd:
                      s.tsih, len(running))
         for task in running:
             tag = self.tags.new()
-            self.tags.tmfs[tag] = (None, 0, P.TMF_ABORT_TASK)
+            self.expiring[tag] = conn
             lun = P.lun_to_int(task.lun)
             self.link.rx_task_mgmt_fn(tag, s.nexus, P.TMF_ABORT_TASK, 0xFFFF if lun is None else lun,
                                       task.tag)
@@ -660,6 +690,13 @@ class IscsiFrontEnd:
                 del self.by_name[key]
             for task in s.itts.values():
                 self.tags.tasks.pop(task.tag, None)
+            for failed in list(s.failed.values()):   # the release below ends their tasks
+                self.retained.forget(failed)
+                timer = self.expiry.pop(failed, None)
+                if timer is not None:
+                    timer.cancel()
+                failed.expire()
+                failed.account.close()
             if not s.discovery:
                 self.by_nexus.pop(s.nexus, None)
                 left = self.per_target.get(s.target, 1) - 1
@@ -822,6 +859,8 @@ class PduWriter:
         self.pending = pending if pending is not None else set()   # writers with output queued
         self.account = account
         self.transport = writer.transport
+        peer = writer.get_extra_info("peername")
+        self.host = str(peer[0]) if peer else ""    # the initiator's address
         self.fd = writer.get_extra_info("socket").fileno()
         self.hd, self.dd = params.header_digest, params.data_digest
         self.parts: list = []
