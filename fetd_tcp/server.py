@@ -58,6 +58,7 @@ class IscsiFrontEnd:
         self.link = FrontEndLink(stml_endpoint, "iscsi", self, curve=curve)
         self.isns = None
         self.slp: Any = None     # the SLP service agent's driver (fetd_tcp.slpd), when `slp` is on
+        self.slp_settings: tuple = ()    # the settings it was started with (scopes, auth, DAs)
         if isns:
             from fetd_tcp.isns import IsnsClient
             self.isns = IsnsClient(isns, f"{self.link.name}")
@@ -108,7 +109,7 @@ class IscsiFrontEnd:
 
     def _slp_update(self) -> None:
         """Start, stop or update the SLP service agent as the STML's `slp`
-        setting, targets and our portals say (after every detect and portal change)."""
+        settings, targets and our portals say (after every detect and portal change)."""
         info = self.detect_info
         scopes = info.discovery.get("slp") if info is not None else None
         if not scopes or info is None:
@@ -117,23 +118,26 @@ class IscsiFrontEnd:
                 self.slp = None
             return
         from fetd_tcp import slp, slpd
-        if self.slp is not None and self.slp.agent.scope_text != ",".join(scopes):
+        port = int(os.environ.get("SCSI_TARGET_SLP_PORT", slp.SLP_PORT))
+        das = list(info.discovery.get("slp_da") or ())
+        settings = (tuple(scopes), bool(info.discovery.get("slp_auth")), tuple(das))
+        if self.slp is not None and self.slp_settings != settings:
             self.slp.close()
             self.slp = None
         targets = [slp.Target(t.name, t.alias, tuple(t.access.get("acl") or ()),
                               (t.access.get("chap") or {}).get("user")) for t in info.targets]
         portals = [(p.host, p.port, p.tpgt) for p in self.portals]
         if self.slp is None:
-            agent = slp.ServiceAgent(list(scopes))
+            agent = slp.ServiceAgent(list(scopes), auth=settings[1],
+                                     das=[slpd.da_address(d, port)[0] for d in das])
             agent.update(targets, portals)
-            driver = slpd.SlpDriver(agent, list(info.discovery.get("slp_da") or ()),
-                                    int(os.environ.get("SCSI_TARGET_SLP_PORT", slp.SLP_PORT)))
+            driver = slpd.SlpDriver(agent, das, port)
             try:
                 driver.start()
             except OSError as e:
                 log.error("SLP service agent not started: %s", e)
                 return
-            self.slp = driver
+            self.slp, self.slp_settings = driver, settings
         else:
             self.slp.agent.update(targets, portals)
             self.slp.update()

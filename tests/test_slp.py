@@ -15,8 +15,9 @@ OTHER = "iqn.2026-11.org.scsi-target:vault"
 URL0 = f"service:iscsi:target://127.0.0.1:3260/{IQN}"
 
 
-def agent(scopes=("DEFAULT",)) -> slp.ServiceAgent:
-    a = slp.ServiceAgent(list(scopes))
+def agent(scopes=("DEFAULT",), auth: bool = True) -> slp.ServiceAgent:
+    """Two targets, one with an ACL and CHAP; `auth` (slp_auth) tells about both."""
+    a = slp.ServiceAgent(list(scopes), auth=auth)
     a.update([slp.Target(IQN, "disk zero"),
               slp.Target(OTHER, acl=("iqn.2026-11.org.test:allowed",), chap_user="bob")],
              [("127.0.0.1", 3260, 1), ("0.0.0.0", 3261, 2)])
