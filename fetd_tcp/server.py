@@ -128,8 +128,7 @@ class IscsiFrontEnd:
                               (t.access.get("chap") or {}).get("user")) for t in info.targets]
         portals = [(p.host, p.port, p.tpgt) for p in self.portals]
         if self.slp is None:
-            agent = slp.ServiceAgent(list(scopes), auth=settings[1],
-                                     das=[slpd.da_address(d, port)[0] for d in das])
+            agent = slp.ServiceAgent(list(scopes), auth=settings[1])
             agent.update(targets, portals)
             driver = slpd.SlpDriver(agent, das, port)
             try:

@@ -4,9 +4,10 @@ directory agents (fetd_tcp.slp holds the protocol).
 
 It runs on fetd_tcp's event loop, and anyone may send it a datagram, so what
 it does there is bounded: at most DATAGRAMS_PER_TURN datagrams per loop turn,
-and WORK_PER_SECOND units of work a second (a datagram is one, plus what the
-agent counts: comparisons and services looked at). Past that it stops reading
-until the budget refills; the kernel drops what piles up meanwhile. A DA gets
+and WORK_PER_SECOND units of work a second, at most WORK_BURST at once (a
+datagram is one, plus what the agent counts: comparisons and services looked
+at, ~0.5 us each). Past that it stops reading until the budget refills; the
+kernel drops what piles up meanwhile. A DA gets
 everything registered afresh at most once per MIN_FRESH seconds, whatever
 DAAdverts claim to come from it."""
 from __future__ import annotations
@@ -25,23 +26,24 @@ log = logging.getLogger("fetd_tcp")
 _PKTINFO = struct.Struct("=i4s4s")   # struct in_pktinfo: ifindex, local address, destination
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)   # Linux's value (typeshed lacks the name)
 DATAGRAMS_PER_TURN = 8
-WORK_PER_SECOND = 100_000   # ~1/10 of a core's second at the agent's per-comparison cost
+WORK_PER_SECOND = 100_000   # ~5% of a core
+WORK_BURST = 10_000         # ~5 ms: the longest SLP keeps the loop (plus one request's MAX_REQUEST_COST)
 MIN_FRESH = 60.0            # seconds between full registrations with one directory agent
 WILDCARD = ""
 
 
 class WorkBudget:
     """A token bucket of work units, without I/O: `rate` a second, at most
-    `rate` saved up. Spending may take it below zero (a datagram's cost is
+    `burst` saved up. Spending may take it below zero (a datagram's cost is
     known once handled); reading waits until it is positive again."""
 
-    def __init__(self, rate: float, now: float) -> None:
-        self.rate = rate
-        self.level = rate
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        self.rate, self.burst = rate, burst
+        self.level = burst
         self.at = now
 
     def refill(self, now: float) -> float:
-        self.level = min(self.rate, self.level + (now - self.at) * self.rate)
+        self.level = min(self.burst, self.level + (now - self.at) * self.rate)
         self.at = now
         return self.level
 
@@ -63,11 +65,13 @@ class SlpDriver:
         self.agent = agent
         self.port = port
         self.ports = dict(da_address(d, port) for d in das)   # directory agent -> its port
+        if self.ports:      # configured: the only directory agents the agent accepts
+            agent.allowed_das = frozenset(self.ports)
         self.registered: dict[tuple[str, int], dict[str, str]] = {}   # DA -> url -> attr list
         self.socks: dict[str, socket.socket] = {}   # bound address (WILDCARD, a portal's, the group) -> socket
         self.bound: tuple[str, ...] = ()             # the portal addresses the sockets are for
         self.clock = clock
-        self.budget = WorkBudget(WORK_PER_SECOND, clock())
+        self.budget = WorkBudget(WORK_PER_SECOND, WORK_BURST, clock())
         self.paused: asyncio.TimerHandle | None = None
         self.fresh_at: dict[tuple[str, int], float] = {}        # DA -> its last full registration
         self.deferred: dict[tuple[str, int], asyncio.TimerHandle] = {}
