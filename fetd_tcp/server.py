@@ -269,6 +269,10 @@ class IscsiFrontEnd:
         self.tags.tmfs.clear()
         self.expiring.clear()
         for s in list(self.sessions.values()):
+            for failed in list(s.failed.values()):   # their tasks are gone with the STML
+                self._discard_failed(failed)
+            if not s.connections:
+                self._end_session(s)
             for conn in list(s.connections.values()):
                 conn.close()
 
@@ -674,6 +678,16 @@ class IscsiFrontEnd:
         elif not running:
             self._window_update(s)
 
+    def _discard_failed(self, conn: Connection) -> None:
+        """A failed connection's tasks are over without our aborts (its session
+        ends, or the STML that ran them is gone): what it holds goes now."""
+        self.retained.forget(conn)
+        timer = self.expiry.pop(conn, None)
+        if timer is not None:
+            timer.cancel()
+        conn.expire()
+        conn.account.close()
+
     @staticmethod
     def _window_update(s: Session) -> None:
         """Tasks went without a response: a window held shut may be open now."""
@@ -694,12 +708,7 @@ class IscsiFrontEnd:
             for task in s.itts.values():
                 self.tags.tasks.pop(task.tag, None)
             for failed in list(s.failed.values()):   # the release below ends their tasks
-                self.retained.forget(failed)
-                timer = self.expiry.pop(failed, None)
-                if timer is not None:
-                    timer.cancel()
-                failed.expire()
-                failed.account.close()
+                self._discard_failed(failed)
             if not s.discovery:
                 self.by_nexus.pop(s.nexus, None)
                 left = self.per_target.get(s.target, 1) - 1

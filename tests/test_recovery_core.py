@@ -189,3 +189,30 @@ def test_retained_keeps_the_newest_per_host():
     assert r.keep("a1", "10.0.0.1") == [] and len(r) == 3
     r.forget("b1")
     assert r.hosts.keys() == {"10.0.0.1"}
+
+
+def test_failed_connections_go_with_the_stml_link():
+    """The STML link is lost: the tasks a failed connection kept for a TASK
+    REASSIGN are gone with the STML, so it keeps nothing (share, timer), and a
+    session left with no connection ends; a connection dropping while the link
+    is down is not kept at all."""
+    import asyncio
+
+    async def main() -> None:
+        fe, link = _front_end()
+        s = _erl2_session(fe, 1, max_connections=2)
+        a, _ = _erl2_conn(fe, s, 0)
+        _read(a, 7)
+        fe._drop_connection(a)
+        assert list(s.failed) == [0] and fe.expiry
+        link.connected.clear()
+        fe.link_lost()
+        assert not s.failed and a.account.closed and not fe.expiry and not len(fe.retained)
+        assert 1 not in fe.sessions and s.nexus not in fe.by_nexus
+        t = _erl2_session(fe, 2)
+        b, _ = _erl2_conn(fe, t, 0)
+        _read(b, 8)
+        fe._drop_connection(b)                  # the link is still down
+        assert not t.failed and not fe.expiry and 2 not in fe.sessions
+
+    asyncio.run(main())
