@@ -49,9 +49,10 @@ Failed connections (ErrorRecoveryLevel 2). A connection that dies with tasks kee
 them, and its share, for a TASK REASSIGN; one with no task keeps nothing. Dead
 connections are not open ones, so SCSI_TARGET_MAX_CONN_PER_HOST does not bound them:
 each host keeps at most SCSI_TARGET_MAX_FAILED_PER_HOST (its oldest is given up, its
-tasks aborted), a session at most MaxConnections, each for Time2Wait + Time2Retain but
-never more than SCSI_TARGET_MAX_RETAIN seconds (the initiator alone picks Time2Wait,
-up to an hour). See fetd_tcp/retain.py.
+tasks aborted), a session at most MaxConnections (one per CID), each for Time2Wait +
+Time2Retain but never more than SCSI_TARGET_MAX_RETAIN seconds (the initiator alone
+picks Time2Wait, up to an hour; a Logout Response tells the capped times). See
+fetd_tcp/retain.py.
 """
 from __future__ import annotations
 

@@ -24,6 +24,15 @@ def retention(time2wait: int, time2retain: int, cap: float) -> float:
     return min(float(time2wait + time2retain), cap)
 
 
+def announced(time2wait: int, time2retain: int, cap: float) -> tuple[int, int]:
+    """Time2Wait and Time2Retain a Logout Response tells (RFC 7143 11.15.2-3:
+    the target's own, at ERL 2): within `retention`, and Time2Retain kept
+    whole, so an initiator that waits as told still finds its tasks (the
+    negotiated 3600 + 20 under a cap of 60: wait 40, then 20 to reassign)."""
+    retain = min(time2retain, int(cap))
+    return min(time2wait, int(cap) - retain), retain
+
+
 class Retained(Generic[T]):
     """Failed connections kept, oldest first, by the host they came from."""
 

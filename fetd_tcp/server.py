@@ -508,7 +508,8 @@ class IscsiFrontEnd:
                 window = min(window, o.target.cmdsn_depth)
             session = Session(o.tsih, o.isid, o.initiator_name, target, tpgt, o.session,
                               next(self.nexus_ids), o.cmd_sn, window, discovery=discovery,
-                              max_transfer=int(limits.get("max_transfer", 8 << 20)))
+                              max_transfer=int(limits.get("max_transfer", 8 << 20)),
+                              max_retain=self.limits.max_retain)
             self.sessions[o.tsih] = session
             self.by_name[(o.initiator_name, o.isid, target)] = session
             if not discovery:
@@ -626,21 +627,25 @@ class IscsiFrontEnd:
         """ERL 2: a connection that failed with tasks keeps them, and its budget
         share, for a TASK REASSIGN for Time2Wait + Time2Retain but at most
         max_retain seconds; a session keeps at most MaxConnections failed
-        connections and a host max_failed_per_host (fetd_tcp.retain): past
-        either, the oldest is expired now. One with no task keeps nothing: it
-        is dropped as at level 0 (_drop_connection)."""
+        connections, one per CID (a CID failing again replaces the earlier
+        one, which the cap would no longer see), and a host
+        max_failed_per_host (fetd_tcp.retain): past either, the oldest is
+        expired now. One with no task keeps nothing: it is dropped as at
+        level 0 (_drop_connection)."""
         s = conn.session
         if conn.failed or not conn.orphans():
             return
         if s.connections.get(conn.cid) is conn:
             del s.connections[conn.cid]
+        earlier = s.failed.get(conn.cid)
         conn.fail()
         delay = retention(s.params.default_time2wait, s.params.default_time2retain, self.limits.max_retain)
         log.info("connection CID %d of TSIH %d failed: %d task(s) kept for %g s", conn.cid, s.tsih,
                  len(conn.orphans()), delay)
         self.expiry[conn] = asyncio.get_running_loop().call_later(delay, self._expire, conn)
         out = conn.send
-        over = self.retained.keep(conn, out.host if isinstance(out, PduWriter) else "")
+        over = [earlier] if earlier is not None else []
+        over += self.retained.keep(conn, out.host if isinstance(out, PduWriter) else "")
         others = [c for c in s.failed.values() if c is not conn]
         over += others[:len(s.failed) - max(1, s.params.max_connections)]
         for old in over:

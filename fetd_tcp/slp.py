@@ -381,6 +381,7 @@ class ServiceAgent:
         return out
 
     def _build(self, local_host: str) -> list[Service]:
+        self.work += len(self.targets) * max(1, len(self.portals))   # once per change, unless thrashed
         out = []
         for t in self.targets:
             if t.acl and not self.auth:

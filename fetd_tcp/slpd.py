@@ -104,9 +104,10 @@ class SlpDriver:
 
     def _bind(self, addresses: tuple[str, ...]) -> None:
         """Listen on `addresses` (replacing what was open): one unicast socket
-        each, and one on the multicast group joined on their interfaces."""
+        each, and one on the multicast group joined on their interfaces. On
+        OSError nothing is left open, and the next update() tries again."""
         self._close_sockets()
-        self.bound = addresses
+        self.bound = ()
         if not addresses:
             log.info("SLP: no IPv4 portal to answer on")
             return
@@ -124,7 +125,7 @@ class SlpDriver:
             for s in socks.values():
                 s.close()
             raise
-        self.socks = socks
+        self.socks, self.bound = socks, addresses
         if not self.paused:
             self._read()
         where = ", ".join(a or "0.0.0.0" for a in addresses)

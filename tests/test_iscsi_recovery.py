@@ -582,3 +582,31 @@ def test_failed_connections_kept_for_reassign_are_capped_per_session(target):
     assert (st.itt, st.status) == (writes[2].itt, 0)
     new.logout()
     new.close()
+
+
+def test_logout_for_recovery_tells_the_times_the_target_keeps(target):
+    """DefaultTime2Wait=3600 was negotiated, but the target keeps a failed
+    connection's tasks for at most SCSI_TARGET_MAX_RETAIN (60 s). A Logout
+    "remove the connection for recovery" answers with its own Time2Wait and
+    Time2Retain (RFC 7143 11.15.2-3) within that: 40 + 20, not 3600 + 20 (the
+    initiator would wait an hour for tasks dropped after a minute). The write
+    is then reassigned on the other connection and completes."""
+    keys = ERL2_KEYS + LONG_WAIT
+    a = connect(target, ERL2, keys)
+    assert a.login_keys["DefaultTime2Wait"] == "3600"    # Time2Retain: 20, the default
+    write = _outstanding_write(a, 700)
+    b = RawInitiator(*_hostport(target.portal), isid=a.isid)
+    b.cmd_sn, b.itt = a.cmd_sn, a.itt
+    assert b.login(ERL2, tsih=a.tsih, cid=1, extra=keys).status_class == 0
+    lo = b.logout(reason=2, cid=0)
+    assert (lo.response, lo.time2wait, lo.time2retain) == (0, 40, 20)
+    a.kill()
+    assert b.tmf(P.TMF_TASK_REASSIGN, rtt=write.itt).response == P.TMF_RESP_COMPLETE
+    r2t, _ = expect(b, P.R2T)
+    data = os.urandom(4096)
+    data_out(b, r2t, data, 4096)
+    st, _ = expect(b, P.ScsiResponse)
+    assert (st.itt, st.status) == (write.itt, 0)
+    assert read_all(b, 700, 8) == data
+    b.logout()
+    b.close()

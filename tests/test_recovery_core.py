@@ -216,3 +216,42 @@ def test_failed_connections_go_with_the_stml_link():
         assert not t.failed and not fe.expiry and 2 not in fe.sessions
 
     asyncio.run(main())
+
+
+def test_a_cid_that_fails_again_does_not_escape_the_session_cap():
+    """A new connection may reuse a failed one's CID; when it fails too, the
+    session's failed connections are still at most one per CID and at most
+    MaxConnections: the earlier one's read is aborted at once (it used to be
+    kept out of sight of the cap, its timer and share alive after the
+    session ended)."""
+    import asyncio
+
+    async def main() -> None:
+        fe, link = _front_end()
+        s = _erl2_session(fe, 1, max_connections=2)
+        conns, tags = [], []
+        for i in range(3):
+            c, _ = _erl2_conn(fe, s, 0)
+            _read(c, 20 + i)
+            tags.append(link.calls[-1][1][0])
+            fe._drop_connection(c)
+            conns.append(c)
+        assert s.failed == {0: conns[2]} and list(fe.expiry) == [conns[2]] and len(fe.retained) == 1
+        aborts = [c[1] for c in link.calls if c[0] == "rx_task_mgmt_fn"]
+        assert [(x[2], x[4]) for x in aborts] == [(P.TMF_ABORT_TASK, tags[0]), (P.TMF_ABORT_TASK, tags[1])]
+        assert conns[0].account.closed and conns[1].account.closed and not conns[2].account.closed
+        fe._end_session(s)
+        assert not fe.expiry and not len(fe.retained) and conns[2].account.closed
+
+    asyncio.run(main())
+
+
+def test_the_times_a_logout_tells_fit_what_is_kept():
+    """What a Logout Response says (Time2Wait, Time2Retain) never adds up to
+    more than the target keeps, and keeps Time2Retain whole when it can."""
+    from fetd_tcp.retain import announced, retention
+    cases = {(2, 20, 60.0): (2, 20), (3600, 20, 60.0): (40, 20), (3600, 20, 10.0): (0, 10),
+             (0, 0, 60.0): (0, 0), (3600, 3600, 7200.0): (3600, 3600)}
+    for (wait, retain, cap), told in cases.items():
+        assert announced(wait, retain, cap) == told
+        assert sum(told) <= retention(wait, retain, cap)

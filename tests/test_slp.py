@@ -210,20 +210,30 @@ def test_an_oversized_predicate_is_refused_unparsed(monkeypatch):
     assert len(calls) == 2 * slp.MAX_ITEMS   # `many` parsed up to its excess, twice; `long` never
 
 
-def test_a_request_costs_at_most_max_request_cost():
+def test_a_request_costs_at_most_max_request_cost(monkeypatch):
     """A predicate of MAX_ITEMS comparisons that matches nothing, against 2,000
     targets on 2 portals: it is tried on MAX_REQUEST_COST / MAX_ITEMS services,
     not 4,000, and the (empty) unicast reply says OVERFLOW: there was more."""
     a = _big_agent(2000)
+    a.services("127.0.0.1")                   # built once per change: 4,000 services
     predicate = "(|" + "".join(f"(alias=*no{i}*)" for i in range(slp.MAX_ITEMS)) + ")"
     assert len(predicate) <= slp.MAX_PREDICATE
+    globs: list = []
+    real = slp._glob
+    monkeypatch.setattr(slp, "_glob", lambda *x: (globs.append(1), real(*x))[1])
     before = a.work
     reply = a.handle(_srvrqst(predicate), "127.0.0.1", False)
+    assert len(globs) == slp.MAX_REQUEST_COST    # one comparison per item per service tried
     assert a.work - before <= slp.MAX_REQUEST_COST + 1
     header, error, entries = slparse.parse_reply(reply)
     assert error == 0 and entries == [] and struct.unpack(">H", reply[5:7])[0] & slp.OVERFLOW
-    # the cached services: a second request builds nothing again
+    # the services are cached: a second request builds nothing again; a change
+    # builds them again, counted as work (targets x portals)
     assert a.services("127.0.0.1") is a.services("127.0.0.1")
+    before = a.work
+    a.update(a.targets, a.portals)
+    a.services("127.0.0.1")
+    assert a.work - before == 4000
 
 
 def test_by_default_only_open_targets_are_told_without_access_details():

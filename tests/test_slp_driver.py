@@ -6,9 +6,9 @@ at most once per MIN_FRESH, and a socket it cannot open leaves none behind
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 import struct
+import types
 
 import pytest
 from pyslp import creator
@@ -72,6 +72,7 @@ def test_work_per_second_is_bounded():
         now = [100.0]
         d = slpd.SlpDriver(_agent(targets=2000), [], port=0, clock=lambda: now[0])
         d.start()
+        d.agent.services("127.0.0.1")       # built once per change (not what this counts)
         try:
             predicate = "(|" + "".join(f"(alias=*no{i}*)" for i in range(slp.MAX_ITEMS)) + ")"
             body = b"".join(struct.pack(">H", len(s)) + s.encode()
@@ -129,19 +130,71 @@ def test_it_listens_on_the_portal_addresses_only():
     _run(main)
 
 
-def test_a_socket_that_cannot_be_opened_leaves_none_behind():
-    """Finding 15: when one of its sockets cannot be bound (the port is taken on
-    the second portal address), the ones already open are closed."""
+def _recording(monkeypatch, refuse: int | None = None) -> list[socket.socket]:
+    """Every socket slpd makes from now on (kept, so a leaked one stays open
+    rather than being closed by the garbage collector); `refuse`: a socket
+    option whose setting fails as on a host without a multicast route."""
+    made: list[socket.socket] = []
+
+    class Recorded(socket.socket):
+        def __init__(self, *a, **kw) -> None:
+            super().__init__(*a, **kw)
+            made.append(self)
+
+        def setsockopt(self, level, option, *value) -> None:   # type: ignore[override]
+            if option == refuse:
+                raise OSError(19, "No such device")
+            super().setsockopt(level, option, *value)
+
+    shim = types.SimpleNamespace(**vars(socket))
+    shim.socket = Recorded
+    monkeypatch.setattr(slpd, "socket", shim)
+    return made
+
+
+def test_a_socket_that_cannot_be_opened_leaves_none_behind(monkeypatch):
+    """Finding 15: when joining the multicast group fails after the bind (the
+    case the review found), or one of its sockets cannot be bound (the port is
+    taken on the second portal address), every socket it made is closed."""
     async def main() -> None:
+        made = _recording(monkeypatch, refuse=socket.IP_ADD_MEMBERSHIP)
+        d = slpd.SlpDriver(_agent(), [], port=0)
+        with pytest.raises(OSError):
+            d.start()
+        assert len(made) == 2 and all(s.fileno() == -1 for s in made) and d.socks == {}
+
+        made = _recording(monkeypatch)
         blocker = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         blocker.bind(("127.0.0.2", 0))           # no SO_REUSEADDR: the port is its own
         port = blocker.getsockname()[1]
         d = slpd.SlpDriver(_agent(portals=[("127.0.0.1", 3260, 1), ("127.0.0.2", 3260, 1)]), [], port=port)
-        before = len(os.listdir("/proc/self/fd"))
         with pytest.raises(OSError):
             d.start()
-        assert len(os.listdir("/proc/self/fd")) == before and d.socks == {}
+        assert len(made) == 2 and all(s.fileno() == -1 for s in made) and d.socks == {}
         blocker.close()
+    _run(main)
+
+
+def test_a_portal_address_it_could_not_listen_on_is_tried_again():
+    """A portal moved to an address whose port is taken: the driver listens
+    nowhere (nothing left open); the next update, once the port is free, listens
+    there (it used to take the failed address as bound and never try again)."""
+    async def main() -> None:
+        agent = _agent()
+        d = slpd.SlpDriver(agent, [], port=0)
+        d.start()
+        try:
+            blocker = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            blocker.bind(("127.0.0.2", d.port))
+            agent.update(agent.targets, [("127.0.0.2", 3260, 1)])
+            d.update()
+            assert d.socks == {}
+            blocker.close()
+            d.update()
+            assert {k: s.getsockname() for k, s in d.socks.items()} == {
+                "127.0.0.2": ("127.0.0.2", d.port), slp.MULTICAST: (slp.MULTICAST, d.port)}
+        finally:
+            d.close()
     _run(main)
 
 
