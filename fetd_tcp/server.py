@@ -533,7 +533,7 @@ class IscsiFrontEnd:
         failed = session.failed.get(o.cid)
         if failed is not None:
             failed.acknowledge(o.exp_stat_sn)
-        out = PduWriter(writer, o.connection, self.pending_output, account)
+        out = PduWriter(writer, o.connection, self.pending_output, account, str(peer[0]) if peer else "")
         conn = Connection(session, o.cid, o.connection, o.stat_sn, out, self.link, self.tags,
                           out.close, self.text, write_limit=self.limits.max_write_buffer,
                           read_limit=self.limits.max_read_buffer, account=account)
@@ -872,12 +872,11 @@ class PduWriter:
     IOV_MAX = 1024
 
     def __init__(self, writer: asyncio.StreamWriter, params: Any, pending: set | None = None,
-                 account: Account | None = None) -> None:
+                 account: Account | None = None, host: str = "") -> None:
         self.pending = pending if pending is not None else set()   # writers with output queued
         self.account = account
+        self.host = host            # the initiator's address (ERL 2 keeps failures per host)
         self.transport = writer.transport
-        peer = writer.get_extra_info("peername")
-        self.host = str(peer[0]) if peer else ""    # the initiator's address
         self.fd = writer.get_extra_info("socket").fileno()
         self.hd, self.dd = params.header_digest, params.data_digest
         self.parts: list = []
