@@ -17,9 +17,9 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from stml.api import DataDir, Detect, FrontEndLink, TaskAttr, Tmf
+from stml.api import DataDir, Detect, FrontEndLink, Status, TaskAttr, Tmf
 
-GOOD, CHECK_CONDITION = 0x00, 0x02
+GOOD, CHECK_CONDITION = int(Status.GOOD), int(Status.CHECK_CONDITION)
 
 
 class LinkLost(ConnectionError):

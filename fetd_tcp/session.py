@@ -19,9 +19,9 @@ from typing import Any, Callable, Protocol
 from fetd_tcp import pdu as P
 from fetd_tcp.budget import Account, Grant, unlimited
 from fetd_tcp.keys import ConnectionParams, SessionParams
-from stml.api import DataDir, TaskAttr
+from stml.api import DataDir, Status, TaskAttr
 
-TASK_SET_FULL = 0x28
+TASK_SET_FULL = int(Status.TASK_SET_FULL)
 
 # What one session or connection may make us hold beyond the command window
 OOO_LIMIT = 1 << 20           # data of PDUs waiting for an earlier CmdSN, per session

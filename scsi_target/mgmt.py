@@ -78,7 +78,7 @@ def _call(kw: dict[str, Any], cmd: str, **args: Any) -> Any:
     kw = inherited(kw)
     curve = None
     if kw.get("stml_key") or kw.get("own_key"):
-        from stml.api import curve_client_keys
+        from scsi_runtime.curvekeys import curve_client_keys
         try:
             curve = curve_client_keys(kw["own_key"], kw["stml_key"])
         except (ValueError, TypeError) as e:

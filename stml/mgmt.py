@@ -193,7 +193,7 @@ class Management:
     async def portal_list(self) -> list[dict[str, Any]]:
         """The configured portals, each with what the front ends that follow
         the list report about its listener."""
-        from stml.api import parse_portal
+        from scsi_runtime.portals import parse_portal
         out = []
         reports = self.server.portal_reports()
         for p in self.config.portals:
@@ -366,7 +366,7 @@ class Management:
         """Add a portal; the reply waits for the front ends that follow the list
         to say whether they could listen on it, and a portal none can open is
         taken back out and refused."""
-        from stml.api import parse_portal
+        from scsi_runtime.portals import parse_portal
         try:
             host, port, tpgt = key = parse_portal(str(portal))
         except ValueError as e:
@@ -393,7 +393,7 @@ class Management:
         return {"portal": portal, "host": host, "port": port, "tpgt": tpgt, "saved": saved}
 
     async def portal_remove(self, portal: str) -> dict[str, Any]:
-        from stml.api import parse_portal
+        from scsi_runtime.portals import parse_portal
         try:
             key = parse_portal(str(portal))
         except ValueError as e:

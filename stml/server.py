@@ -64,7 +64,7 @@ def portal_groups(config: Config) -> list[int]:
 
 def portal_entries(portals: list[str]) -> list[dict[str, Any]]:
     """The `portals` field of detect: {host, port, tpgt} per configured portal."""
-    from stml.api import parse_portal
+    from scsi_runtime.portals import parse_portal
     return [dict(zip(("host", "port", "tpgt"), parse_portal(p))) for p in portals]
 
 
@@ -203,7 +203,7 @@ class StmlServer:
                 log.warning("serving %s WITHOUT encryption or authentication (--insecure)", ep)
             return
         from zmq.auth.thread import ThreadAuthenticator
-        from stml.api import load_key_file
+        from scsi_runtime.curvekeys import load_key_file
         from stml.config import is_z85_key
         try:
             public, secret = load_key_file(s.curve_secret_key_file, secret=True)

@@ -28,8 +28,9 @@ import pytest
 import zmq
 
 from backends.ram import RamBackend
-from stml.api import (CONTRACT_VERSION, Channel, DataDir, Op, SharedRegion, StreamChannel, Tmf,
-                      _consume, pack, stream_path, unpack)
+from stml.api import (CONTRACT_VERSION, Channel, DataDir, Op, SharedRegion, StreamChannel, Tmf, pack,
+                      stream_path, unpack)
+from stml.api.stream import _consume
 from stml.disk import OPCODES, DiskTemplate
 from stml.emulator import Emulator, Target
 from stml.lu import LogicalUnit, LunOptions

@@ -1,0 +1,454 @@
+"""The same-host carrier: the contract's messages on a Unix stream socket,
+with bulk data in shared memory (docs/contract.md, "Carriers")."""
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import fcntl
+import functools
+import logging
+import mmap
+import os
+import socket
+import struct
+import sys
+import time
+from typing import Any, Callable
+
+from stml.api.shm import BufferPool, SharedRegion
+from stml.api.sizes import BIG_FRAME
+
+log = logging.getLogger("stml.api")
+
+
+def listening(path: str) -> bool:
+    """Something accepts connections on this Unix socket path (a plain
+    connect, closed at once: ZeroMQ drops a peer that never greets it)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
+def stream_path(endpoint: str) -> str | None:
+    """The Unix stream socket beside an ipc:// endpoint (see the module doc)."""
+    return endpoint[len("ipc://"):] + ".stream" if endpoint.startswith("ipc://") else None
+
+
+_IOV_MAX = 1024
+_U32 = struct.Struct("<I")
+_REF = struct.Struct("<2I")      # a shared frame on the wire: offset, length
+
+
+@functools.lru_cache(maxsize=64)
+def _u32s(count: int) -> struct.Struct:
+    return struct.Struct(f"<{count}I")
+
+
+_SHARED = 0x80000000   # a frame length with this bit: the frame is (offset, length) in the shared region
+_CONTROL_REGION, _CONTROL_FREE = 1, 2
+
+
+class StreamChannel:
+    """One peer's messages on a Unix stream socket: the same-host carrier.
+
+    The same interface as Channel (send a message's frames; `on_message`
+    gets them). Messages queued in one loop iteration leave in one sendmsg,
+    so batching needs no header here; the answers to what one read brought
+    leave as soon as that read is handled, without waiting for the next
+    iteration, and every BATCH messages while it is handled, so the peer
+    starts on the first ones while we work on the rest. Frames from 64 KiB
+    up are received straight into a buffer of their own (from `pool`) and
+    delivered as memoryviews (no copy); smaller ones are copied out of a
+    staging buffer as bytes.
+
+    Bulk data skips the socket: a side that owns a `SharedRegion` (the
+    STML for read data, a front end for write data) passes its memory to the
+    peer (a memfd, over SCM_RIGHTS, in a control message: frame count 0,
+    kind, then u32 values) and sends frames taken from it as (offset,
+    length) references; the peer delivers them as read-only views of the
+    same memory and hands the slots back (control message "free", naming
+    offsets in the receiver's own region). When: without `keep_shared`,
+    after the loop iteration that delivered them (a front end sends read
+    data at once); with it, once nothing refers to the frame any more (the
+    STML keeps write data until its command is done; CPython's reference
+    count tells, as in BufferPool), checked whenever we send and from a
+    timer that starts at 1 ms and backs off while none come free.
+    A peer that breaks the framing, or closes, ends the channel (`on_closed`).
+    """
+
+    BIG = BIG_FRAME
+    MAX_FRAMES = 4096
+    MAX_FRAME = 1 << 30
+    # Messages that leave together at most while a batch is handled: under
+    # load the two processes then overlap on the CPUs instead of taking turns
+    # over 20-30 commands a read (README, Performance: with the CPU split of
+    # `run`, 4 KiB QD16 0.46-0.48 -> 0.65-0.70 of tgtd; 2, 3, 6, 8 no better).
+    BATCH = 4
+
+    def __init__(self, sock: socket.socket, on_message: Callable[[list], None],
+                 on_closed: Callable[[], None], pool: BufferPool | None = None,
+                 region: SharedRegion | None = None,
+                 on_dispatched: Callable[[], None] | None = None,
+                 keep_shared: bool = False) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self.on_message = on_message
+        self.on_closed = on_closed
+        self.on_dispatched = on_dispatched   # after the messages of one read
+        self.pool = pool or BufferPool()
+        self.region = region            # ours, lent to the peer
+        self.closed = False
+        self._loop = asyncio.get_running_loop()
+        self._fd = sock.fileno()
+        self._out: list = []
+        self._queued = 0               # messages in _out
+        self._flush_scheduled = False
+        self._waiting = False          # the socket is full: its writability resumes the flush
+        self._dispatching = False      # handling what a read brought: send() need not schedule
+        self._buf = memoryview(bytearray(self.BIG))
+        self._start = self._end = 0    # unparsed bytes in _buf
+        self._lengths: tuple[int, ...] = ()   # the frame lengths of the message being received
+        self._next = 0                 # index of its next frame
+        self._frames: list = []        # its frames received so far
+        self._big: memoryview | None = None   # a big frame being received in place
+        self._big_pos = 0
+        self._peer_region: memoryview | None = None   # the peer's region, mapped
+        self.keep_shared = keep_shared
+        self._kept: list[tuple[Any, int]] = []   # (frame's memory, offset): peer slots maybe in use
+        self._kept_delay = 0.001
+        self._fds: list[int] = []       # descriptors received, not yet claimed
+        self._to_free: list[int] = []   # peer slots delivered this iteration
+        self._free_scheduled = False
+        self._freed: list[int] = []     # peer slots to hand back with the next flush
+        self._free_timer: asyncio.TimerHandle | None = None
+        self._loop.add_reader(self._fd, self._on_readable)
+        if region is not None:   # the peer gets the region first; the descriptor is then its own
+            try:
+                sock.sendmsg([struct.pack("<4I", 0, _CONTROL_REGION, 1, region.size)],
+                             [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", region.fd))])
+            except OSError:
+                self.region = None
+            region.close()
+
+    def send(self, frames: list) -> None:
+        """Queue a message (header, data...) for this loop iteration."""
+        if self.closed:
+            return
+        region = self.region
+        lengths: list[int] | map[int]
+        if region is not None and len(frames) > 1:   # data frames may be slots of our region
+            lengths, wire = [], []
+            for f in frames:
+                if type(f) is memoryview and id(f.obj) in region.slots:
+                    offset, length = region.lend(f)
+                    lengths.append(_SHARED | length)
+                    wire.append(_REF.pack(offset, length))
+                else:
+                    lengths.append(len(f))
+                    wire.append(f)
+            frames = wire
+        else:
+            lengths = map(len, frames)
+        self._out.append(_u32s(len(frames) + 1).pack(len(frames), *lengths))
+        self._out += frames
+        self._queued += 1
+        if self._queued >= self.BATCH and not self._waiting:
+            self.flush(inline=True)
+            return
+        if not self._flush_scheduled and not self._waiting and not self._dispatching:
+            self._flush_scheduled = True
+            self._loop.call_soon(self.flush)
+
+    def flush(self, inline: bool = False) -> None:
+        """Send what is queued. `inline`: called from send(), inside some
+        handler's stack, so a broken socket is left to the writability
+        callback to close rather than pulling the link from under the handler."""
+        self._flush_scheduled = False
+        self._queued = 0
+        out = self._out
+        if self._kept:
+            self._release_kept()
+        if self._freed:
+            out.append(struct.pack(f"<{3 + len(self._freed)}I", 0, _CONTROL_FREE, len(self._freed),
+                                      *self._freed))
+            self._freed.clear()
+        while out and not self.closed:
+            try:
+                chunk = out[:_IOV_MAX]
+                n = self.sock.sendmsg(chunk)
+                if n == sum(map(len, chunk)):   # all of it (the usual case): no walk in Python
+                    del out[:len(chunk)]
+                else:
+                    _consume(out, n)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                if inline:
+                    break
+                self._close()
+                return
+        if out and not self._waiting and not self.closed:
+            self._waiting = True
+            self._loop.add_writer(self._fd, self.flush)
+        elif not out and self._waiting:
+            self._waiting = False
+            self._loop.remove_writer(self._fd)
+
+    def _on_readable(self) -> None:
+        try:
+            if self._big is not None:
+                n = self.sock.recv_into(self._big[self._big_pos:])
+            else:
+                if self._start == self._end:
+                    self._start = self._end = 0
+                elif self._end == len(self._buf):   # make room: move the unparsed tail down
+                    rest = self._end - self._start
+                    self._buf[:rest] = self._buf[self._start:self._end]
+                    self._start, self._end = 0, rest
+                if self._peer_region is None:   # a region may come
+                    n, anc, _, _ = self.sock.recvmsg_into([self._buf[self._end:]],
+                                                          socket.CMSG_SPACE(struct.calcsize("i")))
+                    self._take_fds(anc)
+                else:
+                    n = self.sock.recv_into(self._buf[self._end:])
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            n = 0
+        if n == 0:
+            self._close()
+            return
+        self._dispatching = True
+        try:
+            if self._big is None:
+                self._end += n
+            else:
+                self._big_pos += n
+                if self._big_pos < len(self._big):
+                    return
+                big, self._big = self._big, None
+                self._frame(big)
+            self._parse()
+        except ValueError as e:
+            log.error("closing a stream link: %s", e)
+            self._close()
+        finally:
+            self._dispatching = False
+        if self.on_dispatched is not None and not self.closed:
+            self.on_dispatched()
+        if self._out and not self._flush_scheduled and not self._waiting:
+            self.flush()
+
+    def _take_fds(self, ancillary: list) -> None:
+        for level, kind, data in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                n = len(data) // struct.calcsize("i")
+                self._fds += struct.unpack(f"{n}i", data[:n * struct.calcsize("i")])
+
+    def _parse(self) -> None:
+        buf = self._buf
+        frame: memoryview | bytes
+        while not self.closed:
+            start, avail = self._start, self._end - self._start
+            if self._next == len(self._lengths):
+                if avail < 4:
+                    return
+                count = _U32.unpack_from(buf, start)[0]
+                if count == 0:
+                    if not self._control(start, avail):
+                        return
+                    continue
+                if count > self.MAX_FRAMES:
+                    raise ValueError(f"a message of {count} frames")
+                if avail < 4 + 4 * count:
+                    return
+                lengths = _u32s(count).unpack_from(buf, start + 4)
+                start += 4 + 4 * count
+                avail -= 4 + 4 * count
+                if max(lengths) < self.BIG and sum(lengths) <= avail:
+                    # all here, and nothing shared or big (the usual message): no state kept
+                    frames = []
+                    for size in lengths:
+                        frames.append(buf[start:start + size].tobytes())
+                        start += size
+                    self._start = start
+                    self._deliver(frames)
+                    continue
+                self._lengths, self._next, self._start = lengths, 0, start
+            size = self._lengths[self._next]
+            if size & _SHARED:
+                if avail < 8:
+                    return
+                frame = self._shared_frame(*_REF.unpack_from(buf, start))
+                self._start += 8
+                self._next += 1
+            elif size >= self.BIG:    # its own buffer: what is here now, then receive into it
+                if size > self.MAX_FRAME:
+                    raise ValueError(f"a frame of {size} bytes")
+                frame = memoryview(self.pool.get(size))
+                take = min(size, avail)
+                frame[:take] = buf[start:start + take]
+                self._start += take
+                self._next += 1
+                if take < size:
+                    self._big, self._big_pos = frame, take
+                    return
+            elif avail >= size:
+                frame = buf[start:start + size].tobytes()
+                self._start += size
+                self._next += 1
+            else:
+                return
+            self._frame(frame)
+
+    def _control(self, start: int, avail: int) -> bool:
+        """A control message (frame count 0): False until it is all here."""
+        if avail < 12:
+            return False
+        kind, n = struct.unpack_from("<2I", self._buf, start + 4)
+        if n > self.MAX_FRAMES:
+            raise ValueError(f"a control message of {n} values")
+        if avail < 12 + 4 * n:
+            return False
+        values = struct.unpack_from(f"<{n}I", self._buf, start + 12)
+        self._start = start + 12 + 4 * n
+        if kind == _CONTROL_REGION and n == 1 and self._peer_region is None and self._fds:
+            fd = self._fds.pop(0)
+            # kept frames are ctypes arrays over the mapping, which needs it writable;
+            # what the consumers get is read-only either way
+            prot = mmap.PROT_READ | mmap.PROT_WRITE if self.keep_shared else mmap.PROT_READ
+            try:
+                # a region that could shrink under the mapping would kill us (SIGBUS) on
+                # access; one smaller than announced, mmap refuses
+                if not fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK:
+                    raise ValueError("it is not sealed against shrinking")
+                self._peer_region = memoryview(mmap.mmap(fd, values[0], prot=prot))
+            except (OSError, ValueError) as e:
+                raise ValueError(f"cannot map the peer's region: {e}") from None
+            finally:
+                os.close(fd)
+        elif kind == _CONTROL_FREE and self.region is not None:
+            self.region.free(values)
+        else:
+            raise ValueError(f"unexpected control message {kind}")
+        return True
+
+    def _shared_frame(self, offset: int, length: int) -> memoryview:
+        region = self._peer_region
+        if region is None or offset + length > len(region):
+            raise ValueError("a reference outside the shared region")
+        if self.keep_shared:   # memory of its own, so its reference count tells when it is unused
+            memory = (ctypes.c_char * length).from_buffer(region, offset)
+            self._kept.append((memory, offset))
+            return memoryview(memory).cast("B").toreadonly()
+        self._to_free.append(offset)
+        return region[offset:offset + length]
+
+    def _release_kept(self) -> None:
+        """Kept peer slots that nothing uses any more go back with the next flush."""
+        still = []
+        for entry in self._kept:
+            if sys.getrefcount(entry[0]) > 2:   # the tuple and getrefcount's argument
+                still.append(entry)
+            else:
+                self._freed.append(entry[1])
+        if len(still) < len(self._kept):
+            self._kept_delay = 0.001   # they move: the timer need not back off
+        self._kept = still
+
+    def _free_slots(self) -> None:
+        """The slots delivered last iteration are no longer used: they go
+        back with the next message we send (a wake-up of the peer of their
+        own would cost more than the copy they saved), or after 1 ms."""
+        self._free_scheduled = False
+        self._freed += self._to_free
+        self._to_free.clear()
+        if self._free_timer is None and not self.closed:
+            # one timer at a time, left running when a message takes the slots first:
+            # at most one firing per millisecond instead of a timer made and cancelled
+            # every loop iteration
+            self._free_timer = self._loop.call_later(0.001, self._free_timeout)
+
+    def _free_timeout(self) -> None:
+        self._free_timer = None
+        if self._kept:
+            self._release_kept()
+        if self._freed:
+            self.flush()
+        if self._kept and not self.closed:
+            # frames kept long (writes waiting for the rest of their data): look again
+            # less and less often while none come free (_release_kept starts over)
+            self._free_timer = self._loop.call_later(self._kept_delay, self._free_timeout)
+            self._kept_delay = min(2 * self._kept_delay, 1.0)
+
+    def _frame(self, frame: Any) -> None:
+        self._frames.append(frame)
+        if self._next < len(self._lengths):
+            return
+        frames, self._frames = self._frames, []
+        self._deliver(frames)
+
+    def _deliver(self, frames: list) -> None:
+        try:
+            self.on_message(frames)
+        except Exception:  # one bad message must not stop the link
+            log.exception("error handling a message")
+        if self._to_free and not self._free_scheduled:
+            # queued after whatever the handler queued (e.g. the writes sending the data)
+            self._free_scheduled = True
+            self._loop.call_soon(self._free_slots)
+        elif self._kept and self._free_timer is None:
+            self._kept_delay = 0.001
+            self._free_timer = self._loop.call_later(self._kept_delay, self._free_timeout)
+
+    def _close(self, notify: bool = True) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._loop.remove_reader(self._fd)
+        if self._waiting:
+            self._loop.remove_writer(self._fd)
+        self.sock.close()
+        self._out.clear()
+        if self._free_timer is not None:
+            self._free_timer.cancel()
+        for fd in self._fds:
+            os.close(fd)
+        self._fds.clear()
+        if notify:
+            self.on_closed()
+
+    def close(self, linger_ms: int = 0) -> None:
+        """Send what is queued, waiting at most linger_ms in all (0: drop it,
+        as ZeroMQ's linger does), then close."""
+        if self.closed:
+            return
+        self._loop.remove_reader(self._fd)
+        deadline = time.monotonic() + linger_ms / 1000
+        try:
+            while self._out and (left := deadline - time.monotonic()) > 0:
+                self.sock.settimeout(left)
+                _consume(self._out, self.sock.sendmsg(self._out[:_IOV_MAX]))
+        except OSError:
+            pass
+        self._close(notify=False)
+
+
+
+def _consume(bufs: list, n: int) -> None:
+    """Drop the first n bytes of a list of buffers, in place."""
+    done = 0
+    for b in bufs:
+        if n < len(b):
+            break
+        n -= len(b)
+        done += 1
+    del bufs[:done]
+    if n:
+        bufs[0] = memoryview(bufs[0]).cast("B")[n:]
+
