@@ -55,6 +55,13 @@ class SharedRegion:
         self._top += cls
         return memoryview(slot).cast("B")[:size]
 
+    def lend_slot(self, frame: Any) -> tuple[int, int] | None:
+        """(offset, length) of a frame that is a view of one of our slots, now
+        lent to the peer; None for any other frame."""
+        if type(frame) is memoryview and id(frame.obj) in self.slots:
+            return self.lend(frame)
+        return None
+
     def lend(self, view: memoryview) -> tuple[int, int]:
         """(offset, length) of a view of one of our slots, now lent to the peer."""
         offset = ctypes.addressof(ctypes.c_char.from_buffer(view)) - self._base

@@ -13,7 +13,7 @@ import socket
 import struct
 import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from stml.api.shm import BufferPool, SharedRegion
 from stml.api.sizes import BIG_FRAME
@@ -42,6 +42,10 @@ def stream_path(endpoint: str) -> str | None:
 _IOV_MAX = 1024
 _U32 = struct.Struct("<I")
 _REF = struct.Struct("<2I")      # a shared frame on the wire: offset, length
+_SHARED = 0x80000000   # a frame length with this bit: the frame is (offset, length) in the shared region
+CONTROL_REGION, CONTROL_FREE = 1, 2
+MAX_FRAMES = 4096
+MAX_FRAME = 1 << 30
 
 
 @functools.lru_cache(maxsize=64)
@@ -49,8 +53,193 @@ def _u32s(count: int) -> struct.Struct:
     return struct.Struct(f"<{count}I")
 
 
-_SHARED = 0x80000000   # a frame length with this bit: the frame is (offset, length) in the shared region
-_CONTROL_REGION, _CONTROL_FREE = 1, 2
+class FramingError(ValueError):
+    """The peer broke the framing: nothing after this can be trusted."""
+
+
+class SharedRef(NamedTuple):
+    """A frame that lives in the peer's shared region (StreamFramer leaves
+    mapping it to the driver, which holds the region)."""
+    offset: int
+    length: int
+
+
+class Control(NamedTuple):
+    """A control message (frame count 0): its kind and u32 values."""
+    kind: int
+    values: tuple[int, ...]
+
+
+def encode(frames: list, lend: Callable[[Any], tuple[int, int] | None] | None = None) -> list:
+    """One message as buffers to send: u32 frame count, u32 lengths, the
+    frames. `lend` turns a frame that is a slot of our shared region into
+    (offset, length), sent in its place as a reference."""
+    if lend is not None and len(frames) > 1:
+        lengths, wire = [], []
+        for f in frames:
+            ref = lend(f)
+            if ref is not None:
+                lengths.append(_SHARED | ref[1])
+                wire.append(_REF.pack(*ref))
+            else:
+                lengths.append(len(f))
+                wire.append(f)
+        return [_u32s(len(wire) + 1).pack(len(wire), *lengths), *wire]
+    return [_u32s(len(frames) + 1).pack(len(frames), *map(len, frames)), *frames]
+
+
+def encode_control(kind: int, values: tuple[int, ...] | list[int]) -> bytes:
+    return struct.pack(f"<{3 + len(values)}I", 0, kind, len(values), *values)
+
+
+class StreamFramer:
+    """The receive side of the stream carrier, without I/O (as fetd_tcp's
+    PduFramer): bytes go in, messages and control messages come out.
+
+        buf = framer.get_buffer()          # where the next bytes go
+        framer.received(sock.recv_into(buf))
+        while (item := framer.next()) is not None:
+            ...                            # (frames, special) or a Control
+
+    Small messages are parsed in a staging buffer that is reused, so their
+    frames are copied out (bytes). A frame of `big` bytes or more gets a
+    buffer of its own from `alloc`, and get_buffer returns the part of it
+    still to come, so the socket writes it in place. A frame the peer sent
+    as a reference into its shared region comes out as a SharedRef.
+    `special` lists the indexes of the frames that are neither (None for
+    the usual message): in-place buffers and SharedRefs, which the driver
+    resolves and accounts for. next() raises FramingError for a message or
+    frame over the limits or an unknown control message.
+    """
+
+    def __init__(self, alloc: Callable[[int], Any] = bytearray, big: int = BIG_FRAME) -> None:
+        self.alloc = alloc
+        self.big = big
+        self._buf = memoryview(bytearray(big))
+        self._start = self._end = 0    # unparsed bytes in _buf
+        self._lengths: tuple[int, ...] = ()   # the frame lengths of the message being received
+        self._next = 0                 # index of its next frame
+        self._frames: list = []        # its frames received so far
+        self._special: list[int] | None = None   # indexes of its in-place and shared frames
+        self._big: memoryview | None = None   # a big frame being received in place
+        self._big_pos = 0
+
+    @property
+    def receiving_in_place(self) -> bool:
+        """The next bytes go into a big frame (never a control message's)."""
+        return self._big is not None
+
+    def get_buffer(self) -> memoryview:
+        """Where the next received bytes go (never empty)."""
+        if self._big is not None:
+            return self._big[self._big_pos:]
+        if self._start == self._end:
+            self._start = self._end = 0
+        elif self._end == len(self._buf):   # make room: move the unparsed tail down
+            rest = self._end - self._start
+            self._buf[:rest] = self._buf[self._start:self._end]
+            self._start, self._end = 0, rest
+        return self._buf[self._end:]
+
+    def received(self, n: int) -> None:
+        """`n` bytes were written at the start of the last get_buffer()."""
+        if self._big is not None:
+            self._big_pos += n
+        else:
+            self._end += n
+
+    def next(self) -> tuple[list, list[int] | None] | Control | None:
+        """The next complete message as (frames, special), a Control, or None."""
+        if self._big is not None:
+            if self._big_pos < len(self._big):
+                return None
+            big, self._big = self._big, None
+            if (done := self._add(big)) is not None:
+                return done
+        buf = self._buf
+        while True:
+            start, avail = self._start, self._end - self._start
+            if self._next == len(self._lengths):
+                if avail < 4:
+                    return None
+                count = _U32.unpack_from(buf, start)[0]
+                if count == 0:
+                    return self._control(start, avail)
+                if count > MAX_FRAMES:
+                    raise FramingError(f"a message of {count} frames")
+                if avail < 4 + 4 * count:
+                    return None
+                lengths = _u32s(count).unpack_from(buf, start + 4)
+                start += 4 + 4 * count
+                avail -= 4 + 4 * count
+                if max(lengths) < self.big and sum(lengths) <= avail:
+                    # all here, and nothing shared or big (the usual message): no state kept
+                    frames = []
+                    for size in lengths:
+                        frames.append(buf[start:start + size].tobytes())
+                        start += size
+                    self._start = start
+                    return frames, None
+                self._lengths, self._next, self._start = lengths, 0, start
+            size = self._lengths[self._next]
+            frame: Any
+            if size & _SHARED:
+                if avail < 8:
+                    return None
+                frame = SharedRef(*_REF.unpack_from(buf, start))
+                self._start += 8
+            elif size >= self.big:    # its own buffer: what is here now, then receive into it
+                if size > MAX_FRAME:
+                    raise FramingError(f"a frame of {size} bytes")
+                frame = memoryview(self.alloc(size))[:size]
+                take = min(size, avail)
+                frame[:take] = buf[start:start + take]
+                self._start += take
+                if take < size:
+                    self._next += 1
+                    self._big, self._big_pos = frame, take
+                    return None
+            elif avail >= size:
+                frame = buf[start:start + size].tobytes()
+                self._start += size
+                self._next += 1
+                self._frames.append(frame)
+                if self._next == len(self._lengths):
+                    return self._take()
+                continue
+            else:
+                return None
+            self._next += 1
+            if (done := self._add(frame)) is not None:
+                return done
+
+    def _add(self, frame: Any) -> tuple[list, list[int] | None] | None:
+        """A shared or in-place frame; the message when it was the last."""
+        if self._special is None:
+            self._special = []
+        self._special.append(len(self._frames))
+        self._frames.append(frame)
+        return self._take() if self._next == len(self._lengths) else None
+
+    def _take(self) -> tuple[list, list[int] | None]:
+        frames, special = self._frames, self._special
+        self._frames, self._special = [], None
+        return frames, special
+
+    def _control(self, start: int, avail: int) -> Control | None:
+        """A control message: None until it is all here."""
+        if avail < 12:
+            return None
+        kind, n = struct.unpack_from("<2I", self._buf, start + 4)
+        if kind not in (CONTROL_REGION, CONTROL_FREE):
+            raise FramingError(f"unexpected control message {kind}")
+        if n > MAX_FRAMES:
+            raise FramingError(f"a control message of {n} values")
+        if avail < 12 + 4 * n:
+            return None
+        values = struct.unpack_from(f"<{n}I", self._buf, start + 12)
+        self._start = start + 12 + 4 * n
+        return Control(kind, values)
 
 
 class StreamChannel:
@@ -82,8 +271,8 @@ class StreamChannel:
     """
 
     BIG = BIG_FRAME
-    MAX_FRAMES = 4096
-    MAX_FRAME = 1 << 30
+    MAX_FRAMES = MAX_FRAMES
+    MAX_FRAME = MAX_FRAME
     # Messages that leave together at most while a batch is handled: under
     # load the two processes then overlap on the CPUs instead of taking turns
     # over 20-30 commands a read (README, Performance: with the CPU split of
@@ -103,6 +292,7 @@ class StreamChannel:
         self.pool = pool or BufferPool()
         self.region = region            # ours, lent to the peer
         self.closed = False
+        self.framer = StreamFramer(self.pool.get, self.BIG)
         self._loop = asyncio.get_running_loop()
         self._fd = sock.fileno()
         self._out: list = []
@@ -110,13 +300,6 @@ class StreamChannel:
         self._flush_scheduled = False
         self._waiting = False          # the socket is full: its writability resumes the flush
         self._dispatching = False      # handling what a read brought: send() need not schedule
-        self._buf = memoryview(bytearray(self.BIG))
-        self._start = self._end = 0    # unparsed bytes in _buf
-        self._lengths: tuple[int, ...] = ()   # the frame lengths of the message being received
-        self._next = 0                 # index of its next frame
-        self._frames: list = []        # its frames received so far
-        self._big: memoryview | None = None   # a big frame being received in place
-        self._big_pos = 0
         self._peer_region: memoryview | None = None   # the peer's region, mapped
         self.keep_shared = keep_shared
         self._kept: list[tuple[Any, int]] = []   # (frame's memory, offset): peer slots maybe in use
@@ -129,7 +312,7 @@ class StreamChannel:
         self._loop.add_reader(self._fd, self._on_readable)
         if region is not None:   # the peer gets the region first; the descriptor is then its own
             try:
-                sock.sendmsg([struct.pack("<4I", 0, _CONTROL_REGION, 1, region.size)],
+                sock.sendmsg([encode_control(CONTROL_REGION, (region.size,))],
                              [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", region.fd))])
             except OSError:
                 self.region = None
@@ -140,22 +323,7 @@ class StreamChannel:
         if self.closed:
             return
         region = self.region
-        lengths: list[int] | map[int]
-        if region is not None and len(frames) > 1:   # data frames may be slots of our region
-            lengths, wire = [], []
-            for f in frames:
-                if type(f) is memoryview and id(f.obj) in region.slots:
-                    offset, length = region.lend(f)
-                    lengths.append(_SHARED | length)
-                    wire.append(_REF.pack(offset, length))
-                else:
-                    lengths.append(len(f))
-                    wire.append(f)
-            frames = wire
-        else:
-            lengths = map(len, frames)
-        self._out.append(_u32s(len(frames) + 1).pack(len(frames), *lengths))
-        self._out += frames
+        self._out += encode(frames, region.lend_slot if region is not None else None)
         self._queued += 1
         if self._queued >= self.BATCH and not self._waiting:
             self.flush(inline=True)
@@ -174,8 +342,7 @@ class StreamChannel:
         if self._kept:
             self._release_kept()
         if self._freed:
-            out.append(struct.pack(f"<{3 + len(self._freed)}I", 0, _CONTROL_FREE, len(self._freed),
-                                      *self._freed))
+            out.append(encode_control(CONTROL_FREE, self._freed))
             self._freed.clear()
         while out and not self.closed:
             try:
@@ -200,22 +367,14 @@ class StreamChannel:
             self._loop.remove_writer(self._fd)
 
     def _on_readable(self) -> None:
+        framer = self.framer
         try:
-            if self._big is not None:
-                n = self.sock.recv_into(self._big[self._big_pos:])
+            if self._peer_region is None and not framer.receiving_in_place:   # a region may come
+                n, anc, _, _ = self.sock.recvmsg_into([framer.get_buffer()],
+                                                      socket.CMSG_SPACE(struct.calcsize("i")))
+                self._take_fds(anc)
             else:
-                if self._start == self._end:
-                    self._start = self._end = 0
-                elif self._end == len(self._buf):   # make room: move the unparsed tail down
-                    rest = self._end - self._start
-                    self._buf[:rest] = self._buf[self._start:self._end]
-                    self._start, self._end = 0, rest
-                if self._peer_region is None:   # a region may come
-                    n, anc, _, _ = self.sock.recvmsg_into([self._buf[self._end:]],
-                                                          socket.CMSG_SPACE(struct.calcsize("i")))
-                    self._take_fds(anc)
-                else:
-                    n = self.sock.recv_into(self._buf[self._end:])
+                n = self.sock.recv_into(framer.get_buffer())
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
@@ -223,17 +382,19 @@ class StreamChannel:
         if n == 0:
             self._close()
             return
+        framer.received(n)
         self._dispatching = True
         try:
-            if self._big is None:
-                self._end += n
-            else:
-                self._big_pos += n
-                if self._big_pos < len(self._big):
-                    return
-                big, self._big = self._big, None
-                self._frame(big)
-            self._parse()
+            while not self.closed and (item := framer.next()) is not None:
+                if type(item) is Control:
+                    self._control(item)
+                    continue
+                frames, special = item
+                if special is not None:
+                    for i in special:
+                        if type(frames[i]) is SharedRef:
+                            frames[i] = self._shared_frame(*frames[i])
+                self._deliver(frames)
         except ValueError as e:
             log.error("closing a stream link: %s", e)
             self._close()
@@ -250,74 +411,9 @@ class StreamChannel:
                 n = len(data) // struct.calcsize("i")
                 self._fds += struct.unpack(f"{n}i", data[:n * struct.calcsize("i")])
 
-    def _parse(self) -> None:
-        buf = self._buf
-        frame: memoryview | bytes
-        while not self.closed:
-            start, avail = self._start, self._end - self._start
-            if self._next == len(self._lengths):
-                if avail < 4:
-                    return
-                count = _U32.unpack_from(buf, start)[0]
-                if count == 0:
-                    if not self._control(start, avail):
-                        return
-                    continue
-                if count > self.MAX_FRAMES:
-                    raise ValueError(f"a message of {count} frames")
-                if avail < 4 + 4 * count:
-                    return
-                lengths = _u32s(count).unpack_from(buf, start + 4)
-                start += 4 + 4 * count
-                avail -= 4 + 4 * count
-                if max(lengths) < self.BIG and sum(lengths) <= avail:
-                    # all here, and nothing shared or big (the usual message): no state kept
-                    frames = []
-                    for size in lengths:
-                        frames.append(buf[start:start + size].tobytes())
-                        start += size
-                    self._start = start
-                    self._deliver(frames)
-                    continue
-                self._lengths, self._next, self._start = lengths, 0, start
-            size = self._lengths[self._next]
-            if size & _SHARED:
-                if avail < 8:
-                    return
-                frame = self._shared_frame(*_REF.unpack_from(buf, start))
-                self._start += 8
-                self._next += 1
-            elif size >= self.BIG:    # its own buffer: what is here now, then receive into it
-                if size > self.MAX_FRAME:
-                    raise ValueError(f"a frame of {size} bytes")
-                frame = memoryview(self.pool.get(size))
-                take = min(size, avail)
-                frame[:take] = buf[start:start + take]
-                self._start += take
-                self._next += 1
-                if take < size:
-                    self._big, self._big_pos = frame, take
-                    return
-            elif avail >= size:
-                frame = buf[start:start + size].tobytes()
-                self._start += size
-                self._next += 1
-            else:
-                return
-            self._frame(frame)
-
-    def _control(self, start: int, avail: int) -> bool:
-        """A control message (frame count 0): False until it is all here."""
-        if avail < 12:
-            return False
-        kind, n = struct.unpack_from("<2I", self._buf, start + 4)
-        if n > self.MAX_FRAMES:
-            raise ValueError(f"a control message of {n} values")
-        if avail < 12 + 4 * n:
-            return False
-        values = struct.unpack_from(f"<{n}I", self._buf, start + 12)
-        self._start = start + 12 + 4 * n
-        if kind == _CONTROL_REGION and n == 1 and self._peer_region is None and self._fds:
+    def _control(self, control: Control) -> None:
+        kind, values = control
+        if kind == CONTROL_REGION and len(values) == 1 and self._peer_region is None and self._fds:
             fd = self._fds.pop(0)
             # kept frames are ctypes arrays over the mapping, which needs it writable;
             # what the consumers get is read-only either way
@@ -326,22 +422,21 @@ class StreamChannel:
                 # a region that could shrink under the mapping would kill us (SIGBUS) on
                 # access; one smaller than announced, mmap refuses
                 if not fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK:
-                    raise ValueError("it is not sealed against shrinking")
+                    raise FramingError("it is not sealed against shrinking")
                 self._peer_region = memoryview(mmap.mmap(fd, values[0], prot=prot))
             except (OSError, ValueError) as e:
-                raise ValueError(f"cannot map the peer's region: {e}") from None
+                raise FramingError(f"cannot map the peer's region: {e}") from None
             finally:
                 os.close(fd)
-        elif kind == _CONTROL_FREE and self.region is not None:
+        elif kind == CONTROL_FREE and self.region is not None:
             self.region.free(values)
         else:
-            raise ValueError(f"unexpected control message {kind}")
-        return True
+            raise FramingError(f"unexpected control message {kind}")
 
     def _shared_frame(self, offset: int, length: int) -> memoryview:
         region = self._peer_region
         if region is None or offset + length > len(region):
-            raise ValueError("a reference outside the shared region")
+            raise FramingError("a reference outside the shared region")
         if self.keep_shared:   # memory of its own, so its reference count tells when it is unused
             memory = (ctypes.c_char * length).from_buffer(region, offset)
             self._kept.append((memory, offset))
@@ -385,13 +480,6 @@ class StreamChannel:
             # less and less often while none come free (_release_kept starts over)
             self._free_timer = self._loop.call_later(self._kept_delay, self._free_timeout)
             self._kept_delay = min(2 * self._kept_delay, 1.0)
-
-    def _frame(self, frame: Any) -> None:
-        self._frames.append(frame)
-        if self._next < len(self._lengths):
-            return
-        frames, self._frames = self._frames, []
-        self._deliver(frames)
 
     def _deliver(self, frames: list) -> None:
         try:
@@ -437,7 +525,6 @@ class StreamChannel:
         except OSError:
             pass
         self._close(notify=False)
-
 
 
 def _consume(bufs: list, n: int) -> None:
