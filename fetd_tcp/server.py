@@ -20,7 +20,7 @@ from fetd_tcp import login as L
 from fetd_tcp.chap import Credentials, Secret
 from fetd_tcp.limits import Limits
 from fetd_tcp.session import MAX_TEXT_RESPONSE, Connection, Session, Tags
-from stml.api import BufferPool, Detect, FrontEndLink, Op
+from stml.api import BufferPool, Detect, FrontEndLink
 
 log = logging.getLogger("fetd_tcp")
 
@@ -132,7 +132,7 @@ class IscsiFrontEnd:
              "bound_port": p.port} for p in self.portals]
         states += [{"host": k[0], "port": k[1], "tpgt": k[2], "listening": False, "error": err}
                    for k, err in self.portal_errors.items() if k in self._wanted]
-        self.link.send({"op": Op.PORTAL_STATE, "follows": True, "portals": states})
+        self.link.portal_state(states)
 
     def drop_nexus(self, nexus: int, reason: str) -> None:
         """The STML ended this nexus (management `session drop`): tell the

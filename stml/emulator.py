@@ -22,8 +22,9 @@ from typing import Any, Callable, Coroutine
 
 from backends import BackendError
 from stml import pr
-from stml.api import (CONTRACT_VERSION, MAX_NAME_LEN, MAX_PORT_NAME_LEN, DataDir, Op, TaskAttr, Tmf,
-                      TmfResponse, version_compatible)
+from stml.api import MAX_NAME_LEN, MAX_PORT_NAME_LEN, DataDir, Op, TaskAttr, Tmf, TmfResponse, version_compatible
+from stml.api.link import StmlSender, Transport
+from stml.api.messages import TO_STML, check
 from stml.cdb import check_usage, trim_cdb
 from stml.disk import DiskTemplate, OpEntry, standard_inquiry, trim_views
 from stml.lu import LogicalUnit
@@ -39,7 +40,6 @@ from stml.workers import FairWorkers
 log = logging.getLogger("stml")
 _READ, _WRITE = int(DataDir.READ), int(DataDir.WRITE)   # plain ints: IntFlag operators are slow
 
-Send = Callable[[bytes, dict[str, Any], list], None]
 _COUNT_FIELDS = ("lun", "attr", "dir", "len", "unsol")   # rx_cmnd fields: non-negative ints
 
 BUS_DEVICE_RESET = (0x29, 0x03)
@@ -217,7 +217,7 @@ class _Resets:
 class Emulator:
     """Registries and the command engine."""
 
-    def __init__(self, targets: list[Target], send: Send, executor: Executor, *,
+    def __init__(self, targets: list[Target], send: Transport, executor: Executor, *,
                  name: str = "stml", heartbeat_ms: int = 1000, max_transfer: int = 8 << 20,
                  queue_depth: int = 128, discovery: dict[str, Any] | None = None,
                  data_dir: Path | str | None = None,
@@ -228,7 +228,7 @@ class Emulator:
         self.configured_tpgs = set(portal_groups)   # portal group tags the config names
         self.portals: list[dict[str, Any]] = []      # {host, port, tpgt}: sent in detect
         self._seen_tpgs: dict[str, set[int]] = {}    # target -> tags nexuses came through
-        self.send = send
+        self.out = StmlSender(send)   # every message to a front end
         self.executor = executor
         # an LU holds at most half the threads: one LU's slow calls never stall the others
         self.workers = FairWorkers(executor, threads, max(1, threads // 2))
@@ -298,55 +298,73 @@ class Emulator:
         t = self.targets.get(target)
         return t.luns.get(lun) if t else None
 
-    def detect_header(self) -> dict[str, Any]:
-        return {
-            "op": Op.DETECT, "version": list(CONTRACT_VERSION), "stml": self.name,
-            "heartbeat_ms": int(self.heartbeat * 1000),
-            "limits": {"max_transfer": self.max_transfer, "queue_depth": self.queue_depth},
-            "discovery": self.discovery, "portals": self.portals,
-            "targets": [{"name": t.name, "alias": t.alias, "access": t.access,
-                         "luns": [lu.describe() for lu in t.luns.values()]}
-                        for t in self.targets.values()],
-        }
+    def send_detect(self, ident: bytes) -> None:
+        """What this STML offers (contract: detect)."""
+        self.out.detect(
+            ident, stml=self.name, heartbeat_ms=int(self.heartbeat * 1000),
+            limits={"max_transfer": self.max_transfer, "queue_depth": self.queue_depth},
+            discovery=self.discovery, portals=self.portals,
+            targets=[{"name": t.name, "alias": t.alias, "access": t.access,
+                      "luns": [lu.describe() for lu in t.luns.values()]}
+                     for t in self.targets.values()])
 
     # ------------------------------------------------------------ dispatch
     def handle(self, ident: bytes, header: dict[str, Any], frames: list) -> None:
-        """One message from a front end. Never raises: bad input is logged."""
+        """One message from a front end. Never raises: a message that does not
+        fit the contract's table (stml.api.messages) is refused with a log line
+        (and, for a command or a registration, an answer saying so)."""
         op = header["op"]
         fe = self.front_ends.get(ident)
+        if fe is None and op != Op.REGISTER:
+            self.out.release(ident, "unknown front end: register first")
+            return
+        error = check(header, TO_STML)
+        if error is not None:
+            self._refuse(ident, fe, header, error)
+            return
         try:
-            if op == Op.REGISTER:
-                self._register(ident, header)
-                return
             if fe is None:
-                self.send(ident, {"op": Op.RELEASE, "reason": "unknown front end: register first"}, [])
+                self._register(ident, header)
                 return
             fe.last_seen = time.monotonic()
             handler = self._ops.get(op)
             if handler is None:
-                log.warning("front end %s sent unknown op %r: ignored", fe.name, op)
+                log.warning("front end %s sent %r, which the STML does not take: ignored", fe.name, op)
                 return
             handler(fe, header, frames)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             who = fe.name if fe else ident.hex()
             log.warning("malformed %r from %s refused: %s: %s", op, who, type(e).__name__, e)
 
+    def _refuse(self, ident: bytes, fe: FrontEnd | None, h: dict[str, Any], error: str) -> None:
+        """A message that breaks the table: logged; a registration is answered
+        with the reason, and a command that names its task, nexus and CDB fails
+        with CHECK CONDITION (its front end would otherwise wait for it)."""
+        who = fe.name if fe is not None else repr(h.get("name", ident.hex()))
+        log.warning("front end %s: %s: refused", who, error)
+        op = h["op"]
+        if op == Op.REGISTER:
+            self.out.refuse(ident, error)
+        elif op == Op.RX_CMND and fe is not None and type(h.get("tag")) is int \
+                and type(h.get("nexus")) is int and type(h.get("cdb")) is bytes:
+            self._refuse_counts(fe, h["tag"], h)
+
     def _register(self, ident: bytes, h: dict[str, Any]) -> None:
-        reason = version_compatible(h.get("version"))
+        reason = version_compatible(h["version"])
         if reason:
-            log.warning("front end %r refused: %s", h.get("name"), reason)
-            self.send(ident, {"op": Op.DETECT, "version": list(CONTRACT_VERSION), "error": reason}, [])
+            log.warning("front end %r refused: %s", h["name"], reason)
+            self.out.refuse(ident, reason)
             return
         known = self.front_ends.get(ident)
         if known is not None:  # a repeated registration (e.g. queued retries): same state
             known.last_seen = time.monotonic()
-            self.send(ident, self.detect_header(), [])
+            self.send_detect(ident)
             return
-        fe = FrontEnd(ident, str(h.get("name", "?")), str(h.get("kind", "?")), bool(h.get("aen")),
-                      max(0.05, int(h.get("heartbeat_ms", 1000)) / 1000), time.monotonic())
+        fe = FrontEnd(ident, h["name"], h["kind"], bool(h.get("aen")),
+                      max(0.05, h.get("heartbeat_ms", 1000) / 1000), time.monotonic())
         self.front_ends[ident] = fe
         log.info("front end %s (%s) registered", fe.name, fe.kind)
-        self.send(ident, self.detect_header(), [])
+        self.send_detect(ident)
 
     def _deregister(self, fe: FrontEnd, h: dict[str, Any], frames: list) -> None:
         self.release_front_end(fe, "deregistered")
@@ -369,11 +387,11 @@ class Emulator:
             if now - fe.last_seen > 3 * max(fe.heartbeat, self.heartbeat):
                 self.release_front_end(fe, f"silent for {now - fe.last_seen:.1f}s")
             else:
-                self.send(fe.ident, {"op": Op.HEARTBEAT}, [])
+                self.out.heartbeat(fe.ident)
 
     def shutdown(self) -> None:
         for fe in list(self.front_ends.values()):
-            self.send(fe.ident, {"op": Op.RELEASE, "reason": "STML shutting down"}, [])
+            self.out.release(fe.ident, "STML shutting down")
 
     @staticmethod
     def _heartbeat(fe: FrontEnd, h: dict[str, Any], frames: list) -> None:
@@ -386,12 +404,11 @@ class Emulator:
     def _register_nexus(self, fe: FrontEnd, h: dict[str, Any], frames: list) -> None:
         nexus = Nexus(fe, int(h["nexus"]), str(h["initiator"]), str(h["target"]), int(h["tpg"]))
         if len(nexus.target.encode()) > MAX_NAME_LEN or len(nexus.initiator.encode()) > MAX_PORT_NAME_LEN:
-            self.send(fe.ident, {"op": Op.NEXUS_READY, "nexus": nexus.id,
-                                 "error": f"initiator or target name longer than {MAX_NAME_LEN} bytes"}, [])
+            self.out.nexus_ready(fe.ident, nexus.id,
+                                 f"initiator or target name longer than {MAX_NAME_LEN} bytes")
             return
         if nexus.target not in self.targets:
-            self.send(fe.ident, {"op": Op.NEXUS_READY, "nexus": nexus.id,
-                                 "error": f"no target {nexus.target}"}, [])
+            self.out.nexus_ready(fe.ident, nexus.id, f"no target {nexus.target}")
             return
         old = fe.nexuses.get(nexus.id)
         if old:
@@ -401,7 +418,7 @@ class Emulator:
         self._target_keys.setdefault(nexus.target, {})[nexus.key] = None
         log.debug("nexus %d of %s: %s", nexus.id, fe.name, nexus.key)
         self._seen_tpgs.setdefault(nexus.target, set()).add(nexus.tpg)
-        self.send(fe.ident, {"op": Op.NEXUS_READY, "nexus": nexus.id}, [])
+        self.out.nexus_ready(fe.ident, nexus.id)
 
     def portal_groups(self, target: str) -> set[int]:
         """Target port groups (portal group tags) of a target, for ALUA."""
@@ -456,15 +473,12 @@ class Emulator:
             self.respond(fe, tag, CHECK_CONDITION, build_sense(ABORTED_COMMAND, NEXUS_UNKNOWN), 0)
             return
         cdb = h["cdb"]
-        if not isinstance(cdb, bytes) or not cdb:
-            raise ValueError("cdb must be non-empty bytes")
-        if not isinstance(tag, int):
-            raise ValueError("tag must be an integer")
+        if not cdb:
+            raise ValueError("cdb must not be empty")
+        # ints (the contract's table checked); non-negative, in one test for the usual case
         lun, attr, direction, exp_len, unsol = (
             h["lun"], h.get("attr", 0), h.get("dir", 0), h.get("len", 0), h.get("unsol", 0))
-        # non-negative ints (not bool, an int subclass), in one test for the usual case
-        if not (type(lun) is int is type(attr) is type(direction) is type(exp_len) is type(unsol)) \
-                or (lun | attr | direction | exp_len | unsol) < 0:
+        if (lun | attr | direction | exp_len | unsol) < 0:
             self._refuse_counts(fe, tag, h)
             return
         task = Task(self, fe, nexus, tag, lun, cdb, attr, direction, exp_len, unsol, frames)
@@ -605,8 +619,7 @@ class Emulator:
             for n in keyed.get(key, ()):
                 if n.fe.aen and n.target == lu.target:
                     sense = sense or build_sense(UNIT_ATTENTION, asc_ascq, lu.mode.d_sense)
-                    self.send(n.fe.ident, {"op": Op.REPORT_AEN, "nexus": n.id, "lun": lu.lun,
-                                           "sense": sense}, [])
+                    self.out.report_aen(n.fe.ident, n.id, lu.lun, sense)
 
     def take_ua(self, lu: LogicalUnit, nexus: Nexus) -> tuple[int, int] | None:
         """Report (and clear) the nexus's oldest unit attention on the LU."""
@@ -706,8 +719,7 @@ class Emulator:
             task.data_ready = asyncio.get_running_loop().create_future()
             start = max(task.unsol, task.received)
             if start < need:
-                self.send(task.fe.ident, {"op": Op.RDY_TO_XFER, "tag": task.tag,
-                                          "offset": start, "length": need - start}, [])
+                self.out.rdy_to_xfer(task.fe.ident, task.tag, start, need - start)
             await task.data_ready
             waited = True
         else:
@@ -741,8 +753,7 @@ class Emulator:
 
     def respond(self, fe: FrontEnd, tag: int, status: int, sense: bytes | None, resid: int,
                 frames: collections.abc.Iterable = ()) -> None:
-        self.send(fe.ident, {"op": Op.XMIT_RESPONSE, "tag": tag, "status": status,
-                             "sense": sense, "resid": resid}, list(frames))
+        self.out.xmit_response(fe.ident, tag, status, sense, resid, list(frames))
 
     # ------------------------------------------------------------ task management
     def _abort(self, task: Task, status: int | None = None) -> asyncio.Task | None:
@@ -779,8 +790,7 @@ class Emulator:
 
     def _tmf_done(self, fe: FrontEnd, tag: int, response: int,
                   aborted: collections.abc.Iterable[int] = ()) -> None:
-        self.send(fe.ident, {"op": Op.TMF_DONE, "tag": tag, "response": response,
-                             "aborted": list(aborted)}, [])
+        self.out.task_mgmt_fn_done(fe.ident, tag, response, list(aborted))
 
     def _all_nexus_keys(self, target: str) -> list[str]:
         return list(self._target_keys.get(target, ()))

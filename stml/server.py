@@ -21,6 +21,7 @@ import zmq
 
 from backends import BackendError, open_backend
 from stml.api import BufferPool, Channel, Op, SharedRegion, StreamChannel, pack, stream_path, unpack
+from stml.api.messages import TO_STML, check
 from stml.config import Config, ConfigError, StartupError
 from stml.emulator import Emulator, Target
 from stml.lu import LogicalUnit
@@ -172,9 +173,9 @@ class StmlServer:
 
     def _send(self, ident: bytes, header: dict[str, Any], frames: list) -> None:
         op = header["op"]
-        if op == "xmit_response":
+        if op == Op.XMIT_RESPONSE:
             self.metrics.xmit_response(ident, header)
-        elif op == "task_mgmt_fn_done" and header.get("aborted"):
+        elif op == Op.TMF_DONE and header.get("aborted"):
             self.metrics.aborted(ident, header["aborted"])
         stream = self.streams.get(ident)
         if stream is not None:
@@ -304,9 +305,10 @@ class StmlServer:
         """A closed stream is a front end gone for good (it reconnects as a
         new one): its nexuses are released now, not after heartbeats."""
         del self.streams[ident]
-        if ident in self.emulator.front_ends:
-            log.info("front end %s closed its stream", self.emulator.front_ends[ident].name)
-            self._receive([ident, pack({"op": Op.DEREGISTER})])
+        fe = self.emulator.front_ends.get(ident)
+        if fe is not None:
+            log.info("front end %s closed its stream", fe.name)
+            self.emulator.release_front_end(fe, "deregistered")
 
     async def serve(self, stop: asyncio.Event) -> None:
         try:
@@ -372,23 +374,27 @@ class StmlServer:
             log.warning("refused a message from %s: %s", ident.hex(), e)
             return
         op = header["op"]
-        if op == "rx_cmnd":
+        if op == Op.RX_CMND:
             self.metrics.rx_cmnd(ident, header, self.emulator.front_ends.get(ident))
-        elif op == "mgmt":
-            self.mgmt.handle(ident, header)
-            return
-        elif op == Op.PORTAL_STATE:
-            self._portal_state(ident, header)
+        elif op == Op.MGMT or op == Op.PORTAL_STATE:
+            error = check(header, TO_STML)
+            if error is not None:
+                log.warning("refused a message from %s: %s", ident.hex(), error)
+                if op == Op.MGMT and type(header.get("id")) is int:
+                    self.emulator.out.mgmt_reply(ident, header["id"], False, error=error)
+            elif op == Op.MGMT:
+                self.mgmt.handle(ident, header)
+            else:
+                self._portal_state(ident, header)
             return
         self.emulator.handle(ident, header, frames[2:])
 
     def _portal_state(self, ident: bytes, header: dict[str, Any]) -> None:
         """A front end that follows the portal list says which it listens on."""
-        portals = header.get("portals")
-        if not isinstance(portals, list) or not header.get("follows"):
+        if not header["follows"]:
             self._portal_states.pop(ident, None)
         else:
-            self._portal_states[ident] = [p for p in portals if isinstance(p, dict)][:1024]
+            self._portal_states[ident] = header["portals"][:1024]
         if self._portal_news is not None:
             self._portal_news.set()
 

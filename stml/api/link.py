@@ -12,7 +12,7 @@ from typing import Any, Callable, Protocol
 
 import zmq
 
-from stml.api.messages import CONTRACT_VERSION, Detect, Op, pack, unpack
+from stml.api.messages import CONTRACT_VERSION, FROM_STML, Detect, Op, check, pack, unpack
 from stml.api.shm import SharedRegion
 from stml.api.stream import StreamChannel, listening, stream_path
 from stml.api.zmq_carrier import Channel
@@ -93,7 +93,7 @@ class FrontEndLink:
         }
 
     # -- calls toward the STML ------------------------------------------------
-    def send(self, header: dict[str, Any], data: list | tuple = ()) -> None:
+    def _send(self, header: dict[str, Any], data: list | tuple = ()) -> None:
         """Queue one message (never blocks; ZeroMQ buffers while disconnected)."""
         if self._channel is None:
             return
@@ -103,28 +103,33 @@ class FrontEndLink:
     def register_nexus(self, nexus: int, initiator: str, target: str, tpg: int) -> None:
         info = {"initiator": initiator, "target": target, "tpg": tpg}
         self.nexuses[nexus] = info
-        self.send({"op": Op.REGISTER_NEXUS, "nexus": nexus, **info})
+        self._send({"op": Op.REGISTER_NEXUS, "nexus": nexus, **info})
 
     def scsi_release(self, nexus: int) -> None:
         if self.nexuses.pop(nexus, None) is not None:
-            self.send({"op": Op.RELEASE_NEXUS, "nexus": nexus})
+            self._send({"op": Op.RELEASE_NEXUS, "nexus": nexus})
 
     def rx_cmnd(self, tag: int, nexus: int, lun: int, cdb: bytes, attr: int, direction: int,
                 length: int, unsol: int = 0, data: list | tuple = ()) -> None:
-        self.send({"op": Op.RX_CMND, "tag": tag, "nexus": nexus, "lun": lun, "cdb": cdb,
+        self._send({"op": Op.RX_CMND, "tag": tag, "nexus": nexus, "lun": lun, "cdb": cdb,
                    "attr": attr, "dir": direction, "len": length, "unsol": unsol}, data)
 
     def scsi_rx_data(self, tag: int, offset: int, data: list | tuple, error: str | None = None) -> None:
         header = {"op": Op.RX_DATA, "tag": tag, "offset": offset}
         if error:
             header["error"] = error
-        self.send(header, data)
+        self._send(header, data)
 
     def rx_task_mgmt_fn(self, tag: int, nexus: int, fn: int, lun: int, ref: int | None) -> None:
-        self.send({"op": Op.RX_TMF, "tag": tag, "nexus": nexus, "fn": fn, "lun": lun, "ref": ref})
+        self._send({"op": Op.RX_TMF, "tag": tag, "nexus": nexus, "fn": fn, "lun": lun, "ref": ref})
 
     def scsi_target_done(self, tags: list[int]) -> None:
-        self.send({"op": Op.DONE, "tags": tags})
+        self._send({"op": Op.DONE, "tags": tags})
+
+    def portal_state(self, portals: list[dict[str, Any]]) -> None:
+        """The portals of the STML's list we listen on, and why not the others
+        (a front end that follows the STML's portal list, after each change)."""
+        self._send({"op": Op.PORTAL_STATE, "follows": True, "portals": portals})
 
     def flush(self) -> None:
         """Send what is queued now instead of at the end of this loop
@@ -236,7 +241,7 @@ class FrontEndLink:
             self._register()
 
     def _register(self) -> None:
-        self.send({"op": Op.REGISTER, "version": list(self.version), "kind": self.kind,
+        self._send({"op": Op.REGISTER, "version": list(self.version), "kind": self.kind,
                    "name": self.name, "heartbeat_ms": int(self.heartbeat * 1000),
                    "aen": self.aen})
 
@@ -265,9 +270,13 @@ class FrontEndLink:
         self._last_rx = time.monotonic()
         try:
             header = unpack(frames[0])
-            handler = self._dispatch[header["op"]]
-        except (ValueError, KeyError):
-            log.warning("ignoring malformed message from the STML")
+        except ValueError as e:
+            log.warning("refused a message from the STML: %s", e)
+            return
+        error = check(header, FROM_STML)
+        handler = self._dispatch.get(header["op"])
+        if error is not None or handler is None:
+            log.warning("refused a message from the STML: %s", error or f"{header['op']} is not for us")
             return
         try:
             handler(header, frames[1:])
@@ -292,9 +301,9 @@ class FrontEndLink:
                 self._register()
             elif usage is not None and now - self._last_usage >= self.heartbeat:
                 self._last_usage = now
-                self.send({"op": Op.HEARTBEAT, "usage": usage()})
+                self._send({"op": Op.HEARTBEAT, "usage": usage()})
             elif now - self._last_tx >= self.heartbeat:
-                self.send({"op": Op.HEARTBEAT})
+                self._send({"op": Op.HEARTBEAT})
 
     def _lost(self) -> None:
         self.connected.clear()
@@ -303,12 +312,18 @@ class FrontEndLink:
     def _on_detect(self, header: dict[str, Any], frames: list) -> None:
         if header.get("error"):
             raise RegistrationRefused(header["error"])
+        try:
+            detect = Detect.from_header(header)
+        except (KeyError, TypeError, ValueError) as e:
+            log.warning("refused a detect from the STML: a target, LUN or portal is malformed (%s: %s)",
+                        type(e).__name__, e)
+            return
         was_connected = self.connected.is_set()
-        self.detect_info = Detect.from_header(header)
+        self.detect_info = detect
         self.connected.set()
         if not was_connected:
             for nexus, info in self.nexuses.items():
-                self.send({"op": Op.REGISTER_NEXUS, "nexus": nexus, **info})
+                self._send({"op": Op.REGISTER_NEXUS, "nexus": nexus, **info})
         self.handler.detect(self.detect_info)
 
     def _on_drop_nexus(self, header: dict[str, Any], frames: list) -> None:
@@ -329,7 +344,7 @@ class FrontEndLink:
         if self._channel is None:
             return
         if self.connected.is_set():
-            self.send({"op": Op.DEREGISTER})
+            self._send({"op": Op.DEREGISTER})
         assert self._timer is not None   # a channel is opened only by start() and the timer's retries
         self._timer.cancel()
         await asyncio.gather(self._timer, return_exceptions=True)
@@ -337,3 +352,69 @@ class FrontEndLink:
         self._channel = None
         self.connected.clear()
 
+
+
+Transport = Callable[[bytes, dict[str, Any], list], None]   # (peer ident, header, data frames)
+
+
+class StmlSender:
+    """The STML's end: every message it sends, as a method, so the headers
+    are written here and nowhere else. `transport` carries a header (and the
+    data frames) to the peer named by its ident."""
+
+    def __init__(self, transport: Transport) -> None:
+        self.transport = transport
+
+    def detect(self, ident: bytes, *, stml: str, heartbeat_ms: int, limits: dict[str, Any],
+               discovery: dict[str, Any], portals: list[dict[str, Any]],
+               targets: list[dict[str, Any]]) -> None:
+        self.transport(ident, {"op": Op.DETECT, "version": list(CONTRACT_VERSION), "stml": stml,
+                               "heartbeat_ms": heartbeat_ms, "limits": limits, "discovery": discovery,
+                               "portals": portals, "targets": targets}, [])
+
+    def refuse(self, ident: bytes, reason: str) -> None:
+        """A registration refused: `detect` with the reason."""
+        self.transport(ident, {"op": Op.DETECT, "version": list(CONTRACT_VERSION), "error": reason}, [])
+
+    def release(self, ident: bytes, reason: str) -> None:
+        self.transport(ident, {"op": Op.RELEASE, "reason": reason}, [])
+
+    def heartbeat(self, ident: bytes) -> None:
+        self.transport(ident, {"op": Op.HEARTBEAT}, [])
+
+    def nexus_ready(self, ident: bytes, nexus: int, error: str | None = None) -> None:
+        header: dict[str, Any] = {"op": Op.NEXUS_READY, "nexus": nexus}
+        if error is not None:
+            header["error"] = error
+        self.transport(ident, header, [])
+
+    def rdy_to_xfer(self, ident: bytes, tag: int, offset: int, length: int) -> None:
+        self.transport(ident, {"op": Op.RDY_TO_XFER, "tag": tag, "offset": offset, "length": length}, [])
+
+    def xmit_response(self, ident: bytes, tag: int, status: int, sense: bytes | None, resid: int,
+                      data: list) -> None:
+        self.transport(ident, {"op": Op.XMIT_RESPONSE, "tag": tag, "status": status, "sense": sense,
+                               "resid": resid}, data)
+
+    def task_mgmt_fn_done(self, ident: bytes, tag: int, response: int, aborted: list[int]) -> None:
+        self.transport(ident, {"op": Op.TMF_DONE, "tag": tag, "response": response, "aborted": aborted}, [])
+
+    def report_aen(self, ident: bytes, nexus: int | None, lun: int, sense: bytes) -> None:
+        self.transport(ident, {"op": Op.REPORT_AEN, "nexus": nexus, "lun": lun, "sense": sense}, [])
+
+    def drop_nexus(self, ident: bytes, nexus: int, reason: str) -> None:
+        self.transport(ident, {"op": Op.DROP_NEXUS, "nexus": nexus, "reason": reason}, [])
+
+    def mgmt_reply(self, ident: bytes, rid: int | None, ok: bool, result: Any = None,
+                   error: str | None = None) -> None:
+        header: dict[str, Any] = {"op": Op.MGMT_REPLY, "id": rid, "ok": ok}
+        if ok:
+            header["result"] = result
+        else:
+            header["error"] = error
+        self.transport(ident, header, [])
+
+
+def mgmt_request(rid: int, cmd: str, args: dict[str, Any]) -> bytes:
+    """A packed `mgmt` request (the management client's one message)."""
+    return pack({"op": Op.MGMT, "id": rid, "cmd": cmd, "args": args})

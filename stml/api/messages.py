@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import msgpack
 
@@ -168,3 +168,279 @@ class Detect:
 
     def target(self, name: str) -> Target | None:
         return next((t for t in self.targets if t.name == name), None)
+
+
+# ---------------------------------------------------------------- the message table
+
+NoneType = type(None)
+
+
+@dataclass(frozen=True, slots=True)
+class Kind:
+    """A field's type: its name in docs/contract.md, the Python types a decoded
+    value may have (exactly: a bool is no int; none listed: anything), and
+    for a list the types of its items."""
+    name: str
+    types: tuple[type, ...]
+    items: tuple[type, ...] | None = None
+
+    def accepts(self, value: Any) -> bool:
+        if not self.types:
+            return True
+        if type(value) not in self.types:
+            return False
+        return self.items is None or type(value) is not list or all(type(v) in self.items for v in value)
+
+
+INT = Kind("int", (int,))
+STR = Kind("str", (str,))
+BYTES = Kind("bytes", (bytes,))
+BOOL = Kind("bool", (bool,))
+MAP = Kind("map", (dict,))
+ANY = Kind("any", ())
+INT_OR_NONE = Kind("int|nil", (int, NoneType))
+BYTES_OR_NONE = Kind("bytes|nil", (bytes, NoneType))
+INTS = Kind("[int]", (list,), (int,))
+STRS = Kind("[str]", (list,), (str,))
+MAPS = Kind("[map]", (list,), (dict,))
+VERSION = Kind("[int, int]", (list,), (int,))
+
+
+@dataclass(frozen=True, slots=True)
+class Field:
+    name: str
+    kind: Kind
+    doc: str
+    required: bool = True
+    since: tuple[int, int] = (1, 0)
+
+
+class Direction(enum.Enum):
+    TO_STML = "to the STML"
+    FROM_STML = "from the STML"
+
+
+_MISSING = object()
+
+
+@dataclass(frozen=True)
+class Message:
+    """One message of the contract: who sends it, its header fields, what
+    data frames follow the header, and the contract version it appeared in.
+    check() validates a decoded header against it."""
+    op: Op
+    direction: Direction
+    group: str          # "front end", "management" or "carrier": where docs/contract.md lists it
+    doc: str
+    fields: tuple[Field, ...] = ()
+    frames: str = ""    # the data frames after the header; "" for none
+    since: tuple[int, int] = (1, 0)
+    _fast: Callable[[dict[str, Any]], bool] | None = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_fast", _compile_fast(self.fields))
+
+    def check(self, header: dict[str, Any]) -> str | None:
+        """None when the header fits, else what is wrong with it. Fields the
+        table does not name are ignored (a newer peer may send more)."""
+        if self._fast is not None and self._fast(header):
+            return None
+        for f in self.fields:
+            value = header.get(f.name, _MISSING)
+            if value is _MISSING:
+                if f.required:
+                    return f"{f.name} is missing"
+            elif not f.kind.accepts(value):
+                if type(value) in f.kind.types:
+                    return f"{f.name} is not {f.kind.name} (an item is of another type)"
+                return f"{f.name} is {type(value).__name__}, not {f.kind.name}"
+        return None
+
+
+def _compile_fast(fields: tuple[Field, ...]) -> Callable[[dict[str, Any]], bool] | None:
+    """The check of the usual header (every field there, of its first type) as
+    one expression compiled from the table: rx_cmnd and xmit_response pass it
+    once per command, and a loop over the fields cost three times as much.
+    None when a field is a list (its items need a loop) or of any type."""
+    if not fields or any(f.kind.items is not None or not f.kind.types for f in fields):
+        return None
+    tests = " and ".join(f"type(h[{f.name!r}]) is t{i}" for i, f in enumerate(fields))
+    namespace: dict[str, Any] = {f"t{i}": f.kind.types[0] for i, f in enumerate(fields)}
+    exec(f"def fast(h):\n    try:\n        return {tests}\n    except KeyError:\n"
+         f"        return False\n", namespace)
+    return namespace["fast"]
+
+
+_TO, _FROM = Direction.TO_STML, Direction.FROM_STML
+_TAG = Field("tag", INT, "the front end's task id, unique among its live tasks")
+_NEXUS = Field("nexus", INT, "the I_T nexus, numbered by the front end (unique within it)")
+
+MESSAGES: tuple[Message, ...] = (
+    # ------------------------------------------------------------ front end -> STML
+    Message(Op.REGISTER, _TO, "front end",
+            "Announce a front end. The STML answers `detect`; with `error` when the major "
+            "version differs or the header is malformed (the front end must not go on).", (
+                Field("version", VERSION, "the contract version the front end speaks: [major, minor]"),
+                Field("kind", STR, "what it is, e.g. \"iscsi\", \"loopback\""),
+                Field("name", STR, "unique among the STML's front ends; shown by `status`"),
+                Field("heartbeat_ms", INT, "its heartbeat interval (default 1000)", False),
+                Field("aen", BOOL, "it wants `report_aen` (default false)", False),
+            )),
+    Message(Op.DEREGISTER, _TO, "front end",
+            "Orderly goodbye: the STML releases every nexus of this front end."),
+    Message(Op.REGISTER_NEXUS, _TO, "front end",
+            "A new I_T nexus (iSCSI: a session). Answered by `nexus_ready`. A target name "
+            "over 223 bytes (MAX_NAME_LEN), or an initiator over MAX_PORT_NAME_LEN, is refused.", (
+                _NEXUS,
+                Field("initiator", STR, "the initiator port (iSCSI: \"IQN,i,0xISID\")"),
+                Field("target", STR, "a target `detect` listed"),
+                Field("tpg", INT, "the target portal group tag it came through"),
+            )),
+    Message(Op.RELEASE_NEXUS, _TO, "front end",
+            "The nexus is gone: the STML frees its state and aborts its tasks (I_T nexus loss).",
+            (_NEXUS,)),
+    Message(Op.RX_CMND, _TO, "front end",
+            "A new SCSI command. A header that names a command (tag, nexus, cdb) but has a bad "
+            "count field is answered with CHECK CONDITION (lun: LOGICAL UNIT NOT SUPPORTED, "
+            "else INVALID FIELD IN CDB); other malformed ones are refused.", (
+                _TAG, _NEXUS,
+                Field("lun", INT, "the logical unit number"),
+                Field("cdb", BYTES, "the CDB, as the initiator sent it (not empty)"),
+                Field("attr", INT, "a TaskAttr (default SIMPLE)", False),
+                Field("dir", INT, "a DataDir bit set (default NONE)", False),
+                Field("len", INT, "the initiator's expected data transfer length (default 0)", False),
+                Field("unsol", INT, "bytes of write data that arrive without `rdy_to_xfer` "
+                      "(immediate + unsolicited; default 0)", False),
+            ), "immediate data"),
+    Message(Op.RX_DATA, _TO, "front end",
+            "Write data: unsolicited data, or data that `rdy_to_xfer` asked for.", (
+                _TAG,
+                Field("offset", INT, "where the data goes in the command's data-out buffer"),
+                Field("error", STR, "the transport could not deliver the data (e.g. an iSCSI "
+                      "DataSN error): the STML ends the command with ABORTED COMMAND", False),
+            ), "write data at offset"),
+    Message(Op.RX_TMF, _TO, "front end",
+            "A task management function.", (
+                _TAG, _NEXUS,
+                Field("fn", INT, "a Tmf"),
+                Field("lun", INT, "the LUN it concerns (default 0)", False),
+                Field("ref", INT_OR_NONE, "the tag of the task for ABORT TASK and QUERY TASK", False),
+            )),
+    Message(Op.DONE, _TO, "front end",
+            "These responses are on the wire: the front end no longer uses their data. Sent "
+            "for every `xmit_response`, batched; the read data's shared memory goes back "
+            "with it (stream carrier).", (
+                Field("tags", INTS, "the tasks whose responses were delivered"),
+            )),
+    Message(Op.HEARTBEAT, _TO, "front end",
+            "Liveness: a front end silent for three heartbeat intervals is released.", (
+                Field("usage", MAP, "what the front end buffers ({str: int} bytes: limit, used, "
+                      "peak, and by kind), shown by `status`; a front end that sends it sends a "
+                      "heartbeat every interval, busy or not", False, (1, 3)),
+            )),
+    Message(Op.PORTAL_STATE, _TO, "front end",
+            "(optional) An iSCSI front end that follows the STML's portal list says, after "
+            "each change of it, which portals it listens on and why not the others; `portal "
+            "add` waits for it, `portal list` and `status` show it.", (
+                Field("follows", BOOL, "it listens on the STML's portal list"),
+                Field("portals", MAPS, "{host, port, tpgt, listening: bool, bound_port?: int, "
+                      "error?: str} per portal of the list"),
+            ), since=(1, 3)),
+    # ------------------------------------------------------------ STML -> front end
+    Message(Op.DETECT, _FROM, "front end",
+            "What the STML offers; sent again, unasked, when targets, LUNs or portals change. "
+            "Target = {name, alias, luns: [Lun], access: {acl: [iqn], chap: {user, secret}|nil, "
+            "mutual: {...}|nil}}; Lun = {lun, block_size, blocks, ro, removable}.", (
+                Field("version", VERSION, "the STML's contract version"),
+                Field("error", STR, "the registration is refused (nothing else is sent)", False),
+                Field("stml", STR, "the STML's name", False),
+                Field("targets", MAPS, "the targets", False),
+                Field("limits", MAP, "{max_transfer, queue_depth}", False),
+                Field("discovery", MAP, "{chap: {user, secret}|nil}: discovery session access", False),
+                Field("heartbeat_ms", INT, "the STML's heartbeat interval", False),
+                Field("portals", MAPS, "[{host, port, tpgt}]: the STML's configured portal list; "
+                      "an iSCSI front end started without portals of its own listens on exactly "
+                      "these (port 0: any free port)", False, (1, 1)),
+            )),
+    Message(Op.NEXUS_READY, _FROM, "front end",
+            "The answer to `register_nexus`.", (
+                _NEXUS,
+                Field("error", STR, "the nexus was refused (e.g. no such target)", False),
+            )),
+    Message(Op.RELEASE, _FROM, "front end",
+            "The STML is going away or no longer knows this front end: register again.", (
+                Field("reason", STR, "why"),
+            )),
+    Message(Op.RDY_TO_XFER, _FROM, "front end",
+            "Send this much write data now (iSCSI: R2Ts).", (
+                _TAG,
+                Field("offset", INT, "the first byte wanted"),
+                Field("length", INT, "how many bytes"),
+            )),
+    Message(Op.XMIT_RESPONSE, _FROM, "front end",
+            "The command is done. The front end sends `scsi_target_done` for it once the "
+            "response is on the wire (its read data is valid until then).", (
+                _TAG,
+                Field("status", INT, "a Status"),
+                Field("sense", BYTES_OR_NONE, "sense data (CHECK CONDITION)", False),
+                Field("resid", INT, "> 0: underflow, < 0: overflow, in bytes (default 0)", False),
+            ), "read data"),
+    Message(Op.TMF_DONE, _FROM, "front end",
+            "Sent only after every task the TMF affects is gone; aborted tasks get no "
+            "`xmit_response` at all.", (
+                _TAG,
+                Field("response", INT, "a TmfResponse"),
+                Field("aborted", INTS, "the tags of the front end's tasks it aborted", False),
+            )),
+    Message(Op.REPORT_AEN, _FROM, "front end",
+            "An asynchronous event (a unit attention), for front ends that registered with aen.", (
+                Field("nexus", INT_OR_NONE, "the nexus (nil: every nexus of the front end)", False),
+                Field("lun", INT, "the LUN"),
+                Field("sense", BYTES, "the unit attention's sense data"),
+            )),
+    Message(Op.DROP_NEXUS, _FROM, "front end",
+            "End this I_T nexus (management `session drop`): the front end ends the session "
+            "(iSCSI: an Async Message \"dropping all connections\", then the connections close) "
+            "and sends `scsi_release`. The STML has already released the nexus.", (
+                _NEXUS,
+                Field("reason", STR, "why", False),
+            ), since=(1, 1)),
+    Message(Op.HEARTBEAT, _FROM, "front end",
+            "Liveness: an STML silent for three heartbeat intervals is given up (register again)."),
+    # ------------------------------------------------------------ management
+    Message(Op.MGMT, _TO, "management",
+            "A management request from any peer the endpoint admits (no registration needed); "
+            "`cmd` names one of stml.mgmt's commands (status, target_add, lun_add, portal_add, "
+            "session_drop, ...). Changes are hot and saved to the config file.", (
+                Field("id", INT, "echoed in the reply"),
+                Field("cmd", STR, "the command"),
+                Field("args", MAP, "its arguments", False),
+            )),
+    Message(Op.MGMT_REPLY, _FROM, "management",
+            "The answer to `mgmt`, to the requester.", (
+                Field("id", INT, "the request's id"),
+                Field("ok", BOOL, "it succeeded"),
+                Field("result", ANY, "what the command returns", False),
+                Field("error", STR, "why it failed", False),
+            )),
+    # ------------------------------------------------------------ carrier
+    Message(Op.BATCH, _TO, "carrier",
+            "ZeroMQ only, either way: several messages in one ZeroMQ message (those sent in "
+            "one loop iteration to one peer). The receiver splits it and handles them in order.", (
+                Field("n", INTS, "the frame count of each message (header included)"),
+            ), "each message's frames, header first"),
+)
+
+# what each side receives, by op (batch is split by the ZeroMQ carrier before anyone looks)
+TO_STML: dict[str, Message] = {m.op.value: m for m in MESSAGES if m.direction is _TO and m.op is not Op.BATCH}
+FROM_STML: dict[str, Message] = {m.op.value: m for m in MESSAGES if m.direction is _FROM}
+
+
+def check(header: dict[str, Any], received: dict[str, Message]) -> str | None:
+    """None when a decoded header is one of the `received` messages (TO_STML or
+    FROM_STML) and fits the table, else the reason to refuse it (for the log)."""
+    spec = received.get(header["op"])
+    if spec is None:
+        return f"unknown op {header['op']!r}"
+    error = spec.check(header)
+    return None if error is None else f"malformed {spec.op.value}: {error}"

@@ -386,7 +386,7 @@ class StreamChannel:
         self._dispatching = True
         try:
             while not self.closed and (item := framer.next()) is not None:
-                if type(item) is Control:
+                if isinstance(item, Control):
                     self._control(item)
                     continue
                 frames, special = item
