@@ -78,6 +78,7 @@ class FrontEnd:
     nexuses: dict[int, Nexus] = field(default_factory=dict)
     tasks: dict[int, Task] = field(default_factory=dict)
     usage: dict[str, int] = field(default_factory=dict)   # what it buffers (heartbeat, 1.3)
+    caps: frozenset[str] = frozenset()   # capabilities it offered and we granted (1.4)
 
 
 class Task:
@@ -235,6 +236,9 @@ class Emulator:
         # memory read data is read into, per front end: the process shell may
         # hand out memory the front end shares (stml.server, same-host carrier)
         self.read_buffer: Callable[[bytes, int], Any] = lambda ident, size: bytearray(size)
+        # the capabilities the carrier of a front end supports (stml.server: a
+        # write region on the stream carrier); granted when a front end offers them
+        self.carrier_caps: Callable[[bytes], frozenset[str]] = lambda ident: frozenset()
         self.name = name
         self.heartbeat = heartbeat_ms / 1000
         self.max_transfer = max_transfer
@@ -298,10 +302,10 @@ class Emulator:
         t = self.targets.get(target)
         return t.luns.get(lun) if t else None
 
-    def send_detect(self, ident: bytes) -> None:
+    def send_detect(self, fe: FrontEnd) -> None:
         """What this STML offers (contract: detect)."""
         self.out.detect(
-            ident, stml=self.name, heartbeat_ms=int(self.heartbeat * 1000),
+            fe.ident, stml=self.name, heartbeat_ms=int(self.heartbeat * 1000), caps=sorted(fe.caps),
             limits={"max_transfer": self.max_transfer, "queue_depth": self.queue_depth},
             discovery=self.discovery, portals=self.portals,
             targets=[{"name": t.name, "alias": t.alias, "access": t.access,
@@ -355,16 +359,18 @@ class Emulator:
             log.warning("front end %r refused: %s", h["name"], reason)
             self.out.refuse(ident, reason)
             return
+        caps = frozenset(h.get("caps") or ()) & self.carrier_caps(ident)
         known = self.front_ends.get(ident)
         if known is not None:  # a repeated registration (e.g. queued retries): same state
             known.last_seen = time.monotonic()
-            self.send_detect(ident)
+            known.caps = caps
+            self.send_detect(known)
             return
         fe = FrontEnd(ident, h["name"], h["kind"], bool(h.get("aen")),
-                      max(0.05, h.get("heartbeat_ms", 1000) / 1000), time.monotonic())
+                      max(0.05, h.get("heartbeat_ms", 1000) / 1000), time.monotonic(), caps=caps)
         self.front_ends[ident] = fe
         log.info("front end %s (%s) registered", fe.name, fe.kind)
-        self.send_detect(ident)
+        self.send_detect(fe)
 
     def _deregister(self, fe: FrontEnd, h: dict[str, Any], frames: list) -> None:
         self.release_front_end(fe, "deregistered")

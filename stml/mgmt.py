@@ -125,7 +125,7 @@ class Management:
     def _redetect(self) -> None:
         """Front ends learn the new inventory (contract: detect, sent unasked)."""
         for fe in list(self.em.front_ends.values()):
-            self.em.send_detect(fe.ident)
+            self.em.send_detect(fe)
 
     def _ua(self, lu: LogicalUnit, asc: tuple[int, int], target: str) -> None:
         keys = self._nexus_keys(target)

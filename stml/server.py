@@ -21,7 +21,7 @@ import zmq
 
 from backends import BackendError, open_backend
 from stml.api import BufferPool, Channel, Op, SharedRegion, StreamChannel, pack, stream_path, unpack
-from stml.api.messages import TO_STML, check
+from stml.api.messages import TO_STML, Cap, check
 from stml.config import Config, ConfigError, StartupError
 from stml.emulator import Emulator, Target
 from stml.lu import LogicalUnit
@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("stml")
 WORKER_THREADS = 8   # threads for blocking backend calls, shared fairly among LUs
+STREAM_CAPS = frozenset({Cap.WRITE_REGION.value})
 
 
 def build_targets(config: Config, templates: dict[str, Any]) -> list[Target]:
@@ -160,6 +161,7 @@ class StmlServer:
             self.emulator.targets[t.name] = t
         self.emulator.restore_reservations()   # APTPL state kept under the data dir
         self.emulator.read_buffer = self._read_buffer
+        self.emulator.carrier_caps = self._carrier_caps
         self._lock_fd: int | None = None
         self.listeners: list[socket.socket] = []         # same-host stream sockets
         self.streams: dict[bytes, StreamChannel] = {}    # their connections, by front-end ident
@@ -286,9 +288,14 @@ class StmlServer:
                 self._stream_closed(ident)
 
             # keep_shared: a front end's write data stays in its memory until the command is done
-            self.streams[ident] = StreamChannel(conn, on_message, on_closed, self.pool, region,
-                                                self.poll.touch if self.poll else None,
-                                                keep_shared=True)
+            stream = StreamChannel(conn, on_message, on_closed, self.pool, region,
+                                   self.poll.touch if self.poll else None, keep_shared=True)
+            stream.offer_region()   # first: a front end of any version maps it whenever it comes
+            self.streams[ident] = stream
+
+    def _carrier_caps(self, ident: bytes) -> frozenset[str]:
+        """A front end on the stream may lend us its write region (ZeroMQ has no regions)."""
+        return STREAM_CAPS if ident in self.streams else frozenset()
 
     def _read_buffer(self, ident: bytes, size: int) -> bytearray | memoryview:
         """Read data of 32 KiB and more for a same-host front end goes into

@@ -551,6 +551,7 @@ def test_shared_region_frames_arrive_as_read_only_views_and_come_back() -> None:
         a, b = pair()
         region = SharedRegion(8 * MiB)
         tx = StreamChannel(a, Sink().on_message, lambda: None, region=region)
+        assert tx.offer_region()
         got: list[list[bytes]] = []
         kinds: list[list[tuple[type, bool]]] = []
 
@@ -626,6 +627,7 @@ def test_kept_shared_frames_stay_valid_until_unused_and_regions_go_both_ways() -
         fe = StreamChannel(a, lambda frames: fe_got.append([bytes(f) for f in frames]), lambda: None,
                            region=fe_region)
         stml = StreamChannel(b, kept.append, lambda: None, region=stml_region, keep_shared=True)
+        assert fe.offer_region() and stml.offer_region()
         slots = []
         for data in writes:
             view = fe_region.get(len(data))
@@ -698,6 +700,7 @@ def test_the_stml_hands_write_data_back_when_its_command_ends(end: str) -> None:
         answers: list[dict] = []
         fe = StreamChannel(a, lambda frames: answers.append(unpack(frames[0])), lambda: None,
                            region=region)
+        fe.offer_region()
         executor = ThreadPoolExecutor(1)
         lu = LogicalUnit(target, 0, _SlowRam(8 * MiB), LunOptions(kind="ram", size=8 * MiB),
                          DiskTemplate(OPCODES))

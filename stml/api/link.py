@@ -12,7 +12,7 @@ from typing import Any, Callable, Protocol
 
 import zmq
 
-from stml.api.messages import CONTRACT_VERSION, FROM_STML, Detect, Op, check, pack, unpack
+from stml.api.messages import CONTRACT_VERSION, FROM_STML, Cap, Detect, Op, check, pack, unpack
 from stml.api.shm import SharedRegion
 from stml.api.stream import StreamChannel, listening, stream_path
 from stml.api.zmq_carrier import Channel
@@ -71,6 +71,7 @@ class FrontEndLink:
         self.curve = curve
         self.connected = asyncio.Event()
         self.detect_info: Detect | None = None
+        self.caps: frozenset[str] = frozenset()   # what the STML granted in its last detect
         self.nexuses: dict[int, dict[str, Any]] = {}
         self._channel: Channel | StreamChannel | None = None
         self._last_rx = 0.0
@@ -176,7 +177,7 @@ class FrontEndLink:
         scsi_rx_data), or None: use ordinary memory. The STML hands it back
         once its command is done with it."""
         channel = self._channel
-        if isinstance(channel, StreamChannel) and channel.region is not None:
+        if isinstance(channel, StreamChannel) and channel.region_offered and channel.region is not None:
             return channel.region.get(size)
         return None
 
@@ -241,9 +242,15 @@ class FrontEndLink:
             self._register()
 
     def _register(self) -> None:
+        """Register, offering what this link can do on its carrier (1.4): a
+        write region only on a stream that has one. An STML older than 1.4
+        ignores the offer and grants nothing, so nothing is used that it
+        does not know."""
+        channel = self._channel
+        caps = [Cap.WRITE_REGION] if isinstance(channel, StreamChannel) and channel.region else []
         self._send({"op": Op.REGISTER, "version": list(self.version), "kind": self.kind,
-                   "name": self.name, "heartbeat_ms": int(self.heartbeat * 1000),
-                   "aen": self.aen})
+                    "name": self.name, "heartbeat_ms": int(self.heartbeat * 1000),
+                    "aen": self.aen, "caps": caps})
 
     def start(self) -> None:
         """Connect and register; the link then runs until close()."""
@@ -318,6 +325,10 @@ class FrontEndLink:
             log.warning("refused a detect from the STML: a target, LUN or portal is malformed (%s: %s)",
                         type(e).__name__, e)
             return
+        self.caps = frozenset(header.get("caps") or ())
+        channel = self._channel
+        if Cap.WRITE_REGION in self.caps and isinstance(channel, StreamChannel):
+            channel.offer_region()
         was_connected = self.connected.is_set()
         self.detect_info = detect
         self.connected.set()
@@ -367,10 +378,10 @@ class StmlSender:
 
     def detect(self, ident: bytes, *, stml: str, heartbeat_ms: int, limits: dict[str, Any],
                discovery: dict[str, Any], portals: list[dict[str, Any]],
-               targets: list[dict[str, Any]]) -> None:
+               targets: list[dict[str, Any]], caps: list[str]) -> None:
         self.transport(ident, {"op": Op.DETECT, "version": list(CONTRACT_VERSION), "stml": stml,
                                "heartbeat_ms": heartbeat_ms, "limits": limits, "discovery": discovery,
-                               "portals": portals, "targets": targets}, [])
+                               "portals": portals, "targets": targets, "caps": caps}, [])
 
     def refuse(self, ident: bytes, reason: str) -> None:
         """A registration refused: `detect` with the reason."""

@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import msgpack
 
-CONTRACT_VERSION = (1, 3)
+CONTRACT_VERSION = (1, 4)
 # an iSCSI name is at most 223 bytes (RFC 7143 4.2.7.1): initiator and target names
 # in register_nexus are held to it (an initiator port name adds ",i,0x" and 12 hex digits)
 MAX_NAME_LEN = 223
@@ -42,6 +42,14 @@ class Op(enum.StrEnum):
     MGMT_REPLY = "mgmt_reply"
     # the ZeroMQ carrier: several messages in one
     BATCH = "batch"
+
+
+class Cap(enum.StrEnum):
+    """Capabilities (1.4): offered in register_target_front_end, granted in
+    detect; either side uses one only when the other granted or offered it."""
+    # the front end lends the STML a shared region for write data (stream carrier):
+    # it sends the region after a detect that grants this
+    WRITE_REGION = "write_region"
 
 
 class DataDir(enum.IntFlag):
@@ -285,6 +293,8 @@ MESSAGES: tuple[Message, ...] = (
                 Field("name", STR, "unique among the STML's front ends; shown by `status`"),
                 Field("heartbeat_ms", INT, "its heartbeat interval (default 1000)", False),
                 Field("aen", BOOL, "it wants `report_aen` (default false)", False),
+                Field("caps", STRS, "the capabilities (Cap) it offers; `detect` grants those the "
+                      "STML has too", False, (1, 4)),
             )),
     Message(Op.DEREGISTER, _TO, "front end",
             "Orderly goodbye: the STML releases every nexus of this front end."),
@@ -361,6 +371,8 @@ MESSAGES: tuple[Message, ...] = (
                 Field("portals", MAPS, "[{host, port, tpgt}]: the STML's configured portal list; "
                       "an iSCSI front end started without portals of its own listens on exactly "
                       "these (port 0: any free port)", False, (1, 1)),
+                Field("caps", STRS, "the offered capabilities (Cap) the STML grants; absent "
+                      "from an older STML: none", False, (1, 4)),
             )),
     Message(Op.NEXUS_READY, _FROM, "front end",
             "The answer to `register_nexus`.", (

@@ -74,7 +74,9 @@ class SharedRegion:
 
     def close(self) -> None:
         """Release the descriptor (the mapping goes with the last view of it)."""
-        os.close(self.fd)
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 def _take_unused(objs: list) -> Any:

@@ -290,7 +290,9 @@ class StreamChannel:
         self.on_closed = on_closed
         self.on_dispatched = on_dispatched   # after the messages of one read
         self.pool = pool or BufferPool()
-        self.region = region            # ours, lent to the peer
+        self.region = region            # ours, to lend the peer once offered
+        self.region_offered = False     # its control message is queued: frames may refer to it
+        self._region_msg: bytes | None = None   # that message, until sent with the descriptor
         self.closed = False
         self.framer = StreamFramer(self.pool.get, self.BIG)
         self._loop = asyncio.get_running_loop()
@@ -310,20 +312,27 @@ class StreamChannel:
         self._freed: list[int] = []     # peer slots to hand back with the next flush
         self._free_timer: asyncio.TimerHandle | None = None
         self._loop.add_reader(self._fd, self._on_readable)
-        if region is not None:   # the peer gets the region first; the descriptor is then its own
-            try:
-                sock.sendmsg([encode_control(CONTROL_REGION, (region.size,))],
-                             [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", region.fd))])
-            except OSError:
-                self.region = None
-            region.close()
+
+    def offer_region(self) -> bool:
+        """Pass our region to the peer (once), after what is already queued:
+        from then on, frames taken from it travel as references. False when
+        there is none to offer."""
+        if self.region is None or self.region_offered or self.closed:
+            return False
+        self._region_msg = encode_control(CONTROL_REGION, (self.region.size,))
+        self._out.append(self._region_msg)
+        self.region_offered = True
+        if not self._flush_scheduled and not self._waiting and not self._dispatching:
+            self._flush_scheduled = True
+            self._loop.call_soon(self.flush)
+        return True
 
     def send(self, frames: list) -> None:
         """Queue a message (header, data...) for this loop iteration."""
         if self.closed:
             return
         region = self.region
-        self._out += encode(frames, region.lend_slot if region is not None else None)
+        self._out += encode(frames, region.lend_slot if self.region_offered and region is not None else None)
         self._queued += 1
         if self._queued >= self.BATCH and not self._waiting:
             self.flush(inline=True)
@@ -347,6 +356,11 @@ class StreamChannel:
         while out and not self.closed:
             try:
                 chunk = out[:_IOV_MAX]
+                if self._region_msg is not None:
+                    cut = self._region_chunk(chunk)
+                    if cut is None:
+                        continue
+                    chunk = cut
                 n = self.sock.sendmsg(chunk)
                 if n == sum(map(len, chunk)):   # all of it (the usual case): no walk in Python
                     del out[:len(chunk)]
@@ -365,6 +379,21 @@ class StreamChannel:
         elif not out and self._waiting:
             self._waiting = False
             self._loop.remove_writer(self._fd)
+
+    def _region_chunk(self, chunk: list) -> list | None:
+        """`chunk` cut short before the region's control message; None when that
+        message is first: then it goes alone, with the descriptor (the peer's
+        from then on: ours is closed)."""
+        at = next((i for i, b in enumerate(chunk) if b is self._region_msg), len(chunk))
+        if at:
+            return chunk[:at]
+        region = self.region
+        assert region is not None   # the message is queued only for a region
+        n = self.sock.sendmsg(chunk[:1], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", region.fd))])
+        self._region_msg = None
+        region.close()
+        _consume(self._out, n)
+        return None
 
     def _on_readable(self) -> None:
         framer = self.framer
@@ -508,6 +537,8 @@ class StreamChannel:
         for fd in self._fds:
             os.close(fd)
         self._fds.clear()
+        if self.region is not None:
+            self.region.close()   # the descriptor, if it was never sent
         if notify:
             self.on_closed()
 
@@ -517,6 +548,8 @@ class StreamChannel:
         if self.closed:
             return
         self._loop.remove_reader(self._fd)
+        if self._region_msg is not None:   # never offered: nothing after it may refer to it
+            del self._out[next(i for i, b in enumerate(self._out) if b is self._region_msg):]
         deadline = time.monotonic() + linger_ms / 1000
         try:
             while self._out and (left := deadline - time.monotonic()) > 0:
