@@ -24,6 +24,7 @@ from backends import BackendError
 from stml import pr
 from stml.api import MAX_NAME_LEN, MAX_PORT_NAME_LEN, DataDir, Op, TaskAttr, Tmf, TmfResponse, version_compatible
 from stml.api.link import StmlSender, Transport
+from stml.api.stream import Lease
 from stml.api.messages import TO_STML, check
 from stml.cdb import check_usage, trim_cdb
 from stml.disk import DiskTemplate, OpEntry, standard_inquiry, trim_views
@@ -41,6 +42,7 @@ log = logging.getLogger("stml")
 _READ, _WRITE = int(DataDir.READ), int(DataDir.WRITE)   # plain ints: IntFlag operators are slow
 
 _COUNT_FIELDS = ("lun", "attr", "dir", "len", "unsol")   # rx_cmnd fields: non-negative ints
+_REGISTER = Op.REGISTER.value   # plain str: an enum member costs an attribute hook per message
 
 BUS_DEVICE_RESET = (0x29, 0x03)
 I_T_NEXUS_LOSS = (0x29, 0x07)
@@ -86,7 +88,7 @@ class Task:
 
     __slots__ = ("emulator", "fe", "tag", "nexus", "lun", "lu", "cdb", "attr", "direction",
                  "exp_len", "unsol", "data_out", "received", "need", "want", "data_ready", "data_error",
-                 "runner", "seq", "abort_status")
+                 "runner", "seq", "abort_status", "held")
 
     def __init__(self, emulator: Emulator, fe: FrontEnd, nexus: Nexus, tag: int, lun: int,
                  cdb: bytes, attr: int, direction: int, exp_len: int, unsol: int,
@@ -111,6 +113,17 @@ class Task:
         self.runner: asyncio.Task | None = None
         self.seq = 0
         self.abort_status: int | None = None   # TASK ABORTED when another nexus aborted it (TAS)
+        # how to give back the carrier's memory the task holds (its write data, the
+        # shared memory of its read data): called once, when the task ends (_forget)
+        self.held: list[Callable[[], None]] | None = None
+
+    def hold(self, release: Callable[[], None]) -> None:
+        """Memory this task keeps until it ends; `release` gives it back."""
+        if self.held is None:
+            self.held = [release]
+        else:
+            self.held.append(release)
+
 
     async def io(self, fn: Callable, *args: Any) -> Any:
         """Run a backend call of the task's LU (see io_on)."""
@@ -230,12 +243,14 @@ class Emulator:
         self.portals: list[dict[str, Any]] = []      # {host, port, tpgt}: sent in detect
         self._seen_tpgs: dict[str, set[int]] = {}    # target -> tags nexuses came through
         self.out = StmlSender(send)   # every message to a front end
+        self._lease: Lease | None = None   # the carrier's hold on the frames of the message in hand
         self.executor = executor
         # an LU holds at most half the threads: one LU's slow calls never stall the others
         self.workers = FairWorkers(executor, threads, max(1, threads // 2))
-        # memory read data is read into, per front end: the process shell may
-        # hand out memory the front end shares (stml.server, same-host carrier)
-        self.read_buffer: Callable[[bytes, int], Any] = lambda ident, size: bytearray(size)
+        # memory a task's read data is read into: the process shell may hand out
+        # memory its front end shares (stml.server, same-host carrier), which the
+        # task then holds (Task.hold) until it ends
+        self.read_buffer: Callable[[Task, int], bytearray | memoryview] = lambda task, size: bytearray(size)
         # the capabilities the carrier of a front end supports (stml.server: a
         # write region on the stream carrier); granted when a front end offers them
         self.carrier_caps: Callable[[bytes], frozenset[str]] = lambda ident: frozenset()
@@ -266,7 +281,7 @@ class Emulator:
             Op.RX_CMND: self._rx_cmnd,
             Op.RX_DATA: self._scsi_rx_data,
             Op.RX_TMF: self._rx_task_mgmt_fn,
-            Op.DONE: lambda fe, h, f: None,
+            Op.DONE: self._responses_sent,
             Op.HEARTBEAT: self._heartbeat,
         }
 
@@ -313,23 +328,29 @@ class Emulator:
                      for t in self.targets.values()])
 
     # ------------------------------------------------------------ dispatch
-    def handle(self, ident: bytes, header: dict[str, Any], frames: list) -> None:
+    def handle(self, ident: bytes, header: dict[str, Any], frames: list,
+               lease: Lease | None = None) -> None:
         """One message from a front end. Never raises: a message that does not
         fit the contract's table (stml.api.messages) is refused with a log line
-        (and, for a command or a registration, an answer saying so)."""
+        (and, for a command or a registration, an answer saying so). `lease`:
+        the carrier's hold on the frames; the task they go to takes it, else
+        they are given back when this returns."""
+        self._lease = lease
         op = header["op"]
         fe = self.front_ends.get(ident)
-        if fe is None and op != Op.REGISTER:
-            self.out.release(ident, "unknown front end: register first")
-            return
-        error = check(header, TO_STML)
-        if error is not None:
-            self._refuse(ident, fe, header, error)
-            return
         try:
-            if fe is None:
+            if fe is None and op != _REGISTER:
+                self.out.release(ident, "unknown front end: register first")
+                return
+            spec = TO_STML.get(op)   # (stml.api.messages.check, without its call: per command)
+            error = spec.verdict(header) if spec is not None else check(header, TO_STML)
+            if error is not None:
+                self._refuse(ident, fe, header, error)
+                return
+            if op == _REGISTER:
                 self._register(ident, header)
                 return
+            assert fe is not None   # (checked above)
             fe.last_seen = time.monotonic()
             handler = self._ops.get(op)
             if handler is None:
@@ -339,6 +360,16 @@ class Emulator:
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             who = fe.name if fe else ident.hex()
             log.warning("malformed %r from %s refused: %s: %s", op, who, type(e).__name__, e)
+        finally:
+            if self._lease is not None:
+                self._lease.release()
+                self._lease = None
+
+    def _take_lease(self, task: Task) -> None:
+        """The frames of the message in hand are the task's until it ends."""
+        if self._lease is not None:
+            task.hold(self._lease.release)
+            self._lease = None
 
     def _refuse(self, ident: bytes, fe: FrontEnd | None, h: dict[str, Any], error: str) -> None:
         """A message that breaks the table: logged; a registration is answered
@@ -371,6 +402,12 @@ class Emulator:
         self.front_ends[ident] = fe
         log.info("front end %s (%s) registered", fe.name, fe.kind)
         self.send_detect(fe)
+
+    @staticmethod
+    def _responses_sent(fe: FrontEnd, h: dict[str, Any], frames: list) -> None:
+        """scsi_target_done: nothing of these tasks is left to free here. A task
+        gave back what it held when it ended (_forget); the shared memory its
+        response lent comes back through the carrier, with this message."""
 
     def _deregister(self, fe: FrontEnd, h: dict[str, Any], frames: list) -> None:
         self.release_front_end(fe, "deregistered")
@@ -488,6 +525,8 @@ class Emulator:
             self._refuse_counts(fe, tag, h)
             return
         task = Task(self, fe, nexus, tag, lun, cdb, attr, direction, exp_len, unsol, frames)
+        if self._lease is not None:
+            self._take_lease(task)
         fe.tasks[tag] = task
         task.runner = start_eagerly(self._execute(task))
         if task.runner is not None:
@@ -523,6 +562,8 @@ class Emulator:
             task.fail_data(CheckCondition(ABORTED_COMMAND, DATA_PHASE_ERROR))
         else:
             task.add_data(h["offset"], frames)
+            if self._lease is not None:
+                self._take_lease(task)
 
     async def _execute(self, task: Task) -> None:
         status, sense = GOOD, None
@@ -577,8 +618,8 @@ class Emulator:
             log.exception("internal error on CDB %s", task.cdb.hex())
             status = CHECK_CONDITION
             sense = build_sense(HARDWARE_ERROR, INTERNAL_TARGET_FAILURE, descriptor)
-        self._forget(task)
         self._complete(task, status, sense, data)
+        self._forget(task)   # after the response took the shared memory it sends
 
     def _pending_ua(self, lu: LogicalUnit, nexus: Nexus) -> tuple[int, int] | None:
         """The unit attention to report; with the control mode page's UA
@@ -735,12 +776,18 @@ class Emulator:
         return waited
 
     def _forget(self, task: Task) -> None:
-        """The task is over: its tag is free, and its write data (maybe a front
-        end's shared memory) is let go now, not when the collector breaks a
-        cycle through an exception that refers to the task."""
+        """The task is over, however it ended: its tag is free, and the memory
+        it held goes back (the one place: its write data, maybe a front end's
+        shared memory or a pooled buffer, and its read data's shared memory,
+        which its front end still holds if the response lent it)."""
         if task.fe.tasks.get(task.tag) is task:
             del task.fe.tasks[task.tag]
         task.data_out = []
+        held = task.held
+        if held is not None:
+            task.held = None
+            for release in held:
+                release()
 
     def _complete(self, task: Task, status: int, sense: bytes | None, data: Any) -> None:
         exp = task.exp_len

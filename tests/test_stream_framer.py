@@ -10,6 +10,7 @@ from typing import Any, Iterable
 
 import pytest
 
+from stml.api.shm import SharedRegion
 from stml.api.stream import (CONTROL_FREE, CONTROL_REGION, MAX_FRAMES, Control, FramingError, SharedRef,
                              StreamFramer, encode)
 
@@ -114,14 +115,20 @@ def test_framing_errors(bad: bytes, reason: str) -> None:
         framer.next()
 
 
-def test_encode_lends_what_lend_takes() -> None:
-    """encode() writes the documented format; frames `lend` claims become
-    (offset, length) references."""
-    lent = memoryview(bytearray(b"L" * 100))
-
-    def lend(f: Any) -> tuple[int, int] | None:
-        return (4096, len(f)) if f is lent else None
-
-    msg = [b"head", lent, b"x"]
-    assert b"".join(bytes(b) for b in encode(msg, lend)) == wire([b"head", (4096, 100), b"x"])
+def test_encode_lends_the_slots_of_its_region() -> None:
+    """encode() writes the documented format; a frame that is a view of a slot
+    someone holds becomes an (offset, length) reference, and the slot is
+    lent; a view of other memory is sent as it is."""
+    region = SharedRegion(1 << 20)
+    first, second = region.get(100), region.get(BIG)
+    assert first is not None and second is not None
+    second[:100] = b"L" * 100
+    other = memoryview(bytearray(b"o" * 10))
+    msg = [b"head", second[:100], other, b"x"]
+    assert b"".join(bytes(b) for b in encode(msg, region)) == wire([b"head", (BIG, 100), b"o" * 10, b"x"])
+    assert region.in_use() == 2
+    region.release(second)
+    assert region.in_use() == 2          # the peer still holds it
+    region.give_back([BIG])
+    assert region.in_use() == 1
     assert b"".join(bytes(b) for b in encode([b"a", b"bc"])) == wire([b"a", b"bc"])

@@ -8,16 +8,22 @@ import os
 import socket
 import time
 import uuid
+from types import SimpleNamespace
 from typing import Any, Callable, Protocol
 
 import zmq
 
 from stml.api.messages import CONTRACT_VERSION, FROM_STML, Cap, Detect, Op, check, pack, unpack
 from stml.api.shm import SharedRegion
-from stml.api.stream import StreamChannel, listening, stream_path
+from stml.api.stream import Lease, StreamChannel, listening, stream_path
 from stml.api.zmq_carrier import Channel
 
 log = logging.getLogger("stml.api")
+# the ops as plain strs, for the headers written per command (an enum member's
+# access costs an attribute hook, several times a plain lookup)
+_O = SimpleNamespace(**{op.name: op.value for op in Op})
+_RX_CMND, _RX_DATA, _DONE = Op.RX_CMND.value, Op.RX_DATA.value, Op.DONE.value
+_RDY_TO_XFER, _XMIT_RESPONSE, _TMF_DONE = Op.RDY_TO_XFER.value, Op.XMIT_RESPONSE.value, Op.TMF_DONE.value
 
 
 class FrontEndHandler(Protocol):
@@ -28,8 +34,9 @@ class FrontEndHandler(Protocol):
     def rdy_to_xfer(self, tag: int, offset: int, length: int) -> None: ...
     def xmit_response(self, tag: int, status: int, sense: bytes | None, resid: int,
                       data: list) -> None: ...
-    # `data`: buffers (bytes or memoryviews), valid until the end of this loop
-    # iteration (they may be shared memory the STML takes back): send or copy them.
+    # `data`: buffers (bytes or memoryviews; maybe memory the STML shares), valid until
+    # the front end calls link.scsi_target_done([tag]): it must, for every response,
+    # once the response is on the wire or dropped.
     def task_mgmt_fn_done(self, tag: int, response: int, aborted: list[int]) -> None: ...
     def report_aen(self, nexus: int | None, lun: int, sense: bytes) -> None: ...
     def link_lost(self) -> None: ...
@@ -79,13 +86,15 @@ class FrontEndLink:
         self._last_usage = 0.0
         self._ended: asyncio.Future | None = None
         self._timer: asyncio.Task | None = None
+        self._leases: dict[int, Lease] = {}   # tag -> the carrier's hold on its read data
+        self._done: list[int] = []            # tags for the next scsi_target_done
+        self._done_timer: asyncio.TimerHandle | None = None
         self._dispatch: dict[str, Callable[[dict[str, Any], list], None]] = {
             Op.DETECT: self._on_detect,
             Op.NEXUS_READY: lambda h, f: handler.nexus_ready(h["nexus"], h.get("error")),
             Op.RELEASE: self._on_release,
             Op.RDY_TO_XFER: lambda h, f: handler.rdy_to_xfer(h["tag"], h["offset"], h["length"]),
-            Op.XMIT_RESPONSE: lambda h, f: handler.xmit_response(
-                h["tag"], h["status"], h.get("sense"), h.get("resid", 0), f),
+            Op.XMIT_RESPONSE: self._on_xmit_response,
             Op.TMF_DONE: lambda h, f: handler.task_mgmt_fn_done(h["tag"], h["response"],
                                                                 h.get("aborted", [])),
             Op.REPORT_AEN: lambda h, f: handler.report_aen(h.get("nexus"), h["lun"], h["sense"]),
@@ -95,42 +104,65 @@ class FrontEndLink:
 
     # -- calls toward the STML ------------------------------------------------
     def _send(self, header: dict[str, Any], data: list | tuple = ()) -> None:
-        """Queue one message (never blocks; ZeroMQ buffers while disconnected)."""
-        if self._channel is None:
+        """Queue one message (never blocks; ZeroMQ buffers while disconnected);
+        responses done since the last one are reported first."""
+        channel = self._channel
+        if channel is None:
             return
         self._last_tx = time.monotonic()
-        self._channel.send([pack(header), *data])
+        if self._done:
+            done, self._done = self._done, []
+            channel.send([pack({"op": _DONE, "tags": done})])
+        channel.send([pack(header), *data])
 
     def register_nexus(self, nexus: int, initiator: str, target: str, tpg: int) -> None:
         info = {"initiator": initiator, "target": target, "tpg": tpg}
         self.nexuses[nexus] = info
-        self._send({"op": Op.REGISTER_NEXUS, "nexus": nexus, **info})
+        self._send({"op": _O.REGISTER_NEXUS, "nexus": nexus, **info})
 
     def scsi_release(self, nexus: int) -> None:
         if self.nexuses.pop(nexus, None) is not None:
-            self._send({"op": Op.RELEASE_NEXUS, "nexus": nexus})
+            self._send({"op": _O.RELEASE_NEXUS, "nexus": nexus})
 
     def rx_cmnd(self, tag: int, nexus: int, lun: int, cdb: bytes, attr: int, direction: int,
                 length: int, unsol: int = 0, data: list | tuple = ()) -> None:
-        self._send({"op": Op.RX_CMND, "tag": tag, "nexus": nexus, "lun": lun, "cdb": cdb,
+        self._send({"op": _RX_CMND, "tag": tag, "nexus": nexus, "lun": lun, "cdb": cdb,
                    "attr": attr, "dir": direction, "len": length, "unsol": unsol}, data)
 
     def scsi_rx_data(self, tag: int, offset: int, data: list | tuple, error: str | None = None) -> None:
-        header = {"op": Op.RX_DATA, "tag": tag, "offset": offset}
+        header = {"op": _RX_DATA, "tag": tag, "offset": offset}
         if error:
             header["error"] = error
         self._send(header, data)
 
     def rx_task_mgmt_fn(self, tag: int, nexus: int, fn: int, lun: int, ref: int | None) -> None:
-        self._send({"op": Op.RX_TMF, "tag": tag, "nexus": nexus, "fn": fn, "lun": lun, "ref": ref})
+        self._send({"op": _O.RX_TMF, "tag": tag, "nexus": nexus, "fn": fn, "lun": lun, "ref": ref})
 
     def scsi_target_done(self, tags: list[int]) -> None:
-        self._send({"op": Op.DONE, "tags": tags})
+        """These responses are on the wire (or dropped): their read data is no
+        longer used. What the carrier lent with them goes back now; the message
+        itself rides on the next one we send, or leaves within a millisecond
+        (one of its own per response would wake the STML once more per command)."""
+        leases = self._leases
+        if leases:
+            for tag in tags:
+                lease = leases.pop(tag, None)
+                if lease is not None:
+                    lease.release()
+        self._done += tags
+        if self._done_timer is None and self._channel is not None:
+            self._done_timer = asyncio.get_running_loop().call_later(0.001, self._done_timeout)
+
+    def _done_timeout(self) -> None:
+        self._done_timer = None
+        if self._done and self._channel is not None:
+            done, self._done = self._done, []
+            self._channel.send([pack({"op": _DONE, "tags": done})])
 
     def portal_state(self, portals: list[dict[str, Any]]) -> None:
         """The portals of the STML's list we listen on, and why not the others
         (a front end that follows the STML's portal list, after each change)."""
-        self._send({"op": Op.PORTAL_STATE, "follows": True, "portals": portals})
+        self._send({"op": _O.PORTAL_STATE, "follows": True, "portals": portals})
 
     def flush(self) -> None:
         """Send what is queued now instead of at the end of this loop
@@ -171,11 +203,19 @@ class FrontEndLink:
         self._channel = StreamChannel(sock, self._on_message, self._stream_closed, region=region,
                                       on_dispatched=getattr(self.handler, "messages_handled", None))
 
+    def release_buffer(self, view: memoryview) -> None:
+        """Give back memory from shared_buffer(), once it was sent (the STML
+        then holds it until its command ends) or instead of sending it."""
+        channel = self._channel
+        if isinstance(channel, StreamChannel) and channel.region is not None:
+            channel.region.release(view)   # a view of an older channel's region: ignored
+
     def shared_buffer(self, size: int) -> memoryview | None:
         """Memory for `size` bytes of write data that reaches a same-host STML
         without crossing the socket (sent as a data frame of rx_cmnd or
-        scsi_rx_data), or None: use ordinary memory. The STML hands it back
-        once its command is done with it."""
+        scsi_rx_data), or None: use ordinary memory. Yours until
+        release_buffer(); sending it lends it to the STML as well, which
+        hands it back when the command ends."""
         channel = self._channel
         if isinstance(channel, StreamChannel) and channel.region_offered and channel.region is not None:
             return channel.region.get(size)
@@ -183,6 +223,7 @@ class FrontEndLink:
 
     def _stream_closed(self) -> None:
         self._channel = None
+        self._drop_leases()
         if self.connected.is_set():
             log.warning("STML at %s closed the link: re-registering", self.endpoint)
             self._lost()
@@ -248,7 +289,7 @@ class FrontEndLink:
         does not know."""
         channel = self._channel
         caps = [Cap.WRITE_REGION] if isinstance(channel, StreamChannel) and channel.region else []
-        self._send({"op": Op.REGISTER, "version": list(self.version), "kind": self.kind,
+        self._send({"op": _O.REGISTER, "version": list(self.version), "kind": self.kind,
                     "name": self.name, "heartbeat_ms": int(self.heartbeat * 1000),
                     "aen": self.aen, "caps": caps})
 
@@ -280,8 +321,10 @@ class FrontEndLink:
         except ValueError as e:
             log.warning("refused a message from the STML: %s", e)
             return
-        error = check(header, FROM_STML)
-        handler = self._dispatch.get(header["op"])
+        op = header["op"]
+        spec = FROM_STML.get(op)   # (messages.check, without its call: per command)
+        error = spec.verdict(header) if spec is not None else check(header, FROM_STML)
+        handler = self._dispatch.get(op)
         if error is not None or handler is None:
             log.warning("refused a message from the STML: %s", error or f"{header['op']} is not for us")
             return
@@ -308,13 +351,21 @@ class FrontEndLink:
                 self._register()
             elif usage is not None and now - self._last_usage >= self.heartbeat:
                 self._last_usage = now
-                self._send({"op": Op.HEARTBEAT, "usage": usage()})
+                self._send({"op": _O.HEARTBEAT, "usage": usage()})
             elif now - self._last_tx >= self.heartbeat:
-                self._send({"op": Op.HEARTBEAT})
+                self._send({"op": _O.HEARTBEAT})
 
     def _lost(self) -> None:
         self.connected.clear()
+        self._drop_leases()
         self.handler.link_lost()
+
+    def _drop_leases(self) -> None:
+        """The STML that sent the read data is gone: nothing is reported done to it."""
+        for lease in self._leases.values():
+            lease.release()
+        self._leases.clear()
+        self._done.clear()
 
     def _on_detect(self, header: dict[str, Any], frames: list) -> None:
         if header.get("error"):
@@ -334,8 +385,16 @@ class FrontEndLink:
         self.connected.set()
         if not was_connected:
             for nexus, info in self.nexuses.items():
-                self._send({"op": Op.REGISTER_NEXUS, "nexus": nexus, **info})
+                self._send({"op": _O.REGISTER_NEXUS, "nexus": nexus, **info})
         self.handler.detect(self.detect_info)
+
+    def _on_xmit_response(self, h: dict[str, Any], frames: list) -> None:
+        channel = self._channel
+        if isinstance(channel, StreamChannel):
+            lease = channel.take_lease()   # the read data stays valid until scsi_target_done
+            if lease is not None:
+                self._leases[h["tag"]] = lease
+        self.handler.xmit_response(h["tag"], h["status"], h.get("sense"), h.get("resid", 0), frames)
 
     def _on_drop_nexus(self, header: dict[str, Any], frames: list) -> None:
         nexus = header["nexus"]
@@ -355,14 +414,17 @@ class FrontEndLink:
         if self._channel is None:
             return
         if self.connected.is_set():
-            self._send({"op": Op.DEREGISTER})
+            self._send({"op": _O.DEREGISTER})
         assert self._timer is not None   # a channel is opened only by start() and the timer's retries
         self._timer.cancel()
         await asyncio.gather(self._timer, return_exceptions=True)
+        if self._done_timer is not None:
+            self._done_timer.cancel()
+            self._done_timer = None
         self._channel.close(linger_ms=200)
         self._channel = None
+        self._drop_leases()
         self.connected.clear()
-
 
 
 Transport = Callable[[bytes, dict[str, Any], list], None]   # (peer ident, header, data frames)
@@ -379,46 +441,46 @@ class StmlSender:
     def detect(self, ident: bytes, *, stml: str, heartbeat_ms: int, limits: dict[str, Any],
                discovery: dict[str, Any], portals: list[dict[str, Any]],
                targets: list[dict[str, Any]], caps: list[str]) -> None:
-        self.transport(ident, {"op": Op.DETECT, "version": list(CONTRACT_VERSION), "stml": stml,
+        self.transport(ident, {"op": _O.DETECT, "version": list(CONTRACT_VERSION), "stml": stml,
                                "heartbeat_ms": heartbeat_ms, "limits": limits, "discovery": discovery,
                                "portals": portals, "targets": targets, "caps": caps}, [])
 
     def refuse(self, ident: bytes, reason: str) -> None:
         """A registration refused: `detect` with the reason."""
-        self.transport(ident, {"op": Op.DETECT, "version": list(CONTRACT_VERSION), "error": reason}, [])
+        self.transport(ident, {"op": _O.DETECT, "version": list(CONTRACT_VERSION), "error": reason}, [])
 
     def release(self, ident: bytes, reason: str) -> None:
-        self.transport(ident, {"op": Op.RELEASE, "reason": reason}, [])
+        self.transport(ident, {"op": _O.RELEASE, "reason": reason}, [])
 
     def heartbeat(self, ident: bytes) -> None:
-        self.transport(ident, {"op": Op.HEARTBEAT}, [])
+        self.transport(ident, {"op": _O.HEARTBEAT}, [])
 
     def nexus_ready(self, ident: bytes, nexus: int, error: str | None = None) -> None:
-        header: dict[str, Any] = {"op": Op.NEXUS_READY, "nexus": nexus}
+        header: dict[str, Any] = {"op": _O.NEXUS_READY, "nexus": nexus}
         if error is not None:
             header["error"] = error
         self.transport(ident, header, [])
 
     def rdy_to_xfer(self, ident: bytes, tag: int, offset: int, length: int) -> None:
-        self.transport(ident, {"op": Op.RDY_TO_XFER, "tag": tag, "offset": offset, "length": length}, [])
+        self.transport(ident, {"op": _RDY_TO_XFER, "tag": tag, "offset": offset, "length": length}, [])
 
     def xmit_response(self, ident: bytes, tag: int, status: int, sense: bytes | None, resid: int,
                       data: list) -> None:
-        self.transport(ident, {"op": Op.XMIT_RESPONSE, "tag": tag, "status": status, "sense": sense,
+        self.transport(ident, {"op": _XMIT_RESPONSE, "tag": tag, "status": status, "sense": sense,
                                "resid": resid}, data)
 
     def task_mgmt_fn_done(self, ident: bytes, tag: int, response: int, aborted: list[int]) -> None:
-        self.transport(ident, {"op": Op.TMF_DONE, "tag": tag, "response": response, "aborted": aborted}, [])
+        self.transport(ident, {"op": _TMF_DONE, "tag": tag, "response": response, "aborted": aborted}, [])
 
     def report_aen(self, ident: bytes, nexus: int | None, lun: int, sense: bytes) -> None:
-        self.transport(ident, {"op": Op.REPORT_AEN, "nexus": nexus, "lun": lun, "sense": sense}, [])
+        self.transport(ident, {"op": _O.REPORT_AEN, "nexus": nexus, "lun": lun, "sense": sense}, [])
 
     def drop_nexus(self, ident: bytes, nexus: int, reason: str) -> None:
-        self.transport(ident, {"op": Op.DROP_NEXUS, "nexus": nexus, "reason": reason}, [])
+        self.transport(ident, {"op": _O.DROP_NEXUS, "nexus": nexus, "reason": reason}, [])
 
     def mgmt_reply(self, ident: bytes, rid: int | None, ok: bool, result: Any = None,
                    error: str | None = None) -> None:
-        header: dict[str, Any] = {"op": Op.MGMT_REPLY, "id": rid, "ok": ok}
+        header: dict[str, Any] = {"op": _O.MGMT_REPLY, "id": rid, "ok": ok}
         if ok:
             header["result"] = result
         else:
@@ -428,4 +490,4 @@ class StmlSender:
 
 def mgmt_request(rid: int, cmd: str, args: dict[str, Any]) -> bytes:
     """A packed `mgmt` request (the management client's one message)."""
-    return pack({"op": Op.MGMT, "id": rid, "cmd": cmd, "args": args})
+    return pack({"op": _O.MGMT, "id": rid, "cmd": cmd, "args": args})

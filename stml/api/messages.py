@@ -228,7 +228,6 @@ class Direction(enum.Enum):
     FROM_STML = "from the STML"
 
 
-_MISSING = object()
 
 
 @dataclass(frozen=True)
@@ -243,16 +242,20 @@ class Message:
     fields: tuple[Field, ...] = ()
     frames: str = ""    # the data frames after the header; "" for none
     since: tuple[int, int] = (1, 0)
-    _fast: Callable[[dict[str, Any]], bool] | None = field(init=False, repr=False, compare=False)
+    # None when a header fits, else why it is refused: the table compiled (stml.api.messages.check)
+    verdict: Callable[[dict[str, Any]], str | None] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_fast", _compile_fast(self.fields))
+        object.__setattr__(self, "verdict", _compile_verdict(self))
+
+    def refusal(self, header: dict[str, Any]) -> str | None:
+        """check() as a line for the log, naming the message."""
+        error = self.check(header)
+        return None if error is None else f"malformed {self.op.value}: {error}"
 
     def check(self, header: dict[str, Any]) -> str | None:
         """None when the header fits, else what is wrong with it. Fields the
         table does not name are ignored (a newer peer may send more)."""
-        if self._fast is not None and self._fast(header):
-            return None
         for f in self.fields:
             value = header.get(f.name, _MISSING)
             if value is _MISSING:
@@ -265,20 +268,36 @@ class Message:
         return None
 
 
-def _compile_fast(fields: tuple[Field, ...]) -> Callable[[dict[str, Any]], bool] | None:
-    """The check of the usual header (every field there, of its first type) as
-    one expression compiled from the table: rx_cmnd and xmit_response pass it
-    once per command, and a loop over the fields cost three times as much.
-    None when a field is a list (its items need a loop) or of any type."""
-    if not fields or any(f.kind.items is not None or not f.kind.types for f in fields):
-        return None
-    tests = " and ".join(f"type(h[{f.name!r}]) is t{i}" for i, f in enumerate(fields))
-    namespace: dict[str, Any] = {f"t{i}": f.kind.types[0] for i, f in enumerate(fields)}
-    exec(f"def fast(h):\n    try:\n        return {tests}\n    except KeyError:\n"
-         f"        return False\n", namespace)
-    return namespace["fast"]
+class _Missing:
+    """The type of what the compiled check sees for an absent optional field."""
 
 
+def _compile_verdict(m: Message) -> Callable[[dict[str, Any]], str | None]:
+    """The message's check as one expression compiled from the table, which
+    reads the table (refusal) only for a header that does not fit: rx_cmnd
+    and xmit_response pass it once per command, and a loop over the fields
+    cost several times as much. A message with an optional list or a field
+    of any type reads the table every time (none is sent per command)."""
+    fields = m.fields
+    if not fields or any(not f.kind.types or (f.kind.items is not None and not f.required) for f in fields):
+        return m.refusal
+    tests: list[str] = []
+    namespace: dict[str, Any] = {"M": _MISSING, "refusal": m.refusal}
+    for i, f in enumerate(fields):
+        value = f"h[{f.name!r}]" if f.required else f"h.get({f.name!r}, M)"
+        types = f.kind.types if f.required else (*f.kind.types, _Missing)
+        namespace[f"t{i}"] = types[0] if len(types) == 1 else types
+        tests.append(f"type({value}) {'is' if len(types) == 1 else 'in'} t{i}")
+        if f.kind.items is not None:   # a list: the types of its items, in one pass in C
+            namespace[f"i{i}"] = frozenset(f.kind.items)
+            tests.append(f"i{i}.issuperset(map(type, {value}))")
+    names = ", ".join(f"{n}={n}" for n in namespace)   # locals: the fastest lookups
+    exec(f"def verdict(h, type=type, {names}):\n    try:\n        if {' and '.join(tests)}:\n"
+         f"            return None\n    except KeyError:\n        pass\n    return refusal(h)\n", namespace)
+    return namespace["verdict"]
+
+
+_MISSING = _Missing()
 _TO, _FROM = Direction.TO_STML, Direction.FROM_STML
 _TAG = Field("tag", INT, "the front end's task id, unique among its live tasks")
 _NEXUS = Field("nexus", INT, "the I_T nexus, numbered by the front end (unique within it)")
@@ -454,5 +473,4 @@ def check(header: dict[str, Any], received: dict[str, Message]) -> str | None:
     spec = received.get(header["op"])
     if spec is None:
         return f"unknown op {header['op']!r}"
-    error = spec.check(header)
-    return None if error is None else f"malformed {spec.op.value}: {error}"
+    return spec.verdict(header)

@@ -1,15 +1,21 @@
 """Memory the carriers share or reuse: SharedRegion (a memfd one side fills
-and lends to the other) and BufferPool (receive buffers used again)."""
+and lends to the other) and BufferPool (receive buffers used again).
+
+Nothing here asks the interpreter whether memory is still referenced: every
+buffer goes back through an explicit call by whoever holds it
+(docs/contract.md, "Buffer ownership")."""
 from __future__ import annotations
 
 import ctypes
 import fcntl
+import logging
 import mmap
 import os
-import sys
 from typing import Any
 
 from stml.api.sizes import BIG_FRAME
+
+log = logging.getLogger("stml.api")
 
 
 class SharedRegion:
@@ -18,12 +24,12 @@ class SharedRegion:
     data into it for the STML to write.
 
     A memfd of `size` bytes, carved into slots by size class (powers of two
-    from 64 KiB). A slot is a ctypes array over the mapping, so every view
-    of it holds a reference to it: it is free again when nothing but this
-    region refers to it (CPython's reference count tells, as in BufferPool)
-    and the peer has handed it back. Bounded: when no slot fits, `get`
-    returns None and the caller uses ordinary memory (the data then travels
-    through the socket).
+    from 64 KiB). A slot has two holders, each of which lets go explicitly:
+    the code that took it with get() (until release()) and the peer it was
+    lent to (from lend(), when its carrier sent a reference, until the peer
+    hands it back: give_back()). It is free again when neither holds it.
+    Bounded: when no slot fits, get() returns None and the caller uses
+    ordinary memory (the data then travels through the socket).
     The size is sealed: the peer maps it only when it cannot shrink.
     """
 
@@ -37,40 +43,83 @@ class SharedRegion:
         self._map = mmap.mmap(self.fd, size)
         self._base = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
         self._top = 0
-        self._by_class: dict[int, list] = {}
-        self.slots: dict[int, int] = {}    # id(slot) -> offset (slots live as long as the region)
-        self._lent: dict[int, Any] = {}               # offset -> slot, until the peer frees it
+        # a slot is a ctypes array over the mapping: views of it name it (view.obj)
+        self.slots: dict[int, int] = {}            # id(slot) -> offset (slots live as long as the region)
+        self._slot: dict[int, Any] = {}            # offset -> slot
+        self._free: dict[int, list[int]] = {}      # size class -> offsets of free slots
+        self._taken: set[int] = set()              # offsets a get() handed out, not yet released
+        self._lent: set[int] = set()               # offsets the peer holds
+        self._lent_at: dict[int, int] = {}         # where a lent view starts -> its slot's offset
 
     def get(self, size: int) -> memoryview | None:
-        """A writable view of `size` bytes in a free slot, or None."""
+        """A writable view of `size` bytes in a free slot, yours until release(); or None."""
         cls = max(self.MIN_SLOT, 1 << (size - 1).bit_length())
-        slots = self._by_class.setdefault(cls, [])
-        if (slot := _take_unused(slots)) is not None:
-            return memoryview(slot).cast("B")[:size]
-        if self._top + cls > self.size:
+        free = self._free.get(cls)
+        if free:
+            offset = free.pop()
+        elif self._top + cls <= self.size:
+            offset, self._top = self._top, self._top + cls
+            slot = (ctypes.c_char * cls).from_buffer(self._map, offset)
+            self.slots[id(slot)] = offset
+            self._slot[offset] = slot
+        else:
             return None
-        slot = (ctypes.c_char * cls).from_buffer(self._map, self._top)
-        slots.append(slot)
-        self.slots[id(slot)] = self._top
-        self._top += cls
-        return memoryview(slot).cast("B")[:size]
+        self._taken.add(offset)
+        return memoryview(self._slot[offset]).cast("B")[:size]
+
+    def owns(self, view: Any) -> bool:
+        """The view is of one of our slots."""
+        return type(view) is memoryview and id(view.obj) in self.slots
+
+    def release(self, view: memoryview) -> None:
+        """The holder from get() is done with the slot of this view."""
+        offset = self.slots.get(id(view.obj))
+        if offset is not None and offset in self._taken:
+            self._taken.discard(offset)
+            if offset not in self._lent:
+                self._put(offset)
 
     def lend_slot(self, frame: Any) -> tuple[int, int] | None:
-        """(offset, length) of a frame that is a view of one of our slots, now
-        lent to the peer; None for any other frame."""
-        if type(frame) is memoryview and id(frame.obj) in self.slots:
-            return self.lend(frame)
-        return None
+        """(offset, length) of a frame that is a view of a slot someone holds,
+        now also held by the peer; None for any other frame (it is sent as
+        bytes). A slot is lent once at a time."""
+        if type(frame) is not memoryview:
+            return None
+        start = self.slots.get(id(frame.obj))
+        if start is None:
+            return None
+        if start not in self._taken or start in self._lent:
+            log.error("a shared slot was sent while nobody held it, or twice: sent as a copy")
+            return None
+        offset = ctypes.addressof(ctypes.c_char.from_buffer(frame)) - self._base
+        self._lent.add(start)
+        self._lent_at[offset] = start
+        return offset, len(frame)
 
-    def lend(self, view: memoryview) -> tuple[int, int]:
-        """(offset, length) of a view of one of our slots, now lent to the peer."""
-        offset = ctypes.addressof(ctypes.c_char.from_buffer(view)) - self._base
-        self._lent[offset] = view.obj
-        return offset, len(view)
-
-    def free(self, offsets: tuple[int, ...]) -> None:
+    def give_back(self, offsets: tuple[int, ...] | list[int]) -> None:
+        """The peer no longer uses these (offsets of views it was lent)."""
         for offset in offsets:
-            self._lent.pop(offset, None)
+            start = self._lent_at.pop(offset, None)
+            if start is not None:
+                self._lent.discard(start)
+                if start not in self._taken:
+                    self._put(start)
+
+    def peer_gone(self) -> None:
+        """The peer can hand nothing back any more: what it held is free once
+        its other holder lets go."""
+        for start in self._lent:
+            if start not in self._taken:
+                self._put(start)
+        self._lent.clear()
+        self._lent_at.clear()
+
+    def in_use(self) -> int:
+        """Slots someone holds (not free)."""
+        return len(self._taken | self._lent)
+
+    def _put(self, offset: int) -> None:
+        self._free.setdefault(len(self._slot[offset]), []).append(offset)
 
     def close(self) -> None:
         """Release the descriptor (the mapping goes with the last view of it)."""
@@ -79,45 +128,42 @@ class SharedRegion:
             self.fd = -1
 
 
-def _take_unused(objs: list) -> Any:
-    """The first object of `objs` that only the list refers to (CPython's
-    reference count tells), or None; it moves to the end of the list, so
-    the list stays in the order they were handed out and the next one is
-    usually free at the front (a scan from the front of a fixed order looked
-    at 6.5 of 16 slots per 64 KiB read)."""
-    for i in range(len(objs)):
-        if sys.getrefcount(objs[i]) == 2:   # the list and getrefcount's argument
-            obj = objs.pop(i)
-            objs.append(obj)
-            return obj
-    return None
-
-
-
 class BufferPool:
-    """Receive buffers for big frames, used again once their data is consumed.
+    """Receive buffers for big frames, used again once their holder releases them.
 
     A fresh 1 MiB bytearray costs a zero-fill (and often page faults): a
-    quarter of the STML's time on 1 MiB writes. Consumers keep only
-    memoryviews (the backend writes from them, the iSCSI front end sends
-    from them), and every view holds a reference to its buffer, so a buffer
-    whose only reference is the pool's is free again: CPython's reference
-    count tells, without the consumers knowing about the pool. At most
-    `limit` bytes are kept; past that, buffers are plain allocations.
+    quarter of the STML's time on 1 MiB writes. A carrier receives a big
+    frame into a buffer from get(); whoever ends up holding the frame gives
+    the buffer back with release() when done with it (the STML: when the
+    command ends). At most `limit` bytes are kept; past that, buffers are
+    plain allocations that release() ignores.
     """
 
     def __init__(self, limit: int = 64 << 20) -> None:
         self.limit = limit
         self.kept = 0
-        self._by_size: dict[int, list[bytearray]] = {}
+        self._free: dict[int, list[bytearray]] = {}
+        self._out: dict[int, bytearray] = {}   # id -> buffers of ours handed out
 
     def get(self, size: int) -> bytearray:
-        bufs = self._by_size.setdefault(size, [])
-        if (buf := _take_unused(bufs)) is not None:
-            return buf
-        buf = bytearray(size)
-        if self.kept + size <= self.limit:
-            bufs.append(buf)
+        free = self._free.get(size)
+        if free:
+            buf = free.pop()
+        else:
+            buf = bytearray(size)
+            if self.kept + size > self.limit:
+                return buf
             self.kept += size
+        self._out[id(buf)] = buf
         return buf
 
+    def release(self, buf: Any) -> None:
+        """A buffer from get() (or a view of one) is free again."""
+        obj = buf.obj if type(buf) is memoryview else buf
+        mine = self._out.pop(id(obj), None)
+        if mine is not None:
+            self._free.setdefault(len(mine), []).append(mine)
+
+    def in_use(self) -> int:
+        """Kept buffers handed out and not released."""
+        return len(self._out)

@@ -3,7 +3,6 @@ with bulk data in shared memory (docs/contract.md, "Carriers")."""
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import fcntl
 import functools
 import logging
@@ -11,7 +10,6 @@ import mmap
 import os
 import socket
 import struct
-import sys
 import time
 from typing import Any, Callable, NamedTuple
 
@@ -70,14 +68,16 @@ class Control(NamedTuple):
     values: tuple[int, ...]
 
 
-def encode(frames: list, lend: Callable[[Any], tuple[int, int] | None] | None = None) -> list:
+def encode(frames: list, region: SharedRegion | None = None) -> list:
     """One message as buffers to send: u32 frame count, u32 lengths, the
-    frames. `lend` turns a frame that is a slot of our shared region into
-    (offset, length), sent in its place as a reference."""
-    if lend is not None and len(frames) > 1:
+    frames. A frame that is a view of a slot of our shared `region` is lent
+    to the peer and sent as (offset, length), a reference."""
+    if region is not None and len(frames) > 1:
         lengths, wire = [], []
+        slots = region.slots
         for f in frames:
-            ref = lend(f)
+            # (the test inline, the call only for a slot: per message)
+            ref = region.lend_slot(f) if type(f) is memoryview and id(f.obj) in slots else None
             if ref is not None:
                 lengths.append(_SHARED | ref[1])
                 wire.append(_REF.pack(*ref))
@@ -147,6 +147,15 @@ class StreamFramer:
             self._big_pos += n
         else:
             self._end += n
+
+    def abandon(self) -> list:
+        """The in-place buffers of a message cut short (the stream ended), so
+        they can go back where they came from."""
+        held = [self._frames[i] for i in self._special or () if type(self._frames[i]) is memoryview]
+        if self._big is not None:
+            held.append(self._big)
+        self._frames, self._special, self._big = [], None, None
+        return held
 
     def next(self) -> tuple[list, list[int] | None] | Control | None:
         """The next complete message as (frames, special), a Control, or None."""
@@ -242,6 +251,23 @@ class StreamFramer:
         return Control(kind, values)
 
 
+class Lease:
+    """Frames a StreamChannel delivered that are not plain bytes: views of the
+    peer's shared region and buffers from the pool. They stay valid until
+    release(), which hands them back (the slots to the peer, with the next
+    message we send; the buffers to the pool). Once only."""
+
+    __slots__ = ("channel", "offsets", "buffers")
+
+    def __init__(self, channel: StreamChannel) -> None:
+        self.channel = channel
+        self.offsets: list[int] = []    # in the peer's region
+        self.buffers: list[Any] = []    # from the channel's pool
+
+    def release(self) -> None:
+        self.channel.release(self)
+
+
 class StreamChannel:
     """One peer's messages on a Unix stream socket: the same-host carrier.
 
@@ -257,16 +283,16 @@ class StreamChannel:
 
     Bulk data skips the socket: a side that owns a `SharedRegion` (the
     STML for read data, a front end for write data) passes its memory to the
-    peer (a memfd, over SCM_RIGHTS, in a control message: frame count 0,
-    kind, then u32 values) and sends frames taken from it as (offset,
-    length) references; the peer delivers them as read-only views of the
-    same memory and hands the slots back (control message "free", naming
-    offsets in the receiver's own region). When: without `keep_shared`,
-    after the loop iteration that delivered them (a front end sends read
-    data at once); with it, once nothing refers to the frame any more (the
-    STML keeps write data until its command is done; CPython's reference
-    count tells, as in BufferPool), checked whenever we send and from a
-    timer that starts at 1 ms and backs off while none come free.
+    peer (offer_region: a memfd, over SCM_RIGHTS, in a control message) and
+    sends frames taken from it as (offset, length) references; the peer
+    delivers them as read-only views of the same memory.
+
+    Frames that are not plain bytes (views of the peer's region, buffers
+    from `pool`) are valid while on_message runs. A receiver that keeps them
+    longer calls take_lease() during that call and later lease.release():
+    the slots then go back to the peer (control message "free", with the
+    next message we send or within a millisecond) and the buffers to the
+    pool. An untaken lease is released when on_message returns.
     A peer that breaks the framing, or closes, ends the channel (`on_closed`).
     """
 
@@ -282,8 +308,7 @@ class StreamChannel:
     def __init__(self, sock: socket.socket, on_message: Callable[[list], None],
                  on_closed: Callable[[], None], pool: BufferPool | None = None,
                  region: SharedRegion | None = None,
-                 on_dispatched: Callable[[], None] | None = None,
-                 keep_shared: bool = False) -> None:
+                 on_dispatched: Callable[[], None] | None = None) -> None:
         sock.setblocking(False)
         self.sock = sock
         self.on_message = on_message
@@ -303,12 +328,8 @@ class StreamChannel:
         self._waiting = False          # the socket is full: its writability resumes the flush
         self._dispatching = False      # handling what a read brought: send() need not schedule
         self._peer_region: memoryview | None = None   # the peer's region, mapped
-        self.keep_shared = keep_shared
-        self._kept: list[tuple[Any, int]] = []   # (frame's memory, offset): peer slots maybe in use
-        self._kept_delay = 0.001
         self._fds: list[int] = []       # descriptors received, not yet claimed
-        self._to_free: list[int] = []   # peer slots delivered this iteration
-        self._free_scheduled = False
+        self._lease: Lease | None = None   # what the message being delivered holds
         self._freed: list[int] = []     # peer slots to hand back with the next flush
         self._free_timer: asyncio.TimerHandle | None = None
         self._loop.add_reader(self._fd, self._on_readable)
@@ -332,7 +353,7 @@ class StreamChannel:
         if self.closed:
             return
         region = self.region
-        self._out += encode(frames, region.lend_slot if self.region_offered and region is not None else None)
+        self._out += encode(frames, region if self.region_offered else None)
         self._queued += 1
         if self._queued >= self.BATCH and not self._waiting:
             self.flush(inline=True)
@@ -348,8 +369,6 @@ class StreamChannel:
         self._flush_scheduled = False
         self._queued = 0
         out = self._out
-        if self._kept:
-            self._release_kept()
         if self._freed:
             out.append(encode_control(CONTROL_FREE, self._freed))
             self._freed.clear()
@@ -419,11 +438,10 @@ class StreamChannel:
                     self._control(item)
                     continue
                 frames, special = item
-                if special is not None:
-                    for i in special:
-                        if type(frames[i]) is SharedRef:
-                            frames[i] = self._shared_frame(*frames[i])
-                self._deliver(frames)
+                if special is None:
+                    self._deliver(frames)
+                else:
+                    self._deliver_held(frames, special)
         except ValueError as e:
             log.error("closing a stream link: %s", e)
             self._close()
@@ -444,84 +462,75 @@ class StreamChannel:
         kind, values = control
         if kind == CONTROL_REGION and len(values) == 1 and self._peer_region is None and self._fds:
             fd = self._fds.pop(0)
-            # kept frames are ctypes arrays over the mapping, which needs it writable;
-            # what the consumers get is read-only either way
-            prot = mmap.PROT_READ | mmap.PROT_WRITE if self.keep_shared else mmap.PROT_READ
             try:
                 # a region that could shrink under the mapping would kill us (SIGBUS) on
                 # access; one smaller than announced, mmap refuses
                 if not fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK:
                     raise FramingError("it is not sealed against shrinking")
-                self._peer_region = memoryview(mmap.mmap(fd, values[0], prot=prot))
+                self._peer_region = memoryview(mmap.mmap(fd, values[0], prot=mmap.PROT_READ))
             except (OSError, ValueError) as e:
                 raise FramingError(f"cannot map the peer's region: {e}") from None
             finally:
                 os.close(fd)
         elif kind == CONTROL_FREE and self.region is not None:
-            self.region.free(values)
+            self.region.give_back(values)
         else:
             raise FramingError(f"unexpected control message {kind}")
 
-    def _shared_frame(self, offset: int, length: int) -> memoryview:
+    def _deliver_held(self, frames: list, special: list[int]) -> None:
+        """A message with shared or in-place frames: delivered with a lease on them."""
+        lease = Lease(self)
         region = self._peer_region
-        if region is None or offset + length > len(region):
-            raise FramingError("a reference outside the shared region")
-        if self.keep_shared:   # memory of its own, so its reference count tells when it is unused
-            memory = (ctypes.c_char * length).from_buffer(region, offset)
-            self._kept.append((memory, offset))
-            return memoryview(memory).cast("B").toreadonly()
-        self._to_free.append(offset)
-        return region[offset:offset + length]
-
-    def _release_kept(self) -> None:
-        """Kept peer slots that nothing uses any more go back with the next flush."""
-        still = []
-        for entry in self._kept:
-            if sys.getrefcount(entry[0]) > 2:   # the tuple and getrefcount's argument
-                still.append(entry)
+        for i in special:
+            frame = frames[i]
+            if type(frame) is SharedRef:
+                offset, length = frame
+                if region is None or offset + length > len(region):
+                    self._release_now(lease)
+                    raise FramingError("a reference outside the shared region")
+                frames[i] = region[offset:offset + length]
+                lease.offsets.append(offset)
             else:
-                self._freed.append(entry[1])
-        if len(still) < len(self._kept):
-            self._kept_delay = 0.001   # they move: the timer need not back off
-        self._kept = still
+                lease.buffers.append(frame)
+        self._lease = lease
+        self._deliver(frames)
+        if self._lease is not None:     # not taken: the frames were used during the call only
+            self._lease = None
+            self._release_now(lease)
 
-    def _free_slots(self) -> None:
-        """The slots delivered last iteration are no longer used: they go
-        back with the next message we send (a wake-up of the peer of their
-        own would cost more than the copy they saved), or after 1 ms."""
-        self._free_scheduled = False
-        self._freed += self._to_free
-        self._to_free.clear()
-        if self._free_timer is None and not self.closed:
-            # one timer at a time, left running when a message takes the slots first:
-            # at most one firing per millisecond instead of a timer made and cancelled
-            # every loop iteration
-            self._free_timer = self._loop.call_later(0.001, self._free_timeout)
+    def take_lease(self) -> Lease | None:
+        """While on_message runs: keep its shared and in-place frames past the
+        call, until the returned lease is released (None: it has none)."""
+        lease, self._lease = self._lease, None
+        return lease
+
+    def release(self, lease: Lease) -> None:
+        """The frames of a lease are no longer used (Lease.release)."""
+        self._release_now(lease)
+
+    def _release_now(self, lease: Lease) -> None:
+        for buf in lease.buffers:
+            self.pool.release(buf)
+        lease.buffers = []
+        if lease.offsets and not self.closed:
+            self._freed += lease.offsets
+            if self._free_timer is None:
+                # a wake-up of the peer of its own would cost more than the copy the slot
+                # saved: they ride on the next message we send, or go after 1 ms (one timer
+                # at a time, left running when a message takes them first)
+                self._free_timer = self._loop.call_later(0.001, self._free_timeout)
+        lease.offsets = []
 
     def _free_timeout(self) -> None:
         self._free_timer = None
-        if self._kept:
-            self._release_kept()
-        if self._freed:
+        if self._freed and not self.closed:
             self.flush()
-        if self._kept and not self.closed:
-            # frames kept long (writes waiting for the rest of their data): look again
-            # less and less often while none come free (_release_kept starts over)
-            self._free_timer = self._loop.call_later(self._kept_delay, self._free_timeout)
-            self._kept_delay = min(2 * self._kept_delay, 1.0)
 
     def _deliver(self, frames: list) -> None:
         try:
             self.on_message(frames)
         except Exception:  # one bad message must not stop the link
             log.exception("error handling a message")
-        if self._to_free and not self._free_scheduled:
-            # queued after whatever the handler queued (e.g. the writes sending the data)
-            self._free_scheduled = True
-            self._loop.call_soon(self._free_slots)
-        elif self._kept and self._free_timer is None:
-            self._kept_delay = 0.001
-            self._free_timer = self._loop.call_later(self._kept_delay, self._free_timeout)
 
     def _close(self, notify: bool = True) -> None:
         if self.closed:
@@ -532,13 +541,17 @@ class StreamChannel:
             self._loop.remove_writer(self._fd)
         self.sock.close()
         self._out.clear()
+        self._freed.clear()
         if self._free_timer is not None:
             self._free_timer.cancel()
+        for buf in self.framer.abandon():   # a message cut short
+            self.pool.release(buf)
         for fd in self._fds:
             os.close(fd)
         self._fds.clear()
         if self.region is not None:
             self.region.close()   # the descriptor, if it was never sent
+            self.region.peer_gone()
         if notify:
             self.on_closed()
 
