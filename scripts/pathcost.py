@@ -5,8 +5,10 @@
     scripts/pathcost.py --instructions     # instructions per command, under valgrind
 
 - stml: READ(10) rx_cmnd messages through the STML's receive path (header
-  unpacked, the command's checks, the backend read, xmit_response packed);
-  the stream to the front end is a stub.
+  unpacked and checked, the command's checks, the backend read,
+  xmit_response packed); the stream to the front end is a stub that lends
+  shared read data as StreamChannel does, and every QD responses the front
+  end's scsi_target_done and slot returns come back.
 - stml-write: the same for WRITE(10) with its data sent along (immediate
   data, as qemu sends 4 KiB writes), written to the backend.
 - fetd: SCSI Command PDUs framed and handled by fetd_tcp, rx_cmnd packed,

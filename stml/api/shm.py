@@ -46,6 +46,7 @@ class SharedRegion:
         # a slot is a ctypes array over the mapping: views of it name it (view.obj)
         self.slots: dict[int, int] = {}            # id(slot) -> offset (slots live as long as the region)
         self._slot: dict[int, Any] = {}            # offset -> slot
+        self._view: dict[int, memoryview] = {}     # offset -> a byte view of the whole slot
         self._free: dict[int, list[int]] = {}      # size class -> offsets of free slots
         self._taken: set[int] = set()              # offsets a get() handed out, not yet released
         self._lent: set[int] = set()               # offsets the peer holds
@@ -62,10 +63,12 @@ class SharedRegion:
             slot = (ctypes.c_char * cls).from_buffer(self._map, offset)
             self.slots[id(slot)] = offset
             self._slot[offset] = slot
+            self._view[offset] = memoryview(slot).cast("B")
+            self._free[cls] = self._free.get(cls, [])
         else:
             return None
         self._taken.add(offset)
-        return memoryview(self._slot[offset]).cast("B")[:size]
+        return self._view[offset][:size]
 
     def owns(self, view: Any) -> bool:
         """The view is of one of our slots."""
@@ -119,7 +122,7 @@ class SharedRegion:
         return len(self._taken | self._lent)
 
     def _put(self, offset: int) -> None:
-        self._free.setdefault(len(self._slot[offset]), []).append(offset)
+        self._free[len(self._view[offset])].append(offset)
 
     def close(self) -> None:
         """Release the descriptor (the mapping goes with the last view of it)."""
@@ -154,15 +157,16 @@ class BufferPool:
             if self.kept + size > self.limit:
                 return buf
             self.kept += size
+            if free is None:
+                self._free[size] = []
         self._out[id(buf)] = buf
         return buf
 
     def release(self, buf: Any) -> None:
         """A buffer from get() (or a view of one) is free again."""
-        obj = buf.obj if type(buf) is memoryview else buf
-        mine = self._out.pop(id(obj), None)
+        mine = self._out.pop(id(buf.obj if type(buf) is memoryview else buf), None)
         if mine is not None:
-            self._free.setdefault(len(mine), []).append(mine)
+            self._free[len(mine)].append(mine)
 
     def in_use(self) -> int:
         """Kept buffers handed out and not released."""

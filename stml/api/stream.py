@@ -493,10 +493,18 @@ class StreamChannel:
             else:
                 lease.buffers.append(frame)
         self._lease = lease
-        self._deliver(frames)
+        try:
+            self.on_message(frames)
+        except Exception:  # one bad message must not stop the link
+            log.exception("error handling a message")
         if self._lease is not None:     # not taken: the frames were used during the call only
             self._lease = None
-            self._release_now(lease)
+            if lease.offsets:
+                self._release_now(lease)
+            else:                       # (in-place buffers only: the usual untaken lease)
+                release = self.pool.release
+                for buf in lease.buffers:
+                    release(buf)
 
     def take_lease(self) -> Lease | None:
         """While on_message runs: keep its shared and in-place frames past the
