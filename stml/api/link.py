@@ -59,7 +59,10 @@ class FrontEndLink:
 
     Calls toward the STML are plain methods that queue a message; STML calls
     arrive on `handler`. Nexuses registered through the link are registered
-    again after a reconnect, so sessions survive an STML restart.
+    again after a reconnect, so sessions survive an STML restart. The link
+    offers what its carrier can do (capabilities) and uses what the STML
+    grants. The handler reports every response done (scsi_target_done) once
+    it no longer uses its data: the carrier's memory goes back then.
     """
 
     def __init__(self, endpoint: str, kind: str, handler: FrontEndHandler, *,
