@@ -770,6 +770,8 @@ class PduWriter:
 
     def responded(self, tag: int) -> None:
         """A response (queued by the last calls) is reported done once it is sent."""
+        if self.done is None:
+            return
         self.sent_tags.append(tag)
         if not self.scheduled:
             self.scheduled = True
@@ -791,7 +793,8 @@ class PduWriter:
         finally:
             # their data is in the kernel, copied into the transport's buffer, or dropped
             # with a closing connection: nothing refers to it any more
-            if self.sent_tags and self.done is not None:
+            if self.sent_tags:
+                assert self.done is not None   # responded() keeps tags only with it
                 tags, self.sent_tags = self.sent_tags, []
                 self.done(tags)
 
