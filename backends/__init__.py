@@ -6,7 +6,7 @@ unless `inline` says a call is cheap enough to run in place (RAM).
 """
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 
 class BackendError(Exception):
@@ -17,6 +17,9 @@ class Backend(Protocol):
     inline: bool        # True when calls never block (the STML may call them on its loop)
     can_discard: bool   # discard() frees space (thin provisioning)
     can_resize: bool
+    # a twin of the I/O calls that returns an event-loop future at once, or
+    # None; Task.io uses it (by method name) to keep many calls in flight
+    aio: Any
     dirty: bool         # a write since the last flush() is not yet durable (never on RAM)
 
     def size(self) -> int: ...
@@ -35,8 +38,9 @@ class Backend(Protocol):
 
 
 def open_backend(kind: str, size: int | None = None, path: str | None = None,
-                 readonly: bool = False) -> Backend:
-    """Open a backend by kind name ("file" or "ram")."""
+                 readonly: bool = False, **options: str | None) -> Backend:
+    """Open a backend by kind name ("file", "ram" or "rbd"); `options` are the
+    kind's own (rbd: conf, user, keyring)."""
     if kind == "ram":
         from backends.ram import RamBackend
         if not size:
@@ -47,4 +51,9 @@ def open_backend(kind: str, size: int | None = None, path: str | None = None,
         if not path:
             raise ValueError("file backend needs a path")
         return FileBackend(path, size, readonly)
-    raise ValueError(f"unknown backend kind {kind!r} (known: file, ram)")
+    if kind == "rbd":
+        from backends.rbd import RbdBackend
+        if not path:
+            raise ValueError("rbd backend needs POOL/IMAGE")
+        return RbdBackend(path, size, readonly, **options)
+    raise ValueError(f"unknown backend kind {kind!r} (known: file, ram, rbd)")

@@ -24,6 +24,7 @@ class FileBackend:
 
     inline = False
     can_resize = True
+    aio = None          # blocking calls only (see Backend.aio)
     discard_granularity = 4096   # a hole is punched in file system blocks
 
     def __init__(self, path: str, size: int | None = None, readonly: bool = False) -> None:

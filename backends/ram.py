@@ -18,6 +18,7 @@ class RamBackend:
     inline = True
     can_discard = True
     can_resize = True
+    aio = None          # blocking calls only (see Backend.aio)
     dirty = False                # nothing is more durable after a flush
     discard_granularity = PAGE   # only whole pages are given back
 

@@ -11,6 +11,8 @@ by the connection it belongs to (an Account) and by kind:
     ooo    data of PDUs waiting for an earlier CmdSN
     text   a Text request being continued, a Text response being continued
     out    PDUs queued toward a socket that has not taken them yet
+    keep   ErrorRecoveryLevel >= 1: read data and responses kept until the
+           initiator acknowledges them (a SNACK or TASK REASSIGN may ask again)
 
 Why reserve rather than count what is held: read data arrives from the STML
 whether or not there is room, so the only way never to hold more than the
@@ -18,10 +20,20 @@ limit is to admit a command only when its whole transfer fits. Past the limit
 the connection pushes back instead of growing: TASK SET FULL for a command
 that does not fit, R2Ts held back (`wait`), its CmdSN window held shut.
 
-Fairness: every account is guaranteed `reserve` bytes that no other account
-can take (an account is opened only when its guarantee fits), so one
-initiator filling the budget still leaves every other connection room for a
-command of that size. Formally: accounts * reserve + the sum over accounts of
+Fairness, at three levels:
+- every account is guaranteed `reserve` bytes that no other account can take,
+  so every connection has room for a 64 KiB read or write;
+- `shares` accounts (a quarter of the limit) can always be opened: what
+  accounts hold beyond their reserve (their excess) comes out of the rest,
+  `room` = limit - max(accounts, shares) * reserve, so excess can never take
+  the last shares and keep initiators from logging in;
+- an initiator (the owner of its connections' accounts) may hold at most half
+  of the room the other initiators leave it: excess + its excess + 2 * grow <= room,
+  whatever number of connections it opens. One initiator alone gets half the
+  room; a second one then still finds a quarter of it for itself. An owner
+  that holds no excess may take one reservation as long as it fits the room,
+  so a transfer bigger than its share is never refused forever.
+Formally: max(accounts, shares) * reserve + the sum over accounts of
 max(0, held - reserve) stays within `limit`.
 
 Progress: R2T grants wait in a queue ordered by task tag (the order the STML
@@ -32,7 +44,10 @@ newer tasks holding the budget could wait forever for it. Reads are not
 counted there: an older read finishes without more room, so granting past it
 only comes sooner. At most one such grant is outstanding at a time (it is then
 the oldest write in flight), so the budget is exceeded by at most one task's
-transfer.
+transfer. A grant its owner's share does not allow is parked with that owner
+(in tag order) instead of holding up everyone's grants behind it: it is looked
+at again when the owner gives something back, or when the progress rule
+applies to it.
 """
 from __future__ import annotations
 
@@ -41,45 +56,70 @@ import heapq
 import itertools
 from typing import Callable
 
-KINDS = ("read", "write", "ooo", "text", "out")
+KINDS = ("read", "write", "ooo", "text", "out", "keep")
 RESERVE = 128 << 10   # guaranteed to every connection: a 64 KiB read or write always fits
+LOGIN_SHARES = 4      # 1/LOGIN_SHARES of the limit is kept for the reserves of new connections
+_FITS, _OVER_SHARE, _NO_ROOM = 0, 1, 2
 
 
 class Grant:
     """A reservation waiting for room (`Budget.wait`); `cancel` withdraws it."""
 
-    __slots__ = ("account", "kind", "n", "tag", "on_grant", "live")
+    __slots__ = ("account", "kind", "n", "tag", "on_grant", "live", "parked", "listed")
 
     def __init__(self, account: Account, kind: str, n: int, tag: int, on_grant: Callable[[], None]) -> None:
         self.account, self.kind, self.n, self.tag, self.on_grant = account, kind, n, tag, on_grant
         self.live = True
+        self.parked = False     # waiting in its owner's queue, not in the budget's
+        self.listed = False     # in Budget._parked (the oldest parked, for the progress rule)
 
     def cancel(self) -> None:
         if self.live:
             self.live = False
-            self.account.budget._waiting_live -= 1
+            b = self.account.budget
+            b._waiting_live -= 1
+            if self.parked:
+                b._parked_live -= 1
+
+
+class Owner:
+    """One initiator's accounts together: the excess they hold (its fair share
+    is computed from it) and its grants that wait for that share."""
+
+    __slots__ = ("key", "excess", "accounts", "parked")
+
+    def __init__(self, key: str | None) -> None:
+        self.key = key
+        self.excess = 0
+        self.accounts = 0
+        self.parked: list[tuple[int, int, Grant]] = []   # (tag, seq, grant) heap
 
 
 class Account:
     """What one connection holds, by kind."""
 
-    __slots__ = ("budget", "held", "kinds", "closed")
+    __slots__ = ("budget", "owner", "held", "kinds", "closed")
 
-    def __init__(self, budget: Budget) -> None:
+    def __init__(self, budget: Budget, owner: Owner) -> None:
         self.budget = budget
+        self.owner = owner
         self.held = 0
         self.kinds = dict.fromkeys(KINDS, 0)
         self.closed = False
 
-    def fits(self, n: int) -> bool:
-        """Could `n` more bytes be taken now without passing the limit? Within
-        the account's guaranteed share always (whatever others forced in)."""
+    def fit(self, n: int) -> int:
+        """Could `n` more bytes be taken now? _FITS within the account's guaranteed
+        share always (whatever others forced in); beyond it, when the room and its
+        owner's fair share allow; else _OVER_SHARE or _NO_ROOM."""
         b = self.budget
         r, held = b.reserve, self.held
         if held + n <= r:
-            return True
+            return _FITS
         grow = held + n - r - (held - r if held > r else 0)
-        return b.accounts * r + b.excess + grow <= b.limit
+        owned = self.owner.excess
+        if owned and b.excess + owned + 2 * grow > b.room:
+            return _OVER_SHARE
+        return _FITS if b.excess + grow <= b.room else _NO_ROOM
 
     def take(self, kind: str, n: int, force: bool = False) -> bool:
         """Count `n` bytes of `kind`: False, and nothing counted, when they do not
@@ -91,9 +131,12 @@ class Account:
         new = held + n
         if new > r:
             grow = new - r - (held - r if held > r else 0)
-            if not force and b.accounts * r + b.excess + grow > b.limit:
+            owner = self.owner
+            if not force and (b.excess + grow > b.room
+                              or (owner.excess and b.excess + owner.excess + 2 * grow > b.room)):
                 return False
             b.excess += grow
+            owner.excess += grow
         self.held = new
         self.kinds[kind] += n
         b.used += n
@@ -112,7 +155,12 @@ class Account:
         b = self.budget
         r, held = b.reserve, self.held
         if held > r:
-            b.excess -= held - r - (held - n - r if held - n > r else 0)
+            shrink = held - r - (held - n - r if held - n > r else 0)
+            b.excess -= shrink
+            owner = self.owner
+            owner.excess -= shrink
+            if owner.parked:
+                b._unpark(owner)
         self.held = held - n
         kinds[kind] -= n
         b.used -= n
@@ -145,14 +193,18 @@ class Account:
         """The connection is gone: everything it held is free, its guarantee too."""
         if self.closed:
             return
-        b, r = self.budget, self.budget.reserve
-        b.excess -= max(0, self.held - r)
+        b, r, owner = self.budget, self.budget.reserve, self.owner
+        excess = max(0, self.held - r)
+        b.excess -= excess
+        owner.excess -= excess
         b.used -= self.held
         for kind, n in self.kinds.items():
             b.kinds[kind] -= n
         self.held = 0
         self.closed = True
-        b.accounts -= 1
+        b._closed(owner)
+        if owner.parked:
+            b._unpark(owner)
         if b._waiting_live:
             b._pump()
 
@@ -160,10 +212,14 @@ class Account:
 class Budget:
     """The limit shared by every connection of the front end."""
 
-    def __init__(self, limit: int, reserve: int = RESERVE) -> None:
+    def __init__(self, limit: int, reserve: int = RESERVE, shares: int | None = None) -> None:
         self.limit = limit
         self.reserve = min(reserve, limit)
+        # accounts that can always be opened: their reserves are never excess's room
+        self.shares = max(1, limit // (LOGIN_SHARES * self.reserve)) if shares is None else shares
         self.accounts = 0
+        self.owners: dict[str, Owner] = {}   # initiator name -> its accounts together
+        self.room = limit - self.shares * self.reserve   # what excess may take in all
         self.excess = 0              # sum over accounts of max(0, held - reserve)
         self.used = 0
         self.peak = 0
@@ -174,17 +230,36 @@ class Budget:
         self._order: collections.deque[int] = collections.deque()
         self._compact_at = 64
         self._waiting: list[tuple[int, int, Grant]] = []   # (tag, seq, grant) heap
-        self._waiting_live = 0
+        self._waiting_live = 0       # grants not yet given, parked ones too
+        # parked grants (over their owner's share), oldest first: the progress rule's
+        self._parked: list[tuple[int, int, Grant]] = []
+        self._parked_live = 0
         self._seq = itertools.count()
         self._pumping = False
         self._again = False
 
-    def open(self) -> Account | None:
-        """An account for a new connection, or None when its guarantee does not fit."""
-        if (self.accounts + 1) * self.reserve + self.excess > self.limit:
+    def open(self, owner: str | None = None) -> Account | None:
+        """An account for a new connection of initiator `owner` (None: an owner
+        of its own), or None when its guarantee does not fit: never while fewer
+        than `shares` are open."""
+        if self.accounts >= self.shares and (self.accounts + 1) * self.reserve + self.excess > self.limit:
             return None
         self.accounts += 1
-        return Account(self)
+        self.room = self.limit - max(self.accounts, self.shares) * self.reserve
+        o = self.owners.get(owner) if owner is not None else None
+        if o is None:
+            o = Owner(owner)
+            if owner is not None:
+                self.owners[owner] = o
+        o.accounts += 1
+        return Account(self, o)
+
+    def _closed(self, owner: Owner) -> None:
+        self.accounts -= 1
+        self.room = self.limit - max(self.accounts, self.shares) * self.reserve
+        owner.accounts -= 1
+        if not owner.accounts and owner.key is not None and self.owners.get(owner.key) is owner:
+            del self.owners[owner.key]
 
     def hold(self, tag: int) -> None:
         """Write `tag` (the newest task so far) is in flight: it holds, or will
@@ -206,8 +281,10 @@ class Budget:
         """Reserve at once when it fits and nobody waits before us (the usual
         case, without a Grant), or when it fits in the account's guaranteed
         share: that takes nothing anyone waits for."""
-        if self._waiting_live and account.held + n > self.reserve:
+        if self._waiting_live > self._parked_live and account.held + n > self.reserve:
             return False
+        if account.owner.parked and account.held + n > self.reserve:
+            return False            # behind its owner's parked grants
         return account.take(kind, n)
 
     def wait(self, account: Account, kind: str, n: int, tag: int, on_grant: Callable[[], None]) -> Grant:
@@ -243,30 +320,104 @@ class Budget:
             while again:
                 self._again = False
                 self._grant_ready()
+                self._grant_parked()
                 again = self._again
-            if len(self._waiting) > 2 * self._waiting_live + 64:   # cancelled entries: rebuild
+            live = self._waiting_live - self._parked_live
+            if len(self._waiting) > 2 * live + 64:   # cancelled entries: rebuild
                 self._waiting = [w for w in self._waiting if w[2].live]
                 heapq.heapify(self._waiting)
+            if len(self._parked) > 2 * self._parked_live + 64:
+                for w in self._parked:
+                    w[2].listed = False
+                self._parked = [w for w in self._parked if w[2].live and w[2].parked]
+                for w in self._parked:
+                    w[2].listed = True
+                heapq.heapify(self._parked)
         finally:
             self._pumping = False
 
     def _grant_ready(self) -> None:
         heap = self._waiting
         while heap:
-            tag, _, grant = heap[0]
-            if not grant.live or grant.account.closed:
+            entry = heap[0]
+            tag, _, grant = entry
+            account = grant.account
+            if not grant.live or account.closed:
                 heapq.heappop(heap)
                 if grant.live:
                     grant.cancel()
                 continue
+            owner = account.owner
+            head = self._owner_head(owner)
+            fit = _OVER_SHARE if head is not None and head < entry else account.fit(grant.n)
+            if fit != _FITS:
+                oldest = self._oldest_holder()
+                if oldest is not None and oldest < tag:
+                    if fit == _NO_ROOM:
+                        return          # everyone's grants wait in tag order for room
+                    heapq.heappop(heap)   # over its owner's share: only that owner waits
+                    self._park(entry)
+                    continue
+            heapq.heappop(heap)
+            self._give(grant)
+
+    def _grant_parked(self) -> None:
+        """The progress rule for parked grants: the oldest one goes when nothing
+        older holds a reservation (its owner's newer tasks may wait for it)."""
+        heap = self._parked
+        while heap:
+            tag, _, grant = heap[0]
+            if not grant.live or not grant.parked or grant.account.closed:
+                heapq.heappop(heap)
+                grant.listed = False
+                if grant.live and grant.parked:
+                    grant.cancel()
+                continue
             oldest = self._oldest_holder()
-            if not grant.account.fits(grant.n) and oldest is not None and oldest < tag:
+            if oldest is not None and oldest < tag:
                 return
             heapq.heappop(heap)
-            grant.live = False
-            self._waiting_live -= 1
-            grant.account.take(grant.kind, grant.n, force=True)
-            grant.on_grant()
+            grant.listed = False
+            grant.parked = False
+            self._parked_live -= 1
+            self._give(grant)
+
+    def _give(self, grant: Grant) -> None:
+        grant.live = False
+        self._waiting_live -= 1
+        grant.account.take(grant.kind, grant.n, force=True)
+        grant.on_grant()
+
+    def _park(self, entry: tuple[int, int, Grant]) -> None:
+        grant = entry[2]
+        grant.parked = True
+        self._parked_live += 1
+        heapq.heappush(grant.account.owner.parked, entry)
+        if not grant.listed:
+            grant.listed = True
+            heapq.heappush(self._parked, entry)
+
+    def _owner_head(self, owner: Owner) -> tuple[int, int, Grant] | None:
+        """The owner's oldest parked grant still waiting (dropping those that are not)."""
+        parked = owner.parked
+        while parked:
+            grant = parked[0][2]
+            if grant.live and grant.parked and not grant.account.closed:
+                return parked[0]
+            heapq.heappop(parked)
+            if grant.live and grant.parked:
+                grant.cancel()
+        return None
+
+    def _unpark(self, owner: Owner) -> None:
+        """The owner gave something back: its oldest parked grant is looked at
+        again (with everyone's, in tag order); the rest follow as it goes."""
+        entry = self._owner_head(owner)
+        if entry is not None:
+            heapq.heappop(owner.parked)
+            entry[2].parked = False
+            self._parked_live -= 1
+            heapq.heappush(self._waiting, entry)
 
 
 def unlimited() -> Account:

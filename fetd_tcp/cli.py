@@ -20,7 +20,9 @@ def parse_portal(value: str) -> tuple[str, int, int]:
 
 
 @click.command("fetd-tcp")
-@click.option("--stml", "stml_endpoint", required=True, help="STML endpoint (ipc://PATH or tcp://HOST:PORT).")
+@click.option("--stml", "stml_endpoints", required=True, multiple=True,
+              help="STML endpoint (ipc://PATH or tcp://HOST:PORT); repeated: the STMLs of gateways "
+                   "sharing storage, of which the front end uses the one that serves.")
 @click.option("--portal", "portals", multiple=True, metavar="HOST:PORT[,TPGT]",
               help="Portal to listen on, repeatable (TPGT default 1). Without it the front end "
                    "listens on the STML's portal list and follows `portal add|remove`.")
@@ -32,7 +34,7 @@ def parse_portal(value: str) -> tuple[str, int, int]:
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--log-format", default="text", show_default=True, type=click.Choice(["text", "json"]))
-def main(stml_endpoint: str, portals: tuple[str, ...], stml_key: str | None, own_key: str | None,
+def main(stml_endpoints: tuple[str, ...], portals: tuple[str, ...], stml_key: str | None, own_key: str | None,
          isns: str | None, log_level: str, log_format: str) -> None:
     """Run the iSCSI front end alone, attached to a running STML (on this host,
     or on another one over tcp:// with CURVE keys)."""
@@ -59,7 +61,7 @@ def main(stml_endpoint: str, portals: tuple[str, ...], stml_key: str | None, own
             click.echo(f"scsi-target: config error: {e}", err=True)
             sys.exit(2)
     try:
-        run_loop(run_fetd_tcp(stml_endpoint, specs, curve, isns))
+        run_loop(run_fetd_tcp(list(stml_endpoints), specs, curve, isns))
     except OSError as e:
         click.echo(f"scsi-target: fetd-tcp: cannot listen on {e.strerror or e}", err=True)
         sys.exit(2)

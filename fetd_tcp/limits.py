@@ -35,9 +35,13 @@ stops advancing; a connection whose output keeps backing up also stops being rea
 All of it together. SCSI_TARGET_MAX_BUFFERED bounds what every connection makes fetd_tcp
 hold: read and write data as above, PDUs waiting for an earlier CmdSN, Text requests
 and answers being continued, unsent output (fetd_tcp/budget.py). Each connection is
-guaranteed a share (budget.RESERVE) that the others cannot take, so a login is refused
-(Out of resources) when no share is left; past the budget commands get TASK SET FULL
-and R2Ts wait. `scsi-target status` shows what is held (front end "buffered").
+guaranteed a share (budget.RESERVE) that the others cannot take, and a quarter of the
+budget is kept for the shares of new connections, so what connections hold beyond their
+share never refuses a login (Out of resources only once no share is left). One initiator,
+over all its connections, holds at most half of what the others leave it beyond their
+shares, so the per-connection bounds above do not let a few of its connections fill the
+budget. Past the budget or the initiator's part, commands get TASK SET FULL and R2Ts
+wait. `scsi-target status` shows what is held (front end "buffered").
 """
 from __future__ import annotations
 

@@ -59,6 +59,8 @@ class TargetConfig:
     allowed_initiators: frozenset[str] = frozenset()  # empty: every initiator
     chap: Credentials | None = None  # the initiator must prove this
     mutual_chap: Credentials | None = None  # we prove this when asked
+    erl: int = 0              # the highest ErrorRecoveryLevel offered (config `error_recovery_level`)
+    cmdsn_depth: int = 128    # the CmdSN window of its sessions (config `cmdsn_depth`)
 
     def allows(self, initiator: str) -> bool:
         return not self.allowed_initiators or initiator in self.allowed_initiators
@@ -89,6 +91,7 @@ class LoginOutcome:
     cid: int
     cmd_sn: int  # the session's next expected CmdSN
     stat_sn: int  # StatSN for the connection's next response
+    exp_stat_sn: int  # the first request's: for a reinstated connection, the old one's acknowledgement
     auth_method: str
     session: SessionParams
     connection: ConnectionParams
@@ -266,7 +269,10 @@ class LoginMachine:
             creds, self._mutual = self._target.chap, self._target.mutual_chap
         self._creds = creds
         self._auth_required = creds is not None
-        self._neg = Negotiator(cfg.keys, leading=req.tsih == 0,
+        ours = cfg.keys
+        if self._target is not None:   # each target offers its own ErrorRecoveryLevel
+            ours = replace(ours, error_recovery_level=self._target.erl)
+        self._neg = Negotiator(ours, leading=req.tsih == 0,
                                auth_methods=("CHAP",) if creds else ("None",))
         self._neg.discovery = self._session_type == "Discovery"
 
@@ -340,11 +346,17 @@ class LoginMachine:
         header = LoginResponse(
             itt=req.itt, isid=req.isid, tsih=req.tsih if tsih is None else tsih,
             stat_sn=self.stat_sn, exp_cmd_sn=req.cmd_sn,
-            max_cmd_sn=(req.cmd_sn + self.config.cmd_window - 1) & 0xFFFFFFFF,
+            max_cmd_sn=(req.cmd_sn + self.window - 1) & 0xFFFFFFFF,
             csg=req.csg, nsg=nsg, transit=transit, status_class=status >> 8,
             status_detail=status & 0xFF, data_length=len(data)).encode()
         self.stat_sn = (self.stat_sn + 1) & 0xFFFFFFFF
         return header, data
+
+    @property
+    def window(self) -> int:
+        """The CmdSN window given at login: the target's, once it is known."""
+        t = self._target
+        return min(self.config.cmd_window, t.cmdsn_depth) if t is not None else self.config.cmd_window
 
     def _fail(self, req: LoginRequest, status: int, reason: str) -> Fail:
         self._finished = True
@@ -360,6 +372,7 @@ class LoginMachine:
             initiator_alias=neg.declared.get("InitiatorAlias", ""),
             target=self._target, isid=req.isid, tsih=req.tsih, cid=req.cid,
             cmd_sn=req.cmd_sn, stat_sn=self.stat_sn,
+            exp_stat_sn=(self._first or req).exp_stat_sn,
             auth_method=neg.results.get("AuthMethod", "None"),
             session=neg.session_params(), connection=neg.connection_params())
 

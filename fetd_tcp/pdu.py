@@ -64,6 +64,10 @@ TMF_LOGICAL_UNIT_RESET = 5
 TMF_TARGET_WARM_RESET = 6
 TMF_TARGET_COLD_RESET = 7
 TMF_TASK_REASSIGN = 8
+TMF_QUERY_TASK = 9            # RFC 7144
+TMF_QUERY_TASK_SET = 10
+TMF_I_T_NEXUS_RESET = 11
+TMF_QUERY_ASYNC_EVENT = 12
 TMF_RESP_COMPLETE = 0
 TMF_RESP_NO_TASK = 1
 TMF_RESP_NO_LUN = 2
@@ -71,6 +75,7 @@ TMF_RESP_TASK_ALLEGIANT = 3
 TMF_RESP_NO_REASSIGN = 4
 TMF_RESP_NOT_SUPPORTED = 5
 TMF_RESP_AUTH_FAILED = 6
+TMF_RESP_SUCCEEDED = 7        # RFC 7144: the queried condition exists
 TMF_RESP_REJECTED = 255
 
 # Task attributes in the SCSI Command (§11.3.1).
@@ -121,6 +126,17 @@ class PDUError(Exception):
         super().__init__(reason)
         self.reason = reason
         self.reject_reason = reject_reason
+
+
+class DigestError(PDUError):
+    """A digest did not match. The framer has already stepped past the PDU
+    (by the lengths its header gives), so with error recovery (ERL >= 1) the
+    stream goes on: ``header`` is the BHS of a PDU whose data was damaged
+    (its header is sound), or None when the header itself was."""
+
+    def __init__(self, reason: str, reject_reason: int, header: bytes | None) -> None:
+        super().__init__(reason, reject_reason)
+        self.header = header
 
 
 class BHS(NamedTuple):
@@ -811,6 +827,7 @@ class PduFramer:
         self._seg: memoryview | None = None       # a big data segment received in place
         self._seg_pos = 0
         self._head: tuple[bytes, bytes, int] = (b"", b"", 0)   # its BHS, AHS, DataSegmentLength
+        self._skip = 0                            # bytes of a PDU with a bad header still to drop
 
     @property
     def buffered(self) -> int:
@@ -859,6 +876,9 @@ class PduFramer:
             if self._seg_pos < len(self._seg):
                 return None
             return self._segment_done()
+        if self._skip:
+            self._skipping()
+            return None
         buf, start = self._buf, self._start
         avail = self._end - start
         if avail < BHS_LEN:
@@ -873,7 +893,13 @@ class PduFramer:
         if length >= self.big:
             if avail < pos - start:
                 return None
-            header, ahs = self._header(start, ahs_len)
+            try:
+                header, ahs = self._header(start, ahs_len)
+            except DigestError:
+                self._skip = end - start     # the rest of the PDU goes by unread
+                self._start = start
+                self._skipping()
+                return None
             size = end - pos
             seg = memoryview(self.alloc(size))[:size]
             take = min(self._end - pos, size)
@@ -885,12 +911,17 @@ class PduFramer:
             return self._segment_done()
         if avail < end - start:
             return None
-        header, ahs = self._header(start, ahs_len)
+        try:
+            header, ahs = self._header(start, ahs_len)
+        except DigestError:
+            self._start = end
+            raise
         data = b""
         if length:
             data = buf[pos:pos + length].tobytes()
             if self.dd and buf[pos + padded:end] != digest(buf[pos:pos + padded]):
-                raise PDUError("data digest error", REJECT_DATA_DIGEST_ERROR)
+                self._start = end
+                raise DigestError("data digest error", REJECT_DATA_DIGEST_ERROR, header)
         self._start = end
         return decode_pdu(header, ahs), data, header
 
@@ -901,7 +932,7 @@ class PduFramer:
         if self.hd:
             at = start + BHS_LEN + ahs_len
             if buf[at:at + DIGEST_LEN] != digest(header, ahs):
-                raise PDUError("header digest error")
+                raise DigestError("header digest error", REJECT_PROTOCOL_ERROR, None)
         return header, ahs
 
     def _segment_done(self) -> tuple[PDU, memoryview, bytes]:
@@ -911,5 +942,15 @@ class PduFramer:
         if self.dd:
             padded = (length + 3) & ~3
             if seg[padded:padded + DIGEST_LEN] != digest(seg[:padded]):
-                raise PDUError("data digest error", REJECT_DATA_DIGEST_ERROR)
+                raise DigestError("data digest error", REJECT_DATA_DIGEST_ERROR, header)
         return decode_pdu(header, ahs), seg[:length], header
+
+    def _skipping(self) -> None:
+        """Drop the bytes of a PDU whose header digest failed, as they arrive;
+        raises DigestError once they are gone (the stream is then at the next PDU)."""
+        gone = min(self._skip, self._end - self._start)
+        self._start += gone
+        self._skip -= gone
+        if self._skip:
+            return None
+        raise DigestError("header digest error", REJECT_PROTOCOL_ERROR, None)

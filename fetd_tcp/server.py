@@ -20,12 +20,14 @@ from fetd_tcp import login as L
 from fetd_tcp.chap import Credentials, Secret
 from fetd_tcp.limits import Limits
 from fetd_tcp.session import MAX_TEXT_RESPONSE, Connection, Session, Tags
+from scsi_runtime.logs import audit
 from stml.api import Detect, FrontEndLink
 
 log = logging.getLogger("fetd_tcp")
 
 LOGIN_TIMEOUT = 15.0     # a connection must finish login within this
 NOP_INTERVAL = 10.0      # idle connections are pinged this often; unanswered twice -> dropped
+DATAOUT_CHECK = 2.5      # ERL >= 1: a burst with no Data-Out for 1-2 of these is asked for again
 CMD_WINDOW = 128         # MaxCmdSN - ExpCmdSN + 1, capped by the STML's queue depth
 MAX_CONNECTIONS = 4     # connections per session we accept (MC/S)
 WRITE_BACKLOG = 4 << 20  # past this much unsent output, a connection stops reading until it drains
@@ -45,7 +47,7 @@ class PortalSpec:
 class IscsiFrontEnd:
     """The front end: STML calls arrive here and are routed to connections."""
 
-    def __init__(self, stml_endpoint: str, portals: list[PortalSpec], keys: TargetKeys | None = None,
+    def __init__(self, stml_endpoint: str | list[str], portals: list[PortalSpec], keys: TargetKeys | None = None,
                  curve: dict[str, bytes] | None = None, isns: str | None = None) -> None:
         self.portals = portals          # listening now
         self.follow_stml = not portals  # no portals of our own: listen on the STML's list (detect)
@@ -54,6 +56,7 @@ class IscsiFrontEnd:
         self.keys = keys or TargetKeys(max_connections=MAX_CONNECTIONS)
         self.link = FrontEndLink(stml_endpoint, "iscsi", self, curve=curve)
         self.isns = None
+        self.slp: Any = None     # the SLP service agent's driver (fetd_tcp.slpd), when `slp` is on
         if isns:
             from fetd_tcp.isns import IsnsClient
             self.isns = IsnsClient(isns, f"{self.link.name}")
@@ -76,7 +79,8 @@ class IscsiFrontEnd:
         # set (with the OSError) when a portal of the STML's list cannot be opened at start:
         # a listener that cannot exist makes the start fail, it is not only logged
         self.failed: asyncio.Future | None = None
-        self.session_portals: dict[int, str] = {}        # TSIH -> the portal it logged in through
+        # TSIH -> the portal it logged in through, and the initiator's address (audit lines)
+        self.session_portals: dict[int, tuple[str, str]] = {}
 
     # ------------------------------------------------------------ STML -> us
     def detect(self, detect: Detect) -> None:
@@ -92,6 +96,39 @@ class IscsiFrontEnd:
             self._report_portals()    # e.g. a restarted STML: it has not heard from us yet
         if self.isns is not None:
             self._isns_update()
+        self._slp_update()
+
+    def _slp_update(self) -> None:
+        """Start, stop or update the SLP service agent as the STML's `slp`
+        setting, targets and our portals say (after every detect and portal change)."""
+        info = self.detect_info
+        scopes = info.discovery.get("slp") if info is not None else None
+        if not scopes or info is None:
+            if self.slp is not None:
+                self.slp.close()
+                self.slp = None
+            return
+        from fetd_tcp import slp, slpd
+        if self.slp is not None and self.slp.agent.scope_text != ",".join(scopes):
+            self.slp.close()
+            self.slp = None
+        targets = [slp.Target(t.name, t.alias, tuple(t.access.get("acl") or ()),
+                              (t.access.get("chap") or {}).get("user")) for t in info.targets]
+        portals = [(p.host, p.port, p.tpgt) for p in self.portals]
+        if self.slp is None:
+            agent = slp.ServiceAgent(list(scopes))
+            agent.update(targets, portals)
+            driver = slpd.SlpDriver(agent, list(info.discovery.get("slp_da") or ()),
+                                    int(os.environ.get("SCSI_TARGET_SLP_PORT", slp.SLP_PORT)))
+            try:
+                driver.start()
+            except OSError as e:
+                log.error("SLP service agent not started: %s", e)
+                return
+            self.slp = driver
+        else:
+            self.slp.agent.update(targets, portals)
+            self.slp.update()
 
     async def _sync_portals(self) -> None:
         """Open and close listeners until they match the STML's portal list
@@ -123,6 +160,7 @@ class IscsiFrontEnd:
         self._report_portals()
         if self.isns is not None:
             self._isns_update()
+        self._slp_update()
 
     def _report_portals(self) -> None:
         """Tell the STML which portals of its list we listen on (contract: portal_state)."""
@@ -188,7 +226,16 @@ class IscsiFrontEnd:
         entry = self.tags.tmfs.pop(tag, None)
         if entry is not None:
             conn, itt, fn = entry
-            conn.task_mgmt_fn_done(itt, fn, response, tasks)
+            if conn is None:        # our own ABORT TASK of a task whose Time2Retain ran out
+                for task in tasks:
+                    old = task.conn
+                    old.session.itts.pop(task.itt, None)
+                    old.release(task)
+                    old.aborting -= 1
+                    if not old.aborting:    # the last of them: the window is open now
+                        self._window_update(old.session)
+            else:
+                conn.task_mgmt_fn_done(itt, fn, response, tasks)
 
     def report_aen(self, nexus: int | None, lun: int, sense: bytes) -> None:
         sessions = self.by_nexus.values() if nexus is None else filter(None, [self.by_nexus.get(nexus)])
@@ -211,6 +258,8 @@ class IscsiFrontEnd:
         """The STML is gone: every task in flight is lost, so every session ends;
         initiators log in again once the STML is back."""
         (log.warning if self.sessions else log.info)("STML link lost: closing %d session(s)", len(self.sessions))
+        # nor will it answer the TMFs it was given: their entries (each holds its connection) go too
+        self.tags.tmfs.clear()
         for s in list(self.sessions.values()):
             for conn in list(s.connections.values()):
                 conn.close()
@@ -221,7 +270,9 @@ class IscsiFrontEnd:
         if self.detect_info is None:
             return ()
         return tuple(L.TargetConfig(t.name, t.alias, frozenset(t.access.get("acl") or ()),
-                                    _creds(t.access.get("chap")), _creds(t.access.get("mutual")))
+                                    _creds(t.access.get("chap")), _creds(t.access.get("mutual")),
+                                    int(t.access.get("erl") or 0),
+                                    int(t.access.get("cmdsn_depth") or CMD_WINDOW))
                      for t in self.detect_info.targets)
 
     def portal_addresses(self) -> dict[int, list[tuple[str, int]]]:
@@ -288,6 +339,8 @@ class IscsiFrontEnd:
             w.close()
         if self.isns is not None:
             await self.isns.close()
+        if self.slp is not None:
+            self.slp.close()     # deregisters from directory agents
         await self.link.close()
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
@@ -375,8 +428,9 @@ class IscsiFrontEnd:
             step: L.Send | L.Decide | L.Complete | L.Fail = machine.receive(pdu, bytes(data))
             account: Account | None = None
             if isinstance(step, L.Decide):
-                # every connection is guaranteed a share of the buffer budget: none left, no login
-                account = self.budget.open()
+                # every connection is guaranteed a share of the buffer budget: none left, no
+                # login; what it holds beyond counts toward its initiator's fair share
+                account = self.budget.open(step.outcome.initiator_name)
                 step = self._decide(machine, step.outcome) if account is not None else \
                     machine.refuse(L.OUT_OF_RESOURCES, "buffer budget full")
             try:
@@ -437,8 +491,11 @@ class IscsiFrontEnd:
                     c.close()
                 self._end_session(old)
             limits = self.detect_info.limits if self.detect_info else {}
+            window = self._window(limits)
+            if o.target is not None:
+                window = min(window, o.target.cmdsn_depth)
             session = Session(o.tsih, o.isid, o.initiator_name, target, tpgt, o.session,
-                              next(self.nexus_ids), o.cmd_sn, self._window(limits), discovery=discovery,
+                              next(self.nexus_ids), o.cmd_sn, window, discovery=discovery,
                               max_transfer=int(limits.get("max_transfer", 8 << 20)))
             self.sessions[o.tsih] = session
             self.by_name[(o.initiator_name, o.isid, target)] = session
@@ -447,17 +504,27 @@ class IscsiFrontEnd:
                 self.per_target[target] = self.per_target.get(target, 0) + 1
                 self.link.register_nexus(session.nexus, session.initiator_port, target, tpgt)
         portal = _hostport(str(local[0]), int(local[1])) if local else "?"
-        self.session_portals.setdefault(o.tsih, portal)
+        peer = writer.get_extra_info("peername")
+        self.session_portals.setdefault(o.tsih, (portal, str(peer[0]) if peer else "?"))
         log.info("login: %s 0x%s -> %s via %s tpgt %d, TSIH %d CID %d (%s)", o.initiator_name, o.isid.hex(),
                  target or "discovery", portal, tpgt, o.tsih, o.cid,
-                 "new session" if len(session.connections) == 0 else "joins session")
+                 "new session" if len(session.connections) == 0 else "joins session",
+                 extra=audit(self.session_portals[o.tsih][1]))
         old_conn = session.connections.get(o.cid)
         if old_conn is not None:
+            # connection reinstatement: the old one ends now (at ERL 2 its tasks wait for
+            # TASK REASSIGN), its responses acknowledged as the new login says
+            old_conn.acknowledge(o.exp_stat_sn)
             old_conn.close()
+            self._drop_connection(old_conn)
+        failed = session.failed.get(o.cid)
+        if failed is not None:
+            failed.acknowledge(o.exp_stat_sn)
         out = PduWriter(writer, o.connection, self.pending_output, account, self.link.scsi_target_done)
         conn = Connection(session, o.cid, o.connection, o.stat_sn, out, self.link, self.tags,
                           out.close, self.text, write_limit=self.limits.max_write_buffer,
                           read_limit=self.limits.max_read_buffer, account=account)
+        conn.on_failed = self._fail_connection
         session.connections[o.cid] = conn
         return conn
 
@@ -488,9 +555,19 @@ class IscsiFrontEnd:
         return view if view is not None else bytearray(size)
 
     async def _pinger(self, conn: Connection) -> None:
+        """NOP-In pings every NOP_INTERVAL; at ERL >= 1 a look at stalled write
+        bursts every DATAOUT_CHECK too."""
         conn.idle = True
+        step = DATAOUT_CHECK if conn.erl else NOP_INTERVAL
+        waited = 0.0
         while True:
-            await asyncio.sleep(NOP_INTERVAL)
+            await asyncio.sleep(step)
+            if conn.erl:
+                conn.check_stalled()
+            waited += step
+            if waited < NOP_INTERVAL:
+                continue
+            waited = 0.0
             if conn.idle and not conn.ping():
                 log.info("initiator %s did not answer NOP-In: dropping connection", conn.session.initiator)
                 conn.close()
@@ -498,31 +575,94 @@ class IscsiFrontEnd:
             conn.idle = True
 
     def _drop_connection(self, conn: Connection) -> None:
-        """The connection is over: its tasks are forgotten (ErrorRecoveryLevel 0:
+        """The connection is over: its tasks are forgotten (ErrorRecoveryLevel < 2:
         nothing moves them to another connection) and what it held leaves the
-        budget (its unsent output once the socket is gone: PduWriter.retire)."""
+        budget (its unsent output once the socket is gone: PduWriter.retire).
+        At ERL 2 a connection that failed (no Logout ended it) keeps its tasks
+        for a TASK REASSIGN until Time2Wait + Time2Retain pass, and its session
+        lives on without connections as long (RFC 7143 6.3.5, 7.2.2)."""
         s = conn.session
+        writer = conn.send
+        if conn.gone:
+            return      # already dropped (a reinstatement got there first)
+        conn.gone = True
         # `closing` is set by a Logout, or by drop_nexus, which has ended the session already
         if conn.closing and self.sessions.get(s.tsih) is s:
+            portal, peer = self.session_portals.get(s.tsih, ("?", "?"))
             log.info("logout: %s 0x%s -> %s via %s, TSIH %d CID %d", s.initiator, s.isid.hex(),
-                     s.target or "discovery", self.session_portals.get(s.tsih, "?"), s.tsih, conn.cid)
+                     s.target or "discovery", portal, s.tsih, conn.cid, extra=audit(peer))
         if s.connections.get(conn.cid) is conn:
             del s.connections[conn.cid]
+        if s.erl >= 2 and not conn.closing and not s.discovery:
+            self._fail_connection(conn)
+            if isinstance(writer, PduWriter):
+                writer.retire(release=False)
+            return
         for task in [t for t in s.itts.values() if t.conn is conn]:
             s.itts.pop(task.itt, None)
             self.tags.tasks.pop(task.tag, None)
             conn.release(task)
-        if not s.connections:
+        for task in [t for t in s.kept.values() if t.conn is conn]:
+            conn._forget(task)
+        if not s.connections and not s.failed:
             self._end_session(s)
-        if isinstance(conn.out, PduWriter):
-            conn.out.retire()
+        else:
+            self._window_update(s)
+        if isinstance(writer, PduWriter):
+            writer.retire()
+
+    def _fail_connection(self, conn: Connection) -> None:
+        """ERL 2: keep the connection's tasks for Time2Wait + Time2Retain."""
+        s = conn.session
+        if s.connections.get(conn.cid) is conn:
+            del s.connections[conn.cid]
+        if conn.failed:
+            return
+        conn.fail()
+        delay = s.params.default_time2wait + s.params.default_time2retain
+        log.info("connection CID %d of TSIH %d failed: %d task(s) kept for %d s", conn.cid, s.tsih,
+                 len(conn.orphans()), delay)
+        asyncio.get_running_loop().call_later(delay, self._expire, conn)
+
+    def _expire(self, conn: Connection) -> None:
+        """Time2Wait + Time2Retain passed: tasks nobody reassigned are dropped
+        (aborted in the STML), then the session too if it has no connection."""
+        s = conn.session
+        if conn.account.closed:
+            return     # every task was reassigned
+        running = conn.expire()
+        conn.aborting = len(running)
+        if running:
+            log.info("Time2Retain expired on CID %d of TSIH %d: %d task(s) aborted", conn.cid,
+                     s.tsih, len(running))
+        for task in running:
+            tag = self.tags.new()
+            self.tags.tmfs[tag] = (None, 0, P.TMF_ABORT_TASK)
+            lun = P.lun_to_int(task.lun)
+            self.link.rx_task_mgmt_fn(tag, s.nexus, P.TMF_ABORT_TASK, 0xFFFF if lun is None else lun,
+                                      task.tag)
+        if running:
+            self.link.flush()
+        conn.account.close()
+        if not s.connections and not s.failed:
+            self._end_session(s)
+        elif not running:
+            self._window_update(s)
+
+    @staticmethod
+    def _window_update(s: Session) -> None:
+        """Tasks went without a response: a window held shut may be open now."""
+        for conn in s.connections.values():
+            conn.window_update()
+            break
 
     def _end_session(self, s: Session) -> None:
         """Forget a session (work in proportion to its own tasks, not to all)."""
         if self.sessions.get(s.tsih) is s:
             del self.sessions[s.tsih]
+            portal, peer = self.session_portals.pop(s.tsih, ("?", "?"))
             log.info("session ended: %s 0x%s -> %s via %s, TSIH %d", s.initiator, s.isid.hex(),
-                     s.target or "discovery", self.session_portals.pop(s.tsih, "?"), s.tsih)
+                     s.target or "discovery", portal, s.tsih, extra=audit(peer))
             key = (s.initiator, s.isid, s.target)
             if self.by_name.get(key) is s:
                 del self.by_name[key]
@@ -617,7 +757,7 @@ class ConnectionProtocol(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self.write_paused = False
-        out = self.conn.out
+        out = self.conn.send
         if isinstance(out, PduWriter):
             out.resample()
             self.conn.window_update()
@@ -638,9 +778,16 @@ class ConnectionProtocol(asyncio.BufferedProtocol):
             while not conn.closing and not transport.is_closing():
                 try:
                     item = source()
-                except P.PDUError as e:
+                except P.DigestError as e:
+                    if conn.erl and e.header is not None:   # the PDU goes, the stream goes on
+                        conn.data_digest_error(e.header)
+                        handled = True
+                        continue
+                    if conn.erl and conn.bad_headers == 0:  # dropped; sequence numbers tell
+                        conn.bad_headers += 1
+                        continue
                     if e.reject_reason == P.REJECT_DATA_DIGEST_ERROR:
-                        conn.reject(e.reject_reason, b"\0" * P.BHS_LEN)
+                        conn.reject(e.reject_reason, e.header or b"\0" * P.BHS_LEN)
                     raise
                 if item is None:
                     break
@@ -674,7 +821,7 @@ class ConnectionProtocol(asyncio.BufferedProtocol):
         """The stream cannot be trusted (or we broke): send what is pending
         (a Reject for a data digest error), close, and end with `exc`."""
         try:
-            out = self.conn.out
+            out = self.conn.send
             if isinstance(out, PduWriter):
                 out.flush()
         finally:
@@ -745,10 +892,13 @@ class PduWriter:
         self.flush()
         self.transport.close()
 
-    def retire(self) -> None:
+    def retire(self, release: bool = True) -> None:
         """The connection is over: close, and once the transport has nothing
         left to send (or after CLOSE_LINGER, when the peer does not read: its
-        output is then dropped) the connection's account closes."""
+        output is then dropped) the connection's account closes (unless not
+        `release`: ERL 2 keeps it for the tasks a TASK REASSIGN may claim)."""
+        if not release:
+            self.account = None
         self.close()
         if self.transport.get_write_buffer_size() == 0:
             self._release()
@@ -839,7 +989,7 @@ def _creds(raw: dict[str, str] | None) -> Credentials | None:
     return Credentials(raw["user"], Secret(raw["secret"])) if raw else None
 
 
-async def run_fetd_tcp(stml_endpoint: str, portals: list[PortalSpec],
+async def run_fetd_tcp(stml_endpoint: str | list[str], portals: list[PortalSpec],
                        curve: dict[str, bytes] | None = None, isns: str | None = None) -> None:
     fe = IscsiFrontEnd(stml_endpoint, portals, curve=curve, isns=isns)
     stop = asyncio.Event()

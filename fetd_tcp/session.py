@@ -28,10 +28,17 @@ OOO_LIMIT = 1 << 20           # data of PDUs waiting for an earlier CmdSN, per s
 MAX_TMFS = 16                 # task management requests the STML has not answered, per session
 MAX_TEXT_REQUEST = 64 << 10   # a Text request continued over several PDUs (C bit)
 MAX_TEXT_RESPONSE = 1 << 20   # one Text response (SendTargets); longer ones are cut (server)
+# ErrorRecoveryLevel >= 1 keeps numbered responses until ExpStatSN acknowledges them (for
+# status SNACK); those of no task (NOP-In, Text, Reject, TMF...) within these bounds
+MAX_KEPT_OTHER = 32
+MAX_KEPT_OTHER_BYTES = 256 << 10
 
 log = logging.getLogger("fetd_tcp")
 
 SN_MOD = 1 << 32
+# responses that take a StatSN of their own (RFC 7143 4.2.2.2), kept for a status SNACK
+_NUMBERED = frozenset((P.Reject, P.ScsiResponse, P.TaskMgmtResponse, P.NopIn, P.TextResponse,
+                       P.LogoutResponse))
 _PDU_OVERHEAD = 64   # a Data-In or response header with its digests and padding, rounded up
 Out = Callable[[Any, bytes | memoryview], None]   # (PDU header object, data segment)
 
@@ -40,6 +47,13 @@ ATTRS = {P.ATTR_UNTAGGED: int(TaskAttr.SIMPLE), P.ATTR_SIMPLE: int(TaskAttr.SIMP
          P.ATTR_ORDERED: int(TaskAttr.ORDERED), P.ATTR_HEAD_OF_QUEUE: int(TaskAttr.HEAD_OF_QUEUE),
          P.ATTR_ACA: int(TaskAttr.ACA)}
 _WRITE, _READ = int(DataDir.WRITE), int(DataDir.READ)
+# the task management functions the STML carries out (ABORT TASK and QUERY TASK name a
+# task, TASK REASSIGN is iSCSI's own); the STML's responses are iSCSI's codes, RFC 7144's
+# "function succeeded" (7) included
+_FORWARDED = frozenset((P.TMF_ABORT_TASK_SET, P.TMF_CLEAR_ACA, P.TMF_CLEAR_TASK_SET,
+                        P.TMF_LOGICAL_UNIT_RESET, P.TMF_TARGET_WARM_RESET,
+                        P.TMF_TARGET_COLD_RESET, P.TMF_QUERY_TASK_SET, P.TMF_I_T_NEXUS_RESET,
+                        P.TMF_QUERY_ASYNC_EVENT))
 
 
 def sn_lt(a: int, b: int) -> bool:
@@ -59,6 +73,7 @@ class Link(Protocol):
     def scsi_rx_data(self, tag: int, offset: int, data: list | tuple,
                      error: str | None = None) -> None: ...
     def rx_task_mgmt_fn(self, tag: int, nexus: int, fn: int, lun: int, ref: int | None) -> None: ...
+    def flush(self) -> None: ...
     def register_nexus(self, nexus: int, initiator: str, target: str, tpg: int) -> None: ...
     def scsi_release(self, nexus: int) -> None: ...
 
@@ -70,13 +85,15 @@ class Tags:
     def __init__(self) -> None:
         self.new: Callable[[], int] = itertools.count(1).__next__   # a C call per command
         self.tasks: dict[int, Task] = {}
-        self.tmfs: dict[int, tuple[Connection, int, int]] = {}  # tag -> (conn, itt, function)
+        # tag -> (conn, itt, function); conn None: our own ABORT TASK (Time2Retain expired)
+        self.tmfs: dict[int, tuple[Connection | None, int, int]] = {}
 
 
 class Task:
     __slots__ = ("conn", "itt", "tag", "lun", "edtl", "write", "unsol_end", "next_offset",
                  "r2t_sn", "data_sn", "bursts", "r2ts", "unsol_data_sn", "failed", "held",
-                 "res_read", "res_write", "grant")
+                 "res_read", "res_write", "grant", "status", "stat_sn", "rdata", "kept",
+                 "acked_dsn", "ack_ttt", "progress", "expired")
 
     def __init__(self, conn: Connection, itt: int, tag: int, lun: bytes, edtl: int, write: bool) -> None:
         self.conn = conn
@@ -92,13 +109,25 @@ class Task:
         # solicited ranges [offset, end] not yet asked for: cut into bursts as R2Ts go out,
         # so a small MaxBurstLength costs no memory per burst
         self.bursts: list[list[int]] = []
-        self.r2ts: dict[int, list[int]] = {}   # TTT -> [offset, end, next DataSN] outstanding
+        self.r2ts: dict[int, list[int]] = {}   # TTT -> [offset, end, next DataSN, R2TSN] outstanding
         self.unsol_data_sn = 0
         self.failed = False         # its data went wrong; the STML has been told
         self.held = 0               # write data counted against conn.write_limit until answered
         self.res_read = 0           # reserved in the budget for its read data, until answered
         self.res_write = 0          # reserved in the budget for its write data, until answered
         self.grant: Grant | None = None   # its solicited data waits for room in the budget
+        # ErrorRecoveryLevel >= 1: what a SNACK or a TASK REASSIGN may ask for again, kept
+        # (counted in the budget as "keep") until the initiator acknowledges it
+        # (status, sense, residual count, overflow, underflow, the PDU that carried it or
+        # None, that PDU's data segment)
+        self.status: tuple[Any, ...] | None = None
+        self.stat_sn = 0
+        self.rdata: bytes | None = None   # its read data
+        self.kept = 0                     # bytes counted as "keep" for it
+        self.acked_dsn = 0                # Data-In below this DataSN acknowledged (DataACK)
+        self.ack_ttt = P.RESERVED_TAG     # the TTT of its Data-In with the A bit
+        self.progress = 0                 # Data-Out PDUs received (a stalled burst is recovered)
+        self.expired = False              # its connection's Time2Retain ran out
 
 
 @dataclass(eq=False)
@@ -121,6 +150,15 @@ class Session:
     queued_bytes: int = 0   # data held in `queued`, within OOO_LIMIT
     tmfs: int = 0           # TMFs the STML has not answered
     last_max: int = -1      # MaxCmdSN as last computed; it never goes back
+    # ErrorRecoveryLevel >= 1: tasks answered whose status is not yet acknowledged (ExpStatSN)
+    kept: dict[int, Task] = field(default_factory=dict)
+    # ErrorRecoveryLevel 2: connections that failed with tasks that a TASK REASSIGN may
+    # still claim, by CID, until Time2Wait + Time2Retain pass
+    failed: dict[int, Connection] = field(default_factory=dict)
+
+    @property
+    def erl(self) -> int:
+        return self.params.error_recovery_level
 
     @property
     def max_cmd_sn(self) -> int:
@@ -131,9 +169,11 @@ class Session:
         was: the initiator may already send up to it."""
         last = self.last_max
         if last >= 0:
+            if len(self.kept) >= self.window:
+                return last     # the initiator does not acknowledge status: hold it to that
             for c in self.connections.values():   # (per command: no calls)
                 kinds = c.account.kinds
-                if c.write_held >= c.write_limit or kinds["read"] + kinds["out"] >= c.read_limit:
+                if c.write_held >= c.write_limit or kinds["read"] + kinds["out"] + kinds["keep"] >= c.read_limit:
                     return last
         new = (self.exp_cmd_sn + self.window - 1 - len(self.itts)) % SN_MOD
         if last < 0 or 0 < (new - last) % SN_MOD < (1 << 31):
@@ -159,6 +199,7 @@ class Connection:
         self.params = params
         self.stat_sn = stat_sn
         self.out = out
+        self.send = out      # output as it is (self.out may keep what it sends first)
         self.link = link
         self.tags = tags
         self.close = close
@@ -184,6 +225,20 @@ class Connection:
         # ("out") is counted only when there is one: its writer samples the socket then
         self.account = account if account is not None else unlimited()
         self.count_out = account is not None
+        # ErrorRecoveryLevel >= 1: numbered responses not yet acknowledged, in StatSN order
+        # (a Task for its status, else the PDU and its data), and a failed connection (ERL 2)
+        self.erl = session.params.error_recovery_level
+        self.unacked: dict[int, Task | tuple[Any, bytes]] = {}
+        self.other_bytes = 0            # data of the non-task responses kept
+        self.exp_stat_sn = stat_sn      # the initiator's acknowledgement so far
+        self.failed = False             # ERL 2: dead, its tasks wait for TASK REASSIGN
+        self.gone = False               # the front end has dropped it
+        self.aborting = 0               # its expired tasks the STML is still aborting
+        self.bad_headers = 0            # header digest errors in a row
+        # the front end's part when a connection fails at ERL 2 (times Time2Retain)
+        self.on_failed: Callable[[Connection], None] = lambda conn: None
+        if self.erl:
+            self.out = self._out_keeping
         self._dispatch: dict[type, Callable[[Any, Any], None]] = {
             P.ScsiCommand: self._ordered, P.TaskMgmtRequest: self._ordered,
             P.TextRequest: self._ordered, P.LogoutRequest: self._ordered,
@@ -204,6 +259,65 @@ class Connection:
         self.stat_sn = (sn + 1) % SN_MOD
         return sn
 
+    # ------------------------------------------------------------ ERL >= 1: what is kept
+    def _out_keeping(self, pdu: Any, data: bytes | memoryview) -> None:
+        """Output at ErrorRecoveryLevel >= 1: a numbered response of no task is
+        kept (within MAX_KEPT_OTHER and MAX_KEPT_OTHER_BYTES, the oldest going
+        first) until ExpStatSN acknowledges it, for a status SNACK."""
+        if type(pdu) in _NUMBERED and not (type(pdu) is P.NopIn and pdu.itt == P.RESERVED_TAG) \
+                and pdu.stat_sn not in self.unacked:
+            n = len(data)
+            if n <= MAX_KEPT_OTHER_BYTES and self.account.take("keep", n, force=True):
+                self.unacked[pdu.stat_sn] = (pdu, bytes(data))
+                self.other_bytes += n
+                self._trim_other()
+        self.send(pdu, data)
+
+    def _trim_other(self) -> None:
+        others = [sn for sn, e in self.unacked.items() if not isinstance(e, Task)]
+        while others and (len(others) > MAX_KEPT_OTHER or self.other_bytes > MAX_KEPT_OTHER_BYTES):
+            entry = self.unacked.pop(others.pop(0))
+            assert not isinstance(entry, Task)
+            self.other_bytes -= len(entry[1])
+            self.account.give("keep", len(entry[1]))
+
+    def acknowledge(self, exp_stat_sn: int) -> None:
+        """ExpStatSN from the initiator: every response before it arrived, so
+        what was kept for it goes (a task whose status is acknowledged is over)."""
+        if exp_stat_sn == self.exp_stat_sn or not sn_le(exp_stat_sn, self.stat_sn) \
+                or not sn_lt(self.exp_stat_sn, exp_stat_sn):
+            return
+        self.exp_stat_sn = exp_stat_sn
+        unacked = self.unacked
+        s = self.session
+        opened = len(s.kept) >= s.window
+        while unacked:
+            sn = next(iter(unacked))
+            if not sn_lt(sn, exp_stat_sn):
+                break
+            entry = unacked.pop(sn)
+            if isinstance(entry, Task):
+                self._forget(entry)
+            else:
+                self.other_bytes -= len(entry[1])
+                self.account.give("keep", len(entry[1]))
+        if opened and len(s.kept) < s.window:
+            self.window_update()
+
+    def _forget(self, task: Task) -> None:
+        """A task whose status was acknowledged (or that expired): its data goes."""
+        if self.session.kept.get(task.itt) is task:
+            del self.session.kept[task.itt]
+        if task.kept:
+            task.conn.account.give("keep", task.kept)
+            task.kept = 0
+        task.rdata = task.status = None
+
+    def _keep(self, task: Task, n: int) -> None:
+        task.kept += n
+        self.account.take("keep", n, force=True)   # already in memory: counted, and it
+        # holds the window shut past read_limit (Session.max_cmd_sn)
+
     def reject(self, reason: int, header: bytes | memoryview) -> None:
         exp, mx = self._sns()
         self.out(P.Reject(reason, self._next_stat_sn(), exp, mx), bytes(header[:P.BHS_LEN]))
@@ -216,6 +330,9 @@ class Connection:
         if handler is None:
             raise P.PDUError(f"{type(pdu).__name__} not allowed in full feature phase",
                              P.REJECT_PROTOCOL_ERROR)
+        if self.erl:
+            self.bad_headers = 0
+            self.acknowledge(pdu.exp_stat_sn)
         handler(pdu, data)
 
     def _ordered(self, pdu: Any, data: Any) -> None:
@@ -348,6 +465,10 @@ class Connection:
                   and d.data_sn == burst[2])
             if burst is not None:
                 burst[2] += 1
+        task.progress += 1
+        if (not ok or d.buffer_offset != task.next_offset) and self.erl:
+            self._recover_data(task, d)    # a PDU before it was lost: ask again from there
+            return
         if not ok or d.buffer_offset != task.next_offset:  # DataPDUInOrder=Yes
             # the command fails (the STML answers CHECK CONDITION); the session lives on
             task.failed = True
@@ -364,6 +485,69 @@ class Connection:
             self._send_r2ts(task)
             if self.waiting and not task.bursts:
                 self._resume_r2ts()     # the next oldest task may go past the bound now
+
+    def _recover_data(self, task: Task, d: P.DataOut | None) -> None:
+        """ERL >= 1: write data was lost (a digest error, or a gap in DataSN or
+        offset). Data is handed on in order and nothing past a hole is held, so
+        the burst it belongs to (or the unsolicited data) is asked for again
+        from the first byte missing, by a recovery R2T (the next R2TSN, a new
+        TTT); the old TTT's later PDUs are discarded. A PDU outside every range
+        we asked for is a protocol error: the task fails as at ERL 0."""
+        start = task.next_offset
+        if d is None or d.ttt == P.RESERVED_TAG:
+            end = task.unsol_end
+            if d is not None and not start <= d.buffer_offset < end:
+                end = start          # not ours to recover
+            task.unsol_end = start   # the rest comes solicited now
+        else:
+            burst = task.r2ts.pop(d.ttt, None)
+            end = burst[1] if burst is not None and burst[0] <= start < burst[1] else start
+        if end <= start:
+            if d is not None:
+                log.debug("Data-Out ITT 0x%x offset %d outside what was asked for: discarded",
+                          d.itt, d.buffer_offset)
+            return
+        self._recovery_r2t(task, start, end)
+
+    def _recovery_r2t(self, task: Task, start: int, end: int) -> None:
+        ttt = next(self.ttts) & 0x7FFFFFFF
+        task.r2ts[ttt] = [start, end, 0, task.r2t_sn]
+        exp, mx = self._sns()
+        self.send(P.R2T(task.itt, ttt, self.stat_sn, exp, mx, task.r2t_sn, start, end - start,
+                        task.lun), b"")
+        task.r2t_sn += 1
+
+    def data_digest_error(self, header: bytes) -> None:
+        """ERL >= 1: a PDU whose data digest failed is discarded with a Reject
+        (RFC 7143 7.8.2); lost Data-Out is asked for again. A command's CmdSN
+        is not taken: the initiator retries it (7.2.1)."""
+        self.reject(P.REJECT_DATA_DIGEST_ERROR, header)
+        try:
+            pdu = P.decode_pdu(header[:P.BHS_LEN], b"") if header[4] == 0 else None
+        except P.PDUError:
+            return
+        if isinstance(pdu, P.DataOut):
+            task = self.session.itts.get(pdu.itt)
+            if task is not None and task.write and not task.failed and task.conn is self:
+                task.progress += 1
+                self._recover_data(task, pdu)
+
+    def check_stalled(self) -> None:
+        """ERL >= 1, called every few seconds: a burst that got no Data-Out since
+        the last call lost its last PDU (nothing after it shows the gap): ask for
+        the rest again (sequence reception timeout, RFC 7143 7.1.2)."""
+        for task in list(self.session.itts.values()):
+            if task.conn is not self or not task.r2ts or task.failed:
+                continue
+            if task.progress == -1:
+                task.progress = 0
+                for ttt in list(task.r2ts):
+                    burst = task.r2ts[ttt]
+                    if burst[0] <= task.next_offset < burst[1]:
+                        del task.r2ts[ttt]
+                        self._recovery_r2t(task, task.next_offset, burst[1])
+            else:
+                task.progress = -1   # seen now; unless a Data-Out comes, recovered next time
 
     # ------------------------------------------------------------ from the STML
     def rdy_to_xfer(self, task: Task, offset: int, length: int) -> None:
@@ -409,7 +593,7 @@ class Connection:
             task.held += end - start
             self.write_held += end - start
             ttt = next(self.ttts) & 0x7FFFFFFF
-            task.r2ts[ttt] = [start, end, 0]
+            task.r2ts[ttt] = [start, end, 0, task.r2t_sn]
             exp, mx = self._sns()
             self.out(P.R2T(task.itt, ttt, self.stat_sn, exp, mx, task.r2t_sn, start, end - start,
                            task.lun), b"")
@@ -463,6 +647,9 @@ class Connection:
         output (until the socket takes it) before its reservation goes."""
         s = self.session
         s.itts.pop(task.itt, None)
+        if self.erl:
+            self._respond_keeping(task, status, sense, resid, data)
+            return
         n = len(data) if data is not None else 0
         if n and self.count_out:
             self.account.move("read", "out", n, task.res_read)
@@ -486,8 +673,47 @@ class Connection:
                                             s.max_cmd_sn, 0, task.data_sn + task.r2t_sn, count,
                                             over, under, 0, False, False, 0, len(seg))), seg)
 
+    def _respond_keeping(self, task: Task, status: int, sense: bytes | None, resid: int,
+                         data: memoryview | None) -> None:
+        """xmit_response at ErrorRecoveryLevel >= 1: the read data is copied (the
+        STML's buffers live for this loop turn only) and kept with the status
+        until ExpStatSN acknowledges it; a task expired with its connection is
+        dropped; one on a failed connection is kept for TASK REASSIGN."""
+        s = self.session
+        self.release(task)
+        if task.expired:
+            return
+        if data is not None and len(data):
+            task.rdata = bytes(data)
+            self._keep(task, len(task.rdata))
+        count, over, under = abs(resid), resid < 0, resid > 0
+        task.status = (status, sense or b"", count, over, under, None, b"")
+        s.kept[task.itt] = task
+        self._send_status(task, 0)
+
+    def _send_status(self, task: Task, first_dsn: int) -> None:
+        """The kept task's Data-In from DataSN `first_dsn`, and its status with a
+        new StatSN (the first time, and after a TASK REASSIGN)."""
+        assert task.status is not None   # set before it is sent
+        status, sense, count, over, under = task.status[:5]
+        rdata = task.rdata
+        collapse = status == 0 and not sense and rdata is not None
+        if rdata is not None:
+            self._data_in(task, memoryview(rdata), status if collapse else None, count, over,
+                          under, first_dsn)
+        if not collapse:
+            s = self.session
+            seg = P.sense_segment(sense) if sense else b""
+            task.stat_sn = self._next_stat_sn()
+            pdu = P.ScsiResponse(task.itt, status, task.stat_sn, s.exp_cmd_sn, s.max_cmd_sn, 0,
+                                 task.data_sn + task.r2t_sn, count, over, under,
+                                 data_length=len(seg))
+            self.unacked[task.stat_sn] = task
+            task.status = (status, sense, count, over, under, pdu, seg)
+            self.send(pdu, seg)
+
     def _data_in(self, task: Task, data: memoryview, status: int | None, count: int,
-                 over: bool, under: bool) -> None:
+                 over: bool, under: bool, first_dsn: int = 0) -> None:
         """Data-In PDUs of at most MaxSendDataSegmentLength bytes, F set at the
         end of each MaxBurstLength sequence; ``status`` (unless None) rides in
         the last one. Nothing here moves ExpCmdSN or MaxCmdSN, so they are
@@ -498,19 +724,39 @@ class Connection:
         itt, lun, exp, mx = task.itt, task.lun, s.exp_cmd_sn, s.max_cmd_sn
         total = len(data)
         offset = 0
+        if first_dsn:   # a resend from DataSN first_dsn: the same layout, from its offset
+            dsn = 0
+            while offset < total and dsn < first_dsn:
+                offset = min(offset + seg_max, total, offset - offset % burst + burst)
+                dsn += 1
+            task.data_sn = dsn
+        elif self.erl:
+            task.data_sn = 0
+        ack = self.erl > 0 and total > burst    # ERL >= 1: a DataACK asked for every burst
         while offset < total:
             end = min(offset + seg_max, total, offset - offset % burst + burst)
             # every field, as in xmit_response: ... final, status, StatSN, residual (count,
             # overflow, underflow), A bit, TTT, LUN, DataSegmentLength
             if end == total and status is not None:
+                sn = self._next_stat_sn()
                 pdu = P.new_pdu(P.DataIn, (itt, task.data_sn, offset, exp, mx, True, status,
-                                           self._next_stat_sn(), count, over, under, False,
+                                           sn, count, over, under, False,
                                            P.RESERVED_TAG, lun, end - offset))
+                if self.erl:
+                    task.stat_sn = sn
+                    self.unacked[sn] = task
+                    assert task.status is not None
+                    task.status = task.status[:5] + (pdu, b"")
+            elif ack and end % burst == 0:
+                if task.ack_ttt == P.RESERVED_TAG:
+                    task.ack_ttt = next(self.ttts) & 0x7FFFFFFF
+                pdu = P.new_pdu(P.DataIn, (itt, task.data_sn, offset, exp, mx, True, None, 0, 0,
+                                           False, False, True, task.ack_ttt, lun, end - offset))
             else:
                 pdu = P.new_pdu(P.DataIn, (itt, task.data_sn, offset, exp, mx,
                                            end == total or end % burst == 0, None, 0, 0, False,
                                            False, False, P.RESERVED_TAG, lun, end - offset))
-            self.out(pdu, data if end - offset == total else data[offset:end])
+            self.send(pdu, data if end - offset == total else data[offset:end])
             task.data_sn += 1
             offset = end
 
@@ -521,17 +767,20 @@ class Connection:
         lun_n = P.lun_to_int(t.lun)
         lun = 0xFFFF if lun_n is None else lun_n
         exp, mx = self._sns()
-        if fn == P.TMF_ABORT_TASK:
+        if fn in (P.TMF_ABORT_TASK, P.TMF_QUERY_TASK):
             task = s.itts.get(t.rtt)
             if task is None:
-                self._abort_undelivered(t)
+                if fn == P.TMF_ABORT_TASK:
+                    self._abort_undelivered(t)
+                else:   # not in the task set (never arrived, or over): RFC 7144 4.1
+                    self.out(P.TaskMgmtResponse(t.itt, P.TMF_RESP_COMPLETE, self._next_stat_sn(),
+                                                exp, mx), b"")
                 return
             ref = task.tag
         elif fn == P.TMF_TASK_REASSIGN:
-            self.out(P.TaskMgmtResponse(t.itt, P.TMF_RESP_NO_REASSIGN, self._next_stat_sn(), exp, mx), b"")
+            self._reassign(t)
             return
-        elif fn not in (P.TMF_ABORT_TASK_SET, P.TMF_CLEAR_ACA, P.TMF_CLEAR_TASK_SET,
-                        P.TMF_LOGICAL_UNIT_RESET, P.TMF_TARGET_WARM_RESET, P.TMF_TARGET_COLD_RESET):
+        elif fn not in _FORWARDED:
             self.out(P.TaskMgmtResponse(t.itt, P.TMF_RESP_NOT_SUPPORTED, self._next_stat_sn(), exp, mx), b"")
             return
         else:
@@ -574,6 +823,95 @@ class Connection:
                                     self._next_stat_sn(), exp, mx), b"")
         if fn == P.TMF_TARGET_COLD_RESET and response == P.TMF_RESP_COMPLETE:
             self.close()   # a cold reset ends the connections (RFC 7143 11.5.1)
+        # (an I_T NEXUS RESET leaves the session: the unit attention it sets is for it)
+
+    def _reassign(self, t: P.TaskMgmtRequest) -> None:
+        """TASK REASSIGN (RFC 7143 11.5.1, 7.2.2): a task of a failed connection
+        (ERL 2) continues on this one. Read data not acknowledged is sent again
+        from ExpDataSN, the status with a new StatSN; write data not received is
+        asked for by new R2Ts. A task whose connection lives is still allegiant."""
+        s = self.session
+        exp, mx = self._sns()
+        task = s.itts.get(t.rtt) or s.kept.get(t.rtt)
+        if s.erl < 2:
+            resp = P.TMF_RESP_NO_REASSIGN
+        elif task is None or task.expired:
+            resp = P.TMF_RESP_NO_TASK
+        elif not task.conn.failed:
+            resp = P.TMF_RESP_TASK_ALLEGIANT
+        else:
+            resp = P.TMF_RESP_COMPLETE
+        self.out(P.TaskMgmtResponse(t.itt, resp, self._next_stat_sn(), exp, mx), b"")
+        if resp != P.TMF_RESP_COMPLETE:
+            return
+        assert task is not None
+        old = task.conn
+        self._adopt(task)
+        if task.status is not None:          # answered: what the initiator may not have
+            old.unacked.pop(task.stat_sn, None)
+            first = t.exp_data_sn or task.acked_dsn
+            if task.rdata is not None and not sn_le(first, task.data_sn):
+                first = task.acked_dsn          # a value out of range is ignored (11.5.1)
+            self._send_status(task, first)
+        elif task.write:
+            ranges = sorted((b[0], b[1]) for b in task.r2ts.values())
+            task.r2ts.clear()
+            if task.next_offset < task.unsol_end:
+                ranges.insert(0, (task.next_offset, task.unsol_end))
+                task.unsol_end = task.next_offset
+            for start, end in ranges:
+                self._recovery_r2t(task, max(start, task.next_offset), end)
+            self._send_r2ts(task)
+        old.orphan_gone()
+
+    def _adopt(self, task: Task) -> None:
+        """Move a task, and what it holds in the budget, from its failed connection to this one."""
+        old = task.conn
+        for kind, n in (("read", task.res_read), ("write", task.res_write), ("keep", task.kept)):
+            if n:
+                old.account.give(kind, n)
+                self.account.take(kind, n, force=True)
+        old.write_held -= task.held
+        self.write_held += task.held
+        old.waiting.pop(task, None)
+        task.conn = self
+
+    def orphans(self) -> list[Task]:
+        s = self.session
+        return [t for t in (*s.itts.values(), *s.kept.values()) if t.conn is self]
+
+    def orphan_gone(self) -> None:
+        """A task left this failed connection: when none is left, it is over."""
+        if self.failed and not self.orphans():
+            s = self.session
+            if s.failed.get(self.cid) is self:
+                del s.failed[self.cid]
+            self.account.close()
+
+    def fail(self) -> None:
+        """ERL 2: the connection died (not by a Logout that closes it): its tasks
+        wait for a TASK REASSIGN on another connection until expire() (the
+        caller times Time2Wait + Time2Retain; an earlier failed connection of
+        the same CID keeps its own timer)."""
+        self.failed = True
+        self.session.failed[self.cid] = self
+
+    def expire(self) -> list[Task]:
+        """Time2Wait + Time2Retain passed: the tasks no one reassigned are dropped
+        (those the STML still runs are aborted by the caller). Returns those."""
+        s = self.session
+        gone = self.orphans()
+        for task in gone:
+            task.expired = True
+            if s.kept.get(task.itt) is task:
+                self._forget(task)
+        for sn in [sn for sn, e in self.unacked.items()]:
+            entry = self.unacked.pop(sn)
+            if not isinstance(entry, Task):
+                self.account.give("keep", len(entry[1]))
+        if s.failed.get(self.cid) is self:
+            del s.failed[self.cid]
+        return [t for t in gone if s.itts.get(t.itt) is t]
 
     # ------------------------------------------------------------ NOP, Text, Logout, SNACK
     def _nop_out(self, n: P.NopOut, data: Any) -> None:
@@ -686,15 +1024,25 @@ class Connection:
         if lo.reason > 2:
             raise P.PDUError(f"reserved logout reason {lo.reason}", P.REJECT_INVALID_PDU_FIELD)
         exp, mx = self._sns()
+        s = self.session
         response = 0
-        if lo.reason == 2:
-            response = 2  # connection recovery is not supported (ErrorRecoveryLevel 0)
-        elif lo.reason == 1 and lo.cid not in self.session.connections:
+        if lo.reason == 2 and s.erl < 2:
+            response = 2  # connection recovery is not supported (ErrorRecoveryLevel < 2)
+        elif lo.reason == 2 and lo.cid == self.cid:
+            response = 1  # a connection cannot be removed for recovery over itself
+        elif lo.reason == 2 and lo.cid not in s.connections and lo.cid not in s.failed:
+            response = 1  # CID not found
+        elif lo.reason == 1 and lo.cid not in s.connections:
             response = 1  # CID not found
         self.out(P.LogoutResponse(lo.itt, response, self._next_stat_sn(), exp, mx,
-                                  self.session.params.default_time2wait,
-                                  self.session.params.default_time2retain), b"")
-        if response == 0:
+                                  s.params.default_time2wait, s.params.default_time2retain), b"")
+        if response == 0 and lo.reason == 2:
+            # its tasks are prepared for a new allegiance (RFC 7143 11.14.1): it fails now
+            target = s.connections.get(lo.cid)
+            if target is not None:
+                target.close()
+                self.on_failed(target)
+        elif response == 0:
             if lo.reason == 0:
                 for conn in list(self.session.connections.values()):
                     conn.closing = True
@@ -704,8 +1052,97 @@ class Connection:
                 target.closing = True
                 target.close()
 
-    def _snack(self, s: P.Snack, data: Any) -> None:
-        self.reject(P.REJECT_COMMAND_NOT_SUPPORTED, s.encode())  # ErrorRecoveryLevel 0
+    def _snack(self, sn: P.Snack, data: Any) -> None:
+        """SNACK (RFC 7143 11.16), ErrorRecoveryLevel >= 1: Data-In or R2Ts of a
+        task, numbered responses, or a DataACK that frees read data kept.
+        R-Data (resegmenting) is never needed: MaxRecvDataSegmentLength is not
+        renegotiated in the full feature phase here."""
+        if not self.erl:
+            self.reject(P.REJECT_COMMAND_NOT_SUPPORTED, sn.encode())   # ErrorRecoveryLevel 0
+            return
+        handler = {0: self._snack_data, 1: self._snack_status, 2: self._snack_ack}.get(sn.snack_type)
+        if handler is None:
+            self.reject(P.REJECT_COMMAND_NOT_SUPPORTED, sn.encode())
+        elif not handler(sn):
+            self.reject(P.REJECT_SNACK_REJECT, sn.encode())
+
+    def _snack_task(self, itt: int) -> Task | None:
+        s = self.session
+        task = s.itts.get(itt) or s.kept.get(itt)
+        return task if task is not None and task.conn is self else None
+
+    def _snack_data(self, sn: P.Snack) -> bool:
+        """Data-In (a read) or R2Ts (a write) with numbers BegRun.. again, as they were."""
+        task = self._snack_task(sn.itt)
+        if task is None:
+            return False
+        beg, run = sn.beg_run, sn.run_length
+        inside = (lambda n: sn_le(beg, n)) if run == 0 else (lambda n: sn_le(beg, n) and sn_lt(n, beg + run))
+        if task.write:
+            r2ts = [(b[3], ttt, b) for ttt, b in task.r2ts.items() if inside(b[3])]
+            for r2t_sn, ttt, b in sorted(r2ts):
+                exp, mx = self._sns()
+                self.send(P.R2T(task.itt, ttt, self.stat_sn, exp, mx, r2t_sn, b[0], b[1] - b[0],
+                                task.lun), b"")
+            return bool(r2ts)
+        if task.rdata is None or not sn_le(task.acked_dsn, beg) or not sn_lt(beg, task.data_sn):
+            return False
+        self._resend_data(task, beg, task.data_sn if run == 0 else min(beg + run, task.data_sn))
+        return True
+
+    def _resend_data(self, task: Task, first: int, stop: int) -> None:
+        """Data-In DataSN first..stop-1 as first sent (the status PDU with its StatSN)."""
+        assert task.rdata is not None and task.status is not None
+        s = self.session
+        data = memoryview(task.rdata)
+        seg_max = self.params.max_send_data_segment_length
+        burst = s.params.max_burst_length
+        total, offset, dsn = len(data), 0, 0
+        exp, mx = self._sns()
+        while offset < total and dsn < stop:
+            end = min(offset + seg_max, total, offset - offset % burst + burst)
+            if dsn >= first:
+                last = task.status[5]
+                if end == total and isinstance(last, P.DataIn):
+                    pdu = last._replace(exp_cmd_sn=exp, max_cmd_sn=mx)
+                else:
+                    ack = total > burst and end % burst == 0 and end != total
+                    pdu = P.DataIn(task.itt, dsn, offset, exp, mx, end == total or end % burst == 0,
+                                   ack=ack, ttt=task.ack_ttt if ack else P.RESERVED_TAG,
+                                   lun=task.lun, data_length=end - offset)
+                self.send(pdu, data[offset:end])
+            offset, dsn = end, dsn + 1
+
+    def _snack_status(self, sn: P.Snack) -> bool:
+        """Numbered responses StatSN BegRun.. again, as they were (those kept)."""
+        beg, run = sn.beg_run, sn.run_length
+        found = False
+        exp, mx = self._sns()
+        for stat_sn, entry in list(self.unacked.items()):
+            if not sn_le(beg, stat_sn) or (run and not sn_lt(stat_sn, beg + run)):
+                continue
+            if isinstance(entry, Task):
+                assert entry.status is not None
+                pdu, seg = entry.status[5], entry.status[6]
+                if isinstance(pdu, P.DataIn):   # status in the last Data-In: it, with its data
+                    assert entry.rdata is not None
+                    seg = memoryview(entry.rdata)[pdu.buffer_offset:]
+            else:
+                pdu, seg = entry
+            self.send(pdu._replace(exp_cmd_sn=exp, max_cmd_sn=mx), seg)
+            found = True
+        return found
+
+    def _snack_ack(self, sn: P.Snack) -> bool:
+        """DataACK: Data-In before BegRun arrived; the kept data before it goes."""
+        task = next((t for t in self.session.kept.values()
+                     if t.ack_ttt == sn.ttt and t.conn is self), None)
+        if task is None or sn.ttt == P.RESERVED_TAG:
+            self.reject(P.REJECT_INVALID_DATA_ACK, sn.encode())
+            return True
+        if sn_lt(task.acked_dsn, sn.beg_run) and sn_le(sn.beg_run, task.data_sn):
+            task.acked_dsn = sn.beg_run
+        return True
 
     def async_event(self, event: int, lun: bytes = P.LUN0, sense: bytes = b"", param3: int = 0) -> None:
         exp, mx = self._sns()

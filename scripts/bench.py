@@ -5,6 +5,8 @@
     scripts/bench.py --loopback        # the STML alone, through the loopback front end
     scripts/bench.py --compare-tgtd --cpu   # also CPU and sleeps per I/O, per process
     scripts/bench.py --compare-tgtd --thin  # the default thin LUN, fragmented first
+    scripts/bench.py --compare-tgtd --rbd   # RBD images: ours against tgtd's bs_rbd (tgt-rbd)
+    scripts/bench.py --vhost           # a Linux guest: fetd_vhost against QEMU's own virtio-scsi
 
 Both targets get an equivalent LUN: a 1 GiB file in /dev/shm (same backing
 kind and size), filled with data first, and ours thick (no logical block
@@ -21,6 +23,22 @@ libiscsi), alternating A B A B so drift on a shared machine cancels out; the
 table shows medians of per-round ratios to tgtd. Nothing is installed:
 `apt-get install tgt qemu-utils qemu-block-extra` first. A PNG chart is
 written when matplotlib is importable (`pip install -e '.[bench]'`).
+
+--rbd: each target gets an RBD image of RBD_SIZE filled with data (thick
+for us again), ours through librbd (backends/rbd.py), tgtd's through its
+rbd backing store (`apt-get install tgt-rbd`), on the cluster --ceph-conf
+names or else on a throwaway single-node one (tests/support/ceph.py, which
+needs ceph-mon ceph-osd ceph-mgr). The goals are issue 23's.
+
+`--vhost` boots one Linux guest (tests/support/guest.py: Debian's cloud
+kernel, a busybox initramfs; KVM when it works, else TCG) with two disks
+of the same kind, a filled file in /dev/shm each: one on fetd_vhost
+(vhost-user-scsi-pci), one on QEMU's own virtio-scsi-pci + scsi-hd. In the
+guest, scripts/guestio.c (built static with cc) runs sequential 1 MiB
+O_DIRECT reads and writes and 4 KiB random reads, one I/O at a time, on
+each disk in turn (A B, then B A); the table shows medians of per-round
+ratios. Needs qemu-system-x86, busybox-static and a C compiler with a
+static libc (gcc, libc6-dev).
 """
 from __future__ import annotations
 
@@ -64,13 +82,57 @@ GOALS = {"4k-read-qd1": 0.5, "4k-read-qd16": 0.5, "4k-write-qd16": 0.5, "64k-rea
          "1m-seqread-qd8": 1.0, "1m-seqwrite-qd8": 1.0, "64k-read-qd8-thin": 0.8}
 
 
-def filled_image(path: Path) -> Path:
-    """A SIZE-byte image holding non-zero data, so reads move real pages."""
+# --rbd: issue 23's goals, smaller images (a memstore OSD keeps them in RAM) and fewer
+# I/Os (each goes over the network to the OSD)
+RBD_GOALS = {"4k-read-qd16": 0.8, "4k-write-qd16": 0.8, "64k-read-qd8": 1.0, "1m-seqread-qd8": 1.0,
+             "1m-seqwrite-qd8": 1.0}
+RBD_SIZE = 512 << 20
+RBD_SCALE = 0.1
+
+
+def filled_image(path: Path, size: int = SIZE) -> Path:
+    """A size-byte image holding non-zero data, so reads move real pages."""
     chunk = os.urandom(1 << 20)
     with open(path, "wb") as f:
-        for _ in range(SIZE >> 20):
+        for _ in range(size >> 20):
             f.write(chunk)
     return path
+
+
+class RbdImages:
+    """Filled RBD images for both targets, on the cluster `conf` names or on
+    a throwaway one started (and stopped) here."""
+
+    def __init__(self, conf: str | None, keyring: str | None) -> None:
+        self.cluster = None
+        if conf is None:
+            sys.path.insert(0, str(ROOT / "tests"))
+            from support.ceph import Cluster
+            self.cluster = Cluster(memstore_bytes=4 << 30).start()
+            conf, keyring = str(self.cluster.conf), str(self.cluster.keyring)
+        self.conf, self.keyring = conf, keyring
+        self.made: list[str] = []
+
+    def rbd(self, *args: str) -> None:
+        keyring = ["--keyring", self.keyring] if self.keyring else []
+        subprocess.run(["rbd", "-c", self.conf, *keyring, *args], check=True, capture_output=True)
+
+    def image(self, name: str) -> str:
+        """POOL/IMAGE holding RBD_SIZE bytes of data."""
+        spec = f"rbd/{name}-{os.getpid()}"
+        src = filled_image(Path("/dev/shm") / f"{name}-{os.getpid()}.img", RBD_SIZE)
+        try:
+            self.rbd("import", str(src), spec)
+        finally:
+            src.unlink()
+        self.made.append(spec)
+        return spec
+
+    def close(self) -> None:
+        for spec in self.made:
+            subprocess.run(["rbd", "-c", self.conf, "rm", "--no-progress", spec], capture_output=True)
+        if self.cluster is not None:
+            self.cluster.stop()
 
 
 def sparse_image(directory: Path, name: str) -> Path:
@@ -107,10 +169,14 @@ def free_port() -> int:
 class Ours:
     name = "scsi-target"
 
-    def __init__(self, work: Path, img: Path, thin: bool) -> None:
+    def __init__(self, work: Path, img: Path | None, thin: bool, rbd: RbdImages | None = None) -> None:
         self.port = free_port()
         self.img = img
-        lun = f"file:{self.img}" + ("" if thin else ",thick")
+        if rbd is not None:
+            keyring = f",keyring={rbd.keyring}" if rbd.keyring else ""
+            lun = f"rbd:{rbd.image('bench-ours')},conf={rbd.conf}{keyring},thick"
+        else:
+            lun = f"file:{self.img}" + ("" if thin else ",thick")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "scsi_target", "run", "--data-dir", str(work / "ours"),
              "--lun", lun, "--portal", f"127.0.0.1:{self.port}",
@@ -140,16 +206,20 @@ class Ours:
         except ProcessLookupError:
             pass
         self.proc.wait()
-        self.img.unlink(missing_ok=True)
+        if self.img is not None:
+            self.img.unlink(missing_ok=True)
 
 
 class Tgtd:
     name = "tgtd"
 
-    def __init__(self, work: Path, img: Path, thin: bool) -> None:
+    def __init__(self, work: Path, img: Path | None, thin: bool, rbd: RbdImages | None = None) -> None:
         self.port = free_port()
         self.ctl = 3000 + os.getpid() % 2000   # tgtd's control "port" is a small socket index
         self.img = img
+        # tgt-rbd's backing store (its keyring from the conf), or the file
+        lun = (["--bstype", "rbd", "-b", rbd.image("bench-tgtd"), "--bsopts", f"conf={rbd.conf}"]
+               if rbd is not None else ["-b", str(self.img)])
         self.proc = subprocess.Popen(["tgtd", "-f", "-C", str(self.ctl), "--iscsi",
                                       f"portal=127.0.0.1:{self.port}"],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -159,7 +229,7 @@ class Tgtd:
                 break
             time.sleep(0.1)
         for args in (["--op", "new", "--mode", "target", "--tid", "1", "-T", TGT_IQN],
-                     ["--op", "new", "--mode", "logicalunit", "--tid", "1", "--lun", "1", "-b", str(self.img)],
+                     ["--op", "new", "--mode", "logicalunit", "--tid", "1", "--lun", "1", *lun],
                      *([["--op", "update", "--mode", "logicalunit", "--tid", "1", "--lun", "1",
                          "--params", "thin_provisioning=1"]] if thin else []),
                      ["--op", "bind", "--mode", "target", "--tid", "1", "-I", "ALL"]):
@@ -169,7 +239,8 @@ class Tgtd:
     def stop(self) -> None:
         self.proc.kill()  # tgtd ignores SIGTERM
         self.proc.wait()
-        self.img.unlink(missing_ok=True)
+        if self.img is not None:
+            self.img.unlink(missing_ok=True)
 
 
 def processes(t: Ours | Tgtd) -> dict[str, int]:
@@ -226,9 +297,10 @@ def size_of(args: list[str]) -> int:
     return int(s[:-1]) * {"k": 1024, "M": 1 << 20}[s[-1]]
 
 
-def start_targets(args: argparse.Namespace, work: Path) -> list[Ours | Tgtd]:
+def start_targets(args: argparse.Namespace, work: Path, rbd: RbdImages | None = None) -> list[Ours | Tgtd]:
     """Our target, and tgtd with --compare-tgtd, each on an equal LUN: a filled
-    1 GiB file in /dev/shm (ours thick), or with --thin a sparse one on disk."""
+    1 GiB file in /dev/shm (ours thick), with --thin a sparse one on disk, with
+    --rbd a filled RBD image."""
     kinds: list[type[Ours] | type[Tgtd]] = [Ours]
     if args.compare_tgtd:
         if not shutil.which("tgtd"):
@@ -237,6 +309,9 @@ def start_targets(args: argparse.Namespace, work: Path) -> list[Ours | Tgtd]:
     targets: list[Ours | Tgtd] = []
     try:
         for kind in kinds:
+            if rbd is not None:
+                targets.append(kind(work, None, False, rbd))
+                continue
             name = f"bench-{kind.__name__.lower()}-{os.getpid()}.img"
             img = sparse_image(work, name) if args.thin else filled_image(Path("/dev/shm") / name)
             try:
@@ -264,13 +339,23 @@ def fragment(targets: list[Ours | Tgtd], args: argparse.Namespace, results: dict
 
 def run_iscsi(args: argparse.Namespace) -> dict:
     work = Path(tempfile.mkdtemp(prefix="bench", dir=args.thin_dir if args.thin else None))
-    targets = start_targets(args, work)
-    results: dict = {"workloads": {}, "runs": args.runs, "lun": "thin" if args.thin else "thick"}
+    if args.rbd and args.compare_tgtd and not Path("/usr/lib/tgt/backing-store/bs_rbd.so").exists():
+        sys.exit("bench: tgtd has no rbd backing store (apt-get install tgt-rbd)")
+    rbd = RbdImages(args.ceph_conf, args.ceph_keyring) if args.rbd else None
+    try:
+        targets = start_targets(args, work, rbd)
+    except BaseException:
+        if rbd is not None:
+            rbd.close()
+        raise
+    results: dict = {"workloads": {}, "runs": args.runs,
+                     "lun": "rbd" if args.rbd else "thin" if args.thin else "thick"}
+    goals = RBD_GOALS if args.rbd else GOALS
     try:
         if args.thin:
             fragment(targets, args, results)
         for name, wargs, count in (THIN_WORKLOADS if args.thin else WORKLOADS):
-            n = max(100, int(count * args.scale))
+            n = max(100, int(count * args.scale * (RBD_SCALE if args.rbd else 1)))
             per: dict[str, list[float]] = {t.name: [] for t in targets}
             cpu: dict[str, list[dict]] = {t.name: [] for t in targets}
             for _ in range(args.runs):  # A B A B: each round measures both
@@ -291,13 +376,15 @@ def run_iscsi(args: argparse.Namespace) -> dict:
                 ratios = [a / b for a, b in zip(per["scsi-target"], per["tgtd"])]
                 row["ratio"] = statistics.median(ratios)
             results["workloads"][name] = row
-            print_row(name, row, args.compare_tgtd)
+            print_row(name, row, args.compare_tgtd, goals)
             if args.cpu:
                 print_cpu(row)
     finally:
         for t in targets:
             t.stop()
         shutil.rmtree(work, ignore_errors=True)
+        if rbd is not None:
+            rbd.close()
     return results
 
 
@@ -340,13 +427,116 @@ def run_loopback(args: argparse.Namespace) -> dict:
     return results
 
 
-def print_row(name: str, row: dict, ratio: bool) -> None:
+# --vhost: name, guestio mode, block size, I/O count at scale 1.0; each disk is VHOST_SIZE
+VHOST_SIZE = 256 << 20
+VHOST_WORKLOADS = [
+    ("1m-seqread", "seqread", 1 << 20, 256),
+    ("1m-seqwrite", "seqwrite", 1 << 20, 256),
+    ("4k-randread", "randread", 4096, 4000),
+]
+VHOST_GOALS = {"1m-seqread": 0.9, "1m-seqwrite": 0.9, "4k-randread": 0.7}   # issue 21
+
+
+def guestio(work: Path) -> bytes:
+    """scripts/guestio.c built static (it runs in the guest's initramfs)."""
+    cc = shutil.which("cc")
+    if cc is None:
+        sys.exit("bench: --vhost needs a C compiler (apt-get install gcc libc6-dev)")
+    out = work / "guestio"
+    p = subprocess.run([cc, "-O2", "-static", "-o", str(out), str(ROOT / "scripts" / "guestio.c")],
+                       capture_output=True, text=True)
+    if p.returncode:
+        sys.exit(f"bench: cannot build guestio: {p.stderr.strip()}")
+    return out.read_bytes()
+
+
+def vhost_script(runs: int, scale: float) -> str:
+    lines = ["for d in /sys/block/sd*; do case $(cat $d/device/vendor) in",
+             "  SCSITGT*) ours=${d##*/};; QEMU*) qemu=${d##*/};; esac; done",
+             'echo "@@ DISKS $ours $qemu"']
+    for r in range(runs):
+        for name, mode, bs, count in VHOST_WORKLOADS:
+            n = max(4, int(count * scale))
+            order = ("ours", "qemu") if r % 2 == 0 else ("qemu", "ours")
+            for who in order:
+                lines.append(f'echo "@@ R{r}-{name}-{who} $(guestio /dev/${who} {mode} {bs} {n})"')
+    return "\n".join(lines) + "\n"
+
+
+def run_vhost(args: argparse.Namespace) -> dict:
+    """One guest, two disks: fetd_vhost and QEMU's own virtio-scsi, in turns."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from support import guest as G
+    work = Path(tempfile.mkdtemp(prefix="bench"))
+    ours_img = Path("/dev/shm") / f"bench-vhost-ours-{os.getpid()}.img"
+    qemu_img = Path("/dev/shm") / f"bench-vhost-qemu-{os.getpid()}.img"
+    proc = vm = None
+    try:
+        k = G.kernel()
+        accel = G.accelerator(k)
+        rd = G.initramfs(k, vhost_script(args.runs, args.scale), files={"usr/bin/guestio": guestio(work)},
+                         binaries=())
+        filled_image(ours_img, VHOST_SIZE)
+        filled_image(qemu_img, VHOST_SIZE)
+        sock = work / "vm.sock"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "scsi_target", "run", "--data-dir", str(work / "ours"),
+             "--lun", f"file:{ours_img},thick", "--no-iscsi", "--vhost", str(sock), "--log-level", "warning"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, cwd=ROOT)
+        said = []
+        for line in proc.stdout:
+            said.append(line)
+            if line.startswith("Ready. "):   # run's banner: the vhost socket listens, attached
+                break
+        else:
+            raise RuntimeError("scsi-target did not start:\n" + "".join(said[-20:]))
+        threading.Thread(target=proc.stdout.read, daemon=True).start()
+        memory = 256
+        vm = G.Guest(k, rd, accel=accel, memory_mb=memory, log_path=work / "console.log", args=[
+            *G.vhost_scsi_args(str(sock), memory),
+            "-drive", f"file={qemu_img},format=raw,if=none,id=d0",
+            "-device", "virtio-scsi-pci,id=vs0", "-device", "scsi-hd,drive=d0,bus=vs0.0"]).start()
+        print(f"guest: {k.version}, {accel.upper()}", flush=True)
+        vm.wait("EXIT", timeout=3600)
+        marks = dict(vm.marks())
+        if len((marks.get("DISKS") or "").split()) != 2:
+            raise RuntimeError("the guest did not see both disks:\n" + vm.console()[-3000:])
+    finally:
+        if vm is not None:
+            vm.stop()
+        if proc is not None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait()
+        ours_img.unlink(missing_ok=True)
+        qemu_img.unlink(missing_ok=True)
+        shutil.rmtree(work, ignore_errors=True)
+    results: dict = {"workloads": {}, "runs": args.runs, "mode": "vhost", "accel": accel,
+                     "guest_kernel": k.version, "disk_bytes": VHOST_SIZE}
+    for name, _, bs, _ in VHOST_WORKLOADS:
+        per: dict[str, list[float]] = {"scsi-target": [], "qemu": []}
+        for r in range(args.runs):
+            per["scsi-target"].append(float(marks[f"R{r}-{name}-ours"].split()[0]))
+            per["qemu"].append(float(marks[f"R{r}-{name}-qemu"].split()[0]))
+        row: dict = {t: {"iops": statistics.median(v), "mbps": statistics.median(v) * bs / 1e6, "samples": v}
+                     for t, v in per.items()}
+        row["ratio"] = statistics.median(a / b for a, b in zip(per["scsi-target"], per["qemu"]))
+        results["workloads"][name] = row
+        q = row["qemu"]
+        goal = VHOST_GOALS[name]
+        print(f"{name:18s} {row['scsi-target']['iops']:10.0f} IOPS {row['scsi-target']['mbps']:9.1f} MB/s"
+              f" | qemu {q['iops']:10.0f} IOPS {q['mbps']:9.1f} MB/s | ratio {row['ratio']:.2f}"
+              + (" (goal met)" if row["ratio"] >= goal else f" (goal {goal})"), flush=True)
+    return results
+
+
+def print_row(name: str, row: dict, ratio: bool, goals: dict[str, float] = GOALS) -> None:
     ours = row["scsi-target"]
     line = f"{name:18s} {ours['iops']:10.0f} IOPS {ours['mbps']:9.1f} MB/s"
     if ratio:
         t = row["tgtd"]
         line += f" | tgtd {t['iops']:10.0f} IOPS {t['mbps']:9.1f} MB/s | ratio {row['ratio']:.2f}"
-        line += " (goal met)" if row["ratio"] >= GOALS[name] else f" (goal {GOALS[name]})"
+        if name in goals:
+            line += " (goal met)" if row["ratio"] >= goals[name] else f" (goal {goals[name]})"
     print(line, flush=True)
 
 
@@ -367,7 +557,8 @@ def chart(results: dict, path: Path) -> None:
         return
     names = list(results["workloads"])
     ratios = [results["workloads"][n].get("ratio", 0) for n in names]
-    goals = [GOALS[n] for n in names]
+    table = RBD_GOALS if results.get("lun") == "rbd" else GOALS
+    goals = [table.get(n, 0) for n in names]
     fig, ax = plt.subplots(figsize=(8, 4))
     bars = ax.bar(names, ratios, color=["#4a7ab5" if r >= g else "#d08a3c" for r, g in zip(ratios, goals)])
     ax.hlines(goals, [b.get_x() for b in bars], [b.get_x() + b.get_width() for b in bars],
@@ -401,7 +592,8 @@ def machine() -> dict:
 
 
 def default_out(args: argparse.Namespace, results: dict) -> Path:
-    kind = "-thin" if args.thin else "-loopback" if args.loopback else ""
+    kind = ("-thin" if args.thin else "-loopback" if args.loopback else "-vhost" if args.vhost
+            else "-rbd" if args.rbd else "")
     return ROOT / "docs" / "perf" / f"{results['date']}-{results['commit']}{kind}.json"
 
 
@@ -412,7 +604,9 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5, help="rounds per workload (median is reported)")
     ap.add_argument("--scale", type=float, default=1.0, help="multiply I/O counts (0.01 = smoke run)")
     ap.add_argument("--out", help="JSON results (and a .png beside it); default "
-                                  "docs/perf/DATE-COMMIT[-thin|-loopback].json in the tree measured")
+                                  "docs/perf/DATE-COMMIT[-thin|-loopback|-vhost|-rbd].json in the tree measured")
+    ap.add_argument("--vhost", action="store_true",
+                    help="a Linux guest: fetd_vhost against QEMU's own virtio-scsi (see above)")
     ap.add_argument("--thin", action="store_true",
                     help="the default thin LUN: a sparse file fragmented by scattered 4 KiB writes, "
                          "then 64 KiB reads (instead of the thick workloads)")
@@ -420,10 +614,16 @@ def main() -> None:
                     help="where --thin keeps its sparse files (a disk file system, as the data dir)")
     ap.add_argument("--cpu", action="store_true",
                     help="also CPU (user + kernel) and sleeps per I/O of each target process, from /proc")
+    ap.add_argument("--rbd", action="store_true", help="RBD images instead of files (see above)")
+    ap.add_argument("--ceph-conf", help="--rbd: this cluster's ceph.conf instead of a throwaway cluster")
+    ap.add_argument("--ceph-keyring", help="--rbd: the keyring for --ceph-conf, if it does not name one")
     args = ap.parse_args()
-    if not shutil.which("qemu-img") and not args.loopback:
+    if not shutil.which("qemu-img") and not args.loopback and not args.vhost:
         sys.exit("bench: qemu-img not found (apt-get install qemu-utils qemu-block-extra)")
-    results = run_loopback(args) if args.loopback else run_iscsi(args)
+    if args.vhost:
+        results = run_vhost(args)
+    else:
+        results = run_loopback(args) if args.loopback else run_iscsi(args)
     results["commit"], results["date"] = commit(), time.strftime("%Y-%m-%d")
     results["machine"] = machine()
     out = Path(args.out) if args.out else default_out(args, results)

@@ -3,6 +3,7 @@
 script starts, and print a verdict per test and a summary line.
 
     scripts/conformance.py [--families SCSI,iSCSI] [--json out.json] [--log out.log]
+    scripts/conformance.py --lun0 rbd:rbd/img,conf=/etc/ceph/ceph.conf   # LUN 0 from a spec
 
 The target: LUN 0 a writable thin RAM LUN, LUN 1 read-only, LUN 2 removable,
 LUN 3 with 8 logical blocks per physical block, and two portals in two portal groups (the second is the multipath URL).
@@ -24,6 +25,8 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
+
+import tomlkit
 
 IQN = "iqn.2026-11.org.scsi-target:disk0"
 LUN_RO, LUN_REMOVABLE, LUN_4K_PHYSICAL = 1, 2, 3
@@ -87,14 +90,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_target(work: Path) -> tuple[subprocess.Popen, int, int]:
+def start_target(work: Path, lun0: str | None = None) -> tuple[subprocess.Popen, int, int]:
     p1, p2 = free_port(), free_port()
-    # the suites send TARGET WARM/COLD RESET, which a target refuses unless allowed
+    # the suites send TARGET WARM/COLD RESET, which a target refuses unless allowed; a
+    # config file that names the target names its LUNs too
     config = work / "conformance.toml"
-    config.write_text(f'[[target]]\nname = "{IQN}"\ntarget_reset = true\n')
+    luns = [{"size": "128MiB"}, {"size": "16MiB", "ro": True}, {"size": "16MiB", "removable": True},
+            {"size": "16MiB", "physical_block_exp": 3}]
+    config.write_text(tomlkit.dumps({"target": [{
+        "name": IQN, "target_reset": True,
+        "lun": [{"lun": n, "backend": "ram", **lun} for n, lun in enumerate(luns)]}]}))
+    if lun0:   # LUN 0 as a LUN spec says (e.g. an RBD image), the others as above
+        from stml.config import parse_lun_spec
+        doc = tomlkit.parse(config.read_text())
+        doc["target"][0]["lun"][0] = {"lun": 0, **parse_lun_spec(lun0, "--lun0")}
+        config.write_text(tomlkit.dumps(doc))
     cmd = [sys.executable, "-m", "scsi_target", "run", "--data-dir", str(work), "--config", str(config),
-           "--lun", "ram:128MiB", "--lun", "ram:16MiB,ro", "--lun", "ram:16MiB,removable",
-           "--lun", "ram:16MiB,physical_block_exp=3",
            "--portal", f"127.0.0.1:{p1}", "--portal", f"127.0.0.1:{p2},2", "--log-level", "warning"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
@@ -123,10 +134,11 @@ def main() -> int:
     ap.add_argument("--json", help="write {test: verdict} here")
     ap.add_argument("--log", help="write the full iscsi-test-cu output here")
     ap.add_argument("--timeout", type=int, default=1800)
+    ap.add_argument("--lun0", metavar="SPEC", help="LUN 0 from this LUN spec instead of 128 MiB of RAM")
     args = ap.parse_args()
     listing = subprocess.run(["iscsi-test-cu", "-l"], capture_output=True, text=True).stdout.split()
     work = Path(tempfile.mkdtemp(prefix="cu"))
-    proc, p1, p2 = start_target(work)
+    proc, p1, p2 = start_target(work, args.lun0)
     url = lambda port, lun: f"iscsi://127.0.0.1:{port}/{IQN}/{lun}"  # noqa: E731
     log: list[str] = []
     results: dict[str, str] = {}

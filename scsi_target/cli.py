@@ -23,10 +23,11 @@ from typing import Any, Callable
 import click
 
 from fetd_tcp.cli import main as fetd_tcp_main
+from fetd_vhost.cli import main as fetd_vhost_main, vhost_children, vhost_option
 from scsi_runtime.logs import setup_logging
 from scsi_target.supervise import Supervisor, sd_notify
 from stml.cli import apply_stml_options, config_exit, config_options, load_or_exit, main as stml_main, stml_options
-from stml.config import (Config, ConfigError, StartupError, check_lun_paths, default_data_dir,
+from stml.config import (Config, ConfigError, StartupError, check_lun_paths, data_dir_of, default_data_dir,
                          default_endpoint, load, parse_size)
 
 CHUNK = 1 << 20  # copy-in/out transfer size
@@ -90,6 +91,7 @@ def main(ctx: click.Context, config_path: str | None, data_dir: str | None, stml
 
 main.add_command(stml_main, "stml")
 main.add_command(fetd_tcp_main, "fetd-tcp")
+main.add_command(fetd_vhost_main, "fetd-vhost")
 from scsi_target.keys import keys as _keys  # noqa: E402  (verbs defined in their own modules)
 from scsi_target.mgmt import register as _register_mgmt  # noqa: E402
 main.add_command(_keys, "keys")
@@ -218,11 +220,14 @@ def url_host(portal: str) -> str:
 class Plan:
     """What run is about to serve; the banner once it serves it."""
 
-    def __init__(self, config: Config, cpus: dict[str, set[int]], poll_us: int | None, iscsi: bool) -> None:
+    def __init__(self, config: Config, cpus: dict[str, set[int]], poll_us: int | None, iscsi: bool,
+                 vhosts: tuple[str, ...] = ()) -> None:
         self.config, self.cpus, self.poll_us, self.iscsi = config, cpus, poll_us, iscsi
         self.stml_ready = False
         self.attached = not iscsi
         self.listening: list[str] = []
+        self.vhosts_waiting = set(vhosts)   # fetd_vhost children not yet listening and attached
+        self.vhost_state: dict[str, set[str]] = {}
         self.printed = False
 
     def line(self, name: str, text: str) -> None:
@@ -233,12 +238,17 @@ class Plan:
             self.attached = True
         elif name == "fetd_tcp" and text.startswith("listening on "):
             self.listening.append(text.split()[2])
+        elif name in self.vhosts_waiting and text.startswith(("listening on", "attached to STML")):
+            seen = self.vhost_state.setdefault(name, set())
+            seen.add(text.split()[0])
+            if seen == {"listening", "attached"}:
+                self.vhosts_waiting.discard(name)
         if not self.printed and self.ready():
             self.printed = True
             self.banner()
 
     def ready(self) -> bool:
-        return self.stml_ready and self.attached and (
+        return self.stml_ready and self.attached and not self.vhosts_waiting and (
             not self.iscsi or len(self.listening) >= len(self.config.portals))
 
     def banner(self) -> None:
@@ -252,7 +262,7 @@ class Plan:
             for lc in t.luns:
                 o = lc.options
                 size = lun_size(o)
-                what = "RAM" if o.kind == "ram" else f"file {o.path}"
+                what = "RAM" if o.kind == "ram" else f"{o.kind} {o.path}"
                 out.append(f"    LUN {lc.lun}: {human(size) if size else '?'} {what}"
                            f"{' (read-only)' if o.ro else ''}")
                 if portal:
@@ -279,8 +289,10 @@ class Plan:
 @click.option("--cpu-affinity", type=click.Choice(["split", "none"]), default="split", show_default=True,
               help="split: the STML and the front end each on their own share of the CPUs this "
                    "command may use (taskset narrows them); none: wherever the scheduler puts them.")
+@vhost_option
 def run(log_level: str, log_format: str, portals: tuple[str, ...], no_iscsi: bool, cpu_affinity: str,
-        listen: tuple[str, ...], insecure: bool, metrics: str | None, poll_us: int | None, **kw: Any) -> None:
+        listen: tuple[str, ...], insecure: bool, metrics: str | None, poll_us: int | None,
+        vhost: tuple[str, ...], **kw: Any) -> None:
     """Run the target: the STML and the iSCSI front end (Ctrl-C stops all).
 
     Without --config it serves DATA_DIR/scsi-target.toml, written on first
@@ -289,12 +301,12 @@ def run(log_level: str, log_format: str, portals: tuple[str, ...], no_iscsi: boo
     setup_logging(log_level, "run", log_format)
     kw = inherited(kw)
     try:
-        if not kw.get("config_path"):
-            check_data_dir(Path(kw["data_dir"]).expanduser().absolute() if kw.get("data_dir")
-                           else default_data_dir())
+        ddir = data_dir_of(kw.get("config_path"), kw.get("data_dir"))
+        check_data_dir(ddir)
+        # held until we exit, however we exit; taken before a first start writes
+        # the config, so of two first starts only one writes it
+        lock = lock_data_dir(ddir)
         config = load_or_exit(portals=portals, **kw)
-        check_data_dir(config.data_dir)
-        lock = lock_data_dir(config.data_dir)   # held until we exit, however we exit
         check_lun_paths(config)
         if not no_iscsi:
             check_portals(config.portals)
@@ -303,7 +315,10 @@ def run(log_level: str, log_format: str, portals: tuple[str, ...], no_iscsi: boo
     kw["config_path"] = str(config.path)     # the children serve the very file resolved here
     apply_stml_options(config, listen, insecure, metrics, poll_us)
     names = ["stml"] if no_iscsi else ["stml", "fetd_tcp"]
-    cpus = cpu_split(names, os.sched_getaffinity(0)) if cpu_affinity == "split" else {}
+    # librbd's threads run in the STML: pinned to its share they would queue
+    # behind its event loop (and its polling), so RBD LUNs leave the CPUs whole
+    rbd = any(lc.options.kind == "rbd" for t in config.targets for lc in t.luns)
+    cpus = cpu_split(names, os.sched_getaffinity(0)) if cpu_affinity == "split" and not rbd else {}
     if config.stml.poll_us is None and cpus:
         config.stml.poll_us = POLL_US   # the STML has CPUs of its own: polling them costs the front end nothing
     poll_us = config.stml.poll_us
@@ -322,15 +337,32 @@ def run(log_level: str, log_format: str, portals: tuple[str, ...], no_iscsi: boo
     children = {"stml": [sys.executable, "-m", "stml", *base]}
     if not no_iscsi:
         tcp = [sys.executable, "-m", "fetd_tcp", "--stml", config.stml_endpoint, *logs]
+        tcp += _gateway_args(config)
         if config.isns:
             tcp += ["--isns", config.isns]
         children["fetd_tcp"] = tcp
-    plan = Plan(config, cpus, poll_us, not no_iscsi)
+    vhosts = vhost_children(config, vhost, log_level)
+    children.update(vhosts)
+    plan = Plan(config, cpus, poll_us, not no_iscsi, tuple(vhosts))
     status = Supervisor(children, cpus, log_format, plan.line, lambda: plan.printed).run()
     if plan.printed or status != 2:   # a child that could not start said why, in its one line
         logging.getLogger("scsi-target").info("stopped" if status == 0 else f"stopped (exit {status})")
     os.close(lock)
     sys.exit(status)
+
+
+def _gateway_args(config: Any) -> list[str]:
+    """A gateway's front end (stml.gateway) also lists the other gateways'
+    STMLs, and listens on this host's portals whichever STML serves."""
+    s = config.stml
+    if not s.peers:
+        return []
+    args = [a for peer in s.peers for a in ("--stml", peer)]
+    args += [a for p in config.portals for a in ("--portal", p)]
+    if s.front_end_key and s.curve_secret_key_file:
+        public = s.curve_secret_key_file.removesuffix("_secret")
+        args += ["--key", s.front_end_key, "--stml-key", public]
+    return args
 
 
 # ------------------------------------------------------------------ finding the STML
@@ -615,10 +647,14 @@ def wait_ready(timeout: float, iscsi: bool, **kw: Any) -> None:
             require_running(endpoint)
             snap = MgmtClient(endpoint, timeout=max(0.2, min(2.0, deadline - time.monotonic()))).call("status")
             portals = snap.get("portals") or []
-            if not iscsi or (portals and all(p["state"].startswith("listening") for p in portals)):
+            # no portal (`portals = []`): ready once an iSCSI front end is attached, as `run` says
+            iscsi_fe = any(fe.get("kind") == "iscsi" for fe in snap.get("front_ends") or [])
+            if not iscsi or (all(str(p.get("state")).startswith("listening") for p in portals)
+                             and (portals or iscsi_fe)):
                 click.echo(f"ready: {endpoint}")
                 return
-            why = "portals: " + ", ".join(f"{p['portal']} {p['state']}" for p in portals)
+            why = ("portals: " + ", ".join(f"{p.get('portal')} {p.get('state')}" for p in portals)
+                   if portals else "no iSCSI front end attached")
         except (NotRunning, TimeoutError, ConnectionError) as e:
             why = str(e)
         except RuntimeError as e:

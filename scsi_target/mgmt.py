@@ -1,8 +1,8 @@
 """Management verbs: talk to a running STML over its endpoint (the contract's
 `mgmt` family) and print a table, or JSON with --json. The STML is found like
 `scsi-target loop` finds it: --stml ENDPOINT, --config FILE or --data-dir,
-given before the verb or after it. A refusal exits 2, a target that is not
-running or does not answer exits 1."""
+given before the verb or after it. A refusal exits 2; a target that is not
+running or does not answer, or a change applied but not saved, exits 1."""
 from __future__ import annotations
 
 import itertools
@@ -88,13 +88,19 @@ def _call(kw: dict[str, Any], cmd: str, **args: Any) -> Any:
     client = MgmtClient(_endpoint(kw.get("config_path"), kw.get("data_dir"), kw.get("stml")), curve,
                         kw.get("timeout", 10.0))
     try:
-        return client.call(cmd, **args)
+        result = client.call(cmd, **args)
     except (ConnectionError, TimeoutError) as e:
         click.echo(f"scsi-target: {e}", err=True)
         sys.exit(1)
     except RuntimeError as e:
         click.echo(f"scsi-target: {cmd.replace('_', ' ')} refused: {e}", err=True)
         sys.exit(2)
+    if isinstance(result, dict) and result.get("save_error"):   # live, but a restart would lose it
+        if kw.get("as_json"):
+            click.echo(json.dumps(result, indent=2, sort_keys=True))
+        click.echo(f"scsi-target: {cmd.replace('_', ' ')}: {result['save_error']}", err=True)
+        sys.exit(1)
+    return result
 
 
 WIDTH = 100   # what `status` and `ls` fit in, unless --wide
@@ -419,6 +425,10 @@ def render_status(snap: dict[str, Any], wide: bool) -> str:
             if sessions:
                 out.append(table(sessions, [c for c in ses_cols if c != "target"], "Sessions", width, heads))
     out.append(table(snap["front_ends"], fe_cols, "\nFront ends", width, heads))
+    gw = snap.get("gateway")
+    if gw and gw["role"] != "standalone":   # RBD LUNs: this STML's role and who holds each lock
+        out.append(f"\nGateway: {gw['role']} for {gw['for_s']}s, {gw['takeovers']} takeover(s)")
+        out.append(table(gw["images"], ["target", "lun", "image", "lock_owner", "mine"], None, width))
     return "\n".join(out)
 
 
@@ -520,7 +530,8 @@ def config_show(file_only: bool, **kw: Any) -> None:
     from scsi_target.cli import inherited
     kw = inherited(kw)
     if file_only:
-        path = kw.get("config_path") or str(_data_dir(kw) / "scsi-target.toml")
+        from stml.config import CONFIG_NAME
+        path = kw.get("config_path") or str(_data_dir(kw) / CONFIG_NAME)
         try:
             text = Path(path).read_text()
         except OSError as e:

@@ -37,7 +37,7 @@ log = logging.getLogger("scsi-target")
 
 PR_SET_PDEATHSIG = 1
 STOP_TIMEOUT = 10.0     # a child that has not stopped this long after SIGTERM is killed
-MARKER = re.compile(r"^(stml|fetd_tcp): (.*)$")
+MARKER = re.compile(r"^(stml|fetd_tcp|fetd_vhost): (.*)$")
 
 
 def sd_notify(state: str) -> bool:

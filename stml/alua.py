@@ -5,6 +5,10 @@ relative target port identifier is the tag too (stml.spc reports both in
 VPD page 0x83), so the ids are stable across restarts. Every group is
 active/optimized: the point is that multipath stacks (dm-multipath with
 scsi_dh_alua, ESXi's VMW_SATP_ALUA) see one device with several paths.
+An STML that is a gateway (stml.gateway) says active/non-optimized for
+the groups of other hosts' front ends, which reach it over the network:
+initiators prefer the serving host's own portals, and the preference
+moves with a takeover.
 REPORT TARGET PORT GROUPS answers from the groups the STML knows: those its
 config names and those any front end has registered a nexus through. SET
 TARGET PORT GROUPS is accepted for groups that exist (nothing changes).
@@ -25,8 +29,9 @@ if TYPE_CHECKING:
     from stml.emulator import Task
 
 ACTIVE_OPTIMIZED = 0x0
+ACTIVE_NON_OPTIMIZED = 0x1
 STATUS_IMPLICIT = 0x02
-SUPPORTED_STATES = 0x01    # AO_SUP only: every port group is active/optimized
+SUPPORTED_STATES = 0x03    # AO_SUP, AN_SUP
 IMPLICIT_TRANSITION_TIME = 0
 DESCRIPTOR = 12            # bytes of a target port group descriptor with one port
 
@@ -38,9 +43,15 @@ def port_groups(task: Task) -> list[int]:
     return sorted(groups)
 
 
-def descriptor(tpg: int) -> bytes:
+def state(task: Task, tpg: int) -> int:
+    """The asymmetric access state of a port group (the same on every path)."""
+    local = task.emulator.local_tpgs
+    return ACTIVE_OPTIMIZED if local is None or tpg in local else ACTIVE_NON_OPTIMIZED
+
+
+def descriptor(tpg: int, access: int = ACTIVE_OPTIMIZED) -> bytes:
     """One target port group descriptor with its single target port."""
-    return struct.pack(">BBHBBBB", 0x80 | ACTIVE_OPTIMIZED, SUPPORTED_STATES, tpg, 0,
+    return struct.pack(">BBHBBBB", 0x80 | access, SUPPORTED_STATES, tpg, 0,
                        STATUS_IMPLICIT, 0, 1) + struct.pack(">HH", 0, tpg)
 
 
@@ -53,7 +64,8 @@ async def report_target_port_groups(task: Task) -> bytes:
     groups = port_groups(task)
     header = 8 if fmt == 1 else 4
     # the descriptors the allocation length can hold; RETURN DATA LENGTH counts them all
-    body = b"".join(descriptor(g) for g in groups[:max(0, alloc - header + DESCRIPTOR - 1) // DESCRIPTOR])
+    body = b"".join(descriptor(g, state(task, g))
+                    for g in groups[:max(0, alloc - header + DESCRIPTOR - 1) // DESCRIPTOR])
     length = DESCRIPTOR * len(groups)
     if fmt == 1:   # extended header: format type 1, implicit transition time
         out = struct.pack(">IBBH", length + 4, 0x10, IMPLICIT_TRANSITION_TIME, 0) + body

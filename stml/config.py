@@ -12,11 +12,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stml.lu import LunOptions
+from stml.lu import LunOptions, legacy_id
+from stml.sched import DEFAULT_POLICY, POLICIES
 
 DEFAULT_IQN = "iqn.2026-11.org.scsi-target:disk0"
 DEFAULT_SIZE = 1 << 30
 DEFAULT_PORTAL = "127.0.0.1:3260"
+DEFAULT_CMDSN_DEPTH = 128   # commands a session may have outstanding (LIO: 64), the STML's queue depth
+MAX_CMDSN_DEPTH = 512       # as LIO's default_cmdsn_depth allows
+CONFIG_NAME = "scsi-target.toml"    # the config file a data dir owns (it sits in it)
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "kb": 1000, "m": 1 << 20, "mib": 1 << 20,
           "mb": 10**6, "g": 1 << 30, "gib": 1 << 30, "gb": 10**9, "t": 1 << 40, "tib": 1 << 40,
@@ -62,10 +66,16 @@ class TargetConfig:
     # TARGET WARM/COLD RESET from its initiators: off by default, since one
     # initiator's reset aborts every initiator's commands (docs/decisions/0140)
     target_reset: bool = False
+    # iSCSI: the highest ErrorRecoveryLevel its sessions may negotiate (0: session
+    # recovery only, the default; docs/decisions/0500) and its CmdSN window
+    error_recovery_level: int = 0
+    cmdsn_depth: int = DEFAULT_CMDSN_DEPTH
 
     def access(self) -> dict[str, Any]:
-        """Transport-facing access rules, as the contract's `detect` carries them."""
-        return {"acl": self.acl, "chap": self.chap, "mutual": self.mutual_chap}
+        """Transport-facing access rules, as the contract's `detect` carries them
+        (with the iSCSI session settings a front end applies at login)."""
+        return {"acl": self.acl, "chap": self.chap, "mutual": self.mutual_chap,
+                "erl": self.error_recovery_level, "cmdsn_depth": self.cmdsn_depth}
 
 
 @dataclass
@@ -78,8 +88,17 @@ class Config:
     path: Path | None = None
     stml: StmlSettings = field(default_factory=lambda: StmlSettings())
     isns: str | None = None          # "HOST:PORT" of an iSNS server the front ends register with
+    slp: list[str] | None = None     # SLP scopes the iSCSI front end answers in; None: no SLP
+    slp_da: list[str] = field(default_factory=list)   # directory agents ("HOST[:PORT]") to register with
     raw: dict[str, Any] = field(default_factory=dict)   # the file as loaded (management edits it)
     digest: str | None = None        # sha256 of the file as loaded: hand edits since are detected
+    # while the file holds edits a reload could not apply: the running and the
+    # file's configuration then, in the file's shape (stml.persist.hold)
+    held: tuple[dict[Any, Any], dict[Any, Any]] | None = None
+
+    def discovery(self) -> dict[str, Any]:
+        """Discovery settings for the front ends, as `detect` carries them."""
+        return {"chap": self.discovery_chap, "slp": self.slp, "slp_da": self.slp_da}
 
 
 MAX_POLL_US = 10_000
@@ -95,6 +114,11 @@ class StmlSettings:
     heartbeat_ms: int = 1000
     metrics: str | None = None       # "HOST:PORT": serve Prometheus metrics there
     poll_us: int | None = None       # busy-poll window; None: 0 alone, `run` picks it when it split the CPUs
+    # gateways sharing RBD images (stml.gateway): the other gateways' STML
+    # endpoints, which this host's front end also lists, and the key pair it
+    # proves itself with to them (their STMLs share this one's key pair)
+    peers: list[str] = field(default_factory=list)
+    front_end_key: str | None = None
 
     def endpoints(self, main: str) -> list[str]:
         return [main] + [e for e in self.listen if e != main]
@@ -118,13 +142,13 @@ def _bool(value: Any, where: str) -> bool:
 def lun_options(raw: dict[str, Any], where: str, data_dir: Path) -> LunOptions:
     """Validate one LUN's settings (from TOML or a parsed spec)."""
     known = {"lun", "backend", "path", "size", "ro", "removable", "block_size", "write_cache", "thin",
-             "physical_block_exp", "id"}
+             "physical_block_exp", "id", "scheduler", *_CEPH_KEYS}
     for key in raw:
         if key not in known:
             raise ConfigError(f"{where}.{key}", f"unknown setting (known: {', '.join(sorted(known))})")
     kind = raw.get("backend")
-    if kind not in ("file", "ram"):
-        raise ConfigError(f"{where}.backend", f"{kind!r} is not a backend (file, ram)")
+    if kind not in ("file", "ram", "rbd"):
+        raise ConfigError(f"{where}.backend", f"{kind!r} is not a backend (file, ram, rbd)")
     size = parse_size(raw["size"], f"{where}.size") if "size" in raw else None
     path = raw.get("path")
     if kind == "ram" and size is None:
@@ -135,6 +159,9 @@ def lun_options(raw: dict[str, Any], where: str, data_dir: Path) -> LunOptions:
         path = str(data_dir / path) if not os.path.isabs(path) else path
         if size is None and not os.path.exists(path):
             raise ConfigError(f"{where}.path", f"{path} does not exist; give a size to create it")
+    ceph = _ceph_options(raw, kind, where)
+    if kind == "rbd" and (not isinstance(path, str) or not re.fullmatch(r"[^/\s]+(/[^/\s]+){1,2}", path)):
+        raise ConfigError(f"{where}.path", f"{path!r} is not POOL/IMAGE or POOL/NAMESPACE/IMAGE")
     bs = raw.get("block_size", 512)
     if bs not in (512, 4096):
         raise ConfigError(f"{where}.block_size", f"{bs!r} is not 512 or 4096")
@@ -146,17 +173,37 @@ def lun_options(raw: dict[str, Any], where: str, data_dir: Path) -> LunOptions:
     ident = raw.get("id")
     if ident is not None and (not isinstance(ident, str) or not _LU_ID.fullmatch(ident)):
         raise ConfigError(f"{where}.id", f"{ident!r} is not 32 hexadecimal digits (the LU's identity)")
+    scheduler = raw.get("scheduler", DEFAULT_POLICY)
+    if not isinstance(scheduler, str) or scheduler not in POLICIES:
+        raise ConfigError(f"{where}.scheduler", f"{scheduler!r} is not a task scheduling policy "
+                          f"({', '.join(POLICIES)})")
     return LunOptions(kind=kind, size=size, path=path,
                       ro=_bool(raw.get("ro", False), f"{where}.ro"),
                       removable=_bool(raw.get("removable", False), f"{where}.removable"),
                       block_size=bs,
                       write_cache=_bool(raw.get("write_cache", False), f"{where}.write_cache"),
                       thin=_bool(raw.get("thin", True), f"{where}.thin"),
-                      physical_block_exp=pbe, id=ident.lower() if ident else None)
+                      physical_block_exp=pbe or None, id=ident.lower() if ident else None,
+                      scheduler=scheduler, **ceph)
+
+
+# an rbd LUN's connection settings (LunOptions fields of the same names)
+_CEPH_KEYS = ("ceph_conf", "ceph_user", "ceph_keyring")
+
+
+def _ceph_options(raw: dict[str, Any], kind: str, where: str) -> dict[str, str]:
+    given = {k: raw[k] for k in _CEPH_KEYS if k in raw}
+    if kind != "rbd" and given:
+        raise ConfigError(f"{where}.{next(iter(given))}", "only an rbd LUN connects to Ceph")
+    for key, value in given.items():
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{where}.{key}", f"{value!r} is not a name or a path")
+    return given
 
 
 def parse_lun_spec(spec: str, where: str = "--lun") -> dict[str, Any]:
-    """`ram:256MiB`, `file:PATH`, `file:PATH,size=1GiB,ro,removable,block_size=4096`."""
+    """`ram:256MiB`, `file:PATH`, `file:PATH,size=1GiB,ro,removable,block_size=4096`,
+    `...,scheduler=fair`, `rbd:POOL/IMAGE[,conf=PATH,id=USER,keyring=PATH]`."""
     kind, sep, rest = spec.partition(":")
     if not sep or not rest:
         raise ConfigError(where, f"{spec!r} is not KIND:ARG[,OPTION...] (e.g. ram:64MiB, file:disk.img,size=1GiB)")
@@ -164,10 +211,10 @@ def parse_lun_spec(spec: str, where: str = "--lun") -> dict[str, Any]:
     raw: dict[str, Any] = {"backend": kind}
     if kind == "ram":
         raw["size"] = first
-    elif kind == "file":
+    elif kind in ("file", "rbd"):
         raw["path"] = first
     else:
-        raise ConfigError(where, f"{kind!r} is not a backend (file, ram)")
+        raise ConfigError(where, f"{kind!r} is not a backend (file, ram, rbd)")
     flags = {"ro", "removable", "write_cache", "thin", "thick"}
     for opt in opts:
         key, eq, value = opt.partition("=")
@@ -176,8 +223,10 @@ def parse_lun_spec(spec: str, where: str = "--lun") -> dict[str, Any]:
             if key not in flags:
                 raise ConfigError(where, f"unknown option {opt!r} in {spec!r}")
             raw["thin" if key == "thick" else key] = key != "thick"
-        elif key == "size":
-            raw["size"] = value
+        elif key in ("size", "scheduler"):
+            raw[key] = value
+        elif kind == "rbd" and key in ("conf", "id", "keyring"):
+            raw[{"conf": "ceph_conf", "id": "ceph_user", "keyring": "ceph_keyring"}[key]] = value
         elif key in ("block_size", "physical_block_exp"):
             if not value.isdigit():
                 raise ConfigError(where, f"{key} {value!r} is not a number")
@@ -243,13 +292,16 @@ def load(config_path: str | None = None, data_dir: str | None = None, iqn: str |
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(str(path), f"not valid TOML: {e}") from None
         _warn_if_secrets_readable(path, raw)
-    known = {"data_dir", "stml_endpoint", "portals", "target", "discovery_chap", "stml", "isns"}
+    known = {"data_dir", "stml_endpoint", "portals", "target", "discovery_chap", "stml", "isns",
+             "slp", "slp_da",
+             "vhost"}   # [[vhost]]: VM sockets `run` serves (fetd_vhost.cli checks them)
     for key in raw:
         if key not in known:
             raise ConfigError(key, f"unknown setting (known: {', '.join(sorted(known))})")
-    ddir = Path(data_dir or raw.get("data_dir") or default_data_dir()).expanduser().absolute()
+    ddir = Path(data_dir or raw.get("data_dir") or _own_data_dir(path)).expanduser().absolute()
     targets: list[TargetConfig] = []
-    target_keys = {"name", "alias", "acl", "chap", "mutual_chap", "lun", "target_reset"}
+    target_keys = {"name", "alias", "acl", "chap", "mutual_chap", "lun", "target_reset",
+                   "error_recovery_level", "cmdsn_depth"}
     for i, t in enumerate(raw.get("target", [])):
         where = f"target[{i}]"
         for key in t:
@@ -270,7 +322,11 @@ def load(config_path: str | None = None, data_dir: str | None = None, iqn: str |
                                     [_check_iqn(a, f"{where}.acl") for a in acl],
                                     _chap(t.get("chap"), f"{where}.chap"),
                                     _chap(t.get("mutual_chap"), f"{where}.mutual_chap"),
-                                    _bool(t.get("target_reset", False), f"{where}.target_reset")))
+                                    _bool(t.get("target_reset", False), f"{where}.target_reset"),
+                                    _int_in(t.get("error_recovery_level", 0), 0, 2,
+                                            f"{where}.error_recovery_level"),
+                                    _int_in(t.get("cmdsn_depth", DEFAULT_CMDSN_DEPTH), 1,
+                                            MAX_CMDSN_DEPTH, f"{where}.cmdsn_depth")))
     # no `target` at all: the built-in default; `target = []` (every target removed) is a choice
     if iqn or luns or (not targets and "target" not in raw):
         name = _check_iqn(iqn or (targets[0].name if targets else DEFAULT_IQN), "--iqn")
@@ -288,6 +344,10 @@ def load(config_path: str | None = None, data_dir: str | None = None, iqn: str |
         numbers = [lc.lun for lc in t.luns]
         if len(set(numbers)) != len(numbers):
             raise ConfigError(f"target {t.name}", "a LUN number is used twice")
+    images = [lc.options.path for t in targets for lc in t.luns if lc.options.kind == "rbd"]
+    for image in images:
+        if images.count(image) > 1:   # two handles in one STML would contend for its lock
+            raise ConfigError("target", f"rbd image {image} backs two LUNs")
     owners: dict[str, str] = {}
     for t in targets:
         for lc in t.luns:
@@ -314,9 +374,52 @@ def load(config_path: str | None = None, data_dir: str | None = None, iqn: str |
     isns = raw.get("isns")
     if isns is not None and (not isinstance(isns, str) or not re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[^:\[\]]+)(:\d+)?", isns)):
         raise ConfigError("isns", f"{isns!r} is not \"HOST:PORT\"")
+    slp_da = raw.get("slp_da", [])
+    if not isinstance(slp_da, list) or not all(
+            isinstance(d, str) and re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[^:\[\]]+)(:\d+)?", d) for d in slp_da):
+        raise ConfigError("slp_da", "must be a list of \"HOST[:PORT]\" directory agents")
     return Config(ddir, targets, ep, plist, _chap(raw.get("discovery_chap"), "discovery_chap"), path,
-                  stml_settings(raw.get("stml", {}), path), isns, raw,
+                  stml_settings(raw.get("stml", {}), path), isns, _slp(raw.get("slp")), slp_da, raw,
                   file_digest(path) if path else None)
+
+
+_SLP_SCOPE = re.compile(r"[^(),\\!<=>~;*+\x00-\x1f]{1,255}")   # RFC 2608 2.1: no reserved characters
+
+
+def _slp(raw: Any) -> list[str] | None:
+    """`slp = true` (scope DEFAULT), `false`, or a list of scopes."""
+    if raw is None or raw is False:
+        return None
+    if raw is True:
+        return ["DEFAULT"]
+    if not isinstance(raw, list) or not raw or not all(isinstance(x, str) and _SLP_SCOPE.fullmatch(x)
+                                                       for x in raw):
+        raise ConfigError("slp", f"{raw!r} is not true, false or a list of SLP scope names")
+    return list(raw)
+
+
+def _int_in(value: Any, lo: int, hi: int, where: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise ConfigError(where, f"{value!r} is not a whole number from {lo} to {hi}")
+    return value
+
+
+def _own_data_dir(path: Path | None) -> Path:
+    """A data dir's own file (CONFIG_NAME) leaves `data_dir` out, so the dir can
+    move: it names the directory it sits in. Other files default to the XDG dir."""
+    if path is not None and path.name == CONFIG_NAME:
+        return path.parent
+    return default_data_dir()
+
+
+def data_dir_of(config_path: str | None, data_dir: str | None) -> Path:
+    """The data dir a start with these flags serves, known before its config
+    file is written (`run` locks it first)."""
+    if data_dir:
+        return Path(data_dir).expanduser().absolute()
+    if config_path and os.path.exists(config_path):
+        return load(config_path).data_dir
+    return default_data_dir()
 
 
 def file_digest(path: Path) -> str | None:
@@ -341,7 +444,7 @@ def stml_settings(raw: Any, config_path: Path | None) -> StmlSettings:
     if not isinstance(raw, dict):
         raise ConfigError("stml", "must be a table")
     known = {"listen", "curve_secret_key_file", "allowed_front_ends", "insecure", "heartbeat_ms", "metrics",
-             "poll_us"}
+             "poll_us", "peers", "front_end_key"}
     for key in raw:
         if key not in known:
             raise ConfigError(f"stml.{key}", f"unknown setting (known: {', '.join(sorted(known))})")
@@ -368,8 +471,16 @@ def stml_settings(raw: Any, config_path: Path | None) -> StmlSettings:
     if poll_us is not None and (not isinstance(poll_us, int) or isinstance(poll_us, bool)
                                 or not 0 <= poll_us <= MAX_POLL_US):
         raise ConfigError("stml.poll_us", f"{poll_us!r} is not a number of microseconds (0-{MAX_POLL_US})")
+    peers = raw.get("peers", [])
+    if not isinstance(peers, list) or not all(isinstance(e, str) and re.match(r"^tcp://.+", e) for e in peers):
+        raise ConfigError("stml.peers", "must be a list of the other gateways' tcp://HOST:PORT STML endpoints")
+    fe_key = raw.get("front_end_key")
+    if fe_key is not None:
+        if not isinstance(fe_key, str):
+            raise ConfigError("stml.front_end_key", "must be a key file")
+        fe_key = _key_path(fe_key, config_path)
     return StmlSettings(listen, secret, allowed, _bool(raw.get("insecure", False), "stml.insecure"),
-                        hb, metrics, poll_us)
+                        hb, metrics, poll_us, peers, fe_key)
 
 
 class StartupError(ConfigError):
@@ -385,7 +496,7 @@ def load_or_create(config_path: str | None = None, data_dir: str | None = None, 
     identity of its own. Once a file defines targets it wins: --iqn/--lun must
     agree with it, so a restart with the same command line works, and anything
     else is refused with a pointer to `lun add` (docs/decisions/0200)."""
-    from stml.persist import CONFIG_NAME, save
+    from stml.persist import save
     if config_path is None:
         ddir = Path(data_dir).expanduser().absolute() if data_dir else default_data_dir()
         path = ddir / CONFIG_NAME
@@ -403,15 +514,28 @@ def load_or_create(config_path: str | None = None, data_dir: str | None = None, 
     config.path = path
     check_lun_paths(config)     # a first start that cannot serve writes no file
     for t in config.targets:        # LUNs first served now: an identity of their own
-        for lc in t.luns:
-            if not lc.options.id:
-                lc.options.id = secrets.token_hex(16)
+        for lc in t.luns:           # (an RBD LU's is its image's: the same on every gateway)
+            if not lc.options.id and lc.options.kind != "rbd":
+                lc.options.id = first_identity(config.data_dir, t.name, lc)
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         save(config, path)
     except OSError as e:
         raise StartupError(f"cannot write {path}", e.strerror or str(e)) from None
     return load(str(path), data_dir, None, (), endpoint, portals)
+
+
+def first_identity(data_dir: Path, target: str, lc: LunConfig) -> str:
+    """The id a LUN's first save gives it. A LUN served before this data dir had
+    a config file (its backing file exists, or its persistent reservations
+    file does) keeps the identity its NAA and serial came from (legacy_id):
+    an upgrade must not rename disks that multipath and udev know. A LUN
+    first served now gets a random one (docs/decisions/0230)."""
+    from stml.pr import state_path
+    o = lc.options
+    existed = (o.kind == "file" and o.path is not None and os.path.exists(o.path)) \
+        or state_path(data_dir, target, lc.lun).exists()
+    return legacy_id(target, lc.lun) if existed else secrets.token_hex(16)
 
 
 def check_lun_paths(config: Config) -> None:
@@ -431,7 +555,7 @@ def describe_lun(o: LunOptions | None) -> str:
     if o is None:
         return "none"
     from stml.persist import size_text
-    what = f"{o.kind} {size_text(o.size) if o.size else ''}".rstrip() if o.kind == "ram" else f"file {o.path}"
+    what = f"{o.kind} {size_text(o.size) if o.size else ''}".rstrip() if o.kind == "ram" else f"{o.kind} {o.path}"
     return what + (" (read-only)" if o.ro else "")
 
 

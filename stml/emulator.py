@@ -132,14 +132,18 @@ class Task:
         return await self.io_on(lu, fn, *args)
 
     async def io_on(self, lu: LogicalUnit, fn: Callable, *args: Any) -> Any:
-        """Run a backend call of `lu`: in place when it cannot block, else in a
-        worker thread when the LU's turn comes (stml.workers). An abort drops
-        a call that has not started and waits for a started one rather than
-        abandoning it, so no write lands after the abort is reported."""
-        if lu.backend.inline:
+        """Run a backend call of `lu`: in place when it cannot block, started at
+        once when the backend has an aio twin of it (same name: it stays in
+        flight without holding a thread), else in a worker thread when the
+        LU's turn comes (stml.workers). An abort drops a call that has not
+        started and waits for a started one rather than abandoning it, so no
+        write lands after the abort is reported."""
+        backend = lu.backend
+        if backend.inline:
             return fn(*args)
         workers = self.emulator.workers
-        fut = workers.run(id(lu), fn, *args)
+        twin = getattr(backend.aio, fn.__name__, None) if backend.aio is not None else None
+        fut = twin(*args) if twin is not None else workers.run(id(lu), fn, *args)
         try:
             return await asyncio.shield(fut)
         except asyncio.CancelledError:
@@ -240,6 +244,9 @@ class Emulator:
         self.targets = {t.name: t for t in targets}
         self.data_dir = Path(data_dir) if data_dir is not None else None
         self.configured_tpgs = set(portal_groups)   # portal group tags the config names
+        # the port groups of this host's own portals when it is a gateway
+        # (stml.alua: optimized; the others' front ends reach it over the network)
+        self.local_tpgs: set[int] | None = None
         self.portals: list[dict[str, Any]] = []      # {host, port, tpgt}: sent in detect
         self._seen_tpgs: dict[str, set[int]] = {}    # target -> tags nexuses came through
         self.out = StmlSender(send)   # every message to a front end
@@ -267,12 +274,16 @@ class Emulator:
         self._keyed: dict[str, list[Nexus]] = {}
         self._target_keys: dict[str, dict[str, None]] = {}
         self._ua_luns: dict[str, set[LogicalUnit]] = {}   # nexus key -> LUs holding UAs for it
+        self._copy_luns: dict[str, set[LogicalUnit]] = {}  # nexus key -> LUs holding its copy results
         self.spc2_luns: set[LogicalUnit] = set()          # LUs an SPC-2 RESERVE was taken on
         self._resets: dict[str, _Resets] = {}   # per target (a burst costs two fan-outs)
         # told when a nexus ends (with the tags of the tasks it took along)
         # and when a front end does: stml.server frees their metrics then
         self.on_nexus_gone: Callable[[Nexus, list[int]], None] = lambda nexus, tags: None
         self.on_front_end_gone: Callable[[bytes], None] = lambda ident: None
+        # why front ends are refused while this STML is a standby gateway
+        # (stml.gateway): they then ask another STML; None: serving
+        self.standby: str | None = None
         self.register_target_template(DiskTemplate())
         self._ops: dict[str, Callable[[FrontEnd, dict[str, Any], list], None]] = {
             Op.DEREGISTER: self._deregister,
@@ -291,11 +302,13 @@ class Emulator:
         from stml.config import ConfigError
         for t in self.targets.values():
             for lu in t.luns.values():
+                if getattr(lu.backend, "pr_store", None) is not None:
+                    continue   # shared storage: stml.gateway restores it when it takes over
                 st = pr.state(lu)
                 if self.data_dir is None:
                     continue
                 try:
-                    st.load(pr.state_path(self.data_dir, t.name, lu.lun))
+                    st.load(pr.state_path(self.data_dir, t.name, lu.lun, lu.options.id))
                 except pr.PrStoreError as e:
                     raise ConfigError("persistent reservations", str(e)) from None
                 if st.regs:
@@ -389,6 +402,9 @@ class Emulator:
         if reason:
             log.warning("front end %r refused: %s", h["name"], reason)
             self.out.refuse(ident, reason)
+            return
+        if self.standby is not None:
+            self.out.refuse(ident, self.standby, standby=True)
             return
         caps = frozenset(h.get("caps") or ()) & self.carrier_caps(ident)
         known = self.front_ends.get(ident)
@@ -490,8 +506,7 @@ class Emulator:
         if same:
             return
         self._keyed.pop(key, None)
-        t = self.targets.get(nexus.target)
-        for lu in (t.luns.values() if t else ()):   # copy results end with the nexus (SPC-4 6.23)
+        for lu in self._copy_luns.pop(key, ()):   # copy results end with the nexus (SPC-4 6.23)
             lu.copy_results.drop(key)
         self._target_keys.get(nexus.target, {}).pop(key, None)
         for lu in list(self.spc2_luns):   # those with an SPC-2 reservation, not every LU
@@ -504,6 +519,12 @@ class Emulator:
         # made again later starts without them
         for lu in self._ua_luns.pop(key, ()):
             lu.unit_attentions.pop(key, None)
+
+    def keep_copy_results(self, lu: LogicalUnit, key: str, list_id: int, state: dict[str, Any]) -> None:
+        """Store an EXTENDED COPY's results on `lu`, indexed by nexus key so that
+        nexus loss visits only the LUs that hold some (not every LU of the target)."""
+        lu.copy_results.put(key, list_id, state)
+        self._copy_luns.setdefault(key, set()).add(lu)
 
     def _nexuses_with_key(self, key: str) -> list[Nexus]:
         return self._keyed.get(key, [])

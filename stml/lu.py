@@ -6,9 +6,9 @@ import collections
 import hashlib
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Coroutine
+from typing import TYPE_CHECKING, Any, Coroutine, Protocol
 
-from stml.api import TaskAttr
+from stml import sched
 from stml.locks import WriteGate
 
 if TYPE_CHECKING:
@@ -27,9 +27,9 @@ IEEE_COMPANY_ID = 0x5CA510  # vendor-specific identifiers are derived under this
 @dataclass
 class LunOptions:
     """What a LUN spec/config says about one logical unit."""
-    kind: str                    # backend kind: "file" or "ram"
+    kind: str                    # backend kind: "file", "ram" or "rbd"
     size: int | None = None      # bytes; for file: create size, None = the file's size
-    path: str | None = None
+    path: str | None = None      # file: its path; rbd: POOL/IMAGE
     ro: bool = False
     removable: bool = False
     block_size: int = 512
@@ -37,6 +37,16 @@ class LunOptions:
     thin: bool = True
     physical_block_exp: int | None = None   # logical blocks per physical block (log2); None: 0
     id: str | None = None        # 32 hex digits: the LU's identity (designators); None: legacy_id()
+    # rbd: how librados reaches the cluster (None: ceph.conf's defaults, client.admin)
+    ceph_conf: str | None = None
+    ceph_user: str | None = None
+    ceph_keyring: str | None = None
+    scheduler: str = sched.DEFAULT_POLICY   # the task set's dispatch policy (stml.sched.POLICIES)
+
+    def backend_options(self) -> dict[str, str]:
+        """What open_backend takes besides kind, size, path and ro."""
+        return {k: v for k, v in (("conf", self.ceph_conf), ("user", self.ceph_user),
+                                  ("keyring", self.ceph_keyring)) if v}
 
 
 def legacy_id(target: str, lun: int) -> str:
@@ -65,61 +75,23 @@ class ModeState:
     swp: bool = False            # control page software write protect
 
 
-class TaskSet:
-    """SAM-5 task ordering for one LU (8.6): HEAD OF QUEUE runs at once; an
-    ORDERED task waits for every older task; a SIMPLE task waits for older
-    ORDERED and HEAD OF QUEUE tasks, and runs alongside other SIMPLE tasks."""
+class TaskSet(Protocol):
+    """What the emulator asks of an LU's task set: the dispatch policy
+    (stml.sched) that decides when each task starts, within SAM's task
+    attribute rules."""
 
-    def __init__(self) -> None:
-        self.tasks: dict[int, Task] = {}   # insertion order = arrival order
-        self._ordered = 0
-        self._waiters: list[tuple[Task, asyncio.Future]] = []
-        self._seq = 0
+    tasks: dict[int, Task]   # every task in the set, in arrival order (TMFs walk it)
 
     def add(self, task: Task) -> None:
-        self._seq += 1
-        task.seq = self._seq
-        self.tasks[task.seq] = task
-        if task.attr in (TaskAttr.ORDERED, TaskAttr.HEAD_OF_QUEUE):
-            self._ordered += 1
+        """The task joined the set (it counts for ordering from now on)."""
 
     def remove(self, task: Task) -> None:
-        if self.tasks.pop(task.seq, None) is None:
-            return
-        if task.attr in (TaskAttr.ORDERED, TaskAttr.HEAD_OF_QUEUE):
-            self._ordered -= 1
-        if self._waiters:
-            self._wake()
-
-    def _may_run(self, task: Task) -> bool:
-        if task.attr == TaskAttr.HEAD_OF_QUEUE:
-            return True
-        for other in self.tasks.values():
-            if other.seq >= task.seq:
-                return True
-            if task.attr == TaskAttr.ORDERED or other.attr != TaskAttr.SIMPLE:
-                return False
-        return True
+        """The task left the set: done, failed or aborted, started or not."""
 
     async def enter(self, task: Task) -> bool:
-        """Return when the task may execute: True when it had to wait."""
-        if (self._ordered == 0 and task.attr != TaskAttr.ORDERED) or self._may_run(task):
-            return False
-        fut = asyncio.get_running_loop().create_future()
-        self._waiters.append((task, fut))
-        await fut
-        return True
-
-    def _wake(self) -> None:
-        still = []
-        for task, fut in self._waiters:
-            if fut.done():
-                continue
-            if self._may_run(task):
-                fut.set_result(None)
-            else:
-                still.append((task, fut))
-        self._waiters = still
+        """Return once the task may start executing: True when it waited
+        (the LU may have changed meanwhile)."""
+        ...
 
 
 class CopyResults:
@@ -166,7 +138,7 @@ class LogicalUnit:
     options: LunOptions
     template: Any
     mode: ModeState = field(default_factory=ModeState)
-    task_set: TaskSet = field(default_factory=TaskSet)
+    task_set: TaskSet = field(init=False)        # made from options.scheduler
     unit_attentions: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
     started: bool = True
     medium_present: bool = True                 # removable media: loaded or ejected
@@ -180,9 +152,14 @@ class LogicalUnit:
 
     def __post_init__(self) -> None:
         self.mode.wce = self.options.write_cache
+        self.task_set = sched.POLICIES[self.options.scheduler]()
         # the designators come from the LU's identity, not from its (public)
-        # target name and number; they survive restarts because the config keeps it
-        ident = bytes.fromhex(self.options.id or legacy_id(self.target, self.lun))
+        # target name and number; they survive restarts because the config keeps
+        # it. Without one, a backend every gateway opens alike (RBD) names the LU
+        # itself, so all of them present one identity (docs/decisions/0400)
+        own = getattr(self.backend, "identity", None)
+        ident = bytes.fromhex(self.options.id) if self.options.id else \
+            own if own is not None else bytes.fromhex(legacy_id(self.target, self.lun))
         self.naa = naa_designator(ident)
         self.serial = unit_serial(ident)
         self.block_size = self.options.block_size

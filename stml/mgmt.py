@@ -7,13 +7,17 @@ the running STML at once (front ends get a new `detect`, initiators the unit
 attentions SPC names), then the whole running configuration is saved to the
 config file (stml.persist: atomically, keeping its comments); a file edited
 by hand since the STML loaded it is not overwritten (`config_reload` applies
-the edit, and SIGHUP does the same).
+the edit, and SIGHUP does the same; what it cannot apply stays in the file
+through later saves). A change whose save fails stays live and its result
+carries `save_error` (the CLI exits 1: docs/decisions/0232).
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import difflib
+import functools
 import logging
 import secrets
 import time
@@ -21,11 +25,13 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from backends import BackendError, open_backend
+from scsi_runtime.logs import audit
+from stml import pr
 from stml.config import (Config, ConfigError, LunConfig, TargetConfig, _chap, _check_iqn,
                          file_digest, load, lun_options, parse_lun_spec, parse_size)
 from stml.emulator import Target
 from stml.lu import LogicalUnit, LunOptions
-from stml.persist import EditedError, read_document, render, save
+from stml.persist import EditedError, hold, model, read_document, render, save
 
 log = logging.getLogger("stml.mgmt")
 
@@ -53,6 +59,7 @@ class Management:
         self.config: Config = server.config
         self._lock = asyncio.Lock()   # one change at a time (config file writes in order)
         self._batch = False           # a reload: the file is the source, nothing is saved
+        self._save_error: str | None = None   # the change being answered is live but unsaved
         self._cmds: dict[str, Callable] = {
             "status": self.status, "target_list": self.target_list, "target_add": self.target_add,
             "target_remove": self.target_remove, "lun_list": self.lun_list, "lun_add": self.lun_add,
@@ -81,7 +88,10 @@ class Management:
             if not isinstance(args, dict):
                 raise MgmtError("args must be a map")
             async with self._lock:
+                self._save_error = None
                 result = await fn(**args)
+                if self._save_error is not None and isinstance(result, dict):
+                    result["save_error"] = self._save_error   # the client exits 1 (an I/O error)
             ok, error = True, None
         except (MgmtError, ConfigError) as e:
             ok, error = False, str(e)
@@ -92,7 +102,7 @@ class Management:
             ok, error = False, f"internal error: {e}"
         if ok and isinstance(cmd, str) and cmd != "status" and not cmd.endswith(("_list", "_show", "_diff")):
             log.info("management: %s %s", cmd, {k: v for k, v in (h.get("args") or {}).items()
-                                                 if k != "secret"})
+                                                 if k != "secret"}, extra=audit())
         self.em.out.mgmt_reply(ident, rid, ok, result, error)
 
     # ------------------------------------------------------------ helpers
@@ -153,6 +163,8 @@ class Management:
             save(self.config)
         except (OSError, EditedError) as e:
             log.error("the change is live but was not saved to %s: %s", path, e)
+            self._save_error = (f"applied, but NOT saved to {path}: {e}; a restart loses it unless "
+                                f"`scsi-target config save` succeeds first")
             return f"NOT saved to {path}: {e}"
         return f"saved to {path}"
 
@@ -174,6 +186,7 @@ class Management:
         snap["config"] = str(self.config.path) if self.config.path else None
         snap["data_dir"] = str(self.config.data_dir)
         snap["targets"] = len(self.em.targets)
+        snap["gateway"] = await self.server.gateway.status()
         snap["portals"] = await self.portal_list()
         return snap
 
@@ -198,7 +211,7 @@ class Management:
         reports = self.server.portal_reports()
         for p in self.config.portals:
             key = parse_portal(p)
-            states = [r for rep in reports for r in rep if (r["host"], r["port"], r["tpgt"]) == key]
+            states = [r for rep in reports for r in rep if (r.get("host"), r.get("port"), r.get("tpgt")) == key]
             if not reports:
                 state = "no front end"
             elif states and all(r.get("listening") for r in states):
@@ -232,13 +245,15 @@ class Management:
             raise MgmtError("the STML has no config file: give a file name")
         if force and target == self.config.path:
             self.config.digest = file_digest(target)
+            self.config.held = None   # the file becomes what runs, unapplied edits and all
         try:
             save(self.config, target)
         except EditedError as e:
             raise MgmtError(f"{e}: `config reload` applies the edit, `config save --force` "
                             f"overwrites it, `config diff` shows it") from None
-        except OSError as e:
-            raise MgmtError(f"cannot write {target}: {e.strerror or e}") from None
+        except OSError as e:    # an I/O error, not a refusal: the client exits 1
+            self._save_error = f"cannot write {target}: {e.strerror or e}"
+            return {"saved": f"NOT saved to {target}", "path": str(target)}
         return {"saved": f"saved to {target}", "path": str(target)}
 
     async def config_diff(self) -> dict[str, Any]:
@@ -270,6 +285,7 @@ class Management:
             await self._reload(new, applied, pending)
         self.config.digest = new.digest
         self.config.raw = new.raw
+        hold(self.config, model(new))   # what was not applied stays in the file through saves
         for line in applied:
             log.info("reload: %s", line)
         for line in pending:
@@ -317,14 +333,16 @@ class Management:
     async def _reload_target(self, want: TargetConfig, applied: list[str], pending: list[str]) -> None:
         t = self.em.targets[want.name]
         have = self._tc(t.name)
-        if want.alias != have.alias:
-            t.alias = have.alias = want.alias
-            self._redetect()
-            applied.append(f"target {t.name} alias")
-        for key, access in (("acl", "acl"), ("chap", "chap"), ("mutual_chap", "mutual")):
-            if getattr(want, key) != getattr(have, key):
-                self._set_access(t, access, getattr(want, key))
-                applied.append(f"target {t.name} {key}")
+        for f in dataclasses.fields(TargetConfig):
+            value = getattr(want, f.name)
+            if f.name in ("name", "luns") or value == getattr(have, f.name):
+                continue
+            setter = _TARGET_SETTERS.get(f.name)
+            if setter is None:   # a setting added to TargetConfig without a live setter here
+                pending.append(f"target {t.name} {f.name}: restart to apply it")
+                continue
+            setter(self, t, value)
+            applied.append(f"target {t.name} {f.name}")
         luns = {lc.lun: lc.options for lc in want.luns}
         for number in [n for n in t.luns if n not in luns]:
             await self.lun_remove(number, t.name)
@@ -455,8 +473,10 @@ class Management:
     async def lun_add(self, spec: str, target: str | None = None, lun: int | None = None) -> dict[str, Any]:
         t = self._target(target)
         raw_lun = parse_lun_spec(spec, "lun spec")
-        # a new LU's identity (its NAA and serial): random, and saved with it
-        raw_lun["id"] = secrets.token_hex(16)
+        # a new LU's identity (its NAA and serial): random, and saved with it; an
+        # RBD LU's is its image's, the same on every gateway (docs/decisions/0400)
+        if raw_lun["backend"] != "rbd":
+            raw_lun["id"] = secrets.token_hex(16)
         number = int(lun) if lun is not None else next(n for n in range(16384) if n not in t.luns)
         if not 0 <= number < 16384:
             raise MgmtError(f"{number} is not a LUN number (0-16383)")
@@ -468,17 +488,30 @@ class Management:
         return {"target": t.name, "lun": number, "size": lu.blocks * lu.block_size, "saved": self._persist()}
 
     async def _add_lun(self, t: Target, number: int, opts: LunOptions) -> LogicalUnit:
-        if opts.kind == "file" and any(lu.options.path == opts.path for x in self.em.targets.values()
-                                       for lu in x.luns.values()):
+        if opts.kind in ("file", "rbd") and any(lu.options.kind == opts.kind and lu.options.path == opts.path
+                                                for x in self.em.targets.values() for lu in x.luns.values()):
             raise MgmtError(f"{opts.path} already backs a LUN")
         try:
-            backend = await self._in_thread(open_backend, opts.kind, opts.size, opts.path, opts.ro)
+            backend = await self._in_thread(functools.partial(open_backend, opts.kind, opts.size, opts.path,
+                                                              opts.ro, **opts.backend_options()))
         except (BackendError, ValueError, OSError) as e:
             raise MgmtError(f"cannot open the backend: {e}") from None
         if backend.size() < opts.block_size:
             backend.close()
             raise MgmtError("backing store smaller than one block")
         lu = LogicalUnit(t.name, number, backend, opts, self.em.templates["disk"])
+        if getattr(backend, "lock_acquire", None) is not None:
+            try:   # shared storage: served once this gateway holds its lock
+                await self.server.gateway.adopt(lu)
+            except BackendError as e:
+                await self._in_thread(backend.close)
+                raise MgmtError(f"cannot serve {opts.path}: {e}") from None
+        elif self.em.data_dir is not None:   # where APTPL keeps this LU's reservations
+            try:
+                pr.state(lu).load(pr.state_path(self.em.data_dir, t.name, number, opts.id))
+            except pr.PrStoreError as e:
+                backend.close()
+                raise MgmtError(str(e)) from None
         t.luns[number] = lu
         self._tc(t.name).luns.append(LunConfig(number, opts))
         self._redetect()
@@ -510,6 +543,8 @@ class Management:
             lu.backend.close()
 
         await self._in_thread(flush_and_close)
+        if lu.pr is not None:
+            await lu.pr.forget()   # a later LU is another LU: it starts with no reservations
 
     async def lun_resize(self, lun: int, size: Any, target: str | None = None,
                          force: bool = False) -> dict[str, Any]:
@@ -573,9 +608,29 @@ class Management:
                 "saved": saved}
 
 
+def _set_alias(m: Management, t: Target, alias: str) -> None:
+    t.alias = m._tc(t.name).alias = alias
+    m._redetect()
+
+
+def _set_target_reset(m: Management, t: Target, allowed: bool) -> None:
+    """Read by the emulator when a TARGET WARM/COLD RESET arrives: no one to tell."""
+    t.target_reset = m._tc(t.name).target_reset = allowed
+
+
+# the target settings (TargetConfig fields) a reload applies live, and how;
+# any other field that changes is reported as needing a restart
+_TARGET_SETTERS: dict[str, Callable[[Management, Target, Any], Any]] = {
+    "alias": _set_alias,
+    "acl": lambda m, t, v: m._set_access(t, "acl", v),
+    "chap": lambda m, t, v: m._set_access(t, "chap", v),
+    "mutual_chap": lambda m, t, v: m._set_access(t, "mutual", v),
+    "target_reset": _set_target_reset,
+}
+
+
 def _differs_beyond_size(a: LunOptions, b: LunOptions) -> bool:
     """Whether two LUN settings differ in more than the size (and the identity
     a file without one leaves to the legacy value)."""
-    import dataclasses
     return any(getattr(a, f.name) != getattr(b, f.name) for f in dataclasses.fields(LunOptions)
                if f.name not in ("size", "id"))

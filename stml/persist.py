@@ -8,9 +8,12 @@ is saved without a change here. It is written by editing the parsed file in
 place with tomlkit: keys that did not change keep their spelling ("16MiB"
 stays "16MiB"), comments and key order survive, and keys this module does
 not model (data_dir, [stml], a key a newer version added) are left alone.
+While the file holds edits a reload could not apply, a save keeps them
+(merge3, docs/decisions/0231).
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import os
@@ -20,10 +23,9 @@ from typing import Any, Callable
 import tomlkit
 from tomlkit.items import AoT
 
-from stml.config import Config, ConfigError, LunConfig, TargetConfig, holds_secrets, parse_size
+from stml.config import CONFIG_NAME, Config, ConfigError, LunConfig, TargetConfig, holds_secrets, parse_size
 from stml.lu import LunOptions
 
-CONFIG_NAME = "scsi-target.toml"    # the config file a data dir owns
 HEADER = """\
 # scsi-target configuration. `scsi-target run` wrote it on first start, and every
 # management change (lun add, acl add, portal add, ...) saves the whole running
@@ -31,6 +33,7 @@ HEADER = """\
 # Apply an edit to the running target with `scsi-target config reload` (or SIGHUP).
 """
 
+Tree = dict[Any, Any]   # the file's shape: tables by key, leaves (value, default) as _sync_keys takes them
 _LUN_KEYS = {"kind": "backend"}          # LunOptions field -> TOML key, where they differ
 _UNITS = ((1 << 40, "TiB"), (1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB"))
 
@@ -177,36 +180,69 @@ def _sync_aot(container: Any, key: str, wanted: dict[Any, Any], ident: Callable[
             aot.append(entry)
 
 
-def _sync_luns(table: Any, luns: list[LunConfig], data_dir: Path) -> None:
-    def sync(entry: Any, lc: LunConfig) -> None:
+def _sync_luns(table: Any, luns: dict[int, Tree], data_dir: Path) -> None:
+    def sync(entry: Any, lun: Tree) -> None:
         if "lun" not in entry:      # removals shift the positions implicit numbers come from
-            entry["lun"] = lc.lun
-        _sync_keys(entry, lun_table(lc, data_dir), data_dir)
-    _sync_aot(table, "lun", {lc.lun: lc for lc in luns}, _lun_number, sync, None)
+            entry["lun"] = lun["lun"][0]
+        _sync_keys(entry, lun, data_dir)
+    _sync_aot(table, "lun", luns, _lun_number, sync, None)
 
 
-def sync_document(doc: Any, config: Config) -> None:
-    """Make `doc` (a parsed file) say what `config` runs, editing it in place."""
+def model(config: Config) -> Tree:
+    """The running configuration in the file's shape: targets by name, their
+    LUNs by number (a copy: later changes do not reach it)."""
+    def values(table: dict[str, tuple[Any, Any]]) -> Tree:
+        return {k: (copy.deepcopy(v), default) for k, (v, default) in table.items()}
+    return {
+        "portals": (list(config.portals), dataclasses.MISSING),
+        "discovery_chap": (copy.deepcopy(config.discovery_chap), None),
+        "target": {t.name: {**values(target_table(t)),
+                            "lun": {lc.lun: lun_table(lc, config.data_dir) for lc in t.luns}}
+                   for t in config.targets}}
+
+
+_ABSENT = object()
+
+
+def merge3(base: Any, file: Any, running: Any) -> Any:
+    """What a save writes while the file holds edits a reload could not apply
+    (docs/decisions/0231): where the running configuration did not change
+    since that reload (`base`), the file's value, edit and all; where it did,
+    the running one. Tables merge key by key; _ABSENT is a missing key."""
+    if running == base:
+        return file
+    if isinstance(running, dict) and isinstance(base, dict) and isinstance(file, dict):
+        out = {}
+        for key in [*file, *(k for k in running if k not in file)]:
+            value = merge3(base.get(key, _ABSENT), file.get(key, _ABSENT), running.get(key, _ABSENT))
+            if value is not _ABSENT:
+                out[key] = value
+        return out
+    return running
+
+
+def sync_document(doc: Any, tree: Tree, data_dir: Path) -> None:
+    """Make `doc` (a parsed file) say what `tree` holds, editing it in place."""
     portals = doc.get("portals")
-    if portals is None or _plain(portals) != config.portals:
-        doc["portals"] = list(config.portals)
-    _sync_keys(doc, {"discovery_chap": (config.discovery_chap, None)}, config.data_dir)
+    if portals is None or _plain(portals) != tree["portals"][0]:
+        doc["portals"] = list(tree["portals"][0])
+    _sync_keys(doc, {"discovery_chap": tree["discovery_chap"]}, data_dir)
 
-    def sync(entry: Any, tc: TargetConfig) -> None:
+    def sync(entry: Any, target: Tree) -> None:
         if "name" not in entry:
-            entry["name"] = tc.name
-        _sync_keys(entry, target_table(tc), config.data_dir)
-        _sync_luns(entry, tc.luns, config.data_dir)
+            entry["name"] = target["name"][0]
+        _sync_keys(entry, {k: v for k, v in target.items() if k != "lun"}, data_dir)
+        _sync_luns(entry, target["lun"], data_dir)
     # no targets is written as `target = []`: without the key the built-in default would serve
-    _sync_aot(doc, "target", {t.name: t for t in config.targets},
-              lambda e, i: str(_plain(e.get("name", ""))).lower(), sync, tomlkit.array())
+    _sync_aot(doc, "target", tree["target"], lambda e, i: str(_plain(e.get("name", ""))).lower(), sync,
+              tomlkit.array())
 
 
 def render(config: Config, doc: Any | None = None) -> str:
     """The running configuration as the file would hold it (`config show`):
     written into a copy of `doc` when given, else into a fresh document."""
     doc = tomlkit.parse(tomlkit.dumps(doc)) if doc is not None else new_document(config)
-    sync_document(doc, config)
+    sync_document(doc, model(config), config.data_dir)
     return tomlkit.dumps(doc)
 
 
@@ -219,7 +255,7 @@ def new_document(config: Config, path: Path | None = None) -> Any:
         doc.add(tomlkit.comment(line.lstrip("# ")))
     doc.add(tomlkit.nl())
     path = path or config.path
-    if path is not None and path.parent != config.data_dir:
+    if path is not None and path != config.data_dir / CONFIG_NAME:   # its own file names it (config.load)
         doc["data_dir"] = str(config.data_dir)
     if config.stml_endpoint != f"ipc://{config.data_dir / 'stml.sock'}":
         doc["stml_endpoint"] = config.stml_endpoint
@@ -278,7 +314,8 @@ def save(config: Config, path: Path | None = None) -> Path:
     """Write the whole running configuration to `path` (default: the config's
     own file), atomically, keeping the file's comments. The config's own file
     is not overwritten when it was edited by hand since it was loaded or last
-    saved: the edit would be lost (EditedError; `config reload` applies it)."""
+    saved: the edit would be lost (EditedError; `config reload` applies it).
+    Edits a reload left unapplied (config.held) stay in the own file."""
     target = path or config.path
     assert target is not None   # callers pass a path when the config has none
     own = config.path is not None and target == config.path
@@ -286,12 +323,23 @@ def save(config: Config, path: Path | None = None) -> Path:
     if own and text_now is not None and config.digest is not None and digest(text_now) != config.digest:
         raise EditedError(f"{target} was edited since the STML loaded it")
     doc = tomlkit.parse(text_now) if text_now is not None else new_document(config, target)
-    sync_document(doc, config)
+    running = model(config)
+    tree = merge3(*config.held, running) if own and config.held is not None else running
+    sync_document(doc, tree, config.data_dir)
     text = tomlkit.dumps(doc)
     atomic_write(target, text.encode(), holds_secrets(doc.unwrap()))
     if own:
         config.digest = digest(text)
+        hold(config, tree)
     return target
+
+
+def hold(config: Config, file: Tree) -> None:
+    """The own file now says `file`: what of it differs from the running
+    configuration is held there (a reload could not apply it) until a
+    restart, a forced save, or changes that make the two agree."""
+    running = model(config)
+    config.held = None if file == running else (running, file)
 
 
 def _read_text(path: Path) -> str | None:

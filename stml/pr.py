@@ -13,8 +13,11 @@ TransportID of format 00b) and a target port (target name and portal group
 tag, the relative target port identifier), or every target port (ALL_TG_PT).
 
 APTPL: when the last REGISTER / REGISTER AND MOVE asked for it, the state is
-written to `<data_dir>/pr/<target>_<lun>.json` (write, fsync, rename, fsync
-of the directory) after every change, and read back at start. A file that
+written to its store after every change, and read back at start or when the
+LU is added: by default `<data_dir>/pr/<id>_<lun>.json` (the LU's identity; see
+state_path; write, fsync, rename, fsync of the directory), removed with the LU;
+a store shared by several STMLs (`always`, e.g. an RBD image's metadata) takes
+every change, APTPL or not, so that another STML can take over with it. A file that
 cannot be read back refuses the start with a one-line error. The writes run
 in a thread of their own, one per LU at a time, each covering every change
 made before it began: a PERSISTENT RESERVE OUT answers GOOD once a write
@@ -37,10 +40,11 @@ import struct
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Protocol
 
 from stml.api import DataDir
 from stml.cdb import u16, u32
+from stml.lu import legacy_id
 from stml.ops import OpEntry, unit
 from stml.sense import (
     ILLEGAL_REQUEST, PARAMETER_LIST_LENGTH_ERROR, RESERVATION_CONFLICT, CheckCondition,
@@ -90,6 +94,31 @@ SPC2_ALWAYS = frozenset({0x03, 0x12, 0x5E, 0xA0})
 
 class PrStoreError(Exception):
     """The APTPL file exists but cannot be used; str() is one line."""
+
+
+class PrStore(Protocol):
+    """Where an LU's reservation state is kept. Calls block (run off the loop)."""
+    always: bool     # every change is written, not only under APTPL
+    where: str       # for messages
+
+    def read(self) -> Any: ...                    # the document, or None
+    def write(self, doc: dict[str, Any] | None) -> bool: ...   # None: remove; whether one is left
+
+
+class FileStore:
+    """The APTPL file under the data directory."""
+
+    always = False
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.where = f"file {path}"
+
+    def read(self) -> Any:
+        return json.loads(self.path.read_text()) if self.path.exists() else None
+
+    def write(self, doc: dict[str, Any] | None) -> bool:
+        return _write_state(self.path, doc)
 
 
 def _name(initiator: str) -> str:
@@ -185,12 +214,12 @@ class PrState:
         self.generation = 0
         self.aptpl = False
         self.spc2: str | None = None          # nexus key holding an SPC-2 reservation
-        self.path: Path | None = None         # APTPL file
+        self.store: PrStore | None = None      # where the state is kept (APTPL)
         self._index: dict[str, list[Registration]] | None = None   # by name_key, in regs order
         self.changes = 0                      # changes to persist (APTPL), and how many are written
         self.written = 0
         self.saves = 0                        # files written or removed (status shows it)
-        self.stored = False                   # the file exists
+        self.stored = False                   # the store holds a document
         self._writer: asyncio.Task | None = None
         self._waiters: list[tuple[int, asyncio.Future]] = []
 
@@ -510,6 +539,7 @@ class PrState:
     # ---------------------------------------------------------------- APTPL
     def to_json(self) -> dict[str, Any]:
         return {"version": 1, "target": self.target, "lun": self.lun, "generation": self.generation,
+                "aptpl": self.aptpl,
                 "registrations": [r.to_json() for r in self.regs],
                 "reservation": None if self.type is None else {
                     "type": self.type,
@@ -543,18 +573,37 @@ class PrState:
         self.regs, self.type, self.holder = regs, rtype, holder
         self._changed()
         self.generation = doc["generation"]
-        self.aptpl = True
+        self.aptpl = doc.get("aptpl", True) is not False   # a file exists only under APTPL
 
     def load(self, path: Path) -> None:
-        self.path = path
-        if not path.exists():
-            return
-        self.stored = True
+        """Keep the state in this APTPL file, and restore what it holds."""
+        self.restore(FileStore(path), None)
+
+    def restore(self, store: PrStore, doc: Any) -> None:
+        """Keep the state in `store` from now on; `doc` is what it holds (read
+        off the loop), None: read it here (a local file)."""
+        self.store = store
         try:
-            self.load_json(json.loads(path.read_text()))
+            if doc is None:
+                doc = store.read()
+            if doc is None:
+                return
+            self.stored = True
+            self.load_json(doc)
         except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
-            raise PrStoreError(f"persistent reservations file {path} is unusable "
-                               f"({type(e).__name__}: {e}); move it away to start without it") from None
+            raise PrStoreError(f"persistent reservations in {store.where} are unusable "
+                               f"({type(e).__name__}: {e}); move them away to start without them") from None
+
+    async def forget(self) -> None:
+        """The LU is removed: its APTPL file goes (once a write in progress is
+        done), and nothing writes one again. A shared store (an RBD image's
+        metadata) keeps its state: the image, and its reservations, outlive
+        this STML's LU."""
+        store = self.store
+        if store is not None and not store.always:
+            self.aptpl = False
+            await self.persisted()
+        self.store = None
 
     async def persisted(self) -> None:
         """Return once the state as it is now is on disk: when APTPL asks for
@@ -562,7 +611,8 @@ class PrState:
         each write takes every change made before it began, so a burst of
         PERSISTENT RESERVE OUTs waits for one or two writes between them.
         A write that fails raises OSError in every command it covered."""
-        if self.path is None or not (self.aptpl or self.stored or self._writer):
+        store = self.store
+        if store is None or not (store.always or self.aptpl or self.stored or self._writer):
             return   # nothing on disk, nothing to put there
         self.changes += 1
         fut = asyncio.get_running_loop().create_future()
@@ -576,11 +626,13 @@ class PrState:
         try:
             while self.written < self.changes:
                 upto = self.changes
-                doc = self.to_json() if self.aptpl else None   # taken here: the loop owns the state
-                assert self.path is not None   # persisted() starts a writer only with a file
+                store = self.store
+                assert store is not None   # persisted() starts a writer only with a store
+                # taken here: the loop owns the state
+                doc = self.to_json() if self.aptpl or store.always else None
                 error: OSError | None = None
                 try:
-                    self.stored = await loop.run_in_executor(_saver(), _write_state, self.path, doc)
+                    self.stored = await loop.run_in_executor(_saver(), store.write, doc)
                     self.saves += 1
                 except OSError as e:
                     error = e
@@ -642,9 +694,17 @@ def _fsync_dir(d: Path) -> None:
         os.close(fd)
 
 
-def state_path(data_dir: Path, target: str, lun: int) -> Path:
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", target)
-    return Path(data_dir) / "pr" / f"{safe}_{lun}.json"
+def state_path(data_dir: Path, target: str, lun: int, ident: str | None = None) -> Path:
+    """Where an LU's APTPL state is kept: `<id>_<lun>.json`, named by its
+    identity (`id`), so an LU added later under a removed LU's number never
+    inherits its registrations (the number stays in the name, as in the
+    file: what `ls pr/` shows). An LU with the legacy identity (no `id`, or
+    the one a LUN that existed before ids was given) is the LU the old name
+    `<target>_<lun>.json` meant."""
+    if ident is None or ident == legacy_id(target, lun):
+        safe = re.sub(r"[^A-Za-z0-9._-]", "_", target)
+        return Path(data_dir) / "pr" / f"{safe}_{lun}.json"
+    return Path(data_dir) / "pr" / f"{ident}_{lun}.json"
 
 
 # ---------------------------------------------------------------- TransportIDs
@@ -800,7 +860,7 @@ async def prout(task: Task) -> None:
         raise CheckCondition(ILLEGAL_REQUEST, PARAMETER_LIST_LENGTH_ERROR)
     params = parse_prout(sa, data, plen)
     st = state(lu)
-    if sa in (REGISTER, REGISTER_IGNORE, REGISTER_AND_MOVE) and params.aptpl and st.path is None:
+    if sa in (REGISTER, REGISTER_IGNORE, REGISTER_AND_MOVE) and params.aptpl and st.store is None:
         raise invalid_param(20 if sa != REGISTER_AND_MOVE else 17, 0)   # nowhere to persist
     effects = st.prout(task.nexus, sa, scope, rtype, params)
     await task.emulator.apply_pr_effects(task, effects)

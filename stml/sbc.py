@@ -284,6 +284,13 @@ async def compare_and_write(task: Task) -> None:
     size = n * lu.block_size
     data = data_bytes(task)
     async with lu.write_gate.exclusive():
+        # a backend that compares and writes itself (RBD: in the OSD) says where they differ
+        caw = getattr(lu.backend, "compare_and_write", None)
+        if caw is not None:
+            off = await task.io(caw, lba * lu.block_size, data[:size], data[size:2 * size], _sync(task))
+            if off is not None:
+                raise _miscompare(off)
+            return
         have = await read_blocks(task, lba, n)
         off = _first_difference(have, data[:size])
         if off is not None:
@@ -400,6 +407,11 @@ async def write_same(task: Task) -> None:
         # UNMAP: deallocate whatever the data (SBC-4 5.50: the unmap request wins);
         # LBPRZ says the blocks then read back as zeros
         await _discard(task, lba, n)
+        return
+    same = getattr(lu.backend, "write_same", None)
+    if same is not None:   # the backend repeats the block itself (RBD: writesame in the OSDs)
+        async with lu.write_gate.shared():
+            await task.io(same, lba * lu.block_size, n * lu.block_size, block, _sync(task))
         return
     per = max(1, CHUNK // lu.block_size)
     chunk = memoryview(block * min(per, n))

@@ -51,7 +51,7 @@ def build_targets(config: Config, templates: dict[str, Any]) -> list[Target]:
         for lc in t.luns:
             o = lc.options
             try:
-                backend = open_backend(o.kind, o.size, o.path, o.ro)
+                backend = open_backend(o.kind, o.size, o.path, o.ro, **o.backend_options())
             except (BackendError, ValueError, OSError) as e:
                 raise ConfigError(f"target {t.name} LUN {lc.lun}", str(e)) from None
             if backend.size() < o.block_size:
@@ -155,7 +155,7 @@ class StmlServer:
         self.executor = ThreadPoolExecutor(max_workers=WORKER_THREADS + 1, thread_name_prefix="backend")
         self.emulator = Emulator([], self._send, self.executor, heartbeat_ms=heartbeat_ms,
                                  threads=WORKER_THREADS,
-                                 discovery={"chap": config.discovery_chap},
+                                 discovery=config.discovery(),
                                  data_dir=config.data_dir, portal_groups=portal_groups(config))
         self.emulator.portals = portal_entries(config.portals)
         # counters exist for real LUs and live sessions only: made on a session's
@@ -166,6 +166,8 @@ class StmlServer:
         for t in build_targets(config, self.emulator.templates):
             self.emulator.targets[t.name] = t
         self.emulator.restore_reservations()   # APTPL state kept under the data dir
+        from stml.gateway import Gateway
+        self.gateway = Gateway(self.emulator, self.executor)   # shared (RBD) storage: active or standby
         self.emulator.read_buffer = self._read_buffer
         self.emulator.carrier_caps = self._carrier_caps
         self._lock_fd: int | None = None
@@ -342,6 +344,7 @@ class StmlServer:
         from stml.mgmt import Management
         self.mgmt = Management(self)
         self.channel = Channel(self.sock, self._receive, routed=True)
+        self.gateway.start()
         loop = asyncio.get_running_loop()
         for listener in self.listeners:
             loop.add_reader(listener.fileno(), self._accept, listener)
@@ -357,6 +360,7 @@ class StmlServer:
         await stop.wait()
         self.emulator.shutdown()
         beats.cancel()
+        await self.gateway.stop()
         await asyncio.sleep(0.05)  # let the release messages leave
         self.channel.close(linger_ms=100)
         for listener in self.listeners:

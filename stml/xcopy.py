@@ -146,7 +146,7 @@ async def extended_copy(task: Task) -> None:
         pos += B2B_LEN
     state: dict[str, Any] = {"status": 0, "segments": 0, "bytes": 0}
     if usage != 0x03:
-        results.put(key, list_id, state)
+        task.emulator.keep_copy_results(manager, key, list_id, state)
     manager.copies += 1
     try:
         for src, dst, blocks, slba, dlba in segments:

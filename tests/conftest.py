@@ -154,7 +154,9 @@ def stml_factory(tmp_short) -> Callable[..., StmlProcess]:
     started: list[StmlProcess] = []
 
     def start(*luns: str, data_dir: Path | None = None, extra: tuple[str, ...] = ()) -> StmlProcess:
-        p = StmlProcess(data_dir or tmp_short(), luns or ("ram:64MiB",), extra)
+        # a config file names its LUNs itself (flags may then only repeat them)
+        default = () if "--config" in extra else ("ram:64MiB",)
+        p = StmlProcess(data_dir or tmp_short(), luns or default, extra)
         started.append(p)
         return p.start()
 

@@ -51,6 +51,9 @@ def valid_pdus() -> st.SearchStrategy[bytes]:
     def logout(itt, reason, cid, sn):
         return P.LogoutRequest(itt, reason, cid, sn, 0).encode(), b""
 
+    def snack(itt, kind, ttt, exp, beg, run):
+        return P.Snack(itt, kind, ttt, exp, beg, run).encode(), b""
+
     small = st.integers(0, 8)
     parts = st.one_of(
         st.builds(cmd, small, lun, st.binary(max_size=16), st.integers(0, 1 << 20), small,
@@ -62,6 +65,8 @@ def valid_pdus() -> st.SearchStrategy[bytes]:
                   st.one_of(data, text_segments())),
         st.builds(tmf, small, st.integers(0, 127), u32, small),
         st.builds(logout, small, st.integers(0, 127), st.integers(0, 0xFFFF), small),
+        st.builds(snack, small, st.integers(0, 15), st.sampled_from([P.RESERVED_TAG, 0, 1, 2]), u32,
+                  small, small),
     )
     return parts.map(lambda hd: hd[0] + hd[1] + bytes(-len(hd[1]) % 4))
 
@@ -204,12 +209,11 @@ class FakeLink:
         return call
 
 
-def make_connection(discovery: bool = False) -> tuple[Connection, list, FakeLink]:
+def make_connection(discovery: bool = False, erl: int = 0) -> tuple[Connection, list, FakeLink]:
     out: list = []
     link = FakeLink()
     sp = SessionParams(immediate_data=True, initial_r2t=False, first_burst_length=4096,
-                       max_burst_length=8192) if "initial_r2t" in SessionParams.__dataclass_fields__ \
-        else SessionParams()
+                       max_burst_length=8192, error_recovery_level=erl)
     session = Session(1, b"\x80" + bytes(5), INAME, TNAME, 1, sp, 1, 1, 16, discovery=discovery)
     conn = Connection(session, 0, ConnectionParams(), 0, lambda p, d: out.append((p, bytes(d))), link,
                       Tags(), lambda: None, lambda c, pairs: [(k, "NotUnderstood") for k, _ in pairs])
@@ -217,11 +221,11 @@ def make_connection(discovery: bool = False) -> tuple[Connection, list, FakeLink
     return conn, out, link
 
 
-def run_connection(stream: list[bytes], discovery: bool = False) -> None:
+def run_connection(stream: list[bytes], discovery: bool = False, erl: int = 0) -> None:
     """session.Connection fed any decodable PDU: PDUError (answered by Reject) is the only
     exception; every PDU it emits encodes; the queue of out-of-order commands stays within
-    the window."""
-    conn, out, link = make_connection(discovery)
+    the window; at ERL >= 1 what is kept stays counted in the budget."""
+    conn, out, link = make_connection(discovery, erl)
     for pdu, data in split_pdus(stream):
         try:
             conn.receive(pdu, data)
@@ -242,6 +246,8 @@ def run_connection(stream: list[bytes], discovery: bool = False) -> None:
                     entry[0].task_mgmt_fn_done(entry[1], entry[2], 0, [])
         link.calls.clear()
         assert len(conn.session.queued) <= conn.session.window
+        kept = sum(t.kept for t in conn.session.kept.values()) + conn.other_bytes
+        assert conn.account.kinds["keep"] == kept
     if discovery:
         assert not any(p.__class__ is P.R2T or p.__class__ is P.DataIn for p, _ in out)
     for p, d in out:

@@ -1,5 +1,6 @@
 """A minimal blocking iSCSI initiator built on fetd_tcp.pdu, for tests that need
-PDU-level control (several connections per session, NOP, logout, bad input)."""
+PDU-level control (several connections per session, NOP, logout, bad input,
+digests it can damage on purpose, connections it can kill)."""
 from __future__ import annotations
 
 import os
@@ -8,6 +9,7 @@ import struct
 from typing import Any
 
 from fetd_tcp import pdu as P
+from fetd_tcp.digest import digest, padding
 
 
 class RawInitiator:
@@ -27,6 +29,13 @@ class RawInitiator:
         self.exp_stat_sn = 0
         self.tsih = 0
         self.max_cmd_sn = 0
+        self.hd = self.dd = False       # digests, as negotiated (set after login)
+        self.track_stat_sn = True       # False: ExpStatSN stays put (holes to fill first)
+
+    def kill(self) -> None:
+        """End the TCP connection with a reset, as a cable pull looks to the target."""
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.sock.close()
 
     def close(self) -> None:
         self.sock.close()
@@ -35,17 +44,39 @@ class RawInitiator:
         self.itt += 1
         return self.itt
 
-    def send(self, pdu: Any, data: bytes = b"") -> None:
-        self.sock.sendall(pdu.encode() + data + bytes(-len(data) % 4))
+    def send(self, pdu: Any, data: bytes = b"", bad_header: bool = False, bad_data: bool = False) -> None:
+        """One PDU, with the negotiated digests (damaged when asked)."""
+        hdr = pdu.encode()
+        out = hdr
+        if self.hd:
+            d = bytearray(digest(hdr))
+            if bad_header:
+                d[0] ^= 0xFF
+            out += bytes(d)
+        if data:
+            out += data + padding(len(data))
+            if self.dd:
+                d = bytearray(digest(data, padding(len(data))))
+                if bad_data:
+                    d[0] ^= 0xFF
+                out += bytes(d)
+        self.sock.sendall(out)
 
     def recv(self) -> tuple[Any, bytes]:
         header = self._exact(P.BHS_LEN)
         bhs = P.parse_bhs(header)
-        rest = self._exact(bhs.remaining(False, False)) if bhs.remaining(False, False) else b""
+        n = bhs.remaining(self.hd, self.dd)
+        rest = self._exact(n) if n else b""
         ahs = rest[:bhs.ahs_length]
-        data = rest[bhs.ahs_length:bhs.ahs_length + bhs.data_length]
+        at = bhs.ahs_length + (4 if self.hd else 0)
+        if self.hd:
+            assert rest[bhs.ahs_length:at] == digest(header, ahs), "header digest"
+        data = rest[at:at + bhs.data_length]
+        if self.dd and bhs.data_length:
+            end = at + ((bhs.data_length + 3) & ~3)
+            assert rest[end:end + 4] == digest(rest[at:end]), "data digest"
         pdu = P.decode_pdu(header, ahs)
-        if hasattr(pdu, "stat_sn") and not isinstance(pdu, (P.R2T,)):
+        if hasattr(pdu, "stat_sn") and not isinstance(pdu, (P.R2T,)) and self.track_stat_sn:
             if getattr(pdu, "status", 0) is not None or not isinstance(pdu, P.DataIn):
                 self.exp_stat_sn = (pdu.stat_sn + 1) & 0xFFFFFFFF
         if hasattr(pdu, "max_cmd_sn"):
@@ -85,6 +116,9 @@ class RawInitiator:
             resp, rdata = self.recv()
             self.login_keys.update(P.decode_text(rdata) if rdata else [])
         self.tsih = resp.tsih
+        if resp.status_class == 0:
+            self.hd = self.login_keys.get("HeaderDigest") == "CRC32C"
+            self.dd = self.login_keys.get("DataDigest") == "CRC32C"
         return resp
 
     def command(self, cdb: bytes, lun: int = 0, read: int = 0, write: bytes = b"",
@@ -143,6 +177,17 @@ class RawInitiator:
             if pdu.final:
                 return P.decode_text(bytes(out))
             ttt, data = pdu.ttt, b""
+
+    def tmf(self, function: int, lun: int = 0, rtt: int = P.RESERVED_TAG, ref_cmd_sn: int = 0,
+            exp_data_sn: int = 0) -> P.TaskMgmtResponse:
+        """One immediate task management request; other PDUs before its answer are skipped."""
+        itt = self._next_itt()
+        self.send(P.TaskMgmtRequest(itt, function, P.int_to_lun(lun), rtt, self.cmd_sn, self.exp_stat_sn,
+                                    ref_cmd_sn, exp_data_sn))
+        while True:
+            pdu, _ = self.recv()
+            if isinstance(pdu, P.TaskMgmtResponse) and pdu.itt == itt:
+                return pdu
 
     def logout(self, reason: int = 0, cid: int = 0) -> P.LogoutResponse:
         self.send(P.LogoutRequest(self._next_itt(), reason, cid, self.cmd_sn, self.exp_stat_sn))

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 IQN = "iqn.2026-11.org.scsi-target:disk0"
@@ -18,9 +19,10 @@ class Target:
 
     def __init__(self, *args: str, data_dir: str | None = None, portals: tuple[str, ...] = ("127.0.0.1:0",),
                  config: str | None = None, expect_portals: int | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, wrap: tuple[str, ...] = ()) -> None:
         self.data_dir = data_dir or tempfile.mkdtemp(prefix="st", dir="/tmp")
-        cmd = [sys.executable, "-m", "scsi_target", "run", "--data-dir", self.data_dir, *args]
+        # `wrap`: a command that runs it, e.g. ("ip", "netns", "exec", NS): it execs, so the PID stays
+        cmd = [*wrap, sys.executable, "-m", "scsi_target", "run", "--data-dir", self.data_dir, *args]
         if config:
             cmd += ["--config", config]
         for p in portals:
@@ -61,6 +63,15 @@ class Target:
 
     def log(self) -> str:
         return "".join(self.lines)
+
+    def wait_log(self, needle: str, timeout: float = 20.0) -> str:
+        """The log once it holds `needle` (the banner follows readiness)."""
+        deadline = time.monotonic() + timeout
+        while needle not in self.log():
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise AssertionError(f"{needle!r} not in the target's log:\n{self.log()}")
+            time.sleep(0.05)
+        return self.log()
 
     def stop(self) -> None:
         if self.proc.poll() is None:

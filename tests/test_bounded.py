@@ -20,7 +20,7 @@ from backends.file import FileBackend
 from backends.ram import PAGE, RamBackend
 from stml.config import ConfigError, lun_options
 from stml.emulator import Target
-from stml.lu import IEEE_COMPANY_ID, LogicalUnit, LunOptions
+from stml.lu import IEEE_COMPANY_ID, CopyResults, LogicalUnit, LunOptions
 from stml.sense import CHECK_CONDITION, GOOD, ILLEGAL_REQUEST, parse_sense
 from stml.workers import FairWorkers
 from test_sbc_harness import TARGET, Harness, run
@@ -436,6 +436,23 @@ def test_extended_copy_limits_and_bounded_results():
         assert (await status(39)).status == GOOD and (await status(3)).key_asc == (ILLEGAL_REQUEST, 0x24, 0)
         h.emulator.handle(b"fe", {"op": "scsi_release", "nexus": 1}, [])
         assert len(lu.copy_results) == 0
+    run(go())
+
+
+def test_nexus_loss_visits_only_the_lus_holding_its_copy_results(monkeypatch):
+    """Copy results go with the nexus; finding them costs the LUs that hold
+    some, not every LU of the target (issue 18: per nexus, not per LUN)."""
+    async def go():
+        h = Harness([LunOptions("ram", size=1 << 20) for _ in range(64)])
+        lu = h.lu(5)
+        cdb, data = _xcopy([_cscd(lu.naa)], [(0, 0, 1, 0, 1)])
+        assert (await h.cmd(cdb, data, lun=5)).status == GOOD
+        assert len(lu.copy_results) == 1
+        visited: list[CopyResults] = []
+        drop = CopyResults.drop
+        monkeypatch.setattr(CopyResults, "drop", lambda self, key: (visited.append(self), drop(self, key)))
+        h.emulator.handle(b"fe", {"op": "scsi_release", "nexus": 1}, [])
+        assert visited == [lu.copy_results] and len(lu.copy_results) == 0
     run(go())
 
 

@@ -16,11 +16,13 @@ import shutil
 import signal
 import struct
 import subprocess
+import tempfile
 import threading
 from pathlib import Path
 
 import pytest
 
+from backends.file import FileBackend
 from rawiscsi import RawInitiator
 from stml.sense import parse_sense
 from targetproc import Target
@@ -158,16 +160,60 @@ def test_sanitize_runs_as_one_job_while_other_lus_work_and_stops_with_the_stml(
 
 # ---------------------------------------------------------------- worker threads
 
-def test_a_stuck_lu_leaves_threads_for_the_others(stml_factory, client_factory, tmp_short):
-    d = tmp_short()   # under /tmp: a disk file system, so file I/O goes to worker threads
-    stml = stml_factory(f"file:{d / 'slow.img'},size=64MiB", f"file:{d / 'fast.img'},size=64MiB,wc",
-                        data_dir=d)
+def _on_disk(path: Path) -> bool:
+    """Would a file LUN there do its I/O (and fdatasync) in worker threads? Asked
+    of the backend itself: on tmpfs or ramfs it runs in place and never syncs."""
+    probe = path / "probe.img"
+    try:
+        backend = FileBackend(str(probe), size=1 << 20)
+    except OSError:
+        return False
+    try:
+        return not backend._in_memory
+    finally:
+        backend.close()
+        probe.unlink()
+
+
+@pytest.fixture
+def disk_dir():
+    """A private directory on a disk file system (/tmp may be tmpfs; then /var/tmp
+    or the tests' own directory), removed at teardown; skips when there is none."""
+    made: list[Path] = []
+    for base in ("/tmp", "/var/tmp", str(Path(__file__).resolve().parent)):
+        try:
+            d = Path(tempfile.mkdtemp(prefix="st-disk", dir=base))
+        except OSError:
+            continue
+        made.append(d)
+        if _on_disk(d):
+            break
+    else:
+        d = None
+    try:
+        if d is None:
+            pytest.skip("no disk file system to put a file LUN on (/tmp, /var/tmp and tests/ are "
+                        "tmpfs or read-only): a LU's fdatasync cannot be held")
+        yield d
+    finally:
+        for m in made:
+            shutil.rmtree(m, ignore_errors=True)
+
+
+# held until strace detaches (Strace.stop), so nothing rests on a margin of time
+HOLD_US = 3600 * 1_000_000
+
+
+def test_a_stuck_lu_leaves_threads_for_the_others(stml_factory, client_factory, tmp_short, disk_dir):
+    d = tmp_short()   # the data dir: short, for its ipc socket; the images on a disk file system
+    stml = stml_factory(f"file:{disk_dir / 'slow.img'},size=64MiB",
+                        f"file:{disk_dir / 'fast.img'},size=64MiB,wc", data_dir=d)
     a = client_factory(stml.endpoint)
     b = client_factory(stml.endpoint)
     a.capacity(0)
     b.capacity(1)
-    # LU 0 is write-through: each write ends in fdatasync, which strace holds for 20 s
-    stuck = Strace(stml.pid, "-e", "trace=fdatasync", "-e", "inject=fdatasync:delay_enter=20000000",
+    # LU 0 is write-through: each write ends in fdatasync, which strace holds until it detaches
+    stuck = Strace(stml.pid, "-e", "trace=fdatasync", "-e", f"inject=fdatasync:delay_enter={HOLD_US}",
                    out=d / "strace.txt")
     try:
         slow = [a.submit(0, struct.pack(">BBQIBB", 0x8A, 0, i * 8, 8, 0, 0), data_out=bytes([i + 1]) * 4096)
@@ -176,7 +222,7 @@ def test_a_stuck_lu_leaves_threads_for_the_others(stml_factory, client_factory, 
             b.write(1, i * 8, bytes([0x80 + i]) * 4096)
         assert not any(f.done() for f in slow)   # all of LU 1's writes ended while LU 0's hang
     finally:
-        stuck.stop()
+        stuck.stop()                  # detaching lets the held fdatasyncs return
     assert all(f.result(30).status == GOOD for f in slow)
     assert a.read(0, 11 * 8, 8) == bytes([12]) * 4096
     assert b.read(1, 19 * 8, 8) == bytes([0x93]) * 4096

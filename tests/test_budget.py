@@ -16,20 +16,63 @@ MIB = 1 << 20
 
 # ---------------------------------------------------------------- Budget
 
-def test_every_account_keeps_its_guaranteed_share():
-    b = Budget(4 * RESERVE)
-    hog, other = b.open(), b.open()
-    assert hog and other
+def _fill(account, chunk: int = 4096) -> int:
     taken = 0
-    while hog.take("read", 4096):
-        taken += 4096
-    # the hog got everything but the other's share; the limit was never passed
-    assert taken == 3 * RESERVE and b.used == 3 * RESERVE and b.peak <= b.limit
-    assert other.take("read", RESERVE)            # the guaranteed share is still there
-    assert not other.take("read", 1)
-    assert b.open() is None                         # no third share while the hog holds its part
-    hog.give("read", taken)
-    assert b.used == RESERVE and b.open() is not None
+    while account.take("read", chunk):
+        taken += chunk
+    return taken
+
+
+def test_every_account_keeps_its_guaranteed_share_and_an_initiator_half_the_room():
+    b = Budget(16 * RESERVE)                        # 4 shares kept for logins: room 12 shares
+    assert b.shares == 4 and b.room == 12 * RESERVE
+    hog, other = b.open("hog"), b.open("other")
+    assert hog and other
+    # the hog gets its share and half of the room, however it asks; the limit holds
+    assert _fill(hog) == RESERVE + 6 * RESERVE and b.peak <= b.limit
+    assert other.take("read", RESERVE)              # the guaranteed share is still there
+    # the other gets half of what the hog left it
+    assert _fill(other) == 3 * RESERVE
+    late = b.open("late")                           # and a third initiator still logs in
+    assert late and late.take("read", RESERVE) and late.take("read", RESERVE)
+    hog.give("read", 7 * RESERVE)
+    assert b.used == other.held + late.held and b.owners["hog"].excess == 0
+
+
+def test_an_initiators_connections_share_its_fair_share():
+    """Opening more connections gives an initiator more guaranteed shares, never
+    more of the room."""
+    b = Budget(32 * RESERVE)                        # 8 shares: room 24 shares
+    hogs = [b.open("hog") for _ in range(4)]
+    assert all(hogs)
+    assert sum(_fill(h) for h in hogs) == 4 * RESERVE + 12 * RESERVE
+    assert b.owners["hog"].excess == 12 * RESERVE and b.owners["hog"].accounts == 4
+    other = b.open("other")
+    assert other and _fill(other) == RESERVE + 6 * RESERVE
+
+
+def test_logins_are_not_refused_while_shares_are_left():
+    """Excess never takes the reserves kept for new connections."""
+    b = Budget(16 * RESERVE)                        # 4 shares kept: room 12 shares
+    hogs = [b.open(f"hog{i}") for i in range(2)]
+    assert all(hogs)
+    assert hogs[0].take("read", 12 * RESERVE) and hogs[1].take("read", 2 * RESERVE)
+    assert b.excess == b.room == 12 * RESERVE        # the room is full
+    assert b.open("late") is not None and b.open("later") is not None   # the 3rd and 4th shares
+    assert b.open("too late") is None               # past the shares, only with room left
+    for h in hogs:
+        h.close()
+    assert b.open("too late") is not None and b.excess == 0
+    assert set(b.owners) == {"late", "later", "too late"}
+
+
+def test_an_owner_holding_no_excess_may_take_one_transfer_bigger_than_its_share():
+    b = Budget(16 * RESERVE)
+    a = b.open("a")
+    assert a and a.take("read", 10 * RESERVE)       # 9 shares of excess: past half the room
+    assert not a.take("read", 4096)                 # but nothing more beyond its share
+    other = b.open("other")
+    assert other and not other.take("read", 5 * RESERVE) and other.take("read", 4 * RESERVE)
 
 
 def test_a_connection_is_refused_when_no_share_is_left():
@@ -50,21 +93,66 @@ def test_closing_an_account_frees_all_it_held():
 
 
 def test_grants_wait_in_tag_order_and_come_as_room_frees():
-    b = Budget(4 * RESERVE)
-    a = b.open()
+    b = Budget(16 * RESERVE, shares=1)
+    a = b.open("a")
+    waiters = {tag: b.open(f"w{tag}") for tag in (3, 4, 5)}   # room: 12 shares
     assert a
     got: list[int] = []
     b.hold(1)
-    assert a.take("write", 4 * RESERVE)              # task 1 holds everything
+    assert a.take("write", 13 * RESERVE)             # task 1 holds all the room
     for tag in (3, 4, 5):
         b.hold(tag)
     for tag in (5, 3, 4):                            # waiting, out of order
-        b.wait(a, "write", RESERVE, tag, lambda tag=tag: got.append(tag))
+        w = waiters[tag]
+        assert w
+        b.wait(w, "write", 2 * RESERVE, tag, lambda tag=tag: got.append(tag))
     assert got == []                                 # task 1 is older than all: they wait
     a.give("write", 2 * RESERVE)
     assert got == [3, 4]                             # oldest first, as room allows
     a.give("write", 2 * RESERVE)
-    assert got == [3, 4, 5] and b.used == 3 * RESERVE
+    assert got == [3, 4, 5] and b.used == 15 * RESERVE
+
+
+def test_a_grant_over_its_owners_share_waits_alone():
+    """A grant the owner's fair share does not allow is parked with its owner:
+    a newer grant of another initiator does not wait behind it, and it comes
+    when its owner gives back."""
+    b = Budget(16 * RESERVE)
+    hog, other = b.open("hog"), b.open("other")
+    assert hog and other
+    b.hold(1)
+    assert hog.take("write", 7 * RESERVE)            # task 1: the hog's half of the room
+    got: list[int] = []
+    for tag in (2, 3):
+        b.hold(tag)
+    b.wait(hog, "write", RESERVE, 2, lambda: got.append(2))
+    assert got == [] and b._parked_live == 1
+    b.wait(hog, "write", 4096, 3, lambda: got.append(3))
+    assert got == [] and b._parked_live == 2         # its owner's older grant waits: so does it
+    b.hold(4)
+    b.wait(other, "write", 3 * RESERVE, 4, lambda: got.append(4))
+    assert got == [4]                                # not behind the hog's
+    assert not b.take_now(hog, "write", 4096)        # nor does the hog jump its own queue
+    hog.give("write", 2 * RESERVE)
+    assert got == [4, 2]                             # as its share allows
+    hog.give("write", RESERVE)
+    assert got == [4, 2, 3] and b._waiting_live == 0 and b._parked_live == 0
+
+
+def test_a_parked_grant_passes_when_nothing_older_holds():
+    """The owner's newer tasks holding its share may wait (ORDERED) for its oldest:
+    that one goes past the share once nothing older holds a reservation."""
+    b = Budget(16 * RESERVE)
+    hog = b.open("hog")
+    assert hog
+    for tag in (1, 2, 10):
+        b.hold(tag)
+    assert hog.take("write", 7 * RESERVE)            # task 10, newer, holds the hog's share
+    got: list[int] = []
+    b.wait(hog, "write", RESERVE, 2, lambda: got.append(2))
+    assert got == [] and b._parked_live == 1         # task 1 is older and holds
+    b.unhold(1)
+    assert got == [2] and b._parked_live == 0
 
 
 def test_a_grant_within_the_guaranteed_share_does_not_queue_behind_others():

@@ -287,13 +287,13 @@ def test_run_places_the_stml_and_the_front_end_on_their_own_cpus(mode):
         if mode == "split" and len(os.sched_getaffinity(0)) >= 2:
             assert len(set(stml)) == 1 and len(set(fetd)) == 1
             assert (f"CPUs: stml {stml[0]}, fetd_tcp {fetd[0]}; the STML polls 200 us before sleeping\n"
-                    in t.log())
+                    in t.wait_log("Ready. "))
             s, f = _cpus(stml[0]), _cpus(fetd[0])
             assert s and f and not s & f and s | f == os.sched_getaffinity(0)
             assert stml_argv[stml_argv.index(b"--poll-us") + 1] == b"200"   # on CPUs of its own
         else:
             assert set(stml) == set(fetd) == {allowed}
-            assert "CPUs:" not in t.log()
+            assert "CPUs:" not in t.wait_log("Ready. ")
             assert b"--poll-us" not in stml_argv   # sharing CPUs with the front end: it sleeps at once
 
 

@@ -74,7 +74,7 @@ def test_good_config(tmp_path):
     assert a.alias == "first"
     assert a.acl == ["iqn.2026-01.org.example:init1"]
     assert a.chap == {"user": "u", "secret": "twelve-chars"}
-    assert a.access() == {"acl": a.acl, "chap": a.chap, "mutual": None}
+    assert a.access() == {"acl": a.acl, "chap": a.chap, "mutual": None, "erl": 0, "cmdsn_depth": 128}
     assert [lc.lun for lc in a.luns] == [0, 5]
     ram, f = a.luns[0].options, a.luns[1].options
     assert (ram.kind, ram.size, ram.block_size, ram.ro) == ("ram", 64 << 20, 512, False)
@@ -297,3 +297,63 @@ def test_parse_portal(value, expect):
 def test_parse_portal_rejects(value):
     with pytest.raises(PortalError):
         parse_portal(value)
+
+
+# ------------------------------------------------------------------ the file a first start writes
+
+def test_a_first_start_keeps_the_identity_of_luns_that_existed(tmp_path):
+    """Upgrading into an existing data dir: a LUN whose backing file (or whose
+    APTPL reservations file) is already there keeps the NAA and serial it had
+    (the legacy identity); a LUN created now gets a random one."""
+    from stml import pr
+    from stml.config import load_or_create
+    from stml.lu import legacy_id
+    (tmp_path / "disk0.img").write_bytes(b"\x5a" * 4096)       # served by an older version
+    c = load_or_create(data_dir=str(tmp_path))
+    assert c.targets[0].luns[0].options.id == legacy_id(DEFAULT_IQN, 0)
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "kept.img").write_bytes(bytes(4096))
+    pr.state_path(old, IQN_A, 1).parent.mkdir()
+    pr.state_path(old, IQN_A, 1).write_text("{}")             # a RAM LUN's APTPL state
+    c = load_or_create(data_dir=str(old), iqn=IQN_A,
+                       luns=("file:kept.img", "ram:1MiB", "file:new.img,size=1MiB"))
+    ids = [lc.options.id for lc in c.targets[0].luns]
+    assert ids[:2] == [legacy_id(IQN_A, 0), legacy_id(IQN_A, 1)]
+    assert ids[2] != legacy_id(IQN_A, 2) and len(ids[2]) == 32
+    assert load(str(old / "scsi-target.toml")).targets[0].luns[0].options.id == legacy_id(IQN_A, 0)
+
+
+def test_the_data_dirs_own_file_names_that_data_dir(tmp_path):
+    """D/scsi-target.toml leaves data_dir out (so D can move): loaded with
+    --config alone, it is D's config (endpoint, relative LUN paths), not the
+    default data dir's. A file saved elsewhere names its data dir."""
+    from stml.config import load_or_create
+    from stml.persist import save
+    d = tmp_path / "d"
+    first = load_or_create(data_dir=str(d), luns=("file:a.img,size=1MiB",))
+    assert "data_dir" not in (d / "scsi-target.toml").read_text()
+    c = load(str(d / "scsi-target.toml"))
+    assert c.data_dir == d
+    assert c.stml_endpoint == f"ipc://{d / 'stml.sock'}"
+    assert c.targets[0].luns[0].options.path == str(d / "a.img")
+    for other in (d / "other.toml", tmp_path / "elsewhere" / "scsi-target.toml"):
+        other.parent.mkdir(exist_ok=True)
+        save(first, other)
+        assert load(str(other)).data_dir == d
+
+
+def test_a_save_merges_what_a_reload_left_unapplied():
+    """merge3(base, file, running): the file's value where running did not
+    change since the reload (an absent key or table included), else running's."""
+    from stml.persist import merge3
+    base = {"portals": ["a"], "target": {"t": {"acl": [], "lun": {0: {"bs": 512}}}, "gone": {"x": 1}}}
+    file = {"portals": ["a"], "target": {"t": {"acl": [], "lun": {0: {"bs": 4096}, 1: {"bs": 512}}}}}
+    assert merge3(base, file, base) == file                      # nothing changed since: the file
+    running = {"portals": ["a", "b"], "target": {"t": {"acl": ["i"], "lun": {0: {"bs": 512}}},
+                                                 "gone": {"x": 1}, "new": {"x": 2}}}
+    assert merge3(base, file, running) == {
+        "portals": ["a", "b"],
+        "target": {"t": {"acl": ["i"], "lun": {0: {"bs": 4096}, 1: {"bs": 512}}}, "new": {"x": 2}}}
+    del running["target"]["t"]                                   # removed since: removed
+    assert "t" not in merge3(base, file, running)["target"]

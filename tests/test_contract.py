@@ -133,7 +133,7 @@ def test_detect_lists_version_targets_luns_limits(stml_factory, raw_fe):
         {"lun": 0, "block_size": 512, "blocks": 131072, "ro": False, "removable": False},
         {"lun": 1, "block_size": 512, "blocks": 2048, "ro": True, "removable": False},
     ]
-    assert d["targets"][0]["access"] == {"acl": [], "chap": None, "mutual": None}
+    assert d["targets"][0]["access"] == {"acl": [], "chap": None, "mutual": None, "erl": 0, "cmdsn_depth": 128}
     limits = d["limits"]
     assert limits["max_transfer"] >= 1 << 20
     assert limits["queue_depth"] >= 1

@@ -100,7 +100,8 @@ def test_only_the_link_module_writes_headers() -> None:
     as a dict literal: stml.api.link (and the ZeroMQ carrier's batch) do."""
     allowed = {ROOT / "stml" / "api" / "link.py", ROOT / "stml" / "api" / "zmq_carrier.py"}
     found = []
-    for package in ("stml", "fetd_tcp", "fetd_loopback", "scsi_target", "backends", "scsi_runtime"):
+    for package in ("stml", "fetd_tcp", "fetd_loopback", "fetd_vhost", "fetd_spi", "scsi_target", "backends",
+                    "scsi_runtime"):
         for path in (ROOT / package).rglob("*.py"):
             if path not in allowed and re.search(r"""\{\s*["']op["']\s*:""", path.read_text()):
                 found.append(str(path.relative_to(ROOT)))

@@ -30,3 +30,20 @@ def test_every_decision_is_indexed() -> None:
     index = (folder / "README.md").read_text()
     missing = [p.name for p in folder.glob("[0-9]*.md") if f"({p.name})" not in index]
     assert not missing, f"not in docs/decisions/README.md: {missing}"
+
+
+def _fenced_commands(text: str) -> list[str]:
+    return re.findall(r"```sh\n(.*?)\n```", text, re.S)
+
+
+def test_ci_runs_exactly_the_readmes_test_command() -> None:
+    """The README starts with two commands; CI runs the second, verbatim."""
+    readme = (ROOT / "README.md").read_text()
+    install, tests = _fenced_commands(readme)[:2]
+    assert "scsi-target run" in install
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert tests.strip() in [line.strip() for line in ci if not line.startswith("#")]
+
+
+def test_readme_stays_short() -> None:
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 250

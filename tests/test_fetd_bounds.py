@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import socket
 import struct
 import subprocess
@@ -148,6 +149,44 @@ def test_the_budget_bounds_all_connections_together_and_each_keeps_a_share():
         results = [statuses(ini, n) for ini in hostile]
         assert sum(1 for got in results for s in got.values() if s == TASK_SET_FULL) >= 1
         for ini in hostile:
+            ini.close()
+        assert buffers(t, lambda b: b["used"] == 0)["connections"] == 0
+
+
+def test_one_initiators_slow_readers_leave_another_initiator_room():
+    """Review finding 5: one initiator with four connections that never read (each
+    within its read bound, together past the budget) held the whole budget, so no
+    one could log in and reads past a connection's guaranteed share got TASK SET
+    FULL forever. It now gets at most half of what the budget leaves beyond the
+    shares kept for logins; a second initiator logs in and moves 2 MiB at a time."""
+    with bounded_target() as t:
+        hog = [hostile_reader(t, "hog") for _ in range(4)]       # one initiator, four sessions
+        waves, per = 4, 8
+        for _ in range(waves):   # in waves: once the kernel's socket buffers are full, all stays here
+            for ini in hog:
+                for i in range(per):
+                    read16(ini, i * 2048, 2048)                  # 1 MiB each, never read
+            idle_stml(t)
+        n = waves * per
+        shares = BUDGET // (4 * RESERVE)
+        room = BUDGET - shares * RESERVE
+        held = buffers(t)
+        second = RawInitiator(*G.host_port(t.portal), initiator="iqn.2026-11.org.test:second")
+        assert second.login(IQN).status_class == 0
+        second.command(bytes(6))
+        data = os.urandom(2 * MIB)
+        second.write16(4096, data, immediate_data=False)         # 2 MiB by R2T: past its share
+        for _ in range(4):
+            assert second.read16(4096, 4096) == data             # 2 MiB reads: 16 shares each
+        second.close()
+        results = [statuses(ini, n) for ini in hog]
+        got = [s for r in results for s in r.values()]
+        full = got.count(TASK_SET_FULL)
+        print(f"hog held {held['used']} of {BUDGET}; {len(got) - full} read(s) ran, {full} TASK SET FULL")
+        assert set(got) <= {GOOD, TASK_SET_FULL} and full >= n      # the hog was pushed back
+        assert held["used"] <= 4 * RESERVE + room // 2 + 64 * 1024, held
+        assert buffers(t)["peak"] <= BUDGET
+        for ini in hog:
             ini.close()
         assert buffers(t, lambda b: b["used"] == 0)["connections"] == 0
 
@@ -310,6 +349,30 @@ def test_repeated_failures_log_a_bounded_number_of_lines():
         assert "Traceback" not in log
 
 
+def test_audit_lines_are_not_lost_to_the_rate_limit():
+    """Logins, logouts and session ends are audit lines: every one of 15 sessions of
+    one initiator is logged (as ordinary lines, the template's burst would keep 10)."""
+    with bounded_target() as t:
+        host, port = G.host_port(t.portal)
+        who = "iqn.2026-11.org.test:audited"
+        n = 15
+        for _ in range(n):
+            ini = RawInitiator(host, port, initiator=who)
+            assert ini.login(IQN).status_class == 0
+            assert ini.logout().response == 0
+            ini.close()
+        kinds = ("login: ", "logout: ", "session ended: ")
+        deadline = time.monotonic() + 30
+        while True:      # fetd_tcp's lines reach the log through the supervisor
+            log = t.log()
+            counts = [log.count(kind + who) for kind in kinds]
+            if counts == [n] * 3 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert counts == [n] * 3, counts
+        assert "suppressed" not in log
+
+
 # ---------------------------------------------------------------- iSNS ESI port
 
 def test_esi_connections_are_few_and_short():
@@ -346,3 +409,22 @@ def test_esi_connections_are_few_and_short():
             client._esi_server.close()
 
     asyncio.run(main())
+
+
+# ---------------------------------------------------------------- STML link lost
+
+def test_task_management_entries_go_when_the_stml_link_is_lost():
+    """A TMF the STML never answers (its link is gone) must not keep its entry,
+    and the connection it holds, for the life of the front end."""
+    from fetd_tcp.server import IscsiFrontEnd
+    fe = IscsiFrontEnd("ipc:///nonexistent/stml", [])
+    conn, out, link = G.make_connection()
+    closed: list = []
+    conn.close = lambda: closed.append(conn)
+    conn.tags = fe.tags
+    fe.sessions[conn.session.tsih] = conn.session
+    conn.receive(P.TaskMgmtRequest(7, P.TMF_LOGICAL_UNIT_RESET, P.LUN0, P.RESERVED_TAG, 1, 0,
+                                   immediate=True), b"")
+    assert [c[0] for c in link.calls] == ["rx_task_mgmt_fn"] and len(fe.tags.tmfs) == 1
+    fe.link_lost()
+    assert fe.tags.tmfs == {} and closed == [conn]

@@ -37,6 +37,13 @@ def test_connection_raises_only_pdu_error(stream, discovery):
     G.run_connection(stream, discovery)
 
 
+@PURE
+@given(G.conn_stream(), st.sampled_from([1, 2]))
+def test_connection_with_error_recovery_raises_only_pdu_error(stream, erl):
+    """SNACKs, TASK REASSIGN, Logout for recovery and acknowledgements fuzzed at ERL 1 and 2."""
+    G.run_connection(stream, erl=erl)
+
+
 # ---------------------------------------------------------------- live target, raw sockets
 
 import os  # noqa: E402

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from scsi_runtime.logs import RateLimit
+from scsi_runtime.logs import RateLimit, audit
 
 
 class Clock:
@@ -15,8 +15,19 @@ class Clock:
         return self.now
 
 
-def record(msg: str, *args: object, name: str = "fetd_tcp", level: int = logging.WARNING) -> logging.LogRecord:
-    return logging.LogRecord(name, level, __file__, 1, msg, args, None)
+def record(msg: str, *args: object, name: str = "fetd_tcp", level: int = logging.WARNING,
+           extra: dict | None = None) -> logging.LogRecord:
+    r = logging.LogRecord(name, level, __file__, 1, msg, args, None)
+    r.__dict__.update(extra or {})
+    return r
+
+
+LOGIN = "login: %s 0x%s -> %s via %s tpgt %d, TSIH %d CID %d (%s)"
+
+
+def login(peer: str | None, i: int = 0) -> logging.LogRecord:
+    return record(LOGIN, f"iqn.2026-11.org.test:i{i}", "800000000000", "iqn.t", "10.0.0.1:3260", 1, i, 0,
+                  "new session", level=logging.INFO, extra=audit(peer))
 
 
 def test_flood_of_one_template_is_cut_to_the_burst() -> None:
@@ -52,3 +63,40 @@ def test_tracked_templates_are_capped() -> None:
     for i in range(10_000):
         f.filter(record(f"distinct template {i}"))
     assert len(f._seen) == 50
+
+
+def test_audit_lines_are_not_cut_by_template() -> None:
+    """Every login of many initiators is logged, though all share one template."""
+    f = RateLimit(burst=10, window=60, clock=Clock(), audit_burst=20, audit_total=1000)
+    assert all(f.filter(login(f"10.0.{i // 250}.{i % 250}", i)) for i in range(500))
+
+
+def test_a_peers_audit_lines_are_bounded_and_the_rest_counted() -> None:
+    """A peer that logs in and out in a loop (no authentication needed) cannot
+    flood the log: its burst passes, the next window says how many were held."""
+    clock = Clock()
+    f = RateLimit(burst=10, window=60, clock=clock, audit_burst=20, audit_total=1000)
+    assert sum(f.filter(login("10.9.9.9", i)) for i in range(5000)) == 20
+    assert f.filter(login("10.1.1.1"))              # another peer is not held back
+    clock.now = 61
+    r = login("10.9.9.9")
+    assert f.filter(r)
+    assert "4980 audit line(s) of 10.9.9.9 suppressed" in r.getMessage()
+    assert r.getMessage().startswith("login: iqn.2026-11.org.test:i0 0x800000000000")
+
+
+def test_all_peers_audit_lines_together_are_bounded() -> None:
+    """Many addresses (an IPv6 prefix has plenty): the total per window holds."""
+    f = RateLimit(clock=Clock(), audit_burst=20, audit_total=300, max_keys=50)
+    passed = sum(f.filter(login(f"fe80::{i:x}%eth0", i)) for i in range(10_000))
+    assert passed == 300 and len(f._peers) == 50
+    r = login("fe80::270f%eth0")                    # the last one, held back once
+    f.audit_total = 10_000                          # room again: the note formats despite the %
+    assert f.filter(r) and "1 audit line(s) of fe80::270f%eth0 suppressed" in r.getMessage()
+
+
+def test_the_operators_audit_lines_are_never_held_back() -> None:
+    f = RateLimit(burst=1, window=60, clock=Clock(), audit_burst=1, audit_total=1)
+    mgmt = [record("management: %s %s", "lun_add", {"lun": i}, name="stml", level=logging.INFO,
+                   extra=audit()) for i in range(1000)]
+    assert all(f.filter(r) for r in mgmt)

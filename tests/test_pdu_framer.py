@@ -199,7 +199,9 @@ class FakeConn:
         self.got: list = []
         self.rejects: list = []
         self.refuse = refuse
-        self.out = lambda pdu, data: None
+        self.out = self.send = lambda pdu, data: None
+        self.erl = 0           # ErrorRecoveryLevel 0: a digest error ends the connection
+        self.bad_headers = 0
 
     def receive(self, pdu, data):
         self.got.append((pdu, bytes(data)))
@@ -286,7 +288,8 @@ def test_protocol_data_digest_error_rejects_then_ends_with_the_error():
         await asyncio.get_running_loop().sock_sendall(peer, wire(*nop(2), True, True) + bytes(bad))
         with pytest.raises(P.PDUError, match="data digest"):
             await asyncio.wait_for(proto.done, 5)
-        assert len(conn.got) == 1 and conn.rejects == [(P.REJECT_DATA_DIGEST_ERROR, bytes(48))]
+        # the Reject carries the damaged PDU's header (sound: its own digest matched)
+        assert len(conn.got) == 1 and conn.rejects == [(P.REJECT_DATA_DIGEST_ERROR, bytes(bad[:48]))]
         assert writer.transport.is_closing()
         peer.close()
     asyncio.run(main())

@@ -156,7 +156,7 @@ def test_fetd_tcp_reports_a_response_done_only_once_its_writer_sent_it():
         fe.link.scsi_target_done = done.append   # type: ignore[method-assign]
         writer = PduWriter(_Writer(a), ConnectionParams(), done=fe.link.scsi_target_done)
         conn, _, link = _conn(seg_max=8192, burst=262144)
-        conn.out = writer
+        conn.out = conn.send = writer
         conn.tags = fe.tags
         task = _read(conn, link, 5, 4096)
         fe.tags.tasks[task.tag] = task

@@ -1,17 +1,14 @@
-"""Pure units: sense data, CDB decoding, the disk opcode table, task-set ordering."""
+"""Pure units: sense data, CDB decoding, the disk opcode table (task-set ordering: test_sched.py)."""
 from __future__ import annotations
 
-import asyncio
 import struct
 
 import pytest
 
-from stml.api import TaskAttr
 from stml.cdb import (
     cdb_length, check_usage, decode_lun, encode_lun, lba_len, trim_cdb,
 )
 from stml.disk import OPCODES, DiskTemplate
-from stml.lu import TaskSet
 from stml.sense import (
     CHECK_CONDITION, DATA_PROTECT, ILLEGAL_REQUEST, INVALID_FIELD_IN_CDB, LBA_OUT_OF_RANGE,
     MEDIUM_ERROR, UNIT_ATTENTION, UNRECOVERED_READ_ERROR, WRITE_PROTECTED, CheckCondition,
@@ -209,130 +206,3 @@ def test_opcode_table_usage_masks(entry):
     assert entry.usage[-1] == 0  # CONTROL byte: NACA/LINK unsupported
     if entry.sa is not None:
         assert entry.usage[1] & 0x1F == 0x1F
-
-
-# ---------------------------------------------------------------- task set ordering
-
-class FakeTask:
-    def __init__(self, name: str, attr: TaskAttr) -> None:
-        self.name = name
-        self.attr = attr
-        self.seq = 0
-
-
-def run(coro):
-    return asyncio.run(asyncio.wait_for(coro, 10))
-
-
-async def _entered(ts: TaskSet, task: FakeTask) -> asyncio.Task:
-    """Start `enter` and let it run as far as it can."""
-    t = asyncio.ensure_future(ts.enter(task))
-    for _ in range(3):
-        await asyncio.sleep(0)
-    return t
-
-
-def test_simple_tasks_run_together():
-    async def main():
-        ts = TaskSet()
-        a, b, c = (FakeTask(n, TaskAttr.SIMPLE) for n in "abc")
-        for t in (a, b, c):
-            ts.add(t)
-        for t in (c, b, a):
-            assert (await _entered(ts, t)).done()
-    run(main())
-
-
-def test_ordered_waits_for_older_tasks():
-    async def main():
-        ts = TaskSet()
-        s1, s2 = FakeTask("s1", TaskAttr.SIMPLE), FakeTask("s2", TaskAttr.SIMPLE)
-        o = FakeTask("o", TaskAttr.ORDERED)
-        for t in (s1, s2, o):
-            ts.add(t)
-        assert (await _entered(ts, s1)).done()
-        assert (await _entered(ts, s2)).done()
-        wait = await _entered(ts, o)
-        assert not wait.done()
-        ts.remove(s1)
-        await asyncio.sleep(0)
-        assert not wait.done()          # s2 is still older and running
-        ts.remove(s2)
-        await asyncio.wait_for(wait, 1)
-    run(main())
-
-
-def test_simple_waits_behind_older_ordered():
-    async def main():
-        ts = TaskSet()
-        s0 = FakeTask("s0", TaskAttr.SIMPLE)
-        o = FakeTask("o", TaskAttr.ORDERED)
-        s1 = FakeTask("s1", TaskAttr.SIMPLE)
-        for t in (s0, o, s1):
-            ts.add(t)
-        assert (await _entered(ts, s0)).done()     # older than the ORDERED task: not held
-        wait_o = await _entered(ts, o)
-        wait_s1 = await _entered(ts, s1)
-        assert not wait_o.done() and not wait_s1.done()
-        ts.remove(s0)
-        await asyncio.wait_for(wait_o, 1)
-        await asyncio.sleep(0)
-        assert not wait_s1.done()                  # the ORDERED task is still running
-        ts.remove(o)
-        await asyncio.wait_for(wait_s1, 1)
-    run(main())
-
-
-def test_head_of_queue_never_waits():
-    async def main():
-        ts = TaskSet()
-        o = FakeTask("o", TaskAttr.ORDERED)
-        s = FakeTask("s", TaskAttr.SIMPLE)
-        h = FakeTask("h", TaskAttr.HEAD_OF_QUEUE)
-        for t in (o, s, h):
-            ts.add(t)
-        assert (await _entered(ts, o)).done()
-        assert not (await _entered(ts, s)).done()
-        assert (await _entered(ts, h)).done()
-        # a HEAD OF QUEUE task does not hold back the SIMPLE one once the ORDERED is gone
-        ts.remove(o)
-        await asyncio.sleep(0)
-        assert not ts._waiters
-    run(main())
-
-
-def test_ordered_waits_for_older_head_of_queue():
-    # "an ORDERED task waits for every older task" (TaskSet docstring; SAM-5)
-    async def main():
-        ts = TaskSet()
-        h = FakeTask("h", TaskAttr.HEAD_OF_QUEUE)
-        o = FakeTask("o", TaskAttr.ORDERED)
-        ts.add(h)
-        ts.add(o)
-        assert (await _entered(ts, h)).done()
-        wait = await _entered(ts, o)
-        done_early = wait.done()
-        ts.remove(h)
-        await asyncio.wait_for(wait, 1)
-        assert not done_early, "ORDERED task entered while an older HEAD OF QUEUE task ran"
-    run(main())
-
-
-def test_removed_waiter_does_not_block_others():
-    async def main():
-        ts = TaskSet()
-        o1 = FakeTask("o1", TaskAttr.ORDERED)
-        o2 = FakeTask("o2", TaskAttr.ORDERED)
-        s = FakeTask("s", TaskAttr.SIMPLE)
-        for t in (o1, o2, s):
-            ts.add(t)
-        assert (await _entered(ts, o1)).done()
-        w2 = await _entered(ts, o2)
-        ws = await _entered(ts, s)
-        w2.cancel()                                 # o2 aborted while waiting
-        ts.remove(o2)
-        await asyncio.sleep(0)
-        assert not ws.done()
-        ts.remove(o1)
-        await asyncio.wait_for(ws, 1)
-    run(main())

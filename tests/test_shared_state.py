@@ -400,8 +400,9 @@ def test_conformance_reservations_multipath_tmf(tmp_path):
     target allows target resets, which Reserve6's reset tests send)."""
     from targetproc import cunit_verdicts, run
     config = tmp_path / "target.toml"
-    config.write_text(f'[[target]]\nname = "{IQN}"\ntarget_reset = true\n')
-    with Target("--lun", "ram:64MiB", portals=("127.0.0.1:0", "127.0.0.1:0,2"), config=str(config)) as t:
+    config.write_text(f'[[target]]\nname = "{IQN}"\ntarget_reset = true\n'
+                      '[[target.lun]]\nlun = 0\nbackend = "ram"\nsize = "64MiB"\n')
+    with Target(portals=("127.0.0.1:0", "127.0.0.1:0,2"), config=str(config)) as t:
         urls = [f"iscsi://{p}/{IQN}/0" for p in t.portals]
         verdicts = {}
         for suite in CUNIT_SUITES:

@@ -78,8 +78,9 @@ def test_target_resets_are_refused_by_default_and_disturb_no_one():
 
 def test_a_target_that_allows_resets_resets(tmp_path):
     config = tmp_path / "target.toml"
-    config.write_text(f'[[target]]\nname = "{IQN}"\ntarget_reset = true\n')
-    with Target("--lun", "ram:16MiB", "--lun", "ram:16MiB", config=str(config)) as t:
+    lun = '[[target.lun]]\nlun = {}\nbackend = "ram"\nsize = "16MiB"\n'
+    config.write_text(f'[[target]]\nname = "{IQN}"\ntarget_reset = true\n' + lun.format(0) + lun.format(1))
+    with Target(config=str(config)) as t:
         a = login(t, "iqn.2026-11.org.test:resetter")
         b = login(t, "iqn.2026-11.org.test:bystander")
         try:

@@ -13,6 +13,7 @@ from stml.api.messages import (CONTRACT_VERSION, MAX_NAME_LEN, MAX_PORT_NAME_LEN
                                Detect, Lun, Op, Status, TaskAttr, Target, Tmf, TmfResponse, check, pack,
                                unpack, version_compatible)
 from stml.api.shm import BufferPool, SharedRegion
+from stml.api.sizes import BIG_FRAME, SHARED_READ_MIN
 from stml.api.stream import Lease, StreamChannel, stream_path
 from stml.api.zmq_carrier import Channel
 
@@ -23,9 +24,9 @@ from scsi_runtime.loop import run_loop
 from scsi_runtime.portals import parse_portal
 
 __all__ = [
-    "CONTRACT_VERSION", "MAX_NAME_LEN", "MAX_PORT_NAME_LEN", "MESSAGES", "BufferPool", "Cap", "Channel",
-    "DataDir", "Detect", "FrontEndHandler", "FrontEndLink", "Lease", "Lun", "Op", "RegistrationRefused",
-    "SharedRegion", "Status", "StmlSender", "StreamChannel", "TaskAttr", "Target", "Tmf", "TmfResponse",
-    "check", "pack", "stream_path", "unpack", "version_compatible",
+    "BIG_FRAME", "CONTRACT_VERSION", "MAX_NAME_LEN", "MAX_PORT_NAME_LEN", "MESSAGES", "SHARED_READ_MIN",
+    "BufferPool", "Cap", "Channel", "DataDir", "Detect", "FrontEndHandler", "FrontEndLink", "Lease", "Lun",
+    "Op", "RegistrationRefused", "SharedRegion", "Status", "StmlSender", "StreamChannel", "TaskAttr",
+    "Target", "Tmf", "TmfResponse", "check", "pack", "stream_path", "unpack", "version_compatible",
     "curve_client_keys", "load_key_file", "parse_portal", "run_loop",
 ]

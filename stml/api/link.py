@@ -9,7 +9,7 @@ import socket
 import time
 import uuid
 from types import SimpleNamespace
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, Sequence
 
 import zmq
 
@@ -63,14 +63,20 @@ class FrontEndLink:
     offers what its carrier can do (capabilities) and uses what the STML
     grants. The handler reports every response done (scsi_target_done) once
     it no longer uses its data: the carrier's memory goes back then.
+
+    Given several endpoints (the STMLs of gateways sharing storage, one of
+    them serving), the link moves on to the next when one answers that it is
+    a standby, or stays silent: it ends up with the one that serves.
     """
 
-    def __init__(self, endpoint: str, kind: str, handler: FrontEndHandler, *,
+    def __init__(self, endpoint: str | Sequence[str], kind: str, handler: FrontEndHandler, *,
                  name: str | None = None, heartbeat_ms: int = 1000, aen: bool = True,
                  version: tuple[int, int] = CONTRACT_VERSION,
                  context: zmq.Context | None = None,
                  curve: dict[str, bytes] | None = None) -> None:
-        self.endpoint = endpoint
+        self.endpoints = [endpoint] if isinstance(endpoint, str) else list(endpoint)
+        self.endpoint = self.endpoints[0]
+        self._trying_since = time.monotonic()   # when the link began asking self.endpoint
         self.kind = kind
         self.name = name or f"{kind}-{os.uname().nodename}-{os.getpid()}"
         self.handler = handler
@@ -89,6 +95,7 @@ class FrontEndLink:
         self._last_usage = 0.0
         self._ended: asyncio.Future | None = None
         self._timer: asyncio.Task | None = None
+        self._monitor: tuple[zmq.Socket, int] | None = None   # the CURVE handshake watch
         self._leases: dict[int, Lease] = {}   # tag -> the carrier's hold on its read data
         self._done: list[int] = []            # tags for the next scsi_target_done
         self._done_timer: asyncio.TimerHandle | None = None
@@ -255,6 +262,7 @@ class FrontEndLink:
         mon = sock.get_monitor_socket(failed)
         loop = asyncio.get_running_loop()
         fd = mon.fileno()
+        self._monitor = (mon, fd)
 
         def on_event() -> None:
             from zmq.utils.monitor import recv_monitor_message
@@ -349,6 +357,9 @@ class FrontEndLink:
                 log.warning("STML at %s silent for %.1fs: link lost, re-registering",
                             self.endpoint, now - self._last_rx)
                 self._lost()
+                self._next_endpoint()
+            elif not self.connected.is_set() and now - self._trying_since > 3 * self.heartbeat:
+                self._next_endpoint()   # no answer from this one: another may serve
             usage = getattr(self.handler, "usage", None)
             if not self.connected.is_set():
                 self._register()
@@ -370,7 +381,32 @@ class FrontEndLink:
         self._leases.clear()
         self._done.clear()
 
+    def _next_endpoint(self) -> None:
+        """Ask the next STML of the list (nothing changes with one)."""
+        self._trying_since = time.monotonic()
+        if len(self.endpoints) < 2:
+            return
+        if self._monitor is not None:
+            mon, fd = self._monitor
+            asyncio.get_running_loop().remove_reader(fd)
+            mon.close(linger=0)
+            self._monitor = None
+        if self._channel is not None:
+            self._channel.close(linger_ms=0)
+            self._channel = None
+        self._drop_leases()   # lent by the STML we leave: nothing goes back to it
+        self.endpoint = self.endpoints[(self.endpoints.index(self.endpoint) + 1) % len(self.endpoints)]
+        self._open()
+
     def _on_detect(self, header: dict[str, Any], frames: list) -> None:
+        if header.get("standby"):
+            # a gateway that does not serve now: ask the next one, or this one
+            # again at the next heartbeat (it may take over meanwhile)
+            log.info("STML at %s is a standby (%s)", self.endpoint, header.get("error"))
+            if self.connected.is_set():
+                self._lost()
+            self._next_endpoint()
+            return
         if header.get("error"):
             raise RegistrationRefused(header["error"])
         try:
@@ -448,9 +484,13 @@ class StmlSender:
                                "heartbeat_ms": heartbeat_ms, "limits": limits, "discovery": discovery,
                                "portals": portals, "targets": targets, "caps": caps}, [])
 
-    def refuse(self, ident: bytes, reason: str) -> None:
-        """A registration refused: `detect` with the reason."""
-        self.transport(ident, {"op": _O.DETECT, "version": list(CONTRACT_VERSION), "error": reason}, [])
+    def refuse(self, ident: bytes, reason: str, standby: bool = False) -> None:
+        """A registration refused: `detect` with the reason; `standby`: by a
+        gateway that does not serve now (the front end tries another)."""
+        header: dict[str, Any] = {"op": _O.DETECT, "version": list(CONTRACT_VERSION), "error": reason}
+        if standby:
+            header["standby"] = True
+        self.transport(ident, header, [])
 
     def release(self, ident: bytes, reason: str) -> None:
         self.transport(ident, {"op": _O.RELEASE, "reason": reason}, [])

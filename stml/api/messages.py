@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import msgpack
 
-CONTRACT_VERSION = (1, 4)
+CONTRACT_VERSION = (1, 5)
 # an iSCSI name is at most 223 bytes (RFC 7143 4.2.7.1): initiator and target names
 # in register_nexus are held to it (an initiator port name adds ",i,0x" and 12 hex digits)
 MAX_NAME_LEN = 223
@@ -379,13 +379,18 @@ MESSAGES: tuple[Message, ...] = (
     Message(Op.DETECT, _FROM, "front end",
             "What the STML offers; sent again, unasked, when targets, LUNs or portals change. "
             "Target = {name, alias, luns: [Lun], access: {acl: [iqn], chap: {user, secret}|nil, "
-            "mutual: {...}|nil}}; Lun = {lun, block_size, blocks, ro, removable}.", (
+            "mutual: {...}|nil, erl: int (1.5: its ErrorRecoveryLevel, 0-2), cmdsn_depth: int "
+            "(1.5: its CmdSN window)}}; Lun = {lun, block_size, blocks, ro, removable}.", (
                 Field("version", VERSION, "the STML's contract version"),
                 Field("error", STR, "the registration is refused (nothing else is sent)", False),
+                Field("standby", BOOL, "with `error`: a standby gateway refused it for now; a link "
+                      "given several STML endpoints asks the next one", False, (1, 5)),
                 Field("stml", STR, "the STML's name", False),
                 Field("targets", MAPS, "the targets", False),
                 Field("limits", MAP, "{max_transfer, queue_depth}", False),
-                Field("discovery", MAP, "{chap: {user, secret}|nil}: discovery session access", False),
+                Field("discovery", MAP, "{chap: {user, secret}|nil, slp: [scope]|nil, slp_da: [\"HOST[:PORT]\"]}: "
+                      "discovery session access; the SLP scopes to answer in (nil: no SLP) and "
+                      "directory agents (1.5)", False),
                 Field("heartbeat_ms", INT, "the STML's heartbeat interval", False),
                 Field("portals", MAPS, "[{host, port, tpgt}]: the STML's configured portal list; "
                       "an iSCSI front end started without portals of its own listens on exactly "

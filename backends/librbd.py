@@ -1,0 +1,496 @@
+"""The librados and librbd C calls the RBD backend makes, through ctypes.
+
+Why ctypes and not Debian's python3-rados/python3-rbd: their Image lacks
+compare-and-write, writesame, update watches and completion polling, and it
+keeps its rbd_image_t to itself, so ctypes could not add those calls on the
+same image. A gateway must make every call through one cluster client: that
+client is what holds the image's exclusive lock and what a peer blocklists
+when it takes over (docs/decisions/0400-rbd-gateways.md). ctypes also loads
+librbd.so.1 from any Python, where the Debian modules need CPython 3.11.
+
+This module only declares and wraps calls; it knows nothing of SCSI.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+from ctypes import (
+    POINTER, byref, c_char_p, c_int, c_int64, c_size_t, c_ssize_t, c_uint8,
+    c_uint64, c_void_p,
+)
+from typing import Any, Callable
+
+EVENT_TYPE_EVENTFD = 2
+LOCK_MODE_EXCLUSIVE = 0
+WRITE_ZEROES_FLAG_THICK_PROVISION = 1
+OP_FLAG_FADVISE_FUA = 0x80
+EBLOCKLISTED = errno.ESHUTDOWN   # what librados returns to a client on the OSD blocklist
+
+# what every gateway's client sets, whatever ceph.conf says (docs/decisions/0400)
+CLIENT_OPTIONS = {
+    # no client cache: a write completes once the OSDs have it, so GOOD is never
+    # early (Pacific's default write-around cache acknowledges writes at once,
+    # and its write-through mode blocks the submitting thread in aio calls);
+    # SYNCHRONIZE CACHE and FUA still flush
+    "rbd_cache": "false",
+    # a discard of less than the discard granularity zeroes its range instead
+    # of being skipped: unmapped blocks read back as zeros (LBPRZ)
+    "rbd_skip_partial_discard": "false",
+    # WRITE SAME of zeros writes them unless the initiator asked to unmap
+    "rbd_discard_on_zeroed_write_same": "false",
+    # taking a lock from a dead holder blocklists it: its late writes cannot land
+    "rbd_blocklist_on_break_lock": "true",
+    # a cluster that cannot be reached is an error in seconds, not a hang
+    "client_mount_timeout": "15",
+    "rados_mon_op_timeout": "15",
+}
+
+
+COMP = object()   # where an aio call's completion goes in Image.submit's arguments
+
+
+class CephError(OSError):
+    """A librados/librbd call failed; errno is the positive error code."""
+
+
+def _check(ret: int, what: str) -> int:
+    if ret < 0:
+        raise CephError(-ret, f"{what}: {os.strerror(-ret)}")
+    return ret
+
+
+def _load(name: str) -> ctypes.CDLL:
+    try:
+        return ctypes.CDLL(name, use_errno=True)
+    except OSError as e:
+        raise CephError(errno.ENOENT, f"{name} is not installed (apt-get install librbd1): {e}") from None
+
+
+_lib: tuple[ctypes.CDLL, ctypes.CDLL] | None = None
+
+DIFF_CB = ctypes.CFUNCTYPE(c_int, c_uint64, c_size_t, c_int, c_void_p)
+UPDATE_CB = ctypes.CFUNCTYPE(None, c_void_p)
+
+
+class Iovec(ctypes.Structure):
+    _fields_ = [("iov_base", c_void_p), ("iov_len", c_size_t)]
+
+
+class ImageInfo(ctypes.Structure):
+    _fields_ = [("size", c_uint64), ("obj_size", c_uint64), ("num_objs", c_uint64), ("order", c_int),
+                ("block_name_prefix", ctypes.c_char * 24), ("parent_pool", c_int64),
+                ("parent_name", ctypes.c_char * 96)]
+
+
+class PyBuffer(ctypes.Structure):
+    """CPython's Py_buffer: how a read-only buffer (shared memory a front end
+    lends) gives its address without a copy."""
+    _fields_ = [("buf", c_void_p), ("obj", c_void_p), ("len", c_ssize_t), ("itemsize", c_ssize_t),
+                ("readonly", c_int), ("ndim", c_int), ("format", c_char_p), ("shape", c_void_p),
+                ("strides", c_void_p), ("suboffsets", c_void_p), ("internal", c_void_p)]
+
+
+_get_buffer = ctypes.pythonapi.PyObject_GetBuffer
+_get_buffer.argtypes = [ctypes.py_object, POINTER(PyBuffer), c_int]
+_get_buffer.restype = c_int
+_release_buffer = ctypes.pythonapi.PyBuffer_Release
+_release_buffer.argtypes = [POINTER(PyBuffer)]
+_release_buffer.restype = None
+_PyBUF_WRITABLE = 0x0001
+
+
+class Pinned:
+    """Buffers held at fixed addresses until release(): what an aio call reads
+    from or writes into while librbd works on it."""
+
+    __slots__ = ("views",)
+
+    def __init__(self) -> None:
+        self.views: list[PyBuffer] = []
+
+    def address(self, obj: Any, writable: bool = False) -> int:
+        view = PyBuffer()
+        _get_buffer(obj, byref(view), _PyBUF_WRITABLE if writable else 0)   # raises on failure
+        self.views.append(view)
+        return view.buf or 0
+
+    def iovecs(self, bufs: Any, writable: bool = False) -> tuple[Any, int, int]:
+        """(iovec array, count, total bytes) over these buffers."""
+        bufs = list(bufs)
+        arr = (Iovec * len(bufs))()
+        total = 0
+        for i, b in enumerate(bufs):
+            n = memoryview(b).nbytes
+            arr[i].iov_base = self.address(b, writable)
+            arr[i].iov_len = n
+            total += n
+        return arr, len(bufs), total
+
+    def release(self) -> None:
+        for view in self.views:
+            _release_buffer(byref(view))
+        self.views.clear()
+
+
+def libs() -> tuple[ctypes.CDLL, ctypes.CDLL]:
+    """librados and librbd, with the signatures this module calls declared."""
+    global _lib
+    if _lib is not None:
+        return _lib
+    rados, rbd = _load("librados.so.2"), _load("librbd.so.1")
+    P = c_void_p
+    sig: dict[ctypes.CDLL, dict[str, tuple[Any, list[Any]]]] = {
+        rados: {
+            "rados_create2": (c_int, [POINTER(P), c_char_p, c_char_p, c_uint64]),
+            "rados_conf_read_file": (c_int, [P, c_char_p]),
+            "rados_conf_set": (c_int, [P, c_char_p, c_char_p]),
+            "rados_connect": (c_int, [P]),
+            "rados_shutdown": (None, [P]),
+            "rados_cluster_fsid": (c_int, [P, c_char_p, c_size_t]),
+            "rados_get_instance_id": (c_uint64, [P]),
+            "rados_getaddrs": (c_int, [P, POINTER(c_char_p)]),
+            "rados_buffer_free": (None, [c_char_p]),
+            "rados_ioctx_create": (c_int, [P, c_char_p, POINTER(P)]),
+            "rados_ioctx_destroy": (None, [P]),
+            "rados_ioctx_get_id": (c_int64, [P]),
+            "rados_ioctx_set_namespace": (None, [P, c_char_p]),
+        },
+        rbd: {
+            "rbd_create": (c_int, [P, c_char_p, c_uint64, POINTER(c_int)]),
+            "rbd_open": (c_int, [P, c_char_p, POINTER(P), c_char_p]),
+            "rbd_close": (c_int, [P]),
+            "rbd_get_size": (c_int, [P, POINTER(c_uint64)]),
+            "rbd_get_id": (c_int, [P, c_char_p, c_size_t]),
+            "rbd_stat": (c_int, [P, POINTER(ImageInfo), c_size_t]),
+            "rbd_compare_and_write": (c_ssize_t, [P, c_uint64, c_size_t, c_void_p, c_void_p,
+                                                  POINTER(c_uint64), c_int]),
+            "rbd_resize": (c_int, [P, c_uint64]),
+            "rbd_read": (c_ssize_t, [P, c_uint64, c_size_t, c_void_p]),
+            "rbd_write2": (c_ssize_t, [P, c_uint64, c_size_t, c_void_p, c_int]),
+            "rbd_flush": (c_int, [P]),
+            "rbd_discard": (c_int, [P, c_uint64, c_uint64]),
+            "rbd_writesame": (c_ssize_t, [P, c_uint64, c_size_t, c_void_p, c_size_t, c_int]),
+            "rbd_write_zeroes": (c_ssize_t, [P, c_uint64, c_size_t, c_int, c_int]),
+            "rbd_set_image_notification": (c_int, [P, c_int, c_int]),
+            "rbd_poll_io_events": (c_int, [P, POINTER(P), c_int]),
+            "rbd_aio_create_completion": (c_int, [P, P, POINTER(P)]),
+            "rbd_aio_get_return_value": (c_ssize_t, [P]),
+            "rbd_aio_release": (None, [P]),
+            "rbd_aio_readv": (c_int, [P, c_void_p, c_int, c_uint64, P]),
+            "rbd_aio_writev": (c_int, [P, c_void_p, c_int, c_uint64, P]),
+            "rbd_aio_flush": (c_int, [P, P]),
+            "rbd_aio_discard": (c_int, [P, c_uint64, c_uint64, P]),
+            "rbd_aio_writesame": (c_int, [P, c_uint64, c_size_t, c_void_p, c_size_t, P, c_int]),
+            "rbd_aio_write_zeroes": (c_int, [P, c_uint64, c_size_t, P, c_int, c_int]),
+            "rbd_aio_compare_and_write": (c_ssize_t, [P, c_uint64, c_size_t, c_void_p, c_void_p, P,
+                                                     POINTER(c_uint64), c_int]),
+            "rbd_diff_iterate2": (c_int, [P, c_char_p, c_uint64, c_uint64, c_uint8, c_uint8, DIFF_CB,
+                                          c_void_p]),
+            "rbd_update_watch": (c_int, [P, POINTER(c_uint64), UPDATE_CB, c_void_p]),
+            "rbd_update_unwatch": (c_int, [P, c_uint64]),
+            "rbd_lock_acquire": (c_int, [P, c_int]),
+            "rbd_lock_release": (c_int, [P]),
+            "rbd_is_exclusive_lock_owner": (c_int, [P, POINTER(c_int)]),
+            "rbd_lock_get_owners": (c_int, [P, POINTER(c_int), POINTER(c_char_p), POINTER(c_size_t)]),
+            "rbd_lock_get_owners_cleanup": (None, [POINTER(c_char_p), c_size_t]),
+            "rbd_metadata_get": (c_int, [P, c_char_p, c_char_p, POINTER(c_size_t)]),
+            "rbd_metadata_set": (c_int, [P, c_char_p, c_char_p]),
+            "rbd_metadata_remove": (c_int, [P, c_char_p]),
+        },
+    }
+    for lib, fns in sig.items():
+        for name, (restype, argtypes) in fns.items():
+            fn = getattr(lib, name)
+            fn.restype, fn.argtypes = restype, argtypes
+    _lib = (rados, rbd)
+    return _lib
+
+
+class Client:
+    """One connection to a cluster (a `client.USER` instance)."""
+
+    def __init__(self, conf: str | None = None, user: str | None = None,
+                 keyring: str | None = None) -> None:
+        rados, _ = libs()
+        self._rados = rados
+        handle = c_void_p()
+        _check(rados.rados_create2(byref(handle), b"ceph", f"client.{user or 'admin'}".encode(), 0),
+               "rados_create2")
+        self.handle = handle
+        try:
+            # conf None: the default search (CEPH_CONF, /etc/ceph/ceph.conf, ...)
+            _check(rados.rados_conf_read_file(handle, conf.encode() if conf else None),
+                   f"reading {conf or 'the default ceph.conf'}")
+            if keyring:
+                self._set("keyring", keyring)
+            for key, value in CLIENT_OPTIONS.items():
+                self._set(key, value)
+            _check(rados.rados_connect(handle), "connecting to the cluster")
+        except BaseException:
+            rados.rados_shutdown(handle)
+            raise
+
+    def _set(self, key: str, value: str) -> None:
+        _check(self._rados.rados_conf_set(self.handle, key.encode(), value.encode()), f"setting {key}")
+
+    def fsid(self) -> str:
+        buf = ctypes.create_string_buffer(64)
+        _check(self._rados.rados_cluster_fsid(self.handle, buf, len(buf)), "rados_cluster_fsid")
+        return buf.value.decode()
+
+    def instance_id(self) -> int:
+        return int(self._rados.rados_get_instance_id(self.handle))
+
+    def address(self) -> str:
+        out = c_char_p()
+        _check(self._rados.rados_getaddrs(self.handle, byref(out)), "rados_getaddrs")
+        try:
+            return (out.value or b"").decode()
+        finally:
+            self._rados.rados_buffer_free(out)
+
+    def ioctx(self, pool: str, namespace: str = "") -> IoCtx:
+        return IoCtx(self, pool, namespace)
+
+    def shutdown(self) -> None:
+        if self.handle:
+            self._rados.rados_shutdown(self.handle)
+            self.handle = c_void_p()
+
+
+class IoCtx:
+    def __init__(self, client: Client, pool: str, namespace: str = "") -> None:
+        self._rados = client._rados
+        handle = c_void_p()
+        _check(self._rados.rados_ioctx_create(client.handle, pool.encode(), byref(handle)),
+               f"opening pool {pool}")
+        self.handle = handle
+        if namespace:
+            self._rados.rados_ioctx_set_namespace(handle, namespace.encode())
+
+    def pool_id(self) -> int:
+        return int(self._rados.rados_ioctx_get_id(self.handle))
+
+    def destroy(self) -> None:
+        if self.handle:
+            self._rados.rados_ioctx_destroy(self.handle)
+            self.handle = c_void_p()
+
+
+def create_image(ioctx: IoCtx, name: str, size: int) -> None:
+    """A new image with the cluster's default features (exclusive-lock among them)."""
+    _, rbd = libs()
+    order = c_int(0)
+    _check(rbd.rbd_create(ioctx.handle, name.encode(), size, byref(order)), f"creating image {name}")
+
+
+class Image:
+    """An open image: synchronous calls (any thread) and aio calls whose
+    completions are collected with poll() once `fd` (an eventfd) is readable."""
+
+    POLL_BATCH = 64
+
+    def __init__(self, ioctx: IoCtx, name: str) -> None:
+        _, rbd = libs()
+        self._rbd = rbd
+        handle = c_void_p()
+        _check(rbd.rbd_open(ioctx.handle, name.encode(), byref(handle), None), f"opening image {name}")
+        self.handle = handle
+        self.fd = -1
+        self._comps = (c_void_p * self.POLL_BATCH)()
+        self._watch: tuple[c_uint64, Any] | None = None
+
+    # ---------------------------------------------------------------- sync
+    def size(self) -> int:
+        n = c_uint64()
+        _check(self._rbd.rbd_get_size(self.handle, byref(n)), "rbd_get_size")
+        return n.value
+
+    def image_id(self) -> str:
+        buf = ctypes.create_string_buffer(64)
+        _check(self._rbd.rbd_get_id(self.handle, buf, len(buf)), "rbd_get_id")
+        return buf.value.decode()
+
+    def object_size(self) -> int:
+        info = ImageInfo()
+        _check(self._rbd.rbd_stat(self.handle, byref(info), ctypes.sizeof(info)), "rbd_stat")
+        return int(info.obj_size)
+
+    def resize(self, size: int) -> None:
+        _check(self._rbd.rbd_resize(self.handle, size), "rbd_resize")
+
+    def compare_and_write(self, offset: int, compare: bytes, data: bytes) -> int | None:
+        """Compare and write in the OSD, as one operation (synchronous: Pacific's
+        aio variant does not signal the eventfd). None, or the offset of the
+        first byte that differs."""
+        mismatch = c_uint64(0)
+        ret = self._rbd.rbd_compare_and_write(self.handle, offset, len(compare), compare, data,
+                                              byref(mismatch), 0)
+        if ret == -errno.EILSEQ:
+            return int(mismatch.value)
+        _check(ret, "rbd_compare_and_write")
+        return None
+
+    def read(self, offset: int, buf: Any) -> None:
+        pin = Pinned()
+        try:
+            n = memoryview(buf).nbytes
+            got = _check(self._rbd.rbd_read(self.handle, offset, n, pin.address(buf, True)), "rbd_read")
+        finally:
+            pin.release()
+        if got != n:
+            raise CephError(errno.EIO, f"rbd_read: {got} of {n} bytes")
+
+    def write(self, offset: int, buf: Any, fua: bool = False) -> None:
+        pin = Pinned()
+        try:
+            n = memoryview(buf).nbytes
+            _check(self._rbd.rbd_write2(self.handle, offset, n, pin.address(buf),
+                                        OP_FLAG_FADVISE_FUA if fua else 0), "rbd_write")
+        finally:
+            pin.release()
+
+    def flush(self) -> None:
+        _check(self._rbd.rbd_flush(self.handle), "rbd_flush")
+
+    def discard(self, offset: int, length: int) -> None:
+        _check(self._rbd.rbd_discard(self.handle, offset, length), "rbd_discard")
+
+    def write_same(self, offset: int, length: int, block: bytes) -> None:
+        if any(block):
+            _check(self._rbd.rbd_writesame(self.handle, offset, length, block, len(block), 0), "rbd_writesame")
+        else:
+            _check(self._rbd.rbd_write_zeroes(self.handle, offset, length, WRITE_ZEROES_FLAG_THICK_PROVISION, 0),
+                   "rbd_write_zeroes")
+
+    def diff_iterate(self, offset: int, length: int, cb: Callable[[int, int, bool], bool],
+                     whole_object: bool = False) -> None:
+        """Call cb(offset, length, exists) for each allocated (or discarded)
+        extent from the image's creation; cb returns False to stop early."""
+        def each(off: int, n: int, exists: int, arg: Any) -> int:
+            return 0 if cb(off, n, bool(exists)) else -errno.ECANCELED
+        ret = self._rbd.rbd_diff_iterate2(self.handle, None, offset, length, 1, int(whole_object),
+                                          DIFF_CB(each), None)
+        if ret != -errno.ECANCELED:
+            _check(ret, "rbd_diff_iterate2")
+
+    # ---------------------------------------------------------------- locks
+    def lock_acquire(self) -> None:
+        """Take the exclusive lock and keep it (no handing over on request);
+        breaks it, blocklisting the holder, only when the holder is dead."""
+        _check(self._rbd.rbd_lock_acquire(self.handle, LOCK_MODE_EXCLUSIVE), "rbd_lock_acquire")
+
+    def lock_release(self) -> None:
+        _check(self._rbd.rbd_lock_release(self.handle), "rbd_lock_release")
+
+    def is_lock_owner(self) -> bool:
+        owner = c_int()
+        _check(self._rbd.rbd_is_exclusive_lock_owner(self.handle, byref(owner)),
+               "rbd_is_exclusive_lock_owner")
+        return bool(owner.value)
+
+    def lock_owners(self) -> list[str]:
+        mode = c_int()
+        owners = (c_char_p * 8)()
+        count = c_size_t(len(owners))
+        ret = self._rbd.rbd_lock_get_owners(self.handle, byref(mode), owners, byref(count))
+        if ret == -errno.ENOENT:
+            return []
+        _check(ret, "rbd_lock_get_owners")
+        try:
+            return [(owners[i] or b"").decode() for i in range(count.value)]
+        finally:
+            self._rbd.rbd_lock_get_owners_cleanup(owners, count.value)
+
+    # ---------------------------------------------------------------- metadata
+    def metadata_get(self, key: str) -> str | None:
+        size = c_size_t(4096)
+        while True:
+            buf = ctypes.create_string_buffer(size.value)
+            ret = self._rbd.rbd_metadata_get(self.handle, key.encode(), buf, byref(size))
+            if ret == -errno.ENOENT:
+                return None
+            if ret == -errno.ERANGE:
+                continue   # size now says how much it needs
+            _check(ret, f"reading image metadata {key}")
+            return buf.value.decode()
+
+    def metadata_set(self, key: str, value: str) -> None:
+        _check(self._rbd.rbd_metadata_set(self.handle, key.encode(), value.encode()),
+               f"writing image metadata {key}")
+
+    def metadata_remove(self, key: str) -> None:
+        ret = self._rbd.rbd_metadata_remove(self.handle, key.encode())
+        if ret != -errno.ENOENT:
+            _check(ret, f"removing image metadata {key}")
+
+    # ---------------------------------------------------------------- watch
+    def watch_updates(self, cb: Callable[[], None]) -> None:
+        """cb() (on a librbd thread) whenever the image's header changes: a resize."""
+        fn = UPDATE_CB(lambda arg: cb())
+        handle = c_uint64()
+        _check(self._rbd.rbd_update_watch(self.handle, byref(handle), fn, None), "rbd_update_watch")
+        self._watch = (handle, fn)   # the callback must outlive the watch
+
+    # ---------------------------------------------------------------- aio
+    def enable_events(self) -> int:
+        """An eventfd that becomes readable when aio calls complete."""
+        if self.fd < 0:
+            fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            try:
+                _check(self._rbd.rbd_set_image_notification(self.handle, fd, EVENT_TYPE_EVENTFD),
+                       "rbd_set_image_notification")
+            except BaseException:
+                os.close(fd)
+                raise
+            self.fd = fd
+        return self.fd
+
+    def completion(self) -> int:
+        """A new completion (its address) for start(): poll() reports it by it."""
+        comp = c_void_p()
+        _check(self._rbd.rbd_aio_create_completion(None, None, byref(comp)), "rbd_aio_create_completion")
+        assert comp.value is not None
+        return comp.value
+
+    def start(self, name: str, comp: int, *args: Any) -> None:
+        """Start one aio call, `rbd_aio_NAME(image, *args)` with COMP in `args`
+        where the call takes its completion. A call that cannot start releases
+        the completion and raises."""
+        ret = getattr(self._rbd, f"rbd_aio_{name}")(self.handle, *(comp if a is COMP else a for a in args))
+        if ret < 0:
+            self._rbd.rbd_aio_release(comp)
+            raise CephError(-ret, f"rbd_aio_{name}: {os.strerror(-ret)}")
+
+    def poll(self) -> list[tuple[int, int]]:
+        """(completion address, return value) of every finished aio call; each
+        completion is released."""
+        try:
+            os.eventfd_read(self.fd)
+        except BlockingIOError:
+            pass
+        out = []
+        rbd = self._rbd
+        while True:
+            n = rbd.rbd_poll_io_events(self.handle, self._comps, self.POLL_BATCH)
+            for i in range(max(n, 0)):
+                comp = self._comps[i] or 0
+                out.append((comp, int(rbd.rbd_aio_get_return_value(comp))))
+                rbd.rbd_aio_release(comp)
+            if n < self.POLL_BATCH:
+                return out
+
+    def close(self) -> None:
+        if self._watch is not None:
+            self._rbd.rbd_update_unwatch(self.handle, self._watch[0])
+            self._watch = None
+        if self.handle:
+            self._rbd.rbd_close(self.handle)
+            self.handle = c_void_p()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+__all__ = ["COMP", "CephError", "Client", "IoCtx", "Image", "Pinned", "create_image"]

@@ -1,0 +1,3 @@
+from fetd_spi.cli import main
+
+main()

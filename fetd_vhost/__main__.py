@@ -1,0 +1,3 @@
+from fetd_vhost.cli import main
+
+main()

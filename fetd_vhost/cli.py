@@ -1,0 +1,123 @@
+"""The vhost-user-scsi front end's command line (`python -m fetd_vhost`,
+`scsi-target fetd-vhost`)."""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import click
+
+
+@click.command("fetd-vhost")
+@click.option("--socket", "socket_path", required=True, type=click.Path(dir_okay=False),
+              help="The vhost-user socket to create (mode 0600) for QEMU's "
+                   "vhost-user-scsi-pci device.")
+@click.option("--target", required=True, help="The target (IQN) whose LUNs the VM sees.")
+@click.option("--stml", "stml_endpoint", required=True, help="STML endpoint (ipc://PATH or tcp://HOST:PORT).")
+@click.option("--initiator", help="The VM's initiator port name (default: derived from the socket path).")
+@click.option("--stml-key", type=click.Path(dir_okay=False),
+              help="The STML's public key file (CURVE over tcp://).")
+@click.option("--key", "own_key", type=click.Path(dir_okay=False), help="This front end's key pair.")
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"]))
+def main(socket_path: str, target: str, stml_endpoint: str, initiator: str | None,
+         stml_key: str | None, own_key: str | None, log_level: str) -> None:
+    """Serve a target's LUNs to a QEMU VM (vhost-user-scsi).
+
+    One process per VM: it creates the socket QEMU's vhost-user-scsi-pci
+    device connects to, and the VM sees the target's LUNs as its disks."""
+    from fetd_vhost.server import run_fetd_vhost
+    from scsi_runtime.logs import setup_logging
+    from scsi_runtime.curvekeys import curve_client_keys
+    from scsi_runtime.loop import run_loop
+    setup_logging(log_level, "fetd_vhost")
+    curve = None
+    if stml_key or own_key:
+        if not (stml_key and own_key):
+            click.echo("scsi-target: config error: --stml-key and --key go together", err=True)
+            sys.exit(2)
+        try:
+            curve = curve_client_keys(own_key, stml_key)
+        except ValueError as e:
+            click.echo(f"scsi-target: config error: {e}", err=True)
+            sys.exit(2)
+    try:
+        run_loop(run_fetd_vhost(stml_endpoint, socket_path, target, initiator, curve))
+    except OSError as e:
+        click.echo(f"scsi-target: fetd-vhost: cannot listen on {socket_path}: {e}", err=True)
+        sys.exit(2)
+
+
+# ------------------------------------------------------------------ `scsi-target run --vhost`
+
+@dataclass(frozen=True)
+class VhostSpec:
+    socket: str
+    target: str | None = None
+    initiator: str | None = None
+
+
+def parse_vhost(value: str, where: str = "--vhost") -> VhostSpec:
+    """PATH[,target=IQN][,initiator=NAME]. Raises ValueError."""
+    path, *opts = value.split(",")
+    if not path:
+        raise ValueError(f"{where}: {value!r} names no socket path")
+    kw: dict[str, str] = {}
+    for opt in opts:
+        key, eq, val = opt.partition("=")
+        if not eq or key not in ("target", "initiator") or not val:
+            raise ValueError(f"{where}: {opt!r} is not target=IQN or initiator=NAME")
+        kw[key] = val
+    return VhostSpec(path, **kw)
+
+
+def vhost_specs(config: Any, flags: tuple[str, ...]) -> list[VhostSpec]:
+    """The VM sockets to serve: --vhost flags, then the config file's [[vhost]]
+    tables ({socket, target?, initiator?}). Raises ValueError."""
+    specs = [parse_vhost(f) for f in flags]
+    tables = config.raw.get("vhost", [])
+    if not isinstance(tables, list):
+        raise ValueError("vhost: must be [[vhost]] tables")
+    for i, t in enumerate(tables):
+        where = f"vhost[{i}]"
+        if not isinstance(t, dict) or not isinstance(t.get("socket"), str) \
+                or set(t) - {"socket", "target", "initiator"} \
+                or not all(isinstance(t.get(k, ""), str) for k in ("target", "initiator")):
+            raise ValueError(f"{where}: needs socket = PATH, and may have target and initiator (strings)")
+        socket = t["socket"]
+        if config.path is not None and not os.path.isabs(socket):
+            socket = str(config.path.parent / socket)
+        specs.append(VhostSpec(socket, t.get("target"), t.get("initiator")))
+    names = {t.name for t in config.targets}
+    for s in specs:
+        if s.target is not None and s.target not in names:
+            raise ValueError(f"vhost socket {s.socket}: no target {s.target}")
+    if len({s.socket for s in specs}) != len(specs):
+        raise ValueError("vhost: a socket path is used twice")
+    return specs
+
+
+vhost_option = click.option(
+    "--vhost", "vhost", multiple=True, metavar="PATH[,target=IQN]",
+    help="Also serve a VM on this vhost-user-scsi socket (repeatable; default target: the first).")
+
+
+def vhost_children(config: Any, flags: tuple[str, ...], log_level: str) -> dict[str, list[str]]:
+    """`scsi-target run`'s fetd_vhost children, one per socket (exits 2 on a bad setting)."""
+    try:
+        specs = vhost_specs(config, flags)
+    except ValueError as e:
+        click.echo(f"scsi-target: config error: {e}", err=True)
+        sys.exit(2)
+    children = {}
+    for i, s in enumerate(specs):
+        target = s.target or config.targets[0].name
+        argv = [sys.executable, "-m", "fetd_vhost", "--socket", s.socket, "--target", target,
+                "--stml", config.stml_endpoint, "--log-level", log_level]
+        if s.initiator:
+            argv += ["--initiator", s.initiator]
+        children[f"fetd_vhost{i}" if i else "fetd_vhost"] = argv
+        click.echo(f"vhost-user-scsi socket: {s.socket} (target {target})")
+    return children

@@ -1,0 +1,102 @@
+"""Guest memory as the vhost-user master shares it: regions of memfds (or
+other files), each known by its guest-physical and its master-virtual
+(QEMU's) address. Every address a guest hands us is translated here and
+checked against the table: nothing outside a mapped region is reachable."""
+from __future__ import annotations
+
+import bisect
+import mmap
+import os
+from dataclasses import dataclass
+
+MAX_REGIONS = 8          # VHOST_MEMORY_MAX_NREGIONS: what SET_MEM_TABLE can carry
+
+
+class BadAddress(Exception):
+    """An address range that is not wholly inside the memory table."""
+
+
+@dataclass(frozen=True, slots=True)
+class RegionSpec:
+    gpa: int       # guest physical address
+    size: int
+    uva: int       # the master's (QEMU's) virtual address of the region
+    offset: int    # where the region starts in its file
+
+
+class Region:
+    __slots__ = ("spec", "view", "_map", "gpa", "gpa_end")
+
+    def __init__(self, spec: RegionSpec, fd: int) -> None:
+        """Map `spec` of `fd` (the caller closes fd). Raises OSError or
+        ValueError for a region the file cannot back: touching a page past a
+        file's end would kill us with SIGBUS, so that is checked first."""
+        if spec.size <= 0 or spec.offset < 0:
+            raise ValueError("empty region or negative offset")
+        if os.fstat(fd).st_size < spec.offset + spec.size:
+            raise ValueError("region larger than its file")
+        start = spec.offset - spec.offset % mmap.ALLOCATIONGRANULARITY
+        self._map = mmap.mmap(fd, spec.offset + spec.size - start, mmap.MAP_SHARED,
+                              mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
+        self.view = memoryview(self._map)[spec.offset - start:]
+        self.spec = spec
+        self.gpa, self.gpa_end = spec.gpa, spec.gpa + spec.size
+
+
+class GuestMemory:
+    """The memory table: translation of guest-physical (descriptors) and
+    master-virtual (ring addresses) ranges into views of the mappings."""
+
+    def __init__(self, regions: list[Region]) -> None:
+        if len(regions) > MAX_REGIONS:
+            raise ValueError(f"{len(regions)} memory regions (at most {MAX_REGIONS})")
+        self.by_gpa = sorted(regions, key=lambda r: r.spec.gpa)
+        self.by_uva = sorted(regions, key=lambda r: r.spec.uva)
+        self._gpa_starts = [r.spec.gpa for r in self.by_gpa]
+        self._uva_starts = [r.spec.uva for r in self.by_uva]
+        self._last = self.by_gpa[0] if self.by_gpa else None   # where the last buffer was
+
+    @staticmethod
+    def _find(regions: list[Region], starts: list[int], addr: int, key: str) -> tuple[Region, int]:
+        i = bisect.bisect_right(starts, addr) - 1
+        if i >= 0:
+            r = regions[i]
+            off = addr - getattr(r.spec, key)
+            if off < r.spec.size:
+                return r, off
+        raise BadAddress(f"address 0x{addr:x} is outside guest memory")
+
+    def uva(self, addr: int, length: int) -> memoryview:
+        """A contiguous view of [addr, addr+length) in the master's address space."""
+        r, off = self._find(self.by_uva, self._uva_starts, addr, "uva")
+        if length < 0 or off + length > r.spec.size:
+            raise BadAddress(f"range 0x{addr:x}+{length} leaves its memory region")
+        return r.view[off:off + length]
+
+    def gpa(self, addr: int, length: int) -> list[memoryview]:
+        """Views covering the guest-physical range [addr, addr+length): more
+        than one when it crosses into an adjacent region. Raises BadAddress
+        for any byte outside the table."""
+        r = self._last
+        if r is not None and r.gpa <= addr and addr + length <= r.gpa_end and length >= 0:
+            off = addr - r.gpa    # the usual case: where the previous buffer was
+            return [r.view[off:off + length]]
+        if length < 0 or addr < 0 or addr + length > 1 << 64:
+            raise BadAddress(f"range 0x{addr:x}+{length} wraps")
+        views = []
+        while length:
+            r, off = self._find(self.by_gpa, self._gpa_starts, addr, "gpa")
+            n = min(length, r.spec.size - off)
+            views.append(r.view[off:off + n])
+            self._last = r
+            addr += n
+            length -= n
+        return views
+
+    def gpa_contiguous(self, addr: int, length: int) -> memoryview:
+        """One view of a guest-physical range that must lie in one region
+        (an indirect descriptor table)."""
+        views = self.gpa(addr, length)
+        if len(views) != 1:
+            raise BadAddress(f"range 0x{addr:x}+{length} is not in one memory region")
+        return views[0]

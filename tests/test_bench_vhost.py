@@ -1,0 +1,37 @@
+"""A seconds-long run of `scripts/bench.py --vhost`: it boots its guest with
+both disks, runs every workload on each, and writes its JSON. Numbers are
+not asserted (performance is measured, not tested)."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from support import guest as G
+
+pytestmark = pytest.mark.guest
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_bench_vhost_smoke(tmp_path):
+    try:
+        G.kernel()
+        G.qemu_binary()
+    except G.GuestUnavailable as e:
+        pytest.skip(str(e))
+    if not shutil.which("cc"):
+        pytest.skip("no C compiler for scripts/guestio.c")
+    out = tmp_path / "vhost.json"
+    p = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--vhost", "--runs", "2",
+                        "--scale", "0.01", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr
+    results = json.loads(out.read_text())
+    assert results["accel"] in ("kvm", "tcg")
+    assert set(results["workloads"]) == {"1m-seqread", "1m-seqwrite", "4k-randread"}
+    for row in results["workloads"].values():
+        assert len(row["scsi-target"]["samples"]) == len(row["qemu"]["samples"]) == 2
+        assert row["ratio"] > 0

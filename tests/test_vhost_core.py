@@ -1,0 +1,343 @@
+"""fetd_vhost's sans-I/O cores on their own: vhost-user framing and the
+session state machine, split virtqueues over a memfd (loops, indirect
+tables, event index arithmetic, what a chain costs to walk), and the
+virtio-scsi device against a recording port (no STML, no process)."""
+from __future__ import annotations
+
+import os
+import struct
+
+import pytest
+
+from fetd_vhost import virtqueue as V
+from fetd_vhost.memory import BadAddress, GuestMemory, Region, RegionSpec
+from fetd_vhost.protocol import (F_NEED_REPLY, Feature, Framer, Message, ProtocolError, Req,
+                                 Session, bits, encode)
+from fetd_vhost.scsi import RESP_SIZE, S, VirtioScsiDevice, cdb_length, decode_lun, encode_lun
+from stml.api import Tmf
+from support.vhost_master import (DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, REQ, DriverQueue, GuestRam,
+                                  lun_field, write10)
+
+
+# ---------------------------------------------------------------- framing
+
+def test_framer_cuts_messages_and_keeps_descriptors_with_theirs():
+    f = Framer()
+    wire = encode(Req.SET_VRING_KICK, struct.pack("<Q", 2), reply=False)
+    fd = os.eventfd(0)
+    assert f.want() == 12
+    assert f.feed(wire[:5], [fd]) is None and f.want() == 7
+    assert f.feed(wire[5:12]) is None and f.want() == 8
+    msg = f.feed(wire[12:])
+    assert msg is not None and msg.request == Req.SET_VRING_KICK and msg.fds == [fd]
+    assert f.want() == 12
+    msg.close_fds()
+
+
+@pytest.mark.parametrize("header, why", [
+    (struct.pack("<3I", 1, 2, 0), "version"),
+    (struct.pack("<3I", 1, 1, 1 << 20), "payload"),
+])
+def test_framer_refuses_what_it_cannot_take(header, why):
+    fd = os.eventfd(0)
+    with pytest.raises(ProtocolError, match=why):
+        Framer().feed(header, [fd])
+    with pytest.raises(OSError):
+        os.fstat(fd)       # closed, not leaked
+
+
+class Observer:
+    def __init__(self) -> None:
+        self.changed: list[int] = []
+        self.stopping: list = []
+        self.features = 0
+
+    def ring_changed(self, ring) -> None:
+        self.changed.append(ring.index)
+
+    def ring_stopping(self, ring, done) -> None:
+        self.stopping.append(done)
+
+    def features_changed(self, features: int) -> None:
+        self.features = features
+
+
+def session() -> tuple[Session, Observer, list[bytes]]:
+    obs, sent = Observer(), []
+    return Session(bits(Feature.VERSION_1, Feature.EVENT_IDX), 1 << 3, 4, obs, sent.append), obs, sent
+
+
+def test_session_negotiates_and_acknowledges():
+    s, obs, _ = session()
+    reply = s.handle(Message(Req.GET_FEATURES, 1, b""))
+    assert reply is not None and struct.unpack_from("<Q", reply, 12)[0] == bits(
+        Feature.VERSION_1, Feature.EVENT_IDX, Feature.PROTOCOL_FEATURES)
+    # REPLY_ACK not yet negotiated: no acknowledgement
+    assert s.handle(Message(Req.SET_OWNER, 1 | F_NEED_REPLY, b"")) is None
+    s.handle(Message(Req.SET_PROTOCOL_FEATURES, 1, struct.pack("<Q", 0xFF)))
+    assert s.protocol_features == 1 << 3
+    ack = s.handle(Message(Req.SET_FEATURES, 1 | F_NEED_REPLY, struct.pack("<Q", 1 << 2 | 1 << 29)))
+    assert ack == encode(Req.SET_FEATURES, struct.pack("<Q", 0))
+    assert s.features == 1 << 29 and obs.features == 1 << 29     # unknown bits dropped
+    # unknown requests and refused ones fail the acknowledgement, not the connection
+    assert s.handle(Message(77, 1 | F_NEED_REPLY, b"")) == encode(77, struct.pack("<Q", 1))
+    assert s.handle(Message(Req.SET_VRING_NUM, 1 | F_NEED_REPLY, struct.pack("<2I", 9, 8))) == \
+        encode(Req.SET_VRING_NUM, struct.pack("<Q", 1))           # ring 9 of 4
+    with pytest.raises(ProtocolError):
+        s.handle(Message(Req.GET_VRING_BASE, 1, struct.pack("<2I", 9, 0)))
+
+
+def test_get_vring_base_waits_for_the_ring_to_drain():
+    s, obs, sent = session()
+    s.handle(Message(Req.SET_PROTOCOL_FEATURES, 1, struct.pack("<Q", 1 << 3)))
+    s.handle(Message(Req.SET_VRING_BASE, 1, struct.pack("<2I", 2, 65534)))
+    kick = os.eventfd(0)
+    s.handle(Message(Req.SET_VRING_KICK, 1, struct.pack("<Q", 2), [kick]))
+    assert s.rings[2].started and s.rings[2].kick_fd == kick
+    assert s.handle(Message(Req.GET_VRING_BASE, 1 | F_NEED_REPLY, struct.pack("<2I", 2, 0))) is None
+    assert not s.rings[2].started and s.rings[2].kick_fd is None and not sent
+    obs.stopping[0]()
+    assert sent == [encode(Req.GET_VRING_BASE, struct.pack("<2I", 2, 65534))]   # one reply, not two
+
+
+# ---------------------------------------------------------------- virtqueues
+
+@pytest.fixture
+def ring():
+    """A 16-entry split ring in a memfd: (driver side, device side)."""
+    ram = GuestRam(1 << 20)
+    mem = GuestMemory([Region(RegionSpec(ram.GPA_BASE, ram.size, ram.UVA_BASE, 4096), ram.fd)])
+    dq = DriverQueue(ram, 2, 16)
+    vq = V.Virtqueue(2)
+    vq.num = 16
+    vq.desc_addr, vq.avail_addr, vq.used_addr = ram.uva(dq.desc), ram.uva(dq.avail), ram.uva(dq.used)
+    vq.attach(mem, event_idx=True, indirect=True)
+    vq.started = vq.enabled = True
+    yield dq, vq, mem
+    for fd in (dq.kick, dq.call, ram.fd):
+        os.close(fd)
+
+
+class CountingDesc:
+    """Counts descriptor reads: what walking a chain costs."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+
+    def unpack_from(self, buf, offset):
+        self.reads += 1
+        return struct.Struct("<QIHH").unpack_from(buf, offset)
+
+
+def test_a_looping_chain_costs_one_table_and_is_refused(ring, monkeypatch):
+    dq, vq, _ = ring
+    buf = dq.ram.alloc(64)
+    for i in range(16):     # every descriptor points to the next, the last back to the first
+        dq.write_desc(i, buf, 64, DESC_F_NEXT | DESC_F_WRITE, (i + 1) % 16)
+    dq.offer(0)
+    dq.publish(kick=False)
+    counter = CountingDesc()
+    monkeypatch.setattr(V, "_DESC", counter)
+    with pytest.raises(V.ChainError, match="loop") as e:
+        vq.pop()
+    assert e.value.head == 0 and counter.reads == 16
+
+
+def test_indirect_tables_are_bounded_before_they_are_read(ring, monkeypatch):
+    dq, vq, _ = ring
+    table = dq.ram.alloc(16 * (V.MAX_INDIRECT + 1))
+    dq.write_desc(0, table, 16 * (V.MAX_INDIRECT + 1), DESC_F_INDIRECT)
+    dq.offer(0)
+    dq.publish(kick=False)
+    counter = CountingDesc()
+    monkeypatch.setattr(V, "_DESC", counter)
+    with pytest.raises(V.ChainError, match="bad indirect table"):
+        vq.pop()
+    assert counter.reads == 1
+
+
+def test_chains_become_views_of_guest_memory(ring):
+    dq, vq, mem = ring
+    a, b = dq.ram.alloc(100), dq.ram.alloc(50)
+    dq.ram.write(a, b"x" * 100)
+    head = dq.add([(a, 100, False), (b, 50, True)], indirect=True)
+    dq.publish(kick=False)
+    chain = vq.pop()
+    assert chain is not None and chain.head == head
+    assert [bytes(v) for v in chain.readable] == [b"x" * 100] and [len(v) for v in chain.writable] == [50]
+    chain.writable[0][:3] = b"abc"
+    assert dq.ram.read(b, 3) == b"abc"
+    assert vq.pop() is None
+    vq.push(head, 3)
+    assert dq.take_used() == [(head, 3)]
+    with pytest.raises(BadAddress):
+        mem.gpa(dq.ram.GPA_BASE + dq.ram.size - 2, 4)
+    with pytest.raises(BadAddress):
+        mem.uva(dq.ram.UVA_BASE - 1, 2)
+
+
+def test_vring_need_event_across_the_wrap():
+    assert V.vring_need_event(5, 6, 5)
+    assert not V.vring_need_event(7, 6, 5)
+    assert V.vring_need_event(0xFFFF, 1, 0xFFFE)      # passes the event index across 65535 -> 0
+    assert not V.vring_need_event(3, 1, 0xFFFE)
+
+
+# ---------------------------------------------------------------- virtio-scsi
+
+def test_lun_and_cdb_fields():
+    assert decode_lun(lun_field(5)) == (0, 5)
+    assert decode_lun(lun_field(300, target=2)) == (2, 300)
+    assert decode_lun(bytes([2, 0, 0x40, 1, 0, 0, 0, 0])) is None
+    assert encode_lun(0, 5) == bytes([1, 0, 0, 5, 0, 0, 0, 0])
+    assert encode_lun(0, 300) == bytes([1, 0, 0x41, 44, 0, 0, 0, 0])
+    assert [cdb_length(bytes([op]) + bytes(31)) for op in (0x00, 0x28, 0x4D, 0x88, 0xA0, 0xC0)] == \
+        [6, 10, 10, 16, 12, 16]
+    assert cdb_length(bytes([0x7F] + [0] * 6 + [24]) + bytes(24)) == 32
+
+
+class Port:
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def rx_cmnd(self, tag, lun, cdb, attr, direction, length, unsol, data):
+        self.calls.append(("cmd", tag, lun, cdb, unsol, sum(map(len, data))))
+
+    def rx_data(self, tag, offset, data):
+        self.calls.append(("data", tag, offset, sum(map(len, data))))
+
+    def rx_tmf(self, tag, fn, lun, ref):
+        self.calls.append(("tmf", tag, fn, lun, ref))
+
+    def buffer(self, size):
+        return None
+
+
+def scsi_request(dq: DriverQueue, cdb: bytes, out: int = 0, tag: int = 1) -> int:
+    ram = dq.ram
+    req = ram.alloc(REQ.size)
+    ram.write(req, REQ.pack(lun_field(0), tag, 0, 0, 0, cdb.ljust(32, b"\0")))
+    bufs = [(req, REQ.size, False)]
+    if out:
+        bufs.append((ram.alloc(out), out, False))
+    return dq.add(bufs + [(ram.alloc(RESP_SIZE), RESP_SIZE, True)], indirect=True)
+
+
+def device(vq: V.Virtqueue, port: Port) -> VirtioScsiDevice:
+    dev = VirtioScsiDevice(port)
+    dev.rings = [V.Virtqueue(0), V.Virtqueue(1), vq]
+    dev.online = True
+    return dev
+
+
+def test_write_data_past_the_stml_limit_waits_for_it_to_ask(ring):
+    dq, vq, _ = ring
+    port = Port()
+    dev = device(vq, port)
+    dev.max_unsol = 64 << 10
+    scsi_request(dq, write10(0, 512), out=256 << 10)
+    dq.publish(kick=False)
+    dev.process(vq)
+    (kind, tag, _, cdb, unsol, sent), = port.calls
+    assert (kind, cdb, unsol, sent) == ("cmd", write10(0, 512), 64 << 10, 64 << 10)
+    dev.rdy_to_xfer(tag, 64 << 10, 192 << 10)
+    dev.rdy_to_xfer(tag, 200 << 10, 1 << 30)         # more than there is: only what there is
+    assert port.calls[1:] == [("data", tag, 64 << 10, 192 << 10), ("data", tag, 200 << 10, 56 << 10)]
+
+
+def test_link_loss_answers_everything_taken(ring):
+    dq, vq, _ = ring
+    port = Port()
+    dev = device(vq, port)
+    heads = [scsi_request(dq, bytes(6), tag=t) for t in (1, 2)]
+    dq.publish(kick=False)
+    dev.process(vq)
+    assert len(port.calls) == 2
+    dev.fail_all(S.BUSY)
+    done = dq.take_used()
+    assert sorted(h for h, _ in done) == sorted(heads) and all(n == RESP_SIZE for _, n in done)
+    assert not dev.requests and dev.to_signal == {2}
+    # answers arriving afterwards for those tags are dropped
+    dev.xmit_response(port.calls[0][1], 0, None, 0, [])
+    assert dq.take_used() == []
+
+
+def test_every_virtio_tmf_maps_to_a_contract_tmf():
+    from fetd_vhost.scsi import TMF_FUNCTIONS, VTmf
+    assert set(TMF_FUNCTIONS) == set(VTmf)
+    assert all(isinstance(fn, Tmf) for fn in TMF_FUNCTIONS.values())
+
+
+# ---------------------------------------------------------------- anything a guest can write
+
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+PROPERTY = settings(max_examples=200, derandomize=True, deadline=None,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def _address(view: memoryview) -> int:
+    import ctypes
+    return ctypes.addressof(ctypes.c_char.from_buffer(view)) if len(view) else 0
+
+
+@PROPERTY
+@given(st.lists(st.tuples(st.integers(-8192, 1 << 21), st.integers(0, 1 << 20), st.integers(0, 7),
+                          st.integers(0, 40)), min_size=16, max_size=16),
+       st.lists(st.integers(0, 40), min_size=1, max_size=4))
+def test_any_descriptor_table_gives_views_inside_guest_memory_or_an_error(ring, table, heads):
+    """Random descriptor tables (addresses around and past the 1 MiB region,
+    any flags, any next index, indirect tables pointing at other random
+    bytes): pop() returns chains whose every byte is inside the region, or
+    ChainError/RingError; nothing else escapes."""
+    dq, vq, mem = ring
+    ram = dq.ram
+    base = _address(mem.by_gpa[0].view)      # the device's own mapping of the region
+    for i, (off, length, flags, nxt) in enumerate(table):
+        dq.write_desc(i, (ram.GPA_BASE + off) % (1 << 64), length, flags, nxt)
+    for h in heads:
+        dq.offer(h)
+    dq.publish(kick=False)
+    for _ in heads:
+        try:
+            chain = vq.pop()
+        except V.ChainError:
+            continue
+        except V.RingError:
+            break
+        assert chain is not None
+        for view in chain.readable + chain.writable:
+            start = _address(view)
+            assert not len(view) or base <= start and start + len(view) <= base + ram.size
+    vq.broken = False
+    vq.last_avail = dq.avail_idx
+    assert ram.canaries_intact()
+
+
+@PROPERTY
+@given(st.lists(st.tuples(st.integers(0, 45), st.integers(0, 15), st.binary(max_size=300)), max_size=30))
+def test_any_message_sequence_is_answered_or_refused(messages):
+    """Random vhost-user requests (any type, flags and payload): the session
+    answers, defers, ignores or raises ProtocolError; nothing else escapes."""
+    s, _, sent = session()
+    for request, flags, payload in messages:
+        try:
+            reply = s.handle(Message(request, flags & ~0x3 | 1, payload))
+        except ProtocolError:
+            continue
+        assert reply is None or reply[:4] == struct.pack("<I", request)
+    s.close()
+
+
+def test_fetd_vhost_imports_only_the_contract_from_stml():
+    import ast
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent / "fetd_vhost"
+    seen = set()
+    for path in root.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                seen.add(node.module)
+            elif isinstance(node, ast.Import):
+                seen.update(a.name for a in node.names)
+    assert {m for m in seen if m == "stml" or m.startswith("stml.")} == {"stml.api"}
