@@ -676,9 +676,10 @@ class Connection:
     def _respond_keeping(self, task: Task, status: int, sense: bytes | None, resid: int,
                          data: memoryview | None) -> None:
         """xmit_response at ErrorRecoveryLevel >= 1: the read data is copied (the
-        STML's buffers live for this loop turn only) and kept with the status
-        until ExpStatSN acknowledges it; a task expired with its connection is
-        dropped; one on a failed connection is kept for TASK REASSIGN."""
+        STML's shared slots go back once the response is sent) and kept with
+        the status until ExpStatSN acknowledges it; a task expired with its
+        connection is dropped; one on a failed connection is kept for TASK
+        REASSIGN."""
         s = self.session
         self.release(task)
         if task.expired:

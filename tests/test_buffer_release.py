@@ -306,3 +306,39 @@ def test_every_slot_and_buffer_comes_back_after_a_front_end_is_killed(tmp_short)
                     f"the memory back (region {region.in_use()}, pool {server.pool.in_use()})")
 
     run(main, tmp_short)
+
+
+def test_fetd_spi_says_done_once_it_has_copied_the_read_data(tmp_short) -> None:
+    """fetd_spi's executor copies each response's data into its outcome and
+    says scsi_target_done then: big reads through it leave no slot of the
+    STML's region lent (without done, each stayed with the front end)."""
+    import simpy
+
+    from fetd_spi.bus import Command
+    from fetd_spi.frontend import StmlExecutor
+
+    async def main(server: StmlServer) -> None:
+        ex = StmlExecutor(server.endpoint)
+        await ex.open({1: "iqn.2026-12.test:spi,i,0x1"})
+        ex.env = simpy.Environment()
+        region = the_stream(server).region
+        assert region is not None
+
+        async def run(cmd: Command) -> Any:
+            ex.submit(cmd)
+            event = ex.outcome(cmd)
+            await until(lambda: event.triggered, f"the outcome of {cmd.tag}")
+            return event.value
+
+        try:
+            for i in range(4):
+                data = random.Random(i).randbytes(BIG)
+                lba = i * (BIG // 512)
+                assert (await run(Command(1, 2 * i, 0, cdb10(0x2A, lba, BIG), data_out=data))).status == 0
+                answer = await run(Command(1, 2 * i + 1, 0, cdb10(0x28, lba, BIG), data_in_len=BIG))
+                assert (answer.status, answer.data) == (0, data)
+            await until(lambda: region.in_use() == 0, f"the read slots back ({region.in_use()} lent)")
+        finally:
+            await ex.close()
+
+    run(main, tmp_short)
