@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import struct
+from typing import Callable
 
 import pytest
 
@@ -301,6 +302,60 @@ def test_shared_write_buffers_go_back_once_sent(ring):
     dq.publish(kick=False)
     dev.process(vq)
     assert len(port.given) == 2 and port.region.in_use() == 0
+
+
+class ReusingLink:
+    """The STML link as fetd_vhost's front end sees it, reusing a read
+    slot the moment it is given back (as the STML may): it scribbles over
+    the response's frames when told done, and notes what the guest had."""
+
+    def __init__(self, frames: list[memoryview], guest: Callable[[], bytes]) -> None:
+        self.frames, self.guest = frames, guest
+        self.done: list[tuple[int, bytes]] = []
+
+    def scsi_target_done(self, tags: list[int]) -> None:
+        for tag in tags:
+            self.done.append((tag, self.guest()))
+        for frame in self.frames:
+            frame[:] = b"\xee" * len(frame)
+
+
+def test_a_read_slot_goes_back_only_once_the_data_is_in_guest_memory(ring):
+    """fetd_vhost says scsi_target_done for a read after its data is in
+    guest memory, never before: the STML reuses the slot at once, and the
+    guest still reads what the STML sent."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from fetd_vhost.server import VhostFrontEnd
+    from support.vhost_master import read10
+
+    dq, vq, _ = ring
+    port = Port()
+    dev = device(vq, port)
+    ram = dq.ram
+    n = 64 << 10
+    req, resp, into = ram.alloc(REQ.size), ram.alloc(RESP_SIZE), ram.alloc(n)
+    ram.write(req, REQ.pack(lun_field(0), 1, 0, 0, 0, read10(0, n // 512).ljust(32, b"\0")))
+    head = dq.add([(req, REQ.size, False), (resp, RESP_SIZE, True), (into, n, True)])
+    dq.publish(kick=False)
+    dev.process(vq)
+    (_, tag, *_), = port.calls
+    data = bytes(range(256)) * (n // 256)
+    slot = bytearray(data)                        # the STML's shared read slot
+    frames = [memoryview(slot)[:n // 2], memoryview(slot)[n // 2:]]
+    link = ReusingLink(frames, lambda: ram.read(into, n))
+
+    async def answer() -> None:
+        fe = VhostFrontEnd("tcp://127.0.0.1:9", "/nonexistent/vm.sock", "iqn.2026-12.test:t")
+        fe.link = link   # type: ignore[assignment]
+        fe.conn = SimpleNamespace(device=dev, signal=lambda: None)   # type: ignore[assignment]
+        fe.xmit_response(tag, 0, None, 0, frames)
+
+    asyncio.run(answer())
+    assert link.done == [(tag, data)]             # in guest memory when the slot went back
+    assert ram.read(into, n) == data and slot == b"\xee" * n
+    assert dq.take_used() == [(head, RESP_SIZE + n)]
 
 
 def test_link_loss_answers_everything_taken(ring):
