@@ -157,10 +157,12 @@ class StmlExecutor:
             self.link.scsi_rx_data(tag, offset, [cmd.data_out[offset:offset + length]])
 
     def xmit_response(self, tag: int, status: int, sense: bytes | None, resid: int, data: list) -> None:
-        if self._commands.pop(tag, None) is None:
+        known = self._commands.pop(tag, None) is not None
+        answer = Outcome(status, sense, b"".join(bytes(d) for d in data)) if known else None
+        self.link.scsi_target_done([tag])   # the data is copied (or unwanted): the STML's again
+        if answer is None:
             log.warning("response for unknown command tag %d ignored", tag)
             return
-        answer = Outcome(status, sense, b"".join(bytes(d) for d in data))
         event = self._waiting.pop(tag, None)
         if event is None:
             self._answers[tag] = answer

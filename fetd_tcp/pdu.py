@@ -15,6 +15,7 @@ import struct
 from typing import Callable, Iterator, NamedTuple
 
 from fetd_tcp.digest import DIGEST_LEN, digest
+from stml.api.sizes import BIG_FRAME
 
 # Opcodes, initiator to target.
 NOP_OUT = 0x00
@@ -806,7 +807,7 @@ class PduFramer:
     PDU that does not decode; the stream cannot be trusted after that.
     """
 
-    BIG = 64 << 10
+    BIG = BIG_FRAME   # a segment this big gets its own buffer (maybe shared memory)
     STAGE = 128 << 10
 
     def __init__(self, header_digest: bool, data_digest: bool, max_data: int,

@@ -10,7 +10,7 @@ import os
 import secrets
 import signal
 import socket
-from typing import Any, Iterator, cast
+from typing import Any, Callable, Iterator, cast
 
 from fetd_tcp import pdu as P
 from fetd_tcp.budget import Account, Budget
@@ -22,7 +22,7 @@ from fetd_tcp.limits import Limits
 from fetd_tcp.retain import Retained, retention
 from fetd_tcp.session import MAX_TEXT_RESPONSE, Connection, Session, Tags
 from scsi_runtime.logs import audit
-from stml.api import BufferPool, Detect, FrontEndLink, Op
+from stml.api import Detect, FrontEndLink
 
 log = logging.getLogger("fetd_tcp")
 
@@ -75,7 +75,6 @@ class IscsiFrontEnd:
         self.limits = Limits.from_env()
         self.budget = Budget(self.limits.max_buffered)   # every byte a connection makes us hold
         self.open_conns: dict[Any, int] = {}             # portal / peer host -> open connections
-        self.pool = BufferPool()          # big data segments the STML's shared memory cannot take
         self.pending_output: set[PduWriter] = set()      # writers with PDUs not yet sent
         self.portal_errors: dict[tuple[str, int, int], str] = {}   # wanted portals we could not open
         self.synced = False               # the STML's portal list was applied once
@@ -180,7 +179,7 @@ class IscsiFrontEnd:
              "bound_port": p.port} for p in self.portals]
         states += [{"host": k[0], "port": k[1], "tpgt": k[2], "listening": False, "error": err}
                    for k, err in self.portal_errors.items() if k in self._wanted]
-        self.link.send({"op": Op.PORTAL_STATE, "follows": True, "portals": states})
+        self.link.portal_state(states)
 
     def drop_nexus(self, nexus: int, reason: str) -> None:
         """The STML ended this nexus (management `session drop`): tell the
@@ -217,6 +216,7 @@ class IscsiFrontEnd:
     def xmit_response(self, tag: int, status: int, sense: bytes | None, resid: int, data: list) -> None:
         task = self.tags.tasks.pop(tag, None)
         if task is None:
+            self.link.scsi_target_done([tag])   # nobody to send it to: the data is free now
             return
         if not data:
             buf = None
@@ -225,6 +225,11 @@ class IscsiFrontEnd:
         else:
             buf = memoryview(b"".join(data))
         task.conn.xmit_response(task, status, sense, resid, buf)
+        out = task.conn.out
+        if isinstance(out, PduWriter):
+            out.responded(tag)   # done once its writer has sent the PDUs, which refer to `data`
+        else:
+            self.link.scsi_target_done([tag])
 
     def task_mgmt_fn_done(self, tag: int, response: int, aborted: list[int]) -> None:
         tasks = [t for t in (self.tags.tasks.pop(a, None) for a in aborted) if t is not None]
@@ -533,7 +538,8 @@ class IscsiFrontEnd:
         failed = session.failed.get(o.cid)
         if failed is not None:
             failed.acknowledge(o.exp_stat_sn)
-        out = PduWriter(writer, o.connection, self.pending_output, account, str(peer[0]) if peer else "")
+        out = PduWriter(writer, o.connection, self.pending_output, account, self.link.scsi_target_done,
+                        str(peer[0]) if peer else "")
         conn = Connection(session, o.cid, o.connection, o.stat_sn, out, self.link, self.tags,
                           out.close, self.text, write_limit=self.limits.max_write_buffer,
                           read_limit=self.limits.max_read_buffer, account=account)
@@ -549,7 +555,8 @@ class IscsiFrontEnd:
         # typeshed types StreamWriter.transport as a WriteTransport, but a TCP connection's
         # reads too (not checkable: uvloop's TCPTransport is no asyncio.Transport subclass)
         transport = cast(asyncio.Transport, writer.transport)
-        proto = ConnectionProtocol(conn, self.link, transport, self._segment_buffer)
+        proto = ConnectionProtocol(conn, self.link, transport, self._segment_buffer,
+                                   self.link.release_buffer)
         pinger = asyncio.create_task(self._pinger(conn))
         try:
             proto.take_over(reader)
@@ -560,9 +567,11 @@ class IscsiFrontEnd:
     def _segment_buffer(self, size: int) -> bytearray | memoryview:
         """Where a big data segment (write data) is received: memory shared with
         a same-host STML when it has room (the data then never crosses the
-        STML's socket), else a reused buffer."""
+        STML's socket; ConnectionProtocol gives it back), else new memory
+        (decisions/0602: a reused buffer would need the carrier to say when it
+        is sent)."""
         view = self.link.shared_buffer(size)
-        return view if view is not None else self.pool.get(size)
+        return view if view is not None else bytearray(size)
 
     async def _pinger(self, conn: Connection) -> None:
         """NOP-In pings every NOP_INTERVAL; at ERL >= 1 a look at stalled write
@@ -736,13 +745,19 @@ class ConnectionProtocol(asyncio.BufferedProtocol):
     (PDUError: after a data digest error a Reject goes out first) or a bug.
     A PDU the session refuses (PDUError from `receive`) gets a Reject and the
     connection goes on. While more than WRITE_BACKLOG bytes wait in the
-    transport, reading stops until it drains (as `drain()` did)."""
+    transport, reading stops until it drains (as `drain()` did).
+    Shared memory `alloc` gives for a data segment goes back through
+    `release` once the PDU is handled (its data then went to the STML, which
+    holds it on its own, or was copied or dropped) or the connection ends."""
 
     def __init__(self, conn: Connection, link: Any, transport: asyncio.Transport,
-                 alloc: Any = bytearray) -> None:
+                 alloc: Any = bytearray, release: Callable[[memoryview], None] | None = None) -> None:
         p = conn.params
         self.conn, self.link, self.transport = conn, link, transport
-        self.framer = P.PduFramer(p.header_digest, p.data_digest, p.max_recv_data_segment_length, alloc)
+        self.alloc, self.release = alloc, release
+        self.held: list[memoryview] = []   # shared segments taken, not yet given back
+        self.framer = P.PduFramer(p.header_digest, p.data_digest, p.max_recv_data_segment_length,
+                                  self._alloc if release is not None else alloc)
         self.done: asyncio.Future = asyncio.get_running_loop().create_future()
         self.write_paused = False   # the transport's buffer is over its high-water mark
         self.read_paused = False    # we paused reading until it is under its low-water mark
@@ -763,6 +778,19 @@ class ConnectionProtocol(asyncio.BufferedProtocol):
             self._end(None)
         if reader.at_eof() or reader.exception() is not None:
             self._end(None)                 # the initiator closed during login: as IncompleteReadError
+
+    def _alloc(self, size: int) -> bytearray | memoryview:
+        buf = self.alloc(size)
+        if type(buf) is memoryview:
+            self.held.append(buf)
+        return buf
+
+    def _give_back(self) -> None:
+        """The segments taken so far: the framer delivered them (or the connection ended)."""
+        held, self.held = self.held, []
+        assert self.release is not None   # held only with a release
+        for buf in held:
+            self.release(buf)
 
     # -- asyncio.BufferedProtocol
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -825,6 +853,9 @@ class ConnectionProtocol(asyncio.BufferedProtocol):
                     conn.receive(pdu, data)
                 except P.PDUError as e:
                     conn.reject(e.reject_reason, header)
+                finally:
+                    if self.held:
+                        self._give_back()
                 if feed is None and self.write_paused and transport.get_write_buffer_size() > WRITE_BACKLOG:
                     self.read_paused = True
                     transport.pause_reading()
@@ -853,6 +884,8 @@ class ConnectionProtocol(asyncio.BufferedProtocol):
             self._end(exc)
 
     def _end(self, exc: BaseException | None) -> None:
+        if self.held:
+            self._give_back()    # e.g. a segment cut short, or one with a digest error
         if self.done.done():
             return
         if exc is None:
@@ -872,9 +905,12 @@ class PduWriter:
     IOV_MAX = 1024
 
     def __init__(self, writer: asyncio.StreamWriter, params: Any, pending: set | None = None,
-                 account: Account | None = None, host: str = "") -> None:
+                 account: Account | None = None, done: Callable[[list[int]], None] | None = None,
+                 host: str = "") -> None:
         self.pending = pending if pending is not None else set()   # writers with output queued
         self.account = account
+        self.done = done            # told the tags whose responses a flush sent (link.scsi_target_done)
+        self.sent_tags: list[int] = []
         self.host = host            # the initiator's address (ERL 2 keeps failures per host)
         self.transport = writer.transport
         self.fd = writer.get_extra_info("socket").fileno()
@@ -939,18 +975,35 @@ class PduWriter:
         if self.account is not None:
             self.account.set("out", self.transport.get_write_buffer_size() + self.size)
 
+    def responded(self, tag: int) -> None:
+        """A response (queued by the last calls) is reported done once it is sent."""
+        if self.done is None:
+            return
+        self.sent_tags.append(tag)
+        if not self.scheduled:
+            self.scheduled = True
+            self.pending.add(self)
+            self.loop.call_soon(self.flush)
+
     def flush(self) -> None:
         self.scheduled = False
         self.pending.discard(self)
         parts, self.parts = self.parts, []
         size, self.size = self.size, 0
-        if not parts or self.transport.is_closing():
-            return
         try:
-            self._send(parts, size)
+            if parts and not self.transport.is_closing():
+                try:
+                    self._send(parts, size)
+                finally:
+                    if self.account is not None:
+                        self.account.set("out", self.transport.get_write_buffer_size())
         finally:
-            if self.account is not None:
-                self.account.set("out", self.transport.get_write_buffer_size())
+            # their data is in the kernel, copied into the transport's buffer, or dropped
+            # with a closing connection: nothing refers to it any more
+            if self.sent_tags:
+                assert self.done is not None   # responded() keeps tags only with it
+                tags, self.sent_tags = self.sent_tags, []
+                self.done(tags)
 
     def _send(self, parts: list, size: int) -> None:
         if self.transport.get_write_buffer_size() == 0:

@@ -20,9 +20,9 @@ from fetd_tcp import pdu as P
 from fetd_tcp.budget import Account, Grant, unlimited
 from fetd_tcp.keys import ConnectionParams, SessionParams
 from fetd_tcp.retain import announced
-from stml.api import DataDir, TaskAttr
+from stml.api import DataDir, Status, TaskAttr
 
-TASK_SET_FULL = 0x28
+TASK_SET_FULL = int(Status.TASK_SET_FULL)
 
 # What one session or connection may make us hold beyond the command window
 OOO_LIMIT = 1 << 20           # data of PDUs waiting for an earlier CmdSN, per session
@@ -680,9 +680,10 @@ class Connection:
     def _respond_keeping(self, task: Task, status: int, sense: bytes | None, resid: int,
                          data: memoryview | None) -> None:
         """xmit_response at ErrorRecoveryLevel >= 1: the read data is copied (the
-        STML's buffers live for this loop turn only) and kept with the status
-        until ExpStatSN acknowledges it; a task expired with its connection is
-        dropped; one on a failed connection is kept for TASK REASSIGN."""
+        STML's shared slots go back once the response is sent) and kept with
+        the status until ExpStatSN acknowledges it; a task expired with its
+        connection is dropped; one on a failed connection is kept for TASK
+        REASSIGN."""
         s = self.session
         self.release(task)
         if task.expired:

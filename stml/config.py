@@ -367,7 +367,7 @@ def load(config_path: str | None = None, data_dir: str | None = None, iqn: str |
     plist = list(portals) or (raw["portals"] if "portals" in raw else [DEFAULT_PORTAL])
     if not isinstance(plist, list) or not all(isinstance(p, str) for p in plist):
         raise ConfigError("portals", "must be a list of \"HOST:PORT\" strings")
-    from stml.api import parse_portal
+    from scsi_runtime.portals import parse_portal
     for p in plist:
         try:
             parse_portal(p)

@@ -700,8 +700,7 @@ def test_a_malformed_portal_report_does_not_break_portal_list(stml_factory):
     m = MgmtClient(p.endpoint)
     with LoopbackClient(p.endpoint, timeout=10) as c:
         assert c._link is not None
-        c._loop.call_soon_threadsafe(c._link.send, {"op": "portal_state", "follows": True,
-                                                    "portals": [{"listening": True}]})
+        c._loop.call_soon_threadsafe(c._link.portal_state, [{"listening": True}])
         deadline = time.monotonic() + 20
         while (portals := m.call("portal_list"))[0]["state"] == "no front end":
             assert time.monotonic() < deadline
