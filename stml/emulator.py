@@ -851,7 +851,9 @@ class Emulator:
                                                              int(h.get("lun") or 0), h.get("ref"))
         mine = [t.tag for t in victims if t.nexus is nexus]
         if not runners and fanout is None:
-            self._tmf_done(fe, tag, response, mine)
+            info = self._qae_info(nexus, int(h.get("lun") or 0)) \
+                if h["fn"] == Tmf.QUERY_ASYNC_EVENT and response == TmfResponse.SUCCEEDED else b""
+            self._tmf_done(fe, tag, response, mine, info)
             return
 
         async def finish() -> None:
@@ -863,8 +865,19 @@ class Emulator:
         asyncio.get_running_loop().create_task(finish())
 
     def _tmf_done(self, fe: FrontEnd, tag: int, response: int,
-                  aborted: collections.abc.Iterable[int] = ()) -> None:
-        self.out.task_mgmt_fn_done(fe.ident, tag, response, list(aborted))
+                  aborted: collections.abc.Iterable[int] = (), info: bytes = b"") -> None:
+        self.out.task_mgmt_fn_done(fe.ident, tag, response, list(aborted), info)
+
+    def _qae_info(self, nexus: Nexus, lun: int) -> bytes:
+        """QUERY ASYNCHRONOUS EVENT's additional response information (SAM-5):
+        the UADE depth (1: one pending, 2: more) and the sense key, ASC and
+        ASCQ of the unit attention the nexus would be told next. It stays
+        pending: the query reports, it does not clear."""
+        lu = self.targets[nexus.target].luns[lun]
+        pending = lu.unit_attentions[nexus.key]
+        depth = 1 if len(pending) == 1 else 2
+        asc, ascq = pending[0]
+        return bytes([depth << 4 | UNIT_ATTENTION, asc, ascq])
 
     def _all_nexus_keys(self, target: str) -> list[str]:
         return list(self._target_keys.get(target, ()))
