@@ -44,6 +44,14 @@ CLIENT_OPTIONS = {
     # a cluster that cannot be reached is an error in seconds, not a hang
     "client_mount_timeout": "15",
     "rados_mon_op_timeout": "15",
+    # nor is an OSD that does not answer: every call, aio ones included, ends
+    # within this (ETIMEDOUT), so rbd_close, which waits for them, ends too, and
+    # one hung reservation write does not hold the others (ceph-iscsi's value)
+    "rados_osd_op_timeout": "30",
+    # librbd copies what it writes: a buffer is librbd's only until its call
+    # completes, which is as long as RbdAio keeps it pinned (librbd's default,
+    # forced because that lifetime depends on it)
+    "rbd_disable_zero_copy_writes": "true",
 }
 
 
@@ -176,6 +184,7 @@ def libs() -> tuple[ctypes.CDLL, ctypes.CDLL]:
             "rbd_poll_io_events": (c_int, [P, POINTER(P), c_int]),
             "rbd_aio_create_completion": (c_int, [P, P, POINTER(P)]),
             "rbd_aio_get_return_value": (c_ssize_t, [P]),
+            "rbd_aio_is_complete": (c_int, [P]),
             "rbd_aio_release": (None, [P]),
             "rbd_aio_readv": (c_int, [P, c_void_p, c_int, c_uint64, P]),
             "rbd_aio_writev": (c_int, [P, c_void_p, c_int, c_uint64, P]),
@@ -364,14 +373,12 @@ class Image:
             _check(self._rbd.rbd_write_zeroes(self.handle, offset, length, WRITE_ZEROES_FLAG_THICK_PROVISION, 0),
                    "rbd_write_zeroes")
 
-    def diff_iterate(self, offset: int, length: int, cb: Callable[[int, int, bool], bool],
-                     whole_object: bool = False) -> None:
+    def diff_iterate(self, offset: int, length: int, cb: Callable[[int, int, bool], bool]) -> None:
         """Call cb(offset, length, exists) for each allocated (or discarded)
         extent from the image's creation; cb returns False to stop early."""
         def each(off: int, n: int, exists: int, arg: Any) -> int:
             return 0 if cb(off, n, bool(exists)) else -errno.ECANCELED
-        ret = self._rbd.rbd_diff_iterate2(self.handle, None, offset, length, 1, int(whole_object),
-                                          DIFF_CB(each), None)
+        ret = self._rbd.rbd_diff_iterate2(self.handle, None, offset, length, 1, 0, DIFF_CB(each), None)
         if ret != -errno.ECANCELED:
             _check(ret, "rbd_diff_iterate2")
 
@@ -481,7 +488,18 @@ class Image:
             if n < self.POLL_BATCH:
                 return out
 
+    def outcome(self, comp: int) -> int | None:
+        """The return value of a call poll() never reported (the image closed
+        first), releasing its completion; None while it is not complete."""
+        rbd = self._rbd
+        if not rbd.rbd_aio_is_complete(comp):
+            return None
+        ret = int(rbd.rbd_aio_get_return_value(comp))
+        rbd.rbd_aio_release(comp)
+        return ret
+
     def close(self) -> None:
+        """rbd_close: returns once every aio call on the image has completed."""
         if self._watch is not None:
             self._rbd.rbd_update_unwatch(self.handle, self._watch[0])
             self._watch = None

@@ -11,13 +11,18 @@ to the images (stml.pr with backends.rbd.PrStore) and starts to serve. A
 standby refuses front ends; every front end lists every gateway's STML and
 uses the one that serves (stml.api.FrontEndLink), so all paths reach one
 STML and SCSI state (reservations, unit attentions, task sets) is whole
-there. An active STML that finds itself fenced or without a lock stands
-down: its front ends are released, its images reopened with a fresh client.
-See docs/decisions/0400-rbd-gateways.md (and what a partition does).
+there. An active STML that finds itself fenced (on any call, on the loop or
+in a worker thread) or without a lock stands down: its front ends are
+released, its images reopened with a fresh client. A shared LU added to a
+running STML that is not a standby is served only once its lock and
+reservations are taken, as a takeover takes them; a standalone STML then
+becomes the active gateway (the add is refused while another holds the lock).
+See docs/decisions/0400-rbd-gateways.md (and what a partition does) and 0403.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from concurrent.futures import Executor
@@ -78,8 +83,8 @@ class Gateway:
         shared = set(self.shared())
         self._sizes = {other: n for other, n in self._sizes.items() if other in shared}   # LUNs removed
         self._sizes[lu] = backend.size()
-        backend.on_change = lambda: loop.call_soon_threadsafe(self._changed, lu)
-        backend.on_fenced = lambda: self.step_down(f"fenced on image {backend.spec}")
+        backend.on_change = lambda: _tell(loop, self._changed, lu)
+        backend.on_fenced = lambda: _tell(loop, self.step_down, f"fenced on image {backend.spec}")
 
     def _set(self, role: str, why: str | None = None) -> None:
         self.role = role
@@ -191,7 +196,9 @@ class Gateway:
 
     def step_down(self, why: str) -> None:
         """Stop serving at once: front ends go (they find the gateway that
-        serves), commands in flight fail, the locks are let go."""
+        serves) and their tasks are aborted, the locks are let go. Calls librbd
+        has end as librbd ends them (a fenced client's are refused by the
+        OSDs), not before: their buffers are librbd's until then."""
         if self.role != ACTIVE:
             return
         log.error("gateway: %s: standing down", why)
@@ -200,30 +207,39 @@ class Gateway:
         for fe in list(self.em.front_ends.values()):
             self.em.send(fe.ident, {"op": Op.RELEASE, "reason": why}, [])
             self.em.release_front_end(fe, why)
-        for lu in self.shared():
-            lu.backend.aio.detach()   # on the loop: what is pending fails now
         self._let_go = True
         self._wake.set()
 
     async def adopt(self, lu: LogicalUnit) -> None:
-        """A shared LU added while running: an active STML takes its lock and
-        reservations first (BackendError when another gateway holds it)."""
+        """A shared LU added while running: its lock and reservations are
+        taken before it is served (BackendError when another gateway holds the
+        lock: the add is refused). A standalone STML, whose front ends stay,
+        becomes the active gateway; a standby takes it over with the rest."""
         self.watch(lu)
-        if self.role == STANDALONE:
-            self._set(STANDBY, "a standby gateway: taking over the images' locks")
-            self.em.local_tpgs = set(self.em.configured_tpgs)
-            self._wake.set()
-            return
-        if self.role != ACTIVE:
+        if self.role == STANDBY:
             return
         backend: Any = lu.backend
-        await self._call(backend.lock_acquire)
-        store = backend.pr_store()
         try:
-            pr.state(lu).restore(store, await self._call(store.read))
-        except (OSError, pr.PrStoreError) as e:
-            await self._call(backend.lock_release)
-            raise BackendError(str(e)) from None
+            await self._call(backend.lock_acquire)
+            store = backend.pr_store()
+            try:
+                pr.state(lu).restore(store, await self._call(store.read))
+            except (OSError, pr.PrStoreError) as e:
+                await self._call(backend.lock_release)
+                raise BackendError(str(e)) from None
+        except BackendError:
+            self._sizes.pop(lu, None)
+            raise
+        if self.role == STANDBY:   # stood down meanwhile: the LU goes with the rest at the next takeover
+            await self._call(self._release_all, [lu])
+        elif self.role == STANDALONE:
+            self.em.local_tpgs = set(self.em.configured_tpgs)
+            self.takeovers += 1
+            self._set(ACTIVE)
+            regs = len(pr.state(lu).regs)
+            log.info("gateway: active, holding the lock of image %s, %d registration(s)", backend.spec, regs)
+            print(f"stml: gateway active (1 image(s), {regs} registration(s))", flush=True)
+            self._wake.set()
 
     # ------------------------------------------------------------ changes
     def _changed(self, lu: LogicalUnit) -> None:
@@ -264,3 +280,10 @@ class Gateway:
                            "fenced": backend.fenced})
         return {"role": self.role, "for_s": round(time.monotonic() - self.since, 1),
                 "takeovers": self.takeovers, "images": images}
+
+
+def _tell(loop: asyncio.AbstractEventLoop, fn: Any, *args: Any) -> None:
+    """fn(*args) on the loop, from any thread (librbd's, a worker's, the loop's
+    own); nothing once the loop is closed (the STML is gone)."""
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(fn, *args)

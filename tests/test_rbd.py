@@ -133,9 +133,9 @@ def test_get_lba_status_work_is_bounded_by_the_request(cluster):
         asked: list[tuple[int, int]] = []
         real = b.image.diff_iterate
 
-        def counting(offset, length, cb, whole_object=False):
+        def counting(offset, length, cb):
             asked.append((offset, length))
-            return real(offset, length, cb, whole_object)
+            return real(offset, length, cb)
         b.image.diff_iterate = counting
         runs = b.mapped_extents(0, 1 << 40, 1)
         assert runs == [(0, 4 * MIB, False)]
