@@ -256,7 +256,12 @@ class RbdBackend:
     def lock_acquire(self) -> None:
         """Hold the image's exclusive lock (blocking); BackendError while a live
         gateway holds it."""
-        self._call("lock_acquire")
+        try:
+            self._call("lock_acquire")
+        except RbdError as e:
+            if e.errno != errno.EROFS:   # what librbd says when a live client holds it
+                raise
+            raise RbdError(self.spec, e.errno, "another gateway holds the image's exclusive lock") from None
 
     def lock_release(self) -> None:
         self._call("lock_release")
