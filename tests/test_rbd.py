@@ -208,3 +208,95 @@ def test_lun_add_rbd_live_and_status_shows_the_lock(cluster, image):
         (held,) = gw["images"]
         assert (gw["role"], held["image"], held["mine"]) == ("active", image, True)
         assert held["lock_owner"].startswith("127.0.0.1:"), held
+
+
+def test_lun_add_rbd_is_refused_while_another_gateway_holds_the_lock(cluster, image):
+    """A live client holds the image's lock: `lun add` fails with one line
+    saying so, and the STML keeps serving what it served, still standalone.
+    It used to add the LUN and serve it without the lock (a "standby" with
+    its front ends connected). Once the lock is free the add succeeds."""
+    from backends.rbd import RbdBackend
+    from rawiscsi import RawInitiator
+    holder = RbdBackend(image, conf=str(cluster.conf), keyring=str(cluster.keyring))
+    try:
+        holder.lock_acquire()
+        with Target("--lun", "ram:16MiB", "--cpu-affinity", "none") as t:
+            cli = [sys.executable, "-m", "scsi_target"]
+            host, port = t.portal.rsplit(":", 1)
+            ini = RawInitiator(host, int(port))
+            try:
+                assert ini.login(IQN).status_class == 0
+                p = run([*cli, "lun", "add", "--data-dir", t.data_dir, cluster.spec(image)], check=False)
+                assert p.returncode != 0 and "another gateway holds the image's exclusive lock" in p.stderr, p
+                assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+                status, sense, luns = ini.command(bytes([0xA0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0]), read=256)
+                assert status == 0 and struct.unpack_from(">I", luns)[0] == 8, "only LUN 0"
+                data = os.urandom(4096)
+                ini.write16(8, data)                    # the session it had still works
+                assert ini.read16(8, 8) == data
+            finally:
+                ini.close()
+            gw = json.loads(run([*cli, "status", "--json", "--data-dir", t.data_dir]).stdout)["gateway"]
+            assert gw["role"] == "standalone" and gw["images"] == [], gw
+            assert holder.is_lock_owner()
+            holder.lock_release()
+            run([*cli, "lun", "add", "--data-dir", t.data_dir, cluster.spec(image)])
+            gw = json.loads(run([*cli, "status", "--json", "--data-dir", t.data_dir]).stdout)["gateway"]
+            assert gw["role"] == "active" and gw["images"][0]["mine"], gw
+    finally:
+        holder.close()
+
+
+def test_closing_an_image_ends_its_reads_in_flight_with_their_data(cluster, image):
+    """The image closes (a LUN removed, a fenced client replaced) with reads
+    in flight: rbd_close lets librbd finish them, and each read ends with
+    the data librbd put in its buffer, pinned until then. They were failed
+    and unpinned before rbd_close, which then wrote into released memory."""
+    import asyncio
+    from backends import rbd as R
+    b = R.RbdBackend(image, conf=str(cluster.conf), keyring=str(cluster.keyring))
+    data = os.urandom(MIB)
+    b.write_from(0, [memoryview(data)], False)
+    bufs = [bytearray(MIB) for _ in range(16)]
+
+    async def run_reads() -> list:
+        futs = [b.aio.read_into(0, memoryview(buf)) for buf in bufs]
+        await asyncio.get_running_loop().run_in_executor(None, b.close)
+        return await asyncio.gather(*futs, return_exceptions=True)
+    outcomes = asyncio.run(run_reads())
+    assert outcomes == [None] * 16, outcomes
+    assert all(bytes(buf) == data for buf in bufs)
+    for buf in bufs:
+        buf.append(0)   # no pin is left: the buffers can be resized
+
+
+def test_a_fenced_gateway_fails_compare_and_write_as_a_path_not_a_medium(cluster, image, stml_factory,
+                                                                         client_factory):
+    """The cluster blocklists the STML's client (another gateway took over):
+    COMPARE AND WRITE, which runs in a worker thread, hears ESHUTDOWN, and
+    the gateway stands down before it answers: its front end is released
+    (the path fails: initiators go to another one) and nothing says MEDIUM
+    ERROR, a hard error (ESXi's heartbeat). It said MEDIUM ERROR, and the
+    gateway stood down up to a second later."""
+    from fetd_loopback.client import LinkLost
+    stml = stml_factory(cluster.spec(image))
+    c = client_factory(stml.endpoint)
+    block = os.urandom(512)
+    c.write(0, 8, block)
+    (locker,) = json.loads(cluster.run("rbd", "lock", "ls", "--format", "json", image))
+    cluster.run("ceph", "osd", "blocklist", "add", locker["address"])
+    cdb, out = _caw(8, block, block)
+    deadline = time.monotonic() + 30
+    r = None
+    while True:   # until the blocklist reaches the OSD (a CAW of the same bytes changes nothing)
+        try:
+            r = c.execute(0, cdb, data_out=out)
+        except LinkLost:
+            break   # released: the path failed
+        if r.status != 0:
+            break
+        assert time.monotonic() < deadline, "the blocklist never reached the OSD"
+        time.sleep(0.2)
+    if r is not None and r.status != 0:   # an answer that got out first: a path error
+        assert (r.status, r.sense_key, r.asc_ascq) == (0x02, 0x02, (0x04, 0x0A)), r
+    assert "stml: gateway standby (fenced on image" in stml.stdout_path.read_text()
