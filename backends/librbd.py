@@ -296,7 +296,8 @@ def create_image(ioctx: IoCtx, name: str, size: int) -> None:
 
 class Image:
     """An open image: synchronous calls (any thread) and aio calls whose
-    completions are collected with poll() once `fd` (an eventfd) is readable."""
+    completions are collected with poll() once the eventfd given to
+    enable_events() is readable."""
 
     POLL_BATCH = 64
 
@@ -306,7 +307,6 @@ class Image:
         handle = c_void_p()
         _check(rbd.rbd_open(ioctx.handle, name.encode(), byref(handle), None), f"opening image {name}")
         self.handle = handle
-        self.fd = -1
         self._comps = (c_void_p * self.POLL_BATCH)()
         self._watch: tuple[c_uint64, Any] | None = None
 
@@ -441,18 +441,12 @@ class Image:
         self._watch = (handle, fn)   # the callback must outlive the watch
 
     # ---------------------------------------------------------------- aio
-    def enable_events(self) -> int:
-        """An eventfd that becomes readable when aio calls complete."""
-        if self.fd < 0:
-            fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-            try:
-                _check(self._rbd.rbd_set_image_notification(self.handle, fd, EVENT_TYPE_EVENTFD),
-                       "rbd_set_image_notification")
-            except BaseException:
-                os.close(fd)
-                raise
-            self.fd = fd
-        return self.fd
+    def enable_events(self, fd: int) -> None:
+        """librbd signals `fd`, an eventfd, when aio calls complete. The caller
+        owns it and closes it only after close(): librbd may signal it until
+        then, and an event loop may still watch it."""
+        _check(self._rbd.rbd_set_image_notification(self.handle, fd, EVENT_TYPE_EVENTFD),
+               "rbd_set_image_notification")
 
     def completion(self) -> int:
         """A new completion (its address) for start(): poll() reports it by it."""
@@ -473,10 +467,6 @@ class Image:
     def poll(self) -> list[tuple[int, int]]:
         """(completion address, return value) of every finished aio call; each
         completion is released."""
-        try:
-            os.eventfd_read(self.fd)
-        except BlockingIOError:
-            pass
         out = []
         rbd = self._rbd
         while True:
@@ -506,9 +496,6 @@ class Image:
         if self.handle:
             self._rbd.rbd_close(self.handle)
             self.handle = c_void_p()
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
 
 
 __all__ = ["COMP", "CephError", "Client", "IoCtx", "Image", "Pinned", "create_image"]

@@ -254,14 +254,14 @@ class RbdBackend:
 
     # ---------------------------------------------------------------- gateways
     def lock_acquire(self) -> None:
-        """Hold the image's exclusive lock (blocking); BackendError while a live
-        gateway holds it."""
+        """Hold the image's exclusive lock (blocking); RbdError EBUSY while a
+        live gateway holds it."""
         try:
             self._call("lock_acquire")
         except RbdError as e:
             if e.errno != errno.EROFS:   # what librbd says when a live client holds it
                 raise
-            raise RbdError(self.spec, e.errno, "another gateway holds the image's exclusive lock") from None
+            raise RbdError(self.spec, errno.EBUSY, "another gateway holds the image's exclusive lock") from None
 
     def lock_release(self) -> None:
         self._call("lock_release")
@@ -288,14 +288,14 @@ class RbdBackend:
             self._usable = False
             while self._users:
                 self._gate.wait()
-        ops = self.aio.detach()
+        detached = self.aio.detach()
         image, ioctx, client = self.image, self.ioctx, self.client
         for step in (image.close, ioctx.destroy, client.shutdown):
             try:
                 step()
             except CephError:
                 pass   # a fenced client fails to let go cleanly; its handles go anyway
-        self.aio.settle(image, ops)
+        self.aio.settle(image, detached)
 
     def close(self) -> None:
         self._close_handles()
@@ -334,6 +334,8 @@ class PrStore:
 
 # an aio call librbd has: its future, its pinned buffers, the bytes a read must report
 AioCall = tuple[asyncio.Future, Pinned, int]
+# what detach() hands to settle(): the loop that collected, its eventfd, the calls librbd has
+Detached = tuple[asyncio.AbstractEventLoop | None, int, dict[int, AioCall]]
 
 
 class RbdAio:
@@ -341,58 +343,55 @@ class RbdAio:
     each returns a future of the event loop it is first called on, done when
     librbd completes the call. A buffer stays pinned until then, whatever
     happens meanwhile (an abort, a step down, the image closing): librbd may
-    write into it, or read from it, until it says it is done."""
+    write into it, or read from it, until it says it is done.
+
+    The eventfd librbd signals is ours: it is closed on the loop, after the
+    loop stopped watching it and after rbd_close (librbd signals it until then)."""
 
     def __init__(self, backend: RbdBackend) -> None:
         self.backend = backend
         self._loop: asyncio.AbstractEventLoop | None = None
         self._fd = -1
         self._pending: dict[int, AioCall] = {}
+        # held while the loop polls the image and while detach() takes it away
+        # (any thread): no poll reaches an image once detach() has returned
+        self._lock = threading.Lock()
 
     def _attach(self) -> asyncio.AbstractEventLoop:
+        """On the loop, with the handles held (no detach runs meanwhile)."""
         loop = self._loop
         if loop is None:
-            loop = self._loop = asyncio.get_running_loop()
-            self._fd = self.backend.image.enable_events()
-            loop.add_reader(self._fd, self._collect)
+            loop = asyncio.get_running_loop()
+            fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            try:
+                self.backend.image.enable_events(fd)
+            except BaseException:
+                os.close(fd)
+                raise
+            loop.add_reader(fd, self._collect, fd)
+            with self._lock:
+                self._loop, self._fd = loop, fd
         return loop
 
-    def detach(self) -> tuple[asyncio.AbstractEventLoop | None, dict[int, AioCall]]:
-        """Stop collecting (the image is about to close; no call is being
-        started). Returns the loop and the calls librbd still has, for settle()
-        once rbd_close has ended them: their buffers stay pinned and their
-        futures pending. From another thread it runs on the loop, waited for:
-        nothing polls the image once this returns."""
-        loop = self._loop
-        if loop is not None and not _on(loop):
-            out: list[tuple[asyncio.AbstractEventLoop | None, dict[int, AioCall]]] = []
-            done = threading.Event()
+    def detach(self) -> Detached:
+        """Stop collecting (any thread; the image is about to close and no call
+        is being started): no poll reaches the image once this returns, and
+        nothing here waits for the loop (which may itself be waiting for this
+        thread: an STML stopping). The calls librbd still has keep their
+        buffers pinned and their futures pending, for settle()."""
+        with self._lock:
+            out = self._loop, self._fd, self._pending
+            self._loop, self._fd, self._pending = None, -1, {}
+        loop, fd, _ = out
+        if loop is not None:
+            _on_loop(loop, loop.remove_reader, fd)
+        return out
 
-            def there() -> None:
-                out.append(self.detach())
-                done.set()
-            try:
-                loop.call_soon_threadsafe(there)
-            except RuntimeError:   # the loop is closed: nothing polls any more
-                return self._let_go()
-            while not done.wait(1):
-                if not loop.is_running():   # stopped: it will not run `there`
-                    break
-            return out[0] if out else self._let_go()
-        return self._let_go()
-
-    def _let_go(self) -> tuple[asyncio.AbstractEventLoop | None, dict[int, AioCall]]:
-        loop, ops = self._loop, self._pending
-        if loop is not None and self._fd >= 0 and not loop.is_closed():
-            loop.remove_reader(self._fd)
-        self._pending = {}
-        self._loop, self._fd = None, -1
-        return loop, ops
-
-    def settle(self, image: Image, ops: tuple[asyncio.AbstractEventLoop | None, dict[int, AioCall]]) -> None:
+    def settle(self, image: Image, detached: Detached) -> None:
         """After rbd_close (any thread): librbd has ended every call it had;
-        their buffers go and their futures get what librbd said."""
-        loop, pending = ops
+        their buffers go, their futures get what librbd said (on the loop),
+        and the eventfd is closed there."""
+        loop, fd, pending = detached
         results = []
         for comp, (fut, pin, length) in pending.items():
             ret = image.outcome(comp)
@@ -402,40 +401,46 @@ class RbdAio:
             else:
                 pin.release()
             results.append((fut, ret, length))
-        if loop is None or not results:
+        if loop is None:
             return
-        if _on(loop):
+
+        def there() -> None:
             self._finish(results, live=False)
-            return
-        try:
-            loop.call_soon_threadsafe(self._finish, results, False)
-        except RuntimeError:
-            pass   # the loop is closed: nobody waits for these futures
+            os.close(fd)
+        if not _on_loop(loop, there):
+            os.close(fd)   # the loop is closed: nobody watches the fd or waits for these futures
 
     def _submit(self, pin: Pinned, length: int, name: str, *args: Any) -> asyncio.Future:
         """Start `rbd_aio_NAME`; `length`: the bytes a read must report (writes report 0)."""
         try:
-            with self.backend._using():
+            with self.backend._using():   # known before a close can detach (it waits for this)
                 loop = self._attach()
                 image = self.backend.image
                 comp = image.completion()
-                image.start(name, comp, *args)
+                fut = loop.create_future()
+                image.start(name, comp, *args)   # raises only when librbd did not take the call
+                self._pending[comp] = (fut, pin, length)
         except BaseException:
             pin.release()
             raise
-        fut = loop.create_future()
-        self._pending[comp] = (fut, pin, length)
         return fut
 
-    def _collect(self) -> None:
+    def _collect(self, fd: int) -> None:
+        """The eventfd is readable: take what librbd completed."""
+        try:
+            os.eventfd_read(fd)
+        except BlockingIOError:
+            pass
         results = []
-        for comp, ret in self.backend.image.poll():
-            entry = self._pending.pop(comp, None)
-            if entry is None:
-                continue
-            fut, pin, length = entry
-            pin.release()
-            results.append((fut, ret, length))
+        with self._lock:
+            if fd != self._fd:
+                return   # detached: the image is closing (the reader goes next)
+            for comp, ret in self.backend.image.poll():
+                entry = self._pending.pop(comp, None)
+                if entry is not None:
+                    fut, pin, length = entry
+                    pin.release()
+                    results.append((fut, ret, length))
         self._finish(results, live=True)
 
     def _finish(self, results: list[tuple[asyncio.Future, int, int]], live: bool) -> None:
@@ -482,9 +487,18 @@ class RbdAio:
         return self._submit(pin, 0, "writesame", offset, length, pin.address(block), len(block), COMP, 0)
 
 
-def _on(loop: asyncio.AbstractEventLoop) -> bool:
-    """Whether this thread runs `loop`."""
+def _on_loop(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> bool:
+    """fn(*args) on `loop`: now when this thread runs it, else soon (never
+    waited for); False when the loop is closed and fn will not run."""
     try:
-        return asyncio.get_running_loop() is loop
+        running = asyncio.get_running_loop() is loop
+    except RuntimeError:
+        running = False
+    if running:
+        fn(*args)
+        return True
+    try:
+        loop.call_soon_threadsafe(fn, *args)
     except RuntimeError:
         return False
+    return True

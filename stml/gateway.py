@@ -16,13 +16,16 @@ in a worker thread) or without a lock stands down: its front ends are
 released, its images reopened with a fresh client. A shared LU added to a
 running STML that is not a standby is served only once its lock and
 reservations are taken, as a takeover takes them; a standalone STML then
-becomes the active gateway (the add is refused while another holds the lock).
+becomes the active gateway. While another gateway holds the lock, a
+standalone STML with peers becomes its standby (its front ends go to the one
+that serves) and any other refuses the add.
 See docs/decisions/0400-rbd-gateways.md (and what a partition does) and 0403.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import time
 from concurrent.futures import Executor
@@ -44,9 +47,11 @@ TRY_EVERY = 1.0    # seconds between a standby's attempts, and an active one's l
 
 
 class Gateway:
-    def __init__(self, emulator: Emulator, executor: Executor) -> None:
+    def __init__(self, emulator: Emulator, executor: Executor, grouped: bool = False) -> None:
         self.em = emulator
         self.executor = executor
+        # one of several gateways (`[stml] peers`): its front ends know the others' STMLs
+        self.grouped = grouped
         self.role = STANDALONE
         self.since = time.monotonic()
         self.takeovers = 0
@@ -202,25 +207,39 @@ class Gateway:
         if self.role != ACTIVE:
             return
         log.error("gateway: %s: standing down", why)
+        self._stand_by(why)
+        self._let_go = True
+
+    def _stand_by(self, why: str) -> None:
+        """Serve nothing from now on: every front end is released (and goes
+        to the gateway that serves); the loop tries to take over."""
         print(f"stml: gateway standby ({why})", flush=True)
         self._set(STANDBY, f"a standby gateway ({why})")
+        self.em.local_tpgs = set(self.em.configured_tpgs)
         for fe in list(self.em.front_ends.values()):
             self.em.send(fe.ident, {"op": Op.RELEASE, "reason": why}, [])
             self.em.release_front_end(fe, why)
-        self._let_go = True
         self._wake.set()
 
     async def adopt(self, lu: LogicalUnit) -> None:
         """A shared LU added while running: its lock and reservations are
-        taken before it is served (BackendError when another gateway holds the
-        lock: the add is refused). A standalone STML, whose front ends stay,
-        becomes the active gateway; a standby takes it over with the rest."""
+        taken before it is served. A standalone STML, whose front ends stay,
+        becomes the active gateway; a standby takes it over with the rest.
+        While another gateway holds the lock (EBUSY), a standalone STML with
+        peers becomes its standby; otherwise the add is refused (BackendError):
+        nothing is served without its lock and reservations."""
         self.watch(lu)
         if self.role == STANDBY:
             return
         backend: Any = lu.backend
         try:
-            await self._call(backend.lock_acquire)
+            try:
+                await self._call(backend.lock_acquire)
+            except BackendError as e:
+                if self.grouped and self.role == STANDALONE and getattr(e, "errno", None) == errno.EBUSY:
+                    self._stand_by(f"another gateway holds the lock of image {backend.spec}")
+                    return
+                raise
             store = backend.pr_store()
             try:
                 pr.state(lu).restore(store, await self._call(store.read))

@@ -165,9 +165,12 @@ class LockedBackend:
         return 1 << 20
 
     def lock_acquire(self) -> None:
+        import errno
         from backends import BackendError
-        if self.held_elsewhere:
-            raise BackendError("rbd:rbd/img: another gateway holds the image's exclusive lock")
+        if self.held_elsewhere:   # as backends.rbd says it
+            e = BackendError("rbd:rbd/img: another gateway holds the image's exclusive lock")
+            e.errno = errno.EBUSY   # type: ignore[attr-defined]
+            raise e
         self.locked = True
 
     def lock_release(self) -> None:
@@ -178,12 +181,15 @@ class LockedBackend:
                                write=lambda doc: True)
 
 
-def _adopting(backend: LockedBackend):
-    """A standalone STML with a front end connected, and a new shared LU."""
+def _adopting(backend: LockedBackend, sent: list | None = None):
+    """A standalone STML with a front end connected, and a new shared LU;
+    what the STML sends goes to `sent`."""
     from concurrent.futures import ThreadPoolExecutor
     from stml.emulator import Emulator
     from stml.gateway import Gateway
-    em = Emulator([], lambda ident, header, frames: None, ThreadPoolExecutor(1))
+    out = sent if sent is not None else []
+    em = Emulator([], lambda ident, header, frames: out.append((ident, header)), ThreadPoolExecutor(1),
+                  portal_groups=[2])
     em.handle(b"fe", {"op": "register_target_front_end", "version": list(CONTRACT_VERSION),
                       "kind": "raw", "name": "x"}, [])
     lu = FakeLU(backend)
@@ -232,3 +238,23 @@ def test_a_standalone_stml_takes_an_rbd_luns_lock_and_reservations_before_servin
     asyncio.run(gw.adopt(lu))
     assert (gw.role, em.standby, list(em.front_ends)) == (ACTIVE, None, [b"fe"])
     assert backend.locked and [r.key for r in pr.state(lu).regs] == [7] and lu.pr.store is not None
+
+
+def test_a_gateway_stml_finding_the_lock_held_becomes_the_standby_and_lets_its_front_ends_go():
+    """One of several gateways (`[stml] peers`) that serves no image yet, and
+    `lun add` of an image another gateway serves: the add stands (the LU is
+    that gateway's too), and this STML becomes its standby at once, releasing
+    its front ends, which go to the STML that serves. It turned standby with
+    its front ends still attached, and served the image without its lock."""
+    import asyncio
+    from stml.api import Op
+    from stml.gateway import STANDBY
+    sent: list = []
+    backend = LockedBackend(held_elsewhere=True)
+    em, gw, lu = _adopting(backend, sent)
+    gw.grouped = True
+    asyncio.run(gw.adopt(lu))
+    assert (gw.role, list(em.front_ends), em.local_tpgs) == (STANDBY, [], {2})
+    assert "another gateway holds the lock of image rbd/img" in (em.standby or "")
+    assert [(ident, h["op"]) for ident, h in sent if h["op"] == Op.RELEASE] == [(b"fe", Op.RELEASE)]
+    assert not backend.locked and lu.pr is None   # nothing taken, no reservations served

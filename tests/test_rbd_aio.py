@@ -85,10 +85,8 @@ class FakeImage:
         raise CephError(EBLOCKLISTED, "rbd_compare_and_write: Cannot send after transport endpoint shutdown")
 
     # aio
-    def enable_events(self) -> int:
-        if self.fd < 0:
-            self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        return self.fd
+    def enable_events(self, fd: int) -> None:
+        self.fd = fd   # the caller's: librbd only signals it
 
     def completion(self) -> int:
         return next(self.ids)
@@ -112,10 +110,7 @@ class FakeImage:
             self.finished[comp] = ret
 
     def poll(self) -> list[tuple[int, int]]:
-        try:
-            os.eventfd_read(self.fd)
-        except BlockingIOError:
-            pass
+        assert "closed" not in self.events, "a closed image was polled"
         out, self.done = self.done, []
         return out
 
@@ -130,9 +125,7 @@ class FakeImage:
             self.complete(comp, b"L" * 4096)
         self.finished.update(self.done)   # completed but never polled: rbd_close leaves them
         self.done = []
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        self.fd = -1   # librbd lets go of it (the caller closes it)
 
 
 class FakeClient:
@@ -270,3 +263,21 @@ def test_a_fenced_synchronous_call_tells_the_gateway_once_and_is_eshutdown(backe
         t.join(30)
     assert told == ["worker"] and backend.fenced
     assert [e.errno for e in errors] == [errno.ESHUTDOWN, errno.ESHUTDOWN]
+
+
+def test_closing_in_a_worker_while_the_loop_waits_for_that_worker_does_not_hang(backend):
+    """An STML that stops waits on its loop for its worker threads
+    (executor.shutdown); a worker closing an image meanwhile (a LUN being
+    removed, a fenced client reopened) must not wait for the loop in turn.
+    Detaching used to run on the loop and wait for it: the stop hung."""
+    buf = bytearray(4096)
+
+    async def run() -> None:
+        fut = backend.aio.read_into(0, memoryview(buf))
+        closer = threading.Thread(target=backend.close)
+        closer.start()
+        closer.join(30)   # the loop is held here, as executor.shutdown(wait=True) holds it
+        assert not closer.is_alive(), "close waited for the loop that waited for it"
+        await asyncio.wait_for(asyncio.shield(fut), 30)
+    asyncio.run(run())
+    assert bytes(buf) == b"L" * 4096 and not pinned(buf)
