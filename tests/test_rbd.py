@@ -270,33 +270,62 @@ def test_closing_an_image_ends_its_reads_in_flight_with_their_data(cluster, imag
         buf.append(0)   # no pin is left: the buffers can be resized
 
 
-def test_a_fenced_gateway_fails_compare_and_write_as_a_path_not_a_medium(cluster, image, stml_factory,
-                                                                         client_factory):
-    """The cluster blocklists the STML's client (another gateway took over):
-    COMPARE AND WRITE, which runs in a worker thread, hears ESHUTDOWN, and
-    the gateway stands down before it answers: its front end is released
-    (the path fails: initiators go to another one) and nothing says MEDIUM
-    ERROR, a hard error (ESXi's heartbeat). It said MEDIUM ERROR, and the
-    gateway stood down up to a second later."""
-    from fetd_loopback.client import LinkLost
-    stml = stml_factory(cluster.spec(image))
-    c = client_factory(stml.endpoint)
+def test_a_fenced_client_fails_compare_and_write_as_a_path_not_a_medium(cluster, image):
+    """The cluster blocklists the client (another gateway took over):
+    COMPARE AND WRITE, which runs in a worker thread, hears ESHUTDOWN; the
+    gateway is told at once, from that thread, and the command ends with NOT
+    READY, ASYMMETRIC ACCESS STATE TRANSITION (initiators retry, on another
+    path), not MEDIUM ERROR, a hard error (ESXi's heartbeat). It was MEDIUM
+    ERROR, and the gateway heard of it only at its next lock check. (No
+    gateway here: its check would find the fence first and, the lock being
+    free, take it again with a new client; test_rbd_aio has the step down.)"""
+    import asyncio
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+    from backends.rbd import RbdBackend
+    from stml.api import Op
+    from stml.emulator import Emulator, Target
+    from stml.lu import LogicalUnit, LunOptions
+    b = RbdBackend(image, conf=str(cluster.conf), keyring=str(cluster.keyring))
+    told: list[str] = []
+    b.on_fenced = lambda: told.append(threading.current_thread().name)
+    sent: list[dict] = []
+    lu = LogicalUnit(IQN, 0, b, LunOptions(kind="ram", size=b.size()), None)
+    em = Emulator([Target(IQN, {0: lu})], lambda ident, h, f: sent.append(h), ThreadPoolExecutor(2))
+    lu.template = em.templates["disk"]
     block = os.urandom(512)
-    c.write(0, 8, block)
-    (locker,) = json.loads(cluster.run("rbd", "lock", "ls", "--format", "json", image))
-    cluster.run("ceph", "osd", "blocklist", "add", locker["address"])
-    cdb, out = _caw(8, block, block)
-    deadline = time.monotonic() + 30
-    r = None
-    while True:   # until the blocklist reaches the OSD (a CAW of the same bytes changes nothing)
-        try:
-            r = c.execute(0, cdb, data_out=out)
-        except LinkLost:
-            break   # released: the path failed
-        if r.status != 0:
-            break
-        assert time.monotonic() < deadline, "the blocklist never reached the OSD"
-        time.sleep(0.2)
-    if r is not None and r.status != 0:   # an answer that got out first: a path error
-        assert (r.status, r.sense_key, r.asc_ascq) == (0x02, 0x02, (0x04, 0x0A)), r
-    assert "stml: gateway standby (fenced on image" in stml.stdout_path.read_text()
+
+    async def caw(tag: int) -> dict:
+        cdb, out = _caw(8, block, block)
+        em.handle(b"fe", {"op": Op.RX_CMND, "tag": tag, "nexus": 1, "lun": 0, "cdb": cdb, "attr": 0,
+                          "dir": 1, "len": len(out), "unsol": len(out)}, [out])
+        while True:
+            for h in sent:
+                if h["op"] == Op.XMIT_RESPONSE and h["tag"] == tag:
+                    return h
+            await asyncio.sleep(0.01)
+
+    async def run() -> dict:
+        em.handle(b"fe", {"op": Op.REGISTER, "version": [1, 0], "kind": "test", "name": "t",
+                          "heartbeat_ms": 1000, "aen": False}, [])
+        em.handle(b"fe", {"op": Op.REGISTER_NEXUS, "nexus": 1, "initiator": "iqn.2026-11.org.test:i",
+                          "target": IQN, "tpg": 1}, [])
+        assert (await caw(1))["status"] == 0   # the bytes are there: a CAW of them changes nothing
+        (locker,) = json.loads(cluster.run("rbd", "lock", "ls", "--format", "json", image))
+        cluster.run("ceph", "osd", "blocklist", "add", locker["address"])
+        for tag in range(2, 300):   # until the blocklist reaches the OSD (at once, here)
+            h = await caw(tag)
+            if h["status"] != 0:
+                return h
+            await asyncio.sleep(0.1)
+        raise AssertionError("the blocklist never reached the OSD")
+
+    try:
+        b.lock_acquire()
+        b.write_from(8 * 512, [memoryview(block)], False)
+        h = asyncio.run(run())
+        sense = h["sense"]
+        assert (h["status"], sense[2] & 0x0F, sense[12:14]) == (0x02, 0x02, bytes([0x04, 0x0A])), sense.hex()
+        assert len(told) == 1 and told[0] != threading.main_thread().name, told
+    finally:
+        b.close()

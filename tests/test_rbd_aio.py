@@ -281,3 +281,46 @@ def test_closing_in_a_worker_while_the_loop_waits_for_that_worker_does_not_hang(
         await asyncio.wait_for(asyncio.shield(fut), 30)
     asyncio.run(run())
     assert bytes(buf) == b"L" * 4096 and not pinned(buf)
+
+
+def test_a_fenced_compare_and_write_stands_the_gateway_down_before_it_answers(backend):
+    """COMPARE AND WRITE (in a worker thread) is refused by the cluster
+    (blocklisted): the active gateway stands down at once - its front end is
+    released, the command goes with it unanswered (the step down is posted
+    before the call's outcome) - and no MEDIUM ERROR goes out. The command
+    answered MEDIUM ERROR, and the gateway stood down only at its next lock
+    check."""
+    import struct
+    from concurrent.futures import ThreadPoolExecutor
+    from stml.api import Op
+    from stml.emulator import Emulator, Target
+    from stml.gateway import ACTIVE, STANDBY, Gateway
+    from stml.lu import LogicalUnit, LunOptions
+    t = "iqn.2026-11.org.test:t"
+    sent: list[dict] = []
+    lu = LogicalUnit(t, 0, backend, LunOptions(kind="ram", size=1 << 20), None)
+    executor = ThreadPoolExecutor(2)
+    em = Emulator([Target(t, {0: lu})], lambda ident, h, f: sent.append(h), executor)
+    lu.template = em.templates["disk"]
+    block = bytes(512)
+    cdb = struct.pack(">BBQBBBBBB", 0x89, 0, 8, 0, 0, 0, 1, 0, 0)
+
+    async def run() -> Gateway:
+        gw = Gateway(em, executor)
+        gw.watch(lu)
+        gw.role = ACTIVE
+        em.handle(b"fe", {"op": Op.REGISTER, "version": [1, 0], "kind": "test", "name": "t",
+                          "heartbeat_ms": 1000, "aen": False}, [])
+        em.handle(b"fe", {"op": Op.REGISTER_NEXUS, "nexus": 1, "initiator": "iqn.2026-11.org.test:i",
+                          "target": t, "tpg": 1}, [])
+        em.handle(b"fe", {"op": Op.RX_CMND, "tag": 7, "nexus": 1, "lun": 0, "cdb": cdb, "attr": 0,
+                          "dir": 1, "len": 1024, "unsol": 1024}, [block + block])
+        for _ in range(3000):   # a guard against a hang, not a timing
+            if not lu.task_set.tasks:
+                break
+            await asyncio.sleep(0.01)
+        return gw
+    gw = asyncio.run(run())
+    answers = [h for h in sent if h["op"] == Op.XMIT_RESPONSE and h["tag"] == 7]
+    assert gw.role == STANDBY and [h["op"] for h in sent if h["op"] == Op.RELEASE] == [Op.RELEASE]
+    assert answers == [], "the command goes with its front end, unanswered (no MEDIUM ERROR)"

@@ -18,8 +18,6 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import pytest
-
 from backends import open_backend
 from stml import pr
 from stml.api import Op
