@@ -29,8 +29,8 @@ from stml.disk import DiskTemplate, OpEntry, standard_inquiry, trim_views
 from stml.lu import LogicalUnit
 from stml.sense import (
     ABORTED_COMMAND, CHECK_CONDITION, GOOD, HARDWARE_ERROR, ILLEGAL_REQUEST,
-    INTERNAL_TARGET_FAILURE, INVALID_FIELD_IN_CDB, LOGICAL_UNIT_NOT_SUPPORTED, MEDIUM_ERROR,
-    POWER_ON_RESET, UNIT_ATTENTION, UNRECOVERED_READ_ERROR,
+    INTERNAL_TARGET_FAILURE, INVALID_FIELD_IN_CDB, INVALID_FIELD_IN_COMMAND_IU,
+    LOGICAL_UNIT_NOT_SUPPORTED, MEDIUM_ERROR, POWER_ON_RESET, UNIT_ATTENTION, UNRECOVERED_READ_ERROR,
     WRITE_ERROR, DATA_PHASE_ERROR, BUSY, RESERVATION_CONFLICT, TASK_ABORTED, TASK_SET_FULL,
     CheckCondition, StatusError, build_sense,
 )
@@ -41,6 +41,7 @@ _READ, _WRITE = int(DataDir.READ), int(DataDir.WRITE)   # plain ints: IntFlag op
 
 Send = Callable[[bytes, dict[str, Any], list], None]
 _COUNT_FIELDS = ("lun", "attr", "dir", "len", "unsol")   # rx_cmnd fields: non-negative ints
+_MAX_ATTR = max(TaskAttr)   # and attr a TaskAttr: the task set policies know no other
 
 BUS_DEVICE_RESET = (0x29, 0x03)
 I_T_NEXUS_LOSS = (0x29, 0x07)
@@ -486,7 +487,7 @@ class Emulator:
             h["lun"], h.get("attr", 0), h.get("dir", 0), h.get("len", 0), h.get("unsol", 0))
         # non-negative ints (not bool, an int subclass), in one test for the usual case
         if not (type(lun) is int is type(attr) is type(direction) is type(exp_len) is type(unsol)) \
-                or (lun | attr | direction | exp_len | unsol) < 0:
+                or (lun | attr | direction | exp_len | unsol) < 0 or attr > _MAX_ATTR:
             self._refuse_counts(fe, tag, h)
             return
         task = Task(self, fe, nexus, tag, lun, cdb, attr, direction, exp_len, unsol, frames)
@@ -496,12 +497,15 @@ class Emulator:
             task.runner.add_done_callback(functools.partial(self._runner_done, task))
 
     def _refuse_counts(self, fe: FrontEnd, tag: int, h: dict[str, Any]) -> None:
-        """The rx_cmnd field that is not a non-negative int, refused with its sense."""
+        """The rx_cmnd field that is not a non-negative int (attr: not a
+        TaskAttr), refused: a LUN as no such LU; any other is a field of the
+        command's transport information, not of the CDB the initiator wrote
+        (docs/decisions/0702)."""
         for key in _COUNT_FIELDS:
             value = h.get(key, 0)
-            if type(value) is not int or value < 0:
+            if type(value) is not int or value < 0 or (key == "attr" and value > _MAX_ATTR):
                 log.warning("front end %s: rx_cmnd %s=%r refused", fe.name, key, value)
-                asc = LOGICAL_UNIT_NOT_SUPPORTED if key == "lun" else INVALID_FIELD_IN_CDB
+                asc = LOGICAL_UNIT_NOT_SUPPORTED if key == "lun" else INVALID_FIELD_IN_COMMAND_IU
                 self.respond(fe, tag, CHECK_CONDITION, build_sense(ILLEGAL_REQUEST, asc), 0)
                 return
 
