@@ -407,9 +407,10 @@ class Emulator:
             self.send(fe.ident, {"op": Op.NEXUS_READY, "nexus": nexus.id,
                                  "error": f"initiator or target name longer than {MAX_NAME_LEN} bytes"}, [])
             return
-        if nexus.target not in self.targets:
-            self.send(fe.ident, {"op": Op.NEXUS_READY, "nexus": nexus.id,
-                                 "error": f"no target {nexus.target}"}, [])
+        refused = self._nexus_refusal(nexus)
+        if refused:
+            log.warning("front end %s: nexus %d refused: %s", fe.name, nexus.id, refused)
+            self.send(fe.ident, {"op": Op.NEXUS_READY, "nexus": nexus.id, "error": refused}, [])
             return
         old = fe.nexuses.get(nexus.id)
         if old:
@@ -420,6 +421,19 @@ class Emulator:
         log.debug("nexus %d of %s: %s", nexus.id, fe.name, nexus.key)
         self._seen_tpgs.setdefault(nexus.target, set()).add(nexus.tpg)
         self.send(fe.ident, {"op": Op.NEXUS_READY, "nexus": nexus.id}, [])
+
+    def _nexus_refusal(self, nexus: Nexus) -> str | None:
+        """Why the target does not take this initiator, or None. The front
+        ends check the ACL themselves (at login, before registering); this is
+        the check none of them can skip, a remote one included (0240)."""
+        t = self.targets.get(nexus.target)
+        if t is None:
+            return f"no target {nexus.target}"
+        acl = t.access.get("acl")
+        name = pr.name_key(nexus.initiator)   # the port's initiator name; names compare without case
+        if acl and all(a.lower() != name for a in acl):
+            return f"initiator {nexus.initiator} is not in the ACL of {t.name}"
+        return None
 
     def portal_groups(self, target: str) -> set[int]:
         """Target port groups (portal group tags) of a target, for ALUA."""
