@@ -412,6 +412,30 @@ def test_stop_waits_for_requests_in_flight_then_restarts(gated, vhost, masters):
     assert m.run(q, inquiry(36), data_in=36).status == GOOD
 
 
+def test_a_ring_held_full_is_taken_from_again_as_answers_come(gated, vhost, masters):
+    """A guest posting one head again and again: fetd_vhost takes a ring's
+    worth, holds the ring while they are in flight, and takes the rest once
+    answers free places, without another kick."""
+    g = gated()
+    m = masters(vhost(g.endpoint))
+    m.negotiate()
+    for i in (0, 1):
+        m.setup_queue(i, 8)
+    q = m.setup_queue(2, 8)
+    cmd = m.submit(q, gate_cdb("HLD1"), publish=False)
+    for _ in range(7):
+        q.offer(cmd.head)
+    q.publish()
+    g.wait_started("HLD1")
+    for _ in range(8):
+        q.offer(cmd.head)
+    q.publish()
+    g.open("HLD1")
+    done = q.wait_used(16)
+    assert [h for h, _ in done] == [cmd.head] * 16
+    assert cmd.result(done[-1][1]).status == GOOD
+
+
 def test_stml_restart_fails_commands_in_flight_with_busy(tmp_short, gated, vhost, masters):
     data_dir = tmp_short()
     g = gated(data_dir)
