@@ -510,6 +510,19 @@ def test_run_refuses_a_bad_vhost_flag(tmp_short, flag, message):
     assert p.returncode == 2 and message in p.stderr
 
 
+def test_run_refuses_a_vhost_socket_when_there_is_no_target(tmp_short):
+    import subprocess
+    import sys
+    d = tmp_short()
+    cfg = d / "target.toml"
+    cfg.write_text('target = []\n\n[[vhost]]\nsocket = "vm.sock"\n')
+    p = subprocess.run([sys.executable, "-m", "scsi_target", "run", "--data-dir", str(d / "data"),
+                        "--config", str(cfg)], capture_output=True, text=True, timeout=60)
+    assert (p.returncode, p.stdout) == (2, "")
+    assert p.stderr == (f"scsi-target: config error: vhost socket {d / 'vm.sock'}: "
+                        "the configuration has no target to serve\n")
+
+
 def test_acl_keeps_a_vm_out_until_management_lets_it_in(stml_factory, tmp_short, vhost, masters):
     cfg = tmp_short() / "target.toml"
     cfg.write_text(f'[[target]]\nname = "{IQN}"\nacl = ["iqn.2026-11.org.example:someone-else"]\n'
