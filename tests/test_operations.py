@@ -23,7 +23,7 @@ import tomlkit
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from conftest import StmlProcess, short_dir, stop_pid, wait_for_line
+from conftest import StmlProcess, need_root, short_dir, stop_pid, wait_for_line
 from fetd_loopback import LoopbackClient, ScsiError
 from rawiscsi import RawInitiator
 from scsi_target.mgmt import MgmtClient
@@ -650,6 +650,7 @@ def test_a_data_dir_that_cannot_be_written_is_one_line_and_exit_2(tmp_path):
     assert p.stderr == f"scsi-target: data dir {blocker / 'data'}: not usable: Not a directory\n"
     d = tmp_path / "immutable"
     d.mkdir()
+    need_root("an immutable directory (chattr +i)")
     if subprocess.run(["chattr", "+i", str(d)], capture_output=True).returncode:
         pytest.skip("chattr +i is not available here")
     try:

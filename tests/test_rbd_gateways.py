@@ -18,6 +18,7 @@ import uuid
 
 import pytest
 
+from conftest import need_root
 from fetd_tcp import pdu as P
 from rawiscsi import RawInitiator
 from support import ceph, gateways
@@ -33,6 +34,7 @@ WE = 0x1   # Write Exclusive
 
 @pytest.fixture(scope="module")
 def net():
+    need_root("the gateways' network namespaces")
     why = ceph.available() or gateways.available()
     if why:
         pytest.skip(why)
