@@ -4,6 +4,11 @@ with that reason."""
 from __future__ import annotations
 
 import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -70,7 +75,30 @@ def test_need_root_skips_with_a_reason_when_not_root(monkeypatch):
 
 def test_ci_sets_the_variable_before_the_readmes_command():
     """.ci/run exports it; the command itself stays the README's (tests/test_docs.py)."""
-    from pathlib import Path
     lines = (Path(__file__).resolve().parent.parent / ".ci" / "run").read_text().splitlines()
     command = next(i for i, line in enumerate(lines) if line.startswith("scripts/test-deps"))
     assert f"export {CI_VAR}=1" in lines[:command]
+
+
+# every test that makes network namespaces (or binds UDP port 427 in one)
+NAMESPACE_TESTS = ("tests/test_slp_e2e.py", "tests/test_rbd_gateways.py",
+                   "tests/test_remote_fe.py::test_remote_front_end_over_curve")
+
+
+def test_tests_that_need_namespaces_skip_without_the_rights_to_make_them():
+    """Not root, or root without capabilities (an unprivileged container):
+    the namespace tests skip, each with its reason, and none errors (the SLP
+    fixture raised CalledProcessError, the gateways' bridge RuntimeError)."""
+    argv = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *NAMESPACE_TESTS]
+    if os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")   # util-linux: root, with no capability left
+        if setpriv is None:
+            pytest.skip("setpriv (util-linux) is not installed")
+        argv = [setpriv, "--inh-caps=-all", "--bounding-set=-all", "--", *argv]
+    env = {k: v for k, v in os.environ.items() if k != CI_VAR}
+    root = Path(__file__).resolve().parent.parent
+    p = subprocess.run(argv, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and re.search(r"^7 skipped in ", p.stdout, re.M), p.stdout[-3000:]
+    reasons = re.findall(r"^SKIPPED \[\d+\] \S+: (.*)$", p.stdout, re.M)
+    assert reasons and all(re.search(r"needs root|cannot create|cannot make|not installed", r)
+                                     for r in reasons), reasons
