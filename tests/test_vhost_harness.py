@@ -9,6 +9,7 @@ queues, event index, every task management function, the event queue
 messages, queue stop/start, an STML restart, and a restarted front end."""
 from __future__ import annotations
 
+import collections
 import os
 import select
 import signal
@@ -413,27 +414,33 @@ def test_stop_waits_for_requests_in_flight_then_restarts(gated, vhost, masters):
 
 
 def test_a_ring_held_full_is_taken_from_again_as_answers_come(gated, vhost, masters):
-    """A guest posting one head again and again: fetd_vhost takes a ring's
-    worth, holds the ring while they are in flight, and takes the rest once
-    answers free places, without another kick."""
+    """A guest that posts its heads again while they are in flight: fetd_vhost
+    takes a ring's worth, then holds the ring (nothing more reaches the
+    STML) until answers free places, and takes the rest then, without
+    another kick."""
     g = gated()
     m = masters(vhost(g.endpoint))
     m.negotiate()
     for i in (0, 1):
         m.setup_queue(i, 8)
-    q = m.setup_queue(2, 8)
-    cmd = m.submit(q, gate_cdb("HLD1"), publish=False)
-    for _ in range(7):
-        q.offer(cmd.head)
+    q, other = m.setup_queue(2, 8), m.setup_queue(3, 8)
+    names = [f"HL{i:02d}" for i in range(8)]
+    cmds = [m.submit(q, gate_cdb(name), indirect=True, publish=False) for name in names]   # a descriptor each
     q.publish()
-    g.wait_started("HLD1")
-    for _ in range(8):
-        q.offer(cmd.head)
+    for name in names:
+        g.wait_started(name)      # all 8 taken: their avail slots may be written again
+    for c in cmds:
+        q.offer(c.head)           # each head posted again while it is in flight
     q.publish()
-    g.open("HLD1")
-    done = q.wait_used(16)
-    assert [h for h, _ in done] == [cmd.head] * 16
-    assert cmd.result(done[-1][1]).status == GOOD
+    # kicked after that kick: once this is answered, fetd_vhost has looked at q
+    assert m.run(other, TUR).response == OK
+    assert g.calls == collections.Counter(names)      # held: none of the 8 again
+    for name in names:
+        g.open(name)
+    q.wait_used(16)
+    assert q.used_idx() == 16
+    assert g.calls == collections.Counter(names * 2)
+    assert all((r.response, r.status) == (OK, GOOD) for r in (c.result(RESP_SIZE) for c in cmds))
 
 
 def test_stml_restart_fails_commands_in_flight_with_busy(tmp_short, gated, vhost, masters):
