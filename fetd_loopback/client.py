@@ -17,9 +17,9 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from stml.api import DataDir, Detect, FrontEndLink, TaskAttr, Tmf
+from stml.api import DataDir, Detect, FrontEndLink, Status, TaskAttr, Tmf
 
-GOOD, CHECK_CONDITION = 0x00, 0x02
+GOOD, CHECK_CONDITION = int(Status.GOOD), int(Status.CHECK_CONDITION)
 
 
 class LinkLost(ConnectionError):
@@ -220,12 +220,13 @@ class LoopbackClient:
 
     def xmit_response(self, tag: int, status: int, sense: bytes | None, resid: int, data: list) -> None:
         pending = self._pending.pop(tag, None)
-        if pending is None:
-            return
-        payload = bytes(data[0]) if len(data) == 1 else b"".join(data)
-        pending.future.set_result(ScsiResult(status, sense, payload, resid))
+        if pending is not None:   # copied out: the data is not used after this
+            payload = bytes(data[0]) if len(data) == 1 else b"".join(data)
+            pending.future.set_result(ScsiResult(status, sense, payload, resid))
+        assert self._link is not None   # responses come over the link
+        self._link.scsi_target_done([tag])
 
-    def task_mgmt_fn_done(self, tag: int, response: int, aborted: list[int]) -> None:
+    def task_mgmt_fn_done(self, tag: int, response: int, aborted: list[int], info: bytes = b"") -> None:
         for t in aborted:
             self._fail(t, TaskAborted(f"task {t} aborted by task management"))
         fut = self._tmfs.pop(tag, None)

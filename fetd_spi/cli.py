@@ -25,7 +25,7 @@ def main(stml_endpoint: str, scenarios: tuple[str, ...], target: str | None, jso
     from fetd_spi.report import plot, table
     from fetd_spi.sim import scenario_from_dict
     from scsi_runtime.logs import setup_logging
-    from stml.api import run_loop
+    from scsi_runtime.loop import run_loop
     setup_logging(log_level, "fetd_spi")
     loaded = []
     for path in scenarios:

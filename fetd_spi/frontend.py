@@ -157,10 +157,12 @@ class StmlExecutor:
             self.link.scsi_rx_data(tag, offset, [cmd.data_out[offset:offset + length]])
 
     def xmit_response(self, tag: int, status: int, sense: bytes | None, resid: int, data: list) -> None:
-        if self._commands.pop(tag, None) is None:
+        known = self._commands.pop(tag, None) is not None
+        answer = Outcome(status, sense, b"".join(bytes(d) for d in data)) if known else None
+        self.link.scsi_target_done([tag])   # the data is copied (or unwanted): the STML's again
+        if answer is None:
             log.warning("response for unknown command tag %d ignored", tag)
             return
-        answer = Outcome(status, sense, b"".join(bytes(d) for d in data))
         event = self._waiting.pop(tag, None)
         if event is None:
             self._answers[tag] = answer
@@ -168,7 +170,7 @@ class StmlExecutor:
             event.succeed(answer)         # the clock stands still: same instant as asked
             self._changed.set()
 
-    def task_mgmt_fn_done(self, tag: int, response: int, aborted: list[int]) -> None:
+    def task_mgmt_fn_done(self, tag: int, response: int, aborted: list[int], info: bytes = b"") -> None:
         pass   # fetd_spi sends no task management
 
     def report_aen(self, nexus: int | None, lun: int, sense: bytes) -> None:

@@ -9,8 +9,7 @@ from typing import Any
 from fetd_spi import timing as T
 from fetd_spi.bus import Phase
 from fetd_spi.sim import Simulation
-
-GOOD = 0x00
+from stml.api import Status
 
 
 def percentile(values: list[int], p: float) -> float:
@@ -68,14 +67,14 @@ def collect(sim: Simulation, until: int) -> Results:
         ini = g.initiator
         done = [c for c in ini.completed if c.done is not None and c.done <= until]
         lat = [c.done - c.issued for c in done if c.done is not None]
-        moved = sum(len(c.data_out) or len(c.data_in) for c in done if c.status == GOOD)
+        moved = sum(len(c.data_out) or len(c.data_in) for c in done if c.status == Status.GOOD)
         waits = list(ini.waits)
         asked = sim.bus.requests.get(ini.id)
         if asked is not None:        # still waiting at the end: a starved ID's wait is the run
             waits.append(until - asked)
         rows.append(InitiatorStats(
             ini.id, order.index(ini.id) + 1, ini.fair, len(done),
-            sum(1 for c in done if c.status != GOOD), moved / seconds / 1e6, len(done) / seconds,
+            sum(1 for c in done if c.status != Status.GOOD), moved / seconds / 1e6, len(done) / seconds,
             percentile(lat, 50) / T.US, percentile(lat, 99) / T.US, max(lat, default=0) / T.US,
             len(ini.waits), ini.lost, (sum(waits) / len(waits) if waits else 0) / T.US,
             percentile(waits, 99) / T.US, g.bad_reads))

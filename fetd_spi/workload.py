@@ -6,10 +6,9 @@ import struct
 from dataclasses import dataclass
 
 from fetd_spi.bus import MAX_LUN, Command, Initiator, SimGen
-from stml.api import TaskAttr
+from stml.api import Status, TaskAttr
 
 READ_10, WRITE_10 = 0x28, 0x2A
-GOOD = 0x00
 _HEADER = struct.Struct(">4sBxxxQ")   # magic, initiator ID, LBA: the first 16 bytes of a block
 MAGIC = b"SPI!"
 
@@ -92,7 +91,7 @@ class Generator:
         return Command(self.initiator.id, tag, w.lun, cdb, w.attr, data, nbytes if read else 0, lba)
 
     def _done(self, cmd: Command) -> None:
-        if cmd.status == GOOD and cmd.data_in:
+        if cmd.status == Status.GOOD and cmd.data_in:
             self._check_read(cmd)
         if not self.running:
             return

@@ -12,7 +12,7 @@ class PortalError(ValueError):
 
 def parse_portal(value: str) -> tuple[str, int, int]:
     """HOST:PORT[,TPGT], [V6ADDR]:PORT[,TPGT] or HOST: never split IPv6 on ':'."""
-    from stml.api import parse_portal as parse
+    from scsi_runtime.portals import parse_portal as parse
     try:
         return parse(value)
     except ValueError as e:
@@ -40,7 +40,8 @@ def main(stml_endpoints: tuple[str, ...], portals: tuple[str, ...], stml_key: st
     or on another one over tcp:// with CURVE keys)."""
     from fetd_tcp.server import PortalSpec, run_fetd_tcp
     from scsi_runtime.logs import setup_logging
-    from stml.api import curve_client_keys, run_loop
+    from scsi_runtime.curvekeys import curve_client_keys
+    from scsi_runtime.loop import run_loop
     setup_logging(log_level, "fetd_tcp", log_format)
     from fetd_tcp.limits import LimitError, Limits
     try:

@@ -10,7 +10,7 @@ import os
 import secrets
 import signal
 import socket
-from typing import Any, Iterator, cast
+from typing import Any, Callable, Iterator, cast
 
 from fetd_tcp import pdu as P
 from fetd_tcp.budget import Account, Budget
@@ -19,9 +19,10 @@ from fetd_tcp.keys import TargetKeys
 from fetd_tcp import login as L
 from fetd_tcp.chap import Credentials, Secret
 from fetd_tcp.limits import Limits
+from fetd_tcp.retain import Retained, retention
 from fetd_tcp.session import MAX_TEXT_RESPONSE, Connection, Session, Tags
 from scsi_runtime.logs import audit
-from stml.api import BufferPool, Detect, FrontEndLink, Op
+from stml.api import Detect, FrontEndLink
 
 log = logging.getLogger("fetd_tcp")
 
@@ -57,6 +58,7 @@ class IscsiFrontEnd:
         self.link = FrontEndLink(stml_endpoint, "iscsi", self, curve=curve)
         self.isns = None
         self.slp: Any = None     # the SLP service agent's driver (fetd_tcp.slpd), when `slp` is on
+        self.slp_settings: tuple = ()    # the settings it was started with (scopes, auth, DAs)
         if isns:
             from fetd_tcp.isns import IsnsClient
             self.isns = IsnsClient(isns, f"{self.link.name}")
@@ -73,7 +75,6 @@ class IscsiFrontEnd:
         self.limits = Limits.from_env()
         self.budget = Budget(self.limits.max_buffered)   # every byte a connection makes us hold
         self.open_conns: dict[Any, int] = {}             # portal / peer host -> open connections
-        self.pool = BufferPool()          # big data segments the STML's shared memory cannot take
         self.pending_output: set[PduWriter] = set()      # writers with PDUs not yet sent
         self.portal_errors: dict[tuple[str, int, int], str] = {}   # wanted portals we could not open
         self.synced = False               # the STML's portal list was applied once
@@ -82,6 +83,12 @@ class IscsiFrontEnd:
         self.failed: asyncio.Future | None = None
         # TSIH -> the portal it logged in through, and the initiator's address (audit lines)
         self.session_portals: dict[int, tuple[str, str]] = {}
+        # ERL 2: failed connections kept for TASK REASSIGN, within a cap per host, each
+        # with the timer that expires it; our own ABORT TASKs of their tasks, by tag
+        self.retained: Retained[Connection] = Retained(self.limits.max_failed_per_host,
+                                                       lambda c: not c.account.closed)
+        self.expiry: dict[Connection, asyncio.TimerHandle] = {}
+        self.expiring: dict[int, Connection] = {}
 
     # ------------------------------------------------------------ STML -> us
     def detect(self, detect: Detect) -> None:
@@ -101,7 +108,7 @@ class IscsiFrontEnd:
 
     def _slp_update(self) -> None:
         """Start, stop or update the SLP service agent as the STML's `slp`
-        setting, targets and our portals say (after every detect and portal change)."""
+        settings, targets and our portals say (after every detect and portal change)."""
         info = self.detect_info
         scopes = info.discovery.get("slp") if info is not None else None
         if not scopes or info is None:
@@ -110,23 +117,25 @@ class IscsiFrontEnd:
                 self.slp = None
             return
         from fetd_tcp import slp, slpd
-        if self.slp is not None and self.slp.agent.scope_text != ",".join(scopes):
+        port = int(os.environ.get("SCSI_TARGET_SLP_PORT", slp.SLP_PORT))
+        das = list(info.discovery.get("slp_da") or ())
+        settings = (tuple(scopes), bool(info.discovery.get("slp_auth")), tuple(das))
+        if self.slp is not None and self.slp_settings != settings:
             self.slp.close()
             self.slp = None
         targets = [slp.Target(t.name, t.alias, tuple(t.access.get("acl") or ()),
                               (t.access.get("chap") or {}).get("user")) for t in info.targets]
         portals = [(p.host, p.port, p.tpgt) for p in self.portals]
         if self.slp is None:
-            agent = slp.ServiceAgent(list(scopes))
+            agent = slp.ServiceAgent(list(scopes), auth=settings[1])
             agent.update(targets, portals)
-            driver = slpd.SlpDriver(agent, list(info.discovery.get("slp_da") or ()),
-                                    int(os.environ.get("SCSI_TARGET_SLP_PORT", slp.SLP_PORT)))
+            driver = slpd.SlpDriver(agent, das, port)
             try:
                 driver.start()
             except OSError as e:
                 log.error("SLP service agent not started: %s", e)
                 return
-            self.slp = driver
+            self.slp, self.slp_settings = driver, settings
         else:
             self.slp.agent.update(targets, portals)
             self.slp.update()
@@ -170,7 +179,7 @@ class IscsiFrontEnd:
              "bound_port": p.port} for p in self.portals]
         states += [{"host": k[0], "port": k[1], "tpgt": k[2], "listening": False, "error": err}
                    for k, err in self.portal_errors.items() if k in self._wanted]
-        self.link.send({"op": Op.PORTAL_STATE, "follows": True, "portals": states})
+        self.link.portal_state(states)
 
     def drop_nexus(self, nexus: int, reason: str) -> None:
         """The STML ended this nexus (management `session drop`): tell the
@@ -207,6 +216,7 @@ class IscsiFrontEnd:
     def xmit_response(self, tag: int, status: int, sense: bytes | None, resid: int, data: list) -> None:
         task = self.tags.tasks.pop(tag, None)
         if task is None:
+            self.link.scsi_target_done([tag])   # nobody to send it to: the data is free now
             return
         if not data:
             buf = None
@@ -215,22 +225,29 @@ class IscsiFrontEnd:
         else:
             buf = memoryview(b"".join(data))
         task.conn.xmit_response(task, status, sense, resid, buf)
+        out = task.conn.out
+        if isinstance(out, PduWriter):
+            out.responded(tag)   # done once its writer has sent the PDUs, which refer to `data`
+        else:
+            self.link.scsi_target_done([tag])
 
-    def task_mgmt_fn_done(self, tag: int, response: int, aborted: list[int]) -> None:
+    def task_mgmt_fn_done(self, tag: int, response: int, aborted: list[int], info: bytes = b"") -> None:
         tasks = [t for t in (self.tags.tasks.pop(a, None) for a in aborted) if t is not None]
+        failed = self.expiring.pop(tag, None)
+        if failed is not None:      # our own ABORT TASK of a task whose Time2Retain ran out
+            for task in tasks:
+                task.conn.session.itts.pop(task.itt, None)
+                task.conn.release(task)
+            # counted per answer, aborted or not (the task may have completed first)
+            failed.aborting -= 1
+            if not failed.aborting:     # the last of them: the window is open now
+                self._window_update(failed.session)
+            return
         entry = self.tags.tmfs.pop(tag, None)
         if entry is not None:
             conn, itt, fn = entry
-            if conn is None:        # our own ABORT TASK of a task whose Time2Retain ran out
-                for task in tasks:
-                    old = task.conn
-                    old.session.itts.pop(task.itt, None)
-                    old.release(task)
-                    old.aborting -= 1
-                    if not old.aborting:    # the last of them: the window is open now
-                        self._window_update(old.session)
-            else:
-                conn.task_mgmt_fn_done(itt, fn, response, tasks)
+            if conn is not None:
+                conn.task_mgmt_fn_done(itt, fn, response, tasks, info)
 
     def report_aen(self, nexus: int | None, lun: int, sense: bytes) -> None:
         sessions = self.by_nexus.values() if nexus is None else filter(None, [self.by_nexus.get(nexus)])
@@ -255,7 +272,12 @@ class IscsiFrontEnd:
         (log.warning if self.sessions else log.info)("STML link lost: closing %d session(s)", len(self.sessions))
         # nor will it answer the TMFs it was given: their entries (each holds its connection) go too
         self.tags.tmfs.clear()
+        self.expiring.clear()
         for s in list(self.sessions.values()):
+            for failed in list(s.failed.values()):   # their tasks are gone with the STML
+                self._discard_failed(failed)
+            if not s.connections:
+                self._end_session(s)
             for conn in list(s.connections.values()):
                 conn.close()
 
@@ -491,7 +513,8 @@ class IscsiFrontEnd:
                 window = min(window, o.target.cmdsn_depth)
             session = Session(o.tsih, o.isid, o.initiator_name, target, tpgt, o.session,
                               next(self.nexus_ids), o.cmd_sn, window, discovery=discovery,
-                              max_transfer=int(limits.get("max_transfer", 8 << 20)))
+                              max_transfer=int(limits.get("max_transfer", 8 << 20)),
+                              max_retain=self.limits.max_retain)
             self.sessions[o.tsih] = session
             self.by_name[(o.initiator_name, o.isid, target)] = session
             if not discovery:
@@ -515,7 +538,8 @@ class IscsiFrontEnd:
         failed = session.failed.get(o.cid)
         if failed is not None:
             failed.acknowledge(o.exp_stat_sn)
-        out = PduWriter(writer, o.connection, self.pending_output, account)
+        out = PduWriter(writer, o.connection, self.pending_output, account, self.link.scsi_target_done,
+                        str(peer[0]) if peer else "")
         conn = Connection(session, o.cid, o.connection, o.stat_sn, out, self.link, self.tags,
                           out.close, self.text, write_limit=self.limits.max_write_buffer,
                           read_limit=self.limits.max_read_buffer, account=account)
@@ -531,7 +555,8 @@ class IscsiFrontEnd:
         # typeshed types StreamWriter.transport as a WriteTransport, but a TCP connection's
         # reads too (not checkable: uvloop's TCPTransport is no asyncio.Transport subclass)
         transport = cast(asyncio.Transport, writer.transport)
-        proto = ConnectionProtocol(conn, self.link, transport, self._segment_buffer)
+        proto = ConnectionProtocol(conn, self.link, transport, self._segment_buffer,
+                                   self.link.release_buffer)
         pinger = asyncio.create_task(self._pinger(conn))
         try:
             proto.take_over(reader)
@@ -542,9 +567,11 @@ class IscsiFrontEnd:
     def _segment_buffer(self, size: int) -> bytearray | memoryview:
         """Where a big data segment (write data) is received: memory shared with
         a same-host STML when it has room (the data then never crosses the
-        STML's socket), else a reused buffer."""
+        STML's socket; ConnectionProtocol gives it back), else new memory
+        (decisions/0602: a reused buffer would need the carrier to say when it
+        is sent)."""
         view = self.link.shared_buffer(size)
-        return view if view is not None else self.pool.get(size)
+        return view if view is not None else bytearray(size)
 
     async def _pinger(self, conn: Connection) -> None:
         """NOP-In pings every NOP_INTERVAL; at ERL >= 1 a look at stalled write
@@ -585,7 +612,9 @@ class IscsiFrontEnd:
                      s.target or "discovery", portal, s.tsih, conn.cid, extra=audit(peer))
         if s.connections.get(conn.cid) is conn:
             del s.connections[conn.cid]
-        if s.erl >= 2 and not conn.closing and not s.discovery:
+        # (with the STML gone its tasks are gone too: nothing is left to reassign)
+        if s.erl >= 2 and not conn.closing and not s.discovery and self.link.connected.is_set() \
+                and (conn.failed or conn.orphans()):
             self._fail_connection(conn)
             if isinstance(writer, PduWriter):
                 writer.retire(release=False)
@@ -604,21 +633,43 @@ class IscsiFrontEnd:
             writer.retire()
 
     def _fail_connection(self, conn: Connection) -> None:
-        """ERL 2: keep the connection's tasks for Time2Wait + Time2Retain."""
+        """ERL 2: a connection that failed with tasks keeps them, and its budget
+        share, for a TASK REASSIGN for Time2Wait + Time2Retain but at most
+        max_retain seconds; a session keeps at most MaxConnections failed
+        connections, one per CID (a CID failing again replaces the earlier
+        one, which the cap would no longer see), and a host
+        max_failed_per_host (fetd_tcp.retain): past either, the oldest is
+        expired now. One with no task keeps nothing: it is dropped as at
+        level 0 (_drop_connection)."""
         s = conn.session
+        if conn.failed or not conn.orphans():
+            return
         if s.connections.get(conn.cid) is conn:
             del s.connections[conn.cid]
-        if conn.failed:
-            return
+        earlier = s.failed.get(conn.cid)
         conn.fail()
-        delay = s.params.default_time2wait + s.params.default_time2retain
-        log.info("connection CID %d of TSIH %d failed: %d task(s) kept for %d s", conn.cid, s.tsih,
+        delay = retention(s.params.default_time2wait, s.params.default_time2retain, self.limits.max_retain)
+        log.info("connection CID %d of TSIH %d failed: %d task(s) kept for %g s", conn.cid, s.tsih,
                  len(conn.orphans()), delay)
-        asyncio.get_running_loop().call_later(delay, self._expire, conn)
+        self.expiry[conn] = asyncio.get_running_loop().call_later(delay, self._expire, conn)
+        out = conn.send
+        over = [earlier] if earlier is not None else []
+        over += self.retained.keep(conn, out.host if isinstance(out, PduWriter) else "")
+        others = [c for c in s.failed.values() if c is not conn]
+        over += others[:len(s.failed) - max(1, s.params.max_connections)]
+        for old in over:
+            log.info("CID %d of TSIH %d: more failed connections than kept: its tasks are dropped",
+                     old.cid, old.session.tsih)
+            self._expire(old)
 
     def _expire(self, conn: Connection) -> None:
-        """Time2Wait + Time2Retain passed: tasks nobody reassigned are dropped
-        (aborted in the STML), then the session too if it has no connection."""
+        """Time2Wait + Time2Retain passed (or a newer failed connection took the
+        place): tasks nobody reassigned are dropped (aborted in the STML), then
+        the session too if it has no connection."""
+        self.retained.forget(conn)
+        timer = self.expiry.pop(conn, None)
+        if timer is not None:
+            timer.cancel()
         s = conn.session
         if conn.account.closed:
             return     # every task was reassigned
@@ -629,7 +680,7 @@ class IscsiFrontEnd:
                      s.tsih, len(running))
         for task in running:
             tag = self.tags.new()
-            self.tags.tmfs[tag] = (None, 0, P.TMF_ABORT_TASK)
+            self.expiring[tag] = conn
             lun = P.lun_to_int(task.lun)
             self.link.rx_task_mgmt_fn(tag, s.nexus, P.TMF_ABORT_TASK, 0xFFFF if lun is None else lun,
                                       task.tag)
@@ -640,6 +691,16 @@ class IscsiFrontEnd:
             self._end_session(s)
         elif not running:
             self._window_update(s)
+
+    def _discard_failed(self, conn: Connection) -> None:
+        """A failed connection's tasks are over without our aborts (its session
+        ends, or the STML that ran them is gone): what it holds goes now."""
+        self.retained.forget(conn)
+        timer = self.expiry.pop(conn, None)
+        if timer is not None:
+            timer.cancel()
+        conn.expire()
+        conn.account.close()
 
     @staticmethod
     def _window_update(s: Session) -> None:
@@ -660,6 +721,8 @@ class IscsiFrontEnd:
                 del self.by_name[key]
             for task in s.itts.values():
                 self.tags.tasks.pop(task.tag, None)
+            for failed in list(s.failed.values()):   # the release below ends their tasks
+                self._discard_failed(failed)
             if not s.discovery:
                 self.by_nexus.pop(s.nexus, None)
                 left = self.per_target.get(s.target, 1) - 1
@@ -682,13 +745,19 @@ class ConnectionProtocol(asyncio.BufferedProtocol):
     (PDUError: after a data digest error a Reject goes out first) or a bug.
     A PDU the session refuses (PDUError from `receive`) gets a Reject and the
     connection goes on. While more than WRITE_BACKLOG bytes wait in the
-    transport, reading stops until it drains (as `drain()` did)."""
+    transport, reading stops until it drains (as `drain()` did).
+    Shared memory `alloc` gives for a data segment goes back through
+    `release` once the PDU is handled (its data then went to the STML, which
+    holds it on its own, or was copied or dropped) or the connection ends."""
 
     def __init__(self, conn: Connection, link: Any, transport: asyncio.Transport,
-                 alloc: Any = bytearray) -> None:
+                 alloc: Any = bytearray, release: Callable[[memoryview], None] | None = None) -> None:
         p = conn.params
         self.conn, self.link, self.transport = conn, link, transport
-        self.framer = P.PduFramer(p.header_digest, p.data_digest, p.max_recv_data_segment_length, alloc)
+        self.alloc, self.release = alloc, release
+        self.held: list[memoryview] = []   # shared segments taken, not yet given back
+        self.framer = P.PduFramer(p.header_digest, p.data_digest, p.max_recv_data_segment_length,
+                                  self._alloc if release is not None else alloc)
         self.done: asyncio.Future = asyncio.get_running_loop().create_future()
         self.write_paused = False   # the transport's buffer is over its high-water mark
         self.read_paused = False    # we paused reading until it is under its low-water mark
@@ -709,6 +778,19 @@ class ConnectionProtocol(asyncio.BufferedProtocol):
             self._end(None)
         if reader.at_eof() or reader.exception() is not None:
             self._end(None)                 # the initiator closed during login: as IncompleteReadError
+
+    def _alloc(self, size: int) -> bytearray | memoryview:
+        buf = self.alloc(size)
+        if type(buf) is memoryview:
+            self.held.append(buf)
+        return buf
+
+    def _give_back(self) -> None:
+        """The segments taken so far: the framer delivered them (or the connection ended)."""
+        held, self.held = self.held, []
+        assert self.release is not None   # held only with a release
+        for buf in held:
+            self.release(buf)
 
     # -- asyncio.BufferedProtocol
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -771,6 +853,9 @@ class ConnectionProtocol(asyncio.BufferedProtocol):
                     conn.receive(pdu, data)
                 except P.PDUError as e:
                     conn.reject(e.reject_reason, header)
+                finally:
+                    if self.held:
+                        self._give_back()
                 if feed is None and self.write_paused and transport.get_write_buffer_size() > WRITE_BACKLOG:
                     self.read_paused = True
                     transport.pause_reading()
@@ -799,6 +884,8 @@ class ConnectionProtocol(asyncio.BufferedProtocol):
             self._end(exc)
 
     def _end(self, exc: BaseException | None) -> None:
+        if self.held:
+            self._give_back()    # e.g. a segment cut short, or one with a digest error
         if self.done.done():
             return
         if exc is None:
@@ -818,9 +905,13 @@ class PduWriter:
     IOV_MAX = 1024
 
     def __init__(self, writer: asyncio.StreamWriter, params: Any, pending: set | None = None,
-                 account: Account | None = None) -> None:
+                 account: Account | None = None, done: Callable[[list[int]], None] | None = None,
+                 host: str = "") -> None:
         self.pending = pending if pending is not None else set()   # writers with output queued
         self.account = account
+        self.done = done            # told the tags whose responses a flush sent (link.scsi_target_done)
+        self.sent_tags: list[int] = []
+        self.host = host            # the initiator's address (ERL 2 keeps failures per host)
         self.transport = writer.transport
         self.fd = writer.get_extra_info("socket").fileno()
         self.hd, self.dd = params.header_digest, params.data_digest
@@ -884,18 +975,35 @@ class PduWriter:
         if self.account is not None:
             self.account.set("out", self.transport.get_write_buffer_size() + self.size)
 
+    def responded(self, tag: int) -> None:
+        """A response (queued by the last calls) is reported done once it is sent."""
+        if self.done is None:
+            return
+        self.sent_tags.append(tag)
+        if not self.scheduled:
+            self.scheduled = True
+            self.pending.add(self)
+            self.loop.call_soon(self.flush)
+
     def flush(self) -> None:
         self.scheduled = False
         self.pending.discard(self)
         parts, self.parts = self.parts, []
         size, self.size = self.size, 0
-        if not parts or self.transport.is_closing():
-            return
         try:
-            self._send(parts, size)
+            if parts and not self.transport.is_closing():
+                try:
+                    self._send(parts, size)
+                finally:
+                    if self.account is not None:
+                        self.account.set("out", self.transport.get_write_buffer_size())
         finally:
-            if self.account is not None:
-                self.account.set("out", self.transport.get_write_buffer_size())
+            # their data is in the kernel, copied into the transport's buffer, or dropped
+            # with a closing connection: nothing refers to it any more
+            if self.sent_tags:
+                assert self.done is not None   # responded() keeps tags only with it
+                tags, self.sent_tags = self.sent_tags, []
+                self.done(tags)
 
     def _send(self, parts: list, size: int) -> None:
         if self.transport.get_write_buffer_size() == 0:

@@ -19,9 +19,10 @@ from typing import Any, Callable, Protocol
 from fetd_tcp import pdu as P
 from fetd_tcp.budget import Account, Grant, unlimited
 from fetd_tcp.keys import ConnectionParams, SessionParams
-from stml.api import DataDir, TaskAttr
+from fetd_tcp.retain import announced
+from stml.api import DataDir, Status, TaskAttr
 
-TASK_SET_FULL = 0x28
+TASK_SET_FULL = int(Status.TASK_SET_FULL)
 
 # What one session or connection may make us hold beyond the command window
 OOO_LIMIT = 1 << 20           # data of PDUs waiting for an earlier CmdSN, per session
@@ -143,6 +144,9 @@ class Session:
     window: int
     discovery: bool = False
     max_transfer: int = 8 << 20   # the most data one command moves (the STML's limit)
+    # ERL 2: the most seconds a failed connection's tasks are kept (fetd_tcp.retain);
+    # by default Time2Wait + Time2Retain at their largest, i.e. as negotiated
+    max_retain: float = 2 * 3600
     connections: dict[int, Connection] = field(default_factory=dict)
     itts: dict[int, Task] = field(default_factory=dict)
     # CmdSN -> (connection, PDU, data); data None: it did not fit (answered TASK SET FULL)
@@ -676,9 +680,10 @@ class Connection:
     def _respond_keeping(self, task: Task, status: int, sense: bytes | None, resid: int,
                          data: memoryview | None) -> None:
         """xmit_response at ErrorRecoveryLevel >= 1: the read data is copied (the
-        STML's buffers live for this loop turn only) and kept with the status
-        until ExpStatSN acknowledges it; a task expired with its connection is
-        dropped; one on a failed connection is kept for TASK REASSIGN."""
+        STML's shared slots go back once the response is sent) and kept with
+        the status until ExpStatSN acknowledges it; a task expired with its
+        connection is dropped; one on a failed connection is kept for TASK
+        REASSIGN."""
         s = self.session
         self.release(task)
         if task.expired:
@@ -813,14 +818,15 @@ class Connection:
         resp = P.TMF_RESP_COMPLETE if ref_sn is not None else P.TMF_RESP_NO_TASK
         self.out(P.TaskMgmtResponse(t.itt, resp, self._next_stat_sn(), exp, mx), b"")
 
-    def task_mgmt_fn_done(self, itt: int, fn: int, response: int, aborted: list[Task]) -> None:
+    def task_mgmt_fn_done(self, itt: int, fn: int, response: int, aborted: list[Task],
+                          info: bytes = b"") -> None:
         self.session.tmfs -= 1
         for task in aborted:
             task.conn.session.itts.pop(task.itt, None)
             task.conn.release(task)
         exp, mx = self._sns()
         self.out(P.TaskMgmtResponse(itt, response if response <= 255 else P.TMF_RESP_REJECTED,
-                                    self._next_stat_sn(), exp, mx), b"")
+                                    self._next_stat_sn(), exp, mx, info), b"")
         if fn == P.TMF_TARGET_COLD_RESET and response == P.TMF_RESP_COMPLETE:
             self.close()   # a cold reset ends the connections (RFC 7143 11.5.1)
         # (an I_T NEXUS RESET leaves the session: the unit attention it sets is for it)
@@ -891,8 +897,8 @@ class Connection:
     def fail(self) -> None:
         """ERL 2: the connection died (not by a Logout that closes it): its tasks
         wait for a TASK REASSIGN on another connection until expire() (the
-        caller times Time2Wait + Time2Retain; an earlier failed connection of
-        the same CID keeps its own timer)."""
+        caller times Time2Wait + Time2Retain, and expires an earlier failed
+        connection of the same CID, which this one replaces here)."""
         self.failed = True
         self.session.failed[self.cid] = self
 
@@ -1034,8 +1040,8 @@ class Connection:
             response = 1  # CID not found
         elif lo.reason == 1 and lo.cid not in s.connections:
             response = 1  # CID not found
-        self.out(P.LogoutResponse(lo.itt, response, self._next_stat_sn(), exp, mx,
-                                  s.params.default_time2wait, s.params.default_time2retain), b"")
+        wait, retain = announced(s.params.default_time2wait, s.params.default_time2retain, s.max_retain)
+        self.out(P.LogoutResponse(lo.itt, response, self._next_stat_sn(), exp, mx, wait, retain), b"")
         if response == 0 and lo.reason == 2:
             # its tasks are prepared for a new allegiance (RFC 7143 11.14.1): it fails now
             target = s.connections.get(lo.cid)

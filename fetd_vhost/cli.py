@@ -30,7 +30,8 @@ def main(socket_path: str, target: str, stml_endpoint: str, initiator: str | Non
     device connects to, and the VM sees the target's LUNs as its disks."""
     from fetd_vhost.server import run_fetd_vhost
     from scsi_runtime.logs import setup_logging
-    from stml.api import curve_client_keys, run_loop
+    from scsi_runtime.curvekeys import curve_client_keys
+    from scsi_runtime.loop import run_loop
     setup_logging(log_level, "fetd_vhost")
     curve = None
     if stml_key or own_key:

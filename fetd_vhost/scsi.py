@@ -16,7 +16,7 @@ import struct
 from dataclasses import dataclass
 from typing import Callable, Iterator, Protocol
 
-from stml.api import DataDir, TaskAttr, Tmf, TmfResponse
+from stml.api import BIG_FRAME, DataDir, TaskAttr, Tmf, TmfResponse
 
 from fetd_vhost.virtqueue import Chain, ChainError, RingError, Virtqueue
 
@@ -31,7 +31,7 @@ AN_REQ = struct.Struct("<I8sI")                     # virtio_scsi_ctrl_an_req
 AN_RESP = struct.Struct("<IB")
 EVENT = struct.Struct("<I8sI")                      # virtio_scsi_event
 CONTROL_Q, EVENT_Q = 0, 1            # then the request queues
-SHARED_MIN = 64 << 10     # write data from this size goes through the STML's shared memory
+SHARED_MIN = BIG_FRAME    # write data from this size goes through the STML's shared memory
 
 
 class S(enum.IntEnum):
@@ -178,6 +178,7 @@ class ScsiPort(Protocol):
     def rx_data(self, tag: int, offset: int, data: list) -> None: ...
     def rx_tmf(self, tag: int, fn: int, lun: int, ref: int | None) -> None: ...
     def buffer(self, size: int) -> memoryview | None: ...
+    def release(self, buf: memoryview) -> None: ...
 
 
 @dataclass(slots=True, eq=False)
@@ -341,14 +342,18 @@ class VirtioScsiDevice:
         self.requests[tag] = req
         self.by_guest_tag[(req.lun, guest_tag)] = tag
         unsol = min(data_out, self.max_unsol)
+        data, shared = self._gather(req, 0, unsol)
         self.port.rx_cmnd(tag, req.lun, cdb[:cdb_length(cdb)], attr, int(direction), req.length,
-                          unsol, self._gather(req, 0, unsol))
+                          unsol, data)
+        if shared is not None:
+            self.port.release(shared)   # sent: the STML holds it now, until its command ends
 
-    def _gather(self, req: Request, offset: int, n: int) -> list:
+    def _gather(self, req: Request, offset: int, n: int) -> tuple[list, memoryview | None]:
         """Write data for the STML: copied once into its shared memory when
-        there is room, else handed over as views of guest memory."""
+        there is room (returned second: the caller releases it once sent),
+        else handed over as views of guest memory."""
         if not n:
-            return []
+            return [], None
         views = req.data_out.slices(offset, n)
         if n >= SHARED_MIN:
             buf = self.port.buffer(n)
@@ -357,8 +362,8 @@ class VirtioScsiDevice:
                 for v in views:
                     buf[pos:pos + len(v)] = v
                     pos += len(v)
-                return [buf]
-        return views
+                return [buf], buf
+        return views, None
 
     def rdy_to_xfer(self, tag: int, offset: int, length: int) -> None:
         req = self.requests.get(tag)
@@ -366,7 +371,10 @@ class VirtioScsiDevice:
             return
         if offset < 0 or length < 0 or offset + length > req.data_out.size:
             length = max(0, min(length, req.data_out.size - offset))
-        self.port.rx_data(tag, offset, self._gather(req, offset, length))
+        data, shared = self._gather(req, offset, length)
+        self.port.rx_data(tag, offset, data)
+        if shared is not None:
+            self.port.release(shared)
 
     def xmit_response(self, tag: int, status: int, sense: bytes | None, resid: int,
                       data: list) -> None:

@@ -64,6 +64,9 @@ class _Port:
     def buffer(self, size: int) -> memoryview | None:
         return self.link.shared_buffer(size)
 
+    def release(self, buf: memoryview) -> None:
+        self.link.release_buffer(buf)
+
 
 class Connection:
     """One master (QEMU) connection: its session, device and descriptors."""
@@ -383,8 +386,10 @@ class VhostFrontEnd:
         if self.conn is not None:
             self.conn.device.xmit_response(tag, status, sense, resid, data)
             self.schedule_signals()
+        # the read data is in guest memory now (or nobody wants it): the STML's again
+        self.link.scsi_target_done([tag])
 
-    def task_mgmt_fn_done(self, tag: int, response: int, aborted: list[int]) -> None:
+    def task_mgmt_fn_done(self, tag: int, response: int, aborted: list[int], info: bytes = b"") -> None:
         if self.conn is not None:
             self.conn.device.task_mgmt_fn_done(tag, response, aborted)
             self.schedule_signals()

@@ -5,8 +5,10 @@
     scripts/pathcost.py --instructions     # instructions per command, under valgrind
 
 - stml: READ(10) rx_cmnd messages through the STML's receive path (header
-  unpacked, the command's checks, the backend read, xmit_response packed);
-  the stream to the front end is a stub.
+  unpacked and checked, the command's checks, the backend read,
+  xmit_response packed); the stream to the front end is a stub that lends
+  shared read data as StreamChannel does, and every QD responses the front
+  end's scsi_target_done and slot returns come back.
 - stml-write: the same for WRITE(10) with its data sent along (immediate
   data, as qemu sends 4 KiB writes), written to the backend.
 - fetd: SCSI Command PDUs framed and handled by fetd_tcp, rx_cmnd packed,
@@ -64,10 +66,17 @@ async def stml_path(count: int, size: int, write: bool = False) -> float:
         ident = b"\0stream-1"
         replies: list = []
 
-        class Stream:   # what StmlServer needs of a StreamChannel
+        lent: list[int] = []
+
+        class Stream:   # what StmlServer needs of a StreamChannel; it lends shared slots as one does
             region = SharedRegion()
 
             def send(self, frames: list) -> None:
+                for frame in frames[1:]:       # as StreamChannel's encode() does
+                    if type(frame) is memoryview and id(frame.obj) in self.region.slots:
+                        ref = self.region.lend_slot(frame)
+                        assert ref is not None
+                        lent.append(ref[0])
                 replies.append(frames)
 
         server.streams[ident] = Stream()
@@ -83,6 +92,9 @@ async def stml_path(count: int, size: int, write: bool = False) -> float:
                                   "attr": 0, "dir": 1 if write else 2, "len": size,
                                   "unsol": size if write else 0}), *payload]
                     for tag in range(count + 1)]
+        # what the front end reports once it sent each QD responses (packed by the front end)
+        done = [[ident, pack({"op": "scsi_target_done", "tags": list(range(first, first + QD))})]
+                for first in range(0, count, QD)]
         server._receive(messages.pop())        # takes the power-on unit attention
         replies.clear()
         start = time.perf_counter()
@@ -90,7 +102,11 @@ async def stml_path(count: int, size: int, write: bool = False) -> float:
             server._receive(m)
             if len(replies) >= QD:
                 assert unpack(replies[-1][0])["status"] == 0, "the commands succeed"
-                replies.clear()                # the slots of shared read data are free again
+                # the front end sent them: it reports them done and hands the shared slots back
+                server._receive(done.pop())
+                Stream.region.give_back(lent)
+                lent.clear()
+                replies.clear()
         took = time.perf_counter() - start
         replies.clear()
         server._receive([ident, pack({"op": "rx_cmnd", "tag": count + 1, "nexus": 1, "lun": 0,
@@ -156,7 +172,10 @@ async def fetd_path(count: int, size: int) -> float:
         proto.buffer_updated(len(raw))
         commands, to_stml[:] = to_stml[:], []
         for frames in commands:
-            tag = unpack(frames[0])["tag"]
+            header = unpack(frames[0])
+            if header["op"] != "rx_cmnd":   # scsi_target_done for the previous ones
+                continue
+            tag = header["tag"]
             fe.link._on_message([pack({"op": "xmit_response", "tag": tag, "status": 0,
                                        "sense": None, "resid": 0}), data])
         fe.messages_handled()

@@ -139,7 +139,7 @@ def main() -> None:
     scenarios = [scenario_from_dict(sc) for sc in raw]
     own = None if args.stml else OwnStml()
     try:
-        from stml.api import run_loop
+        from scsi_runtime.loop import run_loop
         runs = run_loop(run_all(scenarios, args.stml or own.endpoint))
     finally:
         if own is not None:

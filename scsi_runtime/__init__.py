@@ -1,3 +1,4 @@
 """Process plumbing shared by the STML and every front end (not the contract:
-that is stml.api): logging now; a leaf package that imports only the standard
-library, so any layer may use it."""
+that is stml.api): logging, the event loop, CURVE key files, portal
+addresses. A leaf package: it imports nothing of this project, so any layer
+may use it."""

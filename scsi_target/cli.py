@@ -180,7 +180,7 @@ def check_portals(portals: list[str]) -> None:
     """Every portal with a fixed port can be listened on (as asyncio will:
     SO_REUSEADDR), so a taken port stops the start here, before any banner;
     fetd_tcp exits 2 too if it loses a race for one."""
-    from stml.api import parse_portal
+    from scsi_runtime.portals import parse_portal
     for p in portals:
         host, port, _ = parse_portal(p)
         if port == 0:

@@ -65,7 +65,7 @@ def generate(directory: str, name: str) -> None:
 @click.argument("key_file", type=click.Path(dir_okay=False, exists=True))
 def show(key_file: str) -> None:
     """Print the public key of a key file."""
-    from stml.api import load_key_file
+    from scsi_runtime.curvekeys import load_key_file
     try:
         public, _ = load_key_file(key_file)
     except ValueError as e:

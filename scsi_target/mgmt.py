@@ -25,7 +25,9 @@ class MgmtClient:
 
     def call(self, cmd: str, **args: Any) -> Any:
         from scsi_target.cli import require_running
-        from stml.api import pack, unpack
+        from stml.api import unpack
+        from stml.api.link import mgmt_request
+        from stml.api.messages import FROM_STML, Op, check
         require_running(self.endpoint)      # a stale socket is answered at once
         ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         sock = ctx.socket(zmq.DEALER)
@@ -37,14 +39,13 @@ class MgmtClient:
         try:
             sock.connect(self.endpoint)
             rid = next(self.ids)
-            sock.send(pack({"op": "mgmt", "id": rid, "cmd": cmd,
-                            "args": {k: v for k, v in args.items() if v is not None}}))
+            sock.send(mgmt_request(rid, cmd, {k: v for k, v in args.items() if v is not None}))
             while True:
                 if not sock.poll(int(self.timeout * 1000)):
                     raise TimeoutError(f"no answer from the STML at {self.endpoint} in {self.timeout:g}s"
                                        + (" (does it accept our key?)" if self.curve else " (busy or stuck)"))
                 h = unpack(sock.recv_multipart()[0])
-                if h.get("op") == "mgmt_reply" and h.get("id") == rid:
+                if h["op"] == Op.MGMT_REPLY and check(h, FROM_STML) is None and h["id"] == rid:
                     break
         finally:
             sock.close()
@@ -78,7 +79,7 @@ def _call(kw: dict[str, Any], cmd: str, **args: Any) -> Any:
     kw = inherited(kw)
     curve = None
     if kw.get("stml_key") or kw.get("own_key"):
-        from stml.api import curve_client_keys
+        from scsi_runtime.curvekeys import curve_client_keys
         try:
             curve = curve_client_keys(kw["own_key"], kw["stml_key"])
         except (ValueError, TypeError) as e:

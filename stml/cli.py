@@ -85,7 +85,7 @@ def main(log_level: str, log_format: str, listen: tuple[str, ...], insecure: boo
     setup_logging(log_level, "stml", log_format)
     config = load_or_exit(**kw)
     apply_stml_options(config, listen, insecure, metrics, poll_us)
-    from stml.api import run_loop
+    from scsi_runtime.loop import run_loop
     from stml.server import run_stml
     try:
         run_loop(run_stml(config))

@@ -22,8 +22,10 @@ from typing import Any, Callable, Coroutine
 
 from backends import BackendError
 from stml import pr
-from stml.api import (CONTRACT_VERSION, MAX_NAME_LEN, MAX_PORT_NAME_LEN, DataDir, Op, TaskAttr, Tmf,
-                      TmfResponse, version_compatible)
+from stml.api import MAX_NAME_LEN, MAX_PORT_NAME_LEN, DataDir, Op, TaskAttr, Tmf, TmfResponse, version_compatible
+from stml.api.link import StmlSender, Transport
+from stml.api.stream import Lease
+from stml.api.messages import TO_STML, check
 from stml.cdb import check_usage, trim_cdb
 from stml.disk import DiskTemplate, OpEntry, standard_inquiry, trim_views
 from stml.lu import LogicalUnit
@@ -39,9 +41,9 @@ from stml.workers import FairWorkers
 log = logging.getLogger("stml")
 _READ, _WRITE = int(DataDir.READ), int(DataDir.WRITE)   # plain ints: IntFlag operators are slow
 
-Send = Callable[[bytes, dict[str, Any], list], None]
 _COUNT_FIELDS = ("lun", "attr", "dir", "len", "unsol")   # rx_cmnd fields: non-negative ints
 _MAX_ATTR = max(TaskAttr)   # and attr a TaskAttr: the task set policies know no other
+_REGISTER = Op.REGISTER.value   # plain str: an enum member costs an attribute hook per message
 
 BUS_DEVICE_RESET = (0x29, 0x03)
 I_T_NEXUS_LOSS = (0x29, 0x07)
@@ -79,6 +81,7 @@ class FrontEnd:
     nexuses: dict[int, Nexus] = field(default_factory=dict)
     tasks: dict[int, Task] = field(default_factory=dict)
     usage: dict[str, int] = field(default_factory=dict)   # what it buffers (heartbeat, 1.3)
+    caps: frozenset[str] = frozenset()   # capabilities it offered and we granted (1.4)
 
 
 class Task:
@@ -86,7 +89,7 @@ class Task:
 
     __slots__ = ("emulator", "fe", "tag", "nexus", "lun", "lu", "cdb", "attr", "direction",
                  "exp_len", "unsol", "data_out", "received", "need", "want", "data_ready", "data_error",
-                 "runner", "seq", "abort_status")
+                 "runner", "seq", "abort_status", "held")
 
     def __init__(self, emulator: Emulator, fe: FrontEnd, nexus: Nexus, tag: int, lun: int,
                  cdb: bytes, attr: int, direction: int, exp_len: int, unsol: int,
@@ -111,6 +114,17 @@ class Task:
         self.runner: asyncio.Task | None = None
         self.seq = 0
         self.abort_status: int | None = None   # TASK ABORTED when another nexus aborted it (TAS)
+        # how to give back the carrier's memory the task holds (its write data, the
+        # shared memory of its read data): called once, when the task ends (_forget)
+        self.held: list[Callable[[], None]] | None = None
+
+    def hold(self, release: Callable[[], None]) -> None:
+        """Memory this task keeps until it ends; `release` gives it back."""
+        if self.held is None:
+            self.held = [release]
+        else:
+            self.held.append(release)
+
 
     async def io(self, fn: Callable, *args: Any) -> Any:
         """Run a backend call of the task's LU (see io_on)."""
@@ -222,7 +236,7 @@ class _Resets:
 class Emulator:
     """Registries and the command engine."""
 
-    def __init__(self, targets: list[Target], send: Send, executor: Executor, *,
+    def __init__(self, targets: list[Target], send: Transport, executor: Executor, *,
                  name: str = "stml", heartbeat_ms: int = 1000, max_transfer: int = 8 << 20,
                  queue_depth: int = 128, discovery: dict[str, Any] | None = None,
                  data_dir: Path | str | None = None,
@@ -236,13 +250,18 @@ class Emulator:
         self.local_tpgs: set[int] | None = None
         self.portals: list[dict[str, Any]] = []      # {host, port, tpgt}: sent in detect
         self._seen_tpgs: dict[str, set[int]] = {}    # target -> tags nexuses came through
-        self.send = send
+        self.out = StmlSender(send)   # every message to a front end
+        self._lease: Lease | None = None   # the carrier's hold on the frames of the message in hand
         self.executor = executor
         # an LU holds at most half the threads: one LU's slow calls never stall the others
         self.workers = FairWorkers(executor, threads, max(1, threads // 2))
-        # memory read data is read into, per front end: the process shell may
-        # hand out memory the front end shares (stml.server, same-host carrier)
-        self.read_buffer: Callable[[bytes, int], Any] = lambda ident, size: bytearray(size)
+        # memory a task's read data is read into: the process shell may hand out
+        # memory its front end shares (stml.server, same-host carrier), which the
+        # task then holds (Task.hold) until it ends
+        self.read_buffer: Callable[[Task, int], bytearray | memoryview] = lambda task, size: bytearray(size)
+        # the capabilities the carrier of a front end supports (stml.server: a
+        # write region on the stream carrier); granted when a front end offers them
+        self.carrier_caps: Callable[[bytes], frozenset[str]] = lambda ident: frozenset()
         self.name = name
         self.heartbeat = heartbeat_ms / 1000
         self.max_transfer = max_transfer
@@ -274,7 +293,7 @@ class Emulator:
             Op.RX_CMND: self._rx_cmnd,
             Op.RX_DATA: self._scsi_rx_data,
             Op.RX_TMF: self._rx_task_mgmt_fn,
-            Op.DONE: lambda fe, h, f: None,
+            Op.DONE: self._responses_sent,
             Op.HEARTBEAT: self._heartbeat,
         }
 
@@ -312,59 +331,100 @@ class Emulator:
         t = self.targets.get(target)
         return t.luns.get(lun) if t else None
 
-    def detect_header(self) -> dict[str, Any]:
-        return {
-            "op": Op.DETECT, "version": list(CONTRACT_VERSION), "stml": self.name,
-            "heartbeat_ms": int(self.heartbeat * 1000),
-            "limits": {"max_transfer": self.max_transfer, "queue_depth": self.queue_depth},
-            "discovery": self.discovery, "portals": self.portals,
-            "targets": [{"name": t.name, "alias": t.alias, "access": t.access,
-                         "luns": [lu.describe() for lu in t.luns.values()]}
-                        for t in self.targets.values()],
-        }
+    def send_detect(self, fe: FrontEnd) -> None:
+        """What this STML offers (contract: detect)."""
+        self.out.detect(
+            fe.ident, stml=self.name, heartbeat_ms=int(self.heartbeat * 1000), caps=sorted(fe.caps),
+            limits={"max_transfer": self.max_transfer, "queue_depth": self.queue_depth},
+            discovery=self.discovery, portals=self.portals,
+            targets=[{"name": t.name, "alias": t.alias, "access": t.access,
+                      "luns": [lu.describe() for lu in t.luns.values()]}
+                     for t in self.targets.values()])
 
     # ------------------------------------------------------------ dispatch
-    def handle(self, ident: bytes, header: dict[str, Any], frames: list) -> None:
-        """One message from a front end. Never raises: bad input is logged."""
+    def handle(self, ident: bytes, header: dict[str, Any], frames: list,
+               lease: Lease | None = None) -> None:
+        """One message from a front end. Never raises: a message that does not
+        fit the contract's table (stml.api.messages) is refused with a log line
+        (and, for a command or a registration, an answer saying so). `lease`:
+        the carrier's hold on the frames; the task they go to takes it, else
+        they are given back when this returns."""
+        self._lease = lease
         op = header["op"]
         fe = self.front_ends.get(ident)
         try:
-            if op == Op.REGISTER:
+            if fe is None and op != _REGISTER:
+                self.out.release(ident, "unknown front end: register first")
+                return
+            spec = TO_STML.get(op)   # (stml.api.messages.check, without its call: per command)
+            error = spec.verdict(header) if spec is not None else check(header, TO_STML)
+            if error is not None:
+                self._refuse(ident, fe, header, error)
+                return
+            if op == _REGISTER:
                 self._register(ident, header)
                 return
-            if fe is None:
-                self.send(ident, {"op": Op.RELEASE, "reason": "unknown front end: register first"}, [])
-                return
+            assert fe is not None   # (checked above)
             fe.last_seen = time.monotonic()
             handler = self._ops.get(op)
             if handler is None:
-                log.warning("front end %s sent unknown op %r: ignored", fe.name, op)
+                log.warning("front end %s sent %r, which the STML does not take: ignored", fe.name, op)
                 return
             handler(fe, header, frames)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             who = fe.name if fe else ident.hex()
             log.warning("malformed %r from %s refused: %s: %s", op, who, type(e).__name__, e)
+        finally:
+            if self._lease is not None:
+                self._lease.release()
+                self._lease = None
+
+    def _take_lease(self, task: Task) -> None:
+        """The frames of the message in hand are the task's until it ends."""
+        if self._lease is not None:
+            task.hold(self._lease.release)
+            self._lease = None
+
+    def _refuse(self, ident: bytes, fe: FrontEnd | None, h: dict[str, Any], error: str) -> None:
+        """A message that breaks the table: logged; a registration is answered
+        with the reason, and a command that names its task, nexus and CDB fails
+        with CHECK CONDITION (its front end would otherwise wait for it)."""
+        who = fe.name if fe is not None else repr(h.get("name", ident.hex()))
+        log.warning("front end %s: %s: refused", who, error)
+        op = h["op"]
+        if op == Op.REGISTER:
+            self.out.refuse(ident, error)
+        elif op == Op.RX_CMND and fe is not None and type(h.get("tag")) is int \
+                and type(h.get("nexus")) is int and type(h.get("cdb")) is bytes:
+            self._refuse_counts(fe, h["tag"], h)
 
     def _register(self, ident: bytes, h: dict[str, Any]) -> None:
-        reason = version_compatible(h.get("version"))
+        reason = version_compatible(h["version"])
         if reason:
-            log.warning("front end %r refused: %s", h.get("name"), reason)
-            self.send(ident, {"op": Op.DETECT, "version": list(CONTRACT_VERSION), "error": reason}, [])
+            log.warning("front end %r refused: %s", h["name"], reason)
+            self.out.refuse(ident, reason)
             return
         if self.standby is not None:
-            self.send(ident, {"op": Op.DETECT, "version": list(CONTRACT_VERSION), "error": self.standby,
-                              "standby": True}, [])
+            self.out.refuse(ident, self.standby, standby=True)
             return
+        caps = frozenset(h.get("caps") or ()) & self.carrier_caps(ident)
         known = self.front_ends.get(ident)
         if known is not None:  # a repeated registration (e.g. queued retries): same state
             known.last_seen = time.monotonic()
-            self.send(ident, self.detect_header(), [])
+            known.caps = caps
+            self.send_detect(known)
             return
-        fe = FrontEnd(ident, str(h.get("name", "?")), str(h.get("kind", "?")), bool(h.get("aen")),
-                      max(0.05, int(h.get("heartbeat_ms", 1000)) / 1000), time.monotonic())
+        fe = FrontEnd(ident, h["name"], h["kind"], bool(h.get("aen")),
+                      max(0.05, h.get("heartbeat_ms", 1000) / 1000), time.monotonic(), caps=caps)
         self.front_ends[ident] = fe
         log.info("front end %s (%s) registered", fe.name, fe.kind)
-        self.send(ident, self.detect_header(), [])
+        self.send_detect(fe)
+
+    @staticmethod
+    def _responses_sent(fe: FrontEnd, h: dict[str, Any], frames: list) -> None:
+        """scsi_target_done: nothing of these tasks is left to free here. A task
+        gave back what it held when it ended (_forget); the shared memory its
+        response lent comes back through the carrier, with this message."""
 
     def _deregister(self, fe: FrontEnd, h: dict[str, Any], frames: list) -> None:
         self.release_front_end(fe, "deregistered")
@@ -387,11 +447,11 @@ class Emulator:
             if now - fe.last_seen > 3 * max(fe.heartbeat, self.heartbeat):
                 self.release_front_end(fe, f"silent for {now - fe.last_seen:.1f}s")
             else:
-                self.send(fe.ident, {"op": Op.HEARTBEAT}, [])
+                self.out.heartbeat(fe.ident)
 
     def shutdown(self) -> None:
         for fe in list(self.front_ends.values()):
-            self.send(fe.ident, {"op": Op.RELEASE, "reason": "STML shutting down"}, [])
+            self.out.release(fe.ident, "STML shutting down")
 
     @staticmethod
     def _heartbeat(fe: FrontEnd, h: dict[str, Any], frames: list) -> None:
@@ -404,13 +464,13 @@ class Emulator:
     def _register_nexus(self, fe: FrontEnd, h: dict[str, Any], frames: list) -> None:
         nexus = Nexus(fe, int(h["nexus"]), str(h["initiator"]), str(h["target"]), int(h["tpg"]))
         if len(nexus.target.encode()) > MAX_NAME_LEN or len(nexus.initiator.encode()) > MAX_PORT_NAME_LEN:
-            self.send(fe.ident, {"op": Op.NEXUS_READY, "nexus": nexus.id,
-                                 "error": f"initiator or target name longer than {MAX_NAME_LEN} bytes"}, [])
+            self.out.nexus_ready(fe.ident, nexus.id,
+                                 f"initiator or target name longer than {MAX_NAME_LEN} bytes")
             return
         refused = self._nexus_refusal(nexus)
         if refused:
             log.warning("front end %s: nexus %d refused: %s", fe.name, nexus.id, refused)
-            self.send(fe.ident, {"op": Op.NEXUS_READY, "nexus": nexus.id, "error": refused}, [])
+            self.out.nexus_ready(fe.ident, nexus.id, refused)
             return
         old = fe.nexuses.get(nexus.id)
         if old:
@@ -420,7 +480,7 @@ class Emulator:
         self._target_keys.setdefault(nexus.target, {})[nexus.key] = None
         log.debug("nexus %d of %s: %s", nexus.id, fe.name, nexus.key)
         self._seen_tpgs.setdefault(nexus.target, set()).add(nexus.tpg)
-        self.send(fe.ident, {"op": Op.NEXUS_READY, "nexus": nexus.id}, [])
+        self.out.nexus_ready(fe.ident, nexus.id)
 
     def _nexus_refusal(self, nexus: Nexus) -> str | None:
         """Why the target does not take this initiator, or None. The front
@@ -493,18 +553,17 @@ class Emulator:
             self.respond(fe, tag, CHECK_CONDITION, build_sense(ABORTED_COMMAND, NEXUS_UNKNOWN), 0)
             return
         cdb = h["cdb"]
-        if not isinstance(cdb, bytes) or not cdb:
-            raise ValueError("cdb must be non-empty bytes")
-        if not isinstance(tag, int):
-            raise ValueError("tag must be an integer")
+        if not cdb:
+            raise ValueError("cdb must not be empty")
+        # ints (the contract's table checked); non-negative, in one test for the usual case
         lun, attr, direction, exp_len, unsol = (
             h["lun"], h.get("attr", 0), h.get("dir", 0), h.get("len", 0), h.get("unsol", 0))
-        # non-negative ints (not bool, an int subclass), in one test for the usual case
-        if not (type(lun) is int is type(attr) is type(direction) is type(exp_len) is type(unsol)) \
-                or (lun | attr | direction | exp_len | unsol) < 0 or attr > _MAX_ATTR:
+        if (lun | attr | direction | exp_len | unsol) < 0 or attr > _MAX_ATTR:
             self._refuse_counts(fe, tag, h)
             return
         task = Task(self, fe, nexus, tag, lun, cdb, attr, direction, exp_len, unsol, frames)
+        if self._lease is not None:
+            self._take_lease(task)
         fe.tasks[tag] = task
         task.runner = start_eagerly(self._execute(task))
         if task.runner is not None:
@@ -543,6 +602,8 @@ class Emulator:
             task.fail_data(CheckCondition(ABORTED_COMMAND, DATA_PHASE_ERROR))
         else:
             task.add_data(h["offset"], frames)
+            if self._lease is not None:
+                self._take_lease(task)
 
     async def _execute(self, task: Task) -> None:
         status, sense = GOOD, None
@@ -597,8 +658,8 @@ class Emulator:
             log.exception("internal error on CDB %s", task.cdb.hex())
             status = CHECK_CONDITION
             sense = build_sense(HARDWARE_ERROR, INTERNAL_TARGET_FAILURE, descriptor)
-        self._forget(task)
         self._complete(task, status, sense, data)
+        self._forget(task)   # after the response took the shared memory it sends
 
     def _pending_ua(self, lu: LogicalUnit, nexus: Nexus) -> tuple[int, int] | None:
         """The unit attention to report; with the control mode page's UA
@@ -645,8 +706,7 @@ class Emulator:
             for n in keyed.get(key, ()):
                 if n.fe.aen and n.target == lu.target:
                     sense = sense or build_sense(UNIT_ATTENTION, asc_ascq, lu.mode.d_sense)
-                    self.send(n.fe.ident, {"op": Op.REPORT_AEN, "nexus": n.id, "lun": lu.lun,
-                                           "sense": sense}, [])
+                    self.out.report_aen(n.fe.ident, n.id, lu.lun, sense)
 
     def take_ua(self, lu: LogicalUnit, nexus: Nexus) -> tuple[int, int] | None:
         """Report (and clear) the nexus's oldest unit attention on the LU."""
@@ -746,8 +806,7 @@ class Emulator:
             task.data_ready = asyncio.get_running_loop().create_future()
             start = max(task.unsol, task.received)
             if start < need:
-                self.send(task.fe.ident, {"op": Op.RDY_TO_XFER, "tag": task.tag,
-                                          "offset": start, "length": need - start}, [])
+                self.out.rdy_to_xfer(task.fe.ident, task.tag, start, need - start)
             await task.data_ready
             waited = True
         else:
@@ -757,12 +816,18 @@ class Emulator:
         return waited
 
     def _forget(self, task: Task) -> None:
-        """The task is over: its tag is free, and its write data (maybe a front
-        end's shared memory) is let go now, not when the collector breaks a
-        cycle through an exception that refers to the task."""
+        """The task is over, however it ended: its tag is free, and the memory
+        it held goes back (the one place: its write data, maybe a front end's
+        shared memory or a pooled buffer, and its read data's shared memory,
+        which its front end still holds if the response lent it)."""
         if task.fe.tasks.get(task.tag) is task:
             del task.fe.tasks[task.tag]
         task.data_out = []
+        held = task.held
+        if held is not None:
+            task.held = None
+            for release in held:
+                release()
 
     def _complete(self, task: Task, status: int, sense: bytes | None, data: Any) -> None:
         exp = task.exp_len
@@ -781,8 +846,7 @@ class Emulator:
 
     def respond(self, fe: FrontEnd, tag: int, status: int, sense: bytes | None, resid: int,
                 frames: collections.abc.Iterable = ()) -> None:
-        self.send(fe.ident, {"op": Op.XMIT_RESPONSE, "tag": tag, "status": status,
-                             "sense": sense, "resid": resid}, list(frames))
+        self.out.xmit_response(fe.ident, tag, status, sense, resid, list(frames))
 
     # ------------------------------------------------------------ task management
     def _abort(self, task: Task, status: int | None = None) -> asyncio.Task | None:
@@ -806,7 +870,9 @@ class Emulator:
                                                              int(h.get("lun") or 0), h.get("ref"))
         mine = [t.tag for t in victims if t.nexus is nexus]
         if not runners and fanout is None:
-            self._tmf_done(fe, tag, response, mine)
+            info = self._qae_info(nexus, int(h.get("lun") or 0)) \
+                if h["fn"] == Tmf.QUERY_ASYNC_EVENT and response == TmfResponse.SUCCEEDED else b""
+            self._tmf_done(fe, tag, response, mine, info)
             return
 
         async def finish() -> None:
@@ -818,9 +884,19 @@ class Emulator:
         asyncio.get_running_loop().create_task(finish())
 
     def _tmf_done(self, fe: FrontEnd, tag: int, response: int,
-                  aborted: collections.abc.Iterable[int] = ()) -> None:
-        self.send(fe.ident, {"op": Op.TMF_DONE, "tag": tag, "response": response,
-                             "aborted": list(aborted)}, [])
+                  aborted: collections.abc.Iterable[int] = (), info: bytes = b"") -> None:
+        self.out.task_mgmt_fn_done(fe.ident, tag, response, list(aborted), info)
+
+    def _qae_info(self, nexus: Nexus, lun: int) -> bytes:
+        """QUERY ASYNCHRONOUS EVENT's additional response information (SAM-5):
+        the UADE depth (1: one pending, 2: more) and the sense key, ASC and
+        ASCQ of the unit attention the nexus would be told next. It stays
+        pending: the query reports, it does not clear."""
+        lu = self.targets[nexus.target].luns[lun]
+        pending = lu.unit_attentions[nexus.key]
+        depth = 1 if len(pending) == 1 else 2
+        asc, ascq = pending[0]
+        return bytes([depth << 4 | UNIT_ATTENTION, asc, ascq])
 
     def _all_nexus_keys(self, target: str) -> list[str]:
         return list(self._target_keys.get(target, ()))

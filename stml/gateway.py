@@ -198,7 +198,7 @@ class Gateway:
         print(f"stml: gateway standby ({why})", flush=True)
         self._set(STANDBY, f"a standby gateway ({why})")
         for fe in list(self.em.front_ends.values()):
-            self.em.send(fe.ident, {"op": Op.RELEASE, "reason": why}, [])
+            self.em.out.release(fe.ident, why)
             self.em.release_front_end(fe, why)
         for lu in self.shared():
             lu.backend.aio.detach()   # on the loop: what is pending fails now
@@ -244,9 +244,8 @@ class Gateway:
                 if n.target == lu.target]
         if keys:
             self.em.establish_ua(lu, CAPACITY_CHANGED, keys)
-        header = self.em.detect_header()
         for fe in list(self.em.front_ends.values()):
-            self.em.send(fe.ident, header, [])
+            self.em.send_detect(fe)
 
     # ------------------------------------------------------------ status
     async def status(self) -> dict[str, Any]:

@@ -80,6 +80,7 @@ class Management:
         rid = h.get("id")
         cmd = h.get("cmd")
         fn = self._cmds.get(cmd) if isinstance(cmd, str) else None
+        result: Any = None
         try:
             if fn is None:
                 raise MgmtError(f"unknown management command {cmd!r} (known: {', '.join(sorted(self._cmds))})")
@@ -91,18 +92,18 @@ class Management:
                 result = await fn(**args)
                 if self._save_error is not None and isinstance(result, dict):
                     result["save_error"] = self._save_error   # the client exits 1 (an I/O error)
-            reply = {"op": "mgmt_reply", "id": rid, "ok": True, "result": result}
+            ok, error = True, None
         except (MgmtError, ConfigError) as e:
-            reply = {"op": "mgmt_reply", "id": rid, "ok": False, "error": str(e)}
+            ok, error = False, str(e)
         except TypeError as e:
-            reply = {"op": "mgmt_reply", "id": rid, "ok": False, "error": f"bad arguments for {cmd}: {e}"}
+            ok, error = False, f"bad arguments for {cmd}: {e}"
         except Exception as e:  # a management call must never take the STML down
             log.exception("management command %s failed", cmd)
-            reply = {"op": "mgmt_reply", "id": rid, "ok": False, "error": f"internal error: {e}"}
-        if reply["ok"] and isinstance(cmd, str) and cmd != "status" and not cmd.endswith(("_list", "_show", "_diff")):
+            ok, error = False, f"internal error: {e}"
+        if ok and isinstance(cmd, str) and cmd != "status" and not cmd.endswith(("_list", "_show", "_diff")):
             log.info("management: %s %s", cmd, {k: v for k, v in (h.get("args") or {}).items()
                                                  if k != "secret"}, extra=audit())
-        self.server._send(ident, reply, [])
+        self.em.out.mgmt_reply(ident, rid, ok, result, error)
 
     # ------------------------------------------------------------ helpers
     def _target(self, name: str | None) -> Target:
@@ -133,9 +134,8 @@ class Management:
 
     def _redetect(self) -> None:
         """Front ends learn the new inventory (contract: detect, sent unasked)."""
-        header = self.em.detect_header()
         for fe in list(self.em.front_ends.values()):
-            self.em.send(fe.ident, header, [])
+            self.em.send_detect(fe)
 
     def _ua(self, lu: LogicalUnit, asc: tuple[int, int], target: str) -> None:
         keys = self._nexus_keys(target)
@@ -206,7 +206,7 @@ class Management:
     async def portal_list(self) -> list[dict[str, Any]]:
         """The configured portals, each with what the front ends that follow
         the list report about its listener."""
-        from stml.api import parse_portal
+        from scsi_runtime.portals import parse_portal
         out = []
         reports = self.server.portal_reports()
         for p in self.config.portals:
@@ -305,7 +305,7 @@ class Management:
 
     async def _reload(self, new: Config, applied: list[str], pending: list[str]) -> None:
         old = self.config
-        for key in ("data_dir", "stml_endpoint", "stml", "isns"):
+        for key in ("data_dir", "stml_endpoint", "stml", "isns", "slp", "slp_da", "slp_auth"):
             if old.raw.get(key) != new.raw.get(key):
                 pending.append(f"`{key}` changed: restart to apply it")
         if new.discovery_chap != old.discovery_chap:
@@ -384,7 +384,7 @@ class Management:
         """Add a portal; the reply waits for the front ends that follow the list
         to say whether they could listen on it, and a portal none can open is
         taken back out and refused."""
-        from stml.api import parse_portal
+        from scsi_runtime.portals import parse_portal
         try:
             host, port, tpgt = key = parse_portal(str(portal))
         except ValueError as e:
@@ -411,7 +411,7 @@ class Management:
         return {"portal": portal, "host": host, "port": port, "tpgt": tpgt, "saved": saved}
 
     async def portal_remove(self, portal: str) -> dict[str, Any]:
-        from stml.api import parse_portal
+        from scsi_runtime.portals import parse_portal
         try:
             key = parse_portal(str(portal))
         except ValueError as e:
@@ -437,7 +437,7 @@ class Management:
             raise MgmtError(f"session {nexus} exists on several front ends "
                             f"({', '.join(n.fe.name for n in found)}): give --front-end")
         n = found[0]
-        self.em.send(n.fe.ident, {"op": "drop_nexus", "nexus": n.id, "reason": "dropped by management"}, [])
+        self.em.out.drop_nexus(n.fe.ident, n.id, "dropped by management")
         self.em._drop_nexus(n)
         return {"front_end": n.fe.name, "nexus": n.id, "initiator": n.initiator, "target": n.target}
 

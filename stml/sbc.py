@@ -61,7 +61,7 @@ async def read_blocks(task: Task, lba: int, blocks: int, response: bool = False)
     lu = task.lu
     assert lu is not None   # per command: see ops.unit()
     size = blocks * lu.block_size
-    buf = task.emulator.read_buffer(task.fe.ident, size) if response else bytearray(size)
+    buf = task.emulator.read_buffer(task, size) if response else bytearray(size)
     if size and not lu.backend.read_nowait(lba * lu.block_size, memoryview(buf)):
         await task.io(lu.backend.read_into, lba * lu.block_size, memoryview(buf))
     return buf

@@ -8,15 +8,17 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-# status codes (SAM-5)
-GOOD = 0x00
-CHECK_CONDITION = 0x02
-CONDITION_MET = 0x04
-BUSY = 0x08
-RESERVATION_CONFLICT = 0x18
-TASK_SET_FULL = 0x28
-ACA_ACTIVE = 0x30
-TASK_ABORTED = 0x40
+from stml.api import Status
+
+# status codes (SAM-5), as plain ints: the command path compares and packs them
+GOOD = int(Status.GOOD)
+CHECK_CONDITION = int(Status.CHECK_CONDITION)
+CONDITION_MET = int(Status.CONDITION_MET)
+BUSY = int(Status.BUSY)
+RESERVATION_CONFLICT = int(Status.RESERVATION_CONFLICT)
+TASK_SET_FULL = int(Status.TASK_SET_FULL)
+ACA_ACTIVE = int(Status.ACA_ACTIVE)
+TASK_ABORTED = int(Status.TASK_ABORTED)
 
 # sense keys
 NO_SENSE = 0x0

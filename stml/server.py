@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import itertools
 import logging
 import os
@@ -21,8 +22,11 @@ import zmq
 
 from backends import BackendError, open_backend
 from stml.api import BufferPool, Channel, Op, SharedRegion, StreamChannel, pack, stream_path, unpack
+from stml.api.messages import TO_STML, Cap, check
+from stml.api.sizes import SHARED_READ_MIN
+from stml.api.stream import Lease
 from stml.config import Config, ConfigError, StartupError
-from stml.emulator import Emulator, Target
+from stml.emulator import Emulator, Target, Task
 from stml.lu import LogicalUnit
 from stml.metrics import Metrics
 
@@ -33,6 +37,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("stml")
 WORKER_THREADS = 8   # threads for blocking backend calls, shared fairly among LUs
+STREAM_CAPS = frozenset({Cap.WRITE_REGION.value})
+# ops the per-message paths compare with, as plain strs (an enum member costs an attribute hook)
+_RX_CMND, _XMIT_RESPONSE, _TMF_DONE = Op.RX_CMND.value, Op.XMIT_RESPONSE.value, Op.TMF_DONE.value
+_MGMT, _PORTAL_STATE = Op.MGMT.value, Op.PORTAL_STATE.value
 
 
 def build_targets(config: Config, templates: dict[str, Any]) -> list[Target]:
@@ -64,7 +72,7 @@ def portal_groups(config: Config) -> list[int]:
 
 def portal_entries(portals: list[str]) -> list[dict[str, Any]]:
     """The `portals` field of detect: {host, port, tpgt} per configured portal."""
-    from stml.api import parse_portal
+    from scsi_runtime.portals import parse_portal
     return [dict(zip(("host", "port", "tpgt"), parse_portal(p))) for p in portals]
 
 
@@ -161,6 +169,7 @@ class StmlServer:
         from stml.gateway import Gateway
         self.gateway = Gateway(self.emulator, self.executor)   # shared (RBD) storage: active or standby
         self.emulator.read_buffer = self._read_buffer
+        self.emulator.carrier_caps = self._carrier_caps
         self._lock_fd: int | None = None
         self.listeners: list[socket.socket] = []         # same-host stream sockets
         self.streams: dict[bytes, StreamChannel] = {}    # their connections, by front-end ident
@@ -174,9 +183,9 @@ class StmlServer:
 
     def _send(self, ident: bytes, header: dict[str, Any], frames: list) -> None:
         op = header["op"]
-        if op == "xmit_response":
+        if op == _XMIT_RESPONSE:
             self.metrics.xmit_response(ident, header)
-        elif op == "task_mgmt_fn_done" and header.get("aborted"):
+        elif op == _TMF_DONE and header.get("aborted"):
             self.metrics.aborted(ident, header["aborted"])
         stream = self.streams.get(ident)
         if stream is not None:
@@ -205,7 +214,7 @@ class StmlServer:
                 log.warning("serving %s WITHOUT encryption or authentication (--insecure)", ep)
             return
         from zmq.auth.thread import ThreadAuthenticator
-        from stml.api import load_key_file
+        from scsi_runtime.curvekeys import load_key_file
         from stml.config import is_z85_key
         try:
             public, secret = load_key_file(s.curve_secret_key_file, secret=True)
@@ -273,42 +282,52 @@ class StmlServer:
                 log.warning("stream socket: %s", e)
                 return
             # a leading zero byte: ZeroMQ peers cannot choose such a routing id
-            ident = b"\0stream-%d" % next(self._stream_ids)
-            try:
-                region = SharedRegion()
-            except OSError as e:   # no memfd: read data goes through the socket
-                log.warning("no shared memory for a stream front end: %s", e)
-                region = None
+            self._open_stream(conn, b"\0stream-%d" % next(self._stream_ids))
 
-            def on_message(frames: list, ident: bytes = ident) -> None:
-                self._receive([ident, *frames])
+    def _open_stream(self, conn: socket.socket, ident: bytes) -> None:
+        try:
+            region: SharedRegion | None = SharedRegion()
+        except OSError as e:   # no memfd: read data goes through the socket
+            log.warning("no shared memory for a stream front end: %s", e)
+            region = None
 
-            def on_closed(ident: bytes = ident) -> None:
-                self._stream_closed(ident)
+        def on_message(frames: list) -> None:
+            # the frames' lease: write data stays in the front end's memory (or a
+            # pooled buffer) until its command ends (Emulator._forget)
+            self._receive([ident, *frames], stream.take_lease())
 
-            # keep_shared: a front end's write data stays in its memory until the command is done
-            self.streams[ident] = StreamChannel(conn, on_message, on_closed, self.pool, region,
-                                                self.poll.touch if self.poll else None,
-                                                keep_shared=True)
+        stream = StreamChannel(conn, on_message, lambda: self._stream_closed(ident), self.pool, region,
+                               self.poll.touch if self.poll else None)
+        stream.offer_region()   # first: a front end of any version maps it whenever it comes
+        self.streams[ident] = stream
 
-    def _read_buffer(self, ident: bytes, size: int) -> bytearray | memoryview:
-        """Read data of 32 KiB and more for a same-host front end goes into
-        memory it shares: backend -> shared memory -> its socket, no copy
-        through ours (smaller data costs less to copy than to lend)."""
-        stream = self.streams.get(ident)
-        if size >= 32 << 10 and stream is not None and stream.region is not None:
-            view = stream.region.get(size)
-            if view is not None:
-                return view
+    def _carrier_caps(self, ident: bytes) -> frozenset[str]:
+        """A front end on the stream may lend us its write region (ZeroMQ has no regions)."""
+        return STREAM_CAPS if ident in self.streams else frozenset()
+
+    def _read_buffer(self, task: Task, size: int) -> bytearray | memoryview:
+        """Read data of SHARED_READ_MIN and more for a same-host front end goes
+        into memory it shares: backend -> shared memory -> its socket, no copy
+        through ours (smaller data costs less to copy than to lend). The task
+        gives the slot back when it ends; the front end, once it sent it."""
+        if size >= SHARED_READ_MIN:
+            stream = self.streams.get(task.fe.ident)
+            if stream is not None and stream.region is not None:
+                region = stream.region
+                view = region.get(size)
+                if view is not None:
+                    task.hold(functools.partial(region.release, view))
+                    return view
         return bytearray(size)
 
     def _stream_closed(self, ident: bytes) -> None:
         """A closed stream is a front end gone for good (it reconnects as a
         new one): its nexuses are released now, not after heartbeats."""
         del self.streams[ident]
-        if ident in self.emulator.front_ends:
-            log.info("front end %s closed its stream", self.emulator.front_ends[ident].name)
-            self._receive([ident, pack({"op": Op.DEREGISTER})])
+        fe = self.emulator.front_ends.get(ident)
+        if fe is not None:
+            log.info("front end %s closed its stream", fe.name)
+            self.emulator.release_front_end(fe, "deregistered")
 
     async def serve(self, stop: asyncio.Event) -> None:
         try:
@@ -365,34 +384,43 @@ class StmlServer:
                 lu.backend.flush()
                 lu.backend.close()
 
-    def _receive(self, frames: list) -> None:
-        """[ident, header, data...] from either carrier."""
-        if len(frames) < 2:
-            return
+    def _receive(self, frames: list, lease: Lease | None = None) -> None:
+        """[ident, header, data...] from either carrier; `lease`: the stream
+        carrier's hold on the data frames (the emulator passes it to their task)."""
         ident = frames[0]
         try:
+            if len(frames) < 2:
+                raise ValueError("no header")
             header = unpack(frames[1])
         except ValueError as e:
             log.warning("refused a message from %s: %s", ident.hex(), e)
+            if lease is not None:
+                lease.release()
             return
         op = header["op"]
-        if op == "rx_cmnd":
+        if op == _RX_CMND:
             self.metrics.rx_cmnd(ident, header, self.emulator.front_ends.get(ident))
-        elif op == "mgmt":
-            self.mgmt.handle(ident, header)
+        elif op == _MGMT or op == _PORTAL_STATE:
+            if lease is not None:     # data frames mean nothing here
+                lease.release()
+            error = check(header, TO_STML)
+            if error is not None:
+                log.warning("refused a message from %s: %s", ident.hex(), error)
+                if op == _MGMT and type(header.get("id")) is int:
+                    self.emulator.out.mgmt_reply(ident, header["id"], False, error=error)
+            elif op == _MGMT:
+                self.mgmt.handle(ident, header)
+            else:
+                self._portal_state(ident, header)
             return
-        elif op == Op.PORTAL_STATE:
-            self._portal_state(ident, header)
-            return
-        self.emulator.handle(ident, header, frames[2:])
+        self.emulator.handle(ident, header, frames[2:], lease)
 
     def _portal_state(self, ident: bytes, header: dict[str, Any]) -> None:
         """A front end that follows the portal list says which it listens on."""
-        portals = header.get("portals")
-        if not isinstance(portals, list) or not header.get("follows"):
+        if not header["follows"]:
             self._portal_states.pop(ident, None)
         else:
-            self._portal_states[ident] = [p for p in portals if isinstance(p, dict)][:1024]
+            self._portal_states[ident] = header["portals"][:1024]
         if self._portal_news is not None:
             self._portal_news.set()
 

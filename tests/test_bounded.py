@@ -413,8 +413,8 @@ def test_extended_copy_limits_and_bounded_results():
         naa = lu.naa
         # a parameter list longer than the operating parameters allow: refused before transfer
         asked = []
-        send = h.emulator.send
-        h.emulator.send = lambda ident, hd, frames: (asked.append(hd["op"]), send(ident, hd, frames))
+        send = h.emulator.out.transport
+        h.emulator.out.transport = lambda ident, hd, frames: (asked.append(hd["op"]), send(ident, hd, frames))
         cdb = bytes([0x83, 0]) + bytes(8) + struct.pack(">I", 8 << 20) + bytes(2)
         r = await h.cmd(cdb, bytes(8 << 20))
         assert r.key_asc == (ILLEGAL_REQUEST, 0x1A, 0) and "rdy_to_xfer" not in asked

@@ -345,6 +345,38 @@ def test_bad_transport_fields_are_refused_as_such(stml, raw_fe, bad):
     assert h["status"] == 0x02 and parse_sense(h["sense"]) == (0x05, 0x49, 0x00)
 
 
+def test_headers_that_break_the_table_are_refused_with_a_log_line(stml, raw_fe):
+    """The STML checks every header against stml.api.messages.MESSAGES: one
+    that does not fit is refused with a log line naming the field; where the
+    sender would otherwise wait, it gets an answer that says so."""
+    fe = raw_fe(stml.endpoint)
+    fe.send({"op": "register_target_front_end", "version": "1.3", "kind": "raw", "name": fe.name})
+    d, _ = fe.expect("detect")
+    assert d["error"] == "malformed register_target_front_end: version is str, not [int, int]"
+    fe.register()
+    fe.nexus()
+    fe.command(1, TUR)
+    fe.send({"op": "register_nexus", "nexus": "two", "initiator": "iqn.2026-01.x:y,i,0x2",
+             "target": DEFAULT_IQN, "tpg": 1})
+    fe.send({"op": "scsi_target_done", "tags": [1, "x"]})
+    fe.send({"op": "heartbeat", "usage": [1, 2]})
+    fe.send({"op": "portal_state", "follows": "yes", "portals": []})
+    fe.send({"op": "mgmt", "id": 7, "cmd": 5})
+    h, _ = fe.expect("mgmt_reply")
+    assert h == {"op": "mgmt_reply", "id": 7, "ok": False, "error": "malformed mgmt: cmd is int, not str"}
+    h, _ = fe.command(2, TUR, lun=True)        # a bool is no LUN number
+    assert h["status"] == 0x02 and parse_sense(h["sense"]) == (0x05, 0x25, 0x00)
+    text = stml.wait_log("malformed rx_cmnd: lun is bool, not int: refused")
+    for line in ("malformed register_nexus: nexus is str, not int: refused",
+                 "malformed scsi_target_done: tags is not [int] (an item is of another type): refused",
+                 "malformed heartbeat: usage is list, not map: refused",
+                 "malformed portal_state: follows is str, not bool"):
+        assert line in text, line
+    assert stml.alive()
+    h, frames = fe.command(3, INQUIRY, direction=2, length=96)
+    assert h["status"] == 0 and frames[0][8:16] == b"SCSITGT "
+
+
 # ---------------------------------------------------------------- liveness
 
 def test_silent_front_end_is_released(stml, raw_fe):

@@ -399,11 +399,12 @@ def test_sighup_and_config_reload_apply_a_hand_edit_and_orphan_nothing(ddir):
         assert [x["lun"] for x in tomllib.loads(cfg.read_text())["target"][0]["lun"]] == [0, 3, 1]
         # `config reload` tells what it applied and what needs a restart
         edited = cfg.read_text().replace('size = "2MiB"', 'size = "4MiB"').replace(
-            "portals = ", 'isns = "127.0.0.1:3205"\nportals = ')
+            "portals = ", 'isns = "127.0.0.1:3205"\nslp_auth = true\nportals = ')
         cfg.write_text(edited)
         r = mgmt(ddir, "config", "reload")
         assert any("LUN 3 resized" in x for x in r["applied"])
         assert any("isns" in x for x in r["not_applied"])
+        assert any("slp_auth" in x for x in r["not_applied"])
         pids = list(kids.values())
     assert t.proc.returncode == 0
     assert wait_gone(pids, 10) == []
@@ -702,8 +703,7 @@ def test_a_malformed_portal_report_does_not_break_portal_list(stml_factory):
     m = MgmtClient(p.endpoint)
     with LoopbackClient(p.endpoint, timeout=10) as c:
         assert c._link is not None
-        c._loop.call_soon_threadsafe(c._link.send, {"op": "portal_state", "follows": True,
-                                                    "portals": [{"listening": True}]})
+        c._loop.call_soon_threadsafe(c._link.portal_state, [{"listening": True}])
         deadline = time.monotonic() + 20
         while (portals := m.call("portal_list"))[0]["state"] == "no front end":
             assert time.monotonic() < deadline

@@ -135,3 +135,40 @@ def test_pdu_writer_sends_a_batch_whole_or_partly_through_the_transport():
     assert _send(pdus[:2], 1 << 20) == (_wire(pdus[:2]), 0)     # the socket takes it all
     wire, buffered = _send(pdus, 4096)                           # part of it; the transport the rest
     assert wire == _wire(pdus) and 0 < buffered < len(wire)
+
+
+def test_fetd_tcp_reports_a_response_done_only_once_its_writer_sent_it():
+    """The read data of a response may be the STML's shared memory, lent until
+    the front end says scsi_target_done. fetd_tcp queues the Data-In PDUs
+    (which refer to that memory) in the connection's writer and says done for
+    the tag only once the writer has sent them (or given them to the
+    transport's buffer, which copies); a response for a task it no longer
+    knows is done at once."""
+    from fetd_tcp.server import IscsiFrontEnd
+
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    b.setblocking(False)
+    done: list[list[int]] = []
+
+    async def run() -> None:
+        fe = IscsiFrontEnd("ipc:///nonexistent/fetd", [])
+        fe.link.scsi_target_done = done.append   # type: ignore[method-assign]
+        writer = PduWriter(_Writer(a), ConnectionParams(), done=fe.link.scsi_target_done)
+        conn, _, link = _conn(seg_max=8192, burst=262144)
+        conn.out = conn.send = writer
+        conn.tags = fe.tags
+        task = _read(conn, link, 5, 4096)
+        fe.tags.tasks[task.tag] = task
+        data = memoryview(bytes(range(256)) * 16)
+        fe.xmit_response(task.tag, 0, None, 0, [data])
+        assert done == [] and writer.parts, "done before the PDUs left"
+        await asyncio.sleep(0)                 # the writer's flush
+        assert done == [[task.tag]] and not writer.parts
+        fe.xmit_response(999, 0, None, 0, [data])
+        assert done == [[task.tag], [999]]
+    asyncio.run(run())
+    got = b.recv(1 << 16)
+    a.close()
+    b.close()
+    assert bytes(range(256)) * 16 in got

@@ -28,8 +28,9 @@ import pytest
 import zmq
 
 from backends.ram import RamBackend
-from stml.api import (CONTRACT_VERSION, Channel, DataDir, Op, SharedRegion, StreamChannel, Tmf,
-                      _consume, pack, stream_path, unpack)
+from stml.api import (CONTRACT_VERSION, Channel, DataDir, Op, SharedRegion, StreamChannel, Tmf, pack,
+                      stream_path, unpack)
+from stml.api.stream import _consume
 from stml.disk import OPCODES, DiskTemplate
 from stml.emulator import Emulator, Target
 from stml.lu import LogicalUnit, LunOptions
@@ -83,14 +84,17 @@ def sample_messages(seed: int = 1234) -> list[list[bytes]]:
 
 
 class Sink:
-    """Records what a StreamChannel delivers and how often it reports a close."""
+    """Records what a StreamChannel delivers (copied while on_message runs: its
+    frames are valid until then) and how often it reports a close."""
 
     def __init__(self) -> None:
-        self.messages: list[list[Any]] = []
+        self.messages: list[list[bytes]] = []
+        self.types: list[list[type]] = []
         self.closed = 0
 
     def on_message(self, frames: list) -> None:
-        self.messages.append(frames)
+        self.messages.append([bytes(f) for f in frames])
+        self.types.append([type(f) for f in frames])
 
     def on_closed(self) -> None:
         self.closed += 1
@@ -99,7 +103,7 @@ class Sink:
         return StreamChannel(sock, self.on_message, self.on_closed)
 
     def as_bytes(self) -> list[list[bytes]]:
-        return [[bytes(f) for f in m] for m in self.messages]
+        return self.messages
 
 
 async def wait_until(cond: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
@@ -206,7 +210,7 @@ def test_round_trip_both_directions_keeps_frames_and_order() -> None:
 
         def echo(frames: list) -> None:
             rx.on_message(frames)
-            peer.send(frames)
+            peer.send([bytes(f) for f in frames])   # the frames are valid during this call only
 
         peer = StreamChannel(b, echo, rx.on_closed)
         for m in messages:
@@ -328,12 +332,9 @@ def check_delivered(sink: Sink, messages: list[list[bytes]]) -> None:
     """Same bytes; frames from BIG up arrive as memoryviews (received in place),
     smaller ones as bytes (copied out of the staging buffer, which is reused)."""
     assert sink.as_bytes() == messages
-    for m in sink.messages:
-        for f in m:
-            if len(f) >= BIG:
-                assert isinstance(f, memoryview), type(f)
-            else:
-                assert isinstance(f, bytes), type(f)
+    for m, types in zip(sink.messages, sink.types):
+        for f, kind in zip(m, types):
+            assert kind is (memoryview if len(f) >= BIG else bytes), (len(f), kind)
     assert sink.closed == 0
 
 
@@ -538,11 +539,13 @@ def test_flush_sends_now() -> None:
 
 # ---------------------------------------------------------------- shared region
 
-def test_shared_region_frames_arrive_as_read_only_views_and_come_back() -> None:
+def test_shared_frames_arrive_as_read_only_views_and_come_back_when_released() -> None:
     """Frames taken from the sender's SharedRegion reach the peer as read-only
     views of the same memory with the same bytes (ordinary frames beside them
-    as usual); a lent slot is not handed out again until the peer frees it,
-    which it does by itself shortly after delivering it."""
+    as usual). A slot is free again only when both its holders let go: the
+    sender once it sent it (release), the receiver when it releases the lease
+    it took; until then the region hands out other slots. A lease nobody
+    takes goes back when on_message returns."""
     rng = random.Random(51)
     payloads = [rng.randbytes(n) for n in (100_000, 64 << 10, 3 * MiB)]
 
@@ -550,12 +553,16 @@ def test_shared_region_frames_arrive_as_read_only_views_and_come_back() -> None:
         a, b = pair()
         region = SharedRegion(8 * MiB)
         tx = StreamChannel(a, Sink().on_message, lambda: None, region=region)
+        assert tx.offer_region()
         got: list[list[bytes]] = []
         kinds: list[list[tuple[type, bool]]] = []
+        leases: list[Any] = []
 
-        def on_message(frames: list) -> None:   # the views are only valid during this call
+        def on_message(frames: list) -> None:
             got.append([bytes(f) for f in frames])
             kinds.append([(type(f), isinstance(f, memoryview) and f.readonly) for f in frames])
+            if frames[0] == b"h":
+                leases.append(rx.take_lease())
 
         rx = StreamChannel(b, on_message, lambda: None)
         lent = []
@@ -563,26 +570,36 @@ def test_shared_region_frames_arrive_as_read_only_views_and_come_back() -> None:
             view = region.get(len(data))
             assert view is not None
             view[:] = data
-            lent.append(id(view.obj))   # ids: a reference would keep the slot busy
+            lent.append(id(view.obj))
             tx.send([b"h", view, b"small"])
-        del view
+            region.release(view)          # sent: the sender is done with it
         await wait_until(lambda: len(got) == len(payloads), what="the shared frames")
         assert got == [[b"h", data, b"small"] for data in payloads]
         assert all(k[1] == (memoryview, True) for k in kinds), kinds
-        # while the peer may still use them, lent slots are not reused
+        await asyncio.sleep(0.01)          # several loop turns and release timers: nothing comes back
+        assert region.in_use() == 3
         again = region.get(len(payloads[0]))
         assert again is not None and id(again.obj) not in lent
-        del again
-        await wait_until(lambda: not region._lent, what="the peer to hand the slots back")
+        region.release(again)
+        leases.pop(0).release()
+        await wait_until(lambda: region.in_use() == 2, what="the first slot back")
+        for lease in leases:
+            lease.release()
+        await wait_until(lambda: region.in_use() == 0, what="the peer to hand the slots back")
+        # a receiver that takes no lease: the slot comes back by itself
+        view = region.get(MiB)
+        assert view is not None
+        tx.send([b"x", view])
+        region.release(view)
+        await wait_until(lambda: len(got) == 4 and region.in_use() == 0, what="the untaken slot")
         tx.close()
         rx.close()
 
     run(main)
 
 
-@pytest.mark.parametrize("keep", [False, True], ids=["front-end", "stml"])
 @pytest.mark.parametrize("flaw", ["unsealed", "smaller-than-announced"])
-def test_a_region_that_could_fault_the_mapping_is_refused(flaw: str, keep: bool) -> None:
+def test_a_region_that_could_fault_the_mapping_is_refused(flaw: str) -> None:
     """A region the peer could shrink under our mapping (no F_SEAL_SHRINK), or
     one smaller than it says, would kill the process that touches it
     (SIGBUS): the channel refuses it and closes instead; the process lives."""
@@ -590,7 +607,7 @@ def test_a_region_that_could_fault_the_mapping_is_refused(flaw: str, keep: bool)
     async def main() -> None:
         a, b = pair()
         rx = Sink()
-        ch = StreamChannel(b, rx.on_message, rx.on_closed, keep_shared=keep)
+        ch = StreamChannel(b, rx.on_message, rx.on_closed)
         fd = os.memfd_create("test-region", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         os.ftruncate(fd, MiB if flaw == "unsealed" else MiB // 2)
         if flaw != "unsealed":
@@ -606,25 +623,29 @@ def test_a_region_that_could_fault_the_mapping_is_refused(flaw: str, keep: bool)
     run(main)
 
 
-def test_kept_shared_frames_stay_valid_until_unused_and_regions_go_both_ways() -> None:
+def test_leased_frames_stay_valid_until_released_and_regions_go_both_ways() -> None:
     """Both sides lend a region (the STML its read data, a front end its write
-    data). A receiver that keeps shared frames (the STML: write data stays
-    with its command) gets read-only views that stay valid after the loop
-    iteration that delivered them, and hands each slot back only once
-    nothing refers to its frame, a slice of it included; the owner then
-    hands the slot out again."""
+    data). A receiver that keeps frames past on_message (the STML: write data
+    stays with its command) takes their lease: the read-only views stay
+    valid, and each slot goes back only when its lease is released (riding
+    on a message the receiver sends anyway, or within a millisecond); the
+    owner then hands it out again. Pooled buffers (big frames that are not
+    shared) go back to the pool the same way."""
     rng = random.Random(52)
     writes = [rng.randbytes(n) for n in (64 << 10, 256 << 10, MiB)]
     read = rng.randbytes(128 << 10)
+    plain = rng.randbytes(2 * MiB)
 
     async def main() -> None:
         a, b = pair()
         fe_region, stml_region = SharedRegion(8 * MiB), SharedRegion(8 * MiB)
         fe_got: list[list[bytes]] = []
-        kept: list[list[Any]] = []
+        kept: list[tuple[list, Any]] = []
         fe = StreamChannel(a, lambda frames: fe_got.append([bytes(f) for f in frames]), lambda: None,
                            region=fe_region)
-        stml = StreamChannel(b, kept.append, lambda: None, region=stml_region, keep_shared=True)
+        stml = StreamChannel(b, lambda frames: kept.append((frames, stml.take_lease())), lambda: None,
+                             region=stml_region)
+        assert fe.offer_region() and stml.offer_region()
         slots = []
         for data in writes:
             view = fe_region.get(len(data))
@@ -632,36 +653,37 @@ def test_kept_shared_frames_stay_valid_until_unused_and_regions_go_both_ways() -
             view[:] = data
             slots.append(id(view.obj))
             fe.send([b"h", view])
-        del view
-        await wait_until(lambda: len(kept) == len(writes), what="the write data")
-        await asyncio.sleep(0.05)          # many iterations, the release timer's included
-        assert [bytes(m[1]) for m in kept] == writes
-        assert all(m[1].readonly for m in kept)
+            fe_region.release(view)
+        fe.send([b"plain", plain])       # not shared: into a buffer of the STML's pool
+        await wait_until(lambda: len(kept) == len(writes) + 1, what="the write data")
+        await asyncio.sleep(0.05)          # many iterations, release timers included
+        assert [bytes(m[0][1]) for m in kept] == [*writes, plain]
+        assert all(m[0][1].readonly for m in kept[:3])
         with pytest.raises(TypeError):
-            m = kept[0][1]
-            m[0] = 0
-        del m
-        assert len(fe_region._lent) == len(writes), "slots came back while the STML holds them"
-        tail = kept[2][1][100:]            # a slice keeps its frame in use
-        kept.clear()
-        await wait_until(lambda: len(fe_region._lent) == 1, what="the unused slots")
-        stml.send([b"answer"])             # frees also ride on what the STML sends anyway
-        await wait_until(lambda: len(fe_got) == 1, what="the answer")
-        assert bytes(tail) == writes[2][100:] and len(fe_region._lent) == 1
-        del tail
-        await wait_until(lambda: not fe_region._lent, what="the last slot")
+            kept[0][0][1][0] = 0
+        assert fe_region.in_use() == len(writes), "slots came back while the STML holds them"
+        assert stml.pool.in_use() == 1
+        for frames, lease in kept[:2]:
+            lease.release()
+        kept[3][1].release()
+        assert stml.pool.in_use() == 0
+        stml.send([b"answer"])             # the frees ride on what the STML sends anyway
+        await wait_until(lambda: len(fe_got) == 1 and fe_region.in_use() == 1, what="two slots back")
+        assert bytes(kept[2][0][1]) == writes[2]
+        kept[2][1].release()
+        await wait_until(lambda: fe_region.in_use() == 0, what="the last slot")
         again = fe_region.get(len(writes[0]))
         assert again is not None and id(again.obj) == slots[0]
-        del again
+        fe_region.release(again)
         # the other way at the same time: read data lent by the STML arrives whole
         rview = stml_region.get(len(read))
         assert rview is not None
         rview[:] = read
         stml.send([b"r", rview])
-        del rview
+        stml_region.release(rview)
         await wait_until(lambda: len(fe_got) == 2, what="the read data")
         assert fe_got[1] == [b"r", read]
-        await wait_until(lambda: not stml_region._lent, what="the read slot")
+        await wait_until(lambda: stml_region.in_use() == 0, what="the read slot")
         fe.close()
         stml.close()
 
@@ -685,9 +707,9 @@ class _SlowRam(RamBackend):
 @pytest.mark.parametrize("end", ["done", "data-error", "aborted-during-its-write"])
 def test_the_stml_hands_write_data_back_when_its_command_ends(end: str) -> None:
     """Write data a front end lends (immediate data in its shared region) goes
-    back as soon as the command ends however it ends, without waiting for
-    the cycle collector (disabled here): a failed or aborted command's
-    exception refers back to its task."""
+    back when the command ends, however it ends (the emulator releases the
+    carrier's lease from one place), with the cycle collector disabled: it
+    never depended on it."""
     target = "iqn.2026-12.test:slots"
     n = 128 << 10
 
@@ -697,14 +719,16 @@ def test_the_stml_hands_write_data_back_when_its_command_ends(end: str) -> None:
         answers: list[dict] = []
         fe = StreamChannel(a, lambda frames: answers.append(unpack(frames[0])), lambda: None,
                            region=region)
+        fe.offer_region()
         executor = ThreadPoolExecutor(1)
         lu = LogicalUnit(target, 0, _SlowRam(8 * MiB), LunOptions(kind="ram", size=8 * MiB),
                          DiskTemplate(OPCODES))
         channels: list[StreamChannel] = []
         em = Emulator([Target(target, {0: lu})],
                       lambda ident, h, frames: channels[0].send([pack(h), *frames]), executor)
-        channels.append(StreamChannel(b, lambda frames: em.handle(b"fe", unpack(frames[0]), frames[1:]),
-                                      lambda: None, keep_shared=True))
+        channels.append(StreamChannel(
+            b, lambda frames: em.handle(b"fe", unpack(frames[0]), frames[1:], channels[0].take_lease()),
+            lambda: None))
         fe.send([pack({"op": Op.REGISTER, "version": list(CONTRACT_VERSION), "kind": "test",
                        "name": "t", "heartbeat_ms": 1000, "aen": False})])
         fe.send([pack({"op": Op.REGISTER_NEXUS, "nexus": 1, "initiator": "iqn.i,i,0x1",
@@ -716,8 +740,8 @@ def test_the_stml_hands_write_data_back_when_its_command_ends(end: str) -> None:
         cdb = struct.pack(">BBIBHB", 0x2A, 0, 0, 0, length // 512, 0)
         fe.send([pack({"op": Op.RX_CMND, "tag": 1, "nexus": 1, "lun": 0, "cdb": cdb, "attr": 0,
                        "dir": int(DataDir.WRITE), "len": length, "unsol": n}), view])
-        del view
-        await wait_until(lambda: len(region._lent) == 1, what="the slot lent")
+        region.release(view)
+        assert region.in_use() == 1        # lent
         await asyncio.sleep(0.05)
         if end == "data-error":
             fe.send([pack({"op": Op.RX_DATA, "tag": 1, "offset": n, "error": "DataSN out of order"})])
@@ -727,7 +751,7 @@ def test_the_stml_hands_write_data_back_when_its_command_ends(end: str) -> None:
         await wait_until(lambda: answers and answers[-1]["op"] in (Op.XMIT_RESPONSE, Op.TMF_DONE),
                          what="the command's end")
         assert answers[-1].get("status", 0) == (CHECK_CONDITION if end == "data-error" else 0)
-        await wait_until(lambda: not region._lent, timeout=0.5, what="the slot back")
+        await wait_until(lambda: region.in_use() == 0, what="the slot back")
         fe.close()
         channels[0].close()
         executor.shutdown()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import struct
+from typing import Callable
 
 import pytest
 
@@ -14,7 +15,7 @@ from fetd_vhost.memory import BadAddress, GuestMemory, Region, RegionSpec
 from fetd_vhost.protocol import (F_NEED_REPLY, Feature, Framer, Message, ProtocolError, Req,
                                  Session, bits, encode)
 from fetd_vhost.scsi import RESP_SIZE, S, VirtioScsiDevice, cdb_length, decode_lun, encode_lun
-from stml.api import Tmf
+from stml.api import SharedRegion, Tmf
 from support.vhost_master import (DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, REQ, DriverQueue, GuestRam,
                                   lun_field, write10)
 
@@ -243,6 +244,118 @@ def test_write_data_past_the_stml_limit_waits_for_it_to_ask(ring):
     dev.rdy_to_xfer(tag, 64 << 10, 192 << 10)
     dev.rdy_to_xfer(tag, 200 << 10, 1 << 30)         # more than there is: only what there is
     assert port.calls[1:] == [("data", tag, 64 << 10, 192 << 10), ("data", tag, 200 << 10, 56 << 10)]
+
+
+class SharingPort(Port):
+    """A port with the STML link's shared memory for write data: it records
+    what each call sent and which buffers it handed out and got back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.region = SharedRegion(4 << 20, name="vhost-test")
+        self.given: list[memoryview] = []
+        self.released: list[memoryview] = []
+        self.sent: list[list] = []
+
+    def rx_cmnd(self, tag, lun, cdb, attr, direction, length, unsol, data):
+        super().rx_cmnd(tag, lun, cdb, attr, direction, length, unsol, data)
+        self.sent.append([bytes(d) for d in data] + [self.region.in_use()])
+
+    def rx_data(self, tag, offset, data):
+        super().rx_data(tag, offset, data)
+        self.sent.append([bytes(d) for d in data] + [self.region.in_use()])
+
+    def buffer(self, size):
+        view = self.region.get(size)
+        if view is not None:
+            self.given.append(view)
+        return view
+
+    def release(self, buf):
+        self.released.append(buf)
+        self.region.release(buf)
+
+
+def test_shared_write_buffers_go_back_once_sent(ring):
+    """Write data of 64 KiB and more is copied into a buffer of the link's
+    shared memory, held while it is sent (rx_cmnd, and rx_data after
+    rdy_to_xfer), and released right after: the carrier lent it to the STML
+    by then, so the slot stays the STML's until the command ends there."""
+    dq, vq, _ = ring
+    port = SharingPort()
+    dev = device(vq, port)
+    dev.max_unsol = 64 << 10
+    data = bytes(range(256)) * 512
+    ram = dq.ram
+    req, out = ram.alloc(REQ.size), ram.alloc(len(data))
+    ram.write(req, REQ.pack(lun_field(0), 1, 0, 0, 0, write10(0, 256).ljust(32, b"\0")))
+    ram.write(out, data)
+    dq.add([(req, REQ.size, False), (out, len(data), False), (ram.alloc(RESP_SIZE), RESP_SIZE, True)])
+    dq.publish(kick=False)
+    dev.process(vq)
+    (kind, tag, *_), = port.calls
+    dev.rdy_to_xfer(tag, 64 << 10, 64 << 10)
+    assert port.sent == [[data[:64 << 10], 1], [data[64 << 10:], 1]]   # held while sent
+    assert len(port.given) == 2 and [id(b) for b in port.released] == [id(b) for b in port.given]
+    assert port.region.in_use() == 0
+    scsi_request(dq, write10(0, 8), out=4096, tag=2)   # small: guest memory, nothing taken
+    dq.publish(kick=False)
+    dev.process(vq)
+    assert len(port.given) == 2 and port.region.in_use() == 0
+
+
+class ReusingLink:
+    """The STML link as fetd_vhost's front end sees it, reusing a read
+    slot the moment it is given back (as the STML may): it scribbles over
+    the response's frames when told done, and notes what the guest had."""
+
+    def __init__(self, frames: list[memoryview], guest: Callable[[], bytes]) -> None:
+        self.frames, self.guest = frames, guest
+        self.done: list[tuple[int, bytes]] = []
+
+    def scsi_target_done(self, tags: list[int]) -> None:
+        for tag in tags:
+            self.done.append((tag, self.guest()))
+        for frame in self.frames:
+            frame[:] = b"\xee" * len(frame)
+
+
+def test_a_read_slot_goes_back_only_once_the_data_is_in_guest_memory(ring):
+    """fetd_vhost says scsi_target_done for a read after its data is in
+    guest memory, never before: the STML reuses the slot at once, and the
+    guest still reads what the STML sent."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from fetd_vhost.server import VhostFrontEnd
+    from support.vhost_master import read10
+
+    dq, vq, _ = ring
+    port = Port()
+    dev = device(vq, port)
+    ram = dq.ram
+    n = 64 << 10
+    req, resp, into = ram.alloc(REQ.size), ram.alloc(RESP_SIZE), ram.alloc(n)
+    ram.write(req, REQ.pack(lun_field(0), 1, 0, 0, 0, read10(0, n // 512).ljust(32, b"\0")))
+    head = dq.add([(req, REQ.size, False), (resp, RESP_SIZE, True), (into, n, True)])
+    dq.publish(kick=False)
+    dev.process(vq)
+    (_, tag, *_), = port.calls
+    data = bytes(range(256)) * (n // 256)
+    slot = bytearray(data)                        # the STML's shared read slot
+    frames = [memoryview(slot)[:n // 2], memoryview(slot)[n // 2:]]
+    link = ReusingLink(frames, lambda: ram.read(into, n))
+
+    async def answer() -> None:
+        fe = VhostFrontEnd("tcp://127.0.0.1:9", "/nonexistent/vm.sock", "iqn.2026-12.test:t")
+        fe.link = link   # type: ignore[assignment]
+        fe.conn = SimpleNamespace(device=dev, signal=lambda: None)   # type: ignore[assignment]
+        fe.xmit_response(tag, 0, None, 0, frames)
+
+    asyncio.run(answer())
+    assert link.done == [(tag, data)]             # in guest memory when the slot went back
+    assert ram.read(into, n) == data and slot == b"\xee" * n
+    assert dq.take_used() == [(head, RESP_SIZE + n)]
 
 
 def test_link_loss_answers_everything_taken(ring):

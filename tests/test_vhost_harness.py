@@ -125,6 +125,34 @@ def test_io_in_place_through_scattered_and_indirect_buffers(stml, vhost, masters
     assert m.ram.canaries_intact()
 
 
+def test_read_slots_come_back_once_the_data_is_in_guest_memory(gated, vhost, masters):
+    """fetd_vhost says scsi_target_done for each response once its read data
+    is copied into guest memory: the STML's shared read slots (reads of 32
+    KiB and more) come back, and so do the receive buffers of the writes;
+    nothing stays held once the commands are done. (Without done, every
+    read's slot stayed lent to the front end.)"""
+    g = gated()
+    m = masters(vhost(g.endpoint), mem_size=16 << 20)
+    m.start()
+    q = m.queues[2]
+    clear_ua(m, q)
+    for i in range(8):
+        data = blocks(i + 1, 256)            # 128 KiB
+        assert m.run(q, write10(i * 256, 256), data_out=data).status == GOOD
+        r = m.run(q, read10(i * 256, 256), data_in=len(data))
+        assert (r.status, r.data) == (GOOD, data)
+
+    def held() -> tuple[int, int, int]:
+        (stream,) = g.server.streams.values()
+        return (stream.region.in_use(), g.server.pool.in_use(),
+                sum(len(fe.tasks) for fe in g.server.emulator.front_ends.values()))
+
+    deadline = time.monotonic() + 10
+    while (state := g.call(held)) != (0, 0, 0):
+        assert time.monotonic() < deadline, f"still held (slots, pooled buffers, tasks): {state}"
+        time.sleep(0.01)
+
+
 def test_ring_wrap_with_a_full_ring_of_commands(stml, vhost, masters):
     """Queue size 8, starting 6 short of 65536: the avail and used indexes
     wrap, and every ring slot is used many times over."""

@@ -10,6 +10,7 @@ import collections
 import os
 import threading
 from pathlib import Path
+from typing import Any, Callable
 
 GATE_OPCODE = 0xC0
 
@@ -30,6 +31,7 @@ class GatedStml:
         self._lock = threading.Lock()
         self.loop = asyncio.new_event_loop()
         self._stop: asyncio.Event | None = None
+        self.server: Any = None       # the StmlServer, once started (look at it through call())
         self._thread = threading.Thread(target=self._run, name="gated-stml", daemon=True)
         self._ready = threading.Event()
         self.error: BaseException | None = None
@@ -60,7 +62,7 @@ class GatedStml:
         asyncio.set_event_loop(self.loop)
 
         async def main() -> None:
-            server = StmlServer(self.config)
+            server = self.server = StmlServer(self.config)
             entry = OpEntry(GATE_OPCODE, "VENDOR GATE", bytes([GATE_OPCODE, 0, 0xFF, 0xFF, 0xFF, 0xFF]),
                             self._handler)
             template = DiskTemplate([entry, *OPCODES])
@@ -88,6 +90,12 @@ class GatedStml:
     def wait_started(self, name: str, timeout: float = 20) -> None:
         if not self._started(name).wait(timeout):
             raise TimeoutError(f"gated command {name} never started")
+
+    def call(self, fn: Callable[[], Any], timeout: float = 10) -> Any:
+        """fn() run on the STML's loop (its state is the loop's alone): its result."""
+        async def run() -> Any:
+            return fn()
+        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(timeout)
 
     def open(self, name: str) -> None:
         self.loop.call_soon_threadsafe(lambda: self._gate(name).set())

@@ -1,0 +1,18 @@
+"""Portal addresses as the configuration and the command lines write them."""
+from __future__ import annotations
+
+import re
+
+
+def parse_portal(value: str) -> tuple[str, int, int]:
+    """(host, port, tpgt) of "HOST:PORT[,TPGT]", "[V6ADDR]:PORT[,TPGT]" or "HOST"
+    (port 3260, TPGT 1); IPv6 is never split on ':'. Raises ValueError."""
+    m = re.fullmatch(r"(?:\[([0-9A-Fa-f:.%\w]+)\]|([^:\[\],]+))(?::(\d+))?(?:,(\d+))?", value.strip())
+    if not m:
+        raise ValueError(f"portal {value!r} is not HOST:PORT[,TPGT] or [IPv6]:PORT[,TPGT]")
+    port = int(m.group(3) or 3260)
+    tpgt = int(m.group(4) or 1)
+    if port > 65535 or not 1 <= tpgt <= 65535:
+        raise ValueError(f"portal {value!r}: port or TPGT out of range")
+    return m.group(1) or m.group(2), port, tpgt
+

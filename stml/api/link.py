@@ -1,0 +1,547 @@
+"""A front end's end of the contract: FrontEndLink connects, registers,
+heartbeats and re-registers by itself; FrontEndHandler is what it calls."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+import uuid
+from types import SimpleNamespace
+from typing import Any, Callable, Protocol, Sequence
+
+import zmq
+
+from stml.api.messages import CONTRACT_VERSION, FROM_STML, Cap, Detect, Op, check, pack, unpack
+from stml.api.shm import SharedRegion
+from stml.api.stream import Lease, StreamChannel, listening, stream_path
+from stml.api.zmq_carrier import Channel
+
+log = logging.getLogger("stml.api")
+# the ops as plain strs, for the headers written per command (an enum member's
+# access costs an attribute hook, several times a plain lookup)
+_O = SimpleNamespace(**{op.name: op.value for op in Op})
+_RX_CMND, _RX_DATA, _DONE = Op.RX_CMND.value, Op.RX_DATA.value, Op.DONE.value
+_RDY_TO_XFER, _XMIT_RESPONSE, _TMF_DONE = Op.RDY_TO_XFER.value, Op.XMIT_RESPONSE.value, Op.TMF_DONE.value
+
+
+class FrontEndHandler(Protocol):
+    """What a front end implements to receive STML calls (all on the event loop)."""
+
+    def detect(self, detect: Detect) -> None: ...
+    def nexus_ready(self, nexus: int, error: str | None) -> None: ...
+    def rdy_to_xfer(self, tag: int, offset: int, length: int) -> None: ...
+    def xmit_response(self, tag: int, status: int, sense: bytes | None, resid: int,
+                      data: list) -> None: ...
+    # `data`: buffers (bytes or memoryviews; maybe memory the STML shares), valid until
+    # the front end calls link.scsi_target_done([tag]): it must, for every response,
+    # once the response is on the wire or dropped.
+    # `info` (1.6): only with QUERY ASYNCHRONOUS EVENT's SUCCEEDED, the additional response
+    # information; a handler written for an earlier version is never given it otherwise
+    def task_mgmt_fn_done(self, tag: int, response: int, aborted: list[int], info: bytes = b"") -> None: ...
+    def report_aen(self, nexus: int | None, lun: int, sense: bytes) -> None: ...
+    def link_lost(self) -> None: ...
+    # optional (1.1): end a nexus the STML dropped; without it the link just releases it
+    # def drop_nexus(self, nexus: int, reason: str) -> None: ...
+    # optional: everything one read from the STML brought has been delivered: a
+    # front end may send its output now rather than at the end of the iteration
+    # def messages_handled(self) -> None: ...
+    # optional (1.3): what it buffers, sent with every heartbeat for `status`
+    # def usage(self) -> dict[str, int]: ...
+
+
+class RegistrationRefused(Exception):
+    """The STML refused this front end (e.g. incompatible contract version)."""
+
+
+class FrontEndLink:
+    """A front end's end of the contract: connect, register, heartbeat, and
+    re-register by itself when the STML restarts or forgets us.
+
+    Calls toward the STML are plain methods that queue a message; STML calls
+    arrive on `handler`. Nexuses registered through the link are registered
+    again after a reconnect, so sessions survive an STML restart. The link
+    offers what its carrier can do (capabilities) and uses what the STML
+    grants. The handler reports every response done (scsi_target_done) once
+    it no longer uses its data: the carrier's memory goes back then.
+
+    Given several endpoints (the STMLs of gateways sharing storage, one of
+    them serving), the link moves on to the next when one answers that it is
+    a standby, or stays silent: it ends up with the one that serves.
+    """
+
+    def __init__(self, endpoint: str | Sequence[str], kind: str, handler: FrontEndHandler, *,
+                 name: str | None = None, heartbeat_ms: int = 1000, aen: bool = True,
+                 version: tuple[int, int] = CONTRACT_VERSION,
+                 context: zmq.Context | None = None,
+                 curve: dict[str, bytes] | None = None) -> None:
+        self.endpoints = [endpoint] if isinstance(endpoint, str) else list(endpoint)
+        self.endpoint = self.endpoints[0]
+        self._trying_since = time.monotonic()   # when the link began asking self.endpoint
+        self.kind = kind
+        self.name = name or f"{kind}-{os.uname().nodename}-{os.getpid()}"
+        self.handler = handler
+        self.heartbeat = heartbeat_ms / 1000
+        self.aen = aen
+        self.version = version
+        self.ctx = context or zmq.Context.instance()
+        self.curve = curve
+        self.connected = asyncio.Event()
+        self.detect_info: Detect | None = None
+        self.caps: frozenset[str] = frozenset()   # what the STML granted in its last detect
+        self.nexuses: dict[int, dict[str, Any]] = {}
+        self._channel: Channel | StreamChannel | None = None
+        self._last_rx = 0.0
+        self._last_tx = 0.0
+        self._last_usage = 0.0
+        self._ended: asyncio.Future | None = None
+        self._timer: asyncio.Task | None = None
+        self._monitor: tuple[zmq.Socket, int] | None = None   # the CURVE handshake watch
+        self._leases: dict[int, Lease] = {}   # tag -> the carrier's hold on its read data
+        self._done: list[int] = []            # tags for the next scsi_target_done
+        self._done_timer: asyncio.TimerHandle | None = None
+        self._dispatch: dict[str, Callable[[dict[str, Any], list], None]] = {
+            Op.DETECT: self._on_detect,
+            Op.NEXUS_READY: lambda h, f: handler.nexus_ready(h["nexus"], h.get("error")),
+            Op.RELEASE: self._on_release,
+            Op.RDY_TO_XFER: lambda h, f: handler.rdy_to_xfer(h["tag"], h["offset"], h["length"]),
+            Op.XMIT_RESPONSE: self._on_xmit_response,
+            Op.TMF_DONE: self._on_tmf_done,
+            Op.REPORT_AEN: lambda h, f: handler.report_aen(h.get("nexus"), h["lun"], h["sense"]),
+            Op.HEARTBEAT: lambda h, f: None,
+            Op.DROP_NEXUS: self._on_drop_nexus,
+        }
+
+    # -- calls toward the STML ------------------------------------------------
+    def _send(self, header: dict[str, Any], data: list | tuple = ()) -> None:
+        """Queue one message (never blocks; ZeroMQ buffers while disconnected);
+        responses done since the last one are reported first."""
+        channel = self._channel
+        if channel is None:
+            return
+        self._last_tx = time.monotonic()
+        if self._done:
+            done, self._done = self._done, []
+            channel.send([pack({"op": _DONE, "tags": done})])
+        channel.send([pack(header), *data])
+
+    def register_nexus(self, nexus: int, initiator: str, target: str, tpg: int) -> None:
+        info = {"initiator": initiator, "target": target, "tpg": tpg}
+        self.nexuses[nexus] = info
+        self._send({"op": _O.REGISTER_NEXUS, "nexus": nexus, **info})
+
+    def scsi_release(self, nexus: int) -> None:
+        if self.nexuses.pop(nexus, None) is not None:
+            self._send({"op": _O.RELEASE_NEXUS, "nexus": nexus})
+
+    def rx_cmnd(self, tag: int, nexus: int, lun: int, cdb: bytes, attr: int, direction: int,
+                length: int, unsol: int = 0, data: list | tuple = ()) -> None:
+        self._send({"op": _RX_CMND, "tag": tag, "nexus": nexus, "lun": lun, "cdb": cdb,
+                   "attr": attr, "dir": direction, "len": length, "unsol": unsol}, data)
+
+    def scsi_rx_data(self, tag: int, offset: int, data: list | tuple, error: str | None = None) -> None:
+        header = {"op": _RX_DATA, "tag": tag, "offset": offset}
+        if error:
+            header["error"] = error
+        self._send(header, data)
+
+    def rx_task_mgmt_fn(self, tag: int, nexus: int, fn: int, lun: int, ref: int | None) -> None:
+        self._send({"op": _O.RX_TMF, "tag": tag, "nexus": nexus, "fn": fn, "lun": lun, "ref": ref})
+
+    def scsi_target_done(self, tags: list[int]) -> None:
+        """These responses are on the wire (or dropped): their read data is no
+        longer used. What the carrier lent with them goes back now; the message
+        itself rides on the next one we send, or leaves within a millisecond
+        (one of its own per response would wake the STML once more per command)."""
+        leases = self._leases
+        if leases:
+            for tag in tags:
+                lease = leases.pop(tag, None)
+                if lease is not None:
+                    lease.release()
+        self._done += tags
+        if self._done_timer is None and self._channel is not None:
+            self._done_timer = asyncio.get_running_loop().call_later(0.001, self._done_timeout)
+
+    def _done_timeout(self) -> None:
+        self._done_timer = None
+        if self._done and self._channel is not None:
+            done, self._done = self._done, []
+            self._channel.send([pack({"op": _DONE, "tags": done})])
+
+    def portal_state(self, portals: list[dict[str, Any]]) -> None:
+        """The portals of the STML's list we listen on, and why not the others
+        (a front end that follows the STML's portal list, after each change)."""
+        self._send({"op": _O.PORTAL_STATE, "follows": True, "portals": portals})
+
+    def flush(self) -> None:
+        """Send what is queued now instead of at the end of this loop
+        iteration: a front end calls it once it has handled everything one
+        read from its initiators brought, saving a loop turn per command."""
+        if self._channel is not None:
+            self._channel.flush()
+
+    # -- the link's life ------------------------------------------------------
+    def _open(self) -> None:
+        """Connect: the stream socket beside an ipc:// endpoint when the STML
+        offers one, else ZeroMQ. Until a same-host STML is there (no stream,
+        and nothing listening on the ipc file, which a stopped STML leaves
+        behind) there is no channel and `_heartbeats` retries, so a restarted
+        STML is found on its stream (it binds that first)."""
+        stream = stream_path(self.endpoint)
+        if stream is not None:
+            if os.path.exists(stream):
+                self._open_stream(stream)
+                return
+            if not listening(self.endpoint[len("ipc://"):]):
+                return
+        self._open_zmq()
+
+    def _open_stream(self, path: str) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(path)
+        except OSError as e:
+            sock.close()
+            log.debug("STML stream socket %s: %s", path, e)
+            return
+        try:
+            region: SharedRegion | None = SharedRegion(name="scsi-target-write-data")
+        except OSError as e:   # no memfd: write data goes through the socket
+            log.warning("no shared memory for write data: %s", e)
+            region = None
+        self._channel = StreamChannel(sock, self._on_message, self._stream_closed, region=region,
+                                      on_dispatched=getattr(self.handler, "messages_handled", None))
+
+    def release_buffer(self, view: memoryview) -> None:
+        """Give back memory from shared_buffer(), once it was sent (the STML
+        then holds it until its command ends) or instead of sending it."""
+        channel = self._channel
+        if isinstance(channel, StreamChannel) and channel.region is not None:
+            channel.region.release(view)   # a view of an older channel's region: ignored
+
+    def shared_buffer(self, size: int) -> memoryview | None:
+        """Memory for `size` bytes of write data that reaches a same-host STML
+        without crossing the socket (sent as a data frame of rx_cmnd or
+        scsi_rx_data), or None: use ordinary memory. Yours until
+        release_buffer(); sending it lends it to the STML as well, which
+        hands it back when the command ends."""
+        channel = self._channel
+        if isinstance(channel, StreamChannel) and channel.region_offered and channel.region is not None:
+            return channel.region.get(size)
+        return None
+
+    def _stream_closed(self) -> None:
+        self._channel = None
+        self._drop_leases()
+        if self.connected.is_set():
+            log.warning("STML at %s closed the link: re-registering", self.endpoint)
+            self._lost()
+
+    def _open_zmq(self) -> None:
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.ROUTING_ID, f"{self.name}-{uuid.uuid4().hex[:8]}".encode())
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        if self.curve:
+            sock.curve_secretkey = self.curve["secret"]
+            sock.curve_publickey = self.curve["public"]
+            sock.curve_serverkey = self.curve["server"]
+            self._watch_handshake(sock)
+        sock.connect(self.endpoint)
+        self._channel = Channel(sock, self._on_message)
+
+    def _watch_handshake(self, sock: zmq.Socket) -> None:
+        """CURVE: an STML that refuses our key ends the connection for good (and
+        a DEALER without a connection would block on send), so the refusal is
+        logged, the socket closed, and a new one tried every few seconds (the
+        key may be added to the STML's allow list meanwhile)."""
+        failed = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                  | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+        mon = sock.get_monitor_socket(failed)
+        loop = asyncio.get_running_loop()
+        fd = mon.fileno()
+        self._monitor = (mon, fd)
+
+        def on_event() -> None:
+            from zmq.utils.monitor import recv_monitor_message
+            # EVENTS is an int option; pyzmq types every getsockopt as int | bytes
+            while mon.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # type: ignore[operator, arg-type]
+                event = recv_monitor_message(mon)
+                if not event["event"] & failed or self._channel is None or self._channel.sock is not sock:
+                    continue
+                how = "refused our key" if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH \
+                    else "failed the CURVE handshake (wrong server key?)"
+                log.error("the STML at %s %s; retrying in 5s", self.endpoint, how)
+                loop.remove_reader(fd)
+                channel, self._channel = self._channel, None
+                channel._out.clear()      # nothing may reach a send that would block
+                loop.remove_reader(channel._fd)
+                mon.close(linger=0)
+                loop.call_later(1, sock.close, 0)   # after callbacks already queued for it
+                if self.connected.is_set():
+                    self._lost()
+                loop.call_later(5, self._reopen)
+                return
+
+        loop.add_reader(fd, on_event)
+        loop.call_soon(on_event)
+
+    def _reopen(self) -> None:
+        if self._channel is None and self._timer is not None and not self._timer.done():
+            self._open()
+            self._register()
+
+    def _register(self) -> None:
+        """Register, offering what this link can do on its carrier (1.4): a
+        write region only on a stream that has one. An STML older than 1.4
+        ignores the offer and grants nothing, so nothing is used that it
+        does not know."""
+        channel = self._channel
+        caps = [Cap.WRITE_REGION] if isinstance(channel, StreamChannel) and channel.region else []
+        self._send({"op": _O.REGISTER, "version": list(self.version), "kind": self.kind,
+                    "name": self.name, "heartbeat_ms": int(self.heartbeat * 1000),
+                    "aen": self.aen, "caps": caps})
+
+    def start(self) -> None:
+        """Connect and register; the link then runs until close()."""
+        self._ended = asyncio.get_running_loop().create_future()
+        self._open()
+        self._register()
+        self._timer = asyncio.create_task(self._heartbeats())
+
+    async def wait_ready(self, timeout: float) -> Detect:
+        """Wait for `detect`; raises RegistrationRefused or TimeoutError."""
+        ended = self._ended
+        assert ended is not None   # start() comes first
+        ready = asyncio.ensure_future(self.connected.wait())
+        await asyncio.wait([ready, ended], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        ready.cancel()
+        if ended.done():
+            ended.result()  # raises why the link ended
+        if not self.connected.is_set():
+            raise TimeoutError(f"no answer from the STML at {self.endpoint}")
+        assert self.detect_info is not None   # _on_detect sets it before `connected`
+        return self.detect_info
+
+    def _on_message(self, frames: list) -> None:
+        self._last_rx = time.monotonic()
+        try:
+            header = unpack(frames[0])
+        except ValueError as e:
+            log.warning("refused a message from the STML: %s", e)
+            return
+        op = header["op"]
+        spec = FROM_STML.get(op)   # (messages.check, without its call: per command)
+        error = spec.verdict(header) if spec is not None else check(header, FROM_STML)
+        handler = self._dispatch.get(op)
+        if error is not None or handler is None:
+            log.warning("refused a message from the STML: %s", error or f"{header['op']} is not for us")
+            return
+        try:
+            handler(header, frames[1:])
+        except RegistrationRefused as e:
+            ended = self._ended
+            assert ended is not None   # messages come only after start()
+            if not ended.done():
+                ended.set_exception(e)
+
+    async def _heartbeats(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat / 2)
+            if self._channel is None and stream_path(self.endpoint):
+                self._open()
+            now = time.monotonic()
+            if self.connected.is_set() and now - self._last_rx > 3 * self.heartbeat:
+                log.warning("STML at %s silent for %.1fs: link lost, re-registering",
+                            self.endpoint, now - self._last_rx)
+                self._lost()
+                self._next_endpoint()
+            elif not self.connected.is_set() and now - self._trying_since > 3 * self.heartbeat:
+                self._next_endpoint()   # no answer from this one: another may serve
+            usage = getattr(self.handler, "usage", None)
+            if not self.connected.is_set():
+                self._register()
+            elif usage is not None and now - self._last_usage >= self.heartbeat:
+                self._last_usage = now
+                self._send({"op": _O.HEARTBEAT, "usage": usage()})
+            elif now - self._last_tx >= self.heartbeat:
+                self._send({"op": _O.HEARTBEAT})
+
+    def _lost(self) -> None:
+        self.connected.clear()
+        self._drop_leases()
+        self.handler.link_lost()
+
+    def _drop_leases(self) -> None:
+        """The STML that sent the read data is gone: nothing is reported done to it."""
+        for lease in self._leases.values():
+            lease.release()
+        self._leases.clear()
+        self._done.clear()
+
+    def _next_endpoint(self) -> None:
+        """Ask the next STML of the list (nothing changes with one)."""
+        self._trying_since = time.monotonic()
+        if len(self.endpoints) < 2:
+            return
+        if self._monitor is not None:
+            mon, fd = self._monitor
+            asyncio.get_running_loop().remove_reader(fd)
+            mon.close(linger=0)
+            self._monitor = None
+        if self._channel is not None:
+            self._channel.close(linger_ms=0)
+            self._channel = None
+        self._drop_leases()   # lent by the STML we leave: nothing goes back to it
+        self.endpoint = self.endpoints[(self.endpoints.index(self.endpoint) + 1) % len(self.endpoints)]
+        self._open()
+
+    def _on_detect(self, header: dict[str, Any], frames: list) -> None:
+        if header.get("standby"):
+            # a gateway that does not serve now: ask the next one, or this one
+            # again at the next heartbeat (it may take over meanwhile)
+            log.info("STML at %s is a standby (%s)", self.endpoint, header.get("error"))
+            if self.connected.is_set():
+                self._lost()
+            self._next_endpoint()
+            return
+        if header.get("error"):
+            raise RegistrationRefused(header["error"])
+        try:
+            detect = Detect.from_header(header)
+        except (KeyError, TypeError, ValueError) as e:
+            log.warning("refused a detect from the STML: a target, LUN or portal is malformed (%s: %s)",
+                        type(e).__name__, e)
+            return
+        self.caps = frozenset(header.get("caps") or ())
+        channel = self._channel
+        if Cap.WRITE_REGION in self.caps and isinstance(channel, StreamChannel):
+            channel.offer_region()
+        was_connected = self.connected.is_set()
+        self.detect_info = detect
+        self.connected.set()
+        if not was_connected:
+            for nexus, info in self.nexuses.items():
+                self._send({"op": _O.REGISTER_NEXUS, "nexus": nexus, **info})
+        self.handler.detect(self.detect_info)
+
+    def _on_xmit_response(self, h: dict[str, Any], frames: list) -> None:
+        channel = self._channel
+        if isinstance(channel, StreamChannel):
+            lease = channel.take_lease()   # the read data stays valid until scsi_target_done
+            if lease is not None:
+                self._leases[h["tag"]] = lease
+        self.handler.xmit_response(h["tag"], h["status"], h.get("sense"), h.get("resid", 0), frames)
+
+    def _on_tmf_done(self, h: dict[str, Any], frames: list) -> None:
+        if "info" in h:   # 1.6, QUERY ASYNCHRONOUS EVENT only: handlers written earlier never see it
+            self.handler.task_mgmt_fn_done(h["tag"], h["response"], h.get("aborted", []), info=h["info"])
+        else:
+            self.handler.task_mgmt_fn_done(h["tag"], h["response"], h.get("aborted", []))
+
+    def _on_drop_nexus(self, header: dict[str, Any], frames: list) -> None:
+        nexus = header["nexus"]
+        drop = getattr(self.handler, "drop_nexus", None)
+        if drop is not None:
+            drop(nexus, str(header.get("reason", "")))
+        self.scsi_release(nexus)   # no-op when the handler already released it
+
+    def _on_release(self, header: dict[str, Any], frames: list) -> None:
+        log.info("STML released us (%s); registering again", header.get("reason"))
+        if self.connected.is_set():
+            self._lost()
+        self._register()
+
+    async def close(self) -> None:
+        """Deregister (best effort) and stop."""
+        if self._channel is None:
+            return
+        if self.connected.is_set():
+            self._send({"op": _O.DEREGISTER})
+        assert self._timer is not None   # a channel is opened only by start() and the timer's retries
+        self._timer.cancel()
+        await asyncio.gather(self._timer, return_exceptions=True)
+        if self._done_timer is not None:
+            self._done_timer.cancel()
+            self._done_timer = None
+        self._channel.close(linger_ms=200)
+        self._channel = None
+        self._drop_leases()
+        self.connected.clear()
+
+
+Transport = Callable[[bytes, dict[str, Any], list], None]   # (peer ident, header, data frames)
+
+
+class StmlSender:
+    """The STML's end: every message it sends, as a method, so the headers
+    are written here and nowhere else. `transport` carries a header (and the
+    data frames) to the peer named by its ident."""
+
+    def __init__(self, transport: Transport) -> None:
+        self.transport = transport
+
+    def detect(self, ident: bytes, *, stml: str, heartbeat_ms: int, limits: dict[str, Any],
+               discovery: dict[str, Any], portals: list[dict[str, Any]],
+               targets: list[dict[str, Any]], caps: list[str]) -> None:
+        self.transport(ident, {"op": _O.DETECT, "version": list(CONTRACT_VERSION), "stml": stml,
+                               "heartbeat_ms": heartbeat_ms, "limits": limits, "discovery": discovery,
+                               "portals": portals, "targets": targets, "caps": caps}, [])
+
+    def refuse(self, ident: bytes, reason: str, standby: bool = False) -> None:
+        """A registration refused: `detect` with the reason; `standby`: by a
+        gateway that does not serve now (the front end tries another)."""
+        header: dict[str, Any] = {"op": _O.DETECT, "version": list(CONTRACT_VERSION), "error": reason}
+        if standby:
+            header["standby"] = True
+        self.transport(ident, header, [])
+
+    def release(self, ident: bytes, reason: str) -> None:
+        self.transport(ident, {"op": _O.RELEASE, "reason": reason}, [])
+
+    def heartbeat(self, ident: bytes) -> None:
+        self.transport(ident, {"op": _O.HEARTBEAT}, [])
+
+    def nexus_ready(self, ident: bytes, nexus: int, error: str | None = None) -> None:
+        header: dict[str, Any] = {"op": _O.NEXUS_READY, "nexus": nexus}
+        if error is not None:
+            header["error"] = error
+        self.transport(ident, header, [])
+
+    def rdy_to_xfer(self, ident: bytes, tag: int, offset: int, length: int) -> None:
+        self.transport(ident, {"op": _RDY_TO_XFER, "tag": tag, "offset": offset, "length": length}, [])
+
+    def xmit_response(self, ident: bytes, tag: int, status: int, sense: bytes | None, resid: int,
+                      data: list) -> None:
+        self.transport(ident, {"op": _XMIT_RESPONSE, "tag": tag, "status": status, "sense": sense,
+                               "resid": resid}, data)
+
+    def task_mgmt_fn_done(self, ident: bytes, tag: int, response: int, aborted: list[int],
+                          info: bytes = b"") -> None:
+        header = {"op": _TMF_DONE, "tag": tag, "response": response, "aborted": aborted}
+        if info:
+            header["info"] = info
+        self.transport(ident, header, [])
+
+    def report_aen(self, ident: bytes, nexus: int | None, lun: int, sense: bytes) -> None:
+        self.transport(ident, {"op": _O.REPORT_AEN, "nexus": nexus, "lun": lun, "sense": sense}, [])
+
+    def drop_nexus(self, ident: bytes, nexus: int, reason: str) -> None:
+        self.transport(ident, {"op": _O.DROP_NEXUS, "nexus": nexus, "reason": reason}, [])
+
+    def mgmt_reply(self, ident: bytes, rid: int | None, ok: bool, result: Any = None,
+                   error: str | None = None) -> None:
+        header: dict[str, Any] = {"op": _O.MGMT_REPLY, "id": rid, "ok": ok}
+        if ok:
+            header["result"] = result
+        else:
+            header["error"] = error
+        self.transport(ident, header, [])
+
+
+def mgmt_request(rid: int, cmd: str, args: dict[str, Any]) -> bytes:
+    """A packed `mgmt` request (the management client's one message)."""
+    return pack({"op": _O.MGMT, "id": rid, "cmd": cmd, "args": args})

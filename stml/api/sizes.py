@@ -1,0 +1,15 @@
+"""The size thresholds of the carriers, in one place: where data stops being
+copied and starts being lent or received in place. docs/decisions/0008 and
+0007 say why each is where it is."""
+from __future__ import annotations
+
+# Read data of at least this many bytes goes into the STML's shared region for a
+# same-host front end (backend -> shared memory -> its socket); smaller data costs
+# less to copy through the stream than to lend and hand back.
+SHARED_READ_MIN = 32 << 10
+
+# A frame of at least this many bytes is received into a buffer of its own
+# (stream carrier, fetd_tcp's data segments) and sent without a copy (ZeroMQ);
+# it is also the smallest slot of a shared region, so write segments of this
+# size and more are what a front end lends the STML.
+BIG_FRAME = 64 << 10

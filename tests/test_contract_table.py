@@ -1,0 +1,169 @@
+"""The contract's message table (stml.api.messages.MESSAGES): it is complete,
+docs/contract.md is generated from it, it is the one place headers are
+written, and both sides refuse what does not fit it with a log line."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fakestml import FakeStml
+from stml.api import FrontEndLink
+from stml.api.messages import FROM_STML, MESSAGES, TO_STML, Direction, Message, Op, check
+
+ROOT = Path(__file__).resolve().parent.parent
+NO_FIELD = object()
+
+
+def test_every_op_has_its_message_and_every_message_its_op() -> None:
+    ops = {m.op for m in MESSAGES}
+    assert ops == set(Op)
+    # one entry per op and direction (heartbeat goes both ways, with different fields)
+    keys = [(m.op, m.direction) for m in MESSAGES]
+    assert len(keys) == len(set(keys))
+    assert set(TO_STML) | set(FROM_STML) == {op.value for op in Op} - {Op.BATCH}
+
+
+def test_docs_contract_md_is_what_the_table_generates() -> None:
+    p = subprocess.run([sys.executable, str(ROOT / "scripts" / "contractdoc.py"), "--check"],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    text = (ROOT / "docs" / "contract.md").read_text()
+    for m in MESSAGES:     # and the table's contents are there (the check compares the whole part)
+        assert f"#### `{m.op.value}`" in text
+
+
+def test_a_changed_table_makes_the_doc_check_fail(tmp_path: Path) -> None:
+    """The check is real: a table with one more field than the doc fails it."""
+    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); sys.argv = ['x', '--check']\n"
+            "from stml.api import messages as M\n"
+            "m = M.MESSAGES[0]\n"
+            "M.MESSAGES = (M.Message(m.op, m.direction, m.group, m.doc, "
+            "m.fields + (M.Field('extra', M.INT, 'new'),)),) + M.MESSAGES[1:]\n"
+            f"import runpy; runpy.run_path({str(ROOT / 'scripts' / 'contractdoc.py')!r}, run_name='__main__')\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 1 and "differs from stml.api.messages" in p.stderr, p.stdout + p.stderr
+
+
+SAMPLES: list[Any] = [0, 7, -1, True, "s", b"b", None, [1, 2], ["a"], [{}], {"k": 1}, 1.5, NO_FIELD]
+
+
+def reference(m: Message, header: dict[str, Any]) -> bool:
+    """What the table says, written out plainly (the checker compiles a fast path)."""
+    for f in m.fields:
+        if f.name not in header:
+            if f.required:
+                return False
+            continue
+        v = header[f.name]
+        if f.kind.types and type(v) not in f.kind.types:
+            return False
+        if f.kind.items is not None and type(v) is list and any(type(i) not in f.kind.items for i in v):
+            return False
+    return True
+
+
+@pytest.mark.parametrize("m", MESSAGES, ids=lambda m: f"{m.op.value}-{m.direction.name}")
+def test_check_accepts_exactly_what_the_table_describes(m: Message) -> None:
+    """Every field set in turn to every sample value (or left out), the others
+    well-formed: the compiled check agrees with a plain reading of the table,
+    and so does the table walk that explains a refusal."""
+    good = {f.name: {"int": 1, "str": "s", "bytes": b"b", "bool": True, "map": {}, "any": 1,
+                     "int|nil": None, "bytes|nil": b"x", "[int]": [1], "[str]": ["s"], "[map]": [{}],
+                     "[int, int]": [1, 3]}[f.kind.name] for f in m.fields}
+    received = TO_STML if m.direction is Direction.TO_STML else FROM_STML
+    base = {"op": m.op.value, **good}
+    if m.op is not Op.BATCH:
+        assert check(base, received) is None
+    for f in m.fields:
+        for value in SAMPLES:
+            h = dict(base)
+            if value is NO_FIELD:
+                del h[f.name]
+            else:
+                h[f.name] = value
+            error = m.verdict(h)          # the compiled check
+            assert (error is None) == reference(m, h), (f.name, value, error)
+            assert (m.check(h) is None) == (error is None)
+            if error is not None:
+                assert error.startswith(f"malformed {m.op.value}: {f.name} ")
+
+
+def test_only_the_link_module_writes_headers() -> None:
+    """No module of the STML, the front ends or the CLI writes a contract header
+    as a dict literal: stml.api.link (and the ZeroMQ carrier's batch) do."""
+    allowed = {ROOT / "stml" / "api" / "link.py", ROOT / "stml" / "api" / "zmq_carrier.py"}
+    found = []
+    for package in ("stml", "fetd_tcp", "fetd_loopback", "fetd_vhost", "fetd_spi", "scsi_target", "backends",
+                    "scsi_runtime"):
+        for path in (ROOT / package).rglob("*.py"):
+            if path not in allowed and re.search(r"""\{\s*["']op["']\s*:""", path.read_text()):
+                found.append(str(path.relative_to(ROOT)))
+    assert not found
+
+
+# ---------------------------------------------------------------- a front end refuses
+
+class Recorder:
+    """A FrontEndHandler that records its calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_") or name in ("usage", "messages_handled", "drop_nexus"):
+            raise AttributeError(name)
+        return lambda *args: self.calls.append((name, args))
+
+
+async def until(cond: Any, what: str, timeout: float = 10) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not cond():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.005)
+
+
+def test_a_front_end_refuses_malformed_messages_with_a_log_line(tmp_path: Path, caplog) -> None:
+    """FrontEndLink checks what the STML sends against the table: a header
+    missing a field, or with one of the wrong type, never reaches the handler
+    and is logged; well-formed ones around it do."""
+    caplog.set_level(logging.WARNING, logger="stml.api")
+
+    async def main() -> None:
+        stml = FakeStml(str(tmp_path / "stml"), version=(1, 3), close_on_control=False)
+        handler = Recorder()
+        link = FrontEndLink(stml.endpoint, "test", handler)
+        link.start()
+        try:
+            await link.wait_ready(10)
+            link.register_nexus(1, "iqn.2026-12.test:i,i,0x1", "iqn.2026-12.test:fake", 1)
+            await until(lambda: any(c[0] == "nexus_ready" for c in handler.calls), "nexus_ready")
+            stml.send({"op": "rdy_to_xfer", "tag": 1, "offset": 0})                 # no length
+            stml.send({"op": "xmit_response", "tag": "one", "status": 0})            # tag not an int
+            stml.send({"op": "task_mgmt_fn_done", "tag": 2, "response": 0, "aborted": ["x"]})
+            stml.send({"op": "no_such_op"})
+            stml.send({"op": "rdy_to_xfer", "tag": 3, "offset": 0, "length": 512})  # fine
+            await until(lambda: any(c[0] == "rdy_to_xfer" for c in handler.calls), "rdy_to_xfer")
+            assert [c for c in handler.calls if c[0] != "detect"] == [
+                ("nexus_ready", (1, None)), ("rdy_to_xfer", (3, 0, 512))]
+        finally:
+            await link.close()
+            stml.close()
+
+    asyncio.run(main())
+    refused = [r.getMessage() for r in caplog.records if "refused a message from the STML" in r.getMessage()]
+    assert refused == [
+        "refused a message from the STML: malformed rdy_to_xfer: length is missing",
+        "refused a message from the STML: malformed xmit_response: tag is str, not int",
+        "refused a message from the STML: malformed task_mgmt_fn_done: aborted is not [int] "
+        "(an item is of another type)",
+        "refused a message from the STML: unknown op 'no_such_op'",
+    ]
