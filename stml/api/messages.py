@@ -319,7 +319,8 @@ MESSAGES: tuple[Message, ...] = (
             "Orderly goodbye: the STML releases every nexus of this front end."),
     Message(Op.REGISTER_NEXUS, _TO, "front end",
             "A new I_T nexus (iSCSI: a session). Answered by `nexus_ready`. A target name "
-            "over 223 bytes (MAX_NAME_LEN), or an initiator over MAX_PORT_NAME_LEN, is refused.", (
+            "over 223 bytes (MAX_NAME_LEN), or an initiator over MAX_PORT_NAME_LEN, is refused; so "
+            "is an initiator the target's ACL does not name (whatever the front end checked).", (
                 _NEXUS,
                 Field("initiator", STR, "the initiator port (iSCSI: \"IQN,i,0xISID\")"),
                 Field("target", STR, "a target `detect` listed"),
