@@ -7,7 +7,7 @@ from __future__ import annotations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import fuzzgen as G
+from support import fuzzgen as G
 
 PURE = settings(max_examples=400, derandomize=True, deadline=None,
                 suppress_health_check=list(HealthCheck))
@@ -53,8 +53,8 @@ import pytest  # noqa: E402
 
 from fetd_tcp import login as L  # noqa: E402
 from fetd_tcp import pdu as P  # noqa: E402
-from rawiscsi import RawInitiator  # noqa: E402
-from targetproc import IQN, Target  # noqa: E402
+from support.rawiscsi import RawInitiator  # noqa: E402
+from support.target import IQN, Target  # noqa: E402
 
 LIVE = settings(max_examples=300, derandomize=True, deadline=None, database=None,
                 suppress_health_check=list(HealthCheck))

@@ -12,10 +12,10 @@ import pytest
 from fetd_tcp import login as L
 from fetd_tcp import pdu as P
 from fetd_tcp.limits import LimitError, Limits
-from rawiscsi import RawInitiator
-from targetproc import IQN, Target
+from support.rawiscsi import RawInitiator
+from support.target import IQN, Target
 
-import fuzzgen as G
+from support import fuzzgen as G
 
 ENV = {"SCSI_TARGET_LOGIN_TIMEOUT": "1", "SCSI_TARGET_MAX_CONN_PER_HOST": "4",
        "SCSI_TARGET_MAX_SESSIONS_PER_TARGET": "2"}

@@ -8,7 +8,7 @@ import struct
 from backends.file import FileBackend
 from backends.ram import PAGE, RamBackend
 from stml.sense import CHECK_CONDITION, GOOD, ILLEGAL_REQUEST
-from test_sbc_harness import Harness, run
+from support.sbc_harness import Harness, run
 
 BS = 512
 PB = PAGE // BS   # blocks per RAM page
