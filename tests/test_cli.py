@@ -295,14 +295,15 @@ def test_run_passes_an_explicit_poll_window_on():
 def test_busy_poll_keeps_the_loop_turning_for_its_window_then_lets_it_sleep():
     """After touch() the loop runs its zero-timeout turns (counted by a
     callback that re-queues itself only while the poller spins) until the
-    window has passed since the last touch, and not after."""
+    window has passed since the last touch, and not after. The poller reads the
+    test's clock, moved by hand between counted turns: nothing here is timed."""
     import asyncio
     from stml.server import BusyPoll
 
     async def main() -> None:
-        poll = BusyPoll(0.02)
+        now = 0.0
+        poll = BusyPoll(0.02, clock=lambda: now)
         turns = 0
-        start = time.monotonic()
 
         def count() -> None:
             nonlocal turns
@@ -310,17 +311,25 @@ def test_busy_poll_keeps_the_loop_turning_for_its_window_then_lets_it_sleep():
             if poll.spinning:
                 asyncio.get_running_loop().call_soon(count)
 
-        poll.touch()
+        async def turn(n: int) -> None:
+            for _ in range(n):
+                await asyncio.sleep(0)
+
+        poll.touch()                      # polls until 0.02
         asyncio.get_running_loop().call_soon(count)
-        await asyncio.sleep(0.01)
-        poll.touch()                      # more traffic: the window starts again
-        while poll.spinning:
-            await asyncio.sleep(0)
-        assert time.monotonic() - start >= 0.03
-        assert turns > 100                # it kept the loop busy, not asleep
+        await turn(200)
+        assert poll.spinning and turns >= 100   # it kept the loop busy, not asleep
+        now = 0.01
+        poll.touch()                      # more traffic: the window starts again, until 0.03
+        now = 0.025
+        await turn(5)
+        assert poll.spinning              # past the first window, inside the second
+        now = 0.03
+        await turn(5)
+        assert not poll.spinning          # the window has passed: it lets the loop sleep
         done = turns
-        await asyncio.sleep(0.05)
-        assert turns <= done + 1 and not poll.spinning
+        await turn(50)
+        assert turns <= done + 1
 
     asyncio.run(main())
 
