@@ -8,8 +8,11 @@ SIGKILL on timeout), so nothing outlives the test that started it.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import sys
+import threading
 import uuid
 from pathlib import Path
 from typing import Callable, Iterator
@@ -18,10 +21,12 @@ import pytest
 
 from fetd_loopback import LoopbackClient
 from support.ci import CI_VAR
+from support.kinds import KINDS, kind_of
 from support.procs import short_dir
 from support.target import StmlProcess
 
 pytest_plugins = ["pytester"]   # tests/test_ci_rules.py runs pytest on the hooks below
+
 
 def _skip_is_failure(report: pytest.CollectReport | pytest.TestReport) -> None:
     """Under CI (SCSI_TARGET_CI=1) a skip becomes a failure that says why it skipped."""
@@ -44,6 +49,67 @@ def pytest_make_collect_report(collector: pytest.Collector):
     outcome = yield
     _skip_is_failure(outcome.get_result())
 
+
+# ---------------------------------------------------------------- kinds of test
+# Every test is unit, process or system, from the tables of tests/support/kinds.py
+# (docs/testing.md); tests/test_suite_rules.py checks that each test has one.
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        function = getattr(item, "originalname", item.name)
+        kind = kind_of(item.path.name, function)
+        if kind is not None and not any(item.get_closest_marker(k) for k in KINDS):
+            item.add_marker(kind)
+
+
+# The unit marker cannot lie: while a unit test sets up or runs, starting a
+# process from its thread (or a thread it started) raises. An audit hook sees
+# every way Python starts one; threads left running by earlier tests are not
+# the unit test's doing and are let be.
+SPAWNS = frozenset({"subprocess.Popen", "os.fork", "os.forkpty", "os.posix_spawn", "os.spawn",
+                    "os.exec", "os.system"})
+
+
+class _UnitGuard:
+    active = False
+    older_threads: frozenset[int] = frozenset()
+
+
+def _no_process_in_a_unit_test(event: str, args: tuple) -> None:
+    if event in SPAWNS and _UnitGuard.active and (
+            threading.current_thread() is threading.main_thread()
+            or threading.get_ident() not in _UnitGuard.older_threads):
+        raise RuntimeError(f"a test marked unit started a process ({event} {args[:2]!r}); "
+                           f"mark it process (tests/support/kinds.py)")
+
+
+sys.addaudithook(_no_process_in_a_unit_test)
+
+
+@contextlib.contextmanager
+def _unit_guard(item: pytest.Item) -> Iterator[None]:
+    saved = _UnitGuard.active, _UnitGuard.older_threads
+    _UnitGuard.active = item.get_closest_marker("unit") is not None
+    _UnitGuard.older_threads = frozenset(t.ident for t in threading.enumerate() if t.ident is not None)
+    try:
+        yield
+    finally:
+        _UnitGuard.active, _UnitGuard.older_threads = saved
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item: pytest.Item):
+    with _unit_guard(item):
+        yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item: pytest.Item):
+    with _unit_guard(item):
+        yield
+
+
+# ---------------------------------------------------------------- fixtures
 
 def _short_dirs() -> Iterator[Callable[[], Path]]:
     made: list[str] = []
