@@ -85,6 +85,7 @@ KIND_OF_MODULE = {
     "test_stream_channel.py": "unit",
     "test_stream_framer.py": "unit",
     "test_suite_rules.py": "unit",
+    "test_support_procs.py": "process",
     "test_target_reset.py": "unit",
     "test_thin.py": "unit",
     "test_types.py": "process",
