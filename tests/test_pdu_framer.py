@@ -1,5 +1,5 @@
 """The full-feature receive path: pdu.PduFramer (sans-IO: bytes in, PDUs out, big
-data segments received in place) and server.ConnectionProtocol (the buffered
+data segments received in place) and wire.ConnectionProtocol (the buffered
 protocol around it: dispatch in order, Reject on errors, link flush per read,
 taking over from the login's StreamReader, back-pressure)."""
 from __future__ import annotations
@@ -225,7 +225,7 @@ class CountingLink:
 async def _pair(conn, link, before: bytes = b""):
     """A ConnectionProtocol on one end of a socket pair, after a StreamReader
     that already holds `before`."""
-    from fetd_tcp.server import ConnectionProtocol
+    from fetd_tcp.wire import ConnectionProtocol
     ours, theirs = socket.socketpair()
     theirs.setblocking(False)
     reader, writer = await asyncio.open_unix_connection(sock=ours)
