@@ -583,15 +583,17 @@ class TaskMgmtResponse(NamedTuple):
     stat_sn: int
     exp_cmd_sn: int
     max_cmd_sn: int
+    info: bytes = bytes(3)   # QUERY ASYNCHRONOUS EVENT: additional response information (RFC 7144)
 
     def encode(self) -> bytes:
-        return _GEN.pack(TASK_MGMT_RESPONSE, _F, self.response, 0, 0, LUN0, self.itt, 0,
-                         self.stat_sn, self.exp_cmd_sn, self.max_cmd_sn, 0, 0, 0)
+        # the additional response information sits in bytes 8-10, where other PDUs carry a LUN
+        return _GEN.pack(TASK_MGMT_RESPONSE, _F, self.response, 0, 0, self.info[:3].ljust(8, b"\0"),
+                         self.itt, 0, self.stat_sn, self.exp_cmd_sn, self.max_cmd_sn, 0, 0, 0)
 
     @staticmethod
     def decode(header: Buf, ahs: Buf) -> TaskMgmtResponse:
         g = _unpack_gen(header)
-        return TaskMgmtResponse(g[6], g[2], g[8], g[9], g[10])
+        return TaskMgmtResponse(g[6], g[2], g[8], g[9], g[10], bytes(g[5][:3]))
 
 
 LOGIN_RESPONSE = 0x23
@@ -822,8 +824,6 @@ def decode_pdu(header, ahs=b"") -> PDU:
     if ahs and opcode not in _TAKES_AHS:
         raise PDUError("AHS on a PDU that takes none", REJECT_INVALID_PDU_FIELD)
     return dec(header, ahs)
-
-
 
 
 # --- text segments (§6.1) ----------------------------------------------------

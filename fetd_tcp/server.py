@@ -96,7 +96,7 @@ class IscsiFrontEnd:
         else:
             self.link.scsi_target_done([tag])
 
-    def task_mgmt_fn_done(self, tag: int, response: int, aborted: list[int]) -> None:
+    def task_mgmt_fn_done(self, tag: int, response: int, aborted: list[int], info: bytes = b"") -> None:
         tasks = [t for t in (self.tags.tasks.pop(a, None) for a in aborted) if t is not None]
         if self.registry.abort_answered(tag, tasks):
             return
@@ -104,7 +104,7 @@ class IscsiFrontEnd:
         if entry is not None:
             conn, itt, fn = entry
             if conn is not None:
-                conn.task_mgmt_fn_done(itt, fn, response, tasks)
+                conn.task_mgmt_fn_done(itt, fn, response, tasks, info)
 
     def report_aen(self, nexus: int | None, lun: int, sense: bytes) -> None:
         by_nexus = self.registry.by_nexus

@@ -366,7 +366,7 @@ class VhostFrontEnd:
         # the read data is in guest memory now (or nobody wants it): the STML's again
         self.link.scsi_target_done([tag])
 
-    def task_mgmt_fn_done(self, tag: int, response: int, aborted: list[int]) -> None:
+    def task_mgmt_fn_done(self, tag: int, response: int, aborted: list[int], info: bytes = b"") -> None:
         if self.conn is not None:
             self.conn.device.task_mgmt_fn_done(tag, response, aborted)
             self.schedule_signals()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections.abc
+import errno
 import functools
 import logging
 import time
@@ -32,7 +33,7 @@ from stml.lu import LogicalUnit
 from stml.sense import (
     ABORTED_COMMAND, CHECK_CONDITION, GOOD, HARDWARE_ERROR, ILLEGAL_REQUEST,
     INTERNAL_TARGET_FAILURE, INVALID_FIELD_IN_CDB, LOGICAL_UNIT_NOT_SUPPORTED, MEDIUM_ERROR,
-    POWER_ON_RESET, UNIT_ATTENTION, UNRECOVERED_READ_ERROR,
+    NOT_READY, POWER_ON_RESET, UNIT_ATTENTION, UNRECOVERED_READ_ERROR,
     WRITE_ERROR, DATA_PHASE_ERROR, BUSY, RESERVATION_CONFLICT, TASK_ABORTED, TASK_SET_FULL,
     CheckCondition, StatusError, build_sense,
 )
@@ -52,6 +53,12 @@ INVALID_MESSAGE_ERROR = (0x49, 0x00)
 # UA_INTLCK_CTRL 11b: the status a command ended with becomes a unit attention
 PREVIOUS_STATUS_UA = {BUSY: (0x2C, 0x07), TASK_SET_FULL: (0x2C, 0x08),
                       RESERVATION_CONFLICT: (0x2C, 0x09)}
+# backend failures that are no fault of the medium, by errno: the storage is
+# out of this path's reach for now (ESHUTDOWN: an RBD gateway fenced, another
+# serves the LU; ETIMEDOUT: the cluster did not answer). NOT READY, ASYMMETRIC
+# ACCESS STATE TRANSITION: initiators retry, on another path (docs/decisions/0404)
+ALUA_TRANSITION = (0x04, 0x0A)
+PATH_ERRORS = {errno.ESHUTDOWN: (NOT_READY, ALUA_TRANSITION), errno.ETIMEDOUT: (NOT_READY, ALUA_TRANSITION)}
 
 
 @dataclass(eq=False)
@@ -634,7 +641,8 @@ class Emulator:
         except (BackendError, OSError) as e:
             log.error("backend error on %s LUN %d: %s", task.nexus.target, task.lun, e)
             asc = UNRECOVERED_READ_ERROR if task.direction & _READ else WRITE_ERROR
-            status, sense = CHECK_CONDITION, build_sense(MEDIUM_ERROR, asc, descriptor)
+            key, asc = PATH_ERRORS.get(getattr(e, "errno", 0), (MEDIUM_ERROR, asc))
+            status, sense = CHECK_CONDITION, build_sense(key, asc, descriptor)
         except Exception:
             log.exception("internal error on CDB %s", task.cdb.hex())
             status = CHECK_CONDITION
@@ -851,7 +859,9 @@ class Emulator:
                                                              int(h.get("lun") or 0), h.get("ref"))
         mine = [t.tag for t in victims if t.nexus is nexus]
         if not runners and fanout is None:
-            self._tmf_done(fe, tag, response, mine)
+            info = self._qae_info(nexus, int(h.get("lun") or 0)) \
+                if h["fn"] == Tmf.QUERY_ASYNC_EVENT and response == TmfResponse.SUCCEEDED else b""
+            self._tmf_done(fe, tag, response, mine, info)
             return
 
         async def finish() -> None:
@@ -863,8 +873,19 @@ class Emulator:
         asyncio.get_running_loop().create_task(finish())
 
     def _tmf_done(self, fe: FrontEnd, tag: int, response: int,
-                  aborted: collections.abc.Iterable[int] = ()) -> None:
-        self.out.task_mgmt_fn_done(fe.ident, tag, response, list(aborted))
+                  aborted: collections.abc.Iterable[int] = (), info: bytes = b"") -> None:
+        self.out.task_mgmt_fn_done(fe.ident, tag, response, list(aborted), info)
+
+    def _qae_info(self, nexus: Nexus, lun: int) -> bytes:
+        """QUERY ASYNCHRONOUS EVENT's additional response information (SAM-5):
+        the UADE depth (1: one pending, 2: more) and the sense key, ASC and
+        ASCQ of the unit attention the nexus would be told next. It stays
+        pending: the query reports, it does not clear."""
+        lu = self.targets[nexus.target].luns[lun]
+        pending = lu.unit_attentions[nexus.key]
+        depth = 1 if len(pending) == 1 else 2
+        asc, ascq = pending[0]
+        return bytes([depth << 4 | UNIT_ATTENTION, asc, ascq])
 
     def _all_nexus_keys(self, target: str) -> list[str]:
         return list(self._target_keys.get(target, ()))

@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import msgpack
 
-CONTRACT_VERSION = (1, 5)
+CONTRACT_VERSION = (1, 6)
 # an iSCSI name is at most 223 bytes (RFC 7143 4.2.7.1): initiator and target names
 # in register_nexus are held to it (an initiator port name adds ",i,0x" and 12 hex digits)
 MAX_NAME_LEN = 223
@@ -427,6 +427,9 @@ MESSAGES: tuple[Message, ...] = (
                 _TAG,
                 Field("response", INT, "a TmfResponse"),
                 Field("aborted", INTS, "the tags of the front end's tasks it aborted", False),
+                Field("info", BYTES, "QUERY ASYNCHRONOUS EVENT answered SUCCEEDED: the additional "
+                      "response information, 3 bytes (UADE depth << 4 | sense key, ASC, ASCQ)",
+                      False, since=(1, 6)),
             )),
     Message(Op.REPORT_AEN, _FROM, "front end",
             "An asynchronous event (a unit attention), for front ends that registered with aen.", (
