@@ -8,8 +8,6 @@ import logging
 import os
 from typing import Any, Awaitable, Callable
 
-from fetd_tcp.logind import LOGIN_READ_LIMIT
-
 log = logging.getLogger("fetd_tcp")
 
 Accept = Callable[[asyncio.StreamReader, asyncio.StreamWriter, "PortalSpec"], Awaitable[None]]
@@ -22,13 +20,15 @@ class PortalSpec:
 
 
 class Portals:
-    """Where initiators connect. Each accepted connection goes to `accept`;
-    `report` tells the STML the state of its list, `changed` runs once the
-    listeners match a new list (discovery services announce them)."""
+    """Where initiators connect. Each accepted connection goes to `accept`,
+    its StreamReader limited to `read_limit`; `report` tells the STML the
+    state of its list, `changed` runs once the listeners match a new list
+    (discovery services announce them)."""
 
-    def __init__(self, own: list[PortalSpec], accept: Accept,
+    def __init__(self, own: list[PortalSpec], accept: Accept, read_limit: int,
                  report: Callable[[list[dict[str, Any]]], None], changed: Callable[[], None]) -> None:
         self.listening = own            # listening now
+        self.read_limit = read_limit
         self.follow_stml = not own      # no portals of our own: listen on the STML's list (detect)
         self._accept, self._report, self._changed = accept, report, changed
         self._wanted: tuple[tuple[str, int, int], ...] = ()
@@ -118,7 +118,7 @@ class Portals:
     async def _listen(self, p: PortalSpec) -> None:
         server = await asyncio.start_server(
             lambda r, w: self._accept(r, w, p), p.host, p.port,
-            reuse_address=True, limit=LOGIN_READ_LIMIT)
+            reuse_address=True, limit=self.read_limit)
         self.servers[p] = server
         self.listening.append(p)
         for sock in server.sockets:

@@ -22,7 +22,7 @@ from fetd_tcp.budget import Account
 from fetd_tcp.chap import Credentials, Secret
 from fetd_tcp.keys import TargetKeys
 from fetd_tcp.limits import Limits
-from fetd_tcp.logind import LoginPhase
+from fetd_tcp.logind import LOGIN_READ_LIMIT, LoginPhase
 from fetd_tcp.portals import PortalSpec, Portals, hostport
 from fetd_tcp.registry import CMD_WINDOW, SessionRegistry, cmd_window
 from fetd_tcp.session import MAX_TEXT_RESPONSE, Connection, Tags
@@ -43,7 +43,8 @@ class IscsiFrontEnd:
                  curve: dict[str, bytes] | None = None, isns: str | None = None) -> None:
         self.keys = keys or TargetKeys(max_connections=MAX_CONNECTIONS)
         self.link = FrontEndLink(stml_endpoint, "iscsi", self, curve=curve)
-        self.portals = Portals(portals, self._connection, self.link.portal_state, self._announce)
+        self.portals = Portals(portals, self._connection, LOGIN_READ_LIMIT, self.link.portal_state,
+                               self._announce)
         self.announcer = Announcer(isns, f"{self.link.name}")
         self.tags = Tags()
         self.detect_info: Detect | None = None
