@@ -32,8 +32,9 @@ from stml.disk import DiskTemplate, OpEntry, standard_inquiry, trim_views
 from stml.lu import LogicalUnit
 from stml.sense import (
     ABORTED_COMMAND, CHECK_CONDITION, GOOD, HARDWARE_ERROR, ILLEGAL_REQUEST,
-    INTERNAL_TARGET_FAILURE, INVALID_FIELD_IN_CDB, LOGICAL_UNIT_NOT_SUPPORTED, MEDIUM_ERROR,
-    NOT_READY, POWER_ON_RESET, UNIT_ATTENTION, UNRECOVERED_READ_ERROR,
+    INTERNAL_TARGET_FAILURE, INVALID_FIELD_IN_CDB, INVALID_FIELD_IN_COMMAND_IU,
+    LOGICAL_UNIT_NOT_SUPPORTED, MEDIUM_ERROR, NOT_READY, POWER_ON_RESET, UNIT_ATTENTION,
+    UNRECOVERED_READ_ERROR,
     WRITE_ERROR, DATA_PHASE_ERROR, BUSY, RESERVATION_CONFLICT, TASK_ABORTED, TASK_SET_FULL,
     CheckCondition, StatusError, build_sense,
 )
@@ -43,6 +44,7 @@ log = logging.getLogger("stml")
 _READ, _WRITE = int(DataDir.READ), int(DataDir.WRITE)   # plain ints: IntFlag operators are slow
 
 _COUNT_FIELDS = ("lun", "attr", "dir", "len", "unsol")   # rx_cmnd fields: non-negative ints
+_MAX_ATTR = max(TaskAttr)   # and attr a TaskAttr: the task set policies know no other
 _REGISTER = Op.REGISTER.value   # plain str: an enum member costs an attribute hook per message
 
 BUS_DEVICE_RESET = (0x29, 0x03)
@@ -473,8 +475,10 @@ class Emulator:
             self.out.nexus_ready(fe.ident, nexus.id,
                                  f"initiator or target name longer than {MAX_NAME_LEN} bytes")
             return
-        if nexus.target not in self.targets:
-            self.out.nexus_ready(fe.ident, nexus.id, f"no target {nexus.target}")
+        refused = self._nexus_refusal(nexus)
+        if refused:
+            log.warning("front end %s: nexus %d refused: %s", fe.name, nexus.id, refused)
+            self.out.nexus_ready(fe.ident, nexus.id, refused)
             return
         old = fe.nexuses.get(nexus.id)
         if old:
@@ -485,6 +489,19 @@ class Emulator:
         log.debug("nexus %d of %s: %s", nexus.id, fe.name, nexus.key)
         self._seen_tpgs.setdefault(nexus.target, set()).add(nexus.tpg)
         self.out.nexus_ready(fe.ident, nexus.id)
+
+    def _nexus_refusal(self, nexus: Nexus) -> str | None:
+        """Why the target does not take this initiator, or None. The front
+        ends check the ACL themselves (at login, before registering); this is
+        the check none of them can skip, a remote one included (0240)."""
+        t = self.targets.get(nexus.target)
+        if t is None:
+            return f"no target {nexus.target}"
+        acl = t.access.get("acl")
+        name = pr.name_key(nexus.initiator)   # the port's initiator name; names compare without case
+        if acl and all(a.lower() != name for a in acl):
+            return f"initiator {nexus.initiator} is not in the ACL of {t.name}"
+        return None
 
     def portal_groups(self, target: str) -> set[int]:
         """Target port groups (portal group tags) of a target, for ALUA."""
@@ -549,7 +566,7 @@ class Emulator:
         # ints (the contract's table checked); non-negative, in one test for the usual case
         lun, attr, direction, exp_len, unsol = (
             h["lun"], h.get("attr", 0), h.get("dir", 0), h.get("len", 0), h.get("unsol", 0))
-        if (lun | attr | direction | exp_len | unsol) < 0:
+        if (lun | attr | direction | exp_len | unsol) < 0 or attr > _MAX_ATTR:
             self._refuse_counts(fe, tag, h)
             return
         task = Task(self, fe, nexus, tag, lun, cdb, attr, direction, exp_len, unsol, frames)
@@ -561,12 +578,15 @@ class Emulator:
             task.runner.add_done_callback(functools.partial(self._runner_done, task))
 
     def _refuse_counts(self, fe: FrontEnd, tag: int, h: dict[str, Any]) -> None:
-        """The rx_cmnd field that is not a non-negative int, refused with its sense."""
+        """The rx_cmnd field that is not a non-negative int (attr: not a
+        TaskAttr), refused: a LUN as no such LU; any other is a field of the
+        command's transport information, not of the CDB the initiator wrote
+        (docs/decisions/0702)."""
         for key in _COUNT_FIELDS:
             value = h.get(key, 0)
-            if type(value) is not int or value < 0:
+            if type(value) is not int or value < 0 or (key == "attr" and value > _MAX_ATTR):
                 log.warning("front end %s: rx_cmnd %s=%r refused", fe.name, key, value)
-                asc = LOGICAL_UNIT_NOT_SUPPORTED if key == "lun" else INVALID_FIELD_IN_CDB
+                asc = LOGICAL_UNIT_NOT_SUPPORTED if key == "lun" else INVALID_FIELD_IN_COMMAND_IU
                 self.respond(fe, tag, CHECK_CONDITION, build_sense(ILLEGAL_REQUEST, asc), 0)
                 return
 

@@ -319,7 +319,8 @@ MESSAGES: tuple[Message, ...] = (
             "Orderly goodbye: the STML releases every nexus of this front end."),
     Message(Op.REGISTER_NEXUS, _TO, "front end",
             "A new I_T nexus (iSCSI: a session). Answered by `nexus_ready`. A target name "
-            "over 223 bytes (MAX_NAME_LEN), or an initiator over MAX_PORT_NAME_LEN, is refused.", (
+            "over 223 bytes (MAX_NAME_LEN), or an initiator over MAX_PORT_NAME_LEN, is refused; so "
+            "is an initiator the target's ACL does not name (whatever the front end checked).", (
                 _NEXUS,
                 Field("initiator", STR, "the initiator port (iSCSI: \"IQN,i,0xISID\")"),
                 Field("target", STR, "a target `detect` listed"),
@@ -330,8 +331,9 @@ MESSAGES: tuple[Message, ...] = (
             (_NEXUS,)),
     Message(Op.RX_CMND, _TO, "front end",
             "A new SCSI command. A header that names a command (tag, nexus, cdb) but has a bad "
-            "count field is answered with CHECK CONDITION (lun: LOGICAL UNIT NOT SUPPORTED, "
-            "else INVALID FIELD IN CDB); other malformed ones are refused.", (
+            "count field, or an attr that is no TaskAttr, is answered with CHECK CONDITION (lun: "
+            "LOGICAL UNIT NOT SUPPORTED, else INVALID FIELD IN COMMAND INFORMATION UNIT: a "
+            "transport field, not the CDB); other malformed ones are refused.", (
                 _TAG, _NEXUS,
                 Field("lun", INT, "the logical unit number"),
                 Field("cdb", BYTES, "the CDB, as the initiator sent it (not empty)"),
