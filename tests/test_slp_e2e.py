@@ -17,6 +17,7 @@ import pytest
 
 from support.ci import need_root
 from support.cli import mgmt
+from support.procs import stop_pid
 from support.target import IQN, Target
 
 pytestmark = [pytest.mark.slow,
@@ -137,5 +138,4 @@ def test_slp_finds_the_target_by_multicast_and_follows_portal_changes(netns, tmp
     finally:
         if t is not None:
             t.stop()
-        da.kill()
-        da.wait(5)
+        stop_pid(da)
