@@ -70,7 +70,6 @@ UNSUPPORTED_SEGMENT_DESCRIPTOR_TYPE = (0x26, 0x09)
 OPERATION_IN_PROGRESS = (0x00, 0x16)
 LOGICAL_UNIT_COMMUNICATION_FAILURE = (0x08, 0x00)   # a command on a nexus the STML does not know
 INVALID_MESSAGE_ERROR = (0x49, 0x00)                # a task attribute the STML does not take (ACA)
-INQUIRY_DATA_HAS_CHANGED = (0x3F, 0x03)
 
 # unit attentions of resets and nexus loss (SAM-5 5.14, 6.3); the first four
 # clear PREVENT ALLOW MEDIUM REMOVAL (SBC-4 5.15)
