@@ -424,10 +424,12 @@ class TaskMgmtResponse(NamedTuple):
     stat_sn: int
     exp_cmd_sn: int
     max_cmd_sn: int
+    info: bytes = bytes(3)   # QUERY ASYNCHRONOUS EVENT: additional response information (RFC 7144)
 
     def encode(self) -> bytes:
-        return _GEN.pack(TASK_MGMT_RESPONSE, _F, self.response, 0, 0, LUN0, self.itt, 0,
-                         self.stat_sn, self.exp_cmd_sn, self.max_cmd_sn, 0, 0, 0)
+        # the additional response information sits in bytes 8-10, where other PDUs carry a LUN
+        return _GEN.pack(TASK_MGMT_RESPONSE, _F, self.response, 0, 0, self.info[:3].ljust(8, b"\0"),
+                         self.itt, 0, self.stat_sn, self.exp_cmd_sn, self.max_cmd_sn, 0, 0, 0)
 
 
 class LoginResponse(NamedTuple):
@@ -658,7 +660,7 @@ def _dec_scsi_response(g, ahs):
 
 
 def _dec_tmf_response(g, ahs):
-    return TaskMgmtResponse(g[6], g[2], g[8], g[9], g[10])
+    return TaskMgmtResponse(g[6], g[2], g[8], g[9], g[10], bytes(g[5][:3]))
 
 
 def _dec_login_response(g, ahs):

@@ -231,7 +231,7 @@ class IscsiFrontEnd:
         else:
             self.link.scsi_target_done([tag])
 
-    def task_mgmt_fn_done(self, tag: int, response: int, aborted: list[int]) -> None:
+    def task_mgmt_fn_done(self, tag: int, response: int, aborted: list[int], info: bytes = b"") -> None:
         tasks = [t for t in (self.tags.tasks.pop(a, None) for a in aborted) if t is not None]
         failed = self.expiring.pop(tag, None)
         if failed is not None:      # our own ABORT TASK of a task whose Time2Retain ran out
@@ -247,7 +247,7 @@ class IscsiFrontEnd:
         if entry is not None:
             conn, itt, fn = entry
             if conn is not None:
-                conn.task_mgmt_fn_done(itt, fn, response, tasks)
+                conn.task_mgmt_fn_done(itt, fn, response, tasks, info)
 
     def report_aen(self, nexus: int | None, lun: int, sense: bytes) -> None:
         sessions = self.by_nexus.values() if nexus is None else filter(None, [self.by_nexus.get(nexus)])

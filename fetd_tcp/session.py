@@ -818,14 +818,15 @@ class Connection:
         resp = P.TMF_RESP_COMPLETE if ref_sn is not None else P.TMF_RESP_NO_TASK
         self.out(P.TaskMgmtResponse(t.itt, resp, self._next_stat_sn(), exp, mx), b"")
 
-    def task_mgmt_fn_done(self, itt: int, fn: int, response: int, aborted: list[Task]) -> None:
+    def task_mgmt_fn_done(self, itt: int, fn: int, response: int, aborted: list[Task],
+                          info: bytes = b"") -> None:
         self.session.tmfs -= 1
         for task in aborted:
             task.conn.session.itts.pop(task.itt, None)
             task.conn.release(task)
         exp, mx = self._sns()
         self.out(P.TaskMgmtResponse(itt, response if response <= 255 else P.TMF_RESP_REJECTED,
-                                    self._next_stat_sn(), exp, mx), b"")
+                                    self._next_stat_sn(), exp, mx, info), b"")
         if fn == P.TMF_TARGET_COLD_RESET and response == P.TMF_RESP_COMPLETE:
             self.close()   # a cold reset ends the connections (RFC 7143 11.5.1)
         # (an I_T NEXUS RESET leaves the session: the unit attention it sets is for it)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections.abc
+import errno
 import functools
 import logging
 import time
@@ -30,10 +31,11 @@ from stml.cdb import check_usage
 from stml.disk import DiskTemplate, OpEntry, standard_inquiry, trim_views
 from stml.lu import LogicalUnit
 from stml.sense import (
-    ABORTED_COMMAND, BUS_DEVICE_RESET, CHECK_CONDITION, COMMANDS_CLEARED_BY_ANOTHER, DATA_PHASE_ERROR, GOOD,
-    HARDWARE_ERROR, I_T_NEXUS_LOSS, ILLEGAL_REQUEST, INTERNAL_TARGET_FAILURE, INVALID_FIELD_IN_CDB,
-    INVALID_MESSAGE_ERROR, LOGICAL_UNIT_COMMUNICATION_FAILURE, LOGICAL_UNIT_NOT_SUPPORTED, MEDIUM_ERROR,
-    POWER_ON_RESET, PREVIOUS_STATUS_UA, RESERVATION_CONFLICT, TASK_ABORTED, TASK_SET_FULL, UNIT_ATTENTION,
+    ABORTED_COMMAND, ASYMMETRIC_ACCESS_STATE_TRANSITION, BUS_DEVICE_RESET, CHECK_CONDITION,
+    COMMANDS_CLEARED_BY_ANOTHER, DATA_PHASE_ERROR, GOOD, HARDWARE_ERROR, I_T_NEXUS_LOSS, ILLEGAL_REQUEST,
+    INTERNAL_TARGET_FAILURE, INVALID_FIELD_IN_CDB, INVALID_FIELD_IN_COMMAND_IU, INVALID_MESSAGE_ERROR,
+    LOGICAL_UNIT_COMMUNICATION_FAILURE, LOGICAL_UNIT_NOT_SUPPORTED, MEDIUM_ERROR, NOT_READY, POWER_ON_RESET,
+    PREVIOUS_STATUS_UA, RESERVATION_CONFLICT, TASK_ABORTED, TASK_SET_FULL, UNIT_ATTENTION,
     UNRECOVERED_READ_ERROR, WRITE_ERROR, CheckCondition, StatusError, build_sense,
 )
 from stml.task import FrontEnd, Nexus, Task
@@ -43,7 +45,14 @@ log = logging.getLogger("stml")
 _READ, _WRITE = int(DataDir.READ), int(DataDir.WRITE)   # plain ints: IntFlag operators are slow
 
 _COUNT_FIELDS = ("lun", "attr", "dir", "len", "unsol")   # rx_cmnd fields: non-negative ints
+_MAX_ATTR = max(TaskAttr)   # and attr a TaskAttr: the task set policies know no other
 _REGISTER = Op.REGISTER.value   # plain str: an enum member costs an attribute hook per message
+# backend failures that are no fault of the medium, by errno: the storage is
+# out of this path's reach for now (ESHUTDOWN: an RBD gateway fenced, another
+# serves the LU; ETIMEDOUT: the cluster did not answer). NOT READY, ASYMMETRIC
+# ACCESS STATE TRANSITION: initiators retry, on another path (docs/decisions/0404)
+PATH_ERRORS = {errno.ESHUTDOWN: (NOT_READY, ASYMMETRIC_ACCESS_STATE_TRANSITION),
+               errno.ETIMEDOUT: (NOT_READY, ASYMMETRIC_ACCESS_STATE_TRANSITION)}
 
 
 def start_eagerly(coro: collections.abc.Coroutine) -> asyncio.Task | None:
@@ -119,9 +128,15 @@ class TmfCall:
         return task
 
 
-# what a function does: its response, the tasks it aborts, and unit attentions
-# to fan out over a target's LUs before the response leaves
-TmfOutcome = tuple[int, list[Task], Coroutine[Any, Any, None] | None]
+@dataclass(slots=True)
+class TmfOutcome:
+    """What a function does: its response, the tasks it aborts, unit
+    attentions to fan out over a target's LUs before the response leaves,
+    and additional response information (QUERY ASYNCHRONOUS EVENT)."""
+    response: int
+    victims: list[Task] = field(default_factory=list)
+    fanout: Coroutine[Any, Any, None] | None = None
+    info: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -374,8 +389,10 @@ class Emulator:
             self.out.nexus_ready(fe.ident, nexus.id,
                                  f"initiator or target name longer than {MAX_NAME_LEN} bytes")
             return
-        if nexus.target not in self.targets:
-            self.out.nexus_ready(fe.ident, nexus.id, f"no target {nexus.target}")
+        refused = self._nexus_refusal(nexus)
+        if refused:
+            log.warning("front end %s: nexus %d refused: %s", fe.name, nexus.id, refused)
+            self.out.nexus_ready(fe.ident, nexus.id, refused)
             return
         old = fe.nexuses.get(nexus.id)
         if old:
@@ -386,6 +403,19 @@ class Emulator:
         log.debug("nexus %d of %s: %s", nexus.id, fe.name, nexus.key)
         self._seen_tpgs.setdefault(nexus.target, set()).add(nexus.tpg)
         self.out.nexus_ready(fe.ident, nexus.id)
+
+    def _nexus_refusal(self, nexus: Nexus) -> str | None:
+        """Why the target does not take this initiator, or None. The front
+        ends check the ACL themselves (at login, before registering); this is
+        the check none of them can skip, a remote one included (0240)."""
+        t = self.targets.get(nexus.target)
+        if t is None:
+            return f"no target {nexus.target}"
+        acl = t.access.get("acl")
+        name = pr.name_key(nexus.initiator)   # the port's initiator name; names compare without case
+        if acl and all(a.lower() != name for a in acl):
+            return f"initiator {nexus.initiator} is not in the ACL of {t.name}"
+        return None
 
     def portal_groups(self, target: str) -> set[int]:
         """Target port groups (portal group tags) of a target, for ALUA."""
@@ -459,7 +489,7 @@ class Emulator:
         # ints (the contract's table checked); non-negative, in one test for the usual case
         lun, attr, direction, exp_len, unsol = (
             h["lun"], h.get("attr", 0), h.get("dir", 0), h.get("len", 0), h.get("unsol", 0))
-        if (lun | attr | direction | exp_len | unsol) < 0:
+        if (lun | attr | direction | exp_len | unsol) < 0 or attr > _MAX_ATTR:
             self._refuse_counts(fe, tag, h)
             return
         task = Task(self, fe, nexus, tag, lun, cdb, attr, direction, exp_len, unsol, frames)
@@ -471,12 +501,15 @@ class Emulator:
             task.runner.add_done_callback(functools.partial(self._runner_done, task))
 
     def _refuse_counts(self, fe: FrontEnd, tag: int, h: dict[str, Any]) -> None:
-        """The rx_cmnd field that is not a non-negative int, refused with its sense."""
+        """The rx_cmnd field that is not a non-negative int (attr: not a
+        TaskAttr), refused: a LUN as no such LU; any other is a field of the
+        command's transport information, not of the CDB the initiator wrote
+        (docs/decisions/0702)."""
         for key in _COUNT_FIELDS:
             value = h.get(key, 0)
-            if type(value) is not int or value < 0:
+            if type(value) is not int or value < 0 or (key == "attr" and value > _MAX_ATTR):
                 log.warning("front end %s: rx_cmnd %s=%r refused", fe.name, key, value)
-                asc = LOGICAL_UNIT_NOT_SUPPORTED if key == "lun" else INVALID_FIELD_IN_CDB
+                asc = LOGICAL_UNIT_NOT_SUPPORTED if key == "lun" else INVALID_FIELD_IN_COMMAND_IU
                 self.respond(fe, tag, CHECK_CONDITION, build_sense(ILLEGAL_REQUEST, asc), 0)
                 return
 
@@ -551,7 +584,8 @@ class Emulator:
         except (BackendError, OSError) as e:
             log.error("backend error on %s LUN %d: %s", task.nexus.target, task.lun, e)
             asc = UNRECOVERED_READ_ERROR if task.direction & _READ else WRITE_ERROR
-            status, sense = CHECK_CONDITION, build_sense(MEDIUM_ERROR, asc, descriptor)
+            key, asc = PATH_ERRORS.get(getattr(e, "errno", 0), (MEDIUM_ERROR, asc))
+            status, sense = CHECK_CONDITION, build_sense(key, asc, descriptor)
         except Exception:
             log.exception("internal error on CDB %s", task.cdb.hex())
             status = CHECK_CONDITION
@@ -729,11 +763,11 @@ class Emulator:
             return
         # decided now, in arrival order; only the wait for the aborted tasks
         # (and a fan-out of unit attentions over many LUs) is deferred
-        response, victims, runners, fanout = self._task_mgmt(fe, tag, nexus, int(h["fn"]),
-                                                             int(h.get("lun") or 0), h.get("ref"))
-        mine = [t.tag for t in victims if t.nexus is nexus]
+        outcome, runners = self._task_mgmt(fe, tag, nexus, int(h["fn"]), int(h.get("lun") or 0), h.get("ref"))
+        response, fanout = outcome.response, outcome.fanout
+        mine = [t.tag for t in outcome.victims if t.nexus is nexus]
         if not runners and fanout is None:
-            self._tmf_done(fe, tag, response, mine)
+            self._tmf_done(fe, tag, response, mine, outcome.info)
             return
 
         async def finish() -> None:
@@ -741,12 +775,12 @@ class Emulator:
                 await fanout
             if runners:
                 await asyncio.wait(runners)
-            self._tmf_done(fe, tag, response, mine)
+            self._tmf_done(fe, tag, response, mine, outcome.info)
         asyncio.get_running_loop().create_task(finish())
 
     def _tmf_done(self, fe: FrontEnd, tag: int, response: int,
-                  aborted: collections.abc.Iterable[int] = ()) -> None:
-        self.out.task_mgmt_fn_done(fe.ident, tag, response, list(aborted))
+                  aborted: collections.abc.Iterable[int] = (), info: bytes = b"") -> None:
+        self.out.task_mgmt_fn_done(fe.ident, tag, response, list(aborted), info)
 
     @staticmethod
     def _target_tasks(t: Target) -> list[Task]:
@@ -780,7 +814,7 @@ class Emulator:
             resets.covered = upto
 
     def _task_mgmt(self, fe: FrontEnd, tag: int, nexus: Nexus, fn: int, lun: int, ref: int | None
-                   ) -> tuple[int, list[Task], list[asyncio.Task], Coroutine[Any, Any, None] | None]:
+                   ) -> tuple[TmfOutcome, list[asyncio.Task]]:
         """Run one TMF (its row of TMFS). Tasks of the issuing I_T nexus that
         it aborts vanish (listed in `aborted`); tasks of other nexuses end with
         TASK ABORTED (TAS=1) and their nexuses get the unit attention SAM-5
@@ -792,53 +826,59 @@ class Emulator:
         t = self.targets[nexus.target]
         call = TmfCall(fn, fe, nexus, t, lun, t.luns.get(lun), ref)
         row = self.TMFS.get(fn)
-        outcome: TmfOutcome
         if row is None:
-            outcome = TmfResponse.NOT_SUPPORTED, [], None
+            outcome = TmfOutcome(TmfResponse.NOT_SUPPORTED)
         elif row.lun_scoped and call.lu is None:
-            outcome = TmfResponse.NO_LUN, [], None
+            outcome = TmfOutcome(TmfResponse.NO_LUN)
         else:
             outcome = row.run(self, call)
-        response, victims, fanout = outcome
         runners = [r for r in (self._abort(x, None if x.nexus is nexus else TASK_ABORTED)
-                               for x in victims) if r is not None]
-        return response, victims, runners, fanout
+                               for x in outcome.victims) if r is not None]
+        return outcome, runners
 
     # ---- one handler per function, each row of TMFS
     def _tmf_abort_task(self, call: TmfCall) -> TmfOutcome:
         task = call.referenced()
-        return (TmfResponse.NO_TASK, [], None) if task is None else (TmfResponse.COMPLETE, [task], None)
+        return TmfOutcome(TmfResponse.NO_TASK) if task is None else TmfOutcome(TmfResponse.COMPLETE, [task])
 
     def _tmf_query_task(self, call: TmfCall) -> TmfOutcome:
-        found = call.referenced() is not None
-        return TmfResponse.SUCCEEDED if found else TmfResponse.COMPLETE, [], None
+        return TmfOutcome(TmfResponse.SUCCEEDED if call.referenced() is not None else TmfResponse.COMPLETE)
 
     def _tmf_query_task_set(self, call: TmfCall) -> TmfOutcome:
         mine = any(x.nexus is call.nexus for x in call.unit.task_set.tasks.values())
-        return TmfResponse.SUCCEEDED if mine else TmfResponse.COMPLETE, [], None
+        return TmfOutcome(TmfResponse.SUCCEEDED if mine else TmfResponse.COMPLETE)
 
     def _tmf_query_async_event(self, call: TmfCall) -> TmfOutcome:
+        """SUCCEEDED with the additional response information of SAM-5: the
+        UADE depth (1: one pending, 2: more) and the sense key, ASC and ASCQ
+        of the unit attention the nexus would be told next. It stays
+        pending: the query reports, it does not clear."""
         pending = call.unit.unit_attentions.get(call.nexus.key)
-        return TmfResponse.SUCCEEDED if pending else TmfResponse.COMPLETE, [], None
+        if not pending:
+            return TmfOutcome(TmfResponse.COMPLETE)
+        asc, ascq = pending[0]
+        depth = 1 if len(pending) == 1 else 2
+        return TmfOutcome(TmfResponse.SUCCEEDED, info=bytes([depth << 4 | UNIT_ATTENTION, asc, ascq]))
 
     def _tmf_clear_aca(self, call: TmfCall) -> TmfOutcome:
-        return TmfResponse.COMPLETE, [], None   # NACA is not supported: no ACA condition to clear
+        return TmfOutcome(TmfResponse.COMPLETE)   # NACA is not supported: no ACA condition to clear
 
     def _tmf_abort_task_set(self, call: TmfCall) -> TmfOutcome:
-        return TmfResponse.COMPLETE, [x for x in call.unit.task_set.tasks.values() if x.nexus is call.nexus], None
+        return TmfOutcome(TmfResponse.COMPLETE,
+                          [x for x in call.unit.task_set.tasks.values() if x.nexus is call.nexus])
 
     def _tmf_clear_task_set(self, call: TmfCall) -> TmfOutcome:
         lu = call.unit
         victims: list[Task] = list(lu.task_set.tasks.values())
         self.establish_ua(lu, COMMANDS_CLEARED_BY_ANOTHER, [x.nexus.key for x in victims], exclude=call.nexus.key)
-        return TmfResponse.COMPLETE, victims, None
+        return TmfOutcome(TmfResponse.COMPLETE, victims)
 
     def _tmf_lun_reset(self, call: TmfCall) -> TmfOutcome:
         lu = call.unit
         victims: list[Task] = list(lu.task_set.tasks.values())
         pr.state(lu).drop_spc2()
         self.establish_ua(lu, BUS_DEVICE_RESET, self.nexus_keys(call.target.name))
-        return TmfResponse.COMPLETE, victims, None
+        return TmfOutcome(TmfResponse.COMPLETE, victims)
 
     def _tmf_target_reset(self, call: TmfCall) -> TmfOutcome:
         t = call.target
@@ -846,11 +886,11 @@ class Emulator:
             # one initiator's reset would abort every initiator's tasks on every
             # LU: refused unless the target allows it (as LIO's node ACLs do)
             log.info("%s refused: target resets are off for %s (target_reset)", Tmf(call.fn).name, t.name)
-            return TmfResponse.NOT_AUTHORIZED, [], None
+            return TmfOutcome(TmfResponse.NOT_AUTHORIZED)
         for each in t.luns.values():
             if each.pr is not None:
                 each.pr.drop_spc2()
-        return TmfResponse.COMPLETE, self._target_tasks(t), self._target_reset_uas(t)
+        return TmfOutcome(TmfResponse.COMPLETE, self._target_tasks(t), self._target_reset_uas(t))
 
     def _tmf_i_t_nexus_reset(self, call: TmfCall) -> TmfOutcome:
         t, nexus = call.target, call.nexus
@@ -858,7 +898,7 @@ class Emulator:
         for each in list(self.spc2_luns):
             if each.pr is not None and each.target == t.name:
                 each.pr.drop_spc2(nexus.key)
-        return TmfResponse.COMPLETE, victims, self._fan_out_ua(t, I_T_NEXUS_LOSS, [nexus.key])
+        return TmfOutcome(TmfResponse.COMPLETE, victims, self._fan_out_ua(t, I_T_NEXUS_LOSS, [nexus.key]))
 
     # task management functions: the handler, and whether the function names
     # an LU (then a LUN without one is answered NO_LUN); any other: NOT_SUPPORTED

@@ -68,6 +68,8 @@ class FifoTaskSet:
 
     def __init__(self) -> None:
         self.tasks: dict[int, QueuedTask] = {}   # insertion order = arrival order
+        # tasks that are not SIMPLE: every policy counts them so, as _may_run and
+        # the fair policy's barrier see them (a count that disagrees wedges the LU)
         self._ordered = 0
         self._waiters: list[tuple[QueuedTask, asyncio.Future]] = []
         self._seq = 0
@@ -76,13 +78,13 @@ class FifoTaskSet:
         self._seq += 1
         task.seq = self._seq
         self.tasks[task.seq] = task
-        if task.attr in (TaskAttr.ORDERED, TaskAttr.HEAD_OF_QUEUE):
+        if task.attr != _SIMPLE:
             self._ordered += 1
 
     def remove(self, task: QueuedTask) -> None:
         if self.tasks.pop(task.seq, None) is None:
             return
-        if task.attr in (TaskAttr.ORDERED, TaskAttr.HEAD_OF_QUEUE):
+        if task.attr != _SIMPLE:
             self._ordered -= 1
         if self._waiters:
             self._wake()

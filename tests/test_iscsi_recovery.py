@@ -163,12 +163,16 @@ def test_rfc7144_task_management_over_iscsi(target):
     assert ini.tmf(P.TMF_QUERY_TASK_SET).response == P.TMF_RESP_SUCCEEDED
     reset = ini.tmf(P.TMF_I_T_NEXUS_RESET)
     assert reset.response == P.TMF_RESP_COMPLETE
-    # the nexus lives on, with a unit attention that the reset left it
-    assert ini.tmf(P.TMF_QUERY_ASYNC_EVENT).response == P.TMF_RESP_SUCCEEDED
+    # the nexus lives on, with a unit attention that the reset left it; the answer
+    # names it in bytes 8-10 (UADE depth 1, UNIT ATTENTION, I_T NEXUS LOSS OCCURRED)
+    query = ini.tmf(P.TMF_QUERY_ASYNC_EVENT)
+    assert query.response == P.TMF_RESP_SUCCEEDED
+    assert query.info == bytes([0x16, 0x29, 0x07])
     assert ini.tmf(P.TMF_QUERY_TASK, rtt=cmd.itt).response == P.TMF_RESP_COMPLETE   # aborted
     status, sense, _ = ini.command(bytes(6))        # TEST UNIT READY reports it
     assert status == CHECK_CONDITION and (sense[12], sense[13]) == (0x29, 0x07)   # I_T NEXUS LOSS
-    assert ini.tmf(P.TMF_QUERY_ASYNC_EVENT).response == P.TMF_RESP_COMPLETE
+    query = ini.tmf(P.TMF_QUERY_ASYNC_EVENT)
+    assert query.response == P.TMF_RESP_COMPLETE and query.info == bytes(3)
     assert read_all(ini, 10, 1) == bytes(512)       # the reset aborted the write
     ini.close()
 

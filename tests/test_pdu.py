@@ -37,6 +37,8 @@ SAMPLES = [
                      snack_tag=9, data_length=20),
     pdu.TaskMgmtResponse(itt=1, response=pdu.TMF_RESP_NO_TASK, stat_sn=2, exp_cmd_sn=3,
                          max_cmd_sn=4),
+    pdu.TaskMgmtResponse(itt=1, response=pdu.TMF_RESP_SUCCEEDED, stat_sn=2, exp_cmd_sn=3,
+                         max_cmd_sn=4, info=bytes([0x16, 0x29, 0x07])),
     pdu.LoginResponse(itt=1, isid=b"\x40" + bytes(5), tsih=9, stat_sn=2, exp_cmd_sn=3,
                       max_cmd_sn=4, csg=0, nsg=1, transit=True, cont=True, status_class=2,
                       status_detail=1, version_max=0, version_active=0, data_length=44),
