@@ -481,7 +481,8 @@ class Emulator:
         nexus = fe.nexuses.get(h["nexus"])
         tag = h["tag"]
         if nexus is None:
-            self.respond(fe, tag, CHECK_CONDITION, build_sense(ABORTED_COMMAND, LOGICAL_UNIT_COMMUNICATION_FAILURE), 0)
+            sense = build_sense(ABORTED_COMMAND, LOGICAL_UNIT_COMMUNICATION_FAILURE)   # no such nexus
+            self.respond(fe, tag, CHECK_CONDITION, sense, 0)
             return
         cdb = h["cdb"]
         if not cdb:

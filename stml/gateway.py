@@ -33,7 +33,6 @@ from typing import TYPE_CHECKING, Any
 
 from backends import BackendError
 from stml import pr
-from stml.api import Op
 from stml.sense import CAPACITY_DATA_CHANGED
 
 if TYPE_CHECKING:
