@@ -82,6 +82,20 @@ def test_every_opcode_has_a_sample():
     assert set(pdu.OPCODES) == {type(p) for p in SAMPLES}
 
 
+def test_the_pdu_table_says_who_sends_each_type():
+    """One row per type (RFC 7143 11.2.1.2: initiator opcodes are below 0x20),
+    and decode_pdu takes AHS only where the row allows it."""
+    for t in pdu.PDU_TYPES.values():
+        assert (t.opcode < 0x20) == (t.sender == pdu.INITIATOR), t.name
+        assert pdu.OPCODES[t.cls] == t.opcode and t.name == t.cls.__name__
+    assert pdu.INITIATOR_OPCODES == {t.opcode for t in pdu.PDU_TYPES.values() if t.sender == pdu.INITIATOR}
+    nop = bytearray(pdu.NopOut(itt=1).encode())
+    nop[4] = 1                                   # TotalAHSLength 1: 4 bytes of AHS
+    with pytest.raises(PDUError) as e:
+        pdu.decode_pdu(bytes(nop), bytes(4))
+    assert e.value.reject_reason == pdu.REJECT_INVALID_PDU_FIELD
+
+
 def test_scsi_command_layout():
     cdb = bytes([0x28, 0, 0, 0, 0, 0x10, 0, 0, 8, 0])
     hdr = pdu.ScsiCommand(itt=0x11223344, lun=LUN3, cdb=cdb, expected_length=4096, cmd_sn=1,

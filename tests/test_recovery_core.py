@@ -83,7 +83,7 @@ def _front_end():
 
     from fetd_tcp.server import IscsiFrontEnd
     fe = IscsiFrontEnd("ipc:///nonexistent/stml", [])
-    fe.link = link = G.FakeLink()
+    fe.link = fe.registry.link = link = G.FakeLink()
     link.connected = asyncio.Event()
     link.connected.set()
     return fe, link
@@ -92,8 +92,8 @@ def _front_end():
 def _erl2_session(fe, tsih: int, window: int = WINDOW, **params) -> Session:
     s = Session(tsih, b"\x80" + bytes(4) + bytes([tsih]), G.INAME, G.TNAME, 1,
                 SessionParams(error_recovery_level=2, **params), tsih, 1, window)
-    fe.sessions[tsih] = s
-    fe.by_nexus[s.nexus] = s
+    fe.registry.sessions[tsih] = s
+    fe.registry.by_nexus[s.nexus] = s
     return s
 
 
@@ -126,7 +126,7 @@ def test_window_reopens_when_our_abort_of_an_expired_task_finds_nothing():
     assert s.max_cmd_sn == s.exp_cmd_sn - 1          # shut: 2 tasks in a window of 2
     del s.connections[0]
     a.fail()
-    fe._expire(a)
+    fe.registry.expire(a)
     aborts = [c[1] for c in link.calls if c[0] == "rx_task_mgmt_fn"]
     assert [x[2] for x in aborts] == [P.TMF_ABORT_TASK] * 2
     first, second = aborts
@@ -135,7 +135,7 @@ def test_window_reopens_when_our_abort_of_an_expired_task_finds_nothing():
     fe.task_mgmt_fn_done(second[0], P.TMF_RESP_COMPLETE, [second[4]])
     nops = [p for p, _ in out_b if isinstance(p, P.NopIn) and p.itt == P.RESERVED_TAG]
     assert [n.max_cmd_sn for n in nops] == [s.exp_cmd_sn + 1]
-    assert not s.itts and not fe.expiring and not fe.tags.tasks
+    assert not s.itts and not fe.registry.expiring and not fe.tags.tasks
 
 
 def test_failed_connections_kept_are_bounded_in_number_and_time():
@@ -161,17 +161,17 @@ def test_failed_connections_kept_are_bounded_in_number_and_time():
             _read(c, 100 + cid)
             conns.append(c)
             tags.append(link.calls[-1][1][0])
-        fe._drop_connection(idle)
-        assert not idle.failed and not s.failed and not delays and not len(fe.retained)
+        fe.registry.drop_connection(idle)
+        assert not idle.failed and not s.failed and not delays and not len(fe.registry.retained)
         for c in conns:
-            fe._drop_connection(c)
+            fe.registry.drop_connection(c)
         assert delays == [retention(3600, 20, fe.limits.max_retain)] * 3 == [60.0] * 3
         assert list(s.failed) == [2, 3] and conns[0].account.closed
         aborts = [c[1] for c in link.calls if c[0] == "rx_task_mgmt_fn"]
         assert [(x[2], x[4]) for x in aborts] == [(P.TMF_ABORT_TASK, tags[0])]
-        assert len(fe.expiry) == 2 and len(fe.retained) == 2
-        fe._end_session(s)                       # e.g. reinstated: nothing of it is kept
-        assert not fe.expiry and not len(fe.retained) and all(c.account.closed for c in conns)
+        assert len(fe.registry.expiry) == 2 and len(fe.registry.retained) == 2
+        fe.registry.end_session(s)                       # e.g. reinstated: nothing of it is kept
+        assert not fe.registry.expiry and not len(fe.registry.retained) and all(c.account.closed for c in conns)
         loop.call_later = real                   # type: ignore[method-assign]
 
     asyncio.run(main())
@@ -203,17 +203,17 @@ def test_failed_connections_go_with_the_stml_link():
         s = _erl2_session(fe, 1, max_connections=2)
         a, _ = _erl2_conn(fe, s, 0)
         _read(a, 7)
-        fe._drop_connection(a)
-        assert list(s.failed) == [0] and fe.expiry
+        fe.registry.drop_connection(a)
+        assert list(s.failed) == [0] and fe.registry.expiry
         link.connected.clear()
         fe.link_lost()
-        assert not s.failed and a.account.closed and not fe.expiry and not len(fe.retained)
-        assert 1 not in fe.sessions and s.nexus not in fe.by_nexus
+        assert not s.failed and a.account.closed and not fe.registry.expiry and not len(fe.registry.retained)
+        assert 1 not in fe.registry.sessions and s.nexus not in fe.registry.by_nexus
         t = _erl2_session(fe, 2)
         b, _ = _erl2_conn(fe, t, 0)
         _read(b, 8)
-        fe._drop_connection(b)                  # the link is still down
-        assert not t.failed and not fe.expiry and 2 not in fe.sessions
+        fe.registry.drop_connection(b)                  # the link is still down
+        assert not t.failed and not fe.registry.expiry and 2 not in fe.registry.sessions
 
     asyncio.run(main())
 
@@ -234,14 +234,14 @@ def test_a_cid_that_fails_again_does_not_escape_the_session_cap():
             c, _ = _erl2_conn(fe, s, 0)
             _read(c, 20 + i)
             tags.append(link.calls[-1][1][0])
-            fe._drop_connection(c)
+            fe.registry.drop_connection(c)
             conns.append(c)
-        assert s.failed == {0: conns[2]} and list(fe.expiry) == [conns[2]] and len(fe.retained) == 1
+        assert s.failed == {0: conns[2]} and list(fe.registry.expiry) == [conns[2]] and len(fe.registry.retained) == 1
         aborts = [c[1] for c in link.calls if c[0] == "rx_task_mgmt_fn"]
         assert [(x[2], x[4]) for x in aborts] == [(P.TMF_ABORT_TASK, tags[0]), (P.TMF_ABORT_TASK, tags[1])]
         assert conns[0].account.closed and conns[1].account.closed and not conns[2].account.closed
-        fe._end_session(s)
-        assert not fe.expiry and not len(fe.retained) and conns[2].account.closed
+        fe.registry.end_session(s)
+        assert not fe.registry.expiry and not len(fe.registry.retained) and conns[2].account.closed
 
     asyncio.run(main())
 
