@@ -75,8 +75,8 @@ class ModeState:
 class TaskSet(Protocol):
     """What the emulator asks of an LU's task set: the dispatch policy
     (stml.sched) that decides when each task starts, within SAM's task
-    attribute rules. Its tasks are stml.task.Task objects, which sits above
-    this module (a task names its LU): typed Any here."""
+    attribute rules. Its tasks are stml.task.Task objects; that module sits
+    above this one (a task names its LU), so they are typed Any here."""
 
     tasks: dict[int, Any]   # every task in the set, in arrival order (TMFs walk it)
 
