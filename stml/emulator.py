@@ -480,6 +480,12 @@ class Emulator:
     def _rx_cmnd(self, fe: FrontEnd, h: dict[str, Any], frames: list) -> None:
         nexus = fe.nexuses.get(h["nexus"])
         tag = h["tag"]
+        if tag in fe.tasks:
+            # the contract's tags are unique among a front end's live tasks: a second
+            # command under a live tag (a duplicated message, a confused front end) is
+            # not run - an answer under that tag would be taken for the first one's
+            log.warning("front end %s: rx_cmnd with tag %d, already a live task's: dropped", fe.name, tag)
+            return
         if nexus is None:
             sense = build_sense(ABORTED_COMMAND, LOGICAL_UNIT_COMMUNICATION_FAILURE)   # no such nexus
             self.respond(fe, tag, CHECK_CONDITION, sense, 0)

@@ -309,6 +309,29 @@ async def settle() -> None:
         await asyncio.sleep(0)
 
 
+def test_a_second_command_under_a_live_tag_is_not_run():
+    """A duplicated rx_cmnd (the tag of a task still live) runs nothing and
+    gets no answer of its own: its tag's one answer is the first command's."""
+    async def run() -> None:
+        rec, sent = Recorder(), []
+        emu = ordering_emulator(rec, sent)
+        cmd(emu, 1, "ONE_", TaskAttr.SIMPLE)
+        await settle()
+        cmd(emu, 1, "TWO_", TaskAttr.SIMPLE)
+        await settle()
+        assert rec.started == ["ONE_"]
+        assert [h for h in sent if h["op"] == Op.XMIT_RESPONSE] == []
+        rec.gates["ONE_"].set()
+        await settle()
+        assert [h["tag"] for h in sent if h["op"] == Op.XMIT_RESPONSE] == [1]
+        cmd(emu, 1, "TWO_", TaskAttr.SIMPLE)     # once it ended, the tag is free again
+        await settle()
+        assert rec.started == ["ONE_", "TWO_"]
+        rec.gates["TWO_"].set()
+        await settle()
+    asyncio.run(run())
+
+
 def test_ordered_and_head_of_queue_ordering():
     async def run() -> None:
         rec, sent = Recorder(), []
