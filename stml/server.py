@@ -9,7 +9,6 @@ import itertools
 import logging
 import os
 import ipaddress
-import re
 import signal
 import socket
 import threading
@@ -26,9 +25,13 @@ from stml.api.messages import TO_STML, Cap, check
 from stml.api.sizes import SHARED_READ_MIN
 from stml.api.stream import Lease
 from stml.config import Config, ConfigError, StartupError
-from stml.emulator import Emulator, Target, Task
+from stml.emulator import Emulator, Target
 from stml.lu import LogicalUnit
 from stml.metrics import Metrics
+from stml.mgmt import Management
+from stml.portals import PortalStates, portal_entries, portal_groups
+from stml.pr import PrStoreError
+from stml.task import Task
 
 if TYPE_CHECKING:
     from zmq.auth.thread import ThreadAuthenticator
@@ -59,21 +62,6 @@ def build_targets(config: Config, templates: dict[str, Any]) -> list[Target]:
             luns[lc.lun] = LogicalUnit(t.name, lc.lun, backend, o, templates["disk"])
         targets.append(Target(t.name, luns, t.alias, t.access(), t.target_reset))
     return targets
-
-
-def portal_groups(config: Config) -> list[int]:
-    """Portal group tags of the configured portals ("HOST:PORT[,TPGT]", default 1)."""
-    tags = set()
-    for p in config.portals:
-        m = re.search(r",(\d+)$", p)
-        tags.add(int(m.group(1)) if m else 1)
-    return sorted(tags)
-
-
-def portal_entries(portals: list[str]) -> list[dict[str, Any]]:
-    """The `portals` field of detect: {host, port, tpgt} per configured portal."""
-    from scsi_runtime.portals import parse_portal
-    return [dict(zip(("host", "port", "tpgt"), parse_portal(p))) for p in portals]
 
 
 def _is_loopback(endpoint: str) -> bool:
@@ -166,7 +154,10 @@ class StmlServer:
         self.emulator.on_front_end_gone = self.metrics.front_end_gone
         for t in build_targets(config, self.emulator.templates):
             self.emulator.targets[t.name] = t
-        self.emulator.restore_reservations()   # APTPL state kept under the data dir
+        try:
+            self.emulator.restore_reservations()   # APTPL state kept under the data dir
+        except PrStoreError as e:
+            raise ConfigError("persistent reservations", str(e)) from None
         from stml.gateway import Gateway
         # shared (RBD) storage: active or standby; `peers`: one of several gateways
         self.gateway = Gateway(self.emulator, self.executor, grouped=bool(config.stml.peers))
@@ -180,8 +171,7 @@ class StmlServer:
         poll_us = config.stml.poll_us
         self.poll = BusyPoll(poll_us / 1e6) if poll_us else None
         # what each front end that follows the portal list says about its listeners
-        self._portal_states: dict[bytes, list[dict[str, Any]]] = {}
-        self._portal_news: asyncio.Event | None = None
+        self.portals = PortalStates(self.emulator.front_ends)
 
     def _send(self, ident: bytes, header: dict[str, Any], frames: list) -> None:
         op = header["op"]
@@ -343,8 +333,8 @@ class StmlServer:
                  ", ".join(self.endpoints))
         for ep in self.endpoints:
             print(f"stml: listening on {ep}", flush=True)
-        from stml.mgmt import Management
-        self.mgmt = Management(self)
+        self.mgmt = Management(self.emulator, self.config, gateway=self.gateway, metrics=self.metrics,
+                               portals=self.portals, endpoints=self.endpoints)
         self.channel = Channel(self.sock, self._receive, routed=True)
         self.gateway.start()
         loop = asyncio.get_running_loop()
@@ -413,41 +403,9 @@ class StmlServer:
             elif op == _MGMT:
                 self.mgmt.handle(ident, header)
             else:
-                self._portal_state(ident, header)
+                self.portals.report(ident, header)
             return
         self.emulator.handle(ident, header, frames[2:], lease)
-
-    def _portal_state(self, ident: bytes, header: dict[str, Any]) -> None:
-        """A front end that follows the portal list says which it listens on."""
-        if not header["follows"]:
-            self._portal_states.pop(ident, None)
-        else:
-            self._portal_states[ident] = header["portals"][:1024]
-        if self._portal_news is not None:
-            self._portal_news.set()
-
-    def portal_reports(self) -> list[list[dict[str, Any]]]:
-        """The reports of the front ends registered now."""
-        for ident in [i for i in self._portal_states if i not in self.emulator.front_ends]:
-            del self._portal_states[ident]
-        return list(self._portal_states.values())
-
-    async def wait_portal(self, key: tuple[str, int, int], timeout: float) -> list[str]:
-        """After a portal was added: wait until every following front end has
-        reported on it; its errors ([] when all listen, or none follows)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            reports = self.portal_reports()
-            states = [[r for r in rep if (r.get("host"), r.get("port"), r.get("tpgt")) == key]
-                      for rep in reports]
-            if all(states):
-                return [str(r.get("error")) for st in states for r in st if not r.get("listening")]
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return [f"no answer from {len([s for s in states if not s])} front end(s) in {timeout:g}s"]
-            self._portal_news = asyncio.Event()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._portal_news.wait(), left)
 
     async def _liveness(self) -> None:
         while True:
