@@ -82,7 +82,7 @@ def test_one_byte_a_second_is_dropped(target):
 def test_connections_per_initiator_address(target):
     """The fifth connection from one address is refused at once: closed before
     the target reads a byte, so a whole login request sent on it gets no answer
-    (the login timer would have answered it first)."""
+    (a connection let in gets a login response, well before its login timer)."""
     _wait_sessions_gone()
     host, port = G.host_port(target.portal)
     refusals = target.log().count("too many connections")
