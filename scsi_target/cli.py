@@ -26,7 +26,8 @@ from fetd_tcp.cli import main as fetd_tcp_main
 from fetd_vhost.cli import main as fetd_vhost_main, vhost_children, vhost_option
 from scsi_runtime.logs import setup_logging
 from scsi_target.supervise import Supervisor, sd_notify
-from stml.cli import apply_stml_options, config_exit, config_options, load_or_exit, main as stml_main, stml_options
+from stml.cli import (apply_stml_options, config_exit, config_options, load_or_exit, main as stml_main,
+                      stml_options, trace_options, trace_settings)
 from stml.config import (Config, ConfigError, StartupError, check_lun_paths, data_dir_of, default_data_dir,
                          default_endpoint, load, parse_size)
 
@@ -290,9 +291,11 @@ class Plan:
               help="split: the STML and the front end each on their own share of the CPUs this "
                    "command may use (taskset narrows them); none: wherever the scheduler puts them.")
 @vhost_option
+@trace_options
 def run(log_level: str, log_format: str, portals: tuple[str, ...], no_iscsi: bool, cpu_affinity: str,
         listen: tuple[str, ...], insecure: bool, metrics: str | None, poll_us: int | None,
-        vhost: tuple[str, ...], **kw: Any) -> None:
+        vhost: tuple[str, ...], trace_path: str | None, trace_max: str, trace_with_data: bool,
+        **kw: Any) -> None:
     """Run the target: the STML and the iSCSI front end (Ctrl-C stops all).
 
     Without --config it serves DATA_DIR/scsi-target.toml, written on first
@@ -300,6 +303,7 @@ def run(log_level: str, log_format: str, portals: tuple[str, ...], no_iscsi: boo
     change; once it exists, --lun/--iqn may only repeat what it says."""
     setup_logging(log_level, "run", log_format)
     kw = inherited(kw)
+    trace = trace_settings(trace_path, trace_max, trace_with_data)
     try:
         ddir = data_dir_of(kw.get("config_path"), kw.get("data_dir"))
         check_data_dir(ddir)
@@ -334,7 +338,11 @@ def run(log_level: str, log_format: str, portals: tuple[str, ...], no_iscsi: boo
         base += ["--metrics", metrics]
     if poll_us is not None:
         base += ["--poll-us", str(poll_us)]
-    children = {"stml": [sys.executable, "-m", "stml", *base]}
+    stml_args = list(base)
+    if trace is not None:   # the STML records: it sees every front end's messages
+        stml_args += ["--trace", trace.path, "--trace-max", str(trace.max_bytes)]
+        stml_args += ["--trace-with-data"] if trace.with_data else []
+    children = {"stml": [sys.executable, "-m", "stml", *stml_args]}
     if not no_iscsi:
         tcp = [sys.executable, "-m", "fetd_tcp", "--stml", config.stml_endpoint, *logs]
         tcp += _gateway_args(config)

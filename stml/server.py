@@ -15,6 +15,7 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +26,7 @@ from stml.api import BufferPool, Channel, Op, SharedRegion, StreamChannel, pack,
 from stml.api.messages import TO_STML, Cap, check
 from stml.api.sizes import SHARED_READ_MIN
 from stml.api.stream import Lease
+from stml.api.tap import Tap, combine
 from stml.config import Config, ConfigError, StartupError
 from stml.emulator import Emulator, Target, Task
 from stml.lu import LogicalUnit
@@ -132,6 +134,15 @@ class BusyPoll:
             self.spinning = False
 
 
+@dataclass(frozen=True)
+class TraceOptions:
+    """`--trace FILE` (scsi-target run / stml): record from the start."""
+    path: str
+    max_bytes: int
+    with_data: bool = False
+    force: bool = True   # a file named on the command line is replaced, as a log would be
+
+
 class StmlServer:
     def __init__(self, config: Config, heartbeat_ms: int | None = None) -> None:
         self.config = config
@@ -180,8 +191,44 @@ class StmlServer:
         # what each front end that follows the portal list says about its listeners
         self._portal_states: dict[bytes, list[dict[str, Any]]] = {}
         self._portal_news: asyncio.Event | None = None
+        # instruments on the link (stml.api.tap): None, the one tap, or Taps
+        self.tap: Tap | None = None
+        self._taps: list[Tap] = []
+        self.recorder: Any = None   # the trace being written (stml.trace.recorder.Recorder)
 
-    def _send(self, ident: bytes, header: dict[str, Any], frames: list) -> None:
+    def add_tap(self, tap: Tap) -> None:
+        """See every message from now on (stml.api.tap), after the taps already there."""
+        self._taps.append(tap)
+        self.tap = combine(self._taps)
+
+    def remove_tap(self, tap: Tap) -> None:
+        if tap in self._taps:
+            self._taps.remove(tap)
+        self.tap = combine(self._taps)
+
+    def start_trace(self, path: str, *, with_data: bool = False, max_bytes: int | None = None,
+                    count: int | None = None, lease_s: float | None = None, force: bool = False,
+                    from_start: bool = False) -> Any:
+        """Record every message from now on (stml.trace.recorder); OSError when
+        the file cannot be made, RuntimeError when a trace is being recorded."""
+        from stml.trace.recorder import DEFAULT_MAX_BYTES, Recorder, first_record, open_output
+        if self.recorder is not None and self.recorder.reason is None:
+            raise RuntimeError(f"a trace is being recorded to {self.recorder.path}: stop it first")
+        cap = max_bytes or DEFAULT_MAX_BYTES
+        out = open_output(path, force)
+        first = first_record(self.emulator, from_start=from_start, with_data=with_data, max_bytes=cap)
+        recorder = Recorder(out, path, first, with_data=with_data, max_bytes=cap, count=count,
+                            lease_s=lease_s, on_stop=self.remove_tap)
+        self.recorder = recorder
+        if recorder.reason is None:   # (a cap smaller than the first record ends it at once)
+            self.add_tap(recorder)
+        log.info("recording a trace to %s (cap %d bytes%s)", path, cap, ", with read data" if with_data else "")
+        return recorder
+
+    def _send(self, ident: bytes, header: dict[str, Any], frames: list, past_tap: bool = False) -> None:
+        tap = self.tap
+        if tap is not None and not past_tap and not tap.outbound(ident, header, frames):
+            return
         op = header["op"]
         if op == _XMIT_RESPONSE:
             self.metrics.xmit_response(ident, header)
@@ -192,6 +239,10 @@ class StmlServer:
             stream.send([pack(header), *frames])
         else:
             self.channel.send([ident, pack(header), *frames])
+
+    def transmit(self, ident: bytes, header: dict[str, Any], frames: list) -> None:
+        """Send a message past the tap (a tap that held one back lets it go here)."""
+        self._send(ident, header, frames, True)
 
     def _bind(self) -> None:
         """Bind every endpoint: ipc:// ones plain (file permissions guard them),
@@ -329,12 +380,20 @@ class StmlServer:
             log.info("front end %s closed its stream", fe.name)
             self.emulator.release_front_end(fe, "deregistered")
 
-    async def serve(self, stop: asyncio.Event) -> None:
+    async def serve(self, stop: asyncio.Event, trace: TraceOptions | None = None) -> None:
+        if trace is not None:   # before any front end can connect: the trace sees everything
+            try:
+                self.start_trace(trace.path, with_data=trace.with_data, max_bytes=trace.max_bytes,
+                                 force=trace.force, from_start=True)
+            except OSError as e:
+                raise StartupError(f"--trace {trace.path}", e.strerror or str(e)) from None
         try:
             self._bind()
         except ConfigError:
             if self.auth is not None:
                 self.auth.stop()
+            if self.recorder is not None:
+                self.recorder.stop("stml", "the STML could not start")
             raise
         luns = sum(len(t.luns) for t in self.emulator.targets.values())
         log.info("STML serving %d target(s), %d LUN(s) on %s", len(self.emulator.targets), luns,
@@ -362,6 +421,9 @@ class StmlServer:
         beats.cancel()
         await self.gateway.stop()
         await asyncio.sleep(0.05)  # let the release messages leave
+        if self.recorder is not None and self.recorder.reason is None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.recorder.stop("stml", "the STML stopped"), 2)
         self.channel.close(linger_ms=100)
         for listener in self.listeners:
             loop.remove_reader(listener.fileno())
@@ -384,19 +446,27 @@ class StmlServer:
                 lu.backend.flush()
                 lu.backend.close()
 
-    def _receive(self, frames: list, lease: Lease | None = None) -> None:
+    def _receive(self, frames: list, lease: Lease | None = None,
+                 header: dict[str, Any] | None = None) -> None:
         """[ident, header, data...] from either carrier; `lease`: the stream
-        carrier's hold on the data frames (the emulator passes it to their task)."""
+        carrier's hold on the data frames (the emulator passes it to their task).
+        `header`: decoded already, past the tap (deliver)."""
         ident = frames[0]
-        try:
-            if len(frames) < 2:
-                raise ValueError("no header")
-            header = unpack(frames[1])
-        except ValueError as e:
-            log.warning("refused a message from %s: %s", ident.hex(), e)
-            if lease is not None:
-                lease.release()
-            return
+        if header is None:
+            try:
+                if len(frames) < 2:
+                    raise ValueError("no header")
+                header = unpack(frames[1])
+            except ValueError as e:
+                log.warning("refused a message from %s: %s", ident.hex(), e)
+                if lease is not None:
+                    lease.release()
+                return
+            tap = self.tap
+            if tap is not None and not tap.inbound(ident, header, frames[2:]):
+                if lease is not None:
+                    lease.release()
+                return
         op = header["op"]
         if op == _RX_CMND:
             self.metrics.rx_cmnd(ident, header, self.emulator.front_ends.get(ident))
@@ -414,6 +484,11 @@ class StmlServer:
                 self._portal_state(ident, header)
             return
         self.emulator.handle(ident, header, frames[2:], lease)
+
+    def deliver(self, ident: bytes, header: dict[str, Any], data: list) -> None:
+        """Handle a decoded message past the tap (a tap that held one back,
+        with copies of its data, lets it in here)."""
+        self._receive([ident, b"", *data], None, header)
 
     def _portal_state(self, ident: bytes, header: dict[str, Any]) -> None:
         """A front end that follows the portal list says which it listens on."""
@@ -486,7 +561,7 @@ class StopGuard:
             os._exit(1)
 
 
-async def run_stml(config: Config) -> None:
+async def run_stml(config: Config, trace: TraceOptions | None = None) -> None:
     stop = asyncio.Event()
     guard = StopGuard(stop)
     server = StmlServer(config)
@@ -499,6 +574,6 @@ async def run_stml(config: Config) -> None:
 
     loop.add_signal_handler(signal.SIGHUP, reload)
     try:
-        await server.serve(stop)
+        await server.serve(stop, trace)
     finally:
         guard.done.set()

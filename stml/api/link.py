@@ -16,6 +16,7 @@ import zmq
 from stml.api.messages import CONTRACT_VERSION, FROM_STML, Cap, Detect, Op, check, pack, unpack
 from stml.api.shm import SharedRegion
 from stml.api.stream import Lease, StreamChannel, listening, stream_path
+from stml.api.tap import Tap, combine
 from stml.api.zmq_carrier import Channel
 
 log = logging.getLogger("stml.api")
@@ -99,6 +100,9 @@ class FrontEndLink:
         self._leases: dict[int, Lease] = {}   # tag -> the carrier's hold on its read data
         self._done: list[int] = []            # tags for the next scsi_target_done
         self._done_timer: asyncio.TimerHandle | None = None
+        # instruments on the link (stml.api.tap): None, the one tap, or Taps
+        self.tap: Tap | None = None
+        self._taps: list[Tap] = []
         self._dispatch: dict[str, Callable[[dict[str, Any], list], None]] = {
             Op.DETECT: self._on_detect,
             Op.NEXUS_READY: lambda h, f: handler.nexus_ready(h["nexus"], h.get("error")),
@@ -112,6 +116,27 @@ class FrontEndLink:
             Op.DROP_NEXUS: self._on_drop_nexus,
         }
 
+    # -- instruments ------------------------------------------------------------
+    def add_tap(self, tap: Tap) -> None:
+        """See every message from now on (stml.api.tap), after the taps already there."""
+        self._taps.append(tap)
+        self.tap = combine(self._taps)
+
+    def remove_tap(self, tap: Tap) -> None:
+        if tap in self._taps:
+            self._taps.remove(tap)
+        self.tap = combine(self._taps)
+
+    def transmit(self, header: dict[str, Any], frames: list | tuple = ()) -> None:
+        """Send a message past the tap (a tap that held one back lets it go here)."""
+        if self._channel is not None:
+            self._channel.send([pack(header), *frames])
+
+    def deliver(self, header: dict[str, Any], frames: list) -> None:
+        """Handle a decoded message from the STML past the tap (a tap that held
+        one back, with copies of its data, lets it in here)."""
+        self._on_message([b"", *frames], header)
+
     # -- calls toward the STML ------------------------------------------------
     def _send(self, header: dict[str, Any], data: list | tuple = ()) -> None:
         """Queue one message (never blocks; ZeroMQ buffers while disconnected);
@@ -120,10 +145,14 @@ class FrontEndLink:
         if channel is None:
             return
         self._last_tx = time.monotonic()
+        tap = self.tap
         if self._done:
             done, self._done = self._done, []
-            channel.send([pack({"op": _DONE, "tags": done})])
-        channel.send([pack(header), *data])
+            report: dict[str, Any] = {"op": _DONE, "tags": done}
+            if tap is None or tap.outbound(self.endpoint, report, []):
+                channel.send([pack(report)])
+        if tap is None or tap.outbound(self.endpoint, header, list(data)):
+            channel.send([pack(header), *data])
 
     def register_nexus(self, nexus: int, initiator: str, target: str, tpg: int) -> None:
         info = {"initiator": initiator, "target": target, "tpg": tpg}
@@ -167,7 +196,10 @@ class FrontEndLink:
         self._done_timer = None
         if self._done and self._channel is not None:
             done, self._done = self._done, []
-            self._channel.send([pack({"op": _DONE, "tags": done})])
+            report: dict[str, Any] = {"op": _DONE, "tags": done}
+            tap = self.tap
+            if tap is None or tap.outbound(self.endpoint, report, []):
+                self._channel.send([pack(report)])
 
     def portal_state(self, portals: list[dict[str, Any]]) -> None:
         """The portals of the STML's list we listen on, and why not the others
@@ -325,13 +357,18 @@ class FrontEndLink:
         assert self.detect_info is not None   # _on_detect sets it before `connected`
         return self.detect_info
 
-    def _on_message(self, frames: list) -> None:
+    def _on_message(self, frames: list, header: dict[str, Any] | None = None) -> None:
+        """[header, data...] from the carrier; `header`: decoded already, past the tap (deliver)."""
         self._last_rx = time.monotonic()
-        try:
-            header = unpack(frames[0])
-        except ValueError as e:
-            log.warning("refused a message from the STML: %s", e)
-            return
+        if header is None:
+            try:
+                header = unpack(frames[0])
+            except ValueError as e:
+                log.warning("refused a message from the STML: %s", e)
+                return
+            tap = self.tap
+            if tap is not None and not tap.inbound(self.endpoint, header, frames[1:]):
+                return
         op = header["op"]
         spec = FROM_STML.get(op)   # (messages.check, without its call: per command)
         error = spec.verdict(header) if spec is not None else check(header, FROM_STML)
