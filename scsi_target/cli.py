@@ -95,7 +95,9 @@ main.add_command(fetd_tcp_main, "fetd-tcp")
 main.add_command(fetd_vhost_main, "fetd-vhost")
 from scsi_target.keys import keys as _keys  # noqa: E402  (verbs defined in their own modules)
 from scsi_target.mgmt import register as _register_mgmt  # noqa: E402
+from scsi_target.trace import trace as _trace  # noqa: E402
 main.add_command(_keys, "keys")
+main.add_command(_trace, "trace")
 _register_mgmt(main)
 
 
@@ -718,6 +720,11 @@ SHORT_HELP = {
     "wait-ready": "Wait until the target serves (for scripts).",
     "service install": "Create the user, install, enable and start the unit.",
     "completion": "Print the completion script for bash, zsh or fish.",
+    "trace": "Record, replay, export and summarise contract traces.",
+    "trace record": "Record a running STML's messages into a file.",
+    "trace replay": "Replay a trace into a fresh STML; compare answers.",
+    "trace export": "A trace's commands as CSV.",
+    "trace stats": "Per-command counts and latency percentiles.",
 }
 for _path, _text in SHORT_HELP.items():
     _cmd: click.Command = main
