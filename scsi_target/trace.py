@@ -36,7 +36,8 @@ def _on_term(signum: int, frame: Any) -> None:
 @click.option("--with-data", is_flag=True, help="Keep read data, not only its digest (write data is always kept).")
 @click.option("--max", "max_size", metavar="SIZE", default="256MiB", show_default=True,
               help="Stop before the file passes SIZE (an end record says so).")
-@click.option("--count", type=click.IntRange(1), help="Stop after N message records.")
+@click.option("--count", type=click.IntRange(1),
+              help="Stop after N front-end messages (management messages are recorded, not counted).")
 @click.option("--seconds", type=click.FloatRange(0, min_open=True), help="Stop after S seconds.")
 @click.option("--force", is_flag=True, help="Replace FILE if it exists.")
 @mgmt_options

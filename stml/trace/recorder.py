@@ -35,7 +35,7 @@ FLUSH_S = 0.2              # a partial chunk goes to the writer this often
 END_RESERVE = 4096         # room kept under the cap for the end note
 REDACTED = "(redacted)"
 
-_DETECT, _MGMT, _XMIT = Op.DETECT.value, Op.MGMT.value, Op.XMIT_RESPONSE.value
+_DETECT, _MGMT, _MGMT_REPLY = Op.DETECT.value, Op.MGMT.value, Op.MGMT_REPLY.value
 
 
 def _redact_creds(creds: Any) -> Any:
@@ -136,7 +136,8 @@ class Recorder:
     """The trace tap (stml.api.tap.Tap). Front-end -> STML data (write data)
     is kept whole, so replay can write it again; STML -> front-end data (read
     data) as a digest, or whole with `with_data`. `count`: stop after that
-    many message records. `lease_s`: stop when renew() has not been called
+    many front-end messages (management messages, the `trace record` client's
+    own among them, are recorded but not counted). `lease_s`: stop when renew() has not been called
     for that long (a `trace record` client that died)."""
 
     def __init__(self, out: IO[bytes], path: str, first: dict[str, Any], *, with_data: bool = False,
@@ -149,6 +150,7 @@ class Recorder:
         self.lease_s = lease_s
         self.on_stop = on_stop
         self.records = 0          # message records taken (not lost)
+        self.counted = 0          # of them, front-end messages (what `count` counts)
         self.lost = 0             # records dropped because the writer fell behind
         self.bytes = 0            # bytes handed to the writer, and gathered for it
         self.reason: str | None = None   # why it stopped; None while recording
@@ -196,8 +198,10 @@ class Recorder:
             return
         self.records += 1
         self._take(packed)
-        if self.count is not None and self.records >= self.count:
-            self._end("count", f"{self.records} records, as asked")
+        if op != _MGMT and op != _MGMT_REPLY:
+            self.counted += 1
+            if self.count is not None and self.counted >= self.count:
+                self._end("count", f"{self.counted} front-end messages, as asked")
 
     def _take(self, packed: bytes) -> None:
         self._chunk.append(packed)
@@ -253,6 +257,8 @@ class Recorder:
         note = {"note": "end", "reason": reason, "why": why, "records": self.records, "lost": self.lost,
                 "bytes": self.bytes, "t": time.monotonic_ns()}
         self._flush()
+        if self._gap:   # records lost since the last chunk the writer took: said before the end
+            self._chunk.append(self._pack({"note": "gap", "lost": self._gap, "t": time.monotonic_ns()}))
         self._chunk.append(self._pack(note))
         chunk = b"".join(self._chunk)
         self._chunk = []
