@@ -17,7 +17,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import zmq
 
@@ -194,17 +194,30 @@ class StmlServer:
         # instruments on the link (stml.api.tap): None, the one tap, or Taps
         self.tap: Tap | None = None
         self._taps: list[Tap] = []
+        # where the carriers hand a message in: _receive, or _receive_tapped with a tap
+        self.received: Callable[..., None] = self._receive
         self.recorder: Any = None   # the trace being written (stml.trace.recorder.Recorder)
 
     def add_tap(self, tap: Tap) -> None:
         """See every message from now on (stml.api.tap), after the taps already there."""
         self._taps.append(tap)
-        self.tap = combine(self._taps)
+        self._set_taps()
 
     def remove_tap(self, tap: Tap) -> None:
         if tap in self._taps:
             self._taps.remove(tap)
+        self._set_taps()
+
+    def _set_taps(self) -> None:
+        """With a tap, messages go through the tapped entry points; without
+        one, through the plain ones: the paths then cost what they cost
+        before taps existed."""
         self.tap = combine(self._taps)
+        self.emulator.out.transport = self._send if self.tap is None else self._send_tapped
+        self.received = self._receive if self.tap is None else self._receive_tapped
+        channel = getattr(self, "channel", None)
+        if channel is not None:
+            channel.on_message = self.received
 
     def start_trace(self, path: str, *, with_data: bool = False, max_bytes: int | None = None,
                     count: int | None = None, lease_s: float | None = None, force: bool = False,
@@ -225,10 +238,12 @@ class StmlServer:
         log.info("recording a trace to %s (cap %d bytes%s)", path, cap, ", with read data" if with_data else "")
         return recorder
 
-    def _send(self, ident: bytes, header: dict[str, Any], frames: list, past_tap: bool = False) -> None:
+    def _send_tapped(self, ident: bytes, header: dict[str, Any], frames: list) -> None:
         tap = self.tap
-        if tap is not None and not past_tap and not tap.outbound(ident, header, frames):
-            return
+        if tap is None or tap.outbound(ident, header, frames):
+            self._send(ident, header, frames)
+
+    def _send(self, ident: bytes, header: dict[str, Any], frames: list) -> None:
         op = header["op"]
         if op == _XMIT_RESPONSE:
             self.metrics.xmit_response(ident, header)
@@ -242,7 +257,7 @@ class StmlServer:
 
     def transmit(self, ident: bytes, header: dict[str, Any], frames: list) -> None:
         """Send a message past the tap (a tap that held one back lets it go here)."""
-        self._send(ident, header, frames, True)
+        self._send(ident, header, frames)
 
     def _bind(self) -> None:
         """Bind every endpoint: ipc:// ones plain (file permissions guard them),
@@ -345,7 +360,7 @@ class StmlServer:
         def on_message(frames: list) -> None:
             # the frames' lease: write data stays in the front end's memory (or a
             # pooled buffer) until its command ends (Emulator._forget)
-            self._receive([ident, *frames], stream.take_lease())
+            self.received([ident, *frames], stream.take_lease())
 
         stream = StreamChannel(conn, on_message, lambda: self._stream_closed(ident), self.pool, region,
                                self.poll.touch if self.poll else None)
@@ -402,7 +417,7 @@ class StmlServer:
             print(f"stml: listening on {ep}", flush=True)
         from stml.mgmt import Management
         self.mgmt = Management(self)
-        self.channel = Channel(self.sock, self._receive, routed=True)
+        self.channel = Channel(self.sock, self.received, routed=True)
         self.gateway.start()
         loop = asyncio.get_running_loop()
         for listener in self.listeners:
@@ -446,11 +461,24 @@ class StmlServer:
                 lu.backend.flush()
                 lu.backend.close()
 
+    def _receive_tapped(self, frames: list, lease: Lease | None = None) -> None:
+        """_receive, with the tap between decoding and handling."""
+        tap = self.tap
+        try:
+            header = unpack(frames[1]) if len(frames) > 1 else None
+        except ValueError:
+            header = None
+        if header is not None and tap is not None and not tap.inbound(frames[0], header, frames[2:]):
+            if lease is not None:
+                lease.release()
+            return
+        self._receive(frames, lease, header)
+
     def _receive(self, frames: list, lease: Lease | None = None,
                  header: dict[str, Any] | None = None) -> None:
         """[ident, header, data...] from either carrier; `lease`: the stream
         carrier's hold on the data frames (the emulator passes it to their task).
-        `header`: decoded already, past the tap (deliver)."""
+        `header`: decoded already (by _receive_tapped, or deliver)."""
         ident = frames[0]
         if header is None:
             try:
@@ -459,11 +487,6 @@ class StmlServer:
                 header = unpack(frames[1])
             except ValueError as e:
                 log.warning("refused a message from %s: %s", ident.hex(), e)
-                if lease is not None:
-                    lease.release()
-                return
-            tap = self.tap
-            if tap is not None and not tap.inbound(ident, header, frames[2:]):
                 if lease is not None:
                     lease.release()
                 return

@@ -100,9 +100,12 @@ class FrontEndLink:
         self._leases: dict[int, Lease] = {}   # tag -> the carrier's hold on its read data
         self._done: list[int] = []            # tags for the next scsi_target_done
         self._done_timer: asyncio.TimerHandle | None = None
-        # instruments on the link (stml.api.tap): None, the one tap, or Taps
+        # instruments on the link (stml.api.tap): None, the one tap, or Taps; with
+        # one, messages go through the tapped variants of _send and _on_message
         self.tap: Tap | None = None
         self._taps: list[Tap] = []
+        self._send: Callable[..., None] = self._send_plain
+        self._receiver: Callable[[list], None] = self._on_message
         self._dispatch: dict[str, Callable[[dict[str, Any], list], None]] = {
             Op.DETECT: self._on_detect,
             Op.NEXUS_READY: lambda h, f: handler.nexus_ready(h["nexus"], h.get("error")),
@@ -120,12 +123,21 @@ class FrontEndLink:
     def add_tap(self, tap: Tap) -> None:
         """See every message from now on (stml.api.tap), after the taps already there."""
         self._taps.append(tap)
-        self.tap = combine(self._taps)
+        self._set_taps()
 
     def remove_tap(self, tap: Tap) -> None:
         if tap in self._taps:
             self._taps.remove(tap)
+        self._set_taps()
+
+    def _set_taps(self) -> None:
+        """The tapped entry points with a tap, the plain ones without: a link
+        without taps costs what it did before they existed."""
         self.tap = combine(self._taps)
+        self._send = self._send_plain if self.tap is None else self._send_tapped
+        self._receiver = self._on_message if self.tap is None else self._on_message_tapped
+        if self._channel is not None:
+            self._channel.on_message = self._receiver
 
     def transmit(self, header: dict[str, Any], frames: list | tuple = ()) -> None:
         """Send a message past the tap (a tap that held one back lets it go here)."""
@@ -138,20 +150,31 @@ class FrontEndLink:
         self._on_message([b"", *frames], header)
 
     # -- calls toward the STML ------------------------------------------------
-    def _send(self, header: dict[str, Any], data: list | tuple = ()) -> None:
+    def _send_plain(self, header: dict[str, Any], data: list | tuple = ()) -> None:
         """Queue one message (never blocks; ZeroMQ buffers while disconnected);
         responses done since the last one are reported first."""
         channel = self._channel
         if channel is None:
             return
         self._last_tx = time.monotonic()
-        tap = self.tap
+        if self._done:
+            done, self._done = self._done, []
+            channel.send([pack({"op": _DONE, "tags": done})])
+        channel.send([pack(header), *data])
+
+    def _send_tapped(self, header: dict[str, Any], data: list | tuple = ()) -> None:
+        """_send_plain, each message shown to the tap first."""
+        channel, tap = self._channel, self.tap
+        if channel is None or tap is None:
+            self._send_plain(header, data)
+            return
+        self._last_tx = time.monotonic()
         if self._done:
             done, self._done = self._done, []
             report: dict[str, Any] = {"op": _DONE, "tags": done}
-            if tap is None or tap.outbound(self.endpoint, report, []):
+            if tap.outbound(self.endpoint, report, []):
                 channel.send([pack(report)])
-        if tap is None or tap.outbound(self.endpoint, header, list(data)):
+        if tap.outbound(self.endpoint, header, list(data)):
             channel.send([pack(header), *data])
 
     def register_nexus(self, nexus: int, initiator: str, target: str, tpg: int) -> None:
@@ -242,7 +265,7 @@ class FrontEndLink:
         except OSError as e:   # no memfd: write data goes through the socket
             log.warning("no shared memory for write data: %s", e)
             region = None
-        self._channel = StreamChannel(sock, self._on_message, self._stream_closed, region=region,
+        self._channel = StreamChannel(sock, self._receiver, self._stream_closed, region=region,
                                       on_dispatched=getattr(self.handler, "messages_handled", None))
 
     def release_buffer(self, view: memoryview) -> None:
@@ -282,7 +305,7 @@ class FrontEndLink:
             sock.curve_serverkey = self.curve["server"]
             self._watch_handshake(sock)
         sock.connect(self.endpoint)
-        self._channel = Channel(sock, self._on_message)
+        self._channel = Channel(sock, self._receiver)
 
     def _watch_handshake(self, sock: zmq.Socket) -> None:
         """CURVE: an STML that refuses our key ends the connection for good (and
@@ -357,17 +380,28 @@ class FrontEndLink:
         assert self.detect_info is not None   # _on_detect sets it before `connected`
         return self.detect_info
 
+    def _on_message_tapped(self, frames: list) -> None:
+        """_on_message, with the tap between decoding and handling."""
+        try:
+            header = unpack(frames[0])
+        except ValueError:
+            self._on_message(frames)   # refused there, with the reason
+            return
+        tap = self.tap
+        if tap is None or tap.inbound(self.endpoint, header, frames[1:]):
+            self._on_message(frames, header)
+        else:
+            self._last_rx = time.monotonic()
+
     def _on_message(self, frames: list, header: dict[str, Any] | None = None) -> None:
-        """[header, data...] from the carrier; `header`: decoded already, past the tap (deliver)."""
+        """[header, data...] from the carrier; `header`: decoded already
+        (by _on_message_tapped, or deliver)."""
         self._last_rx = time.monotonic()
         if header is None:
             try:
                 header = unpack(frames[0])
             except ValueError as e:
                 log.warning("refused a message from the STML: %s", e)
-                return
-            tap = self.tap
-            if tap is not None and not tap.inbound(self.endpoint, header, frames[1:]):
                 return
         op = header["op"]
         spec = FROM_STML.get(op)   # (messages.check, without its call: per command)
