@@ -273,7 +273,7 @@ class Management:
     async def trace_stop(self) -> dict[str, Any]:
         """End the trace; the answer comes once its file is whole and closed."""
         recorder = self._recorder()
-        await asyncio.wait_for(recorder.stop(), 30)
+        await asyncio.wait_for(asyncio.shield(recorder.stop()), 30)
         return recorder.status()
 
     # ------------------------------------------------------------ the config file

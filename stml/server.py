@@ -438,7 +438,7 @@ class StmlServer:
         await asyncio.sleep(0.05)  # let the release messages leave
         if self.recorder is not None and self.recorder.reason is None:
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.recorder.stop("stml", "the STML stopped"), 2)
+                await asyncio.wait_for(asyncio.shield(self.recorder.stop("stml", "the STML stopped")), 2)
         self.channel.close(linger_ms=100)
         for listener in self.listeners:
             loop.remove_reader(listener.fileno())

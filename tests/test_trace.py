@@ -81,6 +81,7 @@ def test_traces_of_real_initiators_replay_without_divergence(name):
     assert result.fed == len([m for m in recs if isinstance(m, Message) and m.direction == 0
                               and m.op not in ("mgmt", "portal_state")])
     assert result.unmatched == 0 and result.complete
+    assert Replayer(str(path)).run() == result   # the trace's clock, no threads: the same every time
 
 
 def test_the_kernel_trace_holds_the_file_system_cycle():

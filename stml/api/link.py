@@ -101,10 +101,10 @@ class FrontEndLink:
         self._done: list[int] = []            # tags for the next scsi_target_done
         self._done_timer: asyncio.TimerHandle | None = None
         # instruments on the link (stml.api.tap): None, the one tap, or Taps; with
-        # one, messages go through the tapped variants of _send and _on_message
+        # one, the channel hands messages to _on_message_tapped and its send
+        # shows them to the tap (_tap_channel)
         self.tap: Tap | None = None
         self._taps: list[Tap] = []
-        self._send: Callable[..., None] = self._send_plain
         self._receiver: Callable[[list], None] = self._on_message
         self._dispatch: dict[str, Callable[[dict[str, Any], list], None]] = {
             Op.DETECT: self._on_detect,
@@ -134,15 +134,34 @@ class FrontEndLink:
         """The tapped entry points with a tap, the plain ones without: a link
         without taps costs what it did before they existed."""
         self.tap = combine(self._taps)
-        self._send = self._send_plain if self.tap is None else self._send_tapped
         self._receiver = self._on_message if self.tap is None else self._on_message_tapped
         if self._channel is not None:
-            self._channel.on_message = self._receiver
+            self._tap_channel(self._channel)
+
+    def _tap_channel(self, channel: Channel | StreamChannel) -> None:
+        """Give a channel the link's entry points: with a tap, its `send` (an
+        attribute of this channel only) shows every message the link sends,
+        scsi_target_done included, to the tap first; without one, the class's
+        send is used again."""
+        channel.on_message = self._receiver
+        if self.tap is None:
+            vars(channel).pop("send", None)
+            return
+        plain = type(channel).send.__get__(channel)
+
+        def send(frames: list) -> None:
+            tap = self.tap
+            if tap is None or tap.outbound(self.endpoint, unpack(frames[0]), frames[1:]):
+                plain(frames)
+        setattr(channel, "send", send)
 
     def transmit(self, header: dict[str, Any], frames: list | tuple = ()) -> None:
         """Send a message past the tap (a tap that held one back lets it go here)."""
-        if self._channel is not None:
-            self._channel.send([pack(header), *frames])
+        channel, message = self._channel, [pack(header), *frames]
+        if isinstance(channel, StreamChannel):   # the class's send: the tapped one is the instance's
+            StreamChannel.send(channel, message)
+        elif channel is not None:
+            Channel.send(channel, message)
 
     def deliver(self, header: dict[str, Any], frames: list) -> None:
         """Handle a decoded message from the STML past the tap (a tap that held
@@ -150,7 +169,7 @@ class FrontEndLink:
         self._on_message([b"", *frames], header)
 
     # -- calls toward the STML ------------------------------------------------
-    def _send_plain(self, header: dict[str, Any], data: list | tuple = ()) -> None:
+    def _send(self, header: dict[str, Any], data: list | tuple = ()) -> None:
         """Queue one message (never blocks; ZeroMQ buffers while disconnected);
         responses done since the last one are reported first."""
         channel = self._channel
@@ -161,21 +180,6 @@ class FrontEndLink:
             done, self._done = self._done, []
             channel.send([pack({"op": _DONE, "tags": done})])
         channel.send([pack(header), *data])
-
-    def _send_tapped(self, header: dict[str, Any], data: list | tuple = ()) -> None:
-        """_send_plain, each message shown to the tap first."""
-        channel, tap = self._channel, self.tap
-        if channel is None or tap is None:
-            self._send_plain(header, data)
-            return
-        self._last_tx = time.monotonic()
-        if self._done:
-            done, self._done = self._done, []
-            report: dict[str, Any] = {"op": _DONE, "tags": done}
-            if tap.outbound(self.endpoint, report, []):
-                channel.send([pack(report)])
-        if tap.outbound(self.endpoint, header, list(data)):
-            channel.send([pack(header), *data])
 
     def register_nexus(self, nexus: int, initiator: str, target: str, tpg: int) -> None:
         info = {"initiator": initiator, "target": target, "tpg": tpg}
@@ -219,10 +223,7 @@ class FrontEndLink:
         self._done_timer = None
         if self._done and self._channel is not None:
             done, self._done = self._done, []
-            report: dict[str, Any] = {"op": _DONE, "tags": done}
-            tap = self.tap
-            if tap is None or tap.outbound(self.endpoint, report, []):
-                self._channel.send([pack(report)])
+            self._channel.send([pack({"op": _DONE, "tags": done})])
 
     def portal_state(self, portals: list[dict[str, Any]]) -> None:
         """The portals of the STML's list we listen on, and why not the others
@@ -267,6 +268,8 @@ class FrontEndLink:
             region = None
         self._channel = StreamChannel(sock, self._receiver, self._stream_closed, region=region,
                                       on_dispatched=getattr(self.handler, "messages_handled", None))
+        if self.tap is not None:
+            self._tap_channel(self._channel)
 
     def release_buffer(self, view: memoryview) -> None:
         """Give back memory from shared_buffer(), once it was sent (the STML
@@ -306,6 +309,8 @@ class FrontEndLink:
             self._watch_handshake(sock)
         sock.connect(self.endpoint)
         self._channel = Channel(sock, self._receiver)
+        if self.tap is not None:
+            self._tap_channel(self._channel)
 
     def _watch_handshake(self, sock: zmq.Socket) -> None:
         """CURVE: an STML that refuses our key ends the connection for good (and

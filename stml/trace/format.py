@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import gzip
 from dataclasses import dataclass
-from typing import IO, Any, BinaryIO, Iterator
+from typing import IO, Any, Iterator
 
 import crc32c
 import msgpack
@@ -77,7 +77,7 @@ def data_digest(data: bytes | tuple[int, int] | None) -> tuple[int, int]:
     return digest([data])
 
 
-def open_trace(path: str) -> BinaryIO | IO[bytes]:
+def open_trace(path: str) -> IO[bytes] | gzip.GzipFile:
     """The file's bytes, gunzipped when it is gzip (by its first bytes, not its name)."""
     try:
         f = open(path, "rb")

@@ -18,7 +18,7 @@ import os
 import queue
 import threading
 import time
-from typing import IO, Any, Callable
+from typing import Any, Callable, Protocol
 
 import msgpack
 
@@ -121,7 +121,15 @@ def _contract_version() -> tuple[int, int]:
     return CONTRACT_VERSION
 
 
-def open_output(path: str, force: bool) -> IO[bytes]:
+class Output(Protocol):
+    """Where the writer thread puts the trace: a file, a GzipFile."""
+
+    def write(self, data: bytes, /) -> Any: ...
+
+    def close(self) -> None: ...
+
+
+def open_output(path: str, force: bool) -> Output:
     """The trace file, mode 0600 (it holds the data written through the
     target); an existing file only with `force`. gzip when it ends in .gz."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_TRUNC if force else os.O_EXCL)
@@ -140,7 +148,7 @@ class Recorder:
     own among them, are recorded but not counted). `lease_s`: stop when renew() has not been called
     for that long (a `trace record` client that died)."""
 
-    def __init__(self, out: IO[bytes], path: str, first: dict[str, Any], *, with_data: bool = False,
+    def __init__(self, out: Output, path: str, first: dict[str, Any], *, with_data: bool = False,
                  max_bytes: int = DEFAULT_MAX_BYTES, count: int | None = None,
                  lease_s: float | None = None, on_stop: Callable[[Recorder], None] = lambda r: None) -> None:
         self.path = path
@@ -289,8 +297,10 @@ class Recorder:
         except OSError as e:
             self.error = self.error or f"cannot close {self.path}: {e.strerror or e}"
         finally:
-            if not self._loop.is_closed():
+            try:
                 self._loop.call_soon_threadsafe(self._closed_now)
+            except RuntimeError:   # the loop is gone (the STML stopped without waiting)
+                pass
 
     def _closed_now(self) -> None:
         if not self._closed.done():

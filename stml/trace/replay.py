@@ -125,7 +125,7 @@ class InlineExecutor(concurrent.futures.Executor):
         return f
 
 
-class _IdleSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-type]
+class _IdleSelector(selectors.DefaultSelector):
     """The replay loop's selector: it never sleeps. When the loop has nothing
     ready it would wait; instead it tells the replay (the loop is idle, and
     how far off its next timer is) and returns at once."""
