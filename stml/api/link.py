@@ -166,7 +166,7 @@ class FrontEndLink:
     def deliver(self, header: dict[str, Any], frames: list) -> None:
         """Handle a decoded message from the STML past the tap (a tap that held
         one back, with copies of its data, lets it in here)."""
-        self._on_message([b"", *frames], header)
+        self._on_message([pack(header), *frames])
 
     # -- calls toward the STML ------------------------------------------------
     def _send(self, header: dict[str, Any], data: list | tuple = ()) -> None:
@@ -386,28 +386,25 @@ class FrontEndLink:
         return self.detect_info
 
     def _on_message_tapped(self, frames: list) -> None:
-        """_on_message, with the tap between decoding and handling."""
+        """_on_message, with the tap before it (which decodes the header once
+        more: a front end's tap is for experiments, its plain path is not)."""
         try:
             header = unpack(frames[0])
         except ValueError:
-            self._on_message(frames)   # refused there, with the reason
-            return
+            header = None   # refused by _on_message, with the reason
         tap = self.tap
-        if tap is None or tap.inbound(self.endpoint, header, frames[1:]):
-            self._on_message(frames, header)
+        if header is None or tap is None or tap.inbound(self.endpoint, header, frames[1:]):
+            self._on_message(frames)
         else:
             self._last_rx = time.monotonic()
 
-    def _on_message(self, frames: list, header: dict[str, Any] | None = None) -> None:
-        """[header, data...] from the carrier; `header`: decoded already
-        (by _on_message_tapped, or deliver)."""
+    def _on_message(self, frames: list) -> None:
         self._last_rx = time.monotonic()
-        if header is None:
-            try:
-                header = unpack(frames[0])
-            except ValueError as e:
-                log.warning("refused a message from the STML: %s", e)
-                return
+        try:
+            header = unpack(frames[0])
+        except ValueError as e:
+            log.warning("refused a message from the STML: %s", e)
+            return
         op = header["op"]
         spec = FROM_STML.get(op)   # (messages.check, without its call: per command)
         error = spec.verdict(header) if spec is not None else check(header, FROM_STML)
