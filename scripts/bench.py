@@ -456,13 +456,22 @@ def run_trace(args: argparse.Namespace) -> dict:
         traced = Ours(work, img, False, extra=("--trace", str(trace), "--trace-max", "64GiB"), name="traced")
         targets.append(traced)
         per: dict[str, list[float]] = {"plain": [], "traced": []}
+        # CPU per read of each target's processes (user + kernel, all threads): what
+        # tracing costs, less disturbed by other load on the machine than IOPS are
+        cpu: dict[str, list[dict[str, float]]] = {"plain": [], "traced": []}
         for _ in range(args.runs):
             for label, t in (("plain", plain), ("traced", traced)):
+                pids = processes(t)
+                before = {name: usage(pid) for name, pid in pids.items()}
                 per[label].append(n / qemu_bench(t.url, wargs, n))
+                after = per_io(before, {name: usage(pid) for name, pid in pids.items()}, n)
+                cpu[label].append({name: c["user_us"] + c["system_us"] for name, c in after.items()})
         ratios = [b / a for a, b in zip(per["plain"], per["traced"])]
+        cpu_us = {label: {name: statistics.median(r[name] for r in rounds) for name in rounds[0]}
+                  for label, rounds in cpu.items()}
         results.update({"plain_iops": statistics.median(per["plain"]),
                         "traced_iops": statistics.median(per["traced"]),
-                        "ratio": statistics.median(ratios), "samples": per,
+                        "ratio": statistics.median(ratios), "samples": per, "cpu_us_per_io": cpu_us,
                         "load": os.getloadavg()})
     finally:
         for t in targets:
@@ -474,6 +483,9 @@ def run_trace(args: argparse.Namespace) -> dict:
     print(f"{name:18s} plain {results['plain_iops']:10.0f} IOPS | traced {results['traced_iops']:10.0f} IOPS"
           f" | ratio {results['ratio']:.2f} ({goal}); trace {results['trace_bytes'] / 1e6:.1f} MB for "
           f"{n * args.runs} reads; load {results['load'][0]:.2f}", flush=True)
+    for label, procs in results["cpu_us_per_io"].items():
+        print(f"{'':18s} {label} CPU per read: " + ", ".join(f"{name} {us:.1f} us" for name, us in procs.items())
+              + f"; all {sum(procs.values()):.1f} us", flush=True)
     return results
 
 
