@@ -31,10 +31,12 @@ class Seen:
             return False
         return True
 
-    def inbound(self, peer: Any, header: dict, frames: list) -> bool:
+    def inbound(self, peer: Any, header: dict, packed: bytes, frames: list) -> bool:
+        assert unpack(packed) == header
         return self._see("in", peer, header, frames)
 
-    def outbound(self, peer: Any, header: dict, frames: list) -> bool:
+    def outbound(self, peer: Any, header: dict, packed: bytes, frames: list) -> bool:
+        assert unpack(packed) == header
         return self._see("out", peer, header, frames)
 
 

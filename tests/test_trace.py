@@ -278,18 +278,19 @@ size = "1MiB"
 
 
 def _first_sense_answer(objs: list) -> int:
-    return next(i for i, o in enumerate(objs)
-                if isinstance(o, list) and o[1] == 1 and o[3]["op"] == "xmit_response" and o[3].get("sense"))
+    return next(i for i, o in enumerate(objs) if isinstance(o, list) and o[1] == 1
+                and (h := msgpack.unpackb(o[3]))["op"] == "xmit_response" and h.get("sense"))
 
 
 def test_a_changed_sense_code_is_reported_as_the_divergence(recorded, tmp_path):
     objs = raw_records(recorded)
     i = _first_sense_answer(objs)
-    header = objs[i][3]
+    header = msgpack.unpackb(objs[i][3])
     sense = bytearray(header["sense"])
     asc_at = 2 if sense[0] & 0x7F in (0x72, 0x73) else 12
     sense[asc_at] ^= 0x01   # another ASC than the STML gives
     header["sense"] = bytes(sense)
+    objs[i][3] = msgpack.packb(header, use_bin_type=True)   # headers are kept as they crossed the link
     changed = tmp_path / "changed.trace"
     write_raw(changed, objs)
     p = cli("trace", "replay", str(changed))
@@ -331,14 +332,15 @@ def test_a_writer_that_falls_behind_loses_records_not_the_loop(tmp_path):
                                        "config": {"targets": []}, "state": {}})
         header = {"op": "rx_cmnd", "tag": 1, "nexus": 1, "lun": 0, "cdb": bytes(10)}
         data = [bytes(R.CHUNK)]      # a chunk a message
+        packed = msgpack.packb(header)
         for _ in range(R.QUEUE_CHUNKS + 10):
-            rec.inbound(b"fe", header, data)
+            rec.inbound(b"fe", header, packed, data)
         assert rec.lost > 0
         out.go.set()
         deadline = time.monotonic() + 30
         while len(out.chunks) < R.QUEUE_CHUNKS + 1 and time.monotonic() < deadline:   # the queue drained
             await asyncio.sleep(0.01)
-        rec.inbound(b"fe", header, data)   # the next chunk carries the gap note
+        rec.inbound(b"fe", header, packed, data)   # the next chunk carries the gap note
         await rec.stop()
         return rec
 

@@ -151,7 +151,7 @@ class FrontEndLink:
 
         def send(frames: list) -> None:
             tap = self.tap
-            if tap is None or tap.outbound(self.endpoint, unpack(frames[0]), frames[1:]):
+            if tap is None or tap.outbound(self.endpoint, unpack(frames[0]), frames[0], frames[1:]):
                 plain(frames)
         setattr(channel, "send", send)
 
@@ -393,7 +393,7 @@ class FrontEndLink:
         except ValueError:
             header = None   # refused by _on_message, with the reason
         tap = self.tap
-        if header is None or tap is None or tap.inbound(self.endpoint, header, frames[1:]):
+        if header is None or tap is None or tap.inbound(self.endpoint, header, frames[0], frames[1:]):
             self._on_message(frames)
         else:
             self._last_rx = time.monotonic()

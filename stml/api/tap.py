@@ -3,8 +3,8 @@
 A tap is installed on the STML (`StmlServer.tap`) or on a front end's link
 (`FrontEndLink.tap`). It is called for every contract message that side
 receives (`inbound`, once the header is decoded, before anything handles
-it) and for every message it sends (`outbound`, before the header is
-packed), with the peer, the header and the data frames. Management
+it) and for every message it sends (`outbound`, before it is queued), with
+the peer, the header (decoded and packed) and the data frames. Management
 messages and heartbeats pass it too. Returning True lets the message go
 on; False swallows it (the side then does nothing more with it).
 
@@ -12,6 +12,9 @@ What a tap sees:
 - `peer`: on the STML, the front end's (or management client's) routing
   id, bytes; on a front end, the STML endpoint it is linked to, a str.
 - `header`: the decoded header (a dict; a tap must not change it).
+- `packed`: the header as it crosses the link (msgpack bytes): each side has
+  it at no cost (received, or packed once to send), and a recorder keeps it
+  as it is instead of packing the header again.
 - `frames`: the data frames (bytes or memoryviews). They are the carrier's
   memory, valid only during the call: a tap that keeps data copies it.
 
@@ -35,9 +38,9 @@ FROM_STML = 1
 class Tap(Protocol):
     """See the module doc. Both methods run on the side's event loop."""
 
-    def inbound(self, peer: Peer, header: dict[str, Any], frames: list) -> bool: ...
+    def inbound(self, peer: Peer, header: dict[str, Any], packed: bytes, frames: list) -> bool: ...
 
-    def outbound(self, peer: Peer, header: dict[str, Any], frames: list) -> bool: ...
+    def outbound(self, peer: Peer, header: dict[str, Any], packed: bytes, frames: list) -> bool: ...
 
 
 class Taps:
@@ -48,11 +51,11 @@ class Taps:
     def __init__(self, *taps: Tap) -> None:
         self.taps = taps
 
-    def inbound(self, peer: Peer, header: dict[str, Any], frames: list) -> bool:
-        return all(t.inbound(peer, header, frames) for t in self.taps)
+    def inbound(self, peer: Peer, header: dict[str, Any], packed: bytes, frames: list) -> bool:
+        return all(t.inbound(peer, header, packed, frames) for t in self.taps)
 
-    def outbound(self, peer: Peer, header: dict[str, Any], frames: list) -> bool:
-        return all(t.outbound(peer, header, frames) for t in self.taps)
+    def outbound(self, peer: Peer, header: dict[str, Any], packed: bytes, frames: list) -> bool:
+        return all(t.outbound(peer, header, packed, frames) for t in self.taps)
 
 
 def combine(taps: list[Tap]) -> Tap | None:

@@ -5,8 +5,9 @@ format", is the reference; this module is the one reader and writer of it).
   with the STML's configuration and state when recording began.
 - A message record is an array [t_ns, direction, peer, header, data]:
   CLOCK_MONOTONIC nanoseconds, TO_STML (0) or FROM_STML (1), the front end's
-  routing id (bytes), the header map, and the data frames: nil (none), the
-  bytes themselves, or [length, crc32c] (a digest).
+  routing id (bytes), the header as it crossed the link (bin: a msgpack map),
+  and the data frames: nil (none), the bytes themselves, or [length, crc32c]
+  (a digest).
 - A note is a map {"note": kind, ...}: "gap" (records lost: the writer fell
   behind), "end" (why recording stopped; the last record of a whole trace).
 
@@ -21,6 +22,8 @@ from typing import IO, Any, Iterator
 
 import crc32c
 import msgpack
+
+from stml.api.messages import unpack
 
 MAGIC = "scsi-target trace"
 FORMAT = (1, 0)
@@ -148,7 +151,11 @@ class TraceReader:
                 self.complete = True
             return Note(index, raw)
         if (isinstance(raw, list) and len(raw) == 5 and type(raw[0]) is int and raw[1] in (0, 1)
-                and isinstance(raw[2], bytes) and isinstance(raw[3], dict) and isinstance(raw[3].get("op"), str)):
+                and isinstance(raw[2], bytes) and isinstance(raw[3], bytes)):
+            try:
+                header = unpack(raw[3])
+            except ValueError as e:
+                raise TraceError(f"{self.path}: record {index}: {e}") from None
             data = raw[4]
             if isinstance(data, list):
                 if len(data) != 2 or not all(type(v) is int for v in data):
@@ -156,5 +163,5 @@ class TraceReader:
                 data = (data[0], data[1])
             elif data is not None and not isinstance(data, bytes):
                 raise TraceError(f"{self.path}: record {index}: malformed data")
-            return Message(index, raw[0], raw[1], raw[2], raw[3], data)
+            return Message(index, raw[0], raw[1], raw[2], header, data)
         raise TraceError(f"{self.path}: record {index} is neither a message nor a note")

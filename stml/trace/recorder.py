@@ -22,7 +22,9 @@ from typing import Any, Callable, Protocol
 
 import msgpack
 
-from stml.api import Op
+from crc32c import crc32c
+
+from stml.api import Op, pack
 from stml.api.tap import FROM_STML, TO_STML, Peer
 from stml.trace.format import FORMAT, MAGIC, digest
 
@@ -36,6 +38,8 @@ END_RESERVE = 4096         # room kept under the cap for the end note
 REDACTED = "(redacted)"
 
 _DETECT, _MGMT, _MGMT_REPLY = Op.DETECT.value, Op.MGMT.value, Op.MGMT_REPLY.value
+_REDACT = frozenset({_DETECT, _MGMT})              # what may carry a secret
+_MANAGEMENT = frozenset({_MGMT, _MGMT_REPLY})      # recorded, not counted by `count`
 
 
 def _redact_creds(creds: Any) -> Any:
@@ -176,48 +180,52 @@ class Recorder:
         self._thread = threading.Thread(target=self._write, name="trace-writer", daemon=True)
         self._thread.start()
         self._timer = self._loop.call_later(FLUSH_S, self._tick)
-        self._take(self._pack(first))
+        head = self._pack(first)
+        self._chunk.append(head)
+        self._chunk_bytes = self.bytes = len(head)
 
     # ------------------------------------------------------------ the tap
-    def inbound(self, peer: Peer, header: dict[str, Any], frames: list) -> bool:
-        self._record(TO_STML, peer, header, b"".join(frames) if frames else None)
+    # (per message: kept to a timestamp, one small pack and a crc32c; the header
+    # goes in as the bytes that crossed the link, not packed again)
+    def inbound(self, peer: Peer, header: dict[str, Any], packed: bytes, frames: list) -> bool:
+        if self.reason is None:
+            self._record(TO_STML, peer, header, packed, b"".join(frames) if frames else None)
         return True
 
-    def outbound(self, peer: Peer, header: dict[str, Any], frames: list) -> bool:
-        if not frames:
-            data: Any = None
-        elif self.with_data:
-            data = b"".join(frames)
-        else:
-            data = digest(frames)
-        self._record(FROM_STML, peer, header, data)
+    def outbound(self, peer: Peer, header: dict[str, Any], packed: bytes, frames: list) -> bool:
+        if self.reason is None:
+            if not frames:
+                data: Any = None
+            elif self.with_data:
+                data = b"".join(frames)
+            elif len(frames) == 1:
+                data = (len(frames[0]), crc32c(frames[0]))
+            else:
+                data = digest(frames)
+            self._record(FROM_STML, peer, header, packed, data)
         return True
 
-    def _record(self, direction: int, peer: Peer, header: dict[str, Any], data: Any) -> None:
-        if self.reason is not None:
-            return
+    def _record(self, direction: int, peer: Peer, header: dict[str, Any], packed: bytes, data: Any) -> None:
         op = header["op"]
-        if op == _DETECT or op == _MGMT:
-            header = redact(header)
-        packed = self._pack((time.monotonic_ns(), direction, peer, header, data))
-        if self.bytes + len(packed) > self.max_bytes - END_RESERVE:
+        if op in _REDACT:
+            packed = pack(redact(header))
+        record = self._pack((time.monotonic_ns(), direction, peer, packed, data))
+        size = len(record)
+        if self.bytes + size > self.max_bytes - END_RESERVE:
             self._end("cap", f"trace stopped at {self.bytes} bytes: the next record would pass "
                              f"the cap of {self.max_bytes}")
             return
         self.records += 1
-        self._take(packed)
-        if op != _MGMT and op != _MGMT_REPLY:
+        self.bytes += size
+        self._chunk.append(record)
+        self._chunk_records += 1
+        self._chunk_bytes += size
+        if self._chunk_bytes >= CHUNK:
+            self._flush()
+        if op not in _MANAGEMENT:
             self.counted += 1
             if self.count is not None and self.counted >= self.count:
                 self._end("count", f"{self.counted} front-end messages, as asked")
-
-    def _take(self, packed: bytes) -> None:
-        self._chunk.append(packed)
-        self._chunk_bytes += len(packed)
-        self._chunk_records += 1
-        self.bytes += len(packed)
-        if self._chunk_bytes >= CHUNK:
-            self._flush()
 
     def _flush(self) -> None:
         """Hand the gathered records to the writer; dropped (and counted) when
