@@ -149,8 +149,9 @@ class Recorder:
     is kept whole, so replay can write it again; STML -> front-end data (read
     data) as a digest, or whole with `with_data`. `count`: stop after that
     many front-end messages (management messages, the `trace record` client's
-    own among them, are recorded but not counted). `lease_s`: stop when renew() has not been called
-    for that long (a `trace record` client that died)."""
+    own among them, are recorded but not counted). `lease_s`: stop when
+    renew() has not been called for that long (a `trace record` client that
+    died)."""
 
     def __init__(self, out: Output, path: str, first: dict[str, Any], *, with_data: bool = False,
                  max_bytes: int = DEFAULT_MAX_BYTES, count: int | None = None,
@@ -161,8 +162,7 @@ class Recorder:
         self.count = count
         self.lease_s = lease_s
         self.on_stop = on_stop
-        self.records = 0          # message records taken (not lost)
-        self.counted = 0          # of them, front-end messages (what `count` counts)
+        self.counted = 0          # front-end messages recorded (what `count` counts; with a count only)
         self.lost = 0             # records dropped because the writer fell behind
         self.bytes = 0            # bytes handed to the writer, and gathered for it
         self.reason: str | None = None   # why it stopped; None while recording
@@ -171,9 +171,12 @@ class Recorder:
         self._loop = asyncio.get_running_loop()
         self._pack = msgpack.Packer(use_bin_type=True).pack
         self._chunk: list[bytes] = []
-        self._chunk_bytes = 0
-        self._chunk_records = 0
+        self._flushed = 0         # message records the writer took
         self._gap = 0             # records lost since the last chunk the writer took
+        # per record, one comparison each: past _limit the trace ends (the cap; -1
+        # once it ended), past _next_flush the gathered chunk goes to the writer
+        self._limit = max_bytes - END_RESERVE
+        self._next_flush = CHUNK
         self._queue: queue.Queue[bytes | None] = queue.Queue(QUEUE_CHUNKS)
         self._closed = self._loop.create_future()
         self._out = out
@@ -182,69 +185,76 @@ class Recorder:
         self._timer = self._loop.call_later(FLUSH_S, self._tick)
         head = self._pack(first)
         self._chunk.append(head)
-        self._chunk_bytes = self.bytes = len(head)
+        self._flushed = -1        # (the first record is not a message)
+        self.bytes = len(head)
+
+    @property
+    def records(self) -> int:
+        """Message records taken (not lost)."""
+        return self._flushed + len(self._chunk)
 
     # ------------------------------------------------------------ the tap
-    # (per message: kept to a timestamp, one small pack and a crc32c; the header
-    # goes in as the bytes that crossed the link, not packed again)
+    # (per message: a timestamp, one small pack and a crc32c, and as little
+    # bookkeeping as will do; the header goes in as the bytes that crossed the
+    # link, not packed again)
     def inbound(self, peer: Peer, header: dict[str, Any], packed: bytes, frames: list) -> bool:
-        if self.reason is None:
-            self._record(TO_STML, peer, header, packed, b"".join(frames) if frames else None)
+        self._record(TO_STML, peer, header, packed, b"".join(frames) if frames else None)
         return True
 
     def outbound(self, peer: Peer, header: dict[str, Any], packed: bytes, frames: list) -> bool:
-        if self.reason is None:
-            if not frames:
-                data: Any = None
-            elif self.with_data:
-                data = b"".join(frames)
-            elif len(frames) == 1:
-                data = (len(frames[0]), crc32c(frames[0]))
-            else:
-                data = digest(frames)
-            self._record(FROM_STML, peer, header, packed, data)
+        if not frames:
+            data: Any = None
+        elif self.with_data:
+            data = b"".join(frames)
+        elif len(frames) == 1:
+            data = (len(frames[0]), crc32c(frames[0]))
+        else:
+            data = digest(frames)
+        self._record(FROM_STML, peer, header, packed, data)
         return True
 
-    def _record(self, direction: int, peer: Peer, header: dict[str, Any], packed: bytes, data: Any) -> None:
+    def _record(self, direction: int, peer: Peer, header: dict[str, Any], packed: bytes, data: Any,
+                now: Callable[[], int] = time.monotonic_ns) -> None:
         op = header["op"]
         if op in _REDACT:
             packed = pack(redact(header))
-        record = self._pack((time.monotonic_ns(), direction, peer, packed, data))
-        size = len(record)
-        if self.bytes + size > self.max_bytes - END_RESERVE:
+        record = self._pack((now(), direction, peer, packed, data))
+        size = self.bytes + len(record)
+        if size > self._limit:
             self._end("cap", f"trace stopped at {self.bytes} bytes: the next record would pass "
                              f"the cap of {self.max_bytes}")
             return
-        self.records += 1
-        self.bytes += size
+        self.bytes = size
         self._chunk.append(record)
-        self._chunk_records += 1
-        self._chunk_bytes += size
-        if self._chunk_bytes >= CHUNK:
+        if size >= self._next_flush:
             self._flush()
-        if op not in _MANAGEMENT:
+        if self.count is not None and op not in _MANAGEMENT:
             self.counted += 1
-            if self.count is not None and self.counted >= self.count:
+            if self.counted >= self.count:
                 self._end("count", f"{self.counted} front-end messages, as asked")
 
     def _flush(self) -> None:
         """Hand the gathered records to the writer; dropped (and counted) when
         its queue is full: the loop never waits for the disk."""
-        if not self._chunk:
+        self._next_flush = self.bytes + CHUNK
+        chunk = self._chunk
+        if not chunk:
             return
+        records = len(chunk) if self._flushed >= 0 else len(chunk) - 1
         if self._gap:
-            self._chunk.insert(0, self._pack({"note": "gap", "lost": self._gap, "t": time.monotonic_ns()}))
-        chunk = b"".join(self._chunk)
-        records = self._chunk_records
-        self._chunk, self._chunk_bytes, self._chunk_records = [], 0, 0
+            chunk.insert(0, self._pack({"note": "gap", "lost": self._gap, "t": time.monotonic_ns()}))
+        data = b"".join(chunk)
+        self._chunk = []
+        if self._flushed < 0:
+            self._flushed = 0
         try:
-            self._queue.put_nowait(chunk)
+            self._queue.put_nowait(data)
             self._gap = 0
+            self._flushed += records
         except queue.Full:
             self._gap += records
             self.lost += records
-            self.records -= records
-            self.bytes -= len(chunk)
+            self.bytes -= len(data)
 
     def _tick(self) -> None:
         if self.reason is not None:
@@ -269,10 +279,11 @@ class Recorder:
         if self.reason is not None:
             return
         self.reason = reason
+        self._limit = -1          # no record after the end
         self._timer.cancel()
+        self._flush()
         note = {"note": "end", "reason": reason, "why": why, "records": self.records, "lost": self.lost,
                 "bytes": self.bytes, "t": time.monotonic_ns()}
-        self._flush()
         if self._gap:   # records lost since the last chunk the writer took: said before the end
             self._chunk.append(self._pack({"note": "gap", "lost": self._gap, "t": time.monotonic_ns()}))
         self._chunk.append(self._pack(note))
