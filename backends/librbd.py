@@ -44,6 +44,14 @@ CLIENT_OPTIONS = {
     # a cluster that cannot be reached is an error in seconds, not a hang
     "client_mount_timeout": "15",
     "rados_mon_op_timeout": "15",
+    # nor is an OSD that does not answer: every call, aio ones included, ends
+    # within this (ETIMEDOUT), so rbd_close, which waits for them, ends too, and
+    # one hung reservation write does not hold the others (ceph-iscsi's value)
+    "rados_osd_op_timeout": "30",
+    # librbd copies what it writes: a buffer is librbd's only until its call
+    # completes, which is as long as RbdAio keeps it pinned (librbd's default,
+    # forced because that lifetime depends on it)
+    "rbd_disable_zero_copy_writes": "true",
 }
 
 
@@ -176,6 +184,7 @@ def libs() -> tuple[ctypes.CDLL, ctypes.CDLL]:
             "rbd_poll_io_events": (c_int, [P, POINTER(P), c_int]),
             "rbd_aio_create_completion": (c_int, [P, P, POINTER(P)]),
             "rbd_aio_get_return_value": (c_ssize_t, [P]),
+            "rbd_aio_is_complete": (c_int, [P]),
             "rbd_aio_release": (None, [P]),
             "rbd_aio_readv": (c_int, [P, c_void_p, c_int, c_uint64, P]),
             "rbd_aio_writev": (c_int, [P, c_void_p, c_int, c_uint64, P]),
@@ -287,7 +296,8 @@ def create_image(ioctx: IoCtx, name: str, size: int) -> None:
 
 class Image:
     """An open image: synchronous calls (any thread) and aio calls whose
-    completions are collected with poll() once `fd` (an eventfd) is readable."""
+    completions are collected with poll() once the eventfd given to
+    enable_events() is readable."""
 
     POLL_BATCH = 64
 
@@ -297,7 +307,6 @@ class Image:
         handle = c_void_p()
         _check(rbd.rbd_open(ioctx.handle, name.encode(), byref(handle), None), f"opening image {name}")
         self.handle = handle
-        self.fd = -1
         self._comps = (c_void_p * self.POLL_BATCH)()
         self._watch: tuple[c_uint64, Any] | None = None
 
@@ -364,14 +373,12 @@ class Image:
             _check(self._rbd.rbd_write_zeroes(self.handle, offset, length, WRITE_ZEROES_FLAG_THICK_PROVISION, 0),
                    "rbd_write_zeroes")
 
-    def diff_iterate(self, offset: int, length: int, cb: Callable[[int, int, bool], bool],
-                     whole_object: bool = False) -> None:
+    def diff_iterate(self, offset: int, length: int, cb: Callable[[int, int, bool], bool]) -> None:
         """Call cb(offset, length, exists) for each allocated (or discarded)
         extent from the image's creation; cb returns False to stop early."""
         def each(off: int, n: int, exists: int, arg: Any) -> int:
             return 0 if cb(off, n, bool(exists)) else -errno.ECANCELED
-        ret = self._rbd.rbd_diff_iterate2(self.handle, None, offset, length, 1, int(whole_object),
-                                          DIFF_CB(each), None)
+        ret = self._rbd.rbd_diff_iterate2(self.handle, None, offset, length, 1, 0, DIFF_CB(each), None)
         if ret != -errno.ECANCELED:
             _check(ret, "rbd_diff_iterate2")
 
@@ -434,18 +441,12 @@ class Image:
         self._watch = (handle, fn)   # the callback must outlive the watch
 
     # ---------------------------------------------------------------- aio
-    def enable_events(self) -> int:
-        """An eventfd that becomes readable when aio calls complete."""
-        if self.fd < 0:
-            fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-            try:
-                _check(self._rbd.rbd_set_image_notification(self.handle, fd, EVENT_TYPE_EVENTFD),
-                       "rbd_set_image_notification")
-            except BaseException:
-                os.close(fd)
-                raise
-            self.fd = fd
-        return self.fd
+    def enable_events(self, fd: int) -> None:
+        """librbd signals `fd`, an eventfd, when aio calls complete. The caller
+        owns it and closes it only after close(): librbd may signal it until
+        then, and an event loop may still watch it."""
+        _check(self._rbd.rbd_set_image_notification(self.handle, fd, EVENT_TYPE_EVENTFD),
+               "rbd_set_image_notification")
 
     def completion(self) -> int:
         """A new completion (its address) for start(): poll() reports it by it."""
@@ -466,10 +467,6 @@ class Image:
     def poll(self) -> list[tuple[int, int]]:
         """(completion address, return value) of every finished aio call; each
         completion is released."""
-        try:
-            os.eventfd_read(self.fd)
-        except BlockingIOError:
-            pass
         out = []
         rbd = self._rbd
         while True:
@@ -481,16 +478,24 @@ class Image:
             if n < self.POLL_BATCH:
                 return out
 
+    def outcome(self, comp: int) -> int | None:
+        """The return value of a call poll() never reported (the image closed
+        first), releasing its completion; None while it is not complete."""
+        rbd = self._rbd
+        if not rbd.rbd_aio_is_complete(comp):
+            return None
+        ret = int(rbd.rbd_aio_get_return_value(comp))
+        rbd.rbd_aio_release(comp)
+        return ret
+
     def close(self) -> None:
+        """rbd_close: returns once every aio call on the image has completed."""
         if self._watch is not None:
             self._rbd.rbd_update_unwatch(self.handle, self._watch[0])
             self._watch = None
         if self.handle:
             self._rbd.rbd_close(self.handle)
             self.handle = c_void_p()
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
 
 
 __all__ = ["COMP", "CephError", "Client", "IoCtx", "Image", "Pinned", "create_image"]

@@ -11,16 +11,23 @@ which a taker breaks, blocklisting the holder, only when the holder is
 dead: a fenced holder's writes fail with ESHUTDOWN (`fenced`), so its
 in-flight writes cannot land (docs/decisions/0400-rbd-gateways.md).
 Persistent reservations are kept in the image's metadata (`PrStore`).
+
+Closing (a LUN removed, a fenced client replaced by `reopen`) waits for the
+synchronous calls under way and lets librbd finish the aio ones: no call
+reaches a closed image, and no buffer is let go while librbd may still
+touch it (docs/decisions/0402-rbd-buffers-outlive-close.md).
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import hashlib
 import json
+import logging
 import os
 import threading
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from backends import BackendError
 from backends.librbd import (
@@ -32,6 +39,18 @@ from backends.librbd import (
 PR_KEY = "scsi_target.pr"
 # GET LBA STATUS: objects diff_iterate looks at per call, whatever the LBA range asks
 DIFF_OBJECTS = 64
+
+log = logging.getLogger("backends.rbd")
+
+
+class RbdError(BackendError):
+    """A librbd call failed; `errno` says how. The STML answers ESHUTDOWN (this
+    client is fenced, or the image is closing: another gateway serves it) and
+    ETIMEDOUT (the cluster did not answer) with a path error, not MEDIUM ERROR."""
+
+    def __init__(self, spec: str, err: int, why: str) -> None:
+        super().__init__(f"rbd:{spec}: {why}")
+        self.errno = err
 
 
 def parse_image(spec: str) -> tuple[str, str, str]:
@@ -60,8 +79,12 @@ class RbdBackend:
         self.fenced = False
         # told (from any thread) when the image changed behind our back (a resize)
         self.on_change: Callable[[], None] = lambda: None
-        # told (on the loop) when the cluster fenced this client: its writes cannot land
+        # told once (from any thread) when the cluster fenced this client: its writes cannot land
         self.on_fenced: Callable[[], None] = lambda: None
+        # the handles' users: a call holds them open (`_users`); closing waits for none
+        self._gate = threading.Condition()
+        self._users = 0
+        self._usable = False
         self.aio = RbdAio(self)
         self._open(size)
 
@@ -87,6 +110,8 @@ class RbdBackend:
         self.identity = hashlib.sha256(
             f"{client.fsid()}/{ioctx.pool_id()}/{self.namespace}/{image.image_id()}".encode()).digest()[:16]
         image.watch_updates(lambda: self.on_change())
+        with self._gate:
+            self._usable = True
 
     def _image(self, ioctx: IoCtx, size: int | None) -> Image:
         try:
@@ -102,20 +127,43 @@ class RbdBackend:
         return Image(ioctx, self.name)
 
     def reopen(self) -> None:
-        """A new client and image handle (after this one was fenced): blocking;
-        aio.detach() first, on the loop."""
+        """A new client and image handle (after this one was fenced): blocking."""
         self._close_handles()
         self._open(None)
         self.fenced = False
 
     # ---------------------------------------------------------------- errors
-    def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+    @contextlib.contextmanager
+    def _using(self) -> Iterator[None]:
+        """Hold the handles open for a call: RbdError when the image is closing
+        or the call fails (a fenced client tells on_fenced first)."""
+        with self._gate:
+            if not self._usable:
+                raise RbdError(self.spec, errno.ESHUTDOWN, "image closed")
+            self._users += 1
         try:
-            return fn(*args)
+            yield
         except CephError as e:
             if e.errno == EBLOCKLISTED:
-                self.fenced = True
-            raise BackendError(f"rbd:{self.spec}: {e.strerror}") from None
+                self.fence()
+            raise RbdError(self.spec, e.errno or errno.EIO, e.strerror or str(e)) from None
+        finally:
+            with self._gate:
+                self._users -= 1
+                if not self._users:
+                    self._gate.notify_all()
+
+    def _call(self, name: str, *args: Any) -> Any:
+        """Image.NAME(*args) on the image open now (see _using)."""
+        with self._using():
+            return getattr(self.image, name)(*args)
+
+    def fence(self) -> None:
+        """The cluster refused this client (blocklisted): say so once."""
+        with self._gate:
+            told, self.fenced = self.fenced, True
+        if not told:
+            self.on_fenced()
 
     # ---------------------------------------------------------------- Backend
     def size(self) -> int:
@@ -123,15 +171,15 @@ class RbdBackend:
         return self._size
 
     def refresh_size(self) -> int:
-        self._size = self._call(self.image.size)
+        self._size = self._call("size")
         return self._size
 
     def read_into(self, offset: int, buf: memoryview) -> None:
-        self._call(self.image.read, offset, buf)
+        self._call("read", offset, buf)
 
     def write_from(self, offset: int, bufs: Sequence[memoryview], sync: bool) -> None:
         for b in bufs:
-            self._call(self.image.write, offset, b, sync)
+            self._call("write", offset, b, sync)
             offset += memoryview(b).nbytes
 
     def read_nowait(self, offset: int, buf: memoryview) -> bool:
@@ -141,17 +189,17 @@ class RbdBackend:
         return False
 
     def flush(self) -> None:
-        self._call(self.image.flush)
+        self._call("flush")
 
     def discard(self, offset: int, length: int) -> None:
-        self._call(self.image.discard, offset, length)
+        self._call("discard", offset, length)
 
     def write_same(self, offset: int, length: int, block: bytes, sync: bool) -> None:
         """`length` bytes of `block` repeated, in the OSDs (see RbdAio.write_same)."""
-        self._call(self.image.write_same, offset, length, block)
+        self._call("write_same", offset, length, block)
 
     def resize(self, size: int) -> None:
-        self._call(self.image.resize, size)
+        self._call("resize", size)
         self.refresh_size()
 
     def compare_and_write(self, offset: int, compare: bytes, data: bytes, sync: bool) -> int | None:
@@ -161,7 +209,7 @@ class RbdBackend:
         takes); longer ones read, compare and write here, which the caller's
         write gate and the exclusive lock (no other gateway writes) make atomic."""
         if len(compare) == 512 and offset % 512 == 0:
-            return self._call(self.image.compare_and_write, offset, compare, data)
+            return self._call("compare_and_write", offset, compare, data)
         have = bytearray(len(compare))
         self.read_into(offset, memoryview(have))
         if have != compare:
@@ -182,7 +230,7 @@ class RbdBackend:
         def each(o: int, n: int, exists: bool) -> bool:
             extents.append((o, n, exists))
             return len(extents) < limit
-        self._call(self.image.diff_iterate, offset, end - offset, each)
+        self._call("diff_iterate", offset, end - offset, each)
         runs: list[tuple[int, int, bool]] = []
         pos = offset
 
@@ -204,49 +252,52 @@ class RbdBackend:
             add(pos, end, False)   # nothing allocated from here to the end of the window
         return runs[:limit]
 
-    def allocated(self) -> int:
-        """Bytes the image has allocated, as far as librbd's diff reports (whole objects)."""
-        total = 0
-
-        def add(o: int, n: int, exists: bool) -> bool:
-            nonlocal total
-            total += n if exists else 0
-            return True
-        self._call(self.image.diff_iterate, 0, self._size, add, True)
-        return total
-
     # ---------------------------------------------------------------- gateways
     def lock_acquire(self) -> None:
-        """Hold the image's exclusive lock (blocking); BackendError while a live
-        gateway holds it."""
-        self._call(self.image.lock_acquire)
+        """Hold the image's exclusive lock (blocking); RbdError EBUSY while a
+        live gateway holds it."""
+        try:
+            self._call("lock_acquire")
+        except RbdError as e:
+            if e.errno != errno.EROFS:   # what librbd says when a live client holds it
+                raise
+            raise RbdError(self.spec, errno.EBUSY, "another gateway holds the image's exclusive lock") from None
 
     def lock_release(self) -> None:
-        self._call(self.image.lock_release)
+        self._call("lock_release")
 
     def is_lock_owner(self) -> bool:
-        return bool(self._call(self.image.is_lock_owner))
+        return bool(self._call("is_lock_owner"))
 
     def lock_owners(self) -> list[str]:
-        return self._call(self.image.lock_owners)
+        return self._call("lock_owners")
 
     def client_address(self) -> str:
-        return self.client.address()
+        with self._using():
+            return self.client.address()
 
     def pr_store(self) -> PrStore:
         return PrStore(self)
 
     # ---------------------------------------------------------------- life
     def _close_handles(self) -> None:
+        """Close once no call is under way (new ones are refused); the aio calls
+        librbd still has keep their buffers until rbd_close has ended them.
+        Blocking."""
+        with self._gate:
+            self._usable = False
+            while self._users:
+                self._gate.wait()
+        detached = self.aio.detach()
         image, ioctx, client = self.image, self.ioctx, self.client
         for step in (image.close, ioctx.destroy, client.shutdown):
             try:
                 step()
             except CephError:
                 pass   # a fenced client fails to let go cleanly; its handles go anyway
+        self.aio.settle(image, detached)
 
     def close(self) -> None:
-        self.aio.detach()
         self._close_handles()
 
 
@@ -262,103 +313,151 @@ class PrStore:
         self.where = f"metadata {PR_KEY} of image {backend.spec}"
 
     def read(self) -> Any:
-        text = self._do(self.backend.image.metadata_get, PR_KEY)
+        text = self._do("metadata_get", PR_KEY)
         return None if text is None else json.loads(text)
 
     def write(self, doc: Any) -> bool:
         if doc is None:
-            self._do(self.backend.image.metadata_remove, PR_KEY)
+            self._do("metadata_remove", PR_KEY)
             return False
-        self._do(self.backend.image.metadata_set, PR_KEY, json.dumps(doc, separators=(",", ":")))
+        self._do("metadata_set", PR_KEY, json.dumps(doc, separators=(",", ":")))
         return True
 
-    def _do(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """OSError on failure, as the reservation saver expects of a store."""
+    def _do(self, name: str, *args: Any) -> Any:
+        """OSError on failure, as the reservation saver expects of a store,
+        with librbd's errno (ESHUTDOWN: fenced)."""
         try:
-            return self.backend._call(fn, *args)
-        except BackendError as e:
-            raise OSError(errno.EIO, str(e)) from None
+            return self.backend._call(name, *args)
+        except RbdError as e:
+            raise OSError(e.errno, str(e)) from None
+
+
+# an aio call librbd has: its future, its pinned buffers, the bytes a read must report
+AioCall = tuple[asyncio.Future, Pinned, int]
+# what detach() hands to settle(): the loop that collected, its eventfd, the calls librbd has
+Detached = tuple[asyncio.AbstractEventLoop | None, int, dict[int, AioCall]]
 
 
 class RbdAio:
     """The aio twins of the backend's I/O calls (same names and arguments):
     each returns a future of the event loop it is first called on, done when
-    librbd completes the call. A buffer stays pinned until then."""
+    librbd completes the call. A buffer stays pinned until then, whatever
+    happens meanwhile (an abort, a step down, the image closing): librbd may
+    write into it, or read from it, until it says it is done.
+
+    The eventfd librbd signals is ours: it is closed on the loop, after the
+    loop stopped watching it and after rbd_close (librbd signals it until then)."""
 
     def __init__(self, backend: RbdBackend) -> None:
         self.backend = backend
         self._loop: asyncio.AbstractEventLoop | None = None
         self._fd = -1
-        self._pending: dict[int, tuple[asyncio.Future, Pinned, int]] = {}
+        self._pending: dict[int, AioCall] = {}
+        # held while the loop polls the image and while detach() takes it away
+        # (any thread): no poll reaches an image once detach() has returned
+        self._lock = threading.Lock()
 
     def _attach(self) -> asyncio.AbstractEventLoop:
+        """On the loop, with the handles held (no detach runs meanwhile)."""
         loop = self._loop
         if loop is None:
-            loop = self._loop = asyncio.get_running_loop()
-            self._fd = self.backend.image.enable_events()
-            loop.add_reader(self._fd, self._collect)
+            loop = asyncio.get_running_loop()
+            fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            try:
+                self.backend.image.enable_events(fd)
+            except BaseException:
+                os.close(fd)
+                raise
+            loop.add_reader(fd, self._collect, fd)
+            with self._lock:
+                self._loop, self._fd = loop, fd
         return loop
 
-    def detach(self) -> None:
-        """Stop collecting (the image closes): what is still pending fails.
-        From another thread (management closing a LUN) it runs on the loop."""
-        loop = self._loop
-        if loop is not None and not _on(loop):
-            done = threading.Event()
+    def detach(self) -> Detached:
+        """Stop collecting (any thread; the image is about to close and no call
+        is being started): no poll reaches the image once this returns, and
+        nothing here waits for the loop (which may itself be waiting for this
+        thread: an STML stopping). The calls librbd still has keep their
+        buffers pinned and their futures pending, for settle()."""
+        with self._lock:
+            out = self._loop, self._fd, self._pending
+            self._loop, self._fd, self._pending = None, -1, {}
+        loop, fd, _ = out
+        if loop is not None:
+            _on_loop(loop, loop.remove_reader, fd)
+        return out
 
-            def there() -> None:
-                self.detach()
-                done.set()
-            loop.call_soon_threadsafe(there)
-            done.wait(5)
+    def settle(self, image: Image, detached: Detached) -> None:
+        """After rbd_close (any thread): librbd has ended every call it had;
+        their buffers go, their futures get what librbd said (on the loop),
+        and the eventfd is closed there."""
+        loop, fd, pending = detached
+        results = []
+        for comp, (fut, pin, length) in pending.items():
+            ret = image.outcome(comp)
+            if ret is None:   # librbd broke its word: the buffers stay pinned for good
+                log.error("rbd:%s: an aio call outlived rbd_close", self.backend.spec)
+                ret = -errno.EIO
+            else:
+                pin.release()
+            results.append((fut, ret, length))
+        if loop is None:
             return
-        if loop is not None and self._fd >= 0:
-            loop.remove_reader(self._fd)
-        for fut, pin, _ in self._pending.values():
-            pin.release()
-            if not fut.done():
-                fut.set_exception(BackendError(f"rbd:{self.backend.spec}: image closed"))
-        self._pending.clear()
-        self._loop, self._fd = None, -1
+
+        def there() -> None:
+            self._finish(results, live=False)
+            os.close(fd)
+        if not _on_loop(loop, there):
+            os.close(fd)   # the loop is closed: nobody watches the fd or waits for these futures
 
     def _submit(self, pin: Pinned, length: int, name: str, *args: Any) -> asyncio.Future:
         """Start `rbd_aio_NAME`; `length`: the bytes a read must report (writes report 0)."""
-        loop = self._attach()
-        image = self.backend.image
-        comp = image.completion()
         try:
-            image.start(name, comp, *args)
-        except CephError as e:
+            with self.backend._using():   # known before a close can detach (it waits for this)
+                loop = self._attach()
+                image = self.backend.image
+                comp = image.completion()
+                fut = loop.create_future()
+                image.start(name, comp, *args)   # raises only when librbd did not take the call
+                self._pending[comp] = (fut, pin, length)
+        except BaseException:
             pin.release()
-            if e.errno == EBLOCKLISTED:
-                self._fenced()
-            raise BackendError(f"rbd:{self.backend.spec}: {e.strerror}") from None
-        fut = loop.create_future()
-        self._pending[comp] = (fut, pin, length)
+            raise
         return fut
 
-    def _collect(self) -> None:
-        for comp, ret in self.backend.image.poll():
-            entry = self._pending.pop(comp, None)
-            if entry is None:
-                continue
-            fut, pin, length = entry
-            pin.release()
+    def _collect(self, fd: int) -> None:
+        """The eventfd is readable: take what librbd completed."""
+        try:
+            os.eventfd_read(fd)
+        except BlockingIOError:
+            pass
+        results = []
+        with self._lock:
+            if fd != self._fd:
+                return   # detached: the image is closing (the reader goes next)
+            for comp, ret in self.backend.image.poll():
+                entry = self._pending.pop(comp, None)
+                if entry is not None:
+                    fut, pin, length = entry
+                    pin.release()
+                    results.append((fut, ret, length))
+        self._finish(results, live=True)
+
+    def _finish(self, results: list[tuple[asyncio.Future, int, int]], live: bool) -> None:
+        """On the loop: each call's future gets its outcome (an aborted task's
+        was cancelled: it only waited for librbd to be done). `live`: from the
+        image open now (a closed one's fencing is old news)."""
+        for fut, ret, length in results:
             if fut.done():
                 continue
             if ret < 0:
-                if -ret == EBLOCKLISTED:
-                    self._fenced()
-                fut.set_exception(BackendError(f"rbd:{self.backend.spec}: {os.strerror(-ret)}"))
+                if -ret == EBLOCKLISTED and live:
+                    self.backend.fence()
+                fut.set_exception(RbdError(self.backend.spec, -ret, os.strerror(-ret)))
             elif length and ret != length:
-                fut.set_exception(BackendError(f"rbd:{self.backend.spec}: {ret} of {length} bytes"))
+                fut.set_exception(RbdError(self.backend.spec, errno.EIO, f"{ret} of {length} bytes"))
             else:
                 fut.set_result(None)
-
-    def _fenced(self) -> None:
-        if not self.backend.fenced:
-            self.backend.fenced = True
-            self.backend.on_fenced()
 
     def read_into(self, offset: int, buf: memoryview) -> asyncio.Future:
         pin = Pinned()
@@ -388,9 +487,18 @@ class RbdAio:
         return self._submit(pin, 0, "writesame", offset, length, pin.address(block), len(block), COMP, 0)
 
 
-def _on(loop: asyncio.AbstractEventLoop) -> bool:
-    """Whether this thread runs `loop`."""
+def _on_loop(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> bool:
+    """fn(*args) on `loop`: now when this thread runs it, else soon (never
+    waited for); False when the loop is closed and fn will not run."""
     try:
-        return asyncio.get_running_loop() is loop
+        running = asyncio.get_running_loop() is loop
+    except RuntimeError:
+        running = False
+    if running:
+        fn(*args)
+        return True
+    try:
+        loop.call_soon_threadsafe(fn, *args)
     except RuntimeError:
         return False
+    return True

@@ -226,7 +226,7 @@ class LoopbackClient:
         assert self._link is not None   # responses come over the link
         self._link.scsi_target_done([tag])
 
-    def task_mgmt_fn_done(self, tag: int, response: int, aborted: list[int]) -> None:
+    def task_mgmt_fn_done(self, tag: int, response: int, aborted: list[int], info: bytes = b"") -> None:
         for t in aborted:
             self._fail(t, TaskAborted(f"task {t} aborted by task management"))
         fut = self._tmfs.pop(tag, None)

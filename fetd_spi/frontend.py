@@ -170,7 +170,7 @@ class StmlExecutor:
             event.succeed(answer)         # the clock stands still: same instant as asked
             self._changed.set()
 
-    def task_mgmt_fn_done(self, tag: int, response: int, aborted: list[int]) -> None:
+    def task_mgmt_fn_done(self, tag: int, response: int, aborted: list[int], info: bytes = b"") -> None:
         pass   # fetd_spi sends no task management
 
     def report_aen(self, nexus: int | None, lun: int, sense: bytes) -> None:

@@ -38,7 +38,8 @@ def main(stml_endpoints: tuple[str, ...], portals: tuple[str, ...], stml_key: st
          isns: str | None, log_level: str, log_format: str) -> None:
     """Run the iSCSI front end alone, attached to a running STML (on this host,
     or on another one over tcp:// with CURVE keys)."""
-    from fetd_tcp.server import PortalSpec, run_fetd_tcp
+    from fetd_tcp.portals import PortalSpec
+    from fetd_tcp.server import run_fetd_tcp
     from scsi_runtime.logs import setup_logging
     from scsi_runtime.curvekeys import curve_client_keys
     from scsi_runtime.loop import run_loop

@@ -9,6 +9,8 @@ them on to fetd_tcp):
     SCSI_TARGET_MAX_WRITE_BUFFER        bytes of write data per connection (64 MiB)
     SCSI_TARGET_MAX_READ_BUFFER         bytes of read data and unsent output per connection (64 MiB)
     SCSI_TARGET_MAX_BUFFERED            bytes fetd_tcp buffers for all connections together (256 MiB)
+    SCSI_TARGET_MAX_FAILED_PER_HOST     ERL 2: failed connections kept for TASK REASSIGN per host (16)
+    SCSI_TARGET_MAX_RETAIN              ERL 2: seconds at most they are kept, whatever was negotiated (60)
 
 Write data buffer. fetd_tcp hands write data to the STML link at once, but the link's
 ZeroMQ queue is unbounded (SNDHWM=0), and the CmdSN window slides as commands arrive,
@@ -42,6 +44,15 @@ over all its connections, holds at most half of what the others leave it beyond 
 shares, so the per-connection bounds above do not let a few of its connections fill the
 budget. Past the budget or the initiator's part, commands get TASK SET FULL and R2Ts
 wait. `scsi-target status` shows what is held (front end "buffered").
+
+Failed connections (ErrorRecoveryLevel 2). A connection that dies with tasks keeps
+them, and its share, for a TASK REASSIGN; one with no task keeps nothing. Dead
+connections are not open ones, so SCSI_TARGET_MAX_CONN_PER_HOST does not bound them:
+each host keeps at most SCSI_TARGET_MAX_FAILED_PER_HOST (its oldest is given up, its
+tasks aborted), a session at most MaxConnections (one per CID), each for Time2Wait +
+Time2Retain but never more than SCSI_TARGET_MAX_RETAIN seconds (the initiator alone
+picks Time2Wait, up to an hour; a Logout Response tells the capped times). See
+fetd_tcp/retain.py.
 """
 from __future__ import annotations
 
@@ -56,7 +67,8 @@ MIN_BUFFERED = 8 * RESERVE   # room for a few connections' guaranteed shares
 _ENV = {"login_timeout": "LOGIN_TIMEOUT", "max_conn_per_portal": "MAX_CONN_PER_PORTAL",
         "max_conn_per_host": "MAX_CONN_PER_HOST", "max_sessions_per_target": "MAX_SESSIONS_PER_TARGET",
         "max_write_buffer": "MAX_WRITE_BUFFER", "max_read_buffer": "MAX_READ_BUFFER",
-        "max_buffered": "MAX_BUFFERED"}
+        "max_buffered": "MAX_BUFFERED", "max_failed_per_host": "MAX_FAILED_PER_HOST",
+        "max_retain": "MAX_RETAIN"}
 
 
 class LimitError(ValueError):
@@ -72,6 +84,8 @@ class Limits:
     max_write_buffer: int = 64 << 20
     max_read_buffer: int = 64 << 20
     max_buffered: int = 256 << 20
+    max_failed_per_host: int = 16
+    max_retain: float = 60.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Limits:

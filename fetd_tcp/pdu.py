@@ -1,7 +1,10 @@
 """iSCSI PDU codec (RFC 7143 §11): Basic Header Segment parse and build.
 
 Every PDU type is an immutable NamedTuple with ``encode()`` (header bytes:
-BHS plus any AHS) and a decoder reached through :func:`decode_pdu`.  Headers
+BHS plus any AHS) and a static ``decode()``, defined in one place: its opcode
+constant and its class, registered in the PDU table (:data:`PDU_TYPES`, by
+:func:`pdu_type`) with the side that sends it; :func:`decode_pdu` and the
+other lookups come from that table.  Headers
 are built apart from their data segment so a sender can hand
 ``[header, header digest, data, padding, data digest]`` to ``sendmsg`` without
 concatenating.  All but the SCSI Command share one precompiled layout: four
@@ -12,31 +15,10 @@ then eight words.  Malformed input raises :class:`PDUError` and nothing else.
 from __future__ import annotations
 
 import struct
-from typing import Callable, Iterator, NamedTuple
+from typing import Callable, Final, Iterator, Literal, NamedTuple, Protocol, TypeVar
 
 from fetd_tcp.digest import DIGEST_LEN, digest
 from stml.api.sizes import BIG_FRAME
-
-# Opcodes, initiator to target.
-NOP_OUT = 0x00
-SCSI_COMMAND = 0x01
-TASK_MGMT_REQUEST = 0x02
-LOGIN_REQUEST = 0x03
-TEXT_REQUEST = 0x04
-DATA_OUT = 0x05
-LOGOUT_REQUEST = 0x06
-SNACK = 0x10
-# Opcodes, target to initiator.
-NOP_IN = 0x20
-SCSI_RESPONSE = 0x21
-TASK_MGMT_RESPONSE = 0x22
-LOGIN_RESPONSE = 0x23
-TEXT_RESPONSE = 0x24
-DATA_IN = 0x25
-LOGOUT_RESPONSE = 0x26
-R2T_OPCODE = 0x31
-ASYNC_MESSAGE = 0x32
-REJECT = 0x3F
 
 BHS_LEN = 48
 RESERVED_TAG = 0xFFFFFFFF
@@ -229,8 +211,79 @@ def residual(expected: int, transferred: int) -> tuple[int, bool, bool]:
     return 0, False, False
 
 
+
+def _parse_ahs(ahs) -> tuple[bytes, int | None]:
+    """(extra CDB bytes, bidi read length) from a SCSI Command's AHS."""
+    ext, bidi, pos, end = b"", None, 0, len(ahs)
+    while pos < end:
+        if end - pos < 4:
+            raise PDUError("truncated AHS", REJECT_INVALID_PDU_FIELD)
+        length, kind = _AHS_HDR.unpack_from(ahs, pos)
+        if length == 0 or pos + 3 + length > end:
+            raise PDUError("AHSLength beyond TotalAHSLength", REJECT_INVALID_PDU_FIELD)
+        if kind == AHS_EXTENDED_CDB and not ext:
+            ext = bytes(ahs[pos + 4:pos + 3 + length])
+        elif kind == AHS_BIDI_READ_LENGTH and length == 5 and bidi is None:
+            (bidi,) = _U32.unpack_from(ahs, pos + 4)
+        else:
+            raise PDUError("unsupported or repeated AHS", REJECT_INVALID_PDU_FIELD)
+        pos += (3 + length + 3) & ~3
+    return ext, bidi
+
+
+# --- the PDU table ------------------------------------------------------------
+# One place per PDU type: its opcode constant and its class, which builds its
+# header (encode) and parses it (decode), registered with the side that sends
+# it. The lookups below (opcode -> decoder, class -> opcode, what an initiator
+# may send) are derived from the table, never listed by hand.
+
+Sender = Literal["initiator", "target"]
+INITIATOR: Final = "initiator"
+TARGET: Final = "target"
+Buf = bytes | bytearray | memoryview
+_Cls = TypeVar("_Cls", bound=type)
+
+
+class PduType(NamedTuple):
+    """One row of the PDU table."""
+
+    opcode: int
+    name: str
+    cls: type
+    sender: Sender
+    decode: Callable[[Buf, Buf], PDU]   # (48-byte BHS, AHS) -> PDU
+    ahs: bool                           # may carry AHS (only the SCSI Command)
+
+
+PDU_TYPES: dict[int, PduType] = {}   # opcode -> row, in the order of the classes below
+
+
+def pdu_type(opcode: int, sender: Sender, ahs: bool = False) -> Callable[[_Cls], _Cls]:
+    """Register a PDU class (a NamedTuple with ``encode()`` and a static
+    ``decode(header, ahs)``) as the one type of ``opcode``."""
+    def register(cls: _Cls) -> _Cls:
+        if opcode in PDU_TYPES:
+            raise ValueError(f"opcode 0x{opcode:02x} registered twice")
+        PDU_TYPES[opcode] = PduType(opcode, cls.__name__, cls, sender, getattr(cls, "decode"), ahs)
+        return cls
+    return register
+
+
+class PDU(Protocol):
+    """What every registered PDU type has."""
+
+    def encode(self) -> bytes: ...
+
+
+_unpack_gen = _GEN.unpack_from
+
+
 # --- initiator PDUs ----------------------------------------------------------
 
+NOP_OUT = 0x00
+
+
+@pdu_type(NOP_OUT, INITIATOR)
 class NopOut(NamedTuple):
     itt: int
     ttt: int = RESERVED_TAG
@@ -244,7 +297,16 @@ class NopOut(NamedTuple):
         return _GEN.pack(_op(NOP_OUT, self.immediate), _F, 0, 0, _word1(0, self.data_length),
                          self.lun, self.itt, self.ttt, self.cmd_sn, self.exp_stat_sn, 0, 0, 0, 0)
 
+    @staticmethod
+    def decode(header: Buf, ahs: Buf) -> NopOut:
+        g = _unpack_gen(header)
+        return NopOut(g[6], g[7], g[8], g[9], g[5], bool(g[0] & _I), g[4] & 0xFFFFFF)
 
+
+SCSI_COMMAND = 0x01
+
+
+@pdu_type(SCSI_COMMAND, INITIATOR, ahs=True)
 class ScsiCommand(NamedTuple):
     itt: int
     lun: bytes
@@ -274,7 +336,23 @@ class ScsiCommand(NamedTuple):
                          self.lun, self.itt, self.expected_length, self.cmd_sn, self.exp_stat_sn,
                          cdb.ljust(16, b"\0")) + ahs
 
+    @staticmethod
+    def decode(header: Buf, ahs: Buf) -> ScsiCommand:
+        b0, b1, w, lun, itt, edtl, cmd_sn, exp_stat_sn, cdb = _CMD.unpack_from(header)
+        bidi = None
+        if ahs:
+            ext, bidi = _parse_ahs(ahs)
+            cdb += ext
+        # every field is given, so the NamedTuple's Python-level __new__ can be skipped (per command)
+        return new_pdu(ScsiCommand, (itt, lun, cdb, edtl, cmd_sn, exp_stat_sn, (b1 & 0x40) != 0,
+                                  (b1 & 0x20) != 0, b1 & 0x07, (b1 & _F) != 0, (b0 & _I) != 0, bidi,
+                                  w & 0xFFFFFF))
 
+
+TASK_MGMT_REQUEST = 0x02
+
+
+@pdu_type(TASK_MGMT_REQUEST, INITIATOR)
 class TaskMgmtRequest(NamedTuple):
     itt: int
     function: int
@@ -291,7 +369,17 @@ class TaskMgmtRequest(NamedTuple):
                          self.lun, self.itt, self.rtt, self.cmd_sn, self.exp_stat_sn,
                          self.ref_cmd_sn, self.exp_data_sn, 0, 0)
 
+    @staticmethod
+    def decode(header: Buf, ahs: Buf) -> TaskMgmtRequest:
+        g = _unpack_gen(header)
+        return TaskMgmtRequest(g[6], g[1] & 0x7F, g[5], g[7], g[8], g[9], g[10], g[11],
+                               bool(g[0] & _I))
 
+
+LOGIN_REQUEST = 0x03
+
+
+@pdu_type(LOGIN_REQUEST, INITIATOR)
 class LoginRequest(NamedTuple):
     itt: int
     isid: bytes
@@ -313,7 +401,19 @@ class LoginRequest(NamedTuple):
                          _word1(0, self.data_length), self.isid + _U16.pack(self.tsih), self.itt,
                          self.cid << 16, self.cmd_sn, self.exp_stat_sn, 0, 0, 0, 0)
 
+    @staticmethod
+    def decode(header: Buf, ahs: Buf) -> LoginRequest:
+        g = _unpack_gen(header)
+        b1, isid = g[1], g[5]
+        return LoginRequest(g[6], isid[:6], isid[6] << 8 | isid[7], g[7] >> 16, g[8], g[9],
+                            b1 >> 2 & 3, b1 & 3, bool(b1 & _F), bool(b1 & _C), g[2], g[3],
+                            g[4] & 0xFFFFFF)
 
+
+TEXT_REQUEST = 0x04
+
+
+@pdu_type(TEXT_REQUEST, INITIATOR)
 class TextRequest(NamedTuple):
     itt: int
     ttt: int = RESERVED_TAG
@@ -330,7 +430,18 @@ class TextRequest(NamedTuple):
         return _GEN.pack(_op(TEXT_REQUEST, self.immediate), b1, 0, 0, _word1(0, self.data_length),
                          self.lun, self.itt, self.ttt, self.cmd_sn, self.exp_stat_sn, 0, 0, 0, 0)
 
+    @staticmethod
+    def decode(header: Buf, ahs: Buf) -> TextRequest:
+        g = _unpack_gen(header)
+        b1 = g[1]
+        return TextRequest(g[6], g[7], g[8], g[9], bool(b1 & _F), bool(b1 & _C), g[5],
+                           bool(g[0] & _I), g[4] & 0xFFFFFF)
 
+
+DATA_OUT = 0x05
+
+
+@pdu_type(DATA_OUT, INITIATOR)
 class DataOut(NamedTuple):
     itt: int
     ttt: int
@@ -346,7 +457,16 @@ class DataOut(NamedTuple):
                          self.lun, self.itt, self.ttt, 0, self.exp_stat_sn, 0,
                          self.data_sn, self.buffer_offset, 0)
 
+    @staticmethod
+    def decode(header: Buf, ahs: Buf) -> DataOut:
+        g = _unpack_gen(header)
+        return new_pdu(DataOut, (g[6], g[7], g[11], g[12], (g[1] & _F) != 0, g[9], g[5], g[4] & 0xFFFFFF))
 
+
+LOGOUT_REQUEST = 0x06
+
+
+@pdu_type(LOGOUT_REQUEST, INITIATOR)
 class LogoutRequest(NamedTuple):
     itt: int
     reason: int = 0  # 0 close session, 1 close connection, 2 remove for recovery
@@ -359,7 +479,16 @@ class LogoutRequest(NamedTuple):
         return _GEN.pack(_op(LOGOUT_REQUEST, self.immediate), _F | self.reason, 0, 0, 0, LUN0,
                          self.itt, self.cid << 16, self.cmd_sn, self.exp_stat_sn, 0, 0, 0, 0)
 
+    @staticmethod
+    def decode(header: Buf, ahs: Buf) -> LogoutRequest:
+        g = _unpack_gen(header)
+        return LogoutRequest(g[6], g[1] & 0x7F, g[7] >> 16, g[8], g[9], bool(g[0] & _I))
 
+
+SNACK = 0x10
+
+
+@pdu_type(SNACK, INITIATOR)
 class Snack(NamedTuple):
     itt: int
     snack_type: int  # 0 Data/R2T, 1 status, 2 DataACK, 3 R-Data
@@ -373,9 +502,18 @@ class Snack(NamedTuple):
         return _GEN.pack(SNACK, _F | self.snack_type, 0, 0, 0, self.lun, self.itt, self.ttt, 0,
                          self.exp_stat_sn, 0, self.beg_run, self.run_length, 0)
 
+    @staticmethod
+    def decode(header: Buf, ahs: Buf) -> Snack:
+        g = _unpack_gen(header)
+        return Snack(g[6], g[1] & 0x0F, g[7], g[9], g[11], g[12], g[5])
+
 
 # --- target PDUs -------------------------------------------------------------
 
+NOP_IN = 0x20
+
+
+@pdu_type(NOP_IN, TARGET)
 class NopIn(NamedTuple):
     itt: int
     ttt: int
@@ -389,7 +527,16 @@ class NopIn(NamedTuple):
         return _GEN.pack(NOP_IN, _F, 0, 0, _word1(0, self.data_length), self.lun, self.itt,
                          self.ttt, self.stat_sn, self.exp_cmd_sn, self.max_cmd_sn, 0, 0, 0)
 
+    @staticmethod
+    def decode(header: Buf, ahs: Buf) -> NopIn:
+        g = _unpack_gen(header)
+        return NopIn(g[6], g[7], g[8], g[9], g[10], g[5], g[4] & 0xFFFFFF)
 
+
+SCSI_RESPONSE = 0x21
+
+
+@pdu_type(SCSI_RESPONSE, TARGET)
 class ScsiResponse(NamedTuple):
     itt: int
     status: int
@@ -417,19 +564,42 @@ class ScsiResponse(NamedTuple):
                          snack_tag, stat_sn, exp_cmd_sn, max_cmd_sn, exp_data_sn,
                          bidi_residual_count, residual_count)
 
+    @staticmethod
+    def decode(header: Buf, ahs: Buf) -> ScsiResponse:
+        g = _unpack_gen(header)
+        b1 = g[1]
+        return ScsiResponse(g[6], g[3], g[8], g[9], g[10], g[2], g[11], g[13], bool(b1 & 0x04),
+                            bool(b1 & 0x02), g[12], bool(b1 & 0x10), bool(b1 & 0x08), g[7],
+                            g[4] & 0xFFFFFF)
 
+
+TASK_MGMT_RESPONSE = 0x22
+
+
+@pdu_type(TASK_MGMT_RESPONSE, TARGET)
 class TaskMgmtResponse(NamedTuple):
     itt: int
     response: int
     stat_sn: int
     exp_cmd_sn: int
     max_cmd_sn: int
+    info: bytes = bytes(3)   # QUERY ASYNCHRONOUS EVENT: additional response information (RFC 7144)
 
     def encode(self) -> bytes:
-        return _GEN.pack(TASK_MGMT_RESPONSE, _F, self.response, 0, 0, LUN0, self.itt, 0,
-                         self.stat_sn, self.exp_cmd_sn, self.max_cmd_sn, 0, 0, 0)
+        # the additional response information sits in bytes 8-10, where other PDUs carry a LUN
+        return _GEN.pack(TASK_MGMT_RESPONSE, _F, self.response, 0, 0, self.info[:3].ljust(8, b"\0"),
+                         self.itt, 0, self.stat_sn, self.exp_cmd_sn, self.max_cmd_sn, 0, 0, 0)
+
+    @staticmethod
+    def decode(header: Buf, ahs: Buf) -> TaskMgmtResponse:
+        g = _unpack_gen(header)
+        return TaskMgmtResponse(g[6], g[2], g[8], g[9], g[10], bytes(g[5][:3]))
 
 
+LOGIN_RESPONSE = 0x23
+
+
+@pdu_type(LOGIN_RESPONSE, TARGET)
 class LoginResponse(NamedTuple):
     itt: int
     isid: bytes
@@ -454,7 +624,19 @@ class LoginResponse(NamedTuple):
                          self.itt, 0, self.stat_sn, self.exp_cmd_sn, self.max_cmd_sn,
                          self.status_class << 24 | self.status_detail << 16, 0, 0)
 
+    @staticmethod
+    def decode(header: Buf, ahs: Buf) -> LoginResponse:
+        g = _unpack_gen(header)
+        b1, isid = g[1], g[5]
+        return LoginResponse(g[6], isid[:6], isid[6] << 8 | isid[7], g[8], g[9], g[10],
+                             b1 >> 2 & 3, b1 & 3, bool(b1 & _F), bool(b1 & _C), g[11] >> 24,
+                             g[11] >> 16 & 0xFF, g[2], g[3], g[4] & 0xFFFFFF)
 
+
+TEXT_RESPONSE = 0x24
+
+
+@pdu_type(TEXT_RESPONSE, TARGET)
 class TextResponse(NamedTuple):
     itt: int
     ttt: int
@@ -472,7 +654,18 @@ class TextResponse(NamedTuple):
                          self.itt, self.ttt, self.stat_sn, self.exp_cmd_sn, self.max_cmd_sn,
                          0, 0, 0)
 
+    @staticmethod
+    def decode(header: Buf, ahs: Buf) -> TextResponse:
+        g = _unpack_gen(header)
+        b1 = g[1]
+        return TextResponse(g[6], g[7], g[8], g[9], g[10], bool(b1 & _F), bool(b1 & _C), g[5],
+                            g[4] & 0xFFFFFF)
 
+
+DATA_IN = 0x25
+
+
+@pdu_type(DATA_IN, TARGET)
 class DataIn(NamedTuple):
     itt: int
     data_sn: int
@@ -498,7 +691,19 @@ class DataIn(NamedTuple):
         return _GEN.pack(DATA_IN, b1, 0, status or 0, _word1(0, data_length), lun, itt, ttt,
                          stat_sn, exp_cmd_sn, max_cmd_sn, data_sn, buffer_offset, residual_count)
 
+    @staticmethod
+    def decode(header: Buf, ahs: Buf) -> DataIn:
+        g = _unpack_gen(header)
+        b1 = g[1]
+        return DataIn(g[6], g[11], g[12], g[9], g[10], bool(b1 & _F), g[3] if b1 & 0x01 else None,
+                      g[8], g[13], bool(b1 & 0x04), bool(b1 & 0x02), bool(b1 & 0x40), g[7], g[5],
+                      g[4] & 0xFFFFFF)
 
+
+LOGOUT_RESPONSE = 0x26
+
+
+@pdu_type(LOGOUT_RESPONSE, TARGET)
 class LogoutResponse(NamedTuple):
     itt: int
     response: int
@@ -513,7 +718,16 @@ class LogoutResponse(NamedTuple):
                          self.stat_sn, self.exp_cmd_sn, self.max_cmd_sn, 0,
                          self.time2wait << 16 | self.time2retain, 0)
 
+    @staticmethod
+    def decode(header: Buf, ahs: Buf) -> LogoutResponse:
+        g = _unpack_gen(header)
+        return LogoutResponse(g[6], g[2], g[8], g[9], g[10], g[12] >> 16, g[12] & 0xFFFF)
 
+
+R2T_OPCODE = 0x31
+
+
+@pdu_type(R2T_OPCODE, TARGET)
 class R2T(NamedTuple):
     itt: int
     ttt: int
@@ -530,7 +744,16 @@ class R2T(NamedTuple):
                          self.exp_cmd_sn, self.max_cmd_sn, self.r2t_sn, self.buffer_offset,
                          self.desired_length)
 
+    @staticmethod
+    def decode(header: Buf, ahs: Buf) -> R2T:
+        g = _unpack_gen(header)
+        return R2T(g[6], g[7], g[8], g[9], g[10], g[11], g[12], g[13], g[5])
 
+
+ASYNC_MESSAGE = 0x32
+
+
+@pdu_type(ASYNC_MESSAGE, TARGET)
 class AsyncMessage(NamedTuple):
     event: int
     stat_sn: int
@@ -549,7 +772,18 @@ class AsyncMessage(NamedTuple):
                          self.event << 24 | self.vcode << 16 | self.parameter1,
                          self.parameter2 << 16 | self.parameter3, 0)
 
+    @staticmethod
+    def decode(header: Buf, ahs: Buf) -> AsyncMessage:
+        g = _unpack_gen(header)
+        w36, w40 = g[11], g[12]
+        return AsyncMessage(w36 >> 24, g[8], g[9], g[10], g[5], w36 >> 16 & 0xFF, w36 & 0xFFFF,
+                            w40 >> 16, w40 & 0xFFFF, g[4] & 0xFFFFFF)
 
+
+REJECT = 0x3F
+
+
+@pdu_type(REJECT, TARGET)
 class Reject(NamedTuple):
     reason: int
     stat_sn: int
@@ -563,165 +797,17 @@ class Reject(NamedTuple):
                          RESERVED_TAG, 0, self.stat_sn, self.exp_cmd_sn, self.max_cmd_sn,
                          self.data_sn, 0, 0)
 
-
-PDU = (NopOut | ScsiCommand | TaskMgmtRequest | LoginRequest | TextRequest | DataOut
-       | LogoutRequest | Snack | NopIn | ScsiResponse | TaskMgmtResponse | LoginResponse
-       | TextResponse | DataIn | LogoutResponse | R2T | AsyncMessage | Reject)
-
-# each PDU type's opcode (what its encode() writes; _DECODERS maps the other way)
-OPCODES: dict[type, int] = {
-    NopOut: NOP_OUT, ScsiCommand: SCSI_COMMAND, TaskMgmtRequest: TASK_MGMT_REQUEST,
-    LoginRequest: LOGIN_REQUEST, TextRequest: TEXT_REQUEST, DataOut: DATA_OUT,
-    LogoutRequest: LOGOUT_REQUEST, Snack: SNACK, NopIn: NOP_IN, ScsiResponse: SCSI_RESPONSE,
-    TaskMgmtResponse: TASK_MGMT_RESPONSE, LoginResponse: LOGIN_RESPONSE,
-    TextResponse: TEXT_RESPONSE, DataIn: DATA_IN, LogoutResponse: LOGOUT_RESPONSE,
-    R2T: R2T_OPCODE, AsyncMessage: ASYNC_MESSAGE, Reject: REJECT,
-}
+    @staticmethod
+    def decode(header: Buf, ahs: Buf) -> Reject:
+        g = _unpack_gen(header)
+        return Reject(g[2], g[8], g[9], g[10], g[11], g[4] & 0xFFFFFF)
 
 
-# --- decoders ----------------------------------------------------------------
-
-def _dec_nop_out(g, ahs):
-    return NopOut(g[6], g[7], g[8], g[9], g[5], bool(g[0] & _I), g[4] & 0xFFFFFF)
-
-
-def _parse_ahs(ahs) -> tuple[bytes, int | None]:
-    """(extra CDB bytes, bidi read length) from a SCSI Command's AHS."""
-    ext, bidi, pos, end = b"", None, 0, len(ahs)
-    while pos < end:
-        if end - pos < 4:
-            raise PDUError("truncated AHS", REJECT_INVALID_PDU_FIELD)
-        length, kind = _AHS_HDR.unpack_from(ahs, pos)
-        if length == 0 or pos + 3 + length > end:
-            raise PDUError("AHSLength beyond TotalAHSLength", REJECT_INVALID_PDU_FIELD)
-        if kind == AHS_EXTENDED_CDB and not ext:
-            ext = bytes(ahs[pos + 4:pos + 3 + length])
-        elif kind == AHS_BIDI_READ_LENGTH and length == 5 and bidi is None:
-            (bidi,) = _U32.unpack_from(ahs, pos + 4)
-        else:
-            raise PDUError("unsupported or repeated AHS", REJECT_INVALID_PDU_FIELD)
-        pos += (3 + length + 3) & ~3
-    return ext, bidi
-
-
-def _dec_scsi_command(buf, ahs):
-    b0, b1, w, lun, itt, edtl, cmd_sn, exp_stat_sn, cdb = _CMD.unpack_from(buf)
-    bidi = None
-    if ahs:
-        ext, bidi = _parse_ahs(ahs)
-        cdb += ext
-    # every field is given, so the NamedTuple's Python-level __new__ can be skipped (per command)
-    return new_pdu(ScsiCommand, (itt, lun, cdb, edtl, cmd_sn, exp_stat_sn, (b1 & 0x40) != 0,
-                              (b1 & 0x20) != 0, b1 & 0x07, (b1 & _F) != 0, (b0 & _I) != 0, bidi,
-                              w & 0xFFFFFF))
-
-
-def _dec_tmf_request(g, ahs):
-    return TaskMgmtRequest(g[6], g[1] & 0x7F, g[5], g[7], g[8], g[9], g[10], g[11],
-                           bool(g[0] & _I))
-
-
-def _dec_login_request(g, ahs):
-    b1, isid = g[1], g[5]
-    return LoginRequest(g[6], isid[:6], isid[6] << 8 | isid[7], g[7] >> 16, g[8], g[9],
-                        b1 >> 2 & 3, b1 & 3, bool(b1 & _F), bool(b1 & _C), g[2], g[3],
-                        g[4] & 0xFFFFFF)
-
-
-def _dec_text_request(g, ahs):
-    b1 = g[1]
-    return TextRequest(g[6], g[7], g[8], g[9], bool(b1 & _F), bool(b1 & _C), g[5],
-                       bool(g[0] & _I), g[4] & 0xFFFFFF)
-
-
-def _dec_data_out(g, ahs):
-    return new_pdu(DataOut, (g[6], g[7], g[11], g[12], (g[1] & _F) != 0, g[9], g[5], g[4] & 0xFFFFFF))
-
-
-def _dec_logout_request(g, ahs):
-    return LogoutRequest(g[6], g[1] & 0x7F, g[7] >> 16, g[8], g[9], bool(g[0] & _I))
-
-
-def _dec_snack(g, ahs):
-    return Snack(g[6], g[1] & 0x0F, g[7], g[9], g[11], g[12], g[5])
-
-
-def _dec_nop_in(g, ahs):
-    return NopIn(g[6], g[7], g[8], g[9], g[10], g[5], g[4] & 0xFFFFFF)
-
-
-def _dec_scsi_response(g, ahs):
-    b1 = g[1]
-    return ScsiResponse(g[6], g[3], g[8], g[9], g[10], g[2], g[11], g[13], bool(b1 & 0x04),
-                        bool(b1 & 0x02), g[12], bool(b1 & 0x10), bool(b1 & 0x08), g[7],
-                        g[4] & 0xFFFFFF)
-
-
-def _dec_tmf_response(g, ahs):
-    return TaskMgmtResponse(g[6], g[2], g[8], g[9], g[10])
-
-
-def _dec_login_response(g, ahs):
-    b1, isid = g[1], g[5]
-    return LoginResponse(g[6], isid[:6], isid[6] << 8 | isid[7], g[8], g[9], g[10],
-                         b1 >> 2 & 3, b1 & 3, bool(b1 & _F), bool(b1 & _C), g[11] >> 24,
-                         g[11] >> 16 & 0xFF, g[2], g[3], g[4] & 0xFFFFFF)
-
-
-def _dec_text_response(g, ahs):
-    b1 = g[1]
-    return TextResponse(g[6], g[7], g[8], g[9], g[10], bool(b1 & _F), bool(b1 & _C), g[5],
-                        g[4] & 0xFFFFFF)
-
-
-def _dec_data_in(g, ahs):
-    b1 = g[1]
-    return DataIn(g[6], g[11], g[12], g[9], g[10], bool(b1 & _F), g[3] if b1 & 0x01 else None,
-                  g[8], g[13], bool(b1 & 0x04), bool(b1 & 0x02), bool(b1 & 0x40), g[7], g[5],
-                  g[4] & 0xFFFFFF)
-
-
-def _dec_logout_response(g, ahs):
-    return LogoutResponse(g[6], g[2], g[8], g[9], g[10], g[12] >> 16, g[12] & 0xFFFF)
-
-
-def _dec_r2t(g, ahs):
-    return R2T(g[6], g[7], g[8], g[9], g[10], g[11], g[12], g[13], g[5])
-
-
-def _dec_async(g, ahs):
-    w36, w40 = g[11], g[12]
-    return AsyncMessage(w36 >> 24, g[8], g[9], g[10], g[5], w36 >> 16 & 0xFF, w36 & 0xFFFF,
-                        w40 >> 16, w40 & 0xFFFF, g[4] & 0xFFFFFF)
-
-
-def _dec_reject(g, ahs):
-    return Reject(g[2], g[8], g[9], g[10], g[11], g[4] & 0xFFFFFF)
-
-
-_DECODERS = {
-    NOP_OUT: _dec_nop_out,
-    TASK_MGMT_REQUEST: _dec_tmf_request,
-    LOGIN_REQUEST: _dec_login_request,
-    TEXT_REQUEST: _dec_text_request,
-    DATA_OUT: _dec_data_out,
-    LOGOUT_REQUEST: _dec_logout_request,
-    SNACK: _dec_snack,
-    NOP_IN: _dec_nop_in,
-    SCSI_RESPONSE: _dec_scsi_response,
-    TASK_MGMT_RESPONSE: _dec_tmf_response,
-    LOGIN_RESPONSE: _dec_login_response,
-    TEXT_RESPONSE: _dec_text_response,
-    DATA_IN: _dec_data_in,
-    LOGOUT_RESPONSE: _dec_logout_response,
-    R2T_OPCODE: _dec_r2t,
-    ASYNC_MESSAGE: _dec_async,
-    REJECT: _dec_reject,
-}
-_unpack_gen = _GEN.unpack_from
-INITIATOR_OPCODES = frozenset(
-    (NOP_OUT, SCSI_COMMAND, TASK_MGMT_REQUEST, LOGIN_REQUEST, TEXT_REQUEST, DATA_OUT,
-     LOGOUT_REQUEST, SNACK))
+# the table's lookups (decode_pdu, session and test code use these)
+OPCODES: dict[type, int] = {t.cls: t.opcode for t in PDU_TYPES.values()}   # what encode() writes
+_DECODERS = {t.opcode: t.decode for t in PDU_TYPES.values()}
+_TAKES_AHS = frozenset(t.opcode for t in PDU_TYPES.values() if t.ahs)
+INITIATOR_OPCODES = frozenset(t.opcode for t in PDU_TYPES.values() if t.sender == INITIATOR)
 
 
 def decode_pdu(header, ahs=b"") -> PDU:
@@ -732,14 +818,12 @@ def decode_pdu(header, ahs=b"") -> PDU:
     opcode = header[0] & _OPMASK
     if header[4] * 4 != len(ahs):
         raise PDUError("AHS length does not match TotalAHSLength")
-    if opcode == SCSI_COMMAND:
-        return _dec_scsi_command(header, ahs)
     dec = _DECODERS.get(opcode)
     if dec is None:
         raise PDUError(f"reserved opcode 0x{opcode:02x}", REJECT_COMMAND_NOT_SUPPORTED)
-    if ahs:
+    if ahs and opcode not in _TAKES_AHS:
         raise PDUError("AHS on a PDU that takes none", REJECT_INVALID_PDU_FIELD)
-    return dec(_unpack_gen(header), ahs)
+    return dec(header, ahs)
 
 
 # --- text segments (§6.1) ----------------------------------------------------
@@ -821,6 +905,7 @@ class PduFramer:
         # a staged PDU is smaller than this; a partial one left at the end of
         # the buffer is moved down, and still leaves room for another
         largest = BHS_LEN + _MAX_AHS + DIGEST_LEN + big + 3 + DIGEST_LEN
+        self._largest = largest
         self._buf = memoryview(bytearray(max(stage, 2 * largest)))
         self._low = len(self._buf) - largest      # move down once the free room is below this
         self._start = self._end = 0               # unparsed bytes in _buf
@@ -853,6 +938,28 @@ class PduFramer:
             self._seg_pos += n
         else:
             self._end += n
+
+    def wanted(self) -> int:
+        """How many bytes ``next`` still needs before it can return the next
+        PDU (or move on to receiving its big data segment in place): a reader
+        that must not read past a PDU (the login phase, whose StreamReader
+        keeps what follows for the full feature phase) reads exactly these.
+        Never more than ``get_buffer`` has room for; 0 once ``next`` has work."""
+        if self._seg is not None:
+            return len(self._seg) - self._seg_pos
+        if self._skip:
+            return min(self._skip, self._largest)
+        avail = self._end - self._start
+        if avail < BHS_LEN:
+            return BHS_LEN - avail
+        (word,) = _WORD1.unpack_from(self._buf, self._start)
+        ahs_len, length = (word >> 24) * 4, word & 0xFFFFFF
+        if length > self.max_data:
+            return 0                 # `next` raises
+        need = BHS_LEN + ahs_len + self.hd            # the header, digest included
+        if length < self.big:
+            need += ((length + 3) & ~3) + (DIGEST_LEN if self.dd and length else 0)
+        return max(need - avail, 0)
 
     def feed(self, data) -> Iterator[tuple[PDU, bytes | memoryview, bytes]]:
         """Take ``data`` (e.g. bytes read before this framer existed) and

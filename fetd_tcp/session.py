@@ -19,6 +19,7 @@ from typing import Any, Callable, Protocol
 from fetd_tcp import pdu as P
 from fetd_tcp.budget import Account, Grant, unlimited
 from fetd_tcp.keys import ConnectionParams, SessionParams
+from fetd_tcp.retain import announced
 from stml.api import DataDir, Status, TaskAttr
 
 TASK_SET_FULL = int(Status.TASK_SET_FULL)
@@ -143,6 +144,9 @@ class Session:
     window: int
     discovery: bool = False
     max_transfer: int = 8 << 20   # the most data one command moves (the STML's limit)
+    # ERL 2: the most seconds a failed connection's tasks are kept (fetd_tcp.retain);
+    # by default Time2Wait + Time2Retain at their largest, i.e. as negotiated
+    max_retain: float = 2 * 3600
     connections: dict[int, Connection] = field(default_factory=dict)
     itts: dict[int, Task] = field(default_factory=dict)
     # CmdSN -> (connection, PDU, data); data None: it did not fit (answered TASK SET FULL)
@@ -814,14 +818,15 @@ class Connection:
         resp = P.TMF_RESP_COMPLETE if ref_sn is not None else P.TMF_RESP_NO_TASK
         self.out(P.TaskMgmtResponse(t.itt, resp, self._next_stat_sn(), exp, mx), b"")
 
-    def task_mgmt_fn_done(self, itt: int, fn: int, response: int, aborted: list[Task]) -> None:
+    def task_mgmt_fn_done(self, itt: int, fn: int, response: int, aborted: list[Task],
+                          info: bytes = b"") -> None:
         self.session.tmfs -= 1
         for task in aborted:
             task.conn.session.itts.pop(task.itt, None)
             task.conn.release(task)
         exp, mx = self._sns()
         self.out(P.TaskMgmtResponse(itt, response if response <= 255 else P.TMF_RESP_REJECTED,
-                                    self._next_stat_sn(), exp, mx), b"")
+                                    self._next_stat_sn(), exp, mx, info), b"")
         if fn == P.TMF_TARGET_COLD_RESET and response == P.TMF_RESP_COMPLETE:
             self.close()   # a cold reset ends the connections (RFC 7143 11.5.1)
         # (an I_T NEXUS RESET leaves the session: the unit attention it sets is for it)
@@ -892,8 +897,8 @@ class Connection:
     def fail(self) -> None:
         """ERL 2: the connection died (not by a Logout that closes it): its tasks
         wait for a TASK REASSIGN on another connection until expire() (the
-        caller times Time2Wait + Time2Retain; an earlier failed connection of
-        the same CID keeps its own timer)."""
+        caller times Time2Wait + Time2Retain, and expires an earlier failed
+        connection of the same CID, which this one replaces here)."""
         self.failed = True
         self.session.failed[self.cid] = self
 
@@ -1035,8 +1040,8 @@ class Connection:
             response = 1  # CID not found
         elif lo.reason == 1 and lo.cid not in s.connections:
             response = 1  # CID not found
-        self.out(P.LogoutResponse(lo.itt, response, self._next_stat_sn(), exp, mx,
-                                  s.params.default_time2wait, s.params.default_time2retain), b"")
+        wait, retain = announced(s.params.default_time2wait, s.params.default_time2retain, s.max_retain)
+        self.out(P.LogoutResponse(lo.itt, response, self._next_stat_sn(), exp, mx, wait, retain), b"")
         if response == 0 and lo.reason == 2:
             # its tasks are prepared for a new allegiance (RFC 7143 11.14.1): it fails now
             target = s.connections.get(lo.cid)

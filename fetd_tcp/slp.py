@@ -9,9 +9,19 @@ attributes (iscsi-name, portal-group, transports, alias, auth-name, auth-cred).
 
 Anything malformed is dropped (`parse` raises SlpError, which `handle` turns
 into no answer; a unicast request that parses but asks for what we do not do
-gets an error code). What one request costs is bounded: a datagram is at most
-MAX_DATAGRAM bytes, a predicate at most MAX_DEPTH deep, and an answer at most
-REPLY_MTU bytes (the overflow flag says when URLs were left out).
+gets an error code). What one request costs is bounded, since anyone may send
+one: a datagram is at most MAX_DATAGRAM bytes; its predicate is parsed once,
+at most MAX_PREDICATE bytes, MAX_ITEMS comparisons and MAX_DEPTH deep, and
+tried on at most MAX_REQUEST_COST / items services (the services and their
+folded attributes are built once per change, not per request); an answer is
+at most REPLY_MTU bytes (the overflow flag says when URLs were left out).
+`ServiceAgent.work` counts what requests cost, for the driver's rate limit.
+
+What it tells: targets every initiator may log in to (no ACL: those SendTargets
+shows anyone), unless `auth` (config `slp_auth = true`) also lists targets with
+an ACL and says who may log in (auth-name, the ACL) and the CHAP user name
+(auth-cred). Directory agents: with `das` configured only those are accepted;
+else at most MAX_DAS discovered ones (a DAAdvert can come from anyone).
 """
 from __future__ import annotations
 
@@ -24,6 +34,10 @@ MULTICAST = "239.255.255.253"
 MAX_DATAGRAM = 8192     # what we read; a longer request is not answered
 REPLY_MTU = 1400        # an answer over UDP stays within this (RFC 2608 6.1)
 MAX_DEPTH = 16          # predicate nesting
+MAX_PREDICATE = 1024    # characters of predicate (RFC 4018's examples use ~200); longer: PARSE_ERROR
+MAX_ITEMS = 64          # comparisons in a predicate
+MAX_REQUEST_COST = 4096    # comparisons one request may cost in all (items x services tried): ~2 ms
+MAX_DAS = 4             # directory agents learnt from DAAdverts when none is configured
 LIFETIME = 10800        # seconds a URL is registered for with a directory agent (refreshed at half)
 SERVICE_TYPE = "service:iscsi:target"
 
@@ -164,44 +178,71 @@ Attrs = dict[str, list[str]]     # tag (lower case) -> values
 
 def matches(predicate: str, attrs: Attrs) -> bool:
     """Whether `attrs` satisfy an LDAPv3 search filter; raises SlpError when it does not parse."""
-    text = predicate.strip()
-    if not text:
-        return True
-    pos, result = _filter(text, 0, attrs, 0)
-    if text[pos:].strip():
-        raise SlpError("text after the predicate")
-    return result
+    return Predicate(predicate)(fold(attrs))
 
 
-def _filter(s: str, pos: int, attrs: Attrs, depth: int) -> tuple[int, bool]:
-    if depth > MAX_DEPTH:
-        raise SlpError("predicate nested too deep")
-    pos = _skip(s, pos)
-    if pos >= len(s) or s[pos] != "(":
-        raise SlpError("'(' expected in predicate")
-    pos = _skip(s, pos + 1)
-    if pos < len(s) and s[pos] in "&|":
-        op, pos = s[pos], pos + 1
-        results = []
-        while True:
-            pos = _skip(s, pos)
-            if pos < len(s) and s[pos] == ")":
-                break
-            pos, r = _filter(s, pos, attrs, depth + 1)
-            results.append(r)
-        if not results:
-            raise SlpError("empty filter list")
-        return pos + 1, all(results) if op == "&" else any(results)
-    if pos < len(s) and s[pos] == "!":
-        pos, r = _filter(s, pos + 1, attrs, depth + 1)
+def fold(attrs: Attrs) -> Attrs:
+    """Attribute values as predicates compare them (unescaped, blanks folded, lower case)."""
+    return {tag: [_fold(v) for v in values] for tag, values in attrs.items()}
+
+
+# a parsed filter: ("&" | "|", [nodes]), ("!", node), or (op, tag, operand): op "=", "~=",
+# ">=", "<=" with the folded value, "*" (present) with None, "glob" with the folded parts
+_Node = tuple
+
+
+class Predicate:
+    """An LDAPv3 search filter (RFC 2254 as RFC 2608 8.1 uses it), parsed once
+    per request and then tried on each service's folded attributes: a request
+    costs `items` comparisons per service, not a parse per service. Raises
+    SlpError when it does not parse or is over MAX_PREDICATE / MAX_ITEMS."""
+
+    def __init__(self, text: str) -> None:
+        text = text.strip()
+        if len(text) > MAX_PREDICATE:
+            raise SlpError("predicate too long")
+        self.items = 0
+        self.root: _Node | None = None
+        if text:
+            pos, self.root = self._filter(text, 0, 0)
+            if text[pos:].strip():
+                raise SlpError("text after the predicate")
+
+    def __call__(self, folded: Attrs) -> bool:
+        return True if self.root is None else _eval(self.root, folded)
+
+    def _filter(self, s: str, pos: int, depth: int) -> tuple[int, _Node]:
+        if depth > MAX_DEPTH:
+            raise SlpError("predicate nested too deep")
         pos = _skip(s, pos)
-        if pos >= len(s) or s[pos] != ")":
-            raise SlpError("')' expected after a negation")
-        return pos + 1, not r
-    end = s.find(")", pos)
-    if end < 0:
-        raise SlpError("')' missing")
-    return end + 1, _item(s[pos:end], attrs)
+        if pos >= len(s) or s[pos] != "(":
+            raise SlpError("'(' expected in predicate")
+        pos = _skip(s, pos + 1)
+        if pos < len(s) and s[pos] in "&|":
+            op, pos = s[pos], pos + 1
+            children = []
+            while True:
+                pos = _skip(s, pos)
+                if pos < len(s) and s[pos] == ")":
+                    break
+                pos, child = self._filter(s, pos, depth + 1)
+                children.append(child)
+            if not children:
+                raise SlpError("empty filter list")
+            return pos + 1, (op, children)
+        if pos < len(s) and s[pos] == "!":
+            pos, child = self._filter(s, pos + 1, depth + 1)
+            pos = _skip(s, pos)
+            if pos >= len(s) or s[pos] != ")":
+                raise SlpError("')' expected after a negation")
+            return pos + 1, ("!", child)
+        end = s.find(")", pos)
+        if end < 0:
+            raise SlpError("')' missing")
+        self.items += 1
+        if self.items > MAX_ITEMS:
+            raise SlpError("too many comparisons in the predicate")
+        return end + 1, _item(s[pos:end])
 
 
 def _skip(s: str, pos: int) -> int:
@@ -214,7 +255,7 @@ def _fold(v: str) -> str:
     return " ".join(unescape(v).split()).lower()
 
 
-def _item(item: str, attrs: Attrs) -> bool:
+def _item(item: str) -> _Node:
     for op in ("~=", ">=", "<=", "="):
         at = item.find(op)
         if at > 0:
@@ -222,21 +263,32 @@ def _item(item: str, attrs: Attrs) -> bool:
     else:
         raise SlpError("no operator in a predicate item")
     tag, want = _fold(item[:at]), item[at + len(op):]
-    values = attrs.get(tag)
+    if op == "=" and want.strip() == "*":
+        return ("*", tag, None)
+    if op == "=" and "*" in want:
+        return ("glob", tag, [_fold(p) for p in want.split("*")])
+    return (op, tag, _fold(want))
+
+
+def _eval(node: _Node, attrs: Attrs) -> bool:
+    op = node[0]
+    if op == "&":
+        return all(_eval(c, attrs) for c in node[1])
+    if op == "|":
+        return any(_eval(c, attrs) for c in node[1])
+    if op == "!":
+        return not _eval(node[1], attrs)
+    values = attrs.get(node[1])
     if values is None:
         return False
-    if op == "=" and want.strip() == "*":
+    w = node[2]
+    if op == "*":
         return True
-    if op == "=" and "*" in want:
-        parts = [_fold(p) for p in want.split("*")]
-        return any(_glob(parts, _fold(v)) for v in values)
-    w = _fold(want)
-    for v in values:
-        fv = _fold(v)
-        if op in ("=", "~="):
-            if fv == w:
-                return True
-            continue
+    if op == "glob":
+        return any(_glob(w, v) for v in values)
+    if op in ("=", "~="):
+        return w in values
+    for fv in values:
         a, b = (int(fv), int(w)) if fv.lstrip("-").isdigit() and w.lstrip("-").isdigit() else (fv, w)
         if (op == ">=" and a >= b) or (op == "<=" and a <= b):   # type: ignore[operator]
             return True
@@ -270,6 +322,7 @@ class Target:
 class Service:
     url: str
     attrs: Attrs = field(hash=False)
+    folded: Attrs = field(hash=False, compare=False, default_factory=dict)   # for predicates
 
     def attr_list(self, tags: Iterable[str] = ()) -> str:
         wanted = [t.strip().lower() for t in tags if t.strip()]
@@ -291,41 +344,67 @@ def _hostport(host: str, port: int) -> str:
 
 class ServiceAgent:
     """The SA's state: scopes, targets and portals (set again whenever they
-    change), and the directory agents it registers with."""
+    change), and the directory agents it registers with. `auth`: also list
+    targets with an ACL, and say who may log in; `das`: the only directory
+    agent hosts accepted (none: up to MAX_DAS that announce themselves)."""
 
-    def __init__(self, scopes: list[str], boot: int = 0) -> None:
+    SERVICE_CACHE = 16     # local addresses whose service lists are kept (ours: few)
+
+    def __init__(self, scopes: list[str], boot: int = 0, auth: bool = False, das: Iterable[str] = ()) -> None:
         self.scopes = [s.lower() for s in scopes] or ["default"]
         self.scope_text = ",".join(scopes) or "DEFAULT"
+        self.auth = auth
+        self.allowed_das = frozenset(das)
         self.targets: tuple[Target, ...] = ()
         self.portals: tuple[tuple[str, int, int], ...] = ()   # (host, port, tpgt)
         self.das: dict[str, int] = {}    # directory agent host -> its boot timestamp
         self.xids: Callable[[], int] = iter(range(1, 1 << 62)).__next__
         self.boot = boot
+        self.work = 0                    # what requests cost so far: comparisons and services looked at
+        self._services: dict[str, list[Service]] = {}    # local address -> its services
+        self._merged: dict[str, Attrs] = {}              # local address -> every service's attributes
 
     def update(self, targets: Iterable[Target], portals: Iterable[tuple[str, int, int]]) -> None:
         self.targets = tuple(targets)
         self.portals = tuple(portals)
+        self._services.clear()
+        self._merged.clear()
 
     def services(self, local_host: str) -> list[Service]:
         """One URL per target and portal; a wildcard-bound portal is named by the
-        address the asker reached us on (`local_host`)."""
+        address the asker reached us on (`local_host`). Built once per change."""
+        out = self._services.get(local_host)
+        if out is None:
+            if len(self._services) >= self.SERVICE_CACHE:
+                self._services.clear()
+            out = self._services[local_host] = self._build(local_host)
+        return out
+
+    def _build(self, local_host: str) -> list[Service]:
+        self.work += len(self.targets) * max(1, len(self.portals))   # once per change, unless thrashed
         out = []
         for t in self.targets:
+            if t.acl and not self.auth:
+                continue     # SendTargets shows it only to its ACL: SLP knows no initiator
             attrs: Attrs = {"iscsi-name": [t.name], "transports": ["tcp"]}
             if t.alias:
                 attrs["alias"] = [t.alias]
             attrs["auth-name"] = list(t.acl) or ["any"]
-            attrs["auth-cred"] = [f"chap/{t.chap_user}"] if t.chap_user else ["any"]
+            if not t.chap_user:
+                attrs["auth-cred"] = ["any"]
+            elif self.auth:
+                attrs["auth-cred"] = [f"chap/{t.chap_user}"]
             for host, port, tpgt in self.portals:
                 host = local_host if host in _WILDCARDS else host
-                out.append(Service(f"{SERVICE_TYPE}://{_hostport(host, port)}/{t.name}",
-                                   {**attrs, "portal-group": [str(tpgt)]}))
+                full = {**attrs, "portal-group": [str(tpgt)]}
+                out.append(Service(f"{SERVICE_TYPE}://{_hostport(host, port)}/{t.name}", full, fold(full)))
         return out
 
     # -- answers
     def handle(self, data: bytes, local_host: str, multicast: bool) -> bytes | None:
         """The answer to one datagram (None: nothing to say, e.g. a multicast
         request that is not for us, or anything malformed)."""
+        self.work += 1
         try:
             header, fields = parse(data)
         except SlpError:
@@ -370,37 +449,40 @@ class ServiceAgent:
             return _message(SA_ADVERT, header.xid, body, lang=header.lang or "en")
         if stype not in (SERVICE_TYPE, "service:iscsi"):
             return None if multicast else _message(SRV_RPLY, header.xid, b"\0\0\0\0", lang=header.lang)
-        found = [s for s in self.services(local_host) if matches(fields[3], s.attrs)]
-        if multicast and not found:
-            return None
-        return self._fit(SRV_RPLY, header, [_url_entry(s.url, LIFETIME) for s in found])
-
-    def _fit(self, function: int, header: Header, entries: list[bytes]) -> bytes:
-        """A reply with the entries that fit in REPLY_MTU; OVERFLOW set if some did not."""
+        predicate = Predicate(fields[3])
+        cost = max(1, predicate.items)
         room = REPLY_MTU - _HDR.size - len(header.lang or "en") - 4
-        body, n = b"", 0
-        for e in entries:
-            if len(body) + len(e) > room:
+        entries, size, overflow = [], 0, False
+        services = self.services(local_host)
+        for n, s in enumerate(services):
+            if (n + 1) * cost > MAX_REQUEST_COST:
+                overflow = True   # the rest is not looked at: this request has cost enough
                 break
-            body += e
-            n += 1
-        flags = OVERFLOW if n < len(entries) else 0
-        return _message(function, header.xid, b"\0\0" + _U16.pack(n) + body, flags, header.lang or "en")
+            self.work += cost
+            if predicate(s.folded):
+                e = _url_entry(s.url, LIFETIME)
+                if size + len(e) > room:
+                    overflow = True
+                    break
+                entries.append(e)
+                size += len(e)
+        if multicast and not entries:
+            return None
+        body = b"\0\0" + _U16.pack(len(entries)) + b"".join(entries)
+        return _message(SRV_RPLY, header.xid, body, OVERFLOW if overflow else 0, header.lang or "en")
 
     def _attr_rply(self, header: Header, fields: list, local_host: str, multicast: bool) -> bytes | None:
-        url, tags = fields[1].strip(), fields[3].split(",")
+        url, tags = fields[1].strip().lower(), fields[3].split(",")[:MAX_ITEMS]
         services = self.services(local_host)
-        if url.lower() in (SERVICE_TYPE, "service:iscsi"):
-            chosen = services
+        self.work += len(services)
+        if url in (SERVICE_TYPE, "service:iscsi"):
+            merged = self._merged.get(local_host)
+            if merged is None:
+                merged = self._merged[local_host] = _merge(services)
         else:
-            chosen = [s for s in services if s.url.lower() == url.lower()]
-        if not chosen:
+            merged = _merge([s for s in services if s.url.lower() == url])
+        if not merged:
             return None if multicast else _message(ATTR_RPLY, header.xid, b"\0\0\0\0\0", lang=header.lang)
-        merged: Attrs = {}
-        for s in chosen:
-            for tag, values in s.attrs.items():
-                have = merged.setdefault(tag, [])
-                have += [v for v in values if v not in have]
         text = Service("", merged).attr_list(tags).encode("utf-8")
         flags = 0
         if len(text) > REPLY_MTU - 64:
@@ -412,15 +494,17 @@ class ServiceAgent:
         authority = fields[1]
         if authority not in (None, ""):   # IANA's (empty) or all (None) name ours
             return None if multicast else _message(SRV_TYPE_RPLY, header.xid, b"\0\0\0\0", lang=header.lang)
-        if not self.targets:
+        if not self.services("0.0.0.0"):
             return None if multicast else _message(SRV_TYPE_RPLY, header.xid, b"\0\0\0\0", lang=header.lang)
         return _message(SRV_TYPE_RPLY, header.xid, b"\0\0" + _string(SERVICE_TYPE), lang=header.lang or "en")
 
     # -- directory agents
     def da_advert(self, data: bytes, da_host: str) -> bool:
-        """A DAAdvert from `da_host`: True when it is a DA of one of our scopes that
-        is new or rebooted (register everything with it now). A DA going down
-        (boot timestamp 0) is forgotten."""
+        """A DAAdvert from `da_host`: True when it is a DA we accept, of one of our
+        scopes, that is new or rebooted (register everything with it now). A DA
+        going down (boot timestamp 0) is forgotten."""
+        if self.allowed_das and da_host not in self.allowed_das:
+            return False      # only the configured ones: anyone can send a DAAdvert
         try:
             header, fields = parse(data)
         except SlpError:
@@ -433,6 +517,8 @@ class ServiceAgent:
             return False
         theirs = {s.strip().lower() for s in scopes.split(",") if s.strip()}
         if not theirs & set(self.scopes):
+            return False
+        if da_host not in self.das and not self.allowed_das and len(self.das) >= MAX_DAS:
             return False
         new = self.das.get(da_host) != boot
         self.das[da_host] = boot
@@ -451,3 +537,12 @@ class ServiceAgent:
         """A multicast SrvRqst for directory agents (active discovery, RFC 2608 12.2.1)."""
         body = _string("") + _string("service:directory-agent") + _string(self.scope_text) + _string("") + _string("")
         return _message(SRV_RQST, self.xids() & 0xFFFF, body, MCAST)
+
+
+def _merge(services: list[Service]) -> Attrs:
+    """Every value of every tag of `services`, each once, in order."""
+    merged: dict[str, dict[str, None]] = {}
+    for s in services:
+        for tag, values in s.attrs.items():
+            merged.setdefault(tag, {}).update(dict.fromkeys(values))
+    return {tag: list(values) for tag, values in merged.items()}

@@ -94,6 +94,8 @@ def vhost_specs(config: Any, flags: tuple[str, ...]) -> list[VhostSpec]:
     for s in specs:
         if s.target is not None and s.target not in names:
             raise ValueError(f"vhost socket {s.socket}: no target {s.target}")
+        if not names:
+            raise ValueError(f"vhost socket {s.socket}: the configuration has no target to serve")
     if len({s.socket for s in specs}) != len(specs):
         raise ValueError("vhost: a socket path is used twice")
     return specs

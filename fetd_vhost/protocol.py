@@ -320,8 +320,12 @@ class Session:
 
     def _set_vring_num(self, msg: Message) -> None:
         ring, num = self._state(msg)
-        if ring.started:
+        if ring.started or ring.index in self.stopping:
             raise _Refused(f"ring {ring.index} resized while running")
+        if num != ring.num:
+            # the ring's views were cut for the old size: until SET_VRING_ADDR
+            # (or a memory table) attaches it again, it is not ready
+            ring.detach()
         ring.num = num
         return None
 

@@ -218,11 +218,13 @@ class VirtioScsiDevice:
         self.by_guest_tag: dict[tuple[int, int], int] = {}
         self.events_missed = False
         self.to_signal: set[int] = set()
+        self.to_process: set[int] = set()   # rings to look at again (see process)
         # the contract's tags are unique in the front end, not per VM: a late answer
         # for a VM that left must not match a request of the next one
         self._tags = tags if tags is not None else itertools.count(1)
         self._stop_waiters: dict[int, Callable[[], None]] = {}
         self._in_flight: dict[int, int] = {}   # ring index -> requests taken and not answered
+        self._held: set[int] = set()           # rings not taken from: a ring's worth in flight
         self._on_error = on_error or (lambda msg: log.warning("%s", msg))
 
     # ---------------------------------------------------------------- rings
@@ -231,7 +233,14 @@ class VirtioScsiDevice:
         self.param_change = bool(features >> 2 & 1)
 
     def process(self, ring: Virtqueue) -> None:
-        """Take what the driver made available on one ring (at most a ring's worth)."""
+        """Take what the driver made available on one ring, bounded whatever
+        the guest does: at most a ring's worth of chains per call, and no new
+        request while a ring's worth of them is in flight (a driver never has
+        more: each holds a head; a guest posting one head again and again
+        would otherwise grow `requests` and the STML link's queue without
+        end). Stopped early, the ring goes into `to_process`: the caller
+        looks again once other work had its turn (and an answer that frees a
+        place puts a held ring there too)."""
         if ring.index == EVENT_Q:
             if self.events_missed and ring.ready:
                 self._deliver_event(Event.NO_EVENT, bytes(8), 0)
@@ -239,7 +248,12 @@ class VirtioScsiDevice:
         if not self.online or ring.index in self._stop_waiters:
             return
         handle = self._control if ring.index == CONTROL_Q else self._command
-        while ring.ready:
+        for _ in range(ring.num):
+            if not ring.ready:
+                return
+            if self._in_flight.get(ring.index, 0) >= ring.num:
+                self._held.add(ring.index)
+                return
             try:
                 chain = ring.pop()
                 if chain is None:
@@ -254,10 +268,14 @@ class VirtioScsiDevice:
                 self._on_error(f"{e}: the queue stops until the guest resets the device")
                 return
             handle(ring, chain)
+        if ring.has_work():
+            self.to_process.add(ring.index)
 
-    def process_all(self) -> None:
-        for ring in self.rings:
-            self.process(ring)
+    def take_to_process(self) -> list[Virtqueue]:
+        """Rings to look at again (process stopped early, or a held ring has room)."""
+        rings = [self.rings[i] for i in sorted(self.to_process) if i < len(self.rings)]
+        self.to_process.clear()
+        return rings
 
     def ring_stopping(self, ring: Virtqueue, done: Callable[[], None]) -> None:
         if self._in_flight.get(ring.index, 0) == 0:
@@ -284,6 +302,9 @@ class VirtioScsiDevice:
             ring.push(head, written)
             self.to_signal.add(ring.index)
         left = self._in_flight[ring.index] = self._in_flight.get(ring.index, 1) - 1
+        if ring.index in self._held:
+            self._held.discard(ring.index)
+            self.to_process.add(ring.index)
         if left == 0 and ring.index in self._stop_waiters:
             ring.stopping = False
             self._stop_waiters.pop(ring.index)()

@@ -82,6 +82,7 @@ class Connection:
         self.device.rings = self.session.rings
         self.watched: dict[int, int] = {}        # ring index -> kick fd we read
         self.closed = False
+        self._scheduled: set[int] = set()        # rings a _process call is queued for
         self.rescan = False          # the guest was let in: tell it to scan once the nexus is ready
         sock.setblocking(False)
         self.loop.add_reader(sock.fileno(), self._readable)
@@ -143,7 +144,7 @@ class Connection:
                 self.loop.add_reader(ring.kick_fd, self._kicked, ring)
                 self.watched[ring.index] = ring.kick_fd
         # a kick may have come before the ring was enabled: look now, not only on kicks
-        self.loop.call_soon(self._process, ring)
+        self._schedule(ring)
 
     def ring_stopping(self, ring: Virtqueue, done: Callable[[], None]) -> None:
         self._unwatch(ring.index)
@@ -164,11 +165,33 @@ class Connection:
         self._process(ring)
 
     def _process(self, ring: Virtqueue) -> None:
-        if not self.closed:
+        self._process_rings([ring])
+
+    def _process_rings(self, rings: list[Virtqueue]) -> None:
+        if self.closed:
+            return
+        for ring in rings:
             self.device.process(ring)
-            # the commands a kick brought leave now, not at the end of the loop iteration
-            self.fe.link.flush()
-            self.fe.schedule_signals()
+        self.resume()
+        # the commands a kick brought leave now, not at the end of the loop iteration
+        self.fe.link.flush()
+        self.fe.schedule_signals()
+
+    def resume(self) -> None:
+        """Rings the device stopped taking from (a ring's worth per call, or
+        full of requests in flight until answers freed a place) are looked at
+        again on a later turn of the loop, after the other work in it."""
+        for ring in self.device.take_to_process():
+            self._schedule(ring)
+
+    def _schedule(self, ring: Virtqueue) -> None:
+        if ring.index not in self._scheduled:
+            self._scheduled.add(ring.index)
+            self.loop.call_soon(self._scheduled_process, ring)
+
+    def _scheduled_process(self, ring: Virtqueue) -> None:
+        self._scheduled.discard(ring.index)
+        self._process(ring)
 
     def signal(self) -> None:
         for ring in self.device.take_signals():
@@ -180,8 +203,7 @@ class Connection:
     def set_online(self, online: bool) -> None:
         was, self.device.online = self.device.online, online
         if online and not was:
-            self.device.process_all()
-            self.fe.schedule_signals()
+            self._process_rings(self.device.rings)
 
     def close(self) -> None:
         if self.closed:
@@ -319,6 +341,7 @@ class VhostFrontEnd:
     def signal_now(self) -> None:
         self._signals_scheduled = False
         if self.conn is not None:
+            self.conn.resume()     # answers may have freed places in a held ring
             self.conn.signal()
 
     # ---------------------------------------------------------------- STML -> us
@@ -366,7 +389,7 @@ class VhostFrontEnd:
         # the read data is in guest memory now (or nobody wants it): the STML's again
         self.link.scsi_target_done([tag])
 
-    def task_mgmt_fn_done(self, tag: int, response: int, aborted: list[int]) -> None:
+    def task_mgmt_fn_done(self, tag: int, response: int, aborted: list[int], info: bytes = b"") -> None:
         if self.conn is not None:
             self.conn.device.task_mgmt_fn_done(tag, response, aborted)
             self.schedule_signals()

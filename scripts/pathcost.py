@@ -130,7 +130,8 @@ async def stml_path(count: int, size: int, write: bool = False, traced: bool = F
 async def fetd_path(count: int, size: int) -> float:
     from fetd_tcp import pdu as P
     from fetd_tcp.keys import ConnectionParams, SessionParams
-    from fetd_tcp.server import ConnectionProtocol, IscsiFrontEnd
+    from fetd_tcp.server import IscsiFrontEnd
+    from fetd_tcp.wire import ConnectionProtocol
     from fetd_tcp.session import Connection, Session
     fe = IscsiFrontEnd("ipc:///nonexistent/pathcost", [])
     to_stml: list = []

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections.abc
+import errno
 import functools
 import logging
 import time
@@ -31,8 +32,9 @@ from stml.disk import DiskTemplate, OpEntry, standard_inquiry, trim_views
 from stml.lu import LogicalUnit
 from stml.sense import (
     ABORTED_COMMAND, CHECK_CONDITION, GOOD, HARDWARE_ERROR, ILLEGAL_REQUEST,
-    INTERNAL_TARGET_FAILURE, INVALID_FIELD_IN_CDB, LOGICAL_UNIT_NOT_SUPPORTED, MEDIUM_ERROR,
-    POWER_ON_RESET, UNIT_ATTENTION, UNRECOVERED_READ_ERROR,
+    INTERNAL_TARGET_FAILURE, INVALID_FIELD_IN_CDB, INVALID_FIELD_IN_COMMAND_IU,
+    LOGICAL_UNIT_NOT_SUPPORTED, MEDIUM_ERROR, NOT_READY, POWER_ON_RESET, UNIT_ATTENTION,
+    UNRECOVERED_READ_ERROR,
     WRITE_ERROR, DATA_PHASE_ERROR, BUSY, RESERVATION_CONFLICT, TASK_ABORTED, TASK_SET_FULL,
     CheckCondition, StatusError, build_sense,
 )
@@ -42,6 +44,7 @@ log = logging.getLogger("stml")
 _READ, _WRITE = int(DataDir.READ), int(DataDir.WRITE)   # plain ints: IntFlag operators are slow
 
 _COUNT_FIELDS = ("lun", "attr", "dir", "len", "unsol")   # rx_cmnd fields: non-negative ints
+_MAX_ATTR = max(TaskAttr)   # and attr a TaskAttr: the task set policies know no other
 _REGISTER = Op.REGISTER.value   # plain str: an enum member costs an attribute hook per message
 
 BUS_DEVICE_RESET = (0x29, 0x03)
@@ -52,6 +55,12 @@ INVALID_MESSAGE_ERROR = (0x49, 0x00)
 # UA_INTLCK_CTRL 11b: the status a command ended with becomes a unit attention
 PREVIOUS_STATUS_UA = {BUSY: (0x2C, 0x07), TASK_SET_FULL: (0x2C, 0x08),
                       RESERVATION_CONFLICT: (0x2C, 0x09)}
+# backend failures that are no fault of the medium, by errno: the storage is
+# out of this path's reach for now (ESHUTDOWN: an RBD gateway fenced, another
+# serves the LU; ETIMEDOUT: the cluster did not answer). NOT READY, ASYMMETRIC
+# ACCESS STATE TRANSITION: initiators retry, on another path (docs/decisions/0404)
+ALUA_TRANSITION = (0x04, 0x0A)
+PATH_ERRORS = {errno.ESHUTDOWN: (NOT_READY, ALUA_TRANSITION), errno.ETIMEDOUT: (NOT_READY, ALUA_TRANSITION)}
 
 
 @dataclass(eq=False)
@@ -466,8 +475,10 @@ class Emulator:
             self.out.nexus_ready(fe.ident, nexus.id,
                                  f"initiator or target name longer than {MAX_NAME_LEN} bytes")
             return
-        if nexus.target not in self.targets:
-            self.out.nexus_ready(fe.ident, nexus.id, f"no target {nexus.target}")
+        refused = self._nexus_refusal(nexus)
+        if refused:
+            log.warning("front end %s: nexus %d refused: %s", fe.name, nexus.id, refused)
+            self.out.nexus_ready(fe.ident, nexus.id, refused)
             return
         old = fe.nexuses.get(nexus.id)
         if old:
@@ -478,6 +489,19 @@ class Emulator:
         log.debug("nexus %d of %s: %s", nexus.id, fe.name, nexus.key)
         self._seen_tpgs.setdefault(nexus.target, set()).add(nexus.tpg)
         self.out.nexus_ready(fe.ident, nexus.id)
+
+    def _nexus_refusal(self, nexus: Nexus) -> str | None:
+        """Why the target does not take this initiator, or None. The front
+        ends check the ACL themselves (at login, before registering); this is
+        the check none of them can skip, a remote one included (0240)."""
+        t = self.targets.get(nexus.target)
+        if t is None:
+            return f"no target {nexus.target}"
+        acl = t.access.get("acl")
+        name = pr.name_key(nexus.initiator)   # the port's initiator name; names compare without case
+        if acl and all(a.lower() != name for a in acl):
+            return f"initiator {nexus.initiator} is not in the ACL of {t.name}"
+        return None
 
     def portal_groups(self, target: str) -> set[int]:
         """Target port groups (portal group tags) of a target, for ALUA."""
@@ -542,7 +566,7 @@ class Emulator:
         # ints (the contract's table checked); non-negative, in one test for the usual case
         lun, attr, direction, exp_len, unsol = (
             h["lun"], h.get("attr", 0), h.get("dir", 0), h.get("len", 0), h.get("unsol", 0))
-        if (lun | attr | direction | exp_len | unsol) < 0:
+        if (lun | attr | direction | exp_len | unsol) < 0 or attr > _MAX_ATTR:
             self._refuse_counts(fe, tag, h)
             return
         task = Task(self, fe, nexus, tag, lun, cdb, attr, direction, exp_len, unsol, frames)
@@ -554,12 +578,15 @@ class Emulator:
             task.runner.add_done_callback(functools.partial(self._runner_done, task))
 
     def _refuse_counts(self, fe: FrontEnd, tag: int, h: dict[str, Any]) -> None:
-        """The rx_cmnd field that is not a non-negative int, refused with its sense."""
+        """The rx_cmnd field that is not a non-negative int (attr: not a
+        TaskAttr), refused: a LUN as no such LU; any other is a field of the
+        command's transport information, not of the CDB the initiator wrote
+        (docs/decisions/0702)."""
         for key in _COUNT_FIELDS:
             value = h.get(key, 0)
-            if type(value) is not int or value < 0:
+            if type(value) is not int or value < 0 or (key == "attr" and value > _MAX_ATTR):
                 log.warning("front end %s: rx_cmnd %s=%r refused", fe.name, key, value)
-                asc = LOGICAL_UNIT_NOT_SUPPORTED if key == "lun" else INVALID_FIELD_IN_CDB
+                asc = LOGICAL_UNIT_NOT_SUPPORTED if key == "lun" else INVALID_FIELD_IN_COMMAND_IU
                 self.respond(fe, tag, CHECK_CONDITION, build_sense(ILLEGAL_REQUEST, asc), 0)
                 return
 
@@ -634,7 +661,8 @@ class Emulator:
         except (BackendError, OSError) as e:
             log.error("backend error on %s LUN %d: %s", task.nexus.target, task.lun, e)
             asc = UNRECOVERED_READ_ERROR if task.direction & _READ else WRITE_ERROR
-            status, sense = CHECK_CONDITION, build_sense(MEDIUM_ERROR, asc, descriptor)
+            key, asc = PATH_ERRORS.get(getattr(e, "errno", 0), (MEDIUM_ERROR, asc))
+            status, sense = CHECK_CONDITION, build_sense(key, asc, descriptor)
         except Exception:
             log.exception("internal error on CDB %s", task.cdb.hex())
             status = CHECK_CONDITION
@@ -851,7 +879,9 @@ class Emulator:
                                                              int(h.get("lun") or 0), h.get("ref"))
         mine = [t.tag for t in victims if t.nexus is nexus]
         if not runners and fanout is None:
-            self._tmf_done(fe, tag, response, mine)
+            info = self._qae_info(nexus, int(h.get("lun") or 0)) \
+                if h["fn"] == Tmf.QUERY_ASYNC_EVENT and response == TmfResponse.SUCCEEDED else b""
+            self._tmf_done(fe, tag, response, mine, info)
             return
 
         async def finish() -> None:
@@ -863,8 +893,19 @@ class Emulator:
         asyncio.get_running_loop().create_task(finish())
 
     def _tmf_done(self, fe: FrontEnd, tag: int, response: int,
-                  aborted: collections.abc.Iterable[int] = ()) -> None:
-        self.out.task_mgmt_fn_done(fe.ident, tag, response, list(aborted))
+                  aborted: collections.abc.Iterable[int] = (), info: bytes = b"") -> None:
+        self.out.task_mgmt_fn_done(fe.ident, tag, response, list(aborted), info)
+
+    def _qae_info(self, nexus: Nexus, lun: int) -> bytes:
+        """QUERY ASYNCHRONOUS EVENT's additional response information (SAM-5):
+        the UADE depth (1: one pending, 2: more) and the sense key, ASC and
+        ASCQ of the unit attention the nexus would be told next. It stays
+        pending: the query reports, it does not clear."""
+        lu = self.targets[nexus.target].luns[lun]
+        pending = lu.unit_attentions[nexus.key]
+        depth = 1 if len(pending) == 1 else 2
+        asc, ascq = pending[0]
+        return bytes([depth << 4 | UNIT_ATTENTION, asc, ascq])
 
     def _all_nexus_keys(self, target: str) -> list[str]:
         return list(self._target_keys.get(target, ()))

@@ -11,13 +11,21 @@ to the images (stml.pr with backends.rbd.PrStore) and starts to serve. A
 standby refuses front ends; every front end lists every gateway's STML and
 uses the one that serves (stml.api.FrontEndLink), so all paths reach one
 STML and SCSI state (reservations, unit attentions, task sets) is whole
-there. An active STML that finds itself fenced or without a lock stands
-down: its front ends are released, its images reopened with a fresh client.
-See docs/decisions/0400-rbd-gateways.md (and what a partition does).
+there. An active STML that finds itself fenced (on any call, on the loop or
+in a worker thread) or without a lock stands down: its front ends are
+released, its images reopened with a fresh client. A shared LU added to a
+running STML that is not a standby is served only once its lock and
+reservations are taken, as a takeover takes them; a standalone STML then
+becomes the active gateway. While another gateway holds the lock, a
+standalone STML with peers becomes its standby (its front ends go to the one
+that serves) and any other refuses the add.
+See docs/decisions/0400-rbd-gateways.md (and what a partition does) and 0403.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import logging
 import time
 from concurrent.futures import Executor
@@ -39,9 +47,11 @@ TRY_EVERY = 1.0    # seconds between a standby's attempts, and an active one's l
 
 
 class Gateway:
-    def __init__(self, emulator: Emulator, executor: Executor) -> None:
+    def __init__(self, emulator: Emulator, executor: Executor, grouped: bool = False) -> None:
         self.em = emulator
         self.executor = executor
+        # one of several gateways (`[stml] peers`): its front ends know the others' STMLs
+        self.grouped = grouped
         self.role = STANDALONE
         self.since = time.monotonic()
         self.takeovers = 0
@@ -78,8 +88,8 @@ class Gateway:
         shared = set(self.shared())
         self._sizes = {other: n for other, n in self._sizes.items() if other in shared}   # LUNs removed
         self._sizes[lu] = backend.size()
-        backend.on_change = lambda: loop.call_soon_threadsafe(self._changed, lu)
-        backend.on_fenced = lambda: self.step_down(f"fenced on image {backend.spec}")
+        backend.on_change = lambda: _tell(loop, self._changed, lu)
+        backend.on_fenced = lambda: _tell(loop, self.step_down, f"fenced on image {backend.spec}")
 
     def _set(self, role: str, why: str | None = None) -> None:
         self.role = role
@@ -191,39 +201,64 @@ class Gateway:
 
     def step_down(self, why: str) -> None:
         """Stop serving at once: front ends go (they find the gateway that
-        serves), commands in flight fail, the locks are let go."""
+        serves) and their tasks are aborted, the locks are let go. Calls librbd
+        has end as librbd ends them (a fenced client's are refused by the
+        OSDs), not before: their buffers are librbd's until then."""
         if self.role != ACTIVE:
             return
         log.error("gateway: %s: standing down", why)
+        self._stand_by(why)
+        self._let_go = True
+
+    def _stand_by(self, why: str) -> None:
+        """Serve nothing from now on: every front end is released (and goes
+        to the gateway that serves); the loop tries to take over."""
         print(f"stml: gateway standby ({why})", flush=True)
         self._set(STANDBY, f"a standby gateway ({why})")
+        self.em.local_tpgs = set(self.em.configured_tpgs)
         for fe in list(self.em.front_ends.values()):
             self.em.out.release(fe.ident, why)
             self.em.release_front_end(fe, why)
-        for lu in self.shared():
-            lu.backend.aio.detach()   # on the loop: what is pending fails now
-        self._let_go = True
         self._wake.set()
 
     async def adopt(self, lu: LogicalUnit) -> None:
-        """A shared LU added while running: an active STML takes its lock and
-        reservations first (BackendError when another gateway holds it)."""
+        """A shared LU added while running: its lock and reservations are
+        taken before it is served. A standalone STML, whose front ends stay,
+        becomes the active gateway; a standby takes it over with the rest.
+        While another gateway holds the lock (EBUSY), a standalone STML with
+        peers becomes its standby; otherwise the add is refused (BackendError):
+        nothing is served without its lock and reservations."""
         self.watch(lu)
-        if self.role == STANDALONE:
-            self._set(STANDBY, "a standby gateway: taking over the images' locks")
-            self.em.local_tpgs = set(self.em.configured_tpgs)
-            self._wake.set()
-            return
-        if self.role != ACTIVE:
+        if self.role == STANDBY:
             return
         backend: Any = lu.backend
-        await self._call(backend.lock_acquire)
-        store = backend.pr_store()
         try:
-            pr.state(lu).restore(store, await self._call(store.read))
-        except (OSError, pr.PrStoreError) as e:
-            await self._call(backend.lock_release)
-            raise BackendError(str(e)) from None
+            try:
+                await self._call(backend.lock_acquire)
+            except BackendError as e:
+                if self.grouped and self.role == STANDALONE and getattr(e, "errno", None) == errno.EBUSY:
+                    self._stand_by(f"another gateway holds the lock of image {backend.spec}")
+                    return
+                raise
+            store = backend.pr_store()
+            try:
+                pr.state(lu).restore(store, await self._call(store.read))
+            except (OSError, pr.PrStoreError) as e:
+                await self._call(backend.lock_release)
+                raise BackendError(str(e)) from None
+        except BackendError:
+            self._sizes.pop(lu, None)
+            raise
+        if self.role == STANDBY:   # stood down meanwhile: the LU goes with the rest at the next takeover
+            await self._call(self._release_all, [lu])
+        elif self.role == STANDALONE:
+            self.em.local_tpgs = set(self.em.configured_tpgs)
+            self.takeovers += 1
+            self._set(ACTIVE)
+            regs = len(pr.state(lu).regs)
+            log.info("gateway: active, holding the lock of image %s, %d registration(s)", backend.spec, regs)
+            print(f"stml: gateway active (1 image(s), {regs} registration(s))", flush=True)
+            self._wake.set()
 
     # ------------------------------------------------------------ changes
     def _changed(self, lu: LogicalUnit) -> None:
@@ -263,3 +298,10 @@ class Gateway:
                            "fenced": backend.fenced})
         return {"role": self.role, "for_s": round(time.monotonic() - self.since, 1),
                 "takeovers": self.takeovers, "images": images}
+
+
+def _tell(loop: asyncio.AbstractEventLoop, fn: Any, *args: Any) -> None:
+    """fn(*args) on the loop, from any thread (librbd's, a worker's, the loop's
+    own); nothing once the loop is closed (the STML is gone)."""
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(fn, *args)

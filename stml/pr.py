@@ -19,10 +19,15 @@ state_path; write, fsync, rename, fsync of the directory), removed with the LU;
 a store shared by several STMLs (`always`, e.g. an RBD image's metadata) takes
 every change, APTPL or not, so that another STML can take over with it. A file that
 cannot be read back refuses the start with a one-line error. The writes run
-in a thread of their own, one per LU at a time, each covering every change
-made before it began: a PERSISTENT RESERVE OUT answers GOOD once a write
-that covers it is on disk, and a burst of them costs a few writes, not one
-each, and no fsync on the event loop.
+in a thread of their own (one for files, one for shared stores: a hung
+cluster does not hold up files), one per LU at a time, each covering every
+change made before it began: a PERSISTENT RESERVE OUT answers GOOD once a
+write that covers it is on disk, and only then applies its unit attentions
+and aborts; a burst of them costs a few writes, not one each, and no fsync
+on the event loop. A write that fails puts the state back as it was before
+the changes it covered (and any made since), and each of those commands
+fails: what an initiator was told failed is not in force
+(docs/decisions/0405-failed-reservation-saves-roll-back.md).
 
 Costs: a parameter list is validated whole (lengths, names, the count
 against MAX_REGISTRATIONS) before anything changes, in time linear in its
@@ -222,6 +227,8 @@ class PrState:
         self.stored = False                   # the store holds a document
         self._writer: asyncio.Task | None = None
         self._waiters: list[tuple[int, asyncio.Future]] = []
+        # the state before the changes not yet written (what a failed write restores)
+        self._base: dict[str, Any] | None = None
 
     # ---------------------------------------------------------------- queries
     def _changed(self) -> None:
@@ -598,12 +605,26 @@ class PrState:
         """The LU is removed: its APTPL file goes (once a write in progress is
         done), and nothing writes one again. A shared store (an RBD image's
         metadata) keeps its state: the image, and its reservations, outlive
-        this STML's LU."""
+        this STML's LU; the changes waiting for a write are still written (or
+        fail), so no command waits for ever."""
         store = self.store
         if store is not None and not store.always:
+            self.checkpoint(False)
             self.aptpl = False
             await self.persisted()
+        elif self._writer is not None:
+            await asyncio.wait([self._writer])   # not cancelled should this wait be
         self.store = None
+
+    def checkpoint(self, aptpl: bool) -> None:
+        """Before a change that will be written (`aptpl`: the command asks for
+        APTPL): keep the state to put back should its write fail. Taken only
+        when every change before is written; else the last write's is the one."""
+        store = self.store
+        if store is None or self.written < self.changes or self._writer is not None:
+            return
+        if store.always or self.aptpl or self.stored or aptpl:
+            self._base = self.to_json()
 
     async def persisted(self) -> None:
         """Return once the state as it is now is on disk: when APTPL asks for
@@ -627,15 +648,20 @@ class PrState:
             while self.written < self.changes:
                 upto = self.changes
                 store = self.store
-                assert store is not None   # persisted() starts a writer only with a store
+                assert store is not None   # persisted() starts a writer, and forget() waits for it
                 # taken here: the loop owns the state
-                doc = self.to_json() if self.aptpl or store.always else None
+                state = self.to_json()
+                doc = state if self.aptpl or store.always else None
                 error: OSError | None = None
                 try:
-                    self.stored = await loop.run_in_executor(_saver(), store.write, doc)
+                    self.stored = await loop.run_in_executor(_saver(store.always), store.write, doc)
                     self.saves += 1
+                    self._base = state
                 except OSError as e:
                     error = e
+                    upto = self.changes   # every change since the one restored goes: they all fail
+                    if self._base is not None:
+                        self.load_json(self._base)
                 self.written = upto
                 still = []
                 for n, fut in self._waiters:
@@ -651,16 +677,17 @@ class PrState:
             self._writer = None
 
 
-_SAVER: ThreadPoolExecutor | None = None
+_SAVERS: dict[bool, ThreadPoolExecutor] = {}
 
 
-def _saver() -> ThreadPoolExecutor:
-    """The thread APTPL files are written in: not the backends' pool, where a
-    save would wait behind (and hold up) medium I/O."""
-    global _SAVER
-    if _SAVER is None:
-        _SAVER = ThreadPoolExecutor(1, thread_name_prefix="pr-save")
-    return _SAVER
+def _saver(shared: bool) -> ThreadPoolExecutor:
+    """The thread reservations are written in: not the backends' pool, where a
+    save would wait behind (and hold up) medium I/O; shared stores (a cluster)
+    have their own, so a cluster that hangs does not hold up APTPL files."""
+    pool = _SAVERS.get(shared)
+    if pool is None:
+        pool = _SAVERS[shared] = ThreadPoolExecutor(1, thread_name_prefix="pr-save-shared" if shared else "pr-save")
+    return pool
 
 
 def _write_state(path: Path, doc: dict[str, Any] | None) -> bool:
@@ -862,9 +889,10 @@ async def prout(task: Task) -> None:
     st = state(lu)
     if sa in (REGISTER, REGISTER_IGNORE, REGISTER_AND_MOVE) and params.aptpl and st.store is None:
         raise invalid_param(20 if sa != REGISTER_AND_MOVE else 17, 0)   # nowhere to persist
+    st.checkpoint(params.aptpl)
     effects = st.prout(task.nexus, sa, scope, rtype, params)
+    await st.persisted()   # on disk first (APTPL): a failed write puts the state back, with no effects
     await task.emulator.apply_pr_effects(task, effects)
-    await st.persisted()   # GOOD only once the change is on disk (APTPL)
 
 
 def _prin_entry(sa: int, name: str) -> OpEntry:

@@ -49,6 +49,8 @@ class FifoTaskSet:
 
     def __init__(self) -> None:
         self.tasks: dict[int, Task] = {}   # insertion order = arrival order
+        # tasks that are not SIMPLE: every policy counts them so, as _may_run and
+        # the fair policy's barrier see them (a count that disagrees wedges the LU)
         self._ordered = 0
         self._waiters: list[tuple[Task, asyncio.Future]] = []
         self._seq = 0
@@ -57,13 +59,13 @@ class FifoTaskSet:
         self._seq += 1
         task.seq = self._seq
         self.tasks[task.seq] = task
-        if task.attr in (TaskAttr.ORDERED, TaskAttr.HEAD_OF_QUEUE):
+        if task.attr != _SIMPLE:
             self._ordered += 1
 
     def remove(self, task: Task) -> None:
         if self.tasks.pop(task.seq, None) is None:
             return
-        if task.attr in (TaskAttr.ORDERED, TaskAttr.HEAD_OF_QUEUE):
+        if task.attr != _SIMPLE:
             self._ordered -= 1
         if self._waiters:
             self._wake()

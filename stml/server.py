@@ -178,7 +178,8 @@ class StmlServer:
             self.emulator.targets[t.name] = t
         self.emulator.restore_reservations()   # APTPL state kept under the data dir
         from stml.gateway import Gateway
-        self.gateway = Gateway(self.emulator, self.executor)   # shared (RBD) storage: active or standby
+        # shared (RBD) storage: active or standby; `peers`: one of several gateways
+        self.gateway = Gateway(self.emulator, self.executor, grouped=bool(config.stml.peers))
         self.emulator.read_buffer = self._read_buffer
         self.emulator.carrier_caps = self._carrier_caps
         self._lock_fd: int | None = None

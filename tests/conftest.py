@@ -21,8 +21,41 @@ import pytest
 
 from fetd_loopback import LoopbackClient
 
+pytest_plugins = ["pytester"]   # tests/test_ci_rules.py runs pytest on the hooks below
+
 START_TIMEOUT = 15.0
 LISTENING = re.compile(r"stml: listening on (\S+)")
+# set by .ci/run: CI runs as root with every package of scripts/test-deps, so a
+# test that skips there did not check what it claims, and is a failure
+CI_VAR = "SCSI_TARGET_CI"
+
+
+def need_root(what: str) -> None:
+    """Skip unless we are root (a failure under CI, as every skip is)."""
+    if os.geteuid() != 0:
+        pytest.skip(f"{what}: needs root (the suite runs as root: docs/testing.md)")
+
+
+def _skip_is_failure(report: pytest.CollectReport | pytest.TestReport) -> None:
+    """Under CI (SCSI_TARGET_CI=1) a skip becomes a failure that says why it skipped."""
+    if report.skipped and not hasattr(report, "wasxfail") and os.environ.get(CI_VAR) == "1":
+        longrepr = report.longrepr
+        why = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+        report.outcome = "failed"
+        report.longrepr = (f"{CI_VAR}=1: nothing may skip under CI (root, every package of "
+                           f"scripts/test-deps): {why}")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    outcome = yield
+    _skip_is_failure(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector):
+    outcome = yield
+    _skip_is_failure(outcome.get_result())
 
 
 def stop_pid(proc: subprocess.Popen, timeout: float = 10.0) -> None:

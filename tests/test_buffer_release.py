@@ -69,7 +69,7 @@ class FrontEnd:
     def xmit_response(self, tag: int, status: int, sense: bytes | None, resid: int, data: list) -> None:
         self.responses[tag] = (status, sense, data)
 
-    def task_mgmt_fn_done(self, tag: int, response: int, aborted: list[int]) -> None:
+    def task_mgmt_fn_done(self, tag: int, response: int, aborted: list[int], info: bytes = b"") -> None:
         self.tmfs[tag] = (response, aborted)
 
     def report_aen(self, nexus: int | None, lun: int, sense: bytes) -> None:

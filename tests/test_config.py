@@ -357,3 +357,13 @@ def test_a_save_merges_what_a_reload_left_unapplied():
         "target": {"t": {"acl": ["i"], "lun": {0: {"bs": 4096}, 1: {"bs": 512}}}, "new": {"x": 2}}}
     del running["target"]["t"]                                   # removed since: removed
     assert "t" not in merge3(base, file, running)["target"]
+
+
+def test_slp_auth_is_off_unless_set_and_reaches_the_front_ends(tmp_path):
+    """What SLP tells about access (targets with an ACL, auth-name, the CHAP
+    user) is published only with `slp_auth = true` (review 2, finding 3)."""
+    off = load(write_toml(tmp_path, "slp = true\n"), str(tmp_path)).discovery()
+    assert off["slp"] == ["DEFAULT"] and off["slp_auth"] is False
+    on = load(write_toml(tmp_path, "slp = true\nslp_auth = true\n"), str(tmp_path)).discovery()
+    assert on["slp_auth"] is True
+    assert error_of(tmp_path, 'slp_auth = "yes"\n').startswith("slp_auth:")

@@ -72,9 +72,9 @@ class RawFrontEnd:
         return self.expect("nexus_ready")[0]
 
     def cmnd(self, tag: int, cdb: bytes, *, nexus: int = 1, lun: int = 0, direction: int = 0,
-             length: int = 0, unsol: int = 0, frames: list = ()) -> None:
+             length: int = 0, unsol: int = 0, attr: int = 0, frames: list = ()) -> None:
         self.send({"op": "rx_cmnd", "tag": tag, "nexus": nexus, "lun": lun, "cdb": cdb,
-                   "attr": 0, "dir": direction, "len": length, "unsol": unsol}, frames)
+                   "attr": attr, "dir": direction, "len": length, "unsol": unsol}, frames)
 
     def command(self, tag: int, cdb: bytes, **kw) -> tuple[dict, list[bytes]]:
         """Send a command and return its xmit_response, clearing a unit attention first."""
@@ -326,6 +326,23 @@ def test_bad_cdb_fields_get_check_condition_not_a_crash(stml, raw_fe):
     assert h["status"] == 0x02 and parse_sense(h["sense"]) == (0x05, 0x25, 0x00)
     assert_serving(stml, raw_fe)
 
+
+@pytest.mark.parametrize("bad", [{"attr": 4}, {"attr": 255}, {"attr": -1}, {"length": -1},
+                                 {"direction": True}])
+def test_bad_transport_fields_are_refused_as_such(stml, raw_fe, bad):
+    """A task attribute outside TaskAttr (or any other bad rx_cmnd count) is
+    not the initiator's CDB: ILLEGAL REQUEST, INVALID FIELD IN COMMAND
+    INFORMATION UNIT, before the command reaches a task set."""
+    fe = raw_fe(stml.endpoint)
+    fe.register()
+    fe.nexus()
+    h, _ = fe.command(1, TUR, **bad)
+    assert h["status"] == 0x02 and parse_sense(h["sense"]) == (0x05, 0x0E, 0x03)
+    for attr in (0, 1, 2):                     # SIMPLE, ORDERED, HEAD OF QUEUE still run
+        h, _ = fe.command(2 + attr, TUR, attr=attr)
+        assert h["status"] == 0, h
+    h, _ = fe.command(9, TUR, attr=3)          # ACA: no ACA (NACA=0), INVALID MESSAGE ERROR
+    assert h["status"] == 0x02 and parse_sense(h["sense"]) == (0x05, 0x49, 0x00)
 
 
 def test_headers_that_break_the_table_are_refused_with_a_log_line(stml, raw_fe):

@@ -422,7 +422,7 @@ def test_task_management_entries_go_when_the_stml_link_is_lost():
     closed: list = []
     conn.close = lambda: closed.append(conn)
     conn.tags = fe.tags
-    fe.sessions[conn.session.tsih] = conn.session
+    fe.registry.sessions[conn.session.tsih] = conn.session
     conn.receive(P.TaskMgmtRequest(7, P.TMF_LOGICAL_UNIT_RESET, P.LUN0, P.RESERVED_TAG, 1, 0,
                                    immediate=True), b"")
     assert [c[0] for c in link.calls] == ["rx_task_mgmt_fn"] and len(fe.tags.tmfs) == 1

@@ -148,3 +148,113 @@ def test_a_front_end_uses_the_stml_that_serves(stml, silent):
         assert fake.registrations >= 1
     finally:
         fake.close()
+
+
+class LockedBackend:
+    """What the gateway asks of a shared (RBD) backend: a lock another gateway
+    may hold, and reservations kept with the image."""
+
+    def __init__(self, held_elsewhere: bool, doc: dict | None = None) -> None:
+        self.held_elsewhere = held_elsewhere
+        self.doc = doc
+        self.spec = "rbd/img"
+        self.locked = False
+        self.fenced = False
+
+    def size(self) -> int:
+        return 1 << 20
+
+    def lock_acquire(self) -> None:
+        import errno
+        from backends import BackendError
+        if self.held_elsewhere:   # as backends.rbd says it
+            e = BackendError("rbd:rbd/img: another gateway holds the image's exclusive lock")
+            e.errno = errno.EBUSY   # type: ignore[attr-defined]
+            raise e
+        self.locked = True
+
+    def lock_release(self) -> None:
+        self.locked = False
+
+    def pr_store(self):
+        return SimpleNamespace(always=True, where="image metadata", read=lambda: self.doc,
+                               write=lambda doc: True)
+
+
+def _adopting(backend: LockedBackend, sent: list | None = None):
+    """A standalone STML with a front end connected, and a new shared LU;
+    what the STML sends goes to `sent`."""
+    from concurrent.futures import ThreadPoolExecutor
+    from stml.emulator import Emulator
+    from stml.gateway import Gateway
+    out = sent if sent is not None else []
+    em = Emulator([], lambda ident, header, frames: out.append((ident, header)), ThreadPoolExecutor(1),
+                  portal_groups=[2])
+    em.handle(b"fe", {"op": "register_target_front_end", "version": list(CONTRACT_VERSION),
+                      "kind": "raw", "name": "x"}, [])
+    lu = FakeLU(backend)
+    return em, Gateway(em, ThreadPoolExecutor(1)), lu
+
+
+class FakeLU:
+    """What the gateway and stml.pr use of a LogicalUnit."""
+
+    def __init__(self, backend: LockedBackend) -> None:
+        self.backend = backend
+        self.target, self.lun = "iqn.2026-11.org.test:t", 1
+        self.pr = None
+
+
+def test_a_standalone_stml_refuses_an_rbd_lun_another_gateway_holds():
+    """lun add of an image whose lock a live gateway holds is refused: the
+    STML stays standalone, serving its front ends. It turned 'standby' with
+    its front ends still connected and served the image without its lock."""
+    import asyncio
+    from backends import BackendError
+    from stml.gateway import STANDALONE
+    backend = LockedBackend(held_elsewhere=True)
+    em, gw, lu = _adopting(backend)
+
+    async def run() -> None:
+        with pytest.raises(BackendError, match="another gateway holds"):
+            await gw.adopt(lu)
+    asyncio.run(run())
+    assert (gw.role, em.standby, list(em.front_ends)) == (STANDALONE, None, [b"fe"])
+
+
+def test_a_standalone_stml_takes_an_rbd_luns_lock_and_reservations_before_serving_it():
+    """With the lock free, lun add returns with the lock held and the image's
+    reservations in force: the STML is the active gateway at once, its front
+    ends still connected (a PR OUT through them is not dropped later by a
+    takeover that starts from the image again)."""
+    import asyncio
+    from stml import pr
+    from stml.gateway import ACTIVE
+    doc = {"version": 1, "target": "iqn.2026-11.org.test:t", "lun": 1, "generation": 3, "aptpl": False,
+           "registrations": [{"key": 7, "initiator": "iqn.2026-11.org.test:i", "target": "iqn.2026-11.org.test:t",
+                              "tpg": None}], "reservation": None}
+    backend = LockedBackend(held_elsewhere=False, doc=doc)
+    em, gw, lu = _adopting(backend)
+    asyncio.run(gw.adopt(lu))
+    assert (gw.role, em.standby, list(em.front_ends)) == (ACTIVE, None, [b"fe"])
+    assert backend.locked and [r.key for r in pr.state(lu).regs] == [7] and lu.pr.store is not None
+
+
+def test_a_gateway_stml_finding_the_lock_held_becomes_the_standby_and_lets_its_front_ends_go():
+    """One of several gateways (`[stml] peers`) that serves no image yet, and
+    `lun add` of an image another gateway serves: the add stands (the LU is
+    that gateway's too), and this STML becomes its standby at once, releasing
+    its front ends, which go to the STML that serves. It turned standby with
+    its front ends still attached, and served the image without its lock."""
+    import asyncio
+    from stml.api import Op
+    from stml.gateway import STANDBY
+    sent: list = []
+    backend = LockedBackend(held_elsewhere=True)
+    em, gw, lu = _adopting(backend, sent)
+    gw.grouped = True
+    asyncio.run(gw.adopt(lu))
+    assert (gw.role, list(em.front_ends), em.local_tpgs) == (STANDBY, [], {2})
+    assert "another gateway holds the lock of image rbd/img" in (em.standby or "")
+    assert [(ident, h["op"]) for ident, h in sent if h["op"] == Op.RELEASE] == [(b"fe", Op.RELEASE)]
+    assert not backend.locked and lu.pr is None   # nothing taken, no reservations served

@@ -163,12 +163,16 @@ def test_rfc7144_task_management_over_iscsi(target):
     assert ini.tmf(P.TMF_QUERY_TASK_SET).response == P.TMF_RESP_SUCCEEDED
     reset = ini.tmf(P.TMF_I_T_NEXUS_RESET)
     assert reset.response == P.TMF_RESP_COMPLETE
-    # the nexus lives on, with a unit attention that the reset left it
-    assert ini.tmf(P.TMF_QUERY_ASYNC_EVENT).response == P.TMF_RESP_SUCCEEDED
+    # the nexus lives on, with a unit attention that the reset left it; the answer
+    # names it in bytes 8-10 (UADE depth 1, UNIT ATTENTION, I_T NEXUS LOSS OCCURRED)
+    query = ini.tmf(P.TMF_QUERY_ASYNC_EVENT)
+    assert query.response == P.TMF_RESP_SUCCEEDED
+    assert query.info == bytes([0x16, 0x29, 0x07])
     assert ini.tmf(P.TMF_QUERY_TASK, rtt=cmd.itt).response == P.TMF_RESP_COMPLETE   # aborted
     status, sense, _ = ini.command(bytes(6))        # TEST UNIT READY reports it
     assert status == CHECK_CONDITION and (sense[12], sense[13]) == (0x29, 0x07)   # I_T NEXUS LOSS
-    assert ini.tmf(P.TMF_QUERY_ASYNC_EVENT).response == P.TMF_RESP_COMPLETE
+    query = ini.tmf(P.TMF_QUERY_ASYNC_EVENT)
+    assert query.response == P.TMF_RESP_COMPLETE and query.info == bytes(3)
     assert read_all(ini, 10, 1) == bytes(512)       # the reset aborted the write
     ini.close()
 
@@ -461,4 +465,152 @@ def test_tasks_nobody_reassigns_are_dropped_when_time2retain_expires(target):
         assert b.tmf(P.TMF_TASK_REASSIGN, rtt=cmd.itt).response == P.TMF_RESP_NO_TASK
     for i in range(ERL2_WINDOW):
         assert read_all(b, 400 + i, 1) == bytes(512)
+    b.close()
+
+
+# ---------------------------------------------------------------- what a failed connection may keep
+
+ERL2_ONLY = f"""
+[[target]]
+name = "{ERL2}"
+error_recovery_level = 2
+[[target.lun]]
+backend = "ram"
+size = "8MiB"
+"""
+LONG_WAIT = [("DefaultTime2Wait", "3600")]   # the initiator's choice (negotiated to the larger)
+
+
+@pytest.fixture
+def small_target(tmp_path):
+    """An ERL 2 target of its own with the smallest buffer budget (room for 8
+    connections' shares) and at most 2 failed connections kept per host."""
+    from fetd_tcp.limits import MIN_BUFFERED
+    (tmp_path / "target.toml").write_text(ERL2_ONLY)
+    (tmp_path / "data").mkdir()
+    env = {"SCSI_TARGET_MAX_BUFFERED": str(MIN_BUFFERED), "SCSI_TARGET_MAX_FAILED_PER_HOST": "2"}
+    with Target(config=str(tmp_path / "target.toml"), data_dir=str(tmp_path / "data"), env=env) as t:
+        yield t
+
+
+def _outstanding_write(ini: RawInitiator, lba: int) -> P.ScsiCommand:
+    """A write whose data the target has asked for (R2T) and never gets."""
+    cmd = write_cmd(ini, lba, 8)
+    ini.send(cmd)
+    expect(ini, P.R2T)
+    return cmd
+
+
+def test_a_failed_connection_without_tasks_gives_back_its_share_at_once(small_target):
+    """Review 2, finding 1: ten ERL 2 logins that each asked DefaultTime2Wait=3600
+    and were cut at once, with no task outstanding. Nothing is kept for them: the
+    next login (of another initiator) is admitted and works, where the budget used
+    to be held by the dead connections for an hour ("buffer budget full"), and
+    their sessions are over (continuing one is refused: no such session)."""
+    dead = []
+    for _ in range(10):    # more than the 8 shares the budget has
+        ini = connect(small_target, ERL2, ERL2_KEYS + LONG_WAIT)
+        assert ini.login_keys["DefaultTime2Wait"] == "3600"
+        ini.kill()
+        dead.append(ini)
+    other = RawInitiator(*_hostport(small_target.portal), initiator="iqn.2026-11.org.test:other")
+    assert other.login(ERL2, extra=ERL2_KEYS).status_class == 0
+    other.write16(10, b"\x5a" * 4096, immediate_data=False)
+    assert other.read16(10, 8) == b"\x5a" * 4096
+    again = RawInitiator(*_hostport(small_target.portal), isid=dead[0].isid)
+    resp = again.login(ERL2, tsih=dead[0].tsih, cid=0, extra=ERL2_KEYS)
+    assert (resp.status_class, resp.status_detail) == (2, 0x0A)   # session does not exist
+    other.close()
+
+
+def test_failed_connections_kept_for_reassign_are_capped_per_host(small_target):
+    """Four sessions from one host, each cut with a write outstanding (their
+    tasks wait for a TASK REASSIGN): only the 2 newest failed connections are
+    kept (SCSI_TARGET_MAX_FAILED_PER_HOST); the older ones' tasks are dropped at
+    once and their emptied sessions end. The newest one's write is reassigned
+    and completes; another initiator logs in meanwhile."""
+    sessions = []
+    for i in range(4):
+        ini = connect(small_target, ERL2, ERL2_KEYS + LONG_WAIT)
+        sessions.append((ini, _outstanding_write(ini, 100 + 8 * i)))
+        ini.kill()
+    other = RawInitiator(*_hostport(small_target.portal), initiator="iqn.2026-11.org.test:other")
+    assert other.login(ERL2, extra=ERL2_KEYS).status_class == 0
+    assert other.read16(0, 1) == bytes(512)
+
+    oldest, _ = sessions[0]
+    again = RawInitiator(*_hostport(small_target.portal), isid=oldest.isid)
+    resp = again.login(ERL2, tsih=oldest.tsih, cid=0, extra=ERL2_KEYS)
+    assert (resp.status_class, resp.status_detail) == (2, 0x0A)
+
+    newest, write = sessions[3]
+    new = RawInitiator(*_hostport(small_target.portal), isid=newest.isid)
+    new.cmd_sn, new.exp_stat_sn = newest.cmd_sn, newest.exp_stat_sn
+    resp = new.login(ERL2, tsih=newest.tsih, cid=0, extra=ERL2_KEYS)
+    assert resp.status_class == 0 and resp.tsih == newest.tsih
+    assert new.tmf(P.TMF_TASK_REASSIGN, rtt=write.itt).response == P.TMF_RESP_COMPLETE
+    r2t, _ = expect(new, P.R2T)
+    data = os.urandom(4096)
+    data_out(new, r2t, data, 4096)
+    st, _ = expect(new, P.ScsiResponse)
+    assert (st.itt, st.status) == (write.itt, 0)
+    assert read_all(new, 124, 8) == data
+    new.close()
+    other.close()
+
+
+def test_failed_connections_kept_for_reassign_are_capped_per_session(target):
+    """One session (MaxConnections=2) whose connections CID 0, 1 and 2 are each
+    cut with a write outstanding: it keeps at most MaxConnections failed
+    connections, so CID 0's task is dropped when CID 2 fails; CID 2's is still
+    reassigned."""
+    keys = ERL2_KEYS + LONG_WAIT
+    first = connect(target, ERL2, keys)
+    writes = []
+    for cid in range(3):
+        ini = first if cid == 0 else RawInitiator(*_hostport(target.portal), isid=first.isid)
+        if cid:
+            ini.cmd_sn, ini.itt = first.cmd_sn, first.itt
+            assert ini.login(ERL2, tsih=first.tsih, cid=cid, extra=keys).status_class == 0
+        writes.append(_outstanding_write(ini, 500 + 8 * cid))
+        first.cmd_sn, first.itt = ini.cmd_sn, ini.itt
+        ini.kill()
+    new = RawInitiator(*_hostport(target.portal), isid=first.isid)
+    new.cmd_sn = first.cmd_sn
+    assert new.login(ERL2, tsih=first.tsih, cid=3, extra=keys).status_class == 0
+    assert new.tmf(P.TMF_TASK_REASSIGN, rtt=writes[0].itt).response == P.TMF_RESP_NO_TASK
+    assert new.tmf(P.TMF_TASK_REASSIGN, rtt=writes[2].itt).response == P.TMF_RESP_COMPLETE
+    r2t, _ = expect(new, P.R2T)
+    data_out(new, r2t, bytes(range(256)) * 16, 4096)
+    st, _ = expect(new, P.ScsiResponse)
+    assert (st.itt, st.status) == (writes[2].itt, 0)
+    new.logout()
+    new.close()
+
+
+def test_logout_for_recovery_tells_the_times_the_target_keeps(target):
+    """DefaultTime2Wait=3600 was negotiated, but the target keeps a failed
+    connection's tasks for at most SCSI_TARGET_MAX_RETAIN (60 s). A Logout
+    "remove the connection for recovery" answers with its own Time2Wait and
+    Time2Retain (RFC 7143 11.15.2-3) within that: 40 + 20, not 3600 + 20 (the
+    initiator would wait an hour for tasks dropped after a minute). The write
+    is then reassigned on the other connection and completes."""
+    keys = ERL2_KEYS + LONG_WAIT
+    a = connect(target, ERL2, keys)
+    assert a.login_keys["DefaultTime2Wait"] == "3600"    # Time2Retain: 20, the default
+    write = _outstanding_write(a, 700)
+    b = RawInitiator(*_hostport(target.portal), isid=a.isid)
+    b.cmd_sn, b.itt = a.cmd_sn, a.itt
+    assert b.login(ERL2, tsih=a.tsih, cid=1, extra=keys).status_class == 0
+    lo = b.logout(reason=2, cid=0)
+    assert (lo.response, lo.time2wait, lo.time2retain) == (0, 40, 20)
+    a.kill()
+    assert b.tmf(P.TMF_TASK_REASSIGN, rtt=write.itt).response == P.TMF_RESP_COMPLETE
+    r2t, _ = expect(b, P.R2T)
+    data = os.urandom(4096)
+    data_out(b, r2t, data, 4096)
+    st, _ = expect(b, P.ScsiResponse)
+    assert (st.itt, st.status) == (write.itt, 0)
+    assert read_all(b, 700, 8) == data
+    b.logout()
     b.close()

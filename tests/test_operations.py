@@ -23,7 +23,7 @@ import tomlkit
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from conftest import StmlProcess, short_dir, stop_pid, wait_for_line
+from conftest import StmlProcess, need_root, short_dir, stop_pid, wait_for_line
 from fetd_loopback import LoopbackClient, ScsiError
 from rawiscsi import RawInitiator
 from scsi_target.mgmt import MgmtClient
@@ -311,8 +311,9 @@ def served(endpoint: str) -> tuple:
     luns = sorted((x["target"], x["lun"], x["backend"], x["size"], x["path"], x["ro"], x["block_size"])
                   for x in c.call("lun_list"))
     seen = []
-    for name, *_ in targets:
-        with LoopbackClient(endpoint, name, timeout=10) as lc:
+    for name, _, acl, _ in targets:
+        # as an initiator the target lets in: the STML checks its ACL at registration
+        with LoopbackClient(endpoint, name, initiator=acl[0] if acl else None, timeout=10) as lc:
             for target, lun, *_ in luns:
                 if target == name:
                     seen.append((name, lun, identity(lc, lun), read_keys(lc, lun)))
@@ -353,17 +354,18 @@ def test_any_sequence_of_changes_survives_a_restart(with_config, steps):
         for step in steps:
             apply(client, names, step, serial, cfg)
         before = served(p.endpoint)
+        allowed = {name: acl[0] if acl else None for name, _, acl, _ in before[0]}
         marks = {}
         for target, lun, backend, *_ in before[1]:
             if backend == "file":
-                with LoopbackClient(p.endpoint, target, timeout=10) as c:
+                with LoopbackClient(p.endpoint, target, initiator=allowed[target], timeout=10) as c:
                     marks[(target, lun)] = os.urandom(512)
                     c.write(lun, 0, marks[(target, lun)])
         p.luns = ()          # restart as `run --data-dir D` would: no LUN flags
         p.restart()
         assert served(p.endpoint) == before
         for (target, lun), data in marks.items():
-            with LoopbackClient(p.endpoint, target, timeout=10) as c:
+            with LoopbackClient(p.endpoint, target, initiator=allowed[target], timeout=10) as c:
                 assert c.read(lun, 0, 1) == data
         if with_config:
             assert (d / "elsewhere.toml").read_text().startswith("# hand written\n")
@@ -397,11 +399,12 @@ def test_sighup_and_config_reload_apply_a_hand_edit_and_orphan_nothing(ddir):
         assert [x["lun"] for x in tomllib.loads(cfg.read_text())["target"][0]["lun"]] == [0, 3, 1]
         # `config reload` tells what it applied and what needs a restart
         edited = cfg.read_text().replace('size = "2MiB"', 'size = "4MiB"').replace(
-            "portals = ", 'isns = "127.0.0.1:3205"\nportals = ')
+            "portals = ", 'isns = "127.0.0.1:3205"\nslp_auth = true\nportals = ')
         cfg.write_text(edited)
         r = mgmt(ddir, "config", "reload")
         assert any("LUN 3 resized" in x for x in r["applied"])
         assert any("isns" in x for x in r["not_applied"])
+        assert any("slp_auth" in x for x in r["not_applied"])
         pids = list(kids.values())
     assert t.proc.returncode == 0
     assert wait_gone(pids, 10) == []
@@ -648,6 +651,7 @@ def test_a_data_dir_that_cannot_be_written_is_one_line_and_exit_2(tmp_path):
     assert p.stderr == f"scsi-target: data dir {blocker / 'data'}: not usable: Not a directory\n"
     d = tmp_path / "immutable"
     d.mkdir()
+    need_root("an immutable directory (chattr +i)")
     if subprocess.run(["chattr", "+i", str(d)], capture_output=True).returncode:
         pytest.skip("chattr +i is not available here")
     try:

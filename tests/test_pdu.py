@@ -37,6 +37,8 @@ SAMPLES = [
                      snack_tag=9, data_length=20),
     pdu.TaskMgmtResponse(itt=1, response=pdu.TMF_RESP_NO_TASK, stat_sn=2, exp_cmd_sn=3,
                          max_cmd_sn=4),
+    pdu.TaskMgmtResponse(itt=1, response=pdu.TMF_RESP_SUCCEEDED, stat_sn=2, exp_cmd_sn=3,
+                         max_cmd_sn=4, info=bytes([0x16, 0x29, 0x07])),
     pdu.LoginResponse(itt=1, isid=b"\x40" + bytes(5), tsih=9, stat_sn=2, exp_cmd_sn=3,
                       max_cmd_sn=4, csg=0, nsg=1, transit=True, cont=True, status_class=2,
                       status_detail=1, version_max=0, version_active=0, data_length=44),
@@ -78,6 +80,20 @@ def test_round_trip(p):
 def test_every_opcode_has_a_sample():
     assert {pdu.OPCODES[type(p)] for p in SAMPLES} == set(pdu._DECODERS) | {pdu.SCSI_COMMAND}
     assert set(pdu.OPCODES) == {type(p) for p in SAMPLES}
+
+
+def test_the_pdu_table_says_who_sends_each_type():
+    """One row per type (RFC 7143 11.2.1.2: initiator opcodes are below 0x20),
+    and decode_pdu takes AHS only where the row allows it."""
+    for t in pdu.PDU_TYPES.values():
+        assert (t.opcode < 0x20) == (t.sender == pdu.INITIATOR), t.name
+        assert pdu.OPCODES[t.cls] == t.opcode and t.name == t.cls.__name__
+    assert pdu.INITIATOR_OPCODES == {t.opcode for t in pdu.PDU_TYPES.values() if t.sender == pdu.INITIATOR}
+    nop = bytearray(pdu.NopOut(itt=1).encode())
+    nop[4] = 1                                   # TotalAHSLength 1: 4 bytes of AHS
+    with pytest.raises(PDUError) as e:
+        pdu.decode_pdu(bytes(nop), bytes(4))
+    assert e.value.reject_reason == pdu.REJECT_INVALID_PDU_FIELD
 
 
 def test_scsi_command_layout():

@@ -1,5 +1,5 @@
 """The full-feature receive path: pdu.PduFramer (sans-IO: bytes in, PDUs out, big
-data segments received in place) and server.ConnectionProtocol (the buffered
+data segments received in place) and wire.ConnectionProtocol (the buffered
 protocol around it: dispatch in order, Reject on errors, link flush per read,
 taking over from the login's StreamReader, back-pressure)."""
 from __future__ import annotations
@@ -107,6 +107,59 @@ def test_framer_returns_what_was_sent_however_split(items, hd, dd, sizes):
     # and all at once, through feed
     again = list(P.PduFramer(hd, dd, 262144).feed(stream))
     assert [(p, bytes(d)) for p, d, _ in again] == [(p, d) for p, d in items]
+
+
+@PURE
+@given(pdu_streams(), st.booleans(), st.booleans())
+def test_reading_what_wanted_says_never_reads_past_a_pdu(items, hd, dd):
+    """A reader that takes framer.wanted() bytes at a time (the login phase)
+    gets each PDU once its last byte is in, and never a byte of the next."""
+    ends, end = [], 0
+    for p, d in items:
+        end += len(wire(p, d, hd, dd))
+        ends.append(end)
+    stream = b"".join(wire(p, d, hd, dd) for p, d in items)
+    framer = P.PduFramer(hd, dd, 262144)
+    pos, got = 0, []
+    while len(got) < len(items):
+        item = framer.next()
+        if item is not None:
+            assert pos == ends[len(got)]
+            got.append(item)
+            continue
+        n = framer.wanted()
+        buf = framer.get_buffer()
+        assert 0 < n <= len(buf) and pos + n <= ends[len(got)]
+        buf[:n] = stream[pos:pos + n]
+        framer.received(n)
+        pos += n
+    assert [(p, bytes(d)) for p, d, _ in got] == items
+
+
+def test_login_reads_no_byte_past_its_pdus():
+    """The login phase frames with PduFramer, staging only headers (a data
+    segment gets a buffer of its size): what follows the last Login Request
+    (a command pipelined behind it) stays in the StreamReader."""
+    from fetd_tcp.login import MAX_LOGIN_TEXT
+    from fetd_tcp.logind import LOGIN_READ_LIMIT, LoginPhase
+
+    isid = b"\x80" + bytes(5)
+    first = P.LoginRequest(1, isid, data_length=300), bytes(range(256)) + bytes(44)
+    second = P.LoginRequest(2, isid, transit=True, data_length=MAX_LOGIN_TEXT), b"k" * MAX_LOGIN_TEXT
+    behind = wire(*command_with_ahs(0))
+
+    async def main() -> None:
+        reader = asyncio.StreamReader(limit=LOGIN_READ_LIMIT)
+        reader.feed_data(wire(*first) + wire(*second) + behind)
+        reader.feed_eof()
+        phase = LoginPhase(reader, None)   # type: ignore[arg-type]   # reading only
+        assert len(phase.framer.get_buffer()) < 4096
+        for pdu, data in (first, second):
+            got, got_data = await phase.read_pdu()
+            assert got == pdu and bytes(got_data) == data
+        assert await reader.read() == behind
+
+    asyncio.run(main())
 
 
 def test_big_segments_are_received_in_place_and_small_ones_copied_out():
@@ -225,7 +278,7 @@ class CountingLink:
 async def _pair(conn, link, before: bytes = b""):
     """A ConnectionProtocol on one end of a socket pair, after a StreamReader
     that already holds `before`."""
-    from fetd_tcp.server import ConnectionProtocol
+    from fetd_tcp.wire import ConnectionProtocol
     ours, theirs = socket.socketpair()
     theirs.setblocking(False)
     reader, writer = await asyncio.open_unix_connection(sock=ours)

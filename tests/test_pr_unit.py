@@ -402,12 +402,22 @@ def test_query_task_set_and_async_event():
         await settle()
         tmf(12, Tmf.QUERY_TASK_SET)
         tmf(13, Tmf.QUERY_TASK, ref=1)
-        emu.targets[T].luns[0].add_ua((0x2A, 0x03), [A.key])
+        lu = emu.targets[T].luns[0]
+        lu.add_ua((0x2A, 0x03), [A.key])
         tmf(14, Tmf.QUERY_ASYNC_EVENT)
+        lu.add_ua((0x2A, 0x09), [A.key])
+        tmf(15, Tmf.QUERY_ASYNC_EVENT)
         await settle()
-        got = {h["tag"]: h["response"] for h in sent if h["op"] == Op.TMF_DONE}
+        done = {h["tag"]: h for h in sent if h["op"] == Op.TMF_DONE}
+        got = {tag: h["response"] for tag, h in done.items()}
         assert got == {10: TmfResponse.COMPLETE, 11: TmfResponse.COMPLETE, 12: TmfResponse.SUCCEEDED,
-                       13: TmfResponse.SUCCEEDED, 14: TmfResponse.SUCCEEDED}
+                       13: TmfResponse.SUCCEEDED, 14: TmfResponse.SUCCEEDED, 15: TmfResponse.SUCCEEDED}
+        # the additional response information: UADE depth (1, then 2: more than one), UNIT
+        # ATTENTION and the oldest one's ASC/ASCQ; a query reports without clearing
+        assert done[14]["info"] == bytes([0x16, 0x2A, 0x03])
+        assert done[15]["info"] == bytes([0x26, 0x2A, 0x03])
+        assert "info" not in done[11] and "info" not in done[12]
+        assert lu.unit_attentions[A.key] == [(0x2A, 0x03), (0x2A, 0x09)]
         rec.gates["QRY_"].set()
         await settle()
     asyncio.run(run())

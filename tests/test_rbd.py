@@ -133,9 +133,9 @@ def test_get_lba_status_work_is_bounded_by_the_request(cluster):
         asked: list[tuple[int, int]] = []
         real = b.image.diff_iterate
 
-        def counting(offset, length, cb, whole_object=False):
+        def counting(offset, length, cb):
             asked.append((offset, length))
-            return real(offset, length, cb, whole_object)
+            return real(offset, length, cb)
         b.image.diff_iterate = counting
         runs = b.mapped_extents(0, 1 << 40, 1)
         assert runs == [(0, 4 * MIB, False)]
@@ -208,3 +208,124 @@ def test_lun_add_rbd_live_and_status_shows_the_lock(cluster, image):
         (held,) = gw["images"]
         assert (gw["role"], held["image"], held["mine"]) == ("active", image, True)
         assert held["lock_owner"].startswith("127.0.0.1:"), held
+
+
+def test_lun_add_rbd_is_refused_while_another_gateway_holds_the_lock(cluster, image):
+    """A live client holds the image's lock: `lun add` fails with one line
+    saying so, and the STML keeps serving what it served, still standalone.
+    It used to add the LUN and serve it without the lock (a "standby" with
+    its front ends connected). Once the lock is free the add succeeds."""
+    from backends.rbd import RbdBackend
+    from rawiscsi import RawInitiator
+    holder = RbdBackend(image, conf=str(cluster.conf), keyring=str(cluster.keyring))
+    try:
+        holder.lock_acquire()
+        with Target("--lun", "ram:16MiB", "--cpu-affinity", "none") as t:
+            cli = [sys.executable, "-m", "scsi_target"]
+            host, port = t.portal.rsplit(":", 1)
+            ini = RawInitiator(host, int(port))
+            try:
+                assert ini.login(IQN).status_class == 0
+                p = run([*cli, "lun", "add", "--data-dir", t.data_dir, cluster.spec(image)], check=False)
+                assert p.returncode != 0 and "another gateway holds the image's exclusive lock" in p.stderr, p
+                assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+                status, sense, luns = ini.command(bytes([0xA0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0]), read=256)
+                assert status == 0 and struct.unpack_from(">I", luns)[0] == 8, "only LUN 0"
+                data = os.urandom(4096)
+                ini.write16(8, data)                    # the session it had still works
+                assert ini.read16(8, 8) == data
+            finally:
+                ini.close()
+            gw = json.loads(run([*cli, "status", "--json", "--data-dir", t.data_dir]).stdout)["gateway"]
+            assert gw["role"] == "standalone" and gw["images"] == [], gw
+            assert holder.is_lock_owner()
+            holder.lock_release()
+            run([*cli, "lun", "add", "--data-dir", t.data_dir, cluster.spec(image)])
+            gw = json.loads(run([*cli, "status", "--json", "--data-dir", t.data_dir]).stdout)["gateway"]
+            assert gw["role"] == "active" and gw["images"][0]["mine"], gw
+    finally:
+        holder.close()
+
+
+def test_closing_an_image_ends_its_reads_in_flight_with_their_data(cluster, image):
+    """The image closes (a LUN removed, a fenced client replaced) with reads
+    in flight: rbd_close lets librbd finish them, and each read ends with
+    the data librbd put in its buffer, pinned until then. They were failed
+    and unpinned before rbd_close, which then wrote into released memory."""
+    import asyncio
+    from backends import rbd as R
+    b = R.RbdBackend(image, conf=str(cluster.conf), keyring=str(cluster.keyring))
+    data = os.urandom(MIB)
+    b.write_from(0, [memoryview(data)], False)
+    bufs = [bytearray(MIB) for _ in range(16)]
+
+    async def run_reads() -> list:
+        futs = [b.aio.read_into(0, memoryview(buf)) for buf in bufs]
+        await asyncio.get_running_loop().run_in_executor(None, b.close)
+        return await asyncio.gather(*futs, return_exceptions=True)
+    outcomes = asyncio.run(run_reads())
+    assert outcomes == [None] * 16, outcomes
+    assert all(bytes(buf) == data for buf in bufs)
+    for buf in bufs:
+        buf.append(0)   # no pin is left: the buffers can be resized
+
+
+def test_a_fenced_client_fails_compare_and_write_as_a_path_not_a_medium(cluster, image):
+    """The cluster blocklists the client (another gateway took over):
+    COMPARE AND WRITE, which runs in a worker thread, hears ESHUTDOWN; the
+    gateway is told at once, from that thread, and the command ends with NOT
+    READY, ASYMMETRIC ACCESS STATE TRANSITION (initiators retry, on another
+    path), not MEDIUM ERROR, a hard error (ESXi's heartbeat). It was MEDIUM
+    ERROR, and the gateway heard of it only at its next lock check. (No
+    gateway here: its check would find the fence first and, the lock being
+    free, take it again with a new client; test_rbd_aio has the step down.)"""
+    import asyncio
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+    from backends.rbd import RbdBackend
+    from stml.api import Op
+    from stml.emulator import Emulator, Target
+    from stml.lu import LogicalUnit, LunOptions
+    b = RbdBackend(image, conf=str(cluster.conf), keyring=str(cluster.keyring))
+    told: list[str] = []
+    b.on_fenced = lambda: told.append(threading.current_thread().name)
+    sent: list[dict] = []
+    lu = LogicalUnit(IQN, 0, b, LunOptions(kind="ram", size=b.size()), None)
+    em = Emulator([Target(IQN, {0: lu})], lambda ident, h, f: sent.append(h), ThreadPoolExecutor(2))
+    lu.template = em.templates["disk"]
+    block = os.urandom(512)
+
+    async def caw(tag: int) -> dict:
+        cdb, out = _caw(8, block, block)
+        em.handle(b"fe", {"op": Op.RX_CMND, "tag": tag, "nexus": 1, "lun": 0, "cdb": cdb, "attr": 0,
+                          "dir": 1, "len": len(out), "unsol": len(out)}, [out])
+        while True:
+            for h in sent:
+                if h["op"] == Op.XMIT_RESPONSE and h["tag"] == tag:
+                    return h
+            await asyncio.sleep(0.01)
+
+    async def run() -> dict:
+        em.handle(b"fe", {"op": Op.REGISTER, "version": [1, 0], "kind": "test", "name": "t",
+                          "heartbeat_ms": 1000, "aen": False}, [])
+        em.handle(b"fe", {"op": Op.REGISTER_NEXUS, "nexus": 1, "initiator": "iqn.2026-11.org.test:i",
+                          "target": IQN, "tpg": 1}, [])
+        assert (await caw(1))["status"] == 0   # the bytes are there: a CAW of them changes nothing
+        (locker,) = json.loads(cluster.run("rbd", "lock", "ls", "--format", "json", image))
+        cluster.run("ceph", "osd", "blocklist", "add", locker["address"])
+        for tag in range(2, 300):   # until the blocklist reaches the OSD (at once, here)
+            h = await caw(tag)
+            if h["status"] != 0:
+                return h
+            await asyncio.sleep(0.1)
+        raise AssertionError("the blocklist never reached the OSD")
+
+    try:
+        b.lock_acquire()
+        b.write_from(8 * 512, [memoryview(block)], False)
+        h = asyncio.run(run())
+        sense = h["sense"]
+        assert (h["status"], sense[2] & 0x0F, sense[12:14]) == (0x02, 0x02, bytes([0x04, 0x0A])), sense.hex()
+        assert len(told) == 1 and told[0] != threading.main_thread().name, told
+    finally:
+        b.close()

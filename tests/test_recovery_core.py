@@ -73,3 +73,185 @@ def test_a_burst_whose_last_data_out_is_lost_is_asked_for_again():
     data = [a for name, a, _ in link.calls if name == "scsi_rx_data"]
     assert [(a[1], sum(len(x) for x in a[2])) for a in data] == [(0, 4096), (4096, 2048), (6144, 2048)]
     assert not task.failed
+
+
+# ---------------------------------------------------------------- ERL 2: what the front end keeps
+
+def _front_end():
+    """The iSCSI front end with a recording STML link (nothing is connected)."""
+    import asyncio
+
+    from fetd_tcp.server import IscsiFrontEnd
+    fe = IscsiFrontEnd("ipc:///nonexistent/stml", [])
+    fe.link = fe.registry.link = link = G.FakeLink()
+    link.connected = asyncio.Event()
+    link.connected.set()
+    return fe, link
+
+
+def _erl2_session(fe, tsih: int, window: int = WINDOW, **params) -> Session:
+    s = Session(tsih, b"\x80" + bytes(4) + bytes([tsih]), G.INAME, G.TNAME, 1,
+                SessionParams(error_recovery_level=2, **params), tsih, 1, window)
+    fe.registry.sessions[tsih] = s
+    fe.registry.by_nexus[s.nexus] = s
+    return s
+
+
+def _erl2_conn(fe, s: Session, cid: int) -> tuple[Connection, list]:
+    out: list = []
+    conn = Connection(s, cid, ConnectionParams(max_send_data_segment_length=4096), 100,
+                      lambda p, d: out.append((p, bytes(d))), fe.link, fe.tags, lambda: None,
+                      lambda c, pairs: [])
+    s.connections[cid] = conn
+    return conn, out
+
+
+def _read(conn: Connection, itt: int) -> None:
+    s = conn.session
+    conn.receive(P.ScsiCommand(itt, P.LUN0, _cdb(0x88, 8), 4096, s.exp_cmd_sn, conn.exp_stat_sn,
+                               read=True), b"")
+
+
+def test_window_reopens_when_our_abort_of_an_expired_task_finds_nothing():
+    """Review 2, finding 14: Time2Retain runs out on a connection whose reads
+    fill the window; our ABORT TASKs go to the STML. One read completed before
+    its abort arrived, so the STML answers that abort with nothing aborted:
+    the window is still announced open (NOP-In) once every abort is answered."""
+    fe, link = _front_end()
+    s = _erl2_session(fe, 1, window=2)
+    a, _ = _erl2_conn(fe, s, 0)
+    b, out_b = _erl2_conn(fe, s, 1)
+    _read(a, 10)
+    _read(a, 11)
+    assert s.max_cmd_sn == s.exp_cmd_sn - 1          # shut: 2 tasks in a window of 2
+    del s.connections[0]
+    a.fail()
+    fe.registry.expire(a)
+    aborts = [c[1] for c in link.calls if c[0] == "rx_task_mgmt_fn"]
+    assert [x[2] for x in aborts] == [P.TMF_ABORT_TASK] * 2
+    first, second = aborts
+    fe.xmit_response(first[4], 0, None, 0, [bytes(4096)])      # it completed meanwhile
+    fe.task_mgmt_fn_done(first[0], P.TMF_RESP_NO_TASK, [])      # so its abort finds nothing
+    fe.task_mgmt_fn_done(second[0], P.TMF_RESP_COMPLETE, [second[4]])
+    nops = [p for p, _ in out_b if isinstance(p, P.NopIn) and p.itt == P.RESERVED_TAG]
+    assert [n.max_cmd_sn for n in nops] == [s.exp_cmd_sn + 1]
+    assert not s.itts and not fe.registry.expiring and not fe.tags.tasks
+
+
+def test_failed_connections_kept_are_bounded_in_number_and_time():
+    """Review 2, finding 1, in the core: a failed connection with no task keeps
+    nothing (its account closes); one with tasks is kept for at most
+    max_retain seconds whatever Time2Wait says; a session keeps at most
+    MaxConnections of them, the oldest going first (its reads aborted)."""
+    import asyncio
+
+    from fetd_tcp.retain import retention
+
+    async def main() -> None:
+        fe, link = _front_end()
+        delays: list[float] = []
+        loop = asyncio.get_running_loop()
+        real = loop.call_later
+        loop.call_later = lambda d, *a: (delays.append(d), real(3600, *a))[1]   # type: ignore[method-assign]
+        s = _erl2_session(fe, 1, default_time2wait=3600, default_time2retain=20, max_connections=2)
+        idle, _ = _erl2_conn(fe, s, 0)
+        conns, tags = [], []
+        for cid in range(1, 4):
+            c, _ = _erl2_conn(fe, s, cid)
+            _read(c, 100 + cid)
+            conns.append(c)
+            tags.append(link.calls[-1][1][0])
+        fe.registry.drop_connection(idle)
+        assert not idle.failed and not s.failed and not delays and not len(fe.registry.retained)
+        for c in conns:
+            fe.registry.drop_connection(c)
+        assert delays == [retention(3600, 20, fe.limits.max_retain)] * 3 == [60.0] * 3
+        assert list(s.failed) == [2, 3] and conns[0].account.closed
+        aborts = [c[1] for c in link.calls if c[0] == "rx_task_mgmt_fn"]
+        assert [(x[2], x[4]) for x in aborts] == [(P.TMF_ABORT_TASK, tags[0])]
+        assert len(fe.registry.expiry) == 2 and len(fe.registry.retained) == 2
+        fe.registry.end_session(s)                       # e.g. reinstated: nothing of it is kept
+        assert not fe.registry.expiry and not len(fe.registry.retained) and all(c.account.closed for c in conns)
+        loop.call_later = real                   # type: ignore[method-assign]
+
+    asyncio.run(main())
+
+
+def test_retained_keeps_the_newest_per_host():
+    from fetd_tcp.retain import Retained
+    live = {"a1": True, "a2": True, "a3": True, "b1": True}
+    r: Retained[str] = Retained(2, lambda c: live[c])
+    assert r.keep("a1", "10.0.0.1") == [] and r.keep("b1", "10.0.0.2") == []
+    assert r.keep("a2", "10.0.0.1") == []
+    assert r.keep("a3", "10.0.0.1") == ["a1"]        # the oldest of that host only
+    live["a2"] = False                                # all its tasks were reassigned
+    live["a1"] = True
+    assert r.keep("a1", "10.0.0.1") == [] and len(r) == 3
+    r.forget("b1")
+    assert r.hosts.keys() == {"10.0.0.1"}
+
+
+def test_failed_connections_go_with_the_stml_link():
+    """The STML link is lost: the tasks a failed connection kept for a TASK
+    REASSIGN are gone with the STML, so it keeps nothing (share, timer), and a
+    session left with no connection ends; a connection dropping while the link
+    is down is not kept at all."""
+    import asyncio
+
+    async def main() -> None:
+        fe, link = _front_end()
+        s = _erl2_session(fe, 1, max_connections=2)
+        a, _ = _erl2_conn(fe, s, 0)
+        _read(a, 7)
+        fe.registry.drop_connection(a)
+        assert list(s.failed) == [0] and fe.registry.expiry
+        link.connected.clear()
+        fe.link_lost()
+        assert not s.failed and a.account.closed and not fe.registry.expiry and not len(fe.registry.retained)
+        assert 1 not in fe.registry.sessions and s.nexus not in fe.registry.by_nexus
+        t = _erl2_session(fe, 2)
+        b, _ = _erl2_conn(fe, t, 0)
+        _read(b, 8)
+        fe.registry.drop_connection(b)                  # the link is still down
+        assert not t.failed and not fe.registry.expiry and 2 not in fe.registry.sessions
+
+    asyncio.run(main())
+
+
+def test_a_cid_that_fails_again_does_not_escape_the_session_cap():
+    """A new connection may reuse a failed one's CID; when it fails too, the
+    session's failed connections are still at most one per CID and at most
+    MaxConnections: the earlier one's read is aborted at once (it used to be
+    kept out of sight of the cap, its timer and share alive after the
+    session ended)."""
+    import asyncio
+
+    async def main() -> None:
+        fe, link = _front_end()
+        s = _erl2_session(fe, 1, max_connections=2)
+        conns, tags = [], []
+        for i in range(3):
+            c, _ = _erl2_conn(fe, s, 0)
+            _read(c, 20 + i)
+            tags.append(link.calls[-1][1][0])
+            fe.registry.drop_connection(c)
+            conns.append(c)
+        assert s.failed == {0: conns[2]} and list(fe.registry.expiry) == [conns[2]] and len(fe.registry.retained) == 1
+        aborts = [c[1] for c in link.calls if c[0] == "rx_task_mgmt_fn"]
+        assert [(x[2], x[4]) for x in aborts] == [(P.TMF_ABORT_TASK, tags[0]), (P.TMF_ABORT_TASK, tags[1])]
+        assert conns[0].account.closed and conns[1].account.closed and not conns[2].account.closed
+        fe.registry.end_session(s)
+        assert not fe.registry.expiry and not len(fe.registry.retained) and conns[2].account.closed
+
+    asyncio.run(main())
+
+
+def test_the_times_a_logout_tells_fit_what_is_kept():
+    """What a Logout Response says (Time2Wait, Time2Retain) never adds up to
+    more than the target keeps, and keeps Time2Retain whole when it can."""
+    from fetd_tcp.retain import announced, retention
+    cases = {(2, 20, 60.0): (2, 20), (3600, 20, 60.0): (40, 20), (3600, 20, 10.0): (0, 10),
+             (0, 0, 60.0): (0, 0), (3600, 3600, 7200.0): (3600, 3600)}
+    for (wait, retain, cap), told in cases.items():
+        assert announced(wait, retain, cap) == told
+        assert sum(told) <= retention(wait, retain, cap)

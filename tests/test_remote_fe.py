@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import short_dir, stop_pid, wait_for_line
+from conftest import need_root, short_dir, stop_pid, wait_for_line
 from scsi_target.keys import write_key_pair
 
 IQN = "iqn.2026-11.org.scsi-target:remote"
@@ -92,8 +92,9 @@ class Proc:
 
 @pytest.fixture
 def netns():
-    if os.geteuid() != 0 or not shutil.which("ip"):
-        pytest.skip("network namespaces need root and iproute2")
+    need_root("network namespaces")
+    if not shutil.which("ip"):
+        pytest.skip("iproute2 is not installed")
     ns = Netns()
     ns.create()
     yield ns

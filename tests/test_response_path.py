@@ -9,7 +9,7 @@ import socket
 from fetd_tcp import pdu as P
 from fetd_tcp.digest import digest, padding
 from fetd_tcp.keys import ConnectionParams, SessionParams
-from fetd_tcp.server import PduWriter
+from fetd_tcp.wire import PduWriter
 from fetd_tcp.session import Connection, Session, Tags
 
 import fuzzgen as G

@@ -416,3 +416,30 @@ def test_fair_lun_survives_aborts_of_waiting_tasks(stml_factory, client_factory,
         c.write(0, 8, bytes([7]) * 4096)
         assert c.read(0, 8, 8) == bytes([7]) * 4096
     assert stml.alive()
+
+
+def test_every_policy_counts_a_non_simple_task_in_and_out_alike(policy):
+    """A task whose attribute is not SIMPLE, ORDERED or HEAD OF QUEUE (ACA:
+    the STML refuses it before any task set, but a policy must not depend on
+    that) leaves the ordering count as it found it: later tasks still start,
+    also those the fair policy had to queue."""
+    async def main():
+        ts = policy()
+        if isinstance(ts, FairTaskSet):
+            ts.depth = 1
+        x = FakeTask("x", TaskAttr.ACA)
+        ts.add(x)
+        assert (await _entered(ts, x)).done()
+        ts.remove(x)
+        s1, s2 = FakeTask("s1", S, A), FakeTask("s2", S, B)
+        ts.add(s1)
+        ts.add(s2)
+        assert (await _entered(ts, s1)).done()
+        wait = await _entered(ts, s2)
+        ts.remove(s1)
+        await asyncio.wait_for(wait, 1)
+        ts.remove(s2)
+        o = FakeTask("o", O)
+        ts.add(o)
+        assert (await _entered(ts, o)).done()      # nothing older: an ORDERED task starts at once
+    run(main())

@@ -15,8 +15,9 @@ OTHER = "iqn.2026-11.org.scsi-target:vault"
 URL0 = f"service:iscsi:target://127.0.0.1:3260/{IQN}"
 
 
-def agent(scopes=("DEFAULT",)) -> slp.ServiceAgent:
-    a = slp.ServiceAgent(list(scopes))
+def agent(scopes=("DEFAULT",), auth: bool = True) -> slp.ServiceAgent:
+    """Two targets, one with an ACL and CHAP; `auth` (slp_auth) tells about both."""
+    a = slp.ServiceAgent(list(scopes), auth=auth)
     a.update([slp.Target(IQN, "disk zero"),
               slp.Target(OTHER, acl=("iqn.2026-11.org.test:allowed",), chap_user="bob")],
              [("127.0.0.1", 3260, 1), ("0.0.0.0", 3261, 2)])
@@ -156,3 +157,117 @@ def test_malformed_datagrams_are_dropped_never_a_crash(base, flips, cut, junk):
                 slp_header = slparse.parse_header(reply)[0]
                 assert slp_header["length"] == len(reply)
         assert agent().da_advert(data, "127.0.0.9") in (True, False)
+
+
+# ---------------------------------------------------------------- what a request may cost (review 2)
+
+def _srvrqst(predicate: str, scopes: str = "DEFAULT") -> bytes:
+    body = b"".join(struct.pack(">H", len(s)) + s.encode()
+                    for s in ("", "service:iscsi:target", scopes, predicate, ""))
+    return creator.create_header(1, len(body), 0x20) + body
+
+
+def _big_agent(targets: int, portals: int = 2) -> slp.ServiceAgent:
+    a = slp.ServiceAgent(["DEFAULT"])
+    a.update([slp.Target(f"iqn.2026-11.org.scsi-target:disk{i:05d}", "a disk") for i in range(targets)],
+             [(f"127.0.0.{p + 1}", 3260, p + 1) for p in range(portals)])
+    return a
+
+
+def _counting_items(monkeypatch) -> list:
+    """Calls of slp._item, the parse of one predicate comparison (old and new code alike)."""
+    calls: list = []
+    real = slp._item
+    monkeypatch.setattr(slp, "_item", lambda *a: (calls.append(a[0]), real(*a))[1])
+    return calls
+
+
+def test_a_predicate_is_parsed_once_per_request(monkeypatch):
+    """Finding 2: the predicate was parsed again for every service (targets x
+    portals); now once per request, whatever the number of services."""
+    a = _big_agent(100)
+    calls = _counting_items(monkeypatch)
+    reply = a.handle(_srvrqst("(&(alias=a disk)(portal-group=2)(iscsi-name=*disk0004*))"), "127.0.0.1", False)
+    assert len(calls) == 3
+    assert urls(reply) == [f"service:iscsi:target://127.0.0.2:3260/iqn.2026-11.org.scsi-target:disk{i:05d}"
+                           for i in range(40, 50)]
+
+
+def test_an_oversized_predicate_is_refused_unparsed(monkeypatch):
+    """An 8 KiB predicate (the most a datagram carries), or one of more than
+    MAX_ITEMS comparisons, is a PARSE_ERROR by unicast, silence by multicast,
+    and costs no comparison."""
+    a = _big_agent(100)
+    calls = _counting_items(monkeypatch)
+    long = "(|" + "(iscsi-name=x)" * 560 + ")"
+    many = "(|" + "(a=1)" * (slp.MAX_ITEMS + 1) + ")"
+    assert len(long) > 7000 and len(many) < slp.MAX_PREDICATE
+    for predicate in (long, many):
+        before = a.work
+        assert slparse.parse_reply(a.handle(_srvrqst(predicate), "127.0.0.1", False))[1] == slp.PARSE_ERROR
+        assert a.handle(_srvrqst(predicate), "127.0.0.1", True) is None
+        assert a.work - before == 2          # the two datagrams, nothing tried on a service
+    assert len(calls) == 2 * slp.MAX_ITEMS   # `many` parsed up to its excess, twice; `long` never
+
+
+def test_a_request_costs_at_most_max_request_cost(monkeypatch):
+    """A predicate of MAX_ITEMS comparisons that matches nothing, against 2,000
+    targets on 2 portals: it is tried on MAX_REQUEST_COST / MAX_ITEMS services,
+    not 4,000, and the (empty) unicast reply says OVERFLOW: there was more."""
+    a = _big_agent(2000)
+    a.services("127.0.0.1")                   # built once per change: 4,000 services
+    predicate = "(|" + "".join(f"(alias=*no{i}*)" for i in range(slp.MAX_ITEMS)) + ")"
+    assert len(predicate) <= slp.MAX_PREDICATE
+    globs: list = []
+    real = slp._glob
+    monkeypatch.setattr(slp, "_glob", lambda *x: (globs.append(1), real(*x))[1])
+    before = a.work
+    reply = a.handle(_srvrqst(predicate), "127.0.0.1", False)
+    assert len(globs) == slp.MAX_REQUEST_COST    # one comparison per item per service tried
+    assert a.work - before <= slp.MAX_REQUEST_COST + 1
+    header, error, entries = slparse.parse_reply(reply)
+    assert error == 0 and entries == [] and struct.unpack(">H", reply[5:7])[0] & slp.OVERFLOW
+    # the services are cached: a second request builds nothing again; a change
+    # builds them again, counted as work (targets x portals)
+    assert a.services("127.0.0.1") is a.services("127.0.0.1")
+    before = a.work
+    a.update(a.targets, a.portals)
+    a.services("127.0.0.1")
+    assert a.work - before == 4000
+
+
+def test_by_default_only_open_targets_are_told_without_access_details():
+    """Finding 3: without slp_auth, a target with an ACL (SendTargets shows it
+    only to its initiators) is not told, and no CHAP user name is; an open
+    target says auth-name=any (true) and, with CHAP, no auth-cred."""
+    a = slp.ServiceAgent(["DEFAULT"])
+    a.update([slp.Target(IQN, "disk zero"), slp.Target(OTHER, acl=("iqn.2026-11.org.test:allowed",)),
+              slp.Target("iqn.2026-11.org.scsi-target:chap", chap_user="bob")], [("127.0.0.1", 3260, 1)])
+    got = urls(a.handle(creator.create_request("service:iscsi:target"), "127.0.0.1", False))
+    assert got == [URL0, "service:iscsi:target://127.0.0.1:3260/iqn.2026-11.org.scsi-target:chap"]
+    text = slparse.parse_attr_reply(a.handle(creator.create_attr_request("service:iscsi:target"),
+                                             "127.0.0.1", False))[2]
+    assert "(auth-name=any)" in text and "(auth-cred=any)" in text
+    assert "bob" not in text and "allowed" not in text and "vault" not in text
+    chap = a.services("127.0.0.1")[1]
+    assert "auth-cred" not in chap.attrs and b"bob" not in a.registration(chap)
+    url = f"service:iscsi:target://127.0.0.1:3260/{OTHER}"
+    assert slparse.parse_attr_reply(a.handle(creator.create_attr_request(url), "127.0.0.1", False))[2] == ""
+
+
+def test_directory_agents_are_the_configured_ones_or_a_few_discovered():
+    """Finding 3: anyone can send a DAAdvert. With DAs configured only their
+    hosts count; without, at most MAX_DAS are learnt (a DA going down frees its
+    place), each only for one of our scopes."""
+    a = slp.ServiceAgent(["DEFAULT"], das=["127.0.0.2"])
+    assert not a.da_advert(_da_advert(boot=9, scopes="DEFAULT"), "10.6.6.6")
+    assert a.da_advert(_da_advert(boot=9, scopes="DEFAULT"), "127.0.0.2")
+    assert list(a.das) == ["127.0.0.2"]
+
+    a = slp.ServiceAgent(["DEFAULT"])
+    for i in range(slp.MAX_DAS + 3):
+        a.da_advert(_da_advert(boot=9, scopes="DEFAULT"), f"10.0.0.{i}")
+    assert len(a.das) == slp.MAX_DAS
+    assert not a.da_advert(_da_advert(boot=9, scopes="other"), "10.0.0.1")
+    a.da_advert(_da_advert(boot=0, scopes="DEFAULT"), "10.0.0.0")
+    assert a.da_advert(_da_advert(boot=9, scopes="DEFAULT"), "10.0.0.99") and len(a.das) == slp.MAX_DAS

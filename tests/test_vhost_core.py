@@ -375,6 +375,83 @@ def test_link_loss_answers_everything_taken(ring):
     assert dq.take_used() == []
 
 
+def test_a_guest_reposting_one_head_gets_at_most_a_ring_in_flight(ring):
+    """A driver has at most a ring's worth of requests out (each holds a
+    head); a guest that posts one head again and again gets no more: the
+    ring is held until an answer frees a place, then taken from again."""
+    dq, vq, _ = ring
+    port = Port()
+    dev = device(vq, port)
+    head = scsi_request(dq, bytes(6))
+    for _ in range(vq.num - 1):
+        dq.offer(head)
+    dq.publish(kick=False)
+    dev.process(vq)
+    assert len(port.calls) == len(dev.requests) == vq.num
+    for _ in range(vq.num):
+        dq.offer(head)
+    dq.publish(kick=False)
+    dev.process(vq)
+    assert len(port.calls) == len(dev.requests) == vq.num and not dev.to_process
+    dev.xmit_response(port.calls[0][1], 0, None, 0, [])      # one answered: one place
+    assert dev.take_to_process() == [vq]
+    dev.process(vq)
+    assert len(port.calls) == vq.num + 1 and len(dev.requests) == vq.num
+
+
+def test_one_call_takes_at_most_a_ring_of_chains(ring, monkeypatch):
+    """A guest that posts as fast as the device takes (answered at once, so
+    nothing stays in flight) cannot keep process() going: it stops after a
+    ring's worth and asks to be called again."""
+    dq, vq, _ = ring
+    port = Port()
+    dev = device(vq, port)
+    dev.refused = "not in the ACL"           # every request: BAD_TARGET at once
+    head = scsi_request(dq, bytes(6))
+    dq.publish(kick=False)
+    pop, pops = vq.pop, []
+
+    def guest_keeps_posting():
+        pops.append(1)
+        if len(pops) > 10 * vq.num:
+            raise AssertionError("process() does not stop")
+        chain = pop()
+        dq.offer(head)                       # the guest posts it again at once
+        dq.publish(kick=False)
+        return chain
+    monkeypatch.setattr(vq, "pop", guest_keeps_posting)
+    dev.process(vq)
+    assert len(pops) == vq.num and not port.calls and not dev.requests
+    assert [h for h, _ in dq.take_used()] == [head] * vq.num
+    assert dev.take_to_process() == [vq]
+
+
+def test_a_ring_resized_after_its_addresses_waits_for_new_ones(ring):
+    """SET_VRING_NUM after SET_VRING_ADDR: the ring's views were cut for the
+    old size, so it is not ready (pop would index past them) until the
+    addresses are set again, even when the master starts it."""
+    dq, vq, mem = ring
+    s, obs, _ = session()
+    s.memory = mem
+    s.rings = [V.Virtqueue(0), V.Virtqueue(1), vq]
+    vq.started = False
+    s.handle(Message(Req.SET_VRING_NUM, 1, struct.pack("<2I", 2, 64)))
+    s.handle(Message(Req.SET_VRING_BASE, 1, struct.pack("<2I", 2, 20)))
+    s.handle(Message(Req.SET_VRING_KICK, 1, struct.pack("<Q", 2), [os.eventfd(0)]))
+    try:
+        dq.avail_idx = 21                       # one request past entry 20 of a 64-entry ring
+        dq.publish(kick=False)
+        port = Port()
+        dev = device(vq, port)
+        dev.process(vq)
+        assert vq.started and not vq.ready and not port.calls
+        s.handle(Message(Req.SET_VRING_ADDR, 1, struct.pack("<2I4Q", 2, 0, vq.desc_addr, vq.used_addr,
+                                                                vq.avail_addr, 0)))
+        assert vq.ready and vq.num == 64 and obs.changed[-1] == 2   # attached again, for 64 entries
+    finally:
+        s.close()
+
+
 def test_every_virtio_tmf_maps_to_a_contract_tmf():
     from fetd_vhost.scsi import TMF_FUNCTIONS, VTmf
     assert set(TMF_FUNCTIONS) == set(VTmf)

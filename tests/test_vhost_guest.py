@@ -71,6 +71,29 @@ def wait_until(cond, what: str, timeout: float = 30) -> None:
         time.sleep(0.05)
 
 
+class GuestRun:
+    """The guest's one script, whatever tests run (alone, with -k, in any
+    order): a test asks for the host's part of an earlier phase, and it is
+    done once, in the script's order, the first time anyone asks."""
+
+    def __init__(self, target: Target, vm: G.Guest) -> None:
+        self.target, self.vm = target, vm
+        self._hotplug: tuple[int, int, int] | None = None
+
+    def hotplug(self) -> tuple[int, int, int]:
+        """`lun add` and `lun resize` while the guest waits for them: (the new
+        LUN's number, its size and its new size in the guest, in blocks)."""
+        if self._hotplug is None:
+            vm, ddir = self.vm, self.target.data_dir
+            vm.wait("WAIT-HOTPLUG")
+            lun = mgmt(ddir, "lun", "add", "--target", IQN, "ram:8MiB")["lun"]
+            size = int(vm.wait("HOTPLUG", timeout=240))
+            vm.wait("WAIT-RESIZE")
+            mgmt(ddir, "lun", "resize", "--target", IQN, "1", "24MiB")
+            self._hotplug = (lun, size, int(vm.wait("RESIZED", timeout=240)))
+        return self._hotplug
+
+
 @pytest.fixture(scope="module")
 def booted(tmp_path_factory):
     try:
@@ -92,7 +115,7 @@ def booted(tmp_path_factory):
         wait_until(lambda: "fetd_vhost: attached to STML" in target.log(), "fetd_vhost attached")
         vm = G.Guest(k, rd, accel=accel, memory_mb=MEMORY_MB, log_path=tmp / "console.log",
                      args=G.vhost_scsi_args(sock, MEMORY_MB)).start()
-        yield target, vm
+        yield GuestRun(target, vm)
     finally:
         if vm is not None:
             vm.stop()
@@ -102,7 +125,7 @@ def booted(tmp_path_factory):
 
 
 def test_guest_file_system_cycle(booted):
-    target, vm = booted
+    target, vm = booted.target, booted.vm
     blocks, vendor = vm.wait("DISK").split()
     assert int(blocks) == (64 << 20) // 512 and vendor == "SCSITGT"
     assert vm.wait("A-FSCK") == "0"
@@ -115,21 +138,15 @@ def test_guest_file_system_cycle(booted):
 
 
 def test_lun_add_and_resize_reach_the_running_guest(booted):
-    target, vm = booted
-    vm.wait("WAIT-HOTPLUG")
-    added = mgmt(target.data_dir, "lun", "add", "--target", IQN, "ram:8MiB")
-    assert added["lun"] == 1
-    assert int(vm.wait("HOTPLUG", timeout=240)) == (8 << 20) // 512
-    vm.wait("WAIT-RESIZE")
-    mgmt(target.data_dir, "lun", "resize", "--target", IQN, "1", "24MiB")
-    assert int(vm.wait("RESIZED", timeout=240)) == (24 << 20) // 512
+    assert booted.hotplug() == (1, (8 << 20) // 512, (24 << 20) // 512)
 
 
 def test_the_guest_writes_through_an_stml_restart(booted):
     """The STML is killed while the guest writes and syncs; the supervisor
     restarts it, fetd_vhost registers again, commands in flight are retried
     (BUSY) and the rest wait in the rings: every write lands."""
-    target, vm = booted
+    target, vm = booted.target, booted.vm
+    booted.hotplug()                 # the script's earlier phase, if no test did it yet
     vm.wait("WAIT-RESTART")
     procs = children_by_module(target.proc.pid)
     os.kill(procs["stml"], signal.SIGKILL)

@@ -9,6 +9,7 @@ queues, event index, every task management function, the event queue
 messages, queue stop/start, an STML restart, and a restarted front end."""
 from __future__ import annotations
 
+import collections
 import os
 import select
 import signal
@@ -440,6 +441,36 @@ def test_stop_waits_for_requests_in_flight_then_restarts(gated, vhost, masters):
     assert m.run(q, inquiry(36), data_in=36).status == GOOD
 
 
+def test_a_ring_held_full_is_taken_from_again_as_answers_come(gated, vhost, masters):
+    """A guest that posts its heads again while they are in flight: fetd_vhost
+    takes a ring's worth, then holds the ring (nothing more reaches the
+    STML) until answers free places, and takes the rest then, without
+    another kick."""
+    g = gated()
+    m = masters(vhost(g.endpoint))
+    m.negotiate()
+    for i in (0, 1):
+        m.setup_queue(i, 8)
+    q, other = m.setup_queue(2, 8), m.setup_queue(3, 8)
+    names = [f"HL{i:02d}" for i in range(8)]
+    cmds = [m.submit(q, gate_cdb(name), indirect=True, publish=False) for name in names]   # a descriptor each
+    q.publish()
+    for name in names:
+        g.wait_started(name)      # all 8 taken: their avail slots may be written again
+    for c in cmds:
+        q.offer(c.head)           # each head posted again while it is in flight
+    q.publish()
+    # kicked after that kick: once this is answered, fetd_vhost has looked at q
+    assert m.run(other, TUR).response == OK
+    assert g.calls == collections.Counter(names)      # held: none of the 8 again
+    for name in names:
+        g.open(name)
+    q.wait_used(16)
+    assert q.used_idx() == 16
+    assert g.calls == collections.Counter(names * 2)
+    assert all((r.response, r.status) == (OK, GOOD) for r in (c.result(RESP_SIZE) for c in cmds))
+
+
 def test_stml_restart_fails_commands_in_flight_with_busy(tmp_short, gated, vhost, masters):
     data_dir = tmp_short()
     g = gated(data_dir)
@@ -512,6 +543,19 @@ def test_run_refuses_a_bad_vhost_flag(tmp_short, flag, message):
     p = subprocess.run([sys.executable, "-m", "scsi_target", "run", "--data-dir", str(tmp_short()),
                         "--lun", "ram:1MiB", "--vhost", flag], capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and message in p.stderr
+
+
+def test_run_refuses_a_vhost_socket_when_there_is_no_target(tmp_short):
+    import subprocess
+    import sys
+    d = tmp_short()
+    cfg = d / "target.toml"
+    cfg.write_text('target = []\n\n[[vhost]]\nsocket = "vm.sock"\n')
+    p = subprocess.run([sys.executable, "-m", "scsi_target", "run", "--data-dir", str(d / "data"),
+                        "--config", str(cfg)], capture_output=True, text=True, timeout=60)
+    assert (p.returncode, p.stdout) == (2, "")
+    assert p.stderr == (f"scsi-target: config error: vhost socket {d / 'vm.sock'}: "
+                        "the configuration has no target to serve\n")
 
 
 def test_acl_keeps_a_vm_out_until_management_lets_it_in(stml_factory, tmp_short, vhost, masters):

@@ -38,7 +38,9 @@ class FrontEndHandler(Protocol):
     # `data`: buffers (bytes or memoryviews; maybe memory the STML shares), valid until
     # the front end calls link.scsi_target_done([tag]): it must, for every response,
     # once the response is on the wire or dropped.
-    def task_mgmt_fn_done(self, tag: int, response: int, aborted: list[int]) -> None: ...
+    # `info` (1.6): only with QUERY ASYNCHRONOUS EVENT's SUCCEEDED, the additional response
+    # information; a handler written for an earlier version is never given it otherwise
+    def task_mgmt_fn_done(self, tag: int, response: int, aborted: list[int], info: bytes = b"") -> None: ...
     def report_aen(self, nexus: int | None, lun: int, sense: bytes) -> None: ...
     def link_lost(self) -> None: ...
     # optional (1.1): end a nexus the STML dropped; without it the link just releases it
@@ -112,8 +114,7 @@ class FrontEndLink:
             Op.RELEASE: self._on_release,
             Op.RDY_TO_XFER: lambda h, f: handler.rdy_to_xfer(h["tag"], h["offset"], h["length"]),
             Op.XMIT_RESPONSE: self._on_xmit_response,
-            Op.TMF_DONE: lambda h, f: handler.task_mgmt_fn_done(h["tag"], h["response"],
-                                                                h.get("aborted", [])),
+            Op.TMF_DONE: self._on_tmf_done,
             Op.REPORT_AEN: lambda h, f: handler.report_aen(h.get("nexus"), h["lun"], h["sense"]),
             Op.HEARTBEAT: lambda h, f: None,
             Op.DROP_NEXUS: self._on_drop_nexus,
@@ -508,6 +509,12 @@ class FrontEndLink:
                 self._leases[h["tag"]] = lease
         self.handler.xmit_response(h["tag"], h["status"], h.get("sense"), h.get("resid", 0), frames)
 
+    def _on_tmf_done(self, h: dict[str, Any], frames: list) -> None:
+        if "info" in h:   # 1.6, QUERY ASYNCHRONOUS EVENT only: handlers written earlier never see it
+            self.handler.task_mgmt_fn_done(h["tag"], h["response"], h.get("aborted", []), info=h["info"])
+        else:
+            self.handler.task_mgmt_fn_done(h["tag"], h["response"], h.get("aborted", []))
+
     def _on_drop_nexus(self, header: dict[str, Any], frames: list) -> None:
         nexus = header["nexus"]
         drop = getattr(self.handler, "drop_nexus", None)
@@ -585,8 +592,12 @@ class StmlSender:
         self.transport(ident, {"op": _XMIT_RESPONSE, "tag": tag, "status": status, "sense": sense,
                                "resid": resid}, data)
 
-    def task_mgmt_fn_done(self, ident: bytes, tag: int, response: int, aborted: list[int]) -> None:
-        self.transport(ident, {"op": _TMF_DONE, "tag": tag, "response": response, "aborted": aborted}, [])
+    def task_mgmt_fn_done(self, ident: bytes, tag: int, response: int, aborted: list[int],
+                          info: bytes = b"") -> None:
+        header = {"op": _TMF_DONE, "tag": tag, "response": response, "aborted": aborted}
+        if info:
+            header["info"] = info
+        self.transport(ident, header, [])
 
     def report_aen(self, ident: bytes, nexus: int | None, lun: int, sense: bytes) -> None:
         self.transport(ident, {"op": _O.REPORT_AEN, "nexus": nexus, "lun": lun, "sense": sense}, [])

@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import msgpack
 
-CONTRACT_VERSION = (1, 5)
+CONTRACT_VERSION = (1, 6)
 # an iSCSI name is at most 223 bytes (RFC 7143 4.2.7.1): initiator and target names
 # in register_nexus are held to it (an initiator port name adds ",i,0x" and 12 hex digits)
 MAX_NAME_LEN = 223
@@ -319,7 +319,8 @@ MESSAGES: tuple[Message, ...] = (
             "Orderly goodbye: the STML releases every nexus of this front end."),
     Message(Op.REGISTER_NEXUS, _TO, "front end",
             "A new I_T nexus (iSCSI: a session). Answered by `nexus_ready`. A target name "
-            "over 223 bytes (MAX_NAME_LEN), or an initiator over MAX_PORT_NAME_LEN, is refused.", (
+            "over 223 bytes (MAX_NAME_LEN), or an initiator over MAX_PORT_NAME_LEN, is refused; so "
+            "is an initiator the target's ACL does not name (whatever the front end checked).", (
                 _NEXUS,
                 Field("initiator", STR, "the initiator port (iSCSI: \"IQN,i,0xISID\")"),
                 Field("target", STR, "a target `detect` listed"),
@@ -330,8 +331,9 @@ MESSAGES: tuple[Message, ...] = (
             (_NEXUS,)),
     Message(Op.RX_CMND, _TO, "front end",
             "A new SCSI command. A header that names a command (tag, nexus, cdb) but has a bad "
-            "count field is answered with CHECK CONDITION (lun: LOGICAL UNIT NOT SUPPORTED, "
-            "else INVALID FIELD IN CDB); other malformed ones are refused.", (
+            "count field, or an attr that is no TaskAttr, is answered with CHECK CONDITION (lun: "
+            "LOGICAL UNIT NOT SUPPORTED, else INVALID FIELD IN COMMAND INFORMATION UNIT: a "
+            "transport field, not the CDB); other malformed ones are refused.", (
                 _TAG, _NEXUS,
                 Field("lun", INT, "the logical unit number"),
                 Field("cdb", BYTES, "the CDB, as the initiator sent it (not empty)"),
@@ -427,6 +429,9 @@ MESSAGES: tuple[Message, ...] = (
                 _TAG,
                 Field("response", INT, "a TmfResponse"),
                 Field("aborted", INTS, "the tags of the front end's tasks it aborted", False),
+                Field("info", BYTES, "QUERY ASYNCHRONOUS EVENT answered SUCCEEDED: the additional "
+                      "response information, 3 bytes (UADE depth << 4 | sense key, ASC, ASCQ)",
+                      False, since=(1, 6)),
             )),
     Message(Op.REPORT_AEN, _FROM, "front end",
             "An asynchronous event (a unit attention), for front ends that registered with aen.", (

@@ -6,6 +6,7 @@ needs, for task management and restart tests, without timing."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 import threading
 from pathlib import Path
@@ -25,6 +26,7 @@ class GatedStml:
         self.config = load(None, str(data_dir), iqn, luns)
         self.endpoint = self.config.stml_endpoint
         self.started: dict[str, threading.Event] = {}
+        self.calls: collections.Counter[str] = collections.Counter()   # name -> commands that reached the gate
         self._gates: dict[str, asyncio.Event] = {}
         self._lock = threading.Lock()
         self.loop = asyncio.new_event_loop()
@@ -49,6 +51,7 @@ class GatedStml:
 
     async def _handler(self, task: object) -> None:
         name = task.cdb[2:6].decode()   # type: ignore[attr-defined]
+        self.calls[name] += 1
         self._started(name).set()
         await self._gate(name).wait()
 

@@ -23,6 +23,7 @@ import shutil
 import signal
 import stat
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -301,8 +302,9 @@ class Guest:
     memory_mb: int = 256
     args: list[str] = field(default_factory=list)
     append: str = ""       # more kernel command line (a script reads /proc/cmdline)
-    log_path: Path | None = None
+    log_path: Path | None = None     # None: a file of its own in /tmp, removed by stop()
     proc: subprocess.Popen | None = None
+    _own_log: bool = field(default=False, repr=False)
 
     def argv(self) -> list[str]:
         return [qemu_binary(), "-accel", self.accel, "-m", f"{self.memory_mb}M", "-smp", "1",
@@ -314,10 +316,9 @@ class Guest:
 
     def start(self) -> Guest:
         if self.log_path is None:
-            import tempfile
             fd, name = tempfile.mkstemp(prefix="guest-", suffix=".log", dir="/tmp")
             os.close(fd)
-            self.log_path = Path(name)
+            self.log_path, self._own_log = Path(name), True
         with open(self.log_path, "wb") as out:
             self.proc = subprocess.Popen(self.argv(), stdout=out, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, start_new_session=True)
@@ -359,9 +360,13 @@ class Guest:
             raise TimeoutError(f"the guest did not power off:\n{self.console()[-4000:]}") from None
 
     def stop(self) -> None:
+        """Kill QEMU; a console file the guest made itself goes with it (the
+        KVM probe boots one per machine boot: they would pile up in /tmp)."""
         if self.proc is not None and self.proc.poll() is None:
             os.kill(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
+        if self._own_log and self.log_path is not None:
+            self.log_path.unlink(missing_ok=True)
 
 
 def vhost_scsi_args(socket_path: str, memory_mb: int, num_queues: int = 1) -> list[str]:

@@ -1,0 +1,287 @@
+"""The front end's sessions: found by TSIH, nexus and name, created and
+reinstated at login, ended when their last connection goes; and, at
+ErrorRecoveryLevel 2, the failed connections kept for TASK REASSIGN, each
+until its timer (or a cap) expires it."""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from typing import Any
+
+from fetd_tcp import login as L
+from fetd_tcp import pdu as P
+from fetd_tcp.limits import Limits
+from fetd_tcp.retain import Retained, retention
+from fetd_tcp.session import Connection, Session, Tags, Task
+from fetd_tcp.wire import PduWriter
+from scsi_runtime.logs import audit
+
+log = logging.getLogger("fetd_tcp")
+
+CMD_WINDOW = 128         # MaxCmdSN - ExpCmdSN + 1, capped by the STML's queue depth
+
+
+def cmd_window(limits: dict[str, Any]) -> int:
+    """Our CmdSN window, within the STML's queue depth (its detect `limits`)."""
+    return min(CMD_WINDOW, int(limits.get("queue_depth", CMD_WINDOW)))
+
+
+class SessionRegistry:
+    """Every session and what it is known by. `link` is the STML link (nexus
+    registration and release, our own aborts of expired tasks); `tags` the
+    front end's task tags."""
+
+    def __init__(self, link: Any, tags: Tags, limits: Limits) -> None:
+        self.link, self.tags, self.limits = link, tags, limits
+        self.sessions: dict[int, Session] = {}           # TSIH -> session
+        self.by_nexus: dict[int, Session] = {}           # nexus -> normal session
+        self.by_name: dict[tuple[str, bytes, str], Session] = {}   # (initiator, ISID, target) -> session
+        self.per_target: dict[str, int] = {}             # target -> normal sessions
+        self.nexus_ids = itertools.count(1)
+        self.tsihs = itertools.count(1)
+        # TSIH -> the portal it logged in through, and the initiator's address (audit lines)
+        self.session_portals: dict[int, tuple[str, str]] = {}
+        # ERL 2: failed connections kept for TASK REASSIGN, within a cap per host, each
+        # with the timer that expires it; our own ABORT TASKs of their tasks, by tag
+        self.retained: Retained[Connection] = Retained(limits.max_failed_per_host,
+                                                       lambda c: not c.account.closed)
+        self.expiry: dict[Connection, asyncio.TimerHandle] = {}
+        self.expiring: dict[int, Connection] = {}
+
+    def new_tsih(self) -> int:
+        while True:
+            tsih = next(self.tsihs) & 0xFFFF
+            if tsih and tsih not in self.sessions:
+                return tsih
+
+    def admit(self, o: L.LoginOutcome, tpgt: int, window: int, max_transfer: int, portal: str,
+              peer: str) -> Session:
+        """The session a finished login names, created (an older one of the
+        same initiator, ISID and target is reinstated: it ends) or joined; a
+        connection of it with the same CID ends (connection reinstatement).
+        The caller attaches the new connection."""
+        session = self.sessions.get(o.tsih)
+        discovery = o.session_type == "Discovery"
+        target = o.target.name if o.target else ""
+        if session is None:
+            old = self.by_name.get((o.initiator_name, o.isid, target))
+            if old is not None:
+                log.info("session reinstatement: closing old session TSIH %d", old.tsih)
+                for c in list(old.connections.values()):
+                    c.close()
+                self.end_session(old)
+            if o.target is not None:
+                window = min(window, o.target.cmdsn_depth)
+            session = Session(o.tsih, o.isid, o.initiator_name, target, tpgt, o.session,
+                              next(self.nexus_ids), o.cmd_sn, window, discovery=discovery,
+                              max_transfer=max_transfer, max_retain=self.limits.max_retain)
+            self.sessions[o.tsih] = session
+            self.by_name[(o.initiator_name, o.isid, target)] = session
+            if not discovery:
+                self.by_nexus[session.nexus] = session
+                self.per_target[target] = self.per_target.get(target, 0) + 1
+                self.link.register_nexus(session.nexus, session.initiator_port, target, tpgt)
+        self.session_portals.setdefault(o.tsih, (portal, peer))
+        log.info("login: %s 0x%s -> %s via %s tpgt %d, TSIH %d CID %d (%s)", o.initiator_name, o.isid.hex(),
+                 target or "discovery", portal, tpgt, o.tsih, o.cid,
+                 "new session" if len(session.connections) == 0 else "joins session",
+                 extra=audit(self.session_portals[o.tsih][1]))
+        old_conn = session.connections.get(o.cid)
+        if old_conn is not None:
+            # connection reinstatement: the old one ends now (at ERL 2 its tasks wait for
+            # TASK REASSIGN), its responses acknowledged as the new login says
+            old_conn.acknowledge(o.exp_stat_sn)
+            old_conn.close()
+            self.drop_connection(old_conn)
+        failed = session.failed.get(o.cid)
+        if failed is not None:
+            failed.acknowledge(o.exp_stat_sn)
+        return session
+
+    def attach(self, conn: Connection) -> None:
+        """A new connection of a session `admit` gave."""
+        conn.on_failed = self.fail_connection
+        conn.session.connections[conn.cid] = conn
+
+    def drop_nexus(self, nexus: int, reason: str) -> None:
+        """The STML ended this nexus (management `session drop`): tell the
+        initiator every connection is being dropped, close them, end the session."""
+        s = self.by_nexus.get(nexus)
+        if s is not None:
+            log.info("session TSIH %d of %s 0x%s dropped: %s", s.tsih, s.initiator, s.isid.hex(),
+                     reason or "by the STML")
+            conns = list(s.connections.values())
+            if conns:
+                conns[0].async_event(P.ASYNC_DROP_ALL_CONNECTIONS)   # Time2Wait/Time2Retain 0
+            for conn in conns:
+                conn.closing = True
+                conn.close()
+            self.end_session(s)
+
+    def abort_answered(self, tag: int, tasks: list[Task]) -> bool:
+        """The STML answered a TMF: True if it was our own ABORT TASK of a
+        task whose Time2Retain ran out (`tasks`: what it aborted)."""
+        failed = self.expiring.pop(tag, None)
+        if failed is None:
+            return False
+        for task in tasks:
+            task.conn.session.itts.pop(task.itt, None)
+            task.conn.release(task)
+        # counted per answer, aborted or not (the task may have completed first)
+        failed.aborting -= 1
+        if not failed.aborting:     # the last of them: the window is open now
+            self.window_update(failed.session)
+        return True
+
+    def link_lost(self) -> None:
+        """The STML is gone with every task: failed connections keep nothing,
+        sessions without connections end, every connection closes."""
+        # nor will it answer our aborts
+        self.expiring.clear()
+        for s in list(self.sessions.values()):
+            for failed in list(s.failed.values()):   # their tasks are gone with the STML
+                self.discard_failed(failed)
+            if not s.connections:
+                self.end_session(s)
+            for conn in list(s.connections.values()):
+                conn.close()
+
+    def drop_connection(self, conn: Connection) -> None:
+        """The connection is over: its tasks are forgotten (ErrorRecoveryLevel < 2:
+        nothing moves them to another connection) and what it held leaves the
+        budget (its unsent output once the socket is gone: PduWriter.retire).
+        At ERL 2 a connection that failed (no Logout ended it) keeps its tasks
+        for a TASK REASSIGN until Time2Wait + Time2Retain pass, and its session
+        lives on without connections as long (RFC 7143 6.3.5, 7.2.2)."""
+        s = conn.session
+        writer = conn.send
+        if conn.gone:
+            return      # already dropped (a reinstatement got there first)
+        conn.gone = True
+        # `closing` is set by a Logout, or by drop_nexus, which has ended the session already
+        if conn.closing and self.sessions.get(s.tsih) is s:
+            portal, peer = self.session_portals.get(s.tsih, ("?", "?"))
+            log.info("logout: %s 0x%s -> %s via %s, TSIH %d CID %d", s.initiator, s.isid.hex(),
+                     s.target or "discovery", portal, s.tsih, conn.cid, extra=audit(peer))
+        if s.connections.get(conn.cid) is conn:
+            del s.connections[conn.cid]
+        # (with the STML gone its tasks are gone too: nothing is left to reassign)
+        if s.erl >= 2 and not conn.closing and not s.discovery and self.link.connected.is_set() \
+                and (conn.failed or conn.orphans()):
+            self.fail_connection(conn)
+            if isinstance(writer, PduWriter):
+                writer.retire(release=False)
+            return
+        for task in [t for t in s.itts.values() if t.conn is conn]:
+            s.itts.pop(task.itt, None)
+            self.tags.tasks.pop(task.tag, None)
+            conn.release(task)
+        for task in [t for t in s.kept.values() if t.conn is conn]:
+            conn._forget(task)
+        if not s.connections and not s.failed:
+            self.end_session(s)
+        else:
+            self.window_update(s)
+        if isinstance(writer, PduWriter):
+            writer.retire()
+
+    def fail_connection(self, conn: Connection) -> None:
+        """ERL 2: a connection that failed with tasks keeps them, and its budget
+        share, for a TASK REASSIGN for Time2Wait + Time2Retain but at most
+        max_retain seconds; a session keeps at most MaxConnections failed
+        connections, one per CID (a CID failing again replaces the earlier
+        one, which the cap would no longer see), and a host
+        max_failed_per_host (fetd_tcp.retain): past either, the oldest is
+        expired now. One with no task keeps nothing: it is dropped as at
+        level 0 (drop_connection)."""
+        s = conn.session
+        if conn.failed or not conn.orphans():
+            return
+        if s.connections.get(conn.cid) is conn:
+            del s.connections[conn.cid]
+        earlier = s.failed.get(conn.cid)
+        conn.fail()
+        delay = retention(s.params.default_time2wait, s.params.default_time2retain, self.limits.max_retain)
+        log.info("connection CID %d of TSIH %d failed: %d task(s) kept for %g s", conn.cid, s.tsih,
+                 len(conn.orphans()), delay)
+        self.expiry[conn] = asyncio.get_running_loop().call_later(delay, self.expire, conn)
+        out = conn.send
+        over = [earlier] if earlier is not None else []
+        over += self.retained.keep(conn, out.host if isinstance(out, PduWriter) else "")
+        others = [c for c in s.failed.values() if c is not conn]
+        over += others[:len(s.failed) - max(1, s.params.max_connections)]
+        for old in over:
+            log.info("CID %d of TSIH %d: more failed connections than kept: its tasks are dropped",
+                     old.cid, old.session.tsih)
+            self.expire(old)
+
+    def expire(self, conn: Connection) -> None:
+        """Time2Wait + Time2Retain passed (or a newer failed connection took the
+        place): tasks nobody reassigned are dropped (aborted in the STML), then
+        the session too if it has no connection."""
+        self.retained.forget(conn)
+        timer = self.expiry.pop(conn, None)
+        if timer is not None:
+            timer.cancel()
+        s = conn.session
+        if conn.account.closed:
+            return     # every task was reassigned
+        running = conn.expire()
+        conn.aborting = len(running)
+        if running:
+            log.info("Time2Retain expired on CID %d of TSIH %d: %d task(s) aborted", conn.cid,
+                     s.tsih, len(running))
+        for task in running:
+            tag = self.tags.new()
+            self.expiring[tag] = conn
+            lun = P.lun_to_int(task.lun)
+            self.link.rx_task_mgmt_fn(tag, s.nexus, P.TMF_ABORT_TASK, 0xFFFF if lun is None else lun,
+                                      task.tag)
+        if running:
+            self.link.flush()
+        conn.account.close()
+        if not s.connections and not s.failed:
+            self.end_session(s)
+        elif not running:
+            self.window_update(s)
+
+    def discard_failed(self, conn: Connection) -> None:
+        """A failed connection's tasks are over without our aborts (its session
+        ends, or the STML that ran them is gone): what it holds goes now."""
+        self.retained.forget(conn)
+        timer = self.expiry.pop(conn, None)
+        if timer is not None:
+            timer.cancel()
+        conn.expire()
+        conn.account.close()
+
+    @staticmethod
+    def window_update(s: Session) -> None:
+        """Tasks went without a response: a window held shut may be open now."""
+        for conn in s.connections.values():
+            conn.window_update()
+            break
+
+    def end_session(self, s: Session) -> None:
+        """Forget a session (work in proportion to its own tasks, not to all)."""
+        if self.sessions.get(s.tsih) is s:
+            del self.sessions[s.tsih]
+            portal, peer = self.session_portals.pop(s.tsih, ("?", "?"))
+            log.info("session ended: %s 0x%s -> %s via %s, TSIH %d", s.initiator, s.isid.hex(),
+                     s.target or "discovery", portal, s.tsih, extra=audit(peer))
+            key = (s.initiator, s.isid, s.target)
+            if self.by_name.get(key) is s:
+                del self.by_name[key]
+            for task in s.itts.values():
+                self.tags.tasks.pop(task.tag, None)
+            for failed in list(s.failed.values()):   # the release below ends their tasks
+                self.discard_failed(failed)
+            if not s.discovery:
+                self.by_nexus.pop(s.nexus, None)
+                left = self.per_target.get(s.target, 1) - 1
+                if left:
+                    self.per_target[s.target] = left
+                else:
+                    self.per_target.pop(s.target, None)
+                self.link.scsi_release(s.nexus)

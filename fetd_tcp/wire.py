@@ -1,0 +1,325 @@
+"""A connection in the full feature phase on the wire: its input as a
+buffered protocol around the sans-IO framer and session, its output as a
+writer that sends each loop turn's PDUs in one writev."""
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+from typing import Any, Callable, Iterator
+
+from fetd_tcp import pdu as P
+from fetd_tcp.budget import Account
+from fetd_tcp.digest import DIGEST_LEN, digest, padding
+from fetd_tcp.session import Connection
+
+log = logging.getLogger("fetd_tcp")
+
+WRITE_BACKLOG = 4 << 20  # past this much unsent output, a connection stops reading until it drains
+CLOSE_LINGER = 5.0       # a closed connection's unsent output is dropped after this (peer not reading)
+
+
+class ConnectionProtocol(asyncio.BufferedProtocol):
+    """A connection's input in full feature phase, as a buffered protocol.
+
+    Every read is framed in place (fetd_tcp.pdu.PduFramer: big data segments
+    are received straight into a buffer of their own) and every complete PDU
+    it holds goes to `conn.receive` in order, within the read's callback (no
+    task wake-up per PDU); then what those PDUs queued for the STML leaves at
+    once (`link.flush`). `done` ends with the connection: a result when it
+    closes (EOF, Logout), an exception for a framing or digest error
+    (PDUError: after a data digest error a Reject goes out first) or a bug.
+    A PDU the session refuses (PDUError from `receive`) gets a Reject and the
+    connection goes on. While more than WRITE_BACKLOG bytes wait in the
+    transport, reading stops until it drains (as `drain()` did).
+    Shared memory `alloc` gives for a data segment goes back through
+    `release` once the PDU is handled (its data then went to the STML, which
+    holds it on its own, or was copied or dropped) or the connection ends."""
+
+    def __init__(self, conn: Connection, link: Any, transport: asyncio.Transport,
+                 alloc: Any = bytearray, release: Callable[[memoryview], None] | None = None) -> None:
+        p = conn.params
+        self.conn, self.link, self.transport = conn, link, transport
+        self.alloc, self.release = alloc, release
+        self.held: list[memoryview] = []   # shared segments taken, not yet given back
+        self.framer = P.PduFramer(p.header_digest, p.data_digest, p.max_recv_data_segment_length,
+                                  self._alloc if release is not None else alloc)
+        self.done: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.write_paused = False   # the transport's buffer is over its high-water mark
+        self.read_paused = False    # we paused reading until it is under its low-water mark
+
+    def take_over(self, reader: asyncio.StreamReader) -> None:
+        """Become the transport's protocol after login. What the StreamReader
+        already holds (an initiator may send its first commands right behind
+        the last Login Request) is handled first."""
+        # no public way to take it without awaiting; private, so not in typeshed
+        buffered = reader._buffer  # type: ignore[attr-defined]
+        pending = bytes(buffered)
+        buffered.clear()
+        self.transport.set_protocol(self)
+        self.transport.resume_reading()     # the StreamReader may have paused it
+        if pending:
+            self._run(self.framer.feed(pending))
+        if self.conn.closing:
+            self._end(None)
+        if reader.at_eof() or reader.exception() is not None:
+            self._end(None)                 # the initiator closed during login: as IncompleteReadError
+
+    def _alloc(self, size: int) -> bytearray | memoryview:
+        buf = self.alloc(size)
+        if type(buf) is memoryview:
+            self.held.append(buf)
+        return buf
+
+    def _give_back(self) -> None:
+        """The segments taken so far: the framer delivered them (or the connection ended)."""
+        held, self.held = self.held, []
+        assert self.release is not None   # held only with a release
+        for buf in held:
+            self.release(buf)
+
+    # -- asyncio.BufferedProtocol
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.framer.get_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.framer.received(nbytes)
+        if not self.done.done():
+            self._run()
+
+    def eof_received(self) -> None:
+        return None     # the transport closes: connection_lost ends `done`
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._end(exc)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        out = self.conn.send
+        if isinstance(out, PduWriter):
+            out.resample()
+            self.conn.window_update()
+        if self.read_paused and not self.done.done():
+            self.read_paused = False
+            self._run()
+            if not self.read_paused:
+                self.transport.resume_reading()
+
+    # -- input
+    def _run(self, feed: Iterator | None = None) -> None:
+        """Handle every complete PDU the framer holds (or `feed` yields), in
+        order, until the connection closes or its output backs up."""
+        conn, transport = self.conn, self.transport
+        source = self.framer.next if feed is None else functools.partial(next, feed, None)
+        handled = False
+        try:
+            while not conn.closing and not transport.is_closing():
+                try:
+                    item = source()
+                except P.DigestError as e:
+                    if conn.erl and e.header is not None:   # the PDU goes, the stream goes on
+                        conn.data_digest_error(e.header)
+                        handled = True
+                        continue
+                    if conn.erl and conn.bad_headers == 0:  # dropped; sequence numbers tell
+                        conn.bad_headers += 1
+                        continue
+                    if e.reject_reason == P.REJECT_DATA_DIGEST_ERROR:
+                        conn.reject(e.reject_reason, e.header or b"\0" * P.BHS_LEN)
+                    raise
+                if item is None:
+                    break
+                pdu, data, header = item
+                conn.idle = False
+                handled = True
+                try:
+                    conn.receive(pdu, data)
+                except P.PDUError as e:
+                    conn.reject(e.reject_reason, header)
+                finally:
+                    if self.held:
+                        self._give_back()
+                if feed is None and self.write_paused and transport.get_write_buffer_size() > WRITE_BACKLOG:
+                    self.read_paused = True
+                    transport.pause_reading()
+                    break
+            else:
+                if conn.closing:        # Logout: the connection ends here, as the read loop did
+                    self._end(None)
+        except Exception as e:          # PDUError, or a bug: it costs this connection only
+            self._fail(e)
+        finally:
+            if handled:
+                try:
+                    self.link.flush()
+                except Exception:
+                    log.exception("STML link flush failed")
+
+    def _fail(self, exc: Exception) -> None:
+        """The stream cannot be trusted (or we broke): send what is pending
+        (a Reject for a data digest error), close, and end with `exc`."""
+        try:
+            out = self.conn.send
+            if isinstance(out, PduWriter):
+                out.flush()
+        finally:
+            self.transport.close()
+            self._end(exc)
+
+    def _end(self, exc: BaseException | None) -> None:
+        if self.held:
+            self._give_back()    # e.g. a segment cut short, or one with a digest error
+        if self.done.done():
+            return
+        if exc is None:
+            self.done.set_result(None)
+        else:
+            self.done.set_exception(exc)
+
+
+class PduWriter:
+    """A connection's output: the PDUs produced during one loop iteration leave
+    in one writev (header, digest, data, padding as separate buffers: read data
+    is not copied), and only what the socket does not take goes through the
+    transport's buffer, which also keeps the order once it holds anything.
+    What that buffer holds counts in the connection's `account` as "out": it is
+    sampled after every flush and whenever the buffer drains (`resample`)."""
+
+    IOV_MAX = 1024
+
+    def __init__(self, writer: asyncio.StreamWriter, params: Any, pending: set | None = None,
+                 account: Account | None = None, done: Callable[[list[int]], None] | None = None,
+                 host: str = "") -> None:
+        self.pending = pending if pending is not None else set()   # writers with output queued
+        self.account = account
+        self.done = done            # told the tags whose responses a flush sent (link.scsi_target_done)
+        self.sent_tags: list[int] = []
+        self.host = host            # the initiator's address (ERL 2 keeps failures per host)
+        self.transport = writer.transport
+        self.fd = writer.get_extra_info("socket").fileno()
+        self.hd, self.dd = params.header_digest, params.data_digest
+        self.parts: list = []
+        self.size = 0               # bytes in parts
+        self.scheduled = False
+        self.loop = asyncio.get_running_loop()
+
+    def __call__(self, pdu: Any, data: bytes | memoryview) -> None:
+        hdr = pdu.encode()
+        parts = self.parts
+        parts.append(hdr)
+        size = len(hdr)
+        if self.hd:
+            parts.append(digest(hdr))
+            size += DIGEST_LEN
+        n = len(data)
+        if n:
+            parts.append(data)
+            pad = padding(n)
+            size += n + len(pad)
+            if pad:
+                parts.append(pad)
+            if self.dd:
+                parts.append(digest(data, pad))
+                size += DIGEST_LEN
+        self.size += size
+        if not self.scheduled:
+            self.scheduled = True
+            self.pending.add(self)
+            self.loop.call_soon(self.flush)
+
+    def close(self) -> None:
+        """Send what is pending (e.g. a Logout Response), then close."""
+        self.flush()
+        self.transport.close()
+
+    def retire(self, release: bool = True) -> None:
+        """The connection is over: close, and once the transport has nothing
+        left to send (or after CLOSE_LINGER, when the peer does not read: its
+        output is then dropped) the connection's account closes (unless not
+        `release`: ERL 2 keeps it for the tasks a TASK REASSIGN may claim)."""
+        if not release:
+            self.account = None
+        self.close()
+        if self.transport.get_write_buffer_size() == 0:
+            self._release()
+        else:
+            self.loop.call_later(CLOSE_LINGER, self._abort)
+
+    def _abort(self) -> None:
+        self.transport.abort()
+        self._release()
+
+    def _release(self) -> None:
+        if self.account is not None:
+            self.account.close()
+
+    def resample(self) -> None:
+        """The transport's buffer shrank (it drained): count what it still holds."""
+        if self.account is not None:
+            self.account.set("out", self.transport.get_write_buffer_size() + self.size)
+
+    def responded(self, tag: int) -> None:
+        """A response (queued by the last calls) is reported done once it is sent."""
+        if self.done is None:
+            return
+        self.sent_tags.append(tag)
+        if not self.scheduled:
+            self.scheduled = True
+            self.pending.add(self)
+            self.loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self.scheduled = False
+        self.pending.discard(self)
+        parts, self.parts = self.parts, []
+        size, self.size = self.size, 0
+        try:
+            if parts and not self.transport.is_closing():
+                try:
+                    self._send(parts, size)
+                finally:
+                    if self.account is not None:
+                        self.account.set("out", self.transport.get_write_buffer_size())
+        finally:
+            # their data is in the kernel, copied into the transport's buffer, or dropped
+            # with a closing connection: nothing refers to it any more
+            if self.sent_tags:
+                assert self.done is not None   # responded() keeps tags only with it
+                tags, self.sent_tags = self.sent_tags, []
+                self.done(tags)
+
+    def _send(self, parts: list, size: int) -> None:
+        if self.transport.get_write_buffer_size() == 0:
+            try:
+                while parts:
+                    chunk = parts[:self.IOV_MAX]
+                    n = os.writev(self.fd, chunk)
+                    size -= n
+                    if not size:
+                        return  # all sent (the usual case): no walk over the buffers
+                    parts = _advance(parts, n)
+                    if n < sum(len(c) for c in chunk):
+                        break  # the socket is full: the transport takes the rest
+            except BlockingIOError:
+                pass
+            except OSError:
+                self.transport.close()
+                return
+        if parts:
+            self.transport.write(b"".join(parts))
+
+
+def _advance(parts: list, n: int) -> list:
+    """The buffers left after the first n bytes of `parts` were sent."""
+    i = 0
+    while i < len(parts) and n >= len(parts[i]):
+        n -= len(parts[i])
+        i += 1
+    rest = parts[i:]
+    if n and rest:
+        rest[0] = memoryview(rest[0])[n:]
+    return rest

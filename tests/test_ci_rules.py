@@ -1,0 +1,104 @@
+"""The suite's own rules (tests/conftest.py): under CI (SCSI_TARGET_CI=1, set
+by .ci/run) a test that would skip fails, with its reason; elsewhere it skips
+with that reason."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import CI_VAR, need_root
+
+INNER = """
+import pytest
+
+def test_needs_a_package():
+    pytest.skip("frobnicator is not installed")
+
+@pytest.mark.skipif(True, reason="marked: not here")
+def test_marked():
+    pass
+
+@pytest.fixture
+def netns():
+    pytest.skip("fixture: no namespaces")
+
+def test_from_a_fixture(netns):
+    pass
+
+@pytest.mark.xfail(reason="a known failure is not a skip", strict=True)
+def test_expected_failure():
+    assert False
+
+def test_passes():
+    pass
+"""
+
+
+def test_a_skip_fails_under_ci_and_says_why(pytester, monkeypatch):
+    pytester.makepyfile(test_inner=INNER)
+    monkeypatch.setenv(CI_VAR, "1")
+    r = pytester.runpytest("-p", "conftest")
+    r.assert_outcomes(passed=1, failed=1, errors=2, xfailed=1)   # setup skips: errors
+    text = r.stdout.str()
+    for why in ("frobnicator is not installed", "marked: not here", "fixture: no namespaces"):
+        assert f"{CI_VAR}=1: nothing may skip under CI" in text and why in text
+
+
+def test_without_ci_a_skip_is_a_skip_with_its_reason(pytester, monkeypatch):
+    pytester.makepyfile(test_inner=INNER)
+    monkeypatch.delenv(CI_VAR, raising=False)
+    r = pytester.runpytest("-p", "conftest", "-rs")
+    r.assert_outcomes(passed=1, skipped=3, xfailed=1)
+    r.stdout.fnmatch_lines(["*frobnicator is not installed*", "*marked: not here*", "*fixture: no namespaces*"])
+
+
+def test_a_module_that_skips_whole_fails_under_ci(pytester, monkeypatch):
+    pytester.makepyfile(test_inner='import pytest\npytest.skip("no tool", allow_module_level=True)\n')
+    monkeypatch.setenv(CI_VAR, "1")
+    r = pytester.runpytest("-p", "conftest")
+    assert r.ret != 0 and "no tool" in r.stdout.str()
+
+
+def test_need_root_skips_with_a_reason_when_not_root(monkeypatch):
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    with pytest.raises(pytest.skip.Exception, match="network namespaces: needs root"):
+        need_root("network namespaces")
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    need_root("network namespaces")
+
+
+def test_ci_sets_the_variable_before_the_readmes_command():
+    """.ci/run exports it; the command itself stays the README's (tests/test_docs.py)."""
+    lines = (Path(__file__).resolve().parent.parent / ".ci" / "run").read_text().splitlines()
+    command = next(i for i, line in enumerate(lines) if line.startswith("scripts/test-deps"))
+    assert f"export {CI_VAR}=1" in lines[:command]
+
+
+# every test that makes network namespaces (or binds UDP port 427 in one)
+NAMESPACE_TESTS = ("tests/test_slp_e2e.py", "tests/test_rbd_gateways.py",
+                   "tests/test_remote_fe.py::test_remote_front_end_over_curve")
+
+
+def test_tests_that_need_namespaces_skip_without_the_rights_to_make_them():
+    """Not root, or root without capabilities (an unprivileged container):
+    the namespace tests skip, each with its reason, and none errors (the SLP
+    fixture raised CalledProcessError, the gateways' bridge RuntimeError)."""
+    argv = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *NAMESPACE_TESTS]
+    if os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")   # util-linux: root, with no capability left
+        if setpriv is None:
+            pytest.skip("setpriv (util-linux) is not installed")
+        argv = [setpriv, "--inh-caps=-all", "--bounding-set=-all", "--", *argv]
+    env = {k: v for k, v in os.environ.items() if k != CI_VAR}
+    root = Path(__file__).resolve().parent.parent
+    p = subprocess.run(argv, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and re.search(r"^7 skipped in ", p.stdout, re.M), p.stdout[-3000:]
+    reasons = re.findall(r"^SKIPPED \[\d+\] \S+: (.*)$", p.stdout, re.M)
+    assert reasons and all(re.search(r"needs root|cannot create|cannot make|not installed", r)
+                                     for r in reasons), reasons

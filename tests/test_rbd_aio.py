@@ -1,0 +1,326 @@
+"""The RBD backend's lifetimes, against a fake librbd (no Ceph): a buffer
+stays pinned while librbd may still touch it, whatever ends the command's
+wait (an abort, a step down, the image closing); closing waits for the
+calls under way; a fenced call tells the gateway at once, from any thread.
+
+librbd's timing cannot be forced, so the fake takes its place behind
+backends.rbd's Client and Image: the test says when a call completes and
+what rbd_close does (what the real library does: end every call first).
+The same paths against a real cluster are in test_rbd.py.
+"""
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import errno
+import itertools
+import os
+import threading
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from backends import rbd as R
+from backends.librbd import EBLOCKLISTED, CephError
+
+
+def until(cond: Any) -> None:
+    """Wait for another thread to get somewhere (a guard against a hang, not a timing)."""
+    for _ in range(3000):
+        if cond():
+            return
+        threading.Event().wait(0.01)
+    raise AssertionError("never happened")
+
+
+def pinned(buf: bytearray) -> bool:
+    """Whether something holds the buffer's memory (a resize is refused then)."""
+    try:
+        buf.append(0)
+    except BufferError:
+        return True
+    buf.pop()
+    return False
+
+
+class FakeImage:
+    """librbd's side: aio calls stay in flight until complete() (which, for a
+    read, writes into the caller's buffer as librbd does); close() ends every
+    call still in flight first, as rbd_close does, and records whether their
+    buffers were still pinned when librbd wrote into them."""
+
+    def __init__(self, ioctx: Any, name: str) -> None:
+        self.fd = -1
+        self.ids = itertools.count(1000)
+        self.flying: dict[int, tuple[str, tuple]] = {}
+        self.done: list[tuple[int, int]] = []          # completed, not yet polled
+        self.finished: dict[int, int] = {}             # completed, never polled (the image closed)
+        self.events: list[str] = []
+        self.watch: Any = None
+        self.on_close: Any = None
+        self.sync_gate: threading.Event | None = None  # a synchronous read waits for it
+
+    # what RbdBackend._open asks
+    def size(self) -> int:
+        return 1 << 20
+
+    def object_size(self) -> int:
+        return 4 << 20
+
+    def image_id(self) -> str:
+        return "fake"
+
+    def watch_updates(self, cb: Any) -> None:
+        self.watch = cb
+
+    # synchronous calls
+    def read(self, offset: int, buf: Any) -> None:
+        self.events.append("read begins")
+        if self.sync_gate is not None:
+            self.sync_gate.wait(30)
+        self.events.append("read ends")
+
+    def compare_and_write(self, offset: int, compare: bytes, data: bytes) -> int | None:
+        raise CephError(EBLOCKLISTED, "rbd_compare_and_write: Cannot send after transport endpoint shutdown")
+
+    # aio
+    def enable_events(self, fd: int) -> None:
+        self.fd = fd   # the caller's: librbd only signals it
+
+    def completion(self) -> int:
+        return next(self.ids)
+
+    def start(self, name: str, comp: Any, *args: Any) -> None:
+        assert "closed" not in self.events, "a call reached a closed image"
+        self.flying[comp] = (name, args)
+
+    def complete(self, comp: int, data: bytes = b"") -> None:
+        """librbd ends a call: a read's data lands in its buffer, then the eventfd."""
+        name, args = self.flying.pop(comp)
+        ret = 0
+        if name == "readv":
+            arr, n = args[0], args[1]
+            ctypes.memmove(arr[0].iov_base, data, arr[0].iov_len)
+            ret = arr[0].iov_len
+        if self.fd >= 0 and "closed" not in self.events:
+            self.done.append((comp, ret))
+            os.eventfd_write(self.fd, 1)
+        else:
+            self.finished[comp] = ret
+
+    def poll(self) -> list[tuple[int, int]]:
+        assert "closed" not in self.events, "a closed image was polled"
+        out, self.done = self.done, []
+        return out
+
+    def outcome(self, comp: int) -> int | None:
+        return self.finished.pop(comp, None)
+
+    def close(self) -> None:
+        if self.on_close is not None:
+            self.on_close()
+        self.events.append("closed")
+        for comp in list(self.flying):
+            self.complete(comp, b"L" * 4096)
+        self.finished.update(self.done)   # completed but never polled: rbd_close leaves them
+        self.done = []
+        self.fd = -1   # librbd lets go of it (the caller closes it)
+
+
+class FakeClient:
+    def __init__(self, *conf: Any) -> None:
+        pass
+
+    def ioctx(self, pool: str, namespace: str = "") -> Any:
+        return SimpleNamespace(pool_id=lambda: 1, destroy=lambda: None)
+
+    def fsid(self) -> str:
+        return "00000000-0000-0000-0000-000000000000"
+
+    def address(self) -> str:
+        return "127.0.0.1:0/1"
+
+    def shutdown(self) -> None:
+        pass
+
+
+@pytest.fixture
+def backend(monkeypatch):
+    monkeypatch.setattr(R, "Client", FakeClient)
+    monkeypatch.setattr(R, "Image", FakeImage)
+    b = R.RbdBackend("rbd/fake")
+    yield b
+    b.close()
+
+
+def test_closing_the_image_leaves_a_read_in_flight_its_buffer_until_librbd_ends_it(backend):
+    """A LUN closes with a read in flight: librbd (rbd_close) writes the data
+    into the buffer while it is still pinned, and only then does the read's
+    future end, with what librbd said. It was unpinned and failed at once,
+    before rbd_close, which then wrote into memory the STML had let go."""
+    image: FakeImage = backend.image
+    buf = bytearray(4096)
+    at_close: list[bool] = []
+    image.on_close = lambda: at_close.append(pinned(buf))
+
+    async def run() -> None:
+        fut = backend.aio.read_into(0, memoryview(buf))
+        assert pinned(buf) and not fut.done()
+        await asyncio.get_running_loop().run_in_executor(None, backend.close)
+        await asyncio.sleep(0)    # the outcome reaches the loop
+        assert fut.done() and fut.exception() is None
+    asyncio.run(run())
+    assert at_close == [True], "the buffer was let go before rbd_close ended the read"
+    assert bytes(buf) == b"L" * 4096 and not pinned(buf)
+
+
+def test_an_aborted_read_keeps_its_buffer_until_librbd_completes_it(backend):
+    """The task waiting for a read is cancelled (an abort): the buffer stays
+    pinned until librbd completes the call, then goes."""
+    image: FakeImage = backend.image
+    buf = bytearray(4096)
+
+    async def run() -> None:
+        fut = backend.aio.read_into(0, memoryview(buf))
+        fut.cancel()
+        await asyncio.sleep(0)
+        assert pinned(buf)
+        (comp,) = image.flying
+        image.complete(comp, b"D" * 4096)
+        while pinned(buf):        # the eventfd wakes the loop's collector
+            await asyncio.sleep(0.01)
+    asyncio.run(asyncio.wait_for(run(), 30))
+    assert bytes(buf) == b"D" * 4096
+
+
+def test_standing_down_leaves_calls_in_flight_to_librbd(backend):
+    """A gateway that stands down (fenced) releases its front ends and lets its
+    locks go; a read librbd still has keeps its buffer and ends when librbd
+    ends it. step_down failed it and unpinned its buffer at once."""
+    from stml.gateway import ACTIVE, Gateway
+    lu = SimpleNamespace(backend=backend, target="t", lun=0)
+    em = SimpleNamespace(targets={"t": SimpleNamespace(luns={0: lu})}, front_ends={}, standby=None,
+                         configured_tpgs=set(), local_tpgs=None)
+    image: FakeImage = backend.image
+    buf = bytearray(4096)
+
+    async def run() -> None:
+        gw = Gateway(em, None)   # type: ignore[arg-type]
+        gw.role = ACTIVE
+        fut = backend.aio.read_into(0, memoryview(buf))
+        gw.step_down("fenced on image rbd/fake")
+        assert em.standby is not None
+        assert not fut.done() and pinned(buf)
+        (comp,) = image.flying
+        image.complete(comp, b"S" * 4096)
+        await asyncio.wait_for(asyncio.shield(fut), 30)
+    asyncio.run(run())
+    assert bytes(buf) == b"S" * 4096 and not pinned(buf)
+
+
+def test_close_waits_for_a_synchronous_call_and_refuses_new_ones(backend):
+    """close() while a worker thread is inside a librbd call: rbd_close waits
+    for that call, and calls made meanwhile are refused (ESHUTDOWN), never
+    made on a closing image."""
+    image: FakeImage = backend.image
+    image.sync_gate = threading.Event()
+    reader = threading.Thread(target=backend.read_into, args=(0, memoryview(bytearray(512))))
+    reader.start()
+    until(lambda: "read begins" in image.events)
+    closer = threading.Thread(target=backend.close)
+    closer.start()
+    refused = None
+    while refused is None and "closed" not in image.events:   # until close() has begun
+        try:
+            backend.refresh_size()
+        except R.RbdError as e:
+            refused = e
+    assert image.events == ["read begins"], "the image closed under a call"
+    assert refused is not None and refused.errno == errno.ESHUTDOWN
+    image.sync_gate.set()
+    reader.join(30)
+    closer.join(30)
+    assert image.events == ["read begins", "read ends", "closed"]
+
+
+def test_a_fenced_synchronous_call_tells_the_gateway_once_and_is_eshutdown(backend):
+    """COMPARE AND WRITE runs in a worker thread: the cluster refusing it
+    (blocklisted) tells on_fenced at once (it only set a flag: the gateway
+    learnt up to a second later), once, and the error carries ESHUTDOWN,
+    which the STML answers with a path error, not MEDIUM ERROR."""
+    told: list[str] = []
+    backend.on_fenced = lambda: told.append(threading.current_thread().name)
+
+    def caw() -> R.RbdError:
+        with pytest.raises(R.RbdError) as e:
+            backend.compare_and_write(0, bytes(512), bytes(512), False)
+        return e.value
+    errors = []
+    for _ in range(2):
+        t = threading.Thread(target=lambda: errors.append(caw()), name="worker")
+        t.start()
+        t.join(30)
+    assert told == ["worker"] and backend.fenced
+    assert [e.errno for e in errors] == [errno.ESHUTDOWN, errno.ESHUTDOWN]
+
+
+def test_closing_in_a_worker_while_the_loop_waits_for_that_worker_does_not_hang(backend):
+    """An STML that stops waits on its loop for its worker threads
+    (executor.shutdown); a worker closing an image meanwhile (a LUN being
+    removed, a fenced client reopened) must not wait for the loop in turn.
+    Detaching used to run on the loop and wait for it: the stop hung."""
+    buf = bytearray(4096)
+
+    async def run() -> None:
+        fut = backend.aio.read_into(0, memoryview(buf))
+        closer = threading.Thread(target=backend.close)
+        closer.start()
+        closer.join(30)   # the loop is held here, as executor.shutdown(wait=True) holds it
+        assert not closer.is_alive(), "close waited for the loop that waited for it"
+        await asyncio.wait_for(asyncio.shield(fut), 30)
+    asyncio.run(run())
+    assert bytes(buf) == b"L" * 4096 and not pinned(buf)
+
+
+def test_a_fenced_compare_and_write_stands_the_gateway_down_before_it_answers(backend):
+    """COMPARE AND WRITE (in a worker thread) is refused by the cluster
+    (blocklisted): the active gateway stands down at once - its front end is
+    released, the command goes with it unanswered (the step down is posted
+    before the call's outcome) - and no MEDIUM ERROR goes out. The command
+    answered MEDIUM ERROR, and the gateway stood down only at its next lock
+    check."""
+    import struct
+    from concurrent.futures import ThreadPoolExecutor
+    from stml.api import Op
+    from stml.emulator import Emulator, Target
+    from stml.gateway import ACTIVE, STANDBY, Gateway
+    from stml.lu import LogicalUnit, LunOptions
+    t = "iqn.2026-11.org.test:t"
+    sent: list[dict] = []
+    lu = LogicalUnit(t, 0, backend, LunOptions(kind="ram", size=1 << 20), None)
+    executor = ThreadPoolExecutor(2)
+    em = Emulator([Target(t, {0: lu})], lambda ident, h, f: sent.append(h), executor)
+    lu.template = em.templates["disk"]
+    block = bytes(512)
+    cdb = struct.pack(">BBQBBBBBB", 0x89, 0, 8, 0, 0, 0, 1, 0, 0)
+
+    async def run() -> Gateway:
+        gw = Gateway(em, executor)
+        gw.watch(lu)
+        gw.role = ACTIVE
+        em.handle(b"fe", {"op": Op.REGISTER, "version": [1, 0], "kind": "test", "name": "t",
+                          "heartbeat_ms": 1000, "aen": False}, [])
+        em.handle(b"fe", {"op": Op.REGISTER_NEXUS, "nexus": 1, "initiator": "iqn.2026-11.org.test:i",
+                          "target": t, "tpg": 1}, [])
+        em.handle(b"fe", {"op": Op.RX_CMND, "tag": 7, "nexus": 1, "lun": 0, "cdb": cdb, "attr": 0,
+                          "dir": 1, "len": 1024, "unsol": 1024}, [block + block])
+        for _ in range(3000):   # a guard against a hang, not a timing
+            if not lu.task_set.tasks:
+                break
+            await asyncio.sleep(0.01)
+        return gw
+    gw = asyncio.run(run())
+    answers = [h for h in sent if h["op"] == Op.XMIT_RESPONSE and h["tag"] == 7]
+    assert gw.role == STANDBY and [h["op"] for h in sent if h["op"] == Op.RELEASE] == [Op.RELEASE]
+    assert answers == [], "the command goes with its front end, unanswered (no MEDIUM ERROR)"
