@@ -118,7 +118,10 @@ def _describe_command(m: Any) -> str:
     if h.get("op") == "rx_task_mgmt_fn":
         from stml.api import Tmf
         fn = h.get("fn")
-        name = Tmf(fn).name if fn in Tmf._value2member_map_ else f"TMF {fn}"
+        try:
+            name = Tmf(fn).name
+        except ValueError:
+            name = f"TMF {fn}"
         return f"record {m.index}: {name} nexus {h.get('nexus')} LUN {h.get('lun')} ref {h.get('ref')}"
     cdb = h.get("cdb") or b""
     lba, blocks = lba_blocks(cdb)

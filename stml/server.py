@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from zmq.auth.thread import ThreadAuthenticator
 
     from stml.metrics import PrometheusExporter
+    from stml.trace.recorder import Recorder
 
 log = logging.getLogger("stml")
 WORKER_THREADS = 8   # threads for blocking backend calls, shared fairly among LUs
@@ -197,7 +198,7 @@ class StmlServer:
         self._taps: list[Tap] = []
         # where the carriers hand a message in: _receive, or _receive_tapped with a tap
         self.received: Callable[..., None] = self._receive
-        self.recorder: Any = None   # the trace being written (stml.trace.recorder.Recorder)
+        self.recorder: Recorder | None = None   # the trace being written, or the last one
 
     def add_tap(self, tap: Tap) -> None:
         """See every message from now on (stml.api.tap), after the taps already there."""
@@ -222,7 +223,7 @@ class StmlServer:
 
     def start_trace(self, path: str, *, with_data: bool = False, max_bytes: int | None = None,
                     count: int | None = None, lease_s: float | None = None, force: bool = False,
-                    from_start: bool = False) -> Any:
+                    from_start: bool = False) -> Recorder:
         """Record every message from now on (stml.trace.recorder); OSError when
         the file cannot be made, RuntimeError when a trace is being recorded."""
         from stml.trace.recorder import DEFAULT_MAX_BYTES, Recorder, first_record, open_output

@@ -24,7 +24,7 @@ import msgpack
 
 from crc32c import crc32c
 
-from stml.api import Op, pack
+from stml.api import CONTRACT_VERSION, Op, pack
 from stml.api.tap import FROM_STML, TO_STML, Peer
 from stml.trace.format import FORMAT, MAGIC, digest
 
@@ -114,15 +114,10 @@ def state(em: Any) -> dict[str, Any]:
 
 
 def first_record(em: Any, *, from_start: bool, with_data: bool, max_bytes: int) -> dict[str, Any]:
-    return {"trace": MAGIC, "format": list(FORMAT), "contract": list(_contract_version()),
+    return {"trace": MAGIC, "format": list(FORMAT), "contract": list(CONTRACT_VERSION),
             "t0": time.monotonic_ns(), "wall": time.time(), "from_start": from_start,
             "with_data": with_data, "max_bytes": max_bytes,
             "config": configuration(em), "state": state(em)}
-
-
-def _contract_version() -> tuple[int, int]:
-    from stml.api import CONTRACT_VERSION
-    return CONTRACT_VERSION
 
 
 class Output(Protocol):

@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from backends.ram import RamBackend
-from stml.api import Op
-from stml.api.tap import FROM_STML, TO_STML
+from stml.api import CONTRACT_VERSION, Op
+from stml.api.tap import FROM_STML
 from stml.trace.format import Message, Note, TraceError, TraceReader, data_digest, digest
 
 # answers compared, and how each is found: by tag, by nexus, or in order per front end
@@ -280,11 +280,10 @@ class Replayer:
             lu.medium_present = s.get("medium_present", True)
             lu.prevent = set(s.get("prevent") or ())
             for key, uas in (s.get("unit_attentions") or {}).items():
-                stored = lu.add_ua(tuple(uas[0]), [key]) if uas else []
-                for ua in uas[1:]:
+                for ua in uas:   # oldest first, as they were queued
                     lu.add_ua(tuple(ua), [key])
-                for k in stored:
-                    em._ua_luns.setdefault(k, set()).add(lu)
+                if uas:
+                    em._ua_luns.setdefault(key, set()).add(lu)
             if s.get("pr") is not None:
                 pr.state(lu).load_json(s["pr"])
 
@@ -332,7 +331,7 @@ class Replayer:
         self.setup = True
         for fe in state.get("front_ends") or ():
             peer = fe["peer"]
-            em.handle(peer, {"op": Op.REGISTER.value, "version": list(first_version()), "kind": fe["kind"],
+            em.handle(peer, {"op": Op.REGISTER.value, "version": list(CONTRACT_VERSION), "kind": fe["kind"],
                              "name": fe["name"], "heartbeat_ms": fe.get("heartbeat_ms", 1000),
                              "aen": fe.get("aen", False), "caps": fe.get("caps") or []}, [])
             for n in fe.get("nexuses") or ():
@@ -465,11 +464,6 @@ class Replayer:
         return ""
 
 
-def first_version() -> tuple[int, int]:
-    from stml.api import CONTRACT_VERSION
-    return CONTRACT_VERSION
-
-
 def _load(backend: ReplayRam, path: str, size: int) -> None:
     """--lun-data: the file's first `size` bytes as the LUN's content (pages of
     zeros stay unallocated, as in any RAM LUN)."""
@@ -487,6 +481,3 @@ def _load(backend: ReplayRam, path: str, size: int) -> None:
     except OSError as e:
         raise TraceError(f"--lun-data {path}: {e.strerror or e}") from None
 
-
-def to_stml(m: Message) -> bool:
-    return m.direction == TO_STML

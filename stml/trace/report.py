@@ -11,6 +11,7 @@ from typing import IO, Any, Iterator
 
 from stml.api import Op
 from stml.api.tap import FROM_STML, TO_STML
+from stml.cdb import trim_cdb
 from stml.trace.format import Message, Note, TraceReader, data_digest
 
 _RX_CMND, _RX_DATA, _RDY, _XMIT, _TMF_DONE = (Op.RX_CMND.value, Op.RX_DATA.value, Op.RDY_TO_XFER.value,
@@ -128,10 +129,7 @@ def _step(m: Message, t0: int, names: dict[bytes, str], open_: dict[tuple[bytes,
         if op == Op.REGISTER.value:
             names[m.peer] = str(h.get("name", ""))
         elif op == _RX_CMND and type(h.get("tag")) is int and isinstance(h.get("cdb"), bytes):
-            cdb = h["cdb"]
-            from stml.cdb import trim_cdb
-            if cdb:
-                cdb = trim_cdb(cdb)
+            cdb = trim_cdb(h["cdb"]) if h["cdb"] else h["cdb"]
             key = (m.peer, h["tag"])
             stale = open_.pop(key, None)   # a tag reused: the first one's answer is not in the trace
             if stale is not None:
@@ -254,8 +252,7 @@ def plot(path: str, png: str) -> None:
         ordered = sorted(lats)
         cdf.plot(ordered, [(i + 1) / len(ordered) for i in range(len(ordered))], label=f"{name} ({len(lats)})")
         timeline.scatter(ts, lats, s=4, label=name)
-    for ax in (cdf, timeline):
-        ax.set_yscale("linear" if ax is cdf else "log")
+    timeline.set_yscale("log")
     cdf.set_xscale("log")
     cdf.set_xlabel("latency in the STML (us, rx_cmnd to xmit_response)")
     cdf.set_ylabel("fraction of commands")
