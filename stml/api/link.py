@@ -183,9 +183,8 @@ class FrontEndLink:
         channel.send([pack(header), *data])
 
     def register_nexus(self, nexus: int, initiator: str, target: str, tpg: int) -> None:
-        info = {"initiator": initiator, "target": target, "tpg": tpg}
-        self.nexuses[nexus] = info
-        self._send({"op": _O.REGISTER_NEXUS, "nexus": nexus, **info})
+        self.nexuses[nexus] = {"initiator": initiator, "target": target, "tpg": tpg}
+        self._send(nexus_registration(nexus, initiator, target, tpg))
 
     def scsi_release(self, nexus: int) -> None:
         if self.nexuses.pop(nexus, None) is not None:
@@ -361,9 +360,8 @@ class FrontEndLink:
         does not know."""
         channel = self._channel
         caps = [Cap.WRITE_REGION] if isinstance(channel, StreamChannel) and channel.region else []
-        self._send({"op": _O.REGISTER, "version": list(self.version), "kind": self.kind,
-                    "name": self.name, "heartbeat_ms": int(self.heartbeat * 1000),
-                    "aen": self.aen, "caps": caps})
+        self._send(registration(self.name, self.kind, int(self.heartbeat * 1000), self.aen, caps,
+                                self.version))
 
     def start(self) -> None:
         """Connect and register; the link then runs until close()."""
@@ -498,7 +496,7 @@ class FrontEndLink:
         self.connected.set()
         if not was_connected:
             for nexus, info in self.nexuses.items():
-                self._send({"op": _O.REGISTER_NEXUS, "nexus": nexus, **info})
+                self._send(nexus_registration(nexus, info["initiator"], info["target"], info["tpg"]))
         self.handler.detect(self.detect_info)
 
     def _on_xmit_response(self, h: dict[str, Any], frames: list) -> None:
@@ -613,6 +611,19 @@ class StmlSender:
         else:
             header["error"] = error
         self.transport(ident, header, [])
+
+
+def registration(name: str, kind: str, heartbeat_ms: int, aen: bool, caps: Sequence[str],
+                 version: tuple[int, int] = CONTRACT_VERSION) -> dict[str, Any]:
+    """A `register_target_front_end` header (a link's, or replay's for a front
+    end that was registered when a trace began)."""
+    return {"op": _O.REGISTER, "version": list(version), "kind": kind, "name": name,
+            "heartbeat_ms": heartbeat_ms, "aen": aen, "caps": list(caps)}
+
+
+def nexus_registration(nexus: int, initiator: str, target: str, tpg: int) -> dict[str, Any]:
+    """A `register_nexus` header."""
+    return {"op": _O.REGISTER_NEXUS, "nexus": nexus, "initiator": initiator, "target": target, "tpg": tpg}
 
 
 def mgmt_request(rid: int, cmd: str, args: dict[str, Any]) -> bytes:

@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from backends.ram import RamBackend
-from stml.api import CONTRACT_VERSION, Op
+from stml.api import Op
+from stml.api.link import nexus_registration, registration
 from stml.api.tap import FROM_STML
 from stml.trace.format import Message, Note, TraceError, TraceReader, data_digest, digest
 
@@ -331,11 +332,10 @@ class Replayer:
         self.setup = True
         for fe in state.get("front_ends") or ():
             peer = fe["peer"]
-            em.handle(peer, {"op": Op.REGISTER.value, "version": list(CONTRACT_VERSION), "kind": fe["kind"],
-                             "name": fe["name"], "heartbeat_ms": fe.get("heartbeat_ms", 1000),
-                             "aen": fe.get("aen", False), "caps": fe.get("caps") or []}, [])
+            em.handle(peer, registration(fe["name"], fe["kind"], fe.get("heartbeat_ms", 1000),
+                                         fe.get("aen", False), fe.get("caps") or []), [])
             for n in fe.get("nexuses") or ():
-                em.handle(peer, {"op": Op.REGISTER_NEXUS.value, **n}, [])
+                em.handle(peer, nexus_registration(n["nexus"], n["initiator"], n["target"], n["tpg"]), [])
             self.foreign.update((peer, tag) for tag in fe.get("tasks") or ())
         self.setup = False
 
