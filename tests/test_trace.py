@@ -161,7 +161,8 @@ def test_trace_record_attaches_to_a_running_stml_and_stops_on_count(stml_factory
     path = tmp_path / "attached.trace"
     with LoopbackClient(stml.endpoint, timeout=10) as c:
         c.capacity(0)    # registered and logged in before the trace begins
-        rec = subprocess.Popen([*CLI, "trace", "record", str(path), "--stml", stml.endpoint, "--count", "4"],
+        rec = subprocess.Popen([*CLI, "trace", "record", str(path), "--stml", stml.endpoint, "--count", "4",
+                                "--with-data"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             deadline = time.monotonic() + 20
@@ -183,6 +184,8 @@ def test_trace_record_attaches_to_a_running_stml_and_stops_on_count(stml_factory
     assert len(fe) == 1 and fe[0]["kind"] == "loopback" and len(fe[0]["nexuses"]) == 1
     front_end_msgs = [m for m in recs if isinstance(m, Message) and m.op not in ("mgmt", "mgmt_reply")]
     assert len(front_end_msgs) == 4 and recs[-1].fields["reason"] == "count"
+    assert first["with_data"] and [m.data for m in front_end_msgs if m.op == "xmit_response"] == \
+        [content[8 * 512:16 * 512]]   # --with-data: the read data itself
     # the file LUN held data before the trace: its read is checked only when replay is given it
     plain = Replayer(str(path)).run()
     assert (plain.data_compared, plain.data_unknown) == (0, 1)
