@@ -14,8 +14,9 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import zmq
 
@@ -24,6 +25,7 @@ from stml.api import BufferPool, Channel, Op, SharedRegion, StreamChannel, pack,
 from stml.api.messages import TO_STML, Cap, check
 from stml.api.sizes import SHARED_READ_MIN
 from stml.api.stream import Lease
+from stml.api.tap import Tap, combine
 from stml.config import Config, ConfigError, StartupError
 from stml.emulator import Emulator, Target
 from stml.lu import LogicalUnit
@@ -32,6 +34,7 @@ from stml.mgmt import Management
 from stml.portals import PortalStates, portal_entries, portal_groups
 from stml.pr import PrStoreError
 from stml.task import Task
+from stml.trace.recorder import Traces
 
 if TYPE_CHECKING:
     from zmq.auth.thread import ThreadAuthenticator
@@ -120,6 +123,15 @@ class BusyPoll:
             self.spinning = False
 
 
+@dataclass(frozen=True)
+class TraceOptions:
+    """`--trace FILE` (scsi-target run / stml): record from the start."""
+    path: str
+    max_bytes: int
+    with_data: bool = False
+    force: bool = True   # a file named on the command line is replaced, as a log would be
+
+
 class StmlServer:
     def __init__(self, config: Config, heartbeat_ms: int | None = None) -> None:
         self.config = config
@@ -171,8 +183,53 @@ class StmlServer:
         self.poll = BusyPoll(poll_us / 1e6) if poll_us else None
         # what each front end that follows the portal list says about its listeners
         self.portals = PortalStates(self.emulator.front_ends)
+        # instruments on the link (stml.api.tap): None, the one tap, or Taps
+        self.tap: Tap | None = None
+        self._taps: list[Tap] = []
+        # where the carriers hand a message in: _receive, or _receive_tapped with a tap
+        self.received: Callable[..., None] = self._receive
+        self.traces = Traces(self.emulator, self.add_tap, self.remove_tap)
+
+    def add_tap(self, tap: Tap) -> None:
+        """See every message from now on (stml.api.tap), after the taps already there."""
+        self._taps.append(tap)
+        self._set_taps()
+
+    def remove_tap(self, tap: Tap) -> None:
+        if tap in self._taps:
+            self._taps.remove(tap)
+        self._set_taps()
+
+    def _set_taps(self) -> None:
+        """With a tap, messages go through the tapped entry points; without
+        one, through the plain ones: the paths then cost what they cost
+        before taps existed."""
+        self.tap = combine(self._taps)
+        self.emulator.out.transport = self._send if self.tap is None else self._send_tapped
+        self.received = self._receive if self.tap is None else self._receive_tapped
+        channel = getattr(self, "channel", None)
+        if channel is not None:
+            channel.on_message = self.received
+
+    def _send_tapped(self, ident: bytes, header: dict[str, Any], frames: list) -> None:
+        """_send, with the tap before it (the header packed once for both)."""
+        tap = self.tap
+        packed = pack(header)
+        if tap is not None and not tap.outbound(ident, header, packed, frames):
+            return
+        op = header["op"]
+        if op == _XMIT_RESPONSE:
+            self.metrics.xmit_response(ident, header)
+        elif op == _TMF_DONE and header.get("aborted"):
+            self.metrics.aborted(ident, header["aborted"])
+        stream = self.streams.get(ident)
+        if stream is not None:
+            stream.send([packed, *frames])
+        else:
+            self.channel.send([ident, packed, *frames])
 
     def _send(self, ident: bytes, header: dict[str, Any], frames: list) -> None:
+        # (_send_tapped is this with the tap: a change here belongs there too)
         op = header["op"]
         if op == _XMIT_RESPONSE:
             self.metrics.xmit_response(ident, header)
@@ -183,6 +240,10 @@ class StmlServer:
             stream.send([pack(header), *frames])
         else:
             self.channel.send([ident, pack(header), *frames])
+
+    def transmit(self, ident: bytes, header: dict[str, Any], frames: list) -> None:
+        """Send a message past the tap (a tap that held one back lets it go here)."""
+        self._send(ident, header, frames)
 
     def _bind(self) -> None:
         """Bind every endpoint: ipc:// ones plain (file permissions guard them),
@@ -285,7 +346,7 @@ class StmlServer:
         def on_message(frames: list) -> None:
             # the frames' lease: write data stays in the front end's memory (or a
             # pooled buffer) until its command ends (Emulator._forget)
-            self._receive([ident, *frames], stream.take_lease())
+            self.received([ident, *frames], stream.take_lease())
 
         stream = StreamChannel(conn, on_message, lambda: self._stream_closed(ident), self.pool, region,
                                self.poll.touch if self.poll else None)
@@ -320,12 +381,19 @@ class StmlServer:
             log.info("front end %s closed its stream", fe.name)
             self.emulator.release_front_end(fe, "deregistered")
 
-    async def serve(self, stop: asyncio.Event) -> None:
+    async def serve(self, stop: asyncio.Event, trace: TraceOptions | None = None) -> None:
+        if trace is not None:   # before any front end can connect: the trace sees everything
+            try:
+                self.traces.start(trace.path, with_data=trace.with_data, max_bytes=trace.max_bytes,
+                                 force=trace.force, from_start=True)
+            except OSError as e:
+                raise StartupError(f"--trace {trace.path}", e.strerror or str(e)) from None
         try:
             self._bind()
         except ConfigError:
             if self.auth is not None:
                 self.auth.stop()
+            self.traces.stop("stml", "the STML could not start")
             raise
         luns = sum(len(t.luns) for t in self.emulator.targets.values())
         log.info("STML serving %d target(s), %d LUN(s) on %s", len(self.emulator.targets), luns,
@@ -333,8 +401,8 @@ class StmlServer:
         for ep in self.endpoints:
             print(f"stml: listening on {ep}", flush=True)
         self.mgmt = Management(self.emulator, self.config, gateway=self.gateway, metrics=self.metrics,
-                               portals=self.portals, endpoints=self.endpoints)
-        self.channel = Channel(self.sock, self._receive, routed=True)
+                               portals=self.portals, endpoints=self.endpoints, traces=self.traces)
+        self.channel = Channel(self.sock, self.received, routed=True)
         self.gateway.start()
         loop = asyncio.get_running_loop()
         for listener in self.listeners:
@@ -353,6 +421,8 @@ class StmlServer:
         beats.cancel()
         await self.gateway.stop()
         await asyncio.sleep(0.05)  # let the release messages leave
+        with contextlib.suppress(asyncio.TimeoutError):   # the trace's file whole, unless the disk hangs
+            await asyncio.wait_for(asyncio.shield(self.traces.stop("stml", "the STML stopped")), 2)
         self.channel.close(linger_ms=100)
         for listener in self.listeners:
             loop.remove_reader(listener.fileno())
@@ -375,19 +445,35 @@ class StmlServer:
                 lu.backend.flush()
                 lu.backend.close()
 
-    def _receive(self, frames: list, lease: Lease | None = None) -> None:
-        """[ident, header, data...] from either carrier; `lease`: the stream
-        carrier's hold on the data frames (the emulator passes it to their task)."""
-        ident = frames[0]
+    def _receive_tapped(self, frames: list, lease: Lease | None = None) -> None:
+        """_receive, with the tap between decoding and handling."""
+        tap = self.tap
         try:
-            if len(frames) < 2:
-                raise ValueError("no header")
-            header = unpack(frames[1])
-        except ValueError as e:
-            log.warning("refused a message from %s: %s", ident.hex(), e)
+            header = unpack(frames[1]) if len(frames) > 1 else None
+        except ValueError:
+            header = None
+        if header is not None and tap is not None and not tap.inbound(frames[0], header, frames[1], frames[2:]):
             if lease is not None:
                 lease.release()
             return
+        self._receive(frames, lease, header)
+
+    def _receive(self, frames: list, lease: Lease | None = None,
+                 header: dict[str, Any] | None = None) -> None:
+        """[ident, header, data...] from either carrier; `lease`: the stream
+        carrier's hold on the data frames (the emulator passes it to their task).
+        `header`: decoded already (by _receive_tapped, or deliver)."""
+        ident = frames[0]
+        if header is None:
+            try:
+                if len(frames) < 2:
+                    raise ValueError("no header")
+                header = unpack(frames[1])
+            except ValueError as e:
+                log.warning("refused a message from %s: %s", ident.hex(), e)
+                if lease is not None:
+                    lease.release()
+                return
         op = header["op"]
         if op == _RX_CMND:
             self.metrics.rx_cmnd(ident, header, self.emulator.front_ends.get(ident))
@@ -405,6 +491,11 @@ class StmlServer:
                 self.portals.report(ident, header)
             return
         self.emulator.handle(ident, header, frames[2:], lease)
+
+    def deliver(self, ident: bytes, header: dict[str, Any], data: list) -> None:
+        """Handle a decoded message past the tap (a tap that held one back,
+        with copies of its data, lets it in here)."""
+        self._receive([ident, b"", *data], None, header)
 
     async def _liveness(self) -> None:
         while True:
@@ -445,7 +536,7 @@ class StopGuard:
             os._exit(1)
 
 
-async def run_stml(config: Config) -> None:
+async def run_stml(config: Config, trace: TraceOptions | None = None) -> None:
     stop = asyncio.Event()
     guard = StopGuard(stop)
     server = StmlServer(config)
@@ -458,6 +549,6 @@ async def run_stml(config: Config) -> None:
 
     loop.add_signal_handler(signal.SIGHUP, reload)
     try:
-        await server.serve(stop)
+        await server.serve(stop, trace)
     finally:
         guard.done.set()
