@@ -314,9 +314,11 @@ class _SlowFile:
 
     def __init__(self) -> None:
         self.go = threading.Event()
+        self.entered = threading.Event()   # the writer holds a chunk
         self.chunks: list[bytes] = []
 
     def write(self, b: bytes) -> None:
+        self.entered.set()
         self.go.wait(30)
         self.chunks.append(bytes(b))
 
@@ -336,7 +338,9 @@ def test_a_writer_that_falls_behind_loses_records_not_the_loop(tmp_path):
         header = {"op": "rx_cmnd", "tag": 1, "nexus": 1, "lun": 0, "cdb": bytes(10)}
         data = [bytes(R.CHUNK)]      # a chunk a message
         packed = msgpack.packb(header)
-        for _ in range(R.QUEUE_CHUNKS + 10):
+        rec.inbound(b"fe", header, packed, data)     # the writer takes this chunk and is stuck
+        assert await asyncio.to_thread(out.entered.wait, 30)
+        for _ in range(R.QUEUE_CHUNKS + 10):         # the queue fills behind it
             rec.inbound(b"fe", header, packed, data)
         assert rec.lost > 0
         out.go.set()
