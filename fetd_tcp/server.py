@@ -990,8 +990,13 @@ def _creds(raw: dict[str, str] | None) -> Credentials | None:
 
 
 async def run_fetd_tcp(stml_endpoint: str | list[str], portals: list[PortalSpec],
-                       curve: dict[str, bytes] | None = None, isns: str | None = None) -> None:
+                       curve: dict[str, bytes] | None = None, isns: str | None = None,
+                       inject: list[Any] | None = None) -> None:
     fe = IscsiFrontEnd(stml_endpoint, portals, curve=curve, isns=isns)
+    if inject:   # fault injection (stml.api.inject): off, and no tap, unless asked
+        from stml.api.inject import announce, injector_for_link
+        announce(inject, "fetd_tcp")
+        fe.link.add_tap(injector_for_link(inject, fe.link))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -1,0 +1,201 @@
+"""Fault injection at the contract (stml.api.inject): rules parsed and refused,
+and every kind run against a real `scsi-target run` with a raw iSCSI initiator,
+asserting the recovery by behaviour with a write log (every write the initiator
+got GOOD for reads back after the fault). Faults are placed by message count
+(at=N), and the tests wait for the target's log lines, never for a time."""
+from __future__ import annotations
+
+import hashlib
+import os
+import select
+import signal
+import struct
+import subprocess
+import sys
+import time
+
+import pytest
+
+from fetd_tcp import pdu as P
+from rawiscsi import RawInitiator
+from targetproc import IQN, Target, children_by_module
+from stml.api.inject import Injector, RuleError, load_rules, parse_rule
+
+import fuzzgen as G
+
+BS = 512
+
+
+def block(lba: int, tag: str) -> bytes:
+    return hashlib.sha256(f"{lba}:{tag}".encode()).digest() * (BS // 32)
+
+
+def write16_cdb(lba: int, blocks: int) -> bytes:
+    return struct.pack(">BBQIBB", 0x8A, 0, lba, blocks, 0, 0)
+
+
+class WriteLog:
+    """The writes the initiator got GOOD for, by LBA; `verify` reads each back."""
+
+    def __init__(self) -> None:
+        self.acked: dict[int, bytes] = {}
+
+    def good(self, lba: int, data: bytes) -> None:
+        for i in range(len(data) // BS):
+            self.acked[lba + i] = data[i * BS:(i + 1) * BS]
+
+    def verify(self, ini: RawInitiator) -> int:
+        for lba, want in sorted(self.acked.items()):
+            assert ini.read16(lba, 1) == want, f"LBA {lba}: an acknowledged write is lost"
+        return len(self.acked)
+
+
+def start(*rules: str, luns: tuple[str, ...] = ()) -> Target:
+    """`scsi-target run` with a file LUN 0 (data survives a restart), the rules, and more LUNs."""
+    d = __import__("tempfile").mkdtemp(prefix="st", dir="/tmp")
+    args = ["--lun", f"file:{d}/disk.img,size=8MiB"]
+    for spec in luns:
+        args += ["--lun", spec]
+    for r in rules:
+        args += ["--inject", r]
+    return Target(*args, data_dir=d)
+
+
+def login(t: Target, name: str = "inject", extra: list[tuple[str, str]] = ()) -> RawInitiator:
+    """A logged-in raw initiator, retried while the target comes back (a restart)."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            ini = RawInitiator(*G.host_port(t.portal), initiator=f"iqn.2026-11.org.test:{name}", timeout=10)
+            if ini.login(IQN, extra=extra).status_class == 0:
+                return ini
+            ini.close()
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, "no login:\n" + t.log()[-3000:]
+        time.sleep(0.2)
+
+
+def ready(ini: RawInitiator) -> None:
+    """TEST UNIT READY until GOOD (a unit attention after a restart first)."""
+    for _ in range(5):
+        if ini.command(bytes(6))[0] == 0:
+            return
+    raise AssertionError("the LUN never became ready")
+
+
+def send_write(ini: RawInitiator, lba: int, data: bytes, immediate: bool = True) -> int:
+    """Send a WRITE(16) and return its ITT without waiting for anything."""
+    itt = ini._next_itt()
+    imm = data if immediate else b""
+    ini.send(P.ScsiCommand(itt, P.int_to_lun(0), write16_cdb(lba, len(data) // BS).ljust(16, b"\0"),
+                           len(data), ini.cmd_sn, ini.exp_stat_sn, write=True, data_length=len(imm)), imm)
+    ini.cmd_sn += 1
+    return itt
+
+
+def pending(ini: RawInitiator) -> bool:
+    """Whether the target sent this connection anything not read yet."""
+    return bool(select.select([ini.sock], [], [], 0)[0])
+
+
+@pytest.fixture
+def targets():
+    started: list[Target] = []
+    yield started
+    for t in started:
+        t.stop()
+
+
+# -------------------------------------------------------------- the rule grammar
+
+@pytest.mark.parametrize("text, problem", [
+    ("drop xmit_response at=1", "expected SIDE:KIND OP"),
+    ("disk:drop xmit_response at=1", "side 'disk' is not one of stml, fetd"),
+    ("stml:lose xmit_response at=1", "kind 'lose' is not one of"),
+    ("stml:drop xmit_reply at=1", "'xmit_reply' is not a message type"),
+    ("stml:drop xmit_response", "give exactly one of at=N or p=P"),
+    ("stml:drop xmit_response at=1 p=0.5", "give exactly one of at=N or p=P"),
+    ("stml:drop xmit_response at=0", "at must be a message number >= 1"),
+    ("stml:drop xmit_response p=1.5", "p must be a probability in (0, 1]"),
+    ("stml:drop xmit_response at=1 ms=5", "'ms=5' is not key=value with a key of at, p, seed"),
+    ("stml:delay rx_cmnd at=1", "delay needs ms="),
+    ("fetd:stall rx_cmnd at=1 lun=0 s=1", "stall applies on the stml side only"),
+    ("stml:stall rx_cmnd at=1 s=1", "stall needs lun="),
+])
+def test_a_wrong_rule_is_refused_with_one_line(text, problem):
+    with pytest.raises(RuleError) as e:
+        parse_rule(text)
+    assert problem in str(e.value) and "\n" not in str(e.value)
+
+
+def test_rules_from_a_file_with_comments(tmp_path):
+    f = tmp_path / "rules"
+    f.write_text("# lose the third answer\nstml:drop xmit_response at=3  # then recover\n\n"
+                 "fetd:delay rdy_to_xfer p=0.25 seed=7 ms=20\n")
+    rules = load_rules(["stml:kill rx_cmnd at=9"], [str(f)])
+    assert [(r.side, r.kind, r.op, r.at, r.p, r.seed, r.ms) for r in rules] == [
+        ("stml", "kill", "rx_cmnd", 9, None, 0, None),
+        ("stml", "drop", "xmit_response", 3, None, 0, None),
+        ("fetd", "delay", "rdy_to_xfer", None, 0.25, 7, 20)]
+    with pytest.raises(RuleError, match="inject file .*nothing"):
+        load_rules([], [str(tmp_path / "nothing")])
+
+
+def test_a_seeded_probability_repeats():
+    """p=P with seed=S picks the same messages in every run."""
+    def picks() -> list[int]:
+        inj = Injector([parse_rule("stml:drop rx_cmnd p=0.3 seed=11")], print, print)
+        return [i for i in range(200) if not inj.inbound(b"fe", {"op": "rx_cmnd"}, b"", [])]
+    first = picks()
+    assert first == picks() and 30 < len(first) < 90
+
+
+def test_a_kill_rule_fires_in_the_first_start_only():
+    inj = Injector([parse_rule("stml:kill rx_cmnd at=1")], print, print, start=2)
+    assert inj.inbound(b"fe", {"op": "rx_cmnd"}, b"", []) and inj.counts == {}
+
+
+def test_bad_rules_stop_run_with_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "scsi_target", "run", "--data-dir", str(tmp_path),
+                        "--inject", "stml:drop xmit_response at=1", "--inject", "fetd:delay rdy_to_xfer at=2"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        "scsi-target: inject rule 'fetd:delay rdy_to_xfer at=2': delay needs ms="]
+    r = subprocess.run([sys.executable, "-m", "fetd_tcp", "--stml", f"ipc://{tmp_path}/x",
+                        "--inject", "stml:drop xmit_response at=1"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert r.stderr.strip() == "scsi-target: inject rule 'stml:drop xmit_response at=1': a front end applies fetd rules only"
+
+
+# -------------------------------------------------------------- faults, and the recovery
+
+def test_lost_xmit_response_initiator_aborts_and_goes_on(targets):
+    """The STML's answer to a WRITE is lost (dropped as the STML sends it): the
+    initiator sees nothing, aborts the task, the abort is answered, and the
+    next commands work; the write the STML did is there (it was done, only
+    its answer was lost), every acknowledged one too."""
+    t = start("stml:drop xmit_response at=3")
+    targets.append(t)
+    assert "the STML applies rule 'stml:drop xmit_response at=3'" in t.wait_log("applies rule")
+    ini = login(t)
+    wlog = WriteLog()
+    ready(ini)                                           # xmit_response #1
+    data = block(10, "a") * 4
+    ini.write16(10, data)                                # #2
+    wlog.good(10, data)
+    lost = block(20, "lost") * 4
+    itt = send_write(ini, 20, lost)                      # #3: dropped
+    t.wait_log("inject: dropped xmit_response #3")
+    assert not pending(ini)                              # no answer came
+    resp = ini.tmf(P.TMF_ABORT_TASK, rtt=itt, ref_cmd_sn=ini.cmd_sn - 1)
+    assert resp.response in (P.TMF_RESP_COMPLETE, P.TMF_RESP_NO_TASK), resp.response
+    ready(ini)
+    more = block(30, "b") * 4
+    ini.write16(30, more)
+    wlog.good(30, more)
+    assert wlog.verify(ini) == 8
+    assert ini.read16(20, 4) == lost                     # done by the STML before its answer was lost
+    assert not pending(ini)                              # (nothing more came for the aborted task)
+    ini.close()
