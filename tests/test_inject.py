@@ -199,3 +199,50 @@ def test_lost_xmit_response_initiator_aborts_and_goes_on(targets):
     assert ini.read16(20, 4) == lost                     # done by the STML before its answer was lost
     assert not pending(ini)                              # (nothing more came for the aborted task)
     ini.close()
+
+
+def recv_until(ini: RawInitiator, kind: type, itt: int) -> tuple:
+    """The next PDU of `kind` for `itt` (NOP-Ins answered, others kept out)."""
+    while True:
+        pdu, data = ini.recv()
+        if isinstance(pdu, kind) and pdu.itt == itt:
+            return pdu, data
+        if isinstance(pdu, P.NopIn) and pdu.itt == P.RESERVED_TAG:
+            ini.send(P.NopOut(P.RESERVED_TAG, pdu.ttt, ini.cmd_sn, ini.exp_stat_sn, immediate=True))
+            continue
+        raise AssertionError(f"unexpected {pdu!r} while waiting for a {kind.__name__} of ITT {itt}")
+
+
+@pytest.mark.parametrize("held", ["rdy_to_xfer", "scsi_rx_data"])
+def test_abort_task_racing_the_data_of_a_write(targets, held):
+    """ABORT TASK while a WRITE's R2T (rdy_to_xfer) or its data (scsi_rx_data)
+    is held back on the front end's side: the abort is answered FUNCTION
+    COMPLETE, the late message lands on a task that is gone (no R2T reaches
+    the initiator, no data reaches the disk), the next commands work, and
+    every acknowledged write reads back."""
+    t = start(f"fetd:delay {held} at=2 ms=3000")
+    targets.append(t)
+    ini = login(t)
+    ready(ini)
+    wlog = WriteLog()
+    first = block(40, "first") * 8
+    ini.write16(40, first, immediate_data=False)          # rdy_to_xfer and scsi_rx_data #1
+    wlog.good(40, first)
+    racing = block(100, "racing") * 8
+    itt = send_write(ini, 100, racing, immediate=False)   # #2: held
+    if held == "scsi_rx_data":    # the R2T comes; its data goes toward the STML, and is held
+        r2t, _ = recv_until(ini, P.R2T, itt)
+        ini.send(P.DataOut(itt, r2t.ttt, 0, r2t.buffer_offset, True, ini.exp_stat_sn, P.int_to_lun(0),
+                           r2t.desired_length), racing[r2t.buffer_offset:r2t.buffer_offset + r2t.desired_length])
+    t.wait_log(f"inject: delaying {held} #2")
+    resp = ini.tmf(P.TMF_ABORT_TASK, rtt=itt, ref_cmd_sn=ini.cmd_sn - 1)
+    assert resp.response == P.TMF_RESP_COMPLETE
+    t.wait_log(f"inject: handing on delayed {held} #2")
+    ready(ini)                                            # an answer after the late message's
+    assert not pending(ini)                               # no R2T, no response for the aborted task
+    assert ini.read16(100, 8) == bytes(8 * BS)            # the aborted write's data never landed
+    more = block(200, "after") * 8
+    ini.write16(200, more, immediate_data=False)
+    wlog.good(200, more)
+    assert wlog.verify(ini) == 16
+    ini.close()

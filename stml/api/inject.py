@@ -217,8 +217,13 @@ class Injector:
         import asyncio
         assert st.rule.ms is not None   # a delay needs ms (parse_rule)
         log.warning("delaying %s #%d by %d ms (%s)", header["op"], st.seen, st.rule.ms, st.rule.text)
-        asyncio.get_running_loop().call_later(st.rule.ms / 1000, hand_on, peer, header, _copy(frames))
+        asyncio.get_running_loop().call_later(st.rule.ms / 1000, self._late, st.seen, hand_on, peer, header,
+                                              _copy(frames))
         return False
+
+    def _late(self, n: int, hand_on: HandOn, peer: Peer, header: dict[str, Any], frames: list) -> None:
+        log.warning("handing on delayed %s #%d", header["op"], n)
+        hand_on(peer, header, frames)
 
     def _duplicate(self, st: _State, hand_on: HandOn, peer: Peer, header: dict[str, Any],
                    frames: list) -> bool:
