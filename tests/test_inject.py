@@ -9,6 +9,7 @@ import hashlib
 import os
 import select
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -58,7 +59,10 @@ def start(*rules: str, luns: tuple[str, ...] = ()) -> Target:
         args += ["--lun", spec]
     for r in rules:
         args += ["--inject", r]
-    return Target(*args, data_dir=d)
+    with socket.socket() as s:     # a fixed port: a restarted front end listens on it again
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return Target(*args, data_dir=d, portals=(f"127.0.0.1:{port}",))
 
 
 def login(t: Target, name: str = "inject", extra: list[tuple[str, str]] = ()) -> RawInitiator:
@@ -245,4 +249,50 @@ def test_abort_task_racing_the_data_of_a_write(targets, held):
     ini.write16(200, more, immediate_data=False)
     wlog.good(200, more)
     assert wlog.verify(ini) == 16
+    ini.close()
+
+
+def write_all(t: Target, wlog: WriteLog, lbas: list[int], tag: str, immediate: bool = True) -> int:
+    """Write 4 blocks at each LBA in turn, as an initiator with a retry policy:
+    a write without an answer (the connection broke) is retried on a new
+    session until it gets GOOD. Returns how many sessions it took."""
+    sessions, ini = 1, login(t, tag)
+    ready(ini)
+    for lba in lbas:
+        data = b"".join(block(lba + i, tag) for i in range(4))
+        while True:
+            try:
+                ini.write16(lba, data, immediate_data=immediate)
+                break
+            except (OSError, AssertionError):   # a broken connection, or CHECK CONDITION after a restart
+                ini.close()
+                ini = login(t, tag)
+                sessions += 1
+                ready(ini)
+        wlog.good(lba, data)
+    ini.close()
+    return sessions
+
+
+@pytest.mark.parametrize("rule, victim", [
+    ("stml:kill rx_cmnd at=12", "stml"),         # the STML dies as a write arrives
+    ("fetd:kill rdy_to_xfer at=6", "fetd_tcp"),  # the front end dies as it gets an R2T's go-ahead
+])
+def test_a_process_killed_mid_write_loses_no_acknowledged_write(targets, rule, victim):
+    """A kill at message N (SIGKILL of the process itself): the supervisor
+    restarts it (and the restart does not kill itself again), the initiator
+    logs in again and retries the write in doubt, and every write it got
+    GOOD for reads back from the file LUN."""
+    t = start(rule)
+    targets.append(t)
+    wlog = WriteLog()
+    sessions = write_all(t, wlog, [8 * i for i in range(20)], "k", immediate=False)
+    log = t.log()
+    assert f"inject: SIGKILL at {rule.split()[1]} #" in log
+    assert f"{victim} exited with -9; restarting" in log
+    assert log.count("exited with") == 1     # the restarted one runs without the kill
+    assert sessions >= 2                     # the initiator felt it
+    ini = login(t, "verify")
+    ready(ini)
+    assert wlog.verify(ini) == 80
     ini.close()
