@@ -296,3 +296,90 @@ def test_a_process_killed_mid_write_loses_no_acknowledged_write(targets, rule, v
     ready(ini)
     assert wlog.verify(ini) == 80
     ini.close()
+
+
+def pipelined(ini: RawInitiator, cmds: list[tuple[bytes, int, bytes]]) -> dict[int, list[tuple[int, bytes]]]:
+    """Send every (cdb, read length, write data) at once (immediate data), then
+    collect the answers: {itt: [(status, read data), ...]}, one entry per
+    response PDU, so a task answered twice shows."""
+    itts = []
+    for cdb, read, write in cmds:
+        itt = ini._next_itt()
+        ini.send(P.ScsiCommand(itt, P.int_to_lun(0), cdb.ljust(16, b"\0"), read or len(write), ini.cmd_sn,
+                               ini.exp_stat_sn, read=bool(read), write=bool(write), data_length=len(write)),
+                 write)
+        ini.cmd_sn += 1
+        itts.append(itt)
+    got: dict[int, list[tuple[int, bytes]]] = {itt: [] for itt in itts}
+    data: dict[int, bytearray] = {itt: bytearray() for itt in itts}
+    while any(not got[i] for i in itts):
+        pdu, seg = ini.recv()
+        assert pdu.itt in got, f"an answer for ITT {pdu.itt:#x}, which was not asked"
+        if isinstance(pdu, P.DataIn):
+            data[pdu.itt][pdu.buffer_offset:pdu.buffer_offset + len(seg)] = seg
+            if pdu.status is not None:
+                got[pdu.itt].append((pdu.status, bytes(data[pdu.itt])))
+        elif isinstance(pdu, P.ScsiResponse):
+            got[pdu.itt].append((pdu.status, bytes(data[pdu.itt])))
+    return got
+
+
+def read16_cdb(lba: int, blocks: int) -> bytes:
+    return struct.pack(">BBQIBB", 0x88, 0, lba, blocks, 0, 0)
+
+
+@pytest.mark.parametrize("rule", [
+    "stml:duplicate xmit_response at=4",   # the front end gets one task's answer twice
+    "fetd:duplicate rx_cmnd at=4",         # the STML gets one command twice
+])
+def test_a_duplicated_message_answers_no_task_twice(targets, rule):
+    """A message handed on twice: each of the initiator's commands is answered
+    exactly once with its own data (the copy completes no other task), no
+    process restarts, the next commands work, every write reads back."""
+    t = start(rule)
+    targets.append(t)
+    ini = login(t)
+    ready(ini)                                              # rx_cmnd / xmit_response #1
+    wlog = WriteLog()
+    writes = [(lba, block(lba, "dup") * 4) for lba in (0, 64, 128, 192, 256, 320)]
+    got = pipelined(ini, [(write16_cdb(lba, 4), 0, d) for lba, d in writes])   # #2-#7
+    assert [len(v) for v in got.values()] == [1] * 6
+    assert {s for v in got.values() for s, _ in v} == {0}
+    for lba, d in writes:
+        wlog.good(lba, d)
+    t.wait_log(f"inject: duplicating {rule.split()[1]} #4")
+    reads = pipelined(ini, [(read16_cdb(lba, 4), 4 * BS, b"") for lba, _ in writes])
+    assert [v for v in reads.values()] == [[(0, d)] for _, d in writes]   # each its own data, once
+    ready(ini)
+    assert not pending(ini)
+    assert wlog.verify(ini) == 24
+    assert "exited with" not in t.log()
+    ini.close()
+
+
+@pytest.mark.parametrize("rule", [
+    "stml:reorder xmit_response at=3",     # two answers swapped on their way to the front end
+    "fetd:reorder rx_cmnd at=3",           # two commands swapped on their way to the STML
+])
+def test_reordered_messages_still_pair_each_answer_with_its_command(targets, rule):
+    """Two messages of a kind swapped: SIMPLE tasks may complete in any order,
+    and each READ gets its own data and each WRITE its own status; the
+    writes all land."""
+    t = start(rule)
+    targets.append(t)
+    ini = login(t)
+    ready(ini)                                              # #1
+    wlog = WriteLog()
+    writes = [(lba, block(lba, "swap") * 4) for lba in (8, 16, 24, 32)]
+    got = pipelined(ini, [(write16_cdb(lba, 4), 0, d) for lba, d in writes])   # #2-#5, all in flight
+    assert [v for v in got.values()] == [[(0, b"")]] * 4
+    for lba, d in writes:
+        wlog.good(lba, d)
+    reads = pipelined(ini, [(read16_cdb(lba, 4), 4 * BS, b"") for lba, _ in writes])
+    assert [v for v in reads.values()] == [[(0, d)] for _, d in writes]
+    log = t.wait_log(f"inject: handing on held {rule.split()[1]} #3 ")
+    assert f"inject: handing on held {rule.split()[1]} #3 after #4" in log   # swapped, not timed out
+    assert "exited with" not in log
+    ready(ini)
+    assert wlog.verify(ini) == 16
+    ini.close()

@@ -236,21 +236,22 @@ class Injector:
         import asyncio
         ms = REORDER_MS if st.rule.ms is None else st.rule.ms
         log.warning("holding %s #%d for the next one (%s)", header["op"], st.seen, st.rule.text)
-        timer = asyncio.get_running_loop().call_later(ms / 1000, self._release, st)
-        st.held = (hand_on, peer, header, _copy(frames), timer)
+        timer = asyncio.get_running_loop().call_later(ms / 1000, self._release, st, f"none came in {ms} ms")
+        st.held = (hand_on, peer, header, _copy(frames), timer, st.seen)
         return False
 
     def _release_after(self, st: _State) -> None:
         import asyncio
         st.seen += 1
-        asyncio.get_running_loop().call_soon(self._release, st)
+        asyncio.get_running_loop().call_soon(self._release, st, f"after #{st.seen}")
 
-    def _release(self, st: _State) -> None:
+    def _release(self, st: _State, why: str) -> None:
         if st.held is None:
             return
-        hand_on, peer, header, frames, timer = st.held
+        hand_on, peer, header, frames, timer, n = st.held
         st.held = None
         timer.cancel()
+        log.warning("handing on held %s #%d %s", header["op"], n, why)
         hand_on(peer, header, frames)
 
     def _kill(self, st: _State, hand_on: HandOn, peer: Peer, header: dict[str, Any], frames: list) -> bool:
