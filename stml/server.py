@@ -268,8 +268,9 @@ class StmlServer:
                 lu.backend = stalled.inner
             stalled.gate.set()
         if self._stalls:
-            log.warning("released %d stalled backend(s); %d call(s) had waited", len(self._stalls),
-                        sum(s.waited for _, s in self._stalls))
+            waited = sum(s.waited for _, s in self._stalls)
+            logging.getLogger("inject").warning("released %d stalled backend(s); %d call(s) had waited",
+                                                len(self._stalls), waited)
         self._stalls.clear()
 
     def _send_tapped(self, ident: bytes, header: dict[str, Any], frames: list) -> None:

@@ -383,3 +383,47 @@ def test_reordered_messages_still_pair_each_answer_with_its_command(targets, rul
     ready(ini)
     assert wlog.verify(ini) == 16
     ini.close()
+
+
+def test_a_stalled_backend_holds_its_lun_only_and_recovers(targets):
+    """LUN 0's backend stalls at the 3rd command (until SIGUSR2): its WRITE
+    and an ABORT TASK for it stay unanswered (the abort waits for the
+    backend call under way), while LUN 1 of the same target serves another
+    session. Released, the abort is answered, nothing more comes for the
+    aborted task, LUN 0 works again, and every acknowledged write reads back."""
+    t = start("stml:stall rx_cmnd at=3 lun=0 s=0", luns=("ram:8MiB",))
+    targets.append(t)
+    a = login(t, "a")
+    ready(a)                                                # rx_cmnd #1
+    wlog = WriteLog()
+    data = block(0, "a") * 4
+    a.write16(0, data)                                      # #2
+    wlog.good(0, data)
+    stalled = block(8, "stalled") * 4
+    itt = send_write(a, 8, stalled)                         # #3: LUN 0 stalls before it runs
+    t.wait_log("inject: stalling LUN 0's backend at rx_cmnd #3")
+    b = login(t, "b")
+    other = block(0, "lun1") * 8
+    cdb = struct.pack(">BBQIBB", 0x8A, 0, 0, 8, 0, 0)
+    assert b.command(bytes(6), lun=1)[0] == 0
+    assert b.command(cdb, lun=1, write=other)[0] == 0
+    assert b.read16(0, 8, lun=1) == other                   # LUN 1 serves meanwhile
+    abort = a._next_itt()
+    a.send(P.TaskMgmtRequest(abort, P.TMF_ABORT_TASK, P.int_to_lun(0), itt, a.cmd_sn, a.exp_stat_sn,
+                             a.cmd_sn - 1, 0))
+    assert b.command(bytes(6), lun=1)[0] == 0               # (a round trip after the abort's)
+    assert not pending(a)                                   # neither the write nor the abort answered
+    os.kill(children_by_module(t.proc.pid)["stml"], signal.SIGUSR2)
+    resp, _ = recv_until(a, P.TaskMgmtResponse, abort)
+    assert resp.response == P.TMF_RESP_COMPLETE
+    assert "inject: released 1 stalled backend(s); 1 call(s) had waited" in t.wait_log("stalled backend(s)")
+    ready(a)
+    assert not pending(a)                                   # no response for the aborted WRITE
+    assert a.read16(8, 4) in (bytes(4 * BS), stalled)       # in doubt: wholly there or wholly absent
+    more = block(16, "after") * 4
+    a.write16(16, more)
+    wlog.good(16, more)
+    assert wlog.verify(a) == 8
+    assert "exited with" not in t.log()
+    a.close()
+    b.close()
