@@ -194,14 +194,30 @@ class Recorder:
         return self._flushed + len(self._chunk)
 
     # ------------------------------------------------------------ the tap
-    # (per message: a timestamp, one small pack and a crc32c, and as little
-    # bookkeeping as will do; the header goes in as the bytes that crossed the
-    # link, not packed again)
-    def inbound(self, peer: Peer, header: dict[str, Any], packed: bytes, frames: list) -> bool:
-        self._record(TO_STML, peer, header, packed, b"".join(frames) if frames else None)
+    # Per message: a timestamp, one small pack (the header goes in as the bytes
+    # that crossed the link, not packed again), a crc32c of read data, and two
+    # comparisons of bookkeeping; inbound and outbound each do it in one call
+    # (a shared helper cost a Python call per message: 7% of the trace's cost).
+    def inbound(self, peer: Peer, header: dict[str, Any], packed: bytes, frames: list,
+                now: Callable[[], int] = time.monotonic_ns) -> bool:
+        op = header["op"]
+        if op in _REDACT:
+            packed = pack(redact(header))
+        record = self._pack((now(), TO_STML, peer, packed, b"".join(frames) if frames else None))
+        size = self.bytes + len(record)
+        if size > self._limit:
+            self._full()
+            return True
+        self.bytes = size
+        self._chunk.append(record)
+        if size >= self._next_flush:
+            self._flush()
+        if self.count is not None and op not in _MANAGEMENT:
+            self._counted()
         return True
 
-    def outbound(self, peer: Peer, header: dict[str, Any], packed: bytes, frames: list) -> bool:
+    def outbound(self, peer: Peer, header: dict[str, Any], packed: bytes, frames: list,
+                 now: Callable[[], int] = time.monotonic_ns) -> bool:
         if not frames:
             data: Any = None
         elif self.with_data:
@@ -210,28 +226,31 @@ class Recorder:
             data = (len(frames[0]), crc32c(frames[0]))
         else:
             data = digest(frames)
-        self._record(FROM_STML, peer, header, packed, data)
-        return True
-
-    def _record(self, direction: int, peer: Peer, header: dict[str, Any], packed: bytes, data: Any,
-                now: Callable[[], int] = time.monotonic_ns) -> None:
         op = header["op"]
         if op in _REDACT:
             packed = pack(redact(header))
-        record = self._pack((now(), direction, peer, packed, data))
+        record = self._pack((now(), FROM_STML, peer, packed, data))
         size = self.bytes + len(record)
         if size > self._limit:
-            self._end("cap", f"trace stopped at {self.bytes} bytes: the next record would pass "
-                             f"the cap of {self.max_bytes}")
-            return
+            self._full()
+            return True
         self.bytes = size
         self._chunk.append(record)
         if size >= self._next_flush:
             self._flush()
         if self.count is not None and op not in _MANAGEMENT:
-            self.counted += 1
-            if self.counted >= self.count:
-                self._end("count", f"{self.counted} front-end messages, as asked")
+            self._counted()
+        return True
+
+    def _full(self) -> None:
+        """The record in hand would pass the cap (or the trace has ended)."""
+        self._end("cap", f"trace stopped at {self.bytes} bytes: the next record would pass "
+                         f"the cap of {self.max_bytes}")
+
+    def _counted(self) -> None:
+        self.counted += 1
+        if self.count is not None and self.counted >= self.count:
+            self._end("count", f"{self.counted} front-end messages, as asked")
 
     def _flush(self) -> None:
         """Hand the gathered records to the writer; dropped (and counted) when
