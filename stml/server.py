@@ -244,7 +244,7 @@ class StmlServer:
         other tap: a trace then records what really crossed the link."""
         from stml.api.inject import Injector, announce
         announce(rules, "the STML")
-        self._taps.insert(0, Injector(rules, self.deliver, self.transmit, self.stall_backend))  # type: ignore[arg-type]
+        self._taps.insert(0, Injector(rules, self.deliver, self.transmit, self.stall_backend))
         self._set_taps()
 
     def stall_backend(self, lun: int, seconds: float) -> None:
@@ -256,7 +256,7 @@ class StmlServer:
             lu = t.luns.get(lun)
             if lu is not None and not isinstance(lu.backend, StalledBackend):
                 stalled = StalledBackend(lu.backend)
-                lu.backend = stalled   # type: ignore[assignment]
+                lu.backend = stalled
                 self._stalls.append((lu, stalled))
         loop.add_signal_handler(signal.SIGUSR2, self.release_stalls)
         if seconds:

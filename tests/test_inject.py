@@ -13,6 +13,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -53,7 +54,7 @@ class WriteLog:
 
 def start(*rules: str, luns: tuple[str, ...] = ()) -> Target:
     """`scsi-target run` with a file LUN 0 (data survives a restart), the rules, and more LUNs."""
-    d = __import__("tempfile").mkdtemp(prefix="st", dir="/tmp")
+    d = tempfile.mkdtemp(prefix="st", dir="/tmp")
     args = ["--lun", f"file:{d}/disk.img,size=8MiB"]
     for spec in luns:
         args += ["--lun", spec]

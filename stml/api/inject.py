@@ -148,8 +148,9 @@ def rule_args(rules: list[Rule]) -> list[str]:
     return [a for r in rules for a in ("--inject", r.text)]
 
 
-# what the side does with a message the injector handed back: (peer, header, frames)
-HandOn = Callable[[Peer, dict[str, Any], list], None]
+# what the side does with a message the injector handed back: (peer, header, frames),
+# the peer as that side names it (bytes on the STML, str on a front end)
+HandOn = Callable[[Any, dict[str, Any], list], None]
 
 
 @dataclass
