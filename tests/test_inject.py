@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import select
 import signal
 import socket
@@ -24,6 +25,7 @@ from targetproc import IQN, Target, children_by_module
 from stml.api.inject import Injector, RuleError, load_rules, parse_rule
 
 import fuzzgen as G
+from scsi_runtime.logs import BURST
 
 BS = 512
 
@@ -428,3 +430,51 @@ def test_a_stalled_backend_holds_its_lun_only_and_recovers(targets):
     assert "exited with" not in t.log()
     a.close()
     b.close()
+
+
+def test_no_rule_no_tap_and_an_injector_goes_before_other_taps(tmp_path):
+    """Off unless asked: without rules the STML has no tap (its plain entry
+    points); with rules the injector is the first tap, so a trace after it
+    records what really crossed."""
+    from stml import config
+    from stml.server import StmlServer
+    server = StmlServer(config.load(data_dir=str(tmp_path / "data"), luns=("ram:1MiB",)))
+    try:
+        assert server.tap is None and server.received == server._receive
+        other = Injector([], print, print)
+        server.add_tap(other)
+        server.start_injection([parse_rule("stml:drop xmit_response at=1")])
+        assert isinstance(server._taps[0], Injector) and server._taps[1] is other
+        assert server.received == server._receive_tapped
+    finally:
+        server.sock.close(linger=0)
+        server.ctx.term()
+        server.executor.shutdown()
+
+
+def test_seeded_probabilistic_rules_repeat_and_lose_no_write(targets):
+    """Rules with p= on both sides at once: R2Ts delayed and answers
+    duplicated at random, from seeds, so a sequential initiator meets exactly
+    the faults the seeds pick (the message numbers are computed here from the
+    same generator: the first BURST of each kind, the log's rate limit); every
+    write is answered once with GOOD and reads back."""
+    import random
+    rules = ("fetd:delay rdy_to_xfer p=0.3 seed=5 ms=20", "stml:duplicate xmit_response p=0.2 seed=9")
+    t = start(*rules)
+    targets.append(t)
+    wlog = WriteLog()
+    lbas = [8 * i for i in range(20)]
+    assert write_all(t, wlog, lbas, "p", immediate=False) == 1   # no session broke
+    ini = login(t, "verify")
+    ready(ini)
+    assert wlog.verify(ini) == 80
+    ini.close()
+    for op, seed, p, n, verb in (("rdy_to_xfer", 5, 0.3, 20, "delaying"),   # the 20 writes' R2Ts
+                                 # answers: the writer's TUR and 20 writes, the verifier's TUR and 80 reads
+                                 ("xmit_response", 9, 0.2, 102, "duplicating")):
+        rng = random.Random(seed)
+        picks = [i for i in range(1, n + 1) if rng.random() < p]
+        shown = picks[:BURST]    # a p= rule's lines are rate-limited like any repeated line
+        log = t.wait_log(f"inject: {verb} {op} #{shown[-1]} ")
+        assert [int(x) for x in re.findall(rf"inject: {verb} {op} #(\d+) ", log)] == shown
+    assert "exited with" not in log

@@ -26,6 +26,7 @@ import signal
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from scsi_runtime.logs import audit
 from stml.api.messages import Op
 from stml.api.tap import Peer
 
@@ -211,32 +212,33 @@ class Injector:
 
     # -- the kinds ------------------------------------------------------------
     def _drop(self, st: _State, hand_on: HandOn, peer: Peer, header: dict[str, Any], frames: list) -> bool:
-        log.warning("dropped %s #%d (%s)", header["op"], st.seen, st.rule.text)
+        _say(st, "dropped %s #%d (%s)", header["op"], st.seen, st.rule.text)
         return False
 
     def _delay(self, st: _State, hand_on: HandOn, peer: Peer, header: dict[str, Any], frames: list) -> bool:
         import asyncio
         assert st.rule.ms is not None   # a delay needs ms (parse_rule)
-        log.warning("delaying %s #%d by %d ms (%s)", header["op"], st.seen, st.rule.ms, st.rule.text)
-        asyncio.get_running_loop().call_later(st.rule.ms / 1000, self._late, st.seen, hand_on, peer, header,
+        _say(st, "delaying %s #%d by %d ms (%s)", header["op"], st.seen, st.rule.ms, st.rule.text)
+        asyncio.get_running_loop().call_later(st.rule.ms / 1000, self._late, st, st.seen, hand_on, peer, header,
                                               _copy(frames))
         return False
 
-    def _late(self, n: int, hand_on: HandOn, peer: Peer, header: dict[str, Any], frames: list) -> None:
-        log.warning("handing on delayed %s #%d", header["op"], n)
+    def _late(self, st: _State, n: int, hand_on: HandOn, peer: Peer, header: dict[str, Any],
+              frames: list) -> None:
+        _say(st, "handing on delayed %s #%d", header["op"], n)
         hand_on(peer, header, frames)
 
     def _duplicate(self, st: _State, hand_on: HandOn, peer: Peer, header: dict[str, Any],
                    frames: list) -> bool:
         import asyncio
-        log.warning("duplicating %s #%d (%s)", header["op"], st.seen, st.rule.text)
+        _say(st, "duplicating %s #%d (%s)", header["op"], st.seen, st.rule.text)
         asyncio.get_running_loop().call_soon(hand_on, peer, header, _copy(frames))
         return True
 
     def _reorder(self, st: _State, hand_on: HandOn, peer: Peer, header: dict[str, Any], frames: list) -> bool:
         import asyncio
         ms = REORDER_MS if st.rule.ms is None else st.rule.ms
-        log.warning("holding %s #%d for the next one (%s)", header["op"], st.seen, st.rule.text)
+        _say(st, "holding %s #%d for the next one (%s)", header["op"], st.seen, st.rule.text)
         timer = asyncio.get_running_loop().call_later(ms / 1000, self._release, st, f"none came in {ms} ms")
         st.held = (hand_on, peer, header, _copy(frames), timer, st.seen)
         return False
@@ -252,11 +254,11 @@ class Injector:
         hand_on, peer, header, frames, timer, n = st.held
         st.held = None
         timer.cancel()
-        log.warning("handing on held %s #%d %s", header["op"], n, why)
+        _say(st, "handing on held %s #%d %s", header["op"], n, why)
         hand_on(peer, header, frames)
 
     def _kill(self, st: _State, hand_on: HandOn, peer: Peer, header: dict[str, Any], frames: list) -> bool:
-        log.warning("SIGKILL at %s #%d (%s)", header["op"], st.seen, st.rule.text)
+        _say(st, "SIGKILL at %s #%d (%s)", header["op"], st.seen, st.rule.text)
         for h in logging.getLogger().handlers:
             h.flush()
         os.kill(os.getpid(), signal.SIGKILL)
@@ -265,7 +267,7 @@ class Injector:
     def _stall(self, st: _State, hand_on: HandOn, peer: Peer, header: dict[str, Any], frames: list) -> bool:
         r = st.rule
         assert r.lun is not None and r.s is not None and self.stall is not None   # parse_rule, the STML
-        log.warning("stalling LUN %d's backend at %s #%d (%s)", r.lun, header["op"], st.seen, r.text)
+        _say(st, "stalling LUN %d's backend at %s #%d (%s)", r.lun, header["op"], st.seen, r.text)
         self.stall(r.lun, r.s)
         return True
 
@@ -277,6 +279,13 @@ ACTIONS: dict[str, Callable[..., bool]] = {
 assert ACTIONS.keys() == KINDS.keys()
 
 
+def _say(st: _State, msg: str, *args: Any) -> None:
+    """A line per act: an at=N rule acts once and its line always shows; a
+    p=P rule may act on every message, so its lines are rate-limited as any
+    repeated line is (scsi_runtime.logs)."""
+    log.warning(msg, *args, extra=audit() if st.rule.at is not None else None)
+
+
 def _copy(frames: list) -> list:
     """Frames are the carrier's memory during the tap call only (stml.api.tap)."""
     return [bytes(f) for f in frames]
@@ -285,7 +294,7 @@ def _copy(frames: list) -> list:
 def announce(rules: list[Rule], where: str) -> None:
     """Loudly, at start: one line per rule."""
     for r in rules:
-        log.warning("%s applies rule %r", where, r.text)
+        log.warning("%s applies rule %r", where, r.text, extra=audit())
 
 
 def injector_for_link(rules: list[Rule], link: Any) -> Injector:
