@@ -50,14 +50,11 @@ def main(stml_endpoints: tuple[str, ...], portals: tuple[str, ...], stml_key: st
     from scsi_runtime.loop import run_loop
     setup_logging(log_level, "fetd_tcp", log_format)
     from fetd_tcp.limits import LimitError, Limits
-    from stml.api.inject import RuleError, load_rules
+    from stml.api.inject import RuleError, front_end_rules
     try:
         specs = [PortalSpec(*parse_portal(p)) for p in portals]
         Limits.from_env()
-        rules = load_rules(inject, inject_files)
-        for r in rules:
-            if r.side != "fetd":
-                raise RuleError(f"inject rule {r.text!r}: a front end applies fetd rules only")
+        rules = front_end_rules(inject, inject_files)
     except RuleError as e:
         click.echo(f"scsi-target: {e}", err=True)
         sys.exit(2)

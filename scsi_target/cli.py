@@ -308,8 +308,8 @@ def run(log_level: str, log_format: str, portals: tuple[str, ...], no_iscsi: boo
     setup_logging(log_level, "run", log_format)
     kw = inherited(kw)
     trace = trace_settings(trace_path, trace_max, trace_with_data)
-    # `stml` rules go to the STML, `fetd` rules to the iSCSI front end (fetd_tcp)
-    rules = inject_rules(inject, inject_files, ("stml",) if no_iscsi else ("stml", "fetd"))
+    # `stml` rules go to the STML, `fetd` rules to every front end it starts (fetd_tcp, fetd_vhost)
+    rules = inject_rules(inject, inject_files, ("stml",) if no_iscsi and not vhost else ("stml", "fetd"))
     try:
         ddir = data_dir_of(kw.get("config_path"), kw.get("data_dir"))
         check_data_dir(ddir)
@@ -357,7 +357,7 @@ def run(log_level: str, log_format: str, portals: tuple[str, ...], no_iscsi: boo
         if config.isns:
             tcp += ["--isns", config.isns]
         children["fetd_tcp"] = tcp
-    vhosts = vhost_children(config, vhost, log_level)
+    vhosts = {name: argv + fetd_rules for name, argv in vhost_children(config, vhost, log_level).items()}
     children.update(vhosts)
     plan = Plan(config, cpus, poll_us, not no_iscsi, tuple(vhosts))
     status = Supervisor(children, cpus, log_format, plan.line, lambda: plan.printed).run()

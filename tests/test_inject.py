@@ -170,10 +170,16 @@ def test_bad_rules_stop_run_with_one_line(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
         "scsi-target: inject rule 'fetd:delay rdy_to_xfer at=2': delay needs ms="]
-    r = subprocess.run([sys.executable, "-m", "fetd_tcp", "--stml", f"ipc://{tmp_path}/x",
-                        "--inject", "stml:drop xmit_response at=1"], capture_output=True, text=True, timeout=60)
+    r = subprocess.run([sys.executable, "-m", "scsi_target", "run", "--data-dir", str(tmp_path), "--no-iscsi",
+                        "--inject", "fetd:drop xmit_response at=1"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
-    assert r.stderr.strip() == "scsi-target: inject rule 'stml:drop xmit_response at=1': a front end applies fetd rules only"
+    assert r.stderr.strip() == "scsi-target: inject rule 'fetd:drop xmit_response at=1': this command runs no fetd side"
+    for fe in (["fetd_tcp"], ["fetd_vhost", "--socket", f"{tmp_path}/v.sock", "--target", IQN]):
+        r = subprocess.run([sys.executable, "-m", *fe, "--stml", f"ipc://{tmp_path}/x",
+                            "--inject", "stml:drop xmit_response at=1"], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2
+        assert r.stderr.strip() == ("scsi-target: inject rule 'stml:drop xmit_response at=1': "
+                                    "a front end applies fetd rules only")
 
 
 # -------------------------------------------------------------- faults, and the recovery

@@ -140,6 +140,15 @@ def load_rules(texts: tuple[str, ...] | list[str], files: tuple[str, ...] | list
     return [parse_rule(line) for line in lines if line.strip()]
 
 
+def front_end_rules(texts: tuple[str, ...], files: tuple[str, ...]) -> list[Rule]:
+    """A front end's --inject/--inject-file: fetd rules only (RuleError else)."""
+    rules = load_rules(texts, files)
+    for r in rules:
+        if r.side != "fetd":
+            raise RuleError(f"inject rule {r.text!r}: a front end applies fetd rules only")
+    return rules
+
+
 def for_side(rules: list[Rule], side: str) -> list[Rule]:
     return [r for r in rules if r.side == side]
 
@@ -297,7 +306,11 @@ def announce(rules: list[Rule], where: str) -> None:
         log.warning("%s applies rule %r", where, r.text, extra=audit())
 
 
-def injector_for_link(rules: list[Rule], link: Any) -> Injector:
-    """An Injector for a front end's FrontEndLink (its deliver/transmit take no peer)."""
-    return Injector(rules, lambda peer, header, frames: link.deliver(header, frames),
-                    lambda peer, header, frames: link.transmit(header, frames))
+def tap_link(rules: list[Rule], link: Any, where: str) -> None:
+    """Put an Injector for these rules on a front end's FrontEndLink (its
+    deliver/transmit take no peer), saying so loudly; no rules, no tap."""
+    if not rules:
+        return
+    announce(rules, where)
+    link.add_tap(Injector(rules, lambda peer, header, frames: link.deliver(header, frames),
+                          lambda peer, header, frames: link.transmit(header, frames)))
