@@ -189,6 +189,7 @@ class StmlServer:
         # where the carriers hand a message in: _receive, or _receive_tapped with a tap
         self.received: Callable[..., None] = self._receive
         self.traces = Traces(self.emulator, self.add_tap, self.remove_tap)
+        self._stalls: list[tuple[Any, Any]] = []   # (LU, StalledBackend) of an injected stall
 
     def add_tap(self, tap: Tap) -> None:
         """See every message from now on (stml.api.tap), after the taps already there."""
@@ -210,6 +211,40 @@ class StmlServer:
         channel = getattr(self, "channel", None)
         if channel is not None:
             channel.on_message = self.received
+
+    def start_injection(self, rules: list[Any]) -> None:
+        """Apply fault-injection rules (stml.api.inject) from now on, before any
+        other tap: a trace then records what really crossed the link."""
+        from stml.api.inject import Injector, announce
+        announce(rules, "the STML")
+        self._taps.insert(0, Injector(rules, self.deliver, self.transmit, self.stall_backend))
+        self._set_taps()
+
+    def stall_backend(self, lun: int, seconds: float) -> None:
+        """Stall LUN `lun`'s backend (of every target that has one) for
+        `seconds`, 0: until SIGUSR2 (stml.stall)."""
+        from stml.stall import StalledBackend
+        loop = asyncio.get_running_loop()
+        for t in self.emulator.targets.values():
+            lu = t.luns.get(lun)
+            if lu is not None and not isinstance(lu.backend, StalledBackend):
+                stalled = StalledBackend(lu.backend)
+                lu.backend = stalled
+                self._stalls.append((lu, stalled))
+        loop.add_signal_handler(signal.SIGUSR2, self.release_stalls)
+        if seconds:
+            loop.call_later(seconds, self.release_stalls)
+
+    def release_stalls(self) -> None:
+        for lu, stalled in self._stalls:
+            if lu.backend is stalled:
+                lu.backend = stalled.inner
+            stalled.gate.set()
+        if self._stalls:
+            waited = sum(s.waited for _, s in self._stalls)
+            logging.getLogger("inject").warning("released %d stalled backend(s); %d call(s) had waited",
+                                                len(self._stalls), waited)
+        self._stalls.clear()
 
     def _send_tapped(self, ident: bytes, header: dict[str, Any], frames: list) -> None:
         """_send, with the tap before it (the header packed once for both)."""
@@ -536,10 +571,12 @@ class StopGuard:
             os._exit(1)
 
 
-async def run_stml(config: Config, trace: TraceOptions | None = None) -> None:
+async def run_stml(config: Config, trace: TraceOptions | None = None, inject: list[Any] | None = None) -> None:
     stop = asyncio.Event()
     guard = StopGuard(stop)
     server = StmlServer(config)
+    if inject:
+        server.start_injection(inject)
     loop = asyncio.get_running_loop()
 
     def reload() -> None:
