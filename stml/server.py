@@ -217,8 +217,22 @@ class StmlServer:
         other tap: a trace then records what really crossed the link."""
         from stml.api.inject import Injector, announce
         announce(rules, "the STML")
-        self._taps.insert(0, Injector(rules, self.deliver, self.transmit, self.stall_backend))
+        # what it holds back and lets go later still passes the taps after it
+        injector = Injector(rules, lambda *m: self.deliver(*m, past=injector),
+                            lambda *m: self.transmit(*m, past=injector), self.stall_backend)
+        self._taps.insert(0, injector)
         self._set_taps()
+
+    def _seen_after(self, past: Tap, ident: bytes, header: dict[str, Any], frames: list,
+                    inbound: bool) -> bool:
+        """Show a message the tap `past` held back to the taps after it (a trace
+        after an injector records it when it really crosses); False: swallowed."""
+        taps = self._taps
+        later = taps[taps.index(past) + 1:] if past in taps else []
+        if not later:
+            return True
+        packed = pack(header)
+        return all((t.inbound if inbound else t.outbound)(ident, header, packed, frames) for t in later)
 
     def stall_backend(self, lun: int, seconds: float) -> None:
         """Stall LUN `lun`'s backend (of every target that has one) for
@@ -276,8 +290,11 @@ class StmlServer:
         else:
             self.channel.send([ident, pack(header), *frames])
 
-    def transmit(self, ident: bytes, header: dict[str, Any], frames: list) -> None:
-        """Send a message past the tap (a tap that held one back lets it go here)."""
+    def transmit(self, ident: bytes, header: dict[str, Any], frames: list, past: Tap | None = None) -> None:
+        """Send a message past the tap (a tap that held one back lets it go here;
+        `past`: that tap, whose successors still see it)."""
+        if past is not None and not self._seen_after(past, ident, header, frames, inbound=False):
+            return
         self._send(ident, header, frames)
 
     def _bind(self) -> None:
@@ -527,9 +544,12 @@ class StmlServer:
             return
         self.emulator.handle(ident, header, frames[2:], lease)
 
-    def deliver(self, ident: bytes, header: dict[str, Any], data: list) -> None:
+    def deliver(self, ident: bytes, header: dict[str, Any], data: list, past: Tap | None = None) -> None:
         """Handle a decoded message past the tap (a tap that held one back,
-        with copies of its data, lets it in here)."""
+        with copies of its data, lets it in here; `past`: that tap, whose
+        successors still see it)."""
+        if past is not None and not self._seen_after(past, ident, header, data, inbound=True):
+            return
         self._receive([ident, b"", *data], None, header)
 
     async def _liveness(self) -> None:

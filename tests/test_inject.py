@@ -458,6 +458,60 @@ def test_no_rule_no_tap_and_an_injector_goes_before_other_taps(tmp_path):
         server.executor.shutdown()
 
 
+def test_a_trace_after_an_injector_records_what_it_lets_go_later(tmp_path):
+    """A delayed command and a duplicated answer pass the trace when they
+    really cross: the trace holds what the STML handled and sent."""
+    import asyncio
+
+    from stml import config
+    from stml.api import pack, unpack
+    from stml.server import StmlServer
+    from stml.trace.format import Message, TraceReader
+
+    read_capacity = bytes([0x25]) + bytes(9)
+
+    async def main() -> tuple[list[str], list[str]]:
+        server = StmlServer(config.load(data_dir=str(tmp_path / "data"), luns=("ram:1MiB",)))
+        sent: list = []
+
+        class Stream:
+            region = None
+
+            def send(self, frames: list) -> None:
+                sent.append(frames)
+        ident = b"\0stream-1"
+        server.streams[ident] = Stream()
+        try:
+            server.start_injection([parse_rule("stml:delay rx_cmnd at=1 ms=10"),
+                                    parse_rule("stml:duplicate xmit_response at=2")])
+            path = str(tmp_path / "t.trace")
+            server.traces.start(path)
+            server.received([ident, pack({"op": "register_target_front_end", "name": "t", "kind": "test",
+                                          "version": [1, 0]})])
+            target = next(iter(server.emulator.targets))
+            server.received([ident, pack({"op": "register_nexus", "nexus": 1, "initiator": "iqn.x",
+                                          "target": target, "tpg": 1})])
+            for tag in (3, 4):
+                server.received([ident, pack({"op": "rx_cmnd", "tag": tag, "nexus": 1, "lun": 0,
+                                              "cdb": read_capacity, "attr": 0, "dir": 2, "len": 8})])
+            for _ in range(200):                  # until the held command went and both answered
+                if sum(unpack(f[0])["op"] == "xmit_response" for f in sent) >= 3:
+                    break
+                await asyncio.sleep(0.01)
+            await server.traces.stop("stopped", "test")
+            with TraceReader(path) as r:
+                recorded = [m.op for m in r if isinstance(m, Message)]
+            return [unpack(f[0])["op"] for f in sent], recorded
+        finally:
+            server.sock.close(linger=0)
+            server.ctx.term()
+            server.executor.shutdown()
+
+    wire, recorded = asyncio.run(main())
+    assert wire.count("xmit_response") == 3               # one answer duplicated
+    assert recorded.count("rx_cmnd") == 2 and recorded.count("xmit_response") == 3
+
+
 def test_seeded_probabilistic_rules_repeat_and_lose_no_write(targets):
     """Rules with p= on both sides at once: R2Ts delayed and answers
     duplicated at random, from seeds, so a sequential initiator meets exactly
