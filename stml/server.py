@@ -218,8 +218,8 @@ class StmlServer:
         from stml.api.inject import Injector, announce
         announce(rules, "the STML")
         # what it holds back and lets go later still passes the taps after it
-        injector = Injector(rules, lambda *m: self.deliver(*m, past=injector),
-                            lambda *m: self.transmit(*m, past=injector), self.stall_backend)
+        injector = Injector(rules, lambda i, h, d: self.deliver(i, h, d, past=injector),
+                            lambda i, h, f: self.transmit(i, h, f, past=injector), self.stall_backend)
         self._taps.insert(0, injector)
         self._set_taps()
 
