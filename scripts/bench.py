@@ -7,6 +7,7 @@
     scripts/bench.py --compare-tgtd --thin  # the default thin LUN, fragmented first
     scripts/bench.py --compare-tgtd --rbd   # RBD images: ours against tgtd's bs_rbd (tgt-rbd)
     scripts/bench.py --vhost           # a Linux guest: fetd_vhost against QEMU's own virtio-scsi
+    scripts/bench.py --trace           # 4 KiB QD16 reads with and without `run --trace`
 
 Both targets get an equivalent LUN: a 1 GiB file in /dev/shm (same backing
 kind and size), filled with data first, and ours thick (no logical block
@@ -39,6 +40,13 @@ O_DIRECT reads and writes and 4 KiB random reads, one I/O at a time, on
 each disk in turn (A B, then B A); the table shows medians of per-round
 ratios. Needs qemu-system-x86, busybox-static and a C compiler with a
 static libc (gcc, libc6-dev).
+
+`--trace` measures what recording a trace costs (issue 22's goal: at most
+10% of 4 KiB QD16 IOPS): two of our targets on one filled image, one run
+with `--trace` (the trace file in the work directory, on disk), the same
+4 KiB QD16 reads on each, alternating A B A B; the table shows the median
+IOPS of each and the median of the per-round ratios, and the size of the
+trace.
 """
 from __future__ import annotations
 
@@ -169,7 +177,8 @@ def free_port() -> int:
 class Ours:
     name = "scsi-target"
 
-    def __init__(self, work: Path, img: Path | None, thin: bool, rbd: RbdImages | None = None) -> None:
+    def __init__(self, work: Path, img: Path | None, thin: bool, rbd: RbdImages | None = None,
+                 extra: tuple[str, ...] = (), name: str = "ours") -> None:
         self.port = free_port()
         self.img = img
         if rbd is not None:
@@ -178,9 +187,9 @@ class Ours:
         else:
             lun = f"file:{self.img}" + ("" if thin else ",thick")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "scsi_target", "run", "--data-dir", str(work / "ours"),
+            [sys.executable, "-m", "scsi_target", "run", "--data-dir", str(work / name),
              "--lun", lun, "--portal", f"127.0.0.1:{self.port}",
-             "--log-level", "warning"],
+             "--log-level", "warning", *extra],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, cwd=ROOT)
         # ready once `run` says so: attached to the STML and listening
         said = []
@@ -428,6 +437,59 @@ def run_loopback(args: argparse.Namespace) -> dict:
     return results
 
 
+TRACE_WORKLOAD = ("4k-read-qd16", ["-d", "16", "-s", "4k"], 100000)
+TRACE_GOAL = 0.9   # traced IOPS / untraced IOPS (issue 22)
+
+
+def run_trace(args: argparse.Namespace) -> dict:
+    """The same 4 KiB QD16 reads on two of our targets, one recording a trace."""
+    work = Path(tempfile.mkdtemp(prefix="bench"))
+    img = filled_image(Path("/dev/shm") / f"bench-trace-{os.getpid()}.img")
+    trace = work / "bench.trace"
+    targets: list[Ours] = []
+    name, wargs, count = TRACE_WORKLOAD
+    n = max(100, int(count * args.scale))
+    results: dict = {"mode": "trace", "workload": name, "ios": n, "runs": args.runs}
+    try:
+        plain = Ours(work, img, False, name="plain")   # one image for both (reads only)
+        targets.append(plain)
+        # the cap well above what the rounds write: the trace records every round
+        traced = Ours(work, img, False, extra=("--trace", str(trace), "--trace-max", "64GiB"), name="traced")
+        targets.append(traced)
+        per: dict[str, list[float]] = {"plain": [], "traced": []}
+        # CPU per read of each target's processes (user + kernel, all threads): what
+        # tracing costs, less disturbed by other load on the machine than IOPS are
+        cpu: dict[str, list[dict[str, float]]] = {"plain": [], "traced": []}
+        for _ in range(args.runs):
+            for label, t in (("plain", plain), ("traced", traced)):
+                pids = processes(t)
+                before = {name: usage(pid) for name, pid in pids.items()}
+                per[label].append(n / qemu_bench(t.url, wargs, n))
+                after = per_io(before, {name: usage(pid) for name, pid in pids.items()}, n)
+                cpu[label].append({name: c["user_us"] + c["system_us"] for name, c in after.items()})
+        ratios = [b / a for a, b in zip(per["plain"], per["traced"])]
+        cpu_us = {label: {name: statistics.median(r[name] for r in rounds) for name in rounds[0]}
+                  for label, rounds in cpu.items()}
+        results.update({"plain_iops": statistics.median(per["plain"]),
+                        "traced_iops": statistics.median(per["traced"]),
+                        "ratio": statistics.median(ratios), "samples": per, "cpu_us_per_io": cpu_us,
+                        "load": os.getloadavg()})
+    finally:
+        for t in targets:
+            t.stop()
+        img.unlink(missing_ok=True)
+        results["trace_bytes"] = trace.stat().st_size if trace.exists() else 0
+        shutil.rmtree(work, ignore_errors=True)
+    goal = "goal met" if results.get("ratio", 0) >= TRACE_GOAL else f"goal {TRACE_GOAL}"
+    print(f"{name:18s} plain {results['plain_iops']:10.0f} IOPS | traced {results['traced_iops']:10.0f} IOPS"
+          f" | ratio {results['ratio']:.2f} ({goal}); trace {results['trace_bytes'] / 1e6:.1f} MB for "
+          f"{n * args.runs} reads; load {results['load'][0]:.2f}", flush=True)
+    for label, procs in results["cpu_us_per_io"].items():
+        print(f"{'':18s} {label} CPU per read: " + ", ".join(f"{name} {us:.1f} us" for name, us in procs.items())
+              + f"; all {sum(procs.values()):.1f} us", flush=True)
+    return results
+
+
 # --vhost: name, guestio mode, block size, I/O count at scale 1.0; each disk is VHOST_SIZE
 VHOST_SIZE = 256 << 20
 VHOST_WORKLOADS = [
@@ -594,7 +656,7 @@ def machine() -> dict:
 
 def default_out(args: argparse.Namespace, results: dict) -> Path:
     kind = ("-thin" if args.thin else "-loopback" if args.loopback else "-vhost" if args.vhost
-            else "-rbd" if args.rbd else "")
+            else "-rbd" if args.rbd else "-trace" if args.trace else "")
     return ROOT / "docs" / "perf" / f"{results['date']}-{results['commit']}{kind}.json"
 
 
@@ -618,11 +680,15 @@ def main() -> None:
     ap.add_argument("--rbd", action="store_true", help="RBD images instead of files (see above)")
     ap.add_argument("--ceph-conf", help="--rbd: this cluster's ceph.conf instead of a throwaway cluster")
     ap.add_argument("--ceph-keyring", help="--rbd: the keyring for --ceph-conf, if it does not name one")
+    ap.add_argument("--trace", action="store_true",
+                    help="4 KiB QD16 reads with and without `run --trace`, alternating (see above)")
     args = ap.parse_args()
     if not shutil.which("qemu-img") and not args.loopback and not args.vhost:
         sys.exit("bench: qemu-img not found (apt-get install qemu-utils qemu-block-extra)")
     if args.vhost:
         results = run_vhost(args)
+    elif args.trace:
+        results = run_trace(args)
     else:
         results = run_loopback(args) if args.loopback else run_iscsi(args)
     results["commit"], results["date"] = commit(), time.strftime("%Y-%m-%d")

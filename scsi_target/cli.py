@@ -27,7 +27,9 @@ from fetd_vhost.cli import main as fetd_vhost_main, vhost_children, vhost_option
 from scsi_runtime.logs import setup_logging
 from scsi_target.endpoint import NotRunning, find_endpoint, inherited, require_running
 from scsi_target.supervise import Supervisor, sd_notify
-from stml.cli import apply_stml_options, config_exit, config_options, load_or_exit, main as stml_main, stml_options
+from stml.api.inject import for_side, rule_args
+from stml.cli import (apply_stml_options, config_exit, config_options, inject_options, inject_rules,
+                      load_or_exit, main as stml_main, stml_options, trace_options, trace_settings)
 from stml.config import (Config, ConfigError, StartupError, check_lun_paths, data_dir_of, default_data_dir,
                          parse_size)
 
@@ -85,7 +87,9 @@ main.add_command(fetd_tcp_main, "fetd-tcp")
 main.add_command(fetd_vhost_main, "fetd-vhost")
 from scsi_target.keys import keys as _keys  # noqa: E402  (verbs defined in their own modules)
 from scsi_target.mgmt import register as _register_mgmt  # noqa: E402
+from scsi_target.trace import trace as _trace  # noqa: E402
 main.add_command(_keys, "keys")
+main.add_command(_trace, "trace")
 _register_mgmt(main)
 
 
@@ -281,9 +285,12 @@ class Plan:
               help="split: the STML and the front end each on their own share of the CPUs this "
                    "command may use (taskset narrows them); none: wherever the scheduler puts them.")
 @vhost_option
+@trace_options
+@inject_options
 def run(log_level: str, log_format: str, portals: tuple[str, ...], no_iscsi: bool, cpu_affinity: str,
         listen: tuple[str, ...], insecure: bool, metrics: str | None, poll_us: int | None,
-        vhost: tuple[str, ...], **kw: Any) -> None:
+        vhost: tuple[str, ...], trace_path: str | None, trace_max: str, trace_with_data: bool,
+        inject: tuple[str, ...], inject_files: tuple[str, ...], **kw: Any) -> None:
     """Run the target: the STML and the iSCSI front end (Ctrl-C stops all).
 
     Without --config it serves DATA_DIR/scsi-target.toml, written on first
@@ -291,6 +298,9 @@ def run(log_level: str, log_format: str, portals: tuple[str, ...], no_iscsi: boo
     change; once it exists, --lun/--iqn may only repeat what it says."""
     setup_logging(log_level, "run", log_format)
     kw = inherited(kw)
+    trace = trace_settings(trace_path, trace_max, trace_with_data)
+    # `stml` rules go to the STML, `fetd` rules to every front end it starts (fetd_tcp, fetd_vhost)
+    rules = inject_rules(inject, inject_files, ("stml",) if no_iscsi and not vhost else ("stml", "fetd"))
     try:
         ddir = data_dir_of(kw.get("config_path"), kw.get("data_dir"))
         check_data_dir(ddir)
@@ -325,14 +335,20 @@ def run(log_level: str, log_format: str, portals: tuple[str, ...], no_iscsi: boo
         base += ["--metrics", metrics]
     if poll_us is not None:
         base += ["--poll-us", str(poll_us)]
-    children = {"stml": [sys.executable, "-m", "stml", *base]}
+    stml_args = list(base)
+    if trace is not None:   # the STML records: it sees every front end's messages
+        stml_args += ["--trace", trace.path, "--trace-max", str(trace.max_bytes)]
+        stml_args += ["--trace-with-data"] if trace.with_data else []
+    stml_args += rule_args(for_side(rules, "stml"))
+    children = {"stml": [sys.executable, "-m", "stml", *stml_args]}
+    fetd_rules = rule_args(for_side(rules, "fetd"))
     if not no_iscsi:
-        tcp = [sys.executable, "-m", "fetd_tcp", "--stml", config.stml_endpoint, *logs]
+        tcp = [sys.executable, "-m", "fetd_tcp", "--stml", config.stml_endpoint, *logs, *fetd_rules]
         tcp += _gateway_args(config)
         if config.isns:
             tcp += ["--isns", config.isns]
         children["fetd_tcp"] = tcp
-    vhosts = vhost_children(config, vhost, log_level)
+    vhosts = {name: argv + fetd_rules for name, argv in vhost_children(config, vhost, log_level).items()}
     children.update(vhosts)
     plan = Plan(config, cpus, poll_us, not no_iscsi, tuple(vhosts))
     status = Supervisor(children, cpus, log_format, plan.line, lambda: plan.printed).run()
@@ -655,6 +671,11 @@ SHORT_HELP = {
     "wait-ready": "Wait until the target serves (for scripts).",
     "service install": "Create the user, install, enable and start the unit.",
     "completion": "Print the completion script for bash, zsh or fish.",
+    "trace": "Record, replay, export and summarise contract traces.",
+    "trace record": "Record a running STML's messages into a file.",
+    "trace replay": "Replay a trace into a fresh STML; compare answers.",
+    "trace export": "A trace's commands as CSV.",
+    "trace stats": "Per-command counts and latency percentiles.",
 }
 for _path, _text in SHORT_HELP.items():
     _cmd: click.Command = main

@@ -63,6 +63,63 @@ def stml_options(f: Callable) -> Callable:
     return f
 
 
+def trace_options(f: Callable) -> Callable:
+    """Record a trace of the contract from the start (stml.trace)."""
+    for opt in reversed([
+        click.option("--trace", "trace_path", type=click.Path(dir_okay=False), metavar="FILE",
+                     help="Record every contract message to FILE from the start (a trace for "
+                          "`scsi-target trace replay/export/stats`; FILE.gz is gzipped). Replaces FILE."),
+        click.option("--trace-max", "trace_max", metavar="SIZE", default="256MiB", show_default=True,
+                     help="Stop recording (an end record says so) before the file passes SIZE."),
+        click.option("--trace-with-data", is_flag=True,
+                     help="Keep read data in the trace, not only its digest (write data is always kept)."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def inject_options(f: Callable) -> Callable:
+    """Fault injection at the contract (stml.api.inject; off unless asked)."""
+    for opt in reversed([
+        click.option("--inject", "inject", multiple=True, metavar="RULE",
+                     help="A fault-injection rule, repeatable: 'SIDE:KIND OP [at=N|p=P seed=S] [ms=..] "
+                          "[lun=.. s=..]' (docs/research.md, \"Fault injection\")."),
+        click.option("--inject-file", "inject_files", multiple=True, type=click.Path(dir_okay=False),
+                     metavar="FILE", help="Fault-injection rules, one a line (# comments), repeatable."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def inject_rules(texts: tuple[str, ...], files: tuple[str, ...], sides: tuple[str, ...]) -> list[Any]:
+    """The rules the flags give; a wrong one (or one for a side this command
+    does not run) exits 2 with one line."""
+    from stml.api.inject import RuleError, load_rules
+    try:
+        rules = load_rules(texts, files)
+        for r in rules:
+            if r.side not in sides:
+                raise RuleError(f"inject rule {r.text!r}: this command runs no {r.side} side")
+    except RuleError as e:
+        click.echo(f"scsi-target: {e}", err=True)
+        sys.exit(2)
+    return rules
+
+
+def trace_settings(path: str | None, size: str, with_data: bool) -> Any:
+    """The TraceOptions the flags ask for (None without --trace); a bad size exits 2."""
+    if path is None:
+        return None
+    import os
+    from stml.config import parse_size
+    from stml.server import TraceOptions
+    try:
+        cap = parse_size(size, "--trace-max")
+    except ConfigError as e:
+        config_exit(e)
+    return TraceOptions(os.path.abspath(path), cap, with_data)
+
+
 def apply_stml_options(config: Config, listen: tuple[str, ...] = (), insecure: bool = False,
                        metrics: str | None = None, poll_us: int | None = None) -> None:
     for ep in listen:
@@ -80,15 +137,20 @@ def apply_stml_options(config: Config, listen: tuple[str, ...] = (), insecure: b
 @click.option("--portal", "portals", multiple=True, metavar="HOST:PORT[,TPGT]",
               help="iSCSI portal for front ends that follow the STML's list, repeatable "
                    "(replaces the config's `portals` for this run).")
+@trace_options
+@inject_options
 def main(log_level: str, log_format: str, listen: tuple[str, ...], insecure: bool, metrics: str | None,
-         poll_us: int | None, **kw: Any) -> None:
+         poll_us: int | None, trace_path: str | None, trace_max: str, trace_with_data: bool,
+         inject: tuple[str, ...], inject_files: tuple[str, ...], **kw: Any) -> None:
     """Run the STML alone: it owns the LUNs and waits for front ends."""
     setup_logging(log_level, "stml", log_format)
+    trace = trace_settings(trace_path, trace_max, trace_with_data)
+    rules = inject_rules(inject, inject_files, ("stml",))
     config = load_or_exit(**kw)
     apply_stml_options(config, listen, insecure, metrics, poll_us)
     from scsi_runtime.loop import run_loop
     from stml.server import run_stml
     try:
-        run_loop(run_stml(config))
+        run_loop(run_stml(config, trace, rules))
     except ConfigError as e:
         config_exit(e)

@@ -37,6 +37,7 @@ from stml.metrics import Metrics
 from stml.persist import EditedError, hold, model, read_document, render, save
 from stml.portals import PortalStates, portal_entries, portal_groups
 from stml.sense import CAPACITY_DATA_CHANGED, REPORTED_LUNS_DATA_CHANGED
+from stml.trace.recorder import Recorder, Traces
 
 log = logging.getLogger("stml.mgmt")
 
@@ -60,8 +61,9 @@ class Management:
     endpoints the STML serves (for status)."""
 
     def __init__(self, engine: Emulator, config: Config, *, gateway: Gateway, metrics: Metrics,
-                 portals: PortalStates, endpoints: list[str]) -> None:
+                 portals: PortalStates, endpoints: list[str], traces: Traces) -> None:
         self.em = engine
+        self.traces = traces
         self.config = config
         self.gateway = gateway
         self.metrics = metrics
@@ -80,6 +82,7 @@ class Management:
             "session_drop": self.session_drop, "frontend_list": self.frontend_list,
             "config_show": self.config_show, "config_save": self.config_save,
             "config_diff": self.config_diff, "config_reload": self.config_reload,
+            "trace_start": self.trace_start, "trace_status": self.trace_status, "trace_stop": self.trace_stop,
         }
 
     # ------------------------------------------------------------ transport
@@ -110,7 +113,8 @@ class Management:
         except Exception as e:  # a management call must never take the STML down
             log.exception("management command %s failed", cmd)
             ok, error = False, f"internal error: {e}"
-        if ok and isinstance(cmd, str) and cmd != "status" and not cmd.endswith(("_list", "_show", "_diff")):
+        if ok and isinstance(cmd, str) and cmd not in ("status", "trace_status") \
+                and not cmd.endswith(("_list", "_show", "_diff")):
             log.info("management: %s %s", cmd, {k: v for k, v in (h.get("args") or {}).items()
                                                  if k != "secret"}, extra=audit())
         self.em.out.mgmt_reply(ident, rid, ok, result, error)
@@ -238,6 +242,50 @@ class Management:
 
     async def frontend_list(self) -> list[dict[str, Any]]:
         return self.metrics.snapshot(self.em)["front_ends"]
+
+    # ------------------------------------------------------------ traces
+    async def trace_start(self, path: str, with_data: bool = False, max_bytes: int | None = None,
+                          count: int | None = None, force: bool = False,
+                          lease_s: float | None = None) -> dict[str, Any]:
+        """Record every contract message to `path` (on the STML's host) until
+        trace_stop, `count` message records, the `max_bytes` cap, or `lease_s`
+        seconds without a trace_status from the client (one that died)."""
+        if not isinstance(path, str) or not Path(path).is_absolute():
+            raise MgmtError(f"{path!r} is not an absolute path (the file is made by the STML, "
+                            f"whose working directory is not the client's)")
+        for name, value in (("max_bytes", max_bytes), ("count", count)):
+            if value is not None and (type(value) is not int or value < 1):
+                raise MgmtError(f"{name} must be a positive number, not {value!r}")
+        if lease_s is not None and (not isinstance(lease_s, (int, float)) or not 1 <= lease_s <= 3600):
+            raise MgmtError(f"lease_s must be 1-3600 seconds, not {lease_s!r}")
+        try:
+            recorder = self.traces.start(path, with_data=bool(with_data), max_bytes=max_bytes,
+                                         count=count, lease_s=lease_s, force=bool(force))
+        except RuntimeError as e:
+            raise MgmtError(str(e)) from None
+        except FileExistsError:
+            raise MgmtError(f"{path} exists (pass --force to replace it)") from None
+        except OSError as e:
+            raise MgmtError(f"cannot make {path}: {e.strerror or e}") from None
+        return recorder.status()
+
+    def _recorder(self) -> Recorder:
+        recorder = self.traces.current
+        if recorder is None:
+            raise MgmtError("no trace has been recorded since the STML started")
+        return recorder
+
+    async def trace_status(self) -> dict[str, Any]:
+        """The trace being recorded (or the last one); renews its lease."""
+        recorder = self._recorder()
+        recorder.renew()
+        return recorder.status()
+
+    async def trace_stop(self) -> dict[str, Any]:
+        """End the trace; the answer comes once its file is whole and closed."""
+        recorder = self._recorder()
+        await asyncio.wait_for(asyncio.shield(recorder.stop()), 30)
+        return recorder.status()
 
     # ------------------------------------------------------------ the config file
     async def config_show(self) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -24,6 +25,7 @@ from stml.api import BufferPool, Channel, Op, SharedRegion, StreamChannel, pack,
 from stml.api.messages import TO_STML, Cap, check
 from stml.api.sizes import SHARED_READ_MIN
 from stml.api.stream import Lease
+from stml.api.tap import Tap, combine
 from stml.config import Config, ConfigError, StartupError
 from stml.emulator import Emulator, Target
 from stml.lu import LogicalUnit
@@ -32,6 +34,7 @@ from stml.mgmt import Management
 from stml.portals import PortalStates, portal_entries, portal_groups
 from stml.pr import PrStoreError
 from stml.task import Task
+from stml.trace.recorder import Traces
 
 if TYPE_CHECKING:
     from zmq.auth.thread import ThreadAuthenticator
@@ -121,6 +124,15 @@ class BusyPoll:
             self.spinning = False
 
 
+@dataclass(frozen=True)
+class TraceOptions:
+    """`--trace FILE` (scsi-target run / stml): record from the start."""
+    path: str
+    max_bytes: int
+    with_data: bool = False
+    force: bool = True   # a file named on the command line is replaced, as a log would be
+
+
 class StmlServer:
     def __init__(self, config: Config, heartbeat_ms: int | None = None) -> None:
         self.config = config
@@ -172,8 +184,102 @@ class StmlServer:
         self.poll = BusyPoll(poll_us / 1e6) if poll_us else None
         # what each front end that follows the portal list says about its listeners
         self.portals = PortalStates(self.emulator.front_ends)
+        # instruments on the link (stml.api.tap): None, the one tap, or Taps
+        self.tap: Tap | None = None
+        self._taps: list[Tap] = []
+        # where the carriers hand a message in: _receive, or _receive_tapped with a tap
+        self.received: Callable[..., None] = self._receive
+        self.traces = Traces(self.emulator, self.add_tap, self.remove_tap)
+        self._stalls: list[tuple[Any, Any]] = []   # (LU, StalledBackend) of an injected stall
+
+    def add_tap(self, tap: Tap) -> None:
+        """See every message from now on (stml.api.tap), after the taps already there."""
+        self._taps.append(tap)
+        self._set_taps()
+
+    def remove_tap(self, tap: Tap) -> None:
+        if tap in self._taps:
+            self._taps.remove(tap)
+        self._set_taps()
+
+    def _set_taps(self) -> None:
+        """With a tap, messages go through the tapped entry points; without
+        one, through the plain ones: the paths then cost what they cost
+        before taps existed."""
+        self.tap = combine(self._taps)
+        self.emulator.out.transport = self._send if self.tap is None else self._send_tapped
+        self.received = self._receive if self.tap is None else self._receive_tapped
+        channel = getattr(self, "channel", None)
+        if channel is not None:
+            channel.on_message = self.received
+
+    def start_injection(self, rules: list[Any]) -> None:
+        """Apply fault-injection rules (stml.api.inject) from now on, before any
+        other tap: a trace then records what really crossed the link."""
+        from stml.api.inject import Injector, announce
+        announce(rules, "the STML")
+        # what it holds back and lets go later still passes the taps after it
+        injector = Injector(rules, lambda i, h, d: self.deliver(i, h, d, past=injector),
+                            lambda i, h, f: self.transmit(i, h, f, past=injector), self.stall_backend)
+        self._taps.insert(0, injector)
+        self._set_taps()
+
+    def _seen_after(self, past: Tap, ident: bytes, header: dict[str, Any], frames: list,
+                    inbound: bool) -> bool:
+        """Show a message the tap `past` held back to the taps after it (a trace
+        after an injector records it when it really crosses); False: swallowed."""
+        taps = self._taps
+        later = taps[taps.index(past) + 1:] if past in taps else []
+        if not later:
+            return True
+        packed = pack(header)
+        return all((t.inbound if inbound else t.outbound)(ident, header, packed, frames) for t in later)
+
+    def stall_backend(self, lun: int, seconds: float) -> None:
+        """Stall LUN `lun`'s backend (of every target that has one) for
+        `seconds`, 0: until SIGUSR2 (stml.stall)."""
+        from stml.stall import StalledBackend
+        loop = asyncio.get_running_loop()
+        for t in self.emulator.targets.values():
+            lu = t.luns.get(lun)
+            if lu is not None and not isinstance(lu.backend, StalledBackend):
+                stalled = StalledBackend(lu.backend)
+                lu.backend = stalled
+                self._stalls.append((lu, stalled))
+        loop.add_signal_handler(signal.SIGUSR2, self.release_stalls)
+        if seconds:
+            loop.call_later(seconds, self.release_stalls)
+
+    def release_stalls(self) -> None:
+        for lu, stalled in self._stalls:
+            if lu.backend is stalled:
+                lu.backend = stalled.inner
+            stalled.gate.set()
+        if self._stalls:
+            waited = sum(s.waited for _, s in self._stalls)
+            logging.getLogger("inject").warning("released %d stalled backend(s); %d call(s) had waited",
+                                                len(self._stalls), waited)
+        self._stalls.clear()
+
+    def _send_tapped(self, ident: bytes, header: dict[str, Any], frames: list) -> None:
+        """_send, with the tap before it (the header packed once for both)."""
+        tap = self.tap
+        packed = pack(header)
+        if tap is not None and not tap.outbound(ident, header, packed, frames):
+            return
+        op = header["op"]
+        if op == _XMIT_RESPONSE:
+            self.metrics.xmit_response(ident, header)
+        elif op == _TMF_DONE and header.get("aborted"):
+            self.metrics.aborted(ident, header["aborted"])
+        stream = self.streams.get(ident)
+        if stream is not None:
+            stream.send([packed, *frames])
+        else:
+            self.channel.send([ident, packed, *frames])
 
     def _send(self, ident: bytes, header: dict[str, Any], frames: list) -> None:
+        # (_send_tapped is this with the tap: a change here belongs there too)
         op = header["op"]
         if op == _XMIT_RESPONSE:
             self.metrics.xmit_response(ident, header)
@@ -184,6 +290,13 @@ class StmlServer:
             stream.send([pack(header), *frames])
         else:
             self.channel.send([ident, pack(header), *frames])
+
+    def transmit(self, ident: bytes, header: dict[str, Any], frames: list, past: Tap | None = None) -> None:
+        """Send a message past the tap (a tap that held one back lets it go here;
+        `past`: that tap, whose successors still see it)."""
+        if past is not None and not self._seen_after(past, ident, header, frames, inbound=False):
+            return
+        self._send(ident, header, frames)
 
     def _bind(self) -> None:
         """Bind every endpoint: ipc:// ones plain (file permissions guard them),
@@ -286,7 +399,7 @@ class StmlServer:
         def on_message(frames: list) -> None:
             # the frames' lease: write data stays in the front end's memory (or a
             # pooled buffer) until its command ends (Emulator._forget)
-            self._receive([ident, *frames], stream.take_lease())
+            self.received([ident, *frames], stream.take_lease())
 
         stream = StreamChannel(conn, on_message, lambda: self._stream_closed(ident), self.pool, region,
                                self.poll.touch if self.poll else None)
@@ -321,12 +434,19 @@ class StmlServer:
             log.info("front end %s closed its stream", fe.name)
             self.emulator.release_front_end(fe, "deregistered")
 
-    async def serve(self, stop: asyncio.Event) -> None:
+    async def serve(self, stop: asyncio.Event, trace: TraceOptions | None = None) -> None:
+        if trace is not None:   # before any front end can connect: the trace sees everything
+            try:
+                self.traces.start(trace.path, with_data=trace.with_data, max_bytes=trace.max_bytes,
+                                 force=trace.force, from_start=True)
+            except OSError as e:
+                raise StartupError(f"--trace {trace.path}", e.strerror or str(e)) from None
         try:
             self._bind()
         except ConfigError:
             if self.auth is not None:
                 self.auth.stop()
+            self.traces.stop("stml", "the STML could not start")
             raise
         luns = sum(len(t.luns) for t in self.emulator.targets.values())
         log.info("STML serving %d target(s), %d LUN(s) on %s", len(self.emulator.targets), luns,
@@ -334,8 +454,8 @@ class StmlServer:
         for ep in self.endpoints:
             print(f"stml: listening on {ep}", flush=True)
         self.mgmt = Management(self.emulator, self.config, gateway=self.gateway, metrics=self.metrics,
-                               portals=self.portals, endpoints=self.endpoints)
-        self.channel = Channel(self.sock, self._receive, routed=True)
+                               portals=self.portals, endpoints=self.endpoints, traces=self.traces)
+        self.channel = Channel(self.sock, self.received, routed=True)
         self.gateway.start()
         loop = asyncio.get_running_loop()
         for listener in self.listeners:
@@ -354,6 +474,8 @@ class StmlServer:
         beats.cancel()
         await self.gateway.stop()
         await asyncio.sleep(0.05)  # let the release messages leave
+        with contextlib.suppress(asyncio.TimeoutError):   # the trace's file whole, unless the disk hangs
+            await asyncio.wait_for(asyncio.shield(self.traces.stop("stml", "the STML stopped")), 2)
         self.channel.close(linger_ms=100)
         for listener in self.listeners:
             loop.remove_reader(listener.fileno())
@@ -376,19 +498,35 @@ class StmlServer:
                 lu.backend.flush()
                 lu.backend.close()
 
-    def _receive(self, frames: list, lease: Lease | None = None) -> None:
-        """[ident, header, data...] from either carrier; `lease`: the stream
-        carrier's hold on the data frames (the emulator passes it to their task)."""
-        ident = frames[0]
+    def _receive_tapped(self, frames: list, lease: Lease | None = None) -> None:
+        """_receive, with the tap between decoding and handling."""
+        tap = self.tap
         try:
-            if len(frames) < 2:
-                raise ValueError("no header")
-            header = unpack(frames[1])
-        except ValueError as e:
-            log.warning("refused a message from %s: %s", ident.hex(), e)
+            header = unpack(frames[1]) if len(frames) > 1 else None
+        except ValueError:
+            header = None
+        if header is not None and tap is not None and not tap.inbound(frames[0], header, frames[1], frames[2:]):
             if lease is not None:
                 lease.release()
             return
+        self._receive(frames, lease, header)
+
+    def _receive(self, frames: list, lease: Lease | None = None,
+                 header: dict[str, Any] | None = None) -> None:
+        """[ident, header, data...] from either carrier; `lease`: the stream
+        carrier's hold on the data frames (the emulator passes it to their task).
+        `header`: decoded already (by _receive_tapped, or deliver)."""
+        ident = frames[0]
+        if header is None:
+            try:
+                if len(frames) < 2:
+                    raise ValueError("no header")
+                header = unpack(frames[1])
+            except ValueError as e:
+                log.warning("refused a message from %s: %s", ident.hex(), e)
+                if lease is not None:
+                    lease.release()
+                return
         op = header["op"]
         if op == _RX_CMND:
             self.metrics.rx_cmnd(ident, header, self.emulator.front_ends.get(ident))
@@ -406,6 +544,14 @@ class StmlServer:
                 self.portals.report(ident, header)
             return
         self.emulator.handle(ident, header, frames[2:], lease)
+
+    def deliver(self, ident: bytes, header: dict[str, Any], data: list, past: Tap | None = None) -> None:
+        """Handle a decoded message past the tap (a tap that held one back,
+        with copies of its data, lets it in here; `past`: that tap, whose
+        successors still see it)."""
+        if past is not None and not self._seen_after(past, ident, header, data, inbound=True):
+            return
+        self._receive([ident, b"", *data], None, header)
 
     async def _liveness(self) -> None:
         while True:
@@ -446,10 +592,12 @@ class StopGuard:
             os._exit(1)
 
 
-async def run_stml(config: Config) -> None:
+async def run_stml(config: Config, trace: TraceOptions | None = None, inject: list[Any] | None = None) -> None:
     stop = asyncio.Event()
     guard = StopGuard(stop)
     server = StmlServer(config)
+    if inject:
+        server.start_injection(inject)
     loop = asyncio.get_running_loop()
 
     def reload() -> None:
@@ -459,6 +607,6 @@ async def run_stml(config: Config) -> None:
 
     loop.add_signal_handler(signal.SIGHUP, reload)
     try:
-        await server.serve(stop)
+        await server.serve(stop, trace)
     finally:
         guard.done.set()

@@ -74,3 +74,18 @@ def test_bench_thin_smoke(tmp_path):
     if shutil.which("tgtd"):
         assert results["fragment"]["tgtd"]["extents"] == 100
     assert not list(tmp_path.glob("bench*/*.img"))   # the sparse files are removed
+
+
+@pytest.mark.skipif(not shutil.which("qemu-img"), reason="qemu-utils is not installed")
+def test_bench_trace_smoke(tmp_path):
+    """--trace: the same reads on an untraced and a traced target; the traced
+    one wrote a trace, and both report IOPS and CPU per read per process."""
+    out = tmp_path / "trace.json"
+    p = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--trace", "--runs", "1",
+                        "--scale", "0.002", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    r = json.loads(out.read_text())
+    assert r["mode"] == "trace" and r["plain_iops"] > 0 and r["traced_iops"] > 0 and r["ratio"] > 0
+    assert r["trace_bytes"] > 0 and r["ios"] == 200
+    assert set(r["cpu_us_per_io"]) == {"plain", "traced"}
+    assert all(set(procs) == {"stml", "fetd_tcp"} for procs in r["cpu_us_per_io"].values())

@@ -4,7 +4,8 @@ part of `stml` a front end imports. docs/contract.md is its reference.
 - messages: the version, every op, the codes fields carry, pack/unpack;
 - link: FrontEndLink, a front end's end of the contract, and StmlSender, the STML's;
 - zmq_carrier, stream: the two carriers (ZeroMQ; a Unix stream for same-host peers);
-- shm: shared memory regions and buffer pools; sizes: where data is lent, not copied.
+- shm: shared memory regions and buffer pools; sizes: where data is lent, not copied;
+- tap: the one place each side lets an instrument (a trace, fault injection) see its messages.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from stml.api.messages import (CONTRACT_VERSION, MAX_NAME_LEN, MAX_PORT_NAME_LEN
 from stml.api.shm import BufferPool, SharedRegion
 from stml.api.sizes import BIG_FRAME, SHARED_READ_MIN
 from stml.api.stream import Lease, StreamChannel, stream_path
+from stml.api.tap import Tap, Taps
 from stml.api.zmq_carrier import Channel
 
 # Process plumbing that used to live here (scsi_runtime has it now); kept importable
@@ -27,6 +29,6 @@ __all__ = [
     "BIG_FRAME", "CONTRACT_VERSION", "MAX_NAME_LEN", "MAX_PORT_NAME_LEN", "MESSAGES", "SHARED_READ_MIN",
     "BufferPool", "Cap", "Channel", "DataDir", "Detect", "FrontEndHandler", "FrontEndLink", "Lease", "Lun",
     "Op", "RegistrationRefused", "SharedRegion", "Status", "StmlSender", "StreamChannel", "TaskAttr",
-    "Target", "Tmf", "TmfResponse", "check", "pack", "stream_path", "unpack", "version_compatible",
+    "Tap", "Taps", "Target", "Tmf", "TmfResponse", "check", "pack", "stream_path", "unpack", "version_compatible",
     "curve_client_keys", "load_key_file", "parse_portal", "run_loop",
 ]

@@ -16,6 +16,7 @@ import zmq
 from stml.api.messages import CONTRACT_VERSION, FROM_STML, Cap, Detect, Op, check, pack, unpack
 from stml.api.shm import SharedRegion
 from stml.api.stream import Lease, StreamChannel, listening, stream_path
+from stml.api.tap import Tap, combine
 from stml.api.zmq_carrier import Channel
 
 log = logging.getLogger("stml.api")
@@ -101,6 +102,12 @@ class FrontEndLink:
         self._leases: dict[int, Lease] = {}   # tag -> the carrier's hold on its read data
         self._done: list[int] = []            # tags for the next scsi_target_done
         self._done_timer: asyncio.TimerHandle | None = None
+        # instruments on the link (stml.api.tap): None, the one tap, or Taps; with
+        # one, the channel hands messages to _on_message_tapped and its send
+        # shows them to the tap (_tap_channel)
+        self.tap: Tap | None = None
+        self._taps: list[Tap] = []
+        self._receiver: Callable[[list], None] = self._on_message
         self._dispatch: dict[str, Callable[[dict[str, Any], list], None]] = {
             Op.DETECT: self._on_detect,
             Op.NEXUS_READY: lambda h, f: handler.nexus_ready(h["nexus"], h.get("error")),
@@ -112,6 +119,55 @@ class FrontEndLink:
             Op.HEARTBEAT: lambda h, f: None,
             Op.DROP_NEXUS: self._on_drop_nexus,
         }
+
+    # -- instruments ------------------------------------------------------------
+    def add_tap(self, tap: Tap) -> None:
+        """See every message from now on (stml.api.tap), after the taps already there."""
+        self._taps.append(tap)
+        self._set_taps()
+
+    def remove_tap(self, tap: Tap) -> None:
+        if tap in self._taps:
+            self._taps.remove(tap)
+        self._set_taps()
+
+    def _set_taps(self) -> None:
+        """The tapped entry points with a tap, the plain ones without: a link
+        without taps costs what it did before they existed."""
+        self.tap = combine(self._taps)
+        self._receiver = self._on_message if self.tap is None else self._on_message_tapped
+        if self._channel is not None:
+            self._tap_channel(self._channel)
+
+    def _tap_channel(self, channel: Channel | StreamChannel) -> None:
+        """Give a channel the link's entry points: with a tap, its `send` (an
+        attribute of this channel only) shows every message the link sends,
+        scsi_target_done included, to the tap first; without one, the class's
+        send is used again."""
+        channel.on_message = self._receiver
+        if self.tap is None:
+            vars(channel).pop("send", None)
+            return
+        plain = type(channel).send.__get__(channel)
+
+        def send(frames: list) -> None:
+            tap = self.tap
+            if tap is None or tap.outbound(self.endpoint, unpack(frames[0]), frames[0], frames[1:]):
+                plain(frames)
+        setattr(channel, "send", send)
+
+    def transmit(self, header: dict[str, Any], frames: list | tuple = ()) -> None:
+        """Send a message past the tap (a tap that held one back lets it go here)."""
+        channel, message = self._channel, [pack(header), *frames]
+        if isinstance(channel, StreamChannel):   # the class's send: the tapped one is the instance's
+            StreamChannel.send(channel, message)
+        elif channel is not None:
+            Channel.send(channel, message)
+
+    def deliver(self, header: dict[str, Any], frames: list) -> None:
+        """Handle a decoded message from the STML past the tap (a tap that held
+        one back, with copies of its data, lets it in here)."""
+        self._on_message([pack(header), *frames])
 
     # -- calls toward the STML ------------------------------------------------
     def _send(self, header: dict[str, Any], data: list | tuple = ()) -> None:
@@ -127,9 +183,8 @@ class FrontEndLink:
         channel.send([pack(header), *data])
 
     def register_nexus(self, nexus: int, initiator: str, target: str, tpg: int) -> None:
-        info = {"initiator": initiator, "target": target, "tpg": tpg}
-        self.nexuses[nexus] = info
-        self._send({"op": _O.REGISTER_NEXUS, "nexus": nexus, **info})
+        self.nexuses[nexus] = {"initiator": initiator, "target": target, "tpg": tpg}
+        self._send(nexus_registration(nexus, initiator, target, tpg))
 
     def scsi_release(self, nexus: int) -> None:
         if self.nexuses.pop(nexus, None) is not None:
@@ -211,8 +266,10 @@ class FrontEndLink:
         except OSError as e:   # no memfd: write data goes through the socket
             log.warning("no shared memory for write data: %s", e)
             region = None
-        self._channel = StreamChannel(sock, self._on_message, self._stream_closed, region=region,
+        self._channel = StreamChannel(sock, self._receiver, self._stream_closed, region=region,
                                       on_dispatched=getattr(self.handler, "messages_handled", None))
+        if self.tap is not None:
+            self._tap_channel(self._channel)
 
     def release_buffer(self, view: memoryview) -> None:
         """Give back memory from shared_buffer(), once it was sent (the STML
@@ -251,7 +308,9 @@ class FrontEndLink:
             sock.curve_serverkey = self.curve["server"]
             self._watch_handshake(sock)
         sock.connect(self.endpoint)
-        self._channel = Channel(sock, self._on_message)
+        self._channel = Channel(sock, self._receiver)
+        if self.tap is not None:
+            self._tap_channel(self._channel)
 
     def _watch_handshake(self, sock: zmq.Socket) -> None:
         """CURVE: an STML that refuses our key ends the connection for good (and
@@ -301,9 +360,8 @@ class FrontEndLink:
         does not know."""
         channel = self._channel
         caps = [Cap.WRITE_REGION] if isinstance(channel, StreamChannel) and channel.region else []
-        self._send({"op": _O.REGISTER, "version": list(self.version), "kind": self.kind,
-                    "name": self.name, "heartbeat_ms": int(self.heartbeat * 1000),
-                    "aen": self.aen, "caps": caps})
+        self._send(registration(self.name, self.kind, int(self.heartbeat * 1000), self.aen, caps,
+                                self.version))
 
     def start(self) -> None:
         """Connect and register; the link then runs until close()."""
@@ -325,6 +383,19 @@ class FrontEndLink:
             raise TimeoutError(f"no answer from the STML at {self.endpoint}")
         assert self.detect_info is not None   # _on_detect sets it before `connected`
         return self.detect_info
+
+    def _on_message_tapped(self, frames: list) -> None:
+        """_on_message, with the tap before it (which decodes the header once
+        more: a front end's tap is for experiments, its plain path is not)."""
+        try:
+            header = unpack(frames[0])
+        except ValueError:
+            header = None   # refused by _on_message, with the reason
+        tap = self.tap
+        if header is None or tap is None or tap.inbound(self.endpoint, header, frames[0], frames[1:]):
+            self._on_message(frames)
+        else:
+            self._last_rx = time.monotonic()
 
     def _on_message(self, frames: list) -> None:
         self._last_rx = time.monotonic()
@@ -425,7 +496,7 @@ class FrontEndLink:
         self.connected.set()
         if not was_connected:
             for nexus, info in self.nexuses.items():
-                self._send({"op": _O.REGISTER_NEXUS, "nexus": nexus, **info})
+                self._send(nexus_registration(nexus, info["initiator"], info["target"], info["tpg"]))
         self.handler.detect(self.detect_info)
 
     def _on_xmit_response(self, h: dict[str, Any], frames: list) -> None:
@@ -540,6 +611,19 @@ class StmlSender:
         else:
             header["error"] = error
         self.transport(ident, header, [])
+
+
+def registration(name: str, kind: str, heartbeat_ms: int, aen: bool, caps: Sequence[str],
+                 version: tuple[int, int] = CONTRACT_VERSION) -> dict[str, Any]:
+    """A `register_target_front_end` header (a link's, or replay's for a front
+    end that was registered when a trace began)."""
+    return {"op": _O.REGISTER, "version": list(version), "kind": kind, "name": name,
+            "heartbeat_ms": heartbeat_ms, "aen": aen, "caps": list(caps)}
+
+
+def nexus_registration(nexus: int, initiator: str, target: str, tpg: int) -> dict[str, Any]:
+    """A `register_nexus` header."""
+    return {"op": _O.REGISTER_NEXUS, "nexus": nexus, "initiator": initiator, "target": target, "tpg": tpg}
 
 
 def mgmt_request(rid: int, cmd: str, args: dict[str, Any]) -> bytes:
