@@ -81,9 +81,7 @@ def test_bench_trace_smoke(tmp_path):
     """--trace: the same reads on an untraced and a traced target; the traced
     one wrote a trace, and both report IOPS and CPU per read per process."""
     out = tmp_path / "trace.json"
-    p = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--trace", "--runs", "1",
-                        "--scale", "0.002", "--out", str(out)], capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stdout + p.stderr
+    bench(["--trace", "--runs", "1", "--scale", "0.002", "--out", str(out)], tmp_path)
     r = json.loads(out.read_text())
     assert r["mode"] == "trace" and r["plain_iops"] > 0 and r["traced_iops"] > 0 and r["ratio"] > 0
     assert r["trace_bytes"] > 0 and r["ios"] == 200
