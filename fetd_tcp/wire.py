@@ -7,6 +7,7 @@ import asyncio
 import functools
 import logging
 import os
+import time
 from typing import Any, Callable, Iterator
 
 from fetd_tcp import pdu as P
@@ -179,6 +180,17 @@ class ConnectionProtocol(asyncio.BufferedProtocol):
             self.done.set_result(None)
         else:
             self.done.set_exception(exc)
+
+
+class TimedConnectionProtocol(ConnectionProtocol):
+    """ConnectionProtocol while the STML times commands (stage timing): each
+    read is stamped for the link, whose rx_cmnd sends it as the time the
+    front end received the command. A subclass, so an untimed connection's
+    reads cost nothing more."""
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.link.read_at = time.monotonic_ns()
+        super().buffer_updated(nbytes)
 
 
 class PduWriter:
