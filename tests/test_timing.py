@@ -66,7 +66,8 @@ def trace_commands(path: Path) -> dict[int, list[int]]:
 def test_stages_through_real_processes(tmp_path):
     """scsi-target run --timing and an iSCSI initiator: every command's nine
     stamps are in order, status --latency counts each stage of each command,
-    and Prometheus has the histograms with as many commands."""
+    Prometheus has the histograms with as many commands, and so does `trace
+    stats` of the trace recorded meanwhile."""
     port, trace = free_port(), tmp_path / "timed.trace"
     with Target("--lun", "ram:16MiB", "--timing", "--metrics", f"127.0.0.1:{port}",
                 "--trace", str(trace)) as t:
@@ -102,6 +103,10 @@ def test_stages_through_real_processes(tmp_path):
                     f'stage="{s}"}} {float(sent)}') in metrics
     stamps = trace_commands(trace)
     assert len(stamps) == sent
+    p = subprocess.run([sys.executable, "-m", "scsi_target", "trace", "stats", str(trace), "--json"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert {s: v["count"] for s, v in json.loads(p.stdout)["stages"].items()} == {s: sent for s in STAGES}
     for tag, st in stamps.items():
         assert all(st), (tag, st)                               # every stage reached
         assert st == sorted(st), (tag, dict(zip(POINTS, st)))   # each stamp >= the one before
