@@ -189,6 +189,7 @@ class TimedTask(Task):
     fills the STML's stamps of stml.timing (backend start and end here)."""
 
     __slots__ = ("stamps",)
+    stamps: list[int]   # (the slot: always a list here)
 
     def __init__(self, emulator: Emulator, fe: FrontEnd, nexus: Nexus, tag: int, lun: int,
                  cdb: bytes, attr: int, direction: int, exp_len: int, unsol: int,
@@ -471,8 +472,9 @@ class Emulator:
 
     def _rx_cmnd_timed(self, fe: FrontEnd, h: dict[str, Any], frames: list) -> None:
         """rx_cmnd while timed: the command's stamps begin (the task fills them)."""
-        tag, nexus = h.get("tag"), fe.nexuses.get(h.get("nexus"))   # (refused later when malformed)
-        if type(tag) is int and self.timing is not None:
+        tag, nid = h.get("tag"), h.get("nexus")   # (refused later when malformed)
+        if type(tag) is int and type(nid) is int and self.timing is not None:
+            nexus = fe.nexuses.get(nid)
             lun = h.get("lun")
             where = (nexus.target, lun) if nexus is not None and type(lun) is int \
                 and self.lookup_lu(nexus.target, lun) is not None else None
