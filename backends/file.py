@@ -10,7 +10,7 @@ import stat
 import struct
 from typing import Sequence
 
-from backends import BackendError
+from backends.base import BackendError
 
 _BLKGETSIZE64 = 0x80081272
 _FALLOC_FL_KEEP_SIZE = 0x01

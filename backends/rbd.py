@@ -29,7 +29,7 @@ import os
 import threading
 from typing import Any, Callable, Iterator, Sequence
 
-from backends import BackendError
+from backends.base import BackendError
 from backends.librbd import (
     COMP, EBLOCKLISTED, WRITE_ZEROES_FLAG_THICK_PROVISION, CephError, Client, Image, IoCtx, Pinned,
     create_image,

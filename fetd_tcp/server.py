@@ -103,9 +103,14 @@ class IscsiFrontEnd:
             return
         entry = self.tags.tmfs.pop(tag, None)
         if entry is not None:
-            conn, itt, fn = entry
-            if conn is not None:
-                conn.task_mgmt_fn_done(itt, fn, response, tasks, info)
+            conn, itt, fn, ref = entry
+            if fn == P.TMF_ABORT_TASK and response == P.TMF_RESP_NO_TASK and ref is not None:
+                # the STML has no such task, yet we do: its response never came (a lost
+                # message). Ours goes too, or its ITT would stay taken, and unanswered.
+                orphan = self.tags.tasks.pop(ref, None)
+                if orphan is not None:
+                    tasks.append(orphan)
+            conn.task_mgmt_fn_done(itt, fn, response, tasks, info)
 
     def report_aen(self, nexus: int | None, lun: int, sense: bytes) -> None:
         by_nexus = self.registry.by_nexus

@@ -86,8 +86,9 @@ class Tags:
     def __init__(self) -> None:
         self.new: Callable[[], int] = itertools.count(1).__next__   # a C call per command
         self.tasks: dict[int, Task] = {}
-        # tag -> (conn, itt, function); conn None: our own ABORT TASK (Time2Retain expired)
-        self.tmfs: dict[int, tuple[Connection | None, int, int]] = {}
+        # an initiator's TMF sent to the STML: tag -> (conn, itt, function, the referenced
+        # task's tag or None)
+        self.tmfs: dict[int, tuple[Connection, int, int, int | None]] = {}
 
 
 class Task:
@@ -795,7 +796,7 @@ class Connection:
             return
         s.tmfs += 1
         tag = self.tags.new()
-        self.tags.tmfs[tag] = (self, t.itt, fn)
+        self.tags.tmfs[tag] = (self, t.itt, fn, ref)
         self.link.rx_task_mgmt_fn(tag, s.nexus, fn, lun, ref)
 
     def _abort_undelivered(self, t: P.TaskMgmtRequest) -> None:

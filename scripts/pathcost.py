@@ -83,7 +83,7 @@ async def stml_path(count: int, size: int, write: bool = False, traced: bool = F
 
         server.streams[ident] = Stream()
         if traced:
-            server.start_trace(os.devnull, force=True)
+            server.traces.start(os.devnull, force=True)
         receive = server.received if traced else server._receive   # (the carriers' entry point)
         receive([ident, pack({"op": "register_target_front_end", "name": "pathcost",
                                       "kind": "bench", "version": [1, 0]})])

@@ -25,11 +25,12 @@ import click
 from fetd_tcp.cli import main as fetd_tcp_main
 from fetd_vhost.cli import main as fetd_vhost_main, vhost_children, vhost_option
 from scsi_runtime.logs import setup_logging
+from scsi_target.endpoint import NotRunning, find_endpoint, inherited, require_running
 from scsi_target.supervise import Supervisor, sd_notify
 from stml.cli import (apply_stml_options, config_exit, config_options, load_or_exit, main as stml_main,
                       stml_options, trace_options, trace_settings)
 from stml.config import (Config, ConfigError, StartupError, check_lun_paths, data_dir_of, default_data_dir,
-                         default_endpoint, load, parse_size)
+                         parse_size)
 
 CHUNK = 1 << 20  # copy-in/out transfer size
 POLL_US = 200    # the STML's busy-poll window when it has CPUs of its own: a QD1 round trip
@@ -64,16 +65,6 @@ def where_options(f: Callable) -> Callable:
     ]):
         f = opt(f)
     return f
-
-
-def inherited(kw: dict[str, Any]) -> dict[str, Any]:
-    """A verb's options, with what was given before the verb filling the gaps."""
-    ctx = click.get_current_context(silent=True)
-    root = ctx.find_root().obj if ctx is not None else None
-    for key, value in (root or {}).items():
-        if kw.get(key) is None and value is not None:
-            kw[key] = value
-    return kw
 
 
 @click.group(context_settings=CONTEXT)
@@ -377,52 +368,6 @@ def _gateway_args(config: Any) -> list[str]:
     return args
 
 
-# ------------------------------------------------------------------ finding the STML
-
-def _endpoint(config_path: str | None, data_dir: str | None, stml: str | None) -> str:
-    if stml:
-        return stml
-    if config_path:
-        try:
-            return load(config_path, data_dir).stml_endpoint
-        except ConfigError as e:
-            click.echo(f"scsi-target: config error: {e}", err=True)
-            sys.exit(2)
-    return default_endpoint(Path(data_dir).absolute() if data_dir else default_data_dir())
-
-
-PROBE_TIMEOUT = 0.5   # a live STML accepts a connection at once
-
-
-class NotRunning(ConnectionError):
-    """No STML serves the endpoint: say so in one line, at once."""
-
-
-def require_running(endpoint: str) -> None:
-    """A connect attempt with a short timeout, before any ZeroMQ socket: a
-    stale ipc socket file (a target stopped by SIGKILL, or a Ctrl-C'd one's
-    leftovers) refuses it at once, instead of a 10-30 s wait for an answer
-    that cannot come. The lock beside it (`stml.sock.lock`) keeps two STMLs
-    from serving one endpoint; this tells whether one does."""
-    if endpoint.startswith("ipc://"):
-        path = endpoint[len("ipc://"):]
-        ddir = os.path.dirname(path)
-        hint = (f"no target is running in {ddir} (started with: scsi-target run --data-dir {ddir})"
-                if os.path.basename(path) == "stml.sock" else f"no STML is serving {endpoint}")
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(PROBE_TIMEOUT)
-            try:
-                s.connect(path)
-            except (FileNotFoundError, ConnectionRefusedError, TimeoutError, OSError):
-                raise NotRunning(hint) from None
-        return
-    host, _, port = endpoint[len("tcp://"):].rpartition(":")
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=PROBE_TIMEOUT * 2).close()
-    except (OSError, ValueError) as e:
-        raise NotRunning(f"no STML answers at {endpoint}: {e}") from None
-
-
 # ------------------------------------------------------------------ loop
 
 def loop_options(f: Callable) -> Callable:
@@ -455,7 +400,7 @@ def _client(kw: dict[str, Any]) -> tuple[Any, int]:
     opts = {k: v if v is not None else group.get(k) for k, v in kw.items()}
     opts = inherited(opts)
     from fetd_loopback import LoopbackClient
-    endpoint = _endpoint(opts.get("config_path"), opts.get("data_dir"), opts.get("stml"))
+    endpoint = find_endpoint(opts.get("config_path"), opts.get("data_dir"), opts.get("stml"))
     try:
         require_running(endpoint)
     except NotRunning as e:
@@ -651,7 +596,7 @@ def wait_ready(timeout: float, iscsi: bool, **kw: Any) -> None:
     Exit 0 when ready, 1 on timeout."""
     from scsi_target.mgmt import MgmtClient
     kw = inherited(kw)
-    endpoint = _endpoint(kw.get("config_path"), kw.get("data_dir"), kw.get("stml"))
+    endpoint = find_endpoint(kw.get("config_path"), kw.get("data_dir"), kw.get("stml"))
     deadline = time.monotonic() + timeout
     why = "not started"
     while True:

@@ -15,6 +15,8 @@ from typing import Any, Callable
 import click
 import zmq
 
+from scsi_target.endpoint import NotRunning, find_endpoint, inherited, require_running
+
 
 class MgmtClient:
     """One request, one answer, on a DEALER socket (no event loop needed)."""
@@ -24,7 +26,6 @@ class MgmtClient:
         self.ids = itertools.count(1)
 
     def call(self, cmd: str, **args: Any) -> Any:
-        from scsi_target.cli import require_running
         from stml.api import unpack
         from stml.api.link import mgmt_request
         from stml.api.messages import FROM_STML, Op, check
@@ -54,11 +55,6 @@ class MgmtClient:
         return h.get("result")
 
 
-def _endpoint(config_path: str | None, data_dir: str | None, stml: str | None) -> str:
-    from scsi_target.cli import _endpoint as find
-    return find(config_path, data_dir, stml)
-
-
 def mgmt_options(f: Callable) -> Callable:
     for opt in reversed([
         click.option("--config", "config_path", type=click.Path(dir_okay=False),
@@ -75,7 +71,6 @@ def mgmt_options(f: Callable) -> Callable:
 
 
 def _call(kw: dict[str, Any], cmd: str, **args: Any) -> Any:
-    from scsi_target.cli import inherited
     kw = inherited(kw)
     curve = None
     if kw.get("stml_key") or kw.get("own_key"):
@@ -85,7 +80,7 @@ def _call(kw: dict[str, Any], cmd: str, **args: Any) -> Any:
         except (ValueError, TypeError) as e:
             click.echo(f"scsi-target: keys: {e or 'give both --key and --stml-key'}", err=True)
             sys.exit(2)
-    client = MgmtClient(_endpoint(kw.get("config_path"), kw.get("data_dir"), kw.get("stml")), curve,
+    client = MgmtClient(find_endpoint(kw.get("config_path"), kw.get("data_dir"), kw.get("stml")), curve,
                         kw.get("timeout", 10.0))
     try:
         result = client.call(cmd, **args)
@@ -562,7 +557,6 @@ def config() -> None:
 @click.option("--file", "file_only", is_flag=True, help="Print the file as it is on disk instead.")
 def config_show(file_only: bool, **kw: Any) -> None:
     """Print the running configuration, as a save would write it (with the file's comments)."""
-    from scsi_target.cli import inherited
     kw = inherited(kw)
     if file_only:
         from stml.config import CONFIG_NAME
@@ -578,9 +572,8 @@ def config_show(file_only: bool, **kw: Any) -> None:
         else:
             click.echo(text.rstrip())
         return
-    from scsi_target.cli import NotRunning, _endpoint, require_running
     try:
-        require_running(_endpoint(kw.get("config_path"), kw.get("data_dir"), kw.get("stml")))
+        require_running(find_endpoint(kw.get("config_path"), kw.get("data_dir"), kw.get("stml")))
     except NotRunning as e:
         click.echo(f"scsi-target: {e}; the file on disk follows", err=True)
         config_show.callback(file_only=True, **kw)   # type: ignore[misc]

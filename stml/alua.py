@@ -16,17 +16,13 @@ TARGET PORT GROUPS is accepted for groups that exist (nothing changes).
 from __future__ import annotations
 
 import struct
-from typing import TYPE_CHECKING
-
 from stml.api import DataDir
 from stml.cdb import u32
-from stml.ops import OpEntry
+from stml.ops import Conflict, OpEntry
 from stml.sense import (
     ILLEGAL_REQUEST, PARAMETER_LIST_LENGTH_ERROR, CheckCondition, invalid_field, invalid_param,
 )
-
-if TYPE_CHECKING:
-    from stml.emulator import Task
+from stml.task import Task
 
 ACTIVE_OPTIMIZED = 0x0
 ACTIVE_NON_OPTIMIZED = 0x1
@@ -38,14 +34,14 @@ DESCRIPTOR = 12            # bytes of a target port group descriptor with one po
 
 def port_groups(task: Task) -> list[int]:
     """The target port groups of the task's target, in ascending order."""
-    groups = set(task.emulator.portal_groups(task.nexus.target))
+    groups = set(task.services.portal_groups(task.nexus.target))
     groups.add(task.nexus.tpg)
     return sorted(groups)
 
 
 def state(task: Task, tpg: int) -> int:
     """The asymmetric access state of a port group (the same on every path)."""
-    local = task.emulator.local_tpgs
+    local = task.services.local_tpgs
     return ACTIVE_OPTIMIZED if local is None or tpg in local else ACTIVE_NON_OPTIMIZED
 
 
@@ -100,8 +96,9 @@ async def set_target_port_groups(task: Task) -> None:
 OPCODES: list[OpEntry] = [
     OpEntry(0xA3, "REPORT TARGET PORT GROUPS",
             bytes([0xA3, 0xFF, 0, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0]),
-            report_target_port_groups, DataDir.READ, sa=0x0A, conflicts=False),
+            report_target_port_groups, DataDir.READ, sa=0x0A, conflicts=Conflict.NONE),
     OpEntry(0xA4, "SET TARGET PORT GROUPS",
             bytes([0xA4, 0x1F, 0, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0]),
-            set_target_port_groups, DataDir.WRITE, set_tpg_out_len, set_tpg_check, sa=0x0A),
+            set_target_port_groups, DataDir.WRITE, set_tpg_out_len, set_tpg_check, sa=0x0A,
+            conflicts=Conflict.WRITE),
 ]

@@ -7,7 +7,8 @@ from typing import Any, Callable, NoReturn
 import click
 
 from scsi_runtime.logs import setup_logging
-from stml.config import MAX_POLL_US, Config, ConfigError, StartupError, load_or_create
+from stml.config import MAX_POLL_US, Config, ConfigError, StartupError
+from stml.persist import load_or_create
 
 
 def config_options(f: Callable) -> Callable:
@@ -39,7 +40,7 @@ def config_exit(e: ConfigError) -> NoReturn:
 def load_or_exit(config_path: str | None, data_dir: str | None, iqn: str | None,
                  luns: tuple[str, ...], stml_endpoint: str | None, portals: tuple[str, ...] = ()) -> Config:
     """The config this start serves; its file is written first if it is new
-    (stml.config.load_or_create)."""
+    (stml.persist.load_or_create)."""
     try:
         return load_or_create(config_path, data_dir, iqn, luns, stml_endpoint, portals)
     except ConfigError as e:

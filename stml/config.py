@@ -49,6 +49,17 @@ def parse_size(value: Any, where: str) -> int:
     return n
 
 
+_TEXT_UNITS = ((1 << 40, "TiB"), (1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB"))
+
+
+def size_text(n: int) -> str | int:
+    """64 MiB as "64MiB": what a person would have written (parse_size reads it)."""
+    for unit, name in _TEXT_UNITS:
+        if n % unit == 0:
+            return f"{n // unit}{name}"
+    return n
+
+
 @dataclass
 class LunConfig:
     lun: int
@@ -239,13 +250,13 @@ def parse_lun_spec(spec: str, where: str = "--lun") -> dict[str, Any]:
     return raw
 
 
-def _check_iqn(name: Any, where: str) -> str:
+def check_iqn(name: Any, where: str) -> str:
     if not isinstance(name, str) or not _IQN.match(name):
         raise ConfigError(where, f"{name!r} is not an iSCSI name (iqn.YYYY-MM.reversed.domain[:id])")
     return name.lower()
 
 
-def _chap(raw: Any, where: str) -> dict[str, str] | None:
+def parse_chap(raw: Any, where: str) -> dict[str, str] | None:
     if raw is None:
         return None
     if not isinstance(raw, dict) or set(raw) != {"user", "secret"}:
@@ -310,7 +321,7 @@ def load(config_path: str | None = None, data_dir: str | None = None, iqn: str |
         for key in t:
             if key not in target_keys:
                 raise ConfigError(f"{where}.{key}", f"unknown setting (known: {', '.join(sorted(target_keys))})")
-        name = _check_iqn(t.get("name"), f"{where}.name")
+        name = check_iqn(t.get("name"), f"{where}.name")
         tl = []
         for j, lr in enumerate(t.get("lun", [])):
             lwhere = f"{where}.lun[{j}]"
@@ -322,9 +333,9 @@ def load(config_path: str | None = None, data_dir: str | None = None, iqn: str |
         if not isinstance(acl, list):
             raise ConfigError(f"{where}.acl", "must be a list of initiator names")
         targets.append(TargetConfig(name, tl, str(t.get("alias", "")),
-                                    [_check_iqn(a, f"{where}.acl") for a in acl],
-                                    _chap(t.get("chap"), f"{where}.chap"),
-                                    _chap(t.get("mutual_chap"), f"{where}.mutual_chap"),
+                                    [check_iqn(a, f"{where}.acl") for a in acl],
+                                    parse_chap(t.get("chap"), f"{where}.chap"),
+                                    parse_chap(t.get("mutual_chap"), f"{where}.mutual_chap"),
                                     _bool(t.get("target_reset", False), f"{where}.target_reset"),
                                     _int_in(t.get("error_recovery_level", 0), 0, 2,
                                             f"{where}.error_recovery_level"),
@@ -332,7 +343,7 @@ def load(config_path: str | None = None, data_dir: str | None = None, iqn: str |
                                             MAX_CMDSN_DEPTH, f"{where}.cmdsn_depth")))
     # no `target` at all: the built-in default; `target = []` (every target removed) is a choice
     if iqn or luns or (not targets and "target" not in raw):
-        name = _check_iqn(iqn or (targets[0].name if targets else DEFAULT_IQN), "--iqn")
+        name = check_iqn(iqn or (targets[0].name if targets else DEFAULT_IQN), "--iqn")
         specs = luns or (f"file:{ddir / 'disk0.img'},size={DEFAULT_SIZE}",)
         tl = [LunConfig(n, lun_options(parse_lun_spec(s), f"--lun {s}", ddir)) for n, s in enumerate(specs)]
         existing = next((t for t in targets if t.name == name), None)
@@ -384,7 +395,7 @@ def load(config_path: str | None = None, data_dir: str | None = None, iqn: str |
     slp_auth = raw.get("slp_auth", False)
     if not isinstance(slp_auth, bool):
         raise ConfigError("slp_auth", f"{slp_auth!r} is not true or false")
-    return Config(ddir, targets, ep, plist, _chap(raw.get("discovery_chap"), "discovery_chap"), path,
+    return Config(ddir, targets, ep, plist, parse_chap(raw.get("discovery_chap"), "discovery_chap"), path,
                   stml_settings(raw.get("stml", {}), path), isns, _slp(raw.get("slp")), slp_da, raw,
                   file_digest(path) if path else None, slp_auth=slp_auth)
 
@@ -494,44 +505,6 @@ class StartupError(ConfigError):
     """The data dir or a file the start needs cannot be used: one line, exit 2."""
 
 
-def load_or_create(config_path: str | None = None, data_dir: str | None = None, iqn: str | None = None,
-                   luns: tuple[str, ...] = (), endpoint: str | None = None,
-                   portals: tuple[str, ...] = ()) -> Config:
-    """The config a starting STML serves, whose file always exists: --config,
-    else DATA_DIR/scsi-target.toml. A missing file is written with what this
-    start runs (the built-in default, or what the flags say), each LUN with an
-    identity of its own. Once a file defines targets it wins: --iqn/--lun must
-    agree with it, so a restart with the same command line works, and anything
-    else is refused with a pointer to `lun add` (docs/decisions/0200)."""
-    from stml.persist import save
-    if config_path is None:
-        ddir = Path(data_dir).expanduser().absolute() if data_dir else default_data_dir()
-        path = ddir / CONFIG_NAME
-    else:
-        path = Path(config_path).expanduser().absolute()
-    if path.exists():
-        config = load(str(path), data_dir, None, (), endpoint, portals)
-        if not (iqn or luns):
-            return config
-        if not config.raw.get("target"):    # the file names no target: the flags define them
-            return load(str(path), data_dir, iqn, luns, endpoint, portals)
-        _check_flags_agree(config, iqn, luns)
-        return config
-    config = load(None, data_dir, iqn, luns, endpoint, portals)
-    config.path = path
-    check_lun_paths(config)     # a first start that cannot serve writes no file
-    for t in config.targets:        # LUNs first served now: an identity of their own
-        for lc in t.luns:           # (an RBD LU's is its image's: the same on every gateway)
-            if not lc.options.id and lc.options.kind != "rbd":
-                lc.options.id = first_identity(config.data_dir, t.name, lc)
-    try:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        save(config, path)
-    except OSError as e:
-        raise StartupError(f"cannot write {path}", e.strerror or str(e)) from None
-    return load(str(path), data_dir, None, (), endpoint, portals)
-
-
 def first_identity(data_dir: Path, target: str, lc: LunConfig) -> str:
     """The id a LUN's first save gives it. A LUN served before this data dir had
     a config file (its backing file exists, or its persistent reservations
@@ -561,7 +534,6 @@ def check_lun_paths(config: Config) -> None:
 def describe_lun(o: LunOptions | None) -> str:
     if o is None:
         return "none"
-    from stml.persist import size_text
     what = f"{o.kind} {size_text(o.size) if o.size else ''}".rstrip() if o.kind == "ram" else f"{o.kind} {o.path}"
     return what + (" (read-only)" if o.ro else "")
 
@@ -581,8 +553,8 @@ def _same_lun(flag: LunOptions, have: LunOptions) -> bool:
     return True
 
 
-def _check_flags_agree(config: Config, iqn: str | None, luns: tuple[str, ...]) -> None:
-    name = _check_iqn(iqn, "--iqn") if iqn else config.targets[0].name
+def check_flags_agree(config: Config, iqn: str | None, luns: tuple[str, ...]) -> None:
+    name = check_iqn(iqn, "--iqn") if iqn else config.targets[0].name
     t = next((t for t in config.targets if t.name == name), None)
     if t is None:
         raise ConfigError("--iqn", f"{name} is not a target of {config.path}, which defines the targets "

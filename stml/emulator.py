@@ -15,7 +15,7 @@ import errno
 import functools
 import logging
 import time
-from collections.abc import Container, Iterable, Iterator
+from collections.abc import Container, Iterable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,17 +27,18 @@ from stml.api import MAX_NAME_LEN, MAX_PORT_NAME_LEN, Cap, DataDir, Op, TaskAttr
 from stml.api.link import StmlSender, Transport
 from stml.api.stream import Lease
 from stml.api.messages import TO_STML, check
-from stml.cdb import check_usage, trim_cdb
+from stml.cdb import check_usage
 from stml.disk import DiskTemplate, OpEntry, standard_inquiry, trim_views
 from stml.lu import LogicalUnit
 from stml.sense import (
-    ABORTED_COMMAND, CHECK_CONDITION, GOOD, HARDWARE_ERROR, ILLEGAL_REQUEST,
-    INTERNAL_TARGET_FAILURE, INVALID_FIELD_IN_CDB, INVALID_FIELD_IN_COMMAND_IU,
-    LOGICAL_UNIT_NOT_SUPPORTED, MEDIUM_ERROR, NOT_READY, POWER_ON_RESET, UNIT_ATTENTION,
-    UNRECOVERED_READ_ERROR,
-    WRITE_ERROR, DATA_PHASE_ERROR, BUSY, RESERVATION_CONFLICT, TASK_ABORTED, TASK_SET_FULL,
-    CheckCondition, StatusError, build_sense,
+    ABORTED_COMMAND, ASYMMETRIC_ACCESS_STATE_TRANSITION, BUS_DEVICE_RESET, CHECK_CONDITION,
+    COMMANDS_CLEARED_BY_ANOTHER, DATA_PHASE_ERROR, GOOD, HARDWARE_ERROR, I_T_NEXUS_LOSS, ILLEGAL_REQUEST,
+    INTERNAL_TARGET_FAILURE, INVALID_FIELD_IN_CDB, INVALID_FIELD_IN_COMMAND_IU, INVALID_MESSAGE_ERROR,
+    LOGICAL_UNIT_COMMUNICATION_FAILURE, LOGICAL_UNIT_NOT_SUPPORTED, MEDIUM_ERROR, NOT_READY, POWER_ON_RESET,
+    PREVIOUS_STATUS_UA, RESERVATION_CONFLICT, TASK_ABORTED, TASK_SET_FULL, UNIT_ATTENTION,
+    UNRECOVERED_READ_ERROR, WRITE_ERROR, CheckCondition, StatusError, build_sense,
 )
+from stml.task import FrontEnd, Nexus, Task
 from stml.timing import BACKEND_END, BACKEND_START, DISPATCHED, POINTS, QUEUED, Timing
 from stml.workers import FairWorkers
 
@@ -47,146 +48,18 @@ _READ, _WRITE = int(DataDir.READ), int(DataDir.WRITE)   # plain ints: IntFlag op
 _COUNT_FIELDS = ("lun", "attr", "dir", "len", "unsol")   # rx_cmnd fields: non-negative ints
 _MAX_ATTR = max(TaskAttr)   # and attr a TaskAttr: the task set policies know no other
 _REGISTER = Op.REGISTER.value   # plain str: an enum member costs an attribute hook per message
-
-BUS_DEVICE_RESET = (0x29, 0x03)
-I_T_NEXUS_LOSS = (0x29, 0x07)
-COMMANDS_CLEARED_BY_ANOTHER = (0x2F, 0x00)
-NEXUS_UNKNOWN = (0x08, 0x00)   # LOGICAL UNIT COMMUNICATION FAILURE
-INVALID_MESSAGE_ERROR = (0x49, 0x00)
-# UA_INTLCK_CTRL 11b: the status a command ended with becomes a unit attention
-PREVIOUS_STATUS_UA = {BUSY: (0x2C, 0x07), TASK_SET_FULL: (0x2C, 0x08),
-                      RESERVATION_CONFLICT: (0x2C, 0x09)}
 # backend failures that are no fault of the medium, by errno: the storage is
 # out of this path's reach for now (ESHUTDOWN: an RBD gateway fenced, another
 # serves the LU; ETIMEDOUT: the cluster did not answer). NOT READY, ASYMMETRIC
 # ACCESS STATE TRANSITION: initiators retry, on another path (docs/decisions/0404)
-ALUA_TRANSITION = (0x04, 0x0A)
-PATH_ERRORS = {errno.ESHUTDOWN: (NOT_READY, ALUA_TRANSITION), errno.ETIMEDOUT: (NOT_READY, ALUA_TRANSITION)}
-
-
-@dataclass(eq=False)
-class Nexus:
-    fe: FrontEnd
-    id: int
-    initiator: str
-    target: str
-    tpg: int
-
-    @functools.cached_property
-    def key(self) -> str:
-        """I_T nexus identity: initiator port and target port, stable across
-        front ends and restarts, so per-nexus state can be keyed by it."""
-        return f"{self.initiator}|{self.target},t,{self.tpg}"
-
-
-@dataclass(eq=False)
-class FrontEnd:
-    ident: bytes
-    name: str
-    kind: str
-    aen: bool
-    heartbeat: float
-    last_seen: float
-    nexuses: dict[int, Nexus] = field(default_factory=dict)
-    tasks: dict[int, Task] = field(default_factory=dict)
-    usage: dict[str, int] = field(default_factory=dict)   # what it buffers (heartbeat, 1.3)
-    caps: frozenset[str] = frozenset()   # capabilities it offered and we granted (1.4)
-
-
-class Task:
-    """One SCSI command inside the STML, from rx_cmnd to xmit_response."""
-
-    __slots__ = ("emulator", "fe", "tag", "nexus", "lun", "lu", "cdb", "attr", "direction",
-                 "exp_len", "unsol", "data_out", "received", "need", "want", "data_ready", "data_error",
-                 "runner", "seq", "abort_status", "held")
-
-    def __init__(self, emulator: Emulator, fe: FrontEnd, nexus: Nexus, tag: int, lun: int,
-                 cdb: bytes, attr: int, direction: int, exp_len: int, unsol: int,
-                 imm: list) -> None:
-        self.emulator = emulator
-        self.fe = fe
-        self.tag = tag
-        self.nexus = nexus
-        self.lun = lun
-        self.lu: LogicalUnit | None = None
-        self.cdb: bytes = trim_cdb(cdb)
-        self.attr = attr
-        self.direction = direction
-        self.exp_len = exp_len
-        self.unsol = unsol
-        self.data_out: list[memoryview] = [memoryview(f) for f in imm] if imm else []
-        self.received = sum(map(len, self.data_out)) if imm else 0
-        self.need = 0     # bytes the CDB asks the initiator for
-        self.want = 0     # bytes this task will collect (less when the initiator sends less)
-        self.data_ready: asyncio.Future | None = None
-        self.data_error: CheckCondition | None = None
-        self.runner: asyncio.Task | None = None
-        self.seq = 0
-        self.abort_status: int | None = None   # TASK ABORTED when another nexus aborted it (TAS)
-        # how to give back the carrier's memory the task holds (its write data, the
-        # shared memory of its read data): called once, when the task ends (_forget)
-        self.held: list[Callable[[], None]] | None = None
-
-    # stage timing (stml.timing): None, read from the class, unless the task is a
-    # TimedTask: an untimed task costs no store for it
-    stamps: list[int] | None = None
-
-    def hold(self, release: Callable[[], None]) -> None:
-        """Memory this task keeps until it ends; `release` gives it back."""
-        if self.held is None:
-            self.held = [release]
-        else:
-            self.held.append(release)
-
-
-    async def io(self, fn: Callable, *args: Any) -> Any:
-        """Run a backend call of the task's LU (see io_on)."""
-        lu = self.lu
-        assert lu is not None   # only commands to an existing LU do I/O
-        return await self.io_on(lu, fn, *args)
-
-    async def io_on(self, lu: LogicalUnit, fn: Callable, *args: Any) -> Any:
-        """Run a backend call of `lu`: in place when it cannot block, started at
-        once when the backend has an aio twin of it (same name: it stays in
-        flight without holding a thread), else in a worker thread when the
-        LU's turn comes (stml.workers). An abort drops a call that has not
-        started and waits for a started one rather than abandoning it, so no
-        write lands after the abort is reported."""
-        backend = lu.backend
-        if backend.inline:
-            return fn(*args)
-        workers = self.emulator.workers
-        twin = getattr(backend.aio, fn.__name__, None) if backend.aio is not None else None
-        fut = twin(*args) if twin is not None else workers.run(id(lu), fn, *args)
-        try:
-            return await asyncio.shield(fut)
-        except asyncio.CancelledError:
-            if not workers.drop(fut):
-                await asyncio.wait([fut])
-            raise
-
-    def add_data(self, offset: int, frames: list) -> None:
-        if offset != self.received:  # front ends deliver write data in order
-            self.fail_data(CheckCondition(ABORTED_COMMAND, DATA_PHASE_ERROR))
-            return
-        for f in frames:
-            buf = memoryview(f)
-            self.data_out.append(buf)
-            self.received += len(buf)
-        if self.data_ready is not None and self.received >= self.want and not self.data_ready.done():
-            self.data_ready.set_result(None)
-
-    def fail_data(self, error: CheckCondition) -> None:
-        """The write data cannot arrive whole: the command fails with `error`
-        whether or not it is already waiting for the data."""
-        self.data_error = error
-        if self.data_ready is not None and not self.data_ready.done():
-            self.data_ready.set_exception(error)
+PATH_ERRORS = {errno.ESHUTDOWN: (NOT_READY, ASYMMETRIC_ACCESS_STATE_TRANSITION),
+               errno.ETIMEDOUT: (NOT_READY, ASYMMETRIC_ACCESS_STATE_TRANSITION)}
 
 
 class TimedTask(Task):
     """A Task while the STML times commands (Emulator.enable_timing): it
-    fills the STML's stamps of stml.timing (backend start and end here)."""
+    fills the STML's stamps of stml.timing (dispatch, backend start and end
+    here; queued in Emulator._execute)."""
 
     __slots__ = ("stamps",)
     stamps: list[int]   # (the slot: always a list here)
@@ -270,6 +143,48 @@ class Target:
     alias: str = ""
     access: dict[str, Any] = field(default_factory=dict)
     target_reset: bool = False   # TARGET WARM/COLD RESET allowed (config `target_reset`)
+
+
+@dataclass(slots=True)
+class TmfCall:
+    """One task management function as its handler (Emulator.TMFS) sees it."""
+    fn: int
+    fe: FrontEnd
+    nexus: Nexus
+    target: Target
+    lun: int
+    lu: LogicalUnit | None   # the LU the LUN names
+    ref: int | None          # ABORT TASK, QUERY TASK: the tag of the task
+
+    @property
+    def unit(self) -> LogicalUnit:
+        """The LU of a function that names one (TmfRow.lun_scoped: checked before it runs)."""
+        assert self.lu is not None
+        return self.lu
+
+    def referenced(self) -> Task | None:
+        """The task ABORT TASK or QUERY TASK names, when it is this nexus's own on this LUN."""
+        task = self.fe.tasks.get(self.ref) if self.ref is not None else None
+        if task is not None and (task.nexus is not self.nexus or task.lun != self.lun):
+            return None
+        return task
+
+
+@dataclass(slots=True)
+class TmfOutcome:
+    """What a function does: its response, the tasks it aborts, unit
+    attentions to fan out over a target's LUs before the response leaves,
+    and additional response information (QUERY ASYNCHRONOUS EVENT)."""
+    response: int
+    victims: list[Task] = field(default_factory=list)
+    fanout: Coroutine[Any, Any, None] | None = None
+    info: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class TmfRow:
+    run: Callable[[Emulator, TmfCall], TmfOutcome]
+    lun_scoped: bool = False
 
 
 # unit attentions a fan-out over a target's LUs establishes between two turns
@@ -357,8 +272,7 @@ class Emulator:
 
     def restore_reservations(self) -> None:
         """Load every LU's persistent reservations kept with APTPL (call once the
-        targets are in place). A file that cannot be used raises ConfigError."""
-        from stml.config import ConfigError
+        targets are in place). A file that cannot be used raises pr.PrStoreError."""
         for t in self.targets.values():
             for lu in t.luns.values():
                 if getattr(lu.backend, "pr_store", None) is not None:
@@ -366,10 +280,7 @@ class Emulator:
                 st = pr.state(lu)
                 if self.data_dir is None:
                     continue
-                try:
-                    st.load(pr.state_path(self.data_dir, t.name, lu.lun, lu.options.id))
-                except pr.PrStoreError as e:
-                    raise ConfigError("persistent reservations", str(e)) from None
+                st.load(pr.state_path(self.data_dir, t.name, lu.lun, lu.options.id))
                 if st.regs:
                     log.info("restored %d registration(s) on %s LUN %d", len(st.regs), t.name, lu.lun)
 
@@ -381,9 +292,9 @@ class Emulator:
         self.templates.pop(name, None)
 
     # ------------------------------------------------------------ inventory
-    def luns_of(self, target: str) -> list[int]:
+    def target_luns(self, target: str) -> collections.abc.Mapping[int, LogicalUnit]:
         t = self.targets.get(target)
-        return list(t.luns) if t else []
+        return t.luns if t else {}
 
     def lookup_lu(self, target: str, lun: int) -> LogicalUnit | None:
         t = self.targets.get(target)
@@ -551,7 +462,7 @@ class Emulator:
         for task in fe.tasks.values():
             tasks.setdefault(id(task.nexus), []).append(task)
         for nexus in list(fe.nexuses.values()):
-            self._drop_nexus(nexus, tasks.get(id(nexus), []))
+            self.drop_nexus(nexus, tasks.get(id(nexus), []))
         self.on_front_end_gone(fe.ident)
         if self.timing is not None:
             self.timing.front_end_gone(fe.ident)
@@ -590,7 +501,7 @@ class Emulator:
             return
         old = fe.nexuses.get(nexus.id)
         if old:
-            self._drop_nexus(old)
+            self.drop_nexus(old)
         fe.nexuses[nexus.id] = nexus
         self._keyed.setdefault(nexus.key, []).append(nexus)
         self._target_keys.setdefault(nexus.target, {})[nexus.key] = None
@@ -618,9 +529,9 @@ class Emulator:
     def _scsi_release(self, fe: FrontEnd, h: dict[str, Any], frames: list) -> None:
         nexus = fe.nexuses.get(h["nexus"])
         if nexus:
-            self._drop_nexus(nexus)
+            self.drop_nexus(nexus)
 
-    def _drop_nexus(self, nexus: Nexus, tasks: list[Task] | None = None) -> None:
+    def drop_nexus(self, nexus: Nexus, tasks: list[Task] | None = None) -> None:
         """I_T nexus loss: its tasks (`tasks`, else found among its front end's)
         are aborted and its SPC-2 reservations released. The work is that of
         this nexus's own state, whatever the number of LUs and sessions."""
@@ -658,15 +569,31 @@ class Emulator:
         lu.copy_results.put(key, list_id, state)
         self._copy_luns.setdefault(key, set()).add(lu)
 
-    def _nexuses_with_key(self, key: str) -> list[Nexus]:
-        return self._keyed.get(key, [])
+    def spc2_reserved(self, lu: LogicalUnit) -> None:
+        self.spc2_luns.add(lu)
+
+    def nexus_keys(self, target: str) -> list[str]:
+        return list(self._target_keys.get(target, ()))
+
+    def nexuses(self, target: str) -> list[Nexus]:
+        return [n for key in self._target_keys.get(target, {}) for n in self._keyed[key]]
+
+    def nexus_exists(self, key: str) -> bool:
+        return key in self._keyed
 
     # ------------------------------------------------------------ commands
     def _rx_cmnd(self, fe: FrontEnd, h: dict[str, Any], frames: list) -> None:
         nexus = fe.nexuses.get(h["nexus"])
         tag = h["tag"]
+        if tag in fe.tasks:
+            # the contract's tags are unique among a front end's live tasks: a second
+            # command under a live tag (a duplicated message, a confused front end) is
+            # not run - an answer under that tag would be taken for the first one's
+            log.warning("front end %s: rx_cmnd with tag %d, already a live task's: dropped", fe.name, tag)
+            return
         if nexus is None:
-            self.respond(fe, tag, CHECK_CONDITION, build_sense(ABORTED_COMMAND, NEXUS_UNKNOWN), 0)
+            sense = build_sense(ABORTED_COMMAND, LOGICAL_UNIT_COMMUNICATION_FAILURE)   # no such nexus
+            self.respond(fe, tag, CHECK_CONDITION, sense, 0)
             return
         cdb = h["cdb"]
         if not cdb:
@@ -793,13 +720,11 @@ class Emulator:
 
     @staticmethod
     def _check_reservation(lu: LogicalUnit, task: Task, entry: OpEntry) -> None:
-        if entry.conflicts and lu.pr is not None and lu.pr.conflicts(task.nexus, task.cdb):
+        """The opcode-table row says how the command meets a reservation (stml.ops.Conflict)."""
+        if entry.conflicts and lu.pr is not None and lu.pr.conflicts(task.nexus, entry.conflicts):
             raise StatusError(RESERVATION_CONFLICT)
 
     # ------------------------------------------------------------ unit attentions
-    def nexus_by_key(self, key: str) -> list[Nexus]:
-        return self._nexuses_with_key(key)
-
     def establish_ua(self, lu: LogicalUnit, asc_ascq: tuple[int, int], keys: Iterable[str],
                      exclude: str | None = None, offline: Container[str] = (),
                      aen: bool = True) -> None:
@@ -832,7 +757,7 @@ class Emulator:
 
     def take_ua(self, lu: LogicalUnit, nexus: Nexus) -> tuple[int, int] | None:
         """Report (and clear) the nexus's oldest unit attention on the LU."""
-        ua = lu.take_ua(nexus)
+        ua = lu.take_ua(nexus.key)
         if ua is not None and nexus.key not in lu.unit_attentions:
             luns = self._ua_luns.get(nexus.key)
             if luns is not None:
@@ -841,51 +766,18 @@ class Emulator:
                     del self._ua_luns[nexus.key]
         return ua
 
-    async def apply_pr_effects(self, task: Task, effects: pr.Effects) -> None:
-        """Unit attentions of a PERSISTENT RESERVE OUT, and the tasks PREEMPT
-        AND ABORT aborts (it completes only once they are gone). Registrations
-        are matched against the target's live nexuses grouped by initiator
-        name once, so the work is linear in registrations plus sessions."""
-        lu = task.lu
-        assert lu is not None   # PERSISTENT RESERVE OUT runs only on an existing LU
-        st = pr.state(lu)
-        by_name: dict[str, list[Nexus]] = {}
-        for key in self._target_keys.get(lu.target, {}):
-            for n in self._keyed[key]:
-                by_name.setdefault(pr.name_key(n.initiator), []).append(n)
-
-        def nexus_keys(who: pr.Registration) -> Iterator[str]:
-            for n in by_name.get(pr.name_key(who.initiator), ()):
-                if who.matches(n):
-                    yield n.key
-
-        # keys of single I_T nexuses still registered may hold a UA while logged out
-        held = {k for k in (r.nexus_key() for r in st.regs) if k is not None}
-        by_asc: dict[tuple[int, int], dict[str, None]] = {}
-        for who, asc in effects.ua:
-            keys = by_asc.setdefault(asc, {})
-            if isinstance(who, str):
-                keys[who] = None
-                continue
-            keys.update(dict.fromkeys(nexus_keys(who)))
-            exact = who.nexus_key()
-            if exact is not None:
-                keys[exact] = None
-        for asc, keys in by_asc.items():
-            self.establish_ua(lu, asc, keys, exclude=task.nexus.key, offline=held)
-        self._forget_offline_uas(lu, held)
-        if not effects.aborted:
-            return
-        victim_keys = {k for r in effects.aborted for k in nexus_keys(r)}
-        victim_keys.discard(task.nexus.key)
-        victims = [t for t in lu.task_set.tasks.values() if t is not task and t.nexus.key in victim_keys]
+    async def abort_tasks(self, lu: LogicalUnit, keys: set[str], by: Task) -> None:
+        """PREEMPT AND ABORT: the LU's tasks of these nexuses end with TASK
+        ABORTED (another nexus aborted them); it completes once they are gone."""
+        victims = [t for t in lu.task_set.tasks.values() if t is not by and t.nexus.key in keys]
         runners = [r for r in (self._abort(t, TASK_ABORTED) for t in victims) if r is not None]
         if runners:
             await asyncio.wait(runners)
 
-    def _forget_offline_uas(self, lu: LogicalUnit, held: set[str]) -> None:
-        """Unit attentions kept for logged-out nexuses go with their registration."""
-        for key in [k for k in lu.unit_attentions if k not in self._keyed and k not in held]:
+    def drop_offline_uas(self, lu: LogicalUnit, keep: set[str]) -> None:
+        """Unit attentions kept for logged-out nexuses go with their
+        registration: those of `keep` (still registered) stay."""
+        for key in [k for k in lu.unit_attentions if k not in self._keyed and k not in keep]:
             del lu.unit_attentions[key]
             luns = self._ua_luns.get(key)
             if luns is not None:
@@ -988,13 +880,11 @@ class Emulator:
             return
         # decided now, in arrival order; only the wait for the aborted tasks
         # (and a fan-out of unit attentions over many LUs) is deferred
-        response, victims, runners, fanout = self._task_mgmt(fe, tag, nexus, int(h["fn"]),
-                                                             int(h.get("lun") or 0), h.get("ref"))
-        mine = [t.tag for t in victims if t.nexus is nexus]
+        outcome, runners = self._task_mgmt(fe, tag, nexus, int(h["fn"]), int(h.get("lun") or 0), h.get("ref"))
+        response, fanout = outcome.response, outcome.fanout
+        mine = [t.tag for t in outcome.victims if t.nexus is nexus]
         if not runners and fanout is None:
-            info = self._qae_info(nexus, int(h.get("lun") or 0)) \
-                if h["fn"] == Tmf.QUERY_ASYNC_EVENT and response == TmfResponse.SUCCEEDED else b""
-            self._tmf_done(fe, tag, response, mine, info)
+            self._tmf_done(fe, tag, response, mine, outcome.info)
             return
 
         async def finish() -> None:
@@ -1002,26 +892,12 @@ class Emulator:
                 await fanout
             if runners:
                 await asyncio.wait(runners)
-            self._tmf_done(fe, tag, response, mine)
+            self._tmf_done(fe, tag, response, mine, outcome.info)
         asyncio.get_running_loop().create_task(finish())
 
     def _tmf_done(self, fe: FrontEnd, tag: int, response: int,
                   aborted: collections.abc.Iterable[int] = (), info: bytes = b"") -> None:
         self.out.task_mgmt_fn_done(fe.ident, tag, response, list(aborted), info)
-
-    def _qae_info(self, nexus: Nexus, lun: int) -> bytes:
-        """QUERY ASYNCHRONOUS EVENT's additional response information (SAM-5):
-        the UADE depth (1: one pending, 2: more) and the sense key, ASC and
-        ASCQ of the unit attention the nexus would be told next. It stays
-        pending: the query reports, it does not clear."""
-        lu = self.targets[nexus.target].luns[lun]
-        pending = lu.unit_attentions[nexus.key]
-        depth = 1 if len(pending) == 1 else 2
-        asc, ascq = pending[0]
-        return bytes([depth << 4 | UNIT_ATTENTION, asc, ascq])
-
-    def _all_nexus_keys(self, target: str) -> list[str]:
-        return list(self._target_keys.get(target, ()))
 
     @staticmethod
     def _target_tasks(t: Target) -> list[Task]:
@@ -1051,82 +927,108 @@ class Emulator:
             if resets.covered >= mine:
                 return   # a fan-out that began after this reset covered it
             upto = resets.asked
-            await self._fan_out_ua(t, POWER_ON_RESET, self._all_nexus_keys(t.name))
+            await self._fan_out_ua(t, POWER_ON_RESET, self.nexus_keys(t.name))
             resets.covered = upto
 
     def _task_mgmt(self, fe: FrontEnd, tag: int, nexus: Nexus, fn: int, lun: int, ref: int | None
-                   ) -> tuple[int, list[Task], list[asyncio.Task], Coroutine[Any, Any, None] | None]:
-        """Run one TMF. Tasks of the issuing I_T nexus that it aborts vanish
-        (listed in `aborted`); tasks of other nexuses end with TASK ABORTED
-        (TAS=1) and their nexuses get the unit attention SAM-5 names. The
-        response leaves only after every affected task is gone (and, for the
-        resets of a whole target or nexus, once the unit attentions are set).
-        Tasks are found in the task sets of the LUs concerned, not among every
-        front end's: the cost is that of the LUs and tasks the TMF touches."""
-        target = nexus.target
-        t = self.targets[target]
-        lu = t.luns.get(lun)
-        response = TmfResponse.COMPLETE
-        victims: list[Task] = []
-        fanout: Coroutine[Any, Any, None] | None = None
-        lun_scoped = (Tmf.ABORT_TASK_SET, Tmf.CLEAR_TASK_SET, Tmf.LUN_RESET, Tmf.QUERY_TASK_SET,
-                      Tmf.QUERY_ASYNC_EVENT, Tmf.CLEAR_ACA)
-        if fn in (Tmf.ABORT_TASK, Tmf.QUERY_TASK):
-            task = fe.tasks.get(ref) if ref is not None else None
-            if task is not None and (task.nexus is not nexus or task.lun != lun):
-                task = None
-            if fn == Tmf.QUERY_TASK:
-                response = TmfResponse.SUCCEEDED if task else TmfResponse.COMPLETE
-            elif task is None:
-                response = TmfResponse.NO_TASK
-            else:
-                victims = [task]
-        elif fn in lun_scoped and lu is None:
-            response = TmfResponse.NO_LUN
-        elif fn == Tmf.QUERY_TASK_SET:
-            assert lu is not None   # a LUN-scoped TMF to no LU got NO_LUN above
-            mine = any(x.nexus is nexus for x in lu.task_set.tasks.values())
-            response = TmfResponse.SUCCEEDED if mine else TmfResponse.COMPLETE
-        elif fn == Tmf.QUERY_ASYNC_EVENT:
-            assert lu is not None
-            pending = lu.unit_attentions.get(nexus.key)
-            response = TmfResponse.SUCCEEDED if pending else TmfResponse.COMPLETE
-        elif fn == Tmf.CLEAR_ACA:
-            pass   # NACA is not supported, so no ACA condition ever exists to clear
-        elif fn == Tmf.ABORT_TASK_SET:
-            assert lu is not None
-            victims = [x for x in lu.task_set.tasks.values() if x.nexus is nexus]
-        elif fn == Tmf.CLEAR_TASK_SET:
-            assert lu is not None
-            victims = list(lu.task_set.tasks.values())
-            self.establish_ua(lu, COMMANDS_CLEARED_BY_ANOTHER,
-                              [x.nexus.key for x in victims], exclude=nexus.key)
-        elif fn == Tmf.LUN_RESET:
-            assert lu is not None
-            victims = list(lu.task_set.tasks.values())
-            pr.state(lu).drop_spc2()
-            self.establish_ua(lu, BUS_DEVICE_RESET, self._all_nexus_keys(target))
-        elif fn in (Tmf.TARGET_WARM_RESET, Tmf.TARGET_COLD_RESET):
-            if not t.target_reset:
-                # one initiator's reset would abort every initiator's tasks on every
-                # LU: refused unless the target allows it (as LIO's node ACLs do)
-                log.info("%s refused: target resets are off for %s (target_reset)",
-                         Tmf(fn).name, target)
-                response = TmfResponse.NOT_AUTHORIZED
-            else:
-                victims = self._target_tasks(t)
-                for each in t.luns.values():
-                    if each.pr is not None:
-                        each.pr.drop_spc2()
-                fanout = self._target_reset_uas(t)
-        elif fn == Tmf.I_T_NEXUS_RESET:
-            victims = [x for x in self._target_tasks(t) if x.nexus is nexus]
-            for each in list(self.spc2_luns):
-                if each.pr is not None and each.target == target:
-                    each.pr.drop_spc2(nexus.key)
-            fanout = self._fan_out_ua(t, I_T_NEXUS_LOSS, [nexus.key])
+                   ) -> tuple[TmfOutcome, list[asyncio.Task]]:
+        """Run one TMF (its row of TMFS). Tasks of the issuing I_T nexus that
+        it aborts vanish (listed in `aborted`); tasks of other nexuses end with
+        TASK ABORTED (TAS=1) and their nexuses get the unit attention SAM-5
+        names. The response leaves only after every affected task is gone
+        (and, for the resets of a whole target or nexus, once the unit
+        attentions are set). Tasks are found in the task sets of the LUs
+        concerned, not among every front end's: the cost is that of the LUs
+        and tasks the TMF touches."""
+        t = self.targets[nexus.target]
+        call = TmfCall(fn, fe, nexus, t, lun, t.luns.get(lun), ref)
+        row = self.TMFS.get(fn)
+        if row is None:
+            outcome = TmfOutcome(TmfResponse.NOT_SUPPORTED)
+        elif row.lun_scoped and call.lu is None:
+            outcome = TmfOutcome(TmfResponse.NO_LUN)
         else:
-            response = TmfResponse.NOT_SUPPORTED
+            outcome = row.run(self, call)
         runners = [r for r in (self._abort(x, None if x.nexus is nexus else TASK_ABORTED)
-                               for x in victims) if r is not None]
-        return response, victims, runners, fanout
+                               for x in outcome.victims) if r is not None]
+        return outcome, runners
+
+    # ---- one handler per function, each row of TMFS
+    def _tmf_abort_task(self, call: TmfCall) -> TmfOutcome:
+        task = call.referenced()
+        return TmfOutcome(TmfResponse.NO_TASK) if task is None else TmfOutcome(TmfResponse.COMPLETE, [task])
+
+    def _tmf_query_task(self, call: TmfCall) -> TmfOutcome:
+        return TmfOutcome(TmfResponse.SUCCEEDED if call.referenced() is not None else TmfResponse.COMPLETE)
+
+    def _tmf_query_task_set(self, call: TmfCall) -> TmfOutcome:
+        mine = any(x.nexus is call.nexus for x in call.unit.task_set.tasks.values())
+        return TmfOutcome(TmfResponse.SUCCEEDED if mine else TmfResponse.COMPLETE)
+
+    def _tmf_query_async_event(self, call: TmfCall) -> TmfOutcome:
+        """SUCCEEDED with the additional response information of SAM-5: the
+        UADE depth (1: one pending, 2: more) and the sense key, ASC and ASCQ
+        of the unit attention the nexus would be told next. It stays
+        pending: the query reports, it does not clear."""
+        pending = call.unit.unit_attentions.get(call.nexus.key)
+        if not pending:
+            return TmfOutcome(TmfResponse.COMPLETE)
+        asc, ascq = pending[0]
+        depth = 1 if len(pending) == 1 else 2
+        return TmfOutcome(TmfResponse.SUCCEEDED, info=bytes([depth << 4 | UNIT_ATTENTION, asc, ascq]))
+
+    def _tmf_clear_aca(self, call: TmfCall) -> TmfOutcome:
+        return TmfOutcome(TmfResponse.COMPLETE)   # NACA is not supported: no ACA condition to clear
+
+    def _tmf_abort_task_set(self, call: TmfCall) -> TmfOutcome:
+        return TmfOutcome(TmfResponse.COMPLETE,
+                          [x for x in call.unit.task_set.tasks.values() if x.nexus is call.nexus])
+
+    def _tmf_clear_task_set(self, call: TmfCall) -> TmfOutcome:
+        lu = call.unit
+        victims: list[Task] = list(lu.task_set.tasks.values())
+        self.establish_ua(lu, COMMANDS_CLEARED_BY_ANOTHER, [x.nexus.key for x in victims], exclude=call.nexus.key)
+        return TmfOutcome(TmfResponse.COMPLETE, victims)
+
+    def _tmf_lun_reset(self, call: TmfCall) -> TmfOutcome:
+        lu = call.unit
+        victims: list[Task] = list(lu.task_set.tasks.values())
+        pr.state(lu).drop_spc2()
+        self.establish_ua(lu, BUS_DEVICE_RESET, self.nexus_keys(call.target.name))
+        return TmfOutcome(TmfResponse.COMPLETE, victims)
+
+    def _tmf_target_reset(self, call: TmfCall) -> TmfOutcome:
+        t = call.target
+        if not t.target_reset:
+            # one initiator's reset would abort every initiator's tasks on every
+            # LU: refused unless the target allows it (as LIO's node ACLs do)
+            log.info("%s refused: target resets are off for %s (target_reset)", Tmf(call.fn).name, t.name)
+            return TmfOutcome(TmfResponse.NOT_AUTHORIZED)
+        for each in t.luns.values():
+            if each.pr is not None:
+                each.pr.drop_spc2()
+        return TmfOutcome(TmfResponse.COMPLETE, self._target_tasks(t), self._target_reset_uas(t))
+
+    def _tmf_i_t_nexus_reset(self, call: TmfCall) -> TmfOutcome:
+        t, nexus = call.target, call.nexus
+        victims = [x for x in self._target_tasks(t) if x.nexus is nexus]
+        for each in list(self.spc2_luns):
+            if each.pr is not None and each.target == t.name:
+                each.pr.drop_spc2(nexus.key)
+        return TmfOutcome(TmfResponse.COMPLETE, victims, self._fan_out_ua(t, I_T_NEXUS_LOSS, [nexus.key]))
+
+    # task management functions: the handler, and whether the function names
+    # an LU (then a LUN without one is answered NO_LUN); any other: NOT_SUPPORTED
+    TMFS: dict[int, TmfRow] = {
+        Tmf.ABORT_TASK: TmfRow(_tmf_abort_task),
+        Tmf.ABORT_TASK_SET: TmfRow(_tmf_abort_task_set, lun_scoped=True),
+        Tmf.CLEAR_ACA: TmfRow(_tmf_clear_aca, lun_scoped=True),
+        Tmf.CLEAR_TASK_SET: TmfRow(_tmf_clear_task_set, lun_scoped=True),
+        Tmf.LUN_RESET: TmfRow(_tmf_lun_reset, lun_scoped=True),
+        Tmf.TARGET_WARM_RESET: TmfRow(_tmf_target_reset),
+        Tmf.TARGET_COLD_RESET: TmfRow(_tmf_target_reset),
+        Tmf.QUERY_TASK: TmfRow(_tmf_query_task),
+        Tmf.QUERY_TASK_SET: TmfRow(_tmf_query_task_set, lun_scoped=True),
+        Tmf.QUERY_ASYNC_EVENT: TmfRow(_tmf_query_async_event, lun_scoped=True),
+        Tmf.I_T_NEXUS_RESET: TmfRow(_tmf_i_t_nexus_reset),
+    }

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from backends import BackendError
 from stml import pr
-from stml.api import Op
+from stml.sense import CAPACITY_DATA_CHANGED
 
 if TYPE_CHECKING:
     from stml.emulator import Emulator
@@ -42,7 +42,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("stml.gateway")
 
 STANDALONE, STANDBY, ACTIVE = "standalone", "standby", "active"
-CAPACITY_CHANGED = (0x2A, 0x09)
 TRY_EVERY = 1.0    # seconds between a standby's attempts, and an active one's lock checks
 
 
@@ -278,7 +277,7 @@ class Gateway:
         keys = [n.key for fe in self.em.front_ends.values() for n in fe.nexuses.values()
                 if n.target == lu.target]
         if keys:
-            self.em.establish_ua(lu, CAPACITY_CHANGED, keys)
+            self.em.establish_ua(lu, CAPACITY_DATA_CHANGED, keys)
         for fe in list(self.em.front_ends.values()):
             self.em.send_detect(fe)
 

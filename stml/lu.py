@@ -6,15 +6,12 @@ import collections
 import hashlib
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Coroutine, Protocol
+from typing import Any, Coroutine, Protocol
 
+from backends import Backend
 from stml import sched
 from stml.locks import WriteGate
-
-if TYPE_CHECKING:
-    from backends import Backend
-    from stml.emulator import Nexus, Task
-    from stml.pr import PrState
+from stml.sense import I_T_NEXUS_LOSS, RESET_UAS
 
 log = logging.getLogger("stml")
 
@@ -78,17 +75,18 @@ class ModeState:
 class TaskSet(Protocol):
     """What the emulator asks of an LU's task set: the dispatch policy
     (stml.sched) that decides when each task starts, within SAM's task
-    attribute rules."""
+    attribute rules. Its tasks are stml.task.Task objects; that module sits
+    above this one (a task names its LU), so they are typed Any here."""
 
-    tasks: dict[int, Task]   # every task in the set, in arrival order (TMFs walk it)
+    tasks: dict[int, Any]   # every task in the set, in arrival order (TMFs walk it)
 
-    def add(self, task: Task) -> None:
+    def add(self, task: Any) -> None:
         """The task joined the set (it counts for ordering from now on)."""
 
-    def remove(self, task: Task) -> None:
+    def remove(self, task: Any) -> None:
         """The task left the set: done, failed or aborted, started or not."""
 
-    async def enter(self, task: Task) -> bool:
+    async def enter(self, task: Any) -> bool:
         """Return once the task may start executing: True when it waited
         (the LU may have changed meanwhile)."""
         ...
@@ -122,8 +120,23 @@ class CopyResults:
         return sum(map(len, self._by_nexus.values()))
 
 
-_RESET_UAS = {(0x29, 0x00), (0x29, 0x01), (0x29, 0x02), (0x29, 0x03)}
-_NEXUS_LOSS = (0x29, 0x07)
+class Reservations(Protocol):
+    """What the engine asks of an LU's reservation state (stml.pr.PrState,
+    a command set above this module, made by stml.pr.state())."""
+
+    spc2: str | None   # the key of the nexus holding an SPC-2 reservation
+
+    def conflicts(self, n: Any, rule: int) -> bool:
+        """Whether a command with this conflict rule (stml.ops.Conflict) from nexus n conflicts."""
+        ...
+
+    def drop_spc2(self, key: str | None = None) -> None:
+        """LUN reset, target reset, I_T nexus loss: the SPC-2 reservation goes."""
+
+    async def forget(self) -> None:
+        """The LU is removed: what it kept on disk goes."""
+
+
 # I_T nexuses one LU keeps unit attentions for. The emulator stores them only
 # for nexuses that exist and registrations of one I_T nexus (at most 1024), so
 # this is a last line, far above what a front end's session limits allow
@@ -148,7 +161,7 @@ class LogicalUnit:
     copies: int = 0                             # EXTENDED COPY commands running (max 1)
     job: asyncio.Task | None = None             # a SANITIZE's work, maybe after its command returned
     progress: tuple[int, int] = (0, 1)          # how far the job got: (done, total)
-    pr: PrState | None = None                   # reservation state: stml.pr.state() makes it
+    pr: Reservations | None = None              # reservation state: stml.pr.state() makes it
 
     def __post_init__(self) -> None:
         self.mode.wce = self.options.write_cache
@@ -199,9 +212,9 @@ class LogicalUnit:
         already pending is not queued twice, so a nexus's queue holds at most
         one of each kind). Returns the keys it is now pending for; past
         MAX_UA_NEXUSES nexuses, new ones are refused with a warning."""
-        if asc_ascq in _RESET_UAS:      # power on, target/LUN reset: PREVENT state goes (SBC-4 5.15)
+        if asc_ascq in RESET_UAS:       # power on, target/LUN reset: PREVENT state goes (SBC-4 5.15)
             self.prevent.clear()
-        elif asc_ascq == _NEXUS_LOSS:   # I_T nexus loss: that nexus's PREVENT goes
+        elif asc_ascq == I_T_NEXUS_LOSS:   # I_T nexus loss: that nexus's PREVENT goes
             self.prevent.difference_update(nexus_keys)
         uas = self.unit_attentions
         stored = []
@@ -220,12 +233,12 @@ class LogicalUnit:
             stored.append(key)
         return stored
 
-    def take_ua(self, nexus: Nexus) -> tuple[int, int] | None:
-        """The nexus's oldest pending unit attention, now reported (cleared)."""
-        pending = self.unit_attentions.get(nexus.key)
+    def take_ua(self, key: str) -> tuple[int, int] | None:
+        """The oldest unit attention pending for the nexus of this key, now reported (cleared)."""
+        pending = self.unit_attentions.get(key)
         if not pending:
             return None
         ua = pending.pop(0)
         if not pending:
-            del self.unit_attentions[nexus.key]   # an empty queue keeps no entry
+            del self.unit_attentions[key]   # an empty queue keeps no entry
         return ua

@@ -26,18 +26,20 @@ from typing import Any, Callable, Iterator
 
 from backends import BackendError, open_backend
 from scsi_runtime.logs import audit
+from scsi_runtime.portals import parse_portal
 from stml import pr
-from stml.config import (Config, ConfigError, LunConfig, TargetConfig, _chap, _check_iqn,
+from stml.config import (Config, ConfigError, LunConfig, TargetConfig, check_iqn, parse_chap,
                          file_digest, load, lun_options, parse_lun_spec, parse_size)
-from stml.emulator import Target
+from stml.emulator import Emulator, Target
+from stml.gateway import Gateway
 from stml.lu import LogicalUnit, LunOptions
+from stml.metrics import Metrics
 from stml.persist import EditedError, hold, model, read_document, render, save
+from stml.portals import PortalStates, portal_entries, portal_groups
+from stml.sense import CAPACITY_DATA_CHANGED, REPORTED_LUNS_DATA_CHANGED
+from stml.trace.recorder import Recorder, Traces
 
 log = logging.getLogger("stml.mgmt")
-
-REPORTED_LUNS_CHANGED = (0x3F, 0x0E)
-CAPACITY_CHANGED = (0x2A, 0x09)
-INQUIRY_DATA_CHANGED = (0x3F, 0x03)
 
 
 class MgmtError(Exception):
@@ -51,12 +53,22 @@ class Management:
     """The management commands. Each change is applied live and to the running
     configuration (self.config, the Config model: its targets, LUNs and
     portals are kept in step with the emulator), then the whole running
-    configuration is saved (stml.persist)."""
+    configuration is saved (stml.persist).
 
-    def __init__(self, server: Any) -> None:
-        self.server = server
-        self.em = server.emulator
-        self.config: Config = server.config
+    Its collaborators are handed to it (stml.server makes them): the engine,
+    whose public calls it makes, the running configuration, the gateway of
+    shared storage, the counters, the front ends' portal reports, and the
+    endpoints the STML serves (for status)."""
+
+    def __init__(self, engine: Emulator, config: Config, *, gateway: Gateway, metrics: Metrics,
+                 portals: PortalStates, endpoints: list[str], traces: Traces) -> None:
+        self.em = engine
+        self.traces = traces
+        self.config = config
+        self.gateway = gateway
+        self.metrics = metrics
+        self.portals = portals
+        self.endpoints = endpoints
         self._lock = asyncio.Lock()   # one change at a time (config file writes in order)
         self._batch = False           # a reload: the file is the source, nothing is saved
         self._save_error: str | None = None   # the change being answered is live but unsaved
@@ -184,12 +196,12 @@ class Management:
 
     # ------------------------------------------------------------ reads
     async def status(self) -> dict[str, Any]:
-        snap = self.server.metrics.snapshot(self.em)
-        snap["endpoints"] = self.server.endpoints
+        snap = self.metrics.snapshot(self.em)
+        snap["endpoints"] = self.endpoints
         snap["config"] = str(self.config.path) if self.config.path else None
         snap["data_dir"] = str(self.config.data_dir)
         snap["targets"] = len(self.em.targets)
-        snap["gateway"] = await self.server.gateway.status()
+        snap["gateway"] = await self.gateway.status()
         snap["portals"] = await self.portal_list()
         return snap
 
@@ -209,9 +221,8 @@ class Management:
     async def portal_list(self) -> list[dict[str, Any]]:
         """The configured portals, each with what the front ends that follow
         the list report about its listener."""
-        from scsi_runtime.portals import parse_portal
         out = []
-        reports = self.server.portal_reports()
+        reports = self.portals.reports()
         for p in self.config.portals:
             key = parse_portal(p)
             states = [r for rep in reports for r in rep if (r.get("host"), r.get("port"), r.get("tpgt")) == key]
@@ -228,10 +239,10 @@ class Management:
         return out
 
     async def session_list(self) -> list[dict[str, Any]]:
-        return self.server.metrics.snapshot(self.em)["sessions"]
+        return self.metrics.snapshot(self.em)["sessions"]
 
     async def frontend_list(self) -> list[dict[str, Any]]:
-        return self.server.metrics.snapshot(self.em)["front_ends"]
+        return self.metrics.snapshot(self.em)["front_ends"]
 
     async def latency(self) -> dict[str, Any]:
         """Stage timing (stml.timing): per LUN and front end, each stage's p50/p90/p99."""
@@ -257,8 +268,8 @@ class Management:
         if lease_s is not None and (not isinstance(lease_s, (int, float)) or not 1 <= lease_s <= 3600):
             raise MgmtError(f"lease_s must be 1-3600 seconds, not {lease_s!r}")
         try:
-            recorder = self.server.start_trace(path, with_data=bool(with_data), max_bytes=max_bytes,
-                                               count=count, lease_s=lease_s, force=bool(force))
+            recorder = self.traces.start(path, with_data=bool(with_data), max_bytes=max_bytes,
+                                         count=count, lease_s=lease_s, force=bool(force))
         except RuntimeError as e:
             raise MgmtError(str(e)) from None
         except FileExistsError:
@@ -267,8 +278,8 @@ class Management:
             raise MgmtError(f"cannot make {path}: {e.strerror or e}") from None
         return recorder.status()
 
-    def _recorder(self) -> Any:
-        recorder = self.server.recorder
+    def _recorder(self) -> Recorder:
+        recorder = self.traces.current
         if recorder is None:
             raise MgmtError("no trace has been recorded since the STML started")
         return recorder
@@ -427,7 +438,6 @@ class Management:
     def _set_portals(self, portals: list[str]) -> str:
         """The STML's portal list changes: front ends that follow it open or close
         listeners (detect), ALUA learns the portal groups, the file keeps it."""
-        from stml.server import portal_entries, portal_groups
         self._check_file()
         self.config.portals = portals
         self.em.portals = portal_entries(portals)
@@ -439,7 +449,6 @@ class Management:
         """Add a portal; the reply waits for the front ends that follow the list
         to say whether they could listen on it, and a portal none can open is
         taken back out and refused."""
-        from scsi_runtime.portals import parse_portal
         try:
             host, port, tpgt = key = parse_portal(str(portal))
         except ValueError as e:
@@ -451,11 +460,10 @@ class Management:
         self._check_file()
         before = list(self.config.portals)
         self.config.portals = [*before, portal]
-        from stml.server import portal_entries, portal_groups
         self.em.portals = portal_entries(self.config.portals)
         self.em.configured_tpgs = set(portal_groups(self.config))
         self._redetect()
-        errors = await self.server.wait_portal(key, PORTAL_WAIT)
+        errors = await self.portals.wait(key, PORTAL_WAIT)
         if errors:   # taken back out, unsaved
             self.config.portals = before
             self.em.portals = portal_entries(before)
@@ -466,7 +474,6 @@ class Management:
         return {"portal": portal, "host": host, "port": port, "tpgt": tpgt, "saved": saved}
 
     async def portal_remove(self, portal: str) -> dict[str, Any]:
-        from scsi_runtime.portals import parse_portal
         try:
             key = parse_portal(str(portal))
         except ValueError as e:
@@ -493,12 +500,12 @@ class Management:
                             f"({', '.join(n.fe.name for n in found)}): give --front-end")
         n = found[0]
         self.em.out.drop_nexus(n.fe.ident, n.id, "dropped by management")
-        self.em._drop_nexus(n)
+        self.em.drop_nexus(n)
         return {"front_end": n.fe.name, "nexus": n.id, "initiator": n.initiator, "target": n.target}
 
     # ------------------------------------------------------------ targets
     async def target_add(self, name: str, alias: str = "") -> dict[str, Any]:
-        name = _check_iqn(name, "target name")
+        name = check_iqn(name, "target name")
         if name in self.em.targets:
             raise MgmtError(f"target {name} exists")
         self._check_file()
@@ -516,7 +523,7 @@ class Management:
         self._check_file()
         for fe in list(self.em.front_ends.values()):
             for n in [n for n in fe.nexuses.values() if n.target == t.name]:
-                self.em._drop_nexus(n)
+                self.em.drop_nexus(n)
         del self.em.targets[t.name]
         self.config.targets = [tc for tc in self.config.targets if tc.name != t.name]
         self._redetect()
@@ -557,7 +564,7 @@ class Management:
         lu = LogicalUnit(t.name, number, backend, opts, self.em.templates["disk"])
         if getattr(backend, "lock_acquire", None) is not None:
             try:   # shared storage: served once this gateway holds its lock
-                await self.server.gateway.adopt(lu)
+                await self.gateway.adopt(lu)
             except BackendError as e:
                 await self._in_thread(backend.close)
                 raise MgmtError(f"cannot serve {opts.path}: {e}") from None
@@ -572,7 +579,7 @@ class Management:
         self._redetect()
         for other in t.luns.values():
             if other is not lu:   # the new LUN was never seen: nothing about it changed
-                self._ua(other, REPORTED_LUNS_CHANGED, t.name)
+                self._ua(other, REPORTED_LUNS_DATA_CHANGED, t.name)
         return lu
 
     async def lun_remove(self, lun: int, target: str | None = None) -> dict[str, Any]:
@@ -583,7 +590,7 @@ class Management:
         tc.luns = [lc for lc in tc.luns if lc.lun != lu.lun]
         self._redetect()
         for other in t.luns.values():
-            self._ua(other, REPORTED_LUNS_CHANGED, t.name)
+            self._ua(other, REPORTED_LUNS_DATA_CHANGED, t.name)
         asyncio.get_running_loop().create_task(self._close_when_idle(lu))
         return {"target": t.name, "lun": lu.lun, "saved": self._persist()}
 
@@ -621,7 +628,7 @@ class Management:
             raise MgmtError(f"resize failed: {e}") from None
         lu.options.size = nbytes   # the running configuration's LunOptions (shared with its LunConfig)
         self._redetect()
-        self._ua(lu, CAPACITY_CHANGED, t.name)
+        self._ua(lu, CAPACITY_DATA_CHANGED, t.name)
         return {"target": t.name, "lun": lu.lun, "old_size": old, "size": nbytes, "saved": self._persist()}
 
     # ------------------------------------------------------------ access
@@ -636,7 +643,7 @@ class Management:
 
     async def acl_add(self, initiator: str, target: str | None = None) -> dict[str, Any]:
         t = self._target(target)
-        name = _check_iqn(initiator, "initiator")
+        name = check_iqn(initiator, "initiator")
         acl = list(t.access.get("acl") or [])
         if name in acl:
             raise MgmtError(f"{name} is already in the ACL of {t.name}")
@@ -657,7 +664,7 @@ class Management:
         t = self._target(target)
         if (user is None) != (secret is None):
             raise MgmtError("give both --user and --secret, or neither to turn CHAP off")
-        creds = _chap({"user": user, "secret": secret}, "chap") if user is not None else None
+        creds = parse_chap({"user": user, "secret": secret}, "chap") if user is not None else None
         saved = self._set_access(t, "mutual" if mutual else "chap", creds)
         return {"target": t.name, "chap" if not mutual else "mutual_chap": "set" if creds else "off",
                 "saved": saved}

@@ -8,18 +8,16 @@ that differs from the current value is changeable, then applies it.
 from __future__ import annotations
 
 import struct
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 from stml.cdb import u16
+from stml.lu import LogicalUnit
 from stml.ops import data_bytes, param_len_error, unit, write_protected
 from stml.sense import (
     ILLEGAL_REQUEST, MODE_PARAMETERS_CHANGED, SAVING_PARAMETERS_NOT_SUPPORTED, CheckCondition,
     invalid_field, invalid_param,
 )
-
-if TYPE_CHECKING:
-    from stml.emulator import Task
-    from stml.lu import LogicalUnit
+from stml.task import Task
 
 CURRENT, CHANGEABLE, DEFAULT, SAVED = 0, 1, 2, 3
 
@@ -177,5 +175,6 @@ async def mode_select(task: Task) -> None:
         _apply(lu, code, new)
         changed |= MODE_PAGES[code](lu, CURRENT) != before
     if changed:   # every other I_T nexus hears of it (and an AEN where asked for)
-        task.emulator.establish_ua(lu, MODE_PARAMETERS_CHANGED,
-                                   task.emulator._all_nexus_keys(lu.target), exclude=task.nexus.key)
+        services = task.services
+        services.establish_ua(lu, MODE_PARAMETERS_CHANGED, services.nexus_keys(lu.target),
+                              exclude=task.nexus.key)

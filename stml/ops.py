@@ -1,24 +1,36 @@
 """What every command module of the disk template shares: the OpEntry row
-type and the small checks handlers run (range, write protection, transfer
-limits, data-out buffers)."""
+type, its reservation conflict rules, and the small checks handlers run
+(range, write protection, transfer limits, data-out buffers)."""
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Awaitable, Callable
+import enum
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable
 
 from stml.api import DataDir
 from stml.cdb import lba_len
+from stml.lu import LogicalUnit
 from stml.sense import (
     DATA_PROTECT, ILLEGAL_REQUEST, LBA_OUT_OF_RANGE, PARAMETER_LIST_LENGTH_ERROR,
     SOFTWARE_WRITE_PROTECTED, WRITE_PROTECTED, CheckCondition, invalid_field,
 )
+from stml.task import Task
 
-if TYPE_CHECKING:
-    from stml.emulator import Task
-    from stml.lu import LogicalUnit
+Handler = Callable[[Task], Awaitable["bytes | bytearray | memoryview | None"]]
 
-Handler = Callable[["Task"], Awaitable["bytes | bytearray | memoryview | None"]]
+
+class Conflict(enum.IntEnum):
+    """How a command meets a reservation that another I_T nexus holds: each
+    opcode-table row names its rule (as tgt keeps pr_conflict_bits per
+    opcode), and stml.pr.PrState.conflicts applies it (SPC-2 5.5.1; SPC-4
+    5.9.1, table 63; SBC-4 table 13). Holders, and registrants under the
+    registrants-only and all-registrants types, never conflict."""
+
+    NONE = 0    # never: it runs under every reservation (the PR commands judge their own)
+    SPC2 = 1    # with an SPC-2 reservation only; allowed under every persistent one
+    READ = 2    # also with the Exclusive Access types: a read, allowed under Write Exclusive
+    WRITE = 3   # with every reservation: it changes the medium or the LU
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,14 +40,15 @@ class OpEntry:
     usage: bytes                          # CDB usage data: allowed bits per byte
     handler: Handler
     direction: DataDir = DataDir.NONE
-    out_len: Callable[["Task"], int] | None = None   # bytes the initiator sends
-    check: Callable[["Task"], None] | None = None     # checks to pass before data moves
+    out_len: Callable[[Task], int] | None = None   # bytes the initiator sends
+    check: Callable[[Task], None] | None = None     # checks to pass before data moves
     sa: int | None = None                 # service action (byte 1, low 5 bits)
     ua_exempt: bool = False               # runs despite a pending unit attention
-    conflicts: bool = True                # subject to reservation conflicts
     partial: bool = False                 # may run on less data than the CDB asks for
     medium: bool = False                  # needs a started unit with its medium loaded
     timeout: int = 30                     # nominal timeout (s) for REPORT SUPPORTED OPCODES
+    # what a reservation of another nexus does to it: every row says (no default)
+    conflicts: Conflict = field(kw_only=True)
 
 
 def _u(*b: int) -> bytes:
@@ -71,7 +84,7 @@ def max_blocks(task: Task) -> int:
     """The STML's maximum transfer in logical blocks (VPD 0xB0)."""
     lu = task.lu
     assert lu is not None   # per command (check_xfer): see unit()
-    return task.emulator.max_transfer // lu.block_size
+    return task.services.max_transfer // lu.block_size
 
 
 def lbppbe(lu: LogicalUnit) -> int:

@@ -23,7 +23,9 @@ from typing import Any, Callable
 import tomlkit
 from tomlkit.items import AoT
 
-from stml.config import CONFIG_NAME, Config, ConfigError, LunConfig, TargetConfig, holds_secrets, parse_size
+from stml.config import (CONFIG_NAME, Config, ConfigError, LunConfig, StartupError, TargetConfig, check_flags_agree,
+                         check_lun_paths, default_data_dir, first_identity, holds_secrets, load, parse_size,
+                         size_text)
 from stml.lu import LunOptions
 
 HEADER = """\
@@ -35,15 +37,6 @@ HEADER = """\
 
 Tree = dict[Any, Any]   # the file's shape: tables by key, leaves (value, default) as _sync_keys takes them
 _LUN_KEYS = {"kind": "backend"}          # LunOptions field -> TOML key, where they differ
-_UNITS = ((1 << 40, "TiB"), (1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB"))
-
-
-def size_text(n: int) -> str | int:
-    """64 MiB as "64MiB": what a person would have written."""
-    for unit, name in _UNITS:
-        if n % unit == 0:
-            return f"{n // unit}{name}"
-    return n
 
 
 def _default(f: dataclasses.Field) -> Any:
@@ -351,3 +344,40 @@ def _read_text(path: Path) -> str | None:
 
 def digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def load_or_create(config_path: str | None = None, data_dir: str | None = None, iqn: str | None = None,
+                   luns: tuple[str, ...] = (), endpoint: str | None = None,
+                   portals: tuple[str, ...] = ()) -> Config:
+    """The config a starting STML serves, whose file always exists: --config,
+    else DATA_DIR/scsi-target.toml. A missing file is written with what this
+    start runs (the built-in default, or what the flags say), each LUN with an
+    identity of its own. Once a file defines targets it wins: --iqn/--lun must
+    agree with it, so a restart with the same command line works, and anything
+    else is refused with a pointer to `lun add` (docs/decisions/0200)."""
+    if config_path is None:
+        ddir = Path(data_dir).expanduser().absolute() if data_dir else default_data_dir()
+        path = ddir / CONFIG_NAME
+    else:
+        path = Path(config_path).expanduser().absolute()
+    if path.exists():
+        config = load(str(path), data_dir, None, (), endpoint, portals)
+        if not (iqn or luns):
+            return config
+        if not config.raw.get("target"):    # the file names no target: the flags define them
+            return load(str(path), data_dir, iqn, luns, endpoint, portals)
+        check_flags_agree(config, iqn, luns)
+        return config
+    config = load(None, data_dir, iqn, luns, endpoint, portals)
+    config.path = path
+    check_lun_paths(config)     # a first start that cannot serve writes no file
+    for t in config.targets:        # LUNs first served now: an identity of their own
+        for lc in t.luns:           # (an RBD LU's is its image's: the same on every gateway)
+            if not lc.options.id and lc.options.kind != "rbd":
+                lc.options.id = first_identity(config.data_dir, t.name, lc)
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        save(config, path)
+    except OSError as e:
+        raise StartupError(f"cannot write {path}", e.strerror or str(e)) from None
+    return load(str(path), data_dir, None, (), endpoint, portals)

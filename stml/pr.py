@@ -2,10 +2,12 @@
 
 `PrState` is the per-logical-unit state machine, pure and socket-free: it
 takes I_T nexus identities (anything with `initiator`, `target`, `tpg` and
-`key`, like stml.emulator.Nexus) and decoded parameters, and returns the
+`key`, like stml.task.Nexus) and decoded parameters, and returns the
 unit attentions to establish and the nexuses whose tasks a PREEMPT AND ABORT
 must abort. The OpEntry handlers at the bottom decode CDBs and parameter
-lists, call it, and apply its effects through the emulator.
+lists, call it, and apply its effects through the engine's services
+(stml.task.Services). Which commands a reservation lets through is the
+opcode table's to say: each row's `conflicts` rule (stml.ops.Conflict).
 
 Identities: a registration names an initiator port ("IQN,i,0xISID" for
 iSCSI, or a bare name that stands for every port of that name, from a
@@ -45,20 +47,18 @@ import struct
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Protocol
+from typing import Any, Callable, Iterable, Iterator, Protocol
 
 from stml.api import DataDir
 from stml.cdb import u16, u32
-from stml.lu import legacy_id
-from stml.ops import OpEntry, unit
+from stml.lu import LogicalUnit, legacy_id
+from stml.ops import Conflict, OpEntry, unit
 from stml.sense import (
-    ILLEGAL_REQUEST, PARAMETER_LIST_LENGTH_ERROR, RESERVATION_CONFLICT, CheckCondition,
-    StatusError, invalid_field, invalid_param,
+    ILLEGAL_REQUEST, INSUFFICIENT_REGISTRATION_RESOURCES, INVALID_RELEASE, PARAMETER_LIST_LENGTH_ERROR,
+    REGISTRATIONS_PREEMPTED, RESERVATION_CONFLICT, RESERVATIONS_PREEMPTED, RESERVATIONS_RELEASED,
+    CheckCondition, StatusError, invalid_field, invalid_param,
 )
-
-if TYPE_CHECKING:
-    from stml.emulator import Task
-    from stml.lu import LogicalUnit
+from stml.task import Nexus, Task
 
 # reservation types (SPC-4 table 180)
 WE, EA, WERO, EARO, WEAR, EAAR = 0x1, 0x3, 0x5, 0x6, 0x7, 0x8
@@ -72,29 +72,14 @@ REGISTER, RESERVE, RELEASE, CLEAR, PREEMPT, PREEMPT_AND_ABORT, REGISTER_IGNORE, 
 # PERSISTENT RESERVE IN service actions
 READ_KEYS, READ_RESERVATION, REPORT_CAPABILITIES, READ_FULL_STATUS = range(4)
 
-# unit attentions (SPC-4 table 51)
-RESERVATIONS_PREEMPTED = (0x2A, 0x03)
-RESERVATIONS_RELEASED = (0x2A, 0x04)
-REGISTRATIONS_PREEMPTED = (0x2A, 0x05)
-INVALID_RELEASE = (0x26, 0x04)      # INVALID RELEASE OF PERSISTENT RESERVATION
-INSUFFICIENT_REGISTRATION_RESOURCES = (0x55, 0x04)
+# the conflict rules as plain ints: an enum member costs an attribute hook per command
+_NONE, _SPC2, _WRITE = int(Conflict.NONE), int(Conflict.SPC2), int(Conflict.WRITE)
 
 ISCSI_PROTOCOL = 0x5
 MAX_REGISTRATIONS = 1024
 MAX_NAME = 223          # bytes of an iSCSI name (RFC 7143 6.1)
 # the longest iSCSI TransportID body: a name, ",i,0x", 12 ISID digits, NUL, padded to 4
 MAX_TID_LENGTH = MAX_NAME + 5 + 12 + 1 + 3
-
-# Commands a non-holder may still run under a Write Exclusive reservation:
-# the ones that do not change the medium or the logical unit's state.
-READ_LIKE = frozenset({
-    0x00, 0x03, 0x08, 0x12, 0x1A, 0x1C, 0x25, 0x28, 0x2F, 0x34, 0x37, 0x3C, 0x4D, 0x5A,
-    0x5E, 0x88, 0x8F, 0x90, 0x9E, 0xA0, 0xA3, 0xA8, 0xAF, 0xB7, 0xAB, 0x84,
-})
-# Allowed for everyone under any persistent reservation (SPC-4 table 63, SBC-4 table 13)
-PR_ALWAYS = frozenset({0x00, 0x03, 0x12, 0x25, 0x4D, 0x5E, 0x5F, 0x9E, 0xA0, 0xA3})
-# Allowed for everyone under an SPC-2 reservation (the rest conflict)
-SPC2_ALWAYS = frozenset({0x03, 0x12, 0x5E, 0xA0})
 
 
 class PrStoreError(Exception):
@@ -256,19 +241,20 @@ class PrState:
             return self.reg_of(n) is not None
         return self.holder is not None and self.holder.matches(n)
 
-    def conflicts(self, n: Any, cdb: bytes) -> bool:
-        """Whether a command subject to reservations conflicts for nexus n."""
-        op = cdb[0]
+    def conflicts(self, n: Any, rule: int) -> bool:
+        """Whether a command whose opcode-table row has this conflict rule
+        (stml.ops.Conflict) conflicts for nexus n. Per command on an LU with
+        reservation state: the common case (none held) is two tests."""
         if self.spc2 is not None and self.spc2 != n.key:
-            return op not in SPC2_ALWAYS
-        if self.type is None or op in PR_ALWAYS:
+            return rule != _NONE
+        if self.type is None or rule <= _SPC2:
             return False
         if self.is_holder(n):
             return False
         if self.type in REGISTRANTS_ONLY + ALL_REGISTRANTS and self.reg_of(n) is not None:
             return False
         if self.type in WRITE_EXCLUSIVE:
-            return op not in READ_LIKE
+            return rule == _WRITE
         return True
 
     # ---------------------------------------------------------------- SPC-2
@@ -823,8 +809,8 @@ def state(lu: LogicalUnit) -> PrState:
     """The LU's reservation state (made on first use)."""
     st = lu.pr
     if st is None:
-        st = PrState(lu.target, lu.lun)
-        lu.pr = st
+        st = lu.pr = PrState(lu.target, lu.lun)
+    assert isinstance(st, PrState)   # the only kind (stml.lu.Reservations is its engine-side view)
     return st
 
 
@@ -838,7 +824,7 @@ async def reserve(task: Task) -> None:
         raise invalid_field(1, 4)   # third-party reservations are not supported
     lu = unit(task)
     state(lu).reserve6(task.nexus)
-    task.emulator.spc2_luns.add(lu)   # so that the holder's nexus loss finds it
+    task.services.spc2_reserved(lu)   # so that the holder's nexus loss finds it
 
 
 async def release(task: Task) -> None:
@@ -892,24 +878,62 @@ async def prout(task: Task) -> None:
     st.checkpoint(params.aptpl)
     effects = st.prout(task.nexus, sa, scope, rtype, params)
     await st.persisted()   # on disk first (APTPL): a failed write puts the state back, with no effects
-    await task.emulator.apply_pr_effects(task, effects)
+    await apply_effects(task, st, effects)
+
+
+async def apply_effects(task: Task, st: PrState, effects: Effects) -> None:
+    """Unit attentions of a PERSISTENT RESERVE OUT, and the tasks PREEMPT
+    AND ABORT aborts (it completes only once they are gone). Registrations
+    are matched against the target's live nexuses grouped by initiator
+    name once, so the work is linear in registrations plus sessions."""
+    lu = unit(task)
+    services = task.services
+    by_name: dict[str, list[Nexus]] = {}
+    for n in services.nexuses(lu.target):
+        by_name.setdefault(name_key(n.initiator), []).append(n)
+
+    def nexus_keys(who: Registration) -> Iterator[str]:
+        for n in by_name.get(name_key(who.initiator), ()):
+            if who.matches(n):
+                yield n.key
+
+    # keys of single I_T nexuses still registered may hold a UA while logged out
+    held = {k for k in (r.nexus_key() for r in st.regs) if k is not None}
+    by_asc: dict[tuple[int, int], dict[str, None]] = {}
+    for who, asc in effects.ua:
+        keys = by_asc.setdefault(asc, {})
+        if isinstance(who, str):
+            keys[who] = None
+            continue
+        keys.update(dict.fromkeys(nexus_keys(who)))
+        exact = who.nexus_key()
+        if exact is not None:
+            keys[exact] = None
+    for asc, keys in by_asc.items():
+        services.establish_ua(lu, asc, keys, exclude=task.nexus.key, offline=held)
+    services.drop_offline_uas(lu, held)
+    if effects.aborted:
+        victims = {k for r in effects.aborted for k in nexus_keys(r)}
+        victims.discard(task.nexus.key)
+        await services.abort_tasks(lu, victims, task)
 
 
 def _prin_entry(sa: int, name: str) -> OpEntry:
     return OpEntry(0x5E, name, bytes([0x5E, 0x1F, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0]), prin,
-                   DataDir.READ, sa=sa, ua_exempt=False, conflicts=False)
+                   DataDir.READ, sa=sa, ua_exempt=False, conflicts=Conflict.NONE)
 
 
 def _prout_entry(sa: int, name: str) -> OpEntry:
+    # its service actions judge conflicts themselves (PrState.prout)
     return OpEntry(0x5F, name, bytes([0x5F, 0x1F, 0xFF, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0]), prout,
-                   DataDir.WRITE, prout_out_len, prout_check, sa=sa, conflicts=False)
+                   DataDir.WRITE, prout_out_len, prout_check, sa=sa, conflicts=Conflict.NONE)
 
 
 OPCODES: list[OpEntry] = [
-    OpEntry(0x16, "RESERVE(6)", bytes([0x16, 0, 0, 0, 0, 0]), reserve, conflicts=False),
-    OpEntry(0x17, "RELEASE(6)", bytes([0x17, 0, 0, 0, 0, 0]), release, conflicts=False),
-    OpEntry(0x56, "RESERVE(10)", bytes([0x56, 0, 0, 0, 0, 0, 0, 0, 0, 0]), reserve, conflicts=False),
-    OpEntry(0x57, "RELEASE(10)", bytes([0x57, 0, 0, 0, 0, 0, 0, 0, 0, 0]), release, conflicts=False),
+    OpEntry(0x16, "RESERVE(6)", bytes([0x16, 0, 0, 0, 0, 0]), reserve, conflicts=Conflict.NONE),
+    OpEntry(0x17, "RELEASE(6)", bytes([0x17, 0, 0, 0, 0, 0]), release, conflicts=Conflict.NONE),
+    OpEntry(0x56, "RESERVE(10)", bytes([0x56, 0, 0, 0, 0, 0, 0, 0, 0, 0]), reserve, conflicts=Conflict.NONE),
+    OpEntry(0x57, "RELEASE(10)", bytes([0x57, 0, 0, 0, 0, 0, 0, 0, 0, 0]), release, conflicts=Conflict.NONE),
     _prin_entry(READ_KEYS, "PERSISTENT RESERVE IN / READ KEYS"),
     _prin_entry(READ_RESERVATION, "PERSISTENT RESERVE IN / READ RESERVATION"),
     _prin_entry(REPORT_CAPABILITIES, "PERSISTENT RESERVE IN / REPORT CAPABILITIES"),

@@ -15,9 +15,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 from stml.cdb import lba_len, u16, u32, u64
+from stml.lu import LogicalUnit
 from stml.ops import (
     CHUNK, check_range, check_writable, check_xfer, data_bytes, fua, lbppbe, max_blocks, next_chunk,
     param_len_error, trim_views, unit,
@@ -30,10 +31,7 @@ from stml.spc import (
     MAX_COMPARE_AND_WRITE, MAX_LBA_STATUS_DESCRIPTORS, MAX_UNMAP_DESCRIPTORS, MAX_UNMAP_LBA_COUNT,
     max_write_same, removal_prevented, thin,
 )
-
-if TYPE_CHECKING:
-    from stml.emulator import Task
-    from stml.lu import LogicalUnit
+from stml.task import Task
 
 log = logging.getLogger("stml")
 
@@ -61,7 +59,7 @@ async def read_blocks(task: Task, lba: int, blocks: int, response: bool = False)
     lu = task.lu
     assert lu is not None   # per command: see ops.unit()
     size = blocks * lu.block_size
-    buf = task.emulator.read_buffer(task, size) if response else bytearray(size)
+    buf = task.services.read_buffer(task, size) if response else bytearray(size)
     if size and not lu.backend.read_nowait(lba * lu.block_size, memoryview(buf)):
         await task.io(lu.backend.read_into, lba * lu.block_size, memoryview(buf))
     return buf

@@ -24,14 +24,33 @@ from __future__ import annotations
 import asyncio
 import collections
 import heapq
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from stml.api import TaskAttr
 
-if TYPE_CHECKING:
-    from stml.emulator import Task
-
 _SIMPLE, _HOQ = TaskAttr.SIMPLE, TaskAttr.HEAD_OF_QUEUE
+
+
+class _Keyed(Protocol):
+    @property
+    def key(self) -> str: ...
+
+
+class QueuedTask(Protocol):
+    """What a policy needs of a task (stml.task.Task, which sits above this
+    module: a task names its LU, whose task set this is): its place in the
+    set, its attribute, its size and its I_T nexus."""
+
+    seq: int
+
+    @property
+    def attr(self) -> int: ...
+
+    @property
+    def exp_len(self) -> int: ...
+
+    @property
+    def nexus(self) -> _Keyed: ...
 
 # tasks of one LU the fair policy runs at once: the worker threads an LU may hold
 # (stml/workers.py, per_key: half of stml.server's 8). More would only wait again,
@@ -48,21 +67,21 @@ class FifoTaskSet:
     ones). The per-command path is this class's fast path: keep it short."""
 
     def __init__(self) -> None:
-        self.tasks: dict[int, Task] = {}   # insertion order = arrival order
+        self.tasks: dict[int, QueuedTask] = {}   # insertion order = arrival order
         # tasks that are not SIMPLE: every policy counts them so, as _may_run and
         # the fair policy's barrier see them (a count that disagrees wedges the LU)
         self._ordered = 0
-        self._waiters: list[tuple[Task, asyncio.Future]] = []
+        self._waiters: list[tuple[QueuedTask, asyncio.Future]] = []
         self._seq = 0
 
-    def add(self, task: Task) -> None:
+    def add(self, task: QueuedTask) -> None:
         self._seq += 1
         task.seq = self._seq
         self.tasks[task.seq] = task
         if task.attr != _SIMPLE:
             self._ordered += 1
 
-    def remove(self, task: Task) -> None:
+    def remove(self, task: QueuedTask) -> None:
         if self.tasks.pop(task.seq, None) is None:
             return
         if task.attr != _SIMPLE:
@@ -70,7 +89,7 @@ class FifoTaskSet:
         if self._waiters:
             self._wake()
 
-    def _may_run(self, task: Task) -> bool:
+    def _may_run(self, task: QueuedTask) -> bool:
         if task.attr == TaskAttr.HEAD_OF_QUEUE:
             return True
         for other in self.tasks.values():
@@ -80,7 +99,7 @@ class FifoTaskSet:
                 return False
         return True
 
-    async def enter(self, task: Task) -> bool:
+    async def enter(self, task: QueuedTask) -> bool:
         """Return when the task may execute: True when it had to wait."""
         if (self._ordered == 0 and task.attr != TaskAttr.ORDERED) or self._may_run(task):
             return False
@@ -101,7 +120,7 @@ class FifoTaskSet:
         self._waiters = still
 
 
-_Entry = tuple[int, "Task", asyncio.Future]   # (start tag, task, its wake-up)
+_Entry = tuple[int, "QueuedTask", asyncio.Future]   # (start tag, task, its wake-up)
 
 
 class FairTaskSet(FifoTaskSet):
@@ -139,7 +158,7 @@ class FairTaskSet(FifoTaskSet):
         self._heads: list[tuple[int, int, str]] = []   # heap of (start tag, seq, key) of queue heads
         self._vtime = 0
 
-    async def enter(self, task: Task) -> bool:
+    async def enter(self, task: QueuedTask) -> bool:
         attr = task.attr
         if attr == _HOQ:
             self._running.add(task.seq)
@@ -170,7 +189,7 @@ class FairTaskSet(FifoTaskSet):
         await fut    # _fill() counted it as running before it woke us
         return waited
 
-    def remove(self, task: Task) -> None:
+    def remove(self, task: QueuedTask) -> None:
         seq = task.seq
         if self.tasks.pop(seq, None) is None:
             return

@@ -1,5 +1,8 @@
 """Sense data (SPC-4 4.4) and the exceptions that carry it out of handlers.
 
+Every sense key and additional sense code the STML reports is named here,
+and only here (tests/test_layers.py holds the other modules to it).
+
 A handler raises CheckCondition; the STML turns it into sense bytes in the
 format the LUN's control mode page asks for (fixed or descriptor).
 """
@@ -67,6 +70,31 @@ UNSUPPORTED_TARGET_DESCRIPTOR_TYPE = (0x26, 0x07)
 TOO_MANY_SEGMENT_DESCRIPTORS = (0x26, 0x08)
 UNSUPPORTED_SEGMENT_DESCRIPTOR_TYPE = (0x26, 0x09)
 OPERATION_IN_PROGRESS = (0x00, 0x16)
+ASYMMETRIC_ACCESS_STATE_TRANSITION = (0x04, 0x0A)    # with NOT READY: retry, maybe on another path
+LOGICAL_UNIT_COMMUNICATION_FAILURE = (0x08, 0x00)   # a command on a nexus the STML does not know
+INVALID_MESSAGE_ERROR = (0x49, 0x00)                # a task attribute the STML does not take (ACA)
+
+# unit attentions of resets and nexus loss (SAM-5 5.14, 6.3); the first four
+# clear PREVENT ALLOW MEDIUM REMOVAL (SBC-4 5.15)
+POWER_ON_OCCURRED = (0x29, 0x01)
+SCSI_BUS_RESET_OCCURRED = (0x29, 0x02)
+BUS_DEVICE_RESET = (0x29, 0x03)
+I_T_NEXUS_LOSS = (0x29, 0x07)
+RESET_UAS = frozenset({POWER_ON_RESET, POWER_ON_OCCURRED, SCSI_BUS_RESET_OCCURRED, BUS_DEVICE_RESET})
+COMMANDS_CLEARED_BY_ANOTHER = (0x2F, 0x00)
+# UA_INTLCK_CTRL 11b: the status a command ended with, as a unit attention
+PREVIOUS_BUSY_STATUS = (0x2C, 0x07)
+PREVIOUS_TASK_SET_FULL_STATUS = (0x2C, 0x08)
+PREVIOUS_RESERVATION_CONFLICT_STATUS = (0x2C, 0x09)
+PREVIOUS_STATUS_UA = {BUSY: PREVIOUS_BUSY_STATUS, TASK_SET_FULL: PREVIOUS_TASK_SET_FULL_STATUS,
+                      RESERVATION_CONFLICT: PREVIOUS_RESERVATION_CONFLICT_STATUS}
+
+# persistent reservations (SPC-4 5.9, table 51)
+RESERVATIONS_PREEMPTED = (0x2A, 0x03)
+RESERVATIONS_RELEASED = (0x2A, 0x04)
+REGISTRATIONS_PREEMPTED = (0x2A, 0x05)
+INVALID_RELEASE = (0x26, 0x04)      # INVALID RELEASE OF PERSISTENT RESERVATION
+INSUFFICIENT_REGISTRATION_RESOURCES = (0x55, 0x04)
 
 
 @dataclass(frozen=True, slots=True)

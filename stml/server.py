@@ -9,7 +9,6 @@ import itertools
 import logging
 import os
 import ipaddress
-import re
 import signal
 import socket
 import threading
@@ -28,15 +27,19 @@ from stml.api.sizes import SHARED_READ_MIN
 from stml.api.stream import Lease
 from stml.api.tap import Tap, combine
 from stml.config import Config, ConfigError, StartupError
-from stml.emulator import Emulator, Target, Task
+from stml.emulator import Emulator, Target
 from stml.lu import LogicalUnit
 from stml.metrics import Metrics
+from stml.mgmt import Management
+from stml.portals import PortalStates, portal_entries, portal_groups
+from stml.pr import PrStoreError
+from stml.task import Task
+from stml.trace.recorder import Traces
 
 if TYPE_CHECKING:
     from zmq.auth.thread import ThreadAuthenticator
 
     from stml.metrics import PrometheusExporter
-    from stml.trace.recorder import Recorder
 
 log = logging.getLogger("stml")
 WORKER_THREADS = 8   # threads for blocking backend calls, shared fairly among LUs
@@ -62,21 +65,6 @@ def build_targets(config: Config, templates: dict[str, Any]) -> list[Target]:
             luns[lc.lun] = LogicalUnit(t.name, lc.lun, backend, o, templates["disk"])
         targets.append(Target(t.name, luns, t.alias, t.access(), t.target_reset))
     return targets
-
-
-def portal_groups(config: Config) -> list[int]:
-    """Portal group tags of the configured portals ("HOST:PORT[,TPGT]", default 1)."""
-    tags = set()
-    for p in config.portals:
-        m = re.search(r",(\d+)$", p)
-        tags.add(int(m.group(1)) if m else 1)
-    return sorted(tags)
-
-
-def portal_entries(portals: list[str]) -> list[dict[str, Any]]:
-    """The `portals` field of detect: {host, port, tpgt} per configured portal."""
-    from scsi_runtime.portals import parse_portal
-    return [dict(zip(("host", "port", "tpgt"), parse_portal(p))) for p in portals]
 
 
 def _is_loopback(endpoint: str) -> bool:
@@ -177,7 +165,10 @@ class StmlServer:
         self.emulator.on_front_end_gone = self.metrics.front_end_gone
         for t in build_targets(config, self.emulator.templates):
             self.emulator.targets[t.name] = t
-        self.emulator.restore_reservations()   # APTPL state kept under the data dir
+        try:
+            self.emulator.restore_reservations()   # APTPL state kept under the data dir
+        except PrStoreError as e:
+            raise ConfigError("persistent reservations", str(e)) from None
         if config.stml.timing:
             from stml.api.link import boot_id
             from stml.timing import Timing
@@ -195,14 +186,13 @@ class StmlServer:
         poll_us = config.stml.poll_us
         self.poll = BusyPoll(poll_us / 1e6) if poll_us else None
         # what each front end that follows the portal list says about its listeners
-        self._portal_states: dict[bytes, list[dict[str, Any]]] = {}
-        self._portal_news: asyncio.Event | None = None
+        self.portals = PortalStates(self.emulator.front_ends)
         # instruments on the link (stml.api.tap): None, the one tap, or Taps
         self.tap: Tap | None = None
         self._taps: list[Tap] = []
         # where the carriers hand a message in: _receive, or _receive_tapped with a tap
         self.received: Callable[..., None] = self._receive
-        self.recorder: Recorder | None = None   # the trace being written, or the last one
+        self.traces = Traces(self.emulator, self.add_tap, self.remove_tap)
 
     def add_tap(self, tap: Tap) -> None:
         """See every message from now on (stml.api.tap), after the taps already there."""
@@ -224,25 +214,6 @@ class StmlServer:
         channel = getattr(self, "channel", None)
         if channel is not None:
             channel.on_message = self.received
-
-    def start_trace(self, path: str, *, with_data: bool = False, max_bytes: int | None = None,
-                    count: int | None = None, lease_s: float | None = None, force: bool = False,
-                    from_start: bool = False) -> Recorder:
-        """Record every message from now on (stml.trace.recorder); OSError when
-        the file cannot be made, RuntimeError when a trace is being recorded."""
-        from stml.trace.recorder import DEFAULT_MAX_BYTES, Recorder, first_record, open_output
-        if self.recorder is not None and self.recorder.reason is None:
-            raise RuntimeError(f"a trace is being recorded to {self.recorder.path}: stop it first")
-        cap = max_bytes or DEFAULT_MAX_BYTES
-        out = open_output(path, force)
-        first = first_record(self.emulator, from_start=from_start, with_data=with_data, max_bytes=cap)
-        recorder = Recorder(out, path, first, with_data=with_data, max_bytes=cap, count=count,
-                            lease_s=lease_s, on_stop=self.remove_tap)
-        self.recorder = recorder
-        if recorder.reason is None:   # (a cap smaller than the first record ends it at once)
-            self.add_tap(recorder)
-        log.info("recording a trace to %s (cap %d bytes%s)", path, cap, ", with read data" if with_data else "")
-        return recorder
 
     def _send_tapped(self, ident: bytes, header: dict[str, Any], frames: list) -> None:
         """_send, with the tap before it (the header packed once for both)."""
@@ -417,7 +388,7 @@ class StmlServer:
     async def serve(self, stop: asyncio.Event, trace: TraceOptions | None = None) -> None:
         if trace is not None:   # before any front end can connect: the trace sees everything
             try:
-                self.start_trace(trace.path, with_data=trace.with_data, max_bytes=trace.max_bytes,
+                self.traces.start(trace.path, with_data=trace.with_data, max_bytes=trace.max_bytes,
                                  force=trace.force, from_start=True)
             except OSError as e:
                 raise StartupError(f"--trace {trace.path}", e.strerror or str(e)) from None
@@ -426,16 +397,15 @@ class StmlServer:
         except ConfigError:
             if self.auth is not None:
                 self.auth.stop()
-            if self.recorder is not None:
-                self.recorder.stop("stml", "the STML could not start")
+            self.traces.stop("stml", "the STML could not start")
             raise
         luns = sum(len(t.luns) for t in self.emulator.targets.values())
         log.info("STML serving %d target(s), %d LUN(s) on %s", len(self.emulator.targets), luns,
                  ", ".join(self.endpoints))
         for ep in self.endpoints:
             print(f"stml: listening on {ep}", flush=True)
-        from stml.mgmt import Management
-        self.mgmt = Management(self)
+        self.mgmt = Management(self.emulator, self.config, gateway=self.gateway, metrics=self.metrics,
+                               portals=self.portals, endpoints=self.endpoints, traces=self.traces)
         self.channel = Channel(self.sock, self.received, routed=True)
         self.gateway.start()
         loop = asyncio.get_running_loop()
@@ -455,9 +425,8 @@ class StmlServer:
         beats.cancel()
         await self.gateway.stop()
         await asyncio.sleep(0.05)  # let the release messages leave
-        if self.recorder is not None and self.recorder.reason is None:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self.recorder.stop("stml", "the STML stopped")), 2)
+        with contextlib.suppress(asyncio.TimeoutError):   # the trace's file whole, unless the disk hangs
+            await asyncio.wait_for(asyncio.shield(self.traces.stop("stml", "the STML stopped")), 2)
         self.channel.close(linger_ms=100)
         for listener in self.listeners:
             loop.remove_reader(listener.fileno())
@@ -523,7 +492,7 @@ class StmlServer:
             elif op == _MGMT:
                 self.mgmt.handle(ident, header)
             else:
-                self._portal_state(ident, header)
+                self.portals.report(ident, header)
             return
         self.emulator.handle(ident, header, frames[2:], lease)
 
@@ -531,38 +500,6 @@ class StmlServer:
         """Handle a decoded message past the tap (a tap that held one back,
         with copies of its data, lets it in here)."""
         self._receive([ident, b"", *data], None, header)
-
-    def _portal_state(self, ident: bytes, header: dict[str, Any]) -> None:
-        """A front end that follows the portal list says which it listens on."""
-        if not header["follows"]:
-            self._portal_states.pop(ident, None)
-        else:
-            self._portal_states[ident] = header["portals"][:1024]
-        if self._portal_news is not None:
-            self._portal_news.set()
-
-    def portal_reports(self) -> list[list[dict[str, Any]]]:
-        """The reports of the front ends registered now."""
-        for ident in [i for i in self._portal_states if i not in self.emulator.front_ends]:
-            del self._portal_states[ident]
-        return list(self._portal_states.values())
-
-    async def wait_portal(self, key: tuple[str, int, int], timeout: float) -> list[str]:
-        """After a portal was added: wait until every following front end has
-        reported on it; its errors ([] when all listen, or none follows)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            reports = self.portal_reports()
-            states = [[r for r in rep if (r.get("host"), r.get("port"), r.get("tpgt")) == key]
-                      for rep in reports]
-            if all(states):
-                return [str(r.get("error")) for st in states for r in st if not r.get("listening")]
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return [f"no answer from {len([s for s in states if not s])} front end(s) in {timeout:g}s"]
-            self._portal_news = asyncio.Event()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._portal_news.wait(), left)
 
     async def _liveness(self) -> None:
         while True:

@@ -4,20 +4,16 @@ FUNCTIONS, LOG SENSE, PREVENT ALLOW MEDIUM REMOVAL, TEST UNIT READY."""
 from __future__ import annotations
 
 import struct
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 from stml.cdb import encode_lun, u16, u32
-from stml.lu import PRODUCT, REVISION, VENDOR
-from stml.ops import lbppbe, max_blocks, unit
+from stml.lu import PRODUCT, REVISION, VENDOR, LogicalUnit
+from stml.ops import OpEntry, lbppbe, max_blocks, unit
 from stml.sense import (
     NO_ADDITIONAL_SENSE, NO_SENSE, NOT_READY, SANITIZE_IN_PROGRESS, UNIT_ATTENTION, CheckCondition,
     build_sense, invalid_field,
 )
-
-if TYPE_CHECKING:
-    from stml.emulator import Task
-    from stml.lu import LogicalUnit
-    from stml.ops import OpEntry
+from stml.task import Task
 
 # limits this template advertises in VPD 0xB0 (logical blocks unless noted) and
 # enforces: UNMAP's block count is a total over the command's descriptors
@@ -194,7 +190,7 @@ async def report_luns(task: Task) -> bytes:
     alloc = u32(cdb, 6)
     if alloc < 16:
         raise invalid_field(6)
-    luns = sorted(task.emulator.luns_of(task.nexus.target)) if cdb[2] != 0x01 else []
+    luns = sorted(task.services.target_luns(task.nexus.target)) if cdb[2] != 0x01 else []
     shown = luns[:-(-(alloc - 8) // 8)]   # only the entries the allocation length holds are built
     body = b"".join(encode_lun(n) for n in shown)
     return (struct.pack(">I", 8 * len(luns)) + bytes(4) + body)[:alloc]
@@ -211,7 +207,7 @@ async def request_sense(task: Task) -> bytes:
     sanitize under way (with its progress), or NO SENSE."""
     desc = bool(task.cdb[1] & 1)
     lu = task.lu
-    ua = task.emulator.take_ua(lu, task.nexus) if lu else None
+    ua = task.services.take_ua(lu, task.nexus) if lu else None
     if ua:
         sense = build_sense(UNIT_ATTENTION, ua, desc)
     elif lu is not None and lu.sanitizing:
@@ -320,7 +316,7 @@ async def prevent_allow(task: Task) -> None:
         return
     if prevent:
         # nexuses that ended keep no entry: the set stays within the live ones
-        lu.prevent = {k for k in lu.prevent if task.emulator.nexus_by_key(k)}
+        lu.prevent = {k for k in lu.prevent if task.services.nexus_exists(k)}
         lu.prevent.add(task.nexus.key)
     else:
         lu.prevent.discard(task.nexus.key)
@@ -331,6 +327,5 @@ def removal_prevented(task: Task) -> bool:
     lu = unit(task)
     if not lu.prevent:
         return False
-    live = set(task.emulator._all_nexus_keys(lu.target))
-    lu.prevent &= live
+    lu.prevent = {k for k in lu.prevent if task.services.nexus_exists(k)}
     return bool(lu.prevent)

@@ -13,20 +13,18 @@ block (0x02). Results are kept per I_T nexus and list identifier.
 from __future__ import annotations
 
 import struct
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from stml.cdb import u16, u32, u64
-from stml.ops import CHUNK, check_writable, data_bytes, next_chunk, param_len_error, unit
+from stml.lu import LogicalUnit
+from stml.ops import CHUNK, Conflict, check_writable, data_bytes, next_chunk, param_len_error, unit
 from stml.sense import (
     COPY_ABORTED, COPY_TARGET_DEVICE_NOT_REACHABLE, ILLEGAL_REQUEST, INSUFFICIENT_RESOURCES,
     NO_ADDITIONAL_SENSE, OPERATION_IN_PROGRESS, TOO_MANY_SEGMENT_DESCRIPTORS,
     TOO_MANY_TARGET_DESCRIPTORS, UNREACHABLE_COPY_TARGET, UNSUPPORTED_SEGMENT_DESCRIPTOR_TYPE,
     UNSUPPORTED_TARGET_DESCRIPTOR_TYPE, CheckCondition, invalid_field, invalid_param,
 )
-
-if TYPE_CHECKING:
-    from stml.emulator import Task
-    from stml.lu import LogicalUnit
+from stml.task import Task
 
 MAX_CSCD = 8
 MAX_SEGMENTS = 8
@@ -40,7 +38,6 @@ MAX_PARAM_LIST = 16 + MAX_DESCRIPTOR_LIST + MAX_INLINE
 CSCD_LEN = 32
 B2B_LEN = 28
 IMPLEMENTED = bytes([0x02, 0xE4])   # block->block segments, identification CSCD descriptors
-_READ16, _WRITE16 = bytes([0x88]) + bytes(15), bytes([0x8A]) + bytes(15)   # as reservations see a copy
 
 
 def xcopy_out_len(task: Task) -> int:
@@ -54,19 +51,19 @@ def xcopy_check(task: Task) -> None:
 
 def _find_lu(task: Task, designator: bytes) -> LogicalUnit | None:
     """The LU of the nexus's own target with this NAA designator."""
-    target = task.emulator.targets.get(task.nexus.target)
-    for lu in (target.luns.values() if target else ()):
+    for lu in task.services.target_luns(task.nexus.target).values():
         if lu.naa == designator:
             return lu
     return None
 
 
-def _reach(task: Task, lu: LogicalUnit, cdb: bytes) -> None:
+def _reach(task: Task, lu: LogicalUnit, rule: Conflict) -> None:
     """Before each chunk: the copy target is still an LU of the target, with
-    its medium ready, and its reservations let this nexus read (or write) it;
-    else COPY ABORTED, COPY TARGET DEVICE NOT REACHABLE (as LIO answers)."""
-    if (task.emulator.lookup_lu(task.nexus.target, lu.lun) is not lu or not lu.medium_present
-            or lu.sanitizing or (lu.pr is not None and lu.pr.conflicts(task.nexus, cdb))):
+    its medium ready, and its reservations let this nexus read (or write) it,
+    as they would a READ or a WRITE (`rule`); else COPY ABORTED, COPY TARGET
+    DEVICE NOT REACHABLE (as LIO answers)."""
+    if (task.services.target_luns(task.nexus.target).get(lu.lun) is not lu or not lu.medium_present
+            or lu.sanitizing or (lu.pr is not None and lu.pr.conflicts(task.nexus, rule))):
         raise CheckCondition(COPY_ABORTED, COPY_TARGET_DEVICE_NOT_REACHABLE)
 
 
@@ -146,7 +143,7 @@ async def extended_copy(task: Task) -> None:
         pos += B2B_LEN
     state: dict[str, Any] = {"status": 0, "segments": 0, "bytes": 0}
     if usage != 0x03:
-        task.emulator.keep_copy_results(manager, key, list_id, state)
+        task.services.keep_copy_results(manager, key, list_id, state)
     manager.copies += 1
     try:
         for src, dst, blocks, slba, dlba in segments:
@@ -175,9 +172,9 @@ async def _copy(task: Task, src: LogicalUnit, dst: LogicalUnit, blocks: int, slb
             await next_chunk()
         n = min(per, blocks - done)
         view = buf[:n * bs]
-        _reach(task, src, _READ16)
+        _reach(task, src, Conflict.READ)
         await task.io_on(src, src.backend.read_into, (slba + done) * bs, view)
-        _reach(task, dst, _WRITE16)
+        _reach(task, dst, Conflict.WRITE)
         async with dst.write_gate.shared():
             await task.io_on(dst, dst.backend.write_from, (dlba + done) * bs, [view], not dst.mode.wce)
         state["bytes"] += n * bs

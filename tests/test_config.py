@@ -306,7 +306,7 @@ def test_a_first_start_keeps_the_identity_of_luns_that_existed(tmp_path):
     APTPL reservations file) is already there keeps the NAA and serial it had
     (the legacy identity); a LUN created now gets a random one."""
     from stml import pr
-    from stml.config import load_or_create
+    from stml.persist import load_or_create
     from stml.lu import legacy_id
     (tmp_path / "disk0.img").write_bytes(b"\x5a" * 4096)       # served by an older version
     c = load_or_create(data_dir=str(tmp_path))
@@ -328,7 +328,7 @@ def test_the_data_dirs_own_file_names_that_data_dir(tmp_path):
     """D/scsi-target.toml leaves data_dir out (so D can move): loaded with
     --config alone, it is D's config (endpoint, relative LUN paths), not the
     default data dir's. A file saved elsewhere names its data dir."""
-    from stml.config import load_or_create
+    from stml.persist import load_or_create
     from stml.persist import save
     d = tmp_path / "d"
     first = load_or_create(data_dir=str(d), luns=("file:a.img,size=1MiB",))

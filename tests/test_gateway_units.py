@@ -59,7 +59,7 @@ def _rtpg(local: set[int] | None, groups: set[int], tpg: int) -> dict[int, int]:
     import asyncio
     import struct
     emulator = SimpleNamespace(local_tpgs=local, portal_groups=lambda target: groups)
-    task = SimpleNamespace(cdb=bytes([0xA3, 0x0A, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0]), emulator=emulator,
+    task = SimpleNamespace(cdb=bytes([0xA3, 0x0A, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0]), services=emulator,
                            nexus=SimpleNamespace(target="t", tpg=tpg))
     data = asyncio.run(alua.report_target_port_groups(task))
     out = {}

@@ -68,7 +68,7 @@ import types
 import pytest
 
 from stml import metrics as metrics_mod
-from stml.emulator import FrontEnd, Nexus
+from stml.task import FrontEnd, Nexus
 
 READ, WRITE = 2, 1
 

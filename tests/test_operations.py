@@ -584,7 +584,7 @@ def test_a_stale_socket_is_known_without_a_zeromq_round_trip(ddir, monkeypatch):
     """What makes the answer fast: a connect attempt on the socket file,
     before any ZeroMQ socket that would wait for an answer."""
     import zmq
-    from scsi_target.cli import NotRunning
+    from scsi_target.endpoint import NotRunning
     path = Path(ddir) / "stml.sock"
     with socket.socket(socket.AF_UNIX) as s:
         s.bind(str(path))      # bound, never listening: as a dead STML leaves it

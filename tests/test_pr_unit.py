@@ -13,10 +13,14 @@ import pytest
 from backends import open_backend
 from stml import pr
 from stml.api import Op, TaskAttr, Tmf, TmfResponse
+from stml.disk import DiskTemplate
 from stml.emulator import Emulator, Target
 from stml.lu import LogicalUnit, LunOptions
-from stml.ops import OpEntry
-from stml.sense import RESERVATION_CONFLICT, CheckCondition, StatusError
+from stml.ops import Conflict, OpEntry
+from stml.sense import (
+    INVALID_RELEASE, REGISTRATIONS_PREEMPTED, RESERVATION_CONFLICT, RESERVATIONS_PREEMPTED, RESERVATIONS_RELEASED,
+    CheckCondition, StatusError,
+)
 
 T = "iqn.2026-11.org.scsi-target:disk0"
 A = pr.Port("iqn.1994-05.com.example:a,i,0x23d000000001", T, 1)
@@ -24,9 +28,17 @@ A2 = pr.Port("iqn.1994-05.com.example:a,i,0x23d000000001", T, 2)   # same initia
 B = pr.Port("iqn.1994-05.com.example:b,i,0x23d000000002", T, 1)
 C = pr.Port("iqn.1994-05.com.example:c,i,0x23d000000003", T, 2)
 
+
+
+def rule(cdb: bytes) -> int:
+    """The conflict rule the opcode table gives a command (PrState.conflicts takes it)."""
+    return DiskTemplate().lookup(cdb).conflicts
+
+
 READ10 = bytes([0x28]) + bytes(9)
 WRITE10 = bytes([0x2A]) + bytes(9)
 TUR = bytes(6)
+INQUIRY = bytes([0x12]) + bytes(5)
 
 
 def P(**kw) -> pr.PrParams:
@@ -89,12 +101,12 @@ def test_access_by_type(st, rtype, reg_read, reg_write, unreg_read, unreg_write)
     register(st, A, 1)
     register(st, B, 2)
     st.prout(A, pr.RESERVE, 0, rtype, P(rk=1))
-    assert not st.conflicts(A, READ10) and not st.conflicts(A, WRITE10)
-    assert st.conflicts(B, READ10) != bool(reg_read)
-    assert st.conflicts(B, WRITE10) != bool(reg_write)
-    assert st.conflicts(C, READ10) != bool(unreg_read)
-    assert st.conflicts(C, WRITE10) != bool(unreg_write)
-    assert not st.conflicts(C, TUR)                    # allowed under every type
+    assert not st.conflicts(A, rule(READ10)) and not st.conflicts(A, rule(WRITE10))
+    assert st.conflicts(B, rule(READ10)) != bool(reg_read)
+    assert st.conflicts(B, rule(WRITE10)) != bool(reg_write)
+    assert st.conflicts(C, rule(READ10)) != bool(unreg_read)
+    assert st.conflicts(C, rule(WRITE10)) != bool(unreg_write)
+    assert not st.conflicts(C, rule(TUR))                    # allowed under every type
     key = 0 if rtype in pr.ALL_REGISTRANTS else 1
     assert st.read_reservation() == struct.pack(">IIQIBBH", st.generation, 16, key, 0, 0, rtype, 0)
 
@@ -113,11 +125,11 @@ def test_reserve_release_rules(st):
     assert st.type == pr.WERO
     with pytest.raises(CheckCondition) as e:
         st.prout(A, pr.RELEASE, 0, pr.EA, P(rk=1))                      # wrong type
-    assert (e.value.asc, e.value.ascq) == pr.INVALID_RELEASE
+    assert (e.value.asc, e.value.ascq) == INVALID_RELEASE
     gen = st.generation
     eff = st.prout(A, pr.RELEASE, 0, pr.WERO, P(rk=1))
     assert st.type is None and st.generation == gen                    # RELEASE keeps the generation
-    assert [(r.key, ua) for r, ua in eff.ua] == [(2, pr.RESERVATIONS_RELEASED)]
+    assert [(r.key, ua) for r, ua in eff.ua] == [(2, RESERVATIONS_RELEASED)]
 
 
 def test_holder_unregistering_releases_but_all_registrants_stay(st):
@@ -140,7 +152,7 @@ def test_clear(st):
     st.prout(B, pr.RESERVE, 0, pr.WE, P(rk=2))
     eff = st.prout(A, pr.CLEAR, 0, 0, P(rk=1))
     assert st.regs == [] and st.type is None
-    assert [(r.key, ua) for r, ua in eff.ua] == [(2, pr.RESERVATIONS_PREEMPTED)]
+    assert [(r.key, ua) for r, ua in eff.ua] == [(2, RESERVATIONS_PREEMPTED)]
 
 
 def test_preempt_without_reservation_removes_registrations(st):
@@ -149,7 +161,7 @@ def test_preempt_without_reservation_removes_registrations(st):
     gen = st.generation
     eff = st.prout(B, pr.PREEMPT, 0, pr.EA, P(rk=2, sark=1))
     assert [r.key for r in st.regs] == [2] and st.generation == gen + 1 and st.type is None
-    assert [(r.key, ua) for r, ua in eff.ua] == [(1, pr.REGISTRATIONS_PREEMPTED)]
+    assert [(r.key, ua) for r, ua in eff.ua] == [(1, REGISTRATIONS_PREEMPTED)]
     assert conflicted(st.prout, B, pr.PREEMPT, 0, pr.EA, P(rk=2, sark=0x99))   # nobody has it
 
 
@@ -161,9 +173,9 @@ def test_preempt_and_abort_takes_the_reservation(st):
     eff = st.prout(B, pr.PREEMPT_AND_ABORT, 0, pr.EA, P(rk=2, sark=1))
     assert st.type == pr.EA and st.holder is st.reg_of(B)
     assert [r.key for r in eff.aborted] == [1]
-    assert (1, pr.REGISTRATIONS_PREEMPTED) in [(r.key, ua) for r, ua in eff.ua]
-    assert (3, pr.RESERVATIONS_RELEASED) in [(r.key, ua) for r, ua in eff.ua]   # type changed
-    assert st.conflicts(A, READ10) and st.conflicts(C, READ10)
+    assert (1, REGISTRATIONS_PREEMPTED) in [(r.key, ua) for r, ua in eff.ua]
+    assert (3, RESERVATIONS_RELEASED) in [(r.key, ua) for r, ua in eff.ua]   # type changed
+    assert st.conflicts(A, rule(READ10)) and st.conflicts(C, rule(READ10))
 
 
 def test_preempt_all_registrants_with_zero_key(st):
@@ -187,10 +199,10 @@ def test_spc2_reservations_and_their_conflicts(st):
     st.reserve6(A)
     assert conflicted(st.reserve6, B)
     st.release6(B)                          # someone else's RELEASE is a no-op
-    assert st.conflicts(B, READ10) and st.conflicts(B, TUR) and not st.conflicts(B, bytes([0x12]) + bytes(5))
+    assert st.conflicts(B, rule(READ10)) and st.conflicts(B, rule(TUR)) and not st.conflicts(B, rule(INQUIRY))
     assert conflicted(st.prout, B, pr.REGISTER, 0, 0, P(sark=1))
     st.drop_spc2(A.key)
-    assert not st.conflicts(B, READ10)
+    assert not st.conflicts(B, rule(READ10))
     register(st, B, 1)                      # with registrations, RESERVE/RELEASE conflict
     assert conflicted(st.reserve6, A) and conflicted(st.release6, A)
 
@@ -243,7 +255,7 @@ def test_aptpl_file_round_trip_and_corrupt_file(tmp_path):
     again = pr.PrState(T, 0)
     again.load(path)
     assert again.read_full_status(0xFFFF) == st.read_full_status(0xFFFF)
-    assert again.is_holder(B) and again.conflicts(C, READ10)
+    assert again.is_holder(B) and again.conflicts(C, rule(READ10))
     register(again, A, 0x1234, aptpl=False)       # the last REGISTER says no: the file goes
     asyncio.run(again.persisted())
     assert not path.exists()
@@ -271,7 +283,8 @@ class Recorder:
 
 def ordering_emulator(rec: Recorder, sent: list) -> Emulator:
     from stml.disk import OPCODES, DiskTemplate
-    entry = OpEntry(0xC0, "VENDOR WAIT", bytes([0xC0, 0, 0xFF, 0xFF, 0xFF, 0xFF]), rec.handler)
+    entry = OpEntry(0xC0, "VENDOR WAIT", bytes([0xC0, 0, 0xFF, 0xFF, 0xFF, 0xFF]), rec.handler,
+                    conflicts=Conflict.WRITE)
     template = DiskTemplate([entry, *OPCODES])
     lu = LogicalUnit(T, 0, open_backend("ram", 1 << 20, None, False), LunOptions(kind="ram", size=1 << 20),
                      template)
@@ -294,6 +307,29 @@ def cmd(emu: Emulator, tag: int, name: str, attr: TaskAttr, nexus: int = 1) -> N
 async def settle() -> None:
     for _ in range(10):
         await asyncio.sleep(0)
+
+
+def test_a_second_command_under_a_live_tag_is_not_run():
+    """A duplicated rx_cmnd (the tag of a task still live) runs nothing and
+    gets no answer of its own: its tag's one answer is the first command's."""
+    async def run() -> None:
+        rec, sent = Recorder(), []
+        emu = ordering_emulator(rec, sent)
+        cmd(emu, 1, "ONE_", TaskAttr.SIMPLE)
+        await settle()
+        cmd(emu, 1, "TWO_", TaskAttr.SIMPLE)
+        await settle()
+        assert rec.started == ["ONE_"]
+        assert [h for h in sent if h["op"] == Op.XMIT_RESPONSE] == []
+        rec.gates["ONE_"].set()
+        await settle()
+        assert [h["tag"] for h in sent if h["op"] == Op.XMIT_RESPONSE] == [1]
+        cmd(emu, 1, "TWO_", TaskAttr.SIMPLE)     # once it ended, the tag is free again
+        await settle()
+        assert rec.started == ["ONE_", "TWO_"]
+        rec.gates["TWO_"].set()
+        await settle()
+    asyncio.run(run())
 
 
 def test_ordered_and_head_of_queue_ordering():

@@ -138,6 +138,28 @@ def test_window_reopens_when_our_abort_of_an_expired_task_finds_nothing():
     assert not s.itts and not fe.registry.expiring and not fe.tags.tasks
 
 
+def test_an_abort_the_stml_finds_no_task_for_frees_our_copy_of_it():
+    """A response lost between the STML and us (fault injection shows it):
+    the initiator's ABORT TASK finds no task in the STML. Our copy of the
+    task goes with the answer, so its ITT can be used again and is answered."""
+    fe, link = _front_end()
+    s = _erl2_session(fe, 1)
+    conn, out = _erl2_conn(fe, s, 0)
+    _read(conn, 10)
+    (cmd,) = [c[1] for c in link.calls if c[0] == "rx_cmnd"]
+    conn.receive(P.TaskMgmtRequest(77, P.TMF_ABORT_TASK, P.LUN0, 10, s.exp_cmd_sn, conn.exp_stat_sn,
+                                   s.exp_cmd_sn - 1, 0, immediate=True), b"")
+    (abort,) = [c[1] for c in link.calls if c[0] == "rx_task_mgmt_fn"]
+    assert abort[4] == cmd[0]                           # it names our task's tag
+    fe.task_mgmt_fn_done(abort[0], P.TMF_RESP_NO_TASK, [])
+    (answer,) = [p for p, _ in out if isinstance(p, P.TaskMgmtResponse)]
+    assert answer.itt == 77 and answer.response == P.TMF_RESP_NO_TASK
+    assert 10 not in s.itts and cmd[0] not in fe.tags.tasks
+    _read(conn, 10)                                     # the ITT again: a new task, sent on
+    assert len([c for c in link.calls if c[0] == "rx_cmnd"]) == 2
+    assert 10 in s.itts
+
+
 def test_failed_connections_kept_are_bounded_in_number_and_time():
     """Review 2, finding 1, in the core: a failed connection with no task keeps
     nothing (its account closes); one with tasks is kept for at most

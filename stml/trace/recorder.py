@@ -120,6 +120,43 @@ def first_record(em: Any, *, from_start: bool, with_data: bool, max_bytes: int) 
             "config": configuration(em), "state": state(em)}
 
 
+class Traces:
+    """The STML's traces: at most one recorded at a time (started by `--trace`
+    or management), through a tap on the server (stml.api.tap). What
+    management needs of tracing, and nothing more of the server."""
+
+    def __init__(self, engine: Any, add_tap: Callable[[Recorder], None],
+                 remove_tap: Callable[[Recorder], None]) -> None:
+        self.em = engine
+        self._add_tap, self._remove_tap = add_tap, remove_tap
+        self.current: Recorder | None = None   # the trace being recorded, or the last one
+
+    def start(self, path: str, *, with_data: bool = False, max_bytes: int | None = None,
+              count: int | None = None, lease_s: float | None = None, force: bool = False,
+              from_start: bool = False) -> Recorder:
+        """Record every message from now on; OSError when the file cannot be
+        made, RuntimeError while another trace is being recorded."""
+        if self.current is not None and self.current.reason is None:
+            raise RuntimeError(f"a trace is being recorded to {self.current.path}: stop it first")
+        cap = max_bytes or DEFAULT_MAX_BYTES
+        out = open_output(path, force)
+        first = first_record(self.em, from_start=from_start, with_data=with_data, max_bytes=cap)
+        recorder = Recorder(out, path, first, with_data=with_data, max_bytes=cap, count=count,
+                            lease_s=lease_s, on_stop=self._remove_tap)
+        self.current = recorder
+        self._add_tap(recorder)
+        log.info("recording a trace to %s (cap %d bytes%s)", path, cap, ", with read data" if with_data else "")
+        return recorder
+
+    def stop(self, reason: str, why: str) -> asyncio.Future:
+        """End the trace being recorded, if one is; done once its file is closed."""
+        if self.current is None:
+            done: asyncio.Future = asyncio.get_running_loop().create_future()
+            done.set_result(None)
+            return done
+        return self.current.stop(reason, why)
+
+
 class Output(Protocol):
     """Where the writer thread puts the trace: a file, a GzipFile."""
 

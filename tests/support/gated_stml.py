@@ -57,14 +57,14 @@ class GatedStml:
 
     def _run(self) -> None:
         from stml.disk import OPCODES, DiskTemplate
-        from stml.ops import OpEntry
+        from stml.ops import Conflict, OpEntry
         from stml.server import StmlServer
         asyncio.set_event_loop(self.loop)
 
         async def main() -> None:
             server = self.server = StmlServer(self.config)
             entry = OpEntry(GATE_OPCODE, "VENDOR GATE", bytes([GATE_OPCODE, 0, 0xFF, 0xFF, 0xFF, 0xFF]),
-                            self._handler)
+                            self._handler, conflicts=Conflict.WRITE)
             template = DiskTemplate([entry, *OPCODES])
             for t in server.emulator.targets.values():
                 for lu in t.luns.values():

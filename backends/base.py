@@ -1,0 +1,36 @@
+"""What every backend is: the interface the STML calls and the error it raises.
+
+Its own module, below the kinds (backends.file, backends.rbd import it) and
+the package's open_backend (which imports them): no import cycle.
+"""
+from __future__ import annotations
+
+from typing import Any, Protocol, Sequence
+
+
+class BackendError(Exception):
+    """The backing store failed; the STML turns this into MEDIUM ERROR sense."""
+
+
+class Backend(Protocol):
+    inline: bool        # True when calls never block (the STML may call them on its loop)
+    can_discard: bool   # discard() frees space (thin provisioning)
+    can_resize: bool
+    # a twin of the I/O calls that returns an event-loop future at once, or
+    # None; Task.io uses it (by method name) to keep many calls in flight
+    aio: Any
+    dirty: bool         # a write since the last flush() is not yet durable (never on RAM)
+
+    def size(self) -> int: ...
+    def read_into(self, offset: int, buf: memoryview) -> None: ...
+    def write_from(self, offset: int, bufs: Sequence[memoryview], sync: bool) -> None: ...
+    # the same, done at once only when that cannot block; False: use the calls above
+    def read_nowait(self, offset: int, buf: memoryview) -> bool: ...
+    def write_nowait(self, offset: int, bufs: Sequence[memoryview], sync: bool) -> bool: ...
+    def flush(self) -> None: ...
+    def discard(self, offset: int, length: int) -> None: ...
+    # (offset, length, mapped) runs from `offset`, at most `limit` of them: the
+    # work is bounded by what GET LBA STATUS asks for, not by the LUN's size
+    def mapped_extents(self, offset: int, length: int, limit: int) -> list[tuple[int, int, bool]]: ...
+    def resize(self, size: int) -> None: ...
+    def close(self) -> None: ...

@@ -1,0 +1,202 @@
+"""A SCSI command inside the STML (Task), the I_T nexus it came through
+(Nexus) and the front end that owns both (FrontEnd); and Services, the one
+door from a command's handler to the engine that runs it.
+
+These sit below the command sets (stml.spc, stml.sbc, ...) and the engine
+(stml.emulator): a handler sees its task, the task's logical unit and the
+few engine services Services names, never the engine itself, so the command
+sets import nothing above them.
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Container, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+from stml.cdb import trim_cdb
+from stml.lu import LogicalUnit
+from stml.sense import ABORTED_COMMAND, DATA_PHASE_ERROR, CheckCondition
+from stml.workers import FairWorkers
+
+
+@dataclass(eq=False)
+class Nexus:
+    fe: FrontEnd
+    id: int
+    initiator: str
+    target: str
+    tpg: int
+
+    @functools.cached_property
+    def key(self) -> str:
+        """I_T nexus identity: initiator port and target port, stable across
+        front ends and restarts, so per-nexus state can be keyed by it."""
+        return f"{self.initiator}|{self.target},t,{self.tpg}"
+
+
+@dataclass(eq=False)
+class FrontEnd:
+    ident: bytes
+    name: str
+    kind: str
+    aen: bool
+    heartbeat: float
+    last_seen: float
+    nexuses: dict[int, Nexus] = field(default_factory=dict)
+    tasks: dict[int, Task] = field(default_factory=dict)
+    usage: dict[str, int] = field(default_factory=dict)   # what it buffers (heartbeat, 1.3)
+    caps: frozenset[str] = frozenset()   # capabilities it offered and we granted (1.4)
+
+
+class Services(Protocol):
+    """What a command's handler may ask of the engine (stml.emulator.Emulator
+    provides it): the nexus's own target and its live I_T nexuses, unit
+    attentions, the per-nexus state the engine drops with a nexus, and the
+    aborts a PREEMPT AND ABORT makes. Everything else a handler needs is on
+    its task and the task's logical unit."""
+
+    max_transfer: int                  # bytes one command may move (VPD 0xB0 says it in blocks)
+    workers: FairWorkers               # the threads blocking backend calls run in (Task.io)
+    local_tpgs: set[int] | None        # ALUA: this host's port groups when it is a gateway
+    # memory read data goes into: maybe memory the front end shares, which the task holds
+    read_buffer: Callable[[Task, int], bytearray | memoryview]
+
+    def target_luns(self, target: str) -> Mapping[int, LogicalUnit]:
+        """The LUs of a target by number (REPORT LUNS; EXTENDED COPY's copy targets)."""
+        ...
+
+    def portal_groups(self, target: str) -> set[int]:
+        """The target port groups of a target (ALUA)."""
+        ...
+
+    def nexus_keys(self, target: str) -> list[str]:
+        """The keys of the target's live I_T nexuses."""
+        ...
+
+    def nexuses(self, target: str) -> Iterable[Nexus]:
+        """The target's live I_T nexuses (reservations match them to registrations)."""
+        ...
+
+    def nexus_exists(self, key: str) -> bool:
+        """Whether an I_T nexus of this key is live."""
+        ...
+
+    def take_ua(self, lu: LogicalUnit, nexus: Nexus) -> tuple[int, int] | None:
+        """Report (and clear) the nexus's oldest unit attention on the LU."""
+        ...
+
+    def establish_ua(self, lu: LogicalUnit, asc_ascq: tuple[int, int], keys: Iterable[str],
+                     exclude: str | None = None, offline: Container[str] = (),
+                     aen: bool = True) -> None:
+        """Queue a unit attention on the LU for these I_T nexuses."""
+        ...
+
+    def drop_offline_uas(self, lu: LogicalUnit, keep: set[str]) -> None:
+        """Unit attentions the LU keeps for nexuses that are gone, but for `keep`, go."""
+        ...
+
+    def keep_copy_results(self, lu: LogicalUnit, key: str, list_id: int, state: dict[str, Any]) -> None:
+        """Keep an EXTENDED COPY's results on the LU until its nexus goes."""
+        ...
+
+    def spc2_reserved(self, lu: LogicalUnit) -> None:
+        """An SPC-2 reservation was taken on the LU: its holder's nexus loss releases it."""
+        ...
+
+    async def abort_tasks(self, lu: LogicalUnit, keys: set[str], by: Task) -> None:
+        """Abort the LU's tasks of these nexuses as another nexus's command does
+        (TASK ABORTED); return once they are gone."""
+        ...
+
+
+class Task:
+    """One SCSI command inside the STML, from rx_cmnd to xmit_response."""
+
+    __slots__ = ("services", "fe", "tag", "nexus", "lun", "lu", "cdb", "attr", "direction",
+                 "exp_len", "unsol", "data_out", "received", "need", "want", "data_ready", "data_error",
+                 "runner", "seq", "abort_status", "held")
+
+    def __init__(self, services: Services, fe: FrontEnd, nexus: Nexus, tag: int, lun: int,
+                 cdb: bytes, attr: int, direction: int, exp_len: int, unsol: int,
+                 imm: list) -> None:
+        self.services = services
+        self.fe = fe
+        self.tag = tag
+        self.nexus = nexus
+        self.lun = lun
+        self.lu: LogicalUnit | None = None
+        self.cdb: bytes = trim_cdb(cdb)
+        self.attr = attr
+        self.direction = direction
+        self.exp_len = exp_len
+        self.unsol = unsol
+        self.data_out: list[memoryview] = [memoryview(f) for f in imm] if imm else []
+        self.received = sum(map(len, self.data_out)) if imm else 0
+        self.need = 0     # bytes the CDB asks the initiator for
+        self.want = 0     # bytes this task will collect (less when the initiator sends less)
+        self.data_ready: asyncio.Future | None = None
+        self.data_error: CheckCondition | None = None
+        self.runner: asyncio.Task | None = None
+        self.seq = 0
+        self.abort_status: int | None = None   # TASK ABORTED when another nexus aborted it (TAS)
+        # how to give back the carrier's memory the task holds (its write data, the
+        # shared memory of its read data): called once, when the task ends (_forget)
+        self.held: list[Callable[[], None]] | None = None
+
+    # stage timing (stml.timing): None, read from the class, unless the task is a
+    # TimedTask (stml.emulator): an untimed task costs no store for it
+    stamps: list[int] | None = None
+
+    def hold(self, release: Callable[[], None]) -> None:
+        """Memory this task keeps until it ends; `release` gives it back."""
+        if self.held is None:
+            self.held = [release]
+        else:
+            self.held.append(release)
+
+
+    async def io(self, fn: Callable, *args: Any) -> Any:
+        """Run a backend call of the task's LU (see io_on)."""
+        lu = self.lu
+        assert lu is not None   # only commands to an existing LU do I/O
+        return await self.io_on(lu, fn, *args)
+
+    async def io_on(self, lu: LogicalUnit, fn: Callable, *args: Any) -> Any:
+        """Run a backend call of `lu`: in place when it cannot block, started at
+        once when the backend has an aio twin of it (same name: it stays in
+        flight without holding a thread), else in a worker thread when the
+        LU's turn comes (stml.workers). An abort drops a call that has not
+        started and waits for a started one rather than abandoning it, so no
+        write lands after the abort is reported."""
+        backend = lu.backend
+        if backend.inline:
+            return fn(*args)
+        workers = self.services.workers
+        twin = getattr(backend.aio, fn.__name__, None) if backend.aio is not None else None
+        fut = twin(*args) if twin is not None else workers.run(id(lu), fn, *args)
+        try:
+            return await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            if not workers.drop(fut):
+                await asyncio.wait([fut])
+            raise
+
+    def add_data(self, offset: int, frames: list) -> None:
+        if offset != self.received:  # front ends deliver write data in order
+            self.fail_data(CheckCondition(ABORTED_COMMAND, DATA_PHASE_ERROR))
+            return
+        for f in frames:
+            buf = memoryview(f)
+            self.data_out.append(buf)
+            self.received += len(buf)
+        if self.data_ready is not None and self.received >= self.want and not self.data_ready.done():
+            self.data_ready.set_result(None)
+
+    def fail_data(self, error: CheckCondition) -> None:
+        """The write data cannot arrive whole: the command fails with `error`
+        whether or not it is already waiting for the data."""
+        self.data_error = error
+        if self.data_ready is not None and not self.data_ready.done():
+            self.data_ready.set_exception(error)
