@@ -233,3 +233,38 @@ def test_stages_are_measured_from_the_latest_stamp_reached():
     got = dict(stages(st, 0))
     assert got == {STAGES.index("ordering"): 50, STAGES.index("to_queue"): 50,
                    STAGES.index("to_response"): 200, STAGES.index("total"): 300}
+
+
+def test_a_front_end_on_another_host_gets_its_offset_from_heartbeats(stml_factory, client_factory,
+                                                                      monkeypatch):
+    """A loopback front end that reports another boot id is a remote one to a
+    --timing STML: the STML's heartbeats ask for echoes, the offset comes with
+    an error bound (both clocks are really this host's, so the true offset, 0,
+    is within it), and then the stages that cross hosts are counted too."""
+    import stml.api.link as link_mod
+    from scsi_target.mgmt import MgmtClient
+    monkeypatch.setattr(link_mod, "boot_id", lambda: "another-host")
+    stml = stml_factory("ram:16MiB", extra=("--timing",))
+    c = client_factory(stml.endpoint)
+    mgmt = MgmtClient(stml.endpoint)
+    deadline = time.monotonic() + 30
+    while True:
+        [fe] = mgmt.call("latency")["front_ends"] or [{}]
+        if fe.get("error_ns") is not None or time.monotonic() > deadline:
+            break
+        c.capacity(0)   # a command, so the front end is listed
+        time.sleep(0.2)
+    assert fe["clock"] == "remote" and abs(fe["offset_ns"]) <= fe["error_ns"]
+    while mgmt.call("latency")["in_flight"] and time.monotonic() < deadline + 10:
+        time.sleep(0.05)   # the last command's scsi_target_done (a 1 ms timer)
+    report = mgmt.call("latency")
+    assert report["in_flight"] == 0
+    before = report["front_ends"][0]["stages"]["to_stml"]["count"]
+    for lba in range(4):
+        c.write(0, lba, bytes([lba]) * 512)
+    deadline = time.monotonic() + 20
+    while mgmt.call("latency")["front_ends"][0]["stages"]["to_stml"]["count"] < before + 4 \
+            and time.monotonic() < deadline:
+        time.sleep(0.1)
+    stages_ = mgmt.call("latency")["front_ends"][0]["stages"]
+    assert stages_["to_stml"]["count"] == stages_["delivery"]["count"] == before + 4
