@@ -48,6 +48,7 @@ _READ, _WRITE = int(DataDir.READ), int(DataDir.WRITE)   # plain ints: IntFlag op
 _COUNT_FIELDS = ("lun", "attr", "dir", "len", "unsol")   # rx_cmnd fields: non-negative ints
 _MAX_ATTR = max(TaskAttr)   # and attr a TaskAttr: the task set policies know no other
 _REGISTER = Op.REGISTER.value   # plain str: an enum member costs an attribute hook per message
+_TIMING_CAPS = frozenset({Cap.TIMING.value})   # granted, when offered, while commands are timed
 # backend failures that are no fault of the medium, by errno: the storage is
 # out of this path's reach for now (ESHUTDOWN: an RBD gateway fenced, another
 # serves the LU; ETIMEDOUT: the cluster did not answer). NOT READY, ASYMMETRIC
@@ -204,6 +205,12 @@ class _Resets:
 class Emulator:
     """Registries and the command engine."""
 
+    # stage timing (enable_timing), None while off: a class attribute, so an
+    # untimed Emulator has no more instance attributes than before (past 30,
+    # CPython 3.11 stops sharing an instance dict's keys, and every attribute
+    # read on the command path costs more: pathcost counted ~3,000 instructions)
+    timing: Timing | None = None
+
     def __init__(self, targets: list[Target], send: Transport, executor: Executor, *,
                  name: str = "stml", heartbeat_ms: int = 1000, max_transfer: int = 8 << 20,
                  queue_depth: int = 128, discovery: dict[str, Any] | None = None,
@@ -230,11 +237,6 @@ class Emulator:
         # the capabilities the carrier of a front end supports (stml.server: a
         # write region on the stream carrier); granted when a front end offers them
         self.carrier_caps: Callable[[bytes], frozenset[str]] = lambda ident: frozenset()
-        # stage timing (enable_timing): off, every task is a plain Task and the
-        # per-command entry points are the plain ones
-        self.timing: Timing | None = None
-        self.task_class: type[Task] = Task
-        self.stml_caps: frozenset[str] = frozenset()   # capabilities granted whatever the carrier
         self.name = name
         self.heartbeat = heartbeat_ms / 1000
         self.max_transfer = max_transfer
@@ -356,8 +358,6 @@ class Emulator:
         heartbeats go through timed entry points (the plain ones cost nothing
         for it while timing is off)."""
         self.timing = timing
-        self.task_class = TimedTask
-        self.stml_caps = frozenset({Cap.TIMING.value})
         self._ops[Op.RX_CMND] = self._rx_cmnd_timed
         self._ops[Op.DONE] = self._responses_sent_timed
         self._ops[Op.HEARTBEAT] = self._heartbeat_timed
@@ -390,7 +390,7 @@ class Emulator:
             where = (nexus.target, lun) if nexus is not None and type(lun) is int \
                 and self.lookup_lu(nexus.target, lun) is not None else None
             self.timing.received(fe.ident, tag, where, h.get("ts"))
-        self._rx_cmnd(fe, h, frames)
+        self._rx_cmnd(fe, h, frames, TimedTask)
 
     def _responses_sent_timed(self, fe: FrontEnd, h: dict[str, Any], frames: list) -> None:
         if self.timing is not None:
@@ -430,7 +430,8 @@ class Emulator:
         if self.standby is not None:
             self.out.refuse(ident, self.standby, standby=True)
             return
-        caps = frozenset(h.get("caps") or ()) & (self.carrier_caps(ident) | self.stml_caps)
+        caps = frozenset(h.get("caps") or ()) & (self.carrier_caps(ident) | (
+            _TIMING_CAPS if self.timing is not None else frozenset()))
         if self.timing is not None and Cap.TIMING in caps:
             self.timing.front_end(ident, h["name"], h.get("boot_id"))
         known = self.front_ends.get(ident)
@@ -582,7 +583,9 @@ class Emulator:
         return key in self._keyed
 
     # ------------------------------------------------------------ commands
-    def _rx_cmnd(self, fe: FrontEnd, h: dict[str, Any], frames: list) -> None:
+    def _rx_cmnd(self, fe: FrontEnd, h: dict[str, Any], frames: list,
+                 task_class: type[Task] = Task) -> None:
+        """A command; `task_class`: TimedTask while commands are timed (_rx_cmnd_timed)."""
         nexus = fe.nexuses.get(h["nexus"])
         tag = h["tag"]
         if tag in fe.tasks:
@@ -604,7 +607,7 @@ class Emulator:
         if (lun | attr | direction | exp_len | unsol) < 0 or attr > _MAX_ATTR:
             self._refuse_counts(fe, tag, h)
             return
-        task = self.task_class(self, fe, nexus, tag, lun, cdb, attr, direction, exp_len, unsol, frames)
+        task = task_class(self, fe, nexus, tag, lun, cdb, attr, direction, exp_len, unsol, frames)
         if self._lease is not None:
             self._take_lease(task)
         fe.tasks[tag] = task

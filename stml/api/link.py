@@ -72,6 +72,14 @@ class FrontEndLink:
     a standby, or stays silent: it ends up with the one that serves.
     """
 
+    # stage timing (1.7), set on the instance only while the STML grants it
+    # (_set_timing): class attributes, so an untimed link has no more instance
+    # attributes than before (past 30, CPython 3.11 stops sharing the instance
+    # dict's keys and every attribute read on the command path costs more)
+    read_at = 0    # when the read that brought the commands in hand began (0: now)
+    timing = False
+    _done_ts: list[int]   # when each response of _done was delivered (set while timed)
+
     def __init__(self, endpoint: str | Sequence[str], kind: str, handler: FrontEndHandler, *,
                  name: str | None = None, heartbeat_ms: int = 1000, aen: bool = True,
                  version: tuple[int, int] = CONTRACT_VERSION,
@@ -101,11 +109,6 @@ class FrontEndLink:
         self._monitor: tuple[zmq.Socket, int] | None = None   # the CURVE handshake watch
         self._leases: dict[int, Lease] = {}   # tag -> the carrier's hold on its read data
         self._done: list[int] = []            # tags for the next scsi_target_done
-        self._done_ts: list[int] = []         # when each was delivered (stage timing only)
-        # stage timing (1.7), while the STML grants it: when the read that brought
-        # the commands in hand began (a front end that knows sets it; 0: now)
-        self.read_at = 0
-        self.timing = False
         self._done_timer: asyncio.TimerHandle | None = None
         # instruments on the link (stml.api.tap): None, the one tap, or Taps; with
         # one, the channel hands messages to _on_message_tapped and its send
@@ -187,11 +190,18 @@ class FrontEndLink:
         channel.send([pack(header), *data])
 
     def _done_header(self) -> dict[str, Any]:
-        """The scsi_target_done of the responses done so far (with their delivery stamps when timed)."""
+        """The scsi_target_done of the responses done so far."""
         header: dict[str, Any] = {"op": _DONE, "tags": self._done}
         self._done = []
-        if self._done_ts:
-            header["ts"], self._done_ts = self._done_ts, []
+        return header
+
+    def _done_header_timed(self) -> dict[str, Any]:
+        """_done_header with the delivery stamps (stage timing)."""
+        header = FrontEndLink._done_header(self)
+        stamps = self._done_ts
+        if len(stamps) == len(header["tags"]):   # (a writer made while untimed stamps nothing)
+            header["ts"] = stamps
+        self._done_ts = []
         return header
 
     def register_nexus(self, nexus: int, initiator: str, target: str, tpg: int) -> None:
@@ -218,21 +228,22 @@ class FrontEndLink:
 
     def _scsi_target_done_timed(self, tags: list[int]) -> None:
         """scsi_target_done while timed: the responses were delivered now."""
-        self._done_ts += [time.monotonic_ns()] * len(tags)
+        if self.timing:   # (a writer made while timed may outlive it)
+            self._done_ts += [time.monotonic_ns()] * len(tags)
         FrontEndLink.scsi_target_done(self, tags)
 
     def _set_timing(self, on: bool) -> None:
         """Stamp commands (the timed entry points) only while the STML grants
         `timing`: otherwise the per-command calls are the plain ones."""
-        self.timing = on
         if on:
+            self.timing = True
+            self._done_ts = []
             self.rx_cmnd = self._rx_cmnd_timed   # type: ignore[method-assign]
             self.scsi_target_done = self._scsi_target_done_timed   # type: ignore[method-assign]
+            self._done_header = self._done_header_timed   # type: ignore[method-assign]
         else:
-            self.__dict__.pop("rx_cmnd", None)
-            self.__dict__.pop("scsi_target_done", None)
-            self._done_ts = []
-            self.read_at = 0
+            for name in ("timing", "_done_ts", "read_at", "rx_cmnd", "scsi_target_done", "_done_header"):
+                self.__dict__.pop(name, None)
 
     def _on_heartbeat(self, header: dict[str, Any], frames: list) -> None:
         """An STML heartbeat with `t` asks for the clock offset's round trip: answered at once."""
@@ -499,7 +510,8 @@ class FrontEndLink:
             lease.release()
         self._leases.clear()
         self._done.clear()
-        self._done_ts.clear()
+        if self.timing:
+            self._done_ts.clear()
 
     def _next_endpoint(self) -> None:
         """Ask the next STML of the list (nothing changes with one)."""
