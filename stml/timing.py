@@ -37,7 +37,8 @@ FRONT_END_POINTS = (FE_RECEIVED, RX_SENT, DELIVERED)   # on the front end's cloc
 STAGES = ("front_end", "to_stml", "to_queue", "ordering", "to_backend", "backend", "to_response",
           "delivery", "total")
 # bucket upper bounds (ns): half-octave steps from ~1.4 us to ~69 s; one more bucket: beyond
-BOUNDS = tuple(2 ** ((j + 21) / 2) for j in range(52))
+# (ints: bisecting an int among floats compares through floats, several times slower)
+BOUNDS = tuple(int(2 ** ((j + 21) / 2)) for j in range(52))
 QUANTILES = (0.5, 0.9, 0.99)
 MAX_KEYS = 1024       # LUNs, and front ends, with histograms of their own
 MAX_PENDING = 65536   # commands between rx_cmnd and scsi_target_done
@@ -232,16 +233,24 @@ class Timing:
             self.count(stamps, lun, fe)
 
     def count(self, stamps: list[int], lun: tuple[str, int] | None, fe: FrontEndClock | None) -> None:
+        """Add a command's stages to its LUN's and its front end's histograms
+        (Histogram.add, inlined: each stage's bucket is found once for both)."""
         offset = fe.estimate() if fe is not None else None
-        rows = [self._row(self.by_lun, lun), self._row(self.by_front_end, fe.name if fe else None)]
+        rows = [row for row in (self._row(self.by_lun, lun), self._row(self.by_front_end, fe.name if fe else None))
+                if row is not None]
         self.commands += 1
-        if rows == [None, None]:
+        if not rows:
             self.untracked += 1
             return
         for stage, ns in stages(stamps, offset):
+            if ns < 0:   # (a remote front end's stamps, corrected by an estimate)
+                ns = 0
+            i = bisect.bisect_left(BOUNDS, ns)
             for row in rows:
-                if row is not None:
-                    row[stage].add(max(0, ns))
+                h = row[stage]
+                h.buckets[i] += 1
+                h.count += 1
+                h.sum += ns
 
     @staticmethod
     def _row(table: dict, key: Any) -> list[Histogram] | None:
