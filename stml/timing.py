@@ -46,7 +46,8 @@ OFFSET_SAMPLES = 8    # heartbeat round trips the offset estimate keeps (the bes
 
 
 class Histogram:
-    """Counts per bucket of BOUNDS (and one beyond), their sum and number."""
+    """Counts per bucket of BOUNDS (and one beyond), their sum and number
+    (Timing.count adds to them)."""
 
     __slots__ = ("buckets", "count", "sum")
 
@@ -54,11 +55,6 @@ class Histogram:
         self.buckets = [0] * (len(BOUNDS) + 1)
         self.count = 0
         self.sum = 0
-
-    def add(self, ns: int) -> None:
-        self.buckets[bisect.bisect_left(BOUNDS, ns)] += 1
-        self.count += 1
-        self.sum += ns
 
     def quantile(self, q: float) -> float:
         """The q-quantile in ns, interpolated in its bucket on the log scale
@@ -262,9 +258,6 @@ class Timing:
                 return None
             row = table[key] = [Histogram() for _ in STAGES]
         return row
-
-    def lun_gone(self, target: str, lun: int) -> None:
-        self.by_lun.pop((target, lun), None)
 
     # ------------------------------------------------------------ reports
     def histograms(self) -> dict[str, list[tuple[list[str], str, tuple[float, ...], list[int], int]]]:

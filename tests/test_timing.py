@@ -214,15 +214,25 @@ def test_malformed_stamps_are_ignored_and_memory_is_capped(monkeypatch):
 
 
 def test_histogram_buckets_and_quantiles():
-    """Fixed buckets whatever the samples; a quantile falls in its sample's bucket."""
-    h = Histogram()
+    """Fixed buckets whatever the samples; a quantile falls in its sample's
+    bucket. (Commands whose only stage is to_queue, of known lengths.)"""
+    timing = Timing("a")
+    lun = ("iqn.t", 0)
+
+    def sample(ns: int) -> None:
+        stamps = [0] * len(POINTS)
+        stamps[STML_RECEIVED], stamps[STML_RECEIVED + 1] = 10 ** 9, 10 ** 9 + ns
+        timing.count(stamps, lun, None)
     for ns in [3_000] * 50 + [40_000] * 40 + [2_000_000] * 10:
-        h.add(ns)
+        sample(ns)
+    row = timing.by_lun[lun]
+    h = row[STAGES.index("to_queue")]
     assert h.count == 100 and len(h.buckets) == len(BOUNDS) + 1
+    assert sum(r.count for r in row) == 100   # no other stage
     for q, ns in ((0.5, 3_000), (0.9, 40_000), (0.99, 2_000_000)):
         i = next(i for i, b in enumerate(BOUNDS) if b >= ns)
         assert BOUNDS[i - 1] <= h.quantile(q) <= BOUNDS[i]
-    h.add(10 ** 15)   # beyond the last bound: the last bucket
+    sample(10 ** 15)   # beyond the last bound: the last bucket
     assert h.buckets[-1] == 1
 
 
