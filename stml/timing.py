@@ -232,8 +232,8 @@ class Timing:
         """Add a command's stages to its LUN's and its front end's histograms
         (Histogram.add, inlined: each stage's bucket is found once for both)."""
         offset = fe.estimate() if fe is not None else None
-        rows = [row for row in (self._row(self.by_lun, lun), self._row(self.by_front_end, fe.name if fe else None))
-                if row is not None]
+        mine = (self._row(self.by_lun, lun), self._row(self.by_front_end, fe.name if fe else None))
+        rows = [row for row in mine if row is not None]
         self.commands += 1
         if not rows:
             self.untracked += 1

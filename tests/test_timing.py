@@ -15,7 +15,7 @@ from pathlib import Path
 
 from rawiscsi import RawInitiator
 from stml.timing import (BOUNDS, DELIVERED, FE_RECEIVED, POINTS, RX_SENT, STAGES, STML_RECEIVED,
-                         ClockOffset, Histogram, Timing, stages)
+                         ClockOffset, Timing, stages)
 from stml.trace.format import Message, TraceReader
 from targetproc import IQN, Target
 
@@ -148,7 +148,8 @@ def test_offset_estimator_recovers_a_known_offset_within_its_bound():
         est = ClockOffset()
         t = 10 ** 12
         for _ in range(20):
-            there, back, held = rng.randrange(50_000, 5_000_000), rng.randrange(50_000, 5_000_000), rng.randrange(0, 100_000)
+            there, back = rng.randrange(50_000, 5_000_000), rng.randrange(50_000, 5_000_000)
+            held = rng.randrange(0, 100_000)
             t1 = t
             t2 = t1 + there + offset
             t3 = t2 + held
