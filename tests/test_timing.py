@@ -67,7 +67,7 @@ def test_stages_through_real_processes(tmp_path):
     """scsi-target run --timing and an iSCSI initiator: every command's nine
     stamps are in order, status --latency counts each stage of each command,
     Prometheus has the histograms with as many commands, and so does `trace
-    stats` of the trace recorded meanwhile."""
+    stats` of the trace recorded meanwhile, which replays without divergence."""
     port, trace = free_port(), tmp_path / "timed.trace"
     with Target("--lun", "ram:16MiB", "--timing", "--metrics", f"127.0.0.1:{port}",
                 "--trace", str(trace)) as t:
@@ -107,6 +107,10 @@ def test_stages_through_real_processes(tmp_path):
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
     assert {s: v["count"] for s, v in json.loads(p.stdout)["stages"].items()} == {s: sent for s in STAGES}
+    # the stamps change no answer: the trace replays clean, `latency` queries included
+    p = subprocess.run([sys.executable, "-m", "scsi_target", "trace", "replay", str(trace)],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and " 0 divergences" in p.stdout and "not replayed" not in p.stderr, p
     for tag, st in stamps.items():
         assert all(st), (tag, st)                               # every stage reached
         assert st == sorted(st), (tag, dict(zip(POINTS, st)))   # each stamp >= the one before
