@@ -171,7 +171,12 @@ class Timing:
             self.front_ends[ident] = FrontEndClock(name, same)
 
     def front_end_gone(self, ident: bytes) -> None:
-        self.front_ends.pop(ident, None)
+        """Its clock and commands go, and its histograms unless a live front
+        end has its name (a restarted one: a name with a new pid would
+        otherwise fill MAX_KEYS over restarts)."""
+        gone = self.front_ends.pop(ident, None)
+        if gone is not None and all(fe.name != gone.name for fe in self.front_ends.values()):
+            self.by_front_end.pop(gone.name, None)
         for key in [k for k in self.pending if k[0] == ident]:   # bounded by MAX_PENDING
             del self.pending[key]
 

@@ -200,7 +200,8 @@ def test_a_remote_front_ends_stamps_are_corrected_by_its_offset():
 
 def test_malformed_stamps_are_ignored_and_memory_is_capped(monkeypatch):
     """A front end's bad `ts` or `echo` costs nothing but its stamps; the table
-    of commands in flight keeps at most MAX_PENDING."""
+    of commands in flight keeps at most MAX_PENDING; a front end that goes
+    takes its histograms along."""
     import stml.timing as T
     monkeypatch.setattr(T, "MAX_PENDING", 4)
     timing = Timing("a")
@@ -214,8 +215,10 @@ def test_malformed_stamps_are_ignored_and_memory_is_capped(monkeypatch):
     for tag in range(2, 10):
         timing.received(b"fe", tag, None, None)
     assert len(timing.pending) == 4
+    timing.count([0, 0, 1, 2, 0, 0, 0, 0, 0], None, timing.front_ends[b"fe"])
+    assert list(timing.by_front_end) == ["f"]
     timing.front_end_gone(b"fe")
-    assert not timing.pending and not timing.front_ends
+    assert not timing.pending and not timing.front_ends and not timing.by_front_end
 
 
 def test_histogram_buckets_and_quantiles():
