@@ -8,6 +8,7 @@ import fcntl
 import os
 import stat
 import struct
+import time
 from typing import Sequence
 
 from backends import BackendError
@@ -17,6 +18,12 @@ _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _IOV_MAX = 1024
 _ZEROS = memoryview(bytes(1 << 20))   # what a discard writes where no hole can be punched
+# GET LBA STATUS on the event loop (mapped_extents_nowait): at most this many runs, so at
+# most _INLINE_RUNS + 1 lseeks of about 1 us each; a lookup slower than _SLOW_LOOKUP_NS
+# waited for a device read or a lock, and the next _BACKOFF_LOOKUPS go to worker threads
+_INLINE_RUNS = 8
+_SLOW_LOOKUP_NS = 1_000_000
+_BACKOFF_LOOKUPS = 1024
 
 
 class FileBackend:
@@ -48,6 +55,7 @@ class FileBackend:
         self._in_memory = _fs_type(self._fd) in _MEMORY_FS
         self._size = self._measure()
         self._nowait_reads = True
+        self._lookups_off_loop = 0    # lookups left to send to worker threads after a slow one
         self.dirty = False            # written since the last flush, not yet durable
         self.can_discard = not self._blockdev and not readonly
         self.can_resize = not self._blockdev and not readonly
@@ -189,6 +197,28 @@ class FileBackend:
             if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
                 raise
             return [(offset, length, True)]
+        return runs
+
+    def mapped_extents_nowait(self, offset: int, length: int,
+                              limit: int) -> list[tuple[int, int, bool]] | None:
+        """mapped_extents at once when that is cheap: a few runs, answered by
+        lseeks from the extent map the kernel holds in memory. qemu sends a
+        GET LBA STATUS for one run before every read of 32 KiB or more on a
+        thin LUN; a worker thread's two wake-ups cost it more than the lookup.
+        An lseek can still wait (an extent block read from the device, the
+        inode lock a writer outside the STML holds): a slow lookup sends the
+        next ones to worker threads for a while. None: use mapped_extents."""
+        if self._blockdev:
+            return [(offset, length, True)]    # nothing to look up
+        if limit > _INLINE_RUNS:
+            return None
+        if self._lookups_off_loop:
+            self._lookups_off_loop -= 1
+            return None
+        start = time.monotonic_ns()
+        runs = self.mapped_extents(offset, length, limit)
+        if time.monotonic_ns() - start > _SLOW_LOOKUP_NS:
+            self._lookups_off_loop = _BACKOFF_LOOKUPS
         return runs
 
     def allocated(self) -> int:

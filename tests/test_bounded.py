@@ -139,6 +139,110 @@ def test_get_lba_status_asks_the_backend_for_the_descriptors_it_returns():
     run(go())
 
 
+def _file_lu(h: Harness, path: str) -> LogicalUnit:
+    """Replace the harness's LU 0 with a thin LU on the file at `path`."""
+    lu = LogicalUnit(TARGET, 0, FileBackend(path), LunOptions("file", path=path),
+                     h.emulator.templates["disk"])
+    h.emulator.targets[TARGET].luns[0] = lu
+    return lu
+
+
+def _descriptors(data: bytes) -> list[tuple[int, int, int]]:
+    n = (struct.unpack_from(">I", data)[0] - 4) // 16
+    return [struct.unpack_from(">QIB", data, 8 + 16 * i) for i in range(n)]
+
+
+def test_get_lba_status_for_a_few_descriptors_needs_no_worker_thread(tmp_path):
+    """qemu asks for one descriptor before every read of 32 KiB or more on a
+    thin LUN: a few lseeks answer it on the loop, not a worker thread's two
+    wake-ups; more descriptors than that still go to a thread."""
+    path = str(tmp_path / "frag.img")
+    _fragment(path, 200)   # 4 KiB mapped, 4 KiB hole, ...
+
+    async def go():
+        h = Harness()
+        lu = _file_lu(h, path)
+        await h.cmd(_gls(0, 8 + 16))           # the unit attention of the new LU, if any
+        calls = Counter(h.emulator.workers.run)
+        h.emulator.workers.run = calls
+        r = await h.cmd(_gls(0, 8 + 16))
+        assert r.status == GOOD and _descriptors(r.data) == [(0, 8, 0)]
+        r = await h.cmd(_gls(12, 8 + 16 * file_mod._INLINE_RUNS))
+        assert _descriptors(r.data) == [(12, 4, 1)] + [(16 + 8 * i, 8, i % 2) for i in range(7)]
+        assert calls.calls == 0
+        r = await h.cmd(_gls(12, 8 + 16 * (file_mod._INLINE_RUNS + 1)))
+        assert _descriptors(r.data) == [(12, 4, 1)] + [(16 + 8 * i, 8, i % 2) for i in range(8)]
+        assert calls.calls == 1
+        lu.backend.close()
+    run(go())
+
+
+def test_get_lba_status_goes_to_a_thread_while_a_call_of_its_lu_runs_in_one(tmp_path):
+    """A write in a worker thread holds the file's inode lock, which an lseek
+    waits for: the lookup is not made on the loop meanwhile."""
+    path = str(tmp_path / "frag.img")
+    _fragment(path, 16)
+
+    async def go():
+        h = Harness()
+        lu = _file_lu(h, path)
+        await h.cmd(_gls(0, 8 + 16))
+        held, release = threading.Event(), threading.Event()
+        real_write = lu.backend.write_from
+
+        def slow_write(offset, bufs, sync):
+            held.set()
+            release.wait(30)
+            real_write(offset, bufs, sync)
+        lu.backend.write_from = slow_write
+        lu.backend.write_nowait = lambda offset, bufs, sync: False
+        seeks_on_loop = Counter(lu.backend.mapped_extents_nowait)
+        lu.backend.mapped_extents_nowait = seeks_on_loop
+        write = asyncio.ensure_future(h.cmd(_write16(1, 1), b"\xCD" * BS))
+        while not held.is_set():
+            await asyncio.sleep(0.001)
+        gls = asyncio.ensure_future(h.cmd(_gls(0, 8 + 16)))
+        await asyncio.sleep(0)
+        assert h.emulator.workers.holds(id(lu)) and seeks_on_loop.calls == 0
+        release.set()
+        assert (await write).status == GOOD
+        assert _descriptors((await gls).data) == [(0, 8, 0)]
+        assert seeks_on_loop.calls == 0       # the lookup ran in a thread
+        assert _descriptors((await h.cmd(_gls(0, 8 + 16))).data) == [(0, 8, 0)]
+        assert seeks_on_loop.calls == 1       # and on the loop again once the write was done
+        lu.backend.close()
+    run(go())
+
+
+def test_a_slow_lookup_sends_the_next_ones_to_threads(tmp_path, monkeypatch):
+    """An lseek that waited (a device read of the extent map, a lock) marks
+    the file: the next _BACKOFF_LOOKUPS lookups are left to worker threads
+    (None), then the loop tries again."""
+    path = str(tmp_path / "frag.img")
+    _fragment(path, 16)
+    f = FileBackend(path)
+    clock = [0]
+
+    def now() -> int:
+        clock[0] += step[0]
+        return clock[0]
+    step = [10_000]                                  # 10 us between readings: fast
+    monkeypatch.setattr(file_mod.time, "monotonic_ns", now)
+    seeks = Counter(os.lseek)
+    monkeypatch.setattr(file_mod.os, "lseek", seeks)
+    assert f.mapped_extents_nowait(0, f.size(), 1) == [(0, 4096, True)]
+    assert f.mapped_extents_nowait(0, f.size(), file_mod._INLINE_RUNS + 1) is None
+    step[0] = file_mod._SLOW_LOOKUP_NS + 1           # this one waited
+    assert f.mapped_extents_nowait(0, f.size(), 1) == [(0, 4096, True)]
+    step[0] = 10_000
+    seeks.calls = 0
+    assert all(f.mapped_extents_nowait(0, f.size(), 1) is None for _ in range(file_mod._BACKOFF_LOOKUPS))
+    assert seeks.calls == 0
+    assert f.mapped_extents_nowait(4096, f.size(), 1) == [(4096, 4096, False)]
+    assert seeks.calls == 1
+    f.close()
+
+
 # ---------------------------------------------------------------- VERIFY
 
 def test_verify_bytchk0_reads_nothing_and_bytchk3_is_held_to_the_transfer_limit():
