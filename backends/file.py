@@ -8,6 +8,7 @@ import fcntl
 import os
 import stat
 import struct
+import threading
 import time
 from typing import Sequence
 
@@ -56,6 +57,7 @@ class FileBackend:
         self._size = self._measure()
         self._nowait_reads = True
         self._lookups_off_loop = 0    # lookups left to send to worker threads after a slow one
+        self._changing = _Changing()
         self.dirty = False            # written since the last flush, not yet durable
         self.can_discard = not self._blockdev and not readonly
         self.can_resize = not self._blockdev and not readonly
@@ -82,6 +84,10 @@ class FileBackend:
             done += n
 
     def write_from(self, offset: int, bufs: Sequence[memoryview], sync: bool) -> None:
+        with self._changing:
+            self._write(offset, bufs, sync)
+
+    def _write(self, offset: int, bufs: Sequence[memoryview], sync: bool) -> None:
         if len(bufs) <= _IOV_MAX and os.pwritev(self._fd, bufs, offset) == sum(map(len, bufs)):
             self._written(sync)   # the usual case: one system call wrote it all
             return
@@ -137,7 +143,7 @@ class FileBackend:
         device); elsewhere the write goes to a worker thread."""
         if not self._in_memory:
             return False
-        self.write_from(offset, bufs, sync)
+        self._write(offset, bufs, sync)   # on the loop: no lookup runs there meanwhile
         return True
 
     def flush(self) -> None:
@@ -145,11 +151,16 @@ class FileBackend:
         pending (write-through LUNs sync each write), else fdatasync, which
         skips the metadata (times) that fsync would also write."""
         if self.dirty:
-            self._datasync()
+            with self._changing:
+                self._datasync()
 
     def discard(self, offset: int, length: int) -> None:
         """Punch a hole: the range reads back as zeros and frees its blocks.
         Where holes cannot be punched, zeros are written a chunk at a time."""
+        with self._changing:
+            self._discard(offset, length)
+
+    def _discard(self, offset: int, length: int) -> None:
         try:
             _fallocate(self._fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
         except OSError as e:
@@ -164,7 +175,8 @@ class FileBackend:
         self._written(sync=False)
 
     def resize(self, size: int) -> None:
-        os.ftruncate(self._fd, size)
+        with self._changing:
+            os.ftruncate(self._fd, size)
         self._size = self._measure()
 
     def mapped_extents(self, offset: int, length: int, limit: int) -> list[tuple[int, int, bool]]:
@@ -205,12 +217,18 @@ class FileBackend:
         lseeks from the extent map the kernel holds in memory. qemu sends a
         GET LBA STATUS for one run before every read of 32 KiB or more on a
         thin LUN; a worker thread's two wake-ups cost it more than the lookup.
-        An lseek can still wait (an extent block read from the device, the
-        inode lock a writer outside the STML holds): a slow lookup sends the
-        next ones to worker threads for a while. None: use mapped_extents."""
+        Not while a write, hole punch, truncate or sync of this file runs in
+        a thread: it may hold the inode lock the lseeks take. The counter is
+        a hint for speed, not for the answer: a change that starts in a thread
+        just after it was read makes the lookup wait for that one call, and
+        each lseek still sees the extents before or after it, as a lookup in
+        a thread would (commands that overlap in time have no order). An
+        lseek can also wait for what is not counted (an extent block read
+        from the device, a writer in another process): a slow lookup sends
+        the next ones to worker threads for a while. None: use mapped_extents."""
         if self._blockdev:
             return [(offset, length, True)]    # nothing to look up
-        if limit > _INLINE_RUNS:
+        if limit > _INLINE_RUNS or self._changing.count:
             return None
         if self._lookups_off_loop:
             self._lookups_off_loop -= 1
@@ -226,6 +244,25 @@ class FileBackend:
 
     def close(self) -> None:
         os.close(self._fd)
+
+
+class _Changing:
+    """Calls in progress, in any thread, that may hold the file's inode lock
+    exclusively (a write, a hole punch, a truncate, a sync)."""
+
+    __slots__ = ("count", "_lock")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> None:
+        with self._lock:
+            self.count += 1
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self.count -= 1
 
 
 def _advance(views: list[memoryview], n: int) -> list[memoryview]:

@@ -480,10 +480,8 @@ async def get_lba_status(task: Task) -> bytes:
     # the LUN is a legal answer (SBC-4 5.7), and the backend stops there
     want = min(max(1, (alloc - 8) // 16), MAX_LBA_STATUS_DESCRIPTORS)
     span = min(lu.blocks - lba, 1 << 24)
-    # at once when the backend can answer cheaply and none of this LU's calls runs in a
-    # thread (a write or a hole punch holds the inode lock the lookup would wait for)
-    runs = None if task.emulator.workers.holds(id(lu)) else \
-        lu.backend.mapped_extents_nowait(lba * bs, span * bs, want)
+    # at once when the backend can answer cheaply (qemu asks before every large read)
+    runs = lu.backend.mapped_extents_nowait(lba * bs, span * bs, want)
     if runs is None:
         runs = await task.io(lu.backend.mapped_extents, lba * bs, span * bs, want)
     descs = bytearray()

@@ -41,10 +41,6 @@ class FairWorkers:
         self._dispatch()
         return fut
 
-    def holds(self, key: Hashable) -> bool:
-        """A call of `key` runs in a thread now (it may hold its file's locks)."""
-        return key in self.running
-
     def drop(self, fut: asyncio.Future) -> bool:
         """Cancel a call that has not started (it will never run): True; False
         when it already runs (the caller waits for it instead)."""

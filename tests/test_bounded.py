@@ -177,39 +177,67 @@ def test_get_lba_status_for_a_few_descriptors_needs_no_worker_thread(tmp_path):
     run(go())
 
 
-def test_get_lba_status_goes_to_a_thread_while_a_call_of_its_lu_runs_in_one(tmp_path):
-    """A write in a worker thread holds the file's inode lock, which an lseek
-    waits for: the lookup is not made on the loop meanwhile."""
+@pytest.mark.parametrize("call", ["write", "discard", "resize"])
+def test_lookups_go_to_threads_while_a_change_of_the_file_runs_in_one(tmp_path, monkeypatch, call):
+    """A write, hole punch or truncate in a worker thread holds the file's
+    inode lock, which an lseek waits for: no lookup is made on the loop
+    meanwhile, and once it is done they are again."""
     path = str(tmp_path / "frag.img")
     _fragment(path, 16)
+    f = FileBackend(path)
+    entered, release = threading.Event(), threading.Event()
+
+    def held(real):
+        def wait_then(*args):
+            entered.set()
+            release.wait(30)
+            return real(*args)
+        return wait_then
+    monkeypatch.setattr(file_mod.os, "pwritev", held(os.pwritev))
+    monkeypatch.setattr(file_mod, "_fallocate", held(file_mod._fallocate))
+    monkeypatch.setattr(file_mod.os, "ftruncate", held(os.ftruncate))
+    change = {"write": lambda: f.write_from(1 << 20, [memoryview(b"x" * 4096)], False),
+              "discard": lambda: f.discard(0, 4096),
+              "resize": lambda: f.resize(f.size() + 4096)}[call]
+    with ThreadPoolExecutor(1) as pool:
+        done = pool.submit(change)
+        assert entered.wait(30)
+        assert f.mapped_extents_nowait(8192, 4096, 1) is None
+        release.set()
+        done.result(30)
+    assert f.mapped_extents_nowait(8192, 4096, 1) == [(8192, 4096, True)]
+    f.close()
+
+
+def test_a_lookup_in_a_thread_leaves_the_next_ones_on_the_loop(tmp_path, monkeypatch):
+    """Lookups take the inode lock shared: one that runs in a thread (many
+    descriptors asked) does not keep qemu's one-descriptor lookups off the
+    loop, or at QD8 they would keep each other in threads for good."""
+    path = str(tmp_path / "frag.img")
+    _fragment(path, 200)
+    entered, release = threading.Event(), threading.Event()
+    real_lseek = os.lseek
+
+    def lseek(*args):
+        if threading.current_thread() is not threading.main_thread() and not release.is_set():
+            entered.set()
+            release.wait(30)
+        return real_lseek(*args)
 
     async def go():
         h = Harness()
         lu = _file_lu(h, path)
         await h.cmd(_gls(0, 8 + 16))
-        held, release = threading.Event(), threading.Event()
-        real_write = lu.backend.write_from
-
-        def slow_write(offset, bufs, sync):
-            held.set()
-            release.wait(30)
-            real_write(offset, bufs, sync)
-        lu.backend.write_from = slow_write
-        lu.backend.write_nowait = lambda offset, bufs, sync: False
-        seeks_on_loop = Counter(lu.backend.mapped_extents_nowait)
-        lu.backend.mapped_extents_nowait = seeks_on_loop
-        write = asyncio.ensure_future(h.cmd(_write16(1, 1), b"\xCD" * BS))
-        while not held.is_set():
-            await asyncio.sleep(0.001)
-        gls = asyncio.ensure_future(h.cmd(_gls(0, 8 + 16)))
-        await asyncio.sleep(0)
-        assert h.emulator.workers.holds(id(lu)) and seeks_on_loop.calls == 0
-        release.set()
-        assert (await write).status == GOOD
-        assert _descriptors((await gls).data) == [(0, 8, 0)]
-        assert seeks_on_loop.calls == 0       # the lookup ran in a thread
-        assert _descriptors((await h.cmd(_gls(0, 8 + 16))).data) == [(0, 8, 0)]
-        assert seeks_on_loop.calls == 1       # and on the loop again once the write was done
+        monkeypatch.setattr(file_mod.os, "lseek", lseek)
+        many = asyncio.ensure_future(h.cmd(_gls(0, 8 + 16 * 100)))
+        try:
+            while not entered.is_set():
+                await asyncio.sleep(0.001)
+            r = await h.cmd(_gls(12, 8 + 16))
+            assert _descriptors(r.data) == [(12, 4, 1)] and not many.done()
+        finally:
+            release.set()
+        assert len(_descriptors((await many).data)) == 100
         lu.backend.close()
     run(go())
 
