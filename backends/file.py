@@ -20,10 +20,12 @@ _FALLOC_FL_PUNCH_HOLE = 0x02
 _IOV_MAX = 1024
 _ZEROS = memoryview(bytes(1 << 20))   # what a discard writes where no hole can be punched
 # GET LBA STATUS on the event loop (mapped_extents_nowait): at most this many runs, so at
-# most _INLINE_RUNS + 1 lseeks of about 1 us each; a lookup slower than _SLOW_LOOKUP_NS
-# waited for a device read or a lock, and the next _BACKOFF_LOOKUPS go to worker threads
+# most _INLINE_RUNS + 1 lseeks of about 1 us each; _SLOW_IN_A_ROW lookups in a row slower
+# than _SLOW_LOOKUP_NS waited for device reads or a lock, and the next _BACKOFF_LOOKUPS go
+# to worker threads (one alone is the loop thread preempted or waiting for the GIL)
 _INLINE_RUNS = 8
 _SLOW_LOOKUP_NS = 1_000_000
+_SLOW_IN_A_ROW = 2
 _BACKOFF_LOOKUPS = 1024
 
 
@@ -56,7 +58,8 @@ class FileBackend:
         self._in_memory = _fs_type(self._fd) in _MEMORY_FS
         self._size = self._measure()
         self._nowait_reads = True
-        self._lookups_off_loop = 0    # lookups left to send to worker threads after a slow one
+        self._lookups_off_loop = 0    # lookups left to send to worker threads after slow ones
+        self._slow_lookups = 0        # lookups in a row on the loop that took too long
         self._changing = _Changing()
         self.dirty = False            # written since the last flush, not yet durable
         self.can_discard = not self._blockdev and not readonly
@@ -218,14 +221,16 @@ class FileBackend:
         GET LBA STATUS for one run before every read of 32 KiB or more on a
         thin LUN; a worker thread's two wake-ups cost it more than the lookup.
         Not while a write, hole punch, truncate or sync of this file runs in
-        a thread: it may hold the inode lock the lseeks take. The counter is
-        a hint for speed, not for the answer: a change that starts in a thread
+        a thread: it may hold the inode lock the lseeks take. That count is a
+        hint for speed, not for the answer: a change that starts in a thread
         just after it was read makes the lookup wait for that one call, and
         each lseek still sees the extents before or after it, as a lookup in
-        a thread would (commands that overlap in time have no order). An
-        lseek can also wait for what is not counted (an extent block read
-        from the device, a writer in another process): a slow lookup sends
-        the next ones to worker threads for a while. None: use mapped_extents."""
+        a thread would (commands that overlap in time have no order). What is
+        not counted (an extent block read from the device, a writer in another
+        process) makes lookups slow one after another: two slow in a row send
+        the next ones to worker threads for a while. One alone is mostly the
+        loop thread preempted, or waiting for the GIL after an lseek, on a
+        busy machine (decision 0800). None: use mapped_extents."""
         if self._blockdev:
             return [(offset, length, True)]    # nothing to look up
         if limit > _INLINE_RUNS or self._changing.count:
@@ -235,8 +240,13 @@ class FileBackend:
             return None
         start = time.monotonic_ns()
         runs = self.mapped_extents(offset, length, limit)
-        if time.monotonic_ns() - start > _SLOW_LOOKUP_NS:
-            self._lookups_off_loop = _BACKOFF_LOOKUPS
+        if time.monotonic_ns() - start <= _SLOW_LOOKUP_NS:
+            self._slow_lookups = 0
+        else:
+            self._slow_lookups += 1
+            if self._slow_lookups >= _SLOW_IN_A_ROW:
+                self._slow_lookups = 0
+                self._lookups_off_loop = _BACKOFF_LOOKUPS
         return runs
 
     def allocated(self) -> int:

@@ -242,10 +242,11 @@ def test_a_lookup_in_a_thread_leaves_the_next_ones_on_the_loop(tmp_path, monkeyp
     run(go())
 
 
-def test_a_slow_lookup_sends_the_next_ones_to_threads(tmp_path, monkeypatch):
-    """An lseek that waited (a device read of the extent map, a lock) marks
-    the file: the next _BACKOFF_LOOKUPS lookups are left to worker threads
-    (None), then the loop tries again."""
+def test_slow_lookups_in_a_row_send_the_next_ones_to_threads(tmp_path, monkeypatch):
+    """Lookups that waited one after another (device reads of the extent map,
+    a lock) mark the file: the next _BACKOFF_LOOKUPS are left to worker
+    threads (None), then the loop tries again. One slow lookup between fast
+    ones (the loop thread preempted, or waiting for the GIL) does not."""
     path = str(tmp_path / "frag.img")
     _fragment(path, 16)
     f = FileBackend(path)
@@ -254,15 +255,22 @@ def test_a_slow_lookup_sends_the_next_ones_to_threads(tmp_path, monkeypatch):
     def now() -> int:
         clock[0] += step[0]
         return clock[0]
-    step = [10_000]                                  # 10 us between readings: fast
+    fast, slow = 10_000, file_mod._SLOW_LOOKUP_NS + 1   # between two readings of the clock
+    step = [fast]
     monkeypatch.setattr(file_mod.time, "monotonic_ns", now)
     seeks = Counter(os.lseek)
     monkeypatch.setattr(file_mod.os, "lseek", seeks)
     assert f.mapped_extents_nowait(0, f.size(), 1) == [(0, 4096, True)]
     assert f.mapped_extents_nowait(0, f.size(), file_mod._INLINE_RUNS + 1) is None
-    step[0] = file_mod._SLOW_LOOKUP_NS + 1           # this one waited
-    assert f.mapped_extents_nowait(0, f.size(), 1) == [(0, 4096, True)]
-    step[0] = 10_000
+    for _ in range(3):                               # slow, fast, slow, ...: all on the loop
+        step[0] = slow
+        assert f.mapped_extents_nowait(0, f.size(), 1) == [(0, 4096, True)]
+        step[0] = fast
+        assert f.mapped_extents_nowait(0, f.size(), 1) == [(0, 4096, True)]
+    step[0] = slow
+    for _ in range(file_mod._SLOW_IN_A_ROW):         # these waited, one after another
+        assert f.mapped_extents_nowait(0, f.size(), 1) == [(0, 4096, True)]
+    step[0] = fast
     seeks.calls = 0
     assert all(f.mapped_extents_nowait(0, f.size(), 1) is None for _ in range(file_mod._BACKOFF_LOOKUPS))
     assert seeks.calls == 0
