@@ -34,8 +34,14 @@ def parse_portal(value: str) -> tuple[str, int, int]:
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--log-format", default="text", show_default=True, type=click.Choice(["text", "json"]))
+@click.option("--inject", "inject", multiple=True, metavar="RULE",
+              help="A fault-injection rule for this front end's link, repeatable: 'fetd:KIND OP "
+                   "[at=N|p=P seed=S] [ms=..]' (docs/research.md, \"Fault injection\").")
+@click.option("--inject-file", "inject_files", multiple=True, type=click.Path(dir_okay=False),
+              metavar="FILE", help="Fault-injection rules, one a line (# comments), repeatable.")
 def main(stml_endpoints: tuple[str, ...], portals: tuple[str, ...], stml_key: str | None, own_key: str | None,
-         isns: str | None, log_level: str, log_format: str) -> None:
+         isns: str | None, log_level: str, log_format: str, inject: tuple[str, ...],
+         inject_files: tuple[str, ...]) -> None:
     """Run the iSCSI front end alone, attached to a running STML (on this host,
     or on another one over tcp:// with CURVE keys)."""
     from fetd_tcp.portals import PortalSpec
@@ -45,9 +51,14 @@ def main(stml_endpoints: tuple[str, ...], portals: tuple[str, ...], stml_key: st
     from scsi_runtime.loop import run_loop
     setup_logging(log_level, "fetd_tcp", log_format)
     from fetd_tcp.limits import LimitError, Limits
+    from stml.api.inject import RuleError, front_end_rules
     try:
         specs = [PortalSpec(*parse_portal(p)) for p in portals]
         Limits.from_env()
+        rules = front_end_rules(inject, inject_files)
+    except RuleError as e:
+        click.echo(f"scsi-target: {e}", err=True)
+        sys.exit(2)
     except (PortalError, LimitError) as e:
         click.echo(f"scsi-target: config error: {e}", err=True)
         sys.exit(2)
@@ -62,7 +73,7 @@ def main(stml_endpoints: tuple[str, ...], portals: tuple[str, ...], stml_key: st
             click.echo(f"scsi-target: config error: {e}", err=True)
             sys.exit(2)
     try:
-        run_loop(run_fetd_tcp(list(stml_endpoints), specs, curve, isns))
+        run_loop(run_fetd_tcp(list(stml_endpoints), specs, curve, isns, rules))
     except OSError as e:
         click.echo(f"scsi-target: fetd-tcp: cannot listen on {e.strerror or e}", err=True)
         sys.exit(2)

@@ -307,8 +307,12 @@ def _creds(raw: dict[str, str] | None) -> Credentials | None:
 
 
 async def run_fetd_tcp(stml_endpoint: str | list[str], portals: list[PortalSpec],
-                       curve: dict[str, bytes] | None = None, isns: str | None = None) -> None:
+                       curve: dict[str, bytes] | None = None, isns: str | None = None,
+                       inject: list[Any] | None = None) -> None:
     fe = IscsiFrontEnd(stml_endpoint, portals, curve=curve, isns=isns)
+    if inject:   # fault injection: off, and no tap, unless asked
+        from stml.api.inject import tap_link
+        tap_link(inject, fe.link, "fetd_tcp")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

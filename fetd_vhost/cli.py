@@ -22,8 +22,14 @@ import click
 @click.option("--key", "own_key", type=click.Path(dir_okay=False), help="This front end's key pair.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--inject", "inject", multiple=True, metavar="RULE",
+              help="A fault-injection rule for this front end's link, repeatable: 'fetd:KIND OP "
+                   "[at=N|p=P seed=S] [ms=..]' (docs/research.md, \"Fault injection\").")
+@click.option("--inject-file", "inject_files", multiple=True, type=click.Path(dir_okay=False),
+              metavar="FILE", help="Fault-injection rules, one a line (# comments), repeatable.")
 def main(socket_path: str, target: str, stml_endpoint: str, initiator: str | None,
-         stml_key: str | None, own_key: str | None, log_level: str) -> None:
+         stml_key: str | None, own_key: str | None, log_level: str, inject: tuple[str, ...],
+         inject_files: tuple[str, ...]) -> None:
     """Serve a target's LUNs to a QEMU VM (vhost-user-scsi).
 
     One process per VM: it creates the socket QEMU's vhost-user-scsi-pci
@@ -33,6 +39,12 @@ def main(socket_path: str, target: str, stml_endpoint: str, initiator: str | Non
     from scsi_runtime.curvekeys import curve_client_keys
     from scsi_runtime.loop import run_loop
     setup_logging(log_level, "fetd_vhost")
+    from stml.api.inject import RuleError, front_end_rules
+    try:
+        rules = front_end_rules(inject, inject_files)
+    except RuleError as e:
+        click.echo(f"scsi-target: {e}", err=True)
+        sys.exit(2)
     curve = None
     if stml_key or own_key:
         if not (stml_key and own_key):
@@ -44,7 +56,7 @@ def main(socket_path: str, target: str, stml_endpoint: str, initiator: str | Non
             click.echo(f"scsi-target: config error: {e}", err=True)
             sys.exit(2)
     try:
-        run_loop(run_fetd_vhost(stml_endpoint, socket_path, target, initiator, curve))
+        run_loop(run_fetd_vhost(stml_endpoint, socket_path, target, initiator, curve, rules))
     except OSError as e:
         click.echo(f"scsi-target: fetd-vhost: cannot listen on {socket_path}: {e}", err=True)
         sys.exit(2)

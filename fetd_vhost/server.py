@@ -462,9 +462,14 @@ def _fds(ancillary: list[Any]) -> list[int]:
 
 
 async def run_fetd_vhost(stml_endpoint: str, socket_path: str, target: str,
-                         initiator: str | None = None, curve: dict[str, bytes] | None = None) -> None:
+                         initiator: str | None = None, curve: dict[str, bytes] | None = None,
+                         inject: list[Any] | None = None) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await VhostFrontEnd(stml_endpoint, socket_path, target, initiator, curve).run(stop)
+    fe = VhostFrontEnd(stml_endpoint, socket_path, target, initiator, curve)
+    if inject:   # fault injection: off, and no tap, unless asked
+        from stml.api.inject import tap_link
+        tap_link(inject, fe.link, "fetd_vhost")
+    await fe.run(stop)

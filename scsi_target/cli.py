@@ -27,8 +27,9 @@ from fetd_vhost.cli import main as fetd_vhost_main, vhost_children, vhost_option
 from scsi_runtime.logs import setup_logging
 from scsi_target.endpoint import NotRunning, find_endpoint, inherited, require_running
 from scsi_target.supervise import Supervisor, sd_notify
-from stml.cli import (apply_stml_options, config_exit, config_options, load_or_exit, main as stml_main,
-                      stml_options, trace_options, trace_settings)
+from stml.api.inject import for_side, rule_args
+from stml.cli import (apply_stml_options, config_exit, config_options, inject_options, inject_rules,
+                      load_or_exit, main as stml_main, stml_options, trace_options, trace_settings)
 from stml.config import (Config, ConfigError, StartupError, check_lun_paths, data_dir_of, default_data_dir,
                          parse_size)
 
@@ -285,10 +286,11 @@ class Plan:
                    "command may use (taskset narrows them); none: wherever the scheduler puts them.")
 @vhost_option
 @trace_options
+@inject_options
 def run(log_level: str, log_format: str, portals: tuple[str, ...], no_iscsi: bool, cpu_affinity: str,
         listen: tuple[str, ...], insecure: bool, metrics: str | None, poll_us: int | None,
         timing: bool, vhost: tuple[str, ...], trace_path: str | None, trace_max: str, trace_with_data: bool,
-        **kw: Any) -> None:
+        inject: tuple[str, ...], inject_files: tuple[str, ...], **kw: Any) -> None:
     """Run the target: the STML and the iSCSI front end (Ctrl-C stops all).
 
     Without --config it serves DATA_DIR/scsi-target.toml, written on first
@@ -297,6 +299,8 @@ def run(log_level: str, log_format: str, portals: tuple[str, ...], no_iscsi: boo
     setup_logging(log_level, "run", log_format)
     kw = inherited(kw)
     trace = trace_settings(trace_path, trace_max, trace_with_data)
+    # `stml` rules go to the STML, `fetd` rules to every front end it starts (fetd_tcp, fetd_vhost)
+    rules = inject_rules(inject, inject_files, ("stml",) if no_iscsi and not vhost else ("stml", "fetd"))
     try:
         ddir = data_dir_of(kw.get("config_path"), kw.get("data_dir"))
         check_data_dir(ddir)
@@ -337,14 +341,16 @@ def run(log_level: str, log_format: str, portals: tuple[str, ...], no_iscsi: boo
     if trace is not None:   # the STML records: it sees every front end's messages
         stml_args += ["--trace", trace.path, "--trace-max", str(trace.max_bytes)]
         stml_args += ["--trace-with-data"] if trace.with_data else []
+    stml_args += rule_args(for_side(rules, "stml"))
     children = {"stml": [sys.executable, "-m", "stml", *stml_args]}
+    fetd_rules = rule_args(for_side(rules, "fetd"))
     if not no_iscsi:
-        tcp = [sys.executable, "-m", "fetd_tcp", "--stml", config.stml_endpoint, *logs]
+        tcp = [sys.executable, "-m", "fetd_tcp", "--stml", config.stml_endpoint, *logs, *fetd_rules]
         tcp += _gateway_args(config)
         if config.isns:
             tcp += ["--isns", config.isns]
         children["fetd_tcp"] = tcp
-    vhosts = vhost_children(config, vhost, log_level)
+    vhosts = {name: argv + fetd_rules for name, argv in vhost_children(config, vhost, log_level).items()}
     children.update(vhosts)
     plan = Plan(config, cpus, poll_us, not no_iscsi, tuple(vhosts))
     status = Supervisor(children, cpus, log_format, plan.line, lambda: plan.printed).run()

@@ -32,6 +32,7 @@ import time
 from typing import IO, Any, Callable
 
 from scsi_runtime.logs import formatter
+from stml.api.inject import START_ENV
 
 log = logging.getLogger("scsi-target")
 
@@ -87,6 +88,7 @@ class Supervisor:
         self.children = children
         self.cpus = cpus or {}
         self.procs: dict[str, subprocess.Popen] = {}
+        self.starts: dict[str, int] = {}     # how often each child was started
         self.live: dict[int, Child] = {}     # stdout fd -> child
         self.stopping = False
         self.reload = False
@@ -99,8 +101,11 @@ class Supervisor:
 
     def start(self, name: str) -> None:
         prepare = functools.partial(_prepare_child, os.getpid(), self.cpus.get(name), self.libc)
+        self.starts[name] = self.starts.get(name, 0) + 1
+        # (fault injection: a kill rule fires in the first start only, stml.api.inject)
+        env = {**os.environ, START_ENV: str(self.starts[name])}
         proc = subprocess.Popen(self.children[name], preexec_fn=prepare, process_group=0,
-                                stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+                                stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env)
         assert proc.stdout is not None   # PIPE
         os.set_blocking(proc.stdout.fileno(), False)
         child = Child(name, proc)

@@ -81,6 +81,34 @@ def trace_options(f: Callable) -> Callable:
     return f
 
 
+def inject_options(f: Callable) -> Callable:
+    """Fault injection at the contract (stml.api.inject; off unless asked)."""
+    for opt in reversed([
+        click.option("--inject", "inject", multiple=True, metavar="RULE",
+                     help="A fault-injection rule, repeatable: 'SIDE:KIND OP [at=N|p=P seed=S] [ms=..] "
+                          "[lun=.. s=..]' (docs/research.md, \"Fault injection\")."),
+        click.option("--inject-file", "inject_files", multiple=True, type=click.Path(dir_okay=False),
+                     metavar="FILE", help="Fault-injection rules, one a line (# comments), repeatable."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def inject_rules(texts: tuple[str, ...], files: tuple[str, ...], sides: tuple[str, ...]) -> list[Any]:
+    """The rules the flags give; a wrong one (or one for a side this command
+    does not run) exits 2 with one line."""
+    from stml.api.inject import RuleError, load_rules
+    try:
+        rules = load_rules(texts, files)
+        for r in rules:
+            if r.side not in sides:
+                raise RuleError(f"inject rule {r.text!r}: this command runs no {r.side} side")
+    except RuleError as e:
+        click.echo(f"scsi-target: {e}", err=True)
+        sys.exit(2)
+    return rules
+
+
 def trace_settings(path: str | None, size: str, with_data: bool) -> Any:
     """The TraceOptions the flags ask for (None without --trace); a bad size exits 2."""
     if path is None:
@@ -115,17 +143,19 @@ def apply_stml_options(config: Config, listen: tuple[str, ...] = (), insecure: b
               help="iSCSI portal for front ends that follow the STML's list, repeatable "
                    "(replaces the config's `portals` for this run).")
 @trace_options
+@inject_options
 def main(log_level: str, log_format: str, listen: tuple[str, ...], insecure: bool, metrics: str | None,
          poll_us: int | None, timing: bool, trace_path: str | None, trace_max: str, trace_with_data: bool,
-         **kw: Any) -> None:
+         inject: tuple[str, ...], inject_files: tuple[str, ...], **kw: Any) -> None:
     """Run the STML alone: it owns the LUNs and waits for front ends."""
     setup_logging(log_level, "stml", log_format)
     trace = trace_settings(trace_path, trace_max, trace_with_data)
+    rules = inject_rules(inject, inject_files, ("stml",))
     config = load_or_exit(**kw)
     apply_stml_options(config, listen, insecure, metrics, poll_us, timing)
     from scsi_runtime.loop import run_loop
     from stml.server import run_stml
     try:
-        run_loop(run_stml(config, trace))
+        run_loop(run_stml(config, trace, rules))
     except ConfigError as e:
         config_exit(e)

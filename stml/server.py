@@ -193,6 +193,7 @@ class StmlServer:
         # where the carriers hand a message in: _receive, or _receive_tapped with a tap
         self.received: Callable[..., None] = self._receive
         self.traces = Traces(self.emulator, self.add_tap, self.remove_tap)
+        self._stalls: list[tuple[Any, Any]] = []   # (LU, StalledBackend) of an injected stall
 
     def add_tap(self, tap: Tap) -> None:
         """See every message from now on (stml.api.tap), after the taps already there."""
@@ -214,6 +215,54 @@ class StmlServer:
         channel = getattr(self, "channel", None)
         if channel is not None:
             channel.on_message = self.received
+
+    def start_injection(self, rules: list[Any]) -> None:
+        """Apply fault-injection rules (stml.api.inject) from now on, before any
+        other tap: a trace then records what really crossed the link."""
+        from stml.api.inject import Injector, announce
+        announce(rules, "the STML")
+        # what it holds back and lets go later still passes the taps after it
+        injector = Injector(rules, lambda i, h, d: self.deliver(i, h, d, past=injector),
+                            lambda i, h, f: self.transmit(i, h, f, past=injector), self.stall_backend)
+        self._taps.insert(0, injector)
+        self._set_taps()
+
+    def _seen_after(self, past: Tap, ident: bytes, header: dict[str, Any], frames: list,
+                    inbound: bool) -> bool:
+        """Show a message the tap `past` held back to the taps after it (a trace
+        after an injector records it when it really crosses); False: swallowed."""
+        taps = self._taps
+        later = taps[taps.index(past) + 1:] if past in taps else []
+        if not later:
+            return True
+        packed = pack(header)
+        return all((t.inbound if inbound else t.outbound)(ident, header, packed, frames) for t in later)
+
+    def stall_backend(self, lun: int, seconds: float) -> None:
+        """Stall LUN `lun`'s backend (of every target that has one) for
+        `seconds`, 0: until SIGUSR2 (stml.stall)."""
+        from stml.stall import StalledBackend
+        loop = asyncio.get_running_loop()
+        for t in self.emulator.targets.values():
+            lu = t.luns.get(lun)
+            if lu is not None and not isinstance(lu.backend, StalledBackend):
+                stalled = StalledBackend(lu.backend)
+                lu.backend = stalled
+                self._stalls.append((lu, stalled))
+        loop.add_signal_handler(signal.SIGUSR2, self.release_stalls)
+        if seconds:
+            loop.call_later(seconds, self.release_stalls)
+
+    def release_stalls(self) -> None:
+        for lu, stalled in self._stalls:
+            if lu.backend is stalled:
+                lu.backend = stalled.inner
+            stalled.gate.set()
+        if self._stalls:
+            waited = sum(s.waited for _, s in self._stalls)
+            logging.getLogger("inject").warning("released %d stalled backend(s); %d call(s) had waited",
+                                                len(self._stalls), waited)
+        self._stalls.clear()
 
     def _send_tapped(self, ident: bytes, header: dict[str, Any], frames: list) -> None:
         """_send, with the tap before it (the header packed once for both)."""
@@ -245,8 +294,11 @@ class StmlServer:
         else:
             self.channel.send([ident, pack(header), *frames])
 
-    def transmit(self, ident: bytes, header: dict[str, Any], frames: list) -> None:
-        """Send a message past the tap (a tap that held one back lets it go here)."""
+    def transmit(self, ident: bytes, header: dict[str, Any], frames: list, past: Tap | None = None) -> None:
+        """Send a message past the tap (a tap that held one back lets it go here;
+        `past`: that tap, whose successors still see it)."""
+        if past is not None and not self._seen_after(past, ident, header, frames, inbound=False):
+            return
         self._send(ident, header, frames)
 
     def _bind(self) -> None:
@@ -496,9 +548,12 @@ class StmlServer:
             return
         self.emulator.handle(ident, header, frames[2:], lease)
 
-    def deliver(self, ident: bytes, header: dict[str, Any], data: list) -> None:
+    def deliver(self, ident: bytes, header: dict[str, Any], data: list, past: Tap | None = None) -> None:
         """Handle a decoded message past the tap (a tap that held one back,
-        with copies of its data, lets it in here)."""
+        with copies of its data, lets it in here; `past`: that tap, whose
+        successors still see it)."""
+        if past is not None and not self._seen_after(past, ident, header, data, inbound=True):
+            return
         self._receive([ident, b"", *data], None, header)
 
     async def _liveness(self) -> None:
@@ -540,10 +595,12 @@ class StopGuard:
             os._exit(1)
 
 
-async def run_stml(config: Config, trace: TraceOptions | None = None) -> None:
+async def run_stml(config: Config, trace: TraceOptions | None = None, inject: list[Any] | None = None) -> None:
     stop = asyncio.Event()
     guard = StopGuard(stop)
     server = StmlServer(config)
+    if inject:
+        server.start_injection(inject)
     loop = asyncio.get_running_loop()
 
     def reload() -> None:

@@ -271,10 +271,14 @@ size = "1MiB"
             c.capacity(0)
         p = cli("chap", "set", "--data-dir", t.data_dir, "--user", "bob", "--secret", secret + "-new")
         assert p.returncode == 0, p.stderr
+        for verb in ("show", "diff"):       # answers that quote the configuration
+            p = cli("config", verb, "--data-dir", t.data_dir)
+            assert p.returncode in (0, 1), p.stderr
+        assert secret in cli("config", "show", "--data-dir", t.data_dir).stdout
     finally:
         t.stop()
     _, recs, _ = records(path)
-    assert "detect" in ops(recs) and "mgmt" in ops(recs)
+    assert "detect" in ops(recs) and "mgmt" in ops(recs) and "mgmt_reply" in ops(recs)
     assert secret.encode() not in path.read_bytes()
     detect = next(m for m in recs if isinstance(m, Message) and m.op == "detect")
     assert detect.header["targets"][0]["access"]["chap"] == {"user": "alice", "secret": R.REDACTED}
@@ -309,14 +313,59 @@ def test_a_changed_sense_code_is_reported_as_the_divergence(recorded, tmp_path):
 
 # ---------------------------------------------------------------- the writer
 
+@pytest.mark.parametrize("name", ["over.trace", "over.trace.gz"])
+def test_a_trace_written_over_a_file_is_private_and_never_follows_a_link(tmp_path, name):
+    """It holds the data written through the target: mode 0600 even over an
+    existing file (--trace forces), and a symbolic link is not followed."""
+    path = tmp_path / name
+    path.write_bytes(b"old")
+    path.chmod(0o644)
+    out = R.open_output(str(path), force=True)
+    out.write(b"new")
+    out.close()
+    assert path.stat().st_mode & 0o777 == 0o600
+    data = path.read_bytes()
+    assert (gzip.decompress(data) if name.endswith(".gz") else data) == b"new"
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep")
+    link = tmp_path / ("link" + name)
+    link.symlink_to(victim)
+    with pytest.raises(OSError):
+        R.open_output(str(link), force=True)
+    assert victim.read_bytes() == b"keep"
+
+
+def test_what_the_loop_gathers_stays_a_chunk_while_the_writer_is_stuck():
+    """Chunks the full queue drops do not push the next flush further out: the
+    records gathered on the loop stay within one chunk and one record."""
+    out = _SlowFile()
+    sizes: list[int] = []
+
+    async def main() -> None:
+        rec = R.Recorder(out, "slow", {"trace": "scsi-target trace", "format": [1, 0], "t0": 0,
+                                       "config": {"targets": []}, "state": {}})
+        header = {"op": "rx_cmnd", "tag": 1, "nexus": 1, "lun": 0, "cdb": bytes(10)}
+        packed = msgpack.packb(header)
+        data = [bytes(64 << 10)]
+        for _ in range(4 * (R.QUEUE_CHUNKS + 2) * (R.CHUNK // (64 << 10))):
+            rec.inbound(b"fe", header, packed, data)
+            sizes.append(sum(map(len, rec._chunk)))
+        assert rec.lost > 0
+        out.go.set()
+        await rec.stop()
+    asyncio.run(main())
+    assert max(sizes) <= R.CHUNK + (64 << 10) + 1024
+
 class _SlowFile:
     """A trace file whose writes wait until released: the disk falls behind."""
 
     def __init__(self) -> None:
         self.go = threading.Event()
+        self.entered = threading.Event()   # the writer holds a chunk
         self.chunks: list[bytes] = []
 
     def write(self, b: bytes) -> None:
+        self.entered.set()
         self.go.wait(30)
         self.chunks.append(bytes(b))
 
@@ -336,7 +385,9 @@ def test_a_writer_that_falls_behind_loses_records_not_the_loop(tmp_path):
         header = {"op": "rx_cmnd", "tag": 1, "nexus": 1, "lun": 0, "cdb": bytes(10)}
         data = [bytes(R.CHUNK)]      # a chunk a message
         packed = msgpack.packb(header)
-        for _ in range(R.QUEUE_CHUNKS + 10):
+        rec.inbound(b"fe", header, packed, data)     # the writer takes this chunk and is stuck
+        assert await asyncio.to_thread(out.entered.wait, 30)
+        for _ in range(R.QUEUE_CHUNKS + 10):         # the queue fills behind it
             rec.inbound(b"fe", header, packed, data)
         assert rec.lost > 0
         out.go.set()

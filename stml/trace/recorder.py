@@ -38,7 +38,7 @@ END_RESERVE = 4096         # room kept under the cap for the end note
 REDACTED = "(redacted)"
 
 _DETECT, _MGMT, _MGMT_REPLY = Op.DETECT.value, Op.MGMT.value, Op.MGMT_REPLY.value
-_REDACT = frozenset({_DETECT, _MGMT})              # what may carry a secret
+_REDACT = frozenset({_DETECT, _MGMT, _MGMT_REPLY})  # what may carry a secret
 _MANAGEMENT = frozenset({_MGMT, _MGMT_REPLY})      # recorded, not counted by `count`
 
 
@@ -59,8 +59,14 @@ def redact(header: dict[str, Any]) -> dict[str, Any]:
         if isinstance(h.get("discovery"), dict):
             h["discovery"] = {k: _redact_creds(v) for k, v in h["discovery"].items()}
         return h
-    if op == _MGMT and isinstance(header.get("args"), dict) and "secret" in header["args"]:
-        return {**header, "args": {**header["args"], "secret": REDACTED}}
+    if op == _MGMT and isinstance(header.get("args"), dict):
+        args = header["args"]
+        if any("secret" in k for k in args):
+            return {**header, "args": {k: REDACTED if "secret" in k else v for k, v in args.items()}}
+    if op == _MGMT_REPLY and header.get("result") is not None:
+        # a reply may quote the configuration (config show, diff), secrets and all;
+        # replay needs none of it
+        return {**header, "result": REDACTED}
     return header
 
 
@@ -168,12 +174,29 @@ class Output(Protocol):
 def open_output(path: str, force: bool) -> Output:
     """The trace file, mode 0600 (it holds the data written through the
     target); an existing file only with `force`. gzip when it ends in .gz."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_TRUNC if force else os.O_EXCL)
+    flags = (os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+             | (os.O_TRUNC if force else os.O_EXCL))
     fd = os.open(path, flags, 0o600)
-    if path.endswith(".gz"):
-        os.close(fd)   # made (0600, not there before unless forced): gzip opens it by name
-        return gzip.open(path, "wb", compresslevel=6)
-    return os.fdopen(fd, "wb")
+    os.fchmod(fd, 0o600)   # a file written over keeps its mode otherwise
+    f = os.fdopen(fd, "wb")
+    return _Gzip(f) if path.endswith(".gz") else f
+
+
+class _Gzip:
+    """gzip onto the file already opened (never reopened by name), closing both."""
+
+    def __init__(self, f: Any) -> None:
+        self.f = f
+        self.z = gzip.GzipFile(fileobj=f, mode="wb", compresslevel=6)
+
+    def write(self, data: bytes, /) -> int:
+        return self.z.write(data)
+
+    def close(self) -> None:
+        try:
+            self.z.close()
+        finally:
+            self.f.close()
 
 
 class Recorder:
@@ -287,11 +310,12 @@ class Recorder:
     def _flush(self) -> None:
         """Hand the gathered records to the writer; dropped (and counted) when
         its queue is full: the loop never waits for the disk."""
-        self._next_flush = self.bytes + CHUNK
         chunk = self._chunk
         if not chunk:
+            self._next_flush = self.bytes + CHUNK
             return
         records = len(chunk) if self._flushed >= 0 else len(chunk) - 1
+        size = sum(map(len, chunk))   # what self.bytes counts of it (not a gap note)
         if self._gap:
             chunk.insert(0, self._pack({"note": "gap", "lost": self._gap, "t": time.monotonic_ns()}))
         data = b"".join(chunk)
@@ -305,7 +329,8 @@ class Recorder:
         except queue.Full:
             self._gap += records
             self.lost += records
-            self.bytes -= len(data)
+            self.bytes -= size
+        self._next_flush = self.bytes + CHUNK   # after a drop too: the next chunk is no bigger
 
     def _tick(self) -> None:
         if self.reason is not None:
