@@ -23,6 +23,9 @@
   socket pair, sixteen at a time: send, parse, deliver.
 - stml-traced: the stml path while a trace is recorded (stml.trace, to
   /dev/null): what recording adds to the STML's work per command.
+- stml-timed: the stml path with stage timing on (`--timing`, stml.timing):
+  the front end's stamps on rx_cmnd and scsi_target_done, the STML's taken
+  and sent on xmit_response, and the histograms.
 
 Time per command moves by 10-20% between runs on a shared machine. The
 instruction count (valgrind's callgrind, `apt-get install valgrind`) does
@@ -58,7 +61,8 @@ def cdb10(opcode: int, lba: int, blocks: int) -> bytes:
     return bytes([opcode, 0]) + lba.to_bytes(4, "big") + b"\0" + blocks.to_bytes(2, "big") + b"\0"
 
 
-async def stml_path(count: int, size: int, write: bool = False, traced: bool = False) -> float:
+async def stml_path(count: int, size: int, write: bool = False, traced: bool = False,
+                    timed: bool = False) -> float:
     from stml import config
     from stml.api import SharedRegion
     from stml.server import StmlServer
@@ -89,9 +93,17 @@ async def stml_path(count: int, size: int, write: bool = False, traced: bool = F
         server.streams[ident] = Stream()
         if traced:
             server.traces.start(os.devnull, force=True)
+        stamps: dict = {}   # the front end's, with timing on (a front end on this host)
+        if timed:
+            from stml.api.link import boot_id
+            from stml.timing import Timing
+            server.emulator.enable_timing(Timing(boot_id()))
+            stamps = {"caps": ["timing"], "boot_id": boot_id()}
         receive = server.received if traced else server._receive   # (the carriers' entry point)
         receive([ident, pack({"op": "register_target_front_end", "name": "pathcost",
-                                      "kind": "bench", "version": [1, 0]})])
+                                      "kind": "bench", "version": [1, 0], **stamps})])
+        if timed:
+            stamps = {"ts": [time.monotonic_ns()] * 2}
         target = next(iter(server.emulator.targets))
         receive([ident, pack({"op": "register_nexus", "nexus": 1, "initiator": "iqn.x",
                                       "target": target, "tpg": 1})])
@@ -100,11 +112,12 @@ async def stml_path(count: int, size: int, write: bool = False, traced: bool = F
         messages = [[ident, pack({"op": "rx_cmnd", "tag": tag, "nexus": 1, "lun": 0,
                                   "cdb": cdb10(0x2A if write else 0x28, tag * blocks % (1 << 20), blocks),
                                   "attr": 0, "dir": 1 if write else 2, "len": size,
-                                  "unsol": size if write else 0}), *payload]
+                                  "unsol": size if write else 0, **stamps}), *payload]
                     for tag in range(count + 1)]
         # what the front end reports once it sent each QD responses (packed by the front end)
-        done = [[ident, pack({"op": "scsi_target_done", "tags": list(range(first, first + QD))})]
-                for first in range(0, count, QD)]
+        done = [[ident, pack({"op": "scsi_target_done", "tags": list(range(first, first + QD)),
+                              **({"ts": [time.monotonic_ns()] * QD} if timed else {})})]
+                for first in range(0, count, QD)][::-1]   # (popped from the end: the first first)
         receive(messages.pop())        # takes the power-on unit attention
         replies.clear()
         start = time.perf_counter()
@@ -314,7 +327,8 @@ async def carrier_path(count: int, size: int) -> float:
 
 PATHS: dict[str, Callable] = {"stml": stml_path, "stml-write": functools.partial(stml_path, write=True),
                               "stml-thin": stml_thin_path, "fetd": fetd_path, "carrier": carrier_path,
-                              "stml-traced": functools.partial(stml_path, traced=True)}
+                              "stml-traced": functools.partial(stml_path, traced=True),
+                              "stml-timed": functools.partial(stml_path, timed=True)}
 
 
 def instructions(path: str, size: int) -> float:
