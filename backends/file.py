@@ -8,6 +8,8 @@ import fcntl
 import os
 import stat
 import struct
+import threading
+import time
 from typing import Sequence
 
 from backends.base import BackendError
@@ -17,6 +19,14 @@ _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _IOV_MAX = 1024
 _ZEROS = memoryview(bytes(1 << 20))   # what a discard writes where no hole can be punched
+# GET LBA STATUS on the event loop (mapped_extents_nowait): at most this many runs, so at
+# most _INLINE_RUNS + 1 lseeks of about 1 us each; _SLOW_IN_A_ROW lookups in a row slower
+# than _SLOW_LOOKUP_NS waited for device reads or a lock, and the next _BACKOFF_LOOKUPS go
+# to worker threads (one alone is the loop thread preempted or waiting for the GIL)
+_INLINE_RUNS = 8
+_SLOW_LOOKUP_NS = 1_000_000
+_SLOW_IN_A_ROW = 2
+_BACKOFF_LOOKUPS = 1024
 
 
 class FileBackend:
@@ -48,6 +58,9 @@ class FileBackend:
         self._in_memory = _fs_type(self._fd) in _MEMORY_FS
         self._size = self._measure()
         self._nowait_reads = True
+        self._lookups_off_loop = 0    # lookups left to send to worker threads after slow ones
+        self._slow_lookups = 0        # lookups in a row on the loop that took too long
+        self._changing = _Changing()
         self.dirty = False            # written since the last flush, not yet durable
         self.can_discard = not self._blockdev and not readonly
         self.can_resize = not self._blockdev and not readonly
@@ -74,6 +87,10 @@ class FileBackend:
             done += n
 
     def write_from(self, offset: int, bufs: Sequence[memoryview], sync: bool) -> None:
+        with self._changing:
+            self._write(offset, bufs, sync)
+
+    def _write(self, offset: int, bufs: Sequence[memoryview], sync: bool) -> None:
         if len(bufs) <= _IOV_MAX and os.pwritev(self._fd, bufs, offset) == sum(map(len, bufs)):
             self._written(sync)   # the usual case: one system call wrote it all
             return
@@ -129,7 +146,7 @@ class FileBackend:
         device); elsewhere the write goes to a worker thread."""
         if not self._in_memory:
             return False
-        self.write_from(offset, bufs, sync)
+        self._write(offset, bufs, sync)   # on the loop: no lookup runs there meanwhile
         return True
 
     def flush(self) -> None:
@@ -137,11 +154,16 @@ class FileBackend:
         pending (write-through LUNs sync each write), else fdatasync, which
         skips the metadata (times) that fsync would also write."""
         if self.dirty:
-            self._datasync()
+            with self._changing:
+                self._datasync()
 
     def discard(self, offset: int, length: int) -> None:
         """Punch a hole: the range reads back as zeros and frees its blocks.
         Where holes cannot be punched, zeros are written a chunk at a time."""
+        with self._changing:
+            self._discard(offset, length)
+
+    def _discard(self, offset: int, length: int) -> None:
         try:
             _fallocate(self._fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
         except OSError as e:
@@ -156,7 +178,8 @@ class FileBackend:
         self._written(sync=False)
 
     def resize(self, size: int) -> None:
-        os.ftruncate(self._fd, size)
+        with self._changing:
+            os.ftruncate(self._fd, size)
         self._size = self._measure()
 
     def mapped_extents(self, offset: int, length: int, limit: int) -> list[tuple[int, int, bool]]:
@@ -191,11 +214,65 @@ class FileBackend:
             return [(offset, length, True)]
         return runs
 
+    def mapped_extents_nowait(self, offset: int, length: int,
+                              limit: int) -> list[tuple[int, int, bool]] | None:
+        """mapped_extents at once when that is cheap: a few runs, answered by
+        lseeks from the extent map the kernel holds in memory. qemu sends a
+        GET LBA STATUS for one run before every read of 32 KiB or more on a
+        thin LUN; a worker thread's two wake-ups cost it more than the lookup.
+        Not while a write, hole punch, truncate or sync of this file runs in
+        a thread: it may hold the inode lock the lseeks take. That count is a
+        hint for speed, not for the answer: a change that starts in a thread
+        just after it was read makes the lookup wait for that one call, and
+        each lseek still sees the extents before or after it, as a lookup in
+        a thread would (commands that overlap in time have no order). What is
+        not counted (an extent block read from the device, a writer in another
+        process) makes lookups slow one after another: two slow in a row send
+        the next ones to worker threads for a while. One alone is mostly the
+        loop thread preempted, or waiting for the GIL after an lseek, on a
+        busy machine (decision 0800). None: use mapped_extents."""
+        if self._blockdev:
+            return [(offset, length, True)]    # nothing to look up
+        if limit > _INLINE_RUNS or self._changing.count:
+            return None
+        if self._lookups_off_loop:
+            self._lookups_off_loop -= 1
+            return None
+        start = time.monotonic_ns()
+        runs = self.mapped_extents(offset, length, limit)
+        if time.monotonic_ns() - start <= _SLOW_LOOKUP_NS:
+            self._slow_lookups = 0
+        else:
+            self._slow_lookups += 1
+            if self._slow_lookups >= _SLOW_IN_A_ROW:
+                self._slow_lookups = 0
+                self._lookups_off_loop = _BACKOFF_LOOKUPS
+        return runs
+
     def allocated(self) -> int:
         return os.fstat(self._fd).st_blocks * 512
 
     def close(self) -> None:
         os.close(self._fd)
+
+
+class _Changing:
+    """Calls in progress, in any thread, that may hold the file's inode lock
+    exclusively (a write, a hole punch, a truncate, a sync)."""
+
+    __slots__ = ("count", "_lock")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> None:
+        with self._lock:
+            self.count += 1
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self.count -= 1
 
 
 def _advance(views: list[memoryview], n: int) -> list[memoryview]:

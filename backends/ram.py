@@ -129,6 +129,10 @@ class RamBackend:
             pos = stop
         return runs
 
+    def mapped_extents_nowait(self, offset: int, length: int,
+                              limit: int) -> list[tuple[int, int, bool]] | None:
+        return self.mapped_extents(offset, length, limit)
+
     def allocated(self) -> int:
         """Bytes of RAM held (for thin-provisioning accounting)."""
         return len(self._pages) * PAGE

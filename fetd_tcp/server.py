@@ -26,7 +26,7 @@ from fetd_tcp.logind import LOGIN_READ_LIMIT, LoginPhase
 from fetd_tcp.portals import PortalSpec, Portals, hostport
 from fetd_tcp.registry import CMD_WINDOW, SessionRegistry, cmd_window
 from fetd_tcp.session import MAX_TEXT_RESPONSE, Connection, Tags
-from fetd_tcp.wire import ConnectionProtocol, PduWriter
+from fetd_tcp.wire import ConnectionProtocol, PduWriter, TimedConnectionProtocol
 from stml.api import Detect, FrontEndLink
 
 log = logging.getLogger("fetd_tcp")
@@ -262,8 +262,9 @@ class IscsiFrontEnd:
         # typeshed types StreamWriter.transport as a WriteTransport, but a TCP connection's
         # reads too (not checkable: uvloop's TCPTransport is no asyncio.Transport subclass)
         transport = cast(asyncio.Transport, writer.transport)
-        proto = ConnectionProtocol(conn, self.link, transport, self._segment_buffer,
-                                   self.link.release_buffer)
+        # stage timing (granted by the STML): a protocol that stamps each read
+        protocol = TimedConnectionProtocol if self.link.timing else ConnectionProtocol
+        proto = protocol(conn, self.link, transport, self._segment_buffer, self.link.release_buffer)
         pinger = asyncio.create_task(self._pinger(conn))
         try:
             proto.take_over(reader)

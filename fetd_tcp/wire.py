@@ -7,6 +7,7 @@ import asyncio
 import functools
 import logging
 import os
+import time
 from typing import Any, Callable, Iterator
 
 from fetd_tcp import pdu as P
@@ -179,6 +180,21 @@ class ConnectionProtocol(asyncio.BufferedProtocol):
             self.done.set_result(None)
         else:
             self.done.set_exception(exc)
+
+
+class TimedConnectionProtocol(ConnectionProtocol):
+    """ConnectionProtocol while the STML times commands (stage timing): each
+    read is stamped for the link, whose rx_cmnd sends it as the time the
+    front end received the commands the read brought (the link is shared by
+    every connection: the stamp lasts only while the read is handled). A
+    subclass, so an untimed connection's reads cost nothing more."""
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.link.read_at = time.monotonic_ns()
+        try:
+            super().buffer_updated(nbytes)
+        finally:   # commands sent outside a read (the CmdSN window let them go) are stamped then
+            self.link.read_at = 0
 
 
 class PduWriter:

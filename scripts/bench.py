@@ -8,6 +8,7 @@
     scripts/bench.py --compare-tgtd --rbd   # RBD images: ours against tgtd's bs_rbd (tgt-rbd)
     scripts/bench.py --vhost           # a Linux guest: fetd_vhost against QEMU's own virtio-scsi
     scripts/bench.py --trace           # 4 KiB QD16 reads with and without `run --trace`
+    scripts/bench.py --compare-tgtd --sessions 1,2,4,8,16,32,64   # the scaling curve
 
 Both targets get an equivalent LUN: a 1 GiB file in /dev/shm (same backing
 kind and size), filled with data first, and ours thick (no logical block
@@ -47,6 +48,19 @@ with `--trace` (the trace file in the work directory, on disk), the same
 4 KiB QD16 reads on each, alternating A B A B; the table shows the median
 IOPS of each and the median of the per-round ratios, and the size of the
 trace.
+
+`--sessions N,N,...` draws the scaling curve (issue 25; `--scale` keeps its
+meaning and multiplies the length of each run, 2 s at 1.0): for each count,
+that many concurrent sessions each keep 4 random reads in flight, 4 KiB and
+then 64 KiB, all on LUN 0 and then one LUN per session. Each target gets as
+many LUNs as the largest count, each a filled 16 MiB file in /dev/shm (ours
+thick). The load comes from scripts/sessionload.c (built with cc against
+libiscsi: `apt-get install gcc libiscsi-dev`), one process driving every
+session with libiscsi's async calls, so that the initiator takes little of a
+small machine's CPU (qemu-img bench is one session per process). Reported
+per count: aggregate IOPS, p50/p99 latency, CPU per I/O of each process (the
+initiator's too), RSS with every session logged in, and the ratios to tgtd;
+the PNG shows the IOPS ratio against the session count.
 """
 from __future__ import annotations
 
@@ -178,17 +192,19 @@ class Ours:
     name = "scsi-target"
 
     def __init__(self, work: Path, img: Path | None, thin: bool, rbd: RbdImages | None = None,
-                 extra: tuple[str, ...] = (), name: str = "ours") -> None:
+                 extra: tuple[str, ...] = (), name: str = "ours", more: list[Path] | None = None) -> None:
         self.port = free_port()
         self.img = img
+        self.more = more or []    # further LUNs (--sessions), thick files like img
         if rbd is not None:
             keyring = f",keyring={rbd.keyring}" if rbd.keyring else ""
             lun = f"rbd:{rbd.image('bench-ours')},conf={rbd.conf}{keyring},thick"
         else:
             lun = f"file:{self.img}" + ("" if thin else ",thick")
+        luns = ["--lun", lun] + [a for m in self.more for a in ("--lun", f"file:{m},thick")]
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "scsi_target", "run", "--data-dir", str(work / name),
-             "--lun", lun, "--portal", f"127.0.0.1:{self.port}",
+             *luns, "--portal", f"127.0.0.1:{self.port}",
              "--log-level", "warning", *extra],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, cwd=ROOT)
         # ready once `run` says so: attached to the STML and listening
@@ -202,7 +218,8 @@ class Ours:
             raise RuntimeError("scsi-target did not start:\n" + "".join(said[-20:]))
         # keep reading its output so a chatty target never blocks on a full pipe
         threading.Thread(target=self.proc.stdout.read, daemon=True).start()
-        self.url = f"iscsi://127.0.0.1:{self.port}/{IQN}/0"
+        self.urls = [f"iscsi://127.0.0.1:{self.port}/{IQN}/{n}" for n in range(1 + len(self.more))]
+        self.url = self.urls[0]
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
@@ -215,17 +232,20 @@ class Ours:
         except ProcessLookupError:
             pass
         self.proc.wait()
-        if self.img is not None:
-            self.img.unlink(missing_ok=True)
+        for img in [self.img, *self.more]:
+            if img is not None:
+                img.unlink(missing_ok=True)
 
 
 class Tgtd:
     name = "tgtd"
 
-    def __init__(self, work: Path, img: Path | None, thin: bool, rbd: RbdImages | None = None) -> None:
+    def __init__(self, work: Path, img: Path | None, thin: bool, rbd: RbdImages | None = None,
+                 more: list[Path] | None = None) -> None:
         self.port = free_port()
         self.ctl = 3000 + os.getpid() % 2000   # tgtd's control "port" is a small socket index
         self.img = img
+        self.more = more or []
         # tgt-rbd's backing store (its keyring from the conf), or the file
         lun = (["--bstype", "rbd", "-b", rbd.image("bench-tgtd"), "--bsopts", f"conf={rbd.conf}"]
                if rbd is not None else ["-b", str(self.img)])
@@ -241,15 +261,20 @@ class Tgtd:
                      ["--op", "new", "--mode", "logicalunit", "--tid", "1", "--lun", "1", *lun],
                      *([["--op", "update", "--mode", "logicalunit", "--tid", "1", "--lun", "1",
                          "--params", "thin_provisioning=1"]] if thin else []),
+                     *[["--op", "new", "--mode", "logicalunit", "--tid", "1", "--lun", str(2 + i), "-b", str(m)]
+                       for i, m in enumerate(self.more)],
                      ["--op", "bind", "--mode", "target", "--tid", "1", "-I", "ALL"]):
             subprocess.run(adm + args, check=True, capture_output=True)
-        self.url = f"iscsi://127.0.0.1:{self.port}/{TGT_IQN}/1"
+        # LUN 0 is tgtd's controller: the disks are 1, 2, ...
+        self.urls = [f"iscsi://127.0.0.1:{self.port}/{TGT_IQN}/{1 + n}" for n in range(1 + len(self.more))]
+        self.url = self.urls[0]
 
     def stop(self) -> None:
         self.proc.kill()  # tgtd ignores SIGTERM
         self.proc.wait()
-        if self.img is not None:
-            self.img.unlink(missing_ok=True)
+        for img in [self.img, *self.more]:
+            if img is not None:
+                img.unlink(missing_ok=True)
 
 
 def processes(t: Ours | Tgtd) -> dict[str, int]:
@@ -395,6 +420,186 @@ def run_iscsi(args: argparse.Namespace) -> dict:
         if rbd is not None:
             rbd.close()
     return results
+
+
+# --sessions: name, I/O size, queue depth per session; each LUN a filled SESSION_LUN_SIZE
+# file in /dev/shm (as many as the largest session count, for each target); each run
+# lasts SESSION_SECONDS at --scale 1.0
+SESSION_WORKLOADS = [("4k-randread-qd4", 4096, 4), ("64k-randread-qd4", 65536, 4)]
+SESSION_SPREADS = ("1-lun", "n-luns")   # every session on LUN 0; session i on LUN i
+SESSION_LUN_SIZE = 16 << 20
+SESSION_SECONDS = 2.0
+SESSION_GOALS = {"4k-randread-qd4": 0.8}   # issue 25: at every session count, p99 <= 2x
+
+
+def sessionload(work: Path) -> Path:
+    """scripts/sessionload.c built against libiscsi: many sessions from one process."""
+    cc = shutil.which("cc")
+    if cc is None or not Path("/usr/include/iscsi/iscsi.h").exists():
+        sys.exit("bench: --sessions needs a C compiler and libiscsi's headers (apt-get install gcc libiscsi-dev)")
+    out = work / "sessionload"
+    p = subprocess.run([cc, "-O2", "-o", str(out), str(ROOT / "scripts" / "sessionload.c"), "-liscsi"],
+                       capture_output=True, text=True)
+    if p.returncode:
+        sys.exit(f"bench: cannot build sessionload: {p.stderr.strip()}")
+    return out
+
+
+def rss_kib(pid: int) -> int:
+    m = re.search(r"VmRSS:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
+    return int(m.group(1)) if m else 0
+
+
+def load_run(tool: Path, t: Ours | Tgtd, urls: list[str], seconds: float, qd: int, size: int) -> dict:
+    """One run of sessionload: every session logs in first, then I/O for
+    `seconds`; CPU per I/O of each target process (and the initiator's) over
+    the I/O only, RSS while every session is still logged in."""
+    p = subprocess.Popen([str(tool), f"{seconds:g}", str(qd), str(size), *urls], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert p.stdin is not None and p.stdout is not None and p.stderr is not None
+    try:
+        if p.stdout.readline() != "ready\n":
+            raise RuntimeError(f"sessionload did not log in to {t.name}: {p.stderr.read()}")
+        pids = {**processes(t), "initiator": p.pid}
+        before = {name: usage(pid) for name, pid in pids.items()}
+        p.stdin.write("go\n")
+        p.stdin.flush()
+        line = p.stdout.readline()
+        after = {name: usage(pid) for name, pid in pids.items()}
+        if not line.startswith("{"):
+            raise RuntimeError(f"sessionload failed on {t.name}: {line}{p.stderr.read()}")
+        got = json.loads(line)
+        if got["errors"] or not got["ios"]:
+            raise RuntimeError(f"sessionload on {t.name}: {got['errors']} of {got['ios']} reads failed")
+        got["rss_kib"] = {name: rss_kib(pid) for name, pid in pids.items() if name != "initiator"}
+        got["cpu"] = per_io(before, after, got["ios"])
+        p.stdin.write("exit\n")
+        p.stdin.flush()
+        p.wait(60)
+        return got
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def run_sessions(args: argparse.Namespace) -> dict:
+    """The scaling curve: 1 to 64 concurrent sessions, on one LUN or on as
+    many LUNs as sessions, ours and tgtd alternating, each round a run of
+    each."""
+    counts = sorted(set(args.sessions))
+    work = Path(tempfile.mkdtemp(prefix="bench"))
+    tool = sessionload(work)
+    kinds: list[type[Ours] | type[Tgtd]] = [Ours, Tgtd] if args.compare_tgtd else [Ours]
+    if args.compare_tgtd and not shutil.which("tgtd"):
+        sys.exit("bench: tgtd not found (apt-get install tgt)")
+    images: list[Path] = []
+    targets: list[Ours | Tgtd] = []
+    seconds = max(0.1, SESSION_SECONDS * args.scale)
+    results: dict = {"sessions": {}, "runs": args.runs, "lun": "thick", "seconds_per_run": seconds,
+                     "lun_bytes": SESSION_LUN_SIZE, "session_counts": counts}
+    try:
+        for kind in kinds:
+            imgs = [filled_image(Path("/dev/shm") / f"bench-{kind.__name__.lower()}-{os.getpid()}-{i}.img",
+                                 SESSION_LUN_SIZE) for i in range(counts[-1])]
+            images += imgs
+            targets.append(kind(work, imgs[0], False, more=imgs[1:]))
+        results["rss_kib_idle"] = {t.name: {name: rss_kib(pid) for name, pid in processes(t).items()}
+                                   for t in targets}
+        for wname, size, qd in SESSION_WORKLOADS:
+            for spread in SESSION_SPREADS:
+                rows = results["sessions"].setdefault(wname, {}).setdefault(spread, {})
+                for n in counts:
+                    if spread == "n-luns" and n == 1:
+                        continue    # the same as 1-lun
+                    got: dict[str, list[dict]] = {t.name: [] for t in targets}
+                    for _ in range(args.runs):
+                        for t in targets:
+                            urls = [t.urls[i if spread == "n-luns" else 0] for i in range(n)]
+                            got[t.name].append(load_run(tool, t, urls, seconds, qd, size))
+                    row = session_row(got)
+                    rows[str(n)] = row
+                    print_session_row(wname, spread, n, row)
+        # memory: RSS with the most sessions logged in (the largest of every workload's
+        # runs) against RSS before the first session; the growth per session is at most this
+        top = [r for spreads in results["sessions"].values() for rows in spreads.values()
+               for n, r in rows.items() if int(n) == counts[-1]]
+        results["rss_kib_at_most_sessions"] = {
+            t.name: {p: max(r[t.name]["rss_kib"][p] for r in top) for p in results["rss_kib_idle"][t.name]}
+            for t in targets}
+        for t in targets:
+            print(f"RSS at {counts[-1]} sessions, {t.name}: " + ", ".join(
+                f"{p} {kib / 1024:.1f} MiB (+{(kib - results['rss_kib_idle'][t.name][p]) / 1024 / counts[-1]:.2f}"
+                " MiB per session)" for p, kib in results["rss_kib_at_most_sessions"][t.name].items()), flush=True)
+    finally:
+        for t in targets:
+            t.stop()
+        for img in images:
+            img.unlink(missing_ok=True)
+        shutil.rmtree(work, ignore_errors=True)
+    return results
+
+
+def session_row(got: dict[str, list[dict]]) -> dict:
+    """Medians over the rounds; ratios ours/tgtd per round, then their median."""
+    row: dict = {}
+    for name, runs in got.items():
+        iops = [r["ios"] / r["seconds"] for r in runs]
+        row[name] = {"iops": statistics.median(iops), "samples": iops,
+                     "p50_us": statistics.median(r["p50_us"] for r in runs),
+                     "p99_us": statistics.median(r["p99_us"] for r in runs),
+                     "cpu": {p: {k: statistics.median(r["cpu"][p][k] for r in runs) for k in runs[0]["cpu"][p]}
+                             for p in runs[0]["cpu"]},
+                     "rss_kib": {p: max(r["rss_kib"][p] for r in runs) for p in runs[0]["rss_kib"]}}
+    if "tgtd" in got:
+        ours, tgt = got["scsi-target"], got["tgtd"]
+        row["ratio"] = statistics.median(a["ios"] / a["seconds"] / (b["ios"] / b["seconds"])
+                                         for a, b in zip(ours, tgt))
+        row["p99_ratio"] = statistics.median(a["p99_us"] / max(1, b["p99_us"]) for a, b in zip(ours, tgt))
+    return row
+
+
+def print_session_row(wname: str, spread: str, n: int, row: dict) -> None:
+    def part(name: str) -> str:
+        r = row[name]
+        cpu = ", ".join(f"{p} {c['user_us']:.0f}+{c['system_us']:.0f}" for p, c in r["cpu"].items()
+                        if p != "initiator")
+        return (f"{name} {r['iops']:8.0f} IOPS p50 {r['p50_us']:6.0f} p99 {r['p99_us']:6.0f} us "
+                f"({cpu} us/IO)")
+    line = f"{wname:17s} {spread:6s} {n:3d} sessions: " + part("scsi-target")
+    if "ratio" in row:
+        line += f" | {part('tgtd')} | ratio {row['ratio']:.2f}, p99 {row['p99_ratio']:.2f}x"
+    print(line, flush=True)
+
+
+def session_chart(results: dict, path: Path) -> None:
+    """Ratio to tgtd against session count, a line per workload and spread."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("bench: matplotlib not installed; no chart written")
+        return
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for wname, spreads in results["sessions"].items():
+        for spread, rows in spreads.items():
+            ns = sorted(int(n) for n in rows)
+            if spread == "n-luns" and "1" in spreads.get("1-lun", {}):
+                ns = [1] + ns     # one session on one LUN is both spreads' first point
+                rows = {"1": spreads["1-lun"]["1"], **rows}
+            ax.plot(ns, [rows[str(n)]["ratio"] for n in ns], marker="o", label=f"{wname}, {spread}")
+    for wname, goal in SESSION_GOALS.items():
+        ax.axhline(goal, color="black", linewidth=1, linestyle=":", label=f"goal {wname}")
+    ax.axhline(1.0, color="grey", linestyle="--", linewidth=1)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("concurrent sessions")
+    ax.set_ylabel("scsi-target / tgtd IOPS (median of rounds)")
+    ax.set_title("Aggregate IOPS relative to tgtd, same machine, same run")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path)
+    print(f"chart: {path}")
 
 
 def run_loopback(args: argparse.Namespace) -> dict:
@@ -656,8 +861,19 @@ def machine() -> dict:
 
 def default_out(args: argparse.Namespace, results: dict) -> Path:
     kind = ("-thin" if args.thin else "-loopback" if args.loopback else "-vhost" if args.vhost
-            else "-rbd" if args.rbd else "-trace" if args.trace else "")
+            else "-rbd" if args.rbd else "-trace" if args.trace else "-sessions" if args.sessions else "")
     return ROOT / "docs" / "perf" / f"{results['date']}-{results['commit']}{kind}.json"
+
+
+def session_counts(text: str) -> list[int]:
+    """--sessions 1,2,4: positive session counts."""
+    try:
+        counts = [int(n) for n in text.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1 or max(counts) > 1024:
+        raise argparse.ArgumentTypeError(f"expected session counts from 1 to 1024 like 1,2,4, not {text!r}")
+    return counts
 
 
 def main() -> None:
@@ -682,13 +898,19 @@ def main() -> None:
     ap.add_argument("--ceph-keyring", help="--rbd: the keyring for --ceph-conf, if it does not name one")
     ap.add_argument("--trace", action="store_true",
                     help="4 KiB QD16 reads with and without `run --trace`, alternating (see above)")
+    ap.add_argument("--sessions", type=session_counts, metavar="N,N,...",
+                    help="the scaling curve: these counts of concurrent sessions (e.g. 1,2,4,8,16,32,64), "
+                         "4 KiB and 64 KiB random reads QD4 each, on one LUN and on one LUN per session; "
+                         "--scale multiplies the seconds of each run (see above)")
     args = ap.parse_args()
-    if not shutil.which("qemu-img") and not args.loopback and not args.vhost:
+    if not shutil.which("qemu-img") and not args.loopback and not args.vhost and not args.sessions:
         sys.exit("bench: qemu-img not found (apt-get install qemu-utils qemu-block-extra)")
     if args.vhost:
         results = run_vhost(args)
     elif args.trace:
         results = run_trace(args)
+    elif args.sessions:
+        results = run_sessions(args)
     else:
         results = run_loopback(args) if args.loopback else run_iscsi(args)
     results["commit"], results["date"] = commit(), time.strftime("%Y-%m-%d")
@@ -698,7 +920,7 @@ def main() -> None:
     out.write_text(json.dumps(results, indent=2))
     print(f"results: {out}")
     if args.compare_tgtd:
-        chart(results, out.with_suffix(".png"))
+        (session_chart if args.sessions else chart)(results, out.with_suffix(".png"))
 
 
 if __name__ == "__main__":

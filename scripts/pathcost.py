@@ -11,6 +11,11 @@
   end's scsi_target_done and slot returns come back.
 - stml-write: the same for WRITE(10) with its data sent along (immediate
   data, as qemu sends 4 KiB writes), written to the backend.
+- stml-thin: what qemu sends for each read of 32 KiB and more on a thin
+  LUN: GET LBA STATUS for one descriptor, then a 64 KiB READ(10), on a
+  sparse file fragmented by 4 KiB writes 20 KiB apart (as bench.py
+  --thin); the cost is per pair, with the event loop running (a backend
+  call in a worker thread is counted with its hand-offs).
 - fetd: SCSI Command PDUs framed and handled by fetd_tcp, rx_cmnd packed,
   xmit_response (packed here, as the STML would) dispatched, the Data-In
   PDU encoded; sixteen commands per read, as at QD16.
@@ -18,6 +23,9 @@
   socket pair, sixteen at a time: send, parse, deliver.
 - stml-traced: the stml path while a trace is recorded (stml.trace, to
   /dev/null): what recording adds to the STML's work per command.
+- stml-timed: the stml path with stage timing on (`--timing`, stml.timing):
+  the front end's stamps on rx_cmnd and scsi_target_done, the STML's taken
+  and sent on xmit_response, and the histograms.
 
 Time per command moves by 10-20% between runs on a shared machine. The
 instruction count (valgrind's callgrind, `apt-get install valgrind`) does
@@ -53,7 +61,8 @@ def cdb10(opcode: int, lba: int, blocks: int) -> bytes:
     return bytes([opcode, 0]) + lba.to_bytes(4, "big") + b"\0" + blocks.to_bytes(2, "big") + b"\0"
 
 
-async def stml_path(count: int, size: int, write: bool = False, traced: bool = False) -> float:
+async def stml_path(count: int, size: int, write: bool = False, traced: bool = False,
+                    timed: bool = False) -> float:
     from stml import config
     from stml.api import SharedRegion
     from stml.server import StmlServer
@@ -84,9 +93,17 @@ async def stml_path(count: int, size: int, write: bool = False, traced: bool = F
         server.streams[ident] = Stream()
         if traced:
             server.traces.start(os.devnull, force=True)
+        stamps: dict = {}   # the front end's, with timing on (a front end on this host)
+        if timed:
+            from stml.api.link import boot_id
+            from stml.timing import Timing
+            server.emulator.enable_timing(Timing(boot_id()))
+            stamps = {"caps": ["timing"], "boot_id": boot_id()}
         receive = server.received if traced else server._receive   # (the carriers' entry point)
         receive([ident, pack({"op": "register_target_front_end", "name": "pathcost",
-                                      "kind": "bench", "version": [1, 0]})])
+                                      "kind": "bench", "version": [1, 0], **stamps})])
+        if timed:
+            stamps = {"ts": [time.monotonic_ns()] * 2}
         target = next(iter(server.emulator.targets))
         receive([ident, pack({"op": "register_nexus", "nexus": 1, "initiator": "iqn.x",
                                       "target": target, "tpg": 1})])
@@ -95,11 +112,12 @@ async def stml_path(count: int, size: int, write: bool = False, traced: bool = F
         messages = [[ident, pack({"op": "rx_cmnd", "tag": tag, "nexus": 1, "lun": 0,
                                   "cdb": cdb10(0x2A if write else 0x28, tag * blocks % (1 << 20), blocks),
                                   "attr": 0, "dir": 1 if write else 2, "len": size,
-                                  "unsol": size if write else 0}), *payload]
+                                  "unsol": size if write else 0, **stamps}), *payload]
                     for tag in range(count + 1)]
         # what the front end reports once it sent each QD responses (packed by the front end)
-        done = [[ident, pack({"op": "scsi_target_done", "tags": list(range(first, first + QD))})]
-                for first in range(0, count, QD)]
+        done = [[ident, pack({"op": "scsi_target_done", "tags": list(range(first, first + QD)),
+                              **({"ts": [time.monotonic_ns()] * QD} if timed else {})})]
+                for first in range(0, count, QD)][::-1]   # (popped from the end: the first first)
         receive(messages.pop())        # takes the power-on unit attention
         replies.clear()
         start = time.perf_counter()
@@ -121,6 +139,95 @@ async def stml_path(count: int, size: int, write: bool = False, traced: bool = F
     finally:   # a failed run too: no 1 GiB file left in /dev/shm, no context left to hang at exit
         if server is not None:
             server.sock.close(linger=0)   # else the context waits on the unbound socket
+            server.ctx.term()
+            server.executor.shutdown()
+        shutil.rmtree(work, ignore_errors=True)
+    return took
+
+
+THIN_READ = 64 << 10
+THIN_EXTENTS = 2048          # 4 KiB written every 20 KiB: 40 MiB of 4096 data extents and holes
+
+
+async def stml_thin_path(count: int, size: int) -> float:
+    """GET LBA STATUS (one descriptor) and a 64 KiB read, pair after pair;
+    `size` is not used: qemu asks before reads of 32 KiB and more only."""
+    import backends.file
+    from stml import config
+    from stml.api import SharedRegion
+    from stml.server import StmlServer
+    # under callgrind (50 times slower) a lookup can take over 1 ms, which the file backend
+    # takes for a wait on the device: it sends the next 1024 lookups to worker threads, and
+    # the count would depend on the machine's load (559k instead of 271k per pair on a busy
+    # machine). The file is in memory and never waits: count the loop's path.
+    backends.file._SLOW_LOOKUP_NS = 1 << 62
+    work = Path(tempfile.mkdtemp(prefix="pathcost", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
+    server: StmlServer | None = None
+    try:
+        img = work / "lun.img"
+        fd = os.open(img, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            os.ftruncate(fd, 1 << 30)
+            for i in range(THIN_EXTENTS):
+                os.pwrite(fd, b"\xab" * 4096, i * 20480)
+        finally:
+            os.close(fd)
+        server = StmlServer(config.load(data_dir=str(work / "data"), luns=(f"file:{img}",)))
+        ident = b"\0stream-1"
+        replies: list = []
+        want = [0]
+        arrived: list[asyncio.Future] = []
+
+        class Stream:   # what StmlServer needs of a StreamChannel
+            region = SharedRegion()
+
+            def send(self, frames: list) -> None:
+                replies.append(frames)
+                if arrived and len(replies) >= want[0]:
+                    arrived.pop().set_result(None)
+
+        server.streams[ident] = Stream()
+        server._receive([ident, pack({"op": "register_target_front_end", "name": "pathcost",
+                                      "kind": "bench", "version": [1, 0]})])
+        target = next(iter(server.emulator.targets))
+        server._receive([ident, pack({"op": "register_nexus", "nexus": 1, "initiator": "iqn.x",
+                                      "target": target, "tpg": 1})])
+        blocks = THIN_READ // 512
+        span = THIN_EXTENTS * 20480 // 512
+
+        def pair(tag: int) -> list[list]:
+            lba = tag * blocks % span
+            gls = bytes([0x9E, 0x12]) + lba.to_bytes(8, "big") + (24).to_bytes(4, "big") + bytes(2)
+            return [[ident, pack({"op": "rx_cmnd", "tag": 2 * tag, "nexus": 1, "lun": 0, "cdb": gls,
+                                  "attr": 0, "dir": 2, "len": 24, "unsol": 0})],
+                    [ident, pack({"op": "rx_cmnd", "tag": 2 * tag + 1, "nexus": 1, "lun": 0,
+                                  "cdb": cdb10(0x28, lba, blocks), "attr": 0, "dir": 2, "len": THIN_READ,
+                                  "unsol": 0})]]
+
+        async def one(tag: int) -> None:
+            want[0] = len(replies) + 2
+            for m in pair(tag):
+                server._receive(m)
+            if len(replies) < want[0]:
+                arrived.append(asyncio.get_running_loop().create_future())
+                await arrived[-1]
+
+        await one(count)                       # takes the power-on unit attention
+        replies.clear()
+        start = time.perf_counter()
+        for tag in range(count):
+            await one(tag)
+            if len(replies) >= QD:
+                assert all(unpack(r[0])["status"] == 0 for r in replies), "the commands succeed"
+                replies.clear()                # the slots of shared read data are free again
+        took = time.perf_counter() - start
+        replies.clear()
+        await one(count + 1)
+        got = {unpack(r[0])["tag"]: (unpack(r[0])["status"], len(r[1])) for r in replies}
+        assert got == {2 * count + 2: (0, 24), 2 * count + 3: (0, THIN_READ)}, "both answer"
+    finally:   # a failed run too: no 1 GiB file left in /dev/shm, no context left to hang at exit
+        if server is not None:
+            server.sock.close(linger=0)
             server.ctx.term()
             server.executor.shutdown()
         shutil.rmtree(work, ignore_errors=True)
@@ -219,8 +326,9 @@ async def carrier_path(count: int, size: int) -> float:
 
 
 PATHS: dict[str, Callable] = {"stml": stml_path, "stml-write": functools.partial(stml_path, write=True),
-                              "fetd": fetd_path, "carrier": carrier_path,
-                              "stml-traced": functools.partial(stml_path, traced=True)}
+                              "stml-thin": stml_thin_path, "fetd": fetd_path, "carrier": carrier_path,
+                              "stml-traced": functools.partial(stml_path, traced=True),
+                              "stml-timed": functools.partial(stml_path, timed=True)}
 
 
 def instructions(path: str, size: int) -> float:

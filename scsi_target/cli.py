@@ -289,7 +289,7 @@ class Plan:
 @inject_options
 def run(log_level: str, log_format: str, portals: tuple[str, ...], no_iscsi: bool, cpu_affinity: str,
         listen: tuple[str, ...], insecure: bool, metrics: str | None, poll_us: int | None,
-        vhost: tuple[str, ...], trace_path: str | None, trace_max: str, trace_with_data: bool,
+        timing: bool, vhost: tuple[str, ...], trace_path: str | None, trace_max: str, trace_with_data: bool,
         inject: tuple[str, ...], inject_files: tuple[str, ...], **kw: Any) -> None:
     """Run the target: the STML and the iSCSI front end (Ctrl-C stops all).
 
@@ -314,7 +314,7 @@ def run(log_level: str, log_format: str, portals: tuple[str, ...], no_iscsi: boo
     except ConfigError as e:
         config_exit(e)
     kw["config_path"] = str(config.path)     # the children serve the very file resolved here
-    apply_stml_options(config, listen, insecure, metrics, poll_us)
+    apply_stml_options(config, listen, insecure, metrics, poll_us, timing)
     names = ["stml"] if no_iscsi else ["stml", "fetd_tcp"]
     # librbd's threads run in the STML: pinned to its share they would queue
     # behind its event loop (and its polling), so RBD LUNs leave the CPUs whole
@@ -336,6 +336,8 @@ def run(log_level: str, log_format: str, portals: tuple[str, ...], no_iscsi: boo
     if poll_us is not None:
         base += ["--poll-us", str(poll_us)]
     stml_args = list(base)
+    if timing:   # (the front ends stamp when the STML grants it: no flag of theirs)
+        stml_args.append("--timing")
     if trace is not None:   # the STML records: it sees every front end's messages
         stml_args += ["--trace", trace.path, "--trace-max", str(trace.max_bytes)]
         stml_args += ["--trace-with-data"] if trace.with_data else []

@@ -433,10 +433,25 @@ def render_status(snap: dict[str, Any], wide: bool) -> str:
 @click.option("--interval", type=float, default=1.0, show_default=True,
               help="Seconds between the two samples rates come from (0: counters only, at once).")
 @click.option("--wide", is_flag=True, help="Every column, whatever the width.")
-def status(watch: bool, interval: float, wide: bool, **kw: Any) -> None:
+@click.option("--latency", is_flag=True,
+              help="Stage timing instead (a target run with --timing): per LUN and front end, "
+                   "each stage's commands and p50/p90/p99 in microseconds.")
+def status(watch: bool, interval: float, wide: bool, latency: bool, **kw: Any) -> None:
     """The STML's portals, LUNs, sessions and front ends, with sizes, rates
     (iops, bytes/s over --interval), totals read and written, errors and
     latency (LAT US: p50/p90/p99 of recent commands, in microseconds)."""
+    if latency:
+        while True:
+            report = _call(kw, "latency")
+            if kw.get("as_json"):
+                click.echo(json.dumps(report, indent=2, sort_keys=True))
+            else:
+                if watch:
+                    click.clear()
+                click.echo(render_latency(report))
+            if not watch:
+                return
+            time.sleep(max(interval, 0.1))
     snap = _call(kw, "status")
     while True:
         if interval > 0:
@@ -455,6 +470,26 @@ def status(watch: bool, interval: float, wide: bool, **kw: Any) -> None:
         if interval <= 0:
             time.sleep(1.0)
             snap = _call(kw, "status")
+
+
+def render_latency(report: dict[str, Any]) -> str:
+    """`status --latency`: one table per LUN and per front end, a row per stage."""
+    out = [f"Stage timing: {report['commands']} command(s) counted, {report['in_flight']} in flight"
+           + (f", {report['untracked']} past the table caps" if report.get("untracked") else "")]
+    cols = ["stage", "count", "p50", "p90", "p99"]
+
+    def stage_rows(stages: dict[str, Any]) -> list[dict[str, Any]]:
+        return [{"stage": name, **stages[name]} for name in report["stages"] if name in stages]
+    for r in report["luns"]:
+        out.append(f"\nLUN {r['target']} {r['lun']} (us)")
+        out.append(table(stage_rows(r["stages"]), cols, None, WIDTH))
+    for r in report["front_ends"]:
+        clock = r.get("clock", "?")
+        if r.get("error_ns") is not None and clock != "same host":
+            clock += f", offset {r['offset_ns'] / 1000:+.1f} us +/- {r['error_ns'] / 1000:.1f} us"
+        out.append(f"\nFront end {r['name']} (us; clock: {clock})")
+        out.append(table(stage_rows(r["stages"]), cols, None, WIDTH))
+    return "\n".join(out)
 
 
 def render_tree(targets: list[dict[str, Any]], snap: dict[str, Any], wide: bool) -> str:

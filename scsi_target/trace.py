@@ -197,7 +197,8 @@ def export(file: str, out: str, as_csv: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def stats(file: str, png: str | None, as_json: bool) -> None:
     """Per command: how many, their statuses, and latency percentiles in the
-    STML (rx_cmnd received to xmit_response sent)."""
+    STML (rx_cmnd received to xmit_response sent); with the stamps of a
+    `run --timing` trace, the same per stage."""
     from stml.trace.format import TraceError
     from stml.trace.report import stats as compute
     try:
@@ -219,6 +220,11 @@ def stats(file: str, png: str | None, as_json: bool) -> None:
             if others:
                 statuses += "".join(f", {k} {v}" for k, v in sorted(others.items()))
             click.echo(f"{name[:32]:32s} {c['count']:7d} {cells}  {statuses}")
+        if s.get("stages"):   # a trace of `run --timing`
+            click.echo(f"\n{'STAGE':32s} {'COUNT':>7s} {'P50_US':>9s} {'P90_US':>9s} {'P99_US':>9s}")
+            for name, st in s["stages"].items():
+                cells = " ".join(f"{st[k]:9.1f}" for k in ("p50", "p90", "p99"))
+                click.echo(f"{name:32s} {st['count']:7d} {cells}")
     if png:
         from stml.trace.report import plot
         try:

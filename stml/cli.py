@@ -58,6 +58,9 @@ def stml_options(f: Callable) -> Callable:
         click.option("--poll-us", type=click.IntRange(0, MAX_POLL_US), metavar="US",
                      help="After traffic, poll for this long before sleeping (0: never; default 0, "
                           "or 200 under `run` when it gave the STML CPUs of its own)."),
+        click.option("--timing", is_flag=True,
+                     help="Time every command stage by stage (`status --latency`, Prometheus "
+                          "histograms, trace stamps); the config's [stml] timing = true does too."),
     ]):
         f = opt(f)
     return f
@@ -121,7 +124,8 @@ def trace_settings(path: str | None, size: str, with_data: bool) -> Any:
 
 
 def apply_stml_options(config: Config, listen: tuple[str, ...] = (), insecure: bool = False,
-                       metrics: str | None = None, poll_us: int | None = None) -> None:
+                       metrics: str | None = None, poll_us: int | None = None,
+                       timing: bool = False) -> None:
     for ep in listen:
         if ep not in config.stml.listen:
             config.stml.listen.append(ep)
@@ -129,6 +133,7 @@ def apply_stml_options(config: Config, listen: tuple[str, ...] = (), insecure: b
     config.stml.metrics = metrics or config.stml.metrics
     if poll_us is not None:
         config.stml.poll_us = poll_us
+    config.stml.timing = config.stml.timing or timing
 
 
 @click.command("stml")
@@ -140,14 +145,14 @@ def apply_stml_options(config: Config, listen: tuple[str, ...] = (), insecure: b
 @trace_options
 @inject_options
 def main(log_level: str, log_format: str, listen: tuple[str, ...], insecure: bool, metrics: str | None,
-         poll_us: int | None, trace_path: str | None, trace_max: str, trace_with_data: bool,
+         poll_us: int | None, timing: bool, trace_path: str | None, trace_max: str, trace_with_data: bool,
          inject: tuple[str, ...], inject_files: tuple[str, ...], **kw: Any) -> None:
     """Run the STML alone: it owns the LUNs and waits for front ends."""
     setup_logging(log_level, "stml", log_format)
     trace = trace_settings(trace_path, trace_max, trace_with_data)
     rules = inject_rules(inject, inject_files, ("stml",))
     config = load_or_exit(**kw)
-    apply_stml_options(config, listen, insecure, metrics, poll_us)
+    apply_stml_options(config, listen, insecure, metrics, poll_us, timing)
     from scsi_runtime.loop import run_loop
     from stml.server import run_stml
     try:

@@ -132,6 +132,7 @@ class StmlSettings:
     # proves itself with to them (their STMLs share this one's key pair)
     peers: list[str] = field(default_factory=list)
     front_end_key: str | None = None
+    timing: bool = False             # stage timing (stml.timing), as `--timing`
 
     def endpoints(self, main: str) -> list[str]:
         return [main] + [e for e in self.listen if e != main]
@@ -460,7 +461,7 @@ def stml_settings(raw: Any, config_path: Path | None) -> StmlSettings:
     if not isinstance(raw, dict):
         raise ConfigError("stml", "must be a table")
     known = {"listen", "curve_secret_key_file", "allowed_front_ends", "insecure", "heartbeat_ms", "metrics",
-             "poll_us", "peers", "front_end_key"}
+             "poll_us", "peers", "front_end_key", "timing"}
     for key in raw:
         if key not in known:
             raise ConfigError(f"stml.{key}", f"unknown setting (known: {', '.join(sorted(known))})")
@@ -496,7 +497,8 @@ def stml_settings(raw: Any, config_path: Path | None) -> StmlSettings:
             raise ConfigError("stml.front_end_key", "must be a key file")
         fe_key = _key_path(fe_key, config_path)
     return StmlSettings(listen, secret, allowed, _bool(raw.get("insecure", False), "stml.insecure"),
-                        hb, metrics, poll_us, peers, fe_key)
+                        hb, metrics, poll_us, peers, fe_key,
+                        _bool(raw.get("timing", False), "stml.timing"))
 
 
 class StartupError(ConfigError):

@@ -19,11 +19,11 @@ from collections.abc import Container, Iterable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Coroutine
+from typing import Any, Callable, Coroutine, cast
 
 from backends import BackendError
 from stml import pr
-from stml.api import MAX_NAME_LEN, MAX_PORT_NAME_LEN, DataDir, Op, TaskAttr, Tmf, TmfResponse, version_compatible
+from stml.api import MAX_NAME_LEN, MAX_PORT_NAME_LEN, Cap, DataDir, Op, TaskAttr, Tmf, TmfResponse, version_compatible
 from stml.api.link import StmlSender, Transport
 from stml.api.stream import Lease
 from stml.api.messages import TO_STML, check
@@ -39,6 +39,7 @@ from stml.sense import (
     UNRECOVERED_READ_ERROR, WRITE_ERROR, CheckCondition, StatusError, build_sense,
 )
 from stml.task import FrontEnd, Nexus, Task
+from stml.timing import BACKEND_END, BACKEND_START, DISPATCHED, POINTS, QUEUED, Timing
 from stml.workers import FairWorkers
 
 log = logging.getLogger("stml")
@@ -47,12 +48,54 @@ _READ, _WRITE = int(DataDir.READ), int(DataDir.WRITE)   # plain ints: IntFlag op
 _COUNT_FIELDS = ("lun", "attr", "dir", "len", "unsol")   # rx_cmnd fields: non-negative ints
 _MAX_ATTR = max(TaskAttr)   # and attr a TaskAttr: the task set policies know no other
 _REGISTER = Op.REGISTER.value   # plain str: an enum member costs an attribute hook per message
+_TIMING_CAPS = frozenset({Cap.TIMING.value})   # granted, when offered, while commands are timed
 # backend failures that are no fault of the medium, by errno: the storage is
 # out of this path's reach for now (ESHUTDOWN: an RBD gateway fenced, another
 # serves the LU; ETIMEDOUT: the cluster did not answer). NOT READY, ASYMMETRIC
 # ACCESS STATE TRANSITION: initiators retry, on another path (docs/decisions/0404)
 PATH_ERRORS = {errno.ESHUTDOWN: (NOT_READY, ASYMMETRIC_ACCESS_STATE_TRANSITION),
                errno.ETIMEDOUT: (NOT_READY, ASYMMETRIC_ACCESS_STATE_TRANSITION)}
+
+
+class TimedTask(Task):
+    """A Task while the STML times commands (Emulator.enable_timing): it
+    fills the STML's stamps of stml.timing (dispatch, backend start and end
+    here; queued in Emulator._execute)."""
+
+    __slots__ = ("stamps",)
+    stamps: list[int]   # (the slot: always a list here)
+
+    def __init__(self, emulator: Emulator, fe: FrontEnd, nexus: Nexus, tag: int, lun: int,
+                 cdb: bytes, attr: int, direction: int, exp_len: int, unsol: int,
+                 imm: list) -> None:
+        super().__init__(emulator, fe, nexus, tag, lun, cdb, attr, direction, exp_len, unsol, imm)
+        timing = emulator.timing
+        stamps = timing.stamps(fe.ident, tag) if timing is not None else None
+        self.stamps = stamps if stamps is not None else [0] * len(POINTS)
+
+    async def timed(self, handler: Callable[[Task], Coroutine[Any, Any, Any]]) -> Any:
+        """Run the command's handler, dispatched now. A handler that called
+        no backend off the loop (io_on) did its backend work in place (RAM,
+        the page cache: read_nowait, write_nowait), so its own run is the
+        backend stage."""
+        stamps = self.stamps
+        stamps[DISPATCHED] = time.monotonic_ns()
+        try:
+            return await handler(self)
+        finally:
+            if not stamps[BACKEND_START]:
+                stamps[BACKEND_START] = stamps[DISPATCHED]
+                stamps[BACKEND_END] = time.monotonic_ns()
+
+    async def io_on(self, lu: LogicalUnit, fn: Callable, *args: Any) -> Any:
+        """Task.io_on, stamped: the first backend call's start, the last one's end."""
+        stamps = self.stamps
+        if not stamps[BACKEND_START]:
+            stamps[BACKEND_START] = time.monotonic_ns()
+        try:
+            return await super().io_on(lu, fn, *args)
+        finally:
+            stamps[BACKEND_END] = time.monotonic_ns()
 
 
 def start_eagerly(coro: collections.abc.Coroutine) -> asyncio.Task | None:
@@ -161,6 +204,12 @@ class _Resets:
 
 class Emulator:
     """Registries and the command engine."""
+
+    # stage timing (enable_timing), None while off: a class attribute, so an
+    # untimed Emulator has no more instance attributes than before (past 30,
+    # CPython 3.11 stops sharing an instance dict's keys, and every attribute
+    # read on the command path costs more: pathcost counted ~3,000 instructions)
+    timing: Timing | None = None
 
     def __init__(self, targets: list[Target], send: Transport, executor: Executor, *,
                  name: str = "stml", heartbeat_ms: int = 1000, max_transfer: int = 8 << 20,
@@ -301,6 +350,58 @@ class Emulator:
                 self._lease.release()
                 self._lease = None
 
+    # ------------------------------------------------------------ stage timing
+    def enable_timing(self, timing: Timing) -> None:
+        """Time every command from now on (stml.timing): front ends that
+        register from now on are granted `timing` and stamp theirs; commands
+        become TimedTasks, and rx_cmnd, xmit_response, scsi_target_done and
+        heartbeats go through timed entry points (the plain ones cost nothing
+        for it while timing is off)."""
+        self.timing = timing
+        self._ops[Op.RX_CMND] = self._rx_cmnd_timed
+        self._ops[Op.DONE] = self._responses_sent_timed
+        self._ops[Op.HEARTBEAT] = self._heartbeat_timed
+        out = self.out
+        plain_xmit = out.xmit_response
+
+        def xmit_response(ident: bytes, tag: int, status: int, sense: bytes | None, resid: int,
+                          data: list) -> None:
+            ts = timing.responded(ident, tag)
+            if ts is None:
+                plain_xmit(ident, tag, status, sense, resid, data)
+            else:
+                out.xmit_response_timed(ident, tag, status, sense, resid, data, ts)
+
+        def heartbeat(ident: bytes) -> None:
+            clock = timing.front_ends.get(ident)   # a front end granted timing
+            if clock is not None and not clock.same_host:   # (one on this host shares our clock)
+                out.heartbeat_timed(ident, time.monotonic_ns())
+            else:
+                StmlSender.heartbeat(out, ident)
+        out.xmit_response = xmit_response   # type: ignore[method-assign]
+        out.heartbeat = heartbeat   # type: ignore[method-assign]
+
+    def _rx_cmnd_timed(self, fe: FrontEnd, h: dict[str, Any], frames: list) -> None:
+        """rx_cmnd while timed: the command's stamps begin (the task fills them)."""
+        tag, nid = h.get("tag"), h.get("nexus")   # (refused later when malformed)
+        if type(tag) is int and type(nid) is int and self.timing is not None:
+            nexus = fe.nexuses.get(nid)
+            lun = h.get("lun")
+            where = (nexus.target, lun) if nexus is not None and type(lun) is int \
+                and self.lookup_lu(nexus.target, lun) is not None else None
+            self.timing.received(fe.ident, tag, where, h.get("ts"))
+        self._rx_cmnd(fe, h, frames, TimedTask)
+
+    def _responses_sent_timed(self, fe: FrontEnd, h: dict[str, Any], frames: list) -> None:
+        if self.timing is not None:
+            self.timing.delivered(fe.ident, h.get("tags"), h.get("ts"))
+
+    def _heartbeat_timed(self, fe: FrontEnd, h: dict[str, Any], frames: list) -> None:
+        now = time.monotonic_ns()
+        self._heartbeat(fe, h, frames)
+        if self.timing is not None and "echo" in h:
+            self.timing.echo(fe.ident, h["echo"], now)
+
     def _take_lease(self, task: Task) -> None:
         """The frames of the message in hand are the task's until it ends."""
         if self._lease is not None:
@@ -329,7 +430,10 @@ class Emulator:
         if self.standby is not None:
             self.out.refuse(ident, self.standby, standby=True)
             return
-        caps = frozenset(h.get("caps") or ()) & self.carrier_caps(ident)
+        caps = frozenset(h.get("caps") or ()) & (self.carrier_caps(ident) | (
+            _TIMING_CAPS if self.timing is not None else frozenset()))
+        if self.timing is not None and Cap.TIMING in caps:
+            self.timing.front_end(ident, h["name"], h.get("boot_id"))
         known = self.front_ends.get(ident)
         if known is not None:  # a repeated registration (e.g. queued retries): same state
             known.last_seen = time.monotonic()
@@ -361,6 +465,8 @@ class Emulator:
         for nexus in list(fe.nexuses.values()):
             self.drop_nexus(nexus, tasks.get(id(nexus), []))
         self.on_front_end_gone(fe.ident)
+        if self.timing is not None:
+            self.timing.front_end_gone(fe.ident)
 
     def check_liveness(self) -> None:
         """Release front ends silent for three of their heartbeat intervals."""
@@ -477,7 +583,9 @@ class Emulator:
         return key in self._keyed
 
     # ------------------------------------------------------------ commands
-    def _rx_cmnd(self, fe: FrontEnd, h: dict[str, Any], frames: list) -> None:
+    def _rx_cmnd(self, fe: FrontEnd, h: dict[str, Any], frames: list,
+                 task_class: type[Task] = Task) -> None:
+        """A command; `task_class`: TimedTask while commands are timed (_rx_cmnd_timed)."""
         nexus = fe.nexuses.get(h["nexus"])
         tag = h["tag"]
         if tag in fe.tasks:
@@ -499,7 +607,7 @@ class Emulator:
         if (lun | attr | direction | exp_len | unsol) < 0 or attr > _MAX_ATTR:
             self._refuse_counts(fe, tag, h)
             return
-        task = Task(self, fe, nexus, tag, lun, cdb, attr, direction, exp_len, unsol, frames)
+        task = task_class(self, fe, nexus, tag, lun, cdb, attr, direction, exp_len, unsol, frames)
         if self._lease is not None:
             self._take_lease(task)
         fe.tasks[tag] = task
@@ -565,6 +673,8 @@ class Emulator:
                     raise StatusError(TASK_SET_FULL)
                 self._check_reservation(lu, task, entry)
                 lu.task_set.add(task)
+                if task.stamps is not None:
+                    task.stamps[QUEUED] = time.monotonic_ns()
                 try:
                     if entry.check:
                         entry.check(task)
@@ -574,7 +684,10 @@ class Emulator:
                         self._check_reservation(lu, task, entry)
                         if entry.check:
                             entry.check(task)
-                    data = await entry.handler(task)
+                    if task.stamps is None:
+                        data = await entry.handler(task)
+                    else:
+                        data = await cast(TimedTask, task).timed(entry.handler)
                 finally:
                     lu.task_set.remove(task)
         except asyncio.CancelledError:

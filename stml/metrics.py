@@ -268,12 +268,21 @@ class PrometheusExporter:
     def _snapshot(self) -> dict[str, Any]:
         import asyncio
         if threading.current_thread() is threading.main_thread():
-            return self.metrics.snapshot(self.emulator)
+            return self._read()
         fut = asyncio.run_coroutine_threadsafe(self._async_snapshot(), self.loop)
         return fut.result(5)
 
     async def _async_snapshot(self) -> dict[str, Any]:
-        return self.metrics.snapshot(self.emulator)
+        return self._read()
+
+    def _read(self) -> dict[str, Any]:
+        """The snapshot, and the stage histograms when commands are timed
+        (copied here, on the event loop that writes them)."""
+        snap = self.metrics.snapshot(self.emulator)
+        timing = self.emulator.timing
+        if timing is not None:
+            snap["stage_histograms"] = timing.histograms()
+        return snap
 
     def collect(self) -> Any:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -301,5 +310,26 @@ class PrometheusExporter:
                     lat.add_metric(v + [str(q)], r["latency_us"][f"p{int(q * 100)}"] / 1e6)
             yield from fams.values()
             yield lat
+        yield from stage_families(snap.get("stage_histograms"))
         yield GaugeMetricFamily("scsi_target_uptime_seconds", "seconds since the STML started",
                                 value=snap["uptime_s"])
+
+
+def stage_families(hists: dict[str, Any] | None) -> Iterator[Any]:
+    """Stage timing (stml.timing) as Prometheus histograms, in seconds:
+    scsi_target_lun_stage_seconds{target,lun,stage} and
+    scsi_target_front_end_stage_seconds{front_end,stage}."""
+    if hists is None:
+        return
+    from prometheus_client.core import HistogramMetricFamily
+    for scope, labels in (("lun", ["target", "lun", "stage"]), ("front_end", ["front_end", "stage"])):
+        fam = HistogramMetricFamily(f"scsi_target_{scope}_stage_seconds",
+                                    f"time of each command stage per {scope} (scsi-target run --timing)",
+                                    labels=labels)
+        for key, stage, bounds, buckets, total in hists[scope]:
+            cumulative, running = [], 0
+            for le, n in zip([*(f"{b / 1e9:.9g}" for b in bounds), "+Inf"], buckets):
+                running += n
+                cumulative.append((le, running))
+            fam.add_metric([*key, stage], cumulative, total / 1e9)
+        yield fam

@@ -82,6 +82,7 @@ class Management:
             "session_drop": self.session_drop, "frontend_list": self.frontend_list,
             "config_show": self.config_show, "config_save": self.config_save,
             "config_diff": self.config_diff, "config_reload": self.config_reload,
+            "latency": self.latency,
             "trace_start": self.trace_start, "trace_status": self.trace_status, "trace_stop": self.trace_stop,
         }
 
@@ -113,7 +114,7 @@ class Management:
         except Exception as e:  # a management call must never take the STML down
             log.exception("management command %s failed", cmd)
             ok, error = False, f"internal error: {e}"
-        if ok and isinstance(cmd, str) and cmd not in ("status", "trace_status") \
+        if ok and isinstance(cmd, str) and cmd not in ("status", "trace_status", "latency") \
                 and not cmd.endswith(("_list", "_show", "_diff")):
             log.info("management: %s %s", cmd, {k: v for k, v in (h.get("args") or {}).items()
                                                  if k != "secret"}, extra=audit())
@@ -242,6 +243,14 @@ class Management:
 
     async def frontend_list(self) -> list[dict[str, Any]]:
         return self.metrics.snapshot(self.em)["front_ends"]
+
+    async def latency(self) -> dict[str, Any]:
+        """Stage timing (stml.timing): per LUN and front end, each stage's p50/p90/p99."""
+        timing = self.em.timing
+        if timing is None:
+            raise MgmtError("stage timing is off: start the target with --timing "
+                            "(or [stml] timing = true)")
+        return timing.report()
 
     # ------------------------------------------------------------ traces
     async def trace_start(self, path: str, with_data: bool = False, max_bytes: int | None = None,

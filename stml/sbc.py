@@ -478,7 +478,10 @@ async def get_lba_status(task: Task) -> bytes:
     # the LUN is a legal answer (SBC-4 5.7), and the backend stops there
     want = min(max(1, (alloc - 8) // 16), MAX_LBA_STATUS_DESCRIPTORS)
     span = min(lu.blocks - lba, 1 << 24)
-    runs = await task.io(lu.backend.mapped_extents, lba * bs, span * bs, want)
+    # at once when the backend can answer cheaply (qemu asks before every large read)
+    runs = lu.backend.mapped_extents_nowait(lba * bs, span * bs, want)
+    if runs is None:
+        runs = await task.io(lu.backend.mapped_extents, lba * bs, span * bs, want)
     descs = bytearray()
     for off, length, mapped in runs:
         first = off // bs

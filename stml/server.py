@@ -170,6 +170,10 @@ class StmlServer:
             self.emulator.restore_reservations()   # APTPL state kept under the data dir
         except PrStoreError as e:
             raise ConfigError("persistent reservations", str(e)) from None
+        if config.stml.timing:
+            from stml.api.link import boot_id
+            from stml.timing import Timing
+            self.emulator.enable_timing(Timing(boot_id()))
         from stml.gateway import Gateway
         # shared (RBD) storage: active or standby; `peers`: one of several gateways
         self.gateway = Gateway(self.emulator, self.executor, grouped=bool(config.stml.peers))

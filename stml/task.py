@@ -145,6 +145,10 @@ class Task:
         # shared memory of its read data): called once, when the task ends (_forget)
         self.held: list[Callable[[], None]] | None = None
 
+    # stage timing (stml.timing): None, read from the class, unless the task is a
+    # TimedTask (stml.emulator): an untimed task costs no store for it
+    stamps: list[int] | None = None
+
     def hold(self, release: Callable[[], None]) -> None:
         """Memory this task keeps until it ends; `release` gives it back."""
         if self.held is None:

@@ -87,3 +87,46 @@ def test_bench_trace_smoke(tmp_path):
     assert r["trace_bytes"] > 0 and r["ios"] == 200
     assert set(r["cpu_us_per_io"]) == {"plain", "traced"}
     assert all(set(procs) == {"stml", "fetd_tcp"} for procs in r["cpu_us_per_io"].values())
+
+
+@pytest.mark.skipif(not (shutil.which("cc") and Path("/usr/include/iscsi/iscsi.h").exists()),
+                    reason="sessionload needs gcc and libiscsi-dev (scripts/test-deps installs them)")
+def test_bench_sessions_smoke(tmp_path):
+    """--sessions: the scaling curve's every workload, spread and count runs,
+    with latency percentiles, CPU per I/O of each process and RSS; its
+    LUN files are removed."""
+    out = tmp_path / "sessions.json"
+    args = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--sessions", "1,2", "--runs", "1",
+            "--scale", "0.05", "--out", str(out)]
+    tgtd = shutil.which("tgtd") is not None
+    if tgtd:
+        args.append("--compare-tgtd")
+    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    said, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, said
+    results = json.loads(out.read_text())
+    assert results["session_counts"] == [1, 2]
+    names = ["scsi-target", "tgtd"] if tgtd else ["scsi-target"]
+    for workload in ("4k-randread-qd4", "64k-randread-qd4"):
+        spreads = results["sessions"][workload]
+        assert set(spreads["1-lun"]) == {"1", "2"} and set(spreads["n-luns"]) == {"2"}
+        for row in [*spreads["1-lun"].values(), *spreads["n-luns"].values()]:
+            for name in names:
+                r = row[name]
+                assert r["iops"] > 0 and 0 < r["p50_us"] <= r["p99_us"]
+                procs = {"stml", "fetd_tcp"} if name == "scsi-target" else {"tgtd"}
+                assert set(r["cpu"]) == procs | {"initiator"}
+                assert set(r["rss_kib"]) == procs and min(r["rss_kib"].values()) > 0
+            if tgtd:
+                assert row["ratio"] > 0 and row["p99_ratio"] > 0
+    assert set(results["rss_kib_at_most_sessions"]) == set(names)
+    if tgtd:
+        assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(Path("/dev/shm").glob(f"bench-*-{p.pid}-*.img"))
+
+
+def test_bench_sessions_refuses_bad_counts():
+    p = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--sessions", "0,2"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2
+    assert "expected session counts from 1 to 1024 like 1,2,4, not '0,2'" in p.stderr.splitlines()[-1]

@@ -122,6 +122,146 @@ def test_get_lba_status_asks_the_backend_for_the_descriptors_it_returns():
     run(go())
 
 
+def _file_lu(h: Harness, path: str) -> LogicalUnit:
+    """Replace the harness's LU 0 with a thin LU on the file at `path`."""
+    lu = LogicalUnit(TARGET, 0, FileBackend(path), LunOptions("file", path=path),
+                     h.emulator.templates["disk"])
+    h.emulator.targets[TARGET].luns[0] = lu
+    return lu
+
+
+def _descriptors(data: bytes) -> list[tuple[int, int, int]]:
+    n = (struct.unpack_from(">I", data)[0] - 4) // 16
+    return [struct.unpack_from(">QIB", data, 8 + 16 * i) for i in range(n)]
+
+
+def test_get_lba_status_for_a_few_descriptors_needs_no_worker_thread(tmp_path):
+    """qemu asks for one descriptor before every read of 32 KiB or more on a
+    thin LUN: a few lseeks answer it on the loop, not a worker thread's two
+    wake-ups; more descriptors than that still go to a thread."""
+    path = str(tmp_path / "frag.img")
+    fragment(path, 200)   # 4 KiB mapped, 4 KiB hole, ...
+
+    async def go():
+        h = Harness()
+        lu = _file_lu(h, path)
+        await h.cmd(_gls(0, 8 + 16))           # the unit attention of the new LU, if any
+        calls = Counter(h.emulator.workers.run)
+        h.emulator.workers.run = calls
+        r = await h.cmd(_gls(0, 8 + 16))
+        assert r.status == GOOD and _descriptors(r.data) == [(0, 8, 0)]
+        r = await h.cmd(_gls(12, 8 + 16 * file_mod._INLINE_RUNS))
+        assert _descriptors(r.data) == [(12, 4, 1)] + [(16 + 8 * i, 8, i % 2) for i in range(7)]
+        assert calls.calls == 0
+        r = await h.cmd(_gls(12, 8 + 16 * (file_mod._INLINE_RUNS + 1)))
+        assert _descriptors(r.data) == [(12, 4, 1)] + [(16 + 8 * i, 8, i % 2) for i in range(8)]
+        assert calls.calls == 1
+        lu.backend.close()
+    run(go())
+
+
+@pytest.mark.parametrize("call", ["write", "discard", "resize"])
+def test_lookups_go_to_threads_while_a_change_of_the_file_runs_in_one(tmp_path, monkeypatch, call):
+    """A write, hole punch or truncate in a worker thread holds the file's
+    inode lock, which an lseek waits for: no lookup is made on the loop
+    meanwhile, and once it is done they are again."""
+    path = str(tmp_path / "frag.img")
+    fragment(path, 16)
+    f = FileBackend(path)
+    entered, release = threading.Event(), threading.Event()
+
+    def held(real):
+        def wait_then(*args):
+            entered.set()
+            release.wait(30)
+            return real(*args)
+        return wait_then
+    monkeypatch.setattr(file_mod.os, "pwritev", held(os.pwritev))
+    monkeypatch.setattr(file_mod, "_fallocate", held(file_mod._fallocate))
+    monkeypatch.setattr(file_mod.os, "ftruncate", held(os.ftruncate))
+    change = {"write": lambda: f.write_from(1 << 20, [memoryview(b"x" * 4096)], False),
+              "discard": lambda: f.discard(0, 4096),
+              "resize": lambda: f.resize(f.size() + 4096)}[call]
+    with ThreadPoolExecutor(1) as pool:
+        done = pool.submit(change)
+        assert entered.wait(30)
+        assert f.mapped_extents_nowait(8192, 4096, 1) is None
+        release.set()
+        done.result(30)
+    assert f.mapped_extents_nowait(8192, 4096, 1) == [(8192, 4096, True)]
+    f.close()
+
+
+def test_a_lookup_in_a_thread_leaves_the_next_ones_on_the_loop(tmp_path, monkeypatch):
+    """Lookups take the inode lock shared: one that runs in a thread (many
+    descriptors asked) does not keep qemu's one-descriptor lookups off the
+    loop, or at QD8 they would keep each other in threads for good."""
+    path = str(tmp_path / "frag.img")
+    fragment(path, 200)
+    entered, release = threading.Event(), threading.Event()
+    real_lseek = os.lseek
+
+    def lseek(*args):
+        if threading.current_thread() is not threading.main_thread() and not release.is_set():
+            entered.set()
+            release.wait(30)
+        return real_lseek(*args)
+
+    async def go():
+        h = Harness()
+        lu = _file_lu(h, path)
+        await h.cmd(_gls(0, 8 + 16))
+        monkeypatch.setattr(file_mod.os, "lseek", lseek)
+        many = asyncio.ensure_future(h.cmd(_gls(0, 8 + 16 * 100)))
+        try:
+            while not entered.is_set():
+                await asyncio.sleep(0.001)
+            r = await h.cmd(_gls(12, 8 + 16))
+            assert _descriptors(r.data) == [(12, 4, 1)] and not many.done()
+        finally:
+            release.set()
+        assert len(_descriptors((await many).data)) == 100
+        lu.backend.close()
+    run(go())
+
+
+def test_slow_lookups_in_a_row_send_the_next_ones_to_threads(tmp_path, monkeypatch):
+    """Lookups that waited one after another (device reads of the extent map,
+    a lock) mark the file: the next _BACKOFF_LOOKUPS are left to worker
+    threads (None), then the loop tries again. One slow lookup between fast
+    ones (the loop thread preempted, or waiting for the GIL) does not."""
+    path = str(tmp_path / "frag.img")
+    fragment(path, 16)
+    f = FileBackend(path)
+    clock = [0]
+
+    def now() -> int:
+        clock[0] += step[0]
+        return clock[0]
+    fast, slow = 10_000, file_mod._SLOW_LOOKUP_NS + 1   # between two readings of the clock
+    step = [fast]
+    monkeypatch.setattr(file_mod.time, "monotonic_ns", now)
+    seeks = Counter(os.lseek)
+    monkeypatch.setattr(file_mod.os, "lseek", seeks)
+    assert f.mapped_extents_nowait(0, f.size(), 1) == [(0, 4096, True)]
+    assert f.mapped_extents_nowait(0, f.size(), file_mod._INLINE_RUNS + 1) is None
+    for _ in range(3):                               # slow, fast, slow, ...: all on the loop
+        step[0] = slow
+        assert f.mapped_extents_nowait(0, f.size(), 1) == [(0, 4096, True)]
+        step[0] = fast
+        assert f.mapped_extents_nowait(0, f.size(), 1) == [(0, 4096, True)]
+    step[0] = slow
+    for _ in range(file_mod._SLOW_IN_A_ROW):         # these waited, one after another
+        assert f.mapped_extents_nowait(0, f.size(), 1) == [(0, 4096, True)]
+    step[0] = fast
+    seeks.calls = 0
+    assert all(f.mapped_extents_nowait(0, f.size(), 1) is None for _ in range(file_mod._BACKOFF_LOOKUPS))
+    assert seeks.calls == 0
+    assert f.mapped_extents_nowait(4096, f.size(), 1) == [(4096, 4096, False)]
+    assert seeks.calls == 1
+    f.close()
+
+
 # ---------------------------------------------------------------- VERIFY
 
 def test_verify_bytchk0_reads_nothing_and_bytchk3_is_held_to_the_transfer_limit():

@@ -367,3 +367,10 @@ def test_slp_auth_is_off_unless_set_and_reaches_the_front_ends(tmp_path):
     on = load(write_toml(tmp_path, "slp = true\nslp_auth = true\n"), str(tmp_path)).discovery()
     assert on["slp_auth"] is True
     assert error_of(tmp_path, 'slp_auth = "yes"\n').startswith("slp_auth:")
+
+
+def test_stage_timing_switch_in_the_file(tmp_path):
+    """[stml] timing = true is `--timing`; off unless set; a non-bool is refused."""
+    assert load(write_toml(tmp_path, "[stml]\ntiming = true\n"), str(tmp_path)).stml.timing is True
+    assert load(None, str(tmp_path)).stml.timing is False
+    assert error_of(tmp_path, '[stml]\ntiming = "yes"\n').startswith("stml.timing:")

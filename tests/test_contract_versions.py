@@ -60,7 +60,7 @@ def test_a_front_end_meets_a_1_1_stml_and_keeps_its_region(tmp_path: Path) -> No
         try:
             await link.wait_ready(10)
             register = stml.messages[0][0]
-            assert register["op"] == "register_target_front_end" and register["caps"] == ["write_region"]
+            assert register["op"] == "register_target_front_end" and register["caps"] == ["write_region", "timing"]
             assert link.caps == frozenset() and link.shared_buffer(BIG) is None
             link.register_nexus(1, "iqn.2026-12.test:i,i,0x1", "iqn.2026-12.test:fake", 1)
             data = random.Random(1).randbytes(BIG)

@@ -530,5 +530,6 @@ def test_fetd_vhost_imports_only_the_contract_from_stml():
                 seen.add(node.module)
             elif isinstance(node, ast.Import):
                 seen.update(a.name for a in node.names)
-    stml = {m for m in seen if m == "stml" or m.startswith("stml.")}
-    assert "stml.api" in stml and all(m == "stml.api" or m.startswith("stml.api.") for m in stml), stml
+    from_stml = {m for m in seen if m == "stml" or m.startswith("stml.")}
+    assert "stml.api" in from_stml
+    assert all(m == "stml.api" or m.startswith("stml.api.") for m in from_stml), from_stml

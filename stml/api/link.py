@@ -72,6 +72,14 @@ class FrontEndLink:
     a standby, or stays silent: it ends up with the one that serves.
     """
 
+    # stage timing (1.7), set on the instance only while the STML grants it
+    # (_set_timing): class attributes, so an untimed link has no more instance
+    # attributes than before (past 30, CPython 3.11 stops sharing the instance
+    # dict's keys and every attribute read on the command path costs more)
+    read_at = 0    # when the read that brought the commands in hand began (0: now)
+    timing = False
+    _done_ts: list[int]   # when each response of _done was delivered (set while timed)
+
     def __init__(self, endpoint: str | Sequence[str], kind: str, handler: FrontEndHandler, *,
                  name: str | None = None, heartbeat_ms: int = 1000, aen: bool = True,
                  version: tuple[int, int] = CONTRACT_VERSION,
@@ -116,7 +124,7 @@ class FrontEndLink:
             Op.XMIT_RESPONSE: self._on_xmit_response,
             Op.TMF_DONE: self._on_tmf_done,
             Op.REPORT_AEN: lambda h, f: handler.report_aen(h.get("nexus"), h["lun"], h["sense"]),
-            Op.HEARTBEAT: lambda h, f: None,
+            Op.HEARTBEAT: self._on_heartbeat,
             Op.DROP_NEXUS: self._on_drop_nexus,
         }
 
@@ -178,9 +186,23 @@ class FrontEndLink:
             return
         self._last_tx = time.monotonic()
         if self._done:
-            done, self._done = self._done, []
-            channel.send([pack({"op": _DONE, "tags": done})])
+            channel.send([pack(self._done_header())])
         channel.send([pack(header), *data])
+
+    def _done_header(self) -> dict[str, Any]:
+        """The scsi_target_done of the responses done so far."""
+        header: dict[str, Any] = {"op": _DONE, "tags": self._done}
+        self._done = []
+        return header
+
+    def _done_header_timed(self) -> dict[str, Any]:
+        """_done_header with the delivery stamps (stage timing)."""
+        header = FrontEndLink._done_header(self)
+        stamps = self._done_ts
+        if len(stamps) == len(header["tags"]):   # (a writer made while untimed stamps nothing)
+            header["ts"] = stamps
+        self._done_ts = []
+        return header
 
     def register_nexus(self, nexus: int, initiator: str, target: str, tpg: int) -> None:
         self.nexuses[nexus] = {"initiator": initiator, "target": target, "tpg": tpg}
@@ -194,6 +216,41 @@ class FrontEndLink:
                 length: int, unsol: int = 0, data: list | tuple = ()) -> None:
         self._send({"op": _RX_CMND, "tag": tag, "nexus": nexus, "lun": lun, "cdb": cdb,
                    "attr": attr, "dir": direction, "len": length, "unsol": unsol}, data)
+
+    def _rx_cmnd_timed(self, tag: int, nexus: int, lun: int, cdb: bytes, attr: int, direction: int,
+                       length: int, unsol: int = 0, data: list | tuple = ()) -> None:
+        """rx_cmnd while the STML times commands: with the front end's stamps
+        (received: when the read that brought it began, if the front end says)."""
+        now = time.monotonic_ns()
+        self._send({"op": _RX_CMND, "tag": tag, "nexus": nexus, "lun": lun, "cdb": cdb,
+                   "attr": attr, "dir": direction, "len": length, "unsol": unsol,
+                   "ts": [self.read_at or now, now]}, data)
+
+    def _scsi_target_done_timed(self, tags: list[int]) -> None:
+        """scsi_target_done while timed: the responses were delivered now."""
+        if self.timing:   # (a writer made while timed may outlive it)
+            self._done_ts += [time.monotonic_ns()] * len(tags)
+        FrontEndLink.scsi_target_done(self, tags)
+
+    def _set_timing(self, on: bool) -> None:
+        """Stamp commands (the timed entry points) only while the STML grants
+        `timing`: otherwise the per-command calls are the plain ones."""
+        if on:
+            self.timing = True
+            self._done_ts = []
+            self.rx_cmnd = self._rx_cmnd_timed   # type: ignore[method-assign]
+            self.scsi_target_done = self._scsi_target_done_timed   # type: ignore[method-assign]
+            self._done_header = self._done_header_timed   # type: ignore[method-assign]
+        else:
+            for name in ("timing", "_done_ts", "read_at", "rx_cmnd", "scsi_target_done", "_done_header"):
+                self.__dict__.pop(name, None)
+
+    def _on_heartbeat(self, header: dict[str, Any], frames: list) -> None:
+        """An STML heartbeat with `t` asks for the clock offset's round trip: answered at once."""
+        t = header.get("t")
+        if type(t) is int and self.timing:
+            now = time.monotonic_ns()
+            self._send({"op": _O.HEARTBEAT, "echo": [t, now, time.monotonic_ns()]})
 
     def scsi_rx_data(self, tag: int, offset: int, data: list | tuple, error: str | None = None) -> None:
         header = {"op": _RX_DATA, "tag": tag, "offset": offset}
@@ -222,8 +279,7 @@ class FrontEndLink:
     def _done_timeout(self) -> None:
         self._done_timer = None
         if self._done and self._channel is not None:
-            done, self._done = self._done, []
-            self._channel.send([pack({"op": _DONE, "tags": done})])
+            self._channel.send([pack(self._done_header())])
 
     def portal_state(self, portals: list[dict[str, Any]]) -> None:
         """The portals of the STML's list we listen on, and why not the others
@@ -360,8 +416,10 @@ class FrontEndLink:
         does not know."""
         channel = self._channel
         caps = [Cap.WRITE_REGION] if isinstance(channel, StreamChannel) and channel.region else []
-        self._send(registration(self.name, self.kind, int(self.heartbeat * 1000), self.aen, caps,
-                                self.version))
+        header = registration(self.name, self.kind, int(self.heartbeat * 1000), self.aen,
+                              [*caps, Cap.TIMING], self.version)
+        header["boot_id"] = boot_id() or ""
+        self._send(header)
 
     def start(self) -> None:
         """Connect and register; the link then runs until close()."""
@@ -452,6 +510,8 @@ class FrontEndLink:
             lease.release()
         self._leases.clear()
         self._done.clear()
+        if self.timing:
+            self._done_ts.clear()
 
     def _next_endpoint(self) -> None:
         """Ask the next STML of the list (nothing changes with one)."""
@@ -488,6 +548,8 @@ class FrontEndLink:
                         type(e).__name__, e)
             return
         self.caps = frozenset(header.get("caps") or ())
+        if (Cap.TIMING in self.caps) != self.timing:
+            self._set_timing(not self.timing)
         channel = self._channel
         if Cap.WRITE_REGION in self.caps and isinstance(channel, StreamChannel):
             channel.offer_region()
@@ -576,6 +638,10 @@ class StmlSender:
     def heartbeat(self, ident: bytes) -> None:
         self.transport(ident, {"op": _O.HEARTBEAT}, [])
 
+    def heartbeat_timed(self, ident: bytes, t: int) -> None:
+        """A heartbeat that asks for an `echo` (stage timing, 1.7): `t` is when it left."""
+        self.transport(ident, {"op": _O.HEARTBEAT, "t": t}, [])
+
     def nexus_ready(self, ident: bytes, nexus: int, error: str | None = None) -> None:
         header: dict[str, Any] = {"op": _O.NEXUS_READY, "nexus": nexus}
         if error is not None:
@@ -589,6 +655,12 @@ class StmlSender:
                       data: list) -> None:
         self.transport(ident, {"op": _XMIT_RESPONSE, "tag": tag, "status": status, "sense": sense,
                                "resid": resid}, data)
+
+    def xmit_response_timed(self, ident: bytes, tag: int, status: int, sense: bytes | None, resid: int,
+                            data: list, ts: list[int]) -> None:
+        """xmit_response with the STML's stamps of the command (stage timing, 1.7)."""
+        self.transport(ident, {"op": _XMIT_RESPONSE, "tag": tag, "status": status, "sense": sense,
+                               "resid": resid, "ts": ts}, data)
 
     def task_mgmt_fn_done(self, ident: bytes, tag: int, response: int, aborted: list[int],
                           info: bytes = b"") -> None:
@@ -611,6 +683,15 @@ class StmlSender:
         else:
             header["error"] = error
         self.transport(ident, header, [])
+
+
+def boot_id() -> str | None:
+    """This host's boot id: processes with the same one share CLOCK_MONOTONIC."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
 
 
 def registration(name: str, kind: str, heartbeat_ms: int, aen: bool, caps: Sequence[str],

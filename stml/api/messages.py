@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import msgpack
 
-CONTRACT_VERSION = (1, 6)
+CONTRACT_VERSION = (1, 7)
 # an iSCSI name is at most 223 bytes (RFC 7143 4.2.7.1): initiator and target names
 # in register_nexus are held to it (an initiator port name adds ",i,0x" and 12 hex digits)
 MAX_NAME_LEN = 223
@@ -50,6 +50,10 @@ class Cap(enum.StrEnum):
     # the front end lends the STML a shared region for write data (stream carrier):
     # it sends the region after a detect that grants this
     WRITE_REGION = "write_region"
+    # (1.7) stage timing: the front end stamps its commands (rx_cmnd and
+    # scsi_target_done `ts`) and answers the STML's heartbeat `t` with `echo`;
+    # granted only while the STML times commands (`scsi-target run --timing`)
+    TIMING = "timing"
 
 
 class DataDir(enum.IntFlag):
@@ -221,6 +225,10 @@ class Field:
     doc: str
     required: bool = True
     since: tuple[int, int] = (1, 0)
+    # False: the check (Message.check, its compiled verdict) leaves the field to
+    # the code that reads it, which reads it only when it is on (stage timing):
+    # a command without it then costs its check nothing more
+    checked: bool = True
 
 
 class Direction(enum.Enum):
@@ -257,6 +265,8 @@ class Message:
         """None when the header fits, else what is wrong with it. Fields the
         table does not name are ignored (a newer peer may send more)."""
         for f in self.fields:
+            if not f.checked:
+                continue
             value = header.get(f.name, _MISSING)
             if value is _MISSING:
                 if f.required:
@@ -278,7 +288,7 @@ def _compile_verdict(m: Message) -> Callable[[dict[str, Any]], str | None]:
     and xmit_response pass it once per command, and a loop over the fields
     cost several times as much. A message with an optional list or a field
     of any type reads the table every time (none is sent per command)."""
-    fields = m.fields
+    fields = tuple(f for f in m.fields if f.checked)
     if not fields or any(not f.kind.types or (f.kind.items is not None and not f.required) for f in fields):
         return m.refusal
     tests: list[str] = []
@@ -314,6 +324,9 @@ MESSAGES: tuple[Message, ...] = (
                 Field("aen", BOOL, "it wants `report_aen` (default false)", False),
                 Field("caps", STRS, "the capabilities (Cap) it offers; `detect` grants those the "
                       "STML has too", False, (1, 4)),
+                Field("boot_id", STR, "with the `timing` capability: the host's boot id "
+                      "(/proc/sys/kernel/random/boot_id); the same as the STML's means the same "
+                      "CLOCK_MONOTONIC, else the clock offset is estimated from heartbeats", False, (1, 7)),
             )),
     Message(Op.DEREGISTER, _TO, "front end",
             "Orderly goodbye: the STML releases every nexus of this front end."),
@@ -342,6 +355,9 @@ MESSAGES: tuple[Message, ...] = (
                 Field("len", INT, "the initiator's expected data transfer length (default 0)", False),
                 Field("unsol", INT, "bytes of write data that arrive without `rdy_to_xfer` "
                       "(immediate + unsolicited; default 0)", False),
+                Field("ts", INTS, "stage timing (`timing` granted): [front end received the "
+                      "command, rx_cmnd sent], CLOCK_MONOTONIC ns of the front end's host; "
+                      "checked where read", False, (1, 7), checked=False),
             ), "immediate data"),
     Message(Op.RX_DATA, _TO, "front end",
             "Write data: unsolicited data, or data that `rdy_to_xfer` asked for.", (
@@ -362,12 +378,18 @@ MESSAGES: tuple[Message, ...] = (
             "for every `xmit_response`, batched; the read data's shared memory goes back "
             "with it (stream carrier).", (
                 Field("tags", INTS, "the tasks whose responses were delivered"),
+                Field("ts", INTS, "stage timing (`timing` granted): when each response was "
+                      "delivered (on the wire), in the order of `tags`, CLOCK_MONOTONIC ns of the "
+                      "front end's host; checked where read", False, (1, 7), checked=False),
             )),
     Message(Op.HEARTBEAT, _TO, "front end",
             "Liveness: a front end silent for three heartbeat intervals is released.", (
                 Field("usage", MAP, "what the front end buffers ({str: int} bytes: limit, used, "
                       "peak, and by kind), shown by `status`; a front end that sends it sends a "
                       "heartbeat every interval, busy or not", False, (1, 3)),
+                Field("echo", INTS, "stage timing: the answer to an STML heartbeat's `t`, sent at "
+                      "once: [t, when it arrived, when this leaves] (front end ns); the STML "
+                      "estimates the clock offset from the round trip (NTP's way)", False, (1, 7)),
             )),
     Message(Op.PORTAL_STATE, _TO, "front end",
             "(optional) An iSCSI front end that follows the STML's portal list says, after "
@@ -422,6 +444,10 @@ MESSAGES: tuple[Message, ...] = (
                 Field("status", INT, "a Status"),
                 Field("sense", BYTES_OR_NONE, "sense data (CHECK CONDITION)", False),
                 Field("resid", INT, "> 0: underflow, < 0: overflow, in bytes (default 0)", False),
+                Field("ts", INTS, "stage timing (the STML times commands): [STML received, queued "
+                      "in the task set, dispatched, backend start, backend end, xmit_response "
+                      "sent], STML CLOCK_MONOTONIC ns; 0 for a stage the command did not reach",
+                      False, (1, 7), checked=False),
             ), "read data"),
     Message(Op.TMF_DONE, _FROM, "front end",
             "Sent only after every task the TMF affects is gone; aborted tasks get no "
@@ -447,7 +473,10 @@ MESSAGES: tuple[Message, ...] = (
                 Field("reason", STR, "why", False),
             ), since=(1, 1)),
     Message(Op.HEARTBEAT, _FROM, "front end",
-            "Liveness: an STML silent for three heartbeat intervals is given up (register again)."),
+            "Liveness: an STML silent for three heartbeat intervals is given up (register again).", (
+                Field("t", INT, "stage timing, to a front end granted `timing`: when this left "
+                      "(STML ns); the front end answers with a heartbeat `echo`", False, (1, 7)),
+            )),
     # ------------------------------------------------------------ management
     Message(Op.MGMT, _TO, "management",
             "A management request from any peer the endpoint admits (no registration needed); "

@@ -43,7 +43,8 @@ FED = {Op.REGISTER.value, Op.DEREGISTER.value, Op.REGISTER_NEXUS.value, Op.RELEA
        Op.RX_CMND.value, Op.RX_DATA.value, Op.RX_TMF.value, Op.DONE.value, Op.HEARTBEAT.value}
 # management commands that change nothing a command sees
 READ_ONLY_MGMT = {"status", "target_list", "lun_list", "portal_list", "session_list", "frontend_list",
-                  "config_show", "config_diff", "config_save", "trace_start", "trace_status", "trace_stop"}
+                  "config_show", "config_diff", "config_save", "trace_start", "trace_status", "trace_stop",
+                  "latency"}
 _RX_CMND, _RX_DATA, _RX_TMF = Op.RX_CMND.value, Op.RX_DATA.value, Op.RX_TMF.value
 _XMIT = Op.XMIT_RESPONSE.value
 

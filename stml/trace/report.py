@@ -12,10 +12,12 @@ from typing import IO, Any, Iterator
 from stml.api import Op
 from stml.api.tap import FROM_STML, TO_STML
 from stml.cdb import trim_cdb
+from stml.timing import DELIVERED, POINTS, STAGES, STML_RECEIVED, stages
 from stml.trace.format import Message, Note, TraceReader, data_digest
 
 _RX_CMND, _RX_DATA, _RDY, _XMIT, _TMF_DONE = (Op.RX_CMND.value, Op.RX_DATA.value, Op.RDY_TO_XFER.value,
                                               Op.XMIT_RESPONSE.value, Op.TMF_DONE.value)
+_DONE = Op.DONE.value
 
 # where the LBA and the transfer length (in blocks) sit in the CDBs that carry them:
 # opcode -> (LBA offset, LBA bytes, length offset, length bytes); READ(6)/WRITE(6) apart
@@ -232,6 +234,57 @@ def stats(path: str) -> dict[str, Any]:
             s["latency_us"]["max"] = lat[-1] / 1000
             s["latency_us"]["mean"] = statistics.fmean(lat) / 1000
         out["by_command"][name] = s
+    breakdown = stage_stats(path)
+    if breakdown:
+        out["stages"] = breakdown
+    return out
+
+
+def stamped(path: str) -> Iterator[tuple[int, list[int]]]:
+    """(t since the trace began, the nine stamps of stml.timing) of each timed
+    command: a trace of `run --timing` holds them in its headers (rx_cmnd,
+    xmit_response and scsi_target_done `ts`). Its commands are counted when
+    their scsi_target_done comes; those whose front end does not stamp, when
+    their xmit_response does."""
+    with TraceReader(path) as reader:
+        t0 = int(reader.first.get("t0", 0))
+        open_: dict[tuple[bytes, int], list[int]] = {}
+        for m in reader:
+            if not isinstance(m, Message):
+                continue
+            h, op = m.header, m.op
+            ts = h.get("ts")
+            if type(ts) is not list or not all(type(t) is int for t in ts):
+                continue
+            if op == _RX_CMND and m.direction == TO_STML and type(h.get("tag")) is int and len(ts) == 2:
+                open_[(m.peer, h["tag"])] = [*ts, *([0] * (len(POINTS) - 2))]
+            elif op == _XMIT and m.direction == FROM_STML and len(ts) == DELIVERED - STML_RECEIVED:
+                st = open_.get((m.peer, h.get("tag")))   # type: ignore[arg-type]
+                if st is not None:
+                    st[STML_RECEIVED:DELIVERED] = ts
+            elif op == _DONE and m.direction == TO_STML and type(h.get("tags")) is list \
+                    and len(ts) == len(h["tags"]):
+                for tag, t in zip(h["tags"], ts):
+                    st = open_.pop((m.peer, tag), None)
+                    if st is not None and st[DELIVERED - 1]:
+                        st[DELIVERED] = t
+                        yield (st[STML_RECEIVED] - t0, st)
+
+
+def stage_stats(path: str) -> dict[str, Any]:
+    """Per stage (stml.timing.STAGES): how many commands reached it and its
+    p50/p90/p99 (us, nearest rank); {} for a trace without stamps. The
+    stamps of a front end on another host are used as they are (the trace
+    does not keep its clock offset): read its cross-host stages with that in mind."""
+    per: dict[int, list[int]] = {}
+    for _, st in stamped(path):
+        for stage, ns in stages(st, 0):
+            per.setdefault(stage, []).append(ns)
+    out: dict[str, Any] = {}
+    for i, name in enumerate(STAGES):
+        values = sorted(per.get(i, []))
+        if values:
+            out[name] = {"count": len(values), **{f"p{p}": percentile(values, p) / 1000 for p in PERCENTILES}}
     return out
 
 
@@ -247,7 +300,15 @@ def plot(path: str, png: str) -> None:
         ts, lats = series.setdefault(command_name(c.cdb), ([], []))
         ts.append(c.t / 1e9)
         lats.append(c.latency_ns / 1000)
-    fig, (cdf, timeline) = plt.subplots(1, 2, figsize=(12, 4.5))
+    per_stage: dict[str, tuple[list[float], list[float]]] = {}
+    for t, st in stamped(path):
+        for stage, ns in stages(st, 0):
+            ts_, values = per_stage.setdefault(STAGES[stage], ([], []))
+            ts_.append(t / 1e9)
+            values.append(max(ns, 1) / 1000)
+    rows = 2 if per_stage else 1
+    fig, axes = plt.subplots(rows, 2, figsize=(12, 4.5 * rows), squeeze=False)
+    cdf, timeline = axes[0]
     for name, (ts, lats) in sorted(series.items(), key=lambda kv: -len(kv[1][0]))[:10]:
         ordered = sorted(lats)
         cdf.plot(ordered, [(i + 1) / len(ordered) for i in range(len(ordered))], label=f"{name} ({len(lats)})")
@@ -261,6 +322,24 @@ def plot(path: str, png: str) -> None:
     timeline.set_xlabel("time since the trace began (s)")
     timeline.set_ylabel("latency (us)")
     timeline.set_title("Timeline")
+    if per_stage:   # a trace of `run --timing`: where the time went, stage by stage
+        stage_cdf, stage_timeline = axes[1]
+        for name in STAGES:
+            if name not in per_stage:
+                continue
+            ts_, values = per_stage[name]
+            ordered = sorted(values)
+            stage_cdf.plot(ordered, [(i + 1) / len(ordered) for i in range(len(ordered))], label=name)
+            stage_timeline.scatter(ts_, values, s=4, label=name)
+        stage_cdf.set_xscale("log")
+        stage_cdf.set_xlabel("stage time (us; run --timing stamps)")
+        stage_cdf.set_ylabel("fraction of commands")
+        stage_cdf.set_title("Distribution per stage")
+        stage_cdf.legend(fontsize=7)
+        stage_timeline.set_yscale("log")
+        stage_timeline.set_xlabel("time since the trace began (s)")
+        stage_timeline.set_ylabel("stage time (us)")
+        stage_timeline.set_title("Stage timeline")
     fig.tight_layout()
     fig.savefig(png)
     plt.close(fig)
