@@ -638,6 +638,7 @@ def run_loopback(args: argparse.Namespace) -> dict:
     finally:
         proc.terminate()
         proc.wait()
+        shutil.rmtree(work, ignore_errors=True)
     return results
 
 

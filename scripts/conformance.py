@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -170,6 +171,7 @@ def main() -> int:
             proc.wait(15)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+        shutil.rmtree(work, ignore_errors=True)
     for name, reason in CANNOT.items():
         if name in results or any(t.endswith(name) for t in listing):
             results[name] = "skipped"

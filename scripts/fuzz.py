@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Long fuzz run with the generators of the CI fuzz tests (tests/fuzzgen.py).
+"""Long fuzz run with the generators of the CI fuzz tests (tests/support/fuzzgen.py).
 
     python scripts/fuzz.py --cases 100000 --seed 8 [--only codec,login,...]
 
@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from hypothesis import HealthCheck, given, seed, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-import fuzzgen as G  # noqa: E402
+from support import fuzzgen as G  # noqa: E402
 
 PURE = ("codec", "text", "login", "connection")
 LIVE = ("cdb", "zmq")

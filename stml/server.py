@@ -103,21 +103,22 @@ class BusyPoll:
     `run` turns it on when it split them (polling on a shared CPU made QD1
     worse)."""
 
-    def __init__(self, window: float) -> None:
+    def __init__(self, window: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.loop = asyncio.get_running_loop()
         self.window = window
+        self.clock = clock      # a test's own clock counts turns where time would race
         self.until = 0.0
         self.spinning = False
 
     def touch(self) -> None:
         """Traffic: poll until `window` after now."""
-        self.until = time.monotonic() + self.window
+        self.until = self.clock() + self.window
         if not self.spinning:
             self.spinning = True
             self.loop.call_soon(self._spin)
 
     def _spin(self) -> None:
-        if time.monotonic() < self.until:
+        if self.clock() < self.until:
             self.loop.call_soon(self._spin)
         else:
             self.spinning = False

@@ -1,39 +1,31 @@
-"""Shared fixtures: real STML processes on private ipc endpoints, and loopback clients.
+"""Shared fixtures: real STML processes on private ipc endpoints, and loopback
+clients; and the suite's rules (CI turns skips into failures). The helpers the
+fixtures use live in tests/support/ (procs: ports, dirs, stopping by PID;
+target: the project's own processes).
 
 Every process a fixture starts is stopped by its PID at teardown (SIGTERM, wait,
 SIGKILL on timeout), so nothing outlives the test that started it.
 """
 from __future__ import annotations
 
+import contextlib
 import os
-import re
 import shutil
-import signal
-import subprocess
 import sys
-import tempfile
-import time
+import threading
 import uuid
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import pytest
 
 from fetd_loopback import LoopbackClient
+from support.ci import CI_VAR
+from support.kinds import KINDS, kind_of
+from support.procs import short_dir
+from support.target import StmlProcess
 
 pytest_plugins = ["pytester"]   # tests/test_ci_rules.py runs pytest on the hooks below
-
-START_TIMEOUT = 15.0
-LISTENING = re.compile(r"stml: listening on (\S+)")
-# set by .ci/run: CI runs as root with every package of scripts/test-deps, so a
-# test that skips there did not check what it claims, and is a failure
-CI_VAR = "SCSI_TARGET_CI"
-
-
-def need_root(what: str) -> None:
-    """Skip unless we are root (a failure under CI, as every skip is)."""
-    if os.geteuid() != 0:
-        pytest.skip(f"{what}: needs root (the suite runs as root: docs/testing.md)")
 
 
 def _skip_is_failure(report: pytest.CollectReport | pytest.TestReport) -> None:
@@ -58,117 +50,68 @@ def pytest_make_collect_report(collector: pytest.Collector):
     _skip_is_failure(outcome.get_result())
 
 
-def stop_pid(proc: subprocess.Popen, timeout: float = 10.0) -> None:
-    """Terminate one process we started, by its PID; kill it if it lingers."""
-    if proc.poll() is not None:
-        return
+# ---------------------------------------------------------------- kinds of test
+# Every test is unit, process or system, from the tables of tests/support/kinds.py
+# (docs/testing.md); tests/test_suite_rules.py checks that each test has one.
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        function = getattr(item, "originalname", item.name)
+        kind = kind_of(item.path.name, function)
+        if kind is not None and not any(item.get_closest_marker(k) for k in KINDS):
+            item.add_marker(kind)
+
+
+# The unit marker cannot lie: while a unit test sets up or runs, starting a
+# process from its thread (or a thread it started) raises. An audit hook sees
+# every way Python starts one; threads left running by earlier tests are not
+# the unit test's doing and are let be.
+SPAWNS = frozenset({"subprocess.Popen", "os.fork", "os.forkpty", "os.posix_spawn", "os.spawn",
+                    "os.exec", "os.system"})
+
+
+class _UnitGuard:
+    active = False
+    older_threads: frozenset[int] = frozenset()
+
+
+def _no_process_in_a_unit_test(event: str, args: tuple) -> None:
+    if event in SPAWNS and _UnitGuard.active and (
+            threading.current_thread() is threading.main_thread()
+            or threading.get_ident() not in _UnitGuard.older_threads):
+        raise RuntimeError(f"a test marked unit started a process ({event} {args[:2]!r}); "
+                           f"mark it process (tests/support/kinds.py)")
+
+
+sys.addaudithook(_no_process_in_a_unit_test)
+
+
+@contextlib.contextmanager
+def _unit_guard(item: pytest.Item) -> Iterator[None]:
+    saved = _UnitGuard.active, _UnitGuard.older_threads
+    _UnitGuard.active = item.get_closest_marker("unit") is not None
+    _UnitGuard.older_threads = frozenset(t.ident for t in threading.enumerate() if t.ident is not None)
     try:
-        os.kill(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(5)
+        yield
+    finally:
+        _UnitGuard.active, _UnitGuard.older_threads = saved
 
 
-def wait_for_line(path: Path, pattern: re.Pattern, proc: subprocess.Popen,
-                  timeout: float = START_TIMEOUT) -> re.Match:
-    """Wait until `pattern` appears in the file a process writes its output to."""
-    deadline = time.monotonic() + timeout
-    while True:
-        text = path.read_text(errors="replace") if path.exists() else ""
-        m = pattern.search(text)
-        if m:
-            return m
-        if proc.poll() is not None:
-            raise RuntimeError(f"process {proc.args} exited with {proc.returncode} before "
-                               f"printing {pattern.pattern!r}; output:\n{text}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"no {pattern.pattern!r} from {proc.args} in {timeout}s:\n{text}")
-        time.sleep(0.02)
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item: pytest.Item):
+    with _unit_guard(item):
+        yield
 
 
-def short_dir() -> str:
-    """A directory whose ipc socket path stays well under the 107-byte sun_path limit."""
-    return tempfile.mkdtemp(prefix="st", dir="/tmp")
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item: pytest.Item):
+    with _unit_guard(item):
+        yield
 
 
-class StmlProcess:
-    """One STML process: `python -m stml --data-dir D --lun ...`."""
+# ---------------------------------------------------------------- fixtures
 
-    def __init__(self, data_dir: Path, luns: tuple[str, ...], extra: tuple[str, ...] = ()) -> None:
-        self.data_dir = data_dir
-        self.luns = luns
-        self.extra = extra
-        self.proc: subprocess.Popen | None = None
-        self.endpoint: str | None = None
-        self.generation = 0
-        self.stdout_path: Path | None = None
-        self.stderr_path: Path | None = None
-        self.old_logs: list[str] = []
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def argv(self) -> list[str]:
-        argv = [sys.executable, "-m", "stml", "--data-dir", str(self.data_dir)]
-        for spec in self.luns:
-            argv += ["--lun", spec]
-        return argv + list(self.extra)
-
-    def start(self) -> StmlProcess:
-        self.generation += 1
-        logs = self.data_dir / "logs"
-        logs.mkdir(parents=True, exist_ok=True)
-        self.stdout_path = logs / f"stml{self.generation}.out"
-        self.stderr_path = logs / f"stml{self.generation}.err"
-        with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
-            self.proc = subprocess.Popen(self.argv(), stdout=out, stderr=err,
-                                         stdin=subprocess.DEVNULL)
-        m = wait_for_line(self.stdout_path, LISTENING, self.proc)
-        self.endpoint = m.group(1)
-        return self
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            stop_pid(self.proc)
-
-    def kill(self) -> None:
-        """SIGKILL: the STML vanishes without telling anyone."""
-        if self.proc is not None and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(5)
-
-    def restart(self) -> StmlProcess:
-        """Stop (SIGTERM) and start again with the same arguments and data dir."""
-        self.stop()
-        self.old_logs.append(self.log())
-        return self.start()
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def log(self) -> str:
-        """What this generation of the process wrote to stderr (its log)."""
-        return self.stderr_path.read_text(errors="replace") if self.stderr_path else ""
-
-    def wait_log(self, needle: str, timeout: float = 15.0) -> str:
-        deadline = time.monotonic() + timeout
-        while True:
-            text = self.log()
-            if needle in text:
-                return text
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{needle!r} not in the STML log after {timeout}s:\n{text}")
-            time.sleep(0.05)
-
-
-@pytest.fixture
-def tmp_short() -> Callable[[], Path]:
-    """Factory of short private directories under /tmp, removed at teardown."""
+def _short_dirs() -> Iterator[Callable[[], Path]]:
     made: list[str] = []
 
     def make() -> Path:
@@ -179,6 +122,19 @@ def tmp_short() -> Callable[[], Path]:
     yield make
     for d in made:
         shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def tmp_short() -> Iterator[Callable[[], Path]]:
+    """Factory of short private directories under /tmp (ipc socket paths fit),
+    removed at teardown."""
+    yield from _short_dirs()
+
+
+@pytest.fixture(scope="module")
+def tmp_short_module() -> Iterator[Callable[[], Path]]:
+    """tmp_short for a module-scoped fixture: removed after the module's last test."""
+    yield from _short_dirs()
 
 
 @pytest.fixture

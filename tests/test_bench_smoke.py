@@ -4,6 +4,7 @@ JSON. Numbers are not asserted (performance is measured, not tested)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -14,15 +15,25 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def bench(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    """scripts/bench.py ARGS with its temporary directories in one of the test's
+    own, which must be empty afterwards: the run removed what it made."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    p = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), *args], capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "TMPDIR": str(tmp)})
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert not list(tmp.iterdir()), f"bench.py left {list(tmp.iterdir())}"
+    return p
+
+
 @pytest.mark.skipif(not shutil.which("qemu-img"), reason="qemu-utils is not installed")
 def test_bench_smoke(tmp_path):
     out = tmp_path / "bench.json"
-    args = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--runs", "1", "--scale", "0.002",
-            "--cpu", "--out", str(out)]
+    args = ["--runs", "1", "--scale", "0.002", "--cpu", "--out", str(out)]
     if shutil.which("tgtd"):
         args.append("--compare-tgtd")
-    p = subprocess.run(args, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stdout + p.stderr
+    bench(args, tmp_path)
     results = json.loads(out.read_text())["workloads"]
     assert set(results) == {"4k-read-qd1", "4k-read-qd16", "4k-write-qd16", "64k-read-qd8",
                             "1m-seqread-qd8", "1m-seqwrite-qd8"}
@@ -41,9 +52,7 @@ def test_bench_smoke(tmp_path):
 
 def test_bench_loopback_smoke(tmp_path):
     out = tmp_path / "loop.json"
-    p = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--loopback", "--scale", "0.002",
-                        "--out", str(out)], capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stdout + p.stderr
+    bench(["--loopback", "--scale", "0.002", "--out", str(out)], tmp_path)
     assert all(r["scsi-target"]["iops"] > 0 for r in json.loads(out.read_text())["workloads"].values())
 
 
@@ -52,12 +61,10 @@ def test_bench_thin_smoke(tmp_path):
     """--thin: both targets get a sparse file, the same scattered writes leave
     them equally fragmented, then the 64 KiB reads run."""
     out = tmp_path / "thin.json"
-    args = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--thin", "--thin-dir", str(tmp_path),
-            "--runs", "1", "--scale", "0.002", "--out", str(out)]
+    args = ["--thin", "--thin-dir", str(tmp_path), "--runs", "1", "--scale", "0.002", "--out", str(out)]
     if shutil.which("tgtd"):
         args.append("--compare-tgtd")
-    p = subprocess.run(args, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stdout + p.stderr
+    bench(args, tmp_path)
     results = json.loads(out.read_text())
     assert results["lun"] == "thin"
     assert set(results["workloads"]) == {"64k-read-qd8-thin"}
@@ -74,9 +81,7 @@ def test_bench_trace_smoke(tmp_path):
     """--trace: the same reads on an untraced and a traced target; the traced
     one wrote a trace, and both report IOPS and CPU per read per process."""
     out = tmp_path / "trace.json"
-    p = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--trace", "--runs", "1",
-                        "--scale", "0.002", "--out", str(out)], capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stdout + p.stderr
+    bench(["--trace", "--runs", "1", "--scale", "0.002", "--out", str(out)], tmp_path)
     r = json.loads(out.read_text())
     assert r["mode"] == "trace" and r["plain_iops"] > 0 and r["traced_iops"] > 0 and r["ratio"] > 0
     assert r["trace_bytes"] > 0 and r["ios"] == 200

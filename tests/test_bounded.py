@@ -15,15 +15,15 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 import backends.file as file_mod
-import backends.ram as ram_mod
 from backends.file import FileBackend
+import backends.ram as ram_mod
 from backends.ram import PAGE, RamBackend
 from stml.config import ConfigError, lun_options
 from stml.emulator import Target
 from stml.lu import IEEE_COMPANY_ID, CopyResults, LogicalUnit, LunOptions
 from stml.sense import CHECK_CONDITION, GOOD, ILLEGAL_REQUEST, parse_sense
 from stml.workers import FairWorkers
-from test_sbc_harness import TARGET, Harness, run
+from support.sbc_harness import TARGET, Harness, fragment, run, unmap
 
 BS = 512
 MAX_XFER = (8 << 20) // BS   # the harness STML's maximum transfer, in blocks
@@ -45,23 +45,6 @@ def _gls(lba: int, alloc: int) -> bytes:
     return bytes([0x9E, 0x12]) + struct.pack(">QI", lba, alloc) + bytes(2)
 
 
-def _unmap(*ranges: tuple[int, int]) -> tuple[bytes, bytes]:
-    descs = b"".join(struct.pack(">QI4x", lba, n) for lba, n in ranges)
-    data = struct.pack(">HH4x", 6 + len(descs), len(descs)) + descs
-    return bytes([0x42, 0, 0, 0, 0, 0, 0]) + struct.pack(">H", len(data)) + b"\0", data
-
-
-def _fragment(path: str, extents: int) -> None:
-    """A sparse file with `extents` separate 4 KiB data extents, a hole between each."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        os.ftruncate(fd, extents * 8192 + (1 << 20))
-        for i in range(extents):
-            os.pwrite(fd, b"\xAB" * 4096, i * 8192)
-    finally:
-        os.close(fd)
-
-
 class Counter:
     """Wraps a function and counts its calls (and their sizes, if asked)."""
 
@@ -79,7 +62,7 @@ class Counter:
 
 def test_file_extent_walk_stops_at_the_limit(tmp_path, monkeypatch):
     path = str(tmp_path / "frag.img")
-    _fragment(path, 2000)
+    fragment(path, 2000)
     f = FileBackend(path)
     seeks = Counter(os.lseek)
     monkeypatch.setattr(file_mod.os, "lseek", seeks)
@@ -157,7 +140,7 @@ def test_get_lba_status_for_a_few_descriptors_needs_no_worker_thread(tmp_path):
     thin LUN: a few lseeks answer it on the loop, not a worker thread's two
     wake-ups; more descriptors than that still go to a thread."""
     path = str(tmp_path / "frag.img")
-    _fragment(path, 200)   # 4 KiB mapped, 4 KiB hole, ...
+    fragment(path, 200)   # 4 KiB mapped, 4 KiB hole, ...
 
     async def go():
         h = Harness()
@@ -183,7 +166,7 @@ def test_lookups_go_to_threads_while_a_change_of_the_file_runs_in_one(tmp_path, 
     inode lock, which an lseek waits for: no lookup is made on the loop
     meanwhile, and once it is done they are again."""
     path = str(tmp_path / "frag.img")
-    _fragment(path, 16)
+    fragment(path, 16)
     f = FileBackend(path)
     entered, release = threading.Event(), threading.Event()
 
@@ -214,7 +197,7 @@ def test_a_lookup_in_a_thread_leaves_the_next_ones_on_the_loop(tmp_path, monkeyp
     descriptors asked) does not keep qemu's one-descriptor lookups off the
     loop, or at QD8 they would keep each other in threads for good."""
     path = str(tmp_path / "frag.img")
-    _fragment(path, 200)
+    fragment(path, 200)
     entered, release = threading.Event(), threading.Event()
     real_lseek = os.lseek
 
@@ -248,7 +231,7 @@ def test_slow_lookups_in_a_row_send_the_next_ones_to_threads(tmp_path, monkeypat
     threads (None), then the loop tries again. One slow lookup between fast
     ones (the loop thread preempted, or waiting for the GIL) does not."""
     path = str(tmp_path / "frag.img")
-    _fragment(path, 16)
+    fragment(path, 16)
     f = FileBackend(path)
     clock = [0]
 
@@ -318,12 +301,12 @@ def test_unmap_lba_count_is_a_total_checked_before_any_discard():
         discards = Counter(lu.backend.discard)
         lu.backend.discard = discards
         half = (1 << 20) // 2 + 1                  # two descriptors within the per-descriptor value
-        cdb, data = _unmap((0, half), (half, half))
+        cdb, data = unmap((0, half), (half, half))
         r = await h.cmd(cdb, data)
         assert r.key_asc == (ILLEGAL_REQUEST, 0x26, 0) and r.field == (8 + 16 + 8, None)
         assert discards.calls == 0
         assert (await h.cmd(_read16(0, 8))).data == b"\x33" * 8 * BS
-        cdb, data = _unmap((0, 1 << 19), (1 << 19, 1 << 19))   # exactly the limit
+        cdb, data = unmap((0, 1 << 19), (1 << 19, 1 << 19))   # exactly the limit
         assert (await h.cmd(cdb, data)).status == GOOD
         assert (await h.cmd(_read16(0, 8))).data == bytes(8 * BS)
     run(go())

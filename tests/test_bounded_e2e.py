@@ -23,10 +23,10 @@ from pathlib import Path
 import pytest
 
 from backends.file import FileBackend
-from rawiscsi import RawInitiator
 from stml.sense import parse_sense
-from targetproc import Target
-from test_bounded import _fragment, _unmap
+from support.rawiscsi import RawInitiator
+from support.sbc_harness import fragment, unmap
+from support.target import Target
 
 BS = 512
 GOOD, CHECK = 0x00, 0x02
@@ -87,7 +87,7 @@ def _gls(lba: int, alloc: int) -> bytes:
 def test_get_lba_status_lseeks_are_bounded_by_the_descriptors_asked(stml_factory, client_factory, tmp_short):
     d = tmp_short()
     path = d / "frag.img"
-    _fragment(str(path), 5000)   # 10,000 runs: an unbounded walk costs ~10,000 lseeks
+    fragment(str(path), 5000)   # 10,000 runs: an unbounded walk costs ~10,000 lseeks
     stml = stml_factory(f"file:{path}", data_dir=d)
     c = client_factory(stml.endpoint)
     c.capacity(0)   # unit attentions consumed
@@ -126,7 +126,7 @@ def test_verify_of_a_whole_thin_lun_costs_no_memory_and_limits_hold(stml_factory
     assert sense_of(r) == (0x5, 0x24, 0x00)
     # UNMAP: MAXIMUM UNMAP LBA COUNT is the command's total, checked before any discard
     c.write(0, 0, b"\x5A" * 4096)
-    cdb, params = _unmap((0, (1 << 19) + 1), (1 << 20, 1 << 19))
+    cdb, params = unmap((0, (1 << 19) + 1), (1 << 20, 1 << 19))
     assert sense_of(c.execute(0, cdb, data_out=params)) == (0x5, 0x26, 0x00)
     assert c.read(0, 0, 8) == b"\x5A" * 4096
     assert vm_hwm(stml.pid) - before < 32 << 20

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import struct
 
-import fuzzgen as G
 from fetd_tcp import pdu as P
 from fetd_tcp.budget import RESERVE, Budget
 from fetd_tcp.keys import ConnectionParams, SessionParams
 from fetd_tcp.session import MAX_TEXT_REQUEST, MAX_TMFS, OOO_LIMIT, Connection, Session, Tags
+from support import fuzzgen as G
 
 MIB = 1 << 20
 

@@ -23,10 +23,10 @@ from typing import Any, AsyncIterator
 
 import pytest
 
-from conftest import stop_pid
 from stml import config
 from stml.api import FrontEndLink, StreamChannel, Tmf
 from stml.server import StmlServer
+from support.procs import stop_pid
 
 KiB = 1 << 10
 BIG = 128 * KiB

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CI_VAR, need_root
+from support.ci import CI_VAR, need_root
 
 INNER = """
 import pytest

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -14,21 +13,13 @@ import pytest
 
 from fetd_loopback import LoopbackClient
 
-from conftest import LISTENING, short_dir, stop_pid, wait_for_line
-from targetproc import children_by_module, children_of
+from support.procs import children_by_module, children_of, pid_alive, stop_pid, wait_for_line
+from support.target import LISTENING
 
 READY = re.compile(r"^Ready\. ", re.M)
 
 _SCRIPT = Path(sys.executable).parent / "scsi-target"
 CLI = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "scsi_target"]
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] != "Z"
 
 
 def cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
@@ -68,13 +59,9 @@ def run(tmp_short):
 
 
 @pytest.fixture(scope="module")
-def shared_run():
+def shared_run(tmp_short_module):
     """One `run` for the tests that only talk to it (each uses its own LBAs)."""
-    d = short_dir()
-    try:
-        yield from start_run(Path(d))
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
+    yield from start_run(tmp_short_module())
 
 
 def test_run_prints_its_plan(shared_run):
@@ -277,7 +264,7 @@ def test_run_places_the_stml_and_the_front_end_on_their_own_cpus(mode):
     (every thread of each, set before it started) and says so; `none` leaves
     both on all of them."""
     from scsi_target.cli import cpu_list
-    from targetproc import Target
+    from support.target import Target
     allowed = cpu_list(os.sched_getaffinity(0))
     with Target("--lun", "ram:16MiB", "--cpu-affinity", mode) as t:
         kids = children_by_module(t.proc.pid)
@@ -298,7 +285,7 @@ def test_run_places_the_stml_and_the_front_end_on_their_own_cpus(mode):
 
 
 def test_run_passes_an_explicit_poll_window_on():
-    from targetproc import Target
+    from support.target import Target
     with Target("--lun", "ram:16MiB", "--poll-us", "0") as t:
         argv = Path(f"/proc/{children_by_module(t.proc.pid)['stml']}/cmdline").read_bytes().split(b"\0")
         assert argv[argv.index(b"--poll-us") + 1] == b"0"
@@ -308,14 +295,15 @@ def test_run_passes_an_explicit_poll_window_on():
 def test_busy_poll_keeps_the_loop_turning_for_its_window_then_lets_it_sleep():
     """After touch() the loop runs its zero-timeout turns (counted by a
     callback that re-queues itself only while the poller spins) until the
-    window has passed since the last touch, and not after."""
+    window has passed since the last touch, and not after. The poller reads the
+    test's clock, moved by hand between counted turns: nothing here is timed."""
     import asyncio
     from stml.server import BusyPoll
 
     async def main() -> None:
-        poll = BusyPoll(0.02)
+        now = 0.0
+        poll = BusyPoll(0.02, clock=lambda: now)
         turns = 0
-        start = time.monotonic()
 
         def count() -> None:
             nonlocal turns
@@ -323,17 +311,25 @@ def test_busy_poll_keeps_the_loop_turning_for_its_window_then_lets_it_sleep():
             if poll.spinning:
                 asyncio.get_running_loop().call_soon(count)
 
-        poll.touch()
+        async def turn(n: int) -> None:
+            for _ in range(n):
+                await asyncio.sleep(0)
+
+        poll.touch()                      # polls until 0.02
         asyncio.get_running_loop().call_soon(count)
-        await asyncio.sleep(0.01)
-        poll.touch()                      # more traffic: the window starts again
-        while poll.spinning:
-            await asyncio.sleep(0)
-        assert time.monotonic() - start >= 0.03
-        assert turns > 100                # it kept the loop busy, not asleep
+        await turn(200)
+        assert poll.spinning and turns >= 100   # it kept the loop busy, not asleep
+        now = 0.01
+        poll.touch()                      # more traffic: the window starts again, until 0.03
+        now = 0.025
+        await turn(5)
+        assert poll.spinning              # past the first window, inside the second
+        now = 0.03
+        await turn(5)
+        assert not poll.spinning          # the window has passed: it lets the loop sleep
         done = turns
-        await asyncio.sleep(0.05)
-        assert turns <= done + 1 and not poll.spinning
+        await turn(50)
+        assert turns <= done + 1
 
     asyncio.run(main())
 

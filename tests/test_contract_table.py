@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from fakestml import FakeStml
 from stml.api import FrontEndLink
 from stml.api.messages import FROM_STML, MESSAGES, TO_STML, Direction, Message, Op, check
+from support.fakestml import FakeStml
 
 ROOT = Path(__file__).resolve().parent.parent
 NO_FIELD = object()

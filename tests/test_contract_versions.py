@@ -1,7 +1,7 @@
 """Mixed contract versions over the stream carrier: capabilities are offered in
 register_target_front_end and granted in detect (1.4), so a front end and an
 STML of different minor versions use what both have instead of reconnecting
-in a loop. Old peers are played by tests/fakestml.py (an STML written against
+in a loop. Old peers are played by tests/support/fakestml.py (an STML written against
 docs/contract.md) or by a raw StreamChannel; new ones are the real code."""
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from fakestml import FakeStml
 from stml.api import CONTRACT_VERSION, FrontEndLink, SharedRegion, StreamChannel, pack, stream_path, unpack
+from support.fakestml import FakeStml
 
 BIG = 128 << 10
 WRITE10 = struct.pack(">BBIBHB", 0x2A, 0, 0, 0, BIG // 512, 0)

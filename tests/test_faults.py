@@ -5,11 +5,8 @@ cache off); a write in doubt is either wholly there or wholly absent in every lo
 block. A corrupt configuration or reservation file is refused with a clear message."""
 from __future__ import annotations
 
-import hashlib
 import os
-import random
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -19,136 +16,19 @@ from pathlib import Path
 
 import pytest
 
-from rawiscsi import RawInitiator
-from targetproc import IQN, Target
-
-import fuzzgen as G
-
-BS = 512
-UNIT = 4            # blocks per write
-
-
-def block(lba: int, tag: str) -> bytes:
-    return hashlib.sha256(f"{lba}:{tag}".encode()).digest() * (BS // 32)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def children(pid: int) -> dict[str, int]:
-    """{'stml': pid, 'fetd_tcp': pid} among the supervisor's children."""
-    out = {}
-    for p in Path("/proc").iterdir():
-        if not p.name.isdigit():
-            continue
-        try:
-            stat = (p / "stat").read_text()
-            cmd = (p / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) != pid:
-            continue
-        if b"fetd_tcp" in cmd:
-            out["fetd_tcp"] = int(p.name)
-        elif b"stml" in cmd:
-            out["stml"] = int(p.name)
-    return out
-
-
-class WriteLog:
-    """Per LBA: the block last acknowledged, and blocks written without an answer since."""
-
-    def __init__(self) -> None:
-        self.acked: dict[int, bytes] = {}
-        self.doubt: dict[int, list[bytes]] = {}
-        self.lock = threading.Lock()
-
-    def begin(self, lba: int, blocks: list[bytes]) -> None:
-        with self.lock:
-            for i, b in enumerate(blocks):
-                self.doubt.setdefault(lba + i, []).append(b)
-
-    def good(self, lba: int, blocks: list[bytes]) -> None:
-        with self.lock:
-            for i, b in enumerate(blocks):
-                self.acked[lba + i] = b
-                self.doubt.pop(lba + i, None)
-
-    def verify(self, read) -> int:
-        checked = 0
-        for lba in sorted(set(self.acked) | set(self.doubt)):
-            got = read(lba)
-            allowed = ([self.acked[lba]] if lba in self.acked else [bytes(BS)]) + self.doubt.get(lba, [])
-            assert got in allowed, f"LBA {lba}: not an acknowledged or in-doubt block (torn or lost write)"
-            checked += 1
-        return checked
-
-
-class IscsiWriter(threading.Thread):
-    """Writes 4-block units to its own LBA range, reconnecting whenever the target goes away."""
-
-    def __init__(self, portal: str, wid: int, wlog: WriteLog, stop: threading.Event) -> None:
-        super().__init__(daemon=True)
-        self.portal, self.wid, self.wlog, self.stop = portal, wid, wlog, stop
-        self.good = self.errors = 0
-
-    def run(self) -> None:
-        rnd = random.Random(self.wid)
-        seq = 0
-        ini = None
-        while not self.stop.is_set():
-            try:
-                if ini is None:
-                    ini = RawInitiator(*G.host_port(self.portal), timeout=5,
-                                       initiator=f"iqn.2026-11.org.test:w{self.wid}")
-                    if ini.login(IQN).status_class != 0:
-                        raise ConnectionError("login refused")
-                    ini.command(bytes(6))
-                lba = self.wid * 1000 + rnd.randrange(0, 200, UNIT)
-                seq += 1
-                blocks = [block(lba + i, f"{self.wid}.{seq}") for i in range(UNIT)]
-                self.wlog.begin(lba, blocks)
-                ini.write16(lba, b"".join(blocks))
-                self.wlog.good(lba, blocks)
-                self.good += 1
-            except (OSError, AssertionError, ValueError):
-                self.errors += 1
-                if ini is not None:
-                    ini.close()
-                ini = None
-                time.sleep(0.1)
-        if ini is not None:
-            ini.close()
-
-
-def _read_all(portal: str):
-    ini = RawInitiator(*G.host_port(portal), initiator="iqn.2026-11.org.test:verify")
-    deadline = time.monotonic() + 20
-    while ini.login(IQN).status_class != 0:
-        ini.close()
-        assert time.monotonic() < deadline, "no login after the restart"
-        time.sleep(0.3)
-        ini = RawInitiator(*G.host_port(portal), initiator="iqn.2026-11.org.test:verify")
-    while ini.command(bytes(6))[0] != 0:
-        pass
-    return ini
+from support import fuzzgen as G
+from support.faults import BS, UNIT, IscsiWriter, WriteLog, block, read_all
+from support.procs import children_by_module, free_port
+from support.target import IQN, Target
 
 
 @pytest.fixture
-def file_target(tmp_path):
-    port = free_port()
-    d = tempfile_dir()
+def file_target(tmp_short):
+    port = free_port()   # fixed: the restarted fetd_tcp listens where the writers reconnect
+    d = str(tmp_short())
     t = Target("--lun", f"file:{d}/disk.img,size=16MiB", data_dir=d, portals=(f"127.0.0.1:{port}",))
     yield t
     t.stop()
-
-
-def tempfile_dir() -> str:
-    import tempfile
-    return tempfile.mkdtemp(prefix="st", dir="/tmp")
 
 
 @pytest.mark.parametrize("victim", ["fetd_tcp", "stml"])
@@ -160,10 +40,10 @@ def test_sigkill_mid_writes_loses_no_acknowledged_write(file_target, victim):
         w.start()
     time.sleep(1.5)
     before = sum(w.good for w in writers)
-    pid = children(t.proc.pid)[victim]
+    pid = children_by_module(t.proc.pid)[victim]
     os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 20
-    while children(t.proc.pid).get(victim) in (None, pid):
+    while children_by_module(t.proc.pid).get(victim) in (None, pid):
         assert time.monotonic() < deadline, f"{victim} was not restarted"
         time.sleep(0.1)
     time.sleep(4)    # writers reconnect and go on
@@ -174,7 +54,7 @@ def test_sigkill_mid_writes_loses_no_acknowledged_write(file_target, victim):
     assert before > 0 and after > before, (before, after, t.log()[-3000:])
     assert sum(w.errors for w in writers) > 0          # the kill was felt
     assert f"{victim} exited with -9; restarting" in t.log()
-    ini = _read_all(t.portal)
+    ini = read_all(t.portal)
     try:
         n = wlog.verify(lambda lba: ini.read16(lba, 1))
     finally:
@@ -212,7 +92,7 @@ def test_sigkill_of_a_loopback_client(file_target):
         os.kill(p.pid, signal.SIGKILL)
         p.wait(5)
     assert acked, "the loopback writer wrote nothing"
-    ini = _read_all(t.portal)
+    ini = read_all(t.portal)
     try:
         for lba, seq in acked.items():
             data = ini.read16(lba, UNIT)
@@ -223,7 +103,7 @@ def test_sigkill_of_a_loopback_client(file_target):
     finally:
         ini.close()
     G.healthy_io(t.portal)
-    assert children(t.proc.pid).keys() == {"stml", "fetd_tcp"}
+    assert children_by_module(t.proc.pid).keys() == {"stml", "fetd_tcp"}
 
 
 def test_corrupt_config_is_refused_clearly(tmp_path):
@@ -235,8 +115,8 @@ def test_corrupt_config_is_refused_clearly(tmp_path):
     assert "config error" in r.stderr and "not valid TOML" in r.stderr
 
 
-def test_corrupt_reservation_file_is_refused_not_reset(tmp_path):
-    d = tempfile_dir()
+def test_corrupt_reservation_file_is_refused_not_reset(tmp_short):
+    d = str(tmp_short())
     pr_dir = Path(d) / "pr"
     pr_dir.mkdir()
     from stml import pr

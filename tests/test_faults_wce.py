@@ -16,11 +16,11 @@ import time
 
 import pytest
 
-from rawiscsi import RawInitiator
-from targetproc import IQN, Target
-from test_faults import BS, UNIT, _read_all, block, children, free_port, tempfile_dir
-
-import fuzzgen as G
+from support import fuzzgen as G
+from support.faults import BS, UNIT, block, read_all
+from support.procs import children_by_module, free_port
+from support.rawiscsi import RawInitiator
+from support.target import IQN, Target
 
 SYNC_EVERY = 5        # writes between SYNCHRONIZE CACHE commands
 REGION = 500          # LBAs between a writer's pre-kill and post-kill regions
@@ -134,9 +134,9 @@ class SyncingWriter(threading.Thread):
 
 
 @pytest.fixture
-def wce_target():
-    port = free_port()
-    d = tempfile_dir()
+def wce_target(tmp_short):
+    port = free_port()   # fixed: the restarted fetd_tcp listens where the writers reconnect
+    d = str(tmp_short())
     t = Target("--lun", f"file:{d}/disk.img,size=16MiB,write_cache", data_dir=d,
                portals=(f"127.0.0.1:{port}",))
     yield t
@@ -168,12 +168,12 @@ def test_sigkill_with_write_cache_loses_nothing_synchronized(wce_target, victim)
     time.sleep(2)
     before = sum(w.good for w in writers)
     region[0] = 1                      # writes begun from now on go to the second region
-    pid = children(t.proc.pid)[victim]
+    pid = children_by_module(t.proc.pid)[victim]
     os.kill(pid, signal.SIGKILL)
     durable_at_kill = sum(clog.snapshot_durable_acked(range(w.wid * 2 * REGION, w.wid * 2 * REGION + 200))
                           for w in writers)
     deadline = time.monotonic() + 20
-    while children(t.proc.pid).get(victim) in (None, pid):
+    while children_by_module(t.proc.pid).get(victim) in (None, pid):
         assert time.monotonic() < deadline, f"{victim} was not restarted"
         time.sleep(0.1)
     time.sleep(4)                      # writers reconnect and go on, in the second region
@@ -186,7 +186,7 @@ def test_sigkill_with_write_cache_loses_nothing_synchronized(wce_target, victim)
     assert sum(w.syncs for w in writers) >= 8
     assert durable_at_kill >= UNIT * 4, durable_at_kill      # the check below means something
     assert f"{victim} exited with -9; restarting" in t.log()
-    ini = _read_all(t.portal)
+    ini = read_all(t.portal)
     try:
         n = clog.verify(lambda lba: ini.read16(lba, 1))
     finally:

@@ -5,26 +5,24 @@ another initiator's reads and writes go on meanwhile."""
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import socket
 import struct
-import subprocess
-import sys
 import time
 from typing import Iterator
 
 import pytest
 
-import fuzzgen as G
 from fetd_tcp import login as L
 from fetd_tcp import pdu as P
 from fetd_tcp.budget import RESERVE
 from fetd_tcp.session import MAX_TEXT_REQUEST, OOO_LIMIT
-from rawiscsi import RawInitiator
-from targetproc import IQN, Target
-from test_contract import RawFrontEnd
-from test_faults import children, free_port, tempfile_dir
+from support import fuzzgen as G
+from support.cli import status
+from support.procs import children_by_module, free_port, peak_rss
+from support.rawfe import RawFrontEnd
+from support.rawiscsi import RawInitiator
+from support.target import IQN, Target
 
 MIB = 1 << 20
 READ_LIMIT = 4 * MIB          # SCSI_TARGET_MAX_READ_BUFFER
@@ -36,26 +34,18 @@ GOOD, TASK_SET_FULL = 0, 0x28
 def bounded_target(**env: str) -> Iterator[Target]:
     """A target of its own (the budget's peak is per process), with small bounds."""
     env = {"SCSI_TARGET_MAX_READ_BUFFER": str(READ_LIMIT), "SCSI_TARGET_MAX_BUFFERED": str(BUDGET), **env}
-    t = Target("--lun", "ram:64MiB", data_dir=tempfile_dir(), portals=(f"127.0.0.1:{free_port()}",),
-               env=env)
+    t = Target("--lun", "ram:64MiB", portals=(f"127.0.0.1:{free_port()}",), env=env)
     try:
         yield t
     finally:
         t.stop()
 
 
-def status(t: Target) -> dict:
-    p = subprocess.run([sys.executable, "-m", "scsi_target", "status", "--data-dir", t.data_dir, "--json"],
-                       capture_output=True, text=True, timeout=60)
-    assert p.returncode == 0, p.stderr
-    return json.loads(p.stdout)
-
-
 def buffers(t: Target, until=lambda b: True, timeout: float = 30.0) -> dict:
     """fetd_tcp's buffer report (it comes with its heartbeats), once `until` holds."""
     deadline = time.monotonic() + timeout
     while True:
-        fe = next(f for f in status(t)["front_ends"] if f["kind"] == "iscsi")
+        fe = next(f for f in status(t.data_dir)["front_ends"] if f["kind"] == "iscsi")
         b = fe.get("buffers") or {}
         if b and until(b):
             return b
@@ -66,16 +56,9 @@ def buffers(t: Target, until=lambda b: True, timeout: float = 30.0) -> dict:
 def idle_stml(t: Target) -> None:
     """Wait until the STML has answered every command it was given."""
     deadline = time.monotonic() + 30
-    while status(t)["luns"][0]["in_flight"]:
+    while status(t.data_dir)["luns"][0]["in_flight"]:
         assert time.monotonic() < deadline
         time.sleep(0.2)
-
-
-def peak_rss(pid: int) -> int:
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmHWM")
 
 
 def read16(ini: RawInitiator, lba: int, blocks: int) -> None:
@@ -112,7 +95,7 @@ def test_a_non_reading_initiator_cannot_pin_read_data():
     holds at most its read bound for it (the rest get TASK SET FULL), while another
     initiator reads and writes."""
     with bounded_target() as t:
-        fetd = children(t.proc.pid)["fetd_tcp"]
+        fetd = children_by_module(t.proc.pid)["fetd_tcp"]
         base = peak_rss(fetd)
         ini = hostile_reader(t, "non-reader")
         n = 48

@@ -7,7 +7,7 @@ from __future__ import annotations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import fuzzgen as G
+from support import fuzzgen as G
 
 PURE = settings(max_examples=400, derandomize=True, deadline=None,
                 suppress_health_check=list(HealthCheck))
@@ -46,15 +46,14 @@ def test_connection_with_error_recovery_raises_only_pdu_error(stream, erl):
 
 # ---------------------------------------------------------------- live target, raw sockets
 
-import os  # noqa: E402
 import struct  # noqa: E402
 
 import pytest  # noqa: E402
 
 from fetd_tcp import login as L  # noqa: E402
 from fetd_tcp import pdu as P  # noqa: E402
-from rawiscsi import RawInitiator  # noqa: E402
-from targetproc import IQN, Target  # noqa: E402
+from support.rawiscsi import RawInitiator  # noqa: E402
+from support.target import IQN, Target  # noqa: E402
 
 LIVE = settings(max_examples=300, derandomize=True, deadline=None, database=None,
                 suppress_health_check=list(HealthCheck))
@@ -62,15 +61,7 @@ LIVE = settings(max_examples=300, derandomize=True, deadline=None, database=None
 
 @pytest.fixture(scope="module")
 def live():
-    old = os.environ.get("SCSI_TARGET_LOGIN_TIMEOUT")
-    os.environ["SCSI_TARGET_LOGIN_TIMEOUT"] = "3"
-    try:
-        t = Target("--lun", "ram:32MiB", "--lun", "ram:8MiB")
-    finally:
-        if old is None:
-            del os.environ["SCSI_TARGET_LOGIN_TIMEOUT"]
-        else:
-            os.environ["SCSI_TARGET_LOGIN_TIMEOUT"] = old
+    t = Target("--lun", "ram:32MiB", "--lun", "ram:8MiB", env={"SCSI_TARGET_LOGIN_TIMEOUT": "3"})
     yield t
     t.stop()
 

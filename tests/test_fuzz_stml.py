@@ -8,17 +8,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import fuzzgen as G
+from support import fuzzgen as G
 
 LIVE = settings(max_examples=1500, derandomize=True, deadline=None, database=None,
                 suppress_health_check=list(HealthCheck))
 
 
 @pytest.fixture(scope="module")
-def fuzz_stml(tmp_path_factory):
-    from conftest import StmlProcess, short_dir
-    from pathlib import Path
-    p = StmlProcess(Path(short_dir()), ("ram:16MiB", "ram:4MiB,bs=4096", f"file:{short_dir()}/f.img,size=8MiB"))
+def fuzz_stml(tmp_short_module):
+    from support.target import StmlProcess
+    p = StmlProcess(tmp_short_module(), ("ram:16MiB", "ram:4MiB,bs=4096", f"file:{tmp_short_module()}/f.img,size=8MiB"))
     p.start()
     yield p
     p.stop()
@@ -73,17 +72,14 @@ def test_malformed_contract_messages(fuzz_stml, client_factory):
 
 
 @pytest.fixture(scope="module")
-def abuse_stml():
+def abuse_stml(tmp_short_module):
     """A 1 GiB thin file LUN (whole-LUN work would show as a GiB of memory) and a RAM LUN."""
-    from conftest import StmlProcess, short_dir
-    from pathlib import Path
-    d = Path(short_dir())
+    from support.target import StmlProcess
+    d = tmp_short_module()
     p = StmlProcess(d, (f"file:{d}/big.img,size=1GiB", "ram:32MiB"))
     p.start()
     yield p
     p.stop()
-    import shutil
-    shutil.rmtree(d, ignore_errors=True)
 
 
 LUN_BLOCKS = {0: (1 << 30) // 512, 1: (32 << 20) // 512}

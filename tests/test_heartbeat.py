@@ -11,8 +11,8 @@ import threading
 
 import pytest
 
-from rawiscsi import RawInitiator
-from targetproc import IQN, Target
+from support.rawiscsi import RawInitiator
+from support.target import IQN, Target
 
 BIG = 1 << 30           # LUN 0: a thin file, fragmented first
 RAM = 256 << 20         # LUN 2: the RAM LUN the SANITIZE overwrites

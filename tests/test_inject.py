@@ -10,22 +10,20 @@ import os
 import re
 import select
 import signal
-import socket
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 
 import pytest
 
 from fetd_tcp import pdu as P
-from rawiscsi import RawInitiator
-from targetproc import IQN, Target, children_by_module
-from stml.api.inject import Injector, RuleError, load_rules, parse_rule
-
-import fuzzgen as G
 from scsi_runtime.logs import BURST
+from stml.api.inject import Injector, RuleError, load_rules, parse_rule
+from support import fuzzgen as G
+from support.procs import children_by_module, free_port
+from support.rawiscsi import RawInitiator
+from support.target import IQN, Target
 
 BS = 512
 
@@ -56,16 +54,13 @@ class WriteLog:
 
 def start(*rules: str, luns: tuple[str, ...] = ()) -> Target:
     """`scsi-target run` with a file LUN 0 (data survives a restart), the rules, and more LUNs."""
-    d = tempfile.mkdtemp(prefix="st", dir="/tmp")
-    args = ["--lun", f"file:{d}/disk.img,size=8MiB"]
+    args = ["--lun", "file:disk.img,size=8MiB"]     # in the data dir the Target makes and removes
     for spec in luns:
         args += ["--lun", spec]
     for r in rules:
         args += ["--inject", r]
-    with socket.socket() as s:     # a fixed port: a restarted front end listens on it again
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return Target(*args, data_dir=d, portals=(f"127.0.0.1:{port}",))
+    # a fixed port: a restarted front end listens on it again
+    return Target(*args, portals=(f"127.0.0.1:{free_port()}",))
 
 
 def login(t: Target, name: str = "inject", extra: list[tuple[str, str]] = ()) -> RawInitiator:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from targetproc import IQN, Target, children_by_module, cunit_verdicts, run
+from support.procs import children_by_module, run
+from support.target import IQN, Target, cunit_verdicts
 
 pytestmark = pytest.mark.skipif(not shutil.which("iscsi-ls"), reason="libiscsi-bin is not installed")
 

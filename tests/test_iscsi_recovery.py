@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from fetd_tcp import pdu as P
-from rawiscsi import RawInitiator
-from targetproc import Target
+from support.rawiscsi import RawInitiator
+from support.target import Target
 
 PLAIN = "iqn.2026-11.org.scsi-target:plain"      # defaults: ERL 0, window 128
 ERL1 = "iqn.2026-11.org.scsi-target:erl1"

@@ -8,8 +8,9 @@ import signal
 import pytest
 
 from fetd_tcp import pdu as P
-from rawiscsi import RawInitiator
-from targetproc import IQN, Target, run
+from support.procs import run
+from support.rawiscsi import RawInitiator
+from support.target import IQN, Target
 
 
 def _hostport(portal: str) -> tuple[str, int]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,15 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from targetproc import Target
+from support.procs import free_port, stop_pid
+from support.target import Target
 
 IQN = "iqn.2026-11.org.scsi-target:isns"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -47,12 +41,7 @@ def isnsd(tmp_path, request):
     while not (d / "isnsd.pid").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     yield port, d / "client.conf"
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    stop_pid(proc)
 
 
 def query(client_conf: Path, *args: str) -> str:

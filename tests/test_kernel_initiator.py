@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from support import guest as G
-from targetproc import Target
+from support.target import Target
 
 pytestmark = pytest.mark.guest
 

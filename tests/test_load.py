@@ -11,13 +11,11 @@ import threading
 import time
 from pathlib import Path
 
-
 from fetd_tcp import pdu as P
-from rawiscsi import RawInitiator
-from targetproc import Target
-
-import fuzzgen as G
-from test_faults import children, tempfile_dir
+from support import fuzzgen as G
+from support.procs import children_by_module
+from support.rawiscsi import RawInitiator
+from support.target import Target
 
 SECONDS = float(os.environ.get("SCSI_TARGET_LOAD_SECONDS", "20"))
 SESSIONS = 64
@@ -109,17 +107,17 @@ class Worker(threading.Thread):
             self.error = f"worker {self.n}: {type(e).__name__}: {e}"
 
 
-def test_64_sessions_mixed_io(tmp_path):
-    d = tempfile_dir()
+def test_64_sessions_mixed_io(tmp_short):
+    d = tmp_short()
     cfg = Path(d) / "load.toml"
     cfg.write_text(CONFIG)
-    t = Target(config=str(cfg), data_dir=d)
+    t = Target(config=str(cfg), data_dir=str(d))
     try:
         stop = threading.Event()
         workers = [Worker(t.portal, i, stop) for i in range(SESSIONS)]
         for w in workers:
             w.start()
-        pids = children(t.proc.pid)
+        pids = children_by_module(t.proc.pid)
         samples = []
         start = time.monotonic()
         while time.monotonic() - start < SECONDS:
@@ -135,7 +133,7 @@ def test_64_sessions_mixed_io(tmp_path):
         assert not any(w.is_alive() for w in workers), "a worker hung"
         total = sum(w.ops for w in workers)
         assert total > SESSIONS * 4, total
-        assert children(t.proc.pid) == pids, "a process died under load"
+        assert children_by_module(t.proc.pid) == pids, "a process died under load"
         # memory: after warm-up (a quarter of the run), growth stays small
         warm = samples[len(samples) // 4]
         end = samples[-1]

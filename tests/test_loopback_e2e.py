@@ -2,13 +2,11 @@
 from __future__ import annotations
 
 import os
-import shutil
 import struct
-from pathlib import Path
 
 import pytest
 
-from conftest import StmlProcess, short_dir
+from support.target import StmlProcess
 
 from fetd_loopback import LinkLost, ScsiError
 from stml.cdb import encode_lun
@@ -61,14 +59,12 @@ def naa_of(page83: bytes) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def shared_stml():
+def shared_stml(tmp_short_module):
     """One 64 MiB RAM STML for the tests that only need a plain LUN 0; each test
     gets its own client (its own I_T nexus) and its own LBAs."""
-    d = short_dir()
-    p = StmlProcess(Path(d), ("ram:64MiB",)).start()
+    p = StmlProcess(tmp_short_module(), ("ram:64MiB",)).start()
     yield p
     p.stop()
-    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture

@@ -2,27 +2,14 @@
 the Prometheus endpoint serves them."""
 from __future__ import annotations
 
-import json
-import socket
 import subprocess
 import sys
 import urllib.request
 
-from rawiscsi import RawInitiator
-from targetproc import IQN, Target
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def status(data_dir: str) -> dict:
-    p = subprocess.run([sys.executable, "-m", "scsi_target", "status", "--data-dir", data_dir, "--json"],
-                       capture_output=True, text=True, timeout=60)
-    assert p.returncode == 0, p.stderr
-    return json.loads(p.stdout)
+from support.cli import status
+from support.procs import free_port
+from support.rawiscsi import RawInitiator
+from support.target import IQN, Target
 
 
 def test_status_counters_and_prometheus():

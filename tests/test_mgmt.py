@@ -3,32 +3,19 @@ a connected session sees the change after the unit attention, the config
 file holds it, a restart keeps it, and hand edits are never overwritten."""
 from __future__ import annotations
 
-import json
 import re
 import struct
-import subprocess
-import sys
 import tomllib
 
 import pytest
 
-from rawiscsi import RawInitiator
-from targetproc import Target, run
+from support.cli import cli, mgmt
+from support.procs import free_port, run
+from support.rawiscsi import RawInitiator
+from support.target import Target
 
 IQN = "iqn.2026-11.org.scsi-target:mgmt"
 CHECK_CONDITION = 2
-
-
-def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    p = subprocess.run([sys.executable, "-m", "scsi_target", *args], capture_output=True, text=True,
-                       timeout=60)
-    if check and p.returncode:
-        raise AssertionError(f"scsi-target {' '.join(args)} exited {p.returncode}:\n{p.stdout}\n{p.stderr}")
-    return p
-
-
-def mgmt(data_dir: str, *args: str) -> dict | list:
-    return json.loads(cli(*args, "--data-dir", data_dir, "--json").stdout)
 
 
 def ua_of(sense: bytes) -> tuple[int, int, int]:
@@ -75,8 +62,8 @@ def config(tmp_path):
     return cfg
 
 
-def test_lun_add_and_resize_live(config, tmp_path):
-    t = Target(config=str(config))
+def test_lun_add_and_resize_live(config, tmp_path, tmp_short):
+    t = Target(config=str(config), data_dir=str(tmp_short()))   # kept for the restart
     try:
         host, port = t.portal.rsplit(":", 1)
         ini = RawInitiator(host, int(port), initiator="iqn.2026-11.org.test:mgmt")
@@ -184,22 +171,6 @@ def test_targets_acl_chap_sessions(config, tmp_path):
         t.stop()
 
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_line(t: Target, text: str, timeout: float = 15) -> None:
-    import time
-    deadline = time.monotonic() + timeout
-    while not any(text in line for line in t.lines):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"no {text!r} in the target's output:\n{t.log()}")
-        time.sleep(0.05)
-
-
 def _send_targets(port: int) -> list[str]:
     ini = RawInitiator("127.0.0.1", port, initiator="iqn.2026-11.org.test:disc")
     try:
@@ -218,21 +189,21 @@ def _refused(port: int) -> bool:
     return False
 
 
-def test_portal_add_remove_live(tmp_path):
+def test_portal_add_remove_live(tmp_path, tmp_short):
     """`portal add|remove` on a running target: fetd_tcp (started without --portal,
     as `run` starts it) opens and closes listeners; discovery lists the new
     TargetAddress; the config keeps the list across a restart."""
     cfg = tmp_path / "target.toml"
     cfg.write_text(f'portals = ["127.0.0.1:0"]\n\n[[target]]\nname = "{IQN}"\n\n'
                    f'[[target.lun]]\nbackend = "ram"\nsize = "8MiB"\n')
-    t = Target(config=str(cfg), portals=(), expect_portals=1)
-    p1, p2 = _free_port(), _free_port()
+    t = Target(config=str(cfg), data_dir=str(tmp_short()), portals=(), expect_portals=1)
+    p1, p2 = free_port(), free_port()
     try:
         d = t.data_dir
         first = int(t.portal.rsplit(":", 1)[1])
         added = mgmt(d, "portal", "add", f"127.0.0.1:{p1},2")
         assert added["tpgt"] == 2 and "saved" in added["saved"]
-        _wait_line(t, f"fetd_tcp: listening on 127.0.0.1:{p1} (tpgt 2)")
+        t.wait_log(f"fetd_tcp: listening on 127.0.0.1:{p1} (tpgt 2)")
         assert f"127.0.0.1:{p1},2" in _send_targets(p1)          # the new portal answers discovery
         assert f"127.0.0.1:{p1},2" in _send_targets(first)       # and the old one lists it
         assert "DIRECT_ACCESS" in run(["iscsi-inq", f"iscsi://127.0.0.1:{p1}/{IQN}/0"]).stdout
@@ -245,7 +216,7 @@ def test_portal_add_remove_live(tmp_path):
         ini = RawInitiator("127.0.0.1", p1, initiator="iqn.2026-11.org.test:stay")
         ini.login(IQN)
         mgmt(d, "portal", "remove", f"127.0.0.1:{p1}")
-        _wait_line(t, f"fetd_tcp: stopped listening on 127.0.0.1:{p1}")
+        t.wait_log(f"fetd_tcp: stopped listening on 127.0.0.1:{p1}")
         assert _refused(p1)
         assert tur(ini, 0)[0] in (0, CHECK_CONDITION)
         ini.close()
@@ -254,7 +225,7 @@ def test_portal_add_remove_live(tmp_path):
         p = cli("portal", "remove", "--data-dir", d, f"127.0.0.1:{p1}", check=False)
         assert p.returncode == 2 and "no portal" in p.stderr
         mgmt(d, "portal", "add", f"127.0.0.1:{p2}")
-        _wait_line(t, f"fetd_tcp: listening on 127.0.0.1:{p2} (tpgt 1)")
+        t.wait_log(f"fetd_tcp: listening on 127.0.0.1:{p2} (tpgt 1)")
     finally:
         t.stop()
 

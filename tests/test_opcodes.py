@@ -9,7 +9,7 @@ import pytest
 from stml.disk import DiskTemplate
 from stml.lu import LunOptions
 from stml.sense import CHECK_CONDITION, GOOD, ILLEGAL_REQUEST
-from test_sbc_harness import Harness, run
+from support.sbc_harness import Harness, run
 
 
 def _base(e) -> bytearray:

@@ -23,12 +23,13 @@ import tomlkit
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from conftest import StmlProcess, need_root, short_dir, stop_pid, wait_for_line
 from fetd_loopback import LoopbackClient, ScsiError
-from rawiscsi import RawInitiator
 from scsi_target.mgmt import MgmtClient
 from stml.api import Tmf, TmfResponse
-from targetproc import IQN, Target, children_by_module, run
+from support.ci import need_root
+from support.procs import children_by_module, pid_alive, run, short_dir, stop_pid, wait_for_line
+from support.rawiscsi import RawInitiator
+from support.target import IQN, StmlProcess, Target
 
 CLI = [sys.executable, "-m", "scsi_target"]
 
@@ -48,14 +49,6 @@ def mgmt(data_dir: str, *args: str):
     return json.loads(ok(*args, "--data-dir", data_dir, "--json"))
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] != "Z"
-
-
 def wait_gone(pids: list[int], timeout: float) -> list[int]:
     """The PIDs still alive after `timeout` (checked in /proc until then)."""
     deadline = time.monotonic() + timeout
@@ -71,10 +64,8 @@ def kill_all(pids: list[int]) -> None:
 
 
 @pytest.fixture
-def ddir():
-    d = short_dir()
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
+def ddir(tmp_short):
+    return str(tmp_short())
 
 
 # ------------------------------------------------------------------ the data dir owns a config file

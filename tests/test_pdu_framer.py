@@ -377,8 +377,8 @@ def test_protocol_stops_reading_while_output_backs_up():
 def test_command_pipelined_behind_the_last_login_request():
     """An initiator may send its first commands right behind the Login Request
     that ends login: the bytes the login's reader holds must not be lost."""
-    from rawiscsi import RawInitiator
-    from targetproc import IQN, Target
+    from support.rawiscsi import RawInitiator
+    from support.target import IQN, Target
 
     with Target("--lun", "ram:16MiB") as t:
         host, _, port = t.portal.rpartition(":")

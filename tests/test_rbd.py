@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from support import ceph
-from targetproc import IQN, Target, run
+from support.procs import run
+from support.target import IQN, Target
 
 pytestmark = pytest.mark.slow
 
@@ -190,7 +191,7 @@ def test_lun_add_rbd_live_and_status_shows_the_lock(cluster, image):
         out = run([*cli, "lun", "add", "--json", "--data-dir", t.data_dir, cluster.spec(image)]).stdout
         assert json.loads(out)["lun"] == 1, out
         data = os.urandom(4096)
-        from rawiscsi import RawInitiator
+        from support.rawiscsi import RawInitiator
         host, port = t.portal.rsplit(":", 1)
         ini = RawInitiator(host, int(port))
         try:
@@ -216,7 +217,7 @@ def test_lun_add_rbd_is_refused_while_another_gateway_holds_the_lock(cluster, im
     It used to add the LUN and serve it without the lock (a "standby" with
     its front ends connected). Once the lock is free the add succeeds."""
     from backends.rbd import RbdBackend
-    from rawiscsi import RawInitiator
+    from support.rawiscsi import RawInitiator
     holder = RbdBackend(image, conf=str(cluster.conf), keyring=str(cluster.keyring))
     try:
         holder.lock_acquire()

@@ -18,12 +18,13 @@ import uuid
 
 import pytest
 
-from conftest import need_root
 from fetd_tcp import pdu as P
-from rawiscsi import RawInitiator
 from support import ceph, gateways
+from support.ci import need_root
 from support.gateways import IQN, Gateway
-from targetproc import cunit_verdicts, run
+from support.procs import run
+from support.rawiscsi import RawInitiator
+from support.target import cunit_verdicts
 
 pytestmark = pytest.mark.slow
 

@@ -9,7 +9,7 @@ from fetd_tcp import pdu as P
 from fetd_tcp.keys import ConnectionParams, SessionParams
 from fetd_tcp.session import Connection, Session, Tags
 
-import fuzzgen as G
+from support import fuzzgen as G
 
 WINDOW = 8
 

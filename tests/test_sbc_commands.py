@@ -9,7 +9,7 @@ import struct
 from stml.locks import WriteGate
 from stml.lu import LunOptions
 from stml.sense import CHECK_CONDITION, GOOD, ILLEGAL_REQUEST
-from test_sbc_harness import Harness, run
+from support.sbc_harness import Harness, run
 
 BS = 512
 

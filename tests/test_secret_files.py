@@ -14,7 +14,7 @@ import pytest
 
 from scsi_target.keys import write_key_pair
 from stml.persist import atomic_write
-from targetproc import Target
+from support.target import Target
 
 IQN = "iqn.2026-11.org.scsi-target:secrets"
 

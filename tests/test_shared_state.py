@@ -10,7 +10,6 @@ import shutil
 import struct
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -20,9 +19,9 @@ import pytest
 from fetd_loopback import LoopbackClient
 from fetd_loopback.client import TaskAborted
 from fetd_tcp import pdu as P
-from rawiscsi import RawInitiator
 from stml.api import TaskAttr, Tmf, TmfResponse
-from targetproc import IQN, Target
+from support.rawiscsi import RawInitiator
+from support.target import IQN, Target
 
 GOOD, CHECK_CONDITION, RESERVATION_CONFLICT, TASK_ABORTED = 0x00, 0x02, 0x18, 0x40
 WE, EA = 0x1, 0x3
@@ -230,12 +229,8 @@ def test_preempt_and_abort_aborts_the_other_nexus_writes_in_flight(target):
         boss.close()
 
 
-def test_aptpl_reservation_survives_a_restart():
-    data_dir = tempfile.mkdtemp(prefix="st", dir="/tmp")   # short: the ipc socket lives there
-    try:
-        _aptpl_restart(data_dir)
-    finally:
-        shutil.rmtree(data_dir, ignore_errors=True)
+def test_aptpl_reservation_survives_a_restart(tmp_short):
+    _aptpl_restart(str(tmp_short()))   # short: the ipc socket lives there
 
 
 def _aptpl_restart(data_dir: str) -> None:
@@ -398,7 +393,8 @@ def test_conformance_reservations_multipath_tmf(tmp_path):
     """libiscsi's suites with the second portal group as the multipath URL: every
     test passes by CUnit's own verdict, none skipped for lack of support (the
     target allows target resets, which Reserve6's reset tests send)."""
-    from targetproc import cunit_verdicts, run
+    from support.procs import run
+    from support.target import cunit_verdicts
     config = tmp_path / "target.toml"
     config.write_text(f'[[target]]\nname = "{IQN}"\ntarget_reset = true\n'
                       '[[target.lun]]\nlun = 0\nbackend = "ram"\nsize = "64MiB"\n')

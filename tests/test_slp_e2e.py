@@ -15,9 +15,10 @@ import uuid
 
 import pytest
 
-from conftest import need_root
-from targetproc import IQN, Target
-from test_mgmt import _wait_line, mgmt
+from support.ci import need_root
+from support.cli import mgmt
+from support.procs import stop_pid
+from support.target import IQN, Target
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not shutil.which("ip"), reason="iproute2 is not installed")]
@@ -112,7 +113,7 @@ def test_slp_finds_the_target_by_multicast_and_follows_portal_changes(netns, tmp
                        f'[[target]]\nname = "{IQN}-private"\nacl = ["iqn.2026-11.org.test:only"]\n\n'
                        f'[[target.lun]]\nbackend = "ram"\nsize = "8MiB"\n')
         t = Target(config=str(cfg), portals=(), expect_portals=1, wrap=("ip", "netns", "exec", netns))
-        _wait_line(t, "fetd_tcp: SLP service agent on UDP 427 (scopes DEFAULT) at 127.0.0.1")  # not 0.0.0.0
+        t.wait_log("fetd_tcp: SLP service agent on UDP 427 (scopes DEFAULT) at 127.0.0.1")  # not 0.0.0.0
         url = f"service:iscsi:target://127.0.0.1:3260/{IQN}"
         found = ask(netns, "srv", "service:iscsi:target")
         assert found == {"error": 0, "urls": [url]}    # not the target with an ACL (no slp_auth)
@@ -124,7 +125,7 @@ def test_slp_finds_the_target_by_multicast_and_follows_portal_changes(netns, tmp
         until(lambda: ask(netns, "srv", "service:iscsi:target", DA)["urls"] == [url], "registered with the DA")
 
         mgmt(t.data_dir, "portal", "add", "127.0.0.1:3262,2")
-        _wait_line(t, "fetd_tcp: listening on 127.0.0.1:3262 (tpgt 2)")
+        t.wait_log("fetd_tcp: listening on 127.0.0.1:3262 (tpgt 2)")
         second = f"service:iscsi:target://127.0.0.1:3262/{IQN}"
         assert ask(netns, "srv", "service:iscsi:target")["urls"] == [url, second]
         assert "(portal-group=2)" in ask(netns, "attr", second)["attrs"]
@@ -137,5 +138,4 @@ def test_slp_finds_the_target_by_multicast_and_follows_portal_changes(netns, tmp
     finally:
         if t is not None:
             t.stop()
-        da.kill()
-        da.wait(5)
+        stop_pid(da)

@@ -14,8 +14,8 @@ import pytest
 from fetd_spi.frontend import run_scenario
 from fetd_spi.sim import scenario_from_dict
 from fetd_spi.workload import block_writer
-from rawiscsi import RawInitiator
-from targetproc import IQN, Target
+from support.rawiscsi import RawInitiator
+from support.target import IQN, Target
 
 ROOT = Path(__file__).resolve().parent.parent
 GOOD = 0x00

@@ -6,23 +6,21 @@ asynchronous event per nexus, and a burst of resets costs two fan-outs."""
 from __future__ import annotations
 
 import asyncio
-import json
 import struct
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from backends import open_backend
 from fetd_tcp import pdu as P
-from rawiscsi import RawInitiator
 from stml import emulator as emulator_mod
 from stml.api import Op, Tmf, TmfResponse
 from stml.config import ConfigError, load
 from stml.emulator import Emulator, Target as StmlTarget
 from stml.lu import LogicalUnit, LunOptions
-from targetproc import IQN, Target
+from support.cli import status
+from support.rawiscsi import RawInitiator
+from support.target import IQN, Target
 
 GOOD, CHECK_CONDITION = 0x00, 0x02
 AUTH_FAILED = 6                   # RFC 7143 11.6.1 "function authorization failed"
@@ -51,13 +49,6 @@ def tur(ini: RawInitiator, lun: int) -> tuple[int, tuple[int, int, int] | None]:
     return status, ((sense[2] & 0xF, sense[12], sense[13]) if sense else None)
 
 
-def status(t: Target) -> dict:
-    p = subprocess.run([sys.executable, "-m", "scsi_target", "status", "--data-dir", t.data_dir, "--json"],
-                       capture_output=True, text=True, timeout=60)
-    assert p.returncode == 0, p.stderr
-    return json.loads(p.stdout)
-
-
 def test_target_resets_are_refused_by_default_and_disturb_no_one():
     with Target("--lun", "ram:16MiB", "--lun", "ram:16MiB") as t:
         a = login(t, "iqn.2026-11.org.test:resetter")
@@ -70,7 +61,7 @@ def test_target_resets_are_refused_by_default_and_disturb_no_one():
                 assert tur(b, lun) == (GOOD, None)
                 assert tur(a, lun) == (GOOD, None)   # and the cold reset closed nothing
             assert b.read16(8, 1, lun=1) == b"\x5a" * 512
-            assert all(lu["unit_attentions"] == 0 for lu in status(t)["luns"])
+            assert all(lu["unit_attentions"] == 0 for lu in status(t.data_dir)["luns"])
         finally:
             a.close()
             b.close()
@@ -85,12 +76,12 @@ def test_a_target_that_allows_resets_resets(tmp_path):
         b = login(t, "iqn.2026-11.org.test:bystander")
         try:
             assert tmf(a, P.TMF_TARGET_WARM_RESET) == P.TMF_RESP_COMPLETE
-            assert [lu["unit_attentions"] for lu in status(t)["luns"]] == [2, 2]   # one per nexus per LU
+            assert [lu["unit_attentions"] for lu in status(t.data_dir)["luns"]] == [2, 2]   # one per nexus per LU
             for ini in (a, b):
                 for lun in (0, 1):
                     assert tur(ini, lun) == (CHECK_CONDITION, (0x6, *POWER_ON_RESET))
                     assert tur(ini, lun) == (GOOD, None)
-            assert [lu["unit_attentions"] for lu in status(t)["luns"]] == [0, 0]
+            assert [lu["unit_attentions"] for lu in status(t.data_dir)["luns"]] == [0, 0]
         finally:
             a.close()
             b.close()

@@ -8,7 +8,7 @@ import struct
 from backends.file import FileBackend
 from backends.ram import PAGE, RamBackend
 from stml.sense import CHECK_CONDITION, GOOD, ILLEGAL_REQUEST
-from test_sbc_harness import Harness, run
+from support.sbc_harness import Harness, run, unmap
 
 BS = 512
 PB = PAGE // BS   # blocks per RAM page
@@ -20,12 +20,6 @@ def _write16(lba: int, n: int) -> bytes:
 
 def _read16(lba: int, n: int) -> bytes:
     return bytes([0x88, 0]) + struct.pack(">QI", lba, n) + bytes(2)
-
-
-def _unmap(*ranges: tuple[int, int]) -> tuple[bytes, bytes]:
-    descs = b"".join(struct.pack(">QI4x", lba, n) for lba, n in ranges)
-    data = struct.pack(">HH4x", 6 + len(descs), len(descs)) + descs
-    return bytes([0x42, 0, 0, 0, 0, 0, 0]) + struct.pack(">H", len(data)) + b"\0", data
 
 
 def _gls(lba: int, alloc: int = 4096) -> bytes:
@@ -45,7 +39,7 @@ def test_unmap_then_get_lba_status_and_zero_reads():
         assert (await h.cmd(_write16(0, 2 * PB), b"\xAA" * 2 * PAGE)).status == GOOD
         st = _status((await h.cmd(_gls(0))).data)
         assert st[0] == (0, 2 * PB, 0) and st[1][2] == 1
-        cdb, data = _unmap((PB, PB))
+        cdb, data = unmap((PB, PB))
         assert (await h.cmd(cdb, data)).status == GOOD
         st = _status((await h.cmd(_gls(0))).data)
         assert st[0] == (0, PB, 0) and st[1] == (PB, h.lu().blocks - PB, 1)
@@ -62,7 +56,7 @@ def test_partial_unmap_reads_zeros_and_keeps_mapping():
     async def go():
         h = Harness()
         await h.cmd(_write16(0, 16), b"\x11" * 16 * BS)
-        cdb, data = _unmap((4, 4))
+        cdb, data = unmap((4, 4))
         assert (await h.cmd(cdb, data)).status == GOOD
         r = await h.cmd(_read16(0, 16))
         assert r.data == b"\x11" * 4 * BS + bytes(4 * BS) + b"\x11" * 8 * BS
@@ -89,12 +83,12 @@ def test_write_same_unmap_and_ndob():
 def test_unmap_parameter_checks():
     async def go():
         h = Harness()
-        cdb, data = _unmap((h.lu().blocks - 1, 2))
+        cdb, data = unmap((h.lu().blocks - 1, 2))
         r = await h.cmd(cdb, data)
         assert r.key_asc == (ILLEGAL_REQUEST, 0x21, 0)
         r = await h.cmd(bytes([0x42, 0, 0, 0, 0, 0, 0, 0, 4, 0]), bytes(4))
         assert r.key_asc == (ILLEGAL_REQUEST, 0x1A, 0)
-        cdb, data = _unmap(*[(i, 1) for i in range(300)])
+        cdb, data = unmap(*[(i, 1) for i in range(300)])
         r = await h.cmd(cdb, data)
         assert r.key_asc == (ILLEGAL_REQUEST, 0x26, 0)
         r = await h.cmd(bytes([0x42, 0, 0, 0, 0, 0, 0, 0, 0, 0]), alloc=0)

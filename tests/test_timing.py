@@ -6,26 +6,20 @@ from __future__ import annotations
 
 import json
 import random
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
 
-from rawiscsi import RawInitiator
 from stml.timing import (BOUNDS, DELIVERED, FE_RECEIVED, POINTS, RX_SENT, STAGES, STML_RECEIVED,
                          ClockOffset, Timing, stages)
 from stml.trace.format import Message, TraceReader
-from targetproc import IQN, Target
+from support.procs import free_port
+from support.rawiscsi import RawInitiator
+from support.target import IQN, Target
 
 WRITES = READS = 8
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cli(data_dir: str, *args: str) -> subprocess.CompletedProcess:

@@ -29,7 +29,7 @@ from stml.trace import recorder as R
 from stml.trace.format import Message, Note, TraceError, TraceReader
 from stml.trace.replay import Divergence, Replayer
 from stml.trace.report import CSV_COLUMNS, commands
-from targetproc import Target
+from support.target import Target
 
 DATA = Path(__file__).resolve().parent / "data"
 REAL = {"qemu-img": DATA / "qemu-img.trace.gz", "kernel": DATA / "kernel.trace.gz"}

@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 
 from support import guest as G
-from conftest import short_dir
-from targetproc import Target, children_by_module
+from support.procs import children_by_module, short_dir
+from support.target import Target
 
 pytestmark = pytest.mark.guest
 

@@ -514,7 +514,7 @@ def test_a_restarted_front_end_serves_a_new_vm_at_once(stml, vhost, masters):
 # ---------------------------------------------------------------- scsi-target run --vhost
 
 def test_run_starts_a_vhost_front_end_beside_iscsi(tmp_short):
-    from targetproc import Target
+    from support.target import Target
     sock = str(tmp_short() / "vm.sock")
     t = Target("--lun", "ram:16MiB", "--vhost", f"{sock},target={IQN}", data_dir=str(tmp_short()))
     try:

@@ -14,36 +14,21 @@ import time
 import pytest
 
 from fetd_tcp import pdu as P
-from rawiscsi import RawInitiator
-from targetproc import IQN, Target
-from test_faults import children, free_port, tempfile_dir
-
-import fuzzgen as G
+from support import fuzzgen as G
+from support.procs import children_by_module, free_port, peak_rss
+from support.rawiscsi import RawInitiator
+from support.target import IQN, Target
 
 LIMIT = 4 << 20
 CHUNK = 65536                     # immediate data per command (FirstBurstLength)
 
 
-def peak_rss(pid: int) -> int:
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmHWM")
-
-
 @pytest.fixture
 def target():
-    saved = os.environ.get("SCSI_TARGET_MAX_WRITE_BUFFER")
-    os.environ["SCSI_TARGET_MAX_WRITE_BUFFER"] = str(LIMIT)
-    try:
-        t = Target("--lun", "ram:64MiB", data_dir=tempfile_dir(), portals=(f"127.0.0.1:{free_port()}",))
-    finally:
-        if saved is None:
-            os.environ.pop("SCSI_TARGET_MAX_WRITE_BUFFER", None)
-        else:
-            os.environ["SCSI_TARGET_MAX_WRITE_BUFFER"] = saved
+    t = Target("--lun", "ram:64MiB", portals=(f"127.0.0.1:{free_port()}",),
+               env={"SCSI_TARGET_MAX_WRITE_BUFFER": str(LIMIT)})
     yield t
-    stml = children(t.proc.pid).get("stml")
+    stml = children_by_module(t.proc.pid).get("stml")
     if stml:
         os.kill(stml, signal.SIGCONT)
     t.stop()
@@ -51,7 +36,7 @@ def target():
 
 def test_write_flood_against_a_stalled_stml_keeps_fetd_tcp_bounded(target):
     t = target
-    kids = children(t.proc.pid)
+    kids = children_by_module(t.proc.pid)
     ini = RawInitiator(*G.host_port(t.portal), initiator="iqn.2026-11.org.test:flood")
     assert ini.login(IQN, extra=[("InitialR2T", "No"), ("ImmediateData", "Yes"),
                                  ("FirstBurstLength", str(CHUNK)),

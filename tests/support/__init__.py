@@ -1,4 +1,7 @@
-"""Reusable test machinery: a vhost-user master in Python (vhost_master), a
-real STML in-process with a gate opcode (gated_stml), the guest builder and
-QEMU runner for guest tests (guest), a throwaway Ceph (ceph) and gateway
-hosts in network namespaces (gateways)."""
+"""What the tests share (docs/testing.md, "Writing tests"): processes and how
+to stop them (procs), the project's own processes (target), clients that send
+what they are told (rawiscsi, rawfe), the management CLI (cli), an in-process
+STML (sbc_harness), fault writers (faults), fuzz strategies (fuzzgen), peers
+of other versions or behaviours (fakestml, gated_stml, vhost_master), guests,
+Ceph and gateway hosts (guest, ceph, gateways), and the suite's rules (ci,
+kinds). Nothing here is a test; no test module imports another."""

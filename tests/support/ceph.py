@@ -7,13 +7,13 @@ is started in the foreground and stopped by its PID. See
 from __future__ import annotations
 
 import shutil
-import signal
-import socket
 import subprocess
 import tempfile
 import time
 import uuid
 from pathlib import Path
+
+from support.procs import free_port, stop_pid
 
 DAEMONS = ("ceph-mon", "ceph-osd", "ceph-mgr")
 
@@ -24,12 +24,6 @@ def available() -> str | None:
         if shutil.which(tool) is None:
             return f"{tool} is not installed (apt-get install ceph-mon ceph-osd ceph-mgr ceph-common)"
     return None
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 class Cluster:
@@ -162,17 +156,11 @@ mgr initial modules =
                 time.sleep(0.2)
 
     def stop(self) -> None:
-        """SIGTERM every daemon by PID (OSD first), SIGKILL those that linger."""
+        """Stop every daemon by PID, the monitor last; the directory goes."""
         for name in ("mgr", "osd", "mon"):
             p = self.procs.get(name)
-            if p is not None and p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in self.procs.values():
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5)
+            if p is not None:
+                stop_pid(p)
         self.procs.clear()
         shutil.rmtree(self.dir, ignore_errors=True)
 

@@ -20,6 +20,8 @@ import threading
 import time
 from pathlib import Path
 
+from support.procs import session_members, stop_pid
+
 IQN = "iqn.2026-11.org.scsi-target:gw"
 STML_PORT = 7100
 ISCSI_PORT = 3260
@@ -179,16 +181,7 @@ ceph_keyring = "{keyring}"
     def processes(self) -> list[int]:
         """Every process of this gateway: its session (`run` gives each child a
         process group of its own, in the session it leads)."""
-        if self.proc is None:
-            return []
-        found = []
-        for entry in os.listdir("/proc"):
-            try:
-                if entry.isdigit() and os.getsid(int(entry)) == self.proc.pid:
-                    found.append(int(entry))
-            except OSError:
-                continue   # gone meanwhile
-        return found
+        return [] if self.proc is None else session_members(self.proc.pid)
 
     def kill(self) -> None:
         """SIGKILL everything of this gateway at once: nothing of it says goodbye."""
@@ -204,11 +197,5 @@ ceph_keyring = "{keyring}"
         """SIGTERM `run` (it stops its children), SIGKILL what is left; the
         gateway's directory goes."""
         if self.proc is not None:
-            if self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGTERM)
-                try:
-                    self.proc.wait(15)
-                except subprocess.TimeoutExpired:
-                    pass
-            self.kill()
+            stop_pid(self.proc, 15, session=True)
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -18,6 +18,8 @@ import struct
 import time
 from dataclasses import dataclass
 
+from support.procs import stop_pid
+
 # vhost-user (QEMU docs/interop/vhost-user.rst)
 GET_FEATURES, SET_FEATURES, SET_OWNER, SET_MEM_TABLE = 1, 2, 3, 5
 SET_VRING_NUM, SET_VRING_ADDR, SET_VRING_BASE, GET_VRING_BASE = 8, 9, 10, 11
@@ -458,13 +460,4 @@ class VhostProcess:
         return self.proc.poll() is None
 
     def stop(self) -> None:
-        import signal
-        import subprocess
-        if self.proc.poll() is not None:
-            return
-        os.kill(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(5)
+        stop_pid(self.proc)

@@ -375,7 +375,7 @@ def raw_exchange(portal: str, prefix: Any, payload: list[bytes], timeout: float 
     half-close and read until the target closes; the target must close or answer, not hang."""
     import socket
 
-    from rawiscsi import RawInitiator
+    from support.rawiscsi import RawInitiator
     ini = RawInitiator(*host_port(portal), timeout=timeout)
     try:
         if prefix is not None:
@@ -397,7 +397,7 @@ def healthy_io(portal: str, iqn: str = TNAME, lun: int = 0) -> None:
     """A separate, well-behaved session still reads and writes correctly."""
     import os
 
-    from rawiscsi import RawInitiator
+    from support.rawiscsi import RawInitiator
     ini = RawInitiator(*host_port(portal))
     try:
         resp = ini.login(iqn)

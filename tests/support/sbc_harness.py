@@ -1,9 +1,12 @@
 """An in-process STML for command-set tests: an Emulator with RAM LUNs and a
 fake front end that answers rdy_to_xfer with the data it was given. No
-sockets, no subprocesses."""
+sockets, no subprocesses. Also the UNMAP and sparse-file builders the SBC
+tests share."""
 from __future__ import annotations
 
 import asyncio
+import os
+import struct
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -89,3 +92,21 @@ class Harness:
 
 def run(coro):
     return asyncio.run(coro)
+
+
+def unmap(*ranges: tuple[int, int]) -> tuple[bytes, bytes]:
+    """UNMAP's CDB and parameter list for (LBA, count) ranges."""
+    descs = b"".join(struct.pack(">QI4x", lba, n) for lba, n in ranges)
+    data = struct.pack(">HH4x", 6 + len(descs), len(descs)) + descs
+    return bytes([0x42, 0, 0, 0, 0, 0, 0]) + struct.pack(">H", len(data)) + b"\0", data
+
+
+def fragment(path: str, extents: int) -> None:
+    """A sparse file with `extents` separate 4 KiB data extents, a hole between each."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.ftruncate(fd, extents * 8192 + (1 << 20))
+        for i in range(extents):
+            os.pwrite(fd, b"\xAB" * 4096, i * 8192)
+    finally:
+        os.close(fd)
