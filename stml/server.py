@@ -25,7 +25,7 @@ from stml.api import BufferPool, Channel, Op, SharedRegion, StreamChannel, pack,
 from stml.api.messages import TO_STML, Cap, check
 from stml.api.sizes import SHARED_READ_MIN
 from stml.api.stream import Lease
-from stml.api.tap import Tap, combine
+from stml.api.tap import Tap, TapPoint, combine
 from stml.config import Config, ConfigError, StartupError
 from stml.emulator import Emulator, Target
 from stml.lu import LogicalUnit
@@ -133,7 +133,7 @@ class TraceOptions:
     force: bool = True   # a file named on the command line is replaced, as a log would be
 
 
-class StmlServer:
+class StmlServer(TapPoint):
     def __init__(self, config: Config, heartbeat_ms: int | None = None) -> None:
         self.config = config
         # the default data dir does not exist on a fresh machine: disks are created in it
@@ -195,16 +195,6 @@ class StmlServer:
         self.received: Callable[..., None] = self._receive
         self.traces = Traces(self.emulator, self.add_tap, self.remove_tap)
         self._stalls: list[tuple[Any, Any]] = []   # (LU, StalledBackend) of an injected stall
-
-    def add_tap(self, tap: Tap) -> None:
-        """See every message from now on (stml.api.tap), after the taps already there."""
-        self._taps.append(tap)
-        self._set_taps()
-
-    def remove_tap(self, tap: Tap) -> None:
-        if tap in self._taps:
-            self._taps.remove(tap)
-        self._set_taps()
 
     def _set_taps(self) -> None:
         """With a tap, messages go through the tapped entry points; without

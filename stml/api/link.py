@@ -16,7 +16,7 @@ import zmq
 from stml.api.messages import CONTRACT_VERSION, FROM_STML, Cap, Detect, Op, check, pack, unpack
 from stml.api.shm import SharedRegion
 from stml.api.stream import Lease, StreamChannel, listening, stream_path
-from stml.api.tap import Tap, combine
+from stml.api.tap import Tap, TapPoint, combine
 from stml.api.zmq_carrier import Channel
 
 log = logging.getLogger("stml.api")
@@ -56,7 +56,7 @@ class RegistrationRefused(Exception):
     """The STML refused this front end (e.g. incompatible contract version)."""
 
 
-class FrontEndLink:
+class FrontEndLink(TapPoint):
     """A front end's end of the contract: connect, register, heartbeat, and
     re-register by itself when the STML restarts or forgets us.
 
@@ -129,16 +129,6 @@ class FrontEndLink:
         }
 
     # -- instruments ------------------------------------------------------------
-    def add_tap(self, tap: Tap) -> None:
-        """See every message from now on (stml.api.tap), after the taps already there."""
-        self._taps.append(tap)
-        self._set_taps()
-
-    def remove_tap(self, tap: Tap) -> None:
-        if tap in self._taps:
-            self._taps.remove(tap)
-        self._set_taps()
-
     def _set_taps(self) -> None:
         """The tapped entry points with a tap, the plain ones without: a link
         without taps costs what it did before they existed."""

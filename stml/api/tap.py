@@ -58,6 +58,26 @@ class Taps:
         return all(t.outbound(peer, header, packed, frames) for t in self.taps)
 
 
+class TapPoint:
+    """Where taps are added and removed, on either side: the side keeps them in
+    `_taps` and swaps its entry points in `_set_taps`."""
+
+    _taps: list[Tap]
+
+    def _set_taps(self) -> None:
+        raise NotImplementedError
+
+    def add_tap(self, tap: Tap) -> None:
+        """See every message from now on, after the taps already there."""
+        self._taps.append(tap)
+        self._set_taps()
+
+    def remove_tap(self, tap: Tap) -> None:
+        if tap in self._taps:
+            self._taps.remove(tap)
+        self._set_taps()
+
+
 def combine(taps: list[Tap]) -> Tap | None:
     """What a side's `tap` attribute holds for these taps: None for none (the
     paths' one test), the tap itself for one, else Taps."""
