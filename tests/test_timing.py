@@ -112,7 +112,7 @@ def test_stages_through_real_processes(tmp_path):
 
 def test_timing_off_adds_no_fields_and_status_says_so(tmp_path):
     """Without --timing the front end offers the capability, the STML does not
-    grant it, and no message carries a stamp; `status --latency` says why it
+    grant it, no message carries a stamp and no scsi_target_done is sent; `status --latency` says why it
     has nothing (exit 2, one line)."""
     trace = tmp_path / "plain.trace"
     with Target("--lun", "ram:16MiB", "--trace", str(trace)) as t:
@@ -131,7 +131,8 @@ def test_timing_off_adds_no_fields_and_status_says_so(tmp_path):
                 offered = m.header["caps"]
             elif m.op == "detect":
                 granted = m.header["caps"]
-    assert {"rx_cmnd", "xmit_response", "scsi_target_done"} <= ops
+    assert {"rx_cmnd", "xmit_response"} <= ops
+    assert "scsi_target_done" not in ops   # untimed, nothing takes it: not sent (decisions/0603)
     assert "timing" in offered and "timing" not in granted
 
 

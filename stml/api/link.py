@@ -15,7 +15,7 @@ import zmq
 
 from stml.api.messages import CONTRACT_VERSION, FROM_STML, Cap, Detect, Op, check, pack, unpack
 from stml.api.shm import SharedRegion
-from stml.api.stream import Lease, StreamChannel, listening, stream_path
+from stml.api.stream import RETURN_AFTER, Lease, StreamChannel, listening, stream_path
 from stml.api.tap import Tap, TapPoint, combine
 from stml.api.zmq_carrier import Channel
 
@@ -216,12 +216,6 @@ class FrontEndLink(TapPoint):
                    "attr": attr, "dir": direction, "len": length, "unsol": unsol,
                    "ts": [self.read_at or now, now]}, data)
 
-    def _scsi_target_done_timed(self, tags: list[int]) -> None:
-        """scsi_target_done while timed: the responses were delivered now."""
-        if self.timing:   # (a writer made while timed may outlive it)
-            self._done_ts += [time.monotonic_ns()] * len(tags)
-        FrontEndLink.scsi_target_done(self, tags)
-
     def _set_timing(self, on: bool) -> None:
         """Stamp commands (the timed entry points) only while the STML grants
         `timing`: otherwise the per-command calls are the plain ones."""
@@ -229,10 +223,9 @@ class FrontEndLink(TapPoint):
             self.timing = True
             self._done_ts = []
             self.rx_cmnd = self._rx_cmnd_timed   # type: ignore[method-assign]
-            self.scsi_target_done = self._scsi_target_done_timed   # type: ignore[method-assign]
             self._done_header = self._done_header_timed   # type: ignore[method-assign]
         else:
-            for name in ("timing", "_done_ts", "read_at", "rx_cmnd", "scsi_target_done", "_done_header"):
+            for name in ("timing", "_done_ts", "read_at", "rx_cmnd", "_done_header"):
                 self.__dict__.pop(name, None)
 
     def _on_heartbeat(self, header: dict[str, Any], frames: list) -> None:
@@ -253,18 +246,24 @@ class FrontEndLink(TapPoint):
 
     def scsi_target_done(self, tags: list[int]) -> None:
         """These responses are on the wire (or dropped): their read data is no
-        longer used. What the carrier lent with them goes back now; the message
-        itself rides on the next one we send, or leaves within a millisecond
-        (one of its own per response would wake the STML once more per command)."""
+        longer used, and what the carrier lent with them goes back now (the
+        slots return to the STML with the next message, stml.api.stream).
+        The message itself goes only while the STML times commands: its
+        delivery stamps are all the STML takes from it, and a message per
+        command for nothing cost both processes CPU and wake-ups
+        (decisions/0603). Timed, it rides on the next message we send, or
+        leaves within RETURN_AFTER."""
         leases = self._leases
         if leases:
             for tag in tags:
                 lease = leases.pop(tag, None)
                 if lease is not None:
                     lease.release()
-        self._done += tags
-        if self._done_timer is None and self._channel is not None:
-            self._done_timer = asyncio.get_running_loop().call_later(0.001, self._done_timeout)
+        if self.timing:   # the instance's flag: a writer may hold this method from before
+            self._done_ts += [time.monotonic_ns()] * len(tags)
+            self._done += tags
+            if self._done_timer is None and self._channel is not None:
+                self._done_timer = asyncio.get_running_loop().call_later(RETURN_AFTER, self._done_timeout)
 
     def _done_timeout(self) -> None:
         self._done_timer = None

@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import msgpack
 
-CONTRACT_VERSION = (1, 7)
+CONTRACT_VERSION = (1, 8)
 # an iSCSI name is at most 223 bytes (RFC 7143 4.2.7.1): initiator and target names
 # in register_nexus are held to it (an initiator port name adds ",i,0x" and 12 hex digits)
 MAX_NAME_LEN = 223
@@ -375,8 +375,9 @@ MESSAGES: tuple[Message, ...] = (
             )),
     Message(Op.DONE, _TO, "front end",
             "These responses are on the wire: the front end no longer uses their data. Sent "
-            "for every `xmit_response`, batched; the read data's shared memory goes back "
-            "with it (stream carrier).", (
+            "while the STML grants `timing` (since 1.8; before, for every `xmit_response`), "
+            "batched: its stamps are what the STML takes from it. The read data's shared "
+            "memory goes back through the carrier (`free`) whether or not it is sent.", (
                 Field("tags", INTS, "the tasks whose responses were delivered"),
                 Field("ts", INTS, "stage timing (`timing` granted): when each response was "
                       "delivered (on the wire), in the order of `tags`, CLOCK_MONOTONIC ns of the "
@@ -438,8 +439,9 @@ MESSAGES: tuple[Message, ...] = (
                 Field("length", INT, "how many bytes"),
             )),
     Message(Op.XMIT_RESPONSE, _FROM, "front end",
-            "The command is done. The front end sends `scsi_target_done` for it once the "
-            "response is on the wire (its read data is valid until then).", (
+            "The command is done. Its read data is valid until the response is on the wire; "
+            "the front end then gives the data's shared memory back (and, timed, reports "
+            "`scsi_target_done`).", (
                 _TAG,
                 Field("status", INT, "a Status"),
                 Field("sense", BYTES_OR_NONE, "sense data (CHECK CONDITION)", False),

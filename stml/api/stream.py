@@ -43,6 +43,13 @@ _REF = struct.Struct("<2I")      # a shared frame on the wire: offset, length
 _SHARED = 0x80000000   # a frame length with this bit: the frame is (offset, length) in the shared region
 CONTROL_REGION, CONTROL_FREE = 1, 2
 MAX_FRAMES = 4096
+# How long what is handed back (slots, delivered responses) may wait for a
+# message to ride on before it leaves on its own. Under load the next message
+# comes first; a timer that fires anyway wakes a process that would have slept:
+# at 1 ms that was one wake-up every few commands at QD1 (decisions/0603).
+# Idle, slots come back this much later, which costs nothing: until then the
+# lender copies through the socket if it runs short.
+RETURN_AFTER = 0.02
 MAX_FRAME = 1 << 30
 
 
@@ -291,7 +298,7 @@ class StreamChannel:
     from `pool`) are valid while on_message runs. A receiver that keeps them
     longer calls take_lease() during that call and later lease.release():
     the slots then go back to the peer (control message "free", with the
-    next message we send or within a millisecond) and the buffers to the
+    next message we send or within RETURN_AFTER) and the buffers to the
     pool. An untaken lease is released when on_message returns.
     A peer that breaks the framing, or closes, ends the channel (`on_closed`).
     """
@@ -524,9 +531,9 @@ class StreamChannel:
             self._freed += lease.offsets
             if self._free_timer is None:
                 # a wake-up of the peer of its own would cost more than the copy the slot
-                # saved: they ride on the next message we send, or go after 1 ms (one timer
-                # at a time, left running when a message takes them first)
-                self._free_timer = self._loop.call_later(0.001, self._free_timeout)
+                # saved: they ride on the next message we send, or go after RETURN_AFTER
+                # (one timer at a time, left running when a message takes them first)
+                self._free_timer = self._loop.call_later(RETURN_AFTER, self._free_timeout)
         lease.offsets = []
 
     def _free_timeout(self) -> None:
