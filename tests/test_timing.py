@@ -67,7 +67,7 @@ def test_stages_through_real_processes(tmp_path):
                 "--trace", str(trace)) as t:
         io(t, "timing")
         sent = WRITES + READS
-        deadline = time.monotonic() + 20   # scsi_target_done of the last one rides a 1 ms timer
+        deadline = time.monotonic() + 20   # scsi_target_done of the last one rides a 20 ms timer
         while True:
             p = cli(t.data_dir, "--latency", "--json")
             assert p.returncode == 0, p.stderr
@@ -269,7 +269,7 @@ def test_a_front_end_on_another_host_gets_its_offset_from_heartbeats(stml_factor
         time.sleep(0.2)
     assert fe["clock"] == "remote" and abs(fe["offset_ns"]) <= fe["error_ns"]
     while mgmt.call("latency")["in_flight"] and time.monotonic() < deadline + 10:
-        time.sleep(0.05)   # the last command's scsi_target_done (a 1 ms timer)
+        time.sleep(0.05)   # the last command's scsi_target_done (a 20 ms timer)
     report = mgmt.call("latency")
     assert report["in_flight"] == 0
     before = report["front_ends"][0]["stages"]["to_stml"]["count"]
