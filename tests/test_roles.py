@@ -201,3 +201,11 @@ def test_roles_hold_with_a_tap_that_hands_messages_on_later(stml_factory):
         fe.close()
     assert _acl(stml.endpoint) == [INTRUDER]
     assert "delaying mgmt" in stml.log()
+
+
+def test_keys_generate_says_which_list_a_key_goes_into(tmp_path):
+    out = cli("keys", "generate", str(tmp_path), "--name", "admin", "--role", "manager").stdout
+    assert out.splitlines()[-1] == (f"as manager: a remote management client's: list {tmp_path / 'admin.key'} "
+                                    "(or the key) in [stml] allowed_managers; it cannot register as a front end")
+    out = cli("keys", "generate", str(tmp_path), "--name", "any").stdout
+    assert [line.split(":")[0] for line in out.splitlines()[3:]] == ["as stml", "as front-end", "as manager"]
