@@ -647,7 +647,7 @@ main.add_command(_service, "service")
 SHORT_HELP = {
     "stml": "Run the STML alone (it owns the LUNs).",
     "fetd-tcp": "Run the iSCSI front end alone, attached to an STML.",
-    "keys": "CURVE key pairs for remote front ends and clients.",
+    "keys": "CURVE key pairs for remote front ends and managers.",
     "keys generate": "Write a key pair: NAME.key and NAME.key_secret.",
     "target add": "Add a target (then LUNs with `lun add`).",
     "lun": "Logical units (changes are live and saved).",

@@ -41,16 +41,31 @@ def write_key_pair(directory: str | Path, name: str) -> tuple[Path, Path, str]:
     return pub_path, sec_path, public.decode()
 
 
+# where the STML's config names a key pair of each role (docs/decisions/0242)
+USES = {
+    "stml": "the STML's own: name {sec} in [stml] curve_secret_key_file",
+    "front-end": "a remote front end's: list {pub} (or the key) in [stml] allowed_front_ends; "
+                 "it cannot manage",
+    "manager": "a remote management client's: list {pub} (or the key) in [stml] allowed_managers; "
+               "it cannot register as a front end",
+}
+
+
 @click.group()
 def keys() -> None:
     """CURVE key pairs: the STML has one, and so does each remote front end or
-    management client; the STML lists the public keys it accepts."""
+    management client. The STML lists front ends' public keys in [stml]
+    allowed_front_ends and management clients' in allowed_managers, a key in
+    one list only: a front end's key cannot manage."""
 
 
 @keys.command()
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--name", default="", help="File name stem (default: the host name).")
-def generate(directory: str, name: str) -> None:
+@click.option("--role", type=click.Choice(list(USES)),
+              help="Whose key: the STML's, a front end's (allowed_front_ends) or a management "
+                   "client's (allowed_managers); the output says where it goes.")
+def generate(directory: str, name: str, role: str | None) -> None:
     """Write a key pair in DIRECTORY: NAME.key (public) and NAME.key_secret (0600)."""
     name = name or os.uname().nodename
     try:
@@ -59,6 +74,8 @@ def generate(directory: str, name: str) -> None:
         click.echo(f"scsi-target keys: {e}", err=True)
         sys.exit(1)
     click.echo(f"public key: {public}\npublic file: {pub}\nsecret file: {sec}")
+    for r in [role] if role else list(USES):
+        click.echo(f"as {r}: " + USES[r].format(pub=pub, sec=sec))
 
 
 @keys.command()

@@ -123,6 +123,7 @@ class StmlSettings:
     listen: list[str] = field(default_factory=list)      # more endpoints to bind (tcp:// for remote)
     curve_secret_key_file: str | None = None             # the STML's CURVE key pair (secret file)
     allowed_front_ends: list[str] = field(default_factory=list)   # Z85 public keys or key files
+    allowed_managers: list[str] = field(default_factory=list)     # the same forms: remote management (0242)
     insecure: bool = False           # allow plain TCP on a non-loopback address
     heartbeat_ms: int = 1000
     metrics: str | None = None       # "HOST:PORT": serve Prometheus metrics there
@@ -460,8 +461,8 @@ def is_z85_key(value: str) -> bool:
 def stml_settings(raw: Any, config_path: Path | None) -> StmlSettings:
     if not isinstance(raw, dict):
         raise ConfigError("stml", "must be a table")
-    known = {"listen", "curve_secret_key_file", "allowed_front_ends", "insecure", "heartbeat_ms", "metrics",
-             "poll_us", "peers", "front_end_key", "timing"}
+    known = {"listen", "curve_secret_key_file", "allowed_front_ends", "allowed_managers", "insecure",
+             "heartbeat_ms", "metrics", "poll_us", "peers", "front_end_key", "timing"}
     for key in raw:
         if key not in known:
             raise ConfigError(f"stml.{key}", f"unknown setting (known: {', '.join(sorted(known))})")
@@ -474,10 +475,7 @@ def stml_settings(raw: Any, config_path: Path | None) -> StmlSettings:
         if not isinstance(secret, str):
             raise ConfigError("stml.curve_secret_key_file", "must be a file name")
         secret = _key_path(secret, config_path)
-    allowed = raw.get("allowed_front_ends", [])
-    if not isinstance(allowed, list) or not all(isinstance(a, str) for a in allowed):
-        raise ConfigError("stml.allowed_front_ends", "must be a list of public keys (Z85) or key files")
-    allowed = [a if is_z85_key(a) else _key_path(a, config_path) for a in allowed]
+    allowed, managers = (_key_list(raw, key, config_path) for key in ("allowed_front_ends", "allowed_managers"))
     hb = raw.get("heartbeat_ms", 1000)
     if not isinstance(hb, int) or not 50 <= hb <= 60000:
         raise ConfigError("stml.heartbeat_ms", f"{hb!r} is not a number of milliseconds (50-60000)")
@@ -496,9 +494,19 @@ def stml_settings(raw: Any, config_path: Path | None) -> StmlSettings:
         if not isinstance(fe_key, str):
             raise ConfigError("stml.front_end_key", "must be a key file")
         fe_key = _key_path(fe_key, config_path)
-    return StmlSettings(listen, secret, allowed, _bool(raw.get("insecure", False), "stml.insecure"),
+    return StmlSettings(listen, secret, allowed, managers, _bool(raw.get("insecure", False), "stml.insecure"),
                         hb, metrics, poll_us, peers, fe_key,
                         _bool(raw.get("timing", False), "stml.timing"))
+
+
+def _key_list(raw: dict[str, Any], key: str, config_path: Path | None) -> list[str]:
+    """allowed_front_ends / allowed_managers: Z85 keys as they are, key files
+    relative to the config file. (A key in both lists is refused when the
+    files are read, stml.roles: two names may hold one key.)"""
+    keys = raw.get(key, [])
+    if not isinstance(keys, list) or not all(isinstance(a, str) for a in keys):
+        raise ConfigError(f"stml.{key}", "must be a list of public keys (Z85) or key files")
+    return [a if is_z85_key(a) else _key_path(a, config_path) for a in keys]
 
 
 class StartupError(ConfigError):

@@ -1,7 +1,8 @@
 """Live management: the `mgmt` message family of the contract (see stml.api).
 
 A management client connects to the STML's endpoint like a front end (over
-TCP, with a CURVE key the STML lists) and sends {op: "mgmt", id, cmd, args};
+TCP, with a CURVE key in `[stml] allowed_managers`), never registers (a front
+end may not manage: stml.roles) and sends {op: "mgmt", id, cmd, args};
 the answer is {op: "mgmt_reply", id, ok, result | error}. Changes apply to
 the running STML at once (front ends get a new `detect`, initiators the unit
 attentions SPC names), then the whole running configuration is saved to the

@@ -33,12 +33,11 @@ from stml.metrics import Metrics
 from stml.mgmt import Management
 from stml.portals import PortalStates, portal_entries, portal_groups
 from stml.pr import PrStoreError
+from stml.roles import GUARDS, CurveAllowList, RoleAuthenticator, allow_list, refusal
 from stml.task import Task
 from stml.trace.recorder import Traces
 
 if TYPE_CHECKING:
-    from zmq.auth.thread import ThreadAuthenticator
-
     from stml.metrics import PrometheusExporter
 
 log = logging.getLogger("stml")
@@ -46,7 +45,9 @@ WORKER_THREADS = 8   # threads for blocking backend calls, shared fairly among L
 STREAM_CAPS = frozenset({Cap.WRITE_REGION.value})
 # ops the per-message paths compare with, as plain strs (an enum member costs an attribute hook)
 _RX_CMND, _XMIT_RESPONSE, _TMF_DONE = Op.RX_CMND.value, Op.XMIT_RESPONSE.value, Op.TMF_DONE.value
-_MGMT, _PORTAL_STATE = Op.MGMT.value, Op.PORTAL_STATE.value
+_MGMT, _PORTAL_STATE, _REGISTER = Op.MGMT.value, Op.PORTAL_STATE.value, Op.REGISTER.value
+# what _receive hands to _control: not per command
+_CONTROL = frozenset({_MGMT, _PORTAL_STATE, _REGISTER})
 
 
 def build_targets(config: Config, templates: dict[str, Any]) -> list[Target]:
@@ -75,21 +76,6 @@ def _is_loopback(endpoint: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False   # a name or an interface: treat as reachable from elsewhere
-
-
-class CurveAllowList:
-    """ZAP credentials: the front-end (and management) public keys the config lists."""
-
-    def __init__(self, keys: dict[bytes, str]) -> None:
-        self.keys = keys   # Z85 public key -> where the config names it
-
-    def callback(self, domain: str, key: bytes) -> bool:
-        if key in self.keys:
-            log.info("CURVE key %s (%s) admitted", key.decode(), self.keys[key])
-            return True
-        log.warning("refused a peer with unknown CURVE key %s: not in [stml] allowed_front_ends",
-                    key.decode())
-        return False
 
 
 class BusyPoll:
@@ -145,7 +131,7 @@ class StmlServer(TapPoint):
         self.endpoints = config.stml.endpoints(config.stml_endpoint)
         if heartbeat_ms is None:
             heartbeat_ms = config.stml.heartbeat_ms
-        self.auth: ThreadAuthenticator | None = None
+        self.auth: RoleAuthenticator | None = None
         self.exporter: PrometheusExporter | None = None
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
@@ -307,32 +293,27 @@ class StmlServer(TapPoint):
         if not s.curve_secret_key_file:
             if not _is_loopback(ep) and not s.insecure:
                 raise ConfigError("stml_endpoint", f"{ep} is plain TCP on a non-loopback address: "
-                                  "configure [stml] curve_secret_key_file and allowed_front_ends, "
+                                  "configure [stml] curve_secret_key_file and allowed_front_ends "
+                                  "(and allowed_managers), "
                                   "or pass --insecure")
             if not _is_loopback(ep):
                 log.warning("serving %s WITHOUT encryption or authentication (--insecure)", ep)
             return
-        from zmq.auth.thread import ThreadAuthenticator
         from scsi_runtime.curvekeys import load_key_file
-        from stml.config import is_z85_key
         try:
             public, secret = load_key_file(s.curve_secret_key_file, secret=True)
-            allowed: dict[bytes, str] = {}
-            for a in s.allowed_front_ends:
-                key = a.encode() if is_z85_key(a) else load_key_file(a)[0]
-                allowed[key] = a if not is_z85_key(a) else "listed key"
         except ValueError as e:
             raise ConfigError("stml", str(e)) from None
-        if not allowed:
+        allowed = allow_list(s)   # (a ConfigError for a key in both lists)
+        if not s.allowed_front_ends:
             log.warning("[stml] allowed_front_ends is empty: no remote front end can connect")
-        self.auth = ThreadAuthenticator(self.ctx, log=logging.getLogger("stml.zap"))
+        self.auth = RoleAuthenticator(self.ctx, CurveAllowList(allowed))
         self.auth.start()
-        self.auth.configure_curve_callback("*", CurveAllowList(allowed))
         self.sock.curve_secretkey = secret
         self.sock.curve_publickey = public
         self.sock.curve_server = True
-        log.info("CURVE on TCP endpoints: STML public key %s, %d allowed key(s)",
-                 public.decode(), len(allowed))
+        log.info("CURVE on TCP endpoints: STML public key %s, %d front-end and %d manager key(s)",
+                 public.decode(), len(s.allowed_front_ends), len(s.allowed_managers))
 
     def _bind_one(self, endpoint: str) -> None:
         if endpoint.startswith("ipc://"):
@@ -493,12 +474,18 @@ class StmlServer(TapPoint):
                 lu.backend.close()
 
     def _receive_tapped(self, frames: list, lease: Lease | None = None) -> None:
-        """_receive, with the tap between decoding and handling."""
+        """_receive, with the tap between decoding and handling. A message the
+        roles guard is admitted before the tap, while its carrier still knows
+        its connection (a tap may hand it on later, through deliver)."""
         tap = self.tap
         try:
             header = unpack(frames[1]) if len(frames) > 1 else None
         except ValueError:
             header = None
+        if header is not None and header["op"] in GUARDS and not self._admit(frames[0], header):
+            if lease is not None:
+                lease.release()
+            return
         if header is not None and tap is not None and not tap.inbound(frames[0], header, frames[1], frames[2:]):
             if lease is not None:
                 lease.release()
@@ -509,8 +496,10 @@ class StmlServer(TapPoint):
                  header: dict[str, Any] | None = None) -> None:
         """[ident, header, data...] from either carrier; `lease`: the stream
         carrier's hold on the data frames (the emulator passes it to their task).
-        `header`: decoded already (by _receive_tapped, or deliver)."""
+        `header`: decoded already (by _receive_tapped, or deliver), and then
+        admitted already (stml.roles)."""
         ident = frames[0]
+        admitted = header is not None
         if header is None:
             try:
                 if len(frames) < 2:
@@ -524,20 +513,50 @@ class StmlServer(TapPoint):
         op = header["op"]
         if op == _RX_CMND:
             self.metrics.rx_cmnd(ident, header, self.emulator.front_ends.get(ident))
-        elif op == _MGMT or op == _PORTAL_STATE:
-            if lease is not None:     # data frames mean nothing here
-                lease.release()
-            error = check(header, TO_STML)
-            if error is not None:
-                log.warning("refused a message from %s: %s", ident.hex(), error)
-                if op == _MGMT and type(header.get("id")) is int:
-                    self.emulator.out.mgmt_reply(ident, header["id"], False, error=error)
-            elif op == _MGMT:
-                self.mgmt.handle(ident, header)
-            else:
-                self.portals.report(ident, header)
+        elif op in _CONTROL:
+            self._control(ident, op, header, frames, lease, admitted)
             return
         self.emulator.handle(ident, header, frames[2:], lease)
+
+    def _control(self, ident: bytes, op: str, header: dict[str, Any], frames: list, lease: Lease | None,
+                 admitted: bool) -> None:
+        """register, mgmt and portal_state: the roles first (stml.roles)."""
+        if op in GUARDS and not admitted and not self._admit(ident, header):
+            if lease is not None:
+                lease.release()
+            return
+        if op == _REGISTER:
+            self.emulator.handle(ident, header, frames[2:], lease)
+            return
+        if lease is not None:     # data frames mean nothing here
+            lease.release()
+        error = check(header, TO_STML)
+        if error is not None:
+            log.warning("refused a message from %s: %s", ident.hex(), error)
+            if op == _MGMT and type(header.get("id")) is int:
+                self.emulator.out.mgmt_reply(ident, header["id"], False, error=error)
+        elif op == _MGMT:
+            self.mgmt.handle(ident, header)
+        else:
+            self.portals.report(ident, header)
+
+    def _admit(self, ident: bytes, header: dict[str, Any]) -> bool:
+        """Whether this peer may send this register or mgmt (stml.roles); a
+        refusal is answered (mgmt_reply, or detect with the error) and logged.
+        Called while the carrier handles the message: a stream peer is on this
+        host (no User-Id); a ZeroMQ one's connection carries its role."""
+        op = header["op"]
+        user_id = None if ident in self.streams else self.channel.user_id()
+        fe = self.emulator.front_ends.get(ident)
+        why = refusal(op, user_id, fe is not None)
+        if why is None:
+            return True
+        log.warning("refused %s from %s: %s", op, fe.name if fe is not None else ident.hex(), why)
+        if op == _REGISTER:
+            self.emulator.out.refuse(ident, why)
+        elif type(header.get("id")) is int:
+            self.emulator.out.mgmt_reply(ident, header["id"], False, error=why)
+        return False
 
     def deliver(self, ident: bytes, header: dict[str, Any], data: list, past: Tap | None = None) -> None:
         """Handle a decoded message past the tap (a tap that held one back,

@@ -374,3 +374,13 @@ def test_stage_timing_switch_in_the_file(tmp_path):
     assert load(write_toml(tmp_path, "[stml]\ntiming = true\n"), str(tmp_path)).stml.timing is True
     assert load(None, str(tmp_path)).stml.timing is False
     assert error_of(tmp_path, '[stml]\ntiming = "yes"\n').startswith("stml.timing:")
+
+
+@pytest.mark.parametrize("key", ["allowed_front_ends", "allowed_managers"])
+def test_allowed_key_lists(tmp_path, key):
+    """Both lists take Z85 keys as they are and key files relative to the config file."""
+    z85 = "rq:rM>}U?@Lns47E1%kR.o@n%FcmmsLx@{H8]yf7"
+    c = load(write_toml(tmp_path, f'[stml]\n{key} = ["{z85}", "keys/a.key"]\n'), str(tmp_path))
+    assert getattr(c.stml, key) == [z85, str(tmp_path / "keys" / "a.key")]
+    assert error_of(tmp_path, f'[stml]\n{key} = "keys/a.key"\n') == \
+        f"stml.{key}: must be a list of public keys (Z85) or key files"

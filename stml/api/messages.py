@@ -481,7 +481,8 @@ MESSAGES: tuple[Message, ...] = (
             )),
     # ------------------------------------------------------------ management
     Message(Op.MGMT, _TO, "management",
-            "A management request from any peer the endpoint admits (no registration needed); "
+            "A management request (no registration needed) from a peer that did not register as "
+            "a front end; over CURVE, only from a key in `[stml] allowed_managers` (decision 0242). "
             "`cmd` names one of stml.mgmt's commands (status, target_add, lun_add, portal_add, "
             "session_drop, ...). Changes are hot and saved to the config file.", (
                 Field("id", INT, "echoed in the reply"),

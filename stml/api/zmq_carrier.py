@@ -38,6 +38,7 @@ class Channel:
         self._fd = sock.fileno()
         self._out: dict[bytes, list[list]] = {}
         self._flush_scheduled = False
+        self.frame: zmq.Frame | None = None   # of the message being handled (user_id)
         self._loop.add_reader(self._fd, self._drain)
         self._loop.call_soon(self._drain)
 
@@ -68,16 +69,32 @@ class Channel:
         # EVENTS is an int option; pyzmq types every getsockopt as int | bytes
         while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # type: ignore[operator, arg-type]
             try:
-                # memoryviews; a routed socket's frame 0 becomes the peer's identity (bytes)
-                frames: list[Any] = [f.buffer for f in sock.recv_multipart(zmq.NOBLOCK, copy=False)]
+                raw = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
+            # memoryviews; a routed socket's frame 0 becomes the peer's identity (bytes)
+            frames: list[Any] = [f.buffer for f in raw]
             if self.routed:
                 frames[0] = frames[0].tobytes()
+            self.frame = raw[0]
             try:
                 self._deliver(frames)
             except Exception:  # one bad message must not stop the link
                 log.exception("error handling a message")
+            self.frame = None
+
+    def user_id(self) -> str | None:
+        """The ZAP User-Id of the connection the message being handled came on
+        (zmq_msg_gets, stml.roles): None without ZAP (ipc://, plain TCP); ""
+        when no message is being handled (a message handed on later, e.g. by
+        fault injection, carries none: nothing is known of it)."""
+        frame = self.frame
+        if frame is None:
+            return ""
+        try:
+            return str(frame.get("User-Id"))
+        except zmq.ZMQError:   # no such property: the connection had no ZAP
+            return None
 
     def _deliver(self, frames: list) -> None:
         head = frames[:1] if self.routed else []

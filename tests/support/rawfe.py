@@ -17,10 +17,15 @@ from stml.sense import parse_sense
 class RawFrontEnd:
     """A front end written against the contract's docstring, nothing else."""
 
-    def __init__(self, endpoint: str, name: str | None = None) -> None:
+    def __init__(self, endpoint: str, name: str | None = None, curve: dict[str, bytes] | None = None) -> None:
+        """`curve`: {public, secret, server} keys (scsi_runtime.curvekeys.curve_client_keys), for tcp://."""
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        if curve:
+            self.sock.curve_secretkey = curve["secret"]
+            self.sock.curve_publickey = curve["public"]
+            self.sock.curve_serverkey = curve["server"]
         self.name = name or f"raw-{uuid.uuid4().hex[:8]}"
         self.sock.setsockopt(zmq.ROUTING_ID, self.name.encode())
         self.sock.connect(endpoint)

@@ -1,0 +1,119 @@
+"""Who may do what at the STML (decision 0242): a front end registers and
+serves its initiators; a manager sends `mgmt`. Least privilege: a front end,
+even one admitted over CURVE, cannot change what it may reach (the ACL,
+LUNs) or start a trace of everyone's data.
+
+Two things tell the roles apart:
+- A CURVE peer (tcp://) has the role of the list that admitted its key,
+  `[stml] allowed_front_ends` or `allowed_managers`: the ZAP handler
+  (RoleAuthenticator) gives its connection that User-Id, which ZeroMQ
+  attaches to each of its messages. The STML reads it only for the messages
+  GUARDS names (register, mgmt), never per command.
+- Any peer: an identity registered as a front end is one, and its `mgmt`
+  is refused. Same-host peers (ipc://, the stream socket, plain loopback
+  TCP) have no User-Id: file permissions admit them, in either role.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from zmq import Context
+from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils import z85
+
+from stml.api import Op
+from stml.config import ConfigError, StmlSettings, is_z85_key
+
+log = logging.getLogger("stml")
+
+FRONT_END, MANAGER = "front-end", "manager"   # the ZAP User-Ids
+LISTS = {FRONT_END: "allowed_front_ends", MANAGER: "allowed_managers"}
+
+
+@dataclass(frozen=True)
+class Guard:
+    """What a guarded message needs of its peer, and the refusals (one line
+    each: the management client prints it as it is)."""
+    role: str                 # the User-Id a CURVE peer needs
+    wrong_key: str            # a CURVE peer with another role
+    registered: str | None    # an identity registered as a front end (None: no matter)
+
+
+GUARDS: dict[str, Guard] = {
+    Op.MGMT.value: Guard(MANAGER, "management refused: this peer is a front end, not a manager "
+                                  "(its key is not in [stml] allowed_managers)",
+                         "management refused: this peer is a front end"),
+    Op.REGISTER.value: Guard(FRONT_END, "registration refused: this peer is a manager, not a front end "
+                                        "(its key is not in [stml] allowed_front_ends)", None),
+}
+
+
+def refusal(op: str, user_id: str | None, registered: bool) -> str | None:
+    """Why the guarded message `op` is refused from this peer, or None.
+    `user_id`: its connection's ZAP User-Id (None: no ZAP, a same-host
+    peer); `registered`: its identity is a registered front end."""
+    guard = GUARDS[op]
+    if user_id is not None and user_id != guard.role:
+        return guard.wrong_key
+    if registered and guard.registered is not None:
+        return guard.registered
+    return None
+
+
+def allow_list(settings: StmlSettings) -> dict[bytes, tuple[str, str]]:
+    """Z85 public key -> (role, where the config names it), from both lists.
+    A key in both is a ConfigError: its peer would hold both roles, and
+    management would again be open to a front end."""
+    from scsi_runtime.curvekeys import load_key_file
+    keys: dict[bytes, tuple[str, str]] = {}
+    for role, setting in LISTS.items():
+        for entry in getattr(settings, setting):
+            named = "listed key" if is_z85_key(entry) else entry
+            try:
+                key = entry.encode() if is_z85_key(entry) else load_key_file(entry)[0]
+            except ValueError as e:
+                raise ConfigError(f"stml.{setting}", str(e)) from None
+            other = keys.get(key)
+            if other is not None and other[0] != role:
+                raise ConfigError("stml", f"key {key.decode()} is in both allowed_front_ends ({other[1]}) and "
+                                          f"allowed_managers ({named}): a peer has one role")
+            keys[key] = (role, named)
+    return keys
+
+
+class CurveAllowList:
+    """ZAP credentials: the keys of both lists; a key in neither is refused."""
+
+    def __init__(self, keys: dict[bytes, tuple[str, str]]) -> None:
+        self.keys = keys
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        known = self.keys.get(key)
+        if known is not None:
+            log.info("CURVE key %s (%s, %s) admitted", key.decode(), known[1], known[0])
+            return True
+        log.warning("refused a peer with unknown CURVE key %s: not in [stml] allowed_front_ends "
+                    "or allowed_managers", key.decode())
+        return False
+
+    def role(self, key: bytes) -> str:
+        """The User-Id of an admitted key (Z85); "" for another (never admitted)."""
+        known = self.keys.get(key)
+        return known[0] if known is not None else ""
+
+
+class RoleAuthenticator(ThreadAuthenticator):
+    """pyzmq's ZAP thread, answering with the peer's role as its User-Id
+    (instead of its public key)."""
+
+    def __init__(self, ctx: Context, keys: CurveAllowList) -> None:
+        super().__init__(ctx, log=logging.getLogger("stml.zap"))
+        self.keys = keys
+
+    def start(self) -> None:
+        super().start()
+        self.configure_curve_callback("*", self.keys)
+
+    def curve_user_id(self, client_public_key: bytes) -> str:
+        return self.keys.role(z85.encode(client_public_key))

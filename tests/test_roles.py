@@ -1,0 +1,211 @@
+"""Who may manage the target (docs/decisions/0242): a peer registered as a
+front end may not, on any carrier; over CURVE, the list that admitted a key
+(`[stml] allowed_front_ends` or `allowed_managers`) is its role. Checked with
+the real STML, the real management CLI, a raw contract client and
+fetd_loopback's client."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from fetd_loopback.client import LoopbackClient
+from scsi_runtime.curvekeys import curve_client_keys, load_key_file
+from scsi_target.keys import write_key_pair
+from stml.api import StreamChannel
+from support.cli import cli
+from support.procs import free_port
+from support.rawfe import RawFrontEnd
+
+IQN = "iqn.2026-11.org.scsi-target:roles"
+INTRUDER = "iqn.2026-11.org.example:intruder"
+FRONT_END_REFUSED = "management refused: this peer is a front end"
+
+
+@pytest.fixture
+def keys(tmp_path) -> Path:
+    d = tmp_path / "keys"
+    for name in ("stml", "fe", "mgr"):
+        write_key_pair(d, name)
+    return d
+
+
+def _config(path: Path, keys: Path, tcp: str, front_ends: list[str], managers: list[str]) -> Path:
+    quoted = lambda items: ", ".join(f'"{i}"' for i in items)   # noqa: E731
+    path.write_text(f'[stml]\nlisten = ["{tcp}"]\ncurve_secret_key_file = "{keys / "stml.key_secret"}"\n'
+                    f"allowed_front_ends = [{quoted(front_ends)}]\nallowed_managers = [{quoted(managers)}]\n"
+                    f'[[target]]\nname = "{IQN}"\n[[target.lun]]\nbackend = "ram"\nsize = "4MiB"\n')
+    return path
+
+
+@pytest.fixture
+def roles_stml(stml_factory, tmp_short, keys):
+    """An STML on ipc:// (same host) and on tcp:// loopback with CURVE: fe.key a
+    front end's key, mgr.key a manager's."""
+    d = tmp_short()
+    tcp = f"tcp://127.0.0.1:{free_port()}"
+    cfg = _config(d / "roles.toml", keys, tcp, [str(keys / "fe.key")], [str(keys / "mgr.key")])
+    p = stml_factory(data_dir=d / "data", extra=("--config", str(cfg)))
+    p.current.wait_line(r"stml: listening on tcp://")
+    p.tcp, p.keys = tcp, keys
+    return p
+
+
+def _remote(stml, key: str) -> list[str]:
+    """The management CLI's options to reach the STML over CURVE with `key`."""
+    return ["--stml", stml.tcp, "--key", str(stml.keys / f"{key}.key_secret"), "--stml-key",
+            str(stml.keys / "stml.key")]
+
+
+def _acl(endpoint: str) -> list[str]:
+    """The target's ACL, read through the real CLI on the same-host endpoint."""
+    targets = json.loads(cli("target", "list", "--stml", endpoint, "--json").stdout)
+    return [t for t in targets if t["name"] == IQN][0]["acl"]
+
+
+def _acl_add(fe: RawFrontEnd, rid: int = 7) -> dict:
+    fe.send({"op": "mgmt", "id": rid, "cmd": "acl_add", "args": {"initiator": INTRUDER, "target": IQN}})
+    reply = fe.expect("mgmt_reply")[0]
+    assert reply["id"] == rid
+    return reply
+
+
+def test_a_registered_front_end_cannot_manage(roles_stml):
+    """ipc:// (ZeroMQ, no key): the same peer that could manage before it
+    registered is refused once it is a front end, and nothing changes."""
+    fe = RawFrontEnd(roles_stml.endpoint)
+    try:
+        fe.send({"op": "mgmt", "id": 1, "cmd": "target_list", "args": {}})
+        before = fe.expect("mgmt_reply")[0]
+        assert before["ok"] is True and [t["name"] for t in before["result"]] == [IQN]
+        assert "error" not in fe.register()
+        reply = _acl_add(fe)
+        assert reply["ok"] is False and reply["error"] == FRONT_END_REFUSED
+    finally:
+        fe.close()
+    assert _acl(roles_stml.endpoint) == []
+    assert f"refused mgmt from {fe.name}: {FRONT_END_REFUSED}" in roles_stml.log()
+    # the management client never registers: it still manages locally
+    cli("acl", "add", INTRUDER, "--stml", roles_stml.endpoint)
+    assert _acl(roles_stml.endpoint) == [INTRUDER]
+
+
+class _Replies:
+    """A tap on a front end's link that keeps the mgmt_replies it receives."""
+
+    def __init__(self) -> None:
+        self.replies: list[dict] = []
+        self.seen = threading.Event()
+
+    def inbound(self, peer, header, packed, frames) -> bool:
+        if header["op"] == "mgmt_reply":
+            self.replies.append(dict(header))
+            self.seen.set()
+        return True
+
+    def outbound(self, peer, header, packed, frames) -> bool:
+        return True
+
+
+def test_a_front_end_on_the_stream_socket_cannot_manage(roles_stml):
+    """fetd_loopback's link, on the same-host stream carrier: its mgmt on the
+    identity it registered is refused, and the ACL is unchanged."""
+    client = LoopbackClient(roles_stml.endpoint, target=IQN, timeout=10).open()
+    try:
+        link = client._link
+        assert isinstance(link._channel, StreamChannel), "not on the stream carrier: nothing tested here"
+        replies = _Replies()
+        header = {"op": "mgmt", "id": 9, "cmd": "acl_add", "args": {"initiator": INTRUDER, "target": IQN}}
+
+        def send() -> None:
+            link.add_tap(replies)
+            link.transmit(header)
+        client._loop.call_soon_threadsafe(send)
+        assert replies.seen.wait(10), "no mgmt_reply"
+    finally:
+        client.close()
+    assert replies.replies == [{"op": "mgmt_reply", "id": 9, "ok": False, "error": FRONT_END_REFUSED}]
+    assert _acl(roles_stml.endpoint) == []
+
+
+def test_curve_roles(roles_stml, keys):
+    """tcp:// with CURVE: a manager's key manages, a front end's key does not
+    (even unregistered), and a manager's key cannot register as a front end."""
+    luns = json.loads(cli("lun", "list", *_remote(roles_stml, "mgr"), "--json").stdout)
+    assert [(r["target"], r["lun"]) for r in luns] == [(IQN, 0)]
+
+    p = cli("acl", "add", INTRUDER, *_remote(roles_stml, "fe"), check=False)
+    assert p.returncode == 2
+    assert p.stderr == ("scsi-target: acl add refused: management refused: this peer is a front end, "
+                        "not a manager (its key is not in [stml] allowed_managers)\n")
+    assert _acl(roles_stml.endpoint) == []
+
+    fe = RawFrontEnd(roles_stml.tcp, curve=curve_client_keys(str(keys / "fe.key_secret"), str(keys / "stml.key")))
+    mgr = RawFrontEnd(roles_stml.tcp, curve=curve_client_keys(str(keys / "mgr.key_secret"),
+                                                              str(keys / "stml.key")))
+    try:
+        assert "error" not in fe.register()   # the front end's key registers
+        assert _acl_add(fe)["ok"] is False
+        detect = mgr.register()
+        assert detect["error"] == ("registration refused: this peer is a manager, not a front end "
+                                   "(its key is not in [stml] allowed_front_ends)")
+        # it stays what it is: a manager
+        mgr.send({"op": "mgmt", "id": 3, "cmd": "target_list", "args": {}})
+        assert mgr.expect("mgmt_reply")[0]["ok"] is True
+        frontends = json.loads(cli("frontend", "list", "--stml", roles_stml.endpoint, "--json").stdout)
+        assert [f["name"] for f in frontends] == [fe.name]
+    finally:
+        fe.close()
+        mgr.close()
+    assert _acl(roles_stml.endpoint) == []
+
+
+@pytest.mark.parametrize("spelling", ["file", "z85"])
+def test_a_key_in_both_lists_is_a_config_error(tmp_short, keys, spelling):
+    d = tmp_short()
+    tcp = f"tcp://127.0.0.1:{free_port()}"
+    fe_key = str(keys / "fe.key")
+    if spelling == "z85":
+        # stml.config.is_z85_key takes a value holding "/" (a Z85 character) for a
+        # file name: the key written inline must not have one
+        for n in range(50):
+            fe_key = str(write_key_pair(keys, f"fe{n}")[0])
+            if "/" not in load_key_file(fe_key)[0].decode():
+                break
+    both = fe_key if spelling == "file" else load_key_file(fe_key)[0].decode()
+    cfg = _config(d / "both.toml", keys, tcp, [fe_key], [str(keys / "mgr.key"), both])
+    p = subprocess.run([sys.executable, "-m", "stml", "--config", str(cfg), "--data-dir", str(d / "data")],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "is in both allowed_front_ends" in lines[0] and "allowed_managers" in lines[0]
+
+
+def test_roles_hold_with_a_tap_that_hands_messages_on_later(stml_factory):
+    """Fault injection delays every mgmt (a tap that hands it on later): the
+    role is decided when the message arrives, so local management still works
+    and a registered front end's mgmt is still refused."""
+    stml = stml_factory("ram:4MiB", extra=("--iqn", IQN, "--inject", "stml:delay mgmt p=1 ms=50"))
+    cli("acl", "add", INTRUDER, "--stml", stml.endpoint)
+    fe = RawFrontEnd(stml.endpoint)
+    try:
+        fe.register()
+        fe.send({"op": "mgmt", "id": 5, "cmd": "acl_remove", "args": {"initiator": INTRUDER, "target": IQN}})
+        reply = fe.expect("mgmt_reply")[0]
+        assert reply == {"op": "mgmt_reply", "id": 5, "ok": False, "error": FRONT_END_REFUSED}
+    finally:
+        fe.close()
+    assert _acl(stml.endpoint) == [INTRUDER]
+    assert "delaying mgmt" in stml.log()
+
+
+def test_keys_generate_says_which_list_a_key_goes_into(tmp_path):
+    out = cli("keys", "generate", str(tmp_path), "--name", "admin", "--role", "manager").stdout
+    assert out.splitlines()[-1] == (f"as manager: a remote management client's: list {tmp_path / 'admin.key'} "
+                                    "(or the key) in [stml] allowed_managers; it cannot register as a front end")
+    out = cli("keys", "generate", str(tmp_path), "--name", "any").stdout
+    assert [line.split(":")[0] for line in out.splitlines()[3:]] == ["as stml", "as front-end", "as manager"]
