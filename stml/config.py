@@ -454,8 +454,16 @@ def _key_path(value: str, config_path: Path | None) -> str:
     return str(config_path.parent / value)
 
 
-def is_z85_key(value: str) -> bool:
-    return len(value) == 40 and not os.path.sep in value and not value.endswith((".key", ".key_secret"))
+# ZeroMQ's Z85 alphabet (RFC 32): "/" is one of its characters
+_Z85 = frozenset("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.-:+=^!/*?&<>()[]{}@%$#")
+
+
+def is_z85_key(value: str, path: str | None = None) -> bool:
+    """A CURVE public key written out (40 Z85 characters), not a key file's
+    name. A key may hold "/", so a value that could be either is the file
+    when one exists at `path` (the value resolved; the value itself by default)."""
+    return len(value) == 40 and _Z85.issuperset(value) and not value.endswith((".key", ".key_secret")) \
+        and not os.path.exists(value if path is None else path)
 
 
 def stml_settings(raw: Any, config_path: Path | None) -> StmlSettings:
@@ -506,7 +514,8 @@ def _key_list(raw: dict[str, Any], key: str, config_path: Path | None) -> list[s
     keys = raw.get(key, [])
     if not isinstance(keys, list) or not all(isinstance(a, str) for a in keys):
         raise ConfigError(f"stml.{key}", "must be a list of public keys (Z85) or key files")
-    return [a if is_z85_key(a) else _key_path(a, config_path) for a in keys]
+    paths = [_key_path(a, config_path) for a in keys]
+    return [a if is_z85_key(a, p) else p for a, p in zip(keys, paths)]
 
 
 class StartupError(ConfigError):

@@ -382,5 +382,13 @@ def test_allowed_key_lists(tmp_path, key):
     z85 = "rq:rM>}U?@Lns47E1%kR.o@n%FcmmsLx@{H8]yf7"
     c = load(write_toml(tmp_path, f'[stml]\n{key} = ["{z85}", "keys/a.key"]\n'), str(tmp_path))
     assert getattr(c.stml, key) == [z85, str(tmp_path / "keys" / "a.key")]
+    # "/" is a Z85 character: a key holding one is a key, unless a file has that name
+    slashed = "rq:rM>}U?@Lns47E1%kR.o@n%Fcmms/x@{H8]yf7"
+    c = load(write_toml(tmp_path, f'[stml]\n{key} = ["{slashed}"]\n'), str(tmp_path))
+    assert getattr(c.stml, key) == [slashed]
+    (tmp_path / "rq:rM>}U?@Lns47E1%kR.o@n%Fcmms").mkdir()
+    (tmp_path / "rq:rM>}U?@Lns47E1%kR.o@n%Fcmms" / "x@{H8]yf7").write_text("")
+    c = load(write_toml(tmp_path, f'[stml]\n{key} = ["{slashed}"]\n'), str(tmp_path))
+    assert getattr(c.stml, key) == [str(tmp_path / slashed)]
     assert error_of(tmp_path, f'[stml]\n{key} = "keys/a.key"\n') == \
         f"stml.{key}: must be a list of public keys (Z85) or key files"
