@@ -72,8 +72,12 @@ def main(stml_endpoints: tuple[str, ...], portals: tuple[str, ...], stml_key: st
         except ValueError as e:
             click.echo(f"scsi-target: config error: {e}", err=True)
             sys.exit(2)
+    from stml.api import RegistrationRefused
     try:
         run_loop(run_fetd_tcp(list(stml_endpoints), specs, curve, isns, rules))
     except OSError as e:
         click.echo(f"scsi-target: fetd-tcp: cannot listen on {e.strerror or e}", err=True)
+        sys.exit(2)
+    except RegistrationRefused as e:
+        click.echo(f"scsi-target: fetd-tcp: the STML refused this front end: {e}", err=True)
         sys.exit(2)

@@ -322,8 +322,11 @@ async def run_fetd_tcp(stml_endpoint: str | list[str], portals: list[PortalSpec]
     failed = fe.portals.failed
     assert failed is not None   # start() made it
     stopped = asyncio.ensure_future(stop.wait())
-    await asyncio.wait([stopped, failed], return_when=asyncio.FIRST_COMPLETED)
+    ended = fe.link.ended
+    await asyncio.wait([stopped, failed, ended], return_when=asyncio.FIRST_COMPLETED)
     stopped.cancel()
     await fe.stop()
     if failed.done():
         failed.result()       # raises the OSError: exit 2 (fetd_tcp.cli)
+    if ended.done():
+        ended.result()        # raises RegistrationRefused: exit 2 (fetd_tcp.cli)

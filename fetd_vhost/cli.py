@@ -55,10 +55,14 @@ def main(socket_path: str, target: str, stml_endpoint: str, initiator: str | Non
         except ValueError as e:
             click.echo(f"scsi-target: config error: {e}", err=True)
             sys.exit(2)
+    from stml.api import RegistrationRefused
     try:
         run_loop(run_fetd_vhost(stml_endpoint, socket_path, target, initiator, curve, rules))
     except OSError as e:
         click.echo(f"scsi-target: fetd-vhost: cannot listen on {socket_path}: {e}", err=True)
+        sys.exit(2)
+    except RegistrationRefused as e:
+        click.echo(f"scsi-target: fetd-vhost: the STML refused this front end: {e}", err=True)
         sys.exit(2)
 
 

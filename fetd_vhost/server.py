@@ -439,9 +439,13 @@ class VhostFrontEnd:
     async def run(self, stop: asyncio.Event) -> None:
         self.listen()
         self.link.start()
+        stopped = asyncio.ensure_future(stop.wait())
         try:
-            await stop.wait()
+            await asyncio.wait([stopped, self.link.ended], return_when=asyncio.FIRST_COMPLETED)
+            if self.link.ended.done():
+                self.link.ended.result()   # raises RegistrationRefused: exit 2 (fetd_vhost.cli)
         finally:
+            stopped.cancel()
             if self.conn is not None:
                 self.conn.close()
             await self.link.close()

@@ -202,3 +202,17 @@ def test_keys_generate_says_which_list_a_key_goes_into(tmp_path):
                                     "(or the key) in [stml] allowed_managers; it cannot register as a front end")
     out = cli("keys", "generate", str(tmp_path), "--name", "any").stdout
     assert [line.split(":")[0] for line in out.splitlines()[3:]] == ["as stml", "as front-end", "as manager"]
+
+
+def test_fetd_tcp_with_a_managers_key_says_it_is_refused_and_exits(roles_stml, keys):
+    """A front end the STML refuses (here: a manager's key) says why in one
+    line and exits 2, instead of registering again every heartbeat."""
+    p = subprocess.run([sys.executable, "-m", "fetd_tcp", "--stml", roles_stml.tcp, "--portal",
+                        f"127.0.0.1:{free_port()}", "--stml-key", str(keys / "stml.key"),
+                        "--key", str(keys / "mgr.key_secret"), "--log-level", "warning"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines()[-1] == (
+        "scsi-target: fetd-tcp: the STML refused this front end: registration refused: this peer is a "
+        "manager, not a front end (its key is not in [stml] allowed_front_ends)")
+    assert "never retrieved" not in p.stderr

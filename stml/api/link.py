@@ -417,6 +417,15 @@ class FrontEndLink(TapPoint):
         self._register()
         self._timer = asyncio.create_task(self._heartbeats())
 
+    @property
+    def ended(self) -> asyncio.Future:
+        """Done when the link ends for good: the STML refused this front end
+        (RegistrationRefused: a wrong contract major, a manager's key, a
+        malformed registration). A front end waits on it beside its stop
+        signal, to say why and exit rather than ask again every heartbeat."""
+        assert self._ended is not None   # start() comes first
+        return self._ended
+
     async def wait_ready(self, timeout: float) -> Detect:
         """Wait for `detect`; raises RegistrationRefused or TimeoutError."""
         ended = self._ended
@@ -465,6 +474,8 @@ class FrontEndLink(TapPoint):
             assert ended is not None   # messages come only after start()
             if not ended.done():
                 ended.set_exception(e)
+            if self._timer is not None:
+                self._timer.cancel()   # no more registrations: the answer would be the same
 
     async def _heartbeats(self) -> None:
         while True:
