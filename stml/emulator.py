@@ -46,7 +46,8 @@ log = logging.getLogger("stml")
 _READ, _WRITE = int(DataDir.READ), int(DataDir.WRITE)   # plain ints: IntFlag operators are slow
 
 _COUNT_FIELDS = ("lun", "attr", "dir", "len", "unsol")   # rx_cmnd fields: non-negative ints
-_MAX_ATTR = max(TaskAttr)   # and attr a TaskAttr: the task set policies know no other
+_MAX_ATTR = int(max(TaskAttr))   # and attr a TaskAttr: the task set policies know no other
+_ACA = int(TaskAttr.ACA)   # (plain ints: a TaskAttr member read through its class costs an enum lookup)
 _REGISTER = Op.REGISTER.value   # plain str: an enum member costs an attribute hook per message
 _TIMING_CAPS = frozenset({Cap.TIMING.value})   # granted, when offered, while commands are timed
 # backend failures that are no fault of the medium, by errno: the storage is
@@ -661,7 +662,7 @@ class Emulator:
                 data = await self._no_such_lun(task)
             else:
                 descriptor = lu.mode.d_sense
-                if task.attr == TaskAttr.ACA:
+                if task.attr == _ACA:
                     raise CheckCondition(ILLEGAL_REQUEST, INVALID_MESSAGE_ERROR)  # no ACA (NACA=0)
                 entry = lu.template.lookup(task.cdb)
                 check_usage(task.cdb, entry.usage)

@@ -28,7 +28,8 @@ from typing import Protocol
 
 from stml.api import TaskAttr
 
-_SIMPLE, _HOQ = TaskAttr.SIMPLE, TaskAttr.HEAD_OF_QUEUE
+# plain ints: a TaskAttr member read through its class costs an enum lookup per command
+_SIMPLE, _ORDERED, _HOQ = int(TaskAttr.SIMPLE), int(TaskAttr.ORDERED), int(TaskAttr.HEAD_OF_QUEUE)
 
 
 class _Keyed(Protocol):
@@ -90,18 +91,18 @@ class FifoTaskSet:
             self._wake()
 
     def _may_run(self, task: QueuedTask) -> bool:
-        if task.attr == TaskAttr.HEAD_OF_QUEUE:
+        if task.attr == _HOQ:
             return True
         for other in self.tasks.values():
             if other.seq >= task.seq:
                 return True
-            if task.attr == TaskAttr.ORDERED or other.attr != TaskAttr.SIMPLE:
+            if task.attr == _ORDERED or other.attr != _SIMPLE:
                 return False
         return True
 
     async def enter(self, task: QueuedTask) -> bool:
         """Return when the task may execute: True when it had to wait."""
-        if (self._ordered == 0 and task.attr != TaskAttr.ORDERED) or self._may_run(task):
+        if (self._ordered == 0 and task.attr != _ORDERED) or self._may_run(task):
             return False
         fut = asyncio.get_running_loop().create_future()
         self._waiters.append((task, fut))
