@@ -104,11 +104,11 @@ def start_eagerly(coro: collections.abc.Coroutine) -> asyncio.Task | None:
     tasks: None when it finished (a read from memory, a command refused by its
     checks), else the Task that finishes it. Most commands never wait, and a
     Task per command cost a tenth of the STML's time at 4 KiB."""
-    try:
-        waiting_on = coro.send(None)
-    except StopIteration:
-        return None
-    return asyncio.get_running_loop().create_task(_Started(coro, waiting_on))
+    # iterated, not sent to: a coroutine that finishes ends the loop, where
+    # send() would raise StopIteration (an exception caught per command)
+    for waiting_on in coro.__await__():
+        return asyncio.get_running_loop().create_task(_Started(coro, waiting_on))
+    return None
 
 
 class _Started(collections.abc.Coroutine):
