@@ -860,7 +860,7 @@ class Emulator:
                 frames = [data]
         elif task.need:
             resid = exp - task.need
-        self.respond(task.fe, task.tag, status, sense, resid, frames)
+        self.out.xmit_response(task.fe.ident, task.tag, status, sense, resid, frames)   # (respond, in place)
 
     def respond(self, fe: FrontEnd, tag: int, status: int, sense: bytes | None, resid: int,
                 frames: collections.abc.Iterable = ()) -> None:
