@@ -680,7 +680,8 @@ class Emulator:
                     if entry.check:
                         entry.check(task)
                     waited = entry.out_len is not None and await self._collect(task, entry)
-                    if await lu.task_set.enter(task) or waited:
+                    task_set = lu.task_set
+                    if (not task_set.at_once(task) and await task_set.enter(task)) or waited:
                         # the LU may have changed meanwhile (reservations, size, protection)
                         self._check_reservation(lu, task, entry)
                         if entry.check:

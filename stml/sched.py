@@ -100,6 +100,10 @@ class FifoTaskSet:
                 return False
         return True
 
+    def at_once(self, task: QueuedTask) -> bool:
+        """No task of the LU but SIMPLE ones (the task itself counted): it starts now."""
+        return self._ordered == 0
+
     async def enter(self, task: QueuedTask) -> bool:
         """Return when the task may execute: True when it had to wait."""
         if (self._ordered == 0 and task.attr != _ORDERED) or self._may_run(task):
@@ -158,6 +162,10 @@ class FairTaskSet(FifoTaskSet):
         self._queued: dict[int, str] = {}   # seq of a waiting SIMPLE task -> its nexus key
         self._heads: list[tuple[int, int, str]] = []   # heap of (start tag, seq, key) of queue heads
         self._vtime = 0
+
+    def at_once(self, task: QueuedTask) -> bool:
+        """Never decided here: enter() keeps the books of every task it starts."""
+        return False
 
     async def enter(self, task: QueuedTask) -> bool:
         attr = task.attr
