@@ -78,11 +78,12 @@ class FileBackend:
         return os.fstat(self._fd).st_size
 
     def read_into(self, offset: int, buf: memoryview) -> None:
-        done = 0
-        while done < len(buf):
+        done = os.preadv(self._fd, [buf], offset)   # the usual case: all of it at once
+        size = len(buf)
+        while done < size:
             n = os.preadv(self._fd, [buf[done:]], offset + done)
             if n <= 0:  # past the end of a file shrunk under us: zeros
-                buf[done:] = bytes(len(buf) - done)
+                buf[done:] = bytes(size - done)
                 return
             done += n
 

@@ -181,7 +181,7 @@ def _with_medium_check(e: OpEntry) -> OpEntry:
         assert lu is not None   # per command: see ops.unit()
         if not lu.medium_present:
             raise CheckCondition(NOT_READY, MEDIUM_NOT_PRESENT)
-        if lu.sanitizing:   # SANITIZE too: one at a time
+        if lu.job is not None and lu.sanitizing:   # SANITIZE too: one at a time (the property only with a job)
             raise sanitize_in_progress(lu)
         if inner is not None:
             inner(task)

@@ -46,7 +46,8 @@ log = logging.getLogger("stml")
 _READ, _WRITE = int(DataDir.READ), int(DataDir.WRITE)   # plain ints: IntFlag operators are slow
 
 _COUNT_FIELDS = ("lun", "attr", "dir", "len", "unsol")   # rx_cmnd fields: non-negative ints
-_MAX_ATTR = max(TaskAttr)   # and attr a TaskAttr: the task set policies know no other
+_MAX_ATTR = int(max(TaskAttr))   # and attr a TaskAttr: the task set policies know no other
+_ACA = int(TaskAttr.ACA)   # (plain ints: a TaskAttr member read through its class costs an enum lookup)
 _REGISTER = Op.REGISTER.value   # plain str: an enum member costs an attribute hook per message
 _TIMING_CAPS = frozenset({Cap.TIMING.value})   # granted, when offered, while commands are timed
 # backend failures that are no fault of the medium, by errno: the storage is
@@ -103,11 +104,11 @@ def start_eagerly(coro: collections.abc.Coroutine) -> asyncio.Task | None:
     tasks: None when it finished (a read from memory, a command refused by its
     checks), else the Task that finishes it. Most commands never wait, and a
     Task per command cost a tenth of the STML's time at 4 KiB."""
-    try:
-        waiting_on = coro.send(None)
-    except StopIteration:
-        return None
-    return asyncio.get_running_loop().create_task(_Started(coro, waiting_on))
+    # iterated, not sent to: a coroutine that finishes ends the loop, where
+    # send() would raise StopIteration (an exception caught per command)
+    for waiting_on in coro.__await__():
+        return asyncio.get_running_loop().create_task(_Started(coro, waiting_on))
+    return None
 
 
 class _Started(collections.abc.Coroutine):
@@ -661,7 +662,7 @@ class Emulator:
                 data = await self._no_such_lun(task)
             else:
                 descriptor = lu.mode.d_sense
-                if task.attr == TaskAttr.ACA:
+                if task.attr == _ACA:
                     raise CheckCondition(ILLEGAL_REQUEST, INVALID_MESSAGE_ERROR)  # no ACA (NACA=0)
                 entry = lu.template.lookup(task.cdb)
                 check_usage(task.cdb, entry.usage)
@@ -679,7 +680,8 @@ class Emulator:
                     if entry.check:
                         entry.check(task)
                     waited = entry.out_len is not None and await self._collect(task, entry)
-                    if await lu.task_set.enter(task) or waited:
+                    task_set = lu.task_set
+                    if (not task_set.at_once(task) and await task_set.enter(task)) or waited:
                         # the LU may have changed meanwhile (reservations, size, protection)
                         self._check_reservation(lu, task, entry)
                         if entry.check:
@@ -859,7 +861,7 @@ class Emulator:
                 frames = [data]
         elif task.need:
             resid = exp - task.need
-        self.respond(task.fe, task.tag, status, sense, resid, frames)
+        self.out.xmit_response(task.fe.ident, task.tag, status, sense, resid, frames)   # (respond, in place)
 
     def respond(self, fe: FrontEnd, tag: int, status: int, sense: bytes | None, resid: int,
                 frames: collections.abc.Iterable = ()) -> None:

@@ -86,6 +86,11 @@ class TaskSet(Protocol):
     def remove(self, task: Any) -> None:
         """The task left the set: done, failed or aborted, started or not."""
 
+    def at_once(self, task: Any) -> bool:
+        """True when the task may start now: then enter() is not called (a
+        coroutine less for the usual command)."""
+        ...
+
     async def enter(self, task: Any) -> bool:
         """Return once the task may start executing: True when it waited
         (the LU may have changed meanwhile)."""

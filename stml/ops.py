@@ -95,7 +95,8 @@ def lbppbe(lu: LogicalUnit) -> int:
 
 
 def check_range(lu: LogicalUnit, lba: int, blocks: int) -> None:
-    if lba + blocks > lu.blocks or lba >= (1 << 64):
+    # lu.blocks's test in bytes: no property call per command
+    if (lba + blocks) * lu.block_size > lu.backend.size() or lba >= (1 << 64):
         raise CheckCondition(ILLEGAL_REQUEST, LBA_OUT_OF_RANGE)
 
 
@@ -111,7 +112,9 @@ def check_writable(lu: LogicalUnit) -> None:
 
 
 def check_xfer(task: Task, blocks: int) -> None:
-    if blocks > max_blocks(task):
+    lu = task.lu
+    assert lu is not None   # per command: see unit()
+    if blocks > task.services.max_transfer // lu.block_size:   # max_blocks(task), in place
         raise invalid_field(LEN_FIELD.get(len(task.cdb), 0))
 
 

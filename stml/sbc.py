@@ -53,14 +53,13 @@ def _sync(task: Task) -> bool:
     return fua(task.cdb) or not lu.mode.wce
 
 
-async def read_blocks(task: Task, lba: int, blocks: int, response: bool = False) -> bytearray | memoryview:
-    """Read into new memory; `response`: memory that goes back to the front
-    end as read data (maybe shared with it, so it is never copied)."""
+async def read_blocks(task: Task, lba: int, blocks: int) -> bytearray:
+    """Read into new memory, for the handler's own use (read() reads a
+    response's data into memory of its own)."""
     lu = task.lu
     assert lu is not None   # per command: see ops.unit()
-    size = blocks * lu.block_size
-    buf = task.services.read_buffer(task, size) if response else bytearray(size)
-    if size and not lu.backend.read_nowait(lba * lu.block_size, memoryview(buf)):
+    buf = bytearray(blocks * lu.block_size)
+    if buf and not lu.backend.read_nowait(lba * lu.block_size, memoryview(buf)):
         await task.io(lu.backend.read_into, lba * lu.block_size, memoryview(buf))
     return buf
 
@@ -102,8 +101,17 @@ def _first_difference(a: bytes | bytearray | memoryview, b: bytes | bytearray | 
 # ---------------------------------------------------------------- READ / WRITE
 
 async def read(task: Task) -> bytearray | memoryview:
+    """READ: into memory that goes back to the front end as read data (maybe
+    shared with it, so it is never copied). read_blocks' steps, in place: one
+    coroutine less per command."""
+    lu = task.lu
+    assert lu is not None   # per command: see ops.unit()
     lba, blocks = lba_len(task.cdb)   # read_check checked them
-    return await read_blocks(task, lba, blocks, response=True)
+    bs = lu.block_size
+    buf = task.services.read_buffer(task, blocks * bs)
+    if blocks and not lu.backend.read_nowait(lba * bs, memoryview(buf)):
+        await task.io(lu.backend.read_into, lba * bs, memoryview(buf))
+    return buf
 
 
 def received_blocks(task: Task) -> tuple[int, int, list[memoryview]]:

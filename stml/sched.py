@@ -28,7 +28,8 @@ from typing import Protocol
 
 from stml.api import TaskAttr
 
-_SIMPLE, _HOQ = TaskAttr.SIMPLE, TaskAttr.HEAD_OF_QUEUE
+# plain ints: a TaskAttr member read through its class costs an enum lookup per command
+_SIMPLE, _ORDERED, _HOQ = int(TaskAttr.SIMPLE), int(TaskAttr.ORDERED), int(TaskAttr.HEAD_OF_QUEUE)
 
 
 class _Keyed(Protocol):
@@ -90,18 +91,22 @@ class FifoTaskSet:
             self._wake()
 
     def _may_run(self, task: QueuedTask) -> bool:
-        if task.attr == TaskAttr.HEAD_OF_QUEUE:
+        if task.attr == _HOQ:
             return True
         for other in self.tasks.values():
             if other.seq >= task.seq:
                 return True
-            if task.attr == TaskAttr.ORDERED or other.attr != TaskAttr.SIMPLE:
+            if task.attr == _ORDERED or other.attr != _SIMPLE:
                 return False
         return True
 
+    def at_once(self, task: QueuedTask) -> bool:
+        """No task of the LU but SIMPLE ones (the task itself counted): it starts now."""
+        return self._ordered == 0
+
     async def enter(self, task: QueuedTask) -> bool:
         """Return when the task may execute: True when it had to wait."""
-        if (self._ordered == 0 and task.attr != TaskAttr.ORDERED) or self._may_run(task):
+        if (self._ordered == 0 and task.attr != _ORDERED) or self._may_run(task):
             return False
         fut = asyncio.get_running_loop().create_future()
         self._waiters.append((task, fut))
@@ -157,6 +162,10 @@ class FairTaskSet(FifoTaskSet):
         self._queued: dict[int, str] = {}   # seq of a waiting SIMPLE task -> its nexus key
         self._heads: list[tuple[int, int, str]] = []   # heap of (start tag, seq, key) of queue heads
         self._vtime = 0
+
+    def at_once(self, task: QueuedTask) -> bool:
+        """Never decided here: enter() keeps the books of every task it starts."""
+        return False
 
     async def enter(self, task: QueuedTask) -> bool:
         attr = task.attr

@@ -48,13 +48,13 @@ class SharedRegion:
         self._slot: dict[int, Any] = {}            # offset -> slot
         self._view: dict[int, memoryview] = {}     # offset -> a byte view of the whole slot
         self._free: dict[int, list[int]] = {}      # size class -> offsets of free slots
-        self._taken: set[int] = set()              # offsets a get() handed out, not yet released
+        self._taken: dict[int, memoryview] = {}    # offset -> the view get() handed out, not yet released
         self._lent: set[int] = set()               # offsets the peer holds
         self._lent_at: dict[int, int] = {}         # where a lent view starts -> its slot's offset
 
     def get(self, size: int) -> memoryview | None:
         """A writable view of `size` bytes in a free slot, yours until release(); or None."""
-        cls = max(self.MIN_SLOT, 1 << (size - 1).bit_length())
+        cls = self.MIN_SLOT if size <= self.MIN_SLOT else 1 << (size - 1).bit_length()
         free = self._free.get(cls)
         if free:
             offset = free.pop()
@@ -67,8 +67,8 @@ class SharedRegion:
             self._free[cls] = self._free.get(cls, [])
         else:
             return None
-        self._taken.add(offset)
-        return self._view[offset][:size]
+        view = self._taken[offset] = self._view[offset][:size]
+        return view
 
     def owns(self, view: Any) -> bool:
         """The view is of one of our slots."""
@@ -77,10 +77,8 @@ class SharedRegion:
     def release(self, view: memoryview) -> None:
         """The holder from get() is done with the slot of this view."""
         offset = self.slots.get(id(view.obj))
-        if offset is not None and offset in self._taken:
-            self._taken.discard(offset)
-            if offset not in self._lent:
-                self._put(offset)
+        if offset is not None and self._taken.pop(offset, None) is not None and offset not in self._lent:
+            self._put(offset)
 
     def lend_slot(self, frame: Any) -> tuple[int, int] | None:
         """(offset, length) of a frame that is a view of a slot someone holds,
@@ -91,10 +89,12 @@ class SharedRegion:
         start = self.slots.get(id(frame.obj))
         if start is None:
             return None
-        if start not in self._taken or start in self._lent:
+        given = self._taken.get(start)
+        if given is None or start in self._lent:
             log.error("a shared slot was sent while nobody held it, or twice: sent as a copy")
             return None
-        offset = ctypes.addressof(ctypes.c_char.from_buffer(frame)) - self._base
+        # get()'s own view starts at its slot; another view of it (a slice) is found by its address
+        offset = start if frame is given else ctypes.addressof(ctypes.c_char.from_buffer(frame)) - self._base
         self._lent.add(start)
         self._lent_at[offset] = start
         return offset, len(frame)
@@ -119,7 +119,7 @@ class SharedRegion:
 
     def in_use(self) -> int:
         """Slots someone holds (not free)."""
-        return len(self._taken | self._lent)
+        return len(self._taken.keys() | self._lent)
 
     def _put(self, offset: int) -> None:
         self._free[len(self._view[offset])].append(offset)
