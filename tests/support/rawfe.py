@@ -29,6 +29,7 @@ class RawFrontEnd:
         self.name = name or f"raw-{uuid.uuid4().hex[:8]}"
         self.sock.setsockopt(zmq.ROUTING_ID, self.name.encode())
         self.sock.connect(endpoint)
+        self.pending: list[tuple[dict, list[bytes]]] = []   # received, not yet returned
 
     def send(self, header: dict, frames: list = ()) -> None:
         self.sock.send_multipart([msgpack.packb(header, use_bin_type=True), *frames])
@@ -37,16 +38,31 @@ class RawFrontEnd:
         self.sock.send_multipart(list(frames))
 
     def recv(self, timeout: float = 10.0, skip_heartbeats: bool = True) -> tuple[dict, list[bytes]]:
+        """The next message; the messages of a `batch` (several sent in one loop
+        turn of the STML, the contract's ZeroMQ carrier) one at a time."""
         deadline = time.monotonic() + timeout
         while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or not self.sock.poll(int(left * 1000)):
-                raise TimeoutError("no message from the STML")
-            frames = self.sock.recv_multipart()
-            header = msgpack.unpackb(frames[0], raw=False, strict_map_key=False)
+            if not self.pending:
+                left = deadline - time.monotonic()
+                if left <= 0 or not self.sock.poll(int(left * 1000)):
+                    raise TimeoutError("no message from the STML")
+                self._receive(self.sock.recv_multipart())
+                continue
+            header, frames = self.pending.pop(0)
             if skip_heartbeats and header.get("op") == "heartbeat":
                 continue
-            return header, frames[1:]
+            return header, frames
+
+    def _receive(self, frames: list[bytes]) -> None:
+        header = msgpack.unpackb(frames[0], raw=False, strict_map_key=False)
+        if header.get("op") != "batch":
+            self.pending.append((header, frames[1:]))
+            return
+        pos = 1
+        for n in header["n"]:
+            self.pending.append((msgpack.unpackb(frames[pos], raw=False, strict_map_key=False),
+                                 frames[pos + 1:pos + n]))
+            pos += n
 
     def expect(self, op: str, timeout: float = 10.0) -> tuple[dict, list[bytes]]:
         header, frames = self.recv(timeout)
