@@ -122,6 +122,8 @@ def targets():
     ("stml:drop xmit_response p=1.5", "p must be a probability in (0, 1]"),
     ("stml:drop xmit_response at=1 ms=5", "'ms=5' is not key=value with a key of at, p, seed"),
     ("stml:delay rx_cmnd at=1", "delay needs ms="),
+    ("stml:delay rx_cmnd p=1 ms=5 hold=0", "hold must be a message count"),
+    ("stml:drop rx_cmnd p=1 hold=5", "'hold=5' is not key=value"),
     ("fetd:stall rx_cmnd at=1 lun=0 s=1", "stall applies on the stml side only"),
     ("stml:stall rx_cmnd at=1 s=1", "stall needs lun="),
 ])
@@ -431,6 +433,32 @@ def test_a_stalled_backend_holds_its_lun_only_and_recovers(targets):
     assert "exited with" not in t.log()
     a.close()
     b.close()
+
+
+@pytest.mark.parametrize("rule, held", [
+    ("fetd:delay * p=1 ms=600000 hold=3", 3),                # the count caps it
+    ("fetd:delay * p=1 ms=600000 hold_kib=2", 2),            # 2 KiB: two 1000-byte messages
+    ("fetd:delay * p=1 ms=600000", 10),                      # the default cap is far above 10
+])
+def test_a_delay_holds_no_more_than_its_cap_and_passes_the_rest_on(rule, held):
+    """A rule delaying every message for ten minutes holds at most its cap;
+    the rest pass on at once (counted), and what it held goes on in time."""
+    import asyncio
+    from stml.api import pack
+
+    async def main() -> tuple[list[bool], Injector, int]:
+        late: list = []
+        inj = Injector([parse_rule(rule)], lambda *m: late.append(m), print)
+        header = {"op": "rx_cmnd", "tag": 1}
+        packed = pack(header)
+        frames = [bytes(1000 - len(packed))]
+        kept = [inj.inbound("fe", header, packed, frames) for _ in range(10)]
+        return kept, inj, len(late)
+
+    kept, inj, late = asyncio.run(main())
+    assert kept.count(False) == inj.held == held and late == 0
+    assert kept.count(True) == inj.passed[rule] == 10 - held
+    assert inj.counts[rule] == 10
 
 
 def test_no_rule_no_tap_and_an_injector_goes_before_other_taps(tmp_path):
