@@ -561,3 +561,29 @@ def test_seeded_probabilistic_rules_repeat_and_lose_no_write(targets):
         log = t.wait_log(f"inject: {verb} {op} #{shown[-1]} ")
         assert [int(x) for x in re.findall(rf"inject: {verb} {op} #(\d+) ", log)] == shown
     assert "exited with" not in log
+
+
+def test_a_hung_backend_call_does_not_hold_up_the_stop(stml_factory, client_factory, tmp_short):
+    """LUN 0's backend hangs (stalled until SIGUSR2, never sent) with a WRITE in
+    it; SIGTERM still stops the STML: LUN 1 (write cache on) is flushed, one
+    line names LUN 0's flush as abandoned, the exit code is 1, and LUN 1's
+    acknowledged data reads back after a restart. A normal stop exits 0."""
+    d = tmp_short()
+    luns = ("ram:1MiB", f"file:{d}/disk.img,size=4MiB,write_cache")
+    stml = stml_factory(*luns, data_dir=d, extra=("--inject", "stml:stall register_nexus at=1 lun=0 s=0"))
+    client = client_factory(stml.endpoint)
+    data = block(3, "acknowledged") * 8
+    client.write(1, 3, data)                                          # acknowledged, in the cache
+    hung = client.submit(0, write16_cdb(0, 1), data_out=block(0, "hung"))
+    stml.current.wait_log("inject: stalling LUN 0's backend")
+    stml.proc.send_signal(signal.SIGTERM)
+    assert stml.proc.wait(30) == 1
+    log = stml.current.log()
+    line, = [x for x in log.splitlines() if "abandoned" in x]
+    assert "flush of LUN 0 of" in line and "LUN 1" not in line, log
+    assert not hung.done() or hung.exception() is not None            # never acknowledged
+    stml.extra = ()
+    stml.start()
+    assert client_factory(stml.endpoint).read(1, 3, 8) == data
+    stml.proc.send_signal(signal.SIGTERM)
+    assert stml.proc.wait(30) == 0 and "abandoned" not in stml.current.log()
