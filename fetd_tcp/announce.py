@@ -63,9 +63,10 @@ class Announcer:
         targets = [slp.Target(t.name, t.alias, tuple(t.access.get("acl") or ()),
                               (t.access.get("chap") or {}).get("user")) for t in info.targets]
         addresses = [(p.host, p.port, p.tpgt) for p in portals]
+        closed = bool(info.discovery.get("chap"))   # discovery needs CHAP: SLP tells no target (0507)
         if self.slp is None:
             agent = slp.ServiceAgent(list(scopes), auth=settings[1])
-            agent.update(targets, addresses)
+            agent.update(targets, addresses, closed)
             driver = slpd.SlpDriver(agent, das, port)
             try:
                 driver.start()
@@ -74,5 +75,5 @@ class Announcer:
                 return
             self.slp, self.slp_settings = driver, settings
         else:
-            self.slp.agent.update(targets, addresses)
+            self.slp.agent.update(targets, addresses, closed)
             self.slp.update()

@@ -18,8 +18,9 @@ at most REPLY_MTU bytes (the overflow flag says when URLs were left out).
 `ServiceAgent.work` counts what requests cost, for the driver's rate limit.
 
 What it tells: targets every initiator may log in to (no ACL: those SendTargets
-shows anyone), unless `auth` (config `slp_auth = true`) also lists targets with
-an ACL and says who may log in (auth-name, the ACL) and the CHAP user name
+shows anyone), and none when discovery sessions need CHAP (SendTargets shows
+nothing without it), unless `auth` (config `slp_auth = true`) also lists targets
+with an ACL and says who may log in (auth-name, the ACL) and the CHAP user name
 (auth-cred). Directory agents: with `das` configured only those are accepted;
 else at most MAX_DAS discovered ones (a DAAdvert can come from anyone).
 """
@@ -357,6 +358,7 @@ class ServiceAgent:
         self.allowed_das = frozenset(das)
         self.targets: tuple[Target, ...] = ()
         self.portals: tuple[tuple[str, int, int], ...] = ()   # (host, port, tpgt)
+        self.discovery_chap = False      # discovery sessions need CHAP: nothing is told without `auth`
         self.das: dict[str, int] = {}    # directory agent host -> its boot timestamp
         self.xids: Callable[[], int] = iter(range(1, 1 << 62)).__next__
         self.boot = boot
@@ -364,9 +366,11 @@ class ServiceAgent:
         self._services: dict[str, list[Service]] = {}    # local address -> its services
         self._merged: dict[str, Attrs] = {}              # local address -> every service's attributes
 
-    def update(self, targets: Iterable[Target], portals: Iterable[tuple[str, int, int]]) -> None:
+    def update(self, targets: Iterable[Target], portals: Iterable[tuple[str, int, int]],
+               discovery_chap: bool = False) -> None:
         self.targets = tuple(targets)
         self.portals = tuple(portals)
+        self.discovery_chap = discovery_chap
         self._services.clear()
         self._merged.clear()
 
@@ -381,6 +385,8 @@ class ServiceAgent:
         return out
 
     def _build(self, local_host: str) -> list[Service]:
+        if self.discovery_chap and not self.auth:
+            return []        # SendTargets names no target without CHAP: SLP names none either
         self.work += len(self.targets) * max(1, len(self.portals))   # once per change, unless thrashed
         out = []
         for t in self.targets:

@@ -125,8 +125,9 @@ class RbdImages:
     """Filled RBD images for both targets, on the cluster `conf` names or on
     a throwaway one started (and stopped) here."""
 
-    def __init__(self, conf: str | None, keyring: str | None) -> None:
+    def __init__(self, conf: str | None, keyring: str | None, shm: Path) -> None:
         self.cluster = None
+        self.shm = shm
         if conf is None:
             sys.path.insert(0, str(ROOT / "tests"))
             from support.ceph import Cluster
@@ -142,7 +143,7 @@ class RbdImages:
     def image(self, name: str) -> str:
         """POOL/IMAGE holding RBD_SIZE bytes of data."""
         spec = f"rbd/{name}-{os.getpid()}"
-        src = filled_image(Path("/dev/shm") / f"{name}-{os.getpid()}.img", RBD_SIZE)
+        src = filled_image(self.shm / f"{name}-{os.getpid()}.img", RBD_SIZE)
         try:
             self.rbd("import", str(src), spec)
         finally:
@@ -347,7 +348,7 @@ def start_targets(args: argparse.Namespace, work: Path, rbd: RbdImages | None = 
                 targets.append(kind(work, None, False, rbd))
                 continue
             name = f"bench-{kind.__name__.lower()}-{os.getpid()}.img"
-            img = sparse_image(work, name) if args.thin else filled_image(Path("/dev/shm") / name)
+            img = sparse_image(work, name) if args.thin else filled_image(args.shm_dir / name)
             try:
                 targets.append(kind(work, img, args.thin))
             except BaseException:
@@ -375,7 +376,7 @@ def run_iscsi(args: argparse.Namespace) -> dict:
     work = Path(tempfile.mkdtemp(prefix="bench", dir=args.thin_dir if args.thin else None))
     if args.rbd and args.compare_tgtd and not Path("/usr/lib/tgt/backing-store/bs_rbd.so").exists():
         sys.exit("bench: tgtd has no rbd backing store (apt-get install tgt-rbd)")
-    rbd = RbdImages(args.ceph_conf, args.ceph_keyring) if args.rbd else None
+    rbd = RbdImages(args.ceph_conf, args.ceph_keyring, args.shm_dir) if args.rbd else None
     try:
         targets = start_targets(args, work, rbd)
     except BaseException:
@@ -500,7 +501,7 @@ def run_sessions(args: argparse.Namespace) -> dict:
                      "lun_bytes": SESSION_LUN_SIZE, "session_counts": counts}
     try:
         for kind in kinds:
-            imgs = [filled_image(Path("/dev/shm") / f"bench-{kind.__name__.lower()}-{os.getpid()}-{i}.img",
+            imgs = [filled_image(args.shm_dir / f"bench-{kind.__name__.lower()}-{os.getpid()}-{i}.img",
                                  SESSION_LUN_SIZE) for i in range(counts[-1])]
             images += imgs
             targets.append(kind(work, imgs[0], False, more=imgs[1:]))
@@ -649,7 +650,7 @@ TRACE_GOAL = 0.9   # traced IOPS / untraced IOPS (issue 22)
 def run_trace(args: argparse.Namespace) -> dict:
     """The same 4 KiB QD16 reads on two of our targets, one recording a trace."""
     work = Path(tempfile.mkdtemp(prefix="bench"))
-    img = filled_image(Path("/dev/shm") / f"bench-trace-{os.getpid()}.img")
+    img = filled_image(args.shm_dir / f"bench-trace-{os.getpid()}.img")
     trace = work / "bench.trace"
     targets: list[Ours] = []
     name, wargs, count = TRACE_WORKLOAD
@@ -736,8 +737,8 @@ def run_vhost(args: argparse.Namespace) -> dict:
     sys.path.insert(0, str(ROOT / "tests"))
     from support import guest as G
     work = Path(tempfile.mkdtemp(prefix="bench"))
-    ours_img = Path("/dev/shm") / f"bench-vhost-ours-{os.getpid()}.img"
-    qemu_img = Path("/dev/shm") / f"bench-vhost-qemu-{os.getpid()}.img"
+    ours_img = args.shm_dir / f"bench-vhost-ours-{os.getpid()}.img"
+    qemu_img = args.shm_dir / f"bench-vhost-qemu-{os.getpid()}.img"
     proc = vm = None
     try:
         k = G.kernel()
@@ -891,6 +892,8 @@ def main() -> None:
                          "then 64 KiB reads (instead of the thick workloads)")
     ap.add_argument("--thin-dir", default="/var/tmp",
                     help="where --thin keeps its sparse files (a disk file system, as the data dir)")
+    ap.add_argument("--shm-dir", type=Path, default=Path("/dev/shm"),
+                    help="where the filled (thick) images go: a memory file system (default /dev/shm)")
     ap.add_argument("--cpu", action="store_true",
                     help="also CPU (user + kernel) and sleeps per I/O of each target process, from /proc")
     ap.add_argument("--rbd", action="store_true", help="RBD images instead of files (see above)")
@@ -903,6 +906,9 @@ def main() -> None:
                          "4 KiB and 64 KiB random reads QD4 each, on one LUN and on one LUN per session; "
                          "--scale multiplies the seconds of each run (see above)")
     args = ap.parse_args()
+    # SIGTERM (a test's timeout, `kill`) unwinds like ^C: every `finally` above
+    # stops its targets and removes its images instead of leaving them behind
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("bench: terminated"))
     if not shutil.which("qemu-img") and not args.loopback and not args.vhost and not args.sessions:
         sys.exit("bench: qemu-img not found (apt-get install qemu-utils qemu-block-extra)")
     if args.vhost:

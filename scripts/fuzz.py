@@ -68,6 +68,7 @@ def main() -> int:
             shutil.rmtree(abuse_stml.data_dir, ignore_errors=True)
     if stml is not None:
         stml.stop()
+        shutil.rmtree(stml.data_dir, ignore_errors=True)
     print(f"total: {sum(counts.values())} cases, seed {args.seed}, {'FAILED' if failed else 'no findings'}")
     return 1 if failed else 0
 

@@ -30,6 +30,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import statistics
 import struct
 import subprocess
@@ -281,6 +282,8 @@ def main() -> None:
         else:
             single_worker(endpoint, int(size), int(n))
         return
+    # SIGTERM (a test's timeout, `kill`) unwinds like ^C: the `finally`s stop the STML and remove the image
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("sched_bench: terminated"))
     count = max(50, int(SINGLE_COUNT * args.scale))
     image = filled_image(Path(args.dir), args.size_mib << 20)
     rounds: dict[str, list[dict]] = {p: [] for p in POLICIES}

@@ -133,13 +133,14 @@ class StmlServer(TapPoint):
             heartbeat_ms = config.stml.heartbeat_ms
         self.auth: RoleAuthenticator | None = None
         self.exporter: PrometheusExporter | None = None
+        self.abandoned = False   # the stop left a backend call running (_finish_backends)
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.SNDHWM, 0)
         self.sock.setsockopt(zmq.RCVHWM, 0)
         # one thread more than the LUs share (stml.workers): management's calls never wait for them
-        self.executor = ThreadPoolExecutor(max_workers=WORKER_THREADS + 1, thread_name_prefix="backend")
+        self.executor = ThreadPoolExecutor(max_workers=WORKER_THREADS + 1, thread_name_prefix=WORKER_PREFIX)
         self.emulator = Emulator([], self._send, self.executor, heartbeat_ms=heartbeat_ms,
                                  threads=WORKER_THREADS,
                                  discovery=config.discovery(),
@@ -467,11 +468,49 @@ class StmlServer(TapPoint):
         # backend call it has under way, so SIGTERM still stops it promptly
         await asyncio.gather(*(lu.stop_jobs() for t in self.emulator.targets.values()
                                for lu in t.luns.values()))
-        self.executor.shutdown(wait=True)
-        for t in self.emulator.targets.values():
-            for lu in t.luns.values():
+        await self._finish_backends(STOP_BACKENDS)
+
+    async def _finish_backends(self, bound: float) -> None:
+        """Flush every LU (its acknowledged writes made durable), then close it once
+        no worker runs a call; off the loop, in threads of their own, waiting at
+        most `bound` seconds. A call hung in a worker (a dead NFS server, an RBD
+        outage) then neither stalls the loop (heartbeats, replies) nor keeps the
+        other LUs from flushing; what did not finish is named in one line and
+        abandoned (`self.abandoned`: the process must exit without joining it)."""
+        self.executor.shutdown(wait=False, cancel_futures=True)   # queued calls: never acknowledged
+        loop = asyncio.get_running_loop()
+        finished = loop.create_future()
+        lus = [(f"LUN {lu.lun} of {t.name}", lu) for t in self.emulator.targets.values()
+               for lu in t.luns.values()]
+
+        def flush(name: str, lu: LogicalUnit) -> None:
+            try:
                 lu.backend.flush()
+            except Exception as e:   # noqa: BLE001 - one LU's failure must not skip the others
+                log.error("%s: flush at stop failed: %s", name, e)
+
+        flushes = {name: threading.Thread(target=flush, args=(name, lu), name=f"flush {name}", daemon=True)
+                   for name, lu in lus}
+
+        def close() -> None:
+            for thread in flushes.values():
+                thread.join()
+            self.executor.shutdown(wait=True)
+            for _, lu in lus:
                 lu.backend.close()
+            loop.call_soon_threadsafe(_resolve, finished)
+
+        for thread in flushes.values():
+            thread.start()
+        threading.Thread(target=close, name="close backends", daemon=True).start()
+        try:
+            await asyncio.wait_for(finished, bound)
+        except asyncio.TimeoutError:
+            hung = [name for name, thread in flushes.items() if thread.is_alive()]
+            calls = sum(t.name.startswith(WORKER_PREFIX) for t in threading.enumerate())
+            log.error("stopping: after %gs still running, abandoned: %s", bound,
+                      ", ".join([f"flush of {n}" for n in hung] + [f"{calls} backend call(s) in workers"]))
+            self.abandoned = True
 
     def _receive_tapped(self, frames: list, lease: Lease | None = None) -> None:
         """_receive, with the tap between decoding and handling. A message the
@@ -572,7 +611,14 @@ class StmlServer(TapPoint):
             self.emulator.check_liveness()
 
 
+def _resolve(future: asyncio.Future) -> None:
+    if not future.done():   # (the waiter may have given up and cancelled it)
+        future.set_result(None)
+
+
+WORKER_PREFIX = "backend"   # the backend worker threads' names
 STOP_GRACE = 3.0   # after SIGTERM, a busy STML gets this long to stop cleanly
+STOP_BACKENDS = 5.0   # and its LUs this long to flush and close (a hung backend call is abandoned)
 
 
 class StopGuard:
@@ -583,7 +629,8 @@ class StopGuard:
     the process. Acknowledged writes are already with the kernel, so nothing
     acknowledged is lost; what a forced exit skips is the goodbye to the
     front ends and the removal of the socket files, which the next start and
-    every client recognise as stale."""
+    every client recognise as stale. Once the loop has taken the stop, the stop
+    bounds itself (STOP_BACKENDS, 0204) and the guard only backs it up."""
 
     SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
@@ -596,13 +643,18 @@ class StopGuard:
 
     def _wait(self) -> None:
         sig = signal.sigwait(self.SIGNALS)
-        self.loop.call_soon_threadsafe(self.stop.set)
-        if not self.done.wait(self.grace):
+        heard = threading.Event()   # the loop ran the stop: it bounds the rest itself (STOP_BACKENDS)
+        self.loop.call_soon_threadsafe(self._stop, heard)
+        if not heard.wait(self.grace) or not self.done.wait(self.grace + STOP_BACKENDS):
             # no logging call: the blocked thread may hold a handler's lock
             with contextlib.suppress(OSError):
                 os.write(2, f"stml: still busy {self.grace:g}s after {signal.Signals(sig).name}: "
                             f"exiting without a clean stop\n".encode())
             os._exit(1)
+
+    def _stop(self, heard: threading.Event) -> None:
+        self.stop.set()
+        heard.set()
 
 
 async def run_stml(config: Config, trace: TraceOptions | None = None, inject: list[Any] | None = None) -> None:
@@ -623,3 +675,6 @@ async def run_stml(config: Config, trace: TraceOptions | None = None, inject: li
         await server.serve(stop, trace)
     finally:
         guard.done.set()
+    if server.abandoned:   # a worker runs a hung call: exiting normally would join it forever
+        logging.shutdown()
+        os._exit(1)

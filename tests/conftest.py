@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import sys
+import tempfile
 import threading
 import uuid
 from pathlib import Path
@@ -22,7 +24,7 @@ import pytest
 from fetd_loopback import LoopbackClient
 from support.ci import CI_VAR
 from support.kinds import KINDS, kind_of
-from support.procs import short_dir
+from support.procs import SESSION_SHM, SESSION_TMP, shm_dir, short_dir
 from support.target import StmlProcess
 
 pytest_plugins = ["pytester"]   # tests/test_ci_rules.py runs pytest on the hooks below
@@ -109,6 +111,56 @@ def pytest_runtest_call(item: pytest.Item):
         yield
 
 
+# ---------------------------------------------------------------- nothing left behind
+# The session makes one parent in /tmp and one in /dev/shm for what its tests make
+# (support.procs short_dir, shm_dir); anything still inside at the end was leaked
+# by one of them, and fails the session. A pytest run inside this one (pytester,
+# a script's) finds the names set and leaves the parents to their owner.
+
+PARENTS = pytest.StashKey[dict[str, str]]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if any(var in os.environ for var in (SESSION_TMP, SESSION_SHM)):
+        return
+    shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    made = {SESSION_TMP: tempfile.mkdtemp(prefix="st", dir="/tmp"),
+            SESSION_SHM: tempfile.mkdtemp(prefix="st", dir=shm)}
+    config.stash[PARENTS] = made
+    os.environ.update(made)
+    # a SIGTERM (a runner's timeout) unwinds like ^C, so fixtures still stop their
+    # processes and remove their directories instead of leaving both behind
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
+def leftovers(parents: dict[str, str]) -> list[str]:
+    """What is inside the session's parents."""
+    return sorted(os.path.join(d, name) for d in parents.values() if os.path.isdir(d)
+                  for name in os.listdir(d))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_sessionfinish(session: pytest.Session):
+    yield   # after every other hook: the last fixtures are torn down by now
+    made = session.config.stash.get(PARENTS, None)
+    if made is None:
+        return
+    left = leftovers(made)
+    for d in made.values():
+        shutil.rmtree(d, ignore_errors=True)
+    if left:
+        sys.stderr.write("tests left these behind (a fixture or helper that does not remove what "
+                         "it made):\n" + "".join(f"  {p}\n" for p in left))
+        if session.exitstatus == pytest.ExitCode.OK:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    for var in config.stash.get(PARENTS, {}):
+        os.environ.pop(var, None)
+
+
 # ---------------------------------------------------------------- fixtures
 
 def _short_dirs() -> Iterator[Callable[[], Path]]:
@@ -135,6 +187,14 @@ def tmp_short() -> Iterator[Callable[[], Path]]:
 def tmp_short_module() -> Iterator[Callable[[], Path]]:
     """tmp_short for a module-scoped fixture: removed after the module's last test."""
     yield from _short_dirs()
+
+
+@pytest.fixture
+def tmp_shm() -> Iterator[Path]:
+    """A private directory in /dev/shm (big images in memory), removed at teardown."""
+    d = shm_dir()
+    yield Path(d)
+    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture

@@ -12,28 +12,30 @@ from pathlib import Path
 
 import pytest
 
+from support.procs import run
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def bench(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+def bench(args: list[str], tmp_path: Path, shm: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     """scripts/bench.py ARGS with its temporary directories in one of the test's
-    own, which must be empty afterwards: the run removed what it made."""
+    own and its images in `shm`, both empty afterwards: the run removed what it made."""
     tmp = tmp_path / "tmp"
     tmp.mkdir()
-    p = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), *args], capture_output=True,
-                       text=True, timeout=300, env={**os.environ, "TMPDIR": str(tmp)})
-    assert p.returncode == 0, p.stdout + p.stderr
+    p = run([sys.executable, str(ROOT / "scripts" / "bench.py"), *args, "--shm-dir", str(shm)],
+            timeout=timeout, env={**os.environ, "TMPDIR": str(tmp)})
     assert not list(tmp.iterdir()), f"bench.py left {list(tmp.iterdir())}"
+    assert not list(shm.iterdir()), f"bench.py left {list(shm.iterdir())}"
     return p
 
 
 @pytest.mark.skipif(not shutil.which("qemu-img"), reason="qemu-utils is not installed")
-def test_bench_smoke(tmp_path):
+def test_bench_smoke(tmp_path, tmp_shm):
     out = tmp_path / "bench.json"
     args = ["--runs", "1", "--scale", "0.002", "--cpu", "--out", str(out)]
     if shutil.which("tgtd"):
         args.append("--compare-tgtd")
-    bench(args, tmp_path)
+    bench(args, tmp_path, tmp_shm)
     results = json.loads(out.read_text())["workloads"]
     assert set(results) == {"4k-read-qd1", "4k-read-qd16", "4k-write-qd16", "64k-read-qd8",
                             "1m-seqread-qd8", "1m-seqwrite-qd8"}
@@ -50,21 +52,21 @@ def test_bench_smoke(tmp_path):
         assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_bench_loopback_smoke(tmp_path):
+def test_bench_loopback_smoke(tmp_path, tmp_shm):
     out = tmp_path / "loop.json"
-    bench(["--loopback", "--scale", "0.002", "--out", str(out)], tmp_path)
+    bench(["--loopback", "--scale", "0.002", "--out", str(out)], tmp_path, tmp_shm)
     assert all(r["scsi-target"]["iops"] > 0 for r in json.loads(out.read_text())["workloads"].values())
 
 
 @pytest.mark.skipif(not shutil.which("qemu-img"), reason="qemu-utils is not installed")
-def test_bench_thin_smoke(tmp_path):
+def test_bench_thin_smoke(tmp_path, tmp_shm):
     """--thin: both targets get a sparse file, the same scattered writes leave
     them equally fragmented, then the 64 KiB reads run."""
     out = tmp_path / "thin.json"
     args = ["--thin", "--thin-dir", str(tmp_path), "--runs", "1", "--scale", "0.002", "--out", str(out)]
     if shutil.which("tgtd"):
         args.append("--compare-tgtd")
-    bench(args, tmp_path)
+    bench(args, tmp_path, tmp_shm)
     results = json.loads(out.read_text())
     assert results["lun"] == "thin"
     assert set(results["workloads"]) == {"64k-read-qd8-thin"}
@@ -77,11 +79,11 @@ def test_bench_thin_smoke(tmp_path):
 
 
 @pytest.mark.skipif(not shutil.which("qemu-img"), reason="qemu-utils is not installed")
-def test_bench_trace_smoke(tmp_path):
+def test_bench_trace_smoke(tmp_path, tmp_shm):
     """--trace: the same reads on an untraced and a traced target; the traced
     one wrote a trace, and both report IOPS and CPU per read per process."""
     out = tmp_path / "trace.json"
-    bench(["--trace", "--runs", "1", "--scale", "0.002", "--out", str(out)], tmp_path)
+    bench(["--trace", "--runs", "1", "--scale", "0.002", "--out", str(out)], tmp_path, tmp_shm)
     r = json.loads(out.read_text())
     assert r["mode"] == "trace" and r["plain_iops"] > 0 and r["traced_iops"] > 0 and r["ratio"] > 0
     assert r["trace_bytes"] > 0 and r["ios"] == 200
@@ -91,19 +93,16 @@ def test_bench_trace_smoke(tmp_path):
 
 @pytest.mark.skipif(not (shutil.which("cc") and Path("/usr/include/iscsi/iscsi.h").exists()),
                     reason="sessionload needs gcc and libiscsi-dev (scripts/test-deps installs them)")
-def test_bench_sessions_smoke(tmp_path):
+def test_bench_sessions_smoke(tmp_path, tmp_shm):
     """--sessions: the scaling curve's every workload, spread and count runs,
     with latency percentiles, CPU per I/O of each process and RSS; its
     LUN files are removed."""
     out = tmp_path / "sessions.json"
-    args = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--sessions", "1,2", "--runs", "1",
-            "--scale", "0.05", "--out", str(out)]
+    args = ["--sessions", "1,2", "--runs", "1", "--scale", "0.05", "--out", str(out)]
     tgtd = shutil.which("tgtd") is not None
     if tgtd:
         args.append("--compare-tgtd")
-    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    said, _ = p.communicate(timeout=300)
-    assert p.returncode == 0, said
+    bench(args, tmp_path, tmp_shm)   # its LUN files are gone from tmp_shm
     results = json.loads(out.read_text())
     assert results["session_counts"] == [1, 2]
     names = ["scsi-target", "tgtd"] if tgtd else ["scsi-target"]
@@ -122,7 +121,6 @@ def test_bench_sessions_smoke(tmp_path):
     assert set(results["rss_kib_at_most_sessions"]) == set(names)
     if tgtd:
         assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert not list(Path("/dev/shm").glob(f"bench-*-{p.pid}-*.img"))
 
 
 def test_bench_sessions_refuses_bad_counts():

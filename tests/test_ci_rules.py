@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from support.ci import CI_VAR, need_root
+from support.procs import SESSION_SHM, SESSION_TMP
 
 INNER = """
 import pytest
@@ -63,6 +64,41 @@ def test_a_module_that_skips_whole_fails_under_ci(pytester, monkeypatch):
     monkeypatch.setenv(CI_VAR, "1")
     r = pytester.runpytest("-p", "conftest")
     assert r.ret != 0 and "no tool" in r.stdout.str()
+
+
+LEAKY = """
+import os
+from support.procs import shm_dir, short_dir
+
+def test_leaves_two_behind():
+    open(os.path.join(short_dir(), "target.log"), "w").close()
+    shm_dir()
+
+def test_removes_its_own(tmp_short):
+    tmp_short()
+"""
+
+
+def test_what_a_session_leaves_behind_fails_it_and_is_removed(pytester, monkeypatch):
+    """A session of its own (no parents set yet): its tests pass, but the two
+    directories one of them left fail the session, are named, and are gone."""
+    for var in (SESSION_TMP, SESSION_SHM):
+        monkeypatch.delenv(var)
+    pytester.makepyfile(test_inner=LEAKY)
+    r = pytester.runpytest("-p", "conftest")
+    r.assert_outcomes(passed=2)
+    assert r.ret == pytest.ExitCode.TESTS_FAILED
+    left = re.findall(r"^  (/\S+)$", r.stderr.str(), re.M)
+    assert len(left) == 2 and any(p.startswith("/tmp/st") for p in left), r.stderr.str()
+    assert not any(os.path.exists(p) or os.path.exists(os.path.dirname(p)) for p in left)
+
+
+def test_a_session_that_leaves_nothing_passes(pytester, monkeypatch):
+    for var in (SESSION_TMP, SESSION_SHM):
+        monkeypatch.delenv(var)
+    pytester.makepyfile(test_inner="def test_removes_its_own(tmp_short):\n    tmp_short()\n")
+    r = pytester.runpytest("-p", "conftest")
+    assert r.ret == pytest.ExitCode.OK and "left these behind" not in r.stderr.str()
 
 
 def test_need_root_skips_with_a_reason_when_not_root(monkeypatch):

@@ -122,6 +122,8 @@ def targets():
     ("stml:drop xmit_response p=1.5", "p must be a probability in (0, 1]"),
     ("stml:drop xmit_response at=1 ms=5", "'ms=5' is not key=value with a key of at, p, seed"),
     ("stml:delay rx_cmnd at=1", "delay needs ms="),
+    ("stml:delay rx_cmnd p=1 ms=5 hold=0", "hold must be a message count"),
+    ("stml:drop rx_cmnd p=1 hold=5", "'hold=5' is not key=value"),
     ("fetd:stall rx_cmnd at=1 lun=0 s=1", "stall applies on the stml side only"),
     ("stml:stall rx_cmnd at=1 s=1", "stall needs lun="),
 ])
@@ -433,6 +435,32 @@ def test_a_stalled_backend_holds_its_lun_only_and_recovers(targets):
     b.close()
 
 
+@pytest.mark.parametrize("rule, held", [
+    ("fetd:delay * p=1 ms=600000 hold=3", 3),                # the count caps it
+    ("fetd:delay * p=1 ms=600000 hold_kib=2", 2),            # 2 KiB: two 1000-byte messages
+    ("fetd:delay * p=1 ms=600000", 10),                      # the default cap is far above 10
+])
+def test_a_delay_holds_no_more_than_its_cap_and_passes_the_rest_on(rule, held):
+    """A rule delaying every message for ten minutes holds at most its cap;
+    the rest pass on at once (counted), and what it held goes on in time."""
+    import asyncio
+    from stml.api import pack
+
+    async def main() -> tuple[list[bool], Injector, int]:
+        late: list = []
+        inj = Injector([parse_rule(rule)], lambda *m: late.append(m), print)
+        header = {"op": "rx_cmnd", "tag": 1}
+        packed = pack(header)
+        frames = [bytes(1000 - len(packed))]
+        kept = [inj.inbound("fe", header, packed, frames) for _ in range(10)]
+        return kept, inj, len(late)
+
+    kept, inj, late = asyncio.run(main())
+    assert kept.count(False) == inj.held == held and late == 0
+    assert kept.count(True) == inj.passed[rule] == 10 - held
+    assert inj.counts[rule] == 10
+
+
 def test_no_rule_no_tap_and_an_injector_goes_before_other_taps(tmp_path):
     """Off unless asked: without rules the STML has no tap (its plain entry
     points); with rules the injector is the first tap, so a trace after it
@@ -533,3 +561,29 @@ def test_seeded_probabilistic_rules_repeat_and_lose_no_write(targets):
         log = t.wait_log(f"inject: {verb} {op} #{shown[-1]} ")
         assert [int(x) for x in re.findall(rf"inject: {verb} {op} #(\d+) ", log)] == shown
     assert "exited with" not in log
+
+
+def test_a_hung_backend_call_does_not_hold_up_the_stop(stml_factory, client_factory, tmp_short):
+    """LUN 0's backend hangs (stalled until SIGUSR2, never sent) with a WRITE in
+    it; SIGTERM still stops the STML: LUN 1 (write cache on) is flushed, one
+    line names LUN 0's flush as abandoned, the exit code is 1, and LUN 1's
+    acknowledged data reads back after a restart. A normal stop exits 0."""
+    d = tmp_short()
+    luns = ("ram:1MiB", f"file:{d}/disk.img,size=4MiB,write_cache")
+    stml = stml_factory(*luns, data_dir=d, extra=("--inject", "stml:stall register_nexus at=1 lun=0 s=0"))
+    client = client_factory(stml.endpoint)
+    data = block(3, "acknowledged") * 8
+    client.write(1, 3, data)                                          # acknowledged, in the cache
+    hung = client.submit(0, write16_cdb(0, 1), data_out=block(0, "hung"))
+    stml.current.wait_log("inject: stalling LUN 0's backend")
+    stml.proc.send_signal(signal.SIGTERM)
+    assert stml.proc.wait(30) == 1
+    log = stml.current.log()
+    line, = [x for x in log.splitlines() if "abandoned" in x]
+    assert "flush of LUN 0 of" in line and "LUN 1" not in line, log
+    assert not hung.done() or hung.exception() is not None            # never acknowledged
+    stml.extra = ()
+    stml.start()
+    assert client_factory(stml.endpoint).read(1, 3, 8) == data
+    stml.proc.send_signal(signal.SIGTERM)
+    assert stml.proc.wait(30) == 0 and "abandoned" not in stml.current.log()

@@ -3,19 +3,18 @@ the JSON and the chart. Latencies are measured, never asserted."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
+
+from support.procs import run
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_sched_bench_smoke(tmp_path):
     out = tmp_path / "sched.json"
-    p = subprocess.run([sys.executable, str(ROOT / "scripts" / "sched_bench.py"), "--runs", "1",
-                        "--scale", "0.05", "--size-mib", "64", "--dir", str(tmp_path), "--out", str(out)],
-                       capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stdout + p.stderr
+    p = run([sys.executable, str(ROOT / "scripts" / "sched_bench.py"), "--runs", "1",
+             "--scale", "0.05", "--size-mib", "64", "--dir", str(tmp_path), "--out", str(out)], timeout=600)
     assert "QD1 loaded p50" in p.stdout
     results = json.loads(out.read_text())
     assert set(results["policies"]) == {"fifo", "fair"}

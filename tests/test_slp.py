@@ -255,6 +255,21 @@ def test_by_default_only_open_targets_are_told_without_access_details():
     assert slparse.parse_attr_reply(a.handle(creator.create_attr_request(url), "127.0.0.1", False))[2] == ""
 
 
+def test_no_target_is_told_when_discovery_needs_chap():
+    """SendTargets names no target to a discovery session without CHAP, so SLP
+    names none either (0507): no URL, no attributes, nothing to register; with
+    slp_auth the administrator chose to publish, and every target is told."""
+    a = agent(auth=False)
+    a.update(a.targets, a.portals, discovery_chap=True)
+    assert urls(a.handle(creator.create_request("service:iscsi:target"), "127.0.0.1", False)) == []
+    assert slparse.parse_attr_reply(a.handle(creator.create_attr_request("service:iscsi:target"),
+                                             "127.0.0.1", False))[2] == ""
+    assert a.services("127.0.0.1") == []
+    told = agent(auth=True)
+    told.update(told.targets, told.portals, discovery_chap=True)
+    assert len(urls(told.handle(creator.create_request("service:iscsi:target"), "127.0.0.1", False))) == 4
+
+
 def test_directory_agents_are_the_configured_ones_or_a_few_discovered():
     """Finding 3: anyone can send a DAAdvert. With DAs configured only their
     hosts count; without, at most MAX_DAS are learnt (a DA going down frees its

@@ -234,3 +234,30 @@ def test_directory_agent_registrations_are_bounded():
             d.close()
         assert len(_drain(da)) == 1                           # the deregistration
     _run(main)
+
+
+def test_a_directory_agent_is_told_no_target_once_discovery_needs_chap(monkeypatch):
+    """The front end's announcer (fetd_tcp.announce) passes the STML's
+    discovery CHAP to the agent: the configured DA gets the open target's
+    registration, then its deregistration when discovery_chap is set."""
+    from fetd_tcp.announce import Announcer
+    from fetd_tcp.portals import PortalSpec
+
+    async def main() -> None:
+        da = _client("127.0.0.3")
+        monkeypatch.setenv("SCSI_TARGET_SLP_PORT", "0")
+        target = types.SimpleNamespace(name=IQN, alias="a disk", access={})
+        portals = [PortalSpec("127.0.0.1", 3260, 1)]
+        discovery = {"slp": ["DEFAULT"], "slp_da": [f"127.0.0.3:{da.getsockname()[1]}"], "slp_auth": False}
+        ann = Announcer(None, "fe")
+        ann.update(types.SimpleNamespace(discovery=discovery, targets=[target]), portals)
+        try:
+            assert [struct.unpack_from(">BB", m)[1] for m in _drain(da)] == [slp.SRV_REG]
+            closed = {**discovery, "chap": {"user": "u", "secret": "s" * 12}}
+            ann.update(types.SimpleNamespace(discovery=closed, targets=[target]), portals)
+            assert [struct.unpack_from(">BB", m)[1] for m in _drain(da)] == [slp.SRV_DEREG]
+            assert ann.slp.agent.services("127.0.0.1") == []
+        finally:
+            await ann.close()
+        assert _drain(da) == []     # nothing registered, nothing to take back
+    _run(main)

@@ -9,7 +9,9 @@ import subprocess
 import time
 from pathlib import Path
 
-from support.procs import pid_alive, stop_pid
+import pytest
+
+from support.procs import pid_alive, run, stop_pid
 from support.target import Target
 
 
@@ -51,3 +53,11 @@ def test_a_target_removes_the_data_dir_it_made_and_keeps_one_it_was_given(tmp_sh
     with Target(*args, data_dir=str(given), portals=(), expect_portals=0):
         pass
     assert (given / "scsi-target.toml").exists()
+
+
+def test_run_past_its_timeout_terminates_so_the_command_cleans_up() -> None:
+    """procs.run sends SIGTERM, not SIGKILL, to a command that outlives its
+    timeout: the command's own cleanup (here a trap) runs and is reported."""
+    script = "sleep 600 & trap \"kill $!; echo cleaned up; exit 3\" TERM; echo started; wait"
+    with pytest.raises(AssertionError, match=r"still ran after 5s; stopped:\nstarted\ncleaned up"):
+        run(["sh", "-c", script], timeout=5)

@@ -4,7 +4,7 @@ Injector, a tap (stml.api.tap) on one side of the link.
 
 A rule is one line (docs/research.md, "Fault injection"):
 
-    SIDE:KIND OP [at=N | p=P [seed=S]] [ms=MS] [lun=L] [s=SECONDS]
+    SIDE:KIND OP [at=N | p=P [seed=S]] [ms=MS] [hold=N] [hold_kib=K] [lun=L] [s=SECONDS]
 
 - SIDE: `stml` (the STML's tap) or `fetd` (every front end's link tap).
 - KIND: drop, delay, duplicate, reorder, kill, stall (KINDS below).
@@ -12,6 +12,10 @@ A rule is one line (docs/research.md, "Fault injection"):
 - at=N fires at the Nth message of OP this side sees (1-based, either
   direction); p=P fires on each with probability P, drawn from a generator
   seeded with `seed` (default 0), so a run repeats.
+- hold=N, hold_kib=K: what one delay rule holds at once, at most (default
+  HOLD and HOLD_KIB); a message past either passes on at once, counted in
+  `Injector.passed` and logged, so an injector never becomes a memory leak.
+  A reorder rule holds one message at a time.
 
 Rules are parsed into dataclasses and refused with one line (RuleError) when
 wrong; the side that applies them logs each at WARNING when it starts. Without
@@ -50,7 +54,8 @@ class Kind:
 TRIGGER = frozenset({"at", "p", "seed"})
 KINDS: dict[str, Kind] = {
     "drop": Kind(frozenset(), frozenset(), help="the message is not handled or sent"),
-    "delay": Kind(frozenset({"ms"}), frozenset({"ms"}), help="held for ms milliseconds, then handed on"),
+    "delay": Kind(frozenset({"ms"}), frozenset({"ms", "hold", "hold_kib"}),
+                  help="held for ms milliseconds, then handed on (at most hold messages, hold_kib KiB)"),
     "duplicate": Kind(frozenset(), frozenset(), help="handed on twice"),
     "reorder": Kind(frozenset(), frozenset({"ms"}),
                     help="held until the next message of OP has gone (at most ms, default 1000)"),
@@ -66,9 +71,13 @@ VALUES: dict[str, tuple[Callable[[str], Any], Callable[[Any], bool], str]] = {
     "ms": (int, lambda v: 0 <= v <= 600_000, "milliseconds, 0..600000"),
     "lun": (int, lambda v: 0 <= v < 16384, "a LUN number"),
     "s": (float, lambda v: 0.0 <= v <= 3600.0, "seconds, 0..3600"),
+    "hold": (int, lambda v: 1 <= v <= 1 << 20, "a message count, 1..1048576"),
+    "hold_kib": (int, lambda v: 1 <= v <= 1 << 22, "KiB, 1..4194304 (4 GiB)"),
 }
 OPS = frozenset(o.value for o in Op) | {"*"}
 REORDER_MS = 1000   # a reordered message waits at most this long for its successor
+HOLD = 1024         # messages one delay rule holds at once, unless its hold= says
+HOLD_KIB = 64 << 10  # and their header and frame bytes (64 MiB), unless its hold_kib= says
 
 
 class RuleError(ValueError):
@@ -86,6 +95,8 @@ class Rule:
     ms: int | None = None
     lun: int | None = None
     s: float | None = None
+    hold: int = HOLD
+    hold_kib: int = HOLD_KIB
     text: str = ""
 
 
@@ -171,6 +182,8 @@ class _State:
     seen: int = 0
     rng: random.Random = field(default_factory=random.Random)
     held: Any = None    # (hand_on, peer, header, frames, timer)
+    holding: int = 0    # messages a delay holds now, and their bytes
+    holding_bytes: int = 0
 
     def fires(self) -> bool:
         self.seen += 1
@@ -184,7 +197,8 @@ class _State:
 class Injector:
     """A tap that applies one side's rules. `deliver`/`transmit` hand a held
     message on past the tap (inbound/outbound); `stall(lun, seconds)` stalls a
-    backend (the STML's). `counts` says how often each rule acted, by its text."""
+    backend (the STML's). `counts` says how often each rule acted, by its text;
+    `passed` how often a delay let a message through at once for its cap."""
 
     def __init__(self, rules: list[Rule], deliver: HandOn, transmit: HandOn,
                  stall: Callable[[int, float], None] | None = None, start: int | None = None) -> None:
@@ -197,18 +211,26 @@ class Injector:
             self.by_op.setdefault(r.op, []).append(_State(r, rng=random.Random(r.seed)))
         self.deliver, self.transmit, self.stall = deliver, transmit, stall
         self.counts: dict[str, int] = {r.text: 0 for r in rules}
+        self.passed: dict[str, int] = {r.text: 0 for r in rules}
+        self.size = 0   # bytes of the message being seen
+
+    @property
+    def held(self) -> int:
+        """Messages held now, by every rule."""
+        return sum(st.holding + (st.held is not None) for states in self.by_op.values() for st in states)
 
     def inbound(self, peer: Peer, header: dict[str, Any], packed: bytes, frames: list) -> bool:
-        return self._see(self.deliver, peer, header, frames)
+        return self._see(self.deliver, peer, header, packed, frames)
 
     def outbound(self, peer: Peer, header: dict[str, Any], packed: bytes, frames: list) -> bool:
-        return self._see(self.transmit, peer, header, frames)
+        return self._see(self.transmit, peer, header, packed, frames)
 
-    def _see(self, hand_on: HandOn, peer: Peer, header: dict[str, Any], frames: list) -> bool:
+    def _see(self, hand_on: HandOn, peer: Peer, header: dict[str, Any], packed: bytes, frames: list) -> bool:
         states = self.by_op.get(header["op"])
         wild = self.by_op.get("*")
         if states is None and wild is None:
             return True
+        self.size = len(packed) + sum(len(f) for f in frames)   # what holding this message costs
         for st in (states or []) + (wild or []):
             if st.held is not None and st.rule.kind == "reorder":
                 self._release_after(st)   # this one goes first, then the one held
@@ -226,14 +248,25 @@ class Injector:
 
     def _delay(self, st: _State, hand_on: HandOn, peer: Peer, header: dict[str, Any], frames: list) -> bool:
         import asyncio
-        assert st.rule.ms is not None   # a delay needs ms (parse_rule)
-        _say(st, "delaying %s #%d by %d ms (%s)", header["op"], st.seen, st.rule.ms, st.rule.text)
-        asyncio.get_running_loop().call_later(st.rule.ms / 1000, self._late, st, st.seen, hand_on, peer, header,
+        r = st.rule
+        assert r.ms is not None   # a delay needs ms (parse_rule)
+        size = self.size
+        if st.holding >= r.hold or st.holding_bytes + size > r.hold_kib << 10:
+            self.passed[r.text] += 1
+            _say(st, "passing %s #%d on at once: rule holds %d messages, %d bytes (cap hold=%d hold_kib=%d; %s)",
+                 header["op"], st.seen, st.holding, st.holding_bytes, r.hold, r.hold_kib, r.text)
+            return True
+        _say(st, "delaying %s #%d by %d ms (%s)", header["op"], st.seen, r.ms, r.text)
+        st.holding += 1
+        st.holding_bytes += size
+        asyncio.get_running_loop().call_later(r.ms / 1000, self._late, st, st.seen, size, hand_on, peer, header,
                                               _copy(frames))
         return False
 
-    def _late(self, st: _State, n: int, hand_on: HandOn, peer: Peer, header: dict[str, Any],
+    def _late(self, st: _State, n: int, size: int, hand_on: HandOn, peer: Peer, header: dict[str, Any],
               frames: list) -> None:
+        st.holding -= 1
+        st.holding_bytes -= size
         _say(st, "handing on delayed %s #%d", header["op"], n)
         hand_on(peer, header, frames)
 

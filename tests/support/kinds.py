@@ -125,6 +125,7 @@ KIND_OF_TEST = {
     "test_fuzz_pdu.py::test_login_machine_answers_every_request": "unit",
     "test_fuzz_pdu.py::test_text_decoder_raises_only_pdu_error_and_round_trips": "unit",
     "test_gateway_units.py::test_a_front_end_uses_the_stml_that_serves": "process",
+    "test_inject.py::test_a_delay_holds_no_more_than_its_cap_and_passes_the_rest_on": "unit",
     "test_inject.py::test_a_kill_rule_fires_in_the_first_start_only": "unit",
     "test_inject.py::test_a_seeded_probability_repeats": "unit",
     "test_inject.py::test_a_trace_after_an_injector_records_what_it_lets_go_later": "unit",

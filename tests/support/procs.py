@@ -29,11 +29,24 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+# The test session's own parents of what short_dir and shm_dir make (tests/conftest.py
+# makes them and names them here; processes the tests start inherit the names): what is
+# left inside at the session's end was leaked by one of its tests, and nobody else's.
+SESSION_TMP = "SCSI_TARGET_TEST_TMP"
+SESSION_SHM = "SCSI_TARGET_TEST_SHM"
+
+
 def short_dir() -> str:
     """A new directory whose ipc socket paths stay well under the 107-byte sun_path
     limit (tmp_path's are longer). Whoever makes one removes it: the `tmp_short`
     fixture does, and so does a Target for the data dir it made itself."""
-    return tempfile.mkdtemp(prefix="st", dir="/tmp")
+    return tempfile.mkdtemp(prefix="st", dir=os.environ.get(SESSION_TMP, "/tmp"))
+
+
+def shm_dir() -> str:
+    """A new directory on the memory file system (/dev/shm) for big images;
+    whoever makes one removes it."""
+    return tempfile.mkdtemp(prefix="st", dir=os.environ.get(SESSION_SHM, "/dev/shm"))
 
 
 def session_members(sid: int) -> list[int]:
@@ -188,9 +201,27 @@ def peak_rss(pid: int) -> int:
     raise AssertionError("no VmHWM")
 
 
-def run(cmd: list[str], timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
-    """Run a command to its end; with `check`, a non-zero exit fails the test with its output."""
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+def run(cmd: list[str], timeout: float = 120, check: bool = True,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run a command to its end; with `check`, a non-zero exit fails the test with its output.
+    One still running after `timeout` gets SIGTERM first (subprocess.run's SIGKILL
+    would skip a script's own cleanup and leave its files and processes behind)."""
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                          stdin=subprocess.DEVNULL) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+            try:
+                out, err = proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                try:
+                    out, err = proc.communicate(timeout=5)
+                except subprocess.TimeoutExpired:   # a process it left holds its output open
+                    out, err = "", ""
+            raise AssertionError(f"{cmd} still ran after {timeout}s; stopped:\n{out}\n{err}") from None
+    p = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
     if check and p.returncode != 0:
         raise AssertionError(f"{cmd} exited {p.returncode}:\n{p.stdout}\n{p.stderr}")
     return p
