@@ -589,17 +589,18 @@ class FrontEndLink(TapPoint):
         self._register()
 
     async def close(self) -> None:
-        """Deregister (best effort) and stop."""
-        if self._channel is None:
-            return
-        if self.connected.is_set():
+        """Deregister (best effort) and stop: the heartbeats too, even when the
+        STML's carrier is gone already (they would reopen it)."""
+        if self._channel is not None and self.connected.is_set():
             self._send({"op": _O.DEREGISTER})
-        assert self._timer is not None   # a channel is opened only by start() and the timer's retries
-        self._timer.cancel()
-        await asyncio.gather(self._timer, return_exceptions=True)
+        if self._timer is not None:
+            self._timer.cancel()
+            await asyncio.gather(self._timer, return_exceptions=True)
         if self._done_timer is not None:
             self._done_timer.cancel()
             self._done_timer = None
+        if self._channel is None:
+            return
         self._channel.close(linger_ms=200)
         self._channel = None
         self._drop_leases()
