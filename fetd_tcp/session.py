@@ -675,6 +675,17 @@ class Connection:
         if n:
             assert data is not None   # n is its length
             collapse = status == 0 and not sense
+            if collapse and n <= self.params.max_send_data_segment_length \
+                    and n <= s.params.max_burst_length:
+                # the usual small read: one Data-In with the status, as _data_in sends
+                # it, without its call, loop and cases (per command)
+                sn = self.stat_sn
+                self.stat_sn = (sn + 1) % SN_MOD
+                self.send(P.new_pdu(P.DataIn, (task.itt, task.data_sn, 0, s.exp_cmd_sn, s.max_cmd_sn,
+                                               True, status, sn, count, over, under, False,
+                                               P.RESERVED_TAG, task.lun, n)), data)
+                task.data_sn += 1
+                return
             self._data_in(task, data, status if collapse else None, count, over, under)
             if collapse:
                 return
