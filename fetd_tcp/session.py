@@ -420,7 +420,8 @@ class Connection:
         need = read_held = 0
         account = self.account
         if read and edtl:
-            need = min(edtl, s.max_transfer)    # its data, a header per Data-In, a status
+            # its data (min() costs a builtin call: per command), a header per Data-In, a status
+            need = edtl if edtl < s.max_transfer else s.max_transfer
             need += (need // self.params.max_send_data_segment_length
                      + need // sp.max_burst_length + 2) * _PDU_OVERHEAD
             kinds = account.kinds
@@ -459,7 +460,7 @@ class Connection:
         lun = _LUNS.get(lun_b)
         if lun is None:
             lun = P.lun_to_int(lun_b)
-        self.link.rx_cmnd(tag, s.nexus, 0xFFFF if lun is None else lun, bytes(cdb),
+        self.link.rx_cmnd(tag, s.nexus, 0xFFFF if lun is None else lun, cdb,
                           ATTRS.get(attr, 0), direction, edtl, unsol, [data] if n else ())
 
     def _data_out(self, d: P.DataOut, data: Any) -> None:
@@ -653,10 +654,11 @@ class Connection:
             self._resume_r2ts()
 
     def xmit_response(self, task: Task, status: int, sense: bytes | None, resid: int,
-                      data: memoryview | None) -> None:
+                      data: bytes | memoryview | None) -> None:
         """Data-In PDUs and the status; the status rides in the last Data-In
         when there is no sense to send (phase collapse). The read data counts as
-        output (until the socket takes it) before its reservation goes."""
+        output (until the socket takes it) before its reservation goes. A
+        memoryview of the data is made only to cut it into several Data-In."""
         s = self.session
         s.itts.pop(task.itt, None)
         if self.erl:
@@ -665,7 +667,8 @@ class Connection:
         n = len(data) if data is not None else 0
         if n and self.count_out:
             self.account.move("read", "out", n, task.res_read)
-            task.res_read = max(0, task.res_read - n)
+            left = task.res_read - n
+            task.res_read = left if left > 0 else 0
         if task.write or self.waiting:
             self.release(task)
         elif task.res_read:            # a read: only its reservation (per command: no call)
@@ -686,7 +689,7 @@ class Connection:
                                                P.RESERVED_TAG, task.lun, n)), data)
                 task.data_sn += 1
                 return
-            self._data_in(task, data, status if collapse else None, count, over, under)
+            self._data_in(task, memoryview(data), status if collapse else None, count, over, under)
             if collapse:
                 return
         seg = P.sense_segment(sense) if sense else b""
@@ -697,7 +700,7 @@ class Connection:
                                             over, under, 0, False, False, 0, len(seg))), seg)
 
     def _respond_keeping(self, task: Task, status: int, sense: bytes | None, resid: int,
-                         data: memoryview | None) -> None:
+                         data: bytes | memoryview | None) -> None:
         """xmit_response at ErrorRecoveryLevel >= 1: the read data is copied (the
         STML's shared slots go back once the response is sent) and kept with
         the status until ExpStatSN acknowledges it; a task expired with its
