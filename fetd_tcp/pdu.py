@@ -1018,11 +1018,14 @@ class PduFramer:
             return self._segment_done()
         if avail < end - start:
             return None
-        try:
-            header, ahs = self._header(start, ahs_len)
-        except DigestError:
-            self._start = end
-            raise
+        if ahs_len or self.hd:
+            try:
+                header, ahs = self._header(start, ahs_len)
+            except DigestError:
+                self._start = end
+                raise
+        else:    # the usual PDU: a BHS alone (_header's work without its call, per PDU)
+            header, ahs = buf[start:start + BHS_LEN].tobytes(), b""
         data = b""
         if length:
             data = buf[pos:pos + length].tobytes()
@@ -1030,7 +1033,13 @@ class PduFramer:
                 self._start = end
                 raise DigestError("data digest error", REJECT_DATA_DIGEST_ERROR, header)
         self._start = end
-        return decode_pdu(header, ahs), data, header
+        # decode_pdu without its call: its length checks hold by construction here (a
+        # 48-byte BHS, the AHS TotalAHSLength says); decode_pdu itself raises the rest
+        opcode = header[0] & _OPMASK
+        dec = _DECODERS.get(opcode)
+        if dec is None or (ahs and opcode not in _TAKES_AHS):
+            return decode_pdu(header, ahs), data, header
+        return dec(header, ahs), data, header
 
     def _header(self, start: int, ahs_len: int) -> tuple[bytes, bytes]:
         buf = self._buf

@@ -84,12 +84,11 @@ class IscsiFrontEnd:
         if task is None:
             self.link.scsi_target_done([tag])   # nobody to send it to: the data is free now
             return
-        if not data:
-            buf = None
-        elif len(data) == 1:
-            buf = memoryview(data[0])
-        else:
-            buf = memoryview(b"".join(data))
+        buf: bytes | memoryview | None = None
+        if len(data) == 1:
+            buf = data[0]
+        elif data:
+            buf = b"".join(data)
         task.conn.xmit_response(task, status, sense, resid, buf)
         out = task.conn.out
         if isinstance(out, PduWriter):

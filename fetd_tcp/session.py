@@ -48,6 +48,9 @@ ATTRS = {P.ATTR_UNTAGGED: int(TaskAttr.SIMPLE), P.ATTR_SIMPLE: int(TaskAttr.SIMP
          P.ATTR_ORDERED: int(TaskAttr.ORDERED), P.ATTR_HEAD_OF_QUEUE: int(TaskAttr.HEAD_OF_QUEUE),
          P.ATTR_ACA: int(TaskAttr.ACA)}
 _WRITE, _READ = int(DataDir.WRITE), int(DataDir.READ)
+# the LUN field of the first 256 LUNs (peripheral addressing, as initiators send
+# them) -> the LUN: a lookup instead of a call to P.lun_to_int, per command
+_LUNS = {P.int_to_lun(n): n for n in range(256)}
 # the task management functions the STML carries out (ABORT TASK and QUERY TASK name a
 # task, TASK REASSIGN is iSCSI's own); the STML's responses are iSCSI's codes, RFC 7144's
 # "function succeeded" (7) included
@@ -397,63 +400,68 @@ class Connection:
         its immediate and unsolicited data and its read data are reserved now.
         Otherwise TASK SET FULL (the initiator retries): nothing is held for it."""
         s = self.session
-        itt, edtl, write, n = cmd.itt, cmd.expected_length, cmd.write, len(data)
+        # every field in one unpack: a NamedTuple field read is a descriptor call (per command)
+        itt, lun_b, cdb, edtl, _, _, read, write, attr, final, immediate, _, _ = cmd
+        n = len(data)
         if s.discovery:
             self.reject(P.REJECT_PROTOCOL_ERROR, cmd.encode())  # no SCSI in discovery sessions
             return
         if itt in s.itts:
             self.reject(P.REJECT_TASK_IN_PROGRESS, cmd.encode())
             return
+        sp = s.params
         if n and (n > self.params.max_recv_data_segment_length or not write
-                  or not s.params.immediate_data or n > edtl or n > s.params.first_burst_length):
+                  or not sp.immediate_data or n > edtl or n > sp.first_burst_length):
             self.reject(P.REJECT_PROTOCOL_ERROR, cmd.encode())
             return
         unsol = n
-        if write and not cmd.final and not s.params.initial_r2t:
-            unsol = min(s.params.first_burst_length, edtl)
+        if write and not final and not sp.initial_r2t:
+            unsol = min(sp.first_burst_length, edtl)
         need = read_held = 0
-        if cmd.read and edtl:
-            need = min(edtl, s.max_transfer)    # its data, a header per Data-In, a status
+        account = self.account
+        if read and edtl:
+            # its data (min() costs a builtin call: per command), a header per Data-In, a status
+            need = edtl if edtl < s.max_transfer else s.max_transfer
             need += (need // self.params.max_send_data_segment_length
-                     + need // s.params.max_burst_length + 2) * _PDU_OVERHEAD
-            kinds = self.account.kinds
+                     + need // sp.max_burst_length + 2) * _PDU_OVERHEAD
+            kinds = account.kinds
             read_held = kinds["read"] + kinds["out"]   # reserved, and output not yet sent
-        if ((write and cmd.immediate and self.write_held >= self.write_limit)
+        if ((write and immediate and self.write_held >= self.write_limit)
                 or (need and read_held and read_held + need > self.read_limit)):
             # immediate writes bypass the window that holds other writes back; a read
             # past read_limit (unless it is the connection's only one)
             self._task_set_full(itt)
             return
-        if cmd.immediate and len(s.itts) >= s.window:
+        if immediate and len(s.itts) >= s.window:
             # immediate commands bypass the CmdSN window, not the bound on tasks in flight
             self.reject(P.REJECT_IMMEDIATE_COMMAND_REJECT, cmd.encode())
             return
-        account = self.account
         if (unsol or need) and not account.take("write" if unsol else "read", unsol + need):
             self._task_set_full(itt)    # no room in the budget
             return
         tags = self.tags
         tag = tags.new()
-        task = Task(self, itt, tag, cmd.lun, edtl, write)
+        task = Task(self, itt, tag, lun_b, edtl, write)
         s.itts[itt] = task
         tags.tasks[tag] = task
         if write:
-            direction = (_WRITE | _READ) if cmd.read else _WRITE
+            direction = (_WRITE | _READ) if read else _WRITE
             if unsol:
                 task.unsol_end = task.held = task.res_write = unsol
                 task.next_offset = n
                 self.write_held += unsol
                 if need:   # taken with the write data above, as "write": now apart
                     account.move("write", "read", need, need)
+            account.budget.hold(tag)   # its R2Ts may wait for room: Budget's progress rule
         else:
-            direction = _READ if cmd.read else 0
+            direction = _READ if read else 0
         if need:
             task.res_read = need
-        if write:
-            account.budget.hold(tag)   # its R2Ts may wait for room: Budget's progress rule
-        lun = P.lun_to_int(cmd.lun)
-        self.link.rx_cmnd(tag, s.nexus, 0xFFFF if lun is None else lun, bytes(cmd.cdb),
-                          ATTRS.get(cmd.attr, 0), direction, edtl, unsol, [data] if n else ())
+        lun = _LUNS.get(lun_b)
+        if lun is None:
+            lun = P.lun_to_int(lun_b)
+        self.link.rx_cmnd(tag, s.nexus, 0xFFFF if lun is None else lun, cdb,
+                          ATTRS.get(attr, 0), direction, edtl, unsol, [data] if n else ())
 
     def _data_out(self, d: P.DataOut, data: Any) -> None:
         task = self.session.itts.get(d.itt)
@@ -646,10 +654,11 @@ class Connection:
             self._resume_r2ts()
 
     def xmit_response(self, task: Task, status: int, sense: bytes | None, resid: int,
-                      data: memoryview | None) -> None:
+                      data: bytes | memoryview | None) -> None:
         """Data-In PDUs and the status; the status rides in the last Data-In
         when there is no sense to send (phase collapse). The read data counts as
-        output (until the socket takes it) before its reservation goes."""
+        output (until the socket takes it) before its reservation goes. A
+        memoryview of the data is made only to cut it into several Data-In."""
         s = self.session
         s.itts.pop(task.itt, None)
         if self.erl:
@@ -658,7 +667,8 @@ class Connection:
         n = len(data) if data is not None else 0
         if n and self.count_out:
             self.account.move("read", "out", n, task.res_read)
-            task.res_read = max(0, task.res_read - n)
+            left = task.res_read - n
+            task.res_read = left if left > 0 else 0
         if task.write or self.waiting:
             self.release(task)
         elif task.res_read:            # a read: only its reservation (per command: no call)
@@ -668,7 +678,18 @@ class Connection:
         if n:
             assert data is not None   # n is its length
             collapse = status == 0 and not sense
-            self._data_in(task, data, status if collapse else None, count, over, under)
+            if collapse and n <= self.params.max_send_data_segment_length \
+                    and n <= s.params.max_burst_length:
+                # the usual small read: one Data-In with the status, as _data_in sends
+                # it, without its call, loop and cases (per command)
+                sn = self.stat_sn
+                self.stat_sn = (sn + 1) % SN_MOD
+                self.send(P.new_pdu(P.DataIn, (task.itt, task.data_sn, 0, s.exp_cmd_sn, s.max_cmd_sn,
+                                               True, status, sn, count, over, under, False,
+                                               P.RESERVED_TAG, task.lun, n)), data)
+                task.data_sn += 1
+                return
+            self._data_in(task, memoryview(data), status if collapse else None, count, over, under)
             if collapse:
                 return
         seg = P.sense_segment(sense) if sense else b""
@@ -679,7 +700,7 @@ class Connection:
                                             over, under, 0, False, False, 0, len(seg))), seg)
 
     def _respond_keeping(self, task: Task, status: int, sense: bytes | None, resid: int,
-                         data: memoryview | None) -> None:
+                         data: bytes | memoryview | None) -> None:
         """xmit_response at ErrorRecoveryLevel >= 1: the read data is copied (the
         STML's shared slots go back once the response is sent) and kept with
         the status until ExpStatSN acknowledges it; a task expired with its

@@ -112,6 +112,43 @@ def test_only_the_link_module_writes_headers() -> None:
     assert not found
 
 
+def test_rx_cmnd_headers_in_the_fixed_layout_read_back_as_the_dict() -> None:
+    """FrontEndLink packs rx_cmnd in one fixed msgpack layout (stml.api.link):
+    it decodes to the header pack() writes from the dict, at the edges of the
+    layout too, and passes the STML's check; a header that does not fit the
+    layout (an extended CDB, a number past 32 bits) is packed from the dict."""
+    from stml.api.link import _RX_CMND_FIXED
+    from stml.api.messages import pack, unpack
+
+    sent: list[list] = []
+
+    class Channel:
+        def send(self, frames: list) -> None:
+            sent.append(frames)
+
+    link = FrontEndLink("ipc:///nonexistent/fixed", "test", Recorder())
+    link._channel = Channel()   # type: ignore[assignment]
+    cdb = bytes(range(0xF0, 0x100))
+    cases = [  # (tag, nexus, lun, cdb, attr, dir, len, unsol, fits the layout)
+        (1, 1, 0, cdb, 0, 2, 4096, 0, True),
+        (0xFFFFFFFF, 0xFFFFFFFF, 0xFFFF, bytes(16), 3, 3, 0xFFFFFFFF, 0xFFFFFFFF, True),
+        (1 << 32, 1, 0, cdb, 0, 2, 4096, 0, False),
+        (5, 1, 0, cdb + bytes(16), 0, 1, 512, 512, False),
+        (6, 1, 2, cdb[:10], 1, 0, 0, 0, False),
+    ]
+    for tag, nexus, lun, c, attr, direction, length, unsol, fits in cases:
+        data = [b"x" * unsol] if unsol else ()
+        link.rx_cmnd(tag, nexus, lun, c, attr, direction, length, unsol, data)
+        frames = sent.pop()
+        want = {"op": "rx_cmnd", "tag": tag, "nexus": nexus, "lun": lun, "cdb": c, "attr": attr,
+                "dir": direction, "len": length, "unsol": unsol}
+        header = unpack(frames[0])
+        assert header == want and type(header["cdb"]) is bytes
+        assert TO_STML[Op.RX_CMND].verdict(header) is None
+        assert frames[1:] == list(data)
+        assert (frames[0] != pack(want) and len(frames[0]) == _RX_CMND_FIXED.size) == fits
+
+
 # ---------------------------------------------------------------- a front end refuses
 
 class Recorder:

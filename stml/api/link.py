@@ -6,11 +6,13 @@ import asyncio
 import logging
 import os
 import socket
+import struct
 import time
 import uuid
 from types import SimpleNamespace
 from typing import Any, Callable, Protocol, Sequence
 
+import msgpack
 import zmq
 
 from stml.api.messages import CONTRACT_VERSION, FROM_STML, Cap, Detect, Op, check, pack, unpack
@@ -25,6 +27,29 @@ log = logging.getLogger("stml.api")
 _O = SimpleNamespace(**{op.name: op.value for op in Op})
 _RX_CMND, _RX_DATA, _DONE = Op.RX_CMND.value, Op.RX_DATA.value, Op.DONE.value
 _RDY_TO_XFER, _XMIT_RESPONSE, _TMF_DONE = Op.RDY_TO_XFER.value, Op.XMIT_RESPONSE.value, Op.TMF_DONE.value
+
+
+def _fixed_map(op: str, fields: Sequence[tuple[str, str]]) -> tuple[struct.Struct, tuple[bytes, ...]]:
+    """A header of `op` in one fixed msgpack layout: the Struct that packs it
+    and the constant bytes before each field's value (its key and the value's
+    marker; the map and its op before the first), to pass in turn with the
+    values. A field is (key, "I"): an int as a uint32, or (key, "16s"): 16
+    bytes as a bin."""
+    markers = {"I": b"\xce", "16s": b"\xc4\x10"}
+    before = [msgpack.packb(key) + markers[form] for key, form in fields]
+    before[0] = bytes([0x80 | len(fields) + 1]) + msgpack.packb("op") + msgpack.packb(op) + before[0]
+    fmt = ">" + "".join(f"{len(b)}s{form}" for b, (_, form) in zip(before, fields))
+    return struct.Struct(fmt), tuple(before)
+
+
+# rx_cmnd's header packed by a precompiled Struct (per command): the map pack()
+# writes, but with every int a uint32 and the CDB 16 bytes of bin, whatever
+# their values; any msgpack decoder reads it back the same. Building the dict
+# and packing it cost several times as much. A header that does not fit this
+# layout (an extended CDB, a number past 32 bits) is packed from a dict.
+_RX_CMND_FIXED, _RX_CMND_KEYS = _fixed_map(_RX_CMND, (
+    ("tag", "I"), ("nexus", "I"), ("lun", "I"), ("cdb", "16s"), ("attr", "I"), ("dir", "I"),
+    ("len", "I"), ("unsol", "I")))
 
 
 class FrontEndHandler(Protocol):
@@ -171,13 +196,17 @@ class FrontEndLink(TapPoint):
     def _send(self, header: dict[str, Any], data: list | tuple = ()) -> None:
         """Queue one message (never blocks; ZeroMQ buffers while disconnected);
         responses done since the last one are reported first."""
+        self._send_packed(pack(header), data)
+
+    def _send_packed(self, header: bytes, data: list | tuple = ()) -> None:
+        """_send, of a header packed already."""
         channel = self._channel
         if channel is None:
             return
         self._last_tx = time.monotonic()
         if self._done:
             channel.send([pack(self._done_header())])
-        channel.send([pack(header), *data])
+        channel.send([header, *data])
 
     def _done_header(self) -> dict[str, Any]:
         """The scsi_target_done of the responses done so far."""
@@ -204,8 +233,18 @@ class FrontEndLink(TapPoint):
 
     def rx_cmnd(self, tag: int, nexus: int, lun: int, cdb: bytes, attr: int, direction: int,
                 length: int, unsol: int = 0, data: list | tuple = ()) -> None:
-        self._send({"op": _RX_CMND, "tag": tag, "nexus": nexus, "lun": lun, "cdb": cdb,
-                   "attr": attr, "dir": direction, "len": length, "unsol": unsol}, data)
+        header = None
+        if len(cdb) == 16:
+            k0, k1, k2, k3, k4, k5, k6, k7 = _RX_CMND_KEYS
+            try:
+                header = _RX_CMND_FIXED.pack(k0, tag, k1, nexus, k2, lun, k3, cdb, k4, attr,
+                                             k5, direction, k6, length, k7, unsol)
+            except struct.error:   # a number out of the layout's range
+                pass
+        if header is None:
+            header = pack({"op": _RX_CMND, "tag": tag, "nexus": nexus, "lun": lun, "cdb": cdb,
+                           "attr": attr, "dir": direction, "len": length, "unsol": unsol})
+        self._send_packed(header, data)
 
     def _rx_cmnd_timed(self, tag: int, nexus: int, lun: int, cdb: bytes, attr: int, direction: int,
                        length: int, unsol: int = 0, data: list | tuple = ()) -> None:
