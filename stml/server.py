@@ -362,7 +362,8 @@ class StmlServer(TapPoint):
             except OSError as e:   # e.g. out of file descriptors: the front end retries
                 log.warning("stream socket: %s", e)
                 return
-            # a leading zero byte: ZeroMQ peers cannot choose such a routing id
+            # a leading zero byte: the ZeroMQ carrier refuses peers that choose such a
+            # routing id (stml.api.zmq_carrier), so no remote peer can pass for this one
             self._open_stream(conn, b"\0stream-%d" % next(self._stream_ids))
 
     def _open_stream(self, conn: socket.socket, ident: bytes) -> None:

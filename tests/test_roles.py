@@ -216,3 +216,28 @@ def test_fetd_tcp_with_a_managers_key_says_it_is_refused_and_exits(roles_stml, k
         "scsi-target: fetd-tcp: the STML refused this front end: registration refused: this peer is a "
         "manager, not a front end (its key is not in [stml] allowed_front_ends)")
     assert "never retrieved" not in p.stderr
+
+
+def test_a_zeromq_peer_cannot_pass_for_a_stream_front_end(roles_stml, keys, client_factory):
+    """The STML names same-host stream peers "\\0stream-N"; a ZeroMQ peer that
+    chooses such a routing id (here with a front end's CURVE key) is refused
+    at the carrier: it can neither manage as that peer nor write through its
+    nexus (review 4: both worked)."""
+    victim = "iqn.2026-01.test:victim"
+    cli("acl", "add", victim, "--stml", roles_stml.endpoint)
+    c = client_factory(roles_stml.endpoint, target=IQN, initiator=victim)
+    assert type(c._link._channel).__name__ == "StreamChannel"   # the victim is stream peer 1
+    before = c.read(0, 0, 1)
+    spoof = RawFrontEnd(roles_stml.tcp, name="\0stream-1",
+                        curve=curve_client_keys(str(keys / "fe.key_secret"), str(keys / "stml.key")))
+    try:
+        spoof.send({"op": "mgmt", "id": 1, "cmd": "acl_add", "args": {"initiator": INTRUDER, "target": IQN}})
+        spoof.cmnd(0x777, bytes([0x2A, 0, 0, 0, 0, 0, 0, 0, 1, 0]), direction=1, length=512, unsol=512,
+                   frames=[b"\xab" * 512])
+        with pytest.raises(TimeoutError):
+            spoof.recv(timeout=2)
+    finally:
+        spoof.close()
+    assert _acl(roles_stml.endpoint) == [victim]
+    assert c.read(0, 0, 1) == before
+    roles_stml.current.wait_log("routing id 0073747265616d2d31 is reserved")

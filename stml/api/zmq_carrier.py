@@ -75,7 +75,14 @@ class Channel:
             # memoryviews; a routed socket's frame 0 becomes the peer's identity (bytes)
             frames: list[Any] = [f.buffer for f in raw]
             if self.routed:
-                frames[0] = frames[0].tobytes()
+                ident = frames[0] = frames[0].tobytes()
+                if ident[:1] == b"\0" and len(ident) != 5:
+                    # ZeroMQ names a peer that sets no routing id "\0" + 4 bytes; any other
+                    # id with a leading zero byte was chosen, to pass for one the STML
+                    # gives its own peers (the stream's "\0stream-N"): never delivered
+                    log.warning("refused a message from a ZeroMQ peer whose routing id %s is "
+                                "reserved (a leading zero byte)", ident.hex())
+                    continue
             self.frame = raw[0]
             try:
                 self._deliver(frames)
