@@ -49,7 +49,8 @@ _COUNT_FIELDS = ("lun", "attr", "dir", "len", "unsol")   # rx_cmnd fields: non-n
 _MAX_ATTR = int(max(TaskAttr))   # and attr a TaskAttr: the task set policies know no other
 _ACA = int(TaskAttr.ACA)   # (plain ints: a TaskAttr member read through its class costs an enum lookup)
 _REGISTER = Op.REGISTER.value   # plain str: an enum member costs an attribute hook per message
-_TIMING_CAPS = frozenset({Cap.TIMING.value})   # granted, when offered, while commands are timed
+_TIMING = Cap.TIMING.value
+_TIMING_CAPS = frozenset({_TIMING})   # granted, when offered, while commands are timed
 # backend failures that are no fault of the medium, by errno: the storage is
 # out of this path's reach for now (ESHUTDOWN: an RBD gateway fenced, another
 # serves the LU; ETIMEDOUT: the cluster did not answer). NOT READY, ASYMMETRIC
@@ -383,7 +384,13 @@ class Emulator:
         out.heartbeat = heartbeat   # type: ignore[method-assign]
 
     def _rx_cmnd_timed(self, fe: FrontEnd, h: dict[str, Any], frames: list) -> None:
-        """rx_cmnd while timed: the command's stamps begin (the task fills them)."""
+        """rx_cmnd while timed: the command's stamps begin (the task fills them),
+        for a front end granted `timing`. One that was not (it did not offer it)
+        sends no scsi_target_done (contract 1.8): its commands are not timed,
+        or they would wait in the table for a delivery that never comes."""
+        if _TIMING not in fe.caps:
+            self._rx_cmnd(fe, h, frames)
+            return
         tag, nid = h.get("tag"), h.get("nexus")   # (refused later when malformed)
         if type(tag) is int and type(nid) is int and self.timing is not None:
             nexus = fe.nexuses.get(nid)

@@ -281,3 +281,23 @@ def test_a_front_end_on_another_host_gets_its_offset_from_heartbeats(stml_factor
         time.sleep(0.1)
     stages_ = mgmt.call("latency")["front_ends"][0]["stages"]
     assert stages_["to_stml"]["count"] == stages_["delivery"]["count"] == before + 4
+
+
+def test_a_front_end_not_granted_timing_leaves_nothing_in_flight(stml_factory):
+    """A front end that offers no `timing` (a raw one) is not granted it and
+    sends no scsi_target_done (contract 1.8): the STML does not time its
+    commands, so none of them waits in the table for a delivery (review 4:
+    20 commands stayed in flight and would have filled the table)."""
+    from scsi_target.mgmt import MgmtClient
+    from support.rawfe import RawFrontEnd
+    stml = stml_factory("ram:4MiB", extra=("--timing",))
+    fe = RawFrontEnd(stml.endpoint)
+    try:
+        assert "timing" not in fe.register().get("caps", [])
+        fe.nexus()
+        for tag in range(1, 21):
+            assert fe.command(tag, bytes(6))[0]["status"] == 0   # TEST UNIT READY
+    finally:
+        fe.close()
+    report = MgmtClient(stml.endpoint).call("latency")
+    assert report["in_flight"] == 0 and report["commands"] == 0

@@ -163,6 +163,7 @@ KIND_OF_TEST = {
     "test_timing.py::test_a_front_end_on_another_host_gets_its_offset_from_heartbeats": "process",
     "test_timing.py::test_stages_through_real_processes": "process",
     "test_timing.py::test_timing_off_adds_no_fields_and_status_says_so": "process",
+    "test_timing.py::test_a_front_end_not_granted_timing_leaves_nothing_in_flight": "process",
     "test_trace.py::test_a_trace_written_over_a_file_is_private_and_never_follows_a_link": "unit",
     "test_trace.py::test_a_writer_that_falls_behind_loses_records_not_the_loop": "unit",
     "test_trace.py::test_the_kernel_trace_holds_the_file_system_cycle": "unit",
