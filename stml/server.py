@@ -134,6 +134,7 @@ class StmlServer(TapPoint):
         self.auth: RoleAuthenticator | None = None
         self.exporter: PrometheusExporter | None = None
         self.abandoned = False   # the stop left a backend call running (_finish_backends)
+        self.unclean = False     # a flush or close failed at stop: exit 1 (_finish_backends)
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -487,19 +488,27 @@ class StmlServer(TapPoint):
         def flush(name: str, lu: LogicalUnit) -> None:
             try:
                 lu.backend.flush()
+                log.info("%s: flushed", name)
             except Exception as e:   # noqa: BLE001 - one LU's failure must not skip the others
                 log.error("%s: flush at stop failed: %s", name, e)
+                self.unclean = True   # acknowledged writes may not be durable: exit 1
 
         flushes = {name: threading.Thread(target=flush, args=(name, lu), name=f"flush {name}", daemon=True)
                    for name, lu in lus}
 
         def close() -> None:
-            for thread in flushes.values():
-                thread.join()
-            self.executor.shutdown(wait=True)
-            for _, lu in lus:
-                lu.backend.close()
-            loop.call_soon_threadsafe(_resolve, finished)
+            try:
+                for thread in flushes.values():
+                    thread.join()
+                self.executor.shutdown(wait=True)
+                for name, lu in lus:
+                    try:
+                        lu.backend.close()
+                    except Exception as e:   # noqa: BLE001 - e.g. EIO from close(2) on NFS
+                        log.error("%s: close at stop failed: %s", name, e)
+                        self.unclean = True
+            finally:
+                loop.call_soon_threadsafe(_resolve, finished)
 
         for thread in flushes.values():
             thread.start()
@@ -646,11 +655,12 @@ class StopGuard:
         sig = signal.sigwait(self.SIGNALS)
         heard = threading.Event()   # the loop ran the stop: it bounds the rest itself (STOP_BACKENDS)
         self.loop.call_soon_threadsafe(self._stop, heard)
+        began = time.monotonic()
         if not heard.wait(self.grace) or not self.done.wait(self.grace + STOP_BACKENDS):
             # no logging call: the blocked thread may hold a handler's lock
             with contextlib.suppress(OSError):
-                os.write(2, f"stml: still busy {self.grace:g}s after {signal.Signals(sig).name}: "
-                            f"exiting without a clean stop\n".encode())
+                os.write(2, f"stml: still busy {time.monotonic() - began:.0f}s after "
+                            f"{signal.Signals(sig).name}: exiting without a clean stop\n".encode())
             os._exit(1)
 
     def _stop(self, heard: threading.Event) -> None:
@@ -679,3 +689,5 @@ async def run_stml(config: Config, trace: TraceOptions | None = None, inject: li
     if server.abandoned:   # a worker runs a hung call: exiting normally would join it forever
         logging.shutdown()
         os._exit(1)
+    if server.unclean:     # a flush or close failed: the stop was not clean (0204)
+        raise SystemExit(1)

@@ -585,5 +585,37 @@ def test_a_hung_backend_call_does_not_hold_up_the_stop(stml_factory, client_fact
     stml.extra = ()
     stml.start()
     assert client_factory(stml.endpoint).read(1, 3, 8) == data
+    assert re.search(r"LUN 1 of \S+: flushed", log), log   # the cached LU was flushed, not just read back
     stml.proc.send_signal(signal.SIGTERM)
     assert stml.proc.wait(30) == 0 and "abandoned" not in stml.current.log()
+
+
+@pytest.mark.parametrize("fails", ["flush", "close"])
+def test_a_failed_flush_or_close_at_stop_is_named_the_others_finish_and_it_is_unclean(tmp_path, caplog, fails):
+    """EIO from one LU's flush or close at stop (acknowledged writes may not be
+    durable): one line names it, the other LU is still flushed and closed, the
+    stop finishes without abandoning anything, and it counts as unclean (exit 1)."""
+    import asyncio
+    from stml import config
+    from stml.server import StmlServer
+    server = StmlServer(config.load(data_dir=str(tmp_path / "data"), luns=("ram:1MiB", "ram:1MiB")))
+    lu0, lu1 = server.emulator.targets[IQN].luns.values()
+    calls: list[str] = []
+
+    def broken() -> None:
+        raise OSError(5, "Input/output error")
+
+    def counted(what: str):
+        real = getattr(lu1.backend, what)
+        return lambda: (calls.append(what), real())[1]
+    setattr(lu0.backend, fails, broken)
+    lu1.backend.flush, lu1.backend.close = counted("flush"), counted("close")
+    try:
+        with caplog.at_level("INFO", logger="stml"):
+            asyncio.run(server._finish_backends(30))
+    finally:
+        server.sock.close(linger=0)   # else the context waits on it at exit
+        server.ctx.term()
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert errors == [f"LUN 0 of {IQN}: {fails} at stop failed: [Errno 5] Input/output error"]
+    assert calls == ["flush", "close"] and server.unclean and not server.abandoned

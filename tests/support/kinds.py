@@ -132,6 +132,7 @@ KIND_OF_TEST = {
     "test_inject.py::test_a_wrong_rule_is_refused_with_one_line": "unit",
     "test_inject.py::test_no_rule_no_tap_and_an_injector_goes_before_other_taps": "unit",
     "test_inject.py::test_rules_from_a_file_with_comments": "unit",
+    "test_inject.py::test_a_failed_flush_or_close_at_stop_is_named_the_others_finish_and_it_is_unclean": "unit",
     "test_layers.py::test_a_cycle_through_a_package_init_is_found": "process",
     "test_layers.py::test_a_forbidden_import_is_reported": "process",
     "test_layers.py::test_a_new_stml_module_must_be_given_a_layer": "process",
