@@ -664,8 +664,11 @@ class Emulator:
                 descriptor = lu.mode.d_sense
                 if task.attr == _ACA:
                     raise CheckCondition(ILLEGAL_REQUEST, INVALID_MESSAGE_ERROR)  # no ACA (NACA=0)
-                entry = lu.template.lookup(task.cdb)
-                check_usage(task.cdb, entry.usage)
+                cdb = task.cdb
+                entry = lu.template.lookup(cdb)
+                # check_usage in one test for a CDB as long as its row's usage (lookup: not shorter)
+                if len(cdb) != len(entry.usage) or int.from_bytes(cdb, "big") & entry.forbidden:
+                    check_usage(cdb, entry.usage)
                 if lu.unit_attentions and not entry.ua_exempt:
                     ua = self._pending_ua(lu, task.nexus)
                     if ua:

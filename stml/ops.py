@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
 from stml.api import DataDir
-from stml.cdb import lba_len
+from stml.cdb import forbidden_bits, lba_len
 from stml.lu import LogicalUnit
 from stml.sense import (
     DATA_PROTECT, ILLEGAL_REQUEST, LBA_OUT_OF_RANGE, PARAMETER_LIST_LENGTH_ERROR,
@@ -49,6 +49,11 @@ class OpEntry:
     timeout: int = 30                     # nominal timeout (s) for REPORT SUPPORTED OPCODES
     # what a reservation of another nexus does to it: every row says (no default)
     conflicts: Conflict = field(kw_only=True)
+    # the CDB bits `usage` does not allow, computed once per row (cdb.forbidden_bits)
+    forbidden: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "forbidden", forbidden_bits(self.usage))
 
 
 def _u(*b: int) -> bytes:
