@@ -657,7 +657,8 @@ class Emulator:
         data: bytes | bytearray | memoryview | None = None   # what a handler returns
         descriptor = False
         try:
-            lu = task.lu = self.lookup_lu(task.nexus.target, task.lun)
+            t = self.targets.get(task.nexus.target)   # (lookup_lu, in place: per command)
+            lu = task.lu = t.luns.get(task.lun) if t is not None else None
             if lu is None:
                 data = await self._no_such_lun(task)
             else:
@@ -728,8 +729,13 @@ class Emulator:
 
     @staticmethod
     def _check_reservation(lu: LogicalUnit, task: Task, entry: OpEntry) -> None:
-        """The opcode-table row says how the command meets a reservation (stml.ops.Conflict)."""
-        if entry.conflicts and lu.pr is not None and lu.pr.conflicts(task.nexus, entry.conflicts):
+        """The opcode-table row says how the command meets a reservation
+        (stml.ops.Conflict); with none held (every LU has reservation state
+        once restore_reservations ran) no command conflicts, and the rule is
+        not looked at."""
+        st = lu.pr
+        if st is not None and (st.spc2 is not None or st.type is not None) and entry.conflicts \
+                and st.conflicts(task.nexus, entry.conflicts):
             raise StatusError(RESERVATION_CONFLICT)
 
     # ------------------------------------------------------------ unit attentions
