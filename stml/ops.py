@@ -130,11 +130,17 @@ def rw_out_len(task: Task) -> int:
 
 
 def read_check(task: Task) -> None:
+    """check_range, then check_xfer, of a READ/WRITE-style CDB: in place, as
+    every read and write runs them."""
     lu = task.lu
     assert lu is not None   # per command: see unit()
-    lba, blocks = lba_len(task.cdb)
-    check_range(lu, lba, blocks)
-    check_xfer(task, blocks)
+    cdb = task.cdb
+    lba, blocks = lba_len(cdb)
+    bs = lu.block_size
+    if (lba + blocks) * bs > lu.backend.size() or lba >= (1 << 64):
+        raise CheckCondition(ILLEGAL_REQUEST, LBA_OUT_OF_RANGE)
+    if blocks > task.services.max_transfer // bs:
+        raise invalid_field(LEN_FIELD.get(len(cdb), 0))
 
 
 def write_check(task: Task) -> None:
@@ -142,9 +148,7 @@ def write_check(task: Task) -> None:
     lu = task.lu
     assert lu is not None   # per command: see unit()
     check_writable(lu)
-    lba, blocks = lba_len(task.cdb)
-    check_range(lu, lba, blocks)
-    check_xfer(task, blocks)
+    read_check(task)   # its range and transfer length, as a read's
 
 
 def trim_views(bufs: list[memoryview], n: int) -> list[memoryview]:
