@@ -612,9 +612,9 @@ class Emulator:
         if self._lease is not None:
             self._take_lease(task)
         fe.tasks[tag] = task
-        task.runner = start_eagerly(self._execute(task))
-        if task.runner is not None:
-            task.runner.add_done_callback(functools.partial(self._runner_done, task))
+        runner = task.runner = start_eagerly(self._execute(task))
+        if runner is not None:
+            runner.add_done_callback(functools.partial(self._runner_done, task))
 
     def _refuse_counts(self, fe: FrontEnd, tag: int, h: dict[str, Any]) -> None:
         """The rx_cmnd field that is not a non-negative int (attr: not a
@@ -677,25 +677,26 @@ class Emulator:
                 if len(lu.task_set.tasks) >= self.queue_depth:
                     raise StatusError(TASK_SET_FULL)
                 self._check_reservation(lu, task, entry)
-                lu.task_set.add(task)
-                if task.stamps is not None:
-                    task.stamps[QUEUED] = time.monotonic_ns()
+                task_set = lu.task_set
+                task_set.add(task)
+                stamps = task.stamps   # (read once: a class attribute unless timed)
+                if stamps is not None:
+                    stamps[QUEUED] = time.monotonic_ns()
                 try:
                     if entry.check:
                         entry.check(task)
                     waited = entry.out_len is not None and await self._collect(task, entry)
-                    task_set = lu.task_set
                     if (not task_set.at_once(task) and await task_set.enter(task)) or waited:
                         # the LU may have changed meanwhile (reservations, size, protection)
                         self._check_reservation(lu, task, entry)
                         if entry.check:
                             entry.check(task)
-                    if task.stamps is None:
+                    if stamps is None:
                         data = await entry.handler(task)
                     else:
                         data = await cast(TimedTask, task).timed(entry.handler)
                 finally:
-                    lu.task_set.remove(task)
+                    task_set.remove(task)
         except asyncio.CancelledError:
             raise  # aborted: _runner_done forgets it (and answers TASK ABORTED under TAS)
         except CheckCondition as e:
@@ -848,9 +849,11 @@ class Emulator:
         it held goes back (the one place: its write data, maybe a front end's
         shared memory or a pooled buffer, and its read data's shared memory,
         which its front end still holds if the response lent it)."""
-        if task.fe.tasks.get(task.tag) is task:
-            del task.fe.tasks[task.tag]
-        task.data_out = []
+        tasks = task.fe.tasks
+        if tasks.get(task.tag) is task:
+            del tasks[task.tag]
+        if task.data_out:
+            task.data_out = []
         held = task.held
         if held is not None:
             task.held = None
