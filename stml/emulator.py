@@ -674,10 +674,12 @@ class Emulator:
                     ua = self._pending_ua(lu, task.nexus)
                     if ua:
                         raise CheckCondition(UNIT_ATTENTION, ua)
-                if len(lu.task_set.tasks) >= self.queue_depth:
-                    raise StatusError(TASK_SET_FULL)
-                self._check_reservation(lu, task, entry)
                 task_set = lu.task_set
+                if len(task_set.tasks) >= self.queue_depth:
+                    raise StatusError(TASK_SET_FULL)
+                st = lu.pr
+                if st is not None and (st.spc2 is not None or st.type is not None):   # (none held: no call)
+                    self._check_reservation(lu, task, entry)
                 task_set.add(task)
                 stamps = task.stamps   # (read once: a class attribute unless timed)
                 if stamps is not None:
