@@ -132,7 +132,8 @@ class FileBackend:
         file system, else if the data is in the page cache (RWF_NOWAIT). Saves
         the two thread wake-ups of the worker pool; False: use read_into."""
         if self._in_memory:
-            self.read_into(offset, buf)
+            if os.preadv(self._fd, [buf], offset) != len(buf):   # (read_into's usual case, in place)
+                self.read_into(offset, buf)
             return True
         if not self._nowait_reads:
             return False

@@ -13,18 +13,24 @@ _U64 = struct.Struct(">Q")
 GROUP_LEN = {0: 6, 1: 10, 2: 10, 4: 16, 5: 12}
 
 
+# the same by opcode, looked up once per command (trim_cdb)
+_LENGTH: tuple[int | None, ...] = tuple(GROUP_LEN.get(op >> 5) for op in range(256))
+
+
 def cdb_length(opcode: int) -> int | None:
     """Length of a CDB from its opcode's group code; None for reserved/vendor groups."""
-    return GROUP_LEN.get(opcode >> 5)
+    return _LENGTH[opcode]
 
 
 def trim_cdb(cdb: bytes) -> bytes:
     """The CDB without transport padding (iSCSI always carries 16 bytes), so
     handlers can tell READ(10) from READ(16) by length."""
-    n = cdb_length(cdb[0])
-    if n is None and cdb[0] == 0x7F and len(cdb) > 7:  # variable length CDB
-        n = cdb[7] + 8
-    return cdb[:n] if n is not None and len(cdb) > n else cdb
+    n = _LENGTH[cdb[0]]
+    if n is None:
+        if cdb[0] != 0x7F or len(cdb) <= 7:
+            return cdb
+        n = cdb[7] + 8   # variable length CDB
+    return cdb[:n] if len(cdb) > n else cdb
 
 
 def u16(cdb: bytes, off: int) -> int:
@@ -52,6 +58,13 @@ def lba_len(cdb: bytes) -> tuple[int, int]:
         lba = ((cdb[1] & 0x1F) << 16) | u16(cdb, 2)
         return lba, cdb[4] or 256  # SBC: READ(6)/WRITE(6) length 0 means 256
     raise CheckCondition(ILLEGAL_REQUEST, INVALID_FIELD_IN_CDB, FieldPointer(0))
+
+
+def forbidden_bits(usage: bytes) -> int:
+    """The bits a CDB as long as `usage` must have clear, as one big-endian
+    int (byte 0, the opcode, is the row's own): a command tests its CDB
+    against its row's in one operation (stml.ops.OpEntry.forbidden)."""
+    return ~int.from_bytes(b"\xff" + usage[1:], "big") & ((1 << 8 * len(usage)) - 1)
 
 
 def check_usage(cdb: bytes, usage: bytes) -> None:

@@ -619,9 +619,9 @@ class Emulator:
         if self._lease is not None:
             self._take_lease(task)
         fe.tasks[tag] = task
-        task.runner = start_eagerly(self._execute(task))
-        if task.runner is not None:
-            task.runner.add_done_callback(functools.partial(self._runner_done, task))
+        runner = task.runner = start_eagerly(self._execute(task))
+        if runner is not None:
+            runner.add_done_callback(functools.partial(self._runner_done, task))
 
     def _refuse_counts(self, fe: FrontEnd, tag: int, h: dict[str, Any]) -> None:
         """The rx_cmnd field that is not a non-negative int (attr: not a
@@ -664,41 +664,48 @@ class Emulator:
         data: bytes | bytearray | memoryview | None = None   # what a handler returns
         descriptor = False
         try:
-            lu = task.lu = self.lookup_lu(task.nexus.target, task.lun)
+            t = self.targets.get(task.nexus.target)   # (lookup_lu, in place: per command)
+            lu = task.lu = t.luns.get(task.lun) if t is not None else None
             if lu is None:
                 data = await self._no_such_lun(task)
             else:
                 descriptor = lu.mode.d_sense
                 if task.attr == _ACA:
                     raise CheckCondition(ILLEGAL_REQUEST, INVALID_MESSAGE_ERROR)  # no ACA (NACA=0)
-                entry = lu.template.lookup(task.cdb)
-                check_usage(task.cdb, entry.usage)
+                cdb = task.cdb
+                entry = lu.template.lookup(cdb)
+                # check_usage in one test for a CDB as long as its row's usage (lookup: not shorter)
+                if len(cdb) != len(entry.usage) or int.from_bytes(cdb, "big") & entry.forbidden:
+                    check_usage(cdb, entry.usage)
                 if lu.unit_attentions and not entry.ua_exempt:
                     ua = self._pending_ua(lu, task.nexus)
                     if ua:
                         raise CheckCondition(UNIT_ATTENTION, ua)
-                if len(lu.task_set.tasks) >= self.queue_depth:
+                task_set = lu.task_set
+                if len(task_set.tasks) >= self.queue_depth:
                     raise StatusError(TASK_SET_FULL)
-                self._check_reservation(lu, task, entry)
-                lu.task_set.add(task)
-                if task.stamps is not None:
-                    task.stamps[QUEUED] = time.monotonic_ns()
+                st = lu.pr
+                if st is not None and (st.spc2 is not None or st.type is not None):   # (none held: no call)
+                    self._check_reservation(lu, task, entry)
+                task_set.add(task)
+                stamps = task.stamps   # (read once: a class attribute unless timed)
+                if stamps is not None:
+                    stamps[QUEUED] = time.monotonic_ns()
                 try:
                     if entry.check:
                         entry.check(task)
                     waited = entry.out_len is not None and await self._collect(task, entry)
-                    task_set = lu.task_set
                     if (not task_set.at_once(task) and await task_set.enter(task)) or waited:
                         # the LU may have changed meanwhile (reservations, size, protection)
                         self._check_reservation(lu, task, entry)
                         if entry.check:
                             entry.check(task)
-                    if task.stamps is None:
+                    if stamps is None:
                         data = await entry.handler(task)
                     else:
                         data = await cast(TimedTask, task).timed(entry.handler)
                 finally:
-                    lu.task_set.remove(task)
+                    task_set.remove(task)
         except asyncio.CancelledError:
             raise  # aborted: _runner_done forgets it (and answers TASK ABORTED under TAS)
         except CheckCondition as e:
@@ -732,8 +739,13 @@ class Emulator:
 
     @staticmethod
     def _check_reservation(lu: LogicalUnit, task: Task, entry: OpEntry) -> None:
-        """The opcode-table row says how the command meets a reservation (stml.ops.Conflict)."""
-        if entry.conflicts and lu.pr is not None and lu.pr.conflicts(task.nexus, entry.conflicts):
+        """The opcode-table row says how the command meets a reservation
+        (stml.ops.Conflict); with none held (every LU has reservation state
+        once restore_reservations ran) no command conflicts, and the rule is
+        not looked at."""
+        st = lu.pr
+        if st is not None and (st.spc2 is not None or st.type is not None) and entry.conflicts \
+                and st.conflicts(task.nexus, entry.conflicts):
             raise StatusError(RESERVATION_CONFLICT)
 
     # ------------------------------------------------------------ unit attentions
@@ -846,9 +858,11 @@ class Emulator:
         it held goes back (the one place: its write data, maybe a front end's
         shared memory or a pooled buffer, and its read data's shared memory,
         which its front end still holds if the response lent it)."""
-        if task.fe.tasks.get(task.tag) is task:
-            del task.fe.tasks[task.tag]
-        task.data_out = []
+        tasks = task.fe.tasks
+        if tasks.get(task.tag) is task:
+            del tasks[task.tag]
+        if task.data_out:
+            task.data_out = []
         held = task.held
         if held is not None:
             task.held = None

@@ -130,6 +130,7 @@ class Reservations(Protocol):
     a command set above this module, made by stml.pr.state())."""
 
     spc2: str | None   # the key of the nexus holding an SPC-2 reservation
+    type: int | None   # the persistent reservation's type; None: none held
 
     def conflicts(self, n: Any, rule: int) -> bool:
         """Whether a command with this conflict rule (stml.ops.Conflict) from nexus n conflicts."""

@@ -116,24 +116,42 @@ class Metrics:
         self.started = time.time()
 
     def rx_cmnd(self, ident: bytes, h: dict[str, Any], fe: Any) -> None:
+        # the usual command finds its set in two lookups; the types are checked
+        # after (a bool or float key finds an int's entry), before it counts
+        try:
+            tag, nid, lun = h["tag"], h["nexus"], h["lun"]
+            c = self._live[fe.nexuses[nid]][lun]
+        except (KeyError, TypeError, AttributeError):
+            c = None
+        if c is None or type(tag) is not int or type(nid) is not int or type(lun) is not int:
+            c = self._set_for(ident, h, fe)
+            if c is None:
+                return   # the emulator refuses it
+            tag = h["tag"]
+        key = (ident, tag)
+        inflight = self._inflight
+        if key in inflight:   # a tag reused without a response (aborted): that one is over
+            self.xmit_response(ident, {"tag": tag, "status": None})
+        inflight[key] = (monotonic(), h.get("dir", 0), h.get("len", 0), c)
+
+    def _set_for(self, ident: bytes, h: dict[str, Any], fe: Any) -> Counters | None:
+        """The set a command counts in, for a header rx_cmnd's lookups did not
+        place: None for one the emulator refuses without a response (no front
+        end, a tag or nexus that is not an int, no such nexus); a LUN that is
+        not an int counts as absent."""
         nid, lun, tag = h.get("nexus"), h.get("lun"), h.get("tag")
         if fe is None or type(nid) is not int or type(tag) is not int:
-            return   # the emulator refuses it
+            return None
         nexus = fe.nexuses.get(nid)
         if nexus is None:
-            return
+            return None
         if type(lun) is not int:
             lun = None
         sets = self._live.get(nexus)
         if sets is None:
             sets = self._live[nexus] = {}
         c = sets.get(lun)
-        if c is None:
-            c = self._new_set(ident, nexus, lun, sets)
-        key = (ident, tag)
-        if key in self._inflight:   # a tag reused without a response (aborted): that one is over
-            self.xmit_response(ident, {"tag": key[1], "status": None})
-        self._inflight[key] = (monotonic(), h.get("dir", 0), h.get("len", 0), c)
+        return c if c is not None else self._new_set(ident, nexus, lun, sets)
 
     def _new_set(self, ident: bytes, nexus: Any, lun: Any, sets: dict[int | None, Counters]) -> Counters:
         """Sets are keyed by the Nexus object: a nexus id registered again
@@ -156,14 +174,14 @@ class Metrics:
         if c.into is not None:
             c = c.final()
         now = monotonic()
-        i = c.commands % RING
-        if i == len(c.latency):   # the ring is still growing
+        n = c.commands
+        c.commands = n + 1
+        if n < RING:   # the ring is still growing (it holds min(commands, RING) samples)
             c.latency.append(now - start)
             c.ended.append(now)
         else:
-            c.latency[i] = now - start
-            c.ended[i] = now
-        c.commands += 1
+            c.latency[n % RING] = now - start
+            c.ended[n % RING] = now
         if h.get("status", 0) != 0:
             c.errors += 1
         elif direction & READ:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
 from stml.api import DataDir
-from stml.cdb import lba_len
+from stml.cdb import forbidden_bits, lba_len
 from stml.lu import LogicalUnit
 from stml.sense import (
     DATA_PROTECT, ILLEGAL_REQUEST, LBA_OUT_OF_RANGE, PARAMETER_LIST_LENGTH_ERROR,
@@ -49,6 +49,11 @@ class OpEntry:
     timeout: int = 30                     # nominal timeout (s) for REPORT SUPPORTED OPCODES
     # what a reservation of another nexus does to it: every row says (no default)
     conflicts: Conflict = field(kw_only=True)
+    # the CDB bits `usage` does not allow, computed once per row (cdb.forbidden_bits)
+    forbidden: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "forbidden", forbidden_bits(self.usage))
 
 
 def _u(*b: int) -> bytes:
@@ -125,11 +130,17 @@ def rw_out_len(task: Task) -> int:
 
 
 def read_check(task: Task) -> None:
+    """check_range, then check_xfer, of a READ/WRITE-style CDB: in place, as
+    every read and write runs them."""
     lu = task.lu
     assert lu is not None   # per command: see unit()
-    lba, blocks = lba_len(task.cdb)
-    check_range(lu, lba, blocks)
-    check_xfer(task, blocks)
+    cdb = task.cdb
+    lba, blocks = lba_len(cdb)
+    bs = lu.block_size
+    if (lba + blocks) * bs > lu.backend.size() or lba >= (1 << 64):
+        raise CheckCondition(ILLEGAL_REQUEST, LBA_OUT_OF_RANGE)
+    if blocks > task.services.max_transfer // bs:
+        raise invalid_field(LEN_FIELD.get(len(cdb), 0))
 
 
 def write_check(task: Task) -> None:
@@ -137,9 +148,7 @@ def write_check(task: Task) -> None:
     lu = task.lu
     assert lu is not None   # per command: see unit()
     check_writable(lu)
-    lba, blocks = lba_len(task.cdb)
-    check_range(lu, lba, blocks)
-    check_xfer(task, blocks)
+    read_check(task)   # its range and transfer length, as a read's
 
 
 def trim_views(bufs: list[memoryview], n: int) -> list[memoryview]:

@@ -208,3 +208,33 @@ def test_a_front_end_refuses_malformed_messages_with_a_log_line(tmp_path: Path, 
         "(an item is of another type)",
         "refused a message from the STML: unknown op 'no_such_op'",
     ]
+
+
+HEADERS = [   # one of each shape the contract sends: ints of every width, bin, str, nil, lists, maps
+    {"op": "rx_cmnd", "tag": 7, "nexus": 1, "lun": 300, "cdb": bytes(16), "attr": 0, "dir": 2,
+     "len": 1 << 20, "unsol": 0, "ts": [2 ** 63 - 1, 0]},
+    {"op": "xmit_response", "tag": 2 ** 32, "status": 2, "sense": b"\x70" + bytes(17), "resid": -512},
+    {"op": "detect", "stml": "s" * 300, "heartbeat_ms": 1000, "caps": ["write_region"],
+     "limits": {"max_transfer": 8 << 20}, "portals": [{"host": "::1", "port": 3260, "tpgt": 1}],
+     "aen": True, "ratio": 0.5, "blob": b"x" * 70000, "none": None, "neg": -2 ** 63},
+]
+
+
+@pytest.mark.parametrize("header", HEADERS, ids=lambda h: h["op"])
+def test_headers_are_the_bytes_msgpack_writes(header: dict[str, Any]) -> None:
+    """pack (msgspec) writes what msgpack's Packer(use_bin_type=True) wrote, so
+    a peer on either codec reads it; unpack reads both back the same."""
+    import msgpack
+
+    from stml.api import pack, unpack
+    assert pack(header) == msgpack.Packer(use_bin_type=True).pack(header)
+    assert unpack(pack(header)) == header
+
+
+@pytest.mark.parametrize("raw", [b"", b"\xc1", b"\x91" * 100000 + b"\x01", b"\x81\x81\x01\x02\x03",
+                                 b"\xdd\xff\xff\xff\xff", b"\x81\xa2op\xc0", b"\x92\x01\x02"],
+                         ids=["empty", "reserved byte", "deep", "map key", "huge array", "nil op", "array"])
+def test_undecodable_headers_raise_value_error(raw: bytes) -> None:
+    from stml.api import unpack
+    with pytest.raises(ValueError):
+        unpack(raw)

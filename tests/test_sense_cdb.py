@@ -206,3 +206,23 @@ def test_opcode_table_usage_masks(entry):
     assert entry.usage[-1] == 0  # CONTROL byte: NACA/LINK unsupported
     if entry.sa is not None:
         assert entry.usage[1] & 0x1F == 0x1F
+
+
+def test_forbidden_bits_say_what_check_usage_refuses():
+    """The per-row mask the emulator tests a CDB against (OpEntry.forbidden)
+    flags exactly the bits check_usage refuses, in every byte but the opcode."""
+    for entry in DiskTemplate().entries:
+        n = len(entry.usage)
+        for i in range(1, n):
+            for bit in range(8):
+                cdb = bytearray(n)
+                cdb[0], cdb[i] = entry.opcode, 1 << bit
+                flagged = bool(int.from_bytes(cdb, "big") & entry.forbidden)
+                try:
+                    check_usage(bytes(cdb), entry.usage)
+                    refused = False
+                except CheckCondition as e:
+                    refused = True
+                    assert (e.field.byte, e.field.bit) == (i, bit)
+                assert flagged == refused, (entry.name, i, bit)
+        assert not int.from_bytes(entry.usage, "big") & entry.forbidden   # what usage allows passes
