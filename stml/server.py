@@ -586,8 +586,10 @@ class StmlServer(TapPoint):
                 self.emulator.out.mgmt_reply(ident, header["id"], False, error=error)
         elif op == _MGMT:
             self.mgmt.handle(ident, header)
-        else:
+        elif ident in self.emulator.front_ends:   # a front end's portals, nobody else's (review 4)
             self.portals.report(ident, header)
+        else:
+            log.warning("ignored portal_state from %s: not a registered front end", ident.hex())
 
     def _admit(self, ident: bytes, header: dict[str, Any]) -> bool:
         """Whether this peer may send this register or mgmt (stml.roles); a

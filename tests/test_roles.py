@@ -241,3 +241,21 @@ def test_a_zeromq_peer_cannot_pass_for_a_stream_front_end(roles_stml, keys, clie
     assert _acl(roles_stml.endpoint) == [victim]
     assert c.read(0, 0, 1) == before
     roles_stml.current.wait_log("routing id 0073747265616d2d31 is reserved")
+
+
+def test_portal_state_only_from_a_registered_front_end(stml_factory):
+    """Only a front end reports which portals it listens on: an unregistered
+    peer's report is ignored with a line, not kept (review 4)."""
+    stml = stml_factory("ram:4MiB")
+    peer = RawFrontEnd(stml.endpoint)
+    try:
+        peer.send({"op": "portal_state", "follows": True,
+                   "portals": [{"host": "127.0.0.1", "port": 3260, "tpgt": 1, "listening": True}]})
+        stml.current.wait_log("ignored portal_state from")
+        peer.register()
+        peer.send({"op": "portal_state", "follows": True, "portals": []})
+        peer.send({"op": "mgmt", "id": 1, "cmd": "target_list", "args": {}})   # (refused: a front end)
+        assert peer.expect("mgmt_reply")[0]["ok"] is False
+    finally:
+        peer.close()
+    assert stml.current.log().count("ignored portal_state from") == 1

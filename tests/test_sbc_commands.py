@@ -156,3 +156,27 @@ def test_write_gate_exclusive_waits_for_shared_and_blocks_new():
         await asyncio.gather(t1, t2, t3)
         assert order == ["a+", "a-", "X+", "X-", "b+", "b-"]
     run(go())
+
+
+def test_reads_and_writes_past_the_advertised_maximum_transfer_are_refused():
+    """What VPD 0xB0 advertises as the MAXIMUM TRANSFER LENGTH is what the
+    READ and WRITE checks enforce (they compute it in place, for speed): that
+    many blocks pass, one more is INVALID FIELD IN CDB on the length field."""
+    async def main() -> None:
+        h = Harness([LunOptions("ram", size=64 << 20)])
+        vpd = await h.cmd(bytes([0x12, 1, 0xB0, 0, 64, 0]), alloc=64)
+        most = int.from_bytes(vpd.data[8:12], "big")
+        assert vpd.status == 0 and most > 0
+        for cdb_of, field in ((lambda n: bytes([0x88, 0]) + (0).to_bytes(8, "big") + n.to_bytes(4, "big") + b"\0\0", 10),
+                              (lambda n: bytes([0x28, 0, 0, 0, 0, 0, 0]) + n.to_bytes(2, "big") + b"\0", 7)):
+            if most + 1 >= 1 << (8 * (4 if field == 10 else 2)):
+                continue   # the field cannot say one more
+            ok = await h.cmd(cdb_of(most), alloc=most * 512)
+            assert ok.status == 0 and len(ok.data) == most * 512
+            over = await h.cmd(cdb_of(most + 1), alloc=(most + 1) * 512)
+            assert over.key_asc == (0x05, 0x24, 0x00) and over.field == (field, None)
+        data = bytes((most + 1) * 512)
+        over = await h.cmd(bytes([0x8A, 0]) + (0).to_bytes(8, "big") + (most + 1).to_bytes(4, "big") + b"\0\0",
+                           data=data)
+        assert over.key_asc == (0x05, 0x24, 0x00) and over.field == (10, None)
+    run(main())

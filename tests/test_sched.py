@@ -67,6 +67,27 @@ def test_simple_tasks_run_together(policy):
     run(main())
 
 
+def test_at_once_only_while_every_task_is_simple():
+    """FIFO's shortcut (the emulator then skips enter): a task starts at once
+    only while the LU holds nothing but SIMPLE tasks, the task itself counted;
+    the fair policy never takes it (its enter() keeps the books)."""
+    fifo, fair = POLICIES["fifo"](), POLICIES["fair"]()
+    a, o, b, h = FakeTask("a", S), FakeTask("o", O), FakeTask("b", S), FakeTask("h", H)
+    fifo.add(a)
+    assert fifo.at_once(a)
+    fifo.add(o)
+    assert not fifo.at_once(o)                  # itself ORDERED
+    fifo.add(b)
+    assert not fifo.at_once(b)                  # an ORDERED one is in the set
+    fifo.remove(o)
+    assert fifo.at_once(b)
+    fifo.add(h)
+    assert not fifo.at_once(h)                  # HEAD OF QUEUE goes through enter() too
+    for t in (a, b, h):
+        fair.add(t)
+        assert not fair.at_once(t)
+
+
 def test_ordered_waits_for_older_tasks(policy):
     async def main():
         ts = policy()
