@@ -259,3 +259,29 @@ def test_portal_state_only_from_a_registered_front_end(stml_factory):
     finally:
         peer.close()
     assert stml.current.log().count("ignored portal_state from") == 1
+
+
+def test_a_front_end_refused_by_one_of_its_stmls_goes_on_to_the_next(stml_factory, tmp_short, keys):
+    """With several STMLs (gateways), one refusing (here: it lists the key as a
+    manager's) sends the front end to the next, which takes it: the refusal
+    ends the front end only once every STML has refused (review 4)."""
+    d = tmp_short()
+    tcp_a, tcp_b = (f"tcp://127.0.0.1:{free_port()}" for _ in range(2))
+    a = stml_factory(data_dir=d / "a", extra=("--config", str(_config(d / "a.toml", keys, tcp_a, [],
+                                                                         [str(keys / "fe.key")]))))
+    b = stml_factory(data_dir=d / "b", extra=("--config", str(_config(d / "b.toml", keys, tcp_b,
+                                                                         [str(keys / "fe.key")], []))))
+    for s in (a, b):
+        s.current.wait_line(r"stml: listening on tcp://")
+    fetd = subprocess.Popen([sys.executable, "-m", "fetd_tcp", "--stml", tcp_a, "--stml", tcp_b, "--portal",
+                             f"127.0.0.1:{free_port()}", "--stml-key", str(keys / "stml.key"),
+                             "--key", str(keys / "fe.key_secret"), "--log-level", "warning"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        b.current.wait_log("(iscsi) registered")
+        a.current.wait_log("registration refused: this peer is a manager")
+        assert fetd.poll() is None
+    finally:
+        fetd.terminate()
+        _, err = fetd.communicate(timeout=30)
+    assert "refused this front end (registration refused: this peer is a manager" in err

@@ -102,6 +102,9 @@ class FrontEndLink(TapPoint):
     # attributes than before (past 30, CPython 3.11 stops sharing the instance
     # dict's keys and every attribute read on the command path costs more)
     read_at = 0    # when the read that brought the commands in hand began (0: now)
+    # the endpoints that refused us since we last registered (several endpoints only):
+    # the refusal is final once all have
+    _refused: dict[str, str] | None = None
     timing = False
     _done_ts: list[int]   # when each response of _done was delivered (set while timed)
 
@@ -579,6 +582,15 @@ class FrontEndLink(TapPoint):
             self._next_endpoint()
             return
         if header.get("error"):
+            if len(self.endpoints) > 1:   # gateways: another may take us (e.g. mid-upgrade)
+                refused = self._refused or {}
+                refused[self.endpoint] = header["error"]
+                self._refused = refused
+                if len(refused) < len(self.endpoints):
+                    log.warning("STML at %s refused this front end (%s): asking the next",
+                                self.endpoint, header["error"])
+                    self._next_endpoint()
+                    return
             raise RegistrationRefused(header["error"])
         try:
             detect = Detect.from_header(header)
@@ -586,6 +598,7 @@ class FrontEndLink(TapPoint):
             log.warning("refused a detect from the STML: a target, LUN or portal is malformed (%s: %s)",
                         type(e).__name__, e)
             return
+        self.__dict__.pop("_refused", None)   # (an instance attribute only after a refusal)
         self.caps = frozenset(header.get("caps") or ())
         if (Cap.TIMING in self.caps) != self.timing:
             self._set_timing(not self.timing)
