@@ -386,7 +386,9 @@ class FrontEndLink(TapPoint):
     def _open_zmq(self) -> None:
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.ROUTING_ID, f"{self.name}-{uuid.uuid4().hex[:8]}".encode())
+        # 122 random bits (uuid4): a peer that cannot learn the id cannot take it over once
+        # this connection is gone (ids are at most 255 bytes)
+        sock.setsockopt(zmq.ROUTING_ID, f"{self.name[:200]}-{uuid.uuid4().hex}".encode())
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.RCVHWM, 0)
         if self.curve:
