@@ -38,8 +38,9 @@ def max_write_same(task: Task) -> int:
 
 
 def unmap_granularity(lu: LogicalUnit) -> int:
-    size = getattr(lu.backend, "discard_granularity", 4096)
-    return max(1 << lbppbe(lu), size // lu.block_size)
+    """The backend's granularity in blocks, or 0 (not reported) if it has none."""
+    size = getattr(lu.backend, "discard_granularity", 0)
+    return max(1 << lbppbe(lu), size // lu.block_size) if size else 0
 
 
 def _ascii(s: str, n: int) -> bytes:
@@ -133,8 +134,10 @@ def vpd_block_limits(lu: LogicalUnit, task: Task) -> bytes:
     if lbp:
         struct.pack_into(">I", body, 16, MAX_UNMAP_LBA_COUNT)
         struct.pack_into(">I", body, 20, MAX_UNMAP_DESCRIPTORS)
-        struct.pack_into(">I", body, 24, unmap_granularity(lu))
-        struct.pack_into(">I", body, 28, 0x80000000)            # UGAVALID, alignment 0
+        granularity = unmap_granularity(lu)
+        struct.pack_into(">I", body, 24, granularity)
+        if granularity:
+            struct.pack_into(">I", body, 28, 0x80000000)        # UGAVALID, alignment 0
     struct.pack_into(">Q", body, 32, max_write_same(task))
     struct.pack_into(">I", body, 40, mb)                        # maximum atomic transfer length
     # atomic alignment 0, granularity 0, no atomic boundary support

@@ -93,6 +93,7 @@ KIND_OF_MODULE = {
     "test_target_reset.py": "unit",
     "test_thin.py": "unit",
     "test_timing.py": "unit",
+    "test_thin_reads.py": "process",
     "test_trace.py": "process",
     "test_types.py": "process",
     "test_vhost_core.py": "unit",
