@@ -12,17 +12,15 @@
 
 Both targets get an equivalent LUN: a 1 GiB file in /dev/shm (same backing
 kind and size), filled with data first, and ours thick (no logical block
-provisioning, as tgtd): on a thin LUN qemu asks GET LBA STATUS before reads
-of 32 KiB and more and returns zeros for unmapped ranges without reading,
-which would measure nothing. `--thin` measures what that leaves out, the
-default thin LUN as a VM leaves it: a sparse file on disk (beside the
-default data dir's kind of file system), fragmented by 50,000 scattered
-4 KiB writes through the target, then read in 64 KiB pieces, which qemu
-precedes with GET LBA STATUS; tgtd gets the same sparse file with its thin
-provisioning turned on (it answers GET LBA STATUS from SEEK_DATA/SEEK_HOLE
-too) and the same writes. Workloads run through qemu-img bench (qemu's iSCSI driver,
-libiscsi), alternating A B A B so drift on a shared machine cancels out; the
-table shows medians of per-round ratios to tgtd. Nothing is installed:
+provisioning, as tgtd). `--thin` measures the default thin LUN as a VM leaves
+it: a sparse file on disk (beside the default data dir's kind of file
+system), fragmented by 50,000 scattered 4 KiB writes through the target,
+then read in 64 KiB pieces; tgtd gets the same sparse file with its thin
+provisioning turned on and the same writes. (qemu would precede each read
+with GET LBA STATUS if the LUN reported an optimal unmap granularity of 4 KiB
+or more; neither does, decision 0820.) Workloads run through qemu-img bench
+(qemu's iSCSI driver, libiscsi), alternating A B A B so drift on a shared
+machine cancels out; the table shows medians of per-round ratios to tgtd. Nothing is installed:
 `apt-get install tgt qemu-utils qemu-block-extra` first. A PNG chart is
 written when matplotlib is importable (`pip install -e '.[bench]'`).
 
