@@ -121,10 +121,15 @@ _decode = msgspec.msgpack.Decoder().decode
 
 
 def unpack(frame: bytes | memoryview) -> dict[str, Any]:
-    """Decode a header; raises ValueError for anything that is not a map with an op."""
+    """Decode a header; raises ValueError for anything that is not a map with an op.
+    msgspec decodes some input msgpack's decoder refused or kept opaque: an
+    array as a map key (a tuple), Ext types (msgspec.msgpack.Ext), the
+    Timestamp ext (a datetime). They pass here; the table's check (check,
+    Message.verdict) refuses them where a field belongs, and a key beside the
+    fields is ignored like any the table does not name."""
     try:
         header = _decode(frame)
-    except Exception as e:  # DecodeError, and RecursionError for a deep nesting
+    except Exception as e:  # msgspec.DecodeError (malformed, unhashable key), RecursionError (deep)
         raise ValueError(f"undecodable header: {e}") from None
     if not isinstance(header, dict) or not isinstance(header.get("op"), str):
         raise ValueError("header is not a map with an 'op'")
