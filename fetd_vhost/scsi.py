@@ -110,6 +110,13 @@ def cdb_length(cdb: bytes) -> int:
     return n or min(8 + cdb[7], CDB_SIZE)
 
 
+def link_cdb(cdb: bytes) -> bytes:
+    """The CDB for rx_cmnd: one of up to 16 bytes padded to 16, as iSCSI
+    carries it (the STML trims it by its opcode: stml.cdb.trim_cdb), so the
+    link packs the header in its fixed layout; a longer one as long as it is."""
+    return cdb[:max(cdb_length(cdb), 16)]
+
+
 def decode_lun(raw: bytes) -> tuple[int, int] | None:
     """(target, LUN) of virtio-scsi's LUN field (1, target, LUN in single-level
     peripheral or flat addressing, zeros), None when it is not that form."""
@@ -343,7 +350,7 @@ class VirtioScsiDevice:
         self.by_guest_tag[(req.lun, guest_tag)] = tag
         unsol = min(data_out, self.max_unsol)
         data, shared = self._gather(req, 0, unsol)
-        self.port.rx_cmnd(tag, req.lun, cdb[:cdb_length(cdb)], attr, int(direction), req.length,
+        self.port.rx_cmnd(tag, req.lun, link_cdb(cdb), attr, int(direction), req.length,
                           unsol, data)
         if shared is not None:
             self.port.release(shared)   # sent: the STML holds it now, until its command ends

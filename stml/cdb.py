@@ -17,11 +17,6 @@ GROUP_LEN = {0: 6, 1: 10, 2: 10, 4: 16, 5: 12}
 _LENGTH: tuple[int | None, ...] = tuple(GROUP_LEN.get(op >> 5) for op in range(256))
 
 
-def cdb_length(opcode: int) -> int | None:
-    """Length of a CDB from its opcode's group code; None for reserved/vendor groups."""
-    return _LENGTH[opcode]
-
-
 def trim_cdb(cdb: bytes) -> bytes:
     """The CDB without transport padding (iSCSI always carries 16 bytes), so
     handlers can tell READ(10) from READ(16) by length."""

@@ -119,7 +119,11 @@ class Management:
                 and not cmd.endswith(("_list", "_show", "_diff")):
             log.info("management: %s %s", cmd, {k: v for k, v in (h.get("args") or {}).items()
                                                  if k != "secret"}, extra=audit())
-        self.em.out.mgmt_reply(ident, rid, ok, result, error)
+        try:
+            self.em.out.mgmt_reply(ident, rid, ok, result, error)
+        except (TypeError, OverflowError) as e:   # a result the codec cannot pack: the client still hears
+            log.error("management command %s: its result cannot be sent: %s", cmd, e)
+            self.em.out.mgmt_reply(ident, rid, False, None, f"internal error: the result cannot be sent: {e}")
 
     # ------------------------------------------------------------ helpers
     def _target(self, name: str | None) -> Target:

@@ -382,3 +382,38 @@ def test_killed_front_end_is_released_and_others_are_served(stml, client_factory
     assert other.read(0, 120000, 8) == b"\xab" * 4096
     other.write(0, 120008, b"\xcd" * 512)
     assert other.read(0, 120008, 1) == b"\xcd" * 512
+
+
+def test_headers_only_msgspec_decodes_are_refused_by_the_table(stml, raw_fe):
+    """msgspec decodes what msgpack's decoder refused or kept opaque: array map
+    keys (as tuples), Ext types (as msgspec Ext) and the Timestamp ext (as a
+    datetime). The table's check refuses them where a field belongs, with a log
+    line (a command that names its task gets CHECK CONDITION), and the STML
+    serves on; a key of another type beside the fields is ignored like any
+    field the table does not name."""
+    fe = raw_fe(stml.endpoint)
+    fe.register()
+    fe.nexus()
+    ext, stamp = msgpack.ExtType(5, b"\x01"), msgpack.Timestamp(1, 0)
+    cmnd = {"op": "rx_cmnd", "nexus": 1, "lun": 0, "cdb": TUR}
+
+    def raw(header: dict) -> bytes:
+        return msgpack.packb(header, use_bin_type=True)   # tuples: msgpack arrays, keys too
+
+    fe.send_raw(raw({"op": stamp, "tag": 1}))
+    fe.send_raw(raw({"op": ext, "tag": 1}))
+    fe.send_raw(raw({**cmnd, "tag": ext}))
+    fe.send_raw(raw({"op": "register_nexus", (1, 2): 2, "initiator": "i", "target": DEFAULT_IQN, "tpg": 1}))
+    fe.send_raw(raw({**cmnd, "tag": 3, "lun": stamp}))
+    h, _ = fe.expect("xmit_response")
+    assert (h["tag"], h["status"], parse_sense(h["sense"])) == (3, 0x02, (0x05, 0x25, 0x00))
+    fe.send_raw(raw({**cmnd, "tag": 4, (0, 1): b"x"}))
+    h, _ = fe.expect("xmit_response")
+    assert (h["tag"], h["status"]) == (4, 0)
+    assert stml.alive(), stml.log()
+    log = stml.log()
+    assert log.count("header is not a map with an 'op'") == 2
+    assert "malformed rx_cmnd: tag is Ext, not int: refused" in log
+    assert "malformed register_nexus: nexus is missing: refused" in log
+    assert "malformed rx_cmnd: lun is datetime, not int: refused" in log
+    assert_serving(stml, raw_fe)

@@ -210,6 +210,55 @@ def test_a_front_end_refuses_malformed_messages_with_a_log_line(tmp_path: Path, 
     ]
 
 
+
+def test_a_front_end_refuses_what_only_msgspec_decodes(tmp_path: Path, caplog) -> None:
+    """Headers msgpack's decoder refused or kept opaque, which msgspec decodes
+    (array map keys as tuples, Ext types, the Timestamp ext as a datetime),
+    sent as raw msgpack bytes: FrontEndLink refuses each where a field belongs
+    with a log line and goes on; a key of another type beside the fields is
+    ignored like any field the table does not name."""
+    import struct
+
+    import msgpack
+    caplog.set_level(logging.WARNING, logger="stml.api")
+    ext, stamp = msgpack.ExtType(5, b"\x01"), msgpack.Timestamp(1, 0)
+
+    async def main() -> None:
+        stml = FakeStml(str(tmp_path / "stml"), version=(1, 3), close_on_control=False)
+        handler = Recorder()
+        link = FrontEndLink(stml.endpoint, "test", handler)
+        link.start()
+
+        def send_raw(header: dict[Any, Any]) -> None:
+            raw = msgpack.packb(header, use_bin_type=True)   # tuples: msgpack arrays, keys too
+            assert stml.conn is not None
+            stml.conn.sendall(struct.pack("<2I", 1, len(raw)) + raw)
+
+        try:
+            await link.wait_ready(10)
+            send_raw({"op": stamp, "tag": 1})
+            send_raw({"op": ext, "tag": 1})
+            send_raw({"op": "xmit_response", "tag": ext, "status": 0})
+            send_raw({"op": "rdy_to_xfer", "tag": 1, "offset": 0, "length": stamp})
+            send_raw({"op": "nexus_ready", (1, 2): 1})
+            send_raw({"op": "rdy_to_xfer", "tag": 3, "offset": 0, "length": 512, (0, 1): ext})
+            await until(lambda: any(c[0] == "rdy_to_xfer" for c in handler.calls), "rdy_to_xfer")
+            assert [c for c in handler.calls if c[0] != "detect"] == [("rdy_to_xfer", (3, 0, 512))]
+        finally:
+            await link.close()
+            stml.close()
+
+    asyncio.run(main())
+    refused = [r.getMessage() for r in caplog.records if "refused a message from the STML" in r.getMessage()]
+    assert refused == [
+        "refused a message from the STML: header is not a map with an 'op'",
+        "refused a message from the STML: header is not a map with an 'op'",
+        "refused a message from the STML: malformed xmit_response: tag is Ext, not int",
+        "refused a message from the STML: malformed rdy_to_xfer: length is datetime, not int",
+        "refused a message from the STML: malformed nexus_ready: nexus is missing",
+    ]
+
+
 HEADERS = [   # one of each shape the contract sends: ints of every width, bin, str, nil, lists, maps
     {"op": "rx_cmnd", "tag": 7, "nexus": 1, "lun": 300, "cdb": bytes(16), "attr": 0, "dir": 2,
      "len": 1 << 20, "unsol": 0, "ts": [2 ** 63 - 1, 0]},

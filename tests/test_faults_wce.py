@@ -9,7 +9,6 @@ state the kill left behind, and the second shows the writers resumed."""
 from __future__ import annotations
 
 import os
-import random
 import signal
 import threading
 import time
@@ -17,7 +16,7 @@ import time
 import pytest
 
 from support import fuzzgen as G
-from support.faults import BS, UNIT, block, read_all
+from support.faults import BS, UNIT, ReconnectingWriter, block, read_all
 from support.procs import children_by_module, free_port
 from support.rawiscsi import RawInitiator
 from support.target import IQN, Target
@@ -80,57 +79,37 @@ class CacheLog:
         return checked
 
 
-class SyncingWriter(threading.Thread):
-    """4-block writes to its own LBAs with a SYNCHRONIZE CACHE every SYNC_EVERY writes;
-    reconnects whenever the target goes away."""
+class SyncingWriter(ReconnectingWriter):
+    """4-block writes to its own LBAs with a SYNCHRONIZE CACHE every SYNC_EVERY writes."""
+
+    prefix = "wc"
 
     def __init__(self, portal: str, wid: int, clog: CacheLog, stop: threading.Event,
                  region: list[int]) -> None:
-        super().__init__(daemon=True)
-        self.portal, self.wid, self.clog, self.stop, self.region = portal, wid, clog, stop, region
-        self.good = self.errors = self.syncs = 0
-        self.synced_acks = 0
+        super().__init__(portal, wid, stop)
+        self.clog, self.region = clog, region
+        self.syncs = self.synced_acks = 0
+        self.touched: set[int] = set()   # LBAs written since this writer's last GOOD sync
 
     def base(self) -> int:
         return self.wid * 2 * REGION + self.region[0] * REGION
 
-    def run(self) -> None:
-        rnd = random.Random(self.wid)
-        seq = 0
-        ini = None
-        touched: set[int] = set()
-        while not self.stop.is_set():
-            try:
-                if ini is None:
-                    ini = RawInitiator(*G.host_port(self.portal), timeout=5,
-                                       initiator=f"iqn.2026-11.org.test:wc{self.wid}")
-                    if ini.login(IQN).status_class != 0:
-                        raise ConnectionError("login refused")
-                    ini.command(bytes(6))
-                seq += 1
-                if seq % SYNC_EVERY == 0:
-                    covered = set(touched)
-                    status, sense, _ = ini.command(SYNC_CACHE10)
-                    assert status == 0, (status, sense)
-                    self.synced_acks += self.clog.synced(covered)
-                    touched -= covered
-                    self.syncs += 1
-                    continue
-                lba = self.base() + rnd.randrange(0, 200, UNIT)
-                blocks = [block(lba + i, f"wc{self.wid}.{seq}") for i in range(UNIT)]
-                touched.update(range(lba, lba + UNIT))
-                entries = self.clog.begin(lba, blocks)
-                ini.write16(lba, b"".join(blocks))
-                self.clog.good(entries)
-                self.good += 1
-            except (OSError, AssertionError, ValueError):
-                self.errors += 1
-                if ini is not None:
-                    ini.close()
-                ini = None
-                time.sleep(0.1)
-        if ini is not None:
-            ini.close()
+    def step(self, ini: RawInitiator) -> None:
+        if self.seq % SYNC_EVERY == 0:
+            covered = set(self.touched)
+            status, sense, _ = ini.command(SYNC_CACHE10)
+            assert status == 0, (status, sense)
+            self.synced_acks += self.clog.synced(covered)
+            self.touched -= covered
+            self.syncs += 1
+            return
+        lba = self.base() + self.rnd.randrange(0, 200, UNIT)
+        blocks = [block(lba + i, f"wc{self.wid}.{self.seq}") for i in range(UNIT)]
+        self.touched.update(range(lba, lba + UNIT))
+        entries = self.clog.begin(lba, blocks)
+        ini.write16(lba, b"".join(blocks))
+        self.clog.good(entries)
+        self.good += 1
 
 
 @pytest.fixture

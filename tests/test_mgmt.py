@@ -271,3 +271,46 @@ def test_session_drop(config):
         assert "session drop" in t.log() or "dropped" in t.log()
     finally:
         t.stop()
+
+
+@pytest.mark.parametrize("value", [2 ** 64, "tomlkit"], ids=["int past 64 bits", "tomlkit String"])
+def test_a_result_the_codec_cannot_pack_is_answered_with_an_error(value, caplog) -> None:
+    """A command whose result msgspec refuses to pack still gets a reply,
+    ok=False with a one-line error, logged; the next request is answered."""
+    import asyncio
+    import logging
+    from types import SimpleNamespace
+
+    import tomlkit
+
+    from stml.api import pack, unpack
+    from stml.api.link import StmlSender
+    from stml.mgmt import Management
+
+    result = tomlkit.string("x") if value == "tomlkit" else value
+    sent: list[dict] = []
+
+    def transport(ident: bytes, header: dict, frames: list) -> None:
+        sent.append(unpack(pack(header)))   # what the carriers do: pack, then send
+
+    engine = SimpleNamespace(out=StmlSender(transport))
+    m = Management(engine, None, gateway=None, metrics=None, portals=None,   # type: ignore[arg-type]
+                   endpoints=[], traces=None)   # type: ignore[arg-type]
+
+    async def odd() -> object:
+        return {"value": result}
+
+    async def fine() -> object:
+        return {"value": 1}
+
+    m._cmds.update(odd=odd, fine=fine)
+    caplog.set_level(logging.ERROR, logger="stml.mgmt")
+    asyncio.run(m._answer(b"peer", {"op": "mgmt", "id": 7, "cmd": "odd"}))
+    asyncio.run(m._answer(b"peer", {"op": "mgmt", "id": 8, "cmd": "fine"}))
+    assert [(r["id"], r["ok"]) for r in sent] == [(7, False), (8, True)]
+    prefix = "internal error: the result cannot be sent: "
+    detail = sent[0]["error"].removeprefix(prefix)
+    assert sent[0]["error"] == prefix + detail and detail and "\n" not in detail
+    assert sent[1]["result"] == {"value": 1}
+    assert [r.getMessage() for r in caplog.records] == [
+        f"management command odd: its result cannot be sent: {detail}"]

@@ -240,10 +240,51 @@ def test_write_data_past_the_stml_limit_waits_for_it_to_ask(ring):
     dq.publish(kick=False)
     dev.process(vq)
     (kind, tag, _, cdb, unsol, sent), = port.calls
-    assert (kind, cdb, unsol, sent) == ("cmd", write10(0, 512), 64 << 10, 64 << 10)
+    assert (kind, cdb, unsol, sent) == ("cmd", write10(0, 512).ljust(16, b"\0"), 64 << 10, 64 << 10)
     dev.rdy_to_xfer(tag, 64 << 10, 192 << 10)
     dev.rdy_to_xfer(tag, 200 << 10, 1 << 30)         # more than there is: only what there is
     assert port.calls[1:] == [("data", tag, 64 << 10, 192 << 10), ("data", tag, 200 << 10, 56 << 10)]
+
+
+def test_rx_cmnd_headers_take_the_links_fixed_layout(ring):
+    """Every CDB of up to 16 bytes reaches the link padded to 16, as iSCSI
+    carries it, so FrontEndLink packs rx_cmnd in its fixed layout; the header
+    decodes to the command's fields, passes the STML's check, and the STML's
+    trim (stml.cdb.trim_cdb) reads back the guest's CDB. A variable-length CDB
+    past 16 bytes goes as long as it is (packed from the dict)."""
+    from fetd_vhost.server import _Port
+    from stml.api import FrontEndLink
+    from stml.api.link import _RX_CMND_FIXED
+    from stml.api.messages import TO_STML, Op, unpack
+    from stml.cdb import trim_cdb
+
+    sent: list[list] = []
+
+    class Channel:
+        def send(self, frames: list) -> None:
+            sent.append(frames)
+
+    link = FrontEndLink("ipc:///nonexistent/vhost", "vhost", Port())   # type: ignore[arg-type]
+    link._channel = Channel()   # type: ignore[assignment]
+    dq, vq, _ = ring
+    dev = device(vq, _Port(link, 3))   # type: ignore[arg-type]
+    cdbs = [bytes(6), bytes([0x12, 0, 0, 0, 96, 0]), write10(7, 8),
+            struct.pack(">BBIIBB", 0xA8, 0, 7, 8, 0, 0), struct.pack(">BBQIBB", 0x88, 0, 1 << 40, 8, 0, 0),
+            bytes([0x7F] + [0] * 6 + [24]) + bytes(range(1, 25))]
+    for tag, cdb in enumerate(cdbs, 1):
+        scsi_request(dq, cdb, tag=tag)
+    dq.publish(kick=False)
+    dev.process(vq)
+    assert len(sent) == len(cdbs)
+    for cdb, frames in zip(cdbs, sent):
+        header = unpack(frames[0])
+        assert TO_STML[Op.RX_CMND].verdict(header) is None
+        assert trim_cdb(header["cdb"]) == cdb
+        assert len(header["cdb"]) == max(16, len(cdb))
+        assert {k: header[k] for k in ("nexus", "lun", "attr", "dir", "len", "unsol")} == \
+            {"nexus": 3, "lun": 0, "attr": 0, "dir": 0, "len": 0, "unsol": 0}
+        assert (len(frames[0]) == _RX_CMND_FIXED.size) == (len(cdb) <= 16)
+    assert len({unpack(frames[0])["tag"] for frames in sent}) == len(cdbs)
 
 
 class SharingPort(Port):

@@ -114,17 +114,23 @@ class TmfResponse(enum.IntEnum):
 # writes, byte for byte, at a third of the cost per header both ways (its
 # decoder reads map keys through a cache of short strings; msgpack's makes and
 # interns a new str per key). Its bound methods themselves: a Python function
-# around them cost a frame per message. Shared by threads safely: encode and
-# decode run whole under the GIL (headers hold no type that calls Python code).
+# around them cost a frame per message. Shared by threads safely: msgspec made
+# every Encoder/Decoder method threadsafe in 0.15.0 (its changelog; PR #402,
+# issue #401); pyproject asks for >= 0.18.
 pack: Callable[[dict[str, Any]], bytes] = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder().decode
 
 
 def unpack(frame: bytes | memoryview) -> dict[str, Any]:
-    """Decode a header; raises ValueError for anything that is not a map with an op."""
+    """Decode a header; raises ValueError for anything that is not a map with an op.
+    msgspec decodes some input msgpack's decoder refused or kept opaque: an
+    array as a map key (a tuple), Ext types (msgspec.msgpack.Ext), the
+    Timestamp ext (a datetime). They pass here; the table's check (check,
+    Message.verdict) refuses them where a field belongs, and a key beside the
+    fields is ignored like any the table does not name."""
     try:
         header = _decode(frame)
-    except Exception as e:  # DecodeError, and RecursionError for a deep nesting
+    except Exception as e:  # msgspec.DecodeError (malformed, unhashable key), RecursionError (deep)
         raise ValueError(f"undecodable header: {e}") from None
     if not isinstance(header, dict) or not isinstance(header.get("op"), str):
         raise ValueError("header is not a map with an 'op'")

@@ -50,33 +50,34 @@ class WriteLog:
         return checked
 
 
-class IscsiWriter(threading.Thread):
-    """Writes 4-block units to its own LBA range, reconnecting whenever the target goes away."""
+class ReconnectingWriter(threading.Thread):
+    """Runs step() on a logged-in session until `stop`; whenever the target goes
+    away (any failure) it counts an error, waits a little and logs in again.
+    `seq` counts steps (a unique tag for each write's blocks)."""
 
-    def __init__(self, portal: str, wid: int, wlog: WriteLog, stop: threading.Event) -> None:
+    prefix = "w"   # of its initiator name, one per writer kind
+
+    def __init__(self, portal: str, wid: int, stop: threading.Event) -> None:
         super().__init__(daemon=True)
-        self.portal, self.wid, self.wlog, self.stop = portal, wid, wlog, stop
-        self.good = self.errors = 0
+        self.portal, self.wid, self.stop = portal, wid, stop
+        self.good = self.errors = self.seq = 0
+        self.rnd = random.Random(wid)
+
+    def step(self, ini: RawInitiator) -> None:
+        raise NotImplementedError
 
     def run(self) -> None:
-        rnd = random.Random(self.wid)
-        seq = 0
         ini = None
         while not self.stop.is_set():
             try:
                 if ini is None:
                     ini = RawInitiator(*G.host_port(self.portal), timeout=5,
-                                       initiator=f"iqn.2026-11.org.test:w{self.wid}")
+                                       initiator=f"iqn.2026-11.org.test:{self.prefix}{self.wid}")
                     if ini.login(IQN).status_class != 0:
                         raise ConnectionError("login refused")
                     ini.command(bytes(6))
-                lba = self.wid * 1000 + rnd.randrange(0, 200, UNIT)
-                seq += 1
-                blocks = [block(lba + i, f"{self.wid}.{seq}") for i in range(UNIT)]
-                self.wlog.begin(lba, blocks)
-                ini.write16(lba, b"".join(blocks))
-                self.wlog.good(lba, blocks)
-                self.good += 1
+                self.seq += 1
+                self.step(ini)
             except (OSError, AssertionError, ValueError):
                 self.errors += 1
                 if ini is not None:
@@ -85,6 +86,22 @@ class IscsiWriter(threading.Thread):
                 time.sleep(0.1)
         if ini is not None:
             ini.close()
+
+
+class IscsiWriter(ReconnectingWriter):
+    """Writes 4-block units to its own LBA range."""
+
+    def __init__(self, portal: str, wid: int, wlog: WriteLog, stop: threading.Event) -> None:
+        super().__init__(portal, wid, stop)
+        self.wlog = wlog
+
+    def step(self, ini: RawInitiator) -> None:
+        lba = self.wid * 1000 + self.rnd.randrange(0, 200, UNIT)
+        blocks = [block(lba + i, f"{self.wid}.{self.seq}") for i in range(UNIT)]
+        self.wlog.begin(lba, blocks)
+        ini.write16(lba, b"".join(blocks))
+        self.wlog.good(lba, blocks)
+        self.good += 1
 
 
 def read_all(portal: str) -> RawInitiator:

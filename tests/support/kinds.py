@@ -144,6 +144,7 @@ KIND_OF_TEST = {
     "test_limits.py::test_world_readable_config_with_secrets_draws_a_warning": "unit",
     "test_metrics.py::test_counter_sets_exist_only_for_real_lus_and_live_sessions": "process",
     "test_metrics.py::test_status_counters_and_prometheus": "process",
+    "test_mgmt.py::test_a_result_the_codec_cannot_pack_is_answered_with_an_error": "unit",
     "test_operations.py::test_a_data_dir_that_cannot_be_written_is_one_line_and_exit_2": "system",
     "test_operations.py::test_a_stale_socket_is_known_without_a_zeromq_round_trip": "unit",
     "test_pdu_framer.py::test_command_pipelined_behind_the_last_login_request": "process",
