@@ -257,7 +257,13 @@ class FileBackend:
         return os.fstat(self._fd).st_blocks * 512
 
     def close(self) -> None:
-        os.close(self._fd)
+        """The descriptor becomes -1 before its number is given back: a call
+        that comes after (a bug, which the STML's removal rules out) fails with
+        EBADF instead of reaching whatever file is opened next under that
+        number. Closing twice is a no-op."""
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
 
 
 class _Changing:

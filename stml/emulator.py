@@ -793,10 +793,19 @@ class Emulator:
     async def abort_tasks(self, lu: LogicalUnit, keys: set[str], by: Task) -> None:
         """PREEMPT AND ABORT: the LU's tasks of these nexuses end with TASK
         ABORTED (another nexus aborted them); it completes once they are gone."""
-        victims = [t for t in lu.task_set.tasks.values() if t is not by and t.nexus.key in keys]
-        runners = [r for r in (self._abort(t, TASK_ABORTED) for t in victims) if r is not None]
+        runners = self._abort_all([t for t in lu.task_set.tasks.values() if t is not by and t.nexus.key in keys])
         if runners:
             await asyncio.wait(runners)
+
+    def abort_lu(self, lu: LogicalUnit) -> list[asyncio.Task]:
+        """The LU is being removed (it is out of its target already): every
+        task it has ends with TASK ABORTED, as if another I_T nexus aborted it
+        (TAS=1; the front end answers it and drops its later data). The
+        runners returned end once a backend call under way has ended."""
+        return self._abort_all(list(lu.task_set.tasks.values()))
+
+    def _abort_all(self, victims: list[Task]) -> list[asyncio.Task]:
+        return [r for r in (self._abort(t, TASK_ABORTED) for t in victims) if r is not None]
 
     def drop_offline_uas(self, lu: LogicalUnit, keep: set[str]) -> None:
         """Unit attentions kept for logged-out nexuses go with their
@@ -893,7 +902,9 @@ class Emulator:
         """Abort a task; with a status (TASK ABORTED) it reports that status
         instead of vanishing (tasks aborted by another I_T nexus, TAS=1)."""
         runner = task.runner
-        if runner is not None and not runner.done():
+        # once only: a second cancel would interrupt Task.io_on's wait for the
+        # backend call under way, and the task would end while the call runs
+        if runner is not None and not runner.done() and not runner.cancelling():
             task.abort_status = status
             runner.cancel()
         return runner
@@ -930,12 +941,13 @@ class Emulator:
         """The tasks of a target's LUs: every unfinished one is in its LU's task set."""
         return [task for lu in t.luns.values() for task in lu.task_set.tasks.values()]
 
-    async def _fan_out_ua(self, t: Target, asc_ascq: tuple[int, int], keys: list[str]) -> None:
-        """Establish a unit attention on every LU of a target, FANOUT_STEP at a
-        time between turns of the event loop, with asynchronous events sent
-        for the first LU only (one per nexus, not one per LU and nexus)."""
+    async def fan_out_ua(self, luns: Iterable[LogicalUnit], asc_ascq: tuple[int, int], keys: list[str]) -> None:
+        """Establish a unit attention on many LUs (a target's), FANOUT_STEP
+        nexus entries at a time between turns of the event loop, with
+        asynchronous events sent for the first LU only (one per nexus, not one
+        per LU and nexus)."""
         budget = FANOUT_STEP
-        for i, lu in enumerate(list(t.luns.values())):
+        for i, lu in enumerate(list(luns)):
             self.establish_ua(lu, asc_ascq, keys, aen=i == 0)
             budget -= len(keys) + 1
             if budget <= 0:
@@ -953,7 +965,7 @@ class Emulator:
             if resets.covered >= mine:
                 return   # a fan-out that began after this reset covered it
             upto = resets.asked
-            await self._fan_out_ua(t, POWER_ON_RESET, self.nexus_keys(t.name))
+            await self.fan_out_ua(t.luns.values(), POWER_ON_RESET, self.nexus_keys(t.name))
             resets.covered = upto
 
     def _task_mgmt(self, fe: FrontEnd, tag: int, nexus: Nexus, fn: int, lun: int, ref: int | None
@@ -1041,7 +1053,7 @@ class Emulator:
         for each in list(self.spc2_luns):
             if each.pr is not None and each.target == t.name:
                 each.pr.drop_spc2(nexus.key)
-        return TmfOutcome(TmfResponse.COMPLETE, victims, self._fan_out_ua(t, I_T_NEXUS_LOSS, [nexus.key]))
+        return TmfOutcome(TmfResponse.COMPLETE, victims, self.fan_out_ua(t.luns.values(), I_T_NEXUS_LOSS, [nexus.key]))
 
     # task management functions: the handler, and whether the function names
     # an LU (then a LUN without one is answered NO_LUN); any other: NOT_SUPPORTED

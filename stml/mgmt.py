@@ -21,7 +21,6 @@ import difflib
 import functools
 import logging
 import secrets
-import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -72,6 +71,7 @@ class Management:
         self.endpoints = endpoints
         self._lock = asyncio.Lock()   # one change at a time (config file writes in order)
         self._batch = False           # a reload: the file is the source, nothing is saved
+        self._closing: set[asyncio.Task] = set()   # removed LUs' backends waiting to close
         self._save_error: str | None = None   # the change being answered is live but unsaved
         self._cmds: dict[str, Callable] = {
             "status": self.status, "target_list": self.target_list, "target_add": self.target_add,
@@ -157,10 +157,11 @@ class Management:
         for fe in list(self.em.front_ends.values()):
             self.em.send_detect(fe)
 
-    def _ua(self, lu: LogicalUnit, asc: tuple[int, int], target: str) -> None:
-        keys = self._nexus_keys(target)
-        if keys:
-            self.em.establish_ua(lu, asc, keys)
+    async def _ua(self, luns: list[LogicalUnit], asc: tuple[int, int], target: str) -> None:
+        """A unit attention for every nexus of the target on these LUs, through
+        the engine's fan-out (as a TARGET RESET's): bounded work per turn of
+        the loop, one asynchronous event per nexus however many LUs."""
+        await self.em.fan_out_ua(luns, asc, self.em.nexus_keys(target))
 
     def _check_file(self) -> None:
         """Refuse a change when the file changed on disk since it was loaded or
@@ -533,7 +534,7 @@ class Management:
         self.config.targets = [tc for tc in self.config.targets if tc.name != t.name]
         self._redetect()
         for lu in t.luns.values():
-            asyncio.get_running_loop().create_task(self._close_when_idle(lu))
+            self._close_later(lu)
         return {"target": t.name, "saved": self._persist()}
 
     # ------------------------------------------------------------ LUNs
@@ -582,9 +583,8 @@ class Management:
         t.luns[number] = lu
         self._tc(t.name).luns.append(LunConfig(number, opts))
         self._redetect()
-        for other in t.luns.values():
-            if other is not lu:   # the new LUN was never seen: nothing about it changed
-                self._ua(other, REPORTED_LUNS_DATA_CHANGED, t.name)
+        # the new LUN was never seen: nothing about it changed
+        await self._ua([o for o in t.luns.values() if o is not lu], REPORTED_LUNS_DATA_CHANGED, t.name)
         return lu
 
     async def lun_remove(self, lun: int, target: str | None = None) -> dict[str, Any]:
@@ -593,23 +593,44 @@ class Management:
         del t.luns[lu.lun]
         tc = self._tc(t.name)
         tc.luns = [lc for lc in tc.luns if lc.lun != lu.lun]
+        self._close_later(lu)
         self._redetect()
-        for other in t.luns.values():
-            self._ua(other, REPORTED_LUNS_DATA_CHANGED, t.name)
-        asyncio.get_running_loop().create_task(self._close_when_idle(lu))
+        await self._ua(list(t.luns.values()), REPORTED_LUNS_DATA_CHANGED, t.name)
         return {"target": t.name, "lun": lu.lun, "saved": self._persist()}
 
-    async def _close_when_idle(self, lu: LogicalUnit) -> None:
+    def _close_later(self, lu: LogicalUnit) -> None:
+        """A removed LU (out of its target: no new command reaches it): its
+        tasks are aborted now, as a LUN RESET's are (TASK ABORTED; the front
+        end drops their later data), and its backend closes once nothing can
+        call it (docs/decisions/0250)."""
+        closing = asyncio.get_running_loop().create_task(self._close_when_idle(lu, self.em.abort_lu(lu)))
+        self._closing.add(closing)
+        closing.add_done_callback(self._closing.discard)
+
+    async def _close_when_idle(self, lu: LogicalUnit, runners: list[asyncio.Task]) -> None:
+        """Flush and close once no backend call of the LU runs or can start:
+        its job and its aborted tasks are over (each waits for the call it had
+        under way), and no other LU's EXTENDED COPY has a call of it queued or
+        running (one checks that the LU is still there before each call). No
+        time limit: a call hung in the backend keeps it open, as it must."""
         await lu.stop_jobs()   # a background SANITIZE ends with its LUN
-        deadline = time.monotonic() + 60
-        while lu.task_set.tasks and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
+        if runners:
+            await asyncio.wait(runners)
+        while self.em.workers.pending(id(lu)):
+            await asyncio.sleep(0.05)
 
         def flush_and_close() -> None:
-            lu.backend.flush()
-            lu.backend.close()
+            try:
+                lu.backend.flush()
+            except (BackendError, OSError) as e:
+                log.error("%s LUN %d removed: its last flush failed: %s", lu.target, lu.lun, e)
+            try:
+                lu.backend.close()
+            except (BackendError, OSError) as e:   # e.g. EIO from close(2) on NFS
+                log.error("%s LUN %d removed: closing its backend failed: %s", lu.target, lu.lun, e)
 
         await self._in_thread(flush_and_close)
+        log.info("%s LUN %d removed: its backend is closed", lu.target, lu.lun)
         if lu.pr is not None:
             await lu.pr.forget()   # a later LU is another LU: it starts with no reservations
 
@@ -633,7 +654,7 @@ class Management:
             raise MgmtError(f"resize failed: {e}") from None
         lu.options.size = nbytes   # the running configuration's LunOptions (shared with its LunConfig)
         self._redetect()
-        self._ua(lu, CAPACITY_DATA_CHANGED, t.name)
+        await self._ua([lu], CAPACITY_DATA_CHANGED, t.name)
         return {"target": t.name, "lun": lu.lun, "old_size": old, "size": nbytes, "saved": self._persist()}
 
     # ------------------------------------------------------------ access

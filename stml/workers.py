@@ -50,6 +50,11 @@ class FairWorkers:
         fut.cancel()
         return True
 
+    def pending(self, key: Hashable) -> int:
+        """Calls of `key` running or waiting for a thread (dropped ones not
+        counted): a removed LU's backend is closed only at none."""
+        return self.running.get(key, 0) + sum(fut in self._queued for _, _, fut in self.waiting.get(key, ()))
+
     def _dispatch(self) -> None:
         while self.busy < self.threads and self._turns:
             key = next(iter(self._turns))

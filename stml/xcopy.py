@@ -174,8 +174,10 @@ async def _copy(task: Task, src: LogicalUnit, dst: LogicalUnit, blocks: int, slb
         view = buf[:n * bs]
         _reach(task, src, Conflict.READ)
         await task.io_on(src, src.backend.read_into, (slba + done) * bs, view)
-        _reach(task, dst, Conflict.WRITE)
         async with dst.write_gate.shared():
+            # checked with no wait before the call: an LU removed meanwhile is
+            # never written (its backend closes once no call of it is queued)
+            _reach(task, dst, Conflict.WRITE)
             await task.io_on(dst, dst.backend.write_from, (dlba + done) * bs, [view], not dst.mode.wce)
         state["bytes"] += n * bs
 

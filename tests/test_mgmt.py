@@ -12,7 +12,7 @@ import pytest
 from support.cli import cli, mgmt
 from support.procs import free_port, run
 from support.rawiscsi import RawInitiator
-from support.target import Target
+from support.target import IQN as DISK0, Target
 
 IQN = "iqn.2026-11.org.scsi-target:mgmt"
 CHECK_CONDITION = 2
@@ -314,3 +314,56 @@ def test_a_result_the_codec_cannot_pack_is_answered_with_an_error(value, caplog)
     assert sent[1]["result"] == {"value": 1}
     assert [r.getMessage() for r in caplog.records] == [
         f"management command odd: its result cannot be sent: {detail}"]
+
+
+TASK_ABORTED = 0x40
+
+
+def _answer_until(ini: RawInitiator, want: type) -> tuple:
+    """The next PDU of type `want`, answering the target's NOP-In pings meanwhile."""
+    from fetd_tcp import pdu as P
+    while True:
+        pdu, seg = ini.recv()
+        if isinstance(pdu, want):
+            return pdu, seg
+        if isinstance(pdu, P.NopIn) and pdu.itt == P.RESERVED_TAG:
+            ini.send(P.NopOut(P.RESERVED_TAG, pdu.ttt, ini.cmd_sn, ini.exp_stat_sn, immediate=True))
+
+
+def test_lun_remove_aborts_a_write_waiting_for_its_data(tmp_path):
+    """The review's fdreuse3: a WRITE whose initiator holds its Data-Out after
+    the R2T, then `lun remove` of its file LUN and `lun add` of another file
+    (which may get the removed LUN's descriptor number). The write ends at the
+    removal with TASK ABORTED (not GOOD after its data), the backend closes
+    at once (not after a 60 s grace), and the late Data-Out is dropped: both
+    images keep their zeros."""
+    from fetd_tcp import pdu as P
+    a, b = tmp_path / "a.img", tmp_path / "b.img"
+    with Target("--lun", f"file:{a},size=4MiB") as t:
+        host, port = t.portal.rsplit(":", 1)
+        ini = RawInitiator(host, int(port), timeout=20)
+        ini.login(DISK0, extra=[("ImmediateData", "No"), ("InitialR2T", "Yes")])
+        itt = ini._next_itt()
+        cdb = struct.pack(">BBQIBB", 0x8A, 0, 0, 8, 0, 0)   # WRITE(16), 8 blocks at LBA 0
+        ini.send(P.ScsiCommand(itt, P.int_to_lun(0), cdb.ljust(16, b"\0"), 4096, ini.cmd_sn,
+                               ini.exp_stat_sn, read=False, write=True, data_length=0))
+        ini.cmd_sn += 1
+        r2t, _ = _answer_until(ini, P.R2T)
+        assert r2t.itt == itt
+
+        mgmt(t.data_dir, "lun", "remove", "--target", DISK0, "0")
+        resp, _ = _answer_until(ini, P.ScsiResponse)
+        assert (resp.itt, resp.status) == (itt, TASK_ABORTED)
+        t.wait_log("LUN 0 removed: its backend is closed", 20)
+
+        added = mgmt(t.data_dir, "lun", "add", "--target", DISK0, "--lun", "5",
+                     f"file:{b},size=4MiB")
+        assert added["lun"] == 5
+        evil = b"EVIL" * 1024
+        ini.send(P.DataOut(itt, r2t.ttt, 0, 0, True, ini.exp_stat_sn, P.int_to_lun(0), len(evil)), evil)
+        # a command after it on LUN 5: the Data-Out was handled (dropped) before its answer
+        assert tur(ini, 5)[0] in (0, CHECK_CONDITION)
+        status, sense, data = ini.command(struct.pack(">BBQIBB", 0x88, 0, 0, 8, 0, 0), 5, read=4096)
+        assert status == 0 and data == bytes(4096), (status, sense)
+    assert b.read_bytes()[:4096] == bytes(4096)
+    assert a.read_bytes()[:4096] == bytes(4096)
