@@ -58,6 +58,7 @@ KIND_OF_MODULE = {
     "test_login.py": "unit",
     "test_logs.py": "unit",
     "test_loopback_e2e.py": "process",
+    "test_lun_changes.py": "unit",
     "test_metrics.py": "unit",
     "test_mgmt.py": "process",
     "test_opcodes.py": "unit",

@@ -1,0 +1,126 @@
+"""LUN add/remove inside the STML, with the real Management and Emulator:
+the REPORTED LUNS DATA CHANGED unit attentions go out through the engine's
+fan-out (bounded work per turn of the loop, one asynchronous event per
+nexus), and a removed LU's backend is closed only once no call of it can run,
+after which its descriptor number is never used again (docs/decisions/0250)."""
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from backends import open_backend
+from backends.file import FileBackend
+from stml import emulator as emulator_mod
+from stml.api import Op
+from stml.config import Config, LunConfig, TargetConfig
+from stml.emulator import Emulator, Target
+from stml.lu import LogicalUnit, LunOptions
+from stml.mgmt import Management
+
+IQN = "iqn.2026-11.org.test:luns"
+LUNS, NEXUSES, STEP = 40, 100, 1000
+REPORTED_LUNS_DATA_CHANGED = (0x3F, 0x0E)
+
+
+def setup(sent: list, luns: int = LUNS, nexuses: int = NEXUSES) -> tuple[Emulator, Management]:
+    """An emulator with `luns` RAM LUs and `nexuses` I_T nexuses of one front
+    end that takes asynchronous events, and the Management that changes it."""
+    emu = Emulator([], lambda ident, h, f: sent.append(h), ThreadPoolExecutor(2))
+    lus = {n: LogicalUnit(IQN, n, open_backend("ram", 1 << 20), LunOptions(kind="ram", size=1 << 20),
+                          emu.templates["disk"]) for n in range(luns)}
+    emu.targets[IQN] = Target(IQN, lus, "", {"acl": []})
+    config = Config(Path("/nonexistent"), [TargetConfig(IQN, [LunConfig(n, lu.options) for n, lu in lus.items()])],
+                    "ipc:///nonexistent", [])
+    m = Management(emu, config, gateway=None, metrics=None, portals=None,   # type: ignore[arg-type]
+                   endpoints=[], traces=None)   # type: ignore[arg-type]
+    emu.handle(b"fe", {"op": Op.REGISTER, "version": [1, 0], "kind": "test", "name": "t",
+                       "heartbeat_ms": 1000, "aen": True}, [])
+    for n in range(1, nexuses + 1):
+        emu.handle(b"fe", {"op": Op.REGISTER_NEXUS, "nexus": n, "initiator": f"iqn.2026-11.org.test:{n}",
+                           "target": IQN, "tpg": 1}, [])
+    sent.clear()
+    return emu, m
+
+
+def counted_steps(emu: Emulator, change) -> list[int]:
+    """Run `change` (a coroutine) and count the unit attentions stored on the
+    target's LUs after each turn of the event loop until it is done."""
+    async def run() -> list[int]:
+        job = asyncio.get_running_loop().create_task(change)
+        steps = [0]
+        while not job.done():
+            await asyncio.sleep(0)
+            steps.append(sum(len(lu.unit_attentions) for lu in emu.targets[IQN].luns.values()))
+        job.result()
+        return steps
+    return asyncio.run(run())
+
+
+@pytest.mark.parametrize("verb", ["lun_add", "lun_remove"])
+def test_lun_change_uas_fan_out_in_bounded_steps_with_one_event_per_nexus(verb, monkeypatch):
+    monkeypatch.setattr(emulator_mod, "FANOUT_STEP", STEP)
+    sent: list = []
+    emu, m = setup(sent)
+    change = m.lun_add("ram:1MiB", IQN) if verb == "lun_add" else m.lun_remove(LUNS - 1, IQN)
+    steps = counted_steps(emu, change)
+    others = [lu for lu in emu.targets[IQN].luns.values() if lu.lun < LUNS - 1]
+    assert all(lu.unit_attentions == {k: [REPORTED_LUNS_DATA_CHANGED] for k in emu.nexus_keys(IQN)}
+               for lu in others)
+    growth = max(b - a for a, b in zip(steps, steps[1:]))
+    assert 0 < growth <= STEP + NEXUSES        # never the whole 3,900 in one turn
+    aens = [h for h in sent if h["op"] == Op.REPORT_AEN]
+    assert len(aens) == NEXUSES and len({h["nexus"] for h in aens}) == NEXUSES   # one per nexus, not per LU
+
+
+def test_a_removed_lus_backend_closes_only_when_no_call_of_it_runs(tmp_path):
+    """A call of the LU in a worker thread (as another LU's EXTENDED COPY makes
+    one) keeps its backend open after `lun remove`; it closes once the call
+    ended."""
+    sent: list = []
+    emu, m = setup(sent, luns=1, nexuses=1)
+    release = threading.Event()
+
+    async def run() -> None:
+        await m.lun_add(f"file:{tmp_path}/a.img,size=1MiB", IQN, 1)
+        lu = emu.targets[IQN].luns[1]
+        backend = lu.backend
+        assert isinstance(backend, FileBackend)
+        call = emu.workers.run(id(lu), release.wait)
+        await m.lun_remove(1, IQN)
+        for _ in range(20):                      # the closer polls: give it many turns
+            await asyncio.sleep(0.01)
+        assert backend._fd >= 0 and emu.workers.pending(id(lu)) == 1
+        release.set()
+        await call
+        await asyncio.gather(*m._closing)
+        assert backend._fd == -1
+    try:
+        asyncio.run(run())
+    finally:
+        release.set()
+
+
+def test_a_closed_file_backend_never_uses_its_old_descriptor_number(tmp_path):
+    """After close, a late write fails (EBADF) instead of landing in the file
+    that the process opened next under the same number."""
+    b = FileBackend(str(tmp_path / "a.img"), 1 << 20)
+    number = b._fd
+    b.close()
+    other = tmp_path / "b.img"
+    fd = os.open(other, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.ftruncate(fd, 4096)
+        assert fd == number                       # the number is reused at once
+        with pytest.raises(OSError):
+            b.write_from(0, [memoryview(b"EVIL" * 1024)], sync=False)
+        with pytest.raises(OSError):
+            b.read_into(0, memoryview(bytearray(512)))
+        b.close()                                 # a second close does nothing
+        assert os.pread(fd, 4096, 0) == bytes(4096)
+    finally:
+        os.close(fd)
