@@ -602,7 +602,7 @@ class Management:
         """A removed LU (out of its target: no new command reaches it): its
         tasks are aborted now, as a LUN RESET's are (TASK ABORTED; the front
         end drops their later data), and its backend closes once nothing can
-        call it (docs/decisions/0250)."""
+        call it (docs/decisions/0254)."""
         closing = asyncio.get_running_loop().create_task(self._close_when_idle(lu, self.em.abort_lu(lu)))
         self._closing.add(closing)
         closing.add_done_callback(self._closing.discard)

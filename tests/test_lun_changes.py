@@ -2,7 +2,7 @@
 the REPORTED LUNS DATA CHANGED unit attentions go out through the engine's
 fan-out (bounded work per turn of the loop, one asynchronous event per
 nexus), and a removed LU's backend is closed only once no call of it can run,
-after which its descriptor number is never used again (docs/decisions/0250)."""
+after which its descriptor number is never used again (docs/decisions/0254)."""
 from __future__ import annotations
 
 import asyncio
