@@ -22,7 +22,8 @@ import functools
 import logging
 import secrets
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Awaitable, Callable, Iterator
 
 from backends import BackendError, open_backend
 from scsi_runtime.logs import audit
@@ -72,6 +73,7 @@ class Management:
         self._lock = asyncio.Lock()   # one change at a time (config file writes in order)
         self._batch = False           # a reload: the file is the source, nothing is saved
         self._closing: set[asyncio.Task] = set()   # removed LUs' backends waiting to close
+        self._saver = ThreadPoolExecutor(1, thread_name_prefix="config-save")   # (its thread: at first use)
         self._save_error: str | None = None   # the change being answered is live but unsaved
         self._cmds: dict[str, Callable] = {
             "status": self.status, "target_list": self.target_list, "target_add": self.target_add,
@@ -173,15 +175,18 @@ class Management:
             raise MgmtError(f"{path} was edited since the STML loaded it: apply the edit with "
                             f"`scsi-target config reload` (see `config diff`), then retry")
 
-    def _persist(self) -> str:
-        """Save the whole running configuration (after a live change)."""
+    async def _persist(self) -> str:
+        """Save the whole running configuration (after a live change) in the
+        saver thread: its write and two fsyncs never hold up the loop. Callers
+        hold the management lock, so saves stay in order, nothing changes the
+        configuration while it is written, and the reply follows the save."""
         path = self.config.path
         if self._batch:
             return "applied from the file"
         if path is None:
             return "not saved: the STML has no config file"
         try:
-            save(self.config)
+            await self._saving(save, self.config)
         except (OSError, EditedError) as e:
             log.error("the change is live but was not saved to %s: %s", path, e)
             self._save_error = (f"applied, but NOT saved to {path}: {e}; a restart loses it unless "
@@ -191,6 +196,11 @@ class Management:
 
     async def _in_thread(self, fn: Callable, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.em.executor, fn, *args)
+
+    async def _saving(self, fn: Callable, *args: Any) -> Any:
+        """A config file write, in a thread of its own: not the backends' pool,
+        where it would wait behind (and hold up) medium I/O."""
+        return await asyncio.get_running_loop().run_in_executor(self._saver, fn, *args)
 
     @contextlib.contextmanager
     def _batched(self) -> Iterator[None]:
@@ -319,7 +329,7 @@ class Management:
             self.config.digest = file_digest(target)
             self.config.held = None   # the file becomes what runs, unapplied edits and all
         try:
-            save(self.config, target)
+            await self._saving(save, self.config, target)
         except EditedError as e:
             raise MgmtError(f"{e}: `config reload` applies the edit, `config save --force` "
                             f"overwrites it, `config diff` shows it") from None
@@ -386,7 +396,7 @@ class Management:
             self._redetect()
             applied.append("discovery_chap")
         if new.portals != old.portals:
-            self._set_portals(new.portals)
+            await self._set_portals(new.portals)
             applied.append(f"portals: {', '.join(new.portals)}")
         wanted = {t.name: t for t in new.targets}
         for name in [n for n in self.em.targets if n not in wanted]:
@@ -413,7 +423,7 @@ class Management:
             if setter is None:   # a setting added to TargetConfig without a live setter here
                 pending.append(f"target {t.name} {f.name}: restart to apply it")
                 continue
-            setter(self, t, value)
+            await setter(self, t, value)
             applied.append(f"target {t.name} {f.name}")
         luns = {lc.lun: lc.options for lc in want.luns}
         for number in [n for n in t.luns if n not in luns]:
@@ -441,7 +451,7 @@ class Management:
                     pending.append(f"target {t.name} LUN {number}: {e}")
 
     # ------------------------------------------------------------ portals
-    def _set_portals(self, portals: list[str]) -> str:
+    async def _set_portals(self, portals: list[str]) -> str:
         """The STML's portal list changes: front ends that follow it open or close
         listeners (detect), ALUA learns the portal groups, the file keeps it."""
         self._check_file()
@@ -449,7 +459,7 @@ class Management:
         self.em.portals = portal_entries(portals)
         self.em.configured_tpgs = set(portal_groups(self.config))
         self._redetect()
-        return self._persist()
+        return await self._persist()
 
     async def portal_add(self, portal: str) -> dict[str, Any]:
         """Add a portal; the reply waits for the front ends that follow the list
@@ -476,7 +486,7 @@ class Management:
             self.em.configured_tpgs = set(portal_groups(self.config))
             self._redetect()
             raise MgmtError(f"cannot listen on {portal}: {'; '.join(errors)}")
-        saved = self._persist()
+        saved = await self._persist()
         return {"portal": portal, "host": host, "port": port, "tpgt": tpgt, "saved": saved}
 
     async def portal_remove(self, portal: str) -> dict[str, Any]:
@@ -489,7 +499,7 @@ class Management:
                    and ("," not in portal or parse_portal(p)[2] == key[2])]
         if not matches:
             raise MgmtError(f"no portal {portal} (portals: {', '.join(self.config.portals) or 'none'})")
-        saved = self._set_portals([p for p in self.config.portals if p not in matches])
+        saved = await self._set_portals([p for p in self.config.portals if p not in matches])
         return {"portal": matches[0], "saved": saved}
 
     # ------------------------------------------------------------ sessions
@@ -519,7 +529,7 @@ class Management:
         self.em.targets[name] = t
         self.config.targets.append(TargetConfig(name, [], alias))
         self._redetect()
-        return {"target": name, "saved": self._persist()}
+        return {"target": name, "saved": await self._persist()}
 
     async def target_remove(self, name: str, force: bool = False) -> dict[str, Any]:
         t = self._target(name)
@@ -535,7 +545,7 @@ class Management:
         self._redetect()
         for lu in t.luns.values():
             self._close_later(lu)
-        return {"target": t.name, "saved": self._persist()}
+        return {"target": t.name, "saved": await self._persist()}
 
     # ------------------------------------------------------------ LUNs
     async def lun_add(self, spec: str, target: str | None = None, lun: int | None = None) -> dict[str, Any]:
@@ -553,7 +563,7 @@ class Management:
         opts = lun_options(raw_lun, f"LUN {number}", self.config.data_dir)
         self._check_file()
         lu = await self._add_lun(t, number, opts)
-        return {"target": t.name, "lun": number, "size": lu.blocks * lu.block_size, "saved": self._persist()}
+        return {"target": t.name, "lun": number, "size": lu.blocks * lu.block_size, "saved": await self._persist()}
 
     async def _add_lun(self, t: Target, number: int, opts: LunOptions) -> LogicalUnit:
         if opts.kind in ("file", "rbd") and any(lu.options.kind == opts.kind and lu.options.path == opts.path
@@ -596,7 +606,7 @@ class Management:
         self._close_later(lu)
         self._redetect()
         await self._ua(list(t.luns.values()), REPORTED_LUNS_DATA_CHANGED, t.name)
-        return {"target": t.name, "lun": lu.lun, "saved": self._persist()}
+        return {"target": t.name, "lun": lu.lun, "saved": await self._persist()}
 
     def _close_later(self, lu: LogicalUnit) -> None:
         """A removed LU (out of its target: no new command reaches it): its
@@ -655,17 +665,17 @@ class Management:
         lu.options.size = nbytes   # the running configuration's LunOptions (shared with its LunConfig)
         self._redetect()
         await self._ua([lu], CAPACITY_DATA_CHANGED, t.name)
-        return {"target": t.name, "lun": lu.lun, "old_size": old, "size": nbytes, "saved": self._persist()}
+        return {"target": t.name, "lun": lu.lun, "old_size": old, "size": nbytes, "saved": await self._persist()}
 
     # ------------------------------------------------------------ access
-    def _set_access(self, t: Target, key: str, value: Any) -> str:
+    async def _set_access(self, t: Target, key: str, value: Any) -> str:
         """key: the detect/access name (acl, chap, mutual); the running
         configuration's field is named as the file names it."""
         self._check_file()
         t.access = {**t.access, key: value}
         setattr(self._tc(t.name), {"mutual": "mutual_chap"}.get(key, key), value)
         self._redetect()
-        return self._persist()
+        return await self._persist()
 
     async def acl_add(self, initiator: str, target: str | None = None) -> dict[str, Any]:
         t = self._target(target)
@@ -674,7 +684,7 @@ class Management:
         if name in acl:
             raise MgmtError(f"{name} is already in the ACL of {t.name}")
         acl.append(name)
-        return {"target": t.name, "acl": acl, "saved": self._set_access(t, "acl", acl)}
+        return {"target": t.name, "acl": acl, "saved": await self._set_access(t, "acl", acl)}
 
     async def acl_remove(self, initiator: str, target: str | None = None) -> dict[str, Any]:
         t = self._target(target)
@@ -682,7 +692,7 @@ class Management:
         if initiator.lower() not in acl:
             raise MgmtError(f"{initiator} is not in the ACL of {t.name}")
         acl.remove(initiator.lower())
-        return {"target": t.name, "acl": acl, "saved": self._set_access(t, "acl", acl)}
+        return {"target": t.name, "acl": acl, "saved": await self._set_access(t, "acl", acl)}
 
     async def chap_set(self, target: str | None = None, user: str | None = None,
                        secret: str | None = None, mutual: bool = False) -> dict[str, Any]:
@@ -691,24 +701,24 @@ class Management:
         if (user is None) != (secret is None):
             raise MgmtError("give both --user and --secret, or neither to turn CHAP off")
         creds = parse_chap({"user": user, "secret": secret}, "chap") if user is not None else None
-        saved = self._set_access(t, "mutual" if mutual else "chap", creds)
+        saved = await self._set_access(t, "mutual" if mutual else "chap", creds)
         return {"target": t.name, "chap" if not mutual else "mutual_chap": "set" if creds else "off",
                 "saved": saved}
 
 
-def _set_alias(m: Management, t: Target, alias: str) -> None:
+async def _set_alias(m: Management, t: Target, alias: str) -> None:
     t.alias = m._tc(t.name).alias = alias
     m._redetect()
 
 
-def _set_target_reset(m: Management, t: Target, allowed: bool) -> None:
+async def _set_target_reset(m: Management, t: Target, allowed: bool) -> None:
     """Read by the emulator when a TARGET WARM/COLD RESET arrives: no one to tell."""
     t.target_reset = m._tc(t.name).target_reset = allowed
 
 
 # the target settings (TargetConfig fields) a reload applies live, and how;
 # any other field that changes is reported as needing a restart
-_TARGET_SETTERS: dict[str, Callable[[Management, Target, Any], Any]] = {
+_TARGET_SETTERS: dict[str, Callable[[Management, Target, Any], Awaitable[Any]]] = {
     "alias": _set_alias,
     "acl": lambda m, t, v: m._set_access(t, "acl", v),
     "chap": lambda m, t, v: m._set_access(t, "chap", v),

@@ -2,7 +2,8 @@
 the REPORTED LUNS DATA CHANGED unit attentions go out through the engine's
 fan-out (bounded work per turn of the loop, one asynchronous event per
 nexus), and a removed LU's backend is closed only once no call of it can run,
-after which its descriptor number is never used again (docs/decisions/0254)."""
+after which its descriptor number is never used again (docs/decisions/0254);
+and config saves run in a thread of their own, in order, before their replies."""
 from __future__ import annotations
 
 import asyncio
@@ -124,3 +125,36 @@ def test_a_closed_file_backend_never_uses_its_old_descriptor_number(tmp_path):
         assert os.pread(fd, 4096, 0) == bytes(4096)
     finally:
         os.close(fd)
+
+
+def test_config_saves_run_off_the_loop_in_order_before_their_replies(tmp_path, monkeypatch):
+    """Two changes sent at once: each save runs in the saver thread (its fsyncs
+    never on the loop), the second after the first, and each reply leaves
+    after its own save."""
+    from stml import persist
+    sent: list = []
+    emu, m = setup(sent, luns=1, nexuses=1)
+    m.config.path = tmp_path / "scsi-target.toml"
+    m.config.data_dir = tmp_path
+    persist.save(m.config)
+    events: list = []
+    real = persist.atomic_write
+
+    def write(path, data, secret):
+        real(path, data, secret)
+        events.append(("saved", threading.current_thread() is threading.main_thread(), data.decode()))
+    monkeypatch.setattr(persist, "atomic_write", write)
+    emu.out.mgmt_reply = lambda ident, rid, ok, result, error: events.append(("reply", rid, ok, error))
+
+    async def run() -> None:
+        m.handle(b"cli", {"op": "mgmt", "id": 1, "cmd": "lun_add", "args": {"spec": "ram:1MiB", "target": IQN}})
+        m.handle(b"cli", {"op": "mgmt", "id": 2, "cmd": "acl_add",
+                          "args": {"initiator": "iqn.2026-11.org.test:allowed", "target": IQN}})
+        while len([e for e in events if e[0] == "reply"]) < 2:
+            await asyncio.sleep(0.01)
+    asyncio.run(run())
+    assert [e[:2] for e in events] == [("saved", False), ("reply", 1), ("saved", False), ("reply", 2)]
+    assert [e[2] for e in events if e[0] == "reply"] == [True, True]
+    first, second = events[0][2], events[2][2]
+    assert "lun = 1" in first and "allowed" not in first
+    assert "lun = 1" in second and "iqn.2026-11.org.test:allowed" in second
