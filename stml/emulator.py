@@ -902,11 +902,12 @@ class Emulator:
         """Abort a task; with a status (TASK ABORTED) it reports that status
         instead of vanishing (tasks aborted by another I_T nexus, TAS=1)."""
         runner = task.runner
-        # once only: a second cancel would interrupt Task.io_on's wait for the
-        # backend call under way, and the task would end while the call runs
-        if runner is not None and not runner.done() and not runner.cancelling():
-            task.abort_status = status
-            runner.cancel()
+        if runner is not None and not runner.done():
+            task.abort_status = status   # the last abort says how it ends
+            # cancelled once: a second cancel would interrupt Task.io_on's wait
+            # for the backend call under way, and the task would end while it runs
+            if not runner.cancelling():
+                runner.cancel()
         return runner
 
     def _rx_task_mgmt_fn(self, fe: FrontEnd, h: dict[str, Any], frames: list) -> None:

@@ -537,14 +537,14 @@ class Management:
         if live and not force:
             raise MgmtError(f"target {t.name} has {len(live)} session(s); pass --force to drop them")
         self._check_file()
-        for fe in list(self.em.front_ends.values()):
-            for n in [n for n in fe.nexuses.values() if n.target == t.name]:
-                self.em.drop_nexus(n)
         del self.em.targets[t.name]
-        self.config.targets = [tc for tc in self.config.targets if tc.name != t.name]
-        self._redetect()
         for lu in t.luns.values():
             self._close_later(lu)
+        for fe in list(self.em.front_ends.values()):   # then their tasks end silently: no nexus is left
+            for n in [n for n in fe.nexuses.values() if n.target == t.name]:
+                self.em.drop_nexus(n)
+        self.config.targets = [tc for tc in self.config.targets if tc.name != t.name]
+        self._redetect()
         return {"target": t.name, "saved": await self._persist()}
 
     # ------------------------------------------------------------ LUNs

@@ -22,6 +22,7 @@ from stml.config import Config, LunConfig, TargetConfig
 from stml.emulator import Emulator, Target
 from stml.lu import LogicalUnit, LunOptions
 from stml.mgmt import Management
+from stml.task import Task
 
 IQN = "iqn.2026-11.org.test:luns"
 LUNS, NEXUSES, STEP = 40, 100, 1000
@@ -158,3 +159,37 @@ def test_config_saves_run_off_the_loop_in_order_before_their_replies(tmp_path, m
     first, second = events[0][2], events[2][2]
     assert "lun = 1" in first and "allowed" not in first
     assert "lun = 1" in second and "iqn.2026-11.org.test:allowed" in second
+
+
+def test_a_task_aborted_twice_still_waits_for_its_backend_call(tmp_path):
+    """A LUN RESET, then `lun remove` of a task whose backend call runs in a
+    worker thread: the task ends only after the call, as after one abort (a
+    second cancel used to cut that wait short, and the backend could close
+    under the call)."""
+    sent: list = []
+    emu, _ = setup(sent, luns=1, nexuses=1)
+    lu = LogicalUnit(IQN, 1, FileBackend(str(tmp_path / "a.img"), 1 << 20), LunOptions(kind="file"),
+                     emu.templates["disk"])
+    fe = next(iter(emu.front_ends.values()))
+    release = threading.Event()
+
+    async def run() -> None:
+        task = Task(emu, fe, fe.nexuses[1], 7, 1, bytes(16), 0, 0, 0, 0, [])
+        task.runner = runner = asyncio.get_running_loop().create_task(task.io_on(lu, release.wait))
+        lu.task_set.add(task)
+        while not emu.workers.running.get(id(lu)):
+            await asyncio.sleep(0)                # until the call runs in a thread
+        emu._abort(task, None)                    # the LUN RESET
+        await asyncio.sleep(0)
+        assert emu.abort_lu(lu) == [runner]       # the removal
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert not runner.done() and emu.workers.pending(id(lu)) == 1
+        release.set()
+        await asyncio.wait([runner])
+        assert runner.cancelled() and task.abort_status == 0x40
+    try:
+        asyncio.run(run())
+    finally:
+        release.set()
+        lu.backend.close()
