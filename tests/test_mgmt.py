@@ -355,6 +355,8 @@ def test_lun_remove_aborts_a_write_waiting_for_its_data(tmp_path):
         resp, _ = _answer_until(ini, P.ScsiResponse)
         assert (resp.itt, resp.status) == (itt, TASK_ABORTED)
         t.wait_log("LUN 0 removed: its backend is closed", 20)
+        status, sense = tur(ini, 0)                 # a new command: no such LU
+        assert (status, ua_of(sense)) == (CHECK_CONDITION, (0x5, 0x25, 0x00))
 
         added = mgmt(t.data_dir, "lun", "add", "--target", DISK0, "--lun", "5",
                      f"file:{b},size=4MiB")
