@@ -27,7 +27,7 @@ from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 
 from stml.api import Op
-from stml.config import ConfigError, StmlSettings, is_z85_key
+from stml.config import ConfigError, CurveKey, StmlSettings
 
 log = logging.getLogger("stml")
 
@@ -93,10 +93,11 @@ def allow_list(settings: StmlSettings) -> dict[bytes, tuple[str, str]]:
     from scsi_runtime.curvekeys import load_key_file
     keys: dict[bytes, tuple[str, str]] = {}
     for role, setting in LISTS.items():
+        entry: CurveKey
         for entry in getattr(settings, setting):
-            named = "listed key" if is_z85_key(entry) else entry
+            named = entry.text if entry.is_file else "listed key"
             try:
-                key = entry.encode() if is_z85_key(entry) else load_key_file(entry)[0]
+                key = load_key_file(entry.text)[0] if entry.is_file else entry.text.encode()
             except ValueError as e:
                 raise ConfigError(f"stml.{setting}", str(e)) from None
             other = keys.get(key)

@@ -3,6 +3,7 @@ another, joined by a veth pair and ZeroMQ CURVE; an initiator (qemu-io,
 libiscsi) in the front end's namespace. Plain TCP off loopback is refused."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -110,6 +111,40 @@ def test_plain_tcp_off_loopback_refused_unless_insecure(tmp_path, tmp_short):
         assert "WITHOUT encryption" in proc.log()
     finally:
         proc.stop()
+
+
+def test_management_over_insecure_tcp_only_from_this_host(netns, tmp_path, tmp_short):
+    """--insecure plain TCP (decision 0244): another host's front end still
+    registers, but its management is refused in one line; on the STML's
+    host, loopback TCP still manages."""
+    port = 5556
+    cfg = _stml_config(tmp_path, tmp_short(), f"tcp://0.0.0.0:{port}", None)
+    stml = Proc(netns.exec(netns.stml_ns) + [sys.executable, "-m", "stml", "--config", str(cfg), "--insecure"],
+                tmp_path / "stml.log")
+    try:
+        stml.wait_line(r"stml: listening on tcp://")
+        remote = f"tcp://{netns.stml_ip}:{port}"
+        p = subprocess.run(netns.exec(netns.fe_ns) + [sys.executable, "-m", "scsi_target", "acl", "add",
+                                                      "iqn.2026-11.org.example:intruder", "--stml", remote],
+                           capture_output=True, text=True, timeout=60)
+        assert p.returncode == 2
+        assert p.stderr == (f"scsi-target: acl add refused: management refused: plain TCP from {netns.fe_ip}, "
+                            "not this host (manage over ipc:// or loopback, or over CURVE with a key in "
+                            "[stml] allowed_managers)\n")
+        register = ("from support.rawfe import RawFrontEnd; fe = RawFrontEnd(%r); "
+                    "print(fe.register().get('error')); fe.close()" % remote)
+        p = subprocess.run(netns.exec(netns.fe_ns) + [sys.executable, "-c", register],
+                           capture_output=True, text=True, timeout=60)
+        assert p.stdout == "None\n", p.stderr
+        p = subprocess.run(netns.exec(netns.stml_ns) + [sys.executable, "-m", "scsi_target", "target", "list",
+                                                        "--stml", f"tcp://127.0.0.1:{port}", "--json"],
+                           capture_output=True, text=True, timeout=60)
+        assert p.returncode == 0, p.stderr
+        assert [t["name"] for t in json.loads(p.stdout)] == [IQN]
+        assert [t["acl"] for t in json.loads(p.stdout)] == [[]]
+        assert stml.log().count("refused mgmt from") == 1
+    finally:
+        stml.stop()
 
 
 def test_remote_front_end_over_curve(netns, keys, tmp_path, tmp_short):
