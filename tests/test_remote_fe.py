@@ -189,9 +189,9 @@ def test_remote_front_end_over_curve(netns, keys, tmp_path, tmp_short):
         assert len(re.findall(r"front end \S+ \(iscsi\) registered", stml.log())) == 1
         stranger.stop()
 
-        # kill -9 of the front end during I/O: the STML releases it within its
-        # heartbeat window; a restarted front end serves the LUN again and the
-        # acknowledged data is intact
+        # kill -9 of the front end during I/O: the STML releases it when its
+        # connection ends (decision 0243); a restarted front end serves the LUN
+        # again and the acknowledged data is intact
         # the same 56 MiB twenty times over: still writing when the kill comes
         passes = ["-c", "write -P 0x3c 8M 56M"] * 20
         io = subprocess.Popen(netns.exec(netns.fe_ns) + ["qemu-io", "-f", "raw", *passes, url],
@@ -199,7 +199,7 @@ def test_remote_front_end_over_curve(netns, keys, tmp_path, tmp_short):
         time.sleep(0.3)
         assert io.poll() is None, "the I/O ended before the kill: make it longer"
         fe.kill()
-        stml.wait_line(r"releasing front end \S+: silent", timeout=10)
+        stml.wait_line(r"releasing front end \S+: its connection closed", timeout=10)
         fe2 = fetd("fe.key_secret", "fe2.log")
         fe2.wait_line(r"fetd_tcp: attached to STML")
         fe2.wait_line(r"fetd_tcp: listening on")
