@@ -661,7 +661,17 @@ class StmlServer(TapPoint):
         successors still see it)."""
         if past is not None and not self._seen_after(past, ident, header, data, inbound=True):
             return
-        self._receive([ident, b"", *data], None, header)
+        # handed on later, maybe while the carrier handles another peer's message:
+        # not that message's connection (a registration here is tied to none, 0243)
+        channel = getattr(self, "channel", None)   # (none before serve)
+        if channel is None:
+            self._receive([ident, b"", *data], None, header)
+            return
+        frame, channel.frame = channel.frame, None
+        try:
+            self._receive([ident, b"", *data], None, header)
+        finally:
+            channel.frame = frame
 
     async def _liveness(self) -> None:
         while True:

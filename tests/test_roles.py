@@ -291,17 +291,19 @@ def test_a_front_end_refused_by_one_of_its_stmls_goes_on_to_the_next(stml_factor
 READ_1 = bytes([0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0])
 
 
-def test_a_front_ends_routing_id_is_not_taken_over_once_its_connection_ends(stml_factory, tmp_short, keys):
+@pytest.mark.parametrize("tap", [(), ("--inject", "stml:delay portal_state p=1 ms=1")], ids=["plain", "tapped"])
+def test_a_front_ends_routing_id_is_not_taken_over_once_its_connection_ends(stml_factory, tmp_short, keys, tap):
     """A ZeroMQ front end is the connection it registered on (decision 0243):
     when that connection ends the STML releases it at once, so a peer that
     connects later with the same routing id (here with another front end's
-    key) is a stranger: no nexus, no command, no response of the old one's."""
+    key) is a stranger: no nexus, no command, no response of the old one's.
+    The same with a tap on the link (messages then take the tapped path)."""
     write_key_pair(keys, "other")
     d = tmp_short()
     tcp = f"tcp://127.0.0.1:{free_port()}"
     cfg = _config(d / "ids.toml", keys, tcp, [str(keys / "fe.key"), str(keys / "other.key")],
                   [str(keys / "mgr.key")])
-    stml = stml_factory(data_dir=d / "data", extra=("--config", str(cfg)))
+    stml = stml_factory(data_dir=d / "data", extra=("--config", str(cfg), *tap))
     stml.current.wait_line(r"stml: listening on tcp://")
     name = f"victim-{uuid.uuid4().hex}"
     victim = RawFrontEnd(tcp, name=name, curve=curve_client_keys(str(keys / "fe.key_secret"),

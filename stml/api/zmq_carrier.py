@@ -122,7 +122,12 @@ class Channel:
         """The connection (its file descriptor) the message being handled came
         on, for watch_connections; None when no message is being handled."""
         frame = self.frame
-        return None if frame is None else int(frame.get(zmq.SRCFD))
+        if frame is None:
+            return None
+        try:
+            return int(frame.get(zmq.SRCFD))   # (deprecated in libzmq, but nothing replaces it)
+        except zmq.ZMQError:   # a libzmq without it: heartbeats alone tell a front end is gone
+            return None
 
     def watch_connections(self, on_closed: Callable[[int], None]) -> None:
         """Call on_closed(fd) when a peer's connection ends (a socket monitor).
