@@ -73,6 +73,7 @@ KIND_OF_MODULE = {
     "test_recovery_core.py": "unit",
     "test_remote_fe.py": "system",
     "test_roles.py": "process",
+    "test_roles_unit.py": "unit",
     "test_response_path.py": "unit",
     "test_sbc_commands.py": "unit",
     "test_sched.py": "unit",
