@@ -134,7 +134,7 @@ class StmlSettings:
     curve_secret_key_file: str | None = None             # the STML's CURVE key pair (secret file)
     allowed_front_ends: list[CurveKey] = field(default_factory=list)   # Z85 public keys or key files
     allowed_managers: list[CurveKey] = field(default_factory=list)     # the same forms: remote management (0242)
-    insecure: bool = False           # allow plain TCP on a non-loopback address
+    insecure: bool = False           # allow plain TCP (no CURVE), loopback included
     heartbeat_ms: int = 1000
     metrics: str | None = None       # "HOST:PORT": serve Prometheus metrics there
     poll_us: int | None = None       # busy-poll window; None: 0 alone, `run` picks it when it split the CPUs

@@ -10,8 +10,9 @@ Two things tell the roles apart:
   attaches to each of its messages. The STML reads it only for the messages
   GUARDS names (register, mgmt), never per command.
 - Any peer: an identity registered as a front end is one, and its `mgmt`
-  is refused. Same-host peers (ipc://, the stream socket, plain loopback
-  TCP) have no User-Id: file permissions admit them, in either role.
+  is refused. Same-host peers (ipc://, the stream socket) have no User-Id:
+  file permissions admit them, in either role. Plain loopback TCP has none
+  either, and is served only with --insecure (decision 0246).
 - A peer without a key on plain TCP (`--insecure`) may register, but may
   manage only from this host: a loopback address (decision 0244). Nothing
   proves who it is, so nothing may let it change what others reach.

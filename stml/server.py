@@ -285,8 +285,10 @@ class StmlServer(TapPoint):
 
     def _bind(self) -> None:
         """Bind every endpoint: ipc:// ones plain (file permissions guard them),
-        then tcp:// ones with CURVE when a key is configured. Plain TCP on an
-        address other than loopback is refused unless `insecure` is set."""
+        then tcp:// ones with CURVE when a key is configured. Plain TCP is
+        refused unless `insecure` is set, loopback included: any local user
+        can connect to a loopback port, where only the STML's own user can
+        open its ipc:// socket (decision 0246)."""
         eps = sorted(self.endpoints, key=lambda e: e.startswith("tcp://"))
         for ep in eps:
             if ep.startswith("tcp://") and self.auth is None:
@@ -296,13 +298,13 @@ class StmlServer(TapPoint):
     def _secure_tcp(self, ep: str) -> None:
         s = self.config.stml
         if not s.curve_secret_key_file:
-            if not _is_loopback(ep) and not s.insecure:
-                raise ConfigError("stml_endpoint", f"{ep} is plain TCP on a non-loopback address: "
-                                  "configure [stml] curve_secret_key_file and allowed_front_ends "
-                                  "(and allowed_managers), "
-                                  "or pass --insecure")
-            if not _is_loopback(ep):
-                log.warning("serving %s WITHOUT encryption or authentication (--insecure)", ep)
+            if not s.insecure:
+                where = "any local user can reach" if _is_loopback(ep) else "a non-loopback address"
+                raise ConfigError("stml_endpoint", f"{ep} is plain TCP ({where}): use ipc:// on this "
+                                  "host, or configure [stml] curve_secret_key_file and allowed_front_ends "
+                                  "(and allowed_managers), or pass --insecure")
+            log.warning("serving %s WITHOUT encryption or authentication (--insecure)%s", ep,
+                        ": any local user may manage this target" if _is_loopback(ep) else "")
             return
         from scsi_runtime.curvekeys import load_key_file
         try:

@@ -99,16 +99,20 @@ def _stml_config(tmp_path: Path, data: Path, listen: str, keys: Path | None) -> 
     return cfg
 
 
-def test_plain_tcp_off_loopback_refused_unless_insecure(tmp_path, tmp_short):
-    cfg = _stml_config(tmp_path, tmp_short(), "tcp://0.0.0.0:0", None)
+@pytest.mark.parametrize("where", ["0.0.0.0", "127.0.0.1"])
+def test_plain_tcp_refused_unless_insecure(tmp_path, tmp_short, where):
+    """Loopback too (decision 0246): any local user can reach a loopback port."""
+    cfg = _stml_config(tmp_path, tmp_short(), f"tcp://{where}:0", None)
     p = subprocess.run([sys.executable, "-m", "stml", "--config", str(cfg)], capture_output=True,
                        text=True, timeout=30)
     assert p.returncode == 2
-    assert "plain TCP on a non-loopback address" in p.stderr and "--insecure" in p.stderr
+    reason = "a non-loopback address" if where == "0.0.0.0" else "any local user can reach"
+    assert f"is plain TCP ({reason})" in p.stderr and "--insecure" in p.stderr
     proc = Proc([sys.executable, "-m", "stml", "--config", str(cfg), "--insecure"], tmp_path / "insecure.log")
     try:
         proc.wait_line(r"stml: listening on tcp://")
         assert "WITHOUT encryption" in proc.log()
+        assert ("any local user may manage" in proc.log()) == (where == "127.0.0.1")
     finally:
         proc.stop()
 
@@ -131,8 +135,9 @@ def test_management_over_insecure_tcp_only_from_this_host(netns, tmp_path, tmp_s
         assert p.stderr == (f"scsi-target: acl add refused: management refused: plain TCP from {netns.fe_ip}, "
                             "not this host (manage over ipc:// or loopback, or over CURVE with a key in "
                             "[stml] allowed_managers)\n")
-        register = ("from support.rawfe import RawFrontEnd; fe = RawFrontEnd(%r); "
-                    "print(fe.register().get('error')); fe.close()" % remote)
+        register = ("import sys; sys.path.insert(0, %r); from support.rawfe import RawFrontEnd; "
+                    "fe = RawFrontEnd(%r); print(fe.register().get('error')); fe.close()"
+                    % (str(Path(__file__).parent), remote))
         p = subprocess.run(netns.exec(netns.fe_ns) + [sys.executable, "-c", register],
                            capture_output=True, text=True, timeout=60)
         assert p.stdout == "None\n", p.stderr

@@ -149,7 +149,7 @@ KIND_OF_TEST = {
     "test_operations.py::test_a_data_dir_that_cannot_be_written_is_one_line_and_exit_2": "system",
     "test_operations.py::test_a_stale_socket_is_known_without_a_zeromq_round_trip": "unit",
     "test_pdu_framer.py::test_command_pipelined_behind_the_last_login_request": "process",
-    "test_remote_fe.py::test_plain_tcp_off_loopback_refused_unless_insecure": "process",
+    "test_remote_fe.py::test_plain_tcp_refused_unless_insecure": "process",
     "test_sched.py::test_fair_lun_serves_two_initiators": "process",
     "test_sched.py::test_fair_lun_survives_aborts_of_waiting_tasks": "process",
     "test_secret_files.py::test_management_writes_a_config_with_secrets_0600": "process",
