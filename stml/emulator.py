@@ -525,11 +525,19 @@ class Emulator:
         t = self.targets.get(nexus.target)
         if t is None:
             return f"no target {nexus.target}"
-        acl = t.access.get("acl")
-        name = pr.name_key(nexus.initiator)   # the port's initiator name; names compare without case
-        if acl and all(a.lower() != name for a in acl):
+        acl = self.admitted(nexus.target)
+        if acl is not None and pr.name_key(nexus.initiator) not in acl:
             return f"initiator {nexus.initiator} is not in the ACL of {t.name}"
         return None
+
+    def admitted(self, target: str) -> frozenset[str] | None:
+        """The initiator names the target's ACL admits, lower case (names
+        compare without case, as pr.name_key gives a port's); None: any."""
+        t = self.targets.get(target)
+        if t is None:
+            return frozenset()
+        acl = t.access.get("acl")
+        return frozenset(a.lower() for a in acl) if acl else None
 
     def portal_groups(self, target: str) -> set[int]:
         """Target port groups (portal group tags) of a target, for ALUA."""
