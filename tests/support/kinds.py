@@ -106,6 +106,7 @@ KIND_OF_TEST = {
     "test_bounded_pr.py::test_aptpl_saves_run_in_their_thread_and_coalesce": "unit",
     "test_bounded_pr.py::test_pr_effects_match_registrations_to_sessions_by_name": "unit",
     "test_bounded_pr.py::test_read_full_status_builds_only_what_the_allocation_length_holds": "unit",
+    "test_bounded_pr.py::test_register_without_effects_walks_no_session_or_registration": "unit",
     "test_bounded_pr.py::test_spec_i_pt_registration_is_linear_in_the_list": "unit",
     "test_buffer_release.py::test_every_slot_and_buffer_comes_back_after_a_front_end_is_killed": "process",
     "test_ci_rules.py::test_ci_sets_the_variable_before_the_readmes_command": "unit",
