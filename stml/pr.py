@@ -903,7 +903,13 @@ async def apply_effects(task: Task, st: PrState, effects: Effects) -> None:
     """Unit attentions of a PERSISTENT RESERVE OUT, and the tasks PREEMPT
     AND ABORT aborts (it completes only once they are gone). Registrations
     are matched against the target's live nexuses grouped by initiator
-    name once, so the work is linear in registrations plus sessions."""
+    name once, so the work is linear in registrations plus sessions. A
+    change without effects (REGISTER of a new key, most RESERVEs) does none
+    of it: it removed no registration but maybe the issuing nexus's own,
+    which is logged in, so no unit attention kept for a logged-out nexus
+    loses the registration that keeps it (drop_offline_uas would find none)."""
+    if not effects.ua and not effects.aborted:
+        return
     lu = unit(task)
     services = task.services
     by_name: dict[str, list[Nexus]] = {}

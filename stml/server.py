@@ -23,7 +23,7 @@ import zmq
 from backends import BackendError, open_backend
 from stml.api import BufferPool, Channel, Op, SharedRegion, StreamChannel, pack, stream_path, unpack
 from stml.api.messages import TO_STML, Cap, check
-from stml.api.sizes import SHARED_READ_MIN
+from stml.api.sizes import FRAME_ROOM, SHARED_READ_MIN
 from stml.api.stream import Lease
 from stml.api.tap import Tap, TapPoint, combine
 from stml.config import Config, ConfigError, StartupError
@@ -146,6 +146,9 @@ class StmlServer(TapPoint):
                                  threads=WORKER_THREADS,
                                  discovery=config.discovery(),
                                  data_dir=config.data_dir, portal_groups=portal_groups(config))
+        # no frame bigger than a legal one is buffered whole (RCVHWM=0 bounds no size):
+        # ZeroMQ disconnects the peer that sends it
+        self.sock.setsockopt(zmq.MAXMSGSIZE, self.emulator.max_transfer + FRAME_ROOM)
         self.emulator.portals = portal_entries(config.portals)
         # counters exist for real LUs and live sessions only: made on a session's
         # first command to an LU, freed when the session or its front end ends
