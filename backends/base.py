@@ -19,7 +19,11 @@ class Backend(Protocol):
     # a twin of the I/O calls that returns an event-loop future at once, or
     # None; Task.io uses it (by method name) to keep many calls in flight
     aio: Any
-    dirty: bool         # a write since the last flush() is not yet durable (never on RAM)
+
+    # an acknowledged write may not be durable yet: flush() owes a sync (never on
+    # RAM). Read-only: a file computes it from write and sync generations (0255)
+    @property
+    def dirty(self) -> bool: ...
 
     def size(self) -> int: ...
     def read_into(self, offset: int, buf: memoryview) -> None: ...

@@ -63,7 +63,11 @@ class FileBackend:
         self._lookups_off_loop = 0    # lookups left to send to worker threads after slow ones
         self._slow_lookups = 0        # lookups in a row on the loop that took too long
         self._changing = _Changing()
-        self.dirty = False            # written since the last flush, not yet durable
+        # write-back writes are numbered; a sync covers those numbered before it
+        # started (decision 0255). Both only grow: read them without the lock.
+        self._gen_lock = threading.Lock()
+        self._written_gen = 0         # the last write-back write (or discard)
+        self._synced_gen = 0          # the newest generation a completed sync covered
         self.can_discard = not self._blockdev and not readonly
         self.can_resize = not self._blockdev and not readonly
 
@@ -115,19 +119,25 @@ class FileBackend:
         if sync:
             self._datasync()
         elif not self._in_memory:
-            self.dirty = True
+            with self._gen_lock:      # (+= from two threads could lose a number)
+                self._written_gen += 1
+
+    @property
+    def dirty(self) -> bool:
+        """An acknowledged write-back write may not be durable yet: no sync that
+        started after it has completed. A sync still running does not count:
+        it may not cover what was written before it (a power loss during it)."""
+        return self._synced_gen < self._written_gen
 
     def _datasync(self) -> None:
-        """fdatasync; `dirty` is cleared first, so a write that lands meanwhile
-        leaves it set (its data may miss this sync) and the next flush syncs it."""
+        """fdatasync, covering every write completed before it started: only
+        when it returns are those generations synced (a failed one syncs none)."""
         if self._in_memory:
             return
-        self.dirty = False
-        try:
-            os.fdatasync(self._fd)
-        except OSError:
-            self.dirty = True
-            raise
+        start = self._written_gen
+        os.fdatasync(self._fd)
+        with self._gen_lock:
+            self._synced_gen = max(self._synced_gen, start)
 
     def read_nowait(self, offset: int, buf: memoryview) -> bool:
         """Read at once when that cannot wait for a device: always on a memory
@@ -154,9 +164,9 @@ class FileBackend:
         return True
 
     def flush(self) -> None:
-        """Make every acknowledged write durable: nothing to do when none is
-        pending (write-through LUNs sync each write), else fdatasync, which
-        skips the metadata (times) that fsync would also write."""
+        """Make every acknowledged write durable: nothing to do when a completed
+        sync covered them all (write-through LUNs sync each write), else
+        fdatasync, which skips the metadata (times) that fsync would write."""
         if self.dirty:
             with self._changing:
                 self._datasync()

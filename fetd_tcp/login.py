@@ -151,6 +151,7 @@ class LoginMachine:
         self._creds: Credentials | None = None
         self._mutual: Credentials | None = None
         self._pending: tuple[LoginRequest, list, int] | None = None
+        self._accepted: LoginRequest | None = None   # the request accept() answered
         self._finished = False
 
     # -- public --------------------------------------------------------------
@@ -171,6 +172,7 @@ class LoginMachine:
         req, pairs, nsg = pending
         self._pending = None
         self._finished = True
+        self._accepted = req
         header, data = self._response(req, pairs, transit=True, nsg=nsg, tsih=tsih)
         outcome = replace(self._outcome(req), tsih=tsih, stat_sn=self.stat_sn)
         return Complete(header, data, outcome)
@@ -182,6 +184,13 @@ class LoginMachine:
         req = pending[0]
         self._pending = None
         return self._fail(req, status, reason or f"refused with status 0x{status:04x}")
+
+    def withdraw(self, status: int, reason: str) -> Fail:
+        """Fail a login accept() finished whose response is not sent: the
+        session it made cannot be used after all (the STML refused its nexus)."""
+        req = self._accepted
+        assert req is not None, "withdraw() without accept()"
+        return self._fail(req, status, reason)
 
     # -- the stages ----------------------------------------------------------
 

@@ -14,6 +14,7 @@ from fetd_tcp import pdu as P
 from fetd_tcp.admission import Admission
 from fetd_tcp.budget import Account
 from fetd_tcp.digest import padding
+from fetd_tcp.registry import SessionRegistry
 from fetd_tcp.session import Connection
 
 log = logging.getLogger("fetd_tcp")
@@ -57,7 +58,6 @@ class LoginPhase:
     async def run(self, machine: L.LoginMachine, admission: Admission, admit: Admit) -> Connection | None:
         """Login Requests to `machine` until it completes (`admit` makes the
         connection, with its budget account) or fails (None)."""
-        writer = self.writer
         while True:
             pdu, data = await self.read_pdu()
             if not isinstance(pdu, P.LoginRequest):
@@ -68,19 +68,39 @@ class LoginPhase:
                 account = admission.account(step.outcome.initiator_name)
                 step = admission.decide(machine, step.outcome) if account is not None else \
                     machine.refuse(L.OUT_OF_RESOURCES, "buffer budget full")
+            if isinstance(step, L.Complete):
+                assert account is not None   # a Complete follows a Decide
+                conn = admit(step.outcome, account)   # the account is the connection's now
+                return await self._complete(machine, step, conn, admission.registry)
             try:
-                writer.write(step.header)
-                if step.data:
-                    writer.write(step.data + padding(len(step.data)))
-                await writer.drain()
+                await self._send(step)
                 if isinstance(step, L.Fail):
                     log.info("login from %s failed: %s", pdu.isid.hex(), step.reason)
                     return None
-                if isinstance(step, L.Complete):
-                    assert account is not None   # a Complete follows a Decide
-                    conn = admit(step.outcome, account)
-                    account = None               # the connection's now
-                    return conn
             finally:
                 if account is not None:
                     account.close()
+
+    async def _send(self, step: L.Send | L.Complete | L.Fail) -> None:
+        self.writer.write(step.header)
+        if step.data:
+            self.writer.write(step.data + padding(len(step.data)))
+        await self.writer.drain()
+
+    async def _complete(self, machine: L.LoginMachine, step: L.Complete, conn: Connection,
+                        registry: SessionRegistry) -> Connection | None:
+        """Answer a login that made `conn` once the STML has taken its new
+        session's nexus. Refused there (past a cap of the STML's), the login
+        fails with Out of resources and its session ends unseen: a session
+        the initiator was told of would fail its every command instead."""
+        try:
+            refusal = await registry.refusal(conn.session)
+            await self._send(machine.withdraw(L.OUT_OF_RESOURCES, refusal) if refusal else step)
+        except BaseException:   # the connection failed, or the login timer ran out
+            registry.drop_connection(conn)
+            raise
+        if refusal:
+            log.info("login from %s failed: %s", conn.session.isid.hex(), refusal)
+            registry.drop_connection(conn)
+            return None
+        return conn

@@ -39,6 +39,8 @@ class SessionRegistry:
         self.by_name: dict[tuple[str, bytes, str], Session] = {}   # (initiator, ISID, target) -> session
         self.per_target: dict[str, int] = {}             # target -> normal sessions
         self.nexus_ids = itertools.count(1)
+        # new sessions' nexuses the STML has not answered yet: its answer (an error or None)
+        self.registering: dict[int, asyncio.Future[str | None]] = {}
         self.tsihs = itertools.count(1)
         # TSIH -> the portal it logged in through, and the initiator's address (audit lines)
         self.session_portals: dict[int, tuple[str, str]] = {}
@@ -82,6 +84,7 @@ class SessionRegistry:
                 self.by_nexus[session.nexus] = session
                 self.per_target[target] = self.per_target.get(target, 0) + 1
                 self.link.register_nexus(session.nexus, session.initiator_port, target, tpgt)
+                self.registering[session.nexus] = asyncio.get_running_loop().create_future()
         self.session_portals.setdefault(o.tsih, (portal, peer))
         log.info("login: %s 0x%s -> %s via %s tpgt %d, TSIH %d CID %d (%s)", o.initiator_name, o.isid.hex(),
                  target or "discovery", portal, tpgt, o.tsih, o.cid,
@@ -98,6 +101,18 @@ class SessionRegistry:
         if failed is not None:
             failed.acknowledge(o.exp_stat_sn)
         return session
+
+    async def refusal(self, s: Session) -> str | None:
+        """None once the STML has taken the session's nexus (at once for a
+        session it took before, or a discovery session, which has none),
+        else its reason: the login that made the session then fails."""
+        ready = self.registering.get(s.nexus)
+        return None if ready is None else await ready
+
+    def nexus_ready(self, nexus: int, error: str | None) -> None:
+        ready = self.registering.pop(nexus, None)
+        if ready is not None and not ready.done():
+            ready.set_result(error)
 
     def attach(self, conn: Connection) -> None:
         """A new connection of a session `admit` gave."""
@@ -137,8 +152,10 @@ class SessionRegistry:
     def link_lost(self) -> None:
         """The STML is gone with every task: failed connections keep nothing,
         sessions without connections end, every connection closes."""
-        # nor will it answer our aborts
+        # nor will it answer our aborts, or the nexuses logins wait for
         self.expiring.clear()
+        for nexus in list(self.registering):
+            self.nexus_ready(nexus, "the link to the STML was lost")
         for s in list(self.sessions.values()):
             for failed in list(s.failed.values()):   # their tasks are gone with the STML
                 self.discard_failed(failed)
@@ -279,6 +296,7 @@ class SessionRegistry:
                 self.discard_failed(failed)
             if not s.discovery:
                 self.by_nexus.pop(s.nexus, None)
+                self.registering.pop(s.nexus, None)
                 left = self.per_target.get(s.target, 1) - 1
                 if left:
                     self.per_target[s.target] = left

@@ -71,8 +71,7 @@ class IscsiFrontEnd:
         self.registry.drop_nexus(nexus, reason)
 
     def nexus_ready(self, nexus: int, error: str | None) -> None:
-        if error:
-            log.warning("STML refused nexus %d: %s", nexus, error)
+        self.registry.nexus_ready(nexus, error)   # a refusal fails the login (logged there)
 
     def rdy_to_xfer(self, tag: int, offset: int, length: int) -> None:
         task = self.tags.tasks.get(tag)

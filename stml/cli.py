@@ -53,7 +53,7 @@ def stml_options(f: Callable) -> Callable:
         click.option("--listen", multiple=True, metavar="ENDPOINT",
                      help="Another endpoint to bind, repeatable (tcp://HOST:PORT for remote front ends)."),
         click.option("--insecure", is_flag=True,
-                     help="Allow a plain-TCP STML endpoint on a non-loopback address (no CURVE)."),
+                     help="Allow a plain-TCP STML endpoint (no CURVE; on loopback too, which any local user can reach)."),
         click.option("--metrics", metavar="HOST:PORT", help="Serve Prometheus metrics here."),
         click.option("--poll-us", type=click.IntRange(0, MAX_POLL_US), metavar="US",
                      help="After traffic, poll for this long before sleeping (0: never; default 0, "

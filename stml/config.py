@@ -10,7 +10,7 @@ import secrets
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from stml.lu import LunOptions, legacy_id
 from stml.sched import DEFAULT_POLICY, POLICIES
@@ -117,14 +117,24 @@ class Config:
 MAX_POLL_US = 10_000
 
 
+class CurveKey(NamedTuple):
+    """An entry of allowed_front_ends / allowed_managers: a public key written
+    out (Z85) or the file that holds one (resolved against the config file's
+    directory). Which of the two is decided once, where the config is read
+    (is_z85_key): whoever reads the key later has another working directory,
+    and a file may have come or gone since."""
+    text: str
+    is_file: bool
+
+
 @dataclass
 class StmlSettings:
     """The `[stml]` table: extra endpoints and how remote peers are admitted."""
     listen: list[str] = field(default_factory=list)      # more endpoints to bind (tcp:// for remote)
     curve_secret_key_file: str | None = None             # the STML's CURVE key pair (secret file)
-    allowed_front_ends: list[str] = field(default_factory=list)   # Z85 public keys or key files
-    allowed_managers: list[str] = field(default_factory=list)     # the same forms: remote management (0242)
-    insecure: bool = False           # allow plain TCP on a non-loopback address
+    allowed_front_ends: list[CurveKey] = field(default_factory=list)   # Z85 public keys or key files
+    allowed_managers: list[CurveKey] = field(default_factory=list)     # the same forms: remote management (0242)
+    insecure: bool = False           # allow plain TCP (no CURVE), loopback included
     heartbeat_ms: int = 1000
     metrics: str | None = None       # "HOST:PORT": serve Prometheus metrics there
     poll_us: int | None = None       # busy-poll window; None: 0 alone, `run` picks it when it split the CPUs
@@ -507,7 +517,7 @@ def stml_settings(raw: Any, config_path: Path | None) -> StmlSettings:
                         _bool(raw.get("timing", False), "stml.timing"))
 
 
-def _key_list(raw: dict[str, Any], key: str, config_path: Path | None) -> list[str]:
+def _key_list(raw: dict[str, Any], key: str, config_path: Path | None) -> list[CurveKey]:
     """allowed_front_ends / allowed_managers: Z85 keys as they are, key files
     relative to the config file. (A key in both lists is refused when the
     files are read, stml.roles: two names may hold one key.)"""
@@ -515,7 +525,7 @@ def _key_list(raw: dict[str, Any], key: str, config_path: Path | None) -> list[s
     if not isinstance(keys, list) or not all(isinstance(a, str) for a in keys):
         raise ConfigError(f"stml.{key}", "must be a list of public keys (Z85) or key files")
     paths = [_key_path(a, config_path) for a in keys]
-    return [a if is_z85_key(a, p) else p for a, p in zip(keys, paths)]
+    return [CurveKey(a, False) if is_z85_key(a, p) else CurveKey(p, True) for a, p in zip(keys, paths)]
 
 
 class StartupError(ConfigError):

@@ -51,6 +51,14 @@ _ACA = int(TaskAttr.ACA)   # (plain ints: a TaskAttr member read through its cla
 _REGISTER = Op.REGISTER.value   # plain str: an enum member costs an attribute hook per message
 _TIMING = Cap.TIMING.value
 _TIMING_CAPS = frozenset({_TIMING})   # granted, when offered, while commands are timed
+# what front ends can make the STML keep, whichever front end it is (a remote
+# one is code we do not run: 0240), docs/decisions/0263. Far above fetd_tcp's own
+# limits (256 sessions per target, 1,024 connections per portal), so they bind
+# only a front end that ignores its own, or many front ends on one target.
+MAX_NEXUSES_PER_FRONT_END = 8192
+MAX_NEXUSES_PER_TARGET = 4096   # I_T nexuses (initiator port, target port), all front ends
+MAX_PORT_GROUPS = 256   # port group tags nexuses of one target came through (never forgotten)
+MAX_TPG = 0xFFFF        # a target port group is 16 bits (REPORT TARGET PORT GROUPS)
 # backend failures that are no fault of the medium, by errno: the storage is
 # out of this path's reach for now (ESHUTDOWN: an RBD gateway fenced, another
 # serves the LU; ETIMEDOUT: the cluster did not answer). NOT READY, ASYMMETRIC
@@ -503,7 +511,7 @@ class Emulator:
             self.out.nexus_ready(fe.ident, nexus.id,
                                  f"initiator or target name longer than {MAX_NAME_LEN} bytes")
             return
-        refused = self._nexus_refusal(nexus)
+        refused = self._nexus_refusal(nexus) or self._over_cap(fe, nexus)
         if refused:
             log.warning("front end %s: nexus %d refused: %s", fe.name, nexus.id, refused)
             self.out.nexus_ready(fe.ident, nexus.id, refused)
@@ -525,10 +533,34 @@ class Emulator:
         t = self.targets.get(nexus.target)
         if t is None:
             return f"no target {nexus.target}"
-        acl = t.access.get("acl")
-        name = pr.name_key(nexus.initiator)   # the port's initiator name; names compare without case
-        if acl and all(a.lower() != name for a in acl):
+        acl = self.admitted(nexus.target)
+        if acl is not None and pr.name_key(nexus.initiator) not in acl:
             return f"initiator {nexus.initiator} is not in the ACL of {t.name}"
+        return None
+
+    def admitted(self, target: str) -> frozenset[str] | None:
+        """The initiator names the target's ACL admits, lower case (names
+        compare without case, as pr.name_key gives a port's); None: any."""
+        t = self.targets.get(target)
+        if t is None:
+            return frozenset()
+        acl = t.access.get("acl")
+        return frozenset(a.lower() for a in acl) if acl else None
+
+    def _over_cap(self, fe: FrontEnd, nexus: Nexus) -> str | None:
+        """Why this nexus would take the STML past a cap, or None. Each is
+        checked in O(1); one that replaces a live nexus (its id, or its key
+        on the target) takes no more room."""
+        if not 0 <= nexus.tpg <= MAX_TPG:
+            return f"portal group tag {nexus.tpg} is not in 0..{MAX_TPG}"
+        if len(fe.nexuses) >= MAX_NEXUSES_PER_FRONT_END and nexus.id not in fe.nexuses:
+            return f"front end has {MAX_NEXUSES_PER_FRONT_END} nexuses, the most the STML keeps for one"
+        keys = self._target_keys.get(nexus.target, {})
+        if len(keys) >= MAX_NEXUSES_PER_TARGET and nexus.key not in keys:
+            return f"target {nexus.target} has {MAX_NEXUSES_PER_TARGET} I_T nexuses, the most the STML keeps"
+        tpgs = self._seen_tpgs.get(nexus.target, ())
+        if len(tpgs) >= MAX_PORT_GROUPS and nexus.tpg not in tpgs:
+            return f"target {nexus.target} has nexuses through {MAX_PORT_GROUPS} port groups, the most it keeps"
         return None
 
     def portal_groups(self, target: str) -> set[int]:

@@ -13,6 +13,8 @@ Identities: a registration names an initiator port ("IQN,i,0xISID" for
 iSCSI, or a bare name that stands for every port of that name, from a
 TransportID of format 00b) and a target port (target name and portal group
 tag, the relative target port identifier), or every target port (ALL_TG_PT).
+A TransportID (SPEC_I_PT, REGISTER AND MOVE) names a port that may never have
+logged in: when the target has an ACL, it must name an initiator the ACL admits.
 
 APTPL: when the last REGISTER / REGISTER AND MOVE asked for it, the state is
 written to its store after every change, and read back at start or when the
@@ -44,6 +46,7 @@ import json
 import os
 import re
 import struct
+from collections.abc import Container
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -187,6 +190,11 @@ class PrParams:
     all_tg_pt: bool = False
     aptpl: bool = False
     transport_ids: list[str] = field(default_factory=list)
+    tid_at: list[int] = field(default_factory=list)   # where each starts in the list (field pointers)
+    # the initiator names (lower case) the target's ACL admits, None: any. A
+    # TransportID names a port that may never have logged in: it takes a key
+    # only if it could (LIO wants a node ACL for it)
+    acl: Container[str] | None = None
     # REGISTER AND MOVE
     unreg: bool = False
     rel_port: int = 0
@@ -333,7 +341,9 @@ class PrState:
             seen = {r.initiator for r in self.regs if r.target == n.target}
             seen.add(n.initiator)
             full = len(self.regs) + 1 > MAX_REGISTRATIONS
-            for tid in p.transport_ids:
+            for i, tid in enumerate(p.transport_ids):
+                if p.acl is not None and name_key(tid) not in p.acl:
+                    raise invalid_param(p.tid_at[i])
                 if full:
                     break
                 if tid not in seen:
@@ -471,6 +481,8 @@ class PrState:
             raise invalid_param(24)
         dest = Port(p.transport_ids[0], n.target, p.rel_port)
         if dest.initiator == n.initiator and dest.tpg == n.tpg:
+            raise invalid_param(24)
+        if p.acl is not None and name_key(dest.initiator) not in p.acl:
             raise invalid_param(24)
         reg = self.reg_of(dest)
         if reg is None:
@@ -733,12 +745,15 @@ def transport_id(initiator: str) -> bytes:
 _PORT_NAME = re.compile(r"([^,]+),i,0x([0-9a-f]{1,12})", re.I)
 
 
-def parse_transport_ids(data: bytes, base: int) -> list[str]:
+def parse_transport_ids(data: bytes, base: int) -> tuple[list[str], list[int]]:
     """Decode a list of iSCSI TransportIDs; `base` is their offset in the
     parameter list. Each is checked as it is read (format, a length no longer
     than the longest iSCSI port name needs, a name of at most 223 bytes, an
-    ISID of hex digits), so a bad list costs one pass and changes nothing."""
-    out, off = [], 0
+    ISID of hex digits), so a bad list costs one pass and changes nothing.
+    The names, and where each starts in the parameter list."""
+    out: list[str] = []
+    at: list[int] = []
+    off = 0
     while off < len(data):
         if len(data) - off < 4:
             raise invalid_param(base + off)
@@ -761,8 +776,9 @@ def parse_transport_ids(data: bytes, base: int) -> list[str]:
         elif not name or "," in name or len(raw) > MAX_NAME:
             raise invalid_param(base + off + 4)
         out.append(name)
+        at.append(base + off)
         off += 4 + n
-    return out
+    return out, at
 
 
 def _tid_body_length(initiator: str) -> int:
@@ -780,9 +796,9 @@ def parse_prout(sa: int, data: bytes, plen: int) -> PrParams:
         flags, rel_port, tlen = data[17], u16(data, 18), u32(data, 20)
         if 24 + tlen > plen:
             raise CheckCondition(ILLEGAL_REQUEST, PARAMETER_LIST_LENGTH_ERROR)
-        tids = parse_transport_ids(data[24:24 + tlen], 24)
+        tids, at = parse_transport_ids(data[24:24 + tlen], 24)
         return PrParams(rk, sark, aptpl=bool(flags & 1), unreg=bool(flags & 2), rel_port=rel_port,
-                        transport_ids=tids)
+                        transport_ids=tids, tid_at=at)
     if plen < 24:
         raise CheckCondition(ILLEGAL_REQUEST, PARAMETER_LIST_LENGTH_ERROR)
     rk, sark = struct.unpack_from(">QQ", data, 0)
@@ -795,7 +811,7 @@ def parse_prout(sa: int, data: bytes, plen: int) -> PrParams:
         tlen = u32(data, 24)
         if 28 + tlen != plen:
             raise CheckCondition(ILLEGAL_REQUEST, PARAMETER_LIST_LENGTH_ERROR)
-        p.transport_ids = parse_transport_ids(data[28:28 + tlen], 28)
+        p.transport_ids, p.tid_at = parse_transport_ids(data[28:28 + tlen], 28)
     elif plen != 24:
         raise CheckCondition(ILLEGAL_REQUEST, PARAMETER_LIST_LENGTH_ERROR)
     if p.all_tg_pt and sa not in (REGISTER, REGISTER_IGNORE):
@@ -872,6 +888,8 @@ async def prout(task: Task) -> None:
     if len(data) < plen:
         raise CheckCondition(ILLEGAL_REQUEST, PARAMETER_LIST_LENGTH_ERROR)
     params = parse_prout(sa, data, plen)
+    if params.transport_ids:
+        params.acl = task.services.admitted(lu.target)
     st = state(lu)
     if sa in (REGISTER, REGISTER_IGNORE, REGISTER_AND_MOVE) and params.aptpl and st.store is None:
         raise invalid_param(20 if sa != REGISTER_AND_MOVE else 17, 0)   # nowhere to persist
@@ -885,7 +903,13 @@ async def apply_effects(task: Task, st: PrState, effects: Effects) -> None:
     """Unit attentions of a PERSISTENT RESERVE OUT, and the tasks PREEMPT
     AND ABORT aborts (it completes only once they are gone). Registrations
     are matched against the target's live nexuses grouped by initiator
-    name once, so the work is linear in registrations plus sessions."""
+    name once, so the work is linear in registrations plus sessions. A
+    change without effects (REGISTER of a new key, most RESERVEs) does none
+    of it: it removed no registration but maybe the issuing nexus's own,
+    which is logged in, so no unit attention kept for a logged-out nexus
+    loses the registration that keeps it (drop_offline_uas would find none)."""
+    if not effects.ua and not effects.aborted:
+        return
     lu = unit(task)
     services = task.services
     by_name: dict[str, list[Nexus]] = {}

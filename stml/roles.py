@@ -10,11 +10,16 @@ Two things tell the roles apart:
   attaches to each of its messages. The STML reads it only for the messages
   GUARDS names (register, mgmt), never per command.
 - Any peer: an identity registered as a front end is one, and its `mgmt`
-  is refused. Same-host peers (ipc://, the stream socket, plain loopback
-  TCP) have no User-Id: file permissions admit them, in either role.
+  is refused. Same-host peers (ipc://, the stream socket) have no User-Id:
+  file permissions admit them, in either role. Plain loopback TCP has none
+  either, and is served only with --insecure (decision 0246).
+- A peer without a key on plain TCP (`--insecure`) may register, but may
+  manage only from this host: a loopback address (decision 0244). Nothing
+  proves who it is, so nothing may let it change what others reach.
 """
 from __future__ import annotations
 
+import ipaddress
 import logging
 from dataclasses import dataclass
 
@@ -23,7 +28,7 @@ from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 
 from stml.api import Op
-from stml.config import ConfigError, StmlSettings, is_z85_key
+from stml.config import ConfigError, CurveKey, StmlSettings
 
 log = logging.getLogger("stml")
 
@@ -38,26 +43,47 @@ class Guard:
     role: str                 # the User-Id a CURVE peer needs
     wrong_key: str            # a CURVE peer with another role
     registered: str | None    # an identity registered as a front end (None: no matter)
+    keyless: str | None       # a peer without a key, not on this host ({address}; None: no matter)
 
 
 GUARDS: dict[str, Guard] = {
     Op.MGMT.value: Guard(MANAGER, "management refused: this peer is a front end, not a manager "
                                   "(its key is not in [stml] allowed_managers)",
-                         "management refused: this peer is a front end"),
+                         "management refused: this peer is a front end",
+                         "management refused: plain TCP from {address}, not this host (manage over "
+                         "ipc:// or loopback, or over CURVE with a key in [stml] allowed_managers)"),
     Op.REGISTER.value: Guard(FRONT_END, "registration refused: this peer is a manager, not a front end "
-                                        "(its key is not in [stml] allowed_front_ends)", None),
+                                        "(its key is not in [stml] allowed_front_ends)", None, None),
 }
 
 
-def refusal(op: str, user_id: str | None, registered: bool) -> str | None:
+def on_this_host(address: str | None) -> bool:
+    """Whether a peer without a key is on this host, by its ZeroMQ Peer-Address:
+    a loopback IP, or an ipc:// peer ("localhost:UID:GID:PID"). None is the
+    stream carrier's peer (a Unix socket). Anything else, an unknown form
+    included, is not."""
+    if address is None or address.startswith("localhost:"):
+        return True
+    try:
+        ip = ipaddress.ip_address(address.partition("%")[0])
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)   # ::ffff:127.0.0.1
+    return (mapped or ip).is_loopback
+
+
+def refusal(op: str, user_id: str | None, registered: bool, address: str | None = None) -> str | None:
     """Why the guarded message `op` is refused from this peer, or None.
-    `user_id`: its connection's ZAP User-Id (None: no ZAP, a same-host
-    peer); `registered`: its identity is a registered front end."""
+    `user_id`: its connection's ZAP User-Id (None: no ZAP); `registered`:
+    its identity is a registered front end; `address`: where a peer without
+    ZAP is (on_this_host)."""
     guard = GUARDS[op]
     if user_id is not None and user_id != guard.role:
         return guard.wrong_key
     if registered and guard.registered is not None:
         return guard.registered
+    if user_id is None and guard.keyless is not None and not on_this_host(address):
+        return guard.keyless.format(address=address or "an unknown address")
     return None
 
 
@@ -68,10 +94,11 @@ def allow_list(settings: StmlSettings) -> dict[bytes, tuple[str, str]]:
     from scsi_runtime.curvekeys import load_key_file
     keys: dict[bytes, tuple[str, str]] = {}
     for role, setting in LISTS.items():
+        entry: CurveKey
         for entry in getattr(settings, setting):
-            named = "listed key" if is_z85_key(entry) else entry
+            named = entry.text if entry.is_file else "listed key"
             try:
-                key = entry.encode() if is_z85_key(entry) else load_key_file(entry)[0]
+                key = load_key_file(entry.text)[0] if entry.is_file else entry.text.encode()
             except ValueError as e:
                 raise ConfigError(f"stml.{setting}", str(e)) from None
             other = keys.get(key)

@@ -40,7 +40,7 @@ _DISCARD_CHUNK = 64 << 20   # deallocated per step (RAM: 64 pages freed)
 
 async def _flush(task: Task) -> None:
     """Make the LU's acknowledged writes durable; nothing to do (and no thread
-    to wake) when none is pending."""
+    to wake) when a completed sync covered them all (0255)."""
     lu = task.lu
     assert lu is not None   # per command: see ops.unit()
     if lu.backend.dirty:

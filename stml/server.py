@@ -23,7 +23,7 @@ import zmq
 from backends import BackendError, open_backend
 from stml.api import BufferPool, Channel, Op, SharedRegion, StreamChannel, pack, stream_path, unpack
 from stml.api.messages import TO_STML, Cap, check
-from stml.api.sizes import SHARED_READ_MIN
+from stml.api.sizes import FRAME_ROOM, SHARED_READ_MIN
 from stml.api.stream import Lease
 from stml.api.tap import Tap, TapPoint, combine
 from stml.config import Config, ConfigError, StartupError
@@ -146,12 +146,15 @@ class StmlServer(TapPoint):
                                  threads=WORKER_THREADS,
                                  discovery=config.discovery(),
                                  data_dir=config.data_dir, portal_groups=portal_groups(config))
+        # no frame bigger than a legal one is buffered whole (RCVHWM=0 bounds no size):
+        # ZeroMQ disconnects the peer that sends it
+        self.sock.setsockopt(zmq.MAXMSGSIZE, self.emulator.max_transfer + FRAME_ROOM)
         self.emulator.portals = portal_entries(config.portals)
         # counters exist for real LUs and live sessions only: made on a session's
         # first command to an LU, freed when the session or its front end ends
         self.metrics = Metrics(self.emulator.lookup_lu)
         self.emulator.on_nexus_gone = self.metrics.nexus_gone
-        self.emulator.on_front_end_gone = self.metrics.front_end_gone
+        self.emulator.on_front_end_gone = self._front_end_gone
         for t in build_targets(config, self.emulator.templates):
             self.emulator.targets[t.name] = t
         try:
@@ -170,6 +173,9 @@ class StmlServer(TapPoint):
         self._lock_fd: int | None = None
         self.listeners: list[socket.socket] = []         # same-host stream sockets
         self.streams: dict[bytes, StreamChannel] = {}    # their connections, by front-end ident
+        # ZeroMQ front ends by the connection they registered on, and back (decision 0243)
+        self._registered_on: dict[int, bytes] = {}
+        self._connection_of: dict[bytes, int] = {}
         self._stream_ids = itertools.count(1)
         self.pool = BufferPool()    # big write-data frames, shared by every stream
         poll_us = config.stml.poll_us
@@ -282,8 +288,10 @@ class StmlServer(TapPoint):
 
     def _bind(self) -> None:
         """Bind every endpoint: ipc:// ones plain (file permissions guard them),
-        then tcp:// ones with CURVE when a key is configured. Plain TCP on an
-        address other than loopback is refused unless `insecure` is set."""
+        then tcp:// ones with CURVE when a key is configured. Plain TCP is
+        refused unless `insecure` is set, loopback included: any local user
+        can connect to a loopback port, where only the STML's own user can
+        open its ipc:// socket (decision 0246)."""
         eps = sorted(self.endpoints, key=lambda e: e.startswith("tcp://"))
         for ep in eps:
             if ep.startswith("tcp://") and self.auth is None:
@@ -293,13 +301,13 @@ class StmlServer(TapPoint):
     def _secure_tcp(self, ep: str) -> None:
         s = self.config.stml
         if not s.curve_secret_key_file:
-            if not _is_loopback(ep) and not s.insecure:
-                raise ConfigError("stml_endpoint", f"{ep} is plain TCP on a non-loopback address: "
-                                  "configure [stml] curve_secret_key_file and allowed_front_ends "
-                                  "(and allowed_managers), "
-                                  "or pass --insecure")
-            if not _is_loopback(ep):
-                log.warning("serving %s WITHOUT encryption or authentication (--insecure)", ep)
+            if not s.insecure:
+                where = "any local user can reach" if _is_loopback(ep) else "a non-loopback address"
+                raise ConfigError("stml_endpoint", f"{ep} is plain TCP ({where}): use ipc:// on this "
+                                  "host, or configure [stml] curve_secret_key_file and allowed_front_ends "
+                                  "(and allowed_managers), or pass --insecure")
+            log.warning("serving %s WITHOUT encryption or authentication (--insecure)%s", ep,
+                        ": any local user may manage this target" if _is_loopback(ep) else "")
             return
         from scsi_runtime.curvekeys import load_key_file
         try:
@@ -412,6 +420,41 @@ class StmlServer(TapPoint):
             log.info("front end %s closed its stream", fe.name)
             self.emulator.release_front_end(fe, "deregistered")
 
+    def _bind_front_end(self, ident: bytes) -> None:
+        """A ZeroMQ front end just registered: it is the connection that sent
+        the registration (decision 0243). A registration handed on later (a
+        tap) has no known connection: heartbeats alone then tell it is gone."""
+        fd = self.channel.connection()
+        if fd is None or ident not in self.emulator.front_ends:
+            return
+        self._unbind(ident)
+        other = self._registered_on.get(fd)
+        if other is not None:   # (never, when ZeroMQ reported that connection's end)
+            self._unbind(other)
+        self._registered_on[fd] = ident
+        self._connection_of[ident] = fd
+
+    def _unbind(self, ident: bytes) -> None:
+        fd = self._connection_of.pop(ident, None)
+        if fd is not None:
+            del self._registered_on[fd]
+
+    def _connection_closed(self, fd: int) -> None:
+        """A ZeroMQ connection ended: a front end registered on it is gone for
+        good, as one whose stream closed (a peer that takes its routing id
+        later is another peer, and finds no front end there)."""
+        ident = self._registered_on.get(fd)
+        if ident is None:
+            return
+        self._unbind(ident)
+        fe = self.emulator.front_ends.get(ident)
+        if fe is not None:
+            self.emulator.release_front_end(fe, "its connection closed")
+
+    def _front_end_gone(self, ident: bytes) -> None:
+        self.metrics.front_end_gone(ident)
+        self._unbind(ident)
+
     async def serve(self, stop: asyncio.Event, trace: TraceOptions | None = None) -> None:
         if trace is not None:   # before any front end can connect: the trace sees everything
             try:
@@ -434,6 +477,7 @@ class StmlServer(TapPoint):
         self.mgmt = Management(self.emulator, self.config, gateway=self.gateway, metrics=self.metrics,
                                portals=self.portals, endpoints=self.endpoints, traces=self.traces)
         self.channel = Channel(self.sock, self.received, routed=True)
+        self.channel.watch_connections(self._connection_closed)
         self.gateway.start()
         loop = asyncio.get_running_loop()
         for listener in self.listeners:
@@ -575,7 +619,12 @@ class StmlServer(TapPoint):
                 lease.release()
             return
         if op == _REGISTER:
+            zmq_peer = ident not in self.streams
+            if zmq_peer:   # ends reported since: the registration is judged on what is now
+                self.channel.poll_connections()
             self.emulator.handle(ident, header, frames[2:], lease)
+            if zmq_peer:
+                self._bind_front_end(ident)
             return
         if lease is not None:     # data frames mean nothing here
             lease.release()
@@ -597,9 +646,11 @@ class StmlServer(TapPoint):
         Called while the carrier handles the message: a stream peer is on this
         host (no User-Id); a ZeroMQ one's connection carries its role."""
         op = header["op"]
-        user_id = None if ident in self.streams else self.channel.user_id()
+        stream = ident in self.streams
+        user_id = None if stream else self.channel.user_id()
+        address = None if stream else self.channel.peer_address()
         fe = self.emulator.front_ends.get(ident)
-        why = refusal(op, user_id, fe is not None)
+        why = refusal(op, user_id, fe is not None, address)
         if why is None:
             return True
         log.warning("refused %s from %s: %s", op, fe.name if fe is not None else ident.hex(), why)
@@ -615,7 +666,17 @@ class StmlServer(TapPoint):
         successors still see it)."""
         if past is not None and not self._seen_after(past, ident, header, data, inbound=True):
             return
-        self._receive([ident, b"", *data], None, header)
+        # handed on later, maybe while the carrier handles another peer's message:
+        # not that message's connection (a registration here is tied to none, 0243)
+        channel = getattr(self, "channel", None)   # (none before serve)
+        if channel is None:
+            self._receive([ident, b"", *data], None, header)
+            return
+        frame, channel.frame = channel.frame, None
+        try:
+            self._receive([ident, b"", *data], None, header)
+        finally:
+            channel.frame = frame
 
     async def _liveness(self) -> None:
         while True:

@@ -71,6 +71,11 @@ class Services(Protocol):
         """The target port groups of a target (ALUA)."""
         ...
 
+    def admitted(self, target: str) -> Container[str] | None:
+        """The initiator names (lower case) the target's ACL admits; None: any
+        (no ACL). SPEC_I_PT and REGISTER AND MOVE register only those."""
+        ...
+
     def nexus_keys(self, target: str) -> list[str]:
         """The keys of the target's live I_T nexuses."""
         ...

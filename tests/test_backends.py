@@ -1,10 +1,13 @@
 """Storage backends: RAM pages and files, through the Backend interface."""
 from __future__ import annotations
 
+import errno
 import os
+import threading
 
 import pytest
 
+import backends.file as file_mod
 from backends import BackendError, open_backend
 from backends.file import FileBackend
 from backends.ram import PAGE, RamBackend
@@ -213,6 +216,110 @@ def test_directory_is_refused(tmp_path):
         FileBackend(str(tmp_path), readonly=True)
     with pytest.raises(BackendError):
         FileBackend(str(tmp_path))
+
+
+# ---------------------------------------------------------------- file: flush and concurrent syncs
+
+class Syncs:
+    """os.fdatasync that logs when each call starts and ends, by thread name;
+    the calls of the thread named `held` wait for `gate` before syncing."""
+
+    def __init__(self, real, held: str) -> None:
+        self.real, self.held, self.log = real, held, []
+        self.lock = threading.Lock()
+        self.gate, self.entered = threading.Event(), threading.Event()
+
+    def __call__(self, fd: int) -> None:
+        me = threading.current_thread().name
+        with self.lock:
+            self.log.append(("start", me))
+        if me == self.held:
+            self.entered.set()
+            self.gate.wait()
+        self.real(fd)
+        with self.lock:
+            self.log.append(("end", me))
+
+    def calls(self) -> int:
+        return sum(1 for what, _ in self.log if what == "start")
+
+
+@pytest.fixture
+def held_sync(tmp_path, monkeypatch):
+    """A disk file, a write-back write A on it, and a FUA write B in a thread
+    whose fdatasync has started and is held until the test releases it."""
+    syncs = Syncs(os.fdatasync, held="FUA-B")
+    monkeypatch.setattr(file_mod.os, "fdatasync", syncs)
+    f = FileBackend(str(tmp_path / "d.img"), 1 << 20)    # /tmp here: a disk file system
+    assert f._in_memory is False
+    f.write_from(0, [memoryview(b"A" * 512)], sync=False)    # GOOD with WCE=1: cached
+    assert f.dirty
+    fua = threading.Thread(target=f.write_from, args=(512, [memoryview(b"B" * 512)], True),
+                           name="FUA-B", daemon=True)
+    fua.start()
+    try:
+        assert syncs.entered.wait(60)   # (a guard against a hang, not a measure)
+        yield f, syncs, fua
+    finally:
+        syncs.gate.set()
+        fua.join()
+        f.close()
+
+
+def test_flush_does_not_answer_on_a_sync_still_running(held_sync):
+    """SYNCHRONIZE CACHE while another command's fdatasync runs: that sync may
+    not have reached the disk when power fails, so the flush returns only after
+    a sync that started after A was written has ended: its own."""
+    f, syncs, fua = held_sync
+    f.flush()
+    assert not syncs.gate.is_set()
+    assert syncs.log == [("start", "FUA-B"), ("start", "MainThread"), ("end", "MainThread")]
+    assert not f.dirty
+    f.flush()                       # nothing written since that sync ended: no fdatasync
+    assert syncs.calls() == 2
+    syncs.gate.set()
+    fua.join()
+    assert syncs.log[-1] == ("end", "FUA-B")
+    f.flush()
+    assert syncs.calls() == 2 and not f.dirty
+
+
+def test_flush_after_a_completed_sync_costs_no_fdatasync(held_sync):
+    f, syncs, fua = held_sync
+    syncs.gate.set()
+    fua.join()                      # B's sync started after A was written, and ended
+    assert not f.dirty
+    f.flush()
+    assert syncs.calls() == 1
+
+
+def test_write_landing_during_a_sync_is_left_to_the_next_flush(held_sync):
+    f, syncs, fua = held_sync
+    f.write_from(1024, [memoryview(b"C" * 512)], sync=False)   # after B's sync started
+    syncs.gate.set()
+    fua.join()
+    assert f.dirty                  # B's sync may have missed C
+    f.flush()
+    assert syncs.log[-2:] == [("start", "MainThread"), ("end", "MainThread")]
+    assert syncs.calls() == 2 and not f.dirty
+
+
+def test_failed_flush_leaves_the_writes_owed(tmp_path, monkeypatch):
+    def eio(fd: int) -> None:
+        raise OSError(errno.EIO, "I/O error")
+    f = FileBackend(str(tmp_path / "d.img"), 1 << 20)
+    assert f._in_memory is False
+    try:
+        f.write_from(0, [memoryview(b"A" * 512)], sync=False)
+        monkeypatch.setattr(file_mod.os, "fdatasync", eio)
+        with pytest.raises(OSError):
+            f.flush()
+        assert f.dirty
+        monkeypatch.undo()
+        f.flush()
+        assert not f.dirty
+    finally:
+        f.close()
 
 
 # ---------------------------------------------------------------- open_backend

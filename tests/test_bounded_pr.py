@@ -287,27 +287,49 @@ def test_aptpl_saves_run_in_their_thread_and_coalesce(tmp_path, monkeypatch):
     assert len(json.loads(pr.state_path(tmp_path, T, 0).read_text())["registrations"]) == 10
 
 
-def test_pr_effects_match_registrations_to_sessions_by_name(monkeypatch):
-    """CLEAR of 1,000 registrations with 200 sessions logged in: registrations
-    are matched only against sessions of their own name (it was every
-    registration against every session: 200,000 matches), and one UA is
-    stored per live registrant, none for the ports that never logged in."""
+def _sessions(sent: list, count: int):
+    """An in-process STML with one RAM LU and `count` sessions of one front
+    end (initiators s1..s{count}): (emulator, LU)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from backends import open_backend
     from stml.api import Op
     from stml.emulator import Emulator, Target
     from stml.lu import LogicalUnit, LunOptions
-    sent: list = []
     lu = LogicalUnit(T, 0, open_backend("ram", 1 << 20, None, False), LunOptions(kind="ram", size=1 << 20),
                      None)
     emu = Emulator([Target(T, {0: lu})], lambda ident, h, f: sent.append(h), ThreadPoolExecutor(1))
     lu.template = emu.templates["disk"]
     emu.handle(b"fe", {"op": Op.REGISTER, "version": [1, 0], "kind": "test", "name": "t",
                        "heartbeat_ms": 1000, "aen": False}, [])
-    for n in range(1, 201):
+    for n in range(1, count + 1):
         emu.handle(b"fe", {"op": Op.REGISTER_NEXUS, "nexus": n, "initiator": f"{NAME}:s{n}",
                            "target": T, "tpg": 1}, [])
+    return emu, lu
+
+
+def _run_prout(emu, sent: list, nexus: int, cdb: bytes, params: bytes) -> dict:
+    """One PERSISTENT RESERVE OUT from session `nexus`, run to its response."""
+    from stml.api import Op
+    sent.clear()
+
+    async def run() -> None:
+        emu.handle(b"fe", {"op": Op.RX_CMND, "tag": 1, "nexus": nexus, "lun": 0, "cdb": cdb, "attr": 0,
+                           "dir": 1, "len": len(params), "unsol": len(params)}, [params])
+        while not [h for h in sent if h["op"] == Op.XMIT_RESPONSE]:
+            await asyncio.sleep(0)
+    asyncio.run(run())
+    (resp,) = [h for h in sent if h["op"] == Op.XMIT_RESPONSE]
+    return resp
+
+
+def test_pr_effects_match_registrations_to_sessions_by_name(monkeypatch):
+    """CLEAR of 1,000 registrations with 200 sessions logged in: registrations
+    are matched only against sessions of their own name (it was every
+    registration against every session: 200,000 matches), and one UA is
+    stored per live registrant, none for the ports that never logged in."""
+    sent: list = []
+    emu, lu = _sessions(sent, 200)
     st = pr.state(lu)
     for n in range(2, 201):     # 199 live registrants, and 800 ports that never log in
         st.prout(pr.Port(f"{NAME}:s{n}", T, 1), pr.REGISTER, 0, 0, pr.PrParams(sark=n))
@@ -317,15 +339,30 @@ def test_pr_effects_match_registrations_to_sessions_by_name(monkeypatch):
     matches = []
     real = pr.Registration.matches
     monkeypatch.setattr(pr.Registration, "matches", lambda self, n: matches.append(1) or real(self, n))
-    cdb, params = prout(CLEAR, rk=1)
-
-    async def run() -> None:
-        emu.handle(b"fe", {"op": Op.RX_CMND, "tag": 1, "nexus": 1, "lun": 0, "cdb": cdb, "attr": 0,
-                           "dir": 1, "len": len(params), "unsol": len(params)}, [params])
-        while not [h for h in sent if h["op"] == Op.XMIT_RESPONSE]:
-            await asyncio.sleep(0)
-    asyncio.run(run())
-    (resp,) = [h for h in sent if h["op"] == Op.XMIT_RESPONSE]
+    resp = _run_prout(emu, sent, 1, *prout(CLEAR, rk=1))
     assert resp["status"] == GOOD and st.regs == []
     assert len(matches) <= 1000 + 200
     assert len(lu.unit_attentions) == 199 and f"{NAME}:s1|{T},t,1" not in lu.unit_attentions
+
+
+def test_register_without_effects_walks_no_session_or_registration(monkeypatch):
+    """A REGISTER that changes a key, with 200 sessions logged in and 1,000
+    registrations: it has no unit attention or abort to deliver, so it visits
+    no session (it grouped every live nexus by name: 200 visits) and no
+    registration (it listed each one's nexus key: 1,000)."""
+    sent: list = []
+    emu, lu = _sessions(sent, 200)
+    st = pr.state(lu)
+    for n in range(2, 201):
+        st.prout(pr.Port(f"{NAME}:s{n}", T, 1), pr.REGISTER, 0, 0, pr.PrParams(sark=n))
+    st.prout(pr.Port(f"{NAME}:s1", T, 1), pr.REGISTER, 0, 0, pr.PrParams(
+        sark=1, spec_i_pt=True, transport_ids=[f"{NAME}:gone{i},i,0x23d0000000{i % 256:02x}" for i in range(800)]))
+    assert len(st.regs) == 1000
+    visits = []
+    real_nexuses, real_nexus_key = emu.nexuses, pr.Registration.nexus_key
+    monkeypatch.setattr(emu, "nexuses", lambda target: [visits.append(n) or n for n in real_nexuses(target)])
+    monkeypatch.setattr(pr.Registration, "nexus_key", lambda self: visits.append(self) or real_nexus_key(self))
+    resp = _run_prout(emu, sent, 2, *prout(REGISTER, rk=2, sark=0x77))
+    assert resp["status"] == GOOD
+    assert [r.key for r in st.regs if r.initiator == f"{NAME}:s2"] == [0x77]
+    assert visits == []

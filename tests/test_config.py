@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from fetd_tcp.cli import PortalError, parse_portal
-from stml.config import DEFAULT_IQN, ConfigError, load, parse_lun_spec, parse_size
+from stml.config import DEFAULT_IQN, ConfigError, CurveKey, load, parse_lun_spec, parse_size
 
 IQN_A = "iqn.2026-01.org.example:a"
 IQN_B = "iqn.2026-01.org.example:b"
@@ -381,14 +381,14 @@ def test_allowed_key_lists(tmp_path, key):
     """Both lists take Z85 keys as they are and key files relative to the config file."""
     z85 = "rq:rM>}U?@Lns47E1%kR.o@n%FcmmsLx@{H8]yf7"
     c = load(write_toml(tmp_path, f'[stml]\n{key} = ["{z85}", "keys/a.key"]\n'), str(tmp_path))
-    assert getattr(c.stml, key) == [z85, str(tmp_path / "keys" / "a.key")]
+    assert getattr(c.stml, key) == [CurveKey(z85, False), CurveKey(str(tmp_path / "keys" / "a.key"), True)]
     # "/" is a Z85 character: a key holding one is a key, unless a file has that name
     slashed = "rq:rM>}U?@Lns47E1%kR.o@n%Fcmms/x@{H8]yf7"
     c = load(write_toml(tmp_path, f'[stml]\n{key} = ["{slashed}"]\n'), str(tmp_path))
-    assert getattr(c.stml, key) == [slashed]
+    assert getattr(c.stml, key) == [CurveKey(slashed, False)]
     (tmp_path / "rq:rM>}U?@Lns47E1%kR.o@n%Fcmms").mkdir()
     (tmp_path / "rq:rM>}U?@Lns47E1%kR.o@n%Fcmms" / "x@{H8]yf7").write_text("")
     c = load(write_toml(tmp_path, f'[stml]\n{key} = ["{slashed}"]\n'), str(tmp_path))
-    assert getattr(c.stml, key) == [str(tmp_path / slashed)]
+    assert getattr(c.stml, key) == [CurveKey(str(tmp_path / slashed), True)]
     assert error_of(tmp_path, f'[stml]\n{key} = "keys/a.key"\n') == \
         f"stml.{key}: must be a list of public keys (Z85) or key files"

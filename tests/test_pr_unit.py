@@ -93,6 +93,32 @@ def test_spec_i_pt_registers_named_ports(st):
         st.prout(B, pr.REGISTER_IGNORE, 0, 0, P(sark=3, spec_i_pt=True))
 
 
+def test_spec_i_pt_registers_only_names_the_acl_admits(st):
+    """A TransportID the target's ACL leaves out is refused, pointing at it,
+    and none of the list is registered; names compare without case."""
+    acl = {pr.name_key(A.initiator), pr.name_key(B.initiator)}
+    stranger = "iqn.1994-05.com.example:stranger"
+    with pytest.raises(CheckCondition) as e:
+        st.prout(A, pr.REGISTER, 0, 0, P(sark=9, spec_i_pt=True, transport_ids=[B.initiator, stranger],
+                                          tid_at=[28, 60], acl=acl))
+    assert (e.value.key, e.value.asc, e.value.ascq, e.value.field.byte) == (0x5, 0x26, 0x00, 60)
+    assert st.regs == [] and st.generation == 0
+    st.prout(A, pr.REGISTER, 0, 0, P(sark=9, spec_i_pt=True, transport_ids=[B.initiator.replace("example", "EXAMPLE")],
+                                      tid_at=[28], acl=acl))
+    assert st.reg_of(A).key == st.reg_of(B).key == 9
+
+
+def test_register_and_move_only_to_a_name_the_acl_admits(st):
+    register(st, A, 1)
+    st.prout(A, pr.RESERVE, 0, pr.WE, P(rk=1))
+    with pytest.raises(CheckCondition) as e:
+        st.prout(A, pr.REGISTER_AND_MOVE, 0, pr.WE,
+                 P(rk=1, sark=5, transport_ids=[B.initiator], tid_at=[24], rel_port=1,
+                   acl={pr.name_key(A.initiator)}))
+    assert (e.value.asc, e.value.ascq, e.value.field.byte) == (0x26, 0x00, 24)
+    assert st.is_holder(A) and st.reg_of(B) is None
+
+
 @pytest.mark.parametrize("rtype, reg_read, reg_write, unreg_read, unreg_write", [
     (pr.EA, 0, 0, 0, 0), (pr.WE, 1, 0, 1, 0), (pr.EARO, 1, 1, 0, 0),
     (pr.WERO, 1, 1, 1, 0), (pr.EAAR, 1, 1, 0, 0), (pr.WEAR, 1, 1, 1, 0),
@@ -217,12 +243,12 @@ def test_report_capabilities_and_read_full_status(st):
     gen, n = struct.unpack_from(">II", full)
     key, _, flags, scope_type, _, rel = struct.unpack_from(">QIBBIH", full, 8)
     assert (key, flags & 1, scope_type, rel) == (1, 1, pr.WE, 1)
-    assert pr.parse_transport_ids(full[8 + 24:], 0) == [A.initiator]
+    assert pr.parse_transport_ids(full[8 + 24:], 0) == ([A.initiator], [0])
 
 
 def test_transport_ids_round_trip_and_refusals():
     for name in (A.initiator, "iqn.2026-01.x:bare"):
-        assert pr.parse_transport_ids(pr.transport_id(name), 0) == [name]
+        assert pr.parse_transport_ids(pr.transport_id(name), 0) == ([name], [0])
     with pytest.raises(CheckCondition):
         pr.parse_transport_ids(bytes([0x01, 0, 0, 4]) + b"abc\0", 0)   # FC, not iSCSI
     with pytest.raises(CheckCondition):

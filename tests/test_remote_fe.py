@@ -3,6 +3,7 @@ another, joined by a veth pair and ZeroMQ CURVE; an initiator (qemu-io,
 libiscsi) in the front end's namespace. Plain TCP off loopback is refused."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -98,18 +99,57 @@ def _stml_config(tmp_path: Path, data: Path, listen: str, keys: Path | None) -> 
     return cfg
 
 
-def test_plain_tcp_off_loopback_refused_unless_insecure(tmp_path, tmp_short):
-    cfg = _stml_config(tmp_path, tmp_short(), "tcp://0.0.0.0:0", None)
+@pytest.mark.parametrize("where", ["0.0.0.0", "127.0.0.1"])
+def test_plain_tcp_refused_unless_insecure(tmp_path, tmp_short, where):
+    """Loopback too (decision 0246): any local user can reach a loopback port."""
+    cfg = _stml_config(tmp_path, tmp_short(), f"tcp://{where}:0", None)
     p = subprocess.run([sys.executable, "-m", "stml", "--config", str(cfg)], capture_output=True,
                        text=True, timeout=30)
     assert p.returncode == 2
-    assert "plain TCP on a non-loopback address" in p.stderr and "--insecure" in p.stderr
+    reason = "a non-loopback address" if where == "0.0.0.0" else "any local user can reach"
+    assert f"is plain TCP ({reason})" in p.stderr and "--insecure" in p.stderr
     proc = Proc([sys.executable, "-m", "stml", "--config", str(cfg), "--insecure"], tmp_path / "insecure.log")
     try:
         proc.wait_line(r"stml: listening on tcp://")
         assert "WITHOUT encryption" in proc.log()
+        assert ("any local user may manage" in proc.log()) == (where == "127.0.0.1")
     finally:
         proc.stop()
+
+
+def test_management_over_insecure_tcp_only_from_this_host(netns, tmp_path, tmp_short):
+    """--insecure plain TCP (decision 0244): another host's front end still
+    registers, but its management is refused in one line; on the STML's
+    host, loopback TCP still manages."""
+    port = 5556
+    cfg = _stml_config(tmp_path, tmp_short(), f"tcp://0.0.0.0:{port}", None)
+    stml = Proc(netns.exec(netns.stml_ns) + [sys.executable, "-m", "stml", "--config", str(cfg), "--insecure"],
+                tmp_path / "stml.log")
+    try:
+        stml.wait_line(r"stml: listening on tcp://")
+        remote = f"tcp://{netns.stml_ip}:{port}"
+        p = subprocess.run(netns.exec(netns.fe_ns) + [sys.executable, "-m", "scsi_target", "acl", "add",
+                                                      "iqn.2026-11.org.example:intruder", "--stml", remote],
+                           capture_output=True, text=True, timeout=60)
+        assert p.returncode == 2
+        assert p.stderr == (f"scsi-target: acl add refused: management refused: plain TCP from {netns.fe_ip}, "
+                            "not this host (manage over ipc:// or loopback, or over CURVE with a key in "
+                            "[stml] allowed_managers)\n")
+        register = ("import sys; sys.path.insert(0, %r); from support.rawfe import RawFrontEnd; "
+                    "fe = RawFrontEnd(%r); print(fe.register().get('error')); fe.close()"
+                    % (str(Path(__file__).parent), remote))
+        p = subprocess.run(netns.exec(netns.fe_ns) + [sys.executable, "-c", register],
+                           capture_output=True, text=True, timeout=60)
+        assert p.stdout == "None\n", p.stderr
+        p = subprocess.run(netns.exec(netns.stml_ns) + [sys.executable, "-m", "scsi_target", "target", "list",
+                                                        "--stml", f"tcp://127.0.0.1:{port}", "--json"],
+                           capture_output=True, text=True, timeout=60)
+        assert p.returncode == 0, p.stderr
+        assert [t["name"] for t in json.loads(p.stdout)] == [IQN]
+        assert [t["acl"] for t in json.loads(p.stdout)] == [[]]
+        assert stml.log().count("refused mgmt from") == 1
+    finally:
+        stml.stop()
 
 
 def test_remote_front_end_over_curve(netns, keys, tmp_path, tmp_short):
@@ -154,9 +194,9 @@ def test_remote_front_end_over_curve(netns, keys, tmp_path, tmp_short):
         assert len(re.findall(r"front end \S+ \(iscsi\) registered", stml.log())) == 1
         stranger.stop()
 
-        # kill -9 of the front end during I/O: the STML releases it within its
-        # heartbeat window; a restarted front end serves the LUN again and the
-        # acknowledged data is intact
+        # kill -9 of the front end during I/O: the STML releases it when its
+        # connection ends (decision 0243); a restarted front end serves the LUN
+        # again and the acknowledged data is intact
         # the same 56 MiB twenty times over: still writing when the kill comes
         passes = ["-c", "write -P 0x3c 8M 56M"] * 20
         io = subprocess.Popen(netns.exec(netns.fe_ns) + ["qemu-io", "-f", "raw", *passes, url],
@@ -164,7 +204,7 @@ def test_remote_front_end_over_curve(netns, keys, tmp_path, tmp_short):
         time.sleep(0.3)
         assert io.poll() is None, "the I/O ended before the kill: make it longer"
         fe.kill()
-        stml.wait_line(r"releasing front end \S+: silent", timeout=10)
+        stml.wait_line(r"releasing front end \S+: its connection closed", timeout=10)
         fe2 = fetd("fe.key_secret", "fe2.log")
         fe2.wait_line(r"fetd_tcp: attached to STML")
         fe2.wait_line(r"fetd_tcp: listening on")

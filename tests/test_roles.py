@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 import threading
+import uuid
 from pathlib import Path
 
 import pytest
@@ -285,3 +286,50 @@ def test_a_front_end_refused_by_one_of_its_stmls_goes_on_to_the_next(stml_factor
         fetd.terminate()
         _, err = fetd.communicate(timeout=30)
     assert "refused this front end (registration refused: this peer is a manager" in err
+
+
+READ_1 = bytes([0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0])
+
+
+@pytest.mark.parametrize("tap", [(), ("--inject", "stml:delay portal_state p=1 ms=1")], ids=["plain", "tapped"])
+def test_a_front_ends_routing_id_is_not_taken_over_once_its_connection_ends(stml_factory, tmp_short, keys, tap):
+    """A ZeroMQ front end is the connection it registered on (decision 0243):
+    when that connection ends the STML releases it at once, so a peer that
+    connects later with the same routing id (here with another front end's
+    key) is a stranger: no nexus, no command, no response of the old one's.
+    The same with a tap on the link (messages then take the tapped path)."""
+    write_key_pair(keys, "other")
+    d = tmp_short()
+    tcp = f"tcp://127.0.0.1:{free_port()}"
+    cfg = _config(d / "ids.toml", keys, tcp, [str(keys / "fe.key"), str(keys / "other.key")],
+                  [str(keys / "mgr.key")])
+    stml = stml_factory(data_dir=d / "data", extra=("--config", str(cfg), *tap))
+    stml.current.wait_line(r"stml: listening on tcp://")
+    name = f"victim-{uuid.uuid4().hex}"
+    victim = RawFrontEnd(tcp, name=name, curve=curve_client_keys(str(keys / "fe.key_secret"),
+                                                                 str(keys / "stml.key")))
+    try:
+        victim.register()
+        assert victim.nexus(1, target=IQN, initiator=INTRUDER).get("error") is None
+        assert victim.command(1, READ_1, direction=2, length=512)[0]["status"] == 0
+    finally:
+        victim.close()
+    stml.current.wait_log(f"releasing front end {name}: its connection closed")
+
+    stranger = RawFrontEnd(tcp, name=name, curve=curve_client_keys(str(keys / "other.key_secret"),
+                                                                   str(keys / "stml.key")))
+    try:
+        stranger.send({"op": "register_nexus", "nexus": 2, "initiator": INTRUDER, "target": IQN, "tpg": 1})
+        stranger.cmnd(2, READ_1, nexus=1, direction=2, length=512)
+        stranger.send({"op": "heartbeat"})
+        # answered in order: everything before this reply answers the three above
+        stranger.send({"op": "mgmt", "id": 99, "cmd": "target_list", "args": {}})
+        got = []
+        while (h := stranger.recv(skip_heartbeats=False)[0])["op"] != "mgmt_reply":
+            got.append(h)
+    finally:
+        stranger.close()
+    assert got == [{"op": "release", "reason": "unknown front end: register first"}] * 3
+    assert json.loads(cli("frontend", "list", "--stml", stml.endpoint, "--json").stdout) == []
+    assert json.loads(cli("session", "list", "--stml", stml.endpoint, "--json").stdout) == []
+    assert stml.current.log().count(f"releasing front end {name}") == 1

@@ -339,7 +339,9 @@ MESSAGES: tuple[Message, ...] = (
     Message(Op.REGISTER_NEXUS, _TO, "front end",
             "A new I_T nexus (iSCSI: a session). Answered by `nexus_ready`. A target name "
             "over 223 bytes (MAX_NAME_LEN), or an initiator over MAX_PORT_NAME_LEN, is refused; so "
-            "is an initiator the target's ACL does not name (whatever the front end checked).", (
+            "is an initiator the target's ACL does not name (whatever the front end checked), a tpg "
+            "outside 0..65535, and one past the STML's caps (nexuses per front end and per target: "
+            "docs/decisions/0263).", (
                 _NEXUS,
                 Field("initiator", STR, "the initiator port (iSCSI: \"IQN,i,0xISID\")"),
                 Field("target", STR, "a target `detect` listed"),

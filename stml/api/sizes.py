@@ -13,3 +13,9 @@ SHARED_READ_MIN = 32 << 10
 # it is also the smallest slot of a shared region, so write segments of this
 # size and more are what a front end lends the STML.
 BIG_FRAME = 64 << 10
+
+# Room for a header beside the largest frame a peer may send the STML, which is
+# one command's data: at most the STML's max_transfer (a command asking for more
+# is refused). Past max_transfer + FRAME_ROOM, ZeroMQ disconnects the peer before
+# the frame is buffered (MAXMSGSIZE, stml.server); a header is far smaller.
+FRAME_ROOM = 1 << 20

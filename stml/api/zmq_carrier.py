@@ -7,6 +7,7 @@ import logging
 from typing import Any, Callable
 
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from stml.api.messages import Op, pack, unpack
 from stml.api.sizes import BIG_FRAME
@@ -38,7 +39,9 @@ class Channel:
         self._fd = sock.fileno()
         self._out: dict[bytes, list[list]] = {}
         self._flush_scheduled = False
-        self.frame: zmq.Frame | None = None   # of the message being handled (user_id)
+        self.frame: zmq.Frame | None = None   # of the message being handled (user_id, connection)
+        self._monitor: zmq.Socket | None = None   # watch_connections
+        self._on_closed: Callable[[int], None] | None = None
         self._loop.add_reader(self._fd, self._drain)
         self._loop.call_soon(self._drain)
 
@@ -103,6 +106,56 @@ class Channel:
         except zmq.ZMQError:   # no such property: the connection had no ZAP
             return None
 
+    def peer_address(self) -> str | None:
+        """Where the message being handled came from (ZeroMQ's Peer-Address:
+        the peer's IP over TCP, "localhost:UID:GID:PID" over ipc://); None when
+        no message is being handled or ZeroMQ does not say."""
+        frame = self.frame
+        if frame is None:
+            return None
+        try:
+            return str(frame.get("Peer-Address"))
+        except zmq.ZMQError:
+            return None
+
+    def connection(self) -> int | None:
+        """The connection (its file descriptor) the message being handled came
+        on, for watch_connections; None when no message is being handled."""
+        frame = self.frame
+        if frame is None:
+            return None
+        try:
+            return int(frame.get(zmq.SRCFD))   # (deprecated in libzmq, but nothing replaces it)
+        except zmq.ZMQError:   # a libzmq without it: heartbeats alone tell a front end is gone
+            return None
+
+    def watch_connections(self, on_closed: Callable[[int], None]) -> None:
+        """Call on_closed(fd) when a peer's connection ends (a socket monitor).
+        ZeroMQ reports the end before it closes the descriptor, so once
+        poll_connections() has run, a message's connection() is never one
+        whose end is still to be reported."""
+        self._on_closed = on_closed
+        self._monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._loop.add_reader(self._monitor.fileno(), self.poll_connections)
+        self._loop.call_soon(self.poll_connections)
+
+    def poll_connections(self) -> None:
+        """Report the connections that ended (watch_connections), now."""
+        mon, on_closed = self._monitor, self._on_closed
+        if mon is None or on_closed is None:
+            return
+        # EVENTS is an int option; pyzmq types every getsockopt as int | bytes
+        while mon.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # type: ignore[operator, arg-type]
+            try:
+                event = parse_monitor_message(mon.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                return
+            if event["event"] == zmq.EVENT_DISCONNECTED:
+                try:
+                    on_closed(int(event["value"]))
+                except Exception:  # one bad release must not stop the watch
+                    log.exception("error handling the end of a connection")
+
     def _deliver(self, frames: list) -> None:
         head = frames[:1] if self.routed else []
         body = frames[1:] if self.routed else frames
@@ -120,6 +173,11 @@ class Channel:
     def close(self, linger_ms: int = 0) -> None:
         self.flush()
         self._loop.remove_reader(self._fd)
+        if self._monitor is not None:
+            self._loop.remove_reader(self._monitor.fileno())
+            self.sock.disable_monitor()
+            self._monitor.close(linger=0)
+            self._monitor = None
         self.sock.close(linger=linger_ms)
 
 

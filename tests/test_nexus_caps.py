@@ -1,0 +1,249 @@
+"""What one front end can make the STML hold (docs/decisions/0263): nexuses per
+front end and per target, the port groups they come through, the size of a
+frame on the ZeroMQ carrier; and an iSCSI login past the STML's cap, which
+fetd_tcp refuses with a Login Response of its own."""
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
+
+import pytest
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from backends import open_backend
+from fetd_tcp import login as L
+from stml import emulator as E
+from stml.api import Op, pack, unpack
+from stml.api.sizes import FRAME_ROOM
+from stml.lu import LogicalUnit, LunOptions
+from support.fuzzgen import host_port
+from support.rawiscsi import RawInitiator
+from support.target import IQN, Target
+
+T = "iqn.2026-11.org.x:t"
+U = "iqn.2026-11.org.x:u"
+INI = "iqn.2026-11.org.i"
+
+
+class Stml:
+    """An in-process STML with two targets of one RAM LU each; what it sends is kept."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[bytes, dict[str, Any]]] = []
+        targets = []
+        for name in (T, U):
+            lu = LogicalUnit(name, 0, open_backend("ram", 1 << 20, None, False),
+                             LunOptions(kind="ram", size=1 << 20), None)
+            targets.append(E.Target(name, {0: lu}))
+        self.emu = E.Emulator(targets, lambda ident, h, f: self.sent.append((ident, h)), ThreadPoolExecutor(1))
+        for t in targets:
+            t.luns[0].template = self.emu.templates["disk"]
+
+    def front_end(self, ident: bytes) -> None:
+        self.emu.handle(ident, {"op": Op.REGISTER, "version": [1, 0], "kind": "test", "name": ident.decode(),
+                                "heartbeat_ms": 1000, "aen": False}, [])
+
+    def nexus(self, ident: bytes, nid: int, initiator: str, target: str = T, tpg: int = 1) -> str | None:
+        """register_nexus: None once ready, else the error nexus_ready carries."""
+        self.sent.clear()
+        self.emu.handle(ident, {"op": Op.REGISTER_NEXUS, "nexus": nid, "initiator": initiator,
+                                "target": target, "tpg": tpg}, [])
+        (ready,) = [h for i, h in self.sent if i == ident and h["op"] == Op.NEXUS_READY and h["nexus"] == nid]
+        return ready.get("error")
+
+    def release(self, ident: bytes, nid: int) -> None:
+        self.emu.handle(ident, {"op": Op.RELEASE_NEXUS, "nexus": nid}, [])
+
+
+@pytest.fixture
+def inproc() -> Stml:
+    return Stml()
+
+
+def test_front_end_past_its_nexus_cap_is_refused(inproc, monkeypatch, caplog):
+    """Four nexuses of one front end (cap 4, on two targets), then a fifth is
+    refused, with one log line; a re-registered id replaces its nexus and is
+    taken; a released one makes room. Another front end is not held back."""
+    monkeypatch.setattr(E, "MAX_NEXUSES_PER_FRONT_END", 4)
+    inproc.front_end(b"a")
+    inproc.front_end(b"b")
+    for n in range(1, 5):
+        assert inproc.nexus(b"a", n, f"{INI}:{n}", T if n % 2 else U) is None
+    with caplog.at_level(logging.WARNING, logger="stml"):
+        error = inproc.nexus(b"a", 5, f"{INI}:5")
+    assert error is not None and "4 nexuses" in error
+    assert [r.getMessage() for r in caplog.records] == [f"front end a: nexus 5 refused: {error}"]
+    fe = inproc.emu.front_ends[b"a"]
+    assert sorted(fe.nexuses) == [1, 2, 3, 4]
+    assert f"{INI}:5|{T},t,1" not in inproc.emu.nexus_keys(T)
+    assert inproc.nexus(b"a", 3, f"{INI}:3b") is None          # a replacement
+    assert fe.nexuses[3].initiator == f"{INI}:3b"
+    assert inproc.nexus(b"b", 1, f"{INI}:b1") is None           # its own count
+    inproc.release(b"a", 2)
+    assert inproc.nexus(b"a", 5, f"{INI}:5") is None
+    assert sorted(fe.nexuses) == [1, 3, 4, 5]
+
+
+def test_target_past_its_nexus_cap_is_refused(inproc, monkeypatch):
+    """The cap of a target counts the I_T nexuses of every front end: the
+    fourth one is refused, on that target only; a nexus whose I_T nexus is
+    already live (the same initiator port through the same port group, from
+    another front end) adds none and is taken."""
+    monkeypatch.setattr(E, "MAX_NEXUSES_PER_TARGET", 3)
+    inproc.front_end(b"a")
+    inproc.front_end(b"b")
+    assert inproc.nexus(b"a", 1, f"{INI}:1") is None
+    assert inproc.nexus(b"a", 2, f"{INI}:2") is None
+    assert inproc.nexus(b"b", 1, f"{INI}:3") is None
+    error = inproc.nexus(b"b", 2, f"{INI}:4")
+    assert error is not None and "3 I_T nexuses" in error
+    assert inproc.nexus(b"b", 2, f"{INI}:4", U) is None
+    assert inproc.nexus(b"b", 3, f"{INI}:1") is None
+    assert len(inproc.emu.nexus_keys(T)) == 3 and len(inproc.emu.nexuses(T)) == 4
+    inproc.release(b"a", 2)
+    assert inproc.nexus(b"b", 4, f"{INI}:4") is None
+
+
+def test_port_groups_are_capped_and_16_bit(inproc, monkeypatch):
+    """Port group tags a target's nexuses came through are kept for ALUA
+    after the nexuses end: past the cap a new tag is refused (a known one is
+    not), and one that is no 16-bit target port group never gets in."""
+    monkeypatch.setattr(E, "MAX_PORT_GROUPS", 2)
+    inproc.front_end(b"a")
+    for tpg in (-1, 0x10000):
+        error = inproc.nexus(b"a", 9, f"{INI}:9", tpg=tpg)
+        assert error is not None and "0..65535" in error
+    assert inproc.nexus(b"a", 1, f"{INI}:1", tpg=1) is None
+    inproc.release(b"a", 1)
+    assert inproc.nexus(b"a", 2, f"{INI}:2", tpg=0xFFFF) is None
+    error = inproc.nexus(b"a", 3, f"{INI}:3", tpg=7)
+    assert error is not None and "2 port groups" in error
+    assert inproc.nexus(b"a", 3, f"{INI}:3", tpg=1) is None
+    assert inproc.emu.portal_groups(T) == {1, 0xFFFF}
+
+
+# ---------------------------------------------------------------- real processes
+
+class RawFrontEnd:
+    """A front end written out by hand on a ZeroMQ DEALER: it does only what
+    a test tells it to (it answers no heartbeat, so it says it beats hourly)."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self.sock.connect(endpoint)
+        self.sock.send_multipart([pack({"op": Op.REGISTER, "version": [1, 0], "kind": "raw", "name": "raw",
+                                        "heartbeat_ms": 3_600_000, "aen": False})])
+        (self.detect,) = self.wait(lambda h: h["op"] == Op.DETECT, 1)
+
+    def send(self, header: dict[str, Any], *data: bytes) -> None:
+        self.sock.send_multipart([pack(header), *data])
+
+    def wait(self, wanted: Callable[[dict[str, Any]], bool], count: int,
+             timeout: float = 30.0) -> list[dict[str, Any]]:
+        """The next `count` messages `wanted` picks (a batch is several);
+        the timeout only bounds a wait for messages that never come."""
+        got: list[dict[str, Any]] = []
+        deadline = time.monotonic() + timeout
+        while len(got) < count:
+            assert time.monotonic() < deadline, f"{len(got)} of {count} messages came"
+            if not self.sock.poll(100):
+                continue
+            frames = self.sock.recv_multipart()
+            header = unpack(frames[0])
+            headers = [header] if header["op"] != Op.BATCH else [unpack(f) for f in frames[1:]]
+            got += [h for h in headers if isinstance(h, dict) and "op" in h and wanted(h)]
+        return got
+
+    def disconnected(self, timeout: float = 30.0) -> bool:
+        """Whether ZeroMQ reports the connection to the STML gone (the
+        timeout bounds the wait for an event that may never come)."""
+        if not self.monitor.poll(int(timeout * 1000)):
+            return False
+        return recv_monitor_message(self.monitor)["event"] == zmq.EVENT_DISCONNECTED
+
+    def close(self) -> None:
+        self.sock.disable_monitor()
+        self.monitor.close(linger=0)
+        self.sock.close(linger=0)
+        self.ctx.term()
+
+
+def test_an_oversized_zeromq_frame_disconnects_its_peer_only(stml, client_factory):
+    """A write of the STML's max_transfer in one frame is served; a frame
+    past max_transfer + FRAME_ROOM makes ZeroMQ disconnect its sender before
+    the STML holds it, and the STML serves a loopback client as before."""
+    c = client_factory(stml.endpoint)
+    c.write(0, 10, b"\x5a" * 512)
+    raw = RawFrontEnd(stml.endpoint)
+    try:
+        target = raw.detect["targets"][0]["name"]
+        raw.send({"op": Op.REGISTER_NEXUS, "nexus": 1, "initiator": f"{INI}:raw", "target": target, "tpg": 1})
+        (ready,) = raw.wait(lambda h: h["op"] == Op.NEXUS_READY, 1)
+        assert not ready.get("error")
+        size = raw.detect["limits"]["max_transfer"]
+        data = os.urandom(size)
+        cdb = struct.pack(">BBIBHB", 0x2A, 0, 1024, 0, size // 512, 0)
+        raw.send({"op": Op.RX_CMND, "tag": 1, "nexus": 1, "lun": 0, "cdb": cdb, "attr": 0, "dir": 1,
+                  "len": size, "unsol": size}, data)
+        (done,) = raw.wait(lambda h: h["op"] == Op.XMIT_RESPONSE, 1)
+        assert done["status"] == 0
+        raw.send({"op": Op.RX_DATA, "tag": 2, "offset": 0}, bytes(size + FRAME_ROOM + 1))
+        assert raw.disconnected()
+    finally:
+        raw.close()
+    assert stml.proc.poll() is None
+    assert c.read(0, 1024, size // 512) == data
+    assert c.read(0, 10, 1) == b"\x5a" * 512
+
+
+def test_a_login_past_the_stml_nexus_cap_fails_and_sessions_keep_working():
+    """One iSCSI session, then a raw front end takes the rest of the
+    target's I_T nexuses (4,096): the next login gets Out of resources
+    (0x0302) and its connection closes, the session that logged in before
+    reads and writes as before, and once a nexus is released a login
+    succeeds again. fetd_tcp's own cap (256 sessions) is never reached."""
+    with Target("--lun", "ram:16MiB") as t:
+        host, port = host_port(t.portal)
+        a = RawInitiator(host, port, initiator=f"{INI}:a")
+        raw = None
+        try:
+            assert a.login(IQN).status_class == 0
+            a.write16(5, b"\x11" * 512)
+            raw = RawFrontEnd(f"ipc://{t.data_dir}/stml.sock")
+            others = E.MAX_NEXUSES_PER_TARGET - 1
+            for n in range(1, others + 1):
+                raw.send({"op": Op.REGISTER_NEXUS, "nexus": n, "initiator": f"{INI}:r{n}", "target": IQN,
+                          "tpg": 1})
+            ready = raw.wait(lambda h: h["op"] == Op.NEXUS_READY, others)
+            assert [h for h in ready if h.get("error")] == []
+            b = RawInitiator(host, port, initiator=f"{INI}:b")
+            try:
+                r = b.login(IQN)
+                assert (r.status_class << 8 | r.status_detail) == L.OUT_OF_RESOURCES
+                b.sock.settimeout(10)
+                assert b.sock.recv(1) == b""     # closed after the Login Response
+            finally:
+                b.close()
+            a.write16(6, b"\x22" * 512)
+            assert a.read16(5, 2) == b"\x11" * 512 + b"\x22" * 512
+            # one line each: the STML's refusal, fetd_tcp's failed login
+            assert t.log().count("I_T nexuses, the most the STML keeps") == 2
+            raw.send({"op": Op.RELEASE_NEXUS, "nexus": 1})
+            c = RawInitiator(host, port, initiator=f"{INI}:c")
+            try:
+                assert c.login(IQN).status_class == 0
+                assert c.read16(5, 1) == b"\x11" * 512
+            finally:
+                c.close()
+        finally:
+            a.close()
+            if raw is not None:
+                raw.close()
