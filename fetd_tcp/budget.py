@@ -171,10 +171,14 @@ class Account:
     def move(self, src: str, dst: str, n: int, reserved: int) -> None:
         """`n` bytes held as `src` (up to `reserved` of them) are now held as `dst`:
         read data that arrived is output now; beyond its reservation it is taken."""
-        moved = min(n, reserved, self.kinds[src])
+        kinds = self.kinds
+        # min(n, reserved, kinds[src]) without the builtin's call (per read command)
+        moved = n if n < reserved else reserved
+        if kinds[src] < moved:
+            moved = kinds[src]
         if moved > 0 and not self.closed:
-            self.kinds[src] -= moved
-            self.kinds[dst] += moved
+            kinds[src] -= moved
+            kinds[dst] += moved
             b = self.budget
             b.kinds[src] -= moved
             b.kinds[dst] += moved

@@ -89,11 +89,13 @@ class IscsiFrontEnd:
         elif data:
             buf = b"".join(data)
         task.conn.xmit_response(task, status, sense, resid, buf)
-        out = task.conn.out
-        if isinstance(out, PduWriter):
-            out.responded(tag)   # done once its writer has sent the PDUs, which refer to `data`
-        else:
-            self.link.scsi_target_done([tag])
+        link = self.link
+        if tag in link.lent or link.timing:   # else nothing waits for it (per command: no calls)
+            out = task.conn.out
+            if isinstance(out, PduWriter):
+                out.responded(tag)   # done once its writer has sent the PDUs, which refer to `data`
+            else:
+                link.scsi_target_done([tag])
 
     def task_mgmt_fn_done(self, tag: int, response: int, aborted: list[int], info: bytes = b"") -> None:
         tasks = [t for t in (self.tags.tasks.pop(a, None) for a in aborted) if t is not None]

@@ -234,12 +234,13 @@ class PduWriter:
         n = len(data)
         if n:
             parts.append(data)
-            pad = padding(n)
-            size += n + len(pad)
-            if pad:
+            size += n
+            if n & 3:   # padding(n) without its call (per PDU)
+                pad = padding(n)
                 parts.append(pad)
+                size += len(pad)
             if self.dd:
-                parts.append(digest(data, pad))
+                parts.append(digest(data, padding(n)))
                 size += DIGEST_LEN
         self.size += size
         if not self.scheduled:

@@ -160,6 +160,7 @@ def test_fetd_tcp_reports_a_response_done_only_once_its_writer_sent_it():
         conn.tags = fe.tags
         task = _read(conn, link, 5, 4096)
         fe.tags.tasks[task.tag] = task
+        fe.link.lent[task.tag] = _Lease()     # its data is the carrier's (a shared slot)
         data = memoryview(bytes(range(256)) * 16)
         fe.xmit_response(task.tag, 0, None, 0, [data])
         assert done == [] and writer.parts, "done before the PDUs left"
@@ -172,3 +173,48 @@ def test_fetd_tcp_reports_a_response_done_only_once_its_writer_sent_it():
     a.close()
     b.close()
     assert bytes(range(256)) * 16 in got
+
+
+class _Lease:
+    def release(self) -> None:
+        pass
+
+
+def test_fetd_tcp_reports_done_only_what_the_link_lent_or_times():
+    """Untimed, scsi_target_done only gives back what the carrier lent (its
+    message is not sent: decisions/0603): a response whose data the link did
+    not lend (small reads come as bytes) is not reported, so the writer keeps
+    no tag for it and makes no call per command (decisions/0811). While the
+    STML times commands, every response is reported, lent or not."""
+    from fetd_tcp.server import IscsiFrontEnd
+
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    b.setblocking(False)
+    done: list[list[int]] = []
+
+    async def run() -> None:
+        fe = IscsiFrontEnd("ipc:///nonexistent/fetd", [])
+        fe.link.scsi_target_done = done.append   # type: ignore[method-assign]
+        writer = PduWriter(_Writer(a), ConnectionParams(), done=fe.link.scsi_target_done)
+        conn, _, link = _conn(seg_max=8192, burst=262144)
+        conn.out = conn.send = writer
+        conn.tags = fe.tags
+        data = [bytes(4096)]
+        plain = _read(conn, link, 5, 4096)
+        fe.tags.tasks[plain.tag] = plain
+        fe.xmit_response(plain.tag, 0, None, 0, data)
+        assert writer.parts and writer.sent_tags == []
+        await asyncio.sleep(0)                 # the writer's flush
+        assert done == [] and not writer.parts
+        fe.link.timing = True                  # as _set_timing(True) sets it
+        timed = _read(conn, link, 6, 4096)
+        fe.tags.tasks[timed.tag] = timed
+        fe.xmit_response(timed.tag, 0, None, 0, data)
+        await asyncio.sleep(0)
+        assert done == [[timed.tag]]
+    asyncio.run(run())
+    got = b.recv(1 << 16)
+    a.close()
+    b.close()
+    assert got.count(bytes(4096)) == 2

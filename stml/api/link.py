@@ -89,8 +89,10 @@ class FrontEndLink(TapPoint):
     arrive on `handler`. Nexuses registered through the link are registered
     again after a reconnect, so sessions survive an STML restart. The link
     offers what its carrier can do (capabilities) and uses what the STML
-    grants. The handler reports every response done (scsi_target_done) once
-    it no longer uses its data: the carrier's memory goes back then.
+    grants. The handler reports a response done (scsi_target_done) once it
+    no longer uses its data: the carrier's memory goes back then. Only the
+    tags in `lent` (or every tag while `timing`) need it; reporting the
+    others does no harm.
 
     Given several endpoints (the STMLs of gateways sharing storage, one of
     them serving), the link moves on to the next when one answers that it is
@@ -135,7 +137,9 @@ class FrontEndLink(TapPoint):
         self._ended: asyncio.Future | None = None
         self._timer: asyncio.Task | None = None
         self._monitor: tuple[zmq.Socket, int] | None = None   # the CURVE handshake watch
-        self._leases: dict[int, Lease] = {}   # tag -> the carrier's hold on its read data
+        # tag -> the carrier's hold on its read data: while the STML does not time
+        # commands, only these tags need scsi_target_done (a handler may skip the rest)
+        self.lent: dict[int, Lease] = {}
         self._done: list[int] = []            # tags for the next scsi_target_done
         self._done_timer: asyncio.TimerHandle | None = None
         # instruments on the link (stml.api.tap): None, the one tap, or Taps; with
@@ -295,7 +299,7 @@ class FrontEndLink(TapPoint):
         command for nothing cost both processes CPU and wake-ups
         (decisions/0603). Timed, it rides on the next message we send, or
         leaves within RETURN_AFTER."""
-        leases = self._leases
+        leases = self.lent
         if leases:
             for tag in tags:
                 lease = leases.pop(tag, None)
@@ -550,9 +554,9 @@ class FrontEndLink(TapPoint):
 
     def _drop_leases(self) -> None:
         """The STML that sent the read data is gone: nothing is reported done to it."""
-        for lease in self._leases.values():
+        for lease in self.lent.values():
             lease.release()
-        self._leases.clear()
+        self.lent.clear()
         self._done.clear()
         if self.timing:
             self._done_ts.clear()
@@ -620,7 +624,7 @@ class FrontEndLink(TapPoint):
         if isinstance(channel, StreamChannel):
             lease = channel.take_lease()   # the read data stays valid until scsi_target_done
             if lease is not None:
-                self._leases[h["tag"]] = lease
+                self.lent[h["tag"]] = lease
         self.handler.xmit_response(h["tag"], h["status"], h.get("sense"), h.get("resid", 0), frames)
 
     def _on_tmf_done(self, h: dict[str, Any], frames: list) -> None:

@@ -200,8 +200,14 @@ def login_stream() -> st.SearchStrategy[list[bytes]]:
 # ---------------------------------------------------------------- full feature connection
 
 class FakeLink:
+    """Records every call; FrontEndLink's attributes the server reads per
+    response are plain values (nothing lent, not timed)."""
+
+    timing = False
+
     def __init__(self) -> None:
         self.calls: list[tuple] = []
+        self.lent: dict[int, Any] = {}
 
     def __getattr__(self, name: str) -> Any:
         def call(*a: Any, **kw: Any) -> None:
