@@ -848,11 +848,17 @@ def test_an_interrupted_copy_says_how_far_it_got(ddir, tmp_path):
         try:
             sessions = MgmtClient(f"ipc://{ddir}/stml.sock")
             deadline = time.monotonic() + 20
-            # 64 MiB written: with 4 MiB in flight at most, the copy has seen 60 MiB through
-            while not any(s["write_bytes"] >= 64 << 20 for s in sessions.call("session_list")):
+            # 64 MiB written: with 4 MiB in flight at most, the copy has seen 60 MiB through.
+            # Looked at while the copy is stopped, so it cannot finish between the look and SIGINT.
+            while True:
+                copy.send_signal(signal.SIGSTOP)
+                if any(s["write_bytes"] >= 64 << 20 for s in sessions.call("session_list")):
+                    break
+                copy.send_signal(signal.SIGCONT)
                 assert time.monotonic() < deadline and copy.poll() is None
                 time.sleep(0.02)
             copy.send_signal(signal.SIGINT)
+            copy.send_signal(signal.SIGCONT)
             out, err = copy.communicate(timeout=30)
         finally:
             stop_pid(copy)
