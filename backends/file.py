@@ -5,6 +5,7 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
+import logging
 import os
 import stat
 import struct
@@ -13,6 +14,8 @@ import time
 from typing import Sequence
 
 from backends.base import BackendError
+
+log = logging.getLogger("backends.file")
 
 _BLKGETSIZE64 = 0x80081272
 _FALLOC_FL_KEEP_SIZE = 0x01
@@ -68,6 +71,8 @@ class FileBackend:
         self._gen_lock = threading.Lock()
         self._written_gen = 0         # the last write-back write (or discard)
         self._synced_gen = 0          # the newest generation a completed sync covered
+        # a failed sync, sticky until `lun reset-error` sets it None (decision 0256)
+        self.sync_error: str | None = None
         self.can_discard = not self._blockdev and not readonly
         self.can_resize = not self._blockdev and not readonly
 
@@ -131,13 +136,31 @@ class FileBackend:
 
     def _datasync(self) -> None:
         """fdatasync, covering every write completed before it started: only
-        when it returns are those generations synced (a failed one syncs none)."""
+        when it returns are those generations synced. A failure is sticky
+        (decision 0256): Linux may drop the pages it could not write and mark
+        them clean, so a later fdatasync can succeed with acknowledged writes
+        gone; every later sync fails until `lun reset-error`."""
         if self._in_memory:
             return
+        self._refuse_if_failed()
         start = self._written_gen
-        os.fdatasync(self._fd)
+        try:
+            os.fdatasync(self._fd)
+        except OSError as e:
+            first = self.sync_error is None
+            self.sync_error = f"fdatasync: {e.strerror or e}"
+            if first:
+                log.error("%s: fdatasync failed (%s): acknowledged writes may be lost; every later "
+                          "sync, FUA and write-through write of it fails until "
+                          "`scsi-target lun reset-error`", self.path, e.strerror or e)
+            raise
         with self._gen_lock:
             self._synced_gen = max(self._synced_gen, start)
+
+    def _refuse_if_failed(self) -> None:
+        if self.sync_error is not None:
+            raise OSError(errno.EIO, f"{self.path}: an earlier sync failed ({self.sync_error}); "
+                                     f"syncs fail until `scsi-target lun reset-error`")
 
     def read_nowait(self, offset: int, buf: memoryview) -> bool:
         """Read at once when that cannot wait for a device: always on a memory
@@ -166,8 +189,9 @@ class FileBackend:
     def flush(self) -> None:
         """Make every acknowledged write durable: nothing to do when a completed
         sync covered them all (write-through LUNs sync each write), else
-        fdatasync, which skips the metadata (times) that fsync would write."""
-        if self.dirty:
+        fdatasync, which skips the metadata (times) that fsync would write.
+        After a failed sync, an error (0256)."""
+        if self.dirty or self.sync_error is not None:
             with self._changing:
                 self._datasync()
 

@@ -20,6 +20,7 @@ class RamBackend:
     can_resize = True
     aio = None          # blocking calls only (see Backend.aio)
     dirty = False                # nothing is more durable after a flush
+    sync_error: str | None = None   # never set (see Backend.sync_error)
     discard_granularity = PAGE   # only whole pages are given back
 
     def __init__(self, size: int) -> None:

@@ -68,6 +68,7 @@ class RbdBackend:
     can_discard = True
     can_resize = True
     dirty = False                 # no client cache: a completed write is on the OSDs
+    sync_error: str | None = None   # never set (see Backend.sync_error)
     discard_granularity = 64 << 10   # librbd's rbd_discard_granularity_bytes default
 
     def __init__(self, spec: str, size: int | None = None, readonly: bool = False,

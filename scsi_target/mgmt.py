@@ -207,7 +207,7 @@ def lun() -> None:
     """Logical units of the running STML (changes are live and saved)."""
 
 
-LUN_COLUMNS = ["target", "lun", "backend", "size", "block_size", "ro", "path"]
+LUN_COLUMNS = ["target", "lun", "backend", "size", "block_size", "ro", "sync_error", "path"]
 
 
 @lun.command("list")
@@ -246,6 +246,17 @@ def lun_remove(number: int, target_name: str | None, **kw: Any) -> None:
 def lun_resize(number: int, size: str, target_name: str | None, force: bool, **kw: Any) -> None:
     """Resize LUN NUMBER to SIZE (e.g. 2GiB); initiators get CAPACITY DATA HAS CHANGED."""
     show(kw, _call(kw, "lun_resize", lun=number, size=size, target=target_name, force=force or None))
+
+
+@lun.command("reset-error")
+@click.argument("number", type=int)
+@click.option("--target", "target_name", help="Target name (default: the first).")
+@mgmt_options
+def lun_reset_error(number: int, target_name: str | None, **kw: Any) -> None:
+    """After a failed sync of LUN NUMBER (SYNC_ERROR in `lun list`), let it sync
+    again. Writes acknowledged before the failure may be lost: check or restore
+    the data first. Until then every sync, FUA and write-through write fails."""
+    show(kw, _call(kw, "lun_reset_error", lun=number, target=target_name))
 
 
 @click.group()
@@ -406,6 +417,10 @@ def render_status(snap: dict[str, Any], wide: bool) -> str:
         fe_cols = FE_COLUMNS + rates
     heads = {"latency_us": "lat us", "in_flight": "queued", "iops/s": "iops", "read_bytes": "read",
              "write_bytes": "written", "errors": "err"}
+    # a failed sync first: the acknowledged writes it covered may be lost (decision 0256)
+    head += [f"LUN {r['lun']} of {r['target']}: SYNC FAILED ({r['sync_error']}); writes acknowledged "
+             f"before it may be lost; syncs fail until `scsi-target lun reset-error`"
+             for r in snap["luns"] if r.get("sync_error")]
     out = head + [table(portals, ["portal", "tpgt", "state"], "\nPortals", width)]
     if wide:
         out.append(table(snap["luns"], lun_cols, "\nLUNs", width, heads))

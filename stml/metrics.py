@@ -242,6 +242,7 @@ class Metrics:
                              "registrations": len(st.regs) if st is not None else 0,
                              "pr_saves": st.saves if st is not None else 0,
                              "unit_attentions": len(lu.unit_attentions),
+                             "sync_error": lu.backend.sync_error,   # syncs fail until lun reset-error
                              **report(by_lun.get((t.name, lu.lun), []), in_flight)})
         sessions, fes = [], []
         for fe in list(emulator.front_ends.values()):

@@ -78,7 +78,7 @@ class Management:
         self._cmds: dict[str, Callable] = {
             "status": self.status, "target_list": self.target_list, "target_add": self.target_add,
             "target_remove": self.target_remove, "lun_list": self.lun_list, "lun_add": self.lun_add,
-            "lun_remove": self.lun_remove, "lun_resize": self.lun_resize,
+            "lun_remove": self.lun_remove, "lun_resize": self.lun_resize, "lun_reset_error": self.lun_reset_error,
             "portal_list": self.portal_list, "portal_add": self.portal_add,
             "portal_remove": self.portal_remove, "acl_add": self.acl_add, "acl_remove": self.acl_remove,
             "chap_set": self.chap_set, "session_list": self.session_list,
@@ -231,7 +231,7 @@ class Management:
         ts = [self._target(target)] if target else list(self.em.targets.values())
         return [{"target": t.name, "lun": lu.lun, "backend": lu.options.kind,
                  "path": lu.options.path, "size": lu.blocks * lu.block_size,
-                 "block_size": lu.block_size, "ro": lu.options.ro}
+                 "block_size": lu.block_size, "ro": lu.options.ro, "sync_error": lu.backend.sync_error}
                 for t in ts for lu in t.luns.values()]
 
     async def portal_list(self) -> list[dict[str, Any]]:
@@ -666,6 +666,19 @@ class Management:
         self._redetect()
         await self._ua([lu], CAPACITY_DATA_CHANGED, t.name)
         return {"target": t.name, "lun": lu.lun, "old_size": old, "size": nbytes, "saved": await self._persist()}
+
+    async def lun_reset_error(self, lun: int, target: str | None = None) -> dict[str, Any]:
+        """Let a LUN whose sync failed sync again: the administrator has seen
+        that writes acknowledged before the failure may be lost (and dealt
+        with it: restored, checked, or accepted). Until then every sync, FUA
+        and write-through write fails (decision 0256). Nothing to clear is no
+        error: scripts may clear unconditionally."""
+        t, lu = self._lu(target, lun)
+        error, lu.backend.sync_error = lu.backend.sync_error, None
+        if error is not None:
+            log.warning("%s LUN %d: sync error cleared by the administrator (%s); syncs run again",
+                        t.name, lu.lun, error)
+        return {"target": t.name, "lun": lu.lun, "cleared": error}
 
     # ------------------------------------------------------------ access
     async def _set_access(self, t: Target, key: str, value: Any) -> str:

@@ -24,8 +24,8 @@ from stml.ops import (
     param_len_error, trim_views, unit,
 )
 from stml.sense import (
-    ABORTED_COMMAND, ILLEGAL_REQUEST, MEDIUM_REMOVAL_PREVENTED, MISCOMPARE, MISCOMPARE_DURING_VERIFY,
-    NO_ADDITIONAL_SENSE, CheckCondition, invalid_field, invalid_param,
+    ABORTED_COMMAND, ILLEGAL_REQUEST, MEDIUM_ERROR, MEDIUM_REMOVAL_PREVENTED, MISCOMPARE,
+    MISCOMPARE_DURING_VERIFY, NO_ADDITIONAL_SENSE, WRITE_ERROR, CheckCondition, invalid_field, invalid_param,
 )
 from stml.spc import (
     MAX_COMPARE_AND_WRITE, MAX_LBA_STATUS_DESCRIPTORS, MAX_UNMAP_DESCRIPTORS, MAX_UNMAP_LBA_COUNT,
@@ -40,17 +40,34 @@ _DISCARD_CHUNK = 64 << 20   # deallocated per step (RAM: 64 pages freed)
 
 async def _flush(task: Task) -> None:
     """Make the LU's acknowledged writes durable; nothing to do (and no thread
-    to wake) when a completed sync covered them all (0255)."""
+    to wake) when a completed sync covered them all (0255). After a failed
+    sync, every flush fails until `lun reset-error` (0256)."""
     lu = task.lu
     assert lu is not None   # per command: see ops.unit()
+    _refuse_after_failed_sync(lu)
     if lu.backend.dirty:
         await task.io(lu.backend.flush)
 
 
 def _sync(task: Task) -> bool:
+    """Whether the write must be durable at GOOD (FUA, or write-through);
+    such a write fails after a failed sync, as SYNCHRONIZE CACHE does."""
     lu = task.lu
     assert lu is not None   # per command: see ops.unit()
-    return fua(task.cdb) or not lu.mode.wce
+    if fua(task.cdb) or not lu.mode.wce:
+        _refuse_after_failed_sync(lu)
+        return True
+    return False
+
+
+def _refuse_after_failed_sync(lu: LogicalUnit) -> None:
+    """MEDIUM ERROR, WRITE ERROR, as the failed sync itself answered (and as
+    tcmu-runner answers a failed flush): the acknowledged writes it should
+    have made durable may be lost, and no later sync can say otherwise
+    (decision 0256). Raised here, before any backend call, so a refusal
+    costs no thread and no log line (the failure logged once)."""
+    if lu.backend.sync_error is not None:
+        raise CheckCondition(MEDIUM_ERROR, WRITE_ERROR)
 
 
 async def read_blocks(task: Task, lba: int, blocks: int) -> bytearray:
@@ -259,6 +276,7 @@ async def write_and_verify(task: Task) -> None:
     lba, blocks, data = received_blocks(task)
     if not blocks:
         return
+    _refuse_after_failed_sync(unit(task))   # (always written through)
     await write_blocks(task, lba, data, True)
     if _bytchk(task.cdb):
         sent = memoryview(b"".join(data))

@@ -304,8 +304,14 @@ def test_write_landing_during_a_sync_is_left_to_the_next_flush(held_sync):
     assert syncs.calls() == 2 and not f.dirty
 
 
-def test_failed_flush_leaves_the_writes_owed(tmp_path, monkeypatch):
+def test_failed_flush_leaves_the_writes_owed_and_fails_later_syncs(tmp_path, monkeypatch):
+    """A failed fdatasync syncs nothing, and every later sync fails without
+    calling fdatasync (which would succeed with the writes maybe gone: 0256)
+    until the error is reset; reads and write-back writes go on."""
+    calls = []
+
     def eio(fd: int) -> None:
+        calls.append(fd)
         raise OSError(errno.EIO, "I/O error")
     f = FileBackend(str(tmp_path / "d.img"), 1 << 20)
     assert f._in_memory is False
@@ -314,8 +320,16 @@ def test_failed_flush_leaves_the_writes_owed(tmp_path, monkeypatch):
         monkeypatch.setattr(file_mod.os, "fdatasync", eio)
         with pytest.raises(OSError):
             f.flush()
-        assert f.dirty
+        assert f.dirty and f.sync_error == "fdatasync: I/O error"
         monkeypatch.undo()
+        with pytest.raises(OSError, match="an earlier sync failed"):
+            f.flush()
+        with pytest.raises(OSError, match="an earlier sync failed"):
+            f.write_from(512, [memoryview(b"B" * 512)], sync=True)
+        f.write_from(1024, [memoryview(b"C" * 512)], sync=False)
+        assert read(f, 0, 1536) == b"A" * 512 + b"B" * 512 + b"C" * 512
+        assert len(calls) == 1
+        f.sync_error = None             # `lun reset-error`
         f.flush()
         assert not f.dirty
     finally:

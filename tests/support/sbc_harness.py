@@ -74,7 +74,9 @@ class Harness:
             fut.set_result(Result(h["status"], h["sense"], data, h["resid"]))
 
     async def cmd(self, cdb: bytes, data: bytes = b"", alloc: int | None = None, lun: int = 0,
-                  nexus: int = 1, exp_len: int | None = None) -> Result:
+                  nexus: int = 1, exp_len: int | None = None, no_data: bool = False) -> Result:
+        """`no_data`: no data direction, as initiators send SYNCHRONIZE CACHE
+        or TEST UNIT READY (else a command without data is a read)."""
         self.tag += 1
         tag = self.tag
         fut = asyncio.get_running_loop().create_future()
@@ -84,6 +86,8 @@ class Harness:
             direction, length = DataDir.WRITE, len(data) if exp_len is None else exp_len
         else:
             direction, length = DataDir.READ, 1 << 20 if alloc is None else alloc
+        if no_data:
+            direction, length = DataDir.NONE, 0
         self.emulator.handle(b"fe", {"op": Op.RX_CMND, "nexus": nexus, "tag": tag, "lun": lun,
                                      "cdb": cdb.ljust(16, b"\0"), "attr": 0, "dir": int(direction),
                                      "len": length, "unsol": 0}, [])
