@@ -167,7 +167,12 @@ class Metrics:
 
     def xmit_response(self, ident: bytes, h: dict[str, Any]) -> None:
         """A command ends (status None: it ended without a response)."""
-        entry = self._inflight.pop((ident, h["tag"]), None)
+        self.responded(ident, h["tag"], h.get("status", 0), h.get("resid", 0))
+
+    def responded(self, ident: bytes, tag: int, status: int | None, resid: int) -> None:
+        """xmit_response's fields (status None: the command ended without a
+        response): what the STML's sender passes without a header dict."""
+        entry = self._inflight.pop((ident, tag), None)
         if entry is None:
             return
         start, direction, length, c = entry
@@ -182,13 +187,11 @@ class Metrics:
         else:
             c.latency[n % RING] = now - start
             c.ended[n % RING] = now
-        if h.get("status", 0) != 0:
+        if status != 0:
             c.errors += 1
         elif direction & READ:
-            resid = h.get("resid", 0)
             c.read_bytes += length - resid if resid > 0 else length
         elif direction & WRITE:
-            resid = h.get("resid", 0)
             c.write_bytes += length - resid if resid > 0 else length
 
     def aborted(self, ident: bytes, tags: list[int]) -> None:

@@ -11,6 +11,7 @@ import os
 import ipaddress
 import signal
 import socket
+import struct
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,8 +22,8 @@ from typing import TYPE_CHECKING, Any, Callable
 import zmq
 
 from backends import BackendError, open_backend
-from stml.api import BufferPool, Channel, Op, SharedRegion, StreamChannel, pack, stream_path, unpack
-from stml.api.messages import TO_STML, Cap, check
+from stml.api import BufferPool, Channel, Op, SharedRegion, StmlSender, StreamChannel, pack, stream_path, unpack
+from stml.api.messages import TO_STML, Cap, check, pack_xmit_response
 from stml.api.sizes import SHARED_READ_MIN
 from stml.api.stream import Lease
 from stml.api.tap import Tap, TapPoint, combine
@@ -110,6 +111,37 @@ class BusyPoll:
             self.spinning = False
 
 
+class _Sender(StmlSender):
+    """The STML's messages to its front ends; a response without sense data
+    and without a tap is sent from its fields (no header dict): counted, packed
+    in xmit_response's fixed layout (stml.api.messages) and queued, where the
+    dict went through the transport, the counters' lookups and the packer.
+    Every other message, and every message while a tap is on, goes the way
+    StmlSender writes it."""
+
+    def __init__(self, server: StmlServer) -> None:
+        super().__init__(server._send)
+        self.server = server
+
+    def xmit_response(self, ident: bytes, tag: int, status: int, sense: bytes | None, resid: int,
+                      data: list) -> None:
+        server = self.server
+        if sense is None and server.tap is None:
+            try:
+                header = pack_xmit_response(tag, status, resid)
+            except struct.error:   # a value past the layout: the dict's packing
+                pass
+            else:
+                server.metrics.responded(ident, tag, status, resid)
+                stream = server.streams.get(ident)
+                if stream is not None:
+                    stream.send([header, *data])
+                else:
+                    server.channel.send([ident, header, *data])
+                return
+        StmlSender.xmit_response(self, ident, tag, status, sense, resid, data)
+
+
 @dataclass(frozen=True)
 class TraceOptions:
     """`--trace FILE` (scsi-target run / stml): record from the start."""
@@ -146,6 +178,7 @@ class StmlServer(TapPoint):
                                  threads=WORKER_THREADS,
                                  discovery=config.discovery(),
                                  data_dir=config.data_dir, portal_groups=portal_groups(config))
+        self.emulator.out = _Sender(self)
         self.emulator.portals = portal_entries(config.portals)
         # counters exist for real LUs and live sessions only: made on a session's
         # first command to an LU, freed when the session or its front end ends

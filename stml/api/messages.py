@@ -4,6 +4,7 @@ reference; nothing here knows about sockets."""
 from __future__ import annotations
 
 import enum
+import struct
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -118,6 +119,27 @@ class TmfResponse(enum.IntEnum):
 # decode run whole under the GIL (headers hold no type that calls Python code).
 pack: Callable[[dict[str, Any]], bytes] = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder().decode
+
+
+# xmit_response with no sense data (GOOD, and every status without it) in one
+# fixed msgpack layout, packed by a precompiled Struct from (tag, status, resid):
+# the map StmlSender writes from a dict (same keys, same order), but the tag a
+# uint32, the status a uint8 and the residual an int64 whatever their values;
+# every msgpack decoder reads it back as that dict. The STML writes one per
+# command, and the dict and its packing cost several times as much; a front end
+# may read it with the same Struct. A response with sense data, or a value
+# past the layout (struct.error), is packed from the dict.
+_XMIT_PREFIX = b"\x85" + pack("op") + pack("xmit_response") + pack("tag") + b"\xce"   # map of 5; uint32
+_XMIT_STATUS = pack("status") + b"\xcc"                                 # uint8
+_XMIT_RESID = pack("sense") + b"\xc0" + pack("resid") + b"\xd3"         # nil; int64
+XMIT_RESPONSE_FIXED = struct.Struct(
+    f">{len(_XMIT_PREFIX)}sI{len(_XMIT_STATUS)}sB{len(_XMIT_RESID)}sq")
+
+
+def pack_xmit_response(tag: int, status: int, resid: int) -> bytes:
+    """An xmit_response header without sense data in the fixed layout
+    (raises struct.error for a value that does not fit it)."""
+    return XMIT_RESPONSE_FIXED.pack(_XMIT_PREFIX, tag, _XMIT_STATUS, status, _XMIT_RESID, resid)
 
 
 def unpack(frame: bytes | memoryview) -> dict[str, Any]:

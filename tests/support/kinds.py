@@ -85,6 +85,7 @@ KIND_OF_MODULE = {
     "test_slp_e2e.py": "system",
     "test_spi_bus.py": "unit",
     "test_spi_e2e.py": "process",
+    "test_stml_hot_path.py": "unit",
     "test_stream_channel.py": "unit",
     "test_stream_framer.py": "unit",
     "test_suite_rules.py": "unit",

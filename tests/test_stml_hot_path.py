@@ -1,0 +1,157 @@
+"""The STML's per-command path (docs/decisions/0816): what it saves does not
+change what a front end gets. Responses written from their fields in a fixed
+layout read back as the header StmlSender writes; counters and taps see the
+same commands.
+
+An StmlServer runs in the test's process without serving: messages go in
+where the carriers hand them over (`_receive`), and a stub stream keeps
+what the STML sends."""
+from __future__ import annotations
+
+import asyncio
+import struct
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from stml import config
+from stml.api import pack, unpack
+from stml.api.messages import FROM_STML, XMIT_RESPONSE_FIXED, Op, pack_xmit_response
+from stml.server import StmlServer
+
+IDENT = b"\0stream-1"
+GOOD, CHECK_CONDITION = 0x00, 0x02
+
+
+def cdb10(opcode: int, lba: int, blocks: int) -> bytes:
+    return struct.pack(">BBIBHB", opcode, 0, lba, 0, blocks, 0)
+
+
+class Stub:
+    """What StmlServer needs of a StreamChannel: it keeps what is sent."""
+    region = None
+
+    def __init__(self) -> None:
+        self.sent: list[list] = []
+
+    def send(self, frames: list) -> None:
+        self.sent.append(frames)
+
+
+class Stml:
+    """An StmlServer fed by hand, one front end with nexus 1 registered."""
+
+    def __init__(self, server: StmlServer) -> None:
+        self.server = server
+        self.stream = Stub()
+        server.streams[IDENT] = self.stream   # type: ignore[assignment]
+        self.receive({"op": "register_target_front_end", "name": "t", "kind": "test", "version": [1, 0]})
+        self.target = next(iter(server.emulator.targets))
+        self.receive({"op": "register_nexus", "nexus": 1, "initiator": "iqn.x", "target": self.target,
+                      "tpg": 1})
+        self.tag = 100
+        self.command(cdb10(0x00, 0, 0), 0, 0)   # TEST UNIT READY
+
+    def receive(self, header: dict[str, Any], *data: bytes) -> None:
+        self.server.received([IDENT, pack(header), *data])
+
+    def command(self, cdb: bytes, direction: int, length: int, *data: bytes,
+                tag: int | None = None) -> tuple[bytes, dict[str, Any], list]:
+        """Send one command: (the response's header as sent, decoded, data frames)."""
+        if tag is None:
+            self.tag += 1
+            tag = self.tag
+        self.stream.sent.clear()
+        self.receive({"op": "rx_cmnd", "tag": tag, "nexus": 1, "lun": 0, "cdb": cdb, "attr": 0,
+                      "dir": direction, "len": length, "unsol": len(b"".join(data))}, *data)
+        (raw, *frames), = self.stream.sent
+        header = unpack(raw)
+        assert header["op"] == "xmit_response" and header["tag"] == tag
+        return raw, header, frames
+
+
+@pytest.fixture
+def stml(tmp_path: Path) -> Iterator[Stml]:
+    async def make() -> StmlServer:   # (the server wants a running loop when made)
+        return StmlServer(config.load(data_dir=str(tmp_path / "data"), luns=("ram:16MiB",)))
+
+    loop = asyncio.new_event_loop()
+    server = loop.run_until_complete(make())
+    try:
+        asyncio.set_event_loop(loop)
+        yield Stml(server)
+    finally:
+        server.sock.close(linger=0)
+        server.ctx.term()
+        server.executor.shutdown()
+        asyncio.set_event_loop(None)
+        loop.close()
+
+
+def the_dict(tag: int, status: int, sense: bytes | None, resid: int) -> dict[str, Any]:
+    return {"op": "xmit_response", "tag": tag, "status": status, "sense": sense, "resid": resid}
+
+
+@pytest.mark.parametrize("tag, status, resid", [
+    (0, 0, 0), (1, 0x28, 4096), (0xFFFFFFFF, 0xFF, -(1 << 63)), (7, 0x40, (1 << 63) - 1), (9, 0, -512)])
+def test_fixed_xmit_response_reads_back_as_the_dict(tag: int, status: int, resid: int) -> None:
+    """The fixed layout, at its edges, decodes to the header StmlSender's dict
+    packs to (same keys, same order) and passes a front end's check."""
+    raw = pack_xmit_response(tag, status, resid)
+    want = the_dict(tag, status, None, resid)
+    assert len(raw) == XMIT_RESPONSE_FIXED.size
+    assert unpack(raw) == want and list(unpack(raw)) == list(want)
+    assert FROM_STML[Op.XMIT_RESPONSE].verdict(unpack(raw)) is None
+
+
+@pytest.mark.parametrize("tag, status, resid", [(1 << 32, 0, 0), (-1, 0, 0), (1, 256, 0), (1, 0, 1 << 63)])
+def test_values_past_the_fixed_layout_do_not_pack(tag: int, status: int, resid: int) -> None:
+    with pytest.raises(struct.error):
+        pack_xmit_response(tag, status, resid)
+
+
+def test_responses_leave_in_the_fixed_layout_only_without_sense_and_tap(stml: Stml) -> None:
+    """A GOOD read, and a read with a residual, go in the fixed layout with
+    their data; CHECK CONDITION (sense data) and a tag past 32 bits as the
+    dict packs them; the counters count every one."""
+    img = bytes(range(256)) * 16
+    raw, h, frames = stml.command(cdb10(0x2A, 8, 8), 1, 4096, img)
+    assert h == the_dict(stml.tag, GOOD, None, 0) and len(raw) == XMIT_RESPONSE_FIXED.size and frames == []
+    raw, h, frames = stml.command(cdb10(0x28, 8, 8), 2, 4096)
+    assert h == the_dict(stml.tag, GOOD, None, 0) and len(raw) == XMIT_RESPONSE_FIXED.size
+    assert b"".join(bytes(f) for f in frames) == img
+    raw, h, frames = stml.command(cdb10(0x28, 8, 8), 2, 8192)          # underflow
+    assert h == the_dict(stml.tag, GOOD, None, 4096) and len(raw) == XMIT_RESPONSE_FIXED.size
+    raw, h, frames = stml.command(cdb10(0x28, 8, 8), 2, 2048)          # overflow: cut to what was asked
+    assert h == the_dict(stml.tag, GOOD, None, -2048) and b"".join(bytes(f) for f in frames) == img[:2048]
+    raw, h, frames = stml.command(cdb10(0x28, 1 << 30, 8), 2, 4096)    # LBA out of range
+    assert h["status"] == CHECK_CONDITION and h["sense"][2] & 0x0F == 0x05 and h["sense"][12] == 0x21
+    assert raw == pack(h) and frames == []
+    raw, h, frames = stml.command(cdb10(0x28, 8, 8), 2, 4096, tag=1 << 40)
+    assert h == the_dict(1 << 40, GOOD, None, 0) and raw == pack(h)
+    [lun] = stml.server.metrics.snapshot(stml.server.emulator)["luns"]
+    assert lun["commands"] == 7 and lun["errors"] == 1 and lun["in_flight"] == 0   # (the first TUR too)
+    assert lun["write_bytes"] == 4096 and lun["read_bytes"] == 4096 * 3 + 2048
+
+
+def test_a_tap_sees_every_response_as_a_header(stml: Stml) -> None:
+    """With a tap on, responses go the way of the dict (the tap is given the
+    header and its packed bytes); with it off again, the fixed layout."""
+    seen: list[dict[str, Any]] = []
+
+    class Tap:
+        def inbound(self, ident: bytes, header: dict[str, Any], packed: bytes, frames: list) -> bool:
+            return True
+
+        def outbound(self, ident: bytes, header: dict[str, Any], packed: bytes, frames: list) -> bool:
+            seen.append(header)
+            return True
+
+    tap = Tap()
+    stml.server.add_tap(tap)   # type: ignore[arg-type]
+    raw, h, _ = stml.command(cdb10(0x28, 0, 8), 2, 4096)
+    assert seen == [h] and raw == pack(h) and h["status"] == GOOD
+    stml.server.remove_tap(tap)   # type: ignore[arg-type]
+    raw, h, _ = stml.command(cdb10(0x28, 0, 8), 2, 4096)
+    assert len(seen) == 1 and len(raw) == XMIT_RESPONSE_FIXED.size
