@@ -26,7 +26,7 @@ from stml import pr
 from stml.api import MAX_NAME_LEN, MAX_PORT_NAME_LEN, Cap, DataDir, Op, TaskAttr, Tmf, TmfResponse, version_compatible
 from stml.api.link import StmlSender, Transport
 from stml.api.stream import Lease
-from stml.api.messages import TO_STML, check
+from stml.api.messages import TO_STML, RxCmnd, check
 from stml.cdb import check_usage
 from stml.disk import DiskTemplate, OpEntry, standard_inquiry, trim_views
 from stml.lu import LogicalUnit
@@ -591,20 +591,44 @@ class Emulator:
         return key in self._keyed
 
     # ------------------------------------------------------------ commands
+    def command(self, fe: FrontEnd | None, ident: bytes, c: RxCmnd, frames: list,
+                lease: Lease | None = None) -> None:
+        """An rx_cmnd decoded as RxCmnd (its fields fit the table, its counts are
+        what a command takes): handle()'s and _rx_cmnd's steps for it, without
+        the header dict. `fe`: its front end, None if it is not registered. The
+        process shell calls it while commands are not timed (_rx_cmnd_timed
+        reads the dict)."""
+        if fe is None:
+            self.out.release(ident, "unknown front end: register first")
+            if lease is not None:
+                lease.release()
+            return
+        fe.last_seen = time.monotonic()
+        tag = c.tag
+        nexus = fe.nexuses.get(c.nexus)
+        if nexus is None or tag in fe.tasks:
+            self._not_started(fe, tag, nexus)
+            if lease is not None:
+                lease.release()
+            return
+        self._lease = lease
+        try:
+            self._start(fe, nexus, tag, c.lun, c.cdb, c.attr, c.dir, c.len, c.unsol, frames, Task)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:   # (as handle())
+            log.warning("malformed 'rx_cmnd' from %s refused: %s: %s", fe.name, type(e).__name__, e)
+        finally:
+            if self._lease is not None:
+                self._lease.release()
+                self._lease = None
+
     def _rx_cmnd(self, fe: FrontEnd, h: dict[str, Any], frames: list,
                  task_class: type[Task] = Task) -> None:
-        """A command; `task_class`: TimedTask while commands are timed (_rx_cmnd_timed)."""
+        """A command as a header dict; `task_class`: TimedTask while commands
+        are timed (_rx_cmnd_timed)."""
         nexus = fe.nexuses.get(h["nexus"])
         tag = h["tag"]
-        if tag in fe.tasks:
-            # the contract's tags are unique among a front end's live tasks: a second
-            # command under a live tag (a duplicated message, a confused front end) is
-            # not run - an answer under that tag would be taken for the first one's
-            log.warning("front end %s: rx_cmnd with tag %d, already a live task's: dropped", fe.name, tag)
-            return
-        if nexus is None:
-            sense = build_sense(ABORTED_COMMAND, LOGICAL_UNIT_COMMUNICATION_FAILURE)   # no such nexus
-            self.respond(fe, tag, CHECK_CONDITION, sense, 0)
+        if nexus is None or tag in fe.tasks:
+            self._not_started(fe, tag, nexus)
             return
         cdb = h["cdb"]
         if not cdb:
@@ -615,6 +639,22 @@ class Emulator:
         if (lun | attr | direction | exp_len | unsol) < 0 or attr > _MAX_ATTR:
             self._refuse_counts(fe, tag, h)
             return
+        self._start(fe, nexus, tag, lun, cdb, attr, direction, exp_len, unsol, frames, task_class)
+
+    def _not_started(self, fe: FrontEnd, tag: int, nexus: Nexus | None) -> None:
+        """A command under a live task's tag, or of a nexus that does not exist."""
+        if tag in fe.tasks:
+            # the contract's tags are unique among a front end's live tasks: a second
+            # command under a live tag (a duplicated message, a confused front end) is
+            # not run - an answer under that tag would be taken for the first one's
+            log.warning("front end %s: rx_cmnd with tag %d, already a live task's: dropped", fe.name, tag)
+        else:
+            sense = build_sense(ABORTED_COMMAND, LOGICAL_UNIT_COMMUNICATION_FAILURE)   # no such nexus
+            self.respond(fe, tag, CHECK_CONDITION, sense, 0)
+
+    def _start(self, fe: FrontEnd, nexus: Nexus, tag: int, lun: int, cdb: bytes, attr: int, direction: int,
+               exp_len: int, unsol: int, frames: list, task_class: type[Task]) -> None:
+        """Run a command whose fields were checked, at once up to its first wait."""
         task = task_class(self, fe, nexus, tag, lun, cdb, attr, direction, exp_len, unsol, frames)
         if self._lease is not None:
             self._take_lease(task)

@@ -23,7 +23,7 @@ import zmq
 
 from backends import BackendError, open_backend
 from stml.api import BufferPool, Channel, Op, SharedRegion, StmlSender, StreamChannel, pack, stream_path, unpack
-from stml.api.messages import TO_STML, Cap, check, pack_xmit_response
+from stml.api.messages import RX_CMND_OP, TO_STML, Cap, DecodeError, check, decode_rx_cmnd, pack_xmit_response
 from stml.api.sizes import SHARED_READ_MIN
 from stml.api.stream import Lease
 from stml.api.tap import Tap, TapPoint, combine
@@ -47,6 +47,7 @@ STREAM_CAPS = frozenset({Cap.WRITE_REGION.value})
 # ops the per-message paths compare with, as plain strs (an enum member costs an attribute hook)
 _RX_CMND, _XMIT_RESPONSE, _TMF_DONE = Op.RX_CMND.value, Op.XMIT_RESPONSE.value, Op.TMF_DONE.value
 _MGMT, _PORTAL_STATE, _REGISTER = Op.MGMT.value, Op.PORTAL_STATE.value, Op.REGISTER.value
+_RX_CMND_OP_END = 1 + len(RX_CMND_OP)   # (after the map's first byte)
 # what _receive hands to _control: not per command
 _CONTROL = frozenset({_MGMT, _PORTAL_STATE, _REGISTER})
 
@@ -586,7 +587,21 @@ class StmlServer(TapPoint):
             try:
                 if len(frames) < 2:
                     raise ValueError("no header")
-                header = unpack(frames[1])
+                raw = frames[1]
+                if raw[1:_RX_CMND_OP_END] == RX_CMND_OP and self.emulator.timing is None:
+                    # a command, typed in C (stml.api.messages.RxCmnd); a header it does
+                    # not take is decoded again below as a dict: the table's way
+                    try:
+                        c = decode_rx_cmnd(raw)
+                    except DecodeError:
+                        pass
+                    else:
+                        fe = self.emulator.front_ends.get(ident)
+                        if fe is not None:
+                            self.metrics.command(ident, fe, c.tag, c.nexus, c.lun, c.dir, c.len)
+                        self.emulator.command(fe, ident, c, frames[2:], lease)
+                        return
+                header = unpack(raw)
             except ValueError as e:
                 log.warning("refused a message from %s: %s", ident.hex(), e)
                 if lease is not None:

@@ -155,3 +155,87 @@ def test_a_tap_sees_every_response_as_a_header(stml: Stml) -> None:
     stml.server.remove_tap(tap)   # type: ignore[arg-type]
     raw, h, _ = stml.command(cdb10(0x28, 0, 8), 2, 4096)
     assert len(seen) == 1 and len(raw) == XMIT_RESPONSE_FIXED.size
+
+
+# ---------------------------------------------------------------- commands typed in C
+
+def test_rx_cmnd_struct_is_the_tables_message() -> None:
+    """RxCmnd (what the command path decodes) has the table's checked fields
+    of rx_cmnd, of the table's types, required where the table says."""
+    import msgspec
+
+    from stml.api.messages import INT, BYTES, TO_STML, RxCmnd
+    m = TO_STML[Op.RX_CMND.value]
+    fields = {f.name: f for f in m.fields if f.checked}
+    info = msgspec.inspect.type_info(RxCmnd)
+    assert isinstance(info, msgspec.inspect.StructType) and info.tag_field == "op" and info.tag == "rx_cmnd"
+    assert {f.name for f in info.fields} == set(fields)
+    kinds = {msgspec.inspect.IntType: INT, msgspec.inspect.BytesType: BYTES}
+    for f in info.fields:
+        assert kinds[type(f.type)] is fields[f.name].kind and f.required == fields[f.name].required
+
+
+def the_link_packs(tag: int, lun: int, cdb: bytes, attr: int, direction: int, length: int,
+                   unsol: int) -> bytes:
+    """rx_cmnd's header as FrontEndLink packs it (its fixed layout when the values fit)."""
+    from stml.api import FrontEndLink
+    sent: list[list] = []
+
+    class Channel:
+        def send(self, frames: list) -> None:
+            sent.append(frames)
+
+    link = FrontEndLink("ipc:///nonexistent/hot", "test", None)   # type: ignore[arg-type]
+    link._channel = Channel()   # type: ignore[assignment]
+    link.rx_cmnd(tag, 1, lun, cdb, attr, direction, length, unsol, [b"x" * unsol] if unsol else ())
+    return sent[0][0]
+
+
+def test_commands_take_the_typed_path_and_odd_ones_the_tables(stml: Stml, monkeypatch) -> None:
+    """rx_cmnd headers that front ends write (FrontEndLink's fixed layout, a
+    dict packed with its op first) reach Emulator.command without handle();
+    a header RxCmnd does not take (a negative or missing count, attr past
+    ACA, an empty CDB, a bool for an int, its op not first) goes through
+    handle() and is answered or refused as the table says."""
+    em = stml.server.emulator
+    handled: list[str] = []
+    plain = em.handle
+
+    def handle(ident: bytes, header: dict[str, Any], frames: list, lease: Any = None) -> None:
+        handled.append(header["op"])
+        plain(ident, header, frames, lease)
+
+    monkeypatch.setattr(em, "handle", handle)
+    stream = stml.stream
+
+    def send(raw: bytes, *data: bytes) -> dict[str, Any] | None:
+        stream.sent.clear()
+        stml.server.received([IDENT, raw, *data])
+        return unpack(stream.sent[0][0]) if stream.sent else None
+
+    read = cdb10(0x28, 0, 8)
+    h = send(the_link_packs(1, 0, read + bytes(6), 0, 2, 4096, 0))         # fixed layout, 16-byte CDB
+    assert h == the_dict(1, GOOD, None, 0) and handled == []
+    h = send(pack({"op": "rx_cmnd", "tag": 2, "nexus": 1, "lun": 0, "cdb": read, "dir": 2, "len": 4096}))
+    assert h == the_dict(2, GOOD, None, 0) and handled == []
+    h = send(the_link_packs(3, 0, cdb10(0x2A, 0, 1), 0, 1, 512, 512), b"w" * 512)
+    assert h == the_dict(3, GOOD, None, 0) and handled == []
+    assert send(pack({"op": "rx_cmnd", "tag": 3, "nexus": 1, "lun": 0, "cdb": read, "dir": 2,
+                      "len": 4096}))["status"] == GOOD    # (tag 3 ended: free again)
+
+    base = {"op": "rx_cmnd", "nexus": 1, "lun": 0, "cdb": read, "dir": 2, "len": 4096}
+    refused_field = [("lun", -1, 0x25), ("len", -4096, 0x0E), ("attr", 4, 0x0E), ("unsol", -1, 0x0E)]
+    for i, (key, value, asc) in enumerate(refused_field):
+        h = send(pack({**base, "tag": 10 + i, key: value}))
+        assert h is not None and h["status"] == CHECK_CONDITION and h["sense"][12] == asc, key
+    assert handled == ["rx_cmnd"] * 4
+    for i, odd in enumerate([{"cdb": b""}, {"tag": True}]):
+        assert send(pack({**base, "tag": 20 + i, **odd})) is None      # refused: no answer
+    h = send(pack({**base, "tag": 22, "lun": None}))                   # refused by the table, answered
+    assert h is not None and h["status"] == CHECK_CONDITION and h["sense"][12] == 0x25
+    assert handled == ["rx_cmnd"] * 7
+    op_last = {"tag": 30, "nexus": 1, "lun": 0, "cdb": read, "dir": 2, "len": 4096, "op": "rx_cmnd"}
+    assert send(pack(op_last)) == the_dict(30, GOOD, None, 0) and handled == ["rx_cmnd"] * 8
+    h = send(pack({**base, "tag": 31, "nexus": 9}))                    # no such nexus
+    assert h is not None and h["status"] == CHECK_CONDITION and h["sense"][2] & 0x0F == 0x0B
+    assert handled == ["rx_cmnd"] * 8

@@ -6,7 +6,7 @@ from __future__ import annotations
 import enum
 import struct
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Annotated, Any, Callable
 
 import msgspec
 
@@ -151,6 +151,35 @@ def unpack(frame: bytes | memoryview) -> dict[str, Any]:
     if not isinstance(header, dict) or not isinstance(header.get("op"), str):
         raise ValueError("header is not a map with an 'op'")
     return header
+
+
+_Count = Annotated[int, msgspec.Meta(ge=0)]
+
+
+class RxCmnd(msgspec.Struct, tag_field="op", tag="rx_cmnd", gc=False):
+    """rx_cmnd as the STML's command path takes it: decoded straight from
+    msgpack (decode_rx_cmnd), typed and checked in C, read as attributes.
+    It takes only headers that fit the table (tests/test_stml_hot_path.py
+    holds it to MESSAGES) and carry what the emulator runs: counts not
+    negative, an attr that is a TaskAttr, a CDB that is not empty. Any other
+    header raises, and goes the dict's way: refused by the table, or answered,
+    with the reason."""
+    tag: int
+    nexus: int
+    lun: _Count
+    cdb: Annotated[bytes, msgspec.Meta(min_length=1)]
+    attr: Annotated[int, msgspec.Meta(ge=0, le=int(max(TaskAttr)))] = 0
+    dir: _Count = 0
+    len: _Count = 0
+    unsol: _Count = 0
+
+
+# (msgspec.DecodeError or msgspec.ValidationError for any header it does not take)
+decode_rx_cmnd: Callable[[bytes | memoryview], RxCmnd] = msgspec.msgpack.Decoder(RxCmnd).decode
+DecodeError = msgspec.DecodeError
+# what a header that starts with its op (as every FrontEndLink writes it) has after
+# its map's first byte, when it is an rx_cmnd: the STML tries decode_rx_cmnd on those
+RX_CMND_OP = pack("op") + pack("rx_cmnd")
 
 
 def version_compatible(version: Any) -> str | None:
