@@ -28,7 +28,7 @@ from stml.api.link import StmlSender, Transport
 from stml.api.stream import Lease
 from stml.api.messages import TO_STML, RxCmnd, check
 from stml.cdb import check_usage
-from stml.disk import DiskTemplate, OpEntry, standard_inquiry, trim_views
+from stml.disk import DiskTemplate, OpEntry, medium_error, standard_inquiry, trim_views
 from stml.lu import LogicalUnit
 from stml.sense import (
     ABORTED_COMMAND, ASYMMETRIC_ACCESS_STATE_TRANSITION, BUS_DEVICE_RESET, CHECK_CONDITION,
@@ -732,12 +732,17 @@ class Emulator:
                 if stamps is not None:
                     stamps[QUEUED] = time.monotonic_ns()
                 try:
+                    # the row's checks: the medium's (disk.medium_error), then its own
+                    if entry.medium and (not lu.medium_present or lu.job is not None):
+                        self._check_medium(lu)
                     if entry.check:
                         entry.check(task)
                     waited = entry.out_len is not None and await self._collect(task, entry)
                     if (not task_set.at_once(task) and await task_set.enter(task)) or waited:
-                        # the LU may have changed meanwhile (reservations, size, protection)
+                        # the LU may have changed meanwhile (reservations, size, protection, medium)
                         self._check_reservation(lu, task, entry)
+                        if entry.medium:
+                            self._check_medium(lu)
                         if entry.check:
                             entry.check(task)
                     if stamps is None:
@@ -768,6 +773,12 @@ class Emulator:
             sense = build_sense(HARDWARE_ERROR, INTERNAL_TARGET_FAILURE, descriptor)
         self._complete(task, status, sense, data)
         self._forget(task)   # after the response took the shared memory it sends
+
+    @staticmethod
+    def _check_medium(lu: LogicalUnit) -> None:
+        error = medium_error(lu)
+        if error is not None:
+            raise error
 
     def _pending_ua(self, lu: LogicalUnit, nexus: Nexus) -> tuple[int, int] | None:
         """The unit attention to report; with the control mode page's UA
