@@ -234,8 +234,8 @@ class Emulator:
         self.workers = FairWorkers(executor, threads, max(1, threads // 2))
         # memory a task's read data is read into: the process shell may hand out
         # memory its front end shares (stml.server, same-host carrier), which the
-        # task then holds (Task.hold) until it ends
-        self.read_buffer: Callable[[Task, int], bytearray | memoryview] = lambda task, size: bytearray(size)
+        # task then holds (Task.hold) until it ends; None: new memory will do
+        self.read_buffer: Callable[[Task, int], bytearray | memoryview | None] = lambda task, size: None
         # the capabilities the carrier of a front end supports (stml.server: a
         # write region on the stream carrier); granted when a front end offers them
         self.carrier_caps: Callable[[bytes], frozenset[str]] = lambda ident: frozenset()

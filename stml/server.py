@@ -422,7 +422,7 @@ class StmlServer(TapPoint):
         """A front end on the stream may lend us its write region (ZeroMQ has no regions)."""
         return STREAM_CAPS if ident in self.streams else frozenset()
 
-    def _read_buffer(self, task: Task, size: int) -> bytearray | memoryview:
+    def _read_buffer(self, task: Task, size: int) -> memoryview | None:
         """Read data of SHARED_READ_MIN and more for a same-host front end goes
         into memory it shares: backend -> shared memory -> its socket, no copy
         through ours (smaller data costs less to copy than to lend). The task
@@ -435,7 +435,7 @@ class StmlServer(TapPoint):
                 if view is not None:
                     task.hold(functools.partial(region.release, view))
                     return view
-        return bytearray(size)
+        return None   # new memory: the read brings its own (sbc.read)
 
     def _stream_closed(self, ident: bytes) -> None:
         """A closed stream is a front end gone for good (it reconnects as a

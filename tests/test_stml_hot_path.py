@@ -9,12 +9,14 @@ what the STML sends."""
 from __future__ import annotations
 
 import asyncio
+import os
 import struct
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 
+from backends.file import FileBackend   # (at import: it runs ldconfig once, no process in a test)
 from stml import config
 from stml.api import pack, unpack
 from stml.api.messages import FROM_STML, XMIT_RESPONSE_FIXED, Op, pack_xmit_response
@@ -239,3 +241,66 @@ def test_commands_take_the_typed_path_and_odd_ones_the_tables(stml: Stml, monkey
     h = send(pack({**base, "tag": 31, "nexus": 9}))                    # no such nexus
     assert h is not None and h["status"] == CHECK_CONDITION and h["sense"][2] & 0x0F == 0x0B
     assert handled == ["rx_cmnd"] * 8
+
+
+# ---------------------------------------------------------------- read data in new memory
+
+def test_file_pread_nowait_reads_memory_files_only(tmp_path: Path, tmp_shm: Path) -> None:
+    """On a memory file system pread_nowait gives the data in new bytes (zeros
+    past the end of a file shrunk under it); elsewhere None, for read_nowait
+    to decide (pread has no RWF_NOWAIT)."""
+    data = bytes(range(256)) * 64
+    mem = FileBackend(str(tmp_shm / "lun.img"), 1 << 20)
+    disk = FileBackend(str(tmp_path / "lun.img"), 1 << 20)
+    try:
+        for b in (mem, disk):
+            b.write_from(4096, [memoryview(data)], False)
+        got = mem.pread_nowait(4096, len(data))
+        assert type(got) is bytes and got == data
+        os.truncate(tmp_shm / "lun.img", 4096 + 512)
+        assert mem.pread_nowait(4096, 1024) == data[:512] + bytes(512)
+        assert disk.pread_nowait(4096, len(data)) is None
+    finally:
+        mem.close()
+        disk.close()
+
+
+@pytest.fixture
+def file_stml(tmp_shm: Path) -> Iterator[Stml]:
+    """The STML on a file LUN in memory (pathcost's and bench.py's kind)."""
+    async def make() -> StmlServer:
+        return StmlServer(config.load(data_dir=str(tmp_shm / "data"), luns=(f"file:{tmp_shm / 'lun.img'},thick",)))
+
+    with open(tmp_shm / "lun.img", "wb") as f:
+        f.truncate(16 << 20)
+    loop = asyncio.new_event_loop()
+    server = loop.run_until_complete(make())
+    try:
+        asyncio.set_event_loop(loop)
+        yield Stml(server)
+    finally:
+        server.sock.close(linger=0)
+        server.ctx.term()
+        server.executor.shutdown()
+        asyncio.set_event_loop(None)
+        loop.close()
+
+
+def test_small_reads_come_in_new_memory_without_a_buffer(file_stml: Stml, monkeypatch) -> None:
+    """A READ the front end's shared memory does not take is read by
+    pread_nowait, one call, into no buffer of the STML's (read_nowait is not
+    called); its data and residuals are those of the medium."""
+    calls: list[str] = []
+    for name in ("pread_nowait", "read_nowait", "read_into"):
+        plain = getattr(FileBackend, name)
+        monkeypatch.setattr(FileBackend, name, lambda self, *a, _p=plain, _n=name: calls.append(_n) or _p(self, *a))
+    img = bytes(range(256)) * 32
+    assert file_stml.command(cdb10(0x2A, 16, 16), 1, 8192, img)[1]["status"] == GOOD
+    for length, want, resid in [(8192, img, 0), (4096, img[:4096], -4096), (16384, img, 8192)]:
+        calls.clear()
+        raw, h, frames = file_stml.command(cdb10(0x28, 16, 16), 2, length)
+        assert h == the_dict(file_stml.tag, GOOD, None, resid) and len(raw) == XMIT_RESPONSE_FIXED.size
+        assert b"".join(bytes(f) for f in frames) == want and calls == ["pread_nowait"]
+    calls.clear()
+    raw, h, frames = file_stml.command(cdb10(0x28, 16, 0), 2, 0)      # no blocks: no call
+    assert h == the_dict(file_stml.tag, GOOD, None, 0) and frames == [] and calls == []

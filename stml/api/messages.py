@@ -129,9 +129,10 @@ _decode = msgspec.msgpack.Decoder().decode
 # command, and the dict and its packing cost several times as much; a front end
 # may read it with the same Struct. A response with sense data, or a value
 # past the layout (struct.error), is packed from the dict.
-_XMIT_PREFIX = b"\x85" + pack("op") + pack("xmit_response") + pack("tag") + b"\xce"   # map of 5; uint32
-_XMIT_STATUS = pack("status") + b"\xcc"                                 # uint8
-_XMIT_RESID = pack("sense") + b"\xc0" + pack("resid") + b"\xd3"         # nil; int64
+_key = msgspec.msgpack.encode
+_XMIT_PREFIX = b"\x85" + _key("op") + _key("xmit_response") + _key("tag") + b"\xce"   # map of 5; uint32
+_XMIT_STATUS = _key("status") + b"\xcc"                                 # uint8
+_XMIT_RESID = _key("sense") + b"\xc0" + _key("resid") + b"\xd3"         # nil; int64
 XMIT_RESPONSE_FIXED = struct.Struct(
     f">{len(_XMIT_PREFIX)}sI{len(_XMIT_STATUS)}sB{len(_XMIT_RESID)}sq")
 
@@ -179,7 +180,7 @@ decode_rx_cmnd: Callable[[bytes | memoryview], RxCmnd] = msgspec.msgpack.Decoder
 DecodeError = msgspec.DecodeError
 # what a header that starts with its op (as every FrontEndLink writes it) has after
 # its map's first byte, when it is an rx_cmnd: the STML tries decode_rx_cmnd on those
-RX_CMND_OP = pack("op") + pack("rx_cmnd")
+RX_CMND_OP = _key("op") + _key("rx_cmnd")
 
 
 def version_compatible(version: Any) -> str | None:
