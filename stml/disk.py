@@ -197,19 +197,21 @@ class DiskTemplate:
                 self.by_opcode[e.opcode] = e
             else:
                 self.by_opcode.setdefault(e.opcode, {})[e.sa] = e  # type: ignore[index]
+        # the same by opcode as a tuple: one subscript per command
+        self._table = tuple(self.by_opcode.get(op) for op in range(256))
 
     def lookup(self, cdb: bytes) -> OpEntry:
         """The entry for this CDB; INVALID COMMAND OPERATION CODE when none, and
         INVALID FIELD IN CDB for an unknown service action."""
-        entry = self.by_opcode.get(cdb[0])
+        entry = self._table[cdb[0]]
         if entry is None:
             raise CheckCondition(ILLEGAL_REQUEST, INVALID_COMMAND_OPERATION_CODE)
-        if isinstance(entry, dict):
+        if type(entry) is dict:
             if len(cdb) < 2:
                 raise CheckCondition(ILLEGAL_REQUEST, INVALID_COMMAND_OPERATION_CODE)
             entry = entry.get(cdb[1] & 0x1F)
             if entry is None:
                 raise invalid_field(1, 4)
-        if len(cdb) < len(entry.usage):
+        if len(cdb) < entry.size:
             raise invalid_field(len(cdb) - 1)
         return entry

@@ -715,7 +715,7 @@ class Emulator:
                 cdb = task.cdb
                 entry = lu.template.lookup(cdb)
                 # check_usage in one test for a CDB as long as its row's usage (lookup: not shorter)
-                if len(cdb) != len(entry.usage) or int.from_bytes(cdb, "big") & entry.forbidden:
+                if len(cdb) != entry.size or int.from_bytes(cdb, "big") & entry.forbidden:
                     check_usage(cdb, entry.usage)
                 if lu.unit_attentions and not entry.ua_exempt:
                     ua = self._pending_ua(lu, task.nexus)
