@@ -206,7 +206,7 @@ class DiskTemplate:
         entry = self._table[cdb[0]]
         if entry is None:
             raise CheckCondition(ILLEGAL_REQUEST, INVALID_COMMAND_OPERATION_CODE)
-        if type(entry) is dict:
+        if isinstance(entry, dict):
             if len(cdb) < 2:
                 raise CheckCondition(ILLEGAL_REQUEST, INVALID_COMMAND_OPERATION_CODE)
             entry = entry.get(cdb[1] & 0x1F)
