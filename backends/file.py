@@ -178,6 +178,19 @@ class FileBackend:
             self._nowait_reads = e.errno not in (errno.EOPNOTSUPP, errno.EINVAL)
             return False
 
+    def pread_nowait(self, offset: int, length: int) -> bytes | None:
+        """On a memory file system: the data in new bytes, one pread (no buffer
+        zeroed first, no iovec list: about half a small read_nowait's cost).
+        Elsewhere None: pread has no RWF_NOWAIT, so read_nowait decides."""
+        if not self._in_memory:
+            return None
+        data = os.pread(self._fd, length, offset)
+        if len(data) != length:   # short (a signal) or past the end of a file shrunk under us
+            buf = bytearray(length)
+            self.read_into(offset, memoryview(buf))
+            return bytes(buf)
+        return data
+
     def write_nowait(self, offset: int, bufs: Sequence[memoryview], sync: bool) -> bool:
         """Write at once on a memory file system (nothing there can wait for a
         device); elsewhere the write goes to a worker thread."""

@@ -63,6 +63,9 @@ class RamBackend:
         self.read_into(offset, buf)
         return True
 
+    def pread_nowait(self, offset: int, length: int) -> bytes | None:
+        return None   # read_nowait copies from the pages, into any buffer
+
     def write_nowait(self, offset: int, bufs: Sequence[memoryview], sync: bool) -> bool:
         self.write_from(offset, bufs, sync)
         return True

@@ -186,6 +186,9 @@ class RbdBackend:
     def read_nowait(self, offset: int, buf: memoryview) -> bool:
         return False   # every read goes over the network
 
+    def pread_nowait(self, offset: int, length: int) -> bytes | None:
+        return None
+
     def write_nowait(self, offset: int, bufs: Sequence[memoryview], sync: bool) -> bool:
         return False
 

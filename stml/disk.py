@@ -12,10 +12,9 @@ and stml.alua add the rows of their commands.
 """
 from __future__ import annotations
 
-import dataclasses
-
 from stml import alua, pr
 from stml.api import DataDir
+from stml.lu import LogicalUnit
 from stml.modepages import mode_select, mode_select_out_len, mode_sense
 from stml.ops import Conflict, OpEntry, _u, read_check, rw_out_len, trim_views, write_check
 from stml.sbc import (
@@ -38,7 +37,7 @@ from stml.xcopy import (
     extended_copy, xcopy_check, xcopy_out_len, receive_copy_results,
 )
 
-__all__ = ["DiskTemplate", "OpEntry", "OPCODES", "standard_inquiry", "trim_views"]
+__all__ = ["DiskTemplate", "OpEntry", "OPCODES", "medium_error", "standard_inquiry", "trim_views"]
 
 R, W = DataDir.READ, DataDir.WRITE
 _RW_USE = 0x18   # DPO, FUA; RDPROTECT/WRPROTECT must be zero (no protection information)
@@ -171,22 +170,16 @@ def _not_sanitizing(task: Task) -> None:
         raise sanitize_in_progress(lu)
 
 
-def _with_medium_check(e: OpEntry) -> OpEntry:
-    """Commands that touch the medium report NOT READY while it is ejected;
-    the check runs after unit attentions, like every entry check."""
-    inner = e.check
-
-    def check(task: Task) -> None:
-        lu = task.lu
-        assert lu is not None   # per command: see ops.unit()
-        if not lu.medium_present:
-            raise CheckCondition(NOT_READY, MEDIUM_NOT_PRESENT)
-        if lu.job is not None and lu.sanitizing:   # SANITIZE too: one at a time (the property only with a job)
-            raise sanitize_in_progress(lu)
-        if inner is not None:
-            inner(task)
-
-    return dataclasses.replace(e, check=check)
+def medium_error(lu: LogicalUnit) -> CheckCondition | None:
+    """What a command that touches the medium (OpEntry.medium) gets before its
+    own checks: NOT READY while the medium is ejected or a SANITIZE runs (one
+    at a time), else None. The engine asks only while either may be so
+    (`not lu.medium_present or lu.job is not None`): no call per command."""
+    if not lu.medium_present:
+        return CheckCondition(NOT_READY, MEDIUM_NOT_PRESENT)
+    if lu.sanitizing:
+        return sanitize_in_progress(lu)
+    return None
 
 
 class DiskTemplate:
@@ -200,17 +193,17 @@ class DiskTemplate:
         self.entries = list(entries)     # as REPORT SUPPORTED OPERATION CODES lists them
         self.by_opcode: dict[int, OpEntry | dict[int, OpEntry]] = {}
         for e in entries:
-            if e.medium:
-                e = _with_medium_check(e)
             if e.sa is None:
                 self.by_opcode[e.opcode] = e
             else:
                 self.by_opcode.setdefault(e.opcode, {})[e.sa] = e  # type: ignore[index]
+        # the same by opcode as a tuple: one subscript per command
+        self._table = tuple(self.by_opcode.get(op) for op in range(256))
 
     def lookup(self, cdb: bytes) -> OpEntry:
         """The entry for this CDB; INVALID COMMAND OPERATION CODE when none, and
         INVALID FIELD IN CDB for an unknown service action."""
-        entry = self.by_opcode.get(cdb[0])
+        entry = self._table[cdb[0]]
         if entry is None:
             raise CheckCondition(ILLEGAL_REQUEST, INVALID_COMMAND_OPERATION_CODE)
         if isinstance(entry, dict):
@@ -219,6 +212,6 @@ class DiskTemplate:
             entry = entry.get(cdb[1] & 0x1F)
             if entry is None:
                 raise invalid_field(1, 4)
-        if len(cdb) < len(entry.usage):
+        if len(cdb) < entry.size:
             raise invalid_field(len(cdb) - 1)
         return entry

@@ -26,9 +26,9 @@ from stml import pr
 from stml.api import MAX_NAME_LEN, MAX_PORT_NAME_LEN, Cap, DataDir, Op, TaskAttr, Tmf, TmfResponse, version_compatible
 from stml.api.link import StmlSender, Transport
 from stml.api.stream import Lease
-from stml.api.messages import TO_STML, check
+from stml.api.messages import TO_STML, RxCmnd, check
 from stml.cdb import check_usage
-from stml.disk import DiskTemplate, OpEntry, standard_inquiry, trim_views
+from stml.disk import DiskTemplate, OpEntry, medium_error, standard_inquiry, trim_views
 from stml.lu import LogicalUnit
 from stml.sense import (
     ABORTED_COMMAND, ASYMMETRIC_ACCESS_STATE_TRANSITION, BUS_DEVICE_RESET, CHECK_CONDITION,
@@ -242,8 +242,8 @@ class Emulator:
         self.workers = FairWorkers(executor, threads, max(1, threads // 2))
         # memory a task's read data is read into: the process shell may hand out
         # memory its front end shares (stml.server, same-host carrier), which the
-        # task then holds (Task.hold) until it ends
-        self.read_buffer: Callable[[Task, int], bytearray | memoryview] = lambda task, size: bytearray(size)
+        # task then holds (Task.hold) until it ends; None: new memory will do
+        self.read_buffer: Callable[[Task, int], bytearray | memoryview | None] = lambda task, size: None
         # the capabilities the carrier of a front end supports (stml.server: a
         # write region on the stream carrier); granted when a front end offers them
         self.carrier_caps: Callable[[bytes], frozenset[str]] = lambda ident: frozenset()
@@ -623,20 +623,44 @@ class Emulator:
         return key in self._keyed
 
     # ------------------------------------------------------------ commands
+    def command(self, fe: FrontEnd | None, ident: bytes, c: RxCmnd, frames: list,
+                lease: Lease | None = None) -> None:
+        """An rx_cmnd decoded as RxCmnd (its fields fit the table, its counts are
+        what a command takes): handle()'s and _rx_cmnd's steps for it, without
+        the header dict. `fe`: its front end, None if it is not registered. The
+        process shell calls it while commands are not timed (_rx_cmnd_timed
+        reads the dict)."""
+        if fe is None:
+            self.out.release(ident, "unknown front end: register first")
+            if lease is not None:
+                lease.release()
+            return
+        fe.last_seen = time.monotonic()
+        tag = c.tag
+        nexus = fe.nexuses.get(c.nexus)
+        if nexus is None or tag in fe.tasks:
+            self._not_started(fe, tag, nexus)
+            if lease is not None:
+                lease.release()
+            return
+        self._lease = lease
+        try:
+            self._start(fe, nexus, tag, c.lun, c.cdb, c.attr, c.dir, c.len, c.unsol, frames, Task)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:   # (as handle())
+            log.warning("malformed 'rx_cmnd' from %s refused: %s: %s", fe.name, type(e).__name__, e)
+        finally:
+            if self._lease is not None:
+                self._lease.release()
+                self._lease = None
+
     def _rx_cmnd(self, fe: FrontEnd, h: dict[str, Any], frames: list,
                  task_class: type[Task] = Task) -> None:
-        """A command; `task_class`: TimedTask while commands are timed (_rx_cmnd_timed)."""
+        """A command as a header dict; `task_class`: TimedTask while commands
+        are timed (_rx_cmnd_timed)."""
         nexus = fe.nexuses.get(h["nexus"])
         tag = h["tag"]
-        if tag in fe.tasks:
-            # the contract's tags are unique among a front end's live tasks: a second
-            # command under a live tag (a duplicated message, a confused front end) is
-            # not run - an answer under that tag would be taken for the first one's
-            log.warning("front end %s: rx_cmnd with tag %d, already a live task's: dropped", fe.name, tag)
-            return
-        if nexus is None:
-            sense = build_sense(ABORTED_COMMAND, LOGICAL_UNIT_COMMUNICATION_FAILURE)   # no such nexus
-            self.respond(fe, tag, CHECK_CONDITION, sense, 0)
+        if nexus is None or tag in fe.tasks:
+            self._not_started(fe, tag, nexus)
             return
         cdb = h["cdb"]
         if not cdb:
@@ -647,6 +671,22 @@ class Emulator:
         if (lun | attr | direction | exp_len | unsol) < 0 or attr > _MAX_ATTR:
             self._refuse_counts(fe, tag, h)
             return
+        self._start(fe, nexus, tag, lun, cdb, attr, direction, exp_len, unsol, frames, task_class)
+
+    def _not_started(self, fe: FrontEnd, tag: int, nexus: Nexus | None) -> None:
+        """A command under a live task's tag, or of a nexus that does not exist."""
+        if tag in fe.tasks:
+            # the contract's tags are unique among a front end's live tasks: a second
+            # command under a live tag (a duplicated message, a confused front end) is
+            # not run - an answer under that tag would be taken for the first one's
+            log.warning("front end %s: rx_cmnd with tag %d, already a live task's: dropped", fe.name, tag)
+        else:
+            sense = build_sense(ABORTED_COMMAND, LOGICAL_UNIT_COMMUNICATION_FAILURE)   # no such nexus
+            self.respond(fe, tag, CHECK_CONDITION, sense, 0)
+
+    def _start(self, fe: FrontEnd, nexus: Nexus, tag: int, lun: int, cdb: bytes, attr: int, direction: int,
+               exp_len: int, unsol: int, frames: list, task_class: type[Task]) -> None:
+        """Run a command whose fields were checked, at once up to its first wait."""
         task = task_class(self, fe, nexus, tag, lun, cdb, attr, direction, exp_len, unsol, frames)
         if self._lease is not None:
             self._take_lease(task)
@@ -707,7 +747,7 @@ class Emulator:
                 cdb = task.cdb
                 entry = lu.template.lookup(cdb)
                 # check_usage in one test for a CDB as long as its row's usage (lookup: not shorter)
-                if len(cdb) != len(entry.usage) or int.from_bytes(cdb, "big") & entry.forbidden:
+                if len(cdb) != entry.size or int.from_bytes(cdb, "big") & entry.forbidden:
                     check_usage(cdb, entry.usage)
                 if lu.unit_attentions and not entry.ua_exempt:
                     ua = self._pending_ua(lu, task.nexus)
@@ -724,12 +764,17 @@ class Emulator:
                 if stamps is not None:
                     stamps[QUEUED] = time.monotonic_ns()
                 try:
+                    # the row's checks: the medium's (disk.medium_error), then its own
+                    if entry.medium and (not lu.medium_present or lu.job is not None):
+                        self._check_medium(lu)
                     if entry.check:
                         entry.check(task)
                     waited = entry.out_len is not None and await self._collect(task, entry)
                     if (not task_set.at_once(task) and await task_set.enter(task)) or waited:
-                        # the LU may have changed meanwhile (reservations, size, protection)
+                        # the LU may have changed meanwhile (reservations, size, protection, medium)
                         self._check_reservation(lu, task, entry)
+                        if entry.medium:
+                            self._check_medium(lu)
                         if entry.check:
                             entry.check(task)
                     if stamps is None:
@@ -760,6 +805,12 @@ class Emulator:
             sense = build_sense(HARDWARE_ERROR, INTERNAL_TARGET_FAILURE, descriptor)
         self._complete(task, status, sense, data)
         self._forget(task)   # after the response took the shared memory it sends
+
+    @staticmethod
+    def _check_medium(lu: LogicalUnit) -> None:
+        error = medium_error(lu)
+        if error is not None:
+            raise error
 
     def _pending_ua(self, lu: LogicalUnit, nexus: Nexus) -> tuple[int, int] | None:
         """The unit attention to report; with the control mode page's UA

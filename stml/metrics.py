@@ -116,42 +116,33 @@ class Metrics:
         self.started = time.time()
 
     def rx_cmnd(self, ident: bytes, h: dict[str, Any], fe: Any) -> None:
-        # the usual command finds its set in two lookups; the types are checked
-        # after (a bool or float key finds an int's entry), before it counts
+        """A command as a header dict: counted unless the emulator refuses it
+        without a response (no front end, a tag or nexus that is not an int);
+        a LUN that is not an int counts as absent."""
+        nid, lun, tag = h.get("nexus"), h.get("lun"), h.get("tag")
+        if fe is None or type(nid) is not int or type(tag) is not int:
+            return
+        self.command(ident, fe, tag, nid, lun if type(lun) is int else None, h.get("dir", 0), h.get("len", 0))
+
+    def command(self, ident: bytes, fe: Any, tag: int, nid: int, lun: int | None, direction: int,
+                length: int) -> None:
+        """A command's fields, typed (rx_cmnd, or the STML's decoding of them):
+        the usual command finds its set in two lookups."""
         try:
-            tag, nid, lun = h["tag"], h["nexus"], h["lun"]
             c = self._live[fe.nexuses[nid]][lun]
-        except (KeyError, TypeError, AttributeError):
-            c = None
-        if c is None or type(tag) is not int or type(nid) is not int or type(lun) is not int:
-            c = self._set_for(ident, h, fe)
-            if c is None:
+        except KeyError:
+            nexus = fe.nexuses.get(nid)
+            if nexus is None:
                 return   # the emulator refuses it
-            tag = h["tag"]
+            sets = self._live.get(nexus)
+            if sets is None:
+                sets = self._live[nexus] = {}
+            c = self._new_set(ident, nexus, lun, sets)
         key = (ident, tag)
         inflight = self._inflight
         if key in inflight:   # a tag reused without a response (aborted): that one is over
-            self.xmit_response(ident, {"tag": tag, "status": None})
-        inflight[key] = (monotonic(), h.get("dir", 0), h.get("len", 0), c)
-
-    def _set_for(self, ident: bytes, h: dict[str, Any], fe: Any) -> Counters | None:
-        """The set a command counts in, for a header rx_cmnd's lookups did not
-        place: None for one the emulator refuses without a response (no front
-        end, a tag or nexus that is not an int, no such nexus); a LUN that is
-        not an int counts as absent."""
-        nid, lun, tag = h.get("nexus"), h.get("lun"), h.get("tag")
-        if fe is None or type(nid) is not int or type(tag) is not int:
-            return None
-        nexus = fe.nexuses.get(nid)
-        if nexus is None:
-            return None
-        if type(lun) is not int:
-            lun = None
-        sets = self._live.get(nexus)
-        if sets is None:
-            sets = self._live[nexus] = {}
-        c = sets.get(lun)
-        return c if c is not None else self._new_set(ident, nexus, lun, sets)
+            self.responded(ident, tag, None, 0)
+        inflight[key] = (monotonic(), direction, length, c)
 
     def _new_set(self, ident: bytes, nexus: Any, lun: Any, sets: dict[int | None, Counters]) -> Counters:
         """Sets are keyed by the Nexus object: a nexus id registered again
@@ -167,7 +158,12 @@ class Metrics:
 
     def xmit_response(self, ident: bytes, h: dict[str, Any]) -> None:
         """A command ends (status None: it ended without a response)."""
-        entry = self._inflight.pop((ident, h["tag"]), None)
+        self.responded(ident, h["tag"], h.get("status", 0), h.get("resid", 0))
+
+    def responded(self, ident: bytes, tag: int, status: int | None, resid: int) -> None:
+        """xmit_response's fields (status None: the command ended without a
+        response): what the STML's sender passes without a header dict."""
+        entry = self._inflight.pop((ident, tag), None)
         if entry is None:
             return
         start, direction, length, c = entry
@@ -182,13 +178,11 @@ class Metrics:
         else:
             c.latency[n % RING] = now - start
             c.ended[n % RING] = now
-        if h.get("status", 0) != 0:
+        if status != 0:
             c.errors += 1
         elif direction & READ:
-            resid = h.get("resid", 0)
             c.read_bytes += length - resid if resid > 0 else length
         elif direction & WRITE:
-            resid = h.get("resid", 0)
             c.write_bytes += length - resid if resid > 0 else length
 
     def aborted(self, ident: bytes, tags: list[int]) -> None:

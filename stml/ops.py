@@ -49,11 +49,13 @@ class OpEntry:
     timeout: int = 30                     # nominal timeout (s) for REPORT SUPPORTED OPCODES
     # what a reservation of another nexus does to it: every row says (no default)
     conflicts: Conflict = field(kw_only=True)
-    # the CDB bits `usage` does not allow, computed once per row (cdb.forbidden_bits)
+    # the CDB bits `usage` does not allow, and its length, computed once per row (cdb.forbidden_bits)
     forbidden: int = field(init=False, repr=False, compare=False)
+    size: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "forbidden", forbidden_bits(self.usage))
+        object.__setattr__(self, "size", len(self.usage))
 
 
 def _u(*b: int) -> bytes:

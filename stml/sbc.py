@@ -117,15 +117,22 @@ def _first_difference(a: bytes | bytearray | memoryview, b: bytes | bytearray | 
 
 # ---------------------------------------------------------------- READ / WRITE
 
-async def read(task: Task) -> bytearray | memoryview:
+async def read(task: Task) -> bytes | bytearray | memoryview:
     """READ: into memory that goes back to the front end as read data (maybe
-    shared with it, so it is never copied). read_blocks' steps, in place: one
-    coroutine less per command."""
+    shared with it, so it is never copied), or new memory the backend reads
+    into at once (pread_nowait: none zeroed first). read_blocks' steps, in
+    place: one coroutine less per command."""
     lu = task.lu
     assert lu is not None   # per command: see ops.unit()
     lba, blocks = lba_len(task.cdb)   # read_check checked them
     bs = lu.block_size
     buf = task.services.read_buffer(task, blocks * bs)
+    if buf is None:
+        if blocks:
+            data = lu.backend.pread_nowait(lba * bs, blocks * bs)
+            if data is not None:
+                return data
+        buf = bytearray(blocks * bs)
     if blocks and not lu.backend.read_nowait(lba * bs, memoryview(buf)):
         await task.io(lu.backend.read_into, lba * bs, memoryview(buf))
     return buf

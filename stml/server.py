@@ -11,6 +11,7 @@ import os
 import ipaddress
 import signal
 import socket
+import struct
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,8 +22,8 @@ from typing import TYPE_CHECKING, Any, Callable
 import zmq
 
 from backends import BackendError, open_backend
-from stml.api import BufferPool, Channel, Op, SharedRegion, StreamChannel, pack, stream_path, unpack
-from stml.api.messages import TO_STML, Cap, check
+from stml.api import BufferPool, Channel, Op, SharedRegion, StmlSender, StreamChannel, pack, stream_path, unpack
+from stml.api.messages import RX_CMND_OP, TO_STML, Cap, DecodeError, check, decode_rx_cmnd, pack_xmit_response
 from stml.api.sizes import FRAME_ROOM, SHARED_READ_MIN
 from stml.api.stream import Lease
 from stml.api.tap import Tap, TapPoint, combine
@@ -46,6 +47,7 @@ STREAM_CAPS = frozenset({Cap.WRITE_REGION.value})
 # ops the per-message paths compare with, as plain strs (an enum member costs an attribute hook)
 _RX_CMND, _XMIT_RESPONSE, _TMF_DONE = Op.RX_CMND.value, Op.XMIT_RESPONSE.value, Op.TMF_DONE.value
 _MGMT, _PORTAL_STATE, _REGISTER = Op.MGMT.value, Op.PORTAL_STATE.value, Op.REGISTER.value
+_RX_CMND_OP_END = 1 + len(RX_CMND_OP)   # (after the map's first byte)
 # what _receive hands to _control: not per command
 _CONTROL = frozenset({_MGMT, _PORTAL_STATE, _REGISTER})
 
@@ -110,6 +112,37 @@ class BusyPoll:
             self.spinning = False
 
 
+class _Sender(StmlSender):
+    """The STML's messages to its front ends; a response without sense data
+    and without a tap is sent from its fields (no header dict): counted, packed
+    in xmit_response's fixed layout (stml.api.messages) and queued, where the
+    dict went through the transport, the counters' lookups and the packer.
+    Every other message, and every message while a tap is on, goes the way
+    StmlSender writes it."""
+
+    def __init__(self, server: StmlServer) -> None:
+        super().__init__(server._send)
+        self.server = server
+
+    def xmit_response(self, ident: bytes, tag: int, status: int, sense: bytes | None, resid: int,
+                      data: list) -> None:
+        server = self.server
+        if sense is None and server.tap is None:
+            try:
+                header = pack_xmit_response(tag, status, resid)
+            except struct.error:   # a value past the layout: the dict's packing
+                pass
+            else:
+                server.metrics.responded(ident, tag, status, resid)
+                stream = server.streams.get(ident)
+                if stream is not None:
+                    stream.send([header, *data])
+                else:
+                    server.channel.send([ident, header, *data])
+                return
+        StmlSender.xmit_response(self, ident, tag, status, sense, resid, data)
+
+
 @dataclass(frozen=True)
 class TraceOptions:
     """`--trace FILE` (scsi-target run / stml): record from the start."""
@@ -149,6 +182,7 @@ class StmlServer(TapPoint):
         # no frame bigger than a legal one is buffered whole (RCVHWM=0 bounds no size):
         # ZeroMQ disconnects the peer that sends it
         self.sock.setsockopt(zmq.MAXMSGSIZE, self.emulator.max_transfer + FRAME_ROOM)
+        self.emulator.out = _Sender(self)
         self.emulator.portals = portal_entries(config.portals)
         # counters exist for real LUs and live sessions only: made on a session's
         # first command to an LU, freed when the session or its front end ends
@@ -396,7 +430,7 @@ class StmlServer(TapPoint):
         """A front end on the stream may lend us its write region (ZeroMQ has no regions)."""
         return STREAM_CAPS if ident in self.streams else frozenset()
 
-    def _read_buffer(self, task: Task, size: int) -> bytearray | memoryview:
+    def _read_buffer(self, task: Task, size: int) -> memoryview | None:
         """Read data of SHARED_READ_MIN and more for a same-host front end goes
         into memory it shares: backend -> shared memory -> its socket, no copy
         through ours (smaller data costs less to copy than to lend). The task
@@ -409,7 +443,7 @@ class StmlServer(TapPoint):
                 if view is not None:
                     task.hold(functools.partial(region.release, view))
                     return view
-        return bytearray(size)
+        return None   # new memory: the read brings its own (sbc.read)
 
     def _stream_closed(self, ident: bytes) -> None:
         """A closed stream is a front end gone for good (it reconnects as a
@@ -597,7 +631,21 @@ class StmlServer(TapPoint):
             try:
                 if len(frames) < 2:
                     raise ValueError("no header")
-                header = unpack(frames[1])
+                raw = frames[1]
+                if raw[1:_RX_CMND_OP_END] == RX_CMND_OP and self.emulator.timing is None:
+                    # a command, typed in C (stml.api.messages.RxCmnd); a header it does
+                    # not take is decoded again below as a dict: the table's way
+                    try:
+                        c = decode_rx_cmnd(raw)
+                    except DecodeError:
+                        pass
+                    else:
+                        fe = self.emulator.front_ends.get(ident)
+                        if fe is not None:
+                            self.metrics.command(ident, fe, c.tag, c.nexus, c.lun, c.dir, c.len)
+                        self.emulator.command(fe, ident, c, frames[2:], lease)
+                        return
+                header = unpack(raw)
             except ValueError as e:
                 log.warning("refused a message from %s: %s", ident.hex(), e)
                 if lease is not None:

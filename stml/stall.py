@@ -26,6 +26,9 @@ class StalledBackend:
     def read_nowait(self, offset: int, buf: memoryview) -> bool:
         return False
 
+    def pread_nowait(self, offset: int, length: int) -> bytes | None:
+        return None
+
     def write_nowait(self, offset: int, bufs: Any, sync: bool) -> bool:
         return False
 

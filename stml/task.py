@@ -60,8 +60,9 @@ class Services(Protocol):
     max_transfer: int                  # bytes one command may move (VPD 0xB0 says it in blocks)
     workers: FairWorkers               # the threads blocking backend calls run in (Task.io)
     local_tpgs: set[int] | None        # ALUA: this host's port groups when it is a gateway
-    # memory read data goes into: maybe memory the front end shares, which the task holds
-    read_buffer: Callable[[Task, int], bytearray | memoryview]
+    # memory read data goes into: maybe memory the front end shares, which the task
+    # holds; None: any new memory will do (the backend may bring its own)
+    read_buffer: Callable[[Task, int], bytearray | memoryview | None]
 
     def target_luns(self, target: str) -> Mapping[int, LogicalUnit]:
         """The LUs of a target by number (REPORT LUNS; EXTENDED COPY's copy targets)."""

@@ -4,8 +4,9 @@ reference; nothing here knows about sockets."""
 from __future__ import annotations
 
 import enum
+import struct
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Annotated, Any, Callable
 
 import msgspec
 
@@ -121,6 +122,28 @@ pack: Callable[[dict[str, Any]], bytes] = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder().decode
 
 
+# xmit_response with no sense data (GOOD, and every status without it) in one
+# fixed msgpack layout, packed by a precompiled Struct from (tag, status, resid):
+# the map StmlSender writes from a dict (same keys, same order), but the tag a
+# uint32, the status a uint8 and the residual an int64 whatever their values;
+# every msgpack decoder reads it back as that dict. The STML writes one per
+# command, and the dict and its packing cost several times as much; a front end
+# may read it with the same Struct. A response with sense data, or a value
+# past the layout (struct.error), is packed from the dict.
+_key = msgspec.msgpack.encode
+_XMIT_PREFIX = b"\x85" + _key("op") + _key("xmit_response") + _key("tag") + b"\xce"   # map of 5; uint32
+_XMIT_STATUS = _key("status") + b"\xcc"                                 # uint8
+_XMIT_RESID = _key("sense") + b"\xc0" + _key("resid") + b"\xd3"         # nil; int64
+XMIT_RESPONSE_FIXED = struct.Struct(
+    f">{len(_XMIT_PREFIX)}sI{len(_XMIT_STATUS)}sB{len(_XMIT_RESID)}sq")
+
+
+def pack_xmit_response(tag: int, status: int, resid: int) -> bytes:
+    """An xmit_response header without sense data in the fixed layout
+    (raises struct.error for a value that does not fit it)."""
+    return XMIT_RESPONSE_FIXED.pack(_XMIT_PREFIX, tag, _XMIT_STATUS, status, _XMIT_RESID, resid)
+
+
 def unpack(frame: bytes | memoryview) -> dict[str, Any]:
     """Decode a header; raises ValueError for anything that is not a map with an op.
     msgspec decodes some input msgpack's decoder refused or kept opaque: an
@@ -135,6 +158,35 @@ def unpack(frame: bytes | memoryview) -> dict[str, Any]:
     if not isinstance(header, dict) or not isinstance(header.get("op"), str):
         raise ValueError("header is not a map with an 'op'")
     return header
+
+
+_Count = Annotated[int, msgspec.Meta(ge=0)]
+
+
+class RxCmnd(msgspec.Struct, tag_field="op", tag="rx_cmnd", gc=False):
+    """rx_cmnd as the STML's command path takes it: decoded straight from
+    msgpack (decode_rx_cmnd), typed and checked in C, read as attributes.
+    It takes only headers that fit the table (tests/test_stml_hot_path.py
+    holds it to MESSAGES) and carry what the emulator runs: counts not
+    negative, an attr that is a TaskAttr, a CDB that is not empty. Any other
+    header raises, and goes the dict's way: refused by the table, or answered,
+    with the reason."""
+    tag: int
+    nexus: int
+    lun: _Count
+    cdb: Annotated[bytes, msgspec.Meta(min_length=1)]
+    attr: Annotated[int, msgspec.Meta(ge=0, le=int(max(TaskAttr)))] = 0
+    dir: _Count = 0
+    len: _Count = 0
+    unsol: _Count = 0
+
+
+# (msgspec.DecodeError or msgspec.ValidationError for any header it does not take)
+decode_rx_cmnd: Callable[[bytes | memoryview], RxCmnd] = msgspec.msgpack.Decoder(RxCmnd).decode
+DecodeError = msgspec.DecodeError
+# what a header that starts with its op (as every FrontEndLink writes it) has after
+# its map's first byte, when it is an rx_cmnd: the STML tries decode_rx_cmnd on those
+RX_CMND_OP = _key("op") + _key("rx_cmnd")
 
 
 def version_compatible(version: Any) -> str | None:
