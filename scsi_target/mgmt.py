@@ -253,9 +253,11 @@ def lun_resize(number: int, size: str, target_name: str | None, force: bool, **k
 @click.option("--target", "target_name", help="Target name (default: the first).")
 @mgmt_options
 def lun_reset_error(number: int, target_name: str | None, **kw: Any) -> None:
-    """After a failed sync of LUN NUMBER (SYNC_ERROR in `lun list`), let it sync
-    again. Writes acknowledged before the failure may be lost: check or restore
-    the data first. Until then every sync, FUA and write-through write fails."""
+    """Let LUN NUMBER sync again after a failed sync.
+
+    Its SYNC_ERROR in `lun list` says why. Writes acknowledged before the
+    failure may be lost: check or restore the data first. Until then every
+    sync, FUA and write-through write fails."""
     show(kw, _call(kw, "lun_reset_error", lun=number, target=target_name))
 
 

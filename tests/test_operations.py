@@ -843,7 +843,10 @@ def test_an_interrupted_copy_says_how_far_it_got(ddir, tmp_path):
     with open(image, "wb") as f:
         f.truncate(1 << 30)
     with Target("--no-iscsi", "--lun", "ram:1GiB", data_dir=ddir, portals=(), expect_portals=0):
-        copy = subprocess.Popen([*CLI, "loop", "copy-in", str(image), "--data-dir", ddir],
+        # SIGINT as a terminal gives it, also when the suite runs in the background (ignored there)
+        copy = subprocess.Popen([sys.executable, "-c", "import os, signal, sys; "
+                                 "signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])",
+                                 *CLI, "loop", "copy-in", str(image), "--data-dir", ddir],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             sessions = MgmtClient(f"ipc://{ddir}/stml.sock")
