@@ -71,6 +71,8 @@ class IscsiFrontEnd:
         self.registry.drop_nexus(nexus, reason)
 
     def nexus_ready(self, nexus: int, error: str | None) -> None:
+        if error and nexus not in self.registry.registering:   # registered again, no login waits
+            log.warning("STML refused nexus %d: %s", nexus, error)
         self.registry.nexus_ready(nexus, error)   # a refusal fails the login (logged there)
 
     def rdy_to_xfer(self, tag: int, offset: int, length: int) -> None:
@@ -210,6 +212,7 @@ class IscsiFrontEnd:
                 return
             conn = result
             conn.local_addr = (local[0], local[1])
+            cast(PduWriter, conn.send).release()   # the Login Response is out
             await self._full_feature(reader, writer, conn)
         except (asyncio.IncompleteReadError, ConnectionError, TimeoutError, asyncio.TimeoutError):
             pass
@@ -247,7 +250,7 @@ class IscsiFrontEnd:
                                       hostport(str(local[0]), int(local[1])) if local else "?",
                                       str(peer[0]) if peer else "?")
         out = PduWriter(writer, o.connection, self.pending_output, account, self.link.scsi_target_done,
-                        str(peer[0]) if peer else "")
+                        str(peer[0]) if peer else "", held=session.nexus in self.registry.registering)
         conn = Connection(session, o.cid, o.connection, o.stat_sn, out, self.link, self.tags,
                           out.close, self.text, write_limit=self.limits.max_write_buffer,
                           read_limit=self.limits.max_read_buffer, account=account)

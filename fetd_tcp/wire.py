@@ -209,8 +209,11 @@ class PduWriter:
 
     def __init__(self, writer: asyncio.StreamWriter, params: Any, pending: set | None = None,
                  account: Account | None = None, done: Callable[[list[int]], None] | None = None,
-                 host: str = "") -> None:
+                 host: str = "", held: bool = False) -> None:
         self.pending = pending if pending is not None else set()   # writers with output queued
+        # nothing leaves before the Login Response that ends the login (an Async
+        # Message the STML sent once it took the new nexus): `release` then
+        self.held = held
         self.account = account
         self.done = done            # told the tags whose responses a flush sent (link.scsi_target_done)
         self.sent_tags: list[int] = []
@@ -289,9 +292,16 @@ class PduWriter:
             self.pending.add(self)
             self.loop.call_soon(self.flush)
 
+    def release(self) -> None:
+        """The login is answered: what was kept for after it may go."""
+        self.held = False
+        self.flush()
+
     def flush(self) -> None:
         self.scheduled = False
         self.pending.discard(self)
+        if self.held:
+            return
         parts, self.parts = self.parts, []
         size, self.size = self.size, 0
         try:

@@ -4,8 +4,11 @@ frame on the ZeroMQ carrier; and an iSCSI login past the STML's cap, which
 fetd_tcp refuses with a Login Response of its own."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import subprocess
+import sys
 import struct
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,10 +21,12 @@ from zmq.utils.monitor import recv_monitor_message
 from backends import open_backend
 from fetd_tcp import login as L
 from stml import emulator as E
-from stml.api import Op, pack, unpack
+from stml.api import CONTRACT_VERSION, Op, pack, unpack
 from stml.api.sizes import FRAME_ROOM
 from stml.lu import LogicalUnit, LunOptions
+from support.fakestml import FakeStml, wire
 from support.fuzzgen import host_port
+from support.procs import free_port, stop_pid
 from support.rawiscsi import RawInitiator
 from support.target import IQN, Target
 
@@ -247,3 +252,50 @@ def test_a_login_past_the_stml_nexus_cap_fails_and_sessions_keep_working():
             a.close()
             if raw is not None:
                 raw.close()
+
+
+class _AenAtOnce(FakeStml):
+    """An STML that raises a unit attention on a nexus the moment it takes it:
+    nexus_ready and report_aen in one write, as a LUN change racing a login."""
+
+    def _answer(self, h: dict) -> None:
+        if h.get("op") == "register_nexus":
+            sense = bytes([0x70, 0, 6, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x3F, 0x0E, 0, 0, 0, 0])
+            self.conn.sendall(wire({"op": "nexus_ready", "nexus": h["nexus"]})
+                              + wire({"op": "report_aen", "nexus": h["nexus"], "lun": 0, "sense": sense}))
+        else:
+            super()._answer(h)
+
+
+def test_nothing_reaches_an_initiator_before_its_login_response(tmp_path, tmp_short):
+    """fetd_tcp answers a login once the STML took the nexus (0263); what the
+    STML sends that nexus meanwhile waits for the Login Response (seen in a
+    64-session load run: an Async Message read as the login's text)."""
+    port = free_port()
+
+    async def main() -> None:
+        stml = _AenAtOnce(str(tmp_short() / "stml"), version=CONTRACT_VERSION, caps=[])
+        fetd = subprocess.Popen([sys.executable, "-m", "fetd_tcp", "--stml", stml.endpoint,
+                                 "--portal", f"127.0.0.1:{port}"], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            def login() -> list:
+                for _ in range(200):
+                    try:
+                        ini = RawInitiator("127.0.0.1", port, timeout=10)
+                        break
+                    except ConnectionRefusedError:
+                        time.sleep(0.05)
+                r = ini.login("iqn.2026-12.test:fake")
+                first = [type(r).__name__, r.status_class]
+                pdu, data = ini.recv()
+                ini.close()
+                return first + [type(pdu).__name__, data[2:][2] & 0xF]
+            got = await asyncio.to_thread(login)
+        finally:
+            stop_pid(fetd)
+            stml.close()
+        # the Login Response first, then the unit attention's Async Message (sense key 6)
+        assert got == ["LoginResponse", 0, "AsyncMessage", 6]
+
+    asyncio.run(main())
