@@ -61,8 +61,8 @@ class FrontEndHandler(Protocol):
     def xmit_response(self, tag: int, status: int, sense: bytes | None, resid: int,
                       data: list) -> None: ...
     # `data`: buffers (bytes or memoryviews; maybe memory the STML shares), valid until
-    # the front end calls link.scsi_target_done([tag]): it must, for every response,
-    # once the response is on the wire or dropped.
+    # the front end calls link.scsi_target_done([tag]): it must, once the response is on
+    # the wire or dropped, for every tag in link.lent and, while timed, for every response.
     # `info` (1.6): only with QUERY ASYNCHRONOUS EVENT's SUCCEEDED, the additional response
     # information; a handler written for an earlier version is never given it otherwise
     def task_mgmt_fn_done(self, tag: int, response: int, aborted: list[int], info: bytes = b"") -> None: ...
