@@ -60,8 +60,8 @@ GUARDS: dict[str, Guard] = {
 def on_this_host(address: str | None) -> bool:
     """Whether a peer without a key is on this host, by its ZeroMQ Peer-Address:
     a loopback IP, or an ipc:// peer ("localhost:UID:GID:PID"). None is the
-    stream carrier's peer (a Unix socket). Anything else, an unknown form
-    included, is not."""
+    stream carrier's peer (a Unix socket). Anything else, an unknown form or
+    "" (a ZeroMQ peer whose address ZeroMQ does not give) included, is not."""
     if address is None or address.startswith("localhost:"):
         return True
     try:

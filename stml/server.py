@@ -696,7 +696,8 @@ class StmlServer(TapPoint):
         op = header["op"]
         stream = ident in self.streams
         user_id = None if stream else self.channel.user_id()
-        address = None if stream else self.channel.peer_address()
+        # a ZeroMQ peer whose address ZeroMQ does not give is not known to be here ("")
+        address = None if stream else (self.channel.peer_address() or "")
         fe = self.emulator.front_ends.get(ident)
         why = refusal(op, user_id, fe is not None, address)
         if why is None:
