@@ -73,6 +73,7 @@ class Management:
         self._lock = asyncio.Lock()   # one change at a time (config file writes in order)
         self._batch = False           # a reload: the file is the source, nothing is saved
         self._closing: set[asyncio.Task] = set()   # removed LUs' backends waiting to close
+        self.closing_lus: set[LogicalUnit] = set()   # their LUs: the STML's stop flushes them too
         self._saver = ThreadPoolExecutor(1, thread_name_prefix="config-save")   # (its thread: at first use)
         self._save_error: str | None = None   # the change being answered is live but unsaved
         self._cmds: dict[str, Callable] = {
@@ -614,6 +615,7 @@ class Management:
         end drops their later data), and its backend closes once nothing can
         call it (docs/decisions/0254)."""
         closing = asyncio.get_running_loop().create_task(self._close_when_idle(lu, self.em.abort_lu(lu)))
+        self.closing_lus.add(lu)
         self._closing.add(closing)
         closing.add_done_callback(self._closing.discard)
 
@@ -640,6 +642,7 @@ class Management:
                 log.error("%s LUN %d removed: closing its backend failed: %s", lu.target, lu.lun, e)
 
         await self._in_thread(flush_and_close)
+        self.closing_lus.discard(lu)
         log.info("%s LUN %d removed: its backend is closed", lu.target, lu.lun)
         if lu.pr is not None:
             await lu.pr.forget()   # a later LU is another LU: it starts with no reservations

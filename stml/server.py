@@ -562,6 +562,9 @@ class StmlServer(TapPoint):
         finished = loop.create_future()
         lus = [(f"LUN {lu.lun} of {t.name}", lu) for t in self.emulator.targets.values()
                for lu in t.luns.values()]
+        # removed LUs whose backends wait to close: their acknowledged writes too (0254)
+        mgmt = getattr(self, "mgmt", None)   # (none if the start failed)
+        lus += [(f"removed LUN {lu.lun} of {lu.target}", lu) for lu in (mgmt.closing_lus if mgmt else ())]
 
         def flush(name: str, lu: LogicalUnit) -> None:
             try:

@@ -13,6 +13,7 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -619,3 +620,42 @@ def test_a_failed_flush_or_close_at_stop_is_named_the_others_finish_and_it_is_un
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert errors == [f"LUN 0 of {IQN}: {fails} at stop failed: [Errno 5] Input/output error"]
     assert calls == ["flush", "close"] and server.unclean and not server.abandoned
+
+
+def test_a_removed_lun_still_waiting_to_close_is_flushed_at_stop(tmp_path, caplog):
+    """A LUN removed while a call of it runs waits to close (0254); a stop in
+    that time flushes and closes it too, so its acknowledged writes are made
+    durable before the process exits."""
+    import asyncio
+    from stml import config
+    from stml.mgmt import Management
+    from stml.server import StmlServer
+    server = StmlServer(config.load(data_dir=str(tmp_path / "data"), luns=("ram:1MiB", "ram:1MiB")))
+    server.mgmt = Management(server.emulator, server.config, gateway=None, metrics=None,  # type: ignore[arg-type]
+                             portals=None, endpoints=[], traces=None)   # type: ignore[arg-type]
+    lu1 = server.emulator.targets[IQN].luns[1]
+    calls: list[str] = []
+    real_flush, real_close = lu1.backend.flush, lu1.backend.close
+    lu1.backend.flush = lambda: (calls.append("flush"), real_flush())[1]
+    lu1.backend.close = lambda: (calls.append("close"), real_close())[1]
+    release = threading.Event()
+
+    async def run() -> None:
+        call = server.emulator.workers.run(id(lu1), release.wait)   # keeps the removed LU open
+        await server.mgmt.lun_remove(1, IQN)
+        await asyncio.sleep(0.05)
+        assert lu1 in server.mgmt.closing_lus and calls == []
+        stop = asyncio.ensure_future(server._finish_backends(30))
+        await asyncio.sleep(0.05)
+        release.set()
+        await call
+        await stop
+    try:
+        with caplog.at_level("INFO", logger="stml"):
+            asyncio.run(run())
+    finally:
+        release.set()
+        server.sock.close(linger=0)
+        server.ctx.term()
+    assert calls[:2] == ["flush", "close"]
+    assert f"removed LUN 1 of {IQN}: flushed" in [r.getMessage() for r in caplog.records]
