@@ -210,7 +210,6 @@ def test_a_front_end_refuses_malformed_messages_with_a_log_line(tmp_path: Path, 
     ]
 
 
-
 def test_a_front_end_refuses_what_only_msgspec_decodes(tmp_path: Path, caplog) -> None:
     """Headers msgpack's decoder refused or kept opaque, which msgspec decodes
     (array map keys as tuples, Ext types, the Timestamp ext as a datetime),

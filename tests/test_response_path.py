@@ -137,6 +137,19 @@ def test_pdu_writer_sends_a_batch_whole_or_partly_through_the_transport():
     assert wire == _wire(pdus) and 0 < buffered < len(wire)
 
 
+def _front_end_writing(sock: socket.socket, done: list[list[int]]) -> tuple:
+    """An IscsiFrontEnd whose connection writes to `sock` and whose link's
+    scsi_target_done calls land in `done`: (front end, writer, connection, link)."""
+    from fetd_tcp.server import IscsiFrontEnd
+    fe = IscsiFrontEnd("ipc:///nonexistent/fetd", [])
+    fe.link.scsi_target_done = done.append   # type: ignore[method-assign]
+    writer = PduWriter(_Writer(sock), ConnectionParams(), done=fe.link.scsi_target_done)
+    conn, _, link = _conn(seg_max=8192, burst=262144)
+    conn.out = conn.send = writer
+    conn.tags = fe.tags
+    return fe, writer, conn, link
+
+
 def test_fetd_tcp_reports_a_response_done_only_once_its_writer_sent_it():
     """The read data of a response may be the STML's shared memory, lent until
     the front end says scsi_target_done. fetd_tcp queues the Data-In PDUs
@@ -144,20 +157,13 @@ def test_fetd_tcp_reports_a_response_done_only_once_its_writer_sent_it():
     the tag only once the writer has sent them (or given them to the
     transport's buffer, which copies); a response for a task it no longer
     knows is done at once."""
-    from fetd_tcp.server import IscsiFrontEnd
-
     a, b = socket.socketpair()
     a.setblocking(False)
     b.setblocking(False)
     done: list[list[int]] = []
 
     async def run() -> None:
-        fe = IscsiFrontEnd("ipc:///nonexistent/fetd", [])
-        fe.link.scsi_target_done = done.append   # type: ignore[method-assign]
-        writer = PduWriter(_Writer(a), ConnectionParams(), done=fe.link.scsi_target_done)
-        conn, _, link = _conn(seg_max=8192, burst=262144)
-        conn.out = conn.send = writer
-        conn.tags = fe.tags
+        fe, writer, conn, link = _front_end_writing(a, done)
         task = _read(conn, link, 5, 4096)
         fe.tags.tasks[task.tag] = task
         fe.link.lent[task.tag] = _Lease()     # its data is the carrier's (a shared slot)
@@ -186,20 +192,13 @@ def test_fetd_tcp_reports_done_only_what_the_link_lent_or_times():
     not lend (small reads come as bytes) is not reported, so the writer keeps
     no tag for it and makes no call per command (decisions/0811). While the
     STML times commands, every response is reported, lent or not."""
-    from fetd_tcp.server import IscsiFrontEnd
-
     a, b = socket.socketpair()
     a.setblocking(False)
     b.setblocking(False)
     done: list[list[int]] = []
 
     async def run() -> None:
-        fe = IscsiFrontEnd("ipc:///nonexistent/fetd", [])
-        fe.link.scsi_target_done = done.append   # type: ignore[method-assign]
-        writer = PduWriter(_Writer(a), ConnectionParams(), done=fe.link.scsi_target_done)
-        conn, _, link = _conn(seg_max=8192, burst=262144)
-        conn.out = conn.send = writer
-        conn.tags = fe.tags
+        fe, writer, conn, link = _front_end_writing(a, done)
         data = [bytes(4096)]
         plain = _read(conn, link, 5, 4096)
         fe.tags.tasks[plain.tag] = plain

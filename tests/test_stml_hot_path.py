@@ -73,10 +73,10 @@ class Stml:
         return raw, header, frames
 
 
-@pytest.fixture
-def stml(tmp_path: Path) -> Iterator[Stml]:
+def _served(data_dir: Path, lun: str) -> Iterator[Stml]:
+    """An in-process StmlServer with one LUN, on a loop of its own, torn down after."""
     async def make() -> StmlServer:   # (the server wants a running loop when made)
-        return StmlServer(config.load(data_dir=str(tmp_path / "data"), luns=("ram:16MiB",)))
+        return StmlServer(config.load(data_dir=str(data_dir), luns=(lun,)))
 
     loop = asyncio.new_event_loop()
     server = loop.run_until_complete(make())
@@ -89,6 +89,11 @@ def stml(tmp_path: Path) -> Iterator[Stml]:
         server.executor.shutdown()
         asyncio.set_event_loop(None)
         loop.close()
+
+
+@pytest.fixture
+def stml(tmp_path: Path) -> Iterator[Stml]:
+    yield from _served(tmp_path / "data", "ram:16MiB")
 
 
 def the_dict(tag: int, status: int, sense: bytes | None, resid: int) -> dict[str, Any]:
@@ -268,22 +273,9 @@ def test_file_pread_nowait_reads_memory_files_only(tmp_path: Path, tmp_shm: Path
 @pytest.fixture
 def file_stml(tmp_shm: Path) -> Iterator[Stml]:
     """The STML on a file LUN in memory (pathcost's and bench.py's kind)."""
-    async def make() -> StmlServer:
-        return StmlServer(config.load(data_dir=str(tmp_shm / "data"), luns=(f"file:{tmp_shm / 'lun.img'},thick",)))
-
     with open(tmp_shm / "lun.img", "wb") as f:
         f.truncate(16 << 20)
-    loop = asyncio.new_event_loop()
-    server = loop.run_until_complete(make())
-    try:
-        asyncio.set_event_loop(loop)
-        yield Stml(server)
-    finally:
-        server.sock.close(linger=0)
-        server.ctx.term()
-        server.executor.shutdown()
-        asyncio.set_event_loop(None)
-        loop.close()
+    yield from _served(tmp_shm / "data", f"file:{tmp_shm / 'lun.img'},thick")
 
 
 def test_small_reads_come_in_new_memory_without_a_buffer(file_stml: Stml, monkeypatch) -> None:
