@@ -891,8 +891,8 @@ class PduFramer:
     PDU that does not decode; the stream cannot be trusted after that.
     """
 
-    BIG = BIG_FRAME   # a segment this big gets its own buffer (maybe shared memory)
-    STAGE = 128 << 10
+    BIG: Final = BIG_FRAME   # a segment this big gets its own buffer (maybe shared memory)
+    STAGE: Final = 128 << 10
 
     def __init__(self, header_digest: bool, data_digest: bool, max_data: int,
                  alloc: Callable[[int], bytearray | memoryview] = bytearray, big: int = BIG,

@@ -8,7 +8,7 @@ import functools
 import logging
 import os
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Final, Iterator
 
 from fetd_tcp import pdu as P
 from fetd_tcp.budget import Account
@@ -205,7 +205,7 @@ class PduWriter:
     What that buffer holds counts in the connection's `account` as "out": it is
     sampled after every flush and whenever the buffer drains (`resample`)."""
 
-    IOV_MAX = 1024
+    IOV_MAX: Final = 1024
 
     def __init__(self, writer: asyncio.StreamWriter, params: Any, pending: set | None = None,
                  account: Account | None = None, done: Callable[[list[int]], None] | None = None,

@@ -185,8 +185,8 @@ def medium_error(lu: LogicalUnit) -> CheckCondition | None:
 class DiskTemplate:
     """SBC direct-access device: resolves a CDB to its OpEntry."""
 
-    name = "disk"
-    peripheral_type = 0x00
+    name: ClassVar[str] = "disk"
+    peripheral_type: ClassVar[int] = 0x00
 
     def __init__(self, entries: list[OpEntry] = OPCODES) -> None:
         entries = [*entries, *pr.OPCODES, *alua.OPCODES]   # reservations and ALUA add their rows

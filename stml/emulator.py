@@ -19,7 +19,7 @@ from collections.abc import Container, Iterable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Coroutine, cast
+from typing import Any, Callable, ClassVar, Coroutine, cast
 
 from backends import BackendError
 from stml import pr
@@ -72,8 +72,7 @@ class TimedTask(Task):
     fills the STML's stamps of stml.timing (dispatch, backend start and end
     here; queued in Emulator._execute)."""
 
-    __slots__ = ("stamps",)
-    stamps: list[int]   # (the slot: always a list here)
+    __slots__ = ("stamps",)   # (always a list here; Task's type, which mypyc holds subclasses to)
 
     def __init__(self, emulator: Emulator, fe: FrontEnd, nexus: Nexus, tag: int, lun: int,
                  cdb: bytes, attr: int, direction: int, exp_len: int, unsol: int,
@@ -89,6 +88,7 @@ class TimedTask(Task):
         the page cache: read_nowait, write_nowait), so its own run is the
         backend stage."""
         stamps = self.stamps
+        assert stamps is not None
         stamps[DISPATCHED] = time.monotonic_ns()
         try:
             return await handler(self)
@@ -100,6 +100,7 @@ class TimedTask(Task):
     async def io_on(self, lu: LogicalUnit, fn: Callable, *args: Any) -> Any:
         """Task.io_on, stamped: the first backend call's start, the last one's end."""
         stamps = self.stamps
+        assert stamps is not None
         if not stamps[BACKEND_START]:
             stamps[BACKEND_START] = time.monotonic_ns()
         try:
@@ -1140,17 +1141,22 @@ class Emulator:
         return TmfOutcome(TmfResponse.COMPLETE, victims, self.fan_out_ua(t.luns.values(), I_T_NEXUS_LOSS, [nexus.key]))
 
     # task management functions: the handler, and whether the function names
-    # an LU (then a LUN without one is answered NO_LUN); any other: NOT_SUPPORTED
-    TMFS: dict[int, TmfRow] = {
-        Tmf.ABORT_TASK: TmfRow(_tmf_abort_task),
-        Tmf.ABORT_TASK_SET: TmfRow(_tmf_abort_task_set, lun_scoped=True),
-        Tmf.CLEAR_ACA: TmfRow(_tmf_clear_aca, lun_scoped=True),
-        Tmf.CLEAR_TASK_SET: TmfRow(_tmf_clear_task_set, lun_scoped=True),
-        Tmf.LUN_RESET: TmfRow(_tmf_lun_reset, lun_scoped=True),
-        Tmf.TARGET_WARM_RESET: TmfRow(_tmf_target_reset),
-        Tmf.TARGET_COLD_RESET: TmfRow(_tmf_target_reset),
-        Tmf.QUERY_TASK: TmfRow(_tmf_query_task),
-        Tmf.QUERY_TASK_SET: TmfRow(_tmf_query_task_set, lun_scoped=True),
-        Tmf.QUERY_ASYNC_EVENT: TmfRow(_tmf_query_async_event, lun_scoped=True),
-        Tmf.I_T_NEXUS_RESET: TmfRow(_tmf_i_t_nexus_reset),
-    }
+    # an LU (then a LUN without one is answered NO_LUN); any other: NOT_SUPPORTED.
+    # (Filled in below the class: mypyc compiles no class-body table of the
+    # class's own methods; decision 0830.)
+    TMFS: ClassVar[dict[int, TmfRow]]
+
+
+Emulator.TMFS = {
+    Tmf.ABORT_TASK: TmfRow(Emulator._tmf_abort_task),
+    Tmf.ABORT_TASK_SET: TmfRow(Emulator._tmf_abort_task_set, lun_scoped=True),
+    Tmf.CLEAR_ACA: TmfRow(Emulator._tmf_clear_aca, lun_scoped=True),
+    Tmf.CLEAR_TASK_SET: TmfRow(Emulator._tmf_clear_task_set, lun_scoped=True),
+    Tmf.LUN_RESET: TmfRow(Emulator._tmf_lun_reset, lun_scoped=True),
+    Tmf.TARGET_WARM_RESET: TmfRow(Emulator._tmf_target_reset),
+    Tmf.TARGET_COLD_RESET: TmfRow(Emulator._tmf_target_reset),
+    Tmf.QUERY_TASK: TmfRow(Emulator._tmf_query_task),
+    Tmf.QUERY_TASK_SET: TmfRow(Emulator._tmf_query_task_set, lun_scoped=True),
+    Tmf.QUERY_ASYNC_EVENT: TmfRow(Emulator._tmf_query_async_event, lun_scoped=True),
+    Tmf.I_T_NEXUS_RESET: TmfRow(Emulator._tmf_i_t_nexus_reset),
+}

@@ -6,7 +6,7 @@ import collections
 import hashlib
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Coroutine, Protocol
+from typing import Any, Coroutine, Final, Protocol
 
 from backends import Backend
 from stml import sched
@@ -102,7 +102,7 @@ class CopyResults:
     Bounded: a nexus keeps its last PER_NEXUS lists, and its entries go with
     the nexus (I_T nexus loss discards them, SPC-4 6.23)."""
 
-    PER_NEXUS = 16
+    PER_NEXUS: Final = 16
 
     def __init__(self) -> None:
         self._by_nexus: dict[str, collections.OrderedDict[int, dict[str, Any]]] = {}

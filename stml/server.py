@@ -17,7 +17,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Protocol
 
 import zmq
 
@@ -50,6 +50,16 @@ _MGMT, _PORTAL_STATE, _REGISTER = Op.MGMT.value, Op.PORTAL_STATE.value, Op.REGIS
 _RX_CMND_OP_END = 1 + len(RX_CMND_OP)   # (after the map's first byte)
 # what _receive hands to _control: not per command
 _CONTROL = frozenset({_MGMT, _PORTAL_STATE, _REGISTER})
+
+
+class Stream(Protocol):
+    """What the STML uses of a front end's stream: a StreamChannel, or the
+    stand-in of pathcost and the tests (the compiled build checks the type)."""
+    region: SharedRegion | None
+
+    def send(self, frames: list) -> None: ...
+
+    def close(self, linger_ms: int = 0) -> None: ...
 
 
 def build_targets(config: Config, templates: dict[str, Any]) -> list[Target]:
@@ -206,7 +216,7 @@ class StmlServer(TapPoint):
         self.emulator.carrier_caps = self._carrier_caps
         self._lock_fd: int | None = None
         self.listeners: list[socket.socket] = []         # same-host stream sockets
-        self.streams: dict[bytes, StreamChannel] = {}    # their connections, by front-end ident
+        self.streams: dict[bytes, Stream] = {}    # their connections, by front-end ident
         # ZeroMQ front ends by the connection they registered on, and back (decision 0243)
         self._registered_on: dict[int, bytes] = {}
         self._connection_of: dict[bytes, int] = {}
@@ -757,7 +767,7 @@ class StopGuard:
     every client recognise as stale. Once the loop has taken the stop, the stop
     bounds itself (STOP_BACKENDS, 0204) and the guard only backs it up."""
 
-    SIGNALS = {signal.SIGTERM, signal.SIGINT}
+    SIGNALS: ClassVar[set[signal.Signals]] = {signal.SIGTERM, signal.SIGINT}
 
     def __init__(self, stop: asyncio.Event, grace: float = STOP_GRACE) -> None:
         self.loop = asyncio.get_running_loop()

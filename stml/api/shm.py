@@ -11,7 +11,7 @@ import fcntl
 import logging
 import mmap
 import os
-from typing import Any
+from typing import Any, Final
 
 from stml.api.sizes import BIG_FRAME
 
@@ -33,7 +33,7 @@ class SharedRegion:
     The size is sealed: the peer maps it only when it cannot shrink.
     """
 
-    MIN_SLOT = BIG_FRAME
+    MIN_SLOT: Final = BIG_FRAME
 
     def __init__(self, size: int = 64 << 20, name: str = "scsi-target-read-data") -> None:
         self.size = size
