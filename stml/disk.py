@@ -12,6 +12,8 @@ and stml.alua add the rows of their commands.
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 from stml import alua, pr
 from stml.api import DataDir
 from stml.lu import LogicalUnit
