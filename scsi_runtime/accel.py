@@ -34,7 +34,7 @@ DEFAULT = ROOT / "build" / "accel"
 # STML's receive path and command handling, the contract's carriers and
 # headers, fetd_tcp's PDU codec and session core.
 HOT = (
-    "stml.api.sizes", "stml.api.messages", "stml.api.shm",
+    "stml.api.sizes", "stml.api.shm",
     "stml.sense", "stml.cdb", "stml.workers", "stml.sched", "stml.lu", "stml.task",
     "stml.ops", "stml.sbc", "stml.disk", "stml.emulator", "stml.server",
     "fetd_tcp.pdu", "fetd_tcp.budget", "fetd_tcp.session", "fetd_tcp.wire", "fetd_tcp.server",
@@ -109,16 +109,15 @@ def install() -> None:
     sys.meta_path.insert(0, _Finder(build))
 
 
-def for_children(environ: dict[str, str]) -> str | None:
-    """`scsi-target run`: the build its children use. An explicit SCSI_TARGET_ACCEL
-    stands; otherwise this tree's build/accel when it is fresh (a stale one is
-    named in the warning returned, and not used)."""
-    if environ.get(ENV, "") not in ("",):
-        return None
-    if not (DEFAULT / MANIFEST).exists():
+def for_children(environ: dict[str, str] | os._Environ[str]) -> tuple[bool, str] | None:
+    """`scsi-target run`: whether its children use a compiled build, and the
+    line to log. An explicit SCSI_TARGET_ACCEL stands (None: nothing to say);
+    otherwise this tree's build/accel is used when it is fresh, and a stale
+    one is named and not used."""
+    if environ.get(ENV, "") != "" or not (DEFAULT / MANIFEST).exists():
         return None
     why = stale(DEFAULT)
     if why is not None:
-        return f"not using the compiled build: {why}; run scripts/build-accel"
+        return False, f"not using the compiled build: {why}; run scripts/build-accel"
     environ[ENV] = str(DEFAULT)
-    return f"compiled build: {DEFAULT}"
+    return True, f"compiled build: {DEFAULT}"

@@ -24,6 +24,7 @@ import click
 
 from fetd_tcp.cli import main as fetd_tcp_main
 from fetd_vhost.cli import main as fetd_vhost_main, vhost_children, vhost_option
+from scsi_runtime import accel
 from scsi_runtime.logs import setup_logging
 from scsi_target.endpoint import NotRunning, find_endpoint, inherited, require_running
 from scsi_target.supervise import Supervisor, sd_notify
@@ -297,6 +298,9 @@ def run(log_level: str, log_format: str, portals: tuple[str, ...], no_iscsi: boo
     start from --iqn/--lun (or the built-in default) and saved on every
     change; once it exists, --lun/--iqn may only repeat what it says."""
     setup_logging(log_level, "run", log_format)
+    accel_used = accel.for_children(os.environ)   # the children's compiled build, if fresh (0830)
+    if accel_used is not None:
+        logging.getLogger("scsi-target").log(logging.INFO if accel_used[0] else logging.WARNING, accel_used[1])
     kw = inherited(kw)
     trace = trace_settings(trace_path, trace_max, trace_with_data)
     # `stml` rules go to the STML, `fetd` rules to every front end it starts (fetd_tcp, fetd_vhost)

@@ -21,7 +21,12 @@ from typing import Callable, Iterator
 
 import pytest
 
-from fetd_loopback import LoopbackClient
+# the pure-Python tree is what the suite tests, even where a compiled build is
+# built (`scsi-target run` would use it); SCSI_TARGET_ACCEL=DIR runs the suite
+# on DIR's build (tests/test_accel.py does, on a part of it; decisions/0830)
+os.environ.setdefault("SCSI_TARGET_ACCEL", "0")
+
+from fetd_loopback import LoopbackClient  # noqa: E402
 from support.ci import CI_VAR
 from support.kinds import KINDS, kind_of
 from support.procs import SESSION_SHM, SESSION_TMP, shm_dir, short_dir
