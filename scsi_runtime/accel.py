@@ -41,11 +41,16 @@ HOT = (
 )
 
 
+def _ext() -> str:
+    """The file name ending of this interpreter's extension modules."""
+    return importlib.machinery.EXTENSION_SUFFIXES[0]
+
+
 def manifest_for(root: Path) -> dict[str, Any]:
     """What a build of `root`'s sources for this interpreter must record."""
     sources = {m: hashlib.sha256((root / (m.replace(".", "/") + ".py")).read_bytes()).hexdigest()
                for m in HOT}
-    return {"python": sys.implementation.cache_tag, "ext": importlib.machinery.EXTENSION_SUFFIXES[0],
+    return {"python": sys.implementation.cache_tag, "ext": _ext(),
             "group": GROUP, "sources": sources}
 
 
@@ -70,7 +75,7 @@ class _Finder(importlib.abc.MetaPathFinder):
     directory, only while the parent package is this tree's."""
 
     def __init__(self, build: Path) -> None:
-        ext = importlib.machinery.EXTENSION_SUFFIXES[0]
+        ext = _ext()
         self.files = {m: build / (m.replace(".", "/") + ext) for m in HOT}
         self.files[GROUP + "__mypyc"] = build / (GROUP + "__mypyc" + ext)
 

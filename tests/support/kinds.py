@@ -19,6 +19,7 @@ from __future__ import annotations
 KINDS = ("unit", "process", "system")
 
 KIND_OF_MODULE = {
+    "test_accel.py": "unit",
     "test_acl.py": "process",
     "test_backends.py": "unit",
     "test_bench_smoke.py": "process",
@@ -108,6 +109,8 @@ KIND_OF_MODULE = {
 }
 
 KIND_OF_TEST = {
+    "test_accel.py::test_a_stale_build_asked_for_refuses_to_start_in_one_line": "process",
+    "test_accel.py::test_the_hot_path_tests_pass_against_the_compiled_build": "process",
     "test_bounded_pr.py::test_aptpl_saves_run_in_their_thread_and_coalesce": "unit",
     "test_bounded_pr.py::test_pr_effects_match_registrations_to_sessions_by_name": "unit",
     "test_bounded_pr.py::test_read_full_status_builds_only_what_the_allocation_length_holds": "unit",

@@ -1,0 +1,123 @@
+"""The optional compiled build (scripts/build-accel, scsi_runtime.accel,
+decisions/0830): a build is loaded only while it matches every source it was
+compiled from, `scsi-target run` uses a fresh one by itself, and the hot-path
+tests pass against it (hostile input included: mypyc's run-time type checks
+turn a wrong annotation into a TypeError)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from scsi_runtime import accel
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _build_dir(tmp_path: Path, **change: str) -> Path:
+    """A build directory whose manifest is this tree's, with `change`d hashes."""
+    manifest = accel.manifest_for(ROOT)
+    manifest["sources"].update(change)
+    build = tmp_path / "accel"
+    build.mkdir(parents=True)
+    (build / accel.MANIFEST).write_text(json.dumps(manifest))
+    return build
+
+
+def test_a_build_matches_only_the_sources_it_was_compiled_from(tmp_path):
+    assert accel.stale(_build_dir(tmp_path)) is None
+    stale = accel.stale(_build_dir(tmp_path / "b", **{"stml.sbc": "0" * 64}))
+    assert stale is not None and stale.endswith("is stale (stml/sbc.py changed)")
+    (tmp_path / "c").mkdir()
+    assert accel.stale(tmp_path / "c") == f"no compiled build in {tmp_path / 'c'}"
+
+
+def test_a_build_for_another_python_is_stale(tmp_path):
+    build = _build_dir(tmp_path)
+    manifest = json.loads((build / accel.MANIFEST).read_text())
+    manifest["python"] = "cpython-399"
+    (build / accel.MANIFEST).write_text(json.dumps(manifest))
+    assert "was built for cpython-399" in (accel.stale(build) or "")
+
+
+def test_a_stale_build_asked_for_refuses_to_start_in_one_line(tmp_path):
+    """An edited .py never runs silently as its old compiled self."""
+    build = _build_dir(tmp_path, **{"fetd_tcp.pdu": "0" * 64})
+    p = subprocess.run([sys.executable, "-c", "import fetd_tcp.pdu"], capture_output=True, text=True,
+                       env={**os.environ, accel.ENV: str(build)}, timeout=60)
+    assert p.returncode == 1 and p.stderr.count("\n") == 1, p.stderr
+    assert p.stderr == (f"{accel.ENV}: {build} is stale (fetd_tcp/pdu.py changed): "
+                        f"run scripts/build-accel, or unset {accel.ENV}\n")
+
+
+def test_run_uses_a_fresh_build_and_names_a_stale_one(tmp_path, monkeypatch):
+    monkeypatch.setattr(accel, "DEFAULT", tmp_path / "accel")
+    environ: dict[str, str] = {}
+    assert accel.for_children(environ) is None and environ == {}       # none built
+    _build_dir(tmp_path)
+    assert accel.for_children(environ) == (True, f"compiled build: {tmp_path / 'accel'}")
+    assert environ == {accel.ENV: str(tmp_path / "accel")}
+    assert accel.for_children({accel.ENV: "0"}) is None                  # asked for none
+    shutil.rmtree(tmp_path / "accel")
+    _build_dir(tmp_path, **{"stml.emulator": "0" * 64})
+    environ = {}
+    used = accel.for_children(environ)
+    assert used is not None and not used[0] and "stml/emulator.py changed" in used[1]
+    assert environ == {}
+
+
+# ---- against a real build -------------------------------------------------------
+
+# the hot-path tests, hostile input and a raw iSCSI session through `scsi-target run`:
+# what mypyc's type checks and native classes could break. Left out: the tests that
+# replace a compiled function or class attribute (monkeypatch), which compiled
+# callers do not look up
+COMPILED_RUN = [
+    "tests/test_stml_hot_path.py", "tests/test_pdu.py", "tests/test_pdu_framer.py",
+    "tests/test_fuzz_pdu.py", "tests/test_fuzz_stml.py", "tests/test_sbc_commands.py",
+    "tests/test_iscsi_session.py", "tests/test_contract.py",
+    "tests/test_iscsi_e2e.py::test_inquiry_and_capacity",
+    "tests/test_iscsi_e2e.py::test_header_and_data_digest",
+    "tests/test_iscsi_e2e.py::test_conformance_iscsi_family",
+]
+NOT_COMPILED_RUN = ["monkeypatch"]
+
+
+def _cached_build() -> Path:
+    """A build of this tree's sources, kept in the test cache by their hashes:
+    the build takes minutes, and a cached one cannot be stale (the loader
+    checks every hash)."""
+    key = hashlib.sha256(json.dumps(accel.manifest_for(ROOT), sort_keys=True).encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "scsi-target" / "accel"
+    build = cache / key
+    if accel.stale(build) is not None:
+        shutil.rmtree(cache, ignore_errors=True)   # older builds: never loadable again
+        p = subprocess.run([sys.executable, str(ROOT / "scripts" / "build-accel"), "--out", str(build)],
+                           capture_output=True, text=True, timeout=1200)
+        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    return build
+
+
+@pytest.mark.slow
+def test_the_hot_path_tests_pass_against_the_compiled_build():
+    build = _cached_build()
+    env = {**os.environ, accel.ENV: str(build)}
+    probe = ("import stml.server, fetd_tcp.session, scsi_runtime.accel as a; "
+             "print(a.loaded(), stml.server.__file__, fetd_tcp.session.__file__)")
+    p = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == [str(build), str(build / "stml" / f"server{accel._ext()}"),
+                                str(build / "fetd_tcp" / f"session{accel._ext()}")]
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *COMPILED_RUN,
+                        "-k", " and ".join(f"not {k}" for k in NOT_COMPILED_RUN)],
+                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+    summary = p.stdout.strip().splitlines()[-1] if p.stdout.strip() else ""
+    assert p.returncode == 0 and re.search(r"\d+ passed", summary), p.stdout[-6000:] + p.stderr[-2000:]
+    assert "failed" not in summary and "error" not in summary, summary
