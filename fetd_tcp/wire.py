@@ -139,8 +139,8 @@ class ConnectionProtocol(asyncio.BufferedProtocol):
                 handled = True
                 try:
                     conn.receive(pdu, data)
-                except P.PDUError as e:
-                    conn.reject(e.reject_reason, header)
+                except P.PDUError as refused:   # (a name per type: mypyc types a name once, 0830)
+                    conn.reject(refused.reject_reason, header)
                 finally:
                     if self.held:
                         self._give_back()
@@ -151,8 +151,8 @@ class ConnectionProtocol(asyncio.BufferedProtocol):
             else:
                 if conn.closing:        # Logout: the connection ends here, as the read loop did
                     self._end(None)
-        except Exception as e:          # PDUError, or a bug: it costs this connection only
-            self._fail(e)
+        except Exception as exc:        # PDUError, or a bug: it costs this connection only
+            self._fail(exc)
         finally:
             if handled:
                 try:

@@ -790,15 +790,15 @@ class Emulator:
             status, sense = e.status, e.sense(descriptor)
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("CDB %s from %s LUN %d: %r", task.cdb.hex(), task.nexus.key, task.lun, e)
-        except StatusError as e:
-            status = e.status
+        except StatusError as se:   # (one name per type: mypyc types a name once, decision 0830)
+            status = se.status
             if task.lu is not None and status in PREVIOUS_STATUS_UA \
                     and getattr(task.lu.mode, "ua_intlck_ctrl", 0) == 3:
                 self.establish_ua(task.lu, PREVIOUS_STATUS_UA[status], [task.nexus.key])
-        except (BackendError, OSError) as e:
-            log.error("backend error on %s LUN %d: %s", task.nexus.target, task.lun, e)
+        except (BackendError, OSError) as be:
+            log.error("backend error on %s LUN %d: %s", task.nexus.target, task.lun, be)
             asc = UNRECOVERED_READ_ERROR if task.direction & _READ else WRITE_ERROR
-            key, asc = PATH_ERRORS.get(getattr(e, "errno", 0), (MEDIUM_ERROR, asc))
+            key, asc = PATH_ERRORS.get(getattr(be, "errno", 0), (MEDIUM_ERROR, asc))
             status, sense = CHECK_CONDITION, build_sense(key, asc, descriptor)
         except Exception:
             log.exception("internal error on CDB %s", task.cdb.hex())

@@ -203,8 +203,8 @@ class StmlServer(TapPoint):
             self.emulator.targets[t.name] = t
         try:
             self.emulator.restore_reservations()   # APTPL state kept under the data dir
-        except PrStoreError as e:
-            raise ConfigError("persistent reservations", str(e)) from None
+        except PrStoreError as pe:   # (a name per type: mypyc types a name once, 0830)
+            raise ConfigError("persistent reservations", str(pe)) from None
         if config.stml.timing:
             from stml.api.link import boot_id
             from stml.timing import Timing
@@ -388,8 +388,8 @@ class StmlServer(TapPoint):
             self._bind_stream(stream)   # first: front ends seeing ipc only take ZeroMQ
         try:
             self.sock.bind(endpoint)
-        except zmq.ZMQError as e:
-            raise ConfigError("stml_endpoint", f"cannot bind {endpoint}: {e}") from None
+        except zmq.ZMQError as ze:
+            raise ConfigError("stml_endpoint", f"cannot bind {endpoint}: {ze}") from None
 
     def _bind_stream(self, path: str) -> None:
         """The same-host carrier beside an ipc:// endpoint (stml.api)."""
@@ -531,8 +531,8 @@ class StmlServer(TapPoint):
             self.exporter = PrometheusExporter(self.metrics, self.emulator, asyncio.get_running_loop())
             try:
                 self.exporter.start(self.config.stml.metrics)
-            except (OSError, ValueError) as e:
-                raise ConfigError("metrics", f"cannot serve {self.config.stml.metrics}: {e}") from None
+            except (OSError, ValueError) as me:
+                raise ConfigError("metrics", f"cannot serve {self.config.stml.metrics}: {me}") from None
             print(f"stml: metrics on http://{self.config.stml.metrics}/metrics", flush=True)
         beats = asyncio.create_task(self._liveness())
         await stop.wait()
