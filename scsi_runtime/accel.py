@@ -75,6 +75,7 @@ class _Finder(importlib.abc.MetaPathFinder):
     directory, only while the parent package is this tree's."""
 
     def __init__(self, build: Path) -> None:
+        self.build = build
         ext = _ext()
         self.files = {m: build / (m.replace(".", "/") + ext) for m in HOT}
         self.files[GROUP + "__mypyc"] = build / (GROUP + "__mypyc" + ext)
@@ -94,7 +95,7 @@ def loaded() -> Path | None:
     """The build this process loads its hot modules from, if any."""
     for finder in sys.meta_path:
         if isinstance(finder, _Finder):
-            return next(iter(finder.files.values())).parent
+            return finder.build
     return None
 
 
