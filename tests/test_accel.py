@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 
 from scsi_runtime import accel
+from support.procs import children_by_module
+from support.target import Target
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -116,6 +118,12 @@ def test_the_hot_path_tests_pass_against_the_compiled_build():
     assert p.returncode == 0, p.stderr
     assert p.stdout.split() == [str(build), str(build / "stml" / f"server{accel._ext()}"),
                                 str(build / "fetd_tcp" / f"session{accel._ext()}")]
+    # `scsi-target run` hands the build to its children: both map mypyc's library
+    with Target("--lun", "ram:16MiB", env={accel.ENV: str(build)}) as t:
+        kids = children_by_module(t.proc.pid)
+        lib = f"{accel.GROUP}__mypyc{accel._ext()}"
+        assert {k for k in ("stml", "fetd_tcp") if lib in Path(f"/proc/{kids[k]}/maps").read_text()} \
+            == {"stml", "fetd_tcp"}, kids
     p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *COMPILED_RUN,
                         "-k", " and ".join(f"not {k}" for k in NOT_COMPILED_RUN)],
                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
