@@ -134,11 +134,7 @@ class _Sender(StmlSender):
                 pass
             else:
                 server.metrics.responded(ident, tag, status, resid)
-                stream = server.streams.get(ident)
-                if stream is not None:
-                    stream.send([header, *data])
-                else:
-                    server.channel.send([ident, header, *data])
+                server.route(ident, header, data)
                 return
         StmlSender.xmit_response(self, ident, tag, status, sense, resid, data)
 
@@ -289,29 +285,29 @@ class StmlServer(TapPoint):
         packed = pack(header)
         if tap is not None and not tap.outbound(ident, header, packed, frames):
             return
+        self._count(ident, header)
+        self.route(ident, packed, frames)
+
+    def _send(self, ident: bytes, header: dict[str, Any], frames: list) -> None:
+        self._count(ident, header)
+        self.route(ident, pack(header), frames)
+
+    def _count(self, ident: bytes, header: dict[str, Any]) -> None:
+        """The metrics an outgoing message moves (responses, aborted tasks)."""
         op = header["op"]
         if op == _XMIT_RESPONSE:
             self.metrics.xmit_response(ident, header)
         elif op == _TMF_DONE and header.get("aborted"):
             self.metrics.aborted(ident, header["aborted"])
+
+    def route(self, ident: bytes, packed: bytes, frames: list) -> None:
+        """Hand a packed message to the carrier its front end is on: its own
+        stream (same host) or the ZeroMQ router."""
         stream = self.streams.get(ident)
         if stream is not None:
             stream.send([packed, *frames])
         else:
             self.channel.send([ident, packed, *frames])
-
-    def _send(self, ident: bytes, header: dict[str, Any], frames: list) -> None:
-        # (_send_tapped is this with the tap: a change here belongs there too)
-        op = header["op"]
-        if op == _XMIT_RESPONSE:
-            self.metrics.xmit_response(ident, header)
-        elif op == _TMF_DONE and header.get("aborted"):
-            self.metrics.aborted(ident, header["aborted"])
-        stream = self.streams.get(ident)
-        if stream is not None:
-            stream.send([pack(header), *frames])
-        else:
-            self.channel.send([ident, pack(header), *frames])
 
     def transmit(self, ident: bytes, header: dict[str, Any], frames: list, past: Tap | None = None) -> None:
         """Send a message past the tap (a tap that held one back lets it go here;
