@@ -193,3 +193,27 @@ def test_a_task_aborted_twice_still_waits_for_its_backend_call(tmp_path):
     finally:
         release.set()
         lu.backend.close()
+
+
+def test_target_remove_force_drops_its_nexuses_in_bounded_steps():
+    """`target remove --force` tells each nexus's front end to drop it
+    (drop_nexus, docs/decisions/0265) and releases it in the STML, at most
+    FANOUT_STEP nexuses per turn of the event loop."""
+    sent: list = []
+    many = 3 * emulator_mod.FANOUT_STEP + 10
+    emu, m = setup(sent, luns=2, nexuses=many)
+
+    async def run() -> list[int]:
+        job = asyncio.get_running_loop().create_task(m.target_remove(IQN, force=True))
+        steps = [0]
+        while not job.done():
+            await asyncio.sleep(0)
+            steps.append(len([h for h in sent if h["op"] == Op.DROP_NEXUS]))
+        job.result()
+        return steps
+    steps = asyncio.run(run())
+    drops = [h for h in sent if h["op"] == Op.DROP_NEXUS]
+    assert sorted(h["nexus"] for h in drops) == list(range(1, many + 1))
+    assert {h["reason"] for h in drops} == {f"target {IQN} removed"}
+    assert max(b - a for a, b in zip(steps, steps[1:])) <= emulator_mod.FANOUT_STEP
+    assert emu.nexuses(IQN) == [] and emu.front_ends[b"fe"].nexuses == {} and IQN not in emu.targets
