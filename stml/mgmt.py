@@ -152,8 +152,8 @@ class Management:
         return t, lu
 
     def _nexus_keys(self, target: str) -> list[str]:
-        return [n.key for fe in self.em.front_ends.values() for n in fe.nexuses.values()
-                if n.target == target]
+        """One key per live nexus of the target (from the engine's index, not a walk of every front end's)."""
+        return [n.key for n in self.em.nexuses(target)]
 
     def _redetect(self) -> None:
         """Front ends learn the new inventory (contract: detect, sent unasked)."""
