@@ -198,9 +198,10 @@ class TmfRow:
     lun_scoped: bool = False
 
 
-# unit attentions a fan-out over a target's LUs establishes between two turns
-# of the event loop (TARGET RESET, I_T NEXUS RESET)
-FANOUT_STEP = 4096
+# nexus entries a unit attention fan-out establishes between two turns of the
+# event loop (docs/decisions/0264): every fan-out (target and I_T nexus reset,
+# LUN reset, LUN changes, MODE SELECT, a resize) goes through fan_out_ua
+FANOUT_STEP = 256
 
 
 @dataclass
@@ -1025,18 +1026,27 @@ class Emulator:
         """The tasks of a target's LUs: every unfinished one is in its LU's task set."""
         return [task for lu in t.luns.values() for task in lu.task_set.tasks.values()]
 
-    async def fan_out_ua(self, luns: Iterable[LogicalUnit], asc_ascq: tuple[int, int], keys: list[str]) -> None:
-        """Establish a unit attention on many LUs (a target's), FANOUT_STEP
-        nexus entries at a time between turns of the event loop, with
-        asynchronous events sent for the first LU only (one per nexus, not one
-        per LU and nexus)."""
+    async def fan_out_ua(self, luns: Iterable[LogicalUnit], asc_ascq: tuple[int, int], keys: list[str],
+                         exclude: str | None = None) -> None:
+        """Establish a unit attention for these nexuses on these LUs, at most
+        FANOUT_STEP nexus entries between turns of the event loop, however
+        many nexuses one LU has (4,096 per target: 0263), with asynchronous
+        events sent for the first LU only (one per nexus, not one per LU and
+        nexus). A command arriving meanwhile finds its UA set or not yet;
+        a nexus gone meanwhile is skipped (establish_ua)."""
+        if not keys:
+            return
         budget = FANOUT_STEP
         for i, lu in enumerate(list(luns)):
-            self.establish_ua(lu, asc_ascq, keys, aen=i == 0)
-            budget -= len(keys) + 1
-            if budget <= 0:
-                budget = FANOUT_STEP
-                await asyncio.sleep(0)
+            start = 0
+            while start < len(keys):
+                if budget <= 0:
+                    budget = FANOUT_STEP
+                    await asyncio.sleep(0)
+                chunk = keys[start:start + budget]
+                self.establish_ua(lu, asc_ascq, chunk, exclude, aen=i == 0)
+                start += len(chunk)
+                budget -= len(chunk)
 
     async def _target_reset_uas(self, t: Target) -> None:
         """POWER ON, RESET for every nexus on every LU, after a target reset.
@@ -1116,8 +1126,8 @@ class Emulator:
         lu = call.unit
         victims: list[Task] = list(lu.task_set.tasks.values())
         pr.state(lu).drop_spc2()
-        self.establish_ua(lu, BUS_DEVICE_RESET, self.nexus_keys(call.target.name))
-        return TmfOutcome(TmfResponse.COMPLETE, victims)
+        return TmfOutcome(TmfResponse.COMPLETE, victims,
+                          self.fan_out_ua([lu], BUS_DEVICE_RESET, self.nexus_keys(call.target.name)))
 
     def _tmf_target_reset(self, call: TmfCall) -> TmfOutcome:
         t = call.target

@@ -31,7 +31,7 @@ from scsi_runtime.portals import parse_portal
 from stml import pr
 from stml.config import (Config, ConfigError, LunConfig, TargetConfig, check_iqn, parse_chap,
                          file_digest, load, lun_options, parse_lun_spec, parse_size)
-from stml.emulator import Emulator, Target
+from stml.emulator import FANOUT_STEP, Emulator, Target
 from stml.gateway import Gateway
 from stml.lu import LogicalUnit, LunOptions
 from stml.metrics import Metrics
@@ -152,8 +152,8 @@ class Management:
         return t, lu
 
     def _nexus_keys(self, target: str) -> list[str]:
-        return [n.key for fe in self.em.front_ends.values() for n in fe.nexuses.values()
-                if n.target == target]
+        """One key per live nexus of the target (from the engine's index, not a walk of every front end's)."""
+        return [n.key for n in self.em.nexuses(target)]
 
     def _redetect(self) -> None:
         """Front ends learn the new inventory (contract: detect, sent unasked)."""
@@ -541,12 +541,24 @@ class Management:
         del self.em.targets[t.name]
         for lu in t.luns.values():
             self._close_later(lu)
-        for fe in list(self.em.front_ends.values()):   # then their tasks end silently: no nexus is left
-            for n in [n for n in fe.nexuses.values() if n.target == t.name]:
-                self.em.drop_nexus(n)
+        await self._end_sessions(t.name, f"target {t.name} removed")
         self.config.targets = [tc for tc in self.config.targets if tc.name != t.name]
         self._redetect()
         return {"target": t.name, "saved": await self._persist()}
+
+    async def _end_sessions(self, target: str, why: str) -> None:
+        """The sessions of a removed target end (docs/decisions/0265): each
+        front end is told to drop its nexus (fetd_tcp closes the session's
+        connections), then the STML releases it, and its tasks end silently.
+        FANOUT_STEP nexuses between turns of the loop; the target is gone
+        already, so nothing reaches it meanwhile (a command finds no LU, a
+        new nexus no target)."""
+        for i, n in enumerate(self.em.nexuses(target)):
+            if i and not i % FANOUT_STEP:
+                await asyncio.sleep(0)
+            if n.fe.nexuses.get(n.id) is n:   # (not released meanwhile)
+                self.em.out.drop_nexus(n.fe.ident, n.id, why)
+                self.em.drop_nexus(n)
 
     # ------------------------------------------------------------ LUNs
     async def lun_add(self, spec: str, target: str | None = None, lun: int | None = None) -> dict[str, Any]:

@@ -99,6 +99,12 @@ class Services(Protocol):
         """Queue a unit attention on the LU for these I_T nexuses."""
         ...
 
+    async def fan_out_ua(self, luns: Iterable[LogicalUnit], asc_ascq: tuple[int, int], keys: list[str],
+                         exclude: str | None = None) -> None:
+        """Queue a unit attention for many nexuses (a target's) in bounded
+        steps between turns of the event loop (docs/decisions/0264)."""
+        ...
+
     def drop_offline_uas(self, lu: LogicalUnit, keep: set[str]) -> None:
         """Unit attentions the LU keeps for nexuses that are gone, but for `keep`, go."""
         ...

@@ -101,6 +101,7 @@ KIND_OF_MODULE = {
     "test_thin_reads.py": "process",
     "test_trace.py": "process",
     "test_types.py": "process",
+    "test_ua_fanout.py": "unit",
     "test_vhost_core.py": "unit",
     "test_vhost_guest.py": "system",
     "test_vhost_harness.py": "process",
