@@ -15,7 +15,7 @@ import errno
 import functools
 import logging
 import time
-from collections.abc import Container, Iterable
+from collections.abc import Container, Iterable, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +38,7 @@ from stml.sense import (
     PREVIOUS_STATUS_UA, RESERVATION_CONFLICT, TASK_ABORTED, TASK_SET_FULL, UNIT_ATTENTION,
     UNRECOVERED_READ_ERROR, WRITE_ERROR, CheckCondition, StatusError, build_sense,
 )
-from stml.task import FrontEnd, Nexus, Task
+from stml.task import FANOUT_STEP, FrontEnd, Nexus, Task
 from stml.timing import BACKEND_END, BACKEND_START, DISPATCHED, POINTS, QUEUED, Timing
 from stml.workers import FairWorkers
 
@@ -196,12 +196,6 @@ class TmfOutcome:
 class TmfRow:
     run: Callable[[Emulator, TmfCall], TmfOutcome]
     lun_scoped: bool = False
-
-
-# nexus entries a unit attention fan-out establishes between two turns of the
-# event loop (docs/decisions/0264): every fan-out (target and I_T nexus reset,
-# LUN reset, LUN changes, MODE SELECT, a resize) goes through fan_out_ua
-FANOUT_STEP = 256
 
 
 @dataclass
@@ -617,8 +611,12 @@ class Emulator:
     def nexus_keys(self, target: str) -> list[str]:
         return list(self._target_keys.get(target, ()))
 
-    def nexuses(self, target: str) -> list[Nexus]:
-        return [n for key in self._target_keys.get(target, {}) for n in self._keyed[key]]
+    def nexuses(self, target: str) -> Iterator[Nexus]:
+        """The target's nexuses, from a copy of its keys: a caller may yield to
+        the loop between them (a nexus gone meanwhile is skipped)."""
+        keyed = self._keyed
+        for key in list(self._target_keys.get(target, ())):
+            yield from keyed.get(key, ())
 
     def nexus_exists(self, key: str) -> bool:
         return key in self._keyed
@@ -1027,7 +1025,7 @@ class Emulator:
         return [task for lu in t.luns.values() for task in lu.task_set.tasks.values()]
 
     async def fan_out_ua(self, luns: Iterable[LogicalUnit], asc_ascq: tuple[int, int], keys: list[str],
-                         exclude: str | None = None) -> None:
+                         exclude: str | None = None, offline: Container[str] = ()) -> None:
         """Establish a unit attention for these nexuses on these LUs, at most
         FANOUT_STEP nexus entries between turns of the event loop, however
         many nexuses one LU has (4,096 per target: 0263), with asynchronous
@@ -1044,7 +1042,7 @@ class Emulator:
                     budget = FANOUT_STEP
                     await asyncio.sleep(0)
                 chunk = keys[start:start + budget]
-                self.establish_ua(lu, asc_ascq, chunk, exclude, aen=i == 0)
+                self.establish_ua(lu, asc_ascq, chunk, exclude, offline, aen=i == 0)
                 start += len(chunk)
                 budget -= len(chunk)
 

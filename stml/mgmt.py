@@ -31,13 +31,14 @@ from scsi_runtime.portals import parse_portal
 from stml import pr
 from stml.config import (Config, ConfigError, LunConfig, TargetConfig, check_iqn, parse_chap,
                          file_digest, load, lun_options, parse_lun_spec, parse_size)
-from stml.emulator import FANOUT_STEP, Emulator, Target
+from stml.emulator import Emulator, Target
 from stml.gateway import Gateway
 from stml.lu import LogicalUnit, LunOptions
 from stml.metrics import Metrics
 from stml.persist import EditedError, hold, model, read_document, render, save
 from stml.portals import PortalStates, portal_entries, portal_groups
 from stml.sense import CAPACITY_DATA_CHANGED, REPORTED_LUNS_DATA_CHANGED
+from stml.task import FANOUT_STEP
 from stml.trace.recorder import Recorder, Traces
 
 log = logging.getLogger("stml.mgmt")

@@ -61,7 +61,7 @@ from stml.sense import (
     REGISTRATIONS_PREEMPTED, RESERVATION_CONFLICT, RESERVATIONS_PREEMPTED, RESERVATIONS_RELEASED,
     CheckCondition, StatusError, invalid_field, invalid_param,
 )
-from stml.task import Nexus, Task
+from stml.task import FANOUT_STEP, Nexus, Task
 
 # reservation types (SPC-4 table 180)
 WE, EA, WERO, EARO, WEAR, EAAR = 0x1, 0x3, 0x5, 0x6, 0x7, 0x8
@@ -903,17 +903,21 @@ async def apply_effects(task: Task, st: PrState, effects: Effects) -> None:
     """Unit attentions of a PERSISTENT RESERVE OUT, and the tasks PREEMPT
     AND ABORT aborts (it completes only once they are gone). Registrations
     are matched against the target's live nexuses grouped by initiator
-    name once, so the work is linear in registrations plus sessions. A
-    change without effects (REGISTER of a new key, most RESERVEs) does none
-    of it: it removed no registration but maybe the issuing nexus's own,
-    which is logged in, so no unit attention kept for a logged-out nexus
-    loses the registration that keeps it (drop_offline_uas would find none)."""
+    name once, so the work is linear in registrations plus sessions, and
+    both the walk and the unit attentions go FANOUT_STEP nexuses per turn of
+    the loop (0264: up to 4,096 sessions a target). A change without effects
+    (REGISTER of a new key, most RESERVEs) does none of it: it removed no
+    registration but maybe the issuing nexus's own, which is logged in, so
+    no unit attention kept for a logged-out nexus loses the registration
+    that keeps it (drop_offline_uas would find none)."""
     if not effects.ua and not effects.aborted:
         return
     lu = unit(task)
     services = task.services
     by_name: dict[str, list[Nexus]] = {}
-    for n in services.nexuses(lu.target):
+    for i, n in enumerate(services.nexuses(lu.target)):
+        if i and not i % FANOUT_STEP:
+            await asyncio.sleep(0)
         by_name.setdefault(name_key(n.initiator), []).append(n)
 
     def nexus_keys(who: Registration) -> Iterator[str]:
@@ -934,8 +938,9 @@ async def apply_effects(task: Task, st: PrState, effects: Effects) -> None:
         if exact is not None:
             keys[exact] = None
     for asc, keys in by_asc.items():
-        services.establish_ua(lu, asc, keys, exclude=task.nexus.key, offline=held)
-    services.drop_offline_uas(lu, held)
+        await services.fan_out_ua([lu], asc, list(keys), exclude=task.nexus.key, offline=held)
+    # registrations may have changed while the fan-out yielded: keep what is held now
+    services.drop_offline_uas(lu, {k for k in (r.nexus_key() for r in st.regs) if k is not None})
     if effects.aborted:
         victims = {k for r in effects.aborted for k in nexus_keys(r)}
         victims.discard(task.nexus.key)

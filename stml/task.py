@@ -20,6 +20,12 @@ from stml.lu import LogicalUnit
 from stml.sense import ABORTED_COMMAND, DATA_PHASE_ERROR, CheckCondition
 from stml.workers import FairWorkers
 
+# nexus entries a unit attention fan-out (or a walk of a target's nexuses)
+# handles between two turns of the event loop (docs/decisions/0264): every
+# fan-out (target and I_T nexus reset, LUN reset, LUN changes, MODE SELECT, a
+# resize, a reservation change) goes through Services.fan_out_ua
+FANOUT_STEP = 256
+
 
 @dataclass(eq=False)
 class Nexus:
@@ -100,7 +106,7 @@ class Services(Protocol):
         ...
 
     async def fan_out_ua(self, luns: Iterable[LogicalUnit], asc_ascq: tuple[int, int], keys: list[str],
-                         exclude: str | None = None) -> None:
+                         exclude: str | None = None, offline: Container[str] = ()) -> None:
         """Queue a unit attention for many nexuses (a target's) in bounded
         steps between turns of the event loop (docs/decisions/0264)."""
         ...

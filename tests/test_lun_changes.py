@@ -216,4 +216,4 @@ def test_target_remove_force_drops_its_nexuses_in_bounded_steps():
     assert sorted(h["nexus"] for h in drops) == list(range(1, many + 1))
     assert {h["reason"] for h in drops} == {f"target {IQN} removed"}
     assert max(b - a for a, b in zip(steps, steps[1:])) <= emulator_mod.FANOUT_STEP
-    assert emu.nexuses(IQN) == [] and emu.front_ends[b"fe"].nexuses == {} and IQN not in emu.targets
+    assert list(emu.nexuses(IQN)) == [] and emu.front_ends[b"fe"].nexuses == {} and IQN not in emu.targets

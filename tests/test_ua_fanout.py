@@ -1,7 +1,8 @@
 """Unit attentions that go to every I_T nexus of a target are set in bounded
 steps (docs/decisions/0264): MODE SELECT's MODE PARAMETERS CHANGED, LUN
-RESET's BUS DEVICE RESET and a shared image's CAPACITY DATA HAS CHANGED,
-with 3,000 nexuses on one LU. Each test counts the nexus entries set per turn
+RESET's BUS DEVICE RESET, a shared image's CAPACITY DATA HAS CHANGED and
+PERSISTENT RESERVE OUT CLEAR's RESERVATIONS PREEMPTED, with 3,000 nexuses on
+one LU. Each test counts the nexus entries set per turn
 of the event loop (never more than FANOUT_STEP), checks that every nexus has
 its unit attention in the end, and that a command arriving mid-fan-out is
 answered either with the unit attention or without it, never otherwise."""
@@ -16,7 +17,8 @@ from backends.ram import RamBackend
 from stml import emulator as E
 from stml.api import DataDir, Op, Tmf, TmfResponse
 from stml.gateway import Gateway
-from stml.sense import BUS_DEVICE_RESET, CAPACITY_DATA_CHANGED, MODE_PARAMETERS_CHANGED
+from stml.sense import (BUS_DEVICE_RESET, CAPACITY_DATA_CHANGED, MODE_PARAMETERS_CHANGED,
+                        RESERVATIONS_PREEMPTED)
 from support.sbc_harness import Harness, Result
 
 OTHERS = 3000            # nexuses besides nexus 1, the one that acts
@@ -167,4 +169,37 @@ def test_a_resized_image_tells_3000_nexuses_in_bounded_steps():
         check_all_told(h, CAPACITY_DATA_CHANGED, {2}, actor_told=True)
         r = await h.cmd(struct.pack(">BBQIBB", 0x9E, 0x10, 0, 32, 0, 0), alloc=32, nexus=OTHERS + 1)
         assert r.key_asc == (UNIT_ATTENTION, *CAPACITY_DATA_CHANGED)
+    asyncio.run(go())
+
+
+def prout(sa: int, key: int, sark: int = 0) -> tuple[bytes, bytes]:
+    """A PERSISTENT RESERVE OUT CDB and its 24-byte parameter list."""
+    return struct.pack(">BBBxxIxB", 0x5F, sa, 0, 24, 0)[:10], struct.pack(">QQ8x", key, sark)
+
+
+def test_a_reservation_clear_walks_and_tells_nexuses_in_bounded_steps():
+    """CLEAR tells every registrant (here 600, one I_T nexus each) among
+    3,001 nexuses: the walk of the target's nexuses and the unit attentions
+    both go at most FANOUT_STEP per turn of the loop."""
+    registrants = 600
+
+    async def go() -> None:
+        h = Fanout()
+        for n in [1, *range(2, registrants + 2)]:
+            r = await h.cmd(*prout(0x00, 0, 0x1000 + n), nexus=n)
+            assert r.status == GOOD, r
+        assert h.set_count() == 0
+        runner = asyncio.ensure_future(h.cmd(*prout(0x03, 0x1001), nexus=1))
+        counts, turns = [0], 0
+        while not runner.done():
+            await asyncio.sleep(0)
+            turns += 1
+            counts.append(h.set_count())
+        assert runner.result().status == GOOD
+        growth = [b - a for a, b in zip(counts, counts[1:])]
+        assert max(growth) <= E.FANOUT_STEP and sum(1 for g in growth if g) >= registrants // E.FANOUT_STEP
+        assert turns > (OTHERS + 1) // E.FANOUT_STEP     # the walk yielded too
+        uas = h.lu().unit_attentions
+        told = {k for k, q in uas.items() if q == [RESERVATIONS_PREEMPTED]}
+        assert told == {f"iqn.init:n{n}|{h.lu().target},t,1" for n in range(2, registrants + 2)}
     asyncio.run(go())
