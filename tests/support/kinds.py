@@ -77,6 +77,7 @@ KIND_OF_MODULE = {
     "test_roles.py": "process",
     "test_roles_unit.py": "unit",
     "test_response_path.py": "unit",
+    "test_save_at_stop.py": "unit",
     "test_sbc_commands.py": "unit",
     "test_sched.py": "unit",
     "test_sched_bench_smoke.py": "process",
