@@ -580,6 +580,7 @@ async def sanitize(task: Task) -> None:
     sa = task.cdb[1] & 0x1F
     if sa == 0x1F:
         return
+    refuse_after_failed_sync(lu)   # its end is a flush: refused before it erases anything (0257)
     block = None
     if sa == 0x01:
         data = data_bytes(task)

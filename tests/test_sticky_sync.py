@@ -183,6 +183,29 @@ def test_write_same_written_through_after_a_failed_sync_is_refused_before_writin
     run(go())
 
 
+def test_sanitize_after_a_failed_sync_is_refused_before_it_erases(tmp_path, monkeypatch):
+    """SANITIZE ends with a flush, which would fail: it is refused before its
+    job overwrites or deallocates a block (it used to erase the LU first)."""
+    monkeypatch.setattr(file_mod.os, "fdatasync", FailOnce())
+
+    async def go():
+        h = Harness([LunOptions("ram", size=1 << 20, write_cache=True)])
+        _file_lu(h, str(tmp_path / "d.img"), monkeypatch)
+        lu = h.lu()
+        await _failed_sync(h)
+        calls = Calls(lu.backend)
+        params = bytes([0x01, 0]) + struct.pack(">H", 4) + b"ERAS"
+        overwrite = bytes([0x48, 0x01, 0, 0, 0, 0, 0]) + struct.pack(">H", len(params)) + b"\0"
+        r = await h.cmd(overwrite, params)
+        assert (r.status, r.key_asc) == (CHECK_CONDITION, WRITE_ERROR)
+        r = await h.cmd(bytes([0x48, 0x02]) + bytes(8), alloc=0)                 # BLOCK ERASE
+        assert (r.status, r.key_asc) == (CHECK_CONDITION, WRITE_ERROR)
+        assert calls.n == 0 and lu.job is None
+        assert (await h.cmd(_read10(0, 8))).data == b"A" * 8 * BS
+        lu.backend.close()
+    run(go())
+
+
 def test_extended_copy_into_a_write_through_lu_after_a_failed_sync_is_refused_before_writing(
         tmp_path, monkeypatch):
     """EXTENDED COPY into a write-through file LU whose sync failed: MEDIUM
