@@ -3,18 +3,41 @@ real StmlServer.serve, the save made slow by a hook in stml.persist's
 atomic_write: the stop lets it end (the change it saves is in the file, and
 its command answers) before the channel closes; a save hung on its file
 system is abandoned after a bound with one line, and the STML exits without
-joining the saver thread (a normal exit would wait for it forever)."""
+joining the saver thread (a normal exit would wait for it forever: the last
+test shows it with a real process)."""
 from __future__ import annotations
 
 import asyncio
 import os
+import signal
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable
 
 from stml import config, persist
 from stml import server as server_mod
 from stml.server import StmlServer
+from support.faults import release_fifo
+from support.procs import stop_pid
+from support.target import StmlProcess
+
+
+class HookedStml(StmlProcess):
+    """`python -m stml`, with support.faults.hang_config_saves(*hook) run first."""
+
+    def __init__(self, data_dir: Path, luns: tuple[str, ...], extra: tuple[str, ...],
+                 hook: tuple[str, str, float]) -> None:
+        super().__init__(data_dir, luns, extra)
+        self.hook = hook
+
+    def argv(self) -> list[str]:
+        python, _, _, *args = super().argv()
+        code = (f"from support.faults import hang_config_saves; hang_config_saves(*{self.hook!r}); "
+                f"from stml.cli import main; main(prog_name='python -m stml')")
+        return [python, "-c", code, *args]
 
 
 class SlowSave:
@@ -132,3 +155,37 @@ def test_no_save_begins_once_the_stml_stops(tmp_short, caplog):
     assert srv.config.path.read_text() == before
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert errors == [f"the change is live but was not saved to {srv.config.path}: the STML is stopping"]
+
+
+def test_an_stml_whose_config_save_hangs_still_stops(tmp_short):
+    """A real STML process, its config save hung (a fault hook: it waits on a
+    FIFO) under `scsi-target lun add`: SIGTERM stops it, exit 1, with the one
+    line; a normal exit would have joined the saver thread forever."""
+    d = tmp_short()
+    cfg = d / "target.toml"
+    cfg.write_text('[[target]]\nname = "iqn.2026-11.org.test:hung-save"\n\n'
+                   '[[target.lun]]\nbackend = "ram"\nsize = "1MiB"\n')
+    fifo, started = d / "hang", d / "started"
+    os.mkfifo(fifo)
+    stml = HookedStml(d, (), ("--config", str(cfg)), hook=(str(fifo), str(started), 0.2))
+    add = None
+    try:
+        stml.start()
+        add = subprocess.Popen([sys.executable, "-m", "scsi_target", "lun", "add", "ram:1MiB",
+                                "--data-dir", str(d), "--json"], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+        for _ in range(3000):          # (a guard against a hang, not a measure)
+            if started.exists() or add.poll() is not None:
+                break
+            time.sleep(0.01)
+        assert started.exists(), "the save never started"
+        stml.proc.send_signal(signal.SIGTERM)
+        assert stml.proc.wait(60) == 1
+        line, = [x for x in stml.log().splitlines() if "abandoned" in x]
+        assert f"stopping: saving {cfg} still running after 0.2s, abandoned" in line
+        assert "ram" in cfg.read_text() and "lun = 1" not in cfg.read_text()
+    finally:
+        release_fifo(str(fifo))
+        stml.stop()
+        if add is not None:
+            stop_pid(add)

@@ -187,3 +187,33 @@ class Fdatasyncs:
     def release_all(self) -> None:
         for gate in self.gates.values():
             gate.set()
+
+
+# ---------------------------------------------------------------- config saves
+
+def hang_config_saves(fifo: str, started: str, bound: float) -> None:
+    """Run in an STML process before its main (python -c): every config save
+    creates `started`, then waits to read `fifo` to its end (until the test
+    opens it for writing and closes it), as on a file system that hangs; a
+    stop waits `bound` seconds for a save under way (server.STOP_SAVE)."""
+    from pathlib import Path
+
+    from stml import persist, server
+    real = persist.atomic_write
+
+    def hung(path: Any, data: bytes, secret: bool) -> None:
+        Path(started).touch()
+        with open(fifo, "rb") as f:
+            f.read()
+        real(path, data, secret)
+    persist.atomic_write = hung
+    server.STOP_SAVE = bound   # type: ignore[attr-defined]
+
+
+def release_fifo(fifo: str) -> None:
+    """Let a reader waiting in hang_config_saves go on (no reader: nothing to do)."""
+    try:
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError as e:
+        if e.errno != errno.ENXIO:
+            raise

@@ -109,6 +109,7 @@ KIND_OF_MODULE = {
 }
 
 KIND_OF_TEST = {
+    "test_save_at_stop.py::test_an_stml_whose_config_save_hangs_still_stops": "process",
     "test_bounded_pr.py::test_aptpl_saves_run_in_their_thread_and_coalesce": "unit",
     "test_bounded_pr.py::test_pr_effects_match_registrations_to_sessions_by_name": "unit",
     "test_bounded_pr.py::test_read_full_status_builds_only_what_the_allocation_length_holds": "unit",
