@@ -75,7 +75,8 @@ class Management:
         self._closing: set[asyncio.Task] = set()   # removed LUs' backends waiting to close
         self.closing_lus: set[LogicalUnit] = set()   # their LUs: the STML's stop flushes them too
         self._saver = ThreadPoolExecutor(1, thread_name_prefix="config-save")   # (its thread: at first use)
-        self._under_way: tuple[Future, Path] | None = None   # the save in the saver thread, and its file
+        # a save whose command waits for it (in the saver thread or just done), and its file
+        self._under_way: tuple[Future, Path] | None = None
         self._stopping = False        # the STML stops: saves under way finish, none begins (0259)
         self._save_error: str | None = None   # the change being answered is live but unsaved
         self._cmds: dict[str, Callable] = {
@@ -209,7 +210,10 @@ class Management:
             raise OSError("the STML is stopping")
         future = self._saver.submit(save, self.config, target)
         self._under_way = (future, target)
-        await asyncio.wrap_future(future)
+        try:
+            await asyncio.wrap_future(future)
+        finally:
+            self._under_way = None   # its command answers in this loop step
 
     async def finish_saves(self, bound: float) -> bool:
         """At stop: let the save under way end, so the change it saves is not
@@ -220,7 +224,7 @@ class Management:
         whole, from before or after that save (stml.persist writes
         atomically)."""
         self._stopping = True
-        if self._under_way is None or self._under_way[0].done():
+        if self._under_way is None:
             return True
         future, target = self._under_way
         loop = asyncio.get_running_loop()
