@@ -10,7 +10,6 @@ import errno
 import os
 import struct
 import threading
-from types import SimpleNamespace
 
 import pytest
 
