@@ -3,7 +3,11 @@ pages an fdatasync could not write and mark them clean, so the next fdatasync
 "succeeds" with acknowledged writes gone. Through the real Emulator and LU:
 after one failed fdatasync every SYNCHRONIZE CACHE, FUA write and
 write-through write answers MEDIUM ERROR, WRITE ERROR (reads and write-back
-writes go on) until `lun reset-error`; `lun list` and `status` say so."""
+writes go on) until `lun reset-error`; `lun list` and `status` say so.
+WRITE SAME, SANITIZE and EXTENDED COPY into a write-through LU are refused
+before they change a block (0257). Of concurrent fdatasyncs, Linux tells a
+lost write-back to one: a sync that returned 0 counts only if none of those
+under way with it failed (0258), driven in order by support.faults.Fdatasyncs."""
 from __future__ import annotations
 
 import errno
