@@ -22,7 +22,7 @@ import functools
 import logging
 import secrets
 from pathlib import Path
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Awaitable, Callable, Iterator
 
 from backends import BackendError, open_backend
@@ -76,6 +76,9 @@ class Management:
         self._closing: set[asyncio.Task] = set()   # removed LUs' backends waiting to close
         self.closing_lus: set[LogicalUnit] = set()   # their LUs: the STML's stop flushes them too
         self._saver = ThreadPoolExecutor(1, thread_name_prefix="config-save")   # (its thread: at first use)
+        # a save whose command waits for it (in the saver thread or just done), and its file
+        self._under_way: tuple[Future, Path] | None = None
+        self._stopping = False        # the STML stops: saves under way finish, none begins (0259)
         self._save_error: str | None = None   # the change being answered is live but unsaved
         self._cmds: dict[str, Callable] = {
             "status": self.status, "target_list": self.target_list, "target_add": self.target_add,
@@ -188,7 +191,7 @@ class Management:
         if path is None:
             return "not saved: the STML has no config file"
         try:
-            await self._saving(save, self.config)
+            await self._saving(path)
         except (OSError, EditedError) as e:
             log.error("the change is live but was not saved to %s: %s", path, e)
             self._save_error = (f"applied, but NOT saved to {path}: {e}; a restart loses it unless "
@@ -199,10 +202,46 @@ class Management:
     async def _in_thread(self, fn: Callable, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.em.executor, fn, *args)
 
-    async def _saving(self, fn: Callable, *args: Any) -> Any:
-        """A config file write, in a thread of its own: not the backends' pool,
-        where it would wait behind (and hold up) medium I/O."""
-        return await asyncio.get_running_loop().run_in_executor(self._saver, fn, *args)
+    async def _saving(self, target: Path) -> None:
+        """Save the running configuration to `target` in a thread of its own:
+        not the backends' pool, where it would wait behind (and hold up)
+        medium I/O. Once the STML stops none begins (OSError): finish_saves
+        has already waited for the one under way."""
+        if self._stopping:
+            raise OSError("the STML is stopping")
+        future = self._saver.submit(save, self.config, target)
+        self._under_way = (future, target)
+        try:
+            await asyncio.wrap_future(future)
+        finally:
+            self._under_way = None   # its command answers in this loop step
+
+    async def finish_saves(self, bound: float) -> bool:
+        """At stop: let the save under way end, so the change it saves is not
+        lost with the process, and its command answer (it holds the lock
+        until then); none begins after. A save still running after `bound`
+        seconds (a hung file system) is abandoned with one line, and False
+        tells the STML to exit without joining its thread; the file is then
+        whole, from before or after that save (stml.persist writes
+        atomically)."""
+        self._stopping = True
+        if self._under_way is None:
+            return True
+        future, target = self._under_way
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + bound
+        try:
+            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), bound)
+        except asyncio.TimeoutError:
+            log.error("stopping: saving %s still running after %gs, abandoned: the change it saves "
+                      "may be missing from the file", target, bound)
+            return False
+        except Exception:   # noqa: BLE001 - its command said why (the change is live, not saved)
+            pass
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._lock.acquire(), max(0.0, deadline - loop.time()))
+            self._lock.release()   # its command has answered
+        return True
 
     @contextlib.contextmanager
     def _batched(self) -> Iterator[None]:
@@ -331,7 +370,7 @@ class Management:
             self.config.digest = file_digest(target)
             self.config.held = None   # the file becomes what runs, unapplied edits and all
         try:
-            await self._saving(save, self.config, target)
+            await self._saving(target)
         except EditedError as e:
             raise MgmtError(f"{e}: `config reload` applies the edit, `config save --force` "
                             f"overwrites it, `config diff` shows it") from None

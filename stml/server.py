@@ -162,7 +162,7 @@ class StmlServer(TapPoint):
             heartbeat_ms = config.stml.heartbeat_ms
         self.auth: RoleAuthenticator | None = None
         self.exporter: PrometheusExporter | None = None
-        self.abandoned = False   # the stop left a backend call running (_finish_backends)
+        self.abandoned = False   # the stop left a backend call or a config save running
         self.unclean = False     # a flush or close failed at stop: exit 1 (_finish_backends)
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
@@ -522,12 +522,17 @@ class StmlServer(TapPoint):
             print(f"stml: metrics on http://{self.config.stml.metrics}/metrics", flush=True)
         beats = asyncio.create_task(self._liveness())
         await stop.wait()
+        # a config save under way ends (its change is not lost), and its
+        # command answers, before the channel closes; a hung one is abandoned
+        saves = asyncio.ensure_future(self.mgmt.finish_saves(STOP_SAVE))
         self.emulator.shutdown()
         beats.cancel()
         await self.gateway.stop()
         await asyncio.sleep(0.05)  # let the release messages leave
         with contextlib.suppress(asyncio.TimeoutError):   # the trace's file whole, unless the disk hangs
             await asyncio.wait_for(asyncio.shield(self.traces.stop("stml", "the STML stopped")), 2)
+        if not await saves:
+            self.abandoned = True   # exit without joining the saver thread (0259)
         self.channel.close(linger_ms=100)
         for listener in self.listeners:
             loop.remove_reader(listener.fileno())
@@ -740,6 +745,7 @@ def _resolve(future: asyncio.Future) -> None:
 WORKER_PREFIX = "backend"   # the backend worker threads' names
 STOP_GRACE = 3.0   # after SIGTERM, a busy STML gets this long to stop cleanly
 STOP_BACKENDS = 5.0   # and its LUs this long to flush and close (a hung backend call is abandoned)
+STOP_SAVE = 5.0       # and a config save under way this long to end, before that (0259)
 
 
 class StopGuard:
@@ -751,7 +757,7 @@ class StopGuard:
     acknowledged is lost; what a forced exit skips is the goodbye to the
     front ends and the removal of the socket files, which the next start and
     every client recognise as stale. Once the loop has taken the stop, the stop
-    bounds itself (STOP_BACKENDS, 0204) and the guard only backs it up."""
+    bounds itself (STOP_SAVE, STOP_BACKENDS: 0204, 0259) and the guard only backs it up."""
 
     SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
@@ -767,7 +773,7 @@ class StopGuard:
         heard = threading.Event()   # the loop ran the stop: it bounds the rest itself (STOP_BACKENDS)
         self.loop.call_soon_threadsafe(self._stop, heard)
         began = time.monotonic()
-        if not heard.wait(self.grace) or not self.done.wait(self.grace + STOP_BACKENDS):
+        if not heard.wait(self.grace) or not self.done.wait(self.grace + STOP_SAVE + STOP_BACKENDS):
             # no logging call: the blocked thread may hold a handler's lock
             with contextlib.suppress(OSError):
                 os.write(2, f"stml: still busy {time.monotonic() - began:.0f}s after "
@@ -797,7 +803,7 @@ async def run_stml(config: Config, trace: TraceOptions | None = None, inject: li
         await server.serve(stop, trace)
     finally:
         guard.done.set()
-    if server.abandoned:   # a worker runs a hung call: exiting normally would join it forever
+    if server.abandoned:   # a hung backend call or config save: exiting normally would join it forever
         logging.shutdown()
         os._exit(1)
     if server.unclean:     # a flush or close failed: the stop was not clean (0204)

@@ -77,6 +77,7 @@ KIND_OF_MODULE = {
     "test_roles.py": "process",
     "test_roles_unit.py": "unit",
     "test_response_path.py": "unit",
+    "test_save_at_stop.py": "unit",
     "test_sbc_commands.py": "unit",
     "test_sched.py": "unit",
     "test_sched_bench_smoke.py": "process",
@@ -109,6 +110,7 @@ KIND_OF_MODULE = {
 }
 
 KIND_OF_TEST = {
+    "test_save_at_stop.py::test_an_stml_whose_config_save_hangs_still_stops": "process",
     "test_bounded_pr.py::test_aptpl_saves_run_in_their_thread_and_coalesce": "unit",
     "test_bounded_pr.py::test_pr_effects_match_registrations_to_sessions_by_name": "unit",
     "test_bounded_pr.py::test_read_full_status_builds_only_what_the_allocation_length_holds": "unit",
