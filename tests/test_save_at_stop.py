@@ -35,7 +35,9 @@ class HookedStml(StmlProcess):
 
     def argv(self) -> list[str]:
         python, _, _, *args = super().argv()
-        code = (f"from support.faults import hang_config_saves; hang_config_saves(*{self.hook!r}); "
+        tests = str(Path(__file__).parent)   # support/ for the child, however pytest was started
+        code = (f"import sys; sys.path.insert(0, {tests!r}); "
+                f"from support.faults import hang_config_saves; hang_config_saves(*{self.hook!r}); "
                 f"from stml.cli import main; main(prog_name='python -m stml')")
         return [python, "-c", code, *args]
 
