@@ -688,6 +688,15 @@ def _saver(shared: bool) -> ThreadPoolExecutor:
     return pool
 
 
+def wait_for_saves() -> None:
+    """Block until every reservation save queued so far has ended (a stop
+    waits for them, bounded, like for the backends' flushes: a PROUT answers
+    only once its save is done, and a save hung on its store must not hang
+    the process's exit, which would join its thread)."""
+    for pool in list(_SAVERS.values()):
+        pool.submit(lambda: None).result()
+
+
 def _write_state(path: Path, doc: dict[str, Any] | None) -> bool:
     """Write the document atomically (write, fsync, rename, fsync of the
     directory); None: remove the file, if any. Whether a file is left."""

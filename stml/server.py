@@ -33,6 +33,7 @@ from stml.lu import LogicalUnit
 from stml.metrics import Metrics
 from stml.mgmt import Management
 from stml.portals import PortalStates, portal_entries, portal_groups
+from stml import pr
 from stml.pr import PrStoreError
 from stml.roles import GUARDS, CurveAllowList, RoleAuthenticator, allow_list, refusal
 from stml.task import Task
@@ -575,8 +576,10 @@ class StmlServer(TapPoint):
                 log.error("%s: flush at stop failed: %s", name, e)
                 self.unclean = True   # acknowledged writes may not be durable: exit 1
 
-        flushes = {name: threading.Thread(target=flush, args=(name, lu), name=f"flush {name}", daemon=True)
+        flushes = {f"flush of {name}": threading.Thread(target=flush, args=(name, lu), name=f"flush {name}",
+                                                       daemon=True)
                    for name, lu in lus}
+        flushes["reservation saves"] = threading.Thread(target=pr.wait_for_saves, name="pr saves", daemon=True)
 
         def close() -> None:
             try:
@@ -601,7 +604,7 @@ class StmlServer(TapPoint):
             hung = [name for name, thread in flushes.items() if thread.is_alive()]
             calls = sum(t.name.startswith(WORKER_PREFIX) for t in threading.enumerate())
             log.error("stopping: after %gs still running, abandoned: %s", bound,
-                      ", ".join([f"flush of {n}" for n in hung] + [f"{calls} backend call(s) in workers"]))
+                      ", ".join([*hung, f"{calls} backend call(s) in workers"]))
             self.abandoned = True
 
     def _receive_tapped(self, frames: list, lease: Lease | None = None) -> None:

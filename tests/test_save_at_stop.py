@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from stml import config, persist
+from stml import config, persist, pr
 from stml import server as server_mod
 from stml.server import StmlServer
 from support.faults import release_fifo
@@ -191,3 +191,54 @@ def test_an_stml_whose_config_save_hangs_still_stops(tmp_short):
         stml.stop()
         if add is not None:
             stop_pid(add)
+
+
+def _unserved(srv: StmlServer) -> None:
+    """Close the ZeroMQ socket of a server that never served (serve closes it)."""
+    srv.sock.close(0)
+    srv.ctx.term()
+
+
+def test_a_reservation_save_hung_at_stop_is_abandoned_after_the_bound(tmp_short, caplog):
+    """A PERSISTENT RESERVE OUT's save hung on its store: the stop waits for it
+    as long as for the flushes, then names it in the one line and marks the
+    stop abandoned (run_stml then exits without joining the saver thread)."""
+    srv = _server(tmp_short())
+    release = threading.Event()
+    pr._saver(False).submit(release.wait)
+
+    async def go() -> None:
+        await srv._finish_backends(0.2)
+        assert srv.abandoned
+        release.set()   # the stop's own threads end while the loop still runs
+        for t in [t for t in threading.enumerate() if t.name == "close backends"]:
+            await asyncio.to_thread(t.join, 30)
+    try:
+        asyncio.run(go())
+        errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        # (the count of backend calls is the process's: other tests' workers may linger)
+        assert len(errors) == 1
+        assert errors[0].startswith("stopping: after 0.2s still running, abandoned: reservation saves, ")
+    finally:
+        release.set()
+        _unserved(srv)
+
+
+def test_reservation_saves_that_end_in_time_are_waited_for(tmp_short, caplog):
+    srv = _server(tmp_short())
+    release, ran = threading.Event(), threading.Event()
+    pr._saver(False).submit(lambda: (release.wait(), ran.set()))
+
+    async def go() -> None:
+        stopping = asyncio.ensure_future(srv._finish_backends(30))
+        await asyncio.sleep(0.05)
+        assert not stopping.done()      # waits for the save
+        release.set()
+        await stopping
+    try:
+        asyncio.run(go())
+    finally:
+        release.set()
+        _unserved(srv)
+    assert ran.is_set() and not srv.abandoned
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
