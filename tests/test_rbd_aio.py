@@ -88,21 +88,20 @@ class FakeImage:
     def enable_events(self, fd: int) -> None:
         self.fd = fd   # the caller's: librbd only signals it
 
-    def completion(self) -> int:
-        return next(self.ids)
-
-    def start(self, name: str, comp: Any, *args: Any) -> None:
+    def start(self, name: str, *args: Any, flags: tuple = ()) -> int:
         assert "closed" not in self.events, "a call reached a closed image"
+        comp = next(self.ids)
         self.flying[comp] = (name, args)
+        return comp
 
     def complete(self, comp: int, data: bytes = b"") -> None:
         """librbd ends a call: a read's data lands in its buffer, then the eventfd."""
         name, args = self.flying.pop(comp)
         ret = 0
-        if name == "readv":
-            arr, n = args[0], args[1]
-            ctypes.memmove(arr[0].iov_base, data, arr[0].iov_len)
-            ret = arr[0].iov_len
+        if name == "read":
+            _, n, addr = args
+            ctypes.memmove(addr, data, n)
+            ret = n
         if self.fd >= 0 and "closed" not in self.events:
             self.done.append((comp, ret))
             os.eventfd_write(self.fd, 1)
