@@ -193,6 +193,34 @@ def test_an_aborted_read_keeps_its_buffer_until_librbd_completes_it(backend):
     assert bytes(buf) == b"D" * 4096
 
 
+def test_an_aborted_command_waits_for_librbd_to_end_its_write(backend):
+    """A command's task is cancelled (an abort) while librbd has its write:
+    Task.io_on awaits the aio future alone (no shield), and the task ends,
+    CancelledError, only once librbd completed the call, so no write lands
+    after the abort is reported. An aio future refuses cancel()."""
+    from stml.task import Task
+    image: FakeImage = backend.image
+    buf = bytearray(4096)
+    task = SimpleNamespace(services=SimpleNamespace(workers=None))
+    lu = SimpleNamespace(backend=backend)
+
+    async def run() -> None:
+        cmd = asyncio.ensure_future(Task.io_on(task, lu, backend.write_from, 0, [memoryview(buf)], False))
+        while not image.flying:
+            await asyncio.sleep(0)
+        (comp,) = image.flying
+        cmd.cancel()
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert not cmd.done() and pinned(buf), "the abort ended the wait before librbd ended the write"
+        assert not backend.aio._pending[comp][0].cancel()
+        image.complete(comp)
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(cmd, 30)
+    asyncio.run(run())
+    assert not pinned(buf) and not backend.aio._pending
+
+
 def test_standing_down_leaves_calls_in_flight_to_librbd(backend):
     """A gateway that stands down (fenced) releases its front ends and lets its
     locks go; a read librbd still has keeps its buffer and ends when librbd
