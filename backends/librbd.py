@@ -495,12 +495,12 @@ class Image:
     def poll(self) -> list[tuple[int, int]]:
         """(completion address, return value) of every finished aio call; each
         completion is released."""
-        out = []
+        out: list[tuple[int, int]] = []
         comps, poll, value, release = self._comps, self._poll_events, self._return_value, self._release
         while True:
             n = poll(self.handle, comps, self.POLL_BATCH)
             for comp in comps[:max(n, 0)]:
-                out.append((comp, value(comp)))
+                out.append((comp or 0, value(comp)))
                 release(comp)
             if n < self.POLL_BATCH:
                 return out
