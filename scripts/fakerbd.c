@@ -21,6 +21,7 @@ static void finish(void *c, ssize_t ret) {
     if (efd >= 0) eventfd_write(efd, 1);
 }
 
+int rbd_get_size(void *img, uint64_t *size) { *size = 1ULL << 30; return 0; }
 int rbd_aio_create_completion(void *arg, void *cb, void **c) { *c = calloc(1, sizeof(comp_t)); return 0; }
 int rbd_aio_readv(void *img, const struct iovec *iov, int n, uint64_t off, void *c) {
     ssize_t total = 0;
