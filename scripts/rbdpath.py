@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Our cost per RBD command on the submit and collect path, without a cluster.
 
-    scripts/rbdpath.py [--count 20000] [--size 4096] [--write]
+    scripts/rbdpath.py [--count 20000] [--size 4096] [--write] [--stml]
     scripts/rbdpath.py --instructions     # instructions per command, under valgrind
 
 QD commands at a time go through Task.io_on to the RBD backend's aio twin
@@ -10,9 +10,11 @@ the STML, against scripts/fakerbd.c built as a stand-in for librbd.so.1
 (built here with cc): its aio calls complete at once and signal the
 eventfd, so the count is ours alone - pinning, the completion, the ctypes
 calls, the eventfd wake-up, polling, the futures - and none of librbd's or
-the cluster's (bench.py --rbd --cpu measures the whole). The instruction
-count (callgrind at two counts, the difference divided) does not move with
-the machine's load as time does.
+the cluster's (bench.py --rbd --cpu measures the whole). `--stml`: the
+STML's whole receive path instead (rx_cmnd messages for READ(10) or
+WRITE(10) in, xmit_response out, as pathcost.py's stml path, on an RBD
+LUN). The instruction count (callgrind at two counts, the difference
+divided) does not move with the machine's load as time does.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import argparse
 import asyncio
 import ctypes
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -72,21 +75,80 @@ async def rbd_path(count: int, size: int, write: bool) -> float:
     return took
 
 
-def run(so: Path, count: int, size: int, write: bool) -> float:
+async def stml_path(count: int, size: int, write: bool) -> float:
+    """rx_cmnd messages through StmlServer's receive path, QD at a time; the
+    front end's stream is a stub that counts the responses."""
+    from stml import config
+    from stml.api import SharedRegion, pack, unpack
+    from stml.server import StmlServer
+    work = Path(tempfile.mkdtemp(prefix="rbdpath"))
+    server = StmlServer(config.load(data_dir=str(work / "data"), luns=("rbd:rbd/fake,thick",)))
+    try:
+        ident = b"\0stream-1"
+        replies: list = []
+        waiting: list[tuple[int, asyncio.Future]] = []
+
+        class Stream:   # what StmlServer needs of a StreamChannel
+            region = SharedRegion()
+
+            def send(self, frames: list) -> None:
+                replies.append(frames)
+                if waiting and len(replies) >= waiting[0][0]:
+                    waiting.pop()[1].set_result(None)
+
+        server.streams[ident] = Stream()
+        receive = server._receive
+        receive([ident, pack({"op": "register_target_front_end", "name": "rbdpath", "kind": "bench",
+                              "version": [1, 0]})])
+        target = next(iter(server.emulator.targets))
+        receive([ident, pack({"op": "register_nexus", "nexus": 1, "initiator": "iqn.x", "target": target,
+                              "tpg": 1})])
+        blocks = size // 512
+        payload = [bytes(size)] if write else []
+        messages = [[ident, pack({"op": "rx_cmnd", "tag": tag, "nexus": 1, "lun": 0,
+                                  "cdb": bytes([0x2A if write else 0x28, 0]) + (tag * blocks % (1 << 20)).to_bytes(4, "big")
+                                  + b"\0" + blocks.to_bytes(2, "big") + b"\0",
+                                  "attr": 0, "dir": 1 if write else 2, "len": size,
+                                  "unsol": size if write else 0}), *payload]
+                    for tag in range(count + 1)]
+        loop = asyncio.get_running_loop()
+
+        async def batch(msgs: list) -> None:
+            replies.clear()
+            done = loop.create_future()
+            waiting.append((len(msgs), done))
+            for m in msgs:
+                receive(m)
+            await done
+            assert all(unpack(r[0])["status"] == 0 for r in replies[1:]), "the commands succeed"
+        await batch(messages[:1])   # takes the power-on unit attention
+        start = time.perf_counter()
+        for first in range(1, count + 1, QD):
+            await batch(messages[first:first + QD])
+            receive([ident, pack({"op": "scsi_target_done", "tags": list(range(first, first + QD))})])
+        return time.perf_counter() - start
+    finally:
+        server.sock.close(linger=0)
+        server.ctx.term()
+        server.executor.shutdown()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def run(so: Path, count: int, size: int, write: bool, stml: bool = False) -> float:
     import uvloop
 
     from backends import librbd
     librbd._load = lambda name: ctypes.CDLL(str(so))   # type: ignore[assignment]
-    return uvloop.run(rbd_path(count, size, write))
+    return uvloop.run((stml_path if stml else rbd_path)(count, size, write))
 
 
-def instructions(so: Path, size: int, write: bool) -> float:
+def instructions(so: Path, size: int, write: bool, stml: bool) -> float:
     """Instructions per command: callgrind at two counts, the difference divided."""
     counts = []
     for n in (QD * 32, QD * 160):
         p = subprocess.run(["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
                             sys.executable, __file__, "--so", str(so), "--count", str(n),
-                            "--size", str(size), *(["--write"] if write else [])],
+                            "--size", str(size), *(["--write"] if write else []), *(["--stml"] if stml else [])],
                            capture_output=True, text=True, timeout=600)
         m = re.search(r"Collected : (\d+)", p.stderr)
         if p.returncode != 0 or not m:
@@ -100,16 +162,17 @@ def main() -> None:
     ap.add_argument("--count", type=int, default=20000)
     ap.add_argument("--size", type=int, default=4096)
     ap.add_argument("--write", action="store_true", help="writes instead of reads")
+    ap.add_argument("--stml", action="store_true", help="the STML's whole receive path (see above)")
     ap.add_argument("--instructions", action="store_true", help="count instructions (valgrind)")
     ap.add_argument("--so", type=Path, help=argparse.SUPPRESS)   # already built (the callgrind runs)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="rbdpath") as work:
         so = args.so or build(Path(work))
-        what = f"{args.size // 1024} KiB {'write' if args.write else 'read'}"
+        what = f"{'stml ' if args.stml else ''}{args.size // 1024} KiB {'write' if args.write else 'read'}"
         if args.instructions:
-            print(f"{what}: {instructions(so, args.size, args.write):.0f} instructions per command")
+            print(f"{what}: {instructions(so, args.size, args.write, args.stml):.0f} instructions per command")
         else:
-            took = run(so, args.count, args.size, args.write)
+            took = run(so, args.count, args.size, args.write, args.stml)
             print(f"{what}: {took / args.count * 1e6:.2f} us per command")
 
 
