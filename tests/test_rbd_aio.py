@@ -221,6 +221,53 @@ def test_an_aborted_command_waits_for_librbd_to_end_its_write(backend):
     assert not pinned(buf) and not backend.aio._pending
 
 
+class CountingLock:
+    """A lock (or condition) that counts how often it is taken."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.taken = inner, 0
+
+    def __enter__(self) -> Any:
+        self.taken += 1
+        return self.inner.__enter__()
+
+    def __exit__(self, *exc: Any) -> Any:
+        return self.inner.__exit__(*exc)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def test_sixteen_reads_cost_one_lock_each_and_one_collection_for_all(backend):
+    """Work per aio command (0408), counted: starting one takes RbdAio's lock
+    once and never the backend's gate (it took the gate's condition twice,
+    through a generator context manager); sixteen completions signalled
+    together are taken in one eventfd wake-up: one lock, one poll."""
+    image: FakeImage = backend.image
+    polls = []
+    real_poll = image.poll
+    image.poll = lambda: polls.append(1) or real_poll()   # type: ignore[method-assign]
+    bufs = [bytearray(4096) for _ in range(16)]
+
+    async def run() -> None:
+        backend.aio.read_into(0, memoryview(bytearray(512)))   # attaches the eventfd
+        (first,) = image.flying
+        image.complete(first, bytes(512))
+        while backend.aio._pending:
+            await asyncio.sleep(0)
+        polls.clear()
+        gate, lock = CountingLock(backend._gate), CountingLock(backend.aio._lock)
+        backend._gate, backend.aio._lock = gate, lock   # type: ignore[assignment]
+        futs = [backend.aio.read_into(i * 4096, memoryview(b)) for i, b in enumerate(bufs)]
+        assert (gate.taken, lock.taken) == (0, 16)
+        for comp in list(image.flying):
+            image.complete(comp, b"R" * 4096)
+        await asyncio.wait_for(asyncio.gather(*futs), 30)
+        assert (gate.taken, lock.taken, len(polls)) == (0, 17, 1)
+    asyncio.run(run())
+    assert all(bytes(b) == b"R" * 4096 and not pinned(b) for b in bufs)
+
+
 def test_standing_down_leaves_calls_in_flight_to_librbd(backend):
     """A gateway that stands down (fenced) releases its front ends and lets its
     locks go; a read librbd still has keeps its buffer and ends when librbd
