@@ -491,9 +491,7 @@ class RbdAio:
     def _finish(self, results: list[tuple[asyncio.Future, int, int]], live: bool) -> None:
         """On the loop: each call's future gets its outcome. `live`: from the
         image open now (a closed one's fencing is old news)."""
-        for fut, ret, length in results:
-            if fut.done():
-                continue   # (a future of another kind, cancelled)
+        for fut, ret, length in results:   # (an AioFuture is never cancelled: each is pending here)
             if ret < 0:
                 if -ret == EBLOCKLISTED and live:
                     self.backend.fence()
