@@ -191,9 +191,15 @@ class Task:
         backend = lu.backend
         if backend.inline:
             return fn(*args)
+        aio = backend.aio
+        if aio is not None:
+            twin = getattr(aio, fn.__name__, None)
+            if twin is not None:
+                # its future ignores cancel(): a cancelled task is woken once
+                # the call is done (backends.base), no shield needed
+                return await twin(*args)
         workers = self.services.workers
-        twin = getattr(backend.aio, fn.__name__, None) if backend.aio is not None else None
-        fut = twin(*args) if twin is not None else workers.run(id(lu), fn, *args)
+        fut = workers.run(id(lu), fn, *args)
         try:
             return await asyncio.shield(fut)
         except asyncio.CancelledError:

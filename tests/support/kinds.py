@@ -69,6 +69,7 @@ KIND_OF_MODULE = {
     "test_pdu_framer.py": "unit",
     "test_pr_unit.py": "unit",
     "test_rbd.py": "system",
+    "test_rbdpath.py": "process",
     "test_rbd_aio.py": "unit",
     "test_rbd_gateways.py": "system",
     "test_rbd_reservations.py": "unit",
