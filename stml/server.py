@@ -419,7 +419,8 @@ class StmlServer(TapPoint):
             self.received([ident, *frames], stream.take_lease())
 
         stream = StreamChannel(conn, on_message, lambda: self._stream_closed(ident), self.pool, region,
-                               self.poll.touch if self.poll else None)
+                               self.poll.touch if self.poll else None,
+                               max_message=self.emulator.max_transfer + FRAME_ROOM)
         stream.offer_region()   # first: a front end of any version maps it whenever it comes
         self.streams[ident] = stream
 

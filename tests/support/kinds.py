@@ -170,6 +170,7 @@ KIND_OF_TEST = {
     "test_stream_channel.py::test_loopback_client_is_back_on_the_stream_after_a_graceful_restart": "process",
     "test_stream_channel.py::test_loopback_client_whose_stream_breaks_is_released_and_reconnects": "process",
     "test_stream_channel.py::test_stml_answers_on_the_stream_and_releases_a_front_end_that_drops_it": "process",
+    "test_stream_channel.py::test_stml_refuses_a_stream_message_bigger_than_a_command": "process",
     "test_stream_channel.py::test_stml_serves_the_stream_and_removes_it_on_stop": "process",
     "test_suite_rules.py::test_a_unit_test_that_starts_a_process_fails": "process",
     "test_suite_rules.py::test_every_test_has_exactly_one_kind": "process",
