@@ -78,6 +78,7 @@ class FileBackend:
         self._tickets = 0
         # a failed sync, sticky until `lun reset-error` sets it None (decision 0256)
         self.sync_error: str | None = None
+        self._failures = 0   # fdatasyncs that failed, ever (a sync alongside one fails too: 0258)
         self.can_discard = not self._blockdev and not readonly
         self.can_resize = not self._blockdev and not readonly
 
@@ -156,6 +157,7 @@ class FileBackend:
         a sync failed meanwhile; then it counts (decision 0258)."""
         if self._in_memory:
             return
+        failures = self._failures   # first: a failure after this is one we may not pass
         self._refuse_if_failed()
         with self._gen_lock:
             start = self._written_gen
@@ -167,6 +169,7 @@ class FileBackend:
         except OSError as e:
             with self._gen_lock:
                 self._in_kernel.discard(ticket)
+                self._failures += 1
                 first = self.sync_error is None
                 if first:   # (the first failure is the one the administrator needs)
                     self.sync_error = f"fdatasync: {e.strerror or e}"
@@ -180,12 +183,14 @@ class FileBackend:
             self._in_kernel.discard(ticket)
             self._sync_returned.notify_all()
             under_way = set(self._in_kernel)
-            self._sync_returned.wait_for(lambda: self.sync_error is not None
+            # a failure since this sync began counts even if `lun reset-error`
+            # cleared sync_error meanwhile: the failed sync may have covered our pages
+            self._sync_returned.wait_for(lambda: self._failures != failures
                                          or under_way.isdisjoint(self._in_kernel))
-            error = self.sync_error
-            if error is None:
+            if self._failures == failures:
                 self._synced_gen = max(self._synced_gen, start)
                 return
+            error = self.sync_error or "cleared since"
         raise OSError(errno.EIO, f"{self.path}: a sync that ran alongside this one failed ({error}); "
                                  f"syncs fail until `scsi-target lun reset-error`")
 

@@ -138,14 +138,14 @@ class Pinned:
         self.views.append(view)
         return view.buf or 0, mv.nbytes
 
-    def iovecs(self, bufs: Any, writable: bool = False) -> tuple[Any, int, int]:
-        """(iovec array, count, total bytes) over these buffers; the array is
-        held too (librbd reads a readv's iovecs again when it completes)."""
+    def iovecs(self, bufs: Any) -> tuple[Any, int, int]:
+        """(iovec array, count, total bytes) over these buffers (a writev's);
+        the array is held too, as long as the call may read it."""
         bufs = list(bufs)
         arr = (Iovec * len(bufs))()
         total = 0
         for i, b in enumerate(bufs):
-            arr[i].iov_base, arr[i].iov_len = self.span(b, writable)
+            arr[i].iov_base, arr[i].iov_len = self.span(b)
             total += arr[i].iov_len
         self.views.append(arr)
         return arr, len(bufs), total
@@ -204,7 +204,6 @@ def libs() -> tuple[ctypes.CDLL, ctypes.CDLL]:
             "rbd_aio_release": (None, [P]),
             "rbd_aio_read": (c_int, [P, c_uint64, c_size_t, c_void_p, P]),
             "rbd_aio_write": (c_int, [P, c_uint64, c_size_t, c_void_p, P]),
-            "rbd_aio_readv": (c_int, [P, c_void_p, c_int, c_uint64, P]),
             "rbd_aio_writev": (c_int, [P, c_void_p, c_int, c_uint64, P]),
             "rbd_aio_flush": (c_int, [P, P]),
             "rbd_aio_discard": (c_int, [P, c_uint64, c_uint64, P]),
@@ -306,7 +305,7 @@ class IoCtx:
 
 
 # the aio calls Image.start makes: each takes the image, arguments, the completion, then flags
-AIO_CALLS = ("read", "write", "readv", "writev", "flush", "discard", "writesame", "write_zeroes")
+AIO_CALLS = ("read", "write", "writev", "flush", "discard", "writesame", "write_zeroes")
 
 
 def create_image(ioctx: IoCtx, name: str, size: int) -> None:

@@ -612,11 +612,17 @@ class Emulator:
         return list(self._target_keys.get(target, ()))
 
     def nexuses(self, target: str) -> Iterator[Nexus]:
-        """The target's nexuses, from a copy of its keys: a caller may yield to
-        the loop between them (a nexus gone meanwhile is skipped)."""
+        """The target's nexuses, from copies of its keys and of each key's
+        nexuses: a caller may yield to the loop, or drop the nexus it was
+        given, between them (a key gone meanwhile is skipped; callers check
+        that a nexus is still registered before acting on it)."""
         keyed = self._keyed
         for key in list(self._target_keys.get(target, ())):
-            yield from keyed.get(key, ())
+            yield from list(keyed.get(key, ()))
+
+    def nexuses_of(self, key: str) -> list[Nexus]:
+        """The nexuses holding one I_T nexus key (one per front end)."""
+        return self._keyed.get(key, [])
 
     def nexus_exists(self, key: str) -> bool:
         return key in self._keyed

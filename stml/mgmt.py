@@ -38,7 +38,7 @@ from stml.metrics import Metrics
 from stml.persist import EditedError, hold, model, read_document, render, save
 from stml.portals import PortalStates, portal_entries, portal_groups
 from stml.sense import CAPACITY_DATA_CHANGED, REPORTED_LUNS_DATA_CHANGED
-from stml.task import FANOUT_STEP
+from stml.task import FANOUT_STEP, Nexus, Task
 from stml.trace.recorder import Recorder, Traces
 
 log = logging.getLogger("stml.mgmt")
@@ -155,9 +155,10 @@ class Management:
             raise MgmtError(f"target {t.name} has no LUN {lun} (LUNs: {', '.join(map(str, t.luns)) or 'none'})")
         return t, lu
 
-    def _nexus_keys(self, target: str) -> list[str]:
-        """One key per live nexus of the target (from the engine's index, not a walk of every front end's)."""
-        return [n.key for n in self.em.nexuses(target)]
+    def _sessions(self, target: str) -> int:
+        """Live nexuses of the target, one per front end holding a key (the
+        engine's index, not a walk of every front end's nexuses)."""
+        return sum(len(self.em.nexuses_of(key)) for key in self.em.nexus_keys(target))
 
     def _redetect(self) -> None:
         """Front ends learn the new inventory (contract: detect, sent unasked)."""
@@ -265,7 +266,7 @@ class Management:
     async def target_list(self) -> list[dict[str, Any]]:
         return [{"name": t.name, "alias": t.alias, "luns": len(t.luns),
                  "acl": list(t.access.get("acl") or []), "chap": bool(t.access.get("chap")),
-                 "sessions": len([k for k in self._nexus_keys(t.name)])}
+                 "sessions": self._sessions(t.name)}
                 for t in self.em.targets.values()]
 
     async def lun_list(self, target: str | None = None) -> list[dict[str, Any]]:
@@ -441,7 +442,7 @@ class Management:
             applied.append(f"portals: {', '.join(new.portals)}")
         wanted = {t.name: t for t in new.targets}
         for name in [n for n in self.em.targets if n not in wanted]:
-            if self._nexus_keys(name):
+            if self._sessions(name):
                 pending.append(f"target {name} has sessions: `scsi-target target remove --force {name}` "
                                f"removes it")
                 continue
@@ -574,9 +575,9 @@ class Management:
 
     async def target_remove(self, name: str, force: bool = False) -> dict[str, Any]:
         t = self._target(name)
-        live = self._nexus_keys(t.name)
+        live = self._sessions(t.name)
         if live and not force:
-            raise MgmtError(f"target {t.name} has {len(live)} session(s); pass --force to drop them")
+            raise MgmtError(f"target {t.name} has {live} session(s); pass --force to drop them")
         self._check_file()
         del self.em.targets[t.name]
         for lu in t.luns.values():
@@ -592,13 +593,28 @@ class Management:
         connections), then the STML releases it, and its tasks end silently.
         FANOUT_STEP nexuses between turns of the loop; the target is gone
         already, so nothing reaches it meanwhile (a command finds no LU, a
-        new nexus no target)."""
-        for i, n in enumerate(self.em.nexuses(target)):
-            if i and not i % FANOUT_STEP:
+        new nexus no target). Each step visits its front ends' tasks once, not
+        once per nexus (a front end's tasks include other targets')."""
+        chunk: list[Nexus] = []
+        for n in self.em.nexuses(target):
+            chunk.append(n)
+            if len(chunk) == FANOUT_STEP:
+                self._drop_nexuses(chunk, why)
+                chunk = []
                 await asyncio.sleep(0)
-            if n.fe.nexuses.get(n.id) is n:   # (not released meanwhile)
-                self.em.out.drop_nexus(n.fe.ident, n.id, why)
-                self.em.drop_nexus(n)
+        self._drop_nexuses(chunk, why)
+
+    def _drop_nexuses(self, nexuses: list[Nexus], why: str) -> None:
+        live = [n for n in nexuses if n.fe.nexuses.get(n.id) is n]   # (not released meanwhile)
+        tasks: dict[int, list[Task]] = {id(n): [] for n in live}
+        for fe in {id(n.fe): n.fe for n in live}.values():
+            for task in fe.tasks.values():
+                mine = tasks.get(id(task.nexus))
+                if mine is not None:
+                    mine.append(task)
+        for n in live:
+            self.em.out.drop_nexus(n.fe.ident, n.id, why)
+            self.em.drop_nexus(n, tasks[id(n)])
 
     # ------------------------------------------------------------ LUNs
     async def lun_add(self, spec: str, target: str | None = None, lun: int | None = None) -> dict[str, Any]:

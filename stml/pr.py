@@ -43,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import logging
 import os
 import re
 import struct
@@ -62,6 +63,8 @@ from stml.sense import (
     CheckCondition, StatusError, invalid_field, invalid_param,
 )
 from stml.task import FANOUT_STEP, Nexus, Task
+
+log = logging.getLogger("stml.pr")
 
 # reservation types (SPC-4 table 180)
 WE, EA, WERO, EARO, WEAR, EAAR = 0x1, 0x3, 0x5, 0x6, 0x7, 0x8
@@ -904,8 +907,27 @@ async def prout(task: Task) -> None:
         raise invalid_param(20 if sa != REGISTER_AND_MOVE else 17, 0)   # nowhere to persist
     st.checkpoint(params.aptpl)
     effects = st.prout(task.nexus, sa, scope, rtype, params)
+    # shielded: the change is made; an abort of the command (which may come while
+    # the save or the fan-out yields) must not leave registrants untold or the
+    # tasks PREEMPT AND ABORT names running
+    commit = asyncio.ensure_future(_commit(task, st, effects))
+    try:
+        await asyncio.shield(commit)
+    except asyncio.CancelledError:
+        commit.add_done_callback(_log_failure)
+        raise
+
+
+async def _commit(task: Task, st: PrState, effects: Effects) -> None:
     await st.persisted()   # on disk first (APTPL): a failed write puts the state back, with no effects
     await apply_effects(task, st, effects)
+
+
+def _log_failure(done: asyncio.Future) -> None:
+    """The commit of an aborted command, which nobody answers: a failed save is
+    logged here (a command still waiting gets it as its error)."""
+    if not done.cancelled() and done.exception() is not None:
+        log.warning("a reservation change of an aborted command was not saved: %s", done.exception())
 
 
 async def apply_effects(task: Task, st: PrState, effects: Effects) -> None:
@@ -924,8 +946,9 @@ async def apply_effects(task: Task, st: PrState, effects: Effects) -> None:
     lu = unit(task)
     services = task.services
     by_name: dict[str, list[Nexus]] = {}
-    for i, n in enumerate(services.nexuses(lu.target)):
-        if i and not i % FANOUT_STEP:
+    walked = 0
+    for walked, n in enumerate(services.nexuses(lu.target), 1):
+        if not walked % FANOUT_STEP:
             await asyncio.sleep(0)
         by_name.setdefault(name_key(n.initiator), []).append(n)
 
@@ -947,6 +970,8 @@ async def apply_effects(task: Task, st: PrState, effects: Effects) -> None:
         if exact is not None:
             keys[exact] = None
     for asc, keys in by_asc.items():
+        if walked >= FANOUT_STEP:   # a big target: each fan-out starts on a turn of its own
+            await asyncio.sleep(0)
         await services.fan_out_ua([lu], asc, list(keys), exclude=task.nexus.key, offline=held)
     # registrations may have changed while the fan-out yielded: keep what is held now
     services.drop_offline_uas(lu, {k for k in (r.nexus_key() for r in st.regs) if k is not None})

@@ -580,7 +580,6 @@ async def sanitize(task: Task) -> None:
     sa = task.cdb[1] & 0x1F
     if sa == 0x1F:
         return
-    refuse_after_failed_sync(lu)   # its end is a flush: refused before it erases anything (0257)
     block = None
     if sa == 0x01:
         data = data_bytes(task)
@@ -593,6 +592,7 @@ async def sanitize(task: Task) -> None:
         block = (pattern * (lu.block_size // plen + 1))[:lu.block_size]
         if data[0] & 0x80:
             block = bytes(b ^ 0xFF for b in block)
+    refuse_after_failed_sync(lu)   # its end is a flush: refused before it erases anything (0257)
     job = lu.start_job(_sanitize(task, lu, block))   # the entry check, run again after any wait, saw none
     if task.cdb[1] & 0x80:   # IMMED
         job.add_done_callback(lambda done: _log_failure(lu, done))

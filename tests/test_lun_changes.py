@@ -11,6 +11,7 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -217,3 +218,48 @@ def test_target_remove_force_drops_its_nexuses_in_bounded_steps():
     assert {h["reason"] for h in drops} == {f"target {IQN} removed"}
     assert max(b - a for a, b in zip(steps, steps[1:])) <= emulator_mod.FANOUT_STEP
     assert list(emu.nexuses(IQN)) == [] and emu.front_ends[b"fe"].nexuses == {} and IQN not in emu.targets
+
+
+def test_target_remove_force_ends_every_front_end_sharing_a_nexus_key():
+    """One initiator port through one port group from two front ends is one
+    I_T nexus key held twice: both are told to drop it and both let it go
+    (dropping the first must not hide the second from the walk)."""
+    sent: list = []
+    emu, m = setup(sent, luns=1, nexuses=0)
+    emu.handle(b"fe2", {"op": Op.REGISTER, "version": [1, 0], "kind": "test", "name": "t2",
+                        "heartbeat_ms": 1000, "aen": True}, [])
+    for fe in (b"fe", b"fe2"):
+        emu.handle(fe, {"op": Op.REGISTER_NEXUS, "nexus": 1, "initiator": "iqn.2026-11.org.test:1",
+                        "target": IQN, "tpg": 1}, [])
+    assert len(list(emu.nexuses(IQN))) == 2
+    sent.clear()
+    asyncio.run(m.target_remove(IQN, force=True))
+    assert len([h for h in sent if h["op"] == Op.DROP_NEXUS]) == 2
+    assert emu.front_ends[b"fe"].nexuses == {} and emu.front_ends[b"fe2"].nexuses == {}
+
+
+def test_target_remove_force_visits_a_front_ends_tasks_once_per_step():
+    """A front end's tasks (here 5,000 of other targets) are visited once per
+    step of FANOUT_STEP nexuses, not once per nexus."""
+    sent: list = []
+    emu, m = setup(sent, luns=1, nexuses=600)
+    visits = [0]
+
+    class Counted(dict):
+        def values(self):  # type: ignore[override]
+            for v in super().values():
+                visits[0] += 1
+                yield v
+    emu.front_ends[b"fe"].tasks = Counted({i: SimpleNamespace(nexus=None) for i in range(5000)})
+
+    async def run() -> list[int]:
+        job = asyncio.get_running_loop().create_task(m.target_remove(IQN, force=True))
+        per_turn = []
+        while not job.done():
+            before = visits[0]
+            await asyncio.sleep(0)
+            per_turn.append(visits[0] - before)
+        job.result()
+        return per_turn
+    per_turn = asyncio.run(run())
+    assert max(per_turn) <= 5000 and sum(per_turn) <= 5000 * (600 // emulator_mod.FANOUT_STEP + 1)

@@ -109,7 +109,7 @@ def test_target_past_its_nexus_cap_is_refused(inproc, monkeypatch):
     assert error is not None and "3 I_T nexuses" in error
     assert inproc.nexus(b"b", 2, f"{INI}:4", U) is None
     assert inproc.nexus(b"b", 3, f"{INI}:1") is None
-    assert len(inproc.emu.nexus_keys(T)) == 3 and len(inproc.emu.nexuses(T)) == 4
+    assert len(inproc.emu.nexus_keys(T)) == 3 and len(list(inproc.emu.nexuses(T))) == 4
     inproc.release(b"a", 2)
     assert inproc.nexus(b"b", 4, f"{INI}:4") is None
 
@@ -342,6 +342,8 @@ def test_a_nexus_the_stml_refuses_again_ends_its_session_only(tmp_short):
             b = await asyncio.to_thread(connect, "b")
             (nexus,) = [h["nexus"] for h, _ in stml.messages
                         if h["op"] == "register_nexus" and h["initiator"].startswith(f"{INI}:a")]
+            (other,) = [h["nexus"] for h, _ in stml.messages
+                        if h["op"] == "register_nexus" and h["initiator"].startswith(f"{INI}:b")]
             stml.send({"op": "nexus_ready", "nexus": nexus,
                        "error": f"target {target} has 4096 I_T nexuses, the most the STML keeps"})
 
@@ -369,5 +371,7 @@ def test_a_nexus_the_stml_refuses_again_ends_its_session_only(tmp_short):
             stml.close()
         from fetd_tcp import pdu as P
         assert got == ["AsyncMessage", P.ASYNC_DROP_ALL_CONNECTIONS, True, 0, 0]
-        assert released == [nexus]      # the other session's nexus stays
+        # the other session's nexus stays (the re-login's own may be released
+        # by now, as its connection closed)
+        assert nexus in released and other not in released
     asyncio.run(main())

@@ -224,21 +224,22 @@ def test_a_reservation_save_hung_at_stop_is_abandoned_after_the_bound(tmp_short,
         _unserved(srv)
 
 
-def test_reservation_saves_that_end_in_time_are_waited_for(tmp_short, caplog):
+def test_reservation_saves_that_end_in_time_are_waited_for(tmp_short, monkeypatch, caplog):
+    """The save is let go only once the stop waits for the savers: the stop
+    returns after it ran."""
     srv = _server(tmp_short())
     release, ran = threading.Event(), threading.Event()
     pr._saver(False).submit(lambda: (release.wait(), ran.set()))
+    real_wait = pr.wait_for_saves
 
-    async def go() -> None:
-        stopping = asyncio.ensure_future(srv._finish_backends(30))
-        await asyncio.sleep(0.05)
-        assert not stopping.done()      # waits for the save
+    def wait_for_saves() -> None:
         release.set()
-        await stopping
+        real_wait()
+    monkeypatch.setattr(pr, "wait_for_saves", wait_for_saves)
     try:
-        asyncio.run(go())
+        asyncio.run(srv._finish_backends(30))
+        assert ran.is_set() and not srv.abandoned
     finally:
         release.set()
         _unserved(srv)
-    assert ran.is_set() and not srv.abandoned
     assert not [r for r in caplog.records if r.levelname == "ERROR"]

@@ -285,6 +285,39 @@ def test_a_sync_that_returns_0_while_another_fails_does_not_count(written_back, 
     assert f.dirty and f.sync_error == "fdatasync: Input/output error"
 
 
+def test_a_sync_waiting_for_one_that_fails_fails_though_the_error_was_cleared(written_back, monkeypatch):
+    """S's fdatasync returned 0 while X's was under way; X fails; the
+    administrator clears the error (`lun reset-error`) before S looks again.
+    S must still fail: X's lost pages may be ones S had to cover."""
+    f = written_back
+    syncs = Fdatasyncs(monkeypatch, held=("X",), fail=("X",))
+    cleared = threading.Event()
+    real_wait_for = f._sync_returned.wait_for
+
+    def wait_for(predicate, timeout=None):
+        def looked_at_after_the_clear() -> bool:
+            if threading.current_thread().name == "S" and syncs.event("fail", "X").is_set():
+                assert cleared.wait(60)
+            return predicate()
+        return real_wait_for(looked_at_after_the_clear, timeout)
+    monkeypatch.setattr(f._sync_returned, "wait_for", wait_for)
+    outcome: dict[str, str] = {}
+    x = _flush_in_thread(f, "X", outcome)
+    try:
+        assert syncs.event("start", "X").wait(60)
+        s = _flush_in_thread(f, "S", outcome)
+        assert syncs.event("end", "S").wait(60)
+        syncs.release_all()
+        x.join()
+        f.sync_error = None            # what lun_reset_error does
+    finally:
+        syncs.release_all()
+        cleared.set()
+    s.join()
+    assert outcome == {"X": "Input/output error", "S": "Input/output error"}
+    assert f.dirty
+
+
 def test_a_sync_that_returns_0_after_another_failed_does_not_count(written_back, monkeypatch):
     """S started before X; X failed first; S's fdatasync returns 0 after:
     the error went to X, and S must fail too (it used to count, and raise
@@ -310,13 +343,22 @@ def test_concurrent_syncs_that_all_return_0_all_count(written_back, monkeypatch)
     both count (and a flush after them costs no fdatasync)."""
     f = written_back
     syncs = Fdatasyncs(monkeypatch, held=("S1",))
+    s2_waits = threading.Event()
+    real_wait_for = f._sync_returned.wait_for
+
+    def wait_for(predicate, timeout=None):
+        if threading.current_thread().name == "S2":
+            s2_waits.set()
+        return real_wait_for(predicate, timeout)
+    monkeypatch.setattr(f._sync_returned, "wait_for", wait_for)
     outcome: dict[str, str] = {}
     s1 = _flush_in_thread(f, "S1", outcome)
     try:
         assert syncs.event("start", "S1").wait(60)
         s2 = _flush_in_thread(f, "S2", outcome)
         assert syncs.event("end", "S2").wait(60)
-        assert "S2" not in outcome                  # waits for S1, still in the kernel
+        assert s2_waits.wait(60)                    # for S1, still in the kernel
+        assert "S2" not in outcome and s2.is_alive()
     finally:
         syncs.release_all()
     s1.join()

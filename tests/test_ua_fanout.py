@@ -203,3 +203,30 @@ def test_a_reservation_clear_walks_and_tells_nexuses_in_bounded_steps():
         told = {k for k, q in uas.items() if q == [RESERVATIONS_PREEMPTED]}
         assert told == {f"iqn.init:n{n}|{h.lu().target},t,1" for n in range(2, registrants + 2)}
     asyncio.run(go())
+
+
+def test_an_aborted_clear_still_tells_every_registrant():
+    """CLEAR has removed the registrations when its walk of 3,001 nexuses
+    yields; an ABORT TASK of it then must not cut the unit attentions short
+    (the change is made: PROUT's commit is shielded, as MODE SELECT's)."""
+    registrants = 600
+
+    async def go() -> None:
+        h = Fanout()
+        for n in [1, *range(2, registrants + 2)]:
+            assert (await h.cmd(*prout(0x00, 0, 0x1000 + n), nexus=n)).status == GOOD
+        clear = asyncio.ensure_future(h.cmd(*prout(0x03, 0x1001), nexus=1))
+        while h.lu().pr is None or h.lu().pr.regs:   # until CLEAR has removed the registrations
+            await asyncio.sleep(0)
+        assert not clear.done()                      # the walk yields
+        h.emulator.handle(b"fe", {"op": Op.RX_TMF, "tag": 9999, "nexus": 1, "fn": int(Tmf.ABORT_TASK),
+                                  "lun": 0, "ref": h.tag}, [])
+        while not h.tmf_done:
+            await asyncio.sleep(0)
+        assert h.tmf_done[0]["aborted"] == [h.tag]
+        clear.cancel()
+        for _ in range(OTHERS // E.FANOUT_STEP + 4):
+            await asyncio.sleep(0)
+        told = {k for k, q in h.lu().unit_attentions.items() if q == [RESERVATIONS_PREEMPTED]}
+        assert told == {f"iqn.init:n{n}|{h.lu().target},t,1" for n in range(2, registrants + 2)}
+    asyncio.run(go())
