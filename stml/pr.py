@@ -41,12 +41,14 @@ can hold; registrations are found through an index by initiator name.
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import json
 import logging
 import os
 import re
 import struct
+import weakref
 from collections.abc import Container
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -655,6 +657,8 @@ class PrState:
                 doc = state if self.aptpl or store.always else None
                 error: OSError | None = None
                 try:
+                    if loop in _STOPPING:   # queued after the stop's wait for the savers: not written
+                        raise OSError(errno.ESHUTDOWN, "the STML is stopping")
                     self.stored = await loop.run_in_executor(_saver(store.always), store.write, doc)
                     self.saves += 1
                     self._base = state
@@ -689,6 +693,17 @@ def _saver(shared: bool) -> ThreadPoolExecutor:
     if pool is None:
         pool = _SAVERS[shared] = ThreadPoolExecutor(1, thread_name_prefix="pr-save-shared" if shared else "pr-save")
     return pool
+
+
+# loops whose STML is stopping: their reservation writers queue no more saves
+_STOPPING: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
+
+
+def stop_saving() -> None:
+    """On the stopping STML's loop, before wait_for_saves starts: a change still
+    waiting for its save then fails (its command was not answered) instead of
+    queueing a save behind the wait."""
+    _STOPPING.add(asyncio.get_running_loop())
 
 
 def wait_for_saves() -> None:

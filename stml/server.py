@@ -580,6 +580,7 @@ class StmlServer(TapPoint):
         flushes = {f"flush of {name}": threading.Thread(target=flush, args=(name, lu), name=f"flush {name}",
                                                        daemon=True)
                    for name, lu in lus}
+        pr.stop_saving()   # (on this loop: no reservation save is queued after the wait below)
         flushes["reservation saves"] = threading.Thread(target=pr.wait_for_saves, name="pr saves", daemon=True)
 
         def close() -> None:
