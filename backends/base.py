@@ -17,7 +17,9 @@ class Backend(Protocol):
     can_discard: bool   # discard() frees space (thin provisioning)
     can_resize: bool
     # a twin of the I/O calls that returns an event-loop future at once, or
-    # None; Task.io uses it (by method name) to keep many calls in flight
+    # None; Task.io uses it (by method name) to keep many calls in flight. Its
+    # futures ignore cancel(): an aborted command's task waits for the call's
+    # end (no write lands after the abort is reported) by awaiting it alone
     aio: Any
 
     # an acknowledged write may not be durable yet: flush() owes a sync (never on

@@ -71,8 +71,14 @@ class FileBackend:
         self._gen_lock = threading.Lock()
         self._written_gen = 0         # the last write-back write (or discard)
         self._synced_gen = 0          # the newest generation a completed sync covered
+        # fdatasyncs under way, by ticket: a sync that returned 0 counts only once
+        # each one under way when it returned has returned too, none failing (0258)
+        self._sync_returned = threading.Condition(self._gen_lock)
+        self._in_kernel: set[int] = set()
+        self._tickets = 0
         # a failed sync, sticky until `lun reset-error` sets it None (decision 0256)
         self.sync_error: str | None = None
+        self._failures = 0   # fdatasyncs that failed, ever (a sync alongside one fails too: 0258)
         self.can_discard = not self._blockdev and not readonly
         self.can_resize = not self._blockdev and not readonly
 
@@ -103,6 +109,8 @@ class FileBackend:
             self._write(offset, bufs, sync)
 
     def _write(self, offset: int, bufs: Sequence[memoryview], sync: bool) -> None:
+        if sync and self.sync_error is not None:
+            self._refuse_if_failed()   # before the data lands, not after (0257)
         if len(bufs) <= _IOV_MAX and os.pwritev(self._fd, bufs, offset) == sum(map(len, bufs)):
             self._written(sync)   # the usual case: one system call wrote it all
             return
@@ -139,23 +147,52 @@ class FileBackend:
         when it returns are those generations synced. A failure is sticky
         (decision 0256): Linux may drop the pages it could not write and mark
         them clean, so a later fdatasync can succeed with acknowledged writes
-        gone; every later sync fails until `lun reset-error`."""
+        gone; every later sync fails until `lun reset-error`.
+
+        Linux reports a write-back error to one fdatasync of an open file: of
+        two under way at once, the other can return 0 though pages it should
+        have covered were lost. So a sync that returned 0 waits until every
+        sync still in the kernel when it returned has returned (those that
+        returned before it have recorded their outcome already), and fails if
+        a sync failed meanwhile; then it counts (decision 0258)."""
         if self._in_memory:
             return
+        failures = self._failures   # first: a failure after this is one we may not pass
         self._refuse_if_failed()
-        start = self._written_gen
+        with self._gen_lock:
+            start = self._written_gen
+            self._tickets += 1
+            ticket = self._tickets
+            self._in_kernel.add(ticket)
         try:
             os.fdatasync(self._fd)
         except OSError as e:
-            first = self.sync_error is None
-            self.sync_error = f"fdatasync: {e.strerror or e}"
+            with self._gen_lock:
+                self._in_kernel.discard(ticket)
+                self._failures += 1
+                first = self.sync_error is None
+                if first:   # (the first failure is the one the administrator needs)
+                    self.sync_error = f"fdatasync: {e.strerror or e}"
+                self._sync_returned.notify_all()
             if first:
                 log.error("%s: fdatasync failed (%s): acknowledged writes may be lost; every later "
                           "sync, FUA and write-through write of it fails until "
                           "`scsi-target lun reset-error`", self.path, e.strerror or e)
             raise
         with self._gen_lock:
-            self._synced_gen = max(self._synced_gen, start)
+            self._in_kernel.discard(ticket)
+            self._sync_returned.notify_all()
+            under_way = set(self._in_kernel)
+            # a failure since this sync began counts even if `lun reset-error`
+            # cleared sync_error meanwhile: the failed sync may have covered our pages
+            self._sync_returned.wait_for(lambda: self._failures != failures
+                                         or under_way.isdisjoint(self._in_kernel))
+            if self._failures == failures:
+                self._synced_gen = max(self._synced_gen, start)
+                return
+            error = self.sync_error or "cleared since"
+        raise OSError(errno.EIO, f"{self.path}: a sync that ran alongside this one failed ({error}); "
+                                 f"syncs fail until `scsi-target lun reset-error`")
 
     def _refuse_if_failed(self) -> None:
         if self.sync_error is not None:

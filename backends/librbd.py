@@ -52,10 +52,11 @@ CLIENT_OPTIONS = {
     # completes, which is as long as RbdAio keeps it pinned (librbd's default,
     # forced because that lifetime depends on it)
     "rbd_disable_zero_copy_writes": "true",
+    # one librados completion thread, not two: it takes completions in runs
+    # where two took turns waking for each (per 4 KiB I/O at QD16: 1.4 sleeps
+    # for 2.0 on writes, 0.9 for 1.4 on reads, less CPU; decision 0409)
+    "librados_thread_count": "1",
 }
-
-
-COMP = object()   # where an aio call's completion goes in Image.submit's arguments
 
 
 class CephError(OSError):
@@ -110,35 +111,50 @@ _PyBUF_WRITABLE = 0x0001
 
 class Pinned:
     """Buffers held at fixed addresses until release(): what an aio call reads
-    from or writes into while librbd works on it."""
+    from or writes into while librbd works on it. A writable buffer is held by
+    a ctypes array over it (no foreign call: the array's export is the pin,
+    dropped with the array); a read-only one (shared memory a front end
+    lends, bytes) through PyObject_GetBuffer, which ctypes arrays cannot take."""
 
     __slots__ = ("views",)
 
     def __init__(self) -> None:
-        self.views: list[PyBuffer] = []
+        self.views: list[Any] = []
 
     def address(self, obj: Any, writable: bool = False) -> int:
-        view = PyBuffer()
-        _get_buffer(obj, byref(view), _PyBUF_WRITABLE if writable else 0)   # raises on failure
-        self.views.append(view)
-        return view.buf or 0
+        return self.span(obj, writable)[0]
 
-    def iovecs(self, bufs: Any, writable: bool = False) -> tuple[Any, int, int]:
-        """(iovec array, count, total bytes) over these buffers."""
+    def span(self, obj: Any, writable: bool = False) -> tuple[int, int]:
+        """(address, bytes) of a buffer, held until release()."""
+        mv = memoryview(obj)
+        if not mv.readonly:
+            arr = (ctypes.c_char * mv.nbytes).from_buffer(mv)
+            self.views.append(arr)
+            return ctypes.addressof(arr), mv.nbytes
+        if writable:
+            raise BufferError("a read-only buffer cannot take read data")
+        view = PyBuffer()
+        _get_buffer(obj, byref(view), 0)   # raises on failure
+        self.views.append(view)
+        return view.buf or 0, mv.nbytes
+
+    def iovecs(self, bufs: Any) -> tuple[Any, int, int]:
+        """(iovec array, count, total bytes) over these buffers (a writev's);
+        the array is held too, as long as the call may read it."""
         bufs = list(bufs)
         arr = (Iovec * len(bufs))()
         total = 0
         for i, b in enumerate(bufs):
-            n = memoryview(b).nbytes
-            arr[i].iov_base = self.address(b, writable)
-            arr[i].iov_len = n
-            total += n
+            arr[i].iov_base, arr[i].iov_len = self.span(b)
+            total += arr[i].iov_len
+        self.views.append(arr)
         return arr, len(bufs), total
 
     def release(self) -> None:
         for view in self.views:
-            _release_buffer(byref(view))
-        self.views.clear()
+            if type(view) is PyBuffer:
+                _release_buffer(byref(view))
+        self.views.clear()   # the arrays go, and their exports with them
 
 
 def libs() -> tuple[ctypes.CDLL, ctypes.CDLL]:
@@ -186,7 +202,8 @@ def libs() -> tuple[ctypes.CDLL, ctypes.CDLL]:
             "rbd_aio_get_return_value": (c_ssize_t, [P]),
             "rbd_aio_is_complete": (c_int, [P]),
             "rbd_aio_release": (None, [P]),
-            "rbd_aio_readv": (c_int, [P, c_void_p, c_int, c_uint64, P]),
+            "rbd_aio_read": (c_int, [P, c_uint64, c_size_t, c_void_p, P]),
+            "rbd_aio_write": (c_int, [P, c_uint64, c_size_t, c_void_p, P]),
             "rbd_aio_writev": (c_int, [P, c_void_p, c_int, c_uint64, P]),
             "rbd_aio_flush": (c_int, [P, P]),
             "rbd_aio_discard": (c_int, [P, c_uint64, c_uint64, P]),
@@ -287,6 +304,10 @@ class IoCtx:
             self.handle = c_void_p()
 
 
+# the aio calls Image.start makes: each takes the image, arguments, the completion, then flags
+AIO_CALLS = ("read", "write", "writev", "flush", "discard", "writesame", "write_zeroes")
+
+
 def create_image(ioctx: IoCtx, name: str, size: int) -> None:
     """A new image with the cluster's default features (exclusive-lock among them)."""
     _, rbd = libs()
@@ -309,6 +330,14 @@ class Image:
         self.handle = handle
         self._comps = (c_void_p * self.POLL_BATCH)()
         self._watch: tuple[c_uint64, Any] | None = None
+        # the aio path's calls, looked up once, and the completion's out-argument made once
+        self._aio = {name: getattr(rbd, f"rbd_aio_{name}") for name in AIO_CALLS}
+        self._new_comp = rbd.rbd_aio_create_completion
+        self._comp = c_void_p()
+        self._comp_ref = byref(self._comp)
+        self._poll_events = rbd.rbd_poll_io_events
+        self._return_value = rbd.rbd_aio_get_return_value
+        self._release = rbd.rbd_aio_release
 
     # ---------------------------------------------------------------- sync
     def size(self) -> int:
@@ -448,33 +477,30 @@ class Image:
         _check(self._rbd.rbd_set_image_notification(self.handle, fd, EVENT_TYPE_EVENTFD),
                "rbd_set_image_notification")
 
-    def completion(self) -> int:
-        """A new completion (its address) for start(): poll() reports it by it."""
-        comp = c_void_p()
-        _check(self._rbd.rbd_aio_create_completion(None, None, byref(comp)), "rbd_aio_create_completion")
-        assert comp.value is not None
-        return comp.value
-
-    def start(self, name: str, comp: int, *args: Any) -> None:
-        """Start one aio call, `rbd_aio_NAME(image, *args)` with COMP in `args`
-        where the call takes its completion. A call that cannot start releases
-        the completion and raises."""
-        ret = getattr(self._rbd, f"rbd_aio_{name}")(self.handle, *(comp if a is COMP else a for a in args))
+    def start(self, name: str, *args: Any, flags: tuple = ()) -> int:
+        """Start `rbd_aio_NAME(image, *args, completion, *flags)` (NAME one of
+        AIO_CALLS); the completion's address, by which poll() reports it. A
+        call that cannot start releases its completion and raises. One
+        thread at a time (the completion's out-argument is made once)."""
+        _check(self._new_comp(None, None, self._comp_ref), "rbd_aio_create_completion")
+        comp = self._comp.value
+        assert comp is not None
+        ret = self._aio[name](self.handle, *args, comp, *flags)
         if ret < 0:
-            self._rbd.rbd_aio_release(comp)
+            self._release(comp)
             raise CephError(-ret, f"rbd_aio_{name}: {os.strerror(-ret)}")
+        return comp
 
     def poll(self) -> list[tuple[int, int]]:
         """(completion address, return value) of every finished aio call; each
         completion is released."""
-        out = []
-        rbd = self._rbd
+        out: list[tuple[int, int]] = []
+        comps, poll, value, release = self._comps, self._poll_events, self._return_value, self._release
         while True:
-            n = rbd.rbd_poll_io_events(self.handle, self._comps, self.POLL_BATCH)
-            for i in range(max(n, 0)):
-                comp = self._comps[i] or 0
-                out.append((comp, int(rbd.rbd_aio_get_return_value(comp))))
-                rbd.rbd_aio_release(comp)
+            n = poll(self.handle, comps, self.POLL_BATCH)
+            for comp in comps[:max(n, 0)]:
+                out.append((comp or 0, value(comp)))
+                release(comp)
             if n < self.POLL_BATCH:
                 return out
 
@@ -498,4 +524,4 @@ class Image:
             self.handle = c_void_p()
 
 
-__all__ = ["COMP", "CephError", "Client", "IoCtx", "Image", "Pinned", "create_image"]
+__all__ = ["AIO_CALLS", "CephError", "Client", "IoCtx", "Image", "Pinned", "create_image"]

@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from backends.base import BackendError
 from backends.librbd import (
-    COMP, EBLOCKLISTED, WRITE_ZEROES_FLAG_THICK_PROVISION, CephError, Client, Image, IoCtx, Pinned,
+    EBLOCKLISTED, WRITE_ZEROES_FLAG_THICK_PROVISION, CephError, Client, Image, IoCtx, Pinned,
     create_image,
 )
 
@@ -69,7 +69,9 @@ class RbdBackend:
     can_resize = True
     dirty = False                 # no client cache: a completed write is on the OSDs
     sync_error: str | None = None   # never set (see Backend.sync_error)
-    discard_granularity = 64 << 10   # librbd's rbd_discard_granularity_bytes default
+    # no OPTIMAL UNMAP GRANULARITY: with one, qemu asks GET LBA STATUS (a librbd
+    # diff) before its reads (decision 0410)
+    discard_granularity = 0
 
     def __init__(self, spec: str, size: int | None = None, readonly: bool = False,
                  conf: str | None = None, user: str | None = None, keyring: str | None = None) -> None:
@@ -340,6 +342,18 @@ class PrStore:
             raise OSError(e.errno, str(e)) from None
 
 
+class AioFuture(asyncio.Future):
+    """An aio call's future, done when librbd completes the call; cancel()
+    does not end it (False). A task cancelled while it waits for one (an
+    abort) is woken by the completion and only then sees CancelledError, so
+    no write lands after an abort is reported - what asyncio.shield and a
+    second wait gave, without a second future and a second loop turn per
+    call (backends.base: what an aio twin's futures do)."""
+
+    def cancel(self, msg: Any = None) -> bool:
+        return False
+
+
 # an aio call librbd has: its future, its pinned buffers, the bytes a read must report
 AioCall = tuple[asyncio.Future, Pinned, int]
 # what detach() hands to settle(): the loop that collected, its eventfd, the calls librbd has
@@ -348,10 +362,16 @@ Detached = tuple[asyncio.AbstractEventLoop | None, int, dict[int, AioCall]]
 
 class RbdAio:
     """The aio twins of the backend's I/O calls (same names and arguments):
-    each returns a future of the event loop it is first called on, done when
-    librbd completes the call. A buffer stays pinned until then, whatever
+    each returns an AioFuture of the event loop it is first called on, done
+    when librbd completes the call. A buffer stays pinned until then, whatever
     happens meanwhile (an abort, a step down, the image closing): librbd may
     write into it, or read from it, until it says it is done.
+
+    Per call, on the loop: one lock round trip to start it (the lock detach()
+    takes), librbd's completion created and the call started through ctypes
+    functions looked up once (Image.start). Per eventfd wake-up, however
+    many calls completed: one read of the eventfd, one lock round trip and
+    rbd_poll_io_events in batches (Image.poll).
 
     The eventfd librbd signals is ours: it is closed on the loop, after the
     loop stopped watching it and after rbd_close (librbd signals it until then)."""
@@ -361,14 +381,16 @@ class RbdAio:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._fd = -1
         self._pending: dict[int, AioCall] = {}
-        # held while the loop polls the image and while detach() takes it away
-        # (any thread): no poll reaches an image once detach() has returned
+        # held while the loop starts a call or polls the image and while detach()
+        # takes it away (any thread): nothing reaches an image once detach() has returned
         self._lock = threading.Lock()
 
     def _attach(self) -> asyncio.AbstractEventLoop:
-        """On the loop, with the handles held (no detach runs meanwhile)."""
-        loop = self._loop
-        if loop is None:
+        """On the loop, the first call: librbd signals a new eventfd the loop watches."""
+        with self.backend._using():   # refused when closing (no detach runs meanwhile)
+            loop = self._loop
+            if loop is not None:
+                return loop
             loop = asyncio.get_running_loop()
             fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
             try:
@@ -379,7 +401,7 @@ class RbdAio:
             loop.add_reader(fd, self._collect, fd)
             with self._lock:
                 self._loop, self._fd = loop, fd
-        return loop
+            return loop
 
     def detach(self) -> Detached:
         """Stop collecting (any thread; the image is about to close and no call
@@ -418,20 +440,34 @@ class RbdAio:
         if not _on_loop(loop, there):
             os.close(fd)   # the loop is closed: nobody watches the fd or waits for these futures
 
-    def _submit(self, pin: Pinned, length: int, name: str, *args: Any) -> asyncio.Future:
-        """Start `rbd_aio_NAME`; `length`: the bytes a read must report (writes report 0)."""
+    def _submit(self, pin: Pinned, length: int, name: str, *args: Any, flags: tuple = ()) -> asyncio.Future:
+        """Start `rbd_aio_NAME` (Image.start); `length`: the bytes a read must
+        report (writes report 0). Refused (ESHUTDOWN) once the image is closing:
+        a close marks the backend unusable before it detaches, and detach() waits
+        for this lock."""
+        backend = self.backend
+        failed: CephError | None = None
         try:
-            with self.backend._using():   # known before a close can detach (it waits for this)
-                loop = self._attach()
-                image = self.backend.image
-                comp = image.completion()
-                fut = loop.create_future()
-                image.start(name, comp, *args)   # raises only when librbd did not take the call
-                self._pending[comp] = (fut, pin, length)
+            loop = self._loop or self._attach()
+            fut = AioFuture(loop=loop)
+            with self._lock:
+                if self._loop is not loop or not backend._usable:
+                    raise RbdError(backend.spec, errno.ESHUTDOWN, "image closed")
+                try:
+                    comp = backend.image.start(name, *args, flags=flags)   # raises when librbd did not take it
+                except CephError as e:
+                    failed = e
+                else:
+                    self._pending[comp] = (fut, pin, length)
+                    return fut
         except BaseException:
             pin.release()
             raise
-        return fut
+        pin.release()
+        assert failed is not None
+        if failed.errno == EBLOCKLISTED:
+            backend.fence()
+        raise RbdError(backend.spec, failed.errno or errno.EIO, failed.strerror or str(failed))
 
     def _collect(self, fd: int) -> None:
         """The eventfd is readable: take what librbd completed."""
@@ -443,8 +479,9 @@ class RbdAio:
         with self._lock:
             if fd != self._fd:
                 return   # detached: the image is closing (the reader goes next)
+            pending = self._pending
             for comp, ret in self.backend.image.poll():
-                entry = self._pending.pop(comp, None)
+                entry = pending.pop(comp, None)
                 if entry is not None:
                     fut, pin, length = entry
                     pin.release()
@@ -452,12 +489,9 @@ class RbdAio:
         self._finish(results, live=True)
 
     def _finish(self, results: list[tuple[asyncio.Future, int, int]], live: bool) -> None:
-        """On the loop: each call's future gets its outcome (an aborted task's
-        was cancelled: it only waited for librbd to be done). `live`: from the
+        """On the loop: each call's future gets its outcome. `live`: from the
         image open now (a closed one's fencing is old news)."""
-        for fut, ret, length in results:
-            if fut.done():
-                continue
+        for fut, ret, length in results:   # (an AioFuture is never cancelled: each is pending here)
             if ret < 0:
                 if -ret == EBLOCKLISTED and live:
                     self.backend.fence()
@@ -469,20 +503,23 @@ class RbdAio:
 
     def read_into(self, offset: int, buf: memoryview) -> asyncio.Future:
         pin = Pinned()
-        arr, n, total = pin.iovecs([buf], writable=True)
-        return self._submit(pin, total, "readv", arr, n, offset, COMP)
+        addr, n = pin.span(buf, writable=True)
+        return self._submit(pin, n, "read", offset, n, addr)
 
     def write_from(self, offset: int, bufs: Sequence[memoryview], sync: bool) -> asyncio.Future:
         # no client cache: a write is on the OSDs when it completes, FUA or not
         pin = Pinned()
-        arr, n, total = pin.iovecs(bufs)
-        return self._submit(pin, 0, "writev", arr, n, offset, COMP)
+        if len(bufs) == 1:
+            addr, n = pin.span(bufs[0])
+            return self._submit(pin, 0, "write", offset, n, addr)
+        arr, count, _ = pin.iovecs(bufs)
+        return self._submit(pin, 0, "writev", arr, count, offset)
 
     def flush(self) -> asyncio.Future:
-        return self._submit(Pinned(), 0, "flush", COMP)
+        return self._submit(Pinned(), 0, "flush")
 
     def discard(self, offset: int, length: int) -> asyncio.Future:
-        return self._submit(Pinned(), 0, "discard", offset, length, COMP)
+        return self._submit(Pinned(), 0, "discard", offset, length)
 
     def write_same(self, offset: int, length: int, block: bytes, sync: bool) -> asyncio.Future:
         """`length` bytes of `block` repeated, in the OSDs: zeros through
@@ -490,9 +527,10 @@ class RbdAio:
         other data through writesame."""
         pin = Pinned()
         if not any(block):
-            return self._submit(pin, 0, "write_zeroes", offset, length, COMP,
-                                WRITE_ZEROES_FLAG_THICK_PROVISION, 0)
-        return self._submit(pin, 0, "writesame", offset, length, pin.address(block), len(block), COMP, 0)
+            return self._submit(pin, 0, "write_zeroes", offset, length,
+                                flags=(WRITE_ZEROES_FLAG_THICK_PROVISION, 0))
+        addr, n = pin.span(block)
+        return self._submit(pin, 0, "writesame", offset, length, addr, n, flags=(0,))
 
 
 def _on_loop(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> bool:

@@ -120,7 +120,8 @@ class SessionRegistry:
         conn.session.connections[conn.cid] = conn
 
     def drop_nexus(self, nexus: int, reason: str) -> None:
-        """The STML ended this nexus (management `session drop`): tell the
+        """The STML ended this nexus (management `session drop`, `target
+        remove`) or refused it when registered again (0266): tell the
         initiator every connection is being dropped, close them, end the session."""
         s = self.by_nexus.get(nexus)
         if s is not None:

@@ -71,8 +71,13 @@ class IscsiFrontEnd:
         self.registry.drop_nexus(nexus, reason)
 
     def nexus_ready(self, nexus: int, error: str | None) -> None:
-        if error and nexus not in self.registry.registering:   # registered again, no login waits
-            log.warning("STML refused nexus %d: %s", nexus, error)
+        if error and nexus not in self.registry.registering:
+            # registered again (the STML restarted) and refused: the session's
+            # commands would go nowhere, so it ends; the initiator logs in
+            # again and gets a clean answer (docs/decisions/0266)
+            log.warning("STML refused nexus %d: %s: its session ends", nexus, error)
+            self.registry.drop_nexus(nexus, f"the STML refused it: {error}")
+            return
         self.registry.nexus_ready(nexus, error)   # a refusal fails the login (logged there)
 
     def rdy_to_xfer(self, tag: int, offset: int, length: int) -> None:

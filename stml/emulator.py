@@ -15,7 +15,7 @@ import errno
 import functools
 import logging
 import time
-from collections.abc import Container, Iterable
+from collections.abc import Container, Iterable, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +38,7 @@ from stml.sense import (
     PREVIOUS_STATUS_UA, RESERVATION_CONFLICT, TASK_ABORTED, TASK_SET_FULL, UNIT_ATTENTION,
     UNRECOVERED_READ_ERROR, WRITE_ERROR, CheckCondition, StatusError, build_sense,
 )
-from stml.task import FrontEnd, Nexus, Task
+from stml.task import FANOUT_STEP, FrontEnd, Nexus, Task
 from stml.timing import BACKEND_END, BACKEND_START, DISPATCHED, POINTS, QUEUED, Timing
 from stml.workers import FairWorkers
 
@@ -197,11 +197,6 @@ class TmfOutcome:
 class TmfRow:
     run: Callable[[Emulator, TmfCall], TmfOutcome]
     lun_scoped: bool = False
-
-
-# unit attentions a fan-out over a target's LUs establishes between two turns
-# of the event loop (TARGET RESET, I_T NEXUS RESET)
-FANOUT_STEP = 4096
 
 
 @dataclass
@@ -617,8 +612,18 @@ class Emulator:
     def nexus_keys(self, target: str) -> list[str]:
         return list(self._target_keys.get(target, ()))
 
-    def nexuses(self, target: str) -> list[Nexus]:
-        return [n for key in self._target_keys.get(target, {}) for n in self._keyed[key]]
+    def nexuses(self, target: str) -> Iterator[Nexus]:
+        """The target's nexuses, from copies of its keys and of each key's
+        nexuses: a caller may yield to the loop, or drop the nexus it was
+        given, between them (a key gone meanwhile is skipped; callers check
+        that a nexus is still registered before acting on it)."""
+        keyed = self._keyed
+        for key in list(self._target_keys.get(target, ())):
+            yield from list(keyed.get(key, ()))
+
+    def nexuses_of(self, key: str) -> list[Nexus]:
+        """The nexuses holding one I_T nexus key (one per front end)."""
+        return self._keyed.get(key, [])
 
     def nexus_exists(self, key: str) -> bool:
         return key in self._keyed
@@ -1026,18 +1031,27 @@ class Emulator:
         """The tasks of a target's LUs: every unfinished one is in its LU's task set."""
         return [task for lu in t.luns.values() for task in lu.task_set.tasks.values()]
 
-    async def fan_out_ua(self, luns: Iterable[LogicalUnit], asc_ascq: tuple[int, int], keys: list[str]) -> None:
-        """Establish a unit attention on many LUs (a target's), FANOUT_STEP
-        nexus entries at a time between turns of the event loop, with
-        asynchronous events sent for the first LU only (one per nexus, not one
-        per LU and nexus)."""
+    async def fan_out_ua(self, luns: Iterable[LogicalUnit], asc_ascq: tuple[int, int], keys: list[str],
+                         exclude: str | None = None, offline: Container[str] = ()) -> None:
+        """Establish a unit attention for these nexuses on these LUs, at most
+        FANOUT_STEP nexus entries between turns of the event loop, however
+        many nexuses one LU has (4,096 per target: 0263), with asynchronous
+        events sent for the first LU only (one per nexus, not one per LU and
+        nexus). A command arriving meanwhile finds its UA set or not yet;
+        a nexus gone meanwhile is skipped (establish_ua)."""
+        if not keys:
+            return
         budget = FANOUT_STEP
         for i, lu in enumerate(list(luns)):
-            self.establish_ua(lu, asc_ascq, keys, aen=i == 0)
-            budget -= len(keys) + 1
-            if budget <= 0:
-                budget = FANOUT_STEP
-                await asyncio.sleep(0)
+            start = 0
+            while start < len(keys):
+                if budget <= 0:
+                    budget = FANOUT_STEP
+                    await asyncio.sleep(0)
+                chunk = keys[start:start + budget]
+                self.establish_ua(lu, asc_ascq, chunk, exclude, offline, aen=i == 0)
+                start += len(chunk)
+                budget -= len(chunk)
 
     async def _target_reset_uas(self, t: Target) -> None:
         """POWER ON, RESET for every nexus on every LU, after a target reset.
@@ -1117,8 +1131,8 @@ class Emulator:
         lu = call.unit
         victims: list[Task] = list(lu.task_set.tasks.values())
         pr.state(lu).drop_spc2()
-        self.establish_ua(lu, BUS_DEVICE_RESET, self.nexus_keys(call.target.name))
-        return TmfOutcome(TmfResponse.COMPLETE, victims)
+        return TmfOutcome(TmfResponse.COMPLETE, victims,
+                          self.fan_out_ua([lu], BUS_DEVICE_RESET, self.nexus_keys(call.target.name)))
 
     def _tmf_target_reset(self, call: TmfCall) -> TmfOutcome:
         t = call.target

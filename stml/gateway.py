@@ -274,12 +274,11 @@ class Gateway:
             return
         self._sizes[lu] = size
         log.info("image %s is now %d bytes", lu.backend.spec, size)  # type: ignore[attr-defined]
-        keys = [n.key for fe in self.em.front_ends.values() for n in fe.nexuses.values()
-                if n.target == lu.target]
-        if keys:
-            self.em.establish_ua(lu, CAPACITY_DATA_CHANGED, keys)
         for fe in list(self.em.front_ends.values()):
             self.em.send_detect(fe)
+        # the target's nexuses from its index, not a walk of every front end's,
+        # in bounded steps (docs/decisions/0264)
+        await self.em.fan_out_ua([lu], CAPACITY_DATA_CHANGED, self.em.nexus_keys(lu.target))
 
     # ------------------------------------------------------------ status
     async def status(self) -> dict[str, Any]:

@@ -22,7 +22,7 @@ import functools
 import logging
 import secrets
 from pathlib import Path
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Awaitable, Callable, Iterator
 
 from backends import BackendError, open_backend
@@ -38,6 +38,7 @@ from stml.metrics import Metrics
 from stml.persist import EditedError, hold, model, read_document, render, save
 from stml.portals import PortalStates, portal_entries, portal_groups
 from stml.sense import CAPACITY_DATA_CHANGED, REPORTED_LUNS_DATA_CHANGED
+from stml.task import FANOUT_STEP, Nexus, Task
 from stml.trace.recorder import Recorder, Traces
 
 log = logging.getLogger("stml.mgmt")
@@ -75,6 +76,9 @@ class Management:
         self._closing: set[asyncio.Task] = set()   # removed LUs' backends waiting to close
         self.closing_lus: set[LogicalUnit] = set()   # their LUs: the STML's stop flushes them too
         self._saver = ThreadPoolExecutor(1, thread_name_prefix="config-save")   # (its thread: at first use)
+        # a save whose command waits for it (in the saver thread or just done), and its file
+        self._under_way: tuple[Future, Path] | None = None
+        self._stopping = False        # the STML stops: saves under way finish, none begins (0259)
         self._save_error: str | None = None   # the change being answered is live but unsaved
         self._cmds: dict[str, Callable] = {
             "status": self.status, "target_list": self.target_list, "target_add": self.target_add,
@@ -151,9 +155,10 @@ class Management:
             raise MgmtError(f"target {t.name} has no LUN {lun} (LUNs: {', '.join(map(str, t.luns)) or 'none'})")
         return t, lu
 
-    def _nexus_keys(self, target: str) -> list[str]:
-        return [n.key for fe in self.em.front_ends.values() for n in fe.nexuses.values()
-                if n.target == target]
+    def _sessions(self, target: str) -> int:
+        """Live nexuses of the target, one per front end holding a key (the
+        engine's index, not a walk of every front end's nexuses)."""
+        return sum(len(self.em.nexuses_of(key)) for key in self.em.nexus_keys(target))
 
     def _redetect(self) -> None:
         """Front ends learn the new inventory (contract: detect, sent unasked)."""
@@ -187,7 +192,7 @@ class Management:
         if path is None:
             return "not saved: the STML has no config file"
         try:
-            await self._saving(save, self.config)
+            await self._saving(path)
         except (OSError, EditedError) as e:
             log.error("the change is live but was not saved to %s: %s", path, e)
             self._save_error = (f"applied, but NOT saved to {path}: {e}; a restart loses it unless "
@@ -198,10 +203,46 @@ class Management:
     async def _in_thread(self, fn: Callable, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.em.executor, fn, *args)
 
-    async def _saving(self, fn: Callable, *args: Any) -> Any:
-        """A config file write, in a thread of its own: not the backends' pool,
-        where it would wait behind (and hold up) medium I/O."""
-        return await asyncio.get_running_loop().run_in_executor(self._saver, fn, *args)
+    async def _saving(self, target: Path) -> None:
+        """Save the running configuration to `target` in a thread of its own:
+        not the backends' pool, where it would wait behind (and hold up)
+        medium I/O. Once the STML stops none begins (OSError): finish_saves
+        has already waited for the one under way."""
+        if self._stopping:
+            raise OSError("the STML is stopping")
+        future = self._saver.submit(save, self.config, target)
+        self._under_way = (future, target)
+        try:
+            await asyncio.wrap_future(future)
+        finally:
+            self._under_way = None   # its command answers in this loop step
+
+    async def finish_saves(self, bound: float) -> bool:
+        """At stop: let the save under way end, so the change it saves is not
+        lost with the process, and its command answer (it holds the lock
+        until then); none begins after. A save still running after `bound`
+        seconds (a hung file system) is abandoned with one line, and False
+        tells the STML to exit without joining its thread; the file is then
+        whole, from before or after that save (stml.persist writes
+        atomically)."""
+        self._stopping = True
+        if self._under_way is None:
+            return True
+        future, target = self._under_way
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + bound
+        try:
+            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), bound)
+        except asyncio.TimeoutError:
+            log.error("stopping: saving %s still running after %gs, abandoned: the change it saves "
+                      "may be missing from the file", target, bound)
+            return False
+        except Exception:   # noqa: BLE001 - its command said why (the change is live, not saved)
+            pass
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._lock.acquire(), max(0.0, deadline - loop.time()))
+            self._lock.release()   # its command has answered
+        return True
 
     @contextlib.contextmanager
     def _batched(self) -> Iterator[None]:
@@ -225,7 +266,7 @@ class Management:
     async def target_list(self) -> list[dict[str, Any]]:
         return [{"name": t.name, "alias": t.alias, "luns": len(t.luns),
                  "acl": list(t.access.get("acl") or []), "chap": bool(t.access.get("chap")),
-                 "sessions": len([k for k in self._nexus_keys(t.name)])}
+                 "sessions": self._sessions(t.name)}
                 for t in self.em.targets.values()]
 
     async def lun_list(self, target: str | None = None) -> list[dict[str, Any]]:
@@ -330,7 +371,7 @@ class Management:
             self.config.digest = file_digest(target)
             self.config.held = None   # the file becomes what runs, unapplied edits and all
         try:
-            await self._saving(save, self.config, target)
+            await self._saving(target)
         except EditedError as e:
             raise MgmtError(f"{e}: `config reload` applies the edit, `config save --force` "
                             f"overwrites it, `config diff` shows it") from None
@@ -401,7 +442,7 @@ class Management:
             applied.append(f"portals: {', '.join(new.portals)}")
         wanted = {t.name: t for t in new.targets}
         for name in [n for n in self.em.targets if n not in wanted]:
-            if self._nexus_keys(name):
+            if self._sessions(name):
                 pending.append(f"target {name} has sessions: `scsi-target target remove --force {name}` "
                                f"removes it")
                 continue
@@ -534,19 +575,46 @@ class Management:
 
     async def target_remove(self, name: str, force: bool = False) -> dict[str, Any]:
         t = self._target(name)
-        live = self._nexus_keys(t.name)
+        live = self._sessions(t.name)
         if live and not force:
-            raise MgmtError(f"target {t.name} has {len(live)} session(s); pass --force to drop them")
+            raise MgmtError(f"target {t.name} has {live} session(s); pass --force to drop them")
         self._check_file()
         del self.em.targets[t.name]
         for lu in t.luns.values():
             self._close_later(lu)
-        for fe in list(self.em.front_ends.values()):   # then their tasks end silently: no nexus is left
-            for n in [n for n in fe.nexuses.values() if n.target == t.name]:
-                self.em.drop_nexus(n)
+        await self._end_sessions(t.name, f"target {t.name} removed")
         self.config.targets = [tc for tc in self.config.targets if tc.name != t.name]
         self._redetect()
         return {"target": t.name, "saved": await self._persist()}
+
+    async def _end_sessions(self, target: str, why: str) -> None:
+        """The sessions of a removed target end (docs/decisions/0265): each
+        front end is told to drop its nexus (fetd_tcp closes the session's
+        connections), then the STML releases it, and its tasks end silently.
+        FANOUT_STEP nexuses between turns of the loop; the target is gone
+        already, so nothing reaches it meanwhile (a command finds no LU, a
+        new nexus no target). Each step visits its front ends' tasks once, not
+        once per nexus (a front end's tasks include other targets')."""
+        chunk: list[Nexus] = []
+        for n in self.em.nexuses(target):
+            chunk.append(n)
+            if len(chunk) == FANOUT_STEP:
+                self._drop_nexuses(chunk, why)
+                chunk = []
+                await asyncio.sleep(0)
+        self._drop_nexuses(chunk, why)
+
+    def _drop_nexuses(self, nexuses: list[Nexus], why: str) -> None:
+        live = [n for n in nexuses if n.fe.nexuses.get(n.id) is n]   # (not released meanwhile)
+        tasks: dict[int, list[Task]] = {id(n): [] for n in live}
+        for fe in {id(n.fe): n.fe for n in live}.values():
+            for task in fe.tasks.values():
+                mine = tasks.get(id(task.nexus))
+                if mine is not None:
+                    mine.append(task)
+        for n in live:
+            self.em.out.drop_nexus(n.fe.ident, n.id, why)
+            self.em.drop_nexus(n, tasks[id(n)])
 
     # ------------------------------------------------------------ LUNs
     async def lun_add(self, spec: str, target: str | None = None, lun: int | None = None) -> dict[str, Any]:

@@ -7,6 +7,7 @@ that differs from the current value is changeable, then applies it.
 """
 from __future__ import annotations
 
+import asyncio
 import struct
 from typing import Callable
 
@@ -176,5 +177,7 @@ async def mode_select(task: Task) -> None:
         changed |= MODE_PAGES[code](lu, CURRENT) != before
     if changed:   # every other I_T nexus hears of it (and an AEN where asked for)
         services = task.services
-        services.establish_ua(lu, MODE_PARAMETERS_CHANGED, services.nexus_keys(lu.target),
-                              exclude=task.nexus.key)
+        # in bounded steps (0264), answered once all are set; shielded: the change
+        # is made, so an abort of this command must not leave some nexuses untold
+        await asyncio.shield(services.fan_out_ua([lu], MODE_PARAMETERS_CHANGED,
+                                                 services.nexus_keys(lu.target), task.nexus.key))

@@ -12,8 +12,8 @@ from stml.api import DataDir
 from stml.cdb import forbidden_bits, lba_len
 from stml.lu import LogicalUnit
 from stml.sense import (
-    DATA_PROTECT, ILLEGAL_REQUEST, LBA_OUT_OF_RANGE, PARAMETER_LIST_LENGTH_ERROR,
-    SOFTWARE_WRITE_PROTECTED, WRITE_PROTECTED, CheckCondition, invalid_field,
+    DATA_PROTECT, ILLEGAL_REQUEST, LBA_OUT_OF_RANGE, MEDIUM_ERROR, PARAMETER_LIST_LENGTH_ERROR,
+    SOFTWARE_WRITE_PROTECTED, WRITE_ERROR, WRITE_PROTECTED, CheckCondition, invalid_field,
 )
 from stml.task import Task
 
@@ -116,6 +116,18 @@ def check_writable(lu: LogicalUnit) -> None:
         raise CheckCondition(DATA_PROTECT, WRITE_PROTECTED)
     if lu.mode.swp:
         raise CheckCondition(DATA_PROTECT, SOFTWARE_WRITE_PROTECTED)
+
+
+def refuse_after_failed_sync(lu: LogicalUnit) -> None:
+    """MEDIUM ERROR, WRITE ERROR, as the failed sync itself answered (and as
+    tcmu-runner answers a failed flush): the acknowledged writes it should
+    have made durable may be lost, and no later sync can say otherwise
+    (decision 0256). Every write that must be durable at GOOD (a flush, FUA,
+    write-through, EXTENDED COPY into a write-through LU) runs it before it
+    writes anything: a refusal costs no thread, no log line, and leaves the
+    blocks as they were (0257)."""
+    if lu.backend.sync_error is not None:
+        raise CheckCondition(MEDIUM_ERROR, WRITE_ERROR)
 
 
 def check_xfer(task: Task, blocks: int) -> None:

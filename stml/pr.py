@@ -41,11 +41,14 @@ can hold; registrations are found through an index by initiator name.
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import json
+import logging
 import os
 import re
 import struct
+import weakref
 from collections.abc import Container
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -61,7 +64,9 @@ from stml.sense import (
     REGISTRATIONS_PREEMPTED, RESERVATION_CONFLICT, RESERVATIONS_PREEMPTED, RESERVATIONS_RELEASED,
     CheckCondition, StatusError, invalid_field, invalid_param,
 )
-from stml.task import Nexus, Task
+from stml.task import FANOUT_STEP, Nexus, Task
+
+log = logging.getLogger("stml.pr")
 
 # reservation types (SPC-4 table 180)
 WE, EA, WERO, EARO, WEAR, EAAR = 0x1, 0x3, 0x5, 0x6, 0x7, 0x8
@@ -652,6 +657,8 @@ class PrState:
                 doc = state if self.aptpl or store.always else None
                 error: OSError | None = None
                 try:
+                    if loop in _STOPPING:   # queued after the stop's wait for the savers: not written
+                        raise OSError(errno.ESHUTDOWN, "the STML is stopping")
                     self.stored = await loop.run_in_executor(_saver(store.always), store.write, doc)
                     self.saves += 1
                     self._base = state
@@ -686,6 +693,26 @@ def _saver(shared: bool) -> ThreadPoolExecutor:
     if pool is None:
         pool = _SAVERS[shared] = ThreadPoolExecutor(1, thread_name_prefix="pr-save-shared" if shared else "pr-save")
     return pool
+
+
+# loops whose STML is stopping: their reservation writers queue no more saves
+_STOPPING: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
+
+
+def stop_saving() -> None:
+    """On the stopping STML's loop, before wait_for_saves starts: a change still
+    waiting for its save then fails (its command was not answered) instead of
+    queueing a save behind the wait."""
+    _STOPPING.add(asyncio.get_running_loop())
+
+
+def wait_for_saves() -> None:
+    """Block until every reservation save queued so far has ended (a stop
+    waits for them, bounded, like for the backends' flushes: a PROUT answers
+    only once its save is done, and a save hung on its store must not hang
+    the process's exit, which would join its thread)."""
+    for pool in list(_SAVERS.values()):
+        pool.submit(lambda: None).result()
 
 
 def _write_state(path: Path, doc: dict[str, Any] | None) -> bool:
@@ -895,25 +922,49 @@ async def prout(task: Task) -> None:
         raise invalid_param(20 if sa != REGISTER_AND_MOVE else 17, 0)   # nowhere to persist
     st.checkpoint(params.aptpl)
     effects = st.prout(task.nexus, sa, scope, rtype, params)
+    # shielded: the change is made; an abort of the command (which may come while
+    # the save or the fan-out yields) must not leave registrants untold or the
+    # tasks PREEMPT AND ABORT names running
+    commit = asyncio.ensure_future(_commit(task, st, effects))
+    try:
+        await asyncio.shield(commit)
+    except asyncio.CancelledError:
+        commit.add_done_callback(_log_failure)
+        raise
+
+
+async def _commit(task: Task, st: PrState, effects: Effects) -> None:
     await st.persisted()   # on disk first (APTPL): a failed write puts the state back, with no effects
     await apply_effects(task, st, effects)
+
+
+def _log_failure(done: asyncio.Future) -> None:
+    """The commit of an aborted command, which nobody answers: a failed save is
+    logged here (a command still waiting gets it as its error)."""
+    if not done.cancelled() and done.exception() is not None:
+        log.warning("a reservation change of an aborted command was not saved: %s", done.exception())
 
 
 async def apply_effects(task: Task, st: PrState, effects: Effects) -> None:
     """Unit attentions of a PERSISTENT RESERVE OUT, and the tasks PREEMPT
     AND ABORT aborts (it completes only once they are gone). Registrations
     are matched against the target's live nexuses grouped by initiator
-    name once, so the work is linear in registrations plus sessions. A
-    change without effects (REGISTER of a new key, most RESERVEs) does none
-    of it: it removed no registration but maybe the issuing nexus's own,
-    which is logged in, so no unit attention kept for a logged-out nexus
-    loses the registration that keeps it (drop_offline_uas would find none)."""
+    name once, so the work is linear in registrations plus sessions, and
+    both the walk and the unit attentions go FANOUT_STEP nexuses per turn of
+    the loop (0264: up to 4,096 sessions a target). A change without effects
+    (REGISTER of a new key, most RESERVEs) does none of it: it removed no
+    registration but maybe the issuing nexus's own, which is logged in, so
+    no unit attention kept for a logged-out nexus loses the registration
+    that keeps it (drop_offline_uas would find none)."""
     if not effects.ua and not effects.aborted:
         return
     lu = unit(task)
     services = task.services
     by_name: dict[str, list[Nexus]] = {}
-    for n in services.nexuses(lu.target):
+    walked = 0
+    for walked, n in enumerate(services.nexuses(lu.target), 1):
+        if not walked % FANOUT_STEP:
+            await asyncio.sleep(0)
         by_name.setdefault(name_key(n.initiator), []).append(n)
 
     def nexus_keys(who: Registration) -> Iterator[str]:
@@ -934,8 +985,11 @@ async def apply_effects(task: Task, st: PrState, effects: Effects) -> None:
         if exact is not None:
             keys[exact] = None
     for asc, keys in by_asc.items():
-        services.establish_ua(lu, asc, keys, exclude=task.nexus.key, offline=held)
-    services.drop_offline_uas(lu, held)
+        if walked >= FANOUT_STEP:   # a big target: each fan-out starts on a turn of its own
+            await asyncio.sleep(0)
+        await services.fan_out_ua([lu], asc, list(keys), exclude=task.nexus.key, offline=held)
+    # registrations may have changed while the fan-out yielded: keep what is held now
+    services.drop_offline_uas(lu, {k for k in (r.nexus_key() for r in st.regs) if k is not None})
     if effects.aborted:
         victims = {k for r in effects.aborted for k in nexus_keys(r)}
         victims.discard(task.nexus.key)

@@ -21,11 +21,11 @@ from stml.cdb import lba_len, u16, u32, u64
 from stml.lu import LogicalUnit
 from stml.ops import (
     CHUNK, check_range, check_writable, check_xfer, data_bytes, fua, lbppbe, max_blocks, next_chunk,
-    param_len_error, trim_views, unit,
+    param_len_error, refuse_after_failed_sync, trim_views, unit,
 )
 from stml.sense import (
-    ABORTED_COMMAND, ILLEGAL_REQUEST, MEDIUM_ERROR, MEDIUM_REMOVAL_PREVENTED, MISCOMPARE,
-    MISCOMPARE_DURING_VERIFY, NO_ADDITIONAL_SENSE, WRITE_ERROR, CheckCondition, invalid_field, invalid_param,
+    ABORTED_COMMAND, ILLEGAL_REQUEST, MEDIUM_REMOVAL_PREVENTED, MISCOMPARE, MISCOMPARE_DURING_VERIFY,
+    NO_ADDITIONAL_SENSE, CheckCondition, invalid_field, invalid_param,
 )
 from stml.spc import (
     MAX_COMPARE_AND_WRITE, MAX_LBA_STATUS_DESCRIPTORS, MAX_UNMAP_DESCRIPTORS, MAX_UNMAP_LBA_COUNT,
@@ -44,7 +44,7 @@ async def _flush(task: Task) -> None:
     sync, every flush fails until `lun reset-error` (0256)."""
     lu = task.lu
     assert lu is not None   # per command: see ops.unit()
-    _refuse_after_failed_sync(lu)
+    refuse_after_failed_sync(lu)
     if lu.backend.dirty:
         await task.io(lu.backend.flush)
 
@@ -55,19 +55,9 @@ def _sync(task: Task) -> bool:
     lu = task.lu
     assert lu is not None   # per command: see ops.unit()
     if fua(task.cdb) or not lu.mode.wce:
-        _refuse_after_failed_sync(lu)
+        refuse_after_failed_sync(lu)
         return True
     return False
-
-
-def _refuse_after_failed_sync(lu: LogicalUnit) -> None:
-    """MEDIUM ERROR, WRITE ERROR, as the failed sync itself answered (and as
-    tcmu-runner answers a failed flush): the acknowledged writes it should
-    have made durable may be lost, and no later sync can say otherwise
-    (decision 0256). Raised here, before any backend call, so a refusal
-    costs no thread and no log line (the failure logged once)."""
-    if lu.backend.sync_error is not None:
-        raise CheckCondition(MEDIUM_ERROR, WRITE_ERROR)
 
 
 async def read_blocks(task: Task, lba: int, blocks: int) -> bytearray:
@@ -283,7 +273,7 @@ async def write_and_verify(task: Task) -> None:
     lba, blocks, data = received_blocks(task)
     if not blocks:
         return
-    _refuse_after_failed_sync(unit(task))   # (always written through)
+    refuse_after_failed_sync(unit(task))   # (always written through)
     await write_blocks(task, lba, data, True)
     if _bytchk(task.cdb):
         sent = memoryview(b"".join(data))
@@ -427,10 +417,17 @@ async def _discard(task: Task, lba: int, blocks: int) -> None:
 
 
 async def write_same(task: Task) -> None:
+    """Durable at GOOD on a write-through LU only: WRITE SAME has no FUA bit
+    (bit 3 of byte 1 is UNMAP). There, after a failed sync, it is refused
+    before any block is written or deallocated, as any write-through write
+    is (0256, 0257); the chunks are then written back and flushed once."""
     lu = unit(task)
     lba, n = _ws_blocks(task)
     if not n:
         return
+    through = not lu.mode.wce
+    if through:
+        refuse_after_failed_sync(lu)
     flags = task.cdb[1]
     ndob = len(task.cdb) == 16 and flags & 0x01
     block = bytes(lu.block_size) if ndob else data_bytes(task)
@@ -442,7 +439,7 @@ async def write_same(task: Task) -> None:
     same = getattr(lu.backend, "write_same", None)
     if same is not None:   # the backend repeats the block itself (RBD: writesame in the OSDs)
         async with lu.write_gate.shared():
-            await task.io(same, lba * lu.block_size, n * lu.block_size, block, _sync(task))
+            await task.io(same, lba * lu.block_size, n * lu.block_size, block, through)
         return
     per = max(1, CHUNK // lu.block_size)
     chunk = memoryview(block * min(per, n))
@@ -451,7 +448,7 @@ async def write_same(task: Task) -> None:
             await next_chunk()
         k = min(per, n - done)
         await write_blocks(task, lba + done, [chunk[:k * lu.block_size]], False)
-    if _sync(task):
+    if through:
         await _flush(task)
 
 
@@ -595,6 +592,7 @@ async def sanitize(task: Task) -> None:
         block = (pattern * (lu.block_size // plen + 1))[:lu.block_size]
         if data[0] & 0x80:
             block = bytes(b ^ 0xFF for b in block)
+    refuse_after_failed_sync(lu)   # its end is a flush: refused before it erases anything (0257)
     job = lu.start_job(_sanitize(task, lu, block))   # the entry check, run again after any wait, saw none
     if task.cdb[1] & 0x80:   # IMMED
         job.add_done_callback(lambda done: _log_failure(lu, done))

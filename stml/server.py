@@ -33,6 +33,7 @@ from stml.lu import LogicalUnit
 from stml.metrics import Metrics
 from stml.mgmt import Management
 from stml.portals import PortalStates, portal_entries, portal_groups
+from stml import pr
 from stml.pr import PrStoreError
 from stml.roles import GUARDS, CurveAllowList, RoleAuthenticator, allow_list, refusal
 from stml.task import Task
@@ -144,11 +145,7 @@ class _Sender(StmlSender):
                 pass
             else:
                 server.metrics.responded(ident, tag, status, resid)
-                stream = server.streams.get(ident)
-                if stream is not None:
-                    stream.send([header, *data])
-                else:
-                    server.channel.send([ident, header, *data])
+                server.route(ident, header, data)
                 return
         StmlSender.xmit_response(self, ident, tag, status, sense, resid, data)
 
@@ -176,7 +173,7 @@ class StmlServer(TapPoint):
             heartbeat_ms = config.stml.heartbeat_ms
         self.auth: RoleAuthenticator | None = None
         self.exporter: PrometheusExporter | None = None
-        self.abandoned = False   # the stop left a backend call running (_finish_backends)
+        self.abandoned = False   # the stop left a backend call or a config save running
         self.unclean = False     # a flush or close failed at stop: exit 1 (_finish_backends)
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
@@ -299,29 +296,29 @@ class StmlServer(TapPoint):
         packed = pack(header)
         if tap is not None and not tap.outbound(ident, header, packed, frames):
             return
+        self._count(ident, header)
+        self.route(ident, packed, frames)
+
+    def _send(self, ident: bytes, header: dict[str, Any], frames: list) -> None:
+        self._count(ident, header)
+        self.route(ident, pack(header), frames)
+
+    def _count(self, ident: bytes, header: dict[str, Any]) -> None:
+        """The metrics an outgoing message moves (responses, aborted tasks)."""
         op = header["op"]
         if op == _XMIT_RESPONSE:
             self.metrics.xmit_response(ident, header)
         elif op == _TMF_DONE and header.get("aborted"):
             self.metrics.aborted(ident, header["aborted"])
+
+    def route(self, ident: bytes, packed: bytes, frames: list) -> None:
+        """Hand a packed message to the carrier its front end is on: its own
+        stream (same host) or the ZeroMQ router."""
         stream = self.streams.get(ident)
         if stream is not None:
             stream.send([packed, *frames])
         else:
             self.channel.send([ident, packed, *frames])
-
-    def _send(self, ident: bytes, header: dict[str, Any], frames: list) -> None:
-        # (_send_tapped is this with the tap: a change here belongs there too)
-        op = header["op"]
-        if op == _XMIT_RESPONSE:
-            self.metrics.xmit_response(ident, header)
-        elif op == _TMF_DONE and header.get("aborted"):
-            self.metrics.aborted(ident, header["aborted"])
-        stream = self.streams.get(ident)
-        if stream is not None:
-            stream.send([pack(header), *frames])
-        else:
-            self.channel.send([ident, pack(header), *frames])
 
     def transmit(self, ident: bytes, header: dict[str, Any], frames: list, past: Tap | None = None) -> None:
         """Send a message past the tap (a tap that held one back lets it go here;
@@ -432,7 +429,8 @@ class StmlServer(TapPoint):
             self.received([ident, *frames], stream.take_lease())
 
         stream = StreamChannel(conn, on_message, lambda: self._stream_closed(ident), self.pool, region,
-                               self.poll.touch if self.poll else None)
+                               self.poll.touch if self.poll else None,
+                               max_message=self.emulator.max_transfer + FRAME_ROOM)
         stream.offer_region()   # first: a front end of any version maps it whenever it comes
         self.streams[ident] = stream
 
@@ -536,12 +534,17 @@ class StmlServer(TapPoint):
             print(f"stml: metrics on http://{self.config.stml.metrics}/metrics", flush=True)
         beats = asyncio.create_task(self._liveness())
         await stop.wait()
+        # a config save under way ends (its change is not lost), and its
+        # command answers, before the channel closes; a hung one is abandoned
+        saves = asyncio.ensure_future(self.mgmt.finish_saves(STOP_SAVE))
         self.emulator.shutdown()
         beats.cancel()
         await self.gateway.stop()
         await asyncio.sleep(0.05)  # let the release messages leave
         with contextlib.suppress(asyncio.TimeoutError):   # the trace's file whole, unless the disk hangs
             await asyncio.wait_for(asyncio.shield(self.traces.stop("stml", "the STML stopped")), 2)
+        if not await saves:
+            self.abandoned = True   # exit without joining the saver thread (0259)
         self.channel.close(linger_ms=100)
         for listener in self.listeners:
             loop.remove_reader(listener.fileno())
@@ -584,8 +587,11 @@ class StmlServer(TapPoint):
                 log.error("%s: flush at stop failed: %s", name, e)
                 self.unclean = True   # acknowledged writes may not be durable: exit 1
 
-        flushes = {name: threading.Thread(target=flush, args=(name, lu), name=f"flush {name}", daemon=True)
+        flushes = {f"flush of {name}": threading.Thread(target=flush, args=(name, lu), name=f"flush {name}",
+                                                       daemon=True)
                    for name, lu in lus}
+        pr.stop_saving()   # (on this loop: no reservation save is queued after the wait below)
+        flushes["reservation saves"] = threading.Thread(target=pr.wait_for_saves, name="pr saves", daemon=True)
 
         def close() -> None:
             try:
@@ -610,7 +616,7 @@ class StmlServer(TapPoint):
             hung = [name for name, thread in flushes.items() if thread.is_alive()]
             calls = sum(t.name.startswith(WORKER_PREFIX) for t in threading.enumerate())
             log.error("stopping: after %gs still running, abandoned: %s", bound,
-                      ", ".join([f"flush of {n}" for n in hung] + [f"{calls} backend call(s) in workers"]))
+                      ", ".join([*hung, f"{calls} backend call(s) in workers"]))
             self.abandoned = True
 
     def _receive_tapped(self, frames: list, lease: Lease | None = None) -> None:
@@ -754,6 +760,7 @@ def _resolve(future: asyncio.Future) -> None:
 WORKER_PREFIX = "backend"   # the backend worker threads' names
 STOP_GRACE = 3.0   # after SIGTERM, a busy STML gets this long to stop cleanly
 STOP_BACKENDS = 5.0   # and its LUs this long to flush and close (a hung backend call is abandoned)
+STOP_SAVE = 5.0       # and a config save under way this long to end, before that (0259)
 
 
 class StopGuard:
@@ -765,7 +772,7 @@ class StopGuard:
     acknowledged is lost; what a forced exit skips is the goodbye to the
     front ends and the removal of the socket files, which the next start and
     every client recognise as stale. Once the loop has taken the stop, the stop
-    bounds itself (STOP_BACKENDS, 0204) and the guard only backs it up."""
+    bounds itself (STOP_SAVE, STOP_BACKENDS: 0204, 0259) and the guard only backs it up."""
 
     SIGNALS: ClassVar[set[signal.Signals]] = {signal.SIGTERM, signal.SIGINT}
 
@@ -781,7 +788,7 @@ class StopGuard:
         heard = threading.Event()   # the loop ran the stop: it bounds the rest itself (STOP_BACKENDS)
         self.loop.call_soon_threadsafe(self._stop, heard)
         began = time.monotonic()
-        if not heard.wait(self.grace) or not self.done.wait(self.grace + STOP_BACKENDS):
+        if not heard.wait(self.grace) or not self.done.wait(self.grace + STOP_SAVE + STOP_BACKENDS):
             # no logging call: the blocked thread may hold a handler's lock
             with contextlib.suppress(OSError):
                 os.write(2, f"stml: still busy {time.monotonic() - began:.0f}s after "
@@ -811,7 +818,7 @@ async def run_stml(config: Config, trace: TraceOptions | None = None, inject: li
         await server.serve(stop, trace)
     finally:
         guard.done.set()
-    if server.abandoned:   # a worker runs a hung call: exiting normally would join it forever
+    if server.abandoned:   # a hung backend call or config save: exiting normally would join it forever
         logging.shutdown()
         os._exit(1)
     if server.unclean:     # a flush or close failed: the stop was not clean (0204)

@@ -20,6 +20,12 @@ from stml.lu import LogicalUnit
 from stml.sense import ABORTED_COMMAND, DATA_PHASE_ERROR, CheckCondition
 from stml.workers import FairWorkers
 
+# nexus entries a unit attention fan-out (or a walk of a target's nexuses)
+# handles between two turns of the event loop (docs/decisions/0264): every
+# fan-out (target and I_T nexus reset, LUN reset, LUN changes, MODE SELECT, a
+# resize, a reservation change) goes through Services.fan_out_ua
+FANOUT_STEP = 256
+
 
 @dataclass(eq=False)
 class Nexus:
@@ -97,6 +103,12 @@ class Services(Protocol):
                      exclude: str | None = None, offline: Container[str] = (),
                      aen: bool = True) -> None:
         """Queue a unit attention on the LU for these I_T nexuses."""
+        ...
+
+    async def fan_out_ua(self, luns: Iterable[LogicalUnit], asc_ascq: tuple[int, int], keys: list[str],
+                         exclude: str | None = None, offline: Container[str] = ()) -> None:
+        """Queue a unit attention for many nexuses (a target's) in bounded
+        steps between turns of the event loop (docs/decisions/0264)."""
         ...
 
     def drop_offline_uas(self, lu: LogicalUnit, keep: set[str]) -> None:
@@ -179,9 +191,15 @@ class Task:
         backend = lu.backend
         if backend.inline:
             return fn(*args)
+        aio = backend.aio
+        if aio is not None:
+            twin = getattr(aio, fn.__name__, None)
+            if twin is not None:
+                # its future ignores cancel(): a cancelled task is woken once
+                # the call is done (backends.base), no shield needed
+                return await twin(*args)
         workers = self.services.workers
-        twin = getattr(backend.aio, fn.__name__, None) if backend.aio is not None else None
-        fut = twin(*args) if twin is not None else workers.run(id(lu), fn, *args)
+        fut = workers.run(id(lu), fn, *args)
         try:
             return await asyncio.shield(fut)
         except asyncio.CancelledError:

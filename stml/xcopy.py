@@ -17,7 +17,9 @@ from typing import Any
 
 from stml.cdb import u16, u32, u64
 from stml.lu import LogicalUnit
-from stml.ops import CHUNK, Conflict, check_writable, data_bytes, next_chunk, param_len_error, unit
+from stml.ops import (
+    CHUNK, Conflict, check_writable, data_bytes, next_chunk, param_len_error, refuse_after_failed_sync, unit,
+)
 from stml.sense import (
     COPY_ABORTED, COPY_TARGET_DEVICE_NOT_REACHABLE, ILLEGAL_REQUEST, INSUFFICIENT_RESOURCES,
     NO_ADDITIONAL_SENSE, OPERATION_IN_PROGRESS, TOO_MANY_SEGMENT_DESCRIPTORS,
@@ -178,7 +180,10 @@ async def _copy(task: Task, src: LogicalUnit, dst: LogicalUnit, blocks: int, slb
             # checked with no wait before the call: an LU removed meanwhile is
             # never written (its backend closes once no call of it is queued)
             _reach(task, dst, Conflict.WRITE)
-            await task.io_on(dst, dst.backend.write_from, (dlba + done) * bs, [view], not dst.mode.wce)
+            through = not dst.mode.wce
+            if through:   # after a failed sync of dst: refused before it is written (0257)
+                refuse_after_failed_sync(dst)
+            await task.io_on(dst, dst.backend.write_from, (dlba + done) * bs, [view], through)
         state["bytes"] += n * bs
 
 

@@ -287,6 +287,44 @@ def test_aptpl_saves_run_in_their_thread_and_coalesce(tmp_path, monkeypatch):
     assert len(json.loads(pr.state_path(tmp_path, T, 0).read_text())["registrations"]) == 10
 
 
+def test_a_stop_waits_for_the_save_under_way_and_queues_no_more(tmp_path, monkeypatch):
+    """Changes that wait for a second write when the STML stops fail (their
+    commands are not answered) instead of queueing that write behind the
+    stop's wait for the savers, which would then miss it (a hung one would
+    hang the exit); the write under way is waited for."""
+    st = pr.PrState(T, 0)
+    st.load(pr.state_path(tmp_path, T, 0))
+    gate = threading.Event()
+    writes: list[int] = []
+    real = pr._write_state
+
+    def gated(path, doc):
+        writes.append(len(doc["registrations"]))
+        gate.wait(30)
+        return real(path, doc)
+    monkeypatch.setattr(pr, "_write_state", gated)
+
+    def register(i: int) -> None:
+        port = pr.Port(f"{NAME}:p{i},i,0x23d0000000{i:02x}", T, 1)
+        st.prout(port, pr.REGISTER, 0, 0, pr.PrParams(sark=i + 1, aptpl=True))
+
+    async def run() -> list:
+        register(0)
+        first = asyncio.ensure_future(st.persisted())
+        while not writes:
+            await asyncio.sleep(0.01)
+        register(1)
+        second = asyncio.ensure_future(st.persisted())
+        pr.stop_saving()
+        waited = asyncio.ensure_future(asyncio.to_thread(pr.wait_for_saves))
+        gate.set()
+        await waited
+        return await asyncio.gather(first, second, return_exceptions=True)
+    first, second = asyncio.run(run())
+    assert first is None and isinstance(second, OSError) and "stopping" in str(second)
+    assert writes == [1]
+
+
 def _sessions(sent: list, count: int):
     """An in-process STML with one RAM LU and `count` sessions of one front
     end (initiators s1..s{count}): (emulator, LU)."""

@@ -11,6 +11,7 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -74,7 +75,7 @@ def test_lun_change_uas_fan_out_in_bounded_steps_with_one_event_per_nexus(verb, 
     assert all(lu.unit_attentions == {k: [REPORTED_LUNS_DATA_CHANGED] for k in emu.nexus_keys(IQN)}
                for lu in others)
     growth = max(b - a for a, b in zip(steps, steps[1:]))
-    assert 0 < growth <= STEP + NEXUSES        # never the whole 3,900 in one turn
+    assert 0 < growth <= STEP                  # never the whole 3,900 in one turn
     aens = [h for h in sent if h["op"] == Op.REPORT_AEN]
     assert len(aens) == NEXUSES and len({h["nexus"] for h in aens}) == NEXUSES   # one per nexus, not per LU
 
@@ -193,3 +194,72 @@ def test_a_task_aborted_twice_still_waits_for_its_backend_call(tmp_path):
     finally:
         release.set()
         lu.backend.close()
+
+
+def test_target_remove_force_drops_its_nexuses_in_bounded_steps():
+    """`target remove --force` tells each nexus's front end to drop it
+    (drop_nexus, docs/decisions/0265) and releases it in the STML, at most
+    FANOUT_STEP nexuses per turn of the event loop."""
+    sent: list = []
+    many = 3 * emulator_mod.FANOUT_STEP + 10
+    emu, m = setup(sent, luns=2, nexuses=many)
+
+    async def run() -> list[int]:
+        job = asyncio.get_running_loop().create_task(m.target_remove(IQN, force=True))
+        steps = [0]
+        while not job.done():
+            await asyncio.sleep(0)
+            steps.append(len([h for h in sent if h["op"] == Op.DROP_NEXUS]))
+        job.result()
+        return steps
+    steps = asyncio.run(run())
+    drops = [h for h in sent if h["op"] == Op.DROP_NEXUS]
+    assert sorted(h["nexus"] for h in drops) == list(range(1, many + 1))
+    assert {h["reason"] for h in drops} == {f"target {IQN} removed"}
+    assert max(b - a for a, b in zip(steps, steps[1:])) <= emulator_mod.FANOUT_STEP
+    assert list(emu.nexuses(IQN)) == [] and emu.front_ends[b"fe"].nexuses == {} and IQN not in emu.targets
+
+
+def test_target_remove_force_ends_every_front_end_sharing_a_nexus_key():
+    """One initiator port through one port group from two front ends is one
+    I_T nexus key held twice: both are told to drop it and both let it go
+    (dropping the first must not hide the second from the walk)."""
+    sent: list = []
+    emu, m = setup(sent, luns=1, nexuses=0)
+    emu.handle(b"fe2", {"op": Op.REGISTER, "version": [1, 0], "kind": "test", "name": "t2",
+                        "heartbeat_ms": 1000, "aen": True}, [])
+    for fe in (b"fe", b"fe2"):
+        emu.handle(fe, {"op": Op.REGISTER_NEXUS, "nexus": 1, "initiator": "iqn.2026-11.org.test:1",
+                        "target": IQN, "tpg": 1}, [])
+    assert len(list(emu.nexuses(IQN))) == 2
+    sent.clear()
+    asyncio.run(m.target_remove(IQN, force=True))
+    assert len([h for h in sent if h["op"] == Op.DROP_NEXUS]) == 2
+    assert emu.front_ends[b"fe"].nexuses == {} and emu.front_ends[b"fe2"].nexuses == {}
+
+
+def test_target_remove_force_visits_a_front_ends_tasks_once_per_step():
+    """A front end's tasks (here 5,000 of other targets) are visited once per
+    step of FANOUT_STEP nexuses, not once per nexus."""
+    sent: list = []
+    emu, m = setup(sent, luns=1, nexuses=600)
+    visits = [0]
+
+    class Counted(dict):
+        def values(self):  # type: ignore[override]
+            for v in super().values():
+                visits[0] += 1
+                yield v
+    emu.front_ends[b"fe"].tasks = Counted({i: SimpleNamespace(nexus=None) for i in range(5000)})
+
+    async def run() -> list[int]:
+        job = asyncio.get_running_loop().create_task(m.target_remove(IQN, force=True))
+        per_turn = []
+        while not job.done():
+            before = visits[0]
+            await asyncio.sleep(0)
+            per_turn.append(visits[0] - before)
+        job.result()
+        return per_turn
+    per_turn = asyncio.run(run())
+    assert max(per_turn) <= 5000 and sum(per_turn) <= 5000 * (600 // emulator_mod.FANOUT_STEP + 1)

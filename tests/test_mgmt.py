@@ -273,6 +273,39 @@ def test_session_drop(config):
         t.stop()
 
 
+def test_target_remove_force_ends_its_sessions(config):
+    """`target remove --force` of a target with a session: fetd_tcp is told
+    to drop its nexus (Async Message: drop all connections) and closes the
+    connection, instead of keeping a session of a target that is gone; a
+    session of another target is untouched (docs/decisions/0265)."""
+    from fetd_tcp import pdu as P
+    t = Target(config=str(config))
+    try:
+        d = t.data_dir
+        other = "iqn.2026-11.org.scsi-target:doomed"
+        mgmt(d, "target", "add", other)
+        mgmt(d, "lun", "add", "--target", other, "ram:4MiB")
+        host, port = t.portal.rsplit(":", 1)
+        ini = RawInitiator(host, int(port), initiator="iqn.2026-11.org.test:doomed")
+        keep = RawInitiator(host, int(port), initiator="iqn.2026-11.org.test:keeper")
+        try:
+            assert ini.login(other).status_class == 0 and keep.login(IQN).status_class == 0
+            assert tur(ini, 0)[0] == 0
+            cli("target", "remove", "--data-dir", d, other, "--force")
+            msg, _ = ini.recv()
+            assert isinstance(msg, P.AsyncMessage) and msg.event == P.ASYNC_DROP_ALL_CONNECTIONS
+            assert ini.sock.recv(1) == b""          # closed by fetd_tcp
+            left = [s["initiator"] for s in mgmt(d, "session", "list")]
+            assert not any(i.startswith("iqn.2026-11.org.test:doomed") for i in left)
+            assert tur(keep, 0)[0] == 0
+        finally:
+            ini.close()
+            keep.close()
+        assert other not in [x["name"] for x in mgmt(d, "target", "list")]
+    finally:
+        t.stop()
+
+
 @pytest.mark.parametrize("value", [2 ** 64, "tomlkit"], ids=["int past 64 bits", "tomlkit String"])
 def test_a_result_the_codec_cannot_pack_is_answered_with_an_error(value, caplog) -> None:
     """A command whose result msgspec refuses to pack still gets a reply,

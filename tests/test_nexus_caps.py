@@ -109,7 +109,7 @@ def test_target_past_its_nexus_cap_is_refused(inproc, monkeypatch):
     assert error is not None and "3 I_T nexuses" in error
     assert inproc.nexus(b"b", 2, f"{INI}:4", U) is None
     assert inproc.nexus(b"b", 3, f"{INI}:1") is None
-    assert len(inproc.emu.nexus_keys(T)) == 3 and len(inproc.emu.nexuses(T)) == 4
+    assert len(inproc.emu.nexus_keys(T)) == 3 and len(list(inproc.emu.nexuses(T))) == 4
     inproc.release(b"a", 2)
     assert inproc.nexus(b"b", 4, f"{INI}:4") is None
 
@@ -298,4 +298,80 @@ def test_nothing_reaches_an_initiator_before_its_login_response(tmp_path, tmp_sh
         # the Login Response first, then the unit attention's Async Message (sense key 6)
         assert got == ["LoginResponse", 0, "AsyncMessage", 6]
 
+    asyncio.run(main())
+
+
+class _Alive(FakeStml):
+    """A fake STML that answers heartbeats: the link never finds it silent
+    (which would end every session at once)."""
+
+    def _answer(self, h: dict) -> None:
+        if h.get("op") == "heartbeat":
+            self.send({"op": "heartbeat"})
+        else:
+            super()._answer(h)
+
+
+def test_a_nexus_the_stml_refuses_again_ends_its_session_only(tmp_short):
+    """The STML refuses a nexus of a live session (as one that restarted
+    refuses a re-registration past its caps): fetd_tcp ends that session (an
+    Async Message, drop all connections, then the connection closes) and
+    releases the nexus, instead of keeping a session whose commands go
+    nowhere; the other session keeps working, and the initiator's next login
+    gets a clean answer (docs/decisions/0266)."""
+    port = free_port()
+    target = "iqn.2026-12.test:fake"
+
+    async def main() -> None:
+        stml = _Alive(str(tmp_short() / "stml"), version=CONTRACT_VERSION, caps=[])
+        fetd = subprocess.Popen([sys.executable, "-m", "fetd_tcp", "--stml", stml.endpoint,
+                                 "--portal", f"127.0.0.1:{port}"], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+        a = b = None
+        try:
+            def connect(name: str) -> RawInitiator:
+                for _ in range(200):
+                    try:
+                        ini = RawInitiator("127.0.0.1", port, initiator=f"{INI}:{name}", timeout=10)
+                        break
+                    except ConnectionRefusedError:
+                        time.sleep(0.05)
+                assert ini.login(target).status_class == 0
+                return ini
+            a = await asyncio.to_thread(connect, "a")
+            b = await asyncio.to_thread(connect, "b")
+            (nexus,) = [h["nexus"] for h, _ in stml.messages
+                        if h["op"] == "register_nexus" and h["initiator"].startswith(f"{INI}:a")]
+            (other,) = [h["nexus"] for h, _ in stml.messages
+                        if h["op"] == "register_nexus" and h["initiator"].startswith(f"{INI}:b")]
+            stml.send({"op": "nexus_ready", "nexus": nexus,
+                       "error": f"target {target} has 4096 I_T nexuses, the most the STML keeps"})
+
+            def after() -> list:
+                pdu, _ = a.recv()
+                closed = a.sock.recv(1) == b""
+                status, _, _ = b.command(bytes(6))
+                again = RawInitiator("127.0.0.1", port, initiator=f"{INI}:a", timeout=10)
+                try:
+                    relogin = again.login(target).status_class
+                finally:
+                    again.close()
+                return [type(pdu).__name__, getattr(pdu, "event", None), closed, status, relogin]
+            got = await asyncio.to_thread(after)
+            for _ in range(100):     # fetd_tcp's release of the refused nexus, sent as the session ended
+                if ("scsi_release", nexus) in [(h["op"], h.get("nexus")) for h, _ in stml.messages]:
+                    break
+                await asyncio.sleep(0.05)
+            released = [h["nexus"] for h, _ in stml.messages if h["op"] == "scsi_release"]
+        finally:
+            for ini in (a, b):
+                if ini is not None:
+                    ini.close()
+            stop_pid(fetd)
+            stml.close()
+        from fetd_tcp import pdu as P
+        assert got == ["AsyncMessage", P.ASYNC_DROP_ALL_CONNECTIONS, True, 0, 0]
+        # the other session's nexus stays (the re-login's own may be released
+        # by now, as its connection closed)
+        assert nexus in released and other not in released
     asyncio.run(main())

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -149,6 +150,37 @@ def test_get_lba_status_work_is_bounded_by_the_request(cluster):
         assert len(asked) == 2
     finally:
         b.close()
+
+
+def test_reads_of_a_thin_rbd_lun_cost_no_librbd_diff(cluster, image, tmp_path):
+    """Decision 0410: a thin RBD LUN reports no optimal unmap granularity, so
+    qemu keeps no allocation map and asks no GET LBA STATUS - each one a
+    librbd diff (mapped_extents: one rbd_diff_iterate2 per command) in a
+    worker thread - before its reads; block status (qemu-img map) still tells
+    data from holes. Counted in a trace of the contract, never timed."""
+    from stml.trace.report import commands
+    trace = tmp_path / "t.trace"
+    with Target("--lun", cluster.spec(image), "--cpu-affinity", "none", "--trace", str(trace)) as t:
+        url = t.url()
+        # 4 KiB every 20 KiB over the first 4 MiB: the image's first object only
+        run(["qemu-img", "bench", "-w", "-f", "raw", "-c", "200", "-s", "4k", "-S", "20k", "--pattern", "0x5a",
+             url], timeout=120)
+        # 64 KiB reads 1 MiB apart: the written object, then 60 MiB never written
+        run(["qemu-img", "bench", "-f", "raw", "-c", "64", "-s", "64k", "-S", "1M", url], timeout=120)
+        extents = json.loads(run(["qemu-img", "map", "--output=json", "-f", "raw", url], timeout=120).stdout)
+        inq = run(["iscsi-inq", "--evpd=1", "--pagecode=176", url], timeout=60).stdout
+    done = list(commands(str(trace)))
+    reads = [c for c in done if c.cdb[0] in (0x28, 0x88) and c.length == 64 << 10]
+    diffs = [c for c in done if c.cdb[0] == 0x9E and c.cdb[1] & 0x1F == 0x12]   # GET LBA STATUS
+    assert len(reads) == 64   # none answered from an allocation map in qemu
+    # the only diffs are qemu-img map's, after the reads
+    assert diffs and min(c.index for c in diffs) > max(c.index for c in reads)
+    assert re.search(r"^optimal unmap granularity:0$", inq, re.M)
+    assert re.search(r"^ugavalid:0$", inq, re.M)
+    data = [e for e in extents if e["data"]]
+    holes = [e for e in extents if not e["data"]]
+    assert data and data[0]["start"] == 0 and data[0]["start"] + data[0]["length"] <= 4 * MIB
+    assert any(h["start"] <= 4 * MIB and h["start"] + h["length"] == 128 * MIB for h in holes)
 
 
 def test_resize_in_the_cluster_is_capacity_data_has_changed(cluster, image, stml_factory, client_factory):

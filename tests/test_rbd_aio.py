@@ -88,21 +88,20 @@ class FakeImage:
     def enable_events(self, fd: int) -> None:
         self.fd = fd   # the caller's: librbd only signals it
 
-    def completion(self) -> int:
-        return next(self.ids)
-
-    def start(self, name: str, comp: Any, *args: Any) -> None:
+    def start(self, name: str, *args: Any, flags: tuple = ()) -> int:
         assert "closed" not in self.events, "a call reached a closed image"
+        comp = next(self.ids)
         self.flying[comp] = (name, args)
+        return comp
 
     def complete(self, comp: int, data: bytes = b"") -> None:
         """librbd ends a call: a read's data lands in its buffer, then the eventfd."""
         name, args = self.flying.pop(comp)
         ret = 0
-        if name == "readv":
-            arr, n = args[0], args[1]
-            ctypes.memmove(arr[0].iov_base, data, arr[0].iov_len)
-            ret = arr[0].iov_len
+        if name == "read":
+            _, n, addr = args
+            ctypes.memmove(addr, data, n)
+            ret = n
         if self.fd >= 0 and "closed" not in self.events:
             self.done.append((comp, ret))
             os.eventfd_write(self.fd, 1)
@@ -192,6 +191,81 @@ def test_an_aborted_read_keeps_its_buffer_until_librbd_completes_it(backend):
             await asyncio.sleep(0.01)
     asyncio.run(asyncio.wait_for(run(), 30))
     assert bytes(buf) == b"D" * 4096
+
+
+def test_an_aborted_command_waits_for_librbd_to_end_its_write(backend):
+    """A command's task is cancelled (an abort) while librbd has its write:
+    Task.io_on awaits the aio future alone (no shield), and the task ends,
+    CancelledError, only once librbd completed the call, so no write lands
+    after the abort is reported. An aio future refuses cancel()."""
+    from stml.task import Task
+    image: FakeImage = backend.image
+    buf = bytearray(4096)
+    task = SimpleNamespace(services=SimpleNamespace(workers=None))
+    lu = SimpleNamespace(backend=backend)
+
+    async def run() -> None:
+        cmd = asyncio.ensure_future(Task.io_on(task, lu, backend.write_from, 0, [memoryview(buf)], False))
+        while not image.flying:
+            await asyncio.sleep(0)
+        (comp,) = image.flying
+        cmd.cancel()
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert not cmd.done() and pinned(buf), "the abort ended the wait before librbd ended the write"
+        assert not backend.aio._pending[comp][0].cancel()
+        image.complete(comp)
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(cmd, 30)
+    asyncio.run(run())
+    assert not pinned(buf) and not backend.aio._pending
+
+
+class CountingLock:
+    """A lock (or condition) that counts how often it is taken."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.taken = inner, 0
+
+    def __enter__(self) -> Any:
+        self.taken += 1
+        return self.inner.__enter__()
+
+    def __exit__(self, *exc: Any) -> Any:
+        return self.inner.__exit__(*exc)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def test_sixteen_reads_cost_one_lock_each_and_one_collection_for_all(backend):
+    """Work per aio command (0408), counted: starting one takes RbdAio's lock
+    once and never the backend's gate (it took the gate's condition twice,
+    through a generator context manager); sixteen completions signalled
+    together are taken in one eventfd wake-up: one lock, one poll."""
+    image: FakeImage = backend.image
+    polls = []
+    real_poll = image.poll
+    image.poll = lambda: polls.append(1) or real_poll()   # type: ignore[method-assign]
+    bufs = [bytearray(4096) for _ in range(16)]
+
+    async def run() -> None:
+        backend.aio.read_into(0, memoryview(bytearray(512)))   # attaches the eventfd
+        (first,) = image.flying
+        image.complete(first, bytes(512))
+        while backend.aio._pending:
+            await asyncio.sleep(0)
+        polls.clear()
+        gate, lock = CountingLock(backend._gate), CountingLock(backend.aio._lock)
+        backend._gate, backend.aio._lock = gate, lock   # type: ignore[assignment]
+        futs = [backend.aio.read_into(i * 4096, memoryview(b)) for i, b in enumerate(bufs)]
+        assert (gate.taken, lock.taken) == (0, 16)
+        for comp in list(image.flying):
+            image.complete(comp, b"R" * 4096)
+        await asyncio.wait_for(asyncio.gather(*futs), 30)
+        assert (gate.taken, lock.taken, len(polls)) == (0, 17, 1)
+    asyncio.run(run())
+    assert all(bytes(b) == b"R" * 4096 and not pinned(b) for b in bufs)
 
 
 def test_standing_down_leaves_calls_in_flight_to_librbd(backend):

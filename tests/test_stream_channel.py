@@ -30,6 +30,7 @@ import zmq
 from backends.ram import RamBackend
 from stml.api import (CONTRACT_VERSION, Channel, DataDir, Op, SharedRegion, StreamChannel, Tmf, pack,
                       stream_path, unpack)
+from stml.api.sizes import FRAME_ROOM
 from stml.api.stream import _consume
 from stml.disk import OPCODES, DiskTemplate
 from stml.emulator import Emulator, Target
@@ -413,8 +414,8 @@ SHARED = 0x80000000   # a frame length with this bit: (offset, length) in the pe
 
 @pytest.mark.parametrize("bad", [
     struct.pack("<I", StreamChannel.MAX_FRAMES + 1),
-    struct.pack("<2I", 1, StreamChannel.MAX_FRAME + 1),
-    struct.pack("<3I", 2, 5, StreamChannel.MAX_FRAME + 1),
+    struct.pack("<2I", 1, StreamChannel.MAX_MESSAGE + 1),
+    struct.pack("<3I", 2, 5, StreamChannel.MAX_MESSAGE + 1),
     struct.pack("<3I", 0, 99, 0),
     struct.pack("<3I", 0, 2, StreamChannel.MAX_FRAMES + 1),
     struct.pack("<4I", 0, 1, 1, 4096),
@@ -995,6 +996,27 @@ def test_stml_answers_on_the_stream_and_releases_a_front_end_that_drops_it(stml)
     run(main)
     text = stml.wait_log(f"releasing front end {name}: deregistered", timeout=5)
     assert f"front end {name} closed its stream" in text
+    assert stml.alive()
+
+
+def test_stml_refuses_a_stream_message_bigger_than_a_command(stml) -> None:
+    """What one message may bring is one command's data and a header (the
+    STML's max_transfer + FRAME_ROOM, as ZeroMQ's MAXMSGSIZE): frames that
+    each pass but add up to more are refused on the message's header, before
+    a buffer is allocated, and only that stream closes."""
+    name = f"streamtest-{uuid.uuid4().hex[:8]}"
+    connect = open_front_end(stream_path(stml.endpoint), name)
+
+    async def main() -> None:
+        ch, sink = await connect()
+        await wait_until(lambda: bool(sink.messages), what="detect")
+        big = 8 << 20                      # the STML's max_transfer (the default)
+        ch.sock.sendall(struct.pack("<4I", 3, 16, big, FRAME_ROOM))
+        await wait_until(lambda: ch.closed, what="the STML closing the stream")
+
+    run(main)
+    text = stml.wait_log(f"front end {name} closed its stream", timeout=5)
+    assert f"closing a stream link: a message of {(8 << 20) + FRAME_ROOM + 16} bytes" in text
     assert stml.alive()
 
 

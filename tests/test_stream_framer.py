@@ -132,3 +132,23 @@ def test_encode_lends_the_slots_of_its_region() -> None:
     region.give_back([BIG])
     assert region.in_use() == 1
     assert b"".join(bytes(b) for b in encode([b"a", b"bc"])) == wire([b"a", b"bc"])
+
+
+def test_a_message_over_the_receivers_bound_is_refused_before_any_allocation() -> None:
+    """`max_bytes` bounds what one message brings, all its frames together
+    (many frames under a per-frame limit add up): refused on its header, before
+    alloc is asked for a buffer; shared references (their bytes stay in the
+    peer's region) do not count."""
+    made: list[int] = []
+
+    def alloc(n: int) -> bytearray:
+        made.append(n)
+        return bytearray(n)
+    framer = StreamFramer(alloc, big=512, max_bytes=1000)
+    data = wire([b"h", bytes(599), bytes(400)]) + wire([b"h", (0, 4096)])
+    ok, shared = run(framer, data, [100] * 100)
+    assert [len(f) for f in ok[0]] == [1, 599, 400] and made == [599]
+    assert shared[1] == [1] and isinstance(shared[0][1], SharedRef)
+    with pytest.raises(FramingError, match="a message of 1001 bytes"):
+        run(framer, struct.pack("<4I", 3, 1, 600, 400), [100])
+    assert made == [599]

@@ -123,7 +123,10 @@ def test_target_reset_fans_out_in_bounded_steps_with_one_event_per_nexus(monkeyp
     emu = reset_emulator(sent)
     calls = []
     real = emu.establish_ua
-    monkeypatch.setattr(emu, "establish_ua", lambda lu, *a, **kw: calls.append(lu) or real(lu, *a, **kw))
+    def counted(lu, asc, keys, *a, **kw):   # (LU, nexus) entries established
+        calls.extend((lu, k) for k in keys)
+        return real(lu, asc, keys, *a, **kw)
+    monkeypatch.setattr(emu, "establish_ua", counted)
     lus = list(emu.targets[IQN].luns.values())
     steps: list[int] = []
 
@@ -139,8 +142,8 @@ def test_target_reset_fans_out_in_bounded_steps_with_one_event_per_nexus(monkeyp
     assert [h["response"] for h in done] == [TmfResponse.COMPLETE] * 4
     assert all(len(lu.unit_attentions) == NEXUSES for lu in lus)
     growth = max(b - a for a, b in zip(steps, steps[1:]))
-    assert 0 < growth <= 1000 + NEXUSES                      # never the whole 12,000 in one turn
-    assert len(calls) == 2 * LUNS                            # four resets, two fan-outs
+    assert 0 < growth <= 1000                                # never the whole 12,000 in one turn
+    assert len(calls) == 2 * LUNS * NEXUSES                  # four resets, two fan-outs
     aens = [h for h in sent if h["op"] == Op.REPORT_AEN]
     assert len(aens) == 2 * NEXUSES and {h["lun"] for h in aens} == {0}   # not one per LU
 

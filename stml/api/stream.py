@@ -50,7 +50,11 @@ MAX_FRAMES = 4096
 # Idle, slots come back this much later, which costs nothing: until then the
 # lender copies through the socket if it runs short.
 RETURN_AFTER = 0.02
-MAX_FRAME = 1 << 30
+# What one message may bring through the socket, by default (a peer's frames
+# together; shared references aside): a receiver that knows better passes its
+# own (the STML: one command's data, max_transfer + FRAME_ROOM, as ZeroMQ's
+# MAXMSGSIZE), so a peer cannot make it allocate more than a command may carry.
+MAX_MESSAGE = 1 << 30
 
 
 @functools.lru_cache(maxsize=64)
@@ -119,9 +123,11 @@ class StreamFramer:
     frame over the limits or an unknown control message.
     """
 
-    def __init__(self, alloc: Callable[[int], Any] = bytearray, big: int = BIG_FRAME) -> None:
+    def __init__(self, alloc: Callable[[int], Any] = bytearray, big: int = BIG_FRAME,
+                 max_bytes: int = MAX_MESSAGE) -> None:
         self.alloc = alloc
         self.big = big
+        self.max_bytes = max_bytes    # a message's frames together, refused before any is allocated
         self._buf = memoryview(bytearray(big))
         self._start = self._end = 0    # unparsed bytes in _buf
         self._lengths: tuple[int, ...] = ()   # the frame lengths of the message being received
@@ -188,7 +194,11 @@ class StreamFramer:
                 lengths = _u32s(count).unpack_from(buf, start + 4)
                 start += 4 + 4 * count
                 avail -= 4 + 4 * count
-                if max(lengths) < self.big and sum(lengths) <= avail:
+                total = sum(lengths)
+                # (a shared reference's length carries the _SHARED bit: its bytes are not sent)
+                if total > self.max_bytes and sum(n for n in lengths if not n & _SHARED) > self.max_bytes:
+                    raise FramingError(f"a message of {total} bytes")
+                if max(lengths) < self.big and total <= avail:
                     # all here, and nothing shared or big (the usual message): no state kept
                     frames = []
                     for size in lengths:
@@ -205,8 +215,6 @@ class StreamFramer:
                 frame = SharedRef(*_REF.unpack_from(buf, start))
                 self._start += 8
             elif size >= self.big:    # its own buffer: what is here now, then receive into it
-                if size > MAX_FRAME:
-                    raise FramingError(f"a frame of {size} bytes")
                 frame = memoryview(self.alloc(size))[:size]
                 take = min(size, avail)
                 frame[:take] = buf[start:start + take]
@@ -305,7 +313,7 @@ class StreamChannel:
 
     BIG: Final = BIG_FRAME
     MAX_FRAMES: Final = MAX_FRAMES
-    MAX_FRAME: Final = MAX_FRAME
+    MAX_MESSAGE: Final = MAX_MESSAGE
     # Messages that leave together at most while a batch is handled: under
     # load the two processes then overlap on the CPUs instead of taking turns
     # over 20-30 commands a read (README, Performance: with the CPU split of
@@ -315,7 +323,7 @@ class StreamChannel:
     def __init__(self, sock: socket.socket, on_message: Callable[[list], None],
                  on_closed: Callable[[], None], pool: BufferPool | None = None,
                  region: SharedRegion | None = None,
-                 on_dispatched: Callable[[], None] | None = None) -> None:
+                 on_dispatched: Callable[[], None] | None = None, max_message: int = MAX_MESSAGE) -> None:
         sock.setblocking(False)
         self.sock = sock
         self.on_message = on_message
@@ -326,7 +334,7 @@ class StreamChannel:
         self.region_offered = False     # its control message is queued: frames may refer to it
         self._region_msg: bytes | None = None   # that message, until sent with the descriptor
         self.closed = False
-        self.framer = StreamFramer(self.pool.get, self.BIG)
+        self.framer = StreamFramer(self.pool.get, self.BIG, max_message)
         self._loop = asyncio.get_running_loop()
         self._fd = sock.fileno()
         self._out: list = []

@@ -1,13 +1,20 @@
 """Writers that keep a log of what the target acknowledged, for fault tests
 (tests/test_faults.py, test_faults_wce.py): after a kill, every acknowledged
 write must read back intact and a write in doubt must be wholly there or
-wholly absent in every logical block."""
+wholly absent in every logical block. And the faults of file LUNs' syncs
+(on_disk, Fdatasyncs) for tests of sync bookkeeping."""
 from __future__ import annotations
 
+import collections
+import errno
 import hashlib
+import os
 import random
 import threading
 import time
+from typing import Any, Callable
+
+import backends.file as file_mod
 
 from support import fuzzgen as G
 from support.rawiscsi import RawInitiator
@@ -116,3 +123,97 @@ def read_all(portal: str) -> RawInitiator:
     while ini.command(bytes(6))[0] != 0:
         pass
     return ini
+
+
+# ---------------------------------------------------------------- file LUN syncs
+
+EXT4_SUPER_MAGIC = 0xEF53
+
+
+def on_disk(monkeypatch: Any) -> None:
+    """FileBackends opened from now on take their file to be on ext4, wherever
+    it is. On tmpfs or ramfs a FileBackend never syncs (nothing there is more
+    durable after one), so a test of its sync bookkeeping in a tmp_path on a
+    tmpfs /tmp would fail or test nothing. Creating that condition, rather
+    than hunting for a directory on a disk, makes the test the same on every
+    machine: fdatasync of a tmpfs file is a real call that succeeds, and the
+    tests fake or count it anyway."""
+    monkeypatch.setattr(file_mod, "_fs_type", lambda fd: EXT4_SUPER_MAGIC)
+
+
+class Fdatasyncs:
+    """os.fdatasync (patched into backends.file) whose calls return in the
+    order a test decides, as concurrent syncs of one file may in the kernel.
+    A call in a thread named in `held` waits for that name's gate; one in a
+    thread named in `fail` then raises OSError(EIO), as the one fdatasync
+    Linux reports a lost write-back to does; the others run the real call.
+    `log` has ("start" | "end" | "fail", thread name) in order, and
+    event(what, name) is set once that entry is logged."""
+
+    def __init__(self, monkeypatch: Any, held: tuple[str, ...] = (), fail: tuple[str, ...] = ()) -> None:
+        self.real: Callable[[int], None] = os.fdatasync
+        self.fail = fail
+        self.gates = {name: threading.Event() for name in held}
+        self._events: collections.defaultdict[tuple[str, str], threading.Event] = \
+            collections.defaultdict(threading.Event)
+        self.log: list[tuple[str, str]] = []
+        self._lock = threading.Lock()
+        monkeypatch.setattr(file_mod.os, "fdatasync", self)
+
+    def event(self, what: str, name: str) -> threading.Event:
+        with self._lock:
+            return self._events[what, name]
+
+    def _note(self, what: str, name: str) -> None:
+        with self._lock:
+            self.log.append((what, name))
+            self._events[what, name].set()
+
+    def __call__(self, fd: int) -> None:
+        name = threading.current_thread().name
+        self._note("start", name)
+        gate = self.gates.get(name)
+        if gate is not None:
+            gate.wait()
+        if name in self.fail:
+            self._note("fail", name)
+            raise OSError(errno.EIO, "Input/output error")
+        self.real(fd)
+        self._note("end", name)
+
+    def calls(self) -> int:
+        return sum(1 for what, _ in self.log if what == "start")
+
+    def release_all(self) -> None:
+        for gate in self.gates.values():
+            gate.set()
+
+
+# ---------------------------------------------------------------- config saves
+
+def hang_config_saves(fifo: str, started: str, bound: float) -> None:
+    """Run in an STML process before its main (python -c): every config save
+    creates `started`, then waits to read `fifo` to its end (until the test
+    opens it for writing and closes it), as on a file system that hangs; a
+    stop waits `bound` seconds for a save under way (server.STOP_SAVE)."""
+    from pathlib import Path
+
+    from stml import persist, server
+    real = persist.atomic_write
+
+    def hung(path: Any, data: bytes, secret: bool) -> None:
+        Path(started).touch()
+        with open(fifo, "rb") as f:
+            f.read()
+        real(path, data, secret)
+    persist.atomic_write = hung
+    server.STOP_SAVE = bound   # type: ignore[attr-defined]
+
+
+def release_fifo(fifo: str) -> None:
+    """Let a reader waiting in hang_config_saves go on (no reader: nothing to do)."""
+    try:
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError as e:
+        if e.errno != errno.ENXIO:
+            raise
