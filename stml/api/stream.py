@@ -11,7 +11,7 @@ import os
 import socket
 import struct
 import time
-from typing import Any, Callable, Final, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 from stml.api.shm import BufferPool, SharedRegion
 from stml.api.sizes import BIG_FRAME
@@ -311,14 +311,14 @@ class StreamChannel:
     A peer that breaks the framing, or closes, ends the channel (`on_closed`).
     """
 
-    BIG: Final = BIG_FRAME
-    MAX_FRAMES: Final = MAX_FRAMES
-    MAX_MESSAGE: Final = MAX_MESSAGE
+    BIG = BIG_FRAME
+    MAX_FRAMES = MAX_FRAMES
+    MAX_MESSAGE = MAX_MESSAGE
     # Messages that leave together at most while a batch is handled: under
     # load the two processes then overlap on the CPUs instead of taking turns
     # over 20-30 commands a read (README, Performance: with the CPU split of
     # `run`, 4 KiB QD16 0.46-0.48 -> 0.65-0.70 of tgtd; 2, 3, 6, 8 no better).
-    BATCH: Final = 4
+    BATCH = 4
 
     def __init__(self, sock: socket.socket, on_message: Callable[[list], None],
                  on_closed: Callable[[], None], pool: BufferPool | None = None,
