@@ -484,9 +484,12 @@ MESSAGES: tuple[Message, ...] = (
                       "from an older STML: none", False, (1, 4)),
             )),
     Message(Op.NEXUS_READY, _FROM, "front end",
-            "The answer to `register_nexus`.", (
+            "The answer to `register_nexus`. A nexus refused that the front end registered again "
+            "(after an STML restart) has no I_T nexus in the STML: the front end ends its session "
+            "(fetd_tcp: decision 0266).", (
                 _NEXUS,
-                Field("error", STR, "the nexus was refused (e.g. no such target)", False),
+                Field("error", STR, "the nexus was refused (e.g. no such target, the target's nexus cap)",
+                      False),
             )),
     Message(Op.RELEASE, _FROM, "front end",
             "The STML is going away or no longer knows this front end: register again.", (
@@ -528,7 +531,8 @@ MESSAGES: tuple[Message, ...] = (
                 Field("sense", BYTES, "the unit attention's sense data"),
             )),
     Message(Op.DROP_NEXUS, _FROM, "front end",
-            "End this I_T nexus (management `session drop`): the front end ends the session "
+            "End this I_T nexus (management `session drop`, or `target remove --force` for each "
+            "session of the target): the front end ends the session "
             "(iSCSI: an Async Message \"dropping all connections\", then the connections close) "
             "and sends `scsi_release`. The STML has already released the nexus.", (
                 _NEXUS,
