@@ -420,7 +420,8 @@ async def write_same(task: Task) -> None:
     """Durable at GOOD on a write-through LU only: WRITE SAME has no FUA bit
     (bit 3 of byte 1 is UNMAP). There, after a failed sync, it is refused
     before any block is written or deallocated, as any write-through write
-    is (0256, 0257); the chunks are then written back and flushed once."""
+    is (0256, 0257); the chunks are then written back (or deallocated) and
+    flushed once, so the zeros an unmap leaves are durable too."""
     lu = unit(task)
     lba, n = _ws_blocks(task)
     if not n:
@@ -433,8 +434,10 @@ async def write_same(task: Task) -> None:
     block = bytes(lu.block_size) if ndob else data_bytes(task)
     if thin(lu) and (flags & 0x08 or (ndob and block.count(0) == len(block))):
         # UNMAP: deallocate whatever the data (SBC-4 5.50: the unmap request wins);
-        # LBPRZ says the blocks then read back as zeros
+        # LBPRZ says the blocks then read back as zeros, durably when written through
         await _discard(task, lba, n)
+        if through:
+            await _flush(task)
         return
     same = getattr(lu.backend, "write_same", None)
     if same is not None:   # the backend repeats the block itself (RBD: writesame in the OSDs)

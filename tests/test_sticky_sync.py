@@ -186,6 +186,33 @@ def test_write_same_written_through_after_a_failed_sync_is_refused_before_writin
     run(go())
 
 
+def test_write_same_unmap_written_through_is_durable_at_good(tmp_path, monkeypatch):
+    """WRITE SAME with UNMAP on a write-through thin file LU deallocates, then
+    syncs once before GOOD (the hole read back as zeros must survive a power
+    loss as written zeros would); written back, it does not sync."""
+    calls: list[int] = []
+    real = os.fdatasync
+    monkeypatch.setattr(file_mod.os, "fdatasync", lambda fd: (calls.append(fd), real(fd))[1])
+
+    async def go():
+        h = Harness([LunOptions("ram", size=1 << 20, write_cache=True)])
+        _file_lu(h, str(tmp_path / "d.img"), monkeypatch)
+        lu = h.lu()
+        lu.options.thin = True
+        assert (await h.cmd(_write10(0, 8), b"A" * 8 * BS)).status == GOOD
+        assert (await h.cmd(SYNC_CACHE10, no_data=True)).status == GOOD
+        lu.mode.wce = False
+        before = len(calls)
+        assert (await h.cmd(_write_same(0, 4, unmap=True), b"S" * BS)).status == GOOD
+        assert len(calls) == before + 1 and not lu.backend.dirty
+        lu.mode.wce = True
+        assert (await h.cmd(_write_same(4, 4, unmap=True), b"S" * BS)).status == GOOD
+        assert len(calls) == before + 1 and lu.backend.dirty
+        assert (await h.cmd(_read10(0, 8))).data == bytes(8 * BS)
+        lu.backend.close()
+    run(go())
+
+
 def test_sanitize_after_a_failed_sync_is_refused_before_it_erases(tmp_path, monkeypatch):
     """SANITIZE ends with a flush, which would fail: it is refused before its
     job overwrites or deallocates a block (it used to erase the LU first)."""
