@@ -197,7 +197,7 @@ def test_pdus_ahead_of_their_cmdsn_are_capped():
                                    data_length=chunk), bytes([i + 1]) * chunk)
         b = buffers(t, lambda b: b["ooo"] > 0)
         assert b["ooo"] <= OOO_LIMIT, b
-        G.healthy_io(t.portal)                       # another initiator, meanwhile
+        G.healthy_io(t.portal, lba=n * 128)          # another initiator, past the writes' blocks
         tur = ini._next_itt()                        # fills the gap
         ini.send(P.ScsiCommand(tur, P.LUN0, bytes(16), 0, gap, ini.exp_stat_sn))
         ini.cmd_sn = gap + 1 + n

@@ -399,8 +399,10 @@ def raw_exchange(portal: str, prefix: Any, payload: list[bytes], timeout: float 
         ini.close()
 
 
-def healthy_io(portal: str, iqn: str = TNAME, lun: int = 0) -> None:
-    """A separate, well-behaved session still reads and writes correctly."""
+def healthy_io(portal: str, iqn: str = TNAME, lun: int = 0, lba: int | None = None) -> None:
+    """A separate, well-behaved session still reads and writes correctly
+    (8 blocks at `lba`, else at a random LBA under 8000: a test that checks
+    blocks of its own there passes an LBA away from them)."""
     import os
 
     from support.rawiscsi import RawInitiator
@@ -410,7 +412,8 @@ def healthy_io(portal: str, iqn: str = TNAME, lun: int = 0) -> None:
         assert resp.status_class == 0, resp
         ini.command(bytes(6))   # TEST UNIT READY clears any unit attention
         data = os.urandom(4096)
-        lba = int.from_bytes(os.urandom(2), "big") % 8000
+        if lba is None:
+            lba = int.from_bytes(os.urandom(2), "big") % 8000
         ini.write16(lba, data, lun)
         assert ini.read16(lba, 8, lun) == data
         ini.write16(lba, data[::-1], lun, immediate_data=False)
