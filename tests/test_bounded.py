@@ -24,7 +24,7 @@ from stml.lu import IEEE_COMPANY_ID, CopyResults, LogicalUnit, LunOptions
 from stml.sense import CHECK_CONDITION, GOOD, ILLEGAL_REQUEST, parse_sense
 from stml.workers import FairWorkers
 from support.faults import on_disk
-from support.sbc_harness import TARGET, Harness, fragment, run, unmap
+from support.sbc_harness import TARGET, Harness, cscd, fragment, run, unmap
 
 BS = 512
 MAX_XFER = (8 << 20) // BS   # the harness STML's maximum transfer, in blocks
@@ -473,15 +473,6 @@ def test_free_threads_go_round_robin_among_lus():
 OTHER = "iqn.2026-11.org.test:other"
 
 
-def _cscd(naa: bytes) -> bytes:
-    d = bytearray(32)
-    d[0] = 0xE4
-    d[4:8] = bytes([0x01, 0x03, 0x00, 16])
-    d[8:24] = naa
-    d[29:32] = BS.to_bytes(3, "big")
-    return bytes(d)
-
-
 def _xcopy(cscds: list[bytes], segs: list[tuple[int, int, int, int, int]], list_id: int = 1) -> tuple[bytes, bytes]:
     c = b"".join(cscds)
     s = b"".join(struct.pack(">BBHHHHHQQ", 0x02, 0, 24, *seg[:2], 0, *seg[2:]) for seg in segs)
@@ -504,7 +495,7 @@ def test_extended_copy_reaches_only_the_nexus_target():
         mine = h.lu().naa
         await h.cmd(_write16(0, 8), b"\x11" * 4096)
         for segs in ([(1, 0, 8, 0, 0)], [(0, 1, 8, 0, 0)]):          # from B, into B
-            cdb, data = _xcopy([_cscd(mine), _cscd(other.naa)], segs)
+            cdb, data = _xcopy([cscd(mine), cscd(other.naa)], segs)
             r = await h.cmd(cdb, data)
             assert r.key_asc == (0xA, 0x08, 0x04)                   # COPY ABORTED, UNREACHABLE COPY TARGET
         buf = bytearray(4096)
@@ -521,7 +512,7 @@ def test_extended_copy_honours_reservations_of_its_copy_targets():
         src, dst = h.lu(0), h.lu(1)
         await h.cmd(_write16(0, 8), b"\x12" * 4096)
         assert (await h.cmd(bytes([0x16, 0, 0, 0, 0, 0]), alloc=0, lun=1, nexus=2)).status == GOOD
-        cdb, data = _xcopy([_cscd(src.naa), _cscd(dst.naa)], [(0, 1, 8, 0, 0)])
+        cdb, data = _xcopy([cscd(src.naa), cscd(dst.naa)], [(0, 1, 8, 0, 0)])
         r = await h.cmd(cdb, data)                                     # sent to LUN 0, writes LUN 1
         assert r.key_asc == (0xA, 0x0D, 0x02)                          # COPY TARGET DEVICE NOT REACHABLE
         assert (await h.cmd(_read16(0, 8), lun=1, nexus=2)).data == bytes(4096)
@@ -544,8 +535,8 @@ def test_extended_copy_limits_and_bounded_results():
         r = await h.cmd(cdb, bytes(8 << 20))
         assert r.key_asc == (ILLEGAL_REQUEST, 0x1A, 0) and "rdy_to_xfer" not in asked
         # one copy at a time (as RECEIVE COPY OPERATING PARAMETERS says)
-        big, small = _xcopy([_cscd(naa)], [(0, 0, 0xFFFF, 0, 0x10000)], list_id=1), \
-            _xcopy([_cscd(naa)], [(0, 0, 1, 0, 1)], list_id=2)
+        big, small = _xcopy([cscd(naa)], [(0, 0, 0xFFFF, 0, 0x10000)], list_id=1), \
+            _xcopy([cscd(naa)], [(0, 0, 1, 0, 1)], list_id=2)
         first = asyncio.ensure_future(h.cmd(*big))
         while not lu.copies:
             await asyncio.sleep(0)
@@ -555,7 +546,7 @@ def test_extended_copy_limits_and_bounded_results():
         assert (await h.cmd(*small)).status == GOOD
         # results: bounded per nexus, and gone with the nexus
         for list_id in range(3, 40):
-            assert (await h.cmd(*_xcopy([_cscd(naa)], [(0, 0, 1, 0, 1)], list_id=list_id))).status == GOOD
+            assert (await h.cmd(*_xcopy([cscd(naa)], [(0, 0, 1, 0, 1)], list_id=list_id))).status == GOOD
         assert len(lu.copy_results) == lu.copy_results.PER_NEXUS
         status = lambda list_id: h.cmd(bytes([0x84, 0, list_id]) + bytes(7) + struct.pack(">I", 64) + bytes(2))
         assert (await status(39)).status == GOOD and (await status(3)).key_asc == (ILLEGAL_REQUEST, 0x24, 0)
@@ -570,7 +561,7 @@ def test_nexus_loss_visits_only_the_lus_holding_its_copy_results(monkeypatch):
     async def go():
         h = Harness([LunOptions("ram", size=1 << 20) for _ in range(64)])
         lu = h.lu(5)
-        cdb, data = _xcopy([_cscd(lu.naa)], [(0, 0, 1, 0, 1)])
+        cdb, data = _xcopy([cscd(lu.naa)], [(0, 0, 1, 0, 1)])
         assert (await h.cmd(cdb, data, lun=5)).status == GOOD
         assert len(lu.copy_results) == 1
         visited: list[CopyResults] = []
@@ -585,7 +576,7 @@ def test_extended_copy_on_ram_turns_the_loop_between_chunks():
     async def go():
         h = Harness([LunOptions("ram", size=128 << 20)])
         naa = h.lu().naa
-        cdb, data = _xcopy([_cscd(naa)], [(0, 0, 0xFFFF, 0, 0x10000)])   # 32 MiB in one segment
+        cdb, data = _xcopy([cscd(naa)], [(0, 0, 0xFFFF, 0, 0x10000)])   # 32 MiB in one segment
         assert await _ticking(h.cmd(cdb, data)) >= 31
     run(go())
 

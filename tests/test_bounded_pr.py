@@ -251,39 +251,49 @@ def test_read_full_status_builds_only_what_the_allocation_length_holds(monkeypat
     assert struct.unpack_from(">I", out, 4)[0] == sum(24 + tid_bytes(r.initiator) for r in st.regs)
 
 
+class GatedSaves:
+    """An APTPL PrState whose saves each wait for `gate` in the saver thread;
+    `writes` lists (thread name, registrations) per save as it starts."""
+
+    def __init__(self, tmp_path, monkeypatch) -> None:
+        self.st = pr.PrState(T, 0)
+        self.st.load(pr.state_path(tmp_path, T, 0))
+        self.gate = threading.Event()
+        self.writes: list[tuple[str, int]] = []
+        real = pr._write_state
+
+        def gated(path, doc):
+            self.writes.append((threading.current_thread().name, len(doc["registrations"])))
+            self.gate.wait(30)
+            return real(path, doc)
+        monkeypatch.setattr(pr, "_write_state", gated)
+
+    def register(self, i: int) -> asyncio.Future:
+        """REGISTER a key with APTPL; the future of its save."""
+        port = pr.Port(f"{NAME}:p{i},i,0x23d0000000{i:02x}", T, 1)
+        self.st.prout(port, pr.REGISTER, 0, 0, pr.PrParams(sark=i + 1, aptpl=True))
+        return asyncio.ensure_future(self.st.persisted())
+
+    async def first_write_started(self) -> None:
+        while not self.writes:       # in the saver thread
+            await asyncio.sleep(0.01)
+
+
 def test_aptpl_saves_run_in_their_thread_and_coalesce(tmp_path, monkeypatch):
     """While one save is being written, nine more changes wait for one more
     write that covers them all; none is answered before its write is done."""
-    st = pr.PrState(T, 0)
-    st.load(pr.state_path(tmp_path, T, 0))
-    gate = threading.Event()
-    writes: list[tuple[str, int]] = []
-    real = pr._write_state
-
-    def gated(path, doc):
-        writes.append((threading.current_thread().name, len(doc["registrations"])))
-        gate.wait(30)
-        return real(path, doc)
-    monkeypatch.setattr(pr, "_write_state", gated)
-
-    def register(i: int) -> None:
-        port = pr.Port(f"{NAME}:p{i},i,0x23d0000000{i:02x}", T, 1)
-        st.prout(port, pr.REGISTER, 0, 0, pr.PrParams(sark=i + 1, aptpl=True))
+    saves = GatedSaves(tmp_path, monkeypatch)
 
     async def run() -> None:
-        register(0)
-        waits = [asyncio.ensure_future(st.persisted())]
-        while not writes:            # the first write has started, in the saver thread
-            await asyncio.sleep(0.01)
-        for i in range(1, 10):
-            register(i)
-            waits.append(asyncio.ensure_future(st.persisted()))
+        waits = [saves.register(0)]
+        await saves.first_write_started()
+        waits += [saves.register(i) for i in range(1, 10)]
         await asyncio.sleep(0)
         assert not any(w.done() for w in waits)
-        gate.set()
+        saves.gate.set()
         await asyncio.gather(*waits)
     asyncio.run(run())
-    assert writes == [("pr-save_0", 1), ("pr-save_0", 10)]
+    assert saves.writes == [("pr-save_0", 1), ("pr-save_0", 10)]
     assert len(json.loads(pr.state_path(tmp_path, T, 0).read_text())["registrations"]) == 10
 
 
@@ -292,37 +302,20 @@ def test_a_stop_waits_for_the_save_under_way_and_queues_no_more(tmp_path, monkey
     commands are not answered) instead of queueing that write behind the
     stop's wait for the savers, which would then miss it (a hung one would
     hang the exit); the write under way is waited for."""
-    st = pr.PrState(T, 0)
-    st.load(pr.state_path(tmp_path, T, 0))
-    gate = threading.Event()
-    writes: list[int] = []
-    real = pr._write_state
-
-    def gated(path, doc):
-        writes.append(len(doc["registrations"]))
-        gate.wait(30)
-        return real(path, doc)
-    monkeypatch.setattr(pr, "_write_state", gated)
-
-    def register(i: int) -> None:
-        port = pr.Port(f"{NAME}:p{i},i,0x23d0000000{i:02x}", T, 1)
-        st.prout(port, pr.REGISTER, 0, 0, pr.PrParams(sark=i + 1, aptpl=True))
+    saves = GatedSaves(tmp_path, monkeypatch)
 
     async def run() -> list:
-        register(0)
-        first = asyncio.ensure_future(st.persisted())
-        while not writes:
-            await asyncio.sleep(0.01)
-        register(1)
-        second = asyncio.ensure_future(st.persisted())
+        first = saves.register(0)
+        await saves.first_write_started()
+        second = saves.register(1)
         pr.stop_saving()
         waited = asyncio.ensure_future(asyncio.to_thread(pr.wait_for_saves))
-        gate.set()
+        saves.gate.set()
         await waited
         return await asyncio.gather(first, second, return_exceptions=True)
     first, second = asyncio.run(run())
     assert first is None and isinstance(second, OSError) and "stopping" in str(second)
-    assert writes == [1]
+    assert [n for _, n in saves.writes] == [1]
 
 
 def _sessions(sent: list, count: int):

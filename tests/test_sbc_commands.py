@@ -9,7 +9,7 @@ import struct
 from stml.locks import WriteGate
 from stml.lu import LunOptions
 from stml.sense import CHECK_CONDITION, GOOD, ILLEGAL_REQUEST
-from support.sbc_harness import Harness, run
+from support.sbc_harness import Harness, cscd, run
 
 BS = 512
 
@@ -20,15 +20,6 @@ def _write10(lba: int, n: int) -> bytes:
 
 def _read10(lba: int, n: int) -> bytes:
     return bytes([0x28, 0]) + struct.pack(">IBH", lba, 0, n) + b"\0"
-
-
-def _cscd(naa: bytes) -> bytes:
-    d = bytearray(32)
-    d[0] = 0xE4
-    d[4:8] = bytes([0x01, 0x03, 0x00, 16])
-    d[8:24] = naa
-    d[29:32] = BS.to_bytes(3, "big")
-    return bytes(d)
 
 
 def _b2b(src: int, dst: int, n: int, slba: int, dlba: int) -> bytes:
@@ -47,7 +38,7 @@ def test_extended_copy_within_and_across_luns():
         pattern = bytes(range(256)) * 2 * 8
         assert (await h.cmd(_write10(10, 8), pattern)).status == GOOD
         a, b = h.lu(0).naa, h.lu(1).naa
-        cdb, data = _xcopy([_cscd(a), _cscd(b)], [_b2b(0, 0, 8, 10, 100), _b2b(0, 1, 8, 10, 200)])
+        cdb, data = _xcopy([cscd(a), cscd(b)], [_b2b(0, 0, 8, 10, 100), _b2b(0, 1, 8, 10, 200)])
         assert (await h.cmd(cdb, data)).status == GOOD
         assert (await h.cmd(_read10(100, 8))).data == pattern
         assert (await h.cmd(_read10(200, 8), lun=1)).data == pattern
@@ -57,11 +48,11 @@ def test_extended_copy_within_and_across_luns():
         r = await h.cmd(bytes([0x84, 0x03]) + bytes(8) + struct.pack(">I", 256) + bytes(2))
         assert r.status == GOOD and struct.unpack_from(">H", r.data, 8)[0] >= 2
         # an unknown designator: COPY ABORTED, UNREACHABLE COPY TARGET
-        cdb, data = _xcopy([_cscd(bytes(16))], [_b2b(0, 0, 1, 0, 1)])
+        cdb, data = _xcopy([cscd(bytes(16))], [_b2b(0, 0, 1, 0, 1)])
         r = await h.cmd(cdb, data)
         assert r.key_asc == (0xA, 0x08, 0x04)
         # too many segment descriptors
-        cdb, data = _xcopy([_cscd(a)], [_b2b(0, 0, 1, 0, 1)] * 9)
+        cdb, data = _xcopy([cscd(a)], [_b2b(0, 0, 1, 0, 1)] * 9)
         assert (await h.cmd(cdb, data)).key_asc == (ILLEGAL_REQUEST, 0x26, 0x08)
     run(go())
 

@@ -25,7 +25,7 @@ from stml.metrics import Metrics
 from stml.mgmt import Management
 from stml.sense import CHECK_CONDITION, GOOD
 from support.faults import Fdatasyncs, on_disk
-from support.sbc_harness import Harness, run
+from support.sbc_harness import Harness, cscd, run
 
 BS = 512
 WRITE_ERROR = (0x3, 0x0C, 0x00)   # MEDIUM ERROR, WRITE ERROR
@@ -116,18 +116,9 @@ def _write_same(lba: int, n: int, unmap: bool = False) -> bytes:
     return struct.pack(">BBQIBB", 0x93, 0x08 if unmap else 0, lba, n, 0, 0)
 
 
-def _cscd(naa: bytes) -> bytes:
-    d = bytearray(32)
-    d[0] = 0xE4
-    d[4:8] = bytes([0x01, 0x03, 0x00, 16])
-    d[8:24] = naa
-    d[29:32] = BS.to_bytes(3, "big")
-    return bytes(d)
-
-
 def _xcopy(src: bytes, dst: bytes, n: int, slba: int, dlba: int) -> tuple[bytes, bytes]:
     """EXTENDED COPY (LID1) of one block-to-block segment between two LUs."""
-    c = _cscd(src) + _cscd(dst)
+    c = cscd(src) + cscd(dst)
     seg = struct.pack(">BBHHHHHQQ", 0x02, 0, 24, 0, 1, 0, n, slba, dlba)
     data = struct.pack(">BBH4xII", 1, 0, len(c), len(seg), 0) + c + seg
     return bytes([0x83, 0]) + bytes(8) + struct.pack(">I", len(data)) + bytes(2), data
@@ -156,6 +147,14 @@ async def _failed_sync(h: Harness, lun: int = 0) -> None:
     assert (r.status, r.key_asc) == (CHECK_CONDITION, WRITE_ERROR)
 
 
+async def _after_a_failed_sync(tmp_path, monkeypatch, luns: int = 1) -> Harness:
+    """`luns` write-back LUs, LU 0 on a file whose sync has failed (_failed_sync)."""
+    h = Harness([LunOptions("ram", size=1 << 20, write_cache=True) for _ in range(luns)])
+    _file_lu(h, str(tmp_path / "d.img"), monkeypatch)
+    await _failed_sync(h)
+    return h
+
+
 def test_write_same_written_through_after_a_failed_sync_is_refused_before_writing(tmp_path, monkeypatch):
     """WRITE SAME on a write-through file LU after a failed sync: MEDIUM ERROR,
     WRITE ERROR, as a write-through WRITE gets, and the blocks are as they
@@ -165,10 +164,8 @@ def test_write_same_written_through_after_a_failed_sync_is_refused_before_writin
     monkeypatch.setattr(file_mod.os, "fdatasync", FailOnce())
 
     async def go():
-        h = Harness([LunOptions("ram", size=1 << 20, write_cache=True)])
-        _file_lu(h, str(tmp_path / "d.img"), monkeypatch)
+        h = await _after_a_failed_sync(tmp_path, monkeypatch)
         lu = h.lu()
-        await _failed_sync(h)
         calls = Calls(lu.backend)
         lu.mode.wce = False
         for cdb in (_write_same(0, 4), _write_same(4, 4, unmap=True)):   # written, and deallocated (thin)
@@ -219,10 +216,8 @@ def test_sanitize_after_a_failed_sync_is_refused_before_it_erases(tmp_path, monk
     monkeypatch.setattr(file_mod.os, "fdatasync", FailOnce())
 
     async def go():
-        h = Harness([LunOptions("ram", size=1 << 20, write_cache=True)])
-        _file_lu(h, str(tmp_path / "d.img"), monkeypatch)
+        h = await _after_a_failed_sync(tmp_path, monkeypatch)
         lu = h.lu()
-        await _failed_sync(h)
         calls = Calls(lu.backend)
         params = bytes([0x01, 0]) + struct.pack(">H", 4) + b"ERAS"
         overwrite = bytes([0x48, 0x01, 0, 0, 0, 0, 0]) + struct.pack(">H", len(params)) + b"\0"
@@ -245,11 +240,8 @@ def test_extended_copy_into_a_write_through_lu_after_a_failed_sync_is_refused_be
     monkeypatch.setattr(file_mod.os, "fdatasync", FailOnce())
 
     async def go():
-        h = Harness([LunOptions("ram", size=1 << 20, write_cache=True),
-                     LunOptions("ram", size=1 << 20, write_cache=True)])
-        _file_lu(h, str(tmp_path / "d.img"), monkeypatch)
+        h = await _after_a_failed_sync(tmp_path, monkeypatch, luns=2)
         dst, src = h.lu(0), h.lu(1)
-        await _failed_sync(h)
         assert (await h.cmd(_write10(0, 8), b"C" * 8 * BS, lun=1)).status == GOOD
         calls = Calls(dst.backend)
         dst.mode.wce = False

@@ -98,6 +98,17 @@ def run(coro):
     return asyncio.run(coro)
 
 
+def cscd(naa: bytes, block_size: int = 512) -> bytes:
+    """An EXTENDED COPY identification descriptor (E4h) naming a LU by its
+    16-byte NAA designator, with the block size the copy assumes."""
+    d = bytearray(32)
+    d[0] = 0xE4
+    d[4:8] = bytes([0x01, 0x03, 0x00, 16])
+    d[8:24] = naa
+    d[29:32] = block_size.to_bytes(3, "big")
+    return bytes(d)
+
+
 def unmap(*ranges: tuple[int, int]) -> tuple[bytes, bytes]:
     """UNMAP's CDB and parameter list for (LBA, count) ranges."""
     descs = b"".join(struct.pack(">QI4x", lba, n) for lba, n in ranges)
