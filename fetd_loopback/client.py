@@ -26,6 +26,12 @@ class LinkLost(ConnectionError):
     """The STML went away with this command in flight; its outcome is unknown."""
 
 
+class NexusGone(ConnectionError):
+    """The STML ended this client's nexus (its target or ACL entry went away,
+    or it refused the nexus when the link registered it again after a
+    restart): no command can reach the LUNs any more, so none is retried."""
+
+
 class TaskAborted(Exception):
     """The command was aborted by task management and has no status."""
 
@@ -96,6 +102,7 @@ class LoopbackClient:
         self._pending: dict[int, _Pending] = {}
         self._tmfs: dict[int, concurrent.futures.Future] = {}
         self._nexus_ready: concurrent.futures.Future | None = None
+        self._gone: str | None = None      # why the STML ended the nexus (NexusGone)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="loopback-link", daemon=True)
         self._link: FrontEndLink | None = None
@@ -167,6 +174,9 @@ class LoopbackClient:
                                 length: int) -> None:
         link = self._link
         assert link is not None   # commands are sent once open() made the link
+        if self._gone is not None:
+            self._fail(tag, NexusGone(self._gone))
+            return
         if not link.connected.is_set():
             try:
                 await asyncio.wait_for(link.connected.wait(), self.timeout)
@@ -211,6 +221,19 @@ class LoopbackClient:
                 fut.set_exception(LookupError(error))
             else:
                 fut.set_result(None)
+        elif error:   # registered again by the link after a restart, and refused
+            self._end_nexus(f"the STML refused the nexus again: {error}")
+
+    def drop_nexus(self, nexus: int, reason: str) -> None:
+        self._end_nexus(f"the STML dropped the nexus: {reason}")
+
+    def _end_nexus(self, why: str) -> None:
+        """Commands on a nexus the STML no longer has would each come back
+        LOGICAL UNIT COMMUNICATION FAILURE, forever: fail them, and every
+        later one, with the reason instead."""
+        self._gone = why
+        for tag in list(self._pending):
+            self._fail(tag, NexusGone(why))
 
     def rdy_to_xfer(self, tag: int, offset: int, length: int) -> None:
         pending = self._pending.get(tag)

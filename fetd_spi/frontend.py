@@ -150,6 +150,8 @@ class StmlExecutor:
                 fut.set_exception(LookupError(f"nexus of initiator ID {nexus}: {error}"))
             else:
                 fut.set_result(None)
+        elif error:   # registered again by the link after a restart, and refused: as a drop
+            self.drop_nexus(nexus, f"refused when registered again: {error}")
 
     def rdy_to_xfer(self, tag: int, offset: int, length: int) -> None:
         cmd = self._commands.get(tag)    # all of a write's data went with it; should more be asked

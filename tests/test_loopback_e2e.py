@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import os
 import struct
+import time
 
 import pytest
 
+from support.cli import cli
 from support.target import StmlProcess
 
-from fetd_loopback import LinkLost, ScsiError
+from fetd_loopback import LinkLost, NexusGone, ScsiError
 from stml.cdb import encode_lun
 from stml.sense import parse_sense
 
@@ -528,6 +530,54 @@ def test_client_survives_stml_restart(stml_factory, client_factory):
     assert r.status == GOOD or parse_sense(r.sense)[0] == 0x06
     settle(client)
     assert client.execute(0, bytes(6)).status == GOOD
+
+
+def _gone_within(client, seconds: float = 15) -> NexusGone:
+    """The NexusGone a command raises once the client knows its nexus ended;
+    until then a command is answered by the STML (or lost with the link)."""
+    deadline = time.monotonic() + seconds
+    answers = []
+    while time.monotonic() < deadline:
+        try:
+            answers.append(client.execute(0, bytes(6)).describe())
+        except NexusGone as e:
+            return e
+        except LinkLost:
+            answers.append("link lost")
+        time.sleep(0.1)
+    raise AssertionError(f"commands never failed with NexusGone; answers: {answers[-3:]}")
+
+
+def test_target_remove_force_ends_the_clients_nexus(stml_factory, client_factory):
+    """`target remove --force` drops the nexus: the client's commands then
+    fail at once with the reason (each used to come back LOGICAL UNIT
+    COMMUNICATION FAILURE, and a program retrying them would retry forever)."""
+    stml = stml_factory("ram:1MiB")
+    client = client_factory(stml.endpoint)
+    settle(client)
+    cli("target", "remove", "--data-dir", str(stml.data_dir), client.target_name, "--force")
+    e = _gone_within(client)
+    assert "dropped" in str(e)
+    with pytest.raises(NexusGone):     # every later command too, without a retry
+        client.execute(0, bytes(6), retries=3)
+
+
+def test_a_nexus_refused_after_a_restart_ends_the_client(stml_factory, client_factory):
+    """The STML comes back with an ACL that does not name the client (edited
+    into its config while it was down): the link registers the nexus again,
+    the STML refuses it, and the client says so."""
+    stml = stml_factory("ram:1MiB")
+    client = client_factory(stml.endpoint)
+    settle(client)
+    stml.stop()
+    config = stml.data_dir / "scsi-target.toml"
+    text = config.read_text()
+    named = f'name = "{client.target_name}"\n'
+    assert named in text
+    config.write_text(text.replace(named, named + 'acl = ["iqn.2026-12.org.scsi-target.test:someone-else"]\n'))
+    stml.start()
+    e = _gone_within(client)
+    assert "refused" in str(e) and "ACL" in str(e), e
 
 
 def test_scsi_error_carries_the_result(stml_factory, client_factory):

@@ -324,3 +324,25 @@ def test_fetd_spi_imports_only_the_contract_from_stml():
             elif isinstance(node, ast.Import):
                 seen.update(a.name for a in node.names)
     assert {m for m in seen if m == "stml" or m.startswith("stml.")} == {"stml.api"}
+
+
+def test_a_nexus_refused_when_registered_again_fails_the_run():
+    """After an STML restart the link registers each initiator's nexus again;
+    a refusal then ends the run with the reason (as a drop does), instead of
+    every later command coming back LOGICAL UNIT COMMUNICATION FAILURE."""
+    import asyncio
+
+    from fetd_spi.frontend import LinkFailed, StmlExecutor
+
+    async def main() -> str:
+        ex = StmlExecutor("ipc:///nonexistent/stml.sock")    # never started: no I/O
+        ex._ready[7] = asyncio.get_running_loop().create_future()
+        ex.nexus_ready(7, None)                              # the first registration
+        assert ex._failed is None
+        ex.nexus_ready(7, "initiator iqn.x is not in the ACL of iqn.t")
+        with pytest.raises(LinkFailed) as e:
+            await ex.advance(simpy.Environment(), None)
+        return str(e.value)
+
+    msg = asyncio.run(main())
+    assert "initiator ID 7" in msg and "refused when registered again" in msg and "ACL" in msg

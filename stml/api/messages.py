@@ -486,7 +486,7 @@ MESSAGES: tuple[Message, ...] = (
     Message(Op.NEXUS_READY, _FROM, "front end",
             "The answer to `register_nexus`. A nexus refused that the front end registered again "
             "(after an STML restart) has no I_T nexus in the STML: the front end ends its session "
-            "(fetd_tcp: decision 0266).", (
+            "(fetd_tcp: decision 0266; the loopback library raises NexusGone).", (
                 _NEXUS,
                 Field("error", STR, "the nexus was refused (e.g. no such target, the target's nexus cap)",
                       False),
