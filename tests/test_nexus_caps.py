@@ -301,17 +301,6 @@ def test_nothing_reaches_an_initiator_before_its_login_response(tmp_path, tmp_sh
     asyncio.run(main())
 
 
-class _Alive(FakeStml):
-    """A fake STML that answers heartbeats: the link never finds it silent
-    (which would end every session at once)."""
-
-    def _answer(self, h: dict) -> None:
-        if h.get("op") == "heartbeat":
-            self.send({"op": "heartbeat"})
-        else:
-            super()._answer(h)
-
-
 def test_a_nexus_the_stml_refuses_again_ends_its_session_only(tmp_short):
     """The STML refuses a nexus of a live session (as one that restarted
     refuses a re-registration past its caps): fetd_tcp ends that session (an
@@ -323,7 +312,7 @@ def test_a_nexus_the_stml_refuses_again_ends_its_session_only(tmp_short):
     target = "iqn.2026-12.test:fake"
 
     async def main() -> None:
-        stml = _Alive(str(tmp_short() / "stml"), version=CONTRACT_VERSION, caps=[])
+        stml = FakeStml(str(tmp_short() / "stml"), version=CONTRACT_VERSION, caps=[])
         fetd = subprocess.Popen([sys.executable, "-m", "fetd_tcp", "--stml", stml.endpoint,
                                  "--portal", f"127.0.0.1:{port}"], stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, start_new_session=True)

@@ -1,6 +1,7 @@
 """A minimal STML on a Unix stream socket, written against docs/contract.md
 (not stml.api): it accepts front ends, answers registration and nexuses, and
-records what arrives, so tests can play an STML of another contract version
+records what arrives (and answers heartbeats, so a link never finds it
+silent and ends every session), so tests can play an STML of another contract version
 or one that sends malformed messages to a real FrontEndLink."""
 from __future__ import annotations
 
@@ -117,6 +118,8 @@ class FakeStml:
             self.send(detect)
         elif op == "register_nexus":
             self.send({"op": "nexus_ready", "nexus": h["nexus"]})
+        elif op == "heartbeat":
+            self.send({"op": "heartbeat"})
         elif op == "rx_cmnd":
             self.send({"op": "xmit_response", "tag": h["tag"], "status": 0, "sense": None, "resid": 0})
 
