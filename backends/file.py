@@ -178,7 +178,10 @@ class FileBackend:
                 log.error("%s: fdatasync failed (%s): acknowledged writes may be lost; every later "
                           "sync, FUA and write-through write of it fails until "
                           "`scsi-target lun reset-error`", self.path, e.strerror or e)
-            raise
+            # EIO whatever the kernel said: ENOSPC (or EDQUOT, ETIMEDOUT) from a sync is
+            # not a write refused before it landed but write-back pages maybe lost, a
+            # MEDIUM ERROR, never the thin LU's retryable DATA PROTECT (decision 0271)
+            raise OSError(errno.EIO, f"{self.path}: fdatasync: {e.strerror or e}") from e
         with self._gen_lock:
             self._in_kernel.discard(ticket)
             self._sync_returned.notify_all()

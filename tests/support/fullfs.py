@@ -1,0 +1,87 @@
+"""A small file system that really fills up, seen only by the process under
+test: a tmpfs of a few MiB mounted in a private mount namespace (`unshare
+--mount`) by the command that then execs the process (same PID). Nothing is
+mounted where the test runs, so nothing is left mounted whatever happens to
+the test: the mount goes with the last process in the namespace. The test
+reaches the file system through /proc/PID/root (we run as root: kinds
+`system`)."""
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+from support.target import StmlProcess
+
+CHUNK = 64 << 10
+PAGE = 4096
+
+
+class SmallFs:
+    """tmpfs of `size` at `mountpoint` (made if missing), for the process run
+    with `wrap` in front of its command line."""
+
+    def __init__(self, mountpoint: Path, size: str = "4m") -> None:
+        self.mountpoint = mountpoint
+        mountpoint.mkdir(parents=True, exist_ok=True)
+        self.wrap = ("unshare", "--mount", "--propagation", "private", "sh", "-c",
+                     'mount -t tmpfs -o "size=$1,mode=0700" scsi-target-test "$2" && shift 2 && exec "$@"',
+                     "sh", size, str(mountpoint))
+        self.pid: int | None = None   # the process that holds the namespace
+
+    def path(self, name: str = "") -> Path:
+        """`name` in the small file system, as this process reaches it."""
+        assert self.pid is not None, "no process holds the file system yet"
+        return Path(f"/proc/{self.pid}/root{self.mountpoint}") / name
+
+    def mounted(self) -> bool:
+        """The process sees the tmpfs (not the directory under it)."""
+        assert self.pid is not None
+        with open(f"/proc/{self.pid}/mounts") as f:
+            return any(line.split()[1] == str(self.mountpoint) and line.split()[2] == "tmpfs" for line in f)
+
+    def fill(self, name: str = "filler") -> int:
+        """Write zeros to `name` until the file system is full; the bytes written."""
+        total = 0
+        with open(self.path(name), "ab", buffering=0) as f:
+            for size in (CHUNK, PAGE):
+                block = bytes(size)
+                while True:
+                    try:
+                        n = f.write(block)
+                    except OSError as e:
+                        if e.errno != errno.ENOSPC:
+                            raise
+                        break
+                    total += n or 0
+        return total
+
+    def free(self, nbytes: int, name: str = "filler") -> None:
+        """Give `nbytes` back: the filler shrinks by that much."""
+        p = self.path(name)
+        os.truncate(p, p.stat().st_size - nbytes)
+
+    def free_all(self, name: str = "filler") -> None:
+        self.path(name).unlink()
+
+    def available(self) -> int:
+        st = os.statvfs(self.path())
+        return st.f_bavail * st.f_frsize
+
+
+class StmlOnSmallFs(StmlProcess):
+    """A bare STML (`python -m stml`) run inside a SmallFs's namespace."""
+
+    def __init__(self, fs: SmallFs, data_dir: Path, luns: tuple[str, ...],
+                 extra: tuple[str, ...] = ()) -> None:
+        super().__init__(data_dir, luns, extra)
+        self.fs = fs
+
+    def argv(self) -> list[str]:
+        return [*self.fs.wrap, *super().argv()]
+
+    def start(self) -> StmlOnSmallFs:
+        super().start()
+        self.fs.pid = self.pid
+        assert self.fs.mounted(), "the STML does not see its small file system"
+        return self

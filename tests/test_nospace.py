@@ -1,0 +1,147 @@
+"""A thin file LUN whose file system fills up (decision 0271), on a real full
+file system (support.fullfs: a tmpfs of a few MiB in the STML's own mount
+namespace). Every kind of write that needs new space answers DATA PROTECT,
+SPACE ALLOCATION FAILED WRITE PROTECT (7/27/07), logged once, not MEDIUM
+ERROR; the STML goes on serving, existing data reads back and is
+overwritten in place, and once space is freed the same write succeeds. What
+else the STML writes there (reservations under APTPL, its config file, a
+new LUN's image) fails cleanly too."""
+from __future__ import annotations
+
+import json
+import struct
+import sys
+
+import pytest
+
+from stml.sense import CHECK_CONDITION, GOOD
+from support.cli import cli
+from support.fullfs import PAGE, SmallFs, StmlOnSmallFs
+from support.sbc_harness import cscd, unmap
+
+BS = 512
+PB = PAGE // BS   # blocks per page: tmpfs allocates a page at a time
+NO_SPACE = (CHECK_CONDITION, 0x7, (0x27, 0x07))
+LOG_LINE = "no space for writes"
+
+
+def _write10(lba: int, n: int) -> bytes:
+    return struct.pack(">BBIBHB", 0x2A, 0, lba, 0, n, 0)
+
+
+def _write16(lba: int, n: int) -> bytes:
+    return struct.pack(">BBQIBB", 0x8A, 0, lba, n, 0, 0)
+
+
+def _read16(lba: int, n: int) -> bytes:
+    return struct.pack(">BBQIBB", 0x88, 0, lba, n, 0, 0)
+
+
+def _write_same16(lba: int, n: int) -> bytes:
+    return struct.pack(">BBQIBB", 0x93, 0, lba, n, 0, 0)   # UNMAP=0: the blocks are written
+
+
+def _write_verify10(lba: int, n: int) -> bytes:
+    return struct.pack(">BBIBHB", 0x2E, 0x02, lba, 0, n, 0)   # BYTCHK=1: compared after
+
+
+def _caw(lba: int, n: int) -> bytes:
+    return struct.pack(">BBQ3xBBB", 0x89, 0, lba, n, 0, 0)
+
+
+def _xcopy(naa: bytes, n: int, slba: int, dlba: int) -> tuple[bytes, bytes]:
+    """EXTENDED COPY (LID1) of blocks within one LU."""
+    c = cscd(naa) + cscd(naa)
+    seg = struct.pack(">BBHHHHHQQ", 0x02, 0, 24, 0, 1, 0, n, slba, dlba)
+    data = struct.pack(">BBH4xII", 1, 0, len(c), len(seg), 0) + c + seg
+    return bytes([0x83, 0]) + bytes(8) + struct.pack(">I", len(data)) + bytes(2), data
+
+
+def _naa(client, lun: int) -> bytes:
+    page = client.inquiry(lun, 0x83)
+    pos = 4
+    while page[pos + 1] & 0x0F != 3:
+        pos += 4 + page[pos + 3]
+    return page[pos + 4:pos + 20]
+
+
+def _outcome(r) -> tuple:
+    return (r.status, r.sense_key, r.asc_ascq) if r.status != GOOD else (GOOD,)
+
+
+@pytest.fixture
+def small(tmp_short):
+    """An STML with LUN 0 a 16 MiB thin file on a 4 MiB file system, LUN 1 a
+    256 KiB file there too, made thick (fully written) by the test."""
+    d = tmp_short()
+    fs = SmallFs(d / "fs", "4m")
+    stml = StmlOnSmallFs(fs, d, (f"file:{d / 'fs' / 'thin.img'},size=16MiB",
+                                 f"file:{d / 'fs' / 'thick.img'},size=256KiB"))
+    stml.start()
+    yield stml
+    stml.stop()
+
+
+# one write of each kind to a page nobody wrote: (name, CDB, data out, LBA, what it reads back)
+def _writes(naa: bytes) -> list[tuple[str, bytes, bytes, int, bytes]]:
+    lba = iter(range(64 * PB, 1 << 15, 2 * PB))
+    w10, w16, ws, wv, caw, xc = (next(lba) for _ in range(6))
+    xcdb, xdata = _xcopy(naa, PB, 0, xc)   # from LBA 0, written before the fill
+    return [
+        ("WRITE(10)", _write10(w10, PB), b"\x10" * PAGE, w10, b"\x10" * PAGE),
+        ("WRITE(16)", _write16(w16, PB), b"\x16" * PAGE, w16, b"\x16" * PAGE),
+        ("WRITE SAME(16)", _write_same16(ws, PB), b"\x55" * BS, ws, b"\x55" * PAGE),
+        ("WRITE AND VERIFY(10)", _write_verify10(wv, PB), b"\x2E" * PAGE, wv, b"\x2E" * PAGE),
+        ("COMPARE AND WRITE", _caw(caw, 1), bytes(BS) + b"\x89" * BS, caw, b"\x89" * BS),
+        ("EXTENDED COPY", xcdb, xdata, xc, b"B" * PAGE),
+    ]
+
+
+def test_every_kind_of_write_answers_space_allocation_failed(small, client_factory):
+    c = client_factory(small.endpoint)
+    c.write(0, 0, b"A" * PAGE)                       # data that was there before the fill
+    c.write(1, 0, b"T" * (256 << 10))                # LUN 1 is thick: every block allocated
+    assert small.fs.fill() > 0
+    assert small.fs.available() == 0
+    writes = _writes(_naa(c, 0))
+    for name, cdb, data, _, _ in writes:
+        assert _outcome(c.execute(0, cdb, data)) == NO_SPACE, name
+    for _ in range(20):                              # a storm: still one line
+        assert _outcome(c.execute(0, _write10(4000, PB), b"S" * PAGE)) == NO_SPACE
+    assert small.alive()
+    lines = [x for x in small.log().splitlines() if LOG_LINE in x]
+    assert len(lines) == 1, lines
+    assert "No space left on device" in lines[0] and "MEDIUM" not in small.log()
+    # what is there reads back, and is overwritten in place: it needs no new space
+    assert c.read(0, 0, PB) == b"A" * PAGE
+    assert _outcome(c.execute(0, _write16(0, PB), b"B" * PAGE)) == (GOOD,)
+    assert c.read(0, 0, PB) == b"B" * PAGE
+    # a thick LU does as before: its writes land
+    assert _outcome(c.execute(1, _write16(8, PB), b"K" * PAGE)) == (GOOD,)
+    assert c.read(1, 8, PB) == b"K" * PAGE
+    # space freed: the same writes succeed and read back
+    small.fs.free_all()
+    for name, cdb, data, lba, back in writes:
+        assert _outcome(c.execute(0, cdb, data)) == (GOOD,), name
+        assert c.read(0, lba, len(back) // BS) == back, name
+
+
+def test_a_short_write_then_no_space_and_unmap_makes_room(small, client_factory):
+    """pwrite writes the part that fits, then ENOSPC: the command still fails
+    with 7/27/07 (its blocks are indeterminate, as after any failed write).
+    UNMAP of the LU's own blocks gives the room back."""
+    c = client_factory(small.endpoint)
+    c.write(0, 0, b"A" * 4 * PAGE)
+    small.fs.fill()
+    small.fs.free(PAGE)                              # room for one page of the next write's four
+    lba = 512
+    r = c.execute(0, _write16(lba, 4 * PB), b"W" * 4 * PAGE)
+    assert _outcome(r) == NO_SPACE
+    assert c.read(0, lba, 4 * PB) == b"W" * PAGE + bytes(3 * PAGE)   # the part that fit landed
+    assert small.fs.available() == 0
+    cdb, data = unmap((0, 4 * PB))
+    assert _outcome(c.execute(0, cdb, data)) == (GOOD,)
+    assert small.fs.available() == 4 * PAGE
+    assert _outcome(c.execute(0, _write16(lba, 4 * PB), b"W" * 4 * PAGE)) == (GOOD,)
+    assert c.read(0, lba, 4 * PB) == b"W" * 4 * PAGE
+    assert c.read(0, 0, 4 * PB) == bytes(4 * PAGE)
