@@ -747,8 +747,11 @@ def _write_state(path: Path, doc: dict[str, Any] | None) -> bool:
         while data:
             data = data[os.write(fd, data):]
         os.fsync(fd)
-    finally:
+    except BaseException:   # (ENOSPC) no temporary file left to hold the space or an inode
         os.close(fd)
+        os.unlink(tmp)
+        raise
+    os.close(fd)
     os.replace(tmp, path)
     _fsync_dir(path.parent)
     return True

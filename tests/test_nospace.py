@@ -145,3 +145,67 @@ def test_a_short_write_then_no_space_and_unmap_makes_room(small, client_factory)
     assert _outcome(c.execute(0, _write16(lba, 4 * PB), b"W" * 4 * PAGE)) == (GOOD,)
     assert c.read(0, lba, 4 * PB) == b"W" * 4 * PAGE
     assert c.read(0, 0, 4 * PB) == bytes(4 * PAGE)
+
+
+# ---------------------------------------------------------------- reservations under APTPL
+
+REGISTER, RESERVE = 0x00, 0x01
+APTPL = 0x01
+WE = 0x1   # WRITE EXCLUSIVE
+INSUFFICIENT_REGISTRATION_RESOURCES = (CHECK_CONDITION, 0x5, (0x55, 0x04))
+
+
+def _prout(sa: int, rk: int = 0, sark: int = 0, flags: int = 0, rtype: int = 0) -> tuple[bytes, bytes]:
+    params = struct.pack(">QQ", rk, sark) + bytes(4) + bytes([flags]) + bytes(3)
+    return bytes([0x5F, sa, rtype, 0, 0]) + struct.pack(">I", len(params)) + b"\0", params
+
+
+def _keys(client) -> list[int]:
+    data = client.execute(0, bytes([0x5E, 0, 0, 0, 0, 0, 0, 1, 0, 0]), data_in=256).check().data
+    n = struct.unpack_from(">I", data, 4)[0]
+    return [struct.unpack_from(">Q", data, 8 + i)[0] for i in range(0, n, 8)]
+
+
+def _holder(client) -> tuple[int, int] | None:
+    """READ RESERVATION: (key, type) of the reservation, None when none."""
+    data = client.execute(0, bytes([0x5E, 1, 0, 0, 0, 0, 0, 0, 64, 0]), data_in=64).check().data
+    if not struct.unpack_from(">I", data, 4)[0]:
+        return None
+    return struct.unpack_from(">Q", data, 8)[0], data[21] & 0x0F
+
+
+def test_a_reservation_that_cannot_be_saved_is_not_granted(tmp_short, client_factory):
+    """APTPL: the reservation state is written to DATA_DIR/pr before GOOD. On a
+    full file system the PERSISTENT RESERVE OUT answers INSUFFICIENT
+    REGISTRATION RESOURCES (5/55/04; was MEDIUM ERROR, WRITE ERROR) and its
+    change is taken back; with room again the same command succeeds."""
+    d = tmp_short()
+    fs = SmallFs(d / "pr", "1m")
+    stml = StmlOnSmallFs(fs, d, ("ram:1MiB",))
+    try:
+        stml.start()
+        c = client_factory(stml.endpoint)
+        fs.fill()
+        cdb, data = _prout(REGISTER, sark=0xAB, flags=APTPL)
+        assert _outcome(c.execute(0, cdb, data)) == INSUFFICIENT_REGISTRATION_RESOURCES
+        assert _keys(c) == []                                    # taken back: not in force
+        assert [p.name for p in fs.path().iterdir()] == ["filler"]   # no file, no temporary left
+        fs.free_all()
+        assert _outcome(c.execute(0, cdb, data)) == (GOOD,)
+        assert _keys(c) == [0xAB]
+        saved, = fs.path().glob("*.json")
+        assert json.loads(saved.read_text())["aptpl"] is True
+        # a registration kept, a RESERVE that cannot be written: not granted either
+        fs.fill()
+        cdb, data = _prout(RESERVE, rk=0xAB, rtype=WE)
+        assert _outcome(c.execute(0, cdb, data)) == INSUFFICIENT_REGISTRATION_RESOURCES
+        assert _holder(c) is None
+        assert _keys(c) == [0xAB] and json.loads(saved.read_text())["reservation"] is None
+        fs.free_all()
+        assert _outcome(c.execute(0, cdb, data)) == (GOOD,)
+        assert _holder(c) == (0xAB, WE)
+        assert stml.alive()
+        lines = [x for x in stml.log().splitlines() if "reservations not saved" in x]
+        assert len(lines) == 2 and all("No space left on device" in x for x in lines)
+    finally:
+        stml.stop()
