@@ -209,3 +209,59 @@ def test_a_reservation_that_cannot_be_saved_is_not_granted(tmp_short, client_fac
         assert len(lines) == 2 and all("No space left on device" in x for x in lines)
     finally:
         stml.stop()
+
+
+# ---------------------------------------------------------------- the config file, a new LUN's image
+
+def test_a_change_whose_config_save_finds_no_space(tmp_short):
+    """The config file on a full file system: `lun add` applies the LUN, says in
+    one line that it was not saved and exits 1; the file is as it was, with no
+    temporary left. With room again `config save` writes it."""
+    d = tmp_short()
+    fs = SmallFs(d / "etc", "1m")
+    cfg = d / "etc" / "scsi-target.toml"
+    stml = StmlOnSmallFs(fs, d, ("ram:1MiB",), ("--config", str(cfg)))
+    try:
+        stml.start()
+        before = fs.path("scsi-target.toml").read_text()
+        fs.fill()
+        p = cli("lun", "add", "ram:1MiB", "--data-dir", str(d), check=False)
+        assert p.returncode == 1, p.stdout + p.stderr
+        err = p.stderr.strip().splitlines()
+        assert len(err) == 1 and "NOT saved" in err[0] and "No space left on device" in err[0], p.stderr
+        assert fs.path("scsi-target.toml").read_text() == before
+        assert sorted(x.name for x in fs.path().iterdir()) == ["filler", "scsi-target.toml"]
+        assert stml.alive()
+        fs.free_all()
+        cli("config", "save", "--data-dir", str(d))
+        assert "lun = 1" in fs.path("scsi-target.toml").read_text()
+    finally:
+        stml.stop()
+
+
+def test_lun_add_of_a_new_image_on_a_full_file_system(tmp_short, client_factory):
+    """A new thin image takes no blocks: on a file system with no block left it
+    is made, and its writes answer 7/27/07; with no inode left it cannot be
+    made: `lun add` fails with one line, nothing added, nothing left behind."""
+    d = tmp_short()
+    fs = SmallFs(d / "fs", "1m", inodes=16)
+    stml = StmlOnSmallFs(fs, d, ("ram:1MiB",))
+    try:
+        stml.start()
+        fs.fill()
+        image = d / "fs" / "new.img"
+        added = json.loads(cli("lun", "add", f"file:{image},size=64MiB", "--data-dir", str(d), "--json").stdout)
+        c = client_factory(stml.endpoint)
+        assert _outcome(c.execute(added["lun"], _write16(0, PB), b"N" * PAGE)) == NO_SPACE
+        assert fs.path("new.img").stat().st_size == 64 << 20
+        assert fs.fill_inodes() > 0
+        p = cli("lun", "add", f"file:{d / 'fs' / 'newer.img'},size=64MiB", "--data-dir", str(d), check=False)
+        assert p.returncode == 2                         # refused (exit 1 is an I/O error after applying)
+        err = p.stderr.strip().splitlines()
+        assert len(err) == 1 and "newer.img: No space left on device" in err[0], p.stderr
+        assert not fs.path("newer.img").exists()
+        assert [x["lun"] for x in json.loads(cli("lun", "list", "--data-dir", str(d), "--json").stdout)] \
+            == [0, added["lun"]]
+        assert stml.alive()
+    finally:
+        stml.stop()

@@ -21,12 +21,13 @@ class SmallFs:
     """tmpfs of `size` at `mountpoint` (made if missing), for the process run
     with `wrap` in front of its command line."""
 
-    def __init__(self, mountpoint: Path, size: str = "4m") -> None:
+    def __init__(self, mountpoint: Path, size: str = "4m", inodes: int | None = None) -> None:
         self.mountpoint = mountpoint
         mountpoint.mkdir(parents=True, exist_ok=True)
+        options = f"size={size},mode=0700" + (f",nr_inodes={inodes}" if inodes else "")
         self.wrap = ("unshare", "--mount", "--propagation", "private", "sh", "-c",
-                     'mount -t tmpfs -o "size=$1,mode=0700" scsi-target-test "$2" && shift 2 && exec "$@"',
-                     "sh", size, str(mountpoint))
+                     'mount -t tmpfs -o "$1" scsi-target-test "$2" && shift 2 && exec "$@"',
+                     "sh", options, str(mountpoint))
         self.pid: int | None = None   # the process that holds the namespace
 
     def path(self, name: str = "") -> Path:
@@ -55,6 +56,18 @@ class SmallFs:
                         break
                     total += n or 0
         return total
+
+    def fill_inodes(self) -> int:
+        """Create empty files until no inode is left; how many."""
+        n = 0
+        while True:
+            try:
+                self.path(f"inode{n}").touch()
+            except OSError as e:
+                if e.errno != errno.ENOSPC:
+                    raise
+                return n
+            n += 1
 
     def free(self, nbytes: int, name: str = "filler") -> None:
         """Give `nbytes` back: the filler shrinks by that much."""
