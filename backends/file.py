@@ -59,7 +59,13 @@ class FileBackend:
             raise BackendError(f"{path}: not a regular file or block device")
         # (a missing file always has a size: checked above)
         if size and (not exists or (not self._blockdev and st.st_size == 0)):
-            os.ftruncate(self._fd, size)  # sparse: no blocks allocated until written
+            try:
+                os.ftruncate(self._fd, size)  # sparse: no blocks allocated until written
+            except OSError as e:   # EFBIG: past the file system's largest file
+                os.close(self._fd)
+                if not exists:
+                    os.unlink(path)   # made here, for a LUN that will not be
+                raise BackendError(f"{path}: cannot be made {size} bytes long: {e.strerror}") from None
         self._in_memory = _fs_type(self._fd) in _MEMORY_FS
         self._size = self._measure()
         self._nowait_reads = True
