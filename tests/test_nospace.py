@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import struct
-import sys
+import subprocess
 
 import pytest
 
@@ -18,6 +18,7 @@ from stml.sense import CHECK_CONDITION, GOOD
 from support.cli import cli
 from support.fullfs import PAGE, SmallFs, StmlOnSmallFs
 from support.sbc_harness import cscd, unmap
+from support.target import Target
 
 BS = 512
 PB = PAGE // BS   # blocks per page: tmpfs allocates a page at a time
@@ -265,3 +266,28 @@ def test_lun_add_of_a_new_image_on_a_full_file_system(tmp_short, client_factory)
         assert stml.alive()
     finally:
         stml.stop()
+
+
+# ---------------------------------------------------------------- a real initiator
+
+def test_qemu_img_reports_no_space_left(tmp_short, tmp_path):
+    """qemu-img over iSCSI (fetd_tcp) copies 2 MiB onto a thin LUN whose file
+    system has 1 MiB left: qemu maps 7/27/07 to ENOSPC and says so (MEDIUM
+    ERROR was "Input/output error"). With room again the copy succeeds."""
+    d = tmp_short()
+    fs = SmallFs(d / "fs", "4m")
+    src = tmp_path / "src.raw"
+    src.write_bytes((bytes(range(1, 256)) * 8240)[:2 << 20])   # no zero block for qemu to skip
+    with Target("--lun", f"file:{d / 'fs' / 'thin.img'},size=16MiB", data_dir=str(d), wrap=fs.wrap) as t:
+        fs.pid = t.proc.pid
+        assert fs.mounted()
+        fs.fill()
+        fs.free(1 << 20)
+        convert = ["qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(src), t.url()]
+        p = subprocess.run(convert, capture_output=True, text=True, timeout=120)
+        assert p.returncode == 1 and "No space left on device" in p.stderr, p.stderr
+        fs.free_all()
+        subprocess.run(convert, check=True, capture_output=True, timeout=120)
+        p = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(src), t.url()],
+                           capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stdout + p.stderr
