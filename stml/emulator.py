@@ -39,6 +39,7 @@ from stml.sense import (
     TASK_ABORTED, TASK_SET_FULL, UNIT_ATTENTION, UNRECOVERED_READ_ERROR, WRITE_ERROR, CheckCondition,
     StatusError, build_sense,
 )
+from stml.spc import thin
 from stml.task import FANOUT_STEP, FrontEnd, Nexus, Task
 from stml.timing import BACKEND_END, BACKEND_START, DISPATCHED, POINTS, QUEUED, Timing
 from stml.workers import FairWorkers
@@ -64,16 +65,17 @@ MAX_TPG = 0xFFFF        # a target port group is 16 bits (REPORT TARGET PORT GRO
 # MEDIUM ERROR. The storage is out of this path's reach for now (ESHUTDOWN: an
 # RBD gateway fenced, another serves the LU; ETIMEDOUT: the cluster did not
 # answer): NOT READY, ASYMMETRIC ACCESS STATE TRANSITION, initiators retry, on
-# another path (docs/decisions/0404). ENOSPC (EDQUOT: the owner's quota): a
-# thin LU's store had no room for a write, nothing acknowledged is lost;
-# SBC-4's thin provisioning answer, which Linux reports as ENOSPC, not as a
-# failing disk (0271). A failed sync never arrives as ENOSPC: backends report
-# it as EIO (acknowledged write-back pages may be lost, 0256).
-BACKEND_ERRORS = {errno.ESHUTDOWN: (NOT_READY, ASYMMETRIC_ACCESS_STATE_TRANSITION),
-                  errno.ETIMEDOUT: (NOT_READY, ASYMMETRIC_ACCESS_STATE_TRANSITION),
-                  errno.ENOSPC: (DATA_PROTECT, SPACE_ALLOCATION_FAILED_WRITE_PROTECT),
-                  errno.EDQUOT: (DATA_PROTECT, SPACE_ALLOCATION_FAILED_WRITE_PROTECT)}
-_NO_SPACE = frozenset(e for e, (key, _) in BACKEND_ERRORS.items() if key == DATA_PROTECT)
+# another path (docs/decisions/0404).
+PATH_ERRORS = {errno.ESHUTDOWN: (NOT_READY, ASYMMETRIC_ACCESS_STATE_TRANSITION),
+               errno.ETIMEDOUT: (NOT_READY, ASYMMETRIC_ACCESS_STATE_TRANSITION)}
+# and on a thin LU (LBPME, stml.spc.thin): its store had no room for a write
+# (EDQUOT: the owner's quota), nothing acknowledged is lost; SBC-4's thin
+# provisioning answer, which Linux reports as ENOSPC, not as a failing disk.
+# A fully provisioned (`thick`) LU promised its space: running out is a
+# failure of its medium, as before. A failed sync never arrives as ENOSPC:
+# backends report it as EIO (acknowledged write-back may be lost, 0256). (0271)
+SPACE_ERRORS = {errno.ENOSPC: (DATA_PROTECT, SPACE_ALLOCATION_FAILED_WRITE_PROTECT),
+                errno.EDQUOT: (DATA_PROTECT, SPACE_ALLOCATION_FAILED_WRITE_PROTECT)}
 NOSPACE_LOG_INTERVAL = 60.0   # seconds between a LU's lines about writes refused for space
 
 
@@ -812,12 +814,15 @@ class Emulator:
                 self.establish_ua(task.lu, PREVIOUS_STATUS_UA[status], [task.nexus.key])
         except (BackendError, OSError) as be:
             err = getattr(be, "errno", 0)
-            if err in _NO_SPACE and task.lu is not None:
-                self._log_nospace(task.lu, be)
+            lu = task.lu
+            space = SPACE_ERRORS.get(err) if lu is not None and thin(lu) else None
+            if space is not None and lu is not None:
+                self._log_nospace(lu, be)
+                key, asc = space
             else:
                 log.error("backend error on %s LUN %d: %s", task.nexus.target, task.lun, be)
-            asc = UNRECOVERED_READ_ERROR if task.direction & _READ else WRITE_ERROR
-            key, asc = BACKEND_ERRORS.get(err, (MEDIUM_ERROR, asc))
+                asc = UNRECOVERED_READ_ERROR if task.direction & _READ else WRITE_ERROR
+                key, asc = PATH_ERRORS.get(err, (MEDIUM_ERROR, asc))
             status, sense = CHECK_CONDITION, build_sense(key, asc, descriptor)
         except Exception:
             log.exception("internal error on CDB %s", task.cdb.hex())

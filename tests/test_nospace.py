@@ -74,14 +74,15 @@ def _outcome(r) -> tuple:
 def small(request, tmp_short):
     """An STML with LUN 0 a 64 MiB thin file on a file system of a few MiB
     (tmpfs: written on the event loop; ext4: in worker threads, and synced:
-    write-through, or write-back with `wc`), LUN 1 a 256 KiB file there too,
-    made thick (fully written) by the test."""
+    write-through, or write-back with `wc`); LUNs 1 and 2 `thick` (fully
+    provisioned, no LBP) files there too, 1 fully written by the test."""
     kind, _, wc = request.param.partition(",")
     d = tmp_short()
     fs = SmallFs(d / "fs", "4m" if kind == "tmpfs" else "16m", kind=kind)
     opts = ",wc" if wc else ""
     stml = StmlOnSmallFs(fs, d, (f"file:{d / 'fs' / 'thin.img'},size=64MiB{opts}",
-                                 f"file:{d / 'fs' / 'thick.img'},size=256KiB{opts}"))
+                                 f"file:{d / 'fs' / 'thick.img'},size=256KiB,thick{opts}",
+                                 f"file:{d / 'fs' / 'unwritten.img'},size=256KiB,thick{opts}"))
     stml.start()
     yield stml
     stml.stop()
@@ -105,7 +106,7 @@ def _writes(naa: bytes) -> list[tuple[str, bytes, bytes, int, bytes]]:
 def test_every_kind_of_write_answers_space_allocation_failed(small, client_factory):
     c = client_factory(small.endpoint)
     c.write(0, 0, b"A" * PAGE)                       # data that was there before the fill
-    c.write(1, 0, b"T" * (256 << 10))                # LUN 1 is thick: every block allocated
+    c.write(1, 0, b"T" * (256 << 10))                # LUN 1: every block allocated
     assert small.fs.fill() > 0
     assert small.fs.available() == 0
     writes = _writes(_naa(c, 0))
@@ -116,14 +117,16 @@ def test_every_kind_of_write_answers_space_allocation_failed(small, client_facto
     assert small.alive()
     lines = [x for x in small.log().splitlines() if LOG_LINE in x]
     assert len(lines) == 1, lines
-    assert "No space left on device" in lines[0] and "MEDIUM" not in small.log()
+    assert "No space left on device" in lines[0]
     # what is there reads back, and is overwritten in place: it needs no new space
     assert c.read(0, 0, PB) == b"A" * PAGE
     assert _outcome(c.execute(0, _write16(0, PB), b"B" * PAGE)) == (GOOD,)
     assert c.read(0, 0, PB) == b"B" * PAGE
-    # a thick LU does as before: its writes land
+    # thick LUs do as before: their writes land, where their blocks are allocated;
+    # else (a sparse file) their medium failed: they promised the space (0271)
     assert _outcome(c.execute(1, _write16(8, PB), b"K" * PAGE)) == (GOOD,)
     assert c.read(1, 8, PB) == b"K" * PAGE
+    assert _outcome(c.execute(2, _write16(8, PB), b"K" * PAGE)) == (CHECK_CONDITION, 0x3, (0x0C, 0x00))
     # space freed: the same writes succeed and read back
     small.fs.free_all()
     for name, cdb, data, lba, back in writes:
@@ -133,6 +136,7 @@ def test_every_kind_of_write_answers_space_allocation_failed(small, client_facto
     # flushes would be refused after one, 0256)
     c.synchronize_cache(0)
     c.synchronize_cache(1)
+    assert _outcome(c.execute(2, _write16(8, PB), b"K" * PAGE)) == (GOOD,)
 
 
 @pytest.mark.parametrize("small", ["tmpfs"], indirect=True)
