@@ -70,7 +70,8 @@ log = logging.getLogger("stml.pr")
 
 # a failed save by errno, when not the STML's usual backend answer (a MEDIUM ERROR;
 # a path error when fenced, 0404): no room for the state is no room for the
-# registration (SPC-4 5.9.7), not the LU's medium out of space (decision 0271)
+# registration (SPC-4's answer to a REGISTER it cannot keep), not the LU's
+# medium out of space (decision 0271)
 SAVE_ERRORS = {errno.ENOSPC: (ILLEGAL_REQUEST, INSUFFICIENT_REGISTRATION_RESOURCES),
                errno.EDQUOT: (ILLEGAL_REQUEST, INSUFFICIENT_REGISTRATION_RESOURCES)}
 
