@@ -104,6 +104,10 @@ def _writes(naa: bytes) -> list[tuple[str, bytes, bytes, int, bytes]]:
 
 
 def test_every_kind_of_write_answers_space_allocation_failed(small, client_factory):
+    """Each kind of write to unwritten blocks of the full thin LUN: 7/27/07
+    (was MEDIUM ERROR, WRITE ERROR), one log line for all 26; existing data
+    reads back and takes overwrites; with the filler removed each same
+    command succeeds and reads back, and no sync failed."""
     c = client_factory(small.endpoint)
     c.write(0, 0, b"A" * PAGE)                       # data that was there before the fill
     c.write(1, 0, b"T" * (256 << 10))                # LUN 1: every block allocated
