@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import struct
 import subprocess
+import sys
 
 import pytest
 
@@ -257,6 +258,18 @@ def test_a_change_whose_config_save_finds_no_space(tmp_short):
         assert "lun = 1" in fs.path("scsi-target.toml").read_text()
     finally:
         stml.stop()
+
+
+def test_a_first_start_that_cannot_write_its_config_exits_in_one_line(tmp_short):
+    """The config file is written at the first start (0200): on a file system
+    with no inode left the STML exits 2 with one line (0203), serving nothing."""
+    d = tmp_short()
+    fs = SmallFs(d / "etc", "1m", inodes=1)   # the root directory's: none for a file
+    cfg = d / "etc" / "scsi-target.toml"
+    p = subprocess.run([*fs.wrap, sys.executable, "-m", "stml", "--data-dir", str(d), "--config", str(cfg),
+                        "--lun", "ram:1MiB"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines() == [f"scsi-target: cannot write {cfg}: No space left on device"]
 
 
 def test_lun_add_of_a_new_image_on_a_full_file_system(tmp_short, client_factory):
