@@ -59,7 +59,13 @@ class FileBackend:
             raise BackendError(f"{path}: not a regular file or block device")
         # (a missing file always has a size: checked above)
         if size and (not exists or (not self._blockdev and st.st_size == 0)):
-            os.ftruncate(self._fd, size)  # sparse: no blocks allocated until written
+            try:
+                os.ftruncate(self._fd, size)  # sparse: no blocks allocated until written
+            except OSError as e:   # EFBIG: past the file system's largest file
+                os.close(self._fd)
+                if not exists:
+                    os.unlink(path)   # made here, for a LUN that will not be
+                raise BackendError(f"{path}: cannot be made {size} bytes long: {e.strerror}") from None
         self._in_memory = _fs_type(self._fd) in _MEMORY_FS
         self._size = self._measure()
         self._nowait_reads = True
@@ -178,7 +184,10 @@ class FileBackend:
                 log.error("%s: fdatasync failed (%s): acknowledged writes may be lost; every later "
                           "sync, FUA and write-through write of it fails until "
                           "`scsi-target lun reset-error`", self.path, e.strerror or e)
-            raise
+            # EIO whatever the kernel said: ENOSPC (or EDQUOT, ETIMEDOUT) from a sync is
+            # not a write refused before it landed but write-back pages maybe lost, a
+            # MEDIUM ERROR, never the thin LU's retryable DATA PROTECT (decision 0271)
+            raise OSError(errno.EIO, f"{self.path}: fdatasync: {e.strerror or e}") from e
         with self._gen_lock:
             self._in_kernel.discard(ticket)
             self._sync_returned.notify_all()

@@ -32,12 +32,14 @@ from stml.disk import DiskTemplate, OpEntry, medium_error, standard_inquiry, tri
 from stml.lu import LogicalUnit
 from stml.sense import (
     ABORTED_COMMAND, ASYMMETRIC_ACCESS_STATE_TRANSITION, BUS_DEVICE_RESET, CHECK_CONDITION,
-    COMMANDS_CLEARED_BY_ANOTHER, DATA_PHASE_ERROR, GOOD, HARDWARE_ERROR, I_T_NEXUS_LOSS, ILLEGAL_REQUEST,
-    INTERNAL_TARGET_FAILURE, INVALID_FIELD_IN_CDB, INVALID_FIELD_IN_COMMAND_IU, INVALID_MESSAGE_ERROR,
-    LOGICAL_UNIT_COMMUNICATION_FAILURE, LOGICAL_UNIT_NOT_SUPPORTED, MEDIUM_ERROR, NOT_READY, POWER_ON_RESET,
-    PREVIOUS_STATUS_UA, RESERVATION_CONFLICT, TASK_ABORTED, TASK_SET_FULL, UNIT_ATTENTION,
-    UNRECOVERED_READ_ERROR, WRITE_ERROR, CheckCondition, StatusError, build_sense,
+    COMMANDS_CLEARED_BY_ANOTHER, DATA_PHASE_ERROR, DATA_PROTECT, GOOD, HARDWARE_ERROR, I_T_NEXUS_LOSS,
+    ILLEGAL_REQUEST, INTERNAL_TARGET_FAILURE, INVALID_FIELD_IN_CDB, INVALID_FIELD_IN_COMMAND_IU,
+    INVALID_MESSAGE_ERROR, LOGICAL_UNIT_COMMUNICATION_FAILURE, LOGICAL_UNIT_NOT_SUPPORTED, MEDIUM_ERROR,
+    NOT_READY, POWER_ON_RESET, PREVIOUS_STATUS_UA, RESERVATION_CONFLICT, SPACE_ALLOCATION_FAILED_WRITE_PROTECT,
+    TASK_ABORTED, TASK_SET_FULL, UNIT_ATTENTION, UNRECOVERED_READ_ERROR, WRITE_ERROR, CheckCondition,
+    StatusError, build_sense,
 )
+from stml.spc import thin
 from stml.task import FANOUT_STEP, FrontEnd, Nexus, Task
 from stml.timing import BACKEND_END, BACKEND_START, DISPATCHED, POINTS, QUEUED, Timing
 from stml.workers import FairWorkers
@@ -59,12 +61,22 @@ MAX_NEXUSES_PER_FRONT_END = 8192
 MAX_NEXUSES_PER_TARGET = 4096   # I_T nexuses (initiator port, target port), all front ends
 MAX_PORT_GROUPS = 256   # port group tags nexuses of one target came through (never forgotten)
 MAX_TPG = 0xFFFF        # a target port group is 16 bits (REPORT TARGET PORT GROUPS)
-# backend failures that are no fault of the medium, by errno: the storage is
-# out of this path's reach for now (ESHUTDOWN: an RBD gateway fenced, another
-# serves the LU; ETIMEDOUT: the cluster did not answer). NOT READY, ASYMMETRIC
-# ACCESS STATE TRANSITION: initiators retry, on another path (docs/decisions/0404)
+# backend failures that are no fault of the medium, by errno; any other is a
+# MEDIUM ERROR. The storage is out of this path's reach for now (ESHUTDOWN: an
+# RBD gateway fenced, another serves the LU; ETIMEDOUT: the cluster did not
+# answer): NOT READY, ASYMMETRIC ACCESS STATE TRANSITION, initiators retry, on
+# another path (docs/decisions/0404).
 PATH_ERRORS = {errno.ESHUTDOWN: (NOT_READY, ASYMMETRIC_ACCESS_STATE_TRANSITION),
                errno.ETIMEDOUT: (NOT_READY, ASYMMETRIC_ACCESS_STATE_TRANSITION)}
+# and on a thin LU (LBPME, stml.spc.thin): its store had no room for a write
+# (EDQUOT: the owner's quota), nothing acknowledged is lost; SBC-4's thin
+# provisioning answer, which Linux reports as ENOSPC, not as a failing disk.
+# A fully provisioned (`thick`) LU promised its space: running out is a
+# failure of its medium, as before. A failed sync never arrives as ENOSPC:
+# backends report it as EIO (acknowledged write-back may be lost, 0256). (0271)
+SPACE_ERRORS = {errno.ENOSPC: (DATA_PROTECT, SPACE_ALLOCATION_FAILED_WRITE_PROTECT),
+                errno.EDQUOT: (DATA_PROTECT, SPACE_ALLOCATION_FAILED_WRITE_PROTECT)}
+NOSPACE_LOG_INTERVAL = 60.0   # seconds between a LU's lines about writes refused for space
 
 
 class TimedTask(Task):
@@ -801,9 +813,16 @@ class Emulator:
                     and getattr(task.lu.mode, "ua_intlck_ctrl", 0) == 3:
                 self.establish_ua(task.lu, PREVIOUS_STATUS_UA[status], [task.nexus.key])
         except (BackendError, OSError) as be:
-            log.error("backend error on %s LUN %d: %s", task.nexus.target, task.lun, be)
-            asc = UNRECOVERED_READ_ERROR if task.direction & _READ else WRITE_ERROR
-            key, asc = PATH_ERRORS.get(getattr(be, "errno", 0), (MEDIUM_ERROR, asc))
+            err = getattr(be, "errno", 0)
+            lu = task.lu
+            space = SPACE_ERRORS.get(err) if lu is not None and thin(lu) else None
+            if space is not None and lu is not None:
+                self._log_nospace(lu, be)
+                key, asc = space
+            else:
+                log.error("backend error on %s LUN %d: %s", task.nexus.target, task.lun, be)
+                asc = UNRECOVERED_READ_ERROR if task.direction & _READ else WRITE_ERROR
+                key, asc = PATH_ERRORS.get(err, (MEDIUM_ERROR, asc))
             status, sense = CHECK_CONDITION, build_sense(key, asc, descriptor)
         except Exception:
             log.exception("internal error on CDB %s", task.cdb.hex())
@@ -811,6 +830,20 @@ class Emulator:
             sense = build_sense(HARDWARE_ERROR, INTERNAL_TARGET_FAILURE, descriptor)
         self._complete(task, status, sense, data)
         self._forget(task)   # after the response took the shared memory it sends
+
+    @staticmethod
+    def _log_nospace(lu: LogicalUnit, error: Exception) -> None:
+        """A write refused for lack of space: the first of a LU gets a line, then
+        at most one a NOSPACE_LOG_INTERVAL with the count since, so a storm of
+        them (every write of a full file system) is a line, not one a command."""
+        lu.space_refused += 1
+        now = time.monotonic()
+        if lu.space_logged is not None and now - lu.space_logged < NOSPACE_LOG_INTERVAL:
+            return
+        log.error("%s LUN %d: no space for writes (%s): %d refused with DATA PROTECT, SPACE "
+                  "ALLOCATION FAILED since the last line; free space in its file system (or UNMAP)",
+                  lu.target, lu.lun, error, lu.space_refused)
+        lu.space_logged, lu.space_refused = now, 0
 
     @staticmethod
     def _check_medium(lu: LogicalUnit) -> None:

@@ -68,6 +68,13 @@ from stml.task import FANOUT_STEP, Nexus, Task
 
 log = logging.getLogger("stml.pr")
 
+# a failed save by errno, when not the STML's usual backend answer (a MEDIUM ERROR;
+# a path error when fenced, 0404): no room for the state is no room for the
+# registration (SPC-4's answer to a REGISTER it cannot keep), not the LU's
+# medium out of space (decision 0271)
+SAVE_ERRORS = {errno.ENOSPC: (ILLEGAL_REQUEST, INSUFFICIENT_REGISTRATION_RESOURCES),
+               errno.EDQUOT: (ILLEGAL_REQUEST, INSUFFICIENT_REGISTRATION_RESOURCES)}
+
 # reservation types (SPC-4 table 180)
 WE, EA, WERO, EARO, WEAR, EAAR = 0x1, 0x3, 0x5, 0x6, 0x7, 0x8
 TYPES = (WE, EA, WERO, EARO, WEAR, EAAR)
@@ -665,6 +672,8 @@ class PrState:
                 except OSError as e:
                     error = e
                     upto = self.changes   # every change since the one restored goes: they all fail
+                    log.error("reservations not saved, %d change(s) taken back: %s",
+                              upto - self.written, e)
                     if self._base is not None:
                         self.load_json(self._base)
                 self.written = upto
@@ -676,10 +685,18 @@ class PrState:
                         if error is None:
                             fut.set_result(None)
                         else:
-                            fut.set_exception(OSError(error.errno, f"saving reservations: {error}"))
+                            fut.set_exception(_save_failed(error))
                 self._waiters = still
         finally:
             self._writer = None
+
+
+def _save_failed(error: OSError) -> Exception:
+    """What a command whose change was not saved ends with."""
+    sense = SAVE_ERRORS.get(error.errno or 0)
+    if sense is not None:
+        return CheckCondition(*sense)
+    return OSError(error.errno, f"saving reservations: {error}")
 
 
 _SAVERS: dict[bool, ThreadPoolExecutor] = {}
@@ -731,8 +748,11 @@ def _write_state(path: Path, doc: dict[str, Any] | None) -> bool:
         while data:
             data = data[os.write(fd, data):]
         os.fsync(fd)
-    finally:
+    except BaseException:   # (ENOSPC) no temporary file left to hold the space or an inode
         os.close(fd)
+        os.unlink(tmp)
+        raise
+    os.close(fd)
     os.replace(tmp, path)
     _fsync_dir(path.parent)
     return True

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import errno
 import os
+import resource
 import threading
 
 import pytest
@@ -127,6 +128,20 @@ def test_missing_file_without_size_is_refused(tmp_path):
     with pytest.raises(BackendError, match="does not exist"):
         FileBackend(str(tmp_path / "nope.img"))
     assert not (tmp_path / "nope.img").exists()
+
+
+def test_new_file_that_cannot_take_its_size_is_not_left(tmp_path):
+    """ftruncate fails (EFBIG: here the process's file size limit, on ext4 past
+    16 TiB): a one-line BackendError, and the file it made is gone."""
+    path = tmp_path / "big.img"
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, hard))   # (Python ignores SIGXFSZ)
+    try:
+        with pytest.raises(BackendError, match="big.img: cannot be made 2097152 bytes long: File too large"):
+            FileBackend(str(path), 2 << 20)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert not path.exists()
 
 
 def test_existing_file_keeps_its_size_and_data(tmp_path):

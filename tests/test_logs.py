@@ -1,10 +1,15 @@
 """The log rate limit: a flood of one message template is cut to a burst per
-window, the suppressed count is reported, and its own memory is bounded."""
+window, the suppressed count is reported, and its own memory is bounded.
+Writes refused for lack of space: a line, then a count."""
 from __future__ import annotations
 
+import errno
 import logging
+import struct
 
 from scsi_runtime.logs import RateLimit, audit
+from stml.emulator import NOSPACE_LOG_INTERVAL
+from support.sbc_harness import Harness, run
 
 
 class Clock:
@@ -100,3 +105,29 @@ def test_the_operators_audit_lines_are_never_held_back() -> None:
     mgmt = [record("management: %s %s", "lun_add", {"lun": i}, name="stml", level=logging.INFO,
                    extra=audit()) for i in range(1000)]
     assert all(f.filter(r) for r in mgmt)
+
+
+def test_writes_refused_for_space_log_a_line_then_a_count(caplog) -> None:
+    """A full file system fails every write: the LU's first refusal is logged,
+    the next ones are counted, and the next line (at most one a
+    NOSPACE_LOG_INTERVAL) says how many (decision 0271)."""
+    def full(*args: object) -> bool:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    async def go() -> None:
+        h = Harness()
+        lu = h.lu()
+        lu.backend.write_from = lu.backend.write_nowait = full   # type: ignore[method-assign]
+        write = struct.pack(">BBIBHB", 0x2A, 0, 0, 0, 1, 0)
+        for _ in range(30):
+            r = await h.cmd(write, bytes(512))
+            assert r.key_asc == (0x7, 0x27, 0x07)
+        assert lu.space_refused == 29
+        assert lu.space_logged is not None
+        lu.space_logged -= NOSPACE_LOG_INTERVAL   # as if the interval passed
+        await h.cmd(write, bytes(512))
+        assert lu.space_refused == 0
+    run(go())
+    lines = [r.getMessage() for r in caplog.records if "no space for writes" in r.getMessage()]
+    assert len(lines) == 2
+    assert "1 refused with DATA PROTECT" in lines[0] and "30 refused with DATA PROTECT" in lines[1]

@@ -1,7 +1,7 @@
 """A failed sync of a file LUN is sticky (decision 0256): Linux may drop the
 pages an fdatasync could not write and mark them clean, so the next fdatasync
 "succeeds" with acknowledged writes gone. Through the real Emulator and LU:
-after one failed fdatasync every SYNCHRONIZE CACHE, FUA write and
+after one failed fdatasync (EIO or ENOSPC alike) every SYNCHRONIZE CACHE, FUA write and
 write-through write answers MEDIUM ERROR, WRITE ERROR (reads and write-back
 writes go on) until `lun reset-error`; `lun list` and `status` say so.
 WRITE SAME, SANITIZE and EXTENDED COPY into a write-through LU are refused
@@ -44,14 +44,15 @@ class FailOnce:
     """os.fdatasync whose first call fails with EIO, as after a lost write-back;
     later calls succeed, as Linux's do once the error was reported."""
 
-    def __init__(self) -> None:
+    def __init__(self, err: int = errno.EIO) -> None:
         self.calls = 0
+        self.err = err
         self.real = os.fdatasync
 
     def __call__(self, fd: int) -> None:
         self.calls += 1
         if self.calls == 1:
-            raise OSError(errno.EIO, "Input/output error")
+            raise OSError(self.err, os.strerror(self.err))
         self.real(fd)
 
 
@@ -108,6 +109,31 @@ def test_a_failed_sync_fails_every_later_sync_until_reset(tmp_path, monkeypatch,
     run(go())
     sticky = [r.getMessage() for r in caplog.records if r.name == "backends.file"]
     assert len(sticky) == 1 and "every later sync, FUA and write-through write" in sticky[0]
+
+
+@pytest.mark.parametrize("wce", [True, False], ids=["sync-cache", "write-through"])
+def test_no_space_from_a_sync_is_a_lost_write_not_a_full_lu(tmp_path, monkeypatch, wce):
+    """ENOSPC from fdatasync (write-back on NFS, thin LVM, ...): the data was
+    acknowledged, or just landed in the page cache, and may now be lost. That
+    is MEDIUM ERROR, WRITE ERROR and sticky (0256), not the DATA PROTECT,
+    SPACE ALLOCATION FAILED a write refused before it landed answers (0271)."""
+    syncs = FailOnce(errno.ENOSPC)
+    monkeypatch.setattr(file_mod.os, "fdatasync", syncs)
+
+    async def go():
+        h = Harness([LunOptions("ram", size=1 << 20, write_cache=wce)])
+        _file_lu(h, str(tmp_path / "d.img"), monkeypatch)
+        r = await h.cmd(_write10(0, 1), b"A" * BS)
+        if wce:
+            assert r.status == GOOD
+            r = await h.cmd(SYNC_CACHE10, no_data=True)
+        assert (r.status, r.key_asc) == (CHECK_CONDITION, WRITE_ERROR)
+        assert h.lu().backend.sync_error == "fdatasync: No space left on device"
+        r = await h.cmd(_write10(1, 1, fua=True), b"F" * BS)   # sticky: refused, no sync tried
+        assert (r.status, r.key_asc) == (CHECK_CONDITION, WRITE_ERROR)
+        assert syncs.calls == 1
+        h.lu().backend.close()
+    run(go())
 
 
 # ---------------------------------------------------------------- refused before writing (0257)
