@@ -87,7 +87,7 @@ def main() -> None:
     ap.add_argument("--ceph-keyring")
     ap.add_argument("--only", choices=("ours", "tgtd"), help="measure one target")
     ap.add_argument("--tgtd-set", action="append", default=[], metavar="OPTION=VALUE",
-                    help="a client option for tgtd's librbd (e.g. rbd_cache=false)")
+                    help="a client option for tgtd's librbd (rbd_cache=true: its default)")
     ap.add_argument("--tids", action="store_true", help="each thread apart, not grouped by name")
     ap.add_argument("--perf", action="store_true", help="perf record -g each target in its last run")
     args = ap.parse_args()
@@ -99,16 +99,9 @@ def main() -> None:
         targets: list = []
         try:
             kinds = {"ours": [bench.Ours], "tgtd": [bench.Tgtd]}.get(args.only or "", [bench.Ours, bench.Tgtd])
+            with open(rbd.tgtd_conf, "a") as f:   # after bench.py's own (rbd cache = false)
+                f.writelines(f"{k.replace('_', ' ')} = {v}\n" for k, v in (o.split("=", 1) for o in args.tgtd_set))
             for kind in kinds:
-                if kind is bench.Tgtd and args.tgtd_set:
-                    # tgtd's client reads only the conf file: a copy with the options added
-                    conf = work / "tgtd.conf"
-                    conf.write_text(Path(rbd.conf).read_text() + "".join(
-                        f"{k.replace('_', ' ')} = {v}\n" for k, v in (o.split("=", 1) for o in args.tgtd_set)))
-                    rbd.conf, shared = str(conf), rbd.conf
-                    targets.append(kind(work, None, False, rbd))
-                    rbd.conf = shared
-                    continue
                 targets.append(kind(work, None, False, rbd))
             runs: dict[str, list] = {t.name: [] for t in targets}
             for r in range(args.rounds):
