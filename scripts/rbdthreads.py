@@ -98,7 +98,8 @@ def main() -> None:
         rbd = bench.RbdImages(args.ceph_conf, args.ceph_keyring, Path("/dev/shm"))
         targets: list = []
         try:
-            kinds = {"ours": [bench.Ours], "tgtd": [bench.Tgtd]}.get(args.only or "", [bench.Ours, bench.Tgtd])
+            kinds: list[type[bench.Ours] | type[bench.Tgtd]] = [
+                kind for kind, name in ((bench.Ours, "ours"), (bench.Tgtd, "tgtd")) if args.only in (None, name)]
             with open(rbd.tgtd_conf, "a") as f:   # after bench.py's own (rbd cache = false)
                 f.writelines(f"{k.replace('_', ' ')} = {v}\n" for k, v in (o.split("=", 1) for o in args.tgtd_set))
             for kind in kinds:
