@@ -134,12 +134,13 @@ class RbdImages:
             conf, keyring = str(self.cluster.conf), str(self.cluster.keyring)
         self.conf, self.keyring = conf, keyring
         self.made: list[str] = []
-        # tgtd's client reads only a conf file: a copy of the cluster's with librbd's
-        # cache off, as ours runs (backends/librbd.py). With Pacific's default cache,
-        # once an initiator has sent one SYNCHRONIZE CACHE (qemu does on close) librbd
-        # acknowledges writes before the OSD has them (write-around, up to 24 MiB in
-        # flight): tgtd's 4 KiB QD16 writes then ran twice as fast on acknowledgements
-        # no gateway may give (decision 0411)
+        # tgtd's bs_rbd takes its client's options from a conf file: a copy of the
+        # cluster's with librbd's cache off, as ours runs (backends/librbd.py). With
+        # Pacific's default cache, once an initiator has sent one SYNCHRONIZE CACHE
+        # (qemu does when it closes a LUN it wrote to) librbd acknowledges writes
+        # before the OSD has them (write-around, up to 24 MiB in flight): tgtd's 4 KiB
+        # QD16 writes then ran twice as fast on acknowledgements no gateway may give
+        # (decision 0411)
         fd, name = tempfile.mkstemp(prefix="bench-tgtd-", suffix=".conf")
         with os.fdopen(fd, "w") as f:
             f.write(Path(conf).read_text() + "\n[client]\nrbd cache = false\n")
