@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import struct
 import subprocess
 import sys
+import threading
 import time
 import uuid
 
@@ -301,5 +303,85 @@ def test_a_cut_off_gateway_cannot_land_its_write_after_the_takeover(net, pair):
     assert w.outcome(60) != 0, "the cut-off gateway's write got GOOD after the takeover"
     a.wait_for(r"stml: gateway standby", timeout=60)
     assert other.read(1600, 32) == new, "the cut-off gateway's write landed after the takeover"
+    w.close()
+    other.close()
+
+
+def test_a_gateway_fenced_with_writes_in_flight_answers_them_and_stands_by(cluster, pair):
+    """A's cluster client is blocklisted (what a takeover does to a live
+    holder) while an initiator keeps 16 writes in flight through A: librbd
+    ends them through A's one librados completion thread (0409) with
+    ESHUTDOWN. Each write is answered GOOD only if it is on the image, or
+    with the path error of 0404, or its session ends; A stands down without
+    losing a process; a gateway serves again (A with a new client or B) and
+    every write that got GOOD is on the image, read through both portals."""
+    a, b = pair
+    path = re.search(r'path = "([^"]+)"', a.config.read_text())
+    assert path is not None
+    w = Initiator("fenced-busy")
+    w.login(a)
+    processes = len(a.processes())
+    # A's client: the watcher on the image from A's address (B, a standby, watches it too)
+    status = cluster.run("rbd", "status", path.group(1))
+    client = re.search(rf"watcher=({re.escape(a.addr)}:\d+/\d+)", status)
+    assert client is not None, status
+    ini = w.ini
+    assert ini is not None
+    ini.sock.settimeout(60)
+    sent: dict[int, tuple[int, bytes]] = {}      # ITT -> LBA, data
+    good: dict[int, bytes] = {}                  # LBA -> data answered GOOD
+    failed: list[tuple[int, bytes]] = []         # (status, sense) of the others
+    fence: threading.Thread | None = None
+    lba = 0
+    while True:
+        try:
+            # 16 writes in flight, new ones until one fails (A was fenced) or the session ends
+            while not failed and len(sent) < 16 and ini.cmd_sn <= ini.max_cmd_sn:
+                assert lba < 64 * MIB // 512, "the writes went on though A's client was blocklisted"
+                itt, data = ini._next_itt(), os.urandom(4096)
+                sent[itt] = (lba, data)
+                cdb = struct.pack(">BBQIBB", 0x8A, 0, lba, 8, 0, 0)
+                ini.send(P.ScsiCommand(itt, P.int_to_lun(0), cdb.ljust(16, b"\0"), 4096, ini.cmd_sn,
+                                       ini.exp_stat_sn, read=False, write=True, data_length=4096), data)
+                ini.cmd_sn += 1
+                lba += 8
+            if not sent:
+                break
+            pdu, seg = ini.recv()
+        except (OSError, ConnectionError):
+            break                                 # the front end went with the step down
+        if isinstance(pdu, P.NopIn) and pdu.itt == P.RESERVED_TAG:
+            ini.send(P.NopOut(P.RESERVED_TAG, pdu.ttt, ini.cmd_sn, ini.exp_stat_sn, immediate=True))
+        if not isinstance(pdu, P.ScsiResponse):
+            continue
+        at, data = sent.pop(pdu.itt)
+        if pdu.status == 0:
+            good[at] = data
+        else:
+            failed.append((pdu.status, P.decode_sense_segment(seg) if seg else b""))
+        if fence is None and len(good) >= 64:     # well under way: fence A now
+            fence = threading.Thread(target=cluster.run, args=("ceph", "osd", "blocklist", "add",
+                                                               client.group(1)))
+            fence.start()
+    assert fence is not None, "A failed writes before it was fenced"
+    fence.join(60)
+    assert sent or failed, "no write of A's was in flight when it was fenced"
+    # each write not GOOD got the path error (NOT READY, ALUA state transition)
+    for st, sense in failed:
+        assert st == 2 and (sense[2] & 0x0F, sense[12], sense[13]) == (2, 0x04, 0x0A), (st, sense.hex())
+    stood_down = a.wait_for(r"stml: gateway standby", timeout=60).end()
+    # A's fenced client holds the lock no longer: whichever standby, A's new client
+    # or B, takes it first serves (B's in a takeover proper)
+    deadline = time.monotonic() + 90
+    while "stml: gateway active" not in a.log()[stood_down:] + b.log():
+        assert time.monotonic() < deadline, f"no gateway serves after A was fenced:\n{a.log()[-3000:]}"
+        time.sleep(0.2)
+    assert a.proc is not None and a.proc.poll() is None and len(a.processes()) == processes, a.log()[-3000:]
+    w.login(b, timeout=90)
+    for lba, data in good.items():
+        assert w.read(lba, 8) == data, f"a write that got GOOD through A is not on the image at LBA {lba}"
+    other = Initiator("after-fence")
+    other.login(a, timeout=90)
+    assert other.read(0, 8) == good[0]
     w.close()
     other.close()

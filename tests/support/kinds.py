@@ -74,6 +74,7 @@ KIND_OF_MODULE = {
     "test_rbdpath.py": "process",
     "test_rbd_aio.py": "unit",
     "test_rbd_gateways.py": "system",
+    "test_rbdthreads.py": "unit",
     "test_rbd_reservations.py": "unit",
     "test_recovery_core.py": "unit",
     "test_remote_fe.py": "system",

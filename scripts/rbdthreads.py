@@ -1,0 +1,133 @@
+#!/usr/bin/env python3
+"""Where an RBD target's CPU goes, thread by thread: ours against tgtd's bs_rbd.
+
+    scripts/rbdthreads.py [--count 10000] [--rounds 2] [--read] [--ceph-conf C --ceph-keyring K]
+    scripts/rbdthreads.py --perf        # also `perf record -g` of each target during one run
+
+Both targets as bench.py --rbd starts them (bench.py's classes), on a
+throwaway cluster or the one --ceph-conf names, and `qemu-img bench` 4 KiB
+QD16 writes (--read: reads) against each, alternating. Per run, per thread
+of the STML process and of tgtd (threads grouped by their name, librbd's and
+librados's name theirs): user and kernel CPU, voluntary and involuntary
+context switches, per I/O, from /proc/PID/task/*/{stat,status}. bench.py
+--cpu gives each process's total; this shows which threads it is made of.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import bench  # noqa: E402  (scripts/bench.py: the targets and the images)
+
+Sample = dict[int, tuple[str, int, int, int, int]]   # tid -> name, utime, stime, vol, invol
+
+
+def sample(pid: int) -> Sample:
+    """Every thread's name, CPU ticks and context switches."""
+    got: Sample = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+            status = Path(f"/proc/{pid}/task/{tid}/status").read_text()
+        except OSError:
+            continue   # ended meanwhile
+        name = stat[stat.index("(") + 1:stat.rindex(")")]
+        fields = stat.rsplit(")", 1)[1].split()
+        vol = int(re.search(r"^voluntary_ctxt_switches:\s+(\d+)", status, re.M).group(1))      # type: ignore[union-attr]
+        invol = int(re.search(r"^nonvoluntary_ctxt_switches:\s+(\d+)", status, re.M).group(1))  # type: ignore[union-attr]
+        got[int(tid)] = (name, int(fields[11]), int(fields[12]), vol, invol)
+    return got
+
+
+def by_name(before: Sample, after: Sample, count: int, tids: bool = False) -> dict[str, list[float]]:
+    """Per thread name (or thread): threads, user us, kernel us, sleeps, preemptions per I/O."""
+    hz = os.sysconf("SC_CLK_TCK")
+    rows: dict[str, list[float]] = {}
+    for tid, (name, ut, st, vol, invol) in after.items():
+        b = before.get(tid, (name, 0, 0, 0, 0))
+        row = rows.setdefault(f"{name}/{tid}" if tids else re.sub(r"\d+$", "N", name), [0, 0.0, 0.0, 0.0, 0.0])
+        row[0] += 1
+        row[1] += (ut - b[1]) / hz / count * 1e6
+        row[2] += (st - b[2]) / hz / count * 1e6
+        row[3] += (vol - b[3]) / count
+        row[4] += (invol - b[4]) / count
+    return rows
+
+
+def show(label: str, runs: list[dict[str, list[float]]]) -> None:
+    names = sorted({n for r in runs for n in r}, key=lambda n: -statistics.median(
+        r.get(n, [0, 0, 0, 0, 0])[1] + r.get(n, [0, 0, 0, 0, 0])[2] for r in runs))
+    print(f"{label}: per I/O, median of {len(runs)} runs")
+    print(f"  {'thread':<20} {'n':>3} {'user us':>8} {'sys us':>8} {'sleeps':>7} {'preempt':>7}")
+    total = [0.0] * 4
+    for n in names:
+        vals = [statistics.median(r.get(n, [0, 0, 0, 0, 0])[i] for r in runs) for i in range(5)]
+        if vals[1] + vals[2] + vals[3] < 0.05:
+            continue
+        total = [t + v for t, v in zip(total, vals[1:])]
+        print(f"  {n:<20} {vals[0]:>3.0f} {vals[1]:>8.1f} {vals[2]:>8.1f} {vals[3]:>7.2f} {vals[4]:>7.2f}")
+    print(f"  {'(shown)':<20} {'':>3} {total[0]:>8.1f} {total[1]:>8.1f} {total[2]:>7.2f} {total[3]:>7.2f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--count", type=int, default=10000)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--read", action="store_true", help="4 KiB QD16 reads instead of writes")
+    ap.add_argument("--ceph-conf")
+    ap.add_argument("--ceph-keyring")
+    ap.add_argument("--only", choices=("ours", "tgtd"), help="measure one target")
+    ap.add_argument("--tgtd-set", action="append", default=[], metavar="OPTION=VALUE",
+                    help="a client option for tgtd's librbd (rbd_cache=true: its default)")
+    ap.add_argument("--tids", action="store_true", help="each thread apart, not grouped by name")
+    ap.add_argument("--perf", action="store_true", help="perf record -g each target in its last run")
+    args = ap.parse_args()
+    qemu_args = ["-d", "16", "-s", "4k", *([] if args.read else ["-w"])]
+    with tempfile.TemporaryDirectory(prefix="rbdthreads") as tmp:
+        work = Path(tmp)
+        bench.RBD_SIZE = 128 << 20   # qemu-img bench writes sequentially: 40 MiB per 10,000
+        rbd = bench.RbdImages(args.ceph_conf, args.ceph_keyring, Path("/dev/shm"))
+        targets: list = []
+        try:
+            kinds: list[type[bench.Ours] | type[bench.Tgtd]] = [
+                kind for kind, name in ((bench.Ours, "ours"), (bench.Tgtd, "tgtd")) if args.only in (None, name)]
+            with open(rbd.tgtd_conf, "a") as f:   # after bench.py's own (rbd cache = false)
+                f.writelines(f"{k.replace('_', ' ')} = {v}\n" for k, v in (o.split("=", 1) for o in args.tgtd_set))
+            for kind in kinds:
+                targets.append(kind(work, None, False, rbd))
+            runs: dict[str, list] = {t.name: [] for t in targets}
+            for r in range(args.rounds):
+                for t in targets:
+                    pid = bench.processes(t)["stml"] if isinstance(t, bench.Ours) \
+                        else t.proc.pid
+                    perf = None
+                    if args.perf and r == args.rounds - 1:
+                        perf = subprocess.Popen(["perf", "record", "-g", "-q", "-o", f"/tmp/perf-{t.name}.data",
+                                                 "-p", str(pid)], stdout=subprocess.DEVNULL,
+                                                stderr=subprocess.DEVNULL)
+                    before = sample(pid)
+                    took = bench.qemu_bench(t.url, qemu_args, args.count)
+                    runs[t.name].append(by_name(before, sample(pid), args.count, args.tids))
+                    if perf is not None:
+                        perf.send_signal(2)
+                        perf.wait()
+                    print(f"{t.name} round {r}: {args.count / took:.0f} IOPS", flush=True)
+            for name, got in runs.items():
+                show(name, got)
+        finally:
+            for t in targets:
+                t.stop()
+            rbd.close()
+
+
+if __name__ == "__main__":
+    main()
