@@ -1144,3 +1144,31 @@ def test_a_zeromq_peer_cannot_speak_for_a_stream_front_end(stml, client_factory)
     c.write(0, 201, b"\x55" * 512)
     assert c.read(0, 200, 2) == b"\x44" * 512 + b"\x55" * 512
     assert f"releasing front end {name}" not in stml.log()
+
+
+def test_a_zeromq_channel_closed_with_callbacks_queued_stays_quiet() -> None:
+    """A ZeroMQ channel closed in the loop iteration that made it (its first
+    drain queued) and that sent (a flush queued): those callbacks then do
+    nothing. They used to run on the closed socket, and the loop logged
+    ZMQError "Socket operation on non-socket" (seen at a gateway's stand-down)."""
+    async def main() -> list:
+        errors: list = []
+        asyncio.get_running_loop().set_exception_handler(
+            lambda _loop, context: errors.append(context.get("exception") or context["message"]))
+        ctx = zmq.Context()
+        a, b = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+        a.bind("inproc://quiet-close")
+        b.connect("inproc://quiet-close")
+        try:
+            ch = Channel(a, lambda frames: None)
+            ch.send([pack({"op": Op.HEARTBEAT})])
+            ch.close()
+            for _ in range(3):
+                await asyncio.sleep(0)
+            assert b.poll(1000), "the message sent before close did not leave"
+        finally:
+            b.close(linger=0)
+            ctx.term()
+        return errors
+
+    assert asyncio.run(main()) == []

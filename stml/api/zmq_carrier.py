@@ -42,6 +42,7 @@ class Channel:
         self.frame: zmq.Frame | None = None   # of the message being handled (user_id, connection)
         self._monitor: zmq.Socket | None = None   # watch_connections
         self._on_closed: Callable[[int], None] | None = None
+        self.closed = False   # callbacks already queued (the first drain, a flush) then do nothing
         self._loop.add_reader(self._fd, self._drain)
         self._loop.call_soon(self._drain)
 
@@ -55,6 +56,9 @@ class Channel:
 
     def flush(self) -> None:
         self._flush_scheduled = False
+        if self.closed:
+            self._out.clear()
+            return
         out, self._out = self._out, {}
         for peer, msgs in out.items():
             if len(msgs) == 1:
@@ -68,6 +72,8 @@ class Channel:
         self._drain()
 
     def _drain(self) -> None:
+        if self.closed:
+            return
         sock = self.sock
         # EVENTS is an int option; pyzmq types every getsockopt as int | bytes
         while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # type: ignore[operator, arg-type]
@@ -172,6 +178,7 @@ class Channel:
 
     def close(self, linger_ms: int = 0) -> None:
         self.flush()
+        self.closed = True
         self._loop.remove_reader(self._fd)
         if self._monitor is not None:
             self._loop.remove_reader(self._monitor.fileno())
