@@ -299,7 +299,8 @@ def acl() -> None:
 @click.option("--target", "target_name", help="Target name (default: the first).")
 @mgmt_options
 def acl_add(initiator: str, target_name: str | None, **kw: Any) -> None:
-    """Allow INITIATOR (its IQN) to log in; once the ACL has an entry, others are refused."""
+    """Allow INITIATOR (its IQN) to log in; once the ACL has an entry, others are refused
+    and their sessions end."""
     show(kw, _call(kw, "acl_add", initiator=initiator, target=target_name))
 
 
@@ -308,7 +309,7 @@ def acl_add(initiator: str, target_name: str | None, **kw: Any) -> None:
 @click.option("--target", "target_name", help="Target name (default: the first).")
 @mgmt_options
 def acl_remove(initiator: str, target_name: str | None, **kw: Any) -> None:
-    """Take INITIATOR out of the ACL."""
+    """Take INITIATOR out of the ACL; its sessions end (unless the ACL is now empty)."""
     show(kw, _call(kw, "acl_remove", initiator=initiator, target=target_name))
 
 

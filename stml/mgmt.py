@@ -587,24 +587,33 @@ class Management:
         self._redetect()
         return {"target": t.name, "saved": await self._persist()}
 
-    async def _end_sessions(self, target: str, why: str) -> None:
-        """The sessions of a removed target end (docs/decisions/0265): each
-        front end is told to drop its nexus (fetd_tcp closes the session's
-        connections), then the STML releases it, and its tasks end silently.
-        FANOUT_STEP nexuses between turns of the loop; the target is gone
-        already, so nothing reaches it meanwhile (a command finds no LU, a
-        new nexus no target). Each step visits its front ends' tasks once, not
-        once per nexus (a front end's tasks include other targets')."""
+    async def _end_sessions(self, target: str, why: str,
+                            admitted: frozenset[str] | None = frozenset()) -> int:
+        """The sessions of a removed target end (docs/decisions/0265), or those
+        of initiators its new ACL leaves out (0275; `admitted` as
+        Emulator.admitted, None: all stay): each front end is told to drop its
+        nexus (fetd_tcp closes the session's connections), then the STML
+        releases it, and its tasks end silently. FANOUT_STEP nexuses between
+        turns of the loop; the target (or the ACL) has changed already, so
+        nothing new reaches it meanwhile (a command finds no LU, a new nexus
+        no target or no ACL entry). Each step visits its front ends' tasks
+        once, not once per nexus (a front end's tasks include other targets').
+        Returns how many nexuses it dropped."""
+        if admitted is None:
+            return 0
         chunk: list[Nexus] = []
+        ended = 0
         for n in self.em.nexuses(target):
+            if pr.name_key(n.initiator) in admitted:
+                continue
             chunk.append(n)
             if len(chunk) == FANOUT_STEP:
-                self._drop_nexuses(chunk, why)
+                ended += self._drop_nexuses(chunk, why)
                 chunk = []
                 await asyncio.sleep(0)
-        self._drop_nexuses(chunk, why)
+        return ended + self._drop_nexuses(chunk, why)
 
-    def _drop_nexuses(self, nexuses: list[Nexus], why: str) -> None:
+    def _drop_nexuses(self, nexuses: list[Nexus], why: str) -> int:
         live = [n for n in nexuses if n.fe.nexuses.get(n.id) is n]   # (not released meanwhile)
         tasks: dict[int, list[Task]] = {id(n): [] for n in live}
         for fe in {id(n.fe): n.fe for n in live}.values():
@@ -615,6 +624,7 @@ class Management:
         for n in live:
             self.em.out.drop_nexus(n.fe.ident, n.id, why)
             self.em.drop_nexus(n, tasks[id(n)])
+        return len(live)
 
     # ------------------------------------------------------------ LUNs
     async def lun_add(self, spec: str, target: str | None = None, lun: int | None = None) -> dict[str, Any]:
@@ -768,7 +778,8 @@ class Management:
         if name in acl:
             raise MgmtError(f"{name} is already in the ACL of {t.name}")
         acl.append(name)
-        return {"target": t.name, "acl": acl, "saved": await self._set_access(t, "acl", acl)}
+        saved, ended = await self._set_acl(t, acl)
+        return {"target": t.name, "acl": acl, "sessions_ended": ended, "saved": saved}
 
     async def acl_remove(self, initiator: str, target: str | None = None) -> dict[str, Any]:
         t = self._target(target)
@@ -776,7 +787,23 @@ class Management:
         if initiator.lower() not in acl:
             raise MgmtError(f"{initiator} is not in the ACL of {t.name}")
         acl.remove(initiator.lower())
-        return {"target": t.name, "acl": acl, "saved": await self._set_access(t, "acl", acl)}
+        saved, ended = await self._set_acl(t, acl)
+        return {"target": t.name, "acl": acl, "sessions_ended": ended, "saved": saved}
+
+    async def _set_acl(self, t: Target, acl: list[str]) -> tuple[str, int]:
+        """A new ACL applies to the sessions that exist too (0275): those of
+        initiators it leaves out end before the save, as they would at their
+        next login; (the save's answer, how many sessions ended)."""
+        self._check_file()
+        t.access = {**t.access, "acl": acl}
+        self._tc(t.name).acl = acl
+        self._redetect()
+        ended = await self._end_sessions(t.name, f"initiator not in the ACL of {t.name}",
+                                         self.em.admitted(t.name))
+        if ended:
+            log.info("%s: ended %d session(s) of initiators the ACL no longer admits", t.name, ended,
+                     extra=audit())
+        return await self._persist(), ended
 
     async def chap_set(self, target: str | None = None, user: str | None = None,
                        secret: str | None = None, mutual: bool = False) -> dict[str, Any]:
@@ -804,7 +831,7 @@ async def _set_target_reset(m: Management, t: Target, allowed: bool) -> None:
 # any other field that changes is reported as needing a restart
 _TARGET_SETTERS: dict[str, Callable[[Management, Target, Any], Awaitable[Any]]] = {
     "alias": _set_alias,
-    "acl": lambda m, t, v: m._set_access(t, "acl", v),
+    "acl": lambda m, t, v: m._set_acl(t, v),
     "chap": lambda m, t, v: m._set_access(t, "chap", v),
     "mutual_chap": lambda m, t, v: m._set_access(t, "mutual", v),
     "target_reset": _set_target_reset,

@@ -306,6 +306,46 @@ def test_target_remove_force_ends_its_sessions(config):
         t.stop()
 
 
+def test_an_acl_change_ends_the_sessions_it_no_longer_admits(config):
+    """An initiator an ACL change leaves out (`acl add` of another, or a
+    reloaded hand edit) loses its session at once: fetd_tcp sends drop all
+    connections and closes them, as for `target remove --force`, instead of
+    the session reading and writing on until its next login. Sessions the ACL
+    still admits go on (docs/decisions/0275)."""
+    from fetd_tcp import pdu as P
+    t = Target(config=str(config))
+    try:
+        d = t.data_dir
+        host, port = t.portal.rsplit(":", 1)
+        stranger = RawInitiator(host, int(port), initiator="iqn.2026-11.org.test:stranger")
+        friend = RawInitiator(host, int(port), initiator="iqn.2026-11.org.test:friend")
+        try:
+            assert stranger.login(IQN).status_class == 0 and friend.login(IQN).status_class == 0
+            assert tur(stranger, 0)[0] == 0
+            assert mgmt(d, "acl", "add", "iqn.2026-11.org.test:friend")["sessions_ended"] == 1
+            msg, _ = stranger.recv()
+            assert isinstance(msg, P.AsyncMessage) and msg.event == P.ASYNC_DROP_ALL_CONNECTIONS
+            assert stranger.sock.recv(1) == b""          # closed by fetd_tcp
+            assert tur(friend, 0)[0] == 0
+            left = [s["initiator"] for s in mgmt(d, "session", "list")]
+            assert len(left) == 1 and left[0].startswith("iqn.2026-11.org.test:friend")
+
+            config.write_text(config.read_text().replace("org.test:friend", "org.test:someone"))
+            mgmt(d, "config", "reload")
+            msg, _ = friend.recv()
+            assert isinstance(msg, P.AsyncMessage) and msg.event == P.ASYNC_DROP_ALL_CONNECTIONS
+            assert friend.sock.recv(1) == b""
+            assert mgmt(d, "session", "list") == []
+            again = RawInitiator(host, int(port), initiator="iqn.2026-11.org.test:friend")
+            assert again.login(IQN).status_class == 2    # and the next login is refused
+            again.close()
+        finally:
+            stranger.close()
+            friend.close()
+    finally:
+        t.stop()
+
+
 @pytest.mark.parametrize("value", [2 ** 64, "tomlkit"], ids=["int past 64 bits", "tomlkit String"])
 def test_a_result_the_codec_cannot_pack_is_answered_with_an_error(value, caplog) -> None:
     """A command whose result msgspec refuses to pack still gets a reply,
