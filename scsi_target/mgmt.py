@@ -307,10 +307,12 @@ def acl_add(initiator: str, target_name: str | None, **kw: Any) -> None:
 @acl.command("remove")
 @click.argument("initiator")
 @click.option("--target", "target_name", help="Target name (default: the first).")
+@click.option("--allow-any", is_flag=True,
+              help="Allow removing the last entry: an empty ACL lets any initiator log in.")
 @mgmt_options
-def acl_remove(initiator: str, target_name: str | None, **kw: Any) -> None:
+def acl_remove(initiator: str, target_name: str | None, allow_any: bool, **kw: Any) -> None:
     """Take INITIATOR out of the ACL; its sessions end (unless the ACL is now empty)."""
-    show(kw, _call(kw, "acl_remove", initiator=initiator, target=target_name))
+    show(kw, _call(kw, "acl_remove", initiator=initiator, target=target_name, allow_any=allow_any))
 
 
 @click.group()

@@ -781,11 +781,18 @@ class Management:
         saved, ended = await self._set_acl(t, acl)
         return {"target": t.name, "acl": acl, "sessions_ended": ended, "saved": saved}
 
-    async def acl_remove(self, initiator: str, target: str | None = None) -> dict[str, Any]:
+    async def acl_remove(self, initiator: str, target: str | None = None,
+                         allow_any: bool = False) -> dict[str, Any]:
+        """An empty ACL admits any initiator, so taking out the last entry
+        needs `allow_any`: whoever removes a host to keep it out must not let
+        every host in instead (0276)."""
         t = self._target(target)
         acl = list(t.access.get("acl") or [])
         if initiator.lower() not in acl:
             raise MgmtError(f"{initiator} is not in the ACL of {t.name}")
+        if acl == [initiator.lower()] and not allow_any:
+            raise MgmtError(f"{initiator} is the last entry in the ACL of {t.name}: without it any "
+                            f"initiator may log in; pass --allow-any to open the target to all")
         acl.remove(initiator.lower())
         saved, ended = await self._set_acl(t, acl)
         return {"target": t.name, "acl": acl, "sessions_ended": ended, "saved": saved}

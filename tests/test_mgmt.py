@@ -141,7 +141,12 @@ def test_targets_acl_chap_sessions(config, tmp_path):
         assert acl["acl"] == ["iqn.2026-11.org.test:allowed"]
         p = run(["iscsi-inq", t.url(0, other)], check=False)
         assert p.returncode != 0          # libiscsi's default initiator name is not in the ACL
-        mgmt(d, "acl", "remove", "--target", other, "iqn.2026-11.org.test:allowed")
+        # the last entry: an empty ACL admits anyone, so that needs saying (docs/decisions/0276)
+        p = cli("acl", "remove", "--data-dir", d, "--target", other, "iqn.2026-11.org.test:allowed",
+                check=False)
+        assert p.returncode == 2 and "any initiator may log in; pass --allow-any" in p.stderr
+        assert run(["iscsi-inq", t.url(0, other)], check=False).returncode != 0
+        mgmt(d, "acl", "remove", "--target", other, "iqn.2026-11.org.test:allowed", "--allow-any")
         p = cli("chap", "set", "--data-dir", d, "--target", other, "--user", "u", "--secret", "short",
                 check=False)
         assert p.returncode == 2 and "12 to 255 bytes" in p.stderr
