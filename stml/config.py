@@ -369,10 +369,19 @@ def load(config_path: str | None = None, data_dir: str | None = None, iqn: str |
         numbers = [lc.lun for lc in t.luns]
         if len(set(numbers)) != len(numbers):
             raise ConfigError(f"target {t.name}", "a LUN number is used twice")
-    images = [lc.options.path for t in targets for lc in t.luns if lc.options.kind == "rbd"]
-    for image in images:
-        if images.count(image) > 1:   # two handles in one STML would contend for its lock
-            raise ConfigError("target", f"rbd image {image} backs two LUNs")
+    # one store, one LU: two would be two disks on one medium (0277); two
+    # handles of one RBD image in one STML would also contend for its lock
+    stores: dict[Any, str] = {}
+    for t in targets:
+        for lc in t.luns:
+            store = lc.options.store()
+            if store is None:
+                continue
+            here = f"target {t.name} LUN {lc.lun}"
+            if store in stores:
+                raise ConfigError(f"{here} path", f"{lc.options.path} backs two LUNs: "
+                                                  f"it is the store of {stores[store]} already")
+            stores[store] = here
     owners: dict[str, str] = {}
     for t in targets:
         for lc in t.luns:

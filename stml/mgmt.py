@@ -645,9 +645,11 @@ class Management:
         return {"target": t.name, "lun": number, "size": lu.blocks * lu.block_size, "saved": await self._persist()}
 
     async def _add_lun(self, t: Target, number: int, opts: LunOptions) -> LogicalUnit:
-        if opts.kind in ("file", "rbd") and any(lu.options.kind == opts.kind and lu.options.path == opts.path
-                                                for x in self.em.targets.values() for lu in x.luns.values()):
-            raise MgmtError(f"{opts.path} already backs a LUN")
+        if opts.kind in ("file", "rbd"):
+            lus = [lu for x in self.em.targets.values() for lu in x.luns.values() if lu.options.kind == opts.kind]
+            owner = await self._in_thread(_serving, opts, lus)   # stats: off the loop
+            if owner is not None:
+                raise MgmtError(f"{opts.path} already backs target {owner.target} LUN {owner.lun}")
         try:
             backend = await self._in_thread(functools.partial(open_backend, opts.kind, opts.size, opts.path,
                                                               opts.ro, **opts.backend_options()))
@@ -843,6 +845,12 @@ _TARGET_SETTERS: dict[str, Callable[[Management, Target, Any], Awaitable[Any]]] 
     "mutual_chap": lambda m, t, v: m._set_access(t, "mutual", v),
     "target_reset": _set_target_reset,
 }
+
+
+def _serving(opts: LunOptions, lus: list[LogicalUnit]) -> LogicalUnit | None:
+    """The LU already on the store `opts` names, however either path spells it (0277)."""
+    store = opts.store()
+    return next((lu for lu in lus if lu.options.path == opts.path or lu.options.store() == store), None)
 
 
 def _differs_beyond_size(a: LunOptions, b: LunOptions) -> bool:

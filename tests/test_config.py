@@ -185,6 +185,41 @@ def test_duplicate_lun_number(tmp_path):
     assert IQN_A in msg and "LUN number" in msg
 
 
+@pytest.mark.parametrize("spelling", ["symlink", "hard link", "dot-dot", "same"])
+def test_two_luns_on_one_file_are_refused_however_it_is_spelled(tmp_path, spelling):
+    """Two LUs on one file are two disks with one medium to the initiators
+    (their own identities and reservations): writes through one corrupt what
+    the other serves. A symlink, a hard link or `..` names the same file
+    (docs/decisions/0277)."""
+    data = tmp_path / "data"
+    (data / "sub").mkdir(parents=True)
+    (data / "disk.img").write_bytes(bytes(1 << 20))
+    other = {"symlink": "link.img", "hard link": "hard.img", "dot-dot": "sub/../disk.img",
+             "same": "disk.img"}[spelling]
+    (data / "link.img").symlink_to(data / "disk.img")
+    (data / "hard.img").hardlink_to(data / "disk.img")
+    def two(first: str, second: str) -> str:
+        return f"""
+            [[target]]
+            name = "{IQN_A}"
+            [[target.lun]]
+            backend = "file"
+            {first}
+            [[target]]
+            name = "{IQN_B}"
+            [[target.lun]]
+            lun = 2
+            backend = "file"
+            {second}
+        """
+    msg = error_of(tmp_path, two('path = "disk.img"', f'path = "{other}"'))
+    assert msg.startswith(f"target {IQN_B} LUN 2 path:") and f"target {IQN_A} LUN 0" in msg
+    # two files, and two files still to be created, are two stores
+    (data / "two.img").write_bytes(bytes(1 << 20))
+    load_toml(tmp_path, two('path = "disk.img"', 'path = "two.img"'))
+    load_toml(tmp_path, two('path = "new1.img"\n            size = "1MiB"', 'path = "new2.img"\n            size = "1MiB"'))
+
+
 @pytest.mark.parametrize("key", ["chap", "mutual_chap"])
 def test_short_chap_secret(tmp_path, key):
     text = f"""

@@ -263,3 +263,35 @@ def test_target_remove_force_visits_a_front_ends_tasks_once_per_step():
         return per_turn
     per_turn = asyncio.run(run())
     assert max(per_turn) <= 5000 and sum(per_turn) <= 5000 * (600 // emulator_mod.FANOUT_STEP + 1)
+
+
+def test_lun_add_refuses_a_file_another_lun_serves_under_another_name(tmp_path):
+    """`lun add` of a file a LUN already serves, named through a symlink or a
+    hard link, is refused as the same path is: two LUs would serve one medium
+    under two identities (docs/decisions/0277)."""
+    sent: list = []
+    emu, m = setup(sent, luns=0, nexuses=0)
+    m.config.data_dir = tmp_path
+    (tmp_path / "disk.img").write_bytes(bytes(1 << 20))
+    (tmp_path / "link.img").symlink_to(tmp_path / "disk.img")
+    (tmp_path / "hard.img").hardlink_to(tmp_path / "disk.img")
+    (tmp_path / "other.img").write_bytes(bytes(1 << 20))
+    replies: list = []
+    emu.out.mgmt_reply = lambda ident, rid, ok, result, error: replies.append((rid, ok, error))
+
+    async def run() -> None:
+        for rid, name in enumerate(["disk.img", "link.img", "hard.img", f"../{tmp_path.name}/disk.img",
+                                    "other.img"]):
+            m.handle(b"cli", {"op": "mgmt", "id": rid, "cmd": "lun_add",
+                              "args": {"spec": f"file:{tmp_path / name}", "target": IQN}})
+            while len(replies) <= rid:
+                await asyncio.sleep(0.01)
+    try:
+        asyncio.run(run())
+        assert [ok for _, ok, _ in replies] == [True, False, False, False, True]
+        for _, _, error in replies[1:4]:
+            assert error.endswith(f".img already backs target {IQN} LUN 0"), error
+        assert sorted(emu.targets[IQN].luns) == [0, 1]
+    finally:
+        for lu in emu.targets[IQN].luns.values():
+            lu.backend.close()
