@@ -26,6 +26,7 @@ _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "kb": 1000, "m": 1 << 20,
           "mb": 10**6, "g": 1 << 30, "gib": 1 << 30, "gb": 10**9, "t": 1 << 40, "tib": 1 << 40,
           "tb": 10**12}
 _LU_ID = re.compile(r"[0-9A-Fa-f]{32}")
+MAX_ISCSI_NAME = 223   # bytes of UTF-8
 _IQN = re.compile(r"^(iqn\.\d{4}-\d{2}\.[^\s,]+|eui\.[0-9A-Fa-f]{16}|naa\.[0-9A-Fa-f]{16,32})$")
 
 
@@ -264,6 +265,10 @@ def parse_lun_spec(spec: str, where: str = "--lun") -> dict[str, Any]:
 def check_iqn(name: Any, where: str) -> str:
     if not isinstance(name, str) or not _IQN.match(name):
         raise ConfigError(where, f"{name!r} is not an iSCSI name (iqn.YYYY-MM.reversed.domain[:id])")
+    # initiators keep no longer names (open-iscsi, libiscsi): a longer target is listed but unreachable
+    if len(name.encode()) > MAX_ISCSI_NAME:
+        raise ConfigError(where, f"{name[:40]}... is {len(name.encode())} bytes long; an iSCSI name is at "
+                                 f"most {MAX_ISCSI_NAME} (RFC 7143 4.2.7.1)")
     return name.lower()
 
 

@@ -150,14 +150,18 @@ def test_bad_lun_fields(tmp_path, lun, field):
     assert error_of(tmp_path, _one_lun(lun)).startswith(field + ":")
 
 
-@pytest.mark.parametrize("name", ["disk0", "iqn.2026.org.x", "iqn.2026-01.org.example:a b", "eui.123"])
+@pytest.mark.parametrize("name", ["disk0", "iqn.2026.org.x", "iqn.2026-01.org.example:a b", "eui.123",
+                                  "iqn.2026-01.org.example:" + "a" * 200, "iqn.2026-01.org.example:" + "ä" * 100])
 def test_bad_iqn(tmp_path, name):
+    """Names past 223 bytes (RFC 7143) are refused: libiscsi and open-iscsi
+    cut them, so the target would be listed and never reached."""
     msg = error_of(tmp_path, _one_lun('backend = "ram"\nsize = "1MiB"', name=name))
     assert msg.startswith("target[0].name:")
 
 
 def test_good_iqn_forms(tmp_path):
-    for name in ("eui.0123456789ABCDEF", "naa.0123456789abcdef", "iqn.2001-04.com.example:storage.x"):
+    for name in ("eui.0123456789ABCDEF", "naa.0123456789abcdef", "iqn.2001-04.com.example:storage.x",
+                 "iqn.2026-01.org.example:" + "a" * 199):
         c = load_toml(tmp_path, _one_lun('backend = "ram"\nsize = "1MiB"', name=name))
         assert c.targets[0].name == name.lower()
 
