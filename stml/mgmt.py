@@ -481,14 +481,15 @@ class Management:
                     continue
                 applied.append(f"target {t.name} LUN {number} added")
                 continue
-            size = o.size if o.size is not None else lu.blocks * lu.block_size
             if _differs_beyond_size(o, lu.options):
                 pending.append(f"target {t.name} LUN {number}: settings other than its size changed: "
                                f"restart to apply them (or remove and add the LUN)")
-            elif size != lu.blocks * lu.block_size:
+            elif o.size is not None and o.size != lu.options.size:
+                # an edited size (0278): a file's `size` created it, and an existing
+                # file of another size is served at its own, which no reload changes
                 try:
-                    await self.lun_resize(number, size, t.name, force=False)
-                    applied.append(f"target {t.name} LUN {number} resized to {size} bytes")
+                    await self.lun_resize(number, o.size, t.name, force=False)
+                    applied.append(f"target {t.name} LUN {number} resized to {o.size} bytes")
                 except MgmtError as e:
                     pending.append(f"target {t.name} LUN {number}: {e}")
 
