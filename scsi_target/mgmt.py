@@ -324,7 +324,7 @@ def chap() -> None:
 @click.option("--target", "target_name", help="Target name (default: the first).")
 @click.option("--user", help="The CHAP user name.")
 @click.option("--secret", help="12 to 255 bytes; omit --user and --secret to turn CHAP off.")
-@click.option("--mutual", is_flag=True, help="Set the target's own (mutual CHAP) credentials.")
+@click.option("--mutual", is_flag=True, help="Set the target's own (mutual CHAP) credentials; CHAP must be set first.")
 @mgmt_options
 def chap_set(target_name: str | None, user: str | None, secret: str | None, mutual: bool, **kw: Any) -> None:
     """Require CHAP (--user and --secret), or turn it off (neither)."""

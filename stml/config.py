@@ -272,6 +272,11 @@ def check_iqn(name: Any, where: str) -> str:
     return name.lower()
 
 
+# mutual CHAP alone authenticates no initiator: a target with only it admitted any
+MUTUAL_NEEDS_CHAP = ("needs `chap` too: mutual CHAP is the target proving itself to initiators "
+                     "that CHAP authenticated; alone it lets any initiator in")
+
+
 def parse_chap(raw: Any, where: str) -> dict[str, str] | None:
     if raw is None:
         return None
@@ -348,10 +353,12 @@ def load(config_path: str | None = None, data_dir: str | None = None, iqn: str |
         acl = t.get("acl", [])
         if not isinstance(acl, list):
             raise ConfigError(f"{where}.acl", "must be a list of initiator names")
+        chap = parse_chap(t.get("chap"), f"{where}.chap")
+        mutual = parse_chap(t.get("mutual_chap"), f"{where}.mutual_chap")
+        if mutual and not chap:
+            raise ConfigError(f"{where}.mutual_chap", MUTUAL_NEEDS_CHAP)
         targets.append(TargetConfig(name, tl, str(t.get("alias", "")),
-                                    [check_iqn(a, f"{where}.acl") for a in acl],
-                                    parse_chap(t.get("chap"), f"{where}.chap"),
-                                    parse_chap(t.get("mutual_chap"), f"{where}.mutual_chap"),
+                                    [check_iqn(a, f"{where}.acl") for a in acl], chap, mutual,
                                     _bool(t.get("target_reset", False), f"{where}.target_reset"),
                                     _int_in(t.get("error_recovery_level", 0), 0, 2,
                                             f"{where}.error_recovery_level"),

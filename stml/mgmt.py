@@ -29,7 +29,7 @@ from backends import BackendError, open_backend
 from scsi_runtime.logs import audit
 from scsi_runtime.portals import parse_portal
 from stml import pr
-from stml.config import (Config, ConfigError, LunConfig, TargetConfig, check_iqn, parse_chap,
+from stml.config import (MUTUAL_NEEDS_CHAP, Config, ConfigError, LunConfig, TargetConfig, check_iqn, parse_chap,
                          file_digest, load, lun_options, parse_lun_spec, parse_size)
 from stml.emulator import Emulator, Target
 from stml.gateway import Gateway
@@ -822,6 +822,12 @@ class Management:
         if (user is None) != (secret is None):
             raise MgmtError("give both --user and --secret, or neither to turn CHAP off")
         creds = parse_chap({"user": user, "secret": secret}, "chap") if user is not None else None
+        if mutual and creds and not t.access.get("chap"):
+            raise MgmtError(f"mutual CHAP of {t.name} {MUTUAL_NEEDS_CHAP}: "
+                            f"`chap set --user U --secret S` first")
+        if not mutual and not creds and t.access.get("mutual"):
+            raise MgmtError(f"{t.name} has mutual CHAP, which needs CHAP: turn it off first "
+                            f"(`chap set --mutual`)")
         saved = await self._set_access(t, "mutual" if mutual else "chap", creds)
         return {"target": t.name, "chap" if not mutual else "mutual_chap": "set" if creds else "off",
                 "saved": saved}

@@ -237,6 +237,23 @@ def test_short_chap_secret(tmp_path, key):
     assert error_of(tmp_path, text).startswith(f"target[0].{key}.secret:")
 
 
+def test_mutual_chap_needs_chap(tmp_path):
+    """Mutual CHAP alone authenticates no initiator: such a target let anyone
+    in while its file said it used CHAP."""
+    text = f"""
+        [[target]]
+        name = "{IQN_A}"
+        mutual_chap = {{ user = "tgt", secret = "target-secret-1" }}
+        [[target.lun]]
+        backend = "ram"
+        size = "1MiB"
+    """
+    msg = error_of(tmp_path, text)
+    assert msg.startswith("target[0].mutual_chap: needs `chap` too")
+    load_toml(tmp_path, text.replace("mutual_chap =", 'chap = { user = "u", secret = "initiator-secret" }\n'
+                                                      "        mutual_chap ="))
+
+
 def test_chap_needs_user_and_secret(tmp_path):
     text = f"""
         discovery_chap = {{ secret = "twelve-chars" }}

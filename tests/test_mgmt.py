@@ -150,7 +150,15 @@ def test_targets_acl_chap_sessions(config, tmp_path):
         p = cli("chap", "set", "--data-dir", d, "--target", other, "--user", "u", "--secret", "short",
                 check=False)
         assert p.returncode == 2 and "12 to 255 bytes" in p.stderr
+        # mutual CHAP alone would let anyone in: refused, and CHAP cannot go while it is set
+        p = cli("chap", "set", "--data-dir", d, "--target", other, "--mutual", "--user", "t",
+                "--secret", "target-secret-1", check=False)
+        assert p.returncode == 2 and "`chap set --user U --secret S` first" in p.stderr
         mgmt(d, "chap", "set", "--target", other, "--user", "u", "--secret", "twelve-bytes-secret")
+        mgmt(d, "chap", "set", "--target", other, "--mutual", "--user", "t", "--secret", "target-secret-1")
+        p = cli("chap", "set", "--data-dir", d, "--target", other, check=False)
+        assert p.returncode == 2 and "turn it off first (`chap set --mutual`)" in p.stderr
+        mgmt(d, "chap", "set", "--target", other, "--mutual")
         assert run(["iscsi-inq", t.url(0, other)], check=False).returncode != 0
         assert run(["iscsi-inq", t.url(0, other, auth="u%twelve-bytes-secret@")]).returncode == 0
         mgmt(d, "chap", "set", "--target", other)
