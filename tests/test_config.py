@@ -221,7 +221,8 @@ def test_two_luns_on_one_file_are_refused_however_it_is_spelled(tmp_path, spelli
     # two files, and two files still to be created, are two stores
     (data / "two.img").write_bytes(bytes(1 << 20))
     load_toml(tmp_path, two('path = "disk.img"', 'path = "two.img"'))
-    load_toml(tmp_path, two('path = "new1.img"\n            size = "1MiB"', 'path = "new2.img"\n            size = "1MiB"'))
+    load_toml(tmp_path, two('path = "new1.img"\n            size = "1MiB"',
+                            'path = "new2.img"\n            size = "1MiB"'))
 
 
 @pytest.mark.parametrize("key", ["chap", "mutual_chap"])
