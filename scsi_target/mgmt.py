@@ -311,7 +311,9 @@ def acl_add(initiator: str, target_name: str | None, **kw: Any) -> None:
               help="Allow removing the last entry: an empty ACL lets any initiator log in.")
 @mgmt_options
 def acl_remove(initiator: str, target_name: str | None, allow_any: bool, **kw: Any) -> None:
-    """Take INITIATOR out of the ACL; its sessions end (unless the ACL is now empty)."""
+    """Take INITIATOR out of the ACL; its sessions end.
+
+    An empty ACL admits any initiator: removing the last entry takes --allow-any."""
     show(kw, _call(kw, "acl_remove", initiator=initiator, target=target_name, allow_any=allow_any))
 
 
