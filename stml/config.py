@@ -272,6 +272,22 @@ def check_iqn(name: Any, where: str) -> str:
     return name.lower()
 
 
+def host_memory() -> int:
+    """Bytes of physical memory on this host."""
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def ram_overcommit(total: int) -> str | None:
+    """Why RAM LUNs totalling `total` bytes cannot be served, or None. Their
+    pages are allocated as initiators write: past the host's memory a write
+    gets the STML killed, and every LUN with it (0279)."""
+    memory = host_memory()
+    if total <= memory:
+        return None
+    return (f"RAM LUNs would total {total >> 20} MiB, more than this host's memory ({memory >> 20} MiB): "
+            f"filling them would get the STML killed; use a file LUN (on tmpfs for RAM speed)")
+
+
 # mutual CHAP alone authenticates no initiator: a target with only it admitted any
 MUTUAL_NEEDS_CHAP = ("needs `chap` too: mutual CHAP is the target proving itself to initiators "
                      "that CHAP authenticated; alone it lets any initiator in")
@@ -381,6 +397,9 @@ def load(config_path: str | None = None, data_dir: str | None = None, iqn: str |
         numbers = [lc.lun for lc in t.luns]
         if len(set(numbers)) != len(numbers):
             raise ConfigError(f"target {t.name}", "a LUN number is used twice")
+    why = ram_overcommit(sum(lc.options.size or 0 for t in targets for lc in t.luns if lc.options.kind == "ram"))
+    if why:
+        raise ConfigError("target", why)
     # one store, one LU: two would be two disks on one medium (0277); two
     # handles of one RBD image in one STML would also contend for its lock
     stores: dict[Any, str] = {}

@@ -30,7 +30,7 @@ from scsi_runtime.logs import audit
 from scsi_runtime.portals import parse_portal
 from stml import pr
 from stml.config import (MUTUAL_NEEDS_CHAP, Config, ConfigError, LunConfig, TargetConfig, check_iqn, parse_chap,
-                         file_digest, load, lun_options, parse_lun_spec, parse_size)
+                         file_digest, load, lun_options, parse_lun_spec, parse_size, ram_overcommit)
 from stml.emulator import Emulator, Target
 from stml.gateway import Gateway
 from stml.lu import LogicalUnit, LunOptions
@@ -646,7 +646,15 @@ class Management:
         lu = await self._add_lun(t, number, opts)
         return {"target": t.name, "lun": number, "size": lu.blocks * lu.block_size, "saved": await self._persist()}
 
+    def _ram(self) -> int:
+        """Bytes of the RAM LUNs served, the most their pages can take."""
+        return sum(lu.blocks * lu.block_size for x in self.em.targets.values() for lu in x.luns.values()
+                   if lu.options.kind == "ram")
+
     async def _add_lun(self, t: Target, number: int, opts: LunOptions) -> LogicalUnit:
+        why = ram_overcommit(self._ram() + (opts.size or 0)) if opts.kind == "ram" else None
+        if why:
+            raise MgmtError(why)
         if opts.kind in ("file", "rbd"):
             lus = [lu for x in self.em.targets.values() for lu in x.luns.values() if lu.options.kind == opts.kind]
             owner = await self._in_thread(_serving, opts, lus)   # stats: off the loop
@@ -739,6 +747,9 @@ class Management:
         if not getattr(lu.backend, "can_resize", False):
             raise MgmtError(f"the backend of {t.name} LUN {lu.lun} cannot be resized")
         old = lu.blocks * lu.block_size
+        why = ram_overcommit(self._ram() - old + nbytes) if lu.options.kind == "ram" and nbytes > old else None
+        if why:
+            raise MgmtError(why)
         if nbytes < old and not force:
             raise MgmtError(f"shrinking {t.name} LUN {lu.lun} from {old} to {nbytes} bytes loses the data "
                             f"past the new end: pass --force")

@@ -255,6 +255,18 @@ def test_mutual_chap_needs_chap(tmp_path):
                                                       "        mutual_chap ="))
 
 
+def test_ram_luns_past_the_hosts_memory_are_refused(tmp_path, monkeypatch):
+    """RAM LUNs that together exceed the host's memory: an initiator filling
+    them gets the STML killed, every LUN with it (docs/decisions/0279)."""
+    from stml import config as config_mod
+    monkeypatch.setattr(config_mod, "host_memory", lambda: 64 << 20)
+    two = _one_lun('backend = "ram"\nsize = "32MiB"') + _one_lun('backend = "ram"\nsize = "SIZE"', name=IQN_B)
+    load_toml(tmp_path, two.replace("SIZE", "32MiB"))
+    msg = error_of(tmp_path, two.replace("SIZE", "48MiB"))
+    assert msg == ("target: RAM LUNs would total 80 MiB, more than this host's memory (64 MiB): "
+                   "filling them would get the STML killed; use a file LUN (on tmpfs for RAM speed)")
+
+
 def test_chap_needs_user_and_secret(tmp_path):
     text = f"""
         discovery_chap = {{ secret = "twelve-chars" }}

@@ -295,3 +295,27 @@ def test_lun_add_refuses_a_file_another_lun_serves_under_another_name(tmp_path):
     finally:
         for lu in emu.targets[IQN].luns.values():
             lu.backend.close()
+
+
+def test_ram_luns_may_not_outgrow_the_hosts_memory(monkeypatch):
+    """A RAM LU's pages are allocated as initiators write: `lun add` and
+    `lun resize` refuse RAM LUNs that together exceed the host's memory
+    (filling them would get the STML killed, every LU with it); shrinking,
+    and RAM up to the memory, stay allowed (docs/decisions/0279)."""
+    from stml import config as config_mod
+    from stml.mgmt import MgmtError
+    sent: list = []
+    emu, m = setup(sent, luns=4, nexuses=1)          # 4 MiB of RAM LUs
+    monkeypatch.setattr(config_mod, "host_memory", lambda: 6 << 20)
+
+    async def run() -> None:
+        await m.lun_add("ram:2MiB", IQN)              # 6 MiB: all of it
+        with pytest.raises(MgmtError, match="RAM LUNs would total 7 MiB, more than this host's memory"):
+            await m.lun_add("ram:1MiB", IQN)
+        with pytest.raises(MgmtError, match="use a file LUN"):
+            await m.lun_resize(0, "2MiB", IQN)
+        await m.lun_resize(4, "1MiB", IQN, force=True)   # a shrink frees room
+        await m.lun_resize(0, "2MiB", IQN)
+    asyncio.run(run())
+    assert sorted(emu.targets[IQN].luns) == [0, 1, 2, 3, 4]
+    assert [emu.targets[IQN].luns[n].blocks * 512 for n in (0, 4)] == [2 << 20, 1 << 20]
