@@ -73,6 +73,8 @@ class Management:
         self.endpoints = endpoints
         self._lock = asyncio.Lock()   # one change at a time (config file writes in order)
         self._batch = False           # a reload: the file is the source, nothing is saved
+        # LUN numbers whose LU was removed, by target: an LU added at one is news there too
+        self._retired: dict[str, set[int]] = {}
         self._closing: set[asyncio.Task] = set()   # removed LUs' backends waiting to close
         self.closing_lus: set[LogicalUnit] = set()   # their LUs: the STML's stop flushes them too
         self._saver = ThreadPoolExecutor(1, thread_name_prefix="config-save")   # (its thread: at first use)
@@ -582,6 +584,7 @@ class Management:
             raise MgmtError(f"target {t.name} has {live} session(s); pass --force to drop them")
         self._check_file()
         del self.em.targets[t.name]
+        self._retired.pop(t.name, None)   # its sessions end: no nexus saw its LUs
         for lu in t.luns.values():
             self._close_later(lu)
         await self._end_sessions(t.name, f"target {t.name} removed")
@@ -684,14 +687,19 @@ class Management:
         t.luns[number] = lu
         self._tc(t.name).luns.append(LunConfig(number, opts))
         self._redetect()
-        # the new LUN was never seen: nothing about it changed
-        await self._ua([o for o in t.luns.values() if o is not lu], REPORTED_LUNS_DATA_CHANGED, t.name)
+        # a LUN number never used was never seen: nothing about it changed. One
+        # whose LU was removed was: a nexus that addressed that LU is told on
+        # this one too, before its next command reaches another disk (0254)
+        reused = number in self._retired.get(t.name, ())
+        await self._ua([o for o in t.luns.values() if reused or o is not lu], REPORTED_LUNS_DATA_CHANGED,
+                       t.name)
         return lu
 
     async def lun_remove(self, lun: int, target: str | None = None) -> dict[str, Any]:
         t, lu = self._lu(target, lun)
         self._check_file()
         del t.luns[lu.lun]
+        self._retired.setdefault(t.name, set()).add(lu.lun)
         tc = self._tc(t.name)
         tc.luns = [lc for lc in tc.luns if lc.lun != lu.lun]
         self._close_later(lu)

@@ -319,3 +319,24 @@ def test_ram_luns_may_not_outgrow_the_hosts_memory(monkeypatch):
     asyncio.run(run())
     assert sorted(emu.targets[IQN].luns) == [0, 1, 2, 3, 4]
     assert [emu.targets[IQN].luns[n].blocks * 512 for n in (0, 4)] == [2 << 20, 1 << 20]
+
+
+def test_an_lu_added_at_a_removed_lus_number_carries_the_unit_attention():
+    """`lun remove 3` then `lun add --lun 3` of another disk: a nexus that
+    addressed the old LU 3 used to reach the new one with no unit attention
+    on it (REPORTED LUNS DATA HAS CHANGED waited on the other LUs), so its
+    next WRITE to LUN 3 landed on another disk unannounced. The new LU
+    carries the UA too; an LU at a number never used does not (0254)."""
+    sent: list = []
+    emu, m = setup(sent, luns=4, nexuses=2)
+    keys = set(emu.nexus_keys(IQN))
+    t = emu.targets[IQN]
+
+    async def run() -> None:
+        await m.lun_remove(3, IQN)
+        await m.lun_add("ram:1MiB", IQN, 3)
+        assert set(t.luns[3].unit_attentions) == keys
+        assert all(uas == [REPORTED_LUNS_DATA_CHANGED] for uas in t.luns[3].unit_attentions.values())
+        await m.lun_add("ram:1MiB", IQN, 7)
+        assert t.luns[7].unit_attentions == {}
+    asyncio.run(run())
