@@ -299,17 +299,22 @@ def acl() -> None:
 @click.option("--target", "target_name", help="Target name (default: the first).")
 @mgmt_options
 def acl_add(initiator: str, target_name: str | None, **kw: Any) -> None:
-    """Allow INITIATOR (its IQN) to log in; once the ACL has an entry, others are refused."""
+    """Allow INITIATOR (its IQN) to log in; once the ACL has an entry, others are refused
+    and their sessions end."""
     show(kw, _call(kw, "acl_add", initiator=initiator, target=target_name))
 
 
 @acl.command("remove")
 @click.argument("initiator")
 @click.option("--target", "target_name", help="Target name (default: the first).")
+@click.option("--allow-any", is_flag=True,
+              help="Allow removing the last entry: an empty ACL lets any initiator log in.")
 @mgmt_options
-def acl_remove(initiator: str, target_name: str | None, **kw: Any) -> None:
-    """Take INITIATOR out of the ACL."""
-    show(kw, _call(kw, "acl_remove", initiator=initiator, target=target_name))
+def acl_remove(initiator: str, target_name: str | None, allow_any: bool, **kw: Any) -> None:
+    """Take INITIATOR out of the ACL; its sessions end.
+
+    An empty ACL admits any initiator: removing the last entry takes --allow-any."""
+    show(kw, _call(kw, "acl_remove", initiator=initiator, target=target_name, allow_any=allow_any))
 
 
 @click.group()
@@ -321,7 +326,7 @@ def chap() -> None:
 @click.option("--target", "target_name", help="Target name (default: the first).")
 @click.option("--user", help="The CHAP user name.")
 @click.option("--secret", help="12 to 255 bytes; omit --user and --secret to turn CHAP off.")
-@click.option("--mutual", is_flag=True, help="Set the target's own (mutual CHAP) credentials.")
+@click.option("--mutual", is_flag=True, help="Set the target's own (mutual CHAP) credentials; CHAP must be set first.")
 @mgmt_options
 def chap_set(target_name: str | None, user: str | None, secret: str | None, mutual: bool, **kw: Any) -> None:
     """Require CHAP (--user and --secret), or turn it off (neither)."""

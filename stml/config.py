@@ -26,6 +26,7 @@ _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "kb": 1000, "m": 1 << 20,
           "mb": 10**6, "g": 1 << 30, "gib": 1 << 30, "gb": 10**9, "t": 1 << 40, "tib": 1 << 40,
           "tb": 10**12}
 _LU_ID = re.compile(r"[0-9A-Fa-f]{32}")
+MAX_ISCSI_NAME = 223   # bytes of UTF-8
 _IQN = re.compile(r"^(iqn\.\d{4}-\d{2}\.[^\s,]+|eui\.[0-9A-Fa-f]{16}|naa\.[0-9A-Fa-f]{16,32})$")
 
 
@@ -264,7 +265,32 @@ def parse_lun_spec(spec: str, where: str = "--lun") -> dict[str, Any]:
 def check_iqn(name: Any, where: str) -> str:
     if not isinstance(name, str) or not _IQN.match(name):
         raise ConfigError(where, f"{name!r} is not an iSCSI name (iqn.YYYY-MM.reversed.domain[:id])")
+    # initiators keep no longer names (open-iscsi, libiscsi): a longer target is listed but unreachable
+    if len(name.encode()) > MAX_ISCSI_NAME:
+        raise ConfigError(where, f"{name[:40]}... is {len(name.encode())} bytes long; an iSCSI name is at "
+                                 f"most {MAX_ISCSI_NAME} (RFC 7143 4.2.7.1)")
     return name.lower()
+
+
+def host_memory() -> int:
+    """Bytes of physical memory on this host."""
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def ram_overcommit(total: int) -> str | None:
+    """Why RAM LUNs totalling `total` bytes cannot be served, or None. Their
+    pages are allocated as initiators write: past the host's memory a write
+    gets the STML killed, and every LUN with it (0279)."""
+    memory = host_memory()
+    if total <= memory:
+        return None
+    return (f"RAM LUNs would total {total >> 20} MiB, more than this host's memory ({memory >> 20} MiB): "
+            f"filling them would get the STML killed; use a file LUN (on tmpfs for RAM speed)")
+
+
+# mutual CHAP alone authenticates no initiator: a target with only it admitted any
+MUTUAL_NEEDS_CHAP = ("needs `chap` too: mutual CHAP is the target proving itself to initiators "
+                     "that CHAP authenticated; alone it lets any initiator in")
 
 
 def parse_chap(raw: Any, where: str) -> dict[str, str] | None:
@@ -343,10 +369,12 @@ def load(config_path: str | None = None, data_dir: str | None = None, iqn: str |
         acl = t.get("acl", [])
         if not isinstance(acl, list):
             raise ConfigError(f"{where}.acl", "must be a list of initiator names")
+        chap = parse_chap(t.get("chap"), f"{where}.chap")
+        mutual = parse_chap(t.get("mutual_chap"), f"{where}.mutual_chap")
+        if mutual and not chap:
+            raise ConfigError(f"{where}.mutual_chap", MUTUAL_NEEDS_CHAP)
         targets.append(TargetConfig(name, tl, str(t.get("alias", "")),
-                                    [check_iqn(a, f"{where}.acl") for a in acl],
-                                    parse_chap(t.get("chap"), f"{where}.chap"),
-                                    parse_chap(t.get("mutual_chap"), f"{where}.mutual_chap"),
+                                    [check_iqn(a, f"{where}.acl") for a in acl], chap, mutual,
                                     _bool(t.get("target_reset", False), f"{where}.target_reset"),
                                     _int_in(t.get("error_recovery_level", 0), 0, 2,
                                             f"{where}.error_recovery_level"),
@@ -369,10 +397,22 @@ def load(config_path: str | None = None, data_dir: str | None = None, iqn: str |
         numbers = [lc.lun for lc in t.luns]
         if len(set(numbers)) != len(numbers):
             raise ConfigError(f"target {t.name}", "a LUN number is used twice")
-    images = [lc.options.path for t in targets for lc in t.luns if lc.options.kind == "rbd"]
-    for image in images:
-        if images.count(image) > 1:   # two handles in one STML would contend for its lock
-            raise ConfigError("target", f"rbd image {image} backs two LUNs")
+    why = ram_overcommit(sum(lc.options.size or 0 for t in targets for lc in t.luns if lc.options.kind == "ram"))
+    if why:
+        raise ConfigError("target", why)
+    # one store, one LU: two would be two disks on one medium (0277); two
+    # handles of one RBD image in one STML would also contend for its lock
+    stores: dict[Any, str] = {}
+    for t in targets:
+        for lc in t.luns:
+            store = lc.options.store()
+            if store is None:
+                continue
+            here = f"target {t.name} LUN {lc.lun}"
+            if store in stores:
+                raise ConfigError(f"{here} path", f"{lc.options.path} backs two LUNs: "
+                                                  f"it is the store of {stores[store]} already")
+            stores[store] = here
     owners: dict[str, str] = {}
     for t in targets:
         for lc in t.luns:

@@ -5,6 +5,8 @@ import asyncio
 import collections
 import hashlib
 import logging
+import os
+import stat
 from dataclasses import dataclass, field
 from typing import Any, Coroutine, Final, Protocol
 
@@ -44,6 +46,24 @@ class LunOptions:
         """What open_backend takes besides kind, size, path and ro."""
         return {k: v for k, v in (("conf", self.ceph_conf), ("user", self.ceph_user),
                                   ("keyring", self.ceph_keyring)) if v}
+
+    def store(self) -> tuple[Any, ...] | None:
+        """What holds the data, however the path spells it (a symlink, a hard
+        link, `..`): a file's device and inode, a block device's number, an
+        RBD image's name; a file still to be created, its resolved path. None
+        for RAM. Two LUs on one store are two disks sharing a medium (0277).
+        Blocking (a stat): not for the event loop."""
+        if self.kind == "rbd":
+            return ("rbd", self.path)
+        if self.kind != "file" or self.path is None:
+            return None
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return ("path", os.path.realpath(self.path))
+        if stat.S_ISBLK(st.st_mode):
+            return ("block", st.st_rdev)
+        return ("file", st.st_dev, st.st_ino)
 
 
 def legacy_id(target: str, lun: int) -> str:

@@ -29,8 +29,8 @@ from backends import BackendError, open_backend
 from scsi_runtime.logs import audit
 from scsi_runtime.portals import parse_portal
 from stml import pr
-from stml.config import (Config, ConfigError, LunConfig, TargetConfig, check_iqn, parse_chap,
-                         file_digest, load, lun_options, parse_lun_spec, parse_size)
+from stml.config import (MUTUAL_NEEDS_CHAP, Config, ConfigError, LunConfig, TargetConfig, check_iqn, parse_chap,
+                         file_digest, load, lun_options, parse_lun_spec, parse_size, ram_overcommit)
 from stml.emulator import Emulator, Target
 from stml.gateway import Gateway
 from stml.lu import LogicalUnit, LunOptions
@@ -73,6 +73,8 @@ class Management:
         self.endpoints = endpoints
         self._lock = asyncio.Lock()   # one change at a time (config file writes in order)
         self._batch = False           # a reload: the file is the source, nothing is saved
+        # LUN numbers whose LU was removed, by target: an LU added at one is news there too
+        self._retired: dict[str, set[int]] = {}
         self._closing: set[asyncio.Task] = set()   # removed LUs' backends waiting to close
         self.closing_lus: set[LogicalUnit] = set()   # their LUs: the STML's stop flushes them too
         self._saver = ThreadPoolExecutor(1, thread_name_prefix="config-save")   # (its thread: at first use)
@@ -476,19 +478,21 @@ class Management:
             if lu is None:
                 try:
                     await self._add_lun(t, number, o)
-                except MgmtError as e:
-                    pending.append(f"target {t.name} LUN {number}: {e}")
+                except MgmtError as e:   # kept in the file (0231), where a start meets it too
+                    pending.append(f"target {t.name} LUN {number}: {e}; a start with this file fails "
+                                   f"until it is fixed there")
                     continue
                 applied.append(f"target {t.name} LUN {number} added")
                 continue
-            size = o.size if o.size is not None else lu.blocks * lu.block_size
             if _differs_beyond_size(o, lu.options):
                 pending.append(f"target {t.name} LUN {number}: settings other than its size changed: "
                                f"restart to apply them (or remove and add the LUN)")
-            elif size != lu.blocks * lu.block_size:
+            elif o.size is not None and o.size != lu.options.size:
+                # an edited size (0278): a file's `size` created it, and an existing
+                # file of another size is served at its own, which no reload changes
                 try:
-                    await self.lun_resize(number, size, t.name, force=False)
-                    applied.append(f"target {t.name} LUN {number} resized to {size} bytes")
+                    await self.lun_resize(number, o.size, t.name, force=False)
+                    applied.append(f"target {t.name} LUN {number} resized to {o.size} bytes")
                 except MgmtError as e:
                     pending.append(f"target {t.name} LUN {number}: {e}")
 
@@ -580,6 +584,7 @@ class Management:
             raise MgmtError(f"target {t.name} has {live} session(s); pass --force to drop them")
         self._check_file()
         del self.em.targets[t.name]
+        self._retired.pop(t.name, None)   # its sessions end: no nexus saw its LUs
         for lu in t.luns.values():
             self._close_later(lu)
         await self._end_sessions(t.name, f"target {t.name} removed")
@@ -587,24 +592,33 @@ class Management:
         self._redetect()
         return {"target": t.name, "saved": await self._persist()}
 
-    async def _end_sessions(self, target: str, why: str) -> None:
-        """The sessions of a removed target end (docs/decisions/0265): each
-        front end is told to drop its nexus (fetd_tcp closes the session's
-        connections), then the STML releases it, and its tasks end silently.
-        FANOUT_STEP nexuses between turns of the loop; the target is gone
-        already, so nothing reaches it meanwhile (a command finds no LU, a
-        new nexus no target). Each step visits its front ends' tasks once, not
-        once per nexus (a front end's tasks include other targets')."""
+    async def _end_sessions(self, target: str, why: str,
+                            admitted: frozenset[str] | None = frozenset()) -> int:
+        """The sessions of a removed target end (docs/decisions/0265), or those
+        of initiators its new ACL leaves out (0275; `admitted` as
+        Emulator.admitted, None: all stay): each front end is told to drop its
+        nexus (fetd_tcp closes the session's connections), then the STML
+        releases it, and its tasks end silently. FANOUT_STEP nexuses between
+        turns of the loop; the target (or the ACL) has changed already, so
+        nothing new reaches it meanwhile (a command finds no LU, a new nexus
+        no target or no ACL entry). Each step visits its front ends' tasks
+        once, not once per nexus (a front end's tasks include other targets').
+        Returns how many nexuses it dropped."""
+        if admitted is None:
+            return 0
         chunk: list[Nexus] = []
+        ended = 0
         for n in self.em.nexuses(target):
+            if pr.name_key(n.initiator) in admitted:
+                continue
             chunk.append(n)
             if len(chunk) == FANOUT_STEP:
-                self._drop_nexuses(chunk, why)
+                ended += self._drop_nexuses(chunk, why)
                 chunk = []
                 await asyncio.sleep(0)
-        self._drop_nexuses(chunk, why)
+        return ended + self._drop_nexuses(chunk, why)
 
-    def _drop_nexuses(self, nexuses: list[Nexus], why: str) -> None:
+    def _drop_nexuses(self, nexuses: list[Nexus], why: str) -> int:
         live = [n for n in nexuses if n.fe.nexuses.get(n.id) is n]   # (not released meanwhile)
         tasks: dict[int, list[Task]] = {id(n): [] for n in live}
         for fe in {id(n.fe): n.fe for n in live}.values():
@@ -615,6 +629,7 @@ class Management:
         for n in live:
             self.em.out.drop_nexus(n.fe.ident, n.id, why)
             self.em.drop_nexus(n, tasks[id(n)])
+        return len(live)
 
     # ------------------------------------------------------------ LUNs
     async def lun_add(self, spec: str, target: str | None = None, lun: int | None = None) -> dict[str, Any]:
@@ -634,10 +649,20 @@ class Management:
         lu = await self._add_lun(t, number, opts)
         return {"target": t.name, "lun": number, "size": lu.blocks * lu.block_size, "saved": await self._persist()}
 
+    def _ram(self) -> int:
+        """Bytes of the RAM LUNs served, the most their pages can take."""
+        return sum(lu.blocks * lu.block_size for x in self.em.targets.values() for lu in x.luns.values()
+                   if lu.options.kind == "ram")
+
     async def _add_lun(self, t: Target, number: int, opts: LunOptions) -> LogicalUnit:
-        if opts.kind in ("file", "rbd") and any(lu.options.kind == opts.kind and lu.options.path == opts.path
-                                                for x in self.em.targets.values() for lu in x.luns.values()):
-            raise MgmtError(f"{opts.path} already backs a LUN")
+        why = ram_overcommit(self._ram() + (opts.size or 0)) if opts.kind == "ram" else None
+        if why:
+            raise MgmtError(why)
+        if opts.kind in ("file", "rbd"):
+            lus = [lu for x in self.em.targets.values() for lu in x.luns.values() if lu.options.kind == opts.kind]
+            owner = await self._in_thread(_serving, opts, lus)   # stats: off the loop
+            if owner is not None:
+                raise MgmtError(f"{opts.path} already backs target {owner.target} LUN {owner.lun}")
         try:
             backend = await self._in_thread(functools.partial(open_backend, opts.kind, opts.size, opts.path,
                                                               opts.ro, **opts.backend_options()))
@@ -662,14 +687,19 @@ class Management:
         t.luns[number] = lu
         self._tc(t.name).luns.append(LunConfig(number, opts))
         self._redetect()
-        # the new LUN was never seen: nothing about it changed
-        await self._ua([o for o in t.luns.values() if o is not lu], REPORTED_LUNS_DATA_CHANGED, t.name)
+        # a LUN number never used was never seen: nothing about it changed. One
+        # whose LU was removed was: a nexus that addressed that LU is told on
+        # this one too, before its next command reaches another disk (0254)
+        reused = number in self._retired.get(t.name, ())
+        await self._ua([o for o in t.luns.values() if reused or o is not lu], REPORTED_LUNS_DATA_CHANGED,
+                       t.name)
         return lu
 
     async def lun_remove(self, lun: int, target: str | None = None) -> dict[str, Any]:
         t, lu = self._lu(target, lun)
         self._check_file()
         del t.luns[lu.lun]
+        self._retired.setdefault(t.name, set()).add(lu.lun)
         tc = self._tc(t.name)
         tc.luns = [lc for lc in tc.luns if lc.lun != lu.lun]
         self._close_later(lu)
@@ -725,6 +755,9 @@ class Management:
         if not getattr(lu.backend, "can_resize", False):
             raise MgmtError(f"the backend of {t.name} LUN {lu.lun} cannot be resized")
         old = lu.blocks * lu.block_size
+        why = ram_overcommit(self._ram() - old + nbytes) if lu.options.kind == "ram" and nbytes > old else None
+        if why:
+            raise MgmtError(why)
         if nbytes < old and not force:
             raise MgmtError(f"shrinking {t.name} LUN {lu.lun} from {old} to {nbytes} bytes loses the data "
                             f"past the new end: pass --force")
@@ -768,15 +801,39 @@ class Management:
         if name in acl:
             raise MgmtError(f"{name} is already in the ACL of {t.name}")
         acl.append(name)
-        return {"target": t.name, "acl": acl, "saved": await self._set_access(t, "acl", acl)}
+        saved, ended = await self._set_acl(t, acl)
+        return {"target": t.name, "acl": acl, "sessions_ended": ended, "saved": saved}
 
-    async def acl_remove(self, initiator: str, target: str | None = None) -> dict[str, Any]:
+    async def acl_remove(self, initiator: str, target: str | None = None,
+                         allow_any: bool = False) -> dict[str, Any]:
+        """An empty ACL admits any initiator, so taking out the last entry
+        needs `allow_any`: whoever removes a host to keep it out must not let
+        every host in instead (0276)."""
         t = self._target(target)
         acl = list(t.access.get("acl") or [])
         if initiator.lower() not in acl:
             raise MgmtError(f"{initiator} is not in the ACL of {t.name}")
+        if acl == [initiator.lower()] and not allow_any:
+            raise MgmtError(f"{initiator} is the last entry in the ACL of {t.name}: without it any "
+                            f"initiator may log in; pass --allow-any to open the target to all")
         acl.remove(initiator.lower())
-        return {"target": t.name, "acl": acl, "saved": await self._set_access(t, "acl", acl)}
+        saved, ended = await self._set_acl(t, acl)
+        return {"target": t.name, "acl": acl, "sessions_ended": ended, "saved": saved}
+
+    async def _set_acl(self, t: Target, acl: list[str]) -> tuple[str, int]:
+        """A new ACL applies to the sessions that exist too (0275): those of
+        initiators it leaves out end before the save, as they would at their
+        next login; (the save's answer, how many sessions ended)."""
+        self._check_file()
+        t.access = {**t.access, "acl": acl}
+        self._tc(t.name).acl = acl
+        self._redetect()
+        ended = await self._end_sessions(t.name, f"initiator not in the ACL of {t.name}",
+                                         self.em.admitted(t.name))
+        if ended:
+            log.info("%s: ended %d session(s) of initiators the ACL no longer admits", t.name, ended,
+                     extra=audit())
+        return await self._persist(), ended
 
     async def chap_set(self, target: str | None = None, user: str | None = None,
                        secret: str | None = None, mutual: bool = False) -> dict[str, Any]:
@@ -785,6 +842,12 @@ class Management:
         if (user is None) != (secret is None):
             raise MgmtError("give both --user and --secret, or neither to turn CHAP off")
         creds = parse_chap({"user": user, "secret": secret}, "chap") if user is not None else None
+        if mutual and creds and not t.access.get("chap"):
+            raise MgmtError(f"mutual CHAP of {t.name} {MUTUAL_NEEDS_CHAP}: "
+                            f"`chap set --user U --secret S` first")
+        if not mutual and not creds and t.access.get("mutual"):
+            raise MgmtError(f"{t.name} has mutual CHAP, which needs CHAP: turn it off first "
+                            f"(`chap set --mutual`)")
         saved = await self._set_access(t, "mutual" if mutual else "chap", creds)
         return {"target": t.name, "chap" if not mutual else "mutual_chap": "set" if creds else "off",
                 "saved": saved}
@@ -804,11 +867,17 @@ async def _set_target_reset(m: Management, t: Target, allowed: bool) -> None:
 # any other field that changes is reported as needing a restart
 _TARGET_SETTERS: dict[str, Callable[[Management, Target, Any], Awaitable[Any]]] = {
     "alias": _set_alias,
-    "acl": lambda m, t, v: m._set_access(t, "acl", v),
+    "acl": lambda m, t, v: m._set_acl(t, v),
     "chap": lambda m, t, v: m._set_access(t, "chap", v),
     "mutual_chap": lambda m, t, v: m._set_access(t, "mutual", v),
     "target_reset": _set_target_reset,
 }
+
+
+def _serving(opts: LunOptions, lus: list[LogicalUnit]) -> LogicalUnit | None:
+    """The LU already on the store `opts` names, however either path spells it (0277)."""
+    store = opts.store()
+    return next((lu for lu in lus if lu.options.path == opts.path or lu.options.store() == store), None)
 
 
 def _differs_beyond_size(a: LunOptions, b: LunOptions) -> bool:

@@ -150,14 +150,18 @@ def test_bad_lun_fields(tmp_path, lun, field):
     assert error_of(tmp_path, _one_lun(lun)).startswith(field + ":")
 
 
-@pytest.mark.parametrize("name", ["disk0", "iqn.2026.org.x", "iqn.2026-01.org.example:a b", "eui.123"])
+@pytest.mark.parametrize("name", ["disk0", "iqn.2026.org.x", "iqn.2026-01.org.example:a b", "eui.123",
+                                  "iqn.2026-01.org.example:" + "a" * 200, "iqn.2026-01.org.example:" + "ä" * 100])
 def test_bad_iqn(tmp_path, name):
+    """Names past 223 bytes (RFC 7143) are refused: libiscsi and open-iscsi
+    cut them, so the target would be listed and never reached."""
     msg = error_of(tmp_path, _one_lun('backend = "ram"\nsize = "1MiB"', name=name))
     assert msg.startswith("target[0].name:")
 
 
 def test_good_iqn_forms(tmp_path):
-    for name in ("eui.0123456789ABCDEF", "naa.0123456789abcdef", "iqn.2001-04.com.example:storage.x"):
+    for name in ("eui.0123456789ABCDEF", "naa.0123456789abcdef", "iqn.2001-04.com.example:storage.x",
+                 "iqn.2026-01.org.example:" + "a" * 199):
         c = load_toml(tmp_path, _one_lun('backend = "ram"\nsize = "1MiB"', name=name))
         assert c.targets[0].name == name.lower()
 
@@ -185,6 +189,42 @@ def test_duplicate_lun_number(tmp_path):
     assert IQN_A in msg and "LUN number" in msg
 
 
+@pytest.mark.parametrize("spelling", ["symlink", "hard link", "dot-dot", "same"])
+def test_two_luns_on_one_file_are_refused_however_it_is_spelled(tmp_path, spelling):
+    """Two LUs on one file are two disks with one medium to the initiators
+    (their own identities and reservations): writes through one corrupt what
+    the other serves. A symlink, a hard link or `..` names the same file
+    (docs/decisions/0277)."""
+    data = tmp_path / "data"
+    (data / "sub").mkdir(parents=True)
+    (data / "disk.img").write_bytes(bytes(1 << 20))
+    other = {"symlink": "link.img", "hard link": "hard.img", "dot-dot": "sub/../disk.img",
+             "same": "disk.img"}[spelling]
+    (data / "link.img").symlink_to(data / "disk.img")
+    (data / "hard.img").hardlink_to(data / "disk.img")
+    def two(first: str, second: str) -> str:
+        return f"""
+            [[target]]
+            name = "{IQN_A}"
+            [[target.lun]]
+            backend = "file"
+            {first}
+            [[target]]
+            name = "{IQN_B}"
+            [[target.lun]]
+            lun = 2
+            backend = "file"
+            {second}
+        """
+    msg = error_of(tmp_path, two('path = "disk.img"', f'path = "{other}"'))
+    assert msg.startswith(f"target {IQN_B} LUN 2 path:") and f"target {IQN_A} LUN 0" in msg
+    # two files, and two files still to be created, are two stores
+    (data / "two.img").write_bytes(bytes(1 << 20))
+    load_toml(tmp_path, two('path = "disk.img"', 'path = "two.img"'))
+    load_toml(tmp_path, two('path = "new1.img"\n            size = "1MiB"',
+                            'path = "new2.img"\n            size = "1MiB"'))
+
+
 @pytest.mark.parametrize("key", ["chap", "mutual_chap"])
 def test_short_chap_secret(tmp_path, key):
     text = f"""
@@ -196,6 +236,35 @@ def test_short_chap_secret(tmp_path, key):
         size = "1MiB"
     """
     assert error_of(tmp_path, text).startswith(f"target[0].{key}.secret:")
+
+
+def test_mutual_chap_needs_chap(tmp_path):
+    """Mutual CHAP alone authenticates no initiator: such a target let anyone
+    in while its file said it used CHAP."""
+    text = f"""
+        [[target]]
+        name = "{IQN_A}"
+        mutual_chap = {{ user = "tgt", secret = "target-secret-1" }}
+        [[target.lun]]
+        backend = "ram"
+        size = "1MiB"
+    """
+    msg = error_of(tmp_path, text)
+    assert msg.startswith("target[0].mutual_chap: needs `chap` too")
+    load_toml(tmp_path, text.replace("mutual_chap =", 'chap = { user = "u", secret = "initiator-secret" }\n'
+                                                      "        mutual_chap ="))
+
+
+def test_ram_luns_past_the_hosts_memory_are_refused(tmp_path, monkeypatch):
+    """RAM LUNs that together exceed the host's memory: an initiator filling
+    them gets the STML killed, every LUN with it (docs/decisions/0279)."""
+    from stml import config as config_mod
+    monkeypatch.setattr(config_mod, "host_memory", lambda: 64 << 20)
+    two = _one_lun('backend = "ram"\nsize = "32MiB"') + _one_lun('backend = "ram"\nsize = "SIZE"', name=IQN_B)
+    load_toml(tmp_path, two.replace("SIZE", "32MiB"))
+    msg = error_of(tmp_path, two.replace("SIZE", "48MiB"))
+    assert msg == ("target: RAM LUNs would total 80 MiB, more than this host's memory (64 MiB): "
+                   "filling them would get the STML killed; use a file LUN (on tmpfs for RAM speed)")
 
 
 def test_chap_needs_user_and_secret(tmp_path):

@@ -263,3 +263,80 @@ def test_target_remove_force_visits_a_front_ends_tasks_once_per_step():
         return per_turn
     per_turn = asyncio.run(run())
     assert max(per_turn) <= 5000 and sum(per_turn) <= 5000 * (600 // emulator_mod.FANOUT_STEP + 1)
+
+
+def test_lun_add_refuses_a_file_another_lun_serves_under_another_name(tmp_path):
+    """`lun add` of a file a LUN already serves, named through a symlink or a
+    hard link, is refused as the same path is: two LUs would serve one medium
+    under two identities (docs/decisions/0277)."""
+    sent: list = []
+    emu, m = setup(sent, luns=0, nexuses=0)
+    m.config.data_dir = tmp_path
+    (tmp_path / "disk.img").write_bytes(bytes(1 << 20))
+    (tmp_path / "link.img").symlink_to(tmp_path / "disk.img")
+    (tmp_path / "hard.img").hardlink_to(tmp_path / "disk.img")
+    (tmp_path / "other.img").write_bytes(bytes(1 << 20))
+    replies: list = []
+    emu.out.mgmt_reply = lambda ident, rid, ok, result, error: replies.append((rid, ok, error))
+
+    async def run() -> None:
+        for rid, name in enumerate(["disk.img", "link.img", "hard.img", f"../{tmp_path.name}/disk.img",
+                                    "other.img"]):
+            m.handle(b"cli", {"op": "mgmt", "id": rid, "cmd": "lun_add",
+                              "args": {"spec": f"file:{tmp_path / name}", "target": IQN}})
+            while len(replies) <= rid:
+                await asyncio.sleep(0.01)
+    try:
+        asyncio.run(run())
+        assert [ok for _, ok, _ in replies] == [True, False, False, False, True]
+        for _, _, error in replies[1:4]:
+            assert error.endswith(f".img already backs target {IQN} LUN 0"), error
+        assert sorted(emu.targets[IQN].luns) == [0, 1]
+    finally:
+        for lu in emu.targets[IQN].luns.values():
+            lu.backend.close()
+
+
+def test_ram_luns_may_not_outgrow_the_hosts_memory(monkeypatch):
+    """A RAM LU's pages are allocated as initiators write: `lun add` and
+    `lun resize` refuse RAM LUNs that together exceed the host's memory
+    (filling them would get the STML killed, every LU with it); shrinking,
+    and RAM up to the memory, stay allowed (docs/decisions/0279)."""
+    from stml import config as config_mod
+    from stml.mgmt import MgmtError
+    sent: list = []
+    emu, m = setup(sent, luns=4, nexuses=1)          # 4 MiB of RAM LUs
+    monkeypatch.setattr(config_mod, "host_memory", lambda: 6 << 20)
+
+    async def run() -> None:
+        await m.lun_add("ram:2MiB", IQN)              # 6 MiB: all of it
+        with pytest.raises(MgmtError, match="RAM LUNs would total 7 MiB, more than this host's memory"):
+            await m.lun_add("ram:1MiB", IQN)
+        with pytest.raises(MgmtError, match="use a file LUN"):
+            await m.lun_resize(0, "2MiB", IQN)
+        await m.lun_resize(4, "1MiB", IQN, force=True)   # a shrink frees room
+        await m.lun_resize(0, "2MiB", IQN)
+    asyncio.run(run())
+    assert sorted(emu.targets[IQN].luns) == [0, 1, 2, 3, 4]
+    assert [emu.targets[IQN].luns[n].blocks * 512 for n in (0, 4)] == [2 << 20, 1 << 20]
+
+
+def test_an_lu_added_at_a_removed_lus_number_carries_the_unit_attention():
+    """`lun remove 3` then `lun add --lun 3` of another disk: a nexus that
+    addressed the old LU 3 used to reach the new one with no unit attention
+    on it (REPORTED LUNS DATA HAS CHANGED waited on the other LUs), so its
+    next WRITE to LUN 3 landed on another disk unannounced. The new LU
+    carries the UA too; an LU at a number never used does not (0254)."""
+    sent: list = []
+    emu, m = setup(sent, luns=4, nexuses=2)
+    keys = set(emu.nexus_keys(IQN))
+    t = emu.targets[IQN]
+
+    async def run() -> None:
+        await m.lun_remove(3, IQN)
+        await m.lun_add("ram:1MiB", IQN, 3)
+        assert set(t.luns[3].unit_attentions) == keys
+        assert all(uas == [REPORTED_LUNS_DATA_CHANGED] for uas in t.luns[3].unit_attentions.values())
+        await m.lun_add("ram:1MiB", IQN, 7)
+        assert t.luns[7].unit_attentions == {}
+    asyncio.run(run())

@@ -141,11 +141,24 @@ def test_targets_acl_chap_sessions(config, tmp_path):
         assert acl["acl"] == ["iqn.2026-11.org.test:allowed"]
         p = run(["iscsi-inq", t.url(0, other)], check=False)
         assert p.returncode != 0          # libiscsi's default initiator name is not in the ACL
-        mgmt(d, "acl", "remove", "--target", other, "iqn.2026-11.org.test:allowed")
+        # the last entry: an empty ACL admits anyone, so that needs saying (docs/decisions/0276)
+        p = cli("acl", "remove", "--data-dir", d, "--target", other, "iqn.2026-11.org.test:allowed",
+                check=False)
+        assert p.returncode == 2 and "any initiator may log in; pass --allow-any" in p.stderr
+        assert run(["iscsi-inq", t.url(0, other)], check=False).returncode != 0
+        mgmt(d, "acl", "remove", "--target", other, "iqn.2026-11.org.test:allowed", "--allow-any")
         p = cli("chap", "set", "--data-dir", d, "--target", other, "--user", "u", "--secret", "short",
                 check=False)
         assert p.returncode == 2 and "12 to 255 bytes" in p.stderr
+        # mutual CHAP alone would let anyone in: refused, and CHAP cannot go while it is set
+        p = cli("chap", "set", "--data-dir", d, "--target", other, "--mutual", "--user", "t",
+                "--secret", "target-secret-1", check=False)
+        assert p.returncode == 2 and "`chap set --user U --secret S` first" in p.stderr
         mgmt(d, "chap", "set", "--target", other, "--user", "u", "--secret", "twelve-bytes-secret")
+        mgmt(d, "chap", "set", "--target", other, "--mutual", "--user", "t", "--secret", "target-secret-1")
+        p = cli("chap", "set", "--data-dir", d, "--target", other, check=False)
+        assert p.returncode == 2 and "turn it off first (`chap set --mutual`)" in p.stderr
+        mgmt(d, "chap", "set", "--target", other, "--mutual")
         assert run(["iscsi-inq", t.url(0, other)], check=False).returncode != 0
         assert run(["iscsi-inq", t.url(0, other, auth="u%twelve-bytes-secret@")]).returncode == 0
         mgmt(d, "chap", "set", "--target", other)
@@ -302,6 +315,46 @@ def test_target_remove_force_ends_its_sessions(config):
             ini.close()
             keep.close()
         assert other not in [x["name"] for x in mgmt(d, "target", "list")]
+    finally:
+        t.stop()
+
+
+def test_an_acl_change_ends_the_sessions_it_no_longer_admits(config):
+    """An initiator an ACL change leaves out (`acl add` of another, or a
+    reloaded hand edit) loses its session at once: fetd_tcp sends drop all
+    connections and closes them, as for `target remove --force`, instead of
+    the session reading and writing on until its next login. Sessions the ACL
+    still admits go on (docs/decisions/0275)."""
+    from fetd_tcp import pdu as P
+    t = Target(config=str(config))
+    try:
+        d = t.data_dir
+        host, port = t.portal.rsplit(":", 1)
+        stranger = RawInitiator(host, int(port), initiator="iqn.2026-11.org.test:stranger")
+        friend = RawInitiator(host, int(port), initiator="iqn.2026-11.org.test:friend")
+        try:
+            assert stranger.login(IQN).status_class == 0 and friend.login(IQN).status_class == 0
+            assert tur(stranger, 0)[0] == 0
+            assert mgmt(d, "acl", "add", "iqn.2026-11.org.test:friend")["sessions_ended"] == 1
+            msg, _ = stranger.recv()
+            assert isinstance(msg, P.AsyncMessage) and msg.event == P.ASYNC_DROP_ALL_CONNECTIONS
+            assert stranger.sock.recv(1) == b""          # closed by fetd_tcp
+            assert tur(friend, 0)[0] == 0
+            left = [s["initiator"] for s in mgmt(d, "session", "list")]
+            assert len(left) == 1 and left[0].startswith("iqn.2026-11.org.test:friend")
+
+            config.write_text(config.read_text().replace("org.test:friend", "org.test:someone"))
+            mgmt(d, "config", "reload")
+            msg, _ = friend.recv()
+            assert isinstance(msg, P.AsyncMessage) and msg.event == P.ASYNC_DROP_ALL_CONNECTIONS
+            assert friend.sock.recv(1) == b""
+            assert mgmt(d, "session", "list") == []
+            again = RawInitiator(host, int(port), initiator="iqn.2026-11.org.test:friend")
+            assert again.login(IQN).status_class == 2    # and the next login is refused
+            again.close()
+        finally:
+            stranger.close()
+            friend.close()
     finally:
         t.stop()
 

@@ -456,6 +456,9 @@ def test_edits_a_reload_cannot_apply_survive_later_saves(ddir):
             _edit(cfg, edit)
             r = mgmt(ddir, "config", "reload")
             assert r["applied"] == [] and len(r["not_applied"]) == 3, r
+            # the LUN that cannot open stays in the file, where a start would fail on it: say so
+            assert [x for x in r["not_applied"] if "a start with this file fails" in x] == [
+                x for x in r["not_applied"] if "b.img" in x], r
             mgmt(ddir, "acl", "add", INITIATORS[0])             # a change, saved
         saved = tomllib.loads(cfg.read_text())
         assert [t["name"] for t in saved["target"]] == [IQN]
@@ -468,6 +471,33 @@ def test_edits_a_reload_cannot_apply_survive_later_saves(ddir):
         mgmt(ddir, "config", "save", "--force")
         luns = tomllib.loads(cfg.read_text())["target"][0]["lun"]
         assert [x["lun"] for x in luns] == [0] and "block_size" not in luns[0]
+
+
+def test_a_reload_resizes_no_lun_whose_size_was_not_edited(ddir):
+    """A file LUN's `size` is the size its file was created with: an existing
+    file is served at its own size. A reload of the unedited file (config diff:
+    the same) used to make that size the LUN's anyway, growing one LUN and
+    reporting a shrink of another; it changes only sizes edited since
+    (docs/decisions/0278)."""
+    (Path(ddir) / "small.img").write_bytes(bytes(4 << 20))
+    (Path(ddir) / "big.img").write_bytes(bytes(16 << 20))
+    with Target("--no-iscsi", "--lun", "ram:4MiB", data_dir=ddir, portals=(), expect_portals=0):
+        mgmt(ddir, "lun", "add", "file:small.img,size=8MiB")
+        mgmt(ddir, "lun", "add", "file:big.img,size=8MiB")
+        sizes = {x["lun"]: x["size"] for x in mgmt(ddir, "lun", "list")}
+        assert sizes == {0: 4 << 20, 1: 4 << 20, 2: 16 << 20}
+        assert cli("config", "diff", "--data-dir", ddir).returncode == 0
+        r = mgmt(ddir, "config", "reload")
+        assert r["applied"] == [] and r["not_applied"] == [], r
+        assert {x["lun"]: x["size"] for x in mgmt(ddir, "lun", "list")} == sizes
+        assert os.path.getsize(Path(ddir) / "small.img") == 4 << 20
+        # a size edited by hand is applied
+        def edit(doc):
+            next(x for x in _target_table(doc, IQN)["lun"] if x.get("path") == "small.img")["size"] = "12MiB"
+        _edit(Path(ddir) / "scsi-target.toml", edit)
+        r = mgmt(ddir, "config", "reload")
+        assert r["applied"] == [f"target {IQN} LUN 1 resized to {12 << 20} bytes"], r
+        assert os.path.getsize(Path(ddir) / "small.img") == 12 << 20
 
 
 def test_a_change_that_cannot_be_saved_exits_1(ddir):
