@@ -186,7 +186,7 @@ def test_duplicate_lun_number(tmp_path):
         lun = 3
     """
     msg = error_of(tmp_path, text)
-    assert IQN_A in msg and "LUN number" in msg
+    assert IQN_A in msg and "LUN 3 is defined twice" in msg
 
 
 @pytest.mark.parametrize("spelling", ["symlink", "hard link", "dot-dot", "same"])
