@@ -655,12 +655,16 @@ def config_reload(**kw: Any) -> None:
 
 
 @config.command("check")
-@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False))
-def config_check(config_path: str) -> None:
+@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+              help="The file to check (default: the data dir's).")
+@click.option("--data-dir", type=click.Path(file_okay=False), help="Check this data dir's config file.")
+def config_check(config_path: str | None, data_dir: str | None) -> None:
     """Validate the config file: exit 0 and a summary, or exit 2 and the error."""
-    from stml.config import ConfigError, load
+    from stml.config import CONFIG_NAME, ConfigError, load
+    if config_path is None:   # the file a data dir owns, as `run --data-dir` reads it
+        config_path = str(_data_dir({"data_dir": data_dir}) / CONFIG_NAME)
     try:
-        c = load(config_path)
+        c = load(config_path, data_dir)
     except ConfigError as e:
         click.echo(f"scsi-target: config error: {e}", err=True)
         sys.exit(2)
