@@ -197,12 +197,17 @@ def check_portals(portals: list[str]) -> None:
 
 
 def lun_size(o: Any) -> int | None:
-    if o.size:
-        return int(o.size)
-    try:
-        return os.path.getsize(o.path) if o.path else None
-    except OSError:
-        return None
+    """The size a LUN is served at: an existing file's own (`size` only makes
+    a new or empty one), in whole blocks, as the STML serves it."""
+    size = None
+    if o.kind == "file" and o.path:
+        try:
+            size = os.path.getsize(o.path) or None
+        except OSError:
+            pass
+    if size is None and o.size:
+        size = int(o.size)
+    return None if size is None else size - size % o.block_size
 
 
 def url_host(portal: str) -> str:
