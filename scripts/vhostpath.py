@@ -131,7 +131,7 @@ def totals(path: str) -> int:
 
 
 def measure(work: Path, workload: str, count: int, warmup: int, instructions: bool,
-            contiguous: bool) -> dict:
+            contiguous: bool, keep: Path | None = None) -> dict:
     write, size = WORKLOADS[workload]
     stml = StmlProcess(work / "stml", ("ram:64MiB",)).start()
     fe: subprocess.Popen | None = None
@@ -186,6 +186,8 @@ def measure(work: Path, workload: str, count: int, warmup: int, instructions: bo
                 time.sleep(0.2)
             time.sleep(1)     # written whole
             res["instructions"] = totals(sorted(new)[-1]) / count
+            if keep is not None:
+                shutil.copy(sorted(new)[-1], keep / f"callgrind.{workload}")
         return res
     finally:
         if m is not None:
@@ -206,6 +208,7 @@ def main() -> None:
     ap.add_argument("--count", type=int, default=0, help="commands measured (default 300; 100 counted)")
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--instructions", action="store_true", help="count instructions under callgrind")
+    ap.add_argument("--keep", type=Path, help="copy the callgrind dumps here (callgrind_annotate)")
     ap.add_argument("--contiguous", action="store_true", help="adjacent pages (default: scattered)")
     a = ap.parse_args()
     if a.instructions and shutil.which("valgrind") is None:
@@ -214,7 +217,7 @@ def main() -> None:
     for name in WORKLOADS if a.workload == "all" else [a.workload]:
         work = Path(tempfile.mkdtemp(prefix="vhp", dir="/tmp"))
         try:
-            r = measure(work, name, count, a.warmup, a.instructions, a.contiguous)
+            r = measure(work, name, count, a.warmup, a.instructions, a.contiguous, a.keep)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         line = (f"{name:9s} {r['layout']:10s} cpu {r['cpu_us']:7.1f} us  wall {r['wall_us']:7.1f} us  "
