@@ -165,7 +165,11 @@ class Virtqueue:
         readable, writable = chain.readable, chain.writable
         i = head
         steps = 0
-        descs: list[tuple[int, int, int, int]] | None = None   # an indirect table, read at once
+        # an indirect table, read at once, field by field (lists of ints made in C)
+        addrs: list[int] | None = None
+        lengths: list[int] = []
+        flagss: list[int] = []
+        nexts: list[int] = []
         start = end = 0              # the run of adjacent buffers not yet translated
         run: list[memoryview] = readable
         seen_write = False
@@ -175,15 +179,20 @@ class Virtqueue:
             steps += 1
             if steps > size:
                 raise ChainError("chain longer than its table (a loop?)")
-            desc: tuple[int, int, int, int] = descs[i] if descs is not None else _DESC.unpack_from(table, 16 * i)
-            addr, length, flags, nxt = desc
+            if addrs is not None:
+                addr, length, flags, nxt = addrs[i], lengths[i], flagss[i], nexts[i]
+            else:
+                desc: tuple[int, int, int, int] = _DESC.unpack_from(table, 16 * i)
+                addr, length, flags, nxt = desc
             if flags & DESC_F_INDIRECT:
-                if descs is not None or not self.indirect:
+                if addrs is not None or not self.indirect:
                     raise ChainError("indirect descriptor not allowed here")
                 if flags & DESC_F_NEXT or length % 16 or not 16 <= length <= 16 * MAX_INDIRECT:
                     raise ChainError(f"bad indirect table ({length} bytes, flags {flags:#x})")
-                descs = list(_DESC.iter_unpack(mem.gpa_contiguous(addr, length)))
-                size = len(descs)
+                raw = mem.gpa_contiguous(addr, length)    # u64 addr, u32 len, u16 flags, u16 next
+                addrs, lengths = raw.cast("Q")[::2].tolist(), raw.cast("I")[2::4].tolist()
+                flagss, nexts = raw.cast("H")[6::8].tolist(), raw.cast("H")[7::8].tolist()
+                size = len(addrs)
                 i, steps = 0, 0
                 continue
             if flags & DESC_F_WRITE:
