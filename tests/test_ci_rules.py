@@ -134,7 +134,8 @@ def test_tests_that_need_namespaces_skip_without_the_rights_to_make_them():
     env = {k: v for k, v in os.environ.items() if k != CI_VAR}
     root = Path(__file__).resolve().parent.parent
     p = subprocess.run(argv, cwd=root, env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0 and re.search(r"^7 skipped in ", p.stdout, re.M), p.stdout[-3000:]
+    # every one of them skipped (however many there are): none passed, failed or errored
+    assert p.returncode == 0 and re.search(r"^\d+ skipped in ", p.stdout, re.M), p.stdout[-3000:]
     reasons = re.findall(r"^SKIPPED \[\d+\] \S+: (.*)$", p.stdout, re.M)
     assert reasons and all(re.search(r"needs root|cannot create|cannot make|not installed", r)
                                      for r in reasons), reasons
