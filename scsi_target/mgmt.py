@@ -207,7 +207,7 @@ def lun() -> None:
     """Logical units of the running STML (changes are live and saved)."""
 
 
-LUN_COLUMNS = ["target", "lun", "backend", "size", "block_size", "ro", "sync_error", "path"]
+LUN_COLUMNS = ["target", "lun", "backend", "size", "block_size", "ro", "sync_error", "offline", "path"]
 
 
 @lun.command("list")
@@ -428,6 +428,9 @@ def render_status(snap: dict[str, Any], wide: bool) -> str:
     head += [f"LUN {r['lun']} of {r['target']}: SYNC FAILED ({r['sync_error']}); writes acknowledged "
              f"before it may be lost; syncs fail until `scsi-target lun reset-error`"
              for r in snap["luns"] if r.get("sync_error")]
+    # an offline LU: its store could not open; commands that need it get 02/04/03 (0280)
+    head += [f"LUN {r['lun']} of {r['target']}: OFFLINE ({r['offline']}); `scsi-target config reload` "
+             f"tries again" for r in snap["luns"] if r.get("offline")]
     out = head + [table(portals, ["portal", "tpgt", "state"], "\nPortals", width)]
     if wide:
         out.append(table(snap["luns"], lun_cols, "\nLUNs", width, heads))
@@ -540,7 +543,10 @@ def render_tree(targets: list[dict[str, Any]], snap: dict[str, Any], wide: bool)
             if r["target"] == name:
                 size = r["blocks"] * r["block_size"]
                 where = r.get("path") or "RAM"
-                add(3, f"lun {r['lun']} [{_human(size)}, {r['backend']}, {where}]")
+                if r.get("offline"):   # its store could not open (0280): why, at the end
+                    add(3, f"lun {r['lun']} [OFFLINE, {r['backend']}, {where}]: {r['offline']}")
+                else:
+                    add(3, f"lun {r['lun']} [{_human(size)}, {r['backend']}, {where}]")
         acl = t.get("acl") or []
         add(2, "acls" + ("" if acl else " [empty: any initiator may log in]"))
         for a in acl:

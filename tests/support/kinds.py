@@ -62,6 +62,7 @@ KIND_OF_MODULE = {
     "test_lun_changes.py": "unit",
     "test_metrics.py": "unit",
     "test_mgmt.py": "process",
+    "test_offline_luns.py": "process",
     "test_nospace.py": "system",   # root: a tmpfs in a mount namespace of its own
     "test_opcodes.py": "unit",
     "test_nexus_caps.py": "process",
