@@ -199,3 +199,38 @@ def test_a_missing_file_given_on_the_command_line_still_fails_the_first_start(dd
     assert p.returncode == 2, p
     assert p.stderr.strip().count("\n") == 0 and "none.img does not exist; give a size" in p.stderr
     assert not (Path(ddir) / "scsi-target.toml").exists()
+
+
+def test_every_medium_command_of_an_offline_lu_answers_manual_intervention():
+    """In process, over the whole opcode table: each row that needs the medium
+    (OpEntry.medium) answers 02/04/03 on an offline LU, START STOP UNIT cannot
+    load it, and what needs no medium (INQUIRY, REPORT LUNS, MODE SENSE)
+    answers GOOD. Once its store opens it serves."""
+    from backends.ram import RamBackend
+    from stml.lu import LogicalUnit, LunOptions, Offline
+    from support.sbc_harness import TARGET, Harness, run as run_async
+
+    async def go():
+        opts = LunOptions("file", path="/nonexistent/x.img", removable=True)
+        h = Harness()
+        target = h.emulator.targets[TARGET]
+        target.luns[1] = lu = LogicalUnit(TARGET, 1, Offline("gone"), opts, h.emulator.templates["disk"])
+        medium = [e for e in lu.template.entries if e.medium]
+        assert len(medium) > 20
+        for e in medium:
+            cdb = bytearray(e.size)
+            cdb[0] = e.opcode
+            if e.sa is not None:
+                cdb[1] = e.sa
+            r = await h.cmd(bytes(cdb), lun=1, no_data=True)
+            assert r.key_asc == (0x02, 0x04, 0x03), e.name
+        assert (await h.cmd(bytes([0x1B, 0, 0, 0, 0x03, 0]), lun=1, no_data=True)).key_asc == (0x02, 0x04, 0x03)
+        for cdb in (bytes([0x12, 0, 0, 0, 36, 0]), bytes([0xA0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0]),
+                    bytes([0x1A, 0, 0x3F, 0, 255, 0])):
+            assert (await h.cmd(cdb, lun=1)).status == 0, cdb.hex()
+        assert (await h.cmd(bytes(6), lun=0, no_data=True)).status == 0     # the other LU serves
+        lu.go_online(RamBackend(1 << 20))
+        assert lu.offline is None
+        assert (await h.cmd(bytes(6), lun=1, no_data=True)).status == 0
+        h.executor.shutdown()
+    run_async(go())
