@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -673,6 +674,15 @@ def config_check(config_path: str) -> None:
     luns = sum(len(t.luns) for t in c.targets)
     click.echo(f"{config_path}: OK ({len(c.targets)} target(s), {luns} LUN(s), endpoint {c.stml_endpoint}"
                + (f", also {', '.join(c.stml.listen)}" if c.stml.listen else "") + ")")
+    # valid, yet a start would serve these offline (0280): say so before it does
+    from stml.lu import served_before
+    for t in c.targets:
+        for lc in t.luns:
+            o = lc.options
+            if o.kind == "file" and o.path and not os.path.exists(o.path) and (o.size is None or served_before(o)):
+                why = "it was served before" if served_before(o) else "no size is given to create it"
+                click.echo(f"scsi-target: warning: target {t.name} LUN {lc.lun}: {o.path} is missing and "
+                           f"{why}: a start serves it offline", err=True)
 
 
 def register(main: click.Group) -> None:

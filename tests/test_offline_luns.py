@@ -234,3 +234,33 @@ def test_every_medium_command_of_an_offline_lu_answers_manual_intervention():
         assert (await h.cmd(bytes(6), lun=1, no_data=True)).status == 0
         h.executor.shutdown()
     run_async(go())
+
+
+def test_config_check_warns_of_a_lun_a_start_would_serve_offline(tmp_path):
+    """The file is valid (exit 0), and `config check` says which LUNs a start
+    would serve offline and why; a file it would create draws no warning."""
+    cfg = tmp_path / "t.toml"
+    cfg.write_text(f"""
+        data_dir = "{tmp_path}"
+        [[target]]
+        name = "{IQN}"
+        [[target.lun]]
+        backend = "file"
+        path = "gone.img"
+        size = "1MiB"
+        id = "{'ab' * 16}"
+        [[target.lun]]
+        backend = "file"
+        path = "nosize.img"
+        [[target.lun]]
+        backend = "file"
+        path = "new.img"
+        size = "1MiB"
+    """.replace("\n        ", "\n"))
+    p = cli("config", "check", "--config", str(cfg))
+    assert p.returncode == 0, p
+    assert p.stderr.splitlines() == [
+        f"scsi-target: warning: target {IQN} LUN 0: {tmp_path}/gone.img is missing and it was served "
+        f"before: a start serves it offline",
+        f"scsi-target: warning: target {IQN} LUN 1: {tmp_path}/nosize.img is missing and no size is "
+        f"given to create it: a start serves it offline"]
