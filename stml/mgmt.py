@@ -703,6 +703,13 @@ class Management:
         except CannotOpen as e:
             pending.append(f"target {t.name} LUN {lu.lun} is still offline: {e}")
             return
+        if getattr(backend, "lock_acquire", None) is not None:
+            # shared storage is served only with its lock and reservations, which
+            # the gateway takes before an LU is visible (0403): not in place
+            await self._in_thread(backend.close)
+            pending.append(f"target {t.name} LUN {lu.lun} opens now: restart, or `lun remove` and "
+                           f"`lun add` it, to serve it")
+            return
         lu.go_online(backend)
         log.info("target %s LUN %d (%s %s) is online", t.name, lu.lun, o.kind, o.path or "")
         self._redetect()
