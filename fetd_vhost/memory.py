@@ -77,13 +77,19 @@ class GuestMemory:
         """Views covering the guest-physical range [addr, addr+length): more
         than one when it crosses into an adjacent region. Raises BadAddress
         for any byte outside the table."""
+        views: list[memoryview] = []
+        self.translate(views, addr, length)
+        return views
+
+    def translate(self, views: list[memoryview], addr: int, length: int) -> None:
+        """gpa(), appended to `views` (a chain's buffers, one call per run)."""
         r = self._last
         if r is not None and r.gpa <= addr and addr + length <= r.gpa_end and length >= 0:
             off = addr - r.gpa    # the usual case: where the previous buffer was
-            return [r.view[off:off + length]]
+            views.append(r.view[off:off + length])
+            return
         if length < 0 or addr < 0 or addr + length > 1 << 64:
             raise BadAddress(f"range 0x{addr:x}+{length} wraps")
-        views = []
         while length:
             r, off = self._find(self.by_gpa, self._gpa_starts, addr, "gpa")
             n = min(length, r.spec.size - off)
@@ -91,7 +97,6 @@ class GuestMemory:
             self._last = r
             addr += n
             length -= n
-        return views
 
     def gpa_contiguous(self, addr: int, length: int) -> memoryview:
         """One view of a guest-physical range that must lie in one region

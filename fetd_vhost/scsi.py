@@ -137,9 +137,14 @@ class Buffers:
 
     def __init__(self, views: list[memoryview]) -> None:
         self.views = views
-        self.size = sum(map(len, views))
+        size = 0
+        for v in views:
+            size += len(v)
+        self.size = size
 
     def slices(self, offset: int, n: int) -> list[memoryview]:
+        if offset == 0 and n >= self.size:
+            return list(self.views)          # all of it (write data sent with its command)
         out = []
         for v in self.views:
             if offset >= len(v):
@@ -152,6 +157,18 @@ class Buffers:
             if n <= 0:
                 break
         return out
+
+    def tail(self, offset: int) -> Buffers:
+        """The bytes from `offset` on (the data after a request header),
+        without stepping through every view."""
+        views = self.views
+        for i, v in enumerate(views):
+            if offset < len(v):
+                rest = views[i + 1:]
+                rest.insert(0, v[offset:] if offset else v)
+                return Buffers(rest)
+            offset -= len(v)
+        return Buffers([])
 
     def read(self, offset: int, n: int) -> bytes:
         return b"".join(self.slices(offset, n))
@@ -267,12 +284,12 @@ class VirtioScsiDevice:
                     if ring.kick_me_after():
                         continue
                     return
-            except ChainError as e:
-                self._on_error(str(e))
-                self._refuse_chain(ring, e.head)
+            except ChainError as bad:
+                self._on_error(str(bad))
+                self._refuse_chain(ring, bad.head)
                 continue
-            except RingError as e:
-                self._on_error(f"{e}: the queue stops until the guest resets the device")
+            except RingError as broken:
+                self._on_error(f"{broken}: the queue stops until the guest resets the device")
                 return
             handle(ring, chain)
         if ring.has_work():
@@ -332,7 +349,7 @@ class VirtioScsiDevice:
             return
         raw_lun, guest_tag, attr, _prio, _crn, cdb = REQ.unpack(out.read(0, REQ.size))
         where = decode_lun(raw_lun)
-        req = Request(ring, chain.head, Buffers(out.slices(REQ.size, out.size)), inb,
+        req = Request(ring, chain.head, out.tail(REQ.size), inb,
                       guest_tag=guest_tag)
         self._take(ring)
         if where is None or where[0] != self.target_id or self.refused is not None:
@@ -520,12 +537,12 @@ class VirtioScsiDevice:
         while ring is not None and ring.ready:
             try:
                 chain = ring.pop()
-            except ChainError as e:
-                self._on_error(str(e))
-                self._refuse_chain(ring, e.head)
+            except ChainError as bad:
+                self._on_error(str(bad))
+                self._refuse_chain(ring, bad.head)
                 continue
-            except RingError as e:
-                self._on_error(str(e))
+            except RingError as broken:
+                self._on_error(str(broken))
                 break
             if chain is None:
                 break

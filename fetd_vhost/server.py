@@ -108,8 +108,8 @@ class Connection:
                 msg = self.framer.feed(data, fds)
                 if msg is not None:
                     self._handle(msg)
-            except ProtocolError as e:
-                log.error("vhost-user protocol error: %s; closing the connection", e)
+            except ProtocolError as bad:
+                log.error("vhost-user protocol error: %s; closing the connection", bad)
                 self.close()
                 return
         self.fe.schedule_signals()

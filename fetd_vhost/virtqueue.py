@@ -14,16 +14,20 @@ import struct
 import sys
 import threading
 from dataclasses import dataclass, field
+from typing import Final
 
 from fetd_vhost.memory import BadAddress, GuestMemory
 
 assert sys.byteorder == "little", "virtio 1.x rings are little-endian; this code reads them natively"
 
-DESC_F_NEXT, DESC_F_WRITE, DESC_F_INDIRECT = 1, 2, 4
-AVAIL_F_NO_INTERRUPT = 1
-USED_F_NO_NOTIFY = 1
-MAX_QUEUE_SIZE = 32768            # split rings: Queue Size is at most 2^15
-MAX_INDIRECT = 1024               # entries of one indirect table we accept
+# Final: the compiled build inlines them (no module lookup per descriptor)
+DESC_F_NEXT: Final = 1
+DESC_F_WRITE: Final = 2
+DESC_F_INDIRECT: Final = 4
+AVAIL_F_NO_INTERRUPT: Final = 1
+USED_F_NO_NOTIFY: Final = 1
+MAX_QUEUE_SIZE: Final = 32768     # split rings: Queue Size is at most 2^15
+MAX_INDIRECT: Final = 1024        # entries of one indirect table we accept
 _DESC = struct.Struct("<QIHH")
 
 # A full memory barrier. Publishing the used index and then reading the
@@ -150,6 +154,9 @@ class Virtqueue:
             raise ChainError(f"queue {self.index}: descriptor chain {head}: {e}", head) from None
 
     def _walk(self, head: int) -> Chain:
+        """The chain's buffers, translated once per run of descriptors that
+        are adjacent in guest memory (Linux's scatterlists often are): fewer
+        views for the copies to step through."""
         mem = self._mem
         table = self._desc
         assert mem is not None and table is not None
@@ -158,30 +165,52 @@ class Virtqueue:
         readable, writable = chain.readable, chain.writable
         i = head
         steps = 0
-        descs: list[tuple[int, int, int, int]] | None = None   # an indirect table, read at once
+        # an indirect table, read at once, field by field (lists of ints made in C)
+        addrs: list[int] | None = None
+        lengths: list[int] = []
+        flagss: list[int] = []
+        nexts: list[int] = []
+        start = end = 0              # the run of adjacent buffers not yet translated
+        run: list[memoryview] = readable
+        seen_write = False
         while True:
             if i >= size:
                 raise ChainError(f"next index {i} outside a table of {size}")
             steps += 1
             if steps > size:
                 raise ChainError("chain longer than its table (a loop?)")
-            addr, length, flags, nxt = descs[i] if descs is not None else _DESC.unpack_from(table, 16 * i)
+            if addrs is not None:
+                addr, length, flags, nxt = addrs[i], lengths[i], flagss[i], nexts[i]
+            else:
+                desc: tuple[int, int, int, int] = _DESC.unpack_from(table, 16 * i)
+                addr, length, flags, nxt = desc
             if flags & DESC_F_INDIRECT:
-                if descs is not None or not self.indirect:
+                if addrs is not None or not self.indirect:
                     raise ChainError("indirect descriptor not allowed here")
                 if flags & DESC_F_NEXT or length % 16 or not 16 <= length <= 16 * MAX_INDIRECT:
                     raise ChainError(f"bad indirect table ({length} bytes, flags {flags:#x})")
-                descs = list(_DESC.iter_unpack(mem.gpa_contiguous(addr, length)))
-                size = len(descs)
+                raw = mem.gpa_contiguous(addr, length)    # u64 addr, u32 len, u16 flags, u16 next
+                addrs, lengths = raw.cast("Q")[::2].tolist(), raw.cast("I")[2::4].tolist()
+                flagss, nexts = raw.cast("H")[6::8].tolist(), raw.cast("H")[7::8].tolist()
+                size = len(addrs)
                 i, steps = 0, 0
                 continue
             if flags & DESC_F_WRITE:
-                writable += mem.gpa(addr, length)
-            elif writable:
+                if not seen_write:
+                    if end != start:
+                        mem.translate(run, start, end - start)
+                    start = end = addr
+                    run, seen_write = writable, True
+            elif seen_write:
                 raise ChainError("a device-readable buffer after a device-writable one")
-            else:
-                readable += mem.gpa(addr, length)
+            if addr != end:
+                if end != start:
+                    mem.translate(run, start, end - start)
+                start = end = addr
+            end += length
             if not flags & DESC_F_NEXT:
+                if end != start:
+                    mem.translate(run, start, end - start)
                 return chain
             i = nxt
 

@@ -6,8 +6,8 @@ modules call each other's functions directly, so one edited module run as
 Python beside compiled callers would still not run for them. A build whose
 hashes do not all match the tree is never loaded.
 
-SCSI_TARGET_ACCEL=DIR loads DIR's build in any process that imports stml or
-fetd_tcp (and refuses to start, in one line, if it is stale);
+SCSI_TARGET_ACCEL=DIR loads DIR's build in any process that imports stml,
+fetd_tcp or fetd_vhost (and refuses to start, in one line, if it is stale);
 SCSI_TARGET_ACCEL=0 or unset loads none. `scsi-target run` sets it for its
 children when this tree's build/accel is fresh (`for_children`).
 """
@@ -32,12 +32,14 @@ DEFAULT = ROOT / "build" / "accel"
 
 # What a command spends its Python in (pathcost + cProfile, decision 0830): the
 # STML's receive path and command handling, the contract's carriers and
-# headers, fetd_tcp's PDU codec and session core.
+# headers, fetd_tcp's PDU codec and session core; fetd_vhost's descriptor walk,
+# guest memory translation, copies and request path (vhostpath, decision 0307).
 HOT = (
     "stml.api.sizes", "stml.api.shm",
     "stml.sense", "stml.cdb", "stml.workers", "stml.sched", "stml.lu", "stml.task",
     "stml.ops", "stml.sbc", "stml.disk", "stml.emulator", "stml.server",
     "fetd_tcp.pdu", "fetd_tcp.budget", "fetd_tcp.session", "fetd_tcp.wire", "fetd_tcp.server",
+    "fetd_vhost.memory", "fetd_vhost.virtqueue", "fetd_vhost.scsi", "fetd_vhost.server",
 )
 
 
@@ -100,7 +102,7 @@ def loaded() -> Path | None:
 
 
 def install() -> None:
-    """Called first thing by the packages holding hot modules (stml, fetd_tcp):
+    """Called first thing by the packages holding hot modules (stml, fetd_tcp, fetd_vhost):
     from then on their imports come from the build SCSI_TARGET_ACCEL names."""
     where = os.environ.get(ENV, "")
     if where in ("", "0") or loaded() is not None:

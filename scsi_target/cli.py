@@ -33,6 +33,7 @@ from stml.cli import (apply_stml_options, config_exit, config_options, inject_op
                       load_or_exit, main as stml_main, stml_options, trace_options, trace_settings)
 from stml.config import (Config, ConfigError, StartupError, data_dir_of, default_data_dir,
                          parse_size)
+from stml.lu import missing_file
 
 CHUNK = 1 << 20  # copy-in/out transfer size
 POLL_US = 200    # the STML's busy-poll window when it has CPUs of its own: a QD1 round trip
@@ -197,12 +198,17 @@ def check_portals(portals: list[str]) -> None:
 
 
 def lun_size(o: Any) -> int | None:
-    if o.size:
-        return int(o.size)
-    try:
-        return os.path.getsize(o.path) if o.path else None
-    except OSError:
-        return None
+    """The size a LUN is served at: an existing file's own (`size` only makes
+    a new or empty one), in whole blocks, as the STML serves it."""
+    size = None
+    if o.kind == "file" and o.path:
+        try:
+            size = os.path.getsize(o.path) or None
+        except OSError:
+            pass
+    if size is None and o.size:
+        size = int(o.size)
+    return None if size is None else size - size % o.block_size
 
 
 def url_host(portal: str) -> str:
@@ -259,8 +265,9 @@ class Plan:
                 o = lc.options
                 size = lun_size(o)
                 what = "RAM" if o.kind == "ram" else f"{o.kind} {o.path}"
-                out.append(f"    LUN {lc.lun}: {human(size) if size else '?'} {what}"
-                           f"{' (read-only)' if o.ro else ''}")
+                missing = missing_file(o)   # the STML serves it offline (0280)
+                out.append(f"    LUN {lc.lun}: {f'OFFLINE ({missing})' if missing else human(size) if size else '?'}"
+                           f" {what}{' (read-only)' if o.ro else ''}")
                 if portal:
                     out.append(f"      iscsi://{portal}/{t.name}/{lc.lun}")
         if self.iscsi:

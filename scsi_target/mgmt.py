@@ -662,12 +662,16 @@ def config_reload(**kw: Any) -> None:
 
 
 @config.command("check")
-@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False))
-def config_check(config_path: str) -> None:
+@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+              help="The file to check (default: the data dir's).")
+@click.option("--data-dir", type=click.Path(file_okay=False), help="Check this data dir's config file.")
+def config_check(config_path: str | None, data_dir: str | None) -> None:
     """Validate the config file: exit 0 and a summary, or exit 2 and the error."""
-    from stml.config import ConfigError, load
+    from stml.config import CONFIG_NAME, ConfigError, load
+    if config_path is None:   # the file a data dir owns, as `run --data-dir` reads it
+        config_path = str(_data_dir({"data_dir": data_dir}) / CONFIG_NAME)
     try:
-        c = load(config_path)
+        c = load(config_path, data_dir)
     except ConfigError as e:
         click.echo(f"scsi-target: config error: {e}", err=True)
         sys.exit(2)
@@ -675,14 +679,13 @@ def config_check(config_path: str) -> None:
     click.echo(f"{config_path}: OK ({len(c.targets)} target(s), {luns} LUN(s), endpoint {c.stml_endpoint}"
                + (f", also {', '.join(c.stml.listen)}" if c.stml.listen else "") + ")")
     # valid, yet a start would serve these offline (0280): say so before it does
-    from stml.lu import served_before
+    from stml.lu import missing_file
     for t in c.targets:
         for lc in t.luns:
-            o = lc.options
-            if o.kind == "file" and o.path and not os.path.exists(o.path) and (o.size is None or served_before(o)):
-                why = "it was served before" if served_before(o) else "no size is given to create it"
-                click.echo(f"scsi-target: warning: target {t.name} LUN {lc.lun}: {o.path} is missing and "
-                           f"{why}: a start serves it offline", err=True)
+            why = missing_file(lc.options)
+            if why:
+                click.echo(f"scsi-target: warning: target {t.name} LUN {lc.lun} ({lc.options.path}): {why}: "
+                           f"a start serves it offline", err=True)
 
 
 def register(main: click.Group) -> None:

@@ -2,6 +2,7 @@
 Config. Every error names the field it is about, in one line."""
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import os
@@ -397,8 +398,9 @@ def load(config_path: str | None = None, data_dir: str | None = None, iqn: str |
         if names.count(t.name) > 1:
             raise ConfigError("target", f"{t.name} is defined twice")
         numbers = [lc.lun for lc in t.luns]
-        if len(set(numbers)) != len(numbers):
-            raise ConfigError(f"target {t.name}", "a LUN number is used twice")
+        twice = sorted(n for n, k in collections.Counter(numbers).items() if k > 1)
+        if twice:
+            raise ConfigError(f"target {t.name}", f"LUN {twice[0]} is defined twice")
     why = ram_overcommit(sum(lc.options.size or 0 for t in targets for lc in t.luns if lc.options.kind == "ram"))
     if why:
         raise ConfigError("target", why)

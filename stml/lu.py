@@ -123,6 +123,17 @@ def served_before(o: LunOptions) -> bool:
     return o.kind == "file" and o.id is not None
 
 
+def missing_file(o: LunOptions) -> str | None:
+    """Why a start would serve this file LUN offline for want of its file, or
+    None: what `config check` and `run`'s banner say before the STML does.
+    Blocking (a stat)."""
+    if o.kind != "file" or not o.path or os.path.exists(o.path):
+        return None
+    if served_before(o):
+        return "its file is missing; it was served before"
+    return None if o.size is not None else "its file does not exist and no size is given to create it"
+
+
 def open_store(o: LunOptions, create: bool) -> Backend:
     """Open a LUN's backend (blocking: not on the event loop). `create`: a
     missing file may be created (a LUN served for the first time)."""

@@ -404,7 +404,9 @@ class Management:
         path = self.config.path
         if path is None:
             raise MgmtError("the STML has no config file to reload")
-        new = load(str(path), str(self.config.data_dir), None, (), self.config.stml_endpoint, ())
+        # off the loop: loading stats every file LUN (a hung NFS mount must not stop the STML)
+        new = await self._in_thread(load, str(path), str(self.config.data_dir), None, (),
+                                    self.config.stml_endpoint, ())
         applied: list[str] = []
         pending: list[str] = []
         with self._batched():

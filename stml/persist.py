@@ -269,7 +269,12 @@ def atomic_write(path: Path, data: bytes, secret: bool) -> None:
     """Replace `path` with `data` atomically. The temporary file is created afresh
     (O_EXCL: never a stale file or a symlink) with mode 0600, so secrets are never
     readable by others, not even for a moment; it then takes the old file's mode,
-    without group/other bits when `data` holds secrets. A new file stays 0600."""
+    without group/other bits when `data` holds secrets. A new file stays 0600.
+    A symlinked file is written where the link points (the link stays), and
+    temporaries a killed process left beside it are removed."""
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
+    _remove_stale_temporaries(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         os.unlink(tmp)          # left by a crash: O_EXCL below must create it anew
@@ -297,6 +302,34 @@ def atomic_write(path: Path, data: bytes, secret: bool) -> None:
         os.fsync(dfd)
     finally:
         os.close(dfd)
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """`.NAME.PID.tmp` beside `path` of a process that no longer runs: a save
+    killed before its rename (each would otherwise stay, mode 0600, for good)."""
+    prefix = f".{path.name}."
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return
+    for name in names:
+        pid = name[len(prefix):-len(".tmp")] if name.startswith(prefix) and name.endswith(".tmp") else ""
+        if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+            continue
+        try:
+            os.unlink(path.parent / name)
+        except OSError:
+            pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class EditedError(Exception):

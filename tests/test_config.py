@@ -196,7 +196,7 @@ def test_duplicate_lun_number(tmp_path):
         lun = 3
     """
     msg = error_of(tmp_path, text)
-    assert IQN_A in msg and "LUN number" in msg
+    assert IQN_A in msg and "LUN 3 is defined twice" in msg
 
 
 @pytest.mark.parametrize("spelling", ["symlink", "hard link", "dot-dot", "same"])
@@ -471,3 +471,18 @@ def test_allowed_key_lists(tmp_path, key):
     assert getattr(c.stml, key) == [CurveKey(str(tmp_path / slashed), True)]
     assert error_of(tmp_path, f'[stml]\n{key} = "keys/a.key"\n') == \
         f"stml.{key}: must be a list of public keys (Z85) or key files"
+
+
+def test_the_banner_gives_the_size_a_lun_is_served_at(tmp_path):
+    """`run`'s banner: an existing file's own size (its `size` only makes a
+    new one) in whole blocks, as the STML serves it; it showed the file's
+    bytes, or the config's `size`."""
+    from scsi_target.cli import lun_size
+    from stml.lu import LunOptions
+    odd = tmp_path / "odd.img"
+    odd.write_bytes(bytes(1300))
+    assert lun_size(LunOptions(kind="file", path=str(odd))) == 1024
+    assert lun_size(LunOptions(kind="file", path=str(odd), size=4 << 20)) == 1024
+    assert lun_size(LunOptions(kind="file", path=str(tmp_path / "new.img"), size=4 << 20)) == 4 << 20
+    assert lun_size(LunOptions(kind="file", path=str(odd), block_size=4096)) == 0
+    assert lun_size(LunOptions(kind="ram", size=64 << 20)) == 64 << 20

@@ -176,6 +176,7 @@ def test_a_deleted_file_of_a_lun_served_before_is_not_created_again(ddir, tmp_pa
     with Target("--no-iscsi", data_dir=ddir, portals=(), expect_portals=0) as t:
         line = t.wait_log("LUN 1 (file ")
         assert "is missing; it was served before: restore it or remove the LUN" in line
+        assert f"LUN 1: OFFLINE (its file is missing; it was served before) file {img}" in line   # banner
         assert not img.exists()
         with LoopbackClient(f"ipc://{ddir}/stml.sock", timeout=10) as c:
             assert c.luns == [0, 1]
@@ -260,7 +261,7 @@ def test_config_check_warns_of_a_lun_a_start_would_serve_offline(tmp_path):
     p = cli("config", "check", "--config", str(cfg))
     assert p.returncode == 0, p
     assert p.stderr.splitlines() == [
-        f"scsi-target: warning: target {IQN} LUN 0: {tmp_path}/gone.img is missing and it was served "
-        f"before: a start serves it offline",
-        f"scsi-target: warning: target {IQN} LUN 1: {tmp_path}/nosize.img is missing and no size is "
-        f"given to create it: a start serves it offline"]
+        f"scsi-target: warning: target {IQN} LUN 0 ({tmp_path}/gone.img): its file is missing; it was "
+        f"served before: a start serves it offline",
+        f"scsi-target: warning: target {IQN} LUN 1 ({tmp_path}/nosize.img): its file does not exist and "
+        f"no size is given to create it: a start serves it offline"]

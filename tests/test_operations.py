@@ -936,6 +936,7 @@ def test_config_show_and_save_to_another_file(ddir, tmp_path):
     saved = tomllib.loads(copy.read_text())
     assert saved["data_dir"] == ddir and saved["target"][0]["lun"][1]["path"] == "b.img"
     assert f"endpoint {endpoint}" in ok("config", "check", "--config", str(copy))   # no --data-dir
+    assert f"endpoint {endpoint}" in ok("config", "check", "--data-dir", ddir)      # the data dir's file
     with Target(config=str(copy), data_dir=ddir):
         assert mgmt(ddir, "lun", "list") == before
         with LoopbackClient(endpoint, timeout=10) as c:

@@ -131,3 +131,33 @@ def test_management_writes_a_config_with_secrets_0600(tmp_path):
         assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
     finally:
         t.stop()
+
+
+def test_atomic_write_keeps_a_symlinked_file_a_symlink(tmp_path):
+    """An administrator's config kept elsewhere and linked into place: a save
+    writes the file the link names; the link stays a link."""
+    real = tmp_path / "kept" / "scsi-target.toml"
+    real.parent.mkdir()
+    real.write_text("a = 0\n")
+    link = tmp_path / "scsi-target.toml"
+    link.symlink_to(real)
+    atomic_write(link, b"a = 1\n", secret=False)
+    assert link.is_symlink() and real.read_text() == "a = 1\n"
+    assert not [p for d in (tmp_path, real.parent) for p in d.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_atomic_write_removes_temporaries_of_killed_saves(tmp_path):
+    """A save SIGKILLed before its rename leaves `.NAME.PID.tmp` (0600) for
+    good; the next save removes those whose process is gone, not others."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("a = 0\n")
+    dead = int(Path("/proc/sys/kernel/pid_max").read_text()) + 1    # no process can have it
+    stale = tmp_path / f".c.toml.{dead}.tmp"
+    stale.write_text("half a config")
+    live = tmp_path / f".c.toml.{os.getppid()}.tmp"    # a save of a process still running
+    live.write_text("being written")
+    other = tmp_path / f".other.toml.{dead}.tmp"
+    other.write_text("not ours")
+    atomic_write(cfg, b"a = 1\n", secret=False)
+    assert not stale.exists() and live.exists() and other.exists()
+    assert cfg.read_text() == "a = 1\n"

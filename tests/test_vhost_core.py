@@ -177,6 +177,29 @@ def test_chains_become_views_of_guest_memory(ring):
         mem.uva(dq.ram.UVA_BASE - 1, 2)
 
 
+def test_buffers_adjacent_in_guest_memory_become_one_view(ring):
+    """A run of descriptors whose buffers follow each other in guest memory
+    (as a Linux scatterlist of adjacent pages) is one view: the copies then
+    step through runs, not descriptors. A gap, or the switch to
+    device-writable buffers, starts a new view; the bytes are the same."""
+    dq, vq, _ = ring
+    ram = dq.ram
+    base = ram.alloc(6 * 4096, 4096)
+    ram.write(base, bytes(range(256)) * 64)
+    pages = [(base + k * 4096, 4096, False) for k in (0, 1, 2)]        # adjacent
+    pages += [(base + 4 * 4096, 100, False), (base + 4 * 4096 + 100, 50, False)]   # a gap, then adjacent
+    pages += [(base + 4 * 4096 + 150, 10, True), (base + 5 * 4096, 4096, True)]    # writable: its own run
+    head = dq.add(pages, indirect=True)
+    dq.publish(kick=False)
+    chain = vq.pop()
+    assert chain is not None and chain.head == head
+    assert [len(v) for v in chain.readable] == [3 * 4096, 150]
+    assert [len(v) for v in chain.writable] == [10, 4096]
+    assert bytes(chain.readable[0]) == ram.read(base, 3 * 4096)
+    chain.writable[1][:2] = b"ok"
+    assert ram.read(base + 5 * 4096, 2) == b"ok"
+
+
 def test_vring_need_event_across_the_wrap():
     assert V.vring_need_event(5, 6, 5)
     assert not V.vring_need_event(7, 6, 5)

@@ -1,0 +1,231 @@
+#!/usr/bin/env python3
+"""fetd_vhost's cost per command without a guest: instructions (callgrind)
+or CPU time and wake-ups of the real `python -m fetd_vhost` process.
+
+The real STML (a 64 MiB RAM LUN, its own process, not counted) and
+tests/support/vhost_master.py's master playing QEMU (this process, not
+counted) on memfd guest memory and eventfds. The driver behaves as Linux's
+virtio-scsi does at QD1: one indirect table per command (request header,
+write data, response, read data), the data in 4 KiB pages, a kick only when
+the device's avail_event asks for one (event index). The pages of a 1 MiB
+command are scattered (every other page, shuffled: no two adjacent in guest
+memory) or, with --contiguous, adjacent pages as separate descriptors (what
+a scatterlist Linux did not merge looks like).
+
+    PYTHONHASHSEED=0 PYTHONPATH=$PWD:$PWD/tests scripts/vhostpath.py --instructions
+    scripts/vhostpath.py --workload 1m-read --count 2000      # CPU us and wake-ups per command
+
+--instructions runs fetd_vhost under callgrind, zeroes its counters after
+the warm-up (callgrind_control) and dumps them after `--count` commands:
+what those commands cost, the event loop's idle waits included (they cost
+no instructions). SCSI_TARGET_ACCEL in the environment reaches fetd_vhost.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import random
+import re
+import select
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from support.target import StmlProcess  # noqa: E402
+from support.vhost_master import (DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, REQ, RESP, RESP_SIZE,  # noqa: E402
+                                  VhostMaster, lun_field, read10, wait_socket, write10)
+
+IQN = "iqn.2026-11.org.scsi-target:disk0"     # the STML's default target name
+PAGE = 4096
+LUN_BLOCKS = (64 << 20) // 512
+# name: (write?, bytes)
+WORKLOADS = {"4k-read": (False, 4096), "1m-read": (False, 1 << 20), "1m-write": (True, 1 << 20)}
+
+
+def need_event(event: int, new: int, old: int) -> bool:
+    return (new - event - 1) & 0xFFFF < (new - old) & 0xFFFF
+
+
+class Driver:
+    """QD1 commands on request queue 0 (virtqueue 2), one descriptor head
+    (an indirect table) reused for every command."""
+
+    def __init__(self, m: VhostMaster, write: bool, size: int, contiguous: bool, seed: int) -> None:
+        self.m, self.write, self.size = m, write, size
+        self.q = m.queues[2]
+        ram = m.ram
+        pages = size // PAGE
+        base = ram.alloc(2 * pages * PAGE, PAGE)
+        order = list(range(pages)) if contiguous else random.Random(seed).sample(range(0, 2 * pages, 2), pages)
+        self.pages = [base + k * PAGE for k in order]
+        self.req = ram.alloc(REQ.size)
+        self.resp = ram.alloc(RESP_SIZE)
+        bufs = [(self.req, REQ.size, False)]
+        data = [(p, PAGE, not write) for p in self.pages]
+        bufs += (data + [(self.resp, RESP_SIZE, True)]) if write else ([(self.resp, RESP_SIZE, True)] + data)
+        self.table = ram.alloc(16 * len(bufs), 16)
+        for k, (addr, n, w) in enumerate(bufs):
+            flags = (DESC_F_WRITE if w else 0) | (DESC_F_NEXT if k + 1 < len(bufs) else 0)
+            ram.write(self.table + 16 * k, struct.pack("<QIHH", addr, n, flags, k + 1))
+        self.q.write_desc(0, self.table, 16 * len(bufs), DESC_F_INDIRECT)
+        if write:
+            for k, p in enumerate(self.pages):
+                ram.write(p, bytes([k & 0xFF]) * PAGE)
+        self.rng = random.Random(seed)
+        self.tag = 0
+        self.kicks = 0
+        self.interrupts = 0
+
+    def one(self) -> tuple[int, int]:
+        """One command, waited for: (response, status), (-1, -1) if the
+        device did not write what it should have."""
+        blocks = self.size // 512
+        lba = self.rng.randrange(0, LUN_BLOCKS - blocks) // blocks * blocks
+        self.tag += 1
+        cdb = (write10 if self.write else read10)(lba, blocks)
+        self.m.ram.write(self.req, REQ.pack(lun_field(0), self.tag, 0, 0, 0, cdb.ljust(32, b"\0")))
+        self.m.ram.write(self.resp, b"\xff" * RESP.size)
+        q = self.q
+        old = q.avail_idx
+        q.offer(0)
+        q.publish(kick=False)
+        if need_event(q.avail_event(), q.avail_idx, old):
+            os.eventfd_write(q.kick, 1)
+            self.kicks += 1
+        deadline = time.monotonic() + 60
+        while not (done := q.take_used()):
+            if time.monotonic() > deadline:
+                raise SystemExit("vhostpath: a command was not answered in 60 s")
+            select.select([q.call], [], [], 1.0)
+            self.interrupts += q.interrupts()
+        self.interrupts += q.interrupts()
+        want = RESP_SIZE + (0 if self.write else self.size)
+        _, _, _, status, response = RESP.unpack(self.m.ram.read(self.resp, RESP.size))
+        return (response, status) if done[0] == (0, want) else (-1, -1)
+
+
+def proc_cpu(pid: int) -> tuple[float, int]:
+    """(user+system seconds, voluntary context switches) of a process."""
+    stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    cpu = (int(stat[11]) + int(stat[12])) / ticks
+    m = re.search(r"voluntary_ctxt_switches:\s+(\d+)", Path(f"/proc/{pid}/status").read_text())
+    return cpu, int(m.group(1)) if m else 0
+
+
+def totals(path: str) -> int:
+    """The instruction count in a callgrind dump."""
+    text = Path(path).read_text()
+    m = re.search(r"^(?:totals|summary):\s+(\d+)", text, re.M)
+    if not m:
+        raise SystemExit(f"vhostpath: no totals in {path}")
+    return int(m.group(1))
+
+
+def measure(work: Path, workload: str, count: int, warmup: int, instructions: bool,
+            contiguous: bool, keep: Path | None = None) -> dict:
+    write, size = WORKLOADS[workload]
+    stml = StmlProcess(work / "stml", ("ram:64MiB",)).start()
+    fe: subprocess.Popen | None = None
+    m: VhostMaster | None = None
+    try:
+        assert stml.endpoint is not None
+        sock = str(work / "vm.sock")
+        argv = [sys.executable, "-m", "fetd_vhost", "--socket", sock, "--target", IQN,
+                "--stml", stml.endpoint, "--log-level", "warning"]
+        if instructions:
+            argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={work}/cg.%p",
+                    "--dump-instr=no", "--compress-strings=no"] + argv
+        out = open(work / "fe.out", "wb")
+        fe = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT)
+        deadline = time.monotonic() + 600
+        while b"attached to STML" not in (work / "fe.out").read_bytes():
+            if fe.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("vhostpath: fetd_vhost did not start:\n" + (work / "fe.out").read_text())
+            time.sleep(0.2)
+        wait_socket(sock)
+        m = VhostMaster(sock, mem_size=16 << 20)
+        m.negotiate()
+        for i in range(3):
+            m.setup_queue(i, 128)
+        d = Driver(m, write, size, contiguous, seed=1)
+        for _ in range(warmup):
+            d.one()           # the first ones carry unit attentions
+        if instructions:
+            subprocess.run(["callgrind_control", "-z", str(fe.pid)], check=True, capture_output=True)
+        cpu0, sw0 = proc_cpu(fe.pid)
+        k0, i0 = d.kicks, d.interrupts
+        bad = 0
+        t0 = time.perf_counter()
+        for _ in range(count):
+            if d.one() != (0, 0):
+                bad += 1
+        took = time.perf_counter() - t0
+        cpu1, sw1 = proc_cpu(fe.pid)
+        if bad:
+            raise SystemExit(f"vhostpath: {bad} of {count} commands did not complete GOOD")
+        res = {"workload": workload, "count": count, "layout": "contiguous" if contiguous else "scattered",
+               "wall_us": took / count * 1e6, "cpu_us": (cpu1 - cpu0) / count * 1e6,
+               "wakeups": (sw1 - sw0) / count, "kicks": (d.kicks - k0) / count,
+               "interrupts": (d.interrupts - i0) / count}
+        if instructions:
+            before = set(glob.glob(f"{work}/cg.{fe.pid}*"))
+            subprocess.run(["callgrind_control", "-d", str(fe.pid)], check=True, capture_output=True)
+            deadline = time.monotonic() + 120
+            while not (new := set(glob.glob(f"{work}/cg.{fe.pid}*")) - before):
+                if time.monotonic() > deadline:
+                    raise SystemExit("vhostpath: callgrind wrote no dump")
+                time.sleep(0.2)
+            time.sleep(1)     # written whole
+            res["instructions"] = totals(sorted(new)[-1]) / count
+            if keep is not None:
+                shutil.copy(sorted(new)[-1], keep / f"callgrind.{workload}")
+        return res
+    finally:
+        if m is not None:
+            m.close()
+        if fe is not None:
+            fe.terminate()
+            try:
+                fe.wait(60)
+            except subprocess.TimeoutExpired:
+                fe.kill()
+                fe.wait()
+        stml.stop()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workload", choices=[*WORKLOADS, "all"], default="all")
+    ap.add_argument("--count", type=int, default=0, help="commands measured (default 300; 100 counted)")
+    ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--instructions", action="store_true", help="count instructions under callgrind")
+    ap.add_argument("--keep", type=Path, help="copy the callgrind dumps here (callgrind_annotate)")
+    ap.add_argument("--contiguous", action="store_true", help="adjacent pages (default: scattered)")
+    a = ap.parse_args()
+    if a.instructions and shutil.which("valgrind") is None:
+        raise SystemExit("vhostpath: --instructions needs valgrind")
+    count = a.count or (100 if a.instructions else 300)
+    for name in WORKLOADS if a.workload == "all" else [a.workload]:
+        work = Path(tempfile.mkdtemp(prefix="vhp", dir="/tmp"))
+        try:
+            r = measure(work, name, count, a.warmup, a.instructions, a.contiguous, a.keep)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        line = (f"{name:9s} {r['layout']:10s} cpu {r['cpu_us']:7.1f} us  wall {r['wall_us']:7.1f} us  "
+                f"wake-ups {r['wakeups']:.2f}  kicks {r['kicks']:.2f}  interrupts {r['interrupts']:.2f}")
+        if "instructions" in r:
+            line += f"  {r['instructions']:,.0f} instructions"
+        print(line + " per command", flush=True)
+
+
+if __name__ == "__main__":
+    main()
