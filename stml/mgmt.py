@@ -775,6 +775,8 @@ class Management:
         nbytes = parse_size(size, "size")
         if nbytes % lu.block_size:
             raise MgmtError(f"{nbytes} is not a multiple of the block size {lu.block_size}")
+        if lu.offline is not None:
+            raise MgmtError(f"{t.name} LUN {lu.lun} is offline ({lu.offline}): fix it and `config reload` first")
         if not getattr(lu.backend, "can_resize", False):
             raise MgmtError(f"the backend of {t.name} LUN {lu.lun} cannot be resized")
         old = lu.blocks * lu.block_size

@@ -150,6 +150,8 @@ def test_an_offline_lun_can_be_removed(ddir):
         kill_stml_and_wait_for_restart(t, ddir)
         t.wait_log("LUN 3 (file ")
         assert mgmt(ddir, "lun", "list")[1]["offline"]
+        p = cli("lun", "resize", "3", "2MiB", "--data-dir", ddir)
+        assert p.returncode != 0 and "LUN 3 is offline (" in p.stderr, p
         mgmt(ddir, "lun", "remove", "3")
         assert [x["lun"] for x in mgmt(ddir, "lun", "list")] == [0]
         assert [x["lun"] for x in tomllib.loads(cfg.read_text())["target"][0]["lun"]] == [0]
