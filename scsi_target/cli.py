@@ -31,8 +31,9 @@ from scsi_target.supervise import Supervisor, sd_notify
 from stml.api.inject import for_side, rule_args
 from stml.cli import (apply_stml_options, config_exit, config_options, inject_options, inject_rules,
                       load_or_exit, main as stml_main, stml_options, trace_options, trace_settings)
-from stml.config import (Config, ConfigError, StartupError, check_lun_paths, data_dir_of, default_data_dir,
+from stml.config import (Config, ConfigError, StartupError, data_dir_of, default_data_dir,
                          parse_size)
+from stml.lu import missing_file
 
 CHUNK = 1 << 20  # copy-in/out transfer size
 POLL_US = 200    # the STML's busy-poll window when it has CPUs of its own: a QD1 round trip
@@ -264,8 +265,9 @@ class Plan:
                 o = lc.options
                 size = lun_size(o)
                 what = "RAM" if o.kind == "ram" else f"{o.kind} {o.path}"
-                out.append(f"    LUN {lc.lun}: {human(size) if size else '?'} {what}"
-                           f"{' (read-only)' if o.ro else ''}")
+                missing = missing_file(o)   # the STML serves it offline (0280)
+                out.append(f"    LUN {lc.lun}: {f'OFFLINE ({missing})' if missing else human(size) if size else '?'}"
+                           f" {what}{' (read-only)' if o.ro else ''}")
                 if portal:
                     out.append(f"      iscsi://{portal}/{t.name}/{lc.lun}")
         if self.iscsi:
@@ -316,8 +318,7 @@ def run(log_level: str, log_format: str, portals: tuple[str, ...], no_iscsi: boo
         # held until we exit, however we exit; taken before a first start writes
         # the config, so of two first starts only one writes it
         lock = lock_data_dir(ddir)
-        config = load_or_exit(portals=portals, **kw)
-        check_lun_paths(config)
+        config = load_or_exit(portals=portals, **kw)   # (a first start checks its LUNs' paths)
         if not no_iscsi:
             check_portals(config.portals)
     except ConfigError as e:

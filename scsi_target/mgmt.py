@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -207,7 +208,7 @@ def lun() -> None:
     """Logical units of the running STML (changes are live and saved)."""
 
 
-LUN_COLUMNS = ["target", "lun", "backend", "size", "block_size", "ro", "sync_error", "path"]
+LUN_COLUMNS = ["target", "lun", "backend", "size", "block_size", "ro", "sync_error", "offline", "path"]
 
 
 @lun.command("list")
@@ -428,6 +429,9 @@ def render_status(snap: dict[str, Any], wide: bool) -> str:
     head += [f"LUN {r['lun']} of {r['target']}: SYNC FAILED ({r['sync_error']}); writes acknowledged "
              f"before it may be lost; syncs fail until `scsi-target lun reset-error`"
              for r in snap["luns"] if r.get("sync_error")]
+    # an offline LU: its store could not open; commands that need it get 02/04/03 (0280)
+    head += [f"LUN {r['lun']} of {r['target']}: OFFLINE ({r['offline']}); `scsi-target config reload` "
+             f"tries again" for r in snap["luns"] if r.get("offline")]
     out = head + [table(portals, ["portal", "tpgt", "state"], "\nPortals", width)]
     if wide:
         out.append(table(snap["luns"], lun_cols, "\nLUNs", width, heads))
@@ -540,7 +544,10 @@ def render_tree(targets: list[dict[str, Any]], snap: dict[str, Any], wide: bool)
             if r["target"] == name:
                 size = r["blocks"] * r["block_size"]
                 where = r.get("path") or "RAM"
-                add(3, f"lun {r['lun']} [{_human(size)}, {r['backend']}, {where}]")
+                if r.get("offline"):   # its store could not open (0280): why, at the end
+                    add(3, f"lun {r['lun']} [OFFLINE, {r['backend']}, {where}]: {r['offline']}")
+                else:
+                    add(3, f"lun {r['lun']} [{_human(size)}, {r['backend']}, {where}]")
         acl = t.get("acl") or []
         add(2, "acls" + ("" if acl else " [empty: any initiator may log in]"))
         for a in acl:
@@ -671,6 +678,14 @@ def config_check(config_path: str | None, data_dir: str | None) -> None:
     luns = sum(len(t.luns) for t in c.targets)
     click.echo(f"{config_path}: OK ({len(c.targets)} target(s), {luns} LUN(s), endpoint {c.stml_endpoint}"
                + (f", also {', '.join(c.stml.listen)}" if c.stml.listen else "") + ")")
+    # valid, yet a start would serve these offline (0280): say so before it does
+    from stml.lu import missing_file
+    for t in c.targets:
+        for lc in t.luns:
+            why = missing_file(lc.options)
+            if why:
+                click.echo(f"scsi-target: warning: target {t.name} LUN {lc.lun} ({lc.options.path}): {why}: "
+                           f"a start serves it offline", err=True)
 
 
 def register(main: click.Group) -> None:

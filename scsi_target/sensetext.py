@@ -13,6 +13,7 @@ SENSE_KEYS = {
 ASC_TEXT = {
     (0x00, 0x00): "No additional sense information",
     (0x04, 0x02): "Logical unit not ready, initializing command required",
+    (0x04, 0x03): "Logical unit not ready, manual intervention required",
     (0x04, 0x1B): "Logical unit not ready, sanitize in progress",
     (0x08, 0x04): "Unreachable copy target",
     (0x0C, 0x00): "Write error",
@@ -28,6 +29,7 @@ ASC_TEXT = {
     (0x26, 0x07): "Unsupported target descriptor type code",
     (0x27, 0x00): "Write protected",
     (0x27, 0x02): "Logical unit software write protected",
+    (0x28, 0x00): "Not ready to ready change, medium may have changed",
     (0x29, 0x00): "Power on, reset, or bus device reset occurred",
     (0x2A, 0x01): "Mode parameters changed",
     (0x2A, 0x09): "Capacity data has changed",

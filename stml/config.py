@@ -166,8 +166,10 @@ def _bool(value: Any, where: str) -> bool:
     return value
 
 
-def lun_options(raw: dict[str, Any], where: str, data_dir: Path) -> LunOptions:
-    """Validate one LUN's settings (from TOML or a parsed spec)."""
+def lun_options(raw: dict[str, Any], where: str, data_dir: Path, given: bool = True) -> LunOptions:
+    """Validate one LUN's settings (from TOML or a parsed spec). `given`: a
+    LUN given now (a flag, `lun add`), whose missing file without a size is
+    refused here; one of a saved config is served offline instead (0280)."""
     known = {"lun", "backend", "path", "size", "ro", "removable", "block_size", "write_cache", "thin",
              "physical_block_exp", "id", "scheduler", *_CEPH_KEYS}
     for key in raw:
@@ -184,7 +186,7 @@ def lun_options(raw: dict[str, Any], where: str, data_dir: Path) -> LunOptions:
         if not path or not isinstance(path, str):
             raise ConfigError(f"{where}.path", "a file LUN needs a path")
         path = str(data_dir / path) if not os.path.isabs(path) else path
-        if size is None and not os.path.exists(path):
+        if given and size is None and not os.path.exists(path):
             raise ConfigError(f"{where}.path", f"{path} does not exist; give a size to create it")
     ceph = _ceph_options(raw, kind, where)
     if kind == "rbd" and (not isinstance(path, str) or not re.fullmatch(r"[^/\s]+(/[^/\s]+){1,2}", path)):
@@ -366,7 +368,7 @@ def load(config_path: str | None = None, data_dir: str | None = None, iqn: str |
             number = lr.get("lun", j)
             if not isinstance(number, int) or not 0 <= number < 16384:
                 raise ConfigError(f"{lwhere}.lun", f"{number!r} is not a LUN number (0-16383)")
-            tl.append(LunConfig(number, lun_options(lr, lwhere, ddir)))
+            tl.append(LunConfig(number, lun_options(lr, lwhere, ddir, given=False)))
         acl = t.get("acl", [])
         if not isinstance(acl, list):
             raise ConfigError(f"{where}.acl", "must be a list of initiator names")
@@ -588,8 +590,9 @@ def first_identity(data_dir: Path, target: str, lc: LunConfig) -> str:
 
 
 def check_lun_paths(config: Config) -> None:
-    """A file LUN to be created needs its directory: said before anything
-    starts, in one line, rather than by the STML once it runs."""
+    """A file LUN a first start creates needs its directory: said before
+    anything starts, in one line, rather than by the STML once it runs. (A
+    saved config's LUN is served offline instead, 0280.)"""
     for t in config.targets:
         for lc in t.luns:
             o = lc.options
@@ -630,7 +633,8 @@ def check_flags_agree(config: Config, iqn: str | None, luns: tuple[str, ...]) ->
                           f"once it exists: add it with `scsi-target target add {name}`")
     have = {lc.lun: lc.options for lc in t.luns}
     for n, spec in enumerate(luns):
-        o = lun_options(parse_lun_spec(spec), f"--lun {spec}", config.data_dir)
+        # (a flag that repeats the file's LUN: its file may be missing now, as the file's may)
+        o = lun_options(parse_lun_spec(spec), f"--lun {spec}", config.data_dir, given=False)
         if n not in have or not _same_lun(o, have[n]):
             raise ConfigError(f"--lun {spec}", f"{config.path} already defines the LUNs (LUN {n} of {name}: "
                               f"{describe_lun(have.get(n))}); start without --lun to serve it, or change "

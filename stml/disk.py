@@ -27,8 +27,8 @@ from stml.sbc import (
     write_atomic, write_same, write_verify_check, ws_check, ws_out_len,
 )
 from stml.sense import (
-    ILLEGAL_REQUEST, INVALID_COMMAND_OPERATION_CODE, MEDIUM_NOT_PRESENT, NOT_READY, CheckCondition,
-    invalid_field,
+    ILLEGAL_REQUEST, INVALID_COMMAND_OPERATION_CODE, MANUAL_INTERVENTION_REQUIRED, MEDIUM_NOT_PRESENT,
+    NOT_READY, CheckCondition, invalid_field,
 )
 from stml.spc import (
     inquiry, log_sense, prevent_allow, report_luns, report_supported_opcodes,
@@ -93,7 +93,7 @@ OPCODES: list[OpEntry] = [
             conflicts=Conflict.WRITE),
     OpEntry(0x1A, "MODE SENSE(6)", _u(0x1A, 0x08, 0xFF, 0xFF, 0xFF, 0), mode_sense, R, conflicts=Conflict.READ),
     OpEntry(0x1B, "START STOP UNIT", _u(0x1B, 0x01, 0, 0x0F, 0xF7, 0), start_stop_unit,
-            check=lambda task: _not_sanitizing(task), conflicts=Conflict.WRITE),
+            check=lambda task: _startable(task), conflicts=Conflict.WRITE),
     OpEntry(0x1E, "PREVENT ALLOW MEDIUM REMOVAL", _u(0x1E, 0, 0, 0, 0x03, 0), prevent_allow,
             conflicts=Conflict.WRITE),
     OpEntry(0x25, "READ CAPACITY(10)", _u(0x25, 0, *_L4, 0, 0, 0x01, 0),
@@ -165,19 +165,27 @@ OPCODES: list[OpEntry] = [
 ]
 
 
-def _not_sanitizing(task: Task) -> None:
+def _startable(task: Task) -> None:
+    """START STOP UNIT needs no medium (it loads one), but neither a SANITIZE
+    under way nor an offline LU lets it start or load anything."""
     lu = task.lu
     assert lu is not None   # see ops.unit()
     if lu.sanitizing:
         raise sanitize_in_progress(lu)
+    if lu.offline is not None:
+        raise CheckCondition(NOT_READY, MANUAL_INTERVENTION_REQUIRED)
 
 
 def medium_error(lu: LogicalUnit) -> CheckCondition | None:
     """What a command that touches the medium (OpEntry.medium) gets before its
-    own checks: NOT READY while the medium is ejected or a SANITIZE runs (one
-    at a time), else None. The engine asks only while either may be so
-    (`not lu.medium_present or lu.job is not None`): no call per command."""
+    own checks: NOT READY while the LU is offline (its store could not open:
+    an administrator must act), the medium is ejected or a SANITIZE runs (one
+    at a time), else None. The engine asks only while one may be so
+    (`not lu.medium_present or lu.job is not None`; an offline LU has no
+    medium present): no call per command."""
     if not lu.medium_present:
+        if lu.offline is not None:
+            return CheckCondition(NOT_READY, MANUAL_INTERVENTION_REQUIRED)
         return CheckCondition(NOT_READY, MEDIUM_NOT_PRESENT)
     if lu.sanitizing:
         return sanitize_in_progress(lu)

@@ -8,9 +8,9 @@ import logging
 import os
 import stat
 from dataclasses import dataclass, field
-from typing import Any, Coroutine, Final, Protocol
+from typing import Any, Coroutine, Final, Protocol, Sequence
 
-from backends import Backend
+from backends import Backend, BackendError, open_backend
 from stml import sched
 from stml.locks import WriteGate
 from stml.sense import I_T_NEXUS_LOSS, RESET_UAS
@@ -64,6 +64,89 @@ class LunOptions:
         if stat.S_ISBLK(st.st_mode):
             return ("block", st.st_rdev)
         return ("file", st.st_dev, st.st_ino)
+
+
+class Offline:
+    """The backend of an LU served offline: its store could not open. The LU
+    keeps its number and identity, and every command that needs the medium
+    answers NOT READY (disk.medium_error) before reaching this; what does
+    reach it (a stop's flush and close) has nothing to do."""
+
+    inline = True
+    can_discard = False
+    can_resize = False
+    aio = None
+    dirty = False
+    sync_error: str | None = None
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def size(self) -> int:
+        return 0
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> Any:
+        raise BackendError(f"offline: {self.reason}")
+
+    read_into = write_from = discard = mapped_extents = resize = _refuse
+
+    def read_nowait(self, offset: int, buf: memoryview) -> bool:
+        return False
+
+    def write_nowait(self, offset: int, bufs: Sequence[memoryview], sync: bool) -> bool:
+        return False
+
+    def pread_nowait(self, offset: int, length: int) -> bytes | None:
+        return None
+
+    def mapped_extents_nowait(self, offset: int, length: int,
+                              limit: int) -> list[tuple[int, int, bool]] | None:
+        return None
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class CannotOpen(Exception):
+    """Why a LUN's store cannot open: str() is the reason an admin reads."""
+
+
+def served_before(o: LunOptions) -> bool:
+    """Whether a file LUN of a saved config was served before: its entry
+    carries an id once it has been (a first start creates the files of the
+    config it writes, `lun add` saves the id after the open). Its file is
+    then never created anew: a missing file is a disk not mounted, or lost,
+    not a new disk (docs/decisions/0280)."""
+    return o.kind == "file" and o.id is not None
+
+
+def missing_file(o: LunOptions) -> str | None:
+    """Why a start would serve this file LUN offline for want of its file, or
+    None: what `config check` and `run`'s banner say before the STML does.
+    Blocking (a stat)."""
+    if o.kind != "file" or not o.path or os.path.exists(o.path):
+        return None
+    if served_before(o):
+        return "its file is missing; it was served before"
+    return None if o.size is not None else "its file does not exist and no size is given to create it"
+
+
+def open_store(o: LunOptions, create: bool) -> Backend:
+    """Open a LUN's backend (blocking: not on the event loop). `create`: a
+    missing file may be created (a LUN served for the first time)."""
+    if not create and o.kind == "file" and o.path is not None and not os.path.exists(o.path):
+        raise CannotOpen(f"its file {o.path} is missing; it was served before: restore it or remove the LUN")
+    try:
+        backend = open_backend(o.kind, o.size, o.path, o.ro, **o.backend_options())
+    except (BackendError, ValueError, OSError) as e:
+        raise CannotOpen(str(e)) from None
+    if backend.size() < o.block_size:
+        backend.close()
+        raise CannotOpen("backing store smaller than one block")
+    return backend
 
 
 def legacy_id(target: str, lun: int) -> str:
@@ -193,6 +276,8 @@ class LogicalUnit:
 
     def __post_init__(self) -> None:
         self.mode.wce = self.options.write_cache
+        if self.offline is not None:   # no medium: commands that need it meet disk.medium_error
+            self.medium_present = False
         self.task_set = sched.POLICIES[self.options.scheduler]()
         # the designators come from the LU's identity, not from its (public)
         # target name and number; they survive restarts because the config keeps
@@ -204,6 +289,17 @@ class LogicalUnit:
         self.naa = naa_designator(ident)
         self.serial = unit_serial(ident)
         self.block_size = self.options.block_size
+
+    @property
+    def offline(self) -> str | None:
+        """Why the LU is served offline (its store could not open), or None."""
+        backend = self.backend
+        return backend.reason if isinstance(backend, Offline) else None
+
+    def go_online(self, backend: Backend) -> None:
+        """The store opened at last: served from now on, as a medium just loaded."""
+        self.backend = backend
+        self.medium_present = True
 
     @property
     def sanitizing(self) -> bool:

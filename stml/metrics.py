@@ -237,6 +237,7 @@ class Metrics:
                              "pr_saves": st.saves if st is not None else 0,
                              "unit_attentions": len(lu.unit_attentions),
                              "sync_error": lu.backend.sync_error,   # syncs fail until lun reset-error
+                             "offline": lu.offline,   # why its store could not open (0280)
                              **report(by_lun.get((t.name, lu.lun), []), in_flight)})
         sessions, fes = [], []
         for fe in list(emulator.front_ends.values()):

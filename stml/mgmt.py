@@ -18,14 +18,13 @@ import asyncio
 import contextlib
 import dataclasses
 import difflib
-import functools
 import logging
 import secrets
 from pathlib import Path
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Awaitable, Callable, Iterator
 
-from backends import BackendError, open_backend
+from backends import BackendError
 from scsi_runtime.logs import audit
 from scsi_runtime.portals import parse_portal
 from stml import pr
@@ -33,11 +32,11 @@ from stml.config import (MUTUAL_NEEDS_CHAP, Config, ConfigError, LunConfig, Targ
                          file_digest, load, lun_options, parse_lun_spec, parse_size, ram_overcommit)
 from stml.emulator import Emulator, Target
 from stml.gateway import Gateway
-from stml.lu import LogicalUnit, LunOptions
+from stml.lu import CannotOpen, LogicalUnit, LunOptions, open_store, served_before
 from stml.metrics import Metrics
 from stml.persist import EditedError, hold, model, read_document, render, save
 from stml.portals import PortalStates, portal_entries, portal_groups
-from stml.sense import CAPACITY_DATA_CHANGED, REPORTED_LUNS_DATA_CHANGED
+from stml.sense import CAPACITY_DATA_CHANGED, NOT_READY_TO_READY_CHANGE, REPORTED_LUNS_DATA_CHANGED
 from stml.task import FANOUT_STEP, Nexus, Task
 from stml.trace.recorder import Recorder, Traces
 
@@ -275,7 +274,8 @@ class Management:
         ts = [self._target(target)] if target else list(self.em.targets.values())
         return [{"target": t.name, "lun": lu.lun, "backend": lu.options.kind,
                  "path": lu.options.path, "size": lu.blocks * lu.block_size,
-                 "block_size": lu.block_size, "ro": lu.options.ro, "sync_error": lu.backend.sync_error}
+                 "block_size": lu.block_size, "ro": lu.options.ro, "sync_error": lu.backend.sync_error,
+                 "offline": lu.offline}
                 for t in ts for lu in t.luns.values()]
 
     async def portal_list(self) -> list[dict[str, Any]]:
@@ -481,12 +481,14 @@ class Management:
                 try:
                     await self._add_lun(t, number, o)
                 except MgmtError as e:   # kept in the file (0231), where a start meets it too
-                    pending.append(f"target {t.name} LUN {number}: {e}; a start with this file fails "
-                                   f"until it is fixed there")
+                    pending.append(f"target {t.name} LUN {number}: {e}; a start with this file serves it "
+                                   f"offline until it is fixed there")
                     continue
                 applied.append(f"target {t.name} LUN {number} added")
                 continue
-            if _differs_beyond_size(o, lu.options):
+            if lu.offline is not None and not _differs_beyond_size(o, lu.options):
+                await self._retry_offline(t, lu, applied, pending)
+            elif _differs_beyond_size(o, lu.options):
                 pending.append(f"target {t.name} LUN {number}: settings other than its size changed: "
                                f"restart to apply them (or remove and add the LUN)")
             elif o.size is not None and o.size != lu.options.size:
@@ -666,13 +668,9 @@ class Management:
             if owner is not None:
                 raise MgmtError(f"{opts.path} already backs target {owner.target} LUN {owner.lun}")
         try:
-            backend = await self._in_thread(functools.partial(open_backend, opts.kind, opts.size, opts.path,
-                                                              opts.ro, **opts.backend_options()))
-        except (BackendError, ValueError, OSError) as e:
+            backend = await self._in_thread(open_store, opts, True)
+        except CannotOpen as e:
             raise MgmtError(f"cannot open the backend: {e}") from None
-        if backend.size() < opts.block_size:
-            backend.close()
-            raise MgmtError("backing store smaller than one block")
         lu = LogicalUnit(t.name, number, backend, opts, self.em.templates["disk"])
         if getattr(backend, "lock_acquire", None) is not None:
             try:   # shared storage: served once this gateway holds its lock
@@ -696,6 +694,29 @@ class Management:
         await self._ua([o for o in t.luns.values() if reused or o is not lu], REPORTED_LUNS_DATA_CHANGED,
                        t.name)
         return lu
+
+    async def _retry_offline(self, t: Target, lu: LogicalUnit, applied: list[str], pending: list[str]) -> None:
+        """A reload opens an offline LU's store again (the disk mounted, the
+        file restored): once it opens, the LU is served, and its nexuses
+        learn it as a newly loaded medium (06/28/00) with its capacity (0280)."""
+        o = lu.options
+        try:
+            backend = await self._in_thread(open_store, o, not served_before(o))
+        except CannotOpen as e:
+            pending.append(f"target {t.name} LUN {lu.lun} is still offline: {e}")
+            return
+        if getattr(backend, "lock_acquire", None) is not None:
+            # shared storage is served only with its lock and reservations, which
+            # the gateway takes before an LU is visible (0403): not in place
+            await self._in_thread(backend.close)
+            pending.append(f"target {t.name} LUN {lu.lun} opens now: restart, or `lun remove` and "
+                           f"`lun add` it, to serve it")
+            return
+        lu.go_online(backend)
+        log.info("target %s LUN %d (%s %s) is online", t.name, lu.lun, o.kind, o.path or "")
+        self._redetect()
+        await self._ua([lu], NOT_READY_TO_READY_CHANGE, t.name)
+        applied.append(f"target {t.name} LUN {lu.lun} online")
 
     async def lun_remove(self, lun: int, target: str | None = None) -> dict[str, Any]:
         t, lu = self._lu(target, lun)
@@ -754,6 +775,8 @@ class Management:
         nbytes = parse_size(size, "size")
         if nbytes % lu.block_size:
             raise MgmtError(f"{nbytes} is not a multiple of the block size {lu.block_size}")
+        if lu.offline is not None:
+            raise MgmtError(f"{t.name} LUN {lu.lun} is offline ({lu.offline}): fix it and `config reload` first")
         if not getattr(lu.backend, "can_resize", False):
             raise MgmtError(f"the backend of {t.name} LUN {lu.lun} cannot be resized")
         old = lu.blocks * lu.block_size

@@ -26,7 +26,7 @@ from tomlkit.items import AoT
 from stml.config import (CONFIG_NAME, Config, ConfigError, LunConfig, StartupError, TargetConfig, check_flags_agree,
                          check_lun_paths, default_data_dir, first_identity, holds_secrets, load, parse_size,
                          size_text)
-from stml.lu import LunOptions
+from stml.lu import CannotOpen, LunOptions, open_store
 
 HEADER = """\
 # scsi-target configuration. `scsi-target run` wrote it on first start, and every
@@ -410,7 +410,25 @@ def load_or_create(config_path: str | None = None, data_dir: str | None = None, 
                 lc.options.id = first_identity(config.data_dir, t.name, lc)
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _create_files(config)
         save(config, path)
     except OSError as e:
         raise StartupError(f"cannot write {path}", e.strerror or str(e)) from None
     return load(str(path), data_dir, None, (), endpoint, portals)
+
+
+def _create_files(config: Config) -> None:
+    """A first start creates its file LUNs' files before the config that gives
+    them ids: a saved LUN with an id was served, so its missing file is a
+    disk lost or not mounted, which the STML never creates anew (0280). A
+    file that cannot be created fails this start (the admin is at the
+    terminal), in one line."""
+    for t in config.targets:
+        for lc in t.luns:
+            o = lc.options
+            if o.kind != "file" or o.path is None or os.path.exists(o.path):
+                continue
+            try:
+                open_store(o, create=True).close()
+            except CannotOpen as e:
+                raise StartupError(f"target {t.name} LUN {lc.lun}", str(e)) from None

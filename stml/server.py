@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Protocol
 
 import zmq
 
-from backends import BackendError, open_backend
 from stml.api import BufferPool, Channel, Op, SharedRegion, StmlSender, StreamChannel, pack, stream_path, unpack
 from stml.api.messages import RX_CMND_OP, TO_STML, Cap, DecodeError, check, decode_rx_cmnd, pack_xmit_response
 from stml.api.sizes import FRAME_ROOM, SHARED_READ_MIN
@@ -29,7 +28,7 @@ from stml.api.stream import Lease
 from stml.api.tap import Tap, TapPoint, combine
 from stml.config import Config, ConfigError, StartupError
 from stml.emulator import Emulator, Target
-from stml.lu import LogicalUnit
+from stml.lu import CannotOpen, LogicalUnit, Offline, open_store, served_before
 from stml.metrics import Metrics
 from stml.mgmt import Management
 from stml.portals import PortalStates, portal_entries, portal_groups
@@ -64,18 +63,21 @@ class Stream(Protocol):
 
 
 def build_targets(config: Config, templates: dict[str, Any]) -> list[Target]:
-    """Open every LUN's backend; a backend that cannot open is a config error."""
+    """Open every LUN's backend. One that cannot open is served offline (one
+    line says why): a missing disk must not take every other LUN's service
+    with it, nor make a supervised restart fail for good (0280)."""
     targets = []
     for t in config.targets:
         luns = {}
         for lc in t.luns:
             o = lc.options
+            backend: Any
             try:
-                backend = open_backend(o.kind, o.size, o.path, o.ro, **o.backend_options())
-            except (BackendError, ValueError, OSError) as e:
-                raise ConfigError(f"target {t.name} LUN {lc.lun}", str(e)) from None
-            if backend.size() < o.block_size:
-                raise ConfigError(f"target {t.name} LUN {lc.lun}", "backing store smaller than one block")
+                backend = open_store(o, create=not served_before(o))
+            except CannotOpen as e:
+                log.error("target %s LUN %d (%s %s) is offline: %s; fix it, then `scsi-target config "
+                          "reload`", t.name, lc.lun, o.kind, o.path or "", e)
+                backend = Offline(str(e))
             luns[lc.lun] = LogicalUnit(t.name, lc.lun, backend, o, templates["disk"])
         targets.append(Target(t.name, luns, t.alias, t.access(), t.target_reset))
     return targets

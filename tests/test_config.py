@@ -141,13 +141,23 @@ def _one_lun(extra: str, name: str = IQN_A) -> str:
     ('backend = "floppy"\nsize = "1MiB"', "target[0].lun[0].backend"),
     ('backend = "ram"', "target[0].lun[0].size"),
     ('backend = "file"\nsize = "1MiB"', "target[0].lun[0].path"),
-    ('backend = "file"\npath = "never-made.img"', "target[0].lun[0].path"),
     ('backend = "ram"\nsize = "1MiB"\nro = "yes"', "target[0].lun[0].ro"),
     ('backend = "ram"\nsize = "1MiB"\nlun = -1', "target[0].lun[0].lun"),
     ('backend = "ram"\nsize = "1MiB"\nlun = 16384', "target[0].lun[0].lun"),
 ])
 def test_bad_lun_fields(tmp_path, lun, field):
     assert error_of(tmp_path, _one_lun(lun)).startswith(field + ":")
+
+
+def test_a_missing_file_is_refused_on_the_command_line_not_in_a_saved_config(tmp_path):
+    """A file LUN without a size whose file does not exist: given now (--lun),
+    the admin is told at once; in a saved config it is a disk not there (yet),
+    which the STML serves offline rather than refusing every LUN (0280)."""
+    missing = tmp_path / "never-made.img"
+    config = load_toml(tmp_path, _one_lun(f'backend = "file"\npath = "{missing}"'))
+    assert config.targets[0].luns[0].options.path == str(missing)
+    with pytest.raises(ConfigError, match=r"^--lun file:.*never-made.img does not exist; give a size"):
+        load(None, str(tmp_path), luns=(f"file:{missing}",))
 
 
 @pytest.mark.parametrize("name", ["disk0", "iqn.2026.org.x", "iqn.2026-01.org.example:a b", "eui.123",

@@ -67,7 +67,7 @@ class FakeEmulator:
         opts = types.SimpleNamespace(kind="ram", path=None)
         self.targets = {name: types.SimpleNamespace(name=name, luns={
             i: types.SimpleNamespace(lun=i, blocks=8, block_size=512, options=opts, pr=None,
-                                     backend=types.SimpleNamespace(sync_error=None),
+                                     backend=types.SimpleNamespace(sync_error=None), offline=None,
                                      unit_attentions={}) for i in range(n)})
             for name, n in targets.items()}
 

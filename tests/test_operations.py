@@ -456,8 +456,8 @@ def test_edits_a_reload_cannot_apply_survive_later_saves(ddir):
             _edit(cfg, edit)
             r = mgmt(ddir, "config", "reload")
             assert r["applied"] == [] and len(r["not_applied"]) == 3, r
-            # the LUN that cannot open stays in the file, where a start would fail on it: say so
-            assert [x for x in r["not_applied"] if "a start with this file fails" in x] == [
+            # the LUN that cannot open stays in the file, where a start serves it offline: say so
+            assert [x for x in r["not_applied"] if "a start with this file serves it offline" in x] == [
                 x for x in r["not_applied"] if "b.img" in x], r
             mgmt(ddir, "acl", "add", INITIATORS[0])             # a change, saved
         saved = tomllib.loads(cfg.read_text())

@@ -62,6 +62,7 @@ KIND_OF_MODULE = {
     "test_lun_changes.py": "unit",
     "test_metrics.py": "unit",
     "test_mgmt.py": "process",
+    "test_offline_luns.py": "process",
     "test_nospace.py": "system",   # root: a tmpfs in a mount namespace of its own
     "test_opcodes.py": "unit",
     "test_nexus_caps.py": "process",
@@ -164,6 +165,7 @@ KIND_OF_TEST = {
     "test_nexus_caps.py::test_front_end_past_its_nexus_cap_is_refused": "unit",
     "test_nexus_caps.py::test_port_groups_are_capped_and_16_bit": "unit",
     "test_nexus_caps.py::test_target_past_its_nexus_cap_is_refused": "unit",
+    "test_offline_luns.py::test_every_medium_command_of_an_offline_lu_answers_manual_intervention": "unit",
     "test_operations.py::test_a_data_dir_that_cannot_be_written_is_one_line_and_exit_2": "system",
     "test_operations.py::test_a_stale_socket_is_known_without_a_zeromq_round_trip": "unit",
     "test_pdu_framer.py::test_command_pipelined_behind_the_last_login_request": "process",
