@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import fcntl
 import logging
@@ -389,7 +388,9 @@ def _advance(views: list[memoryview], n: int) -> list[memoryview]:
     return out
 
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+# the C library the interpreter already has (find_library("c") runs ldconfig: a
+# process at import time, and a second or so on a busy host)
+_libc = ctypes.CDLL(None, use_errno=True)
 _MEMORY_FS = {0x01021994, 0x858458F6}  # tmpfs, ramfs
 
 
