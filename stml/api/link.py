@@ -143,8 +143,8 @@ class FrontEndLink(TapPoint):
         self._done: list[int] = []            # tags for the next scsi_target_done
         self._done_timer: asyncio.TimerHandle | None = None
         # instruments on the link (stml.api.tap): None, the one tap, or Taps; with
-        # one, the channel hands messages to _on_message_tapped and its send
-        # shows them to the tap (_tap_channel)
+        # one, the channel hands messages to _on_message_tapped and shows what it
+        # sends to _outbound (_tap_channel)
         self.tap: Tap | None = None
         self._taps: list[Tap] = []
         self._receiver: Callable[[list], None] = self._on_message
@@ -170,29 +170,21 @@ class FrontEndLink(TapPoint):
             self._tap_channel(self._channel)
 
     def _tap_channel(self, channel: Channel | StreamChannel) -> None:
-        """Give a channel the link's entry points: with a tap, its `send` (an
-        attribute of this channel only) shows every message the link sends,
-        scsi_target_done included, to the tap first; without one, the class's
-        send is used again."""
+        """Give a channel the link's entry points: with a tap, the channel shows
+        every message the link sends, scsi_target_done included, to
+        `_outbound` first; without one, the channel's send tests one attribute."""
         channel.on_message = self._receiver
-        if self.tap is None:
-            vars(channel).pop("send", None)
-            return
-        plain = type(channel).send.__get__(channel)
+        channel.outbound = None if self.tap is None else self._outbound
 
-        def send(frames: list) -> None:
-            tap = self.tap
-            if tap is None or tap.outbound(self.endpoint, unpack(frames[0]), frames[0], frames[1:]):
-                plain(frames)
-        setattr(channel, "send", send)
+    def _outbound(self, frames: list) -> bool:
+        """The tap's say on a message the channel is about to queue."""
+        tap = self.tap
+        return tap is None or tap.outbound(self.endpoint, unpack(frames[0]), frames[0], frames[1:])
 
     def transmit(self, header: dict[str, Any], frames: list | tuple = ()) -> None:
         """Send a message past the tap (a tap that held one back lets it go here)."""
-        channel, message = self._channel, [pack(header), *frames]
-        if isinstance(channel, StreamChannel):   # the class's send: the tapped one is the instance's
-            StreamChannel.send(channel, message)
-        elif channel is not None:
-            Channel.send(channel, message)
+        if self._channel is not None:
+            self._channel.send([pack(header), *frames], tapped=False)
 
     def deliver(self, header: dict[str, Any], frames: list) -> None:
         """Handle a decoded message from the STML past the tap (a tap that held

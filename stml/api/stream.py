@@ -11,7 +11,7 @@ import os
 import socket
 import struct
 import time
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Final, NamedTuple
 
 from stml.api.shm import BufferPool, SharedRegion
 from stml.api.sizes import BIG_FRAME
@@ -311,14 +311,14 @@ class StreamChannel:
     A peer that breaks the framing, or closes, ends the channel (`on_closed`).
     """
 
-    BIG = BIG_FRAME
-    MAX_FRAMES = MAX_FRAMES
-    MAX_MESSAGE = MAX_MESSAGE
+    BIG: Final = BIG_FRAME
+    MAX_FRAMES: Final = MAX_FRAMES
+    MAX_MESSAGE: Final = MAX_MESSAGE
     # Messages that leave together at most while a batch is handled: under
     # load the two processes then overlap on the CPUs instead of taking turns
     # over 20-30 commands a read (README, Performance: with the CPU split of
     # `run`, 4 KiB QD16 0.46-0.48 -> 0.65-0.70 of tgtd; 2, 3, 6, 8 no better).
-    BATCH = 4
+    BATCH: Final = 4
 
     def __init__(self, sock: socket.socket, on_message: Callable[[list], None],
                  on_closed: Callable[[], None], pool: BufferPool | None = None,
@@ -329,6 +329,9 @@ class StreamChannel:
         self.on_message = on_message
         self.on_closed = on_closed
         self.on_dispatched = on_dispatched   # after the messages of one read
+        # the sender's tap (FrontEndLink._tap_channel): an attribute, not a `send`
+        # set on the instance, so the compiled build's channel (no __dict__) takes it
+        self.outbound: Callable[[list], bool] | None = None
         self.pool = pool or BufferPool()
         self.region = region            # ours, to lend the peer once offered
         self.region_offered = False     # its control message is queued: frames may refer to it
@@ -363,9 +366,11 @@ class StreamChannel:
             self._loop.call_soon(self.flush)
         return True
 
-    def send(self, frames: list) -> None:
-        """Queue a message (header, data...) for this loop iteration."""
-        if self.closed:
+    def send(self, frames: list, tapped: bool = True) -> None:
+        """Queue a message (header, data...) for this loop iteration. An
+        `outbound` tap sees it first and may hold it back (a tap lets a held
+        message go with tapped=False)."""
+        if (tapped and self.outbound is not None and not self.outbound(frames)) or self.closed:
             return
         region = self.region
         self._out += encode(frames, region if self.region_offered else None)
