@@ -34,8 +34,8 @@ DEFAULT = ROOT / "build" / "accel"
 # STML's receive path and command handling, the contract's carriers and
 # headers, fetd_tcp's PDU codec and session core.
 HOT = (
-    "stml.api.sizes", "stml.api.shm",
-    "stml.sense", "stml.cdb", "stml.workers", "stml.sched", "stml.lu", "stml.task",
+    "stml.api.sizes", "stml.api.shm", "stml.api.stream", "stml.api.link",
+    "stml.sense", "stml.metrics", "stml.cdb", "stml.workers", "stml.sched", "stml.lu", "stml.task",
     "stml.ops", "stml.sbc", "stml.disk", "stml.emulator", "stml.server",
     "fetd_tcp.pdu", "fetd_tcp.budget", "fetd_tcp.session", "fetd_tcp.wire", "fetd_tcp.server",
 )

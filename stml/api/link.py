@@ -99,10 +99,12 @@ class FrontEndLink(TapPoint):
     a standby, or stays silent: it ends up with the one that serves.
     """
 
-    # stage timing (1.7), set on the instance only while the STML grants it
+    # stage timing (1.7), set on the instance once the STML grants it
     # (_set_timing): class attributes, so an untimed link has no more instance
     # attributes than before (past 30, CPython 3.11 stops sharing the instance
-    # dict's keys and every attribute read on the command path costs more)
+    # dict's keys and every attribute read on the command path costs more).
+    # A flag the entry points test, not methods swapped on the instance: the
+    # compiled build's calls between its modules do not look at the instance
     read_at = 0    # when the read that brought the commands in hand began (0: now)
     # the endpoints that refused us since we last registered (several endpoints only):
     # the refusal is final once all have
@@ -208,18 +210,15 @@ class FrontEndLink(TapPoint):
         channel.send([header, *data])
 
     def _done_header(self) -> dict[str, Any]:
-        """The scsi_target_done of the responses done so far."""
+        """The scsi_target_done of the responses done so far, with their
+        delivery stamps while timed (untimed, none is sent: scsi_target_done)."""
         header: dict[str, Any] = {"op": _DONE, "tags": self._done}
         self._done = []
-        return header
-
-    def _done_header_timed(self) -> dict[str, Any]:
-        """_done_header with the delivery stamps (stage timing)."""
-        header = FrontEndLink._done_header(self)
-        stamps = self._done_ts
-        if len(stamps) == len(header["tags"]):   # (a writer made while untimed stamps nothing)
-            header["ts"] = stamps
-        self._done_ts = []
+        if self.timing:
+            stamps = self._done_ts
+            if len(stamps) == len(header["tags"]):   # (a writer made while untimed stamps nothing)
+                header["ts"] = stamps
+            self._done_ts = []
         return header
 
     def register_nexus(self, nexus: int, initiator: str, target: str, tpg: int) -> None:
@@ -232,6 +231,9 @@ class FrontEndLink(TapPoint):
 
     def rx_cmnd(self, tag: int, nexus: int, lun: int, cdb: bytes, attr: int, direction: int,
                 length: int, unsol: int = 0, data: list | tuple = ()) -> None:
+        if self.timing:
+            self._rx_cmnd_timed(tag, nexus, lun, cdb, attr, direction, length, unsol, data)
+            return
         header = None
         if len(cdb) == 16:
             k0, k1, k2, k3, k4, k5, k6, k7 = _RX_CMND_KEYS
@@ -255,16 +257,11 @@ class FrontEndLink(TapPoint):
                    "ts": [self.read_at or now, now]}, data)
 
     def _set_timing(self, on: bool) -> None:
-        """Stamp commands (the timed entry points) only while the STML grants
-        `timing`: otherwise the per-command calls are the plain ones."""
-        if on:
-            self.timing = True
-            self._done_ts = []
-            self.rx_cmnd = self._rx_cmnd_timed   # type: ignore[method-assign]
-            self._done_header = self._done_header_timed   # type: ignore[method-assign]
-        else:
-            for name in ("timing", "_done_ts", "read_at", "rx_cmnd", "_done_header"):
-                self.__dict__.pop(name, None)
+        """Stamp commands (rx_cmnd takes the timed path) only while the STML
+        grants `timing`."""
+        self.timing = on
+        self._done_ts = []
+        self.read_at = 0
 
     def _on_heartbeat(self, header: dict[str, Any], frames: list) -> None:
         """An STML heartbeat with `t` asks for the clock offset's round trip: answered at once."""
@@ -596,7 +593,8 @@ class FrontEndLink(TapPoint):
             log.warning("refused a detect from the STML: a target, LUN or portal is malformed (%s: %s)",
                         type(e).__name__, e)
             return
-        self.__dict__.pop("_refused", None)   # (an instance attribute only after a refusal)
+        if self._refused is not None:   # (an instance attribute only after a refusal)
+            self._refused = None
         self.caps = frozenset(header.get("caps") or ())
         if (Cap.TIMING in self.caps) != self.timing:
             self._set_timing(not self.timing)

@@ -40,6 +40,7 @@ def stream_path(endpoint: str) -> str | None:
 _IOV_MAX = 1024
 _U32 = struct.Struct("<I")
 _REF = struct.Struct("<2I")      # a shared frame on the wire: offset, length
+_ONE_FRAME = struct.Struct("<2I")   # a message of one frame: count, length
 _SHARED = 0x80000000   # a frame length with this bit: the frame is (offset, length) in the shared region
 CONTROL_REGION, CONTROL_FREE = 1, 2
 MAX_FRAMES = 4096
@@ -83,7 +84,10 @@ def encode(frames: list, region: SharedRegion | None = None) -> list:
     """One message as buffers to send: u32 frame count, u32 lengths, the
     frames. A frame that is a view of a slot of our shared `region` is lent
     to the peer and sent as (offset, length), a reference."""
-    if region is not None and len(frames) > 1:
+    if len(frames) == 1:   # a header alone (most messages to the STML): no lengths to gather
+        header = frames[0]
+        return [_ONE_FRAME.pack(1, len(header)), header]
+    if region is not None:
         lengths, wire = [], []
         slots = region.slots
         for f in frames:
