@@ -663,6 +663,12 @@ class StmlSender:
     are written here and nowhere else. `transport` carries a header (and the
     data frames) to the peer named by its ident."""
 
+    # stage timing (stml.timing.Timing) once the STML times commands: a timed
+    # command's response and a heartbeat to a front end on another host take
+    # their timed forms. An attribute these methods test, not methods swapped
+    # on the instance: the compiled build's callers do not look at the instance
+    timing: Any = None
+
     def __init__(self, transport: Transport) -> None:
         self.transport = transport
 
@@ -685,6 +691,12 @@ class StmlSender:
         self.transport(ident, {"op": _O.RELEASE, "reason": reason}, [])
 
     def heartbeat(self, ident: bytes) -> None:
+        timing = self.timing
+        if timing is not None:
+            clock = timing.front_ends.get(ident)   # a front end granted timing
+            if clock is not None and not clock.same_host:   # (one on this host shares our clock)
+                self.heartbeat_timed(ident, time.monotonic_ns())
+                return
         self.transport(ident, {"op": _O.HEARTBEAT}, [])
 
     def heartbeat_timed(self, ident: bytes, t: int) -> None:
@@ -702,8 +714,24 @@ class StmlSender:
 
     def xmit_response(self, ident: bytes, tag: int, status: int, sense: bytes | None, resid: int,
                       data: list) -> None:
+        if self.timing is None or not self._timed_response(ident, tag, status, sense, resid, data):
+            self._xmit_response(ident, tag, status, sense, resid, data)
+
+    def _xmit_response(self, ident: bytes, tag: int, status: int, sense: bytes | None, resid: int,
+                       data: list) -> None:
+        """xmit_response, untimed."""
         self.transport(ident, {"op": _XMIT_RESPONSE, "tag": tag, "status": status, "sense": sense,
                                "resid": resid}, data)
+
+    def _timed_response(self, ident: bytes, tag: int, status: int, sense: bytes | None, resid: int,
+                        data: list) -> bool:
+        """While timing: a timed command's response, sent with its stamps (True);
+        False for one that is not timed."""
+        ts = self.timing.responded(ident, tag)
+        if ts is None:
+            return False
+        self.xmit_response_timed(ident, tag, status, sense, resid, data, ts)
+        return True
 
     def xmit_response_timed(self, ident: bytes, tag: int, status: int, sense: bytes | None, resid: int,
                             data: list, ts: list[int]) -> None:

@@ -521,8 +521,9 @@ class StreamChannel:
             self.on_message(frames)
         except Exception:  # one bad message must not stop the link
             log.exception("error handling a message")
-        if self._lease is not None:     # not taken: the frames were used during the call only
-            self._lease = None
+        # (read back through take_lease: mypy, and so the compiled build, takes
+        # self._lease for the Lease just assigned, though on_message may have taken it)
+        if self.take_lease() is not None:   # not taken: the frames were used during the call only
             if lease.offsets:
                 self._release_now(lease)
             else:                       # (in-place buffers only: the usual untaken lease)
