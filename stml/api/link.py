@@ -506,11 +506,11 @@ class FrontEndLink(TapPoint):
             return
         try:
             handler(header, frames[1:])
-        except RegistrationRefused as e:
+        except RegistrationRefused as refused:   # (a name per type: mypyc types a name once, 0830)
             ended = self._ended
             assert ended is not None   # messages come only after start()
             if not ended.done():
-                ended.set_exception(e)
+                ended.set_exception(refused)
             if self._timer is not None:
                 self._timer.cancel()   # no more registrations: the answer would be the same
 
