@@ -35,8 +35,8 @@ DEFAULT = ROOT / "build" / "accel"
 # headers, fetd_tcp's PDU codec and session core; fetd_vhost's descriptor walk,
 # guest memory translation, copies and request path (vhostpath, decision 0307).
 HOT = (
-    "stml.api.sizes", "stml.api.shm",
-    "stml.sense", "stml.cdb", "stml.workers", "stml.sched", "stml.lu", "stml.task",
+    "stml.api.sizes", "stml.api.shm", "stml.api.stream", "stml.api.link",
+    "stml.sense", "stml.metrics", "stml.cdb", "stml.workers", "stml.sched", "stml.lu", "stml.task",
     "stml.ops", "stml.sbc", "stml.disk", "stml.emulator", "stml.server",
     "fetd_tcp.pdu", "fetd_tcp.budget", "fetd_tcp.session", "fetd_tcp.wire", "fetd_tcp.server",
     "fetd_vhost.memory", "fetd_vhost.virtqueue", "fetd_vhost.scsi", "fetd_vhost.server",

@@ -372,32 +372,15 @@ class Emulator:
     def enable_timing(self, timing: Timing) -> None:
         """Time every command from now on (stml.timing): front ends that
         register from now on are granted `timing` and stamp theirs; commands
-        become TimedTasks, and rx_cmnd, xmit_response, scsi_target_done and
-        heartbeats go through timed entry points (the plain ones cost nothing
-        for it while timing is off)."""
+        become TimedTasks, and rx_cmnd, scsi_target_done and heartbeats go
+        through timed entry points (the plain ones cost nothing for it while
+        timing is off); the sender's responses and heartbeats test its
+        `timing`."""
         self.timing = timing
         self._ops[Op.RX_CMND] = self._rx_cmnd_timed
         self._ops[Op.DONE] = self._responses_sent_timed
         self._ops[Op.HEARTBEAT] = self._heartbeat_timed
-        out = self.out
-        plain_xmit = out.xmit_response
-
-        def xmit_response(ident: bytes, tag: int, status: int, sense: bytes | None, resid: int,
-                          data: list) -> None:
-            ts = timing.responded(ident, tag)
-            if ts is None:
-                plain_xmit(ident, tag, status, sense, resid, data)
-            else:
-                out.xmit_response_timed(ident, tag, status, sense, resid, data, ts)
-
-        def heartbeat(ident: bytes) -> None:
-            clock = timing.front_ends.get(ident)   # a front end granted timing
-            if clock is not None and not clock.same_host:   # (one on this host shares our clock)
-                out.heartbeat_timed(ident, time.monotonic_ns())
-            else:
-                StmlSender.heartbeat(out, ident)
-        out.xmit_response = xmit_response   # type: ignore[method-assign]
-        out.heartbeat = heartbeat   # type: ignore[method-assign]
+        self.out.timing = timing
 
     def _rx_cmnd_timed(self, fe: FrontEnd, h: dict[str, Any], frames: list) -> None:
         """rx_cmnd while timed: the command's stamps begin (the task fills them),

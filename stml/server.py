@@ -139,6 +139,8 @@ class _Sender(StmlSender):
 
     def xmit_response(self, ident: bytes, tag: int, status: int, sense: bytes | None, resid: int,
                       data: list) -> None:
+        if self.timing is not None and self._timed_response(ident, tag, status, sense, resid, data):
+            return
         server = self.server
         if sense is None and server.tap is None:
             try:
@@ -149,7 +151,7 @@ class _Sender(StmlSender):
                 server.metrics.responded(ident, tag, status, resid)
                 server.route(ident, header, data)
                 return
-        StmlSender.xmit_response(self, ident, tag, status, sense, resid, data)
+        self._xmit_response(ident, tag, status, sense, resid, data)
 
 
 @dataclass(frozen=True)

@@ -84,6 +84,8 @@ COMPILED_RUN = [
     "tests/test_stml_hot_path.py", "tests/test_pdu.py", "tests/test_pdu_framer.py",
     "tests/test_fuzz_pdu.py", "tests/test_fuzz_stml.py", "tests/test_sbc_commands.py",
     "tests/test_iscsi_session.py", "tests/test_contract.py",
+    # the compiled carrier and link: framing, shared regions, taps, stage timing
+    "tests/test_stream_channel.py", "tests/test_tap.py", "tests/test_timing.py", "tests/test_metrics.py",
     "tests/test_iscsi_e2e.py::test_inquiry_and_capacity",
     "tests/test_iscsi_e2e.py::test_header_and_data_digest",
     "tests/test_iscsi_e2e.py::test_conformance_iscsi_family",
@@ -91,13 +93,19 @@ COMPILED_RUN = [
     "tests/test_vhost_core.py", "tests/test_vhost_harness.py",
 ]
 # Left out: a test that replaces Emulator.handle (a compiled class's methods are
-# read-only), and the ConnectionProtocol tests that hand it a stand-in for a
-# Connection (the compiled class checks its arguments' types); of fetd_vhost's,
-# one that replaces a compiled Virtqueue's pop and one that hands VhostFrontEnd
-# a stand-in link and connection
+# read-only), the ConnectionProtocol tests that hand it a stand-in for a
+# Connection (the compiled class checks its arguments' types), a test that
+# replaces stml.api.link.boot_id (compiled callers do not look it up), of
+# fetd_vhost's, one that replaces a compiled Virtqueue's pop and one that hands
+# VhostFrontEnd a stand-in link and connection; and one that crashes the
+# compiled build (an ABORT TASK during a write with the cycle collector off: a
+# segfault in asyncio's repr of a callback, on main's build too,
+# decisions/0840; to be fixed, not hidden)
 NOT_COMPILED_RUN = ["test_commands_take_the_typed_path", "test_protocol_",
                     "test_one_call_takes_at_most_a_ring_of_chains",
-                    "test_a_read_slot_goes_back_only_once_the_data_is_in_guest_memory"]
+                    "test_a_read_slot_goes_back_only_once_the_data_is_in_guest_memory",
+                    "test_a_front_end_on_another_host_gets_its_offset_from_heartbeats",
+                    "aborted-during-its-write"]
 
 
 def _cached_build() -> Path:

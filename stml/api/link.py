@@ -99,10 +99,12 @@ class FrontEndLink(TapPoint):
     a standby, or stays silent: it ends up with the one that serves.
     """
 
-    # stage timing (1.7), set on the instance only while the STML grants it
+    # stage timing (1.7), set on the instance once the STML grants it
     # (_set_timing): class attributes, so an untimed link has no more instance
     # attributes than before (past 30, CPython 3.11 stops sharing the instance
-    # dict's keys and every attribute read on the command path costs more)
+    # dict's keys and every attribute read on the command path costs more).
+    # A flag the entry points test, not methods swapped on the instance: the
+    # compiled build's calls between its modules do not look at the instance
     read_at = 0    # when the read that brought the commands in hand began (0: now)
     # the endpoints that refused us since we last registered (several endpoints only):
     # the refusal is final once all have
@@ -143,8 +145,8 @@ class FrontEndLink(TapPoint):
         self._done: list[int] = []            # tags for the next scsi_target_done
         self._done_timer: asyncio.TimerHandle | None = None
         # instruments on the link (stml.api.tap): None, the one tap, or Taps; with
-        # one, the channel hands messages to _on_message_tapped and its send
-        # shows them to the tap (_tap_channel)
+        # one, the channel hands messages to _on_message_tapped and shows what it
+        # sends to _outbound (_tap_channel)
         self.tap: Tap | None = None
         self._taps: list[Tap] = []
         self._receiver: Callable[[list], None] = self._on_message
@@ -170,29 +172,21 @@ class FrontEndLink(TapPoint):
             self._tap_channel(self._channel)
 
     def _tap_channel(self, channel: Channel | StreamChannel) -> None:
-        """Give a channel the link's entry points: with a tap, its `send` (an
-        attribute of this channel only) shows every message the link sends,
-        scsi_target_done included, to the tap first; without one, the class's
-        send is used again."""
+        """Give a channel the link's entry points: with a tap, the channel shows
+        every message the link sends, scsi_target_done included, to
+        `_outbound` first; without one, the channel's send tests one attribute."""
         channel.on_message = self._receiver
-        if self.tap is None:
-            vars(channel).pop("send", None)
-            return
-        plain = type(channel).send.__get__(channel)
+        channel.outbound = None if self.tap is None else self._outbound
 
-        def send(frames: list) -> None:
-            tap = self.tap
-            if tap is None or tap.outbound(self.endpoint, unpack(frames[0]), frames[0], frames[1:]):
-                plain(frames)
-        setattr(channel, "send", send)
+    def _outbound(self, frames: list) -> bool:
+        """The tap's say on a message the channel is about to queue."""
+        tap = self.tap
+        return tap is None or tap.outbound(self.endpoint, unpack(frames[0]), frames[0], frames[1:])
 
     def transmit(self, header: dict[str, Any], frames: list | tuple = ()) -> None:
         """Send a message past the tap (a tap that held one back lets it go here)."""
-        channel, message = self._channel, [pack(header), *frames]
-        if isinstance(channel, StreamChannel):   # the class's send: the tapped one is the instance's
-            StreamChannel.send(channel, message)
-        elif channel is not None:
-            Channel.send(channel, message)
+        if self._channel is not None:
+            self._channel.send([pack(header), *frames], tapped=False)
 
     def deliver(self, header: dict[str, Any], frames: list) -> None:
         """Handle a decoded message from the STML past the tap (a tap that held
@@ -216,18 +210,15 @@ class FrontEndLink(TapPoint):
         channel.send([header, *data])
 
     def _done_header(self) -> dict[str, Any]:
-        """The scsi_target_done of the responses done so far."""
+        """The scsi_target_done of the responses done so far, with their
+        delivery stamps while timed (untimed, none is sent: scsi_target_done)."""
         header: dict[str, Any] = {"op": _DONE, "tags": self._done}
         self._done = []
-        return header
-
-    def _done_header_timed(self) -> dict[str, Any]:
-        """_done_header with the delivery stamps (stage timing)."""
-        header = FrontEndLink._done_header(self)
-        stamps = self._done_ts
-        if len(stamps) == len(header["tags"]):   # (a writer made while untimed stamps nothing)
-            header["ts"] = stamps
-        self._done_ts = []
+        if self.timing:
+            stamps = self._done_ts
+            if len(stamps) == len(header["tags"]):   # (a writer made while untimed stamps nothing)
+                header["ts"] = stamps
+            self._done_ts = []
         return header
 
     def register_nexus(self, nexus: int, initiator: str, target: str, tpg: int) -> None:
@@ -240,6 +231,9 @@ class FrontEndLink(TapPoint):
 
     def rx_cmnd(self, tag: int, nexus: int, lun: int, cdb: bytes, attr: int, direction: int,
                 length: int, unsol: int = 0, data: list | tuple = ()) -> None:
+        if self.timing:
+            self._rx_cmnd_timed(tag, nexus, lun, cdb, attr, direction, length, unsol, data)
+            return
         header = None
         if len(cdb) == 16:
             k0, k1, k2, k3, k4, k5, k6, k7 = _RX_CMND_KEYS
@@ -263,16 +257,11 @@ class FrontEndLink(TapPoint):
                    "ts": [self.read_at or now, now]}, data)
 
     def _set_timing(self, on: bool) -> None:
-        """Stamp commands (the timed entry points) only while the STML grants
-        `timing`: otherwise the per-command calls are the plain ones."""
-        if on:
-            self.timing = True
-            self._done_ts = []
-            self.rx_cmnd = self._rx_cmnd_timed   # type: ignore[method-assign]
-            self._done_header = self._done_header_timed   # type: ignore[method-assign]
-        else:
-            for name in ("timing", "_done_ts", "read_at", "rx_cmnd", "_done_header"):
-                self.__dict__.pop(name, None)
+        """Stamp commands (rx_cmnd takes the timed path) only while the STML
+        grants `timing`."""
+        self.timing = on
+        self._done_ts = []
+        self.read_at = 0
 
     def _on_heartbeat(self, header: dict[str, Any], frames: list) -> None:
         """An STML heartbeat with `t` asks for the clock offset's round trip: answered at once."""
@@ -517,11 +506,11 @@ class FrontEndLink(TapPoint):
             return
         try:
             handler(header, frames[1:])
-        except RegistrationRefused as e:
+        except RegistrationRefused as refused:   # (a name per type: mypyc types a name once, 0830)
             ended = self._ended
             assert ended is not None   # messages come only after start()
             if not ended.done():
-                ended.set_exception(e)
+                ended.set_exception(refused)
             if self._timer is not None:
                 self._timer.cancel()   # no more registrations: the answer would be the same
 
@@ -604,7 +593,8 @@ class FrontEndLink(TapPoint):
             log.warning("refused a detect from the STML: a target, LUN or portal is malformed (%s: %s)",
                         type(e).__name__, e)
             return
-        self.__dict__.pop("_refused", None)   # (an instance attribute only after a refusal)
+        if self._refused is not None:   # (an instance attribute only after a refusal)
+            self._refused = None
         self.caps = frozenset(header.get("caps") or ())
         if (Cap.TIMING in self.caps) != self.timing:
             self._set_timing(not self.timing)
@@ -673,6 +663,12 @@ class StmlSender:
     are written here and nowhere else. `transport` carries a header (and the
     data frames) to the peer named by its ident."""
 
+    # stage timing (stml.timing.Timing) once the STML times commands: a timed
+    # command's response and a heartbeat to a front end on another host take
+    # their timed forms. An attribute these methods test, not methods swapped
+    # on the instance: the compiled build's callers do not look at the instance
+    timing: Any = None
+
     def __init__(self, transport: Transport) -> None:
         self.transport = transport
 
@@ -695,6 +691,12 @@ class StmlSender:
         self.transport(ident, {"op": _O.RELEASE, "reason": reason}, [])
 
     def heartbeat(self, ident: bytes) -> None:
+        timing = self.timing
+        if timing is not None:
+            clock = timing.front_ends.get(ident)   # a front end granted timing
+            if clock is not None and not clock.same_host:   # (one on this host shares our clock)
+                self.heartbeat_timed(ident, time.monotonic_ns())
+                return
         self.transport(ident, {"op": _O.HEARTBEAT}, [])
 
     def heartbeat_timed(self, ident: bytes, t: int) -> None:
@@ -712,8 +714,24 @@ class StmlSender:
 
     def xmit_response(self, ident: bytes, tag: int, status: int, sense: bytes | None, resid: int,
                       data: list) -> None:
+        if self.timing is None or not self._timed_response(ident, tag, status, sense, resid, data):
+            self._xmit_response(ident, tag, status, sense, resid, data)
+
+    def _xmit_response(self, ident: bytes, tag: int, status: int, sense: bytes | None, resid: int,
+                       data: list) -> None:
+        """xmit_response, untimed."""
         self.transport(ident, {"op": _XMIT_RESPONSE, "tag": tag, "status": status, "sense": sense,
                                "resid": resid}, data)
+
+    def _timed_response(self, ident: bytes, tag: int, status: int, sense: bytes | None, resid: int,
+                        data: list) -> bool:
+        """While timing: a timed command's response, sent with its stamps (True);
+        False for one that is not timed."""
+        ts = self.timing.responded(ident, tag)
+        if ts is None:
+            return False
+        self.xmit_response_timed(ident, tag, status, sense, resid, data, ts)
+        return True
 
     def xmit_response_timed(self, ident: bytes, tag: int, status: int, sense: bytes | None, resid: int,
                             data: list, ts: list[int]) -> None:

@@ -11,7 +11,7 @@ import os
 import socket
 import struct
 import time
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Final, NamedTuple
 
 from stml.api.shm import BufferPool, SharedRegion
 from stml.api.sizes import BIG_FRAME
@@ -40,6 +40,7 @@ def stream_path(endpoint: str) -> str | None:
 _IOV_MAX = 1024
 _U32 = struct.Struct("<I")
 _REF = struct.Struct("<2I")      # a shared frame on the wire: offset, length
+_ONE_FRAME = struct.Struct("<2I")   # a message of one frame: count, length
 _SHARED = 0x80000000   # a frame length with this bit: the frame is (offset, length) in the shared region
 CONTROL_REGION, CONTROL_FREE = 1, 2
 MAX_FRAMES = 4096
@@ -83,7 +84,10 @@ def encode(frames: list, region: SharedRegion | None = None) -> list:
     """One message as buffers to send: u32 frame count, u32 lengths, the
     frames. A frame that is a view of a slot of our shared `region` is lent
     to the peer and sent as (offset, length), a reference."""
-    if region is not None and len(frames) > 1:
+    if len(frames) == 1:   # a header alone (most messages to the STML): no lengths to gather
+        header = frames[0]
+        return [_ONE_FRAME.pack(1, len(header)), header]
+    if region is not None:
         lengths, wire = [], []
         slots = region.slots
         for f in frames:
@@ -311,14 +315,14 @@ class StreamChannel:
     A peer that breaks the framing, or closes, ends the channel (`on_closed`).
     """
 
-    BIG = BIG_FRAME
-    MAX_FRAMES = MAX_FRAMES
-    MAX_MESSAGE = MAX_MESSAGE
+    BIG: Final = BIG_FRAME
+    MAX_FRAMES: Final = MAX_FRAMES
+    MAX_MESSAGE: Final = MAX_MESSAGE
     # Messages that leave together at most while a batch is handled: under
     # load the two processes then overlap on the CPUs instead of taking turns
     # over 20-30 commands a read (README, Performance: with the CPU split of
     # `run`, 4 KiB QD16 0.46-0.48 -> 0.65-0.70 of tgtd; 2, 3, 6, 8 no better).
-    BATCH = 4
+    BATCH: Final = 4
 
     def __init__(self, sock: socket.socket, on_message: Callable[[list], None],
                  on_closed: Callable[[], None], pool: BufferPool | None = None,
@@ -329,6 +333,9 @@ class StreamChannel:
         self.on_message = on_message
         self.on_closed = on_closed
         self.on_dispatched = on_dispatched   # after the messages of one read
+        # the sender's tap (FrontEndLink._tap_channel): an attribute, not a `send`
+        # set on the instance, so the compiled build's channel (no __dict__) takes it
+        self.outbound: Callable[[list], bool] | None = None
         self.pool = pool or BufferPool()
         self.region = region            # ours, to lend the peer once offered
         self.region_offered = False     # its control message is queued: frames may refer to it
@@ -363,9 +370,11 @@ class StreamChannel:
             self._loop.call_soon(self.flush)
         return True
 
-    def send(self, frames: list) -> None:
-        """Queue a message (header, data...) for this loop iteration."""
-        if self.closed:
+    def send(self, frames: list, tapped: bool = True) -> None:
+        """Queue a message (header, data...) for this loop iteration. An
+        `outbound` tap sees it first and may hold it back (a tap lets a held
+        message go with tapped=False)."""
+        if (tapped and self.outbound is not None and not self.outbound(frames)) or self.closed:
             return
         region = self.region
         self._out += encode(frames, region if self.region_offered else None)
@@ -512,8 +521,9 @@ class StreamChannel:
             self.on_message(frames)
         except Exception:  # one bad message must not stop the link
             log.exception("error handling a message")
-        if self._lease is not None:     # not taken: the frames were used during the call only
-            self._lease = None
+        # (read back through take_lease: mypy, and so the compiled build, takes
+        # self._lease for the Lease just assigned, though on_message may have taken it)
+        if self.take_lease() is not None:   # not taken: the frames were used during the call only
             if lease.offsets:
                 self._release_now(lease)
             else:                       # (in-place buffers only: the usual untaken lease)

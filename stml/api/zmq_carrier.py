@@ -34,6 +34,7 @@ class Channel:
     def __init__(self, sock: zmq.Socket, on_message: Callable[[list], None], routed: bool = False) -> None:
         self.sock = sock
         self.on_message = on_message
+        self.outbound: Callable[[list], bool] | None = None   # the sender's tap (as StreamChannel's)
         self.routed = routed
         self._loop = asyncio.get_running_loop()
         self._fd = sock.fileno()
@@ -46,8 +47,11 @@ class Channel:
         self._loop.add_reader(self._fd, self._drain)
         self._loop.call_soon(self._drain)
 
-    def send(self, frames: list) -> None:
-        """Queue a message ([identity,] header, data...) for this loop iteration."""
+    def send(self, frames: list, tapped: bool = True) -> None:
+        """Queue a message ([identity,] header, data...) for this loop iteration.
+        An `outbound` tap sees it first, as on StreamChannel."""
+        if tapped and self.outbound is not None and not self.outbound(frames):
+            return
         peer = frames[0] if self.routed else b""
         self._out.setdefault(peer, []).append(frames[1:] if self.routed else frames)
         if not self._flush_scheduled:
