@@ -478,8 +478,8 @@ class Management:
         for number, o in luns.items():
             lu = t.luns.get(number)
             if lu is None:
-                try:
-                    await self._add_lun(t, number, o)
+                try:   # a served-before file is never made anew, blank, under its identity (0280)
+                    await self._add_lun(t, number, o, create=not served_before(o))
                 except MgmtError as e:   # kept in the file (0231), where a start meets it too
                     pending.append(f"target {t.name} LUN {number}: {e}; a start with this file serves it "
                                    f"offline until it is fixed there")
@@ -658,7 +658,8 @@ class Management:
         return sum(lu.blocks * lu.block_size for x in self.em.targets.values() for lu in x.luns.values()
                    if lu.options.kind == "ram")
 
-    async def _add_lun(self, t: Target, number: int, opts: LunOptions) -> LogicalUnit:
+    async def _add_lun(self, t: Target, number: int, opts: LunOptions, create: bool = True) -> LogicalUnit:
+        """`create`: a missing file may be made (a LUN never served before)."""
         why = ram_overcommit(self._ram() + (opts.size or 0)) if opts.kind == "ram" else None
         if why:
             raise MgmtError(why)
@@ -668,7 +669,7 @@ class Management:
             if owner is not None:
                 raise MgmtError(f"{opts.path} already backs target {owner.target} LUN {owner.lun}")
         try:
-            backend = await self._in_thread(open_store, opts, True)
+            backend = await self._in_thread(open_store, opts, create)
         except CannotOpen as e:
             raise MgmtError(f"cannot open the backend: {e}") from None
         lu = LogicalUnit(t.name, number, backend, opts, self.em.templates["disk"])

@@ -194,6 +194,22 @@ def test_a_deleted_file_of_a_lun_served_before_is_not_created_again(ddir, tmp_pa
         assert pid_alive(t.proc.pid)
 
 
+def test_a_reload_does_not_make_a_served_before_file_anew(ddir):
+    """An entry with an `id` (served before: a config restored from a backup,
+    or pasted back) whose file is missing: a reload does not create it blank
+    under that identity; it is not applied, and says why."""
+    cfg = Path(ddir) / "scsi-target.toml"
+    gone = Path(ddir) / "restored.img"
+    with Target("--no-iscsi", "--lun", "ram:4MiB", data_dir=ddir, portals=(), expect_portals=0):
+        add_lun_by_hand(cfg, {"lun": 1, "backend": "file", "path": str(gone), "size": "8MiB",
+                              "id": "abab" * 8})
+        r = mgmt(ddir, "config", "reload")
+        assert r["applied"] == [] and len(r["not_applied"]) == 1, r
+        assert "it was served before" in r["not_applied"][0], r
+        assert not gone.exists()
+        assert [x["lun"] for x in mgmt(ddir, "lun", "list")] == [0]
+
+
 def test_a_missing_file_given_on_the_command_line_still_fails_the_first_start(ddir):
     """The admin is at the terminal: a first start's LUN that cannot be served
     is one line and exit 2, not an offline LUN."""

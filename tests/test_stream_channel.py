@@ -1172,3 +1172,31 @@ def test_a_zeromq_channel_closed_with_callbacks_queued_stays_quiet() -> None:
         return errors
 
     assert asyncio.run(main()) == []
+
+
+def test_a_zeromq_channel_closed_by_a_message_it_delivers_stops_draining() -> None:
+    """A handler closes the channel while more messages wait (a gateway's
+    standby detect makes the link try its next endpoint): the drain stops
+    there instead of asking the closed socket for its events (ZMQError)."""
+    async def main() -> list:
+        errors: list = []
+        asyncio.get_running_loop().set_exception_handler(
+            lambda _loop, context: errors.append(context.get("exception") or context["message"]))
+        ctx = zmq.Context()
+        a, b = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+        a.bind("inproc://close-mid-drain")
+        b.connect("inproc://close-mid-drain")
+        got: list = []
+        try:
+            for _ in range(2):
+                b.send(pack({"op": Op.HEARTBEAT}))
+            await asyncio.sleep(0.05)
+            ch = Channel(a, lambda frames: (got.append(1), ch.close()))
+            for _ in range(3):
+                await asyncio.sleep(0)
+        finally:
+            b.close(linger=0)
+            ctx.term()
+        return [got, errors]
+
+    assert asyncio.run(main()) == [[1], []]

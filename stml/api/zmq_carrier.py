@@ -63,6 +63,10 @@ class Channel:
         if self.closed:
             self._out.clear()
             return
+        self._send_out()
+        self._drain()
+
+    def _send_out(self) -> None:
         out, self._out = self._out, {}
         for peer, msgs in out.items():
             if len(msgs) == 1:
@@ -73,14 +77,14 @@ class Channel:
                     frames += m
             copy = all(len(f) < self.ZERO_COPY for f in frames)
             self.sock.send_multipart([peer, *frames] if self.routed else frames, copy=copy)
-        self._drain()
 
     def _drain(self) -> None:
         if self.closed:
             return
         sock = self.sock
         # EVENTS is an int option; pyzmq types every getsockopt as int | bytes
-        while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # type: ignore[operator, arg-type]
+        # (closed: a message handled below may close the channel, e.g. a standby's detect)
+        while not self.closed and sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # type: ignore[operator, arg-type]
             try:
                 raw = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
@@ -181,7 +185,8 @@ class Channel:
             pos += n
 
     def close(self, linger_ms: int = 0) -> None:
-        self.flush()
+        if not self.closed:
+            self._send_out()     # what was queued leaves; nothing more is delivered (no drain)
         self.closed = True
         self._loop.remove_reader(self._fd)
         if self._monitor is not None:
