@@ -699,7 +699,8 @@ class Management:
     async def _retry_offline(self, t: Target, lu: LogicalUnit, applied: list[str], pending: list[str]) -> None:
         """A reload opens an offline LU's store again (the disk mounted, the
         file restored): once it opens, the LU is served, and its nexuses
-        learn it as a newly loaded medium (06/28/00) with its capacity (0280)."""
+        learn it as a newly loaded medium (06/28/00), then its capacity
+        (06/2A/09) (0280)."""
         o = lu.options
         try:
             backend = await self._in_thread(open_store, o, not served_before(o))
@@ -717,6 +718,9 @@ class Management:
         log.info("target %s LUN %d (%s %s) is online", t.name, lu.lun, o.kind, o.path or "")
         self._redetect()
         await self._ua([lu], NOT_READY_TO_READY_CHANGE, t.name)
+        # and its capacity, 0 while offline: Linux's sd acts on this one (a
+        # capacity change event), not on a non-removable disk's 28/00
+        await self._ua([lu], CAPACITY_DATA_CHANGED, t.name)
         applied.append(f"target {t.name} LUN {lu.lun} online")
 
     async def lun_remove(self, lun: int, target: str | None = None) -> dict[str, Any]:

@@ -60,8 +60,8 @@ from stml.cdb import u16, u32
 from stml.lu import LogicalUnit, legacy_id
 from stml.ops import Conflict, OpEntry, unit
 from stml.sense import (
-    ILLEGAL_REQUEST, INSUFFICIENT_REGISTRATION_RESOURCES, INVALID_RELEASE, PARAMETER_LIST_LENGTH_ERROR,
-    REGISTRATIONS_PREEMPTED, RESERVATION_CONFLICT, RESERVATIONS_PREEMPTED, RESERVATIONS_RELEASED,
+    ILLEGAL_REQUEST, INSUFFICIENT_REGISTRATION_RESOURCES, INVALID_RELEASE, MANUAL_INTERVENTION_REQUIRED,
+    NOT_READY, PARAMETER_LIST_LENGTH_ERROR, REGISTRATIONS_PREEMPTED, RESERVATION_CONFLICT, RESERVATIONS_PREEMPTED, RESERVATIONS_RELEASED,
     CheckCondition, StatusError, invalid_field, invalid_param,
 )
 from stml.task import FANOUT_STEP, Nexus, Task
@@ -919,7 +919,18 @@ def prout_out_len(task: Task) -> int:
     return u32(task.cdb, 5)
 
 
+def online(task: Task) -> None:
+    """Reservations of an offline LU (its store could not open, 0280) are not
+    to be had: an RBD image keeps them in the image, shared by the gateways,
+    so a local answer would disagree with the others'. NOT READY, as its
+    medium commands get."""
+    lu = task.lu
+    if lu is not None and lu.offline is not None:
+        raise CheckCondition(NOT_READY, MANUAL_INTERVENTION_REQUIRED)
+
+
 def prout_check(task: Task) -> None:
+    online(task)
     cdb = task.cdb
     plen = u32(cdb, 5)
     if plen < 24 or plen > 1 << 16:
@@ -1018,7 +1029,7 @@ async def apply_effects(task: Task, st: PrState, effects: Effects) -> None:
 
 def _prin_entry(sa: int, name: str) -> OpEntry:
     return OpEntry(0x5E, name, bytes([0x5E, 0x1F, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0]), prin,
-                   DataDir.READ, sa=sa, ua_exempt=False, conflicts=Conflict.NONE)
+                   DataDir.READ, check=online, sa=sa, ua_exempt=False, conflicts=Conflict.NONE)
 
 
 def _prout_entry(sa: int, name: str) -> OpEntry:
@@ -1028,10 +1039,12 @@ def _prout_entry(sa: int, name: str) -> OpEntry:
 
 
 OPCODES: list[OpEntry] = [
-    OpEntry(0x16, "RESERVE(6)", bytes([0x16, 0, 0, 0, 0, 0]), reserve, conflicts=Conflict.NONE),
-    OpEntry(0x17, "RELEASE(6)", bytes([0x17, 0, 0, 0, 0, 0]), release, conflicts=Conflict.NONE),
-    OpEntry(0x56, "RESERVE(10)", bytes([0x56, 0, 0, 0, 0, 0, 0, 0, 0, 0]), reserve, conflicts=Conflict.NONE),
-    OpEntry(0x57, "RELEASE(10)", bytes([0x57, 0, 0, 0, 0, 0, 0, 0, 0, 0]), release, conflicts=Conflict.NONE),
+    OpEntry(0x16, "RESERVE(6)", bytes([0x16, 0, 0, 0, 0, 0]), reserve, check=online, conflicts=Conflict.NONE),
+    OpEntry(0x17, "RELEASE(6)", bytes([0x17, 0, 0, 0, 0, 0]), release, check=online, conflicts=Conflict.NONE),
+    OpEntry(0x56, "RESERVE(10)", bytes([0x56, 0, 0, 0, 0, 0, 0, 0, 0, 0]), reserve, check=online,
+            conflicts=Conflict.NONE),
+    OpEntry(0x57, "RELEASE(10)", bytes([0x57, 0, 0, 0, 0, 0, 0, 0, 0, 0]), release, check=online,
+            conflicts=Conflict.NONE),
     _prin_entry(READ_KEYS, "PERSISTENT RESERVE IN / READ KEYS"),
     _prin_entry(READ_RESERVATION, "PERSISTENT RESERVE IN / READ RESERVATION"),
     _prin_entry(REPORT_CAPABILITIES, "PERSISTENT RESERVE IN / REPORT CAPABILITIES"),

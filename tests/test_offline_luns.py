@@ -134,6 +134,7 @@ def test_a_lun_that_cannot_open_is_offline_after_the_stml_restarts(ddir):
             r = mgmt(ddir, "config", "reload")
             assert f"target {IQN} LUN 1 online" in r["applied"], r
             assert sense(c, 1, TUR) == (0x06, (0x28, 0x00))
+            assert sense(c, 1, TUR) == (0x06, (0x2A, 0x09))     # CAPACITY DATA HAS CHANGED
             assert sense(c, 1, TUR) == (None, None)
             assert c.read(1, 3, 1) == b"\x77" * 512
             assert c.capacity(1) == (2048, 512)
@@ -189,6 +190,7 @@ def test_a_deleted_file_of_a_lun_served_before_is_not_created_again(ddir, tmp_pa
             r = mgmt(ddir, "config", "reload")
             assert f"target {IQN} LUN 1 online" in r["applied"], r
             assert sense(c, 1, READ16, 512) == (0x06, (0x28, 0x00))
+            assert sense(c, 1, READ16, 512) == (0x06, (0x2A, 0x09))
             assert c.read(1, 100, 8) == mark
             assert naa(c, 1) == before
         assert pid_alive(t.proc.pid)
@@ -223,7 +225,7 @@ def test_a_missing_file_given_on_the_command_line_still_fails_the_first_start(dd
 def test_every_medium_command_of_an_offline_lu_answers_manual_intervention():
     """In process, over the whole opcode table: each row that needs the medium
     (OpEntry.medium) answers 02/04/03 on an offline LU, START STOP UNIT cannot
-    load it, and what needs no medium (INQUIRY, REPORT LUNS, MODE SENSE)
+    load it, reservation commands answer the same, and what needs no medium (INQUIRY, REPORT LUNS, MODE SENSE)
     answers GOOD. Once its store opens it serves."""
     from backends.ram import RamBackend
     from stml.lu import LogicalUnit, LunOptions, Offline
@@ -244,6 +246,12 @@ def test_every_medium_command_of_an_offline_lu_answers_manual_intervention():
             r = await h.cmd(bytes(cdb), lun=1, no_data=True)
             assert r.key_asc == (0x02, 0x04, 0x03), e.name
         assert (await h.cmd(bytes([0x1B, 0, 0, 0, 0x03, 0]), lun=1, no_data=True)).key_asc == (0x02, 0x04, 0x03)
+        # reservations too: an RBD image keeps them in the image, which an offline LU cannot read
+        for cdb in (bytes([0x5E, 0, 0, 0, 0, 0, 0, 0, 8, 0]),                  # PR IN / READ KEYS
+                    bytes([0x5F, 0, 0, 0, 0, 0, 0, 0, 24, 0]),                 # PR OUT / REGISTER
+                    bytes([0x16, 0, 0, 0, 0, 0]), bytes([0x57] + [0] * 9)):    # RESERVE(6), RELEASE(10)
+            r = await h.cmd(cdb, bytes(24) if cdb[0] == 0x5F else b"", lun=1, no_data=cdb[0] not in (0x5E, 0x5F))
+            assert r.key_asc == (0x02, 0x04, 0x03), cdb.hex()
         for cdb in (bytes([0x12, 0, 0, 0, 36, 0]), bytes([0xA0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0]),
                     bytes([0x1A, 0, 0x3F, 0, 255, 0])):
             assert (await h.cmd(cdb, lun=1)).status == 0, cdb.hex()
