@@ -84,9 +84,11 @@ def small(request, tmp_short):
     stml = StmlOnSmallFs(fs, d, (f"file:{d / 'fs' / 'thin.img'},size=64MiB{opts}",
                                  f"file:{d / 'fs' / 'thick.img'},size=256KiB,thick{opts}",
                                  f"file:{d / 'fs' / 'unwritten.img'},size=256KiB,thick{opts}"))
-    stml.start()
-    yield stml
-    stml.stop()
+    try:    # a start that fails (no line, a mount missing) still stops what it started
+        stml.start()
+        yield stml
+    finally:
+        stml.stop()
 
 
 # one write of each kind to a page nobody wrote: (name, CDB, data out, LBA, what it reads back)
