@@ -91,6 +91,8 @@ COMPILED_RUN = [
     "tests/test_iscsi_e2e.py::test_conformance_iscsi_family",
     # fetd_vhost: hostile descriptor tables and messages, the Python master through real processes
     "tests/test_vhost_core.py", "tests/test_vhost_harness.py",
+    # a refusal that ends fetd_vhost's run survives its cleanup (decisions/0840 addendum)
+    "tests/test_roles.py::test_fetd_vhost_with_a_managers_key_says_it_is_refused_and_exits",
 ]
 # Left out: a test that replaces Emulator.handle (a compiled class's methods are
 # read-only), the ConnectionProtocol tests that hand it a stand-in for a
