@@ -440,20 +440,26 @@ class VhostFrontEnd:
         self.listen()
         self.link.start()
         stopped = asyncio.ensure_future(stop.wait())
+        ended: BaseException | None = None
         try:
             await asyncio.wait([stopped, self.link.ended], return_when=asyncio.FIRST_COMPLETED)
             if self.link.ended.done():
                 self.link.ended.result()   # raises RegistrationRefused: exit 2 (fetd_vhost.cli)
-        finally:
-            stopped.cancel()
-            if self.conn is not None:
-                self.conn.close()
-            await self.link.close()
-            if self.listener is not None:
-                asyncio.get_running_loop().remove_reader(self.listener.fileno())
-                self.listener.close()
-                with contextlib.suppress(OSError):
-                    os.unlink(self.socket_path)
+        except BaseException as e:
+            ended = e
+        # the cleanup awaits, so it is not a finally block: compiled, a
+        # suspension there loses or corrupts the exception (decisions/0840)
+        stopped.cancel()
+        if self.conn is not None:
+            self.conn.close()
+        await self.link.close()
+        if self.listener is not None:
+            asyncio.get_running_loop().remove_reader(self.listener.fileno())
+            self.listener.close()
+            with contextlib.suppress(OSError):
+                os.unlink(self.socket_path)
+        if ended is not None:
+            raise ended
 
 
 def _fds(ancillary: list[Any]) -> list[int]:

@@ -8,56 +8,63 @@ from __future__ import annotations
 
 import asyncio
 from contextlib import asynccontextmanager
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 
 class WriteGate:
+    """Leaving the gate never waits: its callers are compiled (stml.sbc), and
+    mypyc's `async with` awaits __aexit__ inside the handler of the body's
+    exception (an abort's CancelledError), where a suspension corrupts the
+    thread's exception state (decisions/0840 addendum). So no lock: a change
+    wakes every entry waiting, and each checks again."""
+
     def __init__(self) -> None:
         self._shared = 0
         self._exclusive = False
         self._waiting_exclusive = 0
-        self._cond: asyncio.Condition | None = None
-
-    def _c(self) -> asyncio.Condition:
-        if self._cond is None:
-            self._cond = asyncio.Condition()
-        return self._cond
+        self._waiters: list[asyncio.Future[None]] = []
 
     @property
     def exclusive_pending(self) -> bool:
         """An exclusive section holds the gate or waits for it."""
         return self._exclusive or self._waiting_exclusive > 0
 
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)
+
+    async def _wait(self, ready: Callable[[], bool]) -> None:
+        while not ready():
+            w = asyncio.get_running_loop().create_future()
+            self._waiters.append(w)
+            await w
+
     @asynccontextmanager
     async def shared(self) -> AsyncIterator[None]:
-        if not self._exclusive and not self._waiting_exclusive:
-            self._shared += 1          # fast path: no await when uncontended
-        else:
-            c = self._c()
-            async with c:
-                await c.wait_for(lambda: not self._exclusive and not self._waiting_exclusive)
-                self._shared += 1
+        if self._exclusive or self._waiting_exclusive:   # fast path: no await when uncontended
+            await self._wait(lambda: not self._exclusive and not self._waiting_exclusive)
+        self._shared += 1
         try:
             yield
         finally:
             self._shared -= 1
-            if self._cond is not None and (self._waiting_exclusive or self._exclusive):
-                async with self._cond:
-                    self._cond.notify_all()
+            if self._shared == 0 and self._waiters:
+                self._wake()
 
     @asynccontextmanager
     async def exclusive(self) -> AsyncIterator[None]:
-        c = self._c()
-        async with c:
-            self._waiting_exclusive += 1
-            try:
-                await c.wait_for(lambda: not self._exclusive and self._shared == 0)
-            finally:
-                self._waiting_exclusive -= 1
-            self._exclusive = True
+        self._waiting_exclusive += 1
+        try:
+            await self._wait(lambda: not self._exclusive and self._shared == 0)
+        finally:
+            self._waiting_exclusive -= 1
+            if self._waiters:
+                self._wake()     # shared entries waited for no exclusive one pending
+        self._exclusive = True
         try:
             yield
         finally:
-            async with c:
-                self._exclusive = False
-                c.notify_all()
+            self._exclusive = False
+            self._wake()

@@ -202,10 +202,16 @@ class Task:
         fut = workers.run(id(lu), fn, *args)
         try:
             return await asyncio.shield(fut)
-        except asyncio.CancelledError:
-            if not workers.drop(fut):
-                await asyncio.wait([fut])
-            raise
+        except asyncio.CancelledError as e:
+            if workers.drop(fut):
+                raise
+            aborted = e
+        # waited for after the handler, not in it: compiled by mypyc, a
+        # coroutine that suspends inside an except block keeps the caught
+        # exception in the thread's state across the suspension, and its
+        # re-raise corrupts memory (a segfault, decisions/0840 addendum)
+        await asyncio.wait([fut])
+        raise aborted
 
     def add_data(self, offset: int, frames: list) -> None:
         if offset != self.received:  # front ends deliver write data in order

@@ -219,6 +219,22 @@ def test_fetd_tcp_with_a_managers_key_says_it_is_refused_and_exits(roles_stml, k
     assert "never retrieved" not in p.stderr
 
 
+def test_fetd_vhost_with_a_managers_key_says_it_is_refused_and_exits(roles_stml, keys, tmp_short):
+    """The same for fetd_vhost, whose run cleans up (awaiting the link's
+    close) after the refusal ended its wait and before raising it: the
+    refusal survives the cleanup, compiled too (decisions/0840 addendum)."""
+    sock = tmp_short() / "vm.sock"
+    p = subprocess.run([sys.executable, "-m", "fetd_vhost", "--stml", roles_stml.tcp, "--socket", str(sock),
+                        "--target", IQN, "--stml-key", str(keys / "stml.key"),
+                        "--key", str(keys / "mgr.key_secret"), "--log-level", "warning"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.strip().splitlines()[-1] == (
+        "scsi-target: fetd-vhost: the STML refused this front end: registration refused: this peer is a "
+        "manager, not a front end (its key is not in [stml] allowed_front_ends)")
+    assert not sock.exists()
+
+
 def test_a_zeromq_peer_cannot_pass_for_a_stream_front_end(roles_stml, keys, client_factory):
     """The STML names same-host stream peers "\\0stream-N"; a ZeroMQ peer that
     chooses such a routing id (here with a front end's CURVE key) is refused

@@ -764,6 +764,85 @@ def test_the_stml_hands_write_data_back_when_its_command_ends(end: str) -> None:
         gc.enable()
 
 
+class _SlowBoth(_SlowRam):
+    """_SlowRam whose reads go to the worker thread and take a while too."""
+
+    def read_nowait(self, offset: int, buf: memoryview) -> bool:
+        return False
+
+    def read_into(self, offset: int, buf: memoryview) -> None:
+        time.sleep(0.2)
+        super().read_into(offset, buf)
+
+
+@pytest.mark.parametrize("fn", [Tmf.ABORT_TASK, Tmf.ABORT_TASK_SET, Tmf.CLEAR_TASK_SET, Tmf.LUN_RESET],
+                         ids=lambda f: f.name.lower().replace("_", "-"))
+@pytest.mark.parametrize("direction", [DataDir.READ, DataDir.WRITE], ids=["read", "write"])
+def test_a_tmf_ends_a_command_whose_backend_call_runs(fn: Tmf, direction: DataDir) -> None:
+    """Each TMF that aborts a command of its own nexus while the command's
+    backend call runs in a worker thread: the TMF is answered once the call
+    is done (a write has landed: it reads back), the command is never
+    answered, nothing escapes into the loop, and the next command runs. The
+    compiled build segfaulted here (decisions/0840 addendum); the cycle
+    collector is off, as it was when it did."""
+    target = "iqn.2026-12.test:tmf"
+    n = 64 << 10
+
+    async def main() -> None:
+        a, b = pair()
+        answers: list[tuple[dict, list[bytes]]] = []
+        fe = StreamChannel(a, lambda frames: answers.append((unpack(frames[0]), [bytes(f) for f in frames[1:]])),
+                           lambda: None)
+        executor = ThreadPoolExecutor(1)
+        lu = LogicalUnit(target, 0, _SlowBoth(8 * MiB), LunOptions(kind="ram", size=8 * MiB),
+                         DiskTemplate(OPCODES))
+        channels: list[StreamChannel] = []
+        em = Emulator([Target(target, {0: lu})],
+                      lambda ident, h, frames: channels[0].send([pack(h), *frames]), executor)
+        channels.append(StreamChannel(
+            b, lambda frames: em.handle(b"fe", unpack(frames[0]), frames[1:], channels[0].take_lease()),
+            lambda: None))
+        fe.send([pack({"op": Op.REGISTER, "version": list(CONTRACT_VERSION), "kind": "test",
+                       "name": "t", "heartbeat_ms": 1000, "aen": False})])
+        fe.send([pack({"op": Op.REGISTER_NEXUS, "nexus": 1, "initiator": "iqn.i,i,0x1",
+                       "target": target, "tpg": 1})])
+        op = 0x2A if direction == DataDir.WRITE else 0x28
+        cdb = struct.pack(">BBIBHB", op, 0, 0, 0, n // 512, 0)
+        data = [b"w" * n] if direction == DataDir.WRITE else []
+        fe.send([pack({"op": Op.RX_CMND, "tag": 1, "nexus": 1, "lun": 0, "cdb": cdb, "attr": 0,
+                       "dir": int(direction), "len": n, "unsol": len(data and data[0])}), *data])
+        await asyncio.sleep(0.05)          # its call is in the worker thread now
+        fe.send([pack({"op": Op.RX_TMF, "tag": 2, "nexus": 1, "fn": int(fn), "lun": 0, "ref": 1})])
+        await wait_until(lambda: any(h["op"] == Op.TMF_DONE for h, _ in answers), what="the TMF's answer")
+        done = [h for h, _ in answers if h["op"] == Op.TMF_DONE]
+        assert [(d["tag"], d["response"]) for d in done] == [(2, 0)]
+        assert all(h.get("tag") != 1 for h, _ in answers), "an aborted command was answered"
+
+        async def read_back(tag: int) -> tuple[dict, list[bytes]]:
+            read = struct.pack(">BBIBHB", 0x28, 0, 0, 0, n // 512, 0)
+            fe.send([pack({"op": Op.RX_CMND, "tag": tag, "nexus": 1, "lun": 0, "cdb": read, "attr": 0,
+                           "dir": int(DataDir.READ), "len": n, "unsol": 0})])
+            await wait_until(lambda: any(h.get("tag") == tag for h, _ in answers), what="the next command's answer")
+            (answer,) = [(h, f) for h, f in answers if h.get("tag") == tag]
+            return answer
+
+        h, frames = await read_back(3)
+        if fn == Tmf.LUN_RESET:   # first the reset's unit attention: POWER ON, RESET OR BUS DEVICE RESET
+            assert h["status"] == CHECK_CONDITION and (h["sense"][2], h["sense"][12:14]) == (0x06, b"\x29\x03")
+            h, frames = await read_back(4)
+        assert h.get("status", 0) == 0
+        assert b"".join(frames) == (b"w" * n if direction == DataDir.WRITE else bytes(n))
+        fe.close()
+        channels[0].close()
+        executor.shutdown()
+
+    gc.disable()
+    try:
+        run(main)
+    finally:
+        gc.enable()
+
+
 # ---------------------------------------------------------------- back-pressure
 
 def test_back_pressure_with_a_slow_reader() -> None:
