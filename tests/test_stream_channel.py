@@ -715,25 +715,10 @@ def test_the_stml_hands_write_data_back_when_its_command_ends(end: str) -> None:
     n = 128 << 10
 
     async def main() -> None:
-        a, b = pair()
         region = SharedRegion(8 * MiB, name="test-write-data")
         answers: list[dict] = []
-        fe = StreamChannel(a, lambda frames: answers.append(unpack(frames[0])), lambda: None,
-                           region=region)
-        fe.offer_region()
-        executor = ThreadPoolExecutor(1)
-        lu = LogicalUnit(target, 0, _SlowRam(8 * MiB), LunOptions(kind="ram", size=8 * MiB),
-                         DiskTemplate(OPCODES))
-        channels: list[StreamChannel] = []
-        em = Emulator([Target(target, {0: lu})],
-                      lambda ident, h, frames: channels[0].send([pack(h), *frames]), executor)
-        channels.append(StreamChannel(
-            b, lambda frames: em.handle(b"fe", unpack(frames[0]), frames[1:], channels[0].take_lease()),
-            lambda: None))
-        fe.send([pack({"op": Op.REGISTER, "version": list(CONTRACT_VERSION), "kind": "test",
-                       "name": "t", "heartbeat_ms": 1000, "aen": False})])
-        fe.send([pack({"op": Op.REGISTER_NEXUS, "nexus": 1, "initiator": "iqn.i,i,0x1",
-                       "target": target, "tpg": 1})])
+        fe, stml, executor = _stml_over_a_stream(target, _SlowRam(8 * MiB),
+                                                 lambda frames: answers.append(unpack(frames[0])), region)
         length = 2 * n if end == "data-error" else n    # data-error: half of it never comes
         view = region.get(n)
         assert view is not None
@@ -754,7 +739,7 @@ def test_the_stml_hands_write_data_back_when_its_command_ends(end: str) -> None:
         assert answers[-1].get("status", 0) == (CHECK_CONDITION if end == "data-error" else 0)
         await wait_until(lambda: region.in_use() == 0, what="the slot back")
         fe.close()
-        channels[0].close()
+        stml.close()
         executor.shutdown()
 
     gc.disable()
@@ -762,6 +747,32 @@ def test_the_stml_hands_write_data_back_when_its_command_ends(end: str) -> None:
         run(main)
     finally:
         gc.enable()
+
+
+def _stml_over_a_stream(target: str, backend: Any, on_message: Callable[[list], None],
+                        region: SharedRegion | None = None) -> tuple[StreamChannel, StreamChannel,
+                                                                     ThreadPoolExecutor]:
+    """An Emulator serving `backend` as LUN 0 of `target` behind the STML's end
+    of a stream pair, and the front end's end (its messages to `on_message`,
+    `region` offered), registered with nexus 1: (front end's channel, STML's
+    channel, the Emulator's worker pool)."""
+    a, b = pair()
+    fe = StreamChannel(a, on_message, lambda: None, region=region)
+    if region is not None:
+        fe.offer_region()
+    executor = ThreadPoolExecutor(1)
+    lu = LogicalUnit(target, 0, backend, LunOptions(kind="ram", size=8 * MiB), DiskTemplate(OPCODES))
+    channels: list[StreamChannel] = []
+    em = Emulator([Target(target, {0: lu})],
+                  lambda ident, h, frames: channels[0].send([pack(h), *frames]), executor)
+    channels.append(StreamChannel(
+        b, lambda frames: em.handle(b"fe", unpack(frames[0]), frames[1:], channels[0].take_lease()),
+        lambda: None))
+    fe.send([pack({"op": Op.REGISTER, "version": list(CONTRACT_VERSION), "kind": "test",
+                   "name": "t", "heartbeat_ms": 1000, "aen": False})])
+    fe.send([pack({"op": Op.REGISTER_NEXUS, "nexus": 1, "initiator": "iqn.i,i,0x1",
+                   "target": target, "tpg": 1})])
+    return fe, channels[0], executor
 
 
 class _SlowBoth(_SlowRam):
@@ -789,23 +800,10 @@ def test_a_tmf_ends_a_command_whose_backend_call_runs(fn: Tmf, direction: DataDi
     n = 64 << 10
 
     async def main() -> None:
-        a, b = pair()
         answers: list[tuple[dict, list[bytes]]] = []
-        fe = StreamChannel(a, lambda frames: answers.append((unpack(frames[0]), [bytes(f) for f in frames[1:]])),
-                           lambda: None)
-        executor = ThreadPoolExecutor(1)
-        lu = LogicalUnit(target, 0, _SlowBoth(8 * MiB), LunOptions(kind="ram", size=8 * MiB),
-                         DiskTemplate(OPCODES))
-        channels: list[StreamChannel] = []
-        em = Emulator([Target(target, {0: lu})],
-                      lambda ident, h, frames: channels[0].send([pack(h), *frames]), executor)
-        channels.append(StreamChannel(
-            b, lambda frames: em.handle(b"fe", unpack(frames[0]), frames[1:], channels[0].take_lease()),
-            lambda: None))
-        fe.send([pack({"op": Op.REGISTER, "version": list(CONTRACT_VERSION), "kind": "test",
-                       "name": "t", "heartbeat_ms": 1000, "aen": False})])
-        fe.send([pack({"op": Op.REGISTER_NEXUS, "nexus": 1, "initiator": "iqn.i,i,0x1",
-                       "target": target, "tpg": 1})])
+        fe, stml, executor = _stml_over_a_stream(
+            target, _SlowBoth(8 * MiB),
+            lambda frames: answers.append((unpack(frames[0]), [bytes(f) for f in frames[1:]])))
         op = 0x2A if direction == DataDir.WRITE else 0x28
         cdb = struct.pack(">BBIBHB", op, 0, 0, 0, n // 512, 0)
         data = [b"w" * n] if direction == DataDir.WRITE else []
@@ -833,7 +831,7 @@ def test_a_tmf_ends_a_command_whose_backend_call_runs(fn: Tmf, direction: DataDi
         assert h.get("status", 0) == 0
         assert b"".join(frames) == (b"w" * n if direction == DataDir.WRITE else bytes(n))
         fe.close()
-        channels[0].close()
+        stml.close()
         executor.shutdown()
 
     gc.disable()
