@@ -348,6 +348,15 @@ class FileBackend:
     def allocated(self) -> int:
         return os.fstat(self._fd).st_blocks * 512
 
+    def unlinked(self) -> bool:
+        """The file was deleted, or another was renamed over it, since it was
+        opened: the LU still serves the open, nameless file, which nothing else
+        (a backup, a restart) will ever see. Blocking (an fstat)."""
+        try:
+            return not self._blockdev and os.fstat(self._fd).st_nlink == 0
+        except OSError:
+            return False
+
     def close(self) -> None:
         """The descriptor becomes -1 before its number is given back: a call
         that comes after (a bug, which the STML's removal rules out) fails with

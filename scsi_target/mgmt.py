@@ -432,6 +432,10 @@ def render_status(snap: dict[str, Any], wide: bool) -> str:
     # an offline LU: its store could not open; commands that need it get 02/04/03 (0280)
     head += [f"LUN {r['lun']} of {r['target']}: OFFLINE ({r['offline']}); `scsi-target config reload` "
              f"tries again" for r in snap["luns"] if r.get("offline")]
+    # its file deleted or replaced under it: served from the open file, which no restart finds
+    head += [f"LUN {r['lun']} of {r['target']}: its file {r['path']} was deleted or replaced since it "
+             f"opened; it still serves the old file, which a restart will not find"
+             for r in snap["luns"] if r.get("unlinked")]
     out = head + [table(portals, ["portal", "tpgt", "state"], "\nPortals", width)]
     if wide:
         out.append(table(snap["luns"], lun_cols, "\nLUNs", width, heads))

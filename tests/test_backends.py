@@ -348,3 +348,20 @@ def test_open_backend(tmp_path):
         open_backend("file", 1 << 20)
     with pytest.raises(ValueError, match="floppy"):
         open_backend("floppy", 1 << 20)
+
+
+def test_a_file_deleted_or_replaced_under_its_backend_is_seen(tmp_path):
+    """`status` says so (it serves a nameless file a restart will not find):
+    deleted, or another file renamed over it; a file in place is not."""
+    for how in ("deleted", "replaced"):
+        path = tmp_path / f"{how}.img"
+        b = FileBackend(str(path), 1 << 20)
+        assert not b.unlinked()
+        if how == "deleted":
+            path.unlink()
+        else:
+            other = tmp_path / "other.img"
+            other.write_bytes(bytes(1 << 20))
+            os.replace(other, path)
+        assert b.unlinked(), how
+        b.close()

@@ -733,6 +733,20 @@ def test_a_malformed_portal_report_does_not_break_portal_list(stml_factory):
         assert m.call("status")["portals"] == portals
 
 
+def test_status_says_a_lun_file_was_replaced_under_it(ddir):
+    """A LUN file replaced with `mv` (or deleted) is still served from the
+    open file, which a restart will not find: `status` says so, for that LUN."""
+    img = Path(ddir) / "a.img"
+    with Target("--no-iscsi", "--lun", f"file:{img},size=1MiB", "--lun", "ram:1MiB", data_dir=ddir,
+                portals=(), expect_portals=0):
+        assert "was deleted or replaced" not in ok("status", "--data-dir", ddir)
+        (Path(ddir) / "new.img").write_bytes(bytes(1 << 20))
+        os.replace(Path(ddir) / "new.img", img)
+        shown = ok("status", "--data-dir", ddir)
+        assert f"LUN 0 of {IQN}: its file {img} was deleted or replaced" in shown, shown
+        assert "LUN 1 of" not in shown.split("\n\n")[0], shown
+
+
 def test_banner_logs_and_a_clean_stop(ddir):
     with Target("--lun", "ram:64MiB", data_dir=ddir) as t:
         url = t.url(0)
