@@ -25,7 +25,7 @@ CONFIG_NAME = "scsi-target.toml"    # the config file a data dir owns (it sits i
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "kb": 1000, "m": 1 << 20, "mib": 1 << 20,
           "mb": 10**6, "g": 1 << 30, "gib": 1 << 30, "gb": 10**9, "t": 1 << 40, "tib": 1 << 40,
-          "tb": 10**12}
+          "tb": 10**12, "p": 1 << 50, "pib": 1 << 50, "pb": 10**15}
 _LU_ID = re.compile(r"[0-9A-Fa-f]{32}")
 MAX_ISCSI_NAME = 223   # bytes of UTF-8
 _IQN = re.compile(r"^(iqn\.\d{4}-\d{2}\.[^\s,]+|eui\.[0-9A-Fa-f]{16}|naa\.[0-9A-Fa-f]{16,32})$")
@@ -51,7 +51,7 @@ def parse_size(value: Any, where: str) -> int:
     return n
 
 
-_TEXT_UNITS = ((1 << 40, "TiB"), (1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB"))
+_TEXT_UNITS = ((1 << 50, "PiB"), (1 << 40, "TiB"), (1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB"))
 
 
 def size_text(n: int) -> str | int:

@@ -110,7 +110,7 @@ def test_flags_override_file_target(tmp_path):
 
 @pytest.mark.parametrize("value,expect", [
     (512, 512), ("4096", 4096), ("64MiB", 64 << 20), ("1 GiB", 1 << 30), ("2G", 2 << 30),
-    ("10MB", 10 * 10**6), ("1TiB", 1 << 40), ("8k", 8192),
+    ("10MB", 10 * 10**6), ("1TiB", 1 << 40), ("8k", 8192), ("2PiB", 2 << 50),
 ])
 def test_parse_size(value, expect):
     assert parse_size(value, "x") == expect
