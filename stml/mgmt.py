@@ -651,7 +651,8 @@ class Management:
             raise MgmtError(f"{number} is not a LUN number (0-16383)")
         if number in t.luns:
             raise MgmtError(f"target {t.name} already has LUN {number}")
-        opts = lun_options(raw_lun, f"LUN {number}", self.config.data_dir)
+        # off the loop: it looks for the file (a hung NFS mount must not stop the STML)
+        opts = await self._in_thread(lun_options, raw_lun, f"LUN {number}", self.config.data_dir)
         self._check_file()
         lu = await self._add_lun(t, number, opts)
         return {"target": t.name, "lun": number, "size": lu.blocks * lu.block_size, "saved": await self._persist()}
