@@ -30,6 +30,15 @@ def tur(ini: RawInitiator, lun: int) -> tuple[int, bytes]:
     return status, sense
 
 
+def assert_dropped(ini: RawInitiator) -> None:
+    """fetd_tcp ended the session: an Async Message "drop all connections",
+    then the connection closes."""
+    from fetd_tcp import pdu as P
+    msg, _ = ini.recv()
+    assert isinstance(msg, P.AsyncMessage) and msg.event == P.ASYNC_DROP_ALL_CONNECTIONS
+    assert ini.sock.recv(1) == b""          # closed by fetd_tcp
+
+
 def report_luns(ini: RawInitiator) -> list[int]:
     status, sense, data = ini.command(struct.pack(">BBBBBBIBB", 0xA0, 0, 0, 0, 0, 0, 4096, 0, 0),
                                       0, read=4096)
@@ -291,7 +300,6 @@ def test_target_remove_force_ends_its_sessions(config):
     to drop its nexus (Async Message: drop all connections) and closes the
     connection, instead of keeping a session of a target that is gone; a
     session of another target is untouched (docs/decisions/0265)."""
-    from fetd_tcp import pdu as P
     t = Target(config=str(config))
     try:
         d = t.data_dir
@@ -305,9 +313,7 @@ def test_target_remove_force_ends_its_sessions(config):
             assert ini.login(other).status_class == 0 and keep.login(IQN).status_class == 0
             assert tur(ini, 0)[0] == 0
             cli("target", "remove", "--data-dir", d, other, "--force")
-            msg, _ = ini.recv()
-            assert isinstance(msg, P.AsyncMessage) and msg.event == P.ASYNC_DROP_ALL_CONNECTIONS
-            assert ini.sock.recv(1) == b""          # closed by fetd_tcp
+            assert_dropped(ini)
             left = [s["initiator"] for s in mgmt(d, "session", "list")]
             assert not any(i.startswith("iqn.2026-11.org.test:doomed") for i in left)
             assert tur(keep, 0)[0] == 0
@@ -325,7 +331,6 @@ def test_an_acl_change_ends_the_sessions_it_no_longer_admits(config):
     connections and closes them, as for `target remove --force`, instead of
     the session reading and writing on until its next login. Sessions the ACL
     still admits go on (docs/decisions/0275)."""
-    from fetd_tcp import pdu as P
     t = Target(config=str(config))
     try:
         d = t.data_dir
@@ -336,18 +341,14 @@ def test_an_acl_change_ends_the_sessions_it_no_longer_admits(config):
             assert stranger.login(IQN).status_class == 0 and friend.login(IQN).status_class == 0
             assert tur(stranger, 0)[0] == 0
             assert mgmt(d, "acl", "add", "iqn.2026-11.org.test:friend")["sessions_ended"] == 1
-            msg, _ = stranger.recv()
-            assert isinstance(msg, P.AsyncMessage) and msg.event == P.ASYNC_DROP_ALL_CONNECTIONS
-            assert stranger.sock.recv(1) == b""          # closed by fetd_tcp
+            assert_dropped(stranger)
             assert tur(friend, 0)[0] == 0
             left = [s["initiator"] for s in mgmt(d, "session", "list")]
             assert len(left) == 1 and left[0].startswith("iqn.2026-11.org.test:friend")
 
             config.write_text(config.read_text().replace("org.test:friend", "org.test:someone"))
             mgmt(d, "config", "reload")
-            msg, _ = friend.recv()
-            assert isinstance(msg, P.AsyncMessage) and msg.event == P.ASYNC_DROP_ALL_CONNECTIONS
-            assert friend.sock.recv(1) == b""
+            assert_dropped(friend)
             assert mgmt(d, "session", "list") == []
             again = RawInitiator(host, int(port), initiator="iqn.2026-11.org.test:friend")
             assert again.login(IQN).status_class == 2    # and the next login is refused
