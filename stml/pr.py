@@ -45,7 +45,6 @@ import errno
 import functools
 import json
 import logging
-import os
 import re
 import struct
 import weakref
@@ -55,6 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Protocol
 
+from scsi_runtime.files import atomic_write, fsync_dir
 from stml.api import DataDir
 from stml.cdb import u16, u32
 from stml.lu import LogicalUnit, legacy_id
@@ -733,37 +733,16 @@ def wait_for_saves() -> None:
 
 
 def _write_state(path: Path, doc: dict[str, Any] | None) -> bool:
-    """Write the document atomically (write, fsync, rename, fsync of the
-    directory); None: remove the file, if any. Whether a file is left."""
+    """Write the document atomically, never readable by others; None: remove
+    the file, if any. Whether a file is left."""
     if doc is None:
         if path.exists():
             path.unlink()
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
         return False
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    data = memoryview(json.dumps(doc, indent=1).encode())
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        while data:
-            data = data[os.write(fd, data):]
-        os.fsync(fd)
-    except BaseException:   # (ENOSPC) no temporary file left to hold the space or an inode
-        os.close(fd)
-        os.unlink(tmp)
-        raise
-    os.close(fd)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    atomic_write(path, json.dumps(doc, indent=1).encode(), secret=True)
     return True
-
-
-def _fsync_dir(d: Path) -> None:
-    fd = os.open(d, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def state_path(data_dir: Path, target: str, lun: int, ident: str | None = None) -> Path:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from scsi_target.keys import write_key_pair
-from stml.persist import atomic_write
+from scsi_runtime.files import atomic_write
 from support.target import Target
 
 IQN = "iqn.2026-11.org.scsi-target:secrets"
