@@ -57,6 +57,7 @@ _TIMING_CAPS = frozenset({_TIMING})   # granted, when offered, while commands ar
 # one is code we do not run: 0240), docs/decisions/0263. Far above fetd_tcp's own
 # limits (256 sessions per target, 1,024 connections per portal), so they bind
 # only a front end that ignores its own, or many front ends on one target.
+MAX_FRONT_ENDS = 1024          # registered at once: each connection of an admitted key is one
 MAX_NEXUSES_PER_FRONT_END = 8192
 MAX_NEXUSES_PER_TARGET = 4096   # I_T nexuses (initiator port, target port), all front ends
 MAX_PORT_GROUPS = 256   # port group tags nexuses of one target came through (never forgotten)
@@ -446,6 +447,11 @@ class Emulator:
             known.last_seen = time.monotonic()
             known.caps = caps
             self.send_detect(known)
+            return
+        if len(self.front_ends) >= MAX_FRONT_ENDS:
+            reason = f"the STML serves {MAX_FRONT_ENDS} front ends, the most it keeps"
+            log.warning("front end %r refused: %s", h["name"], reason)
+            self.out.refuse(ident, reason)
             return
         fe = FrontEnd(ident, h["name"], h["kind"], bool(h.get("aen")),
                       max(0.05, h.get("heartbeat_ms", 1000) / 1000), time.monotonic(), caps=caps)
