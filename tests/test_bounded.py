@@ -555,6 +555,55 @@ def test_extended_copy_limits_and_bounded_results():
     run(go())
 
 
+def test_extended_copy_between_block_sizes_is_refused_before_any_block_moves():
+    """A segment counts its blocks once for both ends: from a 4096-byte LU
+    into a 512-byte one it wrote its 4 MiB at 4096 x the destination LBA, 24
+    MiB past the end of a 4 MiB LU (RAM pages, or file blocks, the LU does not
+    have). Refused whole, with the segment's destination index pointed at."""
+    async def go():
+        h = Harness([LunOptions("ram", size=4 << 20, block_size=4096), LunOptions("ram", size=4 << 20)])
+        big, small = h.lu(0), h.lu(1)
+        for lu in (big, small):
+            lu.backend.write_from(0, [memoryview(b"\x5a" * 8192)], False)
+        writes = {id(lu): Counter(lu.backend.write_from) for lu in (big, small)}
+        for lu in (big, small):
+            lu.backend.write_from = writes[id(lu)]
+        cscds = [cscd(big.naa, 4096), cscd(small.naa, 512)]
+        for seg in ((0, 1, 1000, 0, 7000), (1, 0, 8, 0, 0)):   # 4096 -> 512 past its end; 512 -> 4096
+            cdb, data = _xcopy(cscds, [seg])
+            r = await h.cmd(cdb, data)
+            assert r.key_asc == (ILLEGAL_REQUEST, 0x26, 0) and r.field == (16 + 64 + 6, None), seg
+        assert sum(w.calls for w in writes.values()) == 0
+        assert small.backend.allocated() == big.backend.allocated() == 1 << 20   # the one page written
+        cdb, data = _xcopy(cscds, [(0, 0, 2, 0, 4)])                            # alike: copied
+        assert (await h.cmd(cdb, data)).status == GOOD
+        assert (await h.cmd(_read16(4, 2))).data == b"\x5a" * 8192
+    run(go())
+
+
+def test_extended_copy_stops_at_the_end_of_a_copy_target_shrunk_meanwhile():
+    """A copy checks its chunk against the LU's size before each one: a LU
+    shrunk while a segment runs (`lun resize`) is not written past its new end."""
+    async def go():
+        h = Harness([LunOptions("ram", size=64 << 20), LunOptions("ram", size=64 << 20)])
+        src, dst = h.lu(0), h.lu(1)
+        writes = Counter(dst.backend.write_from, size=lambda off, bufs, sync: off + sum(map(len, bufs)))
+        dst.backend.write_from = writes
+        real = src.backend.read_into
+
+        def read_then_shrink(off, buf):   # after the first chunk, the destination shrinks to 2 MiB
+            if writes.calls == 1:
+                dst.backend.resize(2 << 20)
+            return real(off, buf)
+        src.backend.read_into = read_then_shrink
+        cdb, data = _xcopy([cscd(src.naa), cscd(dst.naa)], [(0, 1, 0xFFFF, 0, 0)])   # 32 MiB
+        r = await h.cmd(cdb, data)
+        assert r.key_asc == (0xA, 0, 0)                     # COPY ABORTED
+        assert writes.calls == 2 and max(writes.sizes) == 2 << 20   # up to the new end, no further
+        assert dst.backend.allocated() <= 2 << 20
+    run(go())
+
+
 def test_nexus_loss_visits_only_the_lus_holding_its_copy_results(monkeypatch):
     """Copy results go with the nexus; finding them costs the LUs that hold
     some, not every LU of the target (issue 18: per nexus, not per LUN)."""
