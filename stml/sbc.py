@@ -617,17 +617,20 @@ def _log_failure(lu: LogicalUnit, job: asyncio.Task) -> None:
 
 async def _sanitize(task: Task, lu: LogicalUnit, block: bytes | None) -> None:
     """Overwrite (`block` in every block) or deallocate the whole LUN, a
-    chunk at a time; lu.progress says how far it got (REQUEST SENSE)."""
-    total = lu.blocks
+    chunk at a time; lu.progress says how far it got (REQUEST SENSE). The
+    end is the LU's as each chunk starts: a LU shrunk meanwhile (`lun resize
+    --force`) is not written past its new end, which would grow its file or
+    its RAM back."""
     per = max(1, (CHUNK if block is not None else _DISCARD_CHUNK) // lu.block_size)
     chunk = memoryview(block * per) if block is not None else None
-    for start in range(0, total, per):
+    start = 0
+    while start < (total := lu.blocks):
         lu.progress = (start, total)
-        if start:
-            await next_chunk()
         k = min(per, total - start)
         if chunk is not None:
             await write_blocks(task, start, [chunk[:k * lu.block_size]], False)
         else:
             await _discard(task, start, k)
+        start += k
+        await next_chunk()
     await _flush(task)

@@ -404,6 +404,31 @@ def test_sanitize_is_one_tracked_job_with_progress():
     run(go())
 
 
+def test_sanitize_stops_at_the_end_of_a_lu_shrunk_while_it_runs():
+    """SANITIZE's job takes the LU's end as each chunk starts: shrunk to 4 MiB
+    after its first chunk (`lun resize --force`), a 64 MiB LU is overwritten
+    to its new end, and no RAM is allocated past it (it was 60 MiB more)."""
+    async def go():
+        h = Harness([LunOptions("ram", size=64 << 20)])
+        lu = h.lu()
+        ends: list[int] = []
+        real = lu.backend.write_from
+
+        def write_then_shrink(off, bufs, sync):
+            real(off, bufs, sync)
+            ends.append(off + sum(map(len, bufs)))
+            if len(ends) == 1:
+                lu.backend.resize(4 << 20)
+        lu.backend.write_from = write_then_shrink
+        lu.backend.write_nowait = lambda off, bufs, sync: write_then_shrink(off, bufs, sync) or True
+        pattern = bytes([0x01, 0, 0, 4]) + b"\xc3" * 4            # OVERWRITE COUNT 1, a 4-byte pattern
+        r = await h.cmd(bytes([0x48, 0x01, 0, 0, 0, 0, 0, 0, len(pattern), 0]), pattern)
+        assert r.status == GOOD
+        assert ends == [1 << 20, 2 << 20, 3 << 20, 4 << 20] and lu.backend.allocated() == 4 << 20
+        assert (await h.cmd(_read16(lu.blocks - 1, 1))).data == b"\xc3" * BS
+    run(go())
+
+
 # ---------------------------------------------------------------- SYNCHRONIZE CACHE
 
 def test_flush_syncs_only_what_was_left_unsynced(tmp_path, monkeypatch):
