@@ -351,6 +351,55 @@ def test_write_same_is_held_to_its_limit_and_goes_in_chunks():
     run(go())
 
 
+@pytest.mark.parametrize("cdb", [bytes([0x93, 0]) + struct.pack(">QI", 0, MAX_XFER) + bytes(2),   # WRITE SAME(16)
+                                 bytes([0x8B, 0]) + struct.pack(">QI", 0, MAX_XFER) + bytes(2)],  # ORWRITE(16)
+                         ids=["write-same", "orwrite"])
+def test_chunked_writes_stop_at_the_end_of_a_lu_shrunk_while_they_run(cdb):
+    """A command written a chunk at a time checks each chunk's range again
+    after its turn of the loop: shrunk to 2 MiB after its first chunk (`lun
+    resize --force`), the LU gets LBA OUT OF RANGE and no write past its end
+    (which grew its RAM back, or its file)."""
+    async def go():
+        h = Harness([LunOptions("ram", size=64 << 20, thin=False)])
+        lu = h.lu()
+        ends: list[int] = []
+        real = lu.backend.write_from
+
+        def write_then_shrink(off, bufs, sync):
+            real(off, bufs, sync)
+            ends.append(off + sum(map(len, bufs)))
+            if len(ends) == 2:
+                lu.backend.resize(2 << 20)
+        lu.backend.write_from = write_then_shrink
+        lu.backend.write_nowait = lambda off, bufs, sync: write_then_shrink(off, bufs, sync) or True
+        r = await h.cmd(cdb, b"\x66" * (BS if cdb[0] == 0x93 else MAX_XFER * BS))
+        assert r.key_asc == (ILLEGAL_REQUEST, 0x21, 0)
+        assert ends == [1 << 20, 2 << 20] and lu.backend.allocated() == 2 << 20
+    run(go())
+
+
+def test_a_discard_stops_at_the_end_of_a_lu_shrunk_while_it_runs():
+    """The same for deallocation, 64 MiB a step (a file whose system cannot
+    punch holes is written zeros instead: past its end, that grew it)."""
+    async def go():
+        h = Harness([LunOptions("ram", size=256 << 20)])
+        lu = h.lu()
+        spans: list[tuple[int, int]] = []
+        real = lu.backend.discard
+
+        def discard_then_shrink(off, length):
+            real(off, length)
+            spans.append((off, length))
+            if len(spans) == 1:
+                lu.backend.resize(64 << 20)                   # (which discards its tail through here)
+        lu.backend.discard = discard_then_shrink
+        cdb, data = unmap((0, 1 << 19))                       # 256 MiB
+        r = await h.cmd(cdb, data)
+        assert r.key_asc == (ILLEGAL_REQUEST, 0x21, 0)
+        assert spans == [(0, 64 << 20), (64 << 20, 192 << 20)]   # the command's first step, the resize's
+    run(go())
+
+
 async def _ticking(coro) -> int:
     """Run `coro` while counting the event loop's turns beside it."""
     ticks = 0
