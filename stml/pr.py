@@ -927,6 +927,8 @@ async def prout(task: Task) -> None:
     params = parse_prout(sa, data, plen)
     if params.transport_ids:
         params.acl = task.services.admitted(lu.target)
+    if sa == REGISTER_AND_MOVE:
+        params.rel_port = _move_to_group(task, params.rel_port)
     st = state(lu)
     if sa in (REGISTER, REGISTER_IGNORE, REGISTER_AND_MOVE) and params.aptpl and st.store is None:
         raise invalid_param(20 if sa != REGISTER_AND_MOVE else 17, 0)   # nowhere to persist
@@ -941,6 +943,19 @@ async def prout(task: Task) -> None:
     except asyncio.CancelledError:
         commit.add_done_callback(_log_failure)
         raise
+
+
+def _move_to_group(task: Task, rel_port: int) -> int:
+    """The port group (portal group tag) a REGISTER AND MOVE's RELATIVE TARGET
+    PORT IDENTIFIER names: one of the nexus's target, by the identifier VPD
+    page 0x83 reports for it (tag 0 is 0xFFFF: stml.spc.relative_port). Any
+    other is INVALID FIELD IN PARAMETER LIST: a reservation moved to a port
+    the target does not have is held by no I_T nexus that can ever exist."""
+    tpg = 0 if rel_port == 0xFFFF else rel_port
+    target = task.nexus.target
+    if rel_port == 0 or (tpg != task.nexus.tpg and tpg not in task.services.portal_groups(target)):
+        raise invalid_param(18)
+    return tpg
 
 
 async def _commit(task: Task, st: PrState, effects: Effects) -> None:
