@@ -656,7 +656,7 @@ class Management:
         # RBD LU's is its image's, the same on every gateway (docs/decisions/0400)
         if raw_lun["backend"] != "rbd":
             raw_lun["id"] = secrets.token_hex(16)
-        number = int(lun) if lun is not None else next(n for n in range(16384) if n not in t.luns)
+        number = int(lun) if lun is not None else await _free_lun(t)
         if not 0 <= number < 16384:
             raise MgmtError(f"{number} is not a LUN number (0-16383)")
         if number in t.luns:
@@ -928,6 +928,15 @@ async def _stepped(items: Iterable[T]) -> AsyncIterator[T]:
         if not i % FANOUT_STEP:
             await asyncio.sleep(0)
         yield item
+
+
+async def _free_lun(t: Target) -> int:
+    """The lowest LUN number the target does not use, found in steps: a target
+    may use all 16,384."""
+    async for n in _stepped(range(16384)):
+        if n not in t.luns:
+            return n
+    raise MgmtError(f"target {t.name} uses every LUN number (0-16383)")
 
 
 def _shown(config: Config) -> str:

@@ -358,6 +358,10 @@ class CountedLuns(dict):
             self.visits[0] += 1
             yield v
 
+    def __contains__(self, key: object) -> bool:   # (a search for a free LUN number)
+        self.visits[0] += 1
+        return super().__contains__(key)
+
 
 def visits_per_turn(change, visits: list[int]) -> list[int]:
     """Run `change` (a coroutine) and count the LUs visited in each turn of the loop."""
@@ -386,8 +390,8 @@ WALKS = {   # management commands that walk every LU, and how each is called
 
 @pytest.mark.parametrize("verb", list(WALKS))
 def test_management_walks_its_lus_a_bounded_number_per_loop_turn(verb, tmp_path, monkeypatch):
-    """`_ram`, `lun add`'s duplicate check, the unit attention lists, `lun
-    list`, `target remove` and every detect (sent after a change) visit at
+    """`_ram`, `lun add`'s duplicate check and free number, the unit attention
+    lists, `lun list`, `target remove` and every detect (sent after a change) visit at
     most FANOUT_STEP LUs per turn of the event loop, however many the
     target has (0267); before, each walked all of them in one step."""
     from stml import mgmt as mgmt_mod
