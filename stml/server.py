@@ -272,7 +272,7 @@ class StmlServer(TapPoint):
         """Stall LUN `lun`'s backend (of every target that has one) for
         `seconds`, 0: until SIGUSR2 (stml.stall). An offline LU is left as it
         is: it has no store to stall, and wrapped it would no longer look
-        offline (it must keep answering 02/04/03, 0280)."""
+        offline (it must keep answering 02/04/03: 0268, 0280)."""
         from stml.stall import StalledBackend
         loop = asyncio.get_running_loop()
         for t in self.emulator.targets.values():
