@@ -272,7 +272,7 @@ class Management:
 
     # ------------------------------------------------------------ reads
     async def status(self) -> dict[str, Any]:
-        snap = self.metrics.snapshot(self.em)
+        snap = await self._snapshot()
         snap["endpoints"] = self.endpoints
         snap["config"] = str(self.config.path) if self.config.path else None
         snap["data_dir"] = str(self.config.data_dir)
@@ -280,8 +280,15 @@ class Management:
         snap["gateway"] = await self.gateway.status()
         snap["portals"] = await self.portal_list()
         gone = await self._in_thread(_unlinked, await self._lus())
-        for r in snap["luns"]:
+        async for r in _stepped(snap["luns"]):
             r["unlinked"] = (r["target"], r["lun"]) in gone
+        return snap
+
+    async def _snapshot(self) -> dict[str, Any]:
+        """The counters' report (stml.metrics), built in steps."""
+        snap: dict[str, Any] = {}
+        async for _ in _stepped(self.metrics.build(self.em, snap)):
+            pass
         return snap
 
     async def target_list(self) -> list[dict[str, Any]]:
@@ -319,10 +326,10 @@ class Management:
         return out
 
     async def session_list(self) -> list[dict[str, Any]]:
-        return self.metrics.snapshot(self.em)["sessions"]
+        return (await self._snapshot())["sessions"]
 
     async def frontend_list(self) -> list[dict[str, Any]]:
-        return self.metrics.snapshot(self.em)["front_ends"]
+        return (await self._snapshot())["front_ends"]
 
     async def latency(self) -> dict[str, Any]:
         """Stage timing (stml.timing): per LUN and front end, each stage's p50/p90/p99."""
