@@ -432,7 +432,9 @@ class Management:
             await self._reload(new, applied, pending)
         self.config.digest = new.digest
         self.config.raw = new.raw
-        hold(self.config, model(new))   # what was not applied stays in the file through saves
+        # what was not applied stays in the file through saves; two models of
+        # every LUN: built in a thread, as a save's (the lock keeps them still)
+        await self._in_thread(_hold, self.config, new)
         for line in applied:
             log.info("reload: %s", line)
         for line in pending:
@@ -935,6 +937,10 @@ async def _stepped(items: Iterable[T]) -> AsyncIterator[T]:
         if not i % FANOUT_STEP:
             await asyncio.sleep(0)
         yield item
+
+
+def _hold(config: Config, new: Config) -> None:
+    hold(config, model(new))
 
 
 async def _free_lun(t: Target) -> int:

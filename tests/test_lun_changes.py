@@ -414,7 +414,7 @@ def test_a_change_reads_the_config_file_in_a_thread(tmp_path, monkeypatch):
     """The check that the file was not edited by hand (before each change),
     `config show`, `config diff` and `config save --force` read the config
     file in a worker thread, never on the event loop (a hung NFS mount
-    must not stop the STML)."""
+    must not stop the STML); `config reload` models every LUN there too."""
     from stml import mgmt as mgmt_mod
     from stml import persist
     sent: list = []
@@ -430,7 +430,7 @@ def test_a_change_reads_the_config_file_in_a_thread(tmp_path, monkeypatch):
             reads.append((name, threading.current_thread() is loop_thread))
             return real(*args)
         return read
-    for name in ("file_digest", "read_document"):
+    for name in ("file_digest", "read_document", "model"):
         monkeypatch.setattr(mgmt_mod, name, counted(name, getattr(mgmt_mod, name)))
 
     async def run() -> None:
@@ -440,7 +440,8 @@ def test_a_change_reads_the_config_file_in_a_thread(tmp_path, monkeypatch):
         assert "iqn.2026-11.org.test:other" in (await m.config_show())["text"]
         assert (await m.config_diff())["same"]
         await m.config_save(force=True)
+        await m.config_reload()
     asyncio.run(run())
-    assert {name for name, _ in reads} == {"file_digest", "read_document"}
+    assert {name for name, _ in reads} == {"file_digest", "read_document", "model"}
     assert len([r for r in reads if r[0] == "file_digest"]) >= 4   # one per change, diff, save --force
     assert [r for r in reads if r[1]] == []                        # none on the loop's thread
