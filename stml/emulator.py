@@ -321,15 +321,22 @@ class Emulator:
         t = self.targets.get(target)
         return t.luns.get(lun) if t else None
 
-    def send_detect(self, fe: FrontEnd) -> None:
-        """What this STML offers (contract: detect)."""
+    def send_detect(self, fe: FrontEnd, targets: list[dict[str, Any]] | None = None) -> None:
+        """What this STML offers (contract: detect). `targets`: the inventory
+        as `describe_target` makes it, built once for many front ends (a
+        management change builds it a bounded number of LUs per loop turn)."""
+        if targets is None:
+            targets = [self.describe_target(t, [lu.describe() for lu in t.luns.values()])
+                       for t in self.targets.values()]
         self.out.detect(
             fe.ident, stml=self.name, heartbeat_ms=int(self.heartbeat * 1000), caps=sorted(fe.caps),
             limits={"max_transfer": self.max_transfer, "queue_depth": self.queue_depth},
-            discovery=self.discovery, portals=self.portals,
-            targets=[{"name": t.name, "alias": t.alias, "access": t.access,
-                      "luns": [lu.describe() for lu in t.luns.values()]}
-                     for t in self.targets.values()])
+            discovery=self.discovery, portals=self.portals, targets=targets)
+
+    @staticmethod
+    def describe_target(t: Target, luns: list[dict[str, Any]]) -> dict[str, Any]:
+        """A target's entry of detect, with its LUs' descriptions."""
+        return {"name": t.name, "alias": t.alias, "access": t.access, "luns": luns}
 
     # ------------------------------------------------------------ dispatch
     def handle(self, ident: bytes, header: dict[str, Any], frames: list,

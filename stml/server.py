@@ -270,12 +270,17 @@ class StmlServer(TapPoint):
 
     def stall_backend(self, lun: int, seconds: float) -> None:
         """Stall LUN `lun`'s backend (of every target that has one) for
-        `seconds`, 0: until SIGUSR2 (stml.stall)."""
+        `seconds`, 0: until SIGUSR2 (stml.stall). An offline LU is left as it
+        is: it has no store to stall, and wrapped it would no longer look
+        offline (it must keep answering 02/04/03: 0268, 0280)."""
         from stml.stall import StalledBackend
         loop = asyncio.get_running_loop()
         for t in self.emulator.targets.values():
             lu = t.luns.get(lun)
-            if lu is not None and not isinstance(lu.backend, StalledBackend):
+            if lu is not None and lu.offline is not None:
+                logging.getLogger("inject").warning("LUN %d of %s is offline (%s): not stalled", lun, t.name,
+                                                    lu.offline)
+            elif lu is not None and not isinstance(lu.backend, StalledBackend):
                 stalled = StalledBackend(lu.backend)
                 lu.backend = stalled
                 self._stalls.append((lu, stalled))
