@@ -32,7 +32,7 @@ from stml.config import (MUTUAL_NEEDS_CHAP, Config, ConfigError, LunConfig, Targ
                          file_digest, load, lun_options, parse_lun_spec, parse_size, ram_overcommit)
 from stml.emulator import Emulator, Target
 from stml.gateway import Gateway
-from stml.lu import CannotOpen, LogicalUnit, LunOptions, open_store, served_before
+from stml.lu import CannotOpen, LogicalUnit, LunOptions, open_store, record_image, served_before
 from stml.metrics import Metrics
 from stml.persist import EditedError, hold, model, read_document, render, save
 from stml.portals import PortalStates, portal_entries, portal_groups
@@ -72,6 +72,7 @@ class Management:
         self.endpoints = endpoints
         self._lock = asyncio.Lock()   # one change at a time (config file writes in order)
         self._batch = False           # a reload: the file is the source, nothing is saved
+        self._identified = False      # a reload gave a LUN an id, or recorded an image's: saved after it
         # LUN numbers whose LU was removed, by target: an LU added at one is news there too
         self._retired: dict[str, set[int]] = {}
         self._closing: set[asyncio.Task] = set()   # removed LUs' backends waiting to close
@@ -412,11 +413,14 @@ class Management:
                                     self.config.stml_endpoint, ())
         applied: list[str] = []
         pending: list[str] = []
+        self._identified = False
         with self._batched():
             await self._reload(new, applied, pending)
         self.config.digest = new.digest
         self.config.raw = new.raw
         hold(self.config, model(new))   # what was not applied stays in the file through saves
+        if self._identified:   # entries added by hand: the file keeps the ids they are served with (0281)
+            log.info("reload: LUN identities %s", await self._persist())
         for line in applied:
             log.info("reload: %s", line)
         for line in pending:
@@ -491,6 +495,9 @@ class Management:
                 continue
             if lu.offline is not None and not _differs_beyond_size(o, lu.options):
                 await self._retry_offline(t, lu, applied, pending)
+            if not _differs_beyond_size(o, lu.options) and o.id is None and lu.options.id is not None:
+                o.id = lu.options.id   # the entry of a served LU, its id lost: kept (0281)
+                self._identified = True
             elif _differs_beyond_size(o, lu.options):
                 pending.append(f"target {t.name} LUN {number}: settings other than its size changed: "
                                f"restart to apply them (or remove and add the LUN)")
@@ -676,6 +683,7 @@ class Management:
             backend = await self._in_thread(open_store, opts, create)
         except CannotOpen as e:
             raise MgmtError(f"cannot open the backend: {e}") from None
+        self._identify(opts, backend, f"target {t.name} LUN {number}")
         lu = LogicalUnit(t.name, number, backend, opts, self.em.templates["disk"])
         if getattr(backend, "lock_acquire", None) is not None:
             try:   # shared storage: served once this gateway holds its lock
@@ -700,6 +708,15 @@ class Management:
                        t.name)
         return lu
 
+    def _identify(self, o: LunOptions, backend: Any, where: str) -> None:
+        """A LUN entry without `id` (added by hand) gets one once its store
+        opened, as `lun add` gives it; an RBD LU records its image's (0281)."""
+        if o.kind != "rbd" and o.id is None:
+            o.id = secrets.token_hex(16)
+            self._identified = True
+        elif record_image(o, backend, where):
+            self._identified = True
+
     async def _retry_offline(self, t: Target, lu: LogicalUnit, applied: list[str], pending: list[str]) -> None:
         """A reload opens an offline LU's store again (the disk mounted, the
         file restored): once it opens, the LU is served, and its nexuses
@@ -718,6 +735,7 @@ class Management:
             pending.append(f"target {t.name} LUN {lu.lun} opens now: restart, or `lun remove` and "
                            f"`lun add` it, to serve it")
             return
+        self._identify(o, backend, f"target {t.name} LUN {lu.lun}")   # a file the start could not create
         lu.go_online(backend)
         log.info("target %s LUN %d (%s %s) is online", t.name, lu.lun, o.kind, o.path or "")
         self._redetect()
