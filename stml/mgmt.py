@@ -493,12 +493,10 @@ class Management:
                     continue
                 applied.append(f"target {t.name} LUN {number} added")
                 continue
-            if lu.offline is not None and not _differs_beyond_size(o, lu.options):
-                await self._retry_offline(t, lu, applied, pending)
-            if not _differs_beyond_size(o, lu.options) and o.id is None and lu.options.id is not None:
-                o.id = lu.options.id   # the entry of a served LU, its id lost: kept (0281)
-                self._identified = True
-            elif _differs_beyond_size(o, lu.options):
+            same = not _differs_beyond_size(o, lu.options)
+            if lu.offline is not None and (same or _path_corrected(o, lu.options)):
+                await self._retry_offline(t, lu, applied, pending, o.path)
+            elif not same:
                 pending.append(f"target {t.name} LUN {number}: settings other than its size changed: "
                                f"restart to apply them (or remove and add the LUN)")
             elif o.size is not None and o.size != lu.options.size:
@@ -509,6 +507,9 @@ class Management:
                     applied.append(f"target {t.name} LUN {number} resized to {o.size} bytes")
                 except MgmtError as e:
                     pending.append(f"target {t.name} LUN {number}: {e}")
+            if o.id is None and lu.options.id is not None and not _differs_beyond_size(o, lu.options):
+                o.id = lu.options.id   # the entry of a served LU, its id lost: kept (0281)
+                self._identified = True
 
     # ------------------------------------------------------------ portals
     async def _set_portals(self, portals: list[str]) -> str:
@@ -717,14 +718,23 @@ class Management:
         elif record_image(o, backend, where):
             self._identified = True
 
-    async def _retry_offline(self, t: Target, lu: LogicalUnit, applied: list[str], pending: list[str]) -> None:
+    async def _retry_offline(self, t: Target, lu: LogicalUnit, applied: list[str], pending: list[str],
+                             path: str | None) -> None:
         """A reload opens an offline LU's store again (the disk mounted, the
-        file restored): once it opens, the LU is served, and its nexuses
-        learn it as a newly loaded medium (06/28/00), then its capacity
-        (06/2A/09) (0280)."""
+        file restored, or `path` corrected in its entry): once it opens, the
+        LU is served, under its identity, and its nexuses learn it as a newly
+        loaded medium (06/28/00), then its capacity (06/2A/09) (0280, 0281)."""
         o = lu.options
+        want = o if path == o.path else dataclasses.replace(o, path=path)
+        if want is not o:   # one store, one LU (0277)
+            lus = [x for y in self.em.targets.values() for x in y.luns.values() if x is not lu]
+            owner = await self._in_thread(_serving, want, lus)
+            if owner is not None:
+                pending.append(f"target {t.name} LUN {lu.lun}: {path} already backs target {owner.target} "
+                               f"LUN {owner.lun}")
+                return
         try:
-            backend = await self._in_thread(open_store, o, not served_before(o))
+            backend = await self._in_thread(open_store, want, not served_before(want))
         except CannotOpen as e:
             pending.append(f"target {t.name} LUN {lu.lun} is still offline: {e}")
             return
@@ -735,6 +745,7 @@ class Management:
             pending.append(f"target {t.name} LUN {lu.lun} opens now: restart, or `lun remove` and "
                            f"`lun add` it, to serve it")
             return
+        o.path = want.path
         self._identify(o, backend, f"target {t.name} LUN {lu.lun}")   # a file the start could not create
         lu.go_online(backend)
         log.info("target %s LUN %d (%s %s) is online", t.name, lu.lun, o.kind, o.path or "")
@@ -936,6 +947,12 @@ def _serving(opts: LunOptions, lus: list[LogicalUnit]) -> LogicalUnit | None:
     """The LU already on the store `opts` names, however either path spells it (0277)."""
     store = opts.store()
     return next((lu for lu in lus if lu.options.path == opts.path or lu.options.store() == store), None)
+
+
+def _path_corrected(a: LunOptions, b: LunOptions) -> bool:
+    """Whether a file LUN's entry differs from what runs in its path alone
+    (and size): an offline LU's path corrected in the file (0281)."""
+    return a.kind == b.kind == "file" and not _differs_beyond_size(dataclasses.replace(a, path=b.path), b)
 
 
 def _differs_beyond_size(a: LunOptions, b: LunOptions) -> bool:

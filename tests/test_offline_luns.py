@@ -352,3 +352,38 @@ def test_hand_added_luns_get_ids_that_keep_old_disks_and_tell_new_ones_apart(ddi
         with LoopbackClient(endpoint, timeout=10) as c:
             assert naa(c, 0) == naa_of(ident)
         assert tomllib.loads(cfg.read_text())["target"][0]["lun"][0]["id"] == ident
+
+
+def test_a_reload_serves_an_offline_lun_whose_path_was_corrected(ddir, tmp_path):
+    """0281: an offline file LUN (its file moved) whose entry's `path` is
+    corrected by hand: the reload opens the file there and serves the LU in
+    place, under its id, with 06/28/00 then 06/2A/09, as 0280's reload of a
+    restored file does. Before, the reload said "restart to apply them"."""
+    mark = os.urandom(4096)
+    img, moved = Path(ddir) / "disk.img", tmp_path / "moved.img"
+    cfg = Path(ddir) / "scsi-target.toml"
+    endpoint = f"ipc://{ddir}/stml.sock"
+    with Target("--no-iscsi", "--lun", f"file:{img},size=8MiB", data_dir=ddir, portals=(), expect_portals=0):
+        with LoopbackClient(endpoint, timeout=10) as c:
+            c.write(0, 100, mark)
+            c.synchronize_cache(0)
+            before = naa(c, 0)
+    ident = tomllib.loads(cfg.read_text())["target"][0]["lun"][0]["id"]
+    shutil.move(img, moved)
+    with Target("--no-iscsi", data_dir=ddir, portals=(), expect_portals=0) as t:
+        t.wait_log("LUN 0 (file ")
+        doc = tomlkit.parse(cfg.read_text())
+        doc["target"][0]["lun"][0]["path"] = str(moved)
+        cfg.write_text(tomlkit.dumps(doc))
+        with LoopbackClient(endpoint, timeout=10) as c:
+            assert sense(c, 0, READ16, 512) == MANUAL_INTERVENTION
+            r = mgmt(ddir, "config", "reload")
+            assert r["applied"] == [f"target {IQN} LUN 0 online"] and r["not_applied"] == [], r
+            assert sense(c, 0, READ16, 512) == (0x06, (0x28, 0x00))
+            assert sense(c, 0, READ16, 512) == (0x06, (0x2A, 0x09))
+            assert c.read(0, 100, 8) == mark
+            assert naa(c, 0) == before
+        entry = tomllib.loads(cfg.read_text())["target"][0]["lun"][0]
+        assert (entry["path"], entry["id"]) == (str(moved), ident)
+        assert mgmt(ddir, "config", "diff")["same"]
+        assert not img.exists()
