@@ -508,6 +508,27 @@ def test_an_rbd_luns_image_identity_is_a_checked_setting(tmp_path):
     assert "only an rbd LUN" in error_of(tmp_path, head + lun.format(kind="file", path="/a", ident="ab" * 16))
 
 
+def test_an_rbd_lu_shows_its_recorded_image_identity_only_while_offline(caplog):
+    """0281: an opened image's identity is recorded (and is what the LU
+    shows); offline, the LU shows the recorded one; an image whose identity
+    is not the recorded one (made again under the name) is another disk:
+    a warning, its own identity, the record replaced."""
+    from types import SimpleNamespace
+
+    from stml.lu import LogicalUnit, LunOptions, Offline, naa_designator, record_image
+    from support.sbc_harness import Harness
+    template = Harness().emulator.templates["disk"]
+    o = LunOptions("rbd", path="rbd/img")
+    first, second = bytes(range(16)), bytes(range(16, 32))
+    image = SimpleNamespace(identity=first)
+    assert record_image(o, image, "LUN 0") and o.image_identity == first.hex()
+    assert not record_image(o, image, "LUN 0")     # nothing new to save
+    assert LogicalUnit(IQN_A, 0, Offline("gone"), o, template).naa == naa_designator(first)
+    assert record_image(o, SimpleNamespace(identity=second), "LUN 0") and o.image_identity == second.hex()
+    assert "is not the one recorded" in caplog.text
+    assert not record_image(LunOptions("file", path="/x"), image, "LUN 1")
+
+
 def test_the_data_dirs_own_file_names_that_data_dir(tmp_path):
     """D/scsi-target.toml leaves data_dir out (so D can move): loaded with
     --config alone, it is D's config (endpoint, relative LUN paths), not the
