@@ -27,7 +27,7 @@ from tomlkit.items import AoT
 from stml.config import (CONFIG_NAME, Config, ConfigError, LunConfig, StartupError, TargetConfig, check_flags_agree,
                          check_lun_paths, default_data_dir, first_identity, holds_secrets, load, parse_size,
                          size_text)
-from stml.lu import CannotOpen, LunOptions, open_store
+from stml.lu import CannotOpen, LunOptions, legacy_id, open_store
 
 HEADER = """\
 # scsi-target configuration. `scsi-target run` wrote it on first start, and every
@@ -436,11 +436,13 @@ def give_ids(config: Config) -> bool:
     served under the legacy identity of their target and number, which they
     keep (first_identity); in one it wrote, an entry without `id` was added
     since, and a disk added at a number another had before gets an identity
-    of its own. A missing file with a size is created first (the id says
-    "served"); one that cannot be created, and a new entry's missing file
-    without a size, are left without an id (served offline; the reload that
-    opens it gives it one). RBD LUNs take theirs from the image. True when the file must be saved. Blocking (stats,
-    creates): at the STML's start, before it serves (docs/decisions/0281)."""
+    of its own. A new LUN's missing file with a size is created first (the
+    id says "served"); one that cannot be created, and a new entry's missing
+    file without a size, are left without an id (served offline; the reload
+    that opens it gives it one). A served one's missing file is never created
+    (0280). RBD LUNs take theirs from the image. True when the file must be
+    saved. Blocking (stats, creates): at the STML's start, before it serves
+    (docs/decisions/0281)."""
     changed = config.legacy_ids
     for t in config.targets:
         for lc in t.luns:
@@ -448,14 +450,14 @@ def give_ids(config: Config) -> bool:
             if o.id or o.kind == "rbd":
                 continue
             ident = first_identity(config.data_dir, t.name, lc) if config.legacy_ids else secrets.token_hex(16)
-            if o.kind == "file" and o.path is not None and not os.path.exists(o.path):
-                if o.size is None and not config.legacy_ids:
+            served = ident == legacy_id(t.name, lc.lun)
+            if o.kind == "file" and o.path is not None and not served and not os.path.exists(o.path):
+                if o.size is None:
                     continue    # a new disk whose file is not there: its id once it opens
-                if o.size is not None:
-                    try:
-                        open_store(o, create=True).close()
-                    except CannotOpen:
-                        continue    # build_targets says why, and serves it offline
+                try:
+                    open_store(o, create=True).close()
+                except CannotOpen:
+                    continue    # build_targets says why, and serves it offline
             o.id = ident
             changed = True
     config.legacy_ids = False

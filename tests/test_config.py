@@ -420,12 +420,17 @@ def test_an_upgrade_gives_hand_added_luns_the_identity_they_were_served_under(tm
     """A file without `legacy_ids = false` was written by a version that gave
     hand-added LUNs no id: they were served under the legacy identity of
     their target and number, which the id now written keeps (a disk not
-    mounted now too); a LUN whose file is created now is new (0281)."""
+    mounted now too: its file is not created, even with a size, when its
+    APTPL file says it was served); a LUN whose file is created now is new
+    (0281)."""
+    from stml import pr
     from stml.lu import legacy_id
     from stml.persist import give_ids, save
     d = tmp_path / "d"
     d.mkdir()
     (d / "old.img").write_bytes(bytes(4096))
+    pr.state_path(d, IQN_A, 3).parent.mkdir()
+    pr.state_path(d, IQN_A, 3).write_text("{}")
     cfg = _hand_written(d, f"""
         [[target.lun]]
         lun = 0
@@ -442,6 +447,12 @@ def test_an_upgrade_gives_hand_added_luns_the_identity_they_were_served_under(tm
         backend = "file"
         path = "new.img"
         size = "1MiB"
+
+        [[target.lun]]
+        lun = 3
+        backend = "file"
+        path = "served.img"
+        size = "1MiB"
         """)
     c = load(str(cfg))
     assert c.legacy_ids and give_ids(c)
@@ -449,6 +460,7 @@ def test_an_upgrade_gives_hand_added_luns_the_identity_they_were_served_under(tm
     again = load(str(cfg))
     ids = [lc.options.id for lc in again.targets[0].luns]
     assert ids[:2] == [legacy_id(IQN_A, 0), legacy_id(IQN_A, 1)]
+    assert ids[3] == legacy_id(IQN_A, 3) and not (d / "served.img").exists()
     assert ids[2] not in (None, legacy_id(IQN_A, 2)) and (d / "new.img").stat().st_size == 1 << 20
     text = cfg.read_text()
     assert "# kept: a comment of the administrator's" in text and "legacy_ids = false" in text
