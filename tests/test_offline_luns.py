@@ -387,3 +387,25 @@ def test_a_reload_serves_an_offline_lun_whose_path_was_corrected(ddir, tmp_path)
         assert (entry["path"], entry["id"]) == (str(moved), ident)
         assert mgmt(ddir, "config", "diff")["same"]
         assert not img.exists()
+
+
+def test_the_file_of_a_hand_added_lun_once_served_is_not_created_again(ddir):
+    """0281 closes 0280's gap: a LUN hand-added with a size, which the reload
+    served (creating its file), has an id in the file from then on; its file
+    deleted, the next start serves it offline instead of creating it blank
+    under its identity, as for any LUN served before."""
+    cfg = Path(ddir) / "scsi-target.toml"
+    img = Path(ddir) / "hand.img"
+    with Target("--no-iscsi", "--lun", "ram:4MiB", data_dir=ddir, portals=(), expect_portals=0) as t:
+        add_lun_by_hand(cfg, {"lun": 1, "backend": "file", "path": str(img), "size": "2MiB"})
+        assert f"target {IQN} LUN 1 added" in mgmt(ddir, "config", "reload")["applied"]
+        assert img.stat().st_size == 2 << 20
+        ident = tomllib.loads(cfg.read_text())["target"][0]["lun"][1]["id"]
+        img.unlink()
+        kill_stml_and_wait_for_restart(t, ddir)
+        line = t.wait_log("LUN 1 (file ")
+        assert "is missing; it was served before: restore it or remove the LUN" in line
+        assert not img.exists()
+        with LoopbackClient(f"ipc://{ddir}/stml.sock", timeout=10) as c:
+            assert sense(c, 1, READ16, 512) == MANUAL_INTERVENTION
+            assert naa(c, 1) == naa_of(ident)
