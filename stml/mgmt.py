@@ -32,7 +32,7 @@ from stml.config import (MUTUAL_NEEDS_CHAP, Config, ConfigError, LunConfig, Targ
                          file_digest, load, lun_options, parse_lun_spec, parse_size, ram_overcommit)
 from stml.emulator import Emulator, Target
 from stml.gateway import Gateway
-from stml.lu import CannotOpen, LogicalUnit, LunOptions, open_store, served_before
+from stml.lu import CannotOpen, LogicalUnit, LunOptions, open_store, record_image, served_before
 from stml.metrics import Metrics
 from stml.persist import EditedError, hold, model, read_document, render, save
 from stml.portals import PortalStates, portal_entries, portal_groups
@@ -73,6 +73,7 @@ class Management:
         self.endpoints = endpoints
         self._lock = asyncio.Lock()   # one change at a time (config file writes in order)
         self._batch = False           # a reload: the file is the source, nothing is saved
+        self._identified = False      # a reload gave a LUN an id, or recorded an image's: saved after it
         # LUN numbers whose LU was removed, by target: an LU added at one is news there too
         self._retired: dict[str, set[int]] = {}
         self._closing: set[asyncio.Task] = set()   # removed LUs' backends waiting to close
@@ -428,6 +429,7 @@ class Management:
                                     self.config.stml_endpoint, ())
         applied: list[str] = []
         pending: list[str] = []
+        self._identified = False
         with self._batched():
             await self._reload(new, applied, pending)
         self.config.digest = new.digest
@@ -435,6 +437,8 @@ class Management:
         # what was not applied stays in the file through saves; two models of
         # every LUN: built in a thread, as a save's (the lock keeps them still)
         await self._in_thread(_hold, self.config, new)
+        if self._identified:   # entries added by hand: the file keeps the ids they are served with (0281)
+            log.info("reload: LUN identities %s", await self._persist())
         for line in applied:
             log.info("reload: %s", line)
         for line in pending:
@@ -507,9 +511,10 @@ class Management:
                     continue
                 applied.append(f"target {t.name} LUN {number} added")
                 continue
-            if lu.offline is not None and not _differs_beyond_size(o, lu.options):
-                await self._retry_offline(t, lu, applied, pending)
-            elif _differs_beyond_size(o, lu.options):
+            same = not _differs_beyond_size(o, lu.options)
+            if lu.offline is not None and (same or _path_corrected(o, lu.options)):
+                await self._retry_offline(t, lu, applied, pending, o.path)
+            elif not same:
                 pending.append(f"target {t.name} LUN {number}: settings other than its size changed: "
                                f"restart to apply them (or remove and add the LUN)")
             elif o.size is not None and o.size != lu.options.size:
@@ -520,6 +525,9 @@ class Management:
                     applied.append(f"target {t.name} LUN {number} resized to {o.size} bytes")
                 except MgmtError as e:
                     pending.append(f"target {t.name} LUN {number}: {e}")
+            if o.id is None and lu.options.id is not None and not _differs_beyond_size(o, lu.options):
+                o.id = lu.options.id   # the entry of a served LU, its id lost: kept (0281)
+                self._identified = True
 
     # ------------------------------------------------------------ portals
     async def _set_portals(self, portals: list[str]) -> str:
@@ -693,6 +701,7 @@ class Management:
             backend = await self._in_thread(open_store, opts, create)
         except CannotOpen as e:
             raise MgmtError(f"cannot open the backend: {e}") from None
+        self._identify(opts, backend, f"target {t.name} LUN {number}")
         lu = LogicalUnit(t.name, number, backend, opts, self.em.templates["disk"])
         if getattr(backend, "lock_acquire", None) is not None:
             try:   # shared storage: served once this gateway holds its lock
@@ -718,14 +727,32 @@ class Management:
         await self._redetect()
         return lu
 
-    async def _retry_offline(self, t: Target, lu: LogicalUnit, applied: list[str], pending: list[str]) -> None:
+    def _identify(self, o: LunOptions, backend: Any, where: str) -> None:
+        """A LUN entry without `id` (added by hand) gets one once its store
+        opened, as `lun add` gives it; an RBD LU records its image's (0281)."""
+        if o.kind != "rbd" and o.id is None:
+            o.id = secrets.token_hex(16)
+            self._identified = True
+        elif record_image(o, backend, where):
+            self._identified = True
+
+    async def _retry_offline(self, t: Target, lu: LogicalUnit, applied: list[str], pending: list[str],
+                             path: str | None) -> None:
         """A reload opens an offline LU's store again (the disk mounted, the
-        file restored): once it opens, the LU is served, and its nexuses
-        learn it as a newly loaded medium (06/28/00), then its capacity
-        (06/2A/09) (0280)."""
+        file restored, or `path` corrected in its entry): once it opens, the
+        LU is served, under its identity, and its nexuses learn it as a newly
+        loaded medium (06/28/00), then its capacity (06/2A/09) (0280, 0281)."""
         o = lu.options
+        want = o if path == o.path else dataclasses.replace(o, path=path)
+        if want is not o:   # one store, one LU (0277)
+            lus = [x for x in await self._lus() if x is not lu]
+            owner = await self._in_thread(_serving, want, lus)
+            if owner is not None:
+                pending.append(f"target {t.name} LUN {lu.lun}: {path} already backs target {owner.target} "
+                               f"LUN {owner.lun}")
+                return
         try:
-            backend = await self._in_thread(open_store, o, not served_before(o))
+            backend = await self._in_thread(open_store, want, not served_before(want))
         except CannotOpen as e:
             pending.append(f"target {t.name} LUN {lu.lun} is still offline: {e}")
             return
@@ -736,6 +763,8 @@ class Management:
             pending.append(f"target {t.name} LUN {lu.lun} opens now: restart, or `lun remove` and "
                            f"`lun add` it, to serve it")
             return
+        o.path = want.path
+        self._identify(o, backend, f"target {t.name} LUN {lu.lun}")   # a file the start could not create
         lu.go_online(backend)
         log.info("target %s LUN %d (%s %s) is online", t.name, lu.lun, o.kind, o.path or "")
         await self._ua([lu], NOT_READY_TO_READY_CHANGE, t.name)
@@ -979,6 +1008,12 @@ def _serving(opts: LunOptions, lus: list[LogicalUnit]) -> LogicalUnit | None:
     """The LU already on the store `opts` names, however either path spells it (0277)."""
     store = opts.store()
     return next((lu for lu in lus if lu.options.path == opts.path or lu.options.store() == store), None)
+
+
+def _path_corrected(a: LunOptions, b: LunOptions) -> bool:
+    """Whether a file LUN's entry differs from what runs in its path alone
+    (and size): an offline LU's path corrected in the file (0281)."""
+    return a.kind == b.kind == "file" and not _differs_beyond_size(dataclasses.replace(a, path=b.path), b)
 
 
 def _differs_beyond_size(a: LunOptions, b: LunOptions) -> bool:
