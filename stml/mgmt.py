@@ -34,7 +34,7 @@ from stml.emulator import Emulator, Target
 from stml.gateway import Gateway
 from stml.lu import CannotOpen, LogicalUnit, LunOptions, open_store, record_image, served_before
 from stml.metrics import Metrics
-from stml.persist import EditedError, hold, model, read_document, render, save
+from stml.persist import EditedError, hold, model, new_id, read_document, render, save
 from stml.portals import PortalStates, portal_entries, portal_groups
 from stml.sense import CAPACITY_DATA_CHANGED, NOT_READY_TO_READY_CHANGE, REPORTED_LUNS_DATA_CHANGED
 from stml.task import FANOUT_STEP, Nexus, Task
@@ -701,7 +701,7 @@ class Management:
             backend = await self._in_thread(open_store, opts, create)
         except CannotOpen as e:
             raise MgmtError(f"cannot open the backend: {e}") from None
-        self._identify(opts, backend, f"target {t.name} LUN {number}")
+        await self._identify(t.name, number, opts, backend)
         lu = LogicalUnit(t.name, number, backend, opts, self.em.templates["disk"])
         if getattr(backend, "lock_acquire", None) is not None:
             try:   # shared storage: served once this gateway holds its lock
@@ -727,13 +727,14 @@ class Management:
         await self._redetect()
         return lu
 
-    def _identify(self, o: LunOptions, backend: Any, where: str) -> None:
-        """A LUN entry without `id` (added by hand) gets one once its store
-        opened, as `lun add` gives it; an RBD LU records its image's (0281)."""
+    async def _identify(self, target: str, lun: int, o: LunOptions, backend: Any) -> None:
+        """A LUN entry without `id` (`lun add`, or added by hand) gets one once
+        its store opened (persist.new_id: a stat, in a thread); an RBD LU
+        records its image's (0281)."""
         if o.kind != "rbd" and o.id is None:
-            o.id = secrets.token_hex(16)
+            o.id = await self._in_thread(new_id, target, lun, o)
             self._identified = True
-        elif record_image(o, backend, where):
+        elif record_image(o, backend, f"target {target} LUN {lun}"):
             self._identified = True
 
     async def _retry_offline(self, t: Target, lu: LogicalUnit, applied: list[str], pending: list[str],
@@ -764,7 +765,7 @@ class Management:
                            f"`lun add` it, to serve it")
             return
         o.path = want.path
-        self._identify(o, backend, f"target {t.name} LUN {lu.lun}")   # a file the start could not create
+        await self._identify(t.name, lu.lun, o, backend)   # a file the start could not create
         lu.go_online(backend)
         log.info("target %s LUN %d (%s %s) is online", t.name, lu.lun, o.kind, o.path or "")
         await self._ua([lu], NOT_READY_TO_READY_CHANGE, t.name)

@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import os
 import secrets
+import stat
 from pathlib import Path
 from typing import Any, Callable
 
@@ -383,7 +384,7 @@ def give_ids(config: Config) -> bool:
             o = lc.options
             if o.id or o.kind == "rbd":
                 continue
-            ident = first_identity(config.data_dir, t.name, lc) if config.legacy_ids else secrets.token_hex(16)
+            ident = first_identity(config.data_dir, t.name, lc) if config.legacy_ids else new_id(t.name, lc.lun, lc.options)
             served = ident == legacy_id(t.name, lc.lun)
             if o.kind == "file" and o.path is not None and not served and not os.path.exists(o.path):
                 if o.size is None:
@@ -396,6 +397,24 @@ def give_ids(config: Config) -> bool:
             changed = True
     config.legacy_ids = False
     return changed
+
+
+def new_id(target: str, lun: int, o: LunOptions) -> str:
+    """A hand-added disk's id. Saved, it is the LU's for good; derived from
+    its target, number, path and (a file) inode, a config file the STML
+    cannot keep it in (mode 0444, or rewritten from a template by
+    configuration management) still gives the same disk the same identity at
+    every start, and another file, even at that path, another one. A RAM
+    LUN's contents do not outlive the STML: each is a new disk. Blocking (a
+    stat)."""
+    if o.kind == "ram" or o.path is None:
+        return secrets.token_hex(16)
+    try:
+        st = os.stat(o.path)
+        inode = st.st_ino if stat.S_ISREG(st.st_mode) else 0
+    except OSError:
+        inode = 0
+    return hashlib.sha256(f"{target}\0{lun}\0{o.kind}\0{o.path}\0{inode}".encode()).hexdigest()[:32]
 
 
 def _create_files(config: Config) -> None:
