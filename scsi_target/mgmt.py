@@ -592,13 +592,18 @@ def config_show(file_only: bool, **kw: Any) -> None:
     """Print the running configuration, as a save would write it (with the file's comments)."""
     kw = inherited(kw)
     if file_only:
+        import tomlkit
         from stml.config import CONFIG_NAME
+        from stml.persist import hide_secrets
         path = kw.get("config_path") or str(_data_dir(kw) / CONFIG_NAME)
         try:
-            text = Path(path).read_text()
+            text = hide_secrets(Path(path).read_text())
         except OSError as e:
             click.echo(f"scsi-target: {path}: {e.strerror}", err=True)
             sys.exit(1)
+        except tomlkit.exceptions.ParseError as e:   # shown as it is, it could print a secret
+            click.echo(f"scsi-target: {path}: not valid TOML: {e}", err=True)
+            sys.exit(2)
         if kw.get("as_json"):
             import tomllib
             click.echo(json.dumps(tomllib.loads(text), indent=2))

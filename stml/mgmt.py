@@ -34,7 +34,7 @@ from stml.emulator import Emulator, Target
 from stml.gateway import Gateway
 from stml.lu import CannotOpen, LogicalUnit, LunOptions, open_store, served_before
 from stml.metrics import Metrics
-from stml.persist import EditedError, hold, model, read_document, render, save
+from stml.persist import SECRET_DIFFERS, EditedError, hide_secrets, hold, model, read_document, render, save
 from stml.portals import PortalStates, portal_entries, portal_groups
 from stml.sense import CAPACITY_DATA_CHANGED, NOT_READY_TO_READY_CHANGE, REPORTED_LUNS_DATA_CHANGED
 from stml.task import FANOUT_STEP, Nexus, Task
@@ -364,7 +364,7 @@ class Management:
         """The running configuration, written into the file's text (its comments)."""
         path = self.config.path
         doc = read_document(path) if path is not None else None
-        return {"path": str(path) if path else None, "text": render(self.config, doc)}
+        return {"path": str(path) if path else None, "text": hide_secrets(render(self.config, doc))}
 
     async def config_save(self, path: str | None = None, force: bool = False) -> dict[str, Any]:
         """Save the running configuration to its file, or to `path`. `force`
@@ -396,8 +396,10 @@ class Management:
         except FileNotFoundError:
             text = ""
         running = render(self.config, read_document(path) if text else None)
-        diff = "".join(difflib.unified_diff(text.splitlines(True), running.splitlines(True),
+        diff = "".join(difflib.unified_diff(hide_secrets(text).splitlines(True), hide_secrets(running).splitlines(True),
                                             f"{path} (file)", "running configuration"))
+        if not diff and text != running:   # they differ only in a secret: say so, not what
+            diff = SECRET_DIFFERS
         return {"path": str(path), "same": not diff, "diff": diff,
                 "edited": file_digest(path) != self.config.digest}
 
