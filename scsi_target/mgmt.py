@@ -326,11 +326,19 @@ def chap() -> None:
 @chap.command("set")
 @click.option("--target", "target_name", help="Target name (default: the first).")
 @click.option("--user", help="The CHAP user name.")
-@click.option("--secret", help="12 to 255 bytes; omit --user and --secret to turn CHAP off.")
+@click.option("--secret", help="12 to 255 bytes; omit --user and --secret to turn CHAP off. Every local "
+              "user can read a command line (ps): prefer --secret-file.")
+@click.option("--secret-file", type=click.File("r"),
+              help="Read the secret from this file's first line (- for standard input).")
 @click.option("--mutual", is_flag=True, help="Set the target's own (mutual CHAP) credentials; CHAP must be set first.")
 @mgmt_options
-def chap_set(target_name: str | None, user: str | None, secret: str | None, mutual: bool, **kw: Any) -> None:
-    """Require CHAP (--user and --secret), or turn it off (neither)."""
+def chap_set(target_name: str | None, user: str | None, secret: str | None, secret_file: Any, mutual: bool,
+             **kw: Any) -> None:
+    """Require CHAP (--user and --secret or --secret-file), or turn it off (neither)."""
+    if secret_file is not None:
+        if secret is not None:
+            raise click.UsageError("give --secret or --secret-file, not both")
+        secret = secret_file.readline(1024).rstrip("\r\n")   # a secret is at most 255 bytes
     show(kw, _call(kw, "chap_set", target=target_name, user=user, secret=secret, mutual=mutual))
 
 

@@ -218,3 +218,33 @@ def test_stml_sockets_are_owner_only_whatever_the_umask(tmp_path, umask):
         assert {p.name: oct(mode(p)) for p in socks} == {p.name: "0o600" for p in socks}
         assert mode(sockdir) == 0o700
     shutil.rmtree(sockdir.parent, ignore_errors=True)
+
+
+def test_chap_secret_from_a_file_or_stdin_not_the_command_line(tmp_path):
+    """`chap set --secret-file` (a file, or - for standard input) keeps the
+    secret out of the command line every local user can read; the secret
+    is the first line without its newline."""
+    ddir = short_dir()
+    secret_file = tmp_path / "s"
+    secret_file.write_text("from-a-file-123\nignored\n")
+
+    def chap(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "scsi_target", "chap", "set", *args, "--data-dir", ddir],
+                              input=stdin, capture_output=True, text=True, timeout=60)
+
+    def saved(key: str) -> dict:
+        return tomllib.loads((Path(ddir) / "scsi-target.toml").read_text())["target"][0][key]
+    try:
+        with Target("--lun", "ram:4MiB", data_dir=ddir):
+            p = chap("--user", "alice", "--secret-file", "-", stdin="from-stdin-1234\n")
+            assert p.returncode == 0, p.stderr
+            assert saved("chap") == {"user": "alice", "secret": "from-stdin-1234"}
+            p = chap("--mutual", "--user", "tgt", "--secret-file", str(secret_file))
+            assert p.returncode == 0, p.stderr
+            assert saved("mutual_chap") == {"user": "tgt", "secret": "from-a-file-123"}
+            p = chap("--user", "alice", "--secret", "x" * 12, "--secret-file", str(secret_file))
+            assert p.returncode == 2 and "not both" in p.stderr
+            p = chap("--user", "alice", "--secret-file", "-", stdin="short\n")
+            assert p.returncode == 2 and "12 to 255 bytes" in p.stderr, p.stderr
+    finally:
+        shutil.rmtree(ddir, ignore_errors=True)

@@ -175,6 +175,7 @@ KIND_OF_TEST = {
     "test_secret_files.py::test_management_writes_a_config_with_secrets_0600": "process",
     "test_secret_files.py::test_config_show_and_diff_never_print_secrets": "process",
     "test_secret_files.py::test_stml_sockets_are_owner_only_whatever_the_umask": "process",
+    "test_secret_files.py::test_chap_secret_from_a_file_or_stdin_not_the_command_line": "process",
     "test_stream_channel.py::test_a_zeromq_peer_cannot_speak_for_a_stream_front_end": "process",
     "test_stream_channel.py::test_client_falls_back_to_zeromq_without_the_stream_file": "process",
     "test_stream_channel.py::test_loopback_client_is_back_on_the_stream_after_a_graceful_restart": "process",
