@@ -884,9 +884,28 @@ class Management:
         if not mutual and not creds and t.access.get("mutual"):
             raise MgmtError(f"{t.name} has mutual CHAP, which needs CHAP: turn it off first "
                             f"(`chap set --mutual`)")
-        saved = await self._set_access(t, "mutual" if mutual else "chap", creds)
-        return {"target": t.name, "chap" if not mutual else "mutual_chap": "set" if creds else "off",
-                "saved": saved}
+        if mutual:
+            return {"target": t.name, "mutual_chap": "set" if creds else "off",
+                    "saved": await self._set_access(t, "mutual", creds)}
+        saved, ended = await self._set_chap(t, creds)
+        return {"target": t.name, "chap": "set" if creds else "off", "sessions_ended": ended, "saved": saved}
+
+    async def _set_chap(self, t: Target, creds: dict[str, str] | None) -> tuple[str, int]:
+        """CHAP turned on applies to the sessions that exist too (0288): the
+        target asked none of them to authenticate, so all of them end, before
+        the save, as an ACL change ends those it leaves out (0275). New
+        credentials for a target that had CHAP leave its sessions be: they
+        authenticated with the credentials of their time (0275)."""
+        self._check_file()
+        was, t.access = t.access.get("chap"), {**t.access, "chap": creds}
+        self._tc(t.name).chap = creds
+        self._redetect()
+        ended = 0
+        if creds and not was:
+            ended = await self._end_sessions(t.name, f"{t.name} now requires CHAP", frozenset())
+            if ended:
+                log.info("%s: ended %d session(s) that logged in without CHAP", t.name, ended, extra=audit())
+        return await self._persist(), ended
 
 
 async def _set_alias(m: Management, t: Target, alias: str) -> None:
@@ -904,7 +923,7 @@ async def _set_target_reset(m: Management, t: Target, allowed: bool) -> None:
 _TARGET_SETTERS: dict[str, Callable[[Management, Target, Any], Awaitable[Any]]] = {
     "alias": _set_alias,
     "acl": lambda m, t, v: m._set_acl(t, v),
-    "chap": lambda m, t, v: m._set_access(t, "chap", v),
+    "chap": lambda m, t, v: m._set_chap(t, v),
     "mutual_chap": lambda m, t, v: m._set_access(t, "mutual", v),
     "target_reset": _set_target_reset,
 }
