@@ -21,6 +21,8 @@ import struct
 from dataclasses import dataclass
 from typing import Callable
 
+from fetd_tcp.login import advertised
+
 log = logging.getLogger("fetd_tcp.isns")
 
 VERSION = 1
@@ -79,24 +81,16 @@ def pdu(function: int, xid: int, payload: bytes, flags: int = 0) -> bytes:
 
 
 def reachable(portals: list[Portal], local: str) -> list[Portal]:
-    """The portals as an initiator can reach them: one bound to every address
-    (0.0.0.0, ::) is named by `local`, the address this host reaches the iSNS
-    server from, when it listens there (same family); else it is left out.
-    The wildcard itself would send initiators to their own host."""
+    """The portals as initiators that reach the iSNS server's network can use
+    them, named as SendTargets names them to one that came to `local` (the
+    address this host reaches the server from): a wildcard portal (0.0.0.0,
+    ::) by that address, which the wildcard itself would send initiators to
+    their own host; a loopback portal only when the server is on loopback."""
     out = []
-    here = ipaddress.ip_address(local.split("%")[0])
-    if isinstance(here, ipaddress.IPv6Address) and here.ipv4_mapped:
-        here = here.ipv4_mapped
     for p in portals:
-        try:
-            bound = ipaddress.ip_address(p.host.strip("[]"))
-        except ValueError:      # a host name: registered as it resolves
-            out.append(p)
-            continue
-        if not bound.is_unspecified:
-            out.append(p)
-        elif bound.version == here.version or bound.version == 6 and here.version == 4:
-            out.append(Portal(str(here), p.port, p.tpgt))    # "::" is dual-stack: v4 too
+        told = advertised(p.host, local)
+        if told is not None:
+            out.append(Portal(told, p.port, p.tpgt))
     return out
 
 

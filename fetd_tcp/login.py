@@ -430,10 +430,36 @@ def send_targets(value: str, initiator_name: str, targets: Iterable[TargetConfig
         out.append(("TargetName", target.name))
         for tpgt, portals in sorted(portals_by_tpgt.items()):
             for host, port in portals:
-                if host in _WILDCARDS:
-                    host = local_addr[0]
-                out.append(("TargetAddress", format_address(host, port, tpgt)))
+                told = advertised(host, local_addr[0])
+                if told is not None:
+                    out.append(("TargetAddress", format_address(told, port, tpgt)))
     return out
+
+
+def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address `host` spells (an IPv4-mapped one as IPv4), None for a DNS name."""
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0].strip("[]"))
+    except ValueError:
+        return None
+    return ip.ipv4_mapped or ip if isinstance(ip, ipaddress.IPv6Address) else ip
+
+
+def advertised(host: str, local: str) -> str | None:
+    """How a portal bound to `host` is named to an initiator whose connection
+    came to our address `local`, or None when that initiator cannot use it:
+    a wildcard portal by `local` when it listens there (0.0.0.0 takes IPv4
+    only, :: both); a loopback portal only over loopback, since elsewhere
+    127.0.0.1 names the initiator's own host."""
+    here = _ip(local)
+    if host in _WILDCARDS:
+        if host == "0.0.0.0" and here is not None and here.version != 4:
+            return None
+        return local
+    bound = _ip(host)
+    if (bound is not None and bound.is_loopback or host == "localhost") and not (here and here.is_loopback):
+        return None
+    return host
 
 
 def fit_targets(pairs: Sequence[tuple[str, str]], max_bytes: int) -> tuple[list[tuple[str, str]], int]:
