@@ -50,6 +50,8 @@ class MgmtError(Exception):
 PORTAL_WAIT = 8.0   # `portal add` waits this long for the listeners' report (clients wait 10 s)
 
 
+ISCSI = frozenset({"iscsi"})   # the front-end kind fetd_tcp registers as: the one that speaks CHAP
+
 class Management:
     """The management commands. Each change is applied live and to the running
     configuration (self.config, the Config model: its targets, LUNs and
@@ -601,11 +603,12 @@ class Management:
         self._redetect()
         return {"target": t.name, "saved": await self._persist()}
 
-    async def _end_sessions(self, target: str, why: str,
-                            admitted: frozenset[str] | None = frozenset()) -> int:
+    async def _end_sessions(self, target: str, why: str, admitted: frozenset[str] | None = frozenset(),
+                            kinds: frozenset[str] | None = None) -> int:
         """The sessions of a removed target end (docs/decisions/0265), or those
         of initiators its new ACL leaves out (0275; `admitted` as
-        Emulator.admitted, None: all stay): each front end is told to drop its
+        Emulator.admitted, None: all stay; `kinds`: only those of front ends of
+        these kinds, None: all): each front end is told to drop its
         nexus (fetd_tcp closes the session's connections), then the STML
         releases it, and its tasks end silently. FANOUT_STEP nexuses between
         turns of the loop; the target (or the ACL) has changed already, so
@@ -618,7 +621,7 @@ class Management:
         chunk: list[Nexus] = []
         ended = 0
         for n in self.em.nexuses(target):
-            if pr.name_key(n.initiator) in admitted:
+            if pr.name_key(n.initiator) in admitted or kinds is not None and n.fe.kind not in kinds:
                 continue
             chunk.append(n)
             if len(chunk) == FANOUT_STEP:
@@ -892,7 +895,7 @@ class Management:
 
     async def _set_chap(self, t: Target, creds: dict[str, str] | None) -> tuple[str, int]:
         """CHAP turned on applies to the sessions that exist too (0288): the
-        target asked none of them to authenticate, so all of them end, before
+        target asked none of them to authenticate, so all its iSCSI ones end, before
         the save, as an ACL change ends those it leaves out (0275). New
         credentials for a target that had CHAP leave its sessions be: they
         authenticated with the credentials of their time (0275)."""
@@ -901,8 +904,8 @@ class Management:
         self._tc(t.name).chap = creds
         self._redetect()
         ended = 0
-        if creds and not was:
-            ended = await self._end_sessions(t.name, f"{t.name} now requires CHAP", frozenset())
+        if creds and not was:   # CHAP is iSCSI's: a VM's (vhost) or a loopback client's nexus stays
+            ended = await self._end_sessions(t.name, f"{t.name} now requires CHAP", frozenset(), ISCSI)
             if ended:
                 log.info("%s: ended %d session(s) that logged in without CHAP", t.name, ended, extra=audit())
         return await self._persist(), ended

@@ -9,6 +9,7 @@ import tomllib
 
 import pytest
 
+from fetd_loopback import LoopbackClient
 from support.cli import cli, mgmt
 from support.procs import free_port, run
 from support.rawiscsi import RawInitiator
@@ -375,13 +376,16 @@ def test_turning_chap_on_ends_the_sessions_that_did_not_authenticate(config):
         host, port = t.portal.rsplit(":", 1)
         open_ = RawInitiator(host, int(port), initiator="iqn.2026-11.org.test:unauthenticated")
         keep = RawInitiator(host, int(port), initiator="iqn.2026-11.org.test:keeper")
+        local = LoopbackClient(f"ipc://{d}/stml.sock", target=IQN, timeout=10).open()   # no CHAP
         try:
             assert open_.login(IQN).status_class == 0 and keep.login(other).status_class == 0
             assert tur(open_, 0)[0] == 0
+            local.capacity(0)
             r = mgmt(d, "chap", "set", "--target", IQN, "--user", "u", "--secret", "twelve-bytes-1")
             assert r["sessions_ended"] == 1
             assert_dropped(open_)
             assert tur(keep, 0)[0] == 0
+            local.capacity(0)
             again = RawInitiator(host, int(port), initiator="iqn.2026-11.org.test:unauthenticated")
             assert again.login(IQN).status_class == 2     # its next login (no CHAP) is refused
             again.close()
@@ -391,6 +395,7 @@ def test_turning_chap_on_ends_the_sessions_that_did_not_authenticate(config):
         finally:
             open_.close()
             keep.close()
+            local.close()
         assert mgmt(d, "chap", "set", "--target", IQN, "--user", "v", "--secret",
                     "twelve-bytes-3")["sessions_ended"] == 0
         assert mgmt(d, "chap", "set", "--target", IQN)["sessions_ended"] == 0
