@@ -448,12 +448,16 @@ def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
 def advertised(host: str, local: str) -> str | None:
     """How a portal bound to `host` is named to an initiator whose connection
     came to our address `local`, or None when that initiator cannot use it:
-    a wildcard portal by `local` when it listens there (0.0.0.0 takes IPv4
-    only, :: both); a loopback portal only over loopback, since elsewhere
-    127.0.0.1 names the initiator's own host."""
+    a wildcard portal by `local` when it listens there (0.0.0.0 takes IPv4,
+    :: IPv6 only: asyncio binds it IPV6_V6ONLY); a loopback portal only over
+    loopback, since elsewhere 127.0.0.1 names the initiator's own host."""
     here = _ip(local)
     if host in _WILDCARDS:
-        if host == "0.0.0.0" and here is not None and here.version != 4:
+        if here is None:
+            return local
+        # :: took this connection itself when `local` is IPv6 (an IPv4-mapped one too)
+        came_v6 = ":" in local
+        if host == "0.0.0.0" and here.version != 4 or host == "::" and not came_v6:
             return None
         return local
     bound = _ip(host)
