@@ -248,3 +248,20 @@ def test_chap_secret_from_a_file_or_stdin_not_the_command_line(tmp_path):
             assert p.returncode == 2 and "12 to 255 bytes" in p.stderr, p.stderr
     finally:
         shutil.rmtree(ddir, ignore_errors=True)
+
+
+def test_a_curve_secret_key_others_can_read_draws_a_warning(tmp_path, caplog):
+    """As a config holding CHAP secrets does: a key_secret file group or others
+    can read is loaded, with one warning naming it and its mode."""
+    from scsi_runtime.curvekeys import load_key_file
+    _, sec, public = write_key_pair(tmp_path, "node")
+    caplog.set_level("WARNING", logger="scsi_runtime.curvekeys")
+    assert load_key_file(str(sec), secret=True)[0] == public.encode()
+    assert caplog.records == []
+    sec.chmod(0o644)
+    assert load_key_file(str(tmp_path / "node.key"), secret=True)[0] == public.encode()   # via its public file
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{sec} holds a CURVE secret key and is readable by group and others (mode 644); chmod 600 it"]
+    caplog.clear()
+    load_key_file(str(tmp_path / "node.key"))          # the public key alone: nothing to say
+    assert caplog.records == []
