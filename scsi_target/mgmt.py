@@ -328,17 +328,24 @@ def chap() -> None:
 @click.option("--user", help="The CHAP user name.")
 @click.option("--secret", help="12 to 255 bytes; omit --user and --secret to turn CHAP off. Every local "
               "user can read a command line (ps): prefer --secret-file.")
-@click.option("--secret-file", type=click.File("r"),
+@click.option("--secret-file", metavar="FILE",
               help="Read the secret from this file's first line (- for standard input).")
 @click.option("--mutual", is_flag=True, help="Set the target's own (mutual CHAP) credentials; CHAP must be set first.")
 @mgmt_options
-def chap_set(target_name: str | None, user: str | None, secret: str | None, secret_file: Any, mutual: bool,
-             **kw: Any) -> None:
+def chap_set(target_name: str | None, user: str | None, secret: str | None, secret_file: str | None,
+             mutual: bool, **kw: Any) -> None:
     """Require CHAP (--user and --secret or --secret-file), or turn it off (neither)."""
     if secret_file is not None:
         if secret is not None:
-            raise click.UsageError("give --secret or --secret-file, not both")
-        secret = secret_file.readline(1024).rstrip("\r\n")   # a secret is at most 255 bytes
+            click.echo("scsi-target: give --secret or --secret-file, not both", err=True)
+            sys.exit(2)
+        try:
+            with click.open_file(secret_file) as f:
+                secret = f.readline(1024).rstrip("\r\n")   # a secret is at most 255 bytes
+        except (OSError, UnicodeDecodeError) as e:
+            why = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
+            click.echo(f"scsi-target: --secret-file {secret_file}: {why}", err=True)
+            sys.exit(2)
     show(kw, _call(kw, "chap_set", target=target_name, user=user, secret=secret, mutual=mutual))
 
 

@@ -244,6 +244,9 @@ def test_chap_secret_from_a_file_or_stdin_not_the_command_line(tmp_path):
             assert saved("mutual_chap") == {"user": "tgt", "secret": "from-a-file-123"}
             p = chap("--user", "alice", "--secret", "x" * 12, "--secret-file", str(secret_file))
             assert p.returncode == 2 and "not both" in p.stderr
+            p = chap("--user", "alice", "--secret-file", str(tmp_path / "missing"))
+            assert p.returncode == 2 and p.stderr == f"scsi-target: --secret-file {tmp_path / 'missing'}: " \
+                "No such file or directory\n"
             p = chap("--user", "alice", "--secret-file", "-", stdin="short\n")
             assert p.returncode == 2 and "12 to 255 bytes" in p.stderr, p.stderr
     finally:
