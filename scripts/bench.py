@@ -134,17 +134,22 @@ class RbdImages:
             conf, keyring = str(self.cluster.conf), str(self.cluster.keyring)
         self.conf, self.keyring = conf, keyring
         self.made: list[str] = []
-        # tgtd's bs_rbd takes its client's options from a conf file: a copy of the
-        # cluster's with librbd's cache off, as ours runs (backends/librbd.py). With
+        # tgtd's librbd runs with its cache off, as ours does (backends/librbd.py). With
         # Pacific's default cache, once an initiator has sent one SYNCHRONIZE CACHE
         # (qemu does when it closes a LUN it wrote to) librbd acknowledges writes
         # before the OSD has them (write-around, up to 24 MiB in flight): tgtd's 4 KiB
         # QD16 writes then ran twice as fast on acknowledgements no gateway may give
-        # (decision 0411)
-        fd, name = tempfile.mkstemp(prefix="bench-tgtd-", suffix=".conf")
-        with os.fdopen(fd, "w") as f:
-            f.write(Path(conf).read_text() + "\n[client]\nrbd cache = false\n")
-        self.tgtd_conf = name
+        # (decision 0411). The options go in tgtd's CEPH_ARGS (tgtd_env), which
+        # librados ranks above every section of a conf file: a `[client]` section
+        # would lose to a `[client.admin]` one (tgtd's user) in the cluster's conf
+        self.tgtd_options = {"rbd_cache": "false"}
+
+    def tgtd_env(self) -> dict[str, str]:
+        """tgtd's environment: its librbd options (and the keyring) in CEPH_ARGS,
+        after whatever CEPH_ARGS this process has."""
+        args = [os.environ.get("CEPH_ARGS", ""), *(f"--{k}={v}" for k, v in self.tgtd_options.items()),
+                *([f"--keyring={self.keyring}"] if self.keyring else [])]
+        return {**os.environ, "CEPH_ARGS": " ".join(a for a in args if a)}
 
     def rbd(self, *args: str) -> None:
         keyring = ["--keyring", self.keyring] if self.keyring else []
@@ -164,7 +169,6 @@ class RbdImages:
     def close(self) -> None:
         for spec in self.made:
             subprocess.run(["rbd", "-c", self.conf, "rm", "--no-progress", spec], capture_output=True)
-        Path(self.tgtd_conf).unlink(missing_ok=True)
         if self.cluster is not None:
             self.cluster.stop()
 
@@ -258,12 +262,13 @@ class Tgtd:
         self.ctl = 3000 + os.getpid() % 2000   # tgtd's control "port" is a small socket index
         self.img = img
         self.more = more or []
-        # tgt-rbd's backing store (its keyring from the conf), or the file
-        lun = (["--bstype", "rbd", "-b", rbd.image("bench-tgtd"), "--bsopts", f"conf={rbd.tgtd_conf}"]
+        # tgt-rbd's backing store (its librbd options in its environment), or the file
+        lun = (["--bstype", "rbd", "-b", rbd.image("bench-tgtd"), "--bsopts", f"conf={rbd.conf}"]
                if rbd is not None else ["-b", str(self.img)])
         self.proc = subprocess.Popen(["tgtd", "-f", "-C", str(self.ctl), "--iscsi",
                                       f"portal=127.0.0.1:{self.port}"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     env=rbd.tgtd_env() if rbd is not None else None)
         adm = ["tgtadm", "-C", str(self.ctl), "--lld", "iscsi"]
         for _ in range(50):
             if subprocess.run(adm + ["--op", "show", "--mode", "target"], capture_output=True).returncode == 0:

@@ -100,8 +100,7 @@ def main() -> None:
         try:
             kinds: list[type[bench.Ours] | type[bench.Tgtd]] = [
                 kind for kind, name in ((bench.Ours, "ours"), (bench.Tgtd, "tgtd")) if args.only in (None, name)]
-            with open(rbd.tgtd_conf, "a") as f:   # after bench.py's own (rbd cache = false)
-                f.writelines(f"{k.replace('_', ' ')} = {v}\n" for k, v in (o.split("=", 1) for o in args.tgtd_set))
+            rbd.tgtd_options.update(o.split("=", 1) for o in args.tgtd_set)   # over bench.py's own
             for kind in kinds:
                 targets.append(kind(work, None, False, rbd))
             runs: dict[str, list] = {t.name: [] for t in targets}

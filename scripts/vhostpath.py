@@ -121,13 +121,11 @@ def proc_cpu(pid: int) -> tuple[float, int]:
     return cpu, int(m.group(1)) if m else 0
 
 
-def totals(path: str) -> int:
-    """The instruction count in a callgrind dump."""
-    text = Path(path).read_text()
-    m = re.search(r"^(?:totals|summary):\s+(\d+)", text, re.M)
-    if not m:
-        raise SystemExit(f"vhostpath: no totals in {path}")
-    return int(m.group(1))
+def totals(path: str) -> int | None:
+    """The instruction count in a callgrind dump, or None while callgrind is
+    still writing it: its `totals:` line is the last it writes."""
+    m = re.search(r"^totals:\s+(\d+)\n\Z", Path(path).read_text(), re.M)
+    return int(m.group(1)) if m else None
 
 
 def measure(work: Path, workload: str, count: int, warmup: int, instructions: bool,
@@ -180,14 +178,18 @@ def measure(work: Path, workload: str, count: int, warmup: int, instructions: bo
             before = set(glob.glob(f"{work}/cg.{fe.pid}*"))
             subprocess.run(["callgrind_control", "-d", str(fe.pid)], check=True, capture_output=True)
             deadline = time.monotonic() + 120
-            while not (new := set(glob.glob(f"{work}/cg.{fe.pid}*")) - before):
-                if time.monotonic() > deadline:
-                    raise SystemExit("vhostpath: callgrind wrote no dump")
-                time.sleep(0.2)
-            time.sleep(1)     # written whole
-            res["instructions"] = totals(sorted(new)[-1]) / count
+            dump, total = "", None
+            while total is None:   # until the dump is there and written whole (no fixed wait)
+                new = sorted(set(glob.glob(f"{work}/cg.{fe.pid}*")) - before)
+                if new:
+                    dump, total = new[-1], totals(new[-1])
+                if total is None:
+                    if time.monotonic() > deadline:
+                        raise SystemExit("vhostpath: callgrind wrote no whole dump")
+                    time.sleep(0.2)
+            res["instructions"] = total / count
             if keep is not None:
-                shutil.copy(sorted(new)[-1], keep / f"callgrind.{workload}")
+                shutil.copy(dump, keep / f"callgrind.{workload}")
         return res
     finally:
         if m is not None:

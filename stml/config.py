@@ -112,6 +112,10 @@ class Config:
     slp_auth: bool = False
     # iSNS also registers targets with an ACL, and all of them behind discovery CHAP (0287)
     isns_auth: bool = False
+    # whether a LUN entry without `id` may take the legacy identity of its
+    # target and number: only in a file no id-giving STML wrote, whose LUNs
+    # were served under it (`legacy_ids = false` once one did; 0281)
+    legacy_ids: bool = True
 
     def discovery(self) -> dict[str, Any]:
         """Discovery settings for the front ends, as `detect` carries them."""
@@ -174,7 +178,7 @@ def lun_options(raw: dict[str, Any], where: str, data_dir: Path, given: bool = T
     LUN given now (a flag, `lun add`), whose missing file without a size is
     refused here; one of a saved config is served offline instead (0280)."""
     known = {"lun", "backend", "path", "size", "ro", "removable", "block_size", "write_cache", "thin",
-             "physical_block_exp", "id", "scheduler", *_CEPH_KEYS}
+             "physical_block_exp", "id", "image_identity", "scheduler", *_CEPH_KEYS}
     for key in raw:
         if key not in known:
             raise ConfigError(f"{where}.{key}", f"unknown setting (known: {', '.join(sorted(known))})")
@@ -205,6 +209,13 @@ def lun_options(raw: dict[str, Any], where: str, data_dir: Path, given: bool = T
     ident = raw.get("id")
     if ident is not None and (not isinstance(ident, str) or not _LU_ID.fullmatch(ident)):
         raise ConfigError(f"{where}.id", f"{ident!r} is not 32 hexadecimal digits (the LU's identity)")
+    image_identity = raw.get("image_identity")
+    if image_identity is not None:
+        if kind != "rbd":
+            raise ConfigError(f"{where}.image_identity", "only an rbd LUN has an image")
+        if not isinstance(image_identity, str) or not _LU_ID.fullmatch(image_identity):
+            raise ConfigError(f"{where}.image_identity", f"{image_identity!r} is not 32 hexadecimal digits "
+                              f"(the identity of the RBD image)")
     scheduler = raw.get("scheduler", DEFAULT_POLICY)
     if not isinstance(scheduler, str) or scheduler not in POLICIES:
         raise ConfigError(f"{where}.scheduler", f"{scheduler!r} is not a task scheduling policy "
@@ -216,6 +227,7 @@ def lun_options(raw: dict[str, Any], where: str, data_dir: Path, given: bool = T
                       write_cache=_bool(raw.get("write_cache", False), f"{where}.write_cache"),
                       thin=_bool(raw.get("thin", True), f"{where}.thin"),
                       physical_block_exp=pbe or None, id=ident.lower() if ident else None,
+                      image_identity=image_identity.lower() if image_identity else None,
                       scheduler=scheduler, **ceph)
 
 
@@ -350,7 +362,7 @@ def load(config_path: str | None = None, data_dir: str | None = None, iqn: str |
             raise ConfigError(str(path), f"not valid TOML: {e}") from None
         _warn_if_secrets_readable(path, raw)
     known = {"data_dir", "stml_endpoint", "portals", "target", "discovery_chap", "stml", "isns",
-             "slp", "slp_da", "slp_auth", "isns_auth",
+             "slp", "slp_da", "slp_auth", "isns_auth", "legacy_ids",
              "vhost"}   # [[vhost]]: VM sockets `run` serves (fetd_vhost.cli checks them)
     for key in raw:
         if key not in known:
@@ -456,7 +468,8 @@ def load(config_path: str | None = None, data_dir: str | None = None, iqn: str |
             raise ConfigError(key, f"{value!r} is not true or false")
     return Config(ddir, targets, ep, plist, parse_chap(raw.get("discovery_chap"), "discovery_chap"), path,
                   stml_settings(raw.get("stml", {}), path), isns, _slp(raw.get("slp")), slp_da, raw,
-                  file_digest(path) if path else None, slp_auth=slp_auth, isns_auth=isns_auth)
+                  file_digest(path) if path else None, slp_auth=slp_auth, isns_auth=isns_auth,
+                  legacy_ids=_bool(raw.get("legacy_ids", True), "legacy_ids"))
 
 
 _SLP_SCOPE = re.compile(r"[^(),\\!<=>~;*+\x00-\x1f]{1,255}")   # RFC 2608 2.1: no reserved characters
@@ -584,11 +597,13 @@ def first_identity(data_dir: Path, target: str, lc: LunConfig) -> str:
     """The id a LUN's first save gives it. A LUN served before this data dir had
     a config file (its backing file exists, or its persistent reservations
     file does) keeps the identity its NAA and serial came from (legacy_id):
-    an upgrade must not rename disks that multipath and udev know. A LUN
-    first served now gets a random one (docs/decisions/0230)."""
+    an upgrade must not rename disks that multipath and udev know. So does a
+    file LUN whose file is missing and has no size to be created with: it is
+    not new, but a disk not mounted now (0281). A LUN first served now gets
+    a random one (docs/decisions/0230). Blocking (stats)."""
     from stml.pr import state_path
     o = lc.options
-    existed = (o.kind == "file" and o.path is not None and os.path.exists(o.path)) \
+    existed = (o.kind == "file" and o.path is not None and (os.path.exists(o.path) or o.size is None)) \
         or state_path(data_dir, target, lc.lun).exists()
     return legacy_id(target, lc.lun) if existed else secrets.token_hex(16)
 
@@ -618,7 +633,7 @@ def _same_lun(flag: LunOptions, have: LunOptions) -> bool:
     """A --lun that repeats what the file says (its identity aside)."""
     for f in dataclasses.fields(LunOptions):
         a, b = getattr(flag, f.name), getattr(have, f.name)
-        if f.name == "id" or a == b:
+        if f.name in ("id", "image_identity") or a == b:
             continue
         if f.name == "size" and a is None:
             continue

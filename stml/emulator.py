@@ -57,6 +57,7 @@ _TIMING_CAPS = frozenset({_TIMING})   # granted, when offered, while commands ar
 # one is code we do not run: 0240), docs/decisions/0263. Far above fetd_tcp's own
 # limits (256 sessions per target, 1,024 connections per portal), so they bind
 # only a front end that ignores its own, or many front ends on one target.
+MAX_FRONT_ENDS = 1024          # registered at once: each connection of an admitted key is one
 MAX_NEXUSES_PER_FRONT_END = 8192
 MAX_NEXUSES_PER_TARGET = 4096   # I_T nexuses (initiator port, target port), all front ends
 MAX_PORT_GROUPS = 256   # port group tags nexuses of one target came through (never forgotten)
@@ -320,15 +321,22 @@ class Emulator:
         t = self.targets.get(target)
         return t.luns.get(lun) if t else None
 
-    def send_detect(self, fe: FrontEnd) -> None:
-        """What this STML offers (contract: detect)."""
+    def send_detect(self, fe: FrontEnd, targets: list[dict[str, Any]] | None = None) -> None:
+        """What this STML offers (contract: detect). `targets`: the inventory
+        as `describe_target` makes it, built once for many front ends (a
+        management change builds it a bounded number of LUs per loop turn)."""
+        if targets is None:
+            targets = [self.describe_target(t, [lu.describe() for lu in t.luns.values()])
+                       for t in self.targets.values()]
         self.out.detect(
             fe.ident, stml=self.name, heartbeat_ms=int(self.heartbeat * 1000), caps=sorted(fe.caps),
             limits={"max_transfer": self.max_transfer, "queue_depth": self.queue_depth},
-            discovery=self.discovery, portals=self.portals,
-            targets=[{"name": t.name, "alias": t.alias, "access": t.access,
-                      "luns": [lu.describe() for lu in t.luns.values()]}
-                     for t in self.targets.values()])
+            discovery=self.discovery, portals=self.portals, targets=targets)
+
+    @staticmethod
+    def describe_target(t: Target, luns: list[dict[str, Any]]) -> dict[str, Any]:
+        """A target's entry of detect, with its LUs' descriptions."""
+        return {"name": t.name, "alias": t.alias, "access": t.access, "luns": luns}
 
     # ------------------------------------------------------------ dispatch
     def handle(self, ident: bytes, header: dict[str, Any], frames: list,
@@ -446,6 +454,11 @@ class Emulator:
             known.last_seen = time.monotonic()
             known.caps = caps
             self.send_detect(known)
+            return
+        if len(self.front_ends) >= MAX_FRONT_ENDS:
+            reason = f"the STML serves {MAX_FRONT_ENDS} front ends, the most it keeps"
+            log.warning("front end %r refused: %s", h["name"], reason)
+            self.out.refuse(ident, reason)
             return
         fe = FrontEnd(ident, h["name"], h["kind"], bool(h.get("aen")),
                       max(0.05, h.get("heartbeat_ms", 1000) / 1000), time.monotonic(), caps=caps)

@@ -36,6 +36,9 @@ class LunOptions:
     thin: bool = True
     physical_block_exp: int | None = None   # logical blocks per physical block (log2); None: 0
     id: str | None = None        # 32 hex digits: the LU's identity (designators); None: legacy_id()
+    # rbd: the identity its image had when last opened (32 hex digits), which
+    # the LU shows while the image cannot open (docs/decisions/0281)
+    image_identity: str | None = None
     # rbd: how librados reaches the cluster (None: ceph.conf's defaults, client.admin)
     ceph_conf: str | None = None
     ceph_user: str | None = None
@@ -147,6 +150,22 @@ def missing_file(o: LunOptions) -> str | None:
     if served_before(o):
         return "its file is missing; it was served before"
     return None if o.size is not None else "its file does not exist and no size is given to create it"
+
+
+def record_image(o: LunOptions, backend: Backend, where: str) -> bool:
+    """Keep in `o` (and so in the config) the identity of the RBD image just
+    opened, which the LU shows while the image cannot open (0281). True
+    when it changed: the file is to be saved. An image whose identity is not
+    the recorded one was removed and made again (or another cluster's): it
+    is another disk, and its own identity is the one served."""
+    own = getattr(backend, "identity", None)
+    if o.kind != "rbd" or not isinstance(own, bytes) or own.hex() == o.image_identity:
+        return False
+    if o.image_identity is not None:
+        log.warning("%s: the RBD image %s is not the one recorded (identity %s, now %s): served as "
+                    "another disk", where, o.path, o.image_identity, own.hex())
+    o.image_identity = own.hex()
+    return True
 
 
 def open_store(o: LunOptions, create: bool) -> Backend:
@@ -294,16 +313,21 @@ class LogicalUnit:
         if self.offline is not None:   # no medium: commands that need it meet disk.medium_error
             self.medium_present = False
         self.task_set = sched.POLICIES[self.options.scheduler]()
-        # the designators come from the LU's identity, not from its (public)
-        # target name and number; they survive restarts because the config keeps
-        # it. Without one, a backend every gateway opens alike (RBD) names the LU
-        # itself, so all of them present one identity (docs/decisions/0400)
+        self._identify()
+        self.block_size = self.options.block_size
+
+    def _identify(self) -> None:
+        """The designators come from the LU's identity, not from its (public)
+        target name and number; they survive restarts because the config keeps
+        it. Without one, a backend every gateway opens alike (RBD) names the LU
+        itself, so all of them present one identity (docs/decisions/0400); an
+        image that cannot open, by the identity it had (0281)."""
+        o = self.options
         own = getattr(self.backend, "identity", None)
-        ident = bytes.fromhex(self.options.id) if self.options.id else \
-            own if own is not None else bytes.fromhex(legacy_id(self.target, self.lun))
+        ident = bytes.fromhex(o.id) if o.id else own if own is not None else \
+            bytes.fromhex(o.image_identity or legacy_id(self.target, self.lun))
         self.naa = naa_designator(ident)
         self.serial = unit_serial(ident)
-        self.block_size = self.options.block_size
 
     @property
     def offline(self) -> str | None:
@@ -312,9 +336,11 @@ class LogicalUnit:
         return backend.reason if isinstance(backend, Offline) else None
 
     def go_online(self, backend: Backend) -> None:
-        """The store opened at last: served from now on, as a medium just loaded."""
+        """The store opened at last: served from now on, as a medium just loaded
+        (under the identity its options now give: one a reload assigned)."""
         self.backend = backend
         self.medium_present = True
+        self._identify()
 
     @property
     def sanitizing(self) -> bool:

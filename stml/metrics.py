@@ -220,12 +220,29 @@ class Metrics:
 
     # ------------------------------------------------------------ reports
     def snapshot(self, emulator: Any) -> dict[str, Any]:
-        """Status of everything the STML serves, with counters (JSON-ready)."""
-        in_flight = collections.Counter(entry[3].final() for entry in self._inflight.values())
+        """Status of everything the STML serves, with counters (JSON-ready), in one go."""
+        snap: dict[str, Any] = {}
+        for _ in self.build(emulator, snap):
+            pass
+        return snap
+
+    def build(self, emulator: Any, snap: dict[str, Any]) -> Iterator[None]:
+        """Fill `snap` with the snapshot, yielding after each counter set,
+        command in flight, LU, session and front end: a management command
+        walks it FANOUT_STEP yields per turn of the event loop (stml.mgmt,
+        0267), not every LU and session in one step. Sessions come and go
+        between steps: each walk is over a copy, and each row is as of its
+        own step."""
+        in_flight: collections.Counter = collections.Counter()
+        for entry in list(self._inflight.values()):
+            in_flight[entry[3].final()] += 1
+            yield
         by_lun: dict[tuple[str, Any], list[Counters]] = defaultdict(list)
-        for c in chain(*(s.values() for s in self._live.values()),
-                       *(s.values() for s in self._forgotten.values())):
-            by_lun[c.lun].append(c)
+        all_sets: list[dict[Any, Counters]] = [*self._live.values(), *self._forgotten.values()]
+        for sets in all_sets:
+            for c in list(sets.values()):
+                by_lun[c.lun].append(c)
+                yield
         luns = []
         for t in list(emulator.targets.values()):
             for lu in list(t.luns.values()):
@@ -239,6 +256,7 @@ class Metrics:
                              "sync_error": lu.backend.sync_error,   # syncs fail until lun reset-error
                              "offline": lu.offline,   # why its store could not open (0280)
                              **report(by_lun.get((t.name, lu.lun), []), in_flight)})
+                yield
         sessions, fes = [], []
         for fe in list(emulator.front_ends.values()):
             fe_sets = list(self._forgotten.get(fe.ident, {}).values())
@@ -247,14 +265,16 @@ class Metrics:
                 fe_sets += mine
                 sessions.append({"front_end": fe.name, "nexus": n.id, "initiator": n.initiator,
                                  "target": n.target, "tpg": n.tpg, **report(mine, in_flight)})
+                yield
             fes.append({"name": fe.name, "kind": fe.kind, "nexuses": len(fe.nexuses),
                         "last_seen_s": round(time.monotonic() - fe.last_seen, 2),
                         **report(fe_sets, in_flight),
                         # what the front end buffers, as its last heartbeat said (contract 1.3)
                         "buffered_bytes": fe.usage.get("used"), "buffer_limit_bytes": fe.usage.get("limit"),
                         "buffers": fe.usage})
-        return {"stml": emulator.name, "uptime_s": round(time.time() - self.started, 1),
-                "counter_sets": self.sets(), "luns": luns, "sessions": sessions, "front_ends": fes}
+            yield
+        snap.update({"stml": emulator.name, "uptime_s": round(time.time() - self.started, 1),
+                     "counter_sets": self.sets(), "luns": luns, "sessions": sessions, "front_ends": fes})
 
 
 class PrometheusExporter:

@@ -22,7 +22,7 @@ import logging
 import secrets
 from pathlib import Path
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Awaitable, Callable, Iterator
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Iterator, TypeVar
 
 from backends import BackendError
 from scsi_runtime.logs import audit
@@ -32,7 +32,7 @@ from stml.config import (MUTUAL_NEEDS_CHAP, Config, ConfigError, LunConfig, Targ
                          file_digest, load, lun_options, parse_lun_spec, parse_size, ram_overcommit)
 from stml.emulator import Emulator, Target
 from stml.gateway import Gateway
-from stml.lu import CannotOpen, LogicalUnit, LunOptions, open_store, served_before
+from stml.lu import CannotOpen, LogicalUnit, LunOptions, open_store, record_image, served_before
 from stml.metrics import Metrics
 from stml.persist import SECRET_DIFFERS, EditedError, hide_secrets, hold, model, read_document, render, save
 from stml.portals import PortalStates, portal_entries, portal_groups
@@ -41,6 +41,7 @@ from stml.task import FANOUT_STEP, Nexus, Task
 from stml.trace.recorder import Recorder, Traces
 
 log = logging.getLogger("stml.mgmt")
+T = TypeVar("T")
 
 
 class MgmtError(Exception):
@@ -74,6 +75,7 @@ class Management:
         self.endpoints = endpoints
         self._lock = asyncio.Lock()   # one change at a time (config file writes in order)
         self._batch = False           # a reload: the file is the source, nothing is saved
+        self._identified = False      # a reload gave a LUN an id, or recorded an image's: saved after it
         # LUN numbers whose LU was removed, by target: an LU added at one is news there too
         self._retired: dict[str, set[int]] = {}
         self._closing: set[asyncio.Task] = set()   # removed LUs' backends waiting to close
@@ -158,15 +160,30 @@ class Management:
             raise MgmtError(f"target {t.name} has no LUN {lun} (LUNs: {', '.join(map(str, t.luns)) or 'none'})")
         return t, lu
 
-    def _sessions(self, target: str) -> int:
+    async def _sessions(self, target: str) -> int:
         """Live nexuses of the target, one per front end holding a key (the
-        engine's index, not a walk of every front end's nexuses)."""
-        return sum(len(self.em.nexuses_of(key)) for key in self.em.nexus_keys(target))
+        engine's index, not a walk of every front end's nexuses), in steps."""
+        return sum([len(self.em.nexuses_of(key)) async for key in _stepped(self.em.nexus_keys(target))])
 
-    def _redetect(self) -> None:
-        """Front ends learn the new inventory (contract: detect, sent unasked)."""
+    async def _redetect(self) -> None:
+        """Front ends learn the new inventory (contract: detect, sent unasked),
+        described once for all of them, FANOUT_STEP LUs per turn of the loop."""
+        targets = []
+        for t in self.em.targets.values():
+            targets.append(self.em.describe_target(t, [lu.describe() for lu in await self._lus([t])]))
         for fe in list(self.em.front_ends.values()):
-            self.em.send_detect(fe)
+            self.em.send_detect(fe, targets)
+
+    def _each_lu(self, targets: Iterable[Target] | None = None) -> AsyncIterator[LogicalUnit]:
+        """The LUs of `targets` (all), FANOUT_STEP per turn of the loop. No
+        copy of the dicts: only management changes the inventory, and its
+        callers hold the management lock (none changes it while walking)."""
+        ts = self.em.targets.values() if targets is None else targets
+        return _stepped(lu for t in ts for lu in t.luns.values())
+
+    async def _lus(self, targets: Iterable[Target] | None = None, kind: str | None = None) -> list[LogicalUnit]:
+        """The LUs of `targets` (all) of backend `kind` (any), gathered in steps."""
+        return [lu async for lu in self._each_lu(targets) if kind is None or lu.options.kind == kind]
 
     async def _ua(self, luns: list[LogicalUnit], asc: tuple[int, int], target: str) -> None:
         """A unit attention for every nexus of the target on these LUs, through
@@ -174,13 +191,14 @@ class Management:
         the loop, one asynchronous event per nexus however many LUs."""
         await self.em.fan_out_ua(luns, asc, self.em.nexus_keys(target))
 
-    def _check_file(self) -> None:
+    async def _check_file(self) -> None:
         """Refuse a change when the file changed on disk since it was loaded or
-        saved: saving would lose the edit. `config reload` applies it."""
+        saved: saving would lose the edit. `config reload` applies it. The
+        file is read in a thread (a hung NFS mount must not stop the STML)."""
         path = self.config.path
         if path is None or self._batch:
             return
-        if file_digest(path) != self.config.digest:
+        if await self._in_thread(file_digest, path) != self.config.digest:
             raise MgmtError(f"{path} was edited since the STML loaded it: apply the edit with "
                             f"`scsi-target config reload` (see `config diff`), then retry")
 
@@ -257,31 +275,38 @@ class Management:
 
     # ------------------------------------------------------------ reads
     async def status(self) -> dict[str, Any]:
-        snap = self.metrics.snapshot(self.em)
+        snap = await self._snapshot()
         snap["endpoints"] = self.endpoints
         snap["config"] = str(self.config.path) if self.config.path else None
         snap["data_dir"] = str(self.config.data_dir)
         snap["targets"] = len(self.em.targets)
         snap["gateway"] = await self.gateway.status()
         snap["portals"] = await self.portal_list()
-        gone = await self._in_thread(_unlinked, [lu for t in self.em.targets.values() for lu in t.luns.values()])
-        for r in snap["luns"]:
+        gone = await self._in_thread(_unlinked, await self._lus())
+        async for r in _stepped(snap["luns"]):
             r["unlinked"] = (r["target"], r["lun"]) in gone
+        return snap
+
+    async def _snapshot(self) -> dict[str, Any]:
+        """The counters' report (stml.metrics), built in steps."""
+        snap: dict[str, Any] = {}
+        async for _ in _stepped(self.metrics.build(self.em, snap)):
+            pass
         return snap
 
     async def target_list(self) -> list[dict[str, Any]]:
         return [{"name": t.name, "alias": t.alias, "luns": len(t.luns),
                  "acl": list(t.access.get("acl") or []), "chap": bool(t.access.get("chap")),
-                 "sessions": self._sessions(t.name)}
-                for t in self.em.targets.values()]
+                 "sessions": await self._sessions(t.name)}
+                async for t in _stepped(self.em.targets.values())]
 
     async def lun_list(self, target: str | None = None) -> list[dict[str, Any]]:
-        ts = [self._target(target)] if target else list(self.em.targets.values())
-        return [{"target": t.name, "lun": lu.lun, "backend": lu.options.kind,
+        lus = await self._lus([self._target(target)] if target else None)
+        return [{"target": lu.target, "lun": lu.lun, "backend": lu.options.kind,
                  "path": lu.options.path, "size": lu.blocks * lu.block_size,
                  "block_size": lu.block_size, "ro": lu.options.ro, "sync_error": lu.backend.sync_error,
                  "offline": lu.offline}
-                for t in ts for lu in t.luns.values()]
+                for lu in lus]
 
     async def portal_list(self) -> list[dict[str, Any]]:
         """The configured portals, each with what the front ends that follow
@@ -304,10 +329,10 @@ class Management:
         return out
 
     async def session_list(self) -> list[dict[str, Any]]:
-        return self.metrics.snapshot(self.em)["sessions"]
+        return (await self._snapshot())["sessions"]
 
     async def frontend_list(self) -> list[dict[str, Any]]:
-        return self.metrics.snapshot(self.em)["front_ends"]
+        return (await self._snapshot())["front_ends"]
 
     async def latency(self) -> dict[str, Any]:
         """Stage timing (stml.timing): per LUN and front end, each stage's p50/p90/p99."""
@@ -363,10 +388,10 @@ class Management:
 
     # ------------------------------------------------------------ the config file
     async def config_show(self) -> dict[str, Any]:
-        """The running configuration, written into the file's text (its comments)."""
+        """The running configuration, written into the file's text (its comments):
+        read and rendered in a thread, as a save is (the lock keeps it still)."""
         path = self.config.path
-        doc = read_document(path) if path is not None else None
-        return {"path": str(path) if path else None, "text": hide_secrets(render(self.config, doc))}
+        return {"path": str(path) if path else None, "text": await self._in_thread(_shown, self.config)}
 
     async def config_save(self, path: str | None = None, force: bool = False) -> dict[str, Any]:
         """Save the running configuration to its file, or to `path`. `force`
@@ -375,7 +400,7 @@ class Management:
         if target is None:
             raise MgmtError("the STML has no config file: give a file name")
         if force and target == self.config.path:
-            self.config.digest = file_digest(target)
+            self.config.digest = await self._in_thread(file_digest, target)
             self.config.held = None   # the file becomes what runs, unapplied edits and all
         try:
             await self._saving(target)
@@ -393,17 +418,7 @@ class Management:
         path = self.config.path
         if path is None:
             raise MgmtError("the STML has no config file")
-        try:
-            text = path.read_text()
-        except FileNotFoundError:
-            text = ""
-        running = render(self.config, read_document(path) if text else None)
-        diff = "".join(difflib.unified_diff(hide_secrets(text).splitlines(True), hide_secrets(running).splitlines(True),
-                                            f"{path} (file)", "running configuration"))
-        if not diff and text != running:   # they differ only in a secret: say so, not what
-            diff = SECRET_DIFFERS
-        return {"path": str(path), "same": not diff, "diff": diff,
-                "edited": file_digest(path) != self.config.digest}
+        return await self._in_thread(_diff, self.config, path)
 
     async def config_reload(self) -> dict[str, Any]:
         """Apply the file to the running STML where that can be done live; say
@@ -416,11 +431,16 @@ class Management:
                                     self.config.stml_endpoint, ())
         applied: list[str] = []
         pending: list[str] = []
+        self._identified = False
         with self._batched():
             await self._reload(new, applied, pending)
         self.config.digest = new.digest
         self.config.raw = new.raw
-        hold(self.config, model(new))   # what was not applied stays in the file through saves
+        # what was not applied stays in the file through saves; two models of
+        # every LUN: built in a thread, as a save's (the lock keeps them still)
+        await self._in_thread(_hold, self.config, new)
+        if self._identified:   # entries added by hand: the file keeps the ids they are served with (0281)
+            log.info("reload: LUN identities %s", await self._persist())
         for line in applied:
             log.info("reload: %s", line)
         for line in pending:
@@ -446,14 +466,14 @@ class Management:
         if new.discovery_chap != old.discovery_chap:
             old.discovery_chap = new.discovery_chap
             self.em.discovery = {**self.em.discovery, "chap": new.discovery_chap}
-            self._redetect()
+            await self._redetect()
             applied.append("discovery_chap")
         if new.portals != old.portals:
             await self._set_portals(new.portals)
             applied.append(f"portals: {', '.join(new.portals)}")
         wanted = {t.name: t for t in new.targets}
         for name in [n for n in self.em.targets if n not in wanted]:
-            if self._sessions(name):
+            if await self._sessions(name):
                 pending.append(f"target {name} has sessions: `scsi-target target remove --force {name}` "
                                f"removes it")
                 continue
@@ -479,10 +499,10 @@ class Management:
             await setter(self, t, value)
             applied.append(f"target {t.name} {f.name}")
         luns = {lc.lun: lc.options for lc in want.luns}
-        for number in [n for n in t.luns if n not in luns]:
-            await self.lun_remove(number, t.name)
-            applied.append(f"target {t.name} LUN {number} removed")
-        for number, o in luns.items():
+        for gone in [lu for lu in await self._lus([t]) if lu.lun not in luns]:
+            await self.lun_remove(gone.lun, t.name)
+            applied.append(f"target {t.name} LUN {gone.lun} removed")
+        async for number, o in _stepped(luns.items()):
             lu = t.luns.get(number)
             if lu is None:
                 try:   # a served-before file is never made anew, blank, under its identity (0280)
@@ -493,9 +513,10 @@ class Management:
                     continue
                 applied.append(f"target {t.name} LUN {number} added")
                 continue
-            if lu.offline is not None and not _differs_beyond_size(o, lu.options):
-                await self._retry_offline(t, lu, applied, pending)
-            elif _differs_beyond_size(o, lu.options):
+            same = not _differs_beyond_size(o, lu.options)
+            if lu.offline is not None and (same or _path_corrected(o, lu.options)):
+                await self._retry_offline(t, lu, applied, pending, o.path)
+            elif not same:
                 pending.append(f"target {t.name} LUN {number}: settings other than its size changed: "
                                f"restart to apply them (or remove and add the LUN)")
             elif o.size is not None and o.size != lu.options.size:
@@ -506,16 +527,19 @@ class Management:
                     applied.append(f"target {t.name} LUN {number} resized to {o.size} bytes")
                 except MgmtError as e:
                     pending.append(f"target {t.name} LUN {number}: {e}")
+            if o.id is None and lu.options.id is not None and not _differs_beyond_size(o, lu.options):
+                o.id = lu.options.id   # the entry of a served LU, its id lost: kept (0281)
+                self._identified = True
 
     # ------------------------------------------------------------ portals
     async def _set_portals(self, portals: list[str]) -> str:
         """The STML's portal list changes: front ends that follow it open or close
         listeners (detect), ALUA learns the portal groups, the file keeps it."""
-        self._check_file()
+        await self._check_file()
         self.config.portals = portals
         self.em.portals = portal_entries(portals)
         self.em.configured_tpgs = set(portal_groups(self.config))
-        self._redetect()
+        await self._redetect()
         return await self._persist()
 
     async def portal_add(self, portal: str) -> dict[str, Any]:
@@ -530,18 +554,18 @@ class Management:
             h, pt, t = parse_portal(p)
             if (h, pt) == (host, port) and port != 0:
                 raise MgmtError(f"portal {p} already listens on {portal.split(',')[0]}")
-        self._check_file()
+        await self._check_file()
         before = list(self.config.portals)
         self.config.portals = [*before, portal]
         self.em.portals = portal_entries(self.config.portals)
         self.em.configured_tpgs = set(portal_groups(self.config))
-        self._redetect()
+        await self._redetect()
         errors = await self.portals.wait(key, PORTAL_WAIT)
         if errors:   # taken back out, unsaved
             self.config.portals = before
             self.em.portals = portal_entries(before)
             self.em.configured_tpgs = set(portal_groups(self.config))
-            self._redetect()
+            await self._redetect()
             raise MgmtError(f"cannot listen on {portal}: {'; '.join(errors)}")
         saved = await self._persist()
         return {"portal": portal, "host": host, "port": port, "tpgt": tpgt, "saved": saved}
@@ -563,8 +587,9 @@ class Management:
     async def session_drop(self, nexus: int, front_end: str | None = None) -> dict[str, Any]:
         """End one I_T nexus: the STML releases it (its tasks are aborted) and
         tells the owning front end to end the session (contract: drop_nexus)."""
-        found = [n for fe in self.em.front_ends.values() for n in fe.nexuses.values()
-                 if n.id == int(nexus) and front_end in (None, fe.name)]
+        # each front end's nexuses by number: one look-up per front end, not a walk of every session
+        found = [n for fe in self.em.front_ends.values() if front_end in (None, fe.name)
+                 for n in (fe.nexuses.get(int(nexus)),) if n is not None]
         if not found:
             raise MgmtError(f"no session {nexus}" + (f" on front end {front_end}" if front_end else "")
                             + " (see `session list`)")
@@ -581,26 +606,26 @@ class Management:
         name = check_iqn(name, "target name")
         if name in self.em.targets:
             raise MgmtError(f"target {name} exists")
-        self._check_file()
+        await self._check_file()
         t = Target(name, {}, alias, {"acl": [], "chap": None, "mutual": None})
         self.em.targets[name] = t
         self.config.targets.append(TargetConfig(name, [], alias))
-        self._redetect()
+        await self._redetect()
         return {"target": name, "saved": await self._persist()}
 
     async def target_remove(self, name: str, force: bool = False) -> dict[str, Any]:
         t = self._target(name)
-        live = self._sessions(t.name)
+        live = await self._sessions(t.name)
         if live and not force:
             raise MgmtError(f"target {t.name} has {live} session(s); pass --force to drop them")
-        self._check_file()
+        await self._check_file()
         del self.em.targets[t.name]
         self._retired.pop(t.name, None)   # its sessions end: no nexus saw its LUs
-        for lu in t.luns.values():
+        async for lu in self._each_lu([t]):
             self._close_later(lu)
         await self._end_sessions(t.name, f"target {t.name} removed")
         self.config.targets = [tc for tc in self.config.targets if tc.name != t.name]
-        self._redetect()
+        await self._redetect()
         return {"target": t.name, "saved": await self._persist()}
 
     async def _end_sessions(self, target: str, why: str, admitted: frozenset[str] | None = frozenset(),
@@ -651,36 +676,35 @@ class Management:
         # RBD LU's is its image's, the same on every gateway (docs/decisions/0400)
         if raw_lun["backend"] != "rbd":
             raw_lun["id"] = secrets.token_hex(16)
-        number = int(lun) if lun is not None else next(n for n in range(16384) if n not in t.luns)
+        number = int(lun) if lun is not None else await _free_lun(t)
         if not 0 <= number < 16384:
             raise MgmtError(f"{number} is not a LUN number (0-16383)")
         if number in t.luns:
             raise MgmtError(f"target {t.name} already has LUN {number}")
         # off the loop: it looks for the file (a hung NFS mount must not stop the STML)
         opts = await self._in_thread(lun_options, raw_lun, f"LUN {number}", self.config.data_dir)
-        self._check_file()
+        await self._check_file()
         lu = await self._add_lun(t, number, opts)
         return {"target": t.name, "lun": number, "size": lu.blocks * lu.block_size, "saved": await self._persist()}
 
-    def _ram(self) -> int:
+    async def _ram(self) -> int:
         """Bytes of the RAM LUNs served, the most their pages can take."""
-        return sum(lu.blocks * lu.block_size for x in self.em.targets.values() for lu in x.luns.values()
-                   if lu.options.kind == "ram")
+        return sum(lu.blocks * lu.block_size for lu in await self._lus(kind="ram"))
 
     async def _add_lun(self, t: Target, number: int, opts: LunOptions, create: bool = True) -> LogicalUnit:
         """`create`: a missing file may be made (a LUN never served before)."""
-        why = ram_overcommit(self._ram() + (opts.size or 0)) if opts.kind == "ram" else None
+        why = ram_overcommit(await self._ram() + (opts.size or 0)) if opts.kind == "ram" else None
         if why:
             raise MgmtError(why)
         if opts.kind in ("file", "rbd"):
-            lus = [lu for x in self.em.targets.values() for lu in x.luns.values() if lu.options.kind == opts.kind]
-            owner = await self._in_thread(_serving, opts, lus)   # stats: off the loop
+            owner = await self._in_thread(_serving, opts, await self._lus(kind=opts.kind))   # stats: off the loop
             if owner is not None:
                 raise MgmtError(f"{opts.path} already backs target {owner.target} LUN {owner.lun}")
         try:
             backend = await self._in_thread(open_store, opts, create)
         except CannotOpen as e:
             raise MgmtError(f"cannot open the backend: {e}") from None
+        self._identify(opts, backend, f"target {t.name} LUN {number}")
         lu = LogicalUnit(t.name, number, backend, opts, self.em.templates["disk"])
         if getattr(backend, "lock_acquire", None) is not None:
             try:   # shared storage: served once this gateway holds its lock
@@ -694,25 +718,44 @@ class Management:
             except pr.PrStoreError as e:
                 backend.close()
                 raise MgmtError(str(e)) from None
+        others = await self._lus([t])   # walked before the change: a walk yields
         t.luns[number] = lu
         self._tc(t.name).luns.append(LunConfig(number, opts))
-        self._redetect()
         # a LUN number never used was never seen: nothing about it changed. One
         # whose LU was removed was: a nexus that addressed that LU is told on
-        # this one too, before its next command reaches another disk (0254)
+        # this one too, before its next command reaches another disk (0254).
+        # The unit attentions begin in the step of the change, detect follows
         reused = number in self._retired.get(t.name, ())
-        await self._ua([o for o in t.luns.values() if reused or o is not lu], REPORTED_LUNS_DATA_CHANGED,
-                       t.name)
+        await self._ua([*others, lu] if reused else others, REPORTED_LUNS_DATA_CHANGED, t.name)
+        await self._redetect()
         return lu
 
-    async def _retry_offline(self, t: Target, lu: LogicalUnit, applied: list[str], pending: list[str]) -> None:
+    def _identify(self, o: LunOptions, backend: Any, where: str) -> None:
+        """A LUN entry without `id` (added by hand) gets one once its store
+        opened, as `lun add` gives it; an RBD LU records its image's (0281)."""
+        if o.kind != "rbd" and o.id is None:
+            o.id = secrets.token_hex(16)
+            self._identified = True
+        elif record_image(o, backend, where):
+            self._identified = True
+
+    async def _retry_offline(self, t: Target, lu: LogicalUnit, applied: list[str], pending: list[str],
+                             path: str | None) -> None:
         """A reload opens an offline LU's store again (the disk mounted, the
-        file restored): once it opens, the LU is served, and its nexuses
-        learn it as a newly loaded medium (06/28/00), then its capacity
-        (06/2A/09) (0280)."""
+        file restored, or `path` corrected in its entry): once it opens, the
+        LU is served, under its identity, and its nexuses learn it as a newly
+        loaded medium (06/28/00), then its capacity (06/2A/09) (0280, 0281)."""
         o = lu.options
+        want = o if path == o.path else dataclasses.replace(o, path=path)
+        if want is not o:   # one store, one LU (0277)
+            lus = [x for x in await self._lus() if x is not lu]
+            owner = await self._in_thread(_serving, want, lus)
+            if owner is not None:
+                pending.append(f"target {t.name} LUN {lu.lun}: {path} already backs target {owner.target} "
+                               f"LUN {owner.lun}")
+                return
         try:
-            backend = await self._in_thread(open_store, o, not served_before(o))
+            backend = await self._in_thread(open_store, want, not served_before(want))
         except CannotOpen as e:
             pending.append(f"target {t.name} LUN {lu.lun} is still offline: {e}")
             return
@@ -723,25 +766,28 @@ class Management:
             pending.append(f"target {t.name} LUN {lu.lun} opens now: restart, or `lun remove` and "
                            f"`lun add` it, to serve it")
             return
+        o.path = want.path
+        self._identify(o, backend, f"target {t.name} LUN {lu.lun}")   # a file the start could not create
         lu.go_online(backend)
         log.info("target %s LUN %d (%s %s) is online", t.name, lu.lun, o.kind, o.path or "")
-        self._redetect()
         await self._ua([lu], NOT_READY_TO_READY_CHANGE, t.name)
         # and its capacity, 0 while offline: Linux's sd acts on this one (a
         # capacity change event), not on a non-removable disk's 28/00
         await self._ua([lu], CAPACITY_DATA_CHANGED, t.name)
+        await self._redetect()   # (after: its walk yields, and no command may find the LU before its UA)
         applied.append(f"target {t.name} LUN {lu.lun} online")
 
     async def lun_remove(self, lun: int, target: str | None = None) -> dict[str, Any]:
         t, lu = self._lu(target, lun)
-        self._check_file()
+        await self._check_file()
+        others = [o for o in await self._lus([t]) if o is not lu]   # walked before the change: a walk yields
         del t.luns[lu.lun]
         self._retired.setdefault(t.name, set()).add(lu.lun)
         tc = self._tc(t.name)
         tc.luns = [lc for lc in tc.luns if lc.lun != lu.lun]
         self._close_later(lu)
-        self._redetect()
-        await self._ua(list(t.luns.values()), REPORTED_LUNS_DATA_CHANGED, t.name)
+        await self._ua(others, REPORTED_LUNS_DATA_CHANGED, t.name)
+        await self._redetect()
         return {"target": t.name, "lun": lu.lun, "saved": await self._persist()}
 
     def _close_later(self, lu: LogicalUnit) -> None:
@@ -794,20 +840,20 @@ class Management:
         if not getattr(lu.backend, "can_resize", False):
             raise MgmtError(f"the backend of {t.name} LUN {lu.lun} cannot be resized")
         old = lu.blocks * lu.block_size
-        why = ram_overcommit(self._ram() - old + nbytes) if lu.options.kind == "ram" and nbytes > old else None
+        why = ram_overcommit(await self._ram() - old + nbytes) if lu.options.kind == "ram" and nbytes > old else None
         if why:
             raise MgmtError(why)
         if nbytes < old and not force:
             raise MgmtError(f"shrinking {t.name} LUN {lu.lun} from {old} to {nbytes} bytes loses the data "
                             f"past the new end: pass --force")
-        self._check_file()
+        await self._check_file()
         try:
             await self._in_thread(lu.backend.resize, nbytes)
         except (BackendError, OSError) as e:
             raise MgmtError(f"resize failed: {e}") from None
         lu.options.size = nbytes   # the running configuration's LunOptions (shared with its LunConfig)
-        self._redetect()
         await self._ua([lu], CAPACITY_DATA_CHANGED, t.name)
+        await self._redetect()
         return {"target": t.name, "lun": lu.lun, "old_size": old, "size": nbytes, "saved": await self._persist()}
 
     async def lun_reset_error(self, lun: int, target: str | None = None) -> dict[str, Any]:
@@ -827,10 +873,10 @@ class Management:
     async def _set_access(self, t: Target, key: str, value: Any) -> str:
         """key: the detect/access name (acl, chap, mutual); the running
         configuration's field is named as the file names it."""
-        self._check_file()
+        await self._check_file()
         t.access = {**t.access, key: value}
         setattr(self._tc(t.name), {"mutual": "mutual_chap"}.get(key, key), value)
-        self._redetect()
+        await self._redetect()
         return await self._persist()
 
     async def acl_add(self, initiator: str, target: str | None = None) -> dict[str, Any]:
@@ -863,10 +909,10 @@ class Management:
         """A new ACL applies to the sessions that exist too (0275): those of
         initiators it leaves out end before the save, as they would at their
         next login; (the save's answer, how many sessions ended)."""
-        self._check_file()
+        await self._check_file()
         t.access = {**t.access, "acl": acl}
         self._tc(t.name).acl = acl
-        self._redetect()
+        await self._redetect()
         ended = await self._end_sessions(t.name, f"initiator not in the ACL of {t.name}",
                                          self.em.admitted(t.name))
         if ended:
@@ -899,10 +945,10 @@ class Management:
         the save, as an ACL change ends those it leaves out (0275). New
         credentials for a target that had CHAP leave its sessions be: they
         authenticated with the credentials of their time (0275)."""
-        self._check_file()
+        await self._check_file()
         was, t.access = t.access.get("chap"), {**t.access, "chap": creds}
         self._tc(t.name).chap = creds
-        self._redetect()
+        await self._redetect()
         ended = 0
         if creds and not was:   # CHAP is iSCSI's: a VM's (vhost) or a loopback client's nexus stays
             ended = await self._end_sessions(t.name, f"{t.name} now requires CHAP", frozenset(), ISCSI)
@@ -913,7 +959,7 @@ class Management:
 
 async def _set_alias(m: Management, t: Target, alias: str) -> None:
     t.alias = m._tc(t.name).alias = alias
-    m._redetect()
+    await m._redetect()
 
 
 async def _set_target_reset(m: Management, t: Target, allowed: bool) -> None:
@@ -932,6 +978,50 @@ _TARGET_SETTERS: dict[str, Callable[[Management, Target, Any], Awaitable[Any]]] 
 }
 
 
+async def _stepped(items: Iterable[T]) -> AsyncIterator[T]:
+    """`items`, FANOUT_STEP between turns of the event loop, as the unit
+    attention fan-out walks nexuses (0264): how management walks whatever
+    grows with the LUNs or sessions (0267), so none holds up the sessions in
+    one step. Each walk starts on a turn of its own (two walks in a row never
+    share one)."""
+    for i, item in enumerate(items):
+        if not i % FANOUT_STEP:
+            await asyncio.sleep(0)
+        yield item
+
+
+def _hold(config: Config, new: Config) -> None:
+    hold(config, model(new))
+
+
+async def _free_lun(t: Target) -> int:
+    """The lowest LUN number the target does not use, found in steps: a target
+    may use all 16,384."""
+    async for n in _stepped(range(16384)):
+        if n not in t.luns:
+            return n
+    raise MgmtError(f"target {t.name} uses every LUN number (0-16383)")
+
+
+def _shown(config: Config) -> str:
+    """config_show's text, secrets hidden (0286). Reads the file: off the loop."""
+    return hide_secrets(render(config, read_document(config.path) if config.path is not None else None))
+
+
+def _diff(config: Config, path: Path) -> dict[str, Any]:
+    """config_diff's answer. Reads the file: off the loop."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        text = ""
+    running = render(config, read_document(path) if text else None)
+    diff = "".join(difflib.unified_diff(hide_secrets(text).splitlines(True), hide_secrets(running).splitlines(True),
+                                        f"{path} (file)", "running configuration"))
+    if not diff and text != running:   # they differ only in a secret: say so, not what (0286)
+        diff = SECRET_DIFFERS
+    return {"path": str(path), "same": not diff, "diff": diff, "edited": file_digest(path) != config.digest}
+
+
 def _unlinked(lus: list[LogicalUnit]) -> set[tuple[str, int]]:
     """(target, LUN) of the LUs whose file was deleted or replaced under them
     (`mv` over it): served from the open file still. An fstat each: off the loop."""
@@ -942,6 +1032,12 @@ def _serving(opts: LunOptions, lus: list[LogicalUnit]) -> LogicalUnit | None:
     """The LU already on the store `opts` names, however either path spells it (0277)."""
     store = opts.store()
     return next((lu for lu in lus if lu.options.path == opts.path or lu.options.store() == store), None)
+
+
+def _path_corrected(a: LunOptions, b: LunOptions) -> bool:
+    """Whether a file LUN's entry differs from what runs in its path alone
+    (and size): an offline LU's path corrected in the file (0281)."""
+    return a.kind == b.kind == "file" and not _differs_beyond_size(dataclasses.replace(a, path=b.path), b)
 
 
 def _differs_beyond_size(a: LunOptions, b: LunOptions) -> bool:

@@ -17,16 +17,18 @@ import copy
 import dataclasses
 import hashlib
 import os
+import secrets
 from pathlib import Path
 from typing import Any, Callable
 
 import tomlkit
 from tomlkit.items import AoT
 
+from scsi_runtime.files import atomic_write
 from stml.config import (CONFIG_NAME, Config, ConfigError, LunConfig, StartupError, TargetConfig, check_flags_agree,
                          check_lun_paths, default_data_dir, first_identity, holds_secrets, load, parse_size,
                          size_text)
-from stml.lu import CannotOpen, LunOptions, open_store
+from stml.lu import CannotOpen, LunOptions, legacy_id, open_store
 
 HEADER = """\
 # scsi-target configuration. `scsi-target run` wrote it on first start, and every
@@ -35,6 +37,8 @@ HEADER = """\
 # Apply an edit to the running target with `scsi-target config reload` (or SIGHUP).
 """
 
+# beside `legacy_ids = false`, which every save writes (docs/decisions/0281)
+LEGACY_IDS_NOTE = "a LUN entry without `id` is a new disk: the STML gives it one"
 Tree = dict[Any, Any]   # the file's shape: tables by key, leaves (value, default) as _sync_keys takes them
 _LUN_KEYS = {"kind": "backend"}          # LunOptions field -> TOML key, where they differ
 
@@ -188,6 +192,7 @@ def model(config: Config) -> Tree:
         return {k: (copy.deepcopy(v), default) for k, (v, default) in table.items()}
     return {
         "portals": (list(config.portals), dataclasses.MISSING),
+        "legacy_ids": (config.legacy_ids, True),
         "discovery_chap": (copy.deepcopy(config.discovery_chap), None),
         "target": {t.name: {**values(target_table(t)),
                             "lun": {lc.lun: lun_table(lc, config.data_dir) for lc in t.luns}}
@@ -220,6 +225,12 @@ def sync_document(doc: Any, tree: Tree, data_dir: Path) -> None:
     if portals is None or _plain(portals) != tree["portals"][0]:
         doc["portals"] = list(tree["portals"][0])
     _sync_keys(doc, {"discovery_chap": tree["discovery_chap"]}, data_dir)
+    if not tree["legacy_ids"][0] and "legacy_ids" not in doc:
+        item = tomlkit.item(False).comment(LEGACY_IDS_NOTE)
+        item.trivia.comment_ws = "  "
+        doc["legacy_ids"] = item
+    else:
+        _sync_keys(doc, {"legacy_ids": tree["legacy_ids"]}, data_dir)
 
     def sync(entry: Any, target: Tree) -> None:
         if "name" not in entry:
@@ -281,73 +292,6 @@ def read_document(path: Path) -> Any:
         return None
     except tomlkit.exceptions.ParseError as e:
         raise ConfigError(str(path), f"not valid TOML: {e}") from None
-
-
-def atomic_write(path: Path, data: bytes, secret: bool) -> None:
-    """Replace `path` with `data` atomically. The temporary file is created afresh
-    (O_EXCL: never a stale file or a symlink) with mode 0600, so secrets are never
-    readable by others, not even for a moment; it then takes the old file's mode,
-    without group/other bits when `data` holds secrets. A new file stays 0600.
-    A symlinked file is written where the link points (the link stays), and
-    temporaries a killed process left beside it are removed."""
-    if path.is_symlink():
-        path = Path(os.path.realpath(path))
-    _remove_stale_temporaries(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        os.unlink(tmp)          # left by a crash: O_EXCL below must create it anew
-    except FileNotFoundError:
-        pass
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        try:
-            mode = path.stat().st_mode & 0o777
-        except FileNotFoundError:
-            mode = 0o600
-        os.fchmod(fd, mode & 0o700 if secret else mode)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        os.unlink(tmp)
-        raise
-    os.close(fd)
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-
-
-def _remove_stale_temporaries(path: Path) -> None:
-    """`.NAME.PID.tmp` beside `path` of a process that no longer runs: a save
-    killed before its rename (each would otherwise stay, mode 0600, for good)."""
-    prefix = f".{path.name}."
-    try:
-        names = os.listdir(path.parent)
-    except OSError:
-        return
-    for name in names:
-        pid = name[len(prefix):-len(".tmp")] if name.startswith(prefix) and name.endswith(".tmp") else ""
-        if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
-            continue
-        try:
-            os.unlink(path.parent / name)
-        except OSError:
-            pass
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class EditedError(Exception):
@@ -426,6 +370,7 @@ def load_or_create(config_path: str | None = None, data_dir: str | None = None, 
         for lc in t.luns:           # (an RBD LU's is its image's: the same on every gateway)
             if not lc.options.id and lc.options.kind != "rbd":
                 lc.options.id = first_identity(config.data_dir, t.name, lc)
+    config.legacy_ids = False   # every LUN now has its id: one added later without is new
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         _create_files(config)
@@ -433,6 +378,42 @@ def load_or_create(config_path: str | None = None, data_dir: str | None = None, 
     except OSError as e:
         raise StartupError(f"cannot write {path}", e.strerror or str(e)) from None
     return load(str(path), data_dir, None, (), endpoint, portals)
+
+
+def give_ids(config: Config) -> bool:
+    """Give every LUN entry without `id` (added by hand) one, as `lun add`
+    does: its designators then name this disk only, and 0280's "a file
+    served before is never created blank" covers it. In a file no id-giving
+    STML wrote yet (no `legacy_ids = false`: an upgrade), its LUNs were
+    served under the legacy identity of their target and number, which they
+    keep (first_identity); in one it wrote, an entry without `id` was added
+    since, and a disk added at a number another had before gets an identity
+    of its own. A new LUN's missing file with a size is created first (the
+    id says "served"); one that cannot be created, and a new entry's missing
+    file without a size, are left without an id (served offline; the reload
+    that opens it gives it one). A served one's missing file is never created
+    (0280). RBD LUNs take theirs from the image. True when the file must be
+    saved. Blocking (stats, creates): at the STML's start, before it serves
+    (docs/decisions/0281)."""
+    changed = config.legacy_ids
+    for t in config.targets:
+        for lc in t.luns:
+            o = lc.options
+            if o.id or o.kind == "rbd":
+                continue
+            ident = first_identity(config.data_dir, t.name, lc) if config.legacy_ids else secrets.token_hex(16)
+            served = ident == legacy_id(t.name, lc.lun)
+            if o.kind == "file" and o.path is not None and not served and not os.path.exists(o.path):
+                if o.size is None:
+                    continue    # a new disk whose file is not there: its id once it opens
+                try:
+                    open_store(o, create=True).close()
+                except CannotOpen:
+                    continue    # build_targets says why, and serves it offline
+            o.id = ident
+            changed = True
+    config.legacy_ids = False
+    return changed
 
 
 def _create_files(config: Config) -> None:

@@ -45,7 +45,6 @@ import errno
 import functools
 import json
 import logging
-import os
 import re
 import struct
 import weakref
@@ -55,6 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Protocol
 
+from scsi_runtime.files import atomic_write, fsync_dir
 from stml.api import DataDir
 from stml.cdb import u16, u32
 from stml.lu import LogicalUnit, legacy_id
@@ -733,37 +733,16 @@ def wait_for_saves() -> None:
 
 
 def _write_state(path: Path, doc: dict[str, Any] | None) -> bool:
-    """Write the document atomically (write, fsync, rename, fsync of the
-    directory); None: remove the file, if any. Whether a file is left."""
+    """Write the document atomically, never readable by others; None: remove
+    the file, if any. Whether a file is left."""
     if doc is None:
         if path.exists():
             path.unlink()
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
         return False
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    data = memoryview(json.dumps(doc, indent=1).encode())
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        while data:
-            data = data[os.write(fd, data):]
-        os.fsync(fd)
-    except BaseException:   # (ENOSPC) no temporary file left to hold the space or an inode
-        os.close(fd)
-        os.unlink(tmp)
-        raise
-    os.close(fd)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    atomic_write(path, json.dumps(doc, indent=1).encode(), secret=True)
     return True
-
-
-def _fsync_dir(d: Path) -> None:
-    fd = os.open(d, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def state_path(data_dir: Path, target: str, lun: int, ident: str | None = None) -> Path:
@@ -948,6 +927,8 @@ async def prout(task: Task) -> None:
     params = parse_prout(sa, data, plen)
     if params.transport_ids:
         params.acl = task.services.admitted(lu.target)
+    if sa == REGISTER_AND_MOVE:
+        params.rel_port = _move_to_group(task, params.rel_port)
     st = state(lu)
     if sa in (REGISTER, REGISTER_IGNORE, REGISTER_AND_MOVE) and params.aptpl and st.store is None:
         raise invalid_param(20 if sa != REGISTER_AND_MOVE else 17, 0)   # nowhere to persist
@@ -962,6 +943,19 @@ async def prout(task: Task) -> None:
     except asyncio.CancelledError:
         commit.add_done_callback(_log_failure)
         raise
+
+
+def _move_to_group(task: Task, rel_port: int) -> int:
+    """The port group (portal group tag) a REGISTER AND MOVE's RELATIVE TARGET
+    PORT IDENTIFIER names: one of the nexus's target, by the identifier VPD
+    page 0x83 reports for it (tag 0 is 0xFFFF: stml.spc.relative_port). Any
+    other is INVALID FIELD IN PARAMETER LIST: a reservation moved to a port
+    the target does not have is held by no I_T nexus that can ever exist."""
+    tpg = 0 if rel_port == 0xFFFF else rel_port
+    target = task.nexus.target
+    if rel_port == 0 or (tpg != task.nexus.tpg and tpg not in task.services.portal_groups(target)):
+        raise invalid_param(18)
+    return tpg
 
 
 async def _commit(task: Task, st: PrState, effects: Effects) -> None:

@@ -84,6 +84,14 @@ async def write_blocks(task: Task, lba: int, bufs: list, sync: bool) -> None:
             await task.io(lu.backend.write_from, lba * lu.block_size, bufs, sync)
 
 
+async def _next_range(lu: LogicalUnit, lba: int, blocks: int) -> None:
+    """Between two chunks of one write: a turn of the loop, then the next
+    chunk's range checked again (a `lun resize --force` may have shrunk the
+    LU meanwhile: a write past its end would grow its file or its RAM)."""
+    await next_chunk()
+    check_range(lu, lba, blocks)
+
+
 def _miscompare(offset: int) -> CheckCondition:
     return CheckCondition(MISCOMPARE, MISCOMPARE_DURING_VERIFY, info=offset)
 
@@ -332,9 +340,9 @@ async def orwrite(task: Task) -> None:
     per = max(1, CHUNK // bs)
     async with lu.write_gate.exclusive():
         for done in range(0, blocks, per):
-            if done:
-                await next_chunk()
             k = min(per, blocks - done)
+            if done:
+                await _next_range(lu, lba + done, k)
             have = await read_blocks(task, lba + done, k)
             mine = data[done * bs:(done + k) * bs]
             merged = (int.from_bytes(have, "little") | int.from_bytes(mine, "little")).to_bytes(k * bs, "little")
@@ -410,9 +418,9 @@ async def _discard(task: Task, lba: int, blocks: int) -> None:
     per = max(1, _DISCARD_CHUNK // bs)
     async with lu.write_gate.shared():
         for done in range(0, blocks, per):
-            if done:
-                await next_chunk()
             k = min(per, blocks - done)
+            if done:
+                await _next_range(lu, lba + done, k)
             await task.io(lu.backend.discard, (lba + done) * bs, k * bs)
 
 
@@ -447,9 +455,9 @@ async def write_same(task: Task) -> None:
     per = max(1, CHUNK // lu.block_size)
     chunk = memoryview(block * min(per, n))
     for done in range(0, n, per):
-        if done:
-            await next_chunk()
         k = min(per, n - done)
+        if done:
+            await _next_range(lu, lba + done, k)
         await write_blocks(task, lba + done, [chunk[:k * lu.block_size]], False)
     if through:
         await _flush(task)
@@ -617,17 +625,20 @@ def _log_failure(lu: LogicalUnit, job: asyncio.Task) -> None:
 
 async def _sanitize(task: Task, lu: LogicalUnit, block: bytes | None) -> None:
     """Overwrite (`block` in every block) or deallocate the whole LUN, a
-    chunk at a time; lu.progress says how far it got (REQUEST SENSE)."""
-    total = lu.blocks
+    chunk at a time; lu.progress says how far it got (REQUEST SENSE). The
+    end is the LU's as each chunk starts: a LU shrunk meanwhile (`lun resize
+    --force`) is not written past its new end, which would grow its file or
+    its RAM back."""
     per = max(1, (CHUNK if block is not None else _DISCARD_CHUNK) // lu.block_size)
     chunk = memoryview(block * per) if block is not None else None
-    for start in range(0, total, per):
+    start = 0
+    while start < (total := lu.blocks):
         lu.progress = (start, total)
-        if start:
-            await next_chunk()
         k = min(per, total - start)
         if chunk is not None:
             await write_blocks(task, start, [chunk[:k * lu.block_size]], False)
         else:
             await _discard(task, start, k)
+        start += k
+        await next_chunk()
     await _flush(task)

@@ -29,9 +29,10 @@ from stml.api.stream import Lease
 from stml.api.tap import Tap, TapPoint, combine
 from stml.config import Config, ConfigError, StartupError
 from stml.emulator import Emulator, Target
-from stml.lu import CannotOpen, LogicalUnit, Offline, open_store, served_before
+from stml.lu import CannotOpen, LogicalUnit, Offline, open_store, record_image, served_before
 from stml.metrics import Metrics
 from stml.mgmt import Management
+from stml.persist import EditedError, give_ids, save
 from stml.portals import PortalStates, portal_entries, portal_groups
 from stml import pr
 from stml.pr import PrStoreError
@@ -63,11 +64,13 @@ class Stream(Protocol):
     def close(self, linger_ms: int = 0) -> None: ...
 
 
-def build_targets(config: Config, templates: dict[str, Any]) -> list[Target]:
+def build_targets(config: Config, templates: dict[str, Any]) -> tuple[list[Target], bool]:
     """Open every LUN's backend. One that cannot open is served offline (one
     line says why): a missing disk must not take every other LUN's service
-    with it, nor make a supervised restart fail for good (0280)."""
+    with it, nor make a supervised restart fail for good (0280). True with
+    them when an RBD image's identity was recorded (the file is to be saved)."""
     targets = []
+    recorded = False
     for t in config.targets:
         luns = {}
         for lc in t.luns:
@@ -75,13 +78,24 @@ def build_targets(config: Config, templates: dict[str, Any]) -> list[Target]:
             backend: Any
             try:
                 backend = open_store(o, create=not served_before(o))
+                recorded = record_image(o, backend, f"target {t.name} LUN {lc.lun}") or recorded
             except CannotOpen as e:
                 log.error("target %s LUN %d (%s %s) is offline: %s; fix it, then `scsi-target config "
                           "reload`", t.name, lc.lun, o.kind, o.path or "", e)
                 backend = Offline(str(e))
             luns[lc.lun] = LogicalUnit(t.name, lc.lun, backend, o, templates["disk"])
         targets.append(Target(t.name, luns, t.alias, t.access(), t.target_reset))
-    return targets
+    return targets, recorded
+
+
+def _save_identities(config: Config) -> None:
+    """Write the identities a start gave or recorded into the file. One that
+    cannot be written is logged, and served: the next save writes it (a
+    restart before it gives the same legacy ids again, new random ones)."""
+    try:
+        save(config)
+    except (OSError, EditedError) as e:
+        log.error("the LUNs' identities were not saved to %s: %s", config.path, e)
 
 
 @contextlib.contextmanager
@@ -214,8 +228,13 @@ class StmlServer(TapPoint):
         self.metrics = Metrics(self.emulator.lookup_lu)
         self.emulator.on_nexus_gone = self.metrics.nexus_gone
         self.emulator.on_front_end_gone = self._front_end_gone
-        for t in build_targets(config, self.emulator.templates):
+        # LUN entries added by hand get their identity before they are served (0281)
+        given = config.path is not None and give_ids(config)
+        targets, recorded = build_targets(config, self.emulator.templates)
+        for t in targets:
             self.emulator.targets[t.name] = t
+        if config.path is not None and (given or recorded):
+            _save_identities(config)
         try:
             self.emulator.restore_reservations()   # APTPL state kept under the data dir
         except PrStoreError as pe:   # (a name per type: mypyc types a name once, 0830)
@@ -284,12 +303,17 @@ class StmlServer(TapPoint):
 
     def stall_backend(self, lun: int, seconds: float) -> None:
         """Stall LUN `lun`'s backend (of every target that has one) for
-        `seconds`, 0: until SIGUSR2 (stml.stall)."""
+        `seconds`, 0: until SIGUSR2 (stml.stall). An offline LU is left as it
+        is: it has no store to stall, and wrapped it would no longer look
+        offline (it must keep answering 02/04/03: 0268, 0280)."""
         from stml.stall import StalledBackend
         loop = asyncio.get_running_loop()
         for t in self.emulator.targets.values():
             lu = t.luns.get(lun)
-            if lu is not None and not isinstance(lu.backend, StalledBackend):
+            if lu is not None and lu.offline is not None:
+                logging.getLogger("inject").warning("LUN %d of %s is offline (%s): not stalled", lun, t.name,
+                                                    lu.offline)
+            elif lu is not None and not isinstance(lu.backend, StalledBackend):
                 stalled = StalledBackend(lu.backend)
                 lu.backend = stalled
                 self._stalls.append((lu, stalled))

@@ -130,7 +130,9 @@ def vpd_block_limits(lu: LogicalUnit, task: Task) -> bytes:
     struct.pack_into(">H", body, 2, 1 << lbppbe(lu))            # optimal transfer granularity
     struct.pack_into(">I", body, 4, mb)                         # maximum transfer length
     struct.pack_into(">I", body, 8, min(mb, (1 << 20) // lu.block_size))  # optimal transfer length
-    struct.pack_into(">I", body, 12, mb)                        # maximum prefetch length
+    # maximum prefetch length: 0, no limit. PRE-FETCH stages nothing (its cost
+    # is its range check), and its length 0 means "to the end of the medium",
+    # which libiscsi's PreFetch*.ZeroBlocks expects GOOD on any LUN
     if lbp:
         struct.pack_into(">I", body, 16, MAX_UNMAP_LBA_COUNT)
         struct.pack_into(">I", body, 20, MAX_UNMAP_DESCRIPTORS)

@@ -59,14 +59,19 @@ def _find_lu(task: Task, designator: bytes) -> LogicalUnit | None:
     return None
 
 
-def _reach(task: Task, lu: LogicalUnit, rule: Conflict) -> None:
+def _reach(task: Task, lu: LogicalUnit, rule: Conflict, lba: int, blocks: int) -> None:
     """Before each chunk: the copy target is still an LU of the target, with
     its medium ready, and its reservations let this nexus read (or write) it,
     as they would a READ or a WRITE (`rule`); else COPY ABORTED, COPY TARGET
-    DEVICE NOT REACHABLE (as LIO answers)."""
+    DEVICE NOT REACHABLE (as LIO answers). The chunk's blocks are still
+    within it (a `lun resize` may have shrunk it since the segment began: a
+    write past its end would grow its file or its RAM); else COPY ABORTED,
+    as a segment beyond a copy target is."""
     if (task.services.target_luns(task.nexus.target).get(lu.lun) is not lu or not lu.medium_present
             or lu.sanitizing or (lu.pr is not None and lu.pr.conflicts(task.nexus, rule))):
         raise CheckCondition(COPY_ABORTED, COPY_TARGET_DEVICE_NOT_REACHABLE)
+    if (lba + blocks) * lu.block_size > lu.backend.size():
+        raise CheckCondition(COPY_ABORTED, NO_ADDITIONAL_SENSE)
 
 
 def _parse_cscd(task: Task, d: bytes, off: int) -> LogicalUnit:
@@ -139,6 +144,10 @@ async def extended_copy(task: Task) -> None:
         if src_i >= len(lus) or dst_i >= len(lus):
             raise CheckCondition(COPY_ABORTED, UNREACHABLE_COPY_TARGET)   # no such CSCD
         blocks, slba, dlba = u16(data, pos + 10), u64(data, pos + 12), u64(data, pos + 20)
+        if lus[dst_i].block_size != lus[src_i].block_size:
+            # NUMBER OF BLOCKS counts both ends' blocks alike: offsets in one LU's
+            # blocks would land elsewhere in, or past the end of, the other (as LIO refuses it)
+            raise invalid_param(pos + 6)
         if blocks * lus[src_i].block_size > MAX_SEGMENT_BYTES:
             raise invalid_param(pos + 10)
         segments.append((lus[src_i], lus[dst_i], blocks, slba, dlba))
@@ -174,12 +183,12 @@ async def _copy(task: Task, src: LogicalUnit, dst: LogicalUnit, blocks: int, slb
             await next_chunk()
         n = min(per, blocks - done)
         view = buf[:n * bs]
-        _reach(task, src, Conflict.READ)
+        _reach(task, src, Conflict.READ, slba + done, n)
         await task.io_on(src, src.backend.read_into, (slba + done) * bs, view)
         async with dst.write_gate.shared():
             # checked with no wait before the call: an LU removed meanwhile is
             # never written (its backend closes once no call of it is queued)
-            _reach(task, dst, Conflict.WRITE)
+            _reach(task, dst, Conflict.WRITE, dlba + done, n)
             through = not dst.mode.wce
             if through:   # after a failed sync of dst: refused before it is written (0257)
                 refuse_after_failed_sync(dst)

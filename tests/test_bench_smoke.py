@@ -128,3 +128,44 @@ def test_bench_sessions_refuses_bad_counts():
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 2
     assert "expected session counts from 1 to 1024 like 1,2,4, not '0,2'" in p.stderr.splitlines()[-1]
+
+
+# what tgtd's bs_rbd does with its client's configuration (tgt usr/bs_rbd.c):
+# rados_create as client.admin, the environment (CEPH_ARGS), then the conf= file
+TGTD_LIBRADOS = """
+import ctypes, sys
+lib = ctypes.CDLL("librados.so.2")
+c = ctypes.c_void_p()
+assert lib.rados_create(ctypes.byref(c), None) == 0
+assert lib.rados_conf_parse_env(c, None) == 0
+assert lib.rados_conf_read_file(c, sys.argv[1].encode()) == 0
+value = ctypes.create_string_buffer(64)
+assert lib.rados_conf_get(c, b"rbd_cache", value, 64) == 0
+print(value.value.decode())
+"""
+
+
+def test_bench_turns_tgtds_rbd_cache_off_whatever_the_conf_says(tmp_path):
+    """bench.py --rbd runs tgtd's librbd without its cache (0411) even when
+    the cluster's conf turns it on for tgtd's user in `[client.admin]`, which
+    wins over a `[client]` section: librados itself (as tgtd's bs_rbd calls
+    it, on the environment bench.py gives tgtd) reads rbd_cache false."""
+    import ctypes.util
+    import importlib.util
+    if ctypes.util.find_library("rados") is None:
+        pytest.fail("librados is not installed (apt-get install librados2)")
+    spec = importlib.util.spec_from_file_location("bench", ROOT / "scripts" / "bench.py")
+    assert spec is not None and spec.loader is not None
+    bench_mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_mod)
+    conf = tmp_path / "ceph.conf"
+    conf.write_text("[global]\nmon host = 127.0.0.1:1\n[client.admin]\nrbd cache = true\n")
+    images = bench_mod.RbdImages(str(conf), None, tmp_path)
+    plain = {k: v for k, v in os.environ.items() if k != "CEPH_ARGS"}
+
+    def rbd_cache(path: Path, env: dict[str, str]) -> str:
+        return run([sys.executable, "-c", TGTD_LIBRADOS, str(path)], env=env, timeout=60).stdout.strip()
+    copy = tmp_path / "copy.conf"     # the first way: a copy with the cache off in [client]
+    copy.write_text(conf.read_text() + "\n[client]\nrbd cache = false\n")
+    assert rbd_cache(copy, plain) == "true"
+    assert rbd_cache(conf, images.tgtd_env()) == "false"

@@ -351,6 +351,55 @@ def test_write_same_is_held_to_its_limit_and_goes_in_chunks():
     run(go())
 
 
+@pytest.mark.parametrize("cdb", [bytes([0x93, 0]) + struct.pack(">QI", 0, MAX_XFER) + bytes(2),   # WRITE SAME(16)
+                                 bytes([0x8B, 0]) + struct.pack(">QI", 0, MAX_XFER) + bytes(2)],  # ORWRITE(16)
+                         ids=["write-same", "orwrite"])
+def test_chunked_writes_stop_at_the_end_of_a_lu_shrunk_while_they_run(cdb):
+    """A command written a chunk at a time checks each chunk's range again
+    after its turn of the loop: shrunk to 2 MiB after its first chunk (`lun
+    resize --force`), the LU gets LBA OUT OF RANGE and no write past its end
+    (which grew its RAM back, or its file)."""
+    async def go():
+        h = Harness([LunOptions("ram", size=64 << 20, thin=False)])
+        lu = h.lu()
+        ends: list[int] = []
+        real = lu.backend.write_from
+
+        def write_then_shrink(off, bufs, sync):
+            real(off, bufs, sync)
+            ends.append(off + sum(map(len, bufs)))
+            if len(ends) == 2:
+                lu.backend.resize(2 << 20)
+        lu.backend.write_from = write_then_shrink
+        lu.backend.write_nowait = lambda off, bufs, sync: write_then_shrink(off, bufs, sync) or True
+        r = await h.cmd(cdb, b"\x66" * (BS if cdb[0] == 0x93 else MAX_XFER * BS))
+        assert r.key_asc == (ILLEGAL_REQUEST, 0x21, 0)
+        assert ends == [1 << 20, 2 << 20] and lu.backend.allocated() == 2 << 20
+    run(go())
+
+
+def test_a_discard_stops_at_the_end_of_a_lu_shrunk_while_it_runs():
+    """The same for deallocation, 64 MiB a step (a file whose system cannot
+    punch holes is written zeros instead: past its end, that grew it)."""
+    async def go():
+        h = Harness([LunOptions("ram", size=256 << 20)])
+        lu = h.lu()
+        spans: list[tuple[int, int]] = []
+        real = lu.backend.discard
+
+        def discard_then_shrink(off, length):
+            real(off, length)
+            spans.append((off, length))
+            if len(spans) == 1:
+                lu.backend.resize(64 << 20)                   # (which discards its tail through here)
+        lu.backend.discard = discard_then_shrink
+        cdb, data = unmap((0, 1 << 19))                       # 256 MiB
+        r = await h.cmd(cdb, data)
+        assert r.key_asc == (ILLEGAL_REQUEST, 0x21, 0)
+        assert spans == [(0, 64 << 20), (64 << 20, 192 << 20)]   # the command's first step, the resize's
+    run(go())
+
+
 async def _ticking(coro) -> int:
     """Run `coro` while counting the event loop's turns beside it."""
     ticks = 0
@@ -401,6 +450,31 @@ def test_sanitize_is_one_tracked_job_with_progress():
         assert (await h.cmd(erase, alloc=0)).status == GOOD
         await asyncio.wait([lu.job])
         assert lu.backend.allocated() == 0 and not lu.sanitizing
+    run(go())
+
+
+def test_sanitize_stops_at_the_end_of_a_lu_shrunk_while_it_runs():
+    """SANITIZE's job takes the LU's end as each chunk starts: shrunk to 4 MiB
+    after its first chunk (`lun resize --force`), a 64 MiB LU is overwritten
+    to its new end, and no RAM is allocated past it (it was 60 MiB more)."""
+    async def go():
+        h = Harness([LunOptions("ram", size=64 << 20)])
+        lu = h.lu()
+        ends: list[int] = []
+        real = lu.backend.write_from
+
+        def write_then_shrink(off, bufs, sync):
+            real(off, bufs, sync)
+            ends.append(off + sum(map(len, bufs)))
+            if len(ends) == 1:
+                lu.backend.resize(4 << 20)
+        lu.backend.write_from = write_then_shrink
+        lu.backend.write_nowait = lambda off, bufs, sync: write_then_shrink(off, bufs, sync) or True
+        pattern = bytes([0x01, 0, 0, 4]) + b"\xc3" * 4            # OVERWRITE COUNT 1, a 4-byte pattern
+        r = await h.cmd(bytes([0x48, 0x01, 0, 0, 0, 0, 0, 0, len(pattern), 0]), pattern)
+        assert r.status == GOOD
+        assert ends == [1 << 20, 2 << 20, 3 << 20, 4 << 20] and lu.backend.allocated() == 4 << 20
+        assert (await h.cmd(_read16(lu.blocks - 1, 1))).data == b"\xc3" * BS
     run(go())
 
 
@@ -552,6 +626,55 @@ def test_extended_copy_limits_and_bounded_results():
         assert (await status(39)).status == GOOD and (await status(3)).key_asc == (ILLEGAL_REQUEST, 0x24, 0)
         h.emulator.handle(b"fe", {"op": "scsi_release", "nexus": 1}, [])
         assert len(lu.copy_results) == 0
+    run(go())
+
+
+def test_extended_copy_between_block_sizes_is_refused_before_any_block_moves():
+    """A segment counts its blocks once for both ends: from a 4096-byte LU
+    into a 512-byte one it wrote its 4 MiB at 4096 x the destination LBA, 24
+    MiB past the end of a 4 MiB LU (RAM pages, or file blocks, the LU does not
+    have). Refused whole, with the segment's destination index pointed at."""
+    async def go():
+        h = Harness([LunOptions("ram", size=4 << 20, block_size=4096), LunOptions("ram", size=4 << 20)])
+        big, small = h.lu(0), h.lu(1)
+        for lu in (big, small):
+            lu.backend.write_from(0, [memoryview(b"\x5a" * 8192)], False)
+        writes = {id(lu): Counter(lu.backend.write_from) for lu in (big, small)}
+        for lu in (big, small):
+            lu.backend.write_from = writes[id(lu)]
+        cscds = [cscd(big.naa, 4096), cscd(small.naa, 512)]
+        for seg in ((0, 1, 1000, 0, 7000), (1, 0, 8, 0, 0)):   # 4096 -> 512 past its end; 512 -> 4096
+            cdb, data = _xcopy(cscds, [seg])
+            r = await h.cmd(cdb, data)
+            assert r.key_asc == (ILLEGAL_REQUEST, 0x26, 0) and r.field == (16 + 64 + 6, None), seg
+        assert sum(w.calls for w in writes.values()) == 0
+        assert small.backend.allocated() == big.backend.allocated() == 1 << 20   # the one page written
+        cdb, data = _xcopy(cscds, [(0, 0, 2, 0, 4)])                            # alike: copied
+        assert (await h.cmd(cdb, data)).status == GOOD
+        assert (await h.cmd(_read16(4, 2))).data == b"\x5a" * 8192
+    run(go())
+
+
+def test_extended_copy_stops_at_the_end_of_a_copy_target_shrunk_meanwhile():
+    """A copy checks its chunk against the LU's size before each one: a LU
+    shrunk while a segment runs (`lun resize`) is not written past its new end."""
+    async def go():
+        h = Harness([LunOptions("ram", size=64 << 20), LunOptions("ram", size=64 << 20)])
+        src, dst = h.lu(0), h.lu(1)
+        writes = Counter(dst.backend.write_from, size=lambda off, bufs, sync: off + sum(map(len, bufs)))
+        dst.backend.write_from = writes
+        real = src.backend.read_into
+
+        def read_then_shrink(off, buf):   # after the first chunk, the destination shrinks to 2 MiB
+            if writes.calls == 1:
+                dst.backend.resize(2 << 20)
+            return real(off, buf)
+        src.backend.read_into = read_then_shrink
+        cdb, data = _xcopy([cscd(src.naa), cscd(dst.naa)], [(0, 1, 0xFFFF, 0, 0)])   # 32 MiB
+        r = await h.cmd(cdb, data)
+        assert r.key_asc == (0xA, 0, 0)                     # COPY ABORTED
+        assert writes.calls == 2 and max(writes.sizes) == 2 << 20   # up to the new end, no further
+        assert dst.backend.allocated() <= 2 << 20
     run(go())
 
 

@@ -245,8 +245,8 @@ A, B = "iqn.2026-11.org.test:a", "iqn.2026-11.org.test:b"
 MALLORY, BOB = "iqn.2026-11.org.test:mallory", "iqn.2026-11.org.test:bob"
 
 
-def _naa(ini: RawInitiator) -> bytes:
-    status, sense, page = ini.command(bytes([0x12, 1, 0x83, 0, 255, 0]), 0, read=255)
+def _naa(ini: RawInitiator, lun: int = 0) -> bytes:
+    status, sense, page = ini.command(bytes([0x12, 1, 0x83, 0, 255, 0]), lun, read=255)
     assert status == GOOD, sense
     pos = 4
     while page[pos + 1] & 0x0F != 3:
@@ -254,9 +254,9 @@ def _naa(ini: RawInitiator) -> bytes:
     return page[pos + 4:pos + 20]
 
 
-def _ready(ini: RawInitiator) -> None:
+def _ready(ini: RawInitiator, lun: int = 0) -> None:
     for _ in range(4):
-        if ini.command(bytes(6), 0)[0] == GOOD:
+        if ini.command(bytes(6), lun)[0] == GOOD:
             return
     raise AssertionError("unit attentions never cleared")
 
@@ -293,3 +293,29 @@ def test_extended_copy_cannot_reach_another_targets_lun(tmp_path):
         denied = RawInitiator(host, int(port), initiator=MALLORY)
         assert denied.login(B).status_class != 0        # the ACL, for the record
         denied.close()
+
+
+def test_extended_copy_between_block_sizes_leaves_the_files_as_they_were(tmp_path):
+    """Over iSCSI, from a 4096-byte file LUN into a 512-byte one: the segment
+    is refused whole, and the destination's file keeps its size (the copy
+    wrote 4 MiB at 8 x the destination LBA, growing a 4 MiB file to 32 MiB)."""
+    big, small = tmp_path / "big.img", tmp_path / "small.img"
+    cfg = tmp_path / "mixed.toml"
+    cfg.write_text(f'[[target]]\nname = "{A}"\n'
+                   f'[[target.lun]]\nbackend = "file"\npath = "{big}"\nsize = "4MiB"\nblock_size = 4096\n'
+                   f'[[target.lun]]\nbackend = "file"\npath = "{small}"\nsize = "4MiB"\n')
+    with Target(config=str(cfg)) as t:
+        host, port = t.portal.rsplit(":", 1)
+        ini = RawInitiator(host, int(port), initiator=MALLORY)
+        assert ini.login(A).status_class == 0
+        _ready(ini)
+        _ready(ini, 1)
+        naa_big, naa_small = _naa(ini), _naa(ini, 1)
+        cscd = lambda naa, bs: (bytes([0xE4, 0, 0, 0, 0x01, 0x03, 0, 16]) + naa + bytes(5) + bs.to_bytes(3, "big"))
+        seg = struct.pack(">BBHHHHHQQ", 0x02, 0, 24, 0, 1, 0, 1000, 0, 7000)   # in range of each, in its blocks
+        params = struct.pack(">BBH4xII", 1, 0, 64, len(seg), 0) + cscd(naa_big, 4096) + cscd(naa_small, BS) + seg
+        status, sense, _ = ini.command(bytes([0x83, 0]) + bytes(8) + struct.pack(">I", len(params)) + bytes(2),
+                                       0, write=params)
+        assert status == CHECK and parse_sense(sense) == (0x5, 0x26, 0x00)
+        ini.close()
+    assert small.stat().st_size == big.stat().st_size == 4 << 20

@@ -403,6 +403,144 @@ def test_a_first_start_keeps_the_identity_of_luns_that_existed(tmp_path):
     assert load(str(old / "scsi-target.toml")).targets[0].luns[0].options.id == legacy_id(IQN_A, 0)
 
 
+def _hand_written(d: Path, luns: str, marker: str = "") -> Path:
+    """A data dir's own file as an administrator (or an older version) wrote it."""
+    d.mkdir(exist_ok=True)
+    cfg = d / "scsi-target.toml"
+    cfg.write_text(textwrap.dedent(f"""\
+        # kept: a comment of the administrator's
+        {marker}
+        [[target]]
+        name = "{IQN_A}"
+        """) + textwrap.dedent(luns))
+    return cfg
+
+
+def test_an_upgrade_gives_hand_added_luns_the_identity_they_were_served_under(tmp_path):
+    """A file without `legacy_ids = false` was written by a version that gave
+    hand-added LUNs no id: they were served under the legacy identity of
+    their target and number, which the id now written keeps (a disk not
+    mounted now too: its file is not created, even with a size, when its
+    APTPL file says it was served); a LUN whose file is created now is new
+    (0281)."""
+    from stml import pr
+    from stml.lu import legacy_id
+    from stml.persist import give_ids, save
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "old.img").write_bytes(bytes(4096))
+    pr.state_path(d, IQN_A, 3).parent.mkdir()
+    pr.state_path(d, IQN_A, 3).write_text("{}")
+    cfg = _hand_written(d, f"""
+        [[target.lun]]
+        lun = 0
+        backend = "file"
+        path = "old.img"
+
+        [[target.lun]]
+        lun = 1
+        backend = "file"
+        path = "{tmp_path}/unmounted/disk.img"
+
+        [[target.lun]]
+        lun = 2
+        backend = "file"
+        path = "new.img"
+        size = "1MiB"
+
+        [[target.lun]]
+        lun = 3
+        backend = "file"
+        path = "served.img"
+        size = "1MiB"
+        """)
+    c = load(str(cfg))
+    assert c.legacy_ids and give_ids(c)
+    save(c)
+    again = load(str(cfg))
+    ids = [lc.options.id for lc in again.targets[0].luns]
+    assert ids[:2] == [legacy_id(IQN_A, 0), legacy_id(IQN_A, 1)]
+    assert ids[3] == legacy_id(IQN_A, 3) and not (d / "served.img").exists()
+    assert ids[2] not in (None, legacy_id(IQN_A, 2)) and (d / "new.img").stat().st_size == 1 << 20
+    text = cfg.read_text()
+    assert "# kept: a comment of the administrator's" in text and "legacy_ids = false" in text
+    assert not again.legacy_ids and not give_ids(again)   # nothing more to write
+
+
+def test_a_disk_hand_added_later_gets_an_identity_of_its_own(tmp_path):
+    """Once an id-giving STML wrote the file (`legacy_ids = false`), an entry
+    without `id` was added since: at a number whose legacy identity another
+    disk had, it gets a new random id, not that one. A new entry whose file
+    is not there yet (no size) gets none until it opens; one whose file
+    cannot be created neither (it is not served, 0280)."""
+    from stml.lu import legacy_id
+    from stml.persist import give_ids
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "other.img").write_bytes(bytes(4096))
+    cfg = _hand_written(d, f"""
+        [[target.lun]]
+        lun = 0
+        backend = "file"
+        path = "other.img"
+
+        [[target.lun]]
+        lun = 1
+        backend = "file"
+        path = "later.img"
+
+        [[target.lun]]
+        lun = 2
+        backend = "file"
+        path = "{tmp_path}/nodir/x.img"
+        size = "1MiB"
+
+        [[target.lun]]
+        lun = 3
+        backend = "ram"
+        size = "1MiB"
+        """, marker="legacy_ids = false")
+    c = load(str(cfg))
+    assert not c.legacy_ids and give_ids(c)
+    ids = [lc.options.id for lc in c.targets[0].luns]
+    assert ids[0] is not None and ids[0] != legacy_id(IQN_A, 0)
+    assert ids[1:3] == [None, None]
+    assert ids[3] is not None and ids[3] != legacy_id(IQN_A, 3)
+    assert not (d / "later.img").exists()
+
+
+def test_an_rbd_luns_image_identity_is_a_checked_setting(tmp_path):
+    """`image_identity` (recorded by the STML at an image's open, 0281): 32
+    hex digits, on rbd LUNs only."""
+    lun = '[[target.lun]]\nbackend = "{kind}"\npath = "{path}"\nimage_identity = "{ident}"\n'
+    head = f'[[target]]\nname = "{IQN_A}"\n'
+    c = load_toml(tmp_path, head + lun.format(kind="rbd", path="rbd/img", ident="AB" * 16))
+    assert c.targets[0].luns[0].options.image_identity == "ab" * 16
+    assert "not 32 hexadecimal digits" in error_of(tmp_path, head + lun.format(kind="rbd", path="rbd/i", ident="x"))
+    assert "only an rbd LUN" in error_of(tmp_path, head + lun.format(kind="file", path="/a", ident="ab" * 16))
+
+
+def test_an_rbd_lu_shows_its_recorded_image_identity_only_while_offline(caplog):
+    """0281: an opened image's identity is recorded (and is what the LU
+    shows); offline, the LU shows the recorded one; an image whose identity
+    is not the recorded one (made again under the name) is another disk:
+    a warning, its own identity, the record replaced."""
+    from types import SimpleNamespace
+
+    from stml.lu import LogicalUnit, LunOptions, Offline, naa_designator, record_image
+    from support.sbc_harness import Harness
+    template = Harness().emulator.templates["disk"]
+    o = LunOptions("rbd", path="rbd/img")
+    first, second = bytes(range(16)), bytes(range(16, 32))
+    image = SimpleNamespace(identity=first)
+    assert record_image(o, image, "LUN 0") and o.image_identity == first.hex()
+    assert not record_image(o, image, "LUN 0")     # nothing new to save
+    assert LogicalUnit(IQN_A, 0, Offline("gone"), o, template).naa == naa_designator(first)
+    assert record_image(o, SimpleNamespace(identity=second), "LUN 0") and o.image_identity == second.hex()
+    assert "is not the one recorded" in caplog.text
+    assert not record_image(LunOptions("file", path="/x"), image, "LUN 1")
+
+
 def test_the_data_dirs_own_file_names_that_data_dir(tmp_path):
     """D/scsi-target.toml leaves data_dir out (so D can move): loaded with
     --config alone, it is D's config (endpoint, relative LUN paths), not the

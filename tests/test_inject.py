@@ -436,6 +436,60 @@ def test_a_stalled_backend_holds_its_lun_only_and_recovers(targets):
     b.close()
 
 
+def test_a_stalled_offline_lun_still_answers_manual_intervention(tmp_path):
+    """A stall rule on an offline LUN (its store could not open, 0280) leaves
+    it offline: TEST UNIT READY after the stall fired still answers NOT
+    READY, MANUAL INTERVENTION REQUIRED (02/04/03), not MEDIUM NOT PRESENT
+    as a wrapped backend made it, and `status` still says why it is offline."""
+    import asyncio
+
+    from stml import config
+    from stml.api import pack, unpack
+    from stml.lu import LogicalUnit, LunOptions, Offline
+    from stml.sense import parse_sense
+    from stml.server import StmlServer
+
+    async def main() -> tuple[list[tuple[int, int, int] | None], str | None]:
+        server = StmlServer(config.load(data_dir=str(tmp_path / "data"), luns=("ram:1MiB",)))
+        target = next(iter(server.emulator.targets.values()))
+        lu = LogicalUnit(target.name, 0, Offline("gone"), LunOptions("file", path=str(tmp_path / "gone.img")),
+                         server.emulator.templates["disk"])
+        target.luns[0] = lu
+        sent: list = []
+
+        class Stream:
+            region = None
+
+            def send(self, frames: list) -> None:
+                sent.append(unpack(frames[0]))
+        ident = b"\0stream-1"
+        server.streams[ident] = Stream()
+        try:
+            server.start_injection([parse_rule("stml:stall rx_cmnd at=1 lun=0 s=0")])
+            server.received([ident, pack({"op": "register_target_front_end", "name": "t", "kind": "test",
+                                          "version": [1, 0]})])
+            server.received([ident, pack({"op": "register_nexus", "nexus": 1, "initiator": "iqn.x",
+                                          "target": target.name, "tpg": 1})])
+            for tag in (1, 2):                    # the stall fires at the first
+                server.received([ident, pack({"op": "rx_cmnd", "tag": tag, "nexus": 1, "lun": 0,
+                                              "cdb": bytes(16), "attr": 0, "dir": 0, "len": 0})])
+            for _ in range(200):
+                answers = [h for h in sent if h["op"] == "xmit_response"]
+                if len(answers) == 2:
+                    break
+                await asyncio.sleep(0.01)
+            server.release_stalls()
+            return [parse_sense(h["sense"]) if h.get("sense") else None for h in answers], lu.offline
+        finally:
+            server.sock.close(linger=0)
+            server.ctx.term()
+            server.executor.shutdown()
+
+    senses, offline = asyncio.run(main())
+    assert senses == [(0x02, 0x04, 0x03)] * 2
+    assert offline == "gone"
+
+
 @pytest.mark.parametrize("rule, held", [
     ("fetd:delay * p=1 ms=600000 hold=3", 3),                # the count caps it
     ("fetd:delay * p=1 ms=600000 hold_kib=2", 2),            # 2 KiB: two 1000-byte messages

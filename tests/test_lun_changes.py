@@ -344,3 +344,104 @@ def test_an_lu_added_at_a_removed_lus_number_carries_the_unit_attention():
         await m.lun_add("ram:1MiB", IQN, 7)
         assert t.luns[7].unit_attentions == {}
     asyncio.run(run())
+
+
+class CountedLuns(dict):
+    """A target's LUs that count each LU a walk of them visits."""
+
+    def __init__(self, lus: dict, visits: list[int]) -> None:
+        super().__init__(lus)
+        self.visits = visits
+
+    def values(self):  # type: ignore[override]
+        for v in super().values():
+            self.visits[0] += 1
+            yield v
+
+    def __contains__(self, key: object) -> bool:   # (a search for a free LUN number)
+        self.visits[0] += 1
+        return super().__contains__(key)
+
+
+def visits_per_turn(change, visits: list[int]) -> list[int]:
+    """Run `change` (a coroutine) and count the LUs visited in each turn of the loop."""
+    async def run() -> list[int]:
+        job = asyncio.get_running_loop().create_task(change)
+        per_turn = []
+        while not job.done():
+            before = visits[0]
+            await asyncio.sleep(0)
+            per_turn.append(visits[0] - before)
+        job.result()
+        return per_turn
+    return asyncio.run(run())
+
+
+WALKS = {   # management commands that walk every LU, and how each is called
+    "lun_add ram (_ram)": lambda m, tmp: m.lun_add("ram:1MiB", IQN),
+    "lun_add file (a duplicate?)": lambda m, tmp: m.lun_add(f"file:{tmp}/new.img,size=1MiB", IQN),
+    "lun_resize ram (_ram)": lambda m, tmp: m.lun_resize(0, "2MiB", IQN),
+    "lun_remove": lambda m, tmp: m.lun_remove(0, IQN),
+    "lun_list": lambda m, tmp: m.lun_list(),
+    "target_remove": lambda m, tmp: m.target_remove(IQN, force=True),
+    "acl_add (detect)": lambda m, tmp: m.acl_add("iqn.2026-11.org.test:1", IQN),
+}
+
+
+@pytest.mark.parametrize("verb", list(WALKS))
+def test_management_walks_its_lus_a_bounded_number_per_loop_turn(verb, tmp_path, monkeypatch):
+    """`_ram`, `lun add`'s duplicate check and free number, the unit attention
+    lists, `lun list`, `target remove` and every detect (sent after a change) visit at
+    most FANOUT_STEP LUs per turn of the event loop, however many the
+    target has (0267); before, each walked all of them in one step."""
+    from stml import mgmt as mgmt_mod
+    step = 16
+    monkeypatch.setattr(mgmt_mod, "FANOUT_STEP", step)
+    sent: list = []
+    emu, m = setup(sent, luns=10 * step, nexuses=2)
+    m.config.data_dir = tmp_path
+    visits = [0]
+    t = emu.targets[IQN]
+    t.luns = CountedLuns(t.luns, visits)
+    per_turn = visits_per_turn(WALKS[verb](m, tmp_path), visits)
+    assert sum(per_turn) >= 10 * step                    # it walked them all
+    assert max(per_turn) <= step, per_turn               # never all 160 in one turn
+    for lu in t.luns.values():
+        lu.backend.close()
+
+
+def test_a_change_reads_the_config_file_in_a_thread(tmp_path, monkeypatch):
+    """The check that the file was not edited by hand (before each change),
+    `config show`, `config diff` and `config save --force` read the config
+    file in a worker thread, never on the event loop (a hung NFS mount
+    must not stop the STML); `config reload` models every LUN there too."""
+    from stml import mgmt as mgmt_mod
+    from stml import persist
+    sent: list = []
+    emu, m = setup(sent, luns=2, nexuses=1)
+    m.config.path = tmp_path / "scsi-target.toml"
+    m.config.data_dir = tmp_path
+    persist.save(m.config)
+    reads: list[tuple[str, bool]] = []
+    loop_thread = threading.main_thread()        # asyncio.run's loop runs here
+
+    def counted(name, real):
+        def read(*args):
+            reads.append((name, threading.current_thread() is loop_thread))
+            return real(*args)
+        return read
+    for name in ("file_digest", "read_document", "model"):
+        monkeypatch.setattr(mgmt_mod, name, counted(name, getattr(mgmt_mod, name)))
+
+    async def run() -> None:
+        await m.target_add("iqn.2026-11.org.test:other")
+        await m.lun_remove(1, IQN)
+        await m.acl_add("iqn.2026-11.org.test:1", IQN)
+        assert "iqn.2026-11.org.test:other" in (await m.config_show())["text"]
+        assert (await m.config_diff())["same"]
+        await m.config_save(force=True)
+        await m.config_reload()
+    asyncio.run(run())
+    assert {name for name, _ in reads} == {"file_digest", "read_document", "model"}
+    assert len([r for r in reads if r[0] == "file_digest"]) >= 4   # one per change, diff, save --force
+    assert [r for r in reads if r[1]] == []                        # none on the loop's thread

@@ -261,3 +261,49 @@ def test_counter_sets_exist_only_for_real_lus_and_live_sessions(stml_factory, cl
     assert snap["counter_sets"] == 3
     lun0 = next(r for r in snap["luns"] if r["lun"] == 0)
     assert lun0["commands"] == 5 and lun0["errors"] == 0
+
+
+@pytest.mark.parametrize("cmd", ["session_list", "frontend_list"])
+def test_management_reports_rows_a_bounded_number_per_loop_turn(cmd, clock, monkeypatch):
+    """`session list`, `frontend list` (and `status`) build the report in
+    steps: at most FANOUT_STEP rows (each a sum of counter sets) per turn of
+    the event loop, however many LUs and sessions there are (0267); before,
+    all of them in one step. The rows are still all there and right."""
+    import asyncio
+
+    from stml import mgmt as mgmt_mod
+    step = 16
+    monkeypatch.setattr(mgmt_mod, "FANOUT_STEP", step)
+    em = FakeEmulator({"tA": 5 * step})
+    fe = em.front_end(b"fe-1", "one")
+    for n in range(1, 10 * step + 1):
+        em.nexus(fe, n, f"ini-{n}", "tA")
+    m = metrics_mod.Metrics(em.lookup_lu)
+    for n in range(1, 10 * step + 1):
+        command(m, em, clock, fe, n, n % (5 * step), n, WRITE, 512, 1e-4)
+    mg = mgmt_mod.Management(em, None, gateway=None, metrics=m, portals=None,   # type: ignore[arg-type]
+                             endpoints=[], traces=None)   # type: ignore[arg-type]
+    reports = [0]
+    real = metrics_mod.report
+
+    def counted(sets, in_flight):
+        reports[0] += 1
+        return real(sets, in_flight)
+    monkeypatch.setattr(metrics_mod, "report", counted)
+
+    async def run() -> tuple[list, list[int]]:
+        job = asyncio.get_running_loop().create_task(getattr(mg, cmd)())
+        per_turn = []
+        while not job.done():
+            before = reports[0]
+            await asyncio.sleep(0)
+            per_turn.append(reports[0] - before)
+        return job.result(), per_turn
+    result, per_turn = asyncio.run(run())
+    assert sum(per_turn) == 5 * step + 10 * step + 1          # every LU, session and front end
+    assert max(per_turn) <= step, per_turn
+    if cmd == "session_list":
+        assert sorted(r["nexus"] for r in result) == list(range(1, 10 * step + 1))
+        assert all(r["commands"] == 1 and r["write_bytes"] == 512 for r in result)
+    else:
+        assert [(r["name"], r["nexuses"], r["commands"]) for r in result] == [("one", 10 * step, 10 * step)]

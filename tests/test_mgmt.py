@@ -457,6 +457,44 @@ def test_a_result_the_codec_cannot_pack_is_answered_with_an_error(value, caplog)
         f"management command odd: its result cannot be sent: {detail}"]
 
 
+def test_session_drop_looks_its_nexus_up_instead_of_walking_every_session() -> None:
+    """`session drop N` finds nexus N with one look-up per front end (their
+    nexuses are kept by number), not by visiting each of the thousands of
+    sessions in one step of the event loop (0267); it still drops it."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from stml.api import Op
+    from stml.emulator import Emulator, Target
+    from stml.mgmt import Management
+
+    sent: list[dict] = []
+    emu = Emulator([], lambda ident, h, f: sent.append(h), ThreadPoolExecutor(1))
+    emu.targets[IQN] = Target(IQN, {}, "", {"acl": []})
+    m = Management(emu, None, gateway=None, metrics=None, portals=None,   # type: ignore[arg-type]
+                   endpoints=[], traces=None)   # type: ignore[arg-type]
+    for fe in (b"fe1", b"fe2"):
+        emu.handle(fe, {"op": Op.REGISTER, "version": [1, 0], "kind": "test", "name": fe.decode(),
+                        "heartbeat_ms": 1000}, [])
+    for n in range(1, 501):
+        emu.handle(b"fe1", {"op": Op.REGISTER_NEXUS, "nexus": n, "initiator": f"iqn.2026-11.org.test:{n}",
+                            "target": IQN, "tpg": 1}, [])
+    visits = [0]
+
+    class Counted(dict):
+        def values(self):  # type: ignore[override]
+            for v in super().values():
+                visits[0] += 1
+                yield v
+    for fe in emu.front_ends.values():
+        fe.nexuses = Counted(fe.nexuses)
+    result = asyncio.run(m.session_drop(400))
+    assert result == {"front_end": "fe1", "nexus": 400, "initiator": "iqn.2026-11.org.test:400", "target": IQN}
+    assert 400 not in emu.front_ends[b"fe1"].nexuses and len(emu.front_ends[b"fe1"].nexuses) == 499
+    assert [h["nexus"] for h in sent if h["op"] == Op.DROP_NEXUS] == [400]
+    assert visits[0] == 0
+
+
 TASK_ABORTED = 0x40
 
 

@@ -94,6 +94,29 @@ def test_front_end_past_its_nexus_cap_is_refused(inproc, monkeypatch, caplog):
     assert sorted(fe.nexuses) == [1, 3, 4, 5]
 
 
+def test_front_ends_past_the_cap_are_refused(inproc, monkeypatch, caplog):
+    """Every connection of an admitted key registers a front end of its own,
+    each allowed its own nexuses: past the cap a new one is refused (detect
+    with the reason, one log line) and not kept; a repeated registration of
+    a known one is not refused; one that leaves makes room."""
+    monkeypatch.setattr(E, "MAX_FRONT_ENDS", 2)
+    inproc.front_end(b"a")
+    inproc.front_end(b"b")
+    inproc.sent.clear()
+    with caplog.at_level(logging.WARNING, logger="stml"):
+        inproc.front_end(b"c")
+    ((ident, detect),) = inproc.sent
+    assert ident == b"c" and detect["op"] == Op.DETECT and "2 front ends" in detect["error"]
+    assert [r.getMessage() for r in caplog.records] == [f"front end 'c' refused: {detect['error']}"]
+    assert sorted(inproc.emu.front_ends) == [b"a", b"b"]
+    inproc.sent.clear()
+    inproc.front_end(b"a")                                   # known: detect, no error
+    assert [h.get("error") for _, h in inproc.sent if h["op"] == Op.DETECT] == [None]
+    inproc.emu.handle(b"b", {"op": Op.DEREGISTER}, [])
+    inproc.front_end(b"c")
+    assert sorted(inproc.emu.front_ends) == [b"a", b"c"]
+
+
 def test_target_past_its_nexus_cap_is_refused(inproc, monkeypatch):
     """The cap of a target counts the I_T nexuses of every front end: the
     fourth one is refused, on that target only; a nexus whose I_T nexus is

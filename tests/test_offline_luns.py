@@ -23,6 +23,7 @@ import tomlkit
 from fetd_loopback import LoopbackClient
 from support.procs import children_by_module, pid_alive, run
 from support.target import IQN, Target
+from stml.lu import legacy_id
 
 CLI = [sys.executable, "-m", "scsi_target"]
 MANUAL_INTERVENTION = (0x02, (0x04, 0x03))
@@ -61,7 +62,10 @@ def add_lun_by_hand(cfg: Path, entry: dict) -> None:
     doc = tomlkit.parse(cfg.read_text())
     lun = tomlkit.table()
     lun.update(entry)
-    next(t for t in doc["target"] if t["name"] == IQN)["lun"].append(lun)
+    target = next(t for t in doc["target"] if t["name"] == IQN)
+    if "lun" not in target:
+        target["lun"] = tomlkit.aot()
+    target["lun"].append(lun)
     cfg.write_text(tomlkit.dumps(doc))
 
 
@@ -291,3 +295,117 @@ def test_config_check_warns_of_a_lun_a_start_would_serve_offline(tmp_path):
         f"served before: a start serves it offline",
         f"scsi-target: warning: target {IQN} LUN 1 ({tmp_path}/nosize.img): its file does not exist and "
         f"no size is given to create it: a start serves it offline"]
+
+
+def remove_lun_by_hand(cfg: Path, number: int) -> None:
+    doc = tomlkit.parse(cfg.read_text())
+    target = next(t for t in doc["target"] if t["name"] == IQN)
+    kept = [e for e in target["lun"] if e["lun"] != number]
+    del target["lun"]       # (tomlkit: an array of tables emptied in place is no longer one)
+    if kept:
+        aot = tomlkit.aot()
+        for entry in kept:
+            aot.append(entry)
+        target["lun"] = aot
+    cfg.write_text(tomlkit.dumps(doc))
+
+
+def naa_of(ident: str) -> str:
+    from stml.lu import naa_designator
+    return naa_designator(bytes.fromhex(ident)).hex()
+
+
+def test_hand_added_luns_get_ids_that_keep_old_disks_and_tell_new_ones_apart(ddir):
+    """0281. A file an older version served, its LUN added by hand (no `id`):
+    the upgraded STML serves it under the legacy identity it had, and writes
+    that as its id (comments kept). A different disk later hand-added at that
+    number (the old entry removed, a reload) gets an identity of its own,
+    written to the file, and keeps it across a restart of the STML. Before,
+    both disks had the legacy NAA of target and number: a multipath host
+    would take the second for the first."""
+    cfg = Path(ddir) / "scsi-target.toml"
+    old, new = Path(ddir) / "old.img", Path(ddir) / "new.img"
+    mark = os.urandom(512)
+    old.write_bytes(mark + bytes((1 << 20) - 512))
+    new.write_bytes(bytes(1 << 20))
+    cfg.write_text(f'# the administrator\'s note\nportals = []\n\n[[target]]\nname = "{IQN}"\n\n'
+                   f'[[target.lun]]\nlun = 0\nbackend = "file"\npath = "{old}"\n')
+    legacy = naa_of(legacy_id(IQN, 0))
+    endpoint = f"ipc://{ddir}/stml.sock"
+    with Target("--no-iscsi", data_dir=ddir, portals=(), expect_portals=0) as t:
+        with LoopbackClient(endpoint, timeout=10) as c:
+            assert naa(c, 0) == legacy and c.read(0, 0, 1) == mark
+        text = cfg.read_text()
+        assert "# the administrator's note" in text and "legacy_ids = false" in text
+        assert tomllib.loads(text)["target"][0]["lun"][0]["id"] == legacy_id(IQN, 0)
+
+        remove_lun_by_hand(cfg, 0)
+        assert f"target {IQN} LUN 0 removed" in mgmt(ddir, "config", "reload")["applied"]
+        add_lun_by_hand(cfg, {"lun": 0, "backend": "file", "path": str(new)})
+        assert f"target {IQN} LUN 0 added" in mgmt(ddir, "config", "reload")["applied"]
+        ident = tomllib.loads(cfg.read_text())["target"][0]["lun"][0]["id"]
+        assert ident != legacy_id(IQN, 0)
+        with LoopbackClient(endpoint, timeout=10) as c:
+            assert naa(c, 0) == naa_of(ident) != legacy
+            assert c.inquiry(0, 0x80)[4:20] == bytes.fromhex(ident)[:8].hex().encode()
+        kill_stml_and_wait_for_restart(t, ddir)
+        with LoopbackClient(endpoint, timeout=10) as c:
+            assert naa(c, 0) == naa_of(ident)
+        assert tomllib.loads(cfg.read_text())["target"][0]["lun"][0]["id"] == ident
+
+
+def test_a_reload_serves_an_offline_lun_whose_path_was_corrected(ddir, tmp_path):
+    """0281: an offline file LUN (its file moved) whose entry's `path` is
+    corrected by hand: the reload opens the file there and serves the LU in
+    place, under its id, with 06/28/00 then 06/2A/09, as 0280's reload of a
+    restored file does. Before, the reload said "restart to apply them"."""
+    mark = os.urandom(4096)
+    img, moved = Path(ddir) / "disk.img", tmp_path / "moved.img"
+    cfg = Path(ddir) / "scsi-target.toml"
+    endpoint = f"ipc://{ddir}/stml.sock"
+    with Target("--no-iscsi", "--lun", f"file:{img},size=8MiB", data_dir=ddir, portals=(), expect_portals=0):
+        with LoopbackClient(endpoint, timeout=10) as c:
+            c.write(0, 100, mark)
+            c.synchronize_cache(0)
+            before = naa(c, 0)
+    ident = tomllib.loads(cfg.read_text())["target"][0]["lun"][0]["id"]
+    shutil.move(img, moved)
+    with Target("--no-iscsi", data_dir=ddir, portals=(), expect_portals=0) as t:
+        t.wait_log("LUN 0 (file ")
+        doc = tomlkit.parse(cfg.read_text())
+        doc["target"][0]["lun"][0]["path"] = str(moved)
+        cfg.write_text(tomlkit.dumps(doc))
+        with LoopbackClient(endpoint, timeout=10) as c:
+            assert sense(c, 0, READ16, 512) == MANUAL_INTERVENTION
+            r = mgmt(ddir, "config", "reload")
+            assert r["applied"] == [f"target {IQN} LUN 0 online"] and r["not_applied"] == [], r
+            assert sense(c, 0, READ16, 512) == (0x06, (0x28, 0x00))
+            assert sense(c, 0, READ16, 512) == (0x06, (0x2A, 0x09))
+            assert c.read(0, 100, 8) == mark
+            assert naa(c, 0) == before
+        entry = tomllib.loads(cfg.read_text())["target"][0]["lun"][0]
+        assert (entry["path"], entry["id"]) == (str(moved), ident)
+        assert mgmt(ddir, "config", "diff")["same"]
+        assert not img.exists()
+
+
+def test_the_file_of_a_hand_added_lun_once_served_is_not_created_again(ddir):
+    """0281 closes 0280's gap: a LUN hand-added with a size, which the reload
+    served (creating its file), has an id in the file from then on; its file
+    deleted, the next start serves it offline instead of creating it blank
+    under its identity, as for any LUN served before."""
+    cfg = Path(ddir) / "scsi-target.toml"
+    img = Path(ddir) / "hand.img"
+    with Target("--no-iscsi", "--lun", "ram:4MiB", data_dir=ddir, portals=(), expect_portals=0) as t:
+        add_lun_by_hand(cfg, {"lun": 1, "backend": "file", "path": str(img), "size": "2MiB"})
+        assert f"target {IQN} LUN 1 added" in mgmt(ddir, "config", "reload")["applied"]
+        assert img.stat().st_size == 2 << 20
+        ident = tomllib.loads(cfg.read_text())["target"][0]["lun"][1]["id"]
+        img.unlink()
+        kill_stml_and_wait_for_restart(t, ddir)
+        line = t.wait_log("LUN 1 (file ")
+        assert "is missing; it was served before: restore it or remove the LUN" in line
+        assert not img.exists()
+        with LoopbackClient(f"ipc://{ddir}/stml.sock", timeout=10) as c:
+            assert sense(c, 1, READ16, 512) == MANUAL_INTERVENTION
+            assert naa(c, 1) == naa_of(ident)

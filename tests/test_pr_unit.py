@@ -220,6 +220,41 @@ def test_register_and_move(st):
     assert st.is_holder(B) and st.reg_of(A) is None and st.reg_of(B).key == 5
 
 
+def test_register_and_move_only_to_a_port_of_the_target():
+    """REGISTER AND MOVE names the target port by the relative target port
+    identifier VPD page 0x83 reports (the portal group tag; tag 0 is 0xFFFF).
+    An identifier of no port group of the target is refused with its field
+    pointed at (it made a registration, and moved the reservation to it, that
+    no I_T nexus can ever hold), the others move it there."""
+    from support.sbc_harness import TARGET, Harness, run
+
+    def move(rel_port: int, to: str) -> tuple[bytes, bytes]:
+        tid = pr.transport_id(to)
+        data = struct.pack(">QQxBHI", 1, 5, 0, rel_port, len(tid)) + tid
+        return bytes([0x5F, pr.REGISTER_AND_MOVE, pr.WE]) + struct.pack(">xxI", len(data)) + b"\0", data
+
+    async def go():
+        h = Harness()
+        two, zero = "iqn.init:two,i,0x000000000002", "iqn.init:zero,i,0x000000000003"
+        h.nexus(2, two)
+        h.emulator.handle(b"fe", {"op": Op.REGISTER_NEXUS, "nexus": 3, "initiator": zero,
+                                  "target": TARGET, "tpg": 0}, [])
+        register = struct.pack(">QQ4x", 0, 1) + bytes(4)
+        assert (await h.cmd(bytes([0x5F, pr.REGISTER, 0, 0, 0, 0, 0, 0, 24, 0]), register)).status == 0
+        reserve = struct.pack(">QQ4x", 1, 0) + bytes(4)
+        assert (await h.cmd(bytes([0x5F, pr.RESERVE, pr.WE, 0, 0, 0, 0, 0, 24, 0]), reserve)).status == 0
+        st = h.lu().pr
+        for rel_port in (7, 0):                    # no port group 7; 0 is reserved
+            r = await h.cmd(*move(rel_port, two))
+            assert r.key_asc == (0x05, 0x26, 0) and r.field == (18, None)
+            assert [(reg.key, reg.initiator) for reg in st.regs] == [(1, "iqn.init:one")] and st.holder is st.regs[0]
+        assert (await h.cmd(*move(0xFFFF, zero))).status == 0   # tag 0's identifier
+        write = bytes([0x2A, 0, 0, 0, 0, 0, 0, 0, 1, 0])
+        assert (await h.cmd(write, bytes(512), nexus=3)).status == 0
+        assert (await h.cmd(write, bytes(512), nexus=1)).status == RESERVATION_CONFLICT
+    run(go())
+
+
 def test_spc2_reservations_and_their_conflicts(st):
     st.reserve6(A)
     st.reserve6(A)

@@ -362,3 +362,29 @@ def test_a_fenced_client_fails_compare_and_write_as_a_path_not_a_medium(cluster,
         assert len(told) == 1 and told[0] != threading.main_thread().name, told
     finally:
         b.close()
+
+
+def test_an_offline_rbd_lun_shows_the_identity_its_image_had(cluster, image, tmp_short):
+    """0281: the STML records an image's identity in the config when it opens
+    it; once the image cannot open (here: renamed away), the LUN is served
+    offline under that identity, the one every gateway shows, not the legacy
+    identity of its target and number, which no other gateway shares."""
+    import tomllib
+
+    from fetd_loopback import LoopbackClient
+    ddir = str(tmp_short())
+    cfg = Path(ddir) / "scsi-target.toml"
+    endpoint = f"ipc://{ddir}/stml.sock"
+    args = ("--no-iscsi", "--cpu-affinity", "none")
+    with Target(*args, "--lun", cluster.spec(image), data_dir=ddir, portals=(), expect_portals=0):
+        with LoopbackClient(endpoint, timeout=10) as c:
+            naa, serial = c.inquiry(0, 0x83)[4:], c.inquiry(0, 0x80)[4:]
+    cluster.run("rbd", "mv", image, f"{image}-away")
+    with Target(*args, data_dir=ddir, portals=(), expect_portals=0) as t:
+        t.wait_log("LUN 0 (rbd ")
+        with LoopbackClient(endpoint, timeout=10) as c:
+            r = c.execute(0, bytes(6))
+            assert (r.sense_key, r.asc_ascq) == (0x02, (0x04, 0x03))   # offline
+            assert (c.inquiry(0, 0x83)[4:], c.inquiry(0, 0x80)[4:]) == (naa, serial)
+    entry = tomllib.loads(cfg.read_text())["target"][0]["lun"][0]
+    assert "id" not in entry and serial.decode() == entry["image_identity"][:16], entry

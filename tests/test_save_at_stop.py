@@ -165,8 +165,9 @@ def test_an_stml_whose_config_save_hangs_still_stops(tmp_short):
     line; a normal exit would have joined the saver thread forever."""
     d = tmp_short()
     cfg = d / "target.toml"
-    cfg.write_text('[[target]]\nname = "iqn.2026-11.org.test:hung-save"\n\n'
-                   '[[target.lun]]\nbackend = "ram"\nsize = "1MiB"\n')
+    # (ids given: the start has nothing to save, 0281)
+    cfg.write_text('legacy_ids = false\n[[target]]\nname = "iqn.2026-11.org.test:hung-save"\n\n'
+                   '[[target.lun]]\nbackend = "ram"\nsize = "1MiB"\nid = "' + "ab" * 16 + '"\n')
     fifo, started = d / "hang", d / "started"
     os.mkfifo(fifo)
     stml = HookedStml(d, (), ("--config", str(cfg)), hook=(str(fifo), str(started), 0.2))

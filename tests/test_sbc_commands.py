@@ -173,6 +173,27 @@ def test_reads_and_writes_past_the_advertised_maximum_transfer_are_refused():
     run(main())
 
 
+def test_pre_fetch_has_no_advertised_limit_and_costs_no_io():
+    """VPD 0xB0 says what PRE-FETCH enforces: no MAXIMUM PREFETCH LENGTH (0),
+    as it stages nothing; the whole LUN (length 0, or more blocks than the
+    maximum transfer) is GOOD without one backend call, past its end is not."""
+    async def main() -> None:
+        h = Harness([LunOptions("ram", size=64 << 20)])
+        lu = h.lu()
+        vpd = await h.cmd(bytes([0x12, 1, 0xB0, 0, 64, 0]), alloc=64)
+        assert struct.unpack_from(">I", vpd.data, 16)[0] == 0   # (byte 12 of the page body)
+        calls = []
+        lu.backend.read_into = lambda *a: calls.append(a)
+        lu.backend.read_nowait = lambda *a: calls.append(a) or True
+        for n in (0, lu.blocks):
+            r = await h.cmd(bytes([0x90, 0]) + struct.pack(">QI", 0, n) + bytes(2), no_data=True)
+            assert r.status == GOOD
+        r = await h.cmd(bytes([0x90, 0]) + struct.pack(">QI", 1, lu.blocks) + bytes(2), no_data=True)
+        assert r.key_asc == (ILLEGAL_REQUEST, 0x21, 0)
+        assert calls == []
+    run(main())
+
+
 def test_set_target_port_groups_refuses_a_state_it_does_not_set():
     """ALUA here is implicit: SET TARGET PORT GROUPS changes no state, so it
     answers GOOD only when each group is asked for the state it is in; a

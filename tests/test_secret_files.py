@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from scsi_target.keys import write_key_pair
-from stml.persist import atomic_write
+from scsi_runtime.files import atomic_write
 from support.procs import short_dir
 from support.target import Target
 

@@ -39,3 +39,27 @@ def test_instructions_are_counted_under_callgrind():
     assert p.returncode == 0, p.stdout + p.stderr
     m = LINE.fullmatch(p.stdout.strip())
     assert m and m.group(1) == "4k-read" and int(m.group(5).replace(",", "")) > 0, p.stdout
+
+
+def test_a_callgrind_dump_counts_only_once_written_whole(tmp_path):
+    """--instructions reads the dump once callgrind has written it whole (its
+    `totals:` line is the last it writes), not after a fixed sleep: a dump
+    cut anywhere before its end counts as not there yet. A real dump, of
+    /bin/true."""
+    import importlib.util
+    if shutil.which("valgrind") is None:
+        pytest.fail("valgrind is not installed (apt-get install valgrind)")
+    out = tmp_path / "cg.out"
+    subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "/bin/true"],
+                   capture_output=True, check=True, timeout=120)
+    spec = importlib.util.spec_from_file_location("vhostpath", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    vhostpath = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(vhostpath)
+    text = out.read_text()
+    whole = int(re.findall(r"^totals: (\d+)$", text, re.M)[-1])
+    assert whole > 0 and vhostpath.totals(str(out)) == whole
+    cut = tmp_path / "cut"
+    for end in (len(text) // 2, text.rindex("totals:"), len(text) - 3, len(text) - 1):
+        cut.write_text(text[:end])
+        assert vhostpath.totals(str(cut)) is None, end

@@ -162,6 +162,7 @@ KIND_OF_TEST = {
     "test_metrics.py::test_counter_sets_exist_only_for_real_lus_and_live_sessions": "process",
     "test_metrics.py::test_status_counters_and_prometheus": "process",
     "test_mgmt.py::test_a_result_the_codec_cannot_pack_is_answered_with_an_error": "unit",
+    "test_mgmt.py::test_session_drop_looks_its_nexus_up_instead_of_walking_every_session": "unit",
     "test_nexus_caps.py::test_front_end_past_its_nexus_cap_is_refused": "unit",
     "test_nexus_caps.py::test_port_groups_are_capped_and_16_bit": "unit",
     "test_nexus_caps.py::test_target_past_its_nexus_cap_is_refused": "unit",
