@@ -56,14 +56,17 @@ _TRANSITIONS = frozenset(((0, 1), (0, 3), (1, 3)))
 class TargetConfig:
     name: str
     alias: str = ""
-    allowed_initiators: frozenset[str] = frozenset()  # empty: every initiator
+    allowed_initiators: frozenset[str] = frozenset()  # empty: every initiator; names in lower case
     chap: Credentials | None = None  # the initiator must prove this
     mutual_chap: Credentials | None = None  # we prove this when asked
     erl: int = 0              # the highest ErrorRecoveryLevel offered (config `error_recovery_level`)
     cmdsn_depth: int = 128    # the CmdSN window of its sessions (config `cmdsn_depth`)
 
     def allows(self, initiator: str) -> bool:
-        return not self.allowed_initiators or initiator in self.allowed_initiators
+        """iSCSI names compare without case (RFC 3722 folds them): `acl add`
+        keeps an entry in lower case, an initiator may send capitals, and the
+        STML admits the nexus either way (Emulator.admitted)."""
+        return not self.allowed_initiators or initiator.lower() in self.allowed_initiators
 
 
 @dataclass(frozen=True, slots=True)

@@ -304,6 +304,18 @@ def test_send_targets_tells_only_addresses_the_initiator_can_use():
     assert addresses == ["[2001:db8::7]:3262,3", "192.0.2.1:3264,5"]
 
 
+def test_an_acl_admits_its_initiator_whatever_the_case_it_sends():
+    """`acl add iqn...:HOST` keeps the entry in lower case (names fold case,
+    RFC 3722), and the STML admits the nexus so; fetd_tcp compared the name
+    as sent, so an initiator whose name has capitals was refused at login
+    and left out of SendTargets by the very entry made for it."""
+    t = TargetConfig("iqn.t", allowed_initiators=frozenset({"iqn.2026-11.org.test:win-host"}))
+    assert t.allows("iqn.2026-11.org.test:WIN-Host") and not t.allows("iqn.2026-11.org.test:other")
+    got = send_targets("All", "iqn.2026-11.org.test:WIN-HOST", [t], {1: [("192.0.2.1", 3260)]},
+                       ("192.0.2.1", 3260))
+    assert got == [("TargetName", "iqn.t"), ("TargetAddress", "192.0.2.1:3260,1")]
+
+
 def test_send_targets_scoping():
     portals = {1: [("::", 3260)]}
     local = ("::ffff:192.0.2.9", 3260)
