@@ -80,6 +80,9 @@ class LoginConfig:
     cmd_window: int = 32  # MaxCmdSN - ExpCmdSN + 1 given at login
 
     def target(self, name: str) -> TargetConfig | None:
+        """The target `name` names, whatever its case (the STML keeps names in
+        lower case; RFC 3722 folds case)."""
+        name = name.lower()
         return next((t for t in self.targets if t.name == name), None)
 
 
@@ -421,7 +424,7 @@ def send_targets(value: str, initiator_name: str, targets: Iterable[TargetConfig
     if value == "All":
         wanted = None if discovery else ()
     elif value:
-        wanted = (value,)
+        wanted = (value.lower(),)    # names fold case (RFC 3722); ours are kept in lower case
     else:
         wanted = (session_target,) if session_target else ()
     out = []

@@ -304,7 +304,7 @@ def test_send_targets_tells_only_addresses_the_initiator_can_use():
     assert addresses == ["[2001:db8::7]:3262,3", "192.0.2.1:3264,5"]
 
 
-def test_an_acl_admits_its_initiator_whatever_the_case_it_sends():
+def test_names_compare_without_case():
     """`acl add iqn...:HOST` keeps the entry in lower case (names fold case,
     RFC 3722), and the STML admits the nexus so; fetd_tcp compared the name
     as sent, so an initiator whose name has capitals was refused at login
@@ -314,6 +314,10 @@ def test_an_acl_admits_its_initiator_whatever_the_case_it_sends():
     got = send_targets("All", "iqn.2026-11.org.test:WIN-HOST", [t], {1: [("192.0.2.1", 3260)]},
                        ("192.0.2.1", 3260))
     assert got == [("TargetName", "iqn.t"), ("TargetAddress", "192.0.2.1:3260,1")]
+    # and a target name given in capitals (SendTargets=NAME, a login's TargetName) is found
+    assert send_targets("IQN.T", "iqn.2026-11.org.test:win-host", [t], {1: [("192.0.2.1", 3260)]},
+                        ("192.0.2.1", 3260)) == got
+    assert LoginConfig((t,)).target("Iqn.T") is t
 
 
 def test_send_targets_scoping():
