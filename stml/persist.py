@@ -251,6 +251,24 @@ def render(config: Config, doc: Any | None = None) -> str:
     return tomlkit.dumps(doc)
 
 
+HIDDEN = "(hidden)"
+SECRET_DIFFERS = "a CHAP secret differs between the file and the running configuration (not shown)\n"
+
+
+def hide_secrets(text: str) -> str:
+    """A config's text with every CHAP secret replaced by HIDDEN: `config
+    show` and `config diff` print the configuration to whoever manages the
+    target, and secrets are never shown (the file, mode 0600, keeps them)."""
+    doc = tomlkit.parse(text)
+    targets = doc.get("target")
+    tables = [doc.get("discovery_chap"), *(t.get(k) for t in (targets if isinstance(targets, list) else [])
+                                           if isinstance(t, dict) for k in ("chap", "mutual_chap"))]
+    for table in tables:
+        if isinstance(table, dict) and "secret" in table:
+            table["secret"] = HIDDEN
+    return tomlkit.dumps(doc)
+
+
 def new_document(config: Config, path: Path | None = None) -> Any:
     """A fresh file (at `path`, default the config's own): the header, and
     the settings outside the running model a start needs to find the same
