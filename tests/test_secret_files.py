@@ -268,3 +268,35 @@ def test_a_curve_secret_key_others_can_read_draws_a_warning(tmp_path, caplog):
     caplog.clear()
     load_key_file(str(tmp_path / "node.key"))          # the public key alone: nothing to say
     assert caplog.records == []
+
+
+def test_chap_secrets_go_only_to_front_ends_that_speak_chap():
+    """detect carries a target's CHAP and mutual CHAP secrets and discovery's
+    to an iSCSI front end, which checks logins with them; a vhost, loopback
+    or SPI front end authenticates no one and gets none of them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from backends import open_backend
+    from stml import emulator as E
+    from stml.api import Op
+    from stml.lu import LogicalUnit, LunOptions
+
+    chap = {"user": "u", "secret": "target-secret-1"}
+    mutual = {"user": "m", "secret": "mutual-secret-2"}
+    lu = LogicalUnit("iqn.2026-11.org.x:t", 0, open_backend("ram", 1 << 20, None, False),
+                     LunOptions(kind="ram", size=1 << 20), None)
+    target = E.Target("iqn.2026-11.org.x:t", {0: lu},
+                      access={"acl": [], "chap": chap, "mutual": mutual, "erl": 0, "cmdsn_depth": 128})
+    sent: dict[bytes, dict] = {}
+    emu = E.Emulator([target], lambda ident, h, f: sent.__setitem__(ident, h), ThreadPoolExecutor(1),
+                     discovery={"chap": {"user": "d", "secret": "discovery-secret-3"}, "slp": None})
+    lu.template = emu.templates["disk"]
+    for kind in ("iscsi", "vhost", "loopback", "spi"):
+        emu.handle(kind.encode(), {"op": Op.REGISTER, "version": [1, 0], "kind": kind, "name": kind,
+                                   "heartbeat_ms": 1000, "aen": False}, [])
+    iscsi = sent.pop(b"iscsi")
+    assert iscsi["targets"][0]["access"]["chap"] == chap and iscsi["targets"][0]["access"]["mutual"] == mutual
+    assert iscsi["discovery"]["chap"]["secret"] == "discovery-secret-3"
+    for ident, detect in sent.items():
+        assert "secret" not in repr(detect), ident
+        assert detect["targets"][0]["access"]["acl"] == [] and detect["targets"][0]["luns"]
