@@ -136,6 +136,8 @@ _XMIT_STATUS = _key("status") + b"\xcc"                                 # uint8
 _XMIT_RESID = _key("sense") + b"\xc0" + _key("resid") + b"\xd3"         # nil; int64
 XMIT_RESPONSE_FIXED = struct.Struct(
     f">{len(_XMIT_PREFIX)}sI{len(_XMIT_STATUS)}sB{len(_XMIT_RESID)}sq")
+# the layout's constant parts, in the order its Struct unpacks them between the values
+XMIT_RESPONSE_PARTS = (_XMIT_PREFIX, _XMIT_STATUS, _XMIT_RESID)
 
 
 def pack_xmit_response(tag: int, status: int, resid: int) -> bytes:
