@@ -112,7 +112,9 @@ class Metrics:
         self._live: dict[Any, dict[int | None, Counters]] = {}   # Nexus -> LUN -> its set
         # front-end ident (None: front ends gone) -> (target, LUN) -> counts of ended sessions
         self._forgotten: dict[bytes | None, dict[tuple[str, Any], Counters]] = {}
-        self._inflight: dict[tuple[bytes, int], tuple] = {}  # (ident, tag) -> (start, dir, len, set)
+        # (ident, tag) -> (start, dir, len, set); typed, so the compiled build reads
+        # the set's counters natively (as a bare tuple, its items were objects)
+        self._inflight: dict[tuple[bytes, int], tuple[float, int, int, Counters]] = {}
         self.started = time.time()
 
     def rx_cmnd(self, ident: bytes, h: dict[str, Any], fe: Any) -> None:

@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Protocol
 import zmq
 
 from stml.api import BufferPool, Channel, Op, SharedRegion, StmlSender, StreamChannel, pack, stream_path, unpack
-from stml.api.messages import RX_CMND_OP, TO_STML, Cap, DecodeError, check, decode_rx_cmnd, pack_xmit_response
+from stml.api.messages import (RX_CMND_OP, TO_STML, XMIT_RESPONSE_FIXED, XMIT_RESPONSE_PARTS, Cap, DecodeError,
+                                check, decode_rx_cmnd, rx_cmnd_fields)
 from stml.api.sizes import FRAME_ROOM, SHARED_READ_MIN
 from stml.api.stream import Lease
 from stml.api.tap import Tap, TapPoint, combine
@@ -125,6 +126,10 @@ class BusyPoll:
             self.spinning = False
 
 
+_XMIT_PACK = XMIT_RESPONSE_FIXED.pack
+_XMIT_K0, _XMIT_K1, _XMIT_K2 = XMIT_RESPONSE_PARTS
+
+
 class _Sender(StmlSender):
     """The STML's messages to its front ends; a response without sense data
     and without a tap is sent from its fields (no header dict): counted, packed
@@ -143,8 +148,8 @@ class _Sender(StmlSender):
             return
         server = self.server
         if sense is None and server.tap is None:
-            try:
-                header = pack_xmit_response(tag, status, resid)
+            try:   # (messages.pack_xmit_response, in place: its frame cost as much as the packing)
+                header = _XMIT_PACK(_XMIT_K0, tag, _XMIT_K1, status, _XMIT_K2, resid)
             except struct.error:   # a value past the layout: the dict's packing
                 pass
             else:
@@ -663,10 +668,12 @@ class StmlServer(TapPoint):
                     except DecodeError:
                         pass
                     else:
+                        tag, nexus, lun, cdb, attr, direction, length, unsol = rx_cmnd_fields(c)
                         fe = self.emulator.front_ends.get(ident)
                         if fe is not None:
-                            self.metrics.command(ident, fe, c.tag, c.nexus, c.lun, c.dir, c.len)
-                        self.emulator.command(fe, ident, c, frames[2:], lease)
+                            self.metrics.command(ident, fe, tag, nexus, lun, direction, length)
+                        self.emulator.command(fe, ident, tag, nexus, lun, cdb, attr, direction, length,
+                                              unsol, frames[2:], lease)
                         return
                 header = unpack(raw)
             except ValueError as e:
