@@ -20,7 +20,9 @@ from typing import Callable, Final, Iterator, Literal, NamedTuple, Protocol, Typ
 from fetd_tcp.digest import DIGEST_LEN, digest
 from stml.api.sizes import BIG_FRAME
 
-BHS_LEN = 48
+# (Final: the compiled build uses the constants in place, where it looked each
+# name up in the module's dict per use; struct's results declared int: native arithmetic)
+BHS_LEN: Final = 48
 RESERVED_TAG = 0xFFFFFFFF
 LUN0 = bytes(8)
 
@@ -84,13 +86,13 @@ ASYNC_VENDOR = 255
 AHS_EXTENDED_CDB = 1
 AHS_BIDI_READ_LENGTH = 2
 
-_I = 0x40  # immediate bit in byte 0
-_F = 0x80  # final bit in byte 1
-_C = 0x40  # continue bit (Login, Text)
-_OPMASK = 0x3F
+_I: Final = 0x40  # immediate bit in byte 0
+_F: Final = 0x80  # final bit in byte 1
+_C: Final = 0x40  # continue bit (Login, Text)
+_OPMASK: Final = 0x3F
 
-_GEN = struct.Struct(">BBBBI8sIIIIIIII")  # every PDU but the SCSI Command
-_CMD = struct.Struct(">BBxxI8sIIII16s")
+_GEN: Final = struct.Struct(">BBBBI8sIIIIIIII")  # every PDU but the SCSI Command
+_CMD: Final = struct.Struct(">BBxxI8sIIII16s")
 _BHS = struct.Struct(">BBxxI")
 _AHS_HDR = struct.Struct(">HBx")
 _U32 = struct.Struct(">I")
@@ -338,6 +340,9 @@ class ScsiCommand(NamedTuple):
 
     @staticmethod
     def decode(header: Buf, ahs: Buf) -> ScsiCommand:
+        b0: int
+        b1: int
+        w: int
         b0, b1, w, lun, itt, edtl, cmd_sn, exp_stat_sn, cdb = _CMD.unpack_from(header)
         bidi = None
         if ahs:
@@ -805,8 +810,8 @@ class Reject(NamedTuple):
 
 # the table's lookups (decode_pdu, session and test code use these)
 OPCODES: dict[type, int] = {t.cls: t.opcode for t in PDU_TYPES.values()}   # what encode() writes
-_DECODERS = {t.opcode: t.decode for t in PDU_TYPES.values()}
-_TAKES_AHS = frozenset(t.opcode for t in PDU_TYPES.values() if t.ahs)
+_DECODERS: Final = {t.opcode: t.decode for t in PDU_TYPES.values()}
+_TAKES_AHS: Final = frozenset(t.opcode for t in PDU_TYPES.values() if t.ahs)
 INITIATOR_OPCODES = frozenset(t.opcode for t in PDU_TYPES.values() if t.sender == INITIATOR)
 
 
@@ -861,7 +866,7 @@ def encode_text(pairs) -> bytes:
 
 # --- receive framing ------------------------------------------------------------
 
-_WORD1 = struct.Struct(">4xI")   # TotalAHSLength and DataSegmentLength, as one word
+_WORD1: Final = struct.Struct(">4xI")   # TotalAHSLength and DataSegmentLength, as one word
 _MAX_AHS = 255 * 4
 
 
@@ -990,7 +995,7 @@ class PduFramer:
         avail = self._end - start
         if avail < BHS_LEN:
             return None
-        (word,) = _WORD1.unpack_from(buf, start)
+        word: int = _WORD1.unpack_from(buf, start)[0]
         ahs_len, length = (word >> 24) * 4, word & 0xFFFFFF
         if length > self.max_data:
             raise PDUError(f"data segment of {length} bytes exceeds {self.max_data}")
