@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 from fetd_tcp import pdu as P
+# (by name, for the per-command path: the compiled build reads P.x as an attribute of a module)
+from fetd_tcp.pdu import DataIn, new_pdu
 from fetd_tcp.budget import Account, Grant, unlimited
 from fetd_tcp.keys import ConnectionParams, SessionParams
 from fetd_tcp.retain import announced
@@ -684,9 +686,9 @@ class Connection:
                 # it, without its call, loop and cases (per command)
                 sn = self.stat_sn
                 self.stat_sn = (sn + 1) % SN_MOD
-                self.send(P.new_pdu(P.DataIn, (task.itt, task.data_sn, 0, s.exp_cmd_sn, s.max_cmd_sn,
-                                               True, status, sn, count, over, under, False,
-                                               P.RESERVED_TAG, task.lun, n)), data)
+                self.send(new_pdu(DataIn, (task.itt, task.data_sn, 0, s.exp_cmd_sn, s.max_cmd_sn,
+                                           True, status, sn, count, over, under, False,
+                                           P.RESERVED_TAG, task.lun, n)), data)
                 task.data_sn += 1
                 return
             self._data_in(task, memoryview(data), status if collapse else None, count, over, under)

@@ -10,7 +10,7 @@ import struct
 import time
 import uuid
 from types import SimpleNamespace
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Final, Protocol, Sequence
 
 import msgpack
 import zmq
@@ -54,9 +54,12 @@ _RX_CMND_FIXED, _RX_CMND_KEYS = _fixed_map(_RX_CMND, (
 
 # xmit_response in the STML's fixed layout (stml.api.messages): its size, its
 # Struct's unpack and the constant parts it must hold (map, keys, markers)
-_XMIT_SIZE = XMIT_RESPONSE_FIXED.size
-_XMIT_UNPACK = XMIT_RESPONSE_FIXED.unpack
-_XMIT_K0, _XMIT_K1, _XMIT_K2 = XMIT_RESPONSE_PARTS
+# (Final: the compiled build keeps them in statics, not the module's dict)
+_XMIT_SIZE: Final = XMIT_RESPONSE_FIXED.size
+_XMIT_UNPACK: Final = XMIT_RESPONSE_FIXED.unpack
+_XMIT_K0: Final = XMIT_RESPONSE_PARTS[0]
+_XMIT_K1: Final = XMIT_RESPONSE_PARTS[1]
+_XMIT_K2: Final = XMIT_RESPONSE_PARTS[2]
 
 
 class FrontEndHandler(Protocol):
