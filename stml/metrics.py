@@ -20,10 +20,12 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator
 from itertools import chain, islice
 from time import monotonic
-from typing import Any
+from typing import Any, Final
 
-RING = 1024          # recent latencies kept per set (a power of two)
-READ, WRITE = 2, 1   # DataDir bits of rx_cmnd's "dir"
+# (Final: the compiled build uses them in place, not through the module's dict)
+RING: Final = 1024     # recent latencies kept per set (a power of two)
+READ: Final = 2        # DataDir bits of rx_cmnd's "dir"
+WRITE: Final = 1
 QUANTILES = (0.5, 0.9, 0.99)
 
 

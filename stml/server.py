@@ -17,7 +17,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Final, Protocol
 
 import zmq
 
@@ -126,8 +126,11 @@ class BusyPoll:
             self.spinning = False
 
 
-_XMIT_PACK = XMIT_RESPONSE_FIXED.pack
-_XMIT_K0, _XMIT_K1, _XMIT_K2 = XMIT_RESPONSE_PARTS
+# (Final: the compiled build keeps them in statics, not the module's dict)
+_XMIT_PACK: Final = XMIT_RESPONSE_FIXED.pack
+_XMIT_K0: Final = XMIT_RESPONSE_PARTS[0]
+_XMIT_K1: Final = XMIT_RESPONSE_PARTS[1]
+_XMIT_K2: Final = XMIT_RESPONSE_PARTS[2]
 
 
 class _Sender(StmlSender):

@@ -151,7 +151,10 @@ class Task:
         self.exp_len = exp_len
         self.unsol = unsol
         self.data_out: list[memoryview] = [memoryview(f) for f in imm] if imm else []
-        self.received = sum(map(len, self.data_out)) if imm else 0
+        received = 0
+        for view in self.data_out:   # (not sum(map(len, ...)): two calls more, per write)
+            received += len(view)
+        self.received = received
         self.need = 0     # bytes the CDB asks the initiator for
         self.want = 0     # bytes this task will collect (less when the initiator sends less)
         self.data_ready: asyncio.Future | None = None
