@@ -48,9 +48,11 @@ def _fixed_map(op: str, fields: Sequence[tuple[str, str]]) -> tuple[struct.Struc
 # their values; any msgpack decoder reads it back the same. Building the dict
 # and packing it cost several times as much. A header that does not fit this
 # layout (an extended CDB, a number past 32 bits) is packed from a dict.
-_RX_CMND_FIXED, _RX_CMND_KEYS = _fixed_map(_RX_CMND, (
+_RX_CMND_LAYOUT = _fixed_map(_RX_CMND, (
     ("tag", "I"), ("nexus", "I"), ("lun", "I"), ("cdb", "16s"), ("attr", "I"), ("dir", "I"),
     ("len", "I"), ("unsol", "I")))
+_RX_CMND_FIXED: Final = _RX_CMND_LAYOUT[0]   # (Final: statics in the compiled build)
+_RX_CMND_KEYS: Final = _RX_CMND_LAYOUT[1]
 
 # xmit_response in the STML's fixed layout (stml.api.messages): its size, its
 # Struct's unpack and the constant parts it must hold (map, keys, markers)
