@@ -402,8 +402,8 @@ def give_ids(config: Config) -> bool:
             o = lc.options
             if o.id or o.kind == "rbd":
                 continue
-            ident = first_identity(config.data_dir, t.name, lc) if config.legacy_ids else new_id(t.name, lc.lun, lc.options)
-            served = ident == legacy_id(t.name, lc.lun)
+            legacy = legacy_id(t.name, lc.lun)
+            served = config.legacy_ids and first_identity(config.data_dir, t.name, lc) == legacy
             if o.kind == "file" and o.path is not None and not served and not os.path.exists(o.path):
                 if o.size is None:
                     continue    # a new disk whose file is not there: its id once it opens
@@ -411,7 +411,9 @@ def give_ids(config: Config) -> bool:
                     open_store(o, create=True).close()
                 except CannotOpen:
                     continue    # build_targets says why, and serves it offline
-            o.id = ident
+            # derived once the file exists (its inode is part of it): the same at the
+            # next start, should this one's save fail
+            o.id = legacy if served else new_id(t.name, lc.lun, o)
             changed = True
     config.legacy_ids = False
     return changed

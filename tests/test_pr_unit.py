@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from backends import open_backend
-from stml import pr
+from stml import alua, pr
 from stml.api import Op, TaskAttr, Tmf, TmfResponse
 from stml.disk import DiskTemplate
 from stml.emulator import Emulator, Target
@@ -252,6 +252,17 @@ def test_register_and_move_only_to_a_port_of_the_target():
         write = bytes([0x2A, 0, 0, 0, 0, 0, 0, 0, 1, 0])
         assert (await h.cmd(write, bytes(512), nexus=3)).status == 0
         assert (await h.cmd(write, bytes(512), nexus=1)).status == RESERVATION_CONFLICT
+        # READ FULL STATUS names the port it moved to as REGISTER AND MOVE did, and as
+        # REPORT TARGET PORT GROUPS does (one identifier per port everywhere)
+        full = await h.cmd(bytes([0x5E, 3, 0, 0, 0, 0, 0, 0x10, 0, 0]))
+        ports, pos = {}, 8
+        while pos < len(full.data):
+            n = struct.unpack_from(">I", full.data, pos + 20)[0]
+            ports[bytes(full.data[pos + 28:pos + 24 + n]).split(b",")[0].rstrip(b"\0")] = \
+                struct.unpack_from(">H", full.data, pos + 18)[0]
+            pos += 24 + n
+        assert ports == {b"iqn.init:one": 1, b"iqn.init:zero": 0xFFFF}
+        assert struct.unpack_from(">H", alua.descriptor(0), 10)[0] == 0xFFFF
     run(go())
 
 
