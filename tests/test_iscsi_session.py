@@ -154,3 +154,23 @@ def test_shutdown_asks_initiators_to_log_out():
         r.close()
     finally:
         t.stop()
+
+
+def test_async_message_takes_its_own_stat_sn():
+    """An Async Message is numbered like any status (RFC 7143 4.2.2.2; LIO
+    advances StatSN for it, open-iscsi sets ExpStatSN past it): the response
+    after it carries the next StatSN, never the Async Message's again."""
+    from support.cli import mgmt
+    with Target("--lun", "ram:4MiB") as t:
+        r = RawInitiator(*_hostport(t.portal))
+        try:
+            r.login(IQN)
+            before, _ = r.nop(b"a")
+            mgmt(t.data_dir, "lun", "add", "--target", IQN, "ram:4MiB")   # REPORTED LUNS DATA HAS CHANGED
+            aen, _ = r.recv()
+            assert isinstance(aen, P.AsyncMessage) and aen.event == P.ASYNC_SCSI_EVENT
+            after, _ = r.nop(b"b")
+            assert isinstance(after, P.NopIn)
+            assert (aen.stat_sn, after.stat_sn) == ((before.stat_sn + 1) % (1 << 32), (before.stat_sn + 2) % (1 << 32))
+        finally:
+            r.close()
