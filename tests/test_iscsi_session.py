@@ -174,3 +174,23 @@ def test_async_message_takes_its_own_stat_sn():
             assert (aen.stat_sn, after.stat_sn) == ((before.stat_sn + 1) % (1 << 32), (before.stat_sn + 2) % (1 << 32))
         finally:
             r.close()
+
+
+def test_send_targets_in_a_normal_session_behind_discovery_chap(tmp_path):
+    """With discovery CHAP on, a Normal session to an open target answered
+    SendTargets=OTHER with the other target's addresses, which discovery
+    tells only initiators holding the discovery secret: a Normal session
+    now answers for its own target only (RFC 7143 Appendix C; decision 0212)."""
+    other = "iqn.2026-11.org.scsi-target:other"
+    cfg = tmp_path / "t.toml"
+    cfg.write_text(f'discovery_chap = {{user = "d", secret = "discovery-secret"}}\n'
+                   f'[[target]]\nname = "{IQN}"\n[[target.lun]]\nbackend = "ram"\nsize = "4MiB"\n'
+                   f'[[target]]\nname = "{other}"\n[[target.lun]]\nbackend = "ram"\nsize = "4MiB"\n')
+    with Target(config=str(cfg)) as t:
+        r = RawInitiator(*_hostport(t.portal))
+        try:
+            assert r.login(IQN).status_class == 0
+            assert r.text([("SendTargets", other)]) == []
+            assert r.text([("SendTargets", "")]) == [("TargetName", IQN), ("TargetAddress", f"{t.portal},1")]
+        finally:
+            r.close()
