@@ -383,7 +383,9 @@ class LoginMachine:
         assert neg is not None   # made by _start
         return LoginOutcome(
             session_type=self._session_type,
-            initiator_name=neg.declared.get("InitiatorName", ""),
+            # names compare without case (RFC 3722 maps them to lower case): one spelling for
+            # the session's identity, its reinstatement and its nexus (decision 0214)
+            initiator_name=neg.declared.get("InitiatorName", "").lower(),
             initiator_alias=neg.declared.get("InitiatorAlias", ""),
             target=self._target, isid=req.isid, tsih=req.tsih, cid=req.cid,
             cmd_sn=req.cmd_sn, stat_sn=self.stat_sn,
