@@ -95,6 +95,54 @@ def _fetd_tcp_pid(supervisor: int) -> int:
     raise AssertionError("no fetd_tcp child")
 
 
+def _listening(pid: int) -> set[tuple[str, int]]:
+    """The TCP addresses process `pid` listens on (its socket inodes found in
+    /proc/net/tcp and tcp6, state LISTEN)."""
+    import ipaddress
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            link = os.readlink(fd)
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[8:-1])
+    out = set()
+    for table, size in (("tcp", 4), ("tcp6", 16)):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            f = line.split()
+            if f[3] != "0A" or f[9] not in inodes:
+                continue
+            hexaddr, hexport = f[1].split(":")
+            raw = bytes.fromhex(hexaddr)   # host-order 32-bit words
+            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, size, 4))
+            out.add((str(ipaddress.ip_address(raw)), int(hexport, 16)))
+    return out
+
+
+@pytest.mark.parametrize("isnsd", ["RegistrationPeriod = 3600\nESIMinInterval = 1\n"],
+                         indirect=True)
+def test_esi_listens_only_where_portals_are_registered(isnsd, tmp_path):
+    """The ESI port listened on `::` (every address, both families) even with
+    loopback portals only: a port nobody asked for on every network. It
+    listens on the registered portals' addresses only (decision 0210): here
+    127.0.0.1, the address the 0.0.0.0 portal is registered by too."""
+    port, client = isnsd
+    cfg = tmp_path / "t.toml"
+    cfg.write_text(f'isns = "127.0.0.1:{port}"\n[[target]]\nname = "{IQN}"\n'
+                   f'[[target.lun]]\nbackend = "ram"\nsize = "8MiB"\n')
+    wild = free_port()
+    with Target(config=str(cfg), portals=("127.0.0.1:0", f"0.0.0.0:{wild}")) as t:
+        wait_for(client, ("--list", "portals"), "ESI port")
+        fetd = _fetd_tcp_pid(t.proc.pid)
+        portal = int(t.portals[0].rsplit(":", 1)[1])
+        listening = _listening(fetd)
+        esi = {a for a in listening if a[1] not in (portal, wild)}
+        assert esi and {host for host, _ in esi} == {"127.0.0.1"}, listening
+        portals = query(client, "--list", "portals")
+        assert f"ESI port = {esi.pop()[1]}/tcp" in portals, portals
+
+
 ESI_SERVER = "RegistrationPeriod = 3600\nESIMinInterval = 1\nESIMaxInterval = 60\nESIRetries = 2\n"
 
 
