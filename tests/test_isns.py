@@ -204,3 +204,43 @@ def test_isns_tells_only_what_sendtargets_tells_anyone(isnsd, tmp_path):
     with Target(config=str(cfg)):
         out = wait_for(client, ("--query", "iscsi-node-type=Target"), closed)
         assert IQN in out and closed in out, out
+
+
+def test_esi_listeners_follow_the_registered_addresses():
+    """ESI listeners are opened for the registered portal addresses and closed
+    when an address is no longer registered; an address this host cannot
+    listen on (192.0.2.1, TEST-NET-1) gets no ESI port, and its portal is
+    registered without ESI attributes (the server relies on re-registration)."""
+    import asyncio
+    import struct as st
+
+    from fetd_tcp import isns
+
+    def esi_ports(body: bytes) -> list[int]:
+        out, at = [], 12
+        while at + 8 <= len(body):
+            tag, length = st.unpack(">II", body[at:at + 8])
+            if tag == isns.ESI_PORT:
+                out.append(st.unpack(">I", body[at + 8:at + 12])[0])
+            at += 8 + length
+        return out
+
+    async def main() -> None:
+        client = isns.IsnsClient("127.0.0.1:9", "iqn.2026-11.org.test:entity")
+        ports = await client.esi_follow({"127.0.0.1", "192.0.2.1"})
+        assert set(ports) == {"127.0.0.1"}
+        old = ports["127.0.0.1"]
+        _, w = await asyncio.open_connection("127.0.0.1", old)      # listening
+        w.close()
+        portals = [isns.Portal("127.0.0.1", 3260, 1), isns.Portal("192.0.2.1", 3260, 1)]
+        body = isns.encode_register("e", [("iqn.t", "")], portals, 1, 60, ports, 5)
+        assert esi_ports(body) == [old]
+        held = client.esi_listeners["127.0.0.1"]
+        assert held is not None
+        try:
+            assert await client.esi_follow({"192.0.2.1"}) == {}
+            assert not held[0].is_serving() and "127.0.0.1" not in client.esi_listeners   # closed
+        finally:
+            await client.esi_follow(set())
+
+    asyncio.run(main())
