@@ -286,6 +286,22 @@ def new_document(config: Config, path: Path | None = None) -> Any:
     return doc
 
 
+def name_data_dir(path: Path, data_dir: Path) -> bool:
+    """Record `data_dir` in the file a start serves from another data dir
+    (`run --config F --data-dir D`, F naming none), so F alone finds the
+    target again: `status --config F`, `lun add --config F` (decision 0215;
+    0233 names it in a file written anew). True when written."""
+    if path == data_dir / CONFIG_NAME:
+        return False       # its own file: its directory is its data dir (0233)
+    doc = read_document(path)
+    if doc is None or "data_dir" in doc:
+        return False
+    body = tomlkit.document()
+    body["data_dir"] = str(data_dir)
+    atomic_write(path, (tomlkit.dumps(body) + tomlkit.dumps(doc)).encode(), holds_secrets(doc.unwrap()))
+    return True
+
+
 def read_document(path: Path) -> Any:
     try:
         return tomlkit.parse(path.read_text())

@@ -64,7 +64,7 @@ from stml.sense import (
     NOT_READY, PARAMETER_LIST_LENGTH_ERROR, REGISTRATIONS_PREEMPTED, RESERVATION_CONFLICT, RESERVATIONS_PREEMPTED, RESERVATIONS_RELEASED,
     CheckCondition, StatusError, invalid_field, invalid_param,
 )
-from stml.task import FANOUT_STEP, Nexus, Task
+from stml.task import FANOUT_STEP, Nexus, Task, nexus_key
 
 log = logging.getLogger("stml.pr")
 
@@ -158,7 +158,7 @@ class Registration:
         """The one I_T nexus this registration names, or None when it names several."""
         if self.tpg is None or ",i," not in self.initiator:
             return None
-        return f"{self.initiator}|{self.target},t,{self.tpg}"
+        return nexus_key(self.initiator, self.target, self.tpg)
 
     @functools.cached_property
     def tid_length(self) -> int:
@@ -178,7 +178,7 @@ class Port:
 
     @property
     def key(self) -> str:
-        return f"{self.initiator}|{self.target},t,{self.tpg}"
+        return nexus_key(self.initiator, self.target, self.tpg)
 
 
 @dataclass

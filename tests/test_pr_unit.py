@@ -279,6 +279,20 @@ def test_spc2_reservations_and_their_conflicts(st):
     assert conflicted(st.reserve6, A) and conflicted(st.release6, A)
 
 
+def test_one_i_t_nexus_whatever_the_case_of_its_initiator_name(st):
+    """iSCSI names compare without case (RFC 3722): "IQN...:A" and "iqn...:a"
+    with one ISID are one initiator port, so one I_T nexus: its SPC-2
+    reservation, unit attentions and registration key are the same nexus's."""
+    upper = pr.Port("IQN.1994-05.COM.EXAMPLE:A,i,0x23D000000001", T, 1)
+    assert upper.key == A.key
+    st.reserve6(upper)
+    assert not st.conflicts(A, rule(READ10)) and st.conflicts(B, rule(READ10))
+    st.drop_spc2(A.key)
+    assert not st.conflicts(B, rule(READ10))
+    reg = pr.Registration(1, upper.initiator, T, 1)
+    assert reg.nexus_key() == A.key
+
+
 def test_report_capabilities_and_read_full_status(st):
     caps = st.report_capabilities()
     assert len(caps) == 8 and struct.unpack_from(">H", caps)[0] == 8
