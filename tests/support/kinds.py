@@ -81,6 +81,7 @@ KIND_OF_MODULE = {
     "test_remote_fe.py": "system",
     "test_roles.py": "process",
     "test_roles_unit.py": "unit",
+    "test_resumed_nexus.py": "unit",
     "test_response_path.py": "unit",
     "test_save_at_stop.py": "unit",
     "test_sbc_commands.py": "unit",
