@@ -180,3 +180,50 @@ def test_the_link_registers_a_nexus_resumed_only_with_another_stml_instance():
     link.register_nexus(6, "i,i,0x6", T, 1, held_by="a")   # while down: decided on the detect
     _detect(link, "a")
     assert registrations()[6] is False
+
+
+def test_every_stml_names_its_own_instance_in_detect():
+    """Two STMLs (two starts of one) send different `instance`s, every
+    detect of one the same; Detect reads it ("" from an STML older than 1.9)."""
+    from stml.api import Detect
+    from stml.api.link import StmlSender
+    sent: list[dict] = []
+    first, second = (StmlSender(lambda ident, h, f: sent.append(h)) for _ in range(2))
+    for sender in (first, first, second):
+        sender.detect(b"fe", stml="s", heartbeat_ms=1000, limits={}, discovery={}, portals=[], targets=[],
+                      caps=[])
+    ids = [Detect.from_header(h).instance for h in sent]
+    assert len(ids[0]) == 32 and ids[0] == ids[1] != ids[2]
+    assert Detect.from_header({"op": "detect", "version": [1, 8]}).instance == ""
+
+
+def test_fetd_tcp_keeps_the_newest_held_nexuses_within_its_cap(monkeypatch):
+    """When the link is lost, fetd_tcp keeps (initiator port, target, TPGT) of
+    every session it ends with the lost STML's instance, but not of one the
+    STML never took (still registering), and at most MAX_HELD: the oldest go."""
+    from fetd_tcp import registry as registry_mod
+    from fetd_tcp.keys import SessionParams
+    from fetd_tcp.limits import Limits
+    from fetd_tcp.session import Session, Tags
+    monkeypatch.setattr(registry_mod, "MAX_HELD", 3)
+    released: list[int] = []
+    link = SimpleNamespace(instance="old", scsi_release=released.append)
+    reg = registry_mod.SessionRegistry(link, Tags(), Limits())
+
+    def sessions(first: int, count: int) -> None:
+        for n in range(first, first + count):
+            s = Session(n, bytes(6), f"iqn.2026-12.org.test:{n}", T, 1, SessionParams(), n, 1, 8)
+            reg.sessions[n] = reg.by_nexus[n] = s
+
+    async def lose(first: int, count: int, registering: int | None = None) -> None:
+        sessions(first, count)
+        if registering is not None:
+            reg.registering[registering] = asyncio.get_running_loop().create_future()
+        reg.link_lost()
+
+    asyncio.run(lose(1, 2, registering=2))
+    assert list(reg.held) == [("iqn.2026-12.org.test:1,i,0x000000000000", T, 1)]
+    link.instance = "newer"
+    asyncio.run(lose(3, 3))
+    assert [k[0].split(",")[0][-1] for k in reg.held] == ["3", "4", "5"]
+    assert set(reg.held.values()) == {"newer"} and reg.sessions == {}
