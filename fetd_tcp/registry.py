@@ -21,6 +21,10 @@ log = logging.getLogger("fetd_tcp")
 
 CMD_WINDOW = 128         # MaxCmdSN - ExpCmdSN + 1, capped by the STML's queue depth
 DROP_STEP = 256          # sessions ended per turn of the loop when many end at once
+# I_T nexuses whose sessions ended with the STML link, kept until they log in
+# again (0247): at most this many, the oldest forgotten first (as many as the
+# STML keeps nexuses for one target: 0263)
+MAX_HELD = 4096
 
 
 def cmd_window(limits: dict[str, Any]) -> int:
@@ -53,6 +57,10 @@ class SessionRegistry:
                                                        lambda c: not c.account.closed)
         self.expiry: dict[Connection, asyncio.TimerHandle] = {}
         self.expiring: dict[int, Connection] = {}
+        # (initiator port, target, TPGT) -> the instance of the STML that held the
+        # I_T nexus of a session the link's loss ended: the initiator's next login
+        # with that ISID is the same I_T nexus, registered `resumed` with another (0247)
+        self.held: dict[tuple[str, str, int], str] = {}
 
     def new_tsih(self) -> int:
         while True:
@@ -86,7 +94,8 @@ class SessionRegistry:
             if not discovery:
                 self.by_nexus[session.nexus] = session
                 self.per_target[target] = self.per_target.get(target, 0) + 1
-                self.link.register_nexus(session.nexus, session.initiator_port, target, tpgt)
+                self.link.register_nexus(session.nexus, session.initiator_port, target, tpgt,
+                                         held_by=self.held.pop((session.initiator_port, target, tpgt), None))
                 self.registering[session.nexus] = asyncio.get_running_loop().create_future()
         self.session_portals.setdefault(o.tsih, (portal, peer))
         log.info("login: %s 0x%s -> %s via %s tpgt %d, TSIH %d CID %d (%s)", o.initiator_name, o.isid.hex(),
@@ -176,8 +185,20 @@ class SessionRegistry:
         sessions without connections end, every connection closes."""
         # nor will it answer our aborts, or the nexuses logins wait for
         self.expiring.clear()
-        for nexus in list(self.registering):
+        unanswered = set(self.registering)   # (nexuses the STML never took: not held)
+        for nexus in unanswered:
             self.nexus_ready(nexus, "the link to the STML was lost")
+        instance = self.link.instance
+        if instance is not None:
+            held = self.held
+            for nexus, s in self.by_nexus.items():
+                if nexus in unanswered:
+                    continue
+                key = (s.initiator_port, s.target, s.tpgt)
+                held.pop(key, None)   # (re-inserted: the newest last)
+                held[key] = instance
+            for key in list(itertools.islice(held, max(0, len(held) - MAX_HELD))):
+                del held[key]
         for s in list(self.sessions.values()):
             for failed in list(s.failed.values()):   # their tasks are gone with the STML
                 self.discard_failed(failed)

@@ -35,9 +35,9 @@ from stml.sense import (
     COMMANDS_CLEARED_BY_ANOTHER, DATA_PHASE_ERROR, DATA_PROTECT, GOOD, HARDWARE_ERROR, I_T_NEXUS_LOSS,
     ILLEGAL_REQUEST, INTERNAL_TARGET_FAILURE, INVALID_FIELD_IN_CDB, INVALID_FIELD_IN_COMMAND_IU,
     INVALID_MESSAGE_ERROR, LOGICAL_UNIT_COMMUNICATION_FAILURE, LOGICAL_UNIT_NOT_SUPPORTED, MEDIUM_ERROR,
-    NOT_READY, POWER_ON_RESET, PREVIOUS_STATUS_UA, RESERVATION_CONFLICT, SPACE_ALLOCATION_FAILED_WRITE_PROTECT,
-    TASK_ABORTED, TASK_SET_FULL, UNIT_ATTENTION, UNRECOVERED_READ_ERROR, WRITE_ERROR, CheckCondition,
-    StatusError, build_sense,
+    NOT_READY, POWER_ON_OCCURRED, POWER_ON_RESET, PREVIOUS_STATUS_UA, RESERVATION_CONFLICT,
+    SPACE_ALLOCATION_FAILED_WRITE_PROTECT, TASK_ABORTED, TASK_SET_FULL, UNIT_ATTENTION, UNRECOVERED_READ_ERROR,
+    WRITE_ERROR, CheckCondition, StatusError, build_sense,
 )
 from stml.spc import thin
 from stml.task import FANOUT_STEP, FrontEnd, Nexus, Task
@@ -534,7 +534,25 @@ class Emulator:
         self._target_keys.setdefault(nexus.target, {})[nexus.key] = None
         log.debug("nexus %d of %s: %s", nexus.id, fe.name, nexus.key)
         self._seen_tpgs.setdefault(nexus.target, set()).add(nexus.tpg)
+        if h.get("resumed") is True:
+            start_eagerly(self._power_on(nexus))
+            return
         self.out.nexus_ready(fe.ident, nexus.id)
+
+    async def _power_on(self, nexus: Nexus) -> None:
+        """A nexus that outlived the STML that held it (`resumed`): everything
+        that STML kept for it is gone (reservations without APTPL, a RAM LU's
+        data, mode changes, PREVENT, its unit attentions), as with a power
+        on, so it gets POWER ON OCCURRED on every LU of its target (0247),
+        through the bounded fan-out, before `nexus_ready`: its first command
+        finds it. No asynchronous event: it would race the login's answer."""
+        t = self.targets.get(nexus.target)
+        if t is not None:
+            log.info("front end %s: nexus %d (%s) outlived the STML that held it: POWER ON OCCURRED",
+                     nexus.fe.name, nexus.id, nexus.key)
+            await self.fan_out_ua(t.luns.values(), POWER_ON_OCCURRED, [nexus.key], events=False)
+        if nexus.fe.nexuses.get(nexus.id) is nexus:   # (a newer registration answers for itself)
+            self.out.nexus_ready(nexus.fe.ident, nexus.id)
 
     def _nexus_refusal(self, nexus: Nexus) -> str | None:
         """Why the target does not take this initiator, or None. The front
@@ -1072,13 +1090,14 @@ class Emulator:
         return [task for lu in t.luns.values() for task in lu.task_set.tasks.values()]
 
     async def fan_out_ua(self, luns: Iterable[LogicalUnit], asc_ascq: tuple[int, int], keys: list[str],
-                         exclude: str | None = None, offline: Container[str] = ()) -> None:
+                         exclude: str | None = None, offline: Container[str] = (),
+                         events: bool = True) -> None:
         """Establish a unit attention for these nexuses on these LUs, at most
         FANOUT_STEP nexus entries between turns of the event loop, however
         many nexuses one LU has (4,096 per target: 0263), with asynchronous
         events sent for the first LU only (one per nexus, not one per LU and
-        nexus). A command arriving meanwhile finds its UA set or not yet;
-        a nexus gone meanwhile is skipped (establish_ua)."""
+        nexus; none without `events`). A command arriving meanwhile finds its
+        UA set or not yet; a nexus gone meanwhile is skipped (establish_ua)."""
         if not keys:
             return
         budget = FANOUT_STEP
@@ -1089,7 +1108,7 @@ class Emulator:
                     budget = FANOUT_STEP
                     await asyncio.sleep(0)
                 chunk = keys[start:start + budget]
-                self.establish_ua(lu, asc_ascq, chunk, exclude, offline, aen=i == 0)
+                self.establish_ua(lu, asc_ascq, chunk, exclude, offline, aen=events and i == 0)
                 start += len(chunk)
                 budget -= len(chunk)
 

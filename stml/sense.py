@@ -80,13 +80,15 @@ ASYMMETRIC_ACCESS_STATE_TRANSITION = (0x04, 0x0A)    # with NOT READY: retry, ma
 LOGICAL_UNIT_COMMUNICATION_FAILURE = (0x08, 0x00)   # a command on a nexus the STML does not know
 INVALID_MESSAGE_ERROR = (0x49, 0x00)                # a task attribute the STML does not take (ACA)
 
-# unit attentions of resets and nexus loss (SAM-5 5.14, 6.3); the first four
-# clear PREVENT ALLOW MEDIUM REMOVAL (SBC-4 5.15)
+# unit attentions of resets and nexus loss (SAM-5 5.14, 6.3)
 POWER_ON_OCCURRED = (0x29, 0x01)
 SCSI_BUS_RESET_OCCURRED = (0x29, 0x02)
 BUS_DEVICE_RESET = (0x29, 0x03)
 I_T_NEXUS_LOSS = (0x29, 0x07)
-RESET_UAS = frozenset({POWER_ON_RESET, POWER_ON_OCCURRED, SCSI_BUS_RESET_OCCURRED, BUS_DEVICE_RESET})
+# the unit attentions a reset establishes as it happens: the LU's PREVENT state
+# goes with it (stml.lu). Not POWER ON OCCURRED: only a nexus that outlived an
+# STML gets it (0247), from an STML whose power on began with no PREVENT at all
+RESET_UAS = frozenset({POWER_ON_RESET, SCSI_BUS_RESET_OCCURRED, BUS_DEVICE_RESET})
 COMMANDS_CLEARED_BY_ANOTHER = (0x2F, 0x00)
 # UA_INTLCK_CTRL 11b: the status a command ended with, as a unit attention
 PREVIOUS_BUSY_STATUS = (0x2C, 0x07)

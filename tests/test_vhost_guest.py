@@ -51,6 +51,7 @@ umount /mnt || fail umount after the restart
 echo 3 > /proc/sys/vm/drop_caches
 mount -o ro -t ext4 /dev/sda1 /mnt || fail remount after the restart
 (cd /mnt && sha256sum -c /tmp/sums.R >/dev/null 2>&1); echo "@@ R-VERIFY $?"
+echo "@@ R-POWERON $(dmesg | grep -c 'Power-on or device reset occurred')"
 umount /mnt
 while read sum name; do echo "@@ R-SUM $name $sum"; done < /tmp/sums.R
 """
@@ -157,5 +158,10 @@ def test_the_guest_writes_through_an_stml_restart(booted):
     assert "stml exited with" in log and "fetd_vhost exited" not in log
     assert children_by_module(target.proc.pid)["fetd_vhost"] == procs["fetd_vhost"]
     assert "fetd_vhost: VM disconnected" in log
+    # the VM's nexus outlived the STML: its first command to the new one heard
+    # POWER ON OCCURRED (decisions/0247), which Linux's SCSI layer logs (a warning,
+    # below the console's loglevel: counted in dmesg) and retries
+    assert "outlived the STML that held it" in log
+    assert int(vm.wait("R-POWERON")) >= 1
     # what the guest wrote while the STML restarted, read on the host through iSCSI
     G.check_sums_over_iscsi(target.url(0, IQN), G.cycle_sums(vm, "R"), Path(target.data_dir))

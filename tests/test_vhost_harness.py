@@ -493,6 +493,24 @@ def test_stml_restart_fails_commands_in_flight_with_busy(tmp_short, gated, vhost
     assert fe.alive()
 
 
+def test_the_vm_hears_power_on_occurred_once_after_the_stml_restarts(stml, vhost, masters):
+    """The VM's nexus outlives a SIGKILLed STML: its link registers it again
+    `resumed` (decisions/0247), so the VM's first command to the new STML
+    gets CHECK CONDITION, POWER ON OCCURRED (06/29/01) and the next one
+    proceeds; its first command ever (a new nexus) got none (0006)."""
+    fe = vhost(stml.endpoint)
+    m = masters(fe)
+    m.start()
+    q = m.queues[2]
+    assert m.run(q, TUR).status == GOOD
+    stml.kill()
+    stml.start()
+    r = m.run(q, TUR)    # waits in the ring until the link is back
+    assert (r.response, r.status) == (OK, CHECK_CONDITION), r
+    assert (r.sense[2] & 0x0F, r.sense[12], r.sense[13]) == (0x06, 0x29, 0x01), r.sense.hex()
+    assert m.run(q, TUR).status == GOOD
+
+
 def test_a_restarted_front_end_serves_a_new_vm_at_once(stml, vhost, masters):
     fe = vhost(stml.endpoint)
     m = masters(fe)

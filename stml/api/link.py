@@ -233,9 +233,24 @@ class FrontEndLink(TapPoint):
             self._done_ts = []
         return header
 
-    def register_nexus(self, nexus: int, initiator: str, target: str, tpg: int) -> None:
-        self.nexuses[nexus] = {"initiator": initiator, "target": target, "tpg": tpg}
-        self._send(nexus_registration(nexus, initiator, target, tpg))
+    def register_nexus(self, nexus: int, initiator: str, target: str, tpg: int,
+                       held_by: str | None = None) -> None:
+        """Register a nexus (again after a reconnect: _on_detect). `held_by`:
+        the instance of the STML that held this I_T nexus before (fetd_tcp: a
+        session it ended when that STML went away, logged in again); another
+        instance than the one now serving registers it `resumed` (0247)."""
+        now = self.detect_info.instance if self.detect_info is not None and self.connected.is_set() else None
+        info: dict[str, Any] = {"initiator": initiator, "target": target, "tpg": tpg,
+                                "held_by": held_by if now is None else now}
+        self.nexuses[nexus] = info
+        self._send(nexus_registration(nexus, initiator, target, tpg,
+                                      resumed=now is not None and held_by is not None and held_by != now))
+
+    @property
+    def instance(self) -> str | None:
+        """The instance of the STML we are (or were last) attached to: "" for
+        one older than 1.9, None before any."""
+        return self.detect_info.instance if self.detect_info is not None else None
 
     def scsi_release(self, nexus: int) -> None:
         if self.nexuses.pop(nexus, None) is not None:
@@ -626,8 +641,12 @@ class FrontEndLink(TapPoint):
         self.detect_info = detect
         self.connected.set()
         if not was_connected:
+            # registered with another STML instance (one that restarted, another
+            # gateway's): `resumed`, so it hears that its state is gone (0247)
             for nexus, info in self.nexuses.items():
-                self._send(nexus_registration(nexus, info["initiator"], info["target"], info["tpg"]))
+                held_by, info["held_by"] = info["held_by"], detect.instance
+                self._send(nexus_registration(nexus, info["initiator"], info["target"], info["tpg"],
+                                              resumed=held_by is not None and held_by != detect.instance))
         self.handler.detect(self.detect_info)
 
     def _on_xmit_response(self, h: dict[str, Any], frames: list) -> None:
@@ -695,13 +714,17 @@ class StmlSender:
 
     def __init__(self, transport: Transport) -> None:
         self.transport = transport
+        # this STML's id in every detect (1.9): a front end that comes back to
+        # another one registers its nexuses `resumed` (decisions/0247)
+        self.instance = uuid.uuid4().hex
 
     def detect(self, ident: bytes, *, stml: str, heartbeat_ms: int, limits: dict[str, Any],
                discovery: dict[str, Any], portals: list[dict[str, Any]],
                targets: list[dict[str, Any]], caps: list[str]) -> None:
         self.transport(ident, {"op": _O.DETECT, "version": list(CONTRACT_VERSION), "stml": stml,
                                "heartbeat_ms": heartbeat_ms, "limits": limits, "discovery": discovery,
-                               "portals": portals, "targets": targets, "caps": caps}, [])
+                               "portals": portals, "targets": targets, "caps": caps,
+                               "instance": self.instance}, [])
 
     def refuse(self, ident: bytes, reason: str, standby: bool = False) -> None:
         """A registration refused: `detect` with the reason; `standby`: by a
@@ -803,9 +826,13 @@ def registration(name: str, kind: str, heartbeat_ms: int, aen: bool, caps: Seque
             "heartbeat_ms": heartbeat_ms, "aen": aen, "caps": list(caps)}
 
 
-def nexus_registration(nexus: int, initiator: str, target: str, tpg: int) -> dict[str, Any]:
-    """A `register_nexus` header."""
-    return {"op": _O.REGISTER_NEXUS, "nexus": nexus, "initiator": initiator, "target": target, "tpg": tpg}
+def nexus_registration(nexus: int, initiator: str, target: str, tpg: int,
+                       resumed: bool = False) -> dict[str, Any]:
+    """A `register_nexus` header (`resumed` only when true: 1.9)."""
+    header = {"op": _O.REGISTER_NEXUS, "nexus": nexus, "initiator": initiator, "target": target, "tpg": tpg}
+    if resumed:
+        header["resumed"] = True
+    return header
 
 
 def mgmt_request(rid: int, cmd: str, args: dict[str, Any]) -> bytes:

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Callable
 import msgspec
 import msgspec.structs
 
-CONTRACT_VERSION = (1, 8)
+CONTRACT_VERSION = (1, 9)
 # an iSCSI name is at most 223 bytes (RFC 7143 4.2.7.1): initiator and target names
 # in register_nexus are held to it (an initiator port name adds ",i,0x" and 12 hex digits)
 MAX_NAME_LEN = 223
@@ -233,6 +233,7 @@ class Detect:
     limits: dict[str, Any]
     discovery: dict[str, Any] = field(default_factory=dict)
     portals: tuple[tuple[str, int, int], ...] = ()   # (host, port, tpgt) the STML's config names
+    instance: str = ""   # (1.9) the STML process's id; "" from an older STML
 
     @classmethod
     def from_header(cls, h: dict[str, Any]) -> Detect:
@@ -242,7 +243,8 @@ class Detect:
             for t in h.get("targets", ()))
         portals = tuple((str(p["host"]), int(p["port"]), int(p.get("tpgt", 1)))
                         for p in h.get("portals") or ())
-        return cls(h.get("stml", ""), targets, h.get("limits", {}), h.get("discovery") or {}, portals)
+        return cls(h.get("stml", ""), targets, h.get("limits", {}), h.get("discovery") or {}, portals,
+                   str(h.get("instance") or ""))
 
     def target(self, name: str) -> Target | None:
         return next((t for t in self.targets if t.name == name), None)
@@ -406,6 +408,11 @@ MESSAGES: tuple[Message, ...] = (
                 Field("initiator", STR, "the initiator port (iSCSI: \"IQN,i,0xISID\")"),
                 Field("target", STR, "a target `detect` listed"),
                 Field("tpg", INT, "the target portal group tag it came through"),
+                Field("resumed", BOOL, "the front end registered this I_T nexus (the same initiator "
+                      "port, target and tpg) with another STML instance (`detect` `instance`), "
+                      "e.g. one that restarted: the STML reports POWER ON OCCURRED to it on every "
+                      "LU of the target (decisions/0247); absent or false: a new nexus, which gets "
+                      "no unit attention (0006)", False, (1, 9)),
             )),
     Message(Op.RELEASE_NEXUS, _TO, "front end",
             "The nexus is gone: the STML frees its state and aborts its tasks (I_T nexus loss).",
@@ -492,6 +499,10 @@ MESSAGES: tuple[Message, ...] = (
                       "these (port 0: any free port)", False, (1, 1)),
                 Field("caps", STRS, "the offered capabilities (Cap) the STML grants; absent "
                       "from an older STML: none", False, (1, 4)),
+                Field("instance", STR, "this STML process's random id, new at each start: a front "
+                      "end whose link comes back to another instance registers its nexuses again "
+                      "with `resumed` (absent from an older STML: no such nexus is told)",
+                      False, (1, 9)),
             )),
     Message(Op.NEXUS_READY, _FROM, "front end",
             "The answer to `register_nexus`. A nexus refused that the front end registered again "
