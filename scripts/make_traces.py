@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from targetproc import IQN, Target  # noqa: E402
+from support.target import IQN, Target  # noqa: E402
 
 INITIATOR = "iqn.2026-11.org.scsi-target.test:trace"
 
