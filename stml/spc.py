@@ -27,8 +27,10 @@ MAX_LBA_STATUS_DESCRIPTORS = 1024
 
 def thin(lu: LogicalUnit) -> bool:
     """Logical block provisioning management is enabled: a thin LUN whose
-    backend can give space back."""
-    return bool(lu.options.thin and getattr(lu.backend, "can_discard", False) and not lu.options.ro)
+    backend can give space back. Read-only or not: a read-only thin LU
+    supports UNMAP and refuses it as it refuses every write (WRITE PROTECTED),
+    as LIO's emulate_tpu does, and as libiscsi's ReadOnly suite expects (0295)."""
+    return bool(lu.options.thin and getattr(lu.backend, "can_discard", False))
 
 
 def max_write_same(task: Task) -> int:
@@ -233,7 +235,11 @@ def _timeouts(e: OpEntry) -> bytes:
 
 
 def _entries(task: Task) -> list[OpEntry]:
-    return sorted(unit(task).template.entries, key=lambda e: (e.opcode, e.sa or 0))
+    """The rows this LU supports: a row it does not enable is reported as no
+    row at all, as its commands are answered (0295)."""
+    lu = unit(task)
+    return sorted((e for e in lu.template.entries if e.enabled is None or e.enabled(lu)),
+                  key=lambda e: (e.opcode, e.sa or 0))
 
 
 async def report_supported_opcodes(task: Task) -> bytes:
