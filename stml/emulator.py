@@ -29,7 +29,7 @@ from stml.api.stream import Lease
 from stml.api.messages import TO_STML, RxCmnd, check
 from stml.cdb import check_usage
 from stml.disk import DiskTemplate, OpEntry, medium_error, standard_inquiry, trim_views
-from stml.lu import LogicalUnit
+from stml.lu import LogicalUnit, LunMap
 from stml.sense import (
     ABORTED_COMMAND, ASYMMETRIC_ACCESS_STATE_TRANSITION, BUS_DEVICE_RESET, CHECK_CONDITION,
     COMMANDS_CLEARED_BY_ANOTHER, DATA_PHASE_ERROR, DATA_PROTECT, GOOD, HARDWARE_ERROR, I_T_NEXUS_LOSS,
@@ -60,6 +60,7 @@ _TIMING_CAPS = frozenset({_TIMING})   # granted, when offered, while commands ar
 MAX_FRONT_ENDS = 1024          # registered at once: each connection of an admitted key is one
 MAX_NEXUSES_PER_FRONT_END = 8192
 MAX_NEXUSES_PER_TARGET = 4096   # I_T nexuses (initiator port, target port), all front ends
+_NO_LUNS = LunMap()   # an unknown target's LUs (read only: no caller changes it)
 MAX_PORT_GROUPS = 256   # port group tags nexuses of one target came through (never forgotten)
 MAX_TPG = 0xFFFF        # a target port group is 16 bits (REPORT TARGET PORT GROUPS)
 # backend failures that are no fault of the medium, by errno; any other is a
@@ -164,10 +165,14 @@ class _Started(collections.abc.Coroutine):
 @dataclass
 class Target:
     name: str
-    luns: dict[int, LogicalUnit]
+    luns: LunMap   # (a plain dict given is made one: its designator index, 0296)
     alias: str = ""
     access: dict[str, Any] = field(default_factory=dict)
     target_reset: bool = False   # TARGET WARM/COLD RESET allowed (config `target_reset`)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.luns, LunMap):
+            self.luns = LunMap(self.luns)
 
 
 @dataclass(slots=True)
@@ -313,9 +318,9 @@ class Emulator:
         self.templates.pop(name, None)
 
     # ------------------------------------------------------------ inventory
-    def target_luns(self, target: str) -> collections.abc.Mapping[int, LogicalUnit]:
+    def target_luns(self, target: str) -> LunMap:
         t = self.targets.get(target)
-        return t.luns if t else {}
+        return t.luns if t else _NO_LUNS
 
     def lookup_lu(self, target: str, lun: int) -> LogicalUnit | None:
         t = self.targets.get(target)

@@ -32,7 +32,7 @@ from stml.config import (MUTUAL_NEEDS_CHAP, Config, ConfigError, LunConfig, Targ
                          file_digest, load, lun_options, parse_lun_spec, parse_size, ram_overcommit)
 from stml.emulator import Emulator, Target
 from stml.gateway import Gateway
-from stml.lu import CannotOpen, LogicalUnit, LunOptions, open_store, record_image, served_before
+from stml.lu import CannotOpen, LogicalUnit, LunMap, LunOptions, open_store, record_image, served_before
 from stml.metrics import Metrics
 from stml.persist import EditedError, hold, model, read_document, render, save
 from stml.portals import PortalStates, portal_entries, portal_groups
@@ -605,7 +605,7 @@ class Management:
         if name in self.em.targets:
             raise MgmtError(f"target {name} exists")
         await self._check_file()
-        t = Target(name, {}, alias, {"acl": [], "chap": None, "mutual": None})
+        t = Target(name, LunMap(), alias, {"acl": [], "chap": None, "mutual": None})
         self.em.targets[name] = t
         self.config.targets.append(TargetConfig(name, [], alias))
         await self._redetect()
@@ -766,6 +766,7 @@ class Management:
         o.path = want.path
         self._identify(o, backend, f"target {t.name} LUN {lu.lun}")   # a file the start could not create
         lu.go_online(backend)
+        t.luns.renamed(lu)   # its designator may be new: EXTENDED COPY finds it by that (0296)
         log.info("target %s LUN %d (%s %s) is online", t.name, lu.lun, o.kind, o.path or "")
         await self._ua([lu], NOT_READY_TO_READY_CHANGE, t.name)
         # and its capacity, 0 while offline: Linux's sd acts on this one (a

@@ -28,7 +28,7 @@ from stml.api.stream import Lease
 from stml.api.tap import Tap, TapPoint, combine
 from stml.config import Config, ConfigError, StartupError
 from stml.emulator import Emulator, Target
-from stml.lu import CannotOpen, LogicalUnit, Offline, open_store, record_image, served_before
+from stml.lu import CannotOpen, LogicalUnit, LunMap, Offline, open_store, record_image, served_before
 from stml.metrics import Metrics
 from stml.mgmt import Management
 from stml.persist import EditedError, give_ids, save
@@ -71,7 +71,7 @@ def build_targets(config: Config, templates: dict[str, Any]) -> tuple[list[Targe
     targets = []
     recorded = False
     for t in config.targets:
-        luns = {}
+        luns = LunMap()
         for lc in t.luns:
             o = lc.options
             backend: Any

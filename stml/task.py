@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Container, Iterable, Mapping
+from collections.abc import Container, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 from stml.cdb import trim_cdb
-from stml.lu import LogicalUnit
+from stml.lu import LogicalUnit, LunMap
 from stml.sense import ABORTED_COMMAND, DATA_PHASE_ERROR, CheckCondition
 from stml.workers import FairWorkers
 
@@ -70,8 +70,9 @@ class Services(Protocol):
     # holds; None: any new memory will do (the backend may bring its own)
     read_buffer: Callable[[Task, int], bytearray | memoryview | None]
 
-    def target_luns(self, target: str) -> Mapping[int, LogicalUnit]:
-        """The LUs of a target by number (REPORT LUNS; EXTENDED COPY's copy targets)."""
+    def target_luns(self, target: str) -> LunMap:
+        """The LUs of a target by number, and by designator (REPORT LUNS; EXTENDED
+        COPY's copy targets). Not to be changed through."""
         ...
 
     def portal_groups(self, target: str) -> set[int]:

@@ -579,6 +579,47 @@ def test_extended_copy_reaches_only_the_nexus_target():
     run(go())
 
 
+class _CountedNaa(bytes):
+    """A designator that counts the comparisons made with it."""
+    compared = 0
+
+    def __eq__(self, other: object) -> bool:
+        _CountedNaa.compared += 1
+        return bytes.__eq__(self, other)
+
+    __hash__ = bytes.__hash__
+
+
+def test_extended_copy_finds_its_copy_targets_without_walking_the_luns():
+    """Each CSCD descriptor's designator is looked up, not compared with every
+    LU of the target (8 x 16,384 comparisons a command at most; 0296): the
+    comparisons do not grow with the LUs. A LU added, removed, or given a new
+    identity (an offline LU opening) is found by its designator as it is then."""
+    async def go():
+        h = Harness([LunOptions("ram", size=1 << 20) for _ in range(64)])
+        t = h.emulator.targets[TARGET]
+        for lu in t.luns.values():
+            lu.naa = _CountedNaa(lu.naa)
+        h.emulator.targets[TARGET] = t = Target(TARGET, dict(t.luns))
+        last = h.lu(63)
+        cscds = [cscd(last.naa)] * 8
+        _CountedNaa.compared = 0
+        r = await h.cmd(*_xcopy(cscds, [(7, 0, 1, 0, 1)]))
+        assert r.status == GOOD
+        assert _CountedNaa.compared <= 2 * 8   # the index's key, then the LU's own: per descriptor
+        # the map's changes: a LU removed is unreachable, one added (or renamed) reachable
+        del t.luns[63]
+        r = await h.cmd(*_xcopy([cscd(last.naa)], [(0, 0, 1, 0, 1)]))
+        assert r.key_asc == (0xA, 0x08, 0x04)
+        t.luns[63] = last
+        assert (await h.cmd(*_xcopy([cscd(last.naa)], [(0, 0, 1, 0, 1)]))).status == GOOD
+        old, last.naa = last.naa, bytes([0x60]) + bytes(15)
+        t.luns.renamed(last)
+        assert (await h.cmd(*_xcopy([cscd(old)], [(0, 0, 1, 0, 1)]))).key_asc == (0xA, 0x08, 0x04)
+        assert (await h.cmd(*_xcopy([cscd(last.naa)], [(0, 0, 1, 0, 1)]))).status == GOOD
+    run(go())
+
+
 def test_extended_copy_honours_reservations_of_its_copy_targets():
     async def go():
         h = Harness([LunOptions("ram", size=4 << 20), LunOptions("ram", size=4 << 20)])

@@ -229,7 +229,7 @@ class Replayer:
     # ------------------------------------------------------------ building the STML
     def _build(self, first: dict[str, Any]) -> Any:
         from stml.emulator import Emulator, Target
-        from stml.lu import LogicalUnit, LunOptions
+        from stml.lu import LogicalUnit, LunMap, LunOptions
         config = first.get("config") or {}
         limits = config.get("limits") or {}
         em = Emulator([], self._output, InlineExecutor(), name=str(config.get("stml", "stml")),
@@ -250,7 +250,7 @@ class Replayer:
                                  f"{', '.join(map(str, sorted(set(numbers)))) or 'none'})")
         fields = set(LunOptions.__dataclass_fields__)
         for t in config.get("targets") or ():
-            luns = {}
+            luns = LunMap()
             for lun in t.get("luns") or ():
                 number, size = int(lun["lun"]), int(lun["size"])
                 given = self.lun_data.get(number)
