@@ -275,6 +275,7 @@ class Emulator:
         self._target_keys: dict[str, dict[str, None]] = {}
         self._ua_luns: dict[str, set[LogicalUnit]] = {}   # nexus key -> LUs holding UAs for it
         self._copy_luns: dict[str, set[LogicalUnit]] = {}  # nexus key -> LUs holding its copy results
+        self._prevent_luns: dict[str, set[LogicalUnit]] = {}  # nexus key -> LUs it prevents removal of
         self.spc2_luns: set[LogicalUnit] = set()          # LUs an SPC-2 RESERVE was taken on
         self._resets: dict[str, _Resets] = {}   # per target (a burst costs two fan-outs)
         # told when a nexus ends (with the tags of the tasks it took along)
@@ -601,6 +602,8 @@ class Emulator:
         self._keyed.pop(key, None)
         for lu in self._copy_luns.pop(key, ()):   # copy results end with the nexus (SPC-4 6.23)
             lu.copy_results.drop(key)
+        for lu in self._prevent_luns.pop(key, ()):   # and its PREVENT (SBC-4 5.15: I_T nexus loss)
+            lu.prevent.discard(key)
         self._target_keys.get(nexus.target, {}).pop(key, None)
         for lu in list(self.spc2_luns):   # those with an SPC-2 reservation, not every LU
             st = lu.pr
@@ -618,6 +621,21 @@ class Emulator:
         nexus loss visits only the LUs that hold some (not every LU of the target)."""
         lu.copy_results.put(key, list_id, state)
         self._copy_luns.setdefault(key, set()).add(lu)
+
+    def prevent_removal(self, lu: LogicalUnit, key: str, prevent: bool) -> None:
+        """Keep the nexus's PREVENT on the LU, indexed by nexus key as copy
+        results are: its loss visits only the LUs it prevented, and PREVENT
+        ALLOW costs the same however many sessions sent one (0297)."""
+        luns = self._prevent_luns.get(key)
+        if prevent:
+            lu.prevent.add(key)
+            self._prevent_luns.setdefault(key, set()).add(lu)
+        else:
+            lu.prevent.discard(key)
+            if luns is not None:
+                luns.discard(lu)
+                if not luns:
+                    del self._prevent_luns[key]
 
     def spc2_reserved(self, lu: LogicalUnit) -> None:
         self.spc2_luns.add(lu)
@@ -637,9 +655,6 @@ class Emulator:
     def nexuses_of(self, key: str) -> list[Nexus]:
         """The nexuses holding one I_T nexus key (one per front end)."""
         return self._keyed.get(key, [])
-
-    def nexus_exists(self, key: str) -> bool:
-        return key in self._keyed
 
     # ------------------------------------------------------------ commands
     def command(self, fe: FrontEnd | None, ident: bytes, c: RxCmnd, frames: list,

@@ -325,18 +325,11 @@ async def prevent_allow(task: Task) -> None:
         raise invalid_field(4, 1)   # persistent prevent: media changers only
     if not lu.options.removable:
         return
-    if prevent:
-        # nexuses that ended keep no entry: the set stays within the live ones
-        lu.prevent = {k for k in lu.prevent if task.services.nexus_exists(k)}
-        lu.prevent.add(task.nexus.key)
-    else:
-        lu.prevent.discard(task.nexus.key)
+    # the engine keeps it: a nexus that ends leaves no entry (drop_nexus), so the
+    # set holds live nexuses only and no call walks it (0297)
+    task.services.prevent_removal(lu, task.nexus.key, bool(prevent))
 
 
 def removal_prevented(task: Task) -> bool:
-    """Prevent states of nexuses that no longer exist do not count."""
-    lu = unit(task)
-    if not lu.prevent:
-        return False
-    lu.prevent = {k for k in lu.prevent if task.services.nexus_exists(k)}
-    return bool(lu.prevent)
+    """Some live I_T nexus prevents medium removal."""
+    return bool(unit(task).prevent)

@@ -92,10 +92,6 @@ class Services(Protocol):
         """The target's live I_T nexuses (reservations match them to registrations)."""
         ...
 
-    def nexus_exists(self, key: str) -> bool:
-        """Whether an I_T nexus of this key is live."""
-        ...
-
     def take_ua(self, lu: LogicalUnit, nexus: Nexus) -> tuple[int, int] | None:
         """Report (and clear) the nexus's oldest unit attention on the LU."""
         ...
@@ -118,6 +114,10 @@ class Services(Protocol):
 
     def keep_copy_results(self, lu: LogicalUnit, key: str, list_id: int, state: dict[str, Any]) -> None:
         """Keep an EXTENDED COPY's results on the LU until its nexus goes."""
+        ...
+
+    def prevent_removal(self, lu: LogicalUnit, key: str, prevent: bool) -> None:
+        """The nexus's PREVENT ALLOW MEDIUM REMOVAL on the LU; its loss allows it."""
         ...
 
     def spc2_reserved(self, lu: LogicalUnit) -> None:

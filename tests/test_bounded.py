@@ -796,3 +796,44 @@ def test_report_luns_builds_only_what_the_allocation_length_holds(monkeypatch):
         assert r.data[8:16] == bytes(8) and r.data[16:18] == bytes([0, 1])
         assert encoded.calls == 11
     run(go())
+
+
+# ---------------------------------------------------------------- PREVENT ALLOW MEDIUM REMOVAL
+
+class _CountedKeys(dict):
+    """The engine's live nexuses by key, counting the lookups made in it."""
+    probes = 0
+
+    def __contains__(self, key: object) -> bool:
+        _CountedKeys.probes += 1
+        return dict.__contains__(self, key)
+
+
+def test_prevent_allow_costs_the_same_however_many_sessions_prevented():
+    """PREVENT, ALLOW and START STOP UNIT's eject look at no other session's
+    PREVENT entry (they used to prune ended nexuses on every call: a walk
+    over every session that had sent one; 0297). A nexus's loss drops its
+    entries, as it drops its copy results, and the engine keeps none for it."""
+    async def go():
+        h = Harness([LunOptions("ram", size=1 << 20, removable=True)])
+        prevent, allow = bytes([0x1E, 0, 0, 0, 1, 0]), bytes([0x1E, 0, 0, 0, 0, 0])
+        eject = bytes([0x1B, 0, 0, 0, 0x02, 0])
+        for n in range(2, 66):
+            h.nexus(n, f"iqn.init:n{n}")
+            assert (await h.cmd(prevent, alloc=0, nexus=n)).status == GOOD
+        h.emulator._keyed = _CountedKeys(h.emulator._keyed)
+        _CountedKeys.probes = 0
+        for cdb in (prevent, allow, prevent, eject):
+            r = await h.cmd(cdb, alloc=0)
+            assert r.status == GOOD or r.key_asc == (ILLEGAL_REQUEST, 0x53, 0x02)
+        assert _CountedKeys.probes == 0
+        # every session's end allows removal, and leaves nothing behind
+        for n in range(1, 66):
+            h.emulator.handle(b"fe", {"op": "scsi_release", "nexus": n}, [])
+        await asyncio.sleep(0)
+        assert h.lu().prevent == set()
+        assert not getattr(h.emulator, "_prevent_luns", {})
+        h.nexus(1, "iqn.init:one")
+        await h.cmd(bytes(6), alloc=0)   # its power-on unit attention, if any
+        assert (await h.cmd(eject, alloc=0)).status == GOOD
+    run(go())

@@ -280,7 +280,9 @@ class Replayer:
             lu.mode = ModeState(**s["mode"])
             lu.started = s.get("started", True)
             lu.medium_present = s.get("medium_present", True)
-            lu.prevent = set(s.get("prevent") or ())
+            lu.prevent.clear()
+            for key in s.get("prevent") or ():   # as the engine keeps them: its nexus loss allows
+                em.prevent_removal(lu, key, True)
             for key, uas in (s.get("unit_attentions") or {}).items():
                 for ua in uas:   # oldest first, as they were queued
                     lu.add_ua(tuple(ua), [key])
