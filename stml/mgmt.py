@@ -512,8 +512,14 @@ class Management:
                 applied.append(f"target {t.name} LUN {number} added")
                 continue
             same = not _differs_beyond_size(o, lu.options)
-            if lu.offline is not None and (same or _path_corrected(o, lu.options)):
+            new_id = o.id is not None and lu.options.id is not None and o.id != lu.options.id
+            if lu.offline is not None and not new_id and (same or _path_corrected(o, lu.options)):
                 await self._retry_offline(t, lu, applied, pending, o.path)
+            elif new_id:   # another identity is another disk to initiators: never in place (0298)
+                others = ", ".join(_changed(o, lu.options))
+                pending.append(f"target {t.name} LUN {number}: its id changed (served as {lu.options.id}, "
+                               f"the file says {o.id}){f'; so did {others}' if others else ''}: restart "
+                               f"to serve it under the new id (or remove and add the LUN)")
             elif not same:
                 pending.append(f"target {t.name} LUN {number}: settings other than its size changed: "
                                f"restart to apply them (or remove and add the LUN)")
@@ -1017,8 +1023,13 @@ def _path_corrected(a: LunOptions, b: LunOptions) -> bool:
     return a.kind == b.kind == "file" and not _differs_beyond_size(dataclasses.replace(a, path=b.path), b)
 
 
+def _changed(a: LunOptions, b: LunOptions) -> list[str]:
+    """The settings two LUN entries differ in, beyond the size and the id."""
+    return [f.name for f in dataclasses.fields(LunOptions)
+            if f.name not in ("size", "id") and getattr(a, f.name) != getattr(b, f.name)]
+
+
 def _differs_beyond_size(a: LunOptions, b: LunOptions) -> bool:
-    """Whether two LUN settings differ in more than the size (and the identity
-    a file without one leaves to the legacy value)."""
-    return any(getattr(a, f.name) != getattr(b, f.name) for f in dataclasses.fields(LunOptions)
-               if f.name not in ("size", "id"))
+    """Whether two LUN settings differ in more than the size (and the identity,
+    which a reload compares on its own: 0281, 0298)."""
+    return bool(_changed(a, b))
