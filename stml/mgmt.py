@@ -356,8 +356,8 @@ class Management:
         if lease_s is not None and (not isinstance(lease_s, (int, float)) or not 1 <= lease_s <= 3600):
             raise MgmtError(f"lease_s must be 1-3600 seconds, not {lease_s!r}")
         try:
-            recorder = self.traces.start(path, with_data=bool(with_data), max_bytes=max_bytes,
-                                         count=count, lease_s=lease_s, force=bool(force))
+            recorder = await self.traces.start(path, with_data=bool(with_data), max_bytes=max_bytes,
+                                               count=count, lease_s=lease_s, force=bool(force))
         except RuntimeError as e:
             raise MgmtError(str(e)) from None
         except FileExistsError:

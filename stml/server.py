@@ -528,8 +528,8 @@ class StmlServer(TapPoint):
     async def serve(self, stop: asyncio.Event, trace: TraceOptions | None = None) -> None:
         if trace is not None:   # before any front end can connect: the trace sees everything
             try:
-                self.traces.start(trace.path, with_data=trace.with_data, max_bytes=trace.max_bytes,
-                                 force=trace.force, from_start=True)
+                await self.traces.start(trace.path, with_data=trace.with_data, max_bytes=trace.max_bytes,
+                                        force=trace.force, from_start=True)
             except OSError as e:
                 raise StartupError(f"--trace {trace.path}", e.strerror or str(e)) from None
         try:
