@@ -22,6 +22,8 @@ from itertools import chain, islice
 from time import monotonic
 from typing import Any
 
+from stml.task import stepped
+
 RING = 1024          # recent latencies kept per set (a power of two)
 READ, WRITE = 2, 1   # DataDir bits of rx_cmnd's "dir"
 QUANTILES = (0.5, 0.9, 0.99)
@@ -307,12 +309,21 @@ class PrometheusExporter:
         return fut.result(5)
 
     async def _async_snapshot(self) -> dict[str, Any]:
-        return self._read()
+        """A scrape's snapshot, built in steps as management builds it (0267):
+        a scrape holds up no session for every LU and session at once."""
+        snap: dict[str, Any] = {}
+        async for _ in stepped(self.metrics.build(self.emulator, snap)):
+            pass
+        return self._stages(snap)
 
     def _read(self) -> dict[str, Any]:
-        """The snapshot, and the stage histograms when commands are timed
-        (copied here, on the event loop that writes them)."""
-        snap = self.metrics.snapshot(self.emulator)
+        """The snapshot in one go: only where there is no loop to yield to
+        (a scrape on the main thread, as tests make)."""
+        return self._stages(self.metrics.snapshot(self.emulator))
+
+    def _stages(self, snap: dict[str, Any]) -> dict[str, Any]:
+        """The stage histograms when commands are timed (copied here, on the
+        event loop that writes them: a fixed number of stages)."""
         timing = self.emulator.timing
         if timing is not None:
             snap["stage_histograms"] = timing.histograms()
