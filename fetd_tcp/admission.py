@@ -51,14 +51,16 @@ class Admission:
         TSIH; a connection joining one must name a live session of this
         initiator and stay within MaxConnections."""
         reg = self.registry
+        tpgt = machine.config.portal_group_tag
         if o.tsih == 0:
             if o.session_type == "Normal" and o.target is not None \
                     and reg.per_target.get(o.target.name, 0) >= self.limits.max_sessions_per_target \
-                    and (o.initiator_name, o.isid, o.target.name) not in reg.by_name:   # reinstatement
+                    and (o.initiator_name, o.isid, o.target.name, tpgt) not in reg.by_name:   # reinstatement
                 return machine.refuse(L.OUT_OF_RESOURCES, "too many sessions on this target")
             return machine.accept(reg.new_tsih())
         s = reg.sessions.get(o.tsih)
-        if s is None or s.initiator != o.initiator_name or s.isid != o.isid:
+        # a session's connections all come through portals of its portal group (RFC 7143 4.4)
+        if s is None or s.initiator != o.initiator_name or s.isid != o.isid or s.tpgt != tpgt:
             return machine.refuse(L.SESSION_DOES_NOT_EXIST, "no such session to join")
         if o.cid not in s.connections and len(s.connections) >= s.params.max_connections:
             return machine.refuse(L.TOO_MANY_CONNECTIONS, "MaxConnections reached")

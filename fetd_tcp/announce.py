@@ -21,6 +21,7 @@ class Announcer:
         self.isns: IsnsClient | None = None
         self.slp: Any = None     # the SLP service agent's driver (fetd_tcp.slpd), when `slp` is on
         self.slp_settings: tuple = ()    # the settings it was started with (scopes, auth, DAs)
+        self.isns_withheld = 0   # targets not told to iSNS (ACL, discovery CHAP), as last logged
         if isns:
             from fetd_tcp.isns import IsnsClient
             self.isns = IsnsClient(isns, name)
@@ -37,12 +38,25 @@ class Announcer:
             self.slp.close()     # deregisters from directory agents
 
     def _isns_update(self, info: Detect | None, portals: Sequence[PortalSpec]) -> None:
-        """Tell the iSNS server our targets and portals."""
+        """Tell the iSNS server our targets and portals: those SendTargets shows
+        any initiator (no ACL; none behind discovery CHAP), since any iSNS
+        client may query the default discovery domain; all with `isns_auth`
+        (decision 0287)."""
         from fetd_tcp.isns import Portal
         isns = self.isns
         assert isns is not None   # the caller checks that iSNS is configured
-        targets = [(t.name, t.alias) for t in info.targets] if info else []
-        isns.update(targets, [Portal(p.host, p.port, p.tpgt) for p in portals])
+        told = list(info.targets) if info else []
+        if info is not None and not info.discovery.get("isns_auth"):
+            closed = bool(info.discovery.get("chap"))
+            told = [t for t in told if not closed and not t.access.get("acl")]
+        withheld = len(info.targets) - len(told) if info else 0
+        if withheld != self.isns_withheld:
+            self.isns_withheld = withheld
+            if withheld:
+                log.info("iSNS: %d target(s) not registered: %s (`isns_auth = true` registers them)",
+                         withheld, "discovery needs CHAP" if info and info.discovery.get("chap")
+                         else "their ACL admits only some initiators")
+        isns.update([(t.name, t.alias) for t in told], [Portal(p.host, p.port, p.tpgt) for p in portals])
 
     def _slp_update(self, info: Detect | None, portals: Sequence[PortalSpec]) -> None:
         """Start, stop or update the SLP service agent as the STML's `slp`

@@ -19,6 +19,9 @@ import logging
 import socket
 import struct
 from dataclasses import dataclass
+from typing import Callable
+
+from fetd_tcp.login import advertised
 
 log = logging.getLogger("fetd_tcp.isns")
 
@@ -77,10 +80,25 @@ def pdu(function: int, xid: int, payload: bytes, flags: int = 0) -> bytes:
                        xid, 0) + payload
 
 
+def reachable(portals: list[Portal], local: str) -> list[Portal]:
+    """The portals as initiators that reach the iSNS server's network can use
+    them, named as SendTargets names them to one that came to `local` (the
+    address this host reaches the server from): a wildcard portal (0.0.0.0,
+    ::) by that address, which the wildcard itself would send initiators to
+    their own host; a loopback portal only when the server is on loopback."""
+    out = []
+    for p in portals:
+        told = advertised(p.host, local)
+        if told is not None:
+            out.append(Portal(told, p.port, p.tpgt))
+    return out
+
+
 def encode_register(entity: str, targets: list[tuple[str, str]], portals: list[Portal], xid: int,
                     period: int, esi_port: int | None = None, esi_interval: int = 0) -> bytes:
     """DevAttrReg (replace) of the whole entity: targets are (name, alias); with
-    `esi_port`, every portal asks for ESI there every `esi_interval` seconds."""
+    `esi_port`, every portal asks for ESI there every `esi_interval` seconds.
+    `portals` are as initiators reach them (`reachable`)."""
     source = targets[0][0] if targets else entity
     body = _str(ISCSI_NAME, source) + _str(ENTITY_ID, entity) + _attr(DELIMITER, b"")
     body += _str(ENTITY_ID, entity) + _u32(ENTITY_PROTOCOL, PROTOCOL_ISCSI)
@@ -223,10 +241,12 @@ class IsnsClient:
         self._xid = (self._xid + 1) & 0xFFFF
         return self._xid
 
-    async def _exchange(self, message: bytes) -> int:
+    async def _exchange(self, build: Callable[[str], bytes]) -> int:
+        """Send the message `build` makes from our address on the connection
+        to the server (`reachable` names wildcard portals by it); its status."""
         reader, writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.port), self.timeout)
         try:
-            writer.write(message)
+            writer.write(build(writer.get_extra_info("sockname")[0]))
             await writer.drain()
             header = await asyncio.wait_for(reader.readexactly(12), self.timeout)
             length = struct.unpack(">H", header[4:6])[0]
@@ -241,9 +261,10 @@ class IsnsClient:
     async def _register(self) -> None:
         if self.registered_source and self.registered_source not in [n for n, _ in self.targets]:
             await self._deregister()   # the entity's source node went away: start afresh
-        status = await self._exchange(encode_register(self.entity, self.targets, self.portals,
-                                                      self._next_xid(), self.period, self.esi_port,
-                                                      self.esi_interval))
+        xid = self._next_xid()
+        status = await self._exchange(lambda local: encode_register(
+            self.entity, self.targets, reachable(self.portals, local), xid, self.period, self.esi_port,
+            self.esi_interval))
         if status:
             raise IsnsError(f"DevAttrReg refused (status {status})")
         if self.registered_source is None:
@@ -254,7 +275,8 @@ class IsnsClient:
     async def _deregister(self) -> None:
         source, self.registered_source = self.registered_source, None
         assert source is not None   # every caller checks that something is registered
-        status = await self._exchange(encode_deregister(self.entity, source, self._next_xid()))
+        xid = self._next_xid()
+        status = await self._exchange(lambda _: encode_deregister(self.entity, source, xid))
         if status:
             raise IsnsError(f"DevDereg refused (status {status})")
         log.info("deregistered %s from iSNS server %s:%d", self.entity, self.host, self.port)

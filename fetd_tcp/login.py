@@ -56,14 +56,17 @@ _TRANSITIONS = frozenset(((0, 1), (0, 3), (1, 3)))
 class TargetConfig:
     name: str
     alias: str = ""
-    allowed_initiators: frozenset[str] = frozenset()  # empty: every initiator
+    allowed_initiators: frozenset[str] = frozenset()  # empty: every initiator; names in lower case
     chap: Credentials | None = None  # the initiator must prove this
     mutual_chap: Credentials | None = None  # we prove this when asked
     erl: int = 0              # the highest ErrorRecoveryLevel offered (config `error_recovery_level`)
     cmdsn_depth: int = 128    # the CmdSN window of its sessions (config `cmdsn_depth`)
 
     def allows(self, initiator: str) -> bool:
-        return not self.allowed_initiators or initiator in self.allowed_initiators
+        """iSCSI names compare without case (RFC 3722 folds them): `acl add`
+        keeps an entry in lower case, an initiator may send capitals, and the
+        STML admits the nexus either way (Emulator.admitted)."""
+        return not self.allowed_initiators or initiator.lower() in self.allowed_initiators
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +80,9 @@ class LoginConfig:
     cmd_window: int = 32  # MaxCmdSN - ExpCmdSN + 1 given at login
 
     def target(self, name: str) -> TargetConfig | None:
+        """The target `name` names, whatever its case (the STML keeps names in
+        lower case; RFC 3722 folds case)."""
+        name = name.lower()
         return next((t for t in self.targets if t.name == name), None)
 
 
@@ -418,7 +424,7 @@ def send_targets(value: str, initiator_name: str, targets: Iterable[TargetConfig
     if value == "All":
         wanted = None if discovery else ()
     elif value:
-        wanted = (value,)
+        wanted = (value.lower(),)    # names fold case (RFC 3722); ours are kept in lower case
     else:
         wanted = (session_target,) if session_target else ()
     out = []
@@ -430,10 +436,40 @@ def send_targets(value: str, initiator_name: str, targets: Iterable[TargetConfig
         out.append(("TargetName", target.name))
         for tpgt, portals in sorted(portals_by_tpgt.items()):
             for host, port in portals:
-                if host in _WILDCARDS:
-                    host = local_addr[0]
-                out.append(("TargetAddress", format_address(host, port, tpgt)))
+                told = advertised(host, local_addr[0])
+                if told is not None:
+                    out.append(("TargetAddress", format_address(told, port, tpgt)))
     return out
+
+
+def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address `host` spells (an IPv4-mapped one as IPv4), None for a DNS name."""
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0].strip("[]"))
+    except ValueError:
+        return None
+    return ip.ipv4_mapped or ip if isinstance(ip, ipaddress.IPv6Address) else ip
+
+
+def advertised(host: str, local: str) -> str | None:
+    """How a portal bound to `host` is named to an initiator whose connection
+    came to our address `local`, or None when that initiator cannot use it:
+    a wildcard portal by `local` when it listens there (0.0.0.0 takes IPv4,
+    :: IPv6 only: asyncio binds it IPV6_V6ONLY); a loopback portal only over
+    loopback, since elsewhere 127.0.0.1 names the initiator's own host."""
+    here = _ip(local)
+    if host in _WILDCARDS:
+        if here is None:
+            return local
+        # :: took this connection itself when `local` is IPv6 (an IPv4-mapped one too)
+        came_v6 = ":" in local
+        if host == "0.0.0.0" and here.version != 4 or host == "::" and not came_v6:
+            return None
+        return local
+    bound = _ip(host)
+    if (bound is not None and bound.is_loopback or host == "localhost") and not (here and here.is_loopback):
+        return None
+    return host
 
 
 def fit_targets(pairs: Sequence[tuple[str, str]], max_bytes: int) -> tuple[list[tuple[str, str]], int]:

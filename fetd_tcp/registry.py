@@ -36,7 +36,9 @@ class SessionRegistry:
         self.link, self.tags, self.limits = link, tags, limits
         self.sessions: dict[int, Session] = {}           # TSIH -> session
         self.by_nexus: dict[int, Session] = {}           # nexus -> normal session
-        self.by_name: dict[tuple[str, bytes, str], Session] = {}   # (initiator, ISID, target) -> session
+        # (initiator, ISID, target, TPGT) -> session: RFC 7143's session identity; an
+        # initiator may use one ISID in two portal groups (ESXi does), two I_T nexuses
+        self.by_name: dict[tuple[str, bytes, str, int], Session] = {}
         self.per_target: dict[str, int] = {}             # target -> normal sessions
         self.nexus_ids = itertools.count(1)
         # new sessions' nexuses the STML has not answered yet: its answer (an error or None)
@@ -60,14 +62,14 @@ class SessionRegistry:
     def admit(self, o: L.LoginOutcome, tpgt: int, window: int, max_transfer: int, portal: str,
               peer: str) -> Session:
         """The session a finished login names, created (an older one of the
-        same initiator, ISID and target is reinstated: it ends) or joined; a
+        same initiator, ISID, target and portal group is reinstated: it ends) or joined; a
         connection of it with the same CID ends (connection reinstatement).
         The caller attaches the new connection."""
         session = self.sessions.get(o.tsih)
         discovery = o.session_type == "Discovery"
         target = o.target.name if o.target else ""
         if session is None:
-            old = self.by_name.get((o.initiator_name, o.isid, target))
+            old = self.by_name.get((o.initiator_name, o.isid, target, tpgt))
             if old is not None:
                 log.info("session reinstatement: closing old session TSIH %d", old.tsih)
                 for c in list(old.connections.values()):
@@ -79,7 +81,7 @@ class SessionRegistry:
                               next(self.nexus_ids), o.cmd_sn, window, discovery=discovery,
                               max_transfer=max_transfer, max_retain=self.limits.max_retain)
             self.sessions[o.tsih] = session
-            self.by_name[(o.initiator_name, o.isid, target)] = session
+            self.by_name[(o.initiator_name, o.isid, target, tpgt)] = session
             if not discovery:
                 self.by_nexus[session.nexus] = session
                 self.per_target[target] = self.per_target.get(target, 0) + 1
@@ -288,7 +290,7 @@ class SessionRegistry:
             portal, peer = self.session_portals.pop(s.tsih, ("?", "?"))
             log.info("session ended: %s 0x%s -> %s via %s, TSIH %d", s.initiator, s.isid.hex(),
                      s.target or "discovery", portal, s.tsih, extra=audit(peer))
-            key = (s.initiator, s.isid, s.target)
+            key = (s.initiator, s.isid, s.target, s.tpgt)
             if self.by_name.get(key) is s:
                 del self.by_name[key]
             for task in s.itts.values():

@@ -151,7 +151,7 @@ class IscsiFrontEnd:
         """The STML's targets with their access rules, as the login machine wants them."""
         if self.detect_info is None:
             return ()
-        return tuple(L.TargetConfig(t.name, t.alias, frozenset(t.access.get("acl") or ()),
+        return tuple(L.TargetConfig(t.name, t.alias, frozenset(a.lower() for a in t.access.get("acl") or ()),
                                     _creds(t.access.get("chap")), _creds(t.access.get("mutual")),
                                     int(t.access.get("erl") or 0),
                                     int(t.access.get("cmdsn_depth") or CMD_WINDOW))

@@ -30,6 +30,8 @@ import struct
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
+from fetd_tcp.login import advertised
+
 SLP_PORT = 427
 MULTICAST = "239.255.255.253"
 MAX_DATAGRAM = 8192     # what we read; a longer request is not answered
@@ -336,9 +338,6 @@ class Service:
         return ",".join(out)
 
 
-_WILDCARDS = frozenset(("", "0.0.0.0", "::", "*"))
-
-
 def _hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -375,8 +374,10 @@ class ServiceAgent:
         self._merged.clear()
 
     def services(self, local_host: str) -> list[Service]:
-        """One URL per target and portal; a wildcard-bound portal is named by the
-        address the asker reached us on (`local_host`). Built once per change."""
+        """One URL per target and portal the asker can use, named as SendTargets
+        names them to one that reached us on `local_host` (fetd_tcp.login.advertised:
+        a wildcard portal by that address, a loopback one only over loopback).
+        Built once per change."""
         out = self._services.get(local_host)
         if out is None:
             if len(self._services) >= self.SERVICE_CACHE:
@@ -400,8 +401,10 @@ class ServiceAgent:
                 attrs["auth-cred"] = ["any"]
             elif self.auth:
                 attrs["auth-cred"] = [f"chap/{t.chap_user}"]
-            for host, port, tpgt in self.portals:
-                host = local_host if host in _WILDCARDS else host
+            for bound, port, tpgt in self.portals:
+                host = advertised(bound, local_host)   # as SendTargets names it to this asker
+                if host is None:
+                    continue
                 full = {**attrs, "portal-group": [str(tpgt)]}
                 out.append(Service(f"{SERVICE_TYPE}://{_hostport(host, port)}/{t.name}", full, fold(full)))
         return out
@@ -430,7 +433,7 @@ class ServiceAgent:
                 return self._srv_rply(header, fields, local_host, multicast)
             if header.function == ATTR_RQST:
                 return self._attr_rply(header, fields, local_host, multicast)
-            return self._type_rply(header, fields, multicast)
+            return self._type_rply(header, fields, local_host, multicast)
         except SlpError:
             return None if multicast else self._error_reply(header, PARSE_ERROR)
 
@@ -496,11 +499,11 @@ class ServiceAgent:
         body = b"\0\0" + _U16.pack(len(text)) + text + b"\0"
         return _message(ATTR_RPLY, header.xid, body, flags, header.lang or "en")
 
-    def _type_rply(self, header: Header, fields: list, multicast: bool) -> bytes | None:
+    def _type_rply(self, header: Header, fields: list, local_host: str, multicast: bool) -> bytes | None:
         authority = fields[1]
         if authority not in (None, ""):   # IANA's (empty) or all (None) name ours
             return None if multicast else _message(SRV_TYPE_RPLY, header.xid, b"\0\0\0\0", lang=header.lang)
-        if not self.services("0.0.0.0"):
+        if not self.services(local_host):
             return None if multicast else _message(SRV_TYPE_RPLY, header.xid, b"\0\0\0\0", lang=header.lang)
         return _message(SRV_TYPE_RPLY, header.xid, b"\0\0" + _string(SERVICE_TYPE), lang=header.lang or "en")
 

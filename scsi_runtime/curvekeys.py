@@ -2,7 +2,10 @@
 management client."""
 from __future__ import annotations
 
+import logging
 import os
+
+log = logging.getLogger("scsi_runtime.curvekeys")
 
 
 def load_key_file(path: str, secret: bool = False) -> tuple[bytes, bytes | None]:
@@ -19,7 +22,20 @@ def load_key_file(path: str, secret: bool = False) -> tuple[bytes, bytes | None]
         raise ValueError(f"{path}: not a readable key file ({e})") from None
     if secret and not secret_key:
         raise ValueError(f"{path}: holds no secret key (give the .key_secret file)")
+    if secret:
+        _warn_if_readable(path)
     return public, secret_key
+
+
+def _warn_if_readable(path: str) -> None:
+    """A secret key that group or others can read draws a warning, as a config
+    holding CHAP secrets does (stml.config): whoever reads it can pass for
+    this STML, front end or manager."""
+    mode = os.stat(path).st_mode & 0o777
+    if mode & 0o044:
+        log.warning("%s holds a CURVE secret key and is readable by %s (mode %03o); chmod 600 it",
+                    path, "group and others" if mode & 0o044 == 0o044 else "group" if mode & 0o040
+                    else "others", mode)
 
 
 def curve_client_keys(own_key_file: str, server_key_file: str) -> dict[str, bytes]:

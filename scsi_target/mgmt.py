@@ -326,11 +326,26 @@ def chap() -> None:
 @chap.command("set")
 @click.option("--target", "target_name", help="Target name (default: the first).")
 @click.option("--user", help="The CHAP user name.")
-@click.option("--secret", help="12 to 255 bytes; omit --user and --secret to turn CHAP off.")
+@click.option("--secret", help="12 to 255 bytes; omit --user and --secret to turn CHAP off. Every local "
+              "user can read a command line (ps): prefer --secret-file.")
+@click.option("--secret-file", metavar="FILE",
+              help="Read the secret from this file's first line (- for standard input).")
 @click.option("--mutual", is_flag=True, help="Set the target's own (mutual CHAP) credentials; CHAP must be set first.")
 @mgmt_options
-def chap_set(target_name: str | None, user: str | None, secret: str | None, mutual: bool, **kw: Any) -> None:
-    """Require CHAP (--user and --secret), or turn it off (neither)."""
+def chap_set(target_name: str | None, user: str | None, secret: str | None, secret_file: str | None,
+             mutual: bool, **kw: Any) -> None:
+    """Require CHAP (--user and --secret or --secret-file), or turn it off (neither)."""
+    if secret_file is not None:
+        if secret is not None:
+            click.echo("scsi-target: give --secret or --secret-file, not both", err=True)
+            sys.exit(2)
+        try:
+            with click.open_file(secret_file) as f:
+                secret = f.readline(1024).rstrip("\r\n")   # a secret is at most 255 bytes
+        except (OSError, UnicodeDecodeError) as e:
+            why = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
+            click.echo(f"scsi-target: --secret-file {secret_file}: {why}", err=True)
+            sys.exit(2)
     show(kw, _call(kw, "chap_set", target=target_name, user=user, secret=secret, mutual=mutual))
 
 
@@ -592,13 +607,18 @@ def config_show(file_only: bool, **kw: Any) -> None:
     """Print the running configuration, as a save would write it (with the file's comments)."""
     kw = inherited(kw)
     if file_only:
+        import tomlkit
         from stml.config import CONFIG_NAME
+        from stml.persist import hide_secrets
         path = kw.get("config_path") or str(_data_dir(kw) / CONFIG_NAME)
         try:
-            text = Path(path).read_text()
+            text = hide_secrets(Path(path).read_text())
         except OSError as e:
             click.echo(f"scsi-target: {path}: {e.strerror}", err=True)
             sys.exit(1)
+        except tomlkit.exceptions.ParseError as e:   # shown as it is, it could print a secret
+            click.echo(f"scsi-target: {path}: not valid TOML: {e}", err=True)
+            sys.exit(2)
         if kw.get("as_json"):
             import tomllib
             click.echo(json.dumps(tomllib.loads(text), indent=2))

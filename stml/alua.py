@@ -11,7 +11,9 @@ initiators prefer the serving host's own portals, and the preference
 moves with a takeover.
 REPORT TARGET PORT GROUPS answers from the groups the STML knows: those its
 config names and those any front end has registered a nexus through. SET
-TARGET PORT GROUPS is accepted for groups that exist (nothing changes).
+TARGET PORT GROUPS is accepted when it asks each group for the state it is
+in (nothing changes); any other state is refused, since none can be set
+(decision 0289).
 """
 from __future__ import annotations
 
@@ -81,16 +83,17 @@ def set_tpg_check(task: Task) -> None:
 
 
 async def set_target_port_groups(task: Task) -> None:
-    """Accepted when every descriptor names a group that exists and a state
-    this device can be in; the groups stay active/optimized."""
+    """Accepted when every descriptor names a group that exists and the state
+    it is in: GOOD says the groups are in the states asked for (SPC-4 6.36),
+    and implicit ALUA changes none on request."""
     data = b"".join(bytes(b) for b in task.data_out)
     groups = set(port_groups(task))
     for off in range(4, len(data) - 3, 4):
-        state, tpg = data[off] & 0x0F, struct.unpack_from(">H", data, off + 2)[0]
-        if state > 0x3:
-            raise invalid_param(off, 3)
+        wanted, tpg = data[off] & 0x0F, struct.unpack_from(">H", data, off + 2)[0]
         if tpg not in groups:
             raise invalid_param(off + 2)
+        if wanted != state(task, tpg):
+            raise invalid_param(off, 3)
 
 
 OPCODES: list[OpEntry] = [

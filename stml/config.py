@@ -110,6 +110,8 @@ class Config:
     held: tuple[dict[Any, Any], dict[Any, Any]] | None = None
     # SLP also lists targets with an ACL, with who may log in (auth-name) and the CHAP user
     slp_auth: bool = False
+    # iSNS also registers targets with an ACL, and all of them behind discovery CHAP (0287)
+    isns_auth: bool = False
     # whether a LUN entry without `id` may take the legacy identity of its
     # target and number: only in a file no id-giving STML wrote, whose LUNs
     # were served under it (`legacy_ids = false` once one did; 0281)
@@ -117,7 +119,8 @@ class Config:
 
     def discovery(self) -> dict[str, Any]:
         """Discovery settings for the front ends, as `detect` carries them."""
-        return {"chap": self.discovery_chap, "slp": self.slp, "slp_da": self.slp_da, "slp_auth": self.slp_auth}
+        return {"chap": self.discovery_chap, "slp": self.slp, "slp_da": self.slp_da, "slp_auth": self.slp_auth,
+                "isns_auth": self.isns_auth}
 
 
 MAX_POLL_US = 10_000
@@ -359,7 +362,7 @@ def load(config_path: str | None = None, data_dir: str | None = None, iqn: str |
             raise ConfigError(str(path), f"not valid TOML: {e}") from None
         _warn_if_secrets_readable(path, raw)
     known = {"data_dir", "stml_endpoint", "portals", "target", "discovery_chap", "stml", "isns",
-             "slp", "slp_da", "slp_auth", "legacy_ids",
+             "slp", "slp_da", "slp_auth", "isns_auth", "legacy_ids",
              "vhost"}   # [[vhost]]: VM sockets `run` serves (fetd_vhost.cli checks them)
     for key in raw:
         if key not in known:
@@ -459,12 +462,13 @@ def load(config_path: str | None = None, data_dir: str | None = None, iqn: str |
     if not isinstance(slp_da, list) or not all(
             isinstance(d, str) and re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[^:\[\]]+)(:\d+)?", d) for d in slp_da):
         raise ConfigError("slp_da", "must be a list of \"HOST[:PORT]\" directory agents")
-    slp_auth = raw.get("slp_auth", False)
-    if not isinstance(slp_auth, bool):
-        raise ConfigError("slp_auth", f"{slp_auth!r} is not true or false")
+    slp_auth, isns_auth = (raw.get(key, False) for key in ("slp_auth", "isns_auth"))
+    for key, value in (("slp_auth", slp_auth), ("isns_auth", isns_auth)):
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"{value!r} is not true or false")
     return Config(ddir, targets, ep, plist, parse_chap(raw.get("discovery_chap"), "discovery_chap"), path,
                   stml_settings(raw.get("stml", {}), path), isns, _slp(raw.get("slp")), slp_da, raw,
-                  file_digest(path) if path else None, slp_auth=slp_auth,
+                  file_digest(path) if path else None, slp_auth=slp_auth, isns_auth=isns_auth,
                   legacy_ids=_bool(raw.get("legacy_ids", True), "legacy_ids"))
 
 

@@ -63,6 +63,7 @@ MAX_NEXUSES_PER_TARGET = 4096   # I_T nexuses (initiator port, target port), all
 _NO_LUNS = LunMap()   # an unknown target's LUs (read only: no caller changes it)
 MAX_PORT_GROUPS = 256   # port group tags nexuses of one target came through (never forgotten)
 MAX_TPG = 0xFFFF        # a target port group is 16 bits (REPORT TARGET PORT GROUPS)
+_NO_CHAP = {"chap": None, "mutual": None}   # detect's access for front ends that speak no CHAP
 # backend failures that are no fault of the medium, by errno; any other is a
 # MEDIUM ERROR. The storage is out of this path's reach for now (ESHUTDOWN: an
 # RBD gateway fenced, another serves the LU; ETIMEDOUT: the cluster did not
@@ -334,10 +335,14 @@ class Emulator:
         if targets is None:
             targets = [self.describe_target(t, [lu.describe() for lu in t.luns.values()])
                        for t in self.targets.values()]
+        discovery = self.discovery
+        if fe.kind != "iscsi":   # CHAP secrets only where CHAP is spoken: nowhere else to leak from
+            targets = [{**t, "access": {**t["access"], **_NO_CHAP}} for t in targets]
+            discovery = {**discovery, "chap": None}
         self.out.detect(
             fe.ident, stml=self.name, heartbeat_ms=int(self.heartbeat * 1000), caps=sorted(fe.caps),
             limits={"max_transfer": self.max_transfer, "queue_depth": self.queue_depth},
-            discovery=self.discovery, portals=self.portals, targets=targets)
+            discovery=discovery, portals=self.portals, targets=targets)
 
     @staticmethod
     def describe_target(t: Target, luns: list[dict[str, Any]]) -> dict[str, Any]:

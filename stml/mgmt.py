@@ -34,7 +34,8 @@ from stml.emulator import Emulator, Target
 from stml.gateway import Gateway
 from stml.lu import CannotOpen, LogicalUnit, LunMap, LunOptions, open_store, record_image, served_before
 from stml.metrics import Metrics
-from stml.persist import EditedError, hold, model, read_document, render, save
+from stml.persist import (SECRET_DIFFERS, EditedError, hide_secrets, hold, model, new_id, read_document, render,
+                          save)
 from stml.portals import PortalStates, portal_entries, portal_groups
 from stml.sense import CAPACITY_DATA_CHANGED, NOT_READY_TO_READY_CHANGE, REPORTED_LUNS_DATA_CHANGED
 from stml.task import FANOUT_STEP, Nexus, Task, stepped
@@ -49,6 +50,8 @@ class MgmtError(Exception):
 
 PORTAL_WAIT = 8.0   # `portal add` waits this long for the listeners' report (clients wait 10 s)
 
+
+ISCSI = frozenset({"iscsi"})   # the front-end kind fetd_tcp registers as: the one that speaks CHAP
 
 class Management:
     """The management commands. Each change is applied live and to the running
@@ -457,7 +460,7 @@ class Management:
 
     async def _reload(self, new: Config, applied: list[str], pending: list[str]) -> None:
         old = self.config
-        for key in ("data_dir", "stml_endpoint", "stml", "isns", "slp", "slp_da", "slp_auth"):
+        for key in ("data_dir", "stml_endpoint", "stml", "isns", "isns_auth", "slp", "slp_da", "slp_auth"):
             if old.raw.get(key) != new.raw.get(key):
                 pending.append(f"`{key}` changed: restart to apply it")
         if new.discovery_chap != old.discovery_chap:
@@ -631,11 +634,12 @@ class Management:
         await self._redetect()
         return {"target": t.name, "saved": await self._persist()}
 
-    async def _end_sessions(self, target: str, why: str,
-                            admitted: frozenset[str] | None = frozenset()) -> int:
+    async def _end_sessions(self, target: str, why: str, admitted: frozenset[str] | None = frozenset(),
+                            kinds: frozenset[str] | None = None) -> int:
         """The sessions of a removed target end (docs/decisions/0265), or those
         of initiators its new ACL leaves out (0275; `admitted` as
-        Emulator.admitted, None: all stay): each front end is told to drop its
+        Emulator.admitted, None: all stay; `kinds`: only those of front ends of
+        these kinds, None: all): each front end is told to drop its
         nexus (fetd_tcp closes the session's connections), then the STML
         releases it, and its tasks end silently. FANOUT_STEP nexuses between
         turns of the loop; the target (or the ACL) has changed already, so
@@ -648,7 +652,7 @@ class Management:
         chunk: list[Nexus] = []
         ended = 0
         for n in self.em.nexuses(target):
-            if pr.name_key(n.initiator) in admitted:
+            if pr.name_key(n.initiator) in admitted or kinds is not None and n.fe.kind not in kinds:
                 continue
             chunk.append(n)
             if len(chunk) == FANOUT_STEP:
@@ -706,7 +710,7 @@ class Management:
             backend = await self._in_thread(open_store, opts, create)
         except CannotOpen as e:
             raise MgmtError(f"cannot open the backend: {e}") from None
-        self._identify(opts, backend, f"target {t.name} LUN {number}")
+        await self._identify(t.name, number, opts, backend)
         lu = LogicalUnit(t.name, number, backend, opts, self.em.templates["disk"])
         if getattr(backend, "lock_acquire", None) is not None:
             try:   # shared storage: served once this gateway holds its lock
@@ -732,13 +736,14 @@ class Management:
         await self._redetect()
         return lu
 
-    def _identify(self, o: LunOptions, backend: Any, where: str) -> None:
-        """A LUN entry without `id` (added by hand) gets one once its store
-        opened, as `lun add` gives it; an RBD LU records its image's (0281)."""
+    async def _identify(self, target: str, lun: int, o: LunOptions, backend: Any) -> None:
+        """A LUN entry without `id` (`lun add`, or added by hand) gets one once
+        its store opened (persist.new_id: a stat, in a thread); an RBD LU
+        records its image's (0281)."""
         if o.kind != "rbd" and o.id is None:
-            o.id = secrets.token_hex(16)
+            o.id = await self._in_thread(new_id, target, lun, o)
             self._identified = True
-        elif record_image(o, backend, where):
+        elif record_image(o, backend, f"target {target} LUN {lun}"):
             self._identified = True
 
     async def _retry_offline(self, t: Target, lu: LogicalUnit, applied: list[str], pending: list[str],
@@ -769,7 +774,7 @@ class Management:
                            f"`lun add` it, to serve it")
             return
         o.path = want.path
-        self._identify(o, backend, f"target {t.name} LUN {lu.lun}")   # a file the start could not create
+        await self._identify(t.name, lu.lun, o, backend)   # a file the start could not create
         lu.go_online(backend)
         t.luns.renamed(lu)   # its designator may be new: EXTENDED COPY finds it by that (0296)
         log.info("target %s LUN %d (%s %s) is online", t.name, lu.lun, o.kind, o.path or "")
@@ -936,9 +941,28 @@ class Management:
         if not mutual and not creds and t.access.get("mutual"):
             raise MgmtError(f"{t.name} has mutual CHAP, which needs CHAP: turn it off first "
                             f"(`chap set --mutual`)")
-        saved = await self._set_access(t, "mutual" if mutual else "chap", creds)
-        return {"target": t.name, "chap" if not mutual else "mutual_chap": "set" if creds else "off",
-                "saved": saved}
+        if mutual:
+            return {"target": t.name, "mutual_chap": "set" if creds else "off",
+                    "saved": await self._set_access(t, "mutual", creds)}
+        saved, ended = await self._set_chap(t, creds)
+        return {"target": t.name, "chap": "set" if creds else "off", "sessions_ended": ended, "saved": saved}
+
+    async def _set_chap(self, t: Target, creds: dict[str, str] | None) -> tuple[str, int]:
+        """CHAP turned on applies to the sessions that exist too (0288): the
+        target asked none of them to authenticate, so all its iSCSI ones end, before
+        the save, as an ACL change ends those it leaves out (0275). New
+        credentials for a target that had CHAP leave its sessions be: they
+        authenticated with the credentials of their time (0275)."""
+        await self._check_file()
+        was, t.access = t.access.get("chap"), {**t.access, "chap": creds}
+        self._tc(t.name).chap = creds
+        await self._redetect()
+        ended = 0
+        if creds and not was:   # CHAP is iSCSI's: a VM's (vhost) or a loopback client's nexus stays
+            ended = await self._end_sessions(t.name, f"{t.name} now requires CHAP", frozenset(), ISCSI)
+            if ended:
+                log.info("%s: ended %d session(s) that logged in without CHAP", t.name, ended, extra=audit())
+        return await self._persist(), ended
 
 
 async def _set_alias(m: Management, t: Target, alias: str) -> None:
@@ -956,7 +980,7 @@ async def _set_target_reset(m: Management, t: Target, allowed: bool) -> None:
 _TARGET_SETTERS: dict[str, Callable[[Management, Target, Any], Awaitable[Any]]] = {
     "alias": _set_alias,
     "acl": lambda m, t, v: m._set_acl(t, v),
-    "chap": lambda m, t, v: m._set_access(t, "chap", v),
+    "chap": lambda m, t, v: m._set_chap(t, v),
     "mutual_chap": lambda m, t, v: m._set_access(t, "mutual", v),
     "target_reset": _set_target_reset,
 }
@@ -976,8 +1000,8 @@ async def _free_lun(t: Target) -> int:
 
 
 def _shown(config: Config) -> str:
-    """config_show's text. Reads the file: off the loop."""
-    return render(config, read_document(config.path) if config.path is not None else None)
+    """config_show's text, secrets hidden (0286). Reads the file: off the loop."""
+    return hide_secrets(render(config, read_document(config.path) if config.path is not None else None))
 
 
 def _diff(config: Config, path: Path) -> dict[str, Any]:
@@ -987,8 +1011,10 @@ def _diff(config: Config, path: Path) -> dict[str, Any]:
     except FileNotFoundError:
         text = ""
     running = render(config, read_document(path) if text else None)
-    diff = "".join(difflib.unified_diff(text.splitlines(True), running.splitlines(True),
+    diff = "".join(difflib.unified_diff(hide_secrets(text).splitlines(True), hide_secrets(running).splitlines(True),
                                         f"{path} (file)", "running configuration"))
+    if not diff and text != running:   # they differ only in a secret: say so, not what (0286)
+        diff = SECRET_DIFFERS
     return {"path": str(path), "same": not diff, "diff": diff, "edited": file_digest(path) != config.digest}
 
 

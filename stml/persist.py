@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import os
 import secrets
+import stat
 from pathlib import Path
 from typing import Any, Callable
 
@@ -250,6 +251,24 @@ def render(config: Config, doc: Any | None = None) -> str:
     return tomlkit.dumps(doc)
 
 
+HIDDEN = "(hidden)"
+SECRET_DIFFERS = "a CHAP secret differs between the file and the running configuration (not shown)\n"
+
+
+def hide_secrets(text: str) -> str:
+    """A config's text with every CHAP secret replaced by HIDDEN: `config
+    show` and `config diff` print the configuration to whoever manages the
+    target, and secrets are never shown (the file, mode 0600, keeps them)."""
+    doc = tomlkit.parse(text)
+    targets = doc.get("target")
+    tables = [doc.get("discovery_chap"), *(t.get(k) for t in (targets if isinstance(targets, list) else [])
+                                           if isinstance(t, dict) for k in ("chap", "mutual_chap"))]
+    for table in tables:
+        if isinstance(table, dict) and "secret" in table:
+            table["secret"] = HIDDEN
+    return tomlkit.dumps(doc)
+
+
 def new_document(config: Config, path: Path | None = None) -> Any:
     """A fresh file (at `path`, default the config's own): the header, and
     the settings outside the running model a start needs to find the same
@@ -383,7 +402,7 @@ def give_ids(config: Config) -> bool:
             o = lc.options
             if o.id or o.kind == "rbd":
                 continue
-            ident = first_identity(config.data_dir, t.name, lc) if config.legacy_ids else secrets.token_hex(16)
+            ident = first_identity(config.data_dir, t.name, lc) if config.legacy_ids else new_id(t.name, lc.lun, lc.options)
             served = ident == legacy_id(t.name, lc.lun)
             if o.kind == "file" and o.path is not None and not served and not os.path.exists(o.path):
                 if o.size is None:
@@ -396,6 +415,24 @@ def give_ids(config: Config) -> bool:
             changed = True
     config.legacy_ids = False
     return changed
+
+
+def new_id(target: str, lun: int, o: LunOptions) -> str:
+    """A hand-added disk's id. Saved, it is the LU's for good; derived from
+    its target, number, path and (a file) inode, a config file the STML
+    cannot keep it in (mode 0444, or rewritten from a template by
+    configuration management) still gives the same disk the same identity at
+    every start, and another file, even at that path, another one. A RAM
+    LUN's contents do not outlive the STML: each is a new disk. Blocking (a
+    stat)."""
+    if o.kind == "ram" or o.path is None:
+        return secrets.token_hex(16)
+    try:
+        st = os.stat(o.path)
+        inode = st.st_ino if stat.S_ISREG(st.st_mode) else 0
+    except OSError:
+        inode = 0
+    return hashlib.sha256(f"{target}\0{lun}\0{o.kind}\0{o.path}\0{inode}".encode()).hexdigest()[:32]
 
 
 def _create_files(config: Config) -> None:

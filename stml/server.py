@@ -14,6 +14,7 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,6 +96,19 @@ def _save_identities(config: Config) -> None:
         save(config)
     except (OSError, EditedError) as e:
         log.error("the LUNs' identities were not saved to %s: %s", config.path, e)
+
+
+@contextlib.contextmanager
+def owner_only() -> Iterator[None]:
+    """Sockets bound meanwhile are the STML's user's alone (mode 0600 whatever
+    the umask): whoever can connect to an ipc:// endpoint manages the target
+    (decision 0285). Unix sockets take their mode from the umask at bind,
+    as fetd_vhost's do."""
+    old = os.umask(0o177)
+    try:
+        yield
+    finally:
+        os.umask(old)
 
 
 def _is_loopback(endpoint: str) -> bool:
@@ -399,7 +413,7 @@ class StmlServer(TapPoint):
             path = Path(endpoint[6:])
             # one STML per socket path: binding would silently steal a live one's socket
             try:
-                path.parent.mkdir(parents=True, exist_ok=True)
+                path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
                 self._lock_fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             except OSError as e:
                 raise StartupError(f"stml_endpoint {endpoint}", e.strerror or str(e)) from None
@@ -410,9 +424,11 @@ class StmlServer(TapPoint):
                                    f"(another target is running in {path.parent})") from None
             stream = stream_path(endpoint)
             assert stream is not None   # an ipc:// endpoint has one
-            self._bind_stream(stream)   # first: front ends seeing ipc only take ZeroMQ
+            with owner_only():
+                self._bind_stream(stream)   # first: front ends seeing ipc only take ZeroMQ
         try:
-            self.sock.bind(endpoint)
+            with owner_only() if endpoint.startswith("ipc://") else contextlib.nullcontext():
+                self.sock.bind(endpoint)
         except zmq.ZMQError as ze:
             raise ConfigError("stml_endpoint", f"cannot bind {endpoint}: {ze}") from None
 

@@ -470,7 +470,7 @@ def test_an_upgrade_gives_hand_added_luns_the_identity_they_were_served_under(tm
 def test_a_disk_hand_added_later_gets_an_identity_of_its_own(tmp_path):
     """Once an id-giving STML wrote the file (`legacy_ids = false`), an entry
     without `id` was added since: at a number whose legacy identity another
-    disk had, it gets a new random id, not that one. A new entry whose file
+    disk had, it gets a new id, not that one. A new entry whose file
     is not there yet (no size) gets none until it opens; one whose file
     cannot be created neither (it is not served, 0280)."""
     from stml.lu import legacy_id
@@ -507,6 +507,34 @@ def test_a_disk_hand_added_later_gets_an_identity_of_its_own(tmp_path):
     assert ids[1:3] == [None, None]
     assert ids[3] is not None and ids[3] != legacy_id(IQN_A, 3)
     assert not (d / "later.img").exists()
+
+
+def test_a_hand_added_disk_keeps_its_identity_when_the_file_cannot_keep_its_id(tmp_path):
+    """A config file the STML cannot write (read-only, or rewritten from a
+    template): each start gives its hand-added disk the id anew, and the same
+    disk must come out with the same one, or initiators and multipath see a
+    new disk at every restart. Another file at that path is another disk."""
+    from stml.persist import give_ids
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "a.img").write_bytes(bytes(4096))
+    cfg = _hand_written(d, """
+        [[target.lun]]
+        lun = 0
+        backend = "file"
+        path = "a.img"
+        """, marker="legacy_ids = false")
+
+    def given() -> str | None:
+        c = load(str(cfg))
+        assert give_ids(c)
+        return c.targets[0].luns[0].options.id
+
+    first = given()
+    assert first is not None and given() == first
+    (d / "a.img").rename(d / "old.img")
+    (d / "a.img").write_bytes(bytes(4096))
+    assert given() not in (None, first)
 
 
 def test_an_rbd_luns_image_identity_is_a_checked_setting(tmp_path):

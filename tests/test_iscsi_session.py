@@ -69,6 +69,36 @@ def test_session_reinstatement_closes_the_old_session(target):
     new.close()
 
 
+def test_one_isid_in_two_portal_groups_is_two_sessions():
+    """An initiator may use one ISID in two portal groups (ESXi's software
+    iSCSI does, one ISID per bound NIC): two I_T nexuses, two sessions, where
+    the second login used to reinstate (end) the first, and each path's
+    reconnect then ended the other. A connection may join a session only
+    through its portal group; reinstatement stays within one group."""
+    with Target("--lun", "ram:16MiB", portals=("127.0.0.1:0", "127.0.0.1:0,2")) as t:
+        (h1, p1), (h2, p2) = (_hostport(p) for p in t.portals)
+        isid = b"\x40\x00\x01\x37\x00\x00"
+        esx = "iqn.1998-01.com.vmware:esx-1"
+        one, two = RawInitiator(h1, p1, initiator=esx, isid=isid), RawInitiator(h2, p2, initiator=esx, isid=isid)
+        try:
+            assert one.login(IQN).status_class == 0 and two.login(IQN).status_class == 0
+            assert one.read16(0, 1) == two.read16(0, 1)              # both paths live
+            stray = RawInitiator(h2, p2, initiator=esx, isid=isid)   # joins tpg 1's session via tpg 2
+            resp = stray.login(IQN, tsih=one.tsih, cid=1)
+            assert (resp.status_class, resp.status_detail) == (2, 0x0A)
+            stray.close()
+            again = RawInitiator(h1, p1, initiator=esx, isid=isid)   # reinstates tpg 1's session only
+            assert again.login(IQN).status_class == 0
+            with pytest.raises((ConnectionError, OSError)):
+                one.nop(b"x")
+                one.recv()
+            assert again.read16(0, 1) == two.read16(0, 1)
+            again.close()
+        finally:
+            one.close()
+            two.close()
+
+
 def test_nop_out_is_echoed(target):
     host, port = _hostport(target.portal)
     r = RawInitiator(host, port)

@@ -122,3 +122,37 @@ def test_isns_esi(isnsd, tmp_path):
             os.kill(fetd, signal.SIGCONT)
     finally:
         t.stop()
+
+
+def test_isns_tells_only_what_sendtargets_tells_anyone(isnsd, tmp_path):
+    """Any iSNS client may query the default discovery domain: a target with an
+    ACL is not registered (SendTargets hides it from initiators its ACL does
+    not admit), nor any behind discovery CHAP, unless `isns_auth = true`. A
+    portal bound to 0.0.0.0 is registered with the address that reaches the
+    server, never as 0.0.0.0 (which would send initiators to themselves)."""
+    port, client = isnsd
+    closed = "iqn.2026-11.org.scsi-target:isns-closed"
+    wild = free_port()
+    cfg = tmp_path / "t.toml"
+    body = (f'[[target]]\nname = "{IQN}"\n[[target.lun]]\nbackend = "ram"\nsize = "8MiB"\n'
+            f'[[target]]\nname = "{closed}"\nacl = ["iqn.2026-11.org.test:only"]\n'
+            f'[[target.lun]]\nbackend = "ram"\nsize = "8MiB"\n')
+    cfg.write_text(f'isns = "127.0.0.1:{port}"\n{body}')
+    with Target(config=str(cfg), portals=("127.0.0.1:0", f"0.0.0.0:{wild}")) as t:
+        out = wait_for(client, ("--query", "iscsi-node-type=Target"), IQN)
+        assert IQN in out and closed not in out, out
+        portals = wait_for(client, ("--list", "portals"), f"{wild}/tcp")
+        assert "Portal IP address = 0.0.0.0" not in portals, portals
+        assert f"Portal IP address = 127.0.0.1\n  0011  uint32      : Portal TCP/UDP port = {wild}/tcp" \
+            in portals, portals
+        assert "1 target(s) not registered" in t.wait_log("not registered")
+        cfg.write_text(f'isns = "127.0.0.1:{port}"\n'
+                       f'discovery_chap = {{user = "d", secret = "discovery-secret"}}\n{body}')
+        subprocess.run([sys.executable, "-m", "scsi_target", "config", "reload", "--data-dir", t.data_dir],
+                       check=True, capture_output=True, timeout=60)
+        out = wait_for(client, ("--query", "iscsi-node-type=Target"), IQN, present=False)
+        assert IQN not in out and closed not in out, out
+    cfg.write_text(f'isns = "127.0.0.1:{port}"\nisns_auth = true\n{body}')
+    with Target(config=str(cfg)):
+        out = wait_for(client, ("--query", "iscsi-node-type=Target"), closed)
+        assert IQN in out and closed in out, out

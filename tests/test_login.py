@@ -287,6 +287,39 @@ def test_send_targets_all():
                    ("TargetName", "iqn.t2"), ("TargetAddress", "[fe80::1%eth0]:3260,1")]
 
 
+def test_send_targets_tells_only_addresses_the_initiator_can_use():
+    """A loopback portal names the initiator's own host unless it came over
+    loopback itself; a 0.0.0.0 portal takes no IPv6 connection and a ::
+    portal (IPV6_V6ONLY) no IPv4 one, so an initiator is sent to a wildcard
+    portal only in the family it came in."""
+    portals = {1: [("127.0.0.1", 3260)], 2: [("0.0.0.0", 3261)], 3: [("::", 3262)], 4: [("::1", 3263)],
+               5: [("192.0.2.1", 3264)]}
+    addresses = [v for k, v in send_targets("All", "iqn.a", [T1], portals, ("198.51.100.7", 3261))[1:]]
+    assert addresses == ["198.51.100.7:3261,2", "192.0.2.1:3264,5"]
+    addresses = [v for k, v in send_targets("All", "iqn.a", [T1], portals, ("127.0.0.1", 3260))[1:]]
+    assert addresses == ["127.0.0.1:3260,1", "127.0.0.1:3261,2", "[::1]:3263,4", "192.0.2.1:3264,5"]
+    addresses = [v for k, v in send_targets("All", "iqn.a", [T1], portals, ("::1", 3263))[1:]]
+    assert addresses == ["127.0.0.1:3260,1", "[::1]:3262,3", "[::1]:3263,4", "192.0.2.1:3264,5"]
+    addresses = [v for k, v in send_targets("All", "iqn.a", [T1], portals, ("2001:db8::7", 3262))[1:]]
+    assert addresses == ["[2001:db8::7]:3262,3", "192.0.2.1:3264,5"]
+
+
+def test_names_compare_without_case():
+    """`acl add iqn...:HOST` keeps the entry in lower case (names fold case,
+    RFC 3722), and the STML admits the nexus so; fetd_tcp compared the name
+    as sent, so an initiator whose name has capitals was refused at login
+    and left out of SendTargets by the very entry made for it."""
+    t = TargetConfig("iqn.t", allowed_initiators=frozenset({"iqn.2026-11.org.test:win-host"}))
+    assert t.allows("iqn.2026-11.org.test:WIN-Host") and not t.allows("iqn.2026-11.org.test:other")
+    got = send_targets("All", "iqn.2026-11.org.test:WIN-HOST", [t], {1: [("192.0.2.1", 3260)]},
+                       ("192.0.2.1", 3260))
+    assert got == [("TargetName", "iqn.t"), ("TargetAddress", "192.0.2.1:3260,1")]
+    # and a target name given in capitals (SendTargets=NAME, a login's TargetName) is found
+    assert send_targets("IQN.T", "iqn.2026-11.org.test:win-host", [t], {1: [("192.0.2.1", 3260)]},
+                        ("192.0.2.1", 3260)) == got
+    assert LoginConfig((t,)).target("Iqn.T") is t
+
+
 def test_send_targets_scoping():
     portals = {1: [("::", 3260)]}
     local = ("::ffff:192.0.2.9", 3260)

@@ -9,6 +9,7 @@ import tomllib
 
 import pytest
 
+from fetd_loopback import LoopbackClient
 from support.cli import cli, mgmt
 from support.procs import free_port, run
 from support.rawiscsi import RawInitiator
@@ -356,6 +357,59 @@ def test_an_acl_change_ends_the_sessions_it_no_longer_admits(config):
         finally:
             stranger.close()
             friend.close()
+    finally:
+        t.stop()
+
+
+def test_turning_chap_on_ends_the_sessions_that_did_not_authenticate(config):
+    """`chap set` on a target without CHAP (or a reloaded hand edit that adds
+    `chap`) ends every session of that target: none authenticated, and the
+    administrator who turns CHAP on believes unauthenticated hosts are out.
+    A session of another target goes on; so do the sessions when the
+    credentials are changed later, or CHAP turned off (docs/decisions/0288)."""
+    t = Target(config=str(config))
+    try:
+        d = t.data_dir
+        other = "iqn.2026-11.org.scsi-target:other"
+        mgmt(d, "target", "add", other)
+        mgmt(d, "lun", "add", "--target", other, "ram:4MiB")
+        host, port = t.portal.rsplit(":", 1)
+        open_ = RawInitiator(host, int(port), initiator="iqn.2026-11.org.test:unauthenticated")
+        keep = RawInitiator(host, int(port), initiator="iqn.2026-11.org.test:keeper")
+        local = LoopbackClient(f"ipc://{d}/stml.sock", target=IQN, timeout=10).open()   # no CHAP
+        try:
+            assert open_.login(IQN).status_class == 0 and keep.login(other).status_class == 0
+            assert tur(open_, 0)[0] == 0
+            local.capacity(0)
+            r = mgmt(d, "chap", "set", "--target", IQN, "--user", "u", "--secret", "twelve-bytes-1")
+            assert r["sessions_ended"] == 1
+            assert_dropped(open_)
+            assert tur(keep, 0)[0] == 0
+            local.capacity(0)
+            again = RawInitiator(host, int(port), initiator="iqn.2026-11.org.test:unauthenticated")
+            assert again.login(IQN).status_class == 2     # its next login (no CHAP) is refused
+            again.close()
+            assert mgmt(d, "chap", "set", "--target", other, "--user", "u", "--secret",
+                        "twelve-bytes-2")["sessions_ended"] == 1     # the keeper's target now
+            assert_dropped(keep)
+        finally:
+            open_.close()
+            keep.close()
+            local.close()
+        assert mgmt(d, "chap", "set", "--target", IQN, "--user", "v", "--secret",
+                    "twelve-bytes-3")["sessions_ended"] == 0
+        assert mgmt(d, "chap", "set", "--target", IQN)["sessions_ended"] == 0
+        late = RawInitiator(host, int(port), initiator="iqn.2026-11.org.test:late")
+        try:
+            assert late.login(IQN).status_class == 0
+            text = config.read_text()
+            assert "chap" not in text.split(f'name = "{other}"')[0]
+            config.write_text(text.replace(f'name = "{IQN}"\n',
+                                           f'name = "{IQN}"\nchap = {{user = "w", secret = "twelve-bytes-4"}}\n'))
+            mgmt(d, "config", "reload")
+            assert_dropped(late)
+        finally:
+            late.close()
     finally:
         t.stop()
 

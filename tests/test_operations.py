@@ -716,6 +716,28 @@ def test_a_data_dir_that_cannot_be_written_is_one_line_and_exit_2(tmp_path):
         subprocess.run(["chattr", "-i", str(d)])
 
 
+def test_a_data_dir_others_can_write_is_refused(tmp_path):
+    """`run` as root in a directory another user can write: that user could
+    plant the config (a LUN on /dev/sda, no ACL) or a LUN file's symlink
+    before the first start. Refused in one line, exit 2, touching nothing;
+    a directory of another owner too."""
+    for name, mode in (("world", 0o777), ("group", 0o775), ("sticky", 0o1777)):
+        d = tmp_path / name
+        d.mkdir()
+        d.chmod(mode)
+        p = cli("run", "--data-dir", str(d), "--lun", "ram:4MiB", "--portal", "127.0.0.1:0", timeout=30)
+        assert (p.returncode, p.stdout) == (2, ""), p.stderr
+        assert p.stderr.startswith(f"scsi-target: data dir {d}: writable by ") and p.stderr.count("\n") == 1
+        assert "chmod go-w" in p.stderr and list(d.iterdir()) == []
+    need_root("a directory of another owner")
+    other = tmp_path / "other"
+    other.mkdir(mode=0o700)
+    os.chown(other, 65534, 65534)
+    p = cli("run", "--data-dir", str(other), "--lun", "ram:4MiB", "--portal", "127.0.0.1:0", timeout=30)
+    assert p.returncode == 2 and p.stderr == (f"scsi-target: data dir {other}: owned by uid 65534, who can "
+                                              f"replace what is in it: use a directory of your own\n")
+
+
 def test_a_second_run_on_one_data_dir_is_refused(ddir):
     with Target("--lun", "ram:4MiB", data_dir=ddir) as t:
         p = cli("run", "--data-dir", ddir, "--portal", "127.0.0.1:0", timeout=30)

@@ -192,3 +192,26 @@ def test_pre_fetch_has_no_advertised_limit_and_costs_no_io():
         assert r.key_asc == (ILLEGAL_REQUEST, 0x21, 0)
         assert calls == []
     run(main())
+
+
+def test_set_target_port_groups_refuses_a_state_it_does_not_set():
+    """ALUA here is implicit: SET TARGET PORT GROUPS changes no state, so it
+    answers GOOD only when each group is asked for the state it is in; a
+    transition it would not make (standby, non-optimized) is INVALID FIELD IN
+    PARAMETER LIST at that descriptor's state, and REPORT TARGET PORT GROUPS
+    still says active/optimized (decision 0289)."""
+    def stpg(state: int, group: int) -> tuple[bytes, bytes]:
+        param = bytes(4) + bytes([state, 0]) + struct.pack(">H", group)
+        return bytes([0xA4, 0x0A, 0, 0, 0, 0]) + struct.pack(">I", len(param)) + bytes(2), param
+
+    async def go():
+        h = Harness()
+        assert (await h.cmd(*stpg(0x0, 1))).status == GOOD           # active/optimized: as it is
+        for state in (0x1, 0x2, 0x3, 0xE):                            # non-optimized, standby, ...
+            r = await h.cmd(*stpg(state, 1))
+            assert r.key_asc == (ILLEGAL_REQUEST, 0x26, 0) and r.field == (4, 3), (state, r)
+        r = await h.cmd(*stpg(0x0, 9))                                # no such group
+        assert r.key_asc == (ILLEGAL_REQUEST, 0x26, 0) and r.field == (6, None)
+        rtpg = await h.cmd(bytes([0xA3, 0x0A, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0]))
+        assert rtpg.status == GOOD and rtpg.data[4] & 0x0F == 0 and rtpg.data[6:8] == b"\0\x01"
+    run(go())

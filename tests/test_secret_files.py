@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pytest
 
 from scsi_target.keys import write_key_pair
 from scsi_runtime.files import atomic_write
+from support.procs import short_dir
 from support.target import Target
 
 IQN = "iqn.2026-11.org.scsi-target:secrets"
@@ -161,3 +163,140 @@ def test_atomic_write_removes_temporaries_of_killed_saves(tmp_path):
     atomic_write(cfg, b"a = 1\n", secret=False)
     assert not stale.exists() and live.exists() and other.exists()
     assert cfg.read_text() == "a = 1\n"
+
+
+SECRETS = ("alice-secret-12", "target-secret-12", "discovery-secret")
+
+
+def test_config_show_and_diff_never_print_secrets():
+    """`config show` (running, --file, --json) and `config diff` print the
+    configuration with every CHAP secret hidden; a diff that is only a
+    secret says so without showing either value."""
+    ddir = short_dir()
+    cfg = Path(ddir) / "scsi-target.toml"
+    cfg.write_text(f'discovery_chap = {{user = "d", secret = "{SECRETS[2]}"}}\n\n'
+                   f'[[target]]\nname = "{IQN}"\n'
+                   f'chap = {{user = "alice", secret = "{SECRETS[0]}"}}\n\n'
+                   f'[target.mutual_chap]\nuser = "tgt"\nsecret = "{SECRETS[1]}"\n\n'
+                   f'[[target.lun]]\nbackend = "ram"\nsize = "4MiB"\n')
+    cfg.chmod(0o600)
+
+    def cli(*args: str, code: int = 0) -> str:
+        p = subprocess.run([sys.executable, "-m", "scsi_target", *args, "--data-dir", t.data_dir],
+                           capture_output=True, text=True, timeout=60)
+        assert p.returncode == code and "no target is running" not in p.stderr, p.stderr
+        return p.stdout + p.stderr
+
+    with Target(data_dir=ddir) as t:
+        shown = {args: cli(*args) for args in [("config", "show"), ("config", "show", "--json"),
+                                                ("config", "show", "--file"), ("config", "show", "--file", "--json"),
+                                                ("status",), ("ls",), ("ls", "--json")]}
+        for args, out in shown.items():
+            assert not [s for s in SECRETS if s in out], (args, out)
+        running = tomllib.loads(shown[("config", "show")])
+        assert running["target"][0]["chap"] == {"user": "alice", "secret": "(hidden)"}
+        assert running["target"][0]["mutual_chap"] == {"user": "tgt", "secret": "(hidden)"}
+        assert json.loads(shown[("config", "show", "--file", "--json")])["discovery_chap"]["secret"] == "(hidden)"
+        cli("config", "save")
+        cfg.write_text(cfg.read_text().replace(SECRETS[0], "a-new-secret-12"))   # a hand edit, not reloaded
+        diff = cli("config", "diff", code=1)
+        assert "a CHAP secret differs" in diff and "a-new-secret-12" not in diff and SECRETS[0] not in diff
+    assert SECRETS[1] in cfg.read_text()     # the file keeps them
+    shutil.rmtree(ddir, ignore_errors=True)
+
+
+def test_stml_sockets_are_owner_only_whatever_the_umask(tmp_path, umask):
+    """Whoever can connect to the STML's ipc:// socket (or the stream socket
+    beside it) manages the target: under umask 0 they and a directory made for
+    them are still the user's alone."""
+    umask(0)
+    sockdir = Path(short_dir()) / "sub"
+    endpoint = f"ipc://{sockdir}/s.sock"
+    with Target("--lun", "ram:4MiB", "--stml-endpoint", endpoint):
+        socks = [sockdir / "s.sock", sockdir / "s.sock.stream"]
+        assert all(stat.S_ISSOCK(p.lstat().st_mode) for p in socks)
+        assert {p.name: oct(mode(p)) for p in socks} == {p.name: "0o600" for p in socks}
+        assert mode(sockdir) == 0o700
+    shutil.rmtree(sockdir.parent, ignore_errors=True)
+
+
+def test_chap_secret_from_a_file_or_stdin_not_the_command_line(tmp_path):
+    """`chap set --secret-file` (a file, or - for standard input) keeps the
+    secret out of the command line every local user can read; the secret
+    is the first line without its newline."""
+    ddir = short_dir()
+    secret_file = tmp_path / "s"
+    secret_file.write_text("from-a-file-123\nignored\n")
+
+    def chap(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "scsi_target", "chap", "set", *args, "--data-dir", ddir],
+                              input=stdin, capture_output=True, text=True, timeout=60)
+
+    def saved(key: str) -> dict:
+        return tomllib.loads((Path(ddir) / "scsi-target.toml").read_text())["target"][0][key]
+    try:
+        with Target("--lun", "ram:4MiB", data_dir=ddir):
+            p = chap("--user", "alice", "--secret-file", "-", stdin="from-stdin-1234\n")
+            assert p.returncode == 0, p.stderr
+            assert saved("chap") == {"user": "alice", "secret": "from-stdin-1234"}
+            p = chap("--mutual", "--user", "tgt", "--secret-file", str(secret_file))
+            assert p.returncode == 0, p.stderr
+            assert saved("mutual_chap") == {"user": "tgt", "secret": "from-a-file-123"}
+            p = chap("--user", "alice", "--secret", "x" * 12, "--secret-file", str(secret_file))
+            assert p.returncode == 2 and "not both" in p.stderr
+            p = chap("--user", "alice", "--secret-file", str(tmp_path / "missing"))
+            assert p.returncode == 2 and p.stderr == f"scsi-target: --secret-file {tmp_path / 'missing'}: " \
+                "No such file or directory\n"
+            p = chap("--user", "alice", "--secret-file", "-", stdin="short\n")
+            assert p.returncode == 2 and "12 to 255 bytes" in p.stderr, p.stderr
+    finally:
+        shutil.rmtree(ddir, ignore_errors=True)
+
+
+def test_a_curve_secret_key_others_can_read_draws_a_warning(tmp_path, caplog):
+    """As a config holding CHAP secrets does: a key_secret file group or others
+    can read is loaded, with one warning naming it and its mode."""
+    from scsi_runtime.curvekeys import load_key_file
+    _, sec, public = write_key_pair(tmp_path, "node")
+    caplog.set_level("WARNING", logger="scsi_runtime.curvekeys")
+    assert load_key_file(str(sec), secret=True)[0] == public.encode()
+    assert caplog.records == []
+    sec.chmod(0o644)
+    assert load_key_file(str(tmp_path / "node.key"), secret=True)[0] == public.encode()   # via its public file
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{sec} holds a CURVE secret key and is readable by group and others (mode 644); chmod 600 it"]
+    caplog.clear()
+    load_key_file(str(tmp_path / "node.key"))          # the public key alone: nothing to say
+    assert caplog.records == []
+
+
+def test_chap_secrets_go_only_to_front_ends_that_speak_chap():
+    """detect carries a target's CHAP and mutual CHAP secrets and discovery's
+    to an iSCSI front end, which checks logins with them; a vhost, loopback
+    or SPI front end authenticates no one and gets none of them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from backends import open_backend
+    from stml import emulator as E
+    from stml.api import Op
+    from stml.lu import LogicalUnit, LunOptions
+
+    chap = {"user": "u", "secret": "target-secret-1"}
+    mutual = {"user": "m", "secret": "mutual-secret-2"}
+    lu = LogicalUnit("iqn.2026-11.org.x:t", 0, open_backend("ram", 1 << 20, None, False),
+                     LunOptions(kind="ram", size=1 << 20), None)
+    target = E.Target("iqn.2026-11.org.x:t", {0: lu},
+                      access={"acl": [], "chap": chap, "mutual": mutual, "erl": 0, "cmdsn_depth": 128})
+    sent: dict[bytes, dict] = {}
+    emu = E.Emulator([target], lambda ident, h, f: sent.__setitem__(ident, h), ThreadPoolExecutor(1),
+                     discovery={"chap": {"user": "d", "secret": "discovery-secret-3"}, "slp": None})
+    lu.template = emu.templates["disk"]
+    for kind in ("iscsi", "vhost", "loopback", "spi"):
+        emu.handle(kind.encode(), {"op": Op.REGISTER, "version": [1, 0], "kind": kind, "name": kind,
+                                   "heartbeat_ms": 1000, "aen": False}, [])
+    iscsi = sent.pop(b"iscsi")
+    assert iscsi["targets"][0]["access"]["chap"] == chap and iscsi["targets"][0]["access"]["mutual"] == mutual
+    assert iscsi["discovery"]["chap"]["secret"] == "discovery-secret-3"
+    for ident, detect in sent.items():
+        assert "secret" not in repr(detect), ident
+        assert detect["targets"][0]["access"]["acl"] == [] and detect["targets"][0]["luns"]

@@ -31,11 +31,17 @@ def urls(reply: bytes) -> list[str]:
 
 
 def test_srvrqst_finds_every_target_on_every_portal():
+    """Every target on every portal the asker can use: a wildcard portal by the
+    address it asked at; the loopback portal only for an asker on loopback
+    (elsewhere 127.0.0.1 names the asker's own host)."""
     a = agent()
     reply = a.handle(creator.create_request("service:iscsi:target"), "10.9.8.7", multicast=True)
-    assert urls(reply) == [URL0, f"service:iscsi:target://10.9.8.7:3261/{IQN}",   # wildcard: asked address
-                           f"service:iscsi:target://127.0.0.1:3260/{OTHER}",
+    assert urls(reply) == [f"service:iscsi:target://10.9.8.7:3261/{IQN}",   # wildcard: asked address
                            f"service:iscsi:target://10.9.8.7:3261/{OTHER}"]
+    reply = a.handle(creator.create_request("service:iscsi:target"), "127.0.0.1", multicast=True)
+    assert urls(reply) == [URL0, f"service:iscsi:target://127.0.0.1:3261/{IQN}",
+                           f"service:iscsi:target://127.0.0.1:3260/{OTHER}",
+                           f"service:iscsi:target://127.0.0.1:3261/{OTHER}"]
 
 
 def test_the_reply_answers_the_request_xid():

@@ -275,7 +275,8 @@ size = "1MiB"
         for verb in ("show", "diff"):       # answers that quote the configuration
             p = cli("config", verb, "--data-dir", t.data_dir)
             assert p.returncode in (0, 1), p.stderr
-        assert secret in cli("config", "show", "--data-dir", t.data_dir).stdout
+        shown = cli("config", "show", "--data-dir", t.data_dir).stdout    # hidden since 0286
+        assert secret not in shown and 'secret = "(hidden)"' in shown
     finally:
         t.stop()
     _, recs, _ = records(path)

@@ -465,7 +465,9 @@ MESSAGES: tuple[Message, ...] = (
             "What the STML offers; sent again, unasked, when targets, LUNs or portals change. "
             "Target = {name, alias, luns: [Lun], access: {acl: [iqn], chap: {user, secret}|nil, "
             "mutual: {...}|nil, erl: int (1.5: its ErrorRecoveryLevel, 0-2), cmdsn_depth: int "
-            "(1.5: its CmdSN window)}}; Lun = {lun, block_size, blocks, ro, removable}.", (
+            "(1.5: its CmdSN window)}}; Lun = {lun, block_size, blocks, ro, removable}. CHAP "
+            "credentials (`chap`, `mutual`, discovery's `chap`) go only to front ends of kind "
+            "`iscsi`: others authenticate no one, and see nil.", (
                 Field("version", VERSION, "the STML's contract version"),
                 Field("error", STR, "the registration is refused (nothing else is sent)", False),
                 Field("standby", BOOL, "with `error`: a standby gateway refused it for now; a link "
