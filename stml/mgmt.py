@@ -516,6 +516,8 @@ class Management:
             same = not _differs_beyond_size(o, lu.options)
             new_id = o.id is not None and lu.options.id is not None and o.id != lu.options.id
             if lu.offline is not None and not new_id and (same or _path_corrected(o, lu.options)):
+                if lu.options.id is None:   # never served: it opens under the id its entry now gives (0298)
+                    lu.options.id = o.id
                 await self._retry_offline(t, lu, applied, pending, o.path)
             elif new_id:   # another identity is another disk to initiators: never in place (0298)
                 others = ", ".join(_changed(o, lu.options))
