@@ -20,77 +20,79 @@ from typing import Callable, Final, Iterator, Literal, NamedTuple, Protocol, Typ
 from fetd_tcp.digest import DIGEST_LEN, digest
 from stml.api.sizes import BIG_FRAME
 
-BHS_LEN = 48
-RESERVED_TAG = 0xFFFFFFFF
+# (Final: the compiled build uses the constants in place, where it looked each
+# name up in the module's dict per use; struct's results declared int: native arithmetic)
+BHS_LEN: Final = 48
+RESERVED_TAG: Final = 0xFFFFFFFF
 LUN0 = bytes(8)
 
 # Reject reasons (§11.17.1).
-REJECT_DATA_DIGEST_ERROR = 0x02
-REJECT_SNACK_REJECT = 0x03
-REJECT_PROTOCOL_ERROR = 0x04
-REJECT_COMMAND_NOT_SUPPORTED = 0x05
-REJECT_IMMEDIATE_COMMAND_REJECT = 0x06
-REJECT_TASK_IN_PROGRESS = 0x07
-REJECT_INVALID_DATA_ACK = 0x08
-REJECT_INVALID_PDU_FIELD = 0x09
-REJECT_OUT_OF_RESOURCES = 0x0A
-REJECT_NEGOTIATION_RESET = 0x0B
-REJECT_WAITING_FOR_LOGOUT = 0x0C
+REJECT_DATA_DIGEST_ERROR: Final = 0x02
+REJECT_SNACK_REJECT: Final = 0x03
+REJECT_PROTOCOL_ERROR: Final = 0x04
+REJECT_COMMAND_NOT_SUPPORTED: Final = 0x05
+REJECT_IMMEDIATE_COMMAND_REJECT: Final = 0x06
+REJECT_TASK_IN_PROGRESS: Final = 0x07
+REJECT_INVALID_DATA_ACK: Final = 0x08
+REJECT_INVALID_PDU_FIELD: Final = 0x09
+REJECT_OUT_OF_RESOURCES: Final = 0x0A
+REJECT_NEGOTIATION_RESET: Final = 0x0B
+REJECT_WAITING_FOR_LOGOUT: Final = 0x0C
 
 # Task management functions (§11.5.1) and responses (§11.6.1).
-TMF_ABORT_TASK = 1
-TMF_ABORT_TASK_SET = 2
-TMF_CLEAR_ACA = 3
-TMF_CLEAR_TASK_SET = 4
-TMF_LOGICAL_UNIT_RESET = 5
-TMF_TARGET_WARM_RESET = 6
-TMF_TARGET_COLD_RESET = 7
-TMF_TASK_REASSIGN = 8
-TMF_QUERY_TASK = 9            # RFC 7144
-TMF_QUERY_TASK_SET = 10
-TMF_I_T_NEXUS_RESET = 11
-TMF_QUERY_ASYNC_EVENT = 12
-TMF_RESP_COMPLETE = 0
-TMF_RESP_NO_TASK = 1
-TMF_RESP_NO_LUN = 2
-TMF_RESP_TASK_ALLEGIANT = 3
-TMF_RESP_NO_REASSIGN = 4
-TMF_RESP_NOT_SUPPORTED = 5
-TMF_RESP_AUTH_FAILED = 6
-TMF_RESP_SUCCEEDED = 7        # RFC 7144: the queried condition exists
-TMF_RESP_REJECTED = 255
+TMF_ABORT_TASK: Final = 1
+TMF_ABORT_TASK_SET: Final = 2
+TMF_CLEAR_ACA: Final = 3
+TMF_CLEAR_TASK_SET: Final = 4
+TMF_LOGICAL_UNIT_RESET: Final = 5
+TMF_TARGET_WARM_RESET: Final = 6
+TMF_TARGET_COLD_RESET: Final = 7
+TMF_TASK_REASSIGN: Final = 8
+TMF_QUERY_TASK: Final = 9            # RFC 7144
+TMF_QUERY_TASK_SET: Final = 10
+TMF_I_T_NEXUS_RESET: Final = 11
+TMF_QUERY_ASYNC_EVENT: Final = 12
+TMF_RESP_COMPLETE: Final = 0
+TMF_RESP_NO_TASK: Final = 1
+TMF_RESP_NO_LUN: Final = 2
+TMF_RESP_TASK_ALLEGIANT: Final = 3
+TMF_RESP_NO_REASSIGN: Final = 4
+TMF_RESP_NOT_SUPPORTED: Final = 5
+TMF_RESP_AUTH_FAILED: Final = 6
+TMF_RESP_SUCCEEDED: Final = 7        # RFC 7144: the queried condition exists
+TMF_RESP_REJECTED: Final = 255
 
 # Task attributes in the SCSI Command (§11.3.1).
-ATTR_UNTAGGED = 0
-ATTR_SIMPLE = 1
-ATTR_ORDERED = 2
-ATTR_HEAD_OF_QUEUE = 3
-ATTR_ACA = 4
+ATTR_UNTAGGED: Final = 0
+ATTR_SIMPLE: Final = 1
+ATTR_ORDERED: Final = 2
+ATTR_HEAD_OF_QUEUE: Final = 3
+ATTR_ACA: Final = 4
 
 # Login stages (§11.12.3).
-STAGE_SECURITY = 0
-STAGE_OPERATIONAL = 1
-STAGE_FULL_FEATURE = 3
+STAGE_SECURITY: Final = 0
+STAGE_OPERATIONAL: Final = 1
+STAGE_FULL_FEATURE: Final = 3
 
 # Async events (§11.9.1).
-ASYNC_SCSI_EVENT = 0
-ASYNC_LOGOUT_REQUEST = 1
-ASYNC_DROP_CONNECTION = 2
-ASYNC_DROP_ALL_CONNECTIONS = 3
-ASYNC_RENEGOTIATE = 4
-ASYNC_VENDOR = 255
+ASYNC_SCSI_EVENT: Final = 0
+ASYNC_LOGOUT_REQUEST: Final = 1
+ASYNC_DROP_CONNECTION: Final = 2
+ASYNC_DROP_ALL_CONNECTIONS: Final = 3
+ASYNC_RENEGOTIATE: Final = 4
+ASYNC_VENDOR: Final = 255
 
 # AHS types (§11.2.2).
-AHS_EXTENDED_CDB = 1
-AHS_BIDI_READ_LENGTH = 2
+AHS_EXTENDED_CDB: Final = 1
+AHS_BIDI_READ_LENGTH: Final = 2
 
-_I = 0x40  # immediate bit in byte 0
-_F = 0x80  # final bit in byte 1
-_C = 0x40  # continue bit (Login, Text)
-_OPMASK = 0x3F
+_I: Final = 0x40  # immediate bit in byte 0
+_F: Final = 0x80  # final bit in byte 1
+_C: Final = 0x40  # continue bit (Login, Text)
+_OPMASK: Final = 0x3F
 
-_GEN = struct.Struct(">BBBBI8sIIIIIIII")  # every PDU but the SCSI Command
-_CMD = struct.Struct(">BBxxI8sIIII16s")
+_GEN: Final = struct.Struct(">BBBBI8sIIIIIIII")  # every PDU but the SCSI Command
+_CMD: Final = struct.Struct(">BBxxI8sIIII16s")
 _BHS = struct.Struct(">BBxxI")
 _AHS_HDR = struct.Struct(">HBx")
 _U32 = struct.Struct(">I")
@@ -280,7 +282,7 @@ _unpack_gen = _GEN.unpack_from
 
 # --- initiator PDUs ----------------------------------------------------------
 
-NOP_OUT = 0x00
+NOP_OUT: Final = 0x00
 
 
 @pdu_type(NOP_OUT, INITIATOR)
@@ -303,7 +305,7 @@ class NopOut(NamedTuple):
         return NopOut(g[6], g[7], g[8], g[9], g[5], bool(g[0] & _I), g[4] & 0xFFFFFF)
 
 
-SCSI_COMMAND = 0x01
+SCSI_COMMAND: Final = 0x01
 
 
 @pdu_type(SCSI_COMMAND, INITIATOR, ahs=True)
@@ -338,6 +340,9 @@ class ScsiCommand(NamedTuple):
 
     @staticmethod
     def decode(header: Buf, ahs: Buf) -> ScsiCommand:
+        b0: int
+        b1: int
+        w: int
         b0, b1, w, lun, itt, edtl, cmd_sn, exp_stat_sn, cdb = _CMD.unpack_from(header)
         bidi = None
         if ahs:
@@ -349,7 +354,7 @@ class ScsiCommand(NamedTuple):
                                   w & 0xFFFFFF))
 
 
-TASK_MGMT_REQUEST = 0x02
+TASK_MGMT_REQUEST: Final = 0x02
 
 
 @pdu_type(TASK_MGMT_REQUEST, INITIATOR)
@@ -376,7 +381,7 @@ class TaskMgmtRequest(NamedTuple):
                                bool(g[0] & _I))
 
 
-LOGIN_REQUEST = 0x03
+LOGIN_REQUEST: Final = 0x03
 
 
 @pdu_type(LOGIN_REQUEST, INITIATOR)
@@ -410,7 +415,7 @@ class LoginRequest(NamedTuple):
                             g[4] & 0xFFFFFF)
 
 
-TEXT_REQUEST = 0x04
+TEXT_REQUEST: Final = 0x04
 
 
 @pdu_type(TEXT_REQUEST, INITIATOR)
@@ -438,7 +443,7 @@ class TextRequest(NamedTuple):
                            bool(g[0] & _I), g[4] & 0xFFFFFF)
 
 
-DATA_OUT = 0x05
+DATA_OUT: Final = 0x05
 
 
 @pdu_type(DATA_OUT, INITIATOR)
@@ -463,7 +468,7 @@ class DataOut(NamedTuple):
         return new_pdu(DataOut, (g[6], g[7], g[11], g[12], (g[1] & _F) != 0, g[9], g[5], g[4] & 0xFFFFFF))
 
 
-LOGOUT_REQUEST = 0x06
+LOGOUT_REQUEST: Final = 0x06
 
 
 @pdu_type(LOGOUT_REQUEST, INITIATOR)
@@ -485,7 +490,7 @@ class LogoutRequest(NamedTuple):
         return LogoutRequest(g[6], g[1] & 0x7F, g[7] >> 16, g[8], g[9], bool(g[0] & _I))
 
 
-SNACK = 0x10
+SNACK: Final = 0x10
 
 
 @pdu_type(SNACK, INITIATOR)
@@ -510,7 +515,7 @@ class Snack(NamedTuple):
 
 # --- target PDUs -------------------------------------------------------------
 
-NOP_IN = 0x20
+NOP_IN: Final = 0x20
 
 
 @pdu_type(NOP_IN, TARGET)
@@ -533,7 +538,7 @@ class NopIn(NamedTuple):
         return NopIn(g[6], g[7], g[8], g[9], g[10], g[5], g[4] & 0xFFFFFF)
 
 
-SCSI_RESPONSE = 0x21
+SCSI_RESPONSE: Final = 0x21
 
 
 @pdu_type(SCSI_RESPONSE, TARGET)
@@ -573,7 +578,7 @@ class ScsiResponse(NamedTuple):
                             g[4] & 0xFFFFFF)
 
 
-TASK_MGMT_RESPONSE = 0x22
+TASK_MGMT_RESPONSE: Final = 0x22
 
 
 @pdu_type(TASK_MGMT_RESPONSE, TARGET)
@@ -596,7 +601,7 @@ class TaskMgmtResponse(NamedTuple):
         return TaskMgmtResponse(g[6], g[2], g[8], g[9], g[10], bytes(g[5][:3]))
 
 
-LOGIN_RESPONSE = 0x23
+LOGIN_RESPONSE: Final = 0x23
 
 
 @pdu_type(LOGIN_RESPONSE, TARGET)
@@ -633,7 +638,7 @@ class LoginResponse(NamedTuple):
                              g[11] >> 16 & 0xFF, g[2], g[3], g[4] & 0xFFFFFF)
 
 
-TEXT_RESPONSE = 0x24
+TEXT_RESPONSE: Final = 0x24
 
 
 @pdu_type(TEXT_RESPONSE, TARGET)
@@ -662,7 +667,7 @@ class TextResponse(NamedTuple):
                             g[4] & 0xFFFFFF)
 
 
-DATA_IN = 0x25
+DATA_IN: Final = 0x25
 
 
 @pdu_type(DATA_IN, TARGET)
@@ -700,7 +705,7 @@ class DataIn(NamedTuple):
                       g[4] & 0xFFFFFF)
 
 
-LOGOUT_RESPONSE = 0x26
+LOGOUT_RESPONSE: Final = 0x26
 
 
 @pdu_type(LOGOUT_RESPONSE, TARGET)
@@ -724,7 +729,7 @@ class LogoutResponse(NamedTuple):
         return LogoutResponse(g[6], g[2], g[8], g[9], g[10], g[12] >> 16, g[12] & 0xFFFF)
 
 
-R2T_OPCODE = 0x31
+R2T_OPCODE: Final = 0x31
 
 
 @pdu_type(R2T_OPCODE, TARGET)
@@ -750,7 +755,7 @@ class R2T(NamedTuple):
         return R2T(g[6], g[7], g[8], g[9], g[10], g[11], g[12], g[13], g[5])
 
 
-ASYNC_MESSAGE = 0x32
+ASYNC_MESSAGE: Final = 0x32
 
 
 @pdu_type(ASYNC_MESSAGE, TARGET)
@@ -780,7 +785,7 @@ class AsyncMessage(NamedTuple):
                             w40 >> 16, w40 & 0xFFFF, g[4] & 0xFFFFFF)
 
 
-REJECT = 0x3F
+REJECT: Final = 0x3F
 
 
 @pdu_type(REJECT, TARGET)
@@ -805,8 +810,8 @@ class Reject(NamedTuple):
 
 # the table's lookups (decode_pdu, session and test code use these)
 OPCODES: dict[type, int] = {t.cls: t.opcode for t in PDU_TYPES.values()}   # what encode() writes
-_DECODERS = {t.opcode: t.decode for t in PDU_TYPES.values()}
-_TAKES_AHS = frozenset(t.opcode for t in PDU_TYPES.values() if t.ahs)
+_DECODERS: Final = {t.opcode: t.decode for t in PDU_TYPES.values()}
+_TAKES_AHS: Final = frozenset(t.opcode for t in PDU_TYPES.values() if t.ahs)
 INITIATOR_OPCODES = frozenset(t.opcode for t in PDU_TYPES.values() if t.sender == INITIATOR)
 
 
@@ -828,8 +833,8 @@ def decode_pdu(header, ahs=b"") -> PDU:
 
 # --- text segments (§6.1) ----------------------------------------------------
 
-MAX_KEY_LEN = 63
-MAX_VALUE_LEN = 8192
+MAX_KEY_LEN: Final = 63
+MAX_VALUE_LEN: Final = 8192
 _KEY_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789.-+@_")
 
 
@@ -861,7 +866,7 @@ def encode_text(pairs) -> bytes:
 
 # --- receive framing ------------------------------------------------------------
 
-_WORD1 = struct.Struct(">4xI")   # TotalAHSLength and DataSegmentLength, as one word
+_WORD1: Final = struct.Struct(">4xI")   # TotalAHSLength and DataSegmentLength, as one word
 _MAX_AHS = 255 * 4
 
 
@@ -990,7 +995,7 @@ class PduFramer:
         avail = self._end - start
         if avail < BHS_LEN:
             return None
-        (word,) = _WORD1.unpack_from(buf, start)
+        word: int = _WORD1.unpack_from(buf, start)[0]
         ahs_len, length = (word >> 24) * 4, word & 0xFFFFFF
         if length > self.max_data:
             raise PDUError(f"data segment of {length} bytes exceeds {self.max_data}")

@@ -14,9 +14,11 @@ import functools
 import itertools
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Final, Protocol
 
 from fetd_tcp import pdu as P
+# (by name, for the per-command path: the compiled build reads P.x as an attribute of a module)
+from fetd_tcp.pdu import DataIn, new_pdu
 from fetd_tcp.budget import Account, Grant, unlimited
 from fetd_tcp.keys import ConnectionParams, SessionParams
 from fetd_tcp.retain import announced
@@ -36,21 +38,24 @@ MAX_KEPT_OTHER_BYTES = 256 << 10
 
 log = logging.getLogger("fetd_tcp")
 
-SN_MOD = 1 << 32
+# (Final, these and the tables below: the compiled build uses them in place, not
+# through the module's dict, per command)
+SN_MOD: Final = 1 << 32
 # responses that take a StatSN of their own (RFC 7143 4.2.2.2), kept for a status SNACK
 _NUMBERED = frozenset((P.Reject, P.ScsiResponse, P.TaskMgmtResponse, P.NopIn, P.TextResponse,
                        P.LogoutResponse))
-_PDU_OVERHEAD = 64   # a Data-In or response header with its digests and padding, rounded up
+_PDU_OVERHEAD: Final = 64   # a Data-In or response header with its digests and padding, rounded up
 Out = Callable[[Any, bytes | memoryview], None]   # (PDU header object, data segment)
 
 # plain ints on the per-command path (enum arithmetic costs microseconds)
-ATTRS = {P.ATTR_UNTAGGED: int(TaskAttr.SIMPLE), P.ATTR_SIMPLE: int(TaskAttr.SIMPLE),
+ATTRS: Final = {P.ATTR_UNTAGGED: int(TaskAttr.SIMPLE), P.ATTR_SIMPLE: int(TaskAttr.SIMPLE),
          P.ATTR_ORDERED: int(TaskAttr.ORDERED), P.ATTR_HEAD_OF_QUEUE: int(TaskAttr.HEAD_OF_QUEUE),
          P.ATTR_ACA: int(TaskAttr.ACA)}
-_WRITE, _READ = int(DataDir.WRITE), int(DataDir.READ)
+_WRITE: Final = int(DataDir.WRITE)
+_READ: Final = int(DataDir.READ)
 # the LUN field of the first 256 LUNs (peripheral addressing, as initiators send
 # them) -> the LUN: a lookup instead of a call to P.lun_to_int, per command
-_LUNS = {P.int_to_lun(n): n for n in range(256)}
+_LUNS: Final = {P.int_to_lun(n): n for n in range(256)}
 # the task management functions the STML carries out (ABORT TASK and QUERY TASK name a
 # task, TASK REASSIGN is iSCSI's own); the STML's responses are iSCSI's codes, RFC 7144's
 # "function succeeded" (7) included
@@ -349,7 +354,7 @@ class Connection:
         if pdu.immediate:
             self._run[type(pdu)](pdu, data)
             return
-        sn = pdu.cmd_sn
+        sn: int = pdu.cmd_sn   # (declared: native arithmetic in the compiled build)
         # within MaxCmdSN as last advertised (it never goes back: no need to compute it again)
         if sn == s.exp_cmd_sn and ((s.last_max - sn) % SN_MOD < (1 << 31) or sn_le(sn, s.max_cmd_sn)):
             s.exp_cmd_sn = (sn + 1) % SN_MOD
@@ -684,9 +689,9 @@ class Connection:
                 # it, without its call, loop and cases (per command)
                 sn = self.stat_sn
                 self.stat_sn = (sn + 1) % SN_MOD
-                self.send(P.new_pdu(P.DataIn, (task.itt, task.data_sn, 0, s.exp_cmd_sn, s.max_cmd_sn,
-                                               True, status, sn, count, over, under, False,
-                                               P.RESERVED_TAG, task.lun, n)), data)
+                self.send(new_pdu(DataIn, (task.itt, task.data_sn, 0, s.exp_cmd_sn, s.max_cmd_sn,
+                                           True, status, sn, count, over, under, False,
+                                           P.RESERVED_TAG, task.lun, n)), data)
                 task.data_sn += 1
                 return
             self._data_in(task, memoryview(data), status if collapse else None, count, over, under)

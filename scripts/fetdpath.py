@@ -19,6 +19,11 @@ import argparse, asyncio, re, socket, subprocess, sys, time
 
 CHILD = r'''
 import os, socket, struct, sys, threading, fcntl, msgpack
+try:   # the STML's fixed layout of a response without sense data (as stml.server sends it)
+    from stml.api.messages import pack_xmit_response
+except ImportError:   # a tree before it: the dict's packing
+    def pack_xmit_response(tag, status, resid):
+        return msgpack.packb({"op": "xmit_response", "tag": tag, "status": status, "sense": None, "resid": resid})
 sfd, tfd, size = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 s = socket.socket(fileno=sfd); t = socket.socket(fileno=tfd)
 def sink():
@@ -56,7 +61,7 @@ while True:
         if len(buf) < total: break
         h = msgpack.unpackb(buf[4 + 4 * n:4 + 4 * n + lens[0]]); buf = buf[total:]
         if h.get("op") != "rx_cmnd": continue
-        hdr = msgpack.packb({"op": "xmit_response", "tag": h["tag"], "status": 0, "sense": None, "resid": 0})
+        hdr = pack_xmit_response(h["tag"], 0, 0)
         if size < (32 << 10):   # as the STML: small read data inline
             out += [struct.pack("<3I", 2, len(hdr), size), hdr, INLINE]
             continue

@@ -31,7 +31,7 @@ from scsi_target.supervise import Supervisor, sd_notify
 from stml.api.inject import for_side, rule_args
 from stml.cli import (apply_stml_options, config_exit, config_options, inject_options, inject_rules,
                       load_or_exit, main as stml_main, stml_options, trace_options, trace_settings)
-from stml.config import (Config, ConfigError, StartupError, data_dir_of, default_data_dir,
+from stml.config import (Config, ConfigError, StartupError, check_data_dir, data_dir_of, default_data_dir,
                          parse_size)
 from stml.lu import missing_file
 
@@ -142,28 +142,6 @@ def human(n: int | float) -> str:
 
 
 # ------------------------------------------------------------------ run: before anything starts
-
-def check_data_dir(ddir: Path) -> None:
-    """The data dir exists (made if not), takes files, and is ours alone to
-    write: whoever else can write in it can plant the config, a LUN's file (a
-    symlink to a disk) or the sockets before we do. Else one line, exit 2."""
-    try:
-        ddir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        probe = ddir / f".write-test.{os.getpid()}"
-        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        os.close(fd)
-        os.unlink(probe)
-        st = ddir.stat()
-    except OSError as e:
-        raise StartupError(f"data dir {ddir}", f"not usable: {e.strerror or e}") from None
-    if st.st_uid not in (os.geteuid(), 0):
-        raise StartupError(f"data dir {ddir}", f"owned by uid {st.st_uid}, who can replace what is in it: "
-                           f"use a directory of your own")
-    if st.st_mode & 0o022:
-        who = "group and others" if st.st_mode & 0o022 == 0o022 else "group" if st.st_mode & 0o020 else "others"
-        raise StartupError(f"data dir {ddir}", f"writable by {who} (mode {st.st_mode & 0o777:03o}), who could "
-                           f"plant its config, LUN files or sockets: chmod go-w it")
-
 
 def lock_data_dir(ddir: Path) -> int:
     """One `run` per data dir: a lock held for our lifetime (closed on exec,

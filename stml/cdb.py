@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import struct
+from typing import Final
 
 from stml.sense import CheckCondition, FieldPointer, ILLEGAL_REQUEST, INVALID_FIELD_IN_CDB
 
@@ -42,11 +43,15 @@ def u64(cdb: bytes, off: int) -> int:
 
 # (LBA, number of blocks) of READ/WRITE/VERIFY-style CDBs of 10, 12 and 16 bytes
 _LBA_LEN = {10: struct.Struct(">2xIxH"), 12: struct.Struct(">2xII"), 16: struct.Struct(">2xQI")}
+# the same by CDB length, up to 16 (Final, a tuple: the compiled build indexes it in
+# place, where it looked the dict up in the module's dict and hashed the length)
+_LBA_LEN_BY_SIZE: Final = tuple(_LBA_LEN.get(n) for n in range(17))
 
 
 def lba_len(cdb: bytes) -> tuple[int, int]:
     """(LBA, number of blocks) of a READ/WRITE/VERIFY-style CDB of any size."""
-    fields = _LBA_LEN.get(len(cdb))
+    n = len(cdb)
+    fields = _LBA_LEN_BY_SIZE[n] if n <= 16 else None
     if fields is not None:
         return fields.unpack_from(cdb)
     if len(cdb) == 6:

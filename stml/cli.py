@@ -7,7 +7,7 @@ from typing import Any, Callable, NoReturn
 import click
 
 from scsi_runtime.logs import setup_logging
-from stml.config import MAX_POLL_US, Config, ConfigError, StartupError
+from stml.config import MAX_POLL_US, Config, ConfigError, StartupError, check_data_dir, data_dir_of
 from stml.persist import load_or_create
 
 
@@ -151,6 +151,10 @@ def main(log_level: str, log_format: str, listen: tuple[str, ...], insecure: boo
     setup_logging(log_level, "stml", log_format)
     trace = trace_settings(trace_path, trace_max, trace_with_data)
     rules = inject_rules(inject, inject_files, ("stml",))
+    try:
+        check_data_dir(data_dir_of(kw.get("config_path"), kw.get("data_dir")))
+    except ConfigError as e:
+        config_exit(e)
     config = load_or_exit(**kw)
     apply_stml_options(config, listen, insecure, metrics, poll_us, timing)
     from scsi_runtime.loop import run_loop

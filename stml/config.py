@@ -511,6 +511,30 @@ def data_dir_of(config_path: str | None, data_dir: str | None) -> Path:
     return default_data_dir()
 
 
+def check_data_dir(ddir: Path) -> None:
+    """The data dir exists (made if not), takes files, and is ours alone to
+    write: whoever else can write in it can plant the config, a LUN's file (a
+    symlink to a disk) or the sockets before we do. Else StartupError (one
+    line, exit 2). `run` and a standalone `stml` check it before they read or
+    write anything there."""
+    try:
+        ddir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        probe = ddir / f".write-test.{os.getpid()}"
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        os.close(fd)
+        os.unlink(probe)
+        st = ddir.stat()
+    except OSError as e:
+        raise StartupError(f"data dir {ddir}", f"not usable: {e.strerror or e}") from None
+    if st.st_uid not in (os.geteuid(), 0):
+        raise StartupError(f"data dir {ddir}", f"owned by uid {st.st_uid}, who can replace what is in it: "
+                           f"use a directory of your own")
+    if st.st_mode & 0o022:
+        who = "group and others" if st.st_mode & 0o022 == 0o022 else "group" if st.st_mode & 0o020 else "others"
+        raise StartupError(f"data dir {ddir}", f"writable by {who} (mode {st.st_mode & 0o777:03o}), who could "
+                           f"plant its config, LUN files or sockets: chmod go-w it")
+
+
 def file_digest(path: Path) -> str | None:
     try:
         return hashlib.sha256(path.read_bytes()).hexdigest()

@@ -19,14 +19,14 @@ from collections.abc import Container, Iterable, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Coroutine, cast
+from typing import Any, Awaitable, Callable, ClassVar, Coroutine, cast
 
 from backends import BackendError
 from stml import pr
 from stml.api import MAX_NAME_LEN, MAX_PORT_NAME_LEN, Cap, DataDir, Op, TaskAttr, Tmf, TmfResponse, version_compatible
 from stml.api.link import StmlSender, Transport
 from stml.api.stream import Lease
-from stml.api.messages import TO_STML, RxCmnd, check
+from stml.api.messages import TO_STML, check
 from stml.cdb import check_usage
 from stml.disk import DiskTemplate, OpEntry, medium_error, standard_inquiry, trim_views
 from stml.lu import LogicalUnit, LunMap
@@ -97,7 +97,7 @@ class TimedTask(Task):
         stamps = timing.stamps(fe.ident, tag) if timing is not None else None
         self.stamps = stamps if stamps is not None else [0] * len(POINTS)
 
-    async def timed(self, handler: Callable[[Task], Coroutine[Any, Any, Any]]) -> Any:
+    async def timed(self, handler: Callable[[Task], Awaitable[Any]]) -> Any:
         """Run the command's handler, dispatched now. A handler that called
         no backend off the loop (io_on) did its backend work in place (RAM,
         the page cache: read_nowait, write_nowait), so its own run is the
@@ -662,21 +662,21 @@ class Emulator:
         return self._keyed.get(key, [])
 
     # ------------------------------------------------------------ commands
-    def command(self, fe: FrontEnd | None, ident: bytes, c: RxCmnd, frames: list,
+    def command(self, fe: FrontEnd | None, ident: bytes, tag: int, nexus_id: int, lun: int, cdb: bytes,
+                attr: int, direction: int, exp_len: int, unsol: int, frames: list,
                 lease: Lease | None = None) -> None:
         """An rx_cmnd decoded as RxCmnd (its fields fit the table, its counts are
-        what a command takes): handle()'s and _rx_cmnd's steps for it, without
-        the header dict. `fe`: its front end, None if it is not registered. The
-        process shell calls it while commands are not timed (_rx_cmnd_timed
-        reads the dict)."""
+        what a command takes), passed as its fields (rx_cmnd_fields): handle()'s
+        and _rx_cmnd's steps for it, without the header dict. `fe`: its front
+        end, None if it is not registered. The process shell calls it while
+        commands are not timed (_rx_cmnd_timed reads the dict)."""
         if fe is None:
             self.out.release(ident, "unknown front end: register first")
             if lease is not None:
                 lease.release()
             return
         fe.last_seen = time.monotonic()
-        tag = c.tag
-        nexus = fe.nexuses.get(c.nexus)
+        nexus = fe.nexuses.get(nexus_id)
         if nexus is None or tag in fe.tasks:
             self._not_started(fe, tag, nexus)
             if lease is not None:
@@ -684,7 +684,7 @@ class Emulator:
             return
         self._lease = lease
         try:
-            self._start(fe, nexus, tag, c.lun, c.cdb, c.attr, c.dir, c.len, c.unsol, frames, Task)
+            self._start(fe, nexus, tag, lun, cdb, attr, direction, exp_len, unsol, frames, Task)
         except (KeyError, TypeError, ValueError, AttributeError) as e:   # (as handle())
             log.warning("malformed 'rx_cmnd' from %s refused: %s: %s", fe.name, type(e).__name__, e)
         finally:
@@ -726,7 +726,11 @@ class Emulator:
     def _start(self, fe: FrontEnd, nexus: Nexus, tag: int, lun: int, cdb: bytes, attr: int, direction: int,
                exp_len: int, unsol: int, frames: list, task_class: type[Task]) -> None:
         """Run a command whose fields were checked, at once up to its first wait."""
-        task = task_class(self, fe, nexus, tag, lun, cdb, attr, direction, exp_len, unsol, frames)
+        # (Task by name when it is Task: the compiled build constructs it natively,
+        # where a call of the class in a variable goes through the type's call)
+        task = (Task(self, fe, nexus, tag, lun, cdb, attr, direction, exp_len, unsol, frames)
+                if task_class is Task else
+                task_class(self, fe, nexus, tag, lun, cdb, attr, direction, exp_len, unsol, frames))
         if self._lease is not None:
             self._take_lease(task)
         fe.tasks[tag] = task
@@ -784,7 +788,8 @@ class Emulator:
                 if task.attr == _ACA:
                     raise CheckCondition(ILLEGAL_REQUEST, INVALID_MESSAGE_ERROR)  # no ACA (NACA=0)
                 cdb = task.cdb
-                entry = lu.template.lookup(cdb)
+                template: DiskTemplate = lu.template   # (declared: a native call when compiled)
+                entry = template.lookup(cdb)
                 # check_usage in one test for a CDB as long as its row's usage (lookup: not shorter)
                 if len(cdb) != entry.size or int.from_bytes(cdb, "big") & entry.forbidden:
                     check_usage(cdb, entry.usage)

@@ -209,31 +209,6 @@ class ModeState:
     swp: bool = False            # control page software write protect
 
 
-class TaskSet(Protocol):
-    """What the emulator asks of an LU's task set: the dispatch policy
-    (stml.sched) that decides when each task starts, within SAM's task
-    attribute rules. Its tasks are stml.task.Task objects; that module sits
-    above this one (a task names its LU), so they are typed Any here."""
-
-    tasks: dict[int, Any]   # every task in the set, in arrival order (TMFs walk it)
-
-    def add(self, task: Any) -> None:
-        """The task joined the set (it counts for ordering from now on)."""
-
-    def remove(self, task: Any) -> None:
-        """The task left the set: done, failed or aborted, started or not."""
-
-    def at_once(self, task: Any) -> bool:
-        """True when the task may start now: then enter() is not called (a
-        coroutine less for the usual command)."""
-        ...
-
-    async def enter(self, task: Any) -> bool:
-        """Return once the task may start executing: True when it waited
-        (the LU may have changed meanwhile)."""
-        ...
-
-
 class CopyResults:
     """What RECEIVE COPY STATUS reports, per I_T nexus and list identifier.
     Bounded: a nexus keeps its last PER_NEXUS lists, and its entries go with
@@ -294,7 +269,9 @@ class LogicalUnit:
     options: LunOptions
     template: Any
     mode: ModeState = field(default_factory=ModeState)
-    task_set: TaskSet = field(init=False)        # made from options.scheduler
+    # made from options.scheduler: a policy of stml.sched, every one a FifoTaskSet
+    # (the class, not a protocol: the compiled build calls its methods natively)
+    task_set: sched.FifoTaskSet = field(init=False)
     unit_attentions: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
     started: bool = True
     medium_present: bool = True                 # removable media: loaded or ejected

@@ -20,12 +20,14 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator
 from itertools import chain, islice
 from time import monotonic
-from typing import Any
+from typing import Any, Final
 
 from stml.task import stepped
 
-RING = 1024          # recent latencies kept per set (a power of two)
-READ, WRITE = 2, 1   # DataDir bits of rx_cmnd's "dir"
+# (Final: the compiled build uses them in place, not through the module's dict)
+RING: Final = 1024     # recent latencies kept per set (a power of two)
+READ: Final = 2        # DataDir bits of rx_cmnd's "dir"
+WRITE: Final = 1
 QUANTILES = (0.5, 0.9, 0.99)
 
 
@@ -114,7 +116,9 @@ class Metrics:
         self._live: dict[Any, dict[int | None, Counters]] = {}   # Nexus -> LUN -> its set
         # front-end ident (None: front ends gone) -> (target, LUN) -> counts of ended sessions
         self._forgotten: dict[bytes | None, dict[tuple[str, Any], Counters]] = {}
-        self._inflight: dict[tuple[bytes, int], tuple] = {}  # (ident, tag) -> (start, dir, len, set)
+        # (ident, tag) -> (start, dir, len, set); typed, so the compiled build reads
+        # the set's counters natively (as a bare tuple, its items were objects)
+        self._inflight: dict[tuple[bytes, int], tuple[float, int, int, Counters]] = {}
         self.started = time.time()
 
     def rx_cmnd(self, ident: bytes, h: dict[str, Any], fe: Any) -> None:

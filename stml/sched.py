@@ -16,15 +16,15 @@ policy decides when the SIMPLE tasks that may start actually do:
   so an initiator at queue depth 1 waits for about one command, not for the
   whole queue of an initiator at depth 64 (docs/decisions/0700).
 
-A policy is the object `LogicalUnit.task_set` holds (the `TaskSet` protocol
-of stml.lu); the LUN setting `scheduler` names it (POLICIES).
+A policy is the object `LogicalUnit.task_set` holds: FifoTaskSet or a class
+derived from it; the LUN setting `scheduler` names it (POLICIES).
 """
 from __future__ import annotations
 
 import asyncio
 import collections
 import heapq
-from typing import Protocol
+from typing import Any, Protocol
 
 from stml.api import TaskAttr
 
@@ -68,7 +68,9 @@ class FifoTaskSet:
     ones). The per-command path is this class's fast path: keep it short."""
 
     def __init__(self) -> None:
-        self.tasks: dict[int, QueuedTask] = {}   # insertion order = arrival order
+        # insertion order = arrival order; stml.task.Task objects, which the
+        # emulator's TMFs walk (that module sits above this one: Any here)
+        self.tasks: dict[int, Any] = {}
         # tasks that are not SIMPLE: every policy counts them so, as _may_run and
         # the fair policy's barrier see them (a count that disagrees wedges the LU)
         self._ordered = 0
@@ -76,6 +78,7 @@ class FifoTaskSet:
         self._seq = 0
 
     def add(self, task: QueuedTask) -> None:
+        """The task joined the set (it counts for ordering from now on)."""
         self._seq += 1
         task.seq = self._seq
         self.tasks[task.seq] = task
@@ -83,6 +86,7 @@ class FifoTaskSet:
             self._ordered += 1
 
     def remove(self, task: QueuedTask) -> None:
+        """The task left the set: done, failed or aborted, started or not."""
         if self.tasks.pop(task.seq, None) is None:
             return
         if task.attr != _SIMPLE:

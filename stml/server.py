@@ -18,12 +18,13 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Final, Protocol
 
 import zmq
 
 from stml.api import BufferPool, Channel, Op, SharedRegion, StmlSender, StreamChannel, pack, stream_path, unpack
-from stml.api.messages import RX_CMND_OP, TO_STML, Cap, DecodeError, check, decode_rx_cmnd, pack_xmit_response
+from stml.api.messages import (RX_CMND_OP, TO_STML, XMIT_RESPONSE_FIXED, XMIT_RESPONSE_PARTS, Cap, DecodeError,
+                                check, decode_rx_cmnd, rx_cmnd_fields)
 from stml.api.sizes import FRAME_ROOM, SHARED_READ_MIN
 from stml.api.stream import Lease
 from stml.api.tap import Tap, TapPoint, combine
@@ -153,6 +154,13 @@ class BusyPoll:
             self.spinning = False
 
 
+# (Final: the compiled build keeps them in statics, not the module's dict)
+_XMIT_PACK: Final = XMIT_RESPONSE_FIXED.pack
+_XMIT_K0: Final = XMIT_RESPONSE_PARTS[0]
+_XMIT_K1: Final = XMIT_RESPONSE_PARTS[1]
+_XMIT_K2: Final = XMIT_RESPONSE_PARTS[2]
+
+
 class _Sender(StmlSender):
     """The STML's messages to its front ends; a response without sense data
     and without a tap is sent from its fields (no header dict): counted, packed
@@ -171,8 +179,8 @@ class _Sender(StmlSender):
             return
         server = self.server
         if sense is None and server.tap is None:
-            try:
-                header = pack_xmit_response(tag, status, resid)
+            try:   # (messages.pack_xmit_response, in place: its frame cost as much as the packing)
+                header = _XMIT_PACK(_XMIT_K0, tag, _XMIT_K1, status, _XMIT_K2, resid)
             except struct.error:   # a value past the layout: the dict's packing
                 pass
             else:
@@ -703,10 +711,12 @@ class StmlServer(TapPoint):
                     except DecodeError:
                         pass
                     else:
+                        tag, nexus, lun, cdb, attr, direction, length, unsol = rx_cmnd_fields(c)
                         fe = self.emulator.front_ends.get(ident)
                         if fe is not None:
-                            self.metrics.command(ident, fe, c.tag, c.nexus, c.lun, c.dir, c.len)
-                        self.emulator.command(fe, ident, c, frames[2:], lease)
+                            self.metrics.command(ident, fe, tag, nexus, lun, direction, length)
+                        self.emulator.command(fe, ident, tag, nexus, lun, cdb, attr, direction, length,
+                                              unsol, frames[2:], lease)
                         return
                 header = unpack(raw)
             except ValueError as e:

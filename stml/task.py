@@ -165,8 +165,12 @@ class Task:
         self.direction = direction
         self.exp_len = exp_len
         self.unsol = unsol
-        self.data_out: list[memoryview] = [memoryview(f) for f in imm] if imm else []
-        self.received = sum(map(len, self.data_out)) if imm else 0
+        self.data_out: list[memoryview] = []
+        self.received = 0
+        if imm:
+            self.data_out = [memoryview(f) for f in imm]
+            for view in self.data_out:   # (not sum(map(len, ...)): two calls more, per write)
+                self.received += len(view)
         self.need = 0     # bytes the CDB asks the initiator for
         self.want = 0     # bytes this task will collect (less when the initiator sends less)
         self.data_ready: asyncio.Future | None = None

@@ -149,6 +149,42 @@ def test_rx_cmnd_headers_in_the_fixed_layout_read_back_as_the_dict() -> None:
         assert (frames[0] != pack(want) and len(frames[0]) == _RX_CMND_FIXED.size) == fits
 
 
+def test_xmit_responses_in_the_fixed_layout_reach_the_handler_undecoded(monkeypatch) -> None:
+    """A response in the STML's fixed layout (stml.api.messages) is read by
+    FrontEndLink without the header decoder, and reaches the handler as the
+    same header packed from its dict does, at the layout's edges; bytes of
+    the layout's size whose constant parts differ (another key, another op)
+    take the decoder's way and its refusals."""
+    import stml.api.link as link_module
+    from stml.api.messages import XMIT_RESPONSE_FIXED, pack, pack_xmit_response
+
+    decoded: list[Any] = []
+    real_unpack = link_module.unpack
+
+    def counting_unpack(frame: Any) -> dict[str, Any]:
+        decoded.append(frame)
+        return real_unpack(frame)
+
+    monkeypatch.setattr(link_module, "unpack", counting_unpack)
+    handler = Recorder()
+    link = FrontEndLink("ipc:///nonexistent/fixed", "test", handler)
+    for tag, status, resid in [(0, 0, 0), (0xFFFFFFFF, 0xFF, -(1 << 63)), (7, 0x28, (1 << 63) - 1)]:
+        want = {"op": "xmit_response", "tag": tag, "status": status, "sense": None, "resid": resid}
+        fixed = pack_xmit_response(tag, status, resid)
+        link._on_message([fixed, b"data"])
+        assert decoded == [] and handler.calls.pop() == ("xmit_response", (tag, status, None, resid, [b"data"]))
+        link._on_message([pack(want), b"data"])   # (at the widest values, the same bytes)
+        assert len(decoded) == (pack(want) != fixed)
+        assert handler.calls.pop() == ("xmit_response", (tag, status, None, resid, [b"data"]))
+        decoded.clear()
+    raw = pack_xmit_response(5, 0, 0)
+    for odd in (raw.replace(b"status", b"statuz"), raw.replace(b"xmit_response", b"xmit_responsf")):
+        assert len(odd) == XMIT_RESPONSE_FIXED.size
+        link._on_message([odd])
+        assert decoded == [odd] and handler.calls == []   # refused: status missing, unknown op
+        decoded.clear()
+
+
 # ---------------------------------------------------------------- a front end refuses
 
 class Recorder:

@@ -725,10 +725,12 @@ def test_a_data_dir_others_can_write_is_refused(tmp_path):
         d = tmp_path / name
         d.mkdir()
         d.chmod(mode)
-        p = cli("run", "--data-dir", str(d), "--lun", "ram:4MiB", "--portal", "127.0.0.1:0", timeout=30)
-        assert (p.returncode, p.stdout) == (2, ""), p.stderr
-        assert p.stderr.startswith(f"scsi-target: data dir {d}: writable by ") and p.stderr.count("\n") == 1
-        assert "chmod go-w" in p.stderr and list(d.iterdir()) == []
+        for verb in ("run", "stml"):    # a standalone STML as well
+            extra = ("--portal", "127.0.0.1:0")
+            p = cli(verb, "--data-dir", str(d), "--lun", "ram:4MiB", *extra, timeout=30)
+            assert (p.returncode, p.stdout) == (2, ""), (verb, p.stderr)
+            assert p.stderr.startswith(f"scsi-target: data dir {d}: writable by ") and p.stderr.count("\n") == 1
+            assert "chmod go-w" in p.stderr and list(d.iterdir()) == []
     need_root("a directory of another owner")
     other = tmp_path / "other"
     other.mkdir(mode=0o700)

@@ -182,6 +182,16 @@ def test_rx_cmnd_struct_is_the_tables_message() -> None:
         assert kinds[type(f.type)] is fields[f.name].kind and f.required == fields[f.name].required
 
 
+def test_rx_cmnd_fields_come_in_their_named_order() -> None:
+    """rx_cmnd_fields (the command path's one read of an RxCmnd) gives the
+    fields in RX_CMND_FIELDS's order, which the STML unpacks by position."""
+    from stml.api.messages import RX_CMND_FIELDS, RxCmnd, decode_rx_cmnd, rx_cmnd_fields
+    assert RxCmnd.__struct_fields__ == RX_CMND_FIELDS
+    header = {"op": "rx_cmnd", "tag": 1, "nexus": 2, "lun": 3, "cdb": b"\x28" + bytes(9), "attr": 1, "dir": 2,
+              "len": 4096, "unsol": 7}
+    assert rx_cmnd_fields(decode_rx_cmnd(pack(header))) == tuple(header[k] for k in RX_CMND_FIELDS)
+
+
 def the_link_packs(tag: int, lun: int, cdb: bytes, attr: int, direction: int, length: int,
                    unsol: int) -> bytes:
     """rx_cmnd's header as FrontEndLink packs it (its fixed layout when the values fit)."""

@@ -10,12 +10,13 @@ import struct
 import time
 import uuid
 from types import SimpleNamespace
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Final, Protocol, Sequence
 
 import msgpack
 import zmq
 
-from stml.api.messages import CONTRACT_VERSION, FROM_STML, Cap, Detect, Op, check, pack, unpack
+from stml.api.messages import (CONTRACT_VERSION, FROM_STML, XMIT_RESPONSE_FIXED, XMIT_RESPONSE_PARTS, Cap,
+                                Detect, Op, check, pack, unpack)
 from stml.api.shm import SharedRegion
 from stml.api.stream import RETURN_AFTER, Lease, StreamChannel, listening, stream_path
 from stml.api.tap import Tap, TapPoint, combine
@@ -47,9 +48,20 @@ def _fixed_map(op: str, fields: Sequence[tuple[str, str]]) -> tuple[struct.Struc
 # their values; any msgpack decoder reads it back the same. Building the dict
 # and packing it cost several times as much. A header that does not fit this
 # layout (an extended CDB, a number past 32 bits) is packed from a dict.
-_RX_CMND_FIXED, _RX_CMND_KEYS = _fixed_map(_RX_CMND, (
+_RX_CMND_LAYOUT = _fixed_map(_RX_CMND, (
     ("tag", "I"), ("nexus", "I"), ("lun", "I"), ("cdb", "16s"), ("attr", "I"), ("dir", "I"),
     ("len", "I"), ("unsol", "I")))
+_RX_CMND_FIXED: Final = _RX_CMND_LAYOUT[0]   # (Final: statics in the compiled build)
+_RX_CMND_KEYS: Final = _RX_CMND_LAYOUT[1]
+
+# xmit_response in the STML's fixed layout (stml.api.messages): its size, its
+# Struct's unpack and the constant parts it must hold (map, keys, markers)
+# (Final: the compiled build keeps them in statics, not the module's dict)
+_XMIT_SIZE: Final = XMIT_RESPONSE_FIXED.size
+_XMIT_UNPACK: Final = XMIT_RESPONSE_FIXED.unpack
+_XMIT_K0: Final = XMIT_RESPONSE_PARTS[0]
+_XMIT_K1: Final = XMIT_RESPONSE_PARTS[1]
+_XMIT_K2: Final = XMIT_RESPONSE_PARTS[2]
 
 
 class FrontEndHandler(Protocol):
@@ -492,6 +504,15 @@ class FrontEndLink(TapPoint):
 
     def _on_message(self, frames: list) -> None:
         self._last_rx = time.monotonic()
+        raw = frames[0]
+        if len(raw) == _XMIT_SIZE:
+            # a response in the STML's fixed layout (most of them): read by its Struct,
+            # without the decoder, the dict and the table's check, whose verdict on
+            # these bytes is always yes (three ints, no sense data)
+            k0, tag, k1, status, k2, resid = _XMIT_UNPACK(raw)
+            if k0 == _XMIT_K0 and k1 == _XMIT_K1 and k2 == _XMIT_K2:
+                self._xmit_response(tag, status, None, resid, frames[1:])
+                return
         try:
             header = unpack(frames[0])
         except ValueError as e:
@@ -610,12 +631,15 @@ class FrontEndLink(TapPoint):
         self.handler.detect(self.detect_info)
 
     def _on_xmit_response(self, h: dict[str, Any], frames: list) -> None:
+        self._xmit_response(h["tag"], h["status"], h.get("sense"), h.get("resid", 0), frames)
+
+    def _xmit_response(self, tag: int, status: int, sense: bytes | None, resid: int, frames: list) -> None:
         channel = self._channel
         if isinstance(channel, StreamChannel):
             lease = channel.take_lease()   # the read data stays valid until scsi_target_done
             if lease is not None:
-                self.lent[h["tag"]] = lease
-        self.handler.xmit_response(h["tag"], h["status"], h.get("sense"), h.get("resid", 0), frames)
+                self.lent[tag] = lease
+        self.handler.xmit_response(tag, status, sense, resid, frames)
 
     def _on_tmf_done(self, h: dict[str, Any], frames: list) -> None:
         if "info" in h:   # 1.6, QUERY ASYNCHRONOUS EVENT only: handlers written earlier never see it

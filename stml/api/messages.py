@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any, Callable
 
 import msgspec
+import msgspec.structs
 
 CONTRACT_VERSION = (1, 8)
 # an iSCSI name is at most 223 bytes (RFC 7143 4.2.7.1): initiator and target names
@@ -136,6 +137,8 @@ _XMIT_STATUS = _key("status") + b"\xcc"                                 # uint8
 _XMIT_RESID = _key("sense") + b"\xc0" + _key("resid") + b"\xd3"         # nil; int64
 XMIT_RESPONSE_FIXED = struct.Struct(
     f">{len(_XMIT_PREFIX)}sI{len(_XMIT_STATUS)}sB{len(_XMIT_RESID)}sq")
+# the layout's constant parts, in the order its Struct unpacks them between the values
+XMIT_RESPONSE_PARTS = (_XMIT_PREFIX, _XMIT_STATUS, _XMIT_RESID)
 
 
 def pack_xmit_response(tag: int, status: int, resid: int) -> bytes:
@@ -183,6 +186,11 @@ class RxCmnd(msgspec.Struct, tag_field="op", tag="rx_cmnd", gc=False):
 
 # (msgspec.DecodeError or msgspec.ValidationError for any header it does not take)
 decode_rx_cmnd: Callable[[bytes | memoryview], RxCmnd] = msgspec.msgpack.Decoder(RxCmnd).decode
+# an RxCmnd's fields in one tuple, in RxCmnd's order (RX_CMND_FIELDS): one call in
+# C where reading the attributes one by one cost a generic lookup each in the
+# compiled build (msgspec's Struct is not a class mypyc knows)
+RX_CMND_FIELDS = ("tag", "nexus", "lun", "cdb", "attr", "dir", "len", "unsol")
+rx_cmnd_fields: Callable[[RxCmnd], tuple[Any, ...]] = msgspec.structs.astuple
 DecodeError = msgspec.DecodeError
 # what a header that starts with its op (as every FrontEndLink writes it) has after
 # its map's first byte, when it is an rx_cmnd: the STML tries decode_rx_cmnd on those

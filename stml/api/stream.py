@@ -63,6 +63,10 @@ def _u32s(count: int) -> struct.Struct:
     return struct.Struct(f"<{count}I")
 
 
+# the frame lengths of the usual messages (a header, its data), without the cache's call
+_U32S: Final = tuple(struct.Struct(f"<{n}I") for n in range(8))
+
+
 class FramingError(ValueError):
     """The peer broke the framing: nothing after this can be trusted."""
 
@@ -188,21 +192,29 @@ class StreamFramer:
             if self._next == len(self._lengths):
                 if avail < 4:
                     return None
-                count = _U32.unpack_from(buf, start)[0]
+                # (ints and a tuple of them, declared: the compiled build does their
+                # arithmetic natively, where it did it on objects; a loop, not sum()
+                # and max(): per message)
+                count: int = _U32.unpack_from(buf, start)[0]
                 if count == 0:
                     return self._control(start, avail)
                 if count > MAX_FRAMES:
                     raise FramingError(f"a message of {count} frames")
                 if avail < 4 + 4 * count:
                     return None
-                lengths = _u32s(count).unpack_from(buf, start + 4)
+                lengths: tuple[int, ...] = (
+                    _U32S[count] if count < len(_U32S) else _u32s(count)).unpack_from(buf, start + 4)
                 start += 4 + 4 * count
                 avail -= 4 + 4 * count
-                total = sum(lengths)
+                total = biggest = 0
+                for n in lengths:
+                    total += n
+                    if n > biggest:
+                        biggest = n
                 # (a shared reference's length carries the _SHARED bit: its bytes are not sent)
                 if total > self.max_bytes and sum(n for n in lengths if not n & _SHARED) > self.max_bytes:
                     raise FramingError(f"a message of {total} bytes")
-                if max(lengths) < self.big and total <= avail:
+                if biggest < self.big and total <= avail:
                     # all here, and nothing shared or big (the usual message): no state kept
                     frames = []
                     for size in lengths:
