@@ -29,7 +29,8 @@ from stml.api.stream import Lease
 from stml.api.messages import TO_STML, check
 from stml.cdb import check_usage
 from stml.disk import DiskTemplate, OpEntry, medium_error, standard_inquiry, trim_views
-from stml.lu import LogicalUnit, LunMap
+from stml.lu import LogicalUnit
+from stml.lunmap import LunMap
 from stml.sense import (
     ABORTED_COMMAND, ASYMMETRIC_ACCESS_STATE_TRANSITION, BUS_DEVICE_RESET, CHECK_CONDITION,
     COMMANDS_CLEARED_BY_ANOTHER, DATA_PHASE_ERROR, DATA_PROTECT, GOOD, HARDWARE_ERROR, I_T_NEXUS_LOSS,
@@ -166,7 +167,7 @@ class _Started(collections.abc.Coroutine):
 @dataclass
 class Target:
     name: str
-    luns: LunMap   # (a plain dict given is made one: its designator index, 0296)
+    luns: dict[int, LogicalUnit]   # a LunMap (a plain dict given is made one: its designator index, 0296)
     alias: str = ""
     access: dict[str, Any] = field(default_factory=dict)
     target_reset: bool = False   # TARGET WARM/COLD RESET allowed (config `target_reset`)
@@ -322,7 +323,7 @@ class Emulator:
     # ------------------------------------------------------------ inventory
     def target_luns(self, target: str) -> LunMap:
         t = self.targets.get(target)
-        return t.luns if t else _NO_LUNS
+        return cast(LunMap, t.luns) if t else _NO_LUNS   # (made one by Target.__post_init__)
 
     def lookup_lu(self, target: str, lun: int) -> LogicalUnit | None:
         t = self.targets.get(target)

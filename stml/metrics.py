@@ -22,7 +22,7 @@ from itertools import chain, islice
 from time import monotonic
 from typing import Any, Final
 
-from stml.task import stepped
+from stml.task import FANOUT_STEP
 
 # (Final: the compiled build uses them in place, not through the module's dict)
 RING: Final = 1024     # recent latencies kept per set (a power of two)
@@ -315,9 +315,13 @@ class PrometheusExporter:
     async def _async_snapshot(self) -> dict[str, Any]:
         """A scrape's snapshot, built in steps as management builds it (0267):
         a scrape holds up no session for every LU and session at once."""
+        import asyncio
         snap: dict[str, Any] = {}
-        async for _ in stepped(self.metrics.build(self.emulator, snap)):
-            pass
+        # FANOUT_STEP rows a turn, as stml.mgmt._stepped walks (an async
+        # generator: this module is compiled, and mypyc builds none)
+        for i, _ in enumerate(self.metrics.build(self.emulator, snap)):
+            if not i % FANOUT_STEP:
+                await asyncio.sleep(0)
         return self._stages(snap)
 
     def _read(self) -> dict[str, Any]:

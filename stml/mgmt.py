@@ -22,7 +22,7 @@ import logging
 import secrets
 from pathlib import Path
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Iterator, TypeVar
 
 from backends import BackendError
 from scsi_runtime.logs import audit
@@ -32,16 +32,18 @@ from stml.config import (MUTUAL_NEEDS_CHAP, Config, ConfigError, LunConfig, Targ
                          file_digest, load, lun_options, parse_lun_spec, parse_size, ram_overcommit)
 from stml.emulator import Emulator, Target
 from stml.gateway import Gateway
-from stml.lu import CannotOpen, LogicalUnit, LunMap, LunOptions, open_store, record_image, served_before
+from stml.lu import CannotOpen, LogicalUnit, LunOptions, open_store, record_image, served_before
+from stml.lunmap import LunMap
 from stml.metrics import Metrics
 from stml.persist import (SECRET_DIFFERS, EditedError, hide_secrets, hold, model, new_id, read_document, render,
                           save)
 from stml.portals import PortalStates, portal_entries, portal_groups
 from stml.sense import CAPACITY_DATA_CHANGED, NOT_READY_TO_READY_CHANGE, REPORTED_LUNS_DATA_CHANGED
-from stml.task import FANOUT_STEP, Nexus, Task, stepped
+from stml.task import FANOUT_STEP, Nexus, Task
 from stml.trace.recorder import Recorder, Traces
 
 log = logging.getLogger("stml.mgmt")
+T = TypeVar("T")
 
 
 class MgmtError(Exception):
@@ -163,7 +165,7 @@ class Management:
     async def _sessions(self, target: str) -> int:
         """Live nexuses of the target, one per front end holding a key (the
         engine's index, not a walk of every front end's nexuses), in steps."""
-        return sum([len(self.em.nexuses_of(key)) async for key in stepped(self.em.nexus_keys(target))])
+        return sum([len(self.em.nexuses_of(key)) async for key in _stepped(self.em.nexus_keys(target))])
 
     async def _redetect(self) -> None:
         """Front ends learn the new inventory (contract: detect, sent unasked),
@@ -179,7 +181,7 @@ class Management:
         copy of the dicts: only management changes the inventory, and its
         callers hold the management lock (none changes it while walking)."""
         ts = self.em.targets.values() if targets is None else targets
-        return stepped(lu for t in ts for lu in t.luns.values())
+        return _stepped(lu for t in ts for lu in t.luns.values())
 
     async def _lus(self, targets: Iterable[Target] | None = None, kind: str | None = None) -> list[LogicalUnit]:
         """The LUs of `targets` (all) of backend `kind` (any), gathered in steps."""
@@ -283,14 +285,14 @@ class Management:
         snap["gateway"] = await self.gateway.status()
         snap["portals"] = await self.portal_list()
         gone = await self._in_thread(_unlinked, await self._lus())
-        async for r in stepped(snap["luns"]):
+        async for r in _stepped(snap["luns"]):
             r["unlinked"] = (r["target"], r["lun"]) in gone
         return snap
 
     async def _snapshot(self) -> dict[str, Any]:
         """The counters' report (stml.metrics), built in steps."""
         snap: dict[str, Any] = {}
-        async for _ in stepped(self.metrics.build(self.em, snap)):
+        async for _ in _stepped(self.metrics.build(self.em, snap)):
             pass
         return snap
 
@@ -298,7 +300,7 @@ class Management:
         return [{"name": t.name, "alias": t.alias, "luns": len(t.luns),
                  "acl": list(t.access.get("acl") or []), "chap": bool(t.access.get("chap")),
                  "sessions": await self._sessions(t.name)}
-                async for t in stepped(self.em.targets.values())]
+                async for t in _stepped(self.em.targets.values())]
 
     async def lun_list(self, target: str | None = None) -> list[dict[str, Any]]:
         lus = await self._lus([self._target(target)] if target else None)
@@ -502,7 +504,7 @@ class Management:
         for gone in [lu for lu in await self._lus([t]) if lu.lun not in luns]:
             await self.lun_remove(gone.lun, t.name)
             applied.append(f"target {t.name} LUN {gone.lun} removed")
-        async for number, o in stepped(luns.items()):
+        async for number, o in _stepped(luns.items()):
             lu = t.luns.get(number)
             if lu is None:
                 try:   # a served-before file is never made anew, blank, under its identity (0280)
@@ -778,7 +780,7 @@ class Management:
         o.path = want.path
         await self._identify(t.name, lu.lun, o, backend)   # a file the start could not create
         lu.go_online(backend)
-        t.luns.renamed(lu)   # its designator may be new: EXTENDED COPY finds it by that (0296)
+        self.em.target_luns(t.name).renamed(lu)   # its designator may be new: EXTENDED COPY finds it by that (0296)
         log.info("target %s LUN %d (%s %s) is online", t.name, lu.lun, o.kind, o.path or "")
         await self._ua([lu], NOT_READY_TO_READY_CHANGE, t.name)
         # and its capacity, 0 while offline: Linux's sd acts on this one (a
@@ -988,6 +990,18 @@ _TARGET_SETTERS: dict[str, Callable[[Management, Target, Any], Awaitable[Any]]] 
 }
 
 
+async def _stepped(items: Iterable[T]) -> AsyncIterator[T]:
+    """`items`, FANOUT_STEP between turns of the event loop, as the unit
+    attention fan-out walks nexuses (0264): how management walks whatever
+    grows with the LUNs or sessions (0267), so none holds up the sessions in
+    one step. Each walk starts on a turn of its own (two walks in a row never
+    share one)."""
+    for i, item in enumerate(items):
+        if not i % FANOUT_STEP:
+            await asyncio.sleep(0)
+        yield item
+
+
 def _hold(config: Config, new: Config) -> None:
     hold(config, model(new))
 
@@ -995,7 +1009,7 @@ def _hold(config: Config, new: Config) -> None:
 async def _free_lun(t: Target) -> int:
     """The lowest LUN number the target does not use, found in steps: a target
     may use all 16,384."""
-    async for n in stepped(range(16384)):
+    async for n in _stepped(range(16384)):
         if n not in t.luns:
             return n
     raise MgmtError(f"target {t.name} uses every LUN number (0-16383)")

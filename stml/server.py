@@ -30,7 +30,8 @@ from stml.api.stream import Lease
 from stml.api.tap import Tap, TapPoint, combine
 from stml.config import Config, ConfigError, StartupError
 from stml.emulator import Emulator, Target
-from stml.lu import CannotOpen, LogicalUnit, LunMap, Offline, open_store, record_image, served_before
+from stml.lu import CannotOpen, LogicalUnit, Offline, open_store, record_image, served_before
+from stml.lunmap import LunMap
 from stml.metrics import Metrics
 from stml.mgmt import Management
 from stml.persist import EditedError, give_ids, save

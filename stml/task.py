@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import AsyncIterator, Container, Iterable
+from collections.abc import Container, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, TypeVar
+from typing import Any, Callable, Protocol
 
 from stml.cdb import trim_cdb
-from stml.lu import LogicalUnit, LunMap
+from stml.lu import LogicalUnit
+from stml.lunmap import LunMap
 from stml.sense import ABORTED_COMMAND, DATA_PHASE_ERROR, CheckCondition
 from stml.workers import FairWorkers
-
-T = TypeVar("T")
 
 # nexus entries a unit attention fan-out (or a walk of a target's nexuses)
 # handles between two turns of the event loop (docs/decisions/0264): every
@@ -28,17 +27,6 @@ T = TypeVar("T")
 # resize, a reservation change) goes through Services.fan_out_ua
 FANOUT_STEP = 256
 
-
-async def stepped(items: Iterable[T]) -> AsyncIterator[T]:
-    """`items`, FANOUT_STEP between turns of the event loop, as the unit
-    attention fan-out walks nexuses (0264): how management and the Prometheus
-    exporter walk whatever grows with the LUNs or sessions (0267), so none
-    holds up the sessions in one step. Each walk starts on a turn of its own
-    (two walks in a row never share one)."""
-    for i, item in enumerate(items):
-        if not i % FANOUT_STEP:
-            await asyncio.sleep(0)
-        yield item
 
 
 @dataclass(eq=False)

@@ -395,10 +395,8 @@ def test_management_walks_its_lus_a_bounded_number_per_loop_turn(verb, tmp_path,
     most FANOUT_STEP LUs per turn of the event loop, however many the
     target has (0267); before, each walked all of them in one step."""
     from stml import mgmt as mgmt_mod
-    from stml import task as task_mod
     step = 16
     monkeypatch.setattr(mgmt_mod, "FANOUT_STEP", step)
-    monkeypatch.setattr(task_mod, "FANOUT_STEP", step)   # (stml.task.stepped's)
     sent: list = []
     emu, m = setup(sent, luns=10 * step, nexuses=2)
     m.config.data_dir = tmp_path

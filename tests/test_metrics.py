@@ -274,9 +274,9 @@ def test_management_reports_rows_a_bounded_number_per_loop_turn(cmd, clock, monk
     import asyncio
 
     from stml import mgmt as mgmt_mod
-    from stml import task as task_mod
     step = 16
-    monkeypatch.setattr(task_mod, "FANOUT_STEP", step)   # (stml.task.stepped's)
+    monkeypatch.setattr(mgmt_mod, "FANOUT_STEP", step)
+    monkeypatch.setattr(metrics_mod, "FANOUT_STEP", step)
     em = FakeEmulator({"tA": 5 * step})
     fe = em.front_end(b"fe-1", "one")
     for n in range(1, 10 * step + 1):

@@ -229,7 +229,8 @@ class Replayer:
     # ------------------------------------------------------------ building the STML
     def _build(self, first: dict[str, Any]) -> Any:
         from stml.emulator import Emulator, Target
-        from stml.lu import LogicalUnit, LunMap, LunOptions
+        from stml.lu import LogicalUnit, LunOptions
+        from stml.lunmap import LunMap
         config = first.get("config") or {}
         limits = config.get("limits") or {}
         em = Emulator([], self._output, InlineExecutor(), name=str(config.get("stml", "stml")),
