@@ -5,7 +5,8 @@ portal per listening address, with portal groups tying them together.
 DevAttrReg (with the replace flag) runs on start, whenever the STML's
 targets or portals change (every `detect`) and every `period` / 2 seconds;
 each portal names an ESI port where the client answers the server's Entity
-Status Inquiries (RFC 4171 5.6.5.13: ESIRsp echoes the ESI's attributes), so
+Status Inquiries (RFC 4171 5.6.5.13: ESIRsp echoes the ESI's attributes),
+listening on that portal's registered address only (decision 0210), so
 a server that uses ESI (open-isns) drops a front end that stopped answering
 after its ESI retries, and the periodic re-registration keeps us listed with
 servers that do not; DevDereg removes the entity on shutdown. Encoding is sans-IO (`encode_*`, `decode_*`);
@@ -19,7 +20,7 @@ import logging
 import socket
 import struct
 from dataclasses import dataclass
-from typing import Callable
+from typing import Awaitable, Callable, Mapping
 
 from fetd_tcp.login import advertised
 
@@ -38,8 +39,8 @@ ISCSI_NAME, ISCSI_NODE_TYPE, ISCSI_ALIAS = 32, 33, 34
 PG_ISCSI_NAME, PG_PORTAL_IP, PG_PORTAL_PORT, PG_TAG = 48, 49, 50, 51
 PROTOCOL_ISCSI = 2
 NODE_TARGET = 1
-# the ESI port listens on every address: anyone may connect, so connections are few and
-# short (an iSNS server sends one ESI at a time and waits for the answer)
+# anyone who reaches a portal's address may connect to its ESI port, so connections are
+# few and short (an iSNS server sends one ESI at a time and waits for the answer)
 ESI_MAX_CONNECTIONS = 4
 ESI_IDLE = 30.0     # seconds an ESI connection may stay silent
 
@@ -95,16 +96,17 @@ def reachable(portals: list[Portal], local: str) -> list[Portal]:
 
 
 def encode_register(entity: str, targets: list[tuple[str, str]], portals: list[Portal], xid: int,
-                    period: int, esi_port: int | None = None, esi_interval: int = 0) -> bytes:
-    """DevAttrReg (replace) of the whole entity: targets are (name, alias); with
-    `esi_port`, every portal asks for ESI there every `esi_interval` seconds.
-    `portals` are as initiators reach them (`reachable`)."""
+                    period: int, esi_ports: Mapping[str, int] | None = None, esi_interval: int = 0) -> bytes:
+    """DevAttrReg (replace) of the whole entity: targets are (name, alias); a
+    portal whose address has a port in `esi_ports` asks for ESI there every
+    `esi_interval` seconds. `portals` are as initiators reach them (`reachable`)."""
     source = targets[0][0] if targets else entity
     body = _str(ISCSI_NAME, source) + _str(ENTITY_ID, entity) + _attr(DELIMITER, b"")
     body += _str(ENTITY_ID, entity) + _u32(ENTITY_PROTOCOL, PROTOCOL_ISCSI)
     body += _u32(REGISTRATION_PERIOD, period)
     for p in portals:
         body += _ip(PORTAL_IP, p.host) + _u32(PORTAL_PORT, p.port)
+        esi_port = (esi_ports or {}).get(p.host)
         if esi_port:
             body += _u32(ESI_INTERVAL, esi_interval) + _u32(ESI_PORT, esi_port)
     for name, alias in targets:
@@ -161,10 +163,10 @@ class IsnsClient:
         self._task: asyncio.Task | None = None
         self.esi = esi
         self.esi_interval = esi_interval   # asked for; the server raises it to its minimum (open-isns: 60 s)
-        self.esi_port: int | None = None
         self.esi_idle = esi_idle
         self._esi_open = 0          # ESI connections now
-        self._esi_server: asyncio.AbstractServer | None = None
+        # registered portal address -> its ESI listener and port (None: could not listen there)
+        self.esi_listeners: dict[str, tuple[asyncio.AbstractServer, int] | None] = {}
 
     def update(self, targets: list[tuple[str, str]], portals: list[Portal]) -> None:
         """Register (again) with these targets and portals, soon."""
@@ -173,22 +175,28 @@ class IsnsClient:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run())
 
-    async def _start_esi(self) -> None:
-        """Listen for ESI on one port of every address (dual-stack where possible)."""
-        self.esi = False   # once: without a port we rely on re-registration
-        try:
+    async def esi_follow(self, hosts: set[str]) -> dict[str, int]:
+        """Listen for ESI on exactly these addresses (the registered portals'):
+        new ones opened, those no longer registered closed; the ESI port of
+        each. The server sends ESI to a portal's address, so no other address
+        needs the port (decision 0210). An address we cannot listen on gets
+        no ESI port: the server then relies on re-registration."""
+        if not self.esi:
+            hosts = set()
+        for host in [h for h in self.esi_listeners if h not in hosts]:
+            held = self.esi_listeners.pop(host)
+            if held is not None:
+                held[0].close()
+        for host in sorted(hosts - self.esi_listeners.keys()):
             try:
-                sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-                sock.bind(("::", 0))
-            except OSError:
-                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                sock.bind(("0.0.0.0", 0))
-            self._esi_server = await asyncio.start_server(self._on_esi, sock=sock)
-            self.esi_port = sock.getsockname()[1]
-            log.info("answering iSNS ESI on port %d", self.esi_port)
-        except OSError as e:
-            log.warning("no ESI port (%s): relying on re-registration", e)
+                server = await asyncio.start_server(self._on_esi, host, 0)
+                port = server.sockets[0].getsockname()[1]
+                self.esi_listeners[host] = (server, port)
+                log.info("answering iSNS ESI on %s", f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+            except OSError as e:
+                self.esi_listeners[host] = None
+                log.warning("no ESI port on %s (%s): relying on re-registration", host, e)
+        return {h: held[1] for h, held in self.esi_listeners.items() if held is not None}
 
     async def _on_esi(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Answer ESIs on one connection: at most ESI_MAX_CONNECTIONS at once, each
@@ -216,8 +224,6 @@ class IsnsClient:
             writer.close()
 
     async def _run(self) -> None:
-        if self.esi:
-            await self._start_esi()
         while True:
             self._wake.clear()
             try:
@@ -241,12 +247,12 @@ class IsnsClient:
         self._xid = (self._xid + 1) & 0xFFFF
         return self._xid
 
-    async def _exchange(self, build: Callable[[str], bytes]) -> int:
+    async def _exchange(self, build: Callable[[str], Awaitable[bytes]]) -> int:
         """Send the message `build` makes from our address on the connection
         to the server (`reachable` names wildcard portals by it); its status."""
         reader, writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.port), self.timeout)
         try:
-            writer.write(build(writer.get_extra_info("sockname")[0]))
+            writer.write(await build(writer.get_extra_info("sockname")[0]))
             await writer.drain()
             header = await asyncio.wait_for(reader.readexactly(12), self.timeout)
             length = struct.unpack(">H", header[4:6])[0]
@@ -262,9 +268,13 @@ class IsnsClient:
         if self.registered_source and self.registered_source not in [n for n, _ in self.targets]:
             await self._deregister()   # the entity's source node went away: start afresh
         xid = self._next_xid()
-        status = await self._exchange(lambda local: encode_register(
-            self.entity, self.targets, reachable(self.portals, local), xid, self.period, self.esi_port,
-            self.esi_interval))
+
+        async def build(local: str) -> bytes:
+            portals = reachable(self.portals, local)
+            esi_ports = await self.esi_follow({p.host for p in portals})
+            return encode_register(self.entity, self.targets, portals, xid, self.period, esi_ports,
+                                   self.esi_interval)
+        status = await self._exchange(build)
         if status:
             raise IsnsError(f"DevAttrReg refused (status {status})")
         if self.registered_source is None:
@@ -276,7 +286,11 @@ class IsnsClient:
         source, self.registered_source = self.registered_source, None
         assert source is not None   # every caller checks that something is registered
         xid = self._next_xid()
-        status = await self._exchange(lambda _: encode_deregister(self.entity, source, xid))
+
+        async def build(_: str) -> bytes:
+            await self.esi_follow(set())     # nothing registered: nothing to answer ESI for
+            return encode_deregister(self.entity, source, xid)
+        status = await self._exchange(build)
         if status:
             raise IsnsError(f"DevDereg refused (status {status})")
         log.info("deregistered %s from iSNS server %s:%d", self.entity, self.host, self.port)
@@ -285,8 +299,10 @@ class IsnsClient:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        if self._esi_server is not None:
-            self._esi_server.close()
+        for held in self.esi_listeners.values():
+            if held is not None:
+                held[0].close()
+        self.esi_listeners.clear()
         if self.registered_source:
             try:
                 await self._deregister()

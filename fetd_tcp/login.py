@@ -383,7 +383,9 @@ class LoginMachine:
         assert neg is not None   # made by _start
         return LoginOutcome(
             session_type=self._session_type,
-            initiator_name=neg.declared.get("InitiatorName", ""),
+            # names compare without case (RFC 3722 maps them to lower case): one spelling for
+            # the session's identity, its reinstatement and its nexus (decision 0214)
+            initiator_name=neg.declared.get("InitiatorName", "").lower(),
             initiator_alias=neg.declared.get("InitiatorAlias", ""),
             target=self._target, isid=req.isid, tsih=req.tsih, cid=req.cid,
             cmd_sn=req.cmd_sn, stat_sn=self.stat_sn,
@@ -416,17 +418,20 @@ def send_targets(value: str, initiator_name: str, targets: Iterable[TargetConfig
                  local_addr: tuple[str, int], *, discovery: bool = True,
                  session_target: str | None = None) -> list[tuple[str, str]]:
     """Text response pairs for ``SendTargets=value``: TargetName then its
-    TargetAddress lines, for the targets this initiator may see.  "All" is
-    honoured only in a discovery session; an empty value names the session's
-    own target.  Wildcard-bound portals report ``local_addr``, the address
-    the connection arrived on."""
+    TargetAddress lines, for the targets this initiator may see.  In a
+    Normal session only the session's own target (an empty value or its
+    name; "All" is reserved, RFC 7143 Appendix C), so a session opened
+    without discovery CHAP tells no more than its login did (decision 0212).
+    Wildcard-bound portals report ``local_addr``, the address the
+    connection arrived on."""
     wanted: tuple[str, ...] | None
-    if value == "All":
-        wanted = None if discovery else ()
-    elif value:
-        wanted = (value.lower(),)    # names fold case (RFC 3722); ours are kept in lower case
+    if not discovery:
+        own = session_target or ""
+        wanted = (own,) if own and value.lower() in ("", own) else ()
+    elif value == "All":
+        wanted = None
     else:
-        wanted = (session_target,) if session_target else ()
+        wanted = (value.lower(),)    # names fold case (RFC 3722); ours are kept in lower case
     out = []
     for target in targets:
         if wanted is not None and target.name not in wanted:

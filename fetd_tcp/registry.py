@@ -20,6 +20,7 @@ from scsi_runtime.logs import audit
 log = logging.getLogger("fetd_tcp")
 
 CMD_WINDOW = 128         # MaxCmdSN - ExpCmdSN + 1, capped by the STML's queue depth
+DROP_STEP = 256          # sessions ended per turn of the loop when many end at once
 
 
 def cmd_window(limits: dict[str, Any]) -> int:
@@ -127,15 +128,33 @@ class SessionRegistry:
         initiator every connection is being dropped, close them, end the session."""
         s = self.by_nexus.get(nexus)
         if s is not None:
-            log.info("session TSIH %d of %s 0x%s dropped: %s", s.tsih, s.initiator, s.isid.hex(),
-                     reason or "by the STML")
-            conns = list(s.connections.values())
-            if conns:
-                conns[0].async_event(P.ASYNC_DROP_ALL_CONNECTIONS)   # Time2Wait/Time2Retain 0
-            for conn in conns:
-                conn.closing = True
-                conn.close()
-            self.end_session(s)
+            self.drop_session(s, reason or "by the STML")
+
+    def drop_session(self, s: Session, reason: str) -> None:
+        """End a session on our side: an Async Message "dropping all
+        connections" (Time2Wait/Time2Retain 0), then its connections close."""
+        log.info("session TSIH %d of %s 0x%s dropped: %s", s.tsih, s.initiator, s.isid.hex(), reason)
+        conns = list(s.connections.values())
+        if conns:
+            conns[0].async_event(P.ASYNC_DROP_ALL_CONNECTIONS)
+        for conn in conns:
+            conn.closing = True
+            conn.close()
+        self.end_session(s)
+
+    async def end_discovery_sessions(self, reason: str) -> None:
+        """Discovery now needs CHAP: the discovery sessions, none of which
+        authenticated, end as a target's do when its CHAP is turned on (decision
+        0211), DROP_STEP between turns of the loop. One audit line counts them."""
+        ended = 0
+        for s in [s for s in self.sessions.values() if s.discovery]:
+            if self.sessions.get(s.tsih) is s:     # (not ended meanwhile)
+                self.drop_session(s, reason)
+                ended += 1
+                if ended % DROP_STEP == 0:
+                    await asyncio.sleep(0)
+        if ended:
+            log.warning("%d discovery session(s) ended: %s", ended, reason, extra=audit())
 
     def abort_answered(self, tag: int, tasks: list[Task]) -> bool:
         """The STML answered a TMF: True if it was our own ABORT TASK of a

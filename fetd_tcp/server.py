@@ -53,15 +53,27 @@ class IscsiFrontEnd:
         self.registry = SessionRegistry(self.link, self.tags, self.limits)
         self.admission = Admission(self.limits, self.registry)
         self.pending_output: set[PduWriter] = set()      # writers with PDUs not yet sent
+        self._sweeps: set[asyncio.Task] = set()           # discovery sessions being ended
 
     # ------------------------------------------------------------ STML -> us
     def detect(self, detect: Detect) -> None:
         if self.detect_info is None:
             print(f"fetd_tcp: attached to STML at {self.link.endpoint}", flush=True)
+        was_closed = self._discovery_chap()
         self.detect_info = detect
+        if self._discovery_chap() and not was_closed:
+            # no discovery session authenticated: they end, as a target's sessions do when its
+            # CHAP is turned on (decisions 0288, 0211)
+            self._sweeps.add(task := asyncio.get_running_loop().create_task(
+                self.registry.end_discovery_sessions("discovery now requires CHAP")))
+            task.add_done_callback(self._sweeps.discard)
         log.info("STML %s offers %d target(s)", detect.stml, len(detect.targets))
         self.portals.follow(detect.portals)
         self._announce()
+
+    def _discovery_chap(self) -> bool:
+        """Discovery sessions must authenticate with CHAP (the STML's `discovery_chap`)."""
+        return self.detect_info is not None and bool(self.detect_info.discovery.get("chap"))
 
     def _announce(self) -> None:
         """Discovery services learn our targets and portals (after every detect and portal change)."""
@@ -243,8 +255,15 @@ class IscsiFrontEnd:
         config = L.LoginConfig(self.target_configs(), portal.tpgt, self.keys,
                                _creds(discovery.get("chap")), cmd_window=cmd_window(limits))
         machine = L.LoginMachine(config, secrets.randbits(32))
-        return await phase.run(machine, self.admission,
+        conn = await phase.run(machine, self.admission,
                                lambda o, account: self._admit(o, writer, local, portal.tpgt, account))
+        if conn is not None and conn.session.discovery and config.discovery_chap is None \
+                and self._discovery_chap():
+            # discovery CHAP was turned on while this login went on without it (decision 0211)
+            log.info("discovery session of %s ended: discovery now requires CHAP", conn.session.initiator)
+            self.registry.drop_connection(conn)
+            return None
+        return conn
 
     def _admit(self, o: L.LoginOutcome, writer: asyncio.StreamWriter, local: Any,
                tpgt: int, account: Account) -> Connection:

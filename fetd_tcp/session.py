@@ -43,7 +43,7 @@ log = logging.getLogger("fetd_tcp")
 SN_MOD: Final = 1 << 32
 # responses that take a StatSN of their own (RFC 7143 4.2.2.2), kept for a status SNACK
 _NUMBERED = frozenset((P.Reject, P.ScsiResponse, P.TaskMgmtResponse, P.NopIn, P.TextResponse,
-                       P.LogoutResponse))
+                       P.LogoutResponse, P.AsyncMessage))
 _PDU_OVERHEAD: Final = 64   # a Data-In or response header with its digests and padding, rounded up
 Out = Callable[[Any, bytes | memoryview], None]   # (PDU header object, data segment)
 
@@ -1178,7 +1178,9 @@ class Connection:
         return True
 
     def async_event(self, event: int, lun: bytes = P.LUN0, sense: bytes = b"", param3: int = 0) -> None:
+        """An Async Message takes a StatSN of its own, as every status does (RFC 7143
+        4.2.2.2; LIO, open-iscsi: decision 0213)."""
         exp, mx = self._sns()
         seg = P.sense_segment(sense) if sense else b""
-        self.out(P.AsyncMessage(event, self.stat_sn, exp, mx, lun, parameter3=param3,
+        self.out(P.AsyncMessage(event, self._next_stat_sn(), exp, mx, lun, parameter3=param3,
                                 data_length=len(seg)), seg)

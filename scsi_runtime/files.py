@@ -6,16 +6,23 @@ import os
 from pathlib import Path
 
 
+_swept: set[Path] = set()   # files whose killed saves' temporaries this process removed
+
+
 def atomic_write(path: Path, data: bytes, secret: bool) -> None:
     """Replace `path` with `data` atomically. The temporary file is created afresh
     (O_EXCL: never a stale file or a symlink) with mode 0600, so secrets are never
     readable by others, not even for a moment; it then takes the old file's mode,
     without group/other bits when `data` holds secrets. A new file stays 0600.
     A symlinked file is written where the link points (the link stays), and
-    temporaries a killed process left beside it are removed."""
+    temporaries a killed process left beside it are removed, at this process's
+    first write of it: its later writes (a reservation change each) do not
+    list the directory again."""
     if path.is_symlink():
         path = Path(os.path.realpath(path))
-    _remove_stale_temporaries(path)
+    if path not in _swept:
+        _remove_stale_temporaries(path)
+        _swept.add(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         os.unlink(tmp)          # left by a crash: O_EXCL below must create it anew

@@ -12,7 +12,7 @@ def parse_portal(value: str) -> tuple[str, int, int]:
         raise ValueError(f"portal {value!r} is not HOST:PORT[,TPGT] or [IPv6]:PORT[,TPGT]")
     port = int(m.group(3) or 3260)
     tpgt = int(m.group(4) or 1)
-    if port > 65535 or not 1 <= tpgt <= 65535:
-        raise ValueError(f"portal {value!r}: port or TPGT out of range")
+    if port > 65535 or not 1 <= tpgt <= 65534:   # (65535 names tag 0's SCSI port: stml.ops)
+        raise ValueError(f"portal {value!r}: port out of 0-65535 or TPGT out of 1-65534")
     return m.group(1) or m.group(2), port, tpgt
 

@@ -306,6 +306,13 @@ def run(log_level: str, log_format: str, portals: tuple[str, ...], no_iscsi: boo
         # held until we exit, however we exit; taken before a first start writes
         # the config, so of two first starts only one writes it
         lock = lock_data_dir(ddir)
+        if kw.get("config_path") and kw.get("data_dir"):   # F alone finds this target again (0215)
+            from stml.persist import name_data_dir
+            try:
+                name_data_dir(Path(kw["config_path"]).absolute(), ddir)
+            except OSError as e:   # (a read-only file still serves; only --config F cannot find it)
+                click.echo(f"scsi-target: warning: {kw['config_path']}: cannot record data_dir: "
+                           f"{e.strerror or e}", err=True)
         config = load_or_exit(portals=portals, **kw)   # (a first start checks its LUNs' paths)
         if not no_iscsi:
             check_portals(config.portals)

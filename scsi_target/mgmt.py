@@ -610,7 +610,7 @@ def config_show(file_only: bool, **kw: Any) -> None:
         import tomlkit
         from stml.config import CONFIG_NAME
         from stml.persist import hide_secrets
-        path = kw.get("config_path") or str(_data_dir(kw) / CONFIG_NAME)
+        path = kw.get("config_path") or _served_file(kw) or str(_data_dir(kw) / CONFIG_NAME)
         try:
             text = hide_secrets(Path(path).read_text())
         except OSError as e:
@@ -637,6 +637,18 @@ def config_show(file_only: bool, **kw: Any) -> None:
         click.echo(json.dumps(tomllib.loads(r["text"]), indent=2))
     else:
         click.echo(r["text"].rstrip())
+
+
+def _served_file(kw: dict[str, Any]) -> str | None:
+    """The file the running target of these options serves (`run --config F
+    --data-dir D` serves F, not D's own file: decision 0215); None when no
+    target runs or it serves none."""
+    try:
+        require_running(find_endpoint(None, kw.get("data_dir"), kw.get("stml")))
+    except NotRunning:
+        return None
+    path = _call(kw, "config_show").get("path")
+    return str(path) if path else None
 
 
 def _data_dir(kw: dict[str, Any]) -> Path:

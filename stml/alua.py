@@ -20,7 +20,7 @@ from __future__ import annotations
 import struct
 from stml.api import DataDir
 from stml.cdb import u32
-from stml.ops import Conflict, OpEntry
+from stml.ops import Conflict, OpEntry, relative_port_id
 from stml.sense import (
     ILLEGAL_REQUEST, PARAMETER_LIST_LENGTH_ERROR, CheckCondition, invalid_field, invalid_param,
 )
@@ -50,7 +50,7 @@ def state(task: Task, tpg: int) -> int:
 def descriptor(tpg: int, access: int = ACTIVE_OPTIMIZED) -> bytes:
     """One target port group descriptor with its single target port."""
     return struct.pack(">BBHBBBB", 0x80 | access, SUPPORTED_STATES, tpg, 0,
-                       STATUS_IMPLICIT, 0, 1) + struct.pack(">HH", 0, tpg)
+                       STATUS_IMPLICIT, 0, 1) + struct.pack(">HH", 0, relative_port_id(tpg))
 
 
 async def report_target_port_groups(task: Task) -> bytes:

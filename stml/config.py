@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from stml.lu import LunOptions, legacy_id
+from stml.lu import RECORDED, LunOptions, legacy_id
 from stml.sched import DEFAULT_POLICY, POLICIES
 
 DEFAULT_IQN = "iqn.2026-11.org.scsi-target:disk0"
@@ -657,7 +657,7 @@ def _same_lun(flag: LunOptions, have: LunOptions) -> bool:
     """A --lun that repeats what the file says (its identity aside)."""
     for f in dataclasses.fields(LunOptions):
         a, b = getattr(flag, f.name), getattr(have, f.name)
-        if f.name in ("id", "image_identity") or a == b:
+        if f.name == "id" or f.name in RECORDED or a == b:
             continue
         if f.name == "size" and a is None:
             continue

@@ -63,8 +63,9 @@ MAX_NEXUSES_PER_FRONT_END = 8192
 MAX_NEXUSES_PER_TARGET = 4096   # I_T nexuses (initiator port, target port), all front ends
 _NO_LUNS = LunMap()   # an unknown target's LUs (read only: no caller changes it)
 MAX_PORT_GROUPS = 256   # port group tags nexuses of one target came through (never forgotten)
-MAX_TPG = 0xFFFF        # a target port group is 16 bits (REPORT TARGET PORT GROUPS)
-_NO_CHAP = {"chap": None, "mutual": None}   # detect's access for front ends that speak no CHAP
+MAX_TPG = 0xFFFE        # 16 bits, and 0xFFFF is tag 0's relative port identifier (ops.relative_port_id)
+CHAP_KINDS = frozenset({"iscsi"})   # front-end kinds that authenticate initiators with CHAP (fetd_tcp)
+_NO_CHAP = {"chap": None, "mutual": None}   # detect's access for the others
 # backend failures that are no fault of the medium, by errno; any other is a
 # MEDIUM ERROR. The storage is out of this path's reach for now (ESHUTDOWN: an
 # RBD gateway fenced, another serves the LU; ETIMEDOUT: the cluster did not
@@ -337,7 +338,7 @@ class Emulator:
             targets = [self.describe_target(t, [lu.describe() for lu in t.luns.values()])
                        for t in self.targets.values()]
         discovery = self.discovery
-        if fe.kind != "iscsi":   # CHAP secrets only where CHAP is spoken: nowhere else to leak from
+        if fe.kind not in CHAP_KINDS:   # CHAP secrets only where CHAP is spoken: nowhere else to leak from
             targets = [{**t, "access": {**t["access"], **_NO_CHAP}} for t in targets]
             discovery = {**discovery, "chap": None}
         self.out.detect(

@@ -69,6 +69,11 @@ class LunOptions:
         return ("file", st.st_dev, st.st_ino)
 
 
+# LunOptions fields the STML records in a LUN's entry, not settings: an entry
+# that lacks one (a file the STML cannot write) is not a changed LUN
+RECORDED = frozenset({"image_identity"})
+
+
 class Offline:
     """The backend of an LU served offline: its store could not open. The LU
     keeps its number and identity, and every command that needs the medium

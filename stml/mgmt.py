@@ -30,9 +30,9 @@ from scsi_runtime.portals import parse_portal
 from stml import pr
 from stml.config import (MUTUAL_NEEDS_CHAP, Config, ConfigError, LunConfig, TargetConfig, check_iqn, parse_chap,
                          file_digest, load, lun_options, parse_lun_spec, parse_size, ram_overcommit)
-from stml.emulator import Emulator, Target
+from stml.emulator import CHAP_KINDS, Emulator, Target
 from stml.gateway import Gateway
-from stml.lu import CannotOpen, LogicalUnit, LunOptions, open_store, record_image, served_before
+from stml.lu import RECORDED, CannotOpen, LogicalUnit, LunOptions, open_store, record_image, served_before
 from stml.lunmap import LunMap
 from stml.metrics import Metrics
 from stml.persist import (SECRET_DIFFERS, EditedError, hide_secrets, hold, model, new_id, read_document, render,
@@ -52,8 +52,6 @@ class MgmtError(Exception):
 
 PORTAL_WAIT = 8.0   # `portal add` waits this long for the listeners' report (clients wait 10 s)
 
-
-ISCSI = frozenset({"iscsi"})   # the front-end kind fetd_tcp registers as: the one that speaks CHAP
 
 class Management:
     """The management commands. Each change is applied live and to the running
@@ -442,7 +440,11 @@ class Management:
         # every LUN: built in a thread, as a save's (the lock keeps them still)
         await self._in_thread(_hold, self.config, new)
         if self._identified:   # entries added by hand: the file keeps the ids they are served with (0281)
-            log.info("reload: LUN identities %s", await self._persist())
+            said = await self._persist()
+            if self._save_error is not None:   # the reload's edits are the file's own: only ids are unsaved
+                self._save_error = None
+                log.warning("reload: the ids given to LUNs added by hand are %s; the next start derives "
+                            "them again (docs/decisions/0281)", said)
         for line in applied:
             log.info("reload: %s", line)
         for line in pending:
@@ -729,14 +731,16 @@ class Management:
                 backend.close()
                 raise MgmtError(str(e)) from None
         others = await self._lus([t])   # walked before the change: a walk yields
-        t.luns[number] = lu
-        self._tc(t.name).luns.append(LunConfig(number, opts))
         # a LUN number never used was never seen: nothing about it changed. One
         # whose LU was removed was: a nexus that addressed that LU is told on
-        # this one too, before its next command reaches another disk (0254).
-        # The unit attentions begin in the step of the change, detect follows
-        reused = number in self._retired.get(t.name, ())
-        await self._ua([*others, lu] if reused else others, REPORTED_LUNS_DATA_CHANGED, t.name)
+        # this one too, before its next command reaches another disk (0254):
+        # all of them, before it is reachable (a fan-out takes loop turns)
+        if number in self._retired.get(t.name, ()):
+            await self._ua([lu], REPORTED_LUNS_DATA_CHANGED, t.name)
+        t.luns[number] = lu
+        self._tc(t.name).luns.append(LunConfig(number, opts))
+        # the others' begin in the step of the change, detect follows
+        await self._ua(others, REPORTED_LUNS_DATA_CHANGED, t.name)
         await self._redetect()
         return lu
 
@@ -963,7 +967,7 @@ class Management:
         await self._redetect()
         ended = 0
         if creds and not was:   # CHAP is iSCSI's: a VM's (vhost) or a loopback client's nexus stays
-            ended = await self._end_sessions(t.name, f"{t.name} now requires CHAP", frozenset(), ISCSI)
+            ended = await self._end_sessions(t.name, f"{t.name} now requires CHAP", frozenset(), CHAP_KINDS)
             if ended:
                 log.info("%s: ended %d session(s) that logged in without CHAP", t.name, ended, extra=audit())
         return await self._persist(), ended
@@ -1053,9 +1057,11 @@ def _path_corrected(a: LunOptions, b: LunOptions) -> bool:
 
 
 def _changed(a: LunOptions, b: LunOptions) -> list[str]:
-    """The settings two LUN entries differ in, beyond the size and the id."""
+    """The settings two LUN entries differ in, beyond the size, the id and
+    what the STML records itself (RECORDED)."""
     return [f.name for f in dataclasses.fields(LunOptions)
-            if f.name not in ("size", "id") and getattr(a, f.name) != getattr(b, f.name)]
+            if f.name not in ("size", "id") and f.name not in RECORDED
+            and getattr(a, f.name) != getattr(b, f.name)]
 
 
 def _differs_beyond_size(a: LunOptions, b: LunOptions) -> bool:

@@ -210,3 +210,12 @@ def fua(cdb: bytes) -> bool:
 
 def param_len_error() -> CheckCondition:
     return CheckCondition(ILLEGAL_REQUEST, PARAMETER_LIST_LENGTH_ERROR)
+
+
+def relative_port_id(tpg: int) -> int:
+    """The RELATIVE TARGET PORT IDENTIFIER of the port behind portal group tag
+    `tpg` (one port per group), the same in VPD page 0x83, REPORT TARGET
+    PORT GROUPS, READ FULL STATUS and REGISTER AND MOVE: the tag, but tag 0
+    (a front end's without portals) is 0xFFFF, 0 being reserved; tags stop
+    at 0xFFFE (stml.emulator.MAX_TPG) so no two ports share one."""
+    return tpg or 0xFFFF

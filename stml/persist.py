@@ -286,6 +286,22 @@ def new_document(config: Config, path: Path | None = None) -> Any:
     return doc
 
 
+def name_data_dir(path: Path, data_dir: Path) -> bool:
+    """Record `data_dir` in the file a start serves from another data dir
+    (`run --config F --data-dir D`, F naming none), so F alone finds the
+    target again: `status --config F`, `lun add --config F` (decision 0215;
+    0233 names it in a file written anew). True when written."""
+    if path == data_dir / CONFIG_NAME:
+        return False       # its own file: its directory is its data dir (0233)
+    doc = read_document(path)
+    if doc is None or "data_dir" in doc:
+        return False
+    body = tomlkit.document()
+    body["data_dir"] = str(data_dir)
+    atomic_write(path, (tomlkit.dumps(body) + tomlkit.dumps(doc)).encode(), holds_secrets(doc.unwrap()))
+    return True
+
+
 def read_document(path: Path) -> Any:
     try:
         return tomlkit.parse(path.read_text())
@@ -402,8 +418,8 @@ def give_ids(config: Config) -> bool:
             o = lc.options
             if o.id or o.kind == "rbd":
                 continue
-            ident = first_identity(config.data_dir, t.name, lc) if config.legacy_ids else new_id(t.name, lc.lun, lc.options)
-            served = ident == legacy_id(t.name, lc.lun)
+            legacy = legacy_id(t.name, lc.lun)
+            served = config.legacy_ids and first_identity(config.data_dir, t.name, lc) == legacy
             if o.kind == "file" and o.path is not None and not served and not os.path.exists(o.path):
                 if o.size is None:
                     continue    # a new disk whose file is not there: its id once it opens
@@ -411,7 +427,9 @@ def give_ids(config: Config) -> bool:
                     open_store(o, create=True).close()
                 except CannotOpen:
                     continue    # build_targets says why, and serves it offline
-            o.id = ident
+            # derived once the file exists (its inode is part of it): the same at the
+            # next start, should this one's save fail
+            o.id = legacy if served else new_id(t.name, lc.lun, o)
             changed = True
     config.legacy_ids = False
     return changed

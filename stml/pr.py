@@ -58,13 +58,13 @@ from scsi_runtime.files import atomic_write, fsync_dir
 from stml.api import DataDir
 from stml.cdb import u16, u32
 from stml.lu import LogicalUnit, legacy_id
-from stml.ops import Conflict, OpEntry, unit
+from stml.ops import Conflict, OpEntry, relative_port_id, unit
 from stml.sense import (
     ILLEGAL_REQUEST, INSUFFICIENT_REGISTRATION_RESOURCES, INVALID_RELEASE, MANUAL_INTERVENTION_REQUIRED,
     NOT_READY, PARAMETER_LIST_LENGTH_ERROR, REGISTRATIONS_PREEMPTED, RESERVATION_CONFLICT, RESERVATIONS_PREEMPTED, RESERVATIONS_RELEASED,
     CheckCondition, StatusError, invalid_field, invalid_param,
 )
-from stml.task import FANOUT_STEP, Nexus, Task
+from stml.task import FANOUT_STEP, Nexus, Task, nexus_key
 
 log = logging.getLogger("stml.pr")
 
@@ -158,7 +158,7 @@ class Registration:
         """The one I_T nexus this registration names, or None when it names several."""
         if self.tpg is None or ",i," not in self.initiator:
             return None
-        return f"{self.initiator}|{self.target},t,{self.tpg}"
+        return nexus_key(self.initiator, self.target, self.tpg)
 
     @functools.cached_property
     def tid_length(self) -> int:
@@ -178,7 +178,7 @@ class Port:
 
     @property
     def key(self) -> str:
-        return f"{self.initiator}|{self.target},t,{self.tpg}"
+        return nexus_key(self.initiator, self.target, self.tpg)
 
 
 @dataclass
@@ -549,7 +549,7 @@ class PrState:
             holder = self.type is not None and (self.type in ALL_REGISTRANTS or self.holder is r)
             tid = transport_id(r.initiator)
             out += struct.pack(">QIBBIHI", r.key, 0, (0x02 if r.tpg is None else 0) | (1 if holder else 0),
-                               rtype if holder else 0, 0, r.tpg or 0, len(tid))
+                               rtype if holder else 0, 0, 0 if r.tpg is None else relative_port_id(r.tpg), len(tid))
             out += tid
         return bytes(out)
 

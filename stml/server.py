@@ -97,7 +97,8 @@ def _save_identities(config: Config) -> None:
     try:
         save(config)
     except (OSError, EditedError) as e:
-        log.error("the LUNs' identities were not saved to %s: %s", config.path, e)
+        log.error("the LUNs' identities were not saved to %s: %s; a file the STML cannot write keeps "
+                  "them only with `legacy_ids = false` in it (docs/decisions/0281)", config.path, e)
 
 
 @contextlib.contextmanager

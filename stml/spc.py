@@ -8,7 +8,7 @@ from typing import Callable
 
 from stml.cdb import encode_lun, u16, u32
 from stml.lu import PRODUCT, REVISION, VENDOR, LogicalUnit
-from stml.ops import OpEntry, lbppbe, max_blocks, unit
+from stml.ops import OpEntry, lbppbe, max_blocks, relative_port_id, unit
 from stml.sense import (
     NO_ADDITIONAL_SENSE, NO_SENSE, NOT_READY, SANITIZE_IN_PROGRESS, UNIT_ATTENTION, CheckCondition,
     build_sense, invalid_field,
@@ -93,9 +93,8 @@ def _name_string(s: str) -> bytes:
 
 
 def relative_port(task: Task) -> int:
-    """The portal group tag is the relative target port identifier (as stml.alua
-    reports it); tag 0 would be the reserved identifier 0, so it maps to 0x10000-1."""
-    return task.nexus.tpg or 0xFFFF
+    """The relative target port identifier of the nexus's port (ops.relative_port_id)."""
+    return relative_port_id(task.nexus.tpg)
 
 
 def lu_designators(lu: LogicalUnit) -> bytes:

@@ -41,7 +41,13 @@ class Nexus:
     def key(self) -> str:
         """I_T nexus identity: initiator port and target port, stable across
         front ends and restarts, so per-nexus state can be keyed by it."""
-        return f"{self.initiator}|{self.target},t,{self.tpg}"
+        return nexus_key(self.initiator, self.target, self.tpg)
+
+
+def nexus_key(initiator: str, target: str, tpg: int) -> str:
+    """An I_T nexus's key: names compare without case (RFC 3722), so "IQN..:Host"
+    and "iqn..:host" with one ISID are one initiator port (decision 0214)."""
+    return f"{initiator.lower()}|{target.lower()},t,{tpg}"
 
 
 @dataclass(eq=False)

@@ -1,6 +1,7 @@
 """The scsi-target command line, as a user runs it: real processes only."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -14,7 +15,7 @@ import pytest
 from fetd_loopback import LoopbackClient
 
 from support.procs import children_by_module, children_of, pid_alive, stop_pid, wait_for_line
-from support.target import LISTENING
+from support.target import LISTENING, Target
 
 READY = re.compile(r"^Ready\. ", re.M)
 
@@ -342,3 +343,22 @@ def test_a_cpu_set_that_cannot_be_applied_still_starts_the_child(tmp_path):
                      {"child": {100000}})
     sup.start("child")
     assert sup.procs["child"].wait(20) == 0
+
+
+def test_a_config_served_from_another_data_dir_finds_its_target(tmp_path, tmp_short):
+    """`run --config F --data-dir D` with an F that names no data dir: `status
+    --config F` looked in the default data dir ("no target is running") and
+    `config show --file --data-dir D` printed D's own file (absent), not F.
+    `run` now records D in F, and `config show --file` reads the file the
+    running target serves (decision 0215)."""
+    cfg = tmp_path / "f.toml"
+    cfg.write_text('# mine\n[[target]]\nname = "iqn.2026-11.org.test:six"\n'
+                   '[[target.lun]]\nbackend = "ram"\nsize = "4MiB"\n')
+    d = str(tmp_short())
+    with Target(config=str(cfg), data_dir=d):
+        assert f'data_dir = "{d}"' in cfg.read_text() and "# mine" in cfg.read_text()
+        assert json.loads(cli("status", "--config", str(cfg), "--json").stdout)["data_dir"] == d
+        shown = cli("config", "show", "--file", "--data-dir", d).stdout
+        assert "iqn.2026-11.org.test:six" in shown and "# mine" in shown
+        added = cli("lun", "add", "--config", str(cfg), "ram:4MiB").stdout
+        assert f"saved to {cfg}" in added

@@ -535,6 +535,16 @@ def test_a_hand_added_disk_keeps_its_identity_when_the_file_cannot_keep_its_id(t
     (d / "a.img").rename(d / "old.img")
     (d / "a.img").write_bytes(bytes(4096))
     assert given() not in (None, first)
+    # a disk whose file the start creates: derived once it exists, the same at the next start
+    cfg = _hand_written(d, '''
+        [[target.lun]]
+        lun = 0
+        backend = "file"
+        path = "new.img"
+        size = "1MiB"
+        ''', marker="legacy_ids = false")
+    created = given()
+    assert (d / "new.img").exists() and created is not None and given() == created
 
 
 def test_an_rbd_luns_image_identity_is_a_checked_setting(tmp_path):

@@ -359,8 +359,9 @@ def test_audit_lines_are_not_lost_to_the_rate_limit():
 # ---------------------------------------------------------------- iSNS ESI port
 
 def test_esi_connections_are_few_and_short():
-    """The ESI port listens on every address: beyond ESI_MAX_CONNECTIONS a connection
-    is closed at once, and a silent one is closed after esi_idle."""
+    """Anyone who reaches a registered portal's address may connect to its ESI
+    port: beyond ESI_MAX_CONNECTIONS a connection is closed at once, and a
+    silent one is closed after esi_idle."""
     import asyncio
 
     from fetd_tcp import isns
@@ -373,10 +374,9 @@ def test_esi_connections_are_few_and_short():
 
     async def main() -> None:
         client = isns.IsnsClient("127.0.0.1:9", "iqn.2026-11.org.test:entity", esi_idle=0.5)
-        await client._start_esi()
-        assert client.esi_port and client._esi_server
+        port = (await client.esi_follow({"127.0.0.1"}))["127.0.0.1"]
         try:
-            conns = [await asyncio.open_connection("127.0.0.1", client.esi_port)
+            conns = [await asyncio.open_connection("127.0.0.1", port)
                      for _ in range(isns.ESI_MAX_CONNECTIONS + 2)]
             esi = struct.pack(">HHHHHH", isns.VERSION, isns.ESI, 0, 0, 7, 0)
             for _, w in conns:
@@ -389,7 +389,7 @@ def test_esi_connections_are_few_and_short():
                 w.close()
             assert client._esi_open == 0
         finally:
-            client._esi_server.close()
+            await client.esi_follow(set())
 
     asyncio.run(main())
 

@@ -95,6 +95,54 @@ def _fetd_tcp_pid(supervisor: int) -> int:
     raise AssertionError("no fetd_tcp child")
 
 
+def _listening(pid: int) -> set[tuple[str, int]]:
+    """The TCP addresses process `pid` listens on (its socket inodes found in
+    /proc/net/tcp and tcp6, state LISTEN)."""
+    import ipaddress
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            link = os.readlink(fd)
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[8:-1])
+    out = set()
+    for table, size in (("tcp", 4), ("tcp6", 16)):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            f = line.split()
+            if f[3] != "0A" or f[9] not in inodes:
+                continue
+            hexaddr, hexport = f[1].split(":")
+            raw = bytes.fromhex(hexaddr)   # host-order 32-bit words
+            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, size, 4))
+            out.add((str(ipaddress.ip_address(raw)), int(hexport, 16)))
+    return out
+
+
+@pytest.mark.parametrize("isnsd", ["RegistrationPeriod = 3600\nESIMinInterval = 1\n"],
+                         indirect=True)
+def test_esi_listens_only_where_portals_are_registered(isnsd, tmp_path):
+    """The ESI port listened on `::` (every address, both families) even with
+    loopback portals only: a port nobody asked for on every network. It
+    listens on the registered portals' addresses only (decision 0210): here
+    127.0.0.1, the address the 0.0.0.0 portal is registered by too."""
+    port, client = isnsd
+    cfg = tmp_path / "t.toml"
+    cfg.write_text(f'isns = "127.0.0.1:{port}"\n[[target]]\nname = "{IQN}"\n'
+                   f'[[target.lun]]\nbackend = "ram"\nsize = "8MiB"\n')
+    wild = free_port()
+    with Target(config=str(cfg), portals=("127.0.0.1:0", f"0.0.0.0:{wild}")) as t:
+        wait_for(client, ("--list", "portals"), "ESI port")
+        fetd = _fetd_tcp_pid(t.proc.pid)
+        portal = int(t.portals[0].rsplit(":", 1)[1])
+        listening = _listening(fetd)
+        esi = {a for a in listening if a[1] not in (portal, wild)}
+        assert esi and {host for host, _ in esi} == {"127.0.0.1"}, listening
+        portals = query(client, "--list", "portals")
+        assert f"ESI port = {esi.pop()[1]}/tcp" in portals, portals
+
+
 ESI_SERVER = "RegistrationPeriod = 3600\nESIMinInterval = 1\nESIMaxInterval = 60\nESIRetries = 2\n"
 
 
@@ -156,3 +204,43 @@ def test_isns_tells_only_what_sendtargets_tells_anyone(isnsd, tmp_path):
     with Target(config=str(cfg)):
         out = wait_for(client, ("--query", "iscsi-node-type=Target"), closed)
         assert IQN in out and closed in out, out
+
+
+def test_esi_listeners_follow_the_registered_addresses():
+    """ESI listeners are opened for the registered portal addresses and closed
+    when an address is no longer registered; an address this host cannot
+    listen on (192.0.2.1, TEST-NET-1) gets no ESI port, and its portal is
+    registered without ESI attributes (the server relies on re-registration)."""
+    import asyncio
+    import struct as st
+
+    from fetd_tcp import isns
+
+    def esi_ports(body: bytes) -> list[int]:
+        out, at = [], 12
+        while at + 8 <= len(body):
+            tag, length = st.unpack(">II", body[at:at + 8])
+            if tag == isns.ESI_PORT:
+                out.append(st.unpack(">I", body[at + 8:at + 12])[0])
+            at += 8 + length
+        return out
+
+    async def main() -> None:
+        client = isns.IsnsClient("127.0.0.1:9", "iqn.2026-11.org.test:entity")
+        ports = await client.esi_follow({"127.0.0.1", "192.0.2.1"})
+        assert set(ports) == {"127.0.0.1"}
+        old = ports["127.0.0.1"]
+        _, w = await asyncio.open_connection("127.0.0.1", old)      # listening
+        w.close()
+        portals = [isns.Portal("127.0.0.1", 3260, 1), isns.Portal("192.0.2.1", 3260, 1)]
+        body = isns.encode_register("e", [("iqn.t", "")], portals, 1, 60, ports, 5)
+        assert esi_ports(body) == [old]
+        held = client.esi_listeners["127.0.0.1"]
+        assert held is not None
+        try:
+            assert await client.esi_follow({"192.0.2.1"}) == {}
+            assert not held[0].is_serving() and "127.0.0.1" not in client.esi_listeners   # closed
+        finally:
+            await client.esi_follow(set())
+
+    asyncio.run(main())

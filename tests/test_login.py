@@ -329,3 +329,21 @@ def test_send_targets_scoping():
     assert send_targets("iqn.t2", "iqn.a", [T1, T2], portals, local) == []
     assert send_targets("", "iqn.a", [T1, T2], portals, local, discovery=False,
                         session_target="iqn.t1")[0] == ("TargetName", "iqn.t1")
+
+
+def test_send_targets_in_a_normal_session_names_only_its_target():
+    """RFC 7143 Appendix C: in a Normal session SendTargets answers for the
+    session's own target; naming another target (that the ACL admits, even)
+    got its addresses, which a discovery session behind discovery CHAP
+    would not tell this initiator (decision 0212)."""
+    portals = {1: [("192.0.2.1", 3260)]}
+    local = ("192.0.2.1", 3260)
+    other = TargetConfig("iqn.t3")          # admits any initiator
+    own = [("TargetName", "iqn.t1"), ("TargetAddress", "192.0.2.1:3260,1")]
+    for value in ("", "iqn.t1", "IQN.T1"):
+        assert send_targets(value, "iqn.a", [T1, other], portals, local, discovery=False,
+                            session_target="iqn.t1") == own, value
+    for value in ("iqn.t3", "All", "iqn.none"):
+        assert send_targets(value, "iqn.a", [T1, other], portals, local, discovery=False,
+                            session_target="iqn.t1") == [], value
+    assert send_targets("iqn.t3", "iqn.a", [T1, other], portals, local) != []   # discovery: any it may see

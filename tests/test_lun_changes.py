@@ -346,6 +346,39 @@ def test_an_lu_added_at_a_removed_lus_number_carries_the_unit_attention():
     asyncio.run(run())
 
 
+def test_a_reused_number_is_reachable_only_once_every_nexus_has_its_unit_attention(monkeypatch):
+    """The fan-out of a unit attention takes loop turns (FANOUT_STEP nexus
+    entries each): the new LU at a removed LU's number must not be served
+    to a nexus before its UA is set for it, in any turn (review 9: it was
+    reachable for several turns before the last nexuses had theirs)."""
+    monkeypatch.setattr(emulator_mod, "FANOUT_STEP", 2)
+    sent: list = []
+    emu, m = setup(sent, luns=8, nexuses=4)
+    keys = set(emu.nexus_keys(IQN))
+    t = emu.targets[IQN]
+    unwarned: list[int] = []
+
+    async def run() -> None:
+        await m.lun_remove(3, IQN)
+        old = t.luns.get(3)
+        done = False
+
+        async def watch() -> None:
+            while not done:
+                lu = t.luns.get(3)
+                if lu is not None and lu is not old:
+                    unwarned.append(len(keys - set(lu.unit_attentions)))
+                await asyncio.sleep(0)
+
+        watcher = asyncio.ensure_future(watch())
+        await m.lun_add("ram:1MiB", IQN, 3)
+        done = True
+        await watcher
+
+    asyncio.run(run())
+    assert unwarned and set(unwarned) == {0}
+
+
 class CountedLuns(dict):
     """A target's LUs that count each LU a walk of them visits."""
 
@@ -445,3 +478,14 @@ def test_a_change_reads_the_config_file_in_a_thread(tmp_path, monkeypatch):
     assert {name for name, _ in reads} == {"file_digest", "read_document", "model"}
     assert len([r for r in reads if r[0] == "file_digest"]) >= 4   # one per change, diff, save --force
     assert [r for r in reads if r[1]] == []                        # none on the loop's thread
+
+
+def test_a_recorded_image_identity_is_no_setting_a_reload_must_restart_for():
+    """An RBD LUN's entry records its image's identity (0281); a file that
+    lacks it (one the STML cannot write, a line deleted) is the same LUN, not
+    a change a reload reports as needing a restart."""
+    from stml.lu import LunOptions
+    from stml.mgmt import _differs_beyond_size
+    recorded = LunOptions("rbd", path="rbd/img", image_identity="ab" * 16)
+    assert not _differs_beyond_size(LunOptions("rbd", path="rbd/img"), recorded)
+    assert _differs_beyond_size(LunOptions("rbd", path="rbd/other"), recorded)

@@ -414,6 +414,35 @@ def test_turning_chap_on_ends_the_sessions_that_did_not_authenticate(config):
         t.stop()
 
 
+def test_turning_discovery_chap_on_ends_the_discovery_sessions(config):
+    """A reload that sets `discovery_chap` ends the discovery sessions (none
+    authenticated: SendTargets went on answering them), as turning a target's
+    CHAP on ends its sessions; Normal sessions go on (decision 0211)."""
+    t = Target(config=str(config))
+    try:
+        host, port = t.portal.rsplit(":", 1)
+        disc = RawInitiator(host, int(port), initiator="iqn.2026-11.org.test:discoverer")
+        normal = RawInitiator(host, int(port), initiator="iqn.2026-11.org.test:normal")
+        try:
+            disc.login(None, session_type="Discovery")
+            assert ("TargetName", IQN) in disc.text([("SendTargets", "All")])
+            assert normal.login(IQN).status_class == 0
+            config.write_text('discovery_chap = {user = "d", secret = "discovery-secret"}\n'
+                              + config.read_text())
+            mgmt(t.data_dir, "config", "reload")
+            assert_dropped(disc)
+            assert tur(normal, 0)[0] == 0
+            again = RawInitiator(host, int(port), initiator="iqn.2026-11.org.test:discoverer")
+            assert again.login(None, session_type="Discovery").status_class == 2   # no CHAP: refused
+            again.close()
+            assert "1 discovery session(s) ended: discovery now requires CHAP" in t.log()
+        finally:
+            disc.close()
+            normal.close()
+    finally:
+        t.stop()
+
+
 @pytest.mark.parametrize("value", [2 ** 64, "tomlkit"], ids=["int past 64 bits", "tomlkit String"])
 def test_a_result_the_codec_cannot_pack_is_answered_with_an_error(value, caplog) -> None:
     """A command whose result msgspec refuses to pack still gets a reply,

@@ -143,16 +143,16 @@ def test_port_groups_are_capped_and_16_bit(inproc, monkeypatch):
     not), and one that is no 16-bit target port group never gets in."""
     monkeypatch.setattr(E, "MAX_PORT_GROUPS", 2)
     inproc.front_end(b"a")
-    for tpg in (-1, 0x10000):
+    for tpg in (-1, 0xFFFF, 0x10000):   # (0xFFFF: tag 0's relative port identifier)
         error = inproc.nexus(b"a", 9, f"{INI}:9", tpg=tpg)
-        assert error is not None and "0..65535" in error
+        assert error is not None and "0..65534" in error
     assert inproc.nexus(b"a", 1, f"{INI}:1", tpg=1) is None
     inproc.release(b"a", 1)
-    assert inproc.nexus(b"a", 2, f"{INI}:2", tpg=0xFFFF) is None
+    assert inproc.nexus(b"a", 2, f"{INI}:2", tpg=0xFFFE) is None
     error = inproc.nexus(b"a", 3, f"{INI}:3", tpg=7)
     assert error is not None and "2 port groups" in error
     assert inproc.nexus(b"a", 3, f"{INI}:3", tpg=1) is None
-    assert inproc.emu.portal_groups(T) == {1, 0xFFFF}
+    assert inproc.emu.portal_groups(T) == {1, 0xFFFE}
 
 
 # ---------------------------------------------------------------- real processes

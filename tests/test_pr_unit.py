@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from backends import open_backend
-from stml import pr
+from stml import alua, pr
 from stml.api import Op, TaskAttr, Tmf, TmfResponse
 from stml.disk import DiskTemplate
 from stml.emulator import Emulator, Target
@@ -252,6 +252,17 @@ def test_register_and_move_only_to_a_port_of_the_target():
         write = bytes([0x2A, 0, 0, 0, 0, 0, 0, 0, 1, 0])
         assert (await h.cmd(write, bytes(512), nexus=3)).status == 0
         assert (await h.cmd(write, bytes(512), nexus=1)).status == RESERVATION_CONFLICT
+        # READ FULL STATUS names the port it moved to as REGISTER AND MOVE did, and as
+        # REPORT TARGET PORT GROUPS does (one identifier per port everywhere)
+        full = await h.cmd(bytes([0x5E, 3, 0, 0, 0, 0, 0, 0x10, 0, 0]))
+        ports, pos = {}, 8
+        while pos < len(full.data):
+            n = struct.unpack_from(">I", full.data, pos + 20)[0]
+            ports[bytes(full.data[pos + 28:pos + 24 + n]).split(b",")[0].rstrip(b"\0")] = \
+                struct.unpack_from(">H", full.data, pos + 18)[0]
+            pos += 24 + n
+        assert ports == {b"iqn.init:one": 1, b"iqn.init:zero": 0xFFFF}
+        assert struct.unpack_from(">H", alua.descriptor(0), 10)[0] == 0xFFFF
     run(go())
 
 
@@ -266,6 +277,20 @@ def test_spc2_reservations_and_their_conflicts(st):
     assert not st.conflicts(B, rule(READ10))
     register(st, B, 1)                      # with registrations, RESERVE/RELEASE conflict
     assert conflicted(st.reserve6, A) and conflicted(st.release6, A)
+
+
+def test_one_i_t_nexus_whatever_the_case_of_its_initiator_name(st):
+    """iSCSI names compare without case (RFC 3722): "IQN...:A" and "iqn...:a"
+    with one ISID are one initiator port, so one I_T nexus: its SPC-2
+    reservation, unit attentions and registration key are the same nexus's."""
+    upper = pr.Port("IQN.1994-05.COM.EXAMPLE:A,i,0x23D000000001", T, 1)
+    assert upper.key == A.key
+    st.reserve6(upper)
+    assert not st.conflicts(A, rule(READ10)) and st.conflicts(B, rule(READ10))
+    st.drop_spc2(A.key)
+    assert not st.conflicts(B, rule(READ10))
+    reg = pr.Registration(1, upper.initiator, T, 1)
+    assert reg.nexus_key() == A.key
 
 
 def test_report_capabilities_and_read_full_status(st):

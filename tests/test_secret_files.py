@@ -165,14 +165,29 @@ def test_atomic_write_removes_temporaries_of_killed_saves(tmp_path):
     assert cfg.read_text() == "a = 1\n"
 
 
+def test_atomic_write_lists_the_directory_once_per_file(tmp_path, monkeypatch):
+    """Each reservation change under APTPL is a save: only a file's first
+    write in this process looks for killed saves' temporaries (a listing of
+    its directory, which grows with the LUs that keep reservations)."""
+    from scsi_runtime import files
+    listed: list[str] = []
+    real = os.listdir
+    monkeypatch.setattr(files.os, "listdir", lambda d: listed.append(str(d)) or real(d))
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    for _ in range(5):
+        atomic_write(a, b"{}", secret=True)
+        atomic_write(b, b"{}", secret=True)
+    assert sorted(listed) == [str(tmp_path)] * 2
+
+
 SECRETS = ("alice-secret-12", "target-secret-12", "discovery-secret")
 
 
-def test_config_show_and_diff_never_print_secrets():
+def test_config_show_and_diff_never_print_secrets(tmp_short):
     """`config show` (running, --file, --json) and `config diff` print the
     configuration with every CHAP secret hidden; a diff that is only a
     secret says so without showing either value."""
-    ddir = short_dir()
+    ddir = str(tmp_short())
     cfg = Path(ddir) / "scsi-target.toml"
     cfg.write_text(f'discovery_chap = {{user = "d", secret = "{SECRETS[2]}"}}\n\n'
                    f'[[target]]\nname = "{IQN}"\n'
@@ -202,22 +217,20 @@ def test_config_show_and_diff_never_print_secrets():
         diff = cli("config", "diff", code=1)
         assert "a CHAP secret differs" in diff and "a-new-secret-12" not in diff and SECRETS[0] not in diff
     assert SECRETS[1] in cfg.read_text()     # the file keeps them
-    shutil.rmtree(ddir, ignore_errors=True)
 
 
-def test_stml_sockets_are_owner_only_whatever_the_umask(tmp_path, umask):
+def test_stml_sockets_are_owner_only_whatever_the_umask(tmp_path, umask, tmp_short):
     """Whoever can connect to the STML's ipc:// socket (or the stream socket
     beside it) manages the target: under umask 0 they and a directory made for
     them are still the user's alone."""
     umask(0)
-    sockdir = Path(short_dir()) / "sub"
+    sockdir = tmp_short() / "sub"
     endpoint = f"ipc://{sockdir}/s.sock"
     with Target("--lun", "ram:4MiB", "--stml-endpoint", endpoint):
         socks = [sockdir / "s.sock", sockdir / "s.sock.stream"]
         assert all(stat.S_ISSOCK(p.lstat().st_mode) for p in socks)
         assert {p.name: oct(mode(p)) for p in socks} == {p.name: "0o600" for p in socks}
         assert mode(sockdir) == 0o700
-    shutil.rmtree(sockdir.parent, ignore_errors=True)
 
 
 def test_chap_secret_from_a_file_or_stdin_not_the_command_line(tmp_path):
