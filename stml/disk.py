@@ -32,7 +32,7 @@ from stml.sense import (
 )
 from stml.spc import (
     inquiry, log_sense, prevent_allow, report_luns, report_supported_opcodes,
-    report_supported_tmfs, request_sense, sanitize_in_progress, standard_inquiry, test_unit_ready,
+    report_supported_tmfs, request_sense, sanitize_in_progress, standard_inquiry, test_unit_ready, thin,
 )
 from stml.task import Task
 from stml.xcopy import (
@@ -111,7 +111,7 @@ OPCODES: list[OpEntry] = [
     OpEntry(0x41, "WRITE SAME(10)", _u(0x41, 0x18, *_L4, 0x3F, 0xFF, 0xFF, 0), write_same, W,
             ws_out_len, ws_check, medium=True, timeout=120, conflicts=Conflict.WRITE),
     OpEntry(0x42, "UNMAP", _u(0x42, 0x01, 0, 0, 0, 0, 0x3F, 0xFF, 0xFF, 0), unmap, W,
-            unmap_out_len, unmap_check, medium=True, conflicts=Conflict.WRITE),
+            unmap_out_len, unmap_check, medium=True, enabled=thin, conflicts=Conflict.WRITE),   # LBPU
     *[OpEntry(0x48, f"SANITIZE/{name}", _u(0x48, 0x80 | 0x20 | 0x1F, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0), sanitize,
               W, sanitize_out_len, sanitize_check, sa=sa, medium=True, timeout=3600, conflicts=Conflict.WRITE)
       for sa, name in ((0x01, "OVERWRITE"), (0x02, "BLOCK ERASE"), (0x03, "CRYPTOGRAPHIC ERASE"),

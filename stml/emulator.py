@@ -30,6 +30,7 @@ from stml.api.messages import TO_STML, check
 from stml.cdb import check_usage
 from stml.disk import DiskTemplate, OpEntry, medium_error, standard_inquiry, trim_views
 from stml.lu import LogicalUnit
+from stml.lunmap import LunMap
 from stml.sense import (
     ABORTED_COMMAND, ASYMMETRIC_ACCESS_STATE_TRANSITION, BUS_DEVICE_RESET, CHECK_CONDITION,
     COMMANDS_CLEARED_BY_ANOTHER, DATA_PHASE_ERROR, DATA_PROTECT, GOOD, HARDWARE_ERROR, I_T_NEXUS_LOSS,
@@ -60,6 +61,7 @@ _TIMING_CAPS = frozenset({_TIMING})   # granted, when offered, while commands ar
 MAX_FRONT_ENDS = 1024          # registered at once: each connection of an admitted key is one
 MAX_NEXUSES_PER_FRONT_END = 8192
 MAX_NEXUSES_PER_TARGET = 4096   # I_T nexuses (initiator port, target port), all front ends
+_NO_LUNS = LunMap()   # an unknown target's LUs (read only: no caller changes it)
 MAX_PORT_GROUPS = 256   # port group tags nexuses of one target came through (never forgotten)
 MAX_TPG = 0xFFFE        # 16 bits, and 0xFFFF is tag 0's relative port identifier (ops.relative_port_id)
 CHAP_KINDS = frozenset({"iscsi"})   # front-end kinds that authenticate initiators with CHAP (fetd_tcp)
@@ -166,10 +168,14 @@ class _Started(collections.abc.Coroutine):
 @dataclass
 class Target:
     name: str
-    luns: dict[int, LogicalUnit]
+    luns: dict[int, LogicalUnit]   # a LunMap (a plain dict given is made one: its designator index, 0296)
     alias: str = ""
     access: dict[str, Any] = field(default_factory=dict)
     target_reset: bool = False   # TARGET WARM/COLD RESET allowed (config `target_reset`)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.luns, LunMap):
+            self.luns = LunMap(self.luns)
 
 
 @dataclass(slots=True)
@@ -272,6 +278,7 @@ class Emulator:
         self._target_keys: dict[str, dict[str, None]] = {}
         self._ua_luns: dict[str, set[LogicalUnit]] = {}   # nexus key -> LUs holding UAs for it
         self._copy_luns: dict[str, set[LogicalUnit]] = {}  # nexus key -> LUs holding its copy results
+        self._prevent_luns: dict[str, set[LogicalUnit]] = {}  # nexus key -> LUs it prevents removal of
         self.spc2_luns: set[LogicalUnit] = set()          # LUs an SPC-2 RESERVE was taken on
         self._resets: dict[str, _Resets] = {}   # per target (a burst costs two fan-outs)
         # told when a nexus ends (with the tags of the tasks it took along)
@@ -315,9 +322,9 @@ class Emulator:
         self.templates.pop(name, None)
 
     # ------------------------------------------------------------ inventory
-    def target_luns(self, target: str) -> collections.abc.Mapping[int, LogicalUnit]:
+    def target_luns(self, target: str) -> LunMap:
         t = self.targets.get(target)
-        return t.luns if t else {}
+        return cast(LunMap, t.luns) if t else _NO_LUNS   # (made one by Target.__post_init__)
 
     def lookup_lu(self, target: str, lun: int) -> LogicalUnit | None:
         t = self.targets.get(target)
@@ -620,6 +627,8 @@ class Emulator:
         self._keyed.pop(key, None)
         for lu in self._copy_luns.pop(key, ()):   # copy results end with the nexus (SPC-4 6.23)
             lu.copy_results.drop(key)
+        for lu in self._prevent_luns.pop(key, ()):   # and its PREVENT (SBC-4 5.15: I_T nexus loss)
+            lu.prevent.discard(key)
         self._target_keys.get(nexus.target, {}).pop(key, None)
         for lu in list(self.spc2_luns):   # those with an SPC-2 reservation, not every LU
             st = lu.pr
@@ -637,6 +646,21 @@ class Emulator:
         nexus loss visits only the LUs that hold some (not every LU of the target)."""
         lu.copy_results.put(key, list_id, state)
         self._copy_luns.setdefault(key, set()).add(lu)
+
+    def prevent_removal(self, lu: LogicalUnit, key: str, prevent: bool) -> None:
+        """Keep the nexus's PREVENT on the LU, indexed by nexus key as copy
+        results are: its loss visits only the LUs it prevented, and PREVENT
+        ALLOW costs the same however many sessions sent one (0297)."""
+        luns = self._prevent_luns.get(key)
+        if prevent:
+            lu.prevent.add(key)
+            self._prevent_luns.setdefault(key, set()).add(lu)
+        else:
+            lu.prevent.discard(key)
+            if luns is not None:
+                luns.discard(lu)
+                if not luns:
+                    del self._prevent_luns[key]
 
     def spc2_reserved(self, lu: LogicalUnit) -> None:
         self.spc2_luns.add(lu)
@@ -656,9 +680,6 @@ class Emulator:
     def nexuses_of(self, key: str) -> list[Nexus]:
         """The nexuses holding one I_T nexus key (one per front end)."""
         return self._keyed.get(key, [])
-
-    def nexus_exists(self, key: str) -> bool:
-        return key in self._keyed
 
     # ------------------------------------------------------------ commands
     def command(self, fe: FrontEnd | None, ident: bytes, tag: int, nexus_id: int, lun: int, cdb: bytes,

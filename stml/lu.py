@@ -389,3 +389,4 @@ class LogicalUnit:
         if not pending:
             del self.unit_attentions[key]   # an empty queue keeps no entry
         return ua
+

@@ -22,6 +22,8 @@ from itertools import chain, islice
 from time import monotonic
 from typing import Any, Final
 
+from stml.task import FANOUT_STEP
+
 # (Final: the compiled build uses them in place, not through the module's dict)
 RING: Final = 1024     # recent latencies kept per set (a power of two)
 READ: Final = 2        # DataDir bits of rx_cmnd's "dir"
@@ -311,12 +313,25 @@ class PrometheusExporter:
         return fut.result(5)
 
     async def _async_snapshot(self) -> dict[str, Any]:
-        return self._read()
+        """A scrape's snapshot, built in steps as management builds it (0267):
+        a scrape holds up no session for every LU and session at once."""
+        import asyncio
+        snap: dict[str, Any] = {}
+        # FANOUT_STEP rows a turn, as stml.mgmt._stepped walks (an async
+        # generator: this module is compiled, and mypyc builds none)
+        for i, _ in enumerate(self.metrics.build(self.emulator, snap)):
+            if not i % FANOUT_STEP:
+                await asyncio.sleep(0)
+        return self._stages(snap)
 
     def _read(self) -> dict[str, Any]:
-        """The snapshot, and the stage histograms when commands are timed
-        (copied here, on the event loop that writes them)."""
-        snap = self.metrics.snapshot(self.emulator)
+        """The snapshot in one go: only where there is no loop to yield to
+        (a scrape on the main thread, as tests make)."""
+        return self._stages(self.metrics.snapshot(self.emulator))
+
+    def _stages(self, snap: dict[str, Any]) -> dict[str, Any]:
+        """The stage histograms when commands are timed (copied here, on the
+        event loop that writes them: a fixed number of stages)."""
         timing = self.emulator.timing
         if timing is not None:
             snap["stage_histograms"] = timing.histograms()

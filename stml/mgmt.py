@@ -33,6 +33,7 @@ from stml.config import (MUTUAL_NEEDS_CHAP, Config, ConfigError, LunConfig, Targ
 from stml.emulator import CHAP_KINDS, Emulator, Target
 from stml.gateway import Gateway
 from stml.lu import RECORDED, CannotOpen, LogicalUnit, LunOptions, open_store, record_image, served_before
+from stml.lunmap import LunMap
 from stml.metrics import Metrics
 from stml.persist import (SECRET_DIFFERS, EditedError, hide_secrets, hold, model, new_id, read_document, render,
                           save)
@@ -357,8 +358,8 @@ class Management:
         if lease_s is not None and (not isinstance(lease_s, (int, float)) or not 1 <= lease_s <= 3600):
             raise MgmtError(f"lease_s must be 1-3600 seconds, not {lease_s!r}")
         try:
-            recorder = self.traces.start(path, with_data=bool(with_data), max_bytes=max_bytes,
-                                         count=count, lease_s=lease_s, force=bool(force))
+            recorder = await self.traces.start(path, with_data=bool(with_data), max_bytes=max_bytes,
+                                               count=count, lease_s=lease_s, force=bool(force))
         except RuntimeError as e:
             raise MgmtError(str(e)) from None
         except FileExistsError:
@@ -517,8 +518,16 @@ class Management:
                 applied.append(f"target {t.name} LUN {number} added")
                 continue
             same = not _differs_beyond_size(o, lu.options)
-            if lu.offline is not None and (same or _path_corrected(o, lu.options)):
+            new_id = o.id is not None and lu.options.id is not None and o.id != lu.options.id
+            if lu.offline is not None and not new_id and (same or _path_corrected(o, lu.options)):
+                if lu.options.id is None:   # never served: it opens under the id its entry now gives (0298)
+                    lu.options.id = o.id
                 await self._retry_offline(t, lu, applied, pending, o.path)
+            elif new_id:   # another identity is another disk to initiators: never in place (0298)
+                others = ", ".join(_changed(o, lu.options))
+                pending.append(f"target {t.name} LUN {number}: its id changed (served as {lu.options.id}, "
+                               f"the file says {o.id}){f'; so did {others}' if others else ''}: restart "
+                               f"to serve it under the new id (or remove and add the LUN)")
             elif not same:
                 pending.append(f"target {t.name} LUN {number}: settings other than its size changed: "
                                f"restart to apply them (or remove and add the LUN)")
@@ -610,7 +619,7 @@ class Management:
         if name in self.em.targets:
             raise MgmtError(f"target {name} exists")
         await self._check_file()
-        t = Target(name, {}, alias, {"acl": [], "chap": None, "mutual": None})
+        t = Target(name, LunMap(), alias, {"acl": [], "chap": None, "mutual": None})
         self.em.targets[name] = t
         self.config.targets.append(TargetConfig(name, [], alias))
         await self._redetect()
@@ -775,6 +784,7 @@ class Management:
         o.path = want.path
         await self._identify(t.name, lu.lun, o, backend)   # a file the start could not create
         lu.go_online(backend)
+        self.em.target_luns(t.name).renamed(lu)   # its designator may be new: EXTENDED COPY finds it by that (0296)
         log.info("target %s LUN %d (%s %s) is online", t.name, lu.lun, o.kind, o.path or "")
         await self._ua([lu], NOT_READY_TO_READY_CHANGE, t.name)
         # and its capacity, 0 while offline: Linux's sd acts on this one (a
@@ -1046,8 +1056,15 @@ def _path_corrected(a: LunOptions, b: LunOptions) -> bool:
     return a.kind == b.kind == "file" and not _differs_beyond_size(dataclasses.replace(a, path=b.path), b)
 
 
+def _changed(a: LunOptions, b: LunOptions) -> list[str]:
+    """The settings two LUN entries differ in, beyond the size, the id and
+    what the STML records itself (RECORDED)."""
+    return [f.name for f in dataclasses.fields(LunOptions)
+            if f.name not in ("size", "id") and f.name not in RECORDED
+            and getattr(a, f.name) != getattr(b, f.name)]
+
+
 def _differs_beyond_size(a: LunOptions, b: LunOptions) -> bool:
-    """Whether two LUN settings differ in more than the size (and the identity
-    a file without one leaves to the legacy value)."""
-    return any(getattr(a, f.name) != getattr(b, f.name) for f in dataclasses.fields(LunOptions)
-               if f.name not in ("size", "id") and f.name not in RECORDED)
+    """Whether two LUN settings differ in more than the size (and the identity,
+    which a reload compares on its own: 0281, 0298)."""
+    return bool(_changed(a, b))

@@ -13,7 +13,8 @@ from stml.cdb import forbidden_bits, lba_len
 from stml.lu import LogicalUnit
 from stml.sense import (
     DATA_PROTECT, ILLEGAL_REQUEST, LBA_OUT_OF_RANGE, MEDIUM_ERROR, PARAMETER_LIST_LENGTH_ERROR,
-    SOFTWARE_WRITE_PROTECTED, WRITE_ERROR, WRITE_PROTECTED, CheckCondition, invalid_field,
+    INVALID_COMMAND_OPERATION_CODE, SOFTWARE_WRITE_PROTECTED, WRITE_ERROR, WRITE_PROTECTED, CheckCondition,
+    invalid_field,
 )
 from stml.task import Task
 
@@ -47,6 +48,8 @@ class OpEntry:
     partial: bool = False                 # may run on less data than the CDB asks for
     medium: bool = False                  # needs a started unit with its medium loaded
     timeout: int = 30                     # nominal timeout (s) for REPORT SUPPORTED OPCODES
+    # the LUs that support it, when not all do: those whose VPD pages advertise it (0295)
+    enabled: Callable[[LogicalUnit], bool] | None = None
     # what a reservation of another nexus does to it: every row says (no default)
     conflicts: Conflict = field(kw_only=True)
     # the CDB bits `usage` does not allow, and its length, computed once per row (cdb.forbidden_bits)
@@ -56,6 +59,24 @@ class OpEntry:
     def __post_init__(self) -> None:
         object.__setattr__(self, "forbidden", forbidden_bits(self.usage))
         object.__setattr__(self, "size", len(self.usage))
+        if self.enabled is not None:   # refused first, before any data is asked for (as LIO does)
+            object.__setattr__(self, "check", _enabled_check(self.enabled, self.check))
+
+
+def _enabled_check(enabled: Callable[[LogicalUnit], bool],
+                   check: Callable[[Task], None] | None) -> Callable[[Task], None]:
+    """A row's checks behind its `enabled` test: on an LU that does not
+    advertise the command it is not supported at all (INVALID COMMAND OPERATION
+    CODE, as an opcode without a row), so no LU answers GOOD to a command its
+    VPD pages deny (0295). Only such rows pay for the test."""
+    def run(task: Task) -> None:
+        lu = task.lu
+        assert lu is not None   # see unit()
+        if not enabled(lu):
+            raise CheckCondition(ILLEGAL_REQUEST, INVALID_COMMAND_OPERATION_CODE)
+        if check is not None:
+            check(task)
+    return run
 
 
 def _u(*b: int) -> bytes:

@@ -400,6 +400,8 @@ def ws_check(task: Task) -> None:
     lba, n, flags = _ws_fields(task)
     if flags & 0x10:
         raise invalid_field(1, 4)       # ANCHOR: anchored state not supported (ANC_SUP 0)
+    if flags & 0x08 and not thin(lu):
+        raise invalid_field(1, 3)       # UNMAP on a LU whose VPD 0xB2 says LBPWS=LBPWS10=0 (0295)
     check_writable(lu)
     check_range(lu, lba, n)
     if lba >= lu.blocks and n == 0:
@@ -474,6 +476,8 @@ def unmap_check(task: Task) -> None:
 
 
 async def unmap(task: Task) -> None:
+    """Runs on a thin LU only: its row is enabled by `thin` (LBPU), so a thick
+    LU answers INVALID COMMAND OPERATION CODE before any data moves (0295)."""
     lu = unit(task)
     plen = u16(task.cdb, 7)
     if plen == 0:
@@ -497,8 +501,6 @@ async def unmap(task: Task) -> None:
             raise invalid_param(off + 8)
         check_range(lu, lba, n)
         ranges.append((lba, n))
-    if not thin(lu):
-        return   # fully provisioned: nothing to give back
     for i, (lba, n) in enumerate(ranges):
         if i:
             await next_chunk()   # 256 partial pages of RAM are 256 page scans

@@ -31,6 +31,7 @@ from stml.api.tap import Tap, TapPoint, combine
 from stml.config import Config, ConfigError, StartupError
 from stml.emulator import Emulator, Target
 from stml.lu import CannotOpen, LogicalUnit, Offline, open_store, record_image, served_before
+from stml.lunmap import LunMap
 from stml.metrics import Metrics
 from stml.mgmt import Management
 from stml.persist import EditedError, give_ids, save
@@ -73,7 +74,7 @@ def build_targets(config: Config, templates: dict[str, Any]) -> tuple[list[Targe
     targets = []
     recorded = False
     for t in config.targets:
-        luns = {}
+        luns = LunMap()
         for lc in t.luns:
             o = lc.options
             backend: Any
@@ -553,8 +554,8 @@ class StmlServer(TapPoint):
     async def serve(self, stop: asyncio.Event, trace: TraceOptions | None = None) -> None:
         if trace is not None:   # before any front end can connect: the trace sees everything
             try:
-                self.traces.start(trace.path, with_data=trace.with_data, max_bytes=trace.max_bytes,
-                                 force=trace.force, from_start=True)
+                await self.traces.start(trace.path, with_data=trace.with_data, max_bytes=trace.max_bytes,
+                                        force=trace.force, from_start=True)
             except OSError as e:
                 raise StartupError(f"--trace {trace.path}", e.strerror or str(e)) from None
         try:

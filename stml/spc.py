@@ -27,8 +27,10 @@ MAX_LBA_STATUS_DESCRIPTORS = 1024
 
 def thin(lu: LogicalUnit) -> bool:
     """Logical block provisioning management is enabled: a thin LUN whose
-    backend can give space back."""
-    return bool(lu.options.thin and getattr(lu.backend, "can_discard", False) and not lu.options.ro)
+    backend can give space back. Read-only or not: a read-only thin LU
+    supports UNMAP and refuses it as it refuses every write (WRITE PROTECTED),
+    as LIO's emulate_tpu does, and as libiscsi's ReadOnly suite expects (0295)."""
+    return bool(lu.options.thin and getattr(lu.backend, "can_discard", False))
 
 
 def max_write_same(task: Task) -> int:
@@ -232,7 +234,11 @@ def _timeouts(e: OpEntry) -> bytes:
 
 
 def _entries(task: Task) -> list[OpEntry]:
-    return sorted(unit(task).template.entries, key=lambda e: (e.opcode, e.sa or 0))
+    """The rows this LU supports: a row it does not enable is reported as no
+    row at all, as its commands are answered (0295)."""
+    lu = unit(task)
+    return sorted((e for e in lu.template.entries if e.enabled is None or e.enabled(lu)),
+                  key=lambda e: (e.opcode, e.sa or 0))
 
 
 async def report_supported_opcodes(task: Task) -> bytes:
@@ -318,18 +324,11 @@ async def prevent_allow(task: Task) -> None:
         raise invalid_field(4, 1)   # persistent prevent: media changers only
     if not lu.options.removable:
         return
-    if prevent:
-        # nexuses that ended keep no entry: the set stays within the live ones
-        lu.prevent = {k for k in lu.prevent if task.services.nexus_exists(k)}
-        lu.prevent.add(task.nexus.key)
-    else:
-        lu.prevent.discard(task.nexus.key)
+    # the engine keeps it: a nexus that ends leaves no entry (drop_nexus), so the
+    # set holds live nexuses only and no call walks it (0297)
+    task.services.prevent_removal(lu, task.nexus.key, bool(prevent))
 
 
 def removal_prevented(task: Task) -> bool:
-    """Prevent states of nexuses that no longer exist do not count."""
-    lu = unit(task)
-    if not lu.prevent:
-        return False
-    lu.prevent = {k for k in lu.prevent if task.services.nexus_exists(k)}
-    return bool(lu.prevent)
+    """Some live I_T nexus prevents medium removal."""
+    return bool(unit(task).prevent)

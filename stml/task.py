@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Container, Iterable, Mapping
+from collections.abc import Container, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 from stml.cdb import trim_cdb
 from stml.lu import LogicalUnit
+from stml.lunmap import LunMap
 from stml.sense import ABORTED_COMMAND, DATA_PHASE_ERROR, CheckCondition
 from stml.workers import FairWorkers
 
@@ -25,6 +26,7 @@ from stml.workers import FairWorkers
 # fan-out (target and I_T nexus reset, LUN reset, LUN changes, MODE SELECT, a
 # resize, a reservation change) goes through Services.fan_out_ua
 FANOUT_STEP = 256
+
 
 
 @dataclass(eq=False)
@@ -76,8 +78,9 @@ class Services(Protocol):
     # holds; None: any new memory will do (the backend may bring its own)
     read_buffer: Callable[[Task, int], bytearray | memoryview | None]
 
-    def target_luns(self, target: str) -> Mapping[int, LogicalUnit]:
-        """The LUs of a target by number (REPORT LUNS; EXTENDED COPY's copy targets)."""
+    def target_luns(self, target: str) -> LunMap:
+        """The LUs of a target by number, and by designator (REPORT LUNS; EXTENDED
+        COPY's copy targets). Not to be changed through."""
         ...
 
     def portal_groups(self, target: str) -> set[int]:
@@ -95,10 +98,6 @@ class Services(Protocol):
 
     def nexuses(self, target: str) -> Iterable[Nexus]:
         """The target's live I_T nexuses (reservations match them to registrations)."""
-        ...
-
-    def nexus_exists(self, key: str) -> bool:
-        """Whether an I_T nexus of this key is live."""
         ...
 
     def take_ua(self, lu: LogicalUnit, nexus: Nexus) -> tuple[int, int] | None:
@@ -123,6 +122,10 @@ class Services(Protocol):
 
     def keep_copy_results(self, lu: LogicalUnit, key: str, list_id: int, state: dict[str, Any]) -> None:
         """Keep an EXTENDED COPY's results on the LU until its nexus goes."""
+        ...
+
+    def prevent_removal(self, lu: LogicalUnit, key: str, prevent: bool) -> None:
+        """The nexus's PREVENT ALLOW MEDIUM REMOVAL on the LU; its loss allows it."""
         ...
 
     def spc2_reserved(self, lu: LogicalUnit) -> None:

@@ -51,14 +51,6 @@ def xcopy_check(task: Task) -> None:
         raise param_len_error()
 
 
-def _find_lu(task: Task, designator: bytes) -> LogicalUnit | None:
-    """The LU of the nexus's own target with this NAA designator."""
-    for lu in task.services.target_luns(task.nexus.target).values():
-        if lu.naa == designator:
-            return lu
-    return None
-
-
 def _reach(task: Task, lu: LogicalUnit, rule: Conflict, lba: int, blocks: int) -> None:
     """Before each chunk: the copy target is still an LU of the target, with
     its medium ready, and its reservations let this nexus read (or write) it,
@@ -84,7 +76,7 @@ def _parse_cscd(task: Task, d: bytes, off: int) -> LogicalUnit:
     length = d[7]
     if dtype != 0x03 or code_set != 0x01 or assoc != 0 or length != 16:
         raise invalid_param(off + 5)
-    lu = _find_lu(task, bytes(d[8:24]))
+    lu = task.services.target_luns(task.nexus.target).by_naa(bytes(d[8:24]))   # the nexus's own target's
     if lu is None:
         raise CheckCondition(COPY_ABORTED, UNREACHABLE_COPY_TARGET)
     block = int.from_bytes(d[29:32], "big")

@@ -579,6 +579,47 @@ def test_extended_copy_reaches_only_the_nexus_target():
     run(go())
 
 
+class _CountedNaa(bytes):
+    """A designator that counts the comparisons made with it."""
+    compared = 0
+
+    def __eq__(self, other: object) -> bool:
+        _CountedNaa.compared += 1
+        return bytes.__eq__(self, other)
+
+    __hash__ = bytes.__hash__
+
+
+def test_extended_copy_finds_its_copy_targets_without_walking_the_luns():
+    """Each CSCD descriptor's designator is looked up, not compared with every
+    LU of the target (8 x 16,384 comparisons a command at most; 0296): the
+    comparisons do not grow with the LUs. A LU added, removed, or given a new
+    identity (an offline LU opening) is found by its designator as it is then."""
+    async def go():
+        h = Harness([LunOptions("ram", size=1 << 20) for _ in range(64)])
+        t = h.emulator.targets[TARGET]
+        for lu in t.luns.values():
+            lu.naa = _CountedNaa(lu.naa)
+        h.emulator.targets[TARGET] = t = Target(TARGET, dict(t.luns))
+        last = h.lu(63)
+        cscds = [cscd(last.naa)] * 8
+        _CountedNaa.compared = 0
+        r = await h.cmd(*_xcopy(cscds, [(7, 0, 1, 0, 1)]))
+        assert r.status == GOOD
+        assert _CountedNaa.compared <= 2 * 8   # the index's key, then the LU's own: per descriptor
+        # the map's changes: a LU removed is unreachable, one added (or renamed) reachable
+        del t.luns[63]
+        r = await h.cmd(*_xcopy([cscd(last.naa)], [(0, 0, 1, 0, 1)]))
+        assert r.key_asc == (0xA, 0x08, 0x04)
+        t.luns[63] = last
+        assert (await h.cmd(*_xcopy([cscd(last.naa)], [(0, 0, 1, 0, 1)]))).status == GOOD
+        old, last.naa = last.naa, bytes([0x60]) + bytes(15)
+        t.luns.renamed(last)
+        assert (await h.cmd(*_xcopy([cscd(old)], [(0, 0, 1, 0, 1)]))).key_asc == (0xA, 0x08, 0x04)
+        assert (await h.cmd(*_xcopy([cscd(last.naa)], [(0, 0, 1, 0, 1)]))).status == GOOD
+    run(go())
+
+
 def test_extended_copy_honours_reservations_of_its_copy_targets():
     async def go():
         h = Harness([LunOptions("ram", size=4 << 20), LunOptions("ram", size=4 << 20)])
@@ -754,4 +795,45 @@ def test_report_luns_builds_only_what_the_allocation_length_holds(monkeypatch):
         assert struct.unpack_from(">I", r.data)[0] == 8 * 4000       # the whole list's length
         assert r.data[8:16] == bytes(8) and r.data[16:18] == bytes([0, 1])
         assert encoded.calls == 11
+    run(go())
+
+
+# ---------------------------------------------------------------- PREVENT ALLOW MEDIUM REMOVAL
+
+class _CountedKeys(dict):
+    """The engine's live nexuses by key, counting the lookups made in it."""
+    probes = 0
+
+    def __contains__(self, key: object) -> bool:
+        _CountedKeys.probes += 1
+        return dict.__contains__(self, key)
+
+
+def test_prevent_allow_costs_the_same_however_many_sessions_prevented():
+    """PREVENT, ALLOW and START STOP UNIT's eject look at no other session's
+    PREVENT entry (they used to prune ended nexuses on every call: a walk
+    over every session that had sent one; 0297). A nexus's loss drops its
+    entries, as it drops its copy results, and the engine keeps none for it."""
+    async def go():
+        h = Harness([LunOptions("ram", size=1 << 20, removable=True)])
+        prevent, allow = bytes([0x1E, 0, 0, 0, 1, 0]), bytes([0x1E, 0, 0, 0, 0, 0])
+        eject = bytes([0x1B, 0, 0, 0, 0x02, 0])
+        for n in range(2, 66):
+            h.nexus(n, f"iqn.init:n{n}")
+            assert (await h.cmd(prevent, alloc=0, nexus=n)).status == GOOD
+        h.emulator._keyed = _CountedKeys(h.emulator._keyed)
+        _CountedKeys.probes = 0
+        for cdb in (prevent, allow, prevent, eject):
+            r = await h.cmd(cdb, alloc=0)
+            assert r.status == GOOD or r.key_asc == (ILLEGAL_REQUEST, 0x53, 0x02)
+        assert _CountedKeys.probes == 0
+        # every session's end allows removal, and leaves nothing behind
+        for n in range(1, 66):
+            h.emulator.handle(b"fe", {"op": "scsi_release", "nexus": n}, [])
+        await asyncio.sleep(0)
+        assert h.lu().prevent == set()
+        assert not getattr(h.emulator, "_prevent_luns", {})
+        h.nexus(1, "iqn.init:one")
+        await h.cmd(bytes(6), alloc=0)   # its power-on unit attention, if any
+        assert (await h.cmd(eject, alloc=0)).status == GOOD
     run(go())

@@ -563,7 +563,7 @@ def test_a_trace_after_an_injector_records_what_it_lets_go_later(tmp_path):
             server.start_injection([parse_rule("stml:delay rx_cmnd at=1 ms=10"),
                                     parse_rule("stml:duplicate xmit_response at=2")])
             path = str(tmp_path / "t.trace")
-            server.traces.start(path)
+            await server.traces.start(path)
             server.received([ident, pack({"op": "register_target_front_end", "name": "t", "kind": "test",
                                           "version": [1, 0]})])
             target = next(iter(server.emulator.targets))

@@ -63,6 +63,7 @@ READ, WRITE = 2, 1
 class FakeEmulator:
     def __init__(self, targets: dict[str, int]) -> None:
         self.name = "stml"
+        self.timing = None   # commands not timed: no stage histograms
         self.front_ends: dict[bytes, FrontEnd] = {}
         opts = types.SimpleNamespace(kind="ram", path=None)
         self.targets = {name: types.SimpleNamespace(name=name, luns={
@@ -263,17 +264,19 @@ def test_counter_sets_exist_only_for_real_lus_and_live_sessions(stml_factory, cl
     assert lun0["commands"] == 5 and lun0["errors"] == 0
 
 
-@pytest.mark.parametrize("cmd", ["session_list", "frontend_list"])
+@pytest.mark.parametrize("cmd", ["session_list", "frontend_list", "scrape"])
 def test_management_reports_rows_a_bounded_number_per_loop_turn(cmd, clock, monkeypatch):
     """`session list`, `frontend list` (and `status`) build the report in
     steps: at most FANOUT_STEP rows (each a sum of counter sets) per turn of
     the event loop, however many LUs and sessions there are (0267); before,
-    all of them in one step. The rows are still all there and right."""
+    all of them in one step. So does a Prometheus scrape (it built the whole
+    snapshot in one step). The rows are still all there and right."""
     import asyncio
 
     from stml import mgmt as mgmt_mod
     step = 16
     monkeypatch.setattr(mgmt_mod, "FANOUT_STEP", step)
+    monkeypatch.setattr(metrics_mod, "FANOUT_STEP", step)
     em = FakeEmulator({"tA": 5 * step})
     fe = em.front_end(b"fe-1", "one")
     for n in range(1, 10 * step + 1):
@@ -292,7 +295,12 @@ def test_management_reports_rows_a_bounded_number_per_loop_turn(cmd, clock, monk
     monkeypatch.setattr(metrics_mod, "report", counted)
 
     async def run() -> tuple[list, list[int]]:
-        job = asyncio.get_running_loop().create_task(getattr(mg, cmd)())
+        if cmd == "scrape":   # a Prometheus scrape, as its HTTP thread asks the loop for it
+            exporter = metrics_mod.PrometheusExporter(m, em, asyncio.get_running_loop())
+            work = exporter._async_snapshot()
+        else:
+            work = getattr(mg, cmd)()
+        job = asyncio.get_running_loop().create_task(work)
         per_turn = []
         while not job.done():
             before = reports[0]
@@ -302,7 +310,10 @@ def test_management_reports_rows_a_bounded_number_per_loop_turn(cmd, clock, monk
     result, per_turn = asyncio.run(run())
     assert sum(per_turn) == 5 * step + 10 * step + 1          # every LU, session and front end
     assert max(per_turn) <= step, per_turn
-    if cmd == "session_list":
+    if cmd == "scrape":
+        assert len(result["luns"]) == 5 * step and len(result["sessions"]) == 10 * step
+        assert sum(r["commands"] for r in result["sessions"]) == 10 * step
+    elif cmd == "session_list":
         assert sorted(r["nexus"] for r in result) == list(range(1, 10 * step + 1))
         assert all(r["commands"] == 1 and r["write_bytes"] == 512 for r in result)
     else:

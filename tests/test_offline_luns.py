@@ -389,6 +389,33 @@ def test_a_reload_serves_an_offline_lun_whose_path_was_corrected(ddir, tmp_path)
         assert not img.exists()
 
 
+def test_an_offline_lun_never_served_opens_under_the_id_its_entry_is_given(ddir):
+    """A hand-added LUN whose file did not exist at start is offline without
+    an id (0281). Its file made and an `id` written into its entry by hand,
+    the reload serves it under that id, and the file and the running LU
+    agree (0298); before, the reload gave it an id of its own and the file's
+    took effect only at the next start, as another disk."""
+    cfg = Path(ddir) / "scsi-target.toml"
+    img = Path(ddir) / "later.img"
+    with Target("--no-iscsi", "--lun", "ram:4MiB", data_dir=ddir, portals=(), expect_portals=0):
+        pass
+    add_lun_by_hand(cfg, {"lun": 1, "backend": "file", "path": str(img)})
+    with Target("--no-iscsi", data_dir=ddir, portals=(), expect_portals=0) as t:
+        t.wait_log("LUN 1 (file ")
+        assert "id" not in tomllib.loads(cfg.read_text())["target"][0]["lun"][1]
+        img.write_bytes(bytes(2 << 20))
+        ident = "00112233445566778899aabbccddeeff"
+        doc = tomlkit.parse(cfg.read_text())
+        doc["target"][0]["lun"][1]["id"] = ident
+        cfg.write_text(tomlkit.dumps(doc))
+        r = mgmt(ddir, "config", "reload")
+        assert r["applied"] == [f"target {IQN} LUN 1 online"] and r["not_applied"] == [], r
+        with LoopbackClient(f"ipc://{ddir}/stml.sock", timeout=10) as c:
+            assert naa(c, 1) == naa_of(ident)
+        assert tomllib.loads(cfg.read_text())["target"][0]["lun"][1]["id"] == ident
+        assert mgmt(ddir, "config", "diff")["same"]
+
+
 def test_the_file_of_a_hand_added_lun_once_served_is_not_created_again(ddir):
     """0281 closes 0280's gap: a LUN hand-added with a size, which the reload
     served (creating its file), has an id in the file from then on; its file

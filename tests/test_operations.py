@@ -433,6 +433,37 @@ def test_reload_applies_target_reset_and_a_save_keeps_it(ddir):
         assert [t.get("target_reset") for t in saved["target"]] == [True, True]
 
 
+def test_a_reload_reports_an_edited_id_of_a_running_lun(ddir):
+    """A running LUN's `id` edited in the file is a new identity, another disk
+    to its initiators: a reload does not apply it, and says so in one line (it
+    used to pass over it in silence); the LUN keeps its designator, and the
+    file keeps the edit (0231, 0298). With another setting edited too: still
+    one line for the LUN, naming both."""
+    with Target("--no-iscsi", "--lun", "ram:4MiB", data_dir=ddir, portals=(), expect_portals=0):
+        endpoint = f"ipc://{ddir}/stml.sock"
+        cfg = Path(ddir) / "scsi-target.toml"
+        served = tomllib.loads(cfg.read_text())["target"][0]["lun"][0]["id"]
+        with LoopbackClient(endpoint, IQN, timeout=10) as c:
+            naa = c.inquiry(0, 0x83)[8:24]
+        new = "0123456789abcdef0123456789abcdef"
+
+        def edit(doc):
+            _target_table(doc, IQN)["lun"][0]["id"] = new
+        _edit(cfg, edit)
+        r = mgmt(ddir, "config", "reload")
+        assert r["applied"] == [] and len(r["not_applied"]) == 1, r
+        line = r["not_applied"][0]
+        assert "id changed" in line and served in line and new in line and "restart" in line, line
+        with LoopbackClient(endpoint, IQN, timeout=10) as c:
+            assert c.inquiry(0, 0x83)[8:24] == naa
+        _edit(cfg, lambda doc: _target_table(doc, IQN)["lun"][0].update({"removable": True}))
+        r = mgmt(ddir, "config", "reload")
+        assert r["applied"] == [] and len(r["not_applied"]) == 1, r
+        assert "id changed" in r["not_applied"][0] and "removable" in r["not_applied"][0], r
+        mgmt(ddir, "acl", "add", INITIATORS[0])             # a change, saved: the edits stay
+        assert tomllib.loads(cfg.read_text())["target"][0]["lun"][0]["id"] == new
+
+
 def test_edits_a_reload_cannot_apply_survive_later_saves(ddir):
     """What `config reload` reports as not applied (a LUN setting that needs a
     restart, a hand-added LUN whose backend cannot open, the removal of a

@@ -23,7 +23,7 @@ from scsi_target.mgmt import render_status
 from stml.lu import LunOptions
 from stml.metrics import Metrics
 from stml.mgmt import Management
-from stml.sense import CHECK_CONDITION, GOOD
+from stml.sense import CHECK_CONDITION, GOOD, ILLEGAL_REQUEST
 from support.faults import Fdatasyncs, on_disk
 from support.sbc_harness import Harness, cscd, run
 
@@ -197,14 +197,17 @@ def test_write_same_written_through_after_a_failed_sync_is_refused_before_writin
         for cdb in (_write_same(0, 4), _write_same(4, 4, unmap=True)):   # written, and deallocated (thin)
             r = await h.cmd(cdb, b"S" * BS)
             assert (r.status, r.key_asc) == (CHECK_CONDITION, WRITE_ERROR)
-        lu.options.thin = False
-        r = await h.cmd(_write_same(4, 4, unmap=True), b"S" * BS)         # UNMAP ignored: written
-        assert (r.status, r.key_asc) == (CHECK_CONDITION, WRITE_ERROR)
+        lu.options.thin = False   # thick: its UNMAP bit is refused as a field (LBPWS=0, 0295)
+        r = await h.cmd(_write_same(4, 4, unmap=True), b"S" * BS)
+        assert r.key_asc == (ILLEGAL_REQUEST, 0x24, 0) and r.field == (1, 3)
         assert calls.n == 0
         assert (await h.cmd(_read10(0, 8))).data == b"A" * 8 * BS
         lu.mode.wce = True
-        assert (await h.cmd(_write_same(4, 4, unmap=True), b"S" * BS)).status == GOOD
+        assert (await h.cmd(_write_same(4, 4), b"S" * BS)).status == GOOD
         assert (await h.cmd(_read10(0, 8))).data == b"A" * 4 * BS + b"S" * 4 * BS
+        lu.options.thin = True
+        assert (await h.cmd(_write_same(4, 4, unmap=True), b"S" * BS)).status == GOOD
+        assert (await h.cmd(_read10(0, 8))).data == b"A" * 4 * BS + bytes(4 * BS)
         lu.backend.close()
     run(go())
 

@@ -7,7 +7,9 @@ import struct
 
 from backends.file import FileBackend
 from backends.ram import PAGE, RamBackend
-from stml.sense import CHECK_CONDITION, GOOD, ILLEGAL_REQUEST
+from stml.api import Op
+from stml.lu import LunOptions
+from stml.sense import CHECK_CONDITION, DATA_PROTECT, GOOD, ILLEGAL_REQUEST
 from support.sbc_harness import Harness, run, unmap
 
 BS = 512
@@ -111,3 +113,49 @@ def test_ram_and_file_extents(tmp_path):
     f.discard(1 << 20, 65536)
     assert not any(m for _, _, m in f.mapped_extents(0, 8 << 20, 16))
     f.close()
+
+
+def test_unmap_on_a_thick_lu_is_not_supported():
+    """A LU whose VPD 0xB2 says LBPU=0 (thick) does not support UNMAP: INVALID
+    COMMAND OPERATION CODE before its parameter list is asked for, nothing
+    given back, and REPORT SUPPORTED OPERATION CODES agrees (as LIO's
+    sbc_parse_cdb and its RSOC do with emulate_tpu off; 0295). A read-only
+    thin LU advertises it and refuses it as a write."""
+    async def go():
+        h = Harness([LunOptions("ram", size=16 << 20), LunOptions("ram", size=16 << 20, thin=False),
+                     LunOptions("ram", size=16 << 20, ro=True)])
+        asked = []
+        send = h._send
+        h._send = lambda ident, hdr, frames: (asked.append(hdr["tag"]) if hdr["op"] == Op.RDY_TO_XFER
+                                              else None, send(ident, hdr, frames))
+        await h.cmd(_write16(0, PB), b"\x33" * PAGE, lun=1)
+        cdb, data = unmap((0, PB))
+        assert (await h.cmd(_inq(0xB2), lun=1)).data[5] & 0x80 == 0   # LBPU=0
+        r = await h.cmd(cdb, data, lun=1)
+        assert r.key_asc == (ILLEGAL_REQUEST, 0x20, 0) and asked == []
+        assert (await h.cmd(_rsoc(1, 0x42), lun=1)).data[1] & 7 == 1   # not supported
+        assert 0x42 not in (await h.cmd(_rsoc(0), lun=1)).data[4::8]
+        # nor WRITE SAME's UNMAP bit (LBPWS=LBPWS10=0): INVALID FIELD IN CDB at that bit
+        for ws in (bytes([0x41, 0x08, 0, 0, 0, 0, 0, 0, 1, 0]),
+                   bytes([0x93, 0x08]) + struct.pack(">QI", 0, 1) + bytes(2)):
+            asked.clear()
+            r = await h.cmd(ws, bytes(BS), lun=1)
+            assert r.key_asc == (ILLEGAL_REQUEST, 0x24, 0) and r.field == (1, 3) and asked == []
+        assert (await h.cmd(_read16(0, PB), lun=1)).data == b"\x33" * PAGE
+        # the thin LUs, writable or not: LBPU=1, UNMAP supported and listed
+        for lun, answer in ((2, (DATA_PROTECT, 0x27, 0)), (0, None)):
+            assert (await h.cmd(_inq(0xB2), lun=lun)).data[5] & 0x80
+            r = await h.cmd(_rsoc(1, 0x42), lun=lun)
+            assert r.data[1] & 7 == 3 and r.data[4] == 0x42
+            assert 0x42 in (await h.cmd(_rsoc(0), lun=lun)).data[4::8]
+            r = await h.cmd(cdb, data, lun=lun)
+            assert r.key_asc == answer and (r.status == GOOD) == (answer is None)
+    run(go())
+
+
+def _inq(page: int) -> bytes:
+    return bytes([0x12, 1, page, 0, 255, 0])
+
+
+def _rsoc(option: int, opcode: int = 0) -> bytes:
+    return struct.pack(">BBBBHIBB", 0xA3, 0x0C, option, opcode, 0, 65535, 0, 0)

@@ -362,6 +362,42 @@ def test_what_the_loop_gathers_stays_a_chunk_while_the_writer_is_stuck():
     asyncio.run(main())
     assert max(sizes) <= R.CHUNK + (64 << 10) + 1024
 
+def test_trace_start_makes_its_file_off_the_loop(tmp_path, monkeypatch):
+    """`trace start` makes its file in a thread, as management's other file
+    I/O (0267, 0299): while the open is stuck (a hung mount), the loop goes on
+    answering commands and no tap is in; once it opens, the trace records."""
+    from stml.sense import GOOD
+    from support.sbc_harness import Harness
+
+    gate, entered, opened_in = threading.Event(), threading.Event(), []
+    real = R.open_output
+
+    def stuck(path: str, force: bool) -> R.Output:
+        opened_in.append(threading.get_ident())
+        entered.set()
+        gate.wait(30)
+        return real(path, force)
+    monkeypatch.setattr(R, "open_output", stuck)
+    path = str(tmp_path / "t.trace")
+
+    async def go() -> None:
+        h = Harness()
+        taps: list = []
+        traces = R.Traces(h.emulator, taps.append, taps.remove)
+        start = asyncio.ensure_future(traces.start(path))
+        assert await asyncio.get_running_loop().run_in_executor(None, entered.wait, 30)
+        assert (await h.cmd(bytes(6), no_data=True)).status == GOOD   # answered meanwhile
+        assert not start.done() and taps == []
+        gate.set()
+        recorder = await start
+        assert taps == [recorder] and opened_in != [threading.get_ident()]
+        await traces.stop("stopped", "test")
+    asyncio.run(go())
+    with TraceReader(path) as r:
+        list(r)
+        assert r.first["config"]["targets"] and r.complete
+
+
 class _SlowFile:
     """A trace file whose writes wait until released: the disk falls behind."""
 

@@ -137,15 +137,18 @@ class Traces:
         self._add_tap, self._remove_tap = add_tap, remove_tap
         self.current: Recorder | None = None   # the trace being recorded, or the last one
 
-    def start(self, path: str, *, with_data: bool = False, max_bytes: int | None = None,
-              count: int | None = None, lease_s: float | None = None, force: bool = False,
-              from_start: bool = False) -> Recorder:
+    async def start(self, path: str, *, with_data: bool = False, max_bytes: int | None = None,
+                    count: int | None = None, lease_s: float | None = None, force: bool = False,
+                    from_start: bool = False) -> Recorder:
         """Record every message from now on; OSError when the file cannot be
-        made, RuntimeError while another trace is being recorded."""
-        if self.current is not None and self.current.reason is None:
-            raise RuntimeError(f"a trace is being recorded to {self.current.path}: stop it first")
-        cap = max_bytes or DEFAULT_MAX_BYTES
-        out = open_output(path, force)
+        made, RuntimeError while another trace is being recorded. The file is
+        made in the engine's executor, as management's other file I/O (0267):
+        a path on a hung mount holds up no session (0299). The first record is
+        gathered in the step the tap goes in, so that it is the state the
+        first recorded message meets."""
+        self._idle()   # (still so after the open: management's lock runs one start at a
+        cap = max_bytes or DEFAULT_MAX_BYTES   # time, and `--trace` runs before anything else)
+        out = await asyncio.get_running_loop().run_in_executor(self.em.executor, open_output, path, force)
         first = first_record(self.em, from_start=from_start, with_data=with_data, max_bytes=cap)
         recorder = Recorder(out, path, first, with_data=with_data, max_bytes=cap, count=count,
                             lease_s=lease_s, on_stop=self._remove_tap)
@@ -153,6 +156,10 @@ class Traces:
         self._add_tap(recorder)
         log.info("recording a trace to %s (cap %d bytes%s)", path, cap, ", with read data" if with_data else "")
         return recorder
+
+    def _idle(self) -> None:
+        if self.current is not None and self.current.reason is None:
+            raise RuntimeError(f"a trace is being recorded to {self.current.path}: stop it first")
 
     def stop(self, reason: str, why: str) -> asyncio.Future:
         """End the trace being recorded, if one is; done once its file is closed."""

@@ -230,6 +230,7 @@ class Replayer:
     def _build(self, first: dict[str, Any]) -> Any:
         from stml.emulator import Emulator, Target
         from stml.lu import LogicalUnit, LunOptions
+        from stml.lunmap import LunMap
         config = first.get("config") or {}
         limits = config.get("limits") or {}
         em = Emulator([], self._output, InlineExecutor(), name=str(config.get("stml", "stml")),
@@ -250,7 +251,7 @@ class Replayer:
                                  f"{', '.join(map(str, sorted(set(numbers)))) or 'none'})")
         fields = set(LunOptions.__dataclass_fields__)
         for t in config.get("targets") or ():
-            luns = {}
+            luns = LunMap()
             for lun in t.get("luns") or ():
                 number, size = int(lun["lun"]), int(lun["size"])
                 given = self.lun_data.get(number)
@@ -280,7 +281,9 @@ class Replayer:
             lu.mode = ModeState(**s["mode"])
             lu.started = s.get("started", True)
             lu.medium_present = s.get("medium_present", True)
-            lu.prevent = set(s.get("prevent") or ())
+            lu.prevent.clear()
+            for key in s.get("prevent") or ():   # as the engine keeps them: its nexus loss allows
+                em.prevent_removal(lu, key, True)
             for key, uas in (s.get("unit_attentions") or {}).items():
                 for ua in uas:   # oldest first, as they were queued
                     lu.add_ua(tuple(ua), [key])
