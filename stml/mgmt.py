@@ -518,12 +518,12 @@ class Management:
                 applied.append(f"target {t.name} LUN {number} added")
                 continue
             same = not _differs_beyond_size(o, lu.options)
-            new_id = o.id is not None and lu.options.id is not None and o.id != lu.options.id
-            if lu.offline is not None and not new_id and (same or _path_corrected(o, lu.options)):
+            id_edited = o.id is not None and lu.options.id is not None and o.id != lu.options.id
+            if lu.offline is not None and not id_edited and (same or _path_corrected(o, lu.options)):
                 if lu.options.id is None:   # never served: it opens under the id its entry now gives (0298)
                     lu.options.id = o.id
                 await self._retry_offline(t, lu, applied, pending, o.path)
-            elif new_id:   # another identity is another disk to initiators: never in place (0298)
+            elif id_edited:   # another identity is another disk to initiators: never in place (0298)
                 others = ", ".join(_changed(o, lu.options))
                 pending.append(f"target {t.name} LUN {number}: its id changed (served as {lu.options.id}, "
                                f"the file says {o.id}){f'; so did {others}' if others else ''}: restart "
