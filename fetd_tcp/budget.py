@@ -59,7 +59,9 @@ from typing import Callable, Final
 KINDS: Final = ("read", "write", "ooo", "text", "out", "keep")
 # A kind is its index in KINDS: what an account holds is a list indexed by it,
 # not a dict keyed by the name (several updates per command; in the compiled
-# build a list's item costs a fraction of a dict's string lookup, decision 0841)
+# build a list's item costs a fraction of a dict's string lookup, decision 0841).
+# Its items are updated as `k[i] = k[i] + n`: mypyc compiles `k[i] += n` to
+# the generic in-place operator, the spelled-out form to int arithmetic.
 READ: Final = 0
 WRITE: Final = 1
 OOO: Final = 2
@@ -147,9 +149,9 @@ class Account:
             b.excess += grow
             owner.excess += grow
         self.held = new
-        self.kinds[kind] += n
+        self.kinds[kind] = self.kinds[kind] + n
         b.used += n
-        b.kinds[kind] += n
+        b.kinds[kind] = b.kinds[kind] + n
         if b.used > b.peak:
             b.peak = b.used
         return True
@@ -171,9 +173,9 @@ class Account:
             if owner.parked:
                 b._unpark(owner)
         self.held = held - n
-        kinds[kind] -= n
+        kinds[kind] = kinds[kind] - n
         b.used -= n
-        b.kinds[kind] -= n
+        b.kinds[kind] = b.kinds[kind] - n
         if b._waiting_live:
             b._pump()
 
@@ -186,11 +188,11 @@ class Account:
         if kinds[src] < moved:
             moved = kinds[src]
         if moved > 0 and not self.closed:
-            kinds[src] -= moved
-            kinds[dst] += moved
+            kinds[src] = kinds[src] - moved
+            kinds[dst] = kinds[dst] + moved
             b = self.budget
-            b.kinds[src] -= moved
-            b.kinds[dst] += moved
+            b.kinds[src] = b.kinds[src] - moved
+            b.kinds[dst] = b.kinds[dst] + moved
         if n > moved:
             self.take(dst, n - moved, force=True)
 
@@ -212,7 +214,7 @@ class Account:
         owner.excess -= excess
         b.used -= self.held
         for kind, n in enumerate(self.kinds):
-            b.kinds[kind] -= n
+            b.kinds[kind] = b.kinds[kind] - n
         self.held = 0
         self.closed = True
         b._closed(owner)
