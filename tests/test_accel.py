@@ -88,6 +88,8 @@ COMPILED_RUN = [
     "tests/test_stream_channel.py", "tests/test_tap.py", "tests/test_timing.py", "tests/test_metrics.py",
     # the link's table checks, and its fixed-layout responses read without the decoder (0841)
     "tests/test_contract_table.py",
+    # fetd_tcp's budget, its counts by kind in a list (0842) and the session core's bounds
+    "tests/test_budget.py",
     "tests/test_iscsi_e2e.py::test_inquiry_and_capacity",
     "tests/test_iscsi_e2e.py::test_header_and_data_digest",
     "tests/test_iscsi_e2e.py::test_conformance_iscsi_family",
