@@ -24,12 +24,15 @@ from __future__ import annotations
 import asyncio
 import collections
 import heapq
-from typing import Any
+from typing import Any, Final
 
 from stml.api import TaskAttr
 
 # plain ints: a TaskAttr member read through its class costs an enum lookup per command
-_SIMPLE, _ORDERED, _HOQ = int(TaskAttr.SIMPLE), int(TaskAttr.ORDERED), int(TaskAttr.HEAD_OF_QUEUE)
+# (Final: statics in the compiled build, not the module's dict, per command)
+_SIMPLE: Final = int(TaskAttr.SIMPLE)
+_ORDERED: Final = int(TaskAttr.ORDERED)
+_HOQ: Final = int(TaskAttr.HEAD_OF_QUEUE)
 
 
 class Queued:
@@ -37,7 +40,7 @@ class Queued:
     size and its I_T nexus. stml.task.Task derives from it (that module sits
     above this one: a task names its LU, whose task set this is) and sets them.
     A base class, not a Protocol: the compiled build reads and sets `seq` and
-    `attr` (per command) as native attributes, not by name (decision 0841)."""
+    `attr` (per command) as native attributes, not by name (decision 0842)."""
 
     __slots__ = ("seq", "attr", "exp_len")
 
