@@ -19,6 +19,7 @@ from typing import Any, Callable, Final, Protocol
 from fetd_tcp import pdu as P
 # (by name, for the per-command path: the compiled build reads P.x as an attribute of a module)
 from fetd_tcp.pdu import DataIn, new_pdu
+from fetd_tcp import budget as B
 from fetd_tcp.budget import Account, Grant, unlimited
 from fetd_tcp.keys import ConnectionParams, SessionParams
 from fetd_tcp.retain import announced
@@ -187,7 +188,7 @@ class Session:
                 return last     # the initiator does not acknowledge status: hold it to that
             for c in self.connections.values():   # (per command: no calls)
                 kinds = c.account.kinds
-                if c.write_held >= c.write_limit or kinds["read"] + kinds["out"] + kinds["keep"] >= c.read_limit:
+                if c.write_held >= c.write_limit or kinds[B.READ] + kinds[B.OUT] + kinds[B.KEEP] >= c.read_limit:
                     return last
         new = (self.exp_cmd_sn + self.window - 1 - len(self.itts)) % SN_MOD
         if last < 0 or 0 < (new - last) % SN_MOD < (1 << 31):
@@ -281,7 +282,7 @@ class Connection:
         if type(pdu) in _NUMBERED and not (type(pdu) is P.NopIn and pdu.itt == P.RESERVED_TAG) \
                 and pdu.stat_sn not in self.unacked:
             n = len(data)
-            if n <= MAX_KEPT_OTHER_BYTES and self.account.take("keep", n, force=True):
+            if n <= MAX_KEPT_OTHER_BYTES and self.account.take(B.KEEP, n, force=True):
                 self.unacked[pdu.stat_sn] = (pdu, bytes(data))
                 self.other_bytes += n
                 self._trim_other()
@@ -293,7 +294,7 @@ class Connection:
             entry = self.unacked.pop(others.pop(0))
             assert not isinstance(entry, Task)
             self.other_bytes -= len(entry[1])
-            self.account.give("keep", len(entry[1]))
+            self.account.give(B.KEEP, len(entry[1]))
 
     def acknowledge(self, exp_stat_sn: int) -> None:
         """ExpStatSN from the initiator: every response before it arrived, so
@@ -314,7 +315,7 @@ class Connection:
                 self._forget(entry)
             else:
                 self.other_bytes -= len(entry[1])
-                self.account.give("keep", len(entry[1]))
+                self.account.give(B.KEEP, len(entry[1]))
         if opened and len(s.kept) < s.window:
             self.window_update()
 
@@ -323,13 +324,13 @@ class Connection:
         if self.session.kept.get(task.itt) is task:
             del self.session.kept[task.itt]
         if task.kept:
-            task.conn.account.give("keep", task.kept)
+            task.conn.account.give(B.KEEP, task.kept)
             task.kept = 0
         task.rdata = task.status = None
 
     def _keep(self, task: Task, n: int) -> None:
         task.kept += n
-        self.account.take("keep", n, force=True)   # already in memory: counted, and it
+        self.account.take(B.KEEP, n, force=True)   # already in memory: counted, and it
         # holds the window shut past read_limit (Session.max_cmd_sn)
 
     def reject(self, reason: int, header: bytes | memoryview) -> None:
@@ -365,7 +366,7 @@ class Connection:
                 s.exp_cmd_sn = (s.exp_cmd_sn + 1) % SN_MOD
                 if qdata:
                     s.queued_bytes -= len(qdata)
-                    conn.account.give("ooo", len(qdata))
+                    conn.account.give(B.OOO, len(qdata))
                 if qpdu is None:       # aborted before it arrived
                     continue
                 if qdata is None:      # its data was not kept
@@ -384,7 +385,7 @@ class Connection:
         once instead of waiting for an answer that never comes."""
         s = self.session
         n = len(data)
-        if n and (s.queued_bytes + n > OOO_LIMIT or not self.account.take("ooo", n)):
+        if n and (s.queued_bytes + n > OOO_LIMIT or not self.account.take(B.OOO, n)):
             s.queued[sn] = (self, pdu, None)
             return
         s.queued_bytes += n
@@ -431,7 +432,7 @@ class Connection:
             need += (need // self.params.max_send_data_segment_length
                      + need // sp.max_burst_length + 2) * _PDU_OVERHEAD
             kinds = account.kinds
-            read_held = kinds["read"] + kinds["out"]   # reserved, and output not yet sent
+            read_held = kinds[B.READ] + kinds[B.OUT]   # reserved, and output not yet sent
         if ((write and immediate and self.write_held >= self.write_limit)
                 or (need and read_held and read_held + need > self.read_limit)):
             # immediate writes bypass the window that holds other writes back; a read
@@ -442,7 +443,7 @@ class Connection:
             # immediate commands bypass the CmdSN window, not the bound on tasks in flight
             self.reject(P.REJECT_IMMEDIATE_COMMAND_REJECT, cmd.encode())
             return
-        if (unsol or need) and not account.take("write" if unsol else "read", unsol + need):
+        if (unsol or need) and not account.take(B.WRITE if unsol else B.READ, unsol + need):
             self._task_set_full(itt)    # no room in the budget
             return
         tags = self.tags
@@ -457,7 +458,7 @@ class Connection:
                 task.next_offset = n
                 self.write_held += unsol
                 if need:   # taken with the write data above, as "write": now apart
-                    account.move("write", "read", need, need)
+                    account.move(B.WRITE, B.READ, need, need)
             account.budget.hold(tag)   # its R2Ts may wait for room: Budget's progress rule
         else:
             direction = _READ if read else 0
@@ -579,10 +580,10 @@ class Connection:
         task.bursts.append([offset, end])
         self.waiting[task] = None
         n, account = end - offset, self.account
-        if account.budget.take_now(account, "write", n):
+        if account.budget.take_now(account, B.WRITE, n):
             self._granted(task, n)
             return
-        grant = account.budget.wait(account, "write", n, task.tag,
+        grant = account.budget.wait(account, B.WRITE, n, task.tag,
                                     functools.partial(self._granted, task, n))
         if grant.live:   # else it was granted at once (and _granted has run)
             task.grant = grant
@@ -648,10 +649,10 @@ class Connection:
             task.grant = None
         account = self.account
         if task.res_read:
-            account.give("read", task.res_read)
+            account.give(B.READ, task.res_read)
             task.res_read = 0
         if task.res_write:
-            account.give("write", task.res_write)
+            account.give(B.WRITE, task.res_write)
             task.res_write = 0
         if task.write:   # as _scsi_command held it
             account.budget.unhold(task.tag)
@@ -672,13 +673,13 @@ class Connection:
             return
         n = len(data) if data is not None else 0
         if n and self.count_out:
-            self.account.move("read", "out", n, task.res_read)
+            self.account.move(B.READ, B.OUT, n, task.res_read)
             left = task.res_read - n
             task.res_read = left if left > 0 else 0
         if task.write or self.waiting:
             self.release(task)
         elif task.res_read:            # a read: only its reservation (per command: no call)
-            self.account.give("read", task.res_read)
+            self.account.give(B.READ, task.res_read)
             task.res_read = 0
         count, over, under = abs(resid), resid < 0, resid > 0
         if n:
@@ -840,7 +841,7 @@ class Connection:
             old = s.queued.get(ref_sn)
             if old is not None and old[2]:
                 s.queued_bytes -= len(old[2])
-                old[0].account.give("ooo", len(old[2]))
+                old[0].account.give(B.OOO, len(old[2]))
             s.queued[ref_sn] = (self, None, b"")   # consumes the CmdSN, runs nothing
         exp, mx = self._sns()
         resp = P.TMF_RESP_COMPLETE if ref_sn is not None else P.TMF_RESP_NO_TASK
@@ -901,7 +902,7 @@ class Connection:
     def _adopt(self, task: Task) -> None:
         """Move a task, and what it holds in the budget, from its failed connection to this one."""
         old = task.conn
-        for kind, n in (("read", task.res_read), ("write", task.res_write), ("keep", task.kept)):
+        for kind, n in ((B.READ, task.res_read), (B.WRITE, task.res_write), (B.KEEP, task.kept)):
             if n:
                 old.account.give(kind, n)
                 self.account.take(kind, n, force=True)
@@ -942,7 +943,7 @@ class Connection:
         for sn in [sn for sn, e in self.unacked.items()]:
             entry = self.unacked.pop(sn)
             if not isinstance(entry, Task):
-                self.account.give("keep", len(entry[1]))
+                self.account.give(B.KEEP, len(entry[1]))
         if s.failed.get(self.cid) is self:
             del s.failed[self.cid]
         return [t for t in gone if s.itts.get(t.itt) is t]
@@ -953,7 +954,7 @@ class Connection:
             if n.ttt == self.ping_ttt:
                 self.ping_ttt = None  # the initiator answered our ping
             return
-        if len(data) and self.count_out and not self.account.take("out", len(data)):
+        if len(data) and self.count_out and not self.account.take(B.OUT, len(data)):
             self.reject(P.REJECT_OUT_OF_RESOURCES, n.encode())   # no room for the echo
             return
         exp, mx = self._sns()
@@ -999,7 +1000,7 @@ class Connection:
             self._text_send(t)
             return
         n = len(data)
-        if len(self.text_in) + n > MAX_TEXT_REQUEST or not self.account.take("text", n):
+        if len(self.text_in) + n > MAX_TEXT_REQUEST or not self.account.take(B.TEXT, n):
             self._text_reset()
             self.reject(P.REJECT_OUT_OF_RESOURCES, t.encode())
             return
@@ -1021,7 +1022,7 @@ class Connection:
             self.reject(P.REJECT_PROTOCOL_ERROR, t.encode())
             return
         body = P.encode_text(self.text(self, pairs))
-        if not self.account.take("text", len(body)):
+        if not self.account.take(B.TEXT, len(body)):
             self.reject(P.REJECT_OUT_OF_RESOURCES, t.encode())
             return
         self.text_out = memoryview(body)
@@ -1048,7 +1049,7 @@ class Connection:
         """Forget a pending Text exchange; its memory leaves the budget."""
         held = len(self.text_in) + (len(self.text_out) if self.text_out is not None else 0)
         if held:
-            self.account.give("text", held)
+            self.account.give(B.TEXT, held)
         self.text_in = bytearray()
         self.text_out = None
         self.text_pos = 0

@@ -11,7 +11,7 @@ import time
 from typing import Any, Callable, Final, Iterator
 
 from fetd_tcp import pdu as P
-from fetd_tcp.budget import Account
+from fetd_tcp.budget import OUT, Account
 from fetd_tcp.digest import DIGEST_LEN, digest, padding
 from fetd_tcp.session import Connection
 
@@ -280,7 +280,7 @@ class PduWriter:
     def resample(self) -> None:
         """The transport's buffer shrank (it drained): count what it still holds."""
         if self.account is not None:
-            self.account.set("out", self.transport.get_write_buffer_size() + self.size)
+            self.account.set(OUT, self.transport.get_write_buffer_size() + self.size)
 
     def responded(self, tag: int) -> None:
         """A response (queued by the last calls) is reported done once it is sent."""
@@ -310,7 +310,7 @@ class PduWriter:
                     self._send(parts, size)
                 finally:
                     if self.account is not None:
-                        self.account.set("out", self.transport.get_write_buffer_size())
+                        self.account.set(OUT, self.transport.get_write_buffer_size())
         finally:
             # their data is in the kernel, copied into the transport's buffer, or dropped
             # with a closing connection: nothing refers to it any more

@@ -43,17 +43,18 @@ def u64(cdb: bytes, off: int) -> int:
 
 # (LBA, number of blocks) of READ/WRITE/VERIFY-style CDBs of 10, 12 and 16 bytes
 _LBA_LEN = {10: struct.Struct(">2xIxH"), 12: struct.Struct(">2xII"), 16: struct.Struct(">2xQI")}
-# the same by CDB length, up to 16 (Final, a tuple: the compiled build indexes it in
-# place, where it looked the dict up in the module's dict and hashed the length)
-_LBA_LEN_BY_SIZE: Final = tuple(_LBA_LEN.get(n) for n in range(17))
+# their unpack_from by CDB length, up to 16 (Final, a tuple: the compiled build indexes
+# it in place, where it looked the dict up in the module's dict and hashed the length;
+# bound once: a read or write unpacks twice, without a method lookup each time)
+_LBA_UNPACK_BY_SIZE: Final = tuple(_LBA_LEN[n].unpack_from if n in _LBA_LEN else None for n in range(17))
 
 
 def lba_len(cdb: bytes) -> tuple[int, int]:
     """(LBA, number of blocks) of a READ/WRITE/VERIFY-style CDB of any size."""
     n = len(cdb)
-    fields = _LBA_LEN_BY_SIZE[n] if n <= 16 else None
-    if fields is not None:
-        return fields.unpack_from(cdb)
+    unpack = _LBA_UNPACK_BY_SIZE[n] if n <= 16 else None
+    if unpack is not None:
+        return unpack(cdb)
     if len(cdb) == 6:
         lba = ((cdb[1] & 0x1F) << 16) | u16(cdb, 2)
         return lba, cdb[4] or 256  # SBC: READ(6)/WRITE(6) length 0 means 256

@@ -19,7 +19,7 @@ from collections.abc import Container, Iterable, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable, ClassVar, Coroutine, cast
+from typing import Any, Awaitable, Callable, ClassVar, Coroutine, Final, cast
 
 from backends import BackendError
 from stml import pr
@@ -46,11 +46,13 @@ from stml.timing import BACKEND_END, BACKEND_START, DISPATCHED, POINTS, QUEUED, 
 from stml.workers import FairWorkers
 
 log = logging.getLogger("stml")
-_READ, _WRITE = int(DataDir.READ), int(DataDir.WRITE)   # plain ints: IntFlag operators are slow
+# (Final, the per-command ones: statics in the compiled build, not the module's dict)
+_READ: Final = int(DataDir.READ)   # plain ints: IntFlag operators are slow
+_WRITE: Final = int(DataDir.WRITE)
 
 _COUNT_FIELDS = ("lun", "attr", "dir", "len", "unsol")   # rx_cmnd fields: non-negative ints
-_MAX_ATTR = int(max(TaskAttr))   # and attr a TaskAttr: the task set policies know no other
-_ACA = int(TaskAttr.ACA)   # (plain ints: a TaskAttr member read through its class costs an enum lookup)
+_MAX_ATTR: Final = int(max(TaskAttr))   # and attr a TaskAttr: the task set policies know no other
+_ACA: Final = int(TaskAttr.ACA)   # (plain ints: a TaskAttr member read through its class costs an enum lookup)
 _REGISTER = Op.REGISTER.value   # plain str: an enum member costs an attribute hook per message
 _TIMING = Cap.TIMING.value
 _TIMING_CAPS = frozenset({_TIMING})   # granted, when offered, while commands are timed

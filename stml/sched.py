@@ -24,34 +24,34 @@ from __future__ import annotations
 import asyncio
 import collections
 import heapq
-from typing import Any, Protocol
+from typing import Any, Final
 
 from stml.api import TaskAttr
 
 # plain ints: a TaskAttr member read through its class costs an enum lookup per command
-_SIMPLE, _ORDERED, _HOQ = int(TaskAttr.SIMPLE), int(TaskAttr.ORDERED), int(TaskAttr.HEAD_OF_QUEUE)
+# (Final: statics in the compiled build, not the module's dict, per command)
+_SIMPLE: Final = int(TaskAttr.SIMPLE)
+_ORDERED: Final = int(TaskAttr.ORDERED)
+_HOQ: Final = int(TaskAttr.HEAD_OF_QUEUE)
 
 
-class _Keyed(Protocol):
-    @property
-    def key(self) -> str: ...
+class Queued:
+    """What a policy needs of a task: its place in the set, its attribute, its
+    size and its I_T nexus. stml.task.Task derives from it (that module sits
+    above this one: a task names its LU, whose task set this is) and sets them.
+    A base class, not a Protocol: the compiled build reads and sets `seq` and
+    `attr` (per command) as native attributes, not by name (decision 0842)."""
 
-
-class QueuedTask(Protocol):
-    """What a policy needs of a task (stml.task.Task, which sits above this
-    module: a task names its LU, whose task set this is): its place in the
-    set, its attribute, its size and its I_T nexus."""
+    __slots__ = ("seq", "attr", "exp_len")
 
     seq: int
+    attr: int
+    exp_len: int
 
-    @property
-    def attr(self) -> int: ...
+    def nexus_key(self) -> str:
+        """The key of the task's I_T nexus (the fair policy's queues)."""
+        raise NotImplementedError
 
-    @property
-    def exp_len(self) -> int: ...
-
-    @property
-    def nexus(self) -> _Keyed: ...
 
 # tasks of one LU the fair policy runs at once: the worker threads an LU may hold
 # (stml/workers.py, per_key: half of stml.server's 8). More would only wait again,
@@ -74,10 +74,10 @@ class FifoTaskSet:
         # tasks that are not SIMPLE: every policy counts them so, as _may_run and
         # the fair policy's barrier see them (a count that disagrees wedges the LU)
         self._ordered = 0
-        self._waiters: list[tuple[QueuedTask, asyncio.Future]] = []
+        self._waiters: list[tuple[Queued, asyncio.Future]] = []
         self._seq = 0
 
-    def add(self, task: QueuedTask) -> None:
+    def add(self, task: Queued) -> None:
         """The task joined the set (it counts for ordering from now on)."""
         self._seq += 1
         task.seq = self._seq
@@ -85,7 +85,7 @@ class FifoTaskSet:
         if task.attr != _SIMPLE:
             self._ordered += 1
 
-    def remove(self, task: QueuedTask) -> None:
+    def remove(self, task: Queued) -> None:
         """The task left the set: done, failed or aborted, started or not."""
         if self.tasks.pop(task.seq, None) is None:
             return
@@ -94,7 +94,7 @@ class FifoTaskSet:
         if self._waiters:
             self._wake()
 
-    def _may_run(self, task: QueuedTask) -> bool:
+    def _may_run(self, task: Queued) -> bool:
         if task.attr == _HOQ:
             return True
         for other in self.tasks.values():
@@ -104,11 +104,11 @@ class FifoTaskSet:
                 return False
         return True
 
-    def at_once(self, task: QueuedTask) -> bool:
+    def at_once(self, task: Queued) -> bool:
         """No task of the LU but SIMPLE ones (the task itself counted): it starts now."""
         return self._ordered == 0
 
-    async def enter(self, task: QueuedTask) -> bool:
+    async def enter(self, task: Queued) -> bool:
         """Return when the task may execute: True when it had to wait."""
         if (self._ordered == 0 and task.attr != _ORDERED) or self._may_run(task):
             return False
@@ -129,7 +129,7 @@ class FifoTaskSet:
         self._waiters = still
 
 
-_Entry = tuple[int, "QueuedTask", asyncio.Future]   # (start tag, task, its wake-up)
+_Entry = tuple[int, "Queued", asyncio.Future]   # (start tag, task, its wake-up)
 
 
 class FairTaskSet(FifoTaskSet):
@@ -167,11 +167,11 @@ class FairTaskSet(FifoTaskSet):
         self._heads: list[tuple[int, int, str]] = []   # heap of (start tag, seq, key) of queue heads
         self._vtime = 0
 
-    def at_once(self, task: QueuedTask) -> bool:
+    def at_once(self, task: Queued) -> bool:
         """Never decided here: enter() keeps the books of every task it starts."""
         return False
 
-    async def enter(self, task: QueuedTask) -> bool:
+    async def enter(self, task: Queued) -> bool:
         attr = task.attr
         if attr == _HOQ:
             self._running.add(task.seq)
@@ -180,7 +180,7 @@ class FairTaskSet(FifoTaskSet):
             waited = await super().enter(task)
             self._running.add(task.seq)
             return waited
-        key = task.nexus.key
+        key = task.nexus_key()
         vtime = self._vtime
         start = max(vtime, self._finish.get(key, vtime))
         self._finish[key] = start + task.exp_len + COMMAND_COST
@@ -202,7 +202,7 @@ class FairTaskSet(FifoTaskSet):
         await fut    # _fill() counted it as running before it woke us
         return waited
 
-    def remove(self, task: QueuedTask) -> None:
+    def remove(self, task: Queued) -> None:
         seq = task.seq
         if self.tasks.pop(seq, None) is None:
             return
@@ -211,7 +211,7 @@ class FairTaskSet(FifoTaskSet):
         if seq in self._running:
             self._running.discard(seq)
             if task.attr == _SIMPLE:
-                self._uncount(task.nexus.key)
+                self._uncount(task.nexus_key())
         else:
             key = self._queued.pop(seq, None)
             if key is not None:              # aborted while it waited

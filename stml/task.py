@@ -18,6 +18,7 @@ from typing import Any, Callable, Protocol
 from stml.cdb import trim_cdb
 from stml.lu import LogicalUnit
 from stml.lunmap import LunMap
+from stml.sched import Queued
 from stml.sense import ABORTED_COMMAND, DATA_PHASE_ERROR, CheckCondition
 from stml.workers import FairWorkers
 
@@ -138,12 +139,13 @@ class Services(Protocol):
         ...
 
 
-class Task:
-    """One SCSI command inside the STML, from rx_cmnd to xmit_response."""
+class Task(Queued):
+    """One SCSI command inside the STML, from rx_cmnd to xmit_response (its
+    task set's fields, seq, attr and exp_len, are Queued's)."""
 
-    __slots__ = ("services", "fe", "tag", "nexus", "lun", "lu", "cdb", "attr", "direction",
-                 "exp_len", "unsol", "data_out", "received", "need", "want", "data_ready", "data_error",
-                 "runner", "seq", "abort_status", "held")
+    __slots__ = ("services", "fe", "tag", "nexus", "lun", "lu", "cdb", "direction",
+                 "unsol", "data_out", "received", "need", "want", "data_ready", "data_error",
+                 "runner", "abort_status", "held")
 
     def __init__(self, services: Services, fe: FrontEnd, nexus: Nexus, tag: int, lun: int,
                  cdb: bytes, attr: int, direction: int, exp_len: int, unsol: int,
@@ -179,6 +181,9 @@ class Task:
     # stage timing (stml.timing): None, read from the class, unless the task is a
     # TimedTask (stml.emulator): an untimed task costs no store for it
     stamps: list[int] | None = None
+
+    def nexus_key(self) -> str:
+        return self.nexus.key
 
     def hold(self, release: Callable[[], None]) -> None:
         """Memory this task keeps until it ends; `release` gives it back."""

@@ -88,6 +88,8 @@ COMPILED_RUN = [
     "tests/test_stream_channel.py", "tests/test_tap.py", "tests/test_timing.py", "tests/test_metrics.py",
     # the link's table checks, and its fixed-layout responses read without the decoder (0841)
     "tests/test_contract_table.py",
+    # fetd_tcp's budget, its counts by kind in a list (0842) and the session core's bounds
+    "tests/test_budget.py",
     "tests/test_iscsi_e2e.py::test_inquiry_and_capacity",
     "tests/test_iscsi_e2e.py::test_header_and_data_digest",
     "tests/test_iscsi_e2e.py::test_conformance_iscsi_family",
@@ -100,8 +102,7 @@ COMPILED_RUN = [
 # read-only), the ConnectionProtocol tests that hand it a stand-in for a
 # Connection (the compiled class checks its arguments' types), a test that
 # replaces stml.api.link.boot_id or one that counts stml.metrics.report's calls
-# (compiled callers do not look them up), of
-# fetd_vhost's, one that replaces a compiled Virtqueue's pop and one that hands
+# (compiled callers do not look them up), of fetd_vhost's, one that replaces a compiled Virtqueue's pop and one that hands
 # VhostFrontEnd a stand-in link and connection.
 NOT_COMPILED_RUN = ["test_commands_take_the_typed_path", "test_protocol_",
                     "test_one_call_takes_at_most_a_ring_of_chains",

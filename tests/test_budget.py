@@ -6,7 +6,7 @@ from __future__ import annotations
 import struct
 
 from fetd_tcp import pdu as P
-from fetd_tcp.budget import RESERVE, Budget
+from fetd_tcp.budget import OOO, OUT, READ, RESERVE, TEXT, WRITE, Budget
 from fetd_tcp.keys import ConnectionParams, SessionParams
 from fetd_tcp.session import MAX_TEXT_REQUEST, MAX_TMFS, OOO_LIMIT, Connection, Session, Tags
 from support import fuzzgen as G
@@ -18,7 +18,7 @@ MIB = 1 << 20
 
 def _fill(account, chunk: int = 4096) -> int:
     taken = 0
-    while account.take("read", chunk):
+    while account.take(READ, chunk):
         taken += chunk
     return taken
 
@@ -30,12 +30,12 @@ def test_every_account_keeps_its_guaranteed_share_and_an_initiator_half_the_room
     assert hog and other
     # the hog gets its share and half of the room, however it asks; the limit holds
     assert _fill(hog) == RESERVE + 6 * RESERVE and b.peak <= b.limit
-    assert other.take("read", RESERVE)              # the guaranteed share is still there
+    assert other.take(READ, RESERVE)              # the guaranteed share is still there
     # the other gets half of what the hog left it
     assert _fill(other) == 3 * RESERVE
     late = b.open("late")                           # and a third initiator still logs in
-    assert late and late.take("read", RESERVE) and late.take("read", RESERVE)
-    hog.give("read", 7 * RESERVE)
+    assert late and late.take(READ, RESERVE) and late.take(READ, RESERVE)
+    hog.give(READ, 7 * RESERVE)
     assert b.used == other.held + late.held and b.owners["hog"].excess == 0
 
 
@@ -56,7 +56,7 @@ def test_logins_are_not_refused_while_shares_are_left():
     b = Budget(16 * RESERVE)                        # 4 shares kept: room 12 shares
     hogs = [b.open(f"hog{i}") for i in range(2)]
     assert all(hogs)
-    assert hogs[0].take("read", 12 * RESERVE) and hogs[1].take("read", 2 * RESERVE)
+    assert hogs[0].take(READ, 12 * RESERVE) and hogs[1].take(READ, 2 * RESERVE)
     assert b.excess == b.room == 12 * RESERVE        # the room is full
     assert b.open("late") is not None and b.open("later") is not None   # the 3rd and 4th shares
     assert b.open("too late") is None               # past the shares, only with room left
@@ -69,10 +69,10 @@ def test_logins_are_not_refused_while_shares_are_left():
 def test_an_owner_holding_no_excess_may_take_one_transfer_bigger_than_its_share():
     b = Budget(16 * RESERVE)
     a = b.open("a")
-    assert a and a.take("read", 10 * RESERVE)       # 9 shares of excess: past half the room
-    assert not a.take("read", 4096)                 # but nothing more beyond its share
+    assert a and a.take(READ, 10 * RESERVE)       # 9 shares of excess: past half the room
+    assert not a.take(READ, 4096)                 # but nothing more beyond its share
     other = b.open("other")
-    assert other and not other.take("read", 5 * RESERVE) and other.take("read", 4 * RESERVE)
+    assert other and not other.take(READ, 5 * RESERVE) and other.take(READ, 4 * RESERVE)
 
 
 def test_a_connection_is_refused_when_no_share_is_left():
@@ -85,11 +85,11 @@ def test_closing_an_account_frees_all_it_held():
     b = Budget(8 * RESERVE)
     a = b.open()
     assert a
-    a.take("read", RESERVE)
-    a.take("out", 3 * RESERVE, force=True)
-    a.take("ooo", 100)
+    a.take(READ, RESERVE)
+    a.take(OUT, 3 * RESERVE, force=True)
+    a.take(OOO, 100)
     a.close()
-    assert b.used == 0 and b.accounts == 0 and b.excess == 0 and all(v == 0 for v in b.kinds.values())
+    assert b.used == 0 and b.accounts == 0 and b.excess == 0 and all(v == 0 for v in b.kinds)
 
 
 def test_grants_wait_in_tag_order_and_come_as_room_frees():
@@ -99,17 +99,17 @@ def test_grants_wait_in_tag_order_and_come_as_room_frees():
     assert a
     got: list[int] = []
     b.hold(1)
-    assert a.take("write", 13 * RESERVE)             # task 1 holds all the room
+    assert a.take(WRITE, 13 * RESERVE)             # task 1 holds all the room
     for tag in (3, 4, 5):
         b.hold(tag)
     for tag in (5, 3, 4):                            # waiting, out of order
         w = waiters[tag]
         assert w
-        b.wait(w, "write", 2 * RESERVE, tag, lambda tag=tag: got.append(tag))
+        b.wait(w, WRITE, 2 * RESERVE, tag, lambda tag=tag: got.append(tag))
     assert got == []                                 # task 1 is older than all: they wait
-    a.give("write", 2 * RESERVE)
+    a.give(WRITE, 2 * RESERVE)
     assert got == [3, 4]                             # oldest first, as room allows
-    a.give("write", 2 * RESERVE)
+    a.give(WRITE, 2 * RESERVE)
     assert got == [3, 4, 5] and b.used == 15 * RESERVE
 
 
@@ -121,21 +121,21 @@ def test_a_grant_over_its_owners_share_waits_alone():
     hog, other = b.open("hog"), b.open("other")
     assert hog and other
     b.hold(1)
-    assert hog.take("write", 7 * RESERVE)            # task 1: the hog's half of the room
+    assert hog.take(WRITE, 7 * RESERVE)            # task 1: the hog's half of the room
     got: list[int] = []
     for tag in (2, 3):
         b.hold(tag)
-    b.wait(hog, "write", RESERVE, 2, lambda: got.append(2))
+    b.wait(hog, WRITE, RESERVE, 2, lambda: got.append(2))
     assert got == [] and b._parked_live == 1
-    b.wait(hog, "write", 4096, 3, lambda: got.append(3))
+    b.wait(hog, WRITE, 4096, 3, lambda: got.append(3))
     assert got == [] and b._parked_live == 2         # its owner's older grant waits: so does it
     b.hold(4)
-    b.wait(other, "write", 3 * RESERVE, 4, lambda: got.append(4))
+    b.wait(other, WRITE, 3 * RESERVE, 4, lambda: got.append(4))
     assert got == [4]                                # not behind the hog's
-    assert not b.take_now(hog, "write", 4096)        # nor does the hog jump its own queue
-    hog.give("write", 2 * RESERVE)
+    assert not b.take_now(hog, WRITE, 4096)        # nor does the hog jump its own queue
+    hog.give(WRITE, 2 * RESERVE)
     assert got == [4, 2]                             # as its share allows
-    hog.give("write", RESERVE)
+    hog.give(WRITE, RESERVE)
     assert got == [4, 2, 3] and b._waiting_live == 0 and b._parked_live == 0
 
 
@@ -147,9 +147,9 @@ def test_a_parked_grant_passes_when_nothing_older_holds():
     assert hog
     for tag in (1, 2, 10):
         b.hold(tag)
-    assert hog.take("write", 7 * RESERVE)            # task 10, newer, holds the hog's share
+    assert hog.take(WRITE, 7 * RESERVE)            # task 10, newer, holds the hog's share
     got: list[int] = []
-    b.wait(hog, "write", RESERVE, 2, lambda: got.append(2))
+    b.wait(hog, WRITE, RESERVE, 2, lambda: got.append(2))
     assert got == [] and b._parked_live == 1         # task 1 is older and holds
     b.unhold(1)
     assert got == [2] and b._parked_live == 0
@@ -160,13 +160,13 @@ def test_a_grant_within_the_guaranteed_share_does_not_queue_behind_others():
     hog, other = b.open(), b.open()
     assert hog and other
     b.hold(1)
-    hog.take("write", 3 * RESERVE)
+    hog.take(WRITE, 3 * RESERVE)
     got: list[int] = []
     b.hold(2)
-    b.wait(hog, "write", RESERVE, 2, lambda: got.append(2))    # the hog waits for more
+    b.wait(hog, WRITE, RESERVE, 2, lambda: got.append(2))    # the hog waits for more
     assert got == []
-    assert b.take_now(other, "write", RESERVE // 2)            # the other's share: at once
-    assert not b.take_now(other, "write", RESERVE)             # past it: behind the hog
+    assert b.take_now(other, WRITE, RESERVE // 2)            # the other's share: at once
+    assert not b.take_now(other, WRITE, RESERVE)             # past it: behind the hog
 
 
 def test_the_oldest_waiter_passes_when_only_newer_tasks_hold_the_budget():
@@ -178,14 +178,14 @@ def test_the_oldest_waiter_passes_when_only_newer_tasks_hold_the_budget():
     assert a
     for tag in (2, 3, 10):
         b.hold(tag)
-    a.take("write", 2 * RESERVE)                     # task 10, newer, holds it all
+    a.take(WRITE, 2 * RESERVE)                     # task 10, newer, holds it all
     got: list[int] = []
-    b.wait(a, "write", RESERVE, 2, lambda: got.append(2))
+    b.wait(a, WRITE, RESERVE, 2, lambda: got.append(2))
     assert got == [2] and b.used == 3 * RESERVE   # past the limit by one transfer
-    b.wait(a, "write", RESERVE, 3, lambda: got.append(3))
+    b.wait(a, WRITE, RESERVE, 3, lambda: got.append(3))
     assert got == [2]                              # task 2 is older and holds: 3 waits
     b.unhold(2)                                    # answered (its data given back)
-    a.give("write", RESERVE)
+    a.give(WRITE, RESERVE)
     assert got == [2, 3]
 
 
@@ -206,13 +206,13 @@ def test_a_cancelled_grant_is_never_given_and_the_queue_stays_small():
     a = b.open()
     assert a
     b.hold(1)
-    a.take("write", 2 * RESERVE)
+    a.take(WRITE, 2 * RESERVE)
     got: list[int] = []
     for tag in range(2, 1002):
         b.hold(tag)
-        b.wait(a, "write", RESERVE, tag, lambda tag=tag: got.append(tag)).cancel()
+        b.wait(a, WRITE, RESERVE, tag, lambda tag=tag: got.append(tag)).cancel()
     assert len(b._waiting) <= 2 * b._waiting_live + 65
-    a.give("write", 2 * RESERVE)
+    a.give(WRITE, 2 * RESERVE)
     assert got == []
 
 
@@ -254,7 +254,7 @@ def test_reads_past_the_connections_read_bound_get_task_set_full():
     sent = [c for c in link.calls if c[0] == "rx_cmnd"]
     full = [p for p, _ in out if isinstance(p, P.ScsiResponse) and p.status == 0x28]
     assert len(sent) == 3 and len(full) == 5        # 3 MiB reserved + headers; a 4th would pass 4 MiB
-    assert conn.account.kinds["read"] <= 4 * MIB
+    assert conn.account.kinds[READ] <= 4 * MIB
 
 
 def test_a_read_bigger_than_the_bound_still_runs_alone():
@@ -267,13 +267,13 @@ def test_read_data_counts_until_the_socket_takes_it():
     conn, out, link = _conn()
     conn.receive(_cmd(1, 1, _read(0, 8), 4096, read=True), b"")
     task = next(iter(conn.tags.tasks.values()))
-    reserved = conn.account.kinds["read"]
+    reserved = conn.account.kinds[READ]
     assert reserved >= 4096
     conn.tags.tasks.pop(task.tag)
     conn.xmit_response(task, 0, None, 0, memoryview(bytes(4096)))
     # the reservation went; the data counts as output until the writer samples its socket
-    assert conn.account.kinds["read"] == 0 and conn.account.kinds["out"] == 4096
-    conn.account.set("out", 0)                      # what PduWriter.flush does once it is sent
+    assert conn.account.kinds[READ] == 0 and conn.account.kinds[OUT] == 4096
+    conn.account.set(OUT, 0)                      # what PduWriter.flush does once it is sent
     assert conn.account.held == 0
 
 
@@ -284,14 +284,14 @@ def test_out_of_order_data_is_capped_and_refused_in_its_turn():
     n = OOO_LIMIT // len(chunk) + 8
     for i in range(n):                              # CmdSN 2.. arrive; 1 never came yet
         conn.receive(_cmd(10 + i, 2 + i, _write(i * 128, 128), 65536, chunk, write=True), chunk)
-    assert s.queued_bytes <= OOO_LIMIT and conn.account.kinds["ooo"] == s.queued_bytes
+    assert s.queued_bytes <= OOO_LIMIT and conn.account.kinds[OOO] == s.queued_bytes
     assert not link.calls
     conn.receive(_cmd(1, 1, bytes(6), 0), b"")      # the gap fills: everything runs in order
     sent = [c for c in link.calls if c[0] == "rx_cmnd"]
     full = [p.itt for p, _ in out if isinstance(p, P.ScsiResponse) and p.status == 0x28]
     assert len(sent) == 1 + OOO_LIMIT // len(chunk)
     assert full == [10 + i for i in range(OOO_LIMIT // len(chunk), n)]
-    assert s.queued_bytes == 0 and conn.account.kinds["ooo"] == 0
+    assert s.queued_bytes == 0 and conn.account.kinds[OOO] == 0
 
 
 def test_tasks_in_flight_stay_within_the_window():
@@ -360,7 +360,7 @@ def test_a_long_text_answer_is_built_once_and_sent_by_offset():
     assert pdus == -(-body // 512) and len(calls) == 1
     # every segment is a view of the one answer: nothing after it is copied per PDU
     assert len({id(d.obj) for _, d in out}) == 1
-    assert conn.account.kinds["text"] == 0
+    assert conn.account.kinds[TEXT] == 0
 
 
 def test_a_key_given_twice_in_one_text_request_is_refused():
@@ -383,7 +383,7 @@ def test_a_continued_text_request_is_acknowledged_and_bounded():
     conn.receive(P.TextRequest(1, ttt, 1, 0, immediate=True, cont=True, final=False,
                                data_length=len(part)), part)
     assert isinstance(out[-1][0], P.Reject) and out[-1][0].reason == P.REJECT_OUT_OF_RESOURCES
-    assert conn.account.kinds["text"] == 0 and not conn.text_in and calls == []
+    assert conn.account.kinds[TEXT] == 0 and not conn.text_in and calls == []
     # a request in two parts is answered as one
     conn.receive(P.TextRequest(2, P.RESERVED_TAG, 1, 0, immediate=True, cont=True, final=False,
                                data_length=6), b"SendTa")
@@ -426,13 +426,13 @@ def test_the_books_balance_once_every_command_is_answered():
     conn.task_mgmt_fn_done(0, P.TMF_ABORT_TASK, 0, [tasks[3]])     # task 3 aborted
     conn.session.tmfs += 1                                          # (it was never counted)
     text = [p for p, _ in out if isinstance(p, P.TextResponse)]
-    assert not text[-1].final and acct.kinds["text"] > 0
+    assert not text[-1].final and acct.kinds[TEXT] > 0
     while not text[-1].final:
         conn.receive(P.TextRequest(8, text[-1].ttt, 0, 0, immediate=True), b"")
         text.append(out[-1][0])
     assert not conn.session.itts and not conn.waiting
-    acct.set("out", 0)                                              # the writer sent it all
-    assert acct.held == 0 and all(v == 0 for v in acct.kinds.values())
+    acct.set(OUT, 0)                                              # the writer sent it all
+    assert acct.held == 0 and all(v == 0 for v in acct.kinds)
     assert acct.budget.used == 0 and acct.budget._oldest_holder() is None
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import struct
 
 from fetd_tcp import pdu as P
+from fetd_tcp.budget import KEEP, READ
 from fetd_tcp.keys import ConnectionParams, SessionParams
 from fetd_tcp.session import Connection, Session, Tags
 
@@ -41,15 +42,15 @@ def test_kept_read_data_is_counted_and_bounded_until_acknowledged():
         conn.receive(P.ScsiCommand(10 + i, P.LUN0, _cdb(0x88, 8), 4096, sn, conn.exp_stat_sn, read=True), b"")
         task = conn.tags.tasks.pop(link.calls[-1][1][0])
         conn.xmit_response(task, 0, None, 0, memoryview(bytes([i]) * 4096))
-    assert len(s.kept) == WINDOW and conn.account.kinds["keep"] == WINDOW * 4096
-    assert conn.account.kinds["read"] == 0
+    assert len(s.kept) == WINDOW and conn.account.kinds[KEEP] == WINDOW * 4096
+    assert conn.account.kinds[READ] == 0
     before = s.max_cmd_sn
     conn.receive(P.ScsiCommand(99, P.LUN0, bytes(16), 0, s.exp_cmd_sn, conn.exp_stat_sn), b"")
     assert s.max_cmd_sn == before            # held: nothing acknowledged
     statuses = [p for p, _ in out if isinstance(p, P.DataIn) and p.status is not None]
     assert len(statuses) == WINDOW
     conn.acknowledge(statuses[-1].stat_sn + 1)
-    assert not s.kept and conn.account.kinds["keep"] == 0
+    assert not s.kept and conn.account.kinds[KEEP] == 0
     assert s.max_cmd_sn > before             # the window moves again
 
 

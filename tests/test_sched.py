@@ -8,7 +8,7 @@ import tomllib
 import pytest
 
 from stml.api import TaskAttr
-from stml.sched import COMMAND_COST, POLICIES, FairTaskSet
+from stml.sched import COMMAND_COST, POLICIES, FairTaskSet, Queued
 
 S, O, H = TaskAttr.SIMPLE, TaskAttr.ORDERED, TaskAttr.HEAD_OF_QUEUE
 
@@ -21,13 +21,16 @@ class FakeNexus:
 A, B = FakeNexus("a"), FakeNexus("b")
 
 
-class FakeTask:
+class FakeTask(Queued):
     def __init__(self, name: str, attr: TaskAttr, nexus: FakeNexus = A, exp_len: int = 4096) -> None:
         self.name = name
         self.attr = attr
         self.nexus = nexus
         self.exp_len = exp_len
         self.seq = 0
+
+    def nexus_key(self) -> str:
+        return self.nexus.key
 
     def __repr__(self) -> str:
         return self.name

@@ -52,7 +52,11 @@ _RX_CMND_LAYOUT = _fixed_map(_RX_CMND, (
     ("tag", "I"), ("nexus", "I"), ("lun", "I"), ("cdb", "16s"), ("attr", "I"), ("dir", "I"),
     ("len", "I"), ("unsol", "I")))
 _RX_CMND_FIXED: Final = _RX_CMND_LAYOUT[0]   # (Final: statics in the compiled build)
+_RX_CMND_PACK: Final = _RX_CMND_FIXED.pack    # (bound once: no method lookup per command)
 _RX_CMND_KEYS: Final = _RX_CMND_LAYOUT[1]
+# the clock read per message, bound once (compiled: a static, not `time` from the
+# module's dict and then its attribute)
+_monotonic: Final = time.monotonic
 
 # xmit_response in the STML's fixed layout (stml.api.messages): its size, its
 # Struct's unpack and the constant parts it must hold (map, keys, markers)
@@ -216,10 +220,10 @@ class FrontEndLink(TapPoint):
         channel = self._channel
         if channel is None:
             return
-        self._last_tx = time.monotonic()
+        self._last_tx = _monotonic()
         if self._done:
             channel.send([pack(self._done_header())])
-        channel.send([header, *data])
+        channel.send([header, *data] if data else [header])
 
     def _done_header(self) -> dict[str, Any]:
         """The scsi_target_done of the responses done so far, with their
@@ -265,8 +269,8 @@ class FrontEndLink(TapPoint):
         if len(cdb) == 16:
             k0, k1, k2, k3, k4, k5, k6, k7 = _RX_CMND_KEYS
             try:
-                header = _RX_CMND_FIXED.pack(k0, tag, k1, nexus, k2, lun, k3, cdb, k4, attr,
-                                             k5, direction, k6, length, k7, unsol)
+                header = _RX_CMND_PACK(k0, tag, k1, nexus, k2, lun, k3, cdb, k4, attr,
+                                       k5, direction, k6, length, k7, unsol)
             except struct.error:   # a number out of the layout's range
                 pass
         if header is None:
@@ -518,7 +522,7 @@ class FrontEndLink(TapPoint):
             self._last_rx = time.monotonic()
 
     def _on_message(self, frames: list) -> None:
-        self._last_rx = time.monotonic()
+        self._last_rx = _monotonic()
         raw = frames[0]
         if len(raw) == _XMIT_SIZE:
             # a response in the STML's fixed layout (most of them): read by its Struct,

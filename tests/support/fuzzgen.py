@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from fetd_tcp import login as L
 from fetd_tcp import pdu as P
+from fetd_tcp.budget import KEEP
 from fetd_tcp.chap import Credentials, Secret
 from fetd_tcp.keys import ConnectionParams, SessionParams
 from fetd_tcp.session import Connection, Session, Tags
@@ -253,7 +254,7 @@ def run_connection(stream: list[bytes], discovery: bool = False, erl: int = 0) -
         link.calls.clear()
         assert len(conn.session.queued) <= conn.session.window
         kept = sum(t.kept for t in conn.session.kept.values()) + conn.other_bytes
-        assert conn.account.kinds["keep"] == kept
+        assert conn.account.kinds[KEEP] == kept
     if discovery:
         assert not any(p.__class__ is P.R2T or p.__class__ is P.DataIn for p, _ in out)
     for p, d in out:
