@@ -102,8 +102,9 @@ COMPILED_RUN = [
 # read-only), the ConnectionProtocol tests that hand it a stand-in for a
 # Connection (the compiled class checks its arguments' types), a test that
 # replaces stml.api.link.boot_id or one that counts stml.metrics.report's calls
-# (compiled callers do not look them up), of fetd_vhost's, one that replaces a compiled Virtqueue's pop and one that hands
-# VhostFrontEnd a stand-in link and connection.
+# (compiled callers do not look them up), of fetd_vhost's, one that replaces a
+# compiled Virtqueue's pop and one that hands VhostFrontEnd a stand-in link and
+# connection.
 NOT_COMPILED_RUN = ["test_commands_take_the_typed_path", "test_protocol_",
                     "test_one_call_takes_at_most_a_ring_of_chains",
                     "test_a_read_slot_goes_back_only_once_the_data_is_in_guest_memory",
