@@ -185,11 +185,12 @@ class Management:
         """The LUs of `targets` (all) of backend `kind` (any), gathered in steps."""
         return [lu async for lu in self._each_lu(targets) if kind is None or lu.options.kind == kind]
 
-    async def _ua(self, luns: list[LogicalUnit], asc: tuple[int, int], target: str) -> None:
+    async def _ua(self, luns: list[LogicalUnit], asc: tuple[int, int], target: str, events: bool = True) -> None:
         """A unit attention for every nexus of the target on these LUs, through
         the engine's fan-out (as a TARGET RESET's): bounded work per turn of
-        the loop, one asynchronous event per nexus however many LUs."""
-        await self.em.fan_out_ua(luns, asc, self.em.nexus_keys(target))
+        the loop, one asynchronous event per nexus however many LUs (none
+        without `events`: one change told in two fan-outs is one event)."""
+        await self.em.fan_out_ua(luns, asc, self.em.nexus_keys(target), events=events)
 
     async def _check_file(self) -> None:
         """Refuse a change when the file changed on disk since it was loaded or
@@ -735,12 +736,14 @@ class Management:
         # whose LU was removed was: a nexus that addressed that LU is told on
         # this one too, before its next command reaches another disk (0254):
         # all of them, before it is reachable (a fan-out takes loop turns)
-        if number in self._retired.get(t.name, ()):
+        reused = number in self._retired.get(t.name, ())
+        if reused:
             await self._ua([lu], REPORTED_LUNS_DATA_CHANGED, t.name)
         t.luns[number] = lu
         self._tc(t.name).luns.append(LunConfig(number, opts))
-        # the others' begin in the step of the change, detect follows
-        await self._ua(others, REPORTED_LUNS_DATA_CHANGED, t.name)
+        # the others' begin in the step of the change (one asynchronous event
+        # per nexus in all: a guest's event queue is short), detect follows
+        await self._ua(others, REPORTED_LUNS_DATA_CHANGED, t.name, events=not reused)
         await self._redetect()
         return lu
 
