@@ -21,7 +21,7 @@ from backends.ram import PAGE, RamBackend
 from stml.config import ConfigError, lun_options
 from stml.emulator import Target
 from stml.lu import IEEE_COMPANY_ID, CopyResults, LogicalUnit, LunOptions
-from stml.sense import CHECK_CONDITION, GOOD, ILLEGAL_REQUEST, parse_sense
+from stml.sense import GOOD, ILLEGAL_REQUEST, parse_sense
 from stml.workers import FairWorkers
 from support.faults import on_disk
 from support.sbc_harness import TARGET, Harness, cscd, fragment, run, unmap
@@ -351,6 +351,23 @@ def test_write_same_is_held_to_its_limit_and_goes_in_chunks():
     run(go())
 
 
+def shrink_after_writes(lu, writes: int, size: int) -> list[int]:
+    """Make the LU's backend shrink to `size` after its `writes`-th write (as a
+    `lun resize --force` between two chunks would); the end offset of every
+    write is appended to the list returned."""
+    ends: list[int] = []
+    real = lu.backend.write_from
+
+    def write_then_shrink(off, bufs, sync):
+        real(off, bufs, sync)
+        ends.append(off + sum(map(len, bufs)))
+        if len(ends) == writes:
+            lu.backend.resize(size)
+    lu.backend.write_from = write_then_shrink
+    lu.backend.write_nowait = lambda off, bufs, sync: write_then_shrink(off, bufs, sync) or True
+    return ends
+
+
 @pytest.mark.parametrize("cdb", [bytes([0x93, 0]) + struct.pack(">QI", 0, MAX_XFER) + bytes(2),   # WRITE SAME(16)
                                  bytes([0x8B, 0]) + struct.pack(">QI", 0, MAX_XFER) + bytes(2)],  # ORWRITE(16)
                          ids=["write-same", "orwrite"])
@@ -362,16 +379,7 @@ def test_chunked_writes_stop_at_the_end_of_a_lu_shrunk_while_they_run(cdb):
     async def go():
         h = Harness([LunOptions("ram", size=64 << 20, thin=False)])
         lu = h.lu()
-        ends: list[int] = []
-        real = lu.backend.write_from
-
-        def write_then_shrink(off, bufs, sync):
-            real(off, bufs, sync)
-            ends.append(off + sum(map(len, bufs)))
-            if len(ends) == 2:
-                lu.backend.resize(2 << 20)
-        lu.backend.write_from = write_then_shrink
-        lu.backend.write_nowait = lambda off, bufs, sync: write_then_shrink(off, bufs, sync) or True
+        ends = shrink_after_writes(lu, 2, 2 << 20)
         r = await h.cmd(cdb, b"\x66" * (BS if cdb[0] == 0x93 else MAX_XFER * BS))
         assert r.key_asc == (ILLEGAL_REQUEST, 0x21, 0)
         assert ends == [1 << 20, 2 << 20] and lu.backend.allocated() == 2 << 20
@@ -460,16 +468,7 @@ def test_sanitize_stops_at_the_end_of_a_lu_shrunk_while_it_runs():
     async def go():
         h = Harness([LunOptions("ram", size=64 << 20)])
         lu = h.lu()
-        ends: list[int] = []
-        real = lu.backend.write_from
-
-        def write_then_shrink(off, bufs, sync):
-            real(off, bufs, sync)
-            ends.append(off + sum(map(len, bufs)))
-            if len(ends) == 1:
-                lu.backend.resize(4 << 20)
-        lu.backend.write_from = write_then_shrink
-        lu.backend.write_nowait = lambda off, bufs, sync: write_then_shrink(off, bufs, sync) or True
+        ends = shrink_after_writes(lu, 1, 4 << 20)
         pattern = bytes([0x01, 0, 0, 4]) + b"\xc3" * 4            # OVERWRITE COUNT 1, a 4-byte pattern
         r = await h.cmd(bytes([0x48, 0x01, 0, 0, 0, 0, 0, 0, len(pattern), 0]), pattern)
         assert r.status == GOOD

@@ -11,7 +11,6 @@ import struct
 import time
 from typing import Iterator
 
-import pytest
 
 from fetd_tcp import login as L
 from fetd_tcp import pdu as P

@@ -252,16 +252,7 @@ def test_target_remove_force_visits_a_front_ends_tasks_once_per_step():
                 yield v
     emu.front_ends[b"fe"].tasks = Counted({i: SimpleNamespace(nexus=None) for i in range(5000)})
 
-    async def run() -> list[int]:
-        job = asyncio.get_running_loop().create_task(m.target_remove(IQN, force=True))
-        per_turn = []
-        while not job.done():
-            before = visits[0]
-            await asyncio.sleep(0)
-            per_turn.append(visits[0] - before)
-        job.result()
-        return per_turn
-    per_turn = asyncio.run(run())
+    per_turn = visits_per_turn(m.target_remove(IQN, force=True), visits)
     assert max(per_turn) <= 5000 and sum(per_turn) <= 5000 * (600 // emulator_mod.FANOUT_STEP + 1)
 
 
@@ -397,7 +388,7 @@ class CountedLuns(dict):
 
 
 def visits_per_turn(change, visits: list[int]) -> list[int]:
-    """Run `change` (a coroutine) and count the LUs visited in each turn of the loop."""
+    """Run `change` (a coroutine) and count what it visits (`visits[0]`) in each turn of the loop."""
     async def run() -> list[int]:
         job = asyncio.get_running_loop().create_task(change)
         per_turn = []

@@ -10,10 +10,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 import tomllib
 from pathlib import Path
 
@@ -21,7 +19,7 @@ import pytest
 import tomlkit
 
 from fetd_loopback import LoopbackClient
-from support.procs import children_by_module, pid_alive, run
+from support.procs import pid_alive, run
 from support.target import IQN, Target
 from stml.lu import legacy_id
 
@@ -69,18 +67,6 @@ def add_lun_by_hand(cfg: Path, entry: dict) -> None:
     cfg.write_text(tomlkit.dumps(doc))
 
 
-def kill_stml_and_wait_for_restart(t: Target, ddir: str) -> None:
-    old = children_by_module(t.proc.pid)["stml"]
-    os.kill(old, signal.SIGKILL)
-    deadline = time.monotonic() + 30
-    while children_by_module(t.proc.pid).get("stml") in (None, old):
-        assert time.monotonic() < deadline and t.proc.poll() is None, t.log()
-        time.sleep(0.05)
-    while cli("lun", "list", "--data-dir", ddir).returncode != 0:   # the new STML answers
-        assert time.monotonic() < deadline and t.proc.poll() is None, t.log()
-        time.sleep(0.2)
-
-
 @pytest.fixture
 def ddir(tmp_short):
     return str(tmp_short())
@@ -106,7 +92,7 @@ def test_a_lun_that_cannot_open_is_offline_after_the_stml_restarts(ddir):
         assert r["applied"] == [] and len(r["not_applied"]) == 1, r
         assert "a start with this file serves it offline" in r["not_applied"][0], r
 
-        kill_stml_and_wait_for_restart(t, ddir)
+        t.kill_stml()
         assert cli("wait-ready", "--data-dir", ddir, "--timeout", "30").returncode == 0, t.log()
         assert "refused its configuration" not in t.log()
         line = t.wait_log(f"LUN 1 (file {missing}) is offline")
@@ -152,7 +138,7 @@ def test_an_offline_lun_can_be_removed(ddir):
     cfg = Path(ddir) / "scsi-target.toml"
     with Target("--no-iscsi", "--lun", "ram:4MiB", data_dir=ddir, portals=(), expect_portals=0) as t:
         add_lun_by_hand(cfg, {"lun": 3, "backend": "file", "path": f"{ddir}/nope/x.img", "size": "1MiB"})
-        kill_stml_and_wait_for_restart(t, ddir)
+        t.kill_stml()
         t.wait_log("LUN 3 (file ")
         assert mgmt(ddir, "lun", "list")[1]["offline"]
         p = cli("lun", "resize", "3", "2MiB", "--data-dir", ddir)
@@ -348,7 +334,7 @@ def test_hand_added_luns_get_ids_that_keep_old_disks_and_tell_new_ones_apart(ddi
         with LoopbackClient(endpoint, timeout=10) as c:
             assert naa(c, 0) == naa_of(ident) != legacy
             assert c.inquiry(0, 0x80)[4:20] == bytes.fromhex(ident)[:8].hex().encode()
-        kill_stml_and_wait_for_restart(t, ddir)
+        t.kill_stml()
         with LoopbackClient(endpoint, timeout=10) as c:
             assert naa(c, 0) == naa_of(ident)
         assert tomllib.loads(cfg.read_text())["target"][0]["lun"][0]["id"] == ident
@@ -429,7 +415,7 @@ def test_the_file_of_a_hand_added_lun_once_served_is_not_created_again(ddir):
         assert img.stat().st_size == 2 << 20
         ident = tomllib.loads(cfg.read_text())["target"][0]["lun"][1]["id"]
         img.unlink()
-        kill_stml_and_wait_for_restart(t, ddir)
+        t.kill_stml()
         line = t.wait_log("LUN 1 (file ")
         assert "is missing; it was served before: restore it or remove the LUN" in line
         assert not img.exists()

@@ -8,16 +8,13 @@ run`, its supervisor's restart of a SIGKILLed STML, raw iSCSI sessions
 from __future__ import annotations
 
 import os
-import signal
 import struct
 import subprocess
 import sys
-import time
 
 import pytest
 
 from fetd_loopback import LoopbackClient
-from support.procs import children_by_module
 from support.rawiscsi import RawInitiator
 from support.target import IQN, Target
 
@@ -52,17 +49,6 @@ def cli(*args: str) -> subprocess.CompletedProcess:
                           timeout=60, stdin=subprocess.DEVNULL)
 
 
-def kill_stml_and_wait_for_restart(t: Target, ddir: str) -> None:
-    old = children_by_module(t.proc.pid)["stml"]
-    os.kill(old, signal.SIGKILL)
-    deadline = time.monotonic() + 30
-    while children_by_module(t.proc.pid).get("stml") in (None, old):
-        assert time.monotonic() < deadline and t.proc.poll() is None, t.log()
-        time.sleep(0.05)
-    # the new STML serves, and fetd_tcp is attached to it again
-    assert cli("wait-ready", "--data-dir", ddir, "--timeout", "30").returncode == 0, t.log()
-
-
 @pytest.fixture
 def ddir(tmp_short):
     return str(tmp_short())
@@ -84,7 +70,9 @@ def test_nexuses_that_outlive_the_stml_hear_power_on_occurred_and_new_ones_do_no
         with LoopbackClient(f"ipc://{ddir}/stml.sock", timeout=10) as c:
             assert c.execute(0, TUR).status == GOOD
 
-            kill_stml_and_wait_for_restart(t, ddir)
+            t.kill_stml()
+            # the new STML serves, and fetd_tcp is attached to it again
+            assert cli("wait-ready", "--data-dir", ddir, "--timeout", "30").returncode == 0, t.log()
 
             # the loopback client's link registers its nexus again, before the command: the same nexus
             r = c.execute(0, TUR)

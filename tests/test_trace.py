@@ -24,7 +24,6 @@ import msgpack
 import pytest
 
 from fetd_loopback import LoopbackClient
-from stml.api import Op
 from stml.trace import recorder as R
 from stml.trace.format import Message, Note, TraceError, TraceReader
 from stml.trace.replay import Divergence, Replayer

@@ -6,13 +6,14 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
-from support.procs import Proc, short_dir, stop_pid, wait_for_line
+from support.procs import Proc, children_by_module, short_dir, stop_pid, wait_for_line
 
 IQN = "iqn.2026-11.org.scsi-target:disk0"
 LISTENING = re.compile(r"stml: listening on (\S+)")
@@ -80,6 +81,21 @@ class Target:
                 raise AssertionError(f"{needle!r} not in the target's log:\n{self.log()}")
             time.sleep(0.05)
         return self.log()
+
+    def kill_stml(self) -> None:
+        """SIGKILL `run`'s STML (a crash) and wait until `run` has started
+        another and it answers management (front ends may still be attaching:
+        `wait-ready` waits for them)."""
+        old = children_by_module(self.proc.pid)["stml"]
+        os.kill(old, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while children_by_module(self.proc.pid).get("stml") in (None, old):
+            assert time.monotonic() < deadline and self.proc.poll() is None, self.log()
+            time.sleep(0.05)
+        while subprocess.run([sys.executable, "-m", "scsi_target", "lun", "list", "--data-dir", self.data_dir],
+                             capture_output=True, timeout=60, stdin=subprocess.DEVNULL).returncode != 0:
+            assert time.monotonic() < deadline and self.proc.poll() is None, self.log()
+            time.sleep(0.2)
 
     def stop(self) -> None:
         """SIGTERM `run` (it stops its children), SIGKILL what is left of its
