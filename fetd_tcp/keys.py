@@ -129,7 +129,7 @@ class TargetKeys:
     immediate_data: bool = True
     max_recv_data_segment_length: int = 262144
     max_burst_length: int = 262144
-    first_burst_length: int = 65536
+    first_burst_length: int = 262144
     default_time2wait: int = 2
     default_time2retain: int = 20
     max_outstanding_r2t: int = 1
