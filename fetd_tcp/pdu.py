@@ -918,6 +918,8 @@ class PduFramer:
         self._seg_pos = 0
         self._head: tuple[bytes, bytes, int] = (b"", b"", 0)   # its BHS, AHS, DataSegmentLength
         self._skip = 0                            # bytes of a PDU with a bad header still to drop
+        # after a big data segment the next PDU's header is read alone (see get_buffer)
+        self._header_only = False
 
     @property
     def buffered(self) -> int:
@@ -925,7 +927,10 @@ class PduFramer:
         return self._end - self._start + (self._seg_pos if self._seg is not None else 0)
 
     def get_buffer(self) -> memoryview:
-        """Where the next received bytes go (never empty)."""
+        """Where the next received bytes go (never empty). After a big data
+        segment only the rest of the next header: the next PDU is likely big
+        too (a write's Data-Out), and its data then goes straight into its own
+        buffer instead of into the staging buffer and then copied there."""
         if self._seg is not None:
             return self._seg[self._seg_pos:]
         buf = self._buf
@@ -935,6 +940,10 @@ class PduFramer:
             rest = self._end - self._start
             buf[:rest] = buf[self._start:self._end]
             self._start, self._end = 0, rest
+        if self._header_only:
+            want = self.wanted()
+            if want:
+                return buf[self._end:self._end + want]
         return buf[self._end:]
 
     def received(self, n: int) -> None:
@@ -1009,10 +1018,12 @@ class PduFramer:
                 header, ahs = self._header(start, ahs_len)
             except DigestError:
                 self._skip = end - start     # the rest of the PDU goes by unread
+                self._header_only = False    # in reads as big as they come
                 self._start = start
                 self._skipping()
                 return None
             size = end - pos
+            self._header_only = True
             seg = memoryview(self.alloc(size))[:size]
             take = min(self._end - pos, size)
             seg[:take] = buf[pos:pos + take]
@@ -1023,6 +1034,7 @@ class PduFramer:
             return self._segment_done()
         if avail < end - start:
             return None
+        self._header_only = False
         if ahs_len or self.hd:
             try:
                 header, ahs = self._header(start, ahs_len)
