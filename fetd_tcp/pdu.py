@@ -965,7 +965,7 @@ class PduFramer:
             return min(self._skip, self._largest)
         avail = self._end - self._start
         if avail < BHS_LEN:
-            return BHS_LEN - avail
+            return BHS_LEN + self.hd - avail   # a header digest always follows (maybe past an AHS)
         (word,) = _WORD1.unpack_from(self._buf, self._start)
         ahs_len, length = (word >> 24) * 4, word & 0xFFFFFF
         if length > self.max_data:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import struct
 
 import pytest
 
@@ -216,3 +217,42 @@ def test_initiator_name_case_does_not_make_another_session(target):
         new.close()
     finally:
         old.close()
+
+
+# what libiscsi (qemu's iSCSI driver) offers at login
+LIBISCSI_OFFER = [("InitialR2T", "No"), ("ImmediateData", "Yes"), ("MaxBurstLength", "262144"),
+                  ("FirstBurstLength", "262144"), ("MaxOutstandingR2T", "1"),
+                  ("MaxRecvDataSegmentLength", "262144")]
+
+
+def test_a_1mib_write_at_libiscsis_offer_takes_three_r2ts(target):
+    """libiscsi offers FirstBurstLength 256 KiB and the target takes it: a 1 MiB
+    write sends its first 256 KiB as immediate data and the rest is asked for by
+    three R2Ts of MaxBurstLength, one outstanding at a time (R2TSN 0, 1, 2), each
+    answered by one Data-Out; the data reads back."""
+    ini = RawInitiator(*_hostport(target.portal))
+    assert ini.login(IQN, extra=LIBISCSI_OFFER).status_class == 0
+    assert (ini.login_keys["FirstBurstLength"], ini.login_keys["MaxBurstLength"]) == ("262144", "262144")
+    assert ini.login_keys["MaxOutstandingR2T"] == "1"
+    ini.command(bytes(6))
+    data = os.urandom(1 << 20)
+    lba, burst = 2048, 262144
+    itt = ini._next_itt()
+    cdb = struct.pack(">BBQIBB", 0x8A, 0, lba, len(data) // 512, 0, 0)
+    ini.send(P.ScsiCommand(itt, P.LUN0, cdb, len(data), ini.cmd_sn, ini.exp_stat_sn, write=True,
+                           final=False, data_length=burst), data[:burst])
+    ini.cmd_sn += 1
+    r2ts = []
+    while True:
+        pdu, _ = ini.recv()
+        if isinstance(pdu, P.R2T):
+            r2ts.append((pdu.r2t_sn, pdu.buffer_offset, pdu.desired_length))
+            chunk = data[pdu.buffer_offset:pdu.buffer_offset + pdu.desired_length]
+            ini.send(P.DataOut(itt, pdu.ttt, 0, pdu.buffer_offset, True, ini.exp_stat_sn, P.LUN0,
+                               len(chunk)), chunk)
+        else:
+            assert isinstance(pdu, P.ScsiResponse) and pdu.status == 0, pdu
+            break
+    assert r2ts == [(0, burst, burst), (1, 2 * burst, burst), (2, 3 * burst, burst)]
+    assert ini.read16(lba, len(data) // 512) == data
+    ini.close()

@@ -198,6 +198,42 @@ def test_big_segments_are_received_in_place_and_small_ones_copied_out():
     assert first[1] == small and data == big
 
 
+@pytest.mark.parametrize("hd", [False, True])
+def test_after_a_big_segment_only_the_next_header_is_staged(hd):
+    """A reader that fills whatever get_buffer offers (a socket with everything
+    queued): the first big Data-Out's header arrives with some of its data,
+    which is copied to its buffer; after it, reads stop at each header, so the
+    next Data-Outs' data all lands in their own buffers, and a small PDU after
+    them is read as it comes (then reads are whole again)."""
+    allocated: list[bytearray] = []
+
+    def alloc(n: int) -> bytearray:
+        allocated.append(bytearray(n))
+        return allocated[-1]
+
+    framer = P.PduFramer(hd, False, 262144, alloc=alloc)
+    bursts = [data_out(262144, itt=i, seed=i) for i in range(3)]
+    small = [nop(100, itt=7), nop(0, itt=8)]
+    stream = b"".join(wire(p, d, hd) for p, d in bursts + small)
+    staged, got, pos = [], [], 0
+    while pos < len(stream):
+        buf = framer.get_buffer()
+        n = min(len(buf), len(stream) - pos)
+        buf[:n] = stream[pos:pos + n]
+        framer.received(n)
+        if buf.obj is framer._buf.obj:
+            staged.append(n)
+        pos += n
+        while (item := framer.next()) is not None:
+            got.append(item)
+    assert [(p, bytes(d)) for p, d, _ in got] == bursts + small
+    header = P.BHS_LEN + (4 if hd else 0)
+    assert staged[0] > header                      # the first: as much as the staging buffer takes
+    assert staged[1:3] == [header, header]         # then each Data-Out's header alone
+    assert staged[3:-1] == [header, 100]           # the header of the small PDU after them, its data
+    assert staged[-1] == len(wire(*small[1], hd))  # and reads are whole again
+
+
 def test_data_segment_over_the_limit():
     pdu, data = data_out(8196)
     framer = P.PduFramer(False, False, 8192)
