@@ -26,7 +26,8 @@ SCSI_TARGET_MAX_WRITE_BUFFER:
     TASK SET FULL.
 The write data one connection can make fetd_tcp hold is thus at most
 MAX_WRITE_BUFFER + window * FirstBurstLength + the oldest task's transfer length
-(window <= 128, FirstBurstLength <= 64 KiB, a transfer <= the STML's max_transfer).
+(window <= 128, FirstBurstLength <= 256 KiB as offered, a transfer <= the STML's
+max_transfer).
 
 Read data buffer. Read data arrives from the STML whether or not the initiator reads
 its socket, so a read command reserves its transfer when it arrives; its data then
