@@ -74,7 +74,7 @@ def test_no_auth_full_login():
     assert resp.transit and resp.nsg == 3 and resp.tsih == 0x42 and resp.stat_sn == 1001
     assert keys["MaxRecvDataSegmentLength"] == "262144"
     assert keys["HeaderDigest"] == "CRC32C" and keys["InitialR2T"] == "Yes"
-    assert keys["MaxBurstLength"] == "262144" and keys["FirstBurstLength"] == "65536"
+    assert keys["MaxBurstLength"] == "262144" and keys["FirstBurstLength"] == "262144"
     assert keys["OFMarker"] == "No"
     out = i.event.outcome
     assert i.decided.tsih == 0 and out.tsih == 0x42
