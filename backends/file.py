@@ -47,9 +47,17 @@ class FileBackend:
         if not exists and not size:
             raise BackendError(f"{path}: does not exist and no size was given to create it")
         flags = (os.O_RDONLY if readonly else os.O_RDWR | os.O_CREAT) | os.O_CLOEXEC
+        if exists and stat.S_ISBLK(os.stat(path).st_mode):
+            # claimed, as LIO's iblock claims it: a device mounted, in an LVM
+            # volume group or an md array, or served by another target, is
+            # refused (EBUSY) instead of corrupted by initiators' writes
+            flags = flags & ~os.O_CREAT | os.O_EXCL
         try:
             self._fd = os.open(path, flags, 0o600)
         except OSError as e:
+            if e.errno == errno.EBUSY and flags & os.O_EXCL:
+                raise BackendError(f"{path}: in use (mounted, or held by LVM, md or another program): "
+                                   f"{e.strerror}") from None
             raise BackendError(f"{path}: {e.strerror}") from None
         st = os.fstat(self._fd)
         self._blockdev = stat.S_ISBLK(st.st_mode)

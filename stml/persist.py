@@ -390,7 +390,7 @@ def load_or_create(config_path: str | None = None, data_dir: str | None = None, 
     config.legacy_ids = False   # every LUN now has its id: one added later without is new
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        _create_files(config)
+        _open_files(config)
         save(config, path)
     except OSError as e:
         raise StartupError(f"cannot write {path}", e.strerror or str(e)) from None
@@ -453,16 +453,18 @@ def new_id(target: str, lun: int, o: LunOptions) -> str:
     return hashlib.sha256(f"{target}\0{lun}\0{o.kind}\0{o.path}\0{inode}".encode()).hexdigest()[:32]
 
 
-def _create_files(config: Config) -> None:
-    """A first start creates its file LUNs' files before the config that gives
-    them ids: a saved LUN with an id was served, so its missing file is a
-    disk lost or not mounted, which the STML never creates anew (0280). A
-    file that cannot be created fails this start (the admin is at the
-    terminal), in one line."""
+def _open_files(config: Config) -> None:
+    """A first start opens its file LUNs, creating missing files, before the
+    config that gives them ids: a saved LUN with an id was served, so its
+    missing file is a disk lost or not mounted, which the STML never creates
+    anew (0280). A LUN that cannot be served (a file that cannot be created,
+    a directory, /dev/zero, a mounted block device) fails this start, in one
+    line, while the admin is at the terminal: served offline, its typo would
+    be saved as a LUN (0272)."""
     for t in config.targets:
         for lc in t.luns:
             o = lc.options
-            if o.kind != "file" or o.path is None or os.path.exists(o.path):
+            if o.kind != "file" or o.path is None:
                 continue
             try:
                 open_store(o, create=True).close()

@@ -937,6 +937,22 @@ def test_a_missing_lun_directory_is_one_line_before_any_banner(ddir):
     assert not (Path(ddir) / "scsi-target.toml").exists()    # nothing half-configured is kept
 
 
+@pytest.mark.parametrize("spec, why", [
+    ("file:{tmp}", "{tmp}: Is a directory"),
+    ("file:/dev/zero", "/dev/zero: not a regular file or block device"),
+    ("file:{tmp}/tiny.img", "backing store smaller than one block"),
+])
+def test_a_lun_a_first_start_cannot_serve_is_one_line_and_no_config(ddir, tmp_path, spec, why):
+    """A typo in a first start's --lun (a directory, a device that is no disk)
+    fails the start, as a missing directory does, instead of being served
+    offline under a banner and saved as a LUN."""
+    (tmp_path / "tiny.img").write_bytes(b"x" * 100)
+    p = cli("run", "--data-dir", ddir, "--lun", spec.format(tmp=tmp_path), "--portal", "127.0.0.1:0", timeout=30)
+    assert (p.returncode, p.stdout) == (2, "")
+    assert p.stderr == f"scsi-target: target {IQN} LUN 0: {why.format(tmp=tmp_path)}\n"
+    assert not (Path(ddir) / "scsi-target.toml").exists()
+
+
 def test_an_interrupted_copy_says_how_far_it_got(ddir, tmp_path):
     image = tmp_path / "big.img"
     with open(image, "wb") as f:

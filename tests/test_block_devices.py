@@ -1,0 +1,77 @@
+"""Block devices as LUNs (a storage administrator's third trial), through real
+processes and a real loop device: a device the host uses (mounted, or claimed
+by another target) is refused, as LIO's iblock refuses it, instead of being
+handed to initiators whose writes would corrupt it."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from support.ci import need_root
+from support.cli import cli, mgmt
+from support.procs import run
+from support.target import Target
+
+
+@pytest.fixture
+def loopdev(tmp_path: Path) -> Iterator[str]:
+    """A 16 MiB loop device on a file of tmp_path, detached at teardown."""
+    need_root("a loop device")
+    img = tmp_path / "dev.img"
+    with open(img, "wb") as f:
+        f.truncate(16 << 20)
+    dev = run(["losetup", "-f", "--show", str(img)]).stdout.strip()
+    yield dev
+    run(["losetup", "-d", dev], check=False)
+
+
+@pytest.fixture
+def mounted(loopdev: str, tmp_path: Path) -> Iterator[str]:
+    """`loopdev` with an ext4 file system mounted on it."""
+    run(["mkfs.ext4", "-q", loopdev])
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    run(["mount", loopdev, str(mnt)])
+    yield loopdev
+    run(["umount", str(mnt)], check=False)
+
+
+def test_a_mounted_block_device_is_refused_live_and_at_a_first_start(mounted, tmp_short):
+    ddir = str(tmp_short())
+    with Target("--lun", "ram:4MiB", data_dir=ddir):
+        p = cli("lun", "add", "--data-dir", ddir, f"file:{mounted}", check=False)
+        assert p.returncode == 2, p
+        assert p.stderr.strip() == (f"scsi-target: lun add refused: cannot open the backend: {mounted}: in use "
+                                    "(mounted, or held by LVM, md or another program): Device or resource busy")
+        assert [lun["lun"] for lun in mgmt(ddir, "lun", "list")] == [0]
+    first = subprocess.run([sys.executable, "-m", "scsi_target", "run", "--data-dir", str(tmp_short()), "--portal", "127.0.0.1:0",
+                            "--lun", f"file:{mounted}"], capture_output=True, text=True, timeout=60)
+    assert first.returncode == 2, first
+    assert "in use (mounted, or held by LVM, md or another program)" in first.stderr
+
+
+def test_a_block_device_serves_one_target_at_a_time(loopdev, tmp_short):
+    """Two data dirs (two targets) on one device: the second is refused while
+    the first serves it, and may have it once the first stopped."""
+    one, two = str(tmp_short()), str(tmp_short())
+    with Target("--lun", f"file:{loopdev}", data_dir=one):
+        with Target("--lun", "ram:4MiB", data_dir=two):
+            p = cli("lun", "add", "--data-dir", two, f"file:{loopdev}", check=False)
+            assert p.returncode == 2 and "in use" in p.stderr, p
+        assert mgmt(one, "lun", "list")[0]["size"] == 16 << 20
+    with Target(data_dir=two):
+        assert mgmt(two, "lun", "add", f"file:{loopdev}")["size"] == 16 << 20
+
+
+def test_a_block_device_lun_removed_and_added_again_opens(loopdev, tmp_short):
+    """The STML's own claim ends with the LUN: removing it and adding the
+    device again (the same LUN, or another number) works."""
+    ddir = str(tmp_short())
+    with Target("--lun", "ram:4MiB", data_dir=ddir):
+        mgmt(ddir, "lun", "add", "--lun", "1", f"file:{loopdev}")
+        mgmt(ddir, "lun", "remove", "1")
+        assert mgmt(ddir, "lun", "add", "--lun", "2", f"file:{loopdev}")["lun"] == 2
