@@ -695,6 +695,15 @@ def test_portal_add_of_a_taken_port_is_refused_and_status_shows_listeners(ddir):
         assert tomllib.loads((Path(ddir) / "scsi-target.toml").read_text())["portals"] == ["127.0.0.1:0"]
 
 
+def test_portal_add_of_a_name_that_does_not_resolve_says_so(ddir):
+    with Target("--lun", "ram:4MiB", data_dir=ddir):
+        p = cli("portal", "add", "--data-dir", ddir, "no-such-host.invalid:3261")
+        assert p.returncode == 2
+        assert p.stderr == ("scsi-target: portal add refused: cannot listen on no-such-host.invalid:3261: "
+                            "Name or service not known\n")
+        assert [x["portal"] for x in mgmt(ddir, "portal", "list")] == ["127.0.0.1:0"]
+
+
 def test_a_data_dir_that_cannot_be_written_is_one_line_and_exit_2(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
