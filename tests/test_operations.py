@@ -162,6 +162,79 @@ def test_hand_comments_survive_a_save(ddir, tmp_path):
     assert added == {"lun": 1, "backend": "ram", "size": "4MiB"}
 
 
+NOTED = """\
+portals = ["127.0.0.1:0"]   # loopback for now
+
+# the database target
+[[target]]
+name = "iqn.2026-11.org.example:db"   # do not rename: multipath
+acl = [
+  "iqn.1994-05.com.redhat:client1",  # db1
+  "iqn.1994-05.com.redhat:client2",  # db2
+]
+
+# LUN 0: data
+[[target.lun]]
+lun = 0
+backend = "ram"
+size = "4MiB"
+id = "{id0}"
+
+# LUN 1: logs
+[[target.lun]]
+lun = 1
+backend = "ram"
+size = "4MiB"
+id = "{id1}"
+
+# backups: nightly
+"""
+
+
+def test_notes_stay_with_what_they_describe_through_saves(ddir, tmp_path):
+    """An administrator's notes above a LUN, beside an ACL entry and at the
+    end of the file still describe the same things after LUNs and ACL entries
+    come and go: a note above a removed LUN goes with it, a new key lands
+    above the next table's notes, not below them."""
+    ids = {"id0": "0" * 31 + "1", "id1": "0" * 31 + "2"}
+    cfg = Path(ddir) / "scsi-target.toml"
+    cfg.write_text(NOTED.format(**ids))
+    with Target(data_dir=ddir, portals=()):
+        mgmt(ddir, "lun", "remove", "0")
+        mgmt(ddir, "acl", "remove", "iqn.1994-05.com.redhat:client1")
+        mgmt(ddir, "acl", "add", "iqn.1994-05.com.redhat:client3")
+        mgmt(ddir, "lun", "add", "--lun", "2", "ram:4MiB")
+    text = cfg.read_text()
+    new_id = tomllib.loads(text)["target"][0]["lun"][1]["id"]
+    assert text == """\
+portals = ["127.0.0.1:0"]   # loopback for now
+legacy_ids = false  # a LUN entry without `id` is a new disk: the STML gives it one
+
+# the database target
+[[target]]
+name = "iqn.2026-11.org.example:db"   # do not rename: multipath
+acl = [
+  "iqn.1994-05.com.redhat:client2",  # db2
+  "iqn.1994-05.com.redhat:client3",
+]
+
+# LUN 1: logs
+[[target.lun]]
+lun = 1
+backend = "ram"
+size = "4MiB"
+id = "{id1}"
+
+[[target.lun]]
+lun = 2
+backend = "ram"
+size = "4MiB"
+id = "{new_id}"
+
+# backups: nightly
+""".format(new_id=new_id, **ids)
+
+
 # ------------------------------------------------------------------ hand edits, and what an initiator sees
 
 def _edit(cfg: Path, change) -> None:
