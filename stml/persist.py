@@ -38,6 +38,8 @@ HEADER = """\
 # Apply an edit to the running target with `scsi-target config reload` (or SIGHUP).
 """
 
+# above `first_start_flags`, written by a first start given --iqn/--lun (0282)
+FIRST_START_NOTE = "the flags that wrote this file: `run` with the same flags serves it as it is now"
 # beside `legacy_ids = false`, which every save writes (docs/decisions/0281)
 LEGACY_IDS_NOTE = "a LUN entry without `id` is a new disk: the STML gives it one"
 Tree = dict[Any, Any]   # the file's shape: tables by key, leaves (value, default) as _sync_keys takes them
@@ -371,6 +373,9 @@ def new_document(config: Config, path: Path | None = None) -> Any:
     if config.stml_endpoint != f"ipc://{config.data_dir / 'stml.sock'}":
         doc["stml_endpoint"] = config.stml_endpoint
     doc["portals"] = list(config.portals)
+    if config.first_start_flags:
+        doc.add(tomlkit.comment(FIRST_START_NOTE))
+        doc["first_start_flags"] = list(config.first_start_flags)
     return doc
 
 
@@ -460,16 +465,18 @@ def load_or_create(config_path: str | None = None, data_dir: str | None = None, 
         path = ddir / CONFIG_NAME
     else:
         path = Path(config_path).expanduser().absolute()
+    flags = [*(["--iqn", iqn] if iqn else []), *(a for spec in luns for a in ("--lun", spec))]
     if path.exists():
         config = load(str(path), data_dir, None, (), endpoint, portals)
-        if not (iqn or luns):
-            return config
+        if not flags or flags == config.first_start_flags:
+            return config      # (the flags that wrote it: a restart, after any changes since)
         if not config.raw.get("target"):    # the file names no target: the flags define them
             return load(str(path), data_dir, iqn, luns, endpoint, portals)
         check_flags_agree(config, iqn, luns)
         return config
     config = load(None, data_dir, iqn, luns, endpoint, portals)
     config.path = path
+    config.first_start_flags = flags or None
     check_lun_paths(config)     # a first start that cannot serve writes no file
     for t in config.targets:        # LUNs first served now: an identity of their own
         for lc in t.luns:           # (an RBD LU's is its image's: the same on every gateway)

@@ -102,6 +102,22 @@ def test_lun_flags_that_disagree_with_the_file_are_refused(ddir):
         assert [x["size"] for x in mgmt(ddir, "lun", "list")] == [16 << 20]
 
 
+def test_the_first_starts_flags_restart_it_after_any_change(ddir):
+    """`run --lun ...` in a unit file or a script serves the file as it is
+    after `lun resize`, `lun remove` and `lun add`: the next boot used to exit
+    2 (the flags no longer matched the file) and systemd left it down."""
+    flags = ("--lun", f"file:{ddir}/a.img,size=16MiB", "--lun", "ram:4MiB")
+    with Target(*flags, data_dir=ddir):
+        mgmt(ddir, "lun", "resize", "0", "32MiB")
+        mgmt(ddir, "lun", "remove", "1")
+        mgmt(ddir, "lun", "add", "--lun", "2", "ram:8MiB")
+    with Target(*flags, data_dir=ddir):
+        assert [(x["lun"], x["size"]) for x in mgmt(ddir, "lun", "list")] == [(0, 32 << 20), (2, 8 << 20)]
+    # other flags than the first start's still disagree with the file
+    p = cli("run", "--data-dir", ddir, "--lun", f"file:{ddir}/a.img,size=16MiB", "--portal", "127.0.0.1:0")
+    assert p.returncode == 2 and "already defines the LUNs" in p.stderr
+
+
 def test_run_config_new_file_is_written(ddir, tmp_path):
     """`run --config new.toml` on a file that does not exist yet writes it."""
     cfg = tmp_path / "new.toml"
