@@ -1,7 +1,8 @@
-"""Block devices as LUNs (a storage administrator's third trial), through real
-processes and a real loop device: a device the host uses (mounted, or claimed
-by another target) is refused, as LIO's iblock refuses it, instead of being
-handed to initiators whose writes would corrupt it."""
+"""Backing stores the host uses or protects (a storage administrator's third
+trial), through real processes: a block device the host uses (mounted, or
+claimed by another target) is refused, as LIO's iblock refuses it, instead of
+being handed to initiators whose writes would corrupt it; a path systemd made
+read-only says which unit line opens it."""
 from __future__ import annotations
 
 import subprocess
@@ -75,3 +76,23 @@ def test_a_block_device_lun_removed_and_added_again_opens(loopdev, tmp_short):
         mgmt(ddir, "lun", "add", "--lun", "1", f"file:{loopdev}")
         mgmt(ddir, "lun", "remove", "1")
         assert mgmt(ddir, "lun", "add", "--lun", "2", f"file:{loopdev}")["lun"] == 2
+
+
+def test_a_read_only_path_under_systemd_names_read_write_paths(tmp_path, tmp_short):
+    """Under the shipped unit (ProtectSystem=strict) every path outside the
+    data dir is read-only: `lun add` says which unit line lets it write,
+    not only "Read-only file system" on a file system that is not."""
+    need_root("a read-only bind mount")
+    images = tmp_path / "images"
+    images.mkdir()
+    run(["mount", "--bind", "-o", "ro", str(images), str(images)])
+    try:
+        ddir = str(tmp_short())
+        with Target("--lun", "ram:4MiB", data_dir=ddir, env={"INVOCATION_ID": "0" * 32}):
+            p = cli("lun", "add", "--data-dir", ddir, f"file:{images}/vm1.img,size=1MiB", check=False)
+            assert p.returncode == 2, p
+            assert p.stderr.strip() == (f"scsi-target: lun add refused: cannot open the backend: {images}/vm1.img: "
+                                        "Read-only file system (the unit's ProtectSystem=strict: give its "
+                                        "directory a ReadWritePaths= line)")
+    finally:
+        run(["umount", str(images)], check=False)
