@@ -1012,7 +1012,8 @@ def test_the_unit_file_verifies_and_matches_the_packaged_one(tmp_path):
     assert packaged.read_text() == unit_text()
     assert ok("service", "unit", "--defaults") == unit_text()
     for key in ("Type=notify", "User=scsi-target", "AmbientCapabilities=CAP_NET_BIND_SERVICE",
-                "NoNewPrivileges=yes", "ProtectSystem=strict", "ExecReload=/bin/kill -HUP $MAINPID"):
+                "NoNewPrivileges=yes", "ProtectSystem=strict",
+                "ExecReload=/usr/bin/scsi-target config reload --data-dir /var/lib/scsi-target"):
         assert f"\n{key}\n" in packaged.read_text()
     unit = tmp_path / "scsi-target.service"
     unit.write_text(unit_text(f"{sys.executable} -m scsi_target"))
@@ -1024,6 +1025,28 @@ def test_the_unit_file_verifies_and_matches_the_packaged_one(tmp_path):
         return
     p = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
+
+
+def test_the_units_reload_fails_when_the_target_refuses_the_edit(ddir):
+    """`systemctl reload` runs the unit's ExecReload: a broken edit makes it
+    fail with the reason (kill -HUP succeeded whatever the target did with
+    it, and the refusal was only in the journal); a good one succeeds."""
+    import shlex
+    from scsi_target.service import unit_text
+    line = next(x for x in unit_text(f"{sys.executable} -m scsi_target", ddir).splitlines()
+                if x.startswith("ExecReload="))
+    argv = shlex.split(line[len("ExecReload="):])
+    with Target("--lun", "ram:4MiB", data_dir=ddir):
+        cfg = Path(ddir) / "scsi-target.toml"
+        good = cfg.read_text()
+        cfg.write_text(good + "portals = [\n")
+        p = run(argv, check=False)
+        assert p.returncode == 2
+        assert p.stderr.startswith(f"scsi-target: config reload refused: {cfg}: not valid TOML")
+        cfg.write_text(good.replace('size = "4MiB"', 'size = "8MiB"'))
+        p = run(argv)
+        assert "1 change(s) applied" in p.stdout
+        assert mgmt(ddir, "lun", "list")[0]["size"] == 8 << 20
 
 
 def test_a_missing_lun_directory_is_one_line_before_any_banner(ddir):
