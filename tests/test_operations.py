@@ -926,6 +926,19 @@ def test_banner_logs_and_a_clean_stop(ddir):
         banner_lines
 
 
+def test_the_banner_lists_a_bounded_number_of_luns(ddir):
+    """A start's banner (in the journal at every start) does not grow with
+    the LUNs: the first ones, then how many more and where to see them."""
+    luns = "".join(f'[[target.lun]]\nlun = {n}\nbackend = "ram"\nsize = "1MiB"\n' for n in range(12))
+    (Path(ddir) / "scsi-target.toml").write_text(
+        "".join(f'[[target]]\nname = "iqn.2026-11.org.example:t{i}"\n{luns}' for i in range(2)))
+    with Target(data_dir=ddir) as t:
+        banner = t.wait_log("Ready. ")
+    assert len(re.findall(r"^    LUN \d+: 1 MiB RAM$", banner, re.M)) == 16
+    assert "  ... and 8 more LUN(s): `scsi-target lun list`\n" in banner
+    assert "scsi-target: serving 2 target(s), 24 LUN(s)" in banner
+
+
 def test_json_log_format(ddir):
     with Target("--lun", "ram:4MiB", "--log-format", "json", data_dir=ddir) as t:
         pass
