@@ -90,6 +90,17 @@ def test_a_lun_added_live_is_served_after_a_restart_without_flags(ddir):
         assert "Total size:16777216" in out
 
 
+def test_lun_add_says_where_a_relative_path_went(ddir, tmp_path):
+    """`lun add file:vm1.img,size=...` typed in /srv/images makes the file in
+    the data dir (the config's paths are relative to it): the answer says so."""
+    with Target("--lun", "ram:4MiB", data_dir=ddir):
+        p = subprocess.run([*CLI, "lun", "add", "--data-dir", ddir, "file:vm1.img,size=1MiB"], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=60)
+        assert p.returncode == 0, p.stderr
+        assert f" {ddir}/vm1.img " in p.stdout
+        assert mgmt(ddir, "lun", "add", "ram:1MiB").get("path") is None
+
+
 def test_lun_flags_that_disagree_with_the_file_are_refused(ddir):
     with Target("--lun", "ram:16MiB", data_dir=ddir):
         pass
