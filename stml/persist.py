@@ -139,6 +139,16 @@ def _body(table: Any) -> list[tuple[Any, Any]]:
     return table.body if hasattr(table, "body") else table.value.body
 
 
+def _tail(table: Any) -> list[tuple[Any, Any]]:
+    """The body the lines after `table` end: its own, or, when it ends with
+    tables of its own (a target's LUNs), its last one's."""
+    body = _body(table)
+    last = next((item for k, item in reversed(body) if not isinstance(item, Null)), None)
+    if isinstance(last, AoT) and len(last):
+        return _tail(last[-1])
+    return body
+
+
 def _comment_run(body: list[tuple[Any, Any]], end: int) -> tuple[int, str]:
     """The comment and blank lines just before body[end]: (where they start, their text)."""
     start = end
@@ -180,10 +190,10 @@ def _replace_comments(body: list[tuple[Any, Any]], end: int, text: str) -> bool:
 def _drop_entry(container: Any, key: str, aot: Any, i: int) -> None:
     """Remove aot[i], the comment lines before it replaced by those before
     the next entry (or after the array)."""
-    body = _body(aot[i])
+    body = _tail(aot[i])
     _, text = _comment_run(body, len(body))
     if i > 0:
-        before = _body(aot[i - 1])
+        before = _tail(aot[i - 1])
         _replace_comments(before, len(before), text)
     else:
         outer = _body(container)
@@ -261,11 +271,11 @@ def _sync_aot(container: Any, key: str, wanted: dict[Any, Any], ident: Callable[
             container[key] = empty
     else:
         for entry in new:   # the lines after the array stay after it
-            last = _body(aot[-1])
+            last = _tail(aot[-1])
             _, text = _comment_run(last, len(last))
             aot.append(entry)
             if text.strip() and _replace_comments(last, len(last), ""):
-                _replace_comments(_body(entry), len(_body(entry)), text)
+                _replace_comments(_tail(entry), len(_tail(entry)), text)
 
 
 def _sync_luns(table: Any, luns: dict[int, Tree], data_dir: Path) -> None:

@@ -218,7 +218,7 @@ id = "{id1}"
 """
 
 
-def test_notes_stay_with_what_they_describe_through_saves(ddir, tmp_path):
+def test_notes_stay_with_what_they_describe_through_saves(ddir):
     """An administrator's notes above a LUN, beside an ACL entry and at the
     end of the file still describe the same things after LUNs and ACL entries
     come and go: a note above a removed LUN goes with it, a new key lands
@@ -260,6 +260,41 @@ id = "{new_id}"
 
 # backups: nightly
 """.format(new_id=new_id, **ids)
+
+
+def test_a_removed_targets_notes_go_with_it(ddir):
+    """The note above the next target stays above it (tomlkit keeps it in
+    the removed target's last LUN table)."""
+    two = textwrap.dedent("""\
+        portals = ["127.0.0.1:0"]
+        legacy_ids = false
+
+        # old: retire in May
+        [[target]]
+        name = "iqn.2026-11.org.example:old"
+
+        [[target.lun]]
+        lun = 0
+        backend = "ram"
+        size = "1MiB"
+        id = "00000000000000000000000000000001"
+
+        # new: the database
+        [[target]]
+        name = "iqn.2026-11.org.example:new"
+        """)
+    cfg = Path(ddir) / "scsi-target.toml"
+    cfg.write_text(two)
+    with Target(data_dir=ddir, portals=()):
+        mgmt(ddir, "target", "remove", "iqn.2026-11.org.example:old")
+    assert cfg.read_text() == textwrap.dedent("""\
+        portals = ["127.0.0.1:0"]
+        legacy_ids = false
+
+        # new: the database
+        [[target]]
+        name = "iqn.2026-11.org.example:new"
+        """)
 
 
 # ------------------------------------------------------------------ hand edits, and what an initiator sees
