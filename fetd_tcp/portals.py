@@ -14,7 +14,6 @@ log = logging.getLogger("fetd_tcp")
 Accept = Callable[[asyncio.StreamReader, asyncio.StreamWriter, "PortalSpec"], Awaitable[None]]
 
 
-
 def _reason(e: OSError) -> str:
     """Why a listener could not open: the errno's text (asyncio rewords
     bind's error), or a resolver error's own (a gaierror's errno, e.g. -2,
