@@ -14,6 +14,7 @@ import fcntl
 import logging
 import os
 import socket
+import stat
 import struct
 import sys
 import time
@@ -192,7 +193,14 @@ def lun_size(o: Any) -> int | None:
     size = None
     if o.kind == "file" and o.path:
         try:
-            size = os.path.getsize(o.path) or None
+            st = os.stat(o.path)
+            size = st.st_size or None
+            if stat.S_ISBLK(st.st_mode):   # (its st_size is 0: its end is its size)
+                fd = os.open(o.path, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    size = os.lseek(fd, 0, os.SEEK_END) or None
+                finally:
+                    os.close(fd)
         except OSError:
             pass
     if size is None and o.size:

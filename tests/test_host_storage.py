@@ -59,7 +59,8 @@ def test_a_block_device_serves_one_target_at_a_time(loopdev, tmp_short):
     """Two data dirs (two targets) on one device: the second is refused while
     the first serves it, and may have it once the first stopped."""
     one, two = str(tmp_short()), str(tmp_short())
-    with Target("--lun", f"file:{loopdev}", data_dir=one):
+    with Target("--lun", f"file:{loopdev}", data_dir=one) as t:
+        assert f"    LUN 0: 16 MiB file {loopdev}\n" in t.wait_log("Ready. ")
         with Target("--lun", "ram:4MiB", data_dir=two):
             p = cli("lun", "add", "--data-dir", two, f"file:{loopdev}", check=False)
             assert p.returncode == 2 and "in use" in p.stderr, p
