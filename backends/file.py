@@ -20,6 +20,7 @@ _BLKGETSIZE64 = 0x80081272
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _IOV_MAX = 1024
+_MAX_BLOCK = 4096   # the largest logical block size: a device's size rounded down to it is its LUN's
 _ZEROS = memoryview(bytes(1 << 20))   # what a discard writes where no hole can be punched
 # GET LBA STATUS on the event loop (mapped_extents_nowait): at most this many runs, so at
 # most _INLINE_RUNS + 1 lseeks of about 1 us each; _SLOW_IN_A_ROW lookups in a row slower
@@ -96,7 +97,7 @@ class FileBackend:
         self.sync_error: str | None = None
         self._failures = 0   # fdatasyncs that failed, ever (a sync alongside one fails too: 0258)
         self.can_discard = not self._blockdev and not readonly
-        self.can_resize = not self._blockdev and not readonly
+        self.can_resize = self._blockdev or not readonly   # a device: to follow its size
 
     def size(self) -> int:
         """Measured at open and on resize() (every command checks its LBA range,
@@ -285,6 +286,16 @@ class FileBackend:
         self._written(sync=False)
 
     def resize(self, size: int) -> None:
+        """A file is made `size` bytes long. A block device's LUN is as big as
+        the device, measured at open: after the device grew (lvextend), a
+        resize to its new size (rounded down to the LU's block size) serves it."""
+        if self._blockdev:
+            actual = self._measure()
+            if not size <= actual < size + _MAX_BLOCK:
+                raise BackendError(f"{self.path} is a block device of {actual} bytes: its LUN is as big as "
+                                   f"the device (grow the device, e.g. lvextend, then resize the LUN to its size)")
+            self._size = actual
+            return
         with self._changing:
             os.ftruncate(self._fd, size)
         self._size = self._measure()

@@ -12,6 +12,7 @@ from typing import Iterator
 
 import pytest
 
+from fetd_loopback import LoopbackClient
 from support.ci import need_root
 from support.cli import cli, mgmt
 from support.procs import run
@@ -97,3 +98,29 @@ def test_a_read_only_path_under_systemd_names_read_write_paths(tmp_path, tmp_sho
                                         "directory a ReadWritePaths= line)")
     finally:
         run(["umount", str(images)], check=False)
+
+
+def test_a_block_device_lun_follows_its_device_when_it_grows(loopdev, tmp_path, tmp_short):
+    """`lvextend` and then `lun resize` to the device's new size: initiators
+    see the new capacity with the data kept, live (it used to take a
+    restart, or a remove and add under a new identity); another size is
+    refused, naming the device's."""
+    ddir = str(tmp_short())
+    with Target("--lun", f"file:{loopdev}", data_dir=ddir) as t:
+        with LoopbackClient(f"ipc://{ddir}/stml.sock", timeout=10) as c:
+            c.write(0, 7, b"\x5a" * 512)
+        with open(tmp_path / "dev.img", "r+b") as f:
+            f.truncate(32 << 20)
+        run(["losetup", "-c", loopdev])
+        assert "Total size:16777216" in run(["iscsi-readcapacity16", t.url(0)]).stdout
+        p = cli("lun", "resize", "--data-dir", ddir, "0", "48MiB", check=False)
+        assert p.returncode == 2
+        assert p.stderr.strip() == (f"scsi-target: lun resize refused: resize failed: {loopdev} is a block device of "
+                                    f"{32 << 20} bytes: its LUN is as big as the device (grow the device, e.g. "
+                                    f"lvextend, then resize the LUN to its size)")
+        assert mgmt(ddir, "lun", "resize", "0", "32MiB")["size"] == 32 << 20
+        assert "Total size:33554432" in run(["iscsi-readcapacity16", t.url(0)]).stdout
+        with LoopbackClient(f"ipc://{ddir}/stml.sock", timeout=10) as c:
+            assert c.read(0, 7, 1) == b"\x5a" * 512
+    with Target("--lun", f"file:{loopdev}", data_dir=ddir):
+        assert mgmt(ddir, "lun", "list")[0]["size"] == 32 << 20
