@@ -38,7 +38,7 @@ from stml.sense import (
     INVALID_MESSAGE_ERROR, LOGICAL_UNIT_COMMUNICATION_FAILURE, LOGICAL_UNIT_NOT_SUPPORTED, MEDIUM_ERROR,
     NOT_READY, POWER_ON_OCCURRED, POWER_ON_RESET, PREVIOUS_STATUS_UA, RESERVATION_CONFLICT,
     SPACE_ALLOCATION_FAILED_WRITE_PROTECT, TASK_ABORTED, TASK_SET_FULL, UNIT_ATTENTION, UNRECOVERED_READ_ERROR,
-    WRITE_ERROR, CheckCondition, StatusError, build_sense,
+    WRITE_ERROR, WRITE_PROTECTED, CheckCondition, StatusError, build_sense,
 )
 from stml.spc import thin
 from stml.task import FANOUT_STEP, FrontEnd, Nexus, Task
@@ -83,7 +83,21 @@ PATH_ERRORS = {errno.ESHUTDOWN: (NOT_READY, ASYMMETRIC_ACCESS_STATE_TRANSITION),
 # backends report it as EIO (acknowledged write-back may be lost, 0256). (0271)
 SPACE_ERRORS = {errno.ENOSPC: (DATA_PROTECT, SPACE_ALLOCATION_FAILED_WRITE_PROTECT),
                 errno.EDQUOT: (DATA_PROTECT, SPACE_ALLOCATION_FAILED_WRITE_PROTECT)}
-NOSPACE_LOG_INTERVAL = 60.0   # seconds between a LU's lines about writes refused for space
+# and on any LU: the file system under it went read-only (ext4's errors=remount-ro
+# after a fault, or a remount): the medium refuses writes, it did not fail. DATA
+# PROTECT, WRITE PROTECTED, which Linux reports as a read-only disk, where multipath
+# and md would fail a disk for a MEDIUM ERROR; reads go on. A sync that fails stays
+# a sticky MEDIUM ERROR: write-back may be lost (0256). (0271)
+PROTECT_ERRORS = {errno.EROFS: (DATA_PROTECT, WRITE_PROTECTED)}
+# what a LU's rate-limited line about refused writes says, by answer: why, and the way out
+REFUSED_LINES = {
+    SPACE_ALLOCATION_FAILED_WRITE_PROTECT: (
+        "no space for writes", "SPACE ALLOCATION FAILED", "free space in its file system (or UNMAP)"),
+    WRITE_PROTECTED: (
+        "its file system is read-only", "WRITE PROTECTED",
+        "check the file system, then remount it read-write"),
+}
+NOSPACE_LOG_INTERVAL = 60.0   # seconds between a LU's lines about refused writes
 
 
 class TimedTask(Task):
@@ -863,10 +877,11 @@ class Emulator:
         except (BackendError, OSError) as be:
             err = getattr(be, "errno", 0)
             lu = task.lu
-            space = SPACE_ERRORS.get(err) if lu is not None and thin(lu) else None
-            if space is not None and lu is not None:
-                self._log_nospace(lu, be)
-                key, asc = space
+            refused = SPACE_ERRORS.get(err) if lu is not None and thin(lu) else None
+            refused = refused or PROTECT_ERRORS.get(err)
+            if refused is not None and lu is not None:
+                key, asc = refused
+                self._log_refused(lu, be, asc)
             else:
                 log.error("backend error on %s LUN %d: %s", task.nexus.target, task.lun, be)
                 asc = UNRECOVERED_READ_ERROR if task.direction & _READ else WRITE_ERROR
@@ -880,17 +895,18 @@ class Emulator:
         self._forget(task)   # after the response took the shared memory it sends
 
     @staticmethod
-    def _log_nospace(lu: LogicalUnit, error: Exception) -> None:
-        """A write refused for lack of space: the first of a LU gets a line, then
-        at most one a NOSPACE_LOG_INTERVAL with the count since, so a storm of
-        them (every write of a full file system) is a line, not one a command."""
+    def _log_refused(lu: LogicalUnit, error: Exception, asc: tuple[int, int]) -> None:
+        """A write refused (no space, a read-only file system): the first of a LU
+        gets a line, then at most one a NOSPACE_LOG_INTERVAL with the count since,
+        so a storm of them (every write of a full file system) is a line, not one a
+        command."""
         lu.space_refused += 1
         now = time.monotonic()
         if lu.space_logged is not None and now - lu.space_logged < NOSPACE_LOG_INTERVAL:
             return
-        log.error("%s LUN %d: no space for writes (%s): %d refused with DATA PROTECT, SPACE "
-                  "ALLOCATION FAILED since the last line; free space in its file system (or UNMAP)",
-                  lu.target, lu.lun, error, lu.space_refused)
+        why, answer, way_out = REFUSED_LINES[asc]
+        log.error("%s LUN %d: %s (%s): %d refused with DATA PROTECT, %s since the last line; %s",
+                  lu.target, lu.lun, why, error, lu.space_refused, answer, way_out)
         lu.space_logged, lu.space_refused = now, 0
 
     @staticmethod
