@@ -52,6 +52,7 @@ _WRITE: Final = int(DataDir.WRITE)
 
 _COUNT_FIELDS = ("lun", "attr", "dir", "len", "unsol")   # rx_cmnd fields: non-negative ints
 _MAX_ATTR: Final = int(max(TaskAttr))   # and attr a TaskAttr: the task set policies know no other
+_FROM_BYTES: Final = int.from_bytes   # (bound once: compiled, int.from_bytes is a method lookup per call)
 _ACA: Final = int(TaskAttr.ACA)   # (plain ints: a TaskAttr member read through its class costs an enum lookup)
 _REGISTER = Op.REGISTER.value   # plain str: an enum member costs an attribute hook per message
 _TIMING = Cap.TIMING.value
@@ -813,7 +814,7 @@ class Emulator:
                 template: DiskTemplate = lu.template   # (declared: a native call when compiled)
                 entry = template.lookup(cdb)
                 # check_usage in one test for a CDB as long as its row's usage (lookup: not shorter)
-                if len(cdb) != entry.size or int.from_bytes(cdb, "big") & entry.forbidden:
+                if len(cdb) != entry.size or _FROM_BYTES(cdb, "big") & entry.forbidden:
                     check_usage(cdb, entry.usage)
                 if lu.unit_attentions and not entry.ua_exempt:
                     ua = self._pending_ua(lu, task.nexus)

@@ -15,7 +15,7 @@ from collections.abc import Container, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
-from stml.cdb import trim_cdb
+from stml.cdb import lba_len, trim_cdb
 from stml.lu import LogicalUnit
 from stml.lunmap import LunMap
 from stml.sched import Queued
@@ -145,7 +145,7 @@ class Task(Queued):
 
     __slots__ = ("services", "fe", "tag", "nexus", "lun", "lu", "cdb", "direction",
                  "unsol", "data_out", "received", "need", "want", "data_ready", "data_error",
-                 "runner", "abort_status", "held")
+                 "runner", "abort_status", "held", "_lba_len")
 
     def __init__(self, services: Services, fe: FrontEnd, nexus: Nexus, tag: int, lun: int,
                  cdb: bytes, attr: int, direction: int, exp_len: int, unsol: int,
@@ -177,6 +177,7 @@ class Task(Queued):
         # how to give back the carrier's memory the task holds (its write data, the
         # shared memory of its read data): called once, when the task ends (_forget)
         self.held: list[Callable[[], None]] | None = None
+        self._lba_len: tuple[int, int] | None = None
 
     # stage timing (stml.timing): None, read from the class, unless the task is a
     # TimedTask (stml.emulator): an untimed task costs no store for it
@@ -184,6 +185,15 @@ class Task(Queued):
 
     def nexus_key(self) -> str:
         return self.nexus.key
+
+    def lba_len(self) -> tuple[int, int]:
+        """(LBA, number of blocks) of its READ/WRITE/VERIFY-style CDB
+        (stml.cdb.lba_len), decoded once: a read's check and handler both ask,
+        a write's check, data length and handler."""
+        r = self._lba_len
+        if r is None:
+            r = self._lba_len = lba_len(self.cdb)
+        return r
 
     def hold(self, release: Callable[[], None]) -> None:
         """Memory this task keeps until it ends; `release` gives it back."""
