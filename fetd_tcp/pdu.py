@@ -871,6 +871,7 @@ def encode_text(pairs) -> bytes:
 # --- receive framing ------------------------------------------------------------
 
 _WORD1: Final = struct.Struct(">4xI")   # TotalAHSLength and DataSegmentLength, as one word
+_WORD1_UNPACK: Final = _WORD1.unpack_from   # (bound once: per PDU)
 _MAX_AHS = 255 * 4
 
 
@@ -999,7 +1000,7 @@ class PduFramer:
         avail = self._end - start
         if avail < BHS_LEN:
             return None
-        word: int = _WORD1.unpack_from(buf, start)[0]
+        word: int = _WORD1_UNPACK(buf, start)[0]
         ahs_len, length = (word >> 24) * 4, word & 0xFFFFFF
         if length > self.max_data:
             raise PDUError(f"data segment of {length} bytes exceeds {self.max_data}")

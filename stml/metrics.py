@@ -169,12 +169,9 @@ class Metrics:
     def responded(self, ident: bytes, tag: int, status: int | None, resid: int) -> None:
         """xmit_response's fields (status None: the command ended without a
         response): what the STML's sender passes without a header dict."""
-        inflight = self._inflight
-        key = (ident, tag)
-        entry = inflight.get(key)   # (get and del: compiled, pop(key, None) is a generic method call)
+        entry = self._inflight.pop((ident, tag), None)
         if entry is None:
             return
-        del inflight[key]
         start, direction, length, c = entry
         if c.into is not None:
             c = c.final()
