@@ -52,6 +52,8 @@ _WRITE: Final = int(DataDir.WRITE)
 
 _COUNT_FIELDS = ("lun", "attr", "dir", "len", "unsol")   # rx_cmnd fields: non-negative ints
 _MAX_ATTR: Final = int(max(TaskAttr))   # and attr a TaskAttr: the task set policies know no other
+_MONOTONIC: Final = time.monotonic   # (bound once: compiled, time.monotonic is a lookup in the module)
+_FROM_BYTES: Final = int.from_bytes   # (bound once: compiled, int.from_bytes is a method lookup per call)
 _ACA: Final = int(TaskAttr.ACA)   # (plain ints: a TaskAttr member read through its class costs an enum lookup)
 _REGISTER = Op.REGISTER.value   # plain str: an enum member costs an attribute hook per message
 _TIMING = Cap.TIMING.value
@@ -711,7 +713,7 @@ class Emulator:
             if lease is not None:
                 lease.release()
             return
-        fe.last_seen = time.monotonic()
+        fe.last_seen = _MONOTONIC()
         nexus = fe.nexuses.get(nexus_id)
         if nexus is None or tag in fe.tasks:
             self._not_started(fe, tag, nexus)
@@ -827,7 +829,7 @@ class Emulator:
                 template: DiskTemplate = lu.template   # (declared: a native call when compiled)
                 entry = template.lookup(cdb)
                 # check_usage in one test for a CDB as long as its row's usage (lookup: not shorter)
-                if len(cdb) != entry.size or int.from_bytes(cdb, "big") & entry.forbidden:
+                if len(cdb) != entry.size or _FROM_BYTES(cdb, "big") & entry.forbidden:
                     check_usage(cdb, entry.usage)
                 if lu.unit_attentions and not entry.ua_exempt:
                     ua = self._pending_ua(lu, task.nexus)
@@ -849,7 +851,8 @@ class Emulator:
                         self._check_medium(lu)
                     if entry.check:
                         entry.check(task)
-                    waited = entry.out_len is not None and await self._collect(task, entry)
+                    waited = entry.out_len is not None and not self._collected(task, entry) \
+                        and await self._data_arrives(task)
                     if (not task_set.at_once(task) and await task_set.enter(task)) or waited:
                         # the LU may have changed meanwhile (reservations, size, protection, medium)
                         self._check_reservation(lu, task, entry)
@@ -1017,9 +1020,10 @@ class Emulator:
             return await entry.handler(task)
         raise CheckCondition(ILLEGAL_REQUEST, LOGICAL_UNIT_NOT_SUPPORTED)
 
-    async def _collect(self, task: Task, entry: OpEntry) -> bool:
-        """Gather the write data the command needs, asking for what was not sent
-        unsolicited: True when it had to wait for some."""
+    def _collected(self, task: Task, entry: OpEntry) -> bool:
+        """Size the write data the command needs and ask for what was not sent
+        unsolicited: True when it is all here already (a write with immediate
+        data: no coroutine for it), False when the task waits (_data_arrives)."""
         out_len = entry.out_len
         assert out_len is not None   # _execute collects only for commands with write data
         need = task.need = out_len(task)
@@ -1040,13 +1044,19 @@ class Emulator:
             start = max(task.unsol, task.received)
             if start < need:
                 self.out.rdy_to_xfer(task.fe.ident, task.tag, start, need - start)
-            await task.data_ready
-            waited = True
-        else:
-            waited = False
+            return False
         if task.received > need:
             task.data_out = trim_views(task.data_out, need)
-        return waited
+        return True
+
+    async def _data_arrives(self, task: Task) -> bool:
+        """The rest of the write data _collected asked for, once it is here
+        (True: the task waited for it)."""
+        assert task.data_ready is not None   # set by _collected
+        await task.data_ready
+        if task.received > task.want:
+            task.data_out = trim_views(task.data_out, task.want)
+        return True
 
     def _forget(self, task: Task) -> None:
         """The task is over, however it ended: its tag is free, and the memory
@@ -1066,17 +1076,17 @@ class Emulator:
 
     def _complete(self, task: Task, status: int, sense: bytes | None, data: Any) -> None:
         exp = task.exp_len
-        frames: list = []
         resid = exp
         if data is not None and task.direction & _READ:
             n = len(data)
             resid = exp - n
             if n > exp:
                 data = memoryview(data)[:exp]
-            if exp and n:
-                frames = [data]
-        elif task.need:
-            resid = exp - task.need
+            frames = [data] if exp and n else []   # (one list: not an empty one replaced)
+        else:
+            frames = []
+            if task.need:
+                resid = exp - task.need
         self.out.xmit_response(task.fe.ident, task.tag, status, sense, resid, frames)   # (respond, in place)
 
     def respond(self, fe: FrontEnd, tag: int, status: int, sense: bytes | None, resid: int,
