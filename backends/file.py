@@ -20,6 +20,7 @@ _BLKGETSIZE64 = 0x80081272
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _IOV_MAX = 1024
+_MAX_BLOCK = 4096   # the largest logical block size: a device's size rounded down to it is its LUN's
 _ZEROS = memoryview(bytes(1 << 20))   # what a discard writes where no hole can be punched
 # GET LBA STATUS on the event loop (mapped_extents_nowait): at most this many runs, so at
 # most _INLINE_RUNS + 1 lseeks of about 1 us each; _SLOW_IN_A_ROW lookups in a row slower
@@ -47,9 +48,20 @@ class FileBackend:
         if not exists and not size:
             raise BackendError(f"{path}: does not exist and no size was given to create it")
         flags = (os.O_RDONLY if readonly else os.O_RDWR | os.O_CREAT) | os.O_CLOEXEC
+        if exists and stat.S_ISBLK(os.stat(path).st_mode):
+            # claimed, as LIO's iblock claims it: a device mounted, in an LVM
+            # volume group or an md array, or served by another target, is
+            # refused (EBUSY) instead of corrupted by initiators' writes
+            flags = flags & ~os.O_CREAT | os.O_EXCL
         try:
             self._fd = os.open(path, flags, 0o600)
         except OSError as e:
+            if e.errno == errno.EBUSY and flags & os.O_EXCL:
+                raise BackendError(f"{path}: in use (mounted, or held by LVM, md or another program): "
+                                   f"{e.strerror}") from None
+            if e.errno == errno.EROFS and os.environ.get("INVOCATION_ID"):   # a systemd service
+                raise BackendError(f"{path}: {e.strerror} (the unit's ProtectSystem=strict: give its "
+                                   f"directory a ReadWritePaths= line)") from None
             raise BackendError(f"{path}: {e.strerror}") from None
         st = os.fstat(self._fd)
         self._blockdev = stat.S_ISBLK(st.st_mode)
@@ -85,7 +97,7 @@ class FileBackend:
         self.sync_error: str | None = None
         self._failures = 0   # fdatasyncs that failed, ever (a sync alongside one fails too: 0258)
         self.can_discard = not self._blockdev and not readonly
-        self.can_resize = not self._blockdev and not readonly
+        self.can_resize = self._blockdev or not readonly   # a device: to follow its size
 
     def size(self) -> int:
         """Measured at open and on resize() (every command checks its LBA range,
@@ -274,6 +286,16 @@ class FileBackend:
         self._written(sync=False)
 
     def resize(self, size: int) -> None:
+        """A file is made `size` bytes long. A block device's LUN is as big as
+        the device, measured at open: after the device grew (lvextend), a
+        resize to its new size (rounded down to the LU's block size) serves it."""
+        if self._blockdev:
+            actual = self._measure()
+            if not size <= actual < size + _MAX_BLOCK:
+                raise BackendError(f"{self.path} is a block device of {actual} bytes: its LUN is as big as "
+                                   f"the device (grow the device, e.g. lvextend, then resize the LUN to its size)")
+            self._size = actual
+            return
         with self._changing:
             os.ftruncate(self._fd, size)
         self._size = self._measure()

@@ -93,6 +93,10 @@ _OPMASK: Final = 0x3F
 
 _GEN: Final = struct.Struct(">BBBBI8sIIIIIIII")  # every PDU but the SCSI Command
 _CMD: Final = struct.Struct(">BBxxI8sIIII16s")
+# bound once (Final), for the PDUs every command has (a SCSI Command in, a Data-In
+# or SCSI Response out): compiled, `_GEN.pack(...)` looks the method up per call
+_GEN_PACK: Final = _GEN.pack
+_CMD_UNPACK: Final = _CMD.unpack_from
 _BHS = struct.Struct(">BBxxI")
 _AHS_HDR = struct.Struct(">HBx")
 _U32 = struct.Struct(">I")
@@ -277,7 +281,7 @@ class PDU(Protocol):
     def encode(self) -> bytes: ...
 
 
-_unpack_gen = _GEN.unpack_from
+_unpack_gen: Final = _GEN.unpack_from
 
 
 # --- initiator PDUs ----------------------------------------------------------
@@ -343,7 +347,7 @@ class ScsiCommand(NamedTuple):
         b0: int
         b1: int
         w: int
-        b0, b1, w, lun, itt, edtl, cmd_sn, exp_stat_sn, cdb = _CMD.unpack_from(header)
+        b0, b1, w, lun, itt, edtl, cmd_sn, exp_stat_sn, cdb = _CMD_UNPACK(header)
         bidi = None
         if ahs:
             ext, bidi = _parse_ahs(ahs)
@@ -565,7 +569,7 @@ class ScsiResponse(NamedTuple):
          data_length) = self   # one unpack: cheaper than fifteen attribute reads (per command)
         b1 = (_F | (0x10 if bidi_overflow else 0) | (0x08 if bidi_underflow else 0)
               | (0x04 if overflow else 0) | (0x02 if underflow else 0))
-        return _GEN.pack(SCSI_RESPONSE, b1, response, status, _word1(0, data_length), LUN0, itt,
+        return _GEN_PACK(SCSI_RESPONSE, b1, response, status, _word1(0, data_length), LUN0, itt,
                          snack_tag, stat_sn, exp_cmd_sn, max_cmd_sn, exp_data_sn,
                          bidi_residual_count, residual_count)
 
@@ -693,7 +697,7 @@ class DataIn(NamedTuple):
          residual_count, overflow, underflow, ack, ttt, lun, data_length) = self   # as ScsiResponse
         b1 = ((_F if final else 0) | (0x40 if ack else 0) | (0x04 if overflow else 0)
               | (0x02 if underflow else 0) | (0 if status is None else 0x01))
-        return _GEN.pack(DATA_IN, b1, 0, status or 0, _word1(0, data_length), lun, itt, ttt,
+        return _GEN_PACK(DATA_IN, b1, 0, status or 0, _word1(0, data_length), lun, itt, ttt,
                          stat_sn, exp_cmd_sn, max_cmd_sn, data_sn, buffer_offset, residual_count)
 
     @staticmethod
@@ -867,6 +871,7 @@ def encode_text(pairs) -> bytes:
 # --- receive framing ------------------------------------------------------------
 
 _WORD1: Final = struct.Struct(">4xI")   # TotalAHSLength and DataSegmentLength, as one word
+_WORD1_UNPACK: Final = _WORD1.unpack_from   # (bound once: per PDU)
 _MAX_AHS = 255 * 4
 
 
@@ -1004,7 +1009,7 @@ class PduFramer:
         avail = self._end - start
         if avail < BHS_LEN:
             return None
-        word: int = _WORD1.unpack_from(buf, start)[0]
+        word: int = _WORD1_UNPACK(buf, start)[0]
         ahs_len, length = (word >> 24) * 4, word & 0xFFFFFF
         if length > self.max_data:
             raise PDUError(f"data segment of {length} bytes exceeds {self.max_data}")

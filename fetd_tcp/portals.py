@@ -6,11 +6,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 from typing import Any, Awaitable, Callable
 
 log = logging.getLogger("fetd_tcp")
 
 Accept = Callable[[asyncio.StreamReader, asyncio.StreamWriter, "PortalSpec"], Awaitable[None]]
+
+
+def _reason(e: OSError) -> str:
+    """Why a listener could not open: the errno's text (asyncio rewords
+    bind's error), or a resolver error's own (a gaierror's errno, e.g. -2,
+    is no errno: os.strerror makes "Unknown error -2" of it)."""
+    if isinstance(e, socket.gaierror) or not e.errno:
+        return e.strerror or str(e)
+    return os.strerror(e.errno)
 
 
 class PortalSpec:
@@ -48,8 +58,7 @@ class Portals:
             try:
                 await self._listen(p)
             except OSError as e:   # as for the STML's list: "HOST:PORT (tpgt N): reason"
-                raise OSError(e.errno, f"{hostport(p.host, p.port)} (tpgt {p.tpgt}): "
-                              f"{os.strerror(e.errno) if e.errno else e}") from None
+                raise OSError(e.errno, f"{hostport(p.host, p.port)} (tpgt {p.tpgt}): {_reason(e)}") from None
 
     def follow(self, wanted: tuple[tuple[str, int, int], ...]) -> None:
         """The STML's portal list (every detect): listen on it, when we have no own portals."""
@@ -96,7 +105,7 @@ class Portals:
                         self.errors.pop(key, None)
                     except OSError as e:
                         where = f"{hostport(*key[:2])} (tpgt {key[2]})"
-                        self.errors[key] = os.strerror(e.errno) if e.errno else str(e)
+                        self.errors[key] = _reason(e)
                         log.error("cannot listen on %s: %s", where, self.errors[key])
                         if not self.synced and self.failed is not None and not self.failed.done():
                             self.failed.set_exception(OSError(e.errno, f"{where}: {self.errors[key]}"))

@@ -868,12 +868,19 @@ def commit() -> str:
 
 
 def machine() -> dict:
-    """What the numbers depend on: CPUs, their model, the idle driver's halt polling."""
+    """What the numbers depend on: CPUs, their model, the idle driver's halt polling;
+    and which machine and boot they came from, so that runs on different machines
+    (issue 25 asks for two) can be told apart from two runs on one."""
     model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
                   if line.startswith("model name")), "?")
-    halt = Path("/sys/module/haltpoll/parameters/guest_halt_poll_ns")
+
+    def read(path: str) -> str | None:
+        p = Path(path)
+        return p.read_text().strip() if p.exists() else None
     return {"cpus": os.cpu_count(), "model": model,
-            "guest_halt_poll_ns": halt.read_text().strip() if halt.exists() else None}
+            "guest_halt_poll_ns": read("/sys/module/haltpoll/parameters/guest_halt_poll_ns"),
+            "machine_id": read("/etc/machine-id"),
+            "boot_id": read("/proc/sys/kernel/random/boot_id")}
 
 
 def default_out(args: argparse.Namespace, results: dict) -> Path:

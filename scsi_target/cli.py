@@ -14,6 +14,7 @@ import fcntl
 import logging
 import os
 import socket
+import stat
 import struct
 import sys
 import time
@@ -39,6 +40,7 @@ CHUNK = 1 << 20  # copy-in/out transfer size
 POLL_US = 200    # the STML's busy-poll window when it has CPUs of its own: a QD1 round trip
                  # through the front end and the initiator takes 100-150 us on a 2-vCPU VM
 DEPTH = 4        # commands in flight during copies
+BANNER_LUNS = 16  # LUNs `run`'s banner lists; `lun list` shows them all
 CONTEXT = {"max_content_width": 100, "help_option_names": ["-h", "--help"]}
 
 __all__ = ["Supervisor", "cpu_list", "cpu_split", "main"]
@@ -191,7 +193,14 @@ def lun_size(o: Any) -> int | None:
     size = None
     if o.kind == "file" and o.path:
         try:
-            size = os.path.getsize(o.path) or None
+            st = os.stat(o.path)
+            size = st.st_size or None
+            if stat.S_ISBLK(st.st_mode):   # (its st_size is 0: its end is its size)
+                fd = os.open(o.path, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    size = os.lseek(fd, 0, os.SEEK_END) or None
+                finally:
+                    os.close(fd)
         except OSError:
             pass
     if size is None and o.size:
@@ -247,9 +256,13 @@ class Plan:
         out = [f"scsi-target: serving {len(c.targets)} target(s), {luns} LUN(s); "
                f"data dir {c.data_dir}, config {c.path}"]
         portal = url_host(self.listening[0]) if self.listening else None
+        shown = 0
         for t in c.targets:
+            if shown >= BANNER_LUNS:   # one start's lines in the journal do not grow with the LUNs
+                break
             out.append(f"  target {t.name}" + (f" ({t.alias})" if t.alias else ""))
-            for lc in t.luns:
+            for lc in t.luns[:BANNER_LUNS - shown]:
+                shown += 1
                 o = lc.options
                 size = lun_size(o)
                 what = "RAM" if o.kind == "ram" else f"{o.kind} {o.path}"
@@ -258,6 +271,8 @@ class Plan:
                            f" {what}{' (read-only)' if o.ro else ''}")
                 if portal:
                     out.append(f"      iscsi://{portal}/{t.name}/{lc.lun}")
+        if shown < luns:
+            out.append(f"  ... and {luns - shown} more LUN(s): `scsi-target lun list`")
         if self.iscsi:
             out.append("  iSCSI portals: " + ", ".join(self.listening))
         out.append(f"  STML endpoint: {c.stml_endpoint}")

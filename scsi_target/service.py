@@ -12,7 +12,8 @@ import click
 
 UNIT = """\
 # scsi-target: a user-space SCSI target (iSCSI). Written by `scsi-target service unit`.
-# Readiness is signalled (Type=notify); `systemctl reload` re-reads the config (SIGHUP).
+# Readiness is signalled (Type=notify); `systemctl reload` applies the edited config and
+# fails when the target refuses it (kill -HUP would report success whatever happened).
 # Operating it: docs/operations.md in the source tree.
 [Unit]
 Description=scsi-target user-space SCSI target (iSCSI)
@@ -23,7 +24,7 @@ Wants=network-online.target
 Type=notify
 NotifyAccess=main
 ExecStart={exec_start} run --data-dir {data_dir}
-ExecReload=/bin/kill -HUP $MAINPID
+ExecReload={exec_start} config reload --data-dir {data_dir}
 KillMode=mixed
 TimeoutStopSec=30
 Restart=on-failure

@@ -116,6 +116,9 @@ class Config:
     # target and number: only in a file no id-giving STML wrote, whose LUNs
     # were served under it (`legacy_ids = false` once one did; 0281)
     legacy_ids: bool = True
+    # the --iqn/--lun flags of the first start that wrote the file: a start
+    # with the same flags is a restart, whatever changed since (0282)
+    first_start_flags: list[str] | None = None
 
     def discovery(self) -> dict[str, Any]:
         """Discovery settings for the front ends, as `detect` carries them."""
@@ -362,7 +365,7 @@ def load(config_path: str | None = None, data_dir: str | None = None, iqn: str |
             raise ConfigError(str(path), f"not valid TOML: {e}") from None
         _warn_if_secrets_readable(path, raw)
     known = {"data_dir", "stml_endpoint", "portals", "target", "discovery_chap", "stml", "isns",
-             "slp", "slp_da", "slp_auth", "isns_auth", "legacy_ids",
+             "slp", "slp_da", "slp_auth", "isns_auth", "legacy_ids", "first_start_flags",
              "vhost"}   # [[vhost]]: VM sockets `run` serves (fetd_vhost.cli checks them)
     for key in raw:
         if key not in known:
@@ -466,10 +469,13 @@ def load(config_path: str | None = None, data_dir: str | None = None, iqn: str |
     for key, value in (("slp_auth", slp_auth), ("isns_auth", isns_auth)):
         if not isinstance(value, bool):
             raise ConfigError(key, f"{value!r} is not true or false")
+    seed = raw.get("first_start_flags")
+    if seed is not None and (not isinstance(seed, list) or not all(isinstance(a, str) for a in seed)):
+        raise ConfigError("first_start_flags", "must be a list of strings (the flags of the first start)")
     return Config(ddir, targets, ep, plist, parse_chap(raw.get("discovery_chap"), "discovery_chap"), path,
                   stml_settings(raw.get("stml", {}), path), isns, _slp(raw.get("slp")), slp_da, raw,
                   file_digest(path) if path else None, slp_auth=slp_auth, isns_auth=isns_auth,
-                  legacy_ids=_bool(raw.get("legacy_ids", True), "legacy_ids"))
+                  legacy_ids=_bool(raw.get("legacy_ids", True), "legacy_ids"), first_start_flags=seed)
 
 
 _SLP_SCOPE = re.compile(r"[^(),\\!<=>~;*+\x00-\x1f]{1,255}")   # RFC 2608 2.1: no reserved characters

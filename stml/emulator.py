@@ -38,7 +38,7 @@ from stml.sense import (
     INVALID_MESSAGE_ERROR, LOGICAL_UNIT_COMMUNICATION_FAILURE, LOGICAL_UNIT_NOT_SUPPORTED, MEDIUM_ERROR,
     NOT_READY, POWER_ON_OCCURRED, POWER_ON_RESET, PREVIOUS_STATUS_UA, RESERVATION_CONFLICT,
     SPACE_ALLOCATION_FAILED_WRITE_PROTECT, TASK_ABORTED, TASK_SET_FULL, UNIT_ATTENTION, UNRECOVERED_READ_ERROR,
-    WRITE_ERROR, CheckCondition, StatusError, build_sense,
+    WRITE_ERROR, WRITE_PROTECTED, CheckCondition, StatusError, build_sense,
 )
 from stml.spc import thin
 from stml.task import FANOUT_STEP, FrontEnd, Nexus, Task
@@ -52,6 +52,8 @@ _WRITE: Final = int(DataDir.WRITE)
 
 _COUNT_FIELDS = ("lun", "attr", "dir", "len", "unsol")   # rx_cmnd fields: non-negative ints
 _MAX_ATTR: Final = int(max(TaskAttr))   # and attr a TaskAttr: the task set policies know no other
+_MONOTONIC: Final = time.monotonic   # (bound once: compiled, time.monotonic is a lookup in the module)
+_FROM_BYTES: Final = int.from_bytes   # (bound once: compiled, int.from_bytes is a method lookup per call)
 _ACA: Final = int(TaskAttr.ACA)   # (plain ints: a TaskAttr member read through its class costs an enum lookup)
 _REGISTER = Op.REGISTER.value   # plain str: an enum member costs an attribute hook per message
 _TIMING = Cap.TIMING.value
@@ -83,7 +85,21 @@ PATH_ERRORS = {errno.ESHUTDOWN: (NOT_READY, ASYMMETRIC_ACCESS_STATE_TRANSITION),
 # backends report it as EIO (acknowledged write-back may be lost, 0256). (0271)
 SPACE_ERRORS = {errno.ENOSPC: (DATA_PROTECT, SPACE_ALLOCATION_FAILED_WRITE_PROTECT),
                 errno.EDQUOT: (DATA_PROTECT, SPACE_ALLOCATION_FAILED_WRITE_PROTECT)}
-NOSPACE_LOG_INTERVAL = 60.0   # seconds between a LU's lines about writes refused for space
+# and on any LU: the file system under it went read-only (ext4's errors=remount-ro
+# after a fault, or a remount): the medium refuses writes, it did not fail. DATA
+# PROTECT, WRITE PROTECTED, which Linux reports as a read-only disk, where multipath
+# and md would fail a disk for a MEDIUM ERROR; reads go on. A sync that fails stays
+# a sticky MEDIUM ERROR: write-back may be lost (0256). (0271)
+PROTECT_ERRORS = {errno.EROFS: (DATA_PROTECT, WRITE_PROTECTED)}
+# what a LU's rate-limited line about refused writes says, by answer: why, and the way out
+REFUSED_LINES = {
+    SPACE_ALLOCATION_FAILED_WRITE_PROTECT: (
+        "no space for writes", "SPACE ALLOCATION FAILED", "free space in its file system (or UNMAP)"),
+    WRITE_PROTECTED: (
+        "its file system is read-only", "WRITE PROTECTED",
+        "check the file system, then remount it read-write"),
+}
+NOSPACE_LOG_INTERVAL = 60.0   # seconds between a LU's lines about refused writes
 
 
 class TimedTask(Task):
@@ -697,7 +713,7 @@ class Emulator:
             if lease is not None:
                 lease.release()
             return
-        fe.last_seen = time.monotonic()
+        fe.last_seen = _MONOTONIC()
         nexus = fe.nexuses.get(nexus_id)
         if nexus is None or tag in fe.tasks:
             self._not_started(fe, tag, nexus)
@@ -813,7 +829,7 @@ class Emulator:
                 template: DiskTemplate = lu.template   # (declared: a native call when compiled)
                 entry = template.lookup(cdb)
                 # check_usage in one test for a CDB as long as its row's usage (lookup: not shorter)
-                if len(cdb) != entry.size or int.from_bytes(cdb, "big") & entry.forbidden:
+                if len(cdb) != entry.size or _FROM_BYTES(cdb, "big") & entry.forbidden:
                     check_usage(cdb, entry.usage)
                 if lu.unit_attentions and not entry.ua_exempt:
                     ua = self._pending_ua(lu, task.nexus)
@@ -835,7 +851,8 @@ class Emulator:
                         self._check_medium(lu)
                     if entry.check:
                         entry.check(task)
-                    waited = entry.out_len is not None and await self._collect(task, entry)
+                    waited = entry.out_len is not None and not self._collected(task, entry) \
+                        and await self._data_arrives(task)
                     if (not task_set.at_once(task) and await task_set.enter(task)) or waited:
                         # the LU may have changed meanwhile (reservations, size, protection, medium)
                         self._check_reservation(lu, task, entry)
@@ -863,10 +880,11 @@ class Emulator:
         except (BackendError, OSError) as be:
             err = getattr(be, "errno", 0)
             lu = task.lu
-            space = SPACE_ERRORS.get(err) if lu is not None and thin(lu) else None
-            if space is not None and lu is not None:
-                self._log_nospace(lu, be)
-                key, asc = space
+            refused = SPACE_ERRORS.get(err) if lu is not None and thin(lu) else None
+            refused = refused or PROTECT_ERRORS.get(err)
+            if refused is not None and lu is not None:
+                key, asc = refused
+                self._log_refused(lu, be, asc)
             else:
                 log.error("backend error on %s LUN %d: %s", task.nexus.target, task.lun, be)
                 asc = UNRECOVERED_READ_ERROR if task.direction & _READ else WRITE_ERROR
@@ -880,17 +898,18 @@ class Emulator:
         self._forget(task)   # after the response took the shared memory it sends
 
     @staticmethod
-    def _log_nospace(lu: LogicalUnit, error: Exception) -> None:
-        """A write refused for lack of space: the first of a LU gets a line, then
-        at most one a NOSPACE_LOG_INTERVAL with the count since, so a storm of
-        them (every write of a full file system) is a line, not one a command."""
+    def _log_refused(lu: LogicalUnit, error: Exception, asc: tuple[int, int]) -> None:
+        """A write refused (no space, a read-only file system): the first of a LU
+        gets a line, then at most one a NOSPACE_LOG_INTERVAL with the count since,
+        so a storm of them (every write of a full file system) is a line, not one a
+        command."""
         lu.space_refused += 1
         now = time.monotonic()
         if lu.space_logged is not None and now - lu.space_logged < NOSPACE_LOG_INTERVAL:
             return
-        log.error("%s LUN %d: no space for writes (%s): %d refused with DATA PROTECT, SPACE "
-                  "ALLOCATION FAILED since the last line; free space in its file system (or UNMAP)",
-                  lu.target, lu.lun, error, lu.space_refused)
+        why, answer, way_out = REFUSED_LINES[asc]
+        log.error("%s LUN %d: %s (%s): %d refused with DATA PROTECT, %s since the last line; %s",
+                  lu.target, lu.lun, why, error, lu.space_refused, answer, way_out)
         lu.space_logged, lu.space_refused = now, 0
 
     @staticmethod
@@ -1001,9 +1020,10 @@ class Emulator:
             return await entry.handler(task)
         raise CheckCondition(ILLEGAL_REQUEST, LOGICAL_UNIT_NOT_SUPPORTED)
 
-    async def _collect(self, task: Task, entry: OpEntry) -> bool:
-        """Gather the write data the command needs, asking for what was not sent
-        unsolicited: True when it had to wait for some."""
+    def _collected(self, task: Task, entry: OpEntry) -> bool:
+        """Size the write data the command needs and ask for what was not sent
+        unsolicited: True when it is all here already (a write with immediate
+        data: no coroutine for it), False when the task waits (_data_arrives)."""
         out_len = entry.out_len
         assert out_len is not None   # _execute collects only for commands with write data
         need = task.need = out_len(task)
@@ -1024,13 +1044,19 @@ class Emulator:
             start = max(task.unsol, task.received)
             if start < need:
                 self.out.rdy_to_xfer(task.fe.ident, task.tag, start, need - start)
-            await task.data_ready
-            waited = True
-        else:
-            waited = False
+            return False
         if task.received > need:
             task.data_out = trim_views(task.data_out, need)
-        return waited
+        return True
+
+    async def _data_arrives(self, task: Task) -> bool:
+        """The rest of the write data _collected asked for, once it is here
+        (True: the task waited for it)."""
+        assert task.data_ready is not None   # set by _collected
+        await task.data_ready
+        if task.received > task.want:
+            task.data_out = trim_views(task.data_out, task.want)
+        return True
 
     def _forget(self, task: Task) -> None:
         """The task is over, however it ended: its tag is free, and the memory
@@ -1050,17 +1076,17 @@ class Emulator:
 
     def _complete(self, task: Task, status: int, sense: bytes | None, data: Any) -> None:
         exp = task.exp_len
-        frames: list = []
         resid = exp
         if data is not None and task.direction & _READ:
             n = len(data)
             resid = exp - n
             if n > exp:
                 data = memoryview(data)[:exp]
-            if exp and n:
-                frames = [data]
-        elif task.need:
-            resid = exp - task.need
+            frames = [data] if exp and n else []   # (one list: not an empty one replaced)
+        else:
+            frames = []
+            if task.need:
+                resid = exp - task.need
         self.out.xmit_response(task.fe.ident, task.tag, status, sense, resid, frames)   # (respond, in place)
 
     def respond(self, fe: FrontEnd, tag: int, status: int, sense: bytes | None, resid: int,

@@ -287,7 +287,7 @@ class LogicalUnit:
     job: asyncio.Task | None = None             # a SANITIZE's work, maybe after its command returned
     progress: tuple[int, int] = (0, 1)          # how far the job got: (done, total)
     pr: Reservations | None = None              # reservation state: stml.pr.state() makes it
-    space_refused: int = 0                      # writes refused for lack of space since the last line
+    space_refused: int = 0                      # writes refused (space, read-only) since the last line
     space_logged: float | None = None           # when that line was written (time.monotonic)
 
     def __post_init__(self) -> None:

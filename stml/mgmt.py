@@ -698,7 +698,9 @@ class Management:
         opts = await self._in_thread(lun_options, raw_lun, f"LUN {number}", self.config.data_dir)
         await self._check_file()
         lu = await self._add_lun(t, number, opts)
-        return {"target": t.name, "lun": number, "size": lu.blocks * lu.block_size, "saved": await self._persist()}
+        # the path as resolved (a relative one is in the data dir, not the caller's directory)
+        return {"target": t.name, "lun": number, "size": lu.blocks * lu.block_size,
+                **({"path": opts.path} if opts.path else {}), "saved": await self._persist()}
 
     async def _ram(self) -> int:
         """Bytes of the RAM LUNs served, the most their pages can take."""

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
 from stml.api import DataDir
-from stml.cdb import forbidden_bits, lba_len
+from stml.cdb import forbidden_bits
 from stml.lu import LogicalUnit
 from stml.sense import (
     DATA_PROTECT, ILLEGAL_REQUEST, LBA_OUT_OF_RANGE, MEDIUM_ERROR, PARAMETER_LIST_LENGTH_ERROR,
@@ -161,7 +161,7 @@ def check_xfer(task: Task, blocks: int) -> None:
 def rw_out_len(task: Task) -> int:
     lu = task.lu
     assert lu is not None   # per command: see unit()
-    return lba_len(task.cdb)[1] * lu.block_size
+    return task.lba_len()[1] * lu.block_size
 
 
 def read_check(task: Task) -> None:
@@ -170,7 +170,7 @@ def read_check(task: Task) -> None:
     lu = task.lu
     assert lu is not None   # per command: see unit()
     cdb = task.cdb
-    lba, blocks = lba_len(cdb)
+    lba, blocks = task.lba_len()
     bs = lu.block_size
     if (lba + blocks) * bs > lu.backend.size() or lba >= (1 << 64):
         raise CheckCondition(ILLEGAL_REQUEST, LBA_OUT_OF_RANGE)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import tomlkit
-from tomlkit.items import AoT
+from tomlkit.items import AoT, Array, Comment, Null, Table, Whitespace
 
 from scsi_runtime.files import atomic_write
 from stml.config import (CONFIG_NAME, Config, ConfigError, LunConfig, StartupError, TargetConfig, check_flags_agree,
@@ -38,6 +38,8 @@ HEADER = """\
 # Apply an edit to the running target with `scsi-target config reload` (or SIGHUP).
 """
 
+# above `first_start_flags`, written by a first start given --iqn/--lun (0282)
+FIRST_START_NOTE = "the flags that wrote this file: `run` with the same flags serves it as it is now"
 # beside `legacy_ids = false`, which every save writes (docs/decisions/0281)
 LEGACY_IDS_NOTE = "a LUN entry without `id` is a new disk: the STML gives it one"
 Tree = dict[Any, Any]   # the file's shape: tables by key, leaves (value, default) as _sync_keys takes them
@@ -121,8 +123,102 @@ def _sync_keys(table: Any, want: dict[str, tuple[Any, Any]], data_dir: Path) -> 
             # the default applies: an explicit `ro = false` stays, a stale value goes
             if present and not _same(key, _plain(table[key]), v if v is not None else default, data_dir):
                 del table[key]
-        elif not present or not _same(key, _plain(table[key]), v, data_dir):
+        elif not present:
+            _add_key(table, key, _item(v))
+        elif not _same(key, _plain(table[key]), v, data_dir) and not _edit_list(table[key], v):
             table[key] = _item(v)
+
+
+# Comments belong to what follows them, but tomlkit keeps the comment lines
+# before a table header (`# LUN 1: logs` above `[[target.lun]]`) at the end
+# of the table before it. So a key is added before those lines, and removing
+# a table of an array hands the lines that preceded it over to the lines that
+# preceded the next one (0274).
+
+def _body(table: Any) -> list[tuple[Any, Any]]:
+    return table.body if hasattr(table, "body") else table.value.body
+
+
+def _tail(table: Any) -> list[tuple[Any, Any]]:
+    """The body the lines after `table` end: its own, or, when it ends with
+    tables of its own (a target's LUNs), its last one's."""
+    body = _body(table)
+    last = next((item for k, item in reversed(body) if not isinstance(item, Null)), None)
+    if isinstance(last, AoT) and len(last):
+        return _tail(last[-1])
+    return body
+
+
+def _comment_run(body: list[tuple[Any, Any]], end: int) -> tuple[int, str]:
+    """The comment and blank lines just before body[end]: (where they start, their text)."""
+    start = end
+    while start > 0 and body[start - 1][0] is None and isinstance(body[start - 1][1], (Comment, Whitespace, Null)):
+        start -= 1
+    return start, "".join(item.as_string() for _, item in body[start:end] if not isinstance(item, Null))
+
+
+def _first_table(body: list[tuple[Any, Any]]) -> int:
+    return next((i for i, (k, item) in enumerate(body) if k is not None and isinstance(item, (Table, AoT))),
+                len(body))
+
+
+def _add_key(table: Any, key: str, item: Any) -> None:
+    """A new key, after the table's keys but before the comment lines that
+    end it (they describe the table header that follows)."""
+    body = _body(table)
+    start, text = _comment_run(body, _first_table(body))
+    if not text.strip() or start == 0 or start == len(body):
+        table[key] = item
+    else:
+        (table if hasattr(table, "body") else table.value)._insert_at(start, key, item)
+
+
+def _replace_comments(body: list[tuple[Any, Any]], end: int, text: str) -> bool:
+    """Make the comment lines before body[end] say `text`: they go, and
+    `text` follows the key before them. False when there is none."""
+    start, _ = _comment_run(body, end)
+    item = body[start - 1][1] if start else None
+    if item is None or isinstance(item, (Table, AoT)) or not hasattr(item, "trivia"):
+        return False    # nothing to hang the text on: the lines stay as they were
+    for i in range(start, end):
+        body[i] = (None, Null())
+    trail = item.trivia.trail
+    item.trivia.trail = (trail if trail.endswith("\n") else trail + "\n") + text
+    return True
+
+
+def _drop_entry(container: Any, key: str, aot: Any, i: int) -> None:
+    """Remove aot[i], the comment lines before it replaced by those before
+    the next entry (or after the array)."""
+    body = _tail(aot[i])
+    _, text = _comment_run(body, len(body))
+    if i > 0:
+        before = _tail(aot[i - 1])
+        _replace_comments(before, len(before), text)
+    else:
+        outer = _body(container)
+        where = next((j for j, (k, _) in enumerate(outer) if k is not None and k.key == key), None)
+        if where is not None:
+            _replace_comments(outer, where, text)
+    del aot[i]
+
+
+def _edit_list(old: Any, new: Any) -> bool:
+    """Edit a list of strings in place (an ACL: each line keeps its comment):
+    drop what went, append what came. False when that would not give `new`'s
+    order (then the caller writes it anew)."""
+    if not isinstance(old, Array) or not isinstance(new, list) or not all(isinstance(a, str) for a in new):
+        return False
+    want = [a.lower() for a in new]
+    keep = [str(a).lower() for a in old if str(a).lower() in want]
+    if keep != want[:len(keep)]:
+        return False
+    for i in reversed(range(len(old))):
+        if str(old[i]).lower() not in want:
+            del old[i]
+    for a in new[len(keep):]:
+        old.append(a)
+    return True
 
 
 def _plain(item: Any) -> Any:
@@ -154,7 +250,7 @@ def _sync_aot(container: Any, key: str, wanted: dict[Any, Any], ident: Callable[
         else:
             for i in reversed(range(len(aot))):
                 if i not in keep:
-                    del aot[i]
+                    _drop_entry(container, key, aot, i)
             for i, entry in zip(keep, aot):
                 kept[idents[i]] = entry
     for x, entry in kept.items():
@@ -174,8 +270,12 @@ def _sync_aot(container: Any, key: str, wanted: dict[Any, Any], ident: Callable[
         elif empty is not None:
             container[key] = empty
     else:
-        for entry in new:
+        for entry in new:   # the lines after the array stay after it
+            last = _tail(aot[-1])
+            _, text = _comment_run(last, len(last))
             aot.append(entry)
+            if text.strip() and _replace_comments(last, len(last), ""):
+                _replace_comments(_tail(entry), len(_tail(entry)), text)
 
 
 def _sync_luns(table: Any, luns: dict[int, Tree], data_dir: Path) -> None:
@@ -229,7 +329,7 @@ def sync_document(doc: Any, tree: Tree, data_dir: Path) -> None:
     if not tree["legacy_ids"][0] and "legacy_ids" not in doc:
         item = tomlkit.item(False).comment(LEGACY_IDS_NOTE)
         item.trivia.comment_ws = "  "
-        doc["legacy_ids"] = item
+        _add_key(doc, "legacy_ids", item)
     else:
         _sync_keys(doc, {"legacy_ids": tree["legacy_ids"]}, data_dir)
 
@@ -283,6 +383,9 @@ def new_document(config: Config, path: Path | None = None) -> Any:
     if config.stml_endpoint != f"ipc://{config.data_dir / 'stml.sock'}":
         doc["stml_endpoint"] = config.stml_endpoint
     doc["portals"] = list(config.portals)
+    if config.first_start_flags:
+        doc.add(tomlkit.comment(FIRST_START_NOTE))
+        doc["first_start_flags"] = list(config.first_start_flags)
     return doc
 
 
@@ -372,16 +475,18 @@ def load_or_create(config_path: str | None = None, data_dir: str | None = None, 
         path = ddir / CONFIG_NAME
     else:
         path = Path(config_path).expanduser().absolute()
+    flags = [*(["--iqn", iqn] if iqn else []), *(a for spec in luns for a in ("--lun", spec))]
     if path.exists():
         config = load(str(path), data_dir, None, (), endpoint, portals)
-        if not (iqn or luns):
-            return config
+        if not flags or flags == config.first_start_flags:
+            return config      # (the flags that wrote it: a restart, after any changes since)
         if not config.raw.get("target"):    # the file names no target: the flags define them
             return load(str(path), data_dir, iqn, luns, endpoint, portals)
         check_flags_agree(config, iqn, luns)
         return config
     config = load(None, data_dir, iqn, luns, endpoint, portals)
     config.path = path
+    config.first_start_flags = flags or None
     check_lun_paths(config)     # a first start that cannot serve writes no file
     for t in config.targets:        # LUNs first served now: an identity of their own
         for lc in t.luns:           # (an RBD LU's is its image's: the same on every gateway)
@@ -390,7 +495,7 @@ def load_or_create(config_path: str | None = None, data_dir: str | None = None, 
     config.legacy_ids = False   # every LUN now has its id: one added later without is new
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        _create_files(config)
+        _open_files(config)
         save(config, path)
     except OSError as e:
         raise StartupError(f"cannot write {path}", e.strerror or str(e)) from None
@@ -453,16 +558,18 @@ def new_id(target: str, lun: int, o: LunOptions) -> str:
     return hashlib.sha256(f"{target}\0{lun}\0{o.kind}\0{o.path}\0{inode}".encode()).hexdigest()[:32]
 
 
-def _create_files(config: Config) -> None:
-    """A first start creates its file LUNs' files before the config that gives
-    them ids: a saved LUN with an id was served, so its missing file is a
-    disk lost or not mounted, which the STML never creates anew (0280). A
-    file that cannot be created fails this start (the admin is at the
-    terminal), in one line."""
+def _open_files(config: Config) -> None:
+    """A first start opens its file LUNs, creating missing files, before the
+    config that gives them ids: a saved LUN with an id was served, so its
+    missing file is a disk lost or not mounted, which the STML never creates
+    anew (0280). A LUN that cannot be served (a file that cannot be created,
+    a directory, /dev/zero, a mounted block device) fails this start, in one
+    line, while the admin is at the terminal: served offline, its typo would
+    be saved as a LUN (0272)."""
     for t in config.targets:
         for lc in t.luns:
             o = lc.options
-            if o.kind != "file" or o.path is None or os.path.exists(o.path):
+            if o.kind != "file" or o.path is None:
                 continue
             try:
                 open_store(o, create=True).close()

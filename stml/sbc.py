@@ -17,7 +17,7 @@ import logging
 import struct
 from typing import Callable
 
-from stml.cdb import lba_len, u16, u32, u64
+from stml.cdb import u16, u32, u64
 from stml.lu import LogicalUnit
 from stml.ops import (
     CHUNK, check_range, check_writable, check_xfer, data_bytes, fua, lbppbe, max_blocks, next_chunk,
@@ -122,7 +122,7 @@ async def read(task: Task) -> bytes | bytearray | memoryview:
     place: one coroutine less per command."""
     lu = task.lu
     assert lu is not None   # per command: see ops.unit()
-    lba, blocks = lba_len(task.cdb)   # read_check checked them
+    lba, blocks = task.lba_len()   # read_check checked them
     bs = lu.block_size
     buf = task.services.read_buffer(task, blocks * bs)
     if buf is None:
@@ -142,7 +142,7 @@ def received_blocks(task: Task) -> tuple[int, int, list[memoryview]]:
     lu = task.lu
     assert lu is not None   # per command: see ops.unit()
     bs = lu.block_size
-    lba, blocks = lba_len(task.cdb)
+    lba, blocks = task.lba_len()
     blocks = min(blocks, task.want // bs)
     data = task.data_out if task.want == blocks * bs else trim_views(task.data_out, blocks * bs)
     return lba, blocks, data
@@ -209,7 +209,7 @@ def _bytchk(cdb: bytes) -> int:
 
 
 def verify_out_len(task: Task) -> int:
-    _, blocks = lba_len(task.cdb)
+    _, blocks = task.lba_len()
     b = _bytchk(task.cdb)
     if b == 1:
         return blocks * unit(task).block_size
@@ -225,7 +225,7 @@ def verify_check(task: Task) -> None:
     b = _bytchk(task.cdb)
     if b == 2:
         raise invalid_field(1, 2)
-    lba, blocks = lba_len(task.cdb)
+    lba, blocks = task.lba_len()
     check_range(unit(task), lba, blocks)
     if b:
         check_xfer(task, blocks)
@@ -236,7 +236,7 @@ async def verify(task: Task) -> None:
     defect to find by reading, and a read of the whole LUN would cost memory
     and time in proportion to it). 01b compares the data sent, 11b the one
     block sent against every block of the range."""
-    lba, blocks = lba_len(task.cdb)
+    lba, blocks = task.lba_len()
     b = _bytchk(task.cdb)
     if not blocks or b == 0:
         return
@@ -272,7 +272,7 @@ def write_verify_check(task: Task) -> None:
         raise invalid_field(1, 2)
     lu = unit(task)
     check_writable(lu)
-    lba, blocks = lba_len(task.cdb)
+    lba, blocks = task.lba_len()
     check_range(lu, lba, blocks)
     check_xfer(task, blocks)
 
@@ -332,7 +332,7 @@ async def orwrite(task: Task) -> None:
     """Read, OR and write back a chunk at a time (no other write enters
     meanwhile), so the merge never holds the loop for the whole transfer."""
     lu = unit(task)
-    lba, blocks = lba_len(task.cdb)
+    lba, blocks = task.lba_len()
     if not blocks:
         return
     data = memoryview(data_bytes(task))
@@ -352,7 +352,7 @@ async def orwrite(task: Task) -> None:
 # ---------------------------------------------------------------- PRE-FETCH, READ DEFECT DATA
 
 def prefetch_check(task: Task) -> None:
-    check_range(unit(task), *lba_len(task.cdb))
+    check_range(unit(task), *task.lba_len())
 
 
 async def prefetch(task: Task) -> None:

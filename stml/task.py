@@ -13,9 +13,9 @@ import asyncio
 import functools
 from collections.abc import Container, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Final, Protocol
 
-from stml.cdb import trim_cdb
+from stml.cdb import lba_len, trim_cdb
 from stml.lu import LogicalUnit
 from stml.lunmap import LunMap
 from stml.sched import Queued
@@ -27,6 +27,8 @@ from stml.workers import FairWorkers
 # fan-out (target and I_T nexus reset, LUN reset, LUN changes, MODE SELECT, a
 # resize, a reservation change) goes through Services.fan_out_ua
 FANOUT_STEP = 256
+
+_VIEW: Final = memoryview   # (compiled, a builtin's name is a lookup in builtins per use)
 
 
 
@@ -145,7 +147,7 @@ class Task(Queued):
 
     __slots__ = ("services", "fe", "tag", "nexus", "lun", "lu", "cdb", "direction",
                  "unsol", "data_out", "received", "need", "want", "data_ready", "data_error",
-                 "runner", "abort_status", "held")
+                 "runner", "abort_status", "held", "_lba", "_blocks")
 
     def __init__(self, services: Services, fe: FrontEnd, nexus: Nexus, tag: int, lun: int,
                  cdb: bytes, attr: int, direction: int, exp_len: int, unsol: int,
@@ -164,7 +166,7 @@ class Task(Queued):
         self.data_out: list[memoryview] = []
         self.received = 0
         if imm:
-            self.data_out = [memoryview(f) for f in imm]
+            self.data_out = [_VIEW(f) for f in imm]
             for view in self.data_out:   # (not sum(map(len, ...)): two calls more, per write)
                 self.received += len(view)
         self.need = 0     # bytes the CDB asks the initiator for
@@ -177,6 +179,8 @@ class Task(Queued):
         # how to give back the carrier's memory the task holds (its write data, the
         # shared memory of its read data): called once, when the task ends (_forget)
         self.held: list[Callable[[], None]] | None = None
+        self._lba = -1      # lba_len()'s, once decoded (ints: compiled, no tuple stored)
+        self._blocks = 0
 
     # stage timing (stml.timing): None, read from the class, unless the task is a
     # TimedTask (stml.emulator): an untimed task costs no store for it
@@ -184,6 +188,14 @@ class Task(Queued):
 
     def nexus_key(self) -> str:
         return self.nexus.key
+
+    def lba_len(self) -> tuple[int, int]:
+        """(LBA, number of blocks) of its READ/WRITE/VERIFY-style CDB
+        (stml.cdb.lba_len), decoded once: a read's check and handler both ask,
+        a write's check, data length and handler."""
+        if self._lba < 0:
+            self._lba, self._blocks = lba_len(self.cdb)
+        return self._lba, self._blocks
 
     def hold(self, release: Callable[[], None]) -> None:
         """Memory this task keeps until it ends; `release` gives it back."""

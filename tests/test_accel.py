@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -120,7 +121,11 @@ def _cached_build() -> Path:
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "scsi-target" / "accel"
     build = cache / key
     if accel.stale(build) is not None:
-        shutil.rmtree(cache, ignore_errors=True)   # older builds: never loadable again
+        # Other trees' builds (worktrees of this repository test at the same time) stay
+        # until they are a day old; build-accel puts this one in place in one rename.
+        for old in cache.glob("*") if cache.is_dir() else ():
+            if old.stat().st_mtime < time.time() - 86400:
+                shutil.rmtree(old, ignore_errors=True)
         p = subprocess.run([sys.executable, str(ROOT / "scripts" / "build-accel"), "--out", str(build)],
                            capture_output=True, text=True, timeout=1200)
         assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]

@@ -170,6 +170,31 @@ def test_a_short_write_then_no_space_and_unmap_makes_room(small, client_factory)
     assert c.read(0, 0, 4 * PB) == bytes(4 * PAGE)
 
 
+@pytest.mark.parametrize("opts", ["", ",wc", ",thick"])
+def test_a_file_system_gone_read_only_write_protects_its_luns(tmp_short, client_factory, opts):
+    """ext4 remounts itself read-only on an error (errors=remount-ro): writes
+    then answer DATA PROTECT, WRITE PROTECTED (7/27/00), which Linux reports as
+    a read-only disk, not MEDIUM ERROR, for which multipath and md would fail
+    it; thick or thin, write-through or write-back. Reads go on and the STML
+    says so once, not once a command."""
+    d = tmp_short()
+    fs = SmallFs(d / "fs", "16m", kind="ext4")
+    stml = StmlOnSmallFs(fs, d, (f"file:{d / 'fs' / 'lun.img'},size=1MiB{opts}",))
+    try:
+        stml.start()
+        c = client_factory(stml.endpoint)
+        c.write(0, 0, b"A" * PAGE)
+        fs.fail()
+        for lba in range(16, 16 + 5 * PB, PB):
+            assert _outcome(c.execute(0, _write10(lba, PB), b"B" * PAGE)) == (CHECK_CONDITION, 0x7, (0x27, 0x00))
+        assert c.read(0, 0, PB) == b"A" * PAGE
+        assert _outcome(c.execute(0, _read16(0, PB), data_in=PAGE)) == (GOOD,)
+    finally:
+        stml.stop()
+    lines = [line for line in stml.log().splitlines() if "file system is read-only" in line]
+    assert len(lines) == 1 and "WRITE PROTECTED" in lines[0], lines
+
+
 # ---------------------------------------------------------------- reservations under APTPL
 
 REGISTER, RESERVE = 0x00, 0x01

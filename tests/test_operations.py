@@ -90,6 +90,17 @@ def test_a_lun_added_live_is_served_after_a_restart_without_flags(ddir):
         assert "Total size:16777216" in out
 
 
+def test_lun_add_says_where_a_relative_path_went(ddir, tmp_path):
+    """`lun add file:vm1.img,size=...` typed in /srv/images makes the file in
+    the data dir (the config's paths are relative to it): the answer says so."""
+    with Target("--lun", "ram:4MiB", data_dir=ddir):
+        p = subprocess.run([*CLI, "lun", "add", "--data-dir", ddir, "file:vm1.img,size=1MiB"], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=60)
+        assert p.returncode == 0, p.stderr
+        assert f" {ddir}/vm1.img " in p.stdout
+        assert mgmt(ddir, "lun", "add", "ram:1MiB").get("path") is None
+
+
 def test_lun_flags_that_disagree_with_the_file_are_refused(ddir):
     with Target("--lun", "ram:16MiB", data_dir=ddir):
         pass
@@ -100,6 +111,22 @@ def test_lun_flags_that_disagree_with_the_file_are_refused(ddir):
     # the same flags again are a plain restart
     with Target("--lun", "ram:16MiB", data_dir=ddir):
         assert [x["size"] for x in mgmt(ddir, "lun", "list")] == [16 << 20]
+
+
+def test_the_first_starts_flags_restart_it_after_any_change(ddir):
+    """`run --lun ...` in a unit file or a script serves the file as it is
+    after `lun resize`, `lun remove` and `lun add`: the next boot used to exit
+    2 (the flags no longer matched the file) and systemd left it down."""
+    flags = ("--lun", f"file:{ddir}/a.img,size=16MiB", "--lun", "ram:4MiB")
+    with Target(*flags, data_dir=ddir):
+        mgmt(ddir, "lun", "resize", "0", "32MiB")
+        mgmt(ddir, "lun", "remove", "1")
+        mgmt(ddir, "lun", "add", "--lun", "2", "ram:8MiB")
+    with Target(*flags, data_dir=ddir):
+        assert [(x["lun"], x["size"]) for x in mgmt(ddir, "lun", "list")] == [(0, 32 << 20), (2, 8 << 20)]
+    # other flags than the first start's still disagree with the file
+    p = cli("run", "--data-dir", ddir, "--lun", f"file:{ddir}/a.img,size=16MiB", "--portal", "127.0.0.1:0")
+    assert p.returncode == 2 and "already defines the LUNs" in p.stderr
 
 
 def test_run_config_new_file_is_written(ddir, tmp_path):
@@ -160,6 +187,114 @@ def test_hand_comments_survive_a_save(ddir, tmp_path):
     added = saved["target"][0]["lun"][1]
     assert re.fullmatch(r"[0-9a-f]{32}", added.pop("id"))
     assert added == {"lun": 1, "backend": "ram", "size": "4MiB"}
+
+
+NOTED = """\
+portals = ["127.0.0.1:0"]   # loopback for now
+
+# the database target
+[[target]]
+name = "iqn.2026-11.org.example:db"   # do not rename: multipath
+acl = [
+  "iqn.1994-05.com.redhat:client1",  # db1
+  "iqn.1994-05.com.redhat:client2",  # db2
+]
+
+# LUN 0: data
+[[target.lun]]
+lun = 0
+backend = "ram"
+size = "4MiB"
+id = "{id0}"
+
+# LUN 1: logs
+[[target.lun]]
+lun = 1
+backend = "ram"
+size = "4MiB"
+id = "{id1}"
+
+# backups: nightly
+"""
+
+
+def test_notes_stay_with_what_they_describe_through_saves(ddir):
+    """An administrator's notes above a LUN, beside an ACL entry and at the
+    end of the file still describe the same things after LUNs and ACL entries
+    come and go: a note above a removed LUN goes with it, a new key lands
+    above the next table's notes, not below them."""
+    ids = {"id0": "0" * 31 + "1", "id1": "0" * 31 + "2"}
+    cfg = Path(ddir) / "scsi-target.toml"
+    cfg.write_text(NOTED.format(**ids))
+    with Target(data_dir=ddir, portals=()):
+        mgmt(ddir, "lun", "remove", "0")
+        mgmt(ddir, "acl", "remove", "iqn.1994-05.com.redhat:client1")
+        mgmt(ddir, "acl", "add", "iqn.1994-05.com.redhat:client3")
+        mgmt(ddir, "lun", "add", "--lun", "2", "ram:4MiB")
+    text = cfg.read_text()
+    new_id = tomllib.loads(text)["target"][0]["lun"][1]["id"]
+    assert text == """\
+portals = ["127.0.0.1:0"]   # loopback for now
+legacy_ids = false  # a LUN entry without `id` is a new disk: the STML gives it one
+
+# the database target
+[[target]]
+name = "iqn.2026-11.org.example:db"   # do not rename: multipath
+acl = [
+  "iqn.1994-05.com.redhat:client2",  # db2
+  "iqn.1994-05.com.redhat:client3",
+]
+
+# LUN 1: logs
+[[target.lun]]
+lun = 1
+backend = "ram"
+size = "4MiB"
+id = "{id1}"
+
+[[target.lun]]
+lun = 2
+backend = "ram"
+size = "4MiB"
+id = "{new_id}"
+
+# backups: nightly
+""".format(new_id=new_id, **ids)
+
+
+def test_a_removed_targets_notes_go_with_it(ddir):
+    """The note above the next target stays above it (tomlkit keeps it in
+    the removed target's last LUN table)."""
+    two = textwrap.dedent("""\
+        portals = ["127.0.0.1:0"]
+        legacy_ids = false
+
+        # old: retire in May
+        [[target]]
+        name = "iqn.2026-11.org.example:old"
+
+        [[target.lun]]
+        lun = 0
+        backend = "ram"
+        size = "1MiB"
+        id = "00000000000000000000000000000001"
+
+        # new: the database
+        [[target]]
+        name = "iqn.2026-11.org.example:new"
+        """)
+    cfg = Path(ddir) / "scsi-target.toml"
+    cfg.write_text(two)
+    with Target(data_dir=ddir, portals=()):
+        mgmt(ddir, "target", "remove", "iqn.2026-11.org.example:old")
+    assert cfg.read_text() == textwrap.dedent("""\
+        portals = ["127.0.0.1:0"]
+        legacy_ids = false
+
+        # new: the database
+        [[target]]
+        name = "iqn.2026-11.org.example:new"
+        """)
 
 
 # ------------------------------------------------------------------ hand edits, and what an initiator sees
@@ -695,6 +830,15 @@ def test_portal_add_of_a_taken_port_is_refused_and_status_shows_listeners(ddir):
         assert tomllib.loads((Path(ddir) / "scsi-target.toml").read_text())["portals"] == ["127.0.0.1:0"]
 
 
+def test_portal_add_of_a_name_that_does_not_resolve_says_so(ddir):
+    with Target("--lun", "ram:4MiB", data_dir=ddir):
+        p = cli("portal", "add", "--data-dir", ddir, "no-such-host.invalid:3261")
+        assert p.returncode == 2
+        assert p.stderr == ("scsi-target: portal add refused: cannot listen on no-such-host.invalid:3261: "
+                            "Name or service not known\n")
+        assert [x["portal"] for x in mgmt(ddir, "portal", "list")] == ["127.0.0.1:0"]
+
+
 def test_a_data_dir_that_cannot_be_written_is_one_line_and_exit_2(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
@@ -828,6 +972,19 @@ def test_banner_logs_and_a_clean_stop(ddir):
         banner_lines
 
 
+def test_the_banner_lists_a_bounded_number_of_luns(ddir):
+    """A start's banner (in the journal at every start) does not grow with
+    the LUNs: the first ones, then how many more and where to see them."""
+    luns = "".join(f'[[target.lun]]\nlun = {n}\nbackend = "ram"\nsize = "1MiB"\n' for n in range(12))
+    (Path(ddir) / "scsi-target.toml").write_text(
+        "".join(f'[[target]]\nname = "iqn.2026-11.org.example:t{i}"\n{luns}' for i in range(2)))
+    with Target(data_dir=ddir) as t:
+        banner = t.wait_log("Ready. ")
+    assert len(re.findall(r"^    LUN \d+: 1 MiB RAM$", banner, re.M)) == 16
+    assert "  ... and 8 more LUN(s): `scsi-target lun list`\n" in banner
+    assert "scsi-target: serving 2 target(s), 24 LUN(s)" in banner
+
+
 def test_json_log_format(ddir):
     with Target("--lun", "ram:4MiB", "--log-format", "json", data_dir=ddir) as t:
         pass
@@ -914,7 +1071,8 @@ def test_the_unit_file_verifies_and_matches_the_packaged_one(tmp_path):
     assert packaged.read_text() == unit_text()
     assert ok("service", "unit", "--defaults") == unit_text()
     for key in ("Type=notify", "User=scsi-target", "AmbientCapabilities=CAP_NET_BIND_SERVICE",
-                "NoNewPrivileges=yes", "ProtectSystem=strict", "ExecReload=/bin/kill -HUP $MAINPID"):
+                "NoNewPrivileges=yes", "ProtectSystem=strict",
+                "ExecReload=/usr/bin/scsi-target config reload --data-dir /var/lib/scsi-target"):
         assert f"\n{key}\n" in packaged.read_text()
     unit = tmp_path / "scsi-target.service"
     unit.write_text(unit_text(f"{sys.executable} -m scsi_target"))
@@ -928,6 +1086,28 @@ def test_the_unit_file_verifies_and_matches_the_packaged_one(tmp_path):
     assert p.returncode == 0, p.stderr
 
 
+def test_the_units_reload_fails_when_the_target_refuses_the_edit(ddir):
+    """`systemctl reload` runs the unit's ExecReload: a broken edit makes it
+    fail with the reason (kill -HUP succeeded whatever the target did with
+    it, and the refusal was only in the journal); a good one succeeds."""
+    import shlex
+    from scsi_target.service import unit_text
+    line = next(x for x in unit_text(f"{sys.executable} -m scsi_target", ddir).splitlines()
+                if x.startswith("ExecReload="))
+    argv = shlex.split(line[len("ExecReload="):])
+    with Target("--lun", "ram:4MiB", data_dir=ddir):
+        cfg = Path(ddir) / "scsi-target.toml"
+        good = cfg.read_text()
+        cfg.write_text(good + "portals = [\n")
+        p = run(argv, check=False)
+        assert p.returncode == 2
+        assert p.stderr.startswith(f"scsi-target: config reload refused: {cfg}: not valid TOML")
+        cfg.write_text(good.replace('size = "4MiB"', 'size = "8MiB"'))
+        p = run(argv)
+        assert "1 change(s) applied" in p.stdout
+        assert mgmt(ddir, "lun", "list")[0]["size"] == 8 << 20
+
+
 def test_a_missing_lun_directory_is_one_line_before_any_banner(ddir):
     p = cli("run", "--data-dir", ddir, "--lun", f"file:{ddir}/no/such/dir/x.img,size=1MiB",
             "--portal", "127.0.0.1:0", timeout=30)
@@ -935,6 +1115,22 @@ def test_a_missing_lun_directory_is_one_line_before_any_banner(ddir):
     assert p.stderr == (f"scsi-target: target {IQN} LUN 0: cannot create {ddir}/no/such/dir/x.img: "
                         f"directory {ddir}/no/such/dir does not exist\n")
     assert not (Path(ddir) / "scsi-target.toml").exists()    # nothing half-configured is kept
+
+
+@pytest.mark.parametrize("spec, why", [
+    ("file:{tmp}", "{tmp}: Is a directory"),
+    ("file:/dev/zero", "/dev/zero: not a regular file or block device"),
+    ("file:{tmp}/tiny.img", "backing store smaller than one block"),
+])
+def test_a_lun_a_first_start_cannot_serve_is_one_line_and_no_config(ddir, tmp_path, spec, why):
+    """A typo in a first start's --lun (a directory, a device that is no disk)
+    fails the start, as a missing directory does, instead of being served
+    offline under a banner and saved as a LUN."""
+    (tmp_path / "tiny.img").write_bytes(b"x" * 100)
+    p = cli("run", "--data-dir", ddir, "--lun", spec.format(tmp=tmp_path), "--portal", "127.0.0.1:0", timeout=30)
+    assert (p.returncode, p.stdout) == (2, "")
+    assert p.stderr == f"scsi-target: target {IQN} LUN 0: {why.format(tmp=tmp_path)}\n"
+    assert not (Path(ddir) / "scsi-target.toml").exists()
 
 
 def test_an_interrupted_copy_says_how_far_it_got(ddir, tmp_path):

@@ -22,7 +22,8 @@ _TMPFS = 'mount -t tmpfs -o "$1" scsi-target-test "$2" && shift 3 && exec "$@"'
 # ext4 on a loop device, its image in a tmpfs under it (both go with the namespace;
 # the loop device detaches when its last mount goes: mount -o loop sets autoclear)
 _EXT4 = ('set -e; mount -t tmpfs -o "size=$3,mode=0700" scsi-target-test "$2"; truncate -s "$3" "$2/.img"; '
-         'mkfs.ext4 -q -F -m 0 -b 4096 "$2/.img"; mount -o loop "$2/.img" "$2"; chmod 0700 "$2"; '
+         'mkfs.ext4 -q -F -m 0 -b 4096 "$2/.img"; mount -o loop,errors=remount-ro "$2/.img" "$2"; '
+         'chmod 0700 "$2"; '
          'rmdir "$2/lost+found"; shift 3; exec "$@"')
 
 
@@ -90,6 +91,15 @@ class SmallFs:
 
     def free_all(self, name: str = "filler") -> None:
         self.path(name).unlink()
+
+    def fail(self) -> None:
+        """What ext4 does on finding its metadata corrupt (errors=remount-ro): it
+        goes read-only at once, under the files open for writing (ext4 only:
+        its debugging knob trigger_fs_error raises a real file system error)."""
+        assert self.kind == "ext4" and self.pid is not None
+        with open(f"/proc/{self.pid}/mounts") as f:
+            dev = next(m[0] for m in map(str.split, f) if m[1] == str(self.mountpoint) and m[2] == "ext4")
+        Path(f"/sys/fs/ext4/{Path(dev).name}/trigger_fs_error").write_text("scsi-target test")
 
     def available(self) -> int:
         st = os.statvfs(self.path())

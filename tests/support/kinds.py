@@ -46,6 +46,7 @@ KIND_OF_MODULE = {
     "test_gateway_units.py": "unit",
     "test_guest_support.py": "process",
     "test_heartbeat.py": "process",
+    "test_host_storage.py": "system",
     "test_inject.py": "process",
     "test_iscsi_e2e.py": "process",
     "test_iscsi_recovery.py": "process",
