@@ -14,7 +14,7 @@ import itertools
 import logging
 import struct
 from dataclasses import dataclass
-from typing import Callable, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 from stml.api import BIG_FRAME, DataDir, TaskAttr, Tmf, TmfResponse
 
@@ -201,7 +201,8 @@ class ScsiPort(Protocol):
                 unsol: int, data: list) -> None: ...
     def rx_data(self, tag: int, offset: int, data: list) -> None: ...
     def rx_tmf(self, tag: int, fn: int, lun: int, ref: int | None) -> None: ...
-    def buffer(self, size: int) -> memoryview | None: ...
+    def buffer_from(self, sources: list, size: int) -> memoryview | None: ...
+    def copy_read(self, frame: Any, views: list) -> int | None: ...
     def release(self, buf: memoryview) -> None: ...
 
 
@@ -380,12 +381,8 @@ class VirtioScsiDevice:
             return [], None
         views = req.data_out.slices(offset, n)
         if n >= SHARED_MIN:
-            buf = self.port.buffer(n)
+            buf = self.port.buffer_from(views, n)
             if buf is not None:
-                pos = 0
-                for v in views:
-                    buf[pos:pos + len(v)] = v
-                    pos += len(v)
                 return [buf], buf
         return views, None
 
@@ -409,7 +406,17 @@ class VirtioScsiDevice:
         written = 0
         if data and req.writable.size > RESP_SIZE and self._live(req.ring):
             for frame in data:
-                written += req.writable.write(RESP_SIZE + written, frame)
+                n = len(frame)
+                # shared read data: copied by the kernel into the guest's pages
+                copied = (self.port.copy_read(frame, req.writable.slices(RESP_SIZE + written, n))
+                          if n >= SHARED_MIN else None)
+                if copied is None:
+                    written += req.writable.write(RESP_SIZE + written, frame)
+                elif copied < n:   # (cut short: the rest here)
+                    written += copied + req.writable.write(RESP_SIZE + written + copied,
+                                                           memoryview(frame)[copied:])
+                else:
+                    written += copied
             resid = req.length - written
         elif req.writable.size > RESP_SIZE:
             resid = req.length       # a read that returned nothing

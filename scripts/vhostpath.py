@@ -113,10 +113,10 @@ class Driver:
 
 
 def proc_cpu(pid: int) -> tuple[float, int]:
-    """(user+system seconds, voluntary context switches) of a process."""
-    stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    ticks = os.sysconf("SC_CLK_TCK")
-    cpu = (int(stat[11]) + int(stat[12])) / ticks
+    """(CPU seconds, voluntary context switches) of a process: schedstat's
+    nanoseconds (user and system), not stat's 10 ms ticks."""
+    cpu = sum(int(Path(task, "schedstat").read_text().split()[0])
+              for task in glob.glob(f"/proc/{pid}/task/*")) / 1e9
     m = re.search(r"voluntary_ctxt_switches:\s+(\d+)", Path(f"/proc/{pid}/status").read_text())
     return cpu, int(m.group(1)) if m else 0
 

@@ -233,7 +233,10 @@ class Port:
     def rx_tmf(self, tag, fn, lun, ref):
         self.calls.append(("tmf", tag, fn, lun, ref))
 
-    def buffer(self, size):
+    def buffer_from(self, sources, size):
+        return None
+
+    def copy_read(self, frame, views):
         return None
 
 
@@ -329,9 +332,10 @@ class SharingPort(Port):
         super().rx_data(tag, offset, data)
         self.sent.append([bytes(d) for d in data] + [self.region.in_use()])
 
-    def buffer(self, size):
+    def buffer_from(self, sources, size):
         view = self.region.get(size)
         if view is not None:
+            self.region.fill(view, sources)
             self.given.append(view)
         return view
 
