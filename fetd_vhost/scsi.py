@@ -147,13 +147,18 @@ class Buffers:
             return list(self.views)          # all of it (write data sent with its command)
         out = []
         for v in self.views:
-            if offset >= len(v):
-                offset -= len(v)
+            size = len(v)
+            if offset >= size:
+                offset -= size
                 continue
-            take = v[offset:offset + n]
-            out.append(take)
-            n -= len(take)
-            offset = 0
+            if offset == 0 and size <= n:
+                out.append(v)          # a whole page: no new view
+                n -= size
+            else:
+                take = v[offset:offset + n]
+                out.append(take)
+                n -= len(take)
+                offset = 0
             if n <= 0:
                 break
         return out
