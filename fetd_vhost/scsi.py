@@ -14,7 +14,7 @@ import itertools
 import logging
 import struct
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Protocol
+from typing import Callable, Iterator, Protocol
 
 from stml.api import BIG_FRAME, DataDir, TaskAttr, Tmf, TmfResponse
 
@@ -147,18 +147,13 @@ class Buffers:
             return list(self.views)          # all of it (write data sent with its command)
         out = []
         for v in self.views:
-            size = len(v)
-            if offset >= size:
-                offset -= size
+            if offset >= len(v):
+                offset -= len(v)
                 continue
-            if offset == 0 and size <= n:
-                out.append(v)          # a whole page: no new view
-                n -= size
-            else:
-                take = v[offset:offset + n]
-                out.append(take)
-                n -= len(take)
-                offset = 0
+            take = v[offset:offset + n]
+            out.append(take)
+            n -= len(take)
+            offset = 0
             if n <= 0:
                 break
         return out
@@ -206,8 +201,7 @@ class ScsiPort(Protocol):
                 unsol: int, data: list) -> None: ...
     def rx_data(self, tag: int, offset: int, data: list) -> None: ...
     def rx_tmf(self, tag: int, fn: int, lun: int, ref: int | None) -> None: ...
-    def buffer_from(self, sources: list, size: int) -> memoryview | None: ...
-    def copy_read(self, frame: Any, views: list) -> int | None: ...
+    def buffer(self, size: int) -> memoryview | None: ...
     def release(self, buf: memoryview) -> None: ...
 
 
@@ -386,8 +380,12 @@ class VirtioScsiDevice:
             return [], None
         views = req.data_out.slices(offset, n)
         if n >= SHARED_MIN:
-            buf = self.port.buffer_from(views, n)
+            buf = self.port.buffer(n)
             if buf is not None:
+                pos = 0
+                for v in views:
+                    buf[pos:pos + len(v)] = v
+                    pos += len(v)
                 return [buf], buf
         return views, None
 
@@ -411,17 +409,7 @@ class VirtioScsiDevice:
         written = 0
         if data and req.writable.size > RESP_SIZE and self._live(req.ring):
             for frame in data:
-                n = len(frame)
-                # shared read data: copied by the kernel into the guest's pages
-                copied = (self.port.copy_read(frame, req.writable.slices(RESP_SIZE + written, n))
-                          if n >= SHARED_MIN else None)
-                if copied is None:
-                    written += req.writable.write(RESP_SIZE + written, frame)
-                elif copied < n:   # (cut short: the rest here)
-                    written += copied + req.writable.write(RESP_SIZE + written + copied,
-                                                           memoryview(frame)[copied:])
-                else:
-                    written += copied
+                written += req.writable.write(RESP_SIZE + written, frame)
             resid = req.length - written
         elif req.writable.size > RESP_SIZE:
             resid = req.length       # a read that returned nothing

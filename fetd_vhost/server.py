@@ -61,11 +61,8 @@ class _Port:
     def rx_tmf(self, tag: int, fn: int, lun: int, ref: int | None) -> None:
         self.link.rx_task_mgmt_fn(tag, self.nexus, fn, lun, ref)
 
-    def buffer_from(self, sources: list, size: int) -> memoryview | None:
-        return self.link.shared_copy(sources, size)
-
-    def copy_read(self, frame: Any, views: list) -> int | None:
-        return self.link.copy_read_data(frame, views)
+    def buffer(self, size: int) -> memoryview | None:
+        return self.link.shared_buffer(size)
 
     def release(self, buf: memoryview) -> None:
         self.link.release_buffer(buf)

@@ -599,67 +599,6 @@ def test_shared_frames_arrive_as_read_only_views_and_come_back_when_released() -
     run(main)
 
 
-def pieces(rng: random.Random, total: int, count: int) -> list[memoryview]:
-    """`count` views of separate buffers, `total` bytes in all, of uneven sizes."""
-    cuts = sorted(rng.sample(range(1, total), count - 1))
-    return [memoryview(bytearray(b - a)) for a, b in zip([0, *cuts], [*cuts, total])]
-
-
-def test_a_shared_region_is_filled_from_more_buffers_than_one_writev_takes() -> None:
-    """fill() copies scattered sources (a guest's 4 KiB pages) into a slot in
-    system calls of at most IOV_MAX buffers each: every byte lands in order."""
-    rng = random.Random(7)
-    region = SharedRegion(8 * MiB)
-    view = region.get(3 * MiB + 5)
-    assert view is not None
-    sources = pieces(rng, len(view), 2500)
-    for src in sources:
-        src[:] = rng.randbytes(len(src))
-    region.fill(view, sources)
-    assert bytes(view) == b"".join(bytes(src) for src in sources)
-    region.release(view)
-    region.close()
-
-
-def test_shared_read_data_is_copied_by_the_kernel_only_while_its_message_is_handled() -> None:
-    """copy_shared() copies a frame of the peer's region into scattered
-    buffers (more than one readv takes), and nothing else: not a frame that
-    came through the socket, not more than the frame (the region's next bytes
-    are another command's), not a frame whose message was handled already."""
-    rng = random.Random(8)
-    data = rng.randbytes(3 * MiB)
-
-    async def main() -> None:
-        a, b = pair()
-        region = SharedRegion(8 * MiB)
-        tx = StreamChannel(a, Sink().on_message, lambda: None, region=region)
-        assert tx.offer_region()
-        results: list[Any] = []
-        kept: list[Any] = []
-
-        def on_message(frames: list) -> None:
-            shared, small = frames[1], frames[2]
-            views = pieces(rng, len(shared), 1500)
-            results.append((rx.copy_shared(shared, views), b"".join(bytes(v) for v in views)))
-            results.append(rx.copy_shared(shared, pieces(rng, len(shared) + 1, 3)))   # room past it
-            results.append(rx.copy_shared(small, [memoryview(bytearray(len(small)))]))
-            kept.append(shared)
-
-        rx = StreamChannel(b, on_message, lambda: None)
-        view = region.get(len(data))
-        assert view is not None
-        view[:] = data
-        tx.send([b"h", view, b"small"])
-        region.release(view)
-        await wait_until(lambda: len(results) == 3, what="the message")
-        assert results == [(len(data), data), None, None]
-        assert rx.copy_shared(kept[0], [memoryview(bytearray(16))]) is None
-        tx.close()
-        rx.close()
-
-    run(main)
-
-
 @pytest.mark.parametrize("flaw", ["unsealed", "smaller-than-announced"])
 def test_a_region_that_could_fault_the_mapping_is_refused(flaw: str) -> None:
     """A region the peer could shrink under our mapping (no F_SEAL_SHRINK), or

@@ -233,10 +233,7 @@ class Port:
     def rx_tmf(self, tag, fn, lun, ref):
         self.calls.append(("tmf", tag, fn, lun, ref))
 
-    def buffer_from(self, sources, size):
-        return None
-
-    def copy_read(self, frame, views):
+    def buffer(self, size):
         return None
 
 
@@ -332,10 +329,9 @@ class SharingPort(Port):
         super().rx_data(tag, offset, data)
         self.sent.append([bytes(d) for d in data] + [self.region.in_use()])
 
-    def buffer_from(self, sources, size):
+    def buffer(self, size):
         view = self.region.get(size)
         if view is not None:
-            self.region.fill(view, sources)
             self.given.append(view)
         return view
 

@@ -389,25 +389,6 @@ class FrontEndLink(TapPoint):
         if isinstance(channel, StreamChannel) and channel.region is not None:
             channel.region.release(view)   # a view of an older channel's region: ignored
 
-    def shared_copy(self, sources: list, size: int) -> memoryview | None:
-        """shared_buffer(size) holding a copy of `sources` (`size` bytes in all),
-        copied by the kernel in one call; None: no shared memory, send them."""
-        buf = self.shared_buffer(size)
-        if buf is not None:
-            channel = self._channel
-            assert isinstance(channel, StreamChannel) and channel.region is not None   # (shared_buffer's)
-            channel.region.fill(buf, sources)
-        return buf
-
-    def copy_read_data(self, frame: Any, views: list) -> int | None:
-        """In xmit_response: a read data frame the STML shared copied into
-        `views` (at most len(frame) bytes) by the kernel; the bytes copied, or
-        None: the frame came otherwise, copy it yourself."""
-        channel = self._channel
-        if isinstance(channel, StreamChannel):
-            return channel.copy_shared(frame, views)
-        return None
-
     def shared_buffer(self, size: int) -> memoryview | None:
         """Memory for `size` bytes of write data that reaches a same-host STML
         without crossing the socket (sent as a data frame of rx_cmnd or

@@ -17,8 +17,6 @@ from stml.api.sizes import BIG_FRAME
 
 log = logging.getLogger("stml.api")
 
-IOV_MAX: Final = 1024      # buffers one readv/writev takes (Linux's UIO_MAXIOV)
-
 
 class SharedRegion:
     """Memory one side of a stream fills and lends to the other: the STML reads
@@ -71,22 +69,6 @@ class SharedRegion:
             return None
         view = self._taken[offset] = self._view[offset][:size]
         return view
-
-    def fill(self, view: memoryview, sources: list) -> None:
-        """Copy `sources` (buffers, len(view) bytes in all) into a view get()
-        handed out, by the kernel: one pwritev per IOV_MAX of them instead of
-        a slice and a copy per buffer in Python (a guest's write data comes
-        in 4 KiB pages)."""
-        offset = self.slots[id(view.obj)]    # get()'s views start at their slot
-        for i in range(0, len(sources), IOV_MAX):
-            part = sources[i:i + IOV_MAX]
-            size = sum(map(len, part))
-            if os.pwritev(self.fd, part, offset) != size:   # (interrupted: the rest in Python)
-                at = offset - self.slots[id(view.obj)]
-                for src in part:
-                    view[at:at + len(src)] = src
-                    at += len(src)
-            offset += size
 
     def owns(self, view: Any) -> bool:
         """The view is of one of our slots."""
@@ -143,8 +125,7 @@ class SharedRegion:
         self._free[len(self._view[offset])].append(offset)
 
     def close(self) -> None:
-        """Release the descriptor (the mapping goes with the last view of it),
-        when the channel that offered the region closes: fill() writes through it."""
+        """Release the descriptor (the mapping goes with the last view of it)."""
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

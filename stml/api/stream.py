@@ -13,7 +13,7 @@ import struct
 import time
 from typing import Any, Callable, Final, NamedTuple
 
-from stml.api.shm import IOV_MAX, BufferPool, SharedRegion
+from stml.api.shm import BufferPool, SharedRegion
 from stml.api.sizes import BIG_FRAME
 
 log = logging.getLogger("stml.api")
@@ -37,6 +37,7 @@ def stream_path(endpoint: str) -> str | None:
     return endpoint[len("ipc://"):] + ".stream" if endpoint.startswith("ipc://") else None
 
 
+_IOV_MAX = 1024
 _U32 = struct.Struct("<I")
 _REF = struct.Struct("<2I")      # a shared frame on the wire: offset, length
 _ONE_FRAME = struct.Struct("<2I")   # a message of one frame: count, length
@@ -361,8 +362,6 @@ class StreamChannel:
         self._waiting = False          # the socket is full: its writability resumes the flush
         self._dispatching = False      # handling what a read brought: send() need not schedule
         self._peer_region: memoryview | None = None   # the peer's region, mapped
-        self._peer_fd = -1              # and its descriptor (copy_shared reads through it)
-        self._shared_at: dict[int, int] = {}   # id of a view delivered now -> its offset there
         self._fds: list[int] = []       # descriptors received, not yet claimed
         self._lease: Lease | None = None   # what the message being delivered holds
         self._freed: list[int] = []     # peer slots to hand back with the next flush
@@ -411,7 +410,7 @@ class StreamChannel:
             self._freed.clear()
         while out and not self.closed:
             try:
-                chunk = out[:IOV_MAX]
+                chunk = out[:_IOV_MAX]
                 if self._region_msg is not None:
                     cut = self._region_chunk(chunk)
                     if cut is None:
@@ -438,8 +437,8 @@ class StreamChannel:
 
     def _region_chunk(self, chunk: list) -> list | None:
         """`chunk` cut short before the region's control message; None when that
-        message is first: then it goes alone, with the descriptor (ours stays
-        open until the channel closes: SharedRegion.fill writes through it)."""
+        message is first: then it goes alone, with the descriptor (the peer's
+        from then on: ours is closed)."""
         at = next((i for i, b in enumerate(chunk) if b is self._region_msg), len(chunk))
         if at:
             return chunk[:at]
@@ -447,6 +446,7 @@ class StreamChannel:
         assert region is not None   # the message is queued only for a region
         n = self.sock.sendmsg(chunk[:1], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", region.fd))])
         self._region_msg = None
+        region.close()
         _consume(self._out, n)
         return None
 
@@ -505,9 +505,9 @@ class StreamChannel:
                     raise FramingError("it is not sealed against shrinking")
                 self._peer_region = memoryview(mmap.mmap(fd, values[0], prot=mmap.PROT_READ))
             except (OSError, ValueError) as e:
-                os.close(fd)
                 raise FramingError(f"cannot map the peer's region: {e}") from None
-            self._peer_fd = fd
+            finally:
+                os.close(fd)
         elif kind == CONTROL_FREE and self.region is not None:
             self.region.give_back(values)
         else:
@@ -524,8 +524,7 @@ class StreamChannel:
                 if region is None or offset + length > len(region):
                     self._release_now(lease)
                     raise FramingError("a reference outside the shared region")
-                view = frames[i] = region[offset:offset + length]
-                self._shared_at[id(view)] = offset
+                frames[i] = region[offset:offset + length]
                 lease.offsets.append(offset)
             else:
                 lease.buffers.append(frame)
@@ -534,7 +533,6 @@ class StreamChannel:
             self.on_message(frames)
         except Exception:  # one bad message must not stop the link
             log.exception("error handling a message")
-        self._shared_at.clear()
         # (read back through take_lease: mypy, and so the compiled build, takes
         # self._lease for the Lease just assigned, though on_message may have taken it)
         if self.take_lease() is not None:   # not taken: the frames were used during the call only
@@ -544,23 +542,6 @@ class StreamChannel:
                 release = self.pool.release
                 for buf in lease.buffers:
                     release(buf)
-
-    def copy_shared(self, frame: Any, views: list) -> int | None:
-        """While on_message runs: a frame that is a view of the peer's region
-        copied into `views` (at most len(frame) bytes in all) by the kernel,
-        one preadv per IOV_MAX of them; the bytes copied. None for any other
-        frame, or more room than the frame: copy it yourself."""
-        offset = self._shared_at.get(id(frame))
-        if offset is None or sum(map(len, views)) > len(frame):
-            return None
-        done = 0
-        for i in range(0, len(views), IOV_MAX):
-            part = views[i:i + IOV_MAX]
-            n = os.preadv(self._peer_fd, part, offset + done)
-            done += n
-            if n < sum(map(len, part)):    # (interrupted: the caller copies the rest)
-                break
-        return done
 
     def take_lease(self) -> Lease | None:
         """While on_message runs: keep its shared and in-place frames past the
@@ -613,9 +594,6 @@ class StreamChannel:
         for fd in self._fds:
             os.close(fd)
         self._fds.clear()
-        if self._peer_fd >= 0:
-            os.close(self._peer_fd)
-            self._peer_fd = -1
         if self.region is not None:
             self.region.close()   # the descriptor, if it was never sent
             self.region.peer_gone()
@@ -634,7 +612,7 @@ class StreamChannel:
         try:
             while self._out and (left := deadline - time.monotonic()) > 0:
                 self.sock.settimeout(left)
-                _consume(self._out, self.sock.sendmsg(self._out[:IOV_MAX]))
+                _consume(self._out, self.sock.sendmsg(self._out[:_IOV_MAX]))
         except OSError:
             pass
         self._close(notify=False)
