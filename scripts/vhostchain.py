@@ -13,22 +13,19 @@ slower: read the counts, not the times)."""
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
-sys.path.insert(0, str(ROOT / "tests"))
 import bench  # noqa: E402
-from support import guest as G  # noqa: E402
 
 
 def children(pid: int) -> list[int]:
@@ -100,11 +97,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--strace", action="store_true")
     ap.add_argument("--run-arg", action="append", default=[], help="more `scsi-target run` arguments")
-    ap.add_argument("--smp", type=int, default=1)
     args = ap.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="vhchain"))
-    shm = Path("/dev/shm")
-    ours_img, qemu_img = shm / f"vhchain-ours-{os.getpid()}.img", shm / f"vhchain-qemu-{os.getpid()}.img"
     lines = ["for d in /sys/block/sd*; do case $(cat $d/device/vendor) in",
              "  SCSITGT*) ours=${d##*/};; QEMU*) qemu=${d##*/};; esac; done",
              'echo "@@ DISKS $ours $qemu"', "sleep 2"]
@@ -113,90 +106,60 @@ def main() -> None:
             lines += [f'echo "@@ GO-{r}-{who} 1"', "sleep 1",
                       f'echo "@@ END-{r}-{who} $(guestio /dev/${who} {args.mode} {args.size} {args.count})"',
                       "sleep 1"]
-            lines += [f'echo "== after {r}-{who}"; grep -E "virtio|LOC|CAL|RES" /proc/interrupts; '
-                      'cat /sys/devices/system/cpu/cpu0/cpuidle/state*/name /sys/devices/system/cpu/cpu0/cpuidle/state*/usage '
-                      '/sys/devices/system/cpu/cpu0/cpuidle/state*/time 2>/dev/null | tr "\\n" " "; echo; '
-                      'cat /sys/devices/system/cpu/cpuidle/current_driver /sys/devices/system/cpu/cpuidle/current_governor* 2>/dev/null']
-    script = "\n".join(lines) + "\n"
-    proc = vm = None
+            lines += [f'echo "== after {r}-{who}"; grep -E "virtio|LOC|CAL|RES" /proc/interrupts']
+    work = Path(tempfile.mkdtemp(prefix="vhchain"))
     straces: list[subprocess.Popen] = []
     try:
-        k = G.kernel()
-        accel = G.accelerator(k)
-        rd = G.initramfs(k, script, files={"usr/bin/guestio": bench.guestio(work)}, binaries=())
-        bench.filled_image(ours_img, bench.VHOST_SIZE)
-        bench.filled_image(qemu_img, bench.VHOST_SIZE)
-        sock = work / "vm.sock"
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "scsi_target", "run", "--data-dir", str(work / "ours"),
-             "--lun", f"file:{ours_img},thick", "--no-iscsi", "--vhost", str(sock), "--log-level", "warning",
-             *args.run_arg],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, cwd=ROOT)
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            if line.startswith("Ready. "):
-                break
-        threading.Thread(target=proc.stdout.read, daemon=True).start()
-        kids = children(proc.pid)
-        procs: dict[str, int] = {}
-        for c in kids:
-            cmd = Path(f"/proc/{c}/cmdline").read_bytes().split(b"\0")
-            procs["stml" if b"stml" in cmd else "fetd" if b"fetd_vhost" in cmd else str(c)] = c
-        vm = G.Guest(k, rd, accel=accel, memory_mb=256, log_path=work / "console.log", args=[
-            *G.vhost_scsi_args(str(sock), 256),
-            "-drive", f"file={qemu_img},format=raw,if=none,id=d0",
-            "-device", "virtio-scsi-pci,id=vs0", "-device", "scsi-hd,drive=d0,bus=vs0.0"])
-        if args.smp != 1:
-            vm.args += ["-smp", str(args.smp)]
-        vm.start()
-        procs["qemu"] = vm.proc.pid
-        print(f"guest {k.version} {accel}; pids {procs}", flush=True)
-        if args.strace:
-            for who in ("stml", "fetd"):
-                straces.append(subprocess.Popen(["strace", "-c", "-f", "-q", "-o", str(work / f"strace-{who}"),
-                                                 "-p", str(procs[who])]))
-        seen: set[str] = set()
-        snaps: dict[str, tuple] = {}
-        deadline = time.monotonic() + 3600
-        want = {f"END-{r}-{w}" for r in range(args.rounds) for w in ("ours", "qemu")}
-        while not want <= seen:
-            if time.monotonic() > deadline or vm.proc.poll() is not None:
-                raise RuntimeError(vm.console()[-3000:])
-            for key, value in vm.marks():
-                if key in seen:
-                    continue
-                seen.add(key)
-                if key.startswith("GO-"):
-                    snaps[key[3:]] = (snapshot(procs), time.monotonic(), idle_ns())
-                elif key.startswith("END-"):
-                    a, t0, i0 = snaps[key[4:]]
-                    b, t1, i1 = snapshot(procs), time.monotonic(), idle_ns()
-                    print(f"{key}: guest says {value}", flush=True)
-                    # (the guest pauses 1 s after GO: counted out of the wall time)
-                    report(key[4:], a, b, args.count, t1 - t0 - 1.0, (i1[0] - i0[0], i1[1] - i0[1], i1[2] - i0[2]))
-            time.sleep(0.02)
-        print("\n".join(line for line in vm.console().splitlines()
-                        if "==" in line or "virtio" in line or "LOC" in line or "CAL" in line or "RES" in line
-                        or line.startswith(("POLL", "C1", "acpi", "menu", "ladder", "haltpoll", "none", "teo"))))
-        if straces:
-            for s in straces:
-                s.send_signal(signal.SIGINT)
-                s.wait()
-            for who in ("stml", "fetd"):
-                print(f"=== strace -c -f {who} (whole run: {args.rounds} x {args.count} I/Os on ours + boot)")
-                print((work / f"strace-{who}").read_text())
+        with bench.vhost_guest("\n".join(lines) + "\n", Path("/dev/shm"), tuple(args.run_arg)) as g:
+            vm = g.vm
+            procs: dict[str, int] = {}
+            for c in children(g.run.pid):
+                cmd = Path(f"/proc/{c}/cmdline").read_bytes().split(b"\0")
+                procs["stml" if b"stml" in cmd else "fetd" if b"fetd_vhost" in cmd else str(c)] = c
+            procs["qemu"] = vm.proc.pid
+            print(f"guest {g.kernel} {g.accel}; pids {procs}", flush=True)
+            if args.strace:
+                for who in ("stml", "fetd"):
+                    straces.append(subprocess.Popen(["strace", "-c", "-f", "-q", "-o", str(work / f"strace-{who}"),
+                                                     "-p", str(procs[who])]))
+            watch(vm, procs, args.rounds, args.count)
+            print("\n".join(line for line in vm.console().splitlines()
+                            if "==" in line or any(k in line for k in ("virtio", "LOC", "CAL", "RES"))))
+        for s in straces:
+            s.send_signal(signal.SIGINT)
+            s.wait()
+        for who in ("stml", "fetd") if straces else ():
+            print(f"=== strace -c -f {who} (whole run: {args.rounds} x {args.count} I/Os on ours + boot)")
+            print((work / f"strace-{who}").read_text())
     finally:
         for s in straces:
             if s.poll() is None:
                 s.kill()
-        if vm is not None:
-            vm.stop()
-        if proc is not None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait()
-        ours_img.unlink(missing_ok=True)
-        qemu_img.unlink(missing_ok=True)
         shutil.rmtree(work, ignore_errors=True)
+
+
+def watch(vm: Any, procs: dict[str, int], rounds: int, count: int) -> None:
+    """Snapshot the counters at each run's GO and END marks, and report."""
+    seen: set[str] = set()
+    snaps: dict[str, tuple] = {}
+    deadline = time.monotonic() + 3600
+    want = {f"END-{r}-{w}" for r in range(rounds) for w in ("ours", "qemu")}
+    while not want <= seen:
+        if time.monotonic() > deadline or vm.proc.poll() is not None:
+            raise RuntimeError(vm.console()[-3000:])
+        for key, value in vm.marks():
+            if key in seen:
+                continue
+            seen.add(key)
+            if key.startswith("GO-"):
+                snaps[key[3:]] = (snapshot(procs), time.monotonic(), idle_ns())
+            elif key.startswith("END-"):
+                a, t0, i0 = snaps[key[4:]]
+                b, t1, i1 = snapshot(procs), time.monotonic(), idle_ns()
+                print(f"{key}: guest says {value}", flush=True)
+                # (the guest pauses 1 s after GO: counted out of the wall time)
+                report(key[4:], a, b, count, t1 - t0 - 1.0, (i1[0] - i0[0], i1[1] - i0[1], i1[2] - i0[2]))
+        time.sleep(0.02)
 
 
 if __name__ == "__main__":
