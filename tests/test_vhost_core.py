@@ -603,7 +603,7 @@ def test_fetd_vhost_imports_only_the_contract_from_stml():
 @given(st.lists(st.integers(0, 9), max_size=8), st.integers(0, 50), st.integers(0, 50))
 def test_buffers_slices_are_the_bytes_of_that_range(sizes, offset, n):
     """slices(offset, n): views of exactly the bytes [offset, offset + n) of
-    the buffers, clipped to their end (whole buffers handed as they are)."""
+    the buffers, clipped to their end (the write data a rdy_to_xfer asks for)."""
     from fetd_vhost.scsi import Buffers
     data = bytes(range(sum(sizes)))
     views, at = [], 0
