@@ -175,7 +175,8 @@ class Connection:
         self.resume()
         # the commands a kick brought leave now, not at the end of the loop iteration
         self.fe.link.flush()
-        self.fe.schedule_signals()
+        if self.device.to_signal:     # answered at once (errors): a request in flight has nothing to signal
+            self.fe.schedule_signals()
 
     def resume(self) -> None:
         """Rings the device stopped taking from (a ring's worth per call, or
@@ -235,7 +236,8 @@ class VhostFrontEnd:
         self.luns: set[int] | None = None   # the target's LUNs as last seen
         self._nexus_ids = itertools.count(1)
         self.tags = itertools.count(1)      # task tags, unique across the VMs this process serves
-        self._signals_scheduled = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._signal: asyncio.Handle | None = None    # signal_now, scheduled
         self.refused: str | None = None
 
     # ---------------------------------------------------------------- the socket
@@ -334,12 +336,14 @@ class VhostFrontEnd:
     # ---------------------------------------------------------------- signals
     def schedule_signals(self) -> None:
         """Interrupt the guest once per loop iteration, for everything answered in it."""
-        if not self._signals_scheduled:
-            self._signals_scheduled = True
-            asyncio.get_running_loop().call_soon(self.signal_now)
+        if self._signal is None:
+            loop = self._loop
+            if loop is None:   # (kept: get_running_loop costs a getpid system call each time)
+                loop = self._loop = asyncio.get_running_loop()
+            self._signal = loop.call_soon(self.signal_now)
 
     def signal_now(self) -> None:
-        self._signals_scheduled = False
+        self._signal = None
         if self.conn is not None:
             self.conn.resume()     # answers may have freed places in a held ring
             self.conn.signal()
@@ -423,7 +427,9 @@ class VhostFrontEnd:
 
     def messages_handled(self) -> None:
         """What one read from the STML brought is answered: interrupt the guest now."""
-        if self._signals_scheduled:
+        handle = self._signal
+        if handle is not None:
+            handle.cancel()      # done here: no second pass later in this loop iteration
             self.signal_now()
 
     def link_lost(self) -> None:

@@ -64,6 +64,7 @@ the PNG shows the IOPS ratio against the session count.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -76,6 +77,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any, Iterator, NamedTuple
 
 IQN = "iqn.2026-11.org.scsi-target:disk0"
 TGT_IQN = "iqn.2026-11.org.scsi-target:bench-tgtd"
@@ -748,27 +750,31 @@ def vhost_script(runs: int, scale: float) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_vhost(args: argparse.Namespace) -> dict:
-    """One guest, two disks: fetd_vhost and QEMU's own virtio-scsi, in turns."""
+@contextlib.contextmanager
+def vhost_guest(script: str, shm_dir: Path, run_args: tuple[str, ...] = ()) -> Iterator[VhostGuest]:
+    """The --vhost guest running `script` (shell, in its initramfs, with
+    guestio): `scsi-target run` serving a filled file in `shm_dir` to it by
+    fetd_vhost, and QEMU's own virtio-scsi disk on another; all stopped after."""
     sys.path.insert(0, str(ROOT / "tests"))
     from support import guest as G
     work = Path(tempfile.mkdtemp(prefix="bench"))
-    ours_img = args.shm_dir / f"bench-vhost-ours-{os.getpid()}.img"
-    qemu_img = args.shm_dir / f"bench-vhost-qemu-{os.getpid()}.img"
+    ours_img = shm_dir / f"bench-vhost-ours-{os.getpid()}.img"
+    qemu_img = shm_dir / f"bench-vhost-qemu-{os.getpid()}.img"
     proc = vm = None
     try:
         k = G.kernel()
         accel = G.accelerator(k)
-        rd = G.initramfs(k, vhost_script(args.runs, args.scale), files={"usr/bin/guestio": guestio(work)},
-                         binaries=())
+        rd = G.initramfs(k, script, files={"usr/bin/guestio": guestio(work)}, binaries=())
         filled_image(ours_img, VHOST_SIZE)
         filled_image(qemu_img, VHOST_SIZE)
         sock = work / "vm.sock"
         proc = subprocess.Popen(
             [sys.executable, "-m", "scsi_target", "run", "--data-dir", str(work / "ours"),
-             "--lun", f"file:{ours_img},thick", "--no-iscsi", "--vhost", str(sock), "--log-level", "warning"],
+             "--lun", f"file:{ours_img},thick", "--no-iscsi", "--vhost", str(sock), "--log-level", "warning",
+             *run_args],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, cwd=ROOT)
         said = []
+        assert proc.stdout is not None
         for line in proc.stdout:
             said.append(line)
             if line.startswith("Ready. "):   # run's banner: the vhost socket listens, attached
@@ -781,11 +787,7 @@ def run_vhost(args: argparse.Namespace) -> dict:
             *G.vhost_scsi_args(str(sock), memory),
             "-drive", f"file={qemu_img},format=raw,if=none,id=d0",
             "-device", "virtio-scsi-pci,id=vs0", "-device", "scsi-hd,drive=d0,bus=vs0.0"]).start()
-        print(f"guest: {k.version}, {accel.upper()}", flush=True)
-        vm.wait("EXIT", timeout=3600)
-        marks = dict(vm.marks())
-        if len((marks.get("DISKS") or "").split()) != 2:
-            raise RuntimeError("the guest did not see both disks:\n" + vm.console()[-3000:])
+        yield VhostGuest(vm, proc, k.version, accel)
     finally:
         if vm is not None:
             vm.stop()
@@ -795,8 +797,26 @@ def run_vhost(args: argparse.Namespace) -> dict:
         ours_img.unlink(missing_ok=True)
         qemu_img.unlink(missing_ok=True)
         shutil.rmtree(work, ignore_errors=True)
+
+
+class VhostGuest(NamedTuple):
+    vm: Any                    # tests/support/guest.py's Guest
+    run: subprocess.Popen      # scsi-target run (the STML and fetd_vhost are its children)
+    kernel: str
+    accel: str
+
+
+def run_vhost(args: argparse.Namespace) -> dict:
+    """One guest, two disks: fetd_vhost and QEMU's own virtio-scsi, in turns."""
+    with vhost_guest(vhost_script(args.runs, args.scale), args.shm_dir) as g:
+        vm, accel = g.vm, g.accel
+        print(f"guest: {g.kernel}, {accel.upper()}", flush=True)
+        vm.wait("EXIT", timeout=3600)
+        marks = dict(vm.marks())
+        if len((marks.get("DISKS") or "").split()) != 2:
+            raise RuntimeError("the guest did not see both disks:\n" + vm.console()[-3000:])
     results: dict = {"workloads": {}, "runs": args.runs, "mode": "vhost", "accel": accel,
-                     "guest_kernel": k.version, "disk_bytes": VHOST_SIZE}
+                     "guest_kernel": g.kernel, "disk_bytes": VHOST_SIZE}
     for name, _, bs, _ in VHOST_WORKLOADS:
         per: dict[str, list[float]] = {"scsi-target": [], "qemu": []}
         for r in range(args.runs):

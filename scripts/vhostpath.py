@@ -113,10 +113,10 @@ class Driver:
 
 
 def proc_cpu(pid: int) -> tuple[float, int]:
-    """(user+system seconds, voluntary context switches) of a process."""
-    stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    ticks = os.sysconf("SC_CLK_TCK")
-    cpu = (int(stat[11]) + int(stat[12])) / ticks
+    """(CPU seconds, voluntary context switches) of a process: schedstat's
+    nanoseconds (user and system), not stat's 10 ms ticks."""
+    cpu = sum(int(Path(task, "schedstat").read_text().split()[0])
+              for task in glob.glob(f"/proc/{pid}/task/*")) / 1e9
     m = re.search(r"voluntary_ctxt_switches:\s+(\d+)", Path(f"/proc/{pid}/status").read_text())
     return cpu, int(m.group(1)) if m else 0
 
@@ -129,9 +129,9 @@ def totals(path: str) -> int | None:
 
 
 def measure(work: Path, workload: str, count: int, warmup: int, instructions: bool,
-            contiguous: bool, keep: Path | None = None) -> dict:
+            contiguous: bool, keep: Path | None = None, lun: str = "ram:64MiB") -> dict:
     write, size = WORKLOADS[workload]
-    stml = StmlProcess(work / "stml", ("ram:64MiB",)).start()
+    stml = StmlProcess(work / "stml", (lun,)).start()
     fe: subprocess.Popen | None = None
     m: VhostMaster | None = None
     try:
@@ -212,6 +212,8 @@ def main() -> None:
     ap.add_argument("--instructions", action="store_true", help="count instructions under callgrind")
     ap.add_argument("--keep", type=Path, help="copy the callgrind dumps here (callgrind_annotate)")
     ap.add_argument("--contiguous", action="store_true", help="adjacent pages (default: scattered)")
+    ap.add_argument("--lun", default="ram:64MiB", help="the STML's LUN (at least 64 MiB), e.g. "
+                    "file:/dev/shm/x.img,thick as bench.py --vhost serves")
     a = ap.parse_args()
     if a.instructions and shutil.which("valgrind") is None:
         raise SystemExit("vhostpath: --instructions needs valgrind")
@@ -219,7 +221,7 @@ def main() -> None:
     for name in WORKLOADS if a.workload == "all" else [a.workload]:
         work = Path(tempfile.mkdtemp(prefix="vhp", dir="/tmp"))
         try:
-            r = measure(work, name, count, a.warmup, a.instructions, a.contiguous, a.keep)
+            r = measure(work, name, count, a.warmup, a.instructions, a.contiguous, a.keep, a.lun)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         line = (f"{name:9s} {r['layout']:10s} cpu {r['cpu_us']:7.1f} us  wall {r['wall_us']:7.1f} us  "

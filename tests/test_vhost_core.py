@@ -597,3 +597,18 @@ def test_fetd_vhost_imports_only_the_contract_from_stml():
     from_stml = {m for m in seen if m == "stml" or m.startswith("stml.")}
     assert "stml.api" in from_stml
     assert all(m == "stml.api" or m.startswith("stml.api.") for m in from_stml), from_stml
+
+
+@PROPERTY
+@given(st.lists(st.integers(0, 9), max_size=8), st.integers(0, 50), st.integers(0, 50))
+def test_buffers_slices_are_the_bytes_of_that_range(sizes, offset, n):
+    """slices(offset, n): views of exactly the bytes [offset, offset + n) of
+    the buffers, clipped to their end (the write data a rdy_to_xfer asks for)."""
+    from fetd_vhost.scsi import Buffers
+    data = bytes(range(sum(sizes)))
+    views, at = [], 0
+    for size in sizes:
+        views.append(memoryview(bytearray(data[at:at + size])))
+        at += size
+    got = Buffers(views).slices(offset, n)
+    assert b"".join(bytes(v) for v in got) == data[offset:offset + n]
