@@ -559,7 +559,8 @@ def test_run_refuses_a_bad_vhost_flag(tmp_short, flag, message):
     import subprocess
     import sys
     p = subprocess.run([sys.executable, "-m", "scsi_target", "run", "--data-dir", str(tmp_short()),
-                        "--lun", "ram:1MiB", "--vhost", flag], capture_output=True, text=True, timeout=60)
+                        "--lun", "ram:1MiB", "--portal", "127.0.0.1:0", "--vhost", flag],
+                       capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and message in p.stderr
 
 
@@ -568,7 +569,7 @@ def test_run_refuses_a_vhost_socket_when_there_is_no_target(tmp_short):
     import sys
     d = tmp_short()
     cfg = d / "target.toml"
-    cfg.write_text('target = []\n\n[[vhost]]\nsocket = "vm.sock"\n')
+    cfg.write_text('target = []\nportals = ["127.0.0.1:0"]\n\n[[vhost]]\nsocket = "vm.sock"\n')
     p = subprocess.run([sys.executable, "-m", "scsi_target", "run", "--data-dir", str(d / "data"),
                         "--config", str(cfg)], capture_output=True, text=True, timeout=60)
     assert (p.returncode, p.stdout) == (2, "")
