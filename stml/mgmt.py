@@ -51,6 +51,7 @@ class MgmtError(Exception):
 
 
 PORTAL_WAIT = 8.0   # `portal add` waits this long for the listeners' report (clients wait 10 s)
+CLOSE_WAIT = 5.0    # a LUN added on a removed LUN's store waits this long for its close
 
 
 class Management:
@@ -78,7 +79,7 @@ class Management:
         self._identified = False      # a reload gave a LUN an id, or recorded an image's: saved after it
         # LUN numbers whose LU was removed, by target: an LU added at one is news there too
         self._retired: dict[str, set[int]] = {}
-        self._closing: set[asyncio.Task] = set()   # removed LUs' backends waiting to close
+        self._closing: dict[LogicalUnit, asyncio.Task] = {}   # removed LUs' backends waiting to close
         self.closing_lus: set[LogicalUnit] = set()   # their LUs: the STML's stop flushes them too
         self._saver = ThreadPoolExecutor(1, thread_name_prefix="config-save")   # (its thread: at first use)
         # a save whose command waits for it (in the saver thread or just done), and its file
@@ -715,6 +716,9 @@ class Management:
             owner = await self._in_thread(_serving, opts, await self._lus(kind=opts.kind))   # stats: off the loop
             if owner is not None:
                 raise MgmtError(f"{opts.path} already backs target {owner.target} LUN {owner.lun}")
+            why = await self._closed(opts)
+            if why:
+                raise MgmtError(why)
         try:
             backend = await self._in_thread(open_store, opts, create)
         except CannotOpen as e:
@@ -774,6 +778,10 @@ class Management:
                 pending.append(f"target {t.name} LUN {lu.lun}: {path} already backs target {owner.target} "
                                f"LUN {owner.lun}")
                 return
+        why = await self._closed(want)
+        if why:
+            pending.append(f"target {t.name} LUN {lu.lun} is still offline: {why}")
+            return
         try:
             backend = await self._in_thread(open_store, want, not served_before(want))
         except CannotOpen as e:
@@ -811,6 +819,21 @@ class Management:
         await self._redetect()
         return {"target": t.name, "lun": lu.lun, "saved": await self._persist()}
 
+    async def _closed(self, opts: LunOptions) -> str | None:
+        """Wait (CLOSE_WAIT at most) for a removed LU on the store `opts` names to
+        close: until then the STML itself holds it, and a block device held
+        refuses a new open (O_EXCL, 0273), as a LUN moved to another number by
+        one reload would find. Why not, when it is still closing."""
+        lu = await self._in_thread(_serving, opts, list(self._closing))
+        closing = self._closing.get(lu) if lu is not None else None
+        if lu is None or closing is None:
+            return None
+        await asyncio.wait([closing], timeout=CLOSE_WAIT)
+        if not closing.done():
+            return (f"{opts.path}: removed from target {lu.target} LUN {lu.lun}, whose backend is "
+                    f"still closing (a flush under way): try again once it is closed")
+        return None
+
     def _close_later(self, lu: LogicalUnit) -> None:
         """A removed LU (out of its target: no new command reaches it): its
         tasks are aborted now, as a LUN RESET's are (TASK ABORTED; the front
@@ -818,8 +841,8 @@ class Management:
         call it (docs/decisions/0254)."""
         closing = asyncio.get_running_loop().create_task(self._close_when_idle(lu, self.em.abort_lu(lu)))
         self.closing_lus.add(lu)
-        self._closing.add(closing)
-        closing.add_done_callback(self._closing.discard)
+        self._closing[lu] = closing
+        closing.add_done_callback(lambda _: self._closing.pop(lu, None))
 
     async def _close_when_idle(self, lu: LogicalUnit, runners: list[asyncio.Task]) -> None:
         """Flush and close once no backend call of the LU runs or can start:
@@ -872,6 +895,9 @@ class Management:
             await self._in_thread(lu.backend.resize, nbytes)
         except (BackendError, OSError) as e:
             raise MgmtError(f"resize failed: {e}") from None
+        # what is served: a block device whole, in whole blocks, the size asked for within a
+        # block of it (0284); saved and reported as served
+        nbytes = lu.backend.size() // lu.block_size * lu.block_size
         lu.options.size = nbytes   # the running configuration's LunOptions (shared with its LunConfig)
         await self._ua([lu], CAPACITY_DATA_CHANGED, t.name)
         await self._redetect()

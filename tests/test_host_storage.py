@@ -124,3 +124,24 @@ def test_a_block_device_lun_follows_its_device_when_it_grows(loopdev, tmp_path, 
             assert c.read(0, 7, 1) == b"\x5a" * 512
     with Target("--lun", f"file:{loopdev}", data_dir=ddir):
         assert mgmt(ddir, "lun", "list")[0]["size"] == 32 << 20
+
+
+def test_a_reload_moves_a_block_device_lun_with_unflushed_writes(loopdev, tmp_short):
+    """One reload removes the device's LUN and adds it at another number: the
+    new LUN waits for the old one's close (its flush of the writes before),
+    instead of finding the device held by the STML itself (O_EXCL)."""
+    ddir = str(tmp_short())
+    with Target("--lun", "ram:4MiB", data_dir=ddir):
+        mgmt(ddir, "lun", "add", "--lun", "1", f"file:{loopdev},wc")
+        chunk = bytes(range(256)) * 4096
+        with LoopbackClient(f"ipc://{ddir}/stml.sock", timeout=30) as c:
+            for i in range(16):
+                c.write(1, i * 2048, chunk)
+        cfg = Path(ddir) / "scsi-target.toml"
+        cfg.write_text(cfg.read_text().replace("lun = 1", "lun = 2"))
+        r = mgmt(ddir, "config", "reload")
+        assert r["not_applied"] == [], r
+        luns = mgmt(ddir, "lun", "list")
+        assert [x["lun"] for x in luns] == [0, 2] and luns[1]["offline"] is None, luns
+        with LoopbackClient(f"ipc://{ddir}/stml.sock", timeout=30) as c:
+            assert c.read(2, 15 * 2048, 2048) == chunk

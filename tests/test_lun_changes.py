@@ -100,7 +100,7 @@ def test_a_removed_lus_backend_closes_only_when_no_call_of_it_runs(tmp_path):
         assert backend._fd >= 0 and emu.workers.pending(id(lu)) == 1
         release.set()
         await call
-        await asyncio.gather(*m._closing)
+        await asyncio.gather(*m._closing.values())
         assert backend._fd == -1
     try:
         asyncio.run(run())
