@@ -22,7 +22,8 @@ that does not fit, R2Ts held back (`wait`), its CmdSN window held shut.
 
 Fairness, at three levels:
 - every account is guaranteed `reserve` bytes that no other account can take,
-  so every connection has room for a 64 KiB read or write;
+  so every connection has room for a write's unsolicited burst (the
+  FirstBurstLength the target offers, 256 KiB) or a 256 KiB read;
 - `shares` accounts (a quarter of the limit) can always be opened: what
   accounts hold beyond their reserve (their excess) comes out of the rest,
   `room` = limit - max(accounts, shares) * reserve, so excess can never take
@@ -68,7 +69,9 @@ OOO: Final = 2
 TEXT: Final = 3
 OUT: Final = 4
 KEEP: Final = 5
-RESERVE = 128 << 10   # guaranteed to every connection: a 64 KiB read or write always fits
+# guaranteed to every connection: a write's unsolicited burst (keys.TargetKeys'
+# first_burst_length) or a 256 KiB read, with its PDUs' headers, always fits
+RESERVE = 320 << 10
 LOGIN_SHARES = 4      # 1/LOGIN_SHARES of the limit is kept for the reserves of new connections
 _FITS, _OVER_SHARE, _NO_ROOM = 0, 1, 2
 

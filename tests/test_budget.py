@@ -7,7 +7,7 @@ import struct
 
 from fetd_tcp import pdu as P
 from fetd_tcp.budget import OOO, OUT, READ, RESERVE, TEXT, WRITE, Budget
-from fetd_tcp.keys import ConnectionParams, SessionParams
+from fetd_tcp.keys import ConnectionParams, SessionParams, TargetKeys
 from fetd_tcp.session import MAX_TEXT_REQUEST, MAX_TMFS, OOO_LIMIT, Connection, Session, Tags
 from support import fuzzgen as G
 
@@ -445,3 +445,19 @@ def test_limits_from_env_read_buffer_and_budget():
     assert got.max_buffered == 32 * MIB and got.max_read_buffer == MIB
     with pytest.raises(LimitError, match="SCSI_TARGET_MAX_BUFFERED"):
         Limits.from_env({"SCSI_TARGET_MAX_BUFFERED": str(MIN_BUFFERED - 1)})
+
+
+def test_a_connection_always_has_room_for_one_unsolicited_burst():
+    """Whatever the others hold, a connection's guaranteed share takes a write's
+    whole unsolicited burst at the FirstBurstLength the target offers (all of
+    it arrives with the command, unasked: InitialR2T=No, as libiscsi and
+    open-iscsi negotiate), and a read of that size with its PDUs' headers."""
+    burst = TargetKeys().first_burst_length
+    b = Budget(256 << 20)
+    hogs = [b.open(f"hog{i}") for i in range(64)]
+    while any(h and h.take(READ, 1 << 20) for h in hogs):
+        pass
+    fresh = b.open("fresh")
+    assert fresh is not None and fresh.take(WRITE, burst)
+    fresh.give(WRITE, burst)
+    assert fresh.take(READ, burst + 8 * 48)
