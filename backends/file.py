@@ -60,8 +60,8 @@ class FileBackend:
                 raise BackendError(f"{path}: in use (mounted, or held by LVM, md or another program): "
                                    f"{e.strerror}") from None
             if e.errno == errno.EROFS and os.environ.get("INVOCATION_ID"):   # a systemd service
-                raise BackendError(f"{path}: {e.strerror} (the unit's ProtectSystem=strict: give its "
-                                   f"directory a ReadWritePaths= line)") from None
+                raise BackendError(f"{path}: {e.strerror} (if its file system is writable, the unit's "
+                                   f"ProtectSystem=strict hides it: give its directory a ReadWritePaths= line)") from None
             raise BackendError(f"{path}: {e.strerror}") from None
         st = os.fstat(self._fd)
         self._blockdev = stat.S_ISBLK(st.st_mode)

@@ -94,8 +94,8 @@ def test_a_read_only_path_under_systemd_names_read_write_paths(tmp_path, tmp_sho
             p = cli("lun", "add", "--data-dir", ddir, f"file:{images}/vm1.img,size=1MiB", check=False)
             assert p.returncode == 2, p
             assert p.stderr.strip() == (f"scsi-target: lun add refused: cannot open the backend: {images}/vm1.img: "
-                                        "Read-only file system (the unit's ProtectSystem=strict: give its "
-                                        "directory a ReadWritePaths= line)")
+                                        "Read-only file system (if its file system is writable, the unit's "
+                                        "ProtectSystem=strict hides it: give its directory a ReadWritePaths= line)")
     finally:
         run(["umount", str(images)], check=False)
 
