@@ -245,6 +245,11 @@ def _sync_aot(container: Any, key: str, wanted: dict[Any, Any], ident: Callable[
         idents = [ident(e, i) for i, e in enumerate(aot)]
         keep = [i for i, x in enumerate(idents) if x in wanted and idents.index(x) == i]
         if not keep:
+            # its first entry's lines go with it; the lines after the array (the next
+            # table's) take their place (0274)
+            for i in reversed(range(1, len(aot))):
+                _drop_entry(container, key, aot, i)
+            _drop_entry(container, key, aot, 0)
             del container[key]
             aot = None
         else:
@@ -322,9 +327,11 @@ def merge3(base: Any, file: Any, running: Any) -> Any:
 
 def sync_document(doc: Any, tree: Tree, data_dir: Path) -> None:
     """Make `doc` (a parsed file) say what `tree` holds, editing it in place."""
-    portals = doc.get("portals")
-    if portals is None or _plain(portals) != tree["portals"][0]:
-        doc["portals"] = list(tree["portals"][0])
+    portals, want = doc.get("portals"), tree["portals"][0]
+    if portals is None:
+        _add_key(doc, "portals", want)   # above the note of the table that follows
+    elif _plain(portals) != want and not _edit_list(portals, want):
+        doc["portals"] = list(want)      # (in place: each portal keeps its comment)
     _sync_keys(doc, {"discovery_chap": tree["discovery_chap"]}, data_dir)
     if not tree["legacy_ids"][0] and "legacy_ids" not in doc:
         item = tomlkit.item(False).comment(LEGACY_IDS_NOTE)

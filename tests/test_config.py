@@ -662,3 +662,46 @@ def test_the_banner_gives_the_size_a_lun_is_served_at(tmp_path):
     assert lun_size(LunOptions(kind="file", path=str(tmp_path / "new.img"), size=4 << 20)) == 4 << 20
     assert lun_size(LunOptions(kind="file", path=str(odd), block_size=4096)) == 0
     assert lun_size(LunOptions(kind="ram", size=64 << 20)) == 64 << 20
+
+
+def test_a_targets_last_lun_removed_takes_its_note_and_leaves_the_next_targets(tmp_path):
+    """A one-LUN target (the default layout) loses its LUN: the LUN's note goes
+    with it and the next target's note stays above that target; a portals key
+    the file did not have lands above the first table's note, not under it."""
+    from stml import persist
+    for n in "ac":
+        (tmp_path / f"{n}.img").write_bytes(bytes(1 << 20))
+    cfg = tmp_path / "scsi-target.toml"
+    cfg.write_text(textwrap.dedent('''\
+        legacy_ids = false
+
+        # TARGET ONE
+        [[target]]
+        name = "iqn.2026-01.org.x:one"
+
+        # LUN 0: a, the only one
+        [[target.lun]]
+        lun = 0
+        backend = "file"
+        path = "a.img"
+        id = "00000000000000000000000000000001"
+
+        # TARGET TWO
+        [[target]]
+        name = "iqn.2026-01.org.x:two"
+
+        # LUN 0: c
+        [[target.lun]]
+        lun = 0
+        backend = "file"
+        path = "c.img"
+        id = "00000000000000000000000000000002"
+        '''))
+    c = load(str(cfg), str(tmp_path))
+    c.targets[0].luns = []
+    persist.save(c)
+    text = cfg.read_text()
+    assert "LUN 0: a" not in text
+    assert text.index("legacy_ids") < text.index("portals = [") < text.index("# TARGET ONE")
+    assert '# TARGET TWO\n[[target]]\nname = "iqn.2026-01.org.x:two"' in text
+    assert load(str(cfg), str(tmp_path)).targets[0].luns == []
