@@ -219,7 +219,8 @@ class RbdBackend:
         have = bytearray(len(compare))
         self.read_into(offset, memoryview(have))
         if have != compare:
-            return next(i for i, (a, b) in enumerate(zip(have, compare)) if a != b)
+            # (indexed, not zipped: mypyc cannot compile a zip of bytes here)
+            return next(i for i in range(len(compare)) if have[i] != compare[i])
         self.write_from(offset, [memoryview(data)], sync)
         return None
 
