@@ -6,7 +6,11 @@ unless `inline` says a call is cheap enough to run in place (RAM).
 """
 from __future__ import annotations
 
-from backends.base import Backend, BackendError
+from scsi_runtime import accel as _accel
+
+_accel.install()   # the compiled build, when asked for (SCSI_TARGET_ACCEL; decision 0830)
+
+from backends.base import Backend, BackendError  # noqa: E402
 
 __all__ = ["Backend", "BackendError", "open_backend"]
 

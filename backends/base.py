@@ -5,6 +5,7 @@ the package's open_backend (which imports them): no import cycle.
 """
 from __future__ import annotations
 
+import asyncio
 from typing import Any, Protocol, Sequence
 
 
@@ -12,14 +13,28 @@ class BackendError(Exception):
     """The backing store failed; the STML turns this into MEDIUM ERROR sense."""
 
 
+class AioFuture(asyncio.Future):
+    """An aio call's future, done when the backend's library completes the
+    call; cancel() does not end it (False). A task cancelled while it waits
+    for one (an abort) is woken by the completion and only then sees
+    CancelledError, so no write lands after an abort is reported - what
+    asyncio.shield and a second wait gave, without a second future and a
+    second loop turn per call. Here, not in backends.rbd, so that it stays
+    Python when backends.rbd is compiled (decision 0412)."""
+
+    def cancel(self, msg: Any = None) -> bool:
+        return False
+
+
 class Backend(Protocol):
     inline: bool        # True when calls never block (the STML may call them on its loop)
     can_discard: bool   # discard() frees space (thin provisioning)
     can_resize: bool
-    # a twin of the I/O calls that returns an event-loop future at once, or
-    # None; Task.io uses it (by method name) to keep many calls in flight. Its
-    # futures ignore cancel(): an aborted command's task waits for the call's
-    # end (no write lands after the abort is reported) by awaiting it alone
+    # a twin of the I/O calls that returns an event-loop future at once (an
+    # AioFuture), or None; Task.io uses it (by method name) to keep many calls
+    # in flight. Its futures ignore cancel(): an aborted command's task waits
+    # for the call's end (no write lands after the abort is reported) by
+    # awaiting it alone
     aio: Any
 
     # an acknowledged write may not be durable yet: flush() owes a sync (never on

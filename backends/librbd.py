@@ -157,6 +157,31 @@ class Pinned:
         self.views.clear()   # the arrays go, and their exports with them
 
 
+def hold(obj: Any, writable: bool = False) -> tuple[Any, Any, int]:
+    """(pin, pointer, bytes) of one buffer for an aio call, with the fewest
+    objects and foreign calls: the pin holds the buffer until it is dropped
+    (`unpin`). A writable buffer is held by one c_char over it (its export is
+    the pin); a bytes object, or a whole view of one (write data a front end
+    sent), never moves and is passed as itself; anything else (shared memory a
+    front end lends) goes through Pinned."""
+    mv = memoryview(obj)
+    n = mv.nbytes
+    if not mv.readonly and n:
+        keep = ctypes.c_char.from_buffer(mv)
+        return keep, ctypes.addressof(keep), n
+    whole = mv.obj
+    if type(whole) is bytes and n == len(whole) and mv.c_contiguous and not writable:
+        return whole, whole, n
+    pin = Pinned()
+    return pin, pin.address(obj, writable), n
+
+
+def unpin(pin: Any) -> None:
+    """Let go of what `hold` pinned (only Pinned holds a buffer to release)."""
+    if type(pin) is Pinned:
+        pin.release()
+
+
 def libs() -> tuple[ctypes.CDLL, ctypes.CDLL]:
     """librados and librbd, with the signatures this module calls declared."""
     global _lib
@@ -485,7 +510,9 @@ class Image:
         _check(self._new_comp(None, None, self._comp_ref), "rbd_aio_create_completion")
         comp = self._comp.value
         assert comp is not None
-        ret = self._aio[name](self.handle, *args, comp, *flags)
+        # (the completion passed as its c_void_p: ctypes takes it as it is, where
+        # an int would be converted into a new one)
+        ret = self._aio[name](self.handle, *args, self._comp, *flags)
         if ret < 0:
             self._release(comp)
             raise CephError(-ret, f"rbd_aio_{name}: {os.strerror(-ret)}")
@@ -524,4 +551,4 @@ class Image:
             self.handle = c_void_p()
 
 
-__all__ = ["AIO_CALLS", "CephError", "Client", "IoCtx", "Image", "Pinned", "create_image"]
+__all__ = ["AIO_CALLS", "CephError", "Client", "IoCtx", "Image", "Pinned", "create_image", "hold", "unpin"]

@@ -29,10 +29,10 @@ import os
 import threading
 from typing import Any, Callable, Iterator, Sequence
 
-from backends.base import BackendError
+from backends.base import AioFuture, BackendError
 from backends.librbd import (
     EBLOCKLISTED, WRITE_ZEROES_FLAG_THICK_PROVISION, CephError, Client, Image, IoCtx, Pinned,
-    create_image,
+    create_image, hold, unpin,
 )
 
 # reservation state: a key of the image's own metadata, so it lives and goes with the image
@@ -219,7 +219,8 @@ class RbdBackend:
         have = bytearray(len(compare))
         self.read_into(offset, memoryview(have))
         if have != compare:
-            return next(i for i, (a, b) in enumerate(zip(have, compare)) if a != b)
+            # (indexed, not zipped: mypyc cannot compile a zip of bytes here)
+            return next(i for i in range(len(compare)) if have[i] != compare[i])
         self.write_from(offset, [memoryview(data)], sync)
         return None
 
@@ -342,20 +343,8 @@ class PrStore:
             raise OSError(e.errno, str(e)) from None
 
 
-class AioFuture(asyncio.Future):
-    """An aio call's future, done when librbd completes the call; cancel()
-    does not end it (False). A task cancelled while it waits for one (an
-    abort) is woken by the completion and only then sees CancelledError, so
-    no write lands after an abort is reported - what asyncio.shield and a
-    second wait gave, without a second future and a second loop turn per
-    call (backends.base: what an aio twin's futures do)."""
-
-    def cancel(self, msg: Any = None) -> bool:
-        return False
-
-
-# an aio call librbd has: its future, its pinned buffers, the bytes a read must report
-AioCall = tuple[asyncio.Future, Pinned, int]
+# an aio call librbd has: its future, what pins its buffers (librbd.hold), the bytes a read must report
+AioCall = tuple[AioFuture, Any, int]
 # what detach() hands to settle(): the loop that collected, its eventfd, the calls librbd has
 Detached = tuple[asyncio.AbstractEventLoop | None, int, dict[int, AioCall]]
 
@@ -429,7 +418,7 @@ class RbdAio:
                 log.error("rbd:%s: an aio call outlived rbd_close", self.backend.spec)
                 ret = -errno.EIO
             else:
-                pin.release()
+                unpin(pin)
             results.append((fut, ret, length))
         if loop is None:
             return
@@ -440,7 +429,7 @@ class RbdAio:
         if not _on_loop(loop, there):
             os.close(fd)   # the loop is closed: nobody watches the fd or waits for these futures
 
-    def _submit(self, pin: Pinned, length: int, name: str, *args: Any, flags: tuple = ()) -> asyncio.Future:
+    def _submit(self, pin: Any, length: int, name: str, *args: Any, flags: tuple = ()) -> asyncio.Future:
         """Start `rbd_aio_NAME` (Image.start); `length`: the bytes a read must
         report (writes report 0). Refused (ESHUTDOWN) once the image is closing:
         a close marks the backend unusable before it detaches, and detach() waits
@@ -461,9 +450,9 @@ class RbdAio:
                     self._pending[comp] = (fut, pin, length)
                     return fut
         except BaseException:
-            pin.release()
+            unpin(pin)
             raise
-        pin.release()
+        unpin(pin)
         assert failed is not None
         if failed.errno == EBLOCKLISTED:
             backend.fence()
@@ -484,11 +473,11 @@ class RbdAio:
                 entry = pending.pop(comp, None)
                 if entry is not None:
                     fut, pin, length = entry
-                    pin.release()
+                    unpin(pin)
                     results.append((fut, ret, length))
         self._finish(results, live=True)
 
-    def _finish(self, results: list[tuple[asyncio.Future, int, int]], live: bool) -> None:
+    def _finish(self, results: list[tuple[AioFuture, int, int]], live: bool) -> None:
         """On the loop: each call's future gets its outcome. `live`: from the
         image open now (a closed one's fencing is old news)."""
         for fut, ret, length in results:   # (an AioFuture is never cancelled: each is pending here)
@@ -502,24 +491,23 @@ class RbdAio:
                 fut.set_result(None)
 
     def read_into(self, offset: int, buf: memoryview) -> asyncio.Future:
-        pin = Pinned()
-        addr, n = pin.span(buf, writable=True)
-        return self._submit(pin, n, "read", offset, n, addr)
+        pin, ptr, n = hold(buf, writable=True)
+        return self._submit(pin, n, "read", offset, n, ptr)
 
     def write_from(self, offset: int, bufs: Sequence[memoryview], sync: bool) -> asyncio.Future:
         # no client cache: a write is on the OSDs when it completes, FUA or not
-        pin = Pinned()
         if len(bufs) == 1:
-            addr, n = pin.span(bufs[0])
-            return self._submit(pin, 0, "write", offset, n, addr)
+            pin, ptr, n = hold(bufs[0])
+            return self._submit(pin, 0, "write", offset, n, ptr)
+        pin = Pinned()
         arr, count, _ = pin.iovecs(bufs)
         return self._submit(pin, 0, "writev", arr, count, offset)
 
     def flush(self) -> asyncio.Future:
-        return self._submit(Pinned(), 0, "flush")
+        return self._submit(None, 0, "flush")
 
     def discard(self, offset: int, length: int) -> asyncio.Future:
-        return self._submit(Pinned(), 0, "discard", offset, length)
+        return self._submit(None, 0, "discard", offset, length)
 
     def write_same(self, offset: int, length: int, block: bytes, sync: bool) -> asyncio.Future:
         """`length` bytes of `block` repeated, in the OSDs: zeros through

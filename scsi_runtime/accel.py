@@ -33,13 +33,15 @@ DEFAULT = ROOT / "build" / "accel"
 # What a command spends its Python in (pathcost + cProfile, decision 0830): the
 # STML's receive path and command handling, the contract's carriers and
 # headers, fetd_tcp's PDU codec and session core; fetd_vhost's descriptor walk,
-# guest memory translation, copies and request path (vhostpath, decision 0307).
+# guest memory translation, copies and request path (vhostpath, decision 0307);
+# the RBD backend's aio submit and collect (rbdpath, decision 0412).
 HOT = (
     "stml.api.sizes", "stml.api.shm", "stml.api.stream", "stml.api.link",
     "stml.sense", "stml.metrics", "stml.cdb", "stml.workers", "stml.sched", "stml.lu", "stml.task",
     "stml.ops", "stml.sbc", "stml.disk", "stml.emulator", "stml.server",
     "fetd_tcp.pdu", "fetd_tcp.budget", "fetd_tcp.session", "fetd_tcp.wire", "fetd_tcp.server",
     "fetd_vhost.memory", "fetd_vhost.virtqueue", "fetd_vhost.scsi", "fetd_vhost.server",
+    "backends.rbd",
 )
 
 
@@ -102,7 +104,7 @@ def loaded() -> Path | None:
 
 
 def install() -> None:
-    """Called first thing by the packages holding hot modules (stml, fetd_tcp, fetd_vhost):
+    """Called first thing by the packages holding hot modules (stml, fetd_tcp, fetd_vhost, backends):
     from then on their imports come from the build SCSI_TARGET_ACCEL names."""
     where = os.environ.get(ENV, "")
     if where in ("", "0") or loaded() is not None:

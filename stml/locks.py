@@ -41,17 +41,29 @@ class WriteGate:
             self._waiters.append(w)
             await w
 
+    async def wait_shared(self) -> None:
+        """Until a shared entry may go in (enter_shared, with no await between)."""
+        await self._wait(lambda: not self._exclusive and not self._waiting_exclusive)
+
+    def enter_shared(self) -> None:
+        """In shared, once no exclusive section holds the gate or waits for it:
+        `shared()` without its context manager, for a write per command."""
+        self._shared += 1
+
+    def leave_shared(self) -> None:
+        self._shared -= 1
+        if self._shared == 0 and self._waiters:
+            self._wake()
+
     @asynccontextmanager
     async def shared(self) -> AsyncIterator[None]:
-        if self._exclusive or self._waiting_exclusive:   # fast path: no await when uncontended
-            await self._wait(lambda: not self._exclusive and not self._waiting_exclusive)
-        self._shared += 1
+        if self.exclusive_pending:   # fast path: no await when uncontended
+            await self.wait_shared()
+        self.enter_shared()
         try:
             yield
         finally:
-            self._shared -= 1
-            if self._shared == 0 and self._waiters:
-                self._wake()
+            self.leave_shared()
 
     @asynccontextmanager
     async def exclusive(self) -> AsyncIterator[None]:

@@ -77,11 +77,21 @@ async def write_blocks(task: Task, lba: int, bufs: list, sync: bool) -> None:
     interleave with one (nothing else runs meanwhile), so it skips the gate."""
     lu = task.lu
     assert lu is not None   # per command: see ops.unit()
-    if not lu.write_gate.exclusive_pending and lu.backend.write_nowait(lba * lu.block_size, bufs, sync):
+    gate = lu.write_gate
+    offset = lba * lu.block_size
+    waited = gate.exclusive_pending
+    if waited:
+        await gate.wait_shared()
+    elif lu.backend.write_nowait(offset, bufs, sync):
         return
-    async with lu.write_gate.shared():
-        if not lu.backend.write_nowait(lba * lu.block_size, bufs, sync):
-            await task.io(lu.backend.write_from, lba * lu.block_size, bufs, sync)
+    # the gate's shared() in place (no context manager per write): nothing is
+    # awaited between the wait and the entry, and leaving never awaits
+    gate.enter_shared()
+    try:
+        if not (waited and lu.backend.write_nowait(offset, bufs, sync)):
+            await task.io(lu.backend.write_from, offset, bufs, sync)
+    finally:
+        gate.leave_shared()
 
 
 async def _next_range(lu: LogicalUnit, lba: int, blocks: int) -> None:

@@ -149,6 +149,41 @@ def test_write_gate_exclusive_waits_for_shared_and_blocks_new():
     run(go())
 
 
+def test_a_write_waits_for_an_exclusive_section_and_leaves_the_gate_free():
+    """write_blocks enters the LU's write gate in place: a WRITE sent while an
+    exclusive section holds the gate lands only after it, and leaves the gate
+    so that the next exclusive section enters without waiting."""
+    async def go():
+        h = Harness()
+        gate = h.lu().write_gate
+        held, release = asyncio.Event(), asyncio.Event()
+
+        async def atomic():
+            async with gate.exclusive():
+                held.set()
+                await release.wait()
+
+        section = asyncio.create_task(atomic())
+        await held.wait()
+        write = asyncio.create_task(h.cmd(_write10(3, 1), b"\xa5" * BS))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert not write.done()
+        assert (await h.cmd(_read10(3, 1), alloc=BS)).data == bytes(BS)
+        release.set()
+        assert (await write).status == GOOD
+        await section
+        assert (await h.cmd(_read10(3, 1), alloc=BS)).data == b"\xa5" * BS
+        assert not gate.exclusive_pending
+        async def enter() -> None:
+            async with gate.exclusive():
+                pass
+        after = asyncio.create_task(enter())
+        await asyncio.sleep(0)
+        assert after.done()   # nothing was left in shared: it entered without waiting
+    run(go())
+
+
 def test_reads_and_writes_past_the_advertised_maximum_transfer_are_refused():
     """What VPD 0xB0 advertises as the MAXIMUM TRANSFER LENGTH is what the
     READ and WRITE checks enforce (they compute it in place, for speed): that
