@@ -28,7 +28,7 @@ _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "kb": 1000, "m": 1 << 20,
           "tb": 10**12, "p": 1 << 50, "pib": 1 << 50, "pb": 10**15}
 _LU_ID = re.compile(r"[0-9A-Fa-f]{32}")
 MAX_ISCSI_NAME = 223   # bytes of UTF-8
-_IQN = re.compile(r"^(iqn\.\d{4}-\d{2}\.[^\s,]+|eui\.[0-9A-Fa-f]{16}|naa\.[0-9A-Fa-f]{16,32})$")
+_IQN = re.compile(r"^(iqn\.\d{4}-\d{2}\.[^\s,]+|eui\.[0-9a-f]{16}|naa\.[0-9a-f]{16,32})$", re.IGNORECASE)
 
 
 class ConfigError(ValueError):

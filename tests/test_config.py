@@ -705,3 +705,14 @@ def test_a_targets_last_lun_removed_takes_its_note_and_leaves_the_next_targets(t
     assert text.index("legacy_ids") < text.index("portals = [") < text.index("# TARGET ONE")
     assert '# TARGET TWO\n[[target]]\nname = "iqn.2026-01.org.x:two"' in text
     assert load(str(cfg), str(tmp_path)).targets[0].luns == []
+
+
+def test_an_iscsi_name_in_capitals_is_folded_not_refused():
+    """RFC 3722 folds iSCSI names to lower case, type prefix and all: `IQN.`,
+    `EUI.` and `NAA.` written in capitals name the same node as in lower case."""
+    from stml.config import check_iqn
+    assert check_iqn("IQN.2026-01.ORG.Example:Disk", "--iqn") == "iqn.2026-01.org.example:disk"
+    assert check_iqn("EUI.02004567A425678D", "--iqn") == "eui.02004567a425678d"
+    assert check_iqn("NAA.52004567BA64678D", "--iqn") == "naa.52004567ba64678d"
+    with pytest.raises(ConfigError):
+        check_iqn("IQN.26-01.org.example", "--iqn")
