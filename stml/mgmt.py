@@ -824,6 +824,8 @@ class Management:
         close: until then the STML itself holds it, and a block device held
         refuses a new open (O_EXCL, 0273), as a LUN moved to another number by
         one reload would find. Why not, when it is still closing."""
+        if not self._closing:
+            return None
         lu = await self._in_thread(_serving, opts, list(self._closing))
         closing = self._closing.get(lu) if lu is not None else None
         if lu is None or closing is None:

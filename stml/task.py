@@ -31,7 +31,6 @@ FANOUT_STEP = 256
 _VIEW: Final = memoryview   # (compiled, a builtin's name is a lookup in builtins per use)
 
 
-
 @dataclass(eq=False)
 class Nexus:
     fe: FrontEnd
