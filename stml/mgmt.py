@@ -612,7 +612,7 @@ class Management:
                             f"({', '.join(n.fe.name for n in found)}): give --front-end")
         n = found[0]
         self.em.out.drop_nexus(n.fe.ident, n.id, "dropped by management")
-        self.em.drop_nexus(n)
+        self.em.drop_nexus(n, lost=True)   # (not its initiator's doing: it hears of it, 0234)
         return {"front_end": n.fe.name, "nexus": n.id, "initiator": n.initiator, "target": n.target}
 
     # ------------------------------------------------------------ targets
@@ -679,7 +679,7 @@ class Management:
                     mine.append(task)
         for n in live:
             self.em.out.drop_nexus(n.fe.ident, n.id, why)
-            self.em.drop_nexus(n, tasks[id(n)])
+            self.em.drop_nexus(n, tasks[id(n)], lost=True)
         return len(live)
 
     # ------------------------------------------------------------ LUNs

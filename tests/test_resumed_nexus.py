@@ -207,7 +207,7 @@ def test_fetd_tcp_keeps_the_newest_held_nexuses_within_its_cap(monkeypatch):
     from fetd_tcp.session import Session, Tags
     monkeypatch.setattr(registry_mod, "MAX_HELD", 3)
     released: list[int] = []
-    link = SimpleNamespace(instance="old", scsi_release=released.append)
+    link = SimpleNamespace(instance="old", scsi_release=lambda nexus, lost=False: released.append(nexus))
     reg = registry_mod.SessionRegistry(link, Tags(), Limits())
 
     def sessions(first: int, count: int) -> None:
