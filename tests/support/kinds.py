@@ -98,6 +98,7 @@ KIND_OF_MODULE = {
     "test_spi_e2e.py": "process",
     "test_sticky_sync.py": "unit",
     "test_stml_hot_path.py": "unit",
+    "test_nexus_loss_ua.py": "process",
     "test_stml_restart_ua.py": "process",
     "test_stream_channel.py": "unit",
     "test_stream_framer.py": "unit",
