@@ -526,6 +526,10 @@ def test_a_restarted_front_end_serves_a_new_vm_at_once(stml, vhost, masters):
     fe2 = vhost(stml.endpoint, sock=fe.socket_path)
     m2 = masters(fe2)
     m2.start()
+    # the same socket is the same initiator port: the nexus the killed front end
+    # held was lost, and its first command hears so (decisions/0234)
+    r = m2.run(m2.queues[2], TUR)
+    assert (r.sense[2] & 0x0F, r.sense[12], r.sense[13]) == (0x06, 0x29, 0x07), r.sense.hex()
     assert m2.run(m2.queues[2], read10(9, 1), data_in=512).data == blocks(9, 1)
 
 
