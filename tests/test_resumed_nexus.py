@@ -18,6 +18,7 @@ from stml.api import FrontEndLink, Op, unpack
 from stml.api.link import nexus_registration
 from stml.emulator import Emulator, Target
 from stml.lu import LogicalUnit, LunOptions
+from stml.mgmt import Management
 
 T, OTHER = "iqn.2026-12.org.test:resumed", "iqn.2026-12.org.test:other"
 TUR = bytes(6)
@@ -301,7 +302,9 @@ def test_a_logout_or_a_goodbye_keeps_nothing_and_a_front_end_gone_loses_its_nexu
     assert told_on_every_lu_once(emu, sent, 3, fe=b"fe2") == [NEXUS_LOSS] * 3
     register(emu, 3, ini=1, fe=b"fe2")                     # the same id again: its state went
     assert told_on_every_lu_once(emu, sent, 3, fe=b"fe2") == [NEXUS_LOSS] * 3
-    emu.drop_nexus(emu.front_ends[b"fe2"].nexuses[3], lost=True)   # (management's session drop)
+    mgmt = Management(emu, None, gateway=None, metrics=None, portals=None,   # type: ignore[arg-type]
+                      endpoints=[], traces=None)   # type: ignore[arg-type]
+    asyncio.run(mgmt.session_drop(3))
     register(emu, 4, ini=1, fe=b"fe2")
     assert told_on_every_lu_once(emu, sent, 4, fe=b"fe2") == [NEXUS_LOSS] * 3
 
