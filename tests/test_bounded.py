@@ -797,6 +797,42 @@ def test_report_luns_builds_only_what_the_allocation_length_holds(monkeypatch):
     run(go())
 
 
+class _ComparedLun(int):
+    """A LUN number that counts the comparisons of two LUN numbers (a sort's;
+    encoding one compares it with constants)."""
+    compared = 0
+
+    def __lt__(self, other: object) -> bool:
+        _ComparedLun.compared += isinstance(other, _ComparedLun)
+        return int(self) < int(other)   # type: ignore[call-overload]
+
+    def __gt__(self, other: object) -> bool:
+        _ComparedLun.compared += isinstance(other, _ComparedLun)
+        return int(self) > int(other)   # type: ignore[call-overload]
+
+
+def test_report_luns_sorts_nothing_per_call():
+    """REPORT LUNS takes the numbers its allocation length holds from the
+    order the LunMap keeps as LUs are added and removed (0223); it sorted
+    every LUN of the target on every call (4,000 numbers: tens of thousands
+    of comparisons for 1 entry). Removals and additions keep the order."""
+    async def go():
+        h = Harness()
+        lus = h.emulator.targets[TARGET].luns
+        for n in range(3999, 0, -1):                  # added in descending order
+            lus[_ComparedLun(n)] = lus[0]
+        del lus[1]
+        lus[_ComparedLun(5000)] = lus[0]
+        for alloc in (16, 8 + 8 * 3, 8 + 8 * 4000):
+            _ComparedLun.compared = 0
+            r = await h.cmd(bytes([0xA0, 0, 0, 0, 0, 0]) + struct.pack(">I", alloc) + bytes(2), alloc=alloc)
+            assert _ComparedLun.compared == 0
+            assert r.status == GOOD and struct.unpack_from(">I", r.data)[0] == 8 * 4000
+            numbers = [int.from_bytes(r.data[i:i + 2], "big") & 0x3FFF for i in range(8, len(r.data), 8)]
+            assert numbers == ([0, 2, *range(3, 4000), 5000])[:(alloc - 8) // 8]
+    run(go())
+
+
 # ---------------------------------------------------------------- PREVENT ALLOW MEDIUM REMOVAL
 
 class _CountedKeys(dict):
