@@ -277,7 +277,7 @@ async def report_supported_opcodes(task: Task) -> bytes:
     if not match:
         return bytes([0, 0x01, 0, 0])[:alloc]   # SUPPORT 001b: not supported
     e = match[0]
-    usage = bytearray(e.usage)
+    usage = bytearray(e.usage_for(unit(task)))
     if e.sa is not None:
         usage[1] = (usage[1] & 0xE0) | e.sa if len(usage) > 1 else usage[1]
     one_command = bytes([0, (0x80 if rctd else 0) | 0x03]) + struct.pack(">H", len(usage)) + bytes(usage)
