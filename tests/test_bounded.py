@@ -833,6 +833,39 @@ def test_report_luns_sorts_nothing_per_call():
     run(go())
 
 
+# ---------------------------------------------------------------- SPC-2 RESERVE
+
+def test_nexus_loss_visits_only_the_lus_it_reserved(monkeypatch):
+    """An SPC-2 RESERVE indexes its LU by the holder's nexus: a nexus's loss
+    (and I_T NEXUS RESET) visits the LUs that nexus reserved, not every LU
+    any nexus holds reserved (0227: every logout walked them all). The
+    holder's loss still releases its reservations, and only those."""
+    import stml.pr as pr_mod
+    from stml.api import Tmf
+    async def go():
+        h = Harness([LunOptions("ram", size=1 << 20) for _ in range(40)])
+        reserve6 = bytes([0x16, 0, 0, 0, 0, 0])
+        for lun in range(40):
+            assert (await h.cmd(reserve6, alloc=0, lun=lun, no_data=True)).status == GOOD
+        h.nexus(2, "iqn.init:two")
+        assert (await h.cmd(bytes(6), alloc=0, lun=0, nexus=2, no_data=True)).status == 0x18   # conflict
+        dropped = Counter(pr_mod.PrState.drop_spc2)
+        monkeypatch.setattr(pr_mod.PrState, "drop_spc2", lambda st, key=None: dropped(st, key))
+        h.nexus(3, "iqn.init:three")
+        h.emulator.handle(b"fe", {"op": "scsi_release", "nexus": 3}, [])   # reserved nothing
+        assert dropped.calls == 0
+        h.emulator.handle(b"fe", {"op": "scsi_release", "nexus": 1}, [])   # the holder
+        assert dropped.calls == 40
+        assert all(h.lu(lun).pr.spc2 is None for lun in range(40))
+        assert (await h.cmd(reserve6, alloc=0, lun=5, nexus=2, no_data=True)).status == GOOD
+        dropped.calls = 0
+        h.emulator.handle(b"fe", {"op": "rx_task_mgmt_fn", "tag": 99, "nexus": 2, "fn": int(Tmf.I_T_NEXUS_RESET),
+                                  "lun": 0, "ref": None}, [])
+        await asyncio.sleep(0)
+        assert dropped.calls == 1 and h.lu(5).pr.spc2 is None
+    run(go())
+
+
 # ---------------------------------------------------------------- PREVENT ALLOW MEDIUM REMOVAL
 
 class _CountedKeys(dict):
