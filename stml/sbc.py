@@ -255,7 +255,8 @@ async def verify(task: Task) -> None:
         await _compare(task, lba, blocks, lambda start, n: data[start:start + n])
         return
     lu = unit(task)
-    pattern = memoryview(bytes(data) * max(1, CHUNK // lu.block_size))
+    # one chunk's worth of the block, or the range's if smaller: sized by the request
+    pattern = memoryview(bytes(data) * min(blocks, max(1, CHUNK // lu.block_size)))
     await _compare(task, lba, blocks, lambda start, n: pattern[:n])
 
 

@@ -292,6 +292,28 @@ def test_verify_bytchk0_reads_nothing_and_bytchk3_is_held_to_the_transfer_limit(
     run(go())
 
 
+def test_verify_bytchk3_of_one_block_allocates_for_one_block():
+    """VERIFY with BYTCHK 11b repeats the block sent over at most one chunk of
+    the range: for a range of one block, one block, not a chunk of 1 MiB
+    whatever the range (the sweep of 0225-0227). Bytes counted by tracemalloc."""
+    import tracemalloc
+    async def go():
+        h = Harness([LunOptions("ram", size=4 << 20)])
+        await h.cmd(_write16(7, 1), b"\x33" * BS)
+        await h.cmd(_verify16(7, 1, 3), b"\x33" * BS)   # warm: whatever a first call caches
+        tracemalloc.start()
+        try:
+            r = await h.cmd(_verify16(7, 1, 3), b"\x33" * BS)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert r.status == GOOD
+        assert peak < 256 << 10, peak
+        r = await h.cmd(_verify16(6, 2, 3), b"\x33" * BS)
+        assert r.key_asc == (0xE, 0x1D, 0) and struct.unpack_from(">I", r.sense, 3)[0] == 0
+    run(go())
+
+
 # ---------------------------------------------------------------- UNMAP, WRITE SAME
 
 def test_unmap_lba_count_is_a_total_checked_before_any_discard():
