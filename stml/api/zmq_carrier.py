@@ -239,7 +239,9 @@ def _batches(msgs: list[list]) -> list[list]:
     frames with its header (what a receiver takes, 0226)."""
     if len(msgs) == 1:
         return msgs
-    out, group, size = [], [], 1
+    out: list[list] = []
+    group: list[list] = []
+    size = 1
     for m in msgs:
         if group and size + len(m) > sizes.MAX_FRAMES:
             out.append(_batch(group))
