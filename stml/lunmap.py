@@ -53,10 +53,10 @@ class LunMap(dict[int, LogicalUnit]):
         if self.get(lu.lun) is lu:
             self[lu.lun] = lu
 
-    def numbers(self, first: int | None = None) -> list[int]:
-        """The LUN numbers in ascending order, the `first` ones only when given:
-        a slice of the kept order, never a sort."""
-        return self._numbers[:first] if first is not None else self._numbers[:]
+    def numbers(self, first: int) -> list[int]:
+        """The `first` LUN numbers in ascending order: a slice of the kept
+        order, never a sort."""
+        return self._numbers[:first]
 
     def by_naa(self, naa: bytes) -> LogicalUnit | None:
         """The LU with this designator, in one dict lookup."""

@@ -9,8 +9,8 @@ from typing import Any, Callable
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from stml.api.messages import Op, pack, unpack
 from stml.api import sizes
+from stml.api.messages import Op, pack, unpack
 from stml.api.sizes import BIG_FRAME
 
 log = logging.getLogger("stml.api")
