@@ -304,7 +304,7 @@ class Emulator:
         self._ua_luns: dict[str, set[LogicalUnit]] = {}   # nexus key -> LUs holding UAs for it
         self._copy_luns: dict[str, set[LogicalUnit]] = {}  # nexus key -> LUs holding its copy results
         self._prevent_luns: dict[str, set[LogicalUnit]] = {}  # nexus key -> LUs it prevents removal of
-        self.spc2_luns: set[LogicalUnit] = set()          # LUs an SPC-2 RESERVE was taken on
+        self._spc2_luns: dict[str, set[LogicalUnit]] = {}  # nexus key -> LUs it took an SPC-2 RESERVE on
         self._resets: dict[str, _Resets] = {}   # per target (a burst costs two fan-outs)
         # told when a nexus ends (with the tags of the tasks it took along)
         # and when a front end does: stml.server frees their metrics then
@@ -673,12 +673,9 @@ class Emulator:
         for lu in self._prevent_luns.pop(key, ()):   # and its PREVENT (SBC-4 5.15: I_T nexus loss)
             lu.prevent.discard(key)
         self._target_keys.get(nexus.target, {}).pop(key, None)
-        for lu in list(self.spc2_luns):   # those with an SPC-2 reservation, not every LU
-            st = lu.pr
-            if st is not None:
-                st.drop_spc2(key)
-            if st is None or st.spc2 is None:
-                self.spc2_luns.discard(lu)
+        for lu in self._spc2_luns.pop(key, ()):   # those it reserved, not every reserved LU (0227)
+            if lu.pr is not None:
+                lu.pr.drop_spc2(key)
         # unit attentions belong to the I_T nexus: they end with it, and a nexus
         # made again later starts without them
         for lu in self._ua_luns.pop(key, ()):
@@ -706,7 +703,12 @@ class Emulator:
                     del self._prevent_luns[key]
 
     def spc2_reserved(self, lu: LogicalUnit) -> None:
-        self.spc2_luns.add(lu)
+        """Index the LU by the nexus that holds its SPC-2 reservation now, as
+        copy results and PREVENT are: that nexus's loss visits only its own
+        (an entry released since is a no-op then)."""
+        st = lu.pr
+        if st is not None and st.spc2 is not None:
+            self._spc2_luns.setdefault(st.spc2, set()).add(lu)
 
     def nexus_keys(self, target: str) -> list[str]:
         return list(self._target_keys.get(target, ()))
@@ -1282,8 +1284,8 @@ class Emulator:
     def _tmf_i_t_nexus_reset(self, call: TmfCall) -> TmfOutcome:
         t, nexus = call.target, call.nexus
         victims = [x for x in self._target_tasks(t) if x.nexus is nexus]
-        for each in list(self.spc2_luns):
-            if each.pr is not None and each.target == t.name:
+        for each in self._spc2_luns.pop(nexus.key, ()):
+            if each.pr is not None:
                 each.pr.drop_spc2(nexus.key)
         return TmfOutcome(TmfResponse.COMPLETE, victims, self.fan_out_ua(t.luns.values(), I_T_NEXUS_LOSS, [nexus.key]))
 

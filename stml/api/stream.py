@@ -14,7 +14,7 @@ import time
 from typing import Any, Callable, Final, NamedTuple
 
 from stml.api.shm import BufferPool, SharedRegion
-from stml.api.sizes import BIG_FRAME
+from stml.api.sizes import BIG_FRAME, MAX_FRAMES
 
 log = logging.getLogger("stml.api")
 
@@ -43,7 +43,6 @@ _REF = struct.Struct("<2I")      # a shared frame on the wire: offset, length
 _ONE_FRAME = struct.Struct("<2I")   # a message of one frame: count, length
 _SHARED = 0x80000000   # a frame length with this bit: the frame is (offset, length) in the shared region
 CONTROL_REGION, CONTROL_FREE = 1, 2
-MAX_FRAMES = 4096
 # How long what is handed back (slots, delivered responses) may wait for a
 # message to ride on before it leaves on its own. Under load the next message
 # comes first; a timer that fires anyway wakes a process that would have slept:
