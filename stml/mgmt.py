@@ -466,7 +466,9 @@ class Management:
 
     async def _reload(self, new: Config, applied: list[str], pending: list[str]) -> None:
         old = self.config
-        for key in ("data_dir", "stml_endpoint", "stml", "isns", "isns_auth", "slp", "slp_da", "slp_auth"):
+        # [[vhost]]: the VM sockets are `run`'s children, started with it
+        for key in ("data_dir", "stml_endpoint", "stml", "isns", "isns_auth", "slp", "slp_da", "slp_auth",
+                    "vhost"):
             if old.raw.get(key) != new.raw.get(key):
                 pending.append(f"`{key}` changed: restart to apply it")
         if new.discovery_chap != old.discovery_chap:

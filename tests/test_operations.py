@@ -526,11 +526,12 @@ def test_sighup_and_config_reload_apply_a_hand_edit_and_orphan_nothing(ddir):
         # `config reload` tells what it applied and what needs a restart
         edited = cfg.read_text().replace('size = "2MiB"', 'size = "4MiB"').replace(
             "portals = ", 'isns = "127.0.0.1:3205"\nslp_auth = true\nportals = ')
-        cfg.write_text(edited)
+        cfg.write_text(edited + '\n[[vhost]]\nsocket = "vm.sock"\n')   # a VM socket: `run` starts those
         r = mgmt(ddir, "config", "reload")
         assert any("LUN 3 resized" in x for x in r["applied"])
         assert any("isns" in x for x in r["not_applied"])
         assert any("slp_auth" in x for x in r["not_applied"])
+        assert "`vhost` changed: restart to apply it" in r["not_applied"]
         pids = list(kids.values())
     assert t.proc.returncode == 0
     assert wait_gone(pids, 10) == []
