@@ -1074,7 +1074,7 @@ def test_the_unit_file_verifies_and_matches_the_packaged_one(tmp_path):
     assert packaged.read_text() == unit_text()
     assert ok("service", "unit", "--defaults") == unit_text()
     for key in ("Type=notify", "User=scsi-target", "AmbientCapabilities=CAP_NET_BIND_SERVICE",
-                "NoNewPrivileges=yes", "ProtectSystem=strict",
+                "NoNewPrivileges=yes", "ProtectSystem=strict", "RuntimeDirectory=scsi-target",
                 "ExecReload=/usr/bin/scsi-target config reload --data-dir /var/lib/scsi-target"):
         assert f"\n{key}\n" in packaged.read_text()
     unit = tmp_path / "scsi-target.service"

@@ -553,7 +553,8 @@ def test_run_starts_a_vhost_front_end_beside_iscsi(tmp_short):
 
 @pytest.mark.parametrize("flag, message", [
     ("/tmp/x.sock,target=iqn.2026-11.org.nowhere:t", "no target iqn.2026-11.org.nowhere:t"),
-    ("/tmp/x.sock,colour=blue", "is not target=IQN or initiator=NAME"),
+    ("/tmp/x.sock,colour=blue", "is not target=IQN, initiator=NAME or group=GROUP"),
+    ("/tmp/x.sock,group=no-such-group-here", "vhost socket /tmp/x.sock: no group no-such-group-here"),
 ])
 def test_run_refuses_a_bad_vhost_flag(tmp_short, flag, message):
     import subprocess
@@ -629,3 +630,28 @@ def test_the_socket_path_is_never_a_file_we_remove(stml, tmp_short):
                         "--stml", stml.endpoint], capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and "exists and is not a socket" in p.stderr
     assert path.read_text() == "keep me"
+
+
+def test_a_socket_given_to_a_group_is_0660_in_it(stml, tmp_short):
+    """QEMU under libvirt runs as a user of its own: `group` lets it in, and no one else."""
+    import grp
+    other = next(g for g in grp.getgrall() if g.gr_gid != os.getgid())
+    d = str(tmp_short())
+    p = VhostProcess(stml.endpoint, os.path.join(d, "vm.sock"), IQN, d, extra=("--group", other.gr_name))
+    try:
+        p.wait_for("listening on")
+        st = os.stat(p.socket_path)
+        assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o660, other.gr_gid)
+    finally:
+        p.stop()
+
+
+def test_a_socket_in_a_missing_directory_is_one_clear_line(stml, tmp_short):
+    import subprocess
+    import sys
+    path = tmp_short() / "scsi-target" / "vm1.sock"
+    p = subprocess.run([sys.executable, "-m", "fetd_vhost", "--socket", str(path), "--target", IQN,
+                        "--stml", stml.endpoint], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2
+    assert p.stderr.splitlines()[-1] == (f"scsi-target: fetd-vhost: cannot listen on {path}: "
+                                         f"its directory {path.parent} does not exist")
