@@ -702,12 +702,14 @@ def config_reload(**kw: Any) -> None:
 @click.option("--data-dir", type=click.Path(file_okay=False), help="Check this data dir's config file.")
 def config_check(config_path: str | None, data_dir: str | None) -> None:
     """Validate the config file: exit 0 and a summary, or exit 2 and the error."""
+    from fetd_vhost.cli import vhost_specs
     from stml.config import CONFIG_NAME, ConfigError, load
     if config_path is None:   # the file a data dir owns, as `run --data-dir` reads it
         config_path = str(_data_dir({"data_dir": data_dir}) / CONFIG_NAME)
     try:
         c = load(config_path, data_dir)
-    except ConfigError as e:
+        vhost_specs(c, ())     # [[vhost]]: read by `run`, not the STML
+    except (ConfigError, ValueError) as e:
         click.echo(f"scsi-target: config error: {e}", err=True)
         sys.exit(2)
     luns = sum(len(t.luns) for t in c.targets)

@@ -578,6 +578,20 @@ def test_run_refuses_a_vhost_socket_when_there_is_no_target(tmp_short):
                         "the configuration has no target to serve\n")
 
 
+def test_config_check_refuses_the_vhost_table_run_refuses(tmp_short):
+    """`config check` validates what `run` reads, [[vhost]] included: it said
+    OK for a table that stopped the start."""
+    import subprocess
+    import sys
+    d = tmp_short()
+    cfg = d / "target.toml"
+    cfg.write_text(f'[[target]]\nname = "{IQN}"\n\n[[vhost]]\nsocket = "vm.sock"\ngroup = "no-such-group-here"\n')
+    p = subprocess.run([sys.executable, "-m", "scsi_target", "config", "check", "--config", str(cfg)],
+                       capture_output=True, text=True, timeout=60)
+    assert (p.returncode, p.stdout) == (2, "")
+    assert p.stderr == (f"scsi-target: config error: vhost socket {d / 'vm.sock'}: no group no-such-group-here\n")
+
+
 def test_acl_keeps_a_vm_out_until_management_lets_it_in(stml_factory, tmp_short, vhost, masters):
     cfg = tmp_short() / "target.toml"
     cfg.write_text(f'[[target]]\nname = "{IQN}"\nacl = ["iqn.2026-11.org.example:someone-else"]\n'
