@@ -463,8 +463,10 @@ def render_status(snap: dict[str, Any], wide: bool) -> str:
             out.append(table(luns, [c for c in lun_cols if c != "target"], "LUNs", width, heads))
             if sessions:
                 out.append(table(sessions, [c for c in ses_cols if c != "target"], "Sessions", width, heads))
-    out.append(table(snap["front_ends"], fe_cols, "\nFront ends", width, heads))
     gw = snap.get("gateway")
+    out.append(table(snap["front_ends"], fe_cols, "\nFront ends", width, heads))
+    if gw and gw["role"] == "standby" and not snap["front_ends"]:   # its host's front end is elsewhere
+        out[-1] = out[-1].replace("(none)", "(none: a standby's front ends attach to the active gateway)")
     if gw and gw["role"] != "standalone":   # RBD LUNs: this STML's role and who holds each lock
         out.append(f"\nGateway: {gw['role']} for {gw['for_s']}s, {gw['takeovers']} takeover(s)")
         out.append(table(gw["images"], ["target", "lun", "image", "lock_owner", "mine"], None, width))
