@@ -298,16 +298,16 @@ class VhostFrontEnd:
             return
         nexus = next(self._nexus_ids)
         self.conn = Connection(self, sock, nexus)
-        log.info("a VM connected to %s (nexus %d, initiator %s)", self.socket_path, nexus, self.initiator)
-        print(f"fetd_vhost: VM connected (initiator {self.initiator})", flush=True)
+        # a status line only: `run` relays it in the log format (a log line too would say it twice)
+        print(f"fetd_vhost: a VM connected to {self.socket_path} (nexus {nexus}, initiator {self.initiator})",
+              flush=True)
         self._register(self.conn)
 
     def connection_closed(self, conn: Connection) -> None:
         if self.conn is conn:
             self.conn = None
             self.link.scsi_release(conn.nexus)
-            log.info("the VM on %s disconnected", self.socket_path)
-            print("fetd_vhost: VM disconnected", flush=True)
+            print(f"fetd_vhost: the VM on {self.socket_path} disconnected", flush=True)
 
     def _register(self, conn: Connection) -> None:
         """Register the VM's nexus when the STML has our target and lets us in;

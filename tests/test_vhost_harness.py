@@ -412,7 +412,7 @@ def test_hostile_messages(stml, vhost, masters):
     m.sock.sendall(struct.pack("<3I", 1, 2, 0))
     with pytest.raises(ConnectionError):
         m.recv(GET_FEATURES)
-    fe.wait_for("VM disconnected")
+    fe.wait_for(f"the VM on {fe.socket_path} disconnected")
     m2 = masters(fe)
     m2.start()
     assert m2.run(m2.queues[2], inquiry(36), data_in=36).status == GOOD
@@ -603,8 +603,8 @@ def test_acl_keeps_a_vm_out_until_management_lets_it_in(stml_factory, tmp_short,
     q, evq = m.queues[2], m.queues[1]
     bufs = m.event_buffers(4)
     assert m.run(q, inquiry(36), data_in=36).response == BAD_TARGET
-    fe.wait_for("VM connected")
-    initiator = fe.output().split("VM connected (initiator ")[1].split(")")[0]
+    fe.wait_for("a VM connected")
+    initiator = fe.output().split("initiator ")[1].split(")")[0]
     MgmtClient(stml.endpoint).call("acl_add", initiator=initiator)
     (head, _), = evq.wait_used(1)
     assert m.read_event(bufs[head]) == (1, bytes([1, 0, 0, 0]) + bytes(4), 1)   # RESCAN the target
