@@ -166,5 +166,7 @@ def vhost_children(config: Any, flags: tuple[str, ...], log_level: str) -> dict[
         if s.group:
             argv += ["--group", s.group]
         children[f"fetd_vhost{i}" if i else "fetd_vhost"] = argv
-        click.echo(f"vhost-user-scsi socket: {s.socket} (target {target})")
+        # a flag is not saved in the config file: a later start without it serves no such socket
+        once = "; this run only: a [[vhost]] table serves it at every start" if i < len(flags) else ""
+        click.echo(f"vhost-user-scsi socket: {s.socket} (target {target}{once})")
     return children

@@ -540,6 +540,8 @@ def test_run_starts_a_vhost_front_end_beside_iscsi(tmp_short):
         while "fetd_vhost: attached to STML" not in t.log():
             assert time.monotonic() < deadline, t.log()
             time.sleep(0.05)
+        assert (f"vhost-user-scsi socket: {sock} (target {IQN}; this run only: a [[vhost]] table serves it "
+                "at every start)") in t.log()
         m = VhostMaster(sock)
         try:
             m.start()
