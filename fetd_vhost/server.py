@@ -380,6 +380,11 @@ class VhostFrontEnd:
         self.luns = luns
         if conn is not None:
             self._register(conn)
+        else:   # no VM yet: say now why one would see no disk (a mistyped --target, the ACL)
+            refused = self._refusal(target)
+            if refused is not None and refused != self.refused:
+                log.error("%s: a VM on %s would see no disk", refused, self.socket_path)
+            self.refused = refused
         self.schedule_signals()
 
     def nexus_ready(self, nexus: int, error: str | None) -> None:

@@ -594,6 +594,25 @@ def test_config_check_refuses_the_vhost_table_run_refuses(tmp_short):
     assert p.stderr == (f"scsi-target: config error: vhost socket {d / 'vm.sock'}: no group no-such-group-here\n")
 
 
+def test_a_target_the_stml_does_not_have_is_said_before_any_vm_connects(stml, tmp_short):
+    """`fetd-vhost --target` with a typo: said once it attaches, not only when a
+    VM connects and finds no disk."""
+    d = str(tmp_short())
+    sock = os.path.join(d, "vm.sock")
+    p = VhostProcess(stml.endpoint, sock, "iqn.2026-11.org.scsi-target:typo", d)
+    try:
+        p.wait_for("attached to STML")
+        deadline = time.monotonic() + 10
+        while "would see no disk" not in p.log():
+            assert time.monotonic() < deadline, p.log()
+            time.sleep(0.02)
+        assert p.log().count("ERROR") == 1
+        assert (f"the STML has no target iqn.2026-11.org.scsi-target:typo: a VM on {sock} would see no disk"
+                in p.log())
+    finally:
+        p.stop()
+
+
 def test_acl_keeps_a_vm_out_until_management_lets_it_in(stml_factory, tmp_short, vhost, masters):
     cfg = tmp_short() / "target.toml"
     cfg.write_text(f'[[target]]\nname = "{IQN}"\nacl = ["iqn.2026-11.org.example:someone-else"]\n'
