@@ -390,18 +390,26 @@ def test_an_offline_rbd_lun_shows_the_identity_its_image_had(cluster, image, tmp
     assert "id" not in entry and serial.decode() == entry["image_identity"][:16], entry
 
 
-def test_a_first_start_on_an_image_that_cannot_open_is_one_line_and_exit_2(cluster, tmp_short):
-    """As for a file LUN (0272): `run --lun rbd:...` with a typo in the image's
-    name fails while the admin is at the terminal, and saves no config that
-    would serve the typo offline from then on."""
+@pytest.mark.parametrize("features, why", [
+    (None, "opening image {name}: No such file or directory"),
+    # krbd-era images: without the lock no gateway can serve them (0400)
+    ("layering", "image {name} has no exclusive-lock feature, which serving it needs: "
+                 "`rbd feature enable {image} exclusive-lock`"),
+])
+def test_a_first_start_on_an_image_that_cannot_open_is_one_line_and_exit_2(cluster, tmp_short, features, why):
+    """As for a file LUN (0272): `run --lun rbd:...` on an image it cannot
+    serve fails while the admin is at the terminal, and saves no config that
+    would serve it offline from then on."""
     import subprocess
     import sys
     ddir = tmp_short()
-    spec = cluster.spec("rbd/no-such-image")
-    p = subprocess.run([sys.executable, "-m", "scsi_target", "run", "--data-dir", str(ddir), "--lun", spec,
-                        "--portal", "127.0.0.1:0", "--cpu-affinity", "none"],
+    name = f"t{uuid.uuid4().hex[:8]}"
+    image = f"{cluster.POOL}/{name}"
+    if features:
+        cluster.run("rbd", "create", "--size", "16M", "--image-feature", features, image)
+    p = subprocess.run([sys.executable, "-m", "scsi_target", "run", "--data-dir", str(ddir),
+                        "--lun", cluster.spec(image), "--portal", "127.0.0.1:0", "--cpu-affinity", "none"],
                        capture_output=True, text=True, timeout=120)
     assert (p.returncode, p.stdout) == (2, ""), p.stdout
-    assert p.stderr == (f"scsi-target: target {IQN} LUN 0: {spec.split(',')[0]}: opening image no-such-image: "
-                        "No such file or directory\n")
+    assert p.stderr == f"scsi-target: target {IQN} LUN 0: rbd:{image}: {why.format(name=name, image=image)}\n"
     assert not (ddir / "scsi-target.toml").exists()
