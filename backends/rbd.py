@@ -117,17 +117,7 @@ class RbdBackend:
             self._usable = True
 
     def _image(self, ioctx: IoCtx, size: int | None) -> Image:
-        try:
-            image = Image(ioctx, self.name)
-        except CephError as e:
-            if e.errno != errno.ENOENT or not size or self.readonly:
-                raise
-            try:
-                create_image(ioctx, self.name, size)
-            except CephError as e:
-                if e.errno != errno.EEXIST:   # another gateway made it meanwhile
-                    raise
-            image = Image(ioctx, self.name)
+        image = self._open_or_create(ioctx, size)
         try:   # every RBD LU is served under the image's lock (0400): an image without one cannot be
             if not image.features() & FEATURE_EXCLUSIVE_LOCK:
                 raise CephError(errno.EINVAL, f"image {self.name} has no exclusive-lock feature, which serving "
@@ -136,6 +126,19 @@ class RbdBackend:
             image.close()
             raise
         return image
+
+    def _open_or_create(self, ioctx: IoCtx, size: int | None) -> Image:
+        try:
+            return Image(ioctx, self.name)
+        except CephError as e:
+            if e.errno != errno.ENOENT or not size or self.readonly:
+                raise
+        try:
+            create_image(ioctx, self.name, size)
+        except CephError as e:
+            if e.errno != errno.EEXIST:   # another gateway made it meanwhile
+                raise
+        return Image(ioctx, self.name)
 
     def reopen(self) -> None:
         """A new client and image handle (after this one was fenced): blocking."""
