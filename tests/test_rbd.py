@@ -413,3 +413,23 @@ def test_a_first_start_on_an_image_that_cannot_open_is_one_line_and_exit_2(clust
     assert (p.returncode, p.stdout) == (2, ""), p.stdout
     assert p.stderr == f"scsi-target: target {IQN} LUN 0: rbd:{image}: {why.format(name=name, image=image)}\n"
     assert not (ddir / "scsi-target.toml").exists()
+
+
+def test_an_image_served_before_is_never_made_again(cluster, tmp_short):
+    """0280 for images: a LUN whose `size` made its image at the first start
+    (or that `lun resize` gave a `size`) is served offline once the image is
+    gone, not given a blank image of that name."""
+    from fetd_loopback import LoopbackClient
+    ddir = str(tmp_short())
+    image = f"{cluster.POOL}/t{uuid.uuid4().hex[:8]}"
+    args = ("--no-iscsi", "--cpu-affinity", "none")
+    with Target(*args, "--lun", cluster.spec(image) + ",size=16MiB", data_dir=ddir, portals=(), expect_portals=0):
+        pass
+    assert image.split("/")[1] in cluster.run("rbd", "ls", cluster.POOL).split()   # the first start made it
+    cluster.run("rbd", "mv", image, f"{image}-away")
+    with Target(*args, data_dir=ddir, portals=(), expect_portals=0) as t:
+        t.wait_log("LUN 0 (rbd ")
+        with LoopbackClient(f"ipc://{ddir}/stml.sock", timeout=10) as c:
+            r = c.execute(0, bytes(6))
+            assert (r.sense_key, r.asc_ascq) == (0x02, (0x04, 0x03))   # offline
+    assert image.split("/")[1] not in cluster.run("rbd", "ls", cluster.POOL).split()
