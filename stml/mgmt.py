@@ -37,7 +37,7 @@ from stml.lunmap import LunMap
 from stml.metrics import Metrics
 from stml.persist import (SECRET_DIFFERS, EditedError, hide_secrets, hold, model, new_id, read_document, render,
                           save)
-from stml.portals import PortalStates, portal_entries, portal_groups
+from stml.portals import GATEWAY_FIXED, GATEWAY_STATE, PortalStates, portal_entries, portal_groups
 from stml.sense import CAPACITY_DATA_CHANGED, NOT_READY_TO_READY_CHANGE, REPORTED_LUNS_DATA_CHANGED
 from stml.task import FANOUT_STEP, Nexus, Task
 from stml.trace.recorder import Recorder, Traces
@@ -319,7 +319,7 @@ class Management:
             key = parse_portal(p)
             states = [r for rep in reports for r in rep if (r.get("host"), r.get("port"), r.get("tpgt")) == key]
             if not reports:
-                state = "no front end"
+                state = GATEWAY_STATE if self.config.stml.peers else "no front end"
             elif states and all(r.get("listening") for r in states):
                 bound = sorted({str(r.get("bound_port", key[1])) for r in states})
                 state = "listening" + (f" on port {','.join(bound)}" if key[1] == 0 else "")
@@ -466,7 +466,9 @@ class Management:
 
     async def _reload(self, new: Config, applied: list[str], pending: list[str]) -> None:
         old = self.config
-        for key in ("data_dir", "stml_endpoint", "stml", "isns", "isns_auth", "slp", "slp_da", "slp_auth"):
+        # [[vhost]]: the VM sockets are `run`'s children, started with it
+        for key in ("data_dir", "stml_endpoint", "stml", "isns", "isns_auth", "slp", "slp_da", "slp_auth",
+                    "vhost"):
             if old.raw.get(key) != new.raw.get(key):
                 pending.append(f"`{key}` changed: restart to apply it")
         if new.discovery_chap != old.discovery_chap:
@@ -474,7 +476,9 @@ class Management:
             self.em.discovery = {**self.em.discovery, "chap": new.discovery_chap}
             await self._redetect()
             applied.append("discovery_chap")
-        if new.portals != old.portals:
+        if new.portals != old.portals and old.stml.peers:
+            pending.append(f"`portals` changed: {GATEWAY_FIXED}: restart it to apply them")
+        elif new.portals != old.portals:
             await self._set_portals(new.portals)
             applied.append(f"portals: {', '.join(new.portals)}")
         wanted = {t.name: t for t in new.targets}
@@ -556,6 +560,12 @@ class Management:
         await self._redetect()
         return await self._persist()
 
+    def _portals_not_fixed(self) -> None:
+        """A gateway's portals change by a restart only: saying a new one
+        listens, when none does, would be worse than refusing."""
+        if self.config.stml.peers:
+            raise MgmtError(f"{GATEWAY_FIXED}: edit `portals` in {self.config.path} and restart it")
+
     async def portal_add(self, portal: str) -> dict[str, Any]:
         """Add a portal; the reply waits for the front ends that follow the list
         to say whether they could listen on it, and a portal none can open is
@@ -564,6 +574,7 @@ class Management:
             host, port, tpgt = key = parse_portal(str(portal))
         except ValueError as e:
             raise MgmtError(str(e)) from None
+        self._portals_not_fixed()
         for p in self.config.portals:
             h, pt, t = parse_portal(p)
             if (h, pt) == (host, port) and port != 0:
@@ -594,6 +605,7 @@ class Management:
                    and ("," not in portal or parse_portal(p)[2] == key[2])]
         if not matches:
             raise MgmtError(f"no portal {portal} (portals: {', '.join(self.config.portals) or 'none'})")
+        self._portals_not_fixed()
         saved = await self._set_portals([p for p in self.config.portals if p not in matches])
         return {"portal": matches[0], "saved": saved}
 

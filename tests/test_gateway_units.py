@@ -286,3 +286,17 @@ def test_a_gateway_starting_walks_its_luns_once(monkeypatch):
     asyncio.run(run())
     assert gw.role == STANDBY and sorted(lu.lun for lu in gw._sizes) == list(range(40))
     assert all(lu.backend.on_change is not None for lu in lus.values())
+
+
+def test_a_standbys_status_says_where_its_front_ends_are():
+    """A standby's STML has no front end: its host's one is attached to the
+    active gateway. `status` says so rather than an alarming bare "(none)"."""
+    from scsi_target.mgmt import render_status
+    image = {"target": "iqn.2026-11.org.test:t", "lun": 0, "image": "rbd/i", "lock_owner": "10.0.0.1:0/1",
+             "mine": False}
+    snap = {"stml": "stml", "uptime_s": 1.0, "config": None, "endpoints": ["x"], "portals": [], "luns": [],
+            "sessions": [], "front_ends": [],
+            "gateway": {"role": "standby", "for_s": 1.0, "takeovers": 0, "images": [image]}}
+    assert "Front ends\n(none: a standby's front ends attach to the active gateway)\n" in render_status(snap, False)
+    snap["gateway"]["role"] = "active"
+    assert "Front ends\n(none)\n" in render_status(snap, False)

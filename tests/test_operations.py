@@ -526,11 +526,12 @@ def test_sighup_and_config_reload_apply_a_hand_edit_and_orphan_nothing(ddir):
         # `config reload` tells what it applied and what needs a restart
         edited = cfg.read_text().replace('size = "2MiB"', 'size = "4MiB"').replace(
             "portals = ", 'isns = "127.0.0.1:3205"\nslp_auth = true\nportals = ')
-        cfg.write_text(edited)
+        cfg.write_text(edited + '\n[[vhost]]\nsocket = "vm.sock"\n')   # a VM socket: `run` starts those
         r = mgmt(ddir, "config", "reload")
         assert any("LUN 3 resized" in x for x in r["applied"])
         assert any("isns" in x for x in r["not_applied"])
         assert any("slp_auth" in x for x in r["not_applied"])
+        assert "`vhost` changed: restart to apply it" in r["not_applied"]
         pids = list(kids.values())
     assert t.proc.returncode == 0
     assert wait_gone(pids, 10) == []
@@ -918,6 +919,31 @@ def test_wait_ready_with_no_portals(ddir):
         assert ok("wait-ready", "--data-dir", ddir, "--timeout", "10") == f"ready: ipc://{ddir}/stml.sock\n"
 
 
+def test_a_gateways_portals_are_its_front_ends_own(ddir):
+    """A gateway's front end listens on the portals it started with, whichever
+    gateway serves, and reports them to no STML: wait-ready does not wait for
+    a report that never comes, and the portal verbs and a reload do not claim
+    a listener that nobody opened (decisions/0414)."""
+    cfg = Path(ddir) / "scsi-target.toml"
+    cfg.write_text('portals = ["127.0.0.1:0,1"]\n\n[stml]\nlisten = ["tcp://127.0.0.1:0"]\ninsecure = true\n'
+                   'peers = ["tcp://127.0.0.1:9"]\n\n'
+                   f'[[target]]\nname = "{IQN}"\n\n[[target.lun]]\nbackend = "ram"\nsize = "4MiB"\n')
+    with Target(data_dir=ddir, portals=()):
+        assert ok("wait-ready", "--data-dir", ddir, "--timeout", "10") == f"ready: ipc://{ddir}/stml.sock\n"
+        assert [p["state"] for p in mgmt(ddir, "portal", "list")] == ["set at the gateway's start"]
+        for verb, portal in (("add", "127.0.0.2:3260,1"), ("remove", "127.0.0.1:0")):
+            p = cli("portal", verb, "--data-dir", ddir, portal)
+            assert p.returncode == 2 and p.stderr == (
+                f"scsi-target: portal {verb} refused: this is a gateway ([stml] peers): its front end listens "
+                f"on the portals it started with, whichever gateway serves: edit `portals` in {cfg} and "
+                "restart it\n")
+        cfg.write_text(cfg.read_text().replace('"127.0.0.1:0,1"', '"127.0.0.2:3260,1"'))
+        r = mgmt(ddir, "config", "reload")
+        assert r["applied"] == [] and len(r["not_applied"]) == 1
+        assert r["not_applied"][0].startswith("`portals` changed: this is a gateway")
+        assert [p["portal"] for p in mgmt(ddir, "portal", "list")] == ["127.0.0.1:0,1"]
+
+
 def test_a_malformed_portal_report_does_not_break_portal_list(stml_factory):
     """A front end's portal_state entry without host/port/tpgt is no match,
     not an internal error of `portal list` and `status`."""
@@ -1073,7 +1099,7 @@ def test_the_unit_file_verifies_and_matches_the_packaged_one(tmp_path):
     assert packaged.read_text() == unit_text()
     assert ok("service", "unit", "--defaults") == unit_text()
     for key in ("Type=notify", "User=scsi-target", "AmbientCapabilities=CAP_NET_BIND_SERVICE",
-                "NoNewPrivileges=yes", "ProtectSystem=strict",
+                "NoNewPrivileges=yes", "ProtectSystem=strict", "RuntimeDirectory=scsi-target",
                 "ExecReload=/usr/bin/scsi-target config reload --data-dir /var/lib/scsi-target"):
         assert f"\n{key}\n" in packaged.read_text()
     unit = tmp_path / "scsi-target.service"
