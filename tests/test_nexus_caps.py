@@ -300,6 +300,39 @@ def test_a_zeromq_message_of_too_many_frames_is_dropped_in_steps(monkeypatch, ca
     assert messages == [[pack({"op": Op.HEARTBEAT, "n": i}), b"a", b"b"] for i in range(30)]
 
 
+def test_a_front_ends_channel_takes_a_big_batch_from_its_stml_whole(monkeypatch):
+    """The cap is the STML's (its routed socket, which anyone admitted may
+    reach): a front end's socket reaches only the STML it chose, and an STML
+    older than the cap sends batches of any size, which must not be lost."""
+    monkeypatch.setattr(sizes, "MAX_FRAMES", 8)
+
+    async def main() -> list:
+        ctx = zmq.Context()
+        router = ctx.socket(zmq.ROUTER)
+        router.bind("inproc://big-batch")
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.connect("inproc://big-batch")
+        got: list = []
+        try:
+            ch = zmq_carrier.Channel(dealer, lambda frames: got.append([bytes(f) for f in frames]))
+            ch.send([pack({"op": Op.HEARTBEAT})])
+            await asyncio.sleep(0)
+            ident = router.recv_multipart()[0]
+            router.send_multipart([ident, pack({"op": Op.HEARTBEAT}), *(b"x" for _ in range(8 * 3))])
+            for _ in range(20):
+                await asyncio.sleep(0)
+                if got:
+                    break
+            ch.close()
+        finally:
+            dealer.close(linger=0)
+            router.close(linger=0)
+            ctx.term()
+        return got
+
+    assert asyncio.run(main()) == [[pack({"op": Op.HEARTBEAT}), *(b"x" for _ in range(8 * 3))]]
+
+
 def test_the_stml_drops_a_message_of_too_many_frames_and_answers_the_next(stml):
     """A management request of MAX_FRAMES + 1 frames to a real STML gets no
     answer and one log line; the same request in one frame is answered, and

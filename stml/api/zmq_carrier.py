@@ -78,15 +78,18 @@ class Channel:
 
     def _receive(self) -> list[zmq.Frame] | None:
         """The next message's frames (zmq.Again when there is none), or None
-        for none to deliver: a message of more than MAX_FRAMES frames (a
-        routed peer's identity frame aside) is let go frame by frame, at most
+        for none to deliver: on a routed socket (the STML's, which any front
+        end or manager may reach), a message of more than MAX_FRAMES frames
+        (the identity frame aside) is let go frame by frame, at most
         MAX_FRAMES a turn of the loop, as it is received. MAXMSGSIZE bounds a
-        frame, not their number (0226)."""
+        frame, not their number (0226). A front end's socket reaches only the
+        STML it chose, which may be older than the cap and send bigger
+        batches: it takes every message whole."""
         sock = self.sock
         if self._dropping:
             self._drop()
             return None
-        most = sizes.MAX_FRAMES + self.routed
+        most = sizes.MAX_FRAMES + 1 if self.routed else 0
         raw = [sock.recv(zmq.NOBLOCK, copy=False)]
         while raw[-1].more:
             if len(raw) == most:

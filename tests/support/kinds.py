@@ -168,6 +168,7 @@ KIND_OF_TEST = {
     "test_mgmt.py::test_a_result_the_codec_cannot_pack_is_answered_with_an_error": "unit",
     "test_mgmt.py::test_session_drop_looks_its_nexus_up_instead_of_walking_every_session": "unit",
     "test_nexus_caps.py::test_a_zeromq_message_of_too_many_frames_is_dropped_in_steps": "unit",
+    "test_nexus_caps.py::test_a_front_ends_channel_takes_a_big_batch_from_its_stml_whole": "unit",
     "test_nexus_caps.py::test_front_end_past_its_nexus_cap_is_refused": "unit",
     "test_nexus_caps.py::test_port_groups_are_capped_and_16_bit": "unit",
     "test_nexus_caps.py::test_target_past_its_nexus_cap_is_refused": "unit",
