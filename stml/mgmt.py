@@ -489,11 +489,23 @@ class Management:
                 continue
             await self.target_remove(name)
             applied.append(f"target {name} removed")
+        # every target's removed LUNs first: a LUN moved to a target earlier in
+        # the file then finds its file no longer backing the one it left
+        for tc in new.targets:
+            if tc.name in self.em.targets:
+                await self._remove_gone_luns(tc, applied)
         for tc in new.targets:
             if tc.name not in self.em.targets:
                 await self.target_add(tc.name, tc.alias)
                 applied.append(f"target {tc.name} added")
             await self._reload_target(tc, applied, pending)
+
+    async def _remove_gone_luns(self, want: TargetConfig, applied: list[str]) -> None:
+        t = self.em.targets[want.name]
+        numbers = {lc.lun for lc in want.luns}
+        for gone in [lu for lu in await self._lus([t]) if lu.lun not in numbers]:
+            await self.lun_remove(gone.lun, t.name)
+            applied.append(f"target {t.name} LUN {gone.lun} removed")
 
     async def _reload_target(self, want: TargetConfig, applied: list[str], pending: list[str]) -> None:
         t = self.em.targets[want.name]
@@ -509,9 +521,6 @@ class Management:
             await setter(self, t, value)
             applied.append(f"target {t.name} {f.name}")
         luns = {lc.lun: lc.options for lc in want.luns}
-        for gone in [lu for lu in await self._lus([t]) if lu.lun not in luns]:
-            await self.lun_remove(gone.lun, t.name)
-            applied.append(f"target {t.name} LUN {gone.lun} removed")
         async for number, o in _stepped(luns.items()):
             lu = t.luns.get(number)
             if lu is None:

@@ -362,6 +362,38 @@ def test_aptpl_state_belongs_to_the_lu_not_to_its_number(stml_factory):
         assert [read_keys(c, lun) for lun in (0, 1, 2)] == [[0xB0], [], [0xB2]]
 
 
+def test_a_file_lun_moved_to_a_target_earlier_in_the_file_by_one_reload(stml_factory):
+    """A reload removes every target's gone LUNs before it adds any: a file
+    LUN moved by hand to a target listed before its old one was added while
+    the old target still served it ("already backs"), then removed, and
+    neither target served it until a restart (review 11)."""
+    p = stml_factory("file:m.img,size=4MiB", "ram:4MiB")
+    m = MgmtClient(p.endpoint)
+    other = "iqn.2026-11.org.test:earlier"
+    m.call("target_add", name=other)
+    with LoopbackClient(p.endpoint, timeout=10) as c:
+        c.write(0, 0, b"\x5a" * 512 * 8)
+    cfg = p.data_dir / "scsi-target.toml"
+
+    def move(doc) -> None:
+        first, second = doc["target"][0], _target_table(doc, other)
+        lun = next(x for x in first["lun"] if x["lun"] == 0)
+        first["lun"].remove(lun)
+        second["lun"] = tomlkit.aot()
+        second["lun"].append(lun)
+        tables = tomlkit.aot()
+        tables.append(second)   # the target it moves to, listed first
+        tables.append(first)
+        doc["target"] = tables
+    _edit(cfg, move)
+    r = m.call("config_reload")
+    assert r["not_applied"] == [], r
+    served = {(x["target"], x["lun"]) for x in m.call("status")["luns"]}
+    assert (other, 0) in served and (IQN, 0) not in served, served
+    with LoopbackClient(p.endpoint, other, timeout=10) as c:
+        assert c.read(0, 0, 8) == b"\x5a" * 512 * 8
+
+
 # ------------------------------------------------------------------ any sequence of changes
 
 OTHERS = ["iqn.2026-11.org.test:alpha", "iqn.2026-11.org.test:beta"]
