@@ -41,6 +41,7 @@ _IOV_MAX = 1024
 _U32 = struct.Struct("<I")
 _REF = struct.Struct("<2I")      # a shared frame on the wire: offset, length
 _ONE_FRAME = struct.Struct("<2I")   # a message of one frame: count, length
+_TWO_FRAMES = struct.Struct("<3I")  # of two: count, lengths
 _SHARED = 0x80000000   # a frame length with this bit: the frame is (offset, length) in the shared region
 CONTROL_REGION, CONTROL_FREE = 1, 2
 MAX_FRAMES = 4096
@@ -88,9 +89,15 @@ def encode(frames: list, region: SharedRegion | None = None) -> list:
     """One message as buffers to send: u32 frame count, u32 lengths, the
     frames. A frame that is a view of a slot of our shared `region` is lent
     to the peer and sent as (offset, length), a reference."""
-    if len(frames) == 1:   # a header alone (most messages to the STML): no lengths to gather
+    count = len(frames)
+    if count == 1:   # a header alone (most messages to the STML): no lengths to gather
         header = frames[0]
         return [_ONE_FRAME.pack(1, len(header)), header]
+    if count == 2:   # a header and its data (a response): nothing lent, no lists gathered
+        data = frames[1]
+        if region is None or type(data) is not memoryview or id(data.obj) not in region.slots:
+            header = frames[0]
+            return [_TWO_FRAMES.pack(2, len(header), len(data)), header, data]
     if region is not None:
         lengths, wire = [], []
         slots = region.slots
@@ -103,8 +110,13 @@ def encode(frames: list, region: SharedRegion | None = None) -> list:
             else:
                 lengths.append(len(f))
                 wire.append(f)
-        return [_u32s(len(wire) + 1).pack(len(wire), *lengths), *wire]
-    return [_u32s(len(frames) + 1).pack(len(frames), *map(len, frames)), *frames]
+        return [_lengths(len(wire) + 1).pack(len(wire), *lengths), *wire]
+    return [_lengths(count + 1).pack(count, *map(len, frames)), *frames]
+
+
+def _lengths(count: int) -> struct.Struct:
+    """The Struct of a message's frame count and lengths."""
+    return _U32S[count] if count < len(_U32S) else _u32s(count)
 
 
 def encode_control(kind: int, values: tuple[int, ...] | list[int]) -> bytes:
@@ -202,8 +214,7 @@ class StreamFramer:
                     raise FramingError(f"a message of {count} frames")
                 if avail < 4 + 4 * count:
                     return None
-                lengths: tuple[int, ...] = (
-                    _U32S[count] if count < len(_U32S) else _u32s(count)).unpack_from(buf, start + 4)
+                lengths: tuple[int, ...] = _lengths(count).unpack_from(buf, start + 4)
                 start += 4 + 4 * count
                 avail -= 4 + 4 * count
                 total = biggest = 0
