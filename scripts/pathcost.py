@@ -371,13 +371,13 @@ async def stml_process_path(count: int, size: int, write: bool = False) -> float
     from stml import config
     from stml.server import StmlServer
     work = Path(tempfile.mkdtemp(prefix="pathcost", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
-    server: StmlServer | None = None
+    stop = asyncio.Event()
+    serving: asyncio.Future | None = None
     try:
         img = work / "lun.img"
         with open(img, "wb") as f:
             f.truncate(1 << 30)
         server = StmlServer(config.load(data_dir=str(work / "data"), luns=(f"file:{img},thick",)))
-        stop = asyncio.Event()
         serving = asyncio.ensure_future(server.serve(stop))
         await asyncio.sleep(0)   # bound: its sockets are there
         target = next(iter(server.emulator.targets))
@@ -387,9 +387,10 @@ async def stml_process_path(count: int, size: int, write: bool = False) -> float
         out, _ = await asyncio.get_running_loop().run_in_executor(None, child.communicate)
         if child.returncode != 0:
             raise RuntimeError(f"the fake front end failed ({child.returncode})")
-        stop.set()
-        await serving
-    finally:   # a failed run too: no 1 GiB file left in /dev/shm
+    finally:   # a failed run too: the server stopped (its context closed), no 1 GiB file left
+        if serving is not None:
+            stop.set()
+            await serving
         shutil.rmtree(work, ignore_errors=True)
     return float(out.split()[-1])
 
