@@ -234,6 +234,27 @@ def test_directory_is_refused(tmp_path):
         FileBackend(str(tmp_path))
 
 
+def test_a_file_is_locked_while_open_read_only_ones_share_it(tmp_path):
+    """An open file description lock (0216): a second read-write open of the
+    file is refused in one line naming it, and so is a read-only one while
+    a writer holds it; read-only opens share it; the lock ends with close."""
+    path = str(tmp_path / "d.img")
+    a = FileBackend(path, 1 << 20)
+    for readonly in (False, True):
+        with pytest.raises(BackendError, match=f"^{path}: in use by this STML .*served by one target at a time\\)$"):
+            FileBackend(path, readonly=readonly)
+    a.resize(2 << 20)   # the lock covers the file whatever its size
+    with pytest.raises(BackendError, match="in use"):
+        FileBackend(path)
+    a.close()
+    r1, r2 = FileBackend(path, readonly=True), FileBackend(path, readonly=True)
+    with pytest.raises(BackendError, match="in use"):
+        FileBackend(path)
+    r1.close()
+    r2.close()
+    FileBackend(path).close()
+
+
 # ---------------------------------------------------------------- file: flush and concurrent syncs
 
 @pytest.fixture

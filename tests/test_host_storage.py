@@ -15,7 +15,7 @@ import pytest
 from fetd_loopback import LoopbackClient
 from support.ci import need_root
 from support.cli import cli, mgmt
-from support.procs import run
+from support.procs import children_by_module, run
 from support.target import Target
 
 
@@ -145,3 +145,29 @@ def test_a_reload_moves_a_block_device_lun_with_unflushed_writes(loopdev, tmp_sh
         assert [x["lun"] for x in luns] == [0, 2] and luns[1]["offline"] is None, luns
         with LoopbackClient(f"ipc://{ddir}/stml.sock", timeout=30) as c:
             assert c.read(2, 15 * 2048, 2048) == chunk
+
+
+def test_a_file_serves_one_target_at_a_time(tmp_short):
+    """Two data dirs (two STMLs) on one regular file: the second is refused,
+    at `lun add` and at a start, naming the file and the STML that holds it;
+    once the first stopped it may have the file (0216)."""
+    one, two = str(tmp_short()), str(tmp_short())
+    img = f"{tmp_short()}/disk.img"
+    with Target("--lun", f"file:{img},size=4MiB", data_dir=one) as t:
+        holder = children_by_module(t.proc.pid)["stml"]
+        with Target("--lun", "ram:4MiB", data_dir=two):
+            p = cli("lun", "add", "--data-dir", two, f"file:{img}", check=False)
+            assert p.returncode == 2, p
+            line = p.stderr.strip()
+            assert line.startswith(f"scsi-target: lun add refused: cannot open the backend: {img}: in use by "
+                                   f"pid {holder} ("), line
+            assert line.endswith("which holds a lock on it (a file is served by one target at a time)"), line
+            assert "\n" not in line and one in line
+            assert [lun["lun"] for lun in mgmt(two, "lun", "list")] == [0]
+        second = subprocess.run([sys.executable, "-m", "scsi_target", "run", "--data-dir", str(tmp_short()),
+                                 "--portal", "127.0.0.1:0", "--lun", f"file:{img}"],
+                                capture_output=True, text=True, timeout=60)
+        assert second.returncode == 2, second
+        assert f"{img}: in use by pid {holder} (" in second.stderr
+    with Target(data_dir=two):
+        assert mgmt(two, "lun", "add", f"file:{img}")["size"] == 4 << 20
