@@ -171,3 +171,22 @@ def test_a_file_serves_one_target_at_a_time(tmp_short):
         assert f"{img}: in use by pid {holder} (" in second.stderr
     with Target(data_dir=two):
         assert mgmt(two, "lun", "add", f"file:{img}")["size"] == 4 << 20
+
+
+def test_a_size_given_for_a_block_device_is_refused(loopdev, tmp_short):
+    """A block device is served whole (0284): a size given with it, which the
+    start used to ignore, is refused in one line, by `lun add` and by a first
+    start's --lun (0217)."""
+    ddir = str(tmp_short())
+    want = (f"LUN 1.size: {loopdev} is a block device, served whole: leave out size (to change it, grow "
+            f"the device, then `lun resize`)")
+    with Target("--lun", "ram:4MiB", data_dir=ddir):
+        p = cli("lun", "add", "--data-dir", ddir, f"file:{loopdev},size=8MiB", check=False)
+        assert p.returncode == 2 and p.stderr.strip().endswith(want), p
+        assert [lun["lun"] for lun in mgmt(ddir, "lun", "list")] == [0]
+    first = subprocess.run([sys.executable, "-m", "scsi_target", "run", "--data-dir", str(tmp_short()),
+                            "--portal", "127.0.0.1:0", "--lun", f"file:{loopdev},size=16MiB"],
+                           capture_output=True, text=True, timeout=60)
+    assert first.returncode == 2, first
+    assert f"{loopdev} is a block device, served whole: leave out size" in first.stderr
+    assert len(first.stderr.strip().splitlines()) == 1, first.stderr
