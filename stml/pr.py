@@ -19,7 +19,8 @@ logged in: when the target has an ACL, it must name an initiator the ACL admits.
 APTPL: when the last REGISTER / REGISTER AND MOVE asked for it, the state is
 written to its store after every change, and read back at start or when the
 LU is added: by default `<data_dir>/pr/<id>_<lun>.json` (the LU's identity; see
-state_path; write, fsync, rename, fsync of the directory), removed with the LU;
+state_path; write, fsync, rename, fsync of the directory; an LU renumbered
+finds it under its old number, find_state), removed with the LU;
 a store shared by several STMLs (`always`, e.g. an RBD image's metadata) takes
 every change, APTPL or not, so that another STML can take over with it. A file that
 cannot be read back refuses the start with a one-line error. The writes run
@@ -611,14 +612,16 @@ class PrState:
             raise PrStoreError(f"persistent reservations in {store.where} are unusable "
                                f"({type(e).__name__}: {e}); move them away to start without them") from None
 
-    async def forget(self) -> None:
+    async def forget(self, keep: bool = False) -> None:
         """The LU is removed: its APTPL file goes (once a write in progress is
-        done), and nothing writes one again. A shared store (an RBD image's
+        done), and nothing writes one again; `keep`: it stays, for the LU
+        that takes this one's identity under another number (a reload that
+        renumbers it, 0218). A shared store (an RBD image's
         metadata) keeps its state: the image, and its reservations, outlive
         this STML's LU; the changes waiting for a write are still written (or
         fail), so no command waits for ever."""
         store = self.store
-        if store is not None and not store.always:
+        if store is not None and not store.always and not keep:
             self.checkpoint(False)
             self.aptpl = False
             await self.persisted()
@@ -759,6 +762,56 @@ def state_path(data_dir: Path, target: str, lun: int, ident: str | None = None) 
 
 
 # ---------------------------------------------------------------- TransportIDs
+
+def find_state(data_dir: Path, target: str, lun: int, ident: str | None,
+               others: Container[Path] = ()) -> Path:
+    """Where the LU's APTPL state is (state_path), after moving it there when
+    the file is found under another number: the state belongs to the LU's
+    identity, and an LU renumbered by an edited config keeps its
+    registrations, its file renamed so that `pr/` names what is served
+    (docs/decisions/0218). `others`: the files of the target's other LUs,
+    never taken. Blocking (a directory listing, a write): off the loop."""
+    path = state_path(data_dir, target, lun, ident)
+    if ident is None or path.exists():
+        return path
+    found = []
+    for old in _files_of(data_dir, target, ident):
+        if old == path or old in others:
+            continue
+        try:
+            doc = json.loads(old.read_text())
+        except (OSError, ValueError) as e:
+            raise PrStoreError(f"persistent reservations in file {old} are unusable ({type(e).__name__}: "
+                               f"{e}); move them away to start without them") from None
+        if isinstance(doc, dict) and doc.get("target") == target:
+            found.append((old, doc))
+    if not found:
+        return path
+    if len(found) > 1:
+        raise PrStoreError(f"persistent reservations of target {target} LU {ident} are in "
+                           f"{len(found)} files ({', '.join(str(f) for f, _ in found)}): move away all but "
+                           f"the one of its LUN {lun}")
+    old, doc = found[0]
+    doc["lun"] = lun
+    atomic_write(path, json.dumps(doc, indent=1).encode(), secret=True)
+    old.unlink()
+    fsync_dir(path.parent)
+    log.info("persistent reservations of target %s moved from LUN %s to LUN %d (%s -> %s): the LU "
+             "was renumbered", target, old.stem.rpartition("_")[2], lun, old.name, path.name)
+    return path
+
+
+def _files_of(data_dir: Path, target: str, ident: str) -> Iterator[Path]:
+    """The APTPL files named after LU `ident` of `target`, under any number
+    (state_path: by the id, or the legacy name when the id is one)."""
+    pr_dir = Path(data_dir) / "pr"
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", target)
+    for prefix, legacy in ((ident, False), (safe, True)):
+        for f in pr_dir.glob(f"{prefix}_*.json"):
+            m = re.fullmatch(re.escape(prefix) + r"_(\d+)\.json", f.name)
+            if m is not None and (not legacy or legacy_id(target, int(m[1])) == ident):
+                yield f
+
 
 def transport_id(initiator: str) -> bytes:
     """An iSCSI TransportID (SPC-4 7.6.4.6): format 01b with an ISID, else 00b."""
