@@ -51,7 +51,10 @@ class MgmtError(Exception):
 
 
 PORTAL_WAIT = 8.0   # `portal add` waits this long for the listeners' report (clients wait 10 s)
-CLOSE_WAIT = 5.0    # a LUN added on a removed LUN's store waits this long for its close
+LUN_DRAIN = 3.0     # a removed LUN's commands in flight have this long to finish (0219)
+# a LUN added on a removed LUN's store (or identity) waits this long for its close: its drain, then its flush
+CLOSE_WAIT = LUN_DRAIN + 5.0
+DRAIN_POLL = 0.05   # how often the drain looks at the removed LU's task set
 
 
 class Management:
@@ -849,21 +852,30 @@ class Management:
 
     def _close_later(self, lu: LogicalUnit, renumbered: bool = False) -> None:
         """A removed LU (out of its target: no new command reaches it): its
-        tasks are aborted now, as a LUN RESET's are (TASK ABORTED; the front
-        end drops their later data), and its backend closes once nothing can
-        call it (docs/decisions/0254)."""
-        closing = asyncio.get_running_loop().create_task(
-            self._close_when_idle(lu, self.em.abort_lu(lu), renumbered))
+        commands in flight finish, as LIO lets them, for LUN_DRAIN at most;
+        those still there then are aborted, as a LUN RESET's are (TASK
+        ABORTED; the front end drops their later data), and its backend
+        closes once nothing can call it (docs/decisions/0254, 0219)."""
+        closing = asyncio.get_running_loop().create_task(self._close_when_idle(lu, renumbered))
         self.closing_lus.add(lu)
         self._closing[lu] = closing
         closing.add_done_callback(lambda _: self._closing.pop(lu, None))
 
-    async def _close_when_idle(self, lu: LogicalUnit, runners: list[asyncio.Task], renumbered: bool) -> None:
+    async def _close_when_idle(self, lu: LogicalUnit, renumbered: bool) -> None:
         """Flush and close once no backend call of the LU runs or can start:
-        its job and its aborted tasks are over (each waits for the call it had
-        under way), and no other LU's EXTENDED COPY has a call of it queued or
-        running (one checks that the LU is still there before each call). No
-        time limit: a call hung in the backend keeps it open, as it must."""
+        its tasks have finished or were aborted (each waits for the call it
+        had under way), its job is over, and no other LU's EXTENDED COPY has
+        a call of it queued or running (one checks that the LU is still there
+        before each call). No time limit on that last wait: a call hung in
+        the backend keeps it open, as it must."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + LUN_DRAIN
+        while lu.task_set.tasks and loop.time() < deadline:   # none new: the LU is out of its target
+            await asyncio.sleep(DRAIN_POLL)
+        runners = self.em.abort_lu(lu)
+        if runners:
+            log.warning("%s LUN %d removed: %d command(s) still in flight after %gs aborted (TASK ABORTED)",
+                        lu.target, lu.lun, len(runners), LUN_DRAIN)
         await lu.stop_jobs()   # a background SANITIZE ends with its LUN
         if runners:
             await asyncio.wait(runners)
