@@ -147,6 +147,14 @@ def test_a_reload_moves_a_block_device_lun_with_unflushed_writes(loopdev, tmp_sh
             assert c.read(2, 15 * 2048, 2048) == chunk
 
 
+def refused_start(data_dir: str, lun: str) -> str:
+    """What a first start with `--lun LUN` that must be refused (exit 2) says."""
+    p = subprocess.run([sys.executable, "-m", "scsi_target", "run", "--data-dir", data_dir,
+                        "--portal", "127.0.0.1:0", "--lun", lun], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2, p
+    return p.stderr
+
+
 def test_a_file_serves_one_target_at_a_time(tmp_short):
     """Two data dirs (two STMLs) on one regular file: the second is refused,
     at `lun add` and at a start, naming the file and the STML that holds it;
@@ -164,11 +172,7 @@ def test_a_file_serves_one_target_at_a_time(tmp_short):
             assert line.endswith("which holds a lock on it (a file is served by one target at a time)"), line
             assert "\n" not in line and one in line
             assert [lun["lun"] for lun in mgmt(two, "lun", "list")] == [0]
-        second = subprocess.run([sys.executable, "-m", "scsi_target", "run", "--data-dir", str(tmp_short()),
-                                 "--portal", "127.0.0.1:0", "--lun", f"file:{img}"],
-                                capture_output=True, text=True, timeout=60)
-        assert second.returncode == 2, second
-        assert f"{img}: in use by pid {holder} (" in second.stderr
+        assert f"{img}: in use by pid {holder} (" in refused_start(str(tmp_short()), f"file:{img}")
     with Target(data_dir=two):
         assert mgmt(two, "lun", "add", f"file:{img}")["size"] == 4 << 20
 
@@ -184,9 +188,6 @@ def test_a_size_given_for_a_block_device_is_refused(loopdev, tmp_short):
         p = cli("lun", "add", "--data-dir", ddir, f"file:{loopdev},size=8MiB", check=False)
         assert p.returncode == 2 and p.stderr.strip().endswith(want), p
         assert [lun["lun"] for lun in mgmt(ddir, "lun", "list")] == [0]
-    first = subprocess.run([sys.executable, "-m", "scsi_target", "run", "--data-dir", str(tmp_short()),
-                            "--portal", "127.0.0.1:0", "--lun", f"file:{loopdev},size=16MiB"],
-                           capture_output=True, text=True, timeout=60)
-    assert first.returncode == 2, first
-    assert f"{loopdev} is a block device, served whole: leave out size" in first.stderr
-    assert len(first.stderr.strip().splitlines()) == 1, first.stderr
+    said = refused_start(str(tmp_short()), f"file:{loopdev},size=16MiB")
+    assert f"{loopdev} is a block device, served whole: leave out size" in said
+    assert len(said.strip().splitlines()) == 1, said
