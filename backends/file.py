@@ -70,10 +70,10 @@ class FileBackend:
             raise BackendError(f"{path}: not a regular file or block device")
         if not self._blockdev:
             try:
-                _claim(self._fd, readonly)
-            except BackendError as e:
+                _claim(self._fd, path, readonly)
+            except BackendError:
                 os.close(self._fd)
-                raise BackendError(f"{path}: {e}") from None
+                raise
         # (a missing file always has a size: checked above)
         if size and (not exists or (not self._blockdev and st.st_size == 0)):
             try:
@@ -414,22 +414,25 @@ class _Changing:
             self.count -= 1
 
 
-def _claim(fd: int, readonly: bool) -> None:
+def _claim(fd: int, path: str, readonly: bool) -> None:
     """Lock a regular file for as long as this descriptor is open, as O_EXCL
     claims a block device (docs/decisions/0216): another STML (another data
     dir) serving it too would be a second disk, with its own identity and
     reservations, on the same data. An open file description lock: it goes
     with the last close, or the process, never with another descriptor's
     close (as a POSIX lock would). A read-only LUN shares the file with
-    other read-only ones."""
+    other read-only ones. A file system without locks (NFSv3 without lockd,
+    some FUSE ones) serves the file unlocked, with a warning."""
     kind = fcntl.F_RDLCK if readonly else fcntl.F_WRLCK
     try:
         fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack("hhqqi", kind, os.SEEK_SET, 0, 0, 0))
     except OSError as e:
         if e.errno not in (errno.EAGAIN, errno.EACCES):
-            raise BackendError(f"cannot be locked: {e.strerror}") from None
+            log.warning("%s: served without a lock (%s): nothing keeps a second target off it",
+                        path, e.strerror)
+            return
         holder = _lock_holder(os.fstat(fd))
-        raise BackendError(f"in use by {holder or 'another program'}, which holds a lock on it "
+        raise BackendError(f"{path}: in use by {holder or 'another program'}, which holds a lock on it "
                            f"(a file is served by one target at a time)") from None
 
 

@@ -255,6 +255,26 @@ def test_a_file_is_locked_while_open_read_only_ones_share_it(tmp_path):
     FileBackend(path).close()
 
 
+def test_a_file_system_without_locks_serves_the_file_with_a_warning(tmp_path, monkeypatch, caplog):
+    """ENOLCK (NFSv3 without lockd): the LUN is served, and the log says it
+    is unlocked (0216)."""
+    import backends.file as file_mod
+    real = file_mod.fcntl.fcntl
+
+    def no_locks(fd, cmd, arg=0):
+        if cmd == file_mod.fcntl.F_OFD_SETLK:
+            raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+        return real(fd, cmd, arg)
+    monkeypatch.setattr(file_mod.fcntl, "fcntl", no_locks)
+    path = str(tmp_path / "d.img")
+    with caplog.at_level("WARNING", logger="backends.file"):
+        a, b = FileBackend(path, 1 << 20), FileBackend(path)
+    a.close()
+    b.close()
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{path}: served without a lock (No locks available): nothing keeps a second target off it"] * 2
+
+
 # ---------------------------------------------------------------- file: flush and concurrent syncs
 
 @pytest.fixture
