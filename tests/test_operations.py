@@ -396,14 +396,18 @@ def test_a_lun_renumbered_by_hand_keeps_its_reservations_across_a_restart(stml_f
     assert "moved from LUN 1 to LUN 7" in p.log()
 
 
-def test_a_reload_that_renumbers_a_lun_keeps_its_reservations_and_a_removal_drops_them(stml_factory):
+@pytest.mark.parametrize("kind", ["ram", "file"])
+def test_a_reload_that_renumbers_a_lun_keeps_its_reservations_and_a_removal_drops_them(stml_factory, kind):
     """`config reload` of the same edit moves the LU with its registrations
-    (the removed number's state is kept for it, not deleted); a LUN the
-    reload removes for good takes its file along (0218)."""
-    p = stml_factory("ram:4MiB", "ram:4MiB", "ram:4MiB")
+    (the removed number's state is kept for it, not deleted) and its data (a
+    file's lock, 0216, ends with the removed LU's close, which the add waits
+    for); a LUN the reload removes for good takes its file along (0218)."""
+    p = stml_factory(*(f"file:l{n}.img,size=4MiB" if kind == "file" else "ram:4MiB" for n in range(3)))
+    data = os.urandom(4096)
     with LoopbackClient(p.endpoint, timeout=10) as c:
         for lun in (1, 2):
             pr_register(c, lun, 0xD0 + lun)
+        c.write(1, 0, data)
     cfg = p.data_dir / "scsi-target.toml"
     ids = [lc["id"] for lc in tomllib.loads(cfg.read_text())["target"][0]["lun"]]
     _renumber(cfg, 1, 9)
@@ -413,6 +417,7 @@ def test_a_reload_that_renumbers_a_lun_keeps_its_reservations_and_a_removal_drop
     assert r["not_applied"] == [], r
     with LoopbackClient(p.endpoint, timeout=10) as c:
         assert read_keys(c, 9) == [0xD1]
+        assert c.read(9, 0, 8) == (data if kind == "file" else bytes(4096))   # a RAM LU's data is its own
     deadline = time.monotonic() + 20
     while _pr_files(p) != [f"{ids[1]}_9.json"]:   # LUN 2's goes once its LU closed
         assert time.monotonic() < deadline, _pr_files(p)
