@@ -321,8 +321,8 @@ class Emulator:
     def restore_reservations(self) -> None:
         """Load every LU's persistent reservations kept with APTPL (call once the
         targets are in place). A file that cannot be used raises pr.PrStoreError."""
+        data_dir = self.data_dir
         for t in self.targets.values():
-            data_dir = self.data_dir
             # each LU's own file: a renumbered LU's is found by its identity, never another's
             own = {pr.state_path(data_dir, t.name, lu.lun, lu.options.id) for lu in t.luns.values()} \
                 if data_dir is not None else set()

@@ -846,7 +846,7 @@ class Management:
             return None
         await asyncio.wait([closing], timeout=CLOSE_WAIT)
         if not closing.done():
-            return (f"{opts.path or 'its identity'}: removed from target {lu.target} LUN {lu.lun}, whose "
+            return (f"{opts.path or f'LU {opts.id}'}: removed from target {lu.target} LUN {lu.lun}, whose "
                     f"backend is still closing (a flush under way): try again once it is closed")
         return None
 

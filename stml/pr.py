@@ -609,8 +609,7 @@ class PrState:
             self.stored = True
             self.load_json(doc)
         except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
-            raise PrStoreError(f"persistent reservations in {store.where} are unusable "
-                               f"({type(e).__name__}: {e}); move them away to start without them") from None
+            raise _unusable(store.where, e) from None
 
     async def forget(self, keep: bool = False) -> None:
         """The LU is removed: its APTPL file goes (once a write in progress is
@@ -694,6 +693,11 @@ class PrState:
             self._writer = None
 
 
+def _unusable(where: str, error: Exception) -> PrStoreError:
+    return PrStoreError(f"persistent reservations in {where} are unusable ({type(error).__name__}: "
+                        f"{error}); move them away to start without them")
+
+
 def _save_failed(error: OSError) -> Exception:
     """What a command whose change was not saved ends with."""
     sense = SAVE_ERRORS.get(error.errno or 0)
@@ -756,12 +760,9 @@ def state_path(data_dir: Path, target: str, lun: int, ident: str | None = None) 
     the one a LUN that existed before ids was given) is the LU the old name
     `<target>_<lun>.json` meant."""
     if ident is None or ident == legacy_id(target, lun):
-        safe = re.sub(r"[^A-Za-z0-9._-]", "_", target)
-        return Path(data_dir) / "pr" / f"{safe}_{lun}.json"
+        return Path(data_dir) / "pr" / f"{_safe(target)}_{lun}.json"
     return Path(data_dir) / "pr" / f"{ident}_{lun}.json"
 
-
-# ---------------------------------------------------------------- TransportIDs
 
 def find_state(data_dir: Path, target: str, lun: int, ident: str | None,
                others: Container[Path] = ()) -> Path:
@@ -781,8 +782,7 @@ def find_state(data_dir: Path, target: str, lun: int, ident: str | None,
         try:
             doc = json.loads(old.read_text())
         except (OSError, ValueError) as e:
-            raise PrStoreError(f"persistent reservations in file {old} are unusable ({type(e).__name__}: "
-                               f"{e}); move them away to start without them") from None
+            raise _unusable(f"file {old}", e) from None
         if isinstance(doc, dict) and doc.get("target") == target:
             found.append((old, doc))
     if not found:
@@ -801,17 +801,23 @@ def find_state(data_dir: Path, target: str, lun: int, ident: str | None,
     return path
 
 
+def _safe(target: str) -> str:
+    """A target name as the legacy file names spell it."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", target)
+
+
 def _files_of(data_dir: Path, target: str, ident: str) -> Iterator[Path]:
     """The APTPL files named after LU `ident` of `target`, under any number
     (state_path: by the id, or the legacy name when the id is one)."""
     pr_dir = Path(data_dir) / "pr"
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", target)
-    for prefix, legacy in ((ident, False), (safe, True)):
+    for prefix, legacy in ((ident, False), (_safe(target), True)):
         for f in pr_dir.glob(f"{prefix}_*.json"):
             m = re.fullmatch(re.escape(prefix) + r"_(\d+)\.json", f.name)
             if m is not None and (not legacy or legacy_id(target, int(m[1])) == ident):
                 yield f
 
+
+# ---------------------------------------------------------------- TransportIDs
 
 def transport_id(initiator: str) -> bytes:
     """An iSCSI TransportID (SPC-4 7.6.4.6): format 01b with an ISID, else 00b."""
