@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -157,8 +158,10 @@ def refused_start(data_dir: str, lun: str) -> str:
 
 def test_a_file_serves_one_target_at_a_time(tmp_short):
     """Two data dirs (two STMLs) on one regular file: the second is refused,
-    at `lun add` and at a start, naming the file and the STML that holds it;
-    once the first stopped it may have the file (0216)."""
+    at `lun add` and at a first start, naming the file and the STML that
+    holds it; once the first stopped it may have the file. The first, started
+    again from its saved config meanwhile, serves that LUN offline with the
+    reason, and a reload once the other let go serves it again (0216, 0280)."""
     one, two = str(tmp_short()), str(tmp_short())
     img = f"{tmp_short()}/disk.img"
     with Target("--lun", f"file:{img},size=4MiB", data_dir=one) as t:
@@ -173,8 +176,17 @@ def test_a_file_serves_one_target_at_a_time(tmp_short):
             assert "\n" not in line and one in line
             assert [lun["lun"] for lun in mgmt(two, "lun", "list")] == [0]
         assert f"{img}: in use by pid {holder} (" in refused_start(str(tmp_short()), f"file:{img}")
-    with Target(data_dir=two):
+    with Target(data_dir=two) as t2:
         assert mgmt(two, "lun", "add", f"file:{img}")["size"] == 4 << 20
+        holder = children_by_module(t2.proc.pid)["stml"]
+        with Target(data_dir=one):
+            assert f"{img}: in use by pid {holder} (" in mgmt(one, "lun", "list")[0]["offline"]
+            mgmt(two, "lun", "remove", "1")
+            deadline = time.monotonic() + 20   # the LU closes once its tasks are done
+            while mgmt(one, "lun", "list")[0]["offline"]:
+                assert time.monotonic() < deadline
+                assert mgmt(one, "config", "reload")["path"]
+                time.sleep(0.2)
 
 
 def test_a_size_given_for_a_block_device_is_refused(loopdev, tmp_short):
