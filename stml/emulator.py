@@ -322,6 +322,7 @@ class Emulator:
         """Load every LU's persistent reservations kept with APTPL (call once the
         targets are in place). A file that cannot be used raises pr.PrStoreError."""
         data_dir = self.data_dir
+        files = pr.StateFiles(data_dir) if data_dir is not None else None   # pr/ listed once
         for t in self.targets.values():
             # each LU's own file: a renumbered LU's is found by its identity, never another's
             own = {pr.state_path(data_dir, t.name, lu.lun, lu.options.id) for lu in t.luns.values()} \
@@ -332,7 +333,7 @@ class Emulator:
                 st = pr.state(lu)
                 if data_dir is None:
                     continue
-                st.load(pr.find_state(data_dir, t.name, lu.lun, lu.options.id, own))
+                st.load(pr.find_state(data_dir, t.name, lu.lun, lu.options.id, own, files))
                 if st.regs:
                     log.info("restored %d registration(s) on %s LUN %d", len(st.regs), t.name, lu.lun)
 

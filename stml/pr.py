@@ -46,6 +46,7 @@ import errno
 import functools
 import json
 import logging
+import os
 import re
 import struct
 import weakref
@@ -764,19 +765,55 @@ def state_path(data_dir: Path, target: str, lun: int, ident: str | None = None) 
     return Path(data_dir) / "pr" / f"{ident}_{lun}.json"
 
 
+class StateFiles:
+    """The APTPL files of a data dir by the identity they are named after,
+    from one listing (state_path's names: `<id>_<n>.json`, or the legacy
+    `<target>_<n>.json`): a start that looks up every LU lists `pr/` once,
+    not once per LU. Blocking (a listing): off the loop."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.dir = Path(data_dir) / "pr"
+        try:
+            names = os.listdir(self.dir)
+        except FileNotFoundError:
+            names = []
+        self._named: dict[str, list[Path]] = {}       # by the prefix of the name: an id, or a legacy target
+        for name in names:
+            m = re.fullmatch(r"(.+)_(\d+)\.json", name)
+            if m is not None:
+                self._named.setdefault(m[1], []).append(self.dir / name)
+        self._legacy: dict[str, dict[str, list[Path]]] = {}   # per target: by the legacy id of each number
+
+    def of(self, target: str, ident: str) -> list[Path]:
+        """The files of LU `ident` of `target`, under any number."""
+        legacy = self._legacy.get(target)
+        if legacy is None:
+            legacy = self._legacy[target] = {}
+            for f in self._named.get(_safe(target), ()):
+                legacy.setdefault(legacy_id(target, int(f.stem.rpartition("_")[2])), []).append(f)
+        return [*self._named.get(ident, ()), *legacy.get(ident, ())]
+
+    def moved(self, old: Path, new: Path) -> None:
+        for files in (*self._named.values(), *(f for t in self._legacy.values() for f in t.values())):
+            if old in files:
+                files.remove(old)
+        self._named.setdefault(new.name.rpartition("_")[0], []).append(new)
+
+
 def find_state(data_dir: Path, target: str, lun: int, ident: str | None,
-               others: Container[Path] = ()) -> Path:
+               others: Container[Path] = (), files: StateFiles | None = None) -> Path:
     """Where the LU's APTPL state is (state_path), after moving it there when
     the file is found under another number: the state belongs to the LU's
     identity, and an LU renumbered by an edited config keeps its
     registrations, its file renamed so that `pr/` names what is served
     (docs/decisions/0218). `others`: the files of the target's other LUs,
-    never taken. Blocking (a directory listing, a write): off the loop."""
+    never taken; `files`: the data dir's, listed once for many LUs. Blocking
+    (a stat, a listing, a write): off the loop."""
     path = state_path(data_dir, target, lun, ident)
     if ident is None or path.exists():
         return path
     found = []
-    for old in _files_of(data_dir, target, ident):
+    for old in (files or StateFiles(data_dir)).of(target, ident):
         if old == path or old in others:
             continue
         try:
@@ -796,6 +833,8 @@ def find_state(data_dir: Path, target: str, lun: int, ident: str | None,
     atomic_write(path, json.dumps(doc, indent=1).encode(), secret=True)
     old.unlink()
     fsync_dir(path.parent)
+    if files is not None:
+        files.moved(old, path)
     log.info("persistent reservations of target %s moved from LUN %s to LUN %d (%s -> %s): the LU "
              "was renumbered", target, old.stem.rpartition("_")[2], lun, old.name, path.name)
     return path
@@ -804,17 +843,6 @@ def find_state(data_dir: Path, target: str, lun: int, ident: str | None,
 def _safe(target: str) -> str:
     """A target name as the legacy file names spell it."""
     return re.sub(r"[^A-Za-z0-9._-]", "_", target)
-
-
-def _files_of(data_dir: Path, target: str, ident: str) -> Iterator[Path]:
-    """The APTPL files named after LU `ident` of `target`, under any number
-    (state_path: by the id, or the legacy name when the id is one)."""
-    pr_dir = Path(data_dir) / "pr"
-    for prefix, legacy in ((ident, False), (_safe(target), True)):
-        for f in pr_dir.glob(f"{prefix}_*.json"):
-            m = re.fullmatch(re.escape(prefix) + r"_(\d+)\.json", f.name)
-            if m is not None and (not legacy or legacy_id(target, int(m[1])) == ident):
-                yield f
 
 
 # ---------------------------------------------------------------- TransportIDs

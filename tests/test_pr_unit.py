@@ -576,3 +576,23 @@ def test_find_state_moves_a_renumbered_lus_file_and_takes_no_other_lus(tmp_path)
     put(pr.state_path(tmp_path, T, 8, ident), T, 8)
     with pytest.raises(pr.PrStoreError, match=r"are in 3 files .*: move away all but the one of its LUN 9$"):
         pr.find_state(tmp_path, T, 9, ident)
+
+
+def test_a_start_lists_the_reservation_files_once_for_all_its_lus(tmp_path, monkeypatch):
+    """StateFiles (0218): looking up many LUs without a file of their own
+    lists pr/ once, not once per LU; a file moved for one LU is not offered
+    to the next."""
+    import os as os_mod
+    listings = []
+    real = os_mod.listdir
+    monkeypatch.setattr(os_mod, "listdir", lambda d: (listings.append(d), real(d))[1])
+    ids = [f"{n:032x}" for n in range(1, 41)]
+    moved = pr.state_path(tmp_path, T, 0, ids[0])
+    moved.parent.mkdir()
+    moved.write_text(json.dumps({"version": 1, "target": T, "lun": 0, "generation": 1, "aptpl": True,
+                                 "registrations": [], "reservation": None}))
+    files = pr.StateFiles(tmp_path)
+    got = [pr.find_state(tmp_path, T, 100 + n, ident, (), files) for n, ident in enumerate(ids)]
+    assert len(listings) == 2   # one for the 40 lookups, one by the moved file's write (its stale temporaries)
+    assert [p.name for p in got if p.exists()] == [f"{ids[0]}_100.json"]
+    assert files.of(T, ids[0]) == [got[0]]
