@@ -328,14 +328,19 @@ class Emulator:
     def restore_reservations(self) -> None:
         """Load every LU's persistent reservations kept with APTPL (call once the
         targets are in place). A file that cannot be used raises pr.PrStoreError."""
+        data_dir = self.data_dir
+        files = pr.StateFiles(data_dir) if data_dir is not None else None   # pr/ listed once
         for t in self.targets.values():
+            # each LU's own file: a renumbered LU's is found by its identity, never another's
+            own = {pr.state_path(data_dir, t.name, lu.lun, lu.options.id) for lu in t.luns.values()} \
+                if data_dir is not None else set()
             for lu in t.luns.values():
                 if getattr(lu.backend, "pr_store", None) is not None:
                     continue   # shared storage: stml.gateway restores it when it takes over
                 st = pr.state(lu)
-                if self.data_dir is None:
+                if data_dir is None:
                     continue
-                st.load(pr.state_path(self.data_dir, t.name, lu.lun, lu.options.id))
+                st.load(pr.find_state(data_dir, t.name, lu.lun, lu.options.id, own, files))
                 if st.regs:
                     log.info("restored %d registration(s) on %s LUN %d", len(st.regs), t.name, lu.lun)
 

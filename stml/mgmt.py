@@ -51,7 +51,10 @@ class MgmtError(Exception):
 
 
 PORTAL_WAIT = 8.0   # `portal add` waits this long for the listeners' report (clients wait 10 s)
-CLOSE_WAIT = 5.0    # a LUN added on a removed LUN's store waits this long for its close
+LUN_DRAIN = 3.0     # a removed LUN's commands in flight have this long to finish (0219)
+# a LUN added on a removed LUN's store (or identity) waits this long for its close: its drain, then its flush
+CLOSE_WAIT = LUN_DRAIN + 5.0
+DRAIN_POLL = 0.05   # how often the drain looks at the removed LU's task set
 
 
 class Management:
@@ -503,8 +506,10 @@ class Management:
     async def _remove_gone_luns(self, want: TargetConfig, applied: list[str]) -> None:
         t = self.em.targets[want.name]
         numbers = {lc.lun for lc in want.luns}
+        ids = {lc.options.id for lc in want.luns if lc.options.id is not None}
         for gone in [lu for lu in await self._lus([t]) if lu.lun not in numbers]:
-            await self.lun_remove(gone.lun, t.name)
+            # (an LU moved to another number keeps its reservations: 0218)
+            await self._remove_lun(gone.lun, t.name, renumbered=gone.options.id in ids)
             applied.append(f"target {t.name} LUN {gone.lun} removed")
 
     async def _reload_target(self, want: TargetConfig, applied: list[str], pending: list[str]) -> None:
@@ -737,9 +742,10 @@ class Management:
             owner = await self._in_thread(_serving, opts, await self._lus(kind=opts.kind))   # stats: off the loop
             if owner is not None:
                 raise MgmtError(f"{opts.path} already backs target {owner.target} LUN {owner.lun}")
-            why = await self._closed(opts)
-            if why:
-                raise MgmtError(why)
+        why = await self._closed(opts)
+        if why:
+            raise MgmtError(why)
+        others = await self._lus([t])   # walked before the change: a walk yields
         try:
             backend = await self._in_thread(open_store, opts, create)
         except CannotOpen as e:
@@ -753,12 +759,12 @@ class Management:
                 await self._in_thread(backend.close)
                 raise MgmtError(f"cannot serve {opts.path}: {e}") from None
         elif self.em.data_dir is not None:   # where APTPL keeps this LU's reservations
-            try:
-                pr.state(lu).load(pr.state_path(self.em.data_dir, t.name, number, opts.id))
-            except pr.PrStoreError as e:
-                backend.close()
+            try:   # (a renumbered LU's, found by its identity, 0218: a listing, in a thread)
+                pr.state(lu).load(await self._in_thread(_find_state, self.em.data_dir, t.name, number, opts.id,
+                                                        others))
+            except (pr.PrStoreError, OSError) as e:
+                await self._in_thread(backend.close)
                 raise MgmtError(str(e)) from None
-        others = await self._lus([t])   # walked before the change: a walk yields
         # a LUN number never used was never seen: nothing about it changed. One
         # whose LU was removed was: a nexus that addressed that LU is told on
         # this one too, before its next command reaches another disk (0254):
@@ -828,6 +834,11 @@ class Management:
         applied.append(f"target {t.name} LUN {lu.lun} online")
 
     async def lun_remove(self, lun: int, target: str | None = None) -> dict[str, Any]:
+        return await self._remove_lun(lun, target)
+
+    async def _remove_lun(self, lun: int, target: str | None, renumbered: bool = False) -> dict[str, Any]:
+        """`renumbered`: the LU's identity is added again under another number
+        (a reload): its reservations stay for it (0218)."""
         t, lu = self._lu(target, lun)
         await self._check_file()
         others = [o for o in await self._lus([t]) if o is not lu]   # walked before the change: a walk yields
@@ -835,44 +846,58 @@ class Management:
         self._retired.setdefault(t.name, set()).add(lu.lun)
         tc = self._tc(t.name)
         tc.luns = [lc for lc in tc.luns if lc.lun != lu.lun]
-        self._close_later(lu)
+        self._close_later(lu, renumbered)
         await self._ua(others, REPORTED_LUNS_DATA_CHANGED, t.name)
         await self._redetect()
         return {"target": t.name, "lun": lu.lun, "saved": await self._persist()}
 
     async def _closed(self, opts: LunOptions) -> str | None:
-        """Wait (CLOSE_WAIT at most) for a removed LU on the store `opts` names to
-        close: until then the STML itself holds it, and a block device held
-        refuses a new open (O_EXCL, 0273), as a LUN moved to another number by
-        one reload would find. Why not, when it is still closing."""
+        """Wait (CLOSE_WAIT at most) for a removed LU on the store `opts` names,
+        or of its identity, to close: until then the STML itself holds it, and
+        a block device held refuses a new open (O_EXCL, 0273), a file too (its
+        lock, 0216), and its reservations are still being saved (0218), as a
+        LUN moved to another number by one reload would find. Why not, when it
+        is still closing."""
         if not self._closing:
             return None
-        lu = await self._in_thread(_serving, opts, list(self._closing))
+        lu = next((x for x in self._closing if opts.id is not None and x.options.id == opts.id), None)
+        if lu is None and opts.kind in ("file", "rbd"):
+            lu = await self._in_thread(_serving, opts, list(self._closing))
         closing = self._closing.get(lu) if lu is not None else None
         if lu is None or closing is None:
             return None
         await asyncio.wait([closing], timeout=CLOSE_WAIT)
         if not closing.done():
-            return (f"{opts.path}: removed from target {lu.target} LUN {lu.lun}, whose backend is "
-                    f"still closing (a flush under way): try again once it is closed")
+            return (f"{opts.path or f'LU {opts.id}'}: removed from target {lu.target} LUN {lu.lun}, whose "
+                    f"backend is still closing (a flush under way): try again once it is closed")
         return None
 
-    def _close_later(self, lu: LogicalUnit) -> None:
+    def _close_later(self, lu: LogicalUnit, renumbered: bool = False) -> None:
         """A removed LU (out of its target: no new command reaches it): its
-        tasks are aborted now, as a LUN RESET's are (TASK ABORTED; the front
-        end drops their later data), and its backend closes once nothing can
-        call it (docs/decisions/0254)."""
-        closing = asyncio.get_running_loop().create_task(self._close_when_idle(lu, self.em.abort_lu(lu)))
+        commands in flight finish, as LIO lets them, for LUN_DRAIN at most;
+        those still there then are aborted, as a LUN RESET's are (TASK
+        ABORTED; the front end drops their later data), and its backend
+        closes once nothing can call it (docs/decisions/0254, 0219)."""
+        closing = asyncio.get_running_loop().create_task(self._close_when_idle(lu, renumbered))
         self.closing_lus.add(lu)
         self._closing[lu] = closing
         closing.add_done_callback(lambda _: self._closing.pop(lu, None))
 
-    async def _close_when_idle(self, lu: LogicalUnit, runners: list[asyncio.Task]) -> None:
+    async def _close_when_idle(self, lu: LogicalUnit, renumbered: bool) -> None:
         """Flush and close once no backend call of the LU runs or can start:
-        its job and its aborted tasks are over (each waits for the call it had
-        under way), and no other LU's EXTENDED COPY has a call of it queued or
-        running (one checks that the LU is still there before each call). No
-        time limit: a call hung in the backend keeps it open, as it must."""
+        its tasks have finished or were aborted (each waits for the call it
+        had under way), its job is over, and no other LU's EXTENDED COPY has
+        a call of it queued or running (one checks that the LU is still there
+        before each call). No time limit on that last wait: a call hung in
+        the backend keeps it open, as it must."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + LUN_DRAIN
+        while lu.task_set.tasks and loop.time() < deadline:   # none new: the LU is out of its target
+            await asyncio.sleep(DRAIN_POLL)
+        runners = self.em.abort_lu(lu)
+        if runners:
+            log.warning("%s LUN %d removed: %d command(s) still in flight after %gs aborted (TASK ABORTED)",
+                        lu.target, lu.lun, len(runners), LUN_DRAIN)
         await lu.stop_jobs()   # a background SANITIZE ends with its LUN
         if runners:
             await asyncio.wait(runners)
@@ -892,8 +917,8 @@ class Management:
         await self._in_thread(flush_and_close)
         self.closing_lus.discard(lu)
         log.info("%s LUN %d removed: its backend is closed", lu.target, lu.lun)
-        if lu.pr is not None:
-            await lu.pr.forget()   # a later LU is another LU: it starts with no reservations
+        if lu.pr is not None:   # a later LU is another LU: it starts with no reservations (0218)
+            await pr.state(lu).forget(keep=renumbered)
 
     async def lun_resize(self, lun: int, size: Any, target: str | None = None,
                          force: bool = False) -> dict[str, Any]:
@@ -1096,6 +1121,12 @@ def _unlinked(lus: list[LogicalUnit]) -> set[tuple[str, int]]:
     """(target, LUN) of the LUs whose file was deleted or replaced under them
     (`mv` over it): served from the open file still. An fstat each: off the loop."""
     return {(lu.target, lu.lun) for lu in lus if getattr(lu.backend, "unlinked", lambda: False)()}
+
+
+def _find_state(data_dir: Path, target: str, lun: int, ident: str | None, others: list[LogicalUnit]) -> Path:
+    """pr.find_state, never taking the files of the target's `others`. Blocking."""
+    own = {pr.state_path(data_dir, lu.target, lu.lun, lu.options.id) for lu in others}
+    return pr.find_state(data_dir, target, lun, ident, own)
 
 
 def _serving(opts: LunOptions, lus: list[LogicalUnit]) -> LogicalUnit | None:

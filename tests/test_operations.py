@@ -394,6 +394,72 @@ def test_a_file_lun_moved_to_a_target_earlier_in_the_file_by_one_reload(stml_fac
         assert c.read(0, 0, 8) == b"\x5a" * 512 * 8
 
 
+def _renumber(cfg: Path, old: int, new: int) -> None:
+    """A hand edit: the first target's LUN `old` (its id kept) becomes `new`."""
+    def change(doc):
+        next(lc for lc in doc["target"][0]["lun"] if lc["lun"] == old)["lun"] = new
+    _edit(cfg, change)
+
+
+def _pr_files(p: StmlProcess) -> list[str]:
+    return sorted(os.listdir(p.data_dir / "pr"))
+
+
+def test_a_lun_renumbered_by_hand_keeps_its_reservations_across_a_restart(stml_factory):
+    """The APTPL state belongs to the LU's identity, not its number: a LUN
+    moved to another number in the file (its id kept) is served there after
+    a restart with its registrations and identity, and its file is renamed,
+    so that pr/ names what is served (0218)."""
+    p = stml_factory("ram:4MiB", "ram:4MiB")
+    with LoopbackClient(p.endpoint, timeout=10) as c:
+        pr_register(c, 1, 0xC1)
+        before = identity(c, 1)
+    cfg = p.data_dir / "scsi-target.toml"
+    ident = tomllib.loads(cfg.read_text())["target"][0]["lun"][1]["id"]
+    assert _pr_files(p) == [f"{ident}_1.json"]
+    _renumber(cfg, 1, 7)
+    p.luns = ()   # the file says what is served now
+    p.restart()
+    with LoopbackClient(p.endpoint, timeout=10) as c:
+        assert [read_keys(c, lun) for lun in (0, 7)] == [[], [0xC1]]
+        assert identity(c, 7) == before
+    assert _pr_files(p) == [f"{ident}_7.json"]
+    assert json.loads((p.data_dir / "pr" / f"{ident}_7.json").read_text())["lun"] == 7
+    assert "moved from LUN 1 to LUN 7" in p.log()
+
+
+@pytest.mark.parametrize("kind", ["ram", "file"])
+def test_a_reload_that_renumbers_a_lun_keeps_its_reservations_and_a_removal_drops_them(stml_factory, kind):
+    """`config reload` of the same edit moves the LU with its registrations
+    (the removed number's state is kept for it, not deleted) and its data (a
+    file's lock, 0216, ends with the removed LU's close, which the add waits
+    for); a LUN the reload removes for good takes its file along (0218)."""
+    p = stml_factory(*(f"file:l{n}.img,size=4MiB" if kind == "file" else "ram:4MiB" for n in range(3)))
+    data = os.urandom(4096)
+    with LoopbackClient(p.endpoint, timeout=10) as c:
+        for lun in (1, 2):
+            pr_register(c, lun, 0xD0 + lun)
+        c.write(1, 0, data)
+    cfg = p.data_dir / "scsi-target.toml"
+    ids = [lc["id"] for lc in tomllib.loads(cfg.read_text())["target"][0]["lun"]]
+    _renumber(cfg, 1, 9)
+    _edit(cfg, lambda doc: doc["target"][0]["lun"].remove(
+        next(lc for lc in doc["target"][0]["lun"] if lc["lun"] == 2)))
+    r = MgmtClient(p.endpoint).call("config_reload")
+    assert r["not_applied"] == [], r
+    with LoopbackClient(p.endpoint, timeout=10) as c:
+        assert read_keys(c, 9) == [0xD1]
+        assert c.read(9, 0, 8) == (data if kind == "file" else bytes(4096))   # a RAM LU's data is its own
+    deadline = time.monotonic() + 20
+    while _pr_files(p) != [f"{ids[1]}_9.json"]:   # LUN 2's goes once its LU closed
+        assert time.monotonic() < deadline, _pr_files(p)
+        time.sleep(0.05)
+    p.luns = ()
+    p.restart()
+    with LoopbackClient(p.endpoint, timeout=10) as c:
+        assert [read_keys(c, lun) for lun in (0, 9)] == [[], [0xD1]]
+
+
 # ------------------------------------------------------------------ any sequence of changes
 
 OTHERS = ["iqn.2026-11.org.test:alpha", "iqn.2026-11.org.test:beta"]

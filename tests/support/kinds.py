@@ -122,6 +122,7 @@ KIND_OF_MODULE = {
 KIND_OF_TEST = {
     "test_accel.py::test_a_stale_build_asked_for_refuses_to_start_in_one_line": "process",
     "test_accel.py::test_the_hot_path_tests_pass_against_the_compiled_build": "process",
+    "test_host_storage.py::test_a_file_serves_one_target_at_a_time": "process",   # no root: a regular file
     "test_save_at_stop.py::test_an_stml_whose_config_save_hangs_still_stops": "process",
     "test_bounded_pr.py::test_aptpl_saves_run_in_their_thread_and_coalesce": "unit",
     "test_bounded_pr.py::test_pr_effects_match_registrations_to_sessions_by_name": "unit",
