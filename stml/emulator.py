@@ -197,6 +197,9 @@ class Target:
     # keys of I_T nexuses lost without their initiator asking, oldest first: the
     # same I_T nexus registered again hears I_T NEXUS LOSS OCCURRED (0234)
     lost: dict[str, None] = field(default_factory=dict)
+    # LUs removed from `luns` whose commands in flight may still finish (0219):
+    # a target or I_T nexus reset ends theirs too before it answers
+    draining: set[LogicalUnit] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         if not isinstance(self.luns, LunMap):
@@ -1167,8 +1170,9 @@ class Emulator:
 
     @staticmethod
     def _target_tasks(t: Target) -> list[Task]:
-        """The tasks of a target's LUs: every unfinished one is in its LU's task set."""
-        return [task for lu in t.luns.values() for task in lu.task_set.tasks.values()]
+        """The tasks of a target's LUs, removed ones still draining included:
+        every unfinished one is in its LU's task set."""
+        return [task for lus in (t.luns.values(), t.draining) for lu in lus for task in lu.task_set.tasks.values()]
 
     async def fan_out_ua(self, luns: Iterable[LogicalUnit], asc_ascq: tuple[int, int], keys: list[str],
                          exclude: str | None = None, offline: Container[str] = (),

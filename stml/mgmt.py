@@ -892,8 +892,14 @@ class Management:
         the backend keeps it open, as it must."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + LUN_DRAIN
-        while lu.task_set.tasks and loop.time() < deadline:   # none new: the LU is out of its target
-            await asyncio.sleep(DRAIN_POLL)
+        t = self.em.targets.get(lu.target)
+        draining = t.draining if t is not None else set()
+        draining.add(lu)
+        try:
+            while lu.task_set.tasks and loop.time() < deadline:   # none new: the LU is out of its target
+                await asyncio.sleep(DRAIN_POLL)
+        finally:
+            draining.discard(lu)
         runners = self.em.abort_lu(lu)
         if runners:
             log.warning("%s LUN %d removed: %d command(s) still in flight after %gs aborted (TASK ABORTED)",

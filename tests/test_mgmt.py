@@ -596,3 +596,33 @@ def test_lun_remove_lets_a_write_in_flight_finish_and_aborts_it_past_the_drain(t
     assert a.read_bytes()[:4096] == data
     assert b.read_bytes()[:4096] == bytes(4096)
     assert c.read_bytes()[:4096] == bytes(4096)
+
+
+def test_a_target_reset_ends_a_removed_luns_commands_before_it_answers(tmp_path):
+    """A removed LUN's commands in flight may run on (0219), but they are
+    still the target's: a TARGET WARM RESET during the drain aborts them
+    before it answers, as SAM orders, not 3 s after it (review 11)."""
+    from fetd_tcp import pdu as P
+    config = tmp_path / "target.toml"
+    config.write_text(f'[[target]]\nname = "{DISK0}"\ntarget_reset = true\n'
+                      f'[[target.lun]]\nlun = 0\nbackend = "file"\npath = "{tmp_path / "a.img"}"\n'
+                      f'size = "4MiB"\n[[target.lun]]\nlun = 1\nbackend = "ram"\nsize = "4MiB"\n')
+    with Target(config=str(config)) as t:
+        host, port = t.portal.rsplit(":", 1)
+        ini = RawInitiator(host, int(port), timeout=20)
+        ini.login(DISK0, extra=[("ImmediateData", "No"), ("InitialR2T", "Yes")])
+        itt = ini._next_itt()
+        ini.send(P.ScsiCommand(itt, P.int_to_lun(0), struct.pack(">BBQIBB", 0x8A, 0, 0, 8, 0, 0).ljust(16, b"\0"),
+                               4096, ini.cmd_sn, ini.exp_stat_sn, read=False, write=True, data_length=0))
+        ini.cmd_sn += 1
+        _answer_until(ini, P.R2T)                   # its data held: in flight
+        MgmtClient(default_endpoint(Path(t.data_dir))).call("lun_remove", lun=0)
+        tag = ini._next_itt()
+        ini.send(P.TaskMgmtRequest(tag, P.TMF_TARGET_WARM_RESET, P.int_to_lun(1), P.RESERVED_TAG, ini.cmd_sn,
+                                   ini.exp_stat_sn, immediate=True))
+        resp, _ = _answer_until(ini, P.TaskMgmtResponse)
+        assert (resp.itt, resp.response) == (tag, 0)
+        t.wait_log("LUN 0 removed: its backend is closed", 20)
+        assert "still in flight after" not in t.log()   # the reset had ended it: nothing left to abort
+        status, _ = tur(ini, 1)                     # and its late answer never comes
+        assert status in (0, CHECK_CONDITION)
