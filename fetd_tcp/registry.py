@@ -246,8 +246,10 @@ class SessionRegistry:
             conn.release(task)
         for task in [t for t in s.kept.values() if t.conn is conn]:
             conn._forget(task)
-        if not s.connections and not s.failed:
-            self.end_session(s, lost=not conn.closing)   # (a Logout: the initiator ended it)
+        if not s.connections and (not s.failed or s.logged_out):
+            # (a Logout: the initiator ended it; closing the session ends what
+            # failed connections kept for a reassign too, RFC 7143 11.14)
+            self.end_session(s, lost=not conn.closing)
         else:
             self.window_update(s)
         if isinstance(writer, PduWriter):

@@ -170,6 +170,9 @@ class Session:
     # ErrorRecoveryLevel 2: connections that failed with tasks that a TASK REASSIGN may
     # still claim, by CID, until Time2Wait + Time2Retain pass
     failed: dict[int, Connection] = field(default_factory=dict)
+    # a Logout closed the session (reason 0): what failed connections kept goes
+    # with it, and its initiator ended it (no I_T NEXUS LOSS later: 0234)
+    logged_out: bool = False
 
     @property
     def erl(self) -> int:
@@ -1079,6 +1082,7 @@ class Connection:
                 self.on_failed(target)
         elif response == 0:
             if lo.reason == 0:
+                self.session.logged_out = True
                 for conn in list(self.session.connections.values()):
                     conn.closing = True
                     conn.close()

@@ -4,7 +4,9 @@ recovery with TASK REASSIGN, and Time2Retain (issue 24)."""
 from __future__ import annotations
 
 import os
+import re
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -426,6 +428,39 @@ def test_tasks_of_a_killed_connection_are_reassigned_with_their_data_intact(targ
     # a task that is not orphaned is still allegiant; one that does not exist is not there
     assert new.tmf(P.TMF_TASK_REASSIGN, rtt=0x5555).response == P.TMF_RESP_NO_TASK
     new.close()
+
+
+def test_a_logout_closing_a_session_with_a_failed_connection_ends_it_unlost(target):
+    """ErrorRecoveryLevel 2: one connection dies with a write outstanding (its
+    task kept for a reassign), then a Logout on the other closes the session.
+    The session ends there, as one the initiator ended: the same ISID's next
+    session hears no I_T NEXUS LOSS OCCURRED (it had waited for Time2Retain
+    or a reinstatement, which then ended it as lost: review 11, 0234)."""
+    a = connect(target, ERL2, ERL2_KEYS)
+    b = RawInitiator(*_hostport(target.portal), isid=a.isid)
+    b.cmd_sn = a.cmd_sn
+    assert b.login(ERL2, tsih=a.tsih, cid=1, extra=ERL2_KEYS).status_class == 0
+    failed = re.compile(rf"connection CID 0 of TSIH {a.tsih} failed")
+    ended = re.compile(rf"session ended: .*, TSIH {a.tsih}\b")
+
+    def wait_for(line: re.Pattern, seen: int) -> None:
+        deadline = time.monotonic() + 20
+        while len(line.findall(target.log())) == seen:
+            assert time.monotonic() < deadline, target.log()[-3000:]
+            time.sleep(0.05)
+    seen = len(failed.findall(target.log())), len(ended.findall(target.log()))
+    a.send(write_cmd(a, 500, 1))
+    expect(a, P.R2T)
+    a.kill()
+    wait_for(failed, seen[0])
+    b.cmd_sn = a.cmd_sn
+    assert b.logout(reason=0, cid=1).response == 0
+    b.close()
+    wait_for(ended, seen[1])                         # before the next login (else it reinstates)
+    again = connect(target, ERL2, ERL2_KEYS, isid=a.isid)
+    status, sense, _ = again.command(bytes(6))
+    assert status == 0, sense.hex()
+    again.close()
 
 
 def test_reassign_is_refused_below_level_2(target):
