@@ -18,7 +18,7 @@ from typing import Any, Callable, Final, Protocol
 
 from fetd_tcp import pdu as P
 # (by name, for the per-command path: the compiled build reads P.x as an attribute of a module)
-from fetd_tcp.pdu import DataIn, new_pdu
+from fetd_tcp.pdu import DataIn, ScsiCommand, encode_data_in_status, encode_scsi_status, new_pdu
 from fetd_tcp import budget as B
 from fetd_tcp.budget import Account, Grant, unlimited
 from fetd_tcp.keys import ConnectionParams, SessionParams
@@ -215,6 +215,9 @@ class Connection:
         self.stat_sn = stat_sn
         self.out = out
         self.send = out      # output as it is (self.out may keep what it sends first)
+        # output that takes a header already encoded (PduWriter.encoded): the usual
+        # response is packed from its fields, without a PDU tuple (per command)
+        self.encoded: Callable[[bytes, bytes | memoryview], None] | None = getattr(out, "encoded", None)
         self.link = link
         self.tags = tags
         self.close = close
@@ -341,14 +344,18 @@ class Connection:
     def receive(self, pdu: Any, data: bytes | memoryview) -> None:
         """One PDU from the initiator. Raises P.PDUError for a protocol error
         the caller answers with Reject (the PDU is otherwise ignored)."""
-        handler = self._dispatch.get(type(pdu))
-        if handler is None:
+        command = type(pdu) is ScsiCommand   # the usual PDU: called directly, not by the table
+        handler = None if command else self._dispatch.get(type(pdu))
+        if handler is None and not command:
             raise P.PDUError(f"{type(pdu).__name__} not allowed in full feature phase",
                              P.REJECT_PROTOCOL_ERROR)
         if self.erl:
             self.bad_headers = 0
             self.acknowledge(pdu.exp_stat_sn)
-        handler(pdu, data)
+        if handler is None:
+            self._ordered(pdu, data)
+        else:
+            handler(pdu, data)
 
     def _ordered(self, pdu: Any, data: Any) -> None:
         """Deliver non-immediate PDUs in CmdSN order; immediate ones at once."""
@@ -360,7 +367,10 @@ class Connection:
         # within MaxCmdSN as last advertised (it never goes back: no need to compute it again)
         if sn == s.exp_cmd_sn and ((s.last_max - sn) % SN_MOD < (1 << 31) or sn_le(sn, s.max_cmd_sn)):
             s.exp_cmd_sn = (sn + 1) % SN_MOD
-            self._run[type(pdu)](pdu, data)
+            if type(pdu) is ScsiCommand:   # (as in receive)
+                self._scsi_command(pdu, data)
+            else:
+                self._run[type(pdu)](pdu, data)
             while s.queued and s.exp_cmd_sn in s.queued:
                 conn, qpdu, qdata = s.queued.pop(s.exp_cmd_sn)
                 s.exp_cmd_sn = (s.exp_cmd_sn + 1) % SN_MOD
@@ -691,14 +701,25 @@ class Connection:
                 # it, without its call, loop and cases (per command)
                 sn = self.stat_sn
                 self.stat_sn = (sn + 1) % SN_MOD
-                self.send(new_pdu(DataIn, (task.itt, task.data_sn, 0, s.exp_cmd_sn, s.max_cmd_sn,
-                                           True, status, sn, count, over, under, False,
-                                           P.RESERVED_TAG, task.lun, n)), data)
+                encoded = self.encoded
+                if encoded is not None:
+                    encoded(encode_data_in_status(task.itt, task.data_sn, s.exp_cmd_sn, s.max_cmd_sn,
+                                                  status, sn, count, over, under, task.lun, n), data)
+                else:
+                    self.send(new_pdu(DataIn, (task.itt, task.data_sn, 0, s.exp_cmd_sn, s.max_cmd_sn,
+                                               True, status, sn, count, over, under, False,
+                                               P.RESERVED_TAG, task.lun, n)), data)
                 task.data_sn += 1
                 return
             self._data_in(task, memoryview(data), status if collapse else None, count, over, under)
             if collapse:
                 return
+        encoded = self.encoded
+        if not sense and encoded is not None:   # the usual status alone (a write's)
+            encoded(encode_scsi_status(task.itt, status, self._next_stat_sn(), s.exp_cmd_sn,
+                                       s.max_cmd_sn, task.data_sn + task.r2t_sn, count, over,
+                                       under), b"")
+            return
         seg = P.sense_segment(sense) if sense else b""
         # every field, in order (P.new_pdu: no Python-level __new__, per command):
         # response 0, ExpDataSN, residual, no bidi residual, SNACK Tag 0, DataSegmentLength

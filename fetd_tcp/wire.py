@@ -227,7 +227,11 @@ class PduWriter:
         self.loop = asyncio.get_running_loop()
 
     def __call__(self, pdu: Any, data: bytes | memoryview) -> None:
-        hdr = pdu.encode()
+        self.encoded(pdu.encode(), data)
+
+    def encoded(self, hdr: bytes, data: bytes | memoryview) -> None:
+        """A PDU whose header is encoded already: the session packs the Data-In
+        or SCSI Response that answers most commands from its fields."""
         parts = self.parts
         parts.append(hdr)
         size = len(hdr)
