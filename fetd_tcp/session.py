@@ -212,6 +212,14 @@ class Connection:
         self.session = session
         self.cid = cid
         self.params = params
+        # what every command reads of the negotiation (fetd_tcp.keys is not compiled: each
+        # read of its dataclasses is a generic attribute lookup): the largest Data-In
+        # segment, MaxBurstLength, and the largest immediate data (0: none allowed)
+        sp = session.params
+        self.seg_max = params.max_send_data_segment_length
+        self.burst = sp.max_burst_length
+        self.immediate_max = (min(params.max_recv_data_segment_length, sp.first_burst_length)
+                              if sp.immediate_data else 0)
         self.stat_sn = stat_sn
         self.out = out
         self.send = out      # output as it is (self.out may keep what it sends first)
@@ -426,21 +434,18 @@ class Connection:
         if itt in s.itts:
             self.reject(P.REJECT_TASK_IN_PROGRESS, cmd.encode())
             return
-        sp = s.params
-        if n and (n > self.params.max_recv_data_segment_length or not write
-                  or not sp.immediate_data or n > edtl or n > sp.first_burst_length):
+        if n and (n > self.immediate_max or not write or n > edtl):
             self.reject(P.REJECT_PROTOCOL_ERROR, cmd.encode())
             return
         unsol = n
-        if write and not final and not sp.initial_r2t:
-            unsol = min(sp.first_burst_length, edtl)
+        if write and not final and not s.params.initial_r2t:
+            unsol = min(s.params.first_burst_length, edtl)
         need = read_held = 0
         account = self.account
         if read and edtl:
             # its data (min() costs a builtin call: per command), a header per Data-In, a status
             need = edtl if edtl < s.max_transfer else s.max_transfer
-            need += (need // self.params.max_send_data_segment_length
-                     + need // sp.max_burst_length + 2) * _PDU_OVERHEAD
+            need += (need // self.seg_max + need // self.burst + 2) * _PDU_OVERHEAD
             kinds = account.kinds
             read_held = kinds[B.READ] + kinds[B.OUT]   # reserved, and output not yet sent
         if ((write and immediate and self.write_held >= self.write_limit)
@@ -609,7 +614,7 @@ class Connection:
         if task.grant is not None:
             return     # not yet granted: _granted sends them
         limit = self.session.params.max_outstanding_r2t
-        mbl = self.session.params.max_burst_length
+        mbl = self.burst
         while task.bursts and len(task.r2ts) < limit:
             first = task.bursts[0]
             start = first[0]
@@ -677,7 +682,9 @@ class Connection:
         output (until the socket takes it) before its reservation goes. A
         memoryview of the data is made only to cut it into several Data-In."""
         s = self.session
-        s.itts.pop(task.itt, None)
+        itts = s.itts
+        if task.itt in itts:   # (pop(itt, None) is a generic method call: per command)
+            del itts[task.itt]
         if self.erl:
             self._respond_keeping(task, status, sense, resid, data)
             return
@@ -695,8 +702,7 @@ class Connection:
         if n:
             assert data is not None   # n is its length
             collapse = status == 0 and not sense
-            if collapse and n <= self.params.max_send_data_segment_length \
-                    and n <= s.params.max_burst_length:
+            if collapse and n <= self.seg_max and n <= self.burst:
                 # the usual small read: one Data-In with the status, as _data_in sends
                 # it, without its call, loop and cases (per command)
                 sn = self.stat_sn
@@ -774,8 +780,7 @@ class Connection:
         the last one. Nothing here moves ExpCmdSN or MaxCmdSN, so they are
         read once."""
         s = self.session
-        seg_max = self.params.max_send_data_segment_length
-        burst = s.params.max_burst_length
+        seg_max, burst = self.seg_max, self.burst
         itt, lun, exp, mx = task.itt, task.lun, s.exp_cmd_sn, s.max_cmd_sn
         total = len(data)
         offset = 0
@@ -1054,7 +1059,7 @@ class Connection:
         body = self.text_out
         assert body is not None   # callers check
         start = self.text_pos
-        chunk = body[start:start + self.params.max_send_data_segment_length]
+        chunk = body[start:start + self.seg_max]
         self.text_pos = start + len(chunk)
         more = self.text_pos < len(body)
         ttt = P.RESERVED_TAG
@@ -1151,8 +1156,7 @@ class Connection:
         assert task.rdata is not None and task.status is not None
         s = self.session
         data = memoryview(task.rdata)
-        seg_max = self.params.max_send_data_segment_length
-        burst = s.params.max_burst_length
+        seg_max, burst = self.seg_max, self.burst
         total, offset, dsn = len(data), 0, 0
         exp, mx = self._sns()
         while offset < total and dsn < stop:
