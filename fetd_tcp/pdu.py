@@ -24,7 +24,7 @@ from stml.api.sizes import BIG_FRAME
 # name up in the module's dict per use; struct's results declared int: native arithmetic)
 BHS_LEN: Final = 48
 RESERVED_TAG: Final = 0xFFFFFFFF
-LUN0 = bytes(8)
+LUN0: Final = bytes(8)
 
 # Reject reasons (§11.17.1).
 REJECT_DATA_DIGEST_ERROR: Final = 0x02
@@ -347,6 +347,10 @@ class ScsiCommand(NamedTuple):
         return _decode_scsi_command(header, ahs)
 
 
+# (Final: compiled, a static instead of a lookup in the module's dict, per command)
+SCSI_COMMAND_TYPE: Final = ScsiCommand
+
+
 def _decode_scsi_command(header: Buf, ahs: Buf = b"") -> ScsiCommand:
     """ScsiCommand.decode (a module function: the framer calls it directly, per command)."""
     b0: int
@@ -358,9 +362,9 @@ def _decode_scsi_command(header: Buf, ahs: Buf = b"") -> ScsiCommand:
         ext, bidi = _parse_ahs(ahs)
         cdb += ext
     # every field is given, so the NamedTuple's Python-level __new__ can be skipped (per command)
-    return new_pdu(ScsiCommand, (itt, lun, cdb, edtl, cmd_sn, exp_stat_sn, (b1 & 0x40) != 0,
-                              (b1 & 0x20) != 0, b1 & 0x07, (b1 & _F) != 0, (b0 & _I) != 0, bidi,
-                              w & 0xFFFFFF))
+    return new_pdu(SCSI_COMMAND_TYPE, (itt, lun, cdb, edtl, cmd_sn, exp_stat_sn, (b1 & 0x40) != 0,
+                                       (b1 & 0x20) != 0, b1 & 0x07, (b1 & _F) != 0, (b0 & _I) != 0,
+                                       bidi, w & 0xFFFFFF))
 
 
 TASK_MGMT_REQUEST: Final = 0x02

@@ -18,7 +18,8 @@ from typing import Any, Callable, Final, Protocol
 
 from fetd_tcp import pdu as P
 # (by name, for the per-command path: the compiled build reads P.x as an attribute of a module)
-from fetd_tcp.pdu import DataIn, ScsiCommand, encode_data_in_status, encode_scsi_status, new_pdu
+from fetd_tcp.pdu import (SCSI_COMMAND_TYPE, DataIn, encode_data_in_status, encode_scsi_status,
+                          new_pdu)
 from fetd_tcp import budget as B
 from fetd_tcp.budget import Account, Grant, unlimited
 from fetd_tcp.keys import ConnectionParams, SessionParams
@@ -352,7 +353,7 @@ class Connection:
     def receive(self, pdu: Any, data: bytes | memoryview) -> None:
         """One PDU from the initiator. Raises P.PDUError for a protocol error
         the caller answers with Reject (the PDU is otherwise ignored)."""
-        command = type(pdu) is ScsiCommand   # the usual PDU: called directly, not by the table
+        command = type(pdu) is SCSI_COMMAND_TYPE   # the usual PDU: called directly, not by the table
         handler = None if command else self._dispatch.get(type(pdu))
         if handler is None and not command:
             raise P.PDUError(f"{type(pdu).__name__} not allowed in full feature phase",
@@ -375,7 +376,7 @@ class Connection:
         # within MaxCmdSN as last advertised (it never goes back: no need to compute it again)
         if sn == s.exp_cmd_sn and ((s.last_max - sn) % SN_MOD < (1 << 31) or sn_le(sn, s.max_cmd_sn)):
             s.exp_cmd_sn = (sn + 1) % SN_MOD
-            if type(pdu) is ScsiCommand:   # (as in receive)
+            if type(pdu) is SCSI_COMMAND_TYPE:   # (as in receive)
                 self._scsi_command(pdu, data)
             else:
                 self._run[type(pdu)](pdu, data)
