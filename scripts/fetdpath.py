@@ -15,9 +15,9 @@ answered with status only.
 The commands' bytes are one encoded batch copied into the framer's buffer
 (as the socket would write them) and each CmdSN patched there (one pack_into
 per command): what is counted is fetd_tcp's work, not the building of PDUs
-(decision 0850; before it each command was built and encoded, about 16k
-instructions per command of the count, compiled). The copy stays counted:
-callgrind counts a `rep movsb` copy by the byte, about 4k per 4 KiB write.
+(decision 0850: before it each command was built and encoded inside the
+count). The copy stays counted: callgrind counts a `rep movsb` copy by the
+byte, so a write's data weighs more than its CPU time.
 Runs on trees from 24e7dec on (decisions/0811).
 
     PYTHONHASHSEED=0 PYTHONPATH=$PWD scripts/fetdpath.py --instructions [--size 4096 --qd 16] [--write]
