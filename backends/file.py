@@ -68,6 +68,12 @@ class FileBackend:
         if not self._blockdev and not stat.S_ISREG(st.st_mode):
             os.close(self._fd)
             raise BackendError(f"{path}: not a regular file or block device")
+        if not self._blockdev:
+            try:
+                _claim(self._fd, path, readonly)
+            except BackendError:
+                os.close(self._fd)
+                raise
         # (a missing file always has a size: checked above)
         if size and (not exists or (not self._blockdev and st.st_size == 0)):
             try:
@@ -253,6 +259,13 @@ class FileBackend:
         device); elsewhere the write goes to a worker thread."""
         if not self._in_memory:
             return False
+        # _write's usual case in place (one frame, not three: per write); on a
+        # memory file system a write is never made more durable, so _written
+        # has nothing to do. Any other case takes _write's way.
+        if len(bufs) == 1 and not (sync and self.sync_error is not None):
+            buf = bufs[0]
+            if os.pwrite(self._fd, buf, offset) == len(buf):
+                return True
         self._write(offset, bufs, sync)   # on the loop: no lookup runs there meanwhile
         return True
 
@@ -406,6 +419,54 @@ class _Changing:
     def __exit__(self, *exc: object) -> None:
         with self._lock:
             self.count -= 1
+
+
+def _claim(fd: int, path: str, readonly: bool) -> None:
+    """Lock a regular file for as long as this descriptor is open, as O_EXCL
+    claims a block device (docs/decisions/0216): another STML (another data
+    dir) serving it too would be a second disk, with its own identity and
+    reservations, on the same data. An open file description lock: it goes
+    with the last close, or the process, never with another descriptor's
+    close (as a POSIX lock would). A read-only LUN shares the file with
+    other read-only ones. A file system without locks (NFSv3 without lockd,
+    some FUSE ones) serves the file unlocked, with a warning."""
+    kind = fcntl.F_RDLCK if readonly else fcntl.F_WRLCK
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack("hhqqi", kind, os.SEEK_SET, 0, 0, 0))
+    except OSError as e:
+        if e.errno not in (errno.EAGAIN, errno.EACCES):
+            log.warning("%s: served without a lock (%s): nothing keeps a second target off it",
+                        path, e.strerror)
+            return
+        holder = _lock_holder(os.fstat(fd))
+        raise BackendError(f"{path}: in use by {holder or 'another program'}, which holds a lock on it "
+                           f"(a file is served by one target at a time)") from None
+
+
+def _lock_holder(st: os.stat_result) -> str | None:
+    """Which process holds a lock on the file `st` describes, as /proc shows
+    it ("pid 123: scsi-target run ..."), or None when none is readable. Reads
+    every process's descriptors: only when a lock is refused."""
+    dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino} "
+    me = os.getpid()
+    try:
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return None
+    for pid in pids:
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fdinfo"):
+                with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                    if not any(line.startswith("lock:") and dev in line for line in f):
+                        continue
+                if pid == me:
+                    return "this STML (a LUN removed from it is still closing)"
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+                return f"pid {pid} ({cmd[:200]})" if cmd else f"pid {pid}"
+        except OSError:
+            continue
+    return None
 
 
 def _advance(views: list[memoryview], n: int) -> list[memoryview]:

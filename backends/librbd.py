@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 EVENT_TYPE_EVENTFD = 2
 LOCK_MODE_EXCLUSIVE = 0
+FEATURE_EXCLUSIVE_LOCK = 1 << 2   # RBD_FEATURE_EXCLUSIVE_LOCK
 WRITE_ZEROES_FLAG_THICK_PROVISION = 1
 OP_FLAG_FADVISE_FUA = 0x80
 EBLOCKLISTED = errno.ESHUTDOWN   # what librados returns to a client on the OSD blocklist
@@ -210,6 +211,7 @@ def libs() -> tuple[ctypes.CDLL, ctypes.CDLL]:
             "rbd_open": (c_int, [P, c_char_p, POINTER(P), c_char_p]),
             "rbd_close": (c_int, [P]),
             "rbd_get_size": (c_int, [P, POINTER(c_uint64)]),
+            "rbd_get_features": (c_int, [P, POINTER(c_uint64)]),
             "rbd_get_id": (c_int, [P, c_char_p, c_size_t]),
             "rbd_stat": (c_int, [P, POINTER(ImageInfo), c_size_t]),
             "rbd_compare_and_write": (c_ssize_t, [P, c_uint64, c_size_t, c_void_p, c_void_p,
@@ -368,6 +370,11 @@ class Image:
     def size(self) -> int:
         n = c_uint64()
         _check(self._rbd.rbd_get_size(self.handle, byref(n)), "rbd_get_size")
+        return n.value
+
+    def features(self) -> int:
+        n = c_uint64()
+        _check(self._rbd.rbd_get_features(self.handle, byref(n)), "rbd_get_features")
         return n.value
 
     def image_id(self) -> str:

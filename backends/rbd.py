@@ -31,8 +31,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 from backends.base import AioFuture, BackendError
 from backends.librbd import (
-    EBLOCKLISTED, WRITE_ZEROES_FLAG_THICK_PROVISION, CephError, Client, Image, IoCtx, Pinned,
-    create_image, hold, unpin,
+    EBLOCKLISTED, FEATURE_EXCLUSIVE_LOCK, WRITE_ZEROES_FLAG_THICK_PROVISION, CephError, Client, Image, IoCtx,
+    Pinned, create_image, hold, unpin,
 )
 
 # reservation state: a key of the image's own metadata, so it lives and goes with the image
@@ -117,6 +117,17 @@ class RbdBackend:
             self._usable = True
 
     def _image(self, ioctx: IoCtx, size: int | None) -> Image:
+        image = self._open_or_create(ioctx, size)
+        try:   # every RBD LU is served under the image's lock (0400): an image without one cannot be
+            if not image.features() & FEATURE_EXCLUSIVE_LOCK:
+                raise CephError(errno.EINVAL, f"image {self.name} has no exclusive-lock feature, which serving "
+                                              f"it needs: `rbd feature enable {self.spec} exclusive-lock`")
+        except BaseException:
+            image.close()
+            raise
+        return image
+
+    def _open_or_create(self, ioctx: IoCtx, size: int | None) -> Image:
         try:
             return Image(ioctx, self.name)
         except CephError as e:

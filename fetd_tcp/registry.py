@@ -207,6 +207,13 @@ class SessionRegistry:
             for conn in list(s.connections.values()):
                 conn.close()
 
+    def stop(self) -> None:
+        """The front end stops: the sessions still open (their initiators did not
+        log out when asked) are released `lost` before the link says goodbye,
+        which would end them as chosen (0234)."""
+        for s in self.by_nexus.values():
+            self.link.scsi_release(s.nexus, lost=True)
+
     def drop_connection(self, conn: Connection) -> None:
         """The connection is over: its tasks are forgotten (ErrorRecoveryLevel < 2:
         nothing moves them to another connection) and what it held leaves the
@@ -240,7 +247,7 @@ class SessionRegistry:
         for task in [t for t in s.kept.values() if t.conn is conn]:
             conn._forget(task)
         if not s.connections and not s.failed:
-            self.end_session(s)
+            self.end_session(s, lost=not conn.closing)   # (a Logout: the initiator ended it)
         else:
             self.window_update(s)
         if isinstance(writer, PduWriter):
@@ -323,8 +330,10 @@ class SessionRegistry:
             conn.window_update()
             break
 
-    def end_session(self, s: Session) -> None:
-        """Forget a session (work in proportion to its own tasks, not to all)."""
+    def end_session(self, s: Session, lost: bool = True) -> None:
+        """Forget a session (work in proportion to its own tasks, not to all).
+        `lost`: its initiator did not end it (it did with a Logout): the STML
+        tells the I_T nexus when it logs in again (0234)."""
         if self.sessions.get(s.tsih) is s:
             del self.sessions[s.tsih]
             portal, peer = self.session_portals.pop(s.tsih, ("?", "?"))
@@ -345,4 +354,4 @@ class SessionRegistry:
                     self.per_target[s.target] = left
                 else:
                     self.per_target.pop(s.target, None)
-                self.link.scsi_release(s.nexus)
+                self.link.scsi_release(s.nexus, lost)

@@ -207,6 +207,7 @@ class IscsiFrontEnd:
         await asyncio.sleep(0.2 if sessions else 0)
         for w in list(self.writers):
             w.close()
+        self.registry.stop()
         await self.announcer.close()
         await self.link.close()
 

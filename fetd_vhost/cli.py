@@ -17,6 +17,8 @@ import click
 @click.option("--target", required=True, help="The target (IQN) whose LUNs the VM sees.")
 @click.option("--stml", "stml_endpoint", required=True, help="STML endpoint (ipc://PATH or tcp://HOST:PORT).")
 @click.option("--initiator", help="The VM's initiator port name (default: derived from the socket path).")
+@click.option("--group", help="Give the socket to this group, mode 0660, for a QEMU that runs as "
+                              "another user in it (default: mode 0600, this user only).")
 @click.option("--stml-key", type=click.Path(dir_okay=False),
               help="The STML's public key file (CURVE over tcp://).")
 @click.option("--key", "own_key", type=click.Path(dir_okay=False), help="This front end's key pair.")
@@ -27,7 +29,7 @@ import click
                    "[at=N|p=P seed=S] [ms=..]' (docs/research.md, \"Fault injection\").")
 @click.option("--inject-file", "inject_files", multiple=True, type=click.Path(dir_okay=False),
               metavar="FILE", help="Fault-injection rules, one a line (# comments), repeatable.")
-def main(socket_path: str, target: str, stml_endpoint: str, initiator: str | None,
+def main(socket_path: str, target: str, stml_endpoint: str, initiator: str | None, group: str | None,
          stml_key: str | None, own_key: str | None, log_level: str, inject: tuple[str, ...],
          inject_files: tuple[str, ...]) -> None:
     """Serve a target's LUNs to a QEMU VM (vhost-user-scsi).
@@ -55,9 +57,14 @@ def main(socket_path: str, target: str, stml_endpoint: str, initiator: str | Non
         except ValueError as e:
             click.echo(f"scsi-target: config error: {e}", err=True)
             sys.exit(2)
+    try:
+        gid = None if group is None else group_id(group)
+    except ValueError as e:
+        click.echo(f"scsi-target: config error: {e}", err=True)
+        sys.exit(2)
     from stml.api import RegistrationRefused
     try:
-        run_loop(run_fetd_vhost(stml_endpoint, socket_path, target, initiator, curve, rules))
+        run_loop(run_fetd_vhost(stml_endpoint, socket_path, target, initiator, curve, rules, gid))
     except OSError as e:
         click.echo(f"scsi-target: fetd-vhost: cannot listen on {socket_path}: {e}", err=True)
         sys.exit(2)
@@ -66,32 +73,45 @@ def main(socket_path: str, target: str, stml_endpoint: str, initiator: str | Non
         sys.exit(2)
 
 
+def group_id(group: str) -> int:
+    """A group's gid, by name or number. Raises ValueError."""
+    import grp
+    try:
+        return grp.getgrnam(group).gr_gid if not group.isdigit() else grp.getgrgid(int(group)).gr_gid
+    except KeyError:
+        raise ValueError(f"no group {group}") from None
+
+
 # ------------------------------------------------------------------ `scsi-target run --vhost`
+
+OPTIONS = ("target", "initiator", "group")     # what a --vhost flag or [[vhost]] table may set
+
 
 @dataclass(frozen=True)
 class VhostSpec:
     socket: str
     target: str | None = None
     initiator: str | None = None
+    group: str | None = None
 
 
 def parse_vhost(value: str, where: str = "--vhost") -> VhostSpec:
-    """PATH[,target=IQN][,initiator=NAME]. Raises ValueError."""
+    """PATH[,target=IQN][,initiator=NAME][,group=GROUP]. Raises ValueError."""
     path, *opts = value.split(",")
     if not path:
         raise ValueError(f"{where}: {value!r} names no socket path")
     kw: dict[str, str] = {}
     for opt in opts:
         key, eq, val = opt.partition("=")
-        if not eq or key not in ("target", "initiator") or not val:
-            raise ValueError(f"{where}: {opt!r} is not target=IQN or initiator=NAME")
+        if not eq or key not in OPTIONS or not val:
+            raise ValueError(f"{where}: {opt!r} is not target=IQN, initiator=NAME or group=GROUP")
         kw[key] = val
     return VhostSpec(path, **kw)
 
 
 def vhost_specs(config: Any, flags: tuple[str, ...]) -> list[VhostSpec]:
     """The VM sockets to serve: --vhost flags, then the config file's [[vhost]]
-    tables ({socket, target?, initiator?}). Raises ValueError."""
+    tables ({socket, target?, initiator?, group?}). Raises ValueError."""
     specs = [parse_vhost(f) for f in flags]
     tables = config.raw.get("vhost", [])
     if not isinstance(tables, list):
@@ -99,17 +119,23 @@ def vhost_specs(config: Any, flags: tuple[str, ...]) -> list[VhostSpec]:
     for i, t in enumerate(tables):
         where = f"vhost[{i}]"
         if not isinstance(t, dict) or not isinstance(t.get("socket"), str) \
-                or set(t) - {"socket", "target", "initiator"} \
-                or not all(isinstance(t.get(k, ""), str) for k in ("target", "initiator")):
-            raise ValueError(f"{where}: needs socket = PATH, and may have target and initiator (strings)")
+                or set(t) - {"socket", *OPTIONS} \
+                or not all(isinstance(t.get(k, ""), str) for k in OPTIONS):
+            raise ValueError(f"{where}: needs socket = PATH, and may have target, initiator and group "
+                             f"(strings)")
         socket = t["socket"]
         if config.path is not None and not os.path.isabs(socket):
             socket = str(config.path.parent / socket)
-        specs.append(VhostSpec(socket, t.get("target"), t.get("initiator")))
+        specs.append(VhostSpec(socket, t.get("target"), t.get("initiator"), t.get("group")))
     names = {t.name for t in config.targets}
     for s in specs:
         if s.target is not None and s.target not in names:
             raise ValueError(f"vhost socket {s.socket}: no target {s.target}")
+        if s.group is not None:
+            try:
+                group_id(s.group)
+            except ValueError as e:
+                raise ValueError(f"vhost socket {s.socket}: {e}") from None
         if not names:
             raise ValueError(f"vhost socket {s.socket}: the configuration has no target to serve")
     if len({s.socket for s in specs}) != len(specs):
@@ -118,8 +144,9 @@ def vhost_specs(config: Any, flags: tuple[str, ...]) -> list[VhostSpec]:
 
 
 vhost_option = click.option(
-    "--vhost", "vhost", multiple=True, metavar="PATH[,target=IQN]",
-    help="Also serve a VM on this vhost-user-scsi socket (repeatable; default target: the first).")
+    "--vhost", "vhost", multiple=True, metavar="PATH[,target=IQN][,group=GROUP]",
+    help="Also serve a VM on this vhost-user-scsi socket, for this run only (repeatable; default "
+         "target: the first; group: the socket is 0660 in it). [[vhost]] tables serve at every start.")
 
 
 def vhost_children(config: Any, flags: tuple[str, ...], log_level: str) -> dict[str, list[str]]:
@@ -136,6 +163,10 @@ def vhost_children(config: Any, flags: tuple[str, ...], log_level: str) -> dict[
                 "--stml", config.stml_endpoint, "--log-level", log_level]
         if s.initiator:
             argv += ["--initiator", s.initiator]
+        if s.group:
+            argv += ["--group", s.group]
         children[f"fetd_vhost{i}" if i else "fetd_vhost"] = argv
-        click.echo(f"vhost-user-scsi socket: {s.socket} (target {target})")
+        # a flag is not saved in the config file: a later start without it serves no such socket
+        once = "; this run only: a [[vhost]] table serves it at every start" if i < len(flags) else ""
+        click.echo(f"vhost-user-scsi socket: {s.socket} (target {target}{once})")
     return children

@@ -224,8 +224,10 @@ class VhostFrontEnd:
     the STML link. STML calls arrive here and go to the VM's device."""
 
     def __init__(self, stml_endpoint: str, socket_path: str, target: str,
-                 initiator: str | None = None, curve: dict[str, bytes] | None = None) -> None:
+                 initiator: str | None = None, curve: dict[str, bytes] | None = None,
+                 group: int | None = None) -> None:
         self.socket_path = socket_path
+        self.group = group       # a gid: the socket is 0660 in that group (QEMU as another user)
         self.target_name = target
         self.initiator = initiator or initiator_name(socket_path)
         self.link = FrontEndLink(stml_endpoint, "vhost", self, curve=curve,
@@ -242,9 +244,13 @@ class VhostFrontEnd:
 
     # ---------------------------------------------------------------- the socket
     def listen(self) -> None:
-        """Bind the socket, readable and writable by our user only (0600):
-        whoever can connect can read and write the target's LUNs."""
+        """Bind the socket, readable and writable by our user only (0600), or
+        also by the group given (0660): whoever can connect can read and write
+        the target's LUNs."""
         path = self.socket_path
+        parent = os.path.dirname(path) or "."
+        if not os.path.isdir(parent):
+            raise OSError(f"its directory {parent} does not exist")
         if os.path.lexists(path):
             if not stat.S_ISSOCK(os.lstat(path).st_mode):
                 raise OSError(f"{path} exists and is not a socket")
@@ -262,7 +268,14 @@ class VhostFrontEnd:
             sock.bind(path)
         finally:
             os.umask(old)
-        os.chmod(path, 0o600)
+        if self.group is not None:
+            try:
+                os.chown(path, -1, self.group)
+            except OSError as e:
+                os.unlink(path)
+                raise OSError(f"cannot give it to group {self.group}: {e.strerror} (this user must be "
+                              f"a member of the group)") from None
+        os.chmod(path, 0o600 if self.group is None else 0o660)
         sock.listen(4)
         sock.setblocking(False)
         self.listener = sock
@@ -285,16 +298,16 @@ class VhostFrontEnd:
             return
         nexus = next(self._nexus_ids)
         self.conn = Connection(self, sock, nexus)
-        log.info("a VM connected to %s (nexus %d, initiator %s)", self.socket_path, nexus, self.initiator)
-        print(f"fetd_vhost: VM connected (initiator {self.initiator})", flush=True)
+        # a status line only: `run` relays it in the log format (a log line too would say it twice)
+        print(f"fetd_vhost: a VM connected to {self.socket_path} (nexus {nexus}, initiator {self.initiator})",
+              flush=True)
         self._register(self.conn)
 
     def connection_closed(self, conn: Connection) -> None:
         if self.conn is conn:
             self.conn = None
             self.link.scsi_release(conn.nexus)
-            log.info("the VM on %s disconnected", self.socket_path)
-            print("fetd_vhost: VM disconnected", flush=True)
+            print(f"fetd_vhost: the VM on {self.socket_path} disconnected", flush=True)
 
     def _register(self, conn: Connection) -> None:
         """Register the VM's nexus when the STML has our target and lets us in;
@@ -367,6 +380,11 @@ class VhostFrontEnd:
         self.luns = luns
         if conn is not None:
             self._register(conn)
+        else:   # no VM yet: say now why one would see no disk (a mistyped --target, the ACL)
+            refused = self._refusal(target)
+            if refused is not None and refused != self.refused:
+                log.error("%s: a VM on %s would see no disk", refused, self.socket_path)
+            self.refused = refused
         self.schedule_signals()
 
     def nexus_ready(self, nexus: int, error: str | None) -> None:
@@ -479,12 +497,12 @@ def _fds(ancillary: list[Any]) -> list[int]:
 
 async def run_fetd_vhost(stml_endpoint: str, socket_path: str, target: str,
                          initiator: str | None = None, curve: dict[str, bytes] | None = None,
-                         inject: list[Any] | None = None) -> None:
+                         inject: list[Any] | None = None, group: int | None = None) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    fe = VhostFrontEnd(stml_endpoint, socket_path, target, initiator, curve)
+    fe = VhostFrontEnd(stml_endpoint, socket_path, target, initiator, curve, group)
     if inject:   # fault injection: off, and no tap, unless asked
         from stml.api.inject import tap_link
         tap_link(inject, fe.link, "fetd_vhost")

@@ -26,6 +26,14 @@
 - stml-timed: the stml path with stage timing on (`--timing`, stml.timing):
   the front end's stamps on rx_cmnd and scsi_target_done, the STML's taken
   and sent on xmit_response, and the histograms.
+- stml-process, stml-process-write: the STML's whole process path, which the
+  stml paths stub: the real server (its event loop, uvloop when installed,
+  as `scsi-target run`), its stream socket's receive and parse of rx_cmnd
+  batches, the commands, the responses' sendmsg, the file backend on
+  /dev/shm. A fake front end (a child process, not counted: valgrind does
+  not follow it) runs fetd_tcp's FrontEndLink and sends QD commands at a
+  time, each wave once the last one's responses are all in, flushed as
+  fetd_tcp flushes what one read from its initiators brought.
 
 Time per command moves by 10-20% between runs on a shared machine. The
 instruction count (valgrind's callgrind, `apt-get install valgrind`) does
@@ -51,7 +59,7 @@ from typing import Callable
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from stml.api import StreamChannel, pack, unpack  # noqa: E402
+from stml.api import StreamChannel, pack, run_loop, unpack  # noqa: E402
 
 QD = 16
 
@@ -297,6 +305,96 @@ async def fetd_path(count: int, size: int) -> float:
     return took
 
 
+# The fake front end of the stml-process paths: a FrontEndLink, as fetd_tcp's,
+# on the STML's stream socket (argv: endpoint, target, count, size, write).
+FRONT_END = r'''
+import asyncio, sys, time
+from stml.api import FrontEndLink, run_loop
+endpoint, target, count, size, write = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1"
+QD = int(sys.argv[6])
+blocks = size // 512
+
+def cdb(opcode, lba):   # iSCSI's CDB field is 16 bytes: the link's fixed layout takes it
+    return bytes([opcode, 0]) + lba.to_bytes(4, "big") + bytes(1) + blocks.to_bytes(2, "big") + bytes(7)
+
+class Handler:
+    def __init__(self):
+        self.got = self.sent = 0
+        self.wave = None
+        self.ready = None
+    def detect(self, d): pass
+    def nexus_ready(self, nexus, error): self.ready.set_result(error)
+    def rdy_to_xfer(self, tag, offset, length): raise SystemExit("no R2T expected")
+    def xmit_response(self, tag, status, sense, resid, frames):
+        if tag and (status or resid or (not write and sum(map(len, frames)) != size)):
+            raise SystemExit(f"command {tag}: status {status} resid {resid}")
+        link.scsi_target_done([tag])   # sent on: its read data may go back
+        self.got += 1
+    def messages_handled(self):
+        if self.wave is not None and self.got >= self.sent and not self.wave.done():
+            self.wave.set_result(None)
+    def task_mgmt_fn_done(self, *a): pass
+    def report_aen(self, *a): pass
+    def link_lost(self): raise SystemExit("link lost")
+
+data = [bytes(size)] if write else []
+h = Handler()
+link = FrontEndLink(endpoint, "bench", h, name="pathcost")
+
+async def wave(first, n):
+    h.wave = asyncio.get_running_loop().create_future()
+    for tag in range(first, first + n):
+        h.sent += 1
+        link.rx_cmnd(tag, 1, 0, cdb(0x2A if write else 0x28, tag * blocks % (1 << 20)), 0,
+                     1 if write else 2, size, size if write else 0, data)
+    link.flush()   # as fetd_tcp, once it handled what one read from its initiators brought
+    await h.wave
+
+async def main():
+    h.ready = asyncio.get_running_loop().create_future()
+    link.start()
+    await link.wait_ready(60)
+    link.register_nexus(1, "iqn.2026-01.x:pathcost", target, 1)
+    if await h.ready: raise SystemExit("no nexus")
+    await wave(0, 1)   # takes the power-on unit attention
+    start = time.perf_counter()
+    for first in range(1, count + 1 - count % QD, QD):
+        await wave(first, QD)
+    print(time.perf_counter() - start, flush=True)
+    await link.close()
+
+run_loop(main())
+'''
+
+
+async def stml_process_path(count: int, size: int, write: bool = False) -> float:
+    from stml import config
+    from stml.server import StmlServer
+    work = Path(tempfile.mkdtemp(prefix="pathcost", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
+    stop = asyncio.Event()
+    serving: asyncio.Future | None = None
+    try:
+        img = work / "lun.img"
+        with open(img, "wb") as f:
+            f.truncate(1 << 30)
+        server = StmlServer(config.load(data_dir=str(work / "data"), luns=(f"file:{img},thick",)))
+        serving = asyncio.ensure_future(server.serve(stop))
+        await asyncio.sleep(0)   # bound: its sockets are there
+        target = next(iter(server.emulator.targets))
+        child = subprocess.Popen([sys.executable, "-c", FRONT_END, server.endpoint, target, str(count),
+                                  str(size), "1" if write else "0", str(QD)], stdout=subprocess.PIPE, text=True,
+                                 env={**os.environ, "PYTHONPATH": str(ROOT)})
+        out, _ = await asyncio.get_running_loop().run_in_executor(None, child.communicate)
+        if child.returncode != 0:
+            raise RuntimeError(f"the fake front end failed ({child.returncode})")
+    finally:   # a failed run too: the server stopped (its context closed), no 1 GiB file left
+        if serving is not None:
+            stop.set()
+            await serving
+        shutil.rmtree(work, ignore_errors=True)
+    return float(out.split()[-1])
+
+
 async def carrier_path(count: int, size: int) -> float:
     import socket
     loop = asyncio.get_running_loop()
@@ -328,7 +426,11 @@ async def carrier_path(count: int, size: int) -> float:
 PATHS: dict[str, Callable] = {"stml": stml_path, "stml-write": functools.partial(stml_path, write=True),
                               "stml-thin": stml_thin_path, "fetd": fetd_path, "carrier": carrier_path,
                               "stml-traced": functools.partial(stml_path, traced=True),
-                              "stml-timed": functools.partial(stml_path, timed=True)}
+                              "stml-timed": functools.partial(stml_path, timed=True),
+                              "stml-process": stml_process_path,
+                              "stml-process-write": functools.partial(stml_process_path, write=True)}
+# paths that run a process's own loop: as the process does (uvloop when installed)
+OWN_LOOP = {"stml-process", "stml-process-write"}
 
 
 def instructions(path: str, size: int) -> float:
@@ -358,7 +460,7 @@ def main() -> None:
         if args.instructions:
             print(f"{name:10s} {instructions(name, args.size):9.0f} instructions per command", flush=True)
         else:
-            took = asyncio.run(PATHS[name](args.count, args.size))
+            took = (run_loop if name in OWN_LOOP else asyncio.run)(PATHS[name](args.count, args.size))
             n = args.count - args.count % QD
             print(f"{name:10s} {took / n * 1e6:7.2f} us per command", flush=True)
 

@@ -35,6 +35,7 @@ from stml.cli import (apply_stml_options, config_exit, config_options, inject_op
 from stml.config import (Config, ConfigError, StartupError, check_data_dir, data_dir_of, default_data_dir,
                          parse_size)
 from stml.lu import missing_file
+from stml.portals import GATEWAY_STATE
 
 CHUNK = 1 << 20  # copy-in/out transfer size
 POLL_US = 200    # the STML's busy-poll window when it has CPUs of its own: a QD1 round trip
@@ -632,7 +633,9 @@ def wait_ready(timeout: float, iscsi: bool, **kw: Any) -> None:
             portals = snap.get("portals") or []
             # no portal (`portals = []`): ready once an iSCSI front end is attached, as `run` says
             iscsi_fe = any(fe.get("kind") == "iscsi" for fe in snap.get("front_ends") or [])
-            if not iscsi or (all(str(p.get("state")).startswith("listening") for p in portals)
+            # a gateway's portals are its front end's own, reported to no STML (decisions/0414)
+            if not iscsi or (all(str(p.get("state")).startswith("listening") or p.get("state") == GATEWAY_STATE
+                                 for p in portals)
                              and (portals or iscsi_fe)):
                 click.echo(f"ready: {endpoint}")
                 return

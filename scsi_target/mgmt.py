@@ -463,8 +463,10 @@ def render_status(snap: dict[str, Any], wide: bool) -> str:
             out.append(table(luns, [c for c in lun_cols if c != "target"], "LUNs", width, heads))
             if sessions:
                 out.append(table(sessions, [c for c in ses_cols if c != "target"], "Sessions", width, heads))
-    out.append(table(snap["front_ends"], fe_cols, "\nFront ends", width, heads))
     gw = snap.get("gateway")
+    out.append(table(snap["front_ends"], fe_cols, "\nFront ends", width, heads))
+    if gw and gw["role"] == "standby" and not snap["front_ends"]:   # its host's front end is elsewhere
+        out[-1] = out[-1].replace("(none)", "(none: a standby's front ends attach to the active gateway)")
     if gw and gw["role"] != "standalone":   # RBD LUNs: this STML's role and who holds each lock
         out.append(f"\nGateway: {gw['role']} for {gw['for_s']}s, {gw['takeovers']} takeover(s)")
         out.append(table(gw["images"], ["target", "lun", "image", "lock_owner", "mine"], None, width))
@@ -702,12 +704,14 @@ def config_reload(**kw: Any) -> None:
 @click.option("--data-dir", type=click.Path(file_okay=False), help="Check this data dir's config file.")
 def config_check(config_path: str | None, data_dir: str | None) -> None:
     """Validate the config file: exit 0 and a summary, or exit 2 and the error."""
+    from fetd_vhost.cli import vhost_specs
     from stml.config import CONFIG_NAME, ConfigError, load
     if config_path is None:   # the file a data dir owns, as `run --data-dir` reads it
         config_path = str(_data_dir({"data_dir": data_dir}) / CONFIG_NAME)
     try:
         c = load(config_path, data_dir)
-    except ConfigError as e:
+        vhost_specs(c, ())     # [[vhost]]: read by `run`, not the STML
+    except (ConfigError, ValueError) as e:
         click.echo(f"scsi-target: config error: {e}", err=True)
         sys.exit(2)
     luns = sum(len(t.luns) for t in c.targets)

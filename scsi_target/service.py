@@ -33,6 +33,10 @@ User={user}
 Group={user}
 StateDirectory={state_dir}
 StateDirectoryMode=0700
+# /run/scsi-target: where [[vhost]] sockets go (PrivateTmp hides /tmp from QEMU); others may
+# only pass through it: a socket is 0600, or 0660 in its `group` (docs/vhost.md)
+RuntimeDirectory=scsi-target
+RuntimeDirectoryMode=0711
 # port 3260 is below 1024: the one privilege the target needs
 AmbientCapabilities=CAP_NET_BIND_SERVICE
 CapabilityBoundingSet=CAP_NET_BIND_SERVICE

@@ -8,6 +8,7 @@ import hashlib
 import os
 import re
 import secrets
+import stat
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -198,6 +199,9 @@ def lun_options(raw: dict[str, Any], where: str, data_dir: Path, given: bool = T
         path = str(data_dir / path) if not os.path.isabs(path) else path
         if given and size is None and not os.path.exists(path):
             raise ConfigError(f"{where}.path", f"{path} does not exist; give a size to create it")
+        if given and size is not None and _block_device(path):   # a saved one is the size served (0284, 0217)
+            raise ConfigError(f"{where}.size", f"{path} is a block device, served whole: leave out size "
+                              f"(to change it, grow the device, then `lun resize`)")
     ceph = _ceph_options(raw, kind, where)
     if kind == "rbd" and (not isinstance(path, str) or not re.fullmatch(r"[^/\s]+(/[^/\s]+){1,2}", path)):
         raise ConfigError(f"{where}.path", f"{path!r} is not POOL/IMAGE or POOL/NAMESPACE/IMAGE")
@@ -232,6 +236,14 @@ def lun_options(raw: dict[str, Any], where: str, data_dir: Path, given: bool = T
                       physical_block_exp=pbe or None, id=ident.lower() if ident else None,
                       image_identity=image_identity.lower() if image_identity else None,
                       scheduler=scheduler, **ceph)
+
+
+def _block_device(path: str) -> bool:
+    """Blocking (a stat)."""
+    try:
+        return stat.S_ISBLK(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 # an rbd LUN's connection settings (LunOptions fields of the same names)

@@ -77,6 +77,7 @@ def _write_verifies(op: int, size: int) -> OpEntry:
 
 
 _MAINT_IN = 0xA3
+_WS_UNMAP = ((1, 0x08, thin),)   # WRITE SAME's UNMAP bit: a thin LU's (0224)
 
 OPCODES: list[OpEntry] = [
     OpEntry(0x00, "TEST UNIT READY", _u(0x00, 0, 0, 0, 0, 0), test_unit_ready, medium=True,
@@ -108,9 +109,10 @@ OPCODES: list[OpEntry] = [
             synchronize_cache, medium=True, conflicts=Conflict.WRITE),
     OpEntry(0x37, "READ DEFECT DATA(10)", _u(0x37, 0, 0x1F, 0, 0, 0, 0, 0xFF, 0xFF, 0),
             read_defect_data, R, medium=True, conflicts=Conflict.READ),
-    OpEntry(0x41, "WRITE SAME(10)", _u(0x41, 0x18, *_L4, 0x3F, 0xFF, 0xFF, 0), write_same, W,
-            ws_out_len, ws_check, medium=True, timeout=120, conflicts=Conflict.WRITE),
-    OpEntry(0x42, "UNMAP", _u(0x42, 0x01, 0, 0, 0, 0, 0x3F, 0xFF, 0xFF, 0), unmap, W,
+    # UNMAP (byte 1 bit 3) on thin LUs only (LBPWS, LBPWS10); no ANCHOR bit (ANC_SUP 0)
+    OpEntry(0x41, "WRITE SAME(10)", _u(0x41, 0x08, *_L4, 0x3F, 0xFF, 0xFF, 0), write_same, W,
+            ws_out_len, ws_check, medium=True, timeout=120, gated=_WS_UNMAP, conflicts=Conflict.WRITE),
+    OpEntry(0x42, "UNMAP", _u(0x42, 0, 0, 0, 0, 0, 0x3F, 0xFF, 0xFF, 0), unmap, W,
             unmap_out_len, unmap_check, medium=True, enabled=thin, conflicts=Conflict.WRITE),   # LBPU
     *[OpEntry(0x48, f"SANITIZE/{name}", _u(0x48, 0x80 | 0x20 | 0x1F, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0), sanitize,
               W, sanitize_out_len, sanitize_check, sa=sa, medium=True, timeout=3600, conflicts=Conflict.WRITE)
@@ -140,8 +142,8 @@ OPCODES: list[OpEntry] = [
             check=prefetch_check, medium=True, conflicts=Conflict.READ),
     OpEntry(0x91, "SYNCHRONIZE CACHE(16)", _u(0x91, 0x06, *_L8, *_L4, 0x3F, 0), synchronize_cache,
             medium=True, conflicts=Conflict.WRITE),
-    OpEntry(0x93, "WRITE SAME(16)", _u(0x93, 0x19, *_L8, *_L4, 0x3F, 0), write_same, W,
-            ws_out_len, ws_check, medium=True, timeout=120, conflicts=Conflict.WRITE),
+    OpEntry(0x93, "WRITE SAME(16)", _u(0x93, 0x09, *_L8, *_L4, 0x3F, 0), write_same, W,
+            ws_out_len, ws_check, medium=True, timeout=120, gated=_WS_UNMAP, conflicts=Conflict.WRITE),
     OpEntry(0x9C, "WRITE ATOMIC(16)", _u(0x9C, _RW_USE, *_L8, 0xFF, 0xFF, 0xFF, 0xFF, 0x3F, 0),
             write_atomic, W, atomic_out_len, atomic_check, medium=True, conflicts=Conflict.WRITE),
     OpEntry(0x9E, "READ CAPACITY(16)", _u(0x9E, 0x1F, *_L8, *_L4, 0x01, 0), read_capacity16,

@@ -65,11 +65,15 @@ _TIMING_CAPS = frozenset({_TIMING})   # granted, when offered, while commands ar
 MAX_FRONT_ENDS = 1024          # registered at once: each connection of an admitted key is one
 MAX_NEXUSES_PER_FRONT_END = 8192
 MAX_NEXUSES_PER_TARGET = 4096   # I_T nexuses (initiator port, target port), all front ends
+MAX_LOST_PER_TARGET = 4096      # lost I_T nexuses remembered until registered again (0234)
 _NO_LUNS = LunMap()   # an unknown target's LUs (read only: no caller changes it)
 MAX_PORT_GROUPS = 256   # port group tags nexuses of one target came through (never forgotten)
 MAX_TPG = 0xFFFE        # 16 bits, and 0xFFFF is tag 0's relative port identifier (ops.relative_port_id)
 CHAP_KINDS = frozenset({"iscsi"})   # front-end kinds that authenticate initiators with CHAP (fetd_tcp)
 _NO_CHAP = {"chap": None, "mutual": None}   # detect's access for the others
+# what a nexus registered again hears (Emulator._tell_nexus), with its log words
+_TOLD: Final = {POWER_ON_OCCURRED: ("outlived the STML that held it", "POWER ON OCCURRED"),
+                I_T_NEXUS_LOSS: ("was lost, not logged out", "I_T NEXUS LOSS OCCURRED")}
 # backend failures that are no fault of the medium, by errno; any other is a
 # MEDIUM ERROR. The storage is out of this path's reach for now (ESHUTDOWN: an
 # RBD gateway fenced, another serves the LU; ETIMEDOUT: the cluster did not
@@ -190,6 +194,9 @@ class Target:
     alias: str = ""
     access: dict[str, Any] = field(default_factory=dict)
     target_reset: bool = False   # TARGET WARM/COLD RESET allowed (config `target_reset`)
+    # keys of I_T nexuses lost without their initiator asking, oldest first: the
+    # same I_T nexus registered again hears I_T NEXUS LOSS OCCURRED (0234)
+    lost: dict[str, None] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.luns, LunMap):
@@ -297,7 +304,7 @@ class Emulator:
         self._ua_luns: dict[str, set[LogicalUnit]] = {}   # nexus key -> LUs holding UAs for it
         self._copy_luns: dict[str, set[LogicalUnit]] = {}  # nexus key -> LUs holding its copy results
         self._prevent_luns: dict[str, set[LogicalUnit]] = {}  # nexus key -> LUs it prevents removal of
-        self.spc2_luns: set[LogicalUnit] = set()          # LUs an SPC-2 RESERVE was taken on
+        self._spc2_luns: dict[str, set[LogicalUnit]] = {}  # nexus key -> LUs it took an SPC-2 RESERVE on
         self._resets: dict[str, _Resets] = {}   # per target (a burst costs two fan-outs)
         # told when a nexus ends (with the tags of the tasks it took along)
         # and when a front end does: stml.server frees their metrics then
@@ -321,14 +328,19 @@ class Emulator:
     def restore_reservations(self) -> None:
         """Load every LU's persistent reservations kept with APTPL (call once the
         targets are in place). A file that cannot be used raises pr.PrStoreError."""
+        data_dir = self.data_dir
+        files = pr.StateFiles(data_dir) if data_dir is not None else None   # pr/ listed once
         for t in self.targets.values():
+            # each LU's own file: a renumbered LU's is found by its identity, never another's
+            own = {pr.state_path(data_dir, t.name, lu.lun, lu.options.id) for lu in t.luns.values()} \
+                if data_dir is not None else set()
             for lu in t.luns.values():
                 if getattr(lu.backend, "pr_store", None) is not None:
                     continue   # shared storage: stml.gateway restores it when it takes over
                 st = pr.state(lu)
-                if self.data_dir is None:
+                if data_dir is None:
                     continue
-                st.load(pr.state_path(self.data_dir, t.name, lu.lun, lu.options.id))
+                st.load(pr.find_state(data_dir, t.name, lu.lun, lu.options.id, own, files))
                 if st.regs:
                     log.info("restored %d registration(s) on %s LUN %d", len(st.regs), t.name, lu.lun)
 
@@ -504,17 +516,21 @@ class Emulator:
         response lent comes back through the carrier, with this message."""
 
     def _deregister(self, fe: FrontEnd, h: dict[str, Any], frames: list) -> None:
-        self.release_front_end(fe, "deregistered")
+        self.release_front_end(fe, "deregistered", lost=False)
 
-    def release_front_end(self, fe: FrontEnd, why: str) -> None:
-        """Forget a front end: its nexuses go and their tasks are aborted."""
+    def release_front_end(self, fe: FrontEnd, why: str, lost: bool = True) -> None:
+        """Forget a front end: its nexuses go and their tasks are aborted.
+        `lost`: they are I_T nexus losses (0234), as when its connection ends
+        or it goes silent; a front end that says goodbye (deregister) ends its
+        nexuses as it chose, and one that wants them told releases them
+        `lost` first (fetd_tcp at its stop)."""
         log.info("releasing front end %s: %s", fe.name, why)
         self.front_ends.pop(fe.ident, None)
         tasks: dict[int, list[Task]] = {}   # one pass over its tasks, not one per nexus
         for task in fe.tasks.values():
             tasks.setdefault(id(task.nexus), []).append(task)
         for nexus in list(fe.nexuses.values()):
-            self.drop_nexus(nexus, tasks.get(id(nexus), []))
+            self.drop_nexus(nexus, tasks.get(id(nexus), []), lost)
         self.on_front_end_gone(fe.ident)
         if self.timing is not None:
             self.timing.front_end_gone(fe.ident)
@@ -552,30 +568,37 @@ class Emulator:
             self.out.nexus_ready(fe.ident, nexus.id, refused)
             return
         old = fe.nexuses.get(nexus.id)
-        if old:
-            self.drop_nexus(old)
+        if old:   # (its state goes, unasked: lost, and told to the nexus that replaces it)
+            self.drop_nexus(old, lost=True)
         fe.nexuses[nexus.id] = nexus
         self._keyed.setdefault(nexus.key, []).append(nexus)
         self._target_keys.setdefault(nexus.target, {})[nexus.key] = None
         log.debug("nexus %d of %s: %s", nexus.id, fe.name, nexus.key)
         self._seen_tpgs.setdefault(nexus.target, set()).add(nexus.tpg)
-        if h.get("resumed") is True:
-            start_eagerly(self._power_on(nexus))
+        lost = self.targets[nexus.target].lost   # (refused above when there is no such target)
+        was_lost = nexus.key in lost
+        if was_lost:
+            del lost[nexus.key]
+        told = POWER_ON_OCCURRED if h.get("resumed") is True else I_T_NEXUS_LOSS if was_lost else None
+        if told is not None:
+            start_eagerly(self._tell_nexus(nexus, told))
             return
         self.out.nexus_ready(fe.ident, nexus.id)
 
-    async def _power_on(self, nexus: Nexus) -> None:
-        """A nexus that outlived the STML that held it (`resumed`): everything
-        that STML kept for it is gone (reservations without APTPL, a RAM LU's
-        data, mode changes, PREVENT, its unit attentions), as with a power
-        on, so it gets POWER ON OCCURRED on every LU of its target (0247),
-        through the bounded fan-out, before `nexus_ready`: its first command
-        finds it. No asynchronous event: it would race the login's answer."""
+    async def _tell_nexus(self, nexus: Nexus, asc_ascq: tuple[int, int]) -> None:
+        """A nexus registered again whose state is gone: POWER ON OCCURRED for
+        one that outlived the STML that held it (`resumed`, 0247: reservations
+        without APTPL, a RAM LU's data, mode changes, PREVENT), which covers a
+        loss too; else I_T NEXUS LOSS OCCURRED for one this STML lost without
+        its initiator asking (0234: its RESERVE, unit attentions, PREVENT).
+        On every LU of its target, through the bounded fan-out, before
+        `nexus_ready`: its first command finds it. No asynchronous event: it
+        would race the login's answer."""
         t = self.targets.get(nexus.target)
         if t is not None:
-            log.info("front end %s: nexus %d (%s) outlived the STML that held it: POWER ON OCCURRED",
-                     nexus.fe.name, nexus.id, nexus.key)
-            await self.fan_out_ua(t.luns.values(), POWER_ON_OCCURRED, [nexus.key], events=False)
+            log.info("front end %s: nexus %d (%s) %s: %s", nexus.fe.name, nexus.id, nexus.key,
+                     *_TOLD[asc_ascq])
+            await self.fan_out_ua(t.luns.values(), asc_ascq, [nexus.key], events=False)
         if nexus.fe.nexuses.get(nexus.id) is nexus:   # (a newer registration answers for itself)
             self.out.nexus_ready(nexus.fe.ident, nexus.id)
 
@@ -623,11 +646,13 @@ class Emulator:
     def _scsi_release(self, fe: FrontEnd, h: dict[str, Any], frames: list) -> None:
         nexus = fe.nexuses.get(h["nexus"])
         if nexus:
-            self.drop_nexus(nexus)
+            self.drop_nexus(nexus, lost=h.get("lost") is True)
 
-    def drop_nexus(self, nexus: Nexus, tasks: list[Task] | None = None) -> None:
+    def drop_nexus(self, nexus: Nexus, tasks: list[Task] | None = None, lost: bool = False) -> None:
         """I_T nexus loss: its tasks (`tasks`, else found among its front end's)
-        are aborted and its SPC-2 reservations released. The work is that of
+        are aborted and its SPC-2 reservations released. `lost`: its initiator
+        did not end it (a Logout would have): when it was the last nexus of
+        its I_T nexus, the target remembers it (0234). The work is that of
         this nexus's own state, whatever the number of LUs and sessions."""
         if nexus.fe.nexuses.get(nexus.id) is nexus:
             del nexus.fe.nexuses[nexus.id]
@@ -643,17 +668,19 @@ class Emulator:
         if same:
             return
         self._keyed.pop(key, None)
+        t = self.targets.get(nexus.target)
+        if lost and t is not None:   # (a removed target's nexuses have nothing to hear)
+            t.lost[key] = None
+            if len(t.lost) > MAX_LOST_PER_TARGET:
+                del t.lost[next(iter(t.lost))]
         for lu in self._copy_luns.pop(key, ()):   # copy results end with the nexus (SPC-4 6.23)
             lu.copy_results.drop(key)
         for lu in self._prevent_luns.pop(key, ()):   # and its PREVENT (SBC-4 5.15: I_T nexus loss)
             lu.prevent.discard(key)
         self._target_keys.get(nexus.target, {}).pop(key, None)
-        for lu in list(self.spc2_luns):   # those with an SPC-2 reservation, not every LU
-            st = lu.pr
-            if st is not None:
-                st.drop_spc2(key)
-            if st is None or st.spc2 is None:
-                self.spc2_luns.discard(lu)
+        for lu in self._spc2_luns.pop(key, ()):   # those it reserved, not every reserved LU (0227)
+            if lu.pr is not None:
+                lu.pr.drop_spc2(key)
         # unit attentions belong to the I_T nexus: they end with it, and a nexus
         # made again later starts without them
         for lu in self._ua_luns.pop(key, ()):
@@ -681,7 +708,12 @@ class Emulator:
                     del self._prevent_luns[key]
 
     def spc2_reserved(self, lu: LogicalUnit) -> None:
-        self.spc2_luns.add(lu)
+        """Index the LU by the nexus that holds its SPC-2 reservation now, as
+        copy results and PREVENT are: that nexus's loss visits only its own
+        (an entry released since is a no-op then)."""
+        st = lu.pr
+        if st is not None and st.spc2 is not None:
+            self._spc2_luns.setdefault(st.spc2, set()).add(lu)
 
     def nexus_keys(self, target: str) -> list[str]:
         return list(self._target_keys.get(target, ()))
@@ -1257,8 +1289,8 @@ class Emulator:
     def _tmf_i_t_nexus_reset(self, call: TmfCall) -> TmfOutcome:
         t, nexus = call.target, call.nexus
         victims = [x for x in self._target_tasks(t) if x.nexus is nexus]
-        for each in list(self.spc2_luns):
-            if each.pr is not None and each.target == t.name:
+        for each in self._spc2_luns.pop(nexus.key, ()):
+            if each.pr is not None:
                 each.pr.drop_spc2(nexus.key)
         return TmfOutcome(TmfResponse.COMPLETE, victims, self.fan_out_ua(t.luns.values(), I_T_NEXUS_LOSS, [nexus.key]))
 

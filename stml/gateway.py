@@ -68,8 +68,8 @@ class Gateway:
     def start(self) -> None:
         """Begin (as a standby when there is shared storage); call on the loop."""
         lus = self.shared()
-        for lu in lus:
-            self.watch(lu)
+        for lu in lus:   # one walk of the LUs, not one per shared LU (0228)
+            self._watch(lu)
         if lus:
             self._set(STANDBY, "a standby gateway: taking over the images' locks")
             self.em.local_tpgs = set(self.em.configured_tpgs)
@@ -81,11 +81,16 @@ class Gateway:
             await asyncio.gather(self._task, return_exceptions=True)
 
     def watch(self, lu: LogicalUnit) -> None:
+        """Hear of a LU added while running: its image changing (a resize) and
+        its client being fenced; the LUNs removed since are forgotten."""
+        shared = set(self.shared())
+        self._sizes = {other: n for other, n in self._sizes.items() if other in shared}   # LUNs removed
+        self._watch(lu)
+
+    def _watch(self, lu: LogicalUnit) -> None:
         """Hear of the LU's image changing (a resize) and of its client being fenced."""
         loop = asyncio.get_running_loop()
         backend: Any = lu.backend
-        shared = set(self.shared())
-        self._sizes = {other: n for other, n in self._sizes.items() if other in shared}   # LUNs removed
         self._sizes[lu] = backend.size()
         backend.on_change = lambda: _tell(loop, self._changed, lu)
         backend.on_fenced = lambda: _tell(loop, self.step_down, f"fenced on image {backend.spec}")

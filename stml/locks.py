@@ -23,11 +23,14 @@ class WriteGate:
         self._exclusive = False
         self._waiting_exclusive = 0
         self._waiters: list[asyncio.Future[None]] = []
+        # an exclusive section holds the gate or waits for it: an attribute kept
+        # up to date (_count), not a property: every write reads it (stml.sbc)
+        self.exclusive_pending = False
 
-    @property
-    def exclusive_pending(self) -> bool:
-        """An exclusive section holds the gate or waits for it."""
-        return self._exclusive or self._waiting_exclusive > 0
+    def _count(self, waiting: int, exclusive: bool) -> None:
+        self._waiting_exclusive += waiting
+        self._exclusive = exclusive
+        self.exclusive_pending = exclusive or self._waiting_exclusive > 0
 
     def _wake(self) -> None:
         waiters, self._waiters = self._waiters, []
@@ -67,16 +70,16 @@ class WriteGate:
 
     @asynccontextmanager
     async def exclusive(self) -> AsyncIterator[None]:
-        self._waiting_exclusive += 1
+        self._count(1, self._exclusive)
         try:
             await self._wait(lambda: not self._exclusive and self._shared == 0)
         finally:
-            self._waiting_exclusive -= 1
+            self._count(-1, self._exclusive)
             if self._waiters:
                 self._wake()     # shared entries waited for no exclusive one pending
-        self._exclusive = True
+        self._count(0, True)
         try:
             yield
         finally:
-            self._exclusive = False
+            self._count(0, False)
             self._wake()

@@ -138,11 +138,14 @@ class CannotOpen(Exception):
 
 
 def served_before(o: LunOptions) -> bool:
-    """Whether a file LUN of a saved config was served before: its entry
-    carries an id once it has been (a first start creates the files of the
-    config it writes, `lun add` saves the id after the open). Its file is
-    then never created anew: a missing file is a disk not mounted, or lost,
-    not a new disk (docs/decisions/0280)."""
+    """Whether a file or RBD LUN of a saved config was served before: a file
+    LUN's entry carries an id once it has been (a first start creates the
+    files of the config it writes, `lun add` saves the id after the open), an
+    RBD LUN's the identity of its image. Its store is then never created
+    anew: a missing file or image is a disk not mounted, renamed or lost, not
+    a new disk (docs/decisions/0280)."""
+    if o.kind == "rbd":
+        return o.image_identity is not None
     return o.kind == "file" and o.id is not None
 
 
@@ -178,8 +181,10 @@ def open_store(o: LunOptions, create: bool) -> Backend:
     missing file may be created (a LUN served for the first time)."""
     if not create and o.kind == "file" and o.path is not None and not os.path.exists(o.path):
         raise CannotOpen(f"its file {o.path} is missing; it was served before: restore it or remove the LUN")
+    # an RBD image is made only with a size: an image served before is never made again
+    size = None if o.kind == "rbd" and not create else o.size
     try:
-        backend = open_backend(o.kind, o.size, o.path, o.ro, **o.backend_options())
+        backend = open_backend(o.kind, size, o.path, o.ro, **o.backend_options())
     except (BackendError, ValueError, OSError) as e:
         raise CannotOpen(str(e)) from None
     if backend.size() < o.block_size:

@@ -84,12 +84,8 @@ def newest(sets: list[Counters]) -> list[tuple[float, float]]:
     return list(islice(heapq.merge(*(c.recent() for c in sets), reverse=True), RING))
 
 
-def percentiles(sets: list[Counters]) -> dict[str, float]:
-    """Latency percentiles (microseconds) of the last RING commands of these sets."""
-    if len(sets) == 1:
-        recent = sets[0].latency[:min(sets[0].commands, RING)]
-    else:
-        recent = [latency for _, latency in newest(sets)]
+def percentiles(recent: list[float]) -> dict[str, float]:
+    """Latency percentiles (microseconds) of these samples (sorted in place)."""
     n = len(recent)
     if not n:
         return {f"p{int(q * 100)}": 0.0 for q in QUANTILES}
@@ -97,11 +93,31 @@ def percentiles(sets: list[Counters]) -> dict[str, float]:
     return {f"p{int(q * 100)}": round(recent[min(n - 1, int(q * n))] * 1e6, 1) for q in QUANTILES}
 
 
-def report(sets: list[Counters], in_flight: collections.Counter) -> dict[str, Any]:
-    """The counters of a LUN, session or front end: the sum of its sets."""
-    return {"commands": sum(c.commands for c in sets), "read_bytes": sum(c.read_bytes for c in sets),
-            "write_bytes": sum(c.write_bytes for c in sets), "errors": sum(c.errors for c in sets),
-            "in_flight": sum(in_flight[c] for c in sets), "latency_us": percentiles(sets)}
+def summed(sets: list[Counters], in_flight: collections.Counter, row: dict[str, Any]) -> Iterator[None]:
+    """Fill `row` with the counters of a LUN, session or front end, the sum of
+    its sets, yielding once per set: a front end of thousands of sessions is
+    added up over as many steps, not in one (0225). Latency samples are
+    merged FANOUT_STEP sets at a time into the newest RING so far."""
+    commands = read_bytes = write_bytes = errors = flying = 0
+    recent: list[tuple[float, float]] = []   # (ended, latency), newest first
+    for start in range(0, len(sets), FANOUT_STEP):
+        chunk = sets[start:start + FANOUT_STEP]
+        for c in chunk:
+            commands += c.commands
+            read_bytes += c.read_bytes
+            write_bytes += c.write_bytes
+            errors += c.errors
+            flying += in_flight[c]
+        if len(sets) > 1:
+            recent = list(islice(heapq.merge(recent, *(c.recent() for c in chunk), reverse=True), RING))
+        for _ in chunk:
+            yield
+    if len(sets) == 1:   # one set's ring is its last RING samples already
+        latencies = sets[0].latency[:min(sets[0].commands, RING)]
+    else:
+        latencies = [latency for _, latency in recent]
+    row.update({"commands": commands, "read_bytes": read_bytes, "write_bytes": write_bytes,
+                "errors": errors, "in_flight": flying, "latency_us": percentiles(latencies)})
 
 
 class Metrics:
@@ -220,10 +236,6 @@ class Metrics:
             c.fe = None
             self._retire(c)
 
-    def sets(self) -> int:
-        """How many counter sets exist (status reports it: it must stay bounded)."""
-        return sum(map(len, self._live.values())) + sum(map(len, self._forgotten.values()))
-
     # ------------------------------------------------------------ reports
     def snapshot(self, emulator: Any) -> dict[str, Any]:
         """Status of everything the STML serves, with counters (JSON-ready), in one go."""
@@ -233,54 +245,64 @@ class Metrics:
         return snap
 
     def build(self, emulator: Any, snap: dict[str, Any]) -> Iterator[None]:
-        """Fill `snap` with the snapshot, yielding after each counter set,
-        command in flight, LU, session and front end: a management command
-        walks it FANOUT_STEP yields per turn of the event loop (stml.mgmt,
-        0267), not every LU and session in one step. Sessions come and go
-        between steps: each walk is over a copy, and each row is as of its
-        own step."""
+        """Fill `snap` with the snapshot, yielding after each counter set
+        grouped or summed, command in flight, LU, session and front end: a
+        management command walks it FANOUT_STEP yields per turn of the event
+        loop (stml.mgmt, 0267), not every LU and session in one step, and a
+        row that sums many sets (a front end's) takes as many steps (0225).
+        Sessions come and go between steps: each walk is over a copy, and
+        each row is as of its own step."""
         in_flight: collections.Counter = collections.Counter()
         for entry in list(self._inflight.values()):
             in_flight[entry[3].final()] += 1
             yield
         by_lun: dict[tuple[str, Any], list[Counters]] = defaultdict(list)
         all_sets: list[dict[Any, Counters]] = [*self._live.values(), *self._forgotten.values()]
+        counted = 0   # how many sets exist (status reports it: it must stay bounded)
         for sets in all_sets:
             for c in list(sets.values()):
                 by_lun[c.lun].append(c)
+                counted += 1
                 yield
         luns = []
         for t in list(emulator.targets.values()):
             for lu in list(t.luns.values()):
                 st = lu.pr
-                luns.append({"target": t.name, "lun": lu.lun, "blocks": lu.blocks,
-                             "block_size": lu.block_size, "backend": lu.options.kind,
-                             "path": lu.options.path,
-                             "registrations": len(st.regs) if st is not None else 0,
-                             "pr_saves": st.saves if st is not None else 0,
-                             "unit_attentions": len(lu.unit_attentions),
-                             "sync_error": lu.backend.sync_error,   # syncs fail until lun reset-error
-                             "offline": lu.offline,   # why its store could not open (0280)
-                             **report(by_lun.get((t.name, lu.lun), []), in_flight)})
+                row = {"target": t.name, "lun": lu.lun, "blocks": lu.blocks,
+                       "block_size": lu.block_size, "backend": lu.options.kind,
+                       "path": lu.options.path,
+                       "registrations": len(st.regs) if st is not None else 0,
+                       "pr_saves": st.saves if st is not None else 0,
+                       "unit_attentions": len(lu.unit_attentions),
+                       "sync_error": lu.backend.sync_error,   # syncs fail until lun reset-error
+                       "offline": lu.offline}   # why its store could not open (0280)
+                yield from summed(by_lun.get((t.name, lu.lun), []), in_flight, row)
+                luns.append(row)
                 yield
         sessions, fes = [], []
         for fe in list(emulator.front_ends.values()):
-            fe_sets = list(self._forgotten.get(fe.ident, {}).values())
+            fe_sets: list[Counters] = []
+            for c in list(self._forgotten.get(fe.ident, {}).values()):
+                fe_sets.append(c)
+                yield
             for n in list(fe.nexuses.values()):
                 mine = list(self._live.get(n, {}).values())
                 fe_sets += mine
-                sessions.append({"front_end": fe.name, "nexus": n.id, "initiator": n.initiator,
-                                 "target": n.target, "tpg": n.tpg, **report(mine, in_flight)})
+                row = {"front_end": fe.name, "nexus": n.id, "initiator": n.initiator,
+                       "target": n.target, "tpg": n.tpg}
+                yield from summed(mine, in_flight, row)
+                sessions.append(row)
                 yield
-            fes.append({"name": fe.name, "kind": fe.kind, "nexuses": len(fe.nexuses),
-                        "last_seen_s": round(time.monotonic() - fe.last_seen, 2),
-                        **report(fe_sets, in_flight),
-                        # what the front end buffers, as its last heartbeat said (contract 1.3)
-                        "buffered_bytes": fe.usage.get("used"), "buffer_limit_bytes": fe.usage.get("limit"),
+            row = {"name": fe.name, "kind": fe.kind, "nexuses": len(fe.nexuses),
+                   "last_seen_s": round(time.monotonic() - fe.last_seen, 2)}
+            yield from summed(fe_sets, in_flight, row)
+            # what the front end buffers, as its last heartbeat said (contract 1.3)
+            row.update({"buffered_bytes": fe.usage.get("used"), "buffer_limit_bytes": fe.usage.get("limit"),
                         "buffers": fe.usage})
+            fes.append(row)
             yield
         snap.update({"stml": emulator.name, "uptime_s": round(time.time() - self.started, 1),
-                     "counter_sets": self.sets(), "luns": luns, "sessions": sessions, "front_ends": fes})
+                     "counter_sets": counted, "luns": luns, "sessions": sessions, "front_ends": fes})
 
 
 class PrometheusExporter:

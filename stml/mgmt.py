@@ -37,7 +37,7 @@ from stml.lunmap import LunMap
 from stml.metrics import Metrics
 from stml.persist import (SECRET_DIFFERS, EditedError, hide_secrets, hold, model, new_id, read_document, render,
                           save)
-from stml.portals import PortalStates, portal_entries, portal_groups
+from stml.portals import GATEWAY_FIXED, GATEWAY_STATE, PortalStates, portal_entries, portal_groups
 from stml.sense import CAPACITY_DATA_CHANGED, NOT_READY_TO_READY_CHANGE, REPORTED_LUNS_DATA_CHANGED
 from stml.task import FANOUT_STEP, Nexus, Task
 from stml.trace.recorder import Recorder, Traces
@@ -51,7 +51,10 @@ class MgmtError(Exception):
 
 
 PORTAL_WAIT = 8.0   # `portal add` waits this long for the listeners' report (clients wait 10 s)
-CLOSE_WAIT = 5.0    # a LUN added on a removed LUN's store waits this long for its close
+LUN_DRAIN = 3.0     # a removed LUN's commands in flight have this long to finish (0219)
+# a LUN added on a removed LUN's store (or identity) waits this long for its close: its drain, then its flush
+CLOSE_WAIT = LUN_DRAIN + 5.0
+DRAIN_POLL = 0.05   # how often the drain looks at the removed LU's task set
 
 
 class Management:
@@ -319,7 +322,7 @@ class Management:
             key = parse_portal(p)
             states = [r for rep in reports for r in rep if (r.get("host"), r.get("port"), r.get("tpgt")) == key]
             if not reports:
-                state = "no front end"
+                state = GATEWAY_STATE if self.config.stml.peers else "no front end"
             elif states and all(r.get("listening") for r in states):
                 bound = sorted({str(r.get("bound_port", key[1])) for r in states})
                 state = "listening" + (f" on port {','.join(bound)}" if key[1] == 0 else "")
@@ -466,7 +469,9 @@ class Management:
 
     async def _reload(self, new: Config, applied: list[str], pending: list[str]) -> None:
         old = self.config
-        for key in ("data_dir", "stml_endpoint", "stml", "isns", "isns_auth", "slp", "slp_da", "slp_auth"):
+        # [[vhost]]: the VM sockets are `run`'s children, started with it
+        for key in ("data_dir", "stml_endpoint", "stml", "isns", "isns_auth", "slp", "slp_da", "slp_auth",
+                    "vhost"):
             if old.raw.get(key) != new.raw.get(key):
                 pending.append(f"`{key}` changed: restart to apply it")
         if new.discovery_chap != old.discovery_chap:
@@ -474,7 +479,9 @@ class Management:
             self.em.discovery = {**self.em.discovery, "chap": new.discovery_chap}
             await self._redetect()
             applied.append("discovery_chap")
-        if new.portals != old.portals:
+        if new.portals != old.portals and old.stml.peers:
+            pending.append(f"`portals` changed: {GATEWAY_FIXED}: restart it to apply them")
+        elif new.portals != old.portals:
             await self._set_portals(new.portals)
             applied.append(f"portals: {', '.join(new.portals)}")
         wanted = {t.name: t for t in new.targets}
@@ -485,11 +492,25 @@ class Management:
                 continue
             await self.target_remove(name)
             applied.append(f"target {name} removed")
+        # every target's removed LUNs first: a LUN moved to a target earlier in
+        # the file then finds its file no longer backing the one it left
+        for tc in new.targets:
+            if tc.name in self.em.targets:
+                await self._remove_gone_luns(tc, applied)
         for tc in new.targets:
             if tc.name not in self.em.targets:
                 await self.target_add(tc.name, tc.alias)
                 applied.append(f"target {tc.name} added")
             await self._reload_target(tc, applied, pending)
+
+    async def _remove_gone_luns(self, want: TargetConfig, applied: list[str]) -> None:
+        t = self.em.targets[want.name]
+        numbers = {lc.lun for lc in want.luns}
+        ids = {lc.options.id for lc in want.luns if lc.options.id is not None}
+        for gone in [lu for lu in await self._lus([t]) if lu.lun not in numbers]:
+            # (an LU moved to another number keeps its reservations: 0218)
+            await self._remove_lun(gone.lun, t.name, renumbered=gone.options.id in ids)
+            applied.append(f"target {t.name} LUN {gone.lun} removed")
 
     async def _reload_target(self, want: TargetConfig, applied: list[str], pending: list[str]) -> None:
         t = self.em.targets[want.name]
@@ -505,9 +526,6 @@ class Management:
             await setter(self, t, value)
             applied.append(f"target {t.name} {f.name}")
         luns = {lc.lun: lc.options for lc in want.luns}
-        for gone in [lu for lu in await self._lus([t]) if lu.lun not in luns]:
-            await self.lun_remove(gone.lun, t.name)
-            applied.append(f"target {t.name} LUN {gone.lun} removed")
         async for number, o in _stepped(luns.items()):
             lu = t.luns.get(number)
             if lu is None:
@@ -556,6 +574,12 @@ class Management:
         await self._redetect()
         return await self._persist()
 
+    def _portals_not_fixed(self) -> None:
+        """A gateway's portals change by a restart only: saying a new one
+        listens, when none does, would be worse than refusing."""
+        if self.config.stml.peers:
+            raise MgmtError(f"{GATEWAY_FIXED}: edit `portals` in {self.config.path} and restart it")
+
     async def portal_add(self, portal: str) -> dict[str, Any]:
         """Add a portal; the reply waits for the front ends that follow the list
         to say whether they could listen on it, and a portal none can open is
@@ -564,6 +588,7 @@ class Management:
             host, port, tpgt = key = parse_portal(str(portal))
         except ValueError as e:
             raise MgmtError(str(e)) from None
+        self._portals_not_fixed()
         for p in self.config.portals:
             h, pt, t = parse_portal(p)
             if (h, pt) == (host, port) and port != 0:
@@ -594,6 +619,7 @@ class Management:
                    and ("," not in portal or parse_portal(p)[2] == key[2])]
         if not matches:
             raise MgmtError(f"no portal {portal} (portals: {', '.join(self.config.portals) or 'none'})")
+        self._portals_not_fixed()
         saved = await self._set_portals([p for p in self.config.portals if p not in matches])
         return {"portal": matches[0], "saved": saved}
 
@@ -612,7 +638,7 @@ class Management:
                             f"({', '.join(n.fe.name for n in found)}): give --front-end")
         n = found[0]
         self.em.out.drop_nexus(n.fe.ident, n.id, "dropped by management")
-        self.em.drop_nexus(n)
+        self.em.drop_nexus(n, lost=True)   # (not its initiator's doing: it hears of it, 0234)
         return {"front_end": n.fe.name, "nexus": n.id, "initiator": n.initiator, "target": n.target}
 
     # ------------------------------------------------------------ targets
@@ -679,7 +705,7 @@ class Management:
                     mine.append(task)
         for n in live:
             self.em.out.drop_nexus(n.fe.ident, n.id, why)
-            self.em.drop_nexus(n, tasks[id(n)])
+            self.em.drop_nexus(n, tasks[id(n)], lost=True)
         return len(live)
 
     # ------------------------------------------------------------ LUNs
@@ -716,9 +742,10 @@ class Management:
             owner = await self._in_thread(_serving, opts, await self._lus(kind=opts.kind))   # stats: off the loop
             if owner is not None:
                 raise MgmtError(f"{opts.path} already backs target {owner.target} LUN {owner.lun}")
-            why = await self._closed(opts)
-            if why:
-                raise MgmtError(why)
+        why = await self._closed(opts)
+        if why:
+            raise MgmtError(why)
+        others = await self._lus([t])   # walked before the change: a walk yields
         try:
             backend = await self._in_thread(open_store, opts, create)
         except CannotOpen as e:
@@ -732,12 +759,12 @@ class Management:
                 await self._in_thread(backend.close)
                 raise MgmtError(f"cannot serve {opts.path}: {e}") from None
         elif self.em.data_dir is not None:   # where APTPL keeps this LU's reservations
-            try:
-                pr.state(lu).load(pr.state_path(self.em.data_dir, t.name, number, opts.id))
-            except pr.PrStoreError as e:
-                backend.close()
+            try:   # (a renumbered LU's, found by its identity, 0218: a listing, in a thread)
+                pr.state(lu).load(await self._in_thread(_find_state, self.em.data_dir, t.name, number, opts.id,
+                                                        others))
+            except (pr.PrStoreError, OSError) as e:
+                await self._in_thread(backend.close)
                 raise MgmtError(str(e)) from None
-        others = await self._lus([t])   # walked before the change: a walk yields
         # a LUN number never used was never seen: nothing about it changed. One
         # whose LU was removed was: a nexus that addressed that LU is told on
         # this one too, before its next command reaches another disk (0254):
@@ -807,6 +834,11 @@ class Management:
         applied.append(f"target {t.name} LUN {lu.lun} online")
 
     async def lun_remove(self, lun: int, target: str | None = None) -> dict[str, Any]:
+        return await self._remove_lun(lun, target)
+
+    async def _remove_lun(self, lun: int, target: str | None, renumbered: bool = False) -> dict[str, Any]:
+        """`renumbered`: the LU's identity is added again under another number
+        (a reload): its reservations stay for it (0218)."""
         t, lu = self._lu(target, lun)
         await self._check_file()
         others = [o for o in await self._lus([t]) if o is not lu]   # walked before the change: a walk yields
@@ -814,44 +846,58 @@ class Management:
         self._retired.setdefault(t.name, set()).add(lu.lun)
         tc = self._tc(t.name)
         tc.luns = [lc for lc in tc.luns if lc.lun != lu.lun]
-        self._close_later(lu)
+        self._close_later(lu, renumbered)
         await self._ua(others, REPORTED_LUNS_DATA_CHANGED, t.name)
         await self._redetect()
         return {"target": t.name, "lun": lu.lun, "saved": await self._persist()}
 
     async def _closed(self, opts: LunOptions) -> str | None:
-        """Wait (CLOSE_WAIT at most) for a removed LU on the store `opts` names to
-        close: until then the STML itself holds it, and a block device held
-        refuses a new open (O_EXCL, 0273), as a LUN moved to another number by
-        one reload would find. Why not, when it is still closing."""
+        """Wait (CLOSE_WAIT at most) for a removed LU on the store `opts` names,
+        or of its identity, to close: until then the STML itself holds it, and
+        a block device held refuses a new open (O_EXCL, 0273), a file too (its
+        lock, 0216), and its reservations are still being saved (0218), as a
+        LUN moved to another number by one reload would find. Why not, when it
+        is still closing."""
         if not self._closing:
             return None
-        lu = await self._in_thread(_serving, opts, list(self._closing))
+        lu = next((x for x in self._closing if opts.id is not None and x.options.id == opts.id), None)
+        if lu is None and opts.kind in ("file", "rbd"):
+            lu = await self._in_thread(_serving, opts, list(self._closing))
         closing = self._closing.get(lu) if lu is not None else None
         if lu is None or closing is None:
             return None
         await asyncio.wait([closing], timeout=CLOSE_WAIT)
         if not closing.done():
-            return (f"{opts.path}: removed from target {lu.target} LUN {lu.lun}, whose backend is "
-                    f"still closing (a flush under way): try again once it is closed")
+            return (f"{opts.path or f'LU {opts.id}'}: removed from target {lu.target} LUN {lu.lun}, whose "
+                    f"backend is still closing (a flush under way): try again once it is closed")
         return None
 
-    def _close_later(self, lu: LogicalUnit) -> None:
+    def _close_later(self, lu: LogicalUnit, renumbered: bool = False) -> None:
         """A removed LU (out of its target: no new command reaches it): its
-        tasks are aborted now, as a LUN RESET's are (TASK ABORTED; the front
-        end drops their later data), and its backend closes once nothing can
-        call it (docs/decisions/0254)."""
-        closing = asyncio.get_running_loop().create_task(self._close_when_idle(lu, self.em.abort_lu(lu)))
+        commands in flight finish, as LIO lets them, for LUN_DRAIN at most;
+        those still there then are aborted, as a LUN RESET's are (TASK
+        ABORTED; the front end drops their later data), and its backend
+        closes once nothing can call it (docs/decisions/0254, 0219)."""
+        closing = asyncio.get_running_loop().create_task(self._close_when_idle(lu, renumbered))
         self.closing_lus.add(lu)
         self._closing[lu] = closing
         closing.add_done_callback(lambda _: self._closing.pop(lu, None))
 
-    async def _close_when_idle(self, lu: LogicalUnit, runners: list[asyncio.Task]) -> None:
+    async def _close_when_idle(self, lu: LogicalUnit, renumbered: bool) -> None:
         """Flush and close once no backend call of the LU runs or can start:
-        its job and its aborted tasks are over (each waits for the call it had
-        under way), and no other LU's EXTENDED COPY has a call of it queued or
-        running (one checks that the LU is still there before each call). No
-        time limit: a call hung in the backend keeps it open, as it must."""
+        its tasks have finished or were aborted (each waits for the call it
+        had under way), its job is over, and no other LU's EXTENDED COPY has
+        a call of it queued or running (one checks that the LU is still there
+        before each call). No time limit on that last wait: a call hung in
+        the backend keeps it open, as it must."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + LUN_DRAIN
+        while lu.task_set.tasks and loop.time() < deadline:   # none new: the LU is out of its target
+            await asyncio.sleep(DRAIN_POLL)
+        runners = self.em.abort_lu(lu)
+        if runners:
+            log.warning("%s LUN %d removed: %d command(s) still in flight after %gs aborted (TASK ABORTED)",
+                        lu.target, lu.lun, len(runners), LUN_DRAIN)
         await lu.stop_jobs()   # a background SANITIZE ends with its LUN
         if runners:
             await asyncio.wait(runners)
@@ -871,8 +917,8 @@ class Management:
         await self._in_thread(flush_and_close)
         self.closing_lus.discard(lu)
         log.info("%s LUN %d removed: its backend is closed", lu.target, lu.lun)
-        if lu.pr is not None:
-            await lu.pr.forget()   # a later LU is another LU: it starts with no reservations
+        if lu.pr is not None:   # a later LU is another LU: it starts with no reservations (0218)
+            await pr.state(lu).forget(keep=renumbered)
 
     async def lun_resize(self, lun: int, size: Any, target: str | None = None,
                          force: bool = False) -> dict[str, Any]:
@@ -1075,6 +1121,12 @@ def _unlinked(lus: list[LogicalUnit]) -> set[tuple[str, int]]:
     """(target, LUN) of the LUs whose file was deleted or replaced under them
     (`mv` over it): served from the open file still. An fstat each: off the loop."""
     return {(lu.target, lu.lun) for lu in lus if getattr(lu.backend, "unlinked", lambda: False)()}
+
+
+def _find_state(data_dir: Path, target: str, lun: int, ident: str | None, others: list[LogicalUnit]) -> Path:
+    """pr.find_state, never taking the files of the target's `others`. Blocking."""
+    own = {pr.state_path(data_dir, lu.target, lu.lun, lu.options.id) for lu in others}
+    return pr.find_state(data_dir, target, lun, ident, own)
 
 
 def _serving(opts: LunOptions, lus: list[LogicalUnit]) -> LogicalUnit | None:

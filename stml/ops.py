@@ -50,6 +50,10 @@ class OpEntry:
     timeout: int = 30                     # nominal timeout (s) for REPORT SUPPORTED OPCODES
     # the LUs that support it, when not all do: those whose VPD pages advertise it (0295)
     enabled: Callable[[LogicalUnit], bool] | None = None
+    # CDB bits `usage` allows only on the LUs that support what they ask for:
+    # (byte, bits, supported). Elsewhere REPORT SUPPORTED OPERATION CODES leaves
+    # them out of the usage data and the row's checks refuse them (0224)
+    gated: tuple[tuple[int, int, Callable[[LogicalUnit], bool]], ...] = ()
     # what a reservation of another nexus does to it: every row says (no default)
     conflicts: Conflict = field(kw_only=True)
     # the CDB bits `usage` does not allow, and its length, computed once per row (cdb.forbidden_bits)
@@ -59,8 +63,21 @@ class OpEntry:
     def __post_init__(self) -> None:
         object.__setattr__(self, "forbidden", forbidden_bits(self.usage))
         object.__setattr__(self, "size", len(self.usage))
+        if self.gated:
+            object.__setattr__(self, "check", _gated_check(self.gated, self.check))
         if self.enabled is not None:   # refused first, before any data is asked for (as LIO does)
             object.__setattr__(self, "check", _enabled_check(self.enabled, self.check))
+
+    def usage_for(self, lu: LogicalUnit) -> bytes:
+        """The CDB usage data this LU's commands are held to: `usage` less the
+        gated bits it does not support."""
+        if not self.gated:
+            return self.usage
+        usage = bytearray(self.usage)
+        for byte, bits, supported in self.gated:
+            if not supported(lu):
+                usage[byte] &= ~bits
+        return bytes(usage)
 
 
 def _enabled_check(enabled: Callable[[LogicalUnit], bool],
@@ -74,6 +91,23 @@ def _enabled_check(enabled: Callable[[LogicalUnit], bool],
         assert lu is not None   # see unit()
         if not enabled(lu):
             raise CheckCondition(ILLEGAL_REQUEST, INVALID_COMMAND_OPERATION_CODE)
+        if check is not None:
+            check(task)
+    return run
+
+
+def _gated_check(gated: tuple[tuple[int, int, Callable[[LogicalUnit], bool]], ...],
+                 check: Callable[[Task], None] | None) -> Callable[[Task], None]:
+    """A row's checks behind its gated bits: one set in the CDB on an LU that
+    does not support it is an invalid field at that bit, as a bit `usage`
+    never allows is, so what RSOC shows for the LU is what it enforces."""
+    def run(task: Task) -> None:
+        lu = task.lu
+        assert lu is not None   # see unit()
+        cdb = task.cdb
+        for byte, bits, supported in gated:
+            if cdb[byte] & bits and not supported(lu):
+                raise invalid_field(byte, (cdb[byte] & bits).bit_length() - 1)
         if check is not None:
             check(task)
     return run

@@ -566,17 +566,18 @@ def new_id(target: str, lun: int, o: LunOptions) -> str:
 
 
 def _open_files(config: Config) -> None:
-    """A first start opens its file LUNs, creating missing files, before the
-    config that gives them ids: a saved LUN with an id was served, so its
+    """A first start opens its file and RBD LUNs, creating missing files, before
+    the config that gives them ids: a saved LUN with an id was served, so its
     missing file is a disk lost or not mounted, which the STML never creates
     anew (0280). A LUN that cannot be served (a file that cannot be created,
-    a directory, /dev/zero, a mounted block device) fails this start, in one
-    line, while the admin is at the terminal: served offline, its typo would
-    be saved as a LUN (0272)."""
+    a directory, /dev/zero, a mounted block device, an image, pool, user or
+    ceph.conf that is not there) fails this start, in one line, while the
+    admin is at the terminal: served offline, its typo would be saved as a
+    LUN (0272)."""
     for t in config.targets:
         for lc in t.luns:
             o = lc.options
-            if o.kind != "file" or o.path is None:
+            if o.kind not in ("file", "rbd") or o.path is None:
                 continue
             try:
                 open_store(o, create=True).close()

@@ -32,6 +32,13 @@ def portal_entries(portals: list[str]) -> list[dict[str, Any]]:
     return [dict(zip(("host", "port", "tpgt"), parse_portal(p))) for p in portals]
 
 
+# A gateway's front end listens on the portals `run` gave it, whichever
+# gateway's STML serves, and reports them to none (docs/decisions/0414)
+GATEWAY_STATE = "set at the gateway's start"
+GATEWAY_FIXED = ("this is a gateway ([stml] peers): its front end listens on the portals it started "
+                 "with, whichever gateway serves")
+
+
 class PortalStates:
     """What each front end that follows the portal list last said about its
     listeners (contract: portal_state), kept while it is registered."""

@@ -19,7 +19,8 @@ logged in: when the target has an ACL, it must name an initiator the ACL admits.
 APTPL: when the last REGISTER / REGISTER AND MOVE asked for it, the state is
 written to its store after every change, and read back at start or when the
 LU is added: by default `<data_dir>/pr/<id>_<lun>.json` (the LU's identity; see
-state_path; write, fsync, rename, fsync of the directory), removed with the LU;
+state_path; write, fsync, rename, fsync of the directory; an LU renumbered
+finds it under its old number, find_state), removed with the LU;
 a store shared by several STMLs (`always`, e.g. an RBD image's metadata) takes
 every change, APTPL or not, so that another STML can take over with it. A file that
 cannot be read back refuses the start with a one-line error. The writes run
@@ -45,6 +46,7 @@ import errno
 import functools
 import json
 import logging
+import os
 import re
 import struct
 import weakref
@@ -608,17 +610,18 @@ class PrState:
             self.stored = True
             self.load_json(doc)
         except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
-            raise PrStoreError(f"persistent reservations in {store.where} are unusable "
-                               f"({type(e).__name__}: {e}); move them away to start without them") from None
+            raise _unusable(store.where, e) from None
 
-    async def forget(self) -> None:
+    async def forget(self, keep: bool = False) -> None:
         """The LU is removed: its APTPL file goes (once a write in progress is
-        done), and nothing writes one again. A shared store (an RBD image's
+        done), and nothing writes one again; `keep`: it stays, for the LU
+        that takes this one's identity under another number (a reload that
+        renumbers it, 0218). A shared store (an RBD image's
         metadata) keeps its state: the image, and its reservations, outlive
         this STML's LU; the changes waiting for a write are still written (or
         fail), so no command waits for ever."""
         store = self.store
-        if store is not None and not store.always:
+        if store is not None and not store.always and not keep:
             self.checkpoint(False)
             self.aptpl = False
             await self.persisted()
@@ -691,6 +694,11 @@ class PrState:
             self._writer = None
 
 
+def _unusable(where: str, error: Exception) -> PrStoreError:
+    return PrStoreError(f"persistent reservations in {where} are unusable ({type(error).__name__}: "
+                        f"{error}); move them away to start without them")
+
+
 def _save_failed(error: OSError) -> Exception:
     """What a command whose change was not saved ends with."""
     sense = SAVE_ERRORS.get(error.errno or 0)
@@ -753,9 +761,88 @@ def state_path(data_dir: Path, target: str, lun: int, ident: str | None = None) 
     the one a LUN that existed before ids was given) is the LU the old name
     `<target>_<lun>.json` meant."""
     if ident is None or ident == legacy_id(target, lun):
-        safe = re.sub(r"[^A-Za-z0-9._-]", "_", target)
-        return Path(data_dir) / "pr" / f"{safe}_{lun}.json"
+        return Path(data_dir) / "pr" / f"{_safe(target)}_{lun}.json"
     return Path(data_dir) / "pr" / f"{ident}_{lun}.json"
+
+
+class StateFiles:
+    """The APTPL files of a data dir by the identity they are named after,
+    from one listing (state_path's names: `<id>_<n>.json`, or the legacy
+    `<target>_<n>.json`): a start that looks up every LU lists `pr/` once,
+    not once per LU. Blocking (a listing): off the loop."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.dir = Path(data_dir) / "pr"
+        try:
+            names = os.listdir(self.dir)
+        except FileNotFoundError:
+            names = []
+        self._named: dict[str, list[Path]] = {}       # by the prefix of the name: an id, or a legacy target
+        for name in names:
+            m = re.fullmatch(r"(.+)_(\d+)\.json", name)
+            if m is not None:
+                self._named.setdefault(m[1], []).append(self.dir / name)
+        self._legacy: dict[str, dict[str, list[Path]]] = {}   # per target: by the legacy id of each number
+
+    def of(self, target: str, ident: str) -> list[Path]:
+        """The files of LU `ident` of `target`, under any number."""
+        legacy = self._legacy.get(target)
+        if legacy is None:
+            legacy = self._legacy[target] = {}
+            for f in self._named.get(_safe(target), ()):
+                legacy.setdefault(legacy_id(target, int(f.stem.rpartition("_")[2])), []).append(f)
+        return [*self._named.get(ident, ()), *legacy.get(ident, ())]
+
+    def moved(self, old: Path, new: Path) -> None:
+        for files in (*self._named.values(), *(f for t in self._legacy.values() for f in t.values())):
+            if old in files:
+                files.remove(old)
+        self._named.setdefault(new.name.rpartition("_")[0], []).append(new)
+
+
+def find_state(data_dir: Path, target: str, lun: int, ident: str | None,
+               others: Container[Path] = (), files: StateFiles | None = None) -> Path:
+    """Where the LU's APTPL state is (state_path), after moving it there when
+    the file is found under another number: the state belongs to the LU's
+    identity, and an LU renumbered by an edited config keeps its
+    registrations, its file renamed so that `pr/` names what is served
+    (docs/decisions/0218). `others`: the files of the target's other LUs,
+    never taken; `files`: the data dir's, listed once for many LUs. Blocking
+    (a stat, a listing, a write): off the loop."""
+    path = state_path(data_dir, target, lun, ident)
+    if ident is None or path.exists():
+        return path
+    found = []
+    for old in (files or StateFiles(data_dir)).of(target, ident):
+        if old == path or old in others:
+            continue
+        try:
+            doc = json.loads(old.read_text())
+        except (OSError, ValueError) as e:
+            raise _unusable(f"file {old}", e) from None
+        if isinstance(doc, dict) and doc.get("target") == target:
+            found.append((old, doc))
+    if not found:
+        return path
+    if len(found) > 1:
+        raise PrStoreError(f"persistent reservations of target {target} LU {ident} are in "
+                           f"{len(found)} files ({', '.join(str(f) for f, _ in found)}): move away all but "
+                           f"the one of its LUN {lun}")
+    old, doc = found[0]
+    doc["lun"] = lun
+    atomic_write(path, json.dumps(doc, indent=1).encode(), secret=True)
+    old.unlink()
+    fsync_dir(path.parent)
+    if files is not None:
+        files.moved(old, path)
+    log.info("persistent reservations of target %s moved from LUN %s to LUN %d (%s -> %s): the LU "
+             "was renumbered", target, old.stem.rpartition("_")[2], lun, old.name, path.name)
+    return path
+
+
+def _safe(target: str) -> str:
+    """A target name as the legacy file names spell it."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", target)
 
 
 # ---------------------------------------------------------------- TransportIDs

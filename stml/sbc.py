@@ -255,7 +255,8 @@ async def verify(task: Task) -> None:
         await _compare(task, lba, blocks, lambda start, n: data[start:start + n])
         return
     lu = unit(task)
-    pattern = memoryview(bytes(data) * max(1, CHUNK // lu.block_size))
+    # one chunk's worth of the block, or the range's if smaller: sized by the request
+    pattern = memoryview(bytes(data) * min(blocks, max(1, CHUNK // lu.block_size)))
     await _compare(task, lba, blocks, lambda start, n: pattern[:n])
 
 
@@ -407,11 +408,7 @@ def ws_out_len(task: Task) -> int:
 
 def ws_check(task: Task) -> None:
     lu = unit(task)
-    lba, n, flags = _ws_fields(task)
-    if flags & 0x10:
-        raise invalid_field(1, 4)       # ANCHOR: anchored state not supported (ANC_SUP 0)
-    if flags & 0x08 and not thin(lu):
-        raise invalid_field(1, 3)       # UNMAP on a LU whose VPD 0xB2 says LBPWS=LBPWS10=0 (0295)
+    lba, n, _ = _ws_fields(task)   # ANCHOR and a thick LU's UNMAP: refused by the row (0224)
     check_writable(lu)
     check_range(lu, lba, n)
     if lba >= lu.blocks and n == 0:
@@ -480,9 +477,7 @@ def unmap_out_len(task: Task) -> int:
 
 
 def unmap_check(task: Task) -> None:
-    if task.cdb[1] & 0x01:
-        raise invalid_field(1, 0)       # ANCHOR
-    check_writable(unit(task))
+    check_writable(unit(task))   # ANCHOR: not in the row's usage (ANC_SUP 0)
 
 
 async def unmap(task: Task) -> None:

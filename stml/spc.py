@@ -196,10 +196,15 @@ async def report_luns(task: Task) -> bytes:
     alloc = u32(cdb, 6)
     if alloc < 16:
         raise invalid_field(6)
-    luns = sorted(task.services.target_luns(task.nexus.target)) if cdb[2] != 0x01 else []
-    shown = luns[:-(-(alloc - 8) // 8)]   # only the entries the allocation length holds are built
+    shown: list[int] = []
+    total = 0
+    if cdb[2] != 0x01:   # 01h: well known LUNs only, and there are none
+        luns = task.services.target_luns(task.nexus.target)
+        # only the entries the allocation length holds are taken and built, from
+        # the order the map keeps: no sort of the target's LUNs per call (0223)
+        shown, total = luns.numbers(-(-(alloc - 8) // 8)), len(luns)
     body = b"".join(encode_lun(n) for n in shown)
-    return (struct.pack(">I", 8 * len(luns)) + bytes(4) + body)[:alloc]
+    return (struct.pack(">I", 8 * total) + bytes(4) + body)[:alloc]
 
 
 def sanitize_in_progress(lu: LogicalUnit) -> CheckCondition:
@@ -272,7 +277,7 @@ async def report_supported_opcodes(task: Task) -> bytes:
     if not match:
         return bytes([0, 0x01, 0, 0])[:alloc]   # SUPPORT 001b: not supported
     e = match[0]
-    usage = bytearray(e.usage)
+    usage = bytearray(e.usage_for(unit(task)))
     if e.sa is not None:
         usage[1] = (usage[1] & 0xE0) | e.sa if len(usage) > 1 else usage[1]
     one_command = bytes([0, (0x80 if rctd else 0) | 0x03]) + struct.pack(">H", len(usage)) + bytes(usage)

@@ -104,7 +104,7 @@ COMPILED_RUN = [
 # Left out: a test that replaces Emulator.handle (a compiled class's methods are
 # read-only), the ConnectionProtocol tests that hand it a stand-in for a
 # Connection (the compiled class checks its arguments' types), a test that
-# replaces stml.api.link.boot_id or one that counts stml.metrics.report's calls
+# replaces stml.api.link.boot_id or one that counts stml.metrics.summed's rows
 # (compiled callers do not look them up), of fetd_vhost's, one that replaces a
 # compiled Virtqueue's pop and one that hands VhostFrontEnd a stand-in link and
 # connection; one that calls Task.io_on with a stand-in for the Task.

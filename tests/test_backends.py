@@ -234,6 +234,47 @@ def test_directory_is_refused(tmp_path):
         FileBackend(str(tmp_path))
 
 
+def test_a_file_is_locked_while_open_read_only_ones_share_it(tmp_path):
+    """An open file description lock (0216): a second read-write open of the
+    file is refused in one line naming it, and so is a read-only one while
+    a writer holds it; read-only opens share it; the lock ends with close."""
+    path = str(tmp_path / "d.img")
+    a = FileBackend(path, 1 << 20)
+    for readonly in (False, True):
+        with pytest.raises(BackendError, match=f"^{path}: in use by this STML .*served by one target at a time\\)$"):
+            FileBackend(path, readonly=readonly)
+    a.resize(2 << 20)   # the lock covers the file whatever its size
+    with pytest.raises(BackendError, match="in use"):
+        FileBackend(path)
+    a.close()
+    r1, r2 = FileBackend(path, readonly=True), FileBackend(path, readonly=True)
+    with pytest.raises(BackendError, match="in use"):
+        FileBackend(path)
+    r1.close()
+    r2.close()
+    FileBackend(path).close()
+
+
+def test_a_file_system_without_locks_serves_the_file_with_a_warning(tmp_path, monkeypatch, caplog):
+    """ENOLCK (NFSv3 without lockd): the LUN is served, and the log says it
+    is unlocked (0216)."""
+    import backends.file as file_mod
+    real = file_mod.fcntl.fcntl
+
+    def no_locks(fd, cmd, arg=0):
+        if cmd == file_mod.fcntl.F_OFD_SETLK:
+            raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+        return real(fd, cmd, arg)
+    monkeypatch.setattr(file_mod.fcntl, "fcntl", no_locks)
+    path = str(tmp_path / "d.img")
+    with caplog.at_level("WARNING", logger="backends.file"):
+        a, b = FileBackend(path, 1 << 20), FileBackend(path)
+    a.close()
+    b.close()
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{path}: served without a lock (No locks available): nothing keeps a second target off it"] * 2
+
+
 # ---------------------------------------------------------------- file: flush and concurrent syncs
 
 @pytest.fixture

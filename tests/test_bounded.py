@@ -292,6 +292,28 @@ def test_verify_bytchk0_reads_nothing_and_bytchk3_is_held_to_the_transfer_limit(
     run(go())
 
 
+def test_verify_bytchk3_of_one_block_allocates_for_one_block():
+    """VERIFY with BYTCHK 11b repeats the block sent over at most one chunk of
+    the range: for a range of one block, one block, not a chunk of 1 MiB
+    whatever the range (the sweep of 0225-0227). Bytes counted by tracemalloc."""
+    import tracemalloc
+    async def go():
+        h = Harness([LunOptions("ram", size=4 << 20)])
+        await h.cmd(_write16(7, 1), b"\x33" * BS)
+        await h.cmd(_verify16(7, 1, 3), b"\x33" * BS)   # warm: whatever a first call caches
+        tracemalloc.start()
+        try:
+            r = await h.cmd(_verify16(7, 1, 3), b"\x33" * BS)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert r.status == GOOD
+        assert peak < 256 << 10, peak
+        r = await h.cmd(_verify16(6, 2, 3), b"\x33" * BS)
+        assert r.key_asc == (0xE, 0x1D, 0) and struct.unpack_from(">I", r.sense, 3)[0] == 0
+    run(go())
+
+
 # ---------------------------------------------------------------- UNMAP, WRITE SAME
 
 def test_unmap_lba_count_is_a_total_checked_before_any_discard():
@@ -794,6 +816,75 @@ def test_report_luns_builds_only_what_the_allocation_length_holds(monkeypatch):
         assert struct.unpack_from(">I", r.data)[0] == 8 * 4000       # the whole list's length
         assert r.data[8:16] == bytes(8) and r.data[16:18] == bytes([0, 1])
         assert encoded.calls == 11
+    run(go())
+
+
+class _ComparedLun(int):
+    """A LUN number that counts the comparisons of two LUN numbers (a sort's;
+    encoding one compares it with constants)."""
+    compared = 0
+
+    def __lt__(self, other: object) -> bool:
+        _ComparedLun.compared += isinstance(other, _ComparedLun)
+        return int(self) < int(other)   # type: ignore[call-overload]
+
+    def __gt__(self, other: object) -> bool:
+        _ComparedLun.compared += isinstance(other, _ComparedLun)
+        return int(self) > int(other)   # type: ignore[call-overload]
+
+
+def test_report_luns_sorts_nothing_per_call():
+    """REPORT LUNS takes the numbers its allocation length holds from the
+    order the LunMap keeps as LUs are added and removed (0223); it sorted
+    every LUN of the target on every call (4,000 numbers: tens of thousands
+    of comparisons for 1 entry). Removals and additions keep the order."""
+    async def go():
+        h = Harness()
+        lus = h.emulator.targets[TARGET].luns
+        for n in range(3999, 0, -1):                  # added in descending order
+            lus[_ComparedLun(n)] = lus[0]
+        del lus[1]
+        lus[_ComparedLun(5000)] = lus[0]
+        for alloc in (16, 8 + 8 * 3, 8 + 8 * 4000):
+            _ComparedLun.compared = 0
+            r = await h.cmd(bytes([0xA0, 0, 0, 0, 0, 0]) + struct.pack(">I", alloc) + bytes(2), alloc=alloc)
+            assert _ComparedLun.compared == 0
+            assert r.status == GOOD and struct.unpack_from(">I", r.data)[0] == 8 * 4000
+            numbers = [int.from_bytes(r.data[i:i + 2], "big") & 0x3FFF for i in range(8, len(r.data), 8)]
+            assert numbers == ([0, 2, *range(3, 4000), 5000])[:(alloc - 8) // 8]
+    run(go())
+
+
+# ---------------------------------------------------------------- SPC-2 RESERVE
+
+def test_nexus_loss_visits_only_the_lus_it_reserved(monkeypatch):
+    """An SPC-2 RESERVE indexes its LU by the holder's nexus: a nexus's loss
+    (and I_T NEXUS RESET) visits the LUs that nexus reserved, not every LU
+    any nexus holds reserved (0227: every logout walked them all). The
+    holder's loss still releases its reservations, and only those."""
+    import stml.pr as pr_mod
+    from stml.api import Tmf
+    async def go():
+        h = Harness([LunOptions("ram", size=1 << 20) for _ in range(40)])
+        reserve6 = bytes([0x16, 0, 0, 0, 0, 0])
+        for lun in range(40):
+            assert (await h.cmd(reserve6, alloc=0, lun=lun, no_data=True)).status == GOOD
+        h.nexus(2, "iqn.init:two")
+        assert (await h.cmd(bytes(6), alloc=0, lun=0, nexus=2, no_data=True)).status == 0x18   # conflict
+        dropped = Counter(pr_mod.PrState.drop_spc2)
+        monkeypatch.setattr(pr_mod.PrState, "drop_spc2", lambda st, key=None: dropped(st, key))
+        h.nexus(3, "iqn.init:three")
+        h.emulator.handle(b"fe", {"op": "scsi_release", "nexus": 3}, [])   # reserved nothing
+        assert dropped.calls == 0
+        h.emulator.handle(b"fe", {"op": "scsi_release", "nexus": 1}, [])   # the holder
+        assert dropped.calls == 40
+        assert all(h.lu(lun).pr.spc2 is None for lun in range(40))
+        assert (await h.cmd(reserve6, alloc=0, lun=5, nexus=2, no_data=True)).status == GOOD
+        dropped.calls = 0
+        h.emulator.handle(b"fe", {"op": "rx_task_mgmt_fn", "tag": 99, "nexus": 2, "fn": int(Tmf.I_T_NEXUS_RESET),
+                                  "lun": 0, "ref": None}, [])
+        await asyncio.sleep(0)
+        assert dropped.calls == 1 and h.lu(5).pr.spc2 is None
     run(go())
 
 

@@ -258,3 +258,45 @@ def test_a_gateway_stml_finding_the_lock_held_becomes_the_standby_and_lets_its_f
     assert "another gateway holds the lock of image rbd/img" in (em.standby or "")
     assert [(ident, h["op"]) for ident, h in sent if h["op"] == Op.RELEASE] == [(b"fe", Op.RELEASE)]
     assert not backend.locked and lu.pr is None   # nothing taken, no reservations served
+
+
+def test_a_gateway_starting_walks_its_luns_once(monkeypatch):
+    """start() watches every shared LU from one walk of the LUs: it walked
+    (and sorted) all of them again for each shared LU, so a start with n RBD
+    LUNs cost n walks of n in one step of the loop (0228)."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+    from stml.emulator import Emulator, Target
+    from stml.gateway import STANDBY, Gateway
+    lus = {}
+    for n in range(40):
+        lu = FakeLU(LockedBackend(held_elsewhere=True))
+        lu.lun, lu.naa = n, bytes([0x60, n]) + bytes(14)   # type: ignore[attr-defined]
+        lus[n] = lu
+    em = Emulator([Target("iqn.2026-11.org.test:t", lus)], lambda *a: None, ThreadPoolExecutor(1))  # type: ignore[arg-type]
+    gw = Gateway(em, ThreadPoolExecutor(1))
+    walks = []
+    real = Gateway.shared
+    monkeypatch.setattr(Gateway, "shared", lambda self: (walks.append(1), real(self))[1])
+
+    async def run() -> None:
+        gw.start()
+        assert len(walks) == 1
+        await gw.stop()
+    asyncio.run(run())
+    assert gw.role == STANDBY and sorted(lu.lun for lu in gw._sizes) == list(range(40))
+    assert all(lu.backend.on_change is not None for lu in lus.values())
+
+
+def test_a_standbys_status_says_where_its_front_ends_are():
+    """A standby's STML has no front end: its host's one is attached to the
+    active gateway. `status` says so rather than an alarming bare "(none)"."""
+    from scsi_target.mgmt import render_status
+    image = {"target": "iqn.2026-11.org.test:t", "lun": 0, "image": "rbd/i", "lock_owner": "10.0.0.1:0/1",
+             "mine": False}
+    snap = {"stml": "stml", "uptime_s": 1.0, "config": None, "endpoints": ["x"], "portals": [], "luns": [],
+            "sessions": [], "front_ends": [],
+            "gateway": {"role": "standby", "for_s": 1.0, "takeovers": 0, "images": [image]}}
+    assert "Front ends\n(none: a standby's front ends attach to the active gateway)\n" in render_status(snap, False)
+    snap["gateway"]["role"] = "active"
+    assert "Front ends\n(none)\n" in render_status(snap, False)

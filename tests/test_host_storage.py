@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -15,7 +16,7 @@ import pytest
 from fetd_loopback import LoopbackClient
 from support.ci import need_root
 from support.cli import cli, mgmt
-from support.procs import run
+from support.procs import children_by_module, run
 from support.target import Target
 
 
@@ -145,3 +146,60 @@ def test_a_reload_moves_a_block_device_lun_with_unflushed_writes(loopdev, tmp_sh
         assert [x["lun"] for x in luns] == [0, 2] and luns[1]["offline"] is None, luns
         with LoopbackClient(f"ipc://{ddir}/stml.sock", timeout=30) as c:
             assert c.read(2, 15 * 2048, 2048) == chunk
+
+
+def refused_start(data_dir: str, lun: str) -> str:
+    """What a first start with `--lun LUN` that must be refused (exit 2) says."""
+    p = subprocess.run([sys.executable, "-m", "scsi_target", "run", "--data-dir", data_dir,
+                        "--portal", "127.0.0.1:0", "--lun", lun], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2, p
+    return p.stderr
+
+
+def test_a_file_serves_one_target_at_a_time(tmp_short):
+    """Two data dirs (two STMLs) on one regular file: the second is refused,
+    at `lun add` and at a first start, naming the file and the STML that
+    holds it; once the first stopped it may have the file. The first, started
+    again from its saved config meanwhile, serves that LUN offline with the
+    reason, and a reload once the other let go serves it again (0216, 0280)."""
+    one, two = str(tmp_short()), str(tmp_short())
+    img = f"{tmp_short()}/disk.img"
+    with Target("--lun", f"file:{img},size=4MiB", data_dir=one) as t:
+        holder = children_by_module(t.proc.pid)["stml"]
+        with Target("--lun", "ram:4MiB", data_dir=two):
+            p = cli("lun", "add", "--data-dir", two, f"file:{img}", check=False)
+            assert p.returncode == 2, p
+            line = p.stderr.strip()
+            assert line.startswith(f"scsi-target: lun add refused: cannot open the backend: {img}: in use by "
+                                   f"pid {holder} ("), line
+            assert line.endswith("which holds a lock on it (a file is served by one target at a time)"), line
+            assert "\n" not in line and one in line
+            assert [lun["lun"] for lun in mgmt(two, "lun", "list")] == [0]
+        assert f"{img}: in use by pid {holder} (" in refused_start(str(tmp_short()), f"file:{img}")
+    with Target(data_dir=two) as t2:
+        assert mgmt(two, "lun", "add", f"file:{img}")["size"] == 4 << 20
+        holder = children_by_module(t2.proc.pid)["stml"]
+        with Target(data_dir=one):
+            assert f"{img}: in use by pid {holder} (" in mgmt(one, "lun", "list")[0]["offline"]
+            mgmt(two, "lun", "remove", "1")
+            deadline = time.monotonic() + 20   # the LU closes once its tasks are done
+            while mgmt(one, "lun", "list")[0]["offline"]:
+                assert time.monotonic() < deadline
+                assert mgmt(one, "config", "reload")["path"]
+                time.sleep(0.2)
+
+
+def test_a_size_given_for_a_block_device_is_refused(loopdev, tmp_short):
+    """A block device is served whole (0284): a size given with it, which the
+    start used to ignore, is refused in one line, by `lun add` and by a first
+    start's --lun (0217)."""
+    ddir = str(tmp_short())
+    want = (f"LUN 1.size: {loopdev} is a block device, served whole: leave out size (to change it, grow "
+            f"the device, then `lun resize`)")
+    with Target("--lun", "ram:4MiB", data_dir=ddir):
+        p = cli("lun", "add", "--data-dir", ddir, f"file:{loopdev},size=8MiB", check=False)
+        assert p.returncode == 2 and p.stderr.strip().endswith(want), p
+        assert [lun["lun"] for lun in mgmt(ddir, "lun", "list")] == [0]
+    said = refused_start(str(tmp_short()), f"file:{loopdev},size=16MiB")
+    assert f"{loopdev} is a block device, served whole: leave out size" in said
+    assert len(said.strip().splitlines()) == 1, said

@@ -65,8 +65,15 @@ def test_session_reinstatement_closes_the_old_session(target):
     assert resp.status_class == 0
     with pytest.raises(ConnectionError):   # closed: a timeout (OSError) would not do
         old.nop(b"x")
+    assert _nexus_loss(new)                # the old session's I_T nexus was lost (0234)
     assert new.read16(0, 1) == new.read16(0, 1)
     new.close()
+
+
+def _nexus_loss(ini: RawInitiator) -> bool:
+    """Whether a TEST UNIT READY gets I_T NEXUS LOSS OCCURRED (06/29/07)."""
+    status, sense, _ = ini.command(bytes(6))
+    return status == 2 and (sense[2] & 0x0F, sense[12], sense[13]) == (0x06, 0x29, 0x07)
 
 
 def test_one_isid_in_two_portal_groups_is_two_sessions():
@@ -91,6 +98,7 @@ def test_one_isid_in_two_portal_groups_is_two_sessions():
             assert again.login(IQN).status_class == 0
             with pytest.raises(ConnectionError):   # closed: a timeout (OSError) would not do
                 one.nop(b"x")
+            assert _nexus_loss(again) and not _nexus_loss(two)   # tpg 2's nexus lost nothing
             assert again.read16(0, 1) == two.read16(0, 1)
             again.close()
         finally:

@@ -270,7 +270,9 @@ def test_management_reports_rows_a_bounded_number_per_loop_turn(cmd, clock, monk
     steps: at most FANOUT_STEP rows (each a sum of counter sets) per turn of
     the event loop, however many LUs and sessions there are (0267); before,
     all of them in one step. So does a Prometheus scrape (it built the whole
-    snapshot in one step). The rows are still all there and right."""
+    snapshot in one step). A row's sets are summed in steps too: the front
+    end's row, the sum of its 160 sessions' sets, merged all their latency
+    samples in one step (0225). The rows are still all there and right."""
     import asyncio
 
     from stml import mgmt as mgmt_mod
@@ -286,30 +288,39 @@ def test_management_reports_rows_a_bounded_number_per_loop_turn(cmd, clock, monk
         command(m, em, clock, fe, n, n % (5 * step), n, WRITE, 512, 1e-4)
     mg = mgmt_mod.Management(em, None, gateway=None, metrics=m, portals=None,   # type: ignore[arg-type]
                              endpoints=[], traces=None)   # type: ignore[arg-type]
-    reports = [0]
-    real = metrics_mod.report
+    reports, merged = [0], [0]   # rows built; sets whose latency samples were merged into a row's
+    real, real_recent = metrics_mod.summed, metrics_mod.Counters.recent
 
-    def counted(sets, in_flight):
+    def counted(sets, in_flight, row):
+        yield from real(sets, in_flight, row)
         reports[0] += 1
-        return real(sets, in_flight)
-    monkeypatch.setattr(metrics_mod, "report", counted)
+    monkeypatch.setattr(metrics_mod, "summed", counted)
 
-    async def run() -> tuple[list, list[int]]:
+    def recent(c):
+        merged[0] += 1
+        return real_recent(c)
+    monkeypatch.setattr(metrics_mod.Counters, "recent", recent)
+
+    async def run() -> tuple[list, list[int], list[int]]:
         if cmd == "scrape":   # a Prometheus scrape, as its HTTP thread asks the loop for it
             exporter = metrics_mod.PrometheusExporter(m, em, asyncio.get_running_loop())
             work = exporter._async_snapshot()
         else:
             work = getattr(mg, cmd)()
         job = asyncio.get_running_loop().create_task(work)
-        per_turn = []
+        per_turn, merged_per_turn = [], []
         while not job.done():
-            before = reports[0]
+            before, merged_before = reports[0], merged[0]
             await asyncio.sleep(0)
             per_turn.append(reports[0] - before)
-        return job.result(), per_turn
-    result, per_turn = asyncio.run(run())
+            merged_per_turn.append(merged[0] - merged_before)
+        return job.result(), per_turn, merged_per_turn
+    result, per_turn, merged_per_turn = asyncio.run(run())
     assert sum(per_turn) == 5 * step + 10 * step + 1          # every LU, session and front end
     assert max(per_turn) <= step, per_turn
+    # each LU's 2 sessions, and the front end's 160 (one-set session rows merge nothing)
+    assert sum(merged_per_turn) == 2 * 5 * step + 10 * step
+    assert max(merged_per_turn) <= 2 * step, merged_per_turn
     if cmd == "scrape":
         assert len(result["luns"]) == 5 * step and len(result["sessions"]) == 10 * step
         assert sum(r["commands"] for r in result["sessions"]) == 10 * step

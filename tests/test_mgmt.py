@@ -6,10 +6,13 @@ from __future__ import annotations
 import re
 import struct
 import tomllib
+from pathlib import Path
 
 import pytest
 
 from fetd_loopback import LoopbackClient
+from scsi_target.mgmt import MgmtClient
+from stml.config import default_endpoint
 from support.cli import cli, mgmt
 from support.procs import free_port, run
 from support.rawiscsi import RawInitiator
@@ -538,42 +541,58 @@ def _answer_until(ini: RawInitiator, want: type) -> tuple:
             ini.send(P.NopOut(P.RESERVED_TAG, pdu.ttt, ini.cmd_sn, ini.exp_stat_sn, immediate=True))
 
 
-def test_lun_remove_aborts_a_write_waiting_for_its_data(tmp_path):
-    """The review's fdreuse3: a WRITE whose initiator holds its Data-Out after
-    the R2T, then `lun remove` of its file LUN and `lun add` of another file
-    (which may get the removed LUN's descriptor number). The write ends at the
-    removal with TASK ABORTED (not GOOD after its data), the backend closes
-    at once (not after a 60 s grace), and the late Data-Out is dropped: both
-    images keep their zeros."""
+def test_lun_remove_lets_a_write_in_flight_finish_and_aborts_it_past_the_drain(tmp_path):
+    """A WRITE whose Data-Out is still to come when its LUN is removed
+    finishes, as LIO lets it: its data lands in the removed LU's file and it
+    answers GOOD (0219). A
+    WRITE whose initiator holds its Data-Out past the drain is aborted (TASK
+    ABORTED), the backend closes, and the late Data-Out is dropped: the file
+    added after (which may get the removed LUN's descriptor number: the
+    review's fdreuse3, 0254) keeps its zeros."""
     from fetd_tcp import pdu as P
-    a, b = tmp_path / "a.img", tmp_path / "b.img"
+    a, b, c = tmp_path / "a.img", tmp_path / "b.img", tmp_path / "c.img"
+    data = b"DATA" * 1024
     with Target("--lun", f"file:{a},size=4MiB") as t:
         host, port = t.portal.rsplit(":", 1)
         ini = RawInitiator(host, int(port), timeout=20)
         ini.login(DISK0, extra=[("ImmediateData", "No"), ("InitialR2T", "Yes")])
-        itt = ini._next_itt()
-        cdb = struct.pack(">BBQIBB", 0x8A, 0, 0, 8, 0, 0)   # WRITE(16), 8 blocks at LBA 0
-        ini.send(P.ScsiCommand(itt, P.int_to_lun(0), cdb.ljust(16, b"\0"), 4096, ini.cmd_sn,
-                               ini.exp_stat_sn, read=False, write=True, data_length=0))
-        ini.cmd_sn += 1
-        r2t, _ = _answer_until(ini, P.R2T)
-        assert r2t.itt == itt
 
-        mgmt(t.data_dir, "lun", "remove", "--target", DISK0, "0")
+        def write(lun: int) -> tuple[int, P.R2T]:
+            itt = ini._next_itt()
+            cdb = struct.pack(">BBQIBB", 0x8A, 0, 0, 8, 0, 0)   # WRITE(16), 8 blocks at LBA 0
+            ini.send(P.ScsiCommand(itt, P.int_to_lun(lun), cdb.ljust(16, b"\0"), 4096, ini.cmd_sn,
+                                   ini.exp_stat_sn, read=False, write=True, data_length=0))
+            ini.cmd_sn += 1
+            r2t, _ = _answer_until(ini, P.R2T)
+            assert r2t.itt == itt
+            return itt, r2t
+
+        def data_out(itt: int, r2t: P.R2T, lun: int, payload: bytes) -> None:
+            ini.send(P.DataOut(itt, r2t.ttt, 0, 0, True, ini.exp_stat_sn, P.int_to_lun(lun), len(payload)),
+                     payload)
+
+        itt, r2t = write(0)
+        MgmtClient(default_endpoint(Path(t.data_dir))).call("lun_remove", lun=0)   # its data follows at once
+        data_out(itt, r2t, 0, data)
         resp, _ = _answer_until(ini, P.ScsiResponse)
-        assert (resp.itt, resp.status) == (itt, TASK_ABORTED)
+        assert (resp.itt, resp.status) == (itt, 0)
+        assert mgmt(t.data_dir, "lun", "add", "--target", DISK0, "--lun", "5", f"file:{b},size=4MiB")["lun"] == 5
         t.wait_log("LUN 0 removed: its backend is closed", 20)
         status, sense = tur(ini, 0)                 # a new command: no such LU
         assert (status, ua_of(sense)) == (CHECK_CONDITION, (0x5, 0x25, 0x00))
 
-        added = mgmt(t.data_dir, "lun", "add", "--target", DISK0, "--lun", "5",
-                     f"file:{b},size=4MiB")
-        assert added["lun"] == 5
-        evil = b"EVIL" * 1024
-        ini.send(P.DataOut(itt, r2t.ttt, 0, 0, True, ini.exp_stat_sn, P.int_to_lun(0), len(evil)), evil)
-        # a command after it on LUN 5: the Data-Out was handled (dropped) before its answer
-        assert tur(ini, 5)[0] in (0, CHECK_CONDITION)
-        status, sense, data = ini.command(struct.pack(">BBQIBB", 0x88, 0, 0, 8, 0, 0), 5, read=4096)
-        assert status == 0 and data == bytes(4096), (status, sense)
+        itt, r2t = write(5)                         # its data held past the drain
+        mgmt(t.data_dir, "lun", "remove", "--target", DISK0, "5")
+        resp, _ = _answer_until(ini, P.ScsiResponse)
+        assert (resp.itt, resp.status) == (itt, TASK_ABORTED)
+        t.wait_log("LUN 5 removed: its backend is closed", 20)
+        assert "LUN 5 removed: 1 command(s) still in flight after" in t.log()
+        assert mgmt(t.data_dir, "lun", "add", "--target", DISK0, "--lun", "6", f"file:{c},size=4MiB")["lun"] == 6
+        data_out(itt, r2t, 5, b"EVIL" * 1024)
+        # a command after it on LUN 6: the Data-Out was handled (dropped) before its answer
+        assert tur(ini, 6)[0] in (0, CHECK_CONDITION)
+        status, sense, got = ini.command(struct.pack(">BBQIBB", 0x88, 0, 0, 8, 0, 0), 6, read=4096)
+        assert status == 0 and got == bytes(4096), (status, sense)
+    assert a.read_bytes()[:4096] == data
     assert b.read_bytes()[:4096] == bytes(4096)
-    assert a.read_bytes()[:4096] == bytes(4096)
+    assert c.read_bytes()[:4096] == bytes(4096)

@@ -1,6 +1,6 @@
 """What one front end can make the STML hold (docs/decisions/0263): nexuses per
 front end and per target, the port groups they come through, the size of a
-frame on the ZeroMQ carrier; and an iSCSI login past the STML's cap, which
+frame on the ZeroMQ carrier and the number of frames in a message (0226); and an iSCSI login past the STML's cap, which
 fetd_tcp refuses with a Login Response of its own."""
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ from backends import open_backend
 from fetd_tcp import login as L
 from stml import emulator as E
 from stml.api import CONTRACT_VERSION, Op, pack, unpack
-from stml.api.sizes import FRAME_ROOM
+from stml.api import sizes, zmq_carrier
+from stml.api.sizes import FRAME_ROOM, MAX_FRAMES
 from stml.lu import LogicalUnit, LunOptions
 from support.fakestml import FakeStml, wire
 from support.fuzzgen import host_port
@@ -230,6 +231,128 @@ def test_an_oversized_zeromq_frame_disconnects_its_peer_only(stml, client_factor
     assert stml.proc.poll() is None
     assert c.read(0, 1024, size // 512) == data
     assert c.read(0, 10, 1) == b"\x5a" * 512
+
+
+class _CountedRouter(zmq.Socket):
+    """A ROUTER socket that counts the frames received from it."""
+    received = 0
+
+    def recv(self, *args: Any, **kw: Any) -> Any:
+        _CountedRouter.received += 1
+        return super().recv(*args, **kw)
+
+
+def test_a_zeromq_message_of_too_many_frames_is_dropped_in_steps(monkeypatch, caplog):
+    """A peer's message of more frames than MAX_FRAMES (8 here; 4,096) is
+    never delivered: the channel lets its frames go as it receives them, at
+    most MAX_FRAMES a turn of the loop, logs one line, and delivers the
+    next message. Before, recv_multipart took it whole, whatever its count.
+    A sending channel splits what it queued for one peer into batches the
+    receiver takes: every message arrives, in order (0226)."""
+    monkeypatch.setattr(sizes, "MAX_FRAMES", 8)
+
+    async def main() -> tuple[list, list[int], list[list[bytes]]]:
+        ctx = zmq.Context()
+        router = ctx.socket(zmq.ROUTER, socket_class=_CountedRouter)
+        router.bind("inproc://many-frames")
+        peer = ctx.socket(zmq.DEALER)
+        peer.connect("inproc://many-frames")
+        got: list = []
+        try:
+            ch = zmq_carrier.Channel(router, lambda frames: got.append([bytes(f) for f in frames]), routed=True)
+            peer.send_multipart([pack({"op": Op.HEARTBEAT}), *(b"x" for _ in range(8 * 5 + 3))])
+            peer.send_multipart([pack({"op": Op.HEARTBEAT}), b"ok"])
+            per_turn = []
+            for _ in range(50):
+                before = _CountedRouter.received
+                await asyncio.sleep(0)
+                per_turn.append(_CountedRouter.received - before)
+            # the other way: 30 messages of 3 frames queued in one turn leave as batches
+            ident = got[0][0]
+            for i in range(30):
+                ch.send([ident, pack({"op": Op.HEARTBEAT, "n": i}), b"a", b"b"])
+            await asyncio.sleep(0)
+            ch.close()
+            batches = []
+            while peer.poll(1000):
+                batches.append(peer.recv_multipart())
+                if sum(len(b) for b in batches) >= 30 * 3 + len(batches):
+                    break
+        finally:
+            peer.close(linger=0)
+            ctx.term()
+        return got, per_turn, batches
+
+    got, per_turn, batches = asyncio.run(main())
+    assert [frames[1:] for frames in got] == [[pack({"op": Op.HEARTBEAT}), b"ok"]]
+    assert sum(per_turn) == (1 + 1 + 8 * 5 + 3) + (1 + 2), per_turn   # identity frames counted
+    assert max(per_turn) <= 2 * (8 + 1) + 3, per_turn
+    assert "dropped a ZeroMQ message of 45 frames" in caplog.text
+    assert max(len(b) for b in batches) <= 8
+    messages = []
+    for b in batches:
+        counts = unpack(b[0])["n"]
+        pos = 1
+        for n in counts:
+            messages.append(b[pos:pos + n])
+            pos += n
+        assert pos == len(b)
+    assert messages == [[pack({"op": Op.HEARTBEAT, "n": i}), b"a", b"b"] for i in range(30)]
+
+
+def test_a_front_ends_channel_takes_a_big_batch_from_its_stml_whole(monkeypatch):
+    """The cap is the STML's (its routed socket, which anyone admitted may
+    reach): a front end's socket reaches only the STML it chose, and an STML
+    older than the cap sends batches of any size, which must not be lost."""
+    monkeypatch.setattr(sizes, "MAX_FRAMES", 8)
+
+    async def main() -> list:
+        ctx = zmq.Context()
+        router = ctx.socket(zmq.ROUTER)
+        router.bind("inproc://big-batch")
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.connect("inproc://big-batch")
+        got: list = []
+        try:
+            ch = zmq_carrier.Channel(dealer, lambda frames: got.append([bytes(f) for f in frames]))
+            ch.send([pack({"op": Op.HEARTBEAT})])
+            await asyncio.sleep(0)
+            ident = router.recv_multipart()[0]
+            router.send_multipart([ident, pack({"op": Op.HEARTBEAT}), *(b"x" for _ in range(8 * 3))])
+            for _ in range(20):
+                await asyncio.sleep(0)
+                if got:
+                    break
+            ch.close()
+        finally:
+            dealer.close(linger=0)
+            router.close(linger=0)
+            ctx.term()
+        return got
+
+    assert asyncio.run(main()) == [[pack({"op": Op.HEARTBEAT}), *(b"x" for _ in range(8 * 3))]]
+
+
+def test_the_stml_drops_a_message_of_too_many_frames_and_answers_the_next(stml):
+    """A management request of MAX_FRAMES + 1 frames to a real STML gets no
+    answer and one log line; the same request in one frame is answered, and
+    the STML lives on (0226). Before, it was handled like any other."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(stml.endpoint)
+    try:
+        request = pack({"op": Op.MGMT, "id": 1, "cmd": "status"})
+        sock.send_multipart([request, *(b"" for _ in range(MAX_FRAMES))])
+        sock.send_multipart([pack({"op": Op.MGMT, "id": 2, "cmd": "status"})])
+        assert sock.poll(30_000)
+        reply = unpack(sock.recv_multipart()[0])
+        assert (reply["op"], reply["id"], reply["ok"]) == (Op.MGMT_REPLY, 2, True)
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+    assert f"dropped a ZeroMQ message of {MAX_FRAMES + 2} frames" in stml.log()
+    assert stml.proc.poll() is None
 
 
 def test_a_login_past_the_stml_nexus_cap_fails_and_sessions_keep_working():

@@ -97,6 +97,36 @@ def test_report_supported_opcodes_one_command():
     run(go())
 
 
+def test_each_lu_enforces_the_usage_data_it_reports():
+    """For every row, on a thin and on a thick LU: a CDB bit that REPORT
+    SUPPORTED OPERATION CODES leaves out of that LU's usage data is refused
+    at that bit (0224). RSOC showed WRITE SAME's UNMAP bit on a thick LU,
+    whose handler refused it, and ANCHOR bits no LU supports (ANC_SUP 0)."""
+    async def go():
+        h = Harness([LunOptions("ram", size=1 << 20), LunOptions("ram", size=1 << 20, thin=False)])
+        shown = {}
+        for lun in (0, 1):
+            for e in OPCODES:
+                r = await h.cmd(_rsoc(3, e.opcode, e.sa or 0), lun=lun)
+                if r.data[1] & 7 != 3:
+                    continue   # not supported on this LU (UNMAP on a thick one)
+                usage = r.data[4:4 + struct.unpack_from(">H", r.data, 2)[0]]
+                shown[lun, e.opcode, e.sa] = usage
+                for i in range(1, len(usage)):
+                    for bit in range(8):
+                        if usage[i] & (1 << bit) or (e.sa is not None and i == 1 and bit < 5):
+                            continue
+                        cdb = _base(e)
+                        cdb[i] |= 1 << bit
+                        r = await h.cmd(bytes(cdb), alloc=0, lun=lun)
+                        assert r.key_asc == (ILLEGAL_REQUEST, 0x24, 0), (lun, e.name, i, bit)
+                        assert r.field == (i, bit), (lun, e.name, i, bit, r.field)
+        for ws in (0x41, 0x93):   # UNMAP bit on the thin LU only, ANCHOR on neither
+            assert shown[0, ws, None][1] & 0x18 == 0x08 and shown[1, ws, None][1] & 0x18 == 0
+        assert shown[0, 0x42, None][1] == 0 and (1, 0x42, None) not in shown
+    run(go())
+
+
 def test_report_supported_tmfs():
     async def go():
         h = Harness()

@@ -362,6 +362,104 @@ def test_aptpl_state_belongs_to_the_lu_not_to_its_number(stml_factory):
         assert [read_keys(c, lun) for lun in (0, 1, 2)] == [[0xB0], [], [0xB2]]
 
 
+def test_a_file_lun_moved_to_a_target_earlier_in_the_file_by_one_reload(stml_factory):
+    """A reload removes every target's gone LUNs before it adds any: a file
+    LUN moved by hand to a target listed before its old one was added while
+    the old target still served it ("already backs"), then removed, and
+    neither target served it until a restart (review 11)."""
+    p = stml_factory("file:m.img,size=4MiB", "ram:4MiB")
+    m = MgmtClient(p.endpoint)
+    other = "iqn.2026-11.org.test:earlier"
+    m.call("target_add", name=other)
+    with LoopbackClient(p.endpoint, timeout=10) as c:
+        c.write(0, 0, b"\x5a" * 512 * 8)
+    cfg = p.data_dir / "scsi-target.toml"
+
+    def move(doc) -> None:
+        first, second = doc["target"][0], _target_table(doc, other)
+        lun = next(x for x in first["lun"] if x["lun"] == 0)
+        first["lun"].remove(lun)
+        second["lun"] = tomlkit.aot()
+        second["lun"].append(lun)
+        tables = tomlkit.aot()
+        tables.append(second)   # the target it moves to, listed first
+        tables.append(first)
+        doc["target"] = tables
+    _edit(cfg, move)
+    r = m.call("config_reload")
+    assert r["not_applied"] == [], r
+    served = {(x["target"], x["lun"]) for x in m.call("status")["luns"]}
+    assert (other, 0) in served and (IQN, 0) not in served, served
+    with LoopbackClient(p.endpoint, other, timeout=10) as c:
+        assert c.read(0, 0, 8) == b"\x5a" * 512 * 8
+
+
+def _renumber(cfg: Path, old: int, new: int) -> None:
+    """A hand edit: the first target's LUN `old` (its id kept) becomes `new`."""
+    def change(doc):
+        next(lc for lc in doc["target"][0]["lun"] if lc["lun"] == old)["lun"] = new
+    _edit(cfg, change)
+
+
+def _pr_files(p: StmlProcess) -> list[str]:
+    return sorted(os.listdir(p.data_dir / "pr"))
+
+
+def test_a_lun_renumbered_by_hand_keeps_its_reservations_across_a_restart(stml_factory):
+    """The APTPL state belongs to the LU's identity, not its number: a LUN
+    moved to another number in the file (its id kept) is served there after
+    a restart with its registrations and identity, and its file is renamed,
+    so that pr/ names what is served (0218)."""
+    p = stml_factory("ram:4MiB", "ram:4MiB")
+    with LoopbackClient(p.endpoint, timeout=10) as c:
+        pr_register(c, 1, 0xC1)
+        before = identity(c, 1)
+    cfg = p.data_dir / "scsi-target.toml"
+    ident = tomllib.loads(cfg.read_text())["target"][0]["lun"][1]["id"]
+    assert _pr_files(p) == [f"{ident}_1.json"]
+    _renumber(cfg, 1, 7)
+    p.luns = ()   # the file says what is served now
+    p.restart()
+    with LoopbackClient(p.endpoint, timeout=10) as c:
+        assert [read_keys(c, lun) for lun in (0, 7)] == [[], [0xC1]]
+        assert identity(c, 7) == before
+    assert _pr_files(p) == [f"{ident}_7.json"]
+    assert json.loads((p.data_dir / "pr" / f"{ident}_7.json").read_text())["lun"] == 7
+    assert "moved from LUN 1 to LUN 7" in p.log()
+
+
+@pytest.mark.parametrize("kind", ["ram", "file"])
+def test_a_reload_that_renumbers_a_lun_keeps_its_reservations_and_a_removal_drops_them(stml_factory, kind):
+    """`config reload` of the same edit moves the LU with its registrations
+    (the removed number's state is kept for it, not deleted) and its data (a
+    file's lock, 0216, ends with the removed LU's close, which the add waits
+    for); a LUN the reload removes for good takes its file along (0218)."""
+    p = stml_factory(*(f"file:l{n}.img,size=4MiB" if kind == "file" else "ram:4MiB" for n in range(3)))
+    data = os.urandom(4096)
+    with LoopbackClient(p.endpoint, timeout=10) as c:
+        for lun in (1, 2):
+            pr_register(c, lun, 0xD0 + lun)
+        c.write(1, 0, data)
+    cfg = p.data_dir / "scsi-target.toml"
+    ids = [lc["id"] for lc in tomllib.loads(cfg.read_text())["target"][0]["lun"]]
+    _renumber(cfg, 1, 9)
+    _edit(cfg, lambda doc: doc["target"][0]["lun"].remove(
+        next(lc for lc in doc["target"][0]["lun"] if lc["lun"] == 2)))
+    r = MgmtClient(p.endpoint).call("config_reload")
+    assert r["not_applied"] == [], r
+    with LoopbackClient(p.endpoint, timeout=10) as c:
+        assert read_keys(c, 9) == [0xD1]
+        assert c.read(9, 0, 8) == (data if kind == "file" else bytes(4096))   # a RAM LU's data is its own
+    deadline = time.monotonic() + 20
+    while _pr_files(p) != [f"{ids[1]}_9.json"]:   # LUN 2's goes once its LU closed
+        assert time.monotonic() < deadline, _pr_files(p)
+        time.sleep(0.05)
+    p.luns = ()
+    p.restart()
+    with LoopbackClient(p.endpoint, timeout=10) as c:
+        assert [read_keys(c, lun) for lun in (0, 9)] == [[], [0xD1]]
+
+
 # ------------------------------------------------------------------ any sequence of changes
 
 OTHERS = ["iqn.2026-11.org.test:alpha", "iqn.2026-11.org.test:beta"]
@@ -526,11 +624,12 @@ def test_sighup_and_config_reload_apply_a_hand_edit_and_orphan_nothing(ddir):
         # `config reload` tells what it applied and what needs a restart
         edited = cfg.read_text().replace('size = "2MiB"', 'size = "4MiB"').replace(
             "portals = ", 'isns = "127.0.0.1:3205"\nslp_auth = true\nportals = ')
-        cfg.write_text(edited)
+        cfg.write_text(edited + '\n[[vhost]]\nsocket = "vm.sock"\n')   # a VM socket: `run` starts those
         r = mgmt(ddir, "config", "reload")
         assert any("LUN 3 resized" in x for x in r["applied"])
         assert any("isns" in x for x in r["not_applied"])
         assert any("slp_auth" in x for x in r["not_applied"])
+        assert "`vhost` changed: restart to apply it" in r["not_applied"]
         pids = list(kids.values())
     assert t.proc.returncode == 0
     assert wait_gone(pids, 10) == []
@@ -918,6 +1017,31 @@ def test_wait_ready_with_no_portals(ddir):
         assert ok("wait-ready", "--data-dir", ddir, "--timeout", "10") == f"ready: ipc://{ddir}/stml.sock\n"
 
 
+def test_a_gateways_portals_are_its_front_ends_own(ddir):
+    """A gateway's front end listens on the portals it started with, whichever
+    gateway serves, and reports them to no STML: wait-ready does not wait for
+    a report that never comes, and the portal verbs and a reload do not claim
+    a listener that nobody opened (decisions/0414)."""
+    cfg = Path(ddir) / "scsi-target.toml"
+    cfg.write_text('portals = ["127.0.0.1:0,1"]\n\n[stml]\nlisten = ["tcp://127.0.0.1:0"]\ninsecure = true\n'
+                   'peers = ["tcp://127.0.0.1:9"]\n\n'
+                   f'[[target]]\nname = "{IQN}"\n\n[[target.lun]]\nbackend = "ram"\nsize = "4MiB"\n')
+    with Target(data_dir=ddir, portals=()):
+        assert ok("wait-ready", "--data-dir", ddir, "--timeout", "10") == f"ready: ipc://{ddir}/stml.sock\n"
+        assert [p["state"] for p in mgmt(ddir, "portal", "list")] == ["set at the gateway's start"]
+        for verb, portal in (("add", "127.0.0.2:3260,1"), ("remove", "127.0.0.1:0")):
+            p = cli("portal", verb, "--data-dir", ddir, portal)
+            assert p.returncode == 2 and p.stderr == (
+                f"scsi-target: portal {verb} refused: this is a gateway ([stml] peers): its front end listens "
+                f"on the portals it started with, whichever gateway serves: edit `portals` in {cfg} and "
+                "restart it\n")
+        cfg.write_text(cfg.read_text().replace('"127.0.0.1:0,1"', '"127.0.0.2:3260,1"'))
+        r = mgmt(ddir, "config", "reload")
+        assert r["applied"] == [] and len(r["not_applied"]) == 1
+        assert r["not_applied"][0].startswith("`portals` changed: this is a gateway")
+        assert [p["portal"] for p in mgmt(ddir, "portal", "list")] == ["127.0.0.1:0,1"]
+
+
 def test_a_malformed_portal_report_does_not_break_portal_list(stml_factory):
     """A front end's portal_state entry without host/port/tpgt is no match,
     not an internal error of `portal list` and `status`."""
@@ -1073,7 +1197,7 @@ def test_the_unit_file_verifies_and_matches_the_packaged_one(tmp_path):
     assert packaged.read_text() == unit_text()
     assert ok("service", "unit", "--defaults") == unit_text()
     for key in ("Type=notify", "User=scsi-target", "AmbientCapabilities=CAP_NET_BIND_SERVICE",
-                "NoNewPrivileges=yes", "ProtectSystem=strict",
+                "NoNewPrivileges=yes", "ProtectSystem=strict", "RuntimeDirectory=scsi-target",
                 "ExecReload=/usr/bin/scsi-target config reload --data-dir /var/lib/scsi-target"):
         assert f"\n{key}\n" in packaged.read_text()
     unit = tmp_path / "scsi-target.service"

@@ -27,7 +27,8 @@ def _run(*args: str) -> str:
 def test_every_path_runs_and_reports_time(size):
     out = _run("--count", "64", "--size", size)
     costs = dict(re.findall(r"^([\w-]+) +([0-9.]+) us per command$", out, re.M))
-    assert set(costs) == {"stml", "stml-write", "stml-thin", "fetd", "carrier", "stml-traced", "stml-timed"}, out
+    assert set(costs) == {"stml", "stml-write", "stml-thin", "fetd", "carrier", "stml-traced", "stml-timed",
+                          "stml-process", "stml-process-write"}, out
     assert all(float(v) > 0 for v in costs.values())
 
 

@@ -543,3 +543,56 @@ def test_query_task_set_and_async_event():
         rec.gates["QRY_"].set()
         await settle()
     asyncio.run(run())
+
+
+def test_find_state_moves_a_renumbered_lus_file_and_takes_no_other_lus(tmp_path):
+    """find_state (0218): an LU's state under another number (its id's name,
+    or the legacy name its id was derived from) is renamed to its number,
+    the document saying so; a file another LU of the target owns is never
+    taken, another target's never either, and two candidates are refused."""
+    from stml.lu import legacy_id
+
+    def put(path, target, lun):
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(json.dumps({"version": 1, "target": target, "lun": lun, "generation": 1,
+                                    "aptpl": True, "registrations": [], "reservation": None}))
+
+    ident = "ab" * 16
+    put(pr.state_path(tmp_path, T, 3, ident), T, 3)
+    assert pr.find_state(tmp_path, T, 5, ident, {pr.state_path(tmp_path, T, 3, ident)}) \
+        == pr.state_path(tmp_path, T, 5, ident)
+    assert sorted(p.name for p in (tmp_path / "pr").iterdir()) == [f"{ident}_3.json"]   # owned: not taken
+    got = pr.find_state(tmp_path, T, 5, ident)
+    assert got.name == f"{ident}_5.json" and json.loads(got.read_text())["lun"] == 5
+    assert sorted(p.name for p in (tmp_path / "pr").iterdir()) == [f"{ident}_5.json"]
+    old = legacy_id(T, 2)                    # a LUN served before ids: the legacy name
+    put(pr.state_path(tmp_path, T, 2), T, 2)
+    got = pr.find_state(tmp_path, T, 4, old)
+    assert got.name == f"{old}_4.json" and not pr.state_path(tmp_path, T, 2).exists()
+    other = "cd" * 16
+    put(pr.state_path(tmp_path, T, 1, other).with_name(f"{other}_1.json"), "iqn.2026-01.org.other:t", 1)
+    assert not pr.find_state(tmp_path, T, 6, other).exists()   # another target's: left alone
+    put(pr.state_path(tmp_path, T, 7, ident), T, 7)
+    put(pr.state_path(tmp_path, T, 8, ident), T, 8)
+    with pytest.raises(pr.PrStoreError, match=r"are in 3 files .*: move away all but the one of its LUN 9$"):
+        pr.find_state(tmp_path, T, 9, ident)
+
+
+def test_a_start_lists_the_reservation_files_once_for_all_its_lus(tmp_path, monkeypatch):
+    """StateFiles (0218): looking up many LUs without a file of their own
+    lists pr/ once, not once per LU; a file moved for one LU is not offered
+    to the next."""
+    import os as os_mod
+    listings = []
+    real = os_mod.listdir
+    monkeypatch.setattr(os_mod, "listdir", lambda d: (listings.append(d), real(d))[1])
+    ids = [f"{n:032x}" for n in range(1, 41)]
+    moved = pr.state_path(tmp_path, T, 0, ids[0])
+    moved.parent.mkdir()
+    moved.write_text(json.dumps({"version": 1, "target": T, "lun": 0, "generation": 1, "aptpl": True,
+                                 "registrations": [], "reservation": None}))
+    files = pr.StateFiles(tmp_path)
+    got = [pr.find_state(tmp_path, T, 100 + n, ident, (), files) for n, ident in enumerate(ids)]
+    assert len(listings) == 2   # one for the 40 lookups, one by the moved file's write (its stale temporaries)
+    assert [p.name for p in got if p.exists()] == [f"{ids[0]}_100.json"]
+    assert files.of(T, ids[0]) == [got[0]]

@@ -388,3 +388,48 @@ def test_an_offline_rbd_lun_shows_the_identity_its_image_had(cluster, image, tmp
             assert (c.inquiry(0, 0x83)[4:], c.inquiry(0, 0x80)[4:]) == (naa, serial)
     entry = tomllib.loads(cfg.read_text())["target"][0]["lun"][0]
     assert "id" not in entry and serial.decode() == entry["image_identity"][:16], entry
+
+
+@pytest.mark.parametrize("features, why", [
+    (None, "opening image {name}: No such file or directory"),
+    # krbd-era images: without the lock no gateway can serve them (0400)
+    ("layering", "image {name} has no exclusive-lock feature, which serving it needs: "
+                 "`rbd feature enable {image} exclusive-lock`"),
+])
+def test_a_first_start_on_an_image_that_cannot_open_is_one_line_and_exit_2(cluster, tmp_short, features, why):
+    """As for a file LUN (0272): `run --lun rbd:...` on an image it cannot
+    serve fails while the admin is at the terminal, and saves no config that
+    would serve it offline from then on."""
+    import subprocess
+    import sys
+    ddir = tmp_short()
+    name = f"t{uuid.uuid4().hex[:8]}"
+    image = f"{cluster.POOL}/{name}"
+    if features:
+        cluster.run("rbd", "create", "--size", "16M", "--image-feature", features, image)
+    p = subprocess.run([sys.executable, "-m", "scsi_target", "run", "--data-dir", str(ddir),
+                        "--lun", cluster.spec(image), "--portal", "127.0.0.1:0", "--cpu-affinity", "none"],
+                       capture_output=True, text=True, timeout=120)
+    assert (p.returncode, p.stdout) == (2, ""), p.stdout
+    assert p.stderr == f"scsi-target: target {IQN} LUN 0: rbd:{image}: {why.format(name=name, image=image)}\n"
+    assert not (ddir / "scsi-target.toml").exists()
+
+
+def test_an_image_served_before_is_never_made_again(cluster, tmp_short):
+    """0280 for images: a LUN whose `size` made its image at the first start
+    (or that `lun resize` gave a `size`) is served offline once the image is
+    gone, not given a blank image of that name."""
+    from fetd_loopback import LoopbackClient
+    ddir = str(tmp_short())
+    image = f"{cluster.POOL}/t{uuid.uuid4().hex[:8]}"
+    args = ("--no-iscsi", "--cpu-affinity", "none")
+    with Target(*args, "--lun", cluster.spec(image) + ",size=16MiB", data_dir=ddir, portals=(), expect_portals=0):
+        pass
+    assert image.split("/")[1] in cluster.run("rbd", "ls", cluster.POOL).split()   # the first start made it
+    cluster.run("rbd", "mv", image, f"{image}-away")
+    with Target(*args, data_dir=ddir, portals=(), expect_portals=0) as t:
+        t.wait_log("LUN 0 (rbd ")
+        with LoopbackClient(f"ipc://{ddir}/stml.sock", timeout=10) as c:
+            r = c.execute(0, bytes(6))
+            assert (r.sense_key, r.asc_ascq) == (0x02, (0x04, 0x03))   # offline
+    assert image.split("/")[1] not in cluster.run("rbd", "ls", cluster.POOL).split()

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from backends import rbd as R
-from backends.librbd import EBLOCKLISTED, CephError
+from backends.librbd import EBLOCKLISTED, FEATURE_EXCLUSIVE_LOCK, CephError
 
 
 def until(cond: Any) -> None:
@@ -70,6 +70,9 @@ class FakeImage:
 
     def image_id(self) -> str:
         return "fake"
+
+    def features(self) -> int:
+        return FEATURE_EXCLUSIVE_LOCK
 
     def watch_updates(self, cb: Any) -> None:
         self.watch = cb

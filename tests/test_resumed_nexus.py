@@ -3,8 +3,9 @@ docs/decisions/0247): the STML gives it POWER ON OCCURRED (06/29/01) on
 every LU of its target, through the bounded fan-out and before
 `nexus_ready`; a new nexus (no flag: every front end older than 1.9) gets
 none (0006). The link sets the flag only for a nexus it registered with
-another STML instance. In-process: an Emulator with a fake send, a
-FrontEndLink with a fake channel."""
+another STML instance. An I_T nexus this STML lost without its initiator
+asking hears I_T NEXUS LOSS OCCURRED (06/29/07) when it comes back (0234).
+In-process: an Emulator with a fake send, a FrontEndLink with a fake channel."""
 from __future__ import annotations
 
 import asyncio
@@ -17,11 +18,14 @@ from stml.api import FrontEndLink, Op, unpack
 from stml.api.link import nexus_registration
 from stml.emulator import Emulator, Target
 from stml.lu import LogicalUnit, LunOptions
+from stml.mgmt import Management
 
 T, OTHER = "iqn.2026-12.org.test:resumed", "iqn.2026-12.org.test:other"
 TUR = bytes(6)
 PREVENT = bytes([0x1E, 0, 0, 0, 1, 0])
 POWER_ON_OCCURRED = (0x06, 0x29, 0x01)
+NEXUS_LOSS = (0x06, 0x29, 0x07)
+RESERVE6, RELEASE6, RESERVATION_CONFLICT = bytes([0x16, 0, 0, 0, 0, 0]), bytes([0x17, 0, 0, 0, 0, 0]), (0x18,)
 
 
 def setup(sent: list, luns: int = 3) -> Emulator:
@@ -38,17 +42,21 @@ def setup(sent: list, luns: int = 3) -> Emulator:
     return emu
 
 
-def register(emu: Emulator, nexus: int, target: str = T, **extra) -> None:
-    emu.handle(b"fe", {**nexus_registration(nexus, f"iqn.2026-12.org.test:i{nexus},i,0x1", target, 1),
-                       **extra}, [])
+def register(emu: Emulator, nexus: int, target: str = T, ini: int | None = None, fe: bytes = b"fe",
+             **extra) -> None:
+    """Nexus `nexus` of front end `fe`, of initiator port i`ini` (default: i`nexus`)."""
+    port = f"iqn.2026-12.org.test:i{nexus if ini is None else ini},i,0x1"
+    emu.handle(fe, {**nexus_registration(nexus, port, target, 1), **extra}, [])
 
 
-def command(emu: Emulator, sent: list, nexus: int, lun: int, cdb: bytes = TUR) -> tuple[int, ...] | None:
-    """One command to its response: None for GOOD, else (key, ASC, ASCQ)."""
+def command(emu: Emulator, sent: list, nexus: int, lun: int, cdb: bytes = TUR,
+            fe: bytes = b"fe") -> tuple[int, ...] | None:
+    """One command to its response: None for GOOD, else (key, ASC, ASCQ),
+    or (status,) for a status without sense."""
     sent.clear()
 
     async def run() -> dict:
-        emu.handle(b"fe", {"op": Op.RX_CMND, "tag": 7, "nexus": nexus, "lun": lun, "cdb": cdb}, [])
+        emu.handle(fe, {"op": Op.RX_CMND, "tag": 7, "nexus": nexus, "lun": lun, "cdb": cdb}, [])
         while True:
             done = [h for h in sent if h["op"] == Op.XMIT_RESPONSE]
             if done:
@@ -57,8 +65,8 @@ def command(emu: Emulator, sent: list, nexus: int, lun: int, cdb: bytes = TUR) -
     resp = asyncio.run(run())
     if resp["status"] == 0:
         return None
-    s = resp["sense"]
-    return (s[2] & 0x0F, s[12], s[13])
+    s = resp.get("sense")
+    return (s[2] & 0x0F, s[12], s[13]) if s else (resp["status"],)
 
 
 def ready(sent: list) -> list[dict]:
@@ -207,7 +215,7 @@ def test_fetd_tcp_keeps_the_newest_held_nexuses_within_its_cap(monkeypatch):
     from fetd_tcp.session import Session, Tags
     monkeypatch.setattr(registry_mod, "MAX_HELD", 3)
     released: list[int] = []
-    link = SimpleNamespace(instance="old", scsi_release=released.append)
+    link = SimpleNamespace(instance="old", scsi_release=lambda nexus, lost=False: released.append(nexus))
     reg = registry_mod.SessionRegistry(link, Tags(), Limits())
 
     def sessions(first: int, count: int) -> None:
@@ -227,3 +235,98 @@ def test_fetd_tcp_keeps_the_newest_held_nexuses_within_its_cap(monkeypatch):
     asyncio.run(lose(3, 3))
     assert [k[0].split(",")[0][-1] for k in reg.held] == ["3", "4", "5"]
     assert set(reg.held.values()) == {"newer"} and reg.sessions == {}
+
+
+# ------------------------------------------------------------ I_T nexus loss (0234)
+
+def release(emu: Emulator, nexus: int, fe: bytes = b"fe", **extra) -> None:
+    emu.handle(fe, {"op": Op.RELEASE_NEXUS, "nexus": nexus, **extra}, [])
+
+
+def told_on_every_lu_once(emu: Emulator, sent: list, nexus: int, fe: bytes = b"fe") -> list:
+    """What each LU's first command on the nexus gets; every second one is GOOD."""
+    first = []
+    for lun in range(3):
+        first.append(command(emu, sent, nexus, lun, fe=fe))
+        assert command(emu, sent, nexus, lun, fe=fe) is None
+    return first
+
+
+def test_a_nexus_lost_unasked_hears_nexus_loss_once_on_every_lu_when_it_returns():
+    """Released `lost` (fetd_tcp: no Logout), the same I_T nexus registered
+    again under another id gets 06/29/07 on every LU, set before nexus_ready;
+    another nexus and a new one get nothing; its SPC-2 reservation is gone."""
+    sent: list = []
+    emu = setup(sent)
+    register(emu, 1)
+    register(emu, 2)
+    assert command(emu, sent, 1, 0, RESERVE6) is None
+    assert command(emu, sent, 2, 0, RESERVE6) == RESERVATION_CONFLICT
+    release(emu, 1, lost=True)
+    assert command(emu, sent, 2, 0, RESERVE6) is None     # RESERVE(6) went with the nexus
+    assert command(emu, sent, 2, 0, RELEASE6) is None
+    sent.clear()
+    register(emu, 3, ini=1)
+    assert ready(sent) == [{"op": Op.NEXUS_READY, "nexus": 3}]
+    assert not [h for h in sent if h["op"] == Op.REPORT_AEN]
+    assert told_on_every_lu_once(emu, sent, 3) == [NEXUS_LOSS] * 3
+    release(emu, 3)                                        # a Logout: nothing more
+    register(emu, 4, ini=1)
+    assert told_on_every_lu_once(emu, sent, 4) == [None] * 3
+    assert told_on_every_lu_once(emu, sent, 2) == [None] * 3
+    register(emu, 5)                                       # a new I_T nexus
+    assert told_on_every_lu_once(emu, sent, 5) == [None] * 3
+    register(emu, 6, OTHER, ini=1)                         # the same initiator port, another target
+    assert told_on_every_lu_once(emu, sent, 6) == [None] * 3
+
+
+def test_a_logout_or_a_goodbye_keeps_nothing_and_a_front_end_gone_loses_its_nexuses():
+    """A plain release (a Logout) and deregister remember nothing; a front
+    end whose connection ends (release_front_end), a nexus id registered
+    again and management's drop lose their I_T nexuses."""
+    sent: list = []
+    emu = setup(sent)
+    register(emu, 1)
+    release(emu, 1)
+    register(emu, 2, ini=1)
+    assert told_on_every_lu_once(emu, sent, 2) == [None] * 3
+    emu.handle(b"fe", {"op": Op.DEREGISTER}, [])
+    emu.handle(b"fe", {"op": Op.REGISTER, "version": [1, 10], "kind": "test", "name": "t",
+                       "heartbeat_ms": 1000}, [])
+    register(emu, 3, ini=1)
+    assert told_on_every_lu_once(emu, sent, 3) == [None] * 3
+    emu.release_front_end(emu.front_ends[b"fe"], "its connection closed")
+    emu.handle(b"fe2", {"op": Op.REGISTER, "version": [1, 10], "kind": "test", "name": "t2",
+                        "heartbeat_ms": 1000}, [])
+    register(emu, 3, ini=1, fe=b"fe2")
+    assert told_on_every_lu_once(emu, sent, 3, fe=b"fe2") == [NEXUS_LOSS] * 3
+    register(emu, 3, ini=1, fe=b"fe2")                     # the same id again: its state went
+    assert told_on_every_lu_once(emu, sent, 3, fe=b"fe2") == [NEXUS_LOSS] * 3
+    mgmt = Management(emu, None, gateway=None, metrics=None, portals=None,   # type: ignore[arg-type]
+                      endpoints=[], traces=None)   # type: ignore[arg-type]
+    asyncio.run(mgmt.session_drop(3))
+    register(emu, 4, ini=1, fe=b"fe2")
+    assert told_on_every_lu_once(emu, sent, 4, fe=b"fe2") == [NEXUS_LOSS] * 3
+
+
+def test_a_resumed_nexus_hears_power_on_not_nexus_loss_as_well():
+    sent: list = []
+    emu = setup(sent)
+    register(emu, 1)
+    release(emu, 1, lost=True)
+    register(emu, 2, ini=1, resumed=True)
+    assert told_on_every_lu_once(emu, sent, 2) == [POWER_ON_OCCURRED] * 3
+
+
+def test_the_lost_nexuses_a_target_remembers_are_bounded_oldest_forgotten(monkeypatch):
+    monkeypatch.setattr(emulator_mod, "MAX_LOST_PER_TARGET", 2)
+    sent: list = []
+    emu = setup(sent)
+    for n in (1, 2, 3):
+        register(emu, n)
+        release(emu, n, lost=True)
+    assert len(emu.targets[T].lost) == 2
+    for n in (1, 2, 3):
+        register(emu, 10 + n, ini=n)
+    assert [command(emu, sent, 10 + n, 0) for n in (1, 2, 3)] == [None, NEXUS_LOSS, NEXUS_LOSS]
+    assert emu.targets[T].lost == {}

@@ -258,6 +258,45 @@ def test_many_messages_in_one_iteration_leave_in_order_in_wire_format() -> None:
     run(main)
 
 
+def test_a_header_and_its_data_leave_in_wire_format_beside_a_region() -> None:
+    """Messages of two frames (a response and its read data) on a channel that
+    lends a region: data in ordinary memory (bytes, a bytearray's view) leaves
+    as the contract's frames; a view of a region slot as a reference to it."""
+    async def main() -> None:
+        a, b = pair()
+        region = SharedRegion(MiB)
+        tx = StreamChannel(a, Sink().on_message, lambda: None, region=region)
+        assert tx.offer_region()
+        b.setblocking(False)
+        got = bytearray()
+
+        def received(n: int) -> bool:
+            try:
+                got.extend(b.recv(1 << 20))
+            except BlockingIOError:
+                pass
+            return len(got) >= n
+
+        await wait_until(lambda: received(16), what="the region's control message")
+        del got[:16]
+        slot = region.get(4096)
+        assert slot is not None
+        plain = [[b"r1", bytes(range(200))], [b"r2", memoryview(bytearray(b"v" * 300))], [b"r3", b""]]
+        for m in plain:
+            tx.send(m)
+        tx.send([b"r4", slot])
+        lent = struct.pack("<3I", 2, 2, 0x80000000 | 4096) + b"r4"
+        expected = b"".join(wire(m) for m in plain) + lent
+        await wait_until(lambda: received(len(expected) + 8), what="all bytes")
+        assert bytes(got[:len(expected)]) == expected
+        offset, length = struct.unpack("<2I", got[len(expected):])
+        assert (offset, length) == (region.slots[id(slot.obj)], 4096)
+        tx.close()
+        b.close()
+
+    run(main)
+
+
 def test_messages_leave_a_batch_at_a_time_and_the_rest_when_the_loop_runs() -> None:
     """Up to BATCH messages wait for the loop; the BATCH-th sends them all at
     once (the peer starts on them while we queue more); what is left over

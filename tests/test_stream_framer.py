@@ -116,22 +116,26 @@ def test_framing_errors(bad: bytes, reason: str) -> None:
 
 
 def test_encode_lends_the_slots_of_its_region() -> None:
-    """encode() writes the documented format; a frame that is a view of a slot
-    someone holds becomes an (offset, length) reference, and the slot is
-    lent; a view of other memory is sent as it is."""
+    """encode() writes the documented format and counts its bytes; a frame
+    that is a view of a slot someone holds becomes an (offset, length)
+    reference, and the slot is lent; a view of other memory is sent as it is."""
     region = SharedRegion(1 << 20)
     first, second = region.get(100), region.get(BIG)
     assert first is not None and second is not None
     second[:100] = b"L" * 100
     other = memoryview(bytearray(b"o" * 10))
     msg = [b"head", second[:100], other, b"x"]
-    assert b"".join(bytes(b) for b in encode(msg, region)) == wire([b"head", (BIG, 100), b"o" * 10, b"x"])
+    parts, size = encode(msg, region)
+    want = wire([b"head", (BIG, 100), b"o" * 10, b"x"])
+    assert b"".join(bytes(b) for b in parts) == want and size == len(want)
     assert region.in_use() == 2
     region.release(second)
     assert region.in_use() == 2          # the peer still holds it
     region.give_back([BIG])
     assert region.in_use() == 1
-    assert b"".join(bytes(b) for b in encode([b"a", b"bc"])) == wire([b"a", b"bc"])
+    for plain in ([b"a", b"bc"], [b"a"], [b"a", b"bc", b"def"], [b"a", second[:3]]):
+        parts, size = encode(plain, None)
+        assert b"".join(bytes(b) for b in parts) == wire(plain) and size == len(wire(plain))
 
 
 def test_a_message_over_the_receivers_bound_is_refused_before_any_allocation() -> None:

@@ -412,7 +412,7 @@ def test_hostile_messages(stml, vhost, masters):
     m.sock.sendall(struct.pack("<3I", 1, 2, 0))
     with pytest.raises(ConnectionError):
         m.recv(GET_FEATURES)
-    fe.wait_for("VM disconnected")
+    fe.wait_for(f"the VM on {fe.socket_path} disconnected")
     m2 = masters(fe)
     m2.start()
     assert m2.run(m2.queues[2], inquiry(36), data_in=36).status == GOOD
@@ -526,6 +526,10 @@ def test_a_restarted_front_end_serves_a_new_vm_at_once(stml, vhost, masters):
     fe2 = vhost(stml.endpoint, sock=fe.socket_path)
     m2 = masters(fe2)
     m2.start()
+    # the same socket is the same initiator port: the nexus the killed front end
+    # held was lost, and its first command hears so (decisions/0234)
+    r = m2.run(m2.queues[2], TUR)
+    assert (r.sense[2] & 0x0F, r.sense[12], r.sense[13]) == (0x06, 0x29, 0x07), r.sense.hex()
     assert m2.run(m2.queues[2], read10(9, 1), data_in=512).data == blocks(9, 1)
 
 
@@ -540,6 +544,8 @@ def test_run_starts_a_vhost_front_end_beside_iscsi(tmp_short):
         while "fetd_vhost: attached to STML" not in t.log():
             assert time.monotonic() < deadline, t.log()
             time.sleep(0.05)
+        assert (f"vhost-user-scsi socket: {sock} (target {IQN}; this run only: a [[vhost]] table serves it "
+                "at every start)") in t.log()
         m = VhostMaster(sock)
         try:
             m.start()
@@ -553,7 +559,8 @@ def test_run_starts_a_vhost_front_end_beside_iscsi(tmp_short):
 
 @pytest.mark.parametrize("flag, message", [
     ("/tmp/x.sock,target=iqn.2026-11.org.nowhere:t", "no target iqn.2026-11.org.nowhere:t"),
-    ("/tmp/x.sock,colour=blue", "is not target=IQN or initiator=NAME"),
+    ("/tmp/x.sock,colour=blue", "is not target=IQN, initiator=NAME or group=GROUP"),
+    ("/tmp/x.sock,group=no-such-group-here", "vhost socket /tmp/x.sock: no group no-such-group-here"),
 ])
 def test_run_refuses_a_bad_vhost_flag(tmp_short, flag, message):
     import subprocess
@@ -577,6 +584,39 @@ def test_run_refuses_a_vhost_socket_when_there_is_no_target(tmp_short):
                         "the configuration has no target to serve\n")
 
 
+def test_config_check_refuses_the_vhost_table_run_refuses(tmp_short):
+    """`config check` validates what `run` reads, [[vhost]] included: it said
+    OK for a table that stopped the start."""
+    import subprocess
+    import sys
+    d = tmp_short()
+    cfg = d / "target.toml"
+    cfg.write_text(f'[[target]]\nname = "{IQN}"\n\n[[vhost]]\nsocket = "vm.sock"\ngroup = "no-such-group-here"\n')
+    p = subprocess.run([sys.executable, "-m", "scsi_target", "config", "check", "--config", str(cfg)],
+                       capture_output=True, text=True, timeout=60)
+    assert (p.returncode, p.stdout) == (2, "")
+    assert p.stderr == (f"scsi-target: config error: vhost socket {d / 'vm.sock'}: no group no-such-group-here\n")
+
+
+def test_a_target_the_stml_does_not_have_is_said_before_any_vm_connects(stml, tmp_short):
+    """`fetd-vhost --target` with a typo: said once it attaches, not only when a
+    VM connects and finds no disk."""
+    d = str(tmp_short())
+    sock = os.path.join(d, "vm.sock")
+    p = VhostProcess(stml.endpoint, sock, "iqn.2026-11.org.scsi-target:typo", d)
+    try:
+        p.wait_for("attached to STML")
+        deadline = time.monotonic() + 10
+        while "would see no disk" not in p.log():
+            assert time.monotonic() < deadline, p.log()
+            time.sleep(0.02)
+        assert p.log().count("ERROR") == 1
+        assert (f"the STML has no target iqn.2026-11.org.scsi-target:typo: a VM on {sock} would see no disk"
+                in p.log())
+    finally:
+        p.stop()
+
+
 def test_acl_keeps_a_vm_out_until_management_lets_it_in(stml_factory, tmp_short, vhost, masters):
     cfg = tmp_short() / "target.toml"
     cfg.write_text(f'[[target]]\nname = "{IQN}"\nacl = ["iqn.2026-11.org.example:someone-else"]\n'
@@ -588,8 +628,8 @@ def test_acl_keeps_a_vm_out_until_management_lets_it_in(stml_factory, tmp_short,
     q, evq = m.queues[2], m.queues[1]
     bufs = m.event_buffers(4)
     assert m.run(q, inquiry(36), data_in=36).response == BAD_TARGET
-    fe.wait_for("VM connected")
-    initiator = fe.output().split("VM connected (initiator ")[1].split(")")[0]
+    fe.wait_for("a VM connected")
+    initiator = fe.output().split("initiator ")[1].split(")")[0]
     MgmtClient(stml.endpoint).call("acl_add", initiator=initiator)
     (head, _), = evq.wait_used(1)
     assert m.read_event(bufs[head]) == (1, bytes([1, 0, 0, 0]) + bytes(4), 1)   # RESCAN the target
@@ -629,3 +669,33 @@ def test_the_socket_path_is_never_a_file_we_remove(stml, tmp_short):
                         "--stml", stml.endpoint], capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and "exists and is not a socket" in p.stderr
     assert path.read_text() == "keep me"
+
+
+def test_a_socket_given_to_a_group_is_0660_in_it(stml, tmp_short):
+    """QEMU under libvirt runs as a user of its own: `group` lets it in, and no one else."""
+    import grp
+
+    from support.ci import need_root
+    ours = [g for g in os.getgroups() if g != os.getgid()]    # a group we may chgrp to unprivileged
+    if not ours:
+        need_root("a socket given to a group we are not in")
+    other = grp.getgrgid(ours[0]) if ours else next(g for g in grp.getgrall() if g.gr_gid != os.getgid())
+    d = str(tmp_short())
+    p = VhostProcess(stml.endpoint, os.path.join(d, "vm.sock"), IQN, d, extra=("--group", other.gr_name))
+    try:
+        p.wait_for("listening on")
+        st = os.stat(p.socket_path)
+        assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o660, other.gr_gid)
+    finally:
+        p.stop()
+
+
+def test_a_socket_in_a_missing_directory_is_one_clear_line(stml, tmp_short):
+    import subprocess
+    import sys
+    path = tmp_short() / "scsi-target" / "vm1.sock"
+    p = subprocess.run([sys.executable, "-m", "fetd_vhost", "--socket", str(path), "--target", IQN,
+                        "--stml", stml.endpoint], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2
+    assert p.stderr.splitlines()[-1] == (f"scsi-target: fetd-vhost: cannot listen on {path}: "
+                                         f"its directory {path.parent} does not exist")

@@ -256,9 +256,11 @@ class FrontEndLink(TapPoint):
         one older than 1.9, None before any."""
         return self.detect_info.instance if self.detect_info is not None else None
 
-    def scsi_release(self, nexus: int) -> None:
+    def scsi_release(self, nexus: int, lost: bool = False) -> None:
+        """The nexus ended; `lost`: not by its initiator (1.10, decisions/0234)."""
         if self.nexuses.pop(nexus, None) is not None:
-            self._send({"op": _O.RELEASE_NEXUS, "nexus": nexus})
+            self._send({"op": _O.RELEASE_NEXUS, "nexus": nexus, "lost": True} if lost
+                       else {"op": _O.RELEASE_NEXUS, "nexus": nexus})
 
     def rx_cmnd(self, tag: int, nexus: int, lun: int, cdb: bytes, attr: int, direction: int,
                 length: int, unsol: int = 0, data: list | tuple = ()) -> None:

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Callable
 import msgspec
 import msgspec.structs
 
-CONTRACT_VERSION = (1, 9)
+CONTRACT_VERSION = (1, 10)
 # an iSCSI name is at most 223 bytes (RFC 7143 4.2.7.1): initiator and target names
 # in register_nexus are held to it (an initiator port name adds ",i,0x" and 12 hex digits)
 MAX_NAME_LEN = 223
@@ -397,13 +397,19 @@ MESSAGES: tuple[Message, ...] = (
                       "CLOCK_MONOTONIC, else the clock offset is estimated from heartbeats", False, (1, 7)),
             )),
     Message(Op.DEREGISTER, _TO, "front end",
-            "Orderly goodbye: the STML releases every nexus of this front end."),
+            "Orderly goodbye: the STML releases every nexus of this front end, as their "
+            "initiators chose (nothing is remembered: release them `lost` first to have them "
+            "told). A front end whose connection ends, or that goes silent, loses them "
+            "(decisions/0234)."),
     Message(Op.REGISTER_NEXUS, _TO, "front end",
             "A new I_T nexus (iSCSI: a session). Answered by `nexus_ready`. A target name "
             "over 223 bytes (MAX_NAME_LEN), or an initiator over MAX_PORT_NAME_LEN, is refused; so "
             "is an initiator the target's ACL does not name (whatever the front end checked), a tpg "
             "outside 0..65535, and one past the STML's caps (nexuses per front end and per target: "
-            "docs/decisions/0263).", (
+            "docs/decisions/0263). The same I_T nexus lost before (`scsi_release` `lost`, a "
+            "front end gone without `deregister`, management's ends) hears I_T NEXUS LOSS "
+            "OCCURRED on every LU of the target, set before `nexus_ready` (1.10, "
+            "decisions/0234).", (
                 _NEXUS,
                 Field("initiator", STR, "the initiator port (iSCSI: \"IQN,i,0xISID\")"),
                 Field("target", STR, "a target `detect` listed"),
@@ -415,8 +421,15 @@ MESSAGES: tuple[Message, ...] = (
                       "no unit attention (0006)", False, (1, 9)),
             )),
     Message(Op.RELEASE_NEXUS, _TO, "front end",
-            "The nexus is gone: the STML frees its state and aborts its tasks (I_T nexus loss).",
-            (_NEXUS,)),
+            "The nexus is gone: the STML frees its state and aborts its tasks (I_T nexus loss).", (
+                _NEXUS,
+                Field("lost", BOOL, "its initiator did not end it (iSCSI: a connection failed at "
+                      "ERL 0, a login reinstated the session, Time2Retain ran out, the front end "
+                      "stopped): the STML remembers the I_T nexus, and it hears I_T NEXUS LOSS "
+                      "OCCURRED on every LU of its target when registered again (decisions/0234); "
+                      "absent or false: its initiator ended it (a Logout), nothing is kept", False,
+                      (1, 10)),
+            )),
     Message(Op.RX_CMND, _TO, "front end",
             "A new SCSI command. A header that names a command (tag, nexus, cdb) but has a bad "
             "count field, or an attr that is no TaskAttr, is answered with CHECK CONDITION (lun: "

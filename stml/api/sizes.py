@@ -19,3 +19,9 @@ BIG_FRAME = 64 << 10
 # is refused). Past max_transfer + FRAME_ROOM, ZeroMQ disconnects the peer before
 # the frame is buffered (MAXMSGSIZE, stml.server); a header is far smaller.
 FRAME_ROOM = 1 << 20
+
+# Frames in one message, on either carrier: a stream message (its count field)
+# and a ZeroMQ message, a batch with its header included (the ZeroMQ carrier
+# splits its batches to fit). MAXMSGSIZE bounds a ZeroMQ frame, not how many
+# come in one message: past this a message is dropped as it is received (0226).
+MAX_FRAMES = 4096

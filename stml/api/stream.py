@@ -14,7 +14,7 @@ import time
 from typing import Any, Callable, Final, NamedTuple
 
 from stml.api.shm import BufferPool, SharedRegion
-from stml.api.sizes import BIG_FRAME
+from stml.api.sizes import BIG_FRAME, MAX_FRAMES
 
 log = logging.getLogger("stml.api")
 
@@ -41,9 +41,9 @@ _IOV_MAX = 1024
 _U32 = struct.Struct("<I")
 _REF = struct.Struct("<2I")      # a shared frame on the wire: offset, length
 _ONE_FRAME = struct.Struct("<2I")   # a message of one frame: count, length
+_TWO_FRAMES = struct.Struct("<3I")  # of two: count, lengths
 _SHARED = 0x80000000   # a frame length with this bit: the frame is (offset, length) in the shared region
 CONTROL_REGION, CONTROL_FREE = 1, 2
-MAX_FRAMES = 4096
 # How long what is handed back (slots, delivered responses) may wait for a
 # message to ride on before it leaves on its own. Under load the next message
 # comes first; a timer that fires anyway wakes a process that would have slept:
@@ -84,27 +84,43 @@ class Control(NamedTuple):
     values: tuple[int, ...]
 
 
-def encode(frames: list, region: SharedRegion | None = None) -> list:
+def encode(frames: list, region: SharedRegion | None = None) -> tuple[list, int]:
     """One message as buffers to send: u32 frame count, u32 lengths, the
-    frames. A frame that is a view of a slot of our shared `region` is lent
-    to the peer and sent as (offset, length), a reference."""
-    if len(frames) == 1:   # a header alone (most messages to the STML): no lengths to gather
+    frames; and how many bytes they are. A frame that is a view of a slot of
+    our shared `region` is lent to the peer and sent as (offset, length), a
+    reference."""
+    count = len(frames)
+    if count == 1:   # a header alone (most messages to the STML): no lengths to gather
         header = frames[0]
-        return [_ONE_FRAME.pack(1, len(header)), header]
-    if region is not None:
-        lengths, wire = [], []
-        slots = region.slots
-        for f in frames:
-            # (the test inline, the call only for a slot: per message)
-            ref = region.lend_slot(f) if type(f) is memoryview and id(f.obj) in slots else None
-            if ref is not None:
-                lengths.append(_SHARED | ref[1])
-                wire.append(_REF.pack(*ref))
-            else:
-                lengths.append(len(f))
-                wire.append(f)
-        return [_u32s(len(wire) + 1).pack(len(wire), *lengths), *wire]
-    return [_u32s(len(frames) + 1).pack(len(frames), *map(len, frames)), *frames]
+        size = len(header)
+        return [_ONE_FRAME.pack(1, size), header], 8 + size
+    if count == 2:   # a header and its data (a response): nothing lent, no lists gathered
+        data = frames[1]
+        if region is None or type(data) is not memoryview or id(data.obj) not in region.slots:
+            header = frames[0]
+            size, more = len(header), len(data)
+            return [_TWO_FRAMES.pack(2, size, more), header, data], 12 + size + more
+    lengths, wire = [], []
+    total = 4 + 4 * count
+    for f in frames:
+        # (the test inline, the call only for a slot: per message)
+        ref = region.lend_slot(f) if region is not None and type(f) is memoryview \
+            and id(f.obj) in region.slots else None
+        if ref is not None:
+            lengths.append(_SHARED | ref[1])
+            wire.append(_REF.pack(*ref))
+            total += _REF.size
+        else:
+            size = len(f)
+            lengths.append(size)
+            wire.append(f)
+            total += size
+    return [_lengths(count + 1).pack(count, *lengths), *wire], total
+
+
+def _lengths(count: int) -> struct.Struct:
+    """The Struct of a message's frame count and lengths."""
+    return _U32S[count] if count < len(_U32S) else _u32s(count)
 
 
 def encode_control(kind: int, values: tuple[int, ...] | list[int]) -> bytes:
@@ -202,8 +218,7 @@ class StreamFramer:
                     raise FramingError(f"a message of {count} frames")
                 if avail < 4 + 4 * count:
                     return None
-                lengths: tuple[int, ...] = (
-                    _U32S[count] if count < len(_U32S) else _u32s(count)).unpack_from(buf, start + 4)
+                lengths: tuple[int, ...] = _lengths(count).unpack_from(buf, start + 4)
                 start += 4 + 4 * count
                 avail -= 4 + 4 * count
                 total = biggest = 0
@@ -357,6 +372,7 @@ class StreamChannel:
         self._loop = asyncio.get_running_loop()
         self._fd = sock.fileno()
         self._out: list = []
+        self._out_bytes = 0            # what _out holds, in bytes (flush's sendmsg took all of it?)
         self._queued = 0               # messages in _out
         self._flush_scheduled = False
         self._waiting = False          # the socket is full: its writability resumes the flush
@@ -376,6 +392,7 @@ class StreamChannel:
             return False
         self._region_msg = encode_control(CONTROL_REGION, (self.region.size,))
         self._out.append(self._region_msg)
+        self._out_bytes += len(self._region_msg)
         self.region_offered = True
         if not self._flush_scheduled and not self._waiting and not self._dispatching:
             self._flush_scheduled = True
@@ -389,7 +406,9 @@ class StreamChannel:
         if (tapped and self.outbound is not None and not self.outbound(frames)) or self.closed:
             return
         region = self.region
-        self._out += encode(frames, region if self.region_offered else None)
+        parts, size = encode(frames, region if self.region_offered else None)
+        self._out += parts
+        self._out_bytes += size
         self._queued += 1
         if self._queued >= self.BATCH and not self._waiting:
             self.flush(inline=True)
@@ -406,21 +425,25 @@ class StreamChannel:
         self._queued = 0
         out = self._out
         if self._freed:
-            out.append(encode_control(CONTROL_FREE, self._freed))
+            freed = encode_control(CONTROL_FREE, self._freed)
+            out.append(freed)
+            self._out_bytes += len(freed)
             self._freed.clear()
         while out and not self.closed:
             try:
-                chunk = out[:_IOV_MAX]
+                whole = len(out) <= _IOV_MAX and self._region_msg is None
+                chunk = out if whole else out[:_IOV_MAX]
                 if self._region_msg is not None:
                     cut = self._region_chunk(chunk)
                     if cut is None:
                         continue
                     chunk = cut
                 n = self.sock.sendmsg(chunk)
-                if n == sum(map(len, chunk)):   # all of it (the usual case): no walk in Python
-                    del out[:len(chunk)]
+                if whole and n == self._out_bytes:   # all of it (the usual case): no walk
+                    out.clear()
                 else:
                     _consume(out, n)
+                self._out_bytes -= n
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:
@@ -448,6 +471,7 @@ class StreamChannel:
         self._region_msg = None
         region.close()
         _consume(self._out, n)
+        self._out_bytes -= n
         return None
 
     def _on_readable(self) -> None:
@@ -586,6 +610,7 @@ class StreamChannel:
             self._loop.remove_writer(self._fd)
         self.sock.close()
         self._out.clear()
+        self._out_bytes = 0
         self._freed.clear()
         if self._free_timer is not None:
             self._free_timer.cancel()

@@ -9,6 +9,7 @@ from typing import Any, Callable
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
+from stml.api import sizes
 from stml.api.messages import Op, pack, unpack
 from stml.api.sizes import BIG_FRAME
 
@@ -44,6 +45,8 @@ class Channel:
         self._monitor: zmq.Socket | None = None   # watch_connections
         self._on_closed: Callable[[int], None] | None = None
         self.closed = False   # callbacks already queued (the first drain, a flush) then do nothing
+        # a message of too many frames being let go: [frames so far, its sender]
+        self._dropping: list | None = None
         self._loop.add_reader(self._fd, self._drain)
         self._loop.call_soon(self._drain)
 
@@ -69,14 +72,48 @@ class Channel:
     def _send_out(self) -> None:
         out, self._out = self._out, {}
         for peer, msgs in out.items():
-            if len(msgs) == 1:
-                frames = msgs[0]
-            else:
-                frames = [pack({"op": Op.BATCH, "n": [len(m) for m in msgs]})]
-                for m in msgs:
-                    frames += m
-            copy = all(len(f) < self.ZERO_COPY for f in frames)
-            self.sock.send_multipart([peer, *frames] if self.routed else frames, copy=copy)
+            for frames in _batches(msgs):
+                copy = all(len(f) < self.ZERO_COPY for f in frames)
+                self.sock.send_multipart([peer, *frames] if self.routed else frames, copy=copy)
+
+    def _receive(self) -> list[zmq.Frame] | None:
+        """The next message's frames (zmq.Again when there is none), or None
+        for none to deliver: on a routed socket (the STML's, which any front
+        end or manager may reach), a message of more than MAX_FRAMES frames
+        (the identity frame aside) is let go frame by frame, at most
+        MAX_FRAMES a turn of the loop, as it is received. MAXMSGSIZE bounds a
+        frame, not their number (0226). A front end's socket reaches only the
+        STML it chose, which may be older than the cap and send bigger
+        batches: it takes every message whole."""
+        sock = self.sock
+        if self._dropping:
+            self._drop()
+            return None
+        most = sizes.MAX_FRAMES + 1 if self.routed else 0
+        raw = [sock.recv(zmq.NOBLOCK, copy=False)]
+        while raw[-1].more:
+            if len(raw) == most:
+                self._dropping = [most, raw[0].bytes.hex() if self.routed else "the peer"]
+                self._drop()
+                return None
+            raw.append(sock.recv(copy=False))
+        return raw
+
+    def _drop(self) -> None:
+        """Let go of up to MAX_FRAMES more frames of the message being dropped
+        (ZeroMQ has it whole: every part is there to receive); the rest, if
+        any, on the next turn of the loop."""
+        dropping = self._dropping
+        assert dropping is not None
+        for _ in range(sizes.MAX_FRAMES):
+            dropping[0] += 1
+            if not self.sock.recv(copy=False).more:
+                self._dropping = None
+                log.warning("dropped a ZeroMQ message of %d frames from %s: at most %d make one message",
+                            dropping[0], dropping[1], sizes.MAX_FRAMES)
+                return None
+        self._loop.call_soon(self._drain)
+        raise zmq.Again   # the drain ends here for this turn
 
     def _drain(self) -> None:
         if self.closed:
@@ -86,9 +123,11 @@ class Channel:
         # (closed: a message handled below may close the channel, e.g. a standby's detect)
         while not self.closed and sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # type: ignore[operator, arg-type]
             try:
-                raw = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                raw = self._receive()
             except zmq.Again:
                 return
+            if raw is None:
+                continue
             # memoryviews; a routed socket's frame 0 becomes the peer's identity (bytes)
             frames: list[Any] = [f.buffer for f in raw]
             if self.routed:
@@ -195,6 +234,35 @@ class Channel:
             self._monitor.close(linger=0)
             self._monitor = None
         self.sock.close(linger=linger_ms)
+
+
+def _batches(msgs: list[list]) -> list[list]:
+    """The messages queued for one peer as ZeroMQ messages: one alone as it
+    is, several behind a batch header, each batch of at most MAX_FRAMES
+    frames with its header (what a receiver takes, 0226)."""
+    if len(msgs) == 1:
+        return msgs
+    out: list[list] = []
+    group: list[list] = []
+    size = 1
+    for m in msgs:
+        if group and size + len(m) > sizes.MAX_FRAMES:
+            out.append(_batch(group))
+            group, size = [], 1
+        group.append(m)
+        size += len(m)
+    out.append(_batch(group))
+    return out
+
+
+def _batch(group: list[list]) -> list:
+    """Messages as one ZeroMQ message: a batch header, then their frames."""
+    if len(group) == 1:
+        return group[0]
+    frames = [pack({"op": Op.BATCH, "n": [len(m) for m in group]})]
+    for m in group:
+        frames += m
+    return frames
 
 
 _BATCH_PREFIX = pack({"op": Op.BATCH})[1:]  # the map body, without its size byte

@@ -98,6 +98,7 @@ KIND_OF_MODULE = {
     "test_spi_e2e.py": "process",
     "test_sticky_sync.py": "unit",
     "test_stml_hot_path.py": "unit",
+    "test_nexus_loss_ua.py": "process",
     "test_stml_restart_ua.py": "process",
     "test_stream_channel.py": "unit",
     "test_stream_framer.py": "unit",
@@ -121,6 +122,7 @@ KIND_OF_MODULE = {
 KIND_OF_TEST = {
     "test_accel.py::test_a_stale_build_asked_for_refuses_to_start_in_one_line": "process",
     "test_accel.py::test_the_hot_path_tests_pass_against_the_compiled_build": "process",
+    "test_host_storage.py::test_a_file_serves_one_target_at_a_time": "process",   # no root: a regular file
     "test_save_at_stop.py::test_an_stml_whose_config_save_hangs_still_stops": "process",
     "test_bounded_pr.py::test_aptpl_saves_run_in_their_thread_and_coalesce": "unit",
     "test_bounded_pr.py::test_pr_effects_match_registrations_to_sessions_by_name": "unit",
@@ -166,6 +168,8 @@ KIND_OF_TEST = {
     "test_metrics.py::test_status_counters_and_prometheus": "process",
     "test_mgmt.py::test_a_result_the_codec_cannot_pack_is_answered_with_an_error": "unit",
     "test_mgmt.py::test_session_drop_looks_its_nexus_up_instead_of_walking_every_session": "unit",
+    "test_nexus_caps.py::test_a_zeromq_message_of_too_many_frames_is_dropped_in_steps": "unit",
+    "test_nexus_caps.py::test_a_front_ends_channel_takes_a_big_batch_from_its_stml_whole": "unit",
     "test_nexus_caps.py::test_front_end_past_its_nexus_cap_is_refused": "unit",
     "test_nexus_caps.py::test_port_groups_are_capped_and_16_bit": "unit",
     "test_nexus_caps.py::test_target_past_its_nexus_cap_is_refused": "unit",
