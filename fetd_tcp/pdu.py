@@ -24,7 +24,7 @@ from stml.api.sizes import BIG_FRAME
 # name up in the module's dict per use; struct's results declared int: native arithmetic)
 BHS_LEN: Final = 48
 RESERVED_TAG: Final = 0xFFFFFFFF
-LUN0 = bytes(8)
+LUN0: Final = bytes(8)
 
 # Reject reasons (§11.17.1).
 REJECT_DATA_DIGEST_ERROR: Final = 0x02
@@ -344,18 +344,27 @@ class ScsiCommand(NamedTuple):
 
     @staticmethod
     def decode(header: Buf, ahs: Buf) -> ScsiCommand:
-        b0: int
-        b1: int
-        w: int
-        b0, b1, w, lun, itt, edtl, cmd_sn, exp_stat_sn, cdb = _CMD_UNPACK(header)
-        bidi = None
-        if ahs:
-            ext, bidi = _parse_ahs(ahs)
-            cdb += ext
-        # every field is given, so the NamedTuple's Python-level __new__ can be skipped (per command)
-        return new_pdu(ScsiCommand, (itt, lun, cdb, edtl, cmd_sn, exp_stat_sn, (b1 & 0x40) != 0,
-                                  (b1 & 0x20) != 0, b1 & 0x07, (b1 & _F) != 0, (b0 & _I) != 0, bidi,
-                                  w & 0xFFFFFF))
+        return _decode_scsi_command(header, ahs)
+
+
+# (Final: compiled, a static instead of a lookup in the module's dict, per command)
+SCSI_COMMAND_TYPE: Final = ScsiCommand
+
+
+def _decode_scsi_command(header: Buf, ahs: Buf = b"") -> ScsiCommand:
+    """ScsiCommand.decode (a module function: the framer calls it directly, per command)."""
+    b0: int
+    b1: int
+    w: int
+    b0, b1, w, lun, itt, edtl, cmd_sn, exp_stat_sn, cdb = _CMD_UNPACK(header)
+    bidi = None
+    if ahs:
+        ext, bidi = _parse_ahs(ahs)
+        cdb += ext
+    # every field is given, so the NamedTuple's Python-level __new__ can be skipped (per command)
+    return new_pdu(SCSI_COMMAND_TYPE, (itt, lun, cdb, edtl, cmd_sn, exp_stat_sn, (b1 & 0x40) != 0,
+                                       (b1 & 0x20) != 0, b1 & 0x07, (b1 & _F) != 0, (b0 & _I) != 0,
+                                       bidi, w & 0xFFFFFF))
 
 
 TASK_MGMT_REQUEST: Final = 0x02
@@ -812,6 +821,29 @@ class Reject(NamedTuple):
         return Reject(g[2], g[8], g[9], g[10], g[11], g[4] & 0xFFFFFF)
 
 
+# --- the two headers nearly every command is answered with ------------------
+# DataIn(...).encode() and ScsiResponse(...).encode() for the common case, from
+# the fields alone: no PDU tuple built and unpacked again, no method looked up
+# (per command; a test checks the bytes are the same)
+
+def encode_data_in_status(itt: int, data_sn: int, exp_cmd_sn: int, max_cmd_sn: int, status: int,
+                          stat_sn: int, residual_count: int, overflow: bool, underflow: bool,
+                          lun: bytes, data_length: int) -> bytes:
+    """A read's one Data-In with its status: F and S set, offset 0, no A bit."""
+    b1 = _F | 0x01 | (0x04 if overflow else 0) | (0x02 if underflow else 0)
+    return _GEN_PACK(DATA_IN, b1, 0, status, _word1(0, data_length), lun, itt, RESERVED_TAG,
+                     stat_sn, exp_cmd_sn, max_cmd_sn, data_sn, 0, residual_count)
+
+
+def encode_scsi_status(itt: int, status: int, stat_sn: int, exp_cmd_sn: int, max_cmd_sn: int,
+                       exp_data_sn: int, residual_count: int, overflow: bool,
+                       underflow: bool) -> bytes:
+    """A SCSI Response without sense data (response 0, no bidirectional residual)."""
+    b1 = _F | (0x04 if overflow else 0) | (0x02 if underflow else 0)
+    return _GEN_PACK(SCSI_RESPONSE, b1, 0, status, 0, LUN0, itt, 0, stat_sn, exp_cmd_sn,
+                     max_cmd_sn, exp_data_sn, 0, residual_count)
+
+
 # the table's lookups (decode_pdu, session and test code use these)
 OPCODES: dict[type, int] = {t.cls: t.opcode for t in PDU_TYPES.values()}   # what encode() writes
 _DECODERS: Final = {t.opcode: t.decode for t in PDU_TYPES.values()}
@@ -1058,6 +1090,8 @@ class PduFramer:
         # decode_pdu without its call: its length checks hold by construction here (a
         # 48-byte BHS, the AHS TotalAHSLength says); decode_pdu itself raises the rest
         opcode = header[0] & _OPMASK
+        if opcode == SCSI_COMMAND and not ahs:   # the usual PDU: a direct call, not the table's
+            return _decode_scsi_command(header), data, header
         dec = _DECODERS.get(opcode)
         if dec is None or (ahs and opcode not in _TAKES_AHS):
             return decode_pdu(header, ahs), data, header

@@ -98,10 +98,12 @@ class IscsiFrontEnd:
             task.conn.rdy_to_xfer(task, offset, length)
 
     def xmit_response(self, tag: int, status: int, sense: bytes | None, resid: int, data: list) -> None:
-        task = self.tags.tasks.pop(tag, None)
+        tasks = self.tags.tasks
+        task = tasks.get(tag)   # (get and del: pop(tag, None) is a generic method call, per command)
         if task is None:
             self.link.scsi_target_done([tag])   # nobody to send it to: the data is free now
             return
+        del tasks[tag]
         buf: bytes | memoryview | None = None
         if len(data) == 1:
             buf = data[0]

@@ -18,7 +18,8 @@ from typing import Any, Callable, Final, Protocol
 
 from fetd_tcp import pdu as P
 # (by name, for the per-command path: the compiled build reads P.x as an attribute of a module)
-from fetd_tcp.pdu import DataIn, new_pdu
+from fetd_tcp.pdu import (SCSI_COMMAND_TYPE, DataIn, encode_data_in_status, encode_scsi_status,
+                          new_pdu)
 from fetd_tcp import budget as B
 from fetd_tcp.budget import Account, Grant, unlimited
 from fetd_tcp.keys import ConnectionParams, SessionParams
@@ -215,9 +216,20 @@ class Connection:
         self.session = session
         self.cid = cid
         self.params = params
+        # what every command reads of the negotiation (fetd_tcp.keys is not compiled: each
+        # read of its dataclasses is a generic attribute lookup): the largest Data-In
+        # segment, MaxBurstLength, and the largest immediate data (0: none allowed)
+        sp = session.params
+        self.seg_max = params.max_send_data_segment_length
+        self.burst = sp.max_burst_length
+        self.immediate_max = (min(params.max_recv_data_segment_length, sp.first_burst_length)
+                              if sp.immediate_data else 0)
         self.stat_sn = stat_sn
         self.out = out
         self.send = out      # output as it is (self.out may keep what it sends first)
+        # output that takes a header already encoded (PduWriter.encoded): the usual
+        # response is packed from its fields, without a PDU tuple (per command)
+        self.encoded: Callable[[bytes, bytes | memoryview], None] | None = getattr(out, "encoded", None)
         self.link = link
         self.tags = tags
         self.close = close
@@ -344,14 +356,18 @@ class Connection:
     def receive(self, pdu: Any, data: bytes | memoryview) -> None:
         """One PDU from the initiator. Raises P.PDUError for a protocol error
         the caller answers with Reject (the PDU is otherwise ignored)."""
-        handler = self._dispatch.get(type(pdu))
-        if handler is None:
+        command = type(pdu) is SCSI_COMMAND_TYPE   # the usual PDU: called directly, not by the table
+        handler = None if command else self._dispatch.get(type(pdu))
+        if handler is None and not command:
             raise P.PDUError(f"{type(pdu).__name__} not allowed in full feature phase",
                              P.REJECT_PROTOCOL_ERROR)
         if self.erl:
             self.bad_headers = 0
             self.acknowledge(pdu.exp_stat_sn)
-        handler(pdu, data)
+        if handler is None:
+            self._ordered(pdu, data)
+        else:
+            handler(pdu, data)
 
     def _ordered(self, pdu: Any, data: Any) -> None:
         """Deliver non-immediate PDUs in CmdSN order; immediate ones at once."""
@@ -363,7 +379,10 @@ class Connection:
         # within MaxCmdSN as last advertised (it never goes back: no need to compute it again)
         if sn == s.exp_cmd_sn and ((s.last_max - sn) % SN_MOD < (1 << 31) or sn_le(sn, s.max_cmd_sn)):
             s.exp_cmd_sn = (sn + 1) % SN_MOD
-            self._run[type(pdu)](pdu, data)
+            if type(pdu) is SCSI_COMMAND_TYPE:   # (as in receive)
+                self._scsi_command(pdu, data)
+            else:
+                self._run[type(pdu)](pdu, data)
             while s.queued and s.exp_cmd_sn in s.queued:
                 conn, qpdu, qdata = s.queued.pop(s.exp_cmd_sn)
                 s.exp_cmd_sn = (s.exp_cmd_sn + 1) % SN_MOD
@@ -419,21 +438,18 @@ class Connection:
         if itt in s.itts:
             self.reject(P.REJECT_TASK_IN_PROGRESS, cmd.encode())
             return
-        sp = s.params
-        if n and (n > self.params.max_recv_data_segment_length or not write
-                  or not sp.immediate_data or n > edtl or n > sp.first_burst_length):
+        if n and (n > self.immediate_max or not write or n > edtl):
             self.reject(P.REJECT_PROTOCOL_ERROR, cmd.encode())
             return
         unsol = n
-        if write and not final and not sp.initial_r2t:
-            unsol = min(sp.first_burst_length, edtl)
+        if write and not final and not s.params.initial_r2t:
+            unsol = min(s.params.first_burst_length, edtl)
         need = read_held = 0
         account = self.account
         if read and edtl:
             # its data (min() costs a builtin call: per command), a header per Data-In, a status
             need = edtl if edtl < s.max_transfer else s.max_transfer
-            need += (need // self.params.max_send_data_segment_length
-                     + need // sp.max_burst_length + 2) * _PDU_OVERHEAD
+            need += (need // self.seg_max + need // self.burst + 2) * _PDU_OVERHEAD
             kinds = account.kinds
             read_held = kinds[B.READ] + kinds[B.OUT]   # reserved, and output not yet sent
         if ((write and immediate and self.write_held >= self.write_limit)
@@ -602,7 +618,7 @@ class Connection:
         if task.grant is not None:
             return     # not yet granted: _granted sends them
         limit = self.session.params.max_outstanding_r2t
-        mbl = self.session.params.max_burst_length
+        mbl = self.burst
         while task.bursts and len(task.r2ts) < limit:
             first = task.bursts[0]
             start = first[0]
@@ -670,7 +686,9 @@ class Connection:
         output (until the socket takes it) before its reservation goes. A
         memoryview of the data is made only to cut it into several Data-In."""
         s = self.session
-        s.itts.pop(task.itt, None)
+        itts = s.itts
+        if task.itt in itts:   # (pop(itt, None) is a generic method call: per command)
+            del itts[task.itt]
         if self.erl:
             self._respond_keeping(task, status, sense, resid, data)
             return
@@ -688,20 +706,30 @@ class Connection:
         if n:
             assert data is not None   # n is its length
             collapse = status == 0 and not sense
-            if collapse and n <= self.params.max_send_data_segment_length \
-                    and n <= s.params.max_burst_length:
+            if collapse and n <= self.seg_max and n <= self.burst:
                 # the usual small read: one Data-In with the status, as _data_in sends
                 # it, without its call, loop and cases (per command)
                 sn = self.stat_sn
                 self.stat_sn = (sn + 1) % SN_MOD
-                self.send(new_pdu(DataIn, (task.itt, task.data_sn, 0, s.exp_cmd_sn, s.max_cmd_sn,
-                                           True, status, sn, count, over, under, False,
-                                           P.RESERVED_TAG, task.lun, n)), data)
+                encoded = self.encoded
+                if encoded is not None:
+                    encoded(encode_data_in_status(task.itt, task.data_sn, s.exp_cmd_sn, s.max_cmd_sn,
+                                                  status, sn, count, over, under, task.lun, n), data)
+                else:
+                    self.send(new_pdu(DataIn, (task.itt, task.data_sn, 0, s.exp_cmd_sn, s.max_cmd_sn,
+                                               True, status, sn, count, over, under, False,
+                                               P.RESERVED_TAG, task.lun, n)), data)
                 task.data_sn += 1
                 return
             self._data_in(task, memoryview(data), status if collapse else None, count, over, under)
             if collapse:
                 return
+        encoded = self.encoded
+        if not sense and encoded is not None:   # the usual status alone (a write's)
+            encoded(encode_scsi_status(task.itt, status, self._next_stat_sn(), s.exp_cmd_sn,
+                                       s.max_cmd_sn, task.data_sn + task.r2t_sn, count, over,
+                                       under), b"")
+            return
         seg = P.sense_segment(sense) if sense else b""
         # every field, in order (P.new_pdu: no Python-level __new__, per command):
         # response 0, ExpDataSN, residual, no bidi residual, SNACK Tag 0, DataSegmentLength
@@ -756,8 +784,7 @@ class Connection:
         the last one. Nothing here moves ExpCmdSN or MaxCmdSN, so they are
         read once."""
         s = self.session
-        seg_max = self.params.max_send_data_segment_length
-        burst = s.params.max_burst_length
+        seg_max, burst = self.seg_max, self.burst
         itt, lun, exp, mx = task.itt, task.lun, s.exp_cmd_sn, s.max_cmd_sn
         total = len(data)
         offset = 0
@@ -1036,7 +1063,7 @@ class Connection:
         body = self.text_out
         assert body is not None   # callers check
         start = self.text_pos
-        chunk = body[start:start + self.params.max_send_data_segment_length]
+        chunk = body[start:start + self.seg_max]
         self.text_pos = start + len(chunk)
         more = self.text_pos < len(body)
         ttt = P.RESERVED_TAG
@@ -1134,8 +1161,7 @@ class Connection:
         assert task.rdata is not None and task.status is not None
         s = self.session
         data = memoryview(task.rdata)
-        seg_max = self.params.max_send_data_segment_length
-        burst = s.params.max_burst_length
+        seg_max, burst = self.seg_max, self.burst
         total, offset, dsn = len(data), 0, 0
         exp, mx = self._sns()
         while offset < total and dsn < stop:

@@ -4,7 +4,6 @@ writer that sends each loop turn's PDUs in one writev."""
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import os
 import time
@@ -114,13 +113,12 @@ class ConnectionProtocol(asyncio.BufferedProtocol):
     def _run(self, feed: Iterator | None = None) -> None:
         """Handle every complete PDU the framer holds (or `feed` yields), in
         order, until the connection closes or its output backs up."""
-        conn, transport = self.conn, self.transport
-        source = self.framer.next if feed is None else functools.partial(next, feed, None)
+        conn, transport, framer = self.conn, self.transport, self.framer
         handled = False
         try:
             while not conn.closing and not transport.is_closing():
                 try:
-                    item = source()
+                    item = framer.next() if feed is None else next(feed, None)
                 except P.DigestError as e:
                     if conn.erl and e.header is not None:   # the PDU goes, the stream goes on
                         conn.data_digest_error(e.header)
@@ -227,7 +225,11 @@ class PduWriter:
         self.loop = asyncio.get_running_loop()
 
     def __call__(self, pdu: Any, data: bytes | memoryview) -> None:
-        hdr = pdu.encode()
+        self.encoded(pdu.encode(), data)
+
+    def encoded(self, hdr: bytes, data: bytes | memoryview) -> None:
+        """A PDU whose header is encoded already: the session packs the Data-In
+        or SCSI Response that answers most commands from its fields."""
         parts = self.parts
         parts.append(hdr)
         size = len(hdr)
@@ -306,11 +308,12 @@ class PduWriter:
         size, self.size = self.size, 0
         try:
             if parts and not self.transport.is_closing():
+                empty = False
                 try:
-                    self._send(parts, size)
+                    empty = self._send(parts, size)
                 finally:
                     if self.account is not None:
-                        self.account.set(OUT, self.transport.get_write_buffer_size())
+                        self.account.set(OUT, 0 if empty else self.transport.get_write_buffer_size())
         finally:
             # their data is in the kernel, copied into the transport's buffer, or dropped
             # with a closing connection: nothing refers to it any more
@@ -319,7 +322,9 @@ class PduWriter:
                 tags, self.sent_tags = self.sent_tags, []
                 self.done(tags)
 
-    def _send(self, parts: list, size: int) -> None:
+    def _send(self, parts: list, size: int) -> bool:
+        """True when all of it went to the socket: the transport's buffer is
+        empty then (no need to ask it once more, per flush)."""
         if self.transport.get_write_buffer_size() == 0:
             try:
                 while parts:
@@ -327,7 +332,7 @@ class PduWriter:
                     n = os.writev(self.fd, chunk)
                     size -= n
                     if not size:
-                        return  # all sent (the usual case): no walk over the buffers
+                        return True  # all sent (the usual case): no walk over the buffers
                     parts = _advance(parts, n)
                     if n < sum(len(c) for c in chunk):
                         break  # the socket is full: the transport takes the rest
@@ -335,9 +340,10 @@ class PduWriter:
                 pass
             except OSError:
                 self.transport.close()
-                return
+                return False
         if parts:
             self.transport.write(b"".join(parts))
+        return False
 
 
 def _advance(parts: list, n: int) -> list:

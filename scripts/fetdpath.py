@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""fetd_tcp's whole path per read command, with real I/O, counted under callgrind.
+"""fetd_tcp's whole path per read (or write) command, with real I/O, counted under callgrind.
 
 pathcost.py's fetd path stubs the carrier and the writer. Here fetd_tcp's
 process runs the real FrontEndLink on a real StreamChannel to a fake STML (a
@@ -8,14 +8,22 @@ xmit_response: read data inline under 32 KiB, else a reference into a shared
 region it lends (as the STML does); and a real PduWriter, with the budget
 account a connection has, writes the Data-In to a loopback TCP socket whose
 other end the child reads and discards. Commands are fed QD at a time into
-the ConnectionProtocol, as pathcost does (building them is counted too:
-about 25k instructions per command). Runs on trees from 24e7dec on
-(decisions/0811).
+the ConnectionProtocol, as pathcost does. `--write`: WRITE(10) commands that
+carry their data as immediate data (as qemu's libiscsi sends 4 KiB writes),
+answered with status only.
 
-    PYTHONHASHSEED=0 PYTHONPATH=$PWD scripts/fetdpath.py --instructions [--size 4096 --qd 16]
+The commands' bytes are one encoded batch copied into the framer's buffer
+(as the socket would write them) and each CmdSN patched there (one pack_into
+per command): what is counted is fetd_tcp's work, not the building of PDUs
+(decision 0850: before it each command was built and encoded inside the
+count). The copy stays counted: callgrind counts a `rep movsb` copy by the
+byte, so a write's data weighs more than its CPU time.
+Runs on trees from 24e7dec on (decisions/0811).
+
+    PYTHONHASHSEED=0 PYTHONPATH=$PWD scripts/fetdpath.py --instructions [--size 4096 --qd 16] [--write]
     scripts/fetdpath.py --count N --size S --qd Q     # once, timed
 """
-import argparse, asyncio, re, socket, subprocess, sys, time
+import argparse, asyncio, re, socket, struct, subprocess, sys, time
 
 CHILD = r'''
 import os, socket, struct, sys, threading, fcntl, msgpack
@@ -62,6 +70,9 @@ while True:
         h = msgpack.unpackb(buf[4 + 4 * n:4 + 4 * n + lens[0]]); buf = buf[total:]
         if h.get("op") != "rx_cmnd": continue
         hdr = pack_xmit_response(h["tag"], 0, 0)
+        if h["dir"] & 1:   # a write (DataDir.WRITE): status only
+            out += [struct.pack("<2I", 1, len(hdr)), hdr]
+            continue
         if size < (32 << 10):   # as the STML: small read data inline
             out += [struct.pack("<3I", 2, len(hdr), size), hdr, INLINE]
             continue
@@ -73,7 +84,7 @@ while True:
 def cdb10(opcode, lba, blocks):
     return bytes([opcode, 0]) + lba.to_bytes(4, "big") + b"\0" + blocks.to_bytes(2, "big") + b"\0"
 
-async def run(count, size, qd):
+async def run(count, size, qd, write=False):
     from fetd_tcp import pdu as P
     from fetd_tcp.keys import ConnectionParams, SessionParams
     from fetd_tcp import server as S
@@ -121,18 +132,25 @@ async def run(count, size, qd):
     session.connections[0] = conn
     proto = ConnectionProtocol(conn, link, writer.transport)
     blocks = size // 512
-    reads = []
-    for first in range(0, count - count % qd, qd):
-        reads.append(b"".join(
-            P.ScsiCommand(itt, P.int_to_lun(0), cdb10(0x28, itt * blocks % (1 << 20), blocks), size,
-                          itt + 1, 0, read=True).encode() for itt in range(first, first + qd)))
+    # one batch encoded; every batch is a copy with its CmdSNs patched (ITTs repeat:
+    # each batch's tasks are over before the next one comes)
+    data = bytes(size) if write else b""
+    cmds = [P.ScsiCommand(itt, P.int_to_lun(0), cdb10(0x2A if write else 0x28, itt * blocks, blocks),
+                          size, 0, 0, read=not write, write=write, data_length=len(data)).encode()
+            + data for itt in range(qd)]
+    starts = [sum(map(len, cmds[:i])) for i in range(qd)]
+    batch = b"".join(cmds)
+    cmd_sn = struct.Struct(">I").pack_into
+    n = len(batch)
     await asyncio.sleep(0.05)   # the region arrives
     t0 = time.perf_counter()
-    for raw in reads:
+    for sn in range(1, count - count % qd + 1, qd):
         state["fut"] = loop.create_future()
-        buf = proto.get_buffer(len(raw))
-        buf[:len(raw)] = raw
-        proto.buffer_updated(len(raw))
+        buf = proto.get_buffer(n)   # as the socket would: the batch written where the framer reads
+        buf[:n] = batch
+        for i in range(qd):
+            cmd_sn(buf, starts[i] + 24, sn + i)
+        proto.buffer_updated(n)
         await state["fut"]
     took = time.perf_counter() - t0
     writer.close()
@@ -147,6 +165,7 @@ def main():
     ap.add_argument("--qd", type=int, default=8)
     ap.add_argument("--instructions", action="store_true")
     ap.add_argument("--no-uvloop", action="store_true")
+    ap.add_argument("--write", action="store_true", help="WRITE commands with immediate data")
     a = ap.parse_args()
     if a.instructions:
         counts = []
@@ -154,15 +173,16 @@ def main():
         for n in ns:
             p = subprocess.run(["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable,
                                 __file__, "--count", str(n), "--size", str(a.size), "--qd", str(a.qd)]
-                               + (["--no-uvloop"] if a.no_uvloop else []), capture_output=True, text=True, timeout=900)
+                               + (["--no-uvloop"] if a.no_uvloop else []) + (["--write"] if a.write else []),
+                               capture_output=True, text=True, timeout=900)
             m = re.search(r"Collected : (\d+)", p.stderr)
             if not m: raise SystemExit(p.stderr[-3000:])
             counts.append(int(m.group(1)))
-        print(f"{(counts[1] - counts[0]) / (ns[1] - ns[0]):.0f} instructions per read")
+        print(f"{(counts[1] - counts[0]) / (ns[1] - ns[0]):.0f} instructions per {'write' if a.write else 'read'}")
         return
     if not a.no_uvloop:
         import uvloop; uvloop.install()
-    took = asyncio.run(run(a.count, a.size, a.qd))
-    print(f"{took / a.count * 1e6:.1f} us per read")
+    took = asyncio.run(run(a.count, a.size, a.qd, a.write))
+    print(f"{took / a.count * 1e6:.1f} us per {'write' if a.write else 'read'}")
 
 main()

@@ -219,3 +219,18 @@ def test_digest_vectors():
     dg = digest.digest(b"abcde", pad)   # the data digest covers the padding
     assert dg == digest.digest(b"abcde\0\0\0")
     assert digest.check(dg, [b"abcde", pad])
+
+
+@given(st.integers(0, 0xFFFFFFFF), st.integers(0, 0xFFFFFFFF), st.integers(0, 0xFFFFFFFF),
+       st.integers(0, 255), st.integers(0, 0xFFFFFFFF), st.booleans(), st.booleans(),
+       st.integers(0, 0xFFFFFF))
+def test_the_hot_response_headers_are_the_pdus_bytes(itt, sn, resid, status, dsn, over, under, n):
+    """The session packs its usual Data-In and SCSI Response from the fields
+    (encode_data_in_status, encode_scsi_status): the same bytes as the PDUs'."""
+    assert pdu.encode_data_in_status(itt, dsn, sn, sn ^ 1, status, sn ^ 2, resid, over, under,
+                                     LUN3, n) == \
+        pdu.DataIn(itt, dsn, 0, sn, sn ^ 1, True, status, sn ^ 2, resid, over, under,
+                   lun=LUN3, data_length=n).encode()
+    assert pdu.encode_scsi_status(itt, status, sn, sn ^ 1, sn ^ 2, dsn, resid, over, under) == \
+        pdu.ScsiResponse(itt, status, sn, sn ^ 1, sn ^ 2, exp_data_sn=dsn, residual_count=resid,
+                         overflow=over, underflow=under).encode()
