@@ -266,12 +266,16 @@ class VhostFrontEnd:
         old = os.umask(0o177)
         try:
             sock.bind(path)
+        except OSError:
+            sock.close()
+            raise
         finally:
             os.umask(old)
         if self.group is not None:
             try:
                 os.chown(path, -1, self.group)
             except OSError as e:
+                sock.close()
                 os.unlink(path)
                 raise OSError(f"cannot give it to group {self.group}: {e.strerror} (this user must be "
                               f"a member of the group)") from None
