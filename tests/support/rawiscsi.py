@@ -93,8 +93,10 @@ class RawInitiator:
         return bytes(buf)
 
     def login(self, target: str | None, session_type: str = "Normal", tsih: int = 0, cid: int = 0,
-              extra: list[tuple[str, str]] = ()) -> P.LoginResponse:
-        """One-PDU login straight to full feature phase (no authentication)."""
+              extra: list[tuple[str, str]] = (), unanswered: bool = False) -> P.LoginResponse:
+        """One-PDU login straight to full feature phase (no authentication).
+        `unanswered`: the Login Request that asks for full feature phase is
+        sent and its response not read (the last one read is returned)."""
         pairs = [("InitiatorName", self.initiator), ("SessionType", session_type),
                  ("AuthMethod", "None")]
         if target:
@@ -113,6 +115,8 @@ class RawInitiator:
             req = P.LoginRequest(self._next_itt(), self.isid, tsih, cid, self.cmd_sn, self.exp_stat_sn,
                                  csg=stage, nsg=P.STAGE_FULL_FEATURE, transit=True, data_length=0)
             self.send(req, body)
+            if unanswered:
+                return resp
             resp, rdata = self.recv()
             self.login_keys.update(P.decode_text(rdata) if rdata else [])
         self.tsih = resp.tsih
