@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
-import sys
 import time
 from typing import Callable
 
@@ -179,19 +177,13 @@ def test_a_session_whose_final_login_response_never_went_out_is_not_lost(tmp_sho
 
     async def main() -> tuple[list[dict], int]:
         stml = _HeldStml(str(tmp_short() / "stml"), version=CONTRACT_VERSION, caps=[])
-        fetd = subprocess.Popen([sys.executable, "-m", "fetd_tcp", "--stml", stml.endpoint,
-                                 "--portal", f"127.0.0.1:{port}"], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, start_new_session=True)
-        ini = again = None
+        fetd = stml.fetd_tcp(port)
+        opened: list[RawInitiator] = []
         try:
             def connect() -> RawInitiator:
-                for _ in range(200):
-                    try:
-                        return RawInitiator("127.0.0.1", port, initiator="iqn.2026-12.org.test:a",
-                                            isid=isid, timeout=10)
-                    except ConnectionRefusedError:
-                        time.sleep(0.05)
-                raise AssertionError("fetd_tcp does not listen")
+                opened.append(RawInitiator.once_listening("127.0.0.1", port, initiator="iqn.2026-12.org.test:a",
+                                                          isid=isid, timeout=10))
+                return opened[-1]
             ini = await asyncio.to_thread(connect)
             assert (await asyncio.to_thread(ini.login, target, unanswered=True)).status_class == 0
             (first,) = await arrives(stml, lambda: registered(stml), 1)
@@ -204,11 +196,10 @@ def test_a_session_whose_final_login_response_never_went_out_is_not_lost(tmp_sho
             stml.send({"op": "nexus_ready", "nexus": second})
             return releases, (await login).status_class
         finally:
-            for each in (ini, again):
-                if each is not None:
-                    each.close()
             stop_pid(fetd)
             stml.close()
+            for each in opened:
+                each.close()
     releases, status = asyncio.run(main())
     assert releases == [{"op": "scsi_release", "nexus": releases[0]["nexus"]}]   # no `lost`
     assert status == 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
+import time
 from typing import Any
 
 from fetd_tcp import pdu as P
@@ -31,6 +32,16 @@ class RawInitiator:
         self.max_cmd_sn = 0
         self.hd = self.dd = False       # digests, as negotiated (set after login)
         self.track_stat_sn = True       # False: ExpStatSN stays put (holes to fill first)
+
+    @classmethod
+    def once_listening(cls, host: str, port: int, **kw: Any) -> RawInitiator:
+        """Connected as soon as a front end just started listens on the port."""
+        for _ in range(200):
+            try:
+                return cls(host, port, **kw)
+            except ConnectionRefusedError:
+                time.sleep(0.05)
+        raise AssertionError(f"nothing listens on {host}:{port}")
 
     def kill(self) -> None:
         """End the TCP connection with a reset, as a cable pull looks to the target."""
