@@ -157,7 +157,8 @@ def lock_data_dir(ddir: Path) -> int:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        other = " ".join(os.pread(fd, 32, 0).decode(errors="replace").split()[:1])
+        words = os.pread(fd, 32, 0).decode(errors="replace").split()   # (its PID, maybe `ready`)
+        other = words[0] if words else ""
         os.close(fd)
         raise StartupError(f"data dir {ddir}", f"another target is running in it"
                            f"{f' (pid {other})' if other else ''}: stop it first, or use another "
