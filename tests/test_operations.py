@@ -27,7 +27,7 @@ from fetd_loopback import LoopbackClient, ScsiError
 from scsi_target.mgmt import MgmtClient
 from stml.api import Tmf, TmfResponse
 from support.ci import need_root
-from support.procs import children_by_module, pid_alive, run, short_dir, stop_pid, wait_for_line
+from support.procs import Proc, children_by_module, free_port, pid_alive, run, short_dir, stop_pid, wait_for_line
 from support.rawiscsi import RawInitiator
 from support.target import IQN, StmlProcess, Target
 
@@ -1041,6 +1041,31 @@ def test_a_gateways_portals_are_its_front_ends_own(ddir):
         assert r["not_applied"][0].startswith("`portals` changed: this is a gateway")
         assert [p["portal"] for p in mgmt(ddir, "portal", "list")] == ["127.0.0.1:0,1"]
 
+
+def test_wait_ready_on_a_gateway_means_an_initiator_can_log_in_now(ddir):
+    """A gateway's front end reports its portals to no STML (0414), so its
+    STML answering is not enough: wait-ready returns once `run` serves (its
+    front end listens on every portal and is attached: the banner, READY=1),
+    and a login right after it succeeds. The front end's first detect is
+    held back (fault injection) so that the STML answers well before
+    (decisions/0237)."""
+    port = free_port()
+    (Path(ddir) / "scsi-target.toml").write_text(
+        f'portals = ["127.0.0.1:{port},1"]\n\n[stml]\nlisten = ["tcp://127.0.0.1:0"]\ninsecure = true\n'
+        'peers = ["tcp://127.0.0.1:9"]\n\n'
+        f'[[target]]\nname = "{IQN}"\n\n[[target.lun]]\nbackend = "ram"\nsize = "4MiB"\n')
+    target = Proc([sys.executable, "-m", "scsi_target", "run", "--data-dir", ddir, "--cpu-affinity", "none",
+                   "--inject", "fetd:delay detect at=1 ms=3000"], Path(ddir) / "run.out", session=True)
+    try:
+        assert ok("wait-ready", "--data-dir", ddir, "--timeout", "60") == f"ready: ipc://{ddir}/stml.sock\n"
+        ini = RawInitiator("127.0.0.1", port)
+        try:
+            assert ini.login(IQN).status_class == 0, target.output()
+            assert ini.command(bytes(6))[0] == 0
+        finally:
+            ini.close()
+    finally:
+        stop_pid(target.proc, session=True)
 
 def test_a_malformed_portal_report_does_not_break_portal_list(stml_factory):
     """A front end's portal_state entry without host/port/tpgt is no match,

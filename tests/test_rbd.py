@@ -433,3 +433,23 @@ def test_an_image_served_before_is_never_made_again(cluster, tmp_short):
             r = c.execute(0, bytes(6))
             assert (r.sense_key, r.asc_ascq) == (0x02, (0x04, 0x03))   # offline
     assert image.split("/")[1] not in cluster.run("rbd", "ls", cluster.POOL).split()
+
+
+def test_lun_add_makes_its_image_with_exclusive_lock_whatever_the_default_features(cluster, tmp_short):
+    """A client whose default image features lack exclusive-lock (set for
+    krbd): the image `lun add rbd:...,size=` makes has the defaults plus
+    exclusive-lock, so the LUN it was made for is served, not refused with
+    an image left behind (0238)."""
+    ddir = tmp_short()
+    conf = ddir / "krbd.conf"
+    conf.write_text(cluster.conf.read_text() + "\n[client]\nrbd default features = layering\n")
+    name = f"t{uuid.uuid4().hex[:8]}"
+    spec = f"rbd:{cluster.POOL}/{name},conf={conf},keyring={cluster.keyring},size=16MiB"
+    with Target("--no-iscsi", "--cpu-affinity", "none", "--lun", "ram:1MiB", data_dir=str(ddir), portals=(),
+                expect_portals=0):
+        p = subprocess.run([sys.executable, "-m", "scsi_target", "lun", "add", "--json", "--data-dir", str(ddir),
+                            spec], capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0 and json.loads(p.stdout)["lun"] == 1, p.stderr
+    info = json.loads(cluster.run("rbd", "info", "--format", "json", f"{cluster.POOL}/{name}"))
+    assert sorted(info["features"]) == ["exclusive-lock", "layering"]
+    assert info["size"] == 16 * MIB
