@@ -24,7 +24,7 @@ from pathlib import Path
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Iterator, TypeVar
 
-from backends import BackendError
+from backends import Backend, BackendError
 from scsi_runtime.logs import audit
 from scsi_runtime.portals import parse_portal
 from stml import pr
@@ -84,6 +84,9 @@ class Management:
         self._retired: dict[str, set[int]] = {}
         self._closing: dict[LogicalUnit, asyncio.Task] = {}   # removed LUs' backends waiting to close
         self.closing_lus: set[LogicalUnit] = set()   # their LUs: the STML's stop flushes them too
+        # a reload's renumbered RAM LUs' stores, by id, for the add at their new number (0205)
+        self._moving: dict[str, Backend] = {}
+        self._reloading = False
         self._saver = ThreadPoolExecutor(1, thread_name_prefix="config-save")   # (its thread: at first use)
         # a save whose command waits for it (in the saver thread or just done), and its file
         self._under_way: tuple[Future, Path] | None = None
@@ -437,8 +440,15 @@ class Management:
         applied: list[str] = []
         pending: list[str] = []
         self._identified = False
-        with self._batched():
-            await self._reload(new, applied, pending)
+        self._reloading = True
+        try:
+            with self._batched():
+                await self._reload(new, applied, pending)
+        finally:   # a moved RAM store no add took (its add failed): nothing serves it any more
+            self._reloading = False
+            left, self._moving = list(self._moving.values()), {}
+            for backend in left:
+                await self._in_thread(backend.close)
         self.config.digest = new.digest
         self.config.raw = new.raw
         # what was not applied stays in the file through saves; two models of
@@ -747,7 +757,7 @@ class Management:
             raise MgmtError(why)
         others = await self._lus([t])   # walked before the change: a walk yields
         try:
-            backend = await self._in_thread(open_store, opts, create)
+            backend = await self._moved_ram(t.name, number, opts) or await self._in_thread(open_store, opts, create)
         except CannotOpen as e:
             raise MgmtError(f"cannot open the backend: {e}") from None
         await self._identify(t.name, number, opts, backend)
@@ -779,6 +789,18 @@ class Management:
         await self._ua(others, REPORTED_LUNS_DATA_CHANGED, t.name, events=not reused)
         await self._redetect()
         return lu
+
+    async def _moved_ram(self, target: str, lun: int, o: LunOptions) -> Backend | None:
+        """The store of a RAM LU this reload removed at another number, its id
+        this one's: its data goes with its identity, as a file's does (0205);
+        an edited size is applied (a shrink frees pages: in a thread)."""
+        backend = self._moving.pop(o.id, None) if o.kind == "ram" and o.id is not None else None
+        if backend is None:
+            return None
+        if o.size is not None and o.size != backend.size():
+            await self._in_thread(backend.resize, o.size)
+        log.info("target %s LUN %d: RAM LU %s keeps its data at its new number", target, lun, o.id)
+        return backend
 
     async def _identify(self, target: str, lun: int, o: LunOptions, backend: Any) -> None:
         """A LUN entry without `id` (`lun add`, or added by hand) gets one once
@@ -920,9 +942,14 @@ class Management:
             except (BackendError, OSError) as e:   # e.g. EIO from close(2) on NFS
                 log.error("%s LUN %d removed: closing its backend failed: %s", lu.target, lu.lun, e)
 
-        await self._in_thread(flush_and_close)
-        self.closing_lus.discard(lu)
-        log.info("%s LUN %d removed: its backend is closed", lu.target, lu.lun)
+        if renumbered and self._reloading and lu.options.kind == "ram" and lu.options.id is not None:
+            self._moving[lu.options.id] = lu.backend   # its pages are its data: kept for its new number (0205)
+            self.closing_lus.discard(lu)
+            log.info("%s LUN %d removed: its RAM moves with its id", lu.target, lu.lun)
+        else:
+            await self._in_thread(flush_and_close)
+            self.closing_lus.discard(lu)
+            log.info("%s LUN %d removed: its backend is closed", lu.target, lu.lun)
         if lu.pr is not None:   # a later LU is another LU: it starts with no reservations (0218)
             await pr.state(lu).forget(keep=renumbered)
 

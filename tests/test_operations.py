@@ -433,7 +433,8 @@ def test_a_reload_that_renumbers_a_lun_keeps_its_reservations_and_a_removal_drop
     """`config reload` of the same edit moves the LU with its registrations
     (the removed number's state is kept for it, not deleted) and its data (a
     file's lock, 0216, ends with the removed LU's close, which the add waits
-    for); a LUN the reload removes for good takes its file along (0218)."""
+    for; a RAM LU's pages are handed to the add, 0205); a LUN the reload
+    removes for good takes its file along (0218)."""
     p = stml_factory(*(f"file:l{n}.img,size=4MiB" if kind == "file" else "ram:4MiB" for n in range(3)))
     data = os.urandom(4096)
     with LoopbackClient(p.endpoint, timeout=10) as c:
@@ -449,7 +450,7 @@ def test_a_reload_that_renumbers_a_lun_keeps_its_reservations_and_a_removal_drop
     assert r["not_applied"] == [], r
     with LoopbackClient(p.endpoint, timeout=10) as c:
         assert read_keys(c, 9) == [0xD1]
-        assert c.read(9, 0, 8) == (data if kind == "file" else bytes(4096))   # a RAM LU's data is its own
+        assert c.read(9, 0, 8) == data   # a RAM LU's data moves with its id too (0205)
     deadline = time.monotonic() + 20
     while _pr_files(p) != [f"{ids[1]}_9.json"]:   # LUN 2's goes once its LU closed
         assert time.monotonic() < deadline, _pr_files(p)
