@@ -27,7 +27,7 @@ from fetd_loopback import LoopbackClient, ScsiError
 from scsi_target.mgmt import MgmtClient
 from stml.api import Tmf, TmfResponse
 from support.ci import need_root
-from support.procs import children_by_module, pid_alive, run, short_dir, stop_pid, wait_for_line
+from support.procs import Proc, children_by_module, pid_alive, run, short_dir, stop_pid, wait_for_line
 from support.rawiscsi import RawInitiator
 from support.target import IQN, StmlProcess, Target
 
@@ -914,6 +914,27 @@ def test_a_front_end_that_cannot_open_the_stml_portal_exits_2(ddir):
     assert p.returncode == 2
     assert p.stderr.strip().splitlines()[-1] == (
         f"scsi-target: fetd-tcp: cannot listen on 127.0.0.1:{port} (tpgt 1): Address already in use")
+
+
+def test_a_front_end_whose_stml_does_not_answer_says_so_once_and_keeps_trying(ddir):
+    """`scsi-target fetd-tcp` given an endpoint nobody serves (yet) waited in
+    silence: it says so in one line after a few heartbeats, keeps asking, and
+    attaches once an STML serves there (0206)."""
+    endpoint = f"ipc://{ddir}/later.sock"
+    fe = Proc([sys.executable, "-m", "scsi_target", "fetd-tcp", "--stml", endpoint, "--portal", "127.0.0.1:0"],
+              Path(ddir) / "fe.out", Path(ddir) / "fe.err")
+    try:
+        fe.wait_log(f"no answer from the STML at {endpoint}; still trying")
+        assert fe.alive()
+        stml = StmlProcess(Path(ddir) / "stml", ("ram:4MiB",), ("--stml-endpoint", endpoint)).start()
+        try:
+            fe.wait_line("fetd_tcp: attached to STML")
+            fe.wait_log(f"the STML at {endpoint} answers")
+        finally:
+            stml.stop()
+    finally:
+        fe.stop()
+    assert fe.log().count("no answer from the STML") == 1, fe.log()
 
 
 def test_portal_add_of_a_taken_port_is_refused_and_status_shows_listeners(ddir):
