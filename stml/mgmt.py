@@ -547,6 +547,8 @@ class Management:
                     continue
                 applied.append(f"target {t.name} LUN {number} added")
                 continue
+            if o.kind == "rbd" and lu.offline is None and o.size is not None:
+                _image_sized(t.name, lu, o, pending)
             same = not _differs_beyond_size(o, lu.options)
             id_edited = o.id is not None and lu.options.id is not None and o.id != lu.options.id
             if lu.offline is not None and not id_edited and (same or _path_corrected(o, lu.options)):
@@ -979,7 +981,8 @@ class Management:
         # what is served: a block device whole, in whole blocks, the size asked for within a
         # block of it (0284); saved and reported as served
         nbytes = lu.backend.size() // lu.block_size * lu.block_size
-        lu.options.size = nbytes   # the running configuration's LunOptions (shared with its LunConfig)
+        if lu.options.kind != "rbd":   # an image's size is its own, on every gateway (0208)
+            lu.options.size = nbytes   # the running configuration's LunOptions (shared with its LunConfig)
         await self._ua([lu], CAPACITY_DATA_CHANGED, t.name)
         await self._redetect()
         return {"target": t.name, "lun": lu.lun, "old_size": old, "size": nbytes, "saved": await self._persist()}
@@ -1116,6 +1119,17 @@ async def _stepped(items: Iterable[T]) -> AsyncIterator[T]:
         if not i % FANOUT_STEP:
             await asyncio.sleep(0)
         yield item
+
+
+def _image_sized(target: str, lu: LogicalUnit, o: LunOptions, pending: list[str]) -> None:
+    """An RBD entry's `size` once its image is served: no reload applies it
+    (the image's size is the truth, which any gateway may have changed), and
+    the next save drops it from the file (0208)."""
+    served = lu.blocks * lu.block_size
+    if o.size != served:
+        pending.append(f"target {target} LUN {lu.lun}: an RBD LUN's size is its image's ({served} bytes), not "
+                       f"its entry's `size` (dropped from the file): `scsi-target lun resize` resizes the image")
+    o.size = None
 
 
 def _hold(config: Config, new: Config) -> None:

@@ -608,6 +608,9 @@ def test_an_rbd_lu_shows_its_recorded_image_identity_only_while_offline(caplog):
     assert record_image(o, SimpleNamespace(identity=second), "LUN 0") and o.image_identity == second.hex()
     assert "is not the one recorded" in caplog.text
     assert not record_image(LunOptions("file", path="/x"), image, "LUN 1")
+    o.size = 128 << 20   # a first start's that made the image, or an entry saved before 0208
+    assert record_image(o, SimpleNamespace(identity=second), "LUN 0") and o.size is None   # the image's is served
+    assert not record_image(o, SimpleNamespace(identity=second), "LUN 0")
 
 
 def test_the_data_dirs_own_file_names_that_data_dir(tmp_path):
