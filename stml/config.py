@@ -299,13 +299,37 @@ def _ceph_options(raw: dict[str, Any], kind: str, where: str) -> dict[str, str]:
     return given
 
 
+def _spec_fields(rest: str) -> list[str]:
+    """A spec's comma-separated fields: `\\,` is a comma inside one (a path
+    `/a,b.img` is written `file:/a\\,b.img`) and `\\\\` a backslash; any other
+    backslash is itself (0209)."""
+    fields: list[str] = []
+    cur: list[str] = []
+    i = 0
+    while i < len(rest):
+        ch = rest[i]
+        if ch == "\\" and rest[i + 1:i + 2] in (",", "\\"):
+            cur.append(rest[i + 1])
+            i += 2
+            continue
+        if ch == ",":
+            fields.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+        i += 1
+    fields.append("".join(cur))
+    return fields
+
+
 def parse_lun_spec(spec: str, where: str = "--lun") -> dict[str, Any]:
     """`ram:256MiB`, `file:PATH`, `file:PATH,size=1GiB,ro,removable,block_size=4096`,
-    `...,scheduler=fair`, `rbd:POOL/IMAGE[,conf=PATH,id=USER,keyring=PATH]`."""
+    `...,scheduler=fair`, `rbd:POOL/IMAGE[,conf=PATH,id=USER,keyring=PATH]`;
+    `\\,` is a comma in a path or value."""
     kind, sep, rest = spec.partition(":")
     if not sep or not rest:
         raise ConfigError(where, f"{spec!r} is not KIND:ARG[,OPTION...] (e.g. ram:64MiB, file:disk.img,size=1GiB)")
-    first, *opts = rest.split(",")
+    first, *opts = _spec_fields(rest)
     raw: dict[str, Any] = {"backend": kind}
     if kind == "ram":
         raw["size"] = first

@@ -387,6 +387,17 @@ def test_parse_lun_spec_options():
         "thin": False, "write_cache": True, "block_size": 4096}
 
 
+@pytest.mark.parametrize("spec,path,rest", [
+    (r"file:/v/a\,b.img,size=1GiB", "/v/a,b.img", {"size": "1GiB"}),   # a comma in the path (0209)
+    (r"file:/v/a\\,ro", "/v/a\\", {"ro": True}),                       # a path ending in a backslash
+    (r"file:C:\v\a.img", r"C:\v\a.img", {}),                          # any other backslash is itself
+    (r"rbd:p/i,keyring=/k\,1", "p/i", {"ceph_keyring": "/k,1"}),        # and in an option's value
+])
+def test_a_comma_is_written_backslash_comma_in_a_lun_spec(spec, path, rest):
+    kind = spec.split(":")[0]
+    assert parse_lun_spec(spec) == {"backend": kind, "path": path, **rest}
+
+
 # ---------------------------------------------------------------- portals
 
 @pytest.mark.parametrize("value,expect", [

@@ -101,6 +101,20 @@ def test_lun_add_says_where_a_relative_path_went(ddir, tmp_path):
         assert mgmt(ddir, "lun", "add", "ram:1MiB").get("path") is None
 
 
+def test_a_path_with_a_comma_through_lun_and_lun_add(ddir):
+    """A comma ends a field of a LUN spec; `\\,` writes one in a path, on
+    `run --lun` and `lun add` alike, and a restart with the same flags
+    serves the same files (0209)."""
+    flag = rf"file:{ddir}/a\,1.img,size=4MiB"
+    for _ in range(2):
+        with Target("--lun", flag, data_dir=ddir):
+            if not os.path.exists(f"{ddir}/b,2.img"):
+                assert mgmt(ddir, "lun", "add", rf"file:b\,2.img,size=2MiB")["path"] == f"{ddir}/b,2.img"
+            assert [(x["path"], x["size"]) for x in mgmt(ddir, "lun", "list")] == [
+                (f"{ddir}/a,1.img", 4 << 20), (f"{ddir}/b,2.img", 2 << 20)]
+    assert os.path.getsize(f"{ddir}/a,1.img") == 4 << 20
+
+
 def test_lun_flags_that_disagree_with_the_file_are_refused(ddir):
     with Target("--lun", "ram:16MiB", data_dir=ddir):
         pass
