@@ -771,9 +771,9 @@ class Management:
                 await self._in_thread(backend.close)
                 raise MgmtError(f"cannot serve {opts.path}: {e}") from None
         elif self.em.data_dir is not None:   # where APTPL keeps this LU's reservations
-            try:   # (a renumbered LU's, found by its identity, 0218: a listing, in a thread)
-                pr.state(lu).load(await self._in_thread(_find_state, self.em.data_dir, t.name, number, opts.id,
-                                                        others))
+            try:   # (a renumbered LU's, found by its identity, 0218: a listing and a read, in a thread)
+                pr.state(lu).restore(*await self._in_thread(_read_state, self.em.data_dir, t.name, number,
+                                                            opts.id, others))
             except (pr.PrStoreError, OSError) as e:
                 await self._in_thread(backend.close)
                 raise MgmtError(str(e)) from None
@@ -1170,10 +1170,12 @@ def _unlinked(lus: list[LogicalUnit]) -> set[tuple[str, int]]:
     return {(lu.target, lu.lun) for lu in lus if getattr(lu.backend, "unlinked", lambda: False)()}
 
 
-def _find_state(data_dir: Path, target: str, lun: int, ident: str | None, others: list[LogicalUnit]) -> Path:
-    """pr.find_state, never taking the files of the target's `others`. Blocking."""
+def _read_state(data_dir: Path, target: str, lun: int, ident: str | None,
+                others: list[LogicalUnit]) -> tuple[pr.FileStore, Any]:
+    """An added LU's APTPL file (pr.find_state, never taking the files of the
+    target's `others`) and what it holds. Blocking: a listing and a read."""
     own = {pr.state_path(data_dir, lu.target, lu.lun, lu.options.id) for lu in others}
-    return pr.find_state(data_dir, target, lun, ident, own)
+    return pr.read_file_state(pr.find_state(data_dir, target, lun, ident, own))
 
 
 def _serving(opts: LunOptions, lus: list[LogicalUnit]) -> LogicalUnit | None:
