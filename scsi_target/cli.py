@@ -234,6 +234,20 @@ def lun_size(o: Any) -> int | None:
     return None if size is None else size - size % o.block_size
 
 
+def served_sizes(endpoint: str) -> dict[tuple[str, int], int]:
+    """What the STML serves each LUN at, for the LUNs whose size only it
+    knows (an RBD image's, which any gateway may have resized: 0208); empty
+    when it does not answer at once (the banner then says `?`)."""
+    import zmq
+
+    from scsi_target.mgmt import MgmtClient
+    try:
+        rows = MgmtClient(endpoint, timeout=2.0).call("lun_list")
+    except (ConnectionError, TimeoutError, RuntimeError, OSError, zmq.ZMQError):
+        return {}
+    return {(r["target"], r["lun"]): r["size"] for r in rows if r.get("offline") is None}
+
+
 def url_host(portal: str) -> str:
     """A portal as initiators reach it: a wildcard address names this host."""
     host, _, port = portal.rpartition(":")
@@ -284,6 +298,9 @@ class Plan:
                f"data dir {c.data_dir}, config {c.path}"]
         portal = url_host(self.listening[0]) if self.listening else None
         shown = 0
+        # an image's size is the STML's to tell (one call, only when the banner has one)
+        served = served_sizes(c.stml_endpoint) if any(
+            lc.options.kind == "rbd" for t in c.targets for lc in t.luns[:BANNER_LUNS]) else {}
         for t in c.targets:
             if shown >= BANNER_LUNS:   # one start's lines in the journal do not grow with the LUNs
                 break
@@ -291,7 +308,7 @@ class Plan:
             for lc in t.luns[:BANNER_LUNS - shown]:
                 shown += 1
                 o = lc.options
-                size = lun_size(o)
+                size = served.get((t.name, lc.lun)) or lun_size(o)
                 what = "RAM" if o.kind == "ram" else f"{o.kind} {o.path}"
                 missing = missing_file(o)   # the STML serves it offline (0280)
                 out.append(f"    LUN {lc.lun}: {f'OFFLINE ({missing})' if missing else human(size) if size else '?'}"

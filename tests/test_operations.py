@@ -101,6 +101,20 @@ def test_lun_add_says_where_a_relative_path_went(ddir, tmp_path):
         assert mgmt(ddir, "lun", "add", "ram:1MiB").get("path") is None
 
 
+def test_a_path_with_a_comma_through_lun_and_lun_add(ddir):
+    """A comma ends a field of a LUN spec; `\\,` writes one in a path, on
+    `run --lun` and `lun add` alike, and a restart with the same flags
+    serves the same files (0209)."""
+    flag = rf"file:{ddir}/a\,1.img,size=4MiB"
+    for _ in range(2):
+        with Target("--lun", flag, data_dir=ddir):
+            if not os.path.exists(f"{ddir}/b,2.img"):
+                assert mgmt(ddir, "lun", "add", rf"file:b\,2.img,size=2MiB")["path"] == f"{ddir}/b,2.img"
+            assert [(x["path"], x["size"]) for x in mgmt(ddir, "lun", "list")] == [
+                (f"{ddir}/a,1.img", 4 << 20), (f"{ddir}/b,2.img", 2 << 20)]
+    assert os.path.getsize(f"{ddir}/a,1.img") == 4 << 20
+
+
 def test_lun_flags_that_disagree_with_the_file_are_refused(ddir):
     with Target("--lun", "ram:16MiB", data_dir=ddir):
         pass
@@ -433,7 +447,8 @@ def test_a_reload_that_renumbers_a_lun_keeps_its_reservations_and_a_removal_drop
     """`config reload` of the same edit moves the LU with its registrations
     (the removed number's state is kept for it, not deleted) and its data (a
     file's lock, 0216, ends with the removed LU's close, which the add waits
-    for); a LUN the reload removes for good takes its file along (0218)."""
+    for; a RAM LU's pages are handed to the add, 0205); a LUN the reload
+    removes for good takes its file along (0218)."""
     p = stml_factory(*(f"file:l{n}.img,size=4MiB" if kind == "file" else "ram:4MiB" for n in range(3)))
     data = os.urandom(4096)
     with LoopbackClient(p.endpoint, timeout=10) as c:
@@ -449,7 +464,7 @@ def test_a_reload_that_renumbers_a_lun_keeps_its_reservations_and_a_removal_drop
     assert r["not_applied"] == [], r
     with LoopbackClient(p.endpoint, timeout=10) as c:
         assert read_keys(c, 9) == [0xD1]
-        assert c.read(9, 0, 8) == (data if kind == "file" else bytes(4096))   # a RAM LU's data is its own
+        assert c.read(9, 0, 8) == data   # a RAM LU's data moves with its id too (0205)
     deadline = time.monotonic() + 20
     while _pr_files(p) != [f"{ids[1]}_9.json"]:   # LUN 2's goes once its LU closed
         assert time.monotonic() < deadline, _pr_files(p)
@@ -913,6 +928,27 @@ def test_a_front_end_that_cannot_open_the_stml_portal_exits_2(ddir):
     assert p.returncode == 2
     assert p.stderr.strip().splitlines()[-1] == (
         f"scsi-target: fetd-tcp: cannot listen on 127.0.0.1:{port} (tpgt 1): Address already in use")
+
+
+def test_a_front_end_whose_stml_does_not_answer_says_so_once_and_keeps_trying(ddir):
+    """`scsi-target fetd-tcp` given an endpoint nobody serves (yet) waited in
+    silence: it says so in one line after a few heartbeats, keeps asking, and
+    attaches once an STML serves there (0206)."""
+    endpoint = f"ipc://{ddir}/later.sock"
+    fe = Proc([sys.executable, "-m", "scsi_target", "fetd-tcp", "--stml", endpoint, "--portal", "127.0.0.1:0"],
+              Path(ddir) / "fe.out", Path(ddir) / "fe.err")
+    try:
+        fe.wait_log(f"no answer from the STML at {endpoint}; still trying")
+        assert fe.alive()
+        stml = StmlProcess(Path(ddir) / "stml", ("ram:4MiB",), ("--stml-endpoint", endpoint)).start()
+        try:
+            fe.wait_line("fetd_tcp: attached to STML")
+            fe.wait_log(f"the STML at {endpoint} answers")
+        finally:
+            stml.stop()
+    finally:
+        fe.stop()
+    assert fe.log().count("no answer from the STML") == 1, fe.log()
 
 
 def test_portal_add_of_a_taken_port_is_refused_and_status_shows_listeners(ddir):
