@@ -90,6 +90,7 @@ KIND_OF_MODULE = {
     "test_sched_bench_smoke.py": "process",
     "test_secret_files.py": "unit",
     "test_sense_cdb.py": "unit",
+    "test_session_walks.py": "unit",
     "test_shared_state.py": "process",
     "test_slp.py": "unit",
     "test_slp_driver.py": "unit",
