@@ -82,6 +82,7 @@ KIND_OF_MODULE = {
     "test_remote_fe.py": "system",
     "test_roles.py": "process",
     "test_roles_unit.py": "unit",
+    "test_release_steps.py": "unit",
     "test_resumed_nexus.py": "unit",
     "test_response_path.py": "unit",
     "test_save_at_stop.py": "unit",
