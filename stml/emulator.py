@@ -384,8 +384,7 @@ class Emulator:
         as `describe_target` makes it, built once for many front ends (a
         management change builds it a bounded number of LUs per loop turn)."""
         if targets is None:
-            targets = [self.describe_target(t, [lu.describe() for lu in t.luns.values()])
-                       for t in self.targets.values()]
+            targets = self.describe_all()
         discovery = self.discovery
         if fe.kind not in CHAP_KINDS:   # CHAP secrets only where CHAP is spoken: nowhere else to leak from
             targets = [{**t, "access": {**t["access"], **_NO_CHAP}} for t in targets]
@@ -394,6 +393,11 @@ class Emulator:
             fe.ident, stml=self.name, heartbeat_ms=int(self.heartbeat * 1000), caps=sorted(fe.caps),
             limits={"max_transfer": self.max_transfer, "queue_depth": self.queue_depth},
             discovery=discovery, portals=self.portals, targets=targets)
+
+    def describe_all(self) -> list[dict[str, Any]]:
+        """Every target's entry of detect, in one step: every LU of every target
+        (a registration's; 0229 says why it is not cached)."""
+        return [self.describe_target(t, [lu.describe() for lu in t.luns.values()]) for t in self.targets.values()]
 
     @staticmethod
     def describe_target(t: Target, luns: list[dict[str, Any]]) -> dict[str, Any]:

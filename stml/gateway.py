@@ -299,8 +299,9 @@ class Gateway:
             return
         self._sizes[lu] = size
         log.info("image %s is now %d bytes", lu.backend.spec, size)  # type: ignore[attr-defined]
+        inventory = self.em.describe_all()   # once for every front end, not once each (0229)
         for fe in list(self.em.front_ends.values()):
-            self.em.send_detect(fe)
+            self.em.send_detect(fe, inventory)
         # the target's nexuses from its index, not a walk of every front end's,
         # in bounded steps (docs/decisions/0264)
         await self.em.fan_out_ua([lu], CAPACITY_DATA_CHANGED, self.em.nexus_keys(lu.target))

@@ -443,3 +443,48 @@ def test_a_standbys_status_says_where_its_front_ends_are():
     assert "Front ends\n(none: a standby's front ends attach to the active gateway)\n" in render_status(snap, False)
     snap["gateway"]["role"] = "active"
     assert "Front ends\n(none)\n" in render_status(snap, False)
+
+
+def test_a_resized_image_describes_every_lu_once_for_all_front_ends():
+    """Another gateway resized an image: every front end gets a new detect.
+    The inventory was built again for each front end (front ends x LUs in one
+    step, 0228); it is built once and sent to each now (0229)."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+    from backends.ram import RamBackend
+    from stml.api import Op
+    from stml.emulator import Emulator, Target
+    from stml.gateway import Gateway
+    from stml.lu import LogicalUnit, LunOptions
+    sizes = [0]
+
+    class Counted(RamBackend):
+        def size(self) -> int:
+            sizes[0] += 1
+            return super().size()
+
+    class SharedCounted(SharedRam):
+        def size(self) -> int:
+            sizes[0] += 1
+            return self.inner.size() + self.grown
+
+    sent: list = []
+    em = Emulator([], lambda ident, h, frames: sent.append((ident, h)), ThreadPoolExecutor(1))
+    o = LunOptions("ram", size=1 << 20)
+    t = "iqn.2026-11.org.test:t"
+    lus = {n: LogicalUnit(t, n, Counted(1 << 20) if n else SharedCounted("pool/t0"), o, em.templates["disk"])
+           for n in range(30)}
+    em.targets[t] = Target(t, lus)
+    for ident in (b"a", b"b", b"c", b"d"):
+        em.handle(ident, {"op": Op.REGISTER, "version": list(CONTRACT_VERSION), "kind": "raw", "name": "x"}, [])
+    gw = Gateway(em, ThreadPoolExecutor(1))
+
+    async def run() -> None:
+        gw.watch(lus[0])
+        sent.clear()
+        sizes[0] = 0
+        await gw._resized(lus[0])
+    asyncio.run(run())
+    detects = [h for _, h in sent if h["op"] == Op.DETECT]
+    assert len(detects) == 4 and detects[0]["targets"][0]["luns"][0]["blocks"] == (2 << 20) // 512
+    assert sizes[0] == 30   # each LU's size read once, for its description
