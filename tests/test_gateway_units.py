@@ -10,6 +10,7 @@ import msgpack
 import pytest
 import zmq
 
+from backends.ram import RamBackend
 from stml import alua
 from stml.api import CONTRACT_VERSION
 from stml.config import ConfigError, load, lun_options, parse_lun_spec
@@ -288,61 +289,47 @@ def test_a_gateway_starting_walks_its_luns_once(monkeypatch):
     assert all(lu.backend.on_change is not None for lu in lus.values())
 
 
-class OwnedBackend(LockedBackend):
-    """A shared backend whose lock this gateway holds."""
-
-    def __init__(self) -> None:
-        super().__init__(held_elsewhere=False)
-        self.locked = True
-
-    def is_lock_owner(self) -> bool:
-        return self.locked
-
-    def lock_owners(self) -> list[str]:
-        return ["10.0.0.1:0/1"]
-
-    def client_address(self) -> str:
-        return "10.0.0.1:0/1"
-
-
-class PlainBackend:
-    """A backend of storage no other gateway shares that counts what is asked of it."""
+class PlainRam(RamBackend):
+    """Storage no other gateway shares: counts the look-ups of what it lacks
+    (a lock), as a walk looking for the shared LUs makes."""
 
     asked = 0
 
     def __getattr__(self, name: str):
-        PlainBackend.asked += 1
+        PlainRam.asked += 1
         raise AttributeError(name)
 
 
 def test_the_lock_check_and_status_look_at_the_shared_lus_only():
     """The active gateway's lock check (every second) and `status` walked and
-    sorted every LU of every target to find the RBD ones (0228): with 3 RBD
-    LUs among 300 they looked at the other 297 each time. They read the
+    sorted every LU of every target to find the RBD ones (0228): with 4 RBD
+    LUs among 300 they looked at the other 296 each time. They read the
     gateway's index of shared LUs now, in (target, LUN) order (0221)."""
     import asyncio
     from concurrent.futures import ThreadPoolExecutor
     from stml.emulator import Emulator, Target
     from stml.gateway import ACTIVE, Gateway
-    targets = []
+    from stml.lu import LogicalUnit, LunOptions
+    em = Emulator([], lambda *a: None, ThreadPoolExecutor(1))
     for name in ("iqn.2026-11.org.test:b", "iqn.2026-11.org.test:a"):
         lus = {}
         for n in range(150):
-            lu = FakeLU(OwnedBackend() if n in (7, 149) and name.endswith("a") or n == 3 else PlainBackend())  # type: ignore[arg-type]
-            lu.target, lu.lun, lu.naa = name, n, bytes([0x60, n, len(targets)]) + bytes(13)   # type: ignore[attr-defined]
-            lus[n] = lu
-        targets.append(Target(name, lus))
-    em = Emulator(targets, lambda *a: None, ThreadPoolExecutor(1))  # type: ignore[arg-type]
+            shared = n in (7, 149) and name.endswith("a") or n == 3
+            backend = OwnedRam(f"pool/{name[-1]}{n}") if shared else PlainRam(1 << 20)
+            lus[n] = LogicalUnit(name, n, backend, LunOptions("rbd" if shared else "ram", size=1 << 20,
+                                                             path=f"pool/{name[-1]}{n}", id=f"{n:030x}{ord(name[-1]):02x}"),
+                                 em.templates["disk"])
+        em.targets[name] = Target(name, lus)
     gw = Gateway(em, ThreadPoolExecutor(1))
 
     async def run() -> dict:
         gw.start()
         await gw.stop()
         gw.role = ACTIVE
-        PlainBackend.asked = 0
+        PlainRam.asked = 0
         await gw._check()
         status = await gw.status()
-        assert PlainBackend.asked == 0
+        assert PlainRam.asked == 0
         return status
     status = asyncio.run(run())
     assert gw.role == ACTIVE   # every lock still held
@@ -354,7 +341,6 @@ class SharedRam:
     it, a size that can change under the gateway."""
 
     def __init__(self, spec: str) -> None:
-        from backends.ram import RamBackend
         self.inner = RamBackend(1 << 20)
         self.spec, self.fenced, self.locked, self.grown = spec, False, False, 0
 
@@ -376,6 +362,20 @@ class SharedRam:
     def refresh_size(self) -> int:
         self.grown += 1 << 20
         return self.inner.size() + self.grown
+
+
+class OwnedRam(SharedRam):
+    """A shared image whose lock this gateway holds."""
+
+    def __init__(self, spec: str) -> None:
+        super().__init__(spec)
+        self.locked = True
+
+    def lock_owners(self) -> list[str]:
+        return ["10.0.0.1:0/1"]
+
+    def client_address(self) -> str:
+        return "10.0.0.1:0/1"
 
 
 def test_the_gateways_index_follows_every_change_of_the_luns(monkeypatch, tmp_path):
@@ -451,7 +451,6 @@ def test_a_resized_image_describes_every_lu_once_for_all_front_ends():
     step, 0228); it is built once and sent to each now (0229)."""
     import asyncio
     from concurrent.futures import ThreadPoolExecutor
-    from backends.ram import RamBackend
     from stml.api import Op
     from stml.emulator import Emulator, Target
     from stml.gateway import Gateway

@@ -11,9 +11,10 @@ from typing import Any, Callable
 
 from fetd_tcp import pdu as P
 from fetd_tcp import registry as R
-from fetd_tcp.keys import SessionParams
+from fetd_tcp.keys import ConnectionParams, SessionParams
 from fetd_tcp.limits import Limits
-from fetd_tcp.session import Session, Tags
+from fetd_tcp.session import Connection, Session, Tags
+from support.fuzzgen import FakeLink
 
 T = "iqn.2026-12.org.test:walks"
 MANY = 3 * R.DROP_STEP + 10
@@ -21,24 +22,15 @@ QUIET = 2 * (MANY // R.DROP_STEP + 1)   # more turns than a walk of MANY session
 SENSE = bytes([0x70, 0, 6, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x2A, 0x09, 0, 0, 0, 0])
 
 
-class FakeConn:
-    """A session's connection: what it was asked, in order."""
-
-    def __init__(self, calls: list[tuple[str, int, Any]], nexus: int) -> None:
-        self.calls, self.nexus = calls, nexus
-
-    def async_event(self, event: int, *args: Any, **kw: Any) -> None:
-        self.calls.append(("event", self.nexus, (event, *args)))
-
-    def close(self) -> None:
-        self.calls.append(("close", self.nexus, None))
-
-
 def populate(reg: R.SessionRegistry, calls: list, count: int = MANY) -> list[Session]:
+    """`count` sessions of one connection each, which record what they send
+    (Async Messages) and their closing in `calls`, by nexus."""
     sessions = []
     for n in range(1, count + 1):
         s = Session(n, n.to_bytes(6, "big"), f"iqn.2026-12.org.test:{n}", T, 1, SessionParams(), n, 1, 8)
-        s.connections[0] = FakeConn(calls, n)   # type: ignore[assignment]
+        s.connections[0] = Connection(
+            s, 0, ConnectionParams(), 0, lambda pdu, data, n=n: calls.append(("event", n, pdu)), FakeLink(),
+            reg.tags, lambda n=n: calls.append(("close", n, None)), lambda conn, pairs: [])
         reg.sessions[n] = reg.by_nexus[n] = s
         sessions.append(s)
     return sessions
@@ -76,7 +68,7 @@ def test_an_event_for_every_nexus_goes_in_steps_and_a_later_one_comes_after_it()
             fe.report_aen(MANY, 4, SENSE)   # the last nexus: its own event, asked for second
         steps = await per_turn(both, calls)
         assert max(steps) <= R.DROP_STEP and len([s for s in steps if s]) >= MANY // R.DROP_STEP
-        events = [(n, args[1]) for kind, n, args in calls if kind == "event"]
+        events = [(n, pdu.lun) for kind, n, pdu in calls if kind == "event"]
         assert sorted(n for n, lun in events if lun == P.int_to_lun(3)) == list(range(1, MANY + 1))
         assert events[-2:] == [(MANY, P.int_to_lun(3)), (MANY, P.int_to_lun(4))]
     asyncio.run(main())
