@@ -559,7 +559,7 @@ class Emulator:
         del self.front_ends[fe.ident]
         self._waiting.setdefault(fe.ident, None)
         self._releases.append(_Release(fe, lost))
-        if self._release_runner is None and not self._releasing and self._release_step():
+        if self._release_runner is None and not self._releasing and self._release_safely():
             self._release_runner = asyncio.get_running_loop().create_task(self._release_rest())
 
     def takes(self, ident: bytes) -> bool:
@@ -601,15 +601,19 @@ class Emulator:
             self._releasing = False
         return bool(releases)
 
+    def _release_safely(self) -> bool:
+        """_release_step, whatever a callback of it raises: what raised was
+        taken off its front end already, so the next step goes on."""
+        try:
+            return self._release_step()
+        except Exception:
+            log.exception("error releasing a front end")
+            return bool(self._releases)
+
     async def _release_rest(self) -> None:
         try:
-            while True:
+            while self._release_safely():
                 await asyncio.sleep(0)
-                try:
-                    if not self._release_step():
-                        return
-                except Exception:   # (a release that failed is off the queue: the rest go on)
-                    log.exception("error releasing a front end")
         finally:
             self._release_runner = None
 
