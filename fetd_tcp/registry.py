@@ -5,9 +5,11 @@ until its timer (or a cap) expires it."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import logging
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 from fetd_tcp import login as L
 from fetd_tcp import pdu as P
@@ -25,6 +27,70 @@ DROP_STEP = 256          # sessions ended per turn of the loop when many end at 
 # again (0247): at most this many, the oldest forgotten first (as many as the
 # STML keeps nexuses for one target: 0263)
 MAX_HELD = 4096
+
+_X = TypeVar("_X")
+
+
+class Steps:
+    """Walks over many sessions (every nexus's asynchronous event, the
+    sessions a lost link or a stop ends): DROP_STEP calls per turn of the
+    loop, the first step at once, the walks one after another in the order
+    they were asked for, so an event for one nexus never overtakes a walk
+    asked for before it (docs/decisions/0220). Each call checks that its
+    session is still there: a walk's list is a copy taken when it was asked."""
+
+    def __init__(self) -> None:
+        self._jobs: collections.deque[tuple[list[Any], Callable[[Any], None]]] = collections.deque()
+        self._done = 0          # calls made of the first job
+        self._task: asyncio.Task | None = None
+        self._stepping = False  # (a call that asks for a walk only queues it)
+
+    def run(self, items: Iterable[_X], each: Callable[[_X], None]) -> None:
+        """each(item) for every item: now if nothing waits and they are few,
+        else in later turns of the loop."""
+        items = list(items)
+        if not items:
+            return
+        self._jobs.append((items, each))
+        if self._task is None and not self._stepping and self._step():
+            self._task = asyncio.get_running_loop().create_task(self._drain())
+
+    async def idle(self) -> None:
+        """Once every walk asked for is done."""
+        while self._task is not None:
+            await asyncio.shield(self._task)
+
+    def _step(self) -> bool:
+        """At most DROP_STEP calls; True while work is left."""
+        budget = DROP_STEP
+        jobs = self._jobs
+        self._stepping = True
+        try:
+            while jobs and budget:
+                items, each = jobs[0]
+                chunk = items[self._done:self._done + budget]
+                self._done += len(chunk)
+                budget -= len(chunk)
+                if self._done >= len(items):
+                    jobs.popleft()
+                    self._done = 0
+                for item in chunk:
+                    try:
+                        each(item)
+                    except Exception:   # one session's fault ends no other's walk
+                        log.exception("fetd_tcp: error in a walk over sessions")
+        finally:
+            self._stepping = False
+        return bool(jobs)
+
+    async def _drain(self) -> None:
+        try:
+            while True:
+                await asyncio.sleep(0)
+                if not self._step():
+                    return
+        finally:
+            self._task = None
 
 
 def cmd_window(limits: dict[str, Any]) -> int:
@@ -61,6 +127,7 @@ class SessionRegistry:
         # I_T nexus of a session the link's loss ended: the initiator's next login
         # with that ISID is the same I_T nexus, registered `resumed` with another (0247)
         self.held: dict[tuple[str, str, int], str] = {}
+        self.steps = Steps()   # walks over every session, in bounded steps
 
     def new_tsih(self) -> int:
         while True:
@@ -182,36 +249,48 @@ class SessionRegistry:
 
     def link_lost(self) -> None:
         """The STML is gone with every task: failed connections keep nothing,
-        sessions without connections end, every connection closes."""
+        sessions without connections end, every connection closes; DROP_STEP
+        sessions per turn of the loop (Steps)."""
         # nor will it answer our aborts, or the nexuses logins wait for
         self.expiring.clear()
         unanswered = set(self.registering)   # (nexuses the STML never took: not held)
-        for nexus in unanswered:
-            self.nexus_ready(nexus, "the link to the STML was lost")
+        self.steps.run(unanswered, lambda nexus: self.nexus_ready(nexus, "the link to the STML was lost"))
         instance = self.link.instance
         if instance is not None:
-            held = self.held
-            for nexus, s in self.by_nexus.items():
-                if nexus in unanswered:
-                    continue
-                key = (s.initiator_port, s.target, s.tpgt)
-                held.pop(key, None)   # (re-inserted: the newest last)
-                held[key] = instance
-            for key in list(itertools.islice(held, max(0, len(held) - MAX_HELD))):
-                del held[key]
-        for s in list(self.sessions.values()):
-            for failed in list(s.failed.values()):   # their tasks are gone with the STML
-                self.discard_failed(failed)
-            if not s.connections:
-                self.end_session(s)
-            for conn in list(s.connections.values()):
-                conn.close()
+            self.steps.run([s for n, s in self.by_nexus.items() if n not in unanswered],
+                           lambda s: self._hold(s, instance))
+        self.steps.run(self.sessions.values(), self._lose)
 
-    def stop(self) -> None:
+    def _hold(self, s: Session, instance: str) -> None:
+        """Keep the I_T nexus of a session the link's loss ends, newest last, MAX_HELD at most."""
+        held = self.held
+        key = (s.initiator_port, s.target, s.tpgt)
+        held.pop(key, None)   # (re-inserted: the newest last)
+        held[key] = instance
+        if len(held) > MAX_HELD:
+            del held[next(iter(held))]
+
+    def _lose(self, s: Session) -> None:
+        """One session of a lost link: what its failed connections kept goes, it
+        ends without connections, and its connections close."""
+        if self.sessions.get(s.tsih) is not s:
+            return   # ended meanwhile
+        for failed in list(s.failed.values()):   # their tasks are gone with the STML
+            self.discard_failed(failed)
+        if not s.connections:
+            self.end_session(s)
+        for conn in list(s.connections.values()):
+            conn.close()
+
+    async def stop(self) -> None:
         """The front end stops: the sessions still open (their initiators did not
         log out when asked) are released `lost` before the link says goodbye,
-        which would end them as chosen (0234)."""
-        for s in self.by_nexus.values():
+        which would end them as chosen (0234); DROP_STEP per turn of the loop."""
+        self.steps.run(self.by_nexus.values(), self._release_lost)
+        await self.steps.idle()
+
+    def _release_lost(self, s: Session) -> None:
+        if self.by_nexus.get(s.nexus) is s:   # (not ended meanwhile: that released it)
             self.link.scsi_release(s.nexus, lost=s.answered)
 
     def drop_connection(self, conn: Connection) -> None:

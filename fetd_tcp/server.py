@@ -25,7 +25,7 @@ from fetd_tcp.limits import Limits
 from fetd_tcp.logind import LOGIN_READ_LIMIT, LoginPhase
 from fetd_tcp.portals import PortalSpec, Portals, hostport
 from fetd_tcp.registry import CMD_WINDOW, SessionRegistry, cmd_window
-from fetd_tcp.session import MAX_TEXT_RESPONSE, Connection, Tags
+from fetd_tcp.session import MAX_TEXT_RESPONSE, Connection, Session, Tags
 from fetd_tcp.wire import ConnectionProtocol, PduWriter, TimedConnectionProtocol
 from stml.api import Detect, FrontEndLink
 
@@ -134,12 +134,23 @@ class IscsiFrontEnd:
             conn.task_mgmt_fn_done(itt, fn, response, tasks, info)
 
     def report_aen(self, nexus: int | None, lun: int, sense: bytes) -> None:
+        """An asynchronous event for one nexus, or (None) for every one: a
+        walk of every session, in steps (SessionRegistry.steps), which an
+        event for one nexus asked for later never overtakes."""
         by_nexus = self.registry.by_nexus
-        sessions = by_nexus.values() if nexus is None else filter(None, [by_nexus.get(nexus)])
-        for s in sessions:
-            for conn in s.connections.values():
-                conn.async_event(P.ASYNC_SCSI_EVENT, P.int_to_lun(lun), sense)
-                break
+        if nexus is None:
+            sessions = list(by_nexus.values())
+        else:
+            one = by_nexus.get(nexus)
+            sessions = [one] if one is not None else []
+        self.registry.steps.run(sessions, lambda s: self._async_event(s, lun, sense))
+
+    def _async_event(self, s: Session, lun: int, sense: bytes) -> None:
+        if self.registry.by_nexus.get(s.nexus) is not s:
+            return   # ended while the walk went on
+        for conn in s.connections.values():
+            conn.async_event(P.ASYNC_SCSI_EVENT, P.int_to_lun(lun), sense)
+            break
 
     def usage(self) -> dict[str, int]:
         """Our buffered data, for the STML's `status` (sent with heartbeats)."""
@@ -200,16 +211,22 @@ class IscsiFrontEnd:
 
     async def stop(self) -> None:
         sessions = self.registry.sessions
-        for s in list(sessions.values()):
-            for conn in list(s.connections.values()):
-                conn.async_event(P.ASYNC_LOGOUT_REQUEST, param3=2)
+        had = bool(sessions)
+        # every session is asked to log out, in steps (SessionRegistry.steps)
+        self.registry.steps.run(sessions.values(), self._ask_logout)
         self.portals.close()
-        await asyncio.sleep(0.2 if sessions else 0)
+        await self.registry.steps.idle()
+        await asyncio.sleep(0.2 if had else 0)
         for w in list(self.writers):
             w.close()
-        self.registry.stop()
+        await self.registry.stop()
         await self.announcer.close()
         await self.link.close()
+
+    def _ask_logout(self, s: Session) -> None:
+        if self.registry.sessions.get(s.tsih) is s:
+            for conn in list(s.connections.values()):
+                conn.async_event(P.ASYNC_LOGOUT_REQUEST, param3=2)
 
     # ------------------------------------------------------------ a connection's life
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,

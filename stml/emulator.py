@@ -248,6 +248,15 @@ class TmfRow:
     lun_scoped: bool = False
 
 
+@dataclass(eq=False)
+class _Release:
+    """A front end being released in steps (Emulator.release_front_end): its
+    tasks aborted so far, by nexus, for the nexus's own release."""
+    fe: FrontEnd
+    lost: bool
+    tasks: dict[int, list[Task]] = field(default_factory=dict)   # id(nexus) -> its tasks
+
+
 @dataclass
 class _Resets:
     """The target resets of one target: how many were asked for, how many a
@@ -313,6 +322,13 @@ class Emulator:
         # one walk that tells them in turn (one step of the fan-out per loop turn)
         self._to_tell: collections.deque[tuple[Nexus, tuple[int, int]]] = collections.deque()
         self._teller: asyncio.Task | None = None
+        # front ends being released, FANOUT_STEP tasks and nexuses per turn of the
+        # loop, in order; the latest registration of each one's ident (None: none
+        # yet) waits for the end of its release (0222)
+        self._releases: collections.deque[_Release] = collections.deque()
+        self._release_runner: asyncio.Task | None = None
+        self._releasing = False
+        self._waiting: dict[bytes, dict[str, Any] | None] = {}
         # told when a nexus ends (with the tags of the tasks it took along)
         # and when a front end does: stml.server frees their metrics then
         self.on_nexus_gone: Callable[[Nexus, list[int]], None] = lambda nexus, tags: None
@@ -372,8 +388,7 @@ class Emulator:
         as `describe_target` makes it, built once for many front ends (a
         management change builds it a bounded number of LUs per loop turn)."""
         if targets is None:
-            targets = [self.describe_target(t, [lu.describe() for lu in t.luns.values()])
-                       for t in self.targets.values()]
+            targets = self.describe_all()
         discovery = self.discovery
         if fe.kind not in CHAP_KINDS:   # CHAP secrets only where CHAP is spoken: nowhere else to leak from
             targets = [{**t, "access": {**t["access"], **_NO_CHAP}} for t in targets]
@@ -382,6 +397,11 @@ class Emulator:
             fe.ident, stml=self.name, heartbeat_ms=int(self.heartbeat * 1000), caps=sorted(fe.caps),
             limits={"max_transfer": self.max_transfer, "queue_depth": self.queue_depth},
             discovery=discovery, portals=self.portals, targets=targets)
+
+    def describe_all(self) -> list[dict[str, Any]]:
+        """Every target's entry of detect, in one step: every LU of every target
+        (a registration's; 0229 says why it is not cached)."""
+        return [self.describe_target(t, [lu.describe() for lu in t.luns.values()]) for t in self.targets.values()]
 
     @staticmethod
     def describe_target(t: Target, luns: list[dict[str, Any]]) -> dict[str, Any]:
@@ -487,6 +507,9 @@ class Emulator:
             self._refuse_counts(fe, h["tag"], h)
 
     def _register(self, ident: bytes, h: dict[str, Any]) -> None:
+        if ident in self._waiting:   # its previous release is still under way: answered at its end
+            self._waiting[ident] = h
+            return
         reason = version_compatible(h["version"])
         if reason:
             log.warning("front end %r refused: %s", h["name"], reason)
@@ -530,17 +553,73 @@ class Emulator:
         `lost`: they are I_T nexus losses (0234), as when its connection ends
         or it goes silent; a front end that says goodbye (deregister) ends its
         nexuses as it chose, and one that wants them told releases them
-        `lost` first (fetd_tcp at its stop)."""
+        `lost` first (fetd_tcp at its stop). It is unregistered at once; its
+        tasks and nexuses go FANOUT_STEP per turn of the loop (one front end
+        after another), and a registration from its ident meanwhile is
+        answered once they are gone (0222)."""
+        if self.front_ends.get(fe.ident) is not fe:
+            return   # released already
         log.info("releasing front end %s: %s", fe.name, why)
-        self.front_ends.pop(fe.ident, None)
-        tasks: dict[int, list[Task]] = {}   # one pass over its tasks, not one per nexus
-        for task in fe.tasks.values():
-            tasks.setdefault(id(task.nexus), []).append(task)
-        for nexus in list(fe.nexuses.values()):
-            self.drop_nexus(nexus, tasks.get(id(nexus), []), lost)
-        self.on_front_end_gone(fe.ident)
-        if self.timing is not None:
-            self.timing.front_end_gone(fe.ident)
+        del self.front_ends[fe.ident]
+        self._waiting.setdefault(fe.ident, None)
+        self._releases.append(_Release(fe, lost))
+        if self._release_runner is None and not self._releasing and self._release_safely():
+            self._release_runner = asyncio.get_running_loop().create_task(self._release_rest())
+
+    def takes(self, ident: bytes) -> bool:
+        """Registered, or a registration of it waits for its previous release."""
+        return ident in self.front_ends or self._waiting.get(ident) is not None
+
+    def _release_step(self) -> bool:
+        """At most FANOUT_STEP tasks and nexuses of the front ends being
+        released (a nexus counts with its tasks); True while some are left.
+        Tasks first, each aborted and kept with its nexus, then the nexuses,
+        each dropped with its tasks (drop_nexus: the work of its own state)."""
+        budget = FANOUT_STEP
+        releases = self._releases
+        self._releasing = True
+        try:
+            while releases and budget > 0:
+                r = releases[0]
+                fe = r.fe
+                tasks, nexuses = fe.tasks, fe.nexuses
+                while tasks and budget > 0:
+                    task = tasks.popitem()[1]
+                    self._abort(task)
+                    r.tasks.setdefault(id(task.nexus), []).append(task)
+                    budget -= 1
+                while nexuses and budget > 0:
+                    nexus = nexuses.popitem()[1]
+                    mine = r.tasks.pop(id(nexus), [])
+                    self.drop_nexus(nexus, mine, r.lost)
+                    budget -= 1 + len(mine)
+                if not tasks and not nexuses:   # (its sessions are gone: then the front end)
+                    releases.popleft()
+                    self.on_front_end_gone(fe.ident)
+                    if self.timing is not None:
+                        self.timing.front_end_gone(fe.ident)
+                    waiting = self._waiting.pop(fe.ident, None)
+                    if waiting is not None:
+                        self._register(fe.ident, waiting)
+        finally:
+            self._releasing = False
+        return bool(releases)
+
+    def _release_safely(self) -> bool:
+        """_release_step, whatever a callback of it raises: what raised was
+        taken off its front end already, so the next step goes on."""
+        try:
+            return self._release_step()
+        except Exception:
+            log.exception("error releasing a front end")
+            return bool(self._releases)
+
+    async def _release_rest(self) -> None:
+        try:
+            while self._release_safely():
+                await asyncio.sleep(0)
+        finally:
+            self._release_runner = None
 
     def check_liveness(self) -> None:
         """Release front ends silent for three of their heartbeat intervals."""

@@ -28,6 +28,7 @@ import contextlib
 import errno
 import logging
 import time
+from bisect import bisect_left, insort
 from concurrent.futures import Executor
 from typing import TYPE_CHECKING, Any
 
@@ -54,22 +55,35 @@ class Gateway:
         self.role = STANDALONE
         self.since = time.monotonic()
         self.takeovers = 0
+        # the shared LUs, watched since start or adopt until `forget`: by (target,
+        # LUN), in that order, so that the lock check and `status` never walk every
+        # LU to find them (0221); each LU's last known image size
+        self._index: dict[tuple[str, int], LogicalUnit] = {}
+        self._order: list[tuple[str, int]] = []
         self._sizes: dict[LogicalUnit, int] = {}
         self._task: asyncio.Task | None = None
         self._wake = asyncio.Event()
         self._let_go = False   # stood down: the locks go (in _run, before any new attempt)
 
     def shared(self) -> list[LogicalUnit]:
-        """The LUs on storage other gateways share (RBD), in a fixed order."""
-        lus = [lu for t in self.em.targets.values() for lu in t.luns.values()
-               if getattr(lu.backend, "lock_acquire", None) is not None]
-        return sorted(lus, key=lambda lu: (lu.target, lu.lun))
+        """The LUs on storage other gateways share (RBD) that are served, in a
+        fixed order: from the index, without a walk of every LU. One adopted
+        but not in its target yet (or no longer) is not served: left out."""
+        lookup = self.em.lookup_lu
+        index = self._index
+        return [lu for key in self._order for lu in (index[key],) if lookup(*key) is lu]
+
+    @staticmethod
+    def is_shared(lu: LogicalUnit) -> bool:
+        """On storage other gateways share: its backend has an exclusive lock."""
+        return getattr(lu.backend, "lock_acquire", None) is not None
 
     def start(self) -> None:
-        """Begin (as a standby when there is shared storage); call on the loop."""
-        lus = self.shared()
-        for lu in lus:   # one walk of the LUs, not one per shared LU (0228)
-            self._watch(lu)
+        """Begin (as a standby when there is shared storage); call on the loop.
+        The one walk of every LU: the LUs added later are watched by `adopt`."""
+        lus = [lu for t in self.em.targets.values() for lu in t.luns.values() if self.is_shared(lu)]
+        for lu in lus:
+            self.watch(lu)
         if lus:
             self._set(STANDBY, "a standby gateway: taking over the images' locks")
             self.em.local_tpgs = set(self.em.configured_tpgs)
@@ -80,17 +94,23 @@ class Gateway:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 
-    def watch(self, lu: LogicalUnit) -> None:
-        """Hear of a LU added while running: its image changing (a resize) and
-        its client being fenced; the LUNs removed since are forgotten."""
-        shared = set(self.shared())
-        self._sizes = {other: n for other, n in self._sizes.items() if other in shared}   # LUNs removed
-        self._watch(lu)
+    def forget(self, lu: LogicalUnit) -> None:
+        """A shared LU left its target (`lun remove`, `target remove`, a reload):
+        out of the index; a change of its image is no longer news."""
+        self._sizes.pop(lu, None)
+        key = (lu.target, lu.lun)
+        if self._index.get(key) is lu:
+            del self._index[key]
+            del self._order[bisect_left(self._order, key)]
 
-    def _watch(self, lu: LogicalUnit) -> None:
-        """Hear of the LU's image changing (a resize) and of its client being fenced."""
+    def watch(self, lu: LogicalUnit) -> None:
+        """Index the LU; hear of its image changing (a resize) and of its client being fenced."""
         loop = asyncio.get_running_loop()
         backend: Any = lu.backend
+        key = (lu.target, lu.lun)
+        if key not in self._index:
+            insort(self._order, key)
+        self._index[key] = lu   # (one LU per number: a newer one replaces an older)
         self._sizes[lu] = backend.size()
         backend.on_change = lambda: _tell(loop, self._changed, lu)
         backend.on_fenced = lambda: _tell(loop, self.step_down, f"fenced on image {backend.spec}")
@@ -251,7 +271,7 @@ class Gateway:
                 await self._call(backend.lock_release)
                 raise BackendError(str(e)) from None
         except BackendError:
-            self._sizes.pop(lu, None)
+            self.forget(lu)
             raise
         if self.role == STANDBY:   # stood down meanwhile: the LU goes with the rest at the next takeover
             await self._call(self._release_all, [lu])
@@ -279,8 +299,9 @@ class Gateway:
             return
         self._sizes[lu] = size
         log.info("image %s is now %d bytes", lu.backend.spec, size)  # type: ignore[attr-defined]
+        inventory = self.em.describe_all()   # once for every front end, not once each (0229)
         for fe in list(self.em.front_ends.values()):
-            self.em.send_detect(fe)
+            self.em.send_detect(fe, inventory)
         # the target's nexuses from its index, not a walk of every front end's,
         # in bounded steps (docs/decisions/0264)
         await self.em.fan_out_ua([lu], CAPACITY_DATA_CHANGED, self.em.nexus_keys(lu.target))

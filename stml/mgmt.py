@@ -902,6 +902,8 @@ class Management:
         those still there then are aborted, as a LUN RESET's are (TASK
         ABORTED; the front end drops their later data), and its backend
         closes once nothing can call it (docs/decisions/0254, 0219)."""
+        if Gateway.is_shared(lu):   # (every removal comes here: the gateway's index follows)
+            self.gateway.forget(lu)
         closing = asyncio.get_running_loop().create_task(self._close_when_idle(lu, renumbered))
         self.closing_lus.add(lu)
         self._closing[lu] = closing

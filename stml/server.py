@@ -521,7 +521,7 @@ class StmlServer(TapPoint):
         the registration (decision 0243). A registration handed on later (a
         tap) has no known connection: heartbeats alone then tell it is gone."""
         fd = self.channel.connection()
-        if fd is None or ident not in self.emulator.front_ends:
+        if fd is None or not self.emulator.takes(ident):   # (refused: nothing to bind)
             return
         self._unbind(ident)
         other = self._registered_on.get(fd)
@@ -549,7 +549,8 @@ class StmlServer(TapPoint):
 
     def _front_end_gone(self, ident: bytes) -> None:
         self.metrics.front_end_gone(ident)
-        self._unbind(ident)
+        if not self.emulator.takes(ident):   # (registered again while it was released: bound to that)
+            self._unbind(ident)
 
     async def serve(self, stop: asyncio.Event, trace: TraceOptions | None = None) -> None:
         if trace is not None:   # before any front end can connect: the trace sees everything

@@ -10,6 +10,7 @@ import msgpack
 import pytest
 import zmq
 
+from backends.ram import RamBackend
 from stml import alua
 from stml.api import CONTRACT_VERSION
 from stml.config import ConfigError, load, lun_options, parse_lun_spec
@@ -276,16 +277,158 @@ def test_a_gateway_starting_walks_its_luns_once(monkeypatch):
     em = Emulator([Target("iqn.2026-11.org.test:t", lus)], lambda *a: None, ThreadPoolExecutor(1))  # type: ignore[arg-type]
     gw = Gateway(em, ThreadPoolExecutor(1))
     walks = []
-    real = Gateway.shared
-    monkeypatch.setattr(Gateway, "shared", lambda self: (walks.append(1), real(self))[1])
+    real = Gateway.is_shared
+    monkeypatch.setattr(Gateway, "is_shared", staticmethod(lambda lu: (walks.append(lu), real(lu))[1]))
 
     async def run() -> None:
         gw.start()
-        assert len(walks) == 1
+        assert len(walks) == 40   # each LU looked at once
         await gw.stop()
     asyncio.run(run())
     assert gw.role == STANDBY and sorted(lu.lun for lu in gw._sizes) == list(range(40))
     assert all(lu.backend.on_change is not None for lu in lus.values())
+
+
+class PlainRam(RamBackend):
+    """Storage no other gateway shares: counts the look-ups of what it lacks
+    (a lock), as a walk looking for the shared LUs makes."""
+
+    asked = 0
+
+    def __getattr__(self, name: str):
+        PlainRam.asked += 1
+        raise AttributeError(name)
+
+
+def test_the_lock_check_and_status_look_at_the_shared_lus_only():
+    """The active gateway's lock check (every second) and `status` walked and
+    sorted every LU of every target to find the RBD ones (0228): with 4 RBD
+    LUs among 300 they looked at the other 296 each time. They read the
+    gateway's index of shared LUs now, in (target, LUN) order (0221)."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+    from stml.emulator import Emulator, Target
+    from stml.gateway import ACTIVE, Gateway
+    from stml.lu import LogicalUnit, LunOptions
+    em = Emulator([], lambda *a: None, ThreadPoolExecutor(1))
+    for name in ("iqn.2026-11.org.test:b", "iqn.2026-11.org.test:a"):
+        lus = {}
+        for n in range(150):
+            shared = n in (7, 149) and name.endswith("a") or n == 3
+            backend = OwnedRam(f"pool/{name[-1]}{n}") if shared else PlainRam(1 << 20)
+            lus[n] = LogicalUnit(name, n, backend, LunOptions("rbd" if shared else "ram", size=1 << 20,
+                                                             path=f"pool/{name[-1]}{n}", id=f"{n:030x}{ord(name[-1]):02x}"),
+                                 em.templates["disk"])
+        em.targets[name] = Target(name, lus)
+    gw = Gateway(em, ThreadPoolExecutor(1))
+
+    async def run() -> dict:
+        gw.start()
+        await gw.stop()
+        gw.role = ACTIVE
+        PlainRam.asked = 0
+        await gw._check()
+        status = await gw.status()
+        assert PlainRam.asked == 0
+        return status
+    status = asyncio.run(run())
+    assert gw.role == ACTIVE   # every lock still held
+    assert [(i["target"][-1], i["lun"]) for i in status["images"]] == [("a", 3), ("a", 7), ("a", 149), ("b", 3)]
+
+
+class SharedRam:
+    """A RAM store that acts as an RBD image: a lock, reservations kept with
+    it, a size that can change under the gateway."""
+
+    def __init__(self, spec: str) -> None:
+        self.inner = RamBackend(1 << 20)
+        self.spec, self.fenced, self.locked, self.grown = spec, False, False, 0
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+    def lock_acquire(self) -> None:
+        self.locked = True
+
+    def lock_release(self) -> None:
+        self.locked = False
+
+    def is_lock_owner(self) -> bool:
+        return self.locked
+
+    def pr_store(self):
+        return SimpleNamespace(always=True, where="image metadata", read=lambda: None, write=lambda doc: True)
+
+    def refresh_size(self) -> int:
+        self.grown += 1 << 20
+        return self.inner.size() + self.grown
+
+
+class OwnedRam(SharedRam):
+    """A shared image whose lock this gateway holds."""
+
+    def __init__(self, spec: str) -> None:
+        super().__init__(spec)
+        self.locked = True
+
+    def lock_owners(self) -> list[str]:
+        return ["10.0.0.1:0/1"]
+
+    def client_address(self) -> str:
+        return "10.0.0.1:0/1"
+
+
+def test_the_gateways_index_follows_every_change_of_the_luns(monkeypatch, tmp_path):
+    """What the gateway's index of shared LUs holds is what a walk of every
+    LU finds, after each way a LU comes or goes: the start, `lun add` of an
+    RBD LUN and of a file, `lun remove`, `target remove`, a resize of the
+    image, and an RBD LUN served offline (its image could not open)."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+    from backends import open_backend
+    from stml import mgmt as mgmt_mod
+    from stml.config import Config, LunConfig, TargetConfig
+    from stml.emulator import Emulator, Target
+    from stml.gateway import Gateway
+    from stml.lu import LogicalUnit, LunOptions, Offline
+    from stml.mgmt import Management
+    A, B = "iqn.2026-11.org.test:a", "iqn.2026-11.org.test:b"
+    em = Emulator([], lambda *a: None, ThreadPoolExecutor(2))
+
+    def lu(target: str, n: int, backend, kind: str = "rbd") -> LogicalUnit:
+        return LogicalUnit(target, n, backend, LunOptions(kind=kind, path=f"pool/{target[-1]}{n}", id=f"{n:032x}"),
+                           em.templates["disk"])
+    em.targets[A] = Target(A, {0: lu(A, 0, SharedRam("pool/a0")), 1: lu(A, 1, Offline("no cluster")),
+                               2: lu(A, 2, open_backend("ram", 1 << 20), "ram")}, "", {"acl": []})
+    em.targets[B] = Target(B, {5: lu(B, 5, SharedRam("pool/b5"))}, "", {"acl": []})
+    config = Config(tmp_path / "c.toml", [TargetConfig(t, [LunConfig(n, x.options) for n, x in em.targets[t].luns.items()])
+                                          for t in (A, B)], "ipc:///nonexistent", [])
+    gw = Gateway(em, ThreadPoolExecutor(1))
+    m = Management(em, config, gateway=gw, metrics=None, portals=None,   # type: ignore[arg-type]
+                   endpoints=[], traces=None)   # type: ignore[arg-type]
+    monkeypatch.setattr(mgmt_mod, "open_store", lambda o, create: SharedRam(o.path) if o.kind == "rbd"
+                        else open_backend("ram", 1 << 20))
+
+    def walked() -> list[LogicalUnit]:
+        every = [x for t in em.targets.values() for x in t.luns.values() if Gateway.is_shared(x)]
+        return sorted(every, key=lambda x: (x.target, x.lun))
+
+    async def run() -> list:
+        gw.start()
+        seen = [[(x.target[-1], x.lun) for x in gw.shared()]]
+        assert gw.shared() == walked()
+        for change in (m.lun_add("rbd:pool/new", B, 1), m.lun_add("ram:1MiB", A, 3), m.lun_remove(0, A),
+                       m.lun_add("rbd:pool/again", A, 0), gw._resized(em.targets[B].luns[5]),
+                       m.target_remove(B, force=True)):
+            await change
+            assert gw.shared() == walked()
+            seen.append([(x.target[-1], x.lun) for x in gw.shared()])
+        assert gw._sizes == {em.targets[A].luns[0]: 1 << 20}   # removed ones are forgotten
+        await gw.stop()
+        return seen
+    assert asyncio.run(run()) == [[("a", 0), ("b", 5)], [("a", 0), ("b", 1), ("b", 5)], [("a", 0), ("b", 1), ("b", 5)],
+                    [("b", 1), ("b", 5)], [("a", 0), ("b", 1), ("b", 5)], [("a", 0), ("b", 1), ("b", 5)],
+                    [("a", 0)]]
 
 
 def test_a_standbys_status_says_where_its_front_ends_are():
@@ -300,3 +443,47 @@ def test_a_standbys_status_says_where_its_front_ends_are():
     assert "Front ends\n(none: a standby's front ends attach to the active gateway)\n" in render_status(snap, False)
     snap["gateway"]["role"] = "active"
     assert "Front ends\n(none)\n" in render_status(snap, False)
+
+
+def test_a_resized_image_describes_every_lu_once_for_all_front_ends():
+    """Another gateway resized an image: every front end gets a new detect.
+    The inventory was built again for each front end (front ends x LUs in one
+    step, 0228); it is built once and sent to each now (0229)."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+    from stml.api import Op
+    from stml.emulator import Emulator, Target
+    from stml.gateway import Gateway
+    from stml.lu import LogicalUnit, LunOptions
+    sizes = [0]
+
+    class Counted(RamBackend):
+        def size(self) -> int:
+            sizes[0] += 1
+            return super().size()
+
+    class SharedCounted(SharedRam):
+        def size(self) -> int:
+            sizes[0] += 1
+            return self.inner.size() + self.grown
+
+    sent: list = []
+    em = Emulator([], lambda ident, h, frames: sent.append((ident, h)), ThreadPoolExecutor(1))
+    o = LunOptions("ram", size=1 << 20)
+    t = "iqn.2026-11.org.test:t"
+    lus = {n: LogicalUnit(t, n, Counted(1 << 20) if n else SharedCounted("pool/t0"), o, em.templates["disk"])
+           for n in range(30)}
+    em.targets[t] = Target(t, lus)
+    for ident in (b"a", b"b", b"c", b"d"):
+        em.handle(ident, {"op": Op.REGISTER, "version": list(CONTRACT_VERSION), "kind": "raw", "name": "x"}, [])
+    gw = Gateway(em, ThreadPoolExecutor(1))
+
+    async def run() -> None:
+        gw.watch(lus[0])
+        sent.clear()
+        sizes[0] = 0
+        await gw._resized(lus[0])
+    asyncio.run(run())
+    detects = [h for _, h in sent if h["op"] == Op.DETECT]
+    assert len(detects) == 4 and detects[0]["targets"][0]["luns"][0]["blocks"] == (2 << 20) // 512
+    assert sizes[0] == 30   # each LU's size read once, for its description

@@ -1,0 +1,126 @@
+"""A front end's release (its connection closed, it deregistered, it went
+silent, a gateway stood down) drops its nexuses (8,192 at most) and aborts
+its tasks FANOUT_STEP per turn of the event loop (docs/decisions/0222).
+The tests count the nexuses and tasks left after each turn, and check that
+a registration from the same front end meanwhile is answered once the
+release is over, so that none of its commands meets the old one's state."""
+from __future__ import annotations
+
+import asyncio
+import struct
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from backends.ram import RamBackend
+from stml import emulator as E
+from stml.api import CONTRACT_VERSION, DataDir, Op
+from stml.emulator import Emulator, Target
+from stml.gateway import Gateway
+from stml.lu import LogicalUnit, LunOptions
+from stml.sense import I_T_NEXUS_LOSS, parse_sense
+
+T = "iqn.2026-12.org.test:release"
+NEXUSES = 3 * E.FANOUT_STEP + 10
+WAITING = E.FANOUT_STEP + 5          # writes waiting for their data
+WRITE = struct.pack(">BBIBHB", 0x2A, 0, 0, 0, 1, 0)
+
+
+def setup(fronts: tuple[bytes, ...] = (b"fe",)) -> tuple[Emulator, list[tuple[bytes, dict[str, Any]]]]:
+    sent: list[tuple[bytes, dict[str, Any]]] = []
+    em = Emulator([], lambda ident, h, frames: sent.append((ident, h)), ThreadPoolExecutor(1))
+    o = LunOptions("ram", size=1 << 20)
+    em.targets[T] = Target(T, {0: LogicalUnit(T, 0, RamBackend(o.size), o, em.templates["disk"])})
+    for ident in fronts:
+        register(em, ident)
+        for n in range(1, NEXUSES + 1):
+            em.handle(ident, {"op": Op.REGISTER_NEXUS, "nexus": n, "initiator": f"iqn.2026-12.org.test:{n}",
+                              "target": T, "tpg": len(ident)}, [])
+        for tag in range(1, WAITING + 1):   # unsolicited: none; each waits for rdy_to_xfer's data
+            command(em, ident, tag, 1 + tag % NEXUSES, WRITE, DataDir.WRITE, 512)
+    sent.clear()
+    return em, sent
+
+
+def register(em: Emulator, ident: bytes) -> None:
+    em.handle(ident, {"op": Op.REGISTER, "version": list(CONTRACT_VERSION), "kind": "test", "name": "t"}, [])
+
+
+def command(em: Emulator, ident: bytes, tag: int, nexus: int, cdb: bytes = bytes(6),
+            direction: DataDir = DataDir.NONE, length: int = 0) -> None:
+    em.handle(ident, {"op": Op.RX_CMND, "nexus": nexus, "tag": tag, "lun": 0, "cdb": cdb, "attr": 0,
+                      "dir": int(direction), "len": length, "unsol": 0}, [])
+
+
+async def left_per_turn(em: Emulator, fes: list, release: Any) -> list[int]:
+    """Nexuses and tasks of `fes` left before, then after the release call
+    and after each turn of the loop until none is left."""
+    def left() -> int:
+        return sum(len(fe.nexuses) + len(fe.tasks) for fe in fes)
+    counts = [left()]
+    release()
+    counts.append(left())
+    while counts[-1]:
+        await asyncio.sleep(0)
+        counts.append(left())
+    return [a - b for a, b in zip(counts, counts[1:])]
+
+
+def test_a_front_end_is_released_in_steps():
+    """Its connection closed: NEXUSES nexuses and WAITING tasks went in one
+    step of the loop; now at most FANOUT_STEP of them per turn, and in the
+    end every nexus is gone (its key remembered as lost) and no task was
+    answered (aborted by their own nexus's loss: no status)."""
+    async def main() -> None:
+        em, sent = setup()
+        fe = em.front_ends[b"fe"]
+        steps = await left_per_turn(em, [fe], lambda: em.release_front_end(fe, "its connection closed"))
+        assert max(steps) <= E.FANOUT_STEP and len([s for s in steps if s]) > NEXUSES // E.FANOUT_STEP
+        await asyncio.sleep(0)
+        assert not em.nexus_keys(T) and len(em.targets[T].lost) == NEXUSES
+        assert [h["op"] for _, h in sent] == []
+    asyncio.run(main())
+
+
+def test_a_gateway_standing_down_releases_its_front_ends_in_steps():
+    """A gateway that stands down releases every front end: three front ends
+    of NEXUSES nexuses each went in one step; FANOUT_STEP per turn now, each
+    told to go at once."""
+    async def main() -> None:
+        em, sent = setup((b"a", b"bb", b"ccc"))
+        fes = list(em.front_ends.values())
+        gw = Gateway(em, ThreadPoolExecutor(1))
+        steps = await left_per_turn(em, fes, lambda: gw._stand_by("fenced"))
+        assert max(steps) <= E.FANOUT_STEP and len([s for s in steps if s]) > 3 * NEXUSES // E.FANOUT_STEP
+        assert [(ident, h["op"]) for ident, h in sent] == [(b"a", Op.RELEASE), (b"bb", Op.RELEASE),
+                                                           (b"ccc", Op.RELEASE)]
+        assert not em.front_ends and not em.nexus_keys(T)
+    asyncio.run(main())
+
+
+def test_a_front_end_registering_again_mid_release_is_answered_once_it_is_over():
+    """The same front end registers again while its release steps: its
+    detect waits for the end of the release, so its nexuses and commands
+    never meet the old ones (a tag of an old write is answered once, for the
+    new command; an I_T nexus registered again hears I_T NEXUS LOSS)."""
+    async def main() -> None:
+        em, sent = setup()
+        fe = em.front_ends[b"fe"]
+        em.release_front_end(fe, "silent")
+        assert fe.nexuses   # more than a step's worth: the rest in later turns
+        register(em, b"fe")
+        assert [h["op"] for _, h in sent] == [] and em.takes(b"fe") and b"fe" not in em.front_ends
+        while fe.nexuses or fe.tasks:
+            await asyncio.sleep(0)
+        assert [h["op"] for _, h in sent] == [Op.DETECT] and em.front_ends[b"fe"] is not fe
+        sent.clear()
+        em.handle(b"fe", {"op": Op.REGISTER_NEXUS, "nexus": 1, "initiator": "iqn.2026-12.org.test:2",
+                          "target": T, "tpg": 2}, [])
+        for _ in range(3):
+            await asyncio.sleep(0)
+        command(em, b"fe", 1, 1)   # tag 1: an old write's, aborted
+        for _ in range(3):
+            await asyncio.sleep(0)
+        answers = [h for _, h in sent if h["op"] == Op.XMIT_RESPONSE]
+        assert len(answers) == 1 and answers[0]["tag"] == 1
+        assert parse_sense(answers[0]["sense"])[1:] == I_T_NEXUS_LOSS
+    asyncio.run(main())
