@@ -28,6 +28,7 @@ def populate(reg: R.SessionRegistry, calls: list, count: int = MANY) -> list[Ses
     sessions = []
     for n in range(1, count + 1):
         s = Session(n, n.to_bytes(6, "big"), f"iqn.2026-12.org.test:{n}", T, 1, SessionParams(), n, 1, 8)
+        s.answered = True   # (its final Login Response went out: a nexus the initiator knows, 0236)
         s.connections[0] = Connection(
             s, 0, ConnectionParams(), 0, lambda pdu, data, n=n: calls.append(("event", n, pdu)), FakeLink(),
             reg.tags, lambda n=n: calls.append(("close", n, None)), lambda conn, pairs: [])
