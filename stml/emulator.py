@@ -41,7 +41,7 @@ from stml.sense import (
     WRITE_ERROR, WRITE_PROTECTED, CheckCondition, StatusError, build_sense,
 )
 from stml.spc import thin
-from stml.task import FANOUT_STEP, FrontEnd, Nexus, Task
+from stml.task import FANOUT_STEP, TELL_QUEUED, TELL_SET, FrontEnd, Nexus, Task
 from stml.timing import BACKEND_END, BACKEND_START, DISPATCHED, POINTS, QUEUED, Timing
 from stml.workers import FairWorkers
 
@@ -667,6 +667,7 @@ class Emulator:
             del lost[nexus.key]
         told = POWER_ON_OCCURRED if h.get("resumed") is True else I_T_NEXUS_LOSS if was_lost else None
         if told is not None:
+            nexus.told = TELL_QUEUED
             self._to_tell.append((nexus, told))
             if self._teller is None:
                 self._teller = start_eagerly(self._tell_nexuses())
@@ -697,6 +698,7 @@ class Emulator:
                              *_TOLD[asc_ascq])
                     budget = await self._fan_out(t.luns.values(), asc_ascq, [nexus.key], None, (), False,
                                                  budget)
+                nexus.told = TELL_SET
                 if nexus.fe.nexuses.get(nexus.id) is nexus:
                     self.out.nexus_ready(nexus.fe.ident, nexus.id)
         finally:   # (whatever ended it, the next registration starts a walk again)
@@ -769,6 +771,8 @@ class Emulator:
             return
         self._keyed.pop(key, None)
         t = self.targets.get(nexus.target)
+        if nexus.told == TELL_QUEUED or (nexus.told == TELL_SET and self._ua_luns.get(key)):
+            lost = True   # (ended before its initiator heard its loss, a login never answered: 0236)
         if lost and t is not None:   # (a removed target's nexuses have nothing to hear)
             t.lost[key] = None
             if len(t.lost) > MAX_LOST_PER_TARGET:

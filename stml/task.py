@@ -31,6 +31,10 @@ FANOUT_STEP = 256
 _VIEW: Final = memoryview   # (compiled, a builtin's name is a lookup in builtins per use)
 
 
+TELL_QUEUED: Final = 1
+TELL_SET: Final = 2
+
+
 @dataclass(eq=False)
 class Nexus:
     fe: FrontEnd
@@ -38,6 +42,10 @@ class Nexus:
     initiator: str
     target: str
     tpg: int
+    # registered to hear that its I_T nexus's state is gone (0234, 0247): TELL_QUEUED
+    # until the unit attentions are set on its LUs, then TELL_SET; if it ends plainly
+    # before its initiator heard them, the loss is owed to the next one (0236)
+    told: int = 0
 
     @functools.cached_property
     def key(self) -> str:

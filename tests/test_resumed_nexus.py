@@ -320,6 +320,25 @@ def test_a_nexus_lost_unasked_hears_nexus_loss_once_on_every_lu_when_it_returns(
     assert told_on_every_lu_once(emu, sent, 6) == [None] * 3
 
 
+def test_a_returning_nexus_released_plainly_before_it_heard_its_loss_owes_it_to_the_next():
+    """A nexus registered to hear its loss whose login was never answered
+    (fetd_tcp releases it plainly, 0236) took the remembered loss with it:
+    the next login heard nothing though its RESERVE and PREVENT were gone.
+    Released before its initiator heard the unit attentions, the loss is
+    remembered again; heard on every LU, a Logout keeps nothing."""
+    sent: list = []
+    emu = setup(sent)
+    register(emu, 1)
+    release(emu, 1, lost=True)
+    register(emu, 2, ini=1)
+    release(emu, 2)                                        # never answered: no command came
+    register(emu, 3, ini=1)
+    assert told_on_every_lu_once(emu, sent, 3) == [NEXUS_LOSS] * 3
+    release(emu, 3)                                        # heard on every LU, then a Logout
+    register(emu, 4, ini=1)
+    assert told_on_every_lu_once(emu, sent, 4) == [None] * 3
+
+
 def test_a_logout_or_a_goodbye_keeps_nothing_and_a_front_end_gone_loses_its_nexuses():
     """A plain release (a Logout) and deregister remember nothing; a front
     end whose connection ends (release_front_end), a nexus id registered
