@@ -194,8 +194,9 @@ def default_iqn(data_dir: Path) -> str:
     """The name of the built-in default target: the legacy one in a data dir
     that served it (its `disk0.img`, or reservations kept under that name:
     initiators know the target by it), else this host's (0207). Blocking (stats)."""
+    legacy_pr = re.sub(r"[^A-Za-z0-9._-]", "_", LEGACY_IQN) + "_"   # (as stml.pr names the file)
     served = (data_dir / "disk0.img").exists() or any(
-        p.name.startswith(f"{LEGACY_IQN}_") for p in _listed(data_dir / "pr"))
+        p.name.startswith(legacy_pr) for p in _listed(data_dir / "pr"))
     return LEGACY_IQN if served else host_iqn()
 
 

@@ -85,8 +85,9 @@ class Management:
         self._closing: dict[LogicalUnit, asyncio.Task] = {}   # removed LUs' backends waiting to close
         self.closing_lus: set[LogicalUnit] = set()   # their LUs: the STML's stop flushes them too
         # a reload's renumbered RAM LUs' stores, by id, for the add at their new number (0205)
-        self._moving: dict[str, Backend] = {}
+        self._moving: dict[tuple[str, str], Backend] = {}   # (target, id) -> a renumbered RAM LU's store
         self._reloading = False
+        self._pending: list[str] = []   # a reload's lines of what it did not apply
         self._saver = ThreadPoolExecutor(1, thread_name_prefix="config-save")   # (its thread: at first use)
         # a save whose command waits for it (in the saver thread or just done), and its file
         self._under_way: tuple[Future, Path] | None = None
@@ -441,6 +442,7 @@ class Management:
         pending: list[str] = []
         self._identified = False
         self._reloading = True
+        self._pending = pending
         try:
             with self._batched():
                 await self._reload(new, applied, pending)
@@ -793,14 +795,19 @@ class Management:
         return lu
 
     async def _moved_ram(self, target: str, lun: int, o: LunOptions) -> Backend | None:
-        """The store of a RAM LU this reload removed at another number, its id
-        this one's: its data goes with its identity, as a file's does (0205);
-        an edited size is applied (a shrink frees pages: in a thread)."""
-        backend = self._moving.pop(o.id, None) if o.kind == "ram" and o.id is not None else None
+        """The store of a RAM LU this reload removed at another number of the
+        same target, its id this one's: its data goes with its identity, as a
+        file's does (0205); an edited size that grows it is applied, a shrink
+        is not (it would lose data, which only `lun resize --force` may)."""
+        backend = self._moving.pop((target, o.id), None) if o.kind == "ram" and o.id is not None else None
         if backend is None:
             return None
-        if o.size is not None and o.size != backend.size():
-            await self._in_thread(backend.resize, o.size)
+        old = backend.size()
+        if o.size is not None and o.size > old:
+            await self._in_thread(backend.resize, o.size)   # (pages: in a thread)
+        elif o.size is not None and o.size < old:
+            self._pending.append(f"target {target} LUN {lun}: kept at {old} bytes: shrinking it to {o.size} "
+                                 f"loses data: `scsi-target lun resize --force` does that")
         log.info("target %s LUN %d: RAM LU %s keeps its data at its new number", target, lun, o.id)
         return backend
 
@@ -947,7 +954,7 @@ class Management:
                 log.error("%s LUN %d removed: closing its backend failed: %s", lu.target, lu.lun, e)
 
         if renumbered and self._reloading and lu.options.kind == "ram" and lu.options.id is not None:
-            self._moving[lu.options.id] = lu.backend   # its pages are its data: kept for its new number (0205)
+            self._moving[(lu.target, lu.options.id)] = lu.backend   # its pages are its data: kept for its new number (0205)
             self.closing_lus.discard(lu)
             log.info("%s LUN %d removed: its RAM moves with its id", lu.target, lu.lun)
         else:

@@ -118,7 +118,8 @@ def test_the_default_target_is_named_per_host_and_kept_where_it_was_served(tmp_p
     for d in (fresh, served, fenced / "pr"):
         d.mkdir(parents=True)
     (served / "disk0.img").write_bytes(bytes(4096))
-    (fenced / "pr" / f"{LEGACY_IQN}_0.json").write_text("{}")
+    from stml import pr
+    pr.state_path(fenced, LEGACY_IQN, 0).write_text("{}")   # (named as the STML names it)
     assert [load(None, str(d)).targets[0].name for d in (fresh, served, fenced)] == [
         "iqn.2026-11.org.scsi-target:storage-1", LEGACY_IQN, LEGACY_IQN]
 

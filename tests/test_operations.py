@@ -475,6 +475,38 @@ def test_a_reload_that_renumbers_a_lun_keeps_its_reservations_and_a_removal_drop
         assert [read_keys(c, lun) for lun in (0, 9)] == [[], [0xD1]]
 
 
+def test_a_reload_that_renumbers_a_ram_lun_grows_it_but_never_shrinks_it(stml_factory):
+    """A RAM LU moved to another number keeps its pages (0205); a bigger size
+    edited into the same entry is applied, a smaller one is not (it would
+    drop the data past the new end, which only `lun resize --force` may) and
+    the reload says so; the data is there either way."""
+    p = stml_factory("ram:4MiB", "ram:4MiB")
+    data = os.urandom(4096)
+    with LoopbackClient(p.endpoint, timeout=10) as c:
+        blocks, block = c.capacity(1)
+        lba = blocks - len(data) // block   # the last 4 KiB: what a shrink would drop
+        c.write(1, lba, data)
+    cfg = p.data_dir / "scsi-target.toml"
+
+    def move(number: int, to: int, size: str) -> dict:
+        _renumber(cfg, number, to)
+        _edit(cfg, lambda doc: next(lc for lc in doc["target"][0]["lun"] if lc["lun"] == to).__setitem__(
+            "size", size))
+        return MgmtClient(p.endpoint).call("config_reload")
+
+    r = move(1, 5, "2MiB")
+    assert [line for line in r["not_applied"] if "LUN 5: kept at 4194304 bytes" in line], r
+    sizes = {x["lun"]: x["size"] for x in MgmtClient(p.endpoint).call("lun_list")}
+    assert sizes[5] == 4 << 20
+    with LoopbackClient(p.endpoint, timeout=10) as c:
+        assert c.read(5, lba, len(data) // block) == data
+    r = move(5, 6, "8MiB")
+    assert not [line for line in r["not_applied"] if "LUN 6" in line], r
+    assert {x["lun"]: x["size"] for x in MgmtClient(p.endpoint).call("lun_list")}[6] == 8 << 20
+    with LoopbackClient(p.endpoint, timeout=10) as c:
+        assert c.read(6, lba, len(data) // block) == data
+
+
 # ------------------------------------------------------------------ any sequence of changes
 
 OTHERS = ["iqn.2026-11.org.test:alpha", "iqn.2026-11.org.test:beta"]
