@@ -181,10 +181,14 @@ def run_serves(ddir: Path) -> bool | None:
     gone, and each start writes the file anew)."""
     try:
         words = (ddir / RUN_LOCK).read_text(errors="replace").split()
-        os.kill(int(words[0]), 0)
-    except PermissionError:   # (alive: another user's, root's under the systemd unit)
+        pid = int(words[0])
+    except (OSError, ValueError, IndexError):   # (none, empty, or not ours to read: 0600)
+        return None
+    try:
+        os.kill(pid, 0)
+    except PermissionError:   # (alive, another user's)
         pass
-    except (OSError, ValueError, IndexError):
+    except OSError:
         return None
     return words[1:] == ["ready"]
 

@@ -323,6 +323,11 @@ def _spec_fields(rest: str) -> list[str]:
     return fields
 
 
+def spec_field(text: str) -> str:
+    """`text` as one field of a LUN spec (what _spec_fields reads back)."""
+    return text.replace("\\", "\\\\").replace(",", "\\,")
+
+
 def parse_lun_spec(spec: str, where: str = "--lun") -> dict[str, Any]:
     """`ram:256MiB`, `file:PATH`, `file:PATH,size=1GiB,ro,removable,block_size=4096`,
     `...,scheduler=fair`, `rbd:POOL/IMAGE[,conf=PATH,id=USER,keyring=PATH]`;
@@ -480,7 +485,7 @@ def load(config_path: str | None = None, data_dir: str | None = None, iqn: str |
     # no `target` at all: the built-in default; `target = []` (every target removed) is a choice
     if iqn or luns or (not targets and "target" not in raw):
         name = check_iqn(iqn or (targets[0].name if targets else default_iqn(ddir)), "--iqn")
-        specs = luns or (f"file:{ddir / 'disk0.img'},size={DEFAULT_SIZE}",)
+        specs = luns or (f"file:{spec_field(str(ddir / 'disk0.img'))},size={DEFAULT_SIZE}",)
         tl = [LunConfig(n, lun_options(parse_lun_spec(s), f"--lun {s}", ddir)) for n, s in enumerate(specs)]
         existing = next((t for t in targets if t.name == name), None)
         if existing:

@@ -362,3 +362,27 @@ def test_a_config_served_from_another_data_dir_finds_its_target(tmp_path, tmp_sh
         assert "iqn.2026-11.org.test:six" in shown and "# mine" in shown
         added = cli("lun", "add", "--config", str(cfg), "ram:4MiB").stdout
         assert f"saved to {cfg}" in added
+
+
+def test_wait_ready_reads_a_run_lock_it_may_not_read_as_no_run(tmp_path, monkeypatch):
+    """run.lock is 0600: another user's `run` (a TCP management endpoint)
+    leaves it unreadable, which is "no `run` to ask", not a traceback; a
+    live PID of another user still counts as running (0237)."""
+    from scsi_target import cli
+    lock = tmp_path / cli.RUN_LOCK
+    lock.write_text(f"{os.getpid()} ready\n")
+    assert cli.run_serves(tmp_path) is True
+    lock.write_text(f"{os.getpid()}\n")
+    assert cli.run_serves(tmp_path) is False
+
+    def denied(self, *a, **k):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(Path, "read_text", denied)
+    assert cli.run_serves(tmp_path) is None
+    monkeypatch.undo()
+
+    def other_users(pid, sig):
+        raise PermissionError(1, "Operation not permitted")
+    lock.write_text("1 ready\n")
+    monkeypatch.setattr(os, "kill", other_users)
+    assert cli.run_serves(tmp_path) is True

@@ -762,3 +762,14 @@ def test_an_iscsi_name_in_capitals_is_folded_not_refused():
     assert check_iqn("NAA.52004567BA64678D", "--iqn") == "naa.52004567ba64678d"
     with pytest.raises(ConfigError):
         check_iqn("IQN.26-01.org.example", "--iqn")
+
+
+def test_the_default_lun_of_a_data_dir_with_a_comma_or_backslash_is_its_own_file(tmp_path):
+    """The built-in default LUN is written as a spec from the data dir's path:
+    a comma or a backslash in it is escaped (0209), so the file is the data
+    dir's disk0.img, not a path cut at the comma."""
+    from stml.config import spec_field, _spec_fields
+    ddir = tmp_path / "vm,prod\\x"
+    ddir.mkdir()
+    assert load(None, str(ddir)).targets[0].luns[0].options.path == str(ddir / "disk0.img")
+    assert _spec_fields(spec_field("/a,b\\\\,c\\") + ",ro") == ["/a,b\\\\,c\\", "ro"]
