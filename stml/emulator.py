@@ -689,20 +689,32 @@ class Emulator:
         budget = FANOUT_STEP
         try:
             while self._to_tell:
+                if budget <= 0:   # (each nexus counts one entry at least: a target without LUs too)
+                    budget = FANOUT_STEP
+                    await asyncio.sleep(0)
+                left = budget
                 nexus, asc_ascq = self._to_tell.popleft()
-                if nexus.fe.nexuses.get(nexus.id) is not nexus:
-                    continue   # gone, or registered again: a newer registration answers for itself
-                t = self.targets.get(nexus.target)
-                if t is not None:
-                    log.info("front end %s: nexus %d (%s) %s: %s", nexus.fe.name, nexus.id, nexus.key,
-                             *_TOLD[asc_ascq])
-                    budget = await self._fan_out(t.luns.values(), asc_ascq, [nexus.key], None, (), False,
-                                                 budget)
-                nexus.told = TELL_SET
-                if nexus.fe.nexuses.get(nexus.id) is nexus:
-                    self.out.nexus_ready(nexus.fe.ident, nexus.id)
+                if nexus.fe.nexuses.get(nexus.id) is nexus:   # (else gone, or registered again: a
+                    try:                                       # newer registration answers for itself)
+                        budget = await self._tell(nexus, asc_ascq, budget)
+                    except Exception:   # (logged; the walk goes on: no nexus behind it waits forever)
+                        log.exception("front end %s: nexus %d: telling it its state is gone failed",
+                                      nexus.fe.name, nexus.id)
+                if budget == left:
+                    budget -= 1
         finally:   # (whatever ended it, the next registration starts a walk again)
             self._teller = None
+
+    async def _tell(self, nexus: Nexus, asc_ascq: tuple[int, int], budget: int) -> int:
+        """One returning nexus told on every LU of its target, then answered."""
+        t = self.targets.get(nexus.target)
+        if t is not None:
+            log.info("front end %s: nexus %d (%s) %s: %s", nexus.fe.name, nexus.id, nexus.key, *_TOLD[asc_ascq])
+            budget = await self._fan_out(t.luns.values(), asc_ascq, [nexus.key], None, (), False, budget)
+        nexus.told = TELL_SET
+        if nexus.fe.nexuses.get(nexus.id) is nexus:
+            self.out.nexus_ready(nexus.fe.ident, nexus.id)
+        return budget
 
     def _nexus_refusal(self, nexus: Nexus) -> str | None:
         """Why the target does not take this initiator, or None. The front

@@ -1135,6 +1135,7 @@ def test_wait_ready_on_a_gateway_means_an_initiator_can_log_in_now(ddir):
     finally:
         stop_pid(target.proc, session=True)
 
+
 def test_a_malformed_portal_report_does_not_break_portal_list(stml_factory):
     """A front end's portal_state entry without host/port/tpgt is no match,
     not an internal error of `portal list` and `status`."""

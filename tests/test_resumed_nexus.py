@@ -161,6 +161,30 @@ def test_a_batch_of_returning_nexuses_shares_one_fan_out_step_per_turn(monkeypat
         assert [command(emu, sent, n, lun) for lun in range(10)] == [POWER_ON_OCCURRED] * 10
 
 
+def test_returning_nexuses_of_a_target_without_lus_still_count_against_the_step(monkeypatch):
+    """A nexus whose target has no LU sets no unit attention, but its
+    answer (and log line) is work: each counts one entry of the step, so
+    a walk answers at most FANOUT_STEP of them per turn of the loop."""
+    monkeypatch.setattr(emulator_mod, "FANOUT_STEP", 4)
+    sent: list = []
+    emu = setup(sent, luns=10)
+    empty = "iqn.2026-12.org.test:empty"
+    emu.targets[empty] = Target(empty, {}, "", {"acl": []})
+
+    async def run() -> list[int]:
+        register(emu, 1, resumed=True)          # 10 entries: the walk is now between turns
+        for n in range(2, 14):
+            register(emu, n, empty, resumed=True)
+        counts = [len(ready(sent))]
+        while len(ready(sent)) < 13:
+            await asyncio.sleep(0)
+            counts.append(len(ready(sent)))
+        return counts
+    counts = asyncio.run(run())
+    assert max(b - a for a, b in zip(counts, counts[1:])) <= 4
+    assert len(counts) >= 1 + (10 + 12) // 4
+
+
 def test_the_power_on_of_a_resumed_nexus_leaves_another_nexus_prevent_in_place():
     """PREVENT MEDIUM REMOVAL set by a nexus of this STML stays: the power on
     it reports happened before that nexus's command (a reset UA clears it)."""
