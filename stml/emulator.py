@@ -850,18 +850,19 @@ class Emulator:
     # ------------------------------------------------------------ commands
     def command(self, fe: FrontEnd | None, ident: bytes, tag: int, nexus_id: int, lun: int, cdb: bytes,
                 attr: int, direction: int, exp_len: int, unsol: int, frames: list,
-                lease: Lease | None = None) -> None:
+                lease: Lease | None = None, now: float | None = None) -> None:
         """An rx_cmnd decoded as RxCmnd (its fields fit the table, its counts are
         what a command takes), passed as its fields (rx_cmnd_fields): handle()'s
         and _rx_cmnd's steps for it, without the header dict. `fe`: its front
-        end, None if it is not registered. The process shell calls it while
-        commands are not timed (_rx_cmnd_timed reads the dict)."""
+        end, None if it is not registered; `now`: the clock read the metrics
+        took for it. The process shell calls it while commands are not timed
+        (_rx_cmnd_timed reads the dict)."""
         if fe is None:
             self.out.release(ident, "unknown front end: register first")
             if lease is not None:
                 lease.release()
             return
-        fe.last_seen = _MONOTONIC()
+        fe.last_seen = _MONOTONIC() if now is None else now
         nexus = fe.nexuses.get(nexus_id)
         if nexus is None or tag in fe.tasks:
             self._not_started(fe, tag, nexus)

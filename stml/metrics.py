@@ -22,7 +22,7 @@ from itertools import chain, islice
 from time import monotonic
 from typing import Any, Final
 
-from stml.task import FANOUT_STEP
+from stml.task import FANOUT_STEP, FrontEnd
 
 # (Final: the compiled build uses them in place, not through the module's dict)
 RING: Final = 1024     # recent latencies kept per set (a power of two)
@@ -146,10 +146,11 @@ class Metrics:
             return
         self.command(ident, fe, tag, nid, lun if type(lun) is int else None, h.get("dir", 0), h.get("len", 0))
 
-    def command(self, ident: bytes, fe: Any, tag: int, nid: int, lun: int | None, direction: int,
-                length: int) -> None:
+    def command(self, ident: bytes, fe: FrontEnd, tag: int, nid: int, lun: int | None, direction: int,
+                length: int, now: float | None = None) -> None:
         """A command's fields, typed (rx_cmnd, or the STML's decoding of them):
-        the usual command finds its set in two lookups."""
+        the usual command finds its set in two lookups. `now`: the clock read
+        the emulator takes for it too (one read per command, not two)."""
         try:
             c = self._live[fe.nexuses[nid]][lun]
         except KeyError:
@@ -164,7 +165,7 @@ class Metrics:
         inflight = self._inflight
         if key in inflight:   # a tag reused without a response (aborted): that one is over
             self.responded(ident, tag, None, 0)
-        inflight[key] = (monotonic(), direction, length, c)
+        inflight[key] = (monotonic() if now is None else now, direction, length, c)
 
     def _new_set(self, ident: bytes, nexus: Any, lun: Any, sets: dict[int | None, Counters]) -> Counters:
         """Sets are keyed by the Nexus object: a nexus id registered again

@@ -161,6 +161,7 @@ _XMIT_PACK: Final = XMIT_RESPONSE_FIXED.pack
 _XMIT_K0: Final = XMIT_RESPONSE_PARTS[0]
 _XMIT_K1: Final = XMIT_RESPONSE_PARTS[1]
 _XMIT_K2: Final = XMIT_RESPONSE_PARTS[2]
+_MONOTONIC: Final = time.monotonic
 
 
 class _Sender(StmlSender):
@@ -187,7 +188,8 @@ class _Sender(StmlSender):
                 pass
             else:
                 server.metrics.responded(ident, tag, status, resid)
-                server.route(ident, header, data)
+                data.insert(0, header)   # (the emulator's list, made for this response: given up)
+                server.route_message(ident, data)
                 return
         self._xmit_response(ident, tag, status, sense, resid, data)
 
@@ -364,13 +366,20 @@ class StmlServer(TapPoint):
             self.metrics.aborted(ident, header["aborted"])
 
     def route(self, ident: bytes, packed: bytes, frames: list) -> None:
-        """Hand a packed message to the carrier its front end is on: its own
-        stream (same host) or the ZeroMQ router."""
+        """Hand a packed message to the carrier its front end is on."""
+        self.route_message(ident, [packed, *frames])
+
+    def route_message(self, ident: bytes, message: list) -> None:
+        """Hand [packed header, data...] to the carrier its front end is on:
+        its own stream (same host) or the ZeroMQ router. The list is given
+        up (the router's ident goes in front of it): a caller that built it
+        for this message saves a copy per response."""
         stream = self.streams.get(ident)
         if stream is not None:
-            stream.send([packed, *frames])
+            stream.send(message)
         else:
-            self.channel.send([ident, packed, *frames])
+            message.insert(0, ident)
+            self.channel.send(message)
 
     def transmit(self, ident: bytes, header: dict[str, Any], frames: list, past: Tap | None = None) -> None:
         """Send a message past the tap (a tap that held one back lets it go here;
@@ -479,8 +488,11 @@ class StmlServer(TapPoint):
 
         def on_message(frames: list) -> None:
             # the frames' lease: write data stays in the front end's memory (or a
-            # pooled buffer) until its command ends (Emulator._forget)
-            self.received([ident, *frames], stream.take_lease())
+            # pooled buffer) until its command ends (Emulator._forget). The list is
+            # the framer's own, made for this message: the ident goes in front in
+            # place, not into a copy (per command)
+            frames.insert(0, ident)
+            self.received(frames, stream.take_lease())
 
         stream = StreamChannel(conn, on_message, lambda: self._stream_closed(ident), self.pool, region,
                                self.poll.touch if self.poll else None,
@@ -716,10 +728,11 @@ class StmlServer(TapPoint):
                     else:
                         tag, nexus, lun, cdb, attr, direction, length, unsol = rx_cmnd_fields(c)
                         fe = self.emulator.front_ends.get(ident)
+                        now = _MONOTONIC()   # (one clock read for the metrics and the front end's liveness)
                         if fe is not None:
-                            self.metrics.command(ident, fe, tag, nexus, lun, direction, length)
+                            self.metrics.command(ident, fe, tag, nexus, lun, direction, length, now)
                         self.emulator.command(fe, ident, tag, nexus, lun, cdb, attr, direction, length,
-                                              unsol, frames[2:], lease)
+                                              unsol, frames[2:], lease, now)
                         return
                 header = unpack(raw)
             except ValueError as e:
