@@ -24,6 +24,7 @@ from typing import Any, Callable
 EVENT_TYPE_EVENTFD = 2
 LOCK_MODE_EXCLUSIVE = 0
 FEATURE_EXCLUSIVE_LOCK = 1 << 2   # RBD_FEATURE_EXCLUSIVE_LOCK
+IMAGE_OPTION_FEATURES_SET = 8     # RBD_IMAGE_OPTION_FEATURES_SET: added to the default features
 WRITE_ZEROES_FLAG_THICK_PROVISION = 1
 OP_FLAG_FADVISE_FUA = 0x80
 EBLOCKLISTED = errno.ESHUTDOWN   # what librados returns to a client on the OSD blocklist
@@ -207,7 +208,10 @@ def libs() -> tuple[ctypes.CDLL, ctypes.CDLL]:
             "rados_ioctx_set_namespace": (None, [P, c_char_p]),
         },
         rbd: {
-            "rbd_create": (c_int, [P, c_char_p, c_uint64, POINTER(c_int)]),
+            "rbd_create4": (c_int, [P, c_char_p, c_uint64, P]),
+            "rbd_image_options_create": (None, [POINTER(P)]),
+            "rbd_image_options_destroy": (None, [P]),
+            "rbd_image_options_set_uint64": (c_int, [P, c_int, c_uint64]),
             "rbd_open": (c_int, [P, c_char_p, POINTER(P), c_char_p]),
             "rbd_close": (c_int, [P]),
             "rbd_get_size": (c_int, [P, POINTER(c_uint64)]),
@@ -336,10 +340,17 @@ AIO_CALLS = ("read", "write", "writev", "flush", "discard", "writesame", "write_
 
 
 def create_image(ioctx: IoCtx, name: str, size: int) -> None:
-    """A new image with the cluster's default features (exclusive-lock among them)."""
+    """A new image with the client's default features plus exclusive-lock,
+    which serving it needs (0238): defaults made for krbd may lack it."""
     _, rbd = libs()
-    order = c_int(0)
-    _check(rbd.rbd_create(ioctx.handle, name.encode(), size, byref(order)), f"creating image {name}")
+    opts = c_void_p()
+    rbd.rbd_image_options_create(byref(opts))
+    try:
+        _check(rbd.rbd_image_options_set_uint64(opts, IMAGE_OPTION_FEATURES_SET, FEATURE_EXCLUSIVE_LOCK),
+               f"creating image {name}")
+        _check(rbd.rbd_create4(ioctx.handle, name.encode(), size, opts), f"creating image {name}")
+    finally:
+        rbd.rbd_image_options_destroy(opts)
 
 
 class Image:

@@ -92,7 +92,9 @@ class LoginPhase:
         """Answer a login that made `conn` once the STML has taken its new
         session's nexus. Refused there (past a cap of the STML's), the login
         fails with Out of resources and its session ends unseen: a session
-        the initiator was told of would fail its every command instead."""
+        the initiator was told of would fail its every command instead. A
+        connection that fails before the answer goes out ends a new session
+        as one its initiator never had, not as a lost one (0236)."""
         try:
             refusal = await registry.refusal(conn.session)
             await self._send(machine.withdraw(L.OUT_OF_RESOURCES, refusal) if refusal else step)
@@ -103,4 +105,5 @@ class LoginPhase:
             log.info("login from %s failed: %s", conn.session.isid.hex(), refusal)
             registry.drop_connection(conn)
             return None
+        conn.session.answered = True
         return conn

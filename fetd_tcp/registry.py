@@ -212,7 +212,7 @@ class SessionRegistry:
         log out when asked) are released `lost` before the link says goodbye,
         which would end them as chosen (0234)."""
         for s in self.by_nexus.values():
-            self.link.scsi_release(s.nexus, lost=True)
+            self.link.scsi_release(s.nexus, lost=s.answered)
 
     def drop_connection(self, conn: Connection) -> None:
         """The connection is over: its tasks are forgotten (ErrorRecoveryLevel < 2:
@@ -335,7 +335,8 @@ class SessionRegistry:
     def end_session(self, s: Session, lost: bool = True) -> None:
         """Forget a session (work in proportion to its own tasks, not to all).
         `lost`: its initiator did not end it (it did with a Logout): the STML
-        tells the I_T nexus when it logs in again (0234)."""
+        tells the I_T nexus when it logs in again (0234), if its initiator
+        ever heard of it (0236: its final Login Response went out)."""
         if self.sessions.get(s.tsih) is s:
             del self.sessions[s.tsih]
             portal, peer = self.session_portals.pop(s.tsih, ("?", "?"))
@@ -356,4 +357,4 @@ class SessionRegistry:
                     self.per_target[s.target] = left
                 else:
                     self.per_target.pop(s.target, None)
-                self.link.scsi_release(s.nexus, lost)
+                self.link.scsi_release(s.nexus, lost and s.answered)

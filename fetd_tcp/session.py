@@ -175,6 +175,9 @@ class Session:
     # a Logout closed the session (reason 0): what failed connections kept goes
     # with it, and its initiator ended it (no I_T NEXUS LOSS later: 0234)
     logged_out: bool = False
+    # its initiator was told of it (a final Login Response went out): until
+    # then its end is no I_T nexus loss to anyone (0236)
+    answered: bool = False
 
     @property
     def erl(self) -> int:

@@ -81,7 +81,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple
 
-IQN = "iqn.2026-11.org.scsi-target:disk0"
+IQN = "iqn.2026-11.org.scsi-target:bench"
 TGT_IQN = "iqn.2026-11.org.scsi-target:bench-tgtd"
 SIZE = 1 << 30
 ROOT = Path(__file__).resolve().parent.parent   # the tree measured: our processes start from it
@@ -223,7 +223,7 @@ class Ours:
             lun = f"file:{self.img}" + ("" if thin else ",thick")
         luns = ["--lun", lun] + [a for m in self.more for a in ("--lun", f"file:{m},thick")]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "scsi_target", "run", "--data-dir", str(work / name),
+            [sys.executable, "-m", "scsi_target", "run", "--data-dir", str(work / name), "--iqn", IQN,
              *luns, "--portal", f"127.0.0.1:{self.port}",
              "--log-level", "warning", *extra],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, cwd=ROOT)

@@ -11,10 +11,16 @@ of the STML process and of tgtd (threads grouped by their name, librbd's and
 librados's name theirs): user and kernel CPU, voluntary and involuntary
 context switches, per I/O, from /proc/PID/task/*/{stat,status}. bench.py
 --cpu gives each process's total; this shows which threads it is made of.
+`--wakeups`: in the last run, who woke whom and which threads slept or were
+preempted, per I/O, machine-wide (perf's sched_wakeup and sched_switch
+tracepoints): the hand-offs between the loop, librbd's threads, the front
+end and the OSD (decision 0416). Each run also says how idle the machine
+was: at 0 % the targets compete for CPU, and IOPS follow CPU per I/O.
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import re
 import statistics
@@ -22,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -46,6 +53,66 @@ def sample(pid: int) -> Sample:
         invol = int(re.search(r"^nonvoluntary_ctxt_switches:\s+(\d+)", status, re.M).group(1))  # type: ignore[union-attr]
         got[int(tid)] = (name, int(fields[11]), int(fields[12]), vol, invol)
     return got
+
+
+def idle() -> tuple[int, int]:
+    """The machine's idle and total CPU ticks so far (/proc/stat)."""
+    ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return ticks[3] + ticks[4], sum(ticks)
+
+
+def thread_label(tid: int, comm: str, targets: dict[int, str]) -> str:
+    """PROCESS:THREAD for a thread (a target's processes by their pid in
+    `targets`, others by their name), with a trailing number dropped."""
+    try:
+        tgid = int(re.search(r"^Tgid:\s+(\d+)", Path(f"/proc/{tid}/status").read_text(), re.M).group(1))  # type: ignore[union-attr]
+        proc = targets.get(tgid) or Path(f"/proc/{tgid}/comm").read_text().strip()
+    except (OSError, AttributeError):
+        proc = "gone"   # ended before the count (qemu-img, a short-lived helper)
+    return f"{proc}:{re.sub(r'[0-9]+$', 'N', comm)}"
+
+
+Wakeups = tuple[collections.Counter, collections.Counter]
+
+
+def wakeups(lines: list[str], label: Callable[[int, str], str]) -> Wakeups:
+    """From `perf script -F comm,tid,event,trace` of sched_wakeup and
+    sched_switch: (waker, wakee) -> wake-ups, and (thread, "sleep" or
+    "preempt") -> times it left the CPU; threads named by label(tid, comm)."""
+    woke: collections.Counter = collections.Counter()
+    left: collections.Counter = collections.Counter()
+    names: dict[tuple[int, str], str] = {}
+
+    def name(tid: int, comm: str) -> str:
+        if (tid, comm) not in names:
+            names[tid, comm] = label(tid, comm)
+        return names[tid, comm]
+    for line in lines:
+        m = re.match(r"\s*(.+?)\s+(\d+)\s+sched:(sched_wakeup|sched_switch):\s+(.*)", line)
+        if not m:
+            continue
+        comm, tid, event, rest = m.groups()
+        if event == "sched_wakeup":
+            w = re.search(r"comm=(.+?) pid=(\d+)", rest)
+            if w:
+                woke[name(int(tid), comm), name(int(w.group(2)), w.group(1))] += 1
+            continue
+        s = re.search(r"prev_comm=(.+?) prev_pid=(\d+) .*prev_state=(\S+)", rest)
+        if s:
+            left[name(int(s.group(2)), s.group(1)), "preempt" if s.group(3).startswith("R") else "sleep"] += 1
+    return woke, left
+
+
+def show_wakeups(label: str, got: Wakeups, count: int, floor: float = 0.02) -> None:
+    woke, left = got
+    print(f"{label}: wake-ups per I/O (waker -> woken), machine-wide")
+    for (a, b), n in woke.most_common():
+        if n / count >= floor:
+            print(f"  {a:<32} -> {b:<32} {n / count:.2f}")
+    print(f"{label}: threads leaving the CPU per I/O")
+    for (a, how), n in left.most_common():
+        if n / count >= floor:
+            print(f"  {a:<32} {how:<8} {n / count:.2f}")
 
 
 def by_name(before: Sample, after: Sample, count: int, tids: bool = False) -> dict[str, list[float]]:
@@ -90,6 +157,8 @@ def main() -> None:
                     help="a client option for tgtd's librbd (rbd_cache=true: its default)")
     ap.add_argument("--tids", action="store_true", help="each thread apart, not grouped by name")
     ap.add_argument("--perf", action="store_true", help="perf record -g each target in its last run")
+    ap.add_argument("--wakeups", action="store_true",
+                    help="who woke whom, per I/O, in each target's last run (perf sched tracepoints)")
     args = ap.parse_args()
     qemu_args = ["-d", "16", "-s", "4k", *([] if args.read else ["-w"])]
     with tempfile.TemporaryDirectory(prefix="rbdthreads") as tmp:
@@ -104,6 +173,7 @@ def main() -> None:
             for kind in kinds:
                 targets.append(kind(work, None, False, rbd))
             runs: dict[str, list] = {t.name: [] for t in targets}
+            woken: dict[str, Wakeups] = {}
             for r in range(args.rounds):
                 for t in targets:
                     pid = bench.processes(t)["stml"] if isinstance(t, bench.Ours) \
@@ -113,15 +183,32 @@ def main() -> None:
                         perf = subprocess.Popen(["perf", "record", "-g", "-q", "-o", f"/tmp/perf-{t.name}.data",
                                                  "-p", str(pid)], stdout=subprocess.DEVNULL,
                                                 stderr=subprocess.DEVNULL)
-                    before = sample(pid)
+                    sched = None
+                    if args.wakeups and r == args.rounds - 1:
+                        sched = subprocess.Popen(["perf", "record", "-q", "-a", "-e", "sched:sched_wakeup",
+                                                  "-e", "sched:sched_switch", "-o", str(work / "sched.data")],
+                                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    before, was_idle = sample(pid), idle()
                     took = bench.qemu_bench(t.url, qemu_args, args.count)
                     runs[t.name].append(by_name(before, sample(pid), args.count, args.tids))
-                    if perf is not None:
-                        perf.send_signal(2)
-                        perf.wait()
-                    print(f"{t.name} round {r}: {args.count / took:.0f} IOPS", flush=True)
+                    now_idle = idle()
+                    for p in (perf, sched):
+                        if p is not None:
+                            p.send_signal(2)
+                            p.wait()
+                    if sched is not None:
+                        names = {p: f"{t.name}/{n}" for n, p in bench.processes(t).items()}
+                        lines = subprocess.run(["perf", "script", "-i", str(work / "sched.data"), "-F",
+                                                "comm,tid,event,trace"], capture_output=True,
+                                               text=True).stdout.splitlines()
+                        woken[t.name] = wakeups(lines, lambda tid, comm: thread_label(tid, comm, names))
+                    share = 100 * (now_idle[0] - was_idle[0]) / max(1, now_idle[1] - was_idle[1])
+                    print(f"{t.name} round {r}: {args.count / took:.0f} IOPS, machine {share:.0f} % idle",
+                          flush=True)
             for name, got in runs.items():
                 show(name, got)
+            for name, w in woken.items():
+                show_wakeups(name, w, args.count)
         finally:
             for t in targets:
                 t.stop()

@@ -39,11 +39,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from support.target import StmlProcess  # noqa: E402
+from support.target import IQN, StmlProcess  # noqa: E402  (IQN: the default target, 0207)
 from support.vhost_master import (DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, REQ, RESP, RESP_SIZE,  # noqa: E402
                                   VhostMaster, lun_field, read10, wait_socket, write10)
 
-IQN = "iqn.2026-11.org.scsi-target:disk0"     # the STML's default target name
 PAGE = 4096
 LUN_BLOCKS = (64 << 20) // 512
 # name: (write?, bytes)

@@ -11,6 +11,7 @@ succeed as configured).
 from __future__ import annotations
 
 import fcntl
+import functools
 import logging
 import os
 import socket
@@ -42,6 +43,7 @@ POLL_US = 200    # the STML's busy-poll window when it has CPUs of its own: a QD
                  # through the front end and the initiator takes 100-150 us on a 2-vCPU VM
 DEPTH = 4        # commands in flight during copies
 BANNER_LUNS = 16  # LUNs `run`'s banner lists; `lun list` shows them all
+RUN_LOCK = "run.lock"   # in the data dir: held by its `run`, which writes its PID there
 CONTEXT = {"max_content_width": 100, "help_option_names": ["-h", "--help"]}
 
 __all__ = ["Supervisor", "cpu_list", "cpu_split", "main"]
@@ -148,13 +150,15 @@ def human(n: int | float) -> str:
 
 def lock_data_dir(ddir: Path) -> int:
     """One `run` per data dir: a lock held for our lifetime (closed on exec,
-    so children do not inherit it; released by the kernel however we die)."""
-    path = ddir / "run.lock"
+    so children do not inherit it; released by the kernel however we die).
+    The file holds our PID, and `ready` once we serve (mark_serving)."""
+    path = ddir / RUN_LOCK
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        other = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        words = os.pread(fd, 32, 0).decode(errors="replace").split()   # (its PID, maybe `ready`)
+        other = words[0] if words else ""
         os.close(fd)
         raise StartupError(f"data dir {ddir}", f"another target is running in it"
                            f"{f' (pid {other})' if other else ''}: stop it first, or use another "
@@ -162,6 +166,27 @@ def lock_data_dir(ddir: Path) -> int:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
+
+
+def mark_serving(lock: int) -> None:
+    """`run` serves (its banner, READY=1): said in its lock file, where
+    wait-ready reads it (run_serves). The front end of a gateway reports its
+    listeners to no STML (0414), so only `run` knows when it takes logins."""
+    os.pwrite(lock, f"{os.getpid()} ready\n".encode(), 0)
+
+
+def run_serves(ddir: Path) -> bool | None:
+    """Whether the `run` of this data dir serves yet; None when no live
+    `run` holds it (an STML started alone, or a `run` that died: its PID is
+    gone, and each start writes the file anew)."""
+    try:
+        words = (ddir / RUN_LOCK).read_text(errors="replace").split()
+        os.kill(int(words[0]), 0)
+    except PermissionError:   # (alive: another user's, root's under the systemd unit)
+        pass
+    except (OSError, ValueError, IndexError):
+        return None
+    return words[1:] == ["ready"]
 
 
 def check_portals(portals: list[str]) -> None:
@@ -209,6 +234,20 @@ def lun_size(o: Any) -> int | None:
     return None if size is None else size - size % o.block_size
 
 
+def served_sizes(endpoint: str) -> dict[tuple[str, int], int]:
+    """What the STML serves each LUN at, for the LUNs whose size only it
+    knows (an RBD image's, which any gateway may have resized: 0208); empty
+    when it does not answer at once (the banner then says `?`)."""
+    import zmq
+
+    from scsi_target.mgmt import MgmtClient
+    try:
+        rows = MgmtClient(endpoint, timeout=2.0).call("lun_list")
+    except (ConnectionError, TimeoutError, RuntimeError, OSError, zmq.ZMQError):
+        return {}
+    return {(r["target"], r["lun"]): r["size"] for r in rows if r.get("offline") is None}
+
+
 def url_host(portal: str) -> str:
     """A portal as initiators reach it: a wildcard address names this host."""
     host, _, port = portal.rpartition(":")
@@ -221,8 +260,9 @@ class Plan:
     """What run is about to serve; the banner once it serves it."""
 
     def __init__(self, config: Config, cpus: dict[str, set[int]], poll_us: int | None, iscsi: bool,
-                 vhosts: tuple[str, ...] = ()) -> None:
+                 vhosts: tuple[str, ...] = (), serving: Callable[[], None] = lambda: None) -> None:
         self.config, self.cpus, self.poll_us, self.iscsi = config, cpus, poll_us, iscsi
+        self.serving = serving   # told once, with the banner
         self.stml_ready = False
         self.attached = not iscsi
         self.listening: list[str] = []
@@ -258,6 +298,9 @@ class Plan:
                f"data dir {c.data_dir}, config {c.path}"]
         portal = url_host(self.listening[0]) if self.listening else None
         shown = 0
+        # an image's size is the STML's to tell (one call, only when the banner has one)
+        served = served_sizes(c.stml_endpoint) if any(
+            lc.options.kind == "rbd" for t in c.targets for lc in t.luns[:BANNER_LUNS]) else {}
         for t in c.targets:
             if shown >= BANNER_LUNS:   # one start's lines in the journal do not grow with the LUNs
                 break
@@ -265,7 +308,7 @@ class Plan:
             for lc in t.luns[:BANNER_LUNS - shown]:
                 shown += 1
                 o = lc.options
-                size = lun_size(o)
+                size = served.get((t.name, lc.lun)) or lun_size(o)
                 what = "RAM" if o.kind == "ram" else f"{o.kind} {o.path}"
                 missing = missing_file(o)   # the STML serves it offline (0280)
                 out.append(f"    LUN {lc.lun}: {f'OFFLINE ({missing})' if missing else human(size) if size else '?'}"
@@ -284,6 +327,7 @@ class Plan:
         out.append(f"Ready. Manage it with `scsi-target ls{dd}`; Ctrl-C (or kill -TERM {os.getpid()}) stops it.")
         click.echo("\n".join(out))
         sd_notify(f"READY=1\nSTATUS=serving {luns} LUN(s)\nMAINPID={os.getpid()}")
+        self.serving()
 
 
 @main.command()
@@ -373,10 +417,11 @@ def run(log_level: str, log_format: str, portals: tuple[str, ...], no_iscsi: boo
         children["fetd_tcp"] = tcp
     vhosts = {name: argv + fetd_rules for name, argv in vhost_children(config, vhost, log_level).items()}
     children.update(vhosts)
-    plan = Plan(config, cpus, poll_us, not no_iscsi, tuple(vhosts))
+    plan = Plan(config, cpus, poll_us, not no_iscsi, tuple(vhosts), functools.partial(mark_serving, lock))
     status = Supervisor(children, cpus, log_format, plan.line, lambda: plan.printed).run()
     if plan.printed or status != 2:   # a child that could not start said why, in its one line
         logging.getLogger("scsi-target").info("stopped" if status == 0 else f"stopped (exit {status})")
+    os.ftruncate(lock, 0)   # (no longer serving)
     os.close(lock)
     sys.exit(status)
 
@@ -624,6 +669,8 @@ def wait_ready(timeout: float, iscsi: bool, **kw: Any) -> None:
     from scsi_target.mgmt import MgmtClient
     kw = inherited(kw)
     endpoint = find_endpoint(kw.get("config_path"), kw.get("data_dir"), kw.get("stml"))
+    # the `run` of a local data dir says when it serves (a gateway's front end tells no STML: 0237)
+    ddir = None if kw.get("stml") else data_dir_of(kw.get("config_path"), kw.get("data_dir"))
     deadline = time.monotonic() + timeout
     why = "not started"
     while True:
@@ -634,13 +681,16 @@ def wait_ready(timeout: float, iscsi: bool, **kw: Any) -> None:
             # no portal (`portals = []`): ready once an iSCSI front end is attached, as `run` says
             iscsi_fe = any(fe.get("kind") == "iscsi" for fe in snap.get("front_ends") or [])
             # a gateway's portals are its front end's own, reported to no STML (decisions/0414)
-            if not iscsi or (all(str(p.get("state")).startswith("listening") or p.get("state") == GATEWAY_STATE
-                                 for p in portals)
-                             and (portals or iscsi_fe)):
+            reported = (all(str(p.get("state")).startswith("listening") or p.get("state") == GATEWAY_STATE
+                            for p in portals) and (portals or iscsi_fe))
+            serving = run_serves(ddir) if ddir is not None else None
+            if not iscsi or (reported and serving is not False):
                 click.echo(f"ready: {endpoint}")
                 return
             why = ("portals: " + ", ".join(f"{p.get('portal')} {p.get('state')}" for p in portals)
-                   if portals else "no iSCSI front end attached")
+                   if not reported and portals else "no iSCSI front end attached" if not reported
+                   else "`run` does not serve yet: its iSCSI front end is not attached, or not listening "
+                        "on every portal")
         except (NotRunning, TimeoutError, ConnectionError) as e:
             why = str(e)
         except RuntimeError as e:

@@ -224,7 +224,7 @@ def lun_list(target_name: str | None, **kw: Any) -> None:
 @click.option("--lun", "number", type=int, help="LUN number (default: the lowest free).")
 @mgmt_options
 def lun_add(spec: str, target_name: str | None, number: int | None, **kw: Any) -> None:
-    """Add a LUN: SPEC as `run --lun` takes it (ram:64MiB, file:PATH,size=1GiB,...)."""
+    """Add a LUN: SPEC as `run --lun` takes it (ram:64MiB, file:PATH,size=1GiB,...; \\, is a comma in a path)."""
     show(kw, _call(kw, "lun_add", spec=spec, target=target_name, lun=number))
 
 

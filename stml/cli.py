@@ -20,7 +20,8 @@ def config_options(f: Callable) -> Callable:
                      help="Where default disks, sockets and state live (default: XDG data dir)."),
         click.option("--iqn", help="Name of the target the --lun flags define."),
         click.option("--lun", "luns", multiple=True, metavar="SPEC",
-                     help="LUN spec, repeatable: ram:256MiB, file:PATH, file:PATH,size=1GiB[,ro][,removable]."),
+                     help="LUN spec, repeatable: ram:256MiB, file:PATH, file:PATH,size=1GiB[,ro][,removable] "
+                          "(\\, is a comma in a path)."),
         click.option("--stml-endpoint", help="ZeroMQ endpoint of the STML (ipc://PATH or tcp://HOST:PORT)."),
         click.option("--log-level", default="info", show_default=True,
                      type=click.Choice(["debug", "info", "warning", "error"])),

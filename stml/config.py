@@ -5,9 +5,11 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
+import hmac
 import os
 import re
 import secrets
+import socket
 import stat
 import tomllib
 from dataclasses import dataclass, field
@@ -17,7 +19,9 @@ from typing import Any, NamedTuple
 from stml.lu import RECORDED, LunOptions, legacy_id
 from stml.sched import DEFAULT_POLICY, POLICIES
 
-DEFAULT_IQN = "iqn.2026-11.org.scsi-target:disk0"
+# the default target's name before 0207, the same on every host: kept where it was served
+LEGACY_IQN = "iqn.2026-11.org.scsi-target:disk0"
+_MACHINE_IDS = ("/etc/machine-id", "/var/lib/dbus/machine-id")
 DEFAULT_SIZE = 1 << 30
 DEFAULT_PORTAL = "127.0.0.1:3260"
 DEFAULT_CMDSN_DEPTH = 128   # commands a session may have outstanding (LIO: 64), the STML's queue depth
@@ -167,6 +171,41 @@ def default_data_dir() -> Path:
     return Path(base) / "scsi-target"
 
 
+def host_iqn() -> str:
+    """The default target's name on this host: its short host name and a
+    tag derived from its machine id (keyed, so the id itself is not shown),
+    stable across restarts and different between hosts, as LIO's are. A part
+    that cannot be had is left out; with neither, the legacy name (0207)."""
+    host = re.sub(r"[^a-z0-9-]+", "-", socket.gethostname().split(".")[0].lower()).strip("-")
+    parts = [host] if host and host != "localhost" else []
+    for path in _MACHINE_IDS:
+        try:
+            with open(path, "rb") as f:
+                machine = f.read().strip()
+        except OSError:
+            continue
+        if machine:
+            parts.append(hmac.new(machine, b"scsi-target default target", hashlib.sha256).hexdigest()[:8])
+            break
+    return f"iqn.2026-11.org.scsi-target:{'.'.join(parts)}" if parts else LEGACY_IQN
+
+
+def default_iqn(data_dir: Path) -> str:
+    """The name of the built-in default target: the legacy one in a data dir
+    that served it (its `disk0.img`, or reservations kept under that name:
+    initiators know the target by it), else this host's (0207). Blocking (stats)."""
+    served = (data_dir / "disk0.img").exists() or any(
+        p.name.startswith(f"{LEGACY_IQN}_") for p in _listed(data_dir / "pr"))
+    return LEGACY_IQN if served else host_iqn()
+
+
+def _listed(directory: Path) -> list[Path]:
+    try:
+        return list(directory.iterdir())
+    except OSError:   # none yet (or unreadable: the start says so when it needs it)
+        return []
+
+
 def default_endpoint(data_dir: Path) -> str:
     return f"ipc://{data_dir / 'stml.sock'}"
 
@@ -260,13 +299,37 @@ def _ceph_options(raw: dict[str, Any], kind: str, where: str) -> dict[str, str]:
     return given
 
 
+def _spec_fields(rest: str) -> list[str]:
+    """A spec's comma-separated fields: `\\,` is a comma inside one (a path
+    `/a,b.img` is written `file:/a\\,b.img`) and `\\\\` a backslash; any other
+    backslash is itself (0209)."""
+    fields: list[str] = []
+    cur: list[str] = []
+    i = 0
+    while i < len(rest):
+        ch = rest[i]
+        if ch == "\\" and rest[i + 1:i + 2] in (",", "\\"):
+            cur.append(rest[i + 1])
+            i += 2
+            continue
+        if ch == ",":
+            fields.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+        i += 1
+    fields.append("".join(cur))
+    return fields
+
+
 def parse_lun_spec(spec: str, where: str = "--lun") -> dict[str, Any]:
     """`ram:256MiB`, `file:PATH`, `file:PATH,size=1GiB,ro,removable,block_size=4096`,
-    `...,scheduler=fair`, `rbd:POOL/IMAGE[,conf=PATH,id=USER,keyring=PATH]`."""
+    `...,scheduler=fair`, `rbd:POOL/IMAGE[,conf=PATH,id=USER,keyring=PATH]`;
+    `\\,` is a comma in a path or value."""
     kind, sep, rest = spec.partition(":")
     if not sep or not rest:
         raise ConfigError(where, f"{spec!r} is not KIND:ARG[,OPTION...] (e.g. ram:64MiB, file:disk.img,size=1GiB)")
-    first, *opts = rest.split(",")
+    first, *opts = _spec_fields(rest)
     raw: dict[str, Any] = {"backend": kind}
     if kind == "ram":
         raw["size"] = first
@@ -415,7 +478,7 @@ def load(config_path: str | None = None, data_dir: str | None = None, iqn: str |
                                             MAX_CMDSN_DEPTH, f"{where}.cmdsn_depth")))
     # no `target` at all: the built-in default; `target = []` (every target removed) is a choice
     if iqn or luns or (not targets and "target" not in raw):
-        name = check_iqn(iqn or (targets[0].name if targets else DEFAULT_IQN), "--iqn")
+        name = check_iqn(iqn or (targets[0].name if targets else default_iqn(ddir)), "--iqn")
         specs = luns or (f"file:{ddir / 'disk0.img'},size={DEFAULT_SIZE}",)
         tl = [LunConfig(n, lun_options(parse_lun_spec(s), f"--lun {s}", ddir)) for n, s in enumerate(specs)]
         existing = next((t for t in targets if t.name == name), None)

@@ -309,6 +309,10 @@ class Emulator:
         self._prevent_luns: dict[str, set[LogicalUnit]] = {}  # nexus key -> LUs it prevents removal of
         self._spc2_luns: dict[str, set[LogicalUnit]] = {}  # nexus key -> LUs it took an SPC-2 RESERVE on
         self._resets: dict[str, _Resets] = {}   # per target (a burst costs two fan-outs)
+        # nexuses registered again whose lost state they are to hear of, and the
+        # one walk that tells them in turn (one step of the fan-out per loop turn)
+        self._to_tell: collections.deque[tuple[Nexus, tuple[int, int]]] = collections.deque()
+        self._teller: asyncio.Task | None = None
         # told when a nexus ends (with the tags of the tasks it took along)
         # and when a front end does: stml.server frees their metrics then
         self.on_nexus_gone: Callable[[Nexus, list[int]], None] = lambda nexus, tags: None
@@ -584,26 +588,40 @@ class Emulator:
             del lost[nexus.key]
         told = POWER_ON_OCCURRED if h.get("resumed") is True else I_T_NEXUS_LOSS if was_lost else None
         if told is not None:
-            start_eagerly(self._tell_nexus(nexus, told))
+            self._to_tell.append((nexus, told))
+            if self._teller is None:
+                self._teller = start_eagerly(self._tell_nexuses())
             return
         self.out.nexus_ready(fe.ident, nexus.id)
 
-    async def _tell_nexus(self, nexus: Nexus, asc_ascq: tuple[int, int]) -> None:
-        """A nexus registered again whose state is gone: POWER ON OCCURRED for
-        one that outlived the STML that held it (`resumed`, 0247: reservations
-        without APTPL, a RAM LU's data, mode changes, PREVENT), which covers a
-        loss too; else I_T NEXUS LOSS OCCURRED for one this STML lost without
-        its initiator asking (0234: its RESERVE, unit attentions, PREVENT).
-        On every LU of its target, through the bounded fan-out, before
-        `nexus_ready`: its first command finds it. No asynchronous event: it
-        would race the login's answer."""
-        t = self.targets.get(nexus.target)
-        if t is not None:
-            log.info("front end %s: nexus %d (%s) %s: %s", nexus.fe.name, nexus.id, nexus.key,
-                     *_TOLD[asc_ascq])
-            await self.fan_out_ua(t.luns.values(), asc_ascq, [nexus.key], events=False)
-        if nexus.fe.nexuses.get(nexus.id) is nexus:   # (a newer registration answers for itself)
-            self.out.nexus_ready(nexus.fe.ident, nexus.id)
+    async def _tell_nexuses(self) -> None:
+        """Nexuses registered again whose state is gone, in order of arrival:
+        POWER ON OCCURRED for one that outlived the STML that held it
+        (`resumed`, 0247: reservations without APTPL, a RAM LU's data, mode
+        changes, PREVENT), which covers a loss too; else I_T NEXUS LOSS
+        OCCURRED for one this STML lost without its initiator asking (0234:
+        its RESERVE, unit attentions, PREVENT). On every LU of its target,
+        before `nexus_ready`: its first command finds it. No asynchronous
+        event: it would race the login's answer. One walk for all of them,
+        sharing one budget of FANOUT_STEP entries per turn (0235): a front
+        end re-registering a thousand sessions costs no more per turn than
+        one does."""
+        budget = FANOUT_STEP
+        try:
+            while self._to_tell:
+                nexus, asc_ascq = self._to_tell.popleft()
+                if nexus.fe.nexuses.get(nexus.id) is not nexus:
+                    continue   # gone, or registered again: a newer registration answers for itself
+                t = self.targets.get(nexus.target)
+                if t is not None:
+                    log.info("front end %s: nexus %d (%s) %s: %s", nexus.fe.name, nexus.id, nexus.key,
+                             *_TOLD[asc_ascq])
+                    budget = await self._fan_out(t.luns.values(), asc_ascq, [nexus.key], None, (), False,
+                                                 budget)
+                if nexus.fe.nexuses.get(nexus.id) is nexus:
+                    self.out.nexus_ready(nexus.fe.ident, nexus.id)
+        finally:   # (whatever ended it, the next registration starts a walk again)
+            self._teller = None
 
     def _nexus_refusal(self, nexus: Nexus) -> str | None:
         """Why the target does not take this initiator, or None. The front
@@ -1183,9 +1201,14 @@ class Emulator:
         events sent for the first LU only (one per nexus, not one per LU and
         nexus; none without `events`). A command arriving meanwhile finds its
         UA set or not yet; a nexus gone meanwhile is skipped (establish_ua)."""
+        await self._fan_out(luns, asc_ascq, keys, exclude, offline, events, FANOUT_STEP)
+
+    async def _fan_out(self, luns: Iterable[LogicalUnit], asc_ascq: tuple[int, int], keys: list[str],
+                       exclude: str | None, offline: Container[str], events: bool, budget: int) -> int:
+        """fan_out_ua with `budget` entries left in this turn, for a walk that
+        fans out one after another (_tell_nexuses); the entries left."""
         if not keys:
-            return
-        budget = FANOUT_STEP
+            return budget
         for i, lu in enumerate(list(luns)):
             start = 0
             while start < len(keys):
@@ -1196,6 +1219,7 @@ class Emulator:
                 self.establish_ua(lu, asc_ascq, chunk, exclude, offline, aen=events and i == 0)
                 start += len(chunk)
                 budget -= len(chunk)
+        return budget
 
     async def _target_reset_uas(self, t: Target) -> None:
         """POWER ON, RESET for every nexus on every LU, after a target reset.

@@ -162,13 +162,18 @@ def missing_file(o: LunOptions) -> str | None:
 
 def record_image(o: LunOptions, backend: Backend, where: str) -> bool:
     """Keep in `o` (and so in the config) the identity of the RBD image just
-    opened, which the LU shows while the image cannot open (0281). True
-    when it changed: the file is to be saved. An image whose identity is not
-    the recorded one was removed and made again (or another cluster's): it
-    is another disk, and its own identity is the one served."""
+    opened, which the LU shows while the image cannot open (0281), and no
+    `size`: the image's own is the size every gateway serves, which a resize
+    anywhere changes (a `size` only made the image, 0208). True when `o`
+    changed: the file is to be saved. An image whose identity is not the
+    recorded one was removed and made again (or another cluster's): it is
+    another disk, and its own identity is the one served."""
     own = getattr(backend, "identity", None)
-    if o.kind != "rbd" or not isinstance(own, bytes) or own.hex() == o.image_identity:
+    if o.kind != "rbd" or not isinstance(own, bytes):
         return False
+    sized, o.size = o.size is not None, None
+    if own.hex() == o.image_identity:
+        return sized
     if o.image_identity is not None:
         log.warning("%s: the RBD image %s is not the one recorded (identity %s, now %s): served as "
                     "another disk", where, o.path, o.image_identity, own.hex())

@@ -24,7 +24,7 @@ from pathlib import Path
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Iterator, TypeVar
 
-from backends import BackendError
+from backends import Backend, BackendError
 from scsi_runtime.logs import audit
 from scsi_runtime.portals import parse_portal
 from stml import pr
@@ -84,6 +84,9 @@ class Management:
         self._retired: dict[str, set[int]] = {}
         self._closing: dict[LogicalUnit, asyncio.Task] = {}   # removed LUs' backends waiting to close
         self.closing_lus: set[LogicalUnit] = set()   # their LUs: the STML's stop flushes them too
+        # a reload's renumbered RAM LUs' stores, by id, for the add at their new number (0205)
+        self._moving: dict[str, Backend] = {}
+        self._reloading = False
         self._saver = ThreadPoolExecutor(1, thread_name_prefix="config-save")   # (its thread: at first use)
         # a save whose command waits for it (in the saver thread or just done), and its file
         self._under_way: tuple[Future, Path] | None = None
@@ -437,8 +440,15 @@ class Management:
         applied: list[str] = []
         pending: list[str] = []
         self._identified = False
-        with self._batched():
-            await self._reload(new, applied, pending)
+        self._reloading = True
+        try:
+            with self._batched():
+                await self._reload(new, applied, pending)
+        finally:   # a moved RAM store no add took (its add failed): nothing serves it any more
+            self._reloading = False
+            left, self._moving = list(self._moving.values()), {}
+            for backend in left:
+                await self._in_thread(backend.close)
         self.config.digest = new.digest
         self.config.raw = new.raw
         # what was not applied stays in the file through saves; two models of
@@ -537,6 +547,8 @@ class Management:
                     continue
                 applied.append(f"target {t.name} LUN {number} added")
                 continue
+            if o.kind == "rbd" and lu.offline is None and o.size is not None:
+                _image_sized(t.name, lu, o, pending)
             same = not _differs_beyond_size(o, lu.options)
             id_edited = o.id is not None and lu.options.id is not None and o.id != lu.options.id
             if lu.offline is not None and not id_edited and (same or _path_corrected(o, lu.options)):
@@ -747,7 +759,7 @@ class Management:
             raise MgmtError(why)
         others = await self._lus([t])   # walked before the change: a walk yields
         try:
-            backend = await self._in_thread(open_store, opts, create)
+            backend = await self._moved_ram(t.name, number, opts) or await self._in_thread(open_store, opts, create)
         except CannotOpen as e:
             raise MgmtError(f"cannot open the backend: {e}") from None
         await self._identify(t.name, number, opts, backend)
@@ -759,9 +771,9 @@ class Management:
                 await self._in_thread(backend.close)
                 raise MgmtError(f"cannot serve {opts.path}: {e}") from None
         elif self.em.data_dir is not None:   # where APTPL keeps this LU's reservations
-            try:   # (a renumbered LU's, found by its identity, 0218: a listing, in a thread)
-                pr.state(lu).load(await self._in_thread(_find_state, self.em.data_dir, t.name, number, opts.id,
-                                                        others))
+            try:   # (a renumbered LU's, found by its identity, 0218: a listing and a read, in a thread)
+                pr.state(lu).restore(*await self._in_thread(_read_state, self.em.data_dir, t.name, number,
+                                                            opts.id, others))
             except (pr.PrStoreError, OSError) as e:
                 await self._in_thread(backend.close)
                 raise MgmtError(str(e)) from None
@@ -779,6 +791,18 @@ class Management:
         await self._ua(others, REPORTED_LUNS_DATA_CHANGED, t.name, events=not reused)
         await self._redetect()
         return lu
+
+    async def _moved_ram(self, target: str, lun: int, o: LunOptions) -> Backend | None:
+        """The store of a RAM LU this reload removed at another number, its id
+        this one's: its data goes with its identity, as a file's does (0205);
+        an edited size is applied (a shrink frees pages: in a thread)."""
+        backend = self._moving.pop(o.id, None) if o.kind == "ram" and o.id is not None else None
+        if backend is None:
+            return None
+        if o.size is not None and o.size != backend.size():
+            await self._in_thread(backend.resize, o.size)
+        log.info("target %s LUN %d: RAM LU %s keeps its data at its new number", target, lun, o.id)
+        return backend
 
     async def _identify(self, target: str, lun: int, o: LunOptions, backend: Any) -> None:
         """A LUN entry without `id` (`lun add`, or added by hand) gets one once
@@ -920,9 +944,14 @@ class Management:
             except (BackendError, OSError) as e:   # e.g. EIO from close(2) on NFS
                 log.error("%s LUN %d removed: closing its backend failed: %s", lu.target, lu.lun, e)
 
-        await self._in_thread(flush_and_close)
-        self.closing_lus.discard(lu)
-        log.info("%s LUN %d removed: its backend is closed", lu.target, lu.lun)
+        if renumbered and self._reloading and lu.options.kind == "ram" and lu.options.id is not None:
+            self._moving[lu.options.id] = lu.backend   # its pages are its data: kept for its new number (0205)
+            self.closing_lus.discard(lu)
+            log.info("%s LUN %d removed: its RAM moves with its id", lu.target, lu.lun)
+        else:
+            await self._in_thread(flush_and_close)
+            self.closing_lus.discard(lu)
+            log.info("%s LUN %d removed: its backend is closed", lu.target, lu.lun)
         if lu.pr is not None:   # a later LU is another LU: it starts with no reservations (0218)
             await pr.state(lu).forget(keep=renumbered)
 
@@ -952,7 +981,8 @@ class Management:
         # what is served: a block device whole, in whole blocks, the size asked for within a
         # block of it (0284); saved and reported as served
         nbytes = lu.backend.size() // lu.block_size * lu.block_size
-        lu.options.size = nbytes   # the running configuration's LunOptions (shared with its LunConfig)
+        if lu.options.kind != "rbd":   # an image's size is its own, on every gateway (0208)
+            lu.options.size = nbytes   # the running configuration's LunOptions (shared with its LunConfig)
         await self._ua([lu], CAPACITY_DATA_CHANGED, t.name)
         await self._redetect()
         return {"target": t.name, "lun": lu.lun, "old_size": old, "size": nbytes, "saved": await self._persist()}
@@ -1091,6 +1121,17 @@ async def _stepped(items: Iterable[T]) -> AsyncIterator[T]:
         yield item
 
 
+def _image_sized(target: str, lu: LogicalUnit, o: LunOptions, pending: list[str]) -> None:
+    """An RBD entry's `size` once its image is served: no reload applies it
+    (the image's size is the truth, which any gateway may have changed), and
+    the next save drops it from the file (0208)."""
+    served = lu.blocks * lu.block_size
+    if o.size != served:
+        pending.append(f"target {target} LUN {lu.lun}: an RBD LUN's size is its image's ({served} bytes), not "
+                       f"its entry's `size` (dropped from the file): `scsi-target lun resize` resizes the image")
+    o.size = None
+
+
 def _hold(config: Config, new: Config) -> None:
     hold(config, model(new))
 
@@ -1129,10 +1170,12 @@ def _unlinked(lus: list[LogicalUnit]) -> set[tuple[str, int]]:
     return {(lu.target, lu.lun) for lu in lus if getattr(lu.backend, "unlinked", lambda: False)()}
 
 
-def _find_state(data_dir: Path, target: str, lun: int, ident: str | None, others: list[LogicalUnit]) -> Path:
-    """pr.find_state, never taking the files of the target's `others`. Blocking."""
+def _read_state(data_dir: Path, target: str, lun: int, ident: str | None,
+                others: list[LogicalUnit]) -> tuple[pr.FileStore, Any]:
+    """An added LU's APTPL file (pr.find_state, never taking the files of the
+    target's `others`) and what it holds. Blocking: a listing and a read."""
     own = {pr.state_path(data_dir, lu.target, lu.lun, lu.options.id) for lu in others}
-    return pr.find_state(data_dir, target, lun, ident, own)
+    return pr.read_file_state(pr.find_state(data_dir, target, lun, ident, own))
 
 
 def _serving(opts: LunOptions, lus: list[LogicalUnit]) -> LogicalUnit | None:

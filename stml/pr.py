@@ -595,21 +595,21 @@ class PrState:
         self.aptpl = doc.get("aptpl", True) is not False   # a file exists only under APTPL
 
     def load(self, path: Path) -> None:
-        """Keep the state in this APTPL file, and restore what it holds."""
-        self.restore(FileStore(path), None)
+        """Keep the state in this APTPL file, and restore what it holds.
+        Blocking (a read): for a start, before the STML serves."""
+        self.restore(*read_file_state(path))
 
     def restore(self, store: PrStore, doc: Any) -> None:
-        """Keep the state in `store` from now on; `doc` is what it holds (read
-        off the loop), None: read it here (a local file)."""
+        """Keep the state in `store` from now on; `doc` is what it holds, read
+        off the loop (read_file_state, a shared store's read), None: nothing
+        yet. Nothing is read here: the loop never waits for a disk (0204)."""
         self.store = store
+        if doc is None:
+            return
         try:
-            if doc is None:
-                doc = store.read()
-            if doc is None:
-                return
             self.stored = True
             self.load_json(doc)
-        except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+        except (ValueError, KeyError, TypeError, IndexError) as e:
             raise _unusable(store.where, e) from None
 
     async def forget(self, keep: bool = False) -> None:
@@ -692,6 +692,16 @@ class PrState:
                 self._waiters = still
         finally:
             self._writer = None
+
+
+def read_file_state(path: Path) -> tuple[FileStore, Any]:
+    """An APTPL file's store and what it holds (None: no file yet), for
+    PrState.restore. Blocking: in a thread once the STML serves."""
+    store = FileStore(path)
+    try:
+        return store, store.read()
+    except (OSError, ValueError) as e:
+        raise _unusable(store.where, e) from None
 
 
 def _unusable(where: str, error: Exception) -> PrStoreError:

@@ -1,13 +1,14 @@
 """stml.config: TOML files and --lun specs; every error names its field."""
 from __future__ import annotations
 
+import re
 import textwrap
 from pathlib import Path
 
 import pytest
 
 from fetd_tcp.cli import PortalError, parse_portal
-from stml.config import DEFAULT_IQN, ConfigError, CurveKey, load, parse_lun_spec, parse_size
+from stml.config import LEGACY_IQN, ConfigError, CurveKey, host_iqn, load, parse_lun_spec, parse_size
 
 IQN_A = "iqn.2026-01.org.example:a"
 IQN_B = "iqn.2026-01.org.example:b"
@@ -86,16 +87,46 @@ def test_good_config(tmp_path):
 
 def test_defaults_without_config(tmp_path):
     c = load(None, str(tmp_path))
-    assert [t.name for t in c.targets] == [DEFAULT_IQN]
+    assert [t.name for t in c.targets] == [host_iqn()]
     o = c.targets[0].luns[0].options
     assert o.kind == "file" and o.path == str(tmp_path / "disk0.img") and o.size == 1 << 30
     assert c.stml_endpoint == f"ipc://{tmp_path / 'stml.sock'}"
 
 
+def test_the_default_target_is_named_per_host_and_kept_where_it_was_served(tmp_path, monkeypatch):
+    """The default target's name was the same on every host; it now carries
+    the host name and a tag of the machine id (not the id itself), stable on
+    one host. A data dir an older version served (its disk0.img, or
+    reservations under the old name) keeps the old name (0207)."""
+    import socket
+    from stml import config as config_mod
+    ids = tmp_path / "machine-id"
+    monkeypatch.setattr(config_mod, "_MACHINE_IDS", (str(tmp_path / "absent"), str(ids)))
+    monkeypatch.setattr(socket, "gethostname", lambda: "Storage_1.example.com")
+    ids.write_text("0123456789abcdef0123456789abcdef\n")
+    one = host_iqn()
+    assert re.fullmatch(r"iqn\.2026-11\.org\.scsi-target:storage-1\.[0-9a-f]{8}", one), one
+    assert "0123456789abcdef" not in one and host_iqn() == one
+    ids.write_text("fedcba9876543210fedcba9876543210\n")
+    assert host_iqn() != one                      # another machine, same host name
+    monkeypatch.setattr(socket, "gethostname", lambda: "localhost")
+    assert re.fullmatch(r"iqn\.2026-11\.org\.scsi-target:[0-9a-f]{8}", host_iqn())
+    ids.unlink()
+    assert host_iqn() == LEGACY_IQN               # nothing of this host to go by
+    monkeypatch.setattr(socket, "gethostname", lambda: "Storage_1.example.com")
+    fresh, served, fenced = tmp_path / "fresh", tmp_path / "served", tmp_path / "fenced"
+    for d in (fresh, served, fenced / "pr"):
+        d.mkdir(parents=True)
+    (served / "disk0.img").write_bytes(bytes(4096))
+    (fenced / "pr" / f"{LEGACY_IQN}_0.json").write_text("{}")
+    assert [load(None, str(d)).targets[0].name for d in (fresh, served, fenced)] == [
+        "iqn.2026-11.org.scsi-target:storage-1", LEGACY_IQN, LEGACY_IQN]
+
+
 def test_command_line_luns(tmp_path):
     c = load(None, str(tmp_path), luns=("ram:64MiB", "file:/abs/x.img,size=2GiB,ro,bs=4096"))
     t = c.targets[0]
-    assert t.name == DEFAULT_IQN
+    assert t.name == host_iqn()
     assert [lc.lun for lc in t.luns] == [0, 1]
     o = t.luns[1].options
     assert (o.path, o.size, o.ro, o.block_size) == ("/abs/x.img", 2 << 30, True, 4096)
@@ -356,6 +387,17 @@ def test_parse_lun_spec_options():
         "thin": False, "write_cache": True, "block_size": 4096}
 
 
+@pytest.mark.parametrize("spec,path,rest", [
+    (r"file:/v/a\,b.img,size=1GiB", "/v/a,b.img", {"size": "1GiB"}),   # a comma in the path (0209)
+    (r"file:/v/a\\,ro", "/v/a\\", {"ro": True}),                       # a path ending in a backslash
+    (r"file:C:\v\a.img", r"C:\v\a.img", {}),                          # any other backslash is itself
+    (r"rbd:p/i,keyring=/k\,1", "p/i", {"ceph_keyring": "/k,1"}),        # and in an option's value
+])
+def test_a_comma_is_written_backslash_comma_in_a_lun_spec(spec, path, rest):
+    kind = spec.split(":")[0]
+    assert parse_lun_spec(spec) == {"backend": kind, "path": path, **rest}
+
+
 # ---------------------------------------------------------------- portals
 
 @pytest.mark.parametrize("value,expect", [
@@ -389,7 +431,7 @@ def test_a_first_start_keeps_the_identity_of_luns_that_existed(tmp_path):
     from stml.lu import legacy_id
     (tmp_path / "disk0.img").write_bytes(b"\x5a" * 4096)       # served by an older version
     c = load_or_create(data_dir=str(tmp_path))
-    assert c.targets[0].luns[0].options.id == legacy_id(DEFAULT_IQN, 0)
+    assert c.targets[0].luns[0].options.id == legacy_id(LEGACY_IQN, 0)
     old = tmp_path / "old"
     old.mkdir()
     (old / "kept.img").write_bytes(bytes(4096))
@@ -577,6 +619,9 @@ def test_an_rbd_lu_shows_its_recorded_image_identity_only_while_offline(caplog):
     assert record_image(o, SimpleNamespace(identity=second), "LUN 0") and o.image_identity == second.hex()
     assert "is not the one recorded" in caplog.text
     assert not record_image(LunOptions("file", path="/x"), image, "LUN 1")
+    o.size = 128 << 20   # a first start's that made the image, or an entry saved before 0208
+    assert record_image(o, SimpleNamespace(identity=second), "LUN 0") and o.size is None   # the image's is served
+    assert not record_image(o, SimpleNamespace(identity=second), "LUN 0")
 
 
 def test_the_data_dirs_own_file_names_that_data_dir(tmp_path):

@@ -15,7 +15,7 @@ import msgpack
 import pytest
 
 from stml.api import CONTRACT_VERSION
-from stml.config import DEFAULT_IQN
+from stml.config import host_iqn
 from stml.sense import parse_sense
 
 from support.procs import stop_pid
@@ -60,7 +60,7 @@ def test_detect_lists_version_targets_luns_limits(stml_factory, raw_fe):
     assert d["version"] == list(CONTRACT_VERSION)
     assert isinstance(d["stml"], str) and d["stml"]
     assert d["heartbeat_ms"] > 0
-    assert [t["name"] for t in d["targets"]] == [DEFAULT_IQN]
+    assert [t["name"] for t in d["targets"]] == [host_iqn()]
     luns = d["targets"][0]["luns"]
     assert luns == [
         {"lun": 0, "block_size": 512, "blocks": 131072, "ro": False, "removable": False},
@@ -82,7 +82,7 @@ def test_major_version_mismatch_is_refused(stml, raw_fe):
     h, _ = fe.expect("release")
     assert "register" in h["reason"]
     fe.send({"op": "register_nexus", "nexus": 1, "initiator": "iqn.2026-01.x:y,i,0x1",
-             "target": DEFAULT_IQN, "tpg": 1})
+             "target": host_iqn(), "tpg": 1})
     fe.expect("release")
     assert "refused" in stml.log()
 
@@ -290,7 +290,7 @@ def test_headers_that_break_the_table_are_refused_with_a_log_line(stml, raw_fe):
     fe.nexus()
     fe.command(1, TUR)
     fe.send({"op": "register_nexus", "nexus": "two", "initiator": "iqn.2026-01.x:y,i,0x2",
-             "target": DEFAULT_IQN, "tpg": 1})
+             "target": host_iqn(), "tpg": 1})
     fe.send({"op": "scsi_target_done", "tags": [1, "x"]})
     fe.send({"op": "heartbeat", "usage": [1, 2]})
     fe.send({"op": "portal_state", "follows": "yes", "portals": []})
@@ -403,7 +403,7 @@ def test_headers_only_msgspec_decodes_are_refused_by_the_table(stml, raw_fe):
     fe.send_raw(raw({"op": stamp, "tag": 1}))
     fe.send_raw(raw({"op": ext, "tag": 1}))
     fe.send_raw(raw({**cmnd, "tag": ext}))
-    fe.send_raw(raw({"op": "register_nexus", (1, 2): 2, "initiator": "i", "target": DEFAULT_IQN, "tpg": 1}))
+    fe.send_raw(raw({"op": "register_nexus", (1, 2): 2, "initiator": "i", "target": host_iqn(), "tpg": 1}))
     fe.send_raw(raw({**cmnd, "tag": 3, "lun": stamp}))
     h, _ = fe.expect("xmit_response")
     assert (h["tag"], h["status"], parse_sense(h["sense"])) == (3, 0x02, (0x05, 0x25, 0x00))

@@ -480,3 +480,40 @@ def test_a_recorded_image_identity_is_no_setting_a_reload_must_restart_for():
     recorded = LunOptions("rbd", path="rbd/img", image_identity="ab" * 16)
     assert not _differs_beyond_size(LunOptions("rbd", path="rbd/img"), recorded)
     assert _differs_beyond_size(LunOptions("rbd", path="rbd/other"), recorded)
+
+
+def test_an_added_lus_reservations_file_is_read_in_a_thread(tmp_path, monkeypatch):
+    """`lun add` (and a reload's added LUN) found its APTPL file in a thread
+    but read it on the event loop (a hung NFS mount would stop the STML): the
+    read is the thread's too, and what it read is restored; a file that
+    cannot be used still refuses the LUN in one line (0267)."""
+    import json
+
+    from stml import persist, pr
+    from stml.mgmt import MgmtError
+    sent: list = []
+    emu, m = setup(sent, luns=1, nexuses=1)
+    m.config.path = tmp_path / "scsi-target.toml"
+    m.config.data_dir = emu.data_dir = tmp_path
+    persist.save(m.config)
+    ident = "ab" * 16
+    (tmp_path / "pr").mkdir()
+    (tmp_path / "pr" / f"{ident}_5.json").write_text(json.dumps({
+        "version": 1, "target": IQN, "lun": 5, "generation": 3, "reservation": None,
+        "registrations": [{"key": 0xB5, "initiator": "iqn.2026-11.org.test:1", "target": IQN, "tpg": 1}]}))
+    (tmp_path / "pr" / f"{'cd' * 16}_6.json").write_text("{not json")
+    reads: list[bool] = []
+    real = pr.FileStore.read
+
+    def read(self):
+        reads.append(threading.current_thread() is threading.main_thread())   # asyncio.run's loop runs there
+        return real(self)
+    monkeypatch.setattr(pr.FileStore, "read", read)
+
+    async def run() -> None:
+        lu = await m._add_lun(emu.targets[IQN], 5, LunOptions(kind="ram", size=1 << 20, id=ident))
+        assert [r.key for r in pr.state(lu).regs] == [0xB5]
+        with pytest.raises(MgmtError, match="unusable"):
+            await m._add_lun(emu.targets[IQN], 6, LunOptions(kind="ram", size=1 << 20, id="cd" * 16))
+    asyncio.run(run())
+    assert reads == [False, False]   # both read, neither on the loop's thread

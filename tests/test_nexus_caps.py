@@ -7,8 +7,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import subprocess
-import sys
 import struct
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -421,17 +419,10 @@ def test_nothing_reaches_an_initiator_before_its_login_response(tmp_path, tmp_sh
 
     async def main() -> None:
         stml = _AenAtOnce(str(tmp_short() / "stml"), version=CONTRACT_VERSION, caps=[])
-        fetd = subprocess.Popen([sys.executable, "-m", "fetd_tcp", "--stml", stml.endpoint,
-                                 "--portal", f"127.0.0.1:{port}"], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, start_new_session=True)
+        fetd = stml.fetd_tcp(port)
         try:
             def login() -> list:
-                for _ in range(200):
-                    try:
-                        ini = RawInitiator("127.0.0.1", port, timeout=10)
-                        break
-                    except ConnectionRefusedError:
-                        time.sleep(0.05)
+                ini = RawInitiator.once_listening("127.0.0.1", port, timeout=10)
                 r = ini.login("iqn.2026-12.test:fake")
                 first = [type(r).__name__, r.status_class]
                 pdu, data = ini.recv()
@@ -459,18 +450,11 @@ def test_a_nexus_the_stml_refuses_again_ends_its_session_only(tmp_short):
 
     async def main() -> None:
         stml = FakeStml(str(tmp_short() / "stml"), version=CONTRACT_VERSION, caps=[])
-        fetd = subprocess.Popen([sys.executable, "-m", "fetd_tcp", "--stml", stml.endpoint,
-                                 "--portal", f"127.0.0.1:{port}"], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, start_new_session=True)
+        fetd = stml.fetd_tcp(port)
         a = b = None
         try:
             def connect(name: str) -> RawInitiator:
-                for _ in range(200):
-                    try:
-                        ini = RawInitiator("127.0.0.1", port, initiator=f"{INI}:{name}", timeout=10)
-                        break
-                    except ConnectionRefusedError:
-                        time.sleep(0.05)
+                ini = RawInitiator.once_listening("127.0.0.1", port, initiator=f"{INI}:{name}", timeout=10)
                 assert ini.login(target).status_class == 0
                 return ini
             a = await asyncio.to_thread(connect, "a")

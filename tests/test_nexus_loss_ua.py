@@ -4,17 +4,22 @@ again with the same ISID, once; its RESERVE(6) is gone; one that logged out,
 and a new one, hear nothing (docs/decisions/0234). Real processes: `scsi-target
 run` on a fixed loopback port (a restarted fetd_tcp listens on it again), raw
 iSCSI sessions, fetd_tcp's connection reset, SIGKILLed, and stopped past its
-heartbeats."""
+heartbeats; and fetd_tcp against a fake STML that holds a login's nexus_ready
+(docs/decisions/0236)."""
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import time
+from typing import Callable
 
 import pytest
 
+from stml.api import CONTRACT_VERSION
 from support import fuzzgen as G
-from support.procs import children_by_module, free_port
+from support.fakestml import FakeStml
+from support.procs import children_by_module, free_port, stop_pid
 from support.rawiscsi import RawInitiator
 from support.target import IQN, Target
 
@@ -139,3 +144,62 @@ def test_sessions_a_stopping_fetd_tcp_cuts_are_lost_to_their_initiators(target):
     a = login(t, "a", isid)
     assert told_once_on_each_lu(a) == [NEXUS_LOSS, NEXUS_LOSS], t.log()[-3000:]
     a.close()
+
+
+class _HeldStml(FakeStml):
+    """A fake STML that leaves register_nexus unanswered until the test
+    sends nexus_ready: a login stays complete in the STML's eyes, its final
+    Login Response not yet written."""
+
+    def _answer(self, h: dict) -> None:
+        if h.get("op") != "register_nexus":
+            super()._answer(h)
+
+
+def test_a_session_whose_final_login_response_never_went_out_is_not_lost(tmp_short):
+    """The connection resets after fetd_tcp registered the new session's
+    nexus but before its final Login Response went out: the initiator never
+    had that session, so fetd_tcp releases it plainly (no `lost`), and its
+    login again with the same ISID is a new nexus (0236)."""
+    port = free_port()
+    target = "iqn.2026-12.test:fake"
+    isid = b"\x80" + os.urandom(5)
+
+    def registered(stml: FakeStml) -> list[int]:
+        return [h["nexus"] for h, _ in stml.messages if h["op"] == "register_nexus"]
+
+    async def arrives(stml: FakeStml, what: Callable[[], list], count: int) -> list:
+        for _ in range(400):    # (a message from fetd_tcp, awaited: nothing here is timed)
+            if len(what()) >= count:
+                return what()
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"not sent by fetd_tcp: {stml.messages}")
+
+    async def main() -> tuple[list[dict], int]:
+        stml = _HeldStml(str(tmp_short() / "stml"), version=CONTRACT_VERSION, caps=[])
+        fetd = stml.fetd_tcp(port)
+        opened: list[RawInitiator] = []
+        try:
+            def connect() -> RawInitiator:
+                opened.append(RawInitiator.once_listening("127.0.0.1", port, initiator="iqn.2026-12.org.test:a",
+                                                          isid=isid, timeout=10))
+                return opened[-1]
+            ini = await asyncio.to_thread(connect)
+            assert (await asyncio.to_thread(ini.login, target, unanswered=True)).status_class == 0
+            (first,) = await arrives(stml, lambda: registered(stml), 1)
+            ini.kill()                              # the reset reaches fetd_tcp before the answer can
+            stml.send({"op": "nexus_ready", "nexus": first})
+            releases = await arrives(stml, lambda: [h for h, _ in stml.messages if h["op"] == "scsi_release"], 1)
+            again = await asyncio.to_thread(connect)
+            login = asyncio.create_task(asyncio.to_thread(again.login, target))
+            second = (await arrives(stml, lambda: registered(stml), 2))[1]
+            stml.send({"op": "nexus_ready", "nexus": second})
+            return releases, (await login).status_class
+        finally:
+            stop_pid(fetd)
+            stml.close()
+            for each in opened:
+                each.close()
+    releases, status = asyncio.run(main())
+    assert releases == [{"op": "scsi_release", "nexus": releases[0]["nexus"]}]   # no `lost`
+    assert status == 0

@@ -27,7 +27,7 @@ from fetd_loopback import LoopbackClient, ScsiError
 from scsi_target.mgmt import MgmtClient
 from stml.api import Tmf, TmfResponse
 from support.ci import need_root
-from support.procs import children_by_module, pid_alive, run, short_dir, stop_pid, wait_for_line
+from support.procs import Proc, children_by_module, free_port, pid_alive, run, short_dir, stop_pid, wait_for_line
 from support.rawiscsi import RawInitiator
 from support.target import IQN, StmlProcess, Target
 
@@ -99,6 +99,20 @@ def test_lun_add_says_where_a_relative_path_went(ddir, tmp_path):
         assert p.returncode == 0, p.stderr
         assert f" {ddir}/vm1.img " in p.stdout
         assert mgmt(ddir, "lun", "add", "ram:1MiB").get("path") is None
+
+
+def test_a_path_with_a_comma_through_lun_and_lun_add(ddir):
+    """A comma ends a field of a LUN spec; `\\,` writes one in a path, on
+    `run --lun` and `lun add` alike, and a restart with the same flags
+    serves the same files (0209)."""
+    flag = rf"file:{ddir}/a\,1.img,size=4MiB"
+    for _ in range(2):
+        with Target("--lun", flag, data_dir=ddir):
+            if not os.path.exists(f"{ddir}/b,2.img"):
+                assert mgmt(ddir, "lun", "add", rf"file:b\,2.img,size=2MiB")["path"] == f"{ddir}/b,2.img"
+            assert [(x["path"], x["size"]) for x in mgmt(ddir, "lun", "list")] == [
+                (f"{ddir}/a,1.img", 4 << 20), (f"{ddir}/b,2.img", 2 << 20)]
+    assert os.path.getsize(f"{ddir}/a,1.img") == 4 << 20
 
 
 def test_lun_flags_that_disagree_with_the_file_are_refused(ddir):
@@ -433,7 +447,8 @@ def test_a_reload_that_renumbers_a_lun_keeps_its_reservations_and_a_removal_drop
     """`config reload` of the same edit moves the LU with its registrations
     (the removed number's state is kept for it, not deleted) and its data (a
     file's lock, 0216, ends with the removed LU's close, which the add waits
-    for); a LUN the reload removes for good takes its file along (0218)."""
+    for; a RAM LU's pages are handed to the add, 0205); a LUN the reload
+    removes for good takes its file along (0218)."""
     p = stml_factory(*(f"file:l{n}.img,size=4MiB" if kind == "file" else "ram:4MiB" for n in range(3)))
     data = os.urandom(4096)
     with LoopbackClient(p.endpoint, timeout=10) as c:
@@ -449,7 +464,7 @@ def test_a_reload_that_renumbers_a_lun_keeps_its_reservations_and_a_removal_drop
     assert r["not_applied"] == [], r
     with LoopbackClient(p.endpoint, timeout=10) as c:
         assert read_keys(c, 9) == [0xD1]
-        assert c.read(9, 0, 8) == (data if kind == "file" else bytes(4096))   # a RAM LU's data is its own
+        assert c.read(9, 0, 8) == data   # a RAM LU's data moves with its id too (0205)
     deadline = time.monotonic() + 20
     while _pr_files(p) != [f"{ids[1]}_9.json"]:   # LUN 2's goes once its LU closed
         assert time.monotonic() < deadline, _pr_files(p)
@@ -915,6 +930,27 @@ def test_a_front_end_that_cannot_open_the_stml_portal_exits_2(ddir):
         f"scsi-target: fetd-tcp: cannot listen on 127.0.0.1:{port} (tpgt 1): Address already in use")
 
 
+def test_a_front_end_whose_stml_does_not_answer_says_so_once_and_keeps_trying(ddir):
+    """`scsi-target fetd-tcp` given an endpoint nobody serves (yet) waited in
+    silence: it says so in one line after a few heartbeats, keeps asking, and
+    attaches once an STML serves there (0206)."""
+    endpoint = f"ipc://{ddir}/later.sock"
+    fe = Proc([sys.executable, "-m", "scsi_target", "fetd-tcp", "--stml", endpoint, "--portal", "127.0.0.1:0"],
+              Path(ddir) / "fe.out", Path(ddir) / "fe.err")
+    try:
+        fe.wait_log(f"no answer from the STML at {endpoint}; still trying")
+        assert fe.alive()
+        stml = StmlProcess(Path(ddir) / "stml", ("ram:4MiB",), ("--stml-endpoint", endpoint)).start()
+        try:
+            fe.wait_line("fetd_tcp: attached to STML")
+            fe.wait_log(f"the STML at {endpoint} answers")
+        finally:
+            stml.stop()
+    finally:
+        fe.stop()
+    assert fe.log().count("no answer from the STML") == 1, fe.log()
+
+
 def test_portal_add_of_a_taken_port_is_refused_and_status_shows_listeners(ddir):
     with Target("--lun", "ram:4MiB", data_dir=ddir) as t, _listening_socket() as taken:
         port = taken.getsockname()[1]
@@ -1041,6 +1077,31 @@ def test_a_gateways_portals_are_its_front_ends_own(ddir):
         assert r["not_applied"][0].startswith("`portals` changed: this is a gateway")
         assert [p["portal"] for p in mgmt(ddir, "portal", "list")] == ["127.0.0.1:0,1"]
 
+
+def test_wait_ready_on_a_gateway_means_an_initiator_can_log_in_now(ddir):
+    """A gateway's front end reports its portals to no STML (0414), so its
+    STML answering is not enough: wait-ready returns once `run` serves (its
+    front end listens on every portal and is attached: the banner, READY=1),
+    and a login right after it succeeds. The front end's first detect is
+    held back (fault injection) so that the STML answers well before
+    (decisions/0237)."""
+    port = free_port()
+    (Path(ddir) / "scsi-target.toml").write_text(
+        f'portals = ["127.0.0.1:{port},1"]\n\n[stml]\nlisten = ["tcp://127.0.0.1:0"]\ninsecure = true\n'
+        'peers = ["tcp://127.0.0.1:9"]\n\n'
+        f'[[target]]\nname = "{IQN}"\n\n[[target.lun]]\nbackend = "ram"\nsize = "4MiB"\n')
+    target = Proc([sys.executable, "-m", "scsi_target", "run", "--data-dir", ddir, "--cpu-affinity", "none",
+                   "--inject", "fetd:delay detect at=1 ms=3000"], Path(ddir) / "run.out", session=True)
+    try:
+        assert ok("wait-ready", "--data-dir", ddir, "--timeout", "60") == f"ready: ipc://{ddir}/stml.sock\n"
+        ini = RawInitiator("127.0.0.1", port)
+        try:
+            assert ini.login(IQN).status_class == 0, target.output()
+            assert ini.command(bytes(6))[0] == 0
+        finally:
+            ini.close()
+    finally:
+        stop_pid(target.proc, session=True)
 
 def test_a_malformed_portal_report_does_not_break_portal_list(stml_factory):
     """A front end's portal_state entry without host/port/tpgt is no match,

@@ -433,3 +433,60 @@ def test_an_image_served_before_is_never_made_again(cluster, tmp_short):
             r = c.execute(0, bytes(6))
             assert (r.sense_key, r.asc_ascq) == (0x02, (0x04, 0x03))   # offline
     assert image.split("/")[1] not in cluster.run("rbd", "ls", cluster.POOL).split()
+
+
+def test_lun_add_makes_its_image_with_exclusive_lock_whatever_the_default_features(cluster, tmp_short):
+    """A client whose default image features lack exclusive-lock (set for
+    krbd): the image `lun add rbd:...,size=` makes has the defaults plus
+    exclusive-lock, so the LUN it was made for is served, not refused with
+    an image left behind (0238)."""
+    ddir = tmp_short()
+    conf = ddir / "krbd.conf"
+    conf.write_text(cluster.conf.read_text() + "\n[client]\nrbd default features = layering\n")
+    name = f"t{uuid.uuid4().hex[:8]}"
+    spec = f"rbd:{cluster.POOL}/{name},conf={conf},keyring={cluster.keyring},size=16MiB"
+    with Target("--no-iscsi", "--cpu-affinity", "none", "--lun", "ram:1MiB", data_dir=str(ddir), portals=(),
+                expect_portals=0):
+        p = subprocess.run([sys.executable, "-m", "scsi_target", "lun", "add", "--json", "--data-dir", str(ddir),
+                            spec], capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0 and json.loads(p.stdout)["lun"] == 1, p.stderr
+    info = json.loads(cluster.run("rbd", "info", "--format", "json", f"{cluster.POOL}/{name}"))
+    assert sorted(info["features"]) == ["exclusive-lock", "layering"]
+    assert info["size"] == 16 * MIB
+
+
+def test_a_resize_through_one_gateway_leaves_no_stale_size_in_anothers_file(cluster, image, tmp_short):
+    """`lun resize` of an RBD LUN on gateway A wrote the new size into A's
+    file only; gateway B's kept the old one, which its banner showed and a
+    reload compared against. The image's size is the one truth (0208): no
+    gateway's file keeps a `size` once the image is served, B serves what A
+    made it, and B's reload of a `size` edited in says it is not applied."""
+    import tomllib
+
+    import tomlkit
+
+    from scsi_target.mgmt import MgmtClient
+    from support.cli import mgmt
+    a, b = str(tmp_short()), str(tmp_short())
+    args = ("--no-iscsi", "--cpu-affinity", "none")
+    flags_b = ("--lun", cluster.spec(image) + ",size=128MiB")
+
+    def entry(d: str) -> dict:
+        return tomllib.loads((Path(d) / "scsi-target.toml").read_text())["target"][0]["lun"][0]
+
+    with Target(*args, *flags_b, data_dir=b, portals=(), expect_portals=0):   # B first: it stands by later
+        pass
+    with Target(*args, "--lun", cluster.spec(image), data_dir=a, portals=(), expect_portals=0):
+        assert mgmt(a, "lun", "resize", "0", "192MiB")["size"] == 192 * MIB
+    assert "size" not in entry(a) and "size" not in entry(b)
+    with Target(*args, *flags_b, data_dir=b, portals=(), expect_portals=0) as t:
+        assert [x["size"] for x in mgmt(b, "lun", "list")] == [192 * MIB]
+        # the banner names the image and its size as served (it said `?`, or the stale size)
+        assert f"LUN 0: 192 MiB rbd {image}" in t.wait_log("Ready."), t.log()
+        cfg = Path(b) / "scsi-target.toml"
+        doc = tomlkit.parse(cfg.read_text())
+        doc["target"][0]["lun"][0]["size"] = "256MiB"
+        cfg.write_text(tomlkit.dumps(doc))
+        r = MgmtClient(f"ipc://{b}/stml.sock").call("config_reload")
+        assert [line for line in r["not_applied"] if "an RBD LUN's size is its image's" in line], r
+        assert [x["size"] for x in mgmt(b, "lun", "list")] == [192 * MIB]

@@ -57,3 +57,49 @@ def test_a_reading_has_every_thread_and_counts_a_sleep():
     finally:
         stop.set()
         helper.join()
+
+
+def test_wakeups_are_counted_by_waker_and_woken_and_switches_by_how():
+    rt = rbdthreads()
+    lines = [
+        "         python3 100 sched:sched_wakeup: comm=io_context_pool pid=101 prio=120 target_cpu=001",
+        "         python3 100 sched:sched_wakeup: comm=io_context_pool pid=101 prio=120 target_cpu=000",
+        " io_context_pool 101 sched:sched_wakeup: comm=python3 pid=100 prio=120 target_cpu=000",
+        "         python3 100 sched:sched_switch: prev_comm=python3 prev_pid=100 prev_prio=120 prev_state=R "
+        "==> next_comm=io_context_pool next_pid=101 next_prio=120",
+        "         python3 100 sched:sched_switch: prev_comm=python3 prev_pid=100 prev_prio=120 prev_state=R+ "
+        "==> next_comm=swapper/0 next_pid=0 next_prio=120",
+        " io_context_pool 101 sched:sched_switch: prev_comm=io_context_pool prev_pid=101 prev_prio=120 "
+        "prev_state=S ==> next_comm=python3 next_pid=100 next_prio=120",
+        "  msgr-worker-2 102 sched:sched_switch: prev_comm=msgr-worker-2 prev_pid=102 prev_prio=120 "
+        "prev_state=D ==> next_comm=swapper/1 next_pid=0 next_prio=120",
+        "not a sched line",
+    ]
+    labelled = []
+
+    def label(tid: int, comm: str) -> str:
+        labelled.append(tid)
+        return f"stml:{comm}"
+    woke, left = rt.wakeups(lines, label)
+    assert woke == {("stml:python3", "stml:io_context_pool"): 2, ("stml:io_context_pool", "stml:python3"): 1}
+    assert left == {("stml:python3", "preempt"): 2, ("stml:io_context_pool", "sleep"): 1,
+                    ("stml:msgr-worker-2", "sleep"): 1}
+    assert sorted(labelled) == [100, 101, 102]   # each thread named once
+
+
+def test_a_thread_is_labelled_by_its_process_and_its_name_without_a_number():
+    rt = rbdthreads()
+    me = threading.get_native_id()
+    assert rt.thread_label(me, "msgr-worker-7", {os.getpid(): "ours/stml"}) == "ours/stml:msgr-worker-N"
+    own = Path("/proc/self/comm").read_text().strip()
+    assert rt.thread_label(me, "io_context_pool", {}) == f"{own}:io_context_pool"
+    assert rt.thread_label(2 ** 22 + 12345, "qemu-img", {}) == "gone:qemu-img"   # no such thread
+
+
+def test_the_machines_idle_ticks_are_part_of_its_total_and_grow():
+    rt = rbdthreads()
+    idle, total = rt.idle()
+    assert 0 <= idle <= total
+    time.sleep(0.05)
+    later = rt.idle()
+    assert later[1] > total and later[0] >= idle

@@ -121,6 +121,46 @@ def test_the_power_on_fans_out_in_bounded_steps_before_nexus_ready(monkeypatch):
     assert [n for n, answered in steps if answered] == [10]
 
 
+def test_a_batch_of_returning_nexuses_shares_one_fan_out_step_per_turn(monkeypatch):
+    """Six nexuses come back in one step (a front end re-registering its
+    sessions), three lost and three resumed, on 10 LUs with 4 entries a
+    turn: at most 4 unit attentions are set per turn of the loop in all,
+    not 4 per nexus; each nexus is ready once all of its 10 are, and hears
+    its own UA once on every LU."""
+    monkeypatch.setattr(emulator_mod, "FANOUT_STEP", 4)
+    sent: list = []
+    emu = setup(sent, luns=10)
+    lus = emu.targets[T].luns.values()
+    for n in (1, 2, 3):
+        register(emu, n)
+        release(emu, n, lost=True)
+
+    def entries() -> int:
+        return sum(len(lu.unit_attentions) for lu in lus)
+
+    async def run() -> tuple[list[int], list[set[int]]]:
+        sent.clear()
+        for n in (1, 2, 3):
+            register(emu, 10 + n, ini=n)
+            register(emu, 20 + n, resumed=True)
+        counts, answered = [entries()], [{h["nexus"] for h in ready(sent)}]
+        while len(ready(sent)) < 6:
+            await asyncio.sleep(0)
+            counts.append(entries())
+            answered.append({h["nexus"] for h in ready(sent)})
+        return counts, answered
+    counts, answered = asyncio.run(run())
+    assert counts[0] == 4 and counts[-1] == 60
+    assert max(b - a for a, b in zip(counts, counts[1:])) <= 4
+    assert len(counts) >= 60 // 4
+    for done, count in zip(answered, counts):   # (the first nexus is ready after 10 entries, ...)
+        assert count >= 10 * len(done)
+    for n in (11, 12, 13):
+        assert [command(emu, sent, n, lun) for lun in range(10)] == [NEXUS_LOSS] * 10
+    for n in (21, 22, 23):
+        assert [command(emu, sent, n, lun) for lun in range(10)] == [POWER_ON_OCCURRED] * 10
+
+
 def test_the_power_on_of_a_resumed_nexus_leaves_another_nexus_prevent_in_place():
     """PREVENT MEDIUM REMOVAL set by a nexus of this STML stays: the power on
     it reports happened before that nexus's command (a reset UA clears it)."""

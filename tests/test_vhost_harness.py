@@ -20,12 +20,13 @@ import time
 import pytest
 
 from scsi_target.mgmt import MgmtClient
+from stml.config import host_iqn
 from support.gated_stml import GatedStml, gate_cdb
 from support.vhost_master import (AN_REQ, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, EVENT, GET_FEATURES,
                                   GET_VRING_BASE, REQ, RESP_SIZE, SET_MEM_TABLE, SET_VRING_ADDR,
                                   VhostMaster, VhostProcess, inquiry, lun_field, read10, write10)
 
-IQN = "iqn.2026-11.org.scsi-target:disk0"     # the STML's default target name
+IQN = host_iqn()     # the STML's default target name (0207)
 OK, ABORTED, BAD_TARGET, RESET, BUSY, FAILURE, SUCCEEDED = 0, 2, 3, 4, 5, 9, 10
 GOOD, CHECK_CONDITION = 0, 2
 TUR = bytes(6)

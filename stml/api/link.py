@@ -132,6 +132,8 @@ class FrontEndLink(TapPoint):
     # the endpoints that refused us since we last registered (several endpoints only):
     # the refusal is final once all have
     _refused: dict[str, str] | None = None
+    # said that no STML answers (once a silence, 0206): an instance attribute only then
+    _said_silent = False
     timing = False
     _done_ts: list[int]   # when each response of _done was delivered (set while timed)
 
@@ -620,6 +622,9 @@ class FrontEndLink(TapPoint):
                 self._lost()
                 self._next_endpoint()
             elif not self.connected.is_set() and now - self._trying_since > 3 * self.heartbeat:
+                if not self._said_silent:   # an administrator learns why nothing is served (0206)
+                    self._said_silent = True
+                    log.warning("no answer from the STML at %s; still trying", ", ".join(self.endpoints))
                 self._next_endpoint()   # no answer from this one: another may serve
             usage = getattr(self.handler, "usage", None)
             if not self.connected.is_set():
@@ -700,6 +705,9 @@ class FrontEndLink(TapPoint):
             return
         if self._refused is not None:   # (an instance attribute only after a refusal)
             self._refused = None
+        if self._said_silent:
+            self._said_silent = False
+            log.info("the STML at %s answers", self.endpoint)
         self.caps = frozenset(header.get("caps") or ())
         if (Cap.TIMING in self.caps) != self.timing:
             self._set_timing(not self.timing)

@@ -427,7 +427,8 @@ MESSAGES: tuple[Message, ...] = (
                       "ERL 0, a login reinstated the session, Time2Retain ran out, the front end "
                       "stopped): the STML remembers the I_T nexus, and it hears I_T NEXUS LOSS "
                       "OCCURRED on every LU of its target when registered again (decisions/0234); "
-                      "absent or false: its initiator ended it (a Logout), nothing is kept", False,
+                      "absent or false: its initiator ended it (a Logout) or never had it (iSCSI: "
+                      "its final Login Response never went out, 0236), nothing is kept", False,
                       (1, 10)),
             )),
     Message(Op.RX_CMND, _TO, "front end",

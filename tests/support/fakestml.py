@@ -9,6 +9,8 @@ import asyncio
 import os
 import socket
 import struct
+import subprocess
+import sys
 from typing import Any
 
 import msgpack
@@ -126,6 +128,13 @@ class FakeStml:
     def send(self, header: dict[str, Any], frames: list[bytes] = ()) -> None:
         if self.conn is not None:
             self.conn.sendall(wire(header, frames))
+
+    def fetd_tcp(self, port: int) -> subprocess.Popen:
+        """A real fetd_tcp attached to this STML, listening on 127.0.0.1:PORT
+        (in a session of its own: stop it with stop_pid)."""
+        return subprocess.Popen([sys.executable, "-m", "fetd_tcp", "--stml", self.endpoint,
+                                 "--portal", f"127.0.0.1:{port}"], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
 
     def ops(self) -> list[str]:
         return [h["op"] for h, _ in self.messages]

@@ -14,8 +14,9 @@ from fetd_tcp.budget import KEEP
 from fetd_tcp.chap import Credentials, Secret
 from fetd_tcp.keys import ConnectionParams, SessionParams
 from fetd_tcp.session import Connection, Session, Tags
+from stml.config import host_iqn
 
-TNAME = "iqn.2026-11.org.scsi-target:disk0"
+TNAME = host_iqn()   # the default target a test's `run` serves (0207)
 INAME = "iqn.2026-11.org.test:fuzz"
 
 # ---------------------------------------------------------------- PDU bytes

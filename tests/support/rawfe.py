@@ -10,7 +10,7 @@ import msgpack
 import zmq
 
 from stml.api import CONTRACT_VERSION
-from stml.config import DEFAULT_IQN
+from stml.config import host_iqn
 from stml.sense import parse_sense
 
 
@@ -74,9 +74,9 @@ class RawFrontEnd:
                    "name": self.name, "heartbeat_ms": heartbeat_ms, "aen": False})
         return self.expect("detect")[0]
 
-    def nexus(self, nexus: int = 1, target: str = DEFAULT_IQN, initiator: str | None = None) -> dict:
+    def nexus(self, nexus: int = 1, target: str | None = None, initiator: str | None = None) -> dict:
         self.send({"op": "register_nexus", "nexus": nexus,
-                   "initiator": initiator or f"iqn.2026-01.test:{self.name},i,0x1", "target": target,
+                   "initiator": initiator or f"iqn.2026-01.test:{self.name},i,0x1", "target": target or host_iqn(),
                    "tpg": 1})
         return self.expect("nexus_ready")[0]
 

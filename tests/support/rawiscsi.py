@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
+import time
 from typing import Any
 
 from fetd_tcp import pdu as P
@@ -31,6 +32,16 @@ class RawInitiator:
         self.max_cmd_sn = 0
         self.hd = self.dd = False       # digests, as negotiated (set after login)
         self.track_stat_sn = True       # False: ExpStatSN stays put (holes to fill first)
+
+    @classmethod
+    def once_listening(cls, host: str, port: int, **kw: Any) -> RawInitiator:
+        """Connected as soon as a front end just started listens on the port."""
+        for _ in range(200):
+            try:
+                return cls(host, port, **kw)
+            except ConnectionRefusedError:
+                time.sleep(0.05)
+        raise AssertionError(f"nothing listens on {host}:{port}")
 
     def kill(self) -> None:
         """End the TCP connection with a reset, as a cable pull looks to the target."""
@@ -93,8 +104,10 @@ class RawInitiator:
         return bytes(buf)
 
     def login(self, target: str | None, session_type: str = "Normal", tsih: int = 0, cid: int = 0,
-              extra: list[tuple[str, str]] = ()) -> P.LoginResponse:
-        """One-PDU login straight to full feature phase (no authentication)."""
+              extra: list[tuple[str, str]] = (), unanswered: bool = False) -> P.LoginResponse:
+        """One-PDU login straight to full feature phase (no authentication).
+        `unanswered`: the Login Request that asks for full feature phase is
+        sent and its response not read (the last one read is returned)."""
         pairs = [("InitiatorName", self.initiator), ("SessionType", session_type),
                  ("AuthMethod", "None")]
         if target:
@@ -113,6 +126,8 @@ class RawInitiator:
             req = P.LoginRequest(self._next_itt(), self.isid, tsih, cid, self.cmd_sn, self.exp_stat_sn,
                                  csg=stage, nsg=P.STAGE_FULL_FEATURE, transit=True, data_length=0)
             self.send(req, body)
+            if unanswered:
+                return resp
             resp, rdata = self.recv()
             self.login_keys.update(P.decode_text(rdata) if rdata else [])
         self.tsih = resp.tsih

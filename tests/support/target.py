@@ -13,9 +13,10 @@ import threading
 import time
 from pathlib import Path
 
+from stml.config import host_iqn
 from support.procs import Proc, children_by_module, short_dir, stop_pid, wait_for_line
 
-IQN = "iqn.2026-11.org.scsi-target:disk0"
+IQN = host_iqn()   # the default target's name in a new data dir on this host (0207)
 LISTENING = re.compile(r"stml: listening on (\S+)")
 
 
