@@ -101,6 +101,9 @@ _BHS = struct.Struct(">BBxxI")
 _AHS_HDR = struct.Struct(">HBx")
 _U32 = struct.Struct(">I")
 _U16 = struct.Struct(">H")
+# a staged PDU's header or data copied out by the method's descriptor, called
+# directly (compiled: no lookup of `tobytes` on the view, per PDU)
+_TOBYTES: Final = memoryview.tobytes
 # a PDU NamedTuple from all its fields, in order, without the Python-level __new__
 # (about a fiftieth of fetd_tcp's instructions per read command): for the hot paths
 new_pdu = tuple.__new__
@@ -1095,10 +1098,10 @@ class PduFramer:
                 self._start = end
                 raise
         else:    # the usual PDU: a BHS alone (_header's work without its call, per PDU)
-            header, ahs = buf[start:start + BHS_LEN].tobytes(), b""
+            header, ahs = _TOBYTES(buf[start:start + BHS_LEN]), b""
         data = b""
         if length:
-            data = buf[pos:pos + length].tobytes()
+            data = _TOBYTES(buf[pos:pos + length])
             if self.dd and buf[pos + padded:end] != digest(buf[pos:pos + padded]):
                 self._start = end
                 raise DigestError("data digest error", REJECT_DATA_DIGEST_ERROR, header)
@@ -1115,7 +1118,7 @@ class PduFramer:
 
     def _header(self, start: int, ahs_len: int) -> tuple[bytes, bytes]:
         buf = self._buf
-        header = buf[start:start + BHS_LEN].tobytes()
+        header = _TOBYTES(buf[start:start + BHS_LEN])
         ahs = buf[start + BHS_LEN:start + BHS_LEN + ahs_len].tobytes() if ahs_len else b""
         if self.hd:
             at = start + BHS_LEN + ahs_len
