@@ -109,10 +109,17 @@ class IscsiFrontEnd:
             buf = data[0]
         elif data:
             buf = b"".join(data)
-        task.conn.xmit_response(task, status, sense, resid, buf)
+        conn = task.conn
         link = self.link
+        writer = conn.send
+        if isinstance(writer, PduWriter) and not writer.scheduled and link.delivering:
+            # messages_handled flushes it, after the last response this read of the
+            # STML brought: no flush of the writer's own (a callback per read)
+            writer.scheduled = True
+            self.pending_output.add(writer)
+        conn.xmit_response(task, status, sense, resid, buf)
         if tag in link.lent or link.timing:   # else nothing waits for it (per command: no calls)
-            out = task.conn.out
+            out = conn.out
             if isinstance(out, PduWriter):
                 out.responded(tag)   # done once its writer has sent the PDUs, which refer to `data`
             else:

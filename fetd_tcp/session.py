@@ -84,6 +84,7 @@ class Link(Protocol):
     def scsi_rx_data(self, tag: int, offset: int, data: list | tuple,
                      error: str | None = None) -> None: ...
     def rx_task_mgmt_fn(self, tag: int, nexus: int, fn: int, lun: int, ref: int | None) -> None: ...
+    def hold(self) -> None: ...
     def flush(self) -> None: ...
     def register_nexus(self, nexus: int, initiator: str, target: str, tpg: int,
                        held_by: str | None = None) -> None: ...
@@ -234,6 +235,8 @@ class Connection:
         # response is packed from its fields, without a PDU tuple (per command)
         self.encoded: Callable[[bytes, bytes | memoryview], None] | None = getattr(out, "encoded", None)
         self.link = link
+        # bound once: each command reaches the link without a method lookup on a protocol
+        self.rx_cmnd: Callable[[int, int, int, bytes, int, int, int, int, list | tuple], None] = link.rx_cmnd
         self.tags = tags
         self.close = close
         self.text = text
@@ -489,8 +492,8 @@ class Connection:
         lun = _LUNS.get(lun_b)
         if lun is None:
             lun = P.lun_to_int(lun_b)
-        self.link.rx_cmnd(tag, s.nexus, 0xFFFF if lun is None else lun, cdb,
-                          ATTRS.get(attr, 0), direction, edtl, unsol, [data] if n else ())
+        self.rx_cmnd(tag, s.nexus, 0xFFFF if lun is None else lun, cdb,
+                     ATTRS.get(attr, 0), direction, edtl, unsol, [data] if n else ())
 
     def _data_out(self, d: P.DataOut, data: Any) -> None:
         task = self.session.itts.get(d.itt)

@@ -27,7 +27,8 @@ class ConnectionProtocol(asyncio.BufferedProtocol):
     are received straight into a buffer of their own) and every complete PDU
     it holds goes to `conn.receive` in order, within the read's callback (no
     task wake-up per PDU); then what those PDUs queued for the STML leaves at
-    once (`link.flush`). `done` ends with the connection: a result when it
+    once (`link.hold` before the first, `link.flush` after the last: no flush
+    of the link's own is scheduled per read). `done` ends with the connection: a result when it
     closes (EOF, Logout), an exception for a framing or digest error
     (PDUError: after a data digest error a Reject goes out first) or a bug.
     A PDU the session refuses (PDUError from `receive`) gets a Reject and the
@@ -134,7 +135,9 @@ class ConnectionProtocol(asyncio.BufferedProtocol):
                     break
                 pdu, data, header = item
                 conn.idle = False
-                handled = True
+                if not handled:   # what goes to the STML now waits for the flush below
+                    handled = True
+                    self.link.hold()
                 try:
                     conn.receive(pdu, data)
                 except P.PDUError as refused:   # (a name per type: mypyc types a name once, 0830)

@@ -306,6 +306,11 @@ class FakeConn:
 class CountingLink:
     def __init__(self) -> None:
         self.flushes = 0
+        self.holds = 0
+
+    def hold(self) -> None:
+        assert self.holds == self.flushes   # one hold per flush, before it
+        self.holds += 1
 
     def flush(self) -> None:
         self.flushes += 1
@@ -340,7 +345,7 @@ def test_protocol_handles_bytes_buffered_before_it_and_then_the_socket():
         conn, link = FakeConn(), CountingLink()
         first = wire(*nop(3, itt=1)) + wire(*data_out(BIG + 10, itt=2))
         proto, writer, peer = await _pair(conn, link, first + wire(*nop(1, itt=3))[:20])
-        assert [p.itt for p, _ in conn.got] == [1, 2] and not conn.idle and link.flushes == 1
+        assert [p.itt for p, _ in conn.got] == [1, 2] and not conn.idle and link.flushes == link.holds == 1
         loop = asyncio.get_running_loop()
         await loop.sock_sendall(peer, wire(*nop(1, itt=3))[20:] + wire(*data_out(262144 - 6, itt=4))[:-7])
         await _settle(lambda: len(conn.got) == 3)

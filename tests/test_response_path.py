@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import struct
 
 from fetd_tcp import pdu as P
 from fetd_tcp.digest import digest, padding
@@ -217,3 +218,57 @@ def test_fetd_tcp_reports_done_only_what_the_link_lent_or_times():
     a.close()
     b.close()
     assert got.count(bytes(4096)) == 2
+
+
+def test_responses_the_stream_delivers_leave_with_messages_handled_and_no_callback():
+    """A read of the STML's stream delivers several responses: their writer
+    is flushed by messages_handled after the last (one writev for them all),
+    and schedules no flush of its own, which would find nothing left."""
+    from stml.api import StreamChannel
+    from stml.api.messages import pack_xmit_response
+
+    scheduled: list = []
+
+    class CountingLoop(asyncio.SelectorEventLoop):
+        def call_soon(self, callback, *args, context=None):   # type: ignore[override]
+            scheduled.append(callback)
+            return super().call_soon(callback, *args, context=context)
+
+    a, b = socket.socketpair()
+    x, y = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    for s in (a, b, y):
+        s.setblocking(False)
+    done: list[list[int]] = []
+
+    async def run() -> None:
+        fe, writer, conn, link = _front_end_writing(a, done)
+        fe.link._channel = StreamChannel(x, fe.link._receiver, lambda: None,
+                                         on_dispatched=fe.messages_handled)
+        tags = []
+        for itt in (5, 6, 7):
+            task = _read(conn, link, itt, 4096)
+            fe.tags.tasks[task.tag] = task
+            tags.append(task.tag)
+        message = b""
+        for tag in tags:
+            header = pack_xmit_response(tag, 0, 0)
+            message += struct.pack("<3I", 2, len(header), 4096) + header + bytes([tag]) * 4096
+        y.send(message)
+        got = b""
+        for _ in range(200):
+            await asyncio.sleep(0.005)
+            try:
+                got += b.recv(1 << 20)
+            except BlockingIOError:
+                pass
+            if len(got) >= 3 * (48 + 4096):
+                break
+        assert [got[48 + i * 4144] for i in range(3)] == tags and not fe.tags.tasks
+        assert not writer.parts and not writer.scheduled
+        assert not [c for c in scheduled if getattr(c, "__self__", None) is writer]
+        fe.link._channel.close()
+
+    with asyncio.Runner(loop_factory=CountingLoop) as runner:
+        runner.run(run())
+    for s in (a, b, y):
+        s.close()

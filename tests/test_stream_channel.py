@@ -326,6 +326,80 @@ def test_messages_leave_a_batch_at_a_time_and_the_rest_when_the_loop_runs() -> N
     run(main)
 
 
+def test_a_held_channel_leaves_the_flush_to_its_caller() -> None:
+    """hold(): a front end handling what one read brought flushes after it, so
+    sends schedule no flush of their own (nothing leaves when the loop runs);
+    full batches still leave at once, and flush() sends the rest."""
+    batch = StreamChannel.BATCH
+    messages = [[pack({"op": "m", "i": i})] for i in range(batch + 2)]
+
+    async def main() -> None:
+        a, b = pair()
+        tx = Sink().channel(a)
+        b.setblocking(False)
+        tx.hold()
+        for m in messages:
+            tx.send(m)
+        assert b.recv(1 << 16) == b"".join(wire(m) for m in messages[:batch])
+        await spin(3)
+        with pytest.raises(BlockingIOError):
+            b.recv(1)
+        tx.flush()
+        assert b.recv(1 << 16) == b"".join(wire(m) for m in messages[batch:])
+        tx.send(messages[0])   # not held any more: the loop sends it
+        await spin(2)
+        assert b.recv(1 << 16) == wire(messages[0])
+        tx.close()
+        b.close()
+
+    run(main)
+
+
+def test_a_front_ends_commands_leave_as_their_frames_encoded() -> None:
+    """FrontEndLink.rx_cmnd frames the usual command itself on a stream
+    (send_encoded: without data, or with one frame of bytes): the peer reads
+    the same bytes as the frames' own encoding; a tapped channel's, or one
+    with data to lend, go the generic way, to the same bytes."""
+    from stml.api import FrontEndLink
+
+    cdb = bytes(range(0xE0, 0xF0))
+    cases = [(1, 2, 0, 4096, 0, ()), (2, 1, 3, 4096, 4096, [b"w" * 4096]), (3, 1, 0, 512, 512, [b"x" * 512]),
+             (4, 1, 0, 8, 8, [memoryview(b"y" * 8)]), (5, 0, 0, 0, 0, ()), (0xFFFFFFFF, 3, 0xFFFF, 1, 1, [b"z"])]
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.sent: list[list] = []
+
+        def send(self, frames: list, tapped: bool = True) -> None:
+            self.sent.append(frames)
+
+        def xmit_response(self, *args: Any) -> None:
+            raise AssertionError("no response was sent")
+
+    async def main() -> None:
+        handler = Recorder()   # (no response comes)
+        generic = FrontEndLink("ipc:///nonexistent/generic", "test", handler)   # type: ignore[arg-type]
+        recorder = Recorder()
+        generic._channel = recorder   # type: ignore[assignment]
+        link = FrontEndLink("ipc:///nonexistent/stream", "test", handler)   # type: ignore[arg-type]
+        a, b = pair()
+        link._channel = channel = StreamChannel(a, lambda frames: None, lambda: None)
+        for tapped in (False, True):
+            channel.outbound = (lambda frames: True) if tapped else None
+            for tag, direction, lun, length, unsol, data in cases:
+                generic.rx_cmnd(tag, 1, lun, cdb, 0, direction, length, unsol, data)
+                link.rx_cmnd(tag, 1, lun, cdb, 0, direction, length, unsol, data)
+            link.flush()
+            want = b"".join(wire([bytes(f) for f in frames]) for frames in recorder.sent)
+            recorder.sent.clear()
+            b.setblocking(False)
+            assert b.recv(1 << 20) == want
+        channel.close()
+        b.close()
+
+    run(main)
+
+
 def test_a_write_error_in_a_full_batch_closes_from_the_loop() -> None:
     """The BATCH-th send() writes at once, inside whatever handler called it:
     a broken socket there does not close the channel under that handler;

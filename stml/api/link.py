@@ -54,9 +54,16 @@ _RX_CMND_LAYOUT = _fixed_map(_RX_CMND, (
 _RX_CMND_FIXED: Final = _RX_CMND_LAYOUT[0]   # (Final: statics in the compiled build)
 _RX_CMND_PACK: Final = _RX_CMND_FIXED.pack    # (bound once: no method lookup per command)
 _RX_CMND_KEYS: Final = _RX_CMND_LAYOUT[1]
-# the clock read per message, bound once (compiled: a static, not `time` from the
-# module's dict and then its attribute)
-_monotonic: Final = time.monotonic
+# the same header as the stream carrier frames it, in one pack, queued as it is
+# (StreamChannel.send_encoded): a command without data is a message of one
+# frame (its count and length first, constant for a fixed size); one with a
+# data frame has the data's length after those, a little-endian u32 that this
+# big-endian Struct writes from the value byte-swapped
+_RX_CMND_FORMAT: Final = _RX_CMND_FIXED.format.lstrip(">")
+_RX_CMND_WIRE_PACK: Final = struct.Struct(">8s" + _RX_CMND_FORMAT).pack
+_RX_CMND_PREFIX: Final = struct.pack("<2I", 1, _RX_CMND_FIXED.size)
+_RX_CMND_WIRE_DATA_PACK: Final = struct.Struct(">8sI" + _RX_CMND_FORMAT).pack
+_RX_CMND_PREFIX_DATA: Final = struct.pack("<2I", 2, _RX_CMND_FIXED.size)
 
 # xmit_response in the STML's fixed layout (stml.api.messages): its size, its
 # Struct's unpack and the constant parts it must hold (map, keys, markers)
@@ -141,6 +148,10 @@ class FrontEndLink(TapPoint):
         self.kind = kind
         self.name = name or f"{kind}-{os.uname().nodename}-{os.getpid()}"
         self.handler = handler
+        # bound once: a response reaches the handler without a method lookup (per command;
+        # None for a handler without one: a test's that expects no response)
+        self._handler_xmit: Callable[[int, int, bytes | None, int, list], None] | None = \
+            getattr(handler, "xmit_response", None)
         self.heartbeat = heartbeat_ms / 1000
         self.aen = aen
         self.version = version
@@ -153,6 +164,10 @@ class FrontEndLink(TapPoint):
         self._channel: Channel | StreamChannel | None = None
         self._last_rx = 0.0
         self._last_tx = 0.0
+        # a message came in (went out) since the heartbeat last looked: it stamps
+        # _last_rx (_last_tx) then, so no message reads the clock (per command)
+        self._rx_seen = False
+        self._tx_seen = False
         self._last_usage = 0.0
         self._ended: asyncio.Future | None = None
         self._timer: asyncio.Task | None = None
@@ -222,7 +237,7 @@ class FrontEndLink(TapPoint):
         channel = self._channel
         if channel is None:
             return
-        self._last_tx = _monotonic()
+        self._tx_seen = True
         if self._done:
             channel.send([pack(self._done_header())])
         channel.send([header, *data] if data else [header])
@@ -272,7 +287,27 @@ class FrontEndLink(TapPoint):
         header = None
         if len(cdb) == 16:
             k0, k1, k2, k3, k4, k5, k6, k7 = _RX_CMND_KEYS
+            channel = self._channel
             try:
+                if type(channel) is StreamChannel and channel.outbound is None:
+                    # the usual command: framed as the stream carrier sends it (nothing it
+                    # could lend: no data, or one frame of bytes, e.g. immediate data)
+                    if not data:
+                        channel.send_encoded(_RX_CMND_WIRE_PACK(
+                            _RX_CMND_PREFIX, k0, tag, k1, nexus, k2, lun, k3, cdb, k4, attr,
+                            k5, direction, k6, length, k7, unsol))
+                        self._tx_seen = True
+                        return
+                    frame = data[0]
+                    if len(data) == 1 and type(frame) is bytes:
+                        n = len(frame)
+                        channel.send_encoded(_RX_CMND_WIRE_DATA_PACK(
+                            _RX_CMND_PREFIX_DATA,
+                            (n & 0xFF) << 24 | (n & 0xFF00) << 8 | (n >> 8) & 0xFF00 | n >> 24,
+                            k0, tag, k1, nexus, k2, lun, k3, cdb, k4, attr, k5, direction, k6,
+                            length, k7, unsol), frame)
+                        self._tx_seen = True
+                        return
                 header = _RX_CMND_PACK(k0, tag, k1, nexus, k2, lun, k3, cdb, k4, attr,
                                        k5, direction, k6, length, k7, unsol)
             except struct.error:   # a number out of the layout's range
@@ -344,6 +379,21 @@ class FrontEndLink(TapPoint):
         """The portals of the STML's list we listen on, and why not the others
         (a front end that follows the STML's portal list, after each change)."""
         self._send({"op": _O.PORTAL_STATE, "follows": True, "portals": portals})
+
+    @property
+    def delivering(self) -> bool:
+        """The handler's calls come from one read of the STML's messages, and
+        its messages_handled() follows the last of them: a front end may
+        leave sending its output to that (no flush scheduled per response)."""
+        channel = self._channel
+        return isinstance(channel, StreamChannel) and channel.delivering
+
+    def hold(self) -> None:
+        """A front end about to handle what one read from its initiators
+        brought: what it sends waits for its flush(), which it must call after
+        (whatever happens), instead of scheduling a flush of its own."""
+        if self._channel is not None:
+            self._channel.hold()
 
     def flush(self) -> None:
         """Send what is queued now instead of at the end of this loop
@@ -523,10 +573,10 @@ class FrontEndLink(TapPoint):
         if header is None or tap is None or tap.inbound(self.endpoint, header, frames[0], frames[1:]):
             self._on_message(frames)
         else:
-            self._last_rx = time.monotonic()
+            self._rx_seen = True
 
     def _on_message(self, frames: list) -> None:
-        self._last_rx = _monotonic()
+        self._rx_seen = True
         raw = frames[0]
         if len(raw) == _XMIT_SIZE:
             # a response in the STML's fixed layout (most of them): read by its Struct,
@@ -534,7 +584,8 @@ class FrontEndLink(TapPoint):
             # these bytes is always yes (three ints, no sense data)
             k0, tag, k1, status, k2, resid = _XMIT_UNPACK(raw)
             if k0 == _XMIT_K0 and k1 == _XMIT_K1 and k2 == _XMIT_K2:
-                self._xmit_response(tag, status, None, resid, frames[1:])
+                del frames[0]   # the data frames, in the carrier's list (no copy of it)
+                self._xmit_response(tag, status, None, resid, frames)
                 return
         try:
             header = unpack(frames[0])
@@ -564,6 +615,7 @@ class FrontEndLink(TapPoint):
             if self._channel is None and stream_path(self.endpoint):
                 self._open()
             now = time.monotonic()
+            self._stamp(now)
             if self.connected.is_set() and now - self._last_rx > 3 * self.heartbeat:
                 log.warning("STML at %s silent for %.1fs: link lost, re-registering",
                             self.endpoint, now - self._last_rx)
@@ -582,6 +634,17 @@ class FrontEndLink(TapPoint):
                 self._send({"op": _O.HEARTBEAT, "usage": usage()})
             elif now - self._last_tx >= self.heartbeat:
                 self._send({"op": _O.HEARTBEAT})
+                self._last_tx, self._tx_seen = now, False   # (sent now, not at the next look)
+
+    def _stamp(self, now: float) -> None:
+        """Traffic since the last look counts as of now (at most half a
+        heartbeat late: silence is found after 3 to 3.5 heartbeats)."""
+        if self._rx_seen:
+            self._rx_seen = False
+            self._last_rx = now
+        if self._tx_seen:
+            self._tx_seen = False
+            self._last_tx = now
 
     def _lost(self) -> None:
         self.connected.clear()
@@ -672,7 +735,10 @@ class FrontEndLink(TapPoint):
             lease = channel.take_lease()   # the read data stays valid until scsi_target_done
             if lease is not None:
                 self.lent[tag] = lease
-        self.handler.xmit_response(tag, status, sense, resid, frames)
+        xmit = self._handler_xmit
+        if xmit is None:
+            xmit = self.handler.xmit_response   # (it has none: fails as it would have)
+        xmit(tag, status, sense, resid, frames)
 
     def _on_tmf_done(self, h: dict[str, Any], frames: list) -> None:
         if "info" in h:   # 1.6, QUERY ASYNCHRONOUS EVENT only: handlers written earlier never see it

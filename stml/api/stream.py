@@ -39,6 +39,10 @@ def stream_path(endpoint: str) -> str | None:
 
 _IOV_MAX = 1024
 _U32 = struct.Struct("<I")
+# bound once (Final: statics when compiled): a frame count, and a message's
+# lengths, unpacked without a method lookup per message; a frame copied out
+# by the method's descriptor, called directly
+_U32_FROM: Final = _U32.unpack_from
 _REF = struct.Struct("<2I")      # a shared frame on the wire: offset, length
 _ONE_FRAME = struct.Struct("<2I")   # a message of one frame: count, length
 _TWO_FRAMES = struct.Struct("<3I")  # of two: count, lengths
@@ -65,6 +69,8 @@ def _u32s(count: int) -> struct.Struct:
 
 # the frame lengths of the usual messages (a header, its data), without the cache's call
 _U32S: Final = tuple(struct.Struct(f"<{n}I") for n in range(8))
+_LENGTHS_FROM: Final = tuple(s.unpack_from for s in _U32S)
+_TOBYTES: Final = memoryview.tobytes
 
 
 class FramingError(ValueError):
@@ -211,14 +217,15 @@ class StreamFramer:
                 # (ints and a tuple of them, declared: the compiled build does their
                 # arithmetic natively, where it did it on objects; a loop, not sum()
                 # and max(): per message)
-                count: int = _U32.unpack_from(buf, start)[0]
+                count: int = _U32_FROM(buf, start)[0]
                 if count == 0:
                     return self._control(start, avail)
                 if count > MAX_FRAMES:
                     raise FramingError(f"a message of {count} frames")
                 if avail < 4 + 4 * count:
                     return None
-                lengths: tuple[int, ...] = _lengths(count).unpack_from(buf, start + 4)
+                lengths: tuple[int, ...] = (_LENGTHS_FROM[count](buf, start + 4) if count < len(_LENGTHS_FROM)
+                                            else _u32s(count).unpack_from(buf, start + 4))
                 start += 4 + 4 * count
                 avail -= 4 + 4 * count
                 total = biggest = 0
@@ -233,7 +240,7 @@ class StreamFramer:
                     # all here, and nothing shared or big (the usual message): no state kept
                     frames = []
                     for size in lengths:
-                        frames.append(buf[start:start + size].tobytes())
+                        frames.append(_TOBYTES(buf[start:start + size]))
                         start += size
                     self._start = start
                     return frames, None
@@ -255,7 +262,7 @@ class StreamFramer:
                     self._big, self._big_pos = frame, take
                     return None
             elif avail >= size:
-                frame = buf[start:start + size].tobytes()
+                frame = _TOBYTES(buf[start:start + size])
                 self._start += size
                 self._next += 1
                 self._frames.append(frame)
@@ -417,11 +424,49 @@ class StreamChannel:
             self._flush_scheduled = True
             self._loop.call_soon(self.flush)
 
+    def send_encoded(self, message: bytes, data: bytes | None = None) -> None:
+        """Queue a message framed already (count, lengths, frames: a front
+        end's fixed header, per command), and the bytes of its last frame
+        after it if it has one: no list of frames, no encode. Only for a
+        message that lends nothing, and untapped (the caller checks
+        `outbound`: a tap must see the frames)."""
+        if self.closed:
+            return
+        out = self._out
+        out.append(message)
+        if data is None:
+            self._out_bytes += len(message)
+        else:
+            out.append(data)
+            self._out_bytes += len(message) + len(data)
+        self._queued += 1
+        if self._queued >= self.BATCH and not self._waiting:
+            self.flush(inline=True)
+            return
+        if not self._flush_scheduled and not self._waiting and not self._dispatching:
+            self._flush_scheduled = True
+            self._loop.call_soon(self.flush)
+
+    @property
+    def delivering(self) -> bool:
+        """Handing over what one read brought: on_dispatched is called after
+        the last of it (when there is one)."""
+        return self._dispatching and self.on_dispatched is not None
+
+    def hold(self) -> None:
+        """The caller flushes once it has handled what it holds (a front end's
+        read from its initiators): until then, sends schedule no flush of
+        their own, which would find nothing left (per read: a callback and a
+        loop turn). The caller must flush() after, whatever happens."""
+        self._flush_scheduled = True
+
     def flush(self, inline: bool = False) -> None:
         """Send what is queued. `inline`: called from send(), inside some
         handler's stack, so a broken socket is left to the writability
-        callback to close rather than pulling the link from under the handler."""
-        self._flush_scheduled = False
+        callback to close rather than pulling the link from under the handler;
+        a flush scheduled (or held for) is still to come then."""
+        if not inline:
+            self._flush_scheduled = False
         self._queued = 0
         out = self._out
         if self._freed:

@@ -61,6 +61,10 @@ class Channel:
             self._flush_scheduled = True
             self._loop.call_soon(self.flush)
 
+    def hold(self) -> None:
+        """As StreamChannel.hold: the caller flushes once it has handled what it holds."""
+        self._flush_scheduled = True
+
     def flush(self) -> None:
         self._flush_scheduled = False
         if self.closed:

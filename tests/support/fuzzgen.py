@@ -206,6 +206,7 @@ class FakeLink:
     response are plain values (nothing lent, not timed)."""
 
     timing = False
+    delivering = False   # (no carrier delivers for it: responses are flushed by their writers)
 
     def __init__(self) -> None:
         self.calls: list[tuple] = []
