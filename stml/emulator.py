@@ -595,12 +595,15 @@ class Emulator:
                     budget -= 1 + len(mine)
                 if not tasks and not nexuses:   # (its sessions are gone: then the front end)
                     releases.popleft()
-                    self.on_front_end_gone(fe.ident)
-                    if self.timing is not None:
-                        self.timing.front_end_gone(fe.ident)
+                    # (taken first: a callback that raises must not leave its ident parked for good)
                     waiting = self._waiting.pop(fe.ident, None)
-                    if waiting is not None:
-                        self._register(fe.ident, waiting)
+                    try:
+                        self.on_front_end_gone(fe.ident)
+                        if self.timing is not None:
+                            self.timing.front_end_gone(fe.ident)
+                    finally:
+                        if waiting is not None:
+                            self._register(fe.ident, waiting)
         finally:
             self._releasing = False
         return bool(releases)
@@ -620,6 +623,13 @@ class Emulator:
                 await asyncio.sleep(0)
         finally:
             self._release_runner = None
+
+    async def releases_done(self) -> None:
+        """Until no front end is being released: every task of theirs is
+        aborted (a gateway standing down lets its locks go only then, so no
+        queued task of a released front end starts after, 0222)."""
+        while self._releases:
+            await asyncio.sleep(0)
 
     def check_liveness(self) -> None:
         """Release front ends silent for three of their heartbeat intervals."""
@@ -697,9 +707,10 @@ class Emulator:
                 if nexus.fe.nexuses.get(nexus.id) is nexus:   # (else gone, or registered again: a
                     try:                                       # newer registration answers for itself)
                         budget = await self._tell(nexus, asc_ascq, budget)
-                    except Exception:   # (logged; the walk goes on: no nexus behind it waits forever)
+                    except Exception:   # (logged, its login refused; the walk goes on for the rest)
                         log.exception("front end %s: nexus %d: telling it its state is gone failed",
                                       nexus.fe.name, nexus.id)
+                        self.out.nexus_ready(nexus.fe.ident, nexus.id, "the target could not set it up")
                 if budget == left:
                     budget -= 1
         finally:   # (whatever ended it, the next registration starts a walk again)

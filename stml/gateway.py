@@ -131,6 +131,7 @@ class Gateway:
             try:
                 if self._let_go:
                     self._let_go = False
+                    await self.em.releases_done()   # (its front ends' tasks aborted first: 0222)
                     await self._call(self._release_all, self.shared())
                 if self.role == STANDBY:
                     await self._take_over()

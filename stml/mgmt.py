@@ -808,6 +808,7 @@ class Management:
         elif o.size is not None and o.size < old:
             self._pending.append(f"target {target} LUN {lun}: kept at {old} bytes: shrinking it to {o.size} "
                                  f"loses data: `scsi-target lun resize --force` does that")
+            o.size = old   # (what is served, as `lun list` and the next save say it)
         log.info("target %s LUN %d: RAM LU %s keeps its data at its new number", target, lun, o.id)
         return backend
 

@@ -498,6 +498,8 @@ def test_a_reload_that_renumbers_a_ram_lun_grows_it_but_never_shrinks_it(stml_fa
     assert [line for line in r["not_applied"] if "LUN 5: kept at 4194304 bytes" in line], r
     sizes = {x["lun"]: x["size"] for x in MgmtClient(p.endpoint).call("lun_list")}
     assert sizes[5] == 4 << 20
+    r = MgmtClient(p.endpoint).call("config_reload")   # (the edit stays in the file, not applied)
+    assert [line for line in r["not_applied"] if "LUN 5:" in line and "shrinking" in line], r
     with LoopbackClient(p.endpoint, timeout=10) as c:
         assert c.read(5, lba, len(data) // block) == data
     r = move(5, 6, "8MiB")

@@ -124,3 +124,49 @@ def test_a_front_end_registering_again_mid_release_is_answered_once_it_is_over()
         assert len(answers) == 1 and answers[0]["tag"] == 1
         assert parse_sense(answers[0]["sense"])[1:] == I_T_NEXUS_LOSS
     asyncio.run(main())
+
+
+def test_a_registration_waiting_for_a_release_whose_callback_raises_is_still_answered():
+    """The end of a release tells the metrics (on_front_end_gone); if that
+    raises, the registration of the same ident that waited for the release
+    is answered all the same, not parked for good (review 12)."""
+    async def main() -> None:
+        em, sent = setup()
+        fe = em.front_ends[b"fe"]
+
+        def broken(ident: bytes) -> None:
+            raise RuntimeError("metrics broke")
+        em.on_front_end_gone = broken
+        em.release_front_end(fe, "silent")
+        register(em, b"fe")
+        while fe.nexuses or fe.tasks:
+            await asyncio.sleep(0)
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert [h["op"] for _, h in sent] == [Op.DETECT] and em.front_ends[b"fe"] is not fe
+        assert not em._waiting
+    asyncio.run(main())
+
+
+def test_a_gateway_standing_down_lets_its_locks_go_once_every_task_is_aborted():
+    """Standing down releases front ends in steps (0222); the locks go only
+    after the last step, so no queued task of a released front end can start
+    a backend call once another gateway may hold the image (review 12)."""
+    from stml import gateway as G
+
+    async def main() -> None:
+        em, sent = setup((b"a", b"bb"))
+        fes = list(em.front_ends.values())
+        gw = Gateway(em, ThreadPoolExecutor(1))
+        left: list[int] = []
+        gw._release_all = lambda lus: left.append(sum(len(fe.tasks) + len(fe.nexuses) for fe in fes))
+        gw.role = G.ACTIVE
+        runner = asyncio.ensure_future(gw._run())
+        await asyncio.sleep(0)
+        gw.step_down("fenced")
+        while not left:
+            await asyncio.sleep(0)
+        runner.cancel()
+        assert left == [0]
+        assert 2 * NEXUSES > E.FANOUT_STEP   # (more than one step: the case that raced)
+    asyncio.run(main())
