@@ -256,6 +256,9 @@ async def fetd_path(count: int, size: int) -> float:
         def send(self, frames: list) -> None:
             to_stml.append(frames)
 
+        def hold(self) -> None:
+            pass
+
         def flush(self) -> None:
             pass
 
