@@ -13,9 +13,6 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
-import mmap
-import os
-import struct
 from dataclasses import dataclass, field
 from typing import Any, Callable, Final, Protocol
 
@@ -104,52 +101,6 @@ class Tags:
         # an initiator's TMF sent to the STML: tag -> (conn, itt, function, the referenced
         # task's tag or None)
         self.tmfs: dict[int, tuple[Connection, int, int, int | None]] = {}
-
-
-# WIP prototype (issue 25, decision 0861): SCSI_TARGET_SF_PROTO=1 and SCSI_TARGET_SF_IMAGE
-# (the LUN's file): read data whose shared slot starts with the STML's marker is sent
-# with sendfile() from that file, at the offset the slot names
-SF_PROTO: Final = os.environ.get("SCSI_TARGET_SF_PROTO", "0") in ("1", "2")
-SF_MMAP: Final = os.environ.get("SCSI_TARGET_SF_PROTO") == "2"   # 2: writev from a mapping of the file
-SF_IMAGE: Final = os.environ.get("SCSI_TARGET_SF_IMAGE", "")
-SF_MARKER: Final = b"SFPROTO!"
-SF_STATS: list[int] = [0, 0, -1]   # bytes sent by sendfile, bytes that fell back to pread, fd
-SF_MAP: list[memoryview] = []      # mode 2: the whole file, mapped read-only
-
-
-class FileSeg:
-    """Read data still in a file: (fd, offset, length)."""
-    __slots__ = ("fd", "offset", "length")
-
-    def __init__(self, fd: int, offset: int, length: int) -> None:
-        self.fd = fd
-        self.offset = offset
-        self.length = length
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, s: slice) -> FileSeg:
-        start, stop, _ = s.indices(self.length)
-        return FileSeg(self.fd, self.offset + start, stop - start)
-
-    def read(self) -> bytes:
-        SF_STATS[1] += self.length
-        return os.pread(self.fd, self.length, self.offset)
-
-
-def sf_proto(data: Any) -> Any:
-    """The prototype's FileSeg for marked read data, else the data itself."""
-    if len(data) < 16 or bytes(data[:8]) != SF_MARKER:
-        return data
-    if SF_STATS[2] < 0:
-        SF_STATS[2] = os.open(SF_IMAGE, os.O_RDONLY)
-        if SF_MMAP:
-            SF_MAP.append(memoryview(mmap.mmap(SF_STATS[2], 0, prot=mmap.PROT_READ)))
-    offset: int = struct.unpack_from("<Q", data, 8)[0]
-    if SF_MMAP:
-        return SF_MAP[0][offset:offset + len(data)]
-    return FileSeg(SF_STATS[2], offset, len(data))
 
 
 class Task:
@@ -748,8 +699,6 @@ class Connection:
             self._respond_keeping(task, status, sense, resid, data)
             return
         n = len(data) if data is not None else 0
-        if SF_PROTO and n >= 16:
-            data = sf_proto(data)
         if n and self.count_out:
             self.account.move(B.READ, B.OUT, n, task.res_read)
             left = task.res_read - n
@@ -778,8 +727,7 @@ class Connection:
                                                P.RESERVED_TAG, task.lun, n)), data)
                 task.data_sn += 1
                 return
-            self._data_in(task, data if isinstance(data, FileSeg) else memoryview(data),
-                          status if collapse else None, count, over, under)
+            self._data_in(task, memoryview(data), status if collapse else None, count, over, under)
             if collapse:
                 return
         encoded = self.encoded
@@ -835,7 +783,7 @@ class Connection:
             task.status = (status, sense, count, over, under, pdu, seg)
             self.send(pdu, seg)
 
-    def _data_in(self, task: Task, data: Any, status: int | None, count: int,
+    def _data_in(self, task: Task, data: memoryview, status: int | None, count: int,
                  over: bool, under: bool, first_dsn: int = 0) -> None:
         """Data-In PDUs of at most MaxSendDataSegmentLength bytes, F set at the
         end of each MaxBurstLength sequence; ``status`` (unless None) rides in

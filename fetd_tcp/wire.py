@@ -12,7 +12,7 @@ from typing import Any, Callable, Final, Iterator
 from fetd_tcp import pdu as P
 from fetd_tcp.budget import OUT, Account
 from fetd_tcp.digest import DIGEST_LEN, digest, padding
-from fetd_tcp.session import SF_STATS, Connection, FileSeg
+from fetd_tcp.session import Connection
 
 log = logging.getLogger("fetd_tcp")
 
@@ -327,28 +327,11 @@ class PduWriter:
 
     def _send(self, parts: list, size: int) -> bool:
         """True when all of it went to the socket: the transport's buffer is
-        empty then (no need to ask it once more, per flush). A FileSeg (WIP
-        prototype) goes by sendfile(); what the socket does not take of it is
-        read (pread) into the transport's buffer."""
+        empty then (no need to ask it once more, per flush)."""
         if self.transport.get_write_buffer_size() == 0:
             try:
                 while parts:
-                    first = parts[0]
-                    if isinstance(first, FileSeg):
-                        n = os.sendfile(self.fd, first.fd, first.offset, first.length)
-                        SF_STATS[0] += n
-                        size -= n
-                        if not size:
-                            return True
-                        if n < first.length:
-                            parts[0] = first[n:first.length]
-                            break
-                        parts = parts[1:]
-                        continue
-                    i = 1
-                    while i < len(parts) and i < self.IOV_MAX and not isinstance(parts[i], FileSeg):
-                        i += 1
-                    chunk = parts[:i]
+                    chunk = parts[:self.IOV_MAX]
                     n = os.writev(self.fd, chunk)
                     size -= n
                     if not size:
@@ -362,7 +345,7 @@ class PduWriter:
                 self.transport.close()
                 return False
         if parts:
-            self.transport.write(b"".join([p.read() if isinstance(p, FileSeg) else p for p in parts]))
+            self.transport.write(b"".join(parts))
         return False
 
 

@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import struct
-from typing import Callable, Final
+from typing import Callable
 
 from stml.cdb import u16, u32, u64
 from stml.lu import LogicalUnit
@@ -126,14 +125,6 @@ def _first_difference(a: bytes | bytearray | memoryview, b: bytes | bytearray | 
 
 # ---------------------------------------------------------------- READ / WRITE
 
-# WIP prototype (issue 25, decision 0861): with SCSI_TARGET_SF_PROTO=1 a read of
-# SF_PROTO_MIN bytes or more into a shared slot is not read at all: the slot's first
-# 16 bytes say (marker, file offset) and fetd_tcp sendfile()s from the image itself
-SF_PROTO: Final = os.environ.get("SCSI_TARGET_SF_PROTO", "0") in ("1", "2")
-SF_PROTO_MIN: Final = 1 << 20
-SF_MARKER: Final = b"SFPROTO!"
-
-
 async def read(task: Task) -> bytes | bytearray | memoryview:
     """READ: into memory that goes back to the front end as read data (maybe
     shared with it, so it is never copied), or new memory the backend reads
@@ -144,9 +135,6 @@ async def read(task: Task) -> bytes | bytearray | memoryview:
     lba, blocks = task.lba_len()   # read_check checked them
     bs = lu.block_size
     buf = task.services.read_buffer(task, blocks * bs)
-    if SF_PROTO and buf is not None and blocks * bs >= SF_PROTO_MIN:
-        struct.pack_into("<8sQ", buf, 0, SF_MARKER, lba * bs)
-        return buf
     if buf is None:
         if blocks:
             data = lu.backend.pread_nowait(lba * bs, blocks * bs)
