@@ -416,6 +416,11 @@ class StreamChannel:
         parts, size = encode(frames, region if self.region_offered else None)
         self._out += parts
         self._out_bytes += size
+        self._queued_one()
+
+    def _queued_one(self) -> None:
+        """A message was queued: flush at once when BATCH are waiting, else
+        once in this loop iteration (unless the caller holds the flush)."""
         self._queued += 1
         if self._queued >= self.BATCH and not self._waiting:
             self.flush(inline=True)
@@ -439,13 +444,7 @@ class StreamChannel:
         else:
             out.append(data)
             self._out_bytes += len(message) + len(data)
-        self._queued += 1
-        if self._queued >= self.BATCH and not self._waiting:
-            self.flush(inline=True)
-            return
-        if not self._flush_scheduled and not self._waiting and not self._dispatching:
-            self._flush_scheduled = True
-            self._loop.call_soon(self.flush)
+        self._queued_one()
 
     @property
     def delivering(self) -> bool:
