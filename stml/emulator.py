@@ -774,7 +774,7 @@ class Emulator:
             self.drop_nexus(nexus, lost=h.get("lost") is True)
 
     def drop_nexus(self, nexus: Nexus, tasks: list[Task] | None = None, lost: bool = False) -> None:
-        """I_T nexus loss: its tasks (`tasks`, else found among its front end's)
+        """I_T nexus loss: its tasks (`tasks`, else its own index of them)
         are aborted and its SPC-2 reservations released. `lost`: its initiator
         did not end it (a Logout would have): when it was the last nexus of
         its I_T nexus, the target remembers it (0234). The work is that of
@@ -782,7 +782,7 @@ class Emulator:
         if nexus.fe.nexuses.get(nexus.id) is nexus:
             del nexus.fe.nexuses[nexus.id]
         if tasks is None:
-            tasks = [t for t in nexus.fe.tasks.values() if t.nexus is nexus]
+            tasks = list(nexus.tasks.values())
         for task in tasks:
             self._abort(task)
         self.on_nexus_gone(nexus, [t.tag for t in tasks])
@@ -932,6 +932,7 @@ class Emulator:
         if self._lease is not None:
             self._take_lease(task)
         fe.tasks[tag] = task
+        nexus.tasks[tag] = task
         runner = task.runner = start_eagerly(self._execute(task))
         if runner is not None:
             runner.add_done_callback(functools.partial(self._runner_done, task))
@@ -1223,9 +1224,13 @@ class Emulator:
         it held goes back (the one place: its write data, maybe a front end's
         shared memory or a pooled buffer, and its read data's shared memory,
         which its front end still holds if the response lent it)."""
+        tag = task.tag
         tasks = task.fe.tasks
-        if tasks.get(task.tag) is task:
-            del tasks[task.tag]
+        if tasks.get(tag) is task:
+            del tasks[tag]
+        tasks = task.nexus.tasks
+        if tasks.get(tag) is task:
+            del tasks[tag]
         if task.data_out:
             task.data_out = []
         held = task.held

@@ -39,7 +39,7 @@ from stml.persist import (SECRET_DIFFERS, EditedError, hide_secrets, hold, model
                           save)
 from stml.portals import GATEWAY_FIXED, GATEWAY_STATE, PortalStates, portal_entries, portal_groups
 from stml.sense import CAPACITY_DATA_CHANGED, NOT_READY_TO_READY_CHANGE, REPORTED_LUNS_DATA_CHANGED
-from stml.task import FANOUT_STEP, Nexus, Task
+from stml.task import FANOUT_STEP, Nexus
 from stml.trace.recorder import Recorder, Traces
 
 log = logging.getLogger("stml.mgmt")
@@ -692,8 +692,7 @@ class Management:
         releases it, and its tasks end silently. FANOUT_STEP nexuses between
         turns of the loop; the target (or the ACL) has changed already, so
         nothing new reaches it meanwhile (a command finds no LU, a new nexus
-        no target or no ACL entry). Each step visits its front ends' tasks
-        once, not once per nexus (a front end's tasks include other targets').
+        no target or no ACL entry). Each nexus aborts its own tasks (0239).
         Returns how many nexuses it dropped."""
         if admitted is None:
             return 0
@@ -711,15 +710,9 @@ class Management:
 
     def _drop_nexuses(self, nexuses: list[Nexus], why: str) -> int:
         live = [n for n in nexuses if n.fe.nexuses.get(n.id) is n]   # (not released meanwhile)
-        tasks: dict[int, list[Task]] = {id(n): [] for n in live}
-        for fe in {id(n.fe): n.fe for n in live}.values():
-            for task in fe.tasks.values():
-                mine = tasks.get(id(task.nexus))
-                if mine is not None:
-                    mine.append(task)
         for n in live:
             self.em.out.drop_nexus(n.fe.ident, n.id, why)
-            self.em.drop_nexus(n, tasks[id(n)], lost=True)
+            self.em.drop_nexus(n, lost=True)   # (with its own tasks: no walk of its front end's, 0239)
         return len(live)
 
     # ------------------------------------------------------------ LUNs

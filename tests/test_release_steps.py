@@ -148,6 +148,46 @@ def test_a_registration_waiting_for_a_release_whose_callback_raises_is_still_ans
     asyncio.run(main())
 
 
+class _CountedTasks(dict):
+    """A front end's tasks, counting the ones a walk of them visits."""
+    walked = 0
+
+    def values(self):  # type: ignore[override]
+        for task in super().values():
+            self.walked += 1
+            yield task
+
+    def items(self):  # type: ignore[override]
+        for item in super().items():
+            self.walked += 1
+            yield item
+
+    def __iter__(self):
+        for tag in super().__iter__():
+            self.walked += 1
+            yield tag
+
+
+def test_a_nexus_ends_with_its_own_tasks_not_a_walk_of_its_front_ends():
+    """A nexus released (scsi_release) or registered again under its id
+    aborts its own tasks: its front end's other waiting writes are not
+    looked at (0239), and they stay."""
+    async def main() -> None:
+        em, sent = setup()
+        fe = em.front_ends[b"fe"]
+        waiting = set(fe.tasks)   # (those the LU's queue depth took)
+        fe.tasks = counted = _CountedTasks(fe.tasks)
+        em.handle(b"fe", {"op": Op.RELEASE_NEXUS, "nexus": 2}, [])   # tag 1's nexus
+        em.handle(b"fe", {"op": Op.REGISTER_NEXUS, "nexus": 3, "initiator": "iqn.2026-12.org.test:3",
+                          "target": T, "tpg": len(b"fe")}, [])      # tag 2's, again
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert counted.walked == 0
+        assert {1, 2} < waiting and set(dict(fe.tasks)) == waiting - {1, 2}
+        assert not fe.nexuses[3].tasks and fe.nexuses[4].tasks == {3: fe.tasks[3]}
+    asyncio.run(main())
+
+
 def test_a_gateway_standing_down_lets_its_locks_go_once_every_task_is_aborted():
     """Standing down releases front ends in steps (0222); the locks go only
     after the last step, so no queued task of a released front end can start
