@@ -75,6 +75,10 @@ class FrontEnd:
     tasks: dict[int, Task] = field(default_factory=dict)
     usage: dict[str, int] = field(default_factory=dict)   # what it buffers (heartbeat, 1.3)
     caps: frozenset[str] = frozenset()   # capabilities it offered and we granted (1.4)
+    # when its last detect went, and the one owed to registrations that came
+    # sooner than a heartbeat after it (stml.emulator, 0248)
+    detected: float = 0.0
+    detect_later: asyncio.TimerHandle | None = None
 
 
 class Services(Protocol):
