@@ -259,8 +259,8 @@ class Metrics:
         Sessions come and go between steps: each walk is over a copy, and
         each row is as of its own step."""
         in_flight: collections.Counter = collections.Counter()
-        for mine in list(self._inflight.values()):
-            for entry in list(mine.values()):
+        for commands in list(self._inflight.values()):
+            for entry in list(commands.values()):
                 in_flight[entry[3].final()] += 1
                 yield
         by_lun: dict[tuple[str, Any], list[Counters]] = defaultdict(list)
