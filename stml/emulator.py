@@ -393,6 +393,7 @@ class Emulator:
         if fe.kind not in CHAP_KINDS:   # CHAP secrets only where CHAP is spoken: nowhere else to leak from
             targets = [{**t, "access": {**t["access"], **_NO_CHAP}} for t in targets]
             discovery = {**discovery, "chap": None}
+        fe.detected = time.monotonic()
         self.out.detect(
             fe.ident, stml=self.name, heartbeat_ms=int(self.heartbeat * 1000), caps=sorted(fe.caps),
             limits={"max_transfer": self.max_transfer, "queue_depth": self.queue_depth},
@@ -524,9 +525,9 @@ class Emulator:
             self.timing.front_end(ident, h["name"], h.get("boot_id"))
         known = self.front_ends.get(ident)
         if known is not None:  # a repeated registration (e.g. queued retries): same state
-            known.last_seen = time.monotonic()
+            known.last_seen = now = time.monotonic()
             known.caps = caps
-            self.send_detect(known)
+            self._detect_again(known, now)
             return
         if len(self.front_ends) >= MAX_FRONT_ENDS:
             reason = f"the STML serves {MAX_FRONT_ENDS} front ends, the most it keeps"
@@ -538,6 +539,36 @@ class Emulator:
         self.front_ends[ident] = fe
         log.info("front end %s (%s) registered", fe.name, fe.kind)
         self.send_detect(fe)
+
+    def _detect_again(self, fe: FrontEnd, now: float) -> None:
+        """A registered front end registers again: a detect describes every LU
+        (0229), so one goes at most once per heartbeat of the STML; the
+        registrations that come sooner are answered by one detect at the end
+        of that heartbeat (0248), whatever their number."""
+        if fe.detect_later is not None:
+            return   # one is owed already: it answers this one too
+        wait = fe.detected + self.heartbeat - now
+        if wait <= 0:
+            self.send_detect(fe)
+            return
+        log.info("front end %s registered again within a heartbeat of its detect: "
+                 "answered once, %.2fs from now", fe.name, wait)
+        fe.detect_later = asyncio.get_running_loop().call_later(wait, self._owed_detect, fe)
+
+    def _owed_detect(self, fe: FrontEnd) -> None:
+        fe.detect_later = None
+        if self.front_ends.get(fe.ident) is fe:   # (not released meanwhile)
+            self.send_detect(fe)
+
+    def drop_waiting(self, ident: bytes) -> None:
+        """The connection of a registration waiting for its ident's release
+        ended: it is not answered when the release does (0248), or it would
+        hold a front end's place with nobody behind it until liveness."""
+        h = self._waiting.get(ident)
+        if h is not None:
+            self._waiting[ident] = None
+            log.info("front end %r: its connection closed while its registration waited "
+                     "for its release: dropped", h["name"])
 
     @staticmethod
     def _responses_sent(fe: FrontEnd, h: dict[str, Any], frames: list) -> None:
@@ -774,7 +805,7 @@ class Emulator:
             self.drop_nexus(nexus, lost=h.get("lost") is True)
 
     def drop_nexus(self, nexus: Nexus, tasks: list[Task] | None = None, lost: bool = False) -> None:
-        """I_T nexus loss: its tasks (`tasks`, else found among its front end's)
+        """I_T nexus loss: its tasks (`tasks`, else its own index of them)
         are aborted and its SPC-2 reservations released. `lost`: its initiator
         did not end it (a Logout would have): when it was the last nexus of
         its I_T nexus, the target remembers it (0234). The work is that of
@@ -782,7 +813,7 @@ class Emulator:
         if nexus.fe.nexuses.get(nexus.id) is nexus:
             del nexus.fe.nexuses[nexus.id]
         if tasks is None:
-            tasks = [t for t in nexus.fe.tasks.values() if t.nexus is nexus]
+            tasks = list(nexus.tasks.values())
         for task in tasks:
             self._abort(task)
         self.on_nexus_gone(nexus, [t.tag for t in tasks])
@@ -932,6 +963,7 @@ class Emulator:
         if self._lease is not None:
             self._take_lease(task)
         fe.tasks[tag] = task
+        nexus.tasks[tag] = task
         runner = task.runner = start_eagerly(self._execute(task))
         if runner is not None:
             runner.add_done_callback(functools.partial(self._runner_done, task))
@@ -1223,9 +1255,13 @@ class Emulator:
         it held goes back (the one place: its write data, maybe a front end's
         shared memory or a pooled buffer, and its read data's shared memory,
         which its front end still holds if the response lent it)."""
+        tag = task.tag
         tasks = task.fe.tasks
-        if tasks.get(task.tag) is task:
-            del tasks[task.tag]
+        if tasks.get(tag) is task:
+            del tasks[tag]
+        tasks = task.nexus.tasks
+        if tasks.get(tag) is task:
+            del tasks[tag]
         if task.data_out:
             task.data_out = []
         held = task.held

@@ -132,9 +132,10 @@ class Metrics:
         self._live: dict[Any, dict[int | None, Counters]] = {}   # Nexus -> LUN -> its set
         # front-end ident (None: front ends gone) -> (target, LUN) -> counts of ended sessions
         self._forgotten: dict[bytes | None, dict[tuple[str, Any], Counters]] = {}
-        # (ident, tag) -> (start, dir, len, set); typed, so the compiled build reads
-        # the set's counters natively (as a bare tuple, its items were objects)
-        self._inflight: dict[tuple[bytes, int], tuple[float, int, int, Counters]] = {}
+        # ident -> tag -> (start, dir, len, set): each front end's apart, so its end
+        # visits its own commands, not every one in flight (0239); typed, so the
+        # compiled build reads the set's counters natively (bare tuple: objects)
+        self._inflight: dict[bytes, dict[int, tuple[float, int, int, Counters]]] = {}
         self.started = time.time()
 
     def rx_cmnd(self, ident: bytes, h: dict[str, Any], fe: Any) -> None:
@@ -161,11 +162,12 @@ class Metrics:
             if sets is None:
                 sets = self._live[nexus] = {}
             c = self._new_set(ident, nexus, lun, sets)
-        key = (ident, tag)
-        inflight = self._inflight
-        if key in inflight:   # a tag reused without a response (aborted): that one is over
+        inflight = self._inflight.get(ident)
+        if inflight is None:
+            inflight = self._inflight[ident] = {}
+        elif tag in inflight:   # a tag reused without a response (aborted): that one is over
             self.responded(ident, tag, None, 0)
-        inflight[key] = (monotonic() if now is None else now, direction, length, c)
+        inflight[tag] = (monotonic() if now is None else now, direction, length, c)
 
     def _new_set(self, ident: bytes, nexus: Any, lun: Any, sets: dict[int | None, Counters]) -> Counters:
         """Sets are keyed by the Nexus object: a nexus id registered again
@@ -186,7 +188,8 @@ class Metrics:
     def responded(self, ident: bytes, tag: int, status: int | None, resid: int) -> None:
         """xmit_response's fields (status None: the command ended without a
         response): what the STML's sender passes without a header dict."""
-        entry = self._inflight.pop((ident, tag), None)
+        inflight = self._inflight.get(ident)
+        entry = inflight.pop(tag, None) if inflight is not None else None
         if entry is None:
             return
         start, direction, length, c = entry
@@ -230,9 +233,11 @@ class Metrics:
 
     def front_end_gone(self, ident: bytes) -> None:
         """A front end ended (its sessions already did): its commands in flight
-        are over, and its sets are added into those of gone front ends."""
-        for key in [k for k in self._inflight if k[0] == ident]:
-            self.xmit_response(ident, {"tag": key[1], "status": None})
+        are over, and its sets are added into those of gone front ends: the
+        work of its own commands, whatever other front ends have in flight."""
+        for tag in list(self._inflight.get(ident, ())):
+            self.responded(ident, tag, None, 0)
+        self._inflight.pop(ident, None)
         for c in self._forgotten.pop(ident, {}).values():
             c.fe = None
             self._retire(c)
@@ -254,9 +259,10 @@ class Metrics:
         Sessions come and go between steps: each walk is over a copy, and
         each row is as of its own step."""
         in_flight: collections.Counter = collections.Counter()
-        for entry in list(self._inflight.values()):
-            in_flight[entry[3].final()] += 1
-            yield
+        for commands in list(self._inflight.values()):
+            for entry in list(commands.values()):
+                in_flight[entry[3].final()] += 1
+                yield
         by_lun: dict[tuple[str, Any], list[Counters]] = defaultdict(list)
         all_sets: list[dict[Any, Counters]] = [*self._live.values(), *self._forgotten.values()]
         counted = 0   # how many sets exist (status reports it: it must stay bounded)

@@ -39,7 +39,7 @@ from stml.persist import (SECRET_DIFFERS, EditedError, hide_secrets, hold, model
                           save)
 from stml.portals import GATEWAY_FIXED, GATEWAY_STATE, PortalStates, portal_entries, portal_groups
 from stml.sense import CAPACITY_DATA_CHANGED, NOT_READY_TO_READY_CHANGE, REPORTED_LUNS_DATA_CHANGED
-from stml.task import FANOUT_STEP, Nexus, Task
+from stml.task import FANOUT_STEP, Nexus
 from stml.trace.recorder import Recorder, Traces
 
 log = logging.getLogger("stml.mgmt")
@@ -85,7 +85,9 @@ class Management:
         self._closing: dict[LogicalUnit, asyncio.Task] = {}   # removed LUs' backends waiting to close
         self.closing_lus: set[LogicalUnit] = set()   # their LUs: the STML's stop flushes them too
         # a reload's renumbered RAM LUs' stores, by id, for the add at their new number (0205)
-        self._moving: dict[tuple[str, str], Backend] = {}   # (target, id) -> a renumbered RAM LU's store
+        # or in the target they moved to (0249)
+        self._moving: dict[tuple[str, str], Backend] = {}   # (target, id) -> a removed RAM LU's store
+        self._homes: dict[str, str] = {}   # during a reload: LU id -> the target of its entry
         self._reloading = False
         self._pending: list[str] = []   # a reload's lines of what it did not apply
         self._saver = ThreadPoolExecutor(1, thread_name_prefix="config-save")   # (its thread: at first use)
@@ -443,13 +445,17 @@ class Management:
         self._identified = False
         self._reloading = True
         self._pending = pending
+        # (an id names one LU in a file: the load refuses it in two entries)
+        self._homes = {lc.options.id: tc.name for tc in new.targets for lc in tc.luns if lc.options.id is not None}
         try:
             with self._batched():
                 await self._reload(new, applied, pending)
         finally:   # a moved RAM store no add took (its add failed): nothing serves it any more
             self._reloading = False
-            left, self._moving = list(self._moving.values()), {}
-            for backend in left:
+            self._homes = {}
+            left, self._moving = self._moving, {}
+            for (target, ident), backend in left.items():
+                log.warning("reload: RAM LU %s was not added to target %s: its data is freed", ident, target)
                 await self._in_thread(backend.close)
         self.config.digest = new.digest
         self.config.raw = new.raw
@@ -692,8 +698,7 @@ class Management:
         releases it, and its tasks end silently. FANOUT_STEP nexuses between
         turns of the loop; the target (or the ACL) has changed already, so
         nothing new reaches it meanwhile (a command finds no LU, a new nexus
-        no target or no ACL entry). Each step visits its front ends' tasks
-        once, not once per nexus (a front end's tasks include other targets').
+        no target or no ACL entry). Each nexus aborts its own tasks (0239).
         Returns how many nexuses it dropped."""
         if admitted is None:
             return 0
@@ -711,15 +716,9 @@ class Management:
 
     def _drop_nexuses(self, nexuses: list[Nexus], why: str) -> int:
         live = [n for n in nexuses if n.fe.nexuses.get(n.id) is n]   # (not released meanwhile)
-        tasks: dict[int, list[Task]] = {id(n): [] for n in live}
-        for fe in {id(n.fe): n.fe for n in live}.values():
-            for task in fe.tasks.values():
-                mine = tasks.get(id(task.nexus))
-                if mine is not None:
-                    mine.append(task)
         for n in live:
             self.em.out.drop_nexus(n.fe.ident, n.id, why)
-            self.em.drop_nexus(n, tasks[id(n)], lost=True)
+            self.em.drop_nexus(n, lost=True)   # (with its own tasks: no walk of its front end's, 0239)
         return len(live)
 
     # ------------------------------------------------------------ LUNs
@@ -796,8 +795,8 @@ class Management:
 
     async def _moved_ram(self, target: str, lun: int, o: LunOptions) -> Backend | None:
         """The store of a RAM LU this reload removed at another number of the
-        same target, its id this one's: its data goes with its identity, as a
-        file's does (0205); an edited size that grows it is applied, a shrink
+        same target, or from another target, its id this one's: its data goes
+        with its identity, as a file's does (0205, 0249); an edited size that grows it is applied, a shrink
         is not (it would lose data, which only `lun resize --force` may)."""
         backend = self._moving.pop((target, o.id), None) if o.kind == "ram" and o.id is not None else None
         if backend is None:
@@ -954,16 +953,29 @@ class Management:
             except (BackendError, OSError) as e:   # e.g. EIO from close(2) on NFS
                 log.error("%s LUN %d removed: closing its backend failed: %s", lu.target, lu.lun, e)
 
-        if renumbered and self._reloading and lu.options.kind == "ram" and lu.options.id is not None:
-            self._moving[(lu.target, lu.options.id)] = lu.backend   # its pages are its data: kept for its new number (0205)
+        home = self._ram_home(lu)
+        if home is not None:   # its pages are its data: kept for its new place (0205, 0249)
+            self._moving[home] = lu.backend
             self.closing_lus.discard(lu)
-            log.info("%s LUN %d removed: its RAM moves with its id", lu.target, lu.lun)
+            log.info("%s LUN %d removed: its RAM moves with its id%s", lu.target, lu.lun,
+                     "" if home[0] == lu.target else f" to target {home[0]}")
         else:
             await self._in_thread(flush_and_close)
             self.closing_lus.discard(lu)
             log.info("%s LUN %d removed: its backend is closed", lu.target, lu.lun)
         if lu.pr is not None:   # a later LU is another LU: it starts with no reservations (0218)
             await pr.state(lu).forget(keep=renumbered)
+
+    def _ram_home(self, lu: LogicalUnit) -> tuple[str, str] | None:
+        """(target, id) of the add to take the store of a RAM LU the reload
+        under way removed, or None (it is freed): the target of the entry
+        that names its id, its own (renumbered, 0205) or another (moved,
+        0249)."""
+        o = lu.options
+        if not self._reloading or o.kind != "ram" or o.id is None:
+            return None
+        home = self._homes.get(o.id)
+        return (home, o.id) if home is not None else None
 
     async def lun_resize(self, lun: int, size: Any, target: str | None = None,
                          force: bool = False) -> dict[str, Any]:

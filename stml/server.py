@@ -527,6 +527,8 @@ class StmlServer(TapPoint):
         if fe is not None:
             log.info("front end %s closed its stream", fe.name)
             self.emulator.release_front_end(fe, "deregistered")
+        else:
+            self.emulator.drop_waiting(ident)
 
     def _bind_front_end(self, ident: bytes) -> None:
         """A ZeroMQ front end just registered: it is the connection that sent
@@ -558,6 +560,8 @@ class StmlServer(TapPoint):
         fe = self.emulator.front_ends.get(ident)
         if fe is not None:
             self.emulator.release_front_end(fe, "its connection closed")
+        else:   # (its registration waits for its ident's release: nobody is left to answer)
+            self.emulator.drop_waiting(ident)
 
     def _front_end_gone(self, ident: bytes) -> None:
         self.metrics.front_end_gone(ident)

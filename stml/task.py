@@ -46,6 +46,9 @@ class Nexus:
     # until the unit attentions are set on its LUs, then TELL_SET; if it ends plainly
     # before its initiator heard them, the loss is owed to the next one (0236)
     told: int = 0
+    # its live tasks by tag (those of its front end's `tasks` it sent): its loss
+    # aborts them without a walk of every task of its front end (0239)
+    tasks: dict[int, Task] = field(default_factory=dict)
 
     @functools.cached_property
     def key(self) -> str:
@@ -72,6 +75,10 @@ class FrontEnd:
     tasks: dict[int, Task] = field(default_factory=dict)
     usage: dict[str, int] = field(default_factory=dict)   # what it buffers (heartbeat, 1.3)
     caps: frozenset[str] = frozenset()   # capabilities it offered and we granted (1.4)
+    # when its last detect went, and the one owed to registrations that came
+    # sooner than a heartbeat after it (stml.emulator, 0248)
+    detected: float = 0.0
+    detect_later: asyncio.TimerHandle | None = None
 
 
 class Services(Protocol):

@@ -238,9 +238,10 @@ def test_target_remove_force_ends_every_front_end_sharing_a_nexus_key():
     assert emu.front_ends[b"fe"].nexuses == {} and emu.front_ends[b"fe2"].nexuses == {}
 
 
-def test_target_remove_force_visits_a_front_ends_tasks_once_per_step():
-    """A front end's tasks (here 5,000 of other targets) are visited once per
-    step of FANOUT_STEP nexuses, not once per nexus."""
+def test_target_remove_force_visits_no_task_of_a_front_end_but_its_nexuses_own():
+    """A front end's tasks (here 5,000 of other targets) are not visited: each
+    dropped nexus aborts its own (0239); they were once per step of
+    FANOUT_STEP nexuses."""
     sent: list = []
     emu, m = setup(sent, luns=1, nexuses=600)
     visits = [0]
@@ -253,7 +254,7 @@ def test_target_remove_force_visits_a_front_ends_tasks_once_per_step():
     emu.front_ends[b"fe"].tasks = Counted({i: SimpleNamespace(nexus=None) for i in range(5000)})
 
     per_turn = visits_per_turn(m.target_remove(IQN, force=True), visits)
-    assert max(per_turn) <= 5000 and sum(per_turn) <= 5000 * (600 // emulator_mod.FANOUT_STEP + 1)
+    assert sum(per_turn) == 0 and not emu.front_ends[b"fe"].nexuses
 
 
 def test_lun_add_refuses_a_file_another_lun_serves_under_another_name(tmp_path):

@@ -225,6 +225,38 @@ def test_aborted_and_reused_tags_end_as_errors(clock):
     assert (lun["commands"], lun["errors"], lun["in_flight"], lun["read_bytes"]) == (4, 4, 0, 0)
 
 
+class _CountedIdent(bytes):
+    """A front end's ident that counts the comparisons made with it."""
+    compared = 0
+
+    def __eq__(self, other: object) -> bool:
+        _CountedIdent.compared += 1
+        return bytes.__eq__(self, other)   # type: ignore[arg-type]
+
+    __hash__ = bytes.__hash__
+
+
+def test_a_gone_front_end_visits_only_its_own_commands_in_flight(clock):
+    """A front end's end costs its own commands in flight: those of another
+    front end (here a thousand) are not looked at, and stay in flight."""
+    em = FakeEmulator({"t": 1})
+    busy, gone = em.front_end(_CountedIdent(b"busy"), "busy"), em.front_end(b"gone", "gone")
+    em.nexus(busy, 1, "ini-a", "t")
+    em.nexus(gone, 1, "ini-b", "t")
+    m = metrics_mod.Metrics(em.lookup_lu)
+    for tag in range(1000):
+        m.rx_cmnd(busy.ident, {"tag": tag, "nexus": 1, "lun": 0, "dir": READ, "len": 512}, busy)
+    for tag in range(3):
+        m.rx_cmnd(gone.ident, {"tag": tag, "nexus": 1, "lun": 0, "dir": READ, "len": 512}, gone)
+    del em.front_ends[gone.ident]
+    m.nexus_gone(gone.nexuses.pop(1), [])
+    _CountedIdent.compared = 0
+    m.front_end_gone(gone.ident)
+    assert _CountedIdent.compared == 0
+    (lun,), = rows(m.snapshot(em))[0].values(),
+    assert (lun["commands"], lun["errors"], lun["in_flight"]) == (3, 3, 1000)
+
+
 # ---------------------------------------------------------------- bounded sets, real STML
 
 def test_counter_sets_exist_only_for_real_lus_and_live_sessions(stml_factory, client_factory):

@@ -109,11 +109,65 @@ def test_front_ends_past_the_cap_are_refused(inproc, monkeypatch, caplog):
     assert [r.getMessage() for r in caplog.records] == [f"front end 'c' refused: {detect['error']}"]
     assert sorted(inproc.emu.front_ends) == [b"a", b"b"]
     inproc.sent.clear()
+    inproc.emu.front_ends[b"a"].detected -= inproc.emu.heartbeat   # (its detect a heartbeat ago: 0248)
     inproc.front_end(b"a")                                   # known: detect, no error
     assert [h.get("error") for _, h in inproc.sent if h["op"] == Op.DETECT] == [None]
     inproc.emu.handle(b"b", {"op": Op.DEREGISTER}, [])
     inproc.front_end(b"c")
     assert sorted(inproc.emu.front_ends) == [b"a", b"c"]
+
+
+async def _until(done: Callable[[], Any], heartbeat: float) -> None:
+    """Turn the loop until done() (a hundred heartbeats at most: a hang would fail)."""
+    for _ in range(400):
+        if done():
+            return
+        await asyncio.sleep(heartbeat / 4)
+    raise AssertionError("not done after a hundred heartbeats")
+
+
+def test_a_front_end_registering_again_and_again_gets_one_detect_per_heartbeat(inproc, caplog):
+    """A registered front end sends a hundred registrations in one go: each
+    would cost a detect of every LU (0229). One detect answers them all, a
+    heartbeat after the last one (0248), with one log line; a registration
+    a heartbeat or more after its detect is answered at once, as before."""
+    async def main() -> None:
+        emu = inproc.emu
+        emu.heartbeat = 0.05   # (a short heartbeat: the owed detect comes soon)
+        inproc.front_end(b"a")
+        fe = emu.front_ends[b"a"]
+        inproc.sent.clear()
+        with caplog.at_level(logging.INFO, logger="stml"):
+            for _ in range(100):
+                inproc.front_end(b"a")
+        assert inproc.sent == [] and emu.front_ends[b"a"] is fe
+        assert [r.getMessage().split(":")[0] for r in caplog.records] == [
+            "front end a registered again within a heartbeat of its detect"]
+        await _until(lambda: inproc.sent, emu.heartbeat)
+        assert [(i, h["op"], h.get("error")) for i, h in inproc.sent] == [(b"a", Op.DETECT, None)]
+        for _ in range(8):   # nothing more is owed
+            await asyncio.sleep(emu.heartbeat / 4)
+        assert len(inproc.sent) == 1
+        fe.detected -= emu.heartbeat
+        inproc.front_end(b"a")
+        assert len(inproc.sent) == 2 and inproc.sent[1][1]["op"] == Op.DETECT
+    asyncio.run(main())
+
+
+def test_an_owed_detect_goes_to_no_front_end_released_meanwhile(inproc):
+    """A front end owed a detect deregisters: the detect is not sent."""
+    async def main() -> None:
+        emu = inproc.emu
+        emu.heartbeat = 0.05
+        inproc.front_end(b"a")
+        inproc.front_end(b"a")   # (owed)
+        fe = emu.front_ends[b"a"]
+        assert fe.detect_later is not None
+        inproc.sent.clear()
+        emu.handle(b"a", {"op": Op.DEREGISTER}, [])
+        await _until(lambda: fe.detect_later is None, emu.heartbeat)
+        assert [h["op"] for _, h in inproc.sent] == []
+    asyncio.run(main())
 
 
 def test_target_past_its_nexus_cap_is_refused(inproc, monkeypatch):

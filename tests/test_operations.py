@@ -376,12 +376,14 @@ def test_aptpl_state_belongs_to_the_lu_not_to_its_number(stml_factory):
         assert [read_keys(c, lun) for lun in (0, 1, 2)] == [[0xB0], [], [0xB2]]
 
 
-def test_a_file_lun_moved_to_a_target_earlier_in_the_file_by_one_reload(stml_factory):
+@pytest.mark.parametrize("kind", ["file", "ram"])
+def test_a_lun_moved_to_a_target_earlier_in_the_file_by_one_reload(stml_factory, kind):
     """A reload removes every target's gone LUNs before it adds any: a file
     LUN moved by hand to a target listed before its old one was added while
     the old target still served it ("already backs"), then removed, and
-    neither target served it until a restart (review 11)."""
-    p = stml_factory("file:m.img,size=4MiB", "ram:4MiB")
+    neither target served it until a restart (review 11). A RAM LUN moved
+    so, its id kept, takes its data along (0249): it came back empty."""
+    p = stml_factory("file:m.img,size=4MiB" if kind == "file" else "ram:4MiB", "ram:4MiB")
     m = MgmtClient(p.endpoint)
     other = "iqn.2026-11.org.test:earlier"
     m.call("target_add", name=other)
@@ -406,6 +408,42 @@ def test_a_file_lun_moved_to_a_target_earlier_in_the_file_by_one_reload(stml_fac
     assert (other, 0) in served and (IQN, 0) not in served, served
     with LoopbackClient(p.endpoint, other, timeout=10) as c:
         assert c.read(0, 0, 8) == b"\x5a" * 512 * 8
+    if kind == "ram":
+        assert f"{IQN} LUN 0 removed: its RAM moves with its id to target {other}" in p.log()
+
+
+def test_a_renumbered_ram_luns_store_no_add_took_is_freed_at_the_end_of_the_reload(stml_factory):
+    """A RAM LUN renumbered by a reload whose add is refused: its store, kept
+    for the add, is freed when the reload ends, with a line that says so
+    (0205); the next reload that adds the LUN serves a new, empty store. The
+    refusal: the file shrinks LUN 0 (not applied: only `lun resize --force`
+    shrinks) and grows the moved LUN into the room that shrink would have
+    left, so the served RAM LUNs would pass the host's memory. (A RAM LU's
+    pages come as it is written: big ones cost nothing here.)"""
+    from stml.config import host_memory
+    big, half = (host_memory() * 3 // 4) >> 20, (host_memory() // 2) >> 20   # MiB
+    p = stml_factory(f"ram:{big}MiB", "ram:4MiB")
+    with LoopbackClient(p.endpoint, timeout=10) as c:
+        c.write(1, 0, b"\x5a" * 512 * 8)
+    cfg = p.data_dir / "scsi-target.toml"
+    ident = tomllib.loads(cfg.read_text())["target"][0]["lun"][1]["id"]
+    _renumber(cfg, 1, 9)
+
+    def sizes(lun0: str, lun9: str):
+        def change(doc) -> None:
+            for lc in doc["target"][0]["lun"]:
+                lc["size"] = {0: lun0, 9: lun9}[lc["lun"]]
+        return change
+    _edit(cfg, sizes("4MiB", f"{half}MiB"))
+    m = MgmtClient(p.endpoint)
+    r = m.call("config_reload")
+    assert [line for line in r["not_applied"] if "LUN 9: RAM LUNs would total" in line], r
+    assert f"reload: RAM LU {ident} was not added to target {IQN}: its data is freed" in p.log()
+    _edit(cfg, sizes(f"{big}MiB", "4MiB"))
+    r = m.call("config_reload")
+    assert r["not_applied"] == [], r
+    with LoopbackClient(p.endpoint, timeout=10) as c:
+        assert c.read(9, 0, 8) == bytes(512 * 8)
 
 
 def _renumber(cfg: Path, old: int, new: int) -> None:

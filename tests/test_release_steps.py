@@ -9,15 +9,20 @@ from __future__ import annotations
 import asyncio
 import struct
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
+import pytest
+
 from backends.ram import RamBackend
+from stml import config
 from stml import emulator as E
-from stml.api import CONTRACT_VERSION, DataDir, Op
+from stml.api import CONTRACT_VERSION, DataDir, Op, pack
 from stml.emulator import Emulator, Target
 from stml.gateway import Gateway
 from stml.lu import LogicalUnit, LunOptions
 from stml.sense import I_T_NEXUS_LOSS, parse_sense
+from stml.server import StmlServer
 
 T = "iqn.2026-12.org.test:release"
 NEXUSES = 3 * E.FANOUT_STEP + 10
@@ -148,6 +153,46 @@ def test_a_registration_waiting_for_a_release_whose_callback_raises_is_still_ans
     asyncio.run(main())
 
 
+class _CountedTasks(dict):
+    """A front end's tasks, counting the ones a walk of them visits."""
+    walked = 0
+
+    def values(self):  # type: ignore[override]
+        for task in super().values():
+            self.walked += 1
+            yield task
+
+    def items(self):  # type: ignore[override]
+        for item in super().items():
+            self.walked += 1
+            yield item
+
+    def __iter__(self):
+        for tag in super().__iter__():
+            self.walked += 1
+            yield tag
+
+
+def test_a_nexus_ends_with_its_own_tasks_not_a_walk_of_its_front_ends():
+    """A nexus released (scsi_release) or registered again under its id
+    aborts its own tasks: its front end's other waiting writes are not
+    looked at (0239), and they stay."""
+    async def main() -> None:
+        em, sent = setup()
+        fe = em.front_ends[b"fe"]
+        waiting = set(fe.tasks)   # (those the LU's queue depth took)
+        fe.tasks = counted = _CountedTasks(fe.tasks)
+        em.handle(b"fe", {"op": Op.RELEASE_NEXUS, "nexus": 2}, [])   # tag 1's nexus
+        em.handle(b"fe", {"op": Op.REGISTER_NEXUS, "nexus": 3, "initiator": "iqn.2026-12.org.test:3",
+                          "target": T, "tpg": len(b"fe")}, [])      # tag 2's, again
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert counted.walked == 0
+        assert {1, 2} < waiting and set(dict(fe.tasks)) == waiting - {1, 2}
+        assert not fe.nexuses[3].tasks and fe.nexuses[4].tasks == {3: fe.tasks[3]}
+    asyncio.run(main())
+
+
 def test_a_gateway_standing_down_lets_its_locks_go_once_every_task_is_aborted():
     """Standing down releases front ends in steps (0222); the locks go only
     after the last step, so no queued task of a released front end can start
@@ -169,4 +214,73 @@ def test_a_gateway_standing_down_lets_its_locks_go_once_every_task_is_aborted():
         runner.cancel()
         assert left == [0]
         assert 2 * NEXUSES > E.FANOUT_STEP   # (more than one step: the case that raced)
+    asyncio.run(main())
+
+
+class _Carrier:
+    """What StmlServer asks of a carrier, by hand: ZeroMQ's channel (the
+    connection a message came on is number 7) or a peer's stream."""
+    frame = None
+    region = None
+
+    def __init__(self) -> None:
+        self.sent: list[list] = []
+
+    def send(self, message: list) -> None:
+        self.sent.append(message)
+
+    def connection(self) -> int:
+        return 7
+
+    def poll_connections(self) -> None:
+        pass
+
+    def user_id(self) -> None:
+        return None   # (no CURVE)
+
+    def peer_address(self) -> str:
+        return "127.0.0.1"
+
+
+@pytest.mark.parametrize("carrier", ["zeromq", "stream"])
+def test_a_registration_waiting_for_a_release_is_dropped_when_its_connection_ends(tmp_path: Path, carrier: str):
+    """A front end deregisters (released in steps), registers again (it waits
+    for the release, 0222) and its connection ends: when the release is over
+    nobody is registered under its ident and no detect goes out (0248); it
+    would have held a front end's place until liveness dropped it."""
+    async def main() -> None:
+        server = StmlServer(config.load(data_dir=str(tmp_path / "data"), luns=("ram:1MiB",)))
+        try:
+            ident, em, wire = b"fe", server.emulator, _Carrier()
+            if carrier == "zeromq":
+                server.channel = wire   # type: ignore[assignment]
+            else:
+                ident = b"\0stream-1"
+                server.streams[ident] = wire   # type: ignore[assignment]
+            target = next(iter(em.targets))
+            registration = pack({"op": Op.REGISTER.value, "name": "fe", "kind": "test",
+                                 "version": list(CONTRACT_VERSION)})
+            server.received([ident, registration])
+            for n in range(1, NEXUSES + 1):
+                server.received([ident, pack({"op": Op.REGISTER_NEXUS.value, "nexus": n, "initiator":
+                                              f"iqn.2026-12.org.test:{n}", "target": target, "tpg": 1})])
+            fe = em.front_ends[ident]
+            server.received([ident, pack({"op": Op.DEREGISTER.value})])
+            assert fe.nexuses   # (more than a step's worth: the rest in later turns)
+            server.received([ident, registration])
+            assert em.takes(ident)
+            if carrier == "zeromq":
+                server._connection_closed(7)
+            else:
+                server._stream_closed(ident)
+            wire.sent.clear()
+            while fe.nexuses:
+                await asyncio.sleep(0)
+            for _ in range(3):
+                await asyncio.sleep(0)
+            assert ident not in em.front_ends and not em.takes(ident) and wire.sent == []
+        finally:
+            server.sock.close(linger=0)
+            server.ctx.term()
+            server.executor.shutdown()
     asyncio.run(main())

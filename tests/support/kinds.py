@@ -172,6 +172,8 @@ KIND_OF_TEST = {
     "test_mgmt.py::test_session_drop_looks_its_nexus_up_instead_of_walking_every_session": "unit",
     "test_nexus_caps.py::test_a_zeromq_message_of_too_many_frames_is_dropped_in_steps": "unit",
     "test_nexus_caps.py::test_a_front_ends_channel_takes_a_big_batch_from_its_stml_whole": "unit",
+    "test_nexus_caps.py::test_a_front_end_registering_again_and_again_gets_one_detect_per_heartbeat": "unit",
+    "test_nexus_caps.py::test_an_owed_detect_goes_to_no_front_end_released_meanwhile": "unit",
     "test_nexus_caps.py::test_front_end_past_its_nexus_cap_is_refused": "unit",
     "test_nexus_caps.py::test_port_groups_are_capped_and_16_bit": "unit",
     "test_nexus_caps.py::test_target_past_its_nexus_cap_is_refused": "unit",
