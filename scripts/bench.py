@@ -467,6 +467,19 @@ def qemu_run(url: str, args: list[str], count: int) -> tuple[float, tuple[float,
     return float(m.group(1)), (ru.ru_utime, ru.ru_stime, ru.ru_nvcsw, ru.ru_utime + ru.ru_stime)
 
 
+def softirq_threads() -> dict[str, int]:
+    """The kernel's ksoftirqd/N threads: loopback TCP's receive work runs in
+    them when the machine is busy, in no process of ours."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        try:
+            if entry.isdigit() and Path(f"/proc/{entry}/comm").read_text().startswith("ksoftirqd/"):
+                found[Path(f"/proc/{entry}/comm").read_text().strip()] = int(entry)
+        except OSError:
+            continue
+    return found
+
+
 def measured(t: Ours | Tgtd, rbd: RbdImages | None, wargs: list[str], n: int) -> tuple[float, dict]:
     """One qemu-img run of n I/Os on t: its seconds, and what it cost per I/O,
     counted: CPU and sleeps of each of t's processes, of the initiator, of
@@ -474,7 +487,7 @@ def measured(t: Ours | Tgtd, rbd: RbdImages | None, wargs: list[str], n: int) ->
     with no idle CPU, the IOPS are the CPUs divided by this), and (--rbd)
     what the OSD and t's librbd counted."""
     pids = {**processes(t), **({"supervisor": t.proc.pid} if isinstance(t, Ours) else {}),
-            **(rbd.daemons() if rbd is not None else {})}
+            **(rbd.daemons() if rbd is not None else {}), **softirq_threads()}
     stats = rbd.counters(t.name) if rbd is not None else {}
     before, whole = {name: usage(pid) for name, pid in pids.items()}, machine_cpu()
     secs, initiator = qemu_run(t.url, wargs, n)
