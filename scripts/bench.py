@@ -584,10 +584,10 @@ def run_iscsi(args: argparse.Namespace) -> dict:
             row = {t: {"iops": statistics.median(v), "mbps": statistics.median(v) * size_of(wargs) / 1e6,
                        "samples": v} for t, v in per.items()}
             if args.cpu:
-                for t, rounds in cpu.items():
-                    row[t]["cpu"] = medians(rounds)
+                for who, rounds in cpu.items():
+                    row[who]["cpu"] = medians(rounds)
                     if rbd is not None:
-                        row[t]["counters"] = medians(counted[t])
+                        row[who]["counters"] = medians(counted[who])
             if args.compare_tgtd:
                 ratios = [a / b for a, b in zip(per["scsi-target"], per["tgtd"])]
                 row["ratio"] = statistics.median(ratios)
