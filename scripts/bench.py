@@ -151,7 +151,7 @@ class RbdImages:
         # counters): tgtd's through CEPH_ARGS, ours through a copy of the conf whose
         # [client.admin] section (our user) names it; the conf's own `admin socket`
         # is one path for every client of a user, which the first one takes
-        self.dir = Path(tempfile.mkdtemp(prefix="benchrbd"))
+        self.dir = Path(tempfile.mkdtemp(prefix="benchrbd", dir=shm))
         self.sockets = {"tgtd": self.dir / "tgtd.asok", "scsi-target": self.dir / "ours.asok"}
         self.tgtd_options["admin_socket"] = str(self.sockets["tgtd"])
         self.ours_conf = self.dir / "ours.conf"
