@@ -147,6 +147,16 @@ class RbdImages:
         # librados ranks above every section of a conf file: a `[client]` section
         # would lose to a `[client.admin]` one (tgtd's user) in the cluster's conf
         self.tgtd_options = {"rbd_cache": "false"}
+        # each target's librbd answers on an admin socket of its own (--cpu: its perf
+        # counters): tgtd's through CEPH_ARGS, ours through a copy of the conf whose
+        # [client.admin] section (our user) names it; the conf's own `admin socket`
+        # is one path for every client of a user, which the first one takes
+        self.dir = Path(tempfile.mkdtemp(prefix="benchrbd", dir=shm))
+        self.sockets = {"tgtd": self.dir / "tgtd.asok", "scsi-target": self.dir / "ours.asok"}
+        self.tgtd_options["admin_socket"] = str(self.sockets["tgtd"])
+        self.ours_conf = self.dir / "ours.conf"
+        self.ours_conf.write_text(Path(conf).read_text()
+                                  + f"\n[client.admin]\nadmin socket = {self.sockets['scsi-target']}\n")
 
     def tgtd_env(self) -> dict[str, str]:
         """tgtd's environment: its librbd options (and the keyring) in CEPH_ARGS,
@@ -175,6 +185,66 @@ class RbdImages:
             subprocess.run(["rbd", "-c", self.conf, "rm", "--no-progress", spec], capture_output=True)
         if self.cluster is not None:
             self.cluster.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def daemons(self) -> dict[str, int]:
+        """The throwaway cluster's daemons by program (none on --ceph-conf's cluster)."""
+        if self.cluster is None:
+            return {}
+        return {f"ceph-{name}": p.pid for name, p in self.cluster.procs.items()}
+
+    def counters(self, target: str) -> dict[str, dict[str, float]]:
+        """Perf counters that say what a target asked of the cluster: the OSD's
+        (throwaway cluster only) and the target's own librbd/librados client's."""
+        out = {}
+        if self.cluster is not None:
+            out["osd"] = perf_dump(self.cluster.dir / "run" / "osd.0.asok")
+        out["client"] = perf_dump(self.sockets[target])
+        return out
+
+
+# --rbd --cpu: the perf counters kept (per I/O, nonzero only), by section; a messenger's
+# workers are summed as "msgr", every librbd image's counters as "librbd"
+COUNTER_SECTIONS = ("osd", "objecter", "librbd", "msgr")
+
+
+def perf_dump(sock: Path) -> dict[str, float]:
+    """A Ceph daemon's or client's perf counters through its admin socket (the
+    `ceph daemon` protocol: a JSON command ended by a NUL, a 4-byte big-endian
+    length, the JSON answer), as SECTION.NAME -> number (counts, bytes, a
+    thread's busy seconds; no averages); {} when nothing answers there."""
+    import socket
+    import struct
+    try:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(10)
+            s.connect(str(sock))
+            s.sendall(b'{"prefix": "perf dump"}\0')
+            data = b""
+            while len(data) < 4 or len(data) < 4 + struct.unpack(">I", data[:4])[0]:
+                chunk = s.recv(1 << 16)
+                if not chunk:
+                    break
+                data += chunk
+        dump = json.loads(data[4:])
+    except (OSError, ValueError):
+        return {}
+    flat: dict[str, float] = {}
+    for section, values in dump.items():
+        name = ("msgr" if section.startswith("AsyncMessenger::Worker")
+                else "librbd" if section.startswith("librbd-") else section)
+        if name not in COUNTER_SECTIONS:
+            continue
+        for key, v in values.items():
+            if isinstance(v, (int, float)):   # counts, bytes, seconds (averages left out)
+                flat[f"{name}.{key}"] = flat.get(f"{name}.{key}", 0) + v
+    return flat
+
+
+def counters_per_io(before: dict[str, dict], after: dict[str, dict], count: int) -> dict[str, dict]:
+    """What changed in each counter dump over a run, per I/O (nonzero only)."""
+    return {who: {k: d for k, v in after[who].items() if (d := (v - b.get(k, 0)) / count)}
+            for who, b in before.items() if who in after}
 
 
 def sparse_image(directory: Path, name: str) -> Path:
@@ -218,7 +288,7 @@ class Ours:
         self.more = more or []    # further LUNs (--sessions), thick files like img
         if rbd is not None:
             keyring = f",keyring={rbd.keyring}" if rbd.keyring else ""
-            lun = f"rbd:{rbd.image('bench-ours')},conf={rbd.conf}{keyring},thick"
+            lun = f"rbd:{rbd.image('bench-ours')},conf={rbd.ours_conf}{keyring},thick"
         else:
             lun = f"file:{self.img}" + ("" if thin else ",thick")
         luns = ["--lun", lun] + [a for m in self.more for a in ("--lun", f"file:{m},thick")]
@@ -316,35 +386,123 @@ def processes(t: Ours | Tgtd) -> dict[str, int]:
     return found
 
 
-def usage(pid: int) -> tuple[float, float, int]:
-    """CPU seconds in user space and in the kernel (all threads) and how
-    often its threads went to sleep (voluntary context switches)."""
+def usage(pid: int) -> tuple[float, float, int, float]:
+    """CPU seconds in user space and in the kernel (all threads, in clock
+    ticks), how often its threads went to sleep (voluntary context switches),
+    and the seconds its live threads ran (schedstat: to the nanosecond, where
+    ticks are 10 ms, too coarse for a short run's per-I/O share)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     hz = os.sysconf("SC_CLK_TCK")
-    sleeps = 0
+    sleeps, ran = 0, 0
     for tid in os.listdir(f"/proc/{pid}/task"):
-        for line in Path(f"/proc/{pid}/task/{tid}/status").read_text().splitlines():
-            if line.startswith("voluntary_ctxt_switches"):
-                sleeps += int(line.split()[1])
-    return int(fields[11]) / hz, int(fields[12]) / hz, sleeps
+        try:
+            for line in Path(f"/proc/{pid}/task/{tid}/status").read_text().splitlines():
+                if line.startswith("voluntary_ctxt_switches"):
+                    sleeps += int(line.split()[1])
+            ran += int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0])
+        except OSError:
+            continue   # a thread that ended meanwhile
+    return int(fields[11]) / hz, int(fields[12]) / hz, sleeps, ran / 1e9
 
 
 def per_io(before: dict[str, tuple], after: dict[str, tuple], count: int) -> dict[str, dict]:
     """What each process spent on one I/O of a run, from usage() before and after."""
     return {name: {"user_us": (after[name][0] - b[0]) / count * 1e6,
                    "system_us": (after[name][1] - b[1]) / count * 1e6,
-                   "sleeps": (after[name][2] - b[2]) / count}
+                   "sleeps": (after[name][2] - b[2]) / count,
+                   "cpu_us": (after[name][3] - b[3]) / count * 1e6}
             for name, b in before.items()}
+
+
+# /proc/stat's first line: CPU seconds of every CPU so far, in these columns
+STAT_COLUMNS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+
+
+def machine_cpu() -> dict[str, float]:
+    """The whole machine's CPU seconds so far by kind (/proc/stat), every process's."""
+    ticks = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:1 + len(STAT_COLUMNS)]
+    hz = os.sysconf("SC_CLK_TCK")
+    return {k: int(v) / hz for k, v in zip(STAT_COLUMNS, ticks)}
+
+
+def machine_per_io(before: dict[str, float], after: dict[str, float], count: int,
+                   counted_us: float) -> dict[str, float]:
+    """The whole machine's CPU per I/O over a run: busy in all (user, nice,
+    system, interrupts), its idle share, and `others_us`, what no process
+    counted here (`counted_us` per I/O) ran: other work on a shared machine
+    and the kernel's interrupt time. With no idle CPU, the IOPS are the CPUs
+    divided by busy_us; others' CPU is paid per second, so per I/O it grows
+    as IOPS fall."""
+    d = {k: after[k] - before[k] for k in STAT_COLUMNS}
+    busy = sum(v for k, v in d.items() if k not in ("idle", "iowait"))
+    total = busy + d["idle"] + d["iowait"]
+    return {"busy_us": busy / count * 1e6, "nice_us": d["nice"] / count * 1e6,
+            "irq_us": (d["irq"] + d["softirq"]) / count * 1e6, "others_us": busy / count * 1e6 - counted_us,
+            "idle_share": (d["idle"] + d["iowait"]) / total if total else 0.0}
 
 
 def qemu_bench(url: str, args: list[str], count: int) -> float:
     """Seconds for `count` I/Os."""
-    p = subprocess.run(["qemu-img", "bench", "-f", "raw", "-c", str(count), *args, url],
-                       capture_output=True, text=True, timeout=600)
-    m = re.search(r"Run completed in ([0-9.]+) seconds", p.stdout)
+    return qemu_run(url, args, count)[0]
+
+
+def qemu_run(url: str, args: list[str], count: int) -> tuple[float, tuple[float, float, int, float]]:
+    """Seconds for `count` I/Os, and what qemu-img (the initiator) spent on
+    them, as usage() says it: its own rusage, from wait4."""
+    p = subprocess.Popen(["qemu-img", "bench", "-f", "raw", "-c", str(count), *args, url],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert p.stdout is not None
+    timer = threading.Timer(600, p.kill)
+    timer.start()
+    try:
+        out = p.stdout.read()
+        _, status, ru = os.wait4(p.pid, 0)
+    finally:
+        timer.cancel()
+        p.stdout.close()
+    p.returncode = os.waitstatus_to_exitcode(status)
+    m = re.search(r"Run completed in ([0-9.]+) seconds", out)
     if p.returncode != 0 or not m:
-        raise RuntimeError(f"qemu-img bench failed on {url}: {p.stdout}{p.stderr}")
-    return float(m.group(1))
+        raise RuntimeError(f"qemu-img bench failed on {url}: {out}")
+    return float(m.group(1)), (ru.ru_utime, ru.ru_stime, ru.ru_nvcsw, ru.ru_utime + ru.ru_stime)
+
+
+def softirq_threads() -> dict[str, int]:
+    """The kernel's ksoftirqd/N threads: loopback TCP's receive work runs in
+    them when the machine is busy, in no process of ours."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        try:
+            if entry.isdigit() and Path(f"/proc/{entry}/comm").read_text().startswith("ksoftirqd/"):
+                found[Path(f"/proc/{entry}/comm").read_text().strip()] = int(entry)
+        except OSError:
+            continue
+    return found
+
+
+def measured(t: Ours | Tgtd, rbd: RbdImages | None, wargs: list[str], n: int) -> tuple[float, dict]:
+    """One qemu-img run of n I/Os on t: its seconds, and what it cost per I/O,
+    counted: CPU and sleeps of each of t's processes, of the initiator, of
+    the cluster's daemons (--rbd) and of the whole machine (every process:
+    with no idle CPU, the IOPS are the CPUs divided by this), and (--rbd)
+    what the OSD and t's librbd counted."""
+    pids = {**processes(t), **({"supervisor": t.proc.pid} if isinstance(t, Ours) else {}),
+            **(rbd.daemons() if rbd is not None else {}), **softirq_threads()}
+    stats = rbd.counters(t.name) if rbd is not None else {}
+    before, whole = {name: usage(pid) for name, pid in pids.items()}, machine_cpu()
+    secs, initiator = qemu_run(t.url, wargs, n)
+    after, whole_after = {name: usage(pid) for name, pid in pids.items()}, machine_cpu()
+    cpu = per_io({**before, "initiator": (0.0, 0.0, 0, 0.0)}, {**after, "initiator": initiator}, n)
+    cpu["machine"] = machine_per_io(whole, whole_after, n, sum(c["cpu_us"] for c in cpu.values()))
+    counters = counters_per_io(stats, rbd.counters(t.name), n) if rbd is not None else {}
+    return secs, {"cpu": cpu, "counters": counters}
+
+
+def medians(rounds: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
+    """Each WHO.KEY's median over the rounds (0 in a round that lacks it)."""
+    return {who: {k: statistics.median(r.get(who, {}).get(k, 0) for r in rounds)
+                  for k in sorted({k for r in rounds for k in r.get(who, {})})}
+            for who in dict.fromkeys(w for r in rounds for w in r)}
 
 
 def size_of(args: list[str]) -> int:
@@ -413,20 +571,23 @@ def run_iscsi(args: argparse.Namespace) -> dict:
             n = max(100, int(count * args.scale * (RBD_SCALE if args.rbd else 1)))
             per: dict[str, list[float]] = {t.name: [] for t in targets}
             cpu: dict[str, list[dict]] = {t.name: [] for t in targets}
+            counted: dict[str, list[dict]] = {t.name: [] for t in targets}
             for _ in range(args.runs):  # A B A B: each round measures both
                 for t in targets:
-                    pids = processes(t) if args.cpu else {}
-                    before = {name: usage(pid) for name, pid in pids.items()}
-                    secs = qemu_bench(t.url, wargs, n)
-                    per[t.name].append(n / secs)
                     if args.cpu:
-                        cpu[t.name].append(per_io(before, {name: usage(pid) for name, pid in pids.items()}, n))
+                        secs, spent = measured(t, rbd, wargs, n)
+                        cpu[t.name].append(spent["cpu"])
+                        counted[t.name].append(spent["counters"])
+                    else:
+                        secs = qemu_bench(t.url, wargs, n)
+                    per[t.name].append(n / secs)
             row = {t: {"iops": statistics.median(v), "mbps": statistics.median(v) * size_of(wargs) / 1e6,
                        "samples": v} for t, v in per.items()}
             if args.cpu:
-                for t, rounds in cpu.items():
-                    row[t]["cpu"] = {name: {k: statistics.median(r[name][k] for r in rounds) for k in rounds[0][name]}
-                                     for name in rounds[0]}
+                for who, rounds in cpu.items():
+                    row[who]["cpu"] = medians(rounds)
+                    if rbd is not None:
+                        row[who]["counters"] = medians(counted[who])
             if args.compare_tgtd:
                 ratios = [a / b for a, b in zip(per["scsi-target"], per["tgtd"])]
                 row["ratio"] = statistics.median(ratios)
@@ -851,11 +1012,28 @@ def print_row(name: str, row: dict, ratio: bool, goals: dict[str, float] = GOALS
     print(line, flush=True)
 
 
+# --rbd --cpu: the counters printed per I/O (the JSON has every one that moved)
+SHOWN_COUNTERS = {"osd": ("osd.op_w", "osd.op_r", "osd.op_rw", "msgr.msgr_recv_messages"),
+                  "client": ("objecter.op_send", "objecter.linger_ping", "librbd.flush", "msgr.msgr_send_messages")}
+
+
 def print_cpu(row: dict) -> None:
-    """Per process: CPU per I/O in user space + in the kernel, and sleeps per I/O."""
-    parts = [f"{name} {c['user_us']:.0f}+{c['system_us']:.0f} us, {c['sleeps']:.2f} sleeps"
-             for t in row.values() if isinstance(t, dict) for name, c in t.get("cpu", {}).items()]
-    print(f"{'':18s} per I/O: " + "; ".join(parts), flush=True)
+    """Per target: each process's CPU per I/O in user space + in the kernel and
+    sleeps per I/O (the initiator's and the cluster's daemons' too), the whole
+    machine's busy CPU per I/O, and (--rbd) a few counters per I/O."""
+    for target, t in row.items():
+        if not isinstance(t, dict) or "cpu" not in t:
+            continue
+        m = t["cpu"].get("machine", {})
+        parts = [f"{name} {c['cpu_us']:.0f} us ({c['user_us']:.0f}+{c['system_us']:.0f}), {c['sleeps']:.2f} sleeps"
+                 for name, c in t["cpu"].items() if name != "machine"]
+        print(f"{'':18s} {target} per I/O: " + "; ".join(parts)
+              + f"; machine {m.get('busy_us', 0):.0f} us busy (others {m.get('others_us', 0):.0f},"
+                f" interrupts {m.get('irq_us', 0):.0f}), {m.get('idle_share', 0):.0%} idle", flush=True)
+        shown = [f"{who} {key} {t['counters'][who].get(key, 0):.2f}"
+                 for who, keys in SHOWN_COUNTERS.items() if who in t.get("counters", {}) for key in keys]
+        if shown:
+            print(f"{'':18s} {target} counters per I/O: " + ", ".join(shown), flush=True)
 
 
 def chart(results: dict, path: Path) -> None:

@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
 """Where an RBD target's CPU goes, thread by thread: ours against tgtd's bs_rbd.
 
-    scripts/rbdthreads.py [--count 10000] [--rounds 2] [--read] [--ceph-conf C --ceph-keyring K]
+    scripts/rbdthreads.py [--count 10000] [--rounds 2] [--read] [--depth 16] [--ceph-conf C --ceph-keyring K]
     scripts/rbdthreads.py --perf        # also `perf record -g` of each target during one run
 
 Both targets as bench.py --rbd starts them (bench.py's classes), on a
 throwaway cluster or the one --ceph-conf names, and `qemu-img bench` 4 KiB
-QD16 writes (--read: reads) against each, alternating. Per run, per thread
+QD16 (--depth) writes (--read: reads) against each, alternating. Per run, per thread
 of the STML process and of tgtd (threads grouped by their name, librbd's and
 librados's name theirs): user and kernel CPU, voluntary and involuntary
 context switches, per I/O, from /proc/PID/task/*/{stat,status}. bench.py
@@ -150,6 +150,7 @@ def main() -> None:
     ap.add_argument("--count", type=int, default=10000)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--read", action="store_true", help="4 KiB QD16 reads instead of writes")
+    ap.add_argument("--depth", type=int, default=16, help="the initiator's queue depth")
     ap.add_argument("--ceph-conf")
     ap.add_argument("--ceph-keyring")
     ap.add_argument("--only", choices=("ours", "tgtd"), help="measure one target")
@@ -160,7 +161,7 @@ def main() -> None:
     ap.add_argument("--wakeups", action="store_true",
                     help="who woke whom, per I/O, in each target's last run (perf sched tracepoints)")
     args = ap.parse_args()
-    qemu_args = ["-d", "16", "-s", "4k", *([] if args.read else ["-w"])]
+    qemu_args = ["-d", str(args.depth), "-s", "4k", *([] if args.read else ["-w"])]
     with tempfile.TemporaryDirectory(prefix="rbdthreads") as tmp:
         work = Path(tmp)
         bench.RBD_SIZE = 128 << 20   # qemu-img bench writes sequentially: 40 MiB per 10,000
