@@ -37,6 +37,7 @@ KIND_OF_MODULE = {
     "test_contract.py": "process",
     "test_contract_table.py": "unit",
     "test_contract_versions.py": "process",
+    "test_curve_refusals.py": "unit",
     "test_docs.py": "unit",
     "test_faults.py": "process",
     "test_faults_wce.py": "process",
