@@ -44,10 +44,11 @@ class IscsiFrontEnd:
         self.keys = keys or TargetKeys(max_connections=MAX_CONNECTIONS)
         self.link = FrontEndLink(stml_endpoint, "iscsi", self, curve=curve)
         self.portals = Portals(portals, self._connection, LOGIN_READ_LIMIT, self.link.portal_state,
-                               self._announce)
+                               self._announce, self._waiting)
         self.announcer = Announcer(isns, f"{self.link.name}")
         self.tags = Tags()
         self.detect_info: Detect | None = None
+        self.attached = False   # registered with an STML now (said on each change: 0704)
         self.writers: set[Any] = set()
         self.limits = Limits.from_env()
         self.registry = SessionRegistry(self.link, self.tags, self.limits)
@@ -57,7 +58,8 @@ class IscsiFrontEnd:
 
     # ------------------------------------------------------------ STML -> us
     def detect(self, detect: Detect) -> None:
-        if self.detect_info is None:
+        if not self.attached:
+            self.attached = True
             print(f"fetd_tcp: attached to STML at {self.link.endpoint}", flush=True)
         was_closed = self._discovery_chap()
         self.detect_info = detect
@@ -70,6 +72,13 @@ class IscsiFrontEnd:
         log.info("STML %s offers %d target(s)", detect.stml, len(detect.targets))
         self.portals.follow(detect.portals)
         self._announce()
+
+    def _waiting(self) -> str:
+        """What a `listening on` line adds while no STML answers: a listener
+        alone serves nobody (logins are refused until one does)."""
+        if self.link.connected.is_set():
+            return ""
+        return f"; waiting for the STML at {', '.join(self.link.endpoints)} (logins refused until it answers)"
 
     def _discovery_chap(self) -> bool:
         """Discovery sessions must authenticate with CHAP (the STML's `discovery_chap`)."""
@@ -173,7 +182,9 @@ class IscsiFrontEnd:
         """The STML is gone: every task in flight is lost, so every session ends;
         initiators log in again once the STML is back."""
         sessions = self.registry.sessions
-        (log.warning if sessions else log.info)("STML link lost: closing %d session(s)", len(sessions))
+        self.attached = False
+        log.warning("link lost to the STML at %s: closing %d session(s); logins refused until an STML answers",
+                    self.link.endpoint, len(sessions))
         # nor will it answer the TMFs it was given: their entries (each holds its connection) go too
         self.tags.tmfs.clear()
         self.registry.link_lost()

@@ -41,6 +41,7 @@ KIND_OF_MODULE = {
     "test_docs.py": "unit",
     "test_faults.py": "process",
     "test_faults_wce.py": "process",
+    "test_fetd_attach_lines.py": "unit",
     "test_fetd_bounds.py": "process",
     "test_fuzz_pdu.py": "process",
     "test_fuzz_stml.py": "process",
