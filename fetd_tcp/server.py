@@ -174,9 +174,16 @@ class IscsiFrontEnd:
 
     def messages_handled(self) -> None:
         """What the STML sent in one read is handled: send the responses now,
-        a loop turn sooner than the writers' own flush (QD1 latency)."""
+        a loop turn sooner than the writers' own flush (QD1 latency). Each
+        writer on its own: one whose flush fails is closed, the others are
+        still flushed now (not at the next read of the STML, 0705)."""
         for writer in list(self.pending_output):
-            writer.flush()
+            try:
+                writer.flush()
+            except Exception as e:
+                log.warning("connection from %s: sending its output failed (%s: %s): closing it",
+                            writer.host or "?", type(e).__name__, e)
+                writer.transport.abort()
 
     def link_lost(self) -> None:
         """The STML is gone: every task in flight is lost, so every session ends;
