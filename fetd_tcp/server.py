@@ -12,7 +12,7 @@ import logging
 import secrets
 import signal
 import socket
-from typing import Any, cast
+from typing import Any, Callable, cast
 
 from fetd_tcp import login as L
 from fetd_tcp import pdu as P
@@ -154,12 +154,13 @@ class IscsiFrontEnd:
         walk of every session, in steps (SessionRegistry.steps), which an
         event for one nexus asked for later never overtakes."""
         by_nexus = self.registry.by_nexus
+        each: Callable[[Session], None] = lambda s: self._async_event(s, lun, sense)
         if nexus is None:
-            sessions = list(by_nexus.values())
+            self.registry.steps.run(by_nexus, each)   # (no copy of every session: 0706)
         else:
             one = by_nexus.get(nexus)
-            sessions = [one] if one is not None else []
-        self.registry.steps.run(sessions, lambda s: self._async_event(s, lun, sense))
+            if one is not None:
+                self.registry.steps.run([one], each)
 
     def _async_event(self, s: Session, lun: int, sense: bytes) -> None:
         if self.registry.by_nexus.get(s.nexus) is not s:
@@ -238,7 +239,7 @@ class IscsiFrontEnd:
         sessions = self.registry.sessions
         had = bool(sessions)
         # every session is asked to log out, in steps (SessionRegistry.steps)
-        self.registry.steps.run(sessions.values(), self._ask_logout)
+        self.registry.steps.run(sessions, self._ask_logout)
         self.portals.close()
         await self.registry.steps.idle()
         await asyncio.sleep(0.2 if had else 0)
