@@ -7,20 +7,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
-from typing import Any
 
 from fetd_tcp.portals import PortalSpec
 from fetd_tcp.server import IscsiFrontEnd
+from support.aio import until
 from support.fakestml import FakeStml
 
-
-async def until(cond: Any, what: str, timeout: float = 10) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not cond():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.005)
 
 
 def test_listening_before_an_stml_says_it_waits_and_each_attach_and_loss_is_said(tmp_path: Path, capsys,
