@@ -539,8 +539,8 @@ class FrontEndLink(TapPoint):
         count += 1
         refused[endpoint] = (how, count)
         if how != said:
-            log.error("the STML at %s %s; retrying every %gs, said again only if that changes",
-                      endpoint, how, self.handshake_retry)
+            log.error("the STML at %s %s; retrying every %gs (said again if that changes, and every %d tries)",
+                      endpoint, how, self.handshake_retry, HANDSHAKE_REMIND)
         elif count % HANDSHAKE_REMIND == 0:
             log.warning("the STML at %s still %s (%d tries in a row)", endpoint, how, count)
 
