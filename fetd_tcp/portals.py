@@ -33,14 +33,16 @@ class Portals:
     """Where initiators connect. Each accepted connection goes to `accept`,
     its StreamReader limited to `read_limit`; `report` tells the STML the
     state of its list, `changed` runs once the listeners match a new list
-    (discovery services announce them)."""
+    (discovery services announce them); `waiting` is what a `listening on`
+    line adds while no STML answers."""
 
     def __init__(self, own: list[PortalSpec], accept: Accept, read_limit: int,
-                 report: Callable[[list[dict[str, Any]]], None], changed: Callable[[], None]) -> None:
+                 report: Callable[[list[dict[str, Any]]], None], changed: Callable[[], None],
+                 waiting: Callable[[], str]) -> None:
         self.listening = own            # listening now
         self.read_limit = read_limit
         self.follow_stml = not own      # no portals of our own: listen on the STML's list (detect)
-        self._accept, self._report, self._changed = accept, report, changed
+        self._accept, self._report, self._changed, self._waiting = accept, report, changed, waiting
         self._wanted: tuple[tuple[str, int, int], ...] = ()
         self._syncing: asyncio.Task | None = None
         self.servers: dict[PortalSpec, asyncio.AbstractServer] = {}
@@ -133,7 +135,8 @@ class Portals:
         for sock in server.sockets:
             addr = sock.getsockname()
             p.port = addr[1]
-            print(f"fetd_tcp: listening on {hostport(addr[0], addr[1])} (tpgt {p.tpgt})", flush=True)
+            print(f"fetd_tcp: listening on {hostport(addr[0], addr[1])} (tpgt {p.tpgt}){self._waiting()}",
+                  flush=True)
 
 
 def hostport(host: str, port: int) -> str:

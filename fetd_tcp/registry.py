@@ -8,8 +8,8 @@ import asyncio
 import collections
 import itertools
 import logging
-from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
+from collections.abc import Callable, ItemsView, Iterator, MutableMapping, ValuesView
+from typing import Any, Generic, TypeVar, cast
 
 from fetd_tcp import login as L
 from fetd_tcp import pdu as P
@@ -28,30 +28,141 @@ DROP_STEP = 256          # sessions ended per turn of the loop when many end at 
 # STML keeps nexuses for one target: 0263)
 MAX_HELD = 4096
 
+_K = TypeVar("_K")
 _X = TypeVar("_X")
+
+
+class _Node(Generic[_X]):
+    """A Roster entry's place in the order entries came in."""
+    __slots__ = ("value", "seq", "prev", "next", "live")
+
+    def __init__(self, value: _X | None, seq: int, prev: _Node[_X] | None) -> None:
+        self.value, self.seq, self.prev = value, seq, prev
+        self.next: _Node[_X] | None = None
+        self.live = True
+
+
+class Roster(MutableMapping[_K, _X]):
+    """A dict that a walk steps through without copying it (0706): its
+    entries are also linked in the order they came. A walk meets the entries
+    there when it began that are still there when it gets to them, each once;
+    one added meanwhile it does not meet. A removed entry's node keeps its
+    link onward, so a walk that stopped on it carries on from there."""
+
+    def __init__(self) -> None:
+        self._values: dict[_K, _X] = {}
+        self._nodes: dict[_K, _Node[_X]] = {}
+        self._head: _Node[_X] = _Node(None, 0, None)   # never removed
+        self._tail = self._head
+        self._seq = 0
+
+    # reads go to the dict itself
+    def __getitem__(self, key: _K) -> _X:
+        return self._values[key]
+
+    def get(self, key: _K, default: Any = None) -> Any:
+        return self._values.get(key, default)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._values
+
+    def __iter__(self) -> Iterator[_K]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def values(self) -> ValuesView[_X]:
+        return self._values.values()
+
+    def items(self) -> ItemsView[_K, _X]:
+        return self._values.items()
+
+    def __setitem__(self, key: _K, value: _X) -> None:
+        node = self._nodes.get(key)
+        if node is not None:
+            node.value = value   # (its place stays, as in a dict)
+        else:
+            self._seq += 1
+            node = _Node(value, self._seq, self._tail)
+            self._tail.next = node
+            self._tail = self._nodes[key] = node
+        self._values[key] = value
+
+    def __delitem__(self, key: _K) -> None:
+        del self._values[key]
+        node = self._nodes.pop(key)
+        node.live, node.value = False, None
+        prev, after = node.prev, node.next
+        assert prev is not None   # (only the head has none)
+        prev.next = after
+        if after is None:
+            self._tail = prev
+        else:
+            after.prev = prev
+
+    def walk(self) -> RosterWalk[_X]:
+        """A walk over the entries there now."""
+        return RosterWalk(self._head, self._seq)
+
+
+class RosterWalk(Generic[_X]):
+    """Where a walk over a Roster is: the last node it passed, and the last
+    entry there when it began."""
+
+    def __init__(self, at: _Node[_X], last: int) -> None:
+        self.at, self.last = at, last
+
+    def take(self, budget: int) -> tuple[list[_X], int, bool]:
+        """The next entries, passing at most `budget` nodes (removed ones
+        count): (entries, nodes passed, whether the walk is over)."""
+        out: list[_X] = []
+        node = self.at
+        for used in range(budget):
+            after = node.next
+            if after is None or after.seq > self.last:
+                self.at = node
+                return out, used, True
+            node = after
+            if node.live:
+                out.append(cast(_X, node.value))   # (a live node has its value)
+        self.at = node
+        return out, budget, False
+
+
+class _ListWalk(Generic[_X]):
+    """A walk over a few items given as a list (an event for one nexus)."""
+
+    def __init__(self, items: list[_X]) -> None:
+        self.items, self.done = items, 0
+
+    def take(self, budget: int) -> tuple[list[_X], int, bool]:
+        chunk = self.items[self.done:self.done + budget]
+        self.done += len(chunk)
+        return chunk, len(chunk), self.done >= len(self.items)
 
 
 class Steps:
     """Walks over many sessions (every nexus's asynchronous event, the
-    sessions a lost link or a stop ends): DROP_STEP calls per turn of the
+    sessions a lost link or a stop ends): DROP_STEP sessions per turn of the
     loop, the first step at once, the walks one after another in the order
     they were asked for, so an event for one nexus never overtakes a walk
-    asked for before it (docs/decisions/0220). Each call checks that its
-    session is still there: a walk's list is a copy taken when it was asked."""
+    asked for before it (docs/decisions/0220). A walk over a Roster copies
+    nothing (0706): it meets the sessions there when it was asked for that
+    are still there, each once."""
 
     def __init__(self) -> None:
-        self._jobs: collections.deque[tuple[list[Any], Callable[[Any], None]]] = collections.deque()
-        self._done = 0          # calls made of the first job
+        self._jobs: collections.deque[tuple[RosterWalk[Any] | _ListWalk[Any], Callable[[Any], None]]] = \
+            collections.deque()
         self._task: asyncio.Task | None = None
         self._stepping = False  # (a call that asks for a walk only queues it)
 
-    def run(self, items: Iterable[_X], each: Callable[[_X], None]) -> None:
+    def run(self, items: Roster[Any, _X] | list[_X], each: Callable[[_X], None]) -> None:
         """each(item) for every item: now if nothing waits and they are few,
         else in later turns of the loop."""
-        items = list(items)
         if not items:
             return
-        self._jobs.append((items, each))
+        self._jobs.append((items.walk() if isinstance(items, Roster) else _ListWalk(items), each))
         if self._task is None and not self._stepping and self._step():
             self._task = asyncio.get_running_loop().create_task(self._drain())
 
@@ -67,13 +178,11 @@ class Steps:
         self._stepping = True
         try:
             while jobs and budget:
-                items, each = jobs[0]
-                chunk = items[self._done:self._done + budget]
-                self._done += len(chunk)
-                budget -= len(chunk)
-                if self._done >= len(items):
+                walk, each = jobs[0]
+                chunk, used, over = walk.take(budget)
+                budget -= used
+                if over:
                     jobs.popleft()
-                    self._done = 0
                 for item in chunk:
                     try:
                         each(item)
@@ -105,8 +214,9 @@ class SessionRegistry:
 
     def __init__(self, link: Any, tags: Tags, limits: Limits) -> None:
         self.link, self.tags, self.limits = link, tags, limits
-        self.sessions: dict[int, Session] = {}           # TSIH -> session
-        self.by_nexus: dict[int, Session] = {}           # nexus -> normal session
+        # walked in steps without a copy (Steps, 0706)
+        self.sessions: Roster[int, Session] = Roster()   # TSIH -> session
+        self.by_nexus: Roster[int, Session] = Roster()   # nexus -> normal session
         # (initiator, ISID, target, TPGT) -> session: RFC 7143's session identity; an
         # initiator may use one ISID in two portal groups (ESXi does), two I_T nexuses
         self.by_name: dict[tuple[str, bytes, str, int], Session] = {}
@@ -253,13 +363,17 @@ class SessionRegistry:
         sessions per turn of the loop (Steps)."""
         # nor will it answer our aborts, or the nexuses logins wait for
         self.expiring.clear()
-        unanswered = set(self.registering)   # (nexuses the STML never took: not held)
-        self.steps.run(unanswered, lambda nexus: self.nexus_ready(nexus, "the link to the STML was lost"))
         instance = self.link.instance
-        if instance is not None:
-            self.steps.run([s for n, s in self.by_nexus.items() if n not in unanswered],
-                           lambda s: self._hold(s, instance))
-        self.steps.run(self.sessions.values(), self._lose)
+        self.steps.run(self.by_nexus, lambda s: self._unanswered_or_held(s, instance))
+        self.steps.run(self.sessions, self._lose)
+
+    def _unanswered_or_held(self, s: Session, instance: str | None) -> None:
+        """A nexus of a lost link: one the STML never took fails its login (it
+        is not held); another is held for its next login (0247)."""
+        if s.nexus in self.registering:
+            self.nexus_ready(s.nexus, "the link to the STML was lost")
+        elif instance is not None:
+            self._hold(s, instance)
 
     def _hold(self, s: Session, instance: str) -> None:
         """Keep the I_T nexus of a session the link's loss ends, newest last, MAX_HELD at most."""
@@ -286,7 +400,7 @@ class SessionRegistry:
         """The front end stops: the sessions still open (their initiators did not
         log out when asked) are released `lost` before the link says goodbye,
         which would end them as chosen (0234); DROP_STEP per turn of the loop."""
-        self.steps.run(self.by_nexus.values(), self._release_lost)
+        self.steps.run(self.by_nexus, self._release_lost)
         await self.steps.idle()
 
     def _release_lost(self, s: Session) -> None:

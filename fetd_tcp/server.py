@@ -12,7 +12,7 @@ import logging
 import secrets
 import signal
 import socket
-from typing import Any, cast
+from typing import Any, Callable, cast
 
 from fetd_tcp import login as L
 from fetd_tcp import pdu as P
@@ -44,10 +44,11 @@ class IscsiFrontEnd:
         self.keys = keys or TargetKeys(max_connections=MAX_CONNECTIONS)
         self.link = FrontEndLink(stml_endpoint, "iscsi", self, curve=curve)
         self.portals = Portals(portals, self._connection, LOGIN_READ_LIMIT, self.link.portal_state,
-                               self._announce)
+                               self._announce, self._waiting)
         self.announcer = Announcer(isns, f"{self.link.name}")
         self.tags = Tags()
         self.detect_info: Detect | None = None
+        self.attached = False   # registered with an STML now (said on each change: 0704)
         self.writers: set[Any] = set()
         self.limits = Limits.from_env()
         self.registry = SessionRegistry(self.link, self.tags, self.limits)
@@ -57,7 +58,8 @@ class IscsiFrontEnd:
 
     # ------------------------------------------------------------ STML -> us
     def detect(self, detect: Detect) -> None:
-        if self.detect_info is None:
+        if not self.attached:
+            self.attached = True
             print(f"fetd_tcp: attached to STML at {self.link.endpoint}", flush=True)
         was_closed = self._discovery_chap()
         self.detect_info = detect
@@ -70,6 +72,13 @@ class IscsiFrontEnd:
         log.info("STML %s offers %d target(s)", detect.stml, len(detect.targets))
         self.portals.follow(detect.portals)
         self._announce()
+
+    def _waiting(self) -> str:
+        """What a `listening on` line adds while no STML answers: a listener
+        alone serves nobody (logins are refused until one does)."""
+        if self.link.connected.is_set():
+            return ""
+        return f"; waiting for the STML at {', '.join(self.link.endpoints)} (logins refused until it answers)"
 
     def _discovery_chap(self) -> bool:
         """Discovery sessions must authenticate with CHAP (the STML's `discovery_chap`)."""
@@ -145,12 +154,13 @@ class IscsiFrontEnd:
         walk of every session, in steps (SessionRegistry.steps), which an
         event for one nexus asked for later never overtakes."""
         by_nexus = self.registry.by_nexus
+        each: Callable[[Session], None] = lambda s: self._async_event(s, lun, sense)
         if nexus is None:
-            sessions = list(by_nexus.values())
+            self.registry.steps.run(by_nexus, each)   # (no copy of every session: 0706)
         else:
             one = by_nexus.get(nexus)
-            sessions = [one] if one is not None else []
-        self.registry.steps.run(sessions, lambda s: self._async_event(s, lun, sense))
+            if one is not None:
+                self.registry.steps.run([one], each)
 
     def _async_event(self, s: Session, lun: int, sense: bytes) -> None:
         if self.registry.by_nexus.get(s.nexus) is not s:
@@ -165,15 +175,24 @@ class IscsiFrontEnd:
 
     def messages_handled(self) -> None:
         """What the STML sent in one read is handled: send the responses now,
-        a loop turn sooner than the writers' own flush (QD1 latency)."""
+        a loop turn sooner than the writers' own flush (QD1 latency). Each
+        writer on its own: one whose flush fails is closed, the others are
+        still flushed now (not at the next read of the STML, 0705)."""
         for writer in list(self.pending_output):
-            writer.flush()
+            try:
+                writer.flush()
+            except Exception as e:
+                log.warning("connection from %s: sending its output failed (%s: %s): closing it",
+                            writer.host or "?", type(e).__name__, e)
+                writer.transport.abort()
 
     def link_lost(self) -> None:
         """The STML is gone: every task in flight is lost, so every session ends;
         initiators log in again once the STML is back."""
         sessions = self.registry.sessions
-        (log.warning if sessions else log.info)("STML link lost: closing %d session(s)", len(sessions))
+        self.attached = False
+        log.warning("link lost to the STML at %s: closing %d session(s); logins refused until an STML answers",
+                    self.link.endpoint, len(sessions))
         # nor will it answer the TMFs it was given: their entries (each holds its connection) go too
         self.tags.tmfs.clear()
         self.registry.link_lost()
@@ -220,7 +239,7 @@ class IscsiFrontEnd:
         sessions = self.registry.sessions
         had = bool(sessions)
         # every session is asked to log out, in steps (SessionRegistry.steps)
-        self.registry.steps.run(sessions.values(), self._ask_logout)
+        self.registry.steps.run(sessions, self._ask_logout)
         self.portals.close()
         await self.registry.steps.idle()
         await asyncio.sleep(0.2 if had else 0)

@@ -175,14 +175,27 @@ def mark_serving(lock: int) -> None:
     os.pwrite(lock, f"{os.getpid()} ready\n".encode(), 0)
 
 
+class RunLockUnreadable(Exception):
+    """The data dir's run.lock exists but this user may not read it: whether
+    its `run` serves cannot be told (0707)."""
+
+
 def run_serves(ddir: Path) -> bool | None:
     """Whether the `run` of this data dir serves yet; None when no live
     `run` holds it (an STML started alone, or a `run` that died: its PID is
-    gone, and each start writes the file anew)."""
+    gone, and each start writes the file anew). A file this user may not
+    read (0600: another user's `run`) is RunLockUnreadable, not "no run"."""
+    path = ddir / RUN_LOCK
     try:
-        words = (ddir / RUN_LOCK).read_text(errors="replace").split()
+        words = path.read_text(errors="replace").split()
+    except PermissionError as e:
+        raise RunLockUnreadable(f"cannot read {path} ({e.strerror}): its `run` is another user's; "
+                                f"run wait-ready as that user, or with --stml to ask the STML alone") from None
+    except OSError:   # (none yet)
+        return None
+    try:
         pid = int(words[0])
-    except (OSError, ValueError, IndexError):   # (none, empty, or not ours to read: 0600)
+    except (ValueError, IndexError):   # (empty: a `run` starting or gone)
         return None
     try:
         os.kill(pid, 0)
@@ -669,15 +682,22 @@ def copy_out(image: str, size: int | None, **kw: Any) -> None:
               help="Also wait for an iSCSI front end listening on every portal.")
 def wait_ready(timeout: float, iscsi: bool, **kw: Any) -> None:
     """Wait until the target serves (for scripts: `run &` then `wait-ready`).
-    Exit 0 when ready, 1 on timeout."""
+    Exit 0 when ready, 1 on timeout, 2 when it cannot tell (the data dir's
+    run.lock is another user's)."""
     from scsi_target.mgmt import MgmtClient
     kw = inherited(kw)
     endpoint = find_endpoint(kw.get("config_path"), kw.get("data_dir"), kw.get("stml"))
     # the `run` of a local data dir says when it serves (a gateway's front end tells no STML: 0237)
-    ddir = None if kw.get("stml") else data_dir_of(kw.get("config_path"), kw.get("data_dir"))
+    ddir = None if kw.get("stml") or not iscsi else data_dir_of(kw.get("config_path"), kw.get("data_dir"))
     deadline = time.monotonic() + timeout
     why = "not started"
     while True:
+        try:
+            # asked first: another user's STML may not answer us either, and this says why
+            serving = run_serves(ddir) if ddir is not None else None
+        except RunLockUnreadable as e:
+            click.echo(f"scsi-target: wait-ready: {e}", err=True)
+            sys.exit(2)
         try:
             require_running(endpoint)
             snap = MgmtClient(endpoint, timeout=max(0.2, min(2.0, deadline - time.monotonic()))).call("status")
@@ -687,7 +707,6 @@ def wait_ready(timeout: float, iscsi: bool, **kw: Any) -> None:
             # a gateway's portals are its front end's own, reported to no STML (decisions/0414)
             reported = (all(str(p.get("state")).startswith("listening") or p.get("state") == GATEWAY_STATE
                             for p in portals) and (portals or iscsi_fe))
-            serving = run_serves(ddir) if ddir is not None else None
             if not iscsi or (reported and serving is not False):
                 click.echo(f"ready: {endpoint}")
                 return

@@ -109,19 +109,37 @@ def allow_list(settings: StmlSettings) -> dict[bytes, tuple[str, str]]:
     return keys
 
 
+# a refused key is said again after this many refusals (ten minutes of a front
+# end's retries); at most this many refused keys are remembered
+REFUSAL_REMIND = 120
+REFUSED_KEYS_KEPT = 1024
+
+
 class CurveAllowList:
-    """ZAP credentials: the keys of both lists; a key in neither is refused."""
+    """ZAP credentials: the keys of both lists; a key in neither is refused.
+    A refused peer tries again every few seconds, forever: its key is said
+    once, then every REFUSAL_REMIND refusals (decision 0703)."""
 
     def __init__(self, keys: dict[bytes, tuple[str, str]]) -> None:
         self.keys = keys
+        self.refused: dict[bytes, int] = {}   # key -> refusals since it was last admitted
 
     def callback(self, domain: str, key: bytes) -> bool:
         known = self.keys.get(key)
         if known is not None:
-            log.info("CURVE key %s (%s, %s) admitted", key.decode(), known[1], known[0])
+            before = self.refused.pop(key, 0)
+            log.info("CURVE key %s (%s, %s) admitted%s", key.decode(), known[1], known[0],
+                     f" after {before} refusals" if before else "")
             return True
-        log.warning("refused a peer with unknown CURVE key %s: not in [stml] allowed_front_ends "
-                    "or allowed_managers", key.decode())
+        count = self.refused.get(key, 0) + 1
+        if count == 1 and len(self.refused) >= REFUSED_KEYS_KEPT:
+            self.refused.clear()   # many strangers: each is said again, once
+        self.refused[key] = count
+        if count == 1:
+            log.warning("refused a peer with unknown CURVE key %s: not in [stml] allowed_front_ends "
+                        "or allowed_managers (said again every %d refusals)", key.decode(), REFUSAL_REMIND)
+        elif count % REFUSAL_REMIND == 0:
+            log.warning("still refusing CURVE key %s (%d refusals)", key.decode(), count)
         return False
 
     def role(self, key: bytes) -> str:

@@ -26,6 +26,7 @@ import pytest
 from stml import config
 from stml.api import FrontEndLink, StreamChannel, Tmf
 from stml.server import StmlServer
+from support.aio import until
 from support.procs import stop_pid
 
 KiB = 1 << 10
@@ -106,14 +107,6 @@ class FrontEnd:
     def done(self, tag: int) -> None:
         self.link.scsi_target_done([tag])
 
-
-async def until(cond: Any, what: str, timeout: float = 10) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not cond():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.002)
 
 
 @contextlib.asynccontextmanager

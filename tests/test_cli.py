@@ -364,21 +364,35 @@ def test_a_config_served_from_another_data_dir_finds_its_target(tmp_path, tmp_sh
         assert f"saved to {cfg}" in added
 
 
-def test_wait_ready_reads_a_run_lock_it_may_not_read_as_no_run(tmp_path, monkeypatch):
-    """run.lock is 0600: another user's `run` (a TCP management endpoint)
-    leaves it unreadable, which is "no `run` to ask", not a traceback; a
-    live PID of another user still counts as running (0237)."""
+def test_wait_ready_says_in_one_line_that_it_cannot_read_another_users_run_lock(tmp_path, monkeypatch):
+    """run.lock is 0600: another user's `run` leaves it unreadable. That was
+    "no `run` to ask", so wait-ready went by the STML's word alone (or timed
+    out as "not ready"); it is now one line and exit 2, apart from not ready
+    (1), before any STML is asked (0707). A live PID of another user still
+    counts as running (0237)."""
+    from click.testing import CliRunner
+
     from scsi_target import cli
     lock = tmp_path / cli.RUN_LOCK
     lock.write_text(f"{os.getpid()} ready\n")
     assert cli.run_serves(tmp_path) is True
     lock.write_text(f"{os.getpid()}\n")
     assert cli.run_serves(tmp_path) is False
+    lock.unlink()
+    assert cli.run_serves(tmp_path) is None   # no `run` yet
+
+    lock.write_text(f"{os.getpid()}\n")
+    asked: list[str] = []
+    monkeypatch.setattr(cli, "require_running", asked.append)
 
     def denied(self, *a, **k):
         raise PermissionError(13, "Permission denied")
     monkeypatch.setattr(Path, "read_text", denied)
-    assert cli.run_serves(tmp_path) is None
+    result = CliRunner().invoke(cli.main, ["wait-ready", "--data-dir", str(tmp_path), "--timeout", "5"])
+    assert result.exit_code == 2 and asked == []
+    assert result.stderr == (f"scsi-target: wait-ready: cannot read {lock} (Permission denied): its `run` is "
+                             "another user's; run wait-ready as that user, or with --stml to ask the STML "
+                             "alone\n")
     monkeypatch.undo()
 
     def other_users(pid, sig):

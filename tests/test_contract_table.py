@@ -15,6 +15,7 @@ import pytest
 
 from stml.api import FrontEndLink
 from stml.api.messages import FROM_STML, MESSAGES, TO_STML, Direction, Message, Op, check
+from support.aio import until
 from support.fakestml import FakeStml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -198,14 +199,6 @@ class Recorder:
             raise AttributeError(name)
         return lambda *args: self.calls.append((name, args))
 
-
-async def until(cond: Any, what: str, timeout: float = 10) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not cond():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.005)
 
 
 def test_a_front_end_refuses_malformed_messages_with_a_log_line(tmp_path: Path, caplog) -> None:

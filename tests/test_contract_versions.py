@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from stml.api import CONTRACT_VERSION, FrontEndLink, SharedRegion, StreamChannel, pack, stream_path, unpack
+from support.aio import until
 from support.fakestml import FakeStml
 
 BIG = 128 << 10
@@ -35,14 +36,6 @@ class Recorder:
     def called(self, name: str) -> list[tuple]:
         return [args for n, args in self.calls if n == name]
 
-
-async def until(cond: Any, what: str, timeout: float = 10) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not cond():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.005)
 
 
 def test_a_front_end_meets_a_1_1_stml_and_keeps_its_region(tmp_path: Path) -> None:

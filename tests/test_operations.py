@@ -1012,6 +1012,8 @@ def test_a_front_end_whose_stml_does_not_answer_says_so_once_and_keeps_trying(dd
     try:
         fe.wait_log(f"no answer from the STML at {endpoint}; still trying")
         assert fe.alive()
+        # its portal is open, but serves nobody yet: the line says so (0704)
+        fe.wait_line(f"fetd_tcp: listening on 127.0.0.1:[0-9]+ \\(tpgt 1\\); waiting for the STML at {re.escape(endpoint)} ")
         stml = StmlProcess(Path(ddir) / "stml", ("ram:4MiB",), ("--stml-endpoint", endpoint)).start()
         try:
             fe.wait_line("fetd_tcp: attached to STML")

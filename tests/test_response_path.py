@@ -272,3 +272,62 @@ def test_responses_the_stream_delivers_leave_with_messages_handled_and_no_callba
         runner.run(run())
     for s in (a, b, y):
         s.close()
+
+
+class _BrokenTransport(_Transport):
+    """A transport whose every use fails (a writer's flush then raises)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.aborted = 0
+
+    def get_write_buffer_size(self) -> int:
+        raise RuntimeError("transport broken")
+
+    def abort(self) -> None:
+        self.aborted += 1
+
+
+def test_a_writer_whose_flush_fails_is_closed_and_the_others_still_leave(caplog):
+    """messages_handled flushes every writer that waited for it: one whose
+    flush raises is closed (its transport aborted, one line), and the other
+    writers of that read still send their PDUs now, not at the next read of
+    the STML (0705). Two broken writers among good ones: whichever the set
+    gives first, the rest are flushed."""
+    from fetd_tcp.server import IscsiFrontEnd
+
+    pairs = [socket.socketpair() for _ in range(6)]
+    for a, b in pairs:
+        a.setblocking(False)
+        b.setblocking(False)
+    broken: list[_BrokenTransport] = []
+
+    async def run() -> None:
+        fe = IscsiFrontEnd("ipc:///nonexistent/fetd", [])
+        writers = []
+        for i, (a, _) in enumerate(pairs):
+            w = _Writer(a)
+            if i in (1, 4):
+                w.transport = _BrokenTransport()
+                broken.append(w.transport)
+            writer = PduWriter(w, ConnectionParams(), fe.pending_output, host=f"192.0.2.{i}")
+            writer.scheduled = True          # as xmit_response leaves it while the link delivers
+            fe.pending_output.add(writer)
+            writer(P.NopIn(0x10 + i, P.RESERVED_TAG, 0, 1, 1), b"")
+            writers.append(writer)
+        fe.messages_handled()
+        assert not fe.pending_output and all(not w.parts and not w.scheduled for w in writers)
+
+    asyncio.run(run())
+    got = []
+    for i, (a, b) in enumerate(pairs):
+        try:
+            got.append(b.recv(1 << 16))
+        except BlockingIOError:
+            got.append(b"")
+        a.close()
+        b.close()
+    assert [len(x) for x in got] == [0 if i in (1, 4) else 48 for i in range(6)]
+    assert [t.aborted for t in broken] == [1, 1]
+    assert sum("sending its output failed (RuntimeError: transport broken): closing it" in r.getMessage()
+               for r in caplog.records) == 2

@@ -109,3 +109,91 @@ def test_a_stop_releases_every_nexus_in_steps():
         assert max(steps) <= R.DROP_STEP and len([s for s in steps if s]) >= MANY // R.DROP_STEP
         assert released == [(n, True) for n in range(1, MANY + 1)]
     asyncio.run(main())
+
+
+class CountingRoster(R.Roster):
+    """A Roster that counts the entries anything reads by iterating it whole."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.iterated = 0
+
+    def __iter__(self):
+        self.iterated += 1
+        return super().__iter__()
+
+    def values(self):
+        self.iterated += 1
+        return super().values()
+
+    def items(self):
+        self.iterated += 1
+        return super().items()
+
+
+def test_walks_over_every_session_copy_no_list_of_them():
+    """An event for every nexus, a lost link and a stop took a list of every
+    session first: one step proportional to the sessions before the walk's
+    bounded steps (0706). They now step through the registry itself."""
+    from fetd_tcp.server import IscsiFrontEnd
+
+    async def main() -> None:
+        fe = IscsiFrontEnd("ipc:///nonexistent/stml", [])
+        reg = fe.registry
+        reg.sessions, reg.by_nexus = CountingRoster(), CountingRoster()
+        calls: list = []
+        populate(reg, calls)
+        fe.link.detect_info = SimpleNamespace(instance="old")
+        fe.report_aen(None, 3, SENSE)
+        reg.link_lost()
+        await reg.steps.idle()
+        await reg.stop()
+        assert (reg.sessions.iterated, reg.by_nexus.iterated) == (0, 0)
+        assert len([c for c in calls if c[0] == "event"]) == MANY
+        assert len([c for c in calls if c[0] == "close"]) == MANY and len(reg.held) == MANY
+    asyncio.run(main())
+
+
+def test_a_session_added_or_ended_mid_walk_is_met_once_or_not_at_all():
+    """A walk meets the sessions there when it was asked for, each once: one
+    that ends before the walk gets to it is not met, one that logs in
+    meanwhile is not met (the event came before it), none twice."""
+    from fetd_tcp.server import IscsiFrontEnd
+
+    async def main() -> None:
+        fe = IscsiFrontEnd("ipc:///nonexistent/stml", [])
+        calls: list = []
+        reg = fe.registry
+        sessions = populate(reg, calls)
+        fe.report_aen(None, 3, SENSE)   # the first DROP_STEP at once, the rest in later turns
+        assert len(calls) == R.DROP_STEP
+        late = populate(R.SessionRegistry(fe.link, reg.tags, reg.limits), calls, MANY + 1)[-1]
+        reg.sessions[MANY + 1] = reg.by_nexus[MANY + 1] = late
+        for n in (R.DROP_STEP + 1, R.DROP_STEP + 2, MANY):   # the walk stops on the first: it carries on
+            del reg.sessions[n], reg.by_nexus[n]
+        del reg.by_nexus[1], reg.sessions[1]   # met already: nothing changes for the rest
+        await reg.steps.idle()
+        met = [n for kind, n, _ in calls if kind == "event"]
+        assert sorted(met) == [n for n in range(1, MANY) if n not in (R.DROP_STEP + 1, R.DROP_STEP + 2)]
+        assert len(met) == len(set(met)) and sessions[0].nexus in met
+    asyncio.run(main())
+
+
+def test_a_roster_walk_parked_on_removed_entries_carries_on():
+    """The walk's place is a node: removing it, and the ones after it, leaves
+    the walk the way on to the next entry still there."""
+    roster: R.Roster[int, str] = R.Roster()
+    for n in range(10):
+        roster[n] = f"v{n}"
+    walk = roster.walk()
+    assert walk.take(3) == (["v0", "v1", "v2"], 3, False)
+    for n in (2, 3, 4, 0):
+        del roster[n]
+    roster[10] = "v10"                         # after the walk began: not met
+    roster[5] = "v5'"                          # a new value keeps its place
+    assert walk.take(3) == (["v5'"], 3, False)   # removed entries count in the step's budget
+    assert walk.take(2) == (["v6", "v7"], 2, False)
+    del roster[9]
+    assert walk.take(5) == (["v8"], 1, True)
+    assert list(roster) == [1, 5, 6, 7, 8, 10] and roster.get(3) is None
+    assert R.Roster().walk().take(4) == ([], 0, True)

@@ -75,6 +75,11 @@ _XMIT_K1: Final = XMIT_RESPONSE_PARTS[1]
 _XMIT_K2: Final = XMIT_RESPONSE_PARTS[2]
 
 
+# a refused CURVE handshake is said again after this many in a row (ten minutes
+# at the default retry)
+HANDSHAKE_REMIND: Final = 120
+
+
 class FrontEndHandler(Protocol):
     """What a front end implements to receive STML calls (all on the event loop)."""
 
@@ -134,6 +139,10 @@ class FrontEndLink(TapPoint):
     _refused: dict[str, str] | None = None
     # said that no STML answers (once a silence, 0206): an instance attribute only then
     _said_silent = False
+    # CURVE handshakes refused, per endpoint: the refusal last said and how many in a
+    # row (0703: said once, again on a change, and every HANDSHAKE_REMIND after)
+    _handshake_refused: dict[str, tuple[str, int]] | None = None
+    handshake_retry = 5.0   # seconds before a new connection after a refused handshake
     timing = False
     _done_ts: list[int]   # when each response of _done was delivered (set while timed)
 
@@ -481,26 +490,30 @@ class FrontEndLink(TapPoint):
 
     def _watch_handshake(self, sock: zmq.Socket) -> None:
         """CURVE: an STML that refuses our key ends the connection for good (and
-        a DEALER without a connection would block on send), so the refusal is
-        logged, the socket closed, and a new one tried every few seconds (the
-        key may be added to the STML's allow list meanwhile)."""
+        a DEALER without a connection would block on send), so the socket is
+        closed and a new one tried every few seconds (the key may be added to
+        the STML's allow list meanwhile). The refusal is said once, not once a
+        try (_said_refused)."""
         failed = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                   | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
-        mon = sock.get_monitor_socket(failed)
+        mon = sock.get_monitor_socket(failed | zmq.EVENT_HANDSHAKE_SUCCEEDED)
         loop = asyncio.get_running_loop()
         fd = mon.fileno()
         self._monitor = (mon, fd)
+        endpoint = self.endpoint
 
         def on_event() -> None:
             from zmq.utils.monitor import recv_monitor_message
             # EVENTS is an int option; pyzmq types every getsockopt as int | bytes
             while mon.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # type: ignore[operator, arg-type]
                 event = recv_monitor_message(mon)
+                if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                    self._said_admitted(endpoint)
+                    continue
                 if not event["event"] & failed or self._channel is None or self._channel.sock is not sock:
                     continue
-                how = "refused our key" if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH \
-                    else "failed the CURVE handshake (wrong server key?)"
-                log.error("the STML at %s %s; retrying in 5s", self.endpoint, how)
+                self._said_refused(endpoint, "refused our key" if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                                   else "failed the CURVE handshake (wrong server key?)")
                 loop.remove_reader(fd)
                 channel, self._channel = self._channel, None
                 channel._out.clear()      # nothing may reach a send that would block
@@ -509,11 +522,34 @@ class FrontEndLink(TapPoint):
                 loop.call_later(1, sock.close, 0)   # after callbacks already queued for it
                 if self.connected.is_set():
                     self._lost()
-                loop.call_later(5, self._reopen)
+                loop.call_later(self.handshake_retry, self._reopen)
                 return
 
         loop.add_reader(fd, on_event)
         loop.call_soon(on_event)
+
+    def _said_refused(self, endpoint: str, how: str) -> None:
+        """Log a refused handshake once, again when the reason changes, and a
+        reminder every HANDSHAKE_REMIND refusals in a row: a front end whose key
+        waits for hours for the STML's allow list must not fill the journal."""
+        refused = self._handshake_refused
+        if refused is None:
+            refused = self._handshake_refused = {}
+        said, count = refused.get(endpoint, ("", 0))
+        count += 1
+        refused[endpoint] = (how, count)
+        if how != said:
+            log.error("the STML at %s %s; retrying every %gs (said again if that changes, and every %d tries)",
+                      endpoint, how, self.handshake_retry, HANDSHAKE_REMIND)
+        elif count % HANDSHAKE_REMIND == 0:
+            log.warning("the STML at %s still %s (%d tries in a row)", endpoint, how, count)
+
+    def _said_admitted(self, endpoint: str) -> None:
+        """A handshake passed: after refusals, that is news (the key was added)."""
+        refused = self._handshake_refused
+        if refused is not None and endpoint in refused:
+            count = refused.pop(endpoint)[1]
+            log.info("the STML at %s completed the CURVE handshake after %d refused", endpoint, count)
 
     def _reopen(self) -> None:
         if self._channel is None and self._timer is not None and not self._timer.done():
