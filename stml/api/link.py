@@ -505,7 +505,7 @@ class FrontEndLink(TapPoint):
         def on_event() -> None:
             from zmq.utils.monitor import recv_monitor_message
             # EVENTS is an int option; pyzmq types every getsockopt as int | bytes
-            while mon.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # type: ignore[operator, arg-type]
+            while not mon.closed and mon.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # type: ignore[operator, arg-type]
                 event = recv_monitor_message(mon)
                 if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                     self._said_admitted(endpoint)
@@ -514,11 +514,10 @@ class FrontEndLink(TapPoint):
                     continue
                 self._said_refused(endpoint, "refused our key" if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH
                                    else "failed the CURVE handshake (wrong server key?)")
-                loop.remove_reader(fd)
+                self._close_monitor()   # (this socket's: its channel is the link's)
                 channel, self._channel = self._channel, None
                 channel._out.clear()      # nothing may reach a send that would block
                 loop.remove_reader(channel._fd)
-                mon.close(linger=0)
                 loop.call_later(1, sock.close, 0)   # after callbacks already queued for it
                 if self.connected.is_set():
                     self._lost()
@@ -696,16 +695,21 @@ class FrontEndLink(TapPoint):
         if self.timing:
             self._done_ts.clear()
 
-    def _next_endpoint(self) -> None:
-        """Ask the next STML of the list (nothing changes with one)."""
-        self._trying_since = time.monotonic()
-        if len(self.endpoints) < 2:
-            return
+    def _close_monitor(self) -> None:
+        """The CURVE handshake watch goes with its socket (a monitor left open
+        would keep the ZeroMQ context from terminating)."""
         if self._monitor is not None:
             mon, fd = self._monitor
             asyncio.get_running_loop().remove_reader(fd)
             mon.close(linger=0)
             self._monitor = None
+
+    def _next_endpoint(self) -> None:
+        """Ask the next STML of the list (nothing changes with one)."""
+        self._trying_since = time.monotonic()
+        if len(self.endpoints) < 2:
+            return
+        self._close_monitor()
         if self._channel is not None:
             self._channel.close(linger_ms=0)
             self._channel = None
@@ -798,6 +802,7 @@ class FrontEndLink(TapPoint):
     async def close(self) -> None:
         """Deregister (best effort) and stop: the heartbeats too, even when the
         STML's carrier is gone already (they would reopen it)."""
+        self._close_monitor()
         if self._channel is not None and self.connected.is_set():
             self._send({"op": _O.DEREGISTER})
         if self._timer is not None:
