@@ -13,7 +13,6 @@ from __future__ import annotations
 import struct
 import sys
 import threading
-from dataclasses import dataclass, field
 from typing import Final
 
 from fetd_vhost.memory import BadAddress, GuestMemory
@@ -37,11 +36,13 @@ _DESC = struct.Struct("<QIHH")
 # command out. Python has no fence, but taking a lock is a locked
 # instruction, which is one.
 _BARRIER = threading.Lock()
+_ACQUIRE: Final = _BARRIER.acquire    # bound once: no context manager protocol per fence
+_RELEASE: Final = _BARRIER.release
 
 
 def full_barrier() -> None:
-    with _BARRIER:
-        pass
+    _ACQUIRE()
+    _RELEASE()
 
 
 class ChainError(Exception):
@@ -56,13 +57,20 @@ class RingError(Exception):
     """The ring itself is corrupt: the queue cannot go on."""
 
 
-@dataclass(slots=True)
 class Chain:
     """One request: the head index, and its buffers in order, split into the
-    device-readable ones (then) the device-writable ones."""
-    head: int
-    readable: list[memoryview] = field(default_factory=list)
-    writable: list[memoryview] = field(default_factory=list)
+    device-readable ones (then) the device-writable ones, with their sizes
+    in bytes (summed from the descriptors: nobody measures the views again).
+    A plain class: compiled, a dataclass with list defaults runs its
+    generated __init__ as Python."""
+    __slots__ = ("head", "readable", "writable", "readable_size", "writable_size")
+
+    def __init__(self, head: int) -> None:
+        self.head = head
+        self.readable: list[memoryview] = []
+        self.writable: list[memoryview] = []
+        self.readable_size = 0
+        self.writable_size = 0
 
 
 def vring_need_event(event: int, new: int, old: int) -> bool:
@@ -162,55 +170,59 @@ class Virtqueue:
         assert mem is not None and table is not None
         size = self.num
         chain = Chain(head)
-        readable, writable = chain.readable, chain.writable
         i = head
         steps = 0
-        # an indirect table, read at once, field by field (lists of ints made in C)
-        addrs: list[int] | None = None
-        lengths: list[int] = []
-        flagss: list[int] = []
-        nexts: list[int] = []
+        # an indirect table, read at once as u64 pairs (a list of ints made in C):
+        # the address, then length | flags << 32 | next << 48
+        words: list[int] | None = None
         start = end = 0              # the run of adjacent buffers not yet translated
-        run: list[memoryview] = readable
+        run: list[memoryview] = chain.readable
         seen_write = False
+        done = 0                     # bytes in this direction's runs translated so far
         while True:
             if i >= size:
                 raise ChainError(f"next index {i} outside a table of {size}")
             steps += 1
             if steps > size:
                 raise ChainError("chain longer than its table (a loop?)")
-            if addrs is not None:
-                addr, length, flags, nxt = addrs[i], lengths[i], flagss[i], nexts[i]
+            if words is not None:
+                addr = words[2 * i]
+                packed = words[2 * i + 1]
+                length, flags, nxt = packed & 0xFFFFFFFF, packed >> 32 & 0xFFFF, packed >> 48
             else:
                 desc: tuple[int, int, int, int] = _DESC.unpack_from(table, 16 * i)
                 addr, length, flags, nxt = desc
             if flags & DESC_F_INDIRECT:
-                if addrs is not None or not self.indirect:
+                if words is not None or not self.indirect:
                     raise ChainError("indirect descriptor not allowed here")
                 if flags & DESC_F_NEXT or length % 16 or not 16 <= length <= 16 * MAX_INDIRECT:
                     raise ChainError(f"bad indirect table ({length} bytes, flags {flags:#x})")
-                raw = mem.gpa_contiguous(addr, length)    # u64 addr, u32 len, u16 flags, u16 next
-                addrs, lengths = raw.cast("Q")[::2].tolist(), raw.cast("I")[2::4].tolist()
-                flagss, nexts = raw.cast("H")[6::8].tolist(), raw.cast("H")[7::8].tolist()
-                size = len(addrs)
+                words = mem.gpa_contiguous(addr, length).cast("Q").tolist()
+                size = length >> 4
                 i, steps = 0, 0
                 continue
             if flags & DESC_F_WRITE:
                 if not seen_write:
                     if end != start:
                         mem.translate(run, start, end - start)
-                    start = end = addr
-                    run, seen_write = writable, True
+                    chain.readable_size = done + end - start
+                    done, start, end = 0, addr, addr
+                    run, seen_write = chain.writable, True
             elif seen_write:
                 raise ChainError("a device-readable buffer after a device-writable one")
             if addr != end:
                 if end != start:
                     mem.translate(run, start, end - start)
+                done += end - start
                 start = end = addr
             end += length
             if not flags & DESC_F_NEXT:
                 if end != start:
                     mem.translate(run, start, end - start)
+                if seen_write:
+                    chain.writable_size = done + end - start
+                else:
+                    chain.readable_size = done + end - start
                 return chain
             i = nxt
 

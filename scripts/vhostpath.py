@@ -122,8 +122,14 @@ def proc_cpu(pid: int) -> tuple[float, int]:
 
 def totals(path: str) -> int | None:
     """The instruction count in a callgrind dump, or None while callgrind is
-    still writing it: its `totals:` line is the last it writes."""
-    m = re.search(r"^totals:\s+(\d+)\n\Z", Path(path).read_text(), re.M)
+    still writing it: its `totals:` line is the last it writes. The count is
+    the `summary:` line's: after `callgrind_control -z` the cost lines (and
+    so `totals:`) also carry some millions of instructions from before the
+    zeroing, the same whatever the number of commands measured."""
+    text = Path(path).read_text()
+    if re.search(r"^totals:\s+\d+\n\Z", text, re.M) is None:
+        return None
+    m = re.search(r"^summary:\s+(\d+)$", text, re.M)
     return int(m.group(1)) if m else None
 
 
