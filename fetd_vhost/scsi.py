@@ -111,7 +111,7 @@ TMF_RESPONSES: dict[int, S] = {
     TmfResponse.REJECTED: S.FUNCTION_REJECTED,
 }
 # CDB length by group code (SPC-4 4.2.5.1); group 3 is the variable-length format
-CDB_LENGTHS = (6, 10, 10, 0, 16, 12, 16, 16)
+CDB_LENGTHS: Final = (6, 10, 10, 0, 16, 12, 16, 16)
 
 
 def cdb_length(cdb: bytes) -> int:
@@ -182,24 +182,26 @@ class Buffers:
         return b"".join(self.slices(offset, n))
 
     def write(self, offset: int, data: bytes | memoryview) -> int:
-        """Copy `data` in at `offset`, clipped to the buffers: bytes written.
-        Per view: one slice of `data` and one slice assignment."""
-        src = memoryview(data).cast("B")
-        n, done = len(src), 0
+        """Copy `data` (bytes, or a view of bytes) in at `offset`, clipped to
+        the buffers: bytes written. Data that fits one view is assigned
+        whole; else each view takes one slice of it."""
+        n, done = len(data), 0
+        src: memoryview | None = None
         for v in self.views:
             size = len(v)
             if offset >= size:
                 offset -= size
                 continue
             left = n - done
-            if offset == 0 and size <= left:
-                v[:] = src[done:done + size]
-                done += size
-            else:
-                take = size - offset if size - offset < left else left
-                v[offset:offset + take] = src[done:done + take]
-                offset = 0
-                done += take
+            take = size - offset if size - offset < left else left
+            if take == n:
+                v[offset:offset + n] = data
+                return n
+            if src is None:
+                src = memoryview(data)
+            v[offset:offset + take] = src[done:done + take]
+            offset = 0
+            done += take
             if done == n:
                 break
         return done
@@ -265,7 +267,6 @@ class VirtioScsiDevice:
         # for a VM that left must not match a request of the next one
         self._tags = tags if tags is not None else itertools.count(1)
         self._stop_waiters: dict[int, Callable[[], None]] = {}
-        self._in_flight: dict[int, int] = {}   # ring index -> requests taken and not answered
         self._held: set[int] = set()           # rings not taken from: a ring's worth in flight
         self._on_error = on_error or (lambda msg: log.warning("%s", msg))
 
@@ -289,11 +290,11 @@ class VirtioScsiDevice:
             return
         if not self.online or ring.index in self._stop_waiters:
             return
-        handle = self._control if ring.index == CONTROL_Q else self._command
+        control = ring.index == CONTROL_Q
         for _ in range(ring.num):
             if not ring.ready:
                 return
-            if self._in_flight.get(ring.index, 0) >= ring.num:
+            if ring.in_flight >= ring.num:
                 self._held.add(ring.index)
                 return
             try:
@@ -309,7 +310,10 @@ class VirtioScsiDevice:
             except RingError as broken:
                 self._on_error(f"{broken}: the queue stops until the guest resets the device")
                 return
-            handle(ring, chain)
+            if control:
+                self._control(ring, chain)
+            else:
+                self._command(ring, chain)
         if ring.has_work():
             self.to_process.add(ring.index)
 
@@ -322,7 +326,7 @@ class VirtioScsiDevice:
         return rings
 
     def ring_stopping(self, ring: Virtqueue, done: Callable[[], None]) -> None:
-        if self._in_flight.get(ring.index, 0) == 0:
+        if ring.in_flight == 0:
             done()
         else:
             ring.stopping = True
@@ -347,7 +351,8 @@ class VirtioScsiDevice:
         if self._live(ring):
             ring.push(head, written)
             self.to_signal.add(ring.index)
-        left = self._in_flight[ring.index] = self._in_flight.get(ring.index, 1) - 1
+        ring.in_flight -= 1
+        left = ring.in_flight
         if ring.index in self._held:
             self._held.discard(ring.index)
             self.to_process.add(ring.index)
@@ -356,7 +361,7 @@ class VirtioScsiDevice:
             self._stop_waiters.pop(ring.index)()
 
     def _take(self, ring: Virtqueue) -> None:
-        self._in_flight[ring.index] = self._in_flight.get(ring.index, 0) + 1
+        ring.in_flight += 1
 
     def _refuse_chain(self, ring: Virtqueue, head: int) -> None:
         """A chain that broke the rules is returned having written nothing."""

@@ -28,6 +28,7 @@ USED_F_NO_NOTIFY: Final = 1
 MAX_QUEUE_SIZE: Final = 32768     # split rings: Queue Size is at most 2^15
 MAX_INDIRECT: Final = 1024        # entries of one indirect table we accept
 _DESC = struct.Struct("<QIHH")
+_USED_ELEM: Final = struct.Struct("<II")    # a used ring entry: head, bytes written
 
 # A full memory barrier. Publishing the used index and then reading the
 # driver's used_event (and publishing avail_event, then reading the avail
@@ -95,6 +96,7 @@ class Virtqueue:
         self.enabled = False
         self.broken = False
         self.stopping = False        # stopped by the master, its requests still being answered
+        self.in_flight = 0           # requests the device took and did not answer yet
         self.event_idx = False
         self.indirect = False
         self._desc: memoryview | None = None
@@ -164,7 +166,8 @@ class Virtqueue:
     def _walk(self, head: int) -> Chain:
         """The chain's buffers, translated once per run of descriptors that
         are adjacent in guest memory (Linux's scatterlists often are): fewer
-        views for the copies to step through."""
+        views for the copies to step through. The walk only notes the runs;
+        the memory table makes their views in one call per direction."""
         mem = self._mem
         table = self._desc
         assert mem is not None and table is not None
@@ -172,59 +175,63 @@ class Virtqueue:
         chain = Chain(head)
         i = head
         steps = 0
-        # an indirect table, read at once as u64 pairs (a list of ints made in C):
-        # the address, then length | flags << 32 | next << 48
-        words: list[int] | None = None
-        start = end = 0              # the run of adjacent buffers not yet translated
-        run: list[memoryview] = chain.readable
-        seen_write = False
-        done = 0                     # bytes in this direction's runs translated so far
+        # an indirect table, read at once, as lists of ints made in C: the
+        # addresses, the lengths, and flags | next << 16 (small ints: cheap when interpreted)
+        addrs: list[int] | None = None
+        lengths: list[int] = []
+        links: list[int] = []
+        runs: list[int] = []         # start, end of each run of adjacent buffers
+        split = -1                   # where in `runs` the device-writable ones begin
+        start = end = 0              # the run not yet noted
         while True:
             if i >= size:
                 raise ChainError(f"next index {i} outside a table of {size}")
             steps += 1
             if steps > size:
                 raise ChainError("chain longer than its table (a loop?)")
-            if words is not None:
-                addr = words[2 * i]
-                packed = words[2 * i + 1]
-                length, flags, nxt = packed & 0xFFFFFFFF, packed >> 32 & 0xFFFF, packed >> 48
+            if addrs is not None:
+                addr, length, link = addrs[i], lengths[i], links[i]
+                flags, nxt = link & 0xFFFF, link >> 16
             else:
                 desc: tuple[int, int, int, int] = _DESC.unpack_from(table, 16 * i)
                 addr, length, flags, nxt = desc
             if flags & DESC_F_INDIRECT:
-                if words is not None or not self.indirect:
+                if addrs is not None or not self.indirect:
                     raise ChainError("indirect descriptor not allowed here")
                 if flags & DESC_F_NEXT or length % 16 or not 16 <= length <= 16 * MAX_INDIRECT:
                     raise ChainError(f"bad indirect table ({length} bytes, flags {flags:#x})")
-                words = mem.gpa_contiguous(addr, length).cast("Q").tolist()
-                size = length >> 4
+                raw = mem.gpa_contiguous(addr, length)    # u64 addr, u32 len, u16 flags, u16 next
+                addrs, lengths = raw.cast("Q")[::2].tolist(), raw.cast("I")[2::4].tolist()
+                links = raw.cast("I")[3::4].tolist()
+                size = len(addrs)
                 i, steps = 0, 0
                 continue
             if flags & DESC_F_WRITE:
-                if not seen_write:
+                if split < 0:
                     if end != start:
-                        mem.translate(run, start, end - start)
-                    chain.readable_size = done + end - start
-                    done, start, end = 0, addr, addr
-                    run, seen_write = chain.writable, True
-            elif seen_write:
+                        runs.append(start)
+                        runs.append(end)
+                    split = len(runs)
+                    start = end = addr
+            elif split >= 0:
                 raise ChainError("a device-readable buffer after a device-writable one")
             if addr != end:
                 if end != start:
-                    mem.translate(run, start, end - start)
-                done += end - start
+                    runs.append(start)
+                    runs.append(end)
                 start = end = addr
             end += length
             if not flags & DESC_F_NEXT:
-                if end != start:
-                    mem.translate(run, start, end - start)
-                if seen_write:
-                    chain.writable_size = done + end - start
-                else:
-                    chain.readable_size = done + end - start
-                return chain
+                break
             i = nxt
+        if end != start:
+            runs.append(start)
+            runs.append(end)
+        if split < 0:
+            split = len(runs)
+        chain.readable_size = mem.translate_runs(chain.readable, runs, 0, split)
+        chain.writable_size = mem.translate_runs(chain.writable, runs, split, len(runs))
+        return chain
 
     # ---------------------------------------------------------------- device -> driver
     def push(self, head: int, written: int) -> None:
@@ -232,9 +239,7 @@ class Virtqueue:
         used32 = self._used32
         used = self._used
         assert used32 is not None and used is not None
-        slot = 1 + 2 * (self.used_idx % self.num)
-        used32[slot] = head
-        used32[slot + 1] = written
+        _USED_ELEM.pack_into(used32, 4 + 8 * (self.used_idx % self.num), head, written)
         self.used_idx = (self.used_idx + 1) & 0xFFFF
         used[1] = self.used_idx          # x86 keeps stores in order: the entry is seen first
 
