@@ -98,27 +98,6 @@ class GuestMemory:
             addr += n
             length -= n
 
-    def translate_runs(self, views: list[memoryview], runs: list[int], lo: int, hi: int) -> int:
-        """Views of the ranges runs[lo:hi] (start, end, start, end...),
-        appended to `views`; their bytes in all. Those in the region of the
-        one before are cut here, the rest by translate()."""
-        total = 0
-        r = self._last
-        rgpa, rend = (r.gpa, r.gpa_end) if r is not None else (0, 0)
-        k = lo
-        while k < hi:
-            start, end = runs[k], runs[k + 1]
-            k += 2
-            if rgpa <= start and end <= rend and r is not None:
-                views.append(r.view[start - rgpa:end - rgpa])
-            else:
-                self.translate(views, start, end - start)
-                r = self._last
-                assert r is not None   # translate found the range's region
-                rgpa, rend = r.gpa, r.gpa_end
-            total += end - start
-        return total
-
     def gpa_contiguous(self, addr: int, length: int) -> memoryview:
         """One view of a guest-physical range that must lie in one region
         (an indirect descriptor table)."""

@@ -199,8 +199,11 @@ class Buffers:
                 return n
             if src is None:
                 src = memoryview(data)
-            v[offset:offset + take] = src[done:done + take]
-            offset = 0
+            if take == size:        # (a whole view: no bounds to box for its slice)
+                v[:] = src[done:done + size]
+            else:
+                v[offset:offset + take] = src[done:done + take]
+                offset = 0
             done += take
             if done == n:
                 break

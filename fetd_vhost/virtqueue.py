@@ -166,8 +166,7 @@ class Virtqueue:
     def _walk(self, head: int) -> Chain:
         """The chain's buffers, translated once per run of descriptors that
         are adjacent in guest memory (Linux's scatterlists often are): fewer
-        views for the copies to step through. The walk only notes the runs;
-        the memory table makes their views in one call per direction."""
+        views for the copies to step through."""
         mem = self._mem
         table = self._desc
         assert mem is not None and table is not None
@@ -175,63 +174,59 @@ class Virtqueue:
         chain = Chain(head)
         i = head
         steps = 0
-        # an indirect table, read at once, as lists of ints made in C: the
-        # addresses, the lengths, and flags | next << 16 (small ints: cheap when interpreted)
-        addrs: list[int] | None = None
-        lengths: list[int] = []
-        links: list[int] = []
-        runs: list[int] = []         # start, end of each run of adjacent buffers
-        split = -1                   # where in `runs` the device-writable ones begin
-        start = end = 0              # the run not yet noted
+        # an indirect table, read at once as u64 pairs (a list of ints made in C):
+        # the address, then length | flags << 32 | next << 48
+        words: list[int] | None = None
+        start = end = 0              # the run of adjacent buffers not yet translated
+        run: list[memoryview] = chain.readable
+        seen_write = False
+        done = 0                     # bytes in this direction's runs translated so far
         while True:
             if i >= size:
                 raise ChainError(f"next index {i} outside a table of {size}")
             steps += 1
             if steps > size:
                 raise ChainError("chain longer than its table (a loop?)")
-            if addrs is not None:
-                addr, length, link = addrs[i], lengths[i], links[i]
-                flags, nxt = link & 0xFFFF, link >> 16
+            if words is not None:
+                addr = words[2 * i]
+                packed = words[2 * i + 1]
+                length, flags, nxt = packed & 0xFFFFFFFF, packed >> 32 & 0xFFFF, packed >> 48
             else:
                 desc: tuple[int, int, int, int] = _DESC.unpack_from(table, 16 * i)
                 addr, length, flags, nxt = desc
             if flags & DESC_F_INDIRECT:
-                if addrs is not None or not self.indirect:
+                if words is not None or not self.indirect:
                     raise ChainError("indirect descriptor not allowed here")
                 if flags & DESC_F_NEXT or length % 16 or not 16 <= length <= 16 * MAX_INDIRECT:
                     raise ChainError(f"bad indirect table ({length} bytes, flags {flags:#x})")
-                raw = mem.gpa_contiguous(addr, length)    # u64 addr, u32 len, u16 flags, u16 next
-                addrs, lengths = raw.cast("Q")[::2].tolist(), raw.cast("I")[2::4].tolist()
-                links = raw.cast("I")[3::4].tolist()
-                size = len(addrs)
+                words = mem.gpa_contiguous(addr, length).cast("Q").tolist()
+                size = length >> 4
                 i, steps = 0, 0
                 continue
             if flags & DESC_F_WRITE:
-                if split < 0:
+                if not seen_write:
                     if end != start:
-                        runs.append(start)
-                        runs.append(end)
-                    split = len(runs)
-                    start = end = addr
-            elif split >= 0:
+                        mem.translate(run, start, end - start)
+                    chain.readable_size = done + end - start
+                    done, start, end = 0, addr, addr
+                    run, seen_write = chain.writable, True
+            elif seen_write:
                 raise ChainError("a device-readable buffer after a device-writable one")
             if addr != end:
                 if end != start:
-                    runs.append(start)
-                    runs.append(end)
+                    mem.translate(run, start, end - start)
+                done += end - start
                 start = end = addr
             end += length
             if not flags & DESC_F_NEXT:
-                break
+                if end != start:
+                    mem.translate(run, start, end - start)
+                if seen_write:
+                    chain.writable_size = done + end - start
+                else:
+                    chain.readable_size = done + end - start
+                return chain
             i = nxt
-        if end != start:
-            runs.append(start)
-            runs.append(end)
-        if split < 0:
-            split = len(runs)
-        chain.readable_size = mem.translate_runs(chain.readable, runs, 0, split)
-        chain.writable_size = mem.translate_runs(chain.writable, runs, split, len(runs))
-        return chain
 
     # ---------------------------------------------------------------- device -> driver
     def push(self, head: int, written: int) -> None:
