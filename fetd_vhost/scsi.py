@@ -123,6 +123,8 @@ def link_cdb(cdb: bytes) -> bytes:
     """The CDB for rx_cmnd: one of up to 16 bytes padded to 16, as iSCSI
     carries it (the STML trims it by its opcode: stml.cdb.trim_cdb), so the
     link packs the header in its fixed layout; a longer one as long as it is."""
+    if cdb[0] >> 5 != 3:      # a fixed length (CDB_LENGTHS): at most 16
+        return cdb[:16]
     return cdb[:max(cdb_length(cdb), 16)]
 
 
