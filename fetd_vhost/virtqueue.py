@@ -174,9 +174,12 @@ class Virtqueue:
         chain = Chain(head)
         i = head
         steps = 0
-        # an indirect table, read at once as u64 pairs (a list of ints made in C):
-        # the address, then length | flags << 32 | next << 48
-        words: list[int] | None = None
+        # an indirect table, read at once as lists of ints made in C: the
+        # addresses, the lengths, and flags | next << 16 (below 2**30: one digit
+        # when interpreted, so its arithmetic stays cheap)
+        addrs: list[int] | None = None
+        lengths: list[int] = []
+        links: list[int] = []
         start = end = 0              # the run of adjacent buffers not yet translated
         run: list[memoryview] = chain.readable
         seen_write = False
@@ -187,20 +190,21 @@ class Virtqueue:
             steps += 1
             if steps > size:
                 raise ChainError("chain longer than its table (a loop?)")
-            if words is not None:
-                addr = words[2 * i]
-                packed = words[2 * i + 1]
-                length, flags, nxt = packed & 0xFFFFFFFF, packed >> 32 & 0xFFFF, packed >> 48
+            if addrs is not None:
+                addr, length, link = addrs[i], lengths[i], links[i]
+                flags, nxt = link & 0xFFFF, link >> 16
             else:
                 desc: tuple[int, int, int, int] = _DESC.unpack_from(table, 16 * i)
                 addr, length, flags, nxt = desc
             if flags & DESC_F_INDIRECT:
-                if words is not None or not self.indirect:
+                if addrs is not None or not self.indirect:
                     raise ChainError("indirect descriptor not allowed here")
                 if flags & DESC_F_NEXT or length % 16 or not 16 <= length <= 16 * MAX_INDIRECT:
                     raise ChainError(f"bad indirect table ({length} bytes, flags {flags:#x})")
-                words = mem.gpa_contiguous(addr, length).cast("Q").tolist()
-                size = length >> 4
+                raw = mem.gpa_contiguous(addr, length)    # u64 addr, u32 len, u16 flags, u16 next
+                addrs, lengths = raw.cast("Q")[::2].tolist(), raw.cast("I")[2::4].tolist()
+                links = raw.cast("I")[3::4].tolist()
+                size = len(addrs)
                 i, steps = 0, 0
                 continue
             if flags & DESC_F_WRITE:
