@@ -174,12 +174,8 @@ class Virtqueue:
         chain = Chain(head)
         i = head
         steps = 0
-        # an indirect table, read at once as lists of ints made in C: the
-        # addresses, the lengths, and flags | next << 16 (below 2**30: one digit
-        # when interpreted, so its arithmetic stays cheap)
-        addrs: list[int] | None = None
-        lengths: list[int] = []
-        links: list[int] = []
+        # an indirect table, unpacked at once (in C) as the ring's descriptors are one by one
+        descs: list[tuple[int, int, int, int]] | None = None
         start = end = 0              # the run of adjacent buffers not yet translated
         run: list[memoryview] = chain.readable
         seen_write = False
@@ -190,21 +186,15 @@ class Virtqueue:
             steps += 1
             if steps > size:
                 raise ChainError("chain longer than its table (a loop?)")
-            if addrs is not None:
-                addr, length, link = addrs[i], lengths[i], links[i]
-                flags, nxt = link & 0xFFFF, link >> 16
-            else:
-                desc: tuple[int, int, int, int] = _DESC.unpack_from(table, 16 * i)
-                addr, length, flags, nxt = desc
+            desc: tuple[int, int, int, int] = descs[i] if descs is not None else _DESC.unpack_from(table, 16 * i)
+            addr, length, flags, nxt = desc
             if flags & DESC_F_INDIRECT:
-                if addrs is not None or not self.indirect:
+                if descs is not None or not self.indirect:
                     raise ChainError("indirect descriptor not allowed here")
                 if flags & DESC_F_NEXT or length % 16 or not 16 <= length <= 16 * MAX_INDIRECT:
                     raise ChainError(f"bad indirect table ({length} bytes, flags {flags:#x})")
-                raw = mem.gpa_contiguous(addr, length)    # u64 addr, u32 len, u16 flags, u16 next
-                addrs, lengths = raw.cast("Q")[::2].tolist(), raw.cast("I")[2::4].tolist()
-                links = raw.cast("I")[3::4].tolist()
-                size = len(addrs)
+                descs = list(_DESC.iter_unpack(mem.gpa_contiguous(addr, length)))
+                size = len(descs)
                 i, steps = 0, 0
                 continue
             if flags & DESC_F_WRITE:
