@@ -174,8 +174,11 @@ class Virtqueue:
         chain = Chain(head)
         i = head
         steps = 0
-        # an indirect table, unpacked at once (in C) as the ring's descriptors are one by one
-        descs: list[tuple[int, int, int, int]] | None = None
+        # an indirect table, read at once as two lists of ints made in C: the
+        # addresses, then each descriptor's length and flags | next << 16 (small
+        # ints: interpreted, no multi-digit arithmetic; compiled, no tuple per descriptor)
+        addrs: list[int] | None = None
+        rest: list[int] = []
         start = end = 0              # the run of adjacent buffers not yet translated
         run: list[memoryview] = chain.readable
         seen_write = False
@@ -186,15 +189,20 @@ class Virtqueue:
             steps += 1
             if steps > size:
                 raise ChainError("chain longer than its table (a loop?)")
-            desc: tuple[int, int, int, int] = descs[i] if descs is not None else _DESC.unpack_from(table, 16 * i)
-            addr, length, flags, nxt = desc
+            if addrs is not None:
+                addr, length, link = addrs[i], rest[2 * i], rest[2 * i + 1]
+                flags, nxt = link & 0xFFFF, link >> 16
+            else:
+                desc: tuple[int, int, int, int] = _DESC.unpack_from(table, 16 * i)
+                addr, length, flags, nxt = desc
             if flags & DESC_F_INDIRECT:
-                if descs is not None or not self.indirect:
+                if addrs is not None or not self.indirect:
                     raise ChainError("indirect descriptor not allowed here")
                 if flags & DESC_F_NEXT or length % 16 or not 16 <= length <= 16 * MAX_INDIRECT:
                     raise ChainError(f"bad indirect table ({length} bytes, flags {flags:#x})")
-                descs = list(_DESC.iter_unpack(mem.gpa_contiguous(addr, length)))
-                size = len(descs)
+                raw = mem.gpa_contiguous(addr, length)    # u64 addr, u32 len, u16 flags, u16 next
+                addrs, rest = raw.cast("Q")[::2].tolist(), raw.cast("I")[2::2].tolist()
+                size = len(addrs)
                 i, steps = 0, 0
                 continue
             if flags & DESC_F_WRITE:
