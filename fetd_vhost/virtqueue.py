@@ -174,11 +174,12 @@ class Virtqueue:
         chain = Chain(head)
         i = head
         steps = 0
-        # an indirect table, read at once as two lists of ints made in C: the
-        # addresses, then each descriptor's length and flags | next << 16 (small
-        # ints: interpreted, no multi-digit arithmetic; compiled, no tuple per descriptor)
+        # an indirect table, read at once as lists of ints made in C: the
+        # addresses, the lengths, and flags | next << 16 (below 2**30: one digit
+        # when interpreted, so its arithmetic stays cheap)
         addrs: list[int] | None = None
-        rest: list[int] = []
+        lengths: list[int] = []
+        links: list[int] = []
         start = end = 0              # the run of adjacent buffers not yet translated
         run: list[memoryview] = chain.readable
         seen_write = False
@@ -190,7 +191,7 @@ class Virtqueue:
             if steps > size:
                 raise ChainError("chain longer than its table (a loop?)")
             if addrs is not None:
-                addr, length, link = addrs[i], rest[2 * i], rest[2 * i + 1]
+                addr, length, link = addrs[i], lengths[i], links[i]
                 flags, nxt = link & 0xFFFF, link >> 16
             else:
                 desc: tuple[int, int, int, int] = _DESC.unpack_from(table, 16 * i)
@@ -201,7 +202,8 @@ class Virtqueue:
                 if flags & DESC_F_NEXT or length % 16 or not 16 <= length <= 16 * MAX_INDIRECT:
                     raise ChainError(f"bad indirect table ({length} bytes, flags {flags:#x})")
                 raw = mem.gpa_contiguous(addr, length)    # u64 addr, u32 len, u16 flags, u16 next
-                addrs, rest = raw.cast("Q")[::2].tolist(), raw.cast("I")[2::2].tolist()
+                words = raw.cast("I")
+                addrs, lengths, links = raw.cast("Q")[::2].tolist(), words[2::4].tolist(), words[3::4].tolist()
                 size = len(addrs)
                 i, steps = 0, 0
                 continue
