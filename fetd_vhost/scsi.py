@@ -13,8 +13,7 @@ import enum
 import itertools
 import logging
 import struct
-from dataclasses import dataclass
-from typing import Callable, Iterator, Protocol
+from typing import Callable, Final, Iterator, Protocol
 
 from stml.api import BIG_FRAME, DataDir, TaskAttr, Tmf, TmfResponse
 
@@ -24,14 +23,21 @@ log = logging.getLogger("fetd_vhost")
 
 CDB_SIZE, SENSE_SIZE = 32, 96          # QEMU's fixed virtio-scsi config (cdb_size, sense_size)
 REQ = struct.Struct(f"<8sQBBB{CDB_SIZE}s")        # virtio_scsi_cmd_req: 51 bytes
+REQ_SIZE: Final = 51
 RESP = struct.Struct("<IIHBB")                      # virtio_scsi_cmd_resp, then the sense
-RESP_SIZE = RESP.size + SENSE_SIZE                  # 108
+RESP_SIZE: Final = 108                              # RESP.size + SENSE_SIZE
+RESP_FULL = struct.Struct(f"<IIHBB{SENSE_SIZE}s")    # with the sense, zero-padded: packed in place
 TMF_REQ = struct.Struct("<II8sQ")                   # virtio_scsi_ctrl_tmf_req
 AN_REQ = struct.Struct("<I8sI")                     # virtio_scsi_ctrl_an_req
 AN_RESP = struct.Struct("<IB")
 EVENT = struct.Struct("<I8sI")                      # virtio_scsi_event
 CONTROL_Q, EVENT_Q = 0, 1            # then the request queues
 SHARED_MIN = BIG_FRAME    # write data from this size goes through the STML's shared memory
+# the enums' values the command path uses, as constants (compiled: no class attribute lookup)
+DIR_NONE: Final = int(DataDir.NONE)
+DIR_WRITE: Final = int(DataDir.WRITE)
+DIR_READ: Final = int(DataDir.READ)
+ATTR_ACA: Final = int(TaskAttr.ACA)
 
 
 class S(enum.IntEnum):
@@ -49,6 +55,9 @@ class S(enum.IntEnum):
     FUNCTION_SUCCEEDED = 10
     FUNCTION_REJECTED = 11
     INCORRECT_LUN = 12
+
+
+S_OK: Final = int(S.OK)
 
 
 class Ctrl(enum.IntEnum):
@@ -102,7 +111,7 @@ TMF_RESPONSES: dict[int, S] = {
     TmfResponse.REJECTED: S.FUNCTION_REJECTED,
 }
 # CDB length by group code (SPC-4 4.2.5.1); group 3 is the variable-length format
-CDB_LENGTHS = (6, 10, 10, 0, 16, 12, 16, 16)
+CDB_LENGTHS: Final = (6, 10, 10, 0, 16, 12, 16, 16)
 
 
 def cdb_length(cdb: bytes) -> int:
@@ -114,6 +123,8 @@ def link_cdb(cdb: bytes) -> bytes:
     """The CDB for rx_cmnd: one of up to 16 bytes padded to 16, as iSCSI
     carries it (the STML trims it by its opcode: stml.cdb.trim_cdb), so the
     link packs the header in its fixed layout; a longer one as long as it is."""
+    if cdb[0] >> 5 != 3:      # a fixed length (CDB_LENGTHS): at most 16
+        return cdb[:16]
     return cdb[:max(cdb_length(cdb), 16)]
 
 
@@ -132,14 +143,12 @@ def encode_lun(target: int, lun: int) -> bytes:
 
 
 class Buffers:
-    """A request's buffers in one direction, as one byte range."""
+    """A request's buffers in one direction, as one byte range of `size`
+    bytes (the walk summed the descriptors' lengths)."""
     __slots__ = ("views", "size")
 
-    def __init__(self, views: list[memoryview]) -> None:
+    def __init__(self, views: list[memoryview], size: int) -> None:
         self.views = views
-        size = 0
-        for v in views:
-            size += len(v)
         self.size = size
 
     def slices(self, offset: int, n: int) -> list[memoryview]:
@@ -162,32 +171,41 @@ class Buffers:
         """The bytes from `offset` on (the data after a request header),
         without stepping through every view."""
         views = self.views
+        size = self.size - offset
         for i, v in enumerate(views):
             if offset < len(v):
                 rest = views[i + 1:]
                 rest.insert(0, v[offset:] if offset else v)
-                return Buffers(rest)
+                return Buffers(rest, size)
             offset -= len(v)
-        return Buffers([])
+        return Buffers([], 0)
 
     def read(self, offset: int, n: int) -> bytes:
         return b"".join(self.slices(offset, n))
 
     def write(self, offset: int, data: bytes | memoryview) -> int:
-        """Copy `data` in at `offset`, clipped to the buffers: bytes written."""
-        data = memoryview(data).cast("B")
+        """Copy `data` (bytes, or a view of bytes) in at `offset`, clipped to
+        the buffers: bytes written. Data that fits one view is assigned
+        whole; else each view takes one slice of it."""
         n, done = len(data), 0
+        src: memoryview | None = None
         for v in self.views:
             size = len(v)
             if offset >= size:
                 offset -= size
                 continue
-            take = min(size - offset, n - done)
-            if take == size:
-                v[:] = data[done:done + take]
+            left = n - done
+            take = size - offset if size - offset < left else left
+            if take == n:
+                v[offset:offset + n] = data
+                return n
+            if src is None:
+                src = memoryview(data)
+            if take == size:        # (a whole view: no bounds to box for its slice)
+                v[:] = src[done:done + size]
             else:
-                v[offset:offset + take] = data[done:done + take]
-            offset = 0
+                v[offset:offset + take] = src[done:done + take]
+                offset = 0
             done += take
             if done == n:
                 break
@@ -205,23 +223,30 @@ class ScsiPort(Protocol):
     def release(self, buf: memoryview) -> None: ...
 
 
-@dataclass(slots=True, eq=False)
 class Request:
-    ring: Virtqueue
-    head: int
-    data_out: Buffers          # write data (after the request header)
-    writable: Buffers          # response, then read data
-    lun: int = 0
-    guest_tag: int = 0
-    length: int = 0            # data-in or data-out bytes
+    """A command taken from a ring (plain classes: compiled, a dataclass's
+    generated __init__ would run as Python, per command)."""
+    __slots__ = ("ring", "head", "data_out", "writable", "lun", "guest_tag", "length")
+
+    def __init__(self, ring: Virtqueue, head: int, data_out: Buffers, writable: Buffers,
+                 lun: int, guest_tag: int, length: int) -> None:
+        self.ring = ring
+        self.head = head
+        self.data_out = data_out     # write data (after the request header)
+        self.writable = writable     # response, then read data
+        self.lun = lun
+        self.guest_tag = guest_tag
+        self.length = length         # data-in or data-out bytes
 
 
-@dataclass(slots=True, eq=False)
 class TmfRequest:
-    ring: Virtqueue
-    head: int
-    writable: Buffers
-    fn: Tmf
+    __slots__ = ("ring", "head", "writable", "fn")
+
+    def __init__(self, ring: Virtqueue, head: int, writable: Buffers, fn: Tmf) -> None:
+        self.ring = ring
+        self.head = head
+        self.writable = writable
+        self.fn = fn
 
 
 class VirtioScsiDevice:
@@ -247,7 +272,6 @@ class VirtioScsiDevice:
         # for a VM that left must not match a request of the next one
         self._tags = tags if tags is not None else itertools.count(1)
         self._stop_waiters: dict[int, Callable[[], None]] = {}
-        self._in_flight: dict[int, int] = {}   # ring index -> requests taken and not answered
         self._held: set[int] = set()           # rings not taken from: a ring's worth in flight
         self._on_error = on_error or (lambda msg: log.warning("%s", msg))
 
@@ -271,11 +295,11 @@ class VirtioScsiDevice:
             return
         if not self.online or ring.index in self._stop_waiters:
             return
-        handle = self._control if ring.index == CONTROL_Q else self._command
+        control = ring.index == CONTROL_Q
         for _ in range(ring.num):
             if not ring.ready:
                 return
-            if self._in_flight.get(ring.index, 0) >= ring.num:
+            if ring.in_flight >= ring.num:
                 self._held.add(ring.index)
                 return
             try:
@@ -291,18 +315,23 @@ class VirtioScsiDevice:
             except RingError as broken:
                 self._on_error(f"{broken}: the queue stops until the guest resets the device")
                 return
-            handle(ring, chain)
+            if control:
+                self._control(ring, chain)
+            else:
+                self._command(ring, chain)
         if ring.has_work():
             self.to_process.add(ring.index)
 
     def take_to_process(self) -> list[Virtqueue]:
         """Rings to look at again (process stopped early, or a held ring has room)."""
+        if not self.to_process:
+            return []
         rings = [self.rings[i] for i in sorted(self.to_process) if i < len(self.rings)]
         self.to_process.clear()
         return rings
 
     def ring_stopping(self, ring: Virtqueue, done: Callable[[], None]) -> None:
-        if self._in_flight.get(ring.index, 0) == 0:
+        if ring.in_flight == 0:
             done()
         else:
             ring.stopping = True
@@ -310,6 +339,8 @@ class VirtioScsiDevice:
 
     def take_signals(self) -> list[Virtqueue]:
         """Rings whose driver should be interrupted now (event index permitting)."""
+        if not self.to_signal:
+            return []
         rings = [self.rings[i] for i in self.to_signal if i < len(self.rings)]
         self.to_signal.clear()
         return [r for r in rings if r.needs_signal()]
@@ -325,7 +356,8 @@ class VirtioScsiDevice:
         if self._live(ring):
             ring.push(head, written)
             self.to_signal.add(ring.index)
-        left = self._in_flight[ring.index] = self._in_flight.get(ring.index, 1) - 1
+        ring.in_flight -= 1
+        left = ring.in_flight
         if ring.index in self._held:
             self._held.discard(ring.index)
             self.to_process.add(ring.index)
@@ -334,7 +366,7 @@ class VirtioScsiDevice:
             self._stop_waiters.pop(ring.index)()
 
     def _take(self, ring: Virtqueue) -> None:
-        self._in_flight[ring.index] = self._in_flight.get(ring.index, 0) + 1
+        ring.in_flight += 1
 
     def _refuse_chain(self, ring: Virtqueue, head: int) -> None:
         """A chain that broke the rules is returned having written nothing."""
@@ -343,32 +375,33 @@ class VirtioScsiDevice:
 
     # ---------------------------------------------------------------- commands
     def _command(self, ring: Virtqueue, chain: Chain) -> None:
-        out, inb = Buffers(chain.readable), Buffers(chain.writable)
-        if out.size < REQ.size or inb.size < RESP_SIZE:
+        views = chain.readable
+        out, inb = Buffers(views, chain.readable_size), Buffers(chain.writable, chain.writable_size)
+        if out.size < REQ_SIZE or inb.size < RESP_SIZE:
             self._fail_short(ring, chain.head, inb, RESP.size - 1)
             return
-        raw_lun, guest_tag, attr, _prio, _crn, cdb = REQ.unpack(out.read(0, REQ.size))
+        # the header is its own descriptor (Linux): read in place, else gathered
+        first = views[0]
+        header = first if len(first) >= REQ_SIZE else out.read(0, REQ_SIZE)
+        raw_lun, guest_tag, attr, _prio, _crn, cdb = REQ.unpack_from(header)
         where = decode_lun(raw_lun)
-        req = Request(ring, chain.head, out.tail(REQ.size), inb,
-                      guest_tag=guest_tag)
+        data_out, data_in = out.size - REQ_SIZE, inb.size - RESP_SIZE
+        req = Request(ring, chain.head, out.tail(REQ_SIZE), inb, 0, guest_tag, data_out or data_in)
         self._take(ring)
         if where is None or where[0] != self.target_id or self.refused is not None:
             self._finish(req, S.BAD_TARGET)
             return
-        data_out, data_in = out.size - REQ.size, inb.size - RESP_SIZE
-        if (data_out and data_in) or attr > TaskAttr.ACA:
+        if (data_out and data_in) or attr > ATTR_ACA:
             self._finish(req, S.FAILURE)   # bidirectional commands need VIRTIO_SCSI_F_INOUT
             return
-        req.lun = where[1]
-        req.length = data_out or data_in
-        direction = DataDir.WRITE if data_out else DataDir.READ if data_in else DataDir.NONE
+        lun = req.lun = where[1]
+        direction = DIR_WRITE if data_out else DIR_READ if data_in else DIR_NONE
         tag = next(self._tags)
         self.requests[tag] = req
-        self.by_guest_tag[(req.lun, guest_tag)] = tag
-        unsol = min(data_out, self.max_unsol)
+        self.by_guest_tag[(lun, guest_tag)] = tag
+        unsol = data_out if data_out < self.max_unsol else self.max_unsol
         data, shared = self._gather(req, 0, unsol)
-        self.port.rx_cmnd(tag, req.lun, link_cdb(cdb), attr, int(direction), req.length,
-                          unsol, data)
+        self.port.rx_cmnd(tag, lun, link_cdb(cdb), attr, direction, req.length, unsol, data)
         if shared is not None:
             self.port.release(shared)   # sent: the STML holds it now, until its command ends
 
@@ -384,8 +417,9 @@ class VirtioScsiDevice:
             if buf is not None:
                 pos = 0
                 for v in views:
-                    buf[pos:pos + len(v)] = v
-                    pos += len(v)
+                    end = pos + len(v)
+                    buf[pos:end] = v
+                    pos = end
                 return [buf], buf
         return views, None
 
@@ -407,20 +441,25 @@ class VirtioScsiDevice:
             return
         self._forget_tag(req, tag)
         written = 0
-        if data and req.writable.size > RESP_SIZE and self._live(req.ring):
+        writable = req.writable
+        if data and writable.size > RESP_SIZE and self._live(req.ring):
             for frame in data:
-                written += req.writable.write(RESP_SIZE + written, frame)
+                written += writable.write(RESP_SIZE + written, frame)
             resid = req.length - written
-        elif req.writable.size > RESP_SIZE:
+        elif writable.size > RESP_SIZE:
             resid = req.length       # a read that returned nothing
-        self._finish(req, S.OK, status, sense or b"", max(0, resid), written)
+        self._finish(req, S_OK, status, sense or b"", resid if resid > 0 else 0, written)
 
-    def _finish(self, req: Request, response: S, status: int = 0, sense: bytes = b"",
+    def _finish(self, req: Request, response: int, status: int = 0, sense: bytes = b"",
                 resid: int = 0, data: int = 0) -> None:
         sense = sense[:SENSE_SIZE]
-        resp = RESP.pack(len(sense), min(resid, 0xFFFFFFFF), 0, status, response) + sense
+        resid = resid if resid < 0xFFFFFFFF else 0xFFFFFFFF
         if self._live(req.ring):
-            req.writable.write(0, resp.ljust(RESP_SIZE, b"\0"))
+            views = req.writable.views
+            if views and len(views[0]) >= RESP_SIZE:   # the response is its own descriptor (Linux)
+                RESP_FULL.pack_into(views[0], 0, len(sense), resid, 0, status, response, sense)
+            else:
+                req.writable.write(0, RESP_FULL.pack(len(sense), resid, 0, status, response, sense))
         self._push(req.ring, req.head, RESP_SIZE + data)
 
     def _fail_short(self, ring: Virtqueue, head: int, inb: Buffers, at: int) -> None:
@@ -440,7 +479,7 @@ class VirtioScsiDevice:
 
     # ---------------------------------------------------------------- control queue
     def _control(self, ring: Virtqueue, chain: Chain) -> None:
-        out, inb = Buffers(chain.readable), Buffers(chain.writable)
+        out, inb = Buffers(chain.readable, chain.readable_size), Buffers(chain.writable, chain.writable_size)
         if out.size < 4:
             self._fail_short(ring, chain.head, inb, 0)
             return
@@ -487,7 +526,7 @@ class VirtioScsiDevice:
             self._push(ring, chain.head, 1)
             return
         tag = next(self._tags)
-        self.tmfs[tag] = TmfRequest(ring, chain.head, Buffers(inb.views), fn)
+        self.tmfs[tag] = TmfRequest(ring, chain.head, inb, fn)
         self.port.rx_tmf(tag, int(fn), where[1], ref)
 
     def task_mgmt_fn_done(self, tag: int, response: int, aborted: list[int]) -> None:
@@ -546,7 +585,7 @@ class VirtioScsiDevice:
                 break
             if chain is None:
                 break
-            inb = Buffers(chain.writable)
+            inb = Buffers(chain.writable, chain.writable_size)
             if inb.size < EVENT.size:
                 self._refuse_chain(ring, chain.head)
                 continue

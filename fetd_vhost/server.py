@@ -159,9 +159,12 @@ class Connection:
             self.loop.remove_reader(fd)
 
     def _kicked(self, ring: Virtqueue) -> None:
-        if ring.kick_fd is not None:
-            with contextlib.suppress(BlockingIOError, OSError):
-                os.eventfd_read(ring.kick_fd)
+        fd = ring.kick_fd
+        if fd is not None:
+            try:    # (not contextlib.suppress: compiled, that is a Python object per kick)
+                os.eventfd_read(fd)
+            except OSError:
+                pass
         self._process(ring)
 
     def _process(self, ring: Virtqueue) -> None:
@@ -170,11 +173,15 @@ class Connection:
     def _process_rings(self, rings: list[Virtqueue]) -> None:
         if self.closed:
             return
-        for ring in rings:
-            self.device.process(ring)
-        self.resume()
-        # the commands a kick brought leave now, not at the end of the loop iteration
-        self.fe.link.flush()
+        link = self.fe.link
+        link.hold()     # the commands leave in the flush below: no flush of their own scheduled
+        try:
+            for ring in rings:
+                self.device.process(ring)
+            self.resume()
+        finally:
+            # the commands a kick brought leave now, not at the end of the loop iteration
+            link.flush()
         if self.device.to_signal:     # answered at once (errors): a request in flight has nothing to signal
             self.fe.schedule_signals()
 
@@ -196,9 +203,12 @@ class Connection:
 
     def signal(self) -> None:
         for ring in self.device.take_signals():
-            if ring.call_fd is not None:
-                with contextlib.suppress(BlockingIOError, OSError):
-                    os.eventfd_write(ring.call_fd, 1)
+            fd = ring.call_fd
+            if fd is not None:
+                try:
+                    os.eventfd_write(fd, 1)
+                except OSError:
+                    pass
 
     # ---------------------------------------------------------------- STML state
     def set_online(self, online: bool) -> None:
@@ -409,11 +419,15 @@ class VhostFrontEnd:
             self.conn.device.rdy_to_xfer(tag, offset, length)
 
     def xmit_response(self, tag: int, status: int, sense: bytes | None, resid: int, data: list) -> None:
+        link = self.link
         if self.conn is not None:
             self.conn.device.xmit_response(tag, status, sense, resid, data)
-            self.schedule_signals()
+            if not link.delivering:    # else messages_handled signals, after the last message
+                self.schedule_signals()
         # the read data is in guest memory now (or nobody wants it): the STML's again
-        self.link.scsi_target_done([tag])
+        # (only a lent slot or a timed command needs saying so: FrontEndLink)
+        if link.timing or tag in link.lent:
+            link.scsi_target_done([tag])
 
     def task_mgmt_fn_done(self, tag: int, response: int, aborted: list[int], info: bytes = b"") -> None:
         if self.conn is not None:
@@ -448,11 +462,12 @@ class VhostFrontEnd:
         self.schedule_signals()
 
     def messages_handled(self) -> None:
-        """What one read from the STML brought is answered: interrupt the guest now."""
+        """What one read from the STML brought is answered: interrupt the guest now
+        (the answers scheduled nothing while delivered)."""
         handle = self._signal
         if handle is not None:
             handle.cancel()      # done here: no second pass later in this loop iteration
-            self.signal_now()
+        self.signal_now()
 
     def link_lost(self) -> None:
         """The STML is gone: commands in flight fail with BUSY (the guest

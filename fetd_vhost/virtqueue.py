@@ -13,7 +13,6 @@ from __future__ import annotations
 import struct
 import sys
 import threading
-from dataclasses import dataclass, field
 from typing import Final
 
 from fetd_vhost.memory import BadAddress, GuestMemory
@@ -29,6 +28,7 @@ USED_F_NO_NOTIFY: Final = 1
 MAX_QUEUE_SIZE: Final = 32768     # split rings: Queue Size is at most 2^15
 MAX_INDIRECT: Final = 1024        # entries of one indirect table we accept
 _DESC = struct.Struct("<QIHH")
+_USED_ELEM: Final = struct.Struct("<II")    # a used ring entry: head, bytes written
 
 # A full memory barrier. Publishing the used index and then reading the
 # driver's used_event (and publishing avail_event, then reading the avail
@@ -37,11 +37,13 @@ _DESC = struct.Struct("<QIHH")
 # command out. Python has no fence, but taking a lock is a locked
 # instruction, which is one.
 _BARRIER = threading.Lock()
+_ACQUIRE: Final = _BARRIER.acquire    # bound once: no context manager protocol per fence
+_RELEASE: Final = _BARRIER.release
 
 
 def full_barrier() -> None:
-    with _BARRIER:
-        pass
+    _ACQUIRE()
+    _RELEASE()
 
 
 class ChainError(Exception):
@@ -56,13 +58,20 @@ class RingError(Exception):
     """The ring itself is corrupt: the queue cannot go on."""
 
 
-@dataclass(slots=True)
 class Chain:
     """One request: the head index, and its buffers in order, split into the
-    device-readable ones (then) the device-writable ones."""
-    head: int
-    readable: list[memoryview] = field(default_factory=list)
-    writable: list[memoryview] = field(default_factory=list)
+    device-readable ones (then) the device-writable ones, with their sizes
+    in bytes (summed from the descriptors: nobody measures the views again).
+    A plain class: compiled, a dataclass with list defaults runs its
+    generated __init__ as Python."""
+    __slots__ = ("head", "readable", "writable", "readable_size", "writable_size")
+
+    def __init__(self, head: int) -> None:
+        self.head = head
+        self.readable: list[memoryview] = []
+        self.writable: list[memoryview] = []
+        self.readable_size = 0
+        self.writable_size = 0
 
 
 def vring_need_event(event: int, new: int, old: int) -> bool:
@@ -87,6 +96,7 @@ class Virtqueue:
         self.enabled = False
         self.broken = False
         self.stopping = False        # stopped by the master, its requests still being answered
+        self.in_flight = 0           # requests the device took and did not answer yet
         self.event_idx = False
         self.indirect = False
         self._desc: memoryview | None = None
@@ -162,17 +172,18 @@ class Virtqueue:
         assert mem is not None and table is not None
         size = self.num
         chain = Chain(head)
-        readable, writable = chain.readable, chain.writable
         i = head
         steps = 0
-        # an indirect table, read at once, field by field (lists of ints made in C)
+        # an indirect table, read at once as lists of ints made in C: the
+        # addresses, the lengths, and flags | next << 16 (below 2**30: one digit
+        # when interpreted, so its arithmetic stays cheap)
         addrs: list[int] | None = None
         lengths: list[int] = []
-        flagss: list[int] = []
-        nexts: list[int] = []
+        links: list[int] = []
         start = end = 0              # the run of adjacent buffers not yet translated
-        run: list[memoryview] = readable
+        run: list[memoryview] = chain.readable
         seen_write = False
+        done = 0                     # bytes in this direction's runs translated so far
         while True:
             if i >= size:
                 raise ChainError(f"next index {i} outside a table of {size}")
@@ -180,7 +191,8 @@ class Virtqueue:
             if steps > size:
                 raise ChainError("chain longer than its table (a loop?)")
             if addrs is not None:
-                addr, length, flags, nxt = addrs[i], lengths[i], flagss[i], nexts[i]
+                addr, length, link = addrs[i], lengths[i], links[i]
+                flags, nxt = link & 0xFFFF, link >> 16
             else:
                 desc: tuple[int, int, int, int] = _DESC.unpack_from(table, 16 * i)
                 addr, length, flags, nxt = desc
@@ -190,8 +202,8 @@ class Virtqueue:
                 if flags & DESC_F_NEXT or length % 16 or not 16 <= length <= 16 * MAX_INDIRECT:
                     raise ChainError(f"bad indirect table ({length} bytes, flags {flags:#x})")
                 raw = mem.gpa_contiguous(addr, length)    # u64 addr, u32 len, u16 flags, u16 next
-                addrs, lengths = raw.cast("Q")[::2].tolist(), raw.cast("I")[2::4].tolist()
-                flagss, nexts = raw.cast("H")[6::8].tolist(), raw.cast("H")[7::8].tolist()
+                words = raw.cast("I")
+                addrs, lengths, links = raw.cast("Q")[::2].tolist(), words[2::4].tolist(), words[3::4].tolist()
                 size = len(addrs)
                 i, steps = 0, 0
                 continue
@@ -199,18 +211,24 @@ class Virtqueue:
                 if not seen_write:
                     if end != start:
                         mem.translate(run, start, end - start)
-                    start = end = addr
-                    run, seen_write = writable, True
+                    chain.readable_size = done + end - start
+                    done, start, end = 0, addr, addr
+                    run, seen_write = chain.writable, True
             elif seen_write:
                 raise ChainError("a device-readable buffer after a device-writable one")
             if addr != end:
                 if end != start:
                     mem.translate(run, start, end - start)
+                done += end - start
                 start = end = addr
             end += length
             if not flags & DESC_F_NEXT:
                 if end != start:
                     mem.translate(run, start, end - start)
+                if seen_write:
+                    chain.writable_size = done + end - start
+                else:
+                    chain.readable_size = done + end - start
                 return chain
             i = nxt
 
@@ -220,9 +238,7 @@ class Virtqueue:
         used32 = self._used32
         used = self._used
         assert used32 is not None and used is not None
-        slot = 1 + 2 * (self.used_idx % self.num)
-        used32[slot] = head
-        used32[slot + 1] = written
+        _USED_ELEM.pack_into(used32, 4 + 8 * (self.used_idx % self.num), head, written)
         self.used_idx = (self.used_idx + 1) & 0xFFFF
         used[1] = self.used_idx          # x86 keeps stores in order: the entry is seen first
 

@@ -373,9 +373,12 @@ class ReusingLink:
     slot the moment it is given back (as the STML may): it scribbles over
     the response's frames when told done, and notes what the guest had."""
 
+    timing = delivering = False
+
     def __init__(self, frames: list[memoryview], guest: Callable[[], bytes]) -> None:
         self.frames, self.guest = frames, guest
         self.done: list[tuple[int, bytes]] = []
+        self.lent: dict[int, object] = {}     # tags whose read data the carrier lent
 
     def scsi_target_done(self, tags: list[int]) -> None:
         for tag in tags:
@@ -409,6 +412,7 @@ def test_a_read_slot_goes_back_only_once_the_data_is_in_guest_memory(ring):
     slot = bytearray(data)                        # the STML's shared read slot
     frames = [memoryview(slot)[:n // 2], memoryview(slot)[n // 2:]]
     link = ReusingLink(frames, lambda: ram.read(into, n))
+    link.lent[tag] = frames
 
     async def answer() -> None:
         fe = VhostFrontEnd("tcp://127.0.0.1:9", "/nonexistent/vm.sock", "iqn.2026-12.test:t")
@@ -610,5 +614,5 @@ def test_buffers_slices_are_the_bytes_of_that_range(sizes, offset, n):
     for size in sizes:
         views.append(memoryview(bytearray(data[at:at + size])))
         at += size
-    got = Buffers(views).slices(offset, n)
+    got = Buffers(views, sum(sizes)).slices(offset, n)
     assert b"".join(bytes(v) for v in got) == data[offset:offset + n]

@@ -24,7 +24,7 @@ from stml.config import host_iqn
 from support.gated_stml import GatedStml, gate_cdb
 from support.vhost_master import (AN_REQ, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, EVENT, GET_FEATURES,
                                   GET_VRING_BASE, REQ, RESP_SIZE, SET_MEM_TABLE, SET_VRING_ADDR,
-                                  VhostMaster, VhostProcess, inquiry, lun_field, read10, write10)
+                                  VhostMaster, VhostProcess, inquiry, lun_field, need_event, read10, write10)
 
 IQN = host_iqn()     # the STML's default target name (0207)
 OK, ABORTED, BAD_TARGET, RESET, BUSY, FAILURE, SUCCEEDED = 0, 2, 3, 4, 5, 9, 10
@@ -212,6 +212,66 @@ def test_event_index_interrupts_only_when_asked(stml, vhost, masters):
     # one interrupt in all: the first completion was not signalled (it would
     # have been, in an earlier loop iteration of the back end, before the second)
     assert q.interrupts() == 1
+
+
+def wait_used_idx(q, idx: int) -> None:
+    """Until the device's used index reaches idx (the deadline only ends a hung test)."""
+    deadline = time.monotonic() + 20
+    while q.used_idx() != idx:
+        assert time.monotonic() < deadline, f"used index {q.used_idx()}, waiting for {idx}"
+        select.select([q.call], [], [], 0.01)
+
+
+def test_event_index_counts_one_kick_and_one_interrupt_for_a_batch(stml, vhost, masters):
+    """Notifications both ways, counted (kick eventfd writes by the driver,
+    call eventfd writes by the device): eight commands published at once, a
+    driver that kicks only when avail_event asks and wants an interrupt only
+    after the eighth completion. The device asked for the kick, takes all
+    eight from it, signals once, and asks to be kicked for the next command."""
+    m = masters(vhost(stml.endpoint))
+    m.start()
+    q = m.queues[2]
+    assert m.run(q, TUR).response == OK        # (the nexus is up)
+    q.take_used()
+    q.interrupts()
+    start = q.last_used
+    q.want_interrupts(used_event=(start + 7) & 0xFFFF)
+    old = q.avail_idx
+    pending = [m.submit(q, read10(8 * i, 1), data_in=512, publish=False) for i in range(8)]
+    q.publish(kick=False)
+    kicks = 0
+    if need_event(q.avail_event(), q.avail_idx, old):
+        os.eventfd_write(q.kick, 1)
+        kicks += 1
+    wait_used_idx(q, (start + 8) & 0xFFFF)
+    assert select.select([q.call], [], [], 20)[0]
+    assert kicks == 1 and q.interrupts() == 1
+    done = dict(q.take_used())
+    assert [(r.response, r.status, r.data) for r in (p.result(done[p.head]) for p in pending)] == \
+        [(OK, GOOD, bytes(512))] * 8
+    assert q.avail_event() == q.avail_idx       # the next command is to be kicked
+
+
+def test_no_interrupt_flag_without_event_index(stml, vhost, masters):
+    """A driver without event index (VIRTQ_AVAIL_F_NO_INTERRUPT in the
+    available ring's flags) gets no interrupt while it sets the flag, and
+    one per completion pass once it clears it."""
+    m = masters(vhost(stml.endpoint))
+    m.negotiate(event_idx=False)
+    for i in range(3):
+        m.setup_queue(i)
+    q = m.queues[2]
+    assert m.run(q, TUR).response == OK
+    q.interrupts()
+    m.ram.write(q.avail, struct.pack("<H", 1))       # VIRTQ_AVAIL_F_NO_INTERRUPT
+    for i in range(4):
+        start = q.last_used
+        m.submit(q, TUR)
+        wait_used_idx(q, (start + 1) & 0xFFFF)
+        q.take_used()
+    assert q.interrupts() == 0
+    m.ram.write(q.avail, struct.pack("<H", 0))
+    assert m.run(q, TUR).response == OK       # waits for its interrupt
 
 
 # ---------------------------------------------------------------- task management

@@ -44,8 +44,9 @@ def test_instructions_are_counted_under_callgrind():
 def test_a_callgrind_dump_counts_only_once_written_whole(tmp_path):
     """--instructions reads the dump once callgrind has written it whole (its
     `totals:` line is the last it writes), not after a fixed sleep: a dump
-    cut anywhere before its end counts as not there yet. A real dump, of
-    /bin/true."""
+    cut anywhere before its end counts as not there yet. The count is the
+    dump's `summary:` (what ran since the counters were zeroed). A real
+    dump, of /bin/true."""
     import importlib.util
     if shutil.which("valgrind") is None:
         pytest.fail("valgrind is not installed (apt-get install valgrind)")
@@ -57,7 +58,7 @@ def test_a_callgrind_dump_counts_only_once_written_whole(tmp_path):
     vhostpath = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(vhostpath)
     text = out.read_text()
-    whole = int(re.findall(r"^totals: (\d+)$", text, re.M)[-1])
+    whole = int(re.findall(r"^summary: (\d+)$", text, re.M)[-1])
     assert whole > 0 and vhostpath.totals(str(out)) == whole
     cut = tmp_path / "cut"
     for end in (len(text) // 2, text.rindex("totals:"), len(text) - 3, len(text) - 1):

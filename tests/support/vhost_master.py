@@ -44,6 +44,12 @@ CANARY = 0xA5
 PAGE = 4096
 
 
+def need_event(event: int, new: int, old: int) -> bool:
+    """virtio's vring_need_event, on the driver's side: kick (or, for the
+    device, interrupt) when the index passed `event` going old -> new."""
+    return (new - event - 1) & 0xFFFF < (new - old) & 0xFFFF
+
+
 def lun_field(lun: int, target: int = 0) -> bytes:
     """As Linux fills it: 1, target, 0x40 | LUN high bits, LUN low bits."""
     return bytes([1, target, 0x40 | (lun >> 8), lun & 0xFF, 0, 0, 0, 0])
