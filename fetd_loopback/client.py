@@ -106,6 +106,7 @@ class LoopbackClient:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="loopback-link", daemon=True)
         self._link: FrontEndLink | None = None
+        self._waiting: set[asyncio.Task] = set()   # commands waiting for the link (close() ends them)
 
     # ---------------------------------------------------------------- life
     def open(self) -> LoopbackClient:
@@ -135,10 +136,21 @@ class LoopbackClient:
     def close(self) -> None:
         if self._thread.is_alive():
             if self._link is not None:
-                self._call(self._link.close(), 5)
+                self._call(self._closing(), 5)
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(5)
         self._loop.close()
+
+    async def _closing(self) -> None:
+        """Commands still waiting for the link, or in flight, fail with
+        LinkLost now: nobody would answer them after close()."""
+        for task in self._waiting:
+            task.cancel()
+        await asyncio.gather(*self._waiting, return_exceptions=True)
+        for tag in list(self._pending):
+            self._fail(tag, LinkLost("the client was closed with this command unanswered"))
+        assert self._link is not None   # (close() asks only then)
+        await self._link.close()
 
     def __enter__(self) -> LoopbackClient:
         return self.open()
@@ -168,7 +180,10 @@ class LoopbackClient:
         return pending.future
 
     def _send_cmd(self, tag: int, lun: int, cdb: bytes, attr: int, direction: int, length: int) -> None:
-        asyncio.ensure_future(self._send_when_linked(tag, lun, cdb, attr, direction, length))
+        task = asyncio.ensure_future(self._send_when_linked(tag, lun, cdb, attr, direction, length))
+        if not task.done():
+            self._waiting.add(task)
+            task.add_done_callback(self._waiting.discard)
 
     async def _send_when_linked(self, tag: int, lun: int, cdb: bytes, attr: int, direction: int,
                                 length: int) -> None:

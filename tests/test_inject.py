@@ -671,7 +671,7 @@ def test_a_failed_flush_or_close_at_stop_is_named_the_others_finish_and_it_is_un
     finally:
         server.sock.close(linger=0)   # else the context waits on it at exit
         server.ctx.term()
-    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR" and r.name == "stml"]
     assert errors == [f"LUN 0 of {IQN}: {fails} at stop failed: [Errno 5] Input/output error"]
     assert calls == ["flush", "close"] and server.unclean and not server.abandoned
 

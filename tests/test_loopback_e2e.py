@@ -532,6 +532,24 @@ def test_client_survives_stml_restart(stml_factory, client_factory):
     assert client.execute(0, bytes(6)).status == GOOD
 
 
+def test_closing_a_client_fails_a_command_that_waits_for_the_link(stml_factory, client_factory):
+    """A command sent while the STML is away waits for the link; closing the
+    client ends it with LinkLost at once (no task left pending on a closed loop)."""
+    stml = stml_factory("ram:64MiB")
+    client = client_factory(stml.endpoint)
+    settle(client)
+    stml.stop()
+    link = client._link
+    for _ in range(300):   # (bounded: the link notices the closed stream)
+        if not link.connected.is_set():
+            break
+        time.sleep(0.05)
+    assert not link.connected.is_set()
+    waiting = client.submit(0, bytes(6))
+    client.close()
+    assert isinstance(waiting.exception(timeout=5), LinkLost)
+
+
 def _gone_within(client, seconds: float = 15) -> NexusGone:
     """The NexusGone a command raises once the client knows its nexus ended;
     until then a command is answered by the STML (or lost with the link)."""
