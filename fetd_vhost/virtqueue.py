@@ -175,8 +175,8 @@ class Virtqueue:
         i = head
         steps = 0
         # an indirect table, read at once as lists of ints made in C: the
-        # addresses, the lengths, and flags | next << 16 (below 2**30: one digit
-        # when interpreted, so its arithmetic stays cheap)
+        # addresses, the lengths, and flags | next << 16 (below 2**32: small ints
+        # whose arithmetic stays cheap when interpreted)
         addrs: list[int] | None = None
         lengths: list[int] = []
         links: list[int] = []

@@ -592,6 +592,9 @@ class Emulator:
             return   # released already
         log.info("releasing front end %s: %s", fe.name, why)
         del self.front_ends[fe.ident]
+        if fe.detect_later is not None:   # (owed to a front end that is gone)
+            fe.detect_later.cancel()
+            fe.detect_later = None
         self._waiting.setdefault(fe.ident, None)
         self._releases.append(_Release(fe, lost))
         if self._release_runner is None and not self._releasing and self._release_safely():

@@ -117,15 +117,6 @@ def test_front_ends_past_the_cap_are_refused(inproc, monkeypatch, caplog):
     assert sorted(inproc.emu.front_ends) == [b"a", b"c"]
 
 
-async def _until(done: Callable[[], Any], heartbeat: float) -> None:
-    """Turn the loop until done() (a hundred heartbeats at most: a hang would fail)."""
-    for _ in range(400):
-        if done():
-            return
-        await asyncio.sleep(heartbeat / 4)
-    raise AssertionError("not done after a hundred heartbeats")
-
-
 def test_a_front_end_registering_again_and_again_gets_one_detect_per_heartbeat(inproc, caplog):
     """A registered front end sends a hundred registrations in one go: each
     would cost a detect of every LU (0229). One detect answers them all, a
@@ -133,7 +124,7 @@ def test_a_front_end_registering_again_and_again_gets_one_detect_per_heartbeat(i
     a heartbeat or more after its detect is answered at once, as before."""
     async def main() -> None:
         emu = inproc.emu
-        emu.heartbeat = 0.05   # (a short heartbeat: the owed detect comes soon)
+        emu.heartbeat = 3600.0   # (every registration below comes within it, however slow the machine)
         inproc.front_end(b"a")
         fe = emu.front_ends[b"a"]
         inproc.sent.clear()
@@ -143,29 +134,33 @@ def test_a_front_end_registering_again_and_again_gets_one_detect_per_heartbeat(i
         assert inproc.sent == [] and emu.front_ends[b"a"] is fe
         assert [r.getMessage().split(":")[0] for r in caplog.records] == [
             "front end a registered again within a heartbeat of its detect"]
-        await _until(lambda: inproc.sent, emu.heartbeat)
+        owed = fe.detect_later
+        assert owed is not None and 0 < owed.when() - asyncio.get_running_loop().time() <= emu.heartbeat
+        owed.cancel()
+        emu._owed_detect(fe)   # (its time came)
         assert [(i, h["op"], h.get("error")) for i, h in inproc.sent] == [(b"a", Op.DETECT, None)]
-        for _ in range(8):   # nothing more is owed
-            await asyncio.sleep(emu.heartbeat / 4)
-        assert len(inproc.sent) == 1
+        assert fe.detect_later is None   # nothing more is owed
         fe.detected -= emu.heartbeat
         inproc.front_end(b"a")
-        assert len(inproc.sent) == 2 and inproc.sent[1][1]["op"] == Op.DETECT
+        assert len(inproc.sent) == 2 and inproc.sent[1][1]["op"] == Op.DETECT and fe.detect_later is None
     asyncio.run(main())
 
 
 def test_an_owed_detect_goes_to_no_front_end_released_meanwhile(inproc):
-    """A front end owed a detect deregisters: the detect is not sent."""
+    """A front end owed a detect deregisters: the detect is not sent, and its
+    timer goes with it (it would keep the released front end alive)."""
     async def main() -> None:
         emu = inproc.emu
-        emu.heartbeat = 0.05
+        emu.heartbeat = 3600.0
         inproc.front_end(b"a")
         inproc.front_end(b"a")   # (owed)
         fe = emu.front_ends[b"a"]
-        assert fe.detect_later is not None
+        owed = fe.detect_later
+        assert owed is not None
         inproc.sent.clear()
         emu.handle(b"a", {"op": Op.DEREGISTER}, [])
-        await _until(lambda: fe.detect_later is None, emu.heartbeat)
+        assert fe.detect_later is None and owed.cancelled()
+        emu._owed_detect(fe)   # (a timer already running when the release came)
         assert [h["op"] for _, h in inproc.sent] == []
     asyncio.run(main())
 
