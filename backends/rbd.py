@@ -450,6 +450,7 @@ class RbdAio:
         try:
             loop = self._loop or self._attach()
             fut = AioFuture(loop=loop)
+            fut.waiter = None
             with self._lock:
                 if self._loop is not loop or not backend._usable:
                     raise RbdError(backend.spec, errno.ESHUTDOWN, "image closed")
@@ -500,6 +501,10 @@ class RbdAio:
                 fut.set_exception(RbdError(self.backend.spec, errno.EIO, f"{ret} of {length} bytes"))
             else:
                 fut.set_result(None)
+            waiter = fut.waiter
+            if waiter is not None:   # a command parked on it goes on now (AioFuture)
+                fut.waiter = None
+                waiter()
 
     def read_into(self, offset: int, buf: memoryview) -> asyncio.Future:
         pin, ptr, n = hold(buf, writable=True)
