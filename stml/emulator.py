@@ -164,8 +164,8 @@ class _Started(collections.abc.Coroutine):
     """A suspended coroutine, for a Task to finish: the Task's first step gets
     the future the coroutine already waits on; a cancellation before that
     step is thrown into the coroutine, so its cleanup runs - once that future
-    has ended when it refuses cancel (an aio call's, backends.base.AioFuture):
-    no write lands after its abort is reported."""
+    has ended when it is an aio call's (backends.base.AioFuture, which refuses
+    cancel): no write lands after its abort is reported."""
 
     __slots__ = ("_coro", "_first", "_thrown")
 
@@ -183,13 +183,12 @@ class _Started(collections.abc.Coroutine):
         return self._coro.send(value)
 
     def throw(self, *exc: Any) -> Any:
-        if self._first:
-            first = self._first.pop()
-            if not first.done() and not first.cancel():
-                # a future that refuses cancel (an aio call's): the cancellation
-                # waits for its end, as it would in a Task already waiting on it
-                self._thrown = exc
-                return first
+        first = self._first.pop() if self._first else None
+        if type(first) is AioFuture and not first.done():
+            # it refuses cancel: the cancellation waits for the call's end, as it
+            # would in a Task already waiting on it
+            self._thrown = exc
+            return first
         return self._coro.throw(*exc)
 
     def close(self) -> None:
