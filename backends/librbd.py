@@ -161,8 +161,8 @@ class Pinned:
 
 def hold(obj: Any, writable: bool = False) -> tuple[Any, Any, int]:
     """(pin, pointer, bytes) of one buffer for an aio call, with the fewest
-    objects and foreign calls: the pin holds the buffer until it is dropped
-    (backends.rbd). A writable buffer is held by one c_char over it (its export is
+    objects and foreign calls: the pin holds the buffer until backends.rbd
+    drops it. A writable buffer is held by one c_char over it (its export is
     the pin); a bytes object, or a whole view of one (write data a front end
     sent), never moves and is passed as itself; anything else (shared memory a
     front end lends) goes through Pinned."""

@@ -537,9 +537,9 @@ class RbdAio:
 
 
 def _unpin(pin: Any) -> None:
-    """Let go of what librbd.hold pinned: only a Pinned holds a buffer to
-    release; the other pins go with their last reference (here: compiled, per
-    command, where a call into backends.librbd would be Python's)."""
+    """Let go of what librbd.hold pinned: only a Pinned has a buffer to
+    release; the other pins go with their last reference. Here, compiled,
+    rather than in backends.librbd: it runs per command."""
     if type(pin) is Pinned:
         pin.release()
 
