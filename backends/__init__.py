@@ -10,9 +10,9 @@ from scsi_runtime import accel as _accel
 
 _accel.install()   # the compiled build, when asked for (SCSI_TARGET_ACCEL; decision 0830)
 
-from backends.base import Backend, BackendError  # noqa: E402
+from backends.base import AioFuture, Backend, BackendError  # noqa: E402
 
-__all__ = ["Backend", "BackendError", "open_backend"]
+__all__ = ["AioFuture", "Backend", "BackendError", "open_backend"]
 
 
 def open_backend(kind: str, size: int | None = None, path: str | None = None,

@@ -6,7 +6,7 @@ the package's open_backend (which imports them): no import cycle.
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 
 class BackendError(Exception):
@@ -20,7 +20,16 @@ class AioFuture(asyncio.Future):
     CancelledError, so no write lands after an abort is reported - what
     asyncio.shield and a second wait gave, without a second future and a
     second loop turn per call. Here, not in backends.rbd, so that it stays
-    Python when backends.rbd is compiled (decision 0412)."""
+    Python when backends.rbd is compiled (decision 0412).
+
+    `waiter`: what the maker calls, right after the outcome is set, in place
+    of the callbacks' loop turn: how the STML resumes a command waiting on
+    it without an asyncio Task (stml.emulator, decision 0418). Its maker sets
+    it to None; the waiter never raises."""
+
+    __slots__ = ("waiter",)
+
+    waiter: Callable[[], None] | None
 
     def cancel(self, msg: Any = None) -> bool:
         return False

@@ -161,8 +161,8 @@ class Pinned:
 
 def hold(obj: Any, writable: bool = False) -> tuple[Any, Any, int]:
     """(pin, pointer, bytes) of one buffer for an aio call, with the fewest
-    objects and foreign calls: the pin holds the buffer until it is dropped
-    (`unpin`). A writable buffer is held by one c_char over it (its export is
+    objects and foreign calls: the pin holds the buffer until backends.rbd
+    drops it. A writable buffer is held by one c_char over it (its export is
     the pin); a bytes object, or a whole view of one (write data a front end
     sent), never moves and is passed as itself; anything else (shared memory a
     front end lends) goes through Pinned."""
@@ -178,12 +178,6 @@ def hold(obj: Any, writable: bool = False) -> tuple[Any, Any, int]:
     return pin, pin.address(obj, writable), n
 
 
-def unpin(pin: Any) -> None:
-    """Let go of what `hold` pinned (only Pinned holds a buffer to release)."""
-    if type(pin) is Pinned:
-        pin.release()
-
-
 def libs() -> tuple[ctypes.CDLL, ctypes.CDLL]:
     """librados and librbd, with the signatures this module calls declared."""
     global _lib
@@ -191,7 +185,7 @@ def libs() -> tuple[ctypes.CDLL, ctypes.CDLL]:
         return _lib
     rados, rbd = _load("librados.so.2"), _load("librbd.so.1")
     P = c_void_p
-    sig: dict[ctypes.CDLL, dict[str, tuple[Any, list[Any]]]] = {
+    sig: dict[ctypes.CDLL, dict[str, tuple[Any, list[Any] | None]]] = {
         rados: {
             "rados_create2": (c_int, [POINTER(P), c_char_p, c_char_p, c_uint64]),
             "rados_conf_read_file": (c_int, [P, c_char_p]),
@@ -229,7 +223,9 @@ def libs() -> tuple[ctypes.CDLL, ctypes.CDLL]:
             "rbd_write_zeroes": (c_ssize_t, [P, c_uint64, c_size_t, c_int, c_int]),
             "rbd_set_image_notification": (c_int, [P, c_int, c_int]),
             "rbd_poll_io_events": (c_int, [P, POINTER(P), c_int]),
-            "rbd_aio_create_completion": (c_int, [P, P, POINTER(P)]),
+            # (no argtypes: called with None, None and a byref only (Image.start),
+            # which ctypes passes as they are; their conversion cost more than the call)
+            "rbd_aio_create_completion": (c_int, None),
             "rbd_aio_get_return_value": (c_ssize_t, [P]),
             "rbd_aio_is_complete": (c_int, [P]),
             "rbd_aio_release": (None, [P]),
@@ -520,21 +516,21 @@ class Image:
         _check(self._rbd.rbd_set_image_notification(self.handle, fd, EVENT_TYPE_EVENTFD),
                "rbd_set_image_notification")
 
-    def start(self, name: str, *args: Any, flags: tuple = ()) -> int:
+    def start(self, name: str, args: tuple, flags: tuple = ()) -> int:
         """Start `rbd_aio_NAME(image, *args, completion, *flags)` (NAME one of
         AIO_CALLS); the completion's address, by which poll() reports it. A
         call that cannot start releases its completion and raises. One
-        thread at a time (the completion's out-argument is made once)."""
+        thread at a time (the completion's out-argument is made once).
+        (Positional tuples, not *args and a keyword: called per command.)"""
         _check(self._new_comp(None, None, self._comp_ref), "rbd_aio_create_completion")
         comp = self._comp.value
-        assert comp is not None
         # (the completion passed as its c_void_p: ctypes takes it as it is, where
         # an int would be converted into a new one)
         ret = self._aio[name](self.handle, *args, self._comp, *flags)
         if ret < 0:
             self._release(comp)
             raise CephError(-ret, f"rbd_aio_{name}: {os.strerror(-ret)}")
-        return comp
+        return comp or 0
 
     def poll(self) -> list[tuple[int, int]]:
         """(completion address, return value) of every finished aio call; each
@@ -569,4 +565,4 @@ class Image:
             self.handle = c_void_p()
 
 
-__all__ = ["AIO_CALLS", "CephError", "Client", "IoCtx", "Image", "Pinned", "create_image", "hold", "unpin"]
+__all__ = ["AIO_CALLS", "CephError", "Client", "IoCtx", "Image", "Pinned", "create_image", "hold"]

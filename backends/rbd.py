@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterator, Sequence
 from backends.base import AioFuture, BackendError
 from backends.librbd import (
     EBLOCKLISTED, FEATURE_EXCLUSIVE_LOCK, WRITE_ZEROES_FLAG_THICK_PROVISION, CephError, Client, Image, IoCtx,
-    Pinned, create_image, hold, unpin,
+    Pinned, create_image, hold,
 )
 
 # reservation state: a key of the image's own metadata, so it lives and goes with the image
@@ -429,7 +429,7 @@ class RbdAio:
                 log.error("rbd:%s: an aio call outlived rbd_close", self.backend.spec)
                 ret = -errno.EIO
             else:
-                unpin(pin)
+                _unpin(pin)
             results.append((fut, ret, length))
         if loop is None:
             return
@@ -440,7 +440,7 @@ class RbdAio:
         if not _on_loop(loop, there):
             os.close(fd)   # the loop is closed: nobody watches the fd or waits for these futures
 
-    def _submit(self, pin: Any, length: int, name: str, *args: Any, flags: tuple = ()) -> asyncio.Future:
+    def _submit(self, pin: Any, length: int, name: str, args: tuple, flags: tuple = ()) -> asyncio.Future:
         """Start `rbd_aio_NAME` (Image.start); `length`: the bytes a read must
         report (writes report 0). Refused (ESHUTDOWN) once the image is closing:
         a close marks the backend unusable before it detaches, and detach() waits
@@ -450,20 +450,21 @@ class RbdAio:
         try:
             loop = self._loop or self._attach()
             fut = AioFuture(loop=loop)
+            fut.waiter = None
             with self._lock:
                 if self._loop is not loop or not backend._usable:
                     raise RbdError(backend.spec, errno.ESHUTDOWN, "image closed")
                 try:
-                    comp = backend.image.start(name, *args, flags=flags)   # raises when librbd did not take it
+                    comp = backend.image.start(name, args, flags)   # raises when librbd did not take it
                 except CephError as e:
                     failed = e
                 else:
                     self._pending[comp] = (fut, pin, length)
                     return fut
         except BaseException:
-            unpin(pin)
+            _unpin(pin)
             raise
-        unpin(pin)
+        _unpin(pin)
         assert failed is not None
         if failed.errno == EBLOCKLISTED:
             backend.fence()
@@ -484,7 +485,7 @@ class RbdAio:
                 entry = pending.pop(comp, None)
                 if entry is not None:
                     fut, pin, length = entry
-                    unpin(pin)
+                    _unpin(pin)
                     results.append((fut, ret, length))
         self._finish(results, live=True)
 
@@ -500,25 +501,29 @@ class RbdAio:
                 fut.set_exception(RbdError(self.backend.spec, errno.EIO, f"{ret} of {length} bytes"))
             else:
                 fut.set_result(None)
+            waiter = fut.waiter
+            if waiter is not None:   # a command parked on it goes on now (AioFuture)
+                fut.waiter = None
+                waiter()
 
     def read_into(self, offset: int, buf: memoryview) -> asyncio.Future:
         pin, ptr, n = hold(buf, writable=True)
-        return self._submit(pin, n, "read", offset, n, ptr)
+        return self._submit(pin, n, "read", (offset, n, ptr))
 
     def write_from(self, offset: int, bufs: Sequence[memoryview], sync: bool) -> asyncio.Future:
         # no client cache: a write is on the OSDs when it completes, FUA or not
         if len(bufs) == 1:
             pin, ptr, n = hold(bufs[0])
-            return self._submit(pin, 0, "write", offset, n, ptr)
+            return self._submit(pin, 0, "write", (offset, n, ptr))
         pin = Pinned()
         arr, count, _ = pin.iovecs(bufs)
-        return self._submit(pin, 0, "writev", arr, count, offset)
+        return self._submit(pin, 0, "writev", (arr, count, offset))
 
     def flush(self) -> asyncio.Future:
-        return self._submit(None, 0, "flush")
+        return self._submit(None, 0, "flush", ())
 
     def discard(self, offset: int, length: int) -> asyncio.Future:
-        return self._submit(None, 0, "discard", offset, length)
+        return self._submit(None, 0, "discard", (offset, length))
 
     def write_same(self, offset: int, length: int, block: bytes, sync: bool) -> asyncio.Future:
         """`length` bytes of `block` repeated, in the OSDs: zeros through
@@ -526,10 +531,17 @@ class RbdAio:
         other data through writesame."""
         pin = Pinned()
         if not any(block):
-            return self._submit(pin, 0, "write_zeroes", offset, length,
-                                flags=(WRITE_ZEROES_FLAG_THICK_PROVISION, 0))
+            return self._submit(pin, 0, "write_zeroes", (offset, length), (WRITE_ZEROES_FLAG_THICK_PROVISION, 0))
         addr, n = pin.span(block)
-        return self._submit(pin, 0, "writesame", offset, length, addr, n, flags=(0,))
+        return self._submit(pin, 0, "writesame", (offset, length, addr, n), (0,))
+
+
+def _unpin(pin: Any) -> None:
+    """Let go of what librbd.hold pinned: only a Pinned has a buffer to
+    release; the other pins go with their last reference. Here, compiled,
+    rather than in backends.librbd: it runs per command."""
+    if type(pin) is Pinned:
+        pin.release()
 
 
 def _on_loop(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> bool:

@@ -75,14 +75,21 @@ async def rbd_path(count: int, size: int, write: bool) -> float:
     return took
 
 
-async def stml_path(count: int, size: int, write: bool) -> float:
+async def stml_path(count: int, size: int, write: bool, file: bool = False) -> float:
     """rx_cmnd messages through StmlServer's receive path, QD at a time; the
-    front end's stream is a stub that counts the responses."""
+    front end's stream is a stub that counts the responses. `file`: on a file
+    LUN in /dev/shm instead, the same harness: what the RBD LUN costs beyond
+    it is the RBD path's own."""
     from stml import config
     from stml.api import SharedRegion, pack, unpack
     from stml.server import StmlServer
-    work = Path(tempfile.mkdtemp(prefix="rbdpath"))
-    server = StmlServer(config.load(data_dir=str(work / "data"), luns=("rbd:rbd/fake,thick",)))
+    work = Path(tempfile.mkdtemp(prefix="rbdpath", dir="/dev/shm" if file and Path("/dev/shm").is_dir() else None))
+    lun = "rbd:rbd/fake,thick"
+    if file:
+        with open(work / "lun.img", "wb") as f:
+            f.truncate(1 << 30)
+        lun = f"file:{work / 'lun.img'},thick"
+    server = StmlServer(config.load(data_dir=str(work / "data"), luns=(lun,)))
     try:
         ident = b"\0stream-1"
         replies: list = []
@@ -134,21 +141,27 @@ async def stml_path(count: int, size: int, write: bool) -> float:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def run(so: Path, count: int, size: int, write: bool, stml: bool = False) -> float:
+def run(so: Path, count: int, size: int, write: bool, stml: bool = False, file: bool = False) -> float:
     import uvloop
 
     from backends import librbd
     librbd._load = lambda name: ctypes.CDLL(str(so))   # type: ignore[assignment]
+    if file:
+        return uvloop.run(stml_path(count, size, write, file=True))
     return uvloop.run((stml_path if stml else rbd_path)(count, size, write))
 
 
-def instructions(so: Path, size: int, write: bool, stml: bool) -> float:
-    """Instructions per command: callgrind at two counts, the difference divided."""
+def instructions(so: Path, size: int, write: bool, stml: bool, file: bool = False,
+                 keep: Path | None = None) -> float:
+    """Instructions per command: callgrind at two counts, the difference divided.
+    `keep`: a directory for callgrind's output of both runs (callgrind_annotate
+    --inclusive=yes on each, the difference per function divided likewise)."""
     counts = []
     for n in (QD * 32, QD * 160):
-        p = subprocess.run(["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
+        out = str(keep / f"callgrind.{n}") if keep else "/dev/null"
+        p = subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
                             sys.executable, __file__, "--so", str(so), "--count", str(n),
-                            "--size", str(size), *(["--write"] if write else []), *(["--stml"] if stml else [])],
+                            "--size", str(size), *(["--write"] if write else []), *(["--stml"] if stml else []), *(["--file"] if file else [])],
                            capture_output=True, text=True, timeout=600)
         m = re.search(r"Collected : (\d+)", p.stderr)
         if p.returncode != 0 or not m:
@@ -163,16 +176,19 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=4096)
     ap.add_argument("--write", action="store_true", help="writes instead of reads")
     ap.add_argument("--stml", action="store_true", help="the STML's whole receive path (see above)")
+    ap.add_argument("--file", action="store_true",
+                    help="the --stml path on a file LUN in /dev/shm: the baseline the RBD path is compared with")
     ap.add_argument("--instructions", action="store_true", help="count instructions (valgrind)")
+    ap.add_argument("--keep", type=Path, help="with --instructions: keep callgrind's output in this directory")
     ap.add_argument("--so", type=Path, help=argparse.SUPPRESS)   # already built (the callgrind runs)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="rbdpath") as work:
         so = args.so or build(Path(work))
-        what = f"{'stml ' if args.stml else ''}{args.size // 1024} KiB {'write' if args.write else 'read'}"
+        what = f"{'stml file ' if args.file else 'stml ' if args.stml else ''}{args.size // 1024} KiB {'write' if args.write else 'read'}"
         if args.instructions:
-            print(f"{what}: {instructions(so, args.size, args.write, args.stml):.0f} instructions per command")
+            print(f"{what}: {instructions(so, args.size, args.write, args.stml, args.file, args.keep):.0f} instructions per command")
         else:
-            took = run(so, args.count, args.size, args.write, args.stml)
+            took = run(so, args.count, args.size, args.write, args.stml, args.file)
             print(f"{what}: {took / args.count * 1e6:.2f} us per command")
 
 

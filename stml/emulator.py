@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Awaitable, Callable, ClassVar, Coroutine, Final, cast
 
-from backends import BackendError
+from backends import AioFuture, BackendError
 from stml import pr
 from stml.api import MAX_NAME_LEN, MAX_PORT_NAME_LEN, Cap, DataDir, Op, TaskAttr, Tmf, TmfResponse, version_compatible
 from stml.api.link import StmlSender, Transport
@@ -163,21 +163,32 @@ def start_eagerly(coro: collections.abc.Coroutine) -> asyncio.Task | None:
 class _Started(collections.abc.Coroutine):
     """A suspended coroutine, for a Task to finish: the Task's first step gets
     the future the coroutine already waits on; a cancellation before that
-    step is thrown into the coroutine, so its cleanup runs."""
+    step is thrown into the coroutine, so its cleanup runs - once that future
+    has ended when it is an aio call's (backends.base.AioFuture, which refuses
+    cancel): no write lands after its abort is reported."""
 
-    __slots__ = ("_coro", "_first")
+    __slots__ = ("_coro", "_first", "_thrown")
 
     def __init__(self, coro: collections.abc.Coroutine, waiting_on: Any) -> None:
         self._coro = coro
         self._first: list = [waiting_on]
+        self._thrown: tuple = ()   # a cancellation held until the first future's end
 
     def send(self, value: Any) -> Any:
         if self._first:
             return self._first.pop()
+        if self._thrown:
+            exc, self._thrown = self._thrown, ()
+            return self._coro.throw(*exc)
         return self._coro.send(value)
 
     def throw(self, *exc: Any) -> Any:
-        self._first.clear()
+        first = self._first.pop() if self._first else None
+        if type(first) is AioFuture and not first.done():
+            # it refuses cancel: the cancellation waits for the call's end, as it
+            # would in a Task already waiting on it
+            self._thrown = exc
+            return first
         return self._coro.throw(*exc)
 
     def close(self) -> None:
@@ -967,9 +978,44 @@ class Emulator:
             self._take_lease(task)
         fe.tasks[tag] = task
         nexus.tasks[tag] = task
-        runner = task.runner = start_eagerly(self._execute(task))
-        if runner is not None:
-            runner.add_done_callback(functools.partial(self._runner_done, task))
+        self._drive(task, self._execute(task))
+
+    def _drive(self, task: Task, coro: Coroutine[Any, Any, None]) -> None:
+        """Run a command's coroutine at once up to its next wait (start_eagerly's
+        way). A wait for an aio call's future parks it on that future, whose
+        completion drives it on from the collector (AioFuture.waiter): no
+        asyncio Task, no loop turn, as a file LUN's command never waits (0418).
+        Any other wait gets the Task that finishes it (_Started); so does a
+        parked command that is aborted (_abort)."""
+        try:
+            for waiting_on in coro.__await__():
+                if type(waiting_on) is AioFuture:
+                    task.coro, task.parked = coro, waiting_on
+                    waiting_on.waiter = functools.partial(self._resume, task)
+                    return
+                self._run_in_task(task, coro, waiting_on)
+                return
+        except Exception:   # (_execute answers every error: this is a bug's last line)
+            log.exception("internal error running CDB %s", task.cdb.hex())
+
+    def _resume(self, task: Task) -> None:
+        """A parked command's aio call completed (AioFuture.waiter)."""
+        coro = task.coro
+        assert coro is not None   # (an abort takes the waiter away with the coroutine: _unpark)
+        task.coro = task.parked = None
+        self._drive(task, coro)
+
+    def _unpark(self, task: Task, coro: Coroutine[Any, Any, None], fut: AioFuture) -> asyncio.Task:
+        """A Task for a command parked on an aio call, which an abort can cancel
+        and wait for: its first step waits for that call (_Started)."""
+        task.coro = task.parked = None
+        fut.waiter = None
+        return self._run_in_task(task, coro, fut)
+
+    def _run_in_task(self, task: Task, coro: Coroutine[Any, Any, None], waiting_on: Any) -> asyncio.Task:
+        runner = task.runner = asyncio.get_running_loop().create_task(_Started(coro, waiting_on))
+        runner.add_done_callback(functools.partial(self._runner_done, task))
+        return runner
 
     def _refuse_counts(self, fe: FrontEnd, tag: int, h: dict[str, Any]) -> None:
         """The rx_cmnd field that is not a non-negative int (attr: not a
@@ -1297,6 +1343,8 @@ class Emulator:
         """Abort a task; with a status (TASK ABORTED) it reports that status
         instead of vanishing (tasks aborted by another I_T nexus, TAS=1)."""
         runner = task.runner
+        if task.coro is not None and task.parked is not None:
+            runner = self._unpark(task, task.coro, task.parked)
         if runner is not None and not runner.done():
             task.abort_status = status   # the last abort says how it ends
             # cancelled once: a second cancel would interrupt Task.io_on's wait

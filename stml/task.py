@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Container, Iterable
+from collections.abc import Container, Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Callable, Final, Protocol
 
+from backends import AioFuture
 from stml.cdb import lba_len, trim_cdb
 from stml.lu import LogicalUnit
 from stml.lunmap import LunMap
@@ -161,7 +162,7 @@ class Task(Queued):
 
     __slots__ = ("services", "fe", "tag", "nexus", "lun", "lu", "cdb", "direction",
                  "unsol", "data_out", "received", "need", "want", "data_ready", "data_error",
-                 "runner", "abort_status", "held", "_lba", "_blocks")
+                 "runner", "coro", "parked", "abort_status", "held", "_lba", "_blocks")
 
     def __init__(self, services: Services, fe: FrontEnd, nexus: Nexus, tag: int, lun: int,
                  cdb: bytes, attr: int, direction: int, exp_len: int, unsol: int,
@@ -188,6 +189,9 @@ class Task(Queued):
         self.data_ready: asyncio.Future | None = None
         self.data_error: CheckCondition | None = None
         self.runner: asyncio.Task | None = None
+        # parked on an aio call's future, with no runner (Emulator._drive): its coroutine and that future
+        self.coro: Coroutine[Any, Any, None] | None = None
+        self.parked: AioFuture | None = None
         self.seq = 0
         self.abort_status: int | None = None   # TASK ABORTED when another nexus aborted it (TAS)
         # how to give back the carrier's memory the task holds (its write data, the

@@ -91,7 +91,7 @@ class FakeImage:
     def enable_events(self, fd: int) -> None:
         self.fd = fd   # the caller's: librbd only signals it
 
-    def start(self, name: str, *args: Any, flags: tuple = ()) -> int:
+    def start(self, name: str, args: tuple, flags: tuple = ()) -> int:
         assert "closed" not in self.events, "a call reached a closed image"
         comp = next(self.ids)
         self.flying[comp] = (name, args)
@@ -401,3 +401,88 @@ def test_a_fenced_compare_and_write_stands_the_gateway_down_before_it_answers(ba
     answers = [h for h in sent if h["op"] == Op.XMIT_RESPONSE and h["tag"] == 7]
     assert gw.role == STANDBY and [h["op"] for h in sent if h["op"] == Op.RELEASE] == [Op.RELEASE]
     assert answers == [], "the command goes with its front end, unanswered (no MEDIUM ERROR)"
+
+
+def _emulator(backend: Any) -> tuple[Any, list[tuple[dict, list]]]:
+    """An Emulator with the backend as LUN 0 of one target; what it sends is kept."""
+    from concurrent.futures import ThreadPoolExecutor
+    from stml.emulator import Emulator, Target
+    from stml.lu import LogicalUnit, LunOptions
+    t = "iqn.2026-11.org.test:t"
+    sent: list[tuple[dict, list]] = []
+    lu = LogicalUnit(t, 0, backend, LunOptions(kind="ram", size=1 << 20), None)
+    em = Emulator([Target(t, {0: lu})], lambda ident, h, f: sent.append((h, list(f))), ThreadPoolExecutor(1))
+    lu.template = em.templates["disk"]
+    return em, sent
+
+
+def _connect(em: Any) -> None:
+    from stml.api import Op
+    em.handle(b"fe", {"op": Op.REGISTER, "version": [1, 0], "kind": "test", "name": "t",
+                      "heartbeat_ms": 1000, "aen": False}, [])
+    em.handle(b"fe", {"op": Op.REGISTER_NEXUS, "nexus": 1, "initiator": "iqn.2026-11.org.test:i",
+                      "target": next(iter(em.targets)), "tpg": 1}, [])
+
+
+def _rw10(opcode: int, lba: int, blocks: int) -> bytes:
+    return bytes([opcode, 0]) + lba.to_bytes(4, "big") + b"\0" + blocks.to_bytes(2, "big") + b"\0"
+
+
+def test_a_command_waiting_for_librbd_has_no_asyncio_task_and_ends_with_its_completion(backend):
+    """A READ whose aio call librbd has is parked on the call's future: no
+    asyncio Task exists for it while it waits (0418), and the collection of
+    the completion sends its response with the data librbd read."""
+    from stml.api import Op
+    image: FakeImage = backend.image
+    em, sent = _emulator(backend)
+    others: list[set] = []
+
+    async def run() -> None:
+        _connect(em)
+        em.handle(b"fe", {"op": Op.RX_CMND, "tag": 7, "nexus": 1, "lun": 0, "cdb": _rw10(0x28, 8, 8),
+                          "attr": 0, "dir": 2, "len": 4096, "unsol": 0}, [])
+        (comp,) = image.flying
+        others.append(asyncio.all_tasks() - {asyncio.current_task()})
+        image.complete(comp, b"D" * 4096)
+        for _ in range(3000):   # the eventfd wakes the collector (a guard against a hang, not a timing)
+            if any(h["op"] == Op.XMIT_RESPONSE for h, _ in sent):
+                break
+            await asyncio.sleep(0.01)
+    asyncio.run(run())
+    assert others == [set()], "a Task for a command parked on librbd"
+    ((h, frames),) = [(h, f) for h, f in sent if h["op"] == Op.XMIT_RESPONSE]
+    assert (h["tag"], h["status"]) == (7, 0) and b"".join(bytes(f) for f in frames) == b"D" * 4096
+    assert not backend.aio._pending
+
+
+def test_an_aborted_command_parked_on_librbd_ends_after_its_write(backend):
+    """ABORT TASK for a WRITE parked on its aio call (no Task yet): the abort
+    gives it a Task, whose cancellation waits for librbd to end the write, so
+    the TMF is answered only after the write ended, and the command sends no
+    status (aborted by its own nexus). A cancellation before a Task's first
+    step went into the command at once, while librbd still had the write."""
+    from stml.api import Op, Tmf, TmfResponse
+    image: FakeImage = backend.image
+    em, sent = _emulator(backend)
+
+    async def run() -> None:
+        _connect(em)
+        em.handle(b"fe", {"op": Op.RX_CMND, "tag": 7, "nexus": 1, "lun": 0, "cdb": _rw10(0x2A, 8, 8),
+                          "attr": 0, "dir": 1, "len": 4096, "unsol": 4096}, [bytes(4096)])
+        (comp,) = image.flying
+        em.handle(b"fe", {"op": Op.RX_TMF, "tag": 8, "nexus": 1, "fn": int(Tmf.ABORT_TASK), "lun": 0,
+                          "ref": 7}, [])
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert not [h for h, _ in sent if h["op"] == Op.TMF_DONE], "the abort was answered while librbd had the write"
+        assert comp in backend.aio._pending
+        image.complete(comp)
+        for _ in range(3000):   # a guard against a hang, not a timing
+            if any(h["op"] == Op.TMF_DONE for h, _ in sent):
+                break
+            await asyncio.sleep(0.01)
+    asyncio.run(run())
+    ((done, _),) = [(h, f) for h, f in sent if h["op"] == Op.TMF_DONE]
+    assert (done["tag"], done["response"], done["aborted"]) == (8, TmfResponse.COMPLETE, [7])
+    assert not [h for h, _ in sent if h["op"] == Op.XMIT_RESPONSE]
+    assert not backend.aio._pending
