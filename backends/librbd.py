@@ -260,6 +260,30 @@ def libs() -> tuple[ctypes.CDLL, ctypes.CDLL]:
     return _lib
 
 
+class BatchThreads:
+    """Threads librados and librbd start inside this block (a connection to
+    the cluster and its image opened, backends.rbd) are SCHED_BATCH:
+    a thread inherits its creator's policy, so the calling thread takes it
+    for the block. Woken by an aio call of the STML's event loop, such a
+    thread does not preempt the loop in the middle of that call (decision
+    0419); it still gets its fair share of the CPU. A caller with any other
+    policy than SCHED_OTHER (real time, say) is left as it is."""
+
+    def __enter__(self) -> BatchThreads:
+        self._was: int | None = None
+        try:
+            if os.sched_getscheduler(0) == os.SCHED_OTHER:
+                os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+                self._was = os.SCHED_OTHER
+        except (AttributeError, OSError):   # (not Linux, or not allowed: threads as they come)
+            pass
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._was is not None:
+            os.sched_setscheduler(0, self._was, os.sched_param(0))
+
+
 class Client:
     """One connection to a cluster (a `client.USER` instance)."""
 

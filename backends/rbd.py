@@ -31,8 +31,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 from backends.base import AioFuture, BackendError
 from backends.librbd import (
-    EBLOCKLISTED, FEATURE_EXCLUSIVE_LOCK, WRITE_ZEROES_FLAG_THICK_PROVISION, CephError, Client, Image, IoCtx,
-    Pinned, create_image, hold,
+    EBLOCKLISTED, FEATURE_EXCLUSIVE_LOCK, WRITE_ZEROES_FLAG_THICK_PROVISION, BatchThreads, CephError, Client, Image,
+    IoCtx, Pinned, create_image, hold,
 )
 
 # reservation state: a key of the image's own metadata, so it lives and goes with the image
@@ -92,6 +92,10 @@ class RbdBackend:
         self._open(size)
 
     def _open(self, size: int | None) -> None:
+        with BatchThreads():   # librados's and librbd's threads, started here (0419)
+            self._open_batch(size)
+
+    def _open_batch(self, size: int | None) -> None:
         try:
             client = Client(*self._conf)
         except CephError as e:

@@ -152,6 +152,40 @@ def test_get_lba_status_work_is_bounded_by_the_request(cluster):
         b.close()
 
 
+def _policies() -> dict[int, int]:
+    got = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            got[int(tid)] = os.sched_getscheduler(int(tid))
+        except OSError:
+            continue   # (ended meanwhile)
+    return got
+
+
+def test_librbds_threads_are_batch_and_the_caller_stays_as_it_was(cluster, image):
+    """Every thread librados and librbd start, at connect, at open and under
+    I/O, is SCHED_BATCH, so that one woken by an aio call does not preempt
+    the event loop making it (0419); the thread that opened the image is
+    SCHED_OTHER again after, and so is every thread that was there before."""
+    from backends import rbd as R
+    before = _policies()
+    assert set(before.values()) == {os.SCHED_OTHER}
+    b = R.RbdBackend(image, conf=str(cluster.conf), keyring=str(cluster.keyring))
+    try:
+        b.write_from(0, [memoryview(b"x" * 4096)], True)
+        buf = bytearray(4096)
+        b.read_into(0, memoryview(buf))
+        assert bytes(buf) == b"x" * 4096
+        after = _policies()
+    finally:
+        b.close()
+    started = {tid: policy for tid, policy in after.items() if tid not in before}
+    assert len(started) >= 5   # (messenger workers, timers, finishers, the io context, ...)
+    assert set(started.values()) == {os.SCHED_BATCH}
+    assert all(after[tid] == os.SCHED_OTHER for tid in before if tid in after)
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER
+
+
 def test_reads_of_a_thin_rbd_lun_cost_no_librbd_diff(cluster, image, tmp_path):
     """Decision 0410: a thin RBD LUN reports no optimal unmap granularity, so
     qemu keeps no allocation map and asks no GET LBA STATUS - each one a
