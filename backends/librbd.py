@@ -34,7 +34,7 @@ CLIENT_OPTIONS = {
     # no client cache: a write completes once the OSDs have it, so GOOD is never
     # early (Pacific's default write-around cache acknowledges writes at once,
     # and its write-through mode blocks the submitting thread in aio calls);
-    # SYNCHRONIZE CACHE and FUA still flush
+    # so nothing is left for SYNCHRONIZE CACHE or FUA to flush (0401)
     "rbd_cache": "false",
     # a discard of less than the discard granularity zeroes its range instead
     # of being skipped: unmapped blocks read back as zeros (LBPRZ)
