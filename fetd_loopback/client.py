@@ -107,6 +107,7 @@ class LoopbackClient:
         self._thread = threading.Thread(target=self._loop.run_forever, name="loopback-link", daemon=True)
         self._link: FrontEndLink | None = None
         self._waiting: set[asyncio.Task] = set()   # commands waiting for the link (close() ends them)
+        self._closed = False   # close() began: a command submitted now fails at once
 
     # ---------------------------------------------------------------- life
     def open(self) -> LoopbackClient:
@@ -134,6 +135,7 @@ class LoopbackClient:
         return detect
 
     def close(self) -> None:
+        self._closed = True
         if self._thread.is_alive():
             if self._link is not None:
                 self._call(self._closing(), 5)
@@ -147,10 +149,9 @@ class LoopbackClient:
         for task in self._waiting:
             task.cancel()
         await asyncio.gather(*self._waiting, return_exceptions=True)
-        for tag in list(self._pending):
-            self._fail(tag, LinkLost("the client was closed with this command unanswered"))
         assert self._link is not None   # (close() asks only then)
         await self._link.close()
+        self._fail_all("the client was closed with this command unanswered")   # (none starts after _closed)
 
     def __enter__(self) -> LoopbackClient:
         return self.open()
@@ -175,11 +176,21 @@ class LoopbackClient:
         self._pending[tag] = pending
         direction = (DataDir.WRITE if len(data_out) else 0) | (DataDir.READ if data_in else 0)
         length = len(data_out) or data_in
-        self._loop.call_soon_threadsafe(self._send_cmd, tag, lun, bytes(cdb), int(attr),
-                                        int(direction), length)
+        try:
+            self._loop.call_soon_threadsafe(self._send_cmd, tag, lun, bytes(cdb), int(attr),
+                                            int(direction), length)
+        except RuntimeError:   # (the loop is closed: close() ended)
+            self._fail(tag, LinkLost("the client is closed"))
         return pending.future
 
     def _send_cmd(self, tag: int, lun: int, cdb: bytes, attr: int, direction: int, length: int) -> None:
+        if self._closed:
+            self._fail(tag, LinkLost("the client is closed"))
+            return
+        link = self._link
+        if self._gone is None and link is not None and link.connected.is_set():
+            link.rx_cmnd(tag, 1, lun, cdb, attr, direction, length)   # (the usual case: no task)
+            return
         task = asyncio.ensure_future(self._send_when_linked(tag, lun, cdb, attr, direction, length))
         if not task.done():
             self._waiting.add(task)
@@ -275,11 +286,17 @@ class LoopbackClient:
         pass  # unit attentions also arrive as CHECK CONDITION on the next command
 
     def link_lost(self) -> None:
+        self._fail_all("the STML went away with this command in flight")
+
+    def _fail_all(self, why: str) -> None:
+        """Every command and task management function unanswered fails with
+        LinkLost(why): nobody will answer them."""
         for tag in list(self._pending):
-            self._fail(tag, LinkLost("the STML went away with this command in flight"))
-        for fut in self._tmfs.values():
-            fut.set_exception(LinkLost("the STML went away during task management"))
-        self._tmfs.clear()
+            self._fail(tag, LinkLost(why))
+        tmfs, self._tmfs = self._tmfs, {}
+        for fut in tmfs.values():
+            if not fut.done():
+                fut.set_exception(LinkLost(why))
 
     # ---------------------------------------------------------------- helpers
     def _retry_ua(self, lun: int, cdb: bytes, data_out: bytes | memoryview = b"",

@@ -548,6 +548,8 @@ def test_closing_a_client_fails_a_command_that_waits_for_the_link(stml_factory, 
     waiting = client.submit(0, bytes(6))
     client.close()
     assert isinstance(waiting.exception(timeout=5), LinkLost)
+    # and a command submitted after close() fails at once, with the same error
+    assert isinstance(client.submit(0, bytes(6)).exception(timeout=0), LinkLost)
 
 
 def _gone_within(client, seconds: float = 15) -> NexusGone:
