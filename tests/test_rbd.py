@@ -184,6 +184,9 @@ def test_librbds_threads_are_batch_and_the_caller_stays_as_it_was(cluster, image
     assert set(started.values()) == {os.SCHED_BATCH}
     assert all(after[tid] == os.SCHED_OTHER for tid in before if tid in after)
     assert os.sched_getscheduler(0) == os.SCHED_OTHER
+    with pytest.raises(R.BackendError):   # an open that fails gives the policy back too
+        R.RbdBackend(f"missing{uuid.uuid4().hex[:6]}", conf=str(cluster.conf), keyring=str(cluster.keyring))
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER
 
 
 def test_reads_of_a_thin_rbd_lun_cost_no_librbd_diff(cluster, image, tmp_path):
