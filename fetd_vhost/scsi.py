@@ -27,6 +27,8 @@ REQ_SIZE: Final = 51
 RESP = struct.Struct("<IIHBB")                      # virtio_scsi_cmd_resp, then the sense
 RESP_SIZE: Final = 108                              # RESP.size + SENSE_SIZE
 RESP_FULL = struct.Struct(f"<IIHBB{SENSE_SIZE}s")    # with the sense, zero-padded: packed in place
+# (written out above so that the compiled build sees constants; checked against the layouts here)
+assert REQ_SIZE == REQ.size and RESP_SIZE == RESP.size + SENSE_SIZE == RESP_FULL.size
 TMF_REQ = struct.Struct("<II8sQ")                   # virtio_scsi_ctrl_tmf_req
 AN_REQ = struct.Struct("<I8sI")                     # virtio_scsi_ctrl_an_req
 AN_RESP = struct.Struct("<IB")
