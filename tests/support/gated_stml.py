@@ -84,7 +84,12 @@ class GatedStml:
         except BaseException as e:   # reported by start()
             self.error = e
             self._ready.set()
-        finally:
+        finally:   # gated commands still waiting end here, not as pending tasks of a closed loop
+            left = asyncio.all_tasks(self.loop)
+            for task in left:
+                task.cancel()
+            if left:
+                self.loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
             self.loop.close()
 
     def wait_started(self, name: str, timeout: float = 20) -> None:
