@@ -228,3 +228,30 @@ def test_a_session_ending_before_the_lost_links_walk_meets_it_is_held_once():
         closed = sorted(n for kind, n, _ in calls if kind == "close")
         assert closed == [n for n in range(2, MANY - 1)]   # the walk went on past them
     asyncio.run(main())
+
+
+def test_discovery_sessions_end_in_steps_without_a_list_of_every_session(caplog):
+    """Discovery turned to CHAP ends the discovery sessions: it built a list
+    of every session's discovery ones in one step first (0706, "Not
+    covered"). It is a walk like the others now (0714): DROP_STEP sessions
+    looked at per turn, the others counting too, each discovery session
+    dropped once, the others left alone, one line that counts them."""
+    caplog.set_level("INFO")
+
+    async def main() -> list[int]:
+        calls: list = []
+        reg = R.SessionRegistry(SimpleNamespace(instance=None), Tags(), Limits())
+        reg.sessions, reg.by_nexus = CountingRoster(), CountingRoster()
+        sessions = populate(reg, calls)
+        for s in sessions[::2]:           # every other one is a discovery session
+            s.discovery = True
+            del reg.by_nexus[s.nexus]
+        steps = await per_turn(lambda: reg.end_discovery_sessions("discovery now requires CHAP"), calls)
+        assert reg.sessions.iterated == 0
+        assert sorted(n for kind, n, _ in calls if kind == "close") == [s.nexus for s in sessions[::2]]
+        assert sorted(reg.sessions) == [s.tsih for s in sessions[1::2]]
+        return steps
+    steps = asyncio.run(main())
+    # (each drop is an Async Message and a close: two calls per discovery session)
+    assert max(steps) <= 2 * (R.DROP_STEP // 2) and len([s for s in steps if s]) >= MANY // R.DROP_STEP
+    assert caplog.text.count(f"{(MANY + 1) // 2} discovery session(s) ended: discovery now requires CHAP") == 1
