@@ -184,8 +184,8 @@ class FailedHandshakes:
     socket monitor events: an accepted connection's peer is read then
     (`peer_of(fd, endpoint)`, None if already gone), a failure is told by
     the end of its connection, which follows it. Said once per endpoint,
-    again when the reason or the peer changes, and every REFUSAL_REMIND
-    failures in a row."""
+    again when the reason or the peer changes (a peer not read is none),
+    and every REFUSAL_REMIND failures in a row."""
 
     def __init__(self, public: str, peer_of: Callable[[int, str], str | None]) -> None:
         self.public = public
@@ -211,8 +211,10 @@ class FailedHandshakes:
 
     def _say(self, endpoint: str, why: str, peer: str | None) -> None:
         said_why, said_peer, count = self.said.get(endpoint, ("", None, 0))
-        peer = peer or said_peer   # (a peer not read in time is the one said before)
-        count = count + 1 if (why, peer) == (said_why, said_peer) else 1
+        # a peer not read in time (None) is no change, either way
+        same = why == said_why and (peer is None or said_peer is None or peer == said_peer)
+        peer = peer or said_peer
+        count = count + 1 if same else 1
         self.said[endpoint] = (why, peer, count)
         at = f"at {peer}" if peer else "at an address gone before it was read"
         if count == 1:
