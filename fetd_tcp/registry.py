@@ -105,6 +105,12 @@ class Roster(MutableMapping[_K, _X]):
         """A walk over the entries there now."""
         return RosterWalk(self._head, self._seq)
 
+    def ahead(self, walk: RosterWalk[_X], key: _K) -> bool:
+        """Whether `walk` is still to meet the entry of `key` (it began before
+        the entry came, and has not passed it): O(1), by sequence numbers."""
+        node = self._nodes.get(key)
+        return node is not None and walk.at.seq < node.seq <= walk.last
+
 
 class RosterWalk(Generic[_X]):
     """Where a walk over a Roster is: the last node it passed, and the last
@@ -157,14 +163,21 @@ class Steps:
         self._task: asyncio.Task | None = None
         self._stepping = False  # (a call that asks for a walk only queues it)
 
-    def run(self, items: Roster[Any, _X] | list[_X], each: Callable[[_X], None]) -> None:
+    def run(self, items: Roster[Any, _X] | list[_X], each: Callable[[_X], None]) -> RosterWalk[_X] | None:
         """each(item) for every item: now if nothing waits and they are few,
-        else in later turns of the loop."""
+        else in later turns of the loop. The walk over a Roster, to ask
+        Roster.ahead of it."""
         if not items:
-            return
-        self._jobs.append((items.walk() if isinstance(items, Roster) else _ListWalk(items), each))
+            return None
+        walk: RosterWalk[_X] | None = None
+        if isinstance(items, Roster):
+            walk = items.walk()
+            self._jobs.append((walk, each))
+        else:
+            self._jobs.append((_ListWalk(items), each))
         if self._task is None and not self._stepping and self._step():
             self._task = asyncio.get_running_loop().create_task(self._drain())
+        return walk
 
     async def idle(self) -> None:
         """Once every walk asked for is done."""
@@ -238,6 +251,9 @@ class SessionRegistry:
         # with that ISID is the same I_T nexus, registered `resumed` with another (0247)
         self.held: dict[tuple[str, str, int], str] = {}
         self.steps = Steps()   # walks over every session, in bounded steps
+        # the last lost link's walk over by_nexus, and the STML instance it holds
+        # nexuses for: a session ending before the walk meets it is held then (0713)
+        self.holding: tuple[RosterWalk[Session], str | None] | None = None
 
     def new_tsih(self) -> int:
         while True:
@@ -331,14 +347,18 @@ class SessionRegistry:
     async def end_discovery_sessions(self, reason: str) -> None:
         """Discovery now needs CHAP: the discovery sessions, none of which
         authenticated, end as a target's do when its CHAP is turned on (decision
-        0211), DROP_STEP between turns of the loop. One audit line counts them."""
+        0211). A walk over every session like the others (Steps: DROP_STEP
+        looked at per turn of the loop, no list of them made first, 0714).
+        One audit line counts them."""
         ended = 0
-        for s in [s for s in self.sessions.values() if s.discovery]:
-            if self.sessions.get(s.tsih) is s:     # (not ended meanwhile)
+
+        def end(s: Session) -> None:
+            nonlocal ended
+            if s.discovery:
                 self.drop_session(s, reason)
                 ended += 1
-                if ended % DROP_STEP == 0:
-                    await asyncio.sleep(0)
+        self.steps.run(self.sessions, end)
+        await self.steps.idle()
         if ended:
             log.warning("%d discovery session(s) ended: %s", ended, reason, extra=audit())
 
@@ -364,7 +384,8 @@ class SessionRegistry:
         # nor will it answer our aborts, or the nexuses logins wait for
         self.expiring.clear()
         instance = self.link.instance
-        self.steps.run(self.by_nexus, lambda s: self._unanswered_or_held(s, instance))
+        walk = self.steps.run(self.by_nexus, lambda s: self._unanswered_or_held(s, instance))
+        self.holding = (walk, instance) if walk is not None else None
         self.steps.run(self.sessions, self._lose)
 
     def _unanswered_or_held(self, s: Session, instance: str | None) -> None:
@@ -543,6 +564,10 @@ class SessionRegistry:
             for failed in list(s.failed.values()):   # the release below ends their tasks
                 self.discard_failed(failed)
             if not s.discovery:
+                holding = self.holding
+                if holding is not None and self.by_nexus.ahead(holding[0], s.nexus):
+                    # (a lost link's walk would have met it: it goes as the walk's do)
+                    self._unanswered_or_held(s, holding[1])
                 self.by_nexus.pop(s.nexus, None)
                 self.registering.pop(s.nexus, None)
                 left = self.per_target.get(s.target, 1) - 1

@@ -189,6 +189,10 @@ class _Started(collections.abc.Coroutine):
             # would in a Task already waiting on it
             self._thrown = exc
             return first
+        if isinstance(first, asyncio.Future) and not first.cancel() and not first.cancelled():
+            # as a Task waiting on it would: cancelled, or its outcome taken (an error
+            # nobody took is logged when the GC finds it, from wherever it runs, 0715)
+            first.exception()
         return self._coro.throw(*exc)
 
     def close(self) -> None:

@@ -898,6 +898,9 @@ class Management:
         if lu is None or closing is None:
             return None
         await asyncio.wait([closing], timeout=CLOSE_WAIT)
+        if not closing.done() and opts.kind == "ram":   # its store waits for this entry (0708)
+            return (f"RAM LU {opts.id}: removed from target {lu.target} LUN {lu.lun}, whose commands are still "
+                    f"ending: reload again once it is closed (its data is kept for this LUN)")
         if not closing.done():
             return (f"{opts.path or f'LU {opts.id}'}: removed from target {lu.target} LUN {lu.lun}, whose "
                     f"backend is still closing (a flush under way): try again once it is closed")
@@ -911,12 +914,15 @@ class Management:
         closes once nothing can call it (docs/decisions/0254, 0219)."""
         if Gateway.is_shared(lu):   # (every removal comes here: the gateway's index follows)
             self.gateway.forget(lu)
-        closing = asyncio.get_running_loop().create_task(self._close_when_idle(lu, renumbered))
+        # where a RAM LU's store goes is decided now, while the reload that
+        # removes it runs: its close may outlast that reload (0708)
+        home = self._ram_home(lu)
+        closing = asyncio.get_running_loop().create_task(self._close_when_idle(lu, renumbered, home))
         self.closing_lus.add(lu)
         self._closing[lu] = closing
         closing.add_done_callback(lambda _: self._closing.pop(lu, None))
 
-    async def _close_when_idle(self, lu: LogicalUnit, renumbered: bool) -> None:
+    async def _close_when_idle(self, lu: LogicalUnit, renumbered: bool, home: tuple[str, str] | None) -> None:
         """Flush and close once no backend call of the LU runs or can start:
         its tasks have finished or were aborted (each waits for the call it
         had under way), its job is over, and no other LU's EXTENDED COPY has
@@ -953,12 +959,15 @@ class Management:
             except (BackendError, OSError) as e:   # e.g. EIO from close(2) on NFS
                 log.error("%s LUN %d removed: closing its backend failed: %s", lu.target, lu.lun, e)
 
-        home = self._ram_home(lu)
         if home is not None:   # its pages are its data: kept for its new place (0205, 0249)
             self._moving[home] = lu.backend
             self.closing_lus.discard(lu)
-            log.info("%s LUN %d removed: its RAM moves with its id%s", lu.target, lu.lun,
-                     "" if home[0] == lu.target else f" to target {home[0]}")
+            where = "" if home[0] == lu.target else f" to target {home[0]}"
+            if self._reloading:
+                log.info("%s LUN %d removed: its RAM moves with its id%s", lu.target, lu.lun, where)
+            else:   # its add was refused as still closing: the next reload takes it (0708)
+                log.warning("%s LUN %d removed: its RAM moves with its id%s at the next reload (it "
+                            "closed after the last one ended)", lu.target, lu.lun, where)
         else:
             await self._in_thread(flush_and_close)
             self.closing_lus.discard(lu)

@@ -21,8 +21,12 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
+import socket
 from dataclasses import dataclass
+from typing import Callable
 
+import zmq
 from zmq import Context
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
@@ -162,3 +166,79 @@ class RoleAuthenticator(ThreadAuthenticator):
 
     def curve_user_id(self, client_public_key: bytes) -> str:
         return self.keys.role(z85.encode(client_public_key))
+
+
+# why a peer's handshake failed before ZAP was asked (libzmq's protocol error
+# codes), as an administrator can act on it; another code is named as it is
+HANDSHAKE_FAILURES: dict[int, str] = {
+    zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC: "its server key is not this STML's public key {key} (the front "
+                                           "end's --stml-key?)",
+    zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH: "it does not use CURVE (a front end without --stml-key?)",
+}
+
+
+class FailedHandshakes:
+    """The STML's line for a CURVE handshake that fails before its ZAP
+    handler is asked, as with a front end holding another server key
+    (decision 0709; the front end says it too, 0703). Fed the ROUTER's
+    socket monitor events: an accepted connection's peer is read then
+    (`peer_of(fd, endpoint)`, None if already gone), a failure is told by
+    the end of its connection, which follows it. Said once per endpoint,
+    again when the reason or the peer changes (a peer not read is none),
+    and every REFUSAL_REMIND failures in a row."""
+
+    def __init__(self, public: str, peer_of: Callable[[int, str], str | None]) -> None:
+        self.public = public
+        self.peer_of = peer_of
+        self.peers: dict[int, str | None] = {}   # fd -> peer, for connections not yet ended
+        self.failed: str | None = None           # why the connection ending next failed its handshake
+        # local endpoint (one per address the STML listens on) -> (why, peer, failures in a row)
+        self.said: dict[str, tuple[str, str | None, int]] = {}
+
+    def event(self, event: int, value: int, endpoint: str) -> None:
+        if event == zmq.EVENT_ACCEPTED:
+            if len(self.peers) >= REFUSED_KEYS_KEPT:
+                self.peers.clear()   # (ends never heard of: bounded all the same)
+            self.peers[value] = self.peer_of(value, endpoint)
+        elif event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+            why = HANDSHAKE_FAILURES.get(value, f"protocol error {value:#x}")
+            self.failed = why.format(key=self.public)
+        elif event == zmq.EVENT_DISCONNECTED:
+            peer = self.peers.pop(value, None)
+            failed, self.failed = self.failed, None
+            if failed is not None:
+                self._say(endpoint, failed, peer)
+
+    def _say(self, endpoint: str, why: str, peer: str | None) -> None:
+        said_why, said_peer, count = self.said.get(endpoint, ("", None, 0))
+        # a peer not read in time (None) is no change, either way
+        same = why == said_why and (peer is None or said_peer is None or peer == said_peer)
+        peer = peer or said_peer
+        count = count + 1 if same else 1
+        self.said[endpoint] = (why, peer, count)
+        at = f"at {peer}" if peer else "at an address gone before it was read"
+        if count == 1:
+            log.warning("a peer %s failed the CURVE handshake on %s: %s (said again if that changes, and every "
+                        "%d failures)", at, endpoint, why, REFUSAL_REMIND)
+        elif count % REFUSAL_REMIND == 0:
+            log.warning("still failing CURVE handshakes on %s (a peer %s, %d in a row): %s", endpoint, at, count,
+                        why)
+
+
+def accepted_peer(fd: int, endpoint: str) -> str | None:
+    """The host of the peer on a connection ZeroMQ accepted on `endpoint`, or
+    None. The descriptor is ZeroMQ's: it may be closed, or another's, by the
+    time the monitor's event is read; a socket whose local port is not the
+    endpoint's is not that connection."""
+    try:
+        sock = socket.socket(fileno=os.dup(fd))
+    except OSError:
+        return None
+    with sock:
+        try:
+            local, peer = sock.getsockname(), sock.getpeername()
+        except OSError:
+            return None
+    if not isinstance(local, tuple) or not isinstance(peer, tuple) or not endpoint.endswith(f":{local[1]}"):
+        return None
+    return str(peer[0])

@@ -619,6 +619,7 @@ async def sanitize(task: Task) -> None:
         await asyncio.shield(job)
     except asyncio.CancelledError:
         if not job.cancelled():
+            job.add_done_callback(lambda done: _log_failure(lu, done))   # said, as an IMMED one's
             raise   # this command was aborted: the job goes on
         raise CheckCondition(ABORTED_COMMAND, NO_ADDITIONAL_SENSE) from None   # the LU went
 

@@ -38,7 +38,8 @@ from stml.persist import EditedError, give_ids, save
 from stml.portals import PortalStates, portal_entries, portal_groups
 from stml import pr
 from stml.pr import PrStoreError
-from stml.roles import GUARDS, CurveAllowList, RoleAuthenticator, allow_list, refusal
+from stml.roles import (GUARDS, CurveAllowList, FailedHandshakes, RoleAuthenticator, accepted_peer, allow_list,
+                        refusal)
 from stml.task import Task
 from stml.trace.recorder import Traces
 
@@ -216,6 +217,7 @@ class StmlServer(TapPoint):
         if heartbeat_ms is None:
             heartbeat_ms = config.stml.heartbeat_ms
         self.auth: RoleAuthenticator | None = None
+        self.handshakes: FailedHandshakes | None = None   # CURVE: failures ZAP never hears of (0709)
         self.exporter: PrometheusExporter | None = None
         self.abandoned = False   # the stop left a backend call or a config save running
         self.unclean = False     # a flush or close failed at stop: exit 1 (_finish_backends)
@@ -420,6 +422,7 @@ class StmlServer(TapPoint):
         if not s.allowed_front_ends:
             log.warning("[stml] allowed_front_ends is empty: no remote front end can connect")
         self.auth = RoleAuthenticator(self.ctx, CurveAllowList(allowed))
+        self.handshakes = FailedHandshakes(public.decode(), accepted_peer)
         self.auth.start()
         self.sock.curve_secretkey = secret
         self.sock.curve_publickey = public
@@ -590,7 +593,8 @@ class StmlServer(TapPoint):
         self.mgmt = Management(self.emulator, self.config, gateway=self.gateway, metrics=self.metrics,
                                portals=self.portals, endpoints=self.endpoints, traces=self.traces)
         self.channel = Channel(self.sock, self.received, routed=True)
-        self.channel.watch_connections(self._connection_closed)
+        self.channel.watch_connections(self._connection_closed,
+                                       self.handshakes.event if self.handshakes is not None else None)
         self.gateway.start()
         loop = asyncio.get_running_loop()
         for listener in self.listeners:

@@ -259,6 +259,10 @@ class Task(Queued):
         # exception in the thread's state across the suspension, and its
         # re-raise corrupts memory (a segfault, decisions/0840 addendum)
         await asyncio.wait([fut])
+        if not fut.cancelled():
+            # the abort is the command's outcome: the call's error is taken here, or
+            # the GC logs it later from wherever it runs (the shield let go of it)
+            fut.exception()
         raise aborted
 
     def add_data(self, offset: int, frames: list) -> None:

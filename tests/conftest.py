@@ -9,6 +9,8 @@ SIGKILL on timeout), so nothing outlives the test that started it.
 from __future__ import annotations
 
 import contextlib
+import gc
+import logging
 import os
 import shutil
 import signal
@@ -164,6 +166,49 @@ def pytest_sessionfinish(session: pytest.Session):
 def pytest_unconfigure(config: pytest.Config) -> None:
     for var in config.stash.get(PARENTS, {}):
         os.environ.pop(var, None)
+
+
+# ---------------------------------------------------------------- failed futures left
+# A future or task whose exception nobody took is logged by asyncio when it is
+# collected, from wherever the collection then runs: on CPython 3.11 inside the
+# traceback module's ast.parse, which crashed a session's end (decision 0418,
+# 0715). Each test's garbage is collected as it ends; a test that left one fails,
+# naming it (an error in its teardown).
+
+class _Unretrieved(logging.Handler):
+    """asyncio's "... exception was never retrieved" lines, as they come."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.seen: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        if "exception was never retrieved" in text:
+            self.seen.append(" ".join(text.splitlines()[:2]))
+
+
+UNRETRIEVED = _Unretrieved()
+logging.getLogger("asyncio").addHandler(UNRETRIEVED)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """What collection made (modules, test items) stays to the end: frozen out of
+    later collections, so each test's teardown collects only what came since."""
+    gc.collect()
+    gc.freeze()
+
+
+@pytest.fixture(autouse=True)
+def _no_failed_future_left() -> Iterator[None]:
+    """Autouse, so set up first and torn down last: after the test's fixtures."""
+    UNRETRIEVED.seen.clear()   # (what an earlier module's fixtures left is not this test's)
+    yield
+    gc.collect()
+    left, UNRETRIEVED.seen[:] = list(UNRETRIEVED.seen), []
+    if left:
+        pytest.fail("the test left a future whose exception nobody retrieved (handle or retrieve it "
+                    "where it is made):\n  " + "\n  ".join(left), pytrace=False)
 
 
 # ---------------------------------------------------------------- fixtures

@@ -1,7 +1,9 @@
 """A CURVE handshake that fails is retried every few seconds, forever: both
 ends say it once, again when the outcome changes, not once a try
-(decision 0703). In-process: a ZeroMQ ROUTER with the STML's ZAP handler
-(stml.roles) on loopback, and a FrontEndLink retrying quickly."""
+(decision 0703), a wrong server key too (0709: the STML's socket monitor).
+In-process: a ZeroMQ ROUTER with the STML's ZAP handler and handshake watch
+(stml.roles) in the STML's Channel on loopback, and a FrontEndLink retrying
+quickly."""
 from __future__ import annotations
 
 import asyncio
@@ -9,8 +11,10 @@ import logging
 
 import zmq
 
+from stml import roles
 from stml.api import FrontEndLink
-from stml.roles import FRONT_END, CurveAllowList, RoleAuthenticator
+from stml.api.zmq_carrier import Channel
+from stml.roles import FRONT_END, CurveAllowList, FailedHandshakes, RoleAuthenticator, accepted_peer
 
 TRIES = 4
 
@@ -45,7 +49,11 @@ def run(caplog, *, admitted: bool, wrong_server: bool = False, admit_after: int 
     endpoint = router.getsockopt_string(zmq.LAST_ENDPOINT)
     result: dict = {}
 
+    handshakes = FailedHandshakes(server_public.decode(), accepted_peer)
+
     async def main() -> None:
+        channel = Channel(router, lambda frames: result.setdefault("registered", frames), routed=True)
+        channel.watch_connections(lambda fd: None, handshakes.event)
         curve = {"secret": own_secret, "public": own_public,
                  "server": zmq.curve_keypair()[0] if wrong_server else server_public}
         link = FrontEndLink(endpoint, "iscsi", Handler(), context=ctx, curve=curve, heartbeat_ms=60000)
@@ -57,16 +65,18 @@ def run(caplog, *, admitted: bool, wrong_server: bool = False, admit_after: int 
             tries = refused.get(endpoint, ("", 0))[1]
             if admit_after is not None and tries >= admit_after and own_public not in allow.keys:
                 allow.keys[own_public] = (FRONT_END, "test")
-            if router.poll(0):
-                result["registered"] = router.recv_multipart()
+            if "registered" in result:
                 break
-            if admit_after is None and tries >= TRIES:
+            said = handshakes.said.get(endpoint, ("", None, 0))[2]
+            if admit_after is None and tries >= TRIES and (not wrong_server or said >= TRIES):
                 break
             await asyncio.sleep(0.01)
         result["tries"] = tries
+        result["stml_failures"] = handshakes.said.get(endpoint, ("", None, 0))[2]
         watch = link._monitor
         await link.close()
         result["watch_left_open"] = watch is not None and not watch[0].closed
+        router.disable_monitor()   # (the Channel's close would close the router, closed below)
 
     try:
         asyncio.run(main())
@@ -84,10 +94,49 @@ def test_a_refused_key_is_said_once_by_each_end(caplog):
     assert lines(caplog, "refused a peer with unknown CURVE key") == 1
 
 
-def test_a_wrong_server_key_is_said_once(caplog):
+def test_a_wrong_server_key_is_said_once_by_each_end(caplog):
+    """The STML said nothing (the handshake fails before ZAP is asked): its
+    socket monitor now says it once, with its own key (0709)."""
     result = run(caplog, admitted=True, wrong_server=True)
     assert result["tries"] >= TRIES and "registered" not in result
+    assert result["stml_failures"] >= TRIES
     assert lines(caplog, "failed the CURVE handshake (wrong server key?)") == 1
+    assert lines(caplog, "failed the CURVE handshake on tcp://127.0.0.1:") == 1
+    assert lines(caplog, "its server key is not this STML's public key") == 1
+    assert lines(caplog, "still failing CURVE handshakes") == 0
+
+
+def test_a_failed_handshake_is_said_again_on_a_change_and_every_so_many(caplog):
+    """The STML's watch counts failures, not time: said once per endpoint,
+    again when the peer or the reason changes, and at every REFUSAL_REMIND
+    failures in a row; a connection whose handshake passed says nothing,
+    and what it keeps of connections is bounded."""
+    caplog.set_level(logging.INFO)
+    ep = "tcp://10.0.0.1:3300"
+    peers = {7: "10.0.0.9", 8: None, 9: "10.0.0.8"}   # fd 8: a peer gone before it was read
+    watch = FailedHandshakes("KEY", lambda fd, endpoint: peers.get(fd))
+
+    def fail(fd: int, code: int = zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC) -> None:
+        watch.event(zmq.EVENT_ACCEPTED, fd, ep)
+        watch.event(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, code, ep)
+        watch.event(zmq.EVENT_DISCONNECTED, fd, ep)
+    for n in range(2 * roles.REFUSAL_REMIND):
+        fail(7 if n % 2 else 8)                                   # one peer, its address read or not
+    assert lines(caplog, f"a peer at an address gone before it was read failed the CURVE handshake on {ep}: "
+                         f"its server key is not this STML's public key KEY") == 1   # the first
+    assert lines(caplog, "a peer at 10.0.0.9 failed") == 0       # read later: the same peer, no change
+    assert lines(caplog, f"still failing CURVE handshakes on {ep} (a peer at 10.0.0.9, ") == 2   # 120th, 240th
+    watch.event(zmq.EVENT_ACCEPTED, 9, ep)                        # a handshake that passed: silence
+    watch.event(zmq.EVENT_DISCONNECTED, 9, ep)
+    fail(9)                                                       # another peer
+    assert lines(caplog, "a peer at 10.0.0.8 failed the CURVE handshake on tcp://10.0.0.1:3300: its server") == 1
+    fail(9, zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH)           # another reason
+    assert lines(caplog, "a peer at 10.0.0.8 failed the CURVE handshake on tcp://10.0.0.1:3300: it does "
+                         "not use CURVE") == 1
+    assert len([r for r in caplog.records if "CURVE handshake" in r.getMessage()]) == 5
+    for fd in range(roles.REFUSED_KEYS_KEPT + 10):                # accepted, their ends never heard
+        watch.event(zmq.EVENT_ACCEPTED, 100 + fd, ep)
+    assert len(watch.peers) <= roles.REFUSED_KEYS_KEPT
 
 
 def test_a_key_admitted_later_is_said_once_it_passes(caplog):

@@ -518,3 +518,63 @@ def test_an_added_lus_reservations_file_is_read_in_a_thread(tmp_path, monkeypatc
             await m._add_lun(emu.targets[IQN], 6, LunOptions(kind="ram", size=1 << 20, id="cd" * 16))
     asyncio.run(run())
     assert reads == [False, False]   # both read, neither on the loop's thread
+
+
+def test_a_ram_lu_whose_close_outlasts_the_reload_moving_it_keeps_its_data(tmp_path, monkeypatch, caplog):
+    """A reload moves a RAM LU to another target (0249) while a call of it
+    is still under way: its close outlasts the add's wait, and the add is
+    refused. Its store used to be freed when the close ended (the
+    move was decided then, and the reload was over): the next reload served
+    the LU empty under its identity. The move is decided at the removal
+    (0708): the store waits for the next reload, which serves it with its
+    data, and the logs say so."""
+    import tomlkit
+
+    from stml import mgmt as mgmt_mod
+    from stml import persist
+    monkeypatch.setattr(mgmt_mod, "CLOSE_WAIT", 0.0)   # the add does not wait for the call
+    other = "iqn.2026-11.org.test:other"
+    sent: list = []
+    emu, m = setup(sent, luns=1, nexuses=1)
+    lu = emu.targets[IQN].luns[0]
+    lu.options.id = "ab" * 16
+    lu.backend.write_from(0, [memoryview(b"\x5a" * 4096)], sync=False)
+    m.config.path = tmp_path / "scsi-target.toml"
+    m.config.data_dir = tmp_path
+    persist.save(m.config)
+    release = threading.Event()
+
+    def move() -> None:
+        doc = tomlkit.parse(m.config.path.read_text())
+        first = next(t for t in doc["target"] if t["name"] == IQN)
+        second = next(t for t in doc["target"] if t["name"] == other)
+        entry = first["lun"][0]
+        first["lun"].remove(entry)
+        second["lun"] = tomlkit.aot()
+        second["lun"].append(entry)
+        m.config.path.write_text(tomlkit.dumps(doc))
+
+    async def run() -> tuple[dict, dict]:
+        await m.target_add(other)
+        # another LU's EXTENDED COPY has a call of it running (a RAM LU's own
+        # calls are made in place): the removed LU closes once it is over
+        call = emu.workers.run(id(lu), release.wait)
+        move()
+        first = await m.config_reload()
+        release.set()
+        await call
+        await asyncio.gather(*m._closing.values())
+        return first, await m.config_reload()
+    try:
+        first, second = asyncio.run(run())
+    finally:
+        release.set()
+    assert [line for line in first["not_applied"] if "commands are still ending: reload again" in line], first
+    assert f"target {other} LUN 0 added" in second["applied"] and second["not_applied"] == [], second
+    moved = emu.targets[other].luns[0]
+    assert moved.backend is lu.backend
+    out = bytearray(4096)
+    moved.backend.read_into(0, memoryview(out))
+    assert out == b"\x5a" * 4096
+    assert f"{IQN} LUN 0 removed: its RAM moves with its id to target {other} at the next reload" in caplog.text
+    assert "its data is freed" not in caplog.text

@@ -25,8 +25,10 @@ from hypothesis import strategies as st
 
 from fetd_loopback import LoopbackClient, ScsiError
 from scsi_target.mgmt import MgmtClient
+from stml import mgmt as mgmt_mod
 from stml.api import Tmf, TmfResponse
 from support.ci import need_root
+from support.gated_stml import GatedStml, gate_cdb
 from support.procs import Proc, children_by_module, free_port, pid_alive, run, short_dir, stop_pid, wait_for_line
 from support.rawiscsi import RawInitiator
 from support.target import IQN, StmlProcess, Target
@@ -410,6 +412,38 @@ def test_a_lun_moved_to_a_target_earlier_in_the_file_by_one_reload(stml_factory,
         assert c.read(0, 0, 8) == b"\x5a" * 512 * 8
     if kind == "ram":
         assert f"{IQN} LUN 0 removed: its RAM moves with its id to target {other}" in p.log()
+
+
+def test_a_ram_lun_moved_with_a_command_in_flight_moves_in_one_reload(tmp_short, monkeypatch):
+    """A review read the add of a RAM LU moved while a command of it is in
+    flight as refused by the RAM check, leaving a second reload to move it.
+    It is not: the add waits for the close, the command ends TASK ABORTED
+    after the drain, and one reload moves the data (0249, 0708)."""
+    monkeypatch.setattr(mgmt_mod, "LUN_DRAIN", 0.1)   # (the drain's length: not what is tested)
+    other = "iqn.2026-11.org.test:other"
+    g = GatedStml(tmp_short(), IQN, ("ram:4MiB", "ram:4MiB"), config_file=True).start()
+    try:
+        m = MgmtClient(g.endpoint)
+        m.call("target_add", name=other)
+        with LoopbackClient(g.endpoint, timeout=10) as c:
+            c.write(0, 0, b"\x5a" * 512 * 8)
+            held = c.submit(0, gate_cdb("hold"))
+            g.wait_started("hold")
+
+            def move(doc) -> None:
+                first, second = doc["target"][0], _target_table(doc, other)
+                lun = next(x for x in first["lun"] if x["lun"] == 0)
+                first["lun"].remove(lun)
+                second["lun"] = tomlkit.aot()
+                second["lun"].append(lun)
+            _edit(g.config.path, move)
+            r = m.call("config_reload")
+            assert held.result(10).status == 0x40   # TASK ABORTED: it was in flight throughout
+        assert r["not_applied"] == [] and f"target {other} LUN 0 added" in r["applied"], r
+        with LoopbackClient(g.endpoint, other, timeout=10) as c:
+            assert c.read(0, 0, 8) == b"\x5a" * 512 * 8
+    finally:
+        g.stop()
 
 
 def test_a_renumbered_ram_luns_store_no_add_took_is_freed_at_the_end_of_the_reload(stml_factory):

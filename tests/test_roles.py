@@ -165,6 +165,24 @@ def test_curve_roles(roles_stml, keys):
     assert _acl(roles_stml.endpoint) == []
 
 
+def test_a_peer_holding_another_server_key_is_said_by_the_stml(roles_stml, keys):
+    """A peer whose CURVE server key is not the STML's fails the handshake
+    before ZAP is asked: the STML used to log nothing. It says it now, with
+    its own public key, and the peer's address when it could read it (0709);
+    ZeroMQ's retries of the connection are not said again."""
+    public = load_key_file(str(keys / "stml.key"))[0].decode()
+    wrong = RawFrontEnd(roles_stml.tcp, curve=curve_client_keys(str(keys / "fe.key_secret"), str(keys / "mgr.key")))
+    try:
+        wrong.send({"op": "register_target_front_end"})   # (never delivered: its handshake fails)
+        text = roles_stml.current.wait_log("failed the CURVE handshake on tcp://127.0.0.1:")
+    finally:
+        wrong.close()
+    line = next(x for x in text.splitlines() if "failed the CURVE handshake" in x)
+    assert f"its server key is not this STML's public key {public}" in line
+    assert "a peer at 127.0.0.1 " in line or "a peer at an address gone before it was read " in line
+    assert text.count("failed the CURVE handshake on") == 1
+
+
 @pytest.mark.parametrize("spelling", ["file", "z85"])
 def test_a_key_in_both_lists_is_a_config_error(tmp_short, keys, spelling):
     d = tmp_short()

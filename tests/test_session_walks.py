@@ -197,3 +197,61 @@ def test_a_roster_walk_parked_on_removed_entries_carries_on():
     assert walk.take(5) == (["v8"], 1, True)
     assert list(roster) == [1, 5, 6, 7, 8, 10] and roster.get(3) is None
     assert R.Roster().walk().take(4) == ([], 0, True)
+
+
+def test_a_session_ending_before_the_lost_links_walk_meets_it_is_held_once():
+    """A session that ends (its connection reset, a reinstatement) while the
+    lost link's walk has not got to it was skipped: its I_T nexus was not
+    held, and its next login was not `resumed` (0247). It is held as it
+    ends now (0713), once; one the walk met already is not held again; one
+    the STML never took fails its login, as the walk's do; nothing crashes."""
+    async def main() -> None:
+        calls: list = []
+        released: list = []
+        link = SimpleNamespace(instance="old", scsi_release=lambda nexus, lost=False: released.append(nexus))
+        reg = R.SessionRegistry(link, Tags(), Limits())
+        sessions = populate(reg, calls)
+        waiting = asyncio.get_running_loop().create_future()
+        reg.registering[MANY - 1] = waiting   # a login the STML has not answered yet
+        holds: list = []
+        hold = reg._hold
+        reg._hold = lambda s, instance: (holds.append(s.nexus), hold(s, instance))   # type: ignore[method-assign]
+        reg.link_lost()                                   # the first DROP_STEP at once
+        assert len(holds) == R.DROP_STEP
+        for n in (1, MANY - 1, MANY):                     # one met already, two not yet
+            reg.end_session(sessions[n - 1])
+        await reg.steps.idle()
+        assert sorted(holds) == [n for n in range(1, MANY + 1) if n != MANY - 1]   # each once
+        assert (sessions[-1].initiator_port, T, 1) in reg.held and len(reg.held) == MANY - 1
+        assert waiting.result() == "the link to the STML was lost"
+        assert sorted(released) == [1, MANY - 1, MANY]   # (ended: the lost STML's releases)
+        closed = sorted(n for kind, n, _ in calls if kind == "close")
+        assert closed == [n for n in range(2, MANY - 1)]   # the walk went on past them
+    asyncio.run(main())
+
+
+def test_discovery_sessions_end_in_steps_without_a_list_of_every_session(caplog):
+    """Discovery turned to CHAP ends the discovery sessions: it built a list
+    of every session's discovery ones in one step first (0706, "Not
+    covered"). It is a walk like the others now (0714): DROP_STEP sessions
+    looked at per turn, the others counting too, each discovery session
+    dropped once, the others left alone, one line that counts them."""
+    caplog.set_level("INFO")
+
+    async def main() -> list[int]:
+        calls: list = []
+        reg = R.SessionRegistry(SimpleNamespace(instance=None), Tags(), Limits())
+        reg.sessions, reg.by_nexus = CountingRoster(), CountingRoster()
+        sessions = populate(reg, calls)
+        for s in sessions[::2]:           # every other one is a discovery session
+            s.discovery = True
+            del reg.by_nexus[s.nexus]
+        steps = await per_turn(lambda: reg.end_discovery_sessions("discovery now requires CHAP"), calls)
+        assert reg.sessions.iterated == 0
+        assert sorted(n for kind, n, _ in calls if kind == "close") == [s.nexus for s in sessions[::2]]
+        assert sorted(reg.sessions) == [s.tsih for s in sessions[1::2]]
+        return steps
+    steps = asyncio.run(main())
+    # (each drop is an Async Message and a close: two calls per discovery session)
+    assert max(steps) <= 2 * (R.DROP_STEP // 2) and len([s for s in steps if s]) >= MANY // R.DROP_STEP
+    assert caplog.text.count(f"{(MANY + 1) // 2} discovery session(s) ended: discovery now requires CHAP") == 1

@@ -44,6 +44,7 @@ class Channel:
         self.frame: zmq.Frame | None = None   # of the message being handled (user_id, connection)
         self._monitor: zmq.Socket | None = None   # watch_connections
         self._on_closed: Callable[[int], None] | None = None
+        self._on_event: Callable[[int, int, str], None] | None = None
         self.closed = False   # callbacks already queued (the first drain, a flush) then do nothing
         # a message of too many frames being let go: [frames so far, its sender]
         self._dropping: list | None = None
@@ -186,19 +187,26 @@ class Channel:
         except zmq.ZMQError:   # a libzmq without it: heartbeats alone tell a front end is gone
             return None
 
-    def watch_connections(self, on_closed: Callable[[int], None]) -> None:
+    def watch_connections(self, on_closed: Callable[[int], None],
+                          on_event: Callable[[int, int, str], None] | None = None) -> None:
         """Call on_closed(fd) when a peer's connection ends (a socket monitor).
         ZeroMQ reports the end before it closes the descriptor, so once
         poll_connections() has run, a message's connection() is never one
-        whose end is still to be reported."""
+        whose end is still to be reported. `on_event(event, value, endpoint)`
+        also hears of each connection accepted and each handshake failed on
+        the protocol (a socket has one monitor: the STML logs those, 0709)."""
         self._on_closed = on_closed
-        self._monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._on_event = on_event
+        events = zmq.EVENT_DISCONNECTED
+        if on_event is not None:
+            events |= zmq.EVENT_ACCEPTED | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+        self._monitor = self.sock.get_monitor_socket(events)
         self._loop.add_reader(self._monitor.fileno(), self.poll_connections)
         self._loop.call_soon(self.poll_connections)
 
     def poll_connections(self) -> None:
         """Report the connections that ended (watch_connections), now."""
-        mon, on_closed = self._monitor, self._on_closed
+        mon, on_closed, on_event = self._monitor, self._on_closed, self._on_event
         if mon is None or on_closed is None:
             return
         # EVENTS is an int option; pyzmq types every getsockopt as int | bytes
@@ -207,6 +215,12 @@ class Channel:
                 event = parse_monitor_message(mon.recv_multipart(zmq.NOBLOCK))
             except zmq.Again:
                 return
+            if on_event is not None:
+                try:
+                    on_event(int(event["event"]), int(event["value"]),
+                             bytes(event["endpoint"]).decode(errors="replace"))
+                except Exception:  # a log line's failure must not stop the watch
+                    log.exception("error handling a connection event")
             if event["event"] == zmq.EVENT_DISCONNECTED:
                 try:
                     on_closed(int(event["value"]))

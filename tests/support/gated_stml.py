@@ -21,9 +21,13 @@ def gate_cdb(name: str) -> bytes:
 
 
 class GatedStml:
-    def __init__(self, data_dir: Path, iqn: str, luns: tuple[str, ...] = ("ram:16MiB",)) -> None:
+    def __init__(self, data_dir: Path, iqn: str, luns: tuple[str, ...] = ("ram:16MiB",),
+                 config_file: bool = False) -> None:
+        """`config_file`: it keeps DATA_DIR/scsi-target.toml as `stml` does
+        (a reload reads it); else it runs from the flags alone."""
         from stml.config import load
-        self.config = load(None, str(data_dir), iqn, luns)
+        from stml.persist import load_or_create
+        self.config = (load_or_create if config_file else load)(None, str(data_dir), iqn, luns)
         self.endpoint = self.config.stml_endpoint
         self.started: dict[str, threading.Event] = {}
         self.calls: collections.Counter[str] = collections.Counter()   # name -> commands that reached the gate
