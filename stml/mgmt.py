@@ -50,6 +50,11 @@ class MgmtError(Exception):
     """A refused management request; str() is what the user sees."""
 
 
+class StillServed(MgmtError):
+    """An add whose id another LU still serves: a reload kept that LU (its
+    target has sessions), and the file gave its id to this entry (0716)."""
+
+
 PORTAL_WAIT = 8.0   # `portal add` waits this long for the listeners' report (clients wait 10 s)
 LUN_DRAIN = 3.0     # a removed LUN's commands in flight have this long to finish (0219)
 # a LUN added on a removed LUN's store (or identity) waits this long for its close: its drain, then its flush
@@ -549,6 +554,9 @@ class Management:
             if lu is None:
                 try:   # a served-before file is never made anew, blank, under its identity (0280)
                     await self._add_lun(t, number, o, create=not served_before(o))
+                except StillServed as e:   # (a kept target's LU: the file no longer has it)
+                    pending.append(f"target {t.name} LUN {number}: {e}: reload again once it is removed")
+                    continue
                 except MgmtError as e:   # kept in the file (0231), where a start meets it too
                     pending.append(f"target {t.name} LUN {number}: {e}; a start with this file serves it "
                                    f"offline until it is fixed there")
@@ -751,6 +759,10 @@ class Management:
         why = ram_overcommit(await self._ram() + (opts.size or 0)) if opts.kind == "ram" else None
         if why:
             raise MgmtError(why)
+        if opts.id is not None:   # one id, one LU: two served would be one disk to initiators, twice
+            twin = next((lu for lu in await self._lus() if lu.options.id == opts.id), None)
+            if twin is not None:
+                raise StillServed(f"its id {opts.id} is still served by target {twin.target} LUN {twin.lun}")
         if opts.kind in ("file", "rbd"):
             owner = await self._in_thread(_serving, opts, await self._lus(kind=opts.kind))   # stats: off the loop
             if owner is not None:

@@ -578,3 +578,46 @@ def test_a_ram_lu_whose_close_outlasts_the_reload_moving_it_keeps_its_data(tmp_p
     assert out == b"\x5a" * 4096
     assert f"{IQN} LUN 0 removed: its RAM moves with its id to target {other} at the next reload" in caplog.text
     assert "its data is freed" not in caplog.text
+
+
+def test_a_reload_never_serves_one_id_in_two_targets(tmp_path):
+    """A reload keeps a target the file removed while it has sessions; the
+    file gave its RAM LU's entry to another target. Adding it there opened a
+    new, empty store under the same id: one disk to initiators, served twice,
+    once blank. The add is refused and said (0716); the kept LU keeps its
+    data, and a reload once its session ended moves it (0249)."""
+    import tomlkit
+
+    from stml import persist
+    other = "iqn.2026-11.org.test:other"
+    sent: list = []
+    emu, m = setup(sent, luns=1, nexuses=1)
+    lu = emu.targets[IQN].luns[0]
+    lu.options.id = "cd" * 16
+    lu.backend.write_from(0, [memoryview(b"\xa5" * 4096)], sync=False)
+    m.config.path = tmp_path / "scsi-target.toml"
+    m.config.data_dir = tmp_path
+    persist.save(m.config)
+
+    async def run() -> tuple[dict, bool, dict]:
+        doc = tomlkit.parse(m.config.path.read_text())
+        entry = doc["target"][0]["lun"][0]
+        doc["target"] = tomlkit.aot()
+        doc["target"].append(tomlkit.table())
+        doc["target"][0]["name"] = other
+        doc["target"][0]["lun"] = tomlkit.aot()
+        doc["target"][0]["lun"].append(entry)
+        m.config.path.write_text(tomlkit.dumps(doc))
+        first = await m.config_reload()
+        twice = 0 in emu.targets[other].luns
+        emu.handle(b"fe", {"op": Op.RELEASE_NEXUS, "nexus": 1}, [])   # its session ends
+        return first, twice, await m.config_reload()
+    first, twice, second = asyncio.run(run())
+    assert any(f"target {IQN} has sessions" in line for line in first["not_applied"]), first
+    assert (f"target {other} LUN 0: its id {'cd' * 16} is still served by target {IQN} LUN 0: "
+            f"reload again once it is removed") in first["not_applied"], first
+    assert not twice
+    assert f"target {other} LUN 0 added" in second["applied"], second
+    out = bytearray(4096)
+    emu.targets[other].luns[0].backend.read_into(0, memoryview(out))
+    assert out == b"\xa5" * 4096
