@@ -50,10 +50,14 @@ CLIENT_OPTIONS = {
     # within this (ETIMEDOUT), so rbd_close, which waits for them, ends too, and
     # one hung reservation write does not hold the others (ceph-iscsi's value)
     "rados_osd_op_timeout": "30",
-    # librbd copies what it writes: a buffer is librbd's only until its call
-    # completes, which is as long as RbdAio keeps it pinned (librbd's default,
-    # forced because that lifetime depends on it)
-    "rbd_disable_zero_copy_writes": "true",
+    # an aio write is sent from the caller's buffer, not from a copy librbd
+    # makes on the submitting thread (the event loop: a 1 MiB memcpy per 1 MiB
+    # write). librbd holds the completion back until its last reference to
+    # that memory is gone, and RbdAio keeps the buffer pinned until the
+    # completion; nothing of ours changes write data while its call is in
+    # flight (front ends copy guest data into their region, 0301), which is
+    # what librbd's copy guards against. Synchronous calls still copy (0420)
+    "rbd_disable_zero_copy_writes": "false",
     # one librados completion thread, not two: it takes completions in runs
     # where two took turns waking for each (per 4 KiB I/O at QD16: 1.4 sleeps
     # for 2.0 on writes, 0.9 for 1.4 on reads, less CPU; decision 0409)

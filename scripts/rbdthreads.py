@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
 """Where an RBD target's CPU goes, thread by thread: ours against tgtd's bs_rbd.
 
-    scripts/rbdthreads.py [--count 10000] [--rounds 2] [--read] [--depth 16] [--ceph-conf C --ceph-keyring K]
+    scripts/rbdthreads.py [--count 10000] [--rounds 2] [--read] [--depth 16] [--size 4k] [--ceph-conf C --ceph-keyring K]
     scripts/rbdthreads.py --perf        # also `perf record -g` of each target during one run
 
 Both targets as bench.py --rbd starts them (bench.py's classes), on a
 throwaway cluster or the one --ceph-conf names, and `qemu-img bench` 4 KiB
-QD16 (--depth) writes (--read: reads) against each, alternating. Per run, per thread
+(--size: 64k, 1M) QD16 (--depth) writes (--read: reads) against each,
+alternating. Per run, per thread
 of the STML process and of tgtd (threads grouped by their name, librbd's and
 librados's name theirs): user and kernel CPU, voluntary and involuntary
 context switches, per I/O, from /proc/PID/task/*/{stat,status}. bench.py
@@ -145,12 +146,21 @@ def show(label: str, runs: list[dict[str, list[float]]]) -> None:
     print(f"  {'(shown)':<20} {'':>3} {total[0]:>8.1f} {total[1]:>8.1f} {total[2]:>7.2f} {total[3]:>7.2f}")
 
 
+def qemu_args(size: str, depth: int, read: bool) -> list[str]:
+    """qemu-img bench's arguments for one run; `size` as bench.py's workloads
+    give it (4k, 64k, 1M)."""
+    if not re.fullmatch(r"[1-9][0-9]*[kM]", size):
+        raise SystemExit(f"rbdthreads: --size {size!r} is not a size like 4k, 64k or 1M")
+    return ["-d", str(depth), "-s", size, *([] if read else ["-w"])]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--count", type=int, default=10000)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--read", action="store_true", help="4 KiB QD16 reads instead of writes")
     ap.add_argument("--depth", type=int, default=16, help="the initiator's queue depth")
+    ap.add_argument("--size", default="4k", help="the size of each I/O: 4k, 64k, 1M (decision 0420)")
     ap.add_argument("--ceph-conf")
     ap.add_argument("--ceph-keyring")
     ap.add_argument("--only", choices=("ours", "tgtd"), help="measure one target")
@@ -161,7 +171,7 @@ def main() -> None:
     ap.add_argument("--wakeups", action="store_true",
                     help="who woke whom, per I/O, in each target's last run (perf sched tracepoints)")
     args = ap.parse_args()
-    qemu_args = ["-d", str(args.depth), "-s", "4k", *([] if args.read else ["-w"])]
+    wargs = qemu_args(args.size, args.depth, args.read)
     with tempfile.TemporaryDirectory(prefix="rbdthreads") as tmp:
         work = Path(tmp)
         bench.RBD_SIZE = 128 << 20   # qemu-img bench writes sequentially: 40 MiB per 10,000
@@ -190,7 +200,7 @@ def main() -> None:
                                                   "-e", "sched:sched_switch", "-o", str(work / "sched.data")],
                                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                     before, was_idle = sample(pid), idle()
-                    took = bench.qemu_bench(t.url, qemu_args, args.count)
+                    took = bench.qemu_bench(t.url, wargs, args.count)
                     runs[t.name].append(by_name(before, sample(pid), args.count, args.tids))
                     now_idle = idle()
                     for p in (perf, sched):

@@ -103,3 +103,12 @@ def test_the_machines_idle_ticks_are_part_of_its_total_and_grow():
     time.sleep(0.05)
     later = rt.idle()
     assert later[1] > total and later[0] >= idle
+
+
+def test_the_io_size_is_qemu_img_benchs_and_a_bad_one_is_refused():
+    rt = rbdthreads()
+    assert rt.qemu_args("1M", 8, read=True) == ["-d", "8", "-s", "1M"]
+    assert rt.qemu_args("4k", 16, read=False) == ["-d", "16", "-s", "4k", "-w"]
+    for bad in ("", "1G", "64", "0k", "1 M"):
+        with pytest.raises(SystemExit, match="not a size"):
+            rt.qemu_args(bad, 8, read=True)
