@@ -13,6 +13,7 @@ slower: read the counts, not the times)."""
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import signal
@@ -96,6 +97,8 @@ def main() -> None:
     ap.add_argument("--mode", default="randread", choices=["randread", "seqread", "seqwrite"])
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--strace", action="store_true")
+    ap.add_argument("--pin", default=None, metavar="CPUS",
+                    help="pin every thread of the STML and fetd_vhost to these CPUs (e.g. 1 or 0,1) once started")
     ap.add_argument("--run-arg", action="append", default=[], help="more `scsi-target run` arguments")
     args = ap.parse_args()
     lines = ["for d in /sys/block/sd*; do case $(cat $d/device/vendor) in",
@@ -118,6 +121,12 @@ def main() -> None:
                 procs["stml" if b"stml" in cmd else "fetd" if b"fetd_vhost" in cmd else str(c)] = c
             procs["qemu"] = vm.proc.pid
             print(f"guest {g.kernel} {g.accel}; pids {procs}", flush=True)
+            if args.pin is not None:
+                cpus = {int(c) for c in args.pin.split(",")}
+                for who in ("stml", "fetd"):
+                    for task in Path(f"/proc/{procs[who]}/task").iterdir():
+                        os.sched_setaffinity(int(task.name), cpus)
+                print(f"the STML and fetd_vhost pinned to CPUs {sorted(cpus)}", flush=True)
             if args.strace:
                 for who in ("stml", "fetd"):
                     straces.append(subprocess.Popen(["strace", "-c", "-f", "-q", "-o", str(work / f"strace-{who}"),
