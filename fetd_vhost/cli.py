@@ -9,6 +9,8 @@ from typing import Any
 
 import click
 
+MAX_POLL_US = 10_000    # a window longer than this is a mistyped number, not a latency trade
+
 
 @click.command("fetd-vhost")
 @click.option("--socket", "socket_path", required=True, type=click.Path(dir_okay=False),
@@ -24,13 +26,16 @@ import click
 @click.option("--key", "own_key", type=click.Path(dir_okay=False), help="This front end's key pair.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--poll-us", type=click.IntRange(0, MAX_POLL_US), default=0, show_default=True, metavar="US",
+              help="After the last answer, watch the VM's request queues this long for its next "
+                   "request before sleeping: less latency for a CPU kept busy (0: off).")
 @click.option("--inject", "inject", multiple=True, metavar="RULE",
               help="A fault-injection rule for this front end's link, repeatable: 'fetd:KIND OP "
                    "[at=N|p=P seed=S] [ms=..]' (docs/research.md, \"Fault injection\").")
 @click.option("--inject-file", "inject_files", multiple=True, type=click.Path(dir_okay=False),
               metavar="FILE", help="Fault-injection rules, one a line (# comments), repeatable.")
 def main(socket_path: str, target: str, stml_endpoint: str, initiator: str | None, group: str | None,
-         stml_key: str | None, own_key: str | None, log_level: str, inject: tuple[str, ...],
+         stml_key: str | None, own_key: str | None, log_level: str, poll_us: int, inject: tuple[str, ...],
          inject_files: tuple[str, ...]) -> None:
     """Serve a target's LUNs to a QEMU VM (vhost-user-scsi).
 
@@ -64,7 +69,7 @@ def main(socket_path: str, target: str, stml_endpoint: str, initiator: str | Non
         sys.exit(2)
     from stml.api import RegistrationRefused
     try:
-        run_loop(run_fetd_vhost(stml_endpoint, socket_path, target, initiator, curve, rules, gid))
+        run_loop(run_fetd_vhost(stml_endpoint, socket_path, target, initiator, curve, rules, gid, poll_us))
     except OSError as e:
         click.echo(f"scsi-target: fetd-vhost: cannot listen on {socket_path}: {e}", err=True)
         sys.exit(2)

@@ -41,6 +41,8 @@ from stml.portals import GATEWAY_STATE
 CHUNK = 1 << 20  # copy-in/out transfer size
 POLL_US = 200    # the STML's busy-poll window when it has CPUs of its own: a QD1 round trip
                  # through the front end and the initiator takes 100-150 us on a 2-vCPU VM
+VHOST_POLL_US = 300   # a vhost front end's poll after its last answer, on CPUs apart from the VMs':
+                      # longer than a TCG guest takes from its interrupt to its next QD1 request (0312)
 DEPTH = 4        # commands in flight during copies
 BANNER_LUNS = 16  # LUNs `run`'s banner lists; `lun list` shows them all
 RUN_LOCK = "run.lock"   # in the data dir: held by its `run`, which writes its PID there
@@ -451,7 +453,8 @@ def run(log_level: str, log_format: str, portals: tuple[str, ...], no_iscsi: boo
         if config.isns:
             tcp += ["--isns", config.isns]
         children["fetd_tcp"] = tcp
-    children.update({name: argv + fetd_rules for name, argv in vhosts.items()})
+    for name, argv in vhosts.items():   # on the CPUs placement kept from the VMs, it polls (0312)
+        children[name] = argv + (["--poll-us", str(VHOST_POLL_US)] if name in cpus else []) + fetd_rules
     plan = Plan(config, cpus, poll_us, not no_iscsi, tuple(vhosts), functools.partial(mark_serving, lock))
     status = Supervisor(children, cpus, log_format, plan.line, lambda: plan.printed).run()
     if plan.printed or status != 2:   # a child that could not start said why, in its one line
