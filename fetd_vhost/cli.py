@@ -89,7 +89,7 @@ def group_id(group: str) -> int:
 
 # ------------------------------------------------------------------ `scsi-target run --vhost`
 
-OPTIONS = ("target", "initiator", "group")     # what a --vhost flag or [[vhost]] table may set
+OPTIONS = ("target", "initiator", "group")     # what a --vhost flag or [[vhost]] table may set (strings)
 
 
 @dataclass(frozen=True)
@@ -98,25 +98,41 @@ class VhostSpec:
     target: str | None = None
     initiator: str | None = None
     group: str | None = None
+    poll_us: int | None = None     # None: `run` decides (its placement, decision 0312)
+
+
+def _poll_us(value: object, where: str) -> int:
+    """A poll window: an integer 0..MAX_POLL_US. Raises ValueError."""
+    try:
+        n = int(value) if isinstance(value, (int, str)) and not isinstance(value, bool) else -1
+    except ValueError:
+        n = -1
+    if not 0 <= n <= MAX_POLL_US:
+        raise ValueError(f"{where}: poll_us must be an integer from 0 to {MAX_POLL_US}, not {value!r}")
+    return n
 
 
 def parse_vhost(value: str, where: str = "--vhost") -> VhostSpec:
-    """PATH[,target=IQN][,initiator=NAME][,group=GROUP]. Raises ValueError."""
+    """PATH[,target=IQN][,initiator=NAME][,group=GROUP][,poll_us=US]. Raises ValueError."""
     path, *opts = value.split(",")
     if not path:
         raise ValueError(f"{where}: {value!r} names no socket path")
     kw: dict[str, str] = {}
+    poll: int | None = None
     for opt in opts:
         key, eq, val = opt.partition("=")
+        if key == "poll_us" and eq:
+            poll = _poll_us(val, where)
+            continue
         if not eq or key not in OPTIONS or not val:
-            raise ValueError(f"{where}: {opt!r} is not target=IQN, initiator=NAME or group=GROUP")
+            raise ValueError(f"{where}: {opt!r} is not target=IQN, initiator=NAME, group=GROUP or poll_us=US")
         kw[key] = val
-    return VhostSpec(path, **kw)
+    return VhostSpec(path, **kw, poll_us=poll)
 
 
 def vhost_specs(config: Any, flags: tuple[str, ...]) -> list[VhostSpec]:
     """The VM sockets to serve: --vhost flags, then the config file's [[vhost]]
-    tables ({socket, target?, initiator?, group?}). Raises ValueError."""
+    tables ({socket, target?, initiator?, group?, poll_us?}). Raises ValueError."""
     specs = [parse_vhost(f) for f in flags]
     tables = config.raw.get("vhost", [])
     if not isinstance(tables, list):
@@ -124,14 +140,15 @@ def vhost_specs(config: Any, flags: tuple[str, ...]) -> list[VhostSpec]:
     for i, t in enumerate(tables):
         where = f"vhost[{i}]"
         if not isinstance(t, dict) or not isinstance(t.get("socket"), str) \
-                or set(t) - {"socket", *OPTIONS} \
+                or set(t) - {"socket", "poll_us", *OPTIONS} \
                 or not all(isinstance(t.get(k, ""), str) for k in OPTIONS):
             raise ValueError(f"{where}: needs socket = PATH, and may have target, initiator and group "
-                             f"(strings)")
+                             f"(strings) and poll_us (an integer)")
         socket = t["socket"]
         if config.path is not None and not os.path.isabs(socket):
             socket = str(config.path.parent / socket)
-        specs.append(VhostSpec(socket, t.get("target"), t.get("initiator"), t.get("group")))
+        poll = _poll_us(t["poll_us"], where) if "poll_us" in t else None
+        specs.append(VhostSpec(socket, t.get("target"), t.get("initiator"), t.get("group"), poll))
     names = {t.name for t in config.targets}
     for s in specs:
         if s.target is not None and s.target not in names:
@@ -170,6 +187,8 @@ def vhost_children(config: Any, flags: tuple[str, ...], log_level: str) -> dict[
             argv += ["--initiator", s.initiator]
         if s.group:
             argv += ["--group", s.group]
+        if s.poll_us is not None:
+            argv += ["--poll-us", str(s.poll_us)]
         children[f"fetd_vhost{i}" if i else "fetd_vhost"] = argv
         # a flag is not saved in the config file: a later start without it serves no such socket
         once = "; this run only: a [[vhost]] table serves it at every start" if i < len(flags) else ""

@@ -232,12 +232,8 @@ class Connection:
         notification (under TCG an exit of the vCPU and a system call) nor
         our wake-up on an idle CPU (decision 0312)."""
         deadline = time.monotonic_ns() + window_ns
-        found = False
-        while not found and time.monotonic_ns() < deadline:
-            for ring in rings:
-                if ring.avail_idx() != ring.last_avail:
-                    found = True
-                    break
+        while not _any_request(rings) and time.monotonic_ns() < deadline:
+            pass
         for ring in rings:
             ring.kick_me_after()        # notifications on again, whatever process() does
         self._process_rings(rings)      # then what came
@@ -540,6 +536,13 @@ class VhostFrontEnd:
                 os.unlink(self.socket_path)
         if ended is not None:
             raise ended
+
+
+def _any_request(rings: list[Virtqueue]) -> bool:
+    for ring in rings:
+        if ring.avail_idx() != ring.last_avail:
+            return True
+    return False
 
 
 def _fds(ancillary: list[Any]) -> list[int]:

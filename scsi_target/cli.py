@@ -453,8 +453,9 @@ def run(log_level: str, log_format: str, portals: tuple[str, ...], no_iscsi: boo
         if config.isns:
             tcp += ["--isns", config.isns]
         children["fetd_tcp"] = tcp
-    for name, argv in vhosts.items():   # on the CPUs placement kept from the VMs, it polls (0312)
-        children[name] = argv + (["--poll-us", str(VHOST_POLL_US)] if name in cpus else []) + fetd_rules
+    for name, argv in vhosts.items():   # on the CPUs placement kept from the VMs, it polls unless told (0312)
+        poll = ["--poll-us", str(VHOST_POLL_US)] if name in cpus and "--poll-us" not in argv else []
+        children[name] = argv + poll + fetd_rules
     plan = Plan(config, cpus, poll_us, not no_iscsi, tuple(vhosts), functools.partial(mark_serving, lock))
     status = Supervisor(children, cpus, log_format, plan.line, lambda: plan.printed).run()
     if plan.printed or status != 2:   # a child that could not start said why, in its one line

@@ -648,35 +648,38 @@ def test_run_starts_a_vhost_front_end_beside_iscsi(tmp_short):
         t.stop()
 
 
-@pytest.mark.parametrize("mode", ["split", "none"])
-def test_run_places_a_vhost_front_end_on_the_stmls_cpus(tmp_short, mode):
+@pytest.mark.parametrize("mode, option, poll", [("split", "", None), ("none", "", b""), ("split", ",poll_us=0", b"0")])
+def test_run_places_a_vhost_front_end_on_the_stmls_cpus(tmp_short, mode, option, poll):
     """run --no-iscsi --vhost: the STML and fetd_vhost (every thread of each)
     share the CPUs the VMs are left without, the STML sleeps at once and
-    fetd_vhost polls its rings; with `none` both run anywhere and neither polls."""
+    fetd_vhost polls its rings (VHOST_POLL_US, or the flag's poll_us); with
+    `none` both run anywhere and neither polls."""
     from scsi_target.cli import VHOST_POLL_US, placement
     from support.procs import children_by_module
     from support.target import Target
     allowed = os.sched_getaffinity(0)
     sock = str(tmp_short() / "vm.sock")
-    with Target("--lun", "ram:16MiB", "--no-iscsi", "--vhost", sock, "--cpu-affinity", mode, portals=()) as t:
+    with Target("--lun", "ram:16MiB", "--no-iscsi", "--vhost", sock + option, "--cpu-affinity", mode,
+                portals=()) as t:
         kids = children_by_module(t.proc.pid)
         argv = {who: open(f"/proc/{kids[who]}/cmdline", "rb").read().split(b"\0") for who in ("stml", "fetd_vhost")}
         sets = {who: {frozenset(os.sched_getaffinity(int(tid))) for tid in os.listdir(f"/proc/{kids[who]}/task")}
                 for who in ("stml", "fetd_vhost")}
-        assert b"--poll-us" not in argv["stml"]
-        if mode == "split" and len(allowed) >= 2:
+        fe = argv["fetd_vhost"]
+        placed = mode == "split" and len(allowed) >= 2
+        assert b"--poll-us" not in argv["stml"] and fe.count(b"--poll-us") == (placed or bool(poll))
+        if placed:
             share = frozenset(placement(["stml"], ["fetd_vhost"], allowed)["stml"])
             assert sets == {"stml": {share}, "fetd_vhost": {share}} and share < allowed
-            fe = argv["fetd_vhost"]
-            assert fe[fe.index(b"--poll-us") + 1] == str(VHOST_POLL_US).encode()
+            assert fe[fe.index(b"--poll-us") + 1] == (poll or str(VHOST_POLL_US).encode())
         else:
             assert sets == {"stml": {frozenset(allowed)}, "fetd_vhost": {frozenset(allowed)}}
-            assert b"--poll-us" not in argv["fetd_vhost"]
 
 
 @pytest.mark.parametrize("flag, message", [
     ("/tmp/x.sock,target=iqn.2026-11.org.nowhere:t", "no target iqn.2026-11.org.nowhere:t"),
-    ("/tmp/x.sock,colour=blue", "is not target=IQN, initiator=NAME or group=GROUP"),
+    ("/tmp/x.sock,colour=blue", "is not target=IQN, initiator=NAME, group=GROUP or poll_us=US"),
+    ("/tmp/x.sock,poll_us=fast", "--vhost: poll_us must be an integer from 0 to 10000, not 'fast'"),
     ("/tmp/x.sock,group=no-such-group-here", "vhost socket /tmp/x.sock: no group no-such-group-here"),
 ])
 def test_run_refuses_a_bad_vhost_flag(tmp_short, flag, message):
