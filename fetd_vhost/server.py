@@ -230,10 +230,12 @@ class Connection:
         """Watch quieted rings for the guest's next request for up to
         `window_ns`. At QD1 the next request then needs neither the guest's
         notification (under TCG an exit of the vCPU and a system call) nor
-        our wake-up on an idle CPU (decision 0312)."""
+        our wake-up on an idle CPU (decision 0312). Each look yields the CPU
+        to whatever else is runnable on it (a VM's thread the scheduler moved
+        here): the spin takes only a CPU nobody else wants."""
         deadline = time.monotonic_ns() + window_ns
         while not _any_request(rings) and time.monotonic_ns() < deadline:
-            pass
+            os.sched_yield()
         for ring in rings:
             ring.kick_me_after()        # notifications on again, whatever process() does
         self._process_rings(rings)      # then what came
