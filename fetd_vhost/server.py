@@ -85,6 +85,10 @@ class Connection:
         self.closed = False
         self._scheduled: set[int] = set()        # rings a _process call is queued for
         self.rescan = False          # the guest was let in: tell it to scan once the nexus is ready
+        # the poll (Connection.poll) only while it pays: the guest's last request came
+        # within the window of the answer before it (measured at the kick when not polling)
+        self.poll_next = True
+        self.idle_since = 0          # monotonic ns of the last answer that left nothing in flight
         sock.setblocking(False)
         self.loop.add_reader(sock.fileno(), self._readable)
 
@@ -160,6 +164,9 @@ class Connection:
             self.loop.remove_reader(fd)
 
     def _kicked(self, ring: Virtqueue) -> None:
+        if self.idle_since:
+            self.poll_next = time.monotonic_ns() - self.idle_since <= self.fe.poll_ns
+            self.idle_since = 0
         fd = ring.kick_fd
         if fd is not None:
             try:    # (not contextlib.suppress: compiled, that is a Python object per kick)
@@ -211,19 +218,15 @@ class Connection:
                 except OSError:
                     pass
 
-    def quiet_rings(self) -> list[Virtqueue]:
-        """The request rings to poll (Connection.poll), their notifications off
-        already, so that a driver answered by the interrupt that follows does
-        not kick: none when a request is in flight (the STML has something to
-        answer that a spin would delay)."""
+    def idle_rings(self) -> list[Virtqueue]:
+        """The request rings, when all of them are answered (none otherwise: the
+        STML has something to answer that a poll would delay)."""
         if self.closed or not self.device.online:
             return []
         rings = [ring for ring in self.device.rings[2:] if ring.ready]
         for ring in rings:
             if ring.in_flight:
                 return []
-        for ring in rings:
-            ring.quiet()
         return rings
 
     def poll(self, rings: list[Virtqueue], window_ns: int) -> None:
@@ -233,9 +236,13 @@ class Connection:
         our wake-up on an idle CPU (decision 0312). Each look yields the CPU
         to whatever else is runnable on it (a VM's thread the scheduler moved
         here): the spin takes only a CPU nobody else wants."""
-        deadline = time.monotonic_ns() + window_ns
+        start = time.monotonic_ns()
+        deadline = start + window_ns
         while not _any_request(rings) and time.monotonic_ns() < deadline:
             os.sched_yield()
+        self.poll_next = _any_request(rings)
+        if not self.poll_next:
+            self.idle_since = start     # the kick tells how long the guest took after all
         for ring in rings:
             ring.kick_me_after()        # notifications on again, whatever process() does
         self._process_rings(rings)      # then what came
@@ -405,10 +412,15 @@ class VhostFrontEnd:
         conn = self.conn
         if conn is not None:
             conn.resume()     # answers may have freed places in a held ring
-            rings = conn.quiet_rings() if self.poll_ns else []
-            conn.signal()
-            if rings:
+            rings = conn.idle_rings() if self.poll_ns else []
+            if rings and conn.poll_next:
+                for ring in rings:    # before the interrupt, so that the driver it wakes does not kick
+                    ring.quiet()
+                conn.signal()
                 conn.poll(rings, self.poll_ns)
+                return
+            conn.idle_since = time.monotonic_ns() if rings else 0
+            conn.signal()
 
     # ---------------------------------------------------------------- STML -> us
     def detect(self, detect: Detect) -> None:

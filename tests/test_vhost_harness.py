@@ -282,6 +282,35 @@ def test_polling_takes_the_next_request_without_a_kick(stml, vhost, masters, pol
         assert kicks == 20
 
 
+def test_polling_stops_while_the_guest_takes_longer_than_the_window(stml, vhost, masters):
+    """The poll pays only when the guest's next request comes within the
+    window: after a guest that paused longer (here 3x the window between
+    commands), the next command is kicked (no poll after that answer), and a
+    guest quick again is polled for from the following answer on. Counted:
+    kicks per phase."""
+    m = masters(vhost(stml.endpoint, extra=("--poll-us", "10000")))
+    m.start()
+    q = m.queues[2]
+    assert m.run(q, TUR).response == OK
+
+    def commands(n: int, pause: float) -> int:
+        kicks = 0
+        for _ in range(n):
+            time.sleep(pause)
+            old = q.avail_idx
+            p = m.submit(q, TUR, publish=False)
+            q.publish(kick=False)
+            if need_event(q.avail_event(), q.avail_idx, old):
+                os.eventfd_write(q.kick, 1)
+                kicks += 1
+            assert m.wait(p).response == OK
+        return kicks
+
+    assert commands(3, 0.03) == 3      # each pause outlasted the window
+    quick = commands(20, 0)
+    assert 1 <= quick < 10             # the first after the pauses was kicked, most after it not
+
+
 def test_no_interrupt_flag_without_event_index(stml, vhost, masters):
     """A driver without event index (VIRTQ_AVAIL_F_NO_INTERRUPT in the
     available ring's flags) gets no interrupt while it sets the flag, and
