@@ -207,7 +207,7 @@ def hops(data: Path, procs: dict[str, int]) -> None:
                           capture_output=True, text=True).stdout
     event = re.compile(r"\s*(\d+)\s+\[(\d+)\]\s+([\d.]+):\s+sched:(sched_waking|sched_switch):\s+(.*)")
     fetd, stml, main = procs["fetd"], procs["stml"], procs["qemu"]
-    wakes = collections.Counter()
+    wakes: collections.Counter[int] = collections.Counter()
     rows = []
     for line in text.splitlines():
         m = event.match(line)
@@ -252,8 +252,8 @@ def hops(data: Path, procs: dict[str, int]) -> None:
         print(f"  {HOPS[-1]:>10s} -> next kick  {statistics.median(nxt):7.1f}  (the guest)")
     cross = collections.Counter(tuple(s[2] != s[1] for s in c[:7:2]) for c in chains)
     print("  wake-ups onto another CPU than the waker's (kick, STML, fetd, QEMU), share of chains:")
-    for k, n in cross.most_common(4):
-        print(f"    {k}: {n / len(chains):.0%}")
+    for crossed, times in cross.most_common(4):
+        print(f"    {crossed}: {times / len(chains):.0%}")
 
 
 if __name__ == "__main__":
