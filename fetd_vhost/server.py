@@ -19,7 +19,7 @@ import socket
 import stat
 import struct
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Final
 
 from stml.api import Detect, FrontEndLink, Target
 
@@ -35,6 +35,7 @@ FEATURES = bits(Feature.VERSION_1, Feature.INDIRECT_DESC, Feature.EVENT_IDX,
 PROTOCOL_FEATURES = bits(ProtocolFeature.MQ, ProtocolFeature.REPLY_ACK)
 REPLY_TIMEOUT = 5.0
 _FD_SPACE = socket.CMSG_SPACE(MAX_FDS * struct.calcsize("i"))
+YIELDED_NS: Final = 50_000    # a look at the rings this much apart: another task had the CPU
 
 
 def initiator_name(socket_path: str) -> str:
@@ -235,14 +236,18 @@ class Connection:
         notification (under TCG an exit of the vCPU and a system call) nor
         our wake-up on an idle CPU (decision 0312). Each look yields the CPU
         to whatever else is runnable on it (a VM's thread the scheduler moved
-        here): the spin takes only a CPU nobody else wants."""
-        start = time.monotonic_ns()
+        here), and a look that came back late (another task ran) ends the
+        poll, and the next: the spin takes only a CPU nobody else wants."""
+        start = now = time.monotonic_ns()
         deadline = start + window_ns
-        while not _any_request(rings) and time.monotonic_ns() < deadline:
+        wanted = False
+        while not _any_request(rings) and now < deadline and not wanted:
             os.sched_yield()
+            last, now = now, time.monotonic_ns()
+            wanted = now - last > YIELDED_NS
         self.poll_next = _any_request(rings)
-        if not self.poll_next:
-            self.idle_since = start     # the kick tells how long the guest took after all
+        if not self.poll_next:      # the kick tells how long the guest took after all (not when
+            self.idle_since = 0 if wanted else start     # the CPU was wanted: skip one poll)
         for ring in rings:
             ring.kick_me_after()        # notifications on again, whatever process() does
         self._process_rings(rings)      # then what came
