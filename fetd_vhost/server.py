@@ -24,7 +24,7 @@ from typing import Any, Callable, Final
 from stml.api import Detect, FrontEndLink, Target
 
 from fetd_vhost.protocol import MAX_FDS, Feature, Framer, Message, ProtocolError, ProtocolFeature, Session, bits
-from fetd_vhost.scsi import S, VirtioScsiDevice
+from fetd_vhost.scsi import EVENT_Q, S, VirtioScsiDevice
 from fetd_vhost.virtqueue import Virtqueue
 
 log = logging.getLogger("fetd_vhost")
@@ -219,12 +219,20 @@ class Connection:
                 except OSError:
                     pass
 
+    def answered(self) -> bool:
+        """Answers on a request queue are to be signalled: a poll may pay (an
+        event, a detect or a task management answer brings no request after it)."""
+        for index in self.device.to_signal:
+            if index > EVENT_Q:
+                return True
+        return False
+
     def idle_rings(self) -> list[Virtqueue]:
         """The request rings, when all of them are answered (none otherwise: the
         STML has something to answer that a poll would delay)."""
         if self.closed or not self.device.online:
             return []
-        rings = [ring for ring in self.device.rings[2:] if ring.ready]
+        rings = [ring for ring in self.device.rings[EVENT_Q + 1:] if ring.ready]
         for ring in rings:
             if ring.in_flight:
                 return []
@@ -417,7 +425,7 @@ class VhostFrontEnd:
         conn = self.conn
         if conn is not None:
             conn.resume()     # answers may have freed places in a held ring
-            rings = conn.idle_rings() if self.poll_ns else []
+            rings = conn.idle_rings() if self.poll_ns and conn.answered() else []
             if rings and conn.poll_next:
                 for ring in rings:    # before the interrupt, so that the driver it wakes does not kick
                     ring.quiet()
