@@ -9,6 +9,8 @@ from typing import Any
 
 import click
 
+MAX_POLL_US = 10_000    # a window longer than this is a mistyped number, not a latency trade
+
 
 @click.command("fetd-vhost")
 @click.option("--socket", "socket_path", required=True, type=click.Path(dir_okay=False),
@@ -24,13 +26,16 @@ import click
 @click.option("--key", "own_key", type=click.Path(dir_okay=False), help="This front end's key pair.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--poll-us", type=click.IntRange(0, MAX_POLL_US), default=0, show_default=True, metavar="US",
+              help="After the last answer, watch the VM's request queues this long for its next "
+                   "request before sleeping: less latency for a CPU kept busy (0: off).")
 @click.option("--inject", "inject", multiple=True, metavar="RULE",
               help="A fault-injection rule for this front end's link, repeatable: 'fetd:KIND OP "
                    "[at=N|p=P seed=S] [ms=..]' (docs/research.md, \"Fault injection\").")
 @click.option("--inject-file", "inject_files", multiple=True, type=click.Path(dir_okay=False),
               metavar="FILE", help="Fault-injection rules, one a line (# comments), repeatable.")
 def main(socket_path: str, target: str, stml_endpoint: str, initiator: str | None, group: str | None,
-         stml_key: str | None, own_key: str | None, log_level: str, inject: tuple[str, ...],
+         stml_key: str | None, own_key: str | None, log_level: str, poll_us: int, inject: tuple[str, ...],
          inject_files: tuple[str, ...]) -> None:
     """Serve a target's LUNs to a QEMU VM (vhost-user-scsi).
 
@@ -64,7 +69,7 @@ def main(socket_path: str, target: str, stml_endpoint: str, initiator: str | Non
         sys.exit(2)
     from stml.api import RegistrationRefused
     try:
-        run_loop(run_fetd_vhost(stml_endpoint, socket_path, target, initiator, curve, rules, gid))
+        run_loop(run_fetd_vhost(stml_endpoint, socket_path, target, initiator, curve, rules, gid, poll_us))
     except OSError as e:
         click.echo(f"scsi-target: fetd-vhost: cannot listen on {socket_path}: {e}", err=True)
         sys.exit(2)
@@ -84,7 +89,7 @@ def group_id(group: str) -> int:
 
 # ------------------------------------------------------------------ `scsi-target run --vhost`
 
-OPTIONS = ("target", "initiator", "group")     # what a --vhost flag or [[vhost]] table may set
+OPTIONS = ("target", "initiator", "group")     # what a --vhost flag or [[vhost]] table may set (strings)
 
 
 @dataclass(frozen=True)
@@ -93,25 +98,41 @@ class VhostSpec:
     target: str | None = None
     initiator: str | None = None
     group: str | None = None
+    poll_us: int | None = None     # None: `run` decides (its placement, decision 0312)
+
+
+def _poll_us(value: object, where: str) -> int:
+    """A poll window: an integer 0..MAX_POLL_US. Raises ValueError."""
+    try:
+        n = int(value) if isinstance(value, (int, str)) and not isinstance(value, bool) else -1
+    except ValueError:
+        n = -1
+    if not 0 <= n <= MAX_POLL_US:
+        raise ValueError(f"{where}: poll_us must be an integer from 0 to {MAX_POLL_US}, not {value!r}")
+    return n
 
 
 def parse_vhost(value: str, where: str = "--vhost") -> VhostSpec:
-    """PATH[,target=IQN][,initiator=NAME][,group=GROUP]. Raises ValueError."""
+    """PATH[,target=IQN][,initiator=NAME][,group=GROUP][,poll_us=US]. Raises ValueError."""
     path, *opts = value.split(",")
     if not path:
         raise ValueError(f"{where}: {value!r} names no socket path")
     kw: dict[str, str] = {}
+    poll: int | None = None
     for opt in opts:
         key, eq, val = opt.partition("=")
+        if key == "poll_us" and eq:
+            poll = _poll_us(val, where)
+            continue
         if not eq or key not in OPTIONS or not val:
-            raise ValueError(f"{where}: {opt!r} is not target=IQN, initiator=NAME or group=GROUP")
+            raise ValueError(f"{where}: {opt!r} is not target=IQN, initiator=NAME, group=GROUP or poll_us=US")
         kw[key] = val
-    return VhostSpec(path, **kw)
+    return VhostSpec(path, **kw, poll_us=poll)
 
 
 def vhost_specs(config: Any, flags: tuple[str, ...]) -> list[VhostSpec]:
     """The VM sockets to serve: --vhost flags, then the config file's [[vhost]]
-    tables ({socket, target?, initiator?, group?}). Raises ValueError."""
+    tables ({socket, target?, initiator?, group?, poll_us?}). Raises ValueError."""
     specs = [parse_vhost(f) for f in flags]
     tables = config.raw.get("vhost", [])
     if not isinstance(tables, list):
@@ -119,14 +140,15 @@ def vhost_specs(config: Any, flags: tuple[str, ...]) -> list[VhostSpec]:
     for i, t in enumerate(tables):
         where = f"vhost[{i}]"
         if not isinstance(t, dict) or not isinstance(t.get("socket"), str) \
-                or set(t) - {"socket", *OPTIONS} \
+                or set(t) - {"socket", "poll_us", *OPTIONS} \
                 or not all(isinstance(t.get(k, ""), str) for k in OPTIONS):
             raise ValueError(f"{where}: needs socket = PATH, and may have target, initiator and group "
-                             f"(strings)")
+                             f"(strings) and poll_us (an integer)")
         socket = t["socket"]
         if config.path is not None and not os.path.isabs(socket):
             socket = str(config.path.parent / socket)
-        specs.append(VhostSpec(socket, t.get("target"), t.get("initiator"), t.get("group")))
+        poll = _poll_us(t["poll_us"], where) if "poll_us" in t else None
+        specs.append(VhostSpec(socket, t.get("target"), t.get("initiator"), t.get("group"), poll))
     names = {t.name for t in config.targets}
     for s in specs:
         if s.target is not None and s.target not in names:
@@ -165,6 +187,8 @@ def vhost_children(config: Any, flags: tuple[str, ...], log_level: str) -> dict[
             argv += ["--initiator", s.initiator]
         if s.group:
             argv += ["--group", s.group]
+        if s.poll_us is not None:
+            argv += ["--poll-us", str(s.poll_us)]
         children[f"fetd_vhost{i}" if i else "fetd_vhost"] = argv
         # a flag is not saved in the config file: a later start without it serves no such socket
         once = "; this run only: a [[vhost]] table serves it at every start" if i < len(flags) else ""

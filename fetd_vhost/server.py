@@ -18,12 +18,13 @@ import signal
 import socket
 import stat
 import struct
-from typing import Any, Callable
+import time
+from typing import Any, Callable, Final
 
 from stml.api import Detect, FrontEndLink, Target
 
 from fetd_vhost.protocol import MAX_FDS, Feature, Framer, Message, ProtocolError, ProtocolFeature, Session, bits
-from fetd_vhost.scsi import S, VirtioScsiDevice
+from fetd_vhost.scsi import EVENT_Q, S, VirtioScsiDevice
 from fetd_vhost.virtqueue import Virtqueue
 
 log = logging.getLogger("fetd_vhost")
@@ -34,6 +35,7 @@ FEATURES = bits(Feature.VERSION_1, Feature.INDIRECT_DESC, Feature.EVENT_IDX,
 PROTOCOL_FEATURES = bits(ProtocolFeature.MQ, ProtocolFeature.REPLY_ACK)
 REPLY_TIMEOUT = 5.0
 _FD_SPACE = socket.CMSG_SPACE(MAX_FDS * struct.calcsize("i"))
+YIELDED_NS: Final = 50_000    # a look at the rings this much apart: another task had the CPU
 
 
 def initiator_name(socket_path: str) -> str:
@@ -84,6 +86,10 @@ class Connection:
         self.closed = False
         self._scheduled: set[int] = set()        # rings a _process call is queued for
         self.rescan = False          # the guest was let in: tell it to scan once the nexus is ready
+        # the poll (Connection.poll) only while it pays: the guest's last request came
+        # within the window of the answer before it (measured at the kick when not polling)
+        self.poll_next = True
+        self.idle_since = 0          # monotonic ns of the last answer that left nothing in flight
         sock.setblocking(False)
         self.loop.add_reader(sock.fileno(), self._readable)
 
@@ -159,6 +165,9 @@ class Connection:
             self.loop.remove_reader(fd)
 
     def _kicked(self, ring: Virtqueue) -> None:
+        if self.idle_since:
+            self.poll_next = time.monotonic_ns() - self.idle_since <= self.fe.poll_ns
+            self.idle_since = 0
         fd = ring.kick_fd
         if fd is not None:
             try:    # (not contextlib.suppress: compiled, that is a Python object per kick)
@@ -210,6 +219,47 @@ class Connection:
                 except OSError:
                     pass
 
+    def answered(self) -> bool:
+        """Answers on a request queue are to be signalled: a poll may pay (an
+        event, a detect or a task management answer brings no request after it)."""
+        for index in self.device.to_signal:
+            if index > EVENT_Q:
+                return True
+        return False
+
+    def idle_rings(self) -> list[Virtqueue]:
+        """The request rings, when all of them are answered (none otherwise: the
+        STML has something to answer that a poll would delay)."""
+        if self.closed or not self.device.online:
+            return []
+        rings = [ring for ring in self.device.rings[EVENT_Q + 1:] if ring.ready]
+        for ring in rings:
+            if ring.in_flight:
+                return []
+        return rings
+
+    def poll(self, rings: list[Virtqueue], window_ns: int) -> None:
+        """Watch quieted rings for the guest's next request for up to
+        `window_ns`. At QD1 the next request then needs neither the guest's
+        notification (under TCG an exit of the vCPU and a system call) nor
+        our wake-up on an idle CPU (decision 0312). Each look yields the CPU
+        to whatever else is runnable on it (a VM's thread the scheduler moved
+        here), and a look that came back late (another task ran) ends the
+        poll, and the next: the spin takes only a CPU nobody else wants."""
+        start = now = time.monotonic_ns()
+        deadline = start + window_ns
+        wanted = False
+        while not _any_request(rings) and now < deadline and not wanted:
+            os.sched_yield()
+            last, now = now, time.monotonic_ns()
+            wanted = now - last > YIELDED_NS
+        self.poll_next = _any_request(rings)
+        if not self.poll_next:      # the kick tells how long the guest took after all (not when
+            self.idle_since = 0 if wanted else start     # the CPU was wanted: skip one poll)
+        for ring in rings:
+            ring.kick_me_after()        # notifications on again, whatever process() does
+        self._process_rings(rings)      # then what came
+
     # ---------------------------------------------------------------- STML state
     def set_online(self, online: bool) -> None:
         was, self.device.online = self.device.online, online
@@ -235,8 +285,9 @@ class VhostFrontEnd:
 
     def __init__(self, stml_endpoint: str, socket_path: str, target: str,
                  initiator: str | None = None, curve: dict[str, bytes] | None = None,
-                 group: int | None = None) -> None:
+                 group: int | None = None, poll_us: int = 0) -> None:
         self.socket_path = socket_path
+        self.poll_ns = poll_us * 1000   # after the last answer: watch the rings this long (Connection.poll)
         self.group = group       # a gid: the socket is 0660 in that group (QEMU as another user)
         self.target_name = target
         self.initiator = initiator or initiator_name(socket_path)
@@ -371,9 +422,18 @@ class VhostFrontEnd:
 
     def signal_now(self) -> None:
         self._signal = None
-        if self.conn is not None:
-            self.conn.resume()     # answers may have freed places in a held ring
-            self.conn.signal()
+        conn = self.conn
+        if conn is not None:
+            conn.resume()     # answers may have freed places in a held ring
+            rings = conn.idle_rings() if self.poll_ns and conn.answered() else []
+            if rings and conn.poll_next:
+                for ring in rings:    # before the interrupt, so that the driver it wakes does not kick
+                    ring.quiet()
+                conn.signal()
+                conn.poll(rings, self.poll_ns)
+                return
+            conn.idle_since = time.monotonic_ns() if rings else 0
+            conn.signal()
 
     # ---------------------------------------------------------------- STML -> us
     def detect(self, detect: Detect) -> None:
@@ -505,6 +565,13 @@ class VhostFrontEnd:
             raise ended
 
 
+def _any_request(rings: list[Virtqueue]) -> bool:
+    for ring in rings:
+        if ring.avail_idx() != ring.last_avail:
+            return True
+    return False
+
+
 def _fds(ancillary: list[Any]) -> list[int]:
     fds: list[int] = []
     for level, kind, data in ancillary:
@@ -516,12 +583,12 @@ def _fds(ancillary: list[Any]) -> list[int]:
 
 async def run_fetd_vhost(stml_endpoint: str, socket_path: str, target: str,
                          initiator: str | None = None, curve: dict[str, bytes] | None = None,
-                         inject: list[Any] | None = None, group: int | None = None) -> None:
+                         inject: list[Any] | None = None, group: int | None = None, poll_us: int = 0) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    fe = VhostFrontEnd(stml_endpoint, socket_path, target, initiator, curve, group)
+    fe = VhostFrontEnd(stml_endpoint, socket_path, target, initiator, curve, group, poll_us)
     if inject:   # fault injection: off, and no tap, unless asked
         from stml.api.inject import tap_link
         tap_link(inject, fe.link, "fetd_vhost")

@@ -251,6 +251,13 @@ class Virtqueue:
         full_barrier()
         return self.avail_idx() != self.last_avail
 
+    def quiet(self) -> None:
+        """Ask the driver not to notify us of the next request (we are polling
+        the ring for it): avail_event one behind what we took, which the index
+        of a new request never passes. kick_me_after asks again."""
+        if self.event_idx and self._used is not None:
+            self._used[2 + 4 * self.num] = (self.last_avail - 1) & 0xFFFF
+
     def needs_signal(self) -> bool:
         """Should the driver be interrupted for what we pushed since the last signal?"""
         if self._avail is None or self.signalled_used == self.used_idx:

@@ -918,10 +918,12 @@ def vhost_script(runs: int, scale: float) -> str:
 
 
 @contextlib.contextmanager
-def vhost_guest(script: str, shm_dir: Path, run_args: tuple[str, ...] = ()) -> Iterator[VhostGuest]:
+def vhost_guest(script: str, shm_dir: Path, run_args: tuple[str, ...] = (),
+                vhost_options: str = "") -> Iterator[VhostGuest]:
     """The --vhost guest running `script` (shell, in its initramfs, with
     guestio): `scsi-target run` serving a filled file in `shm_dir` to it by
-    fetd_vhost, and QEMU's own virtio-scsi disk on another; all stopped after."""
+    fetd_vhost (`vhost_options` after the socket path: ",poll_us=0"), and
+    QEMU's own virtio-scsi disk on another; all stopped after."""
     sys.path.insert(0, str(ROOT / "tests"))
     from support import guest as G
     work = Path(tempfile.mkdtemp(prefix="bench"))
@@ -937,7 +939,7 @@ def vhost_guest(script: str, shm_dir: Path, run_args: tuple[str, ...] = ()) -> I
         sock = work / "vm.sock"
         proc = subprocess.Popen(
             [sys.executable, "-m", "scsi_target", "run", "--data-dir", str(work / "ours"),
-             "--lun", f"file:{ours_img},thick", "--no-iscsi", "--vhost", str(sock), "--log-level", "warning",
+             "--lun", f"file:{ours_img},thick", "--no-iscsi", "--vhost", str(sock) + vhost_options, "--log-level", "warning",
              *run_args],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, cwd=ROOT)
         said = []
@@ -975,7 +977,8 @@ class VhostGuest(NamedTuple):
 
 def run_vhost(args: argparse.Namespace) -> dict:
     """One guest, two disks: fetd_vhost and QEMU's own virtio-scsi, in turns."""
-    with vhost_guest(vhost_script(args.runs, args.scale), args.shm_dir) as g:
+    with vhost_guest(vhost_script(args.runs, args.scale), args.shm_dir, tuple(args.run_arg),
+                     args.vhost_options) as g:
         vm, accel = g.vm, g.accel
         print(f"guest: {g.kernel}, {accel.upper()}", flush=True)
         vm.wait("EXIT", timeout=3600)
@@ -983,6 +986,7 @@ def run_vhost(args: argparse.Namespace) -> dict:
         if len((marks.get("DISKS") or "").split()) != 2:
             raise RuntimeError("the guest did not see both disks:\n" + vm.console()[-3000:])
     results: dict = {"workloads": {}, "runs": args.runs, "mode": "vhost", "accel": accel,
+                     "run_args": args.run_arg, "vhost_options": args.vhost_options,
                      "guest_kernel": g.kernel, "disk_bytes": VHOST_SIZE}
     for name, _, bs, _ in VHOST_WORKLOADS:
         per: dict[str, list[float]] = {"scsi-target": [], "qemu": []}
@@ -1126,6 +1130,10 @@ def main() -> None:
                                   "docs/perf/DATE-COMMIT[-thin|-loopback|-vhost|-rbd].json in the tree measured")
     ap.add_argument("--vhost", action="store_true",
                     help="a Linux guest: fetd_vhost against QEMU's own virtio-scsi (see above)")
+    ap.add_argument("--vhost-options", default="", metavar=",KEY=VALUE...",
+                    help="--vhost: after run's socket path (e.g. ,poll_us=0: fetd_vhost does not poll)")
+    ap.add_argument("--run-arg", action="append", default=[], metavar="ARG",
+                    help="--vhost: one more `scsi-target run` argument (e.g. --run-arg=--cpu-affinity=none)")
     ap.add_argument("--thin", action="store_true",
                     help="the default thin LUN: a sparse file fragmented by scattered 4 KiB writes, "
                          "then 64 KiB reads (instead of the thick workloads)")

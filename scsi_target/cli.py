@@ -41,12 +41,14 @@ from stml.portals import GATEWAY_STATE
 CHUNK = 1 << 20  # copy-in/out transfer size
 POLL_US = 200    # the STML's busy-poll window when it has CPUs of its own: a QD1 round trip
                  # through the front end and the initiator takes 100-150 us on a 2-vCPU VM
+VHOST_POLL_US = 300   # a vhost front end's poll after its last answer, on CPUs apart from the VMs':
+                      # longer than a TCG guest takes from its interrupt to its next QD1 request (0312)
 DEPTH = 4        # commands in flight during copies
 BANNER_LUNS = 16  # LUNs `run`'s banner lists; `lun list` shows them all
 RUN_LOCK = "run.lock"   # in the data dir: held by its `run`, which writes its PID there
 CONTEXT = {"max_content_width": 100, "help_option_names": ["-h", "--help"]}
 
-__all__ = ["Supervisor", "cpu_list", "cpu_split", "main"]
+__all__ = ["Supervisor", "cpu_list", "cpu_split", "main", "placement"]
 
 
 class Size(click.ParamType):
@@ -124,6 +126,21 @@ def cpu_split(names: list[str], allowed: set[int]) -> dict[str, set[int]]:
     share = len(cpus) // len(names)
     return {name: set(cpus[i * share:(i + 1) * share] if i < len(names) - 1 else cpus[i * share:])
             for i, name in enumerate(names)}
+
+
+def placement(names: list[str], vhosts: list[str], allowed: set[int]) -> dict[str, set[int]]:
+    """`--cpu-affinity split`: the STML and fetd_tcp on shares of their own
+    (cpu_split). vhost front ends run on the STML's share and the first share
+    is left to the VMs' vCPU threads: at QD1 a vhost front end and the STML
+    take turns per command, and handing over on one CPU wakes no idle CPU
+    while the vCPU goes on with its own work (decision 0312). When the CPUs
+    do not go round for that, the split is as without vhost front ends."""
+    if vhosts:
+        split = cpu_split(["(vms)", *names], allowed)
+        if split:
+            del split["(vms)"]
+            return split | {name: split["stml"] for name in vhosts}
+    return cpu_split(names, allowed)
 
 
 def cpu_list(cpus: set[int]) -> str:
@@ -356,7 +373,8 @@ class Plan:
 @click.option("--no-iscsi", is_flag=True, help="Run the STML alone, without the iSCSI front end.")
 @click.option("--cpu-affinity", type=click.Choice(["split", "none"]), default="split", show_default=True,
               help="split: the STML and the front end each on their own share of the CPUs this "
-                   "command may use (taskset narrows them); none: wherever the scheduler puts them.")
+                   "command may use (taskset narrows them), vhost front ends on the STML's, the "
+                   "first share left to the VMs; none: wherever the scheduler puts them.")
 @vhost_option
 @trace_options
 @inject_options
@@ -401,9 +419,12 @@ def run(log_level: str, log_format: str, portals: tuple[str, ...], no_iscsi: boo
     # librbd's threads run in the STML: pinned to its share they would queue
     # behind its event loop (and its polling), so RBD LUNs leave the CPUs whole
     rbd = any(lc.options.kind == "rbd" for t in config.targets for lc in t.luns)
-    cpus = cpu_split(names, os.sched_getaffinity(0)) if cpu_affinity == "split" and not rbd else {}
-    if config.stml.poll_us is None and cpus:
-        config.stml.poll_us = POLL_US   # the STML has CPUs of its own: polling them costs the front end nothing
+    vhosts = vhost_children(config, vhost, log_level)
+    cpus = placement(names, list(vhosts), os.sched_getaffinity(0)) if cpu_affinity == "split" and not rbd else {}
+    if config.stml.poll_us is None and cpus and not any(name in cpus for name in vhosts):
+        # the STML has CPUs of its own: polling them costs the front end nothing (a vhost
+        # front end on them would wait for each poll to end: decision 0312)
+        config.stml.poll_us = POLL_US
     poll_us = config.stml.poll_us
     logs = ["--log-level", log_level, "--log-format", log_format]
     base = _config_args(kw) + logs
@@ -432,8 +453,9 @@ def run(log_level: str, log_format: str, portals: tuple[str, ...], no_iscsi: boo
         if config.isns:
             tcp += ["--isns", config.isns]
         children["fetd_tcp"] = tcp
-    vhosts = {name: argv + fetd_rules for name, argv in vhost_children(config, vhost, log_level).items()}
-    children.update(vhosts)
+    for name, argv in vhosts.items():   # on the CPUs placement kept from the VMs, it polls unless told (0312)
+        poll = ["--poll-us", str(VHOST_POLL_US)] if name in cpus and "--poll-us" not in argv else []
+        children[name] = argv + poll + fetd_rules
     plan = Plan(config, cpus, poll_us, not no_iscsi, tuple(vhosts), functools.partial(mark_serving, lock))
     status = Supervisor(children, cpus, log_format, plan.line, lambda: plan.printed).run()
     if plan.printed or status != 2:   # a child that could not start said why, in its one line

@@ -235,6 +235,18 @@ def test_cpu_split_leaves_a_lone_child_alone():
     assert cpu_split(["stml"], set(range(4))) == {}
 
 
+@pytest.mark.parametrize("names, allowed, expected", [
+    (["stml"], {0, 1}, {"stml": {1}, "v": {1}}),                 # the first CPU left to the VMs
+    (["stml", "fetd_tcp"], {0, 1}, {"stml": {0}, "fetd_tcp": {1}}),   # three shares do not go round
+    (["stml", "fetd_tcp"], set(range(6)), {"stml": {2, 3}, "fetd_tcp": {4, 5}, "v": {2, 3}}),
+    (["stml"], {3}, {}),
+])
+def test_placement_puts_vhost_front_ends_on_the_stmls_share(names, allowed, expected):
+    from scsi_target.cli import cpu_split, placement
+    assert placement(names, ["v"], allowed) == expected
+    assert placement(names, [], allowed) == cpu_split(names, allowed)    # no vhost: as before
+
+
 @pytest.mark.parametrize("cpus, text", [({0}, "0"), ({0, 1, 2, 3}, "0-3"), ({0, 1, 3, 8, 9}, "0-1,3,8-9")])
 def test_cpu_list_is_written_as_linux_does(cpus, text):
     from scsi_target.cli import cpu_list

@@ -5,6 +5,7 @@ virtio-scsi device against a recording port (no STML, no process)."""
 from __future__ import annotations
 
 import os
+import re
 import struct
 from typing import Callable
 
@@ -616,3 +617,23 @@ def test_buffers_slices_are_the_bytes_of_that_range(sizes, offset, n):
         at += size
     got = Buffers(views, sum(sizes)).slices(offset, n)
     assert b"".join(bytes(v) for v in got) == data[offset:offset + n]
+
+
+@pytest.mark.parametrize("table, expected", [
+    ({"socket": "/s", "poll_us": 120}, 120),
+    ({"socket": "/s"}, None),                                   # `run` decides, by its placement
+    ({"socket": "/s", "poll_us": "120"}, 120),
+    ({"socket": "/s", "poll_us": 10_001}, "vhost[0]: poll_us must be an integer from 0 to 10000, not 10001"),
+    ({"socket": "/s", "poll_us": True}, "vhost[0]: poll_us must be an integer from 0 to 10000, not True"),
+])
+def test_a_vhost_table_may_set_the_poll_window(table, expected):
+    from types import SimpleNamespace
+
+    from fetd_vhost.cli import parse_vhost, vhost_specs
+    config = SimpleNamespace(raw={"vhost": [table]}, path=None, targets=[SimpleNamespace(name="iqn.x")])
+    if isinstance(expected, str):
+        with pytest.raises(ValueError, match=re.escape(expected)):
+            vhost_specs(config, ())
+    else:
+        assert vhost_specs(config, ())[0].poll_us == expected
+        assert parse_vhost("/s" + ("" if expected is None else f",poll_us={expected}")).poll_us == expected

@@ -37,9 +37,10 @@ def vhost(tmp_short):
     """start(endpoint) -> a running fetd_vhost on a private socket."""
     procs: list[VhostProcess] = []
 
-    def start(endpoint: str, sock: str | None = None, attached: bool = True) -> VhostProcess:
+    def start(endpoint: str, sock: str | None = None, attached: bool = True,
+              extra: tuple[str, ...] = ()) -> VhostProcess:
         d = str(tmp_short())
-        p = VhostProcess(endpoint, sock or os.path.join(d, "vm.sock"), IQN, d)
+        p = VhostProcess(endpoint, sock or os.path.join(d, "vm.sock"), IQN, d, extra)
         procs.append(p)
         p.wait_for("listening on")
         if attached:
@@ -250,6 +251,61 @@ def test_event_index_counts_one_kick_and_one_interrupt_for_a_batch(stml, vhost, 
     assert [(r.response, r.status, r.data) for r in (p.result(done[p.head]) for p in pending)] == \
         [(OK, GOOD, bytes(512))] * 8
     assert q.avail_event() == q.avail_idx       # the next command is to be kicked
+
+
+@pytest.mark.parametrize("poll_us, taken_by_the_poll", [(0, False), (10_000, True)])
+def test_polling_takes_the_next_request_without_a_kick(stml, vhost, masters, poll_us, taken_by_the_poll):
+    """--poll-us: once everything is answered, the front end watches the
+    request rings with the guest's notifications off (avail_event one behind
+    what it took). A driver that kicks only when avail_event asks (as
+    Linux's does) then sends QD1 commands without kicking; without the poll
+    every one is kicked. Counted: kicks over 20 commands whose data reads back
+    (a window that ended before the next command, on a loaded machine, costs
+    that command a kick, not its answer: some must go without)."""
+    m = masters(vhost(stml.endpoint, extra=("--poll-us", str(poll_us))))
+    m.start()
+    q = m.queues[2]
+    assert m.run(q, write10(40, 8), data_out=blocks(7, 8)).response == OK
+    kicks = 0
+    for _ in range(20):
+        old = q.avail_idx
+        p = m.submit(q, read10(40, 8), data_in=4096, publish=False)
+        q.publish(kick=False)
+        if need_event(q.avail_event(), q.avail_idx, old):
+            os.eventfd_write(q.kick, 1)
+            kicks += 1
+        r = m.wait(p)
+        assert (r.response, r.status, r.data) == (OK, GOOD, blocks(7, 8))
+    assert kicks < 20 if taken_by_the_poll else kicks == 20
+
+
+def test_polling_stops_while_the_guest_takes_longer_than_the_window(stml, vhost, masters):
+    """The poll pays only when the guest's next request comes within the
+    window: after a guest that paused longer (here 3x the window between
+    commands), the next command is kicked (no poll after that answer), and a
+    guest quick again is polled for from the following answer on. Counted:
+    which commands the device asked to be kicked for."""
+    m = masters(vhost(stml.endpoint, extra=("--poll-us", "10000")))
+    m.start()
+    q = m.queues[2]
+    assert m.run(q, TUR).response == OK
+
+    def commands(n: int, pause: float) -> list[bool]:
+        kicked = []
+        for _ in range(n):
+            time.sleep(pause)
+            old = q.avail_idx
+            p = m.submit(q, TUR, publish=False)
+            q.publish(kick=False)
+            kicked.append(need_event(q.avail_event(), q.avail_idx, old))
+            if kicked[-1]:
+                os.eventfd_write(q.kick, 1)
+            assert m.wait(p).response == OK
+        return kicked
+
+    assert commands(3, 0.03) == [True] * 3     # each pause outlasted the window
+    quick = commands(20, 0)
+    assert quick[0] and not all(quick)        # the first after the pauses was kicked, not all after it
 
 
 def test_no_interrupt_flag_without_event_index(stml, vhost, masters):
@@ -618,9 +674,38 @@ def test_run_starts_a_vhost_front_end_beside_iscsi(tmp_short):
         t.stop()
 
 
+@pytest.mark.parametrize("mode, option, poll", [("split", "", None), ("none", "", b""), ("split", ",poll_us=0", b"0")])
+def test_run_places_a_vhost_front_end_on_the_stmls_cpus(tmp_short, mode, option, poll):
+    """run --no-iscsi --vhost: the STML and fetd_vhost (every thread of each)
+    share the CPUs the VMs are left without, the STML sleeps at once and
+    fetd_vhost polls its rings (VHOST_POLL_US, or the flag's poll_us); with
+    `none` both run anywhere and neither polls."""
+    from scsi_target.cli import VHOST_POLL_US, placement
+    from support.procs import children_by_module
+    from support.target import Target
+    allowed = os.sched_getaffinity(0)
+    sock = str(tmp_short() / "vm.sock")
+    with Target("--lun", "ram:16MiB", "--no-iscsi", "--vhost", sock + option, "--cpu-affinity", mode,
+                portals=()) as t:
+        kids = children_by_module(t.proc.pid)
+        argv = {who: open(f"/proc/{kids[who]}/cmdline", "rb").read().split(b"\0") for who in ("stml", "fetd_vhost")}
+        sets = {who: {frozenset(os.sched_getaffinity(int(tid))) for tid in os.listdir(f"/proc/{kids[who]}/task")}
+                for who in ("stml", "fetd_vhost")}
+        fe = argv["fetd_vhost"]
+        placed = mode == "split" and len(allowed) >= 2
+        assert b"--poll-us" not in argv["stml"] and fe.count(b"--poll-us") == (placed or bool(poll))
+        if placed:
+            share = frozenset(placement(["stml"], ["fetd_vhost"], allowed)["stml"])
+            assert sets == {"stml": {share}, "fetd_vhost": {share}} and share < allowed
+            assert fe[fe.index(b"--poll-us") + 1] == (poll or str(VHOST_POLL_US).encode())
+        else:
+            assert sets == {"stml": {frozenset(allowed)}, "fetd_vhost": {frozenset(allowed)}}
+
+
 @pytest.mark.parametrize("flag, message", [
     ("/tmp/x.sock,target=iqn.2026-11.org.nowhere:t", "no target iqn.2026-11.org.nowhere:t"),
-    ("/tmp/x.sock,colour=blue", "is not target=IQN, initiator=NAME or group=GROUP"),
+    ("/tmp/x.sock,colour=blue", "is not target=IQN, initiator=NAME, group=GROUP or poll_us=US"),
+    ("/tmp/x.sock,poll_us=fast", "--vhost: poll_us must be an integer from 0 to 10000, not 'fast'"),
     ("/tmp/x.sock,group=no-such-group-here", "vhost socket /tmp/x.sock: no group no-such-group-here"),
 ])
 def test_run_refuses_a_bad_vhost_flag(tmp_short, flag, message):
