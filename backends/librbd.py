@@ -21,6 +21,10 @@ from ctypes import (
 )
 from typing import Any, Callable
 
+try:   # the compiled build's C helper (scripts/build-accel): one C call per aio start and per collection
+    from backends import _rbdaio   # type: ignore[attr-defined]
+except ImportError:
+    _rbdaio = None
 EVENT_TYPE_EVENTFD = 2
 LOCK_MODE_EXCLUSIVE = 0
 FEATURE_EXCLUSIVE_LOCK = 1 << 2   # RBD_FEATURE_EXCLUSIVE_LOCK
@@ -400,6 +404,12 @@ class Image:
         self._poll_events = rbd.rbd_poll_io_events
         self._return_value = rbd.rbd_aio_get_return_value
         self._release = rbd.rbd_aio_release
+        # the same calls for the C helper, as addresses (backends/rbdaio.c)
+        def addr(fn: Any) -> int:
+            return ctypes.cast(fn, c_void_p).value or 0
+        self._calls = (handle.value or 0, addr(self._new_comp), addr(self._release), addr(self._return_value),
+                       addr(self._poll_events))
+        self._io = {"read": addr(rbd.rbd_aio_read), "write": addr(rbd.rbd_aio_write)}
 
     # ---------------------------------------------------------------- sync
     def size(self) -> int:
@@ -560,9 +570,32 @@ class Image:
             raise CephError(-ret, f"rbd_aio_{name}: {os.strerror(-ret)}")
         return comp or 0
 
+    def start_buffer(self, name: str, offset: int, buf: Any, writable: bool) -> tuple[int, Any, int]:
+        """Start `rbd_aio_NAME(image, offset, bytes, buffer, completion)` (read or
+        write) over the whole of `buf`: (completion, pin, bytes). The pin holds
+        the buffer until the caller drops it (backends.rbd, after the
+        completion); a call that cannot start raises, its buffer let go.
+        Through the C helper when the compiled build has it (one C call, the
+        pin a memoryview of our own), else hold() and start()."""
+        if _rbdaio is not None:
+            pin = memoryview(buf)
+            comp = _rbdaio.start(self._calls, self._io[name], offset, pin, writable)
+            if comp < 0:
+                raise CephError(-comp, f"rbd_aio_{name}: {os.strerror(-comp)}")
+            return comp, pin, pin.nbytes
+        pin, ptr, n = hold(buf, writable)
+        try:
+            return self.start(name, (offset, n, ptr)), pin, n
+        except BaseException:
+            if type(pin) is Pinned:
+                pin.release()
+            raise
+
     def poll(self) -> list[tuple[int, int]]:
         """(completion address, return value) of every finished aio call; each
         completion is released."""
+        if _rbdaio is not None:
+            return _rbdaio.collect(self._calls)
         out: list[tuple[int, int]] = []
         comps, poll, value, release = self._comps, self._poll_events, self._return_value, self._release
         while True:
