@@ -276,6 +276,25 @@ def test_sixteen_reads_cost_one_lock_each_and_one_collection_for_all(backend):
     assert all(bytes(b) == b"R" * 4096 and not pinned(b) for b in bufs)
 
 
+def test_task_io_hands_back_the_aio_calls_future_itself(backend):
+    """Task.io of a call with an aio twin returns the twin's AioFuture as it
+    is: a command awaits its RBD call with no coroutine of Task.io or
+    Task.io_on between them (0421), and gets librbd's data."""
+    from backends import AioFuture
+    from stml.task import Task
+    task = SimpleNamespace(lu=SimpleNamespace(backend=backend))
+    buf = bytearray(512)
+
+    async def run() -> None:
+        fut = Task.io(task, backend.read_into, 0, memoryview(buf))   # type: ignore[arg-type]
+        assert type(fut) is AioFuture
+        (comp,) = backend.image.flying
+        backend.image.complete(comp, b"T" * 512)
+        await asyncio.wait_for(fut, 30)
+    asyncio.run(run())
+    assert buf == b"T" * 512 and not pinned(buf)
+
+
 def test_standing_down_leaves_calls_in_flight_to_librbd(backend):
     """A gateway that stands down (fenced) releases its front ends and lets its
     locks go; a read librbd still has keeps its buffer and ends when librbd
