@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import os
 from ctypes import (
     POINTER, byref, c_char_p, c_int, c_int64, c_size_t, c_ssize_t, c_uint8,
@@ -409,7 +410,16 @@ class Image:
             return ctypes.cast(fn, c_void_p).value or 0
         self._calls = (handle.value or 0, addr(self._new_comp), addr(self._release), addr(self._return_value),
                        addr(self._poll_events))
-        self._io = {"read": addr(rbd.rbd_aio_read), "write": addr(rbd.rbd_aio_write)}
+        io = {"read": addr(rbd.rbd_aio_read), "write": addr(rbd.rbd_aio_write)}
+        # start_buffer(name, offset, buf, writable) -> (completion, pin, bytes): start
+        # rbd_aio_NAME (read or write) over the whole of `buf`. The pin holds the
+        # buffer until the caller drops it (backends.rbd, after the completion); a
+        # call that cannot start raises CephError, its buffer let go. The C
+        # helper's when the build has it (one C call, no Python frame; the pin a
+        # memoryview of our own), else hold() and start()
+        self.start_buffer: Callable[[str, int, Any, bool], tuple[int, Any, int]] = (
+            functools.partial(_rbdaio.start_buffer, (self._calls, io, CephError)) if _rbdaio is not None
+            else self._start_buffer)
 
     # ---------------------------------------------------------------- sync
     def size(self) -> int:
@@ -570,19 +580,8 @@ class Image:
             raise CephError(-ret, f"rbd_aio_{name}: {os.strerror(-ret)}")
         return comp or 0
 
-    def start_buffer(self, name: str, offset: int, buf: Any, writable: bool) -> tuple[int, Any, int]:
-        """Start `rbd_aio_NAME(image, offset, bytes, buffer, completion)` (read or
-        write) over the whole of `buf`: (completion, pin, bytes). The pin holds
-        the buffer until the caller drops it (backends.rbd, after the
-        completion); a call that cannot start raises, its buffer let go.
-        Through the C helper when the compiled build has it (one C call, the
-        pin a memoryview of our own), else hold() and start()."""
-        if _rbdaio is not None:
-            pin = memoryview(buf)
-            comp = _rbdaio.start(self._calls, self._io[name], offset, pin, writable)
-            if comp < 0:
-                raise CephError(-comp, f"rbd_aio_{name}: {os.strerror(-comp)}")
-            return comp, pin, pin.nbytes
+    def _start_buffer(self, name: str, offset: int, buf: Any, writable: bool) -> tuple[int, Any, int]:
+        """start_buffer without the C helper: hold() and start()."""
         pin, ptr, n = hold(buf, writable)
         try:
             return self.start(name, (offset, n, ptr)), pin, n

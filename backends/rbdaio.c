@@ -11,6 +11,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
+#include <string.h>
 #include <sys/types.h>
 
 typedef int (*create_fn)(void *, void *, void **);
@@ -38,26 +39,42 @@ static int unpack(PyObject *t, calls_t *c) {
     return PyErr_Occurred() ? -1 : 0;
 }
 
-/* start(calls, io, offset, buffer, writable): rbd_aio_read or rbd_aio_write
- * (`io`, an address) of the whole buffer at `offset`: the completion's
- * address, or librbd's negative errno. The caller holds `buffer` (a
- * memoryview of its own) until the completion is collected. */
-static PyObject *start(PyObject *mod, PyObject *const *args, Py_ssize_t n) {
+/* start_buffer(fast, name, offset, buffer, writable) -> (completion, pin,
+ * bytes): rbd_aio_NAME (read or write) of the whole buffer at `offset`, as
+ * backends.librbd's Image.start_buffer, which this is when the build has it
+ * (a partial over `fast`: (calls, {name: address}, the error class), so no
+ * Python frame runs). The pin is a new memoryview of the buffer, whose
+ * export holds it until the caller drops the pin after the completion; a
+ * call librbd refuses raises the error class (errno, message), its
+ * completion released. */
+static PyObject *start_buffer(PyObject *mod, PyObject *const *args, Py_ssize_t n) {
     calls_t c;
-    if (n != 5) {
-        PyErr_SetString(PyExc_TypeError, "start(calls, io, offset, buffer, writable)");
+    if (n != 5 || !PyTuple_Check(args[0]) || PyTuple_GET_SIZE(args[0]) != 3) {
+        PyErr_SetString(PyExc_TypeError, "start_buffer((calls, ios, error), name, offset, buffer, writable)");
         return NULL;
     }
-    if (unpack(args[0], &c) < 0)
+    PyObject *fast = args[0], *name = args[1];
+    if (unpack(PyTuple_GET_ITEM(fast, 0), &c) < 0)
         return NULL;
-    io_fn io = (io_fn)PyLong_AsVoidPtr(args[1]);
+    PyObject *addr = PyDict_GetItemWithError(PyTuple_GET_ITEM(fast, 1), name);
+    if (addr == NULL) {
+        if (!PyErr_Occurred())
+            PyErr_SetObject(PyExc_KeyError, name);
+        return NULL;
+    }
+    io_fn io = (io_fn)PyLong_AsVoidPtr(addr);
     unsigned long long offset = PyLong_AsUnsignedLongLong(args[2]);
     int writable = PyObject_IsTrue(args[4]);
     if (PyErr_Occurred())
         return NULL;
-    Py_buffer view;
-    if (PyObject_GetBuffer(args[3], &view, writable ? PyBUF_WRITABLE : PyBUF_SIMPLE) < 0)
+    PyObject *pin = PyMemoryView_FromObject(args[3]);
+    if (pin == NULL)
         return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(pin, &view, writable ? PyBUF_WRITABLE : PyBUF_SIMPLE) < 0) {
+        Py_DECREF(pin);
+        return NULL;
+    }
     void *comp = NULL;
     int ret;
     Py_BEGIN_ALLOW_THREADS
@@ -68,8 +85,19 @@ static PyObject *start(PyObject *mod, PyObject *const *args, Py_ssize_t n) {
             c.release(comp);
     }
     Py_END_ALLOW_THREADS
+    Py_ssize_t len = view.len;
     PyBuffer_Release(&view);
-    return ret < 0 ? PyLong_FromLong(ret) : PyLong_FromVoidPtr(comp);
+    if (ret < 0) {
+        Py_DECREF(pin);
+        PyObject *e = PyObject_CallFunction(PyTuple_GET_ITEM(fast, 2), "iN", -ret,
+                                            PyUnicode_FromFormat("rbd_aio_%U: %s", name, strerror(-ret)));
+        if (e != NULL) {
+            PyErr_SetObject((PyObject *)Py_TYPE(e), e);
+            Py_DECREF(e);
+        }
+        return NULL;
+    }
+    return Py_BuildValue("(NNn)", PyLong_FromVoidPtr(comp), pin, len);
 }
 
 /* collect(calls): [(completion address, return value)] of every finished
@@ -106,7 +134,8 @@ static PyObject *collect(PyObject *mod, PyObject *calls) {
 }
 
 static PyMethodDef methods[] = {
-    {"start", (PyCFunction)(void (*)(void))start, METH_FASTCALL, "start(calls, io, offset, buffer, writable)"},
+    {"start_buffer", (PyCFunction)(void (*)(void))start_buffer, METH_FASTCALL,
+     "start_buffer((calls, ios, error), name, offset, buffer, writable)"},
     {"collect", collect, METH_O, "collect(calls)"},
     {NULL, NULL, 0, NULL},
 };

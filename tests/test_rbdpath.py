@@ -60,23 +60,35 @@ def _helper(tmp_path: Path):
 
 def test_the_c_helper_starts_and_collects_each_call_and_releases_its_completion(tmp_path):
     """The compiled build's shortcut (decision 0421): one C call starts a read
-    or a write (its completion created), one collects them all with their
-    return values; every completion is released, a refused call's too."""
+    or a write (its completion created; the pin a view that holds the
+    buffer), one collects them all with their return values; every
+    completion is released, a refused call's too, which raises CephError."""
     import ctypes
+
+    from backends.librbd import CephError
     mod, lib, calls, addr = _helper(tmp_path)
     live = ctypes.c_long.in_dll(lib, "fakerbd_live")
     refuse = ctypes.c_int.in_dll(lib, "fakerbd_refuse")
+    fast = (calls, {"read": addr("rbd_aio_read"), "write": addr("rbd_aio_write")}, CephError)
     bufs = [bytearray(4096) for _ in range(70)]   # more than one poll batch (64)
-    comps = [mod.start(calls, addr("rbd_aio_read"), i * 4096, memoryview(b), True) for i, b in enumerate(bufs)]
-    comps.append(mod.start(calls, addr("rbd_aio_write"), 0, memoryview(b"\1" * 512), False))
+    started = [mod.start_buffer(fast, "read", i * 4096, memoryview(b), True) for i, b in enumerate(bufs)]
+    started.append(mod.start_buffer(fast, "write", 0, b"\1" * 512, False))
+    comps = [c for c, _, _ in started]
     assert live.value == 71 and len(set(comps)) == 71 and min(comps) > 0
+    assert [n for _, _, n in started] == [4096] * 70 + [512]
+    with pytest.raises(BufferError):   # held by its pin until the caller drops it
+        bufs[0].append(0)
     got = mod.collect(calls)
     assert got == [(c, 4096) for c in comps[:70]] + [(comps[70], 0)]
     assert all(b == b"\x5a" * 4096 for b in bufs), "the reads' data landed in their buffers"
     assert live.value == 0 and mod.collect(calls) == []
+    del started
+    bufs[0].append(0)   # the pins gone, the buffer is free
     refuse.value = -28
-    assert mod.start(calls, addr("rbd_aio_write"), 0, b"\1" * 512, False) == -28
+    with pytest.raises(CephError) as e:
+        mod.start_buffer(fast, "write", 0, b"\1" * 512, False)
+    assert (e.value.errno, str(e.value)) == (28, "[Errno 28] rbd_aio_write: No space left on device")
     assert live.value == 0, "a refused call's completion is released"
     with pytest.raises(BufferError):   # read data needs memory it may write
-        mod.start(calls, addr("rbd_aio_read"), 0, b"\0" * 512, True)
+        mod.start_buffer(fast, "read", 0, b"\0" * 512, True)
     assert live.value == 0
