@@ -26,6 +26,7 @@ try:   # the compiled build's C helper (scripts/build-accel): one C call per aio
     from backends import _rbdaio   # type: ignore[attr-defined]
 except ImportError:
     _rbdaio = None
+
 EVENT_TYPE_EVENTFD = 2
 LOCK_MODE_EXCLUSIVE = 0
 FEATURE_EXCLUSIVE_LOCK = 1 << 2   # RBD_FEATURE_EXCLUSIVE_LOCK
