@@ -14,12 +14,18 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import os
 from ctypes import (
     POINTER, byref, c_char_p, c_int, c_int64, c_size_t, c_ssize_t, c_uint8,
     c_uint64, c_void_p,
 )
 from typing import Any, Callable
+
+try:   # the compiled build's C helper (scripts/build-accel): one C call per aio start and per collection
+    from backends import _rbdaio   # type: ignore[attr-defined]
+except ImportError:
+    _rbdaio = None
 
 EVENT_TYPE_EVENTFD = 2
 LOCK_MODE_EXCLUSIVE = 0
@@ -400,6 +406,21 @@ class Image:
         self._poll_events = rbd.rbd_poll_io_events
         self._return_value = rbd.rbd_aio_get_return_value
         self._release = rbd.rbd_aio_release
+        # the same calls for the C helper, as addresses (backends/rbdaio.c)
+        def addr(fn: Any) -> int:
+            return ctypes.cast(fn, c_void_p).value or 0
+        self._calls = (handle.value or 0, addr(self._new_comp), addr(self._release), addr(self._return_value),
+                       addr(self._poll_events))
+        io = {"read": addr(rbd.rbd_aio_read), "write": addr(rbd.rbd_aio_write)}
+        # start_buffer(name, offset, buf, writable) -> (completion, pin, bytes): start
+        # rbd_aio_NAME (read or write) over the whole of `buf`. The pin holds the
+        # buffer until the caller drops it (backends.rbd, after the completion); a
+        # call that cannot start raises CephError, its buffer let go. The C
+        # helper's when the build has it (one C call, no Python frame; the pin a
+        # memoryview of our own), else hold() and start()
+        self.start_buffer: Callable[[str, int, Any, bool], tuple[int, Any, int]] = (
+            functools.partial(_rbdaio.start_buffer, (self._calls, io, CephError)) if _rbdaio is not None
+            else self._start_buffer)
 
     # ---------------------------------------------------------------- sync
     def size(self) -> int:
@@ -560,9 +581,21 @@ class Image:
             raise CephError(-ret, f"rbd_aio_{name}: {os.strerror(-ret)}")
         return comp or 0
 
+    def _start_buffer(self, name: str, offset: int, buf: Any, writable: bool) -> tuple[int, Any, int]:
+        """start_buffer without the C helper: hold() and start()."""
+        pin, ptr, n = hold(buf, writable)
+        try:
+            return self.start(name, (offset, n, ptr)), pin, n
+        except BaseException:
+            if type(pin) is Pinned:
+                pin.release()
+            raise
+
     def poll(self) -> list[tuple[int, int]]:
         """(completion address, return value) of every finished aio call; each
         completion is released."""
+        if _rbdaio is not None:
+            return _rbdaio.collect(self._calls)
         out: list[tuple[int, int]] = []
         comps, poll, value, release = self._comps, self._poll_events, self._return_value, self._release
         while True:

@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterator, Sequence
 from backends.base import AioFuture, BackendError
 from backends.librbd import (
     EBLOCKLISTED, FEATURE_EXCLUSIVE_LOCK, WRITE_ZEROES_FLAG_THICK_PROVISION, BatchThreads, CephError, Client, Image,
-    IoCtx, Pinned, create_image, hold,
+    IoCtx, Pinned, create_image,
 )
 
 # reservation state: a key of the image's own metadata, so it lives and goes with the image
@@ -358,7 +358,7 @@ class PrStore:
             raise OSError(e.errno, str(e)) from None
 
 
-# an aio call librbd has: its future, what pins its buffers (librbd.hold), the bytes a read must report
+# an aio call librbd has: its future, what pins its buffers (Image.start_buffer), the bytes a read must report
 AioCall = tuple[AioFuture, Any, int]
 # what detach() hands to settle(): the loop that collected, its eventfd, the calls librbd has
 Detached = tuple[asyncio.AbstractEventLoop | None, int, dict[int, AioCall]]
@@ -444,11 +444,14 @@ class RbdAio:
         if not _on_loop(loop, there):
             os.close(fd)   # the loop is closed: nobody watches the fd or waits for these futures
 
-    def _submit(self, pin: Any, length: int, name: str, args: tuple, flags: tuple = ()) -> asyncio.Future:
-        """Start `rbd_aio_NAME` (Image.start); `length`: the bytes a read must
-        report (writes report 0). Refused (ESHUTDOWN) once the image is closing:
-        a close marks the backend unusable before it detaches, and detach() waits
-        for this lock."""
+    def _submit(self, name: str, args: tuple, flags: tuple = (), pin: Any = None,
+                buf: Any = None, read: bool = False) -> asyncio.Future:
+        """Start `rbd_aio_NAME`: with `buf`, a read into it or a write from it
+        at offset args[0] (Image.start_buffer pins it; a read must report its
+        bytes), else with `args` and `flags`, `pin` holding their buffers
+        (Image.start). Refused (ESHUTDOWN) once the image is closing: a close
+        marks the backend unusable before it detaches, and detach() waits for
+        this lock."""
         backend = self.backend
         failed: CephError | None = None
         try:
@@ -458,12 +461,15 @@ class RbdAio:
             with self._lock:
                 if self._loop is not loop or not backend._usable:
                     raise RbdError(backend.spec, errno.ESHUTDOWN, "image closed")
-                try:
-                    comp = backend.image.start(name, args, flags)   # raises when librbd did not take it
+                try:   # (each raises when librbd did not take the call)
+                    if buf is not None:
+                        comp, pin, n = backend.image.start_buffer(name, args[0], buf, read)
+                    else:
+                        comp, n = backend.image.start(name, args, flags), 0
                 except CephError as e:
                     failed = e
                 else:
-                    self._pending[comp] = (fut, pin, length)
+                    self._pending[comp] = (fut, pin, n if read else 0)
                     return fut
         except BaseException:
             _unpin(pin)
@@ -511,23 +517,21 @@ class RbdAio:
                 waiter()
 
     def read_into(self, offset: int, buf: memoryview) -> asyncio.Future:
-        pin, ptr, n = hold(buf, writable=True)
-        return self._submit(pin, n, "read", (offset, n, ptr))
+        return self._submit("read", (offset,), buf=buf, read=True)
 
     def write_from(self, offset: int, bufs: Sequence[memoryview], sync: bool) -> asyncio.Future:
         # no client cache: a write is on the OSDs when it completes, FUA or not
         if len(bufs) == 1:
-            pin, ptr, n = hold(bufs[0])
-            return self._submit(pin, 0, "write", (offset, n, ptr))
+            return self._submit("write", (offset,), buf=bufs[0])
         pin = Pinned()
         arr, count, _ = pin.iovecs(bufs)
-        return self._submit(pin, 0, "writev", (arr, count, offset))
+        return self._submit("writev", (arr, count, offset), pin=pin)
 
     def flush(self) -> asyncio.Future:
-        return self._submit(None, 0, "flush", ())
+        return self._submit("flush", ())
 
     def discard(self, offset: int, length: int) -> asyncio.Future:
-        return self._submit(None, 0, "discard", (offset, length))
+        return self._submit("discard", (offset, length))
 
     def write_same(self, offset: int, length: int, block: bytes, sync: bool) -> asyncio.Future:
         """`length` bytes of `block` repeated, in the OSDs: zeros through
@@ -535,13 +539,13 @@ class RbdAio:
         other data through writesame."""
         pin = Pinned()
         if not any(block):
-            return self._submit(pin, 0, "write_zeroes", (offset, length), (WRITE_ZEROES_FLAG_THICK_PROVISION, 0))
+            return self._submit("write_zeroes", (offset, length), (WRITE_ZEROES_FLAG_THICK_PROVISION, 0), pin)
         addr, n = pin.span(block)
-        return self._submit(pin, 0, "writesame", (offset, length, addr, n), (0,))
+        return self._submit("writesame", (offset, length, addr, n), (0,), pin)
 
 
 def _unpin(pin: Any) -> None:
-    """Let go of what librbd.hold pinned: only a Pinned has a buffer to
+    """Let go of what a call's pin holds (Image.start_buffer): only a Pinned has a buffer to
     release; the other pins go with their last reference. Here, compiled,
     rather than in backends.librbd: it runs per command."""
     if type(pin) is Pinned:

@@ -2,7 +2,10 @@
  * completes at once and signals the image's eventfd, so what is measured is
  * our side of the submit and collect path (ctypes, Python, asyncio), not
  * librbd's or the cluster's. Every other librbd/librados symbol the backend
- * declares is a stub returning 0 (rbdpath.py generates them). */
+ * declares is a stub returning 0 (rbdpath.py generates them).
+ * fakerbd_live: completions created and not yet released (a test's count);
+ * fakerbd_refuse: when not 0, what aio reads and writes return instead of
+ * starting (a test's refused call). */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -14,6 +17,8 @@ typedef struct { ssize_t ret; } comp_t;
 static int efd = -1;
 static void *done[1 << 16];
 static int ndone;
+long fakerbd_live;
+int fakerbd_refuse;
 
 static void finish(void *c, ssize_t ret) {
     ((comp_t *)c)->ret = ret;
@@ -23,14 +28,23 @@ static void finish(void *c, ssize_t ret) {
 
 int rbd_get_size(void *img, uint64_t *size) { *size = 1ULL << 30; return 0; }
 int rbd_get_features(void *img, uint64_t *f) { *f = 1ULL << 2; return 0; }   /* exclusive-lock */
-int rbd_aio_create_completion(void *arg, void *cb, void **c) { *c = calloc(1, sizeof(comp_t)); return 0; }
+int rbd_aio_create_completion(void *arg, void *cb, void **c) {
+    *c = calloc(1, sizeof(comp_t));
+    fakerbd_live++;
+    return 0;
+}
 int rbd_aio_writev(void *img, const struct iovec *iov, int n, uint64_t off, void *c) { finish(c, 0); return 0; }
 int rbd_aio_read(void *img, uint64_t off, size_t len, char *buf, void *c) {
+    if (fakerbd_refuse) return fakerbd_refuse;
     memset(buf, 0x5a, len);
     finish(c, len);
     return 0;
 }
-int rbd_aio_write(void *img, uint64_t off, size_t len, const char *buf, void *c) { finish(c, 0); return 0; }
+int rbd_aio_write(void *img, uint64_t off, size_t len, const char *buf, void *c) {
+    if (fakerbd_refuse) return fakerbd_refuse;
+    finish(c, 0);
+    return 0;
+}
 int rbd_poll_io_events(void *img, void **comps, int n) {
     int k = ndone < n ? ndone : n;
     memcpy(comps, done, k * sizeof(void *));
@@ -40,5 +54,5 @@ int rbd_poll_io_events(void *img, void **comps, int n) {
 }
 ssize_t rbd_aio_get_return_value(void *c) { return ((comp_t *)c)->ret; }
 int rbd_aio_is_complete(void *c) { return 1; }
-void rbd_aio_release(void *c) { free(c); }
+void rbd_aio_release(void *c) { free(c); fakerbd_live--; }
 int rbd_set_image_notification(void *img, int fd, int type) { efd = fd; return 0; }

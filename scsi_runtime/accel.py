@@ -43,6 +43,10 @@ HOT = (
     "fetd_vhost.memory", "fetd_vhost.virtqueue", "fetd_vhost.scsi", "fetd_vhost.server",
     "backends.rbd",
 )
+# C helpers the build compiles beside them (module: source), each a shortcut
+# whose module falls back to Python without a build: the RBD aio path's
+# foreign calls, one per command (decision 0421).
+C_HELPERS = {"backends._rbdaio": "backends/rbdaio.c"}
 
 
 def _ext() -> str:
@@ -54,6 +58,7 @@ def manifest_for(root: Path) -> dict[str, Any]:
     """What a build of `root`'s sources for this interpreter must record."""
     sources = {m: hashlib.sha256((root / (m.replace(".", "/") + ".py")).read_bytes()).hexdigest()
                for m in HOT}
+    sources.update({m: hashlib.sha256((root / src).read_bytes()).hexdigest() for m, src in C_HELPERS.items()})
     return {"python": sys.implementation.cache_tag, "ext": _ext(),
             "group": GROUP, "sources": sources}
 
@@ -81,7 +86,7 @@ class _Finder(importlib.abc.MetaPathFinder):
     def __init__(self, build: Path) -> None:
         self.build = build
         ext = _ext()
-        self.files = {m: build / (m.replace(".", "/") + ext) for m in HOT}
+        self.files = {m: build / (m.replace(".", "/") + ext) for m in (*HOT, *C_HELPERS)}
         self.files[GROUP + "__mypyc"] = build / (GROUP + "__mypyc" + ext)
 
     def find_spec(self, fullname: str, path: Sequence[str] | None = None,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Container, Coroutine, Iterable
+from collections.abc import Awaitable, Container, Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Callable, Final, Protocol
 
@@ -156,6 +156,15 @@ class Services(Protocol):
         ...
 
 
+def _aio_twin(backend: Any, fn: Callable) -> Callable | None:
+    """The backend's aio twin of its call `fn` (same name), or None: none, or
+    the backend runs its calls in place."""
+    aio = backend.aio
+    if aio is None or backend.inline:
+        return None
+    return getattr(aio, fn.__name__, None)
+
+
 class Task(Queued):
     """One SCSI command inside the STML, from rx_cmnd to xmit_response (its
     task set's fields, seq, attr and exp_len, are Queued's)."""
@@ -223,11 +232,15 @@ class Task(Queued):
             self.held.append(release)
 
 
-    async def io(self, fn: Callable, *args: Any) -> Any:
-        """Run a backend call of the task's LU (see io_on)."""
+    def io(self, fn: Callable, *args: Any) -> Awaitable[Any]:
+        """Run a backend call of the task's LU (see io_on). An aio twin's
+        future is handed back as it is: no coroutine per RBD command (0421)."""
         lu = self.lu
         assert lu is not None   # only commands to an existing LU do I/O
-        return await self.io_on(lu, fn, *args)
+        twin = _aio_twin(lu.backend, fn)
+        if twin is not None:
+            return twin(*args)
+        return self.io_on(lu, fn, *args)
 
     async def io_on(self, lu: LogicalUnit, fn: Callable, *args: Any) -> Any:
         """Run a backend call of `lu`: in place when it cannot block, started at
@@ -239,13 +252,11 @@ class Task(Queued):
         backend = lu.backend
         if backend.inline:
             return fn(*args)
-        aio = backend.aio
-        if aio is not None:
-            twin = getattr(aio, fn.__name__, None)
-            if twin is not None:
-                # its future ignores cancel(): a cancelled task is woken once
-                # the call is done (backends.base), no shield needed
-                return await twin(*args)
+        twin = _aio_twin(backend, fn)
+        if twin is not None:
+            # its future ignores cancel(): a cancelled task is woken once
+            # the call is done (backends.base), no shield needed
+            return await twin(*args)
         workers = self.services.workers
         fut = workers.run(id(lu), fn, *args)
         try:
