@@ -136,6 +136,13 @@ class TimedTask(Task):
                 stamps[BACKEND_START] = stamps[DISPATCHED]
                 stamps[BACKEND_END] = time.monotonic_ns()
 
+    def io(self, fn: Callable, *args: Any) -> Awaitable[Any]:
+        """Task.io through io_on, which stamps: an aio twin's future handed back
+        bare (0421) would leave an RBD command's backend stage unmeasured."""
+        lu = self.lu
+        assert lu is not None   # only commands to an existing LU do I/O
+        return self.io_on(lu, fn, *args)
+
     async def io_on(self, lu: LogicalUnit, fn: Callable, *args: Any) -> Any:
         """Task.io_on, stamped: the first backend call's start, the last one's end."""
         stamps = self.stamps

@@ -555,7 +555,8 @@ class Management:
                 try:   # a served-before file is never made anew, blank, under its identity (0280)
                     await self._add_lun(t, number, o, create=not served_before(o))
                 except StillServed as e:   # (a kept target's LU: the file no longer has it)
-                    pending.append(f"target {t.name} LUN {number}: {e}: reload again once it is removed")
+                    pending.append(f"target {t.name} LUN {number}: {e}: reload again once that LU is gone, "
+                                   f"or restart")
                     continue
                 except MgmtError as e:   # kept in the file (0231), where a start meets it too
                     pending.append(f"target {t.name} LUN {number}: {e}; a start with this file serves it "

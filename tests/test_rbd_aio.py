@@ -510,3 +510,40 @@ def test_an_aborted_command_parked_on_librbd_ends_after_its_write(backend):
     assert (done["tag"], done["response"], done["aborted"]) == (8, TmfResponse.COMPLETE, [7])
     assert not [h for h, _ in sent if h["op"] == Op.XMIT_RESPONSE]
     assert not backend.aio._pending
+
+
+def test_a_timed_command_stamps_its_rbd_call_while_librbd_has_it(backend):
+    """With stage timing on, an RBD READ's backend stage begins when its aio
+    call starts and ends with its completion: Task.io's bare future (0421)
+    must not bypass the stamps (they used to be filled in only when the
+    handler ended, so the RBD backend stage counted the handler's time)."""
+    from stml.api import Op
+    from stml.timing import BACKEND_END, BACKEND_START, Timing
+    image: FakeImage = backend.image
+    em, sent = _emulator(backend)
+    em.enable_timing(Timing(None))
+    seen: list[tuple[int, int]] = []
+
+    async def run() -> None:
+        em.handle(b"fe", {"op": Op.REGISTER, "version": [1, 10], "kind": "test", "name": "t",
+                          "heartbeat_ms": 1000, "aen": False, "caps": ["timing"]}, [])
+        em.handle(b"fe", {"op": Op.REGISTER_NEXUS, "nexus": 1, "initiator": "iqn.2026-11.org.test:i",
+                          "target": next(iter(em.targets)), "tpg": 1}, [])
+        em.handle(b"fe", {"op": Op.RX_CMND, "tag": 9, "nexus": 1, "lun": 0, "cdb": _rw10(0x28, 8, 8),
+                          "attr": 0, "dir": 2, "len": 4096, "unsol": 0}, [])
+        (comp,) = image.flying
+        stamps = em.timing.stamps(b"fe", 9)
+        assert stamps is not None, "the command is not timed"
+        seen.append((stamps[BACKEND_START], stamps[BACKEND_END]))
+        image.complete(comp, b"E" * 4096)
+        for _ in range(3000):   # the eventfd wakes the collector (a guard against a hang, not a timing)
+            if any(h["op"] == Op.XMIT_RESPONSE for h, _ in sent):
+                break
+            await asyncio.sleep(0.01)
+        seen.append((stamps[BACKEND_START], stamps[BACKEND_END]))
+    asyncio.run(run())
+    (start, end), (start2, end2) = seen
+    assert start != 0 and end == 0, "the backend stage did not begin with the aio call"
+    assert start2 == start and end2 >= start
+    ((h, frames),) = [(h, f) for h, f in sent if h["op"] == Op.XMIT_RESPONSE]
+    assert h["status"] == 0 and b"".join(bytes(f) for f in frames) == b"E" * 4096
