@@ -98,8 +98,11 @@ COMPILED_RUN = [
     "tests/test_vhost_core.py", "tests/test_vhost_harness.py",
     # a refusal that ends fetd_vhost's run survives its cleanup (decisions/0840 addendum)
     "tests/test_roles.py::test_fetd_vhost_with_a_managers_key_says_it_is_refused_and_exits",
-    # the RBD backend's aio path (0412)
+    # the RBD backend's aio path (0412), and its C helper against a real cluster's librbd (0421)
     "tests/test_rbd_aio.py",
+    "tests/test_rbd.py::test_qemu_img_round_trip_and_the_image_holds_the_bytes",
+    "tests/test_rbd.py::test_closing_an_image_ends_its_reads_in_flight_with_their_data",
+    "tests/test_rbd.py::test_an_aio_write_goes_out_from_its_own_buffer_not_a_copy",
 ]
 # Left out: a test that replaces Emulator.handle (a compiled class's methods are
 # read-only), the ConnectionProtocol tests that hand it a stand-in for a
@@ -140,13 +143,15 @@ def _cached_build() -> Path:
 def test_the_hot_path_tests_pass_against_the_compiled_build(tmp_short):
     build = _cached_build()
     env = {**os.environ, accel.ENV: str(build)}
-    probe = ("import fetd_vhost.scsi, stml.server, fetd_tcp.session, scsi_runtime.accel as a; "
-             "print(a.loaded(), stml.server.__file__, fetd_tcp.session.__file__, fetd_vhost.scsi.__file__)")
+    probe = ("import fetd_vhost.scsi, stml.server, fetd_tcp.session, backends._rbdaio, scsi_runtime.accel as a; "
+             "print(a.loaded(), stml.server.__file__, fetd_tcp.session.__file__, fetd_vhost.scsi.__file__, "
+             "backends._rbdaio.__file__)")
     p = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=60)
     assert p.returncode == 0, p.stderr
     assert p.stdout.split() == [str(build), str(build / "stml" / f"server{accel._ext()}"),
                                 str(build / "fetd_tcp" / f"session{accel._ext()}"),
-                                str(build / "fetd_vhost" / f"scsi{accel._ext()}")]
+                                str(build / "fetd_vhost" / f"scsi{accel._ext()}"),
+                                str(build / "backends" / f"_rbdaio{accel._ext()}")]
     # `scsi-target run` hands the build to its children: all map mypyc's library
     with Target("--lun", "ram:16MiB", "--vhost", str(tmp_short() / "vm.sock"), env={accel.ENV: str(build)}) as t:
         t.wait_log("fetd_vhost: attached to STML", timeout=60)
