@@ -193,11 +193,9 @@ class Buffers:
     def write(self, offset: int, data: bytes | memoryview) -> int:
         """Copy `data` (bytes, or a view of bytes) in at `offset`, clipped to
         the buffers: bytes written. Data that fits one view is assigned
-        whole; else each view takes one slice of it (in one C call when
-        compiled, decision 0313)."""
-        if _vcopy is not None:
-            return int(_vcopy.scatter(data, self.views, offset))
-        n, done = len(data), 0
+        whole; else each view takes one slice of it, or the compiled
+        build's helper copies across all of them in one call (decision 0313)."""
+        n, done, start = len(data), 0, offset
         src: memoryview | None = None
         for v in self.views:
             size = len(v)
@@ -210,6 +208,8 @@ class Buffers:
                 v[offset:offset + n] = data
                 return n
             if src is None:
+                if _vcopy is not None:
+                    return int(_vcopy.scatter(data, self.views, start))
                 src = memoryview(data)
             if take == size:        # (a whole view: no bounds to box for its slice)
                 v[:] = src[done:done + size]
