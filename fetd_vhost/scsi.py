@@ -19,6 +19,11 @@ from stml.api import BIG_FRAME, DataDir, TaskAttr, Tmf, TmfResponse
 
 from fetd_vhost.virtqueue import Chain, ChainError, RingError, Virtqueue
 
+try:   # the compiled build's C helper (scripts/build-accel): a copy across a chain's pages in one call
+    from fetd_vhost import _vcopy   # type: ignore[attr-defined]
+except ImportError:
+    _vcopy = None
+
 log = logging.getLogger("fetd_vhost")
 
 CDB_SIZE, SENSE_SIZE = 32, 96          # QEMU's fixed virtio-scsi config (cdb_size, sense_size)
@@ -188,8 +193,9 @@ class Buffers:
     def write(self, offset: int, data: bytes | memoryview) -> int:
         """Copy `data` (bytes, or a view of bytes) in at `offset`, clipped to
         the buffers: bytes written. Data that fits one view is assigned
-        whole; else each view takes one slice of it."""
-        n, done = len(data), 0
+        whole; else each view takes one slice of it, or the compiled
+        build's helper copies across all of them in one call (decision 0313)."""
+        n, done, start = len(data), 0, offset
         src: memoryview | None = None
         for v in self.views:
             size = len(v)
@@ -202,6 +208,8 @@ class Buffers:
                 v[offset:offset + n] = data
                 return n
             if src is None:
+                if _vcopy is not None:
+                    return int(_vcopy.scatter(data, self.views, start))
                 src = memoryview(data)
             if take == size:        # (a whole view: no bounds to box for its slice)
                 v[:] = src[done:done + size]
@@ -417,6 +425,9 @@ class VirtioScsiDevice:
         if n >= SHARED_MIN:
             buf = self.port.buffer(n)
             if buf is not None:
+                if _vcopy is not None:
+                    _vcopy.gather(views, buf)
+                    return [buf], buf
                 pos = 0
                 for v in views:
                     end = pos + len(v)

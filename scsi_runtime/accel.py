@@ -45,8 +45,9 @@ HOT = (
 )
 # C helpers the build compiles beside them (module: source), each a shortcut
 # whose module falls back to Python without a build: the RBD aio path's
-# foreign calls, one per command (decision 0421).
-C_HELPERS = {"backends._rbdaio": "backends/rbdaio.c"}
+# foreign calls, one per command (decision 0421); fetd_vhost's copies across
+# a chain's guest pages, one per transfer (decision 0313).
+C_HELPERS = {"backends._rbdaio": "backends/rbdaio.c", "fetd_vhost._vcopy": "fetd_vhost/vcopy.c"}
 
 
 def _ext() -> str:

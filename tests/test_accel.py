@@ -143,15 +143,17 @@ def _cached_build() -> Path:
 def test_the_hot_path_tests_pass_against_the_compiled_build(tmp_short):
     build = _cached_build()
     env = {**os.environ, accel.ENV: str(build)}
-    probe = ("import fetd_vhost.scsi, stml.server, fetd_tcp.session, backends._rbdaio, scsi_runtime.accel as a; "
+    probe = ("import fetd_vhost.scsi, stml.server, fetd_tcp.session, backends._rbdaio, fetd_vhost._vcopy, "
+             "scsi_runtime.accel as a; "
              "print(a.loaded(), stml.server.__file__, fetd_tcp.session.__file__, fetd_vhost.scsi.__file__, "
-             "backends._rbdaio.__file__)")
+             "backends._rbdaio.__file__, fetd_vhost._vcopy.__file__)")
     p = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=60)
     assert p.returncode == 0, p.stderr
     assert p.stdout.split() == [str(build), str(build / "stml" / f"server{accel._ext()}"),
                                 str(build / "fetd_tcp" / f"session{accel._ext()}"),
                                 str(build / "fetd_vhost" / f"scsi{accel._ext()}"),
-                                str(build / "backends" / f"_rbdaio{accel._ext()}")]
+                                str(build / "backends" / f"_rbdaio{accel._ext()}"),
+                                str(build / "fetd_vhost" / f"_vcopy{accel._ext()}")]
     # `scsi-target run` hands the build to its children: all map mypyc's library
     with Target("--lun", "ram:16MiB", "--vhost", str(tmp_short() / "vm.sock"), env={accel.ENV: str(build)}) as t:
         t.wait_log("fetd_vhost: attached to STML", timeout=60)

@@ -120,6 +120,7 @@ KIND_OF_MODULE = {
     "test_vhost_core.py": "unit",
     "test_vhost_guest.py": "system",
     "test_vhost_harness.py": "process",
+    "test_vhost_vcopy.py": "process",
     "test_vhostpath.py": "process",
     "test_write_buffer.py": "unit",
 }
