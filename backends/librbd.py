@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import functools
+import importlib
 import os
 from ctypes import (
     POINTER, byref, c_char_p, c_int, c_int64, c_size_t, c_ssize_t, c_uint8,
@@ -23,7 +24,8 @@ from ctypes import (
 from typing import Any, Callable
 
 try:   # the compiled build's C helper (scripts/build-accel): one C call per aio start and per collection
-    from backends import _rbdaio   # type: ignore[attr-defined]
+    # (by name: `from backends import` would be an import of the package, which imports this module)
+    _rbdaio: Any = importlib.import_module("backends._rbdaio")
 except ImportError:
     _rbdaio = None
 
