@@ -50,6 +50,20 @@ def setup(sent: list, luns: int = LUNS, nexuses: int = NEXUSES) -> tuple[Emulato
     return emu, m
 
 
+def saved_ram_lu(tmp_path: Path, ident: str, fill: bytes) -> tuple[Emulator, Management, LogicalUnit]:
+    """One RAM LU with one nexus, its id `ident`, its first 4 KiB `fill`, in
+    a config file saved in `tmp_path`: what a reload that moves it starts from."""
+    from stml import persist
+    emu, m = setup([], luns=1, nexuses=1)
+    lu = emu.targets[IQN].luns[0]
+    lu.options.id = ident
+    lu.backend.write_from(0, [memoryview(fill * 4096)], sync=False)
+    m.config.path = tmp_path / "scsi-target.toml"
+    m.config.data_dir = tmp_path
+    persist.save(m.config)
+    return emu, m, lu
+
+
 def counted_steps(emu: Emulator, change) -> list[int]:
     """Run `change` (a coroutine) and count the unit attentions stored on the
     target's LUs after each turn of the event loop until it is done."""
@@ -531,17 +545,9 @@ def test_a_ram_lu_whose_close_outlasts_the_reload_moving_it_keeps_its_data(tmp_p
     import tomlkit
 
     from stml import mgmt as mgmt_mod
-    from stml import persist
     monkeypatch.setattr(mgmt_mod, "CLOSE_WAIT", 0.0)   # the add does not wait for the call
     other = "iqn.2026-11.org.test:other"
-    sent: list = []
-    emu, m = setup(sent, luns=1, nexuses=1)
-    lu = emu.targets[IQN].luns[0]
-    lu.options.id = "ab" * 16
-    lu.backend.write_from(0, [memoryview(b"\x5a" * 4096)], sync=False)
-    m.config.path = tmp_path / "scsi-target.toml"
-    m.config.data_dir = tmp_path
-    persist.save(m.config)
+    emu, m, lu = saved_ram_lu(tmp_path, "ab" * 16, b"\x5a")
     release = threading.Event()
 
     def move() -> None:
@@ -587,17 +593,8 @@ def test_a_reload_never_serves_one_id_in_two_targets(tmp_path):
     once blank. The add is refused and said (0716); the kept LU keeps its
     data, and a reload once its session ended moves it (0249)."""
     import tomlkit
-
-    from stml import persist
     other = "iqn.2026-11.org.test:other"
-    sent: list = []
-    emu, m = setup(sent, luns=1, nexuses=1)
-    lu = emu.targets[IQN].luns[0]
-    lu.options.id = "cd" * 16
-    lu.backend.write_from(0, [memoryview(b"\xa5" * 4096)], sync=False)
-    m.config.path = tmp_path / "scsi-target.toml"
-    m.config.data_dir = tmp_path
-    persist.save(m.config)
+    emu, m, _ = saved_ram_lu(tmp_path, "cd" * 16, b"\xa5")
 
     async def run() -> tuple[dict, bool, dict]:
         doc = tomlkit.parse(m.config.path.read_text())

@@ -326,6 +326,16 @@ def _target_table(doc, name: str):
     return next(t for t in doc["target"] if t["name"] == name)
 
 
+def _move_lun0(doc, other: str) -> tuple:
+    """The file's first target's LUN 0 entry moves to target `other`: (first, other's table)."""
+    first, second = doc["target"][0], _target_table(doc, other)
+    lun = next(x for x in first["lun"] if x["lun"] == 0)
+    first["lun"].remove(lun)
+    second["lun"] = tomlkit.aot()
+    second["lun"].append(lun)
+    return first, second
+
+
 def pr_register(c: LoopbackClient, lun: int, key: int) -> None:
     """PERSISTENT RESERVE OUT, REGISTER with APTPL: kept across restarts."""
     params = struct.pack(">QQIBBH", 0, key, 0, 0x01, 0, 0)
@@ -394,11 +404,7 @@ def test_a_lun_moved_to_a_target_earlier_in_the_file_by_one_reload(stml_factory,
     cfg = p.data_dir / "scsi-target.toml"
 
     def move(doc) -> None:
-        first, second = doc["target"][0], _target_table(doc, other)
-        lun = next(x for x in first["lun"] if x["lun"] == 0)
-        first["lun"].remove(lun)
-        second["lun"] = tomlkit.aot()
-        second["lun"].append(lun)
+        first, second = _move_lun0(doc, other)
         tables = tomlkit.aot()
         tables.append(second)   # the target it moves to, listed first
         tables.append(first)
@@ -430,13 +436,7 @@ def test_a_ram_lun_moved_with_a_command_in_flight_moves_in_one_reload(tmp_short,
             held = c.submit(0, gate_cdb("hold"))
             g.wait_started("hold")
 
-            def move(doc) -> None:
-                first, second = doc["target"][0], _target_table(doc, other)
-                lun = next(x for x in first["lun"] if x["lun"] == 0)
-                first["lun"].remove(lun)
-                second["lun"] = tomlkit.aot()
-                second["lun"].append(lun)
-            _edit(g.config.path, move)
+            _edit(g.config.path, lambda doc: _move_lun0(doc, other))
             r = m.call("config_reload")
             assert held.result(10).status == 0x40   # TASK ABORTED: it was in flight throughout
         assert r["not_applied"] == [] and f"target {other} LUN 0 added" in r["applied"], r
