@@ -55,11 +55,15 @@ def _ext() -> str:
     return importlib.machinery.EXTENSION_SUFFIXES[0]
 
 
+def source_of(module: str) -> str:
+    """The file a compiled module is built from, as the tree names it."""
+    return C_HELPERS.get(module) or module.replace(".", "/") + ".py"
+
+
 def manifest_for(root: Path) -> dict[str, Any]:
     """What a build of `root`'s sources for this interpreter must record."""
-    sources = {m: hashlib.sha256((root / (m.replace(".", "/") + ".py")).read_bytes()).hexdigest()
-               for m in HOT}
-    sources.update({m: hashlib.sha256((root / src).read_bytes()).hexdigest() for m, src in C_HELPERS.items()})
+    sources = {m: hashlib.sha256((root / source_of(m)).read_bytes()).hexdigest()
+               for m in (*HOT, *C_HELPERS)}
     return {"python": sys.implementation.cache_tag, "ext": _ext(),
             "group": GROUP, "sources": sources}
 
@@ -76,7 +80,7 @@ def stale(build: Path, root: Path = ROOT) -> str | None:
     changed = sorted(m for m in set(want["sources"]) | set(recorded.get("sources", {}))
                      if recorded.get("sources", {}).get(m) != want["sources"].get(m))
     if changed:
-        return f"{build} is stale ({changed[0].replace('.', '/')}.py{' and more' if len(changed) > 1 else ''} changed)"
+        return f"{build} is stale ({source_of(changed[0])}{' and more' if len(changed) > 1 else ''} changed)"
     return None
 
 

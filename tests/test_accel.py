@@ -39,6 +39,8 @@ def test_a_build_matches_only_the_sources_it_was_compiled_from(tmp_path):
     assert accel.stale(_build_dir(tmp_path)) is None
     stale = accel.stale(_build_dir(tmp_path / "b", **{"stml.sbc": "0" * 64}))
     assert stale is not None and stale.endswith("is stale (stml/sbc.py changed)")
+    stale = accel.stale(_build_dir(tmp_path / "v", **{"fetd_vhost._vcopy": "0" * 64}))
+    assert stale is not None and stale.endswith("is stale (fetd_vhost/vcopy.c changed)")
     (tmp_path / "c").mkdir()
     assert accel.stale(tmp_path / "c") == f"no compiled build in {tmp_path / 'c'}"
 
