@@ -297,6 +297,7 @@ class Ours:
              *luns, "--portal", f"127.0.0.1:{self.port}",
              "--log-level", "warning", *extra],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, cwd=ROOT)
+        assert self.proc.stdout is not None
         # ready once `run` says so: attached to the STML and listening
         said = []
         for line in self.proc.stdout:
@@ -545,6 +546,7 @@ def fragment(targets: list[Ours | Tgtd], args: argparse.Namespace, results: dict
     results["fragment"] = {"writes": n, "args": FRAGMENT}
     for t in targets:
         qemu_bench(t.url, FRAGMENT, n)
+        assert t.img is not None, "fragment runs on file LUNs only"
         results["fragment"][t.name] = {"extents": extents(t.img)}
     print("fragmented: " + ", ".join(f"{t.name} {results['fragment'][t.name]['extents']} extents"
                                      for t in targets), flush=True)
@@ -581,7 +583,7 @@ def run_iscsi(args: argparse.Namespace) -> dict:
                     else:
                         secs = qemu_bench(t.url, wargs, n)
                     per[t.name].append(n / secs)
-            row = {t: {"iops": statistics.median(v), "mbps": statistics.median(v) * size_of(wargs) / 1e6,
+            row: dict[str, Any] = {t: {"iops": statistics.median(v), "mbps": statistics.median(v) * size_of(wargs) / 1e6,
                        "samples": v} for t, v in per.items()}
             if args.cpu:
                 for who, rounds in cpu.items():
@@ -792,6 +794,7 @@ def run_loopback(args: argparse.Namespace) -> dict:
     work = Path(tempfile.mkdtemp(prefix="bench"))
     proc = subprocess.Popen([sys.executable, "-m", "stml", "--data-dir", str(work), "--lun", "ram:1GiB",
                              "--log-level", "warning"], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    assert proc.stdout is not None
     proc.stdout.readline()
     results: dict = {"workloads": {}, "mode": "loopback"}
     try:

@@ -26,6 +26,7 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
+from typing import Any
 
 import tomlkit
 
@@ -96,7 +97,7 @@ def start_target(work: Path, lun0: str | None = None) -> tuple[subprocess.Popen,
     # the suites send TARGET WARM/COLD RESET, which a target refuses unless allowed; a
     # config file that names the target names its LUNs too
     config = work / "conformance.toml"
-    luns = [{"size": "128MiB"}, {"size": "16MiB", "ro": True}, {"size": "16MiB", "removable": True},
+    luns: list[dict[str, Any]] = [{"size": "128MiB"}, {"size": "16MiB", "ro": True}, {"size": "16MiB", "removable": True},
             {"size": "16MiB", "physical_block_exp": 3}]
     config.write_text(tomlkit.dumps({"target": [{
         "name": IQN, "target_reset": True,
@@ -110,6 +111,7 @@ def start_target(work: Path, lun0: str | None = None) -> tuple[subprocess.Popen,
            "--portal", f"127.0.0.1:{p1}", "--portal", f"127.0.0.1:{p2},2", "--log-level", "warning"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
+    assert proc.stdout is not None
     # ready once `run` says so: attached to the STML and listening on both
     # portals (the listeners open after attaching: a login before that is refused)
     for line in proc.stdout:

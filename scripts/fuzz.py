@@ -19,6 +19,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
@@ -84,7 +85,7 @@ def _start_abuse_stml():
     return StmlProcess(d, (f"file:{d}/big.img,size=1GiB", "ram:32MiB")).start()
 
 
-def _target(name: str, counter: list, stml) -> object:
+def _target(name: str, counter: list, stml) -> Any:
     if name == "codec":
         @given(st.one_of(G.mutated_pdu(), st.binary(max_size=120)))
         def f(buf):
@@ -139,8 +140,8 @@ def _target(name: str, counter: list, stml) -> object:
                 assert took <= 2 + legit / 20e6, (kind, case[1].hex(), took)
                 if took > slowest[0]:
                     slowest[:] = [took, kind]
-        f.report = lambda: print(f"abuse: slowest bounded command {slowest[1]} {slowest[0]:.2f}s, "
-                                 f"STML RSS {G.rss(stml.pid) >> 20} MiB (limit {limit >> 20} MiB)")
+        setattr(f, "report", lambda: print(f"abuse: slowest bounded command {slowest[1]} {slowest[0]:.2f}s, "
+                                           f"STML RSS {G.rss(stml.pid) >> 20} MiB (limit {limit >> 20} MiB)"))
     else:
         raise SystemExit(f"unknown target {name!r}")
     return f

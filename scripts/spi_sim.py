@@ -140,7 +140,7 @@ def main() -> None:
     own = None if args.stml else OwnStml()
     try:
         from scsi_runtime.loop import run_loop
-        runs = run_loop(run_all(scenarios, args.stml or own.endpoint))
+        runs = run_loop(run_all(scenarios, args.stml if own is None else own.endpoint))
     finally:
         if own is not None:
             own.stop()
