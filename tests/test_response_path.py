@@ -61,6 +61,40 @@ def test_data_in_split_at_segment_and_burst_with_collapsed_status():
     assert P.decode_pdu(last.encode()) == last
 
 
+class _Packed:
+    """An output that takes headers packed already (as PduWriter.encoded)."""
+
+    def __init__(self) -> None:
+        self.out: list = []
+
+    def __call__(self, pdu: object, data: bytes) -> None:
+        raise AssertionError("a PDU object on the packed path")
+
+    def encoded(self, hdr: bytes, data: bytes) -> None:
+        self.out.append((P.decode_pdu(hdr), bytes(data)))
+
+
+@pytest.mark.parametrize("length, resid", [(24000, 3776), (1 << 20, 0)])
+def test_a_big_reads_data_in_headers_packed_from_fields_are_the_pdus(length, resid):
+    """Behind a writer that takes packed headers, every Data-In of a big read
+    is packed from its fields (no PDU object per PDU): the same PDUs, field
+    for field, as the PDU path sends (segments, bursts, status in the last)."""
+    for seg_max, burst in ((3000, 8192), (262144, 262144)):
+        conn, out, link = _conn(seg_max=seg_max, burst=burst)
+        task = _read(conn, link, 5, length)
+        data = (bytes(range(256)) * (length // 256 + 1))[:length - resid]
+        conn.xmit_response(task, 0, None, resid, memoryview(data))
+        packed = _Packed()
+        conn2, _, plink = _conn(seg_max=seg_max, burst=burst)
+        conn2.out = conn2.send = packed
+        conn2.encoded = packed.encoded
+        task2 = _read(conn2, plink, 5, length)
+        conn2.xmit_response(task2, 0, None, resid, memoryview(data))
+        assert len(out) > 1 or length <= seg_max
+        assert packed.out == out
+        assert conn2.stat_sn == conn.stat_sn and task2.data_sn == task.data_sn
+
+
 def test_sense_goes_in_a_scsi_response_after_the_data():
     conn, out, link = _conn(seg_max=8192, burst=262144)
     task = _read(conn, link, 9, 4096)
