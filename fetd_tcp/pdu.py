@@ -832,25 +832,36 @@ class Reject(NamedTuple):
 # _GEN's layout for the two, with what is constant in them as pad bytes (zeros) or
 # constant bytes, and the first four bytes as one word: fewer values converted
 # per response than _GEN's fourteen. A read's Data-In: word 0, DataSegmentLength,
-# LUN, ITT, TTT, StatSN, ExpCmdSN, MaxCmdSN, DataSN, (offset 0), residual; a
+# LUN, ITT, TTT, StatSN, ExpCmdSN, MaxCmdSN, DataSN, offset, residual; a
 # status: word 0, (no segment, LUN 0), ITT, (SNACK Tag 0), StatSN, ExpCmdSN,
 # MaxCmdSN, ExpDataSN, (no bidirectional residual), residual.
-_DATA_IN_STATUS_PACK: Final = struct.Struct(">II8sI4sIIII4xI").pack
+_DATA_IN_PACK: Final = struct.Struct(">II8sI4sIIIIII").pack
 _SCSI_STATUS_PACK: Final = struct.Struct(">I12xI4xIIII4xI").pack
 _NO_TTT: Final = _U32.pack(RESERVED_TAG)
 _DATA_IN_WORD0: Final = (DATA_IN << 24) | (_F | 0x01) << 16     # F and S set
+_DATA_IN_MORE: Final = DATA_IN << 24                           # a Data-In inside a sequence
+_DATA_IN_FINAL: Final = _DATA_IN_MORE | _F << 16                  # the last of its sequence
 _SCSI_STATUS_WORD0: Final = (SCSI_RESPONSE << 24) | _F << 16
 
 
 def encode_data_in_status(itt: int, data_sn: int, exp_cmd_sn: int, max_cmd_sn: int, status: int,
                           stat_sn: int, residual_count: int, overflow: bool, underflow: bool,
-                          lun: bytes, data_length: int) -> bytes:
-    """A read's one Data-In with its status: F and S set, offset 0, no A bit."""
+                          lun: bytes, data_length: int, offset: int = 0) -> bytes:
+    """A read's last Data-In, with its status: F and S set, no A bit."""
     if not 0 <= data_length <= 0xFFFFFF or not 0 <= status <= 0xFF:   # (as _GEN's fields refuse them)
         raise PDUError("DataSegmentLength or status out of range")
     word0 = _DATA_IN_WORD0 | (0x040000 if overflow else 0) | (0x020000 if underflow else 0) | status
-    return _DATA_IN_STATUS_PACK(word0, data_length, lun, itt, _NO_TTT, stat_sn, exp_cmd_sn,
-                                max_cmd_sn, data_sn, residual_count)
+    return _DATA_IN_PACK(word0, data_length, lun, itt, _NO_TTT, stat_sn, exp_cmd_sn,
+                         max_cmd_sn, data_sn, offset, residual_count)
+
+
+def encode_data_in(itt: int, data_sn: int, offset: int, exp_cmd_sn: int, max_cmd_sn: int,
+                   final: bool, lun: bytes, data_length: int) -> bytes:
+    """A big read's Data-In before the last: no status, no A bit (per PDU)."""
+    if not 0 <= data_length <= 0xFFFFFF:
+        raise PDUError("DataSegmentLength out of range")
+    return _DATA_IN_PACK(_DATA_IN_FINAL if final else _DATA_IN_MORE, data_length, lun,
+                         itt, _NO_TTT, 0, exp_cmd_sn, max_cmd_sn, data_sn, offset, 0)
 
 
 def encode_scsi_status(itt: int, status: int, stat_sn: int, exp_cmd_sn: int, max_cmd_sn: int,

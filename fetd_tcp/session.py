@@ -18,8 +18,8 @@ from typing import Any, Callable, Final, Protocol
 
 from fetd_tcp import pdu as P
 # (by name, for the per-command path: the compiled build reads P.x as an attribute of a module)
-from fetd_tcp.pdu import (SCSI_COMMAND_TYPE, DataIn, encode_data_in_status, encode_scsi_status,
-                          new_pdu)
+from fetd_tcp.pdu import (SCSI_COMMAND_TYPE, DataIn, encode_data_in, encode_data_in_status,
+                          encode_scsi_status, new_pdu)
 from fetd_tcp import budget as B
 from fetd_tcp.budget import Account, Grant, unlimited
 from fetd_tcp.keys import ConnectionParams, SessionParams
@@ -803,8 +803,22 @@ class Connection:
         elif self.erl:
             task.data_sn = 0
         ack = self.erl > 0 and total > burst    # ERL >= 1: a DataACK asked for every burst
+        # ERL 0 (no PDU kept, no DataACK): each header packed from its fields (per PDU)
+        encoded = self.encoded if not self.erl else None
         while offset < total:
             end = min(offset + seg_max, total, offset - offset % burst + burst)
+            if encoded is not None:
+                n = end - offset
+                if end == total and status is not None:
+                    hdr = encode_data_in_status(itt, task.data_sn, exp, mx, status, self._next_stat_sn(),
+                                                count, over, under, lun, n, offset)
+                else:
+                    hdr = encode_data_in(itt, task.data_sn, offset, exp, mx,
+                                         end == total or end % burst == 0, lun, n)
+                encoded(hdr, data if n == total else data[offset:end])
+                task.data_sn += 1
+                offset = end
+                continue
             # every field, as in xmit_response: ... final, status, StatSN, residual (count,
             # overflow, underflow), A bit, TTT, LUN, DataSegmentLength
             if end == total and status is not None:

@@ -226,11 +226,18 @@ def test_digest_vectors():
        st.integers(0, 0xFFFFFF))
 def test_the_hot_response_headers_are_the_pdus_bytes(itt, sn, resid, status, dsn, over, under, n):
     """The session packs its usual Data-In and SCSI Response from the fields
-    (encode_data_in_status, encode_scsi_status): the same bytes as the PDUs'."""
+    (encode_data_in_status, encode_data_in, encode_scsi_status): the same bytes
+    as the PDUs'."""
     assert pdu.encode_data_in_status(itt, dsn, sn, sn ^ 1, status, sn ^ 2, resid, over, under,
                                      LUN3, n) == \
         pdu.DataIn(itt, dsn, 0, sn, sn ^ 1, True, status, sn ^ 2, resid, over, under,
                    lun=LUN3, data_length=n).encode()
+    assert pdu.encode_data_in_status(itt, dsn, sn, sn ^ 1, status, sn ^ 2, resid, over, under,
+                                     LUN3, n, resid ^ 3) == \
+        pdu.DataIn(itt, dsn, resid ^ 3, sn, sn ^ 1, True, status, sn ^ 2, resid, over, under,
+                   lun=LUN3, data_length=n).encode()
+    assert pdu.encode_data_in(itt, dsn, resid, sn, sn ^ 1, over, LUN3, n) == \
+        pdu.DataIn(itt, dsn, resid, sn, sn ^ 1, over, lun=LUN3, data_length=n).encode()
     assert pdu.encode_scsi_status(itt, status, sn, sn ^ 1, sn ^ 2, dsn, resid, over, under) == \
         pdu.ScsiResponse(itt, status, sn, sn ^ 1, sn ^ 2, exp_data_sn=dsn, residual_count=resid,
                          overflow=over, underflow=under).encode()

@@ -7,6 +7,8 @@ import asyncio
 import socket
 import struct
 
+import pytest
+
 from fetd_tcp import pdu as P
 from fetd_tcp.digest import digest, padding
 from fetd_tcp.keys import ConnectionParams, SessionParams
@@ -59,6 +61,40 @@ def test_data_in_split_at_segment_and_burst_with_collapsed_status():
     assert P.decode_pdu(last.encode()) == last
 
 
+class _Packed:
+    """An output that takes headers packed already (as PduWriter.encoded)."""
+
+    def __init__(self) -> None:
+        self.out: list = []
+
+    def __call__(self, pdu: object, data: bytes) -> None:
+        raise AssertionError("a PDU object on the packed path")
+
+    def encoded(self, hdr: bytes, data: bytes) -> None:
+        self.out.append((P.decode_pdu(hdr), bytes(data)))
+
+
+@pytest.mark.parametrize("length, resid", [(24000, 3776), (1 << 20, 0)])
+def test_a_big_reads_data_in_headers_packed_from_fields_are_the_pdus(length, resid):
+    """Behind a writer that takes packed headers, every Data-In of a big read
+    is packed from its fields (no PDU object per PDU): the same PDUs, field
+    for field, as the PDU path sends (segments, bursts, status in the last)."""
+    for seg_max, burst in ((3000, 8192), (262144, 262144)):
+        conn, out, link = _conn(seg_max=seg_max, burst=burst)
+        task = _read(conn, link, 5, length)
+        data = (bytes(range(256)) * (length // 256 + 1))[:length - resid]
+        conn.xmit_response(task, 0, None, resid, memoryview(data))
+        packed = _Packed()
+        conn2, _, plink = _conn(seg_max=seg_max, burst=burst)
+        conn2.out = conn2.send = packed
+        conn2.encoded = packed.encoded
+        task2 = _read(conn2, plink, 5, length)
+        conn2.xmit_response(task2, 0, None, resid, memoryview(data))
+        assert len(out) > 1 or length <= seg_max
+        assert packed.out == out
+        assert conn2.stat_sn == conn.stat_sn and task2.data_sn == task.data_sn
+
+
 def test_sense_goes_in_a_scsi_response_after_the_data():
     conn, out, link = _conn(seg_max=8192, burst=262144)
     task = _read(conn, link, 9, 4096)
@@ -87,6 +123,10 @@ class _Transport:
 
     def write(self, data: bytes) -> None:
         self.buffered += data
+
+    def writelines(self, parts: list) -> None:
+        self.handed = list(parts)
+        self.buffered += b"".join(parts)
 
 
 class _Writer:
@@ -331,3 +371,141 @@ def test_a_writer_whose_flush_fails_is_closed_and_the_others_still_leave(caplog)
     assert [t.aborted for t in broken] == [1, 1]
     assert sum("sending its output failed (RuntimeError: transport broken): closing it" in r.getMessage()
                for r in caplog.records) == 2
+
+
+def test_the_rest_a_full_socket_leaves_is_handed_over_uncopied():
+    """What the socket does not take of a flush goes to the transport as the
+    PDUs' own buffers (uvloop keeps them, decisions/0863): the read data as
+    views of its slot, not one joined copy of it."""
+    a, b = socket.socketpair()
+    slot = bytearray(bytes(range(256)) * 4096)            # 1 MiB, as a shared slot would hold
+    try:
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        a.setblocking(False)
+        writer = _Writer(a)
+
+        async def run() -> None:
+            w = PduWriter(writer, ConnectionParams())
+            for i in range(4):
+                w(P.DataIn(1, i, i << 18, 1, 2, i == 3, data_length=1 << 18),
+                  memoryview(slot)[i << 18:(i + 1) << 18])
+            w.flush()
+            assert w.queued == len(writer.transport.buffered) > 0
+        asyncio.run(run())
+        handed = writer.transport.handed
+        data = [x for x in handed if len(x) > P.BHS_LEN]
+        assert data and all(type(x) is memoryview and x.obj is slot for x in data)
+        assert sum(map(len, data)) > (3 << 18)
+    finally:
+        a.close()
+        b.close()
+
+
+def _loops() -> list:
+    loops = [asyncio.new_event_loop]
+    try:
+        import uvloop   # what `scsi-target run` uses when installed (scsi_runtime.loop)
+        loops.append(uvloop.new_event_loop)
+    except ImportError:
+        pass
+    return loops
+
+
+async def _real_connection(a: socket.socket, done: list[list[int]]) -> tuple:
+    """A front end's connection on a real transport of `a`, its input taken
+    over by a ConnectionProtocol: (front end, writer, connection, link, protocol)."""
+    from fetd_tcp.server import IscsiFrontEnd
+    from fetd_tcp.wire import ConnectionProtocol
+    fe = IscsiFrontEnd("ipc:///nonexistent/fetd", [])
+    fe.link.scsi_target_done = done.append   # type: ignore[method-assign]
+    reader, stream = await asyncio.open_connection(sock=a)
+    writer = PduWriter(stream, ConnectionParams(), fe.pending_output, done=fe.link.scsi_target_done)
+    conn, _, link = _conn(seg_max=262144, burst=262144)
+    conn.out = conn.send = writer
+    conn.tags = fe.tags
+    proto = ConnectionProtocol(conn, fe.link, stream.transport)
+    proto.take_over(reader)
+    proto.stream = stream    # type: ignore[attr-defined]   # (a StreamWriter collected closes its transport)
+    return fe, writer, conn, link, proto
+
+
+def _big_read(fe, conn, link, itt: int, slot: bytearray) -> int:
+    task = _read(conn, link, itt, len(slot))
+    fe.tags.tasks[task.tag] = task
+    fe.link.lent[task.tag] = _Lease()     # its data is a shared slot, lent until done
+    fe.xmit_response(task.tag, 0, None, 0, [memoryview(slot)])
+    return task.tag
+
+
+@pytest.mark.parametrize("new_loop", _loops())
+def test_a_read_the_socket_only_partly_takes_is_done_once_the_transport_sent_it(new_loop):
+    """A 1 MiB read whose Data-In the socket takes only part of: the rest
+    waits in the transport's buffer as views of the slot, so the slot is not
+    reported done (it would go back to the STML) until the transport has sent
+    past it; the initiator then reads the whole data back, status in the last
+    Data-In."""
+    a, b = socket.socketpair()
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+    b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+    b.setblocking(False)
+    slot = bytearray(bytes(range(251)) * 4178)[:1 << 20]
+    done: list[list[int]] = []
+    got = bytearray()
+
+    async def run() -> None:
+        fe, writer, conn, link, proto = await _real_connection(a, done)
+        tag = _big_read(fe, conn, link, 5, slot)
+        await asyncio.sleep(0)                 # the writer's flush
+        assert writer.transport.get_write_buffer_size() > 0 and done == []
+        for _ in range(2000):
+            try:
+                got.extend(b.recv(1 << 16))
+            except BlockingIOError:
+                await asyncio.sleep(0.001)
+            if len(got) == 4 * P.BHS_LEN + len(slot):
+                break
+            assert done == [] or writer.transport.get_write_buffer_size() == 0
+        await asyncio.sleep(0.01)              # the transport's buffer empties: resume_writing
+        assert done == [[tag]] and not writer.behind
+        writer.transport.close()
+
+    loop = new_loop()
+    try:
+        loop.run_until_complete(run())
+    finally:
+        loop.close()
+        a.close()
+        b.close()
+    pdus = [P.decode_pdu(bytes(got[i * (P.BHS_LEN + (1 << 18)):][:P.BHS_LEN])) for i in range(4)]
+    assert [(p.buffer_offset, p.data_length, p.final, p.status) for p in pdus] == [
+        (0, 1 << 18, True, None), (1 << 18, 1 << 18, True, None), (2 << 18, 1 << 18, True, None),
+        (3 << 18, 1 << 18, True, 0)]
+    assert b"".join(got[i * (P.BHS_LEN + (1 << 18)) + P.BHS_LEN:][:1 << 18] for i in range(4)) == slot
+
+
+@pytest.mark.parametrize("new_loop", _loops())
+def test_a_read_held_in_the_transport_is_done_when_the_connection_is_lost(new_loop):
+    """The initiator never reads: the read's rest stays in the transport's
+    buffer, not done; the connection is aborted (CLOSE_LINGER's way) and the
+    slot is reported done then, once, with nothing left behind."""
+    a, b = socket.socketpair()
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+    b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+    done: list[list[int]] = []
+
+    async def run() -> None:
+        fe, writer, conn, link, proto = await _real_connection(a, done)
+        tag = _big_read(fe, conn, link, 5, bytearray(1 << 20))
+        await asyncio.sleep(0.01)
+        assert writer.transport.get_write_buffer_size() > 0 and done == []
+        writer.transport.abort()
+        await asyncio.sleep(0.01)              # connection_lost
+        assert done == [[tag]] and not writer.behind and proto.done.done()
+
+    loop = new_loop()
+    try:
+        loop.run_until_complete(run())
+    finally:
+        loop.close()
+        a.close()
+        b.close()
