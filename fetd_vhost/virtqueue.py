@@ -61,15 +61,18 @@ class RingError(Exception):
 class Chain:
     """One request: the head index, and its buffers in order, split into the
     device-readable ones (then) the device-writable ones, with their sizes
-    in bytes (summed from the descriptors: nobody measures the views again).
-    A plain class: compiled, a dataclass with list defaults runs its
-    generated __init__ as Python."""
-    __slots__ = ("head", "readable", "writable", "readable_size", "writable_size")
+    in bytes (summed from the descriptors). The buffers are runs of guest
+    memory, three ints each (region index, offset, length) into `regions`,
+    the memory table's mappings: checked once here, and no view made per
+    run (decision 0314). A plain class: compiled, a dataclass with list
+    defaults runs its generated __init__ as Python."""
+    __slots__ = ("head", "regions", "readable", "writable", "readable_size", "writable_size")
 
-    def __init__(self, head: int) -> None:
+    def __init__(self, head: int, regions: list[memoryview]) -> None:
         self.head = head
-        self.readable: list[memoryview] = []
-        self.writable: list[memoryview] = []
+        self.regions = regions
+        self.readable: list[int] = []
+        self.writable: list[int] = []
         self.readable_size = 0
         self.writable_size = 0
 
@@ -166,12 +169,12 @@ class Virtqueue:
     def _walk(self, head: int) -> Chain:
         """The chain's buffers, translated once per run of descriptors that
         are adjacent in guest memory (Linux's scatterlists often are): fewer
-        views for the copies to step through."""
+        runs for the copies to step through."""
         mem = self._mem
         table = self._desc
         assert mem is not None and table is not None
         size = self.num
-        chain = Chain(head)
+        chain = Chain(head, mem.views)
         i = head
         steps = 0
         # an indirect table, read at once as lists of ints made in C: the
@@ -181,7 +184,7 @@ class Virtqueue:
         lengths: list[int] = []
         links: list[int] = []
         start = end = 0              # the run of adjacent buffers not yet translated
-        run: list[memoryview] = chain.readable
+        run: list[int] = chain.readable
         seen_write = False
         done = 0                     # bytes in this direction's runs translated so far
         while True:
