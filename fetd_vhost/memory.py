@@ -55,7 +55,8 @@ class GuestMemory:
         self.by_gpa = sorted(regions, key=lambda r: r.spec.gpa)
         self.by_uva = sorted(regions, key=lambda r: r.spec.uva)
         self.views = [r.view for r in self.by_gpa]    # what a run's region index names
-        self._gpa_starts = [r.spec.gpa for r in self.by_gpa]
+        self.gpa_starts = [r.spec.gpa for r in self.by_gpa]
+        self.gpa_sizes = [r.spec.size for r in self.by_gpa]
         self._uva_starts = [r.spec.uva for r in self.by_uva]
         self._last = self.by_gpa[0] if self.by_gpa else None   # where the last buffer was
         self._last_index = 0
@@ -99,7 +100,7 @@ class GuestMemory:
         if length < 0 or addr < 0 or addr + length > 1 << 64:
             raise BadAddress(f"range 0x{addr:x}+{length} wraps")
         while length:
-            i = self._find(self._gpa_starts, addr)
+            i = self._find(self.gpa_starts, addr)
             r = self.by_gpa[i] if i >= 0 else None
             if r is None or addr >= r.gpa_end:
                 raise BadAddress(f"address 0x{addr:x} is outside guest memory")

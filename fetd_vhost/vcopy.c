@@ -1,5 +1,7 @@
 /* fetd_vhost._vcopy: the compiled build's copy between one contiguous buffer
- * and a request's guest buffers (decisions 0313, 0314).
+ * and a request's guest buffers (decisions 0313, 0314), and the walk of an
+ * indirect descriptor table into those buffers (decision 0315, `table`
+ * below).
  *
  * A request's buffers are runs of guest memory: a flat list of ints, three
  * per run (region index, offset in that region, length), as the descriptor
@@ -22,6 +24,9 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
 #include <string.h>
 
 #define NOGIL_MIN (64 * 1024)   /* below this, dropping the GIL costs more than it lends */
@@ -193,15 +198,183 @@ gather(PyObject *self, PyObject *args)
     return PyLong_FromSsize_t(done);
 }
 
+
+/* ---------------------------------------------------------------- an indirect table's chain */
+
+#define DESC_F_NEXT 1
+#define DESC_F_WRITE 2
+#define DESC_F_INDIRECT 4
+#define MAX_TABLE_REGIONS 64    /* more than VHOST_MEMORY_MAX_NREGIONS (8) */
+
+typedef unsigned __int128 u128;
+
+typedef struct {
+    uint64_t addr;
+    uint32_t len;
+    uint16_t flags, next;
+} Desc;                         /* virtq_desc, little-endian as x86 reads it */
+
+typedef struct {
+    uint64_t start[MAX_TABLE_REGIONS];
+    u128 end[MAX_TABLE_REGIONS];
+    Py_ssize_t n;
+} Table;
+
+/* A broken chain: ValueError with Python's message (printf: %llx wanted). */
+static void
+chain_error(const char *fmt, ...)
+{
+    char msg[160];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    PyErr_SetString(PyExc_ValueError, msg);
+}
+
+static int
+append3(PyObject *runs, Py_ssize_t a, unsigned long long b, unsigned long long c)
+{
+    PyObject *v[3] = {PyLong_FromSsize_t(a), PyLong_FromUnsignedLongLong(b), PyLong_FromUnsignedLongLong(c)};
+    int rc = 0;
+    for (int k = 0; k < 3; k++) {
+        if (v[k] == NULL || (rc == 0 && PyList_Append(runs, v[k]) < 0))
+            rc = -1;
+        Py_XDECREF(v[k]);
+    }
+    return rc;
+}
+
+/* GuestMemory.translate: [addr, addr+length) as runs appended to `runs`,
+ * split where it crosses into the next region; the same refusals. */
+static int
+translate(const Table *t, PyObject *runs, uint64_t addr, uint64_t length)
+{
+    if ((u128)addr + length > (u128)1 << 64) {
+        chain_error("range 0x%llx+%llu wraps", (unsigned long long)addr, (unsigned long long)length);
+        return -1;
+    }
+    while (length) {
+        Py_ssize_t i = t->n - 1;          /* the last region starting at or below addr */
+        while (i >= 0 && t->start[i] > addr)
+            i--;
+        if (i < 0 || addr >= t->end[i]) {
+            chain_error("address 0x%llx is outside guest memory", (unsigned long long)addr);
+            return -1;
+        }
+        u128 room = t->end[i] - addr;
+        uint64_t n = room < length ? (uint64_t)room : length;
+        if (append3(runs, i, addr - t->start[i], n) < 0)
+            return -1;
+        addr += n;
+        length -= n;
+    }
+    return 0;
+}
+
+/* table(raw, starts, sizes) -> (readable, writable, readable_size, writable_size)
+ * The chain an indirect table holds, walked as Virtqueue._walk walks it from
+ * a head that is the table, with the same checks and messages (ValueError):
+ * runs of adjacent buffers translated against the memory table (`starts`,
+ * `sizes`: its regions' guest-physical ranges, in order). No Python int per
+ * descriptor, none left for the garbage of three lists. */
+static PyObject *
+table(PyObject *self, PyObject *args)
+{
+    Py_buffer raw;
+    PyObject *starts, *sizes;
+    if (!PyArg_ParseTuple(args, "y*O!O!:table", &raw, &PyList_Type, &starts, &PyList_Type, &sizes))
+        return NULL;
+    PyObject *readable = NULL, *writable = NULL, *out = NULL, *run;
+    Table t;
+    Py_ssize_t size = raw.len / (Py_ssize_t)sizeof(Desc), i = 0, steps = 0;
+    uint64_t start = 0, done_bytes = 0, readable_size = 0;
+    u128 end = 0;
+    int seen_write = 0;
+    t.n = PyList_GET_SIZE(starts);
+    if (t.n > MAX_TABLE_REGIONS || PyList_GET_SIZE(sizes) != t.n) {
+        PyErr_SetString(PyExc_ValueError, "a memory table of too many regions, or starts and sizes apart");
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < t.n; i++) {
+        t.start[i] = PyLong_AsUnsignedLongLong(PyList_GET_ITEM(starts, i));
+        if (PyErr_Occurred())
+            goto done;
+        t.end[i] = (u128)t.start[i] + PyLong_AsUnsignedLongLong(PyList_GET_ITEM(sizes, i));
+        if (PyErr_Occurred())
+            goto done;
+    }
+    readable = PyList_New(0);
+    writable = PyList_New(0);
+    if (readable == NULL || writable == NULL)
+        goto done;
+    run = readable;
+    for (;;) {
+        if (i >= size) {
+            chain_error("next index %zd outside a table of %zd", i, size);
+            goto done;
+        }
+        if (++steps > size) {
+            chain_error("chain longer than its table (a loop?)");
+            goto done;
+        }
+        Desc d;
+        memcpy(&d, (const char *)raw.buf + i * (Py_ssize_t)sizeof(Desc), sizeof d);
+        if (d.flags & DESC_F_INDIRECT) {
+            chain_error("indirect descriptor not allowed here");
+            goto done;
+        }
+        if (d.flags & DESC_F_WRITE) {
+            if (!seen_write) {
+                if (end != start && translate(&t, run, start, (uint64_t)(end - start)) < 0)
+                    goto done;
+                readable_size = done_bytes + (uint64_t)(end - start);
+                done_bytes = 0;
+                start = d.addr;
+                end = d.addr;
+                run = writable;
+                seen_write = 1;
+            }
+        } else if (seen_write) {
+            chain_error("a device-readable buffer after a device-writable one");
+            goto done;
+        }
+        if (d.addr != end) {
+            if (end != start && translate(&t, run, start, (uint64_t)(end - start)) < 0)
+                goto done;
+            done_bytes += (uint64_t)(end - start);
+            start = d.addr;
+            end = d.addr;
+        }
+        end += d.len;
+        if (!(d.flags & DESC_F_NEXT)) {
+            if (end != start && translate(&t, run, start, (uint64_t)(end - start)) < 0)
+                goto done;
+            uint64_t last = done_bytes + (uint64_t)(end - start);
+            out = Py_BuildValue("OOKK", readable, writable, (unsigned long long)(seen_write ? readable_size : last),
+                                (unsigned long long)(seen_write ? last : 0));
+            goto done;
+        }
+        i = d.next;
+    }
+done:
+    Py_XDECREF(readable);
+    Py_XDECREF(writable);
+    PyBuffer_Release(&raw);
+    return out;
+}
+
 static PyMethodDef methods[] = {
     {"scatter", scatter, METH_VARARGS, "Copy a buffer into guest memory runs from an offset on: bytes copied."},
     {"gather", gather, METH_VARARGS, "Copy guest memory runs from an offset on into a buffer: bytes copied."},
+    {"table", table, METH_VARARGS, "The runs of the chain an indirect descriptor table holds (Virtqueue._walk's)."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "fetd_vhost._vcopy",
-    "fetd_vhost's copies between one buffer and a chain's guest memory runs (decisions 0313, 0314).",
+    "fetd_vhost's copies between one buffer and a chain's guest memory runs, and an indirect table's walk "
+    "(decisions 0313-0315).",
     -1, methods,
 };
 

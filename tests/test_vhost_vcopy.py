@@ -8,15 +8,21 @@ from __future__ import annotations
 import importlib.machinery
 import importlib.util
 import mmap
+import os
 import shutil
+import struct
 import subprocess
 import sysconfig
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from fetd_vhost import scsi
+from fetd_vhost import virtqueue as V
+from fetd_vhost.memory import GuestMemory, Region, RegionSpec
 from fetd_vhost.scsi import Buffers
+from support.vhost_master import DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, DriverQueue, GuestRam
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -173,17 +179,81 @@ def test_the_device_copies_through_the_helper_with_the_same_results(vcopy, monke
         out = Buffers(runs, sum(sizes), regions)
         written = out.write(108, data)
         shared = bytearray(out.size - 108)
-        req = scsi.Request.__new__(scsi.Request)
-        req.data_out = out.tail(108)
+        req = scsi.Request(V.Virtqueue(2), 0, out.tail(108), Buffers([], 0, regions), 0, 1, out.size - 108)
 
         class Port:
             def buffer(self, size: int) -> memoryview:
                 return memoryview(shared)[:size]
-        dev = scsi.VirtioScsiDevice.__new__(scsi.VirtioScsiDevice)
-        dev.port = Port()   # type: ignore[assignment]
+        dev = scsi.VirtioScsiDevice(Port())   # type: ignore[arg-type]
         sent, held = dev._gather(req, 0, req.data_out.size)
         assert held is not None and sent == [held]
         results.append((written, [bytes(r) for r in regions], bytes(shared)))
     assert results[0] == results[1]
     assert calls == ["scatter", "gather"]
     assert results[0][0] == sum(sizes) - 108 and results[0][2] == data[:sum(sizes) - 108]
+
+
+# ---------------------------------------------------------------- an indirect table's chain (0315)
+
+KIB = 1024
+# three regions over one memfd: A and B adjacent in guest memory (a run may
+# cross from one into the other), C after a gap
+LAYOUT = [(0, 512 * KIB, 4096), (512 * KIB, 256 * KIB, 4096 + 512 * KIB), (2048 * KIB, 256 * KIB, 4096 + 768 * KIB)]
+
+
+@pytest.fixture
+def split_ring():
+    ram = GuestRam(1 << 20)
+    mem = GuestMemory([Region(RegionSpec(ram.GPA_BASE + g, n, ram.UVA_BASE + g, off), ram.fd)
+                       for g, n, off in LAYOUT])
+    dq = DriverQueue(ram, 2, 16)
+    vq = V.Virtqueue(2)
+    vq.num = 16
+    vq.desc_addr, vq.avail_addr, vq.used_addr = ram.uva(dq.desc), ram.uva(dq.avail), ram.uva(dq.used)
+    vq.attach(mem, event_idx=True, indirect=True)
+    vq.started = vq.enabled = True
+    yield dq, vq, mem
+    for fd in (dq.kick, dq.call, ram.fd):
+        os.close(fd)
+
+
+def _pop(vq: V.Virtqueue) -> tuple:
+    try:
+        chain = vq.pop()
+    except V.ChainError as e:
+        return ("refused", str(e))
+    assert chain is not None
+    return (chain.head, chain.readable, chain.writable, chain.readable_size, chain.writable_size)
+
+
+EDGES = [0, 4096, 512 * KIB - 4096, 512 * KIB - 100, 512 * KIB, 768 * KIB - 4096, 768 * KIB, 2048 * KIB,
+         2304 * KIB - 4096, 2304 * KIB, -4096, (1 << 64) - 4096 - GuestRam.GPA_BASE]   # the last: wraps
+ENTRY = st.tuples(st.one_of(st.sampled_from(EDGES), st.integers(0, 768 * KIB), st.integers(-8192, 3 << 20)),
+                  st.one_of(st.sampled_from([0, 1, 100, 4096, 4096, 512 * KIB]), st.integers(0, (1 << 32) - 1)),
+                  st.sampled_from([0, 1, 1, 1, 2, 3, 3, 3, 3, 4]), st.integers(0, 14))
+
+
+@settings(max_examples=600, derandomize=True, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(ENTRY, min_size=1, max_size=12), st.one_of(st.none(), st.integers(0, 12)))
+def test_the_helper_walks_an_indirect_table_as_python_does(vcopy, split_ring, monkeypatch, entries, split):
+    """Random indirect tables (adjacent buffers, region edges and gaps, any
+    flags and next index, addresses that wrap), or well-formed ones (a split
+    into device-readable then device-writable buffers): the helper's chain
+    is Python's, run for run and size for size, or the same refusal."""
+    dq, vq, mem = split_ring
+    table = dq.ram.alloc(16 * len(entries))
+    for k, (off, length, flags, nxt) in enumerate(entries):
+        if split is not None:   # in order, device-writable from `split` on
+            more = k + 1 < len(entries)
+            flags, nxt = (DESC_F_NEXT if more else 0) | (DESC_F_WRITE if k >= split else 0), k + 1
+        dq.ram.write(table + 16 * k, struct.pack("<QIHH", (dq.ram.GPA_BASE + off) % (1 << 64), length, flags, nxt))
+    dq.write_desc(0, table, 16 * len(entries), DESC_F_INDIRECT)
+    got = []
+    for helper in (None, vcopy):
+        monkeypatch.setattr(V, "_vcopy", helper)
+        dq.offer(0)
+        dq.publish(kick=False)
+        got.append(_pop(vq))
+    assert got[0] == got[1]
+    dq.ram.top -= 16 * len(entries)
