@@ -93,9 +93,7 @@ class GuestMemory:
         outside the table. Ints only: the copies make no view per run."""
         r = self._last
         if r is not None and r.gpa <= addr and addr + length <= r.gpa_end and length >= 0:
-            runs.append(self._last_index)    # the usual case: where the previous buffer was
-            runs.append(addr - r.gpa)
-            runs.append(length)
+            runs += (self._last_index, addr - r.gpa, length)   # the usual case: where the previous buffer was
             return
         if length < 0 or addr < 0 or addr + length > 1 << 64:
             raise BadAddress(f"range 0x{addr:x}+{length} wraps")
@@ -105,9 +103,7 @@ class GuestMemory:
             if r is None or addr >= r.gpa_end:
                 raise BadAddress(f"address 0x{addr:x} is outside guest memory")
             n = min(length, r.gpa_end - addr)
-            runs.append(i)
-            runs.append(addr - r.gpa)
-            runs.append(n)
+            runs += (i, addr - r.gpa, n)
             self._last, self._last_index = r, i
             addr += n
             length -= n

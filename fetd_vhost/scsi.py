@@ -151,6 +151,16 @@ def encode_lun(target: int, lun: int) -> bytes:
     return bytes([1, target, hi, lun & 0xFF, 0, 0, 0, 0])
 
 
+def _find(runs: list[int], offset: int) -> tuple[int, int]:
+    """(index in `runs` of the run holding byte `offset`, offset in that
+    run); the index is len(runs) past the end."""
+    k, n = 0, len(runs)
+    while k < n and offset >= runs[k + 2]:
+        offset -= runs[k + 2]
+        k += 3
+    return k, offset
+
+
 class Buffers:
     """A request's buffers in one direction, as one byte range of `size`
     bytes (the walk summed the descriptors' lengths): runs of guest memory,
@@ -165,39 +175,36 @@ class Buffers:
         self.size = size
         self.regions = regions
 
-    def _start(self, offset: int) -> tuple[int, int]:
-        """(index in `runs` of the run holding byte `offset`, offset in that
-        run); the index is len(runs) past the end."""
-        runs = self.runs
-        k, n = 0, len(runs)
-        while k < n and offset >= runs[k + 2]:
-            offset -= runs[k + 2]
-            k += 3
-        return k, offset
+    def _cut(self, offset: int, n: int) -> list[int]:
+        """The runs of the bytes [offset, offset + n), clipped to the end:
+        the list itself when that is all of it (nothing to step through)."""
+        if n <= 0 or offset >= self.size:
+            return []
+        if offset <= 0 and n >= self.size:
+            return self.runs
+        k, skip = _find(self.runs, offset)
+        runs = self.runs[k:]
+        if skip and runs:
+            runs[1] += skip
+            runs[2] -= skip
+        if n < self.size - offset:      # ends before the last run's end
+            k, skip = _find(runs, n)
+            if skip:
+                del runs[k + 3:]
+                runs[k + 2] = skip
+            else:
+                del runs[k:]
+        return runs
 
     def slices(self, offset: int, n: int) -> list[memoryview]:
         """Views of the bytes [offset, offset + n), clipped to the end."""
-        runs, regions = self.runs, self.regions
-        k, skip = self._start(offset)
-        out = []
-        while k < len(runs) and n > 0:
-            start = runs[k + 1] + skip
-            take = runs[k + 2] - skip if runs[k + 2] - skip < n else n
-            out.append(regions[runs[k]][start:start + take])
-            n -= take
-            skip = 0
-            k += 3
-        return out
+        runs, regions = self._cut(offset, n), self.regions
+        return [regions[r][off:off + size] for r, off, size in zip(runs[::3], runs[1::3], runs[2::3])]
 
     def tail(self, offset: int) -> Buffers:
         """The bytes from `offset` on (the data after a request header)."""
-        runs = self.runs
-        k, skip = self._start(offset)
-        rest = runs[k:]
-        if skip and rest:
-            rest[1] += skip
-            rest[2] -= skip
-        return Buffers(rest, max(0, self.size - offset), self.regions)
+        size = self.size - offset
+        return Buffers(self._cut(offset, size), size if size > 0 else 0, self.regions)
 
     def read(self, offset: int, n: int) -> bytes:
         return b"".join(self.slices(offset, n))
@@ -207,10 +214,11 @@ class Buffers:
         and there are: bytes copied (write data into the STML's memory)."""
         if _vcopy is not None:
             return int(_vcopy.gather(dst, self.regions, self.runs, offset))
+        runs, regions = self._cut(offset, len(dst)), self.regions
         pos = 0
-        for v in self.slices(offset, len(dst)):
-            end = pos + len(v)
-            dst[pos:end] = v
+        for r, off, size in zip(runs[::3], runs[1::3], runs[2::3]):   # (no index arithmetic per run)
+            end = pos + size
+            dst[pos:end] = regions[r][off:off + size]
             pos = end
         return pos
 
@@ -220,25 +228,23 @@ class Buffers:
         whole; else each run takes one slice of it, or the compiled build's
         helper copies across all of them in one call (decision 0313)."""
         runs, regions = self.runs, self.regions
-        k, skip = self._start(offset)
+        n = len(data)
+        k, skip = _find(runs, offset)
         if k == len(runs):
             return 0
-        n = len(data)
-        start = runs[k + 1] + skip
         if n <= runs[k + 2] - skip:
+            start = runs[k + 1] + skip
             regions[runs[k]][start:start + n] = data
             return n
         if _vcopy is not None:
             return int(_vcopy.scatter(data, regions, runs, offset))
+        runs = self._cut(offset, n)
         src = memoryview(data)
         done = 0
-        while k < len(runs) and done < n:
-            take = runs[k + 2] - skip if runs[k + 2] - skip < n - done else n - done
-            start = runs[k + 1] + skip
-            regions[runs[k]][start:start + take] = src[done:done + take]
-            done += take
-            skip = 0
-            k += 3
+        for r, off, size in zip(runs[::3], runs[1::3], runs[2::3]):
+            end = done + size
+            regions[r][off:off + size] = src[done:end]
+            done = end
         return done
 
 
@@ -455,7 +461,7 @@ class VirtioScsiDevice:
         if req is None:
             return
         if offset < 0 or length < 0 or offset + length > req.data_out.size:
-            length = max(0, min(length, req.data_out.size - offset))
+            length = max(0, min(length, req.data_out.size - offset)) if offset >= 0 else 0
         data, shared = self._gather(req, offset, length)
         self.port.rx_data(tag, offset, data)
         if shared is not None:

@@ -272,7 +272,9 @@ def test_write_data_past_the_stml_limit_waits_for_it_to_ask(ring):
     assert (kind, cdb, unsol, sent) == ("cmd", write10(0, 512).ljust(16, b"\0"), 64 << 10, 64 << 10)
     dev.rdy_to_xfer(tag, 64 << 10, 192 << 10)
     dev.rdy_to_xfer(tag, 200 << 10, 1 << 30)         # more than there is: only what there is
-    assert port.calls[1:] == [("data", tag, 64 << 10, 192 << 10), ("data", tag, 200 << 10, 56 << 10)]
+    dev.rdy_to_xfer(tag, -4096, 8192)                 # before the data: nothing (no exception)
+    assert port.calls[1:] == [("data", tag, 64 << 10, 192 << 10), ("data", tag, 200 << 10, 56 << 10),
+                              ("data", tag, -4096, 0)]
 
 
 def test_rx_cmnd_headers_take_the_links_fixed_layout(ring):
