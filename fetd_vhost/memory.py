@@ -77,15 +77,6 @@ class GuestMemory:
             raise BadAddress(f"range 0x{addr:x}+{length} leaves its memory region")
         return r.view[off:off + length]
 
-    def gpa(self, addr: int, length: int) -> list[memoryview]:
-        """Views covering the guest-physical range [addr, addr+length): more
-        than one when it crosses into an adjacent region. Raises BadAddress
-        for any byte outside the table."""
-        runs: list[int] = []
-        self.translate(runs, addr, length)
-        views = self.views
-        return [views[runs[k]][runs[k + 1]:runs[k + 1] + runs[k + 2]] for k in range(0, len(runs), 3)]
-
     def translate(self, runs: list[int], addr: int, length: int) -> None:
         """The guest-physical range [addr, addr+length) as runs appended to
         `runs` (a chain's buffers, one call per range): more than one when it
@@ -93,7 +84,9 @@ class GuestMemory:
         outside the table. Ints only: the copies make no view per run."""
         r = self._last
         if r is not None and r.gpa <= addr and addr + length <= r.gpa_end and length >= 0:
-            runs += (self._last_index, addr - r.gpa, length)   # the usual case: where the previous buffer was
+            runs.append(self._last_index)    # the usual case: where the previous buffer was
+            runs.append(addr - r.gpa)
+            runs.append(length)
             return
         if length < 0 or addr < 0 or addr + length > 1 << 64:
             raise BadAddress(f"range 0x{addr:x}+{length} wraps")
@@ -103,7 +96,9 @@ class GuestMemory:
             if r is None or addr >= r.gpa_end:
                 raise BadAddress(f"address 0x{addr:x} is outside guest memory")
             n = min(length, r.gpa_end - addr)
-            runs += (i, addr - r.gpa, n)
+            runs.append(i)    # (three appends: cheaper than a tuple, interpreted or compiled)
+            runs.append(addr - r.gpa)
+            runs.append(n)
             self._last, self._last_index = r, i
             addr += n
             length -= n
@@ -111,7 +106,8 @@ class GuestMemory:
     def gpa_contiguous(self, addr: int, length: int) -> memoryview:
         """One view of a guest-physical range that must lie in one region
         (an indirect descriptor table)."""
-        views = self.gpa(addr, length)
-        if len(views) != 1:
+        runs: list[int] = []
+        self.translate(runs, addr, length)
+        if len(runs) != 3:
             raise BadAddress(f"range 0x{addr:x}+{length} is not in one memory region")
-        return views[0]
+        return self.views[runs[0]][runs[1]:runs[1] + runs[2]]

@@ -179,7 +179,7 @@ def test_chains_become_runs_of_guest_memory(ring):
     vq.push(head, 3)
     assert dq.take_used() == [(head, 3)]
     with pytest.raises(BadAddress):
-        mem.gpa(dq.ram.GPA_BASE + dq.ram.size - 2, 4)
+        mem.translate([], dq.ram.GPA_BASE + dq.ram.size - 2, 4)
     with pytest.raises(BadAddress):
         mem.uva(dq.ram.UVA_BASE - 1, 2)
 
