@@ -177,10 +177,11 @@ class Buffers:
 
     def _cut(self, offset: int, n: int) -> list[int]:
         """The runs of the bytes [offset, offset + n), clipped to the end:
-        the list itself when that is all of it (nothing to step through)."""
-        if n <= 0 or offset >= self.size:
+        the list itself when that is all of it (nothing to step through).
+        A negative offset is nothing (never a byte before the buffers)."""
+        if n <= 0 or offset < 0 or offset >= self.size:
             return []
-        if offset <= 0 and n >= self.size:
+        if offset == 0 and n >= self.size:
             return self.runs
         k, skip = _find(self.runs, offset)
         runs = self.runs[k:]
@@ -212,6 +213,8 @@ class Buffers:
     def read_into(self, offset: int, dst: memoryview) -> int:
         """Copy the bytes from `offset` on into `dst`, as many as it holds
         and there are: bytes copied (write data into the STML's memory)."""
+        if offset < 0:
+            return 0
         if _vcopy is not None:
             return int(_vcopy.gather(dst, self.regions, self.runs, offset))
         runs, regions = self._cut(offset, len(dst)), self.regions
@@ -230,7 +233,7 @@ class Buffers:
         runs, regions = self.runs, self.regions
         n = len(data)
         k, skip = _find(runs, offset)
-        if k == len(runs):
+        if k == len(runs) or offset < 0:
             return 0
         if n <= runs[k + 2] - skip:
             start = runs[k + 1] + skip

@@ -647,6 +647,8 @@ def test_buffers_copies_are_the_bytes_of_that_range(sizes, offset, n):
         for rr in (untouched, outside):
             rr[runs[k]] = rr[runs[k]][:runs[k + 1]] + bytes(runs[k + 2]) + rr[runs[k]][runs[k + 1] + runs[k + 2]:]
     assert outside == untouched
+    if n:   # never a byte before the buffers: a negative offset is nothing
+        assert b.slices(-1, n) == [] and b.write(-1, b"\xab" * n) == 0 and b.read_into(-1, memoryview(dst)) == 0
 
 
 @pytest.mark.parametrize("table, expected", [
