@@ -45,63 +45,69 @@ class Region:
 
 class GuestMemory:
     """The memory table: translation of guest-physical (descriptors) and
-    master-virtual (ring addresses) ranges into views of the mappings."""
+    master-virtual (ring addresses) ranges. A chain's buffers become runs
+    (region index, offset, length: ints, checked here) of `views`, the
+    regions' mappings in guest-physical order; rings become views."""
 
     def __init__(self, regions: list[Region]) -> None:
         if len(regions) > MAX_REGIONS:
             raise ValueError(f"{len(regions)} memory regions (at most {MAX_REGIONS})")
         self.by_gpa = sorted(regions, key=lambda r: r.spec.gpa)
         self.by_uva = sorted(regions, key=lambda r: r.spec.uva)
-        self._gpa_starts = [r.spec.gpa for r in self.by_gpa]
+        self.views = [r.view for r in self.by_gpa]    # what a run's region index names
+        self.gpa_starts = [r.spec.gpa for r in self.by_gpa]
+        self.gpa_sizes = [r.spec.size for r in self.by_gpa]
         self._uva_starts = [r.spec.uva for r in self.by_uva]
         self._last = self.by_gpa[0] if self.by_gpa else None   # where the last buffer was
+        self._last_index = 0
 
     @staticmethod
-    def _find(regions: list[Region], starts: list[int], addr: int, key: str) -> tuple[Region, int]:
-        i = bisect.bisect_right(starts, addr) - 1
-        if i >= 0:
-            r = regions[i]
-            off = addr - getattr(r.spec, key)
-            if off < r.spec.size:
-                return r, off
-        raise BadAddress(f"address 0x{addr:x} is outside guest memory")
+    def _find(starts: list[int], addr: int) -> int:
+        """The index of the region (by `starts`) that `addr` may be in, or -1."""
+        return bisect.bisect_right(starts, addr) - 1
 
     def uva(self, addr: int, length: int) -> memoryview:
         """A contiguous view of [addr, addr+length) in the master's address space."""
-        r, off = self._find(self.by_uva, self._uva_starts, addr, "uva")
+        i = self._find(self._uva_starts, addr)
+        r = self.by_uva[i] if i >= 0 else None
+        if r is None or addr - r.spec.uva >= r.spec.size:
+            raise BadAddress(f"address 0x{addr:x} is outside guest memory")
+        off = addr - r.spec.uva
         if length < 0 or off + length > r.spec.size:
             raise BadAddress(f"range 0x{addr:x}+{length} leaves its memory region")
         return r.view[off:off + length]
 
-    def gpa(self, addr: int, length: int) -> list[memoryview]:
-        """Views covering the guest-physical range [addr, addr+length): more
-        than one when it crosses into an adjacent region. Raises BadAddress
-        for any byte outside the table."""
-        views: list[memoryview] = []
-        self.translate(views, addr, length)
-        return views
-
-    def translate(self, views: list[memoryview], addr: int, length: int) -> None:
-        """gpa(), appended to `views` (a chain's buffers, one call per run)."""
+    def translate(self, runs: list[int], addr: int, length: int) -> None:
+        """The guest-physical range [addr, addr+length) as runs appended to
+        `runs` (a chain's buffers, one call per range): more than one when it
+        crosses into an adjacent region. Raises BadAddress for any byte
+        outside the table. Ints only: the copies make no view per run."""
         r = self._last
         if r is not None and r.gpa <= addr and addr + length <= r.gpa_end and length >= 0:
-            off = addr - r.gpa    # the usual case: where the previous buffer was
-            views.append(r.view[off:off + length])
+            runs.append(self._last_index)    # the usual case: where the previous buffer was
+            runs.append(addr - r.gpa)
+            runs.append(length)
             return
         if length < 0 or addr < 0 or addr + length > 1 << 64:
             raise BadAddress(f"range 0x{addr:x}+{length} wraps")
         while length:
-            r, off = self._find(self.by_gpa, self._gpa_starts, addr, "gpa")
-            n = min(length, r.spec.size - off)
-            views.append(r.view[off:off + n])
-            self._last = r
+            i = self._find(self.gpa_starts, addr)
+            r = self.by_gpa[i] if i >= 0 else None
+            if r is None or addr >= r.gpa_end:
+                raise BadAddress(f"address 0x{addr:x} is outside guest memory")
+            n = min(length, r.gpa_end - addr)
+            runs.append(i)    # (three appends: cheaper than a tuple, interpreted or compiled)
+            runs.append(addr - r.gpa)
+            runs.append(n)
+            self._last, self._last_index = r, i
             addr += n
             length -= n
 
     def gpa_contiguous(self, addr: int, length: int) -> memoryview:
         """One view of a guest-physical range that must lie in one region
         (an indirect descriptor table)."""
-        views = self.gpa(addr, length)
-        if len(views) != 1:
+        runs: list[int] = []
+        self.translate(runs, addr, length)
+        if len(runs) != 3:
             raise BadAddress(f"range 0x{addr:x}+{length} is not in one memory region")
-        return views[0]
+        return self.views[runs[0]][runs[1]:runs[1] + runs[2]]

@@ -10,17 +10,19 @@ response byte fits), never an exception out of here."""
 from __future__ import annotations
 
 import enum
+import importlib
 import itertools
 import logging
 import struct
-from typing import Callable, Final, Iterator, Protocol
+from typing import Any, Callable, Final, Iterator, Protocol
 
 from stml.api import BIG_FRAME, DataDir, TaskAttr, Tmf, TmfResponse
 
 from fetd_vhost.virtqueue import Chain, ChainError, RingError, Virtqueue
 
 try:   # the compiled build's C helper (scripts/build-accel): a copy across a chain's pages in one call
-    from fetd_vhost import _vcopy   # type: ignore[attr-defined]
+    # (by name: `from fetd_vhost import` would be an import of the package, which imports this module)
+    _vcopy: Any = importlib.import_module("fetd_vhost._vcopy")
 except ImportError:
     _vcopy = None
 
@@ -149,76 +151,103 @@ def encode_lun(target: int, lun: int) -> bytes:
     return bytes([1, target, hi, lun & 0xFF, 0, 0, 0, 0])
 
 
+def _find(runs: list[int], offset: int) -> tuple[int, int]:
+    """(index in `runs` of the run holding byte `offset`, offset in that
+    run); the index is len(runs) past the end."""
+    k, n = 0, len(runs)
+    while k < n and offset >= runs[k + 2]:
+        offset -= runs[k + 2]
+        k += 3
+    return k, offset
+
+
 class Buffers:
     """A request's buffers in one direction, as one byte range of `size`
-    bytes (the walk summed the descriptors' lengths)."""
-    __slots__ = ("views", "size")
+    bytes (the walk summed the descriptors' lengths): runs of guest memory,
+    three ints each (region index, offset, length) into `regions`, as the
+    walk checked them (decision 0314). Views are made only where one is
+    handed on; the copies go through the compiled build's helper, which
+    checks every run again, or slice the regions one run at a time."""
+    __slots__ = ("runs", "size", "regions")
 
-    def __init__(self, views: list[memoryview], size: int) -> None:
-        self.views = views
+    def __init__(self, runs: list[int], size: int, regions: list[memoryview]) -> None:
+        self.runs = runs
         self.size = size
+        self.regions = regions
+
+    def _cut(self, offset: int, n: int) -> list[int]:
+        """The runs of the bytes [offset, offset + n), clipped to the end:
+        the list itself when that is all of it (nothing to step through).
+        A negative offset is nothing (never a byte before the buffers)."""
+        if n <= 0 or offset < 0 or offset >= self.size:
+            return []
+        if offset == 0 and n >= self.size:
+            return self.runs
+        k, skip = _find(self.runs, offset)
+        runs = self.runs[k:]
+        if skip and runs:
+            runs[1] += skip
+            runs[2] -= skip
+        if n < self.size - offset:      # ends before the last run's end
+            k, skip = _find(runs, n)
+            if skip:
+                del runs[k + 3:]
+                runs[k + 2] = skip
+            else:
+                del runs[k:]
+        return runs
 
     def slices(self, offset: int, n: int) -> list[memoryview]:
-        if offset == 0 and n >= self.size:
-            return list(self.views)          # all of it (write data sent with its command)
-        out = []
-        for v in self.views:
-            if offset >= len(v):
-                offset -= len(v)
-                continue
-            take = v[offset:offset + n]
-            out.append(take)
-            n -= len(take)
-            offset = 0
-            if n <= 0:
-                break
-        return out
+        """Views of the bytes [offset, offset + n), clipped to the end."""
+        runs, regions = self._cut(offset, n), self.regions
+        return [regions[r][off:off + size] for r, off, size in zip(runs[::3], runs[1::3], runs[2::3])]
 
     def tail(self, offset: int) -> Buffers:
-        """The bytes from `offset` on (the data after a request header),
-        without stepping through every view."""
-        views = self.views
+        """The bytes from `offset` on (the data after a request header)."""
         size = self.size - offset
-        for i, v in enumerate(views):
-            if offset < len(v):
-                rest = views[i + 1:]
-                rest.insert(0, v[offset:] if offset else v)
-                return Buffers(rest, size)
-            offset -= len(v)
-        return Buffers([], 0)
+        return Buffers(self._cut(offset, size), size if size > 0 else 0, self.regions)
 
     def read(self, offset: int, n: int) -> bytes:
         return b"".join(self.slices(offset, n))
 
+    def read_into(self, offset: int, dst: memoryview) -> int:
+        """Copy the bytes from `offset` on into `dst`, as many as it holds
+        and there are: bytes copied (write data into the STML's memory)."""
+        if offset < 0:
+            return 0
+        if _vcopy is not None:
+            return int(_vcopy.gather(dst, self.regions, self.runs, offset))
+        runs, regions = self._cut(offset, len(dst)), self.regions
+        pos = 0
+        for r, off, size in zip(runs[::3], runs[1::3], runs[2::3]):   # (no index arithmetic per run)
+            end = pos + size
+            dst[pos:end] = regions[r][off:off + size]
+            pos = end
+        return pos
+
     def write(self, offset: int, data: bytes | memoryview) -> int:
         """Copy `data` (bytes, or a view of bytes) in at `offset`, clipped to
-        the buffers: bytes written. Data that fits one view is assigned
-        whole; else each view takes one slice of it, or the compiled
-        build's helper copies across all of them in one call (decision 0313)."""
-        n, done, start = len(data), 0, offset
-        src: memoryview | None = None
-        for v in self.views:
-            size = len(v)
-            if offset >= size:
-                offset -= size
-                continue
-            left = n - done
-            take = size - offset if size - offset < left else left
-            if take == n:
-                v[offset:offset + n] = data
-                return n
-            if src is None:
-                if _vcopy is not None:
-                    return int(_vcopy.scatter(data, self.views, start))
-                src = memoryview(data)
-            if take == size:        # (a whole view: no bounds to box for its slice)
-                v[:] = src[done:done + size]
-            else:
-                v[offset:offset + take] = src[done:done + take]
-                offset = 0
-            done += take
-            if done == n:
-                break
+        the buffers: bytes written. Data that fits one run is assigned
+        whole; else each run takes one slice of it, or the compiled build's
+        helper copies across all of them in one call (decision 0313)."""
+        runs, regions = self.runs, self.regions
+        n = len(data)
+        k, skip = _find(runs, offset)
+        if k == len(runs) or offset < 0:
+            return 0
+        if n <= runs[k + 2] - skip:
+            start = runs[k + 1] + skip
+            regions[runs[k]][start:start + n] = data
+            return n
+        if _vcopy is not None:
+            return int(_vcopy.scatter(data, regions, runs, offset))
+        runs = self._cut(offset, n)
+        src = memoryview(data)
+        done = 0
+        for r, off, size in zip(runs[::3], runs[1::3], runs[2::3]):
+            end = done + size
+            regions[r][off:off + size] = src[done:end]
+            done = end
         return done
 
 
@@ -385,15 +414,17 @@ class VirtioScsiDevice:
 
     # ---------------------------------------------------------------- commands
     def _command(self, ring: Virtqueue, chain: Chain) -> None:
-        views = chain.readable
-        out, inb = Buffers(views, chain.readable_size), Buffers(chain.writable, chain.writable_size)
+        runs, regions = chain.readable, chain.regions
+        out = Buffers(runs, chain.readable_size, regions)
+        inb = Buffers(chain.writable, chain.writable_size, regions)
         if out.size < REQ_SIZE or inb.size < RESP_SIZE:
             self._fail_short(ring, chain.head, inb, RESP.size - 1)
             return
         # the header is its own descriptor (Linux): read in place, else gathered
-        first = views[0]
-        header = first if len(first) >= REQ_SIZE else out.read(0, REQ_SIZE)
-        raw_lun, guest_tag, attr, _prio, _crn, cdb = REQ.unpack_from(header)
+        if runs[2] >= REQ_SIZE:
+            raw_lun, guest_tag, attr, _prio, _crn, cdb = REQ.unpack_from(regions[runs[0]], runs[1])
+        else:
+            raw_lun, guest_tag, attr, _prio, _crn, cdb = REQ.unpack(out.read(0, REQ_SIZE))
         where = decode_lun(raw_lun)
         data_out, data_in = out.size - REQ_SIZE, inb.size - RESP_SIZE
         req = Request(ring, chain.head, out.tail(REQ_SIZE), inb, 0, guest_tag, data_out or data_in)
@@ -421,27 +452,19 @@ class VirtioScsiDevice:
         else handed over as views of guest memory."""
         if not n:
             return [], None
-        views = req.data_out.slices(offset, n)
         if n >= SHARED_MIN:
             buf = self.port.buffer(n)
             if buf is not None:
-                if _vcopy is not None:
-                    _vcopy.gather(views, buf)
-                    return [buf], buf
-                pos = 0
-                for v in views:
-                    end = pos + len(v)
-                    buf[pos:end] = v
-                    pos = end
+                req.data_out.read_into(offset, buf)
                 return [buf], buf
-        return views, None
+        return req.data_out.slices(offset, n), None
 
     def rdy_to_xfer(self, tag: int, offset: int, length: int) -> None:
         req = self.requests.get(tag)
         if req is None:
             return
         if offset < 0 or length < 0 or offset + length > req.data_out.size:
-            length = max(0, min(length, req.data_out.size - offset))
+            length = max(0, min(length, req.data_out.size - offset)) if offset >= 0 else 0
         data, shared = self._gather(req, offset, length)
         self.port.rx_data(tag, offset, data)
         if shared is not None:
@@ -468,9 +491,10 @@ class VirtioScsiDevice:
         sense = sense[:SENSE_SIZE]
         resid = resid if resid < 0xFFFFFFFF else 0xFFFFFFFF
         if self._live(req.ring):
-            views = req.writable.views
-            if views and len(views[0]) >= RESP_SIZE:   # the response is its own descriptor (Linux)
-                RESP_FULL.pack_into(views[0], 0, len(sense), resid, 0, status, response, sense)
+            runs = req.writable.runs
+            if runs and runs[2] >= RESP_SIZE:   # the response is its own descriptor (Linux)
+                RESP_FULL.pack_into(req.writable.regions[runs[0]], runs[1], len(sense), resid, 0, status,
+                                    response, sense)
             else:
                 req.writable.write(0, RESP_FULL.pack(len(sense), resid, 0, status, response, sense))
         self._push(req.ring, req.head, RESP_SIZE + data)
@@ -492,7 +516,8 @@ class VirtioScsiDevice:
 
     # ---------------------------------------------------------------- control queue
     def _control(self, ring: Virtqueue, chain: Chain) -> None:
-        out, inb = Buffers(chain.readable, chain.readable_size), Buffers(chain.writable, chain.writable_size)
+        out = Buffers(chain.readable, chain.readable_size, chain.regions)
+        inb = Buffers(chain.writable, chain.writable_size, chain.regions)
         if out.size < 4:
             self._fail_short(ring, chain.head, inb, 0)
             return
@@ -598,7 +623,7 @@ class VirtioScsiDevice:
                 break
             if chain is None:
                 break
-            inb = Buffers(chain.writable, chain.writable_size)
+            inb = Buffers(chain.writable, chain.writable_size, chain.regions)
             if inb.size < EVENT.size:
                 self._refuse_chain(ring, chain.head)
                 continue

@@ -1,100 +1,179 @@
 /* fetd_vhost._vcopy: the compiled build's copy between one contiguous buffer
- * and a request's guest buffers (decision 0313).
+ * and a request's guest buffers (decisions 0313, 0314), and the walk of an
+ * indirect descriptor table into those buffers (decision 0315, `table`
+ * below).
  *
- * scatter(src, views, offset) -> int
- *     Copy src into the concatenation of `views` (writable buffers, a chain's
- *     guest pages) from byte `offset` on, clipped to their end: bytes copied.
- * gather(views, dst) -> int
- *     Copy the concatenation of `views` into the start of `dst`: bytes copied.
+ * A request's buffers are runs of guest memory: a flat list of ints, three
+ * per run (region index, offset in that region, length), as the descriptor
+ * walk made them; `regions` is the memory table's list of region buffers.
  *
- * Every buffer is acquired (pinned) before the first byte moves, and each
- * copy is bounded by its own buffer's length: a segment that is not a
- * contiguous (writable, for scatter) buffer, or more data than `dst` holds,
- * raises before anything is written. The GIL is released around a large copy
- * only; the Py_buffers held keep every mapping alive meanwhile.
+ * scatter(src, regions, runs, offset) -> int
+ *     Copy src into the concatenation of the runs from byte `offset` on,
+ *     clipped to their end: bytes copied.
+ * gather(dst, regions, runs, offset) -> int
+ *     Copy the concatenation of the runs from byte `offset` on into the start
+ *     of dst, at most len(dst) bytes: bytes copied.
+ *
+ * Every run the copy touches is checked again before the first byte moves: a
+ * region index inside the table, a non-negative offset and length, the run
+ * inside its region's buffer (a hostile guest's chain never reaches outside
+ * the table, even if the walk had let it through). Only the regions those
+ * runs name are acquired (pinned), writable for scatter. A bad run or
+ * buffer raises, and nothing is written. The GIL is released around a large
+ * copy only; the Py_buffers held keep every mapping alive meanwhile.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
 #include <string.h>
 
 #define NOGIL_MIN (64 * 1024)   /* below this, dropping the GIL costs more than it lends */
 
 typedef struct {
-    Py_buffer *bufs;
-    Py_ssize_t n;
-} Pinned;
+    Py_ssize_t region, offset, length;
+} Run;
+
+typedef struct {
+    Py_buffer *bufs;    /* one per region, acquired only where `held` says so */
+    char *held;
+    Py_ssize_t nregions;
+    Run *runs;          /* the runs the copy touches, checked */
+    Py_ssize_t nruns;
+    Py_ssize_t skip;    /* bytes of runs[0] before the copy starts */
+    Py_ssize_t total;   /* bytes the copy moves */
+} Plan;
 
 static void
-unpin(Pinned *p)
+unplan(Plan *p)
 {
-    for (Py_ssize_t i = 0; i < p->n; i++)
-        PyBuffer_Release(&p->bufs[i]);
+    for (Py_ssize_t i = 0; i < p->nregions; i++)
+        if (p->held[i])
+            PyBuffer_Release(&p->bufs[i]);
     PyMem_Free(p->bufs);
-    p->bufs = NULL;
-    p->n = 0;
+    PyMem_Free(p->held);
+    PyMem_Free(p->runs);
 }
 
-/* Acquire every item of the list `views` with `flags` (PyBUF_SIMPLE: contiguous). */
+/* An int of the runs (an int itself: no __index__ runs Python code mid-plan). */
 static int
-pin(PyObject *views, int flags, Pinned *p)
+field(PyObject *runs, Py_ssize_t i, Py_ssize_t *out)
 {
-    p->bufs = NULL;
-    p->n = 0;
-    if (!PyList_Check(views)) {
-        PyErr_SetString(PyExc_TypeError, "views must be a list of buffers");
+    PyObject *item = PyList_GET_ITEM(runs, i);
+    if (!PyLong_Check(item)) {
+        PyErr_SetString(PyExc_TypeError, "runs must be ints");
         return -1;
     }
-    Py_ssize_t count = PyList_GET_SIZE(views);
-    p->bufs = PyMem_New(Py_buffer, count ? count : 1);
-    if (p->bufs == NULL) {
+    *out = PyLong_AsSsize_t(item);
+    return *out == -1 && PyErr_Occurred() ? -1 : 0;
+}
+
+/* Check the runs that `want` bytes from byte `offset` on touch, and pin
+ * their regions with `flags`: the plan of the copy, or -1 with an exception
+ * set and nothing pinned. */
+static int
+plan(PyObject *regions, PyObject *runs, Py_ssize_t offset, Py_ssize_t want, int flags, Plan *p)
+{
+    memset(p, 0, sizeof *p);
+    if (offset < 0) {
+        PyErr_SetString(PyExc_ValueError, "negative offset");
+        return -1;
+    }
+    Py_ssize_t n = PyList_GET_SIZE(runs);
+    if (n % 3) {
+        PyErr_SetString(PyExc_ValueError, "runs must be three ints each");
+        return -1;
+    }
+    p->nregions = PyList_GET_SIZE(regions);
+    p->bufs = PyMem_New(Py_buffer, p->nregions ? p->nregions : 1);
+    p->held = PyMem_Calloc(p->nregions ? p->nregions : 1, 1);
+    p->runs = PyMem_New(Run, n ? n / 3 : 1);
+    if (p->bufs == NULL || p->held == NULL || p->runs == NULL) {
+        unplan(p);
         PyErr_NoMemory();
         return -1;
     }
-    for (Py_ssize_t i = 0; i < count; i++) {
-        if (PyObject_GetBuffer(PyList_GET_ITEM(views, i), &p->bufs[i], flags) < 0) {
-            unpin(p);
-            return -1;
+    for (Py_ssize_t i = 0; i < n && p->total < want; i += 3) {
+        Run r;
+        if (field(runs, i, &r.region) < 0 || field(runs, i + 1, &r.offset) < 0 || field(runs, i + 2, &r.length) < 0)
+            goto fail;
+        if (r.length < 0) {
+            PyErr_Format(PyExc_ValueError, "run %zd: negative length", i / 3);
+            goto fail;
         }
-        p->n = i + 1;
+        if (offset >= r.length && !p->nruns) {    /* before the copy's start: not touched */
+            offset -= r.length;
+            continue;
+        }
+        if (r.region < 0 || r.region >= p->nregions) {
+            PyErr_Format(PyExc_ValueError, "run %zd: region %zd is not in a table of %zd", i / 3, r.region,
+                         p->nregions);
+            goto fail;
+        }
+        if (!p->held[r.region]) {
+            if (PyObject_GetBuffer(PyList_GET_ITEM(regions, r.region), &p->bufs[r.region], flags) < 0)
+                goto fail;
+            p->held[r.region] = 1;
+        }
+        if (r.offset < 0 || r.offset > p->bufs[r.region].len - r.length) {
+            PyErr_Format(PyExc_ValueError, "run %zd: %zd+%zd is outside its region of %zd bytes", i / 3,
+                         r.offset, r.length, p->bufs[r.region].len);
+            goto fail;
+        }
+        if (!p->nruns) {
+            p->skip = offset;
+            r.length -= offset;
+        }
+        p->runs[p->nruns++] = r;
+        p->total += r.length;
     }
+    if (p->total > want)
+        p->total = want;
     return 0;
+fail:
+    unplan(p);
+    return -1;
+}
+
+/* Move p->total bytes between `flat` and the planned runs (into the runs when `into`). */
+static void
+copy(Plan *p, char *flat, int into)
+{
+    int nogil = p->total >= NOGIL_MIN;
+    PyThreadState *ts = nogil ? PyEval_SaveThread() : NULL;
+    Py_ssize_t left = p->total;
+    for (Py_ssize_t i = 0; i < p->nruns && left; i++) {
+        Run *r = &p->runs[i];
+        char *guest = (char *)p->bufs[r->region].buf + r->offset + (i ? 0 : p->skip);
+        Py_ssize_t take = r->length < left ? r->length : left;
+        if (into)
+            memmove(guest, flat, (size_t)take);
+        else
+            memmove(flat, guest, (size_t)take);
+        flat += take;
+        left -= take;
+    }
+    if (nogil)
+        PyEval_RestoreThread(ts);
 }
 
 static PyObject *
 scatter(PyObject *self, PyObject *args)
 {
     Py_buffer src;
-    PyObject *views;
+    PyObject *regions, *runs;
     Py_ssize_t offset;
-    Pinned p;
-    if (!PyArg_ParseTuple(args, "y*O!n:scatter", &src, &PyList_Type, &views, &offset))
+    Plan p;
+    if (!PyArg_ParseTuple(args, "y*O!O!n:scatter", &src, &PyList_Type, &regions, &PyList_Type, &runs, &offset))
         return NULL;
-    if (offset < 0) {
-        PyBuffer_Release(&src);
-        PyErr_SetString(PyExc_ValueError, "negative offset");
-        return NULL;
-    }
-    if (pin(views, PyBUF_WRITABLE, &p) < 0) {
+    if (plan(regions, runs, offset, src.len, PyBUF_WRITABLE, &p) < 0) {
         PyBuffer_Release(&src);
         return NULL;
     }
-    const char *from = src.buf;
-    Py_ssize_t left = src.len, done = 0, i = 0;
-    for (; i < p.n && offset >= p.bufs[i].len; i++)
-        offset -= p.bufs[i].len;
-    int nogil = left >= NOGIL_MIN;
-    PyThreadState *ts = nogil ? PyEval_SaveThread() : NULL;
-    for (; i < p.n && left; i++) {
-        Py_ssize_t room = p.bufs[i].len - offset;
-        Py_ssize_t take = room < left ? room : left;
-        memmove((char *)p.bufs[i].buf + offset, from + done, (size_t)take);
-        done += take;
-        left -= take;
-        offset = 0;
-    }
-    if (nogil)
-        PyEval_RestoreThread(ts);
-    unpin(&p);
+    copy(&p, src.buf, 1);
+    Py_ssize_t done = p.total;
+    unplan(&p);
     PyBuffer_Release(&src);
     return PyLong_FromSsize_t(done);
 }
@@ -102,47 +181,200 @@ scatter(PyObject *self, PyObject *args)
 static PyObject *
 gather(PyObject *self, PyObject *args)
 {
-    PyObject *views;
     Py_buffer dst;
-    Pinned p;
-    if (!PyArg_ParseTuple(args, "O!w*:gather", &PyList_Type, &views, &dst))
+    PyObject *regions, *runs;
+    Py_ssize_t offset;
+    Plan p;
+    if (!PyArg_ParseTuple(args, "w*O!O!n:gather", &dst, &PyList_Type, &regions, &PyList_Type, &runs, &offset))
         return NULL;
-    if (pin(views, PyBUF_SIMPLE, &p) < 0) {
+    if (plan(regions, runs, offset, dst.len, PyBUF_SIMPLE, &p) < 0) {
         PyBuffer_Release(&dst);
         return NULL;
     }
-    Py_ssize_t total = 0;
-    for (Py_ssize_t i = 0; i < p.n; i++)
-        total += p.bufs[i].len;
-    if (total > dst.len) {
-        unpin(&p);
-        PyBuffer_Release(&dst);
-        PyErr_Format(PyExc_ValueError, "%zd bytes do not fit a buffer of %zd", total, dst.len);
-        return NULL;
-    }
-    int nogil = total >= NOGIL_MIN;
-    PyThreadState *ts = nogil ? PyEval_SaveThread() : NULL;
-    char *to = dst.buf;
-    for (Py_ssize_t i = 0; i < p.n; i++) {
-        memmove(to, p.bufs[i].buf, (size_t)p.bufs[i].len);
-        to += p.bufs[i].len;
-    }
-    if (nogil)
-        PyEval_RestoreThread(ts);
-    unpin(&p);
+    copy(&p, dst.buf, 0);
+    Py_ssize_t done = p.total;
+    unplan(&p);
     PyBuffer_Release(&dst);
-    return PyLong_FromSsize_t(total);
+    return PyLong_FromSsize_t(done);
+}
+
+
+/* ---------------------------------------------------------------- an indirect table's chain */
+
+#define DESC_F_NEXT 1
+#define DESC_F_WRITE 2
+#define DESC_F_INDIRECT 4
+#define MAX_TABLE_REGIONS 64    /* more than VHOST_MEMORY_MAX_NREGIONS (8) */
+
+typedef unsigned __int128 u128;
+
+typedef struct {
+    uint64_t addr;
+    uint32_t len;
+    uint16_t flags, next;
+} Desc;                         /* virtq_desc, little-endian as x86 reads it */
+
+typedef struct {
+    uint64_t start[MAX_TABLE_REGIONS];
+    u128 end[MAX_TABLE_REGIONS];
+    Py_ssize_t n;
+} Table;
+
+/* A broken chain: ValueError with Python's message (printf: %llx wanted). */
+static void
+chain_error(const char *fmt, ...)
+{
+    char msg[160];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    PyErr_SetString(PyExc_ValueError, msg);
+}
+
+static int
+append3(PyObject *runs, Py_ssize_t a, unsigned long long b, unsigned long long c)
+{
+    PyObject *v[3] = {PyLong_FromSsize_t(a), PyLong_FromUnsignedLongLong(b), PyLong_FromUnsignedLongLong(c)};
+    int rc = 0;
+    for (int k = 0; k < 3; k++) {
+        if (v[k] == NULL || (rc == 0 && PyList_Append(runs, v[k]) < 0))
+            rc = -1;
+        Py_XDECREF(v[k]);
+    }
+    return rc;
+}
+
+/* GuestMemory.translate: [addr, addr+length) as runs appended to `runs`,
+ * split where it crosses into the next region; the same refusals. */
+static int
+translate(const Table *t, PyObject *runs, uint64_t addr, uint64_t length)
+{
+    if ((u128)addr + length > (u128)1 << 64) {
+        chain_error("range 0x%llx+%llu wraps", (unsigned long long)addr, (unsigned long long)length);
+        return -1;
+    }
+    while (length) {
+        Py_ssize_t i = t->n - 1;          /* the last region starting at or below addr */
+        while (i >= 0 && t->start[i] > addr)
+            i--;
+        if (i < 0 || addr >= t->end[i]) {
+            chain_error("address 0x%llx is outside guest memory", (unsigned long long)addr);
+            return -1;
+        }
+        u128 room = t->end[i] - addr;
+        uint64_t n = room < length ? (uint64_t)room : length;
+        if (append3(runs, i, addr - t->start[i], n) < 0)
+            return -1;
+        addr += n;
+        length -= n;
+    }
+    return 0;
+}
+
+/* table(raw, starts, sizes) -> (readable, writable, readable_size, writable_size)
+ * The chain an indirect table holds, walked as Virtqueue._walk walks it from
+ * a head that is the table, with the same checks and messages (ValueError):
+ * runs of adjacent buffers translated against the memory table (`starts`,
+ * `sizes`: its regions' guest-physical ranges, in order). No Python int per
+ * descriptor, none left for the garbage of three lists. */
+static PyObject *
+table(PyObject *self, PyObject *args)
+{
+    Py_buffer raw;
+    PyObject *starts, *sizes;
+    if (!PyArg_ParseTuple(args, "y*O!O!:table", &raw, &PyList_Type, &starts, &PyList_Type, &sizes))
+        return NULL;
+    PyObject *readable = NULL, *writable = NULL, *out = NULL, *run;
+    Table t;
+    Py_ssize_t size = raw.len / (Py_ssize_t)sizeof(Desc), i = 0, steps = 0;
+    uint64_t start = 0, done_bytes = 0, readable_size = 0;
+    u128 end = 0;
+    int seen_write = 0;
+    t.n = PyList_GET_SIZE(starts);
+    if (t.n > MAX_TABLE_REGIONS || PyList_GET_SIZE(sizes) != t.n) {
+        PyErr_SetString(PyExc_ValueError, "a memory table of too many regions, or starts and sizes apart");
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < t.n; i++) {
+        t.start[i] = PyLong_AsUnsignedLongLong(PyList_GET_ITEM(starts, i));
+        if (PyErr_Occurred())
+            goto done;
+        t.end[i] = (u128)t.start[i] + PyLong_AsUnsignedLongLong(PyList_GET_ITEM(sizes, i));
+        if (PyErr_Occurred())
+            goto done;
+    }
+    readable = PyList_New(0);
+    writable = PyList_New(0);
+    if (readable == NULL || writable == NULL)
+        goto done;
+    run = readable;
+    for (;;) {
+        if (i >= size) {
+            chain_error("next index %zd outside a table of %zd", i, size);
+            goto done;
+        }
+        if (++steps > size) {
+            chain_error("chain longer than its table (a loop?)");
+            goto done;
+        }
+        Desc d;
+        memcpy(&d, (const char *)raw.buf + i * (Py_ssize_t)sizeof(Desc), sizeof d);
+        if (d.flags & DESC_F_INDIRECT) {
+            chain_error("indirect descriptor not allowed here");
+            goto done;
+        }
+        if (d.flags & DESC_F_WRITE) {
+            if (!seen_write) {
+                if (end != start && translate(&t, run, start, (uint64_t)(end - start)) < 0)
+                    goto done;
+                readable_size = done_bytes + (uint64_t)(end - start);
+                done_bytes = 0;
+                start = d.addr;
+                end = d.addr;
+                run = writable;
+                seen_write = 1;
+            }
+        } else if (seen_write) {
+            chain_error("a device-readable buffer after a device-writable one");
+            goto done;
+        }
+        if (d.addr != end) {
+            if (end != start && translate(&t, run, start, (uint64_t)(end - start)) < 0)
+                goto done;
+            done_bytes += (uint64_t)(end - start);
+            start = d.addr;
+            end = d.addr;
+        }
+        end += d.len;
+        if (!(d.flags & DESC_F_NEXT)) {
+            if (end != start && translate(&t, run, start, (uint64_t)(end - start)) < 0)
+                goto done;
+            uint64_t last = done_bytes + (uint64_t)(end - start);
+            out = Py_BuildValue("OOKK", readable, writable, (unsigned long long)(seen_write ? readable_size : last),
+                                (unsigned long long)(seen_write ? last : 0));
+            goto done;
+        }
+        i = d.next;
+    }
+done:
+    Py_XDECREF(readable);
+    Py_XDECREF(writable);
+    PyBuffer_Release(&raw);
+    return out;
 }
 
 static PyMethodDef methods[] = {
-    {"scatter", scatter, METH_VARARGS, "Copy a buffer into a list of buffers from an offset on: bytes copied."},
-    {"gather", gather, METH_VARARGS, "Copy a list of buffers into one buffer: bytes copied."},
+    {"scatter", scatter, METH_VARARGS, "Copy a buffer into guest memory runs from an offset on: bytes copied."},
+    {"gather", gather, METH_VARARGS, "Copy guest memory runs from an offset on into a buffer: bytes copied."},
+    {"table", table, METH_VARARGS, "The runs of the chain an indirect descriptor table holds (Virtqueue._walk's)."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "fetd_vhost._vcopy",
-    "fetd_vhost's copies between one buffer and a chain's guest buffers (decision 0313).",
+    "fetd_vhost's copies between one buffer and a chain's guest memory runs, and an indirect table's walk "
+    "(decisions 0313-0315).",
     -1, methods,
 };
 

@@ -98,6 +98,8 @@ COMPILED_RUN = [
     "tests/test_iscsi_e2e.py::test_conformance_iscsi_family",
     # fetd_vhost: hostile descriptor tables and messages, the Python master through real processes
     "tests/test_vhost_core.py", "tests/test_vhost_harness.py",
+    # its C copy helper, the build's own (not one built with cc): runs checked, bytes moved (0314)
+    "tests/test_vhost_vcopy.py",
     # a refusal that ends fetd_vhost's run survives its cleanup (decisions/0840 addendum)
     "tests/test_roles.py::test_fetd_vhost_with_a_managers_key_says_it_is_refused_and_exits",
     # the RBD backend's aio path (0412), and its C helper against a real cluster's librbd (0421)

@@ -158,31 +158,37 @@ def test_indirect_tables_are_bounded_before_they_are_read(ring, monkeypatch):
     assert counter.reads == 1
 
 
-def test_chains_become_views_of_guest_memory(ring):
+def _views(chain: V.Chain, runs: list[int]) -> list[memoryview]:
+    """A chain's runs (region index, offset, length) as views of its regions."""
+    return [chain.regions[runs[k]][runs[k + 1]:runs[k + 1] + runs[k + 2]] for k in range(0, len(runs), 3)]
+
+
+def test_chains_become_runs_of_guest_memory(ring):
     dq, vq, mem = ring
     a, b = dq.ram.alloc(100), dq.ram.alloc(50)
     dq.ram.write(a, b"x" * 100)
     head = dq.add([(a, 100, False), (b, 50, True)], indirect=True)
     dq.publish(kick=False)
     chain = vq.pop()
-    assert chain is not None and chain.head == head
-    assert [bytes(v) for v in chain.readable] == [b"x" * 100] and [len(v) for v in chain.writable] == [50]
-    chain.writable[0][:3] = b"abc"
+    assert chain is not None and chain.head == head and chain.regions is mem.views
+    assert chain.readable == [0, a - dq.ram.GPA_BASE, 100] and chain.writable == [0, b - dq.ram.GPA_BASE, 50]
+    assert [bytes(v) for v in _views(chain, chain.readable)] == [b"x" * 100]
+    _views(chain, chain.writable)[0][:3] = b"abc"
     assert dq.ram.read(b, 3) == b"abc"
     assert vq.pop() is None
     vq.push(head, 3)
     assert dq.take_used() == [(head, 3)]
     with pytest.raises(BadAddress):
-        mem.gpa(dq.ram.GPA_BASE + dq.ram.size - 2, 4)
+        mem.translate([], dq.ram.GPA_BASE + dq.ram.size - 2, 4)
     with pytest.raises(BadAddress):
         mem.uva(dq.ram.UVA_BASE - 1, 2)
 
 
-def test_buffers_adjacent_in_guest_memory_become_one_view(ring):
+def test_buffers_adjacent_in_guest_memory_become_one_run(ring):
     """A run of descriptors whose buffers follow each other in guest memory
-    (as a Linux scatterlist of adjacent pages) is one view: the copies then
+    (as a Linux scatterlist of adjacent pages) is one run: the copies then
     step through runs, not descriptors. A gap, or the switch to
-    device-writable buffers, starts a new view; the bytes are the same."""
+    device-writable buffers, starts a new run; the bytes are the same."""
     dq, vq, _ = ring
     ram = dq.ram
     base = ram.alloc(6 * 4096, 4096)
@@ -194,10 +200,9 @@ def test_buffers_adjacent_in_guest_memory_become_one_view(ring):
     dq.publish(kick=False)
     chain = vq.pop()
     assert chain is not None and chain.head == head
-    assert [len(v) for v in chain.readable] == [3 * 4096, 150]
-    assert [len(v) for v in chain.writable] == [10, 4096]
-    assert bytes(chain.readable[0]) == ram.read(base, 3 * 4096)
-    chain.writable[1][:2] = b"ok"
+    assert chain.readable[2::3] == [3 * 4096, 150] and chain.writable[2::3] == [10, 4096]
+    assert bytes(_views(chain, chain.readable)[0]) == ram.read(base, 3 * 4096)
+    _views(chain, chain.writable)[1][:2] = b"ok"
     assert ram.read(base + 5 * 4096, 2) == b"ok"
 
 
@@ -267,7 +272,9 @@ def test_write_data_past_the_stml_limit_waits_for_it_to_ask(ring):
     assert (kind, cdb, unsol, sent) == ("cmd", write10(0, 512).ljust(16, b"\0"), 64 << 10, 64 << 10)
     dev.rdy_to_xfer(tag, 64 << 10, 192 << 10)
     dev.rdy_to_xfer(tag, 200 << 10, 1 << 30)         # more than there is: only what there is
-    assert port.calls[1:] == [("data", tag, 64 << 10, 192 << 10), ("data", tag, 200 << 10, 56 << 10)]
+    dev.rdy_to_xfer(tag, -4096, 8192)                 # before the data: nothing (no exception)
+    assert port.calls[1:] == [("data", tag, 64 << 10, 192 << 10), ("data", tag, 200 << 10, 56 << 10),
+                              ("data", tag, -4096, 0)]
 
 
 def test_rx_cmnd_headers_take_the_links_fixed_layout(ring):
@@ -565,7 +572,11 @@ def test_any_descriptor_table_gives_views_inside_guest_memory_or_an_error(ring, 
         except V.RingError:
             break
         assert chain is not None
-        for view in chain.readable + chain.writable:
+        runs = chain.readable + chain.writable
+        for k in range(0, len(runs), 3):   # every run inside its region
+            assert chain.regions[runs[k]] is mem.views[runs[k]]
+            assert 0 <= runs[k + 1] and 0 <= runs[k + 2] and runs[k + 1] + runs[k + 2] <= len(mem.views[runs[k]])
+        for view in _views(chain, runs):
             start = _address(view)
             assert not len(view) or base <= start and start + len(view) <= base + ram.size
     vq.broken = False
@@ -606,17 +617,38 @@ def test_fetd_vhost_imports_only_the_contract_from_stml():
 
 @PROPERTY
 @given(st.lists(st.integers(0, 9), max_size=8), st.integers(0, 50), st.integers(0, 50))
-def test_buffers_slices_are_the_bytes_of_that_range(sizes, offset, n):
-    """slices(offset, n): views of exactly the bytes [offset, offset + n) of
-    the buffers, clipped to their end (the write data a rdy_to_xfer asks for)."""
+def test_buffers_copies_are_the_bytes_of_that_range(sizes, offset, n):
+    """Runs over two regions, a gap after each: slices(offset, n) and
+    read_into are exactly the bytes [offset, offset + n), write puts data
+    there, tail(offset) is the rest, all clipped to the end; nothing outside
+    the runs is touched (the pure copies: test_vhost_vcopy checks the C
+    helper against these)."""
     from fetd_vhost.scsi import Buffers
-    data = bytes(range(sum(sizes)))
-    views, at = [], 0
-    for size in sizes:
-        views.append(memoryview(bytearray(data[at:at + size])))
-        at += size
-    got = Buffers(views, sum(sizes)).slices(offset, n)
-    assert b"".join(bytes(v) for v in got) == data[offset:offset + n]
+    data = bytes(range(1, sum(sizes) + 1))
+    regions = [memoryview(bytearray(b"\xee" * 200)), memoryview(bytearray(b"\xee" * 200))]
+    runs: list[int] = []
+    at, pos = 0, [3, 5]
+    for k, size in enumerate(sizes):
+        r = k % 2
+        regions[r][pos[r]:pos[r] + size] = data[at:at + size]
+        runs += [r, pos[r], size]
+        at, pos[r] = at + size, pos[r] + size + 7
+    b = Buffers(runs, sum(sizes), regions)
+    assert b"".join(bytes(v) for v in b.slices(offset, n)) == data[offset:offset + n]
+    assert b.tail(offset).read(0, 100) == data[offset:] and b.tail(offset).size == len(data[offset:])
+    dst = bytearray(b"\xcc" * n)
+    got = b.read_into(offset, memoryview(dst))
+    assert got == len(data[offset:offset + n]) and dst[:got] == data[offset:offset + n]
+    untouched = [bytes(r) for r in regions]
+    assert b.write(offset, b"\xab" * n) == got
+    assert b.read(0, len(data)) == data[:offset] + b"\xab" * got + data[offset + got:]
+    outside = [bytes(r) for r in regions]
+    for k in range(0, len(runs), 3):   # the bytes outside the runs are as they were
+        for rr in (untouched, outside):
+            rr[runs[k]] = rr[runs[k]][:runs[k + 1]] + bytes(runs[k + 2]) + rr[runs[k]][runs[k + 1] + runs[k + 2]:]
+    assert outside == untouched
+    if n:   # never a byte before the buffers: a negative offset is nothing
+        assert b.slices(-1, n) == [] and b.write(-1, b"\xab" * n) == 0 and b.read_into(-1, memoryview(dst)) == 0
 
 
 @pytest.mark.parametrize("table, expected", [
