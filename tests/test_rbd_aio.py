@@ -91,16 +91,16 @@ class FakeImage:
     def enable_events(self, fd: int) -> None:
         self.fd = fd   # the caller's: librbd only signals it
 
-    def start(self, name: str, args: tuple, flags: tuple = ()) -> int:
+    def start(self, name: str, args: tuple, flags: tuple, entry: Any, pending: dict) -> None:
         assert "closed" not in self.events, "a call reached a closed image"
         comp = next(self.ids)
+        pending[comp] = entry
         self.flying[comp] = (name, args)
-        return comp
 
-    def start_buffer(self, name: str, offset: int, buf: Any, writable: bool) -> tuple[int, Any, int]:
+    def start_buffer(self, name: str, offset: int, buf: Any, writable: bool, fut: Any, pending: dict) -> None:
         """What Image.start_buffer does without the compiled build's C helper."""
         pin, ptr, n = hold(buf, writable)
-        return self.start(name, (offset, n, ptr)), pin, n
+        self.start(name, (offset, n, ptr), (), (fut, pin, n if writable else 0), pending)
 
     def complete(self, comp: int, data: bytes = b"") -> None:
         """librbd ends a call: a read's data lands in its buffer, then the eventfd."""
@@ -118,6 +118,10 @@ class FakeImage:
 
     def poll(self) -> list[tuple[int, int]]:
         assert "closed" not in self.events, "a closed image was polled"
+        try:   # (as Image.poll: the eventfd first)
+            os.eventfd_read(self.fd)
+        except BlockingIOError:
+            pass
         out, self.done = self.done, []
         return out
 
