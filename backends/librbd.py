@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import functools
 import importlib
 import os
 from ctypes import (
@@ -426,7 +425,7 @@ class Image:
         # when the build has it (one C call, no Python frame; the pin a
         # memoryview of our own), else hold() and start()
         self.start_buffer: Callable[[str, int, Any, bool, Any, dict[int, Any]], None] = (
-            functools.partial(_rbdaio.start_buffer, (self._calls, io, CephError)) if _rbdaio is not None
+            _rbdaio.starter((self._calls, io, CephError)) if _rbdaio is not None
             else self._start_buffer)
 
     # ---------------------------------------------------------------- sync

@@ -58,24 +58,35 @@ static int unpack(PyObject *t, calls_t *c) {
     return PyErr_Occurred() ? -1 : 0;
 }
 
-/* start_buffer(fast, name, offset, buffer, writable, future, pending):
- * rbd_aio_NAME (read or write) of the whole buffer at `offset`, recorded as
+/* Raise fast's error class (errno, "rbd_aio_WHAT: strerror") for librbd's
+ * return value `ret`; NULL. */
+static PyObject *fail(PyObject *fast, int ret, const char *what) {
+    PyObject *e = PyObject_CallFunction(PyTuple_GET_ITEM(fast, 2), "iN", -ret,
+                                        PyUnicode_FromFormat("rbd_aio_%s: %s", what ? what : "?", strerror(-ret)));
+    if (e != NULL) {
+        PyErr_SetObject((PyObject *)Py_TYPE(e), e);
+        Py_DECREF(e);
+    }
+    return NULL;
+}
+
+/* start_buffer(name, offset, buffer, writable, future, pending), bound to
+ * `fast` (calls, {name: address}, the error class) by starter(): rbd_aio_NAME
+ * (read or write) of the whole buffer at `offset`, recorded as
  * pending[completion] = (future, pin, bytes a read must report) before
  * librbd gets it, as backends.librbd's Image.start_buffer, which this is
- * when the build has it (a partial over `fast`: (calls, {name: address},
- * the error class), so no Python frame runs). The pin is a new memoryview
+ * when the build has it (no Python frame runs). The pin is a new memoryview
  * of the buffer, whose export holds it until the entry is dropped after the
  * completion. A call librbd refuses raises the error class (errno, message),
  * its entry removed and its completion released; any other failure comes
  * before librbd has the call. */
-static PyObject *start_buffer(PyObject *mod, PyObject *const *args, Py_ssize_t n) {
+static PyObject *start_buffer(PyObject *fast, PyObject *const *args, Py_ssize_t n) {
     calls_t c;
-    if (n != 7 || !PyTuple_Check(args[0]) || PyTuple_GET_SIZE(args[0]) != 3) {
-        PyErr_SetString(PyExc_TypeError,
-                        "start_buffer((calls, ios, error), name, offset, buffer, writable, future, pending)");
+    if (n != 6) {
+        PyErr_SetString(PyExc_TypeError, "start_buffer(name, offset, buffer, writable, future, pending)");
         return NULL;
     }
-    PyObject *fast = args[0], *name = args[1], *pending = args[6];
+    PyObject *name = args[0], *pending = args[5];
     if (unpack(PyTuple_GET_ITEM(fast, 0), &c) < 0)
         return NULL;
     PyObject *addr = PyDict_GetItemWithError(PyTuple_GET_ITEM(fast, 1), name);
@@ -85,11 +96,11 @@ static PyObject *start_buffer(PyObject *mod, PyObject *const *args, Py_ssize_t n
         return NULL;
     }
     io_fn io = (io_fn)PyLong_AsVoidPtr(addr);
-    unsigned long long offset = PyLong_AsUnsignedLongLong(args[2]);
-    int writable = PyObject_IsTrue(args[4]);
+    unsigned long long offset = PyLong_AsUnsignedLongLong(args[1]);
+    int writable = PyObject_IsTrue(args[3]);
     if (PyErr_Occurred())
         return NULL;
-    PyObject *pin = PyMemoryView_FromObject(args[3]);
+    PyObject *pin = PyMemoryView_FromObject(args[2]);
     if (pin == NULL)
         return NULL;
     Py_buffer view;
@@ -102,15 +113,17 @@ static PyObject *start_buffer(PyObject *mod, PyObject *const *args, Py_ssize_t n
     void *buf = view.buf;
     size_t len = (size_t)view.len;
     PyBuffer_Release(&view);
-    PyObject *entry = Py_BuildValue("(OOn)", args[5], pin, writable ? (Py_ssize_t)len : 0);
+    PyObject *entry = Py_BuildValue("(OOn)", args[4], pin, writable ? (Py_ssize_t)len : 0);
     Py_DECREF(pin);   /* (the entry holds it) */
     if (entry == NULL)
         return NULL;
     void *comp = NULL;
-    int ret = c.create(NULL, NULL, &comp);   /* (an allocation in librbd: not worth a GIL hand-off) */
+    /* (with the GIL: an allocation, no lock a librbd thread could hold while
+     * it waits for the GIL, and one hand-off per call is enough) */
+    int ret = c.create(NULL, NULL, &comp);
     if (ret < 0) {
         Py_DECREF(entry);
-        return PyErr_Format(PyExc_MemoryError, "rbd_aio_create_completion: %s", strerror(-ret));
+        return fail(fast, ret, "create_completion");
     }
     PyObject *key = PyLong_FromVoidPtr(comp);
     if (key == NULL || PyObject_SetItem(pending, key, entry) < 0) {
@@ -133,13 +146,7 @@ static PyObject *start_buffer(PyObject *mod, PyObject *const *args, Py_ssize_t n
     if (PyObject_DelItem(pending, key) < 0)
         PyErr_Clear();   /* (the key was just set: nothing else can have taken it) */
     Py_DECREF(key);
-    PyObject *e = PyObject_CallFunction(PyTuple_GET_ITEM(fast, 2), "iN", -ret,
-                                        PyUnicode_FromFormat("rbd_aio_%U: %s", name, strerror(-ret)));
-    if (e != NULL) {
-        PyErr_SetObject((PyObject *)Py_TYPE(e), e);
-        Py_DECREF(e);
-    }
-    return NULL;
+    return fail(fast, ret, PyUnicode_AsUTF8(name));
 }
 
 /* Signal the image's eventfd: the loop collects again at its next turn. */
@@ -210,9 +217,23 @@ static PyObject *collect(PyObject *mod, PyObject *calls) {
     return out;
 }
 
+static PyMethodDef start_def = {
+    "start_buffer", (PyCFunction)(void (*)(void))start_buffer, METH_FASTCALL,
+    "start_buffer(name, offset, buffer, writable, future, pending)"};
+
+/* starter(fast): start_buffer bound to fast = (calls, {name: address}, the
+ * error class), as a method is bound to its object: no functools.partial
+ * (whose call of seven arguments allocates them an array) per command. */
+static PyObject *starter(PyObject *mod, PyObject *fast) {
+    if (!PyTuple_Check(fast) || PyTuple_GET_SIZE(fast) != 3 || !PyDict_Check(PyTuple_GET_ITEM(fast, 1))) {
+        PyErr_SetString(PyExc_TypeError, "starter((calls, ios, error))");
+        return NULL;
+    }
+    return PyCFunction_NewEx(&start_def, fast, NULL);
+}
+
 static PyMethodDef methods[] = {
-    {"start_buffer", (PyCFunction)(void (*)(void))start_buffer, METH_FASTCALL,
-     "start_buffer((calls, ios, error), name, offset, buffer, writable, future, pending)"},
+    {"starter", starter, METH_O, "starter((calls, ios, error)) -> start_buffer"},
     {"collect", collect, METH_O, "collect(calls)"},
     {NULL, NULL, 0, NULL},
 };

@@ -70,12 +70,12 @@ def test_the_c_helper_starts_and_collects_each_call_and_releases_its_completion(
     mod, lib, calls, addr = _helper(tmp_path)
     live = ctypes.c_long.in_dll(lib, "fakerbd_live")
     refuse = ctypes.c_int.in_dll(lib, "fakerbd_refuse")
-    fast = (calls, {"read": addr("rbd_aio_read"), "write": addr("rbd_aio_write")}, CephError)
+    start = mod.starter((calls, {"read": addr("rbd_aio_read"), "write": addr("rbd_aio_write")}, CephError))
     bufs = [bytearray(4096) for _ in range(70)]   # more than one poll batch (64)
     pending: dict = {}
     for i, b in enumerate(bufs):
-        assert mod.start_buffer(fast, "read", i * 4096, memoryview(b), True, f"read {i}", pending) is None
-    mod.start_buffer(fast, "write", 0, b"\1" * 512, False, "write", pending)
+        assert start("read", i * 4096, memoryview(b), True, f"read {i}", pending) is None
+    start("write", 0, b"\1" * 512, False, "write", pending)
     comps = list(pending)
     assert live.value == 71 and len(set(comps)) == 71 and min(comps) > 0
     assert [(fut, n) for fut, _, n in pending.values()] == [(f"read {i}", 4096) for i in range(70)] + [("write", 0)]
@@ -89,11 +89,11 @@ def test_the_c_helper_starts_and_collects_each_call_and_releases_its_completion(
     bufs[0].append(0)   # the pins gone, the buffer is free
     refuse.value = -28
     with pytest.raises(CephError) as e:
-        mod.start_buffer(fast, "write", 0, b"\1" * 512, False, "refused", pending)
+        start("write", 0, b"\1" * 512, False, "refused", pending)
     assert (e.value.errno, str(e.value)) == (28, "[Errno 28] rbd_aio_write: No space left on device")
     assert live.value == 0 and not pending, "a refused call's completion is released, its entry gone"
     with pytest.raises(BufferError):   # read data needs memory it may write
-        mod.start_buffer(fast, "read", 0, b"\0" * 512, True, "read", pending)
+        start("read", 0, b"\0" * 512, True, "read", pending)
     assert live.value == 0 and not pending
 
 
@@ -109,14 +109,14 @@ def test_the_c_helper_out_of_memory_never_lets_a_buffer_go_under_librbd(tmp_path
     from backends.librbd import CephError
     mod, lib, calls, addr = _helper(tmp_path)
     live = ctypes.c_long.in_dll(lib, "fakerbd_live")
-    fast = (calls, {"read": addr("rbd_aio_read"), "write": addr("rbd_aio_write")}, CephError)
+    start = mod.starter((calls, {"read": addr("rbd_aio_read"), "write": addr("rbd_aio_write")}, CephError))
     pending: dict = {}
     failed = 0
     for k in range(40):
         buf = bytearray(4096)
         _testcapi.set_nomemory(k, k + 1)   # (only the k-th allocation from here fails)
         try:
-            mod.start_buffer(fast, "read", 0, memoryview(buf), True, k, pending)
+            start("read", 0, memoryview(buf), True, k, pending)
             ok = True
         except MemoryError:
             ok = False
@@ -139,7 +139,7 @@ def test_the_c_helper_out_of_memory_never_lets_a_buffer_go_under_librbd(tmp_path
             raise MemoryError
     buf = bytearray(4096)
     with pytest.raises(MemoryError):
-        mod.start_buffer(fast, "read", 0, memoryview(buf), True, "x", Full())
+        start("read", 0, memoryview(buf), True, "x", Full())
     assert buf == bytes(4096) and live.value == len(pending)
     buf.append(0)
 
@@ -162,11 +162,11 @@ def test_the_c_helper_collection_out_of_memory_keeps_what_it_could_not_hand_over
         calls = (*calls[:-1], fd)
         lib.rbd_set_image_notification(None, fd, 2)   # fakerbd signals it per completion
         live = ctypes.c_long.in_dll(lib, "fakerbd_live")
-        fast = (calls, {"read": addr("rbd_aio_read"), "write": addr("rbd_aio_write")}, CephError)
+        start = mod.starter((calls, {"read": addr("rbd_aio_read"), "write": addr("rbd_aio_write")}, CephError))
         pending: dict = {}
         bufs = [bytearray(4096) for _ in range(150)]   # more than two poll batches
         for i, b in enumerate(bufs):
-            mod.start_buffer(fast, "read", 0, memoryview(b), True, i, pending)
+            start("read", 0, memoryview(b), True, i, pending)
         got: list = []
         short = 0
         for k in range(0, 600, 5):
