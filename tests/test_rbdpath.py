@@ -185,6 +185,7 @@ def test_the_c_helper_collection_out_of_memory_keeps_what_it_could_not_hand_over
             assert live.value == len(pending) - len(got), "released once handed over, not before"
         assert live.value == 0 and short >= 3, "collections ran short of memory and then caught up"
         assert sorted(got) == sorted((c, 4096) for c in pending), "each call reported once, with its value"
+        assert not select.select([fd], [], [], 0)[0], "the collection read the eventfd itself"
     finally:
         lib.rbd_set_image_notification(None, -1, 2)
         os.close(fd)
