@@ -427,6 +427,7 @@ class Image:
         self.start_buffer: Callable[[str, int, Any, bool, Any, dict[int, Any]], None] = (
             _rbdaio.starter((self._calls, io, CephError)) if _rbdaio is not None
             else self._start_buffer)
+        self.poll: Callable[[], list[tuple[int, int]]] = self._poll   # (see _poll; the helper's once events are on)
 
     # ---------------------------------------------------------------- sync
     def size(self) -> int:
@@ -572,6 +573,8 @@ class Image:
                "rbd_set_image_notification")
         self._fd = fd
         self._calls = (*self._calls[:-1], fd)
+        if _rbdaio is not None:   # (bound to the calls with the eventfd: no Python frame per wake-up)
+            self.poll = _rbdaio.collector(self._calls)
 
     def start(self, name: str, args: tuple, flags: tuple, entry: Any, pending: dict[int, Any]) -> None:
         """Start `rbd_aio_NAME(image, *args, completion, *flags)` (NAME one of
@@ -607,12 +610,11 @@ class Image:
                 pin.release()
             raise
 
-    def poll(self) -> list[tuple[int, int]]:
-        """The eventfd read (enable_events), then (completion address, return
-        value) of every finished aio call; each completion is released. Here
-        rather than in the caller: the C helper reads it in the same call."""
-        if _rbdaio is not None:
-            return _rbdaio.collect(self._calls)
+    def _poll(self) -> list[tuple[int, int]]:
+        """poll(): the eventfd read (enable_events), then (completion address,
+        return value) of every finished aio call; each completion is released.
+        The eventfd is read here rather than by the caller: the C helper's
+        collect (poll once events are on) reads it in the same C call."""
         try:
             os.eventfd_read(self._fd)
         except BlockingIOError:

@@ -157,14 +157,14 @@ static void wake(int fd) {
     }
 }
 
-/* collect(calls): the eventfd read, then [(completion address, return
+/* collect(), bound to an image's calls by collector(): the eventfd read, then [(completion address, return
  * value)] of every finished call, each completion released once its item is
  * in the list. One that
  * cannot be handed over (out of memory) stays unreleased in the image's
  * carry, the eventfd is signalled so that the loop collects again, and what
  * was handed over is returned: no finished call is lost, and no buffer is
  * let go before its call's entry is. */
-static PyObject *collect(PyObject *mod, PyObject *calls) {
+static PyObject *collect(PyObject *calls, PyObject *unused) {
     calls_t c;
     if (unpack(calls, &c) < 0)
         return NULL;
@@ -232,9 +232,20 @@ static PyObject *starter(PyObject *mod, PyObject *fast) {
     return PyCFunction_NewEx(&start_def, fast, NULL);
 }
 
+static PyMethodDef collect_def = {"collect", collect, METH_NOARGS, "collect()"};
+
+/* collector(calls): collect bound to the image's calls, as starter() binds
+ * start_buffer: Image.poll with no Python frame per eventfd wake-up. */
+static PyObject *collector(PyObject *mod, PyObject *calls) {
+    calls_t c;
+    if (unpack(calls, &c) < 0)
+        return NULL;
+    return PyCFunction_NewEx(&collect_def, calls, NULL);
+}
+
 static PyMethodDef methods[] = {
     {"starter", starter, METH_O, "starter((calls, ios, error)) -> start_buffer"},
-    {"collect", collect, METH_O, "collect(calls)"},
+    {"collector", collector, METH_O, "collector(calls) -> collect"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -81,10 +81,10 @@ def test_the_c_helper_starts_and_collects_each_call_and_releases_its_completion(
     assert [(fut, n) for fut, _, n in pending.values()] == [(f"read {i}", 4096) for i in range(70)] + [("write", 0)]
     with pytest.raises(BufferError):   # held by its pin until the caller drops it
         bufs[0].append(0)
-    got = mod.collect(calls)
+    got = mod.collector(calls)()
     assert got == [(c, 4096) for c in comps[:70]] + [(comps[70], 0)]
     assert all(b == b"\x5a" * 4096 for b in bufs), "the reads' data landed in their buffers"
-    assert live.value == 0 and mod.collect(calls) == []
+    assert live.value == 0 and mod.collector(calls)() == []
     pending.clear()
     bufs[0].append(0)   # the pins gone, the buffer is free
     refuse.value = -28
@@ -175,7 +175,7 @@ def test_the_c_helper_collection_out_of_memory_keeps_what_it_could_not_hand_over
             assert select.select([fd], [], [], 0)[0], "what is left was signalled"
             _testcapi.set_nomemory(k % 90, k % 90 + 1)   # (only that allocation from here fails)
             try:
-                out = mod.collect(calls)
+                out = mod.collector(calls)()
             except MemoryError:
                 out = []
             finally:
