@@ -157,13 +157,13 @@ static void wake(int fd) {
     }
 }
 
-/* collect(), bound to an image's calls by collector(): the eventfd read, then [(completion address, return
- * value)] of every finished call, each completion released once its item is
- * in the list. One that
- * cannot be handed over (out of memory) stays unreleased in the image's
- * carry, the eventfd is signalled so that the loop collects again, and what
- * was handed over is returned: no finished call is lost, and no buffer is
- * let go before its call's entry is. */
+/* collect(), bound to an image's calls by collector(): the eventfd read,
+ * then [(completion address, return value)] of every finished call, each
+ * completion released once its item is in the list. One that cannot be
+ * handed over (out of memory) stays unreleased in the image's carry, the
+ * eventfd is signalled so that the loop collects again, and what was handed
+ * over is returned: no finished call is lost, and no buffer is let go
+ * before its call's entry is. */
 static PyObject *collect(PyObject *calls, PyObject *unused) {
     calls_t c;
     if (unpack(calls, &c) < 0)
