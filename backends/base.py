@@ -22,14 +22,16 @@ class AioFuture(asyncio.Future):
     second loop turn per call. Here, not in backends.rbd, so that it stays
     Python when backends.rbd is compiled (decision 0412).
 
-    `waiter`: what the maker calls, right after the outcome is set, in place
-    of the callbacks' loop turn: how the STML resumes a command waiting on
-    it without an asyncio Task (stml.emulator, decision 0418). Its maker sets
-    it to None; the waiter never raises."""
+    `waiter`: what the maker calls with `waiter_arg`, right after the
+    outcome is set, in place of the callbacks' loop turn: how the STML
+    resumes a command waiting on it without an asyncio Task (stml.emulator,
+    decision 0418; a function and its argument, not a partial made per
+    command, 0422). Its maker sets it to None; the waiter never raises."""
 
-    __slots__ = ("waiter",)
+    __slots__ = ("waiter", "waiter_arg")
 
-    waiter: Callable[[], None] | None
+    waiter: Callable[[Any], None] | None
+    waiter_arg: Any
 
     def cancel(self, msg: Any = None) -> bool:
         return False

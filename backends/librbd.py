@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import functools
 import importlib
 import os
 from ctypes import (
@@ -400,6 +399,7 @@ class Image:
         self.handle = handle
         self._comps = (c_void_p * self.POLL_BATCH)()
         self._watch: tuple[c_uint64, Any] | None = None
+        self._fd = -1   # the eventfd librbd signals (enable_events)
         # the aio path's calls, looked up once, and the completion's out-argument made once
         self._aio = {name: getattr(rbd, f"rbd_aio_{name}") for name in AIO_CALLS}
         self._new_comp = rbd.rbd_aio_create_completion
@@ -411,18 +411,23 @@ class Image:
         # the same calls for the C helper, as addresses (backends/rbdaio.c)
         def addr(fn: Any) -> int:
             return ctypes.cast(fn, c_void_p).value or 0
+        # (the last two: what the helper's collect() could not hand over, out of
+        # memory, and the eventfd it then signals; enable_events() sets it)
         self._calls = (handle.value or 0, addr(self._new_comp), addr(self._release), addr(self._return_value),
-                       addr(self._poll_events))
+                       addr(self._poll_events), bytearray(_rbdaio.CARRY_BYTES if _rbdaio else 0), -1)
         io = {"read": addr(rbd.rbd_aio_read), "write": addr(rbd.rbd_aio_write)}
-        # start_buffer(name, offset, buf, writable) -> (completion, pin, bytes): start
-        # rbd_aio_NAME (read or write) over the whole of `buf`. The pin holds the
-        # buffer until the caller drops it (backends.rbd, after the completion); a
-        # call that cannot start raises CephError, its buffer let go. The C
-        # helper's when the build has it (one C call, no Python frame; the pin a
+        # start_buffer(name, offset, buf, writable, future, pending): start
+        # rbd_aio_NAME (read or write) over the whole of `buf`, recorded first as
+        # pending[completion] = (future, pin, bytes a read must report). The pin
+        # holds the buffer until the entry is dropped (backends.rbd, after the
+        # completion); a call that cannot start raises (CephError when librbd
+        # refused it), with no entry left and its buffer let go. The C helper's
+        # when the build has it (one C call, no Python frame; the pin a
         # memoryview of our own), else hold() and start()
-        self.start_buffer: Callable[[str, int, Any, bool], tuple[int, Any, int]] = (
-            functools.partial(_rbdaio.start_buffer, (self._calls, io, CephError)) if _rbdaio is not None
+        self.start_buffer: Callable[[str, int, Any, bool, Any, dict[int, Any]], None] = (
+            _rbdaio.starter((self._calls, io, CephError)) if _rbdaio is not None
             else self._start_buffer)
+        self.poll: Callable[[], list[tuple[int, int]]] = self._poll   # (see _poll; the helper's once events are on)
 
     # ---------------------------------------------------------------- sync
     def size(self) -> int:
@@ -566,38 +571,54 @@ class Image:
         then, and an event loop may still watch it."""
         _check(self._rbd.rbd_set_image_notification(self.handle, fd, EVENT_TYPE_EVENTFD),
                "rbd_set_image_notification")
+        self._fd = fd
+        self._calls = (*self._calls[:-1], fd)
+        if _rbdaio is not None:   # (bound to the calls with the eventfd: no Python frame per wake-up)
+            self.poll = _rbdaio.collector(self._calls)
 
-    def start(self, name: str, args: tuple, flags: tuple = ()) -> int:
+    def start(self, name: str, args: tuple, flags: tuple, entry: Any, pending: dict[int, Any]) -> None:
         """Start `rbd_aio_NAME(image, *args, completion, *flags)` (NAME one of
-        AIO_CALLS); the completion's address, by which poll() reports it. A
-        call that cannot start releases its completion and raises. One
-        thread at a time (the completion's out-argument is made once).
-        (Positional tuples, not *args and a keyword: called per command.)"""
+        AIO_CALLS), recorded first as pending[completion address] = entry, the
+        address by which poll() reports it: nothing that can fail for want of
+        memory comes after librbd has the call. A call that cannot start
+        releases its completion, leaves no entry and raises. One thread at a
+        time (the completion's out-argument is made once). (Positional
+        arguments, not *args and a keyword: called per command.)"""
         _check(self._new_comp(None, None, self._comp_ref), "rbd_aio_create_completion")
-        comp = self._comp.value
+        comp = self._comp.value or 0
+        try:
+            pending[comp] = entry
+        except BaseException:
+            self._release(comp)
+            raise
         # (the completion passed as its c_void_p: ctypes takes it as it is, where
         # an int would be converted into a new one)
         ret = self._aio[name](self.handle, *args, self._comp, *flags)
         if ret < 0:
+            del pending[comp]
             self._release(comp)
             raise CephError(-ret, f"rbd_aio_{name}: {os.strerror(-ret)}")
-        return comp or 0
 
-    def _start_buffer(self, name: str, offset: int, buf: Any, writable: bool) -> tuple[int, Any, int]:
+    def _start_buffer(self, name: str, offset: int, buf: Any, writable: bool, fut: Any,
+                      pending: dict[int, Any]) -> None:
         """start_buffer without the C helper: hold() and start()."""
         pin, ptr, n = hold(buf, writable)
         try:
-            return self.start(name, (offset, n, ptr)), pin, n
+            self.start(name, (offset, n, ptr), (), (fut, pin, n if writable else 0), pending)
         except BaseException:
             if type(pin) is Pinned:
                 pin.release()
             raise
 
-    def poll(self) -> list[tuple[int, int]]:
-        """(completion address, return value) of every finished aio call; each
-        completion is released."""
-        if _rbdaio is not None:
-            return _rbdaio.collect(self._calls)
+    def _poll(self) -> list[tuple[int, int]]:
+        """poll(): the eventfd read (enable_events), then (completion address,
+        return value) of every finished aio call; each completion is released.
+        The eventfd is read here rather than by the caller: the C helper's
+        collect (poll once events are on) reads it in the same C call."""
+        try:
+            os.eventfd_read(self._fd)
+        except BlockingIOError:
+            pass
         out: list[tuple[int, int]] = []
         comps, poll, value, release = self._comps, self._poll_events, self._return_value, self._release
         while True:

@@ -461,15 +461,14 @@ class RbdAio:
             with self._lock:
                 if self._loop is not loop or not backend._usable:
                     raise RbdError(backend.spec, errno.ESHUTDOWN, "image closed")
-                try:   # (each raises when librbd did not take the call)
+                try:   # (each records the call in _pending before librbd has it; raises when it did not)
                     if buf is not None:
-                        comp, pin, n = backend.image.start_buffer(name, args[0], buf, read)
+                        backend.image.start_buffer(name, args[0], buf, read, fut, self._pending)
                     else:
-                        comp, n = backend.image.start(name, args, flags), 0
+                        backend.image.start(name, args, flags, (fut, pin, 0), self._pending)
                 except CephError as e:
                     failed = e
                 else:
-                    self._pending[comp] = (fut, pin, n if read else 0)
                     return fut
         except BaseException:
             _unpin(pin)
@@ -481,15 +480,16 @@ class RbdAio:
         raise RbdError(backend.spec, failed.errno or errno.EIO, failed.strerror or str(failed))
 
     def _collect(self, fd: int) -> None:
-        """The eventfd is readable: take what librbd completed."""
-        try:
-            os.eventfd_read(fd)
-        except BlockingIOError:
-            pass
+        """The eventfd is readable: take what librbd completed (Image.poll reads
+        the eventfd)."""
         results = []
         with self._lock:
-            if fd != self._fd:
-                return   # detached: the image is closing (the reader goes next)
+            if fd != self._fd:   # detached: the image is closing (the reader goes next)
+                try:
+                    os.eventfd_read(fd)
+                except BlockingIOError:
+                    pass
+                return
             pending = self._pending
             for comp, ret in self.backend.image.poll():
                 entry = pending.pop(comp, None)
@@ -514,7 +514,7 @@ class RbdAio:
             waiter = fut.waiter
             if waiter is not None:   # a command parked on it goes on now (AioFuture)
                 fut.waiter = None
-                waiter()
+                waiter(fut.waiter_arg)
 
     def read_into(self, offset: int, buf: memoryview) -> asyncio.Future:
         return self._submit("read", (offset,), buf=buf, read=True)

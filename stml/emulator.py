@@ -320,6 +320,9 @@ class Emulator:
         # memory its front end shares (stml.server, same-host carrier), which the
         # task then holds (Task.hold) until it ends; None: new memory will do
         self.read_buffer: Callable[[Task, int], bytearray | memoryview | None] = lambda task, size: None
+        # what a parked command's aio future calls with it (AioFuture.waiter):
+        # _resume, bound once rather than a partial per command
+        self._wake: Callable[[Task], None] = self._resume
         # the capabilities the carrier of a front end supports (stml.server: a
         # write region on the stream carrier); granted when a front end offers them
         self.carrier_caps: Callable[[bytes], frozenset[str]] = lambda ident: frozenset()
@@ -1002,7 +1005,7 @@ class Emulator:
             for waiting_on in coro.__await__():
                 if type(waiting_on) is AioFuture:
                     task.coro, task.parked = coro, waiting_on
-                    waiting_on.waiter = functools.partial(self._resume, task)
+                    waiting_on.waiter, waiting_on.waiter_arg = self._wake, task
                     return
                 self._run_in_task(task, coro, waiting_on)
                 return
@@ -1020,7 +1023,7 @@ class Emulator:
         """A Task for a command parked on an aio call, which an abort can cancel
         and wait for: its first step waits for that call (_Started)."""
         task.coro = task.parked = None
-        fut.waiter = None
+        fut.waiter = fut.waiter_arg = None
         return self._run_in_task(task, coro, fut)
 
     def _run_in_task(self, task: Task, coro: Coroutine[Any, Any, None], waiting_on: Any) -> asyncio.Task:

@@ -141,8 +141,10 @@ async def read(task: Task) -> bytes | bytearray | memoryview:
             if data is not None:
                 return data
         buf = bytearray(blocks * bs)
-    if blocks and not lu.backend.read_nowait(lba * bs, memoryview(buf)):
-        await task.io(lu.backend.read_into, lba * bs, memoryview(buf))
+    if blocks:
+        view = memoryview(buf)   # (one for both calls)
+        if not lu.backend.read_nowait(lba * bs, view):
+            await task.io(lu.backend.read_into, lba * bs, view)
     return buf
 
 

@@ -91,16 +91,16 @@ class FakeImage:
     def enable_events(self, fd: int) -> None:
         self.fd = fd   # the caller's: librbd only signals it
 
-    def start(self, name: str, args: tuple, flags: tuple = ()) -> int:
+    def start(self, name: str, args: tuple, flags: tuple, entry: Any, pending: dict) -> None:
         assert "closed" not in self.events, "a call reached a closed image"
         comp = next(self.ids)
+        pending[comp] = entry
         self.flying[comp] = (name, args)
-        return comp
 
-    def start_buffer(self, name: str, offset: int, buf: Any, writable: bool) -> tuple[int, Any, int]:
+    def start_buffer(self, name: str, offset: int, buf: Any, writable: bool, fut: Any, pending: dict) -> None:
         """What Image.start_buffer does without the compiled build's C helper."""
         pin, ptr, n = hold(buf, writable)
-        return self.start(name, (offset, n, ptr)), pin, n
+        self.start(name, (offset, n, ptr), (), (fut, pin, n if writable else 0), pending)
 
     def complete(self, comp: int, data: bytes = b"") -> None:
         """librbd ends a call: a read's data lands in its buffer, then the eventfd."""
@@ -118,6 +118,10 @@ class FakeImage:
 
     def poll(self) -> list[tuple[int, int]]:
         assert "closed" not in self.events, "a closed image was polled"
+        try:   # (as Image.poll: the eventfd first)
+            os.eventfd_read(self.fd)
+        except BlockingIOError:
+            pass
         out, self.done = self.done, []
         return out
 
@@ -547,3 +551,32 @@ def test_a_timed_command_stamps_its_rbd_call_while_librbd_has_it(backend):
     assert start2 == start and end2 >= start
     ((h, frames),) = [(h, f) for h, f in sent if h["op"] == Op.XMIT_RESPONSE]
     assert h["status"] == 0 and b"".join(bytes(f) for f in frames) == b"E" * 4096
+
+
+def test_parked_commands_share_one_waiter_and_each_resumes_with_its_own_data(backend):
+    """Eight READs parked on their aio calls: one waiter object for them all
+    (the emulator's bound _resume, called with the command), not one made per
+    command (0422); each completion resumes its own command with its data."""
+    from stml.api import Op
+    image: FakeImage = backend.image
+    em, sent = _emulator(backend)
+    waiters: list = []
+
+    async def run() -> None:
+        _connect(em)
+        for tag in range(8):
+            em.handle(b"fe", {"op": Op.RX_CMND, "tag": tag, "nexus": 1, "lun": 0, "cdb": _rw10(0x28, tag, 1),
+                              "attr": 0, "dir": 2, "len": 512, "unsol": 0}, [])
+        entries = list(backend.aio._pending.items())
+        waiters.extend((fut.waiter, fut.waiter_arg.tag) for _, (fut, _, _) in entries)
+        for comp, (fut, _, _) in reversed(entries):
+            image.complete(comp, bytes([fut.waiter_arg.tag]) * 512)
+        for _ in range(3000):   # (a guard against a hang, not a timing)
+            if sum(h["op"] == Op.XMIT_RESPONSE for h, _ in sent) == 8:
+                break
+            await asyncio.sleep(0.01)
+    asyncio.run(run())
+    assert len({id(w) for w, _ in waiters}) == 1 and [t for _, t in waiters] == list(range(8))
+    got = {h["tag"]: b"".join(bytes(f) for f in frames) for h, frames in sent if h["op"] == Op.XMIT_RESPONSE}
+    assert got == {tag: bytes([tag]) * 512 for tag in range(8)}
+    assert not backend.aio._pending

@@ -54,41 +54,138 @@ def _helper(tmp_path: Path):
     def addr(name: str) -> int:
         return ctypes.cast(getattr(lib, name), ctypes.c_void_p).value
     calls = (1, addr("rbd_aio_create_completion"), addr("rbd_aio_release"), addr("rbd_aio_get_return_value"),
-             addr("rbd_poll_io_events"))
+             addr("rbd_poll_io_events"), bytearray(mod.CARRY_BYTES), -1)
     return mod, lib, calls, addr
 
 
 def test_the_c_helper_starts_and_collects_each_call_and_releases_its_completion(tmp_path):
     """The compiled build's shortcut (decision 0421): one C call starts a read
-    or a write (its completion created; the pin a view that holds the
-    buffer), one collects them all with their return values; every
-    completion is released, a refused call's too, which raises CephError."""
+    or a write (its completion created; recorded in the pending calls with a
+    pin, a view that holds the buffer), one collects them all with their
+    return values; every completion is released, a refused call's too, which
+    raises CephError and leaves no entry."""
     import ctypes
 
     from backends.librbd import CephError
     mod, lib, calls, addr = _helper(tmp_path)
     live = ctypes.c_long.in_dll(lib, "fakerbd_live")
     refuse = ctypes.c_int.in_dll(lib, "fakerbd_refuse")
-    fast = (calls, {"read": addr("rbd_aio_read"), "write": addr("rbd_aio_write")}, CephError)
+    start = mod.starter((calls, {"read": addr("rbd_aio_read"), "write": addr("rbd_aio_write")}, CephError))
     bufs = [bytearray(4096) for _ in range(70)]   # more than one poll batch (64)
-    started = [mod.start_buffer(fast, "read", i * 4096, memoryview(b), True) for i, b in enumerate(bufs)]
-    started.append(mod.start_buffer(fast, "write", 0, b"\1" * 512, False))
-    comps = [c for c, _, _ in started]
+    pending: dict = {}
+    for i, b in enumerate(bufs):
+        assert start("read", i * 4096, memoryview(b), True, f"read {i}", pending) is None
+    start("write", 0, b"\1" * 512, False, "write", pending)
+    comps = list(pending)
     assert live.value == 71 and len(set(comps)) == 71 and min(comps) > 0
-    assert [n for _, _, n in started] == [4096] * 70 + [512]
+    assert [(fut, n) for fut, _, n in pending.values()] == [(f"read {i}", 4096) for i in range(70)] + [("write", 0)]
     with pytest.raises(BufferError):   # held by its pin until the caller drops it
         bufs[0].append(0)
-    got = mod.collect(calls)
+    got = mod.collector(calls)()
     assert got == [(c, 4096) for c in comps[:70]] + [(comps[70], 0)]
     assert all(b == b"\x5a" * 4096 for b in bufs), "the reads' data landed in their buffers"
-    assert live.value == 0 and mod.collect(calls) == []
-    del started
+    assert live.value == 0 and mod.collector(calls)() == []
+    pending.clear()
     bufs[0].append(0)   # the pins gone, the buffer is free
     refuse.value = -28
     with pytest.raises(CephError) as e:
-        mod.start_buffer(fast, "write", 0, b"\1" * 512, False)
+        start("write", 0, b"\1" * 512, False, "refused", pending)
     assert (e.value.errno, str(e.value)) == (28, "[Errno 28] rbd_aio_write: No space left on device")
-    assert live.value == 0, "a refused call's completion is released"
+    assert live.value == 0 and not pending, "a refused call's completion is released, its entry gone"
     with pytest.raises(BufferError):   # read data needs memory it may write
-        mod.start_buffer(fast, "read", 0, b"\0" * 512, True)
-    assert live.value == 0
+        start("read", 0, b"\0" * 512, True, "read", pending)
+    assert live.value == 0 and not pending
+
+
+def test_the_c_helper_out_of_memory_never_lets_a_buffer_go_under_librbd(tmp_path):
+    """Review 15: whichever allocation fails in a start (CPython's own failure
+    injection, one allocation at a time), the call is either recorded in the
+    pending calls, pinned, and with librbd, or none of these: no buffer is let
+    go while librbd has it, no completion is lost (decision 0422)."""
+    import ctypes
+
+    import _testcapi
+
+    from backends.librbd import CephError
+    mod, lib, calls, addr = _helper(tmp_path)
+    live = ctypes.c_long.in_dll(lib, "fakerbd_live")
+    start = mod.starter((calls, {"read": addr("rbd_aio_read"), "write": addr("rbd_aio_write")}, CephError))
+    pending: dict = {}
+    failed = 0
+    for k in range(40):
+        buf = bytearray(4096)
+        _testcapi.set_nomemory(k, k + 1)   # (only the k-th allocation from here fails)
+        try:
+            start("read", 0, memoryview(buf), True, k, pending)
+            ok = True
+        except MemoryError:
+            ok = False
+        finally:
+            _testcapi.remove_mem_hooks()
+        failed += not ok
+        started = buf == b"\x5a" * 4096
+        assert started == ok and (k in [fut for fut, _, _ in pending.values()]) == ok, k
+        assert live.value == len(pending), "a completion for every recorded call, none other"
+        if ok:
+            with pytest.raises(BufferError):   # pinned while librbd has it
+                buf.append(0)
+        else:
+            buf.append(0)   # nothing holds a buffer whose call never started
+    assert failed >= 4, "the allocations of a start were reached"
+
+    # a pending dict that cannot take the entry: the call never starts
+    class Full(dict):
+        def __setitem__(self, key, value):
+            raise MemoryError
+    buf = bytearray(4096)
+    with pytest.raises(MemoryError):
+        start("read", 0, memoryview(buf), True, "x", Full())
+    assert buf == bytes(4096) and live.value == len(pending)
+    buf.append(0)
+
+
+def test_the_c_helper_collection_out_of_memory_keeps_what_it_could_not_hand_over(tmp_path):
+    """Review 15: a collection that runs out of memory hands over what it
+    could, keeps the rest unreleased for the next one and signals the
+    eventfd, so that the loop collects again: every call is reported once,
+    with its value, its completion released only then (decision 0422)."""
+    import ctypes
+    import os
+    import select
+
+    import _testcapi
+
+    from backends.librbd import CephError
+    mod, lib, calls, addr = _helper(tmp_path)
+    fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    try:
+        calls = (*calls[:-1], fd)
+        lib.rbd_set_image_notification(None, fd, 2)   # fakerbd signals it per completion
+        live = ctypes.c_long.in_dll(lib, "fakerbd_live")
+        start = mod.starter((calls, {"read": addr("rbd_aio_read"), "write": addr("rbd_aio_write")}, CephError))
+        pending: dict = {}
+        bufs = [bytearray(4096) for _ in range(150)]   # more than two poll batches
+        for i, b in enumerate(bufs):
+            start("read", 0, memoryview(b), True, i, pending)
+        got: list = []
+        short = 0
+        for k in range(0, 600, 5):
+            if not live.value:
+                break
+            assert select.select([fd], [], [], 0)[0], "what is left was signalled"
+            _testcapi.set_nomemory(k % 90, k % 90 + 1)   # (only that allocation from here fails)
+            try:
+                out = mod.collector(calls)()
+            except MemoryError:
+                out = []
+            finally:
+                _testcapi.remove_mem_hooks()
+            got += out
+            short += bool(live.value)
+            assert live.value == len(pending) - len(got), "released once handed over, not before"
+        assert live.value == 0 and short >= 3, "collections ran short of memory and then caught up"
+        assert sorted(got) == sorted((c, 4096) for c in pending), "each call reported once, with its value"
+        assert not select.select([fd], [], [], 0)[0], "the collection read the eventfd itself"
+    finally:
+        lib.rbd_set_image_notification(None, -1, 2)
+        os.close(fd)
