@@ -19,8 +19,10 @@ then read in 64 KiB pieces; tgtd gets the same sparse file with its thin
 provisioning turned on and the same writes. (qemu would precede each read
 with GET LBA STATUS if the LUN reported an optimal unmap granularity of 4 KiB
 or more; neither does, decision 0820.) Workloads run through qemu-img bench
-(qemu's iSCSI driver, libiscsi), alternating A B A B so drift on a shared
-machine cancels out; the table shows medians of per-round ratios to tgtd. Nothing is installed:
+(qemu's iSCSI driver, libiscsi), each target first given one unmeasured
+pass of a quarter of the I/Os, then rounds in the order A B, B A, A B, ...
+so that neither drift on a shared machine nor going first favours one; the
+table shows medians of per-round ratios to tgtd. Nothing is installed:
 `apt-get install tgt qemu-utils qemu-block-extra` first. A PNG chart is
 written when matplotlib is importable (`pip install -e '.[bench]'`).
 
@@ -79,7 +81,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 IQN = "iqn.2026-11.org.scsi-target:bench"
 TGT_IQN = "iqn.2026-11.org.scsi-target:bench-tgtd"
@@ -107,12 +109,12 @@ GOALS = {"4k-read-qd1": 0.8, "4k-read-qd16": 0.9, "4k-write-qd16": 0.9, "64k-rea
          "1m-seqread-qd8": 1.5, "1m-seqwrite-qd8": 1.3, "64k-read-qd8-thin": 0.8}
 
 
-# --rbd: issue 23's goals, smaller images (a memstore OSD keeps them in RAM) and fewer
-# I/Os (each goes over the network to the OSD)
+# --rbd: issue 23's goals, smaller images (a memstore OSD keeps them in RAM)
 RBD_GOALS = {"4k-read-qd16": 0.8, "4k-write-qd16": 0.8, "64k-read-qd8": 1.0, "1m-seqread-qd8": 1.0,
              "1m-seqwrite-qd8": 1.0}
 RBD_SIZE = 512 << 20
-RBD_SCALE = 0.1
+# each workload's unmeasured first pass per target, as a share of its I/O count
+WARMUP = 0.25
 
 
 def filled_image(path: Path, size: int = SIZE) -> Path:
@@ -481,6 +483,17 @@ def softirq_threads() -> dict[str, int]:
     return found
 
 
+def schedule(targets: list, runs: int, warm_up: Callable[[Any], object]) -> Iterator:
+    """The targets in the order their measured runs go, after warming each up:
+    the first run after a workload change pays for what it changed (the OSD's
+    buffers for a new I/O size, the targets' own), and who goes first in a
+    round alternates (A B, B A, ...; decision 0423)."""
+    for t in targets:
+        warm_up(t)
+    for r in range(runs):
+        yield from (targets if r % 2 == 0 else targets[::-1])
+
+
 def measured(t: Ours | Tgtd, rbd: RbdImages | None, wargs: list[str], n: int) -> tuple[float, dict]:
     """One qemu-img run of n I/Os on t: its seconds, and what it cost per I/O,
     counted: CPU and sleeps of each of t's processes, of the initiator, of
@@ -570,19 +583,19 @@ def run_iscsi(args: argparse.Namespace) -> dict:
         if args.thin:
             fragment(targets, args, results)
         for name, wargs, count in (THIN_WORKLOADS if args.thin else WORKLOADS):
-            n = max(100, int(count * args.scale * (RBD_SCALE if args.rbd else 1)))
+            n = max(100, int(count * args.scale))
             per: dict[str, list[float]] = {t.name: [] for t in targets}
             cpu: dict[str, list[dict]] = {t.name: [] for t in targets}
             counted: dict[str, list[dict]] = {t.name: [] for t in targets}
-            for _ in range(args.runs):  # A B A B: each round measures both
-                for t in targets:
-                    if args.cpu:
-                        secs, spent = measured(t, rbd, wargs, n)
-                        cpu[t.name].append(spent["cpu"])
-                        counted[t.name].append(spent["counters"])
-                    else:
-                        secs = qemu_bench(t.url, wargs, n)
-                    per[t.name].append(n / secs)
+            warm = max(100, int(n * WARMUP))
+            for t in schedule(targets, args.runs, lambda t: qemu_bench(t.url, wargs, warm)):
+                if args.cpu:
+                    secs, spent = measured(t, rbd, wargs, n)
+                    cpu[t.name].append(spent["cpu"])
+                    counted[t.name].append(spent["counters"])
+                else:
+                    secs = qemu_bench(t.url, wargs, n)
+                per[t.name].append(n / secs)
             row: dict[str, Any] = {t: {"iops": statistics.median(v), "mbps": statistics.median(v) * size_of(wargs) / 1e6,
                        "samples": v} for t, v in per.items()}
             if args.cpu:

@@ -186,3 +186,17 @@ def test_bench_turns_tgtds_rbd_cache_off_whatever_the_conf_says(tmp_path):
     copy.write_text(conf.read_text() + "\n[client]\nrbd cache = false\n")
     assert rbd_cache(copy, plain) == "true"
     assert rbd_cache(conf, images.tgtd_env()) == "false"
+
+
+def test_each_target_is_warmed_up_once_then_who_goes_first_alternates():
+    """A round's ratio compares two runs of that round; neither target always
+    goes first after a workload change (decision 0423)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_order", ROOT / "scripts" / "bench.py")
+    assert spec is not None and spec.loader is not None
+    bench_mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_mod)
+    warmed: list[str] = []
+    order = list(bench_mod.schedule(["ours", "tgtd"], 4, warmed.append))
+    assert warmed == ["ours", "tgtd"]
+    assert order == ["ours", "tgtd", "tgtd", "ours", "ours", "tgtd", "tgtd", "ours"]
