@@ -47,11 +47,8 @@ class ConnectionProtocol(asyncio.BufferedProtocol):
         self.framer = P.PduFramer(p.header_digest, p.data_digest, p.max_recv_data_segment_length,
                                   self._alloc if release is not None else alloc)
         self.done: asyncio.Future = asyncio.get_running_loop().create_future()
-        self.write_paused = False   # the transport's buffer holds something
-        self.read_paused = False    # we paused reading until it is empty
-        # pause_writing as soon as the transport's buffer holds anything, resume_writing
-        # once it is empty: the writer's responses held there are done then (PduWriter)
-        transport.set_write_buffer_limits(0)
+        self.write_paused = False   # the transport's buffer is over its high-water mark
+        self.read_paused = False    # we paused reading until it is under its low-water mark
 
     def take_over(self, reader: asyncio.StreamReader) -> None:
         """Become the transport's protocol after login. What the StreamReader
@@ -96,9 +93,6 @@ class ConnectionProtocol(asyncio.BufferedProtocol):
         return None     # the transport closes: connection_lost ends `done`
 
     def connection_lost(self, exc: Exception | None) -> None:
-        out = self.conn.send
-        if isinstance(out, PduWriter):
-            out.lost()
         self._end(exc)
 
     def pause_writing(self) -> None:
@@ -209,10 +203,6 @@ class PduWriter:
     in one writev (header, digest, data, padding as separate buffers: read data
     is not copied), and only what the socket does not take goes through the
     transport's buffer, which also keeps the order once it holds anything.
-    That buffer gets the PDUs' buffers themselves (writelines: uvloop keeps
-    them, no copy), so a response whose data it holds is reported done only
-    once the transport has sent past it (`drained`: after each flush and when
-    the buffer drains, `resample`) or the connection is lost (`lost`).
     What that buffer holds counts in the connection's `account` as "out": it is
     sampled after every flush and whenever the buffer drains (`resample`)."""
 
@@ -228,10 +218,6 @@ class PduWriter:
         self.account = account
         self.done = done            # told the tags whose responses a flush sent (link.scsi_target_done)
         self.sent_tags: list[int] = []
-        # bytes given to the transport's buffer so far, and the responses whose data
-        # it still holds: (where their last byte is in that count, their tags)
-        self.queued = 0
-        self.behind: list[tuple[int, list[int]]] = []
         self.host = host            # the initiator's address (ERL 2 keeps failures per host)
         self.transport = writer.transport
         self.fd = writer.get_extra_info("socket").fileno()
@@ -300,24 +286,6 @@ class PduWriter:
         """The transport's buffer shrank (it drained): count what it still holds."""
         if self.account is not None:
             self.account.set(OUT, self.transport.get_write_buffer_size() + self.size)
-        if self.behind:
-            self.drained()
-
-    def drained(self) -> None:
-        """Report done the responses the transport has sent past."""
-        sent = self.queued - self.transport.get_write_buffer_size()
-        behind = self.behind
-        while behind and behind[0][0] <= sent:
-            tags = behind.pop(0)[1]
-            if self.done is not None:
-                self.done(tags)
-
-    def lost(self) -> None:
-        """The connection is gone: the transport holds nothing any more."""
-        behind, self.behind = self.behind, []
-        if self.done is not None:
-            for _, tags in behind:
-                self.done(tags)
 
     def responded(self, tag: int) -> None:
         """A response (queued by the last calls) is reported done once it is sent."""
@@ -341,7 +309,6 @@ class PduWriter:
             return
         parts, self.parts = self.parts, []
         size, self.size = self.size, 0
-        queued = self.queued
         try:
             if parts and not self.transport.is_closing():
                 empty = False
@@ -351,17 +318,12 @@ class PduWriter:
                     if self.account is not None:
                         self.account.set(OUT, 0 if empty else self.transport.get_write_buffer_size())
         finally:
-            # their data is in the kernel or dropped with a closing connection: nothing
-            # refers to it any more; unless the transport's buffer took some of it
+            # their data is in the kernel, copied into the transport's buffer, or dropped
+            # with a closing connection: nothing refers to it any more
             if self.sent_tags:
                 assert self.done is not None   # responded() keeps tags only with it
                 tags, self.sent_tags = self.sent_tags, []
-                if self.queued != queued:
-                    self.behind.append((self.queued, tags))
-                else:
-                    self.done(tags)
-            if self.behind:
-                self.drained()
+                self.done(tags)
 
     def _send(self, parts: list, size: int) -> bool:
         """True when all of it went to the socket: the transport's buffer is
@@ -383,10 +345,7 @@ class PduWriter:
                 self.transport.close()
                 return False
         if parts:
-            # the buffers as they are (uvloop keeps them: no copy); sent past them, the
-            # transport's buffer has let go of them (drained)
-            self.transport.writelines(parts)
-            self.queued += size
+            self.transport.write(b"".join(parts))
         return False
 
 
