@@ -592,8 +592,14 @@ class Image:
             self._release(comp)
             raise
         # (the completion passed as its c_void_p: ctypes takes it as it is, where
-        # an int would be converted into a new one)
-        ret = self._aio[name](self.handle, *args, self._comp, *flags)
+        # an int would be converted into a new one; ctypes raises only before the
+        # call, while converting arguments: librbd never had it then)
+        try:
+            ret = self._aio[name](self.handle, *args, self._comp, *flags)
+        except BaseException:
+            del pending[comp]
+            self._release(comp)
+            raise
         if ret < 0:
             del pending[comp]
             self._release(comp)

@@ -189,3 +189,28 @@ def test_the_c_helper_collection_out_of_memory_keeps_what_it_could_not_hand_over
     finally:
         lib.rbd_set_image_notification(None, -1, 2)
         os.close(fd)
+
+
+def test_a_ctypes_start_that_raises_before_librbd_has_it_leaves_nothing_behind():
+    """Review 17: without the C helper, a foreign call that raises while ctypes
+    converts its arguments (out of memory, a bad argument) never reached
+    librbd: its entry is gone and its completion released, as for a refused
+    call (decision 0422)."""
+    import ctypes
+
+    from backends import librbd as L
+    image = object.__new__(L.Image)
+    released: list[int] = []
+    image._comp = ctypes.c_void_p(0x1234)
+    image._comp_ref = ctypes.byref(image._comp)
+    image._new_comp = lambda cb, arg, ref: 0
+    image._release = released.append
+    image.handle = ctypes.c_void_p(1)
+
+    def refuse(*args: object) -> int:
+        raise MemoryError
+    image._aio = {"read": refuse}
+    pending: dict = {}
+    with pytest.raises(MemoryError):
+        image.start("read", (0, 4096, 0), (), "entry", pending)
+    assert pending == {} and released == [0x1234]
