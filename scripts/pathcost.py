@@ -54,7 +54,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -98,9 +98,9 @@ async def stml_path(count: int, size: int, write: bool = False, traced: bool = F
                         lent.append(ref[0])
                 replies.append(frames)
 
-        server.streams[ident] = Stream()
+        server.streams[ident] = Stream()  # type: ignore[assignment]
         if traced:
-            server.traces.start(os.devnull, force=True)
+            await server.traces.start(os.devnull, force=True)
         stamps: dict = {}   # the front end's, with timing on (a front end on this host)
         if timed:
             from stml.api.link import boot_id
@@ -194,7 +194,7 @@ async def stml_thin_path(count: int, size: int) -> float:
                 if arrived and len(replies) >= want[0]:
                     arrived.pop().set_result(None)
 
-        server.streams[ident] = Stream()
+        server.streams[ident] = Stream()  # type: ignore[assignment]
         server._receive([ident, pack({"op": "register_target_front_end", "name": "pathcost",
                                       "kind": "bench", "version": [1, 0]})])
         target = next(iter(server.emulator.targets))
@@ -269,11 +269,11 @@ async def fetd_path(count: int, size: int) -> float:
         def get_write_buffer_size(self) -> int:
             return 0
 
-    def out(pdu: object, data: object) -> None:
+    def out(pdu: Any, data: object) -> None:
         pdu.encode()
         sent[0] += 1
 
-    fe.link._channel = Channel()
+    fe.link._channel = Channel()  # type: ignore[assignment]
     session = Session(1, b"\x80" + bytes(5), "iqn.x", "iqn.t", 1,
                       SessionParams(max_burst_length=1 << 20), 1, 1, 128)
     params = ConnectionParams(max_send_data_segment_length=1 << 18,
@@ -281,7 +281,7 @@ async def fetd_path(count: int, size: int) -> float:
     conn = Connection(session, 0, params, 7, out, fe.link, fe.tags, lambda: None,
                       lambda c, pairs: [])
     session.connections[0] = conn
-    proto = ConnectionProtocol(conn, fe.link, Transport())
+    proto = ConnectionProtocol(conn, fe.link, Transport())  # type: ignore[arg-type]
     data = memoryview(bytearray(size))
     blocks = size // 512
     reads = []

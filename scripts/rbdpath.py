@@ -29,6 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -53,8 +54,8 @@ async def rbd_path(count: int, size: int, write: bool) -> float:
     from backends.rbd import RbdBackend
     from stml.task import Task
     backend = RbdBackend("rbd/fake")
-    task = SimpleNamespace(services=SimpleNamespace(workers=None))
-    lu = SimpleNamespace(backend=backend)
+    task: Any = SimpleNamespace(services=SimpleNamespace(workers=None))
+    lu: Any = SimpleNamespace(backend=backend)
     io_on = Task.io_on
     fn = backend.write_from if write else backend.read_into
     bufs = [memoryview(bytearray(size)) for _ in range(QD)]
@@ -103,7 +104,7 @@ async def stml_path(count: int, size: int, write: bool, file: bool = False) -> f
                 if waiting and len(replies) >= waiting[0][0]:
                     waiting.pop()[1].set_result(None)
 
-        server.streams[ident] = Stream()
+        server.streams[ident] = Stream()  # type: ignore[assignment]
         receive = server._receive
         receive([ident, pack({"op": "register_target_front_end", "name": "rbdpath", "kind": "bench",
                               "version": [1, 0]})])
@@ -145,7 +146,7 @@ def run(so: Path, count: int, size: int, write: bool, stml: bool = False, file: 
     import uvloop
 
     from backends import librbd
-    librbd._load = lambda name: ctypes.CDLL(str(so))   # type: ignore[assignment]
+    librbd._load = lambda name: ctypes.CDLL(str(so))
     if file:
         return uvloop.run(stml_path(count, size, write, file=True))
     return uvloop.run((stml_path if stml else rbd_path)(count, size, write))
