@@ -12,13 +12,14 @@ from typing import Callable
 import pytest
 
 from fetd_vhost import virtqueue as V
-from fetd_vhost.memory import BadAddress, GuestMemory, Region, RegionSpec
+from fetd_vhost.memory import BadAddress
 from fetd_vhost.protocol import (F_NEED_REPLY, Feature, Framer, Message, ProtocolError, Req,
                                  Session, bits, encode)
 from fetd_vhost.scsi import RESP_SIZE, S, VirtioScsiDevice, cdb_length, decode_lun, encode_lun
 from stml.api import SharedRegion, Tmf
 from support.vhost_master import (DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, REQ, DriverQueue, GuestRam,
                                   lun_field, write10)
+from support.vhost_ring import served_ring
 
 
 # ---------------------------------------------------------------- framing
@@ -108,13 +109,7 @@ def test_get_vring_base_waits_for_the_ring_to_drain():
 def ring():
     """A 16-entry split ring in a memfd: (driver side, device side)."""
     ram = GuestRam(1 << 20)
-    mem = GuestMemory([Region(RegionSpec(ram.GPA_BASE, ram.size, ram.UVA_BASE, 4096), ram.fd)])
-    dq = DriverQueue(ram, 2, 16)
-    vq = V.Virtqueue(2)
-    vq.num = 16
-    vq.desc_addr, vq.avail_addr, vq.used_addr = ram.uva(dq.desc), ram.uva(dq.avail), ram.uva(dq.used)
-    vq.attach(mem, event_idx=True, indirect=True)
-    vq.started = vq.enabled = True
+    dq, vq, mem = served_ring(ram, [(0, ram.size, 4096)])
     yield dq, vq, mem
     for fd in (dq.kick, dq.call, ram.fd):
         os.close(fd)

@@ -20,9 +20,9 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from fetd_vhost import scsi
 from fetd_vhost import virtqueue as V
-from fetd_vhost.memory import GuestMemory, Region, RegionSpec
 from fetd_vhost.scsi import Buffers
-from support.vhost_master import DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, DriverQueue, GuestRam
+from support.vhost_master import DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, GuestRam
+from support.vhost_ring import served_ring
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -204,14 +204,7 @@ LAYOUT = [(0, 512 * KIB, 4096), (512 * KIB, 256 * KIB, 4096 + 512 * KIB), (2048 
 @pytest.fixture
 def split_ring():
     ram = GuestRam(1 << 20)
-    mem = GuestMemory([Region(RegionSpec(ram.GPA_BASE + g, n, ram.UVA_BASE + g, off), ram.fd)
-                       for g, n, off in LAYOUT])
-    dq = DriverQueue(ram, 2, 16)
-    vq = V.Virtqueue(2)
-    vq.num = 16
-    vq.desc_addr, vq.avail_addr, vq.used_addr = ram.uva(dq.desc), ram.uva(dq.avail), ram.uva(dq.used)
-    vq.attach(mem, event_idx=True, indirect=True)
-    vq.started = vq.enabled = True
+    dq, vq, mem = served_ring(ram, LAYOUT)
     yield dq, vq, mem
     for fd in (dq.kick, dq.call, ram.fd):
         os.close(fd)
