@@ -592,11 +592,13 @@ class Image:
             self._release(comp)
             raise
         # (the completion passed as its c_void_p: ctypes takes it as it is, where
-        # an int would be converted into a new one; ctypes raises only before the
-        # call, while converting arguments: librbd never had it then)
+        # an int would be converted into a new one.) ctypes raises these two only
+        # while converting the arguments, before librbd has the call; any other
+        # exception (a signal handler's, run once the call returned) leaves the
+        # entry for poll() to collect
         try:
             ret = self._aio[name](self.handle, *args, self._comp, *flags)
-        except BaseException:
+        except (ctypes.ArgumentError, MemoryError):
             del pending[comp]
             self._release(comp)
             raise

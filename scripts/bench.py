@@ -577,7 +577,8 @@ def run_iscsi(args: argparse.Namespace) -> dict:
             rbd.close()
         raise
     results: dict = {"workloads": {}, "runs": args.runs,
-                     "lun": "rbd" if args.rbd else "thin" if args.thin else "thick"}
+                     "lun": "rbd" if args.rbd else "thin" if args.thin else "thick",
+                     "method": {"warm_up": WARMUP, "order": "alternating"}}   # (decision 0423)
     goals = RBD_GOALS if args.rbd else GOALS
     try:
         if args.thin:

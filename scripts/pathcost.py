@@ -146,6 +146,7 @@ async def stml_path(count: int, size: int, write: bool = False, traced: bool = F
         assert unpack(header)["status"] == 0 and len(data) == size, "the reads succeed"
     finally:   # a failed run too: no 1 GiB file left in /dev/shm, no context left to hang at exit
         if server is not None:
+            await server.traces.stop("pathcost", "the run ended")   # (its writer thread and file)
             server.sock.close(linger=0)   # else the context waits on the unbound socket
             server.ctx.term()
             server.executor.shutdown()

@@ -214,3 +214,13 @@ def test_a_ctypes_start_that_raises_before_librbd_has_it_leaves_nothing_behind()
     with pytest.raises(MemoryError):
         image.start("read", (0, 4096, 0), (), "entry", pending)
     assert pending == {} and released == [0x1234]
+
+    # an exception once the call returned (a signal handler's: CPython runs them
+    # before the result is stored) may come after librbd took the call: the
+    # entry stays for poll() to collect and the completion is not released
+    def interrupted(*args: object) -> int:
+        raise KeyboardInterrupt
+    image._aio = {"read": interrupted}
+    with pytest.raises(KeyboardInterrupt):
+        image.start("read", (0, 4096, 0), (), "entry", pending)
+    assert pending == {0x1234: "entry"} and released == [0x1234]

@@ -269,8 +269,9 @@ def test_polling_takes_the_next_request_without_a_kick(stml, vhost, masters, pol
     cpus = sorted(os.sched_getaffinity(0))
     assert len(cpus) >= 2, "needs two CPUs"
     mine = set(cpus)
-    os.sched_setaffinity(fe.proc.pid, {cpus[-1]})
-    os.sched_setaffinity(stml.pid, set(cpus[:-1]))
+    for pid, where in ((fe.proc.pid, {cpus[-1]}), (stml.pid, set(cpus[:-1]))):
+        for tid in os.listdir(f"/proc/{pid}/task"):   # every thread of theirs
+            os.sched_setaffinity(int(tid), where)
     os.sched_setaffinity(0, set(cpus[:-1]))
     try:
         m = masters(fe)
