@@ -158,44 +158,38 @@ copy(Plan *p, char *flat, int into)
         PyEval_RestoreThread(ts);
 }
 
+/* One copy between a flat buffer and the runs: `fmt` parses the flat buffer
+   as read-only (scatter: into guest memory) or writable (gather: out of it). */
 static PyObject *
-scatter(PyObject *self, PyObject *args)
+move(PyObject *args, const char *fmt, int guest_flags, int into)
 {
-    Py_buffer src;
+    Py_buffer flat;
     PyObject *regions, *runs;
     Py_ssize_t offset;
     Plan p;
-    if (!PyArg_ParseTuple(args, "y*O!O!n:scatter", &src, &PyList_Type, &regions, &PyList_Type, &runs, &offset))
+    if (!PyArg_ParseTuple(args, fmt, &flat, &PyList_Type, &regions, &PyList_Type, &runs, &offset))
         return NULL;
-    if (plan(regions, runs, offset, src.len, PyBUF_WRITABLE, &p) < 0) {
-        PyBuffer_Release(&src);
+    if (plan(regions, runs, offset, flat.len, guest_flags, &p) < 0) {
+        PyBuffer_Release(&flat);
         return NULL;
     }
-    copy(&p, src.buf, 1);
+    copy(&p, flat.buf, into);
     Py_ssize_t done = p.total;
     unplan(&p);
-    PyBuffer_Release(&src);
+    PyBuffer_Release(&flat);
     return PyLong_FromSsize_t(done);
+}
+
+static PyObject *
+scatter(PyObject *self, PyObject *args)
+{
+    return move(args, "y*O!O!n:scatter", PyBUF_WRITABLE, 1);
 }
 
 static PyObject *
 gather(PyObject *self, PyObject *args)
 {
-    Py_buffer dst;
-    PyObject *regions, *runs;
-    Py_ssize_t offset;
-    Plan p;
-    if (!PyArg_ParseTuple(args, "w*O!O!n:gather", &dst, &PyList_Type, &regions, &PyList_Type, &runs, &offset))
-        return NULL;
-    if (plan(regions, runs, offset, dst.len, PyBUF_SIMPLE, &p) < 0) {
-        PyBuffer_Release(&dst);
-        return NULL;
-    }
-    copy(&p, dst.buf, 0);
-    Py_ssize_t done = p.total;
-    unplan(&p);
-    PyBuffer_Release(&dst);
-    return PyLong_FromSsize_t(done);
+    return move(args, "w*O!O!n:gather", PyBUF_SIMPLE, 0);
 }
 
 
