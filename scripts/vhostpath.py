@@ -166,6 +166,7 @@ def measure(work: Path, workload: str, count: int, warmup: int, instructions: bo
         if instructions:
             subprocess.run(["callgrind_control", "-z", str(fe.pid)], check=True, capture_output=True)
         cpu0, sw0 = proc_cpu(fe.pid)
+        scpu0, ssw0 = proc_cpu(stml.pid)
         k0, i0 = d.kicks, d.interrupts
         bad = 0
         t0 = time.perf_counter()
@@ -174,11 +175,13 @@ def measure(work: Path, workload: str, count: int, warmup: int, instructions: bo
                 bad += 1
         took = time.perf_counter() - t0
         cpu1, sw1 = proc_cpu(fe.pid)
+        scpu1, ssw1 = proc_cpu(stml.pid)
         if bad:
             raise SystemExit(f"vhostpath: {bad} of {count} commands did not complete GOOD")
         res = {"workload": workload, "count": count, "layout": "contiguous" if contiguous else "scattered",
                "wall_us": took / count * 1e6, "cpu_us": (cpu1 - cpu0) / count * 1e6,
-               "wakeups": (sw1 - sw0) / count, "kicks": (d.kicks - k0) / count,
+               "wakeups": (sw1 - sw0) / count, "stml_cpu_us": (scpu1 - scpu0) / count * 1e6,
+               "stml_wakeups": (ssw1 - ssw0) / count, "kicks": (d.kicks - k0) / count,
                "interrupts": (d.interrupts - i0) / count}
         if instructions:
             before = set(glob.glob(f"{work}/cg.{fe.pid}*"))
@@ -231,7 +234,7 @@ def main() -> None:
         finally:
             shutil.rmtree(work, ignore_errors=True)
         line = (f"{name:9s} {r['layout']:10s} cpu {r['cpu_us']:7.1f} us  wall {r['wall_us']:7.1f} us  "
-                f"wake-ups {r['wakeups']:.2f}  kicks {r['kicks']:.2f}  interrupts {r['interrupts']:.2f}")
+                f"wake-ups {r['wakeups']:.2f}  STML cpu {r['stml_cpu_us']:.1f} us wake-ups {r['stml_wakeups']:.2f}  kicks {r['kicks']:.2f}  interrupts {r['interrupts']:.2f}")
         if "instructions" in r:
             line += f"  {r['instructions']:,.0f} instructions"
         print(line + " per command", flush=True)

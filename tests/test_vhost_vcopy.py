@@ -5,6 +5,7 @@ chain's runs of guest memory, and a bad run refused before anything is
 written."""
 from __future__ import annotations
 
+import array
 import importlib.machinery
 import importlib.util
 import mmap
@@ -44,6 +45,15 @@ def vcopy(tmp_path_factory):
     return mod
 
 
+def _packed(runs: list[int]) -> array.array:
+    """Runs as the helper's walk makes them (decision 0316)."""
+    return array.array("q", runs)
+
+
+# the two forms of runs: a list from Python's walk, an array('q') from the helper's
+FORMS = pytest.mark.parametrize("form", [list, _packed], ids=["list", "array"])
+
+
 def _scattered(sizes: list[int]) -> tuple[list[memoryview], list[int]]:
     """Two regions, and runs of `sizes` bytes alternating between them, one
     page apart: a chain's buffers as the walk hands them over."""
@@ -64,10 +74,12 @@ DATA = bytes(range(256)) * 60        # 15,360 bytes: more than the runs from 108
 
 @pytest.mark.parametrize("offset,data", [(108, DATA), (0, DATA[:50]), (5000, DATA[:3000]), (20000, DATA),
                                          (4204, DATA[:1])])
-def test_scatter_and_gather_move_what_the_python_copies_move(vcopy, monkeypatch, offset, data):
+@FORMS
+def test_scatter_and_gather_move_what_the_python_copies_move(vcopy, monkeypatch, offset, data, form):
     _python_copies(monkeypatch)
     pure, runs = _scattered(SIZES)
     fast, _ = _scattered(SIZES)
+    runs = form(runs)
     done = Buffers(runs, sum(SIZES), pure).write(offset, data)
     assert vcopy.scatter(memoryview(data), fast, runs, offset) == done
     assert [bytes(r) for r in fast] == [bytes(r) for r in pure]
@@ -94,12 +106,13 @@ def test_gather_reads_the_runs_in_order(vcopy):
     ([1, 0, -100], "negative length"),
     ([1, 2 ** 62, 2 ** 62], "outside its region"),
 ])
-def test_a_bad_run_is_refused_before_anything_is_written(vcopy, bad, error):
+@FORMS
+def test_a_bad_run_is_refused_before_anything_is_written(vcopy, bad, error, form):
     """A run that names no region, or leaves its region (past its end,
     negative, overflowing): ValueError, and not one byte moved, in either
     direction, though the runs before it were good."""
     regions, runs = _scattered([4096, 4096])
-    runs += bad
+    runs = form(runs + bad)
     with pytest.raises(ValueError, match=error):
         vcopy.scatter(b"\xff" * 9000, regions, runs, 0)
     assert all(bytes(r) == bytes(len(r)) for r in regions)
@@ -111,13 +124,18 @@ def test_a_bad_run_is_refused_before_anything_is_written(vcopy, bad, error):
 
 def test_bad_arguments_are_refused_before_anything_is_written(vcopy):
     """A read-only region to scatter into, a region that is no buffer, runs
-    that are not ints or not three each, a negative offset, a tuple for a
-    list: an exception, and nothing written."""
+    that are not ints or not three each (a list, or an array that is not of
+    int64s), a negative offset, a tuple for a list: an exception, and
+    nothing written."""
     regions, runs = _scattered([4096, 4096])
     cases = [(BufferError, [regions[0], memoryview(bytes(8192 * 2))], runs, 0),
              (TypeError, [regions[0], 12345], runs, 0),
              (TypeError, regions, [0, 0, "4096"], 0),
              (ValueError, regions, runs[:-1], 0),
+             (ValueError, regions, _packed(runs[:-1]), 0),
+             (TypeError, regions, array.array("i", runs), 0),
+             (TypeError, regions, array.array("d", runs), 0),
+             (TypeError, regions, tuple(runs), 0),
              (ValueError, regions, runs, -1),
              (TypeError, tuple(regions), runs, 0)]
     for error, regs, rs, offset in cases:
@@ -155,9 +173,11 @@ def test_scatter_never_reaches_past_a_mapped_region(vcopy):
     m.close()
 
 
-def test_the_device_copies_through_the_helper_with_the_same_results(vcopy, monkeypatch):
+@FORMS
+def test_the_device_copies_through_the_helper_with_the_same_results(vcopy, monkeypatch, form):
     """Buffers.write and the write data gathered for the STML take the helper
-    when it is there: the same bytes and counts as without it."""
+    when it is there: the same bytes and counts as without it, from runs in
+    either form."""
     sizes = [108, *[4096] * 20, 1000]           # past SHARED_MIN: gathered into the STML's memory
     data = bytes(range(251)) * 400
     calls: list[str] = []
@@ -176,7 +196,7 @@ def test_the_device_copies_through_the_helper_with_the_same_results(vcopy, monke
     for helper in (None, Counted):
         monkeypatch.setattr(scsi, "_vcopy", helper)
         regions, runs = _scattered(sizes)
-        out = Buffers(runs, sum(sizes), regions)
+        out = Buffers(form(runs), sum(sizes), regions)
         written = out.write(108, data)
         shared = bytearray(out.size - 108)
         req = scsi.Request(V.Virtqueue(2), 0, out.tail(108), Buffers([], 0, regions), 0, 1, out.size - 108)
@@ -215,8 +235,8 @@ def _pop(vq: V.Virtqueue) -> tuple:
         chain = vq.pop()
     except V.ChainError as e:
         return ("refused", str(e))
-    assert chain is not None
-    return (chain.head, chain.readable, chain.writable, chain.readable_size, chain.writable_size)
+    assert chain is not None   # (runs: a list from Python's walk, an array('q') from the helper's)
+    return (chain.head, list(chain.readable), list(chain.writable), chain.readable_size, chain.writable_size)
 
 
 EDGES = [0, 4096, 512 * KIB - 4096, 512 * KIB - 100, 512 * KIB, 768 * KIB - 4096, 768 * KIB, 2048 * KIB,
