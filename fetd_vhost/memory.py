@@ -14,8 +14,8 @@ from typing import TypeAlias
 MAX_REGIONS = 8          # VHOST_MEMORY_MAX_NREGIONS: what SET_MEM_TABLE can carry
 
 # A chain's buffers in one direction: three ints per run of guest memory
-# (region index, offset in the region, length). A list from the Python walk,
-# an array('q') from the compiled build's (decision 0316): the same
+# (region index, offset in the region, length). A list, or from the compiled
+# build's walk of many runs an array('q') (decision 0316): the same
 # operations on both.
 Runs: TypeAlias = MutableSequence[int]
 

@@ -5,9 +5,9 @@
  *
  * A request's buffers are runs of guest memory: three int64s per run (region
  * index, offset in that region, length), as the descriptor walk made them:
- * an array('q') from `table` (decision 0316: no Python int per run), a flat
- * list of ints from the Python walk; `regions` is the memory table's list of
- * region buffers.
+ * a flat list of ints, or from `table` an array('q') when there are more than
+ * a few (decision 0316: no Python int per run); `regions` is the memory
+ * table's list of region buffers.
  *
  * scatter(src, regions, runs, offset) -> int
  *     Copy src into the concatenation of the runs from byte `offset` on,
@@ -326,10 +326,26 @@ packed_free(Packed *runs)
         PyMem_Free(runs->v);
 }
 
+/* A direction's runs for Python: a list of ints while there are few (an
+ * array costs a call of array.array, about what four runs' ints cost), else
+ * one array('q') of them all. */
+#define LIST_RUNS_MAX 4
+
 static PyObject *
-packed_array(const Packed *runs)
+packed_result(const Packed *runs)
 {
-    return PyObject_CallFunction(array_type, "Cy#", 'q', (const char *)runs->v, runs->n * (Py_ssize_t)sizeof(int64_t));
+    if (runs->n > 3 * LIST_RUNS_MAX)
+        return PyObject_CallFunction(array_type, "Cy#", 'q', (const char *)runs->v,
+                                     runs->n * (Py_ssize_t)sizeof(int64_t));
+    PyObject *list = PyList_New(runs->n);
+    for (Py_ssize_t i = 0; list != NULL && i < runs->n; i++) {
+        PyObject *v = PyLong_FromLongLong(runs->v[i]);
+        if (v == NULL)
+            Py_CLEAR(list);
+        else
+            PyList_SET_ITEM(list, i, v);
+    }
+    return list;
 }
 
 /* GuestMemory.translate: [addr, addr+length) as runs appended to `runs`,
@@ -363,8 +379,8 @@ translate(const Table *t, Packed *runs, uint64_t addr, uint64_t length)
  * The chain an indirect table holds, walked as Virtqueue._walk walks it from
  * a head that is the table, with the same checks and messages (ValueError):
  * runs of adjacent buffers translated against the memory table (`starts`,
- * `sizes`: its regions' guest-physical ranges, in order). The runs come back
- * as two array('q')s: no Python int per descriptor or run (decision 0316). */
+ * `sizes`: its regions' guest-physical ranges, in order). A direction of more
+ * than a few runs comes back as one array('q'): no Python int per run (0316). */
 static PyObject *
 table(PyObject *self, PyObject *args)
 {
@@ -437,7 +453,7 @@ table(PyObject *self, PyObject *args)
             if (end != start && translate(&t, run, start, (uint64_t)(end - start)) < 0)
                 goto done;
             uint64_t last = done_bytes + (uint64_t)(end - start);
-            PyObject *r = packed_array(&readable), *w = r ? packed_array(&writable) : NULL;
+            PyObject *r = packed_result(&readable), *w = r ? packed_result(&writable) : NULL;
             if (w != NULL)
                 out = Py_BuildValue("NNKK", r, w, (unsigned long long)(seen_write ? readable_size : last),
                                     (unsigned long long)(seen_write ? last : 0));

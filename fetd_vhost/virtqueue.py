@@ -215,7 +215,7 @@ class Virtqueue:
                 if _vcopy is not None and steps == 1:
                     # the head is the table (Linux): the helper walks it as below, same
                     # checks and messages, without three lists of ints (decision 0315),
-                    # its runs two array('q')s, no int object per run (0316)
+                    # a direction of many runs one array('q'): no int object per run (0316)
                     try:
                         readable, writable, rsize, wsize = _vcopy.table(raw, mem.gpa_starts, mem.gpa_sizes)
                     except ValueError as e:

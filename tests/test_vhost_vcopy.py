@@ -270,3 +270,35 @@ def test_the_helper_walks_an_indirect_table_as_python_does(vcopy, split_ring, mo
         got.append(_pop(vq))
     assert got[0] == got[1]
     dq.ram.top -= 16 * len(entries)
+
+
+def test_the_helpers_walk_of_many_runs_hands_them_over_packed(vcopy, split_ring, monkeypatch):
+    """Linux's 1 MiB read: a header, a response and scattered pages. The
+    helper's walk gives the pages' runs as one array('q') (no Python int per
+    run, decision 0316) and a direction of a few runs as a list; both the
+    runs Python's walk makes, and the read data lands in the pages."""
+    dq, vq, mem = split_ring
+    ram = dq.ram
+    pages = [ram.alloc(4096, 4096) for _ in range(2 * 12)][::2]      # no two adjacent
+    req, resp = ram.alloc(51), ram.alloc(108)
+    table = ram.alloc(16 * (2 + len(pages)))
+    bufs = [(req, 51, 0), (resp, 108, DESC_F_WRITE)] + [(p, 4096, DESC_F_WRITE) for p in pages]
+    for k, (addr, n, flags) in enumerate(bufs):
+        more = DESC_F_NEXT if k + 1 < len(bufs) else 0
+        ram.write(table + 16 * k, struct.pack("<QIHH", addr, n, flags | more, k + 1))
+    dq.write_desc(0, table, 16 * len(bufs), DESC_F_INDIRECT)
+    chains = []
+    for helper in (None, vcopy):
+        monkeypatch.setattr(V, "_vcopy", helper)
+        dq.offer(0)
+        dq.publish(kick=False)
+        chains.append(vq.pop())
+    python, packed = chains
+    assert type(packed.readable) is list and type(packed.writable) is array.array
+    assert packed.writable.typecode == "q" and len(packed.writable) == 3 * (1 + len(pages))
+    assert list(packed.writable) == python.writable and packed.readable == python.readable
+    monkeypatch.setattr(scsi, "_vcopy", vcopy)
+    data = bytes(range(256)) * 16 * len(pages)
+    inb = Buffers(packed.writable, packed.writable_size, packed.regions)
+    assert inb.write(108, data) == len(data)
+    assert b"".join(ram.read(p, 4096) for p in pages) == data
