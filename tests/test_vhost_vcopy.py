@@ -15,6 +15,7 @@ import struct
 import subprocess
 import sysconfig
 from pathlib import Path
+from typing import Any, Callable
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -239,6 +240,17 @@ def _pop(vq: V.Virtqueue) -> tuple:
     return (chain.head, list(chain.readable), list(chain.writable), chain.readable_size, chain.writable_size)
 
 
+def _walked_both_ways(dq, vq: V.Virtqueue, monkeypatch, vcopy, take: Callable[[V.Virtqueue], Any]) -> list:
+    """Head 0 offered twice: what `take` makes of Python's walk, then of the helper's."""
+    got = []
+    for helper in (None, vcopy):
+        monkeypatch.setattr(V, "_vcopy", helper)
+        dq.offer(0)
+        dq.publish(kick=False)
+        got.append(take(vq))
+    return got
+
+
 EDGES = [0, 4096, 512 * KIB - 4096, 512 * KIB - 100, 512 * KIB, 768 * KIB - 4096, 768 * KIB, 2048 * KIB,
          2304 * KIB - 4096, 2304 * KIB, -4096, (1 << 64) - 4096 - GuestRam.GPA_BASE]   # the last: wraps
 ENTRY = st.tuples(st.one_of(st.sampled_from(EDGES), st.integers(0, 768 * KIB), st.integers(-8192, 3 << 20)),
@@ -262,12 +274,7 @@ def test_the_helper_walks_an_indirect_table_as_python_does(vcopy, split_ring, mo
             flags, nxt = (DESC_F_NEXT if more else 0) | (DESC_F_WRITE if k >= split else 0), k + 1
         dq.ram.write(table + 16 * k, struct.pack("<QIHH", (dq.ram.GPA_BASE + off) % (1 << 64), length, flags, nxt))
     dq.write_desc(0, table, 16 * len(entries), DESC_F_INDIRECT)
-    got = []
-    for helper in (None, vcopy):
-        monkeypatch.setattr(V, "_vcopy", helper)
-        dq.offer(0)
-        dq.publish(kick=False)
-        got.append(_pop(vq))
+    got = _walked_both_ways(dq, vq, monkeypatch, vcopy, _pop)
     assert got[0] == got[1]
     dq.ram.top -= 16 * len(entries)
 
@@ -287,13 +294,7 @@ def test_the_helpers_walk_of_many_runs_hands_them_over_packed(vcopy, split_ring,
         more = DESC_F_NEXT if k + 1 < len(bufs) else 0
         ram.write(table + 16 * k, struct.pack("<QIHH", addr, n, flags | more, k + 1))
     dq.write_desc(0, table, 16 * len(bufs), DESC_F_INDIRECT)
-    chains = []
-    for helper in (None, vcopy):
-        monkeypatch.setattr(V, "_vcopy", helper)
-        dq.offer(0)
-        dq.publish(kick=False)
-        chains.append(vq.pop())
-    python, packed = chains
+    python, packed = _walked_both_ways(dq, vq, monkeypatch, vcopy, V.Virtqueue.pop)
     assert type(packed.readable) is list and type(packed.writable) is array.array
     assert packed.writable.typecode == "q" and len(packed.writable) == 3 * (1 + len(pages))
     assert list(packed.writable) == python.writable and packed.readable == python.readable
