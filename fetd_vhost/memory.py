@@ -7,9 +7,17 @@ from __future__ import annotations
 import bisect
 import mmap
 import os
+from collections.abc import MutableSequence
 from dataclasses import dataclass
+from typing import TypeAlias
 
 MAX_REGIONS = 8          # VHOST_MEMORY_MAX_NREGIONS: what SET_MEM_TABLE can carry
+
+# A chain's buffers in one direction: three ints per run of guest memory
+# (region index, offset in the region, length). A list, or from the compiled
+# build's walk of many runs an array('q') (decision 0316): the same
+# operations on both.
+Runs: TypeAlias = MutableSequence[int]
 
 
 class BadAddress(Exception):
@@ -77,7 +85,7 @@ class GuestMemory:
             raise BadAddress(f"range 0x{addr:x}+{length} leaves its memory region")
         return r.view[off:off + length]
 
-    def translate(self, runs: list[int], addr: int, length: int) -> None:
+    def translate(self, runs: Runs, addr: int, length: int) -> None:
         """The guest-physical range [addr, addr+length) as runs appended to
         `runs` (a chain's buffers, one call per range): more than one when it
         crosses into an adjacent region. Raises BadAddress for any byte

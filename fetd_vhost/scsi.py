@@ -18,6 +18,7 @@ from typing import Any, Callable, Final, Iterator, Protocol
 
 from stml.api import BIG_FRAME, DataDir, TaskAttr, Tmf, TmfResponse
 
+from fetd_vhost.memory import Runs
 from fetd_vhost.virtqueue import Chain, ChainError, RingError, Virtqueue
 
 try:   # the compiled build's C helper (scripts/build-accel): a copy across a chain's pages in one call
@@ -151,7 +152,7 @@ def encode_lun(target: int, lun: int) -> bytes:
     return bytes([1, target, hi, lun & 0xFF, 0, 0, 0, 0])
 
 
-def _find(runs: list[int], offset: int) -> tuple[int, int]:
+def _find(runs: Runs, offset: int) -> tuple[int, int]:
     """(index in `runs` of the run holding byte `offset`, offset in that
     run); the index is len(runs) past the end."""
     k, n = 0, len(runs)
@@ -170,12 +171,12 @@ class Buffers:
     checks every run again, or slice the regions one run at a time."""
     __slots__ = ("runs", "size", "regions")
 
-    def __init__(self, runs: list[int], size: int, regions: list[memoryview]) -> None:
+    def __init__(self, runs: Runs, size: int, regions: list[memoryview]) -> None:
         self.runs = runs
         self.size = size
         self.regions = regions
 
-    def _cut(self, offset: int, n: int) -> list[int]:
+    def _cut(self, offset: int, n: int) -> Runs:
         """The runs of the bytes [offset, offset + n), clipped to the end:
         the list itself when that is all of it (nothing to step through).
         A negative offset is nothing (never a byte before the buffers)."""

@@ -3,9 +3,11 @@
  * indirect descriptor table into those buffers (decision 0315, `table`
  * below).
  *
- * A request's buffers are runs of guest memory: a flat list of ints, three
- * per run (region index, offset in that region, length), as the descriptor
- * walk made them; `regions` is the memory table's list of region buffers.
+ * A request's buffers are runs of guest memory: three int64s per run (region
+ * index, offset in that region, length), as the descriptor walk made them:
+ * a flat list of ints, or from `table` an array('q') when there are more than
+ * a few (decision 0316: no Python int per run); `regions` is the memory
+ * table's list of region buffers.
  *
  * scatter(src, regions, runs, offset) -> int
  *     Copy src into the concatenation of the runs from byte `offset` on,
@@ -56,11 +58,51 @@ unplan(Plan *p)
     PyMem_Free(p->runs);
 }
 
+/* The runs to plan from: a list of ints, or a buffer of int64s (array('q')). */
+typedef struct {
+    PyObject *list;
+    Py_buffer packed;   /* held when list is NULL */
+    Py_ssize_t n;       /* ints */
+} Runs;
+
+static int
+runs_open(PyObject *obj, Runs *r)
+{
+    if (PyList_Check(obj)) {
+        r->list = obj;
+        r->n = PyList_GET_SIZE(obj);
+        return 0;
+    }
+    r->list = NULL;
+    if (PyObject_GetBuffer(obj, &r->packed, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0)
+        return -1;
+    if (r->packed.itemsize != 8 || r->packed.format == NULL || strcmp(r->packed.format, "q") != 0) {
+        PyBuffer_Release(&r->packed);
+        PyErr_SetString(PyExc_TypeError, "runs must be a list of ints or an array('q')");
+        return -1;
+    }
+    r->n = r->packed.len / 8;
+    return 0;
+}
+
+static void
+runs_close(Runs *r)
+{
+    if (r->list == NULL)
+        PyBuffer_Release(&r->packed);
+}
+
 /* An int of the runs (an int itself: no __index__ runs Python code mid-plan). */
 static int
-field(PyObject *runs, Py_ssize_t i, Py_ssize_t *out)
+field(const Runs *runs, Py_ssize_t i, Py_ssize_t *out)
 {
-    PyObject *item = PyList_GET_ITEM(runs, i);
+    if (runs->list == NULL) {
+        int64_t v;
+        memcpy(&v, (const char *)runs->packed.buf + 8 * i, 8);
+        *out = (Py_ssize_t)v;
+        return 0;
+    }
+    PyObject *item = PyList_GET_ITEM(runs->list, i);
     if (!PyLong_Check(item)) {
         PyErr_SetString(PyExc_TypeError, "runs must be ints");
         return -1;
@@ -73,14 +115,14 @@ field(PyObject *runs, Py_ssize_t i, Py_ssize_t *out)
  * their regions with `flags`: the plan of the copy, or -1 with an exception
  * set and nothing pinned. */
 static int
-plan(PyObject *regions, PyObject *runs, Py_ssize_t offset, Py_ssize_t want, int flags, Plan *p)
+plan(PyObject *regions, const Runs *runs, Py_ssize_t offset, Py_ssize_t want, int flags, Plan *p)
 {
     memset(p, 0, sizeof *p);
     if (offset < 0) {
         PyErr_SetString(PyExc_ValueError, "negative offset");
         return -1;
     }
-    Py_ssize_t n = PyList_GET_SIZE(runs);
+    Py_ssize_t n = runs->n;
     if (n % 3) {
         PyErr_SetString(PyExc_ValueError, "runs must be three ints each");
         return -1;
@@ -164,18 +206,25 @@ static PyObject *
 move(PyObject *args, const char *fmt, int guest_flags, int into)
 {
     Py_buffer flat;
-    PyObject *regions, *runs;
+    PyObject *regions, *obj;
     Py_ssize_t offset;
+    Runs runs;
     Plan p;
-    if (!PyArg_ParseTuple(args, fmt, &flat, &PyList_Type, &regions, &PyList_Type, &runs, &offset))
+    if (!PyArg_ParseTuple(args, fmt, &flat, &PyList_Type, &regions, &obj, &offset))
         return NULL;
-    if (plan(regions, runs, offset, flat.len, guest_flags, &p) < 0) {
+    if (runs_open(obj, &runs) < 0) {
+        PyBuffer_Release(&flat);
+        return NULL;
+    }
+    if (plan(regions, &runs, offset, flat.len, guest_flags, &p) < 0) {
+        runs_close(&runs);
         PyBuffer_Release(&flat);
         return NULL;
     }
     copy(&p, flat.buf, into);
     Py_ssize_t done = p.total;
     unplan(&p);
+    runs_close(&runs);
     PyBuffer_Release(&flat);
     return PyLong_FromSsize_t(done);
 }
@@ -183,13 +232,13 @@ move(PyObject *args, const char *fmt, int guest_flags, int into)
 static PyObject *
 scatter(PyObject *self, PyObject *args)
 {
-    return move(args, "y*O!O!n:scatter", PyBUF_WRITABLE, 1);
+    return move(args, "y*O!On:scatter", PyBUF_WRITABLE, 1);
 }
 
 static PyObject *
 gather(PyObject *self, PyObject *args)
 {
-    return move(args, "w*O!O!n:gather", PyBUF_SIMPLE, 0);
+    return move(args, "w*O!On:gather", PyBUF_SIMPLE, 0);
 }
 
 
@@ -226,23 +275,83 @@ chain_error(const char *fmt, ...)
     PyErr_SetString(PyExc_ValueError, msg);
 }
 
+/* A direction's runs while the table is walked: int64s, three per run, made
+ * into one array('q') at the end (decision 0316). */
+typedef struct {
+    int64_t *v;
+    Py_ssize_t n, cap;
+    int64_t first[3 * 8];   /* most chains: no allocation */
+} Packed;
+
+static PyObject *array_type;    /* array.array */
+
 static int
-append3(PyObject *runs, Py_ssize_t a, unsigned long long b, unsigned long long c)
+append3(Packed *runs, Py_ssize_t a, unsigned long long b, unsigned long long c)
 {
-    PyObject *v[3] = {PyLong_FromSsize_t(a), PyLong_FromUnsignedLongLong(b), PyLong_FromUnsignedLongLong(c)};
-    int rc = 0;
-    for (int k = 0; k < 3; k++) {
-        if (v[k] == NULL || (rc == 0 && PyList_Append(runs, v[k]) < 0))
-            rc = -1;
-        Py_XDECREF(v[k]);
+    if (b > INT64_MAX || c > INT64_MAX) {
+        chain_error("run 0x%llx+%llu does not fit", b, c);
+        return -1;
     }
-    return rc;
+    if (runs->n + 3 > runs->cap) {
+        Py_ssize_t cap = runs->cap * 2;
+        int64_t *v = PyMem_Malloc((size_t)cap * sizeof *v);
+        if (v == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        memcpy(v, runs->v, (size_t)runs->n * sizeof *v);
+        if (runs->v != runs->first)
+            PyMem_Free(runs->v);
+        runs->v = v;
+        runs->cap = cap;
+    }
+    runs->v[runs->n++] = a;
+    runs->v[runs->n++] = (int64_t)b;
+    runs->v[runs->n++] = (int64_t)c;
+    return 0;
+}
+
+static void
+packed_init(Packed *runs)
+{
+    runs->v = runs->first;
+    runs->n = 0;
+    runs->cap = 3 * 8;
+}
+
+static void
+packed_free(Packed *runs)
+{
+    if (runs->v != runs->first)
+        PyMem_Free(runs->v);
+}
+
+/* A direction's runs for Python: a list of ints while there are few (an
+ * array costs a call of array.array, about what four runs' ints cost), else
+ * one array('q') of them all. */
+#define LIST_RUNS_MAX 4
+
+static PyObject *
+packed_result(const Packed *runs)
+{
+    if (runs->n > 3 * LIST_RUNS_MAX)
+        return PyObject_CallFunction(array_type, "Cy#", 'q', (const char *)runs->v,
+                                     runs->n * (Py_ssize_t)sizeof(int64_t));
+    PyObject *list = PyList_New(runs->n);
+    for (Py_ssize_t i = 0; list != NULL && i < runs->n; i++) {
+        PyObject *v = PyLong_FromLongLong(runs->v[i]);
+        if (v == NULL)
+            Py_CLEAR(list);
+        else
+            PyList_SET_ITEM(list, i, v);
+    }
+    return list;
 }
 
 /* GuestMemory.translate: [addr, addr+length) as runs appended to `runs`,
  * split where it crosses into the next region; the same refusals. */
 static int
-translate(const Table *t, PyObject *runs, uint64_t addr, uint64_t length)
+translate(const Table *t, Packed *runs, uint64_t addr, uint64_t length)
 {
     if ((u128)addr + length > (u128)1 << 64) {
         chain_error("range 0x%llx+%llu wraps", (unsigned long long)addr, (unsigned long long)length);
@@ -270,8 +379,8 @@ translate(const Table *t, PyObject *runs, uint64_t addr, uint64_t length)
  * The chain an indirect table holds, walked as Virtqueue._walk walks it from
  * a head that is the table, with the same checks and messages (ValueError):
  * runs of adjacent buffers translated against the memory table (`starts`,
- * `sizes`: its regions' guest-physical ranges, in order). No Python int per
- * descriptor, none left for the garbage of three lists. */
+ * `sizes`: its regions' guest-physical ranges, in order). A direction of more
+ * than a few runs comes back as one array('q'): no Python int per run (0316). */
 static PyObject *
 table(PyObject *self, PyObject *args)
 {
@@ -279,12 +388,15 @@ table(PyObject *self, PyObject *args)
     PyObject *starts, *sizes;
     if (!PyArg_ParseTuple(args, "y*O!O!:table", &raw, &PyList_Type, &starts, &PyList_Type, &sizes))
         return NULL;
-    PyObject *readable = NULL, *writable = NULL, *out = NULL, *run;
+    PyObject *out = NULL;
+    Packed readable, writable, *run;
     Table t;
     Py_ssize_t size = raw.len / (Py_ssize_t)sizeof(Desc), i = 0, steps = 0;
     uint64_t start = 0, done_bytes = 0, readable_size = 0;
     u128 end = 0;
     int seen_write = 0;
+    packed_init(&readable);
+    packed_init(&writable);
     t.n = PyList_GET_SIZE(starts);
     if (t.n > MAX_TABLE_REGIONS || PyList_GET_SIZE(sizes) != t.n) {
         PyErr_SetString(PyExc_ValueError, "a memory table of too many regions, or starts and sizes apart");
@@ -298,11 +410,7 @@ table(PyObject *self, PyObject *args)
         if (PyErr_Occurred())
             goto done;
     }
-    readable = PyList_New(0);
-    writable = PyList_New(0);
-    if (readable == NULL || writable == NULL)
-        goto done;
-    run = readable;
+    run = &readable;
     for (;;) {
         if (i >= size) {
             chain_error("next index %zd outside a table of %zd", i, size);
@@ -326,7 +434,7 @@ table(PyObject *self, PyObject *args)
                 done_bytes = 0;
                 start = d.addr;
                 end = d.addr;
-                run = writable;
+                run = &writable;
                 seen_write = 1;
             }
         } else if (seen_write) {
@@ -345,15 +453,19 @@ table(PyObject *self, PyObject *args)
             if (end != start && translate(&t, run, start, (uint64_t)(end - start)) < 0)
                 goto done;
             uint64_t last = done_bytes + (uint64_t)(end - start);
-            out = Py_BuildValue("OOKK", readable, writable, (unsigned long long)(seen_write ? readable_size : last),
-                                (unsigned long long)(seen_write ? last : 0));
+            PyObject *r = packed_result(&readable), *w = r ? packed_result(&writable) : NULL;
+            if (w != NULL)
+                out = Py_BuildValue("NNKK", r, w, (unsigned long long)(seen_write ? readable_size : last),
+                                    (unsigned long long)(seen_write ? last : 0));
+            else
+                Py_XDECREF(r);
             goto done;
         }
         i = d.next;
     }
 done:
-    Py_XDECREF(readable);
-    Py_XDECREF(writable);
+    packed_free(&readable);
+    packed_free(&writable);
     PyBuffer_Release(&raw);
     return out;
 }
@@ -375,5 +487,14 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC
 PyInit__vcopy(void)
 {
+    if (array_type == NULL) {
+        PyObject *array = PyImport_ImportModule("array");
+        if (array == NULL)
+            return NULL;
+        array_type = PyObject_GetAttrString(array, "array");
+        Py_DECREF(array);
+        if (array_type == NULL)
+            return NULL;
+    }
     return PyModule_Create(&module);
 }

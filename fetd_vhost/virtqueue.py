@@ -16,7 +16,7 @@ import sys
 import threading
 from typing import Any, Final
 
-from fetd_vhost.memory import BadAddress, GuestMemory
+from fetd_vhost.memory import BadAddress, GuestMemory, Runs
 
 try:   # the compiled build's C helper (scripts/build-accel): an indirect table's chain in one call
     # (by name: `from fetd_vhost import` would be an import of the package, which imports this module)
@@ -78,8 +78,8 @@ class Chain:
     def __init__(self, head: int, regions: list[memoryview]) -> None:
         self.head = head
         self.regions = regions
-        self.readable: list[int] = []
-        self.writable: list[int] = []
+        self.readable: Runs = []
+        self.writable: Runs = []
         self.readable_size = 0
         self.writable_size = 0
 
@@ -191,7 +191,7 @@ class Virtqueue:
         lengths: list[int] = []
         links: list[int] = []
         start = end = 0              # the run of adjacent buffers not yet translated
-        run: list[int] = chain.readable
+        run: Runs = chain.readable
         seen_write = False
         done = 0                     # bytes in this direction's runs translated so far
         while True:
@@ -214,7 +214,8 @@ class Virtqueue:
                 raw = mem.gpa_contiguous(addr, length)    # u64 addr, u32 len, u16 flags, u16 next
                 if _vcopy is not None and steps == 1:
                     # the head is the table (Linux): the helper walks it as below, same
-                    # checks and messages, without three lists of ints (decision 0315)
+                    # checks and messages, without three lists of ints (decision 0315),
+                    # a direction of many runs one array('q'): no int object per run (0316)
                     try:
                         readable, writable, rsize, wsize = _vcopy.table(raw, mem.gpa_starts, mem.gpa_sizes)
                     except ValueError as e:

@@ -18,7 +18,9 @@ a scatterlist Linux did not merge looks like).
 --instructions runs fetd_vhost under callgrind, zeroes its counters after
 the warm-up (callgrind_control) and dumps them after `--count` commands:
 what those commands cost, the event loop's idle waits included (they cost
-no instructions). SCSI_TARGET_ACCEL in the environment reaches fetd_vhost.
+no instructions). With --count-stml the STML runs under callgrind instead
+(the same count of its side; fetd_vhost runs as it is).
+SCSI_TARGET_ACCEL in the environment reaches both.
 """
 from __future__ import annotations
 
@@ -134,10 +136,23 @@ def totals(path: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+class CountedStml(StmlProcess):
+    """The STML under callgrind (--count-stml)."""
+    START_TIMEOUT = 600.0
+
+    def __init__(self, data_dir: Path, luns: tuple[str, ...], work: Path) -> None:
+        super().__init__(data_dir, luns)
+        self.work = work
+
+    def argv(self) -> list[str]:
+        return ["valgrind", "--tool=callgrind", f"--callgrind-out-file={self.work}/cg.%p",
+                "--dump-instr=no", "--compress-strings=no"] + super().argv()
+
+
 def measure(work: Path, workload: str, count: int, warmup: int, instructions: bool,
-            contiguous: bool, keep: Path | None = None, lun: str = "ram:64MiB") -> dict:
+            contiguous: bool, keep: Path | None = None, lun: str = "ram:64MiB", count_stml: bool = False) -> dict:
     write, size = WORKLOADS[workload]
-    stml = StmlProcess(work / "stml", (lun,)).start()
+    stml = (CountedStml(work / "stml", (lun,), work) if count_stml else StmlProcess(work / "stml", (lun,))).start()
     fe: subprocess.Popen | None = None
     m: VhostMaster | None = None
     try:
@@ -145,7 +160,7 @@ def measure(work: Path, workload: str, count: int, warmup: int, instructions: bo
         sock = str(work / "vm.sock")
         argv = [sys.executable, "-m", "fetd_vhost", "--socket", sock, "--target", IQN,
                 "--stml", stml.endpoint, "--log-level", "warning"]
-        if instructions:
+        if instructions and not count_stml:
             argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={work}/cg.%p",
                     "--dump-instr=no", "--compress-strings=no"] + argv
         out = open(work / "fe.out", "wb")
@@ -163,9 +178,11 @@ def measure(work: Path, workload: str, count: int, warmup: int, instructions: bo
         d = Driver(m, write, size, contiguous, seed=1)
         for _ in range(warmup):
             d.one()           # the first ones carry unit attentions
+        counted = stml.pid if count_stml else fe.pid
         if instructions:
-            subprocess.run(["callgrind_control", "-z", str(fe.pid)], check=True, capture_output=True)
+            subprocess.run(["callgrind_control", "-z", str(counted)], check=True, capture_output=True)
         cpu0, sw0 = proc_cpu(fe.pid)
+        scpu0, ssw0 = proc_cpu(stml.pid)
         k0, i0 = d.kicks, d.interrupts
         bad = 0
         t0 = time.perf_counter()
@@ -174,19 +191,21 @@ def measure(work: Path, workload: str, count: int, warmup: int, instructions: bo
                 bad += 1
         took = time.perf_counter() - t0
         cpu1, sw1 = proc_cpu(fe.pid)
+        scpu1, ssw1 = proc_cpu(stml.pid)
         if bad:
             raise SystemExit(f"vhostpath: {bad} of {count} commands did not complete GOOD")
         res = {"workload": workload, "count": count, "layout": "contiguous" if contiguous else "scattered",
                "wall_us": took / count * 1e6, "cpu_us": (cpu1 - cpu0) / count * 1e6,
-               "wakeups": (sw1 - sw0) / count, "kicks": (d.kicks - k0) / count,
+               "wakeups": (sw1 - sw0) / count, "stml_cpu_us": (scpu1 - scpu0) / count * 1e6,
+               "stml_wakeups": (ssw1 - ssw0) / count, "kicks": (d.kicks - k0) / count,
                "interrupts": (d.interrupts - i0) / count}
         if instructions:
-            before = set(glob.glob(f"{work}/cg.{fe.pid}*"))
-            subprocess.run(["callgrind_control", "-d", str(fe.pid)], check=True, capture_output=True)
+            before = set(glob.glob(f"{work}/cg.{counted}*"))
+            subprocess.run(["callgrind_control", "-d", str(counted)], check=True, capture_output=True)
             deadline = time.monotonic() + 120
             dump, total = "", None
             while total is None:   # until the dump is there and written whole (no fixed wait)
-                new = sorted(set(glob.glob(f"{work}/cg.{fe.pid}*")) - before)
+                new = sorted(set(glob.glob(f"{work}/cg.{counted}*")) - before)
                 if new:
                     dump, total = new[-1], totals(new[-1])
                 if total is None:
@@ -216,6 +235,7 @@ def main() -> None:
     ap.add_argument("--count", type=int, default=0, help="commands measured (default 300; 100 counted)")
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--instructions", action="store_true", help="count instructions under callgrind")
+    ap.add_argument("--count-stml", action="store_true", help="with --instructions: count the STML's, not fetd_vhost's")
     ap.add_argument("--keep", type=Path, help="copy the callgrind dumps here (callgrind_annotate)")
     ap.add_argument("--contiguous", action="store_true", help="adjacent pages (default: scattered)")
     ap.add_argument("--lun", default="ram:64MiB", help="the STML's LUN (at least 64 MiB), e.g. "
@@ -227,13 +247,13 @@ def main() -> None:
     for name in WORKLOADS if a.workload == "all" else [a.workload]:
         work = Path(tempfile.mkdtemp(prefix="vhp", dir="/tmp"))
         try:
-            r = measure(work, name, count, a.warmup, a.instructions, a.contiguous, a.keep, a.lun)
+            r = measure(work, name, count, a.warmup, a.instructions, a.contiguous, a.keep, a.lun, a.count_stml)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         line = (f"{name:9s} {r['layout']:10s} cpu {r['cpu_us']:7.1f} us  wall {r['wall_us']:7.1f} us  "
-                f"wake-ups {r['wakeups']:.2f}  kicks {r['kicks']:.2f}  interrupts {r['interrupts']:.2f}")
+                f"wake-ups {r['wakeups']:.2f}  STML cpu {r['stml_cpu_us']:.1f} us wake-ups {r['stml_wakeups']:.2f}  kicks {r['kicks']:.2f}  interrupts {r['interrupts']:.2f}")
         if "instructions" in r:
-            line += f"  {r['instructions']:,.0f} instructions"
+            line += f"  {r['instructions']:,.0f} instructions ({'the STML' if a.count_stml else 'fetd_vhost'})"
         print(line + " per command", flush=True)
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import re
 import struct
-from typing import Callable
+from typing import Callable, Sequence
 
 import pytest
 
@@ -153,7 +153,7 @@ def test_indirect_tables_are_bounded_before_they_are_read(ring, monkeypatch):
     assert counter.reads == 1
 
 
-def _views(chain: V.Chain, runs: list[int]) -> list[memoryview]:
+def _views(chain: V.Chain, runs: Sequence[int]) -> list[memoryview]:
     """A chain's runs (region index, offset, length) as views of its regions."""
     return [chain.regions[runs[k]][runs[k + 1]:runs[k + 1] + runs[k + 2]] for k in range(0, len(runs), 3)]
 
@@ -166,7 +166,9 @@ def test_chains_become_runs_of_guest_memory(ring):
     dq.publish(kick=False)
     chain = vq.pop()
     assert chain is not None and chain.head == head and chain.regions is mem.views
-    assert chain.readable == [0, a - dq.ram.GPA_BASE, 100] and chain.writable == [0, b - dq.ram.GPA_BASE, 50]
+    # (a list from the Python walk, an array('q') from the compiled build's: decision 0316)
+    assert list(chain.readable) == [0, a - dq.ram.GPA_BASE, 100]
+    assert list(chain.writable) == [0, b - dq.ram.GPA_BASE, 50]
     assert [bytes(v) for v in _views(chain, chain.readable)] == [b"x" * 100]
     _views(chain, chain.writable)[0][:3] = b"abc"
     assert dq.ram.read(b, 3) == b"abc"
@@ -195,7 +197,7 @@ def test_buffers_adjacent_in_guest_memory_become_one_run(ring):
     dq.publish(kick=False)
     chain = vq.pop()
     assert chain is not None and chain.head == head
-    assert chain.readable[2::3] == [3 * 4096, 150] and chain.writable[2::3] == [10, 4096]
+    assert list(chain.readable[2::3]) == [3 * 4096, 150] and list(chain.writable[2::3]) == [10, 4096]
     assert bytes(_views(chain, chain.readable)[0]) == ram.read(base, 3 * 4096)
     _views(chain, chain.writable)[1][:2] = b"ok"
     assert ram.read(base + 5 * 4096, 2) == b"ok"

@@ -5,6 +5,7 @@ chain's runs of guest memory, and a bad run refused before anything is
 written."""
 from __future__ import annotations
 
+import array
 import importlib.machinery
 import importlib.util
 import mmap
@@ -14,6 +15,7 @@ import struct
 import subprocess
 import sysconfig
 from pathlib import Path
+from typing import Any, Callable
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -44,6 +46,15 @@ def vcopy(tmp_path_factory):
     return mod
 
 
+def _packed(runs: list[int]) -> array.array:
+    """Runs as the helper's walk makes them (decision 0316)."""
+    return array.array("q", runs)
+
+
+# the two forms of runs: a list from Python's walk, an array('q') from the helper's
+FORMS = pytest.mark.parametrize("form", [list, _packed], ids=["list", "array"])
+
+
 def _scattered(sizes: list[int]) -> tuple[list[memoryview], list[int]]:
     """Two regions, and runs of `sizes` bytes alternating between them, one
     page apart: a chain's buffers as the walk hands them over."""
@@ -64,10 +75,12 @@ DATA = bytes(range(256)) * 60        # 15,360 bytes: more than the runs from 108
 
 @pytest.mark.parametrize("offset,data", [(108, DATA), (0, DATA[:50]), (5000, DATA[:3000]), (20000, DATA),
                                          (4204, DATA[:1])])
-def test_scatter_and_gather_move_what_the_python_copies_move(vcopy, monkeypatch, offset, data):
+@FORMS
+def test_scatter_and_gather_move_what_the_python_copies_move(vcopy, monkeypatch, offset, data, form):
     _python_copies(monkeypatch)
     pure, runs = _scattered(SIZES)
     fast, _ = _scattered(SIZES)
+    runs = form(runs)
     done = Buffers(runs, sum(SIZES), pure).write(offset, data)
     assert vcopy.scatter(memoryview(data), fast, runs, offset) == done
     assert [bytes(r) for r in fast] == [bytes(r) for r in pure]
@@ -94,12 +107,13 @@ def test_gather_reads_the_runs_in_order(vcopy):
     ([1, 0, -100], "negative length"),
     ([1, 2 ** 62, 2 ** 62], "outside its region"),
 ])
-def test_a_bad_run_is_refused_before_anything_is_written(vcopy, bad, error):
+@FORMS
+def test_a_bad_run_is_refused_before_anything_is_written(vcopy, bad, error, form):
     """A run that names no region, or leaves its region (past its end,
     negative, overflowing): ValueError, and not one byte moved, in either
     direction, though the runs before it were good."""
     regions, runs = _scattered([4096, 4096])
-    runs += bad
+    runs = form(runs + bad)
     with pytest.raises(ValueError, match=error):
         vcopy.scatter(b"\xff" * 9000, regions, runs, 0)
     assert all(bytes(r) == bytes(len(r)) for r in regions)
@@ -111,13 +125,18 @@ def test_a_bad_run_is_refused_before_anything_is_written(vcopy, bad, error):
 
 def test_bad_arguments_are_refused_before_anything_is_written(vcopy):
     """A read-only region to scatter into, a region that is no buffer, runs
-    that are not ints or not three each, a negative offset, a tuple for a
-    list: an exception, and nothing written."""
+    that are not ints or not three each (a list, or an array that is not of
+    int64s), a negative offset, a tuple for a list: an exception, and
+    nothing written."""
     regions, runs = _scattered([4096, 4096])
     cases = [(BufferError, [regions[0], memoryview(bytes(8192 * 2))], runs, 0),
              (TypeError, [regions[0], 12345], runs, 0),
              (TypeError, regions, [0, 0, "4096"], 0),
              (ValueError, regions, runs[:-1], 0),
+             (ValueError, regions, _packed(runs[:-1]), 0),
+             (TypeError, regions, array.array("i", runs), 0),
+             (TypeError, regions, array.array("d", runs), 0),
+             (TypeError, regions, tuple(runs), 0),
              (ValueError, regions, runs, -1),
              (TypeError, tuple(regions), runs, 0)]
     for error, regs, rs, offset in cases:
@@ -155,9 +174,11 @@ def test_scatter_never_reaches_past_a_mapped_region(vcopy):
     m.close()
 
 
-def test_the_device_copies_through_the_helper_with_the_same_results(vcopy, monkeypatch):
+@FORMS
+def test_the_device_copies_through_the_helper_with_the_same_results(vcopy, monkeypatch, form):
     """Buffers.write and the write data gathered for the STML take the helper
-    when it is there: the same bytes and counts as without it."""
+    when it is there: the same bytes and counts as without it, from runs in
+    either form."""
     sizes = [108, *[4096] * 20, 1000]           # past SHARED_MIN: gathered into the STML's memory
     data = bytes(range(251)) * 400
     calls: list[str] = []
@@ -176,7 +197,7 @@ def test_the_device_copies_through_the_helper_with_the_same_results(vcopy, monke
     for helper in (None, Counted):
         monkeypatch.setattr(scsi, "_vcopy", helper)
         regions, runs = _scattered(sizes)
-        out = Buffers(runs, sum(sizes), regions)
+        out = Buffers(form(runs), sum(sizes), regions)
         written = out.write(108, data)
         shared = bytearray(out.size - 108)
         req = scsi.Request(V.Virtqueue(2), 0, out.tail(108), Buffers([], 0, regions), 0, 1, out.size - 108)
@@ -215,8 +236,19 @@ def _pop(vq: V.Virtqueue) -> tuple:
         chain = vq.pop()
     except V.ChainError as e:
         return ("refused", str(e))
-    assert chain is not None
-    return (chain.head, chain.readable, chain.writable, chain.readable_size, chain.writable_size)
+    assert chain is not None   # (runs: a list from Python's walk, an array('q') from the helper's)
+    return (chain.head, list(chain.readable), list(chain.writable), chain.readable_size, chain.writable_size)
+
+
+def _walked_both_ways(dq, vq: V.Virtqueue, monkeypatch, vcopy, take: Callable[[V.Virtqueue], Any]) -> list:
+    """Head 0 offered twice: what `take` makes of Python's walk, then of the helper's."""
+    got = []
+    for helper in (None, vcopy):
+        monkeypatch.setattr(V, "_vcopy", helper)
+        dq.offer(0)
+        dq.publish(kick=False)
+        got.append(take(vq))
+    return got
 
 
 EDGES = [0, 4096, 512 * KIB - 4096, 512 * KIB - 100, 512 * KIB, 768 * KIB - 4096, 768 * KIB, 2048 * KIB,
@@ -242,11 +274,32 @@ def test_the_helper_walks_an_indirect_table_as_python_does(vcopy, split_ring, mo
             flags, nxt = (DESC_F_NEXT if more else 0) | (DESC_F_WRITE if k >= split else 0), k + 1
         dq.ram.write(table + 16 * k, struct.pack("<QIHH", (dq.ram.GPA_BASE + off) % (1 << 64), length, flags, nxt))
     dq.write_desc(0, table, 16 * len(entries), DESC_F_INDIRECT)
-    got = []
-    for helper in (None, vcopy):
-        monkeypatch.setattr(V, "_vcopy", helper)
-        dq.offer(0)
-        dq.publish(kick=False)
-        got.append(_pop(vq))
+    got = _walked_both_ways(dq, vq, monkeypatch, vcopy, _pop)
     assert got[0] == got[1]
     dq.ram.top -= 16 * len(entries)
+
+
+def test_the_helpers_walk_of_many_runs_hands_them_over_packed(vcopy, split_ring, monkeypatch):
+    """Linux's 1 MiB read: a header, a response and scattered pages. The
+    helper's walk gives the pages' runs as one array('q') (no Python int per
+    run, decision 0316) and a direction of a few runs as a list; both the
+    runs Python's walk makes, and the read data lands in the pages."""
+    dq, vq, mem = split_ring
+    ram = dq.ram
+    pages = [ram.alloc(4096, 4096) for _ in range(2 * 12)][::2]      # no two adjacent
+    req, resp = ram.alloc(51), ram.alloc(108)
+    table = ram.alloc(16 * (2 + len(pages)))
+    bufs = [(req, 51, 0), (resp, 108, DESC_F_WRITE)] + [(p, 4096, DESC_F_WRITE) for p in pages]
+    for k, (addr, n, flags) in enumerate(bufs):
+        more = DESC_F_NEXT if k + 1 < len(bufs) else 0
+        ram.write(table + 16 * k, struct.pack("<QIHH", addr, n, flags | more, k + 1))
+    dq.write_desc(0, table, 16 * len(bufs), DESC_F_INDIRECT)
+    python, packed = _walked_both_ways(dq, vq, monkeypatch, vcopy, V.Virtqueue.pop)
+    assert type(packed.readable) is list and type(packed.writable) is array.array
+    assert packed.writable.typecode == "q" and len(packed.writable) == 3 * (1 + len(pages))
+    assert list(packed.writable) == python.writable and packed.readable == python.readable
+    monkeypatch.setattr(scsi, "_vcopy", vcopy)
+    data = bytes(range(256)) * 16 * len(pages)
+    inb = Buffers(packed.writable, packed.writable_size, packed.regions)
+    assert inb.write(108, data) == len(data)
+    assert b"".join(ram.read(p, 4096) for p in pages) == data

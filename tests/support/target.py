@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from stml.config import host_iqn
-from support.procs import Proc, children_by_module, short_dir, stop_pid, wait_for_line
+from support.procs import START_TIMEOUT, Proc, children_by_module, short_dir, stop_pid, wait_for_line
 
 IQN = host_iqn()   # the default target's name in a new data dir on this host (0207)
 LISTENING = re.compile(r"stml: listening on (\S+)")
@@ -117,6 +117,8 @@ class StmlProcess:
     """One STML process: `python -m stml --data-dir D --lun ...`, restartable
     (each generation logs to its own files under D/logs)."""
 
+    START_TIMEOUT = START_TIMEOUT    # seconds to say it listens (a subclass under valgrind: longer)
+
     def __init__(self, data_dir: Path, luns: tuple[str, ...], extra: tuple[str, ...] = ()) -> None:
         self.data_dir = data_dir
         self.luns = luns
@@ -147,7 +149,7 @@ class StmlProcess:
         logs.mkdir(parents=True, exist_ok=True)
         self.current = Proc(self.argv(), logs / f"stml{self.generation}.out",
                             logs / f"stml{self.generation}.err")
-        m = wait_for_line(self.current.out_path, LISTENING, self.current.proc)
+        m = wait_for_line(self.current.out_path, LISTENING, self.current.proc, self.START_TIMEOUT)
         self.endpoint = m.group(1)
         return self
 
