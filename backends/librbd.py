@@ -637,12 +637,14 @@ class Image:
                 os.eventfd_read(self._fd)
             except BlockingIOError:
                 pass
-            self._hand_over(out)   # what the last poll could not
+            if self._released < self._polled:
+                self._hand_over(out)   # what the last poll could not
             while True:
                 self._released = self._handed = self._polled = 0
                 n = self._poll_events(self.handle, self._comps, self.POLL_BATCH)
-                self._polled = max(n, 0)
-                self._hand_over(out)
+                if n > 0:
+                    self._polled = n
+                    self._hand_over(out)
                 if n < self.POLL_BATCH:
                     return out
         except (MemoryError, ctypes.ArgumentError):   # (ctypes's, out of memory converting an argument)
