@@ -398,6 +398,10 @@ class Image:
         _check(rbd.rbd_open(ioctx.handle, name.encode(), byref(handle), None), f"opening image {name}")
         self.handle = handle
         self._comps = (c_void_p * self.POLL_BATCH)()
+        # _poll's carry (the C helper's is in _calls): comps[:handed] of the
+        # last batch are handed over, comps[:released] of those released, and
+        # comps[handed:polled] wait for the next _poll (out of memory)
+        self._released = self._handed = self._polled = 0
         self._watch: tuple[c_uint64, Any] | None = None
         self._fd = -1   # the eventfd librbd signals (enable_events)
         # the aio path's calls, looked up once, and the completion's out-argument made once
@@ -620,22 +624,53 @@ class Image:
 
     def _poll(self) -> list[tuple[int, int]]:
         """poll(): the eventfd read (enable_events), then (completion address,
-        return value) of every finished aio call; each completion is released.
-        The eventfd is read here rather than by the caller: the C helper's
-        collect (poll once events are on) reads it in the same C call."""
-        try:
-            os.eventfd_read(self._fd)
-        except BlockingIOError:
-            pass
+        return value) of every finished aio call; each completion is released
+        once its item is in the list. The eventfd is read here rather than by
+        the caller: the C helper's collect (poll once events are on) reads it
+        in the same C call. Out of memory partway, as the helper does (0422):
+        what was not handed over stays in the carry, unreleased, the eventfd
+        is signalled so that the loop polls again, and what was handed over
+        is returned: each call is reported once, none lost."""
         out: list[tuple[int, int]] = []
-        comps, poll, value, release = self._comps, self._poll_events, self._return_value, self._release
-        while True:
-            n = poll(self.handle, comps, self.POLL_BATCH)
-            for comp in comps[:max(n, 0)]:
-                out.append((comp or 0, value(comp)))
-                release(comp)
-            if n < self.POLL_BATCH:
-                return out
+        try:
+            try:
+                os.eventfd_read(self._fd)
+            except BlockingIOError:
+                pass
+            if self._released < self._polled:
+                self._hand_over(out)   # what the last poll could not
+            while True:
+                self._released = self._handed = self._polled = 0
+                n = self._poll_events(self.handle, self._comps, self.POLL_BATCH)
+                if n > 0:
+                    self._polled = n
+                    self._hand_over(out)
+                if n < self.POLL_BATCH:
+                    return out
+        except (MemoryError, ctypes.ArgumentError):   # (ctypes's, out of memory converting an argument)
+            try:
+                os.eventfd_write(self._fd, 1)
+            except OSError:   # (EAGAIN: an eventfd at its limit is readable already)
+                pass
+            return out
+
+    def _hand_over(self, out: list[tuple[int, int]]) -> None:
+        """The carry into `out`, one completion at a time, each released once
+        its item is in. No step allocates between taking an item in and
+        recording it (the indexes stay below 257: cached ints), so running
+        out of memory leaves the carry right for the next _poll."""
+        comps, value, release = self._comps, self._return_value, self._release
+        while self._released < self._handed:   # handed over, its release out of memory
+            release(comps[self._released])
+            self._released += 1
+        handed, polled = self._handed, self._polled
+        while handed < polled:
+            comp = comps[handed]
+            out.append((comp or 0, value(comp)))
+            handed += 1
+            self._handed = handed
+            release(comp)
+            self._released = handed
 
     def outcome(self, comp: int) -> int | None:
         """The return value of a call poll() never reported (the image closed

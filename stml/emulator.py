@@ -320,9 +320,6 @@ class Emulator:
         # memory its front end shares (stml.server, same-host carrier), which the
         # task then holds (Task.hold) until it ends; None: new memory will do
         self.read_buffer: Callable[[Task, int], bytearray | memoryview | None] = lambda task, size: None
-        # what a parked command's aio future calls with it (AioFuture.waiter):
-        # _resume, bound once rather than a partial per command
-        self._wake: Callable[[Task], None] = self._resume
         # the capabilities the carrier of a front end supports (stml.server: a
         # write region on the stream carrier); granted when a front end offers them
         self.carrier_caps: Callable[[bytes], frozenset[str]] = lambda ident: frozenset()
@@ -362,15 +359,18 @@ class Emulator:
         # (stml.gateway): they then ask another STML; None: serving
         self.standby: str | None = None
         self.register_target_template(DiskTemplate())
-        self._ops: dict[str, Callable[[FrontEnd, dict[str, Any], list], None]] = {
-            Op.DEREGISTER: self._deregister,
-            Op.REGISTER_NEXUS: self._register_nexus,
-            Op.RELEASE_NEXUS: self._scsi_release,
-            Op.RX_CMND: self._rx_cmnd,
-            Op.RX_DATA: self._scsi_rx_data,
-            Op.RX_TMF: self._rx_task_mgmt_fn,
-            Op.DONE: self._responses_sent,
-            Op.HEARTBEAT: self._heartbeat,
+        # each message's handler, called with self: plain functions, as the
+        # Emulator's bound methods kept on it would make it a reference cycle
+        # (it and all it holds, LUs and their data, freed by the cyclic GC only)
+        self._ops: dict[str, Callable[[Emulator, FrontEnd, dict[str, Any], list], None]] = {
+            Op.DEREGISTER: Emulator._deregister,
+            Op.REGISTER_NEXUS: Emulator._register_nexus,
+            Op.RELEASE_NEXUS: Emulator._scsi_release,
+            Op.RX_CMND: Emulator._rx_cmnd,
+            Op.RX_DATA: Emulator._scsi_rx_data,
+            Op.RX_TMF: Emulator._rx_task_mgmt_fn,
+            Op.DONE: Emulator._responses_sent,
+            Op.HEARTBEAT: Emulator._heartbeat,
         }
 
     def restore_reservations(self) -> None:
@@ -463,7 +463,7 @@ class Emulator:
             if handler is None:
                 log.warning("front end %s sent %r, which the STML does not take: ignored", fe.name, op)
                 return
-            handler(fe, header, frames)
+            handler(self, fe, header, frames)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             who = fe.name if fe else ident.hex()
             log.warning("malformed %r from %s refused: %s: %s", op, who, type(e).__name__, e)
@@ -481,9 +481,9 @@ class Emulator:
         timing is off); the sender's responses and heartbeats test its
         `timing`."""
         self.timing = timing
-        self._ops[Op.RX_CMND] = self._rx_cmnd_timed
-        self._ops[Op.DONE] = self._responses_sent_timed
-        self._ops[Op.HEARTBEAT] = self._heartbeat_timed
+        self._ops[Op.RX_CMND] = Emulator._rx_cmnd_timed
+        self._ops[Op.DONE] = Emulator._responses_sent_timed
+        self._ops[Op.HEARTBEAT] = Emulator._heartbeat_timed
         self.out.timing = timing
 
     def _rx_cmnd_timed(self, fe: FrontEnd, h: dict[str, Any], frames: list) -> None:
@@ -595,8 +595,7 @@ class Emulator:
             log.info("front end %r: its connection closed while its registration waited "
                      "for its release: dropped", h["name"])
 
-    @staticmethod
-    def _responses_sent(fe: FrontEnd, h: dict[str, Any], frames: list) -> None:
+    def _responses_sent(self, fe: FrontEnd, h: dict[str, Any], frames: list) -> None:
         """scsi_target_done: nothing of these tasks is left to free here. A task
         gave back what it held when it ended (_forget); the shared memory its
         response lent comes back through the carrier, with this message."""
@@ -703,8 +702,7 @@ class Emulator:
         for fe in list(self.front_ends.values()):
             self.out.release(fe.ident, "STML shutting down")
 
-    @staticmethod
-    def _heartbeat(fe: FrontEnd, h: dict[str, Any], frames: list) -> None:
+    def _heartbeat(self, fe: FrontEnd, h: dict[str, Any], frames: list) -> None:
         usage = h.get("usage")
         if isinstance(usage, dict):   # a few named counters, nothing else is kept
             fe.usage = {str(k)[:32]: v for k, v in list(usage.items())[:16]
@@ -1005,19 +1003,12 @@ class Emulator:
             for waiting_on in coro.__await__():
                 if type(waiting_on) is AioFuture:
                     task.coro, task.parked = coro, waiting_on
-                    waiting_on.waiter, waiting_on.waiter_arg = self._wake, task
+                    waiting_on.waiter, waiting_on.waiter_arg = _resume, task
                     return
                 self._run_in_task(task, coro, waiting_on)
                 return
         except Exception:   # (_execute answers every error: this is a bug's last line)
             log.exception("internal error running CDB %s", task.cdb.hex())
-
-    def _resume(self, task: Task) -> None:
-        """A parked command's aio call completed (AioFuture.waiter)."""
-        coro = task.coro
-        assert coro is not None   # (an abort takes the waiter away with the coroutine: _unpark)
-        task.coro = task.parked = None
-        self._drive(task, coro)
 
     def _unpark(self, task: Task, coro: Coroutine[Any, Any, None], fut: AioFuture) -> asyncio.Task:
         """A Task for a command parked on an aio call, which an abort can cancel
@@ -1550,3 +1541,14 @@ Emulator.TMFS = {
     Tmf.QUERY_ASYNC_EVENT: TmfRow(Emulator._tmf_query_async_event, lun_scoped=True),
     Tmf.I_T_NEXUS_RESET: TmfRow(Emulator._tmf_i_t_nexus_reset),
 }
+
+
+def _resume(task: Task) -> None:
+    """A parked command's aio call completed (AioFuture.waiter, called with
+    the task): its Emulator drives it on. A function, the same for every
+    command, where the Emulator's bound method kept on it made a reference
+    cycle of it."""
+    coro = task.coro
+    assert coro is not None   # (an abort takes the waiter away with the coroutine: _unpark)
+    task.coro = task.parked = None
+    cast(Emulator, task.services)._drive(task, coro)

@@ -7,7 +7,7 @@ that differs from the current value is changeable, then applies it.
 """
 from __future__ import annotations
 
-import asyncio
+import logging
 import struct
 from typing import Callable
 
@@ -18,7 +18,9 @@ from stml.sense import (
     ILLEGAL_REQUEST, MODE_PARAMETERS_CHANGED, SAVING_PARAMETERS_NOT_SUPPORTED, CheckCondition,
     invalid_field, invalid_param,
 )
-from stml.task import Task
+from stml.task import Task, must_finish
+
+log = logging.getLogger("stml")
 
 CURRENT, CHANGEABLE, DEFAULT, SAVED = 0, 1, 2, 3
 
@@ -177,7 +179,9 @@ async def mode_select(task: Task) -> None:
         changed |= MODE_PAGES[code](lu, CURRENT) != before
     if changed:   # every other I_T nexus hears of it (and an AEN where asked for)
         services = task.services
-        # in bounded steps (0264), answered once all are set; shielded: the change
-        # is made, so an abort of this command must not leave some nexuses untold
-        await asyncio.shield(services.fan_out_ua([lu], MODE_PARAMETERS_CHANGED,
-                                                 services.nexus_keys(lu.target), task.nexus.key))
+        # in bounded steps (0264), answered once all are set; the change is
+        # made, so an abort of this command must not leave some nexuses untold
+        await must_finish(services.fan_out_ua([lu], MODE_PARAMETERS_CHANGED,
+                                              services.nexus_keys(lu.target), task.nexus.key),
+                          lambda e: log.error("MODE SELECT on %s LUN %d, aborted: not every nexus was "
+                                              "told of its change: %s", lu.target, lu.lun, e))

@@ -66,7 +66,7 @@ from stml.sense import (
     NOT_READY, PARAMETER_LIST_LENGTH_ERROR, REGISTRATIONS_PREEMPTED, RESERVATION_CONFLICT, RESERVATIONS_PREEMPTED, RESERVATIONS_RELEASED,
     CheckCondition, StatusError, invalid_field, invalid_param,
 )
-from stml.task import FANOUT_STEP, Nexus, Task, nexus_key
+from stml.task import FANOUT_STEP, Nexus, Task, must_finish, nexus_key
 
 log = logging.getLogger("stml.pr")
 
@@ -1031,15 +1031,10 @@ async def prout(task: Task) -> None:
         raise invalid_param(20 if sa != REGISTER_AND_MOVE else 17, 0)   # nowhere to persist
     st.checkpoint(params.aptpl)
     effects = st.prout(task.nexus, sa, scope, rtype, params)
-    # shielded: the change is made; an abort of the command (which may come while
+    # the change is made; an abort of the command (which may come while
     # the save or the fan-out yields) must not leave registrants untold or the
     # tasks PREEMPT AND ABORT names running
-    commit = asyncio.ensure_future(_commit(task, st, effects))
-    try:
-        await asyncio.shield(commit)
-    except asyncio.CancelledError:
-        commit.add_done_callback(_log_failure)
-        raise
+    await must_finish(_commit(task, st, effects), _log_failure)
 
 
 def _move_to_group(task: Task, rel_port: int) -> int:
@@ -1060,11 +1055,10 @@ async def _commit(task: Task, st: PrState, effects: Effects) -> None:
     await apply_effects(task, st, effects)
 
 
-def _log_failure(done: asyncio.Future) -> None:
+def _log_failure(error: BaseException) -> None:
     """The commit of an aborted command, which nobody answers: a failed save is
     logged here (a command still waiting gets it as its error)."""
-    if not done.cancelled() and done.exception() is not None:
-        log.warning("a reservation change of an aborted command was not saved: %s", done.exception())
+    log.warning("a reservation change of an aborted command was not saved: %s", error)
 
 
 async def apply_effects(task: Task, st: PrState, effects: Effects) -> None:

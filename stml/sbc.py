@@ -13,6 +13,7 @@ deallocation) with a turn of the event loop between them (ops.next_chunk).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import struct
 from typing import Callable
@@ -31,7 +32,7 @@ from stml.spc import (
     MAX_COMPARE_AND_WRITE, MAX_LBA_STATUS_DESCRIPTORS, MAX_UNMAP_DESCRIPTORS, MAX_UNMAP_LBA_COUNT,
     max_write_same, removal_prevented, thin,
 )
-from stml.task import Task
+from stml.task import Task, must_finish, report_failure
 
 log = logging.getLogger("stml")
 
@@ -614,23 +615,22 @@ async def sanitize(task: Task) -> None:
             block = bytes(b ^ 0xFF for b in block)
     refuse_after_failed_sync(lu)   # its end is a flush: refused before it erases anything (0257)
     job = lu.start_job(_sanitize(task, lu, block))   # the entry check, run again after any wait, saw none
+    failed = functools.partial(_log_failure, lu)
     if task.cdb[1] & 0x80:   # IMMED
-        job.add_done_callback(lambda done: _log_failure(lu, done))
+        report_failure(job, failed)
         return
     try:
-        await asyncio.shield(job)
+        await must_finish(job, failed)   # an aborted one's failure said, as an IMMED one's
     except asyncio.CancelledError:
         if not job.cancelled():
-            job.add_done_callback(lambda done: _log_failure(lu, done))   # said, as an IMMED one's
             raise   # this command was aborted: the job goes on
         raise CheckCondition(ABORTED_COMMAND, NO_ADDITIONAL_SENSE) from None   # the LU went
 
 
-def _log_failure(lu: LogicalUnit, job: asyncio.Task) -> None:
+def _log_failure(lu: LogicalUnit, error: BaseException) -> None:
     """A background sanitize that failed: said once, in the log (the command
     that started it has long returned)."""
-    if not job.cancelled() and job.exception() is not None:
-        log.error("SANITIZE of %s LUN %d failed: %s", lu.target, lu.lun, job.exception())
+    log.error("SANITIZE of %s LUN %d failed: %s", lu.target, lu.lun, error)
 
 
 async def _sanitize(task: Task, lu: LogicalUnit, block: bytes | None) -> None:

@@ -13,7 +13,7 @@ import asyncio
 import functools
 from collections.abc import Awaitable, Container, Coroutine, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Final, Protocol
+from typing import Any, Callable, Final, Protocol, TypeVar
 
 from backends import AioFuture
 from stml.cdb import lba_len, trim_cdb
@@ -31,6 +31,8 @@ FANOUT_STEP = 256
 
 _VIEW: Final = memoryview   # (compiled, a builtin's name is a lookup in builtins per use)
 
+
+_T = TypeVar("_T")
 
 TELL_QUEUED: Final = 1
 TELL_SET: Final = 2
@@ -163,6 +165,33 @@ def _aio_twin(backend: Any, fn: Callable) -> Callable | None:
     if aio is None or backend.inline:
         return None
     return getattr(aio, fn.__name__, None)
+
+
+async def must_finish(work: Awaitable[_T], failed: Callable[[BaseException], None]) -> _T:
+    """Await `work`, which goes on to its end even if the awaiting command is
+    aborted meanwhile (asyncio.shield): the change it tells or saves is made
+    already. While the command awaits, a failure of `work` is the command's
+    error; once an abort let go of it, nobody awaits it, and its failure goes
+    to `failed` once (a log line) instead of to the GC, which logs it later
+    from wherever it runs (0715)."""
+    fut = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        report_failure(fut, failed)
+        raise
+
+
+def report_failure(fut: asyncio.Future, failed: Callable[[BaseException], None]) -> None:
+    """`failed(error)` once `fut`, which nobody awaits, ends in an error."""
+    fut.add_done_callback(functools.partial(_report, failed))
+
+
+def _report(failed: Callable[[BaseException], None], fut: asyncio.Future) -> None:
+    if not fut.cancelled():
+        error = fut.exception()
+        if error is not None:
+            failed(error)
 
 
 class Task(Queued):

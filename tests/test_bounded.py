@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import gc
 import hashlib
+import logging
 import os
 import struct
 import threading
@@ -18,6 +20,7 @@ import backends.file as file_mod
 from backends.file import FileBackend
 import backends.ram as ram_mod
 from backends.ram import PAGE, RamBackend
+from stml.api import Op, Tmf
 from stml.config import ConfigError, lun_options
 from stml.emulator import Target
 from stml.lu import IEEE_COMPANY_ID, CopyResults, LogicalUnit, LunOptions
@@ -481,6 +484,39 @@ def test_sanitize_is_one_tracked_job_with_progress():
         await asyncio.wait([lu.job])
         assert lu.backend.allocated() == 0 and not lu.sanitizing
     run(go())
+
+
+def test_an_aborted_sanitizes_later_failure_is_logged_once(caplog):
+    """Without IMMED, SANITIZE's job goes on when its command is aborted (SBC-4):
+    its failure then has no command to fail and is one error line, as an IMMED
+    one's is, not a task the GC logs as never retrieved (stml.task.must_finish)."""
+    async def go():
+        h = Harness([LunOptions("ram", size=16 << 30)])   # 256 discard chunks
+        lu = h.lu()
+        real, calls = lu.backend.discard, [0]
+
+        def discard(offset: int, length: int) -> None:
+            calls[0] += 1
+            if calls[0] == 8:
+                raise OSError(errno.EIO, "the medium broke")
+            real(offset, length)
+        lu.backend.discard = discard
+        waiting = asyncio.ensure_future(h.cmd(bytes([0x48, 0x02]) + bytes(8), alloc=0))
+        while not lu.sanitizing:
+            await asyncio.sleep(0)
+        h.emulator.handle(b"fe", {"op": Op.RX_TMF, "tag": 9999, "nexus": 1, "fn": int(Tmf.ABORT_TASK),
+                                  "lun": 0, "ref": h.tag}, [])
+        while h.tag in h.emulator.front_ends[b"fe"].tasks:
+            await asyncio.sleep(0)
+        assert calls[0] < 8 and lu.sanitizing   # aborted, the job goes on
+        waiting.cancel()   # (aborted by its own nexus: no status comes)
+        await asyncio.wait([lu.job])
+        assert calls[0] == 8 and not lu.sanitizing
+    caplog.set_level(logging.WARNING)
+    run(go())
+    gc.collect()
+    assert [(r.name, r.getMessage()) for r in caplog.records] == [
+        ("stml", f"SANITIZE of {TARGET} LUN 0 failed: [Errno 5] the medium broke")]
 
 
 def test_sanitize_stops_at_the_end_of_a_lu_shrunk_while_it_runs():

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any, Callable
 
 import pytest
 
@@ -29,13 +30,8 @@ def test_the_path_runs_and_reports_time(write, stml):
     assert float(m.group(3)) > 0
 
 
-def _helper(tmp_path: Path):
-    """backends/rbdaio.c built here as scripts/build-accel builds it, and the
-    stand-in librbd (scripts/fakerbd.c) it calls."""
-    import ctypes
-    import importlib.machinery
-    import importlib.util
-    import sysconfig
+def _fakerbd(tmp_path: Path) -> Path:
+    """The stand-in librbd (scripts/fakerbd.c), built here."""
     if shutil.which("cc") is None:
         pytest.fail("cc is not installed (apt-get install gcc)")
     sys.path.insert(0, str(SCRIPT.parent))
@@ -43,7 +39,17 @@ def _helper(tmp_path: Path):
         import rbdpath
     finally:
         sys.path.pop(0)
-    lib = ctypes.CDLL(str(rbdpath.build(tmp_path)))
+    return rbdpath.build(tmp_path)
+
+
+def _helper(tmp_path: Path):
+    """backends/rbdaio.c built here as scripts/build-accel builds it, and the
+    stand-in librbd (scripts/fakerbd.c) it calls."""
+    import ctypes
+    import importlib.machinery
+    import importlib.util
+    import sysconfig
+    lib = ctypes.CDLL(str(_fakerbd(tmp_path)))
     so = tmp_path / ("_rbdaio" + importlib.machinery.EXTENSION_SUFFIXES[0])
     subprocess.run(["cc", "-O2", "-shared", "-fPIC", f"-I{sysconfig.get_paths()['include']}", "-o", str(so),
                     str(SCRIPT.parent.parent / "backends" / "rbdaio.c")], check=True)
@@ -144,6 +150,38 @@ def test_the_c_helper_out_of_memory_never_lets_a_buffer_go_under_librbd(tmp_path
     buf.append(0)
 
 
+def _collect_short_of_memory(collect: Callable[[], list], fd: int, live: Any, pending: dict,
+                             late: int = 0) -> None:
+    """collect() until every call in `pending` is collected, one allocation
+    failing in each (CPython's failure injection): what is left is signalled
+    on the eventfd `fd` each time, every call is reported once with its value,
+    and a completion (`live`: fakerbd's count) is released only once handed
+    over. `late`: how many handed over may wait for the next collection's
+    release (the ctypes path's, whose release itself needs memory)."""
+    import select
+
+    import _testcapi
+    got: list = []
+    short = 0
+    for k in range(0, 600, 5):
+        if not live.value:
+            break
+        assert select.select([fd], [], [], 0)[0], "what is left was signalled"
+        _testcapi.set_nomemory(k % 90, k % 90 + 1)   # (only that allocation from here fails)
+        try:
+            out = collect()
+        except MemoryError:
+            out = []
+        finally:
+            _testcapi.remove_mem_hooks()
+        got += out
+        short += bool(live.value)
+        unreported = len(pending) - len(got)
+        assert unreported <= live.value <= unreported + late, "released once handed over, not before"
+    assert live.value == 0 and short >= 3, "collections ran short of memory and then caught up"
+    assert sorted(got) == sorted((c, 4096) for c in pending), "each call reported once, with its value"
+
+
 def test_the_c_helper_collection_out_of_memory_keeps_what_it_could_not_hand_over(tmp_path):
     """Review 15: a collection that runs out of memory hands over what it
     could, keeps the rest unreleased for the next one and signals the
@@ -152,8 +190,6 @@ def test_the_c_helper_collection_out_of_memory_keeps_what_it_could_not_hand_over
     import ctypes
     import os
     import select
-
-    import _testcapi
 
     from backends.librbd import CephError
     mod, lib, calls, addr = _helper(tmp_path)
@@ -167,24 +203,7 @@ def test_the_c_helper_collection_out_of_memory_keeps_what_it_could_not_hand_over
         bufs = [bytearray(4096) for _ in range(150)]   # more than two poll batches
         for i, b in enumerate(bufs):
             start("read", 0, memoryview(b), True, i, pending)
-        got: list = []
-        short = 0
-        for k in range(0, 600, 5):
-            if not live.value:
-                break
-            assert select.select([fd], [], [], 0)[0], "what is left was signalled"
-            _testcapi.set_nomemory(k % 90, k % 90 + 1)   # (only that allocation from here fails)
-            try:
-                out = mod.collector(calls)()
-            except MemoryError:
-                out = []
-            finally:
-                _testcapi.remove_mem_hooks()
-            got += out
-            short += bool(live.value)
-            assert live.value == len(pending) - len(got), "released once handed over, not before"
-        assert live.value == 0 and short >= 3, "collections ran short of memory and then caught up"
-        assert sorted(got) == sorted((c, 4096) for c in pending), "each call reported once, with its value"
+        _collect_short_of_memory(lambda: mod.collector(calls)(), fd, live, pending)
         assert not select.select([fd], [], [], 0)[0], "the collection read the eventfd itself"
     finally:
         lib.rbd_set_image_notification(None, -1, 2)
@@ -224,3 +243,42 @@ def test_a_ctypes_start_that_raises_before_librbd_has_it_leaves_nothing_behind()
     with pytest.raises(KeyboardInterrupt):
         image.start("read", (0, 4096, 0), (), "entry", pending)
     assert pending == {0x1234: "entry"} and released == [0x1234]
+
+
+def test_the_ctypes_collection_out_of_memory_keeps_what_it_could_not_hand_over(tmp_path, monkeypatch):
+    """Without the C helper, Image.poll (the ctypes _poll) keeps the helper's
+    promise (decision 0422): a collection that runs out of memory hands over
+    what it could, keeps the rest unreleased for the next one and signals the
+    eventfd; every call is reported once, with its value, its completion
+    released only once handed over (one whose release itself ran out of
+    memory, at the next collection)."""
+    import ctypes
+    import os
+    import select
+    from types import SimpleNamespace
+
+    from backends import librbd as L
+    so = _fakerbd(tmp_path)
+    monkeypatch.setattr(L, "_load", lambda name: ctypes.CDLL(str(so)))
+    monkeypatch.setattr(L, "_lib", None)
+    monkeypatch.setattr(L, "_rbdaio", None)   # the pure path, whether a build is loaded or not
+    image = L.Image(SimpleNamespace(handle=ctypes.c_void_p(1)), "img")
+    lib = L.libs()[1]
+    fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    try:
+        image.enable_events(fd)
+        assert image.poll == image._poll
+        live = ctypes.c_long.in_dll(lib, "fakerbd_live")
+        pending: dict = {}
+        bufs = [bytearray(4096) for _ in range(150)]   # more than two poll batches
+        for i, b in enumerate(bufs):
+            image.start_buffer("read", 0, memoryview(b), True, i, pending)
+        assert live.value == 150
+        _collect_short_of_memory(image.poll, fd, live, pending, late=1)
+        # (a collection that ran short after the last was handed over signalled
+        # the eventfd once more: the next one finds nothing)
+        assert image.poll() == [] and live.value == 0
+        assert not select.select([fd], [], [], 0)[0], "the collection read the eventfd itself"
+    finally:
+        lib.rbd_set_image_notification(None, -1, 2)
+        os.close(fd)

@@ -9,6 +9,8 @@ answered either with the unit attention or without it, never otherwise."""
 from __future__ import annotations
 
 import asyncio
+import gc
+import logging
 import struct
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Awaitable
@@ -128,6 +130,43 @@ def test_an_aborted_mode_select_still_tells_every_nexus():
         assert h.lu().mode.wce
         check_all_told(h, MODE_PARAMETERS_CHANGED, set(), actor_told=False)
     asyncio.run(go())
+
+
+def test_an_aborted_mode_selects_failed_fan_out_is_logged_once(caplog):
+    """A fan-out that fails once its MODE SELECT was aborted has no command to
+    fail: its error is one log line, not a task nobody awaits any more, which
+    the GC finds and logs ("exception was never retrieved") from wherever it
+    then runs (stml.task.must_finish)."""
+    async def go() -> None:
+        h = Harness()
+        h.nexus(2, "iqn.init:two")
+        started, go_on = asyncio.Event(), asyncio.Event()
+
+        async def failing(*args: Any, **kw: Any) -> None:
+            started.set()
+            await go_on.wait()
+            raise RuntimeError("the fan-out broke")
+        h.emulator.fan_out_ua = failing   # type: ignore[method-assign]
+        page = bytearray((await h.cmd(bytes([0x1A, 0x08, 0x08, 0, 255, 0]))).data[4:])
+        page[2] |= 0x04
+        select = asyncio.ensure_future(h.cmd(bytes([0x15, 0x10, 0, 0, 4 + len(page), 0]), bytes(4) + page))
+        await asyncio.wait_for(started.wait(), 10)
+        task = h.emulator.front_ends[b"fe"].tasks[h.tag]
+        h.emulator.handle(b"fe", {"op": Op.RX_TMF, "tag": 9999, "nexus": 1, "fn": int(Tmf.ABORT_TASK),
+                                  "lun": 0, "ref": h.tag}, [])
+        while h.tag in h.emulator.front_ends[b"fe"].tasks:
+            await asyncio.sleep(0)
+        assert task.runner is None and h.lu().mode.wce   # aborted, its change made
+        select.cancel()   # (aborted by its own nexus: no status comes)
+        go_on.set()
+        for _ in range(4):
+            await asyncio.sleep(0)
+    caplog.set_level(logging.WARNING)
+    asyncio.run(go())
+    gc.collect()
+    assert [(r.name, r.getMessage()) for r in caplog.records] == [
+        ("stml", "MODE SELECT on iqn.2026-11.org.test:disk LUN 0, aborted: not every nexus was told "
+                 "of its change: the fan-out broke")]
 
 
 def test_lun_reset_tells_3000_nexuses_in_bounded_steps_before_it_answers():

@@ -39,6 +39,7 @@ KIND_OF_MODULE = {
     "test_contract_versions.py": "process",
     "test_curve_refusals.py": "unit",
     "test_docs.py": "unit",
+    "test_emulator_lifetime.py": "unit",
     "test_faults.py": "process",
     "test_faults_wce.py": "process",
     "test_fetd_attach_lines.py": "unit",
