@@ -144,7 +144,7 @@ async def read(task: Task) -> bytes | bytearray | memoryview:
     if blocks:
         view = memoryview(buf)   # (one for both calls)
         if not lu.backend.read_nowait(lba * bs, view):
-            await task.io(lu.backend.read_into, lba * bs, view)
+            await task.read_into(lba * bs, view)
     return buf
 
 
