@@ -42,6 +42,7 @@ typedef struct {
     carry_t *carry; int fd;
 } calls_t;
 
+/* The calls' tuple checked and read into a calls_t (starter(), collector()). */
 static int unpack(PyObject *t, calls_t *c) {
     if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) != NCALLS || !PyByteArray_Check(PyTuple_GET_ITEM(t, 5))
             || PyByteArray_GET_SIZE(PyTuple_GET_ITEM(t, 5)) < (Py_ssize_t)sizeof(carry_t)) {
@@ -56,6 +57,26 @@ static int unpack(PyObject *t, calls_t *c) {
     c->carry = (carry_t *)PyByteArray_AS_STRING(PyTuple_GET_ITEM(t, 5));
     c->fd = _PyLong_AsInt(PyTuple_GET_ITEM(t, 6));
     return PyErr_Occurred() ? -1 : 0;
+}
+
+/* (calls, calls_t as bytes): what starter() and collector() bind, so that a
+ * start or a collect reads its pointers from one struct, not from seven
+ * Python ints per call. The tuple keeps the carry's bytearray alive, and
+ * nothing resizes it (backends.librbd makes it once, one batch long). */
+static PyObject *bind_calls(PyObject *calls) {
+    calls_t c;
+    if (unpack(calls, &c) < 0)
+        return NULL;
+    PyObject *blob = PyBytes_FromStringAndSize((const char *)&c, sizeof c);
+    if (blob == NULL)
+        return NULL;
+    PyObject *bound = PyTuple_Pack(2, calls, blob);
+    Py_DECREF(blob);
+    return bound;
+}
+
+static const calls_t *bound_calls(PyObject *bound) {
+    return (const calls_t *)PyBytes_AS_STRING(PyTuple_GET_ITEM(bound, 1));
 }
 
 /* Raise fast's error class (errno, "rbd_aio_WHAT: strerror") for librbd's
@@ -81,14 +102,12 @@ static PyObject *fail(PyObject *fast, int ret, const char *what) {
  * its entry removed and its completion released; any other failure comes
  * before librbd has the call. */
 static PyObject *start_buffer(PyObject *fast, PyObject *const *args, Py_ssize_t n) {
-    calls_t c;
     if (n != 6) {
         PyErr_SetString(PyExc_TypeError, "start_buffer(name, offset, buffer, writable, future, pending)");
         return NULL;
     }
     PyObject *name = args[0], *pending = args[5];
-    if (unpack(PyTuple_GET_ITEM(fast, 0), &c) < 0)
-        return NULL;
+    const calls_t c = *bound_calls(PyTuple_GET_ITEM(fast, 0));
     PyObject *addr = PyDict_GetItemWithError(PyTuple_GET_ITEM(fast, 1), name);
     if (addr == NULL) {
         if (!PyErr_Occurred())
@@ -113,10 +132,17 @@ static PyObject *start_buffer(PyObject *fast, PyObject *const *args, Py_ssize_t 
     void *buf = view.buf;
     size_t len = (size_t)view.len;
     PyBuffer_Release(&view);
-    PyObject *entry = Py_BuildValue("(OOn)", args[4], pin, writable ? (Py_ssize_t)len : 0);
-    Py_DECREF(pin);   /* (the entry holds it) */
-    if (entry == NULL)
+    PyObject *report = PyLong_FromSsize_t(writable ? (Py_ssize_t)len : 0);
+    PyObject *entry = report == NULL ? NULL : PyTuple_New(3);
+    if (entry == NULL) {
+        Py_XDECREF(report);
+        Py_DECREF(pin);
         return NULL;
+    }
+    Py_INCREF(args[4]);
+    PyTuple_SET_ITEM(entry, 0, args[4]);
+    PyTuple_SET_ITEM(entry, 1, pin);      /* (the entry holds it) */
+    PyTuple_SET_ITEM(entry, 2, report);
     void *comp = NULL;
     /* (with the GIL: an allocation, no lock a librbd thread could hold while
      * it waits for the GIL, and one hand-off per call is enough) */
@@ -164,10 +190,8 @@ static void wake(int fd) {
  * eventfd is signalled so that the loop collects again, and what was handed
  * over is returned: no finished call is lost, and no buffer is let go
  * before its call's entry is. */
-static PyObject *collect(PyObject *calls, PyObject *unused) {
-    calls_t c;
-    if (unpack(calls, &c) < 0)
-        return NULL;
+static PyObject *collect(PyObject *bound, PyObject *unused) {
+    const calls_t c = *bound_calls(bound);
     carry_t *carry = c.carry;
     uint64_t events;
     if (c.fd >= 0 && read(c.fd, &events, sizeof events) < 0) {
@@ -193,9 +217,18 @@ static PyObject *collect(PyObject *calls, PyObject *unused) {
             rets[i] = c.value(comps[i]);
         Py_END_ALLOW_THREADS
         for (done = 0; done < got; done++) {
-            PyObject *item = Py_BuildValue("(Nn)", PyLong_FromVoidPtr(comps[done]), (Py_ssize_t)rets[done]);
-            if (item == NULL || PyList_Append(out, item) < 0) {
-                Py_XDECREF(item);
+            PyObject *key = PyLong_FromVoidPtr(comps[done]);
+            PyObject *ret = key == NULL ? NULL : PyLong_FromSsize_t((Py_ssize_t)rets[done]);
+            PyObject *item = ret == NULL ? NULL : PyTuple_New(2);
+            if (item == NULL) {
+                Py_XDECREF(key);
+                Py_XDECREF(ret);
+                break;
+            }
+            PyTuple_SET_ITEM(item, 0, key);
+            PyTuple_SET_ITEM(item, 1, ret);
+            if (PyList_Append(out, item) < 0) {
+                Py_DECREF(item);
                 break;
             }
             Py_DECREF(item);
@@ -229,7 +262,16 @@ static PyObject *starter(PyObject *mod, PyObject *fast) {
         PyErr_SetString(PyExc_TypeError, "starter((calls, ios, error))");
         return NULL;
     }
-    return PyCFunction_NewEx(&start_def, fast, NULL);
+    PyObject *calls = bind_calls(PyTuple_GET_ITEM(fast, 0));
+    if (calls == NULL)
+        return NULL;
+    PyObject *self = PyTuple_Pack(3, calls, PyTuple_GET_ITEM(fast, 1), PyTuple_GET_ITEM(fast, 2));
+    Py_DECREF(calls);
+    if (self == NULL)
+        return NULL;
+    PyObject *fn = PyCFunction_NewEx(&start_def, self, NULL);
+    Py_DECREF(self);
+    return fn;
 }
 
 static PyMethodDef collect_def = {"collect", collect, METH_NOARGS, "collect()"};
@@ -237,10 +279,12 @@ static PyMethodDef collect_def = {"collect", collect, METH_NOARGS, "collect()"};
 /* collector(calls): collect bound to the image's calls, as starter() binds
  * start_buffer: Image.poll with no Python frame per eventfd wake-up. */
 static PyObject *collector(PyObject *mod, PyObject *calls) {
-    calls_t c;
-    if (unpack(calls, &c) < 0)
+    PyObject *bound = bind_calls(calls);
+    if (bound == NULL)
         return NULL;
-    return PyCFunction_NewEx(&collect_def, calls, NULL);
+    PyObject *fn = PyCFunction_NewEx(&collect_def, bound, NULL);
+    Py_DECREF(bound);
+    return fn;
 }
 
 static PyMethodDef methods[] = {

@@ -143,6 +143,12 @@ class TimedTask(Task):
         assert lu is not None   # only commands to an existing LU do I/O
         return self.io_on(lu, fn, *args)
 
+    def read_into(self, offset: int, buf: memoryview) -> Awaitable[Any]:
+        """Task.read_into through io_on, which stamps (see io)."""
+        lu = self.lu
+        assert lu is not None   # only commands to an existing LU do I/O
+        return self.io_on(lu, lu.backend.read_into, offset, buf)
+
     async def io_on(self, lu: LogicalUnit, fn: Callable, *args: Any) -> Any:
         """Task.io_on, stamped: the first backend call's start, the last one's end."""
         stamps = self.stamps

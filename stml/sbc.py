@@ -143,9 +143,10 @@ async def read(task: Task) -> bytes | bytearray | memoryview:
                 return data
         buf = bytearray(blocks * bs)
     if blocks:
-        view = memoryview(buf)   # (one for both calls)
+        # (one for both calls; a shared slot's is one already)
+        view = buf if type(buf) is memoryview else memoryview(buf)
         if not lu.backend.read_nowait(lba * bs, view):
-            await task.io(lu.backend.read_into, lba * bs, view)
+            await task.read_into(lba * bs, view)
     return buf
 
 

@@ -271,6 +271,18 @@ class Task(Queued):
             return twin(*args)
         return self.io_on(lu, fn, *args)
 
+    def read_into(self, offset: int, buf: memoryview) -> Awaitable[Any]:
+        """task.io(lu.backend.read_into, offset, buf), READ's call, for which
+        the aio twin is called by its name: no bound method, twin lookup by
+        name or argument tuple per command (decision 0424)."""
+        lu = self.lu
+        assert lu is not None   # only commands to an existing LU do I/O
+        backend = lu.backend
+        aio = backend.aio
+        if aio is not None and not backend.inline:
+            return aio.read_into(offset, buf)
+        return self.io_on(lu, backend.read_into, offset, buf)
+
     async def io_on(self, lu: LogicalUnit, fn: Callable, *args: Any) -> Any:
         """Run a backend call of `lu`: in place when it cannot block, started at
         once when the backend has an aio twin of it (same name: it stays in

@@ -114,14 +114,16 @@ COMPILED_RUN = [
 # replaces stml.api.link.boot_id or one that counts stml.metrics.summed's rows
 # (compiled callers do not look them up), of fetd_vhost's, one that replaces a
 # compiled Virtqueue's pop and one that hands VhostFrontEnd a stand-in link and
-# connection; two that call Task.io_on or Task.io with a stand-in for the Task.
+# connection; three that call Task.io_on, Task.io or Task.read_into with a
+# stand-in for the Task.
 NOT_COMPILED_RUN = ["test_commands_take_the_typed_path", "test_protocol_",
                     "test_one_call_takes_at_most_a_ring_of_chains",
                     "test_a_read_slot_goes_back_only_once_the_data_is_in_guest_memory",
                     "test_a_front_end_on_another_host_gets_its_offset_from_heartbeats",
                     "test_management_reports_rows_a_bounded_number_per_loop_turn",
                     "test_an_aborted_command_waits_for_librbd_to_end_its_write",
-                    "test_task_io_hands_back_the_aio_calls_future_itself"]
+                    "test_task_io_hands_back_the_aio_calls_future_itself",
+                    "test_task_read_into_starts_the_aio_read_itself_and_falls_back_to_io_on"]
 
 
 def _cached_build() -> Path:

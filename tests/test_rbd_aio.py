@@ -299,6 +299,35 @@ def test_task_io_hands_back_the_aio_calls_future_itself(backend):
     assert buf == b"T" * 512 and not pinned(buf)
 
 
+def test_task_read_into_starts_the_aio_read_itself_and_falls_back_to_io_on(backend):
+    """READ's Task.read_into calls the aio twin's read_into by name (0424):
+    it returns that call's AioFuture as it is, with librbd's data; a backend
+    without a twin, or one that runs in place, goes through io_on with its
+    own read_into, as Task.io does."""
+    from backends import AioFuture
+    from stml.task import Task
+    task = SimpleNamespace(lu=SimpleNamespace(backend=backend))
+    buf = bytearray(512)
+
+    async def run() -> None:
+        fut = Task.read_into(task, 512, memoryview(buf))   # type: ignore[arg-type]
+        assert type(fut) is AioFuture
+        ((comp, (name, args)),) = backend.image.flying.items()
+        assert (name, args[0]) == ("read", 512)
+        backend.image.complete(comp, b"R" * 512)
+        await asyncio.wait_for(fut, 30)
+    asyncio.run(run())
+    assert buf == b"R" * 512 and not pinned(buf)
+    calls: list = []
+    for aio, inline in ((None, False), (backend.aio, True)):
+        plain = SimpleNamespace(aio=aio, inline=inline, read_into=lambda offset, view: None)
+        lu = SimpleNamespace(backend=plain)
+        other = SimpleNamespace(lu=lu, io_on=lambda *a: calls.append(a) or "io_on's")
+        assert Task.read_into(other, 4096, memoryview(buf)) == "io_on's"   # type: ignore[arg-type]
+        assert calls.pop() == (lu, plain.read_into, 4096, memoryview(buf))
+    assert not backend.image.flying
+
+
 def test_standing_down_leaves_calls_in_flight_to_librbd(backend):
     """A gateway that stands down (fenced) releases its front ends and lets its
     locks go; a read librbd still has keeps its buffer and ends when librbd

@@ -103,6 +103,32 @@ def test_the_c_helper_starts_and_collects_each_call_and_releases_its_completion(
     assert live.value == 0 and not pending
 
 
+def test_the_c_helper_reads_the_calls_once_when_bound(tmp_path):
+    """starter() and collector() check and read the image's calls when they
+    bind them (0424), not on every start and collection: malformed calls are
+    refused there, and the bound functions keep what they read, the carry's
+    memory with it, whatever the caller drops."""
+    import ctypes
+    import gc
+
+    from backends.librbd import CephError
+    mod, lib, calls, addr = _helper(tmp_path)
+    ios = {"read": addr("rbd_aio_read"), "write": addr("rbd_aio_write")}
+    for bad in (calls[:6], (*calls[:5], b"carry", -1), (*calls[:5], bytearray(1), -1), ("image", *calls[1:])):
+        with pytest.raises(TypeError):
+            mod.starter((bad, ios, CephError))
+        with pytest.raises(TypeError):
+            mod.collector(bad)
+    start, collect = mod.starter((calls, ios, CephError)), mod.collector(calls)
+    del calls
+    gc.collect()
+    buf, pending = bytearray(4096), {}
+    start("read", 0, memoryview(buf), True, "read", pending)
+    (comp,) = pending
+    assert collect() == [(comp, 4096)] and buf == b"\x5a" * 4096
+    assert ctypes.c_long.in_dll(lib, "fakerbd_live").value == 0
+
+
 def test_the_c_helper_out_of_memory_never_lets_a_buffer_go_under_librbd(tmp_path):
     """Review 15: whichever allocation fails in a start (CPython's own failure
     injection, one allocation at a time), the call is either recorded in the
