@@ -361,7 +361,8 @@ class PrStore:
 # an aio call librbd has: its future, what pins its buffers (Image.start_buffer), the bytes a read must report
 AioCall = tuple[AioFuture, Any, int]
 # what detach() hands to settle(): the loop that collected, its eventfd, the calls librbd has
-Detached = tuple[asyncio.AbstractEventLoop | None, int, dict[int, AioCall]]
+# (or had: those polled but not yet handed over, with their return values)
+Detached = tuple[asyncio.AbstractEventLoop | None, int, dict[int, AioCall], list[tuple[int, int]]]
 
 
 class RbdAio:
@@ -385,6 +386,9 @@ class RbdAio:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._fd = -1
         self._pending: dict[int, AioCall] = {}
+        # (completion, return value) polled and released but not yet in a
+        # collection's results, newest first (_collect)
+        self._polled: list[tuple[int, int]] = []
         # held while the loop starts a call or polls the image and while detach()
         # takes it away (any thread): nothing reaches an image once detach() has returned
         self._lock = threading.Lock()
@@ -414,9 +418,9 @@ class RbdAio:
         thread: an STML stopping). The calls librbd still has keep their
         buffers pinned and their futures pending, for settle()."""
         with self._lock:
-            out = self._loop, self._fd, self._pending
-            self._loop, self._fd, self._pending = None, -1, {}
-        loop, fd, _ = out
+            out = self._loop, self._fd, self._pending, self._polled
+            self._loop, self._fd, self._pending, self._polled = None, -1, {}, []
+        loop, fd, _, _ = out
         if loop is not None:
             _on_loop(loop, loop.remove_reader, fd)
         return out
@@ -425,10 +429,11 @@ class RbdAio:
         """After rbd_close (any thread): librbd has ended every call it had;
         their buffers go, their futures get what librbd said (on the loop),
         and the eventfd is closed there."""
-        loop, fd, pending = detached
+        loop, fd, pending, polled = detached
+        known = dict(polled)   # (released already: not asked again)
         results = []
         for comp, (fut, pin, length) in pending.items():
-            ret = image.outcome(comp)
+            ret = known[comp] if comp in known else image.outcome(comp)
             if ret is None:   # librbd broke its word: the buffers stay pinned for good
                 log.error("rbd:%s: an aio call outlived rbd_close", self.backend.spec)
                 ret = -errno.EIO
@@ -481,7 +486,10 @@ class RbdAio:
 
     def _collect(self, fd: int) -> None:
         """The eventfd is readable: take what librbd completed (Image.poll reads
-        the eventfd)."""
+        the eventfd). What poll handed over is released in librbd, so it is
+        kept in `_polled` until each is in `results`: run short of memory on
+        the way and the rest waits there for the next wake-up (the eventfd
+        signalled again), never lost (0425)."""
         results = []
         with self._lock:
             if fd != self._fd:   # detached: the image is closing (the reader goes next)
@@ -491,12 +499,27 @@ class RbdAio:
                     pass
                 return
             pending = self._pending
-            for comp, ret in self.backend.image.poll():
-                entry = pending.pop(comp, None)
-                if entry is not None:
-                    fut, pin, length = entry
-                    _unpin(pin)
-                    results.append((fut, ret, length))
+            while True:
+                polled = self._polled
+                fresh = not polled
+                if fresh:
+                    polled = self._polled = self.backend.image.poll()
+                    polled.reverse()   # (taken from the end: in completion order, no copy)
+                try:
+                    while polled:
+                        comp, ret = polled[-1]
+                        entry = pending.get(comp)
+                        if entry is not None:
+                            fut, pin, length = entry
+                            results.append((fut, ret, length))
+                            del pending[comp]
+                            _unpin(pin)
+                        polled.pop()
+                except MemoryError:
+                    os.eventfd_write(fd, 1)
+                    break
+                if fresh:
+                    break
         self._finish(results, live=True)
 
     def _finish(self, results: list[tuple[AioFuture, int, int]], live: bool) -> None:

@@ -609,3 +609,63 @@ def test_parked_commands_share_one_waiter_and_each_resumes_with_its_own_data(bac
     got = {h["tag"]: b"".join(bytes(f) for f in frames) for h, frames in sent if h["op"] == Op.XMIT_RESPONSE}
     assert got == {tag: bytes([tag]) * 512 for tag in range(8)}
     assert not backend.aio._pending
+
+
+def test_a_collection_short_of_memory_hands_every_call_over_once(backend):
+    """Decision 0425: poll() has released what it hands over, so a collection
+    that runs out of memory before a completion is in its results keeps the
+    rest (and signals the eventfd) rather than dropping it: every read's
+    future ends once, with its data, its buffer let go; none waits for good.
+    One allocation fails in each collection (CPython's failure injection)."""
+    import _testcapi
+    image: FakeImage = backend.image
+    bufs = [bytearray(4096) for _ in range(150)]
+    short: list[int] = []
+
+    async def run() -> None:
+        aio = backend.aio
+        futs = [aio.read_into(i * 4096, memoryview(b)) for i, b in enumerate(bufs)]
+        fd = aio._fd
+        aio._loop.remove_reader(fd)   # this test collects, one failure at a time
+        try:
+            for comp in list(image.flying):
+                image.complete(comp, bytes([comp % 251]) * 4096)
+            for k in range(0, 900, 7):
+                if not aio._pending:
+                    break
+                _testcapi.set_nomemory(k % 60, k % 60 + 1)   # (only that allocation from here fails)
+                try:
+                    aio._collect(fd)
+                except MemoryError:
+                    pass
+                finally:
+                    _testcapi.remove_mem_hooks()
+                short.append(len(getattr(aio, "_polled", ())))
+        finally:
+            aio._loop.add_reader(fd, aio._collect, fd)
+        assert not aio._pending and all(f.done() and f.exception() is None for f in futs)
+    asyncio.run(run())
+    assert max(short) > 0, "some collection ran short with completions in hand"
+    assert [bytes(b) for b in bufs] == [bytes([c % 251]) * 4096 for c in range(1000, 1150)]
+    assert not any(pinned(b) for b in bufs)
+
+
+def test_what_a_short_collection_kept_is_settled_with_its_own_outcome_at_close(backend):
+    """Decision 0425: a call polled (released in librbd) but not yet handed over
+    when the image closes ends with the value poll gave, never by asking librbd
+    about a completion it has let go (FakeImage.outcome would say None: EIO)."""
+    image: FakeImage = backend.image
+    buf = bytearray(4096)
+
+    async def run() -> None:
+        aio = backend.aio
+        fut = aio.read_into(0, memoryview(buf))
+        (comp,) = image.flying
+        image.complete(comp, b"K" * 4096)
+        aio._loop.remove_reader(aio._fd)
+        aio._polled = image.poll()   # as a collection short of memory leaves it
+        await asyncio.get_running_loop().run_in_executor(None, backend.close)
+        await asyncio.sleep(0)
+        assert fut.done() and fut.exception() is None
+    asyncio.run(run())
+    assert bytes(buf) == b"K" * 4096 and not pinned(buf)
