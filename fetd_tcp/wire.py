@@ -285,7 +285,7 @@ class PduWriter:
         its transport holds, for good (a graceful close never ends then)."""
         self.flush()
         self.transport.close()
-        if self.linger is None and self.transport.get_write_buffer_size():
+        if self.linger is None and not self.ended and self.transport.get_write_buffer_size():
             self.linger = self.loop.call_later(CLOSE_LINGER, self.abort)
 
     def retire(self, release: bool = True) -> None:
