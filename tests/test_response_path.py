@@ -412,6 +412,26 @@ def _loops() -> list:
     return loops
 
 
+def _run_on(new_loop, coro, *socks: socket.socket) -> None:
+    """Run `coro` on a loop of its own, then close the loop and the sockets."""
+    loop = new_loop()
+    try:
+        loop.run_until_complete(coro)
+    finally:
+        loop.close()
+        for s in socks:
+            s.close()
+
+
+def _unix_pair() -> tuple[socket.socket, socket.socket]:
+    """A connection whose socket takes little of a 1 MiB read: the rest waits in the transport."""
+    a, b = socket.socketpair()
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+    b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+    b.setblocking(False)
+    return a, b
+
+
 async def _real_connection(a: socket.socket, done: list[list[int]]) -> tuple:
     """A front end's connection on a real transport of `a`, its input taken
     over by a ConnectionProtocol: (front end, writer, connection, link, protocol)."""
@@ -446,10 +466,7 @@ def test_a_read_the_socket_only_partly_takes_is_done_once_the_transport_sent_it(
     reported done (it would go back to the STML) until the transport has sent
     past it; the initiator then reads the whole data back, status in the last
     Data-In."""
-    a, b = socket.socketpair()
-    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
-    b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
-    b.setblocking(False)
+    a, b = _unix_pair()
     slot = bytearray(bytes(range(251)) * 4178)[:1 << 20]
     done: list[list[int]] = []
     got = bytearray()
@@ -471,55 +488,12 @@ def test_a_read_the_socket_only_partly_takes_is_done_once_the_transport_sent_it(
         assert done == [[tag]] and not writer.behind
         writer.transport.close()
 
-    loop = new_loop()
-    try:
-        loop.run_until_complete(run())
-    finally:
-        loop.close()
-        a.close()
-        b.close()
+    _run_on(new_loop, run(), a, b)
     pdus = [P.decode_pdu(bytes(got[i * (P.BHS_LEN + (1 << 18)):][:P.BHS_LEN])) for i in range(4)]
     assert [(p.buffer_offset, p.data_length, p.final, p.status) for p in pdus] == [
         (0, 1 << 18, True, None), (1 << 18, 1 << 18, True, None), (2 << 18, 1 << 18, True, None),
         (3 << 18, 1 << 18, True, 0)]
     assert b"".join(got[i * (P.BHS_LEN + (1 << 18)) + P.BHS_LEN:][:1 << 18] for i in range(4)) == slot
-
-
-@pytest.mark.parametrize("new_loop", _loops())
-def test_a_read_held_in_the_transport_is_done_when_the_connection_is_lost(new_loop):
-    """The initiator never reads: the read's rest stays in the transport's
-    buffer, not done; the connection is aborted (CLOSE_LINGER's way) and the
-    slot is reported done then, once, with nothing left behind."""
-    a, b = socket.socketpair()
-    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
-    b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
-    done: list[list[int]] = []
-
-    async def run() -> None:
-        fe, writer, conn, link, proto = await _real_connection(a, done)
-        tag = _big_read(fe, conn, link, 5, bytearray(1 << 20))
-        await asyncio.sleep(0.01)
-        assert writer.transport.get_write_buffer_size() > 0 and done == []
-        writer.transport.abort()
-        await asyncio.sleep(0.01)              # connection_lost
-        assert done == [[tag]] and not writer.behind and not fe.holding and proto.done.done()
-
-    loop = new_loop()
-    try:
-        loop.run_until_complete(run())
-    finally:
-        loop.close()
-        a.close()
-        b.close()
-
-
-def _unix_pair() -> tuple[socket.socket, socket.socket]:
-    """A connection whose socket takes little of a 1 MiB read: the rest waits in the transport."""
-    a, b = socket.socketpair()
-    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
-    b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
-    b.setblocking(False)
-    return a, b
 
 
 class _ReusedLease:
@@ -579,21 +553,17 @@ def test_a_lost_link_never_lets_a_slot_it_gave_back_reach_the_initiator(new_loop
         assert proto.done.done() and not writer.behind and not fe.holding
         assert done == []                      # nothing told to the STML that is gone
 
-    loop = new_loop()
-    try:
-        loop.run_until_complete(run())
-    finally:
-        loop.close()
-        a.close()
-        b.close()
+    _run_on(new_loop, run(), a, b)
 
 
 @pytest.mark.parametrize("new_loop", _loops())
-def test_a_close_towards_a_peer_that_stopped_reading_ends_in_an_abort(new_loop, monkeypatch):
-    """A connection closed (gracefully) while its peer reads nothing: its
-    output, a read's rest held as views of the slot, cannot leave, so after
-    CLOSE_LINGER the close ends in an abort, the connection ends and the slot
-    is reported done, once (decisions/0864)."""
+@pytest.mark.parametrize("end", ["reset", "close"])
+def test_a_read_held_in_the_transport_is_done_when_the_connection_ends(new_loop, end, monkeypatch):
+    """The initiator never reads: the read's rest stays in the transport's
+    buffer as views of the slot, not done. The connection is reset, or closed
+    (gracefully: a Logout, an unanswered NOP-In, a lost link), which cannot
+    finish, so after CLOSE_LINGER it ends in an abort (decisions/0864); the
+    slot is reported done then, once, with nothing left behind."""
     monkeypatch.setattr(wire, "CLOSE_LINGER", 0.05)
     a, b = _unix_pair()
     done: list[list[int]] = []
@@ -603,9 +573,12 @@ def test_a_close_towards_a_peer_that_stopped_reading_ends_in_an_abort(new_loop, 
         tag = _big_read(fe, conn, link, 5, bytearray(1 << 20))
         await asyncio.sleep(0.01)
         assert writer.transport.get_write_buffer_size() > 0 and done == [] and writer in fe.holding
-        writer.close()                         # Connection.close: a NOP-In unanswered, a lost link
-        await asyncio.sleep(0.01)
-        assert done == [] and not proto.done.done()   # still lingering
+        if end == "reset":
+            writer.transport.abort()
+        else:
+            writer.close()                     # what Connection.close does
+            await asyncio.sleep(0.01)
+            assert done == [] and not proto.done.done()   # still lingering
         for _ in range(200):
             if proto.done.done():
                 break
@@ -613,10 +586,4 @@ def test_a_close_towards_a_peer_that_stopped_reading_ends_in_an_abort(new_loop, 
         assert done == [[tag]] and not writer.behind and not fe.holding and proto.done.done()
         assert writer.linger is None
 
-    loop = new_loop()
-    try:
-        loop.run_until_complete(run())
-    finally:
-        loop.close()
-        a.close()
-        b.close()
+    _run_on(new_loop, run(), a, b)
