@@ -54,6 +54,7 @@ class IscsiFrontEnd:
         self.registry = SessionRegistry(self.link, self.tags, self.limits)
         self.admission = Admission(self.limits, self.registry)
         self.pending_output: set[PduWriter] = set()      # writers with PDUs not yet sent
+        self.holding: set[PduWriter] = set()             # writers whose transports hold lent slots
         self._sweeps: set[asyncio.Task] = set()           # discovery sessions being ended
 
     # ------------------------------------------------------------ STML -> us
@@ -195,7 +196,18 @@ class IscsiFrontEnd:
                     self.link.endpoint, len(sessions))
         # nor will it answer the TMFs it was given: their entries (each holds its connection) go too
         self.tags.tmfs.clear()
+        self._let_go_of_slots()
         self.registry.link_lost()
+
+    def _let_go_of_slots(self) -> None:
+        """The link has just handed every lent slot back (they reach the STML
+        with the next message it sends, and may then hold another command's
+        data): before that, nothing may refer to them. Responses not yet sent
+        go to their sockets now, and a connection whose transport holds some
+        of their data is aborted, its rest dropped (decisions/0864)."""
+        self.messages_handled()
+        for writer in list(self.holding):
+            writer.abort(report=False)
 
     # ------------------------------------------------------------ targets for login
     def target_configs(self) -> tuple[L.TargetConfig, ...]:
@@ -320,7 +332,8 @@ class IscsiFrontEnd:
                                       hostport(str(local[0]), int(local[1])) if local else "?",
                                       str(peer[0]) if peer else "?")
         out = PduWriter(writer, o.connection, self.pending_output, account, self.link.scsi_target_done,
-                        str(peer[0]) if peer else "", held=session.nexus in self.registry.registering)
+                        str(peer[0]) if peer else "", held=session.nexus in self.registry.registering,
+                        holding=self.holding)
         conn = Connection(session, o.cid, o.connection, o.stat_sn, out, self.link, self.tags,
                           out.close, self.text, write_limit=self.limits.max_write_buffer,
                           read_limit=self.limits.max_read_buffer, account=account)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import time
 from typing import Any, Callable, Final, Iterator
 
@@ -47,8 +48,11 @@ class ConnectionProtocol(asyncio.BufferedProtocol):
         self.framer = P.PduFramer(p.header_digest, p.data_digest, p.max_recv_data_segment_length,
                                   self._alloc if release is not None else alloc)
         self.done: asyncio.Future = asyncio.get_running_loop().create_future()
-        self.write_paused = False   # the transport's buffer is over its high-water mark
-        self.read_paused = False    # we paused reading until it is under its low-water mark
+        self.write_paused = False   # the transport's buffer holds something
+        self.read_paused = False    # we paused reading until it is empty
+        # pause_writing as soon as the transport's buffer holds anything, resume_writing
+        # once it is empty: the writer's responses held there are done then (PduWriter)
+        transport.set_write_buffer_limits(0)
 
     def take_over(self, reader: asyncio.StreamReader) -> None:
         """Become the transport's protocol after login. What the StreamReader
@@ -93,6 +97,9 @@ class ConnectionProtocol(asyncio.BufferedProtocol):
         return None     # the transport closes: connection_lost ends `done`
 
     def connection_lost(self, exc: Exception | None) -> None:
+        out = self.conn.send
+        if isinstance(out, PduWriter):
+            out.lost()
         self._end(exc)
 
     def pause_writing(self) -> None:
@@ -203,6 +210,13 @@ class PduWriter:
     in one writev (header, digest, data, padding as separate buffers: read data
     is not copied), and only what the socket does not take goes through the
     transport's buffer, which also keeps the order once it holds anything.
+    That buffer gets the PDUs' buffers themselves (writelines: uvloop keeps
+    them, no copy), so a response whose data it holds is reported done only
+    once the transport has sent past it (`drained`: after each flush and when
+    the buffer drains, `resample`) or the connection is lost (`lost`, `abort`).
+    Meanwhile the writer is in `holding`, the front end's writers whose
+    transports hold lent slots: a lost STML link aborts them before the slots
+    go back (decisions/0864), and a close aborts after CLOSE_LINGER at most.
     What that buffer holds counts in the connection's `account` as "out": it is
     sampled after every flush and whenever the buffer drains (`resample`)."""
 
@@ -210,14 +224,22 @@ class PduWriter:
 
     def __init__(self, writer: asyncio.StreamWriter, params: Any, pending: set | None = None,
                  account: Account | None = None, done: Callable[[list[int]], None] | None = None,
-                 host: str = "", held: bool = False) -> None:
+                 host: str = "", held: bool = False, holding: set | None = None) -> None:
         self.pending = pending if pending is not None else set()   # writers with output queued
+        self.holding = holding if holding is not None else set()   # writers with `behind`
         # nothing leaves before the Login Response that ends the login (an Async
         # Message the STML sent once it took the new nexus): `release` then
         self.held = held
         self.account = account
         self.done = done            # told the tags whose responses a flush sent (link.scsi_target_done)
         self.sent_tags: list[int] = []
+        # bytes given to the transport's buffer so far, and the responses whose data
+        # it still holds: (where their last byte is in that count, their tags)
+        self.queued = 0
+        self.behind: list[tuple[int, list[int]]] = []
+        self.linger: asyncio.TimerHandle | None = None   # the abort a close with output left set
+        self.retired = False
+        self.ended = False          # connection_lost came (or abort): the socket may be closed
         self.host = host            # the initiator's address (ERL 2 keeps failures per host)
         self.transport = writer.transport
         self.fd = writer.get_extra_info("socket").fileno()
@@ -257,9 +279,14 @@ class PduWriter:
             self.loop.call_soon(self.flush)
 
     def close(self) -> None:
-        """Send what is pending (e.g. a Logout Response), then close."""
+        """Send what is pending (e.g. a Logout Response), then close. What the
+        transport cannot send goes on leaving for CLOSE_LINGER at most: a peer
+        that does not read would otherwise keep the connection, and the slots
+        its transport holds, for good (a graceful close never ends then)."""
         self.flush()
         self.transport.close()
+        if self.linger is None and not self.ended and self.transport.get_write_buffer_size():
+            self.linger = self.loop.call_later(CLOSE_LINGER, self.abort)
 
     def retire(self, release: bool = True) -> None:
         """The connection is over: close, and once the transport has nothing
@@ -268,24 +295,62 @@ class PduWriter:
         `release`: ERL 2 keeps it for the tasks a TASK REASSIGN may claim)."""
         if not release:
             self.account = None
+        self.retired = True
         self.close()
-        if self.transport.get_write_buffer_size() == 0:
+        if self.linger is None:   # nothing left to send, or aborted already
             self._release()
-        else:
-            self.loop.call_later(CLOSE_LINGER, self._abort)
 
-    def _abort(self) -> None:
+    def abort(self, report: bool = True) -> None:
+        """End the connection now: nothing more leaves from the transport's
+        buffer, so the responses it held are done (told to `done` unless not
+        `report`: the link that lent their slots is gone). The socket is shut
+        down first, as uvloop's abort closes it only a loop turn later and
+        goes on sending from its buffer until then."""
+        if not self.ended:
+            try:
+                with socket.socket(fileno=os.dup(self.fd)) as sock:
+                    sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass    # (not connected any more)
         self.transport.abort()
-        self._release()
+        self.lost(report)
 
     def _release(self) -> None:
-        if self.account is not None:
-            self.account.close()
+        account, self.account = self.account, None
+        if account is not None:
+            account.close()
 
     def resample(self) -> None:
         """The transport's buffer shrank (it drained): count what it still holds."""
         if self.account is not None:
             self.account.set(OUT, self.transport.get_write_buffer_size() + self.size)
+        if self.behind:
+            self.drained()
+
+    def drained(self) -> None:
+        """Report done the responses the transport has sent past."""
+        sent = self.queued - self.transport.get_write_buffer_size()
+        behind = self.behind
+        while behind and behind[0][0] <= sent:
+            tags = behind.pop(0)[1]
+            if self.done is not None:
+                self.done(tags)
+        if not behind:
+            self.holding.discard(self)
+
+    def lost(self, report: bool = True) -> None:
+        """The connection is gone: the transport holds nothing any more."""
+        self.ended = True
+        if self.linger is not None:
+            self.linger.cancel()
+            self.linger = None
+        behind, self.behind = self.behind, []
+        self.holding.discard(self)
+        if self.done is not None and report:
+            for _, tags in behind:
+                self.done(tags)
+        if self.retired:
+            self._release()
 
     def responded(self, tag: int) -> None:
         """A response (queued by the last calls) is reported done once it is sent."""
@@ -309,6 +374,7 @@ class PduWriter:
             return
         parts, self.parts = self.parts, []
         size, self.size = self.size, 0
+        queued = self.queued
         try:
             if parts and not self.transport.is_closing():
                 empty = False
@@ -318,12 +384,18 @@ class PduWriter:
                     if self.account is not None:
                         self.account.set(OUT, 0 if empty else self.transport.get_write_buffer_size())
         finally:
-            # their data is in the kernel, copied into the transport's buffer, or dropped
-            # with a closing connection: nothing refers to it any more
+            # their data is in the kernel or dropped with a closing connection: nothing
+            # refers to it any more; unless the transport's buffer took some of it
             if self.sent_tags:
                 assert self.done is not None   # responded() keeps tags only with it
                 tags, self.sent_tags = self.sent_tags, []
-                self.done(tags)
+                if self.queued != queued:
+                    self.behind.append((self.queued, tags))
+                    self.holding.add(self)
+                else:
+                    self.done(tags)
+            if self.behind:
+                self.drained()
 
     def _send(self, parts: list, size: int) -> bool:
         """True when all of it went to the socket: the transport's buffer is
@@ -345,7 +417,10 @@ class PduWriter:
                 self.transport.close()
                 return False
         if parts:
-            self.transport.write(b"".join(parts))
+            # the buffers as they are (uvloop keeps them: no copy); sent past them, the
+            # transport's buffer has let go of them (drained)
+            self.transport.writelines(parts)
+            self.queued += size
         return False
 
 

@@ -10,6 +10,7 @@ import struct
 import pytest
 
 from fetd_tcp import pdu as P
+from fetd_tcp import wire
 from fetd_tcp.digest import digest, padding
 from fetd_tcp.keys import ConnectionParams, SessionParams
 from fetd_tcp.wire import PduWriter
@@ -123,6 +124,10 @@ class _Transport:
 
     def write(self, data: bytes) -> None:
         self.buffered += data
+
+    def writelines(self, parts: list) -> None:
+        self.handed = list(parts)
+        self.buffered += b"".join(parts)
 
 
 class _Writer:
@@ -367,3 +372,218 @@ def test_a_writer_whose_flush_fails_is_closed_and_the_others_still_leave(caplog)
     assert [t.aborted for t in broken] == [1, 1]
     assert sum("sending its output failed (RuntimeError: transport broken): closing it" in r.getMessage()
                for r in caplog.records) == 2
+
+
+def test_the_rest_a_full_socket_leaves_is_handed_over_uncopied():
+    """What the socket does not take of a flush goes to the transport as the
+    PDUs' own buffers (uvloop keeps them, decisions/0863): the read data as
+    views of its slot, not one joined copy of it."""
+    a, b = socket.socketpair()
+    slot = bytearray(bytes(range(256)) * 4096)            # 1 MiB, as a shared slot would hold
+    try:
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        a.setblocking(False)
+        writer = _Writer(a)
+
+        async def run() -> None:
+            w = PduWriter(writer, ConnectionParams())
+            for i in range(4):
+                w(P.DataIn(1, i, i << 18, 1, 2, i == 3, data_length=1 << 18),
+                  memoryview(slot)[i << 18:(i + 1) << 18])
+            w.flush()
+            assert w.queued == len(writer.transport.buffered) > 0
+        asyncio.run(run())
+        handed = writer.transport.handed
+        data = [x for x in handed if len(x) > P.BHS_LEN]
+        assert data and all(type(x) is memoryview and x.obj is slot for x in data)
+        assert sum(map(len, data)) > (3 << 18)
+    finally:
+        a.close()
+        b.close()
+
+
+def _loops() -> list:
+    loops = [asyncio.new_event_loop]
+    try:
+        import uvloop   # what `scsi-target run` uses when installed (scsi_runtime.loop)
+        loops.append(uvloop.new_event_loop)
+    except ImportError:
+        pass
+    return loops
+
+
+def _run_on(new_loop, coro, *socks: socket.socket) -> None:
+    """Run `coro` on a loop of its own, then close the loop and the sockets."""
+    loop = new_loop()
+    try:
+        loop.run_until_complete(coro)
+    finally:
+        loop.close()
+        for s in socks:
+            s.close()
+
+
+def _unix_pair() -> tuple[socket.socket, socket.socket]:
+    """A connection whose socket takes little of a 1 MiB read: the rest waits in the transport."""
+    a, b = socket.socketpair()
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+    b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+    b.setblocking(False)
+    return a, b
+
+
+async def _real_connection(a: socket.socket, done: list[list[int]]) -> tuple:
+    """A front end's connection on a real transport of `a`, its input taken
+    over by a ConnectionProtocol: (front end, writer, connection, link, protocol)."""
+    from fetd_tcp.server import IscsiFrontEnd
+    from fetd_tcp.wire import ConnectionProtocol
+    fe = IscsiFrontEnd("ipc:///nonexistent/fetd", [])
+    fe.link.scsi_target_done = done.append   # type: ignore[method-assign]
+    reader, stream = await asyncio.open_connection(sock=a)
+    writer = PduWriter(stream, ConnectionParams(), fe.pending_output, done=fe.link.scsi_target_done,
+                       holding=fe.holding)
+    conn, _, link = _conn(seg_max=262144, burst=262144)
+    conn.out = conn.send = writer
+    conn.tags = fe.tags
+    proto = ConnectionProtocol(conn, fe.link, stream.transport)
+    proto.take_over(reader)
+    proto.stream = stream    # type: ignore[attr-defined]   # (a StreamWriter collected closes its transport)
+    return fe, writer, conn, link, proto
+
+
+def _big_read(fe, conn, link, itt: int, slot: bytearray) -> int:
+    task = _read(conn, link, itt, len(slot))
+    fe.tags.tasks[task.tag] = task
+    fe.link.lent[task.tag] = _Lease()     # its data is a shared slot, lent until done
+    fe.xmit_response(task.tag, 0, None, 0, [memoryview(slot)])
+    return task.tag
+
+
+@pytest.mark.parametrize("new_loop", _loops())
+def test_a_read_the_socket_only_partly_takes_is_done_once_the_transport_sent_it(new_loop):
+    """A 1 MiB read whose Data-In the socket takes only part of: the rest
+    waits in the transport's buffer as views of the slot, so the slot is not
+    reported done (it would go back to the STML) until the transport has sent
+    past it; the initiator then reads the whole data back, status in the last
+    Data-In."""
+    a, b = _unix_pair()
+    slot = bytearray(bytes(range(251)) * 4178)[:1 << 20]
+    done: list[list[int]] = []
+    got = bytearray()
+
+    async def run() -> None:
+        fe, writer, conn, link, proto = await _real_connection(a, done)
+        tag = _big_read(fe, conn, link, 5, slot)
+        await asyncio.sleep(0)                 # the writer's flush
+        assert writer.transport.get_write_buffer_size() > 0 and done == []
+        for _ in range(2000):
+            try:
+                got.extend(b.recv(1 << 16))
+            except BlockingIOError:
+                await asyncio.sleep(0.001)
+            if len(got) == 4 * P.BHS_LEN + len(slot):
+                break
+            assert done == [] or writer.transport.get_write_buffer_size() == 0
+        await asyncio.sleep(0.01)              # the transport's buffer empties: resume_writing
+        assert done == [[tag]] and not writer.behind
+        writer.transport.close()
+
+    _run_on(new_loop, run(), a, b)
+    pdus = [P.decode_pdu(bytes(got[i * (P.BHS_LEN + (1 << 18)):][:P.BHS_LEN])) for i in range(4)]
+    assert [(p.buffer_offset, p.data_length, p.final, p.status) for p in pdus] == [
+        (0, 1 << 18, True, None), (1 << 18, 1 << 18, True, None), (2 << 18, 1 << 18, True, None),
+        (3 << 18, 1 << 18, True, 0)]
+    assert b"".join(got[i * (P.BHS_LEN + (1 << 18)) + P.BHS_LEN:][:1 << 18] for i in range(4)) == slot
+
+
+class _ReusedLease:
+    """A slot the STML fills with another command's data the moment it is given back."""
+
+    def __init__(self, slot: bytearray) -> None:
+        self.slot = slot
+
+    def release(self) -> None:
+        self.slot[:] = b"\xee" * len(self.slot)
+
+
+@pytest.mark.parametrize("new_loop", _loops())
+def test_a_lost_link_never_lets_a_slot_it_gave_back_reach_the_initiator(new_loop):
+    """The STML link is lost while a 1 MiB read's rest waits in the transport
+    as views of its slot. The lease drop gives the slot back, and the STML may
+    then read another command's data into it (here: at once). The initiator
+    gets a prefix of the read's own data and then the connection's end, never
+    a byte of the other data (decisions/0864)."""
+    a, b = _unix_pair()
+    slot = bytearray(bytes(range(251)) * 4178)[:1 << 20]
+    own = bytes(slot)
+    whole = 4 * P.BHS_LEN + len(slot)
+    done: list[list[int]] = []
+    got = bytearray()
+
+    async def run() -> None:
+        fe, writer, conn, link, proto = await _real_connection(a, done)
+        task = _read(conn, link, 5, len(slot))
+        fe.tags.tasks[task.tag] = task
+        fe.link.lent[task.tag] = _ReusedLease(slot)   # type: ignore[assignment]
+        fe.xmit_response(task.tag, 0, None, 0, [memoryview(slot)])
+        await asyncio.sleep(0)                 # the writer's flush
+        assert writer.transport.get_write_buffer_size() > 0 and writer.behind
+        fe.link._lost()                        # the lease drop, then link_lost
+        assert slot == b"\xee" * len(slot)     # given back, and reused
+        for _ in range(5000):
+            try:
+                chunk = b.recv(1 << 16)
+            except BlockingIOError:
+                if proto.done.done():
+                    break                      # aborted, and all the socket had is read
+                await asyncio.sleep(0.001)
+                continue
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            got.extend(chunk)
+            if len(got) == whole:
+                break
+        segment = P.BHS_LEN + (1 << 18)
+        data = b"".join(got[i * segment + P.BHS_LEN:(i + 1) * segment] for i in range(4))
+        assert data and data == own[:len(data)]
+        assert len(got) < whole                # a prefix: the rest was dropped with the abort
+        await asyncio.wait([proto.done], timeout=5)   # connection_lost
+        assert proto.done.done() and not writer.behind and not fe.holding
+        assert done == []                      # nothing told to the STML that is gone
+
+    _run_on(new_loop, run(), a, b)
+
+
+@pytest.mark.parametrize("new_loop", _loops())
+@pytest.mark.parametrize("end", ["reset", "close"])
+def test_a_read_held_in_the_transport_is_done_when_the_connection_ends(new_loop, end, monkeypatch):
+    """The initiator never reads: the read's rest stays in the transport's
+    buffer as views of the slot, not done. The connection is reset, or closed
+    (gracefully: a Logout, an unanswered NOP-In, a lost link), which cannot
+    finish, so after CLOSE_LINGER it ends in an abort (decisions/0864); the
+    slot is reported done then, once, with nothing left behind."""
+    monkeypatch.setattr(wire, "CLOSE_LINGER", 0.05)
+    a, b = _unix_pair()
+    done: list[list[int]] = []
+
+    async def run() -> None:
+        fe, writer, conn, link, proto = await _real_connection(a, done)
+        tag = _big_read(fe, conn, link, 5, bytearray(1 << 20))
+        await asyncio.sleep(0.01)
+        assert writer.transport.get_write_buffer_size() > 0 and done == [] and writer in fe.holding
+        if end == "reset":
+            writer.transport.abort()
+        else:
+            writer.close()                     # what Connection.close does
+            await asyncio.sleep(0.01)
+            assert done == [] and not proto.done.done()   # still lingering
+        for _ in range(200):
+            if proto.done.done():
+                break
+            await asyncio.sleep(0.01)
+        assert done == [[tag]] and not writer.behind and not fe.holding and proto.done.done()
+        assert writer.linger is None
+
+    _run_on(new_loop, run(), a, b)
