@@ -466,6 +466,8 @@ class RbdAio:
             with self._lock:
                 if self._loop is not loop or not backend._usable:
                     raise RbdError(backend.spec, errno.ESHUTDOWN, "image closed")
+                if self._polled:   # a short collection's leftovers, released in librbd (0425)
+                    raise RbdError(backend.spec, errno.ENOMEM, "completions not yet handed over")
                 try:   # (each records the call in _pending before librbd has it; raises when it did not)
                     if buf is not None:
                         backend.image.start_buffer(name, args[0], buf, read, fut, self._pending)
@@ -489,38 +491,42 @@ class RbdAio:
         the eventfd). What poll handed over is released in librbd, so it is
         kept in `_polled` until each is in `results`: run short of memory on
         the way and the rest waits there for the next wake-up (the eventfd
-        signalled again), never lost (0425)."""
-        results = []
-        with self._lock:
-            if fd != self._fd:   # detached: the image is closing (the reader goes next)
+        signalled again), never lost; no call starts meanwhile (_submit),
+        since its completion could take a released one's address (0425).
+        Whatever made it into `results` is finished, whatever failed."""
+        results: list[tuple[AioFuture, int, int]] = []
+        try:
+            with self._lock:
+                if fd != self._fd:   # detached: the image is closing (the reader goes next)
+                    try:
+                        os.eventfd_read(fd)
+                    except BlockingIOError:
+                        pass
+                    return
+                pending = self._pending
                 try:
-                    os.eventfd_read(fd)
-                except BlockingIOError:
-                    pass
-                return
-            pending = self._pending
-            while True:
-                polled = self._polled
-                fresh = not polled
-                if fresh:
-                    polled = self._polled = self.backend.image.poll()
-                    polled.reverse()   # (taken from the end: in completion order, no copy)
-                try:
-                    while polled:
-                        comp, ret = polled[-1]
-                        entry = pending.get(comp)
-                        if entry is not None:
-                            fut, pin, length = entry
-                            results.append((fut, ret, length))
-                            del pending[comp]
-                            _unpin(pin)
-                        polled.pop()
+                    while True:
+                        polled = self._polled
+                        fresh = not polled
+                        if fresh:
+                            polled = self.backend.image.poll()
+                            polled.reverse()   # (taken from the end: in completion order, no copy)
+                            self._polled = polled
+                        while polled:
+                            comp, ret = polled[-1]
+                            entry = pending.get(comp)
+                            if entry is not None:
+                                fut, pin, length = entry
+                                results.append((fut, ret, length))
+                                del pending[comp]
+                                _unpin(pin)
+                            polled.pop()
+                        if fresh:
+                            break
                 except MemoryError:
                     os.eventfd_write(fd, 1)
-                    break
-                if fresh:
-                    break
-        self._finish(results, live=True)
+        finally:
+            self._finish(results, live=True)
 
     def _finish(self, results: list[tuple[AioFuture, int, int]], live: bool) -> None:
         """On the loop: each call's future gets its outcome. `live`: from the

@@ -34,7 +34,8 @@ from stml.lunmap import LunMap
 from stml.sense import (
     ABORTED_COMMAND, ASYMMETRIC_ACCESS_STATE_TRANSITION, BUS_DEVICE_RESET, CHECK_CONDITION,
     COMMANDS_CLEARED_BY_ANOTHER, DATA_PHASE_ERROR, DATA_PROTECT, GOOD, HARDWARE_ERROR, I_T_NEXUS_LOSS,
-    ILLEGAL_REQUEST, INTERNAL_TARGET_FAILURE, INVALID_FIELD_IN_CDB, INVALID_FIELD_IN_COMMAND_IU,
+    ILLEGAL_REQUEST, INSUFFICIENT_RESOURCES, INTERNAL_TARGET_FAILURE, INVALID_FIELD_IN_CDB,
+    INVALID_FIELD_IN_COMMAND_IU,
     INVALID_MESSAGE_ERROR, LOGICAL_UNIT_COMMUNICATION_FAILURE, LOGICAL_UNIT_NOT_SUPPORTED, MEDIUM_ERROR,
     NOT_READY, POWER_ON_OCCURRED, POWER_ON_RESET, PREVIOUS_STATUS_UA, RESERVATION_CONFLICT,
     SPACE_ALLOCATION_FAILED_WRITE_PROTECT, TASK_ABORTED, TASK_SET_FULL, UNIT_ATTENTION, UNRECOVERED_READ_ERROR,
@@ -78,9 +79,12 @@ _TOLD: Final = {POWER_ON_OCCURRED: ("outlived the STML that held it", "POWER ON 
 # MEDIUM ERROR. The storage is out of this path's reach for now (ESHUTDOWN: an
 # RBD gateway fenced, another serves the LU; ETIMEDOUT: the cluster did not
 # answer): NOT READY, ASYMMETRIC ACCESS STATE TRANSITION, initiators retry, on
-# another path (docs/decisions/0404).
+# another path (docs/decisions/0404). ENOMEM: the target was short of memory
+# for a moment (an RBD LU refuses calls while a collection's leftovers wait,
+# 0425): ABORTED COMMAND, INSUFFICIENT RESOURCES, which initiators retry.
 PATH_ERRORS = {errno.ESHUTDOWN: (NOT_READY, ASYMMETRIC_ACCESS_STATE_TRANSITION),
-               errno.ETIMEDOUT: (NOT_READY, ASYMMETRIC_ACCESS_STATE_TRANSITION)}
+               errno.ETIMEDOUT: (NOT_READY, ASYMMETRIC_ACCESS_STATE_TRANSITION),
+               errno.ENOMEM: (ABORTED_COMMAND, INSUFFICIENT_RESOURCES)}
 # and on a thin LU (LBPME, stml.spc.thin): its store had no room for a write
 # (EDQUOT: the owner's quota), nothing acknowledged is lost; SBC-4's thin
 # provisioning answer, which Linux reports as ENOSPC, not as a failing disk.

@@ -669,3 +669,86 @@ def test_what_a_short_collection_kept_is_settled_with_its_own_outcome_at_close(b
         assert fut.done() and fut.exception() is None
     asyncio.run(run())
     assert bytes(buf) == b"K" * 4096 and not pinned(buf)
+
+
+def test_no_call_starts_while_a_short_collections_leftovers_wait(backend):
+    """Review 19: what a short collection kept was released in librbd, whose
+    allocator hands a freed completion's address to the next call; a call
+    started then took the kept call's pending entry (that command hung) and
+    would have been matched with the kept call's return value before librbd
+    read anything. While leftovers wait, a READ is refused with ABORTED
+    COMMAND, INSUFFICIENT RESOURCES (initiators retry), nothing started or
+    pinned; the next collection hands the kept call over, then reads go on."""
+    from stml.api import Op
+    from stml.sense import ABORTED_COMMAND, INSUFFICIENT_RESOURCES
+    image: FakeImage = backend.image
+    em, sent = _emulator(backend)
+    first = bytearray(4096)
+
+    def response(tag: int) -> Any:
+        return next(((h, f) for h, f in sent if h["op"] == Op.XMIT_RESPONSE and h["tag"] == tag), None)
+
+    async def run() -> None:
+        _connect(em)
+        aio = backend.aio
+        fut = aio.read_into(0, memoryview(first))
+        (comp,) = image.flying
+        image.complete(comp, b"K" * 4096)
+        aio._loop.remove_reader(aio._fd)
+        aio._polled = image.poll()       # as a collection short of memory leaves it
+        image.ids = itertools.count(comp)   # librbd's allocator: the freed address first
+        em.handle(b"fe", {"op": Op.RX_CMND, "tag": 8, "nexus": 1, "lun": 0, "cdb": _rw10(0x28, 8, 8),
+                          "attr": 0, "dir": 2, "len": 4096, "unsol": 0}, [])
+        for _ in range(3000):   # (a guard against a hang, not a timing)
+            if response(8) is not None:
+                break
+            await asyncio.sleep(0.01)
+        assert not image.flying and not fut.done(), "a call started while leftovers waited"
+        aio._collect(aio._fd)
+        assert fut.done() and fut.exception() is None and not aio._polled
+        aio._loop.add_reader(aio._fd, aio._collect, aio._fd)
+        em.handle(b"fe", {"op": Op.RX_CMND, "tag": 9, "nexus": 1, "lun": 0, "cdb": _rw10(0x28, 8, 8),
+                          "attr": 0, "dir": 2, "len": 4096, "unsol": 0}, [])
+        (again,) = image.flying
+        image.complete(again, b"N" * 4096)
+        for _ in range(3000):
+            if response(9) is not None:
+                break
+            await asyncio.sleep(0.01)
+    asyncio.run(run())
+    h, _ = response(8)
+    assert h["status"] == 2 and (h["sense"][2] & 0xF, h["sense"][12], h["sense"][13]) == \
+        (ABORTED_COMMAND, *INSUFFICIENT_RESOURCES)
+    h, frames = response(9)
+    assert h["status"] == 0 and b"".join(bytes(f) for f in frames) == b"N" * 4096
+    assert bytes(first) == b"K" * 4096 and not pinned(first)
+
+
+def test_a_poll_short_of_memory_after_the_leftovers_still_ends_them(backend):
+    """Review 19: a wake-up hands a short collection's leftovers over, then
+    polls again; a MemoryError from that poll skipped finishing the calls
+    already taken out of the pending table (hung for good, invisible to a
+    close). They end now whatever the poll does, and the eventfd is
+    signalled for another try."""
+    import select
+    image: FakeImage = backend.image
+    buf = bytearray(4096)
+
+    async def run() -> None:
+        aio = backend.aio
+        fut = aio.read_into(0, memoryview(buf))
+        (comp,) = image.flying
+        image.complete(comp, b"P" * 4096)
+        aio._loop.remove_reader(aio._fd)
+        aio._polled = image.poll()
+
+        def short() -> list:
+            raise MemoryError
+        image.poll = short   # type: ignore[method-assign]
+        aio._collect(aio._fd)
+        assert fut.done() and fut.exception() is None and not aio._pending
+        assert select.select([aio._fd], [], [], 0)[0], "another collection asked for"
+        del image.poll
+        aio._loop.add_reader(aio._fd, aio._collect, aio._fd)
+    asyncio.run(run())
+    assert bytes(buf) == b"P" * 4096 and not pinned(buf)
