@@ -369,7 +369,11 @@ class IscsiFrontEnd:
 
     async def _pinger(self, conn: Connection) -> None:
         """NOP-In pings every NOP_INTERVAL; at ERL >= 1 a look at stalled write
-        bursts every DATAOUT_CHECK too."""
+        bursts every DATAOUT_CHECK too. A connection whose transport holds
+        read data in the STML's slots is pinged even when its initiator sends:
+        one that reads nothing for a whole interval is dropped (its close ends
+        in an abort, 0864), so no initiator keeps slots for as long as it
+        likes (review 19)."""
         conn.idle = True
         step = DATAOUT_CHECK if conn.erl else NOP_INTERVAL
         waited = 0.0
@@ -381,7 +385,9 @@ class IscsiFrontEnd:
             if waited < NOP_INTERVAL:
                 continue
             waited = 0.0
-            if conn.idle and not conn.ping():
+            send = conn.send
+            held = isinstance(send, PduWriter) and bool(send.behind)
+            if (conn.idle or held) and not conn.ping():
                 log.info("initiator %s did not answer NOP-In: dropping connection", conn.session.initiator)
                 conn.close()
                 return

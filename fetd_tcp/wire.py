@@ -305,8 +305,12 @@ class PduWriter:
         buffer, so the responses it held are done (told to `done` unless not
         `report`: the link that lent their slots is gone). The socket is shut
         down first, as uvloop's abort closes it only a loop turn later and
-        goes on sending from its buffer until then."""
-        if not self.ended:
+        goes on sending from its buffer until then. Only while that buffer
+        holds something: the transport owns its socket then, whereas one that
+        sent all and closed (its protocol perhaps still the login's, which
+        never sets `ended`) may have let the descriptor's number go to
+        another socket (review 19)."""
+        if not self.ended and self.transport.get_write_buffer_size():
             try:
                 with socket.socket(fileno=os.dup(self.fd)) as sock:
                     sock.shutdown(socket.SHUT_RDWR)

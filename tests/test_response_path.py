@@ -587,3 +587,70 @@ def test_a_read_held_in_the_transport_is_done_when_the_connection_ends(new_loop,
         assert writer.linger is None
 
     _run_on(new_loop, run(), a, b)
+
+
+@pytest.mark.parametrize("new_loop", _loops())
+def test_an_initiator_that_sends_but_never_reads_lets_go_of_the_slots_it_holds(new_loop, monkeypatch):
+    """Review 19: the pinger pinged only connections that sent nothing, so an
+    initiator sending a NOP-Out every interval but reading nothing kept the
+    read's rest, views of the STML's slot, in its transport for good. A
+    connection whose transport holds slots is pinged whatever it sends; its
+    ping goes unanswered, it is closed, the close ends in an abort, and the
+    slot is reported done once."""
+    from fetd_tcp import server as S
+    monkeypatch.setattr(S, "NOP_INTERVAL", 0.05)
+    monkeypatch.setattr(wire, "CLOSE_LINGER", 0.05)
+    a, b = _unix_pair()
+    done: list[list[int]] = []
+
+    async def run() -> None:
+        fe, writer, conn, link, proto = await _real_connection(a, done)
+        conn.close = writer.close   # type: ignore[method-assign]   # as the front end wires it
+        pinger = asyncio.ensure_future(fe._pinger(conn))
+        try:
+            tag = _big_read(fe, conn, link, 5, bytearray(1 << 20))
+            for _ in range(200):   # NOP intervals (a guard against a hang, not a timing)
+                if proto.done.done():
+                    break
+                await asyncio.sleep(0.05)
+                try:
+                    b.send(P.NopOut(0xFFFFFFFF, cmd_sn=conn.session.exp_cmd_sn, immediate=True).encode())
+                except OSError:   # (aborted: the end of the connection is asserted below)
+                    pass
+            assert done == [[tag]] and not writer.behind and not fe.holding and proto.done.done()
+        finally:
+            pinger.cancel()
+    _run_on(new_loop, run(), a, b)
+
+
+@pytest.mark.parametrize("new_loop", _loops())
+def test_an_abort_after_the_transport_closed_leaves_the_numbers_next_socket_alone(new_loop):
+    """Review 19: the abort shut down a dup of the descriptor number it noted
+    at the start, even after the transport had sent all and closed it (with
+    the login's protocol, `ended` is never set), so another socket given that
+    number since (the STML's link, another initiator) was shut down. It shuts
+    down only while the transport's buffer holds something (it owns its socket
+    then)."""
+    import os
+    a, b = socket.socketpair()
+    c, d = socket.socketpair()
+
+    async def run() -> None:
+        _, stream = await asyncio.open_connection(sock=a)
+        writer = PduWriter(stream, ConnectionParams())
+        fd = writer.fd
+        stream.close()
+        for _ in range(200):   # the transport closes its socket (a guard, not a timing)
+            await asyncio.sleep(0.005)
+            try:
+                os.fstat(fd)
+            except OSError:
+                break
+        os.dup2(c.fileno(), fd)   # the number goes to another socket
+        try:
+            writer.abort(report=False)
+            os.write(fd, b"still mine")
+            assert d.recv(64) == b"still mine"
+        finally:
+            os.close(fd)
+    _run_on(new_loop, run(), a, b, c, d)
