@@ -650,6 +650,20 @@ def test_a_collection_short_of_memory_hands_every_call_over_once(backend):
     assert not any(pinned(b) for b in bufs)
 
 
+def _short_collection(backend: Any, buf: bytearray, fill: bytes) -> tuple[Any, int]:
+    """On the loop: a read into `buf` that librbd completed with `fill` and a
+    collection took (releasing its completion) but ran short before handing
+    it over, as 0425 keeps it; the loop no longer collects by itself (the
+    caller puts the reader back). Its future and completion address."""
+    aio, image = backend.aio, backend.image
+    fut = aio.read_into(0, memoryview(buf))
+    (comp,) = image.flying
+    image.complete(comp, fill * 4096)
+    aio._loop.remove_reader(aio._fd)
+    aio._polled = image.poll()
+    return fut, comp
+
+
 def test_what_a_short_collection_kept_is_settled_with_its_own_outcome_at_close(backend):
     """Decision 0425: a call polled (released in librbd) but not yet handed over
     when the image closes ends with the value poll gave, never by asking librbd
@@ -658,12 +672,7 @@ def test_what_a_short_collection_kept_is_settled_with_its_own_outcome_at_close(b
     buf = bytearray(4096)
 
     async def run() -> None:
-        aio = backend.aio
-        fut = aio.read_into(0, memoryview(buf))
-        (comp,) = image.flying
-        image.complete(comp, b"K" * 4096)
-        aio._loop.remove_reader(aio._fd)
-        aio._polled = image.poll()   # as a collection short of memory leaves it
+        fut, _ = _short_collection(backend, buf, b"K")
         await asyncio.get_running_loop().run_in_executor(None, backend.close)
         await asyncio.sleep(0)
         assert fut.done() and fut.exception() is None
@@ -691,11 +700,7 @@ def test_no_call_starts_while_a_short_collections_leftovers_wait(backend):
     async def run() -> None:
         _connect(em)
         aio = backend.aio
-        fut = aio.read_into(0, memoryview(first))
-        (comp,) = image.flying
-        image.complete(comp, b"K" * 4096)
-        aio._loop.remove_reader(aio._fd)
-        aio._polled = image.poll()       # as a collection short of memory leaves it
+        fut, comp = _short_collection(backend, first, b"K")
         image.ids = itertools.count(comp)   # librbd's allocator: the freed address first
         em.handle(b"fe", {"op": Op.RX_CMND, "tag": 8, "nexus": 1, "lun": 0, "cdb": _rw10(0x28, 8, 8),
                           "attr": 0, "dir": 2, "len": 4096, "unsol": 0}, [])
@@ -736,11 +741,7 @@ def test_a_poll_short_of_memory_after_the_leftovers_still_ends_them(backend):
 
     async def run() -> None:
         aio = backend.aio
-        fut = aio.read_into(0, memoryview(buf))
-        (comp,) = image.flying
-        image.complete(comp, b"P" * 4096)
-        aio._loop.remove_reader(aio._fd)
-        aio._polled = image.poll()
+        fut, _ = _short_collection(backend, buf, b"P")
 
         def short() -> list:
             raise MemoryError
