@@ -117,10 +117,13 @@ def test_the_cluster_is_asked_one_op_per_read_and_no_flush_per_write(tmp_short):
         targets = [b.Ours(work, None, False, rbd), b.Tgtd(work, None, False, rbd)]
         for t in targets:
             _, read = b.measured(t, rbd, ["-d", "16", "-s", "4k"], 400)
-            assert read["counters"]["osd"]["osd.op_r"] == 1.0, t.name
+            # (tgtd's librbd now and then re-reads the image's header: not ours to count)
+            reads = read["counters"]["osd"]["osd.op_r"]
+            assert reads == 1.0 if t.name != "tgtd" else 1.0 <= reads <= 1.01, (t.name, reads)
             assert read["counters"]["osd"].get("osd.op_w", 0) == 0, t.name
             assert read["counters"]["client"]["librbd.rd"] == 1.0, t.name
-            assert read["counters"]["client"]["objecter.op"] == 1.0, t.name
+            ops = read["counters"]["client"]["objecter.op"]
+            assert ops == 1.0 if t.name != "tgtd" else 1.0 <= ops <= 1.01, (t.name, ops)
             assert {"ceph-osd", "ceph-mon", "ceph-mgr", "initiator", "machine"} <= set(read["cpu"])
             assert read["cpu"]["ceph-osd"]["cpu_us"] > 0 and read["cpu"]["initiator"]["cpu_us"] > 0
         _, write = b.measured(targets[0], rbd, ["-d", "16", "-s", "4k", "-w"], 400)

@@ -16,7 +16,8 @@ import pytest
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "vhostpath.py"
 LINE = re.compile(r"(\S+) +(scattered|contiguous) +cpu +[0-9.]+ us  wall +[0-9.]+ us  wake-ups [0-9.]+  "
-                  r"kicks ([0-9.]+)  interrupts ([0-9.]+)(?:  ([0-9,]+) instructions)? per command")
+                  r"STML cpu +[0-9.]+ us wake-ups [0-9.]+  "
+                  r"kicks ([0-9.]+)  interrupts ([0-9.]+)(?:  ([0-9,]+) instructions \(fetd_vhost\))? per command")
 
 
 @pytest.mark.parametrize("layout", [(), ("--contiguous",)])
