@@ -385,9 +385,7 @@ class IscsiFrontEnd:
             if waited < NOP_INTERVAL:
                 continue
             waited = 0.0
-            send = conn.send
-            held = isinstance(send, PduWriter) and bool(send.behind)
-            if (conn.idle or held) and not conn.ping():
+            if (conn.idle or conn.send in self.holding) and not conn.ping():
                 log.info("initiator %s did not answer NOP-In: dropping connection", conn.session.initiator)
                 conn.close()
                 return
