@@ -256,8 +256,8 @@ def test_a_save_abandoned_at_stop_that_fails_later_is_said_once(caplog):
     from types import SimpleNamespace
 
     from stml.mgmt import Management
-    m = Management(SimpleNamespace(), None, gateway=None, metrics=None,  # type: ignore[arg-type]
-                   portals=None, endpoints=[], traces=None)   # type: ignore[arg-type]
+    m = Management(SimpleNamespace(), None, gateway=None, metrics=None,
+                   portals=None, endpoints=[], traces=None)
     save: Future = Future()
     save.set_running_or_notify_cancel()
     target = Path("/nonexistent/scsi-target.toml")

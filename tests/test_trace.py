@@ -528,8 +528,8 @@ def test_trace_stop_on_a_hung_disk_answers_with_one_line_in_the_clients_time(mon
     sent: list[dict] = []
     engine = SimpleNamespace(out=StmlSender(lambda ident, h, frames: sent.append(unpack(pack(h)))))
     recorder = StuckRecorder()
-    m = M.Management(engine, None, gateway=None, metrics=None, portals=None,   # type: ignore[arg-type]
-                     endpoints=[], traces=SimpleNamespace(current=recorder))   # type: ignore[arg-type]
+    m = M.Management(engine, None, gateway=None, metrics=None, portals=None,
+                     endpoints=[], traces=SimpleNamespace(current=recorder))
     caplog.set_level(logging.ERROR, logger="stml.mgmt")
     asyncio.run(m._answer(b"cli", {"op": "mgmt", "id": 3, "cmd": "trace_stop"}))
     assert recorder.stopped and not recorder.closed.done()
