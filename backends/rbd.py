@@ -27,7 +27,7 @@ import json
 import logging
 import os
 import threading
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence, cast
 
 from backends.base import AioFuture, BackendError
 from backends.librbd import (
@@ -431,20 +431,22 @@ class RbdAio:
         and the eventfd is closed there."""
         loop, fd, pending, polled = detached
         known = dict(polled)   # (released already: not asked again)
-        results = []
-        for comp, (fut, pin, length) in pending.items():
+        calls: list[AioCall] = []
+        rets: list[int] = []
+        for comp, call in pending.items():
             ret = known[comp] if comp in known else image.outcome(comp)
             if ret is None:   # librbd broke its word: the buffers stay pinned for good
                 log.error("rbd:%s: an aio call outlived rbd_close", self.backend.spec)
                 ret = -errno.EIO
             else:
-                _unpin(pin)
-            results.append((fut, ret, length))
+                _unpin(call[1])
+            calls.append(call)
+            rets.append(ret)
         if loop is None:
             return
 
         def there() -> None:
-            self._finish(results, live=False)
+            self._finish(calls, rets, live=False)
             os.close(fd)
         if not _on_loop(loop, there):
             os.close(fd)   # the loop is closed: nobody watches the fd or waits for these futures
@@ -486,52 +488,61 @@ class RbdAio:
             backend.fence()
         raise RbdError(backend.spec, failed.errno or errno.EIO, failed.strerror or str(failed))
 
-    def _collect(self, fd: int) -> None:
+    def _collect(self, fd: Any) -> None:
         """The eventfd is readable: take what librbd completed (Image.poll reads
         the eventfd). What poll handed over is released in librbd, so it is
-        kept in `_polled` until each is in `results`: run short of memory on
-        the way and the rest waits there for the next wake-up (the eventfd
-        signalled again), never lost; no call starts meanwhile (_submit),
-        since its completion could take a released one's address (0425).
-        Whatever made it into `results` is finished, whatever failed."""
-        results: list[tuple[AioFuture, int, int]] = []
+        kept in `_polled` until each is in `calls` and `rets`: run short of
+        memory on the way and the rest waits there for the next wake-up (the
+        eventfd signalled again), never lost; no call starts meanwhile
+        (_submit), since its completion could take a released one's address
+        (0425). Whatever made it into both lists is finished, whatever failed.
+
+        It handles the objects the loop, poll and _submit made, as they are
+        (`fd` too): it makes no int and no tuple. Compiled (mypyc), making one
+        (boxing an int, a tuple) aborts the process when memory runs short,
+        where a list that cannot grow raises MemoryError, as interpreted
+        (decision 0722)."""
+        calls: list[AioCall] = []
+        rets: list[Any] = []   # (Any: each return value stays the int object poll made)
         try:
             with self._lock:
-                if fd != self._fd:   # detached: the image is closing (the reader goes next)
+                if cast(int, fd) != self._fd:   # detached: the image is closing (the reader goes next)
                     try:
                         os.eventfd_read(fd)
                     except BlockingIOError:
                         pass
                     return
-                pending = self._pending
+                pending: dict[Any, Any] = self._pending   # (Any: keys and calls as they are)
                 try:
                     while True:
-                        polled = self._polled
+                        polled: list[Any] = self._polled
                         fresh = not polled
                         if fresh:
                             polled = self.backend.image.poll()
                             polled.reverse()   # (taken from the end: in completion order, no copy)
                             self._polled = polled
                         while polled:
-                            comp, ret = polled[-1]
-                            entry = pending.get(comp)
-                            if entry is not None:
-                                fut, pin, length = entry
-                                results.append((fut, ret, length))
+                            done = polled[-1]   # (completion, return value)
+                            comp = done[0]
+                            call = pending.get(comp)
+                            if call is not None:
+                                calls.append(call)
+                                rets.append(done[1])   # (short of memory here: _finish zips, the call stays)
                                 del pending[comp]
-                                _unpin(pin)
+                                _unpin(call[1])
                             polled.pop()
                         if fresh:
                             break
                 except MemoryError:
                     os.eventfd_write(fd, 1)
         finally:
-            self._finish(results, live=True)
+            self._finish(calls, rets, live=True)
 
-    def _finish(self, results: list[tuple[AioFuture, int, int]], live: bool) -> None:
-        """On the loop: each call's future gets its outcome. `live`: from the
-        image open now (a closed one's fencing is old news)."""
-        for fut, ret, length in results:   # (an AioFuture is never cancelled: each is pending here)
+    def _finish(self, calls: list[AioCall], rets: list[int], live: bool) -> None:
+        """On the loop: each call's future gets its outcome, `rets` in the same
+        order (a call without one is not finished here: _collect kept it).
+        `live`: from the image open now (a closed one's fencing is old news)."""
+        for (fut, _, length), ret in zip(calls, rets):   # (an AioFuture is never cancelled: each is pending)
             if ret < 0:
                 if -ret == EBLOCKLISTED and live:
                     self.backend.fence()

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import dataclasses
 import difflib
+import functools
 import logging
 import secrets
 from pathlib import Path
@@ -39,7 +40,7 @@ from stml.persist import (SECRET_DIFFERS, EditedError, hide_secrets, hold, model
                           save)
 from stml.portals import GATEWAY_FIXED, GATEWAY_STATE, PortalStates, portal_entries, portal_groups
 from stml.sense import CAPACITY_DATA_CHANGED, NOT_READY_TO_READY_CHANGE, REPORTED_LUNS_DATA_CHANGED
-from stml.task import FANOUT_STEP, Nexus
+from stml.task import FANOUT_STEP, Nexus, must_finish
 from stml.trace.recorder import Recorder, Traces
 
 log = logging.getLogger("stml.mgmt")
@@ -60,6 +61,9 @@ LUN_DRAIN = 3.0     # a removed LUN's commands in flight have this long to finis
 # a LUN added on a removed LUN's store (or identity) waits this long for its close: its drain, then its flush
 CLOSE_WAIT = LUN_DRAIN + 5.0
 DRAIN_POLL = 0.05   # how often the drain looks at the removed LU's task set
+# `trace stop` answers once the trace's file is closed, or says it is not after this
+# long: within the client's default timeout (10 s), and the lock is held meanwhile (0722)
+TRACE_CLOSE_WAIT = 5.0
 
 
 class Management:
@@ -269,7 +273,10 @@ class Management:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + bound
         try:
-            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), bound)
+            # (must_finish: a save abandoned here that fails later is said, not left
+            # in a future nobody reads for the GC to log, 0722)
+            await asyncio.wait_for(must_finish(asyncio.wrap_future(future),
+                                               functools.partial(_abandoned_save_failed, target)), bound)
         except asyncio.TimeoutError:
             log.error("stopping: saving %s still running after %gs, abandoned: the change it saves "
                       "may be missing from the file", target, bound)
@@ -399,7 +406,12 @@ class Management:
     async def trace_stop(self) -> dict[str, Any]:
         """End the trace; the answer comes once its file is whole and closed."""
         recorder = self._recorder()
-        await asyncio.wait_for(asyncio.shield(recorder.stop()), 30)
+        try:
+            await asyncio.wait_for(asyncio.shield(recorder.stop()), TRACE_CLOSE_WAIT)
+        except asyncio.TimeoutError:
+            raise MgmtError(f"trace {recorder.path} stopped, but its file is not closed after "
+                            f"{TRACE_CLOSE_WAIT:g}s (the disk is slow or hung): its writer goes on "
+                            f"as the disk allows") from None
         return recorder.status()
 
     # ------------------------------------------------------------ the config file
@@ -1174,6 +1186,13 @@ def _image_sized(target: str, lu: LogicalUnit, o: LunOptions, pending: list[str]
         pending.append(f"target {target} LUN {lu.lun}: an RBD LUN's size is its image's ({served} bytes), not "
                        f"its entry's `size` (dropped from the file): `scsi-target lun resize` resizes the image")
     o.size = None
+
+
+def _abandoned_save_failed(target: Path, error: BaseException) -> None:
+    """A save the stop abandoned (finish_saves) failed later: the file is
+    from before it, which the stop's line said only may be so."""
+    log.error("stopping: the abandoned save of %s failed: %s; the change it saves is missing "
+              "from the file", target, error)
 
 
 def _hold(config: Config, new: Config) -> None:

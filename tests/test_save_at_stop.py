@@ -244,3 +244,35 @@ def test_reservation_saves_that_end_in_time_are_waited_for(tmp_short, monkeypatc
         release.set()
         _unserved(srv)
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
+def test_a_save_abandoned_at_stop_that_fails_later_is_said_once(caplog):
+    """A save still running when finish_saves' bound passes (a stand-in that
+    never ends in time) and that fails after: one line says the change is
+    missing from the file, and no future is left holding the error for the
+    GC to log "never retrieved" from wherever it runs (0722)."""
+    import gc
+    from concurrent.futures import Future
+    from types import SimpleNamespace
+
+    from stml.mgmt import Management
+    m = Management(SimpleNamespace(), None, gateway=None, metrics=None,
+                   portals=None, endpoints=[], traces=None)
+    save: Future = Future()
+    save.set_running_or_notify_cancel()
+    target = Path("/nonexistent/scsi-target.toml")
+    m._under_way = (save, target)
+
+    async def run() -> None:
+        assert await m.finish_saves(0.05) is False
+        save.set_exception(OSError(5, "Input/output error"))
+        for _ in range(3):   # (the error crosses to the loop by call_soon_threadsafe)
+            await asyncio.sleep(0)
+    asyncio.run(run())
+    del save, m
+    gc.collect()
+    lines = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert lines == [f"stopping: saving {target} still running after 0.05s, abandoned: the change it saves "
+                     f"may be missing from the file",
+                     f"stopping: the abandoned save of {target} failed: [Errno 5] Input/output error; "
+                     f"the change it saves is missing from the file"]
