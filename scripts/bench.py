@@ -930,7 +930,11 @@ def vhost_script(runs: int, scale: float) -> str:
             n = max(4, int(count * scale))
             order = ("ours", "qemu") if r % 2 == 0 else ("qemu", "ours")
             for who in order:
-                lines.append(f'echo "@@ R{r}-{name}-{who} $(guestio /dev/${who} {mode} {bs} {n})"')
+                # after guestio's numbers, the commands the disk completed meanwhile
+                # (reads + writes in /sys/block/X/stat): how the guest split the I/Os
+                lines += [f"set -- $(cat /sys/block/${who}/stat); c=$(($1 + $5))",
+                          f"g=$(guestio /dev/${who} {mode} {bs} {n})",
+                          f'set -- $(cat /sys/block/${who}/stat); echo "@@ R{r}-{name}-{who} $g $(($1 + $5 - c))"']
     return "\n".join(lines) + "\n"
 
 
@@ -1005,12 +1009,17 @@ def run_vhost(args: argparse.Namespace) -> dict:
     results: dict = {"workloads": {}, "runs": args.runs, "mode": "vhost", "accel": accel,
                      "run_args": args.run_arg, "vhost_options": args.vhost_options,
                      "guest_kernel": g.kernel, "disk_bytes": VHOST_SIZE}
-    for name, _, bs, _ in VHOST_WORKLOADS:
+    for name, _, bs, count in VHOST_WORKLOADS:
+        n = max(4, int(count * args.scale))
         per: dict[str, list[float]] = {"scsi-target": [], "qemu": []}
+        commands: dict[str, list[float]] = {"scsi-target": [], "qemu": []}
         for r in range(args.runs):
-            per["scsi-target"].append(float(marks[f"R{r}-{name}-ours"].split()[0]))
-            per["qemu"].append(float(marks[f"R{r}-{name}-qemu"].split()[0]))
-        row: dict = {t: {"iops": statistics.median(v), "mbps": statistics.median(v) * bs / 1e6, "samples": v}
+            for t, who in (("scsi-target", "ours"), ("qemu", "qemu")):
+                said = marks[f"R{r}-{name}-{who}"].split()
+                per[t].append(float(said[0]))
+                commands[t].append(int(said[-1]) / n)
+        row: dict = {t: {"iops": statistics.median(v), "mbps": statistics.median(v) * bs / 1e6, "samples": v,
+                         "commands_per_io": statistics.median(commands[t])}
                      for t, v in per.items()}
         row["ratio"] = statistics.median(a / b for a, b in zip(per["scsi-target"], per["qemu"]))
         results["workloads"][name] = row
@@ -1018,7 +1027,9 @@ def run_vhost(args: argparse.Namespace) -> dict:
         goal = VHOST_GOALS[name]
         print(f"{name:18s} {row['scsi-target']['iops']:10.0f} IOPS {row['scsi-target']['mbps']:9.1f} MB/s"
               f" | qemu {q['iops']:10.0f} IOPS {q['mbps']:9.1f} MB/s | ratio {row['ratio']:.2f}"
-              + (" (goal met)" if row["ratio"] >= goal else f" (goal {goal})"), flush=True)
+              + (" (goal met)" if row["ratio"] >= goal else f" (goal {goal})")
+              + f" | commands per I/O {row['scsi-target']['commands_per_io']:.2f} / {q['commands_per_io']:.2f}",
+              flush=True)
     return results
 
 
