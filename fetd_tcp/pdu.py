@@ -106,7 +106,7 @@ _U16 = struct.Struct(">H")
 _TOBYTES: Final = memoryview.tobytes
 # a PDU NamedTuple from all its fields, in order, without the Python-level __new__
 # (about a fiftieth of fetd_tcp's instructions per read command): for the hot paths
-new_pdu = tuple.__new__
+new_pdu: Final = tuple.__new__
 
 
 class PDUError(Exception):

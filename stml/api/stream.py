@@ -89,6 +89,10 @@ _REF_SIZE: Final = 8
 _NEW_TUPLE: Final = tuple.__new__
 
 
+# (Final: a static in the compiled build, not a lookup in the module's dict, per read)
+_SHARED_REF: Final = SharedRef
+
+
 class Control(NamedTuple):
     """A control message (frame count 0): its kind and u32 values."""
     kind: int
@@ -267,7 +271,7 @@ class StreamFramer:
                                 special = []
                             special.append(len(frames))
                             # (tuple.__new__: not the NamedTuple's Python-level __new__, per message)
-                            frames.append(_NEW_TUPLE(SharedRef, _REF_FROM(buf, start)))
+                            frames.append(_NEW_TUPLE(_SHARED_REF, _REF_FROM(buf, start)))
                             start += _REF_SIZE
                         else:
                             frames.append(_TOBYTES(buf[start:start + size]))
@@ -280,7 +284,7 @@ class StreamFramer:
             if size & _SHARED:
                 if avail < 8:
                     return None
-                frame = _NEW_TUPLE(SharedRef, _REF_FROM(buf, start))
+                frame = _NEW_TUPLE(_SHARED_REF, _REF_FROM(buf, start))
                 self._start += _REF_SIZE
             elif size >= self.big:    # its own buffer: what is here now, then receive into it
                 frame = memoryview(self.alloc(size))[:size]
@@ -617,7 +621,7 @@ class StreamChannel:
         region = self._peer_region
         for i in special:
             frame = frames[i]
-            if type(frame) is SharedRef:
+            if type(frame) is _SHARED_REF:
                 offset, length = frame
                 if region is None or offset + length > len(region):
                     self._release_now(lease)
