@@ -106,7 +106,7 @@ _U16 = struct.Struct(">H")
 _TOBYTES: Final = memoryview.tobytes
 # a PDU NamedTuple from all its fields, in order, without the Python-level __new__
 # (about a fiftieth of fetd_tcp's instructions per read command): for the hot paths
-new_pdu = tuple.__new__
+new_pdu: Final = tuple.__new__
 
 
 class PDUError(Exception):
@@ -853,6 +853,23 @@ def encode_data_in_status(itt: int, data_sn: int, exp_cmd_sn: int, max_cmd_sn: i
     word0 = _DATA_IN_WORD0 | (0x040000 if overflow else 0) | (0x020000 if underflow else 0) | status
     return _DATA_IN_PACK(word0, data_length, lun, itt, _NO_TTT, stat_sn, exp_cmd_sn,
                          max_cmd_sn, data_sn, offset, residual_count)
+
+
+# a whole read's only Data-In, GOOD, no residual (the usual read): word 0 and the TTT as
+# constant bytes, DataSN, offset and residual (all 0) as pad bytes
+_READ_DONE_PACK: Final = struct.Struct(">4sI8sI4sIII12x").pack
+_READ_DONE_WORD0: Final = _U32.pack(_DATA_IN_WORD0)
+
+
+def encode_read_done(itt: int, exp_cmd_sn: int, max_cmd_sn: int, stat_sn: int, lun: bytes,
+                     data_length: int) -> bytes:
+    """encode_data_in_status of a read answered GOOD in one Data-In, without a
+    residual: DataSN, offset and residual 0, the status 0 (per command: five
+    values fewer to convert)."""
+    if not 0 <= data_length <= 0xFFFFFF:
+        raise PDUError("DataSegmentLength out of range")
+    return _READ_DONE_PACK(_READ_DONE_WORD0, data_length, lun, itt, _NO_TTT, stat_sn,
+                           exp_cmd_sn, max_cmd_sn)
 
 
 def encode_data_in(itt: int, data_sn: int, offset: int, exp_cmd_sn: int, max_cmd_sn: int,

@@ -19,7 +19,7 @@ from typing import Any, Callable, Final, Protocol
 from fetd_tcp import pdu as P
 # (by name, for the per-command path: the compiled build reads P.x as an attribute of a module)
 from fetd_tcp.pdu import (SCSI_COMMAND_TYPE, DataIn, encode_data_in, encode_data_in_status,
-                          encode_scsi_status, new_pdu)
+                          encode_read_done, encode_scsi_status, new_pdu)
 from fetd_tcp import budget as B
 from fetd_tcp.budget import Account, Grant, unlimited
 from fetd_tcp.keys import ConnectionParams, SessionParams
@@ -699,15 +699,20 @@ class Connection:
             self._respond_keeping(task, status, sense, resid, data)
             return
         n = len(data) if data is not None else 0
-        if n and self.count_out:
-            self.account.move(B.READ, B.OUT, n, task.res_read)
-            left = task.res_read - n
-            task.res_read = left if left > 0 else 0
-        if task.write or self.waiting:
-            self.release(task)
-        elif task.res_read:            # a read: only its reservation (per command: no call)
-            self.account.give(B.READ, task.res_read)
+        if n and self.count_out and not task.write and not self.waiting:
+            # the usual read: its data is output now, its reservation goes (one call)
+            self.account.answered(n, task.res_read)
             task.res_read = 0
+        else:
+            if n and self.count_out:
+                self.account.move(B.READ, B.OUT, n, task.res_read)
+                left = task.res_read - n
+                task.res_read = left if left > 0 else 0
+            if task.write or self.waiting:
+                self.release(task)
+            elif task.res_read:            # a read: only its reservation (per command: no call)
+                self.account.give(B.READ, task.res_read)
+                task.res_read = 0
         count, over, under = abs(resid), resid < 0, resid > 0
         if n:
             assert data is not None   # n is its length
@@ -719,8 +724,12 @@ class Connection:
                 self.stat_sn = (sn + 1) % SN_MOD
                 encoded = self.encoded
                 if encoded is not None:
-                    encoded(encode_data_in_status(task.itt, task.data_sn, s.exp_cmd_sn, s.max_cmd_sn,
-                                                  status, sn, count, over, under, task.lun, n), data)
+                    if count == 0 and task.data_sn == 0:   # (collapse: GOOD) the usual read
+                        encoded(encode_read_done(task.itt, s.exp_cmd_sn, s.max_cmd_sn, sn, task.lun, n),
+                                data)
+                    else:
+                        encoded(encode_data_in_status(task.itt, task.data_sn, s.exp_cmd_sn, s.max_cmd_sn,
+                                                      status, sn, count, over, under, task.lun, n), data)
                 else:
                     self.send(new_pdu(DataIn, (task.itt, task.data_sn, 0, s.exp_cmd_sn, s.max_cmd_sn,
                                                True, status, sn, count, over, under, False,
@@ -806,7 +815,12 @@ class Connection:
         # ERL 0 (no PDU kept, no DataACK): each header packed from its fields (per PDU)
         encoded = self.encoded if not self.erl else None
         while offset < total:
-            end = min(offset + seg_max, total, offset - offset % burst + burst)
+            # min(offset + seg_max, total, the burst's end), without the builtin's call (per PDU)
+            end = offset - offset % burst + burst
+            if offset + seg_max < end:
+                end = offset + seg_max
+            if total < end:
+                end = total
             if encoded is not None:
                 n = end - offset
                 if end == total and status is not None:

@@ -92,6 +92,37 @@ def test_closing_an_account_frees_all_it_held():
     assert b.used == 0 and b.accounts == 0 and b.excess == 0 and all(v == 0 for v in b.kinds)
 
 
+def _counts(b, a) -> tuple:
+    return (a.held, list(a.kinds), b.used, list(b.kinds), b.excess, a.owner.excess)
+
+
+def test_a_reads_answer_counts_as_a_move_and_the_rest_given_back():
+    """Account.answered (one call per read) leaves every count as move() of
+    the data to OUT and give() of the reservation's rest did, within the
+    guaranteed share and past it, with other output held, and for data past
+    its reservation or an account closed."""
+    for before, reserved, n in ((0, 70_000, 65_536), (2 * RESERVE, RESERVE + 300, RESERVE),
+                                (RESERVE - 10, 4096 + 256, 4096), (0, 4096, 8192), (0, 512, 512)):
+        for close in (False, True):
+            seen = []
+            for one in (False, True):
+                b = Budget(16 * RESERVE)
+                a = b.open("x")
+                assert a
+                a.take(OUT, before, force=True)
+                assert a.take(READ, reserved)
+                if close:
+                    a.close()
+                if one:
+                    a.answered(n, reserved)
+                else:
+                    a.move(READ, OUT, n, reserved)
+                    if reserved > n:
+                        a.give(READ, reserved - n)
+                seen.append(_counts(b, a))
+            assert seen[0] == seen[1], (before, reserved, n, close)
+
+
 def test_grants_wait_in_tag_order_and_come_as_room_frees():
     b = Budget(16 * RESERVE, shares=1)
     a = b.open("a")

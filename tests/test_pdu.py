@@ -226,8 +226,8 @@ def test_digest_vectors():
        st.integers(0, 0xFFFFFF))
 def test_the_hot_response_headers_are_the_pdus_bytes(itt, sn, resid, status, dsn, over, under, n):
     """The session packs its usual Data-In and SCSI Response from the fields
-    (encode_data_in_status, encode_data_in, encode_scsi_status): the same bytes
-    as the PDUs'."""
+    (encode_data_in_status, encode_data_in, encode_scsi_status, and
+    encode_read_done for a read's only Data-In): the same bytes as the PDUs'."""
     assert pdu.encode_data_in_status(itt, dsn, sn, sn ^ 1, status, sn ^ 2, resid, over, under,
                                      LUN3, n) == \
         pdu.DataIn(itt, dsn, 0, sn, sn ^ 1, True, status, sn ^ 2, resid, over, under,
@@ -241,3 +241,5 @@ def test_the_hot_response_headers_are_the_pdus_bytes(itt, sn, resid, status, dsn
     assert pdu.encode_scsi_status(itt, status, sn, sn ^ 1, sn ^ 2, dsn, resid, over, under) == \
         pdu.ScsiResponse(itt, status, sn, sn ^ 1, sn ^ 2, exp_data_sn=dsn, residual_count=resid,
                          overflow=over, underflow=under).encode()
+    assert pdu.encode_read_done(itt, sn, sn ^ 1, sn ^ 2, LUN3, n) == \
+        pdu.DataIn(itt, 0, 0, sn, sn ^ 1, True, 0, sn ^ 2, lun=LUN3, data_length=n).encode()

@@ -77,6 +77,21 @@ def test_messages_controls_and_references_in_reads_of_any_size(seed: int) -> Non
     assert [type(f) for f in big] == [bytes, memoryview, bytes, memoryview]
 
 
+@pytest.mark.parametrize("read", [1 << 20, 1, 7])
+def test_a_read_response_with_shared_data_comes_out_the_same_whole_or_in_pieces(read: int) -> None:
+    """A header and a reference (a read's response, its data in the STML's
+    region), all here at once (framed in one pass, decisions/0865) or a few
+    bytes at a time (kept state): the same frames, the reference a SharedRef,
+    `special` naming it; a big frame beside a reference still goes in place."""
+    big = bytes(range(256)) * (BIG // 256)
+    data = wire([b"head", (65536, 65536)]) + wire([b"h", (0, 8), b"t"]) + wire([b"x", (8, 4), big])
+    items = run(StreamFramer(), data, iter(lambda: read, None))
+    assert plain(items) == [[b"head", SharedRef(65536, 65536)], [b"h", SharedRef(0, 8), b"t"],
+                            [b"x", SharedRef(8, 4), big]]
+    assert [i[1] for i in items] == [[1], [1], [1, 2]]
+    assert all(type(i[0][1]) is SharedRef for i in items)
+
+
 def test_big_frames_are_received_in_place_into_what_alloc_gives() -> None:
     """get_buffer hands out the rest of a big frame's own buffer, so the
     socket writes it there; the buffer comes from `alloc`."""

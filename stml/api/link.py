@@ -370,8 +370,10 @@ class FrontEndLink(TapPoint):
         leases = self.lent
         if leases:
             for tag in tags:
-                lease = leases.pop(tag, None)
+                # (get and del: pop(tag, None) is a generic method call, per read)
+                lease = leases.get(tag)
                 if lease is not None:
+                    del leases[tag]
                     lease.release()
         if self.timing:   # the instance's flag: a writer may hold this method from before
             self._done_ts += [time.monotonic_ns()] * len(tags)

@@ -84,6 +84,15 @@ class SharedRef(NamedTuple):
     length: int
 
 
+_REF_FROM: Final = _REF.unpack_from
+_REF_SIZE: Final = 8
+_NEW_TUPLE: Final = tuple.__new__
+
+
+# (Final: a static in the compiled build, not a lookup in the module's dict, per read)
+_SHARED_REF: Final = SharedRef
+
+
 class Control(NamedTuple):
     """A control message (frame count 0): its kind and u32 values."""
     kind: int
@@ -130,7 +139,14 @@ def _lengths(count: int) -> struct.Struct:
 
 
 def encode_control(kind: int, values: tuple[int, ...] | list[int]) -> bytes:
-    return struct.pack(f"<{3 + len(values)}I", 0, kind, len(values), *values)
+    """A control message: count 0, its kind, how many values, the values (the
+    slots handed back, per flush: a Struct made once per count, not a format
+    string built and looked up each time)."""
+    n = len(values)
+    return (_CONTROLS[n] if n < len(_CONTROLS) else _u32s(3 + n)).pack(0, kind, n, *values)
+
+
+_CONTROLS: Final = tuple(struct.Struct(f"<{3 + n}I") for n in range(64))
 
 
 class StreamFramer:
@@ -228,30 +244,48 @@ class StreamFramer:
                                             else _u32s(count).unpack_from(buf, start + 4))
                 start += 4 + 4 * count
                 avail -= 4 + 4 * count
-                total = biggest = 0
+                # the frames' bytes (a shared reference's length carries the _SHARED bit:
+                # its bytes are not sent, its (offset, length) is), what is on the wire,
+                # the largest frame sent
+                plain = wire = biggest = 0
+                shared = False
                 for n in lengths:
-                    total += n
-                    if n > biggest:
-                        biggest = n
-                # (a shared reference's length carries the _SHARED bit: its bytes are not sent)
-                if total > self.max_bytes and sum(n for n in lengths if not n & _SHARED) > self.max_bytes:
-                    raise FramingError(f"a message of {total} bytes")
-                if biggest < self.big and total <= avail:
-                    # all here, and nothing shared or big (the usual message): no state kept
-                    frames = []
+                    if n & _SHARED:
+                        shared = True
+                        wire += _REF_SIZE
+                    else:
+                        plain += n
+                        wire += n
+                        if n > biggest:
+                            biggest = n
+                if plain > self.max_bytes:
+                    raise FramingError(f"a message of {plain} bytes")
+                if biggest < self.big and wire <= avail:
+                    # all here, nothing big (the usual message; a read's response with its
+                    # data in the peer's region too): no state kept
+                    frames: list[Any] = []
+                    special: list[int] | None = None
                     for size in lengths:
-                        frames.append(_TOBYTES(buf[start:start + size]))
-                        start += size
+                        if shared and size & _SHARED:
+                            if special is None:
+                                special = []
+                            special.append(len(frames))
+                            # (tuple.__new__: not the NamedTuple's Python-level __new__, per message)
+                            frames.append(_NEW_TUPLE(_SHARED_REF, _REF_FROM(buf, start)))
+                            start += _REF_SIZE
+                        else:
+                            frames.append(_TOBYTES(buf[start:start + size]))
+                            start += size
                     self._start = start
-                    return frames, None
+                    return frames, special
                 self._lengths, self._next, self._start = lengths, 0, start
             size = self._lengths[self._next]
             frame: Any
             if size & _SHARED:
                 if avail < 8:
                     return None
-                frame = SharedRef(*_REF.unpack_from(buf, start))
-                self._start += 8
+                frame = _NEW_TUPLE(_SHARED_REF, _REF_FROM(buf, start))
+                self._start += _REF_SIZE
             elif size >= self.big:    # its own buffer: what is here now, then receive into it
                 frame = memoryview(self.alloc(size))[:size]
                 take = min(size, avail)
@@ -318,7 +352,7 @@ class Lease:
         self.buffers: list[Any] = []    # from the channel's pool
 
     def release(self) -> None:
-        self.channel.release(self)
+        self.channel._release_now(self)   # (StreamChannel.release without its call: per read)
 
 
 class StreamChannel:
@@ -587,7 +621,7 @@ class StreamChannel:
         region = self._peer_region
         for i in special:
             frame = frames[i]
-            if type(frame) is SharedRef:
+            if type(frame) is _SHARED_REF:
                 offset, length = frame
                 if region is None or offset + length > len(region):
                     self._release_now(lease)
@@ -617,22 +651,21 @@ class StreamChannel:
         lease, self._lease = self._lease, None
         return lease
 
-    def release(self, lease: Lease) -> None:
-        """The frames of a lease are no longer used (Lease.release)."""
-        self._release_now(lease)
-
     def _release_now(self, lease: Lease) -> None:
-        for buf in lease.buffers:
-            self.pool.release(buf)
-        lease.buffers = []
-        if lease.offsets and not self.closed:
-            self._freed += lease.offsets
-            if self._free_timer is None:
-                # a wake-up of the peer of its own would cost more than the copy the slot
-                # saved: they ride on the next message we send, or go after RETURN_AFTER
-                # (one timer at a time, left running when a message takes them first)
-                self._free_timer = self._loop.call_later(RETURN_AFTER, self._free_timeout)
-        lease.offsets = []
+        # (new lists only where there was something: a lease lends slots or buffers, per read)
+        if lease.buffers:
+            for buf in lease.buffers:
+                self.pool.release(buf)
+            lease.buffers = []
+        if lease.offsets:
+            if not self.closed:
+                self._freed += lease.offsets
+                if self._free_timer is None:
+                    # a wake-up of the peer of its own would cost more than the copy the slot
+                    # saved: they ride on the next message we send, or go after RETURN_AFTER
+                    # (one timer at a time, left running when a message takes them first)
+                    self._free_timer = self._loop.call_later(RETURN_AFTER, self._free_timeout)
+            lease.offsets = []
 
     def _free_timeout(self) -> None:
         self._free_timer = None
