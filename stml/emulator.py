@@ -1333,6 +1333,13 @@ class Emulator:
             task.held = None
             for release in held:
                 release()
+        region = task.slot_region
+        if region is not None:   # (cleared first: given back once, whatever release does)
+            view = task.slot
+            task.slot_region = None
+            task.slot = None
+            assert view is not None   # set with the region (StmlServer._read_buffer)
+            region.release(view)
 
     def _complete(self, task: Task, status: int, sense: bytes | None, data: Any) -> None:
         exp = task.exp_len
