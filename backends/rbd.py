@@ -463,7 +463,9 @@ class RbdAio:
             loop = self._loop or self._attach()
             fut = AioFuture(loop=loop)
             fut.waiter = None
-            with self._lock:
+            lock = self._lock
+            lock.acquire()   # (not `with`: two special-method lookups and a call more, 0426)
+            try:
                 if self._loop is not loop or not backend._usable:
                     raise RbdError(backend.spec, errno.ESHUTDOWN, "image closed")
                 if self._polled:   # a short collection's leftovers, released in librbd (0425)
@@ -477,6 +479,8 @@ class RbdAio:
                     failed = e
                 else:
                     return fut
+            finally:
+                lock.release()
         except BaseException:
             _unpin(pin)
             raise
@@ -495,8 +499,10 @@ class RbdAio:
         since its completion could take a released one's address (0425).
         Whatever made it into `results` is finished, whatever failed."""
         results: list[tuple[AioFuture, int, int]] = []
+        lock = self._lock
         try:
-            with self._lock:
+            lock.acquire()   # (not `with`, as in _submit)
+            try:
                 if fd != self._fd:   # detached: the image is closing (the reader goes next)
                     try:
                         os.eventfd_read(fd)
@@ -525,6 +531,8 @@ class RbdAio:
                             break
                 except MemoryError:
                     os.eventfd_write(fd, 1)
+            finally:
+                lock.release()
         finally:
             self._finish(results, live=True)
 

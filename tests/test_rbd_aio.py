@@ -246,6 +246,10 @@ class CountingLock:
     def __exit__(self, *exc: Any) -> Any:
         return self.inner.__exit__(*exc)
 
+    def acquire(self, *args: Any) -> Any:
+        self.taken += 1
+        return self.inner.acquire(*args)
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
