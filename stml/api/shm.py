@@ -57,6 +57,8 @@ class SharedRegion:
         """A writable view of `size` bytes in a free slot, yours until release(); or None."""
         cls = self.MIN_SLOT if size <= self.MIN_SLOT else 1 << (size - 1).bit_length()
         free = self._free.get(cls)
+        # (Any: compiled, the dicts' own int object, not unboxed and boxed again per use)
+        offset: Any
         if free:
             offset = free.pop()
         elif self._top + cls <= self.size:
@@ -82,12 +84,12 @@ class SharedRegion:
 
     def release(self, view: memoryview) -> None:
         """The holder from get() is done with the slot of this view."""
-        offset = self.slots.get(id(view.obj))
+        offset: Any = self.slots.get(id(view.obj))   # (Any: as in get)
         taken = self._taken
         if offset is not None and offset in taken:   # (not pop(offset, None): a method call, compiled)
             del taken[offset]
             if offset not in self._lent:
-                self._put(offset)
+                self._home[offset].append(offset)   # (_put, in place)
 
     def lend_slot(self, frame: Any) -> tuple[int, int] | None:
         """(offset, length) of a frame that is a view of a slot someone holds,
