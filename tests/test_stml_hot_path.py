@@ -313,21 +313,21 @@ def test_small_reads_come_in_new_memory_without_a_buffer(file_stml: Stml, monkey
 BIG_READ = 64 << 10   # a slot's size: get() hands out the slot's own view
 
 
-def with_region(s: Stml) -> Any:
-    """The stub stream shares memory, as a same-host front end's does; the
-    tasks READs read into are kept (the region's and the task's state are
-    what the tests look at)."""
+def with_region(s: Stml) -> tuple[Any, list[Any]]:
+    """The stub stream shares memory, as a same-host front end's does: (the
+    region, the tasks READs read into from now on), the region's and the
+    tasks' state being what the tests look at."""
     from stml.api import SharedRegion
     region = SharedRegion(1 << 20)
     s.stream.region = region   # type: ignore[assignment]
-    s.tasks: list = []   # type: ignore[misc]
+    tasks: list[Any] = []
     chosen = s.server.emulator.read_buffer
 
     def read_buffer(task: Any, size: int) -> Any:
-        s.tasks.append(task)   # type: ignore[attr-defined]
+        tasks.append(task)
         return chosen(task, size)
     s.server.emulator.read_buffer = read_buffer
-    return region
+    return region, tasks
 
 
 def test_a_big_reads_slot_goes_back_once_when_its_task_ends(stml: Stml) -> None:
@@ -335,28 +335,29 @@ def test_a_big_reads_slot_goes_back_once_when_its_task_ends(stml: Stml) -> None:
     is free once the task ended (the stub lends nothing): not kept (never
     released), and the task no longer names it, so a task ended again (a
     second _forget) cannot give back a slot another READ has taken since."""
-    region = with_region(stml)
+    region, tasks = with_region(stml)
     img = bytes(range(256)) * (BIG_READ // 256)
     assert stml.command(cdb10(0x2A, 0, BIG_READ // 512), 1, BIG_READ, img)[1]["status"] == GOOD
     _, h, frames = stml.command(cdb10(0x28, 0, BIG_READ // 512), 2, BIG_READ)
     assert h["status"] == GOOD and len(frames) == 1 and region.owns(frames[0])
     assert bytes(frames[0]) == img
-    task, = stml.tasks   # type: ignore[attr-defined]
+    task, = tasks
     assert region.in_use() == 0 and task.slot is None and task.slot_region is None
     other = region.get(BIG_READ)   # the same slot (last in, first out), taken by someone else
     assert other is not None and other.obj is frames[0].obj
     stml.server.emulator._forget(task)
     assert region.in_use() == 1, "a task ended twice gave back a slot it no longer held"
-    assert region.get(BIG_READ).obj is not other.obj   # type: ignore[union-attr]
+    again = region.get(BIG_READ)
+    assert again is not None and again.obj is not other.obj
     region.release(other)
 
 
 def test_one_task_holds_one_slot(stml: Stml) -> None:
     """A second buffer asked for the same task is new memory, not a second
     slot the task would not give back."""
-    region = with_region(stml)
+    region, tasks = with_region(stml)
     stml.command(cdb10(0x28, 0, BIG_READ // 512), 2, BIG_READ)
-    task, = stml.tasks   # type: ignore[attr-defined]
+    task, = tasks
     read_buffer = stml.server._read_buffer
     first = read_buffer(task, BIG_READ)
     assert first is not None and region.in_use() == 1
@@ -367,14 +368,14 @@ def test_one_task_holds_one_slot(stml: Stml) -> None:
 
 def test_a_big_read_that_fails_gives_its_slot_back(file_stml: Stml, monkeypatch) -> None:
     """A backend error ends the READ with CHECK CONDITION, and its slot is free."""
-    region = with_region(file_stml)
+    region, tasks = with_region(file_stml)
 
     def failing(self: Any, offset: int, buf: Any) -> bool:
         raise OSError(5, "Input/output error")
     monkeypatch.setattr(FileBackend, "read_nowait", failing)
     _, h, frames = file_stml.command(cdb10(0x28, 0, BIG_READ // 512), 2, BIG_READ)
     assert h["status"] == CHECK_CONDITION and frames == []
-    assert region.in_use() == 0 and file_stml.tasks[0].slot_region is None   # type: ignore[attr-defined]
+    assert region.in_use() == 0 and tasks[0].slot_region is None
 
 
 @pytest.mark.parametrize("end", ["abort", "front end gone"])
@@ -384,7 +385,7 @@ def test_a_big_read_ended_while_its_backend_reads_keeps_its_slot_until_then(file
     backend reads into its slot: the slot stays taken until the read is done
     (the backend still writes into it), then comes back once."""
     import threading
-    region = with_region(file_stml)
+    region, tasks = with_region(file_stml)
     started, go = threading.Event(), threading.Event()
     plain = FileBackend.read_into
 
@@ -415,7 +416,7 @@ def test_a_big_read_ended_while_its_backend_reads_keeps_its_slot_until_then(file
         assert region.in_use() == 1, "the slot went back while the backend still reads into it"
         go.set()
         await until(lambda: region.in_use() == 0)
-        task, = file_stml.tasks   # type: ignore[attr-defined]
+        task, = tasks
         assert task.slot is None and task.slot_region is None
         await asyncio.sleep(0.05)
         assert region.in_use() == 0 and region.get(BIG_READ) is not None
