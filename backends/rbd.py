@@ -510,6 +510,10 @@ class RbdAio:
                         pass
                     return
                 pending = self._pending
+                # (Any: compiled, the polled ints are used as they are, not unboxed and boxed again)
+                comp: Any
+                ret: Any
+                length: Any
                 try:
                     while True:
                         polled = self._polled
