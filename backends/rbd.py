@@ -389,6 +389,10 @@ class RbdAio:
         # (completion, return value) polled and released but not yet in a
         # collection's results, newest first (_collect)
         self._polled: list[tuple[int, int]] = []
+        # a collection's calls and their return values, kept when it ran short
+        # of memory before each future had its outcome (_finish)
+        self._left: list[AioCall] = []
+        self._left_rets: list[int] = []
         # held while the loop starts a call or polls the image and while detach()
         # takes it away (any thread): nothing reaches an image once detach() has returned
         self._lock = threading.Lock()
@@ -445,9 +449,14 @@ class RbdAio:
         if loop is None:
             return
 
+
         def there() -> None:
-            self._finish(calls, rets, live=False)
-            os.close(fd)
+            try:
+                # and what a collection short of memory left (0722): it, too, ends here
+                self._finish(self._left, self._left_rets, live=False)
+                self._finish(calls, rets, live=False)
+            finally:
+                os.close(fd)
         if not _on_loop(loop, there):
             os.close(fd)   # the loop is closed: nobody watches the fd or waits for these futures
 
@@ -465,7 +474,9 @@ class RbdAio:
             loop = self._loop or self._attach()
             fut = AioFuture(loop=loop)
             fut.waiter = None
-            with self._lock:
+            lock = self._lock
+            lock.acquire()   # (not `with`: two special-method lookups and a call more, 0426)
+            try:
                 if self._loop is not loop or not backend._usable:
                     raise RbdError(backend.spec, errno.ESHUTDOWN, "image closed")
                 if self._polled:   # a short collection's leftovers, released in librbd (0425)
@@ -479,6 +490,8 @@ class RbdAio:
                     failed = e
                 else:
                     return fut
+            finally:
+                lock.release()
         except BaseException:
             _unpin(pin)
             raise
@@ -502,10 +515,20 @@ class RbdAio:
         (boxing an int, a tuple) aborts the process when memory runs short,
         where a list that cannot grow raises MemoryError, as interpreted
         (decision 0722)."""
+        if self._left_rets:   # a short collection's calls to finish first (0722)
+            try:
+                self._finish(self._left, self._left_rets, live=True)
+                self._left_rets = []
+                self._left = []
+            except MemoryError:
+                os.eventfd_write(fd, 1)   # (and nothing new is taken meanwhile)
+                return
         calls: list[AioCall] = []
         rets: list[Any] = []   # (Any: each return value stays the int object poll made)
+        lock = self._lock
         try:
-            with self._lock:
+            lock.acquire()   # (not `with`, as in _submit)
+            try:
                 if cast(int, fd) != self._fd:   # detached: the image is closing (the reader goes next)
                     try:
                         os.eventfd_read(fd)
@@ -535,26 +558,42 @@ class RbdAio:
                             break
                 except MemoryError:
                     os.eventfd_write(fd, 1)
+            finally:
+                lock.release()
         finally:
-            self._finish(calls, rets, live=True)
+            try:
+                self._finish(calls, rets, live=True)
+            except MemoryError:   # the rest waits for the next wake-up, never lost
+                self._left, self._left_rets = calls, rets
+                os.eventfd_write(fd, 1)
 
     def _finish(self, calls: list[AioCall], rets: list[int], live: bool) -> None:
-        """On the loop: each call's future gets its outcome, `rets` in the same
-        order (a call without one is not finished here: _collect kept it).
-        `live`: from the image open now (a closed one's fencing is old news)."""
-        for (fut, _, length), ret in zip(calls, rets):   # (an AioFuture is never cancelled: each is pending)
-            if ret < 0:
-                if -ret == EBLOCKLISTED and live:
-                    self.backend.fence()
-                fut.set_exception(RbdError(self.backend.spec, -ret, os.strerror(-ret)))
-            elif length and ret != length:
-                fut.set_exception(RbdError(self.backend.spec, errno.EIO, f"{ret} of {length} bytes"))
-            else:
-                fut.set_result(None)
+        """On the loop: each call's future gets its outcome, the i-th call the
+        i-th return value (a call past the last value is not finished here:
+        _collect kept it pending). Nothing is removed from the lists (a list
+        that shrinks may reallocate): short of memory on the way (an error to
+        make, a callback to schedule), the caller keeps both and calls this
+        again, which passes over what is done (0722). `live`: from the image
+        open now (a closed one's fencing is old news)."""
+        i = 0
+        n = len(rets)
+        while i < n:
+            fut, _, length = calls[i]
+            if not fut.done():   # (an AioFuture is never cancelled; done: a try before this one)
+                ret = rets[i]
+                if ret < 0:
+                    if -ret == EBLOCKLISTED and live:
+                        self.backend.fence()
+                    fut.set_exception(RbdError(self.backend.spec, -ret, os.strerror(-ret)))
+                elif length and ret != length:
+                    fut.set_exception(RbdError(self.backend.spec, errno.EIO, f"{ret} of {length} bytes"))
+                else:
+                    fut.set_result(None)
             waiter = fut.waiter
             if waiter is not None:   # a command parked on it goes on now (AioFuture)
                 fut.waiter = None
                 waiter(fut.waiter_arg)
+            i += 1
 
     def read_into(self, offset: int, buf: memoryview) -> asyncio.Future:
         return self._submit("read", (offset,), buf=buf, read=True)

@@ -1319,7 +1319,7 @@ class Emulator:
         it held goes back (the one place: its write data, maybe a front end's
         shared memory or a pooled buffer, and its read data's shared memory,
         which its front end still holds if the response lent it)."""
-        tag = task.tag
+        tag: Any = task.tag   # (Any: compiled, boxed once, not at each of four uses)
         tasks = task.fe.tasks
         if tasks.get(tag) is task:
             del tasks[tag]
@@ -1333,6 +1333,13 @@ class Emulator:
             task.held = None
             for release in held:
                 release()
+        region = task.slot_region
+        if region is not None:   # (cleared first: given back once, whatever release does)
+            view = task.slot
+            task.slot_region = None
+            task.slot = None
+            assert view is not None   # set with the region (StmlServer._read_buffer)
+            region.release(view)
 
     def _complete(self, task: Task, status: int, sense: bytes | None, data: Any) -> None:
         exp = task.exp_len

@@ -4,7 +4,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import functools
 import itertools
 import logging
 import os
@@ -512,13 +511,14 @@ class StmlServer(TapPoint):
         into memory it shares: backend -> shared memory -> its socket, no copy
         through ours (smaller data costs less to copy than to lend). The task
         gives the slot back when it ends; the front end, once it sent it."""
-        if size >= SHARED_READ_MIN:
+        if size >= SHARED_READ_MIN and task.slot_region is None:   # (one slot a task: Task.slot)
             stream = self.streams.get(task.fe.ident)
             if stream is not None and stream.region is not None:
                 region = stream.region
                 view = region.get(size)
                 if view is not None:
-                    task.hold(functools.partial(region.release, view))
+                    task.slot = view   # (before the region: _forget releases what it finds there)
+                    task.slot_region = region
                     return view
         return None   # new memory: the read brings its own (sbc.read)
 

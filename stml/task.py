@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Final, Protocol, TypeVar
 
 from backends import AioFuture
+from stml.api.shm import SharedRegion
 from stml.cdb import lba_len, trim_cdb
 from stml.lu import LogicalUnit
 from stml.lunmap import LunMap
@@ -200,7 +201,7 @@ class Task(Queued):
 
     __slots__ = ("services", "fe", "tag", "nexus", "lun", "lu", "cdb", "direction",
                  "unsol", "data_out", "received", "need", "want", "data_ready", "data_error",
-                 "runner", "coro", "parked", "abort_status", "held", "_lba", "_blocks")
+                 "runner", "coro", "parked", "abort_status", "held", "slot", "slot_region", "_lba", "_blocks")
 
     def __init__(self, services: Services, fe: FrontEnd, nexus: Nexus, tag: int, lun: int,
                  cdb: bytes, attr: int, direction: int, exp_len: int, unsol: int,
@@ -232,9 +233,14 @@ class Task(Queued):
         self.parked: AioFuture | None = None
         self.seq = 0
         self.abort_status: int | None = None   # TASK ABORTED when another nexus aborted it (TAS)
-        # how to give back the carrier's memory the task holds (its write data, the
-        # shared memory of its read data): called once, when the task ends (_forget)
+        # how to give back the carrier's memory the task holds (its write data):
+        # called once, when the task ends (_forget)
         self.held: list[Callable[[], None]] | None = None
+        # the shared slot its read data went into (SharedRegion.get) and its
+        # region: given back once, when the task ends (_forget). Kept here, not
+        # as a partial in `held`: one per big READ (decision 0426)
+        self.slot: memoryview | None = None
+        self.slot_region: SharedRegion | None = None
         self._lba = -1      # lba_len()'s, once decoded (ints: compiled, no tuple stored)
         self._blocks = 0
 

@@ -306,3 +306,118 @@ def test_small_reads_come_in_new_memory_without_a_buffer(file_stml: Stml, monkey
     calls.clear()
     raw, h, frames = file_stml.command(cdb10(0x28, 16, 0), 2, 0)      # no blocks: no call
     assert h == the_dict(file_stml.tag, GOOD, None, 0) and frames == [] and calls == []
+
+
+# ------------------------------------------------------------ a big READ's shared slot (decision 0426)
+
+BIG_READ = 64 << 10   # a slot's size: get() hands out the slot's own view
+
+
+def with_region(s: Stml) -> tuple[Any, list[Any]]:
+    """The stub stream shares memory, as a same-host front end's does: (the
+    region, the tasks READs read into from now on), the region's and the
+    tasks' state being what the tests look at."""
+    from stml.api import SharedRegion
+    region = SharedRegion(1 << 20)
+    s.stream.region = region   # type: ignore[assignment]
+    tasks: list[Any] = []
+    chosen = s.server.emulator.read_buffer
+
+    def read_buffer(task: Any, size: int) -> Any:
+        tasks.append(task)
+        return chosen(task, size)
+    s.server.emulator.read_buffer = read_buffer
+    return region, tasks
+
+
+def test_a_big_reads_slot_goes_back_once_when_its_task_ends(stml: Stml) -> None:
+    """The READ's data is sent from a slot of the shared region, and the slot
+    is free once the task ended (the stub lends nothing): not kept (never
+    released), and the task no longer names it, so a task ended again (a
+    second _forget) cannot give back a slot another READ has taken since."""
+    region, tasks = with_region(stml)
+    img = bytes(range(256)) * (BIG_READ // 256)
+    assert stml.command(cdb10(0x2A, 0, BIG_READ // 512), 1, BIG_READ, img)[1]["status"] == GOOD
+    _, h, frames = stml.command(cdb10(0x28, 0, BIG_READ // 512), 2, BIG_READ)
+    assert h["status"] == GOOD and len(frames) == 1 and region.owns(frames[0])
+    assert bytes(frames[0]) == img
+    task, = tasks
+    assert region.in_use() == 0 and task.slot is None and task.slot_region is None
+    other = region.get(BIG_READ)   # the same slot (last in, first out), taken by someone else
+    assert other is not None and other.obj is frames[0].obj
+    stml.server.emulator._forget(task)
+    assert region.in_use() == 1, "a task ended twice gave back a slot it no longer held"
+    again = region.get(BIG_READ)
+    assert again is not None and again.obj is not other.obj
+    region.release(other)
+
+
+def test_one_task_holds_one_slot(stml: Stml) -> None:
+    """A second buffer asked for the same task is new memory, not a second
+    slot the task would not give back."""
+    region, tasks = with_region(stml)
+    stml.command(cdb10(0x28, 0, BIG_READ // 512), 2, BIG_READ)
+    task, = tasks
+    read_buffer = stml.server._read_buffer
+    first = read_buffer(task, BIG_READ)
+    assert first is not None and region.in_use() == 1
+    assert read_buffer(task, BIG_READ) is None and region.in_use() == 1
+    stml.server.emulator._forget(task)
+    assert region.in_use() == 0
+
+
+def test_a_big_read_that_fails_gives_its_slot_back(file_stml: Stml, monkeypatch) -> None:
+    """A backend error ends the READ with CHECK CONDITION, and its slot is free."""
+    region, tasks = with_region(file_stml)
+
+    def failing(self: Any, offset: int, buf: Any) -> bool:
+        raise OSError(5, "Input/output error")
+    monkeypatch.setattr(FileBackend, "read_nowait", failing)
+    _, h, frames = file_stml.command(cdb10(0x28, 0, BIG_READ // 512), 2, BIG_READ)
+    assert h["status"] == CHECK_CONDITION and frames == []
+    assert region.in_use() == 0 and tasks[0].slot_region is None
+
+
+@pytest.mark.parametrize("end", ["abort", "front end gone"])
+def test_a_big_read_ended_while_its_backend_reads_keeps_its_slot_until_then(file_stml: Stml, monkeypatch,
+                                                                           end: str) -> None:
+    """A READ aborted (ABORT TASK) or whose front end went away while the
+    backend reads into its slot: the slot stays taken until the read is done
+    (the backend still writes into it), then comes back once."""
+    import threading
+    region, tasks = with_region(file_stml)
+    started, go = threading.Event(), threading.Event()
+    plain = FileBackend.read_into
+
+    def slow(self: Any, offset: int, buf: Any) -> None:
+        started.set()
+        go.wait(10)
+        plain(self, offset, buf)
+    monkeypatch.setattr(FileBackend, "read_nowait", lambda self, offset, buf: False)
+    monkeypatch.setattr(FileBackend, "read_into", slow)
+
+    async def until(what: Any) -> None:
+        for _ in range(1000):
+            if what():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("timed out")
+
+    async def scenario() -> None:
+        file_stml.receive({"op": "rx_cmnd", "tag": 7, "nexus": 1, "lun": 0, "attr": 0, "dir": 2,
+                           "cdb": cdb10(0x28, 0, BIG_READ // 512), "len": BIG_READ, "unsol": 0})
+        await until(started.is_set)
+        assert region.in_use() == 1
+        if end == "abort":
+            file_stml.receive({"op": "rx_task_mgmt_fn", "tag": 8, "nexus": 1, "fn": 1, "lun": 0, "ref": 7})
+        else:
+            file_stml.server._stream_closed(IDENT)
+        await asyncio.sleep(0.05)
+        assert region.in_use() == 1, "the slot went back while the backend still reads into it"
+        go.set()
+        await until(lambda: region.in_use() == 0)
+        task, = tasks
+        assert task.slot is None and task.slot_region is None
+        await asyncio.sleep(0.05)
+        assert region.in_use() == 0 and region.get(BIG_READ) is not None
+    asyncio.get_event_loop().run_until_complete(scenario())

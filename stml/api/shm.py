@@ -48,6 +48,7 @@ class SharedRegion:
         self._slot: dict[int, Any] = {}            # offset -> slot
         self._view: dict[int, memoryview] = {}     # offset -> a byte view of the whole slot
         self._free: dict[int, list[int]] = {}      # size class -> offsets of free slots
+        self._home: dict[int, list[int]] = {}      # offset -> its size class's free list (_put)
         self._taken: dict[int, memoryview] = {}    # offset -> the view get() handed out, not yet released
         self._lent: set[int] = set()               # offsets the peer holds
         self._lent_at: dict[int, int] = {}         # where a lent view starts -> its slot's offset
@@ -56,6 +57,8 @@ class SharedRegion:
         """A writable view of `size` bytes in a free slot, yours until release(); or None."""
         cls = self.MIN_SLOT if size <= self.MIN_SLOT else 1 << (size - 1).bit_length()
         free = self._free.get(cls)
+        # (Any: compiled, the dicts' own int object, not unboxed and boxed again per use)
+        offset: Any
         if free:
             offset = free.pop()
         elif self._top + cls <= self.size:
@@ -64,10 +67,15 @@ class SharedRegion:
             self.slots[id(slot)] = offset
             self._slot[offset] = slot
             self._view[offset] = memoryview(slot).cast("B")
-            self._free[cls] = self._free.get(cls, [])
+            self._home[offset] = self._free.setdefault(cls, [])
         else:
             return None
-        view = self._taken[offset] = self._view[offset][:size]
+        # a read of the slot's size (64 KiB, 1 MiB) gets the slot's own view:
+        # no slice made per command (decision 0426)
+        view = self._view[offset]
+        if size != cls:
+            view = view[:size]
+        self._taken[offset] = view
         return view
 
     def owns(self, view: Any) -> bool:
@@ -76,9 +84,12 @@ class SharedRegion:
 
     def release(self, view: memoryview) -> None:
         """The holder from get() is done with the slot of this view."""
-        offset = self.slots.get(id(view.obj))
-        if offset is not None and self._taken.pop(offset, None) is not None and offset not in self._lent:
-            self._put(offset)
+        offset: Any = self.slots.get(id(view.obj))   # (Any: as in get)
+        taken = self._taken
+        if offset is not None and offset in taken:   # (not pop(offset, None): a method call, compiled)
+            del taken[offset]
+            if offset not in self._lent:
+                self._home[offset].append(offset)   # (_put, in place)
 
     def lend_slot(self, frame: Any) -> tuple[int, int] | None:
         """(offset, length) of a frame that is a view of a slot someone holds,
@@ -122,7 +133,7 @@ class SharedRegion:
         return len(self._taken.keys() | self._lent)
 
     def _put(self, offset: int) -> None:
-        self._free[len(self._view[offset])].append(offset)
+        self._home[offset].append(offset)
 
     def close(self) -> None:
         """Release the descriptor (the mapping goes with the last view of it)."""
