@@ -166,6 +166,15 @@ class Account:
         kinds = self.kinds
         if n > kinds[kind]:
             n = kinds[kind]
+        kinds[kind] = kinds[kind] - n
+        b = self.budget
+        b.kinds[kind] = b.kinds[kind] - n
+        self._let_go(n)
+
+    def _let_go(self, n: int) -> None:
+        """`n` held bytes go (their kinds counted by the caller): the owner's
+        share past the guaranteed one shrinks with them, and whoever waits for
+        room may go on."""
         b = self.budget
         r, held = b.reserve, self.held
         if held > r:
@@ -176,9 +185,7 @@ class Account:
             if owner.parked:
                 b._unpark(owner)
         self.held = held - n
-        kinds[kind] = kinds[kind] - n
         b.used -= n
-        b.kinds[kind] = b.kinds[kind] - n
         if b._waiting_live:
             b._pump()
 
@@ -216,22 +223,8 @@ class Account:
         b = self.budget
         b.kinds[READ] = b.kinds[READ] - reserved
         b.kinds[OUT] = b.kinds[OUT] + n
-        rest = reserved - n
-        if rest <= 0:
-            return
-        # give(READ, rest)'s part, without its kinds (counted above)
-        r, held = b.reserve, self.held
-        if held > r:
-            shrink = held - r - (held - rest - r if held - rest > r else 0)
-            b.excess -= shrink
-            owner = self.owner
-            owner.excess -= shrink
-            if owner.parked:
-                b._unpark(owner)
-        self.held = held - rest
-        b.used -= rest
-        if b._waiting_live:
-            b._pump()
+        if reserved > n:
+            self._let_go(reserved - n)   # (give(READ, ...)'s part: its kinds counted above)
 
     def set(self, kind: int, n: int) -> None:
         """`kind` is now `n` bytes (what a sample of a socket's buffer says)."""
