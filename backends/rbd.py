@@ -39,6 +39,8 @@ from backends.librbd import (
 PR_KEY = "scsi_target.pr"
 # GET LBA STATUS: objects diff_iterate looks at per call, whatever the LBA range asks
 DIFF_OBJECTS = 64
+# a close's settling of its calls that ran short of memory tries again after this (s)
+SETTLE_RETRY = 0.01
 
 log = logging.getLogger("backends.rbd")
 
@@ -450,15 +452,25 @@ class RbdAio:
             return
 
 
-        def there() -> None:
-            try:
-                # and what a collection short of memory left (0722): it, too, ends here
-                self._finish(self._left, self._left_rets, live=False)
-                self._finish(calls, rets, live=False)
-            finally:
-                os.close(fd)
-        if not _on_loop(loop, there):
+        if not _on_loop(loop, self._settled, loop, fd, calls, rets):
             os.close(fd)   # the loop is closed: nobody watches the fd or waits for these futures
+
+    def _settled(self, loop: asyncio.AbstractEventLoop, fd: int, calls: list[AioCall], rets: list[int]) -> None:
+        """On the loop, after rbd_close: the calls' futures get their outcomes,
+        and what a collection short of memory left too (0722), then the
+        eventfd is closed. Short of memory itself, it tries again shortly (a
+        second walk passes over what is done); the arguments are handed on, not
+        held by a closure that would hold itself and the calls' pins."""
+        try:
+            self._finish(self._left, self._left_rets, live=False)
+            self._finish(calls, rets, live=False)
+        except MemoryError:
+            loop.call_later(SETTLE_RETRY, self._settled, loop, fd, calls, rets)
+            return
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
 
     def _submit(self, name: str, args: tuple, flags: tuple = (), pin: Any = None,
                 buf: Any = None, read: bool = False) -> asyncio.Future:
@@ -581,14 +593,19 @@ class RbdAio:
             fut, _, length = calls[i]
             if not fut.done():   # (an AioFuture is never cancelled; done: a try before this one)
                 ret = rets[i]
-                if ret < 0:
-                    if -ret == EBLOCKLISTED and live:
-                        self.backend.fence()
-                    fut.set_exception(RbdError(self.backend.spec, -ret, os.strerror(-ret)))
-                elif length and ret != length:
-                    fut.set_exception(RbdError(self.backend.spec, errno.EIO, f"{ret} of {length} bytes"))
-                else:
-                    fut.set_result(None)
+                try:
+                    if ret < 0:
+                        if -ret == EBLOCKLISTED and live:
+                            self.backend.fence()
+                        fut.set_exception(RbdError(self.backend.spec, -ret, os.strerror(-ret)))
+                    elif length and ret != length:
+                        fut.set_exception(RbdError(self.backend.spec, errno.EIO, f"{ret} of {length} bytes"))
+                    else:
+                        fut.set_result(None)
+                except MemoryError:
+                    if fut.done():   # done, but its callbacks were dropped scheduling them
+                        _callbacks_lost()
+                    raise
             waiter = fut.waiter
             if waiter is not None:   # a command parked on it goes on now (AioFuture)
                 fut.waiter = None
@@ -621,6 +638,17 @@ class RbdAio:
             return self._submit("write_zeroes", (offset, length), (WRITE_ZEROES_FLAG_THICK_PROVISION, 0), pin)
         addr, n = pin.span(block)
         return self._submit("writesame", (offset, length, addr, n), (0,), pin)
+
+
+
+def _callbacks_lost() -> None:
+    """An aio call's future was marked done but asyncio dropped its callbacks
+    when scheduling one ran out of memory (it clears them): a task awaiting
+    it would wait for good, its command never answered nor abortable. Like
+    the compiled build short of memory (0722), the process ends here and the
+    supervisor starts it again: nothing acknowledged is lost."""
+    os.write(2, b"rbd: an aio call's callbacks were lost short of memory; aborting\n")
+    os.abort()
 
 
 def _unpin(pin: Any) -> None:

@@ -1004,6 +1004,7 @@ def run_vhost(args: argparse.Namespace) -> dict:
         print(f"guest: {g.kernel}, {accel.upper()}", flush=True)
         vm.wait("EXIT", timeout=3600)
         marks = dict(vm.marks())
+        console = vm.console()   # (the guest's log goes with it)
         if len((marks.get("DISKS") or "").split()) != 2:
             raise RuntimeError("the guest did not see both disks:\n" + vm.console()[-3000:])
     results: dict = {"workloads": {}, "runs": args.runs, "mode": "vhost", "accel": accel,
@@ -1016,6 +1017,8 @@ def run_vhost(args: argparse.Namespace) -> dict:
         for r in range(args.runs):
             for t, who in (("scsi-target", "ours"), ("qemu", "qemu")):
                 said = marks[f"R{r}-{name}-{who}"].split()
+                if len(said) != 3:   # (guestio failed: its numbers are missing, only the count came)
+                    raise RuntimeError(f"guestio failed on {who}'s disk in R{r}-{name}:\n" + console[-3000:])
                 per[t].append(float(said[0]))
                 commands[t].append(int(said[-1]) / n)
         row: dict = {t: {"iops": statistics.median(v), "mbps": statistics.median(v) * bs / 1e6, "samples": v,

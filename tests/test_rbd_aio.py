@@ -804,3 +804,84 @@ def test_a_finish_short_of_memory_leaves_its_calls_for_the_next_wake_up(backend,
             assert f.done() and isinstance(f.exception(), R.RbdError) and f.exception().errno == errno.EIO
         assert calls["n"] == 5   # each error made once, the short one again
     asyncio.run(run())
+
+
+class _Aborted(Exception):
+    """os.abort()'s stand-in: the test process goes on."""
+
+
+def test_a_future_whose_callbacks_were_lost_short_of_memory_ends_the_process(backend, monkeypatch):
+    """Review 20: asyncio marks a future done before it schedules the callbacks
+    and drops them when that runs out of memory, so a task awaiting an aio
+    call (an aborted command parked on it) would wait for good, its abort
+    never answered. The process ends instead (0722), as the compiled build
+    does short of memory; a waiter-only future is simply walked again."""
+    image: FakeImage = backend.image
+    aborts: list[int] = []
+
+    def abort() -> None:
+        aborts.append(1)
+        raise _Aborted
+    monkeypatch.setattr(os, "abort", abort)
+
+    async def run() -> None:
+        aio = backend.aio
+        loop = asyncio.get_running_loop()
+        fut = aio.read_into(0, memoryview(bytearray(4096)))
+        waiting = loop.create_task(asyncio.wait([fut]))
+        await asyncio.sleep(0)
+        fd = aio._fd
+        loop.remove_reader(fd)
+        (comp,) = list(image.flying)
+        image.complete(comp, b"x" * 4096)
+        real = loop.call_soon
+
+        def short(*a: Any, **k: Any) -> Any:
+            loop.call_soon = real   # type: ignore[method-assign]
+            raise MemoryError
+        loop.call_soon = short   # type: ignore[method-assign]
+        try:
+            with pytest.raises(_Aborted):
+                aio._collect(fd)
+        finally:
+            loop.call_soon = real   # type: ignore[method-assign]
+            loop.add_reader(fd, aio._collect, fd)
+        assert fut.done() and aborts == [1]
+        waiting.cancel()
+    asyncio.run(run())
+
+
+def test_a_close_short_of_memory_settles_its_calls_on_a_later_turn(backend, monkeypatch):
+    """Review 20: rbd_close ends two reads with EIO and making the first one's
+    error runs short of memory: the settling used to close the eventfd and
+    leave both futures pending for good; it now tries again shortly and each
+    ends once, with its own EIO."""
+    image: FakeImage = backend.image
+    made = {"n": 0}
+    strerror = os.strerror
+
+    def short_once(code: int) -> str:
+        made["n"] += 1
+        if made["n"] == 1:
+            raise MemoryError
+        return strerror(code)
+
+    async def run() -> None:
+        aio = backend.aio
+        futs = [aio.read_into(i * 4096, memoryview(bytearray(4096))) for i in range(2)]
+        fd = aio._fd
+        for comp in list(image.flying):   # librbd ends both with EIO as it closes
+            image.flying.pop(comp)
+            image.finished[comp] = -errno.EIO
+        monkeypatch.setattr(os, "strerror", short_once)
+        await asyncio.get_running_loop().run_in_executor(None, backend.close)
+        for _ in range(300):   # (a guard against a hang, not a timing)
+            if all(f.done() for f in futs):
+                break
+            await asyncio.sleep(0.01)
+        for f in futs:
+            assert f.done() and isinstance(f.exception(), R.RbdError) and f.exception().errno == errno.EIO
+        assert made["n"] == 3
+        with pytest.raises(OSError):
+            os.fstat(fd)   # closed once both were settled
+    asyncio.run(run())
