@@ -374,7 +374,7 @@ def test_killed_front_end_is_released_and_others_are_served(stml, client_factory
         stop_pid(writer)
     # its stream closed with it: released at once, not after missed heartbeats
     name = f"loopback-{os.uname().nodename}-{writer.pid}"
-    text = stml.wait_log(f"releasing front end {name}: deregistered", timeout=5)
+    text = stml.wait_log(f"releasing front end {name}: deregistered")
     assert f"front end {name} closed its stream" in text
     # the STML keeps serving the other client, which its heartbeats kept registered
     assert stml.alive()

@@ -1166,7 +1166,7 @@ def test_stml_serves_the_stream_and_removes_it_on_stop(stml, client_factory) -> 
     assert c.read(0, 8, 8) == b"\x5a" * 4096
     name = c._link.name
     c.close()
-    stml.wait_log(f"releasing front end {name}: deregistered", timeout=5)
+    stml.wait_log(f"releasing front end {name}: deregistered")
     stml.stop()
     assert not os.path.exists(path), "the STML left its stream socket behind"
 
@@ -1186,7 +1186,7 @@ def test_stml_answers_on_the_stream_and_releases_a_front_end_that_drops_it(stml)
         ch.close()
 
     run(main)
-    text = stml.wait_log(f"releasing front end {name}: deregistered", timeout=5)
+    text = stml.wait_log(f"releasing front end {name}: deregistered")
     assert f"front end {name} closed its stream" in text
     assert stml.alive()
 
@@ -1207,7 +1207,7 @@ def test_stml_refuses_a_stream_message_bigger_than_a_command(stml) -> None:
         await wait_until(lambda: ch.closed, what="the STML closing the stream")
 
     run(main)
-    text = stml.wait_log(f"front end {name} closed its stream", timeout=5)
+    text = stml.wait_log(f"front end {name} closed its stream")
     assert f"closing a stream link: a message of {(8 << 20) + FRAME_ROOM + 16} bytes" in text
     assert stml.alive()
 
@@ -1221,7 +1221,7 @@ def test_loopback_client_whose_stream_breaks_is_released_and_reconnects(stml, cl
     old = c._link._channel
     name = c._link.name
     c._loop.call_soon_threadsafe(old.sock.shutdown, socket.SHUT_RDWR)
-    text = stml.wait_log(f"front end {name} closed its stream", timeout=5)
+    text = stml.wait_log(f"front end {name} closed its stream")
     assert f"releasing front end {name}: deregistered" in text
     c.write(0, 65, b"\x22" * 512)
     assert c.read(0, 64, 2) == b"\x11" * 512 + b"\x22" * 512
@@ -1282,7 +1282,7 @@ def test_loopback_client_is_back_on_the_stream_after_a_graceful_restart(stml, cl
     except AssertionError as e:
         raise AssertionError(f"{e}: on {type(link._channel).__name__}, registered: "
                              f"{link.connected.is_set()}; STML log:\n{stml.log()}") from None
-    stml.wait_log(f"front end {link.name} (loopback) registered", timeout=5)
+    stml.wait_log(f"front end {link.name} (loopback) registered")
     data = random.Random(61).randbytes(64 << 10)
     c.write(0, 1024, data)
     assert c.read(0, 1024, len(data) // 512) == data
