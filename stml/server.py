@@ -616,8 +616,7 @@ class StmlServer(TapPoint):
         beats.cancel()
         await self.gateway.stop()
         await asyncio.sleep(0.05)  # let the release messages leave
-        with contextlib.suppress(asyncio.TimeoutError):   # the trace's file whole, unless the disk hangs
-            await asyncio.wait_for(asyncio.shield(self.traces.stop("stml", "the STML stopped")), 2)
+        await self.traces.stop_at_exit("stml", "the STML stopped", TRACE_EXIT_WAIT)
         if not await saves:
             self.abandoned = True   # exit without joining the saver thread (0259)
         self.channel.close(linger_ms=100)
@@ -839,6 +838,7 @@ WORKER_PREFIX = "backend"   # the backend worker threads' names
 STOP_GRACE = 3.0   # after SIGTERM, a busy STML gets this long to stop cleanly
 STOP_BACKENDS = 5.0   # and its LUs this long to flush and close (a hung backend call is abandoned)
 STOP_SAVE = 5.0       # and a config save under way this long to end, before that (0259)
+TRACE_EXIT_WAIT = 2.0  # and a trace being recorded this long for its file to close
 
 
 class StopGuard:

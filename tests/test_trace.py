@@ -538,3 +538,31 @@ def test_trace_stop_on_a_hung_disk_answers_with_one_line_in_the_clients_time(mon
                    "or hung): its writer goes on as the disk allows")]
     assert not caplog.records   # a refusal, not a failure of management with its traceback
     assert bound is not None and bound < 10.0   # scsi_target.mgmt's default client timeout
+
+
+def test_a_trace_whose_file_hangs_at_the_stmls_stop_is_said_in_one_line(caplog):
+    """At the STML's stop a trace whose writer is stuck on the disk is waited
+    for a bounded time, then left with one warning naming its file (it used to
+    be left without a word); a trace that closes is waited for whole."""
+    import logging
+    from types import SimpleNamespace
+
+    from stml.trace.recorder import Traces
+
+    async def main() -> tuple[bool, bool]:
+        loop = asyncio.get_running_loop()
+        stuck = loop.create_future()          # never done: the disk hangs
+        traces = Traces(None, lambda r: None, lambda r: None)
+        traces.current = SimpleNamespace(path="/t/stuck.trace", stop=lambda reason, why: stuck)  # type: ignore[assignment]
+        hung = await traces.stop_at_exit("stml", "the STML stopped", 0.05)
+        closed = loop.create_future()
+        closed.set_result(None)
+        traces.current = SimpleNamespace(path="/t/whole.trace", stop=lambda reason, why: closed)  # type: ignore[assignment]
+        whole = await traces.stop_at_exit("stml", "the STML stopped", 0.05)
+        return hung, whole
+
+    caplog.set_level(logging.INFO, logger="stml.trace")
+    assert asyncio.run(main()) == (False, True)
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert lines == ["trace /t/stuck.trace: its file is not closed after 0.05s (the disk is slow or hung): "
+                     "the STML stops without it, and the file may lack its end"]
