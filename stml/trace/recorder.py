@@ -169,18 +169,16 @@ class Traces:
             return done
         return self.current.stop(reason, why)
 
-    async def stop_at_exit(self, reason: str, why: str, wait: float) -> bool:
+    async def stop_at_exit(self, reason: str, why: str, wait: float) -> None:
         """End the trace as the STML stops, waiting at most `wait` seconds for
-        its file to close (a hung disk must not hold the stop). False, with one
-        line saying so, when the file is still open: its end may be missing."""
+        its file to close (a hung disk must not hold the stop); one line says
+        so when the file is still open: its end may be missing."""
         try:
             await asyncio.wait_for(asyncio.shield(self.stop(reason, why)), wait)
         except asyncio.TimeoutError:
             assert self.current is not None   # (nothing to wait for without a trace)
             log.warning("trace %s: its file is not closed after %gs (the disk is slow or hung): "
                         "the STML stops without it, and the file may lack its end", self.current.path, wait)
-            return False
-        return True
 
 
 class Output(Protocol):
