@@ -353,22 +353,25 @@ def main() -> None:
                             ["perf", "record", "-q", "-p", f"{osd},{pid}",
                              *(a for c in SYSCALLS for a in ("-e", f"syscalls:sys_exit_{c}")),
                              "-o", str(work / "calls.data")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                    if perf or sched or traced:
-                        time.sleep(1)   # perf has its events open before the run starts
-                    before, was_idle = sample(pid), idle()
-                    osd_before, tcp_before = (sample(osd), tcp_counters()) if osd else ({}, {})
-                    conns = connections() if args.osd else {}
-                    took = bench.qemu_bench(t.url, wargs, args.count)
-                    runs[t.name].append(by_name(before, sample(pid), args.count, args.tids))
-                    if args.osd and osd:
-                        osd_runs[t.name].append(by_name(osd_before, sample(osd), args.count, args.tids))
-                        tcp_runs[t.name].append({k: v - tcp_before.get(k, 0) for k, v in tcp_counters().items()})
-                        show_connections(f"{t.name} round {r}", conns, connections(), args.count)
-                    now_idle = idle()
-                    for p in (perf, sched, traced):
-                        if p is not None:
-                            p.send_signal(2)
-                            p.wait()
+                    try:
+                        if perf or sched or traced:
+                            time.sleep(1)   # perf has its events open before the run starts
+                        before, was_idle = sample(pid), idle()
+                        osd_before, tcp_before = (sample(osd), tcp_counters()) if osd else ({}, {})
+                        conns = connections() if args.osd else {}
+                        took = bench.qemu_bench(t.url, wargs, args.count)
+                        runs[t.name].append(by_name(before, sample(pid), args.count, args.tids))
+                        if args.osd and osd:
+                            osd_runs[t.name].append(by_name(osd_before, sample(osd), args.count, args.tids))
+                            tcp_runs[t.name].append({k: v - tcp_before.get(k, 0)
+                                                     for k, v in tcp_counters().items()})
+                            show_connections(f"{t.name} round {r}", conns, connections(), args.count)
+                        now_idle = idle()
+                    finally:   # (a failed run leaves no perf recording behind)
+                        for p in (perf, sched, traced):
+                            if p is not None:
+                                p.send_signal(2)
+                                p.wait()
                     if sched is not None:
                         names = {p: f"{t.name}/{n}" for n, p in bench.processes(t).items()}
                         lines = subprocess.run(["perf", "script", "-i", str(work / "sched.data"), "-F",
