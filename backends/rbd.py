@@ -640,7 +640,6 @@ class RbdAio:
         return self._submit("writesame", (offset, length, addr, n), (0,), pin)
 
 
-
 def _callbacks_lost() -> None:
     """An aio call's future was marked done but asyncio dropped its callbacks
     when scheduling one ran out of memory (it clears them): a task awaiting

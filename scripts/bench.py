@@ -1006,7 +1006,7 @@ def run_vhost(args: argparse.Namespace) -> dict:
         marks = dict(vm.marks())
         console = vm.console()   # (the guest's log goes with it)
         if len((marks.get("DISKS") or "").split()) != 2:
-            raise RuntimeError("the guest did not see both disks:\n" + vm.console()[-3000:])
+            raise RuntimeError("the guest did not see both disks:\n" + console[-3000:])
     results: dict = {"workloads": {}, "runs": args.runs, "mode": "vhost", "accel": accel,
                      "run_args": args.run_arg, "vhost_options": args.vhost_options,
                      "guest_kernel": g.kernel, "disk_bytes": VHOST_SIZE}
