@@ -12,8 +12,8 @@ duplicate SACKs, reordering the sender saw and out-of-order segments the
 receiver got (`ss -tin` of both ends, polled while the connection is open;
 per read from the bytes it acknowledged so far), the machine's TCP
 counters (/proc/net/netstat, snmp) that moved, and the CPU of the target's
-sending process (fetd_tcp, tgtd) and of qemu-img, with the target's
-migrations. `--syscalls`: in the last round, the target's write, writev,
+sending process (fetd_tcp, tgtd), of qemu-img and of the whole machine,
+with the target's migrations. `--syscalls`: in the last round, the target's write, writev,
 sendmsg, sendto and sendfile calls per read by result (bytes rounded up to
 a power of two, EAGAIN) and by CPU (perf's syscall exit tracepoints).
 `--segments`: in the last round, every data segment on `lo` from
@@ -113,16 +113,19 @@ def proc_total(pid: int) -> tuple[int, int]:
 def one_run(t: bench.Ours | bench.Tgtd, wargs: list[str], count: int, size: int) -> dict[str, float]:
     pid = sender(t)
     ran0, moved0 = proc_total(pid)
-    tcp0 = rbdthreads.tcp_counters()
+    tcp0, whole0 = rbdthreads.tcp_counters(), bench.machine_cpu()
     poll = Poller(t.port)
     secs, qemu = bench.qemu_run(t.url, wargs, count)
     ends = poll.done()
     ran1, moved1 = proc_total(pid)
-    tcp1 = rbdthreads.tcp_counters()
+    tcp1, whole1 = rbdthreads.tcp_counters(), bench.machine_cpu()
     tgt, ini = ends.get("target", {}), ends.get("initiator", {})
     reads = tgt.get("bytes_acked", 0) / (size + 48 * max(1, size // (256 << 10)))   # Data-In headers
     row: dict[str, float] = {"iops": count / secs, "sender_cpu_us": (ran1 - ran0) / 1e3 / count,
-                             "initiator_cpu_us": qemu[3] / count * 1e6, "migrations": (moved1 - moved0) / count}
+                             "initiator_cpu_us": qemu[3] / count * 1e6, "migrations": (moved1 - moved0) / count,
+                             # the whole machine's: a segment's delivery on loopback counts where it
+                             # was sent from (the sender's call, or a softirq no process is charged for)
+                             "machine_busy_us": bench.machine_per_io(whole0, whole1, count, 0.0)["busy_us"]}
     if reads:
         for k in ("retrans", "dsack_dups", "reord_seen", "data_segs_out", "bytes_retrans"):
             row[f"ss.{k}"] = tgt.get(k, 0) / reads
