@@ -53,8 +53,13 @@ SENDS = ("write", "writev", "sendmsg", "sendto", "sendfile64")
 def ss_sample(port: int) -> dict[str, dict[str, int]]:
     """Both ends of each TCP connection to `port` now: "target" (local port
     `port`) and "initiator" ends, their tcp_info counters."""
-    out = subprocess.run(["ss", "-tinH", "state", "connected", f"( sport = :{port} or dport = :{port} )"],
-                         capture_output=True, text=True).stdout
+    return parse_ss(subprocess.run(["ss", "-tinH", "state", "connected",
+                                    f"( sport = :{port} or dport = :{port} )"],
+                                   capture_output=True, text=True).stdout, port)
+
+
+def parse_ss(out: str, port: int) -> dict[str, dict[str, int]]:
+    """`ss -tinH` output: each end's counters, by "target" (local `port`) or "initiator"."""
     got: dict[str, dict[str, int]] = {}
     end = None
     for line in out.splitlines():
