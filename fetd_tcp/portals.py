@@ -11,15 +11,6 @@ from typing import Any, Awaitable, Callable
 
 log = logging.getLogger("fetd_tcp")
 
-# Unsent bytes an iSCSI connection's socket may hold (TCP_NOTSENT_LOWAT, on each
-# listening socket: accepted connections inherit it). Without a limit a writev of a
-# few big reads queues megabytes, which TCP then sends from its pacing timer and
-# from ACK processing on other CPUs; on loopback those race and arrive reordered,
-# and about 0.1-0.2 segments per 1 MiB read went twice (decision 0428). Kept this
-# low, the sending call sends nearly all of it itself, as tgtd's 256 KiB writes do.
-NOTSENT_LOWAT = 128 << 10
-SYSTEM_NOTSENT_LOWAT = "/proc/sys/net/ipv4/tcp_notsent_lowat"
-
 Accept = Callable[[asyncio.StreamReader, asyncio.StreamWriter, "PortalSpec"], Awaitable[None]]
 
 
@@ -30,17 +21,6 @@ def _reason(e: OSError) -> str:
     if isinstance(e, socket.gaierror) or not e.errno:
         return e.strerror or str(e)
     return os.strerror(e.errno)
-
-
-def notsent_lowat(system: str = SYSTEM_NOTSENT_LOWAT) -> int | None:
-    """NOTSENT_LOWAT, or None where the system's default is as low already
-    (net.ipv4.tcp_notsent_lowat: an administrator's lower limit stays theirs)."""
-    try:
-        with open(system) as f:
-            default = int(f.read())
-    except (OSError, ValueError):
-        default = 1 << 32   # (no such setting: unlimited, the kernel's own default)
-    return NOTSENT_LOWAT if NOTSENT_LOWAT < default else None
 
 
 class PortalSpec:
@@ -152,10 +132,7 @@ class Portals:
             reuse_address=True, limit=self.read_limit)
         self.servers[p] = server
         self.listening.append(p)
-        lowat = notsent_lowat()
         for sock in server.sockets:
-            if lowat is not None:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, lowat)
             addr = sock.getsockname()
             p.port = addr[1]
             print(f"fetd_tcp: listening on {hostport(addr[0], addr[1])} (tpgt {p.tpgt}){self._waiting()}",

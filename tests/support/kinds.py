@@ -74,7 +74,6 @@ KIND_OF_MODULE = {
     "test_pathcost.py": "process",
     "test_pdu.py": "unit",
     "test_pdu_framer.py": "unit",
-    "test_portals_lowat.py": "unit",
     "test_pr_unit.py": "unit",
     "test_rbd.py": "system",
     "test_rbdpath.py": "process",
