@@ -112,6 +112,7 @@ KIND_OF_MODULE = {
     "test_support_procs.py": "process",
     "test_tap.py": "unit",
     "test_target_reset.py": "unit",
+    "test_tcpsend.py": "unit",
     "test_thin.py": "unit",
     "test_timing.py": "unit",
     "test_thin_reads.py": "process",
