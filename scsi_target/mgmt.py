@@ -44,7 +44,7 @@ class MgmtClient:
             while True:
                 if not sock.poll(int(self.timeout * 1000)):
                     raise TimeoutError(f"no answer from the STML at {self.endpoint} in {self.timeout:g}s"
-                                       + (" (does it accept our key?)" if self.curve else " (busy or stuck)"))
+                                       + self._silence_hint())
                 h = unpack(sock.recv_multipart()[0])
                 if h["op"] == Op.MGMT_REPLY and check(h, FROM_STML) is None and h["id"] == rid:
                     break
@@ -53,6 +53,15 @@ class MgmtClient:
         if not h.get("ok"):
             raise RuntimeError(h.get("error", "refused"))
         return h.get("result")
+
+    def _silence_hint(self) -> str:
+        """A CURVE STML drops a keyless client's handshake without a word, so
+        on tcp:// silence may mean missing keys rather than a stuck STML."""
+        if self.curve:
+            return " (does it accept our key?)"
+        if self.endpoint.startswith("tcp://"):
+            return " (busy or stuck; or it takes CURVE clients only: give --stml-key and --key)"
+        return " (busy or stuck)"
 
 
 def mgmt_options(f: Callable) -> Callable:
