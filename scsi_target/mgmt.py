@@ -726,6 +726,13 @@ def config_check(config_path: str | None, data_dir: str | None) -> None:
     luns = sum(len(t.luns) for t in c.targets)
     click.echo(f"{config_path}: OK ({len(c.targets)} target(s), {luns} LUN(s), endpoint {c.stml_endpoint}"
                + (f", also {', '.join(c.stml.listen)}" if c.stml.listen else "") + ")")
+    # valid, yet every start refuses a plain-TCP endpoint (0246): say so before it does
+    if not (c.stml.curve_secret_key_file or c.stml.insecure):
+        for ep in dict.fromkeys([c.stml_endpoint, *c.stml.listen]):
+            if ep.startswith("tcp://"):
+                click.echo(f"scsi-target: warning: {ep} is plain TCP: a start refuses it unless [stml] "
+                           "curve_secret_key_file is set, or `insecure = true` in [stml] (or --insecure)",
+                           err=True)
     # valid, yet a start would serve these offline (0280): say so before it does
     from stml.lu import missing_file
     for t in c.targets:
