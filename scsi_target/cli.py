@@ -500,6 +500,8 @@ def loop_options(f: Callable) -> Callable:
         click.option("--stml", help="STML endpoint (ipc://PATH or tcp://HOST:PORT)."),
         click.option("--target", help="Target name (default: the first)."),
         click.option("--lun", type=int, help="LUN number (default 0)."),
+        click.option("--initiator", help="Our initiator name (default: one of this host and process; "
+                                         "a target with an ACL admits only the names it lists)."),
         click.option("--timeout", type=float, help="Seconds to wait for an answer (default 30)."),
     ]):
         f = opt(f)
@@ -527,12 +529,13 @@ def _client(kw: dict[str, Any]) -> tuple[Any, int]:
     except NotRunning as e:
         click.echo(f"scsi-target loop: {e}", err=True)
         sys.exit(1)
-    client = LoopbackClient(endpoint, opts.get("target"),
+    client = LoopbackClient(endpoint, opts.get("target"), initiator=opts.get("initiator"),
                             timeout=opts["timeout"] if opts.get("timeout") is not None else 30.0)
     try:
         client.open()
     except (TimeoutError, LookupError, ConnectionError) as e:
-        click.echo(f"scsi-target loop: {e or type(e).__name__}", err=True)
+        hint = ": pass --initiator with a name it lists" if "is not in the ACL of" in str(e) else ""
+        click.echo(f"scsi-target loop: {e or type(e).__name__}{hint}", err=True)
         sys.exit(1)
     ctx.call_on_close(client.close)
     return client, opts["lun"] if opts.get("lun") is not None else 0
