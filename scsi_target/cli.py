@@ -33,8 +33,8 @@ from scsi_target.supervise import Supervisor, sd_notify
 from stml.api.inject import for_side, rule_args
 from stml.cli import (apply_stml_options, config_exit, config_options, inject_options, inject_rules,
                       load_or_exit, main as stml_main, stml_options, trace_options, trace_settings)
-from stml.config import (Config, ConfigError, StartupError, check_data_dir, data_dir_of, default_data_dir,
-                         parse_size)
+from stml.config import (CONFIG_NAME, DEFAULT_PORTAL, Config, ConfigError, StartupError, check_data_dir,
+                         data_dir_of, default_data_dir, parse_size)
 from stml.lu import missing_file
 from stml.portals import GATEWAY_STATE
 
@@ -408,8 +408,18 @@ def run(log_level: str, log_format: str, portals: tuple[str, ...], no_iscsi: boo
             except OSError as e:   # (a read-only file still serves; only --config F cannot find it)
                 click.echo(f"scsi-target: warning: {kw['config_path']}: cannot record data_dir: "
                            f"{e.strerror or e}", err=True)
+        # a first start writes its file and LUN files: check its portals before, or a
+        # start that never served would leave a file its next --lun flags must match
+        first = not (Path(kw["config_path"]) if kw.get("config_path") else ddir / CONFIG_NAME).exists()
+        if first and not no_iscsi:
+            try:
+                check_portals(list(portals) or [DEFAULT_PORTAL])
+            except StartupError:
+                raise
+            except ValueError:   # a malformed --portal: the config's parser below says it in one line
+                pass
         config = load_or_exit(portals=portals, **kw)   # (a first start checks its LUNs' paths)
-        if not no_iscsi:
+        if not no_iscsi and not first:
             check_portals(config.portals)
     except ConfigError as e:
         config_exit(e)
@@ -490,6 +500,8 @@ def loop_options(f: Callable) -> Callable:
         click.option("--stml", help="STML endpoint (ipc://PATH or tcp://HOST:PORT)."),
         click.option("--target", help="Target name (default: the first)."),
         click.option("--lun", type=int, help="LUN number (default 0)."),
+        click.option("--initiator", help="Our initiator name (default: one of this host and process; "
+                                         "a target with an ACL admits only the names it lists)."),
         click.option("--timeout", type=float, help="Seconds to wait for an answer (default 30)."),
     ]):
         f = opt(f)
@@ -517,12 +529,13 @@ def _client(kw: dict[str, Any]) -> tuple[Any, int]:
     except NotRunning as e:
         click.echo(f"scsi-target loop: {e}", err=True)
         sys.exit(1)
-    client = LoopbackClient(endpoint, opts.get("target"),
+    client = LoopbackClient(endpoint, opts.get("target"), initiator=opts.get("initiator"),
                             timeout=opts["timeout"] if opts.get("timeout") is not None else 30.0)
     try:
         client.open()
     except (TimeoutError, LookupError, ConnectionError) as e:
-        click.echo(f"scsi-target loop: {e or type(e).__name__}", err=True)
+        hint = ": pass --initiator with a name it lists" if "is not in the ACL of" in str(e) else ""
+        click.echo(f"scsi-target loop: {e or type(e).__name__}{hint}", err=True)
         sys.exit(1)
     ctx.call_on_close(client.close)
     return client, opts["lun"] if opts.get("lun") is not None else 0

@@ -44,7 +44,7 @@ class MgmtClient:
             while True:
                 if not sock.poll(int(self.timeout * 1000)):
                     raise TimeoutError(f"no answer from the STML at {self.endpoint} in {self.timeout:g}s"
-                                       + (" (does it accept our key?)" if self.curve else " (busy or stuck)"))
+                                       + self._silence_hint())
                 h = unpack(sock.recv_multipart()[0])
                 if h["op"] == Op.MGMT_REPLY and check(h, FROM_STML) is None and h["id"] == rid:
                     break
@@ -53,6 +53,15 @@ class MgmtClient:
         if not h.get("ok"):
             raise RuntimeError(h.get("error", "refused"))
         return h.get("result")
+
+    def _silence_hint(self) -> str:
+        """A CURVE STML drops a keyless client's handshake without a word, so
+        on tcp:// silence may mean missing keys rather than a stuck STML."""
+        if self.curve:
+            return " (does it accept our key?)"
+        if self.endpoint.startswith("tcp://"):
+            return " (busy or stuck; or it takes CURVE clients only: give --stml-key and --key)"
+        return " (busy or stuck)"
 
 
 def mgmt_options(f: Callable) -> Callable:
@@ -717,6 +726,13 @@ def config_check(config_path: str | None, data_dir: str | None) -> None:
     luns = sum(len(t.luns) for t in c.targets)
     click.echo(f"{config_path}: OK ({len(c.targets)} target(s), {luns} LUN(s), endpoint {c.stml_endpoint}"
                + (f", also {', '.join(c.stml.listen)}" if c.stml.listen else "") + ")")
+    # valid, yet every start refuses a plain-TCP endpoint (0246): say so before it does
+    if not (c.stml.curve_secret_key_file or c.stml.insecure):
+        for ep in dict.fromkeys([c.stml_endpoint, *c.stml.listen]):
+            if ep.startswith("tcp://"):
+                click.echo(f"scsi-target: warning: {ep} is plain TCP: a start refuses it unless [stml] "
+                           "curve_secret_key_file is set, or `insecure = true` in [stml] (or --insecure)",
+                           err=True)
     # valid, yet a start would serve these offline (0280): say so before it does
     from stml.lu import missing_file
     for t in c.targets:

@@ -406,7 +406,8 @@ class StmlServer(TapPoint):
         if not s.curve_secret_key_file:
             if not s.insecure:
                 where = "any local user can reach" if _is_loopback(ep) else "a non-loopback address"
-                raise ConfigError("stml_endpoint", f"{ep} is plain TCP ({where}): use ipc:// on this "
+                key = "stml.listen" if ep in s.listen else "stml_endpoint"   # the key the file used
+                raise ConfigError(key, f"{ep} is plain TCP ({where}): use ipc:// on this "
                                   "host, or configure [stml] curve_secret_key_file and allowed_front_ends "
                                   "(and allowed_managers), or pass --insecure")
             log.warning("serving %s WITHOUT encryption or authentication (--insecure)%s", ep,

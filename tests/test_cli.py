@@ -412,3 +412,19 @@ def test_wait_ready_says_in_one_line_that_it_cannot_read_another_users_run_lock(
     lock.write_text("1 ready\n")
     monkeypatch.setattr(os, "kill", other_users)
     assert cli.run_serves(tmp_path) is True
+
+
+def test_loop_names_an_initiator_a_targets_acl_admits(run):
+    """With an ACL (as Security advises) the loopback's own PID-based name is
+    never admitted, so `loop copy-out` (Troubleshooting's way to save a LUN's
+    data) needs `--initiator NAME` naming one the ACL admits (trial UT)."""
+    admitted = "iqn.1994-05.com.redhat:client1"
+    d = str(run.data_dir)
+    assert cli("acl", "add", "--data-dir", d, admitted).returncode == 0
+    refused = cli("loop", "--data-dir", d, "capacity")
+    assert refused.returncode == 1
+    assert "is not in the ACL of" in refused.stderr and "--initiator" in refused.stderr
+    r = cli("loop", "--data-dir", d, "--initiator", admitted, "capacity")
+    assert (r.returncode, r.stdout.splitlines()[0]) == (0, "blocks: 131072"), r
+    r = cli("loop", "capacity", "--data-dir", d, "--initiator", admitted)   # after the verb too
+    assert r.returncode == 0, r

@@ -626,3 +626,20 @@ def test_a_target_reset_ends_a_removed_luns_commands_before_it_answers(tmp_path)
         assert "still in flight after" not in t.log()   # the reset had ended it: nothing left to abort
         status, _ = tur(ini, 1)                     # and its late answer never comes
         assert status in (0, CHECK_CONDITION)
+
+
+def test_a_keyless_call_to_a_silent_tcp_stml_names_the_keys() -> None:
+    """A tcp:// STML with CURVE never answers a keyless client: the CLI's
+    timeout names --stml-key/--key, not only "busy or stuck" (trial UT)."""
+    import zmq
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+    server = ctx.socket(zmq.ROUTER)
+    server.setsockopt(zmq.LINGER, 0)
+    server.curve_server = True
+    server.curve_publickey, server.curve_secretkey = zmq.curve_keypair()
+    port = server.bind_to_random_port("tcp://127.0.0.1")
+    try:
+        with pytest.raises(TimeoutError, match=r"--stml-key and --key"):
+            MgmtClient(f"tcp://127.0.0.1:{port}", timeout=0.3).call("lun_list")
+    finally:
+        server.close()

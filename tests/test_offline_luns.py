@@ -422,3 +422,21 @@ def test_the_file_of_a_hand_added_lun_once_served_is_not_created_again(ddir):
         with LoopbackClient(f"ipc://{ddir}/stml.sock", timeout=10) as c:
             assert sense(c, 1, READ16, 512) == MANUAL_INTERVENTION
             assert naa(c, 1) == naa_of(ident)
+
+
+@pytest.mark.parametrize("where", ["stml_endpoint = \"tcp://127.0.0.1:{port}\"\n",
+                                   "[stml]\nlisten = [\"tcp://127.0.0.1:{port}\"]\n"])
+def test_config_check_warns_of_a_plain_tcp_endpoint_a_start_refuses(tmp_path, where):
+    """A tcp:// endpoint without CURVE keys or `insecure` passes the parser but
+    stops every start (0246): `config check` says so instead of a bare OK (trial UT)."""
+    cfg = tmp_path / "t.toml"
+    cfg.write_text(f'data_dir = "{tmp_path}"\n' + where.format(port=5555))
+    p = cli("config", "check", "--config", str(cfg))
+    assert p.returncode == 0, p
+    assert p.stderr.splitlines() == [
+        "scsi-target: warning: tcp://127.0.0.1:5555 is plain TCP: a start refuses it unless "
+        "[stml] curve_secret_key_file is set, or `insecure = true` in [stml] (or --insecure)"]
+    cfg.write_text(f'data_dir = "{tmp_path}"\n' + where.format(port=5555) + ("" if "[stml]" in where else "[stml]\n")
+                   + "insecure = true\n")
+    p = cli("config", "check", "--config", str(cfg))
+    assert (p.returncode, p.stderr) == (0, ""), p

@@ -1018,6 +1018,8 @@ def test_an_unbindable_portal_makes_run_exit_2_before_any_banner(ddir):
     assert p.stderr.strip().splitlines() == [
         f"scsi-target: portal 127.0.0.1:{port}: cannot listen: Address already in use "
         f"(another iSCSI target? `ss -ltnp` shows who)"]
+    # a first start that did not serve writes no config: the next one may say other --lun flags
+    assert not (Path(ddir) / "scsi-target.toml").exists()
 
 
 def test_a_front_end_that_cannot_open_the_stml_portal_exits_2(ddir):

@@ -108,6 +108,7 @@ def test_plain_tcp_refused_unless_insecure(tmp_path, tmp_short, where):
     assert p.returncode == 2
     reason = "a non-loopback address" if where == "0.0.0.0" else "any local user can reach"
     assert f"is plain TCP ({reason})" in p.stderr and "--insecure" in p.stderr
+    assert "stml.listen: tcp://" in p.stderr      # the key the file used, not stml_endpoint
     proc = Proc([sys.executable, "-m", "stml", "--config", str(cfg), "--insecure"], tmp_path / "insecure.log")
     try:
         proc.wait_line(r"stml: listening on tcp://")
