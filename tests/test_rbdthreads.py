@@ -3,25 +3,18 @@ and how it turns two readings into costs per I/O by thread name. (Its
 measurement itself needs a cluster, tgtd and qemu-img; decision 0411.)"""
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+from support.scripts import load_script
 
 
 def rbdthreads():
-    sys.path.insert(0, str(SCRIPTS))
-    spec = importlib.util.spec_from_file_location("rbdthreads", SCRIPTS / "rbdthreads.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("rbdthreads")
 
 
 def test_costs_per_io_are_summed_over_numbered_threads_of_one_name():

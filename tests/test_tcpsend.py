@@ -4,20 +4,11 @@ data segment and which one arrived after one sent later. (The measurement
 itself needs tgtd, qemu-img and perf.)"""
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
-SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+from support.scripts import load_script
 
 
 def tcpsend():
-    sys.path.insert(0, str(SCRIPTS))
-    spec = importlib.util.spec_from_file_location("tcpsend", SCRIPTS / "tcpsend.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("tcpsend")
 
 
 SS = """ESTAB 1702558 0       127.0.0.1:46376 127.0.0.1:51403
