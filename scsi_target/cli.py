@@ -698,7 +698,8 @@ def copy_out(image: str, size: int | None, **kw: Any) -> None:
     client, lun = _client(kw)
     blocks, bs = _scsi(client.capacity, lun)
     total = min(size, blocks * bs) if size else blocks * bs
-    with open(image, "wb") as f:
+    # a new image is the owner's alone, as LUN files are: it holds the LUN's data
+    with open(os.open(image, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
         def submit(off: int, n: int) -> Any:
             nb = -(-n // bs)
             cdb = struct.pack(">BBQIBB", 0x88, 0, off // bs, nb, 0, 0)

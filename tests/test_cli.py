@@ -85,6 +85,7 @@ def test_copy_in_copy_out_round_trip(shared_run, tmp_short):
     r = cli("loop", "--data-dir", str(shared_run.data_dir), "copy-out", str(dst), "--size", str(len(data)))
     assert r.returncode == 0, r.stderr
     assert dst.read_bytes() == data
+    assert dst.stat().st_mode & 0o777 == 0o600     # a LUN's data, readable by its owner only
     # the padding of the last block was written as zeros
     with LoopbackClient(shared_run.endpoint, timeout=10) as c:
         tail = c.read(0, len(data) // 512, 1)
