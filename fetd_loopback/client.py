@@ -32,6 +32,12 @@ class NexusGone(ConnectionError):
     restart): no command can reach the LUNs any more, so none is retried."""
 
 
+class NexusRefused(LookupError):
+    """The STML refused this client's nexus when it opened. Detect had named
+    the target, so the reason is its ACL, which does not list our initiator
+    name (or the target went away in between): the message says which."""
+
+
 class TaskAborted(Exception):
     """The command was aborted by task management and has no status."""
 
@@ -244,7 +250,7 @@ class LoopbackClient:
         fut = self._nexus_ready
         if fut is not None and not fut.done():
             if error:
-                fut.set_exception(LookupError(error))
+                fut.set_exception(NexusRefused(error))
             else:
                 fut.set_result(None)
         elif error:   # registered again by the link after a restart, and refused

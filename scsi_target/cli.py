@@ -522,7 +522,7 @@ def _client(kw: dict[str, Any]) -> tuple[Any, int]:
     group = ctx.parent.obj if ctx.parent is not None and isinstance(ctx.parent.obj, dict) else {}
     opts = {k: v if v is not None else group.get(k) for k, v in kw.items()}
     opts = inherited(opts)
-    from fetd_loopback import LoopbackClient
+    from fetd_loopback import LoopbackClient, NexusRefused
     endpoint = find_endpoint(opts.get("config_path"), opts.get("data_dir"), opts.get("stml"))
     try:
         require_running(endpoint)
@@ -534,7 +534,7 @@ def _client(kw: dict[str, Any]) -> tuple[Any, int]:
     try:
         client.open()
     except (TimeoutError, LookupError, ConnectionError) as e:
-        hint = ": pass --initiator with a name it lists" if "is not in the ACL of" in str(e) else ""
+        hint = ": pass --initiator with a name it lists" if isinstance(e, NexusRefused) else ""
         click.echo(f"scsi-target loop: {e or type(e).__name__}{hint}", err=True)
         sys.exit(1)
     ctx.call_on_close(client.close)
