@@ -203,6 +203,16 @@ def connections() -> Connections:
                                             capture_output=True, text=True).stdout)
 
 
+def tcp_info(line: str, fields: tuple[str, ...]) -> dict[str, int]:
+    """The named counters of one `ss -i` info line (retrans:CUR/TOTAL gives its total)."""
+    vals: dict[str, int] = {}
+    for f in fields:
+        m = re.search(rf"\b{f}:(\d+)(?:/(\d+))?", line)
+        if m:
+            vals[f] = int(m.group(2) or m.group(1))
+    return vals
+
+
 def parse_connections(out: str) -> Connections:
     """From `ss -tinpH state established`: (local, peer) -> its process's
     name and its counters (retransmissions, duplicate SACKs, reordering
@@ -219,12 +229,7 @@ def parse_connections(out: str) -> Connections:
             continue
         if key is None:
             continue
-        vals: dict[str, int] = {}
-        for f in SS_FIELDS:
-            m = re.search(rf"\b{f}:(\d+)(?:/(\d+))?", line)
-            if m:
-                vals[f] = int(m.group(2) or m.group(1))   # retrans:CUR/TOTAL: the total
-        got[key] = (proc, vals)
+        got[key] = (proc, tcp_info(line, SS_FIELDS))
         key = None
     return got
 

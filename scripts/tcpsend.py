@@ -69,12 +69,7 @@ def parse_ss(out: str, port: int) -> dict[str, dict[str, int]]:
             continue
         if end is None:
             continue
-        vals: dict[str, int] = {}
-        for k in SS_KEYS:
-            m = re.search(rf"\b{k}:(\d+)(?:/(\d+))?", line)
-            if m:
-                vals[k] = int(m.group(2) or m.group(1))   # retrans:CUR/TOTAL: the total
-        got[end] = vals
+        got[end] = rbdthreads.tcp_info(line, SS_KEYS)
         end = None
     return got
 
